@@ -1,0 +1,49 @@
+# nexd — build, run and test. `make run` needs no root and no set-up; `make test` is
+# what CI runs.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+BUILD_DATE ?= $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
+LDFLAGS := -X github.com/nexd-project/nexd/internal/version.Version=$(VERSION) \
+           -X github.com/nexd-project/nexd/internal/version.Commit=$(COMMIT) \
+           -X github.com/nexd-project/nexd/internal/version.BuildDate=$(BUILD_DATE)
+BIN := bin
+RUN := $(CURDIR)/run
+STATICCHECK_VERSION := v0.8.2
+
+.PHONY: all build run test test-short lint fuzz clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+
+# A single node on this machine: embedded NATS on 127.0.0.1:4222, the native nexlet,
+# state and control socket under ./run/. Stop with Ctrl+C.
+run: build
+	mkdir -p $(RUN)/state
+	$(BIN)/nexd --state-dir $(RUN)/state --control-socket $(RUN)/nexd.sock \
+		--node-name $$(hostname) $(ARGS)
+
+# Unit, integration and end-to-end tests (the e2e tests build and run the real binaries).
+test:
+	$(GO) test -race -count=1 -timeout 25m ./...
+
+test-short:
+	$(GO) test -short -count=1 ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+# Short fuzz runs of every parser (config loader, protocol decoders, node handlers).
+FUZZTIME ?= 20s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzLoad$$' -fuzztime $(FUZZTIME) ./daemon/config
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./protocol
+	$(GO) test -run '^$$' -fuzz '^FuzzHandlers$$' -fuzztime $(FUZZTIME) ./daemon/node
+
+clean:
+	rm -rf $(BIN) $(RUN) dist

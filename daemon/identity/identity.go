@@ -1,0 +1,147 @@
+// Package identity gives a node its server nkey (the node id) and its curve key (the
+// xkey): from configured seeds, else from seeds persisted in the state directory, else
+// fresh and ephemeral.
+package identity
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/nats-io/nkeys"
+)
+
+// Source says where a key came from.
+type Source string
+
+// Key sources.
+const (
+	FromConfig   Source = "config"
+	FromStateDir Source = "state-dir"
+	Generated    Source = "generated (persisted)"
+	Ephemeral    Source = "ephemeral"
+)
+
+// File names under the state directory.
+const (
+	NodeSeedFile = "node.seed"
+	XKeySeedFile = "node.xkey.seed"
+)
+
+// Identity is a node's keys.
+type Identity struct {
+	Node       nkeys.KeyPair
+	XKey       nkeys.KeyPair
+	NodeSource Source
+	XKeySource Source
+}
+
+// ID is the node id: the public server key.
+func (i *Identity) ID() string {
+	pub, _ := i.Node.PublicKey()
+	return pub
+}
+
+// XKeyPublic is the node's public curve key.
+func (i *Identity) XKeyPublic() string {
+	pub, _ := i.XKey.PublicKey()
+	return pub
+}
+
+// Load resolves both keys. nodeSeed and xkeySeed are the configured seeds (may be
+// empty); stateDir is where generated seeds persist ("" for an ephemeral node).
+func Load(nodeSeed, xkeySeed, stateDir string) (*Identity, error) {
+	id := &Identity{}
+	var err error
+	id.Node, id.NodeSource, err = load(nodeSeed, stateDir, NodeSeedFile, nkeys.PrefixByteServer, nkeys.CreateServer)
+	if err != nil {
+		return nil, fmt.Errorf("node identity: %w", err)
+	}
+	id.XKey, id.XKeySource, err = load(xkeySeed, stateDir, XKeySeedFile, nkeys.PrefixByteCurve, nkeys.CreateCurveKeys)
+	if err != nil {
+		return nil, fmt.Errorf("node xkey: %w", err)
+	}
+	return id, nil
+}
+
+func load(seed, dir, file string, want nkeys.PrefixByte, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, Source, error) {
+	if seed != "" {
+		kp, err := fromSeed(seed, want)
+		if err != nil {
+			return nil, "", err
+		}
+		return kp, FromConfig, nil
+	}
+	if dir == "" {
+		kp, err := create()
+		return kp, Ephemeral, err
+	}
+	path := filepath.Join(dir, file)
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		kp, err := fromSeed(strings.TrimSpace(string(b)), want)
+		if err != nil {
+			return nil, "", fmt.Errorf("%s: %w", path, err)
+		}
+		return kp, FromStateDir, nil
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, "", fmt.Errorf("read %s: %w", path, err)
+	}
+	kp, err := create()
+	if err != nil {
+		return nil, "", err
+	}
+	s, err := kp.Seed()
+	if err != nil {
+		return nil, "", err
+	}
+	if err := writeSecret(path, s); err != nil {
+		return nil, "", err
+	}
+	return kp, Generated, nil
+}
+
+func fromSeed(seed string, want nkeys.PrefixByte) (nkeys.KeyPair, error) {
+	pfx, _, err := nkeys.DecodeSeed([]byte(seed))
+	if err != nil {
+		return nil, fmt.Errorf("invalid seed: %w", err)
+	}
+	if pfx != want {
+		return nil, fmt.Errorf("seed is a %s seed, want a %s seed", pfx, want)
+	}
+	return nkeys.FromSeed([]byte(seed))
+}
+
+// writeSecret writes the seed atomically with mode 0600, so a crash never leaves a
+// half-written identity.
+func writeSecret(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("create state directory: %w", err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".seed-*")
+	if err != nil {
+		return fmt.Errorf("persist %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	err = tmp.Chmod(0o600)
+	if err == nil {
+		_, err = tmp.Write(append(data, '\n'))
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		return fmt.Errorf("persist %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,98 @@
+package identity
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nkeys"
+)
+
+func TestPersistedAcrossStarts(t *testing.T) {
+	dir := t.TempDir()
+	first, err := Load("", "", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.NodeSource != Generated || first.XKeySource != Generated {
+		t.Fatalf("sources = %s/%s, want generated", first.NodeSource, first.XKeySource)
+	}
+	for _, f := range []string{NodeSeedFile, XKeySeedFile} {
+		st, err := os.Stat(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode = %v, want 0600", f, st.Mode().Perm())
+		}
+	}
+	second, err := Load("", "", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.ID() != first.ID() || second.XKeyPublic() != first.XKeyPublic() {
+		t.Fatalf("identity changed across starts: %s -> %s", first.ID(), second.ID())
+	}
+	if second.NodeSource != FromStateDir {
+		t.Errorf("second source = %s", second.NodeSource)
+	}
+	if !strings.HasPrefix(first.ID(), "N") || !strings.HasPrefix(first.XKeyPublic(), "X") {
+		t.Errorf("unexpected key kinds %s %s", first.ID(), first.XKeyPublic())
+	}
+}
+
+func TestEphemeralWithoutStateDir(t *testing.T) {
+	a, err := Load("", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Load("", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.ID() == b.ID() {
+		t.Fatal("ephemeral identities must differ")
+	}
+	if a.NodeSource != Ephemeral {
+		t.Errorf("source = %s", a.NodeSource)
+	}
+}
+
+func TestConfiguredSeeds(t *testing.T) {
+	srv, _ := nkeys.CreateServer()
+	seed, _ := srv.Seed()
+	cur, _ := nkeys.CreateCurveKeys()
+	cseed, _ := cur.Seed()
+	user, _ := nkeys.CreateUser()
+	useed, _ := user.Seed()
+	pub, _ := srv.PublicKey()
+
+	id, err := Load(string(seed), string(cseed), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id.ID() != pub || id.NodeSource != FromConfig {
+		t.Fatalf("got %s from %s", id.ID(), id.NodeSource)
+	}
+	tests := []struct{ node, xkey, want string }{
+		{string(useed), "", "seed is a user seed, want a server seed"},
+		{"", string(seed), "seed is a server seed, want a x25519 seed"},
+		{"SNOTASEED", "", "invalid seed"},
+	}
+	for _, tc := range tests {
+		_, err := Load(tc.node, tc.xkey, "")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Load(%q,%q) err = %v, want %q", tc.node, tc.xkey, err, tc.want)
+		}
+	}
+}
+
+func TestCorruptPersistedSeed(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, NodeSeedFile), []byte("garbage\n"), 0o600)
+	_, err := Load("", "", dir)
+	if err == nil || !strings.Contains(err.Error(), NodeSeedFile) {
+		t.Fatalf("err = %v, want it to name %s", err, NodeSeedFile)
+	}
+}

@@ -1,0 +1,178 @@
+package protocol
+
+import "strings"
+
+// SystemNamespace is the administrative namespace: node-admin endpoints live only here,
+// and a caller in it may act on workloads of every namespace.
+const SystemNamespace = "system"
+
+// ServiceName is the NATS micro service every node registers.
+const ServiceName = "nexnode"
+
+// Reserved tag prefix and the built-in tags every node carries.
+const (
+	TagPrefix   = "nex."
+	TagOS       = "nex.os"
+	TagArch     = "nex.arch"
+	TagCPUCount = "nex.cpucount"
+	TagLameduck = "nex.lameduck"
+	TagNexus    = "nex.nexus"
+	TagNode     = "nex.node"
+)
+
+// Log feed headers, as upstream's SDK sets them.
+const (
+	HeaderNamespace = "synadia.com/namespace"
+	HeaderGroup     = "synadia.com/group"
+)
+
+// Micro error headers.
+const (
+	HeaderErrorCode = "Nats-Service-Error-Code"
+	HeaderError     = "Nats-Service-Error"
+)
+
+// Control-plane subjects ($NEX.SVC.<ns>.control.…).
+func ControlPrefix(ns string) string { return "$NEX.SVC." + ns + ".control" }
+
+// PingSubject is the nexus-wide ping (system namespace only).
+func PingSubject() string { return ControlPrefix(SystemNamespace) + ".PING" }
+
+// PingNodeSubject pings one node.
+func PingNodeSubject(nodeID string) string { return PingSubject() + "." + nodeID }
+
+// PTagsSubject asks every node for its tags.
+func PTagsSubject() string { return ControlPrefix(SystemNamespace) + ".PTAGS" }
+
+// InfoSubject asks one node for its info.
+func InfoSubject(nodeID string) string { return ControlPrefix(SystemNamespace) + ".INFO." + nodeID }
+
+// LameduckSubject puts one node into lame duck mode.
+func LameduckSubject(nodeID string) string {
+	return ControlPrefix(SystemNamespace) + ".LAMEDUCK." + nodeID
+}
+
+// AgentIDSubject maps an agent name to its id on one node.
+func AgentIDSubject(nodeID string) string {
+	return ControlPrefix(SystemNamespace) + ".AGENTID." + nodeID
+}
+
+// NodeHeartbeatSubject is published by each node every 10 s.
+func NodeHeartbeatSubject(nodeID string) string {
+	return ControlPrefix(SystemNamespace) + ".HEARTBEAT." + nodeID
+}
+
+// AuctionSubject starts an auction in a namespace.
+func AuctionSubject(ns string) string { return ControlPrefix(ns) + ".AUCTION" }
+
+// DeploySubject deploys to the node holding bidderID.
+func DeploySubject(ns, bidderID string) string { return ControlPrefix(ns) + ".ADEPLOY." + bidderID }
+
+// UndeploySubject stops a workload.
+func UndeploySubject(ns, workloadID string) string {
+	return ControlPrefix(ns) + ".UNDEPLOY." + workloadID
+}
+
+// CloneSubject fetches a workload's start request for cloning.
+func CloneSubject(ns, workloadID string) string { return ControlPrefix(ns) + ".CLONE." + workloadID }
+
+// WPingSubject lists workloads in a namespace.
+func WPingSubject(ns string) string { return ControlPrefix(ns) + ".WPING" }
+
+// Agent-plane subjects ($NEX.SVC.<node>.agent.…).
+func AgentPrefix(nodeID string) string { return "$NEX.SVC." + nodeID + ".agent" }
+
+// RegisterSubject is where a nexlet registers with agentID.
+func RegisterSubject(nodeID, agentID string) string {
+	return AgentPrefix(nodeID) + ".REGISTER." + agentID
+}
+
+// RemoteRegisterSubject is the nexus-wide remote registration bootstrap.
+func RemoteRegisterSubject(nexus string) string { return AgentPrefix(nexus) + ".RREGISTER" }
+
+// AgentHeartbeatSubject is published by a nexlet every 10 s.
+func AgentHeartbeatSubject(nodeID, agentID string) string {
+	return AgentPrefix(nodeID) + ".HEARTBEAT." + agentID
+}
+
+// StartWorkloadSubject asks one agent to start a workload.
+func StartWorkloadSubject(nodeID, agentID, workloadID string) string {
+	return AgentPrefix(nodeID) + "." + agentID + ".STARTWORKLOAD." + workloadID
+}
+
+// StopWorkloadSubject asks every agent of a node to stop a workload.
+func StopWorkloadSubject(nodeID, workloadID string) string {
+	return AgentPrefix(nodeID) + ".STOPWORKLOAD." + workloadID
+}
+
+// GetWorkloadSubject asks every agent of a node for a workload's start request.
+func GetWorkloadSubject(nodeID, workloadID string) string {
+	return AgentPrefix(nodeID) + ".GETWORKLOAD." + workloadID
+}
+
+// QueryWorkloadsSubject asks every agent of a node for its workloads.
+func QueryWorkloadsSubject(nodeID string) string { return AgentPrefix(nodeID) + ".QUERYWORKLOADS" }
+
+// PingAgentSubject pings one agent.
+func PingAgentSubject(nodeID, agentID string) string {
+	return AgentPrefix(nodeID) + "." + agentID + ".PING"
+}
+
+// PingAllAgentsSubject pings every agent of a node.
+func PingAllAgentsSubject(nodeID string) string { return AgentPrefix(nodeID) + ".PING" }
+
+// SetLameduckAgentsSubject tells every agent of a node to enter lame duck mode.
+func SetLameduckAgentsSubject(nodeID string) string { return AgentPrefix(nodeID) + ".SETLAMEDUCK" }
+
+// PingWorkloadSubject is ingress workload discovery.
+func PingWorkloadSubject(nexus, workloadID string) string {
+	return AgentPrefix(nexus) + ".PINGWORKLOAD." + workloadID
+}
+
+// Feeds.
+
+// LogSubject is a workload's stdout or stderr feed; stream is "stdout" or "stderr".
+func LogSubject(ns, workloadID, stream string) string {
+	return "$NEX.FEED." + ns + ".logs." + workloadID + "." + stream
+}
+
+// LogsWildcard matches every log feed of a workload.
+func LogsWildcard(ns, workloadID string) string {
+	return "$NEX.FEED." + ns + ".logs." + workloadID + ".*"
+}
+
+// MetricsSubject is a workload's metrics feed.
+func MetricsSubject(ns, workloadID string) string {
+	return "$NEX.FEED." + ns + ".metrics." + workloadID
+}
+
+// EventSubject is where events of type typ from `from` (node id or namespace) go.
+func EventSubject(from, typ string) string { return "$NEX.FEED." + from + ".events." + typ }
+
+// NodeLogSubject is the node's own log feed (--logger.target nats).
+func NodeLogSubject(nodeID, stream string) string {
+	return "$NEX.FEED." + SystemNamespace + ".logs." + nodeID + "." + stream
+}
+
+// AgentEventsSubject is the exact subject an event-listening agent subscribes to.
+func AgentEventsSubject(agentID string) string { return "$NEX.FEED." + agentID + ".events" }
+
+// Token returns the i-th (0-based) dot-separated token of subject, or "".
+func Token(subject string, i int) string {
+	parts := strings.Split(subject, ".")
+	if i < 0 || i >= len(parts) {
+		return ""
+	}
+	return parts[i]
+}
+
+// LastToken returns the final token of subject.
+func LastToken(subject string) string {
+	if i := strings.LastIndexByte(subject, '.'); i >= 0 {
+		return subject[i+1:]
+	}
+	return subject
+}
+
+// NamespaceOf returns the namespace token of a $NEX.SVC.<ns>.control.… subject.
+func NamespaceOf(subject string) string { return Token(subject, 2) }

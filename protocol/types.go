@@ -1,0 +1,415 @@
+package protocol
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+)
+
+// NodeState is a node's lifecycle state.
+type NodeState string
+
+// Node states, as upstream enumerates them.
+const (
+	NodeStarting NodeState = "starting"
+	NodeRunning  NodeState = "running"
+	NodeLameduck NodeState = "lameduck"
+	NodeStopping NodeState = "stopping"
+	NodeError    NodeState = "error"
+)
+
+// Lifecycle is a workload lifecycle.
+type Lifecycle string
+
+// Workload lifecycles.
+const (
+	LifecycleService  Lifecycle = "service"
+	LifecycleJob      Lifecycle = "job"
+	LifecycleFunction Lifecycle = "function"
+)
+
+// Valid reports whether l is one of the lifecycles upstream accepts.
+func (l Lifecycle) Valid() bool {
+	return l == LifecycleService || l == LifecycleJob || l == LifecycleFunction
+}
+
+// WorkloadState is a workload's state as reported by its nexlet. Only these values
+// decode on upstream clients, so nexd never sends any other.
+type WorkloadState string
+
+// Workload states.
+const (
+	WorkloadStarting WorkloadState = "starting"
+	WorkloadRunning  WorkloadState = "running"
+	WorkloadWarm     WorkloadState = "warm"
+	WorkloadStopping WorkloadState = "stopping"
+	WorkloadStopped  WorkloadState = "stopped"
+	WorkloadError    WorkloadState = "error"
+)
+
+// Generic error texts that clients match on.
+const (
+	ErrTextWorkloadNotFound  = "workload not found"
+	ErrTextNamespaceNotFound = "namespace not found"
+)
+
+// NatsConnectionData is how a nexlet or workload reaches NATS. Every key is always sent.
+type NatsConnectionData struct {
+	ConnName         string   `json:"conn_name"`
+	NatsServers      []string `json:"nats_servers"`
+	NatsUserJWT      string   `json:"nats_user_jwt"`
+	NatsUserName     string   `json:"nats_user_name"`
+	NatsUserNkey     string   `json:"nats_user_nkey"`
+	NatsUserPassword string   `json:"nats_user_password"`
+	NatsUserSeed     string   `json:"nats_user_seed"`
+	TLSCA            string   `json:"tls_ca"`
+	TLSCert          string   `json:"tls_cert"`
+	TLSFirst         bool     `json:"tls_first"`
+	TLSKey           string   `json:"tls_key"`
+}
+
+// EncEnv is an environment sealed with nkeys curve (xkey) encryption for one recipient.
+type EncEnv struct {
+	Base64EncryptedEnv string `json:"base64_encrypted_env"`
+	EncryptedBy        string `json:"encrypted_by"`
+}
+
+// ---- control plane ----
+
+// NodePingRequest pings nodes; every filter tag must match for a node to answer.
+type NodePingRequest struct {
+	Filter map[string]string `json:"filter"`
+}
+
+// NodePingResponse is one node's answer to a ping.
+type NodePingResponse struct {
+	AgentCount int               `json:"agent_count"`
+	NodeID     string            `json:"node_id"`
+	StartTime  time.Time         `json:"start_time"`
+	State      NodeState         `json:"state"`
+	Tags       map[string]string `json:"tags"`
+	Version    string            `json:"version"`
+	XKey       string            `json:"xkey"`
+}
+
+// NodeInfoRequest is empty on the wire ({}).
+type NodeInfoRequest map[string]any
+
+// NodeInfoResponse describes one node and its nexlets.
+type NodeInfoResponse struct {
+	NodeAgentSummaries []NodeAgentSummary `json:"node_agent_summaries,omitempty"`
+	NodeID             string             `json:"node_id"`
+	Tags               map[string]string  `json:"tags"`
+	Uptime             string             `json:"uptime"`
+	Version            string             `json:"version"`
+	XKey               string             `json:"xkey"`
+}
+
+// Agent health values and their stoplights.
+const (
+	HealthHealthy      = "healthy"
+	HealthDegraded     = "degraded"
+	HealthShuttingDown = "shutting down"
+	HealthOffline      = "offline"
+	HealthUnknown      = "unknown"
+)
+
+// Stoplight returns upstream's stoplight glyph for a health value.
+func Stoplight(health string) string {
+	switch health {
+	case HealthHealthy:
+		return "🟢"
+	case HealthDegraded:
+		return "🟡"
+	case HealthShuttingDown:
+		return "🟠"
+	case HealthOffline:
+		return "🔴"
+	default:
+		return "⚪️"
+	}
+}
+
+// NodeAgentSummary is one nexlet in a node info response. The trailing fields are nexd
+// extensions that upstream clients ignore.
+type NodeAgentSummary struct {
+	AgentHealth            string       `json:"agent_health"`
+	AgentHealthStoplight   string       `json:"agent_health_stoplight"`
+	AgentID                string       `json:"agent_id"`
+	AgentLastHeartbeatTime time.Time    `json:"agent_last_heartbeat_time"`
+	AgentSummary           AgentSummary `json:"agent_summary"`
+
+	// nexd extensions.
+	Restarts int    `json:"nexd_restarts,omitempty"`
+	LastExit string `json:"nexd_last_exit,omitempty"`
+}
+
+// AgentSummary is a nexlet's view of itself.
+type AgentSummary struct {
+	Name                string    `json:"name"`
+	StartTime           time.Time `json:"start_time"`
+	State               string    `json:"state"`
+	SupportedLifecycles string    `json:"supported_lifecycles"`
+	Type                string    `json:"type"`
+	Version             string    `json:"version"`
+	WorkloadCount       int       `json:"workload_count"`
+}
+
+// LameduckRequest asks a node (or its agents) to drain. Delay is a Go duration string.
+type LameduckRequest struct {
+	Delay string            `json:"delay"`
+	Tag   map[string]string `json:"tag,omitempty"`
+}
+
+// ParseDelay returns the request's delay as a duration.
+func (r LameduckRequest) ParseDelay() (time.Duration, error) {
+	d, err := time.ParseDuration(r.Delay)
+	if err != nil {
+		return 0, fmt.Errorf("delay %q: %w", r.Delay, err)
+	}
+	if d < 0 {
+		return 0, fmt.Errorf("delay %q: must not be negative", r.Delay)
+	}
+	return d, nil
+}
+
+// LameduckResponse answers a lameduck request.
+type LameduckResponse struct {
+	Message string `json:"message"`
+	Success bool   `json:"success"`
+}
+
+// AuctionRequest asks every node that can run agent_type with the given tags to bid.
+type AuctionRequest struct {
+	AgentType string            `json:"agent_type"`
+	AuctionID string            `json:"auction_id"`
+	Tags      map[string]string `json:"tags"`
+}
+
+// AuctionResponse is a bid. The nexd_* fields are extensions upstream clients ignore;
+// they let a smarter client choose the least-loaded node.
+type AuctionResponse struct {
+	BidderID            string      `json:"bidder_id"`
+	StartRequestSchema  string      `json:"start_request_schema"`
+	SupportedLifecycles []Lifecycle `json:"supported_lifecycles"`
+	XKey                string      `json:"xkey"`
+
+	NodeID        string `json:"nexd_node_id,omitempty"`
+	NodeName      string `json:"nexd_node_name,omitempty"`
+	WorkloadCount int    `json:"nexd_workload_count,omitempty"`
+}
+
+// StartWorkloadRequest is what a client deploys. RunRequest is a JSON document, carried
+// as a string, validated against the nexlet's start request schema.
+type StartWorkloadRequest struct {
+	Description       string            `json:"description"`
+	Metadata          map[string]any    `json:"metadata,omitempty"`
+	Name              string            `json:"name"`
+	Namespace         string            `json:"namespace"`
+	Reference         *string           `json:"reference,omitempty"`
+	RunRequest        string            `json:"run_request"`
+	Tags              map[string]string `json:"tags"`
+	WorkloadLifecycle Lifecycle         `json:"workload_lifecycle"`
+	WorkloadType      string            `json:"workload_type"`
+}
+
+// StartWorkloadResponse names the started workload.
+type StartWorkloadResponse struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+}
+
+// AgentStartWorkloadRequest is what a node sends a nexlet to start a workload.
+type AgentStartWorkloadRequest struct {
+	Request       StartWorkloadRequest `json:"request"`
+	WorkloadCreds NatsConnectionData   `json:"workload_creds"`
+}
+
+// StopWorkloadRequest stops a workload in a namespace.
+type StopWorkloadRequest struct {
+	Namespace string `json:"namespace"`
+}
+
+// StopWorkloadResponse reports the outcome of a stop.
+type StopWorkloadResponse struct {
+	ID           string `json:"id"`
+	Message      string `json:"message"`
+	Stopped      bool   `json:"stopped"`
+	WorkloadType string `json:"workload_type"`
+}
+
+// CloneWorkloadRequest asks for a workload's start request.
+type CloneWorkloadRequest struct {
+	Namespace     string `json:"namespace"`
+	NewTargetXKey string `json:"new_target_xkey"`
+}
+
+// AgentListWorkloadsRequest lists workloads in a namespace, optionally by id or name.
+type AgentListWorkloadsRequest struct {
+	Filter    []string `json:"filter"`
+	Namespace string   `json:"namespace"`
+}
+
+// WorkloadSummary is one workload in a list.
+type WorkloadSummary struct {
+	ID                string            `json:"id"`
+	Metadata          map[string]string `json:"metadata,omitempty"`
+	Name              string            `json:"name"`
+	Namespace         *string           `json:"namespace,omitempty"`
+	Runtime           string            `json:"runtime"`
+	StartTime         string            `json:"start_time"`
+	Tags              map[string]string `json:"tags"`
+	WorkloadLifecycle string            `json:"workload_lifecycle"`
+	WorkloadState     WorkloadState     `json:"workload_state"`
+	WorkloadType      string            `json:"workload_type"`
+}
+
+// ---- agent plane ----
+
+// RegisterAgentRequest is a nexlet's registration.
+type RegisterAgentRequest struct {
+	Description         string      `json:"description"`
+	MaxWorkloads        float64     `json:"max_workloads"`
+	Name                string      `json:"name"`
+	PublicXKey          string      `json:"public_xkey"`
+	RegisterType        string      `json:"register_type"`
+	StartRequestSchema  string      `json:"start_request_schema"`
+	SupportedLifecycles []Lifecycle `json:"supported_lifecycles,omitempty"`
+	Version             string      `json:"version"`
+}
+
+// RegisterAgentResponse answers a registration: the nexlet's real credentials and the
+// workloads it should (re)start.
+type RegisterAgentResponse struct {
+	ConnectionData NatsConnectionData                   `json:"connection_data"`
+	ExistingState  map[string]AgentStartWorkloadRequest `json:"existing_state"`
+	Message        string                               `json:"message"`
+	NodeID         string                               `json:"node_id"`
+	Success        bool                                 `json:"success"`
+}
+
+// RegisterRemoteAgentRequest is free-form ({} on the wire).
+type RegisterRemoteAgentRequest map[string]any
+
+// RegisterRemoteAgentResponse bootstraps a remote nexlet.
+type RegisterRemoteAgentResponse struct {
+	AssignedAgentID   string              `json:"assigned_agent_id"`
+	RegistrationCreds *NatsConnectionData `json:"registration_creds,omitempty"`
+	RespondTo         string              `json:"respond_to"`
+}
+
+// AgentHeartbeat is published by a nexlet every 10 s.
+type AgentHeartbeat struct {
+	Data    string       `json:"data"`
+	Summary AgentSummary `json:"summary"`
+}
+
+// NodeHeartbeat is published by a node every 10 s. State is an extension.
+type NodeHeartbeat struct {
+	Registrations string    `json:"registrations"`
+	State         NodeState `json:"state,omitempty"`
+}
+
+// AgentIngressMsg is leftover ingress plumbing, kept for wire completeness.
+type AgentIngressMsg struct {
+	Command    string `json:"command"`
+	Upstream   string `json:"upstream"`
+	WorkloadID string `json:"workload_id"`
+}
+
+// ErrorBody is the body of a micro error reply from a node.
+type ErrorBody struct {
+	ErrorID string `json:"error_id"`
+	Error   string `json:"error"`
+}
+
+// ---- events ----
+
+// Event type names (the last token of an event subject).
+const (
+	EventNodeStarted      = "NODESTARTED"
+	EventNodeStopped      = "NODESTOPPED"
+	EventNodeLameduckSet  = "NODELAMEDUCKSET"
+	EventAgentStarted     = "AGENTSTARTED"
+	EventAgentStopped     = "AGENTSTOPPED"
+	EventAgentLameduckSet = "AGENTLAMEDUCKSET"
+	EventWorkloadStarted  = "WORKLOADSTARTED"
+	EventWorkloadStopped  = "WORKLOADSTOPPED"
+)
+
+// NodeStartedEvent is emitted once a node runs.
+type NodeStartedEvent struct {
+	ID    string            `json:"id"`
+	Name  string            `json:"name"`
+	Nexus string            `json:"nexus"`
+	Tags  map[string]string `json:"tags"`
+	Type  string            `json:"type"`
+}
+
+// NodeStartedEventType is the fixed type field of NodeStartedEvent.
+const NodeStartedEventType = "io.synadia.nex.event.nexnode_started"
+
+// NodeStoppedEvent is emitted as a node stops.
+type NodeStoppedEvent struct {
+	ID string `json:"id"`
+}
+
+// NodeLameduckSetEvent is emitted when a node enters lame duck mode.
+type NodeLameduckSetEvent struct {
+	ID   string    `json:"id"`
+	Time time.Time `json:"time"`
+}
+
+// AgentStartedEvent is emitted when a nexlet registers.
+type AgentStartedEvent struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	Timestamp time.Time `json:"timestamp"`
+}
+
+// AgentStoppedEvent is emitted when a nexlet stops or goes offline.
+type AgentStoppedEvent struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	Reason    string    `json:"reason"`
+	Timestamp time.Time `json:"timestamp"`
+}
+
+// AgentLameduckSetEvent is emitted when a node's nexlets enter lame duck mode.
+type AgentLameduckSetEvent struct {
+	Success bool `json:"success"`
+}
+
+// WorkloadStartedEvent is emitted by a nexlet when a workload starts.
+type WorkloadStartedEvent struct {
+	ID           string            `json:"id"`
+	Namespace    string            `json:"namespace"`
+	WorkloadType string            `json:"workload_type"`
+	Metadata     map[string]string `json:"metadata,omitempty"`
+}
+
+// WorkloadStoppedEvent is emitted by a nexlet when a workload ends. Error.Code is the
+// exit code of a job that failed.
+type WorkloadStoppedEvent struct {
+	ID           string            `json:"id"`
+	Namespace    string            `json:"namespace"`
+	WorkloadType string            `json:"workload_type"`
+	Metadata     map[string]string `json:"metadata,omitempty"`
+	Error        *EventError       `json:"error,omitempty"`
+}
+
+// EventError describes why a workload stopped.
+type EventError struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+}
+
+// WorkloadTriggeredEvent is emitted after a function trigger runs.
+type WorkloadTriggeredEvent struct {
+	ID        string `json:"id"`
+	Namespace string `json:"namespace"`
+	Duration  int64  `json:"duration"`
+}
+
+// Marshal encodes v; it exists so callers never forget the error of a wire encode.
+func Marshal(v any) ([]byte, error) { return json.Marshal(v) }
