@@ -180,10 +180,14 @@ type LameduckResponse struct {
 }
 
 // AuctionRequest asks every node that can run agent_type with the given tags to bid.
+// Lifecycle is a nexd extension (upstream nodes ignore it): when set, a nexd node
+// bids only with a nexlet that supports that lifecycle.
 type AuctionRequest struct {
 	AgentType string            `json:"agent_type"`
 	AuctionID string            `json:"auction_id"`
 	Tags      map[string]string `json:"tags"`
+
+	Lifecycle Lifecycle `json:"nexd_workload_lifecycle,omitempty"`
 }
 
 // AuctionResponse is a bid. The nexd_* fields are extensions upstream clients ignore;

@@ -1,0 +1,101 @@
+package control
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Peer is the process on the other end of a control connection.
+type Peer struct {
+	PID    int32
+	UID    uint32
+	GID    uint32
+	Groups []uint32 // supplementary groups, from /proc/<pid>/status
+	Err    error    // set when the credentials could not be read
+}
+
+type peerKey struct{}
+
+// PeerFromContext returns the peer of the request's connection.
+func PeerFromContext(ctx context.Context) (Peer, bool) {
+	p, ok := ctx.Value(peerKey{}).(Peer)
+	return p, ok
+}
+
+// readPeer reads SO_PEERCRED of a Unix connection and the peer's supplementary groups.
+func readPeer(c net.Conn, procRoot string) Peer {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return Peer{Err: fmt.Errorf("connection is %T, not a Unix socket", c)}
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return Peer{Err: fmt.Errorf("peer credentials: %w", err)}
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return Peer{Err: fmt.Errorf("peer credentials: %w", err)}
+	}
+	if credErr != nil {
+		return Peer{Err: fmt.Errorf("SO_PEERCRED: %w", credErr)}
+	}
+	p := Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}
+	// Supplementary groups are not in SO_PEERCRED; /proc is the only source. If the peer
+	// already exited we fall back to its primary gid alone, which can only deny more.
+	p.Groups, _ = procGroups(procRoot, cred.Pid)
+	return p
+}
+
+// procGroups parses the "Groups:" line of /proc/<pid>/status.
+func procGroups(procRoot string, pid int32) ([]uint32, error) {
+	data, err := os.ReadFile(fmt.Sprintf("%s/%d/status", procRoot, pid))
+	if err != nil {
+		return nil, err
+	}
+	return parseGroupsLine(data)
+}
+
+func parseGroupsLine(status []byte) ([]uint32, error) {
+	sc := bufio.NewScanner(bytes.NewReader(status))
+	for sc.Scan() {
+		line := sc.Text()
+		rest, ok := strings.CutPrefix(line, "Groups:")
+		if !ok {
+			continue
+		}
+		var out []uint32
+		for _, f := range strings.Fields(rest) {
+			g, err := strconv.ParseUint(f, 10, 32)
+			if err != nil {
+				return nil, fmt.Errorf("groups line %q: %w", line, err)
+			}
+			out = append(out, uint32(g))
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("no Groups: line in status")
+}
+
+// inGroup reports whether the peer's primary or supplementary groups include gid.
+func (p Peer) inGroup(gid uint32) bool {
+	if p.GID == gid {
+		return true
+	}
+	for _, g := range p.Groups {
+		if g == gid {
+			return true
+		}
+	}
+	return false
+}

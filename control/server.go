@@ -1,0 +1,543 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Who besides root and group members may use the socket.
+const (
+	AllowNone   = "none"   // nobody else may connect (socket mode 0660)
+	AllowStatus = "status" // others may GET /v1/status only (socket mode 0666)
+)
+
+// ServerOptions configure Listen.
+type ServerOptions struct {
+	Backend Backend
+	Logger  *slog.Logger
+	// AllowOthers is AllowNone (the default when empty) or AllowStatus.
+	AllowOthers string
+	// Group whose members get full access and which owns the socket; default "nex".
+	// When the group does not exist only root has full access.
+	Group string
+	// ProcRoot is where peers' /proc/<pid>/status is read; default "/proc".
+	ProcRoot string
+}
+
+// Server serves the control API on a Unix socket.
+type Server struct {
+	path     string
+	opts     ServerOptions
+	ln       net.Listener
+	srv      *http.Server
+	mux      *http.ServeMux
+	known    *http.ServeMux // the same paths without methods, to tell 405 from 404
+	groupGID uint32
+	hasGroup bool
+	log      *slog.Logger
+
+	baseCtx    context.Context
+	baseCancel context.CancelFunc
+	closeOnce  sync.Once
+}
+
+// Listen creates the socket at path (see DefaultSocketPath) and prepares the server.
+func Listen(path string, opts ServerOptions) (*Server, error) {
+	if opts.Backend == nil {
+		return nil, errors.New("control: ServerOptions.Backend is required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Group == "" {
+		opts.Group = "nex"
+	}
+	if opts.ProcRoot == "" {
+		opts.ProcRoot = "/proc"
+	}
+	mode := fs.FileMode(0o660)
+	switch opts.AllowOthers {
+	case "", AllowNone:
+		opts.AllowOthers = AllowNone
+	case AllowStatus:
+		// Others must be able to connect at all; SO_PEERCRED then limits them to status.
+		mode = 0o666
+	default:
+		return nil, fmt.Errorf("control: allow_others %q is not one of %q, %q", opts.AllowOthers, AllowNone, AllowStatus)
+	}
+	s := &Server{path: path, opts: opts, log: opts.Logger}
+	if g, err := user.LookupGroup(opts.Group); err == nil {
+		if gid, err := strconv.ParseUint(g.Gid, 10, 32); err == nil {
+			s.groupGID, s.hasGroup = uint32(gid), true
+		}
+	}
+	gid := -1
+	if s.hasGroup {
+		gid = int(s.groupGID)
+	}
+	ln, err := listenUnix(path, mode, gid, func(msg string) { opts.Logger.Warn(msg) })
+	if err != nil {
+		return nil, err
+	}
+	s.ln = ln
+	s.routes()
+	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
+	s.srv = &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       time.Minute,
+		BaseContext:       func(net.Listener) context.Context { return s.baseCtx },
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, peerKey{}, readPeer(c, opts.ProcRoot))
+		},
+		ErrorLog: slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn),
+	}
+	return s, nil
+}
+
+// Path is the socket path.
+func (s *Server) Path() string { return s.path }
+
+// Serve answers requests until ctx ends or Close is called; it then returns nil.
+func (s *Server) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+	err := s.srv.Serve(s.ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Close stops the server, ends streaming requests and removes the socket.
+func (s *Server) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		s.baseCancel() // ends log follows, which Shutdown would otherwise wait for
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err = s.srv.Shutdown(ctx)
+		if err != nil {
+			err = s.srv.Close()
+		}
+		if rerr := os.Remove(s.path); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) && err == nil {
+			err = rerr
+		}
+	})
+	return err
+}
+
+type route struct {
+	method, pattern string
+	public          bool // readable by others when AllowOthers is "status"
+	h               func(w http.ResponseWriter, r *http.Request)
+}
+
+func (s *Server) routes() {
+	rs := []route{
+		{"GET", "/v1/status", true, s.handleStatus},
+		{"POST", "/v1/reload", false, s.handleReload},
+		{"POST", "/v1/lameduck", false, s.handleLameduck},
+		{"GET", "/v1/nexlets", false, s.handleNexlets},
+		{"POST", "/v1/nexlets/{name}/restart", false, s.handleRestartNexlet},
+		{"GET", "/v1/workloads", false, s.handleWorkloads},
+		{"GET", "/v1/logs", false, s.handleLogs},
+		{"GET", "/v1/config", false, s.handleConfig},
+		{"GET", "/v1/secrets/{ns}", false, s.handleSecretList},
+		{"GET", "/v1/secrets/{ns}/{key}", false, s.handleSecretGet},
+		{"PUT", "/v1/secrets/{ns}/{key}", false, s.handleSecretPut},
+		{"DELETE", "/v1/secrets/{ns}/{key}", false, s.handleSecretDelete},
+		{"GET", "/v1/metrics", false, s.handleMetrics},
+	}
+	s.mux = http.NewServeMux()
+	s.known = http.NewServeMux()
+	allowed := map[string][]string{}
+	for _, rt := range rs {
+		rt := rt
+		s.mux.HandleFunc(rt.method+" "+rt.pattern, func(w http.ResponseWriter, r *http.Request) {
+			if !s.authorize(w, r, rt.public) {
+				return
+			}
+			rt.h(w, r)
+		})
+		allowed[rt.pattern] = append(allowed[rt.pattern], rt.method)
+	}
+	for p, methods := range allowed {
+		allow := strings.Join(methods, ", ")
+		s.known.HandleFunc(p, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allow)
+			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed on %s (allowed: %s)", r.Method, r.URL.Path, allow))
+		})
+	}
+}
+
+var versionPrefix = regexp.MustCompile(`^/(v[0-9]+)(/|$)`)
+
+// ServeHTTP routes a request, answering unknown paths, methods and versions in JSON.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if _, pattern := s.mux.Handler(r); pattern != "" {
+		s.mux.ServeHTTP(w, r)
+		return
+	}
+	if _, pattern := s.known.Handler(r); pattern != "" {
+		s.known.ServeHTTP(w, r)
+		return
+	}
+	if m := versionPrefix.FindStringSubmatch(r.URL.Path); m != nil && m[1] != APIVersion {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("API version %s is not supported; this nexd speaks %s", m[1], APIVersion))
+		return
+	}
+	writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path))
+}
+
+// authorize admits root and members of the nex group everywhere, others only on public
+// routes when AllowOthers is "status".
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, public bool) bool {
+	p, ok := PeerFromContext(r.Context())
+	if !ok || p.Err != nil {
+		reason := "peer credentials unavailable"
+		if ok {
+			reason = p.Err.Error()
+		}
+		s.log.Warn("control request refused", "path", r.URL.Path, "reason", reason)
+		writeError(w, http.StatusForbidden, "permission denied: "+reason)
+		return false
+	}
+	if p.UID == 0 || (s.hasGroup && p.inGroup(s.groupGID)) {
+		return true
+	}
+	if public && s.opts.AllowOthers == AllowStatus {
+		return true
+	}
+	s.log.Info("control request refused", "path", r.URL.Path, "uid", p.UID, "pid", p.PID)
+	writeError(w, http.StatusForbidden, fmt.Sprintf("permission denied: uid %d is neither root nor a member of group %s", p.UID, s.opts.Group))
+	return false
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	_ = enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, ErrorBody{Error: msg, Code: status})
+}
+
+// backendError maps a Backend error to a status: the sentinel errors choose 404/400/409,
+// anything else is a 500 whose text is still shown, since only local operators see it.
+func (s *Server) backendError(w http.ResponseWriter, r *http.Request, err error) {
+	status := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, ErrNotFound):
+		status = http.StatusNotFound
+	case errors.Is(err, ErrInvalid):
+		status = http.StatusBadRequest
+	case errors.Is(err, ErrConflict):
+		status = http.StatusConflict
+	case errors.Is(err, context.Canceled):
+		status = http.StatusServiceUnavailable
+	}
+	if status == http.StatusInternalServerError {
+		s.log.Error("control request failed", "path", r.URL.Path, "error", err)
+	}
+	writeError(w, status, err.Error())
+}
+
+// decodeBody reads one JSON object of at most MaxBodyBytes into v, answering 413 or a
+// 400 that names the problem; it reports whether the handler should go on.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	body := http.MaxBytesReader(w, r.Body, MaxBodyBytes)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	err := dec.Decode(v)
+	if err == nil {
+		if _, terr := dec.Token(); terr != io.EOF {
+			var mbe *http.MaxBytesError
+			if errors.As(terr, &mbe) {
+				err = terr
+			} else {
+				writeError(w, http.StatusBadRequest, "malformed JSON request body: unexpected data after the JSON object")
+				return false
+			}
+		} else {
+			return true
+		}
+	}
+	var (
+		mbe *http.MaxBytesError
+		se  *json.SyntaxError
+		ute *json.UnmarshalTypeError
+	)
+	switch {
+	case errors.As(err, &mbe):
+		writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body exceeds %d bytes", mbe.Limit))
+	case errors.Is(err, io.EOF):
+		writeError(w, http.StatusBadRequest, "request body is empty; expected a JSON object")
+	case errors.As(err, &se):
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("malformed JSON request body at byte %d: %v", se.Offset, se))
+	case errors.As(err, &ute):
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("request body field %q: expected %s, got JSON %s", ute.Field, ute.Type, ute.Value))
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		writeError(w, http.StatusBadRequest, "malformed JSON request body: truncated")
+	default:
+		writeError(w, http.StatusBadRequest, "invalid request body: "+err.Error())
+	}
+	return false
+}
+
+func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
+	st, err := s.opts.Backend.Status(r.Context())
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+func (s *Server) handleReload(w http.ResponseWriter, r *http.Request) {
+	res, err := s.opts.Backend.Reload(r.Context())
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	status := http.StatusOK
+	if !res.OK {
+		// The body still carries every error, so scripts can read both.
+		status = http.StatusUnprocessableEntity
+	}
+	writeJSON(w, status, res)
+}
+
+func (s *Server) handleLameduck(w http.ResponseWriter, r *http.Request) {
+	var req LameduckRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	if req.Delay < 0 {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("delay %s must not be negative", req.Delay.Std()))
+		return
+	}
+	res, err := s.opts.Backend.Lameduck(r.Context(), req.Delay.Std())
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (s *Server) handleNexlets(w http.ResponseWriter, r *http.Request) {
+	ns, err := s.opts.Backend.Nexlets(r.Context())
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	if ns == nil {
+		ns = []Nexlet{}
+	}
+	writeJSON(w, http.StatusOK, ns)
+}
+
+func (s *Server) handleRestartNexlet(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if err := s.opts.Backend.RestartNexlet(r.Context(), name); err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"restarted": name})
+}
+
+func (s *Server) handleWorkloads(w http.ResponseWriter, r *http.Request) {
+	ws, err := s.opts.Backend.Workloads(r.Context())
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	if ws == nil {
+		ws = []Workload{}
+	}
+	writeJSON(w, http.StatusOK, ws)
+}
+
+func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
+	qv := r.URL.Query()
+	q := LogQuery{Nexlet: qv.Get("nexlet"), Workload: qv.Get("workload")}
+	if q.Nexlet != "" && q.Workload != "" {
+		writeError(w, http.StatusBadRequest, "query: nexlet and workload are mutually exclusive")
+		return
+	}
+	switch f := qv.Get("follow"); f {
+	case "", "0", "false":
+	case "1", "true":
+		q.Follow = true
+	default:
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("query: follow=%q is not 0, 1, true or false", f))
+		return
+	}
+	if l := qv.Get("lines"); l != "" {
+		n, err := strconv.Atoi(l)
+		if err != nil || n < 0 {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("query: lines=%q is not a non-negative integer", l))
+			return
+		}
+		q.Lines = n
+	}
+	if !q.Follow {
+		lines, err := s.opts.Backend.Logs(r.Context(), q)
+		if err != nil {
+			s.backendError(w, r, err)
+			return
+		}
+		if lines == nil {
+			lines = []LogLine{}
+		}
+		writeJSON(w, http.StatusOK, lines)
+		return
+	}
+	ch, err := s.opts.Backend.FollowLogs(r.Context(), q)
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	enc := json.NewEncoder(w)
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case l, ok := <-ch:
+			if !ok {
+				return
+			}
+			if err := enc.Encode(l); err != nil {
+				return
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+		}
+	}
+}
+
+func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {
+	cfg, err := s.opts.Backend.Config(r.Context())
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(cfg)
+}
+
+var secretName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$`)
+
+// secretArgs validates the path's namespace (and key) so a store keyed by file names
+// can never be walked out of its directory.
+func (s *Server) secretArgs(w http.ResponseWriter, r *http.Request, withKey bool) (SecretStore, string, string, bool) {
+	st := s.opts.Backend.Secrets()
+	if st == nil {
+		writeError(w, http.StatusNotImplemented, "this node has no secret store configured")
+		return nil, "", "", false
+	}
+	ns, key := r.PathValue("ns"), r.PathValue("key")
+	if !secretName.MatchString(ns) {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("namespace %q: must be letters, digits, '_', '.', '-' and not start with '.' or '-'", ns))
+		return nil, "", "", false
+	}
+	if withKey && !secretName.MatchString(key) {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("secret key %q: must be letters, digits, '_', '.', '-' and not start with '.' or '-'", key))
+		return nil, "", "", false
+	}
+	return st, ns, key, true
+}
+
+func (s *Server) handleSecretList(w http.ResponseWriter, r *http.Request) {
+	st, ns, _, ok := s.secretArgs(w, r, false)
+	if !ok {
+		return
+	}
+	keys, err := st.List(ns)
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	if keys == nil {
+		keys = []string{}
+	}
+	writeJSON(w, http.StatusOK, keys)
+}
+
+func (s *Server) handleSecretGet(w http.ResponseWriter, r *http.Request) {
+	st, ns, key, ok := s.secretArgs(w, r, true)
+	if !ok {
+		return
+	}
+	keys, err := st.List(ns)
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	for _, k := range keys {
+		if k == key {
+			writeJSON(w, http.StatusOK, SecretInfo{Namespace: ns, Key: key})
+			return
+		}
+	}
+	writeError(w, http.StatusNotFound, fmt.Sprintf("secret %s/%s not found", ns, key))
+}
+
+func (s *Server) handleSecretPut(w http.ResponseWriter, r *http.Request) {
+	st, ns, key, ok := s.secretArgs(w, r, true)
+	if !ok {
+		return
+	}
+	var req SecretPut
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	if err := st.Set(ns, key, []byte(req.Value)); err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, SecretInfo{Namespace: ns, Key: key})
+}
+
+func (s *Server) handleSecretDelete(w http.ResponseWriter, r *http.Request) {
+	st, ns, key, ok := s.secretArgs(w, r, true)
+	if !ok {
+		return
+	}
+	if err := st.Delete(ns, key); err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, SecretInfo{Namespace: ns, Key: key})
+}
+
+func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	h := s.opts.Backend.Metrics()
+	if h == nil {
+		writeError(w, http.StatusNotFound, "metrics are not enabled on this node")
+		return
+	}
+	h.ServeHTTP(w, r)
+}

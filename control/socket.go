@@ -1,0 +1,106 @@
+package control
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultSocketPath is $NEX_CONTROL_SOCKET, else $RUNTIME_DIRECTORY/nexd.sock (systemd's
+// RuntimeDirectory=), else /run/nex/nexd.sock. env is usually os.Getenv.
+func DefaultSocketPath(env func(string) string) string {
+	if p := env("NEX_CONTROL_SOCKET"); p != "" {
+		return p
+	}
+	if d := env("RUNTIME_DIRECTORY"); d != "" {
+		// systemd may list several directories separated by ':'; the first is ours.
+		if i := indexByte(d, ':'); i >= 0 {
+			d = d[:i]
+		}
+		return filepath.Join(d, "nexd.sock")
+	}
+	return "/run/nex/nexd.sock"
+}
+
+func indexByte(s string, c byte) int {
+	for i := 0; i < len(s); i++ {
+		if s[i] == c {
+			return i
+		}
+	}
+	return -1
+}
+
+// listenUnix creates the socket safely: parent directory 0755 when missing, a stale
+// socket removed only when nothing answers on it, a restrictive umask around bind so the
+// socket never exists with looser permissions, then group gid (when >= 0) and mode.
+func listenUnix(path string, mode fs.FileMode, gid int, warn func(string)) (*net.UnixListener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("control socket directory %s: %w", dir, err)
+	}
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+	old := unix.Umask(0o117)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	// Close must not unlink: Server.Close removes the path itself, and only its own.
+	l.SetUnlinkOnClose(false)
+	fail := func(err error) (*net.UnixListener, error) {
+		l.Close()
+		os.Remove(path)
+		return nil, err
+	}
+	if gid >= 0 {
+		if err := os.Chown(path, -1, gid); err != nil {
+			if !errors.Is(err, fs.ErrPermission) {
+				return fail(fmt.Errorf("control socket %s: chown to gid %d: %w", path, gid, err))
+			}
+			// An unprivileged nexd (development) cannot hand the socket to the group;
+			// it still works for its own user and root.
+			warn(fmt.Sprintf("cannot give control socket %s to gid %d: %v; only root and this user can use it", path, gid, err))
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		return fail(fmt.Errorf("control socket %s: chmod %o: %w", path, mode, err))
+	}
+	return l, nil
+}
+
+// removeStale removes path when it is a socket nobody answers on; a live socket or a
+// file that is not a socket is an error, never silently replaced.
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("control socket %s: %w", path, err)
+	}
+	if fi.Mode()&fs.ModeSocket == 0 {
+		return fmt.Errorf("control socket %s: path exists and is not a socket (%s); refusing to replace it", path, fi.Mode().Type())
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("control socket %s: another process is serving on it (is nexd already running?)", path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("control socket %s: probing existing socket: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("control socket %s: removing stale socket: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,232 @@
+// Package control is nexd's local control API: HTTP+JSON under /v1/ on a Unix socket,
+// each connection authorised from its peer credentials (SO_PEERCRED). The daemon serves
+// it through a Backend; nexctl talks to it through Client.
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// APIVersion is the path prefix every route lives under.
+const APIVersion = "v1"
+
+// MaxBodyBytes bounds a request body.
+const MaxBodyBytes = 1 << 20
+
+// Backend is what the daemon implements to serve the control API.
+type Backend interface {
+	Status(ctx context.Context) (Status, error)
+	// Reload validates and applies the config on disk by the same path as SIGHUP.
+	Reload(ctx context.Context) (ReloadResult, error)
+	Lameduck(ctx context.Context, delay time.Duration) (LameduckResult, error)
+	Nexlets(ctx context.Context) ([]Nexlet, error)
+	// RestartNexlet resets a nexlet; an unknown name should wrap ErrNotFound.
+	RestartNexlet(ctx context.Context, name string) error
+	Workloads(ctx context.Context) ([]Workload, error)
+	// Logs returns recent lines matching q.
+	Logs(ctx context.Context, q LogQuery) ([]LogLine, error)
+	// FollowLogs streams lines matching q until ctx ends or the channel is closed.
+	FollowLogs(ctx context.Context, q LogQuery) (<-chan LogLine, error)
+	// Config returns the resolved config with secrets redacted.
+	Config(ctx context.Context) (json.RawMessage, error)
+	// Secrets may return nil when the node has no secret store.
+	Secrets() SecretStore
+	// Metrics may return nil when metrics are disabled.
+	Metrics() http.Handler
+}
+
+// SecretStore holds workload secrets by namespace. Values never leave the node through
+// the control API: only names are listed.
+type SecretStore interface {
+	Set(ns, key string, value []byte) error
+	List(ns string) ([]string, error)
+	// Delete removes a secret; a missing one should wrap ErrNotFound.
+	Delete(ns, key string) error
+}
+
+// Errors a Backend can wrap to choose the HTTP status of its failure.
+var (
+	ErrNotFound = errors.New("not found")         // 404
+	ErrInvalid  = errors.New("invalid request")   // 400
+	ErrConflict = errors.New("conflicting state") // 409
+)
+
+// Node states reported in Status.State.
+const (
+	StateStarting = "starting"
+	StateRunning  = "running"
+	StateLameduck = "lameduck"
+	StateStopping = "stopping"
+)
+
+// Duration is a time.Duration that travels as a Go duration string ("1m30s") and
+// also accepts a number of nanoseconds.
+type Duration time.Duration
+
+// MarshalJSON encodes d as a duration string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// UnmarshalJSON accepts "1m30s" or a number of nanoseconds.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		v, err := time.ParseDuration(s)
+		if err != nil {
+			return fmt.Errorf("duration %q: %w", s, err)
+		}
+		*d = Duration(v)
+		return nil
+	}
+	n, err := strconv.ParseInt(string(b), 10, 64)
+	if err != nil {
+		return fmt.Errorf("duration must be a string like \"2m\" or integer nanoseconds, got %s", b)
+	}
+	*d = Duration(n)
+	return nil
+}
+
+// Std returns d as a time.Duration.
+func (d Duration) Std() time.Duration { return time.Duration(d) }
+
+// Status describes the local node.
+type Status struct {
+	NodeID    string    `json:"node_id"`
+	Name      string    `json:"name"`
+	Nexus     string    `json:"nexus"`
+	Version   string    `json:"version"`
+	Commit    string    `json:"commit"`
+	StartTime time.Time `json:"start_time"`
+	Uptime    Duration  `json:"uptime"`
+	// State is one of starting, running, lameduck, stopping.
+	State string `json:"state"`
+	// LameduckUntil is when workloads stop, set while in lame duck mode.
+	LameduckUntil *time.Time     `json:"lameduck_until,omitempty"`
+	NATS          NATSStatus     `json:"nats"`
+	Cgroup        CgroupStatus   `json:"cgroup"`
+	Nexlets       []Nexlet       `json:"nexlets"`
+	Workloads     map[string]int `json:"workloads"` // count by state
+}
+
+// NATSStatus is the node's NATS connection.
+type NATSStatus struct {
+	Server     string   `json:"server"`
+	RTT        Duration `json:"rtt"`
+	Reconnects uint64   `json:"reconnects"`
+	Embedded   bool     `json:"embedded"`
+	Connected  bool     `json:"connected"`
+}
+
+// CgroupStatus says how nexd isolates its children.
+type CgroupStatus struct {
+	Mode     string   `json:"mode"` // "v2", "v1" or "none"
+	Enforced []string `json:"enforced"`
+	Reason   string   `json:"reason,omitempty"` // why limits are missing, when they are
+}
+
+// Nexlet is one supervised (or remote) nexlet.
+type Nexlet struct {
+	Name          string     `json:"name"`
+	Type          string     `json:"type"`
+	AgentID       string     `json:"agent_id"`
+	PID           int        `json:"pid"`
+	State         string     `json:"state"`
+	Restarts      int        `json:"restarts"`
+	Health        string     `json:"health"`
+	LastHeartbeat *time.Time `json:"last_heartbeat,omitempty"`
+	LastExit      string     `json:"last_exit,omitempty"`
+	MemoryBytes   uint64     `json:"memory_bytes"`
+	CPU           Duration   `json:"cpu"` // CPU time consumed
+}
+
+// Workload is one workload the node runs.
+type Workload struct {
+	ID          string    `json:"id"`
+	Name        string    `json:"name"`
+	Namespace   string    `json:"namespace"`
+	Type        string    `json:"type"`
+	Lifecycle   string    `json:"lifecycle"`
+	State       string    `json:"state"`
+	StartTime   time.Time `json:"start_time"`
+	MemoryBytes uint64    `json:"memory_bytes"`
+	CPU         Duration  `json:"cpu"`
+}
+
+// ReloadResult is the outcome of a reload; OK is false when the new config was rejected
+// and Errors lists every reason.
+type ReloadResult struct {
+	OK      bool     `json:"ok"`
+	Applied []string `json:"applied"`
+	Errors  []string `json:"errors"`
+}
+
+// LameduckRequest is the body of POST /v1/lameduck.
+type LameduckRequest struct {
+	Delay Duration `json:"delay"`
+}
+
+// LameduckResult says when workloads will stop.
+type LameduckResult struct {
+	Until time.Time `json:"until"`
+}
+
+// LogLine is one node log record.
+type LogLine struct {
+	Time       time.Time      `json:"time"`
+	Level      string         `json:"level"`
+	Msg        string         `json:"msg"`
+	Nexlet     string         `json:"nexlet,omitempty"`
+	WorkloadID string         `json:"workload_id,omitempty"`
+	Attrs      map[string]any `json:"attrs,omitempty"`
+}
+
+// LogQuery selects log lines.
+type LogQuery struct {
+	Nexlet   string `json:"nexlet,omitempty"`
+	Workload string `json:"workload,omitempty"`
+	Follow   bool   `json:"follow,omitempty"`
+	Lines    int    `json:"lines,omitempty"` // 0 means the backend's default
+}
+
+// SecretPut is the body of PUT /v1/secrets/{ns}/{key}.
+type SecretPut struct {
+	Value string `json:"value"`
+}
+
+// SecretInfo names a secret; its value is never returned.
+type SecretInfo struct {
+	Namespace string `json:"namespace"`
+	Key       string `json:"key"`
+}
+
+// ErrorBody is every error response.
+type ErrorBody struct {
+	Error string `json:"error"`
+	Code  int    `json:"code"`
+}
+
+// APIError is a non-2xx answer from the server.
+type APIError struct {
+	Status  int
+	Message string
+}
+
+func (e *APIError) Error() string { return fmt.Sprintf("nexd: %s (HTTP %d)", e.Message, e.Status) }
+
+// Is lets callers match API errors against the package's sentinel errors.
+func (e *APIError) Is(target error) bool {
+	switch target {
+	case ErrNotFound:
+		return e.Status == http.StatusNotFound
+	case ErrInvalid:
+		return e.Status == http.StatusBadRequest
+	case ErrConflict:
+		return e.Status == http.StatusConflict
+	}
+	return false
+}

@@ -1,0 +1,167 @@
+// Package config resolves nexd's configuration from its layers (built-in defaults,
+// JSON files, NEX_* environment variables and command-line flags), validates it as a
+// whole, renders it for --check and `nexctl config`, and says which changes a reload
+// can apply.
+package config
+
+import (
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Config is the resolved configuration of one nexd node. The JSON key of every
+// setting is its flag name with dashes as underscores (see KEYS.md).
+type Config struct {
+	// Namespace is the global --namespace; "system" is the administrative namespace.
+	Namespace string
+	Node      NodeConfig
+	NATS      NATSConfig
+	Logger    LoggerConfig
+}
+
+// NodeConfig holds the settings of `node up` and of the daemon itself.
+type NodeConfig struct {
+	Name                         string            // node_name (default: the host name)
+	Seed                         string            // node_seed, a server seed SN…
+	XKeySeed                     string            // node_xkey_seed, a curve seed SX…
+	Nexus                        string            // nexus
+	Tags                         map[string]string // tags
+	AllowRemoteAgentRegistration bool              // allow_remote_agent_registration
+	AgentRestartLimit            int               // agent_restart_limit
+	DisableNativeStart           bool              // disable_native_start
+	Agents                       []Agent           // agents
+	NativeLimits                 Limits            // native_limits
+	State                        string            // state: "" or "kv"
+	ShowWorkloadLogs             bool              // show_workload_logs
+	Events                       string            // events: "", "nats" or "logs"
+	InatsConfig                  string            // inats_config: nats-server config file
+	IssuerSigningKey             string            // issuer_signing_key, an account seed SA…
+	IssuerSigningKeyRootAccount  string            // issuer_signing_key_root_account, A…
+	IssuerNkey                   string            // issuer_nkey, a public user key U…
+	IssuerNkeySeed               string            // issuer_nkey_seed, a user seed SU…
+	AuctionTTL                   time.Duration     // auction_ttl
+	StateDir                     string            // state_dir
+	ControlSocket                string            // control_socket
+	CgroupRoot                   string            // cgroup_root ("" = detect)
+	StopGrace                    time.Duration     // stop_grace
+	StartupTimeout               time.Duration     // startup_timeout: wait for nexlets before READY
+	ControlAllowOthers           string            // control_allow_others: "status" or "none"
+	MetricsListen                string            // metrics_listen: host:port, "" = off
+}
+
+// Agent is one local nexlet that nexd starts and supervises.
+type Agent struct {
+	URI    string            `json:"uri"`
+	Argv   []string          `json:"argv,omitempty"`
+	Env    map[string]string `json:"env,omitempty"`
+	Limits Limits            `json:"limits"`
+}
+
+// Limits bound a nexlet's cgroup. Zero means no limit.
+type Limits struct {
+	MemoryMax  int64   // memory_max in bytes (JSON: bytes, or "256M", "1G", "max")
+	MemoryHigh int64   // memory_high in bytes, the throttling threshold
+	CPUMax     float64 // cpu_max as a number of CPUs: 0.5 is half of one CPU
+	PidsMax    int64   // pids_max
+}
+
+// NATSConfig is how nexd connects to NATS. With nothing set (and no inats_config)
+// the daemon runs an embedded server.
+type NATSConfig struct {
+	Context   string        // nats.context: a NATS CLI context name
+	Servers   []string      // nats.servers
+	CredsFile string        // nats.creds_file
+	Nkey      string        // nats.nkey: public user nkey U…, used with nats.seed
+	Seed      string        // nats.seed: user seed SU…
+	JWT       string        // nats.jwt, used with nats.seed
+	User      string        // nats.user
+	Password  string        // nats.password
+	TLSCert   string        // nats.tlscert
+	TLSKey    string        // nats.tlskey
+	TLSCA     string        // nats.tlsca
+	TLSFirst  bool          // nats.tlsfirst
+	ConnName  string        // nats.conn_name
+	Timeout   time.Duration // nats.timeout
+	JSDomain  string        // nats.jsdomain
+}
+
+// Configured reports whether any way to reach an external NATS server is set.
+func (n NATSConfig) Configured() bool {
+	return n.Context != "" || len(n.Servers) > 0
+}
+
+// LoggerConfig is the node's logging.
+type LoggerConfig struct {
+	Level   string   // logger.level: debug|info|warn|error
+	Target  []string // logger.target: std|file|journal|nats; empty = automatic (see LogTargets)
+	WithPID bool     // logger.with_pid
+	Format  string   // logger.format: text|json
+	File    string   // logger.file: where the file target writes
+}
+
+// SlogLevel maps Level to a slog.Level (info when unrecognised; Load rejects those).
+func (l LoggerConfig) SlogLevel() slog.Level {
+	switch l.Level {
+	case "debug":
+		return slog.LevelDebug
+	case "warn":
+		return slog.LevelWarn
+	case "error":
+		return slog.LevelError
+	}
+	return slog.LevelInfo
+}
+
+// LogTargets returns the configured log targets, or DefaultLogTargets when none are
+// configured.
+func (c *Config) LogTargets(env []string, stderr *os.File) []string {
+	if len(c.Logger.Target) > 0 {
+		return append([]string(nil), c.Logger.Target...)
+	}
+	return DefaultLogTargets(env, stderr)
+}
+
+// DefaultLogTargets is the automatic choice when logger.target is empty: "journal" when
+// stderr is connected to the journal (systemd sets $JOURNAL_STREAM to the "dev:inode"
+// of the stream it gave us, so a match means our stderr is still that stream), else
+// "std".
+func DefaultLogTargets(env []string, stderr *os.File) []string {
+	js := lookupEnv(env, "JOURNAL_STREAM")
+	if js == "" || stderr == nil {
+		return []string{"std"}
+	}
+	devS, inoS, ok := strings.Cut(js, ":")
+	if !ok {
+		return []string{"std"}
+	}
+	dev, err1 := strconv.ParseUint(devS, 10, 64)
+	ino, err2 := strconv.ParseUint(inoS, 10, 64)
+	if err1 != nil || err2 != nil {
+		return []string{"std"}
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(stderr.Fd()), &st); err != nil {
+		return []string{"std"}
+	}
+	if uint64(st.Dev) == dev && st.Ino == ino {
+		return []string{"journal"}
+	}
+	return []string{"std"}
+}
+
+// lookupEnv returns the last value of name in env ("" when absent), as the process
+// environment would.
+func lookupEnv(env []string, name string) string {
+	val := ""
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == name {
+			val = v
+		}
+	}
+	return val
+}

@@ -1,0 +1,355 @@
+package config
+
+import (
+	"strings"
+	"time"
+)
+
+// kind is how a key's value is typed and parsed.
+type kind int
+
+const (
+	kString kind = iota
+	kBool
+	kInt
+	kDuration
+	kList   // []string
+	kMap    // map[string]string
+	kAgents // []Agent
+	kSize   // int64 bytes, "256M" accepted
+	kFloat  // float64
+)
+
+// where a key may appear in a config file besides its canonical spelling.
+type scope int
+
+const (
+	scopeTop  scope = iota // only at the top level (namespace)
+	scopeNode              // top level (flat layout) or under node.up (nested layout)
+	scopeNATS              // "nats": {...} or "nats.x"
+	scopeLog               // "logger": {...} or "logger.x"
+)
+
+// Help headings, in the order Usage prints them.
+const (
+	gNode    = "Node"
+	gNexlets = "Nexlets"
+	gCreds   = "Credentials"
+	gState   = "State and events"
+	gNATS    = "NATS connection"
+	gLog     = "Logging"
+	gDaemon  = "Daemon"
+	gGeneral = "General"
+)
+
+var groupOrder = []string{gNode, gNexlets, gCreds, gState, gNATS, gLog, gDaemon, gGeneral}
+
+// keySpec describes one setting: its canonical key (flag name with dashes as
+// underscores), type, default, help and where it lives in Config.
+type keySpec struct {
+	key        string
+	kind       kind
+	scope      scope
+	group      string
+	short      string
+	help       string
+	def        any    // typed default; nil = zero value
+	defText    string // the default as help shows it, when it is not simply def
+	enum       []string
+	secret     bool
+	reloadable bool
+	field      func(*Config) any // pointer to the field
+}
+
+// flagName is the command-line spelling: dashes for underscores.
+func (s *keySpec) flagName() string { return strings.ReplaceAll(s.key, "_", "-") }
+
+// envName is NEX_ plus the key upper-cased with dots as underscores.
+func (s *keySpec) envName() string {
+	return "NEX_" + strings.ToUpper(strings.ReplaceAll(s.key, ".", "_"))
+}
+
+// fileName is the key's spelling inside its group object in a file ("servers" for
+// nats.servers, "memory_max" for native_limits.memory_max).
+func (s *keySpec) fileName() string {
+	if s.scope == scopeNATS || s.scope == scopeLog {
+		_, after, _ := strings.Cut(s.key, ".")
+		return after
+	}
+	return s.key
+}
+
+// keySpecs returns the registry, freshly built so nothing is shared between loads.
+func keySpecs() []*keySpec {
+	return []*keySpec{
+		// Node
+		{key: "namespace", kind: kString, scope: scopeTop, group: gNode, def: "system",
+			help:  "namespace this node serves; \"system\" is the administrative one",
+			field: func(c *Config) any { return &c.Namespace }},
+		{key: "node_name", kind: kString, scope: scopeNode, group: gNode, defText: "the host name",
+			help:  "human-readable node name",
+			field: func(c *Config) any { return &c.Node.Name }},
+		{key: "node_seed", kind: kString, scope: scopeNode, group: gNode, secret: true, defText: "generated; persisted in state_dir",
+			help:  "server nkey seed (SN…) that fixes the node id",
+			field: func(c *Config) any { return &c.Node.Seed }},
+		{key: "node_xkey_seed", kind: kString, scope: scopeNode, group: gNode, secret: true, defText: "generated; persisted in state_dir",
+			help:  "curve nkey seed (SX…) for encrypted environments",
+			field: func(c *Config) any { return &c.Node.XKeySeed }},
+		{key: "nexus", kind: kString, scope: scopeNode, group: gNode, def: "nexus",
+			help:  "name of the group of nodes this node belongs to",
+			field: func(c *Config) any { return &c.Node.Nexus }},
+		{key: "tags", kind: kMap, scope: scopeNode, group: gNode, reloadable: true,
+			help:  "placement tag k=v (repeatable, or k=v,k2=v2); the nex. prefix is reserved",
+			field: func(c *Config) any { return &c.Node.Tags }},
+		{key: "auction_ttl", kind: kDuration, scope: scopeNode, group: gNode, def: 10 * time.Second,
+			help:  "how long an auction's bid reservation lasts",
+			field: func(c *Config) any { return &c.Node.AuctionTTL }},
+
+		// Nexlets
+		{key: "allow_remote_agent_registration", kind: kBool, scope: scopeNode, group: gNexlets,
+			help:  "accept nexlets that run elsewhere and register over NATS",
+			field: func(c *Config) any { return &c.Node.AllowRemoteAgentRegistration }},
+		{key: "agent_restart_limit", kind: kInt, scope: scopeNode, group: gNexlets, def: int64(3), reloadable: true,
+			help:  "restarts of a crashing nexlet before it is marked failed (0 = never restart)",
+			field: func(c *Config) any { return &c.Node.AgentRestartLimit }},
+		{key: "disable_native_start", kind: kBool, scope: scopeNode, group: gNexlets,
+			help:  "do not start the built-in native nexlet",
+			field: func(c *Config) any { return &c.Node.DisableNativeStart }},
+		{key: "agents", kind: kAgents, scope: scopeNode, group: gNexlets,
+			help:  "local nexlets to supervise (see --agents.uri)",
+			field: func(c *Config) any { return &c.Node.Agents }},
+		{key: "native_limits.memory_max", kind: kSize, scope: scopeNode, group: gNexlets, def: int64(1 << 30),
+			help:  "hard memory limit of the native nexlet process (bytes or K/M/G/T; max = none)",
+			field: func(c *Config) any { return &c.Node.NativeLimits.MemoryMax }},
+		{key: "native_limits.memory_high", kind: kSize, scope: scopeNode, group: gNexlets,
+			help:  "memory throttling threshold of the native nexlet process (max = none)",
+			field: func(c *Config) any { return &c.Node.NativeLimits.MemoryHigh }},
+		{key: "native_limits.cpu_max", kind: kFloat, scope: scopeNode, group: gNexlets,
+			help:  "CPU limit of the native nexlet process in CPUs, e.g. 0.5 (0 = none)",
+			field: func(c *Config) any { return &c.Node.NativeLimits.CPUMax }},
+		{key: "native_limits.pids_max", kind: kInt, scope: scopeNode, group: gNexlets, def: int64(4096),
+			help:  "process/thread limit of the native nexlet process (0 = none)",
+			field: func(c *Config) any { return &c.Node.NativeLimits.PidsMax }},
+
+		// Credentials
+		{key: "issuer_signing_key", kind: kString, scope: scopeNode, group: gCreds, secret: true,
+			help:  "account signing key seed (SA…) used to mint nexlet and workload users",
+			field: func(c *Config) any { return &c.Node.IssuerSigningKey }},
+		{key: "issuer_signing_key_root_account", kind: kString, scope: scopeNode, group: gCreds,
+			help:  "public key (A…) of the account the signing key belongs to",
+			field: func(c *Config) any { return &c.Node.IssuerSigningKeyRootAccount }},
+		{key: "issuer_nkey", kind: kString, scope: scopeNode, group: gCreds,
+			help:  "public user nkey (U…) shared with nexlets and workloads",
+			field: func(c *Config) any { return &c.Node.IssuerNkey }},
+		{key: "issuer_nkey_seed", kind: kString, scope: scopeNode, group: gCreds, secret: true,
+			help:  "user seed (SU…) of issuer_nkey",
+			field: func(c *Config) any { return &c.Node.IssuerNkeySeed }},
+
+		// State and events
+		{key: "state", kind: kString, scope: scopeNode, group: gState, enum: []string{"", "kv"},
+			help:  "workload persistence: \"\" (in memory) or kv (NATS KV bucket nex-<node id>)",
+			field: func(c *Config) any { return &c.Node.State }},
+		{key: "events", kind: kString, scope: scopeNode, group: gState, enum: []string{"", "nats", "logs"},
+			help:  "where node events go: \"\" (nowhere), nats or logs",
+			field: func(c *Config) any { return &c.Node.Events }},
+
+		// NATS connection
+		{key: "nats.context", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "NATS CLI context to connect with (takes priority over the other nats settings)",
+			field: func(c *Config) any { return &c.NATS.Context }},
+		{key: "nats.servers", kind: kList, scope: scopeNATS, group: gNATS, short: "s", defText: "none: run an embedded server",
+			help:  "NATS server URLs (repeatable, or comma-separated)",
+			field: func(c *Config) any { return &c.NATS.Servers }},
+		{key: "nats.creds_file", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "NATS credentials file",
+			field: func(c *Config) any { return &c.NATS.CredsFile }},
+		{key: "nats.nkey", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "public user nkey (U…) to connect with, used with --nats.seed",
+			field: func(c *Config) any { return &c.NATS.Nkey }},
+		{key: "nats.seed", kind: kString, scope: scopeNATS, group: gNATS, secret: true,
+			help:  "user seed (SU…) for --nats.nkey or --nats.jwt",
+			field: func(c *Config) any { return &c.NATS.Seed }},
+		{key: "nats.jwt", kind: kString, scope: scopeNATS, group: gNATS, secret: true,
+			help:  "user JWT to connect with, used with --nats.seed",
+			field: func(c *Config) any { return &c.NATS.JWT }},
+		{key: "nats.user", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "user name to connect with",
+			field: func(c *Config) any { return &c.NATS.User }},
+		{key: "nats.password", kind: kString, scope: scopeNATS, group: gNATS, secret: true,
+			help:  "password to connect with",
+			field: func(c *Config) any { return &c.NATS.Password }},
+		{key: "nats.tlscert", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "TLS client certificate file",
+			field: func(c *Config) any { return &c.NATS.TLSCert }},
+		{key: "nats.tlskey", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "TLS client key file",
+			field: func(c *Config) any { return &c.NATS.TLSKey }},
+		{key: "nats.tlsca", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "TLS certificate authority file",
+			field: func(c *Config) any { return &c.NATS.TLSCA }},
+		{key: "nats.tlsfirst", kind: kBool, scope: scopeNATS, group: gNATS,
+			help:  "do the TLS handshake before the NATS protocol starts",
+			field: func(c *Config) any { return &c.NATS.TLSFirst }},
+		{key: "nats.conn_name", kind: kString, scope: scopeNATS, group: gNATS, def: "nexd",
+			help:  "connection name shown in the server's monitoring",
+			field: func(c *Config) any { return &c.NATS.ConnName }},
+		{key: "nats.timeout", kind: kDuration, scope: scopeNATS, group: gNATS, def: 5 * time.Second,
+			help:  "connect and request timeout",
+			field: func(c *Config) any { return &c.NATS.Timeout }},
+		{key: "nats.jsdomain", kind: kString, scope: scopeNATS, group: gNATS,
+			help:  "JetStream domain for the KV state",
+			field: func(c *Config) any { return &c.NATS.JSDomain }},
+		{key: "inats_config", kind: kString, scope: scopeNode, group: gNATS,
+			help:  "run an embedded nats-server from this config file and connect to it",
+			field: func(c *Config) any { return &c.Node.InatsConfig }},
+
+		// Logging
+		{key: "logger.level", kind: kString, scope: scopeLog, group: gLog, short: "l", def: "info", reloadable: true,
+			enum:  []string{"debug", "info", "warn", "error"},
+			help:  "log level: debug, info, warn or error",
+			field: func(c *Config) any { return &c.Logger.Level }},
+		{key: "logger.target", kind: kList, scope: scopeLog, group: gLog, reloadable: true, defText: "journal under systemd, else std",
+			enum:  []string{"std", "file", "journal", "nats"},
+			help:  "log targets: std, file, journal, nats (repeatable, or comma-separated)",
+			field: func(c *Config) any { return &c.Logger.Target }},
+		{key: "logger.with_pid", kind: kBool, scope: scopeLog, group: gLog, reloadable: true,
+			help:  "add the process id to every log line",
+			field: func(c *Config) any { return &c.Logger.WithPID }},
+		{key: "logger.format", kind: kString, scope: scopeLog, group: gLog, def: "text", reloadable: true,
+			enum:  []string{"text", "json"},
+			help:  "format of the std and file targets: text or json",
+			field: func(c *Config) any { return &c.Logger.Format }},
+		{key: "logger.file", kind: kString, scope: scopeLog, group: gLog, defText: "<state_dir>/nexd.log, or ./nexd.log",
+			help:  "file the file target writes to",
+			field: func(c *Config) any { return &c.Logger.File }},
+		{key: "show_workload_logs", kind: kBool, scope: scopeNode, group: gLog, reloadable: true,
+			help:  "also log every workload's output in the node log",
+			field: func(c *Config) any { return &c.Node.ShowWorkloadLogs }},
+
+		// Daemon
+		{key: "state_dir", kind: kString, scope: scopeNode, group: gDaemon, defText: "$STATE_DIRECTORY, else none (ephemeral node)",
+			help:  "directory for the node identity, embedded JetStream and secrets",
+			field: func(c *Config) any { return &c.Node.StateDir }},
+		{key: "control_socket", kind: kString, scope: scopeNode, group: gDaemon, defText: "$RUNTIME_DIRECTORY/nexd.sock, else /run/nex/nexd.sock",
+			help:  "Unix socket of the local control API (nexctl)",
+			field: func(c *Config) any { return &c.Node.ControlSocket }},
+		{key: "control_allow_others", kind: kString, scope: scopeNode, group: gDaemon, def: "status",
+			enum:  []string{"status", "none"},
+			help:  "what users other than root and group nex may do on the socket: status or none",
+			field: func(c *Config) any { return &c.Node.ControlAllowOthers }},
+		{key: "cgroup_root", kind: kString, scope: scopeNode, group: gDaemon, defText: "detected",
+			help:  "cgroup under which nexlet cgroups are created",
+			field: func(c *Config) any { return &c.Node.CgroupRoot }},
+		{key: "stop_grace", kind: kDuration, scope: scopeNode, group: gDaemon, def: 10 * time.Second,
+			help:  "time a nexlet gets between SIGTERM and being killed",
+			field: func(c *Config) any { return &c.Node.StopGrace }},
+		{key: "startup_timeout", kind: kDuration, scope: scopeNode, group: gDaemon, def: 15 * time.Second,
+			help:  "longest wait for local nexlets to register before reporting ready",
+			field: func(c *Config) any { return &c.Node.StartupTimeout }},
+		{key: "metrics_listen", kind: kString, scope: scopeNode, group: gDaemon, defText: "off",
+			help:  "host:port to serve Prometheus metrics on",
+			field: func(c *Config) any { return &c.Node.MetricsListen }},
+	}
+}
+
+// registry indexes the key specs of one load.
+type registry struct {
+	specs []*keySpec
+	byKey map[string]*keySpec
+	byEnv map[string]*keySpec
+}
+
+func newRegistry() *registry {
+	r := &registry{specs: keySpecs(), byKey: map[string]*keySpec{}, byEnv: map[string]*keySpec{}}
+	for _, s := range r.specs {
+		r.byKey[s.key] = s
+		r.byEnv[s.envName()] = s
+	}
+	return r
+}
+
+// get returns the field's current value.
+func (s *keySpec) get(c *Config) any {
+	switch p := s.field(c).(type) {
+	case *string:
+		return *p
+	case *bool:
+		return *p
+	case *int:
+		return *p
+	case *int64:
+		return *p
+	case *float64:
+		return *p
+	case *time.Duration:
+		return *p
+	case *[]string:
+		return *p
+	case *map[string]string:
+		return *p
+	case *[]Agent:
+		return *p
+	}
+	return nil
+}
+
+// set stores a decoded value; the value's type is the one decode produced for the
+// key's kind, so a mismatch is a programming error and is ignored.
+func (s *keySpec) set(c *Config, v any) {
+	switch p := s.field(c).(type) {
+	case *string:
+		if x, ok := v.(string); ok {
+			*p = x
+		}
+	case *bool:
+		if x, ok := v.(bool); ok {
+			*p = x
+		}
+	case *int:
+		if x, ok := v.(int64); ok {
+			*p = int(x)
+		}
+	case *int64:
+		if x, ok := v.(int64); ok {
+			*p = x
+		}
+	case *float64:
+		if x, ok := v.(float64); ok {
+			*p = x
+		}
+	case *time.Duration:
+		if x, ok := v.(time.Duration); ok {
+			*p = x
+		}
+	case *[]string:
+		if x, ok := v.([]string); ok {
+			*p = append([]string(nil), x...)
+		}
+	case *map[string]string:
+		if x, ok := v.(map[string]string); ok {
+			m := make(map[string]string, len(x))
+			for k, val := range x {
+				m[k] = val
+			}
+			*p = m
+		}
+	case *[]Agent:
+		if x, ok := v.([]Agent); ok {
+			*p = cloneAgents(x)
+		}
+	}
+}
+
+func cloneAgents(in []Agent) []Agent {
+	out := make([]Agent, len(in))
+	for i, a := range in {
+		out[i] = Agent{URI: a.URI, Argv: append([]string(nil), a.Argv...), Limits: a.Limits}
+		if a.Env != nil {
+			out[i].Env = make(map[string]string, len(a.Env))
+			for k, v := range a.Env {
+				out[i].Env[k] = v
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,633 @@
+package logging
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// fakeJournald listens where journald would and decodes native-protocol entries,
+// including ones passed as a memfd.
+type fakeJournald struct {
+	t    *testing.T
+	conn *net.UnixConn
+	path string
+}
+
+func startJournald(t *testing.T) *fakeJournald {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "journal.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Room for the memfd test's entry to be refused as a datagram but not others.
+	t.Cleanup(func() { c.Close() })
+	return &fakeJournald{t: t, conn: c, path: path}
+}
+
+type entry map[string][]string
+
+func (e entry) get(k string) string {
+	if v := e[k]; len(v) > 0 {
+		return v[len(v)-1]
+	}
+	return ""
+}
+
+func (j *fakeJournald) next() entry {
+	j.t.Helper()
+	buf := make([]byte, 1<<20)
+	oob := make([]byte, unix.CmsgSpace(4))
+	j.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	n, oobn, _, _, err := j.conn.ReadMsgUnix(buf, oob)
+	if err != nil {
+		j.t.Fatalf("fake journald: read: %v", err)
+	}
+	data := buf[:n]
+	if oobn > 0 {
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil || len(msgs) != 1 {
+			j.t.Fatalf("fake journald: control message: %v", err)
+		}
+		fds, err := unix.ParseUnixRights(&msgs[0])
+		if err != nil || len(fds) != 1 {
+			j.t.Fatalf("fake journald: rights: %v", err)
+		}
+		f := os.NewFile(uintptr(fds[0]), "memfd")
+		defer f.Close()
+		seals, err := unix.FcntlInt(f.Fd(), unix.F_GET_SEALS, 0)
+		if err != nil || seals&unix.F_SEAL_WRITE == 0 {
+			j.t.Fatalf("fake journald: memfd not sealed (seals %#x, %v)", seals, err)
+		}
+		f.Seek(0, io.SeekStart)
+		if data, err = io.ReadAll(f); err != nil {
+			j.t.Fatal(err)
+		}
+	}
+	e, err := parseNative(data)
+	if err != nil {
+		j.t.Fatalf("fake journald: %v in %q", err, data)
+	}
+	return e
+}
+
+func parseNative(b []byte) (entry, error) {
+	e := entry{}
+	for len(b) > 0 {
+		nl := bytes.IndexByte(b, '\n')
+		if nl < 0 {
+			return nil, errors.New("entry does not end in a newline")
+		}
+		line := b[:nl]
+		if k, v, ok := bytes.Cut(line, []byte("=")); ok {
+			e[string(k)] = append(e[string(k)], string(v))
+			b = b[nl+1:]
+			continue
+		}
+		rest := b[nl+1:]
+		if len(rest) < 8 {
+			return nil, errors.New("binary field without length")
+		}
+		n := binary.LittleEndian.Uint64(rest[:8])
+		if uint64(len(rest)-8) < n+1 || rest[8+n] != '\n' {
+			return nil, fmt.Errorf("binary field %s: bad length %d", line, n)
+		}
+		e[string(line)] = append(e[string(line)], string(rest[8:8+n]))
+		b = rest[8+n+1:]
+	}
+	return e, nil
+}
+
+func TestJournalFields(t *testing.T) {
+	jd := startJournald(t)
+	l, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: jd.path, NodeID: "NODE1", Namespace: "system", Level: "debug"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	log := l.Slog()
+
+	log.Info("node started", "tags", 3)
+	e := jd.next()
+	want := map[string]string{
+		"MESSAGE": "node started", "PRIORITY": "6", "SYSLOG_IDENTIFIER": "nexd",
+		"NEX_NODE_ID": "NODE1", "NEX_NAMESPACE": "system", "TAGS": "3",
+	}
+	for k, v := range want {
+		if got := e.get(k); got != v {
+			t.Errorf("%s=%q, want %q (entry %v)", k, got, v, e)
+		}
+	}
+	if !strings.HasSuffix(e.get("CODE_FILE"), "logging_test.go") || e.get("CODE_LINE") == "" {
+		t.Errorf("CODE_FILE=%q CODE_LINE=%q, want this test's location", e.get("CODE_FILE"), e.get("CODE_LINE"))
+	}
+
+	wl := log.With("nexlet", "native", "namespace", "team-a")
+	wl.WithGroup("proc").Warn("workload exited\nwith code 3", "workload_id", "W1", "exit-code", 3, "Message", "shadow", "_trusted", "x", "9lives", "y")
+	e = jd.next()
+	want = map[string]string{
+		"MESSAGE": "workload exited\nwith code 3", "PRIORITY": "4", "NEX_NEXLET": "native",
+		"NEX_NAMESPACE": "team-a", "NEX_WORKLOAD_ID": "W1", "NEX_NODE_ID": "NODE1",
+		"PROC_EXIT_CODE": "3", "PROC_MESSAGE": "shadow", "PROC__TRUSTED": "x", "PROC_9LIVES": "y",
+	}
+	for k, v := range want {
+		if got := e.get(k); got != v {
+			t.Errorf("%s=%q, want %q (entry %v)", k, got, v, e)
+		}
+	}
+	if n := len(e["NEX_NAMESPACE"]); n != 1 {
+		t.Errorf("NEX_NAMESPACE appears %d times, want once (the record's)", n)
+	}
+
+	log.Error("failed", slog.Group("req", "id", 7), "err", errors.New("boom"))
+	e = jd.next()
+	if e.get("PRIORITY") != "3" || e.get("REQ_ID") != "7" || e.get("ERR") != "boom" {
+		t.Errorf("error entry %v", e)
+	}
+	log.Debug("tick")
+	if e = jd.next(); e.get("PRIORITY") != "7" {
+		t.Errorf("debug PRIORITY=%q, want 7", e.get("PRIORITY"))
+	}
+}
+
+func TestJournalWithPIDAndLargeEntry(t *testing.T) {
+	jd := startJournald(t)
+	l, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: jd.path, WithPID: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	big := strings.Repeat("x", 4<<20) // beyond any datagram size: goes as a memfd
+	if err := l.Slog().Handler().Handle(context.Background(), slog.NewRecord(time.Now(), slog.LevelInfo, big, 0)); err != nil {
+		t.Fatal(err)
+	}
+	e := jd.next()
+	if e.get("MESSAGE") != big {
+		t.Fatalf("large MESSAGE has %d bytes, want %d", len(e.get("MESSAGE")), len(big))
+	}
+	if e.get("SYSLOG_PID") != strconv.Itoa(os.Getpid()) {
+		t.Errorf("SYSLOG_PID=%q, want %d", e.get("SYSLOG_PID"), os.Getpid())
+	}
+	if _, ok := e["NEX_NODE_ID"]; ok {
+		t.Errorf("NEX_NODE_ID set without a node id: %v", e["NEX_NODE_ID"])
+	}
+}
+
+func TestJournalMissingSocket(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "none.sock")
+	_, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: p})
+	if err == nil || !strings.Contains(err.Error(), p) {
+		t.Fatalf("error %v, want one naming %s", err, p)
+	}
+}
+
+func TestFieldName(t *testing.T) {
+	cases := map[string]string{
+		"workload":              "WORKLOAD",
+		"exit-code":             "EXIT_CODE",
+		"a.b":                   "A_B",
+		"_x":                    "X",
+		"9":                     "ATTR_9",
+		"priority":              "ATTR_PRIORITY",
+		"ünï":                   "N_",
+		"":                      "ATTR_",
+		strings.Repeat("k", 80): strings.Repeat("K", 64),
+	}
+	for in, want := range cases {
+		if got := FieldName(in); got != want {
+			t.Errorf("FieldName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestStdFormats(t *testing.T) {
+	cases := []struct {
+		format  string
+		withPID bool
+		check   func(t *testing.T, line string)
+	}{
+		{"text", false, func(t *testing.T, line string) {
+			for _, s := range []string{"level=INFO", `msg="hello world"`, "node=N1", "g.k=v"} {
+				if !strings.Contains(line, s) {
+					t.Errorf("text line %q lacks %q", line, s)
+				}
+			}
+			if strings.Contains(line, "pid=") {
+				t.Errorf("pid without with_pid: %q", line)
+			}
+		}},
+		{"json", true, func(t *testing.T, line string) {
+			var m map[string]any
+			if err := json.Unmarshal([]byte(line), &m); err != nil {
+				t.Fatalf("json line %q: %v", line, err)
+			}
+			if m["level"] != "INFO" || m["msg"] != "hello world" || m["node"] != "N1" || m["pid"] != float64(os.Getpid()) {
+				t.Errorf("json record %v", m)
+			}
+			if g, _ := m["g"].(map[string]any); g["k"] != "v" {
+				t.Errorf("json group %v", m["g"])
+			}
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.format, func(t *testing.T) {
+			var buf bytes.Buffer
+			l, err := New(Options{Targets: []string{TargetStd}, Format: c.format, WithPID: c.withPID, Stderr: &buf})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.Slog().With("node", "N1").WithGroup("g").Info("hello world", "k", "v")
+			l.Slog().Debug("hidden at info")
+			lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+			if len(lines) != 1 {
+				t.Fatalf("%d lines, want 1: %q", len(lines), buf.String())
+			}
+			c.check(t, lines[0])
+		})
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the race detector across goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestReconfigureReachesEarlierLoggers(t *testing.T) {
+	var buf syncBuffer
+	file := filepath.Join(t.TempDir(), "nexd.log")
+	l, err := New(Options{Targets: []string{TargetStd}, Stderr: &buf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	root := l.Slog()
+	child := root.With("nexlet", "native").WithGroup("sup")
+
+	child.Debug("before reload")
+	if strings.Contains(buf.String(), "before reload") {
+		t.Fatal("debug logged at info level")
+	}
+
+	if err := l.Reconfigure(Options{Level: "debug", Targets: []string{TargetStd, TargetFile}, File: file, Stderr: &buf}); err != nil {
+		t.Fatal(err)
+	}
+	if !child.Enabled(context.Background(), slog.LevelDebug) {
+		t.Fatal("earlier child logger not enabled for debug after reload")
+	}
+	child.Debug("after reload", "n", 1)
+	for name, got := range map[string]string{"stderr": buf.String(), "file": readFile(t, file)} {
+		if !strings.Contains(got, "after reload") || !strings.Contains(got, "nexlet=native") || !strings.Contains(got, "sup.n=1") {
+			t.Errorf("%s lacks the debug record with its With attrs and group: %q", name, got)
+		}
+	}
+
+	// A bad reload keeps what runs.
+	if err := l.Reconfigure(Options{Level: "loud", Targets: []string{"syslog"}}); err == nil {
+		t.Fatal("bad reload accepted")
+	} else if !strings.Contains(err.Error(), `"loud"`) || !strings.Contains(err.Error(), `"syslog"`) {
+		t.Errorf("error %q does not name both bad values", err)
+	}
+	if l.Level() != slog.LevelDebug {
+		t.Errorf("level %v after a rejected reload, want DEBUG", l.Level())
+	}
+
+	// Dropping the file target stops writes to it.
+	if err := l.Reconfigure(Options{Level: "warn", Targets: []string{TargetStd}, Stderr: &buf}); err != nil {
+		t.Fatal(err)
+	}
+	child.Warn("only stderr")
+	child.Info("filtered")
+	if strings.Contains(readFile(t, file), "only stderr") {
+		t.Error("file target still written after it was removed")
+	}
+	if s := buf.String(); !strings.Contains(s, "only stderr") || strings.Contains(s, "filtered") {
+		t.Errorf("stderr after warn reload: %q", s)
+	}
+}
+
+func readFile(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestValidate(t *testing.T) {
+	cases := []struct {
+		opts Options
+		want string // "" = valid
+	}{
+		{Options{}, ""},
+		{Options{Level: "WARNING", Format: "json", Targets: []string{"std", "nats"}}, ""},
+		{Options{Level: "INFO+2"}, ""},
+		{Options{Level: "verbose"}, `level "verbose": want debug, info, warn or error`},
+		{Options{Format: "xml"}, `format "xml": want text or json`},
+		{Options{Targets: []string{"syslog"}}, `target "syslog": want std, file, journal or nats`},
+		{Options{Targets: []string{"file"}}, "target file needs a log file path"},
+	}
+	for _, c := range cases {
+		err := Validate(c.opts)
+		if c.want == "" {
+			if err != nil {
+				t.Errorf("%+v: %v", c.opts, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: error %v, want %q", c.opts, err, c.want)
+		}
+	}
+}
+
+func TestFileTargetOpenError(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "missing-dir", "nexd.log")
+	if _, err := New(Options{Targets: []string{TargetFile}, File: p}); err == nil || !strings.Contains(err.Error(), p) {
+		t.Fatalf("error %v, want one naming %s", err, p)
+	}
+}
+
+func TestJournalStreamDetection(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	match := fmt.Sprintf("%d:%d", st.Dev, st.Ino)
+	cases := map[string]bool{
+		match:                                  true,
+		fmt.Sprintf("%d:%d", st.Dev, st.Ino+1): false,
+		"":                                     false,
+		"garbage":                              false,
+		"1:x":                                  false,
+	}
+	for v, want := range cases {
+		env := func(string) string { return v }
+		if got := journalStreamIs(env, int(f.Fd())); got != want {
+			t.Errorf("JOURNAL_STREAM=%q: %v, want %v", v, got, want)
+		}
+	}
+}
+
+func TestAutoTarget(t *testing.T) {
+	jd := startJournald(t)
+	var st unix.Stat_t
+	if err := unix.Fstat(2, &st); err != nil {
+		t.Fatal(err)
+	}
+	journalEnv := func(k string) string {
+		if k == "JOURNAL_STREAM" {
+			return fmt.Sprintf("%d:%d", st.Dev, st.Ino)
+		}
+		return ""
+	}
+	noEnv := func(string) string { return "" }
+	var buf bytes.Buffer
+	l, err := New(Options{Env: noEnv, Stderr: &buf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l.Targets(); len(got) != 1 || got[0] != TargetStd {
+		t.Errorf("targets %v without JOURNAL_STREAM, want [std]", got)
+	}
+	l, err = New(Options{Env: journalEnv, JournalSocket: jd.path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if got := l.Targets(); len(got) != 1 || got[0] != TargetJournal {
+		t.Fatalf("targets %v with stderr the journal stream, want [journal]", got)
+	}
+	l.Slog().Info("to journal")
+	if e := jd.next(); e.get("MESSAGE") != "to journal" {
+		t.Errorf("journal got %v", e)
+	}
+
+	// stderr is the journal but the native socket is missing: fall back to stderr.
+	buf.Reset()
+	l2, err := New(Options{Env: journalEnv, JournalSocket: filepath.Join(t.TempDir(), "gone.sock"), Stderr: &buf})
+	if err != nil {
+		t.Fatalf("auto target with no journald socket: %v", err)
+	}
+	if got := l2.Targets(); len(got) != 1 || got[0] != TargetStd {
+		t.Errorf("targets %v, want the std fallback", got)
+	}
+	if !strings.Contains(buf.String(), "gone.sock") {
+		t.Errorf("fallback not explained on stderr: %q", buf.String())
+	}
+}
+
+func TestAfterCloseFallsBackToStderr(t *testing.T) {
+	jd := startJournald(t)
+	var buf bytes.Buffer
+	l, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: jd.path, Stderr: &buf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := l.Slog()
+	log.Info("journal only")
+	jd.next()
+	if buf.Len() != 0 {
+		t.Fatalf("journal-only logger wrote to stderr: %q", buf.String())
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	log.Error("exiting", "code", 1)
+	if !strings.Contains(buf.String(), "msg=exiting code=1") {
+		t.Errorf("record after Close lost: stderr %q", buf.String())
+	}
+	if err := l.Reconfigure(Options{}); err == nil {
+		t.Error("Reconfigure after Close succeeded")
+	}
+}
+
+func TestNATSTarget(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	sub := testnats.Connect(t, srv)
+	msgs := make(chan [2]string, 10)
+	if _, err := sub.Subscribe("$NEX.FEED.system.logs.>", func(m *nats.Msg) { msgs <- [2]string{m.Subject, string(m.Data)} }); err != nil {
+		t.Fatal(err)
+	}
+	if err := sub.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	l, err := New(Options{Targets: []string{TargetNATS}, WithPID: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	log := l.Slog().With("nexlet", "native")
+	log.Info("before attach")
+
+	l.AttachNATS(nc, "NODEX")
+	log.Info("hello feed", "n", 1)
+	log.Warn("trouble")
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	want := []struct{ subject, contains string }{
+		{protocol.NodeLogSubject("NODEX", "stdout"), `msg="hello feed"`},
+		{protocol.NodeLogSubject("NODEX", "stderr"), `level=WARN msg=trouble`},
+	}
+	for _, w := range want {
+		select {
+		case m := <-msgs:
+			if m[0] != w.subject || !strings.Contains(m[1], w.contains) || strings.HasSuffix(m[1], "\n") {
+				t.Errorf("got %q on %s, want a line with %q on %s", m[1], m[0], w.contains, w.subject)
+			}
+			if !strings.Contains(m[1], "pid="+strconv.Itoa(os.Getpid())) {
+				t.Errorf("with_pid: %q lacks pid", m[1])
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no message on %s", w.subject)
+		}
+	}
+	select {
+	case m := <-msgs:
+		t.Errorf("unexpected message %q on %s (records before AttachNATS must not be published)", m[1], m[0])
+	default:
+	}
+
+	// Close hands over what is still queued: the last lines before a shutdown.
+	const n = 50
+	for i := 0; i < n; i++ {
+		log.Info("last words", "i", i)
+	}
+	l.Close()
+	log.Info("after close")
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		select {
+		case m := <-msgs:
+			if !strings.Contains(m[1], "i="+strconv.Itoa(i)) {
+				t.Fatalf("record %d: got %q", i, m[1])
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("only %d of %d records published before Close returned", i, n)
+		}
+	}
+}
+
+func TestRingAndFollow(t *testing.T) {
+	l, err := New(Options{Targets: []string{TargetStd}, Stderr: io.Discard, RingSize: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := l.Slog().With("workload_id", "W1")
+	for i := 0; i < 8; i++ {
+		log.Info("rec", "i", i)
+	}
+	log.Debug("below level")
+	got := l.Recent(nil)
+	if len(got) != 5 || got[0].Attrs["i"] != "3" || got[4].Attrs["i"] != "7" || got[4].Attrs["workload_id"] != "W1" {
+		t.Fatalf("Recent = %+v, want records 3..7", got)
+	}
+	odd := l.Recent(func(r Record) bool { n, _ := strconv.Atoi(r.Attrs["i"]); return n%2 == 1 })
+	if len(odd) != 3 || odd[0].Attrs["i"] != "3" || odd[2].Attrs["i"] != "7" {
+		t.Errorf("filtered Recent = %+v, want i=3,5,7", odd)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := l.Follow(ctx)
+	ch2 := l.Follow(context.Background())
+	log.WithGroup("g").Warn("live", "k", "v", "nexlet", "native")
+	for _, c := range []<-chan Record{ch, ch2} {
+		select {
+		case r := <-c:
+			if r.Msg != "live" || r.Level != slog.LevelWarn || r.Attrs["g.k"] != "v" || r.Attrs["workload_id"] != "W1" || r.Attrs["nexlet"] != "native" || r.Time.IsZero() {
+				t.Errorf("followed %+v", r)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("follower got nothing")
+		}
+	}
+	cancel()
+	waitClosed(t, ch)
+	l.Close()
+	waitClosed(t, ch2)
+	if c := l.Follow(context.Background()); !isClosed(c) {
+		t.Error("Follow after Close returned an open channel")
+	}
+	log.Info("after close") // must not panic
+	b, _ := json.Marshal(l.Recent(nil)[0])
+	if !strings.Contains(string(b), `"level":"INFO"`) {
+		t.Errorf("Record JSON %s", b)
+	}
+}
+
+func waitClosed(t *testing.T, ch <-chan Record) {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case _, ok := <-ch:
+			if !ok {
+				return
+			}
+		case <-deadline:
+			t.Fatal("follow channel not closed")
+		}
+	}
+}
+
+func isClosed(ch <-chan Record) bool {
+	select {
+	case _, ok := <-ch:
+		return !ok
+	case <-time.After(5 * time.Second):
+		return false
+	}
+}
+
+func TestPriority(t *testing.T) {
+	cases := map[slog.Level]int{slog.LevelDebug - 4: 7, slog.LevelDebug: 7, slog.LevelInfo: 6, slog.LevelInfo + 2: 6, slog.LevelWarn: 4, slog.LevelError: 3, slog.LevelError + 4: 2}
+	for l, want := range cases {
+		if got := Priority(l); got != want {
+			t.Errorf("Priority(%v) = %d, want %d", l, got, want)
+		}
+	}
+}

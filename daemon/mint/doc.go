@@ -1,0 +1,33 @@
+// Package mint hands out the NATS connection data nexlets and workloads use: scoped,
+// short-lived users signed with an account signing key (the production choice), one
+// shared user nkey (weaker, warned about), or nothing at all (development only).
+//
+// What a SigningKeyMinter user may do (N = node id, A = agent id, ns = namespace):
+//
+//	registration (5 min)  pub $NEX.SVC.N.agent.REGISTER.A
+//	                      sub _INBOX.>
+//	nexlet (24 h)         sub $NEX.SVC.N.agent.A.>  (STARTWORKLOAD.*, PING)
+//	                          $NEX.SVC.N.agent.{STOPWORKLOAD.*,GETWORKLOAD.*,QUERYWORKLOADS,PING,SETLAMEDUCK}
+//	                          $NEX.SVC.<nexus>.agent.PINGWORKLOAD.* (when Nexus is set)
+//	                          $NEX.FEED.A.events, $SRV.>, _INBOX.>
+//	                      pub $NEX.SVC.N.agent.HEARTBEAT.A, $NEX.SVC.N.agent.REGISTER.A,
+//	                          $NEX.FEED.*.logs.>, $NEX.FEED.*.metrics.>, $NEX.FEED.*.events.>
+//	                          (the feeds of workloads in any namespace; upstream forgot
+//	                          them), _INBOX.>; replies to requests
+//	                      no JetStream, no control plane, no application subjects
+//	workload (24 h)       pub+sub WorkloadSubjects(ns), default ns.>
+//	                      sub $NEX.FEED.ns.logs.> (its namespace's logs, as upstream)
+//	                      sub _INBOX.> (or <WorkloadInboxPrefix>.>), pub _INBOX.>; replies
+//	                      read-only object stores ArtifactBuckets(ns), default the bucket
+//	                          named ns: stream info, message/direct get, ordered consumer
+//	                          create/delete, flow control (what a nats:// fetch needs)
+//	                      deny pub $NEX.>, deny sub $NEX.SVC.>
+//
+// Other namespaces' subjects and feeds are simply not allowed. Configured workload
+// subjects that start with a wildcard, $NEX or $SYS are refused at mint time.
+//
+// Expiry bounds every user; RenewWorkload mints a replacement for a running workload.
+// Revocation on stop needs the account JWT to be re-signed by an operator key, which the
+// account signing key cannot do: give Options.Revoker (e.g. an AccountRevoker) or live
+// with expiry (RevokeWorkload then returns ErrRevocationUnsupported).
+package mint

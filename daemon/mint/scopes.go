@@ -1,0 +1,122 @@
+package mint
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+const inbox = "_INBOX.>"
+
+// registerPermissions: a nexlet's bootstrap user may only send its registration and
+// receive the reply.
+func registerPermissions(agentID, nodeID string) jwt.Permissions {
+	var p jwt.Permissions
+	p.Pub.Allow.Add(protocol.RegisterSubject(nodeID, agentID))
+	p.Sub.Allow.Add(inbox)
+	return p
+}
+
+// agentPermissions: a nexlet serves its agent-plane endpoints on its node, heartbeats,
+// and publishes the feeds of the workloads it runs. Workloads may be in any namespace,
+// so the feeds are granted across namespaces (upstream keyed them by agent id, which the
+// SDK never uses). It gets no JetStream: artifacts are fetched with workload creds.
+func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
+	var p jwt.Permissions
+	pre := protocol.AgentPrefix(nodeID)
+	p.Sub.Allow.Add(
+		pre+"."+agentID+".>", // STARTWORKLOAD.<id>, PING
+		pre+".STOPWORKLOAD.*",
+		pre+".GETWORKLOAD.*",
+		pre+".QUERYWORKLOADS",
+		pre+".PING",
+		pre+".SETLAMEDUCK",
+		protocol.AgentEventsSubject(agentID),
+		"$SRV.>",
+		inbox,
+	)
+	if nexus != "" {
+		p.Sub.Allow.Add(protocol.AgentPrefix(nexus) + ".PINGWORKLOAD.*")
+	}
+	p.Pub.Allow.Add(
+		protocol.AgentHeartbeatSubject(nodeID, agentID),
+		protocol.RegisterSubject(nodeID, agentID), // a restarted SDK runner registers again
+		"$NEX.FEED.*.logs.>",
+		"$NEX.FEED.*.metrics.>",
+		"$NEX.FEED.*.events.>",
+		inbox,
+	)
+	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1}
+	return p
+}
+
+// workloadPermissions: a workload uses its namespace's application subjects, answers
+// requests, reads its namespace's log feed (as upstream allowed), and reads the object
+// stores listed for its namespace. It never reaches $NEX.SVC (nor publishes any feed).
+func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxPrefix string) (jwt.Permissions, error) {
+	var p jwt.Permissions
+	wbox := inbox
+	if inboxPrefix != "" {
+		if strings.ContainsAny(inboxPrefix, "*> \t\r\n") || strings.HasSuffix(inboxPrefix, ".") || strings.HasPrefix(inboxPrefix, "$NEX") {
+			return p, fmt.Errorf("workload inbox prefix %q is not a plain subject prefix", inboxPrefix)
+		}
+		wbox = inboxPrefix + ".>"
+	}
+	for _, s := range subjects {
+		if err := checkWorkloadSubject(s); err != nil {
+			return p, fmt.Errorf("workload subjects for namespace %q: %w", ns, err)
+		}
+		p.Pub.Allow.Add(s)
+		p.Sub.Allow.Add(s)
+	}
+	p.Pub.Allow.Add(inbox) // replies to clients using the default inbox
+	p.Sub.Allow.Add(wbox, "$NEX.FEED."+ns+".logs.>")
+
+	apis := []string{"$JS.API"}
+	if jsDomain != "" {
+		apis = append(apis, "$JS."+jsDomain+".API")
+	}
+	for _, b := range buckets {
+		if err := checkToken("artifact bucket", b); err != nil {
+			return p, fmt.Errorf("artifact buckets for namespace %q: %w", ns, err)
+		}
+		stream := "OBJ_" + b
+		// Exactly what jetstream's ObjectStore + Get need: stream info, meta lookup
+		// (direct or msg get), an ordered push consumer for the chunks (create, delete on
+		// reset) and its flow-control replies. No publish to $O.<bucket>: read only.
+		for _, api := range apis {
+			p.Pub.Allow.Add(
+				api+".STREAM.INFO."+stream,
+				api+".STREAM.MSG.GET."+stream,
+				api+".DIRECT.GET."+stream,
+				api+".DIRECT.GET."+stream+".>",
+				api+".CONSUMER.CREATE."+stream,
+				api+".CONSUMER.CREATE."+stream+".>",
+				api+".CONSUMER.DELETE."+stream+".>",
+			)
+		}
+		p.Pub.Allow.Add("$JS.FC." + stream + ".>")
+	}
+	p.Pub.Deny.Add("$NEX.>")
+	p.Sub.Deny.Add("$NEX.SVC.>")
+	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1}
+	return p, nil
+}
+
+// checkWorkloadSubject refuses configured workload subjects that would open nex's own
+// subjects, the system account's, or everything.
+func checkWorkloadSubject(s string) error {
+	if s == "" || strings.ContainsAny(s, " \t\r\n") {
+		return fmt.Errorf("invalid subject %q", s)
+	}
+	first, _, _ := strings.Cut(s, ".")
+	switch {
+	case first == ">" || first == "*":
+		return fmt.Errorf("subject %q starts with a wildcard and would reach nex's own subjects", s)
+	case first == "$NEX" || first == "$SYS":
+		return fmt.Errorf("subject %q is reserved for nex and the system account", s)
+	}
+	return nil
+}

@@ -1,0 +1,237 @@
+package mint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// SigningKeyMinter signs a fresh, scoped, expiring user for every registration, nexlet
+// and workload with an account signing key.
+type SigningKeyMinter struct {
+	signer     nkeys.KeyPair
+	signerPub  string
+	account    string
+	opts       Options
+	mu         sync.Mutex
+	workloads  map[string][]string // workload id -> user public keys minted for it
+	namespaces map[string]string   // workload id -> namespace, for renewal checks
+}
+
+// NewSigningKeyMinter checks the signing seed (SA…) and the account public key (A…) the
+// users are issued for.
+func NewSigningKeyMinter(signingSeed, rootAccount string, opts Options) (*SigningKeyMinter, error) {
+	kp, err := nkeys.FromSeed([]byte(strings.TrimSpace(signingSeed)))
+	if err != nil {
+		return nil, fmt.Errorf("issuer signing key: not a valid nkey seed: %w", err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("issuer signing key: %w", err)
+	}
+	if !nkeys.IsValidPublicAccountKey(pub) {
+		return nil, fmt.Errorf("issuer signing key: the seed is for %s, want an account signing key seed (SA…)", pub[:1])
+	}
+	if !nkeys.IsValidPublicAccountKey(rootAccount) {
+		return nil, fmt.Errorf("issuer signing key root account: %q is not an account public key (A…)", rootAccount)
+	}
+	return &SigningKeyMinter{
+		signer:     kp,
+		signerPub:  pub,
+		account:    rootAccount,
+		opts:       opts.withDefaults(),
+		workloads:  map[string][]string{},
+		namespaces: map[string]string{},
+	}, nil
+}
+
+// CanMint is true: every child gets its own user.
+func (m *SigningKeyMinter) CanMint() bool { return true }
+
+// Warning is empty unless stopped workloads cannot be revoked.
+func (m *SigningKeyMinter) Warning() string {
+	if m.opts.Revoker == nil {
+		return fmt.Sprintf("no account revoker configured: a stopped workload's credentials stay valid until they expire (at most %s)", m.opts.WorkloadTTL)
+	}
+	return ""
+}
+
+// Describe is a one-line summary for logs and --check.
+func (m *SigningKeyMinter) Describe() string {
+	rev := "revocation on stop"
+	if m.opts.Revoker == nil {
+		rev = "no revocation (expiry only)"
+	}
+	return fmt.Sprintf("scoped users signed by account signing key %s for account %s (workloads %s, nexlets %s, registration %s; %s)",
+		m.signerPub, m.account, m.opts.WorkloadTTL, m.opts.AgentTTL, m.opts.RegisterTTL, rev)
+}
+
+// MintRegister gives a nexlet the right to register once as agentID on nodeID.
+func (m *SigningKeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+	if err := checkIDs(agentID, nodeID); err != nil {
+		return protocol.NatsConnectionData{}, fmt.Errorf("mint registration credentials: %w", err)
+	}
+	cd, _, err := m.mint(agentID, registerConnName(agentID), m.opts.RegisterTTL,
+		registerPermissions(agentID, nodeID), []string{"nex-node:" + nodeID, "nex-role:register"})
+	if err != nil {
+		return cd, fmt.Errorf("mint registration credentials for nexlet %s: %w", agentID, err)
+	}
+	return cd, nil
+}
+
+// MintAgent gives a registered nexlet its agent-plane and feed subjects.
+func (m *SigningKeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+	if err := checkIDs(agentID, nodeID); err != nil {
+		return protocol.NatsConnectionData{}, fmt.Errorf("mint nexlet credentials: %w", err)
+	}
+	cd, _, err := m.mint(agentID, agentConnName(agentID), m.opts.AgentTTL,
+		agentPermissions(agentID, nodeID, m.opts.Nexus), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
+	if err != nil {
+		return cd, fmt.Errorf("mint credentials for nexlet %s: %w", agentID, err)
+	}
+	return cd, nil
+}
+
+// MintWorkload gives a workload its namespace's subjects. The user is remembered so it
+// can be revoked when the workload stops.
+func (m *SigningKeyMinter) MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {
+	if err := checkToken("namespace", namespace); err != nil {
+		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: %w", err)
+	}
+	if err := checkToken("workload id", workloadID); err != nil {
+		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: %w", err)
+	}
+	var inboxPrefix string
+	if m.opts.WorkloadInboxPrefix != nil {
+		inboxPrefix = m.opts.WorkloadInboxPrefix(namespace, workloadID)
+	}
+	perms, err := workloadPermissions(namespace, m.opts.WorkloadSubjects(namespace), m.opts.ArtifactBuckets(namespace), m.opts.JSDomain, inboxPrefix)
+	if err != nil {
+		return protocol.NatsConnectionData{}, fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
+	}
+	cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), m.opts.WorkloadTTL,
+		perms, []string{"nex-namespace:" + namespace, "nex-role:workload"})
+	if err != nil {
+		return cd, fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
+	}
+	m.mu.Lock()
+	m.workloads[workloadID] = append(m.workloads[workloadID], pub)
+	m.namespaces[workloadID] = namespace
+	m.mu.Unlock()
+	return cd, nil
+}
+
+// RenewWorkload mints fresh credentials for a running workload (call it before the
+// previous ones expire). The older users stay valid until they expire or are revoked.
+func (m *SigningKeyMinter) RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {
+	m.mu.Lock()
+	ns, known := m.namespaces[workloadID]
+	m.mu.Unlock()
+	if known && ns != namespace {
+		return protocol.NatsConnectionData{}, fmt.Errorf("renew credentials for workload %s: it runs in namespace %q, not %q", workloadID, ns, namespace)
+	}
+	return m.MintWorkload(namespace, workloadID)
+}
+
+// WorkloadUsers returns the user public keys minted for a workload and not yet revoked.
+func (m *SigningKeyMinter) WorkloadUsers(workloadID string) []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]string(nil), m.workloads[workloadID]...)
+}
+
+// Revoke revokes one user (every JWT issued to it until now).
+func (m *SigningKeyMinter) Revoke(ctx context.Context, userPub string) error {
+	if m.opts.Revoker == nil {
+		return ErrRevocationUnsupported
+	}
+	if !nkeys.IsValidPublicUserKey(userPub) {
+		return fmt.Errorf("revoke: %q is not a user public key", userPub)
+	}
+	if err := m.opts.Revoker.RevokeUser(ctx, userPub, time.Now()); err != nil {
+		return fmt.Errorf("revoke user %s: %w", userPub, err)
+	}
+	return nil
+}
+
+// RevokeWorkload revokes every user minted for a stopped workload and forgets it. Without
+// a Revoker it only forgets and returns ErrRevocationUnsupported.
+func (m *SigningKeyMinter) RevokeWorkload(ctx context.Context, workloadID string) error {
+	m.mu.Lock()
+	users, ok := m.workloads[workloadID]
+	delete(m.workloads, workloadID)
+	delete(m.namespaces, workloadID)
+	m.mu.Unlock()
+	if m.opts.Revoker == nil {
+		return ErrRevocationUnsupported
+	}
+	if !ok {
+		return fmt.Errorf("revoke workload %s: %w", workloadID, ErrUnknownWorkload)
+	}
+	var errs []error
+	for i, u := range users {
+		if err := m.Revoke(ctx, u); err != nil {
+			errs = append(errs, err)
+			// Keep what failed so a later call can retry.
+			m.mu.Lock()
+			m.workloads[workloadID] = append(m.workloads[workloadID], users[i])
+			m.mu.Unlock()
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("revoke workload %s: %w", workloadID, errors.Join(errs...))
+	}
+	return nil
+}
+
+func (m *SigningKeyMinter) mint(name, connName string, ttl time.Duration, perms jwt.Permissions, tags []string) (protocol.NatsConnectionData, string, error) {
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("create user nkey: %w", err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return protocol.NatsConnectionData{}, "", err
+	}
+	seed, err := kp.Seed()
+	if err != nil {
+		return protocol.NatsConnectionData{}, "", err
+	}
+	uc := jwt.NewUserClaims(pub)
+	uc.Name = name
+	uc.Expires = time.Now().Add(ttl).Unix()
+	uc.Permissions = perms
+	uc.Tags.Add(tags...)
+	if m.signerPub != m.account {
+		uc.IssuerAccount = m.account
+	}
+	vr := jwt.CreateValidationResults()
+	uc.Validate(vr)
+	if errs := vr.Errors(); len(errs) > 0 {
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("invalid user claims: %w", errors.Join(errs...))
+	}
+	token, err := uc.Encode(m.signer)
+	if err != nil {
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("sign user JWT: %w", err)
+	}
+	return protocol.NatsConnectionData{
+		ConnName:     connName,
+		NatsServers:  append([]string(nil), m.opts.Servers...),
+		NatsUserJWT:  token,
+		NatsUserSeed: string(seed),
+	}, pub, nil
+}
+
+func checkIDs(agentID, nodeID string) error {
+	if err := checkToken("agent id", agentID); err != nil {
+		return err
+	}
+	return checkToken("node id", nodeID)
+}

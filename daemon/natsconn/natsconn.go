@@ -1,0 +1,511 @@
+// Package natsconn opens the node's NATS connection: to external servers (a NATS CLI
+// context, servers with creds/nkey/jwt/user/TLS), or to an in-process nats-server,
+// either from an --inats-config file or, with nothing configured at all, a
+// zero-config server on 127.0.0.1 with JetStream so a lone `nexd` works.
+package natsconn
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/url"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/jsm.go/natscontext"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+)
+
+// DefaultEmbeddedPort is where the zero-config embedded server listens.
+const DefaultEmbeddedPort = 4222
+
+// DefaultHealthGrace is how long a reconnecting connection still counts as healthy.
+const DefaultHealthGrace = 2 * time.Minute
+
+// Options select and authenticate the connection (the --nats.* flags and
+// --inats-config).
+type Options struct {
+	Context   string // NATS CLI context name (or path to a context JSON file); takes priority
+	Servers   []string
+	CredsFile string
+	Nkey      string // public user nkey (U…), or a file holding a user seed
+	Seed      string // user seed (SU…) for nkey or jwt auth
+	JWT       string
+	User      string
+	Password  string
+	TLSCert   string
+	TLSKey    string
+	TLSCA     string
+	TLSFirst  bool
+	ConnName  string
+	JSDomain  string
+	Timeout   time.Duration // per-attempt connect timeout (0 = nats.go default)
+
+	InatsConfig  string // nats-server config file for an embedded server
+	StateDir     string // JetStream store for the embedded server
+	EmbeddedPort int    // zero-config port: 0 = 4222, -1 = random (tests)
+
+	// HealthGrace bounds how long Healthy tolerates reconnecting (0 = 2 min).
+	HealthGrace time.Duration
+}
+
+// Configured reports whether any NATS connection is configured. When it is not,
+// Connect starts the zero-config embedded server.
+func Configured(o Options) bool {
+	return o.Context != "" || len(o.Servers) > 0 || o.InatsConfig != "" ||
+		o.CredsFile != "" || o.Nkey != "" || o.Seed != "" || o.JWT != "" ||
+		o.User != "" || o.Password != "" || o.TLSCert != "" || o.TLSKey != "" || o.TLSCA != ""
+}
+
+// ConnInfo is the connection state for STATUS and `nexctl status`.
+type ConnInfo struct {
+	Server      string        `json:"server"` // connected URL, credentials redacted
+	Connected   bool          `json:"connected"`
+	State       string        `json:"state"` // connected, reconnecting, closed, ...
+	Embedded    bool          `json:"embedded"`
+	Reconnects  uint64        `json:"reconnects"`
+	Disconnects uint64        `json:"disconnects"`
+	RTT         time.Duration `json:"rtt"`
+	LastError   string        `json:"last_error,omitempty"`
+}
+
+// Conn is the node's NATS connection and, when embedded, the server it runs.
+type Conn struct {
+	NC       *nats.Conn
+	Embedded *server.Server // nil when external
+
+	log        *slog.Logger
+	clientURLs []string
+	jsDomain   string
+	grace      time.Duration
+	tempStore  string // removed on Close
+
+	reconnects     atomic.Uint64
+	disconnects    atomic.Uint64
+	disconnectedAt atomic.Int64 // unix nanos, 0 while connected
+	lastErr        atomic.Pointer[string]
+	closed         chan struct{}
+	closeOnce      sync.Once
+}
+
+// Connect opens the connection described by o. Against external servers it keeps
+// retrying an unreachable server until ctx ends; authentication and configuration
+// errors fail at once. Once connected it reconnects forever.
+func Connect(ctx context.Context, o Options, log *slog.Logger) (*Conn, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	c := &Conn{log: log, jsDomain: o.JSDomain, grace: o.HealthGrace, closed: make(chan struct{})}
+	if c.grace <= 0 {
+		c.grace = DefaultHealthGrace
+	}
+	var err error
+	switch {
+	case o.InatsConfig != "":
+		err = c.startInats(ctx, o)
+	case !Configured(o):
+		err = c.startZeroConfig(ctx, o)
+	default:
+		err = c.connectExternal(ctx, o)
+	}
+	if err != nil {
+		c.shutdownServer()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *Conn) connectExternal(ctx context.Context, o Options) error {
+	var (
+		opts    []nats.Option
+		servers = splitServers(o.Servers)
+	)
+	if o.Context != "" {
+		nctx, err := loadContext(o.Context)
+		if err != nil {
+			return err
+		}
+		copts, err := nctx.NATSOptions()
+		if err != nil {
+			return fmt.Errorf("natsconn: NATS context %q: %w", o.Context, err)
+		}
+		opts = copts
+		servers = splitServers([]string{nctx.ServerURL()})
+		if c.jsDomain == "" {
+			c.jsDomain = nctx.JSDomain()
+		}
+		c.log.Info("using NATS context", "context", o.Context, "path", nctx.Path())
+	} else {
+		auth, err := authOptions(o)
+		if err != nil {
+			return err
+		}
+		opts = auth
+	}
+	if len(servers) == 0 {
+		servers = []string{nats.DefaultURL}
+	}
+	c.clientURLs = servers
+	opts = append(opts, c.commonOptions(o)...)
+	nc, err := c.dialRetrying(ctx, strings.Join(servers, ","), opts)
+	if err != nil {
+		return err
+	}
+	c.NC = nc
+	c.log.Info("connected to NATS", "server", nc.ConnectedUrlRedacted(), "servers", redactAll(servers))
+	return nil
+}
+
+// dialRetrying connects, retrying with backoff while no server is reachable.
+func (c *Conn) dialRetrying(ctx context.Context, url string, opts []nats.Option) (*nats.Conn, error) {
+	for attempt := 0; ; attempt++ {
+		nc, err := nats.Connect(url, opts...)
+		if err == nil {
+			return nc, nil
+		}
+		if !retryable(err) {
+			return nil, fmt.Errorf("natsconn: connect to %s: %w", redactList(url), err)
+		}
+		c.setLastErr(err)
+		delay := backoff(attempt)
+		c.log.Warn("NATS not reachable yet, retrying", "servers", redactList(url), "error", err, "retry_in", delay.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("natsconn: connect to %s: gave up: %w (last error: %v)", redactList(url), ctx.Err(), err)
+		case <-time.After(delay):
+		}
+	}
+}
+
+// retryable errors mean "nobody answered"; anything else (auth, TLS, bad URL)
+// will not fix itself by waiting.
+func retryable(err error) bool {
+	var (
+		alert tls.AlertError
+		verr  *tls.CertificateVerificationError
+		uaerr x509.UnknownAuthorityError
+		hnerr x509.HostnameError
+		cierr x509.CertificateInvalidError
+	)
+	if errors.As(err, &alert) || errors.As(err, &verr) || errors.As(err, &uaerr) ||
+		errors.As(err, &hnerr) || errors.As(err, &cierr) {
+		return false
+	}
+	// crypto/tls reports alerts as net.OpError "remote error" / "local error":
+	// a TLS refusal looks like a network error but will not heal by waiting.
+	var oe *net.OpError
+	if errors.As(err, &oe) && (oe.Op == "remote error" || oe.Op == "local error") {
+		return false
+	}
+	if errors.Is(err, nats.ErrNoServers) || errors.Is(err, nats.ErrTimeout) {
+		return true
+	}
+	var ne net.Error
+	if errors.As(err, &ne) {
+		return true
+	}
+	return errors.As(err, &oe)
+}
+
+// backoff grows from 250ms to 10s, with up to 50% jitter so a fleet restarted
+// together does not reconnect in lockstep.
+func backoff(attempt int) time.Duration {
+	d := 250 * time.Millisecond << min(attempt, 6)
+	d = min(d, 10*time.Second)
+	return d/2 + rand.N(d/2+1)
+}
+
+// commonOptions: identity, timeouts, reconnect-forever and the state callbacks.
+func (c *Conn) commonOptions(o Options) []nats.Option {
+	opts := []nats.Option{
+		nats.MaxReconnects(-1),
+		nats.CustomReconnectDelay(func(attempts int) time.Duration { return backoff(attempts - 1) }),
+		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			if nc.IsClosed() {
+				return // our own Close, not an outage
+			}
+			c.disconnects.Add(1)
+			c.disconnectedAt.CompareAndSwap(0, time.Now().UnixNano())
+			if err != nil {
+				c.setLastErr(err)
+			}
+			c.log.Warn("NATS disconnected", "server", nc.ConnectedUrlRedacted(), "error", err)
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			c.reconnects.Add(1)
+			down := time.Duration(0)
+			if at := c.disconnectedAt.Swap(0); at != 0 {
+				down = time.Since(time.Unix(0, at))
+			}
+			c.log.Info("NATS reconnected", "server", nc.ConnectedUrlRedacted(), "down_for", down.Round(time.Millisecond), "reconnects", c.reconnects.Load())
+		}),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			c.setLastErr(err)
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			c.log.Warn("NATS async error", "error", err, "subject", subject)
+		}),
+		nats.ClosedHandler(func(*nats.Conn) {
+			c.closeOnce.Do(func() { close(c.closed) })
+		}),
+	}
+	if o.ConnName != "" {
+		opts = append(opts, nats.Name(o.ConnName))
+	}
+	if o.Timeout > 0 {
+		opts = append(opts, nats.Timeout(o.Timeout))
+	}
+	return opts
+}
+
+// authOptions builds auth and TLS options from the --nats.* flags. Priority as
+// upstream: creds file, then jwt+seed, then nkey+seed, then user+password.
+func authOptions(o Options) ([]nats.Option, error) {
+	var opts []nats.Option
+	switch {
+	case o.CredsFile != "":
+		if _, err := os.Stat(o.CredsFile); err != nil {
+			return nil, fmt.Errorf("natsconn: --nats.creds-file: %w", err)
+		}
+		opts = append(opts, nats.UserCredentials(o.CredsFile))
+	case o.JWT != "":
+		if o.Seed == "" {
+			return nil, errors.New("natsconn: --nats.jwt needs --nats.seed (the user seed that signs the server's nonce)")
+		}
+		if _, err := userKey(o.Seed); err != nil {
+			return nil, err
+		}
+		opts = append(opts, nats.UserJWTAndSeed(o.JWT, o.Seed))
+	case o.Nkey != "" || o.Seed != "":
+		opt, err := nkeyOption(o.Nkey, o.Seed)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, opt)
+	case o.User != "":
+		opts = append(opts, nats.UserInfo(o.User, o.Password))
+	case o.Password != "":
+		return nil, errors.New("natsconn: --nats.password needs --nats.user")
+	}
+	if (o.TLSCert == "") != (o.TLSKey == "") {
+		return nil, errors.New("natsconn: --nats.tlscert and --nats.tlskey must be given together")
+	}
+	if o.TLSCert != "" {
+		opts = append(opts, nats.ClientCert(o.TLSCert, o.TLSKey))
+	}
+	if o.TLSCA != "" {
+		opts = append(opts, nats.RootCAs(o.TLSCA))
+	}
+	if o.TLSFirst {
+		opts = append(opts, nats.TLSHandshakeFirst())
+	}
+	return opts, nil
+}
+
+func userKey(seed string) (nkeys.KeyPair, error) {
+	seed = strings.TrimSpace(seed)
+	p, _, err := nkeys.DecodeSeed([]byte(seed))
+	if err != nil {
+		return nil, fmt.Errorf("natsconn: --nats.seed: not an nkey seed: %w", err)
+	}
+	if p != nkeys.PrefixByteUser {
+		return nil, fmt.Errorf("natsconn: --nats.seed: want a user seed (SU…), got a %s seed", p)
+	}
+	kp, err := nkeys.FromSeed([]byte(seed))
+	if err != nil {
+		return nil, fmt.Errorf("natsconn: --nats.seed: %w", err)
+	}
+	return kp, nil
+}
+
+// nkeyOption: a public user nkey with its seed (the seed alone also works, the
+// public key is derived), or --nats.nkey naming a seed file.
+func nkeyOption(pub, seed string) (nats.Option, error) {
+	if seed == "" {
+		if _, err := os.Stat(pub); err == nil {
+			opt, err := nats.NkeyOptionFromSeed(pub)
+			if err != nil {
+				return nil, fmt.Errorf("natsconn: --nats.nkey seed file %s: %w", pub, err)
+			}
+			return opt, nil
+		}
+		return nil, fmt.Errorf("natsconn: --nats.nkey %q needs --nats.seed (or must name a seed file)", pub)
+	}
+	kp, err := userKey(seed)
+	if err != nil {
+		return nil, err
+	}
+	derived, err := kp.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("natsconn: --nats.seed: %w", err)
+	}
+	if pub != "" && pub != derived {
+		return nil, fmt.Errorf("natsconn: --nats.nkey %s does not belong to --nats.seed (its public key is %s)", pub, derived)
+	}
+	return nats.Nkey(derived, func(nonce []byte) ([]byte, error) { return kp.Sign(nonce) }), nil
+}
+
+// loadContext reads a NATS CLI context by name from the usual place
+// ($XDG_CONFIG_HOME/nats/context), or from a file when given a path.
+func loadContext(name string) (*natscontext.Context, error) {
+	if strings.ContainsRune(name, os.PathSeparator) || strings.HasSuffix(name, ".json") {
+		nctx, err := natscontext.NewFromFile(name)
+		if err != nil {
+			return nil, fmt.Errorf("natsconn: NATS context file %s: %w", name, err)
+		}
+		return nctx, nil
+	}
+	nctx, err := natscontext.New(name, true)
+	if err != nil {
+		where := "$XDG_CONFIG_HOME/nats/context or ~/.config/nats/context"
+		if p, perr := natscontext.ContextPath(name); perr == nil {
+			where = p
+		}
+		return nil, fmt.Errorf("natsconn: NATS context %q (%s): %w", name, where, err)
+	}
+	return nctx, nil
+}
+
+func (c *Conn) setLastErr(err error) {
+	s := err.Error()
+	c.lastErr.Store(&s)
+}
+
+// Info snapshots the connection state.
+func (c *Conn) Info() ConnInfo {
+	ci := ConnInfo{
+		Embedded:    c.Embedded != nil,
+		Reconnects:  c.reconnects.Load(),
+		Disconnects: c.disconnects.Load(),
+	}
+	if e := c.lastErr.Load(); e != nil {
+		ci.LastError = *e
+	}
+	if c.NC == nil {
+		ci.State = "closed"
+		return ci
+	}
+	ci.State = strings.ToLower(c.NC.Status().String())
+	ci.Connected = c.NC.IsConnected()
+	if ci.Connected {
+		ci.Server = c.NC.ConnectedUrlRedacted()
+		if c.Embedded != nil && len(c.clientURLs) > 0 {
+			// The node talks to its own server in-process; the pool's URL is a
+			// placeholder, so name the server by the URL children use.
+			ci.Server = redactURL(c.clientURLs[0])
+		}
+		start := time.Now()
+		if err := c.NC.FlushTimeout(time.Second); err == nil {
+			ci.RTT = time.Since(start)
+		}
+	}
+	return ci
+}
+
+// Healthy: connected, or reconnecting for less than the grace period.
+func (c *Conn) Healthy() bool {
+	if c.NC == nil {
+		return false
+	}
+	if c.NC.IsConnected() {
+		return true
+	}
+	if !c.NC.IsReconnecting() {
+		return false
+	}
+	at := c.disconnectedAt.Load()
+	return at != 0 && time.Since(time.Unix(0, at)) < c.grace
+}
+
+// ClientURLs are the URLs children (nexlets, workloads) connect to: the configured
+// servers, or the embedded server's real client URL (then any configured servers).
+func (c *Conn) ClientURLs() []string { return slices.Clone(c.clientURLs) }
+
+// JSDomain is the JetStream domain to use (--nats.jsdomain, else the context's).
+func (c *Conn) JSDomain() string { return c.jsDomain }
+
+// Close drains the connection (bounded by ctx), then shuts the embedded server
+// down and waits for it.
+func (c *Conn) Close(ctx context.Context) {
+	if c.NC != nil && !c.NC.IsClosed() {
+		if err := c.NC.Drain(); err != nil {
+			c.log.Warn("NATS drain failed, closing", "error", err)
+			c.NC.Close()
+		}
+		select {
+		case <-c.closed:
+		case <-ctx.Done():
+			c.log.Warn("NATS drain did not finish in time, closing", "error", ctx.Err())
+			c.NC.Close()
+		}
+	}
+	c.shutdownServer()
+}
+
+func (c *Conn) shutdownServer() {
+	if c.Embedded != nil {
+		c.Embedded.Shutdown()
+		c.Embedded.WaitForShutdown()
+		c.log.Info("embedded NATS server stopped")
+	}
+	if c.tempStore != "" {
+		if err := os.RemoveAll(c.tempStore); err != nil {
+			c.log.Warn("removing temporary JetStream store", "dir", c.tempStore, "error", err)
+		}
+		c.tempStore = ""
+	}
+}
+
+func splitServers(in []string) []string {
+	var out []string
+	for _, s := range in {
+		for _, p := range strings.Split(s, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+func redactAll(urls []string) []string {
+	out := make([]string, len(urls))
+	for i, u := range urls {
+		out[i] = redactURL(u)
+	}
+	return out
+}
+
+func redactList(list string) string {
+	return strings.Join(redactAll(strings.Split(list, ",")), ",")
+}
+
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.User == nil {
+		return s
+	}
+	return u.Redacted()
+}
+
+// portString is a port for messages.
+func portString(p int) string {
+	if p < 0 {
+		return "random"
+	}
+	return strconv.Itoa(p)
+}

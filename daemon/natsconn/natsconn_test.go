@@ -1,0 +1,540 @@
+package natsconn
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func connect(t *testing.T, o Options) *Conn {
+	t.Helper()
+	c, err := Connect(ctxT(t), o, nil)
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+// roundTrip proves the connection works end to end.
+func roundTrip(t *testing.T, nc *nats.Conn) {
+	t.Helper()
+	sub, err := nc.SubscribeSync("nexd.test.echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Publish("nexd.test.echo", []byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := sub.NextMsg(30 * time.Second); err != nil || string(m.Data) != "hi" {
+		t.Fatalf("round trip: %v %v", m, err)
+	}
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func userSeed(t *testing.T) (nkeys.KeyPair, string, string) {
+	t.Helper()
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := kp.PublicKey()
+	seed, _ := kp.Seed()
+	return kp, pub, string(seed)
+}
+
+func TestConfigured(t *testing.T) {
+	cases := []struct {
+		o    Options
+		want bool
+	}{
+		{Options{}, false},
+		{Options{ConnName: "x", Timeout: time.Second, JSDomain: "d", StateDir: "/tmp", EmbeddedPort: 4333}, false},
+		{Options{Servers: []string{"nats://a:4222"}}, true},
+		{Options{Context: "prod"}, true},
+		{Options{InatsConfig: "/etc/nats.conf"}, true},
+		{Options{CredsFile: "/x.creds"}, true},
+		{Options{User: "u"}, true},
+		{Options{TLSCA: "/ca.pem"}, true},
+	}
+	for _, c := range cases {
+		if got := Configured(c.o); got != c.want {
+			t.Errorf("Configured(%+v) = %v, want %v", c.o, got, c.want)
+		}
+	}
+}
+
+func TestExternalAuth(t *testing.T) {
+	_, upub, useed := userSeed(t)
+	seedFile := filepath.Join(t.TempDir(), "user.nk")
+	if err := os.WriteFile(seedFile, []byte(useed), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name      string
+		configure func(*server.Options)
+		opts      func(url string) Options
+	}{
+		{"anonymous", nil, func(u string) Options { return Options{Servers: []string{u}} }},
+		{"user/password", func(o *server.Options) {
+			o.Users = []*server.User{{Username: "nex", Password: "s3cret"}}
+		}, func(u string) Options { return Options{Servers: []string{u}, User: "nex", Password: "s3cret"} }},
+		{"nkey+seed", func(o *server.Options) {
+			o.Nkeys = []*server.NkeyUser{{Nkey: upub}}
+		}, func(u string) Options { return Options{Servers: []string{u}, Nkey: upub, Seed: useed} }},
+		{"seed alone", func(o *server.Options) {
+			o.Nkeys = []*server.NkeyUser{{Nkey: upub}}
+		}, func(u string) Options { return Options{Servers: []string{u}, Seed: useed} }},
+		{"nkey seed file", func(o *server.Options) {
+			o.Nkeys = []*server.NkeyUser{{Nkey: upub}}
+		}, func(u string) Options { return Options{Servers: []string{u}, Nkey: seedFile} }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: tc.configure})
+			o := tc.opts(s.ClientURL())
+			o.ConnName = "nexd-test"
+			c := connect(t, o)
+			roundTrip(t, c.NC)
+			if got := c.ClientURLs(); !slices.Equal(got, []string{s.ClientURL()}) {
+				t.Errorf("ClientURLs %v, want [%s]", got, s.ClientURL())
+			}
+			if c.Embedded != nil {
+				t.Error("Embedded set for an external connection")
+			}
+			ci := c.Info()
+			if !ci.Connected || ci.Embedded || ci.Server != s.ClientURL() || ci.State != "connected" {
+				t.Errorf("Info %+v", ci)
+			}
+			if !c.Healthy() {
+				t.Error("not healthy while connected")
+			}
+			if c.NC.Opts.Name != "nexd-test" {
+				t.Errorf("connection name %q", c.NC.Opts.Name)
+			}
+		})
+	}
+}
+
+func TestAuthFailureIsNotRetried(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) {
+		o.Users = []*server.User{{Username: "nex", Password: "right"}}
+	}})
+	_, err := Connect(ctxT(t), Options{Servers: []string{s.ClientURL()}, User: "nex", Password: "wrong"}, nil)
+	if err == nil || !errors.Is(err, nats.ErrAuthorization) || strings.Contains(err.Error(), "gave up") {
+		t.Fatalf("error %v, want an immediate authorization error", err)
+	}
+}
+
+func TestAuthOptionErrors(t *testing.T) {
+	_, upub, useed := userSeed(t)
+	akp, _ := nkeys.CreateAccount()
+	aseed, _ := akp.Seed()
+	_, otherPub, _ := userSeed(t)
+	cases := []struct {
+		o    Options
+		want string
+	}{
+		{Options{Password: "p"}, "--nats.password needs --nats.user"},
+		{Options{JWT: "eyJ..."}, "--nats.jwt needs --nats.seed"},
+		{Options{Seed: string(aseed)}, "want a user seed"},
+		{Options{Seed: "SUnotaseed"}, "not an nkey seed"},
+		{Options{Nkey: otherPub, Seed: useed}, "does not belong to --nats.seed"},
+		{Options{Nkey: upub}, "needs --nats.seed"},
+		{Options{TLSCert: "/c.pem"}, "--nats.tlscert and --nats.tlskey must be given together"},
+		{Options{CredsFile: "/nonexistent/user.creds"}, "--nats.creds-file"},
+	}
+	for _, c := range cases {
+		_, err := authOptions(c.o)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: error %v, want %q", c.o, err, c.want)
+		}
+	}
+}
+
+// operatorSetup builds an operator, an account and a user, as nsc would.
+func operatorSetup(t *testing.T) (configure func(*server.Options), userJWT, seed string) {
+	t.Helper()
+	okp, _ := nkeys.CreateOperator()
+	opub, _ := okp.PublicKey()
+	oc := jwt.NewOperatorClaims(opub)
+	oc.Name = "O"
+	if _, err := oc.Encode(okp); err != nil {
+		t.Fatal(err)
+	}
+	akp, _ := nkeys.CreateAccount()
+	apub, _ := akp.PublicKey()
+	ac := jwt.NewAccountClaims(apub)
+	ac.Name = "A"
+	ac.Limits.JetStreamLimits.DiskStorage = -1
+	ac.Limits.JetStreamLimits.MemoryStorage = -1
+	ajwt, err := ac.Encode(okp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ukp, upub, useed := userSeed(t)
+	_ = ukp
+	uc := jwt.NewUserClaims(upub)
+	uc.Name = "U"
+	ujwt, err := uc.Encode(akp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func(o *server.Options) {
+		r := &server.MemAccResolver{}
+		if err := r.Store(apub, ajwt); err != nil {
+			t.Fatal(err)
+		}
+		o.TrustedOperators = []*jwt.OperatorClaims{oc}
+		o.AccountResolver = r
+	}, ujwt, useed
+}
+
+func TestOperatorMode(t *testing.T) {
+	configure, ujwt, useed := operatorSetup(t)
+	s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: configure})
+	creds, err := jwt.FormatUserConfig(ujwt, []byte(useed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	credsFile := filepath.Join(t.TempDir(), "user.creds")
+	if err := os.WriteFile(credsFile, creds, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, o := range map[string]Options{
+		"creds file": {Servers: []string{s.ClientURL()}, CredsFile: credsFile},
+		"jwt+seed":   {Servers: []string{s.ClientURL()}, JWT: ujwt, Seed: useed},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := connect(t, o)
+			roundTrip(t, c.NC)
+		})
+	}
+	t.Run("no credentials refused", func(t *testing.T) {
+		if _, err := Connect(ctxT(t), Options{Servers: []string{s.ClientURL()}}, nil); err == nil {
+			t.Fatal("anonymous connection to an operator-mode server succeeded")
+		}
+	})
+}
+
+func TestNATSContext(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) {
+		o.Users = []*server.User{{Username: "ctxuser", Password: "ctxpass"}}
+	}})
+	xdg := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", xdg)
+	dir := filepath.Join(xdg, "nats", "context")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	body := fmt.Sprintf(`{"url": %q, "user": "ctxuser", "password": "ctxpass", "jetstream_domain": "hub"}`, s.ClientURL())
+	if err := os.WriteFile(filepath.Join(dir, "nexdev.json"), []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The context wins over the other connection flags, which point nowhere.
+	c := connect(t, Options{Context: "nexdev", Servers: []string{"nats://127.0.0.1:1"}, User: "wrong"})
+	roundTrip(t, c.NC)
+	if got := c.ClientURLs(); !slices.Equal(got, []string{s.ClientURL()}) {
+		t.Errorf("ClientURLs %v, want the context's [%s]", got, s.ClientURL())
+	}
+	if c.JSDomain() != "hub" {
+		t.Errorf("JSDomain %q, want the context's hub", c.JSDomain())
+	}
+
+	// A context given as a file path.
+	c2 := connect(t, Options{Context: filepath.Join(dir, "nexdev.json"), JSDomain: "mine"})
+	roundTrip(t, c2.NC)
+	if c2.JSDomain() != "mine" {
+		t.Errorf("JSDomain %q, want the flag's mine", c2.JSDomain())
+	}
+
+	_, err := Connect(ctxT(t), Options{Context: "missing"}, nil)
+	if err == nil || !strings.Contains(err.Error(), `"missing"`) {
+		t.Fatalf("unknown context: error %v, want one naming it", err)
+	}
+}
+
+func kvWorks(t *testing.T, nc *nats.Conn) {
+	t.Helper()
+	ctx := ctxT(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-test"})
+	if err != nil {
+		t.Fatalf("create KV bucket: %v", err)
+	}
+	if _, err := kv.Put(ctx, "w1", []byte("running")); err != nil {
+		t.Fatalf("KV put: %v", err)
+	}
+	e, err := kv.Get(ctx, "w1")
+	if err != nil || string(e.Value()) != "running" {
+		t.Fatalf("KV get: %v %v", e, err)
+	}
+}
+
+func TestInatsConfig(t *testing.T) {
+	port := freePort(t)
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "inats.conf")
+	body := fmt.Sprintf(`
+listen: 127.0.0.1:%d
+server_name: inats-test
+jetstream { store_dir: %q }
+authorization { user: nexnode, password: pw }
+`, port, filepath.Join(dir, "js"))
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := connect(t, Options{InatsConfig: conf, User: "nexnode", Password: "pw", Servers: []string{"nats://10.0.0.9:4222"}})
+	want := "nats://127.0.0.1:" + strconv.Itoa(port)
+	if got := c.ClientURLs(); !slices.Equal(got, []string{want, "nats://10.0.0.9:4222"}) {
+		t.Fatalf("ClientURLs %v, want [%s nats://10.0.0.9:4222]", got, want)
+	}
+	if c.Embedded == nil || !c.Info().Embedded {
+		t.Fatal("not embedded")
+	}
+	kvWorks(t, c.NC)
+
+	// A child connects over TCP with the configured credentials.
+	ext, err := nats.Connect(want, nats.UserInfo("nexnode", "pw"))
+	if err != nil {
+		t.Fatalf("child connect to %s: %v", want, err)
+	}
+	roundTrip(t, ext)
+	ext.Close()
+	if _, err := os.Stat(filepath.Join(dir, "js", "jetstream")); err != nil {
+		t.Errorf("JetStream store from the config file not used: %v", err)
+	}
+
+	c.Close(ctxT(t))
+	if c.Embedded.Running() {
+		t.Error("embedded server still running after Close")
+	}
+	if !c.NC.IsClosed() {
+		t.Error("connection not closed")
+	}
+}
+
+func TestInatsConfigErrors(t *testing.T) {
+	bad := filepath.Join(t.TempDir(), "bad.conf")
+	os.WriteFile(bad, []byte("listen: {{{"), 0o600)
+	_, err := Connect(ctxT(t), Options{InatsConfig: bad}, nil)
+	if err == nil || !strings.Contains(err.Error(), bad) {
+		t.Fatalf("error %v, want one naming %s", err, bad)
+	}
+}
+
+func TestZeroConfigEmbedded(t *testing.T) {
+	state := t.TempDir()
+	c := connect(t, Options{EmbeddedPort: -1, StateDir: state})
+	if c.Embedded == nil || !c.Embedded.JetStreamEnabled() {
+		t.Fatal("no embedded JetStream server")
+	}
+	urls := c.ClientURLs()
+	if len(urls) != 1 || !strings.HasPrefix(urls[0], "nats://127.0.0.1:") || strings.HasSuffix(urls[0], ":-1") {
+		t.Fatalf("ClientURLs %v, want the real loopback URL", urls)
+	}
+	kvWorks(t, c.NC)
+	ext, err := nats.Connect(urls[0])
+	if err != nil {
+		t.Fatalf("child connect to %s: %v", urls[0], err)
+	}
+	defer ext.Close()
+	// The child sees the node's KV bucket: one server, one account.
+	js, _ := jetstream.New(ext)
+	kv, err := js.KeyValue(ctxT(t), "nex-test")
+	if err != nil {
+		t.Fatalf("child KV: %v", err)
+	}
+	if e, err := kv.Get(ctxT(t), "w1"); err != nil || string(e.Value()) != "running" {
+		t.Fatalf("child KV get: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(state, "jetstream")); err != nil {
+		t.Errorf("JetStream store not under the state dir: %v", err)
+	}
+	ci := c.Info()
+	if !ci.Connected || !ci.Embedded || ci.Server != urls[0] {
+		t.Errorf("Info %+v", ci)
+	}
+	ext.Close()
+
+	c.Close(ctxT(t))
+	if c.Embedded.Running() {
+		t.Fatal("embedded server running after Close")
+	}
+	if _, err := nats.Connect(urls[0], nats.Timeout(2*time.Second)); err == nil {
+		t.Fatal("could still connect after Close")
+	}
+	if c.Healthy() {
+		t.Error("healthy after Close")
+	}
+}
+
+func TestZeroConfigTempStoreRemoved(t *testing.T) {
+	c, err := Connect(ctxT(t), Options{EmbeddedPort: -1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := c.tempStore
+	if store == "" {
+		t.Fatal("no temporary store without a state dir")
+	}
+	kvWorks(t, c.NC)
+	c.Close(ctxT(t))
+	if _, err := os.Stat(store); !os.IsNotExist(err) {
+		t.Errorf("temporary store %s left behind: %v", store, err)
+	}
+}
+
+func TestZeroConfigPortInUse(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	port := l.Addr().(*net.TCPAddr).Port
+	_, err = Connect(ctxT(t), Options{EmbeddedPort: port, StateDir: t.TempDir()}, nil)
+	if err == nil || !strings.Contains(err.Error(), strconv.Itoa(port)) {
+		t.Fatalf("error %v, want one naming port %d", err, port)
+	}
+}
+
+func startOnPort(t *testing.T, port int) *server.Server {
+	return testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { o.Port = port }})
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+func TestReconnectCounting(t *testing.T) {
+	port := freePort(t)
+	s1 := startOnPort(t, port)
+	c := connect(t, Options{Servers: []string{s1.ClientURL()}})
+	roundTrip(t, c.NC)
+
+	s1.Shutdown()
+	s1.WaitForShutdown()
+	eventually(t, "disconnect", func() bool { return !c.NC.IsConnected() && c.Info().Disconnects >= 1 })
+	if !c.Healthy() {
+		t.Error("unhealthy right after a disconnect, want healthy within the grace period")
+	}
+	if ci := c.Info(); ci.Connected || ci.State != "reconnecting" {
+		t.Errorf("Info while down %+v", ci)
+	}
+	c.grace = time.Nanosecond // past the grace period
+	if c.Healthy() {
+		t.Error("healthy while reconnecting past the grace period")
+	}
+
+	s2 := startOnPort(t, port)
+	eventually(t, "reconnect", func() bool { return c.Info().Reconnects == 1 && c.NC.IsConnected() })
+	roundTrip(t, c.NC)
+	if !c.Healthy() {
+		t.Error("unhealthy after reconnecting")
+	}
+	_ = s2
+}
+
+func TestConnectWaitsForServer(t *testing.T) {
+	port := freePort(t)
+	url := "nats://127.0.0.1:" + strconv.Itoa(port)
+	type result struct {
+		c   *Conn
+		err error
+	}
+	done := make(chan result, 1)
+	var logs syncBuffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	ctx := ctxT(t)
+	go func() {
+		c, err := Connect(ctx, Options{Servers: []string{url}}, log)
+		done <- result{c, err}
+	}()
+	// Let it fail at least once, then bring the server up.
+	eventually(t, "a failed attempt", func() bool { return strings.Contains(logs.String(), "NATS not reachable yet") })
+	startOnPort(t, port)
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("Connect: %v", r.err)
+	}
+	defer r.c.Close(context.Background())
+	roundTrip(t, r.c.NC)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := Connect(ctx, Options{Servers: []string{"nats://127.0.0.1:" + strconv.Itoa(freePort(t))}}, nil)
+	if err == nil || !errors.Is(err, context.Canceled) {
+		t.Fatalf("error %v, want context canceled", err)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestBackoffBounds(t *testing.T) {
+	for a := 0; a < 20; a++ {
+		d := backoff(a)
+		if d < 125*time.Millisecond || d > 10*time.Second {
+			t.Errorf("backoff(%d) = %s out of [125ms, 10s]", a, d)
+		}
+	}
+}

@@ -1,0 +1,460 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// testMinter hands out connection data naming the test server; can=false plays a
+// node without an issuer.
+type testMinter struct {
+	url string
+	can bool
+}
+
+func (m testMinter) cd(name string) protocol.NatsConnectionData {
+	return protocol.NatsConnectionData{ConnName: name, NatsServers: []string{m.url}}
+}
+func (m testMinter) MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+	return m.cd("register-" + agentID), nil
+}
+func (m testMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+	return m.cd("agent-" + agentID), nil
+}
+func (m testMinter) MintWorkload(ns, id string) (protocol.NatsConnectionData, error) {
+	return m.cd("workload-" + ns + "-" + id), nil
+}
+func (m testMinter) CanMint() bool { return m.can }
+
+func testLogger(t testing.TB) *slog.Logger {
+	if os.Getenv("NODE_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+type fixture struct {
+	t      testing.TB
+	srv    *server.Server
+	client *nats.Conn
+	nodes  []*Node
+	stores []*MemStore
+}
+
+// newFixture starts count nodes, each with its own connection and keys, on one server.
+func newFixture(t testing.TB, count int, tweak func(i int, o *Options)) *fixture {
+	t.Helper()
+	return newFixtureOn(t, testnats.Start(t, testnats.Options{NoJetStream: true}), count, tweak)
+}
+
+func newFixtureOn(t testing.TB, srv *server.Server, count int, tweak func(i int, o *Options)) *fixture {
+	t.Helper()
+	f := &fixture{t: t, srv: srv, client: testnats.Connect(t, srv)}
+	for i := range count {
+		kp, err := nkeys.CreateServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		xk, err := nkeys.CreateCurveKeys()
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := NewMemStore()
+		o := Options{
+			NC:                testnats.Connect(t, srv),
+			NodeKey:           kp,
+			XKey:              xk,
+			Name:              fmt.Sprintf("node-%d", i),
+			Nexus:             "testnexus",
+			Version:           "0.1.0",
+			Minter:            testMinter{url: srv.ClientURL(), can: true},
+			Store:             st,
+			Logger:            testLogger(t),
+			HeartbeatInterval: 200 * time.Millisecond,
+			HealthTick:        50 * time.Millisecond,
+			FanoutTimeout:     2 * time.Second,
+			CloneTimeout:      time.Second,
+		}
+		if tweak != nil {
+			tweak(i, &o)
+		}
+		n, err := New(o)
+		if err != nil {
+			t.Fatalf("node %d: %v", i, err)
+		}
+		if err := n.Start(context.Background()); err != nil {
+			t.Fatalf("node %d start: %v", i, err)
+		}
+		n.SetState(protocol.NodeRunning)
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := n.Stop(ctx); err != nil {
+				t.Errorf("stop node %d: %v", i, err)
+			}
+		})
+		f.nodes = append(f.nodes, n)
+		f.stores = append(f.stores, st)
+	}
+	return f
+}
+
+// collect sends one request and gathers replies until want arrived (then waits
+// quiet more for extras) or timeout passed.
+func collect(t testing.TB, nc *nats.Conn, subject string, body []byte, want int, timeout, quiet time.Duration) []*nats.Msg {
+	t.Helper()
+	inbox := nc.NewInbox()
+	ch := make(chan *nats.Msg, 64)
+	sub, err := nc.ChanSubscribe(inbox, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := nc.PublishRequest(subject, inbox, body); err != nil {
+		t.Fatal(err)
+	}
+	var out []*nats.Msg
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		var wait <-chan time.Time
+		if len(out) >= want {
+			wait = time.After(quiet)
+		}
+		select {
+		case m := <-ch:
+			if isNoResponders(m) {
+				return out
+			}
+			out = append(out, m)
+		case <-wait:
+			return out
+		case <-deadline.C:
+			return out
+		}
+	}
+}
+
+func mustJSON(t testing.TB, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// js is for goroutines that must not call t.Helper (fuzz targets forbid f.Helper there).
+func js(v any) []byte {
+	b, _ := json.Marshal(v)
+	return b
+}
+
+func request(t testing.TB, nc *nats.Conn, subject string, v any) *nats.Msg {
+	t.Helper()
+	var body []byte
+	switch b := v.(type) {
+	case []byte:
+		body = b
+	case string:
+		body = []byte(b)
+	default:
+		body = mustJSON(t, v)
+	}
+	m, err := nc.Request(subject, body, 10*time.Second)
+	if err != nil {
+		t.Fatalf("request %s: %v", subject, err)
+	}
+	return m
+}
+
+// errorReply decodes a node's micro error reply, failing when m is not one.
+func errorReply(t testing.TB, m *nats.Msg) (code string, body protocol.ErrorBody) {
+	t.Helper()
+	code = m.Header.Get(protocol.HeaderErrorCode)
+	if code == "" {
+		t.Fatalf("expected an error reply, got %q", m.Data)
+	}
+	if err := json.Unmarshal(m.Data, &body); err != nil || body.ErrorID == "" || body.Error == "" {
+		t.Fatalf("error body %q: %v", m.Data, err)
+	}
+	return code, body
+}
+
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+const testSchema = `{"type":"object","properties":{"cmd":{"type":"string"},"n":{"type":"integer"}},"required":["cmd"],"additionalProperties":false}`
+
+// fakeAgent speaks the remote side of the agent plane over raw NATS: a test double
+// for a nexlet, which the nexlet SDK replaces in production.
+type fakeAgent struct {
+	t          testing.TB
+	nc         *nats.Conn
+	nodeID, id string
+	req        protocol.RegisterAgentRequest
+	hbEvery    time.Duration
+
+	mu        sync.Mutex
+	workloads map[string]protocol.StartWorkloadRequest
+	creds     map[string]protocol.NatsConnectionData
+	hbState   string
+	failStart string
+	lameducks int
+	stopHB    chan struct{}
+	hbDone    chan struct{}
+	resp      protocol.RegisterAgentResponse
+}
+
+func newFakeAgent(t testing.TB, srv *server.Server, nodeID, id, name, typ string) *fakeAgent {
+	xk, _ := nkeys.CreateCurveKeys()
+	xpub, _ := xk.PublicKey()
+	return &fakeAgent{
+		t: t, nc: testnats.Connect(t, srv), nodeID: nodeID, id: id, hbEvery: 100 * time.Millisecond,
+		req: protocol.RegisterAgentRequest{
+			Description: "fake", Name: name, PublicXKey: xpub, RegisterType: typ,
+			StartRequestSchema:  testSchema,
+			SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob},
+			Version:             "1.0.0",
+		},
+		workloads: map[string]protocol.StartWorkloadRequest{},
+		creds:     map[string]protocol.NatsConnectionData{},
+		hbState:   "running",
+	}
+}
+
+// register sends REGISTER and returns the reply; on success it serves the agent
+// plane and heartbeats.
+func (a *fakeAgent) register() *nats.Msg {
+	a.t.Helper()
+	m := request(a.t, a.nc, protocol.RegisterSubject(a.nodeID, a.id), a.req)
+	if m.Header.Get(protocol.HeaderErrorCode) != "" {
+		return m
+	}
+	if err := protocol.Decode(m.Data, &a.resp); err != nil {
+		a.t.Fatalf("register reply: %v", err)
+	}
+	a.mu.Lock()
+	for id, w := range a.resp.ExistingState {
+		a.workloads[id] = w.Request
+		a.creds[id] = w.WorkloadCreds
+	}
+	a.mu.Unlock()
+	a.serve()
+	return m
+}
+
+func (a *fakeAgent) mustRegister() {
+	a.t.Helper()
+	m := a.register()
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "" {
+		a.t.Fatalf("register %s: %s %s", a.id, code, m.Data)
+	}
+}
+
+func respondErr(m *nats.Msg, code, desc string, body []byte) {
+	_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderErrorCode: {code}, protocol.HeaderError: {desc}}, Data: body})
+}
+
+func (a *fakeAgent) serve() {
+	p := protocol.AgentPrefix(a.nodeID)
+	sub := func(subj string, h nats.MsgHandler) {
+		if _, err := a.nc.QueueSubscribe(subj, a.id, h); err != nil {
+			a.t.Fatal(err)
+		}
+	}
+	sub(p+"."+a.id+".STARTWORKLOAD.*", func(m *nats.Msg) {
+		wid := protocol.LastToken(m.Subject)
+		var req protocol.AgentStartWorkloadRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			respondErr(m, "100", err.Error(), nil)
+			return
+		}
+		a.mu.Lock()
+		fail := a.failStart
+		if fail == "" {
+			a.workloads[wid] = req.Request
+			a.creds[wid] = req.WorkloadCreds
+		}
+		a.mu.Unlock()
+		if fail != "" {
+			respondErr(m, "100", fail, js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
+			return
+		}
+		_ = m.Respond(js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
+	})
+	sub(p+".STOPWORKLOAD.*", func(m *nats.Msg) {
+		wid := protocol.LastToken(m.Subject)
+		var req protocol.StopWorkloadRequest
+		_ = protocol.Decode(m.Data, &req)
+		a.mu.Lock()
+		w, ok := a.workloads[wid]
+		ok = ok && (w.Namespace == req.Namespace)
+		if ok {
+			delete(a.workloads, wid)
+		}
+		a.mu.Unlock()
+		if !ok {
+			respondErr(m, "100", "workload not found", js(protocol.StopWorkloadResponse{ID: wid, Message: "workload not found", WorkloadType: a.req.RegisterType}))
+			return
+		}
+		_ = m.Respond(js(protocol.StopWorkloadResponse{ID: wid, Stopped: true, WorkloadType: a.req.RegisterType}))
+	})
+	sub(p+".GETWORKLOAD.*", func(m *nats.Msg) {
+		a.mu.Lock()
+		w, ok := a.workloads[protocol.LastToken(m.Subject)]
+		a.mu.Unlock()
+		if ok { // like upstream: any namespace, silent when absent
+			_ = m.Respond(js(w))
+		}
+	})
+	sub(p+".QUERYWORKLOADS", func(m *nats.Msg) {
+		var req protocol.AgentListWorkloadsRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			respondErr(m, "100", err.Error(), nil)
+			return
+		}
+		out := []protocol.WorkloadSummary{}
+		a.mu.Lock()
+		for id, w := range a.workloads {
+			if req.Namespace != protocol.SystemNamespace && w.Namespace != req.Namespace {
+				continue
+			}
+			if len(req.Filter) > 0 && !slices.Contains(req.Filter, id) && !slices.Contains(req.Filter, w.Name) {
+				continue
+			}
+			ns := w.Namespace
+			out = append(out, protocol.WorkloadSummary{ID: id, Name: w.Name, Namespace: &ns, Runtime: "--",
+				StartTime: time.Now().UTC().Format(time.RFC3339), Tags: w.Tags, WorkloadLifecycle: string(w.WorkloadLifecycle),
+				WorkloadState: protocol.WorkloadRunning, WorkloadType: w.WorkloadType})
+		}
+		a.mu.Unlock()
+		_ = m.Respond(js(out))
+	})
+	sub(p+".SETLAMEDUCK", func(m *nats.Msg) {
+		a.mu.Lock()
+		a.lameducks++
+		a.mu.Unlock()
+		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{"agentId": {a.id}}, Data: js(protocol.LameduckResponse{Success: true})})
+	})
+	a.startHeartbeats()
+}
+
+func (a *fakeAgent) startHeartbeats() {
+	a.stopHB, a.hbDone = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(a.hbDone)
+		t := time.NewTicker(a.hbEvery)
+		defer t.Stop()
+		for {
+			a.mu.Lock()
+			hb := protocol.AgentHeartbeat{Data: "{}", Summary: protocol.AgentSummary{
+				Name: a.req.Name, Type: a.req.RegisterType, State: a.hbState, Version: a.req.Version,
+				SupportedLifecycles: "service,job", WorkloadCount: len(a.workloads), StartTime: time.Now().UTC(),
+			}}
+			a.mu.Unlock()
+			b, _ := json.Marshal(hb)
+			_ = a.nc.Publish(protocol.AgentHeartbeatSubject(a.nodeID, a.id), b)
+			select {
+			case <-a.stopHB:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	a.t.Cleanup(a.stopHeartbeats)
+}
+
+func (a *fakeAgent) stopHeartbeats() {
+	if a.stopHB == nil {
+		return
+	}
+	select {
+	case <-a.stopHB:
+	default:
+		close(a.stopHB)
+	}
+	<-a.hbDone
+}
+
+// kill plays the nexlet process exiting: no heartbeats, no subscriptions.
+func (a *fakeAgent) kill() {
+	a.stopHeartbeats()
+	a.nc.Close()
+}
+
+func (a *fakeAgent) workloadCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.workloads)
+}
+
+// healthyAgent registers a fake agent on n and waits until n counts it healthy.
+func (f *fixture) healthyAgent(n *Node, id, name, typ string, tweak func(*fakeAgent)) *fakeAgent {
+	f.t.Helper()
+	n.ExpectAgent(id, name)
+	a := newFakeAgent(f.t, f.srv, n.ID(), id, name, typ)
+	if tweak != nil {
+		tweak(a)
+	}
+	a.mustRegister()
+	eventually(f.t, "agent "+id+" healthy", func() bool {
+		for _, ai := range n.Agents() {
+			if ai.ID == id && ai.Health == protocol.HealthHealthy {
+				return true
+			}
+		}
+		return false
+	})
+	return a
+}
+
+func startReq(ns, name string, run string) protocol.StartWorkloadRequest {
+	return protocol.StartWorkloadRequest{
+		Description: "test", Name: name, Namespace: ns, RunRequest: run, Tags: map[string]string{},
+		WorkloadLifecycle: protocol.LifecycleService, WorkloadType: "native",
+	}
+}
+
+// auction returns the bids for an auction in ns, waiting for want bids.
+func (f *fixture) auction(ns string, req protocol.AuctionRequest, want int) []protocol.AuctionResponse {
+	f.t.Helper()
+	if req.AuctionID == "" {
+		req.AuctionID = "auction-1"
+	}
+	if req.Tags == nil {
+		req.Tags = map[string]string{}
+	}
+	msgs := collect(f.t, f.client, protocol.AuctionSubject(ns), mustJSON(f.t, req), want, 10*time.Second, 300*time.Millisecond)
+	var out []protocol.AuctionResponse
+	for _, m := range msgs {
+		var b protocol.AuctionResponse
+		if err := protocol.Decode(m.Data, &b); err != nil {
+			f.t.Fatalf("bid %q: %v", m.Data, err)
+		}
+		out = append(out, b)
+	}
+	return out
+}

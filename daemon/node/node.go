@@ -1,0 +1,573 @@
+// Package node is the node side of the $NEX protocol: the "nexnode" micro service
+// (ping, info, tags, lameduck, auction, deploy, undeploy, clone, list), the registry of
+// nexlets with their health, the node heartbeat and the node's events. The daemon
+// owns the NATS connection, the credential minter, the state store and the nexlet
+// processes, and wires them in through Options.
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Minter issues the NATS credentials handed to nexlets and workloads.
+type Minter interface {
+	// MintRegister returns the credentials a nexlet uses to register.
+	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
+	// MintAgent returns a registered nexlet's own credentials.
+	MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error)
+	// MintWorkload returns a workload's credentials, scoped to its namespace.
+	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// CanMint reports whether an issuer is configured. Without one, remote
+	// registration is refused: a remote nexlet would get no usable identity.
+	CanMint() bool
+}
+
+// Options configure a Node. NC, NodeKey, XKey and Minter are required.
+type Options struct {
+	NC      *nats.Conn
+	NodeKey nkeys.KeyPair // server nkey; its public key is the node id
+	XKey    nkeys.KeyPair // curve key, published as the node's xkey
+
+	Name, Nexus                string
+	Version, Commit, BuildDate string
+	Tags                       map[string]string // user tags; the nex. prefix is reserved
+
+	AuctionTTL              time.Duration // how long a bid can be deployed to (default 10s)
+	AllowRemoteRegistration bool
+
+	Minter  Minter
+	Store   Store   // default NoStore
+	Emitter Emitter // default NoEmitter
+	Logger  *slog.Logger
+
+	HeartbeatInterval  time.Duration // node heartbeat period (default 10s)
+	HealthTick         time.Duration // how often agent health is swept (default 5s)
+	DegradedAfter      time.Duration // agent silent this long: degraded (default 10s)
+	OfflineAfter       time.Duration // agent silent this long: offline (default 30s)
+	RemoveOfflineAfter time.Duration // offline this long: registration removed (default 60s; <0 never)
+	FanoutTimeout      time.Duration // bound on STOPWORKLOAD/QUERYWORKLOADS/SETLAMEDUCK fan-outs (default 2s)
+	CloneTimeout       time.Duration // bound on the GETWORKLOAD fan-out (default 3s)
+	StartTimeout       time.Duration // how long a nexlet may take to start a workload (default 1m)
+
+	// OnLameduck is called once when the node enters lame duck mode; the daemon
+	// schedules the shutdown after delay.
+	OnLameduck func(delay time.Duration)
+}
+
+func (o *Options) defaults() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&o.AuctionTTL, 10*time.Second)
+	def(&o.HeartbeatInterval, 10*time.Second)
+	def(&o.HealthTick, 5*time.Second)
+	def(&o.DegradedAfter, 10*time.Second)
+	def(&o.OfflineAfter, 30*time.Second)
+	def(&o.RemoveOfflineAfter, 60*time.Second)
+	def(&o.FanoutTimeout, 2*time.Second)
+	def(&o.CloneTimeout, 3*time.Second)
+	def(&o.StartTimeout, time.Minute)
+	if o.Name == "" {
+		o.Name = "nexnode"
+	}
+	if o.Nexus == "" {
+		o.Nexus = "nexus"
+	}
+	if o.Store == nil {
+		o.Store = NoStore{}
+	}
+	if o.Emitter == nil {
+		o.Emitter = NoEmitter{}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Node is one nexd node on the NATS API.
+type Node struct {
+	o    Options
+	id   string
+	xpub string
+	log  *slog.Logger
+
+	mu        sync.Mutex
+	state     protocol.NodeState
+	userTags  map[string]string
+	lameduck  time.Time // zero unless in lame duck mode: when workloads stop
+	startTime time.Time
+	agents    map[string]*registration // by agent id
+	expected  map[string]string        // agent id -> name, pre-assigned by the daemon
+	procInfo  map[string]procInfo      // by agent name, from the supervisor
+	bids      map[string]bid           // bidder id -> bid
+	changed   chan struct{}            // closed and replaced whenever agents change
+
+	svc      micro.Service
+	hbSub    *nats.Subscription
+	ctx      context.Context
+	cancel   context.CancelFunc
+	loops    sync.WaitGroup // heartbeat and health loops
+	inflight sync.WaitGroup // handlers running on their own goroutine
+	slots    chan struct{}  // bounds those goroutines
+}
+
+type bid struct {
+	agentID string
+	expires time.Time
+}
+
+type procInfo struct {
+	restarts int
+	lastExit string
+}
+
+var tokenRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+
+// New validates o and returns a Node that is not yet serving.
+func New(o Options) (*Node, error) {
+	o.defaults()
+	if o.NC == nil {
+		return nil, errors.New("node: options: NC (the NATS connection) is required")
+	}
+	if o.NodeKey == nil || o.XKey == nil {
+		return nil, errors.New("node: options: NodeKey and XKey are required")
+	}
+	if o.Minter == nil {
+		return nil, errors.New("node: options: Minter is required")
+	}
+	id, err := o.NodeKey.PublicKey()
+	if err != nil || !nkeys.IsValidPublicServerKey(id) {
+		return nil, fmt.Errorf("node: options: NodeKey must be a server nkey (N…): %q: %v", id, err)
+	}
+	xpub, err := o.XKey.PublicKey()
+	if err != nil || !nkeys.IsValidPublicCurveKey(xpub) {
+		return nil, fmt.Errorf("node: options: XKey must be a curve key (X…): %q: %v", xpub, err)
+	}
+	if !tokenRE.MatchString(o.Nexus) {
+		return nil, fmt.Errorf("node: options: nexus %q must be one subject token of letters, digits, - or _", o.Nexus)
+	}
+	if err := checkUserTags(o.Tags); err != nil {
+		return nil, fmt.Errorf("node: options: %w", err)
+	}
+	n := &Node{
+		o:        o,
+		id:       id,
+		xpub:     xpub,
+		log:      o.Logger.With("node_id", id),
+		state:    protocol.NodeStarting,
+		userTags: maps.Clone(o.Tags),
+		agents:   map[string]*registration{},
+		expected: map[string]string{},
+		procInfo: map[string]procInfo{},
+		bids:     map[string]bid{},
+		changed:  make(chan struct{}),
+		slots:    make(chan struct{}, 64),
+	}
+	return n, nil
+}
+
+func checkUserTags(tags map[string]string) error {
+	for k := range tags {
+		if k == "" {
+			return errors.New("tags: empty tag name")
+		}
+		if strings.HasPrefix(k, protocol.TagPrefix) {
+			return fmt.Errorf("tags: %q: the %q prefix is reserved for built-in tags", k, protocol.TagPrefix)
+		}
+	}
+	return nil
+}
+
+// ID is the node id (the public server nkey).
+func (n *Node) ID() string { return n.id }
+
+// XKeyPublic is the node's public curve key.
+func (n *Node) XKeyPublic() string { return n.xpub }
+
+// State returns the node state.
+func (n *Node) State() protocol.NodeState {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.state
+}
+
+// SetState sets the node state; the daemon sets running once its nexlets registered.
+func (n *Node) SetState(s protocol.NodeState) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.state = s
+}
+
+// SetTags replaces the user tags (a reload). Built-in nex.* tags are kept.
+func (n *Node) SetTags(user map[string]string) error {
+	if err := checkUserTags(user); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.userTags = maps.Clone(user)
+	return nil
+}
+
+// Tags returns the full tag map: user tags plus the built-ins.
+func (n *Node) Tags() map[string]string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.tagsLocked()
+}
+
+func (n *Node) tagsLocked() map[string]string {
+	t := make(map[string]string, len(n.userTags)+6)
+	maps.Copy(t, n.userTags)
+	t[protocol.TagOS] = runtime.GOOS
+	t[protocol.TagArch] = runtime.GOARCH
+	t[protocol.TagCPUCount] = strconv.Itoa(runtime.GOMAXPROCS(0))
+	t[protocol.TagLameduck] = strconv.FormatBool(!n.lameduck.IsZero())
+	t[protocol.TagNexus] = n.o.Nexus
+	t[protocol.TagNode] = n.o.Name
+	return t
+}
+
+// Start registers the nexnode micro service with every endpoint, subscribes to nexlet
+// heartbeats, starts the node heartbeat and the health sweep, and emits NODESTARTED.
+// The state stays "starting" until the daemon calls SetState(running).
+func (n *Node) Start(ctx context.Context) error {
+	n.mu.Lock()
+	if n.svc != nil {
+		n.mu.Unlock()
+		return errors.New("node: already started")
+	}
+	n.startTime = time.Now()
+	// The node's work outlives the caller's start context; Stop cancels it.
+	n.ctx, n.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	n.mu.Unlock()
+
+	version := n.o.Version
+	if !semver.MatchString(version) {
+		// micro insists on semver; the real version still goes out in ping and info.
+		version = "0.0.0"
+	}
+	svc, err := micro.AddService(n.o.NC, micro.Config{
+		Name:        protocol.ServiceName,
+		Version:     version,
+		Description: fmt.Sprintf("Commit: %s | Build date: %s", n.o.Commit, n.o.BuildDate),
+	})
+	if err != nil {
+		n.cancel()
+		return fmt.Errorf("node: add micro service %s: %w", protocol.ServiceName, err)
+	}
+	var errs []error
+	for _, e := range n.endpoints() {
+		qg := n.id
+		if e.queue != "" {
+			qg = e.queue
+		}
+		h := e.handle
+		if e.async {
+			h = n.async(h)
+		}
+		errs = append(errs, svc.AddEndpoint(e.name, micro.HandlerFunc(h),
+			micro.WithEndpointSubject(e.subject), micro.WithEndpointQueueGroup(qg)))
+	}
+	if err := errors.Join(errs...); err != nil {
+		_ = svc.Stop()
+		n.cancel()
+		return fmt.Errorf("node: add endpoints: %w", err)
+	}
+	// One wildcard subscription for every nexlet's heartbeat, so a heartbeat can
+	// never race a per-agent subscription.
+	sub, err := n.o.NC.Subscribe(protocol.AgentHeartbeatSubject(n.id, "*"), n.onHeartbeat)
+	if err != nil {
+		_ = svc.Stop()
+		n.cancel()
+		return fmt.Errorf("node: subscribe to nexlet heartbeats: %w", err)
+	}
+	if err := n.o.NC.Flush(); err != nil {
+		_ = sub.Unsubscribe()
+		_ = svc.Stop()
+		n.cancel()
+		return fmt.Errorf("node: flush subscriptions: %w", err)
+	}
+	n.mu.Lock()
+	n.svc, n.hbSub = svc, sub
+	tags := n.tagsLocked()
+	n.mu.Unlock()
+	if n.o.AllowRemoteRegistration {
+		n.log.Warn("remote registration enabled: nexlets elsewhere may register with this node", "nexus", n.o.Nexus)
+	}
+
+	n.loops.Add(2)
+	go n.heartbeatLoop()
+	go n.healthLoop()
+
+	n.o.Emitter.Emit(n.id, protocol.EventNodeStarted, protocol.NodeStartedEvent{
+		ID: n.id, Name: n.o.Name, Nexus: n.o.Nexus, Tags: tags, Type: protocol.NodeStartedEventType,
+	})
+	n.log.Info("node API serving", "name", n.o.Name, "nexus", n.o.Nexus)
+	return nil
+}
+
+// semver is micro's version rule, kept here to decide before AddService fails.
+var semver = regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$`)
+
+// Stop stops the micro service and the loops, waits (bounded by ctx) for handlers in
+// flight, and emits NODESTOPPED. It leaves the connection open: the daemon owns it.
+func (n *Node) Stop(ctx context.Context) error {
+	n.mu.Lock()
+	svc, sub := n.svc, n.hbSub
+	n.svc, n.hbSub = nil, nil
+	n.state = protocol.NodeStopping
+	n.mu.Unlock()
+	if svc == nil {
+		return nil
+	}
+	var errs []error
+	if err := svc.Stop(); err != nil {
+		errs = append(errs, fmt.Errorf("node: stop micro service: %w", err))
+	}
+	if err := sub.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		errs = append(errs, fmt.Errorf("node: unsubscribe heartbeats: %w", err))
+	}
+	n.cancel()
+	done := make(chan struct{})
+	go func() {
+		n.loops.Wait()
+		n.inflight.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		errs = append(errs, fmt.Errorf("node: waiting for handlers in flight: %w", ctx.Err()))
+	}
+	n.o.Emitter.Emit(n.id, protocol.EventNodeStopped, protocol.NodeStoppedEvent{ID: n.id})
+	return errors.Join(errs...)
+}
+
+// async runs h on its own goroutine, so a slow request (a deploy waits up to a minute
+// for its nexlet) does not hold up the endpoint; when too many run, h runs inline,
+// which pushes back on the sender.
+func (n *Node) async(h func(micro.Request)) func(micro.Request) {
+	return func(r micro.Request) {
+		select {
+		case n.slots <- struct{}{}:
+		default:
+			h(r)
+			return
+		}
+		// micro's request must not be touched once the callback returns (it reads
+		// its fields for stats), so the goroutine answers through a copy.
+		d := &detachedRequest{nc: n.o.NC, subject: r.Subject(), reply: r.Reply(), data: r.Data(), headers: r.Headers()}
+		n.inflight.Add(1)
+		go func() {
+			defer func() { <-n.slots; n.inflight.Done() }()
+			h(d)
+		}()
+	}
+}
+
+// detachedRequest is a micro.Request that replies on the node's connection.
+type detachedRequest struct {
+	nc             *nats.Conn
+	subject, reply string
+	data           []byte
+	headers        micro.Headers
+}
+
+func (d *detachedRequest) Respond(b []byte, opts ...micro.RespondOpt) error {
+	m := &nats.Msg{Subject: d.reply, Data: b}
+	for _, o := range opts {
+		o(m)
+	}
+	if d.reply == "" {
+		return errors.New("request has no reply subject")
+	}
+	return d.nc.PublishMsg(m)
+}
+
+func (d *detachedRequest) RespondJSON(v any, opts ...micro.RespondOpt) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("%w: %v", micro.ErrMarshalResponse, err)
+	}
+	return d.Respond(b, opts...)
+}
+
+func (d *detachedRequest) Error(code, desc string, data []byte, opts ...micro.RespondOpt) error {
+	m := &nats.Msg{Subject: d.reply, Data: data, Header: nats.Header{}}
+	for _, o := range opts {
+		o(m)
+	}
+	m.Header.Set(protocol.HeaderErrorCode, code)
+	m.Header.Set(protocol.HeaderError, desc)
+	if d.reply == "" {
+		return errors.New("request has no reply subject")
+	}
+	return d.nc.PublishMsg(m)
+}
+
+func (d *detachedRequest) Data() []byte           { return d.data }
+func (d *detachedRequest) Headers() micro.Headers { return d.headers }
+func (d *detachedRequest) Subject() string        { return d.subject }
+func (d *detachedRequest) Reply() string          { return d.reply }
+
+func (n *Node) heartbeatLoop() {
+	defer n.loops.Done()
+	t := time.NewTicker(n.o.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		n.publishHeartbeat()
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (n *Node) publishHeartbeat() {
+	n.mu.Lock()
+	hb := protocol.NodeHeartbeat{Registrations: n.registrationsLocked(), State: n.state}
+	n.mu.Unlock()
+	b, err := protocol.Marshal(hb)
+	if err == nil {
+		err = n.o.NC.Publish(protocol.NodeHeartbeatSubject(n.id), b)
+	}
+	if err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		n.log.Warn("failed to publish node heartbeat", "err", err)
+	}
+}
+
+func (n *Node) healthLoop() {
+	defer n.loops.Done()
+	t := time.NewTicker(n.o.HealthTick)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case now := <-t.C:
+			n.sweep(now)
+		}
+	}
+}
+
+// Ping answers like a PING request without a filter.
+func (n *Node) Ping() protocol.NodePingResponse {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return protocol.NodePingResponse{
+		AgentCount: len(n.agents),
+		NodeID:     n.id,
+		StartTime:  n.startTime.UTC(),
+		State:      n.state,
+		Tags:       n.tagsLocked(),
+		Version:    n.o.Version,
+		XKey:       n.xpub,
+	}
+}
+
+// Info answers like an INFO request.
+func (n *Node) Info() protocol.NodeInfoResponse {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return protocol.NodeInfoResponse{
+		NodeAgentSummaries: n.summariesLocked(time.Now()),
+		NodeID:             n.id,
+		Tags:               n.tagsLocked(),
+		Uptime:             time.Since(n.startTime).Truncate(time.Millisecond).String(),
+		Version:            n.o.Version,
+		XKey:               n.xpub,
+	}
+}
+
+// ErrStopping is returned by EnterLameduck once the node is stopping.
+var ErrStopping = errors.New("node is stopping")
+
+// EnterLameduck puts the node in lame duck mode: it stops bidding and refuses deploys
+// at once (tag nex.lameduck=true), tells its nexlets, emits NODELAMEDUCKSET and calls
+// OnLameduck so the daemon stops after delay. A second call returns the first
+// deadline and changes nothing.
+func (n *Node) EnterLameduck(delay time.Duration) (time.Time, error) {
+	if delay < 0 {
+		return time.Time{}, fmt.Errorf("lameduck delay %s must not be negative", delay)
+	}
+	n.mu.Lock()
+	if n.state == protocol.NodeStopping {
+		n.mu.Unlock()
+		return time.Time{}, ErrStopping
+	}
+	if !n.lameduck.IsZero() {
+		until := n.lameduck
+		n.mu.Unlock()
+		return until, nil
+	}
+	until := time.Now().Add(delay)
+	n.lameduck = until
+	n.state = protocol.NodeLameduck
+	ctx := n.ctx
+	n.mu.Unlock()
+
+	n.log.Info("node entering lameduck mode", "delay", delay.String(), "until", until.Format(time.RFC3339))
+	n.o.Emitter.Emit(n.id, protocol.EventNodeLameduckSet, protocol.NodeLameduckSetEvent{ID: n.id, Time: until.UTC()})
+	if ctx != nil {
+		// A nexlet may hold its reply until its workloads are down, so the node does
+		// not wait for it here.
+		n.inflight.Add(1)
+		go func() {
+			defer n.inflight.Done()
+			n.forwardLameduck(ctx, delay)
+		}()
+	}
+	if n.o.OnLameduck != nil {
+		n.o.OnLameduck(delay)
+	}
+	return until, nil
+}
+
+// Lameduck reports whether the node is in lame duck mode and until when.
+func (n *Node) Lameduck() (bool, time.Time) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return !n.lameduck.IsZero(), n.lameduck
+}
+
+func (n *Node) forwardLameduck(ctx context.Context, delay time.Duration) {
+	body, _ := protocol.Marshal(protocol.LameduckRequest{Delay: delay.String()})
+	count := n.agentCount()
+	if count == 0 {
+		return
+	}
+	err := gather(ctx, n.o.NC, protocol.SetLameduckAgentsSubject(n.id), body, count, n.o.FanoutTimeout, func(m *nats.Msg) bool {
+		var resp protocol.LameduckResponse
+		if isErrorReply(m) || protocol.Decode(m.Data, &resp) != nil {
+			n.log.Warn("nexlet did not accept lameduck", "agent_id", m.Header.Get("agentId"),
+				"error", m.Header.Get(protocol.HeaderError))
+			resp.Success = false
+		}
+		n.o.Emitter.Emit(n.id, protocol.EventAgentLameduckSet, protocol.AgentLameduckSetEvent{Success: resp.Success})
+		return true
+	})
+	if err != nil {
+		n.log.Warn("forwarding lameduck to nexlets", "err", err)
+	}
+}

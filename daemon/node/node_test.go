@@ -1,0 +1,681 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+func TestPingInfoTagsFiveNodes(t *testing.T) {
+	f := newFixture(t, 5, func(i int, o *Options) {
+		o.Tags = map[string]string{"zone": []string{"a", "b"}[i%2]}
+	})
+	f.healthyAgent(f.nodes[1], "agent1", "go_exec", "native", nil)
+
+	msgs := collect(t, f.client, protocol.PingSubject(), mustJSON(t, protocol.NodePingRequest{Filter: map[string]string{}}), 5, 10*time.Second, 300*time.Millisecond)
+	if len(msgs) != 5 {
+		t.Fatalf("nexus ping: got %d replies, want 5", len(msgs))
+	}
+	seen := map[string]protocol.NodePingResponse{}
+	for _, m := range msgs {
+		var p protocol.NodePingResponse
+		if err := protocol.Decode(m.Data, &p); err != nil {
+			t.Fatalf("ping reply %q: %v", m.Data, err)
+		}
+		seen[p.NodeID] = p
+	}
+	for i, n := range f.nodes {
+		p, ok := seen[n.ID()]
+		if !ok {
+			t.Fatalf("node %d did not answer", i)
+		}
+		wantAgents := 0
+		if i == 1 {
+			wantAgents = 1
+		}
+		if p.AgentCount != wantAgents || p.State != protocol.NodeRunning || p.XKey != n.XKeyPublic() ||
+			p.Tags[protocol.TagNode] != n.o.Name || p.Tags[protocol.TagNexus] != "testnexus" || p.Tags[protocol.TagLameduck] != "false" {
+			t.Errorf("node %d ping = %+v", i, p)
+		}
+	}
+
+	tests := []struct {
+		name    string
+		subject string
+		body    string
+		want    int
+	}{
+		{"filter one zone", protocol.PingSubject(), `{"filter":{"zone":"a"}}`, 3},
+		{"filter by node name", protocol.PingSubject(), `{"filter":{"nex.node":"node-3"}}`, 1},
+		{"filter mismatch is silent", protocol.PingSubject(), `{"filter":{"zone":"nowhere"}}`, 0},
+		{"null body means no filter", protocol.PingSubject(), `null`, 5},
+		{"direct ping", protocol.PingNodeSubject(f.nodes[2].ID()), `{"filter":null}`, 1},
+		{"direct ping filtered out", protocol.PingNodeSubject(f.nodes[2].ID()), `{"filter":{"zone":"b"}}`, 0},
+		{"ptags", protocol.PTagsSubject(), ``, 5},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := collect(t, f.client, tc.subject, []byte(tc.body), tc.want, 10*time.Second, 300*time.Millisecond)
+			if len(got) != tc.want {
+				t.Fatalf("got %d replies, want %d", len(got), tc.want)
+			}
+			for _, m := range got {
+				if c := m.Header.Get(protocol.HeaderErrorCode); c != "" {
+					t.Fatalf("error reply %s %s", c, m.Data)
+				}
+			}
+		})
+	}
+
+	// Admin endpoints exist only under system.
+	if _, err := f.client.Request(protocol.ControlPrefix("tenant")+".PING", []byte(`{"filter":{}}`), time.Second); err != nats.ErrNoResponders {
+		t.Errorf("ping under a user namespace: err = %v, want no responders", err)
+	}
+
+	m := request(t, f.client, protocol.InfoSubject(f.nodes[1].ID()), "{}")
+	var info protocol.NodeInfoResponse
+	if err := protocol.Decode(m.Data, &info); err != nil {
+		t.Fatal(err)
+	}
+	if info.NodeID != f.nodes[1].ID() || len(info.NodeAgentSummaries) != 1 {
+		t.Fatalf("info = %+v", info)
+	}
+	s := info.NodeAgentSummaries[0]
+	if s.AgentID != "agent1" || s.AgentHealth != protocol.HealthHealthy || s.AgentHealthStoplight != "🟢" || s.AgentSummary.Name != "go_exec" {
+		t.Errorf("agent summary = %+v", s)
+	}
+	if _, err := time.ParseDuration(info.Uptime); err != nil {
+		t.Errorf("uptime %q is not a Go duration: %v", info.Uptime, err)
+	}
+
+	agentIDSubj := protocol.ControlPrefix(protocol.SystemNamespace) + ".AGENTID." + f.nodes[1].ID()
+	if m := request(t, f.client, agentIDSubj, "go_exec"); string(m.Data) != "agent1" {
+		t.Errorf("AGENTID = %q", m.Data)
+	}
+	if got := collect(t, f.client, agentIDSubj, []byte("nope"), 0, time.Second, 300*time.Millisecond); len(got) != 0 {
+		t.Errorf("AGENTID of unknown name answered %q", got[0].Data)
+	}
+}
+
+func TestAuctionTagsThreeNodes(t *testing.T) {
+	f := newFixture(t, 3, func(i int, o *Options) {
+		o.Tags = map[string]string{"zone": []string{"a", "b", "a"}[i], "gpu": "no"}
+	})
+	agents := make([]*fakeAgent, 3)
+	for i, n := range f.nodes {
+		agents[i] = f.healthyAgent(n, "agent"+string(rune('0'+i)), "go_exec", "native", nil)
+	}
+	tests := []struct {
+		name string
+		req  protocol.AuctionRequest
+		want int
+	}{
+		{"no tags", protocol.AuctionRequest{AgentType: "native"}, 3},
+		{"zone a", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{"zone": "a"}}, 2},
+		{"all tags must match", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{"zone": "a", "gpu": "yes"}}, 0},
+		{"unknown tag", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{"rack": "1"}}, 0},
+		{"built-in tag", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{protocol.TagNode: "node-1"}}, 1},
+		{"unknown type", protocol.AuctionRequest{AgentType: "wasm"}, 0},
+		{"lifecycle supported", protocol.AuctionRequest{AgentType: "native", Lifecycle: protocol.LifecycleJob}, 3},
+		{"lifecycle unsupported", protocol.AuctionRequest{AgentType: "native", Lifecycle: protocol.LifecycleFunction}, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			bids := f.auction("tenant", tc.req, tc.want)
+			if len(bids) != tc.want {
+				t.Fatalf("got %d bids, want %d", len(bids), tc.want)
+			}
+		})
+	}
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{"zone": "b"}}, 1)
+	if len(bids) != 1 {
+		t.Fatalf("zone b bids: %d", len(bids))
+	}
+	b := bids[0]
+	if b.NodeID != f.nodes[1].ID() || b.NodeName != "node-1" || b.XKey != agents[1].req.PublicXKey || b.StartRequestSchema != testSchema ||
+		len(b.SupportedLifecycles) != 2 || b.BidderID == "" {
+		t.Errorf("bid = %+v", b)
+	}
+	// Reloaded tags apply at once.
+	if err := f.nodes[0].SetTags(map[string]string{"zone": "c"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{"zone": "c"}}, 1); len(got) != 1 || got[0].NodeID != f.nodes[0].ID() {
+		t.Errorf("after SetTags: %+v", got)
+	}
+	if err := f.nodes[0].SetTags(map[string]string{"nex.os": "plan9"}); err == nil {
+		t.Error("SetTags accepted a reserved nex. tag")
+	}
+}
+
+func TestCapacityAndLoadInBids(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", func(a *fakeAgent) { a.req.MaxWorkloads = 1 })
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 || bids[0].WorkloadCount != 0 {
+		t.Fatalf("bids = %+v", bids)
+	}
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "w1", `{"cmd":"x"}`))
+	if m.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Fatalf("deploy: %s", m.Data)
+	}
+	// Full at once, without waiting for a heartbeat to report it.
+	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
+		t.Fatalf("a full nexlet bid: %+v", got)
+	}
+	eventually(t, "heartbeat reports the workload", func() bool { return f.nodes[0].Agents()[0].Summary.WorkloadCount == 1 })
+	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
+		t.Fatalf("a full nexlet bid after heartbeat: %+v", got)
+	}
+	_ = a
+}
+
+func TestLameduck(t *testing.T) {
+	var calls atomic.Int32
+	var gotDelay atomic.Int64
+	f := newFixture(t, 3, func(i int, o *Options) {
+		o.Tags = map[string]string{"zone": "a"}
+		if i == 0 {
+			o.OnLameduck = func(d time.Duration) { calls.Add(1); gotDelay.Store(int64(d)) }
+		}
+	})
+	agents := make([]*fakeAgent, 3)
+	for i, n := range f.nodes {
+		agents[i] = f.healthyAgent(n, "agent"+string(rune('0'+i)), "go_exec", "native", nil)
+	}
+	old := f.auction("tenant", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{protocol.TagNode: "node-0"}}, 1)
+	if len(old) != 1 {
+		t.Fatal("no bid from node-0 before lameduck")
+	}
+	target := f.nodes[0].ID()
+
+	// A tag filter that does not match is silent.
+	if got := collect(t, f.client, protocol.LameduckSubject(target), []byte(`{"delay":"1m","tag":{"zone":"b"}}`), 0, time.Second, 300*time.Millisecond); len(got) != 0 {
+		t.Fatalf("lameduck with a non-matching tag answered %q", got[0].Data)
+	}
+	m := request(t, f.client, protocol.LameduckSubject(target), `{"delay":"1m0s","tag":{"zone":"a"}}`)
+	var resp protocol.LameduckResponse
+	if err := protocol.Decode(m.Data, &resp); err != nil || !resp.Success || !strings.Contains(resp.Message, "lameduck") {
+		t.Fatalf("lameduck reply %q: %v", m.Data, err)
+	}
+	if calls.Load() != 1 || time.Duration(gotDelay.Load()) != time.Minute {
+		t.Errorf("OnLameduck calls=%d delay=%v", calls.Load(), time.Duration(gotDelay.Load()))
+	}
+	// The tag flips at once.
+	var tags map[string]string
+	if err := json.Unmarshal(request(t, f.client, protocol.PingNodeSubject(target), `{"filter":{}}`).Data, &struct {
+		Tags *map[string]string `json:"tags"`
+	}{&tags}); err != nil || tags[protocol.TagLameduck] != "true" {
+		t.Fatalf("tags after lameduck: %v %v", tags, err)
+	}
+	if f.nodes[0].State() != protocol.NodeLameduck {
+		t.Errorf("state = %s", f.nodes[0].State())
+	}
+	eventually(t, "nexlet told to enter lameduck", func() bool {
+		agents[0].mu.Lock()
+		defer agents[0].mu.Unlock()
+		return agents[0].lameducks == 1
+	})
+	// A lameduck node does not bid.
+	for _, b := range f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 2) {
+		if b.NodeID == target {
+			t.Fatal("lameduck node bid")
+		}
+	}
+	// And refuses a deploy to a bid it made before.
+	m = request(t, f.client, protocol.DeploySubject("tenant", old[0].BidderID), startReq("tenant", "w", `{"cmd":"x"}`))
+	code, body := errorReply(t, m)
+	if code != "400" || !strings.Contains(body.Error, "lameduck") {
+		t.Errorf("deploy to lameduck node: %s %+v", code, body)
+	}
+	if agents[0].workloadCount() != 0 {
+		t.Error("lameduck node started a workload")
+	}
+	// A second request changes nothing.
+	request(t, f.client, protocol.LameduckSubject(target), `{"delay":"5s"}`)
+	if calls.Load() != 1 {
+		t.Errorf("OnLameduck called again")
+	}
+	if m := request(t, f.client, protocol.LameduckSubject(target), `{"delay":"soon"}`); m.Header.Get(protocol.HeaderErrorCode) != "400" {
+		t.Errorf("bad delay: %q", m.Data)
+	}
+}
+
+func TestDeployListStopCloneRoundTrip(t *testing.T) {
+	f := newFixture(t, 3, nil)
+	agents := make([]*fakeAgent, 3)
+	for i, n := range f.nodes {
+		agents[i] = f.healthyAgent(n, "agent"+string(rune('0'+i)), "go_exec", "native", nil)
+	}
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{protocol.TagNode: "node-2"}}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid")
+	}
+	req := startReq("tenant", "hello", `{"cmd":"echo hi"}`)
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), req)
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil || started.Name != "hello" || started.ID == "" {
+		t.Fatalf("deploy reply %q %v", m.Data, err)
+	}
+	wid := started.ID
+	// Minted for the body namespace and stored.
+	agents[2].mu.Lock()
+	cd := agents[2].creds[wid]
+	agents[2].mu.Unlock()
+	if cd.ConnName != "workload-tenant-"+wid {
+		t.Errorf("workload creds = %+v", cd)
+	}
+	stored, _ := f.stores[2].ByType(context.Background(), "native")
+	if _, ok := stored[wid]; !ok || f.stores[2].Len() != 1 {
+		t.Fatalf("store = %+v", stored)
+	}
+	// A bidder id is single use.
+	if got := collect(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), mustJSON(t, req), 0, time.Second, 300*time.Millisecond); len(got) != 0 {
+		t.Fatalf("second deploy on one bid answered %q", got[0].Data)
+	}
+
+	// List: one array per node, ours holds the workload.
+	list := collect(t, f.client, protocol.WPingSubject("tenant"), mustJSON(t, protocol.AgentListWorkloadsRequest{Namespace: "tenant", Filter: []string{}}), 3, 10*time.Second, 300*time.Millisecond)
+	if len(list) != 3 {
+		t.Fatalf("WPING replies: %d", len(list))
+	}
+	var all []protocol.WorkloadSummary
+	for _, m := range list {
+		var ws []protocol.WorkloadSummary
+		if err := json.Unmarshal(m.Data, &ws); err != nil || ws == nil {
+			t.Fatalf("WPING reply %q (must be an array, [] when empty): %v", m.Data, err)
+		}
+		all = append(all, ws...)
+	}
+	if len(all) != 1 || all[0].ID != wid {
+		t.Fatalf("workloads = %+v", all)
+	}
+	if ws, err := f.nodes[2].Workloads(context.Background()); err != nil || len(ws) != 1 {
+		t.Fatalf("Workloads() = %v %v", ws, err)
+	}
+
+	// Clone returns the bare start request.
+	clone := collect(t, f.client, protocol.CloneSubject("tenant", wid), mustJSON(t, protocol.CloneWorkloadRequest{Namespace: "tenant", NewTargetXKey: "X"}), 1, 10*time.Second, 300*time.Millisecond)
+	if len(clone) != 1 {
+		t.Fatalf("clone replies: %d", len(clone))
+	}
+	var cloned protocol.StartWorkloadRequest
+	if err := protocol.Decode(clone[0].Data, &cloned); err != nil || cloned.RunRequest != req.RunRequest || cloned.Name != "hello" {
+		t.Fatalf("clone %q: %v", clone[0].Data, err)
+	}
+
+	// Stop: every node answers, exactly one stopped it.
+	stops := collect(t, f.client, protocol.UndeploySubject("tenant", wid), mustJSON(t, protocol.StopWorkloadRequest{Namespace: "tenant"}), 3, 10*time.Second, 300*time.Millisecond)
+	stopped := 0
+	for _, m := range stops {
+		var r protocol.StopWorkloadResponse
+		if err := protocol.Decode(m.Data, &r); err != nil {
+			t.Fatalf("stop reply %q: %v", m.Data, err)
+		}
+		if r.Stopped {
+			stopped++
+			if r.WorkloadType != "native" || r.ID != wid {
+				t.Errorf("stop reply %+v", r)
+			}
+		} else if r.Message != protocol.ErrTextWorkloadNotFound || r.ID != wid || r.WorkloadType != "" {
+			t.Errorf("not-found reply %+v", r)
+		}
+	}
+	if len(stops) != 3 || stopped != 1 {
+		t.Fatalf("stop replies %d, stopped %d", len(stops), stopped)
+	}
+	if f.stores[2].Len() != 0 || agents[2].workloadCount() != 0 {
+		t.Error("stopped workload still stored or running")
+	}
+}
+
+func TestNamespaceIsolation(t *testing.T) {
+	f := newFixture(t, 3, nil)
+	agents := make([]*fakeAgent, 3)
+	for i, n := range f.nodes {
+		agents[i] = f.healthyAgent(n, "agent"+string(rune('0'+i)), "go_exec", "native", nil)
+	}
+	bids := f.auction("alpha", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{protocol.TagNode: "node-0"}}, 1)
+	m := request(t, f.client, protocol.DeploySubject("alpha", bids[0].BidderID), startReq("alpha", "secret", `{"cmd":"x"}`))
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil {
+		t.Fatalf("deploy %q: %v", m.Data, err)
+	}
+	wid := started.ID
+
+	// System may deploy into alpha; the creds are minted for the body namespace.
+	sysBids := f.auction("system", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{protocol.TagNode: "node-2"}}, 1)
+	m = request(t, f.client, protocol.DeploySubject("system", sysBids[0].BidderID), startReq("alpha", "bysystem", `{"cmd":"x"}`))
+	var bySystem protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &bySystem); err != nil {
+		t.Fatalf("system deploy %q: %v", m.Data, err)
+	}
+	agents[2].mu.Lock()
+	cd := agents[2].creds[bySystem.ID]
+	agents[2].mu.Unlock()
+	if cd.ConnName != "workload-alpha-"+bySystem.ID {
+		t.Errorf("system deploy minted %q, want alpha's creds", cd.ConnName)
+	}
+
+	// Deploying into another namespace from beta: 403.
+	bids = f.auction("beta", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{protocol.TagNode: "node-1"}}, 1)
+	m = request(t, f.client, protocol.DeploySubject("beta", bids[0].BidderID), startReq("alpha", "sneaky", `{"cmd":"x"}`))
+	if code, _ := errorReply(t, m); code != "403" {
+		t.Errorf("cross-namespace deploy: %s", code)
+	}
+
+	// Listing as beta shows nothing of alpha; asking for alpha is 403.
+	for _, m := range collect(t, f.client, protocol.WPingSubject("beta"), mustJSON(t, protocol.AgentListWorkloadsRequest{Namespace: "beta", Filter: []string{}}), 3, 10*time.Second, 300*time.Millisecond) {
+		if string(m.Data) != "[]" {
+			t.Errorf("beta sees %s", m.Data)
+		}
+	}
+	for _, m := range collect(t, f.client, protocol.WPingSubject("beta"), mustJSON(t, protocol.AgentListWorkloadsRequest{Namespace: "alpha", Filter: []string{}}), 3, 10*time.Second, 300*time.Millisecond) {
+		if code, _ := errorReply(t, m); code != "403" {
+			t.Errorf("beta listing alpha: %s", code)
+		}
+	}
+	// Stopping: 403 with alpha in the body, "not found" with beta.
+	for _, m := range collect(t, f.client, protocol.UndeploySubject("beta", wid), mustJSON(t, protocol.StopWorkloadRequest{Namespace: "alpha"}), 3, 10*time.Second, 300*time.Millisecond) {
+		if code, _ := errorReply(t, m); code != "403" {
+			t.Errorf("beta stopping alpha: %s", code)
+		}
+	}
+	for _, m := range collect(t, f.client, protocol.UndeploySubject("beta", wid), mustJSON(t, protocol.StopWorkloadRequest{Namespace: "beta"}), 3, 10*time.Second, 300*time.Millisecond) {
+		var r protocol.StopWorkloadResponse
+		if err := protocol.Decode(m.Data, &r); err != nil || r.Stopped {
+			t.Errorf("beta stop reply %q", m.Data)
+		}
+	}
+	if agents[0].workloadCount() != 1 {
+		t.Fatal("beta stopped alpha's workload")
+	}
+	// Clone as beta: silence, even though the nexlet hands out any namespace.
+	if got := collect(t, f.client, protocol.CloneSubject("beta", wid), mustJSON(t, protocol.CloneWorkloadRequest{Namespace: "beta", NewTargetXKey: "X"}), 0, 5*time.Second, 1500*time.Millisecond); len(got) != 0 {
+		t.Fatalf("beta cloned alpha's workload: %q", got[0].Data)
+	}
+	// System sees and clones everything.
+	if got := collect(t, f.client, protocol.CloneSubject("system", wid), mustJSON(t, protocol.CloneWorkloadRequest{Namespace: "system", NewTargetXKey: "X"}), 1, 10*time.Second, 300*time.Millisecond); len(got) != 1 {
+		t.Fatalf("system clone: %d replies", len(got))
+	}
+	n := 0
+	for _, m := range collect(t, f.client, protocol.WPingSubject("system"), mustJSON(t, protocol.AgentListWorkloadsRequest{Namespace: "system", Filter: []string{}}), 3, 10*time.Second, 300*time.Millisecond) {
+		var ws []protocol.WorkloadSummary
+		_ = json.Unmarshal(m.Data, &ws)
+		n += len(ws)
+	}
+	if n != 2 {
+		t.Errorf("system sees %d workloads, want 2", n)
+	}
+	// System stops it with the owning namespace in the body.
+	stopped := false
+	for _, m := range collect(t, f.client, protocol.UndeploySubject("system", wid), mustJSON(t, protocol.StopWorkloadRequest{Namespace: "alpha"}), 3, 10*time.Second, 300*time.Millisecond) {
+		var r protocol.StopWorkloadResponse
+		_ = protocol.Decode(m.Data, &r)
+		stopped = stopped || r.Stopped
+	}
+	if !stopped {
+		t.Error("system could not stop alpha's workload")
+	}
+}
+
+func TestDeployRefusals(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Store = &MemStore{MaxValueBytes: 600} })
+	st := f.nodes[0].o.Store.(*MemStore)
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
+	deploy := func(req any) *nats.Msg {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+		if len(bids) != 1 {
+			t.Fatal("no bid")
+		}
+		return request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), req)
+	}
+	tests := []struct {
+		name     string
+		req      any
+		code     string
+		contains string
+	}{
+		{"schema: missing required", startReq("tenant", "w", `{"n":1}`), "400", "cmd"},
+		{"schema: wrong type", startReq("tenant", "w", `{"cmd":5}`), "400", "run_request"},
+		{"run_request not JSON", startReq("tenant", "w", `{cmd`), "400", "not valid JSON"},
+		{"unknown type", func() protocol.StartWorkloadRequest {
+			r := startReq("tenant", "w", `{"cmd":"x"}`)
+			r.WorkloadType = "wasm"
+			return r
+		}(), "404", "workload type not found"},
+		{"unsupported lifecycle", func() protocol.StartWorkloadRequest {
+			r := startReq("tenant", "w", `{"cmd":"x"}`)
+			r.WorkloadLifecycle = protocol.LifecycleFunction
+			return r
+		}(), "400", "lifecycle"},
+		{"bad lifecycle", strings.Replace(string(mustJSON(t, startReq("tenant", "w", `{"cmd":"x"}`))), `"service"`, `"forever"`, 1), "400", "workload_lifecycle"},
+		{"missing key", `{"name":"w"}`, "400", "missing"},
+		{"too big to store", func() protocol.StartWorkloadRequest {
+			return startReq("tenant", "w", `{"cmd":"`+strings.Repeat("x", 700)+`"}`)
+		}(), "400", "stopped again"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, body := errorReply(t, deploy(tc.req))
+			if code != tc.code || !strings.Contains(body.Error, tc.contains) {
+				t.Errorf("got %s %q, want %s containing %q", code, body.Error, tc.code, tc.contains)
+			}
+		})
+	}
+	if st.Len() != 0 || a.workloadCount() != 0 {
+		t.Errorf("refused deploys left state: store %d, running %d", st.Len(), a.workloadCount())
+	}
+	// A nexlet's refusal is relayed verbatim and not stored.
+	a.mu.Lock()
+	a.failStart = "artifact not found"
+	a.mu.Unlock()
+	m := deploy(startReq("tenant", "w", `{"cmd":"x"}`))
+	if m.Header.Get(protocol.HeaderErrorCode) != "100" || m.Header.Get(protocol.HeaderError) != "artifact not found" {
+		t.Errorf("nexlet error not relayed: %v %q", m.Header, m.Data)
+	}
+	if st.Len() != 0 {
+		t.Error("failed start was stored")
+	}
+}
+
+func TestHealthTransitions(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		o.DegradedAfter = 400 * time.Millisecond
+		o.OfflineAfter = 900 * time.Millisecond
+		o.RemoveOfflineAfter = 600 * time.Millisecond
+		o.Emitter = NATSEmitter{NC: o.NC}
+	})
+	n := f.nodes[0]
+	events, err := f.client.SubscribeSync(protocol.EventSubject(n.ID(), protocol.EventAgentStopped))
+	if err != nil {
+		t.Fatal(err)
+	}
+	started, _ := f.client.SubscribeSync(protocol.EventSubject(n.ID(), protocol.EventAgentStarted))
+	_ = f.client.Flush()
+	a := f.healthyAgent(n, "agent0", "go_exec", "native", nil)
+	if _, err := started.NextMsg(10 * time.Second); err != nil {
+		t.Fatalf("no AGENTSTARTED: %v", err)
+	}
+	health := func() string {
+		for _, ai := range n.Agents() {
+			if ai.ID == "agent0" {
+				return ai.Health
+			}
+		}
+		return "removed"
+	}
+	// State from heartbeats.
+	a.mu.Lock()
+	a.hbState = "lameduck"
+	a.mu.Unlock()
+	eventually(t, "shutting down", func() bool { return health() == protocol.HealthShuttingDown })
+	a.mu.Lock()
+	a.hbState = "starting"
+	a.mu.Unlock()
+	eventually(t, "degraded by state", func() bool { return health() == protocol.HealthDegraded })
+	a.mu.Lock()
+	a.hbState = "running"
+	a.mu.Unlock()
+	eventually(t, "healthy again", func() bool { return health() == protocol.HealthHealthy })
+
+	// Silence: degraded, offline, removed.
+	a.stopHeartbeats()
+	seen := map[string]bool{}
+	eventually(t, "removal", func() bool {
+		h := health()
+		seen[h] = true
+		return h == "removed"
+	})
+	for _, h := range []string{protocol.HealthDegraded, protocol.HealthOffline} {
+		if !seen[h] {
+			t.Errorf("never saw %s on the way out (saw %v)", h, seen)
+		}
+	}
+	m, err := events.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatalf("no AGENTSTOPPED: %v", err)
+	}
+	var ev protocol.AgentStoppedEvent
+	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.ID != "agent0" || !strings.Contains(ev.Reason, "offline") {
+		t.Errorf("event %q %v", m.Data, err)
+	}
+	if n.Ping().AgentCount != 0 {
+		t.Errorf("agent_count = %d after removal", n.Ping().AgentCount)
+	}
+	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
+		t.Error("bid without a live nexlet")
+	}
+}
+
+func TestRegistration(t *testing.T) {
+	t.Run("remote on", func(t *testing.T) {
+		f := newFixture(t, 3, func(_ int, o *Options) { o.AllowRemoteRegistration = true })
+		msgs := collect(t, f.client, protocol.RemoteRegisterSubject("testnexus"), []byte(`{}`), 1, 10*time.Second, 500*time.Millisecond)
+		if len(msgs) != 1 {
+			t.Fatalf("RREGISTER replies: %d, want exactly one (queue group = nexus)", len(msgs))
+		}
+		var rr protocol.RegisterRemoteAgentResponse
+		if err := protocol.Decode(msgs[0].Data, &rr); err != nil || rr.RegistrationCreds == nil {
+			t.Fatalf("RREGISTER %q: %v", msgs[0].Data, err)
+		}
+		if rr.RegistrationCreds.ConnName != "register-"+rr.AssignedAgentID {
+			t.Errorf("creds = %+v", rr.RegistrationCreds)
+		}
+		var target *Node
+		for _, n := range f.nodes {
+			if n.ID() == rr.RespondTo {
+				target = n
+			}
+		}
+		if target == nil {
+			t.Fatalf("respond_to %q is no node", rr.RespondTo)
+		}
+		a := newFakeAgent(t, f.srv, rr.RespondTo, rr.AssignedAgentID, "remote", "native")
+		a.mustRegister()
+		if a.resp.ConnectionData.ConnName != "agent-"+rr.AssignedAgentID || a.resp.NodeID != target.ID() || !a.resp.Success {
+			t.Errorf("register reply %+v", a.resp)
+		}
+		if m := request(t, f.client, protocol.RemoteRegisterSubject("testnexus"), `[1,2]`); m.Header.Get(protocol.HeaderErrorCode) != "400" {
+			t.Errorf("malformed RREGISTER: %q", m.Data)
+		}
+	})
+	t.Run("remote on without issuer", func(t *testing.T) {
+		f := newFixture(t, 1, func(_ int, o *Options) {
+			o.AllowRemoteRegistration = true
+			o.Minter = testMinter{url: "nats://x"}
+		})
+		code, body := errorReply(t, request(t, f.client, protocol.RemoteRegisterSubject("testnexus"), `{}`))
+		if code != "403" || !strings.Contains(body.Error, "issuer_signing_key") {
+			t.Errorf("got %s %q", code, body.Error)
+		}
+	})
+	t.Run("remote off", func(t *testing.T) {
+		f := newFixture(t, 3, nil)
+		if _, err := f.client.Request(protocol.RemoteRegisterSubject("testnexus"), []byte(`{}`), 2*time.Second); err != nats.ErrNoResponders {
+			t.Errorf("RREGISTER without the option: %v", err)
+		}
+		a := newFakeAgent(t, f.srv, f.nodes[0].ID(), "stranger", "x", "native")
+		code, body := errorReply(t, a.register())
+		if code != "403" || !strings.Contains(body.Error, "remote registration is disabled") {
+			t.Errorf("unassigned id: %s %q", code, body.Error)
+		}
+		if f.nodes[0].Ping().AgentCount != 0 {
+			t.Error("refused nexlet counted")
+		}
+	})
+}
+
+func TestReRegistrationAndReplay(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Emitter = NATSEmitter{NC: o.NC} })
+	n := f.nodes[0]
+	a := f.healthyAgent(n, "first", "go_exec", "native", nil)
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "keep", `{"cmd":"x"}`))
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil {
+		t.Fatalf("deploy %q", m.Data)
+	}
+	// Another type's entry must not be replayed to native (exact type match).
+	_ = f.stores[0].Put(context.Background(), "nativeX", "other", startReq("tenant", "o", `{}`))
+	stopped, _ := f.client.SubscribeSync(protocol.EventSubject(n.ID(), protocol.EventAgentStopped))
+	_ = f.client.Flush()
+
+	// The nexlet restarts under a new id: the old registration goes, the workload comes back.
+	a.kill()
+	b := f.healthyAgent(n, "second", "go_exec", "native", nil)
+	if got := n.Agents(); len(got) != 1 || got[0].ID != "second" {
+		t.Fatalf("agents = %+v", got)
+	}
+	ex, ok := b.resp.ExistingState[started.ID]
+	if !ok || len(b.resp.ExistingState) != 1 || ex.Request.Name != "keep" || ex.WorkloadCreds.ConnName != "workload-tenant-"+started.ID {
+		t.Fatalf("existing_state = %+v", b.resp.ExistingState)
+	}
+	if m, err := stopped.NextMsg(10 * time.Second); err != nil || !strings.Contains(string(m.Data), "replaced") {
+		t.Errorf("AGENTSTOPPED for the replaced registration: %v", err)
+	}
+	// WaitForAgents and RemoveAgent.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if missing := n.WaitForAgents(ctx, []string{"go_exec"}); len(missing) != 0 {
+		t.Errorf("missing %v", missing)
+	}
+	short, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel2()
+	if missing := n.WaitForAgents(short, []string{"go_exec", "wasm"}); len(missing) != 1 || missing[0] != "wasm" {
+		t.Errorf("missing %v", missing)
+	}
+	if err := n.StopAllWorkloads(ctx); err != nil || b.workloadCount() != 0 {
+		t.Errorf("StopAllWorkloads: %v, %d left", err, b.workloadCount())
+	}
+	n.RemoveAgent("second", "exited with status 1")
+	if n.Ping().AgentCount != 0 {
+		t.Error("RemoveAgent left the registration")
+	}
+}
+
+func TestEnterLameduckLocal(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	until, err := n.EnterLameduck(time.Minute)
+	if err != nil || time.Until(until) <= 0 {
+		t.Fatalf("EnterLameduck: %v %v", until, err)
+	}
+	again, _ := n.EnterLameduck(time.Second)
+	if !again.Equal(until) {
+		t.Error("second EnterLameduck moved the deadline")
+	}
+	if n.Tags()[protocol.TagLameduck] != "true" {
+		t.Error("lameduck tag not set")
+	}
+	if _, err := n.EnterLameduck(-time.Second); err == nil {
+		t.Error("negative delay accepted")
+	}
+}

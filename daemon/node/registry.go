@@ -1,0 +1,344 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/santhosh-tekuri/jsonschema/v6"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// registration is one registered nexlet.
+type registration struct {
+	id           string
+	req          protocol.RegisterAgentRequest
+	schema       *jsonschema.Schema
+	registeredAt time.Time
+	lastSeen     time.Time // registration or last heartbeat: the age health counts from
+	lastBeat     time.Time // zero until the first heartbeat
+	summary      protocol.AgentSummary
+	// startedSinceBeat counts deploys since the last heartbeat, so capacity checks
+	// do not wait 10 s for the nexlet to report them.
+	startedSinceBeat int
+	reported         string // health last logged, so each change is logged once
+}
+
+func (r *registration) workloadCount() int { return r.summary.WorkloadCount + r.startedSinceBeat }
+
+func (r *registration) supports(l protocol.Lifecycle) bool {
+	// A nexlet that declares no lifecycles is taken to accept any.
+	return len(r.req.SupportedLifecycles) == 0 || slices.Contains(r.req.SupportedLifecycles, l)
+}
+
+func (r *registration) full() bool {
+	return r.req.MaxWorkloads > 0 && float64(r.workloadCount()) >= r.req.MaxWorkloads
+}
+
+// health follows upstream: a fresh heartbeat's state decides; silence longer than
+// DegradedAfter degrades, longer than OfflineAfter takes the nexlet offline.
+func (n *Node) health(r *registration, now time.Time) string {
+	age := now.Sub(r.lastSeen)
+	switch {
+	case age > n.o.OfflineAfter:
+		return protocol.HealthOffline
+	case age > n.o.DegradedAfter:
+		return protocol.HealthDegraded
+	case r.lastBeat.IsZero():
+		return protocol.HealthUnknown
+	}
+	switch r.summary.State {
+	case "running":
+		return protocol.HealthHealthy
+	case "error", "starting":
+		return protocol.HealthDegraded
+	case "lameduck", "stopping":
+		return protocol.HealthShuttingDown
+	}
+	return protocol.HealthUnknown
+}
+
+// AgentInfo describes one registered nexlet.
+type AgentInfo struct {
+	ID                  string
+	Name                string
+	Type                string
+	Version             string
+	Health              string
+	RegisteredAt        time.Time
+	LastHeartbeat       time.Time // zero before the first heartbeat
+	Summary             protocol.AgentSummary
+	WorkloadCount       int
+	MaxWorkloads        int
+	SupportedLifecycles []protocol.Lifecycle
+}
+
+// Agents lists the registered nexlets, sorted by name then id.
+func (n *Node) Agents() []AgentInfo {
+	now := time.Now()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := make([]AgentInfo, 0, len(n.agents))
+	for _, r := range n.agents {
+		out = append(out, AgentInfo{
+			ID: r.id, Name: r.req.Name, Type: r.req.RegisterType, Version: r.req.Version,
+			Health: n.health(r, now), RegisteredAt: r.registeredAt, LastHeartbeat: r.lastBeat,
+			Summary: n.summaryOf(r), WorkloadCount: r.workloadCount(),
+			MaxWorkloads: int(r.req.MaxWorkloads), SupportedLifecycles: slices.Clone(r.req.SupportedLifecycles),
+		})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Name != out[j].Name {
+			return out[i].Name < out[j].Name
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out
+}
+
+// summaryOf is the nexlet's last heartbeat summary, filled from its registration
+// before the first heartbeat so `node info` shows something useful at once.
+func (n *Node) summaryOf(r *registration) protocol.AgentSummary {
+	s := r.summary
+	if s.Name == "" {
+		s.Name = r.req.Name
+	}
+	if s.Type == "" {
+		s.Type = r.req.RegisterType
+	}
+	if s.Version == "" {
+		s.Version = r.req.Version
+	}
+	if s.SupportedLifecycles == "" {
+		ls := make([]string, len(r.req.SupportedLifecycles))
+		for i, l := range r.req.SupportedLifecycles {
+			ls[i] = string(l)
+		}
+		s.SupportedLifecycles = strings.Join(ls, ",")
+	}
+	if s.StartTime.IsZero() {
+		s.StartTime = r.registeredAt.UTC()
+	}
+	s.WorkloadCount = r.workloadCount()
+	return s
+}
+
+func (n *Node) summariesLocked(now time.Time) []protocol.NodeAgentSummary {
+	out := make([]protocol.NodeAgentSummary, 0, len(n.agents))
+	for _, r := range n.agents {
+		h := n.health(r, now)
+		s := protocol.NodeAgentSummary{
+			AgentHealth: h, AgentHealthStoplight: protocol.Stoplight(h), AgentID: r.id,
+			AgentLastHeartbeatTime: r.lastBeat.UTC(), AgentSummary: n.summaryOf(r),
+		}
+		if p, ok := n.procInfo[r.req.Name]; ok {
+			s.Restarts, s.LastExit = p.restarts, p.lastExit
+		}
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].AgentSummary.Name != out[j].AgentSummary.Name {
+			return out[i].AgentSummary.Name < out[j].AgentSummary.Name
+		}
+		return out[i].AgentID < out[j].AgentID
+	})
+	return out
+}
+
+// registrationsLocked renders the heartbeat's "<id> [<type>], …" list, sorted.
+func (n *Node) registrationsLocked() string {
+	parts := make([]string, 0, len(n.agents))
+	for id, r := range n.agents {
+		parts = append(parts, fmt.Sprintf("%s [%s]", id, r.req.RegisterType))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ", ")
+}
+
+func (n *Node) agentCount() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.agents)
+}
+
+// pickAgent returns the healthy nexlet of workloadType with the fewest workloads that
+// can take one more of lifecycle l ("" = any), or why there is none.
+func (n *Node) pickAgentLocked(workloadType string, l protocol.Lifecycle, now time.Time) (*registration, string) {
+	var best *registration
+	why := fmt.Sprintf("no healthy nexlet of type %q", workloadType)
+	for _, r := range n.agents {
+		if r.req.RegisterType != workloadType || n.health(r, now) != protocol.HealthHealthy {
+			continue
+		}
+		if l != "" && !r.supports(l) {
+			why = fmt.Sprintf("nexlet %q of type %q does not support lifecycle %q (supports %v)", r.req.Name, workloadType, l, r.req.SupportedLifecycles)
+			continue
+		}
+		if r.full() {
+			why = fmt.Sprintf("nexlet %q of type %q is at its max_workloads (%d)", r.req.Name, workloadType, int(r.req.MaxWorkloads))
+			continue
+		}
+		if best == nil || r.workloadCount() < best.workloadCount() || (r.workloadCount() == best.workloadCount() && r.id < best.id) {
+			best = r
+		}
+	}
+	if best != nil {
+		return best, ""
+	}
+	return nil, why
+}
+
+func (n *Node) totalWorkloadsLocked() int {
+	t := 0
+	for _, r := range n.agents {
+		t += r.workloadCount()
+	}
+	return t
+}
+
+// ExpectAgent tells the node that the daemon started (or restarts) a local nexlet
+// under agentID with this name. Without remote registration, only expected ids may
+// register.
+func (n *Node) ExpectAgent(agentID, name string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.expected[agentID] = name
+}
+
+// SetAgentProcessInfo records what the supervisor knows about a local nexlet
+// (restarts and the last exit), shown as nexd extensions in node info.
+func (n *Node) SetAgentProcessInfo(name string, restarts int, lastExit string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.procInfo[name] = procInfo{restarts: restarts, lastExit: lastExit}
+}
+
+// RemoveAgent drops a registration (the supervisor saw the nexlet exit) and emits
+// AGENTSTOPPED. Unknown ids are ignored.
+func (n *Node) RemoveAgent(agentID, reason string) {
+	n.mu.Lock()
+	r, ok := n.agents[agentID]
+	if ok {
+		n.removeLocked(agentID)
+	}
+	n.mu.Unlock()
+	if ok {
+		n.agentStopped(r, reason)
+	}
+}
+
+func (n *Node) removeLocked(agentID string) {
+	delete(n.agents, agentID)
+	n.notifyLocked()
+}
+
+func (n *Node) notifyLocked() {
+	close(n.changed)
+	n.changed = make(chan struct{})
+}
+
+func (n *Node) agentStopped(r *registration, reason string) {
+	n.log.Info("nexlet registration removed", "agent_id", r.id, "name", r.req.Name, "type", r.req.RegisterType, "reason", reason)
+	n.o.Emitter.Emit(n.id, protocol.EventAgentStopped, protocol.AgentStoppedEvent{
+		ID: r.id, Name: r.req.Name, Reason: reason, Timestamp: time.Now().UTC(),
+	})
+}
+
+// WaitForAgents waits until nexlets with every one of names (a registered name or an
+// agent id) are registered, or ctx ends; it returns those still missing.
+func (n *Node) WaitForAgents(ctx context.Context, names []string) []string {
+	for {
+		n.mu.Lock()
+		have := map[string]bool{}
+		for _, r := range n.agents {
+			have[r.req.Name] = true
+			have[r.id] = true
+		}
+		var missing []string
+		for _, name := range names {
+			if !have[name] {
+				missing = append(missing, name)
+			}
+		}
+		ch := n.changed
+		n.mu.Unlock()
+		if len(missing) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return missing
+		case <-ch:
+		}
+	}
+}
+
+// onHeartbeat handles $NEX.SVC.<node>.agent.HEARTBEAT.<agentId>.
+func (n *Node) onHeartbeat(m *nats.Msg) {
+	agentID := protocol.LastToken(m.Subject)
+	var hb protocol.AgentHeartbeat
+	if err := protocol.Decode(m.Data, &hb); err != nil {
+		n.log.Warn("ignoring malformed nexlet heartbeat", "agent_id", agentID, "err", err)
+		return
+	}
+	now := time.Now()
+	n.mu.Lock()
+	r, ok := n.agents[agentID]
+	var before, after string
+	if ok {
+		r.lastSeen, r.lastBeat = now, now
+		r.summary = hb.Summary
+		r.startedSinceBeat = 0
+		before, after = r.reported, n.health(r, now)
+		r.reported = after
+	}
+	n.mu.Unlock()
+	if !ok {
+		n.log.Debug("heartbeat from an unregistered nexlet", "agent_id", agentID)
+		return
+	}
+	if before != after {
+		n.log.Info("nexlet health changed", "agent_id", agentID, "name", r.req.Name, "from", before, "to", after)
+	}
+}
+
+// sweep removes registrations that have been offline for RemoveOfflineAfter, forgets
+// expired bids and logs health changes caused by silence.
+func (n *Node) sweep(now time.Time) {
+	var gone []*registration
+	type change struct {
+		r        *registration
+		from, to string
+	}
+	var changes []change
+	n.mu.Lock()
+	for id, r := range n.agents {
+		if n.o.RemoveOfflineAfter >= 0 && now.Sub(r.lastSeen) > n.o.OfflineAfter+n.o.RemoveOfflineAfter {
+			gone = append(gone, r)
+			n.removeLocked(id)
+			continue
+		}
+		if h := n.health(r, now); h != r.reported {
+			changes = append(changes, change{r, r.reported, h})
+			r.reported = h
+		}
+	}
+	for id, b := range n.bids {
+		if now.After(b.expires) {
+			delete(n.bids, id)
+		}
+	}
+	n.mu.Unlock()
+	for _, c := range changes {
+		n.log.Warn("nexlet health changed", "agent_id", c.r.id, "name", c.r.req.Name, "from", c.from, "to", c.to,
+			"last_heartbeat", c.r.lastBeat)
+	}
+	for _, r := range gone {
+		n.agentStopped(r, fmt.Sprintf("offline: no heartbeat since %s", r.lastSeen.UTC().Format(time.RFC3339)))
+	}
+}

@@ -1,0 +1,123 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"sync"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Store persists the start requests of running workloads so that a nexlet that
+// registers again (after a restart of it or of the node) gets them back in
+// existing_state. Keys are the workload type and id, as in upstream's KV layout
+// `<type>_<id>`.
+type Store interface {
+	// Put records a started workload. It must refuse values it cannot hold
+	// (wrapping ErrValueTooLarge when the value is too big) rather than drop them.
+	Put(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error
+	// Delete forgets a workload; deleting an unknown workload is not an error.
+	Delete(ctx context.Context, workloadType, workloadID string) error
+	// ByType returns the workloads of exactly this type (not a prefix match),
+	// keyed by workload id.
+	ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error)
+}
+
+// ErrValueTooLarge is wrapped by a Store's Put when a start request exceeds what the
+// store can hold. The node then stops the workload again and tells the client why.
+var ErrValueTooLarge = errors.New("start request too large to store")
+
+// NoStore keeps nothing (--state "").
+type NoStore struct{}
+
+// Put implements Store.
+func (NoStore) Put(context.Context, string, string, protocol.StartWorkloadRequest) error {
+	return nil
+}
+
+// Delete implements Store.
+func (NoStore) Delete(context.Context, string, string) error { return nil }
+
+// ByType implements Store.
+func (NoStore) ByType(context.Context, string) (map[string]protocol.StartWorkloadRequest, error) {
+	return map[string]protocol.StartWorkloadRequest{}, nil
+}
+
+// DefaultMaxValueBytes matches upstream's KV bucket value limit.
+const DefaultMaxValueBytes = 10_000
+
+// MemStore is an in-memory Store: state for the lifetime of the process only.
+type MemStore struct {
+	// MaxValueBytes bounds one encoded start request; 0 means DefaultMaxValueBytes,
+	// a negative value means no limit.
+	MaxValueBytes int
+
+	mu     sync.Mutex
+	byType map[string]map[string]protocol.StartWorkloadRequest
+}
+
+// NewMemStore returns an empty MemStore with the default value limit.
+func NewMemStore() *MemStore { return &MemStore{} }
+
+// Put implements Store.
+func (s *MemStore) Put(_ context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
+	if workloadType == "" || workloadID == "" {
+		return fmt.Errorf("memstore: put: workload type %q and id %q must both be set", workloadType, workloadID)
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return fmt.Errorf("memstore: encode workload %s: %w", workloadID, err)
+	}
+	limit := s.MaxValueBytes
+	if limit == 0 {
+		limit = DefaultMaxValueBytes
+	}
+	if limit > 0 && len(b) > limit {
+		return fmt.Errorf("memstore: workload %s: %d bytes exceeds the limit of %d: %w", workloadID, len(b), limit, ErrValueTooLarge)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.byType == nil {
+		s.byType = map[string]map[string]protocol.StartWorkloadRequest{}
+	}
+	m := s.byType[workloadType]
+	if m == nil {
+		m = map[string]protocol.StartWorkloadRequest{}
+		s.byType[workloadType] = m
+	}
+	m[workloadID] = req
+	return nil
+}
+
+// Delete implements Store.
+func (s *MemStore) Delete(_ context.Context, workloadType, workloadID string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.byType[workloadType], workloadID)
+	return nil
+}
+
+// ByType implements Store.
+func (s *MemStore) ByType(_ context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := maps.Clone(s.byType[workloadType])
+	if out == nil {
+		out = map[string]protocol.StartWorkloadRequest{}
+	}
+	return out, nil
+}
+
+// Len returns how many workloads are stored, over all types.
+func (s *MemStore) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, m := range s.byType {
+		n += len(m)
+	}
+	return n
+}

@@ -1,0 +1,102 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/config"
+)
+
+// reload re-reads every config layer with the original command line, validates it
+// whole, and applies the reloadable fields. On any error the running configuration
+// stays as it was. SIGHUP, `nexctl reload` and `systemctl reload` all come here.
+func (d *daemon) reload(ctx context.Context) control.ReloadResult {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
+	d.notify.Reloading()
+	d.log.Info("reloading configuration")
+
+	res := d.applyReload()
+	status := d.statusLine()
+	if res.OK {
+		d.metrics.reloads.WithLabelValues("applied").Inc()
+		d.log.Info("configuration reloaded", "applied", strings.Join(res.Applied, ","))
+		status = "reloaded; " + status
+	} else {
+		d.metrics.reloads.WithLabelValues("rejected").Inc()
+		status = "reload rejected (" + strings.Join(res.Errors, "; ") + "); " + status
+	}
+	d.notify.Ready(status)
+	return res
+}
+
+func (d *daemon) applyReload() control.ReloadResult {
+	loaded, err := config.Load(config.DefaultLoadOptions(d.args))
+	if err != nil {
+		var errs config.Errors
+		if errors.As(err, &errs) {
+			out := make([]string, 0, len(errs))
+			for _, e := range errs {
+				out = append(out, e.Error())
+			}
+			return control.ReloadResult{Errors: out}
+		}
+		return control.ReloadResult{Errors: []string{err.Error()}}
+	}
+	old := d.cfg()
+	next := loaded.Config
+	if keys := config.RestartOnly(old, next); len(keys) > 0 {
+		msgs := make([]string, 0, len(keys))
+		for _, k := range keys {
+			msgs = append(msgs, fmt.Sprintf("%s changed but only takes effect on restart (systemctl restart nexd)", k))
+		}
+		return control.ReloadResult{Errors: msgs}
+	}
+	if err := d.logger.Reconfigure(d.logOptions(next, d.id.ID())); err != nil {
+		return control.ReloadResult{Errors: []string{"logger: " + err.Error()}}
+	}
+	var applied []string
+	if err := d.node.SetTags(next.Node.Tags); err != nil {
+		// Validation already rejects reserved tags; keep the old config whole anyway.
+		d.logger.Reconfigure(d.logOptions(old, d.id.ID()))
+		return control.ReloadResult{Errors: []string{"node.tags: " + err.Error()}}
+	}
+	d.sup.SetRestartLimit(next.Node.AgentRestartLimit)
+	for _, k := range changedReloadable(old, next) {
+		applied = append(applied, k)
+	}
+	d.mu.Lock()
+	d.loaded = loaded
+	d.mu.Unlock()
+	return control.ReloadResult{OK: true, Applied: applied}
+}
+
+// changedReloadable names the reloadable settings whose values changed.
+func changedReloadable(a, b *config.Config) []string {
+	var out []string
+	if a.Logger.Level != b.Logger.Level {
+		out = append(out, "logger.level")
+	}
+	if strings.Join(a.Logger.Target, ",") != strings.Join(b.Logger.Target, ",") {
+		out = append(out, "logger.target")
+	}
+	if a.Logger.Format != b.Logger.Format {
+		out = append(out, "logger.format")
+	}
+	if a.Logger.WithPID != b.Logger.WithPID {
+		out = append(out, "logger.with_pid")
+	}
+	if fmt.Sprint(a.Node.Tags) != fmt.Sprint(b.Node.Tags) {
+		out = append(out, "tags")
+	}
+	if a.Node.AgentRestartLimit != b.Node.AgentRestartLimit {
+		out = append(out, "agent_restart_limit")
+	}
+	if a.Node.ShowWorkloadLogs != b.Node.ShowWorkloadLogs {
+		out = append(out, "show_workload_logs")
+	}
+	return out
+}

@@ -1,0 +1,292 @@
+// Package state persists the start requests of running workloads in the NATS KV bucket
+// nex-<node_id>, so a restarted node can hand them back to its nexlets.
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Bucket settings for new buckets. An existing bucket is opened as it is, and its own
+// value limit is the one enforced (upstream created them with 10 000 bytes).
+const (
+	BucketPrefix = "nex-"
+	MaxValueSize = 64 * 1024
+	MaxBytes     = 100_000_000 // as upstream, so accounts sized for it still fit
+)
+
+// ErrValueTooLarge matches (errors.Is) the error Put returns for a start request larger
+// than the bucket's value limit; errors.As gives the *ValueTooLargeError with the sizes.
+var ErrValueTooLarge = errors.New("start request too large for the state store")
+
+// ValueTooLargeError reports a start request the bucket cannot hold.
+type ValueTooLargeError struct {
+	Size, Limit int
+	Bucket      string
+}
+
+func (e *ValueTooLargeError) Error() string {
+	return fmt.Sprintf("start request of %d bytes exceeds the state store's limit of %d bytes (KV bucket %s)", e.Size, e.Limit, e.Bucket)
+}
+
+// Is makes errors.Is(err, ErrValueTooLarge) true.
+func (e *ValueTooLargeError) Is(target error) bool { return target == ErrValueTooLarge }
+
+// BucketName is the state bucket of a node.
+func BucketName(nodeID string) string { return BucketPrefix + nodeID }
+
+var (
+	validNodeID       = regexp.MustCompile(`^[A-Za-z0-9_-]+$`) // KV bucket name rules
+	validWorkloadType = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+	validWorkloadID   = regexp.MustCompile(`^[A-Za-z0-9-]+$`) // no "_": it splits the key
+)
+
+// KV is a node's workload state: key <workload type>_<workload id>, value the JSON of the
+// client's start request. The request carries no credentials (they are minted afresh on
+// replay) and its environment only in the sealed form the client sent.
+type KV struct {
+	kv       jetstream.KeyValue
+	bucket   string
+	maxValue int
+	log      *slog.Logger
+}
+
+func newJS(nc *nats.Conn, jsDomain string) (jetstream.JetStream, error) {
+	if jsDomain != "" {
+		return jetstream.NewWithDomain(nc, jsDomain)
+	}
+	return jetstream.New(nc)
+}
+
+// OpenKV opens the node's bucket, creating it when missing, in the JetStream domain
+// jsDomain ("" for the connection's own).
+func OpenKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, log *slog.Logger) (*KV, error) {
+	return openKV(ctx, nc, nodeID, jsDomain, true, log)
+}
+
+// OpenExistingKV opens a node's bucket without creating it (for nexctl, which must not
+// leave empty buckets behind); jetstream.ErrBucketNotFound is wrapped when missing.
+func OpenExistingKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, log *slog.Logger) (*KV, error) {
+	return openKV(ctx, nc, nodeID, jsDomain, false, log)
+}
+
+func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create bool, log *slog.Logger) (*KV, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if !validNodeID.MatchString(nodeID) {
+		return nil, fmt.Errorf("state: node id %q cannot name a KV bucket", nodeID)
+	}
+	js, err := newJS(nc, jsDomain)
+	if err != nil {
+		return nil, fmt.Errorf("state: JetStream (domain %q): %w", jsDomain, err)
+	}
+	bucket := BucketName(nodeID)
+	kv, err := js.KeyValue(ctx, bucket)
+	if create && errors.Is(err, jetstream.ErrBucketNotFound) {
+		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:       bucket,
+			Description:  "nexd workload state of node " + nodeID,
+			MaxValueSize: MaxValueSize,
+			MaxBytes:     MaxBytes,
+			History:      1,
+			Storage:      jetstream.FileStorage,
+		})
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			// Another process created it between our lookup and create.
+			kv, err = js.KeyValue(ctx, bucket)
+		}
+		if err == nil {
+			log.Info("created workload state bucket", "bucket", bucket, "js_domain", jsDomain)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("state: open KV bucket %s (JetStream domain %q): %w", bucket, jsDomain, err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("state: status of KV bucket %s: %w", bucket, err)
+	}
+	maxValue := -1 // unknown: the server still refuses, only less clearly
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.Config().MaxValueSize > 0 {
+		maxValue = int(bs.Config().MaxValueSize)
+	}
+	// Delete markers of removed workloads would pile up forever with History 1.
+	if create {
+		if err := kv.PurgeDeletes(ctx); err != nil {
+			log.Warn("could not compact delete markers of the state bucket", "bucket", bucket, "error", err)
+		}
+	}
+	return &KV{kv: kv, bucket: bucket, maxValue: maxValue, log: log}, nil
+}
+
+// Bucket is the bucket's name.
+func (s *KV) Bucket() string { return s.bucket }
+
+// MaxValueSize is the largest value the bucket accepts (-1: no limit).
+func (s *KV) MaxValueSize() int { return s.maxValue }
+
+// Key is the KV key of a workload. Workload ids may not contain "_" so that the type is
+// everything before the last one.
+func Key(workloadType, workloadID string) (string, error) {
+	if !validWorkloadType.MatchString(workloadType) {
+		return "", fmt.Errorf("workload type %q cannot be part of a state key (letters, digits, - and _ only)", workloadType)
+	}
+	if !validWorkloadID.MatchString(workloadID) {
+		return "", fmt.Errorf("workload id %q cannot be part of a state key (letters, digits and - only)", workloadID)
+	}
+	return workloadType + "_" + workloadID, nil
+}
+
+// SplitKey is the inverse of Key.
+func SplitKey(key string) (workloadType, workloadID string, ok bool) {
+	i := strings.LastIndexByte(key, '_')
+	if i <= 0 || i == len(key)-1 {
+		return "", "", false
+	}
+	return key[:i], key[i+1:], true
+}
+
+// Put stores a workload's start request. A request larger than the bucket allows is
+// refused before anything is written, so the deploy can fail with that reason.
+func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
+	key, err := Key(workloadType, workloadID)
+	if err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	value, err := json.Marshal(req)
+	if err != nil {
+		return fmt.Errorf("state: encode start request of workload %s: %w", workloadID, err)
+	}
+	if s.maxValue > 0 && len(value) > s.maxValue {
+		return &ValueTooLargeError{Size: len(value), Limit: s.maxValue, Bucket: s.bucket}
+	}
+	if _, err := s.kv.Put(ctx, key, value); err != nil {
+		return fmt.Errorf("state: store workload %s in bucket %s: %w", workloadID, s.bucket, err)
+	}
+	return nil
+}
+
+// Delete removes a workload; deleting one that is not stored is not an error.
+func (s *KV) Delete(ctx context.Context, workloadType, workloadID string) error {
+	key, err := Key(workloadType, workloadID)
+	if err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	// Skip the marker for keys never stored (or already gone).
+	if _, err := s.kv.Get(ctx, key); errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("state: look up workload %s in bucket %s: %w", workloadID, s.bucket, err)
+	}
+	if err := s.kv.Purge(ctx, key); err != nil {
+		return fmt.Errorf("state: remove workload %s from bucket %s: %w", workloadID, s.bucket, err)
+	}
+	return nil
+}
+
+// ByType returns the stored start requests of one workload type, by workload id. The
+// type must match exactly ("native" does not return "nativeX" workloads).
+func (s *KV) ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error) {
+	all, err := s.All(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]protocol.StartWorkloadRequest{}
+	for key, req := range all {
+		if typ, id, ok := SplitKey(key); ok && typ == workloadType {
+			out[id] = req
+		}
+	}
+	return out, nil
+}
+
+// All returns every stored start request by key. A value that does not decode is logged
+// and skipped rather than hiding every other workload.
+func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error) {
+	w, err := s.kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	if err != nil {
+		return nil, fmt.Errorf("state: read bucket %s: %w", s.bucket, err)
+	}
+	defer func() { _ = w.Stop() }()
+	out := map[string]protocol.StartWorkloadRequest{}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("state: read bucket %s: %w", s.bucket, ctx.Err())
+		case e, ok := <-w.Updates():
+			if !ok {
+				return nil, fmt.Errorf("state: read bucket %s: watcher closed", s.bucket)
+			}
+			if e == nil { // initial values done
+				return out, nil
+			}
+			var req protocol.StartWorkloadRequest
+			if err := json.Unmarshal(e.Value(), &req); err != nil {
+				s.log.Error("skipping unreadable workload state", "bucket", s.bucket, "key", e.Key(), "error", err)
+				continue
+			}
+			out[e.Key()] = req
+		}
+	}
+}
+
+// ListNodeBuckets returns the node ids that have a state bucket in the domain. Only
+// buckets named nex-<server public key> count: other nex-* buckets are not node state
+// and must never be pruned.
+func ListNodeBuckets(ctx context.Context, nc *nats.Conn, jsDomain string) ([]string, error) {
+	js, err := newJS(nc, jsDomain)
+	if err != nil {
+		return nil, fmt.Errorf("state: JetStream (domain %q): %w", jsDomain, err)
+	}
+	names := js.KeyValueStoreNames(ctx)
+	var ids []string
+	for n := range names.Name() {
+		if id, ok := strings.CutPrefix(n, BucketPrefix); ok && nkeys.IsValidPublicServerKey(id) {
+			ids = append(ids, id)
+		}
+	}
+	if err := names.Error(); err != nil {
+		return nil, fmt.Errorf("state: list KV buckets (JetStream domain %q): %w", jsDomain, err)
+	}
+	return ids, nil
+}
+
+// PruneBuckets deletes the state buckets of nodes for which alive returns false and
+// returns their node ids. It goes on past a failed delete and reports all failures.
+func PruneBuckets(ctx context.Context, nc *nats.Conn, jsDomain string, alive func(nodeID string) bool) ([]string, error) {
+	ids, err := ListNodeBuckets(ctx, nc, jsDomain)
+	if err != nil {
+		return nil, err
+	}
+	js, err := newJS(nc, jsDomain)
+	if err != nil {
+		return nil, fmt.Errorf("state: JetStream (domain %q): %w", jsDomain, err)
+	}
+	var removed []string
+	var errs []error
+	for _, id := range ids {
+		if alive(id) {
+			continue
+		}
+		if err := js.DeleteKeyValue(ctx, BucketName(id)); err != nil {
+			errs = append(errs, fmt.Errorf("delete bucket %s: %w", BucketName(id), err))
+			continue
+		}
+		removed = append(removed, id)
+	}
+	if len(errs) > 0 {
+		return removed, fmt.Errorf("state: prune: %w", errors.Join(errs...))
+	}
+	return removed, nil
+}

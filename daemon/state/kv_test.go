@@ -1,0 +1,403 @@
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
+	"github.com/nats-io/nuid"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func request(name, ns, typ, run string) protocol.StartWorkloadRequest {
+	return protocol.StartWorkloadRequest{
+		Name: name, Namespace: ns, Description: "test", WorkloadType: typ,
+		WorkloadLifecycle: "service", RunRequest: run, Tags: map[string]string{"a": "b"},
+	}
+}
+
+func open(t *testing.T, nc *nats.Conn, node, domain string) *KV {
+	t.Helper()
+	kv, err := OpenKV(testCtx(t), nc, node, domain, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
+}
+
+func TestPutGetDelete(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	kv := open(t, nc, "NODE1", "")
+	if kv.Bucket() != "nex-NODE1" || kv.MaxValueSize() != MaxValueSize {
+		t.Fatalf("bucket %s, limit %d", kv.Bucket(), kv.MaxValueSize())
+	}
+
+	want := map[string]protocol.StartWorkloadRequest{}
+	for i := range 50 {
+		id := nuid.Next()
+		req := request(fmt.Sprintf("w%d", i), "ns1", "native", `{"uri":"file:///bin/true","encrypted_environment":{"base64_encrypted_env":"c2VhbGVk","encrypted_by":"XKEY"}}`)
+		if err := kv.Put(ctx, "native", id, req); err != nil {
+			t.Fatal(err)
+		}
+		want[id] = req
+	}
+	got, err := kv.ByType(ctx, "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 50 {
+		t.Fatalf("got %d workloads, want 50", len(got))
+	}
+	for id, req := range want {
+		g, ok := got[id]
+		if !ok || g.Name != req.Name || g.RunRequest != req.RunRequest || g.Tags["a"] != "b" {
+			t.Fatalf("workload %s: got %+v, want %+v", id, g, req)
+		}
+	}
+
+	// The stored value is exactly the request: no credentials, nothing added.
+	raw, err := kv.kv.Get(ctx, "native_"+firstKey(want))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fields map[string]any
+	if err := json.Unmarshal(raw.Value(), &fields); err != nil {
+		t.Fatal(err)
+	}
+	for k := range fields {
+		if strings.Contains(k, "cred") || strings.Contains(k, "jwt") || strings.Contains(k, "seed") {
+			t.Fatalf("stored value has field %q", k)
+		}
+	}
+
+	id := firstKey(want)
+	for range 2 { // idempotent
+		if err := kv.Delete(ctx, "native", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := kv.Delete(ctx, "native", "NEVERSTORED"); err != nil {
+		t.Fatalf("delete of an unknown workload: %v", err)
+	}
+	got, err = kv.ByType(ctx, "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := got[id]; ok || len(got) != 49 {
+		t.Fatalf("after delete: %d workloads, deleted one present %v", len(got), ok)
+	}
+	// Overwrite keeps one entry.
+	if err := kv.Put(ctx, "native", firstKey(got), request("renamed", "ns1", "native", "{}")); err != nil {
+		t.Fatal(err)
+	}
+	all, err := kv.All(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != 49 || all["native_"+firstKey(got)].Name != "renamed" {
+		t.Fatalf("all: %d entries", len(all))
+	}
+}
+
+func firstKey[V any](m map[string]V) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys[0]
+}
+
+func TestByTypeExactPrefix(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	kv := open(t, nc, "NODE1", "")
+	puts := []struct{ typ, id string }{
+		{"native", "A1"}, {"nativeX", "B1"}, {"native_x", "C1"}, {"nat", "D1"}, {"native", "A2"},
+	}
+	for _, p := range puts {
+		if err := kv.Put(ctx, p.typ, p.id, request(p.id, "ns", p.typ, "{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct {
+		typ  string
+		want []string
+	}{
+		{"native", []string{"A1", "A2"}},
+		{"nativeX", []string{"B1"}},
+		{"native_x", []string{"C1"}},
+		{"nat", []string{"D1"}},
+		{"wasm", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.typ, func(t *testing.T) {
+			got, err := kv.ByType(ctx, tt.typ)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ids []string
+			for id := range got {
+				ids = append(ids, id)
+			}
+			slices.Sort(ids)
+			if !slices.Equal(ids, tt.want) {
+				t.Fatalf("ByType(%q) = %v, want %v", tt.typ, ids, tt.want)
+			}
+		})
+	}
+}
+
+func TestRefusesOversizeAndBadKeys(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	kv := open(t, nc, "NODE1", "")
+
+	base, _ := json.Marshal(request("w", "ns", "native", ""))
+	exact := request("w", "ns", "native", strings.Repeat("x", MaxValueSize-len(base)))
+	if err := kv.Put(ctx, "native", "EXACT", exact); err != nil {
+		t.Fatalf("a request of exactly the limit: %v", err)
+	}
+	over := request("w", "ns", "native", strings.Repeat("x", MaxValueSize-len(base)+1))
+	err := kv.Put(ctx, "native", "OVER", over)
+	want := fmt.Sprintf("start request of %d bytes exceeds the state store's limit of %d bytes", MaxValueSize+1, MaxValueSize)
+	if err == nil || !strings.Contains(err.Error(), want) || !errors.Is(err, ErrValueTooLarge) {
+		t.Fatalf("oversize put: %v, want %q", err, want)
+	}
+	var tooLarge *ValueTooLargeError
+	if !errors.As(err, &tooLarge) || tooLarge.Limit != MaxValueSize {
+		t.Fatalf("oversize put: %#v", err)
+	}
+	if _, err := kv.kv.Get(ctx, "native_OVER"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("oversize request was written: %v", err)
+	}
+
+	for _, tc := range []struct{ typ, id, want string }{
+		{"", "A", "workload type"}, {"na.tive", "A", "workload type"}, {"native", "a_b", "workload id"},
+		{"native", "", "workload id"}, {"native", "a.>", "workload id"},
+	} {
+		if err := kv.Put(ctx, tc.typ, tc.id, request("w", "ns", "native", "{}")); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Fatalf("Put(%q, %q): %v", tc.typ, tc.id, err)
+		}
+	}
+	if _, err := OpenKV(ctx, nc, "bad.node", "", nil); err == nil {
+		t.Fatal("opened a bucket for node id bad.node")
+	}
+}
+
+func TestExistingBucketLimitIsEnforced(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	js, _ := jetstream.New(nc)
+	// As upstream creates it.
+	if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-OLD", MaxBytes: 100_000_000, MaxValueSize: 10_000}); err != nil {
+		t.Fatal(err)
+	}
+	kv := open(t, nc, "OLD", "")
+	if kv.MaxValueSize() != 10_000 {
+		t.Fatalf("limit %d", kv.MaxValueSize())
+	}
+	err := kv.Put(ctx, "native", "A", request("w", "ns", "native", strings.Repeat("x", 20_000)))
+	if err == nil || !strings.Contains(err.Error(), "limit of 10000 bytes") {
+		t.Fatalf("put: %v", err)
+	}
+}
+
+func TestUnreadableValueIsSkipped(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	kv := open(t, nc, "NODE1", "")
+	if err := kv.Put(ctx, "native", "GOOD", request("w", "ns", "native", "{}")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.kv.Put(ctx, "native_BAD", []byte("not json")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := kv.ByType(ctx, "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got["GOOD"].Name != "w" {
+		t.Fatalf("got %v", got)
+	}
+}
+
+func serverKey(t *testing.T) string {
+	t.Helper()
+	kp, err := nkeys.CreateServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := kp.PublicKey()
+	return pub
+}
+
+func TestJetStreamDomain(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{Domain: "hub"})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	node := serverKey(t)
+	kv := open(t, nc, node, "hub")
+	if err := kv.Put(ctx, "native", "A1", request("w", "ns", "native", "{}")); err != nil {
+		t.Fatal(err)
+	}
+	// The bucket is reachable through the domain's API prefix.
+	hub, err := jetstream.NewWithDomain(nc, "hub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := hub.KeyValue(ctx, BucketName(node))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.Get(ctx, "native_A1"); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := ListNodeBuckets(ctx, nc, "hub")
+	if err != nil || !slices.Equal(ids, []string{node}) {
+		t.Fatalf("buckets in hub: %v %v", ids, err)
+	}
+	// A domain nobody serves fails with a message naming it.
+	short, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := OpenKV(short, nc, node, "elsewhere", nil); err == nil || !strings.Contains(err.Error(), `"elsewhere"`) {
+		t.Fatalf("open in an unserved domain: %v", err)
+	}
+}
+
+func TestSurvivesServerRestart(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testnats.Options{Configure: func(o *server.Options) { o.StoreDir = dir }}
+	ctx := testCtx(t)
+
+	node := serverKey(t)
+	s1 := testnats.Start(t, cfg)
+	nc1, err := nats.Connect(s1.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv := open(t, nc1, node, "")
+	for i := range 10 {
+		if err := kv.Put(ctx, "native", fmt.Sprintf("W%d", i), request(fmt.Sprintf("w%d", i), "ns", "native", "{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := kv.Delete(ctx, "native", "W3"); err != nil {
+		t.Fatal(err)
+	}
+	nc1.Close()
+	s1.Shutdown()
+	s1.WaitForShutdown()
+
+	s2 := testnats.Start(t, cfg)
+	nc2 := testnats.Connect(t, s2)
+	kv2 := open(t, nc2, node, "")
+	got, err := kv2.ByType(ctx, "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 9 {
+		t.Fatalf("after restart: %d workloads, want 9", len(got))
+	}
+	if _, ok := got["W3"]; ok {
+		t.Fatal("deleted workload came back")
+	}
+	if got["W7"].Name != "w7" {
+		t.Fatalf("W7: %+v", got["W7"])
+	}
+	ids, err := ListNodeBuckets(ctx, nc2, "")
+	if err != nil || !slices.Equal(ids, []string{node}) {
+		t.Fatalf("restart created buckets: %v %v", ids, err)
+	}
+	// nexctl's read-only view: the same data, and no bucket made for an unknown node.
+	ro, err := OpenExistingKV(ctx, nc2, node, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if all, err := ro.All(ctx); err != nil || len(all) != 9 || all["native_W7"].Name != "w7" {
+		t.Fatalf("read-only view: %d entries, %v", len(all), err)
+	}
+	if _, err := OpenExistingKV(ctx, nc2, serverKey(t), "", nil); !errors.Is(err, jetstream.ErrBucketNotFound) {
+		t.Fatalf("open of a missing bucket: %v", err)
+	}
+	if ids, _ := ListNodeBuckets(ctx, nc2, ""); len(ids) != 1 {
+		t.Fatalf("read-only open created a bucket: %v", ids)
+	}
+}
+
+func TestPruneBuckets(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	aliveID, dead1, dead2 := serverKey(t), serverKey(t), serverKey(t)
+	for _, n := range []string{aliveID, dead1, dead2} {
+		kv := open(t, nc, n, "")
+		if err := kv.Put(ctx, "native", "W1", request("w", "ns", "native", "{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	js, _ := jetstream.New(nc)
+	for _, b := range []string{"unrelated", "nex-artifacts"} {
+		if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: b}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Only aliveID answers pings, as a running node does.
+	sub, err := nc.Subscribe(protocol.PingNodeSubject(aliveID), func(m *nats.Msg) {
+		_ = m.Respond([]byte(`{"node_id":"` + aliveID + `"}`))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	alive := func(id string) bool {
+		_, err := nc.Request(protocol.PingNodeSubject(id), []byte(`{"filter":null}`), 5*time.Second)
+		return err == nil
+	}
+
+	removed, err := PruneBuckets(ctx, nc, "", alive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{dead1, dead2}
+	slices.Sort(removed)
+	slices.Sort(want)
+	if !slices.Equal(removed, want) {
+		t.Fatalf("removed %v, want %v", removed, want)
+	}
+	ids, err := ListNodeBuckets(ctx, nc, "")
+	if err != nil || !slices.Equal(ids, []string{aliveID}) {
+		t.Fatalf("left %v %v", ids, err)
+	}
+	for _, b := range []string{"unrelated", "nex-artifacts"} {
+		if _, err := js.KeyValue(ctx, b); err != nil {
+			t.Fatalf("pruned %s, which is not node state: %v", b, err)
+		}
+	}
+	kv := open(t, nc, aliveID, "")
+	if got, _ := kv.ByType(ctx, "native"); len(got) != 1 {
+		t.Fatalf("live node lost its state: %v", got)
+	}
+}

@@ -1,0 +1,178 @@
+package supervise
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// maxLine caps one logged line; the rest of an overlong line is dropped.
+const maxLine = 16 << 10
+
+// pump logs each line of a nexlet's stdout or stderr as one record with nexlet=<name>
+// (the journald handler maps it to NEX_NEXLET), until the pipe closes.
+func (n *nexlet) pump(r io.Reader, stream string) {
+	def := slog.LevelInfo
+	if stream == "stderr" {
+		def = slog.LevelWarn
+	}
+	br := bufio.NewReaderSize(r, maxLine)
+	for {
+		line, err := readLine(br)
+		if len(line) > 0 || err == nil {
+			n.emit(line, stream, def)
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// readLine reads one line without its newline, truncated to maxLine.
+func readLine(br *bufio.Reader) ([]byte, error) {
+	line, err := br.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		out := bytes.Clone(line)
+		for errors.Is(err, bufio.ErrBufferFull) { // skip the rest of the line
+			_, err = br.ReadSlice('\n')
+		}
+		return out, err
+	}
+	return bytes.TrimRight(line, "\r\n"), err
+}
+
+func (n *nexlet) emit(line []byte, stream string, def slog.Level) {
+	if !n.limiter.allow(n.s.log, n.spec.Name) {
+		return
+	}
+	level, msg, attrs := parseLine(line, def)
+	args := append([]any{"nexlet", n.spec.Name, "stream", stream}, attrs...)
+	n.s.log.Log(context.Background(), level, msg, args...)
+}
+
+// parseLine picks the level of a line: a JSON object with "level" and "msg" (as slog's
+// JSON handler writes), an sd-daemon "<N>" prefix, or a "[LEVEL]"/"LEVEL:" prefix;
+// otherwise the stream's default.
+func parseLine(line []byte, def slog.Level) (slog.Level, string, []any) {
+	if len(line) > 1 && line[0] == '{' {
+		var obj map[string]any
+		if json.Unmarshal(line, &obj) == nil {
+			if msg, ok := obj["msg"].(string); ok {
+				level := def
+				if l, ok := obj["level"].(string); ok {
+					if lv, ok := levelName(l); ok {
+						level = lv
+					}
+				}
+				var keys []string
+				for k := range obj {
+					if k != "msg" && k != "level" && k != "time" {
+						keys = append(keys, k)
+					}
+				}
+				sort.Strings(keys)
+				var attrs []any
+				for _, k := range keys {
+					attrs = append(attrs, k, obj[k])
+				}
+				return level, msg, attrs
+			}
+		}
+	}
+	s := string(line)
+	if len(s) >= 3 && s[0] == '<' && s[2] == '>' && s[1] >= '0' && s[1] <= '7' {
+		level := slog.LevelInfo
+		switch {
+		case s[1] <= '3':
+			level = slog.LevelError
+		case s[1] == '4':
+			level = slog.LevelWarn
+		case s[1] == '7':
+			level = slog.LevelDebug
+		}
+		return level, s[3:], nil
+	}
+	if strings.HasPrefix(s, "[") {
+		if tag, rest, ok := strings.Cut(s[1:], "]"); ok {
+			if lv, ok := levelName(tag); ok {
+				return lv, strings.TrimPrefix(rest, " "), nil
+			}
+		}
+	}
+	if tag, rest, ok := strings.Cut(s, ":"); ok && len(tag) <= 7 {
+		if lv, ok := levelName(tag); ok {
+			return lv, strings.TrimPrefix(rest, " "), nil
+		}
+	}
+	return def, s, nil
+}
+
+func levelName(s string) (slog.Level, bool) {
+	switch strings.ToUpper(strings.TrimSpace(s)) {
+	case "DEBUG", "TRACE":
+		return slog.LevelDebug, true
+	case "INFO":
+		return slog.LevelInfo, true
+	case "WARN", "WARNING":
+		return slog.LevelWarn, true
+	case "ERROR", "ERR", "FATAL", "PANIC", "CRIT", "CRITICAL":
+		return slog.LevelError, true
+	}
+	return 0, false
+}
+
+// limiter is a token bucket over a nexlet's output lines, shared by stdout and stderr.
+type limiter struct {
+	rate  float64
+	burst float64
+
+	mu         sync.Mutex
+	tokens     float64
+	last       time.Time
+	suppressed int
+}
+
+func newLimiter(rate float64, burst int) *limiter {
+	return &limiter{rate: rate, burst: float64(burst), tokens: float64(burst), last: time.Now()}
+}
+
+// allow takes a token for one line. The first line allowed after some were dropped is
+// preceded by a note with their count.
+func (l *limiter) allow(log *slog.Logger, name string) bool {
+	l.mu.Lock()
+	now := time.Now()
+	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	l.last = now
+	if l.tokens < 1 {
+		l.suppressed++
+		l.mu.Unlock()
+		return false
+	}
+	l.tokens--
+	dropped := l.suppressed
+	l.suppressed = 0
+	l.mu.Unlock()
+	if dropped > 0 {
+		log.Warn("nexlet output rate-limited", "nexlet", name, "suppressed", dropped)
+	}
+	return true
+}
+
+// flush reports lines dropped since the last note (when the process ends).
+func (l *limiter) flush(log *slog.Logger, name string) {
+	l.mu.Lock()
+	dropped := l.suppressed
+	l.suppressed = 0
+	l.mu.Unlock()
+	if dropped > 0 {
+		log.Warn("nexlet output rate-limited", "nexlet", name, "suppressed", dropped)
+	}
+}

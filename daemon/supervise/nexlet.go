@@ -1,0 +1,302 @@
+package supervise
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/cgroup"
+)
+
+// nexlet is one supervised process slot.
+type nexlet struct {
+	s       *Supervisor
+	spec    Spec
+	limiter *limiter
+
+	reset    chan struct{} // cap 1: Reset asks for a restart now
+	stop     chan struct{} // closed by Stop
+	stopOnce sync.Once
+	done     chan struct{} // closed when run returns
+	first    chan error    // the first start attempt's result
+	firstOne sync.Once
+
+	// guarded by s.mu
+	state     State
+	pid       int
+	restarts  int
+	window    []time.Time // restarts within the window
+	lastExit  string
+	startedAt time.Time
+	group     *cgroup.Group // <root>/<name>, for stats
+	groupPath string
+}
+
+func (n *nexlet) setState(st State) {
+	n.s.mu.Lock()
+	n.state = st
+	n.s.mu.Unlock()
+}
+
+type outcome int
+
+const (
+	exited outcome = iota
+	stopped
+	resetting
+)
+
+func (n *nexlet) run() {
+	defer close(n.done)
+	log := n.s.log.With("nexlet", n.spec.Name)
+	for {
+		exit, how := n.runOnce()
+		if how == stopped {
+			n.setState(StateStopped)
+			return
+		}
+		if how == resetting {
+			continue
+		}
+		// Decide on a restart.
+		now := time.Now()
+		n.s.mu.Lock()
+		limit := n.s.limit
+		if exit.Runtime >= n.s.opts.Window {
+			n.window = nil // it ran healthily for a whole window
+		}
+		cut := now.Add(-n.s.opts.Window)
+		for len(n.window) > 0 && n.window[0].Before(cut) {
+			n.window = n.window[1:]
+		}
+		fatal := exit.StartErr != nil && unrecoverable(exit.StartErr)
+		if fatal || len(n.window) >= limit {
+			n.state = StateFailed
+			count := len(n.window)
+			n.s.mu.Unlock()
+			if fatal {
+				log.Error("nexlet failed: cannot be started", "err", exit.StartErr)
+			} else {
+				log.Error("nexlet failed: restart limit reached", "last_exit", exit.Reason,
+					"restarts_in_window", count, "limit", limit, "window", n.s.opts.Window)
+			}
+			select {
+			case <-n.reset:
+				log.Info("nexlet reset, starting")
+				continue
+			case <-n.stop:
+				n.setState(StateStopped)
+				return
+			}
+		}
+		delay := backoff(len(n.window), n.s.opts.BackoffMin, n.s.opts.BackoffMax, jitter)
+		n.window = append(n.window, now)
+		n.restarts++
+		n.state = StateBackoff
+		restarts := n.restarts
+		n.s.mu.Unlock()
+		log.Warn("nexlet exited, restarting", "last_exit", exit.Reason, "backoff", delay, "restarts", restarts)
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-n.reset:
+			t.Stop()
+		case <-n.stop:
+			t.Stop()
+			n.setState(StateStopped)
+			return
+		}
+	}
+}
+
+// unrecoverable tells start errors that a retry cannot fix.
+func unrecoverable(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrPermission) ||
+		errors.Is(err, syscall.ENOEXEC) || errors.Is(err, exec.ErrNotFound)
+}
+
+// groups makes <root>/<name> with the limits and <root>/<name>/nexlet for the process.
+// Without usable cgroups the nexlet still runs, in its own process group.
+func (n *nexlet) groups() (top, proc *cgroup.Group, sub *cgroup.Manager) {
+	cg := n.s.cg
+	if cg.Mode() == cgroup.ModeNone {
+		// One group: it tracks the process group of what it started.
+		top, _ = cg.Create(n.spec.Name, cgroup.Limits{})
+		return top, top, cg
+	}
+	top, err := cg.Create(n.spec.Name, n.spec.Limits)
+	if top != nil {
+		sub = cg.Sub(n.spec.Name)
+		var perr error
+		proc, perr = sub.Create("nexlet", cgroup.Limits{})
+		err = errors.Join(err, perr)
+	}
+	if err != nil {
+		n.s.log.Error("nexlet cgroup incomplete, limits may not be enforced", "nexlet", n.spec.Name, "err", err)
+	}
+	if top == nil || proc == nil {
+		if top != nil {
+			_ = top.Remove()
+		}
+		none := cgroup.Disabled(fmt.Sprintf("cgroup for nexlet %s failed: %v", n.spec.Name, err), n.s.log)
+		top, _ = none.Create(n.spec.Name, cgroup.Limits{})
+		return top, top, none
+	}
+	return top, proc, sub
+}
+
+// runOnce starts the process, waits for it to end (or for a stop or reset request),
+// and removes its cgroup with anything left in it.
+func (n *nexlet) runOnce() (ExitInfo, outcome) {
+	log := n.s.log.With("nexlet", n.spec.Name)
+	n.setState(StateStarting)
+	top, proc, sub := n.groups()
+	oomBefore, _ := top.OOMKills()
+
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return n.startFailed(top, err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return n.startFailed(top, err)
+	}
+	cmd := &exec.Cmd{
+		Path:   n.spec.Path,
+		Args:   append([]string{n.spec.Path}, n.spec.Args...),
+		Env:    n.childEnv(sub.Spec()),
+		Stdout: outW,
+		Stderr: errW,
+	}
+	err = proc.Start(cmd)
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return n.startFailed(top, err)
+	}
+	started := time.Now()
+	var pumps sync.WaitGroup
+	pumps.Add(2)
+	go func() { defer pumps.Done(); n.pump(outR, "stdout") }()
+	go func() { defer pumps.Done(); n.pump(errR, "stderr") }()
+
+	n.s.mu.Lock()
+	n.state, n.pid, n.startedAt = StateRunning, cmd.Process.Pid, started
+	n.group, n.groupPath = top, top.Path()
+	n.s.mu.Unlock()
+	log.Info("nexlet started", "pid", cmd.Process.Pid, "cgroup", top.Path())
+	n.reportFirst(nil)
+
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	how := exited
+	var werr error
+	select {
+	case werr = <-waited:
+	case <-n.stop:
+		how = stopped
+		werr = n.terminate(cmd, top, proc, waited)
+	case <-n.reset:
+		how = resetting
+		werr = n.terminate(cmd, top, proc, waited)
+	}
+	runtime := time.Since(started)
+
+	// Whatever the nexlet left behind (forked children, workloads) goes with it.
+	oomAfter, _ := top.OOMKills()
+	if proc != top {
+		_ = proc.Kill() // reaches a process that could not be placed in the cgroup
+	}
+	if err := top.Remove(); err != nil {
+		log.Error("cannot remove nexlet cgroup", "cgroup", top.Path(), "err", err)
+	}
+	done := make(chan struct{})
+	go func() { pumps.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second): // an escaped process still holds the pipes
+		log.Warn("nexlet output still open after exit; closing it")
+	}
+	outR.Close()
+	errR.Close()
+	<-done
+	n.limiter.flush(n.s.log, n.spec.Name)
+
+	exit := ExitInfo{Reason: "exit status 0", Runtime: runtime, Stopped: how != exited}
+	if ps := cmd.ProcessState; ps != nil {
+		exit.Code = ps.ExitCode()
+		exit.Reason = ps.String()
+	} else if werr != nil {
+		exit.Code, exit.Reason = -1, werr.Error()
+	}
+	if oomAfter > oomBefore {
+		exit.OOM, exit.Reason = true, "oom-killed"
+	}
+	n.s.mu.Lock()
+	n.pid, n.lastExit, n.group = 0, exit.Reason, nil
+	n.s.mu.Unlock()
+	if how == exited {
+		log.Warn("nexlet exited", "reason", exit.Reason, "runtime", runtime)
+	} else {
+		log.Info("nexlet stopped", "reason", exit.Reason, "runtime", runtime)
+	}
+	if n.s.opts.OnExit != nil {
+		n.s.opts.OnExit(n.spec.Name, exit)
+	}
+	return exit, how
+}
+
+func (n *nexlet) reportFirst(err error) {
+	n.firstOne.Do(func() { n.first <- err })
+}
+
+func (n *nexlet) startFailed(top *cgroup.Group, err error) (ExitInfo, outcome) {
+	_ = top.Remove()
+	exit := ExitInfo{Reason: "start: " + err.Error(), Code: -1, StartErr: fmt.Errorf("start nexlet %s (%s): %w", n.spec.Name, n.spec.Path, err)}
+	n.s.mu.Lock()
+	n.lastExit = exit.Reason
+	n.s.mu.Unlock()
+	n.s.log.Error("nexlet start failed", "nexlet", n.spec.Name, "path", n.spec.Path, "err", err)
+	n.reportFirst(exit.StartErr)
+	if n.s.opts.OnExit != nil {
+		n.s.opts.OnExit(n.spec.Name, exit)
+	}
+	select {
+	case <-n.stop:
+		return exit, stopped
+	default:
+		return exit, exited
+	}
+}
+
+// terminate asks the nexlet to stop with SIGTERM and kills its whole group after the
+// grace period (at once if Stop is out of time).
+func (n *nexlet) terminate(cmd *exec.Cmd, top, proc *cgroup.Group, waited <-chan error) error {
+	n.setState(StateStopping)
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	t := time.NewTimer(n.s.opts.Grace)
+	defer t.Stop()
+	select {
+	case err := <-waited:
+		return err
+	case <-t.C:
+		n.s.log.Warn("nexlet ignored SIGTERM, killing it", "nexlet", n.spec.Name, "grace", n.s.opts.Grace)
+	case <-n.s.hurry:
+	}
+	if err := top.Kill(); err != nil {
+		n.s.log.Error("nexlet group kill failed", "nexlet", n.spec.Name, "err", err)
+	}
+	if proc != top {
+		_ = proc.Kill() // reaches a process that could not be placed in the cgroup
+	}
+	_ = cmd.Process.Kill() // in case it escaped its group
+	return <-waited
+}

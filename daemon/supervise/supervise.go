@@ -1,0 +1,387 @@
+// Package supervise runs nexlets as child processes of nexd: each in its own cgroup with
+// its limits, restarted with exponential backoff up to a restart limit, stopped with
+// SIGTERM and then a group kill, with a clean environment and its output in the log.
+//
+// Cgroup layout below the nexlets root handed in Options.Cgroups:
+//
+//	<name>/          limits of the nexlet (covering its workloads too)
+//	<name>/nexlet/   the nexlet process
+//	<name>/workloads/<id>/  created by the nexlet itself
+//
+// The child gets the Spec() of <name> in the environment variable NEX_AGENT_CGROUP, to
+// open with cgroup.Attach and create its workload groups beside its own.
+package supervise
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/cgroup"
+	"golang.org/x/sys/unix"
+)
+
+// EnvCgroup is the environment variable carrying the nexlet's cgroup subtree (see
+// cgroup.Manager.Spec and cgroup.Attach).
+const EnvCgroup = "NEX_AGENT_CGROUP"
+
+// Spec describes one nexlet process.
+type Spec struct {
+	Name string // unique; letters, digits, '-' and '_' (it names the cgroup)
+	Path string // executable
+	Args []string
+	// Env is the child's whole environment (configured env plus the NEX_AGENT_*
+	// variables of the caller); nothing of nexd's environment is inherited.
+	Env    map[string]string
+	Limits cgroup.Limits
+}
+
+// State of a nexlet.
+type State string
+
+// The states.
+const (
+	StateStarting State = "starting"
+	StateRunning  State = "running"
+	StateBackoff  State = "backoff" // waiting to restart
+	StateFailed   State = "failed"  // past the restart limit, until Reset
+	StateStopping State = "stopping"
+	StateStopped  State = "stopped"
+)
+
+// ExitInfo describes how a nexlet process ended.
+type ExitInfo struct {
+	Reason   string        // "exit status 1", "signal: killed", "oom-killed", "start: ..."
+	Code     int           // exit code; -1 if killed by a signal or not started
+	OOM      bool          // the OOM killer struck in the nexlet's cgroup
+	Runtime  time.Duration // how long it ran
+	StartErr error         // set when the process could not be started
+	Stopped  bool          // ended on request (Stop or Reset)
+}
+
+// Status of one nexlet, for nexctl status and node info.
+type Status struct {
+	Name      string
+	PID       int
+	State     State
+	Restarts  int    // restarts since start or the last Reset
+	LastExit  string // ExitInfo.Reason of the last exit
+	StartedAt time.Time
+	Cgroup    string // the nexlet's cgroup directory, "" without cgroups
+	Stats     cgroup.Stats
+}
+
+// Options of a Supervisor. Zero durations take the defaults.
+type Options struct {
+	// Cgroups is the root for the nexlets' cgroups (e.g. Sub("nexlets") of the detected
+	// manager); nil or none mode runs them without cgroups.
+	Cgroups *cgroup.Manager
+	// RestartLimit is how often a nexlet is restarted within Window before it is failed.
+	// 0 means never restart (it still starts once).
+	RestartLimit int
+	// Window for counting restarts (default 5m); a nexlet that ran that long without
+	// exiting starts counting afresh.
+	Window     time.Duration
+	Grace      time.Duration // SIGTERM to group kill on stop (default 10s)
+	BackoffMin time.Duration // first restart delay (default 100ms)
+	BackoffMax time.Duration // restart delay cap (default 30s)
+	Logger     *slog.Logger
+	// LogRate is the number of output lines per second a nexlet may log (default 200),
+	// with bursts of LogBurst (default 1000); the rest is counted and reported.
+	LogRate  float64
+	LogBurst int
+	// OnExit, if set, is called after every exit of a nexlet process.
+	OnExit func(name string, exit ExitInfo)
+	// Env, if set, is called before every (re)start; its variables are added to the
+	// spec's (fresh credentials, for instance).
+	Env func(name string) map[string]string
+}
+
+// Supervisor runs and watches nexlet processes.
+type Supervisor struct {
+	opts Options
+	log  *slog.Logger
+	cg   *cgroup.Manager
+
+	cleanOnce sync.Once
+	hurry     chan struct{} // closed when Stop runs out of time: kill at once
+	hurryOnce sync.Once
+
+	mu       sync.Mutex
+	limit    int
+	stopping bool
+	nexlets  map[string]*nexlet
+}
+
+// New makes a Supervisor. It raises RLIMIT_NOFILE to its hard limit for this process,
+// which also makes every child inherit the raised limit (Go otherwise restores the
+// original soft limit in children).
+func New(opts Options) *Supervisor {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Window <= 0 {
+		opts.Window = 5 * time.Minute
+	}
+	if opts.Grace <= 0 {
+		opts.Grace = 10 * time.Second
+	}
+	if opts.BackoffMin <= 0 {
+		opts.BackoffMin = 100 * time.Millisecond
+	}
+	if opts.BackoffMax <= 0 {
+		opts.BackoffMax = 30 * time.Second
+	}
+	if opts.BackoffMax < opts.BackoffMin {
+		opts.BackoffMax = opts.BackoffMin
+	}
+	if opts.LogRate <= 0 {
+		opts.LogRate = 200
+	}
+	if opts.LogBurst <= 0 {
+		opts.LogBurst = 1000
+	}
+	if opts.RestartLimit < 0 {
+		opts.RestartLimit = 0
+	}
+	cg := opts.Cgroups
+	if cg == nil {
+		cg = cgroup.Disabled("no cgroup manager given", opts.Logger)
+	}
+	s := &Supervisor{opts: opts, log: opts.Logger, cg: cg, limit: opts.RestartLimit,
+		hurry: make(chan struct{}), nexlets: map[string]*nexlet{}}
+	raiseNofile(s.log)
+	closeInheritedOnExec(s.log)
+	return s
+}
+
+// closeInheritedOnExec marks every descriptor above stderr close-on-exec. Go opens its
+// own files that way, but descriptors nexd inherited (from a shell, or a service
+// manager) would otherwise leak into every nexlet.
+func closeInheritedOnExec(log *slog.Logger) {
+	err := unix.CloseRange(3, math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return
+	}
+	ents, rerr := os.ReadDir("/proc/self/fd") // kernels before 5.11
+	if rerr != nil {
+		log.Warn("cannot mark inherited descriptors close-on-exec", "err", errors.Join(err, rerr))
+		return
+	}
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			_, _ = unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+	}
+}
+
+func raiseNofile(log *slog.Logger) {
+	var r syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r); err != nil {
+		log.Warn("cannot read RLIMIT_NOFILE", "err", err)
+		return
+	}
+	r.Cur = r.Max
+	// syscall.Setrlimit (even to the current values) also stops Go from restoring the
+	// original soft limit in exec'd children.
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &r); err != nil {
+		log.Warn("cannot raise RLIMIT_NOFILE", "err", err)
+	}
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
+
+// Start validates spec and starts the nexlet, supervised in the background until Stop.
+// It returns once the first start attempt is made: its error (an executable that cannot
+// be run leaves the nexlet failed) or nil. ctx bounds only this wait. The first Start
+// kills and removes whatever an earlier run left in the nexlets cgroup root.
+func (s *Supervisor) Start(ctx context.Context, spec Spec) error {
+	if !nameRE.MatchString(spec.Name) {
+		return fmt.Errorf("nexlet name %q: use 1-63 letters, digits, '-' or '_', starting with a letter or digit", spec.Name)
+	}
+	if spec.Path == "" {
+		return fmt.Errorf("nexlet %s: no executable path", spec.Name)
+	}
+	if err := spec.Limits.Validate(); err != nil {
+		return fmt.Errorf("nexlet %s limits: %w", spec.Name, err)
+	}
+	if !strings.Contains(spec.Path, "/") {
+		p, err := exec.LookPath(spec.Path)
+		if err != nil {
+			return fmt.Errorf("nexlet %s: %w", spec.Name, err)
+		}
+		spec.Path = p
+	}
+	s.cleanOnce.Do(s.cleanupStale)
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return fmt.Errorf("nexlet %s: supervisor is stopping", spec.Name)
+	}
+	if _, dup := s.nexlets[spec.Name]; dup {
+		s.mu.Unlock()
+		return fmt.Errorf("nexlet %s: already supervised", spec.Name)
+	}
+	spec.Args = slices.Clone(spec.Args)
+	spec.Env = maps.Clone(spec.Env)
+	n := &nexlet{s: s, spec: spec, state: StateStarting,
+		reset: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
+		first: make(chan error, 1), limiter: newLimiter(s.opts.LogRate, s.opts.LogBurst)}
+	s.nexlets[spec.Name] = n
+	s.mu.Unlock()
+	go n.run()
+	select {
+	case err := <-n.first:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("nexlet %s: %w", spec.Name, ctx.Err())
+	}
+}
+
+func (s *Supervisor) cleanupStale() {
+	killed, err := s.cg.CleanupStale("")
+	if err != nil {
+		s.log.Warn("cannot clean up nexlet cgroups of an earlier run", "cgroup", s.cg.Path(), "err", err)
+	} else if killed > 0 {
+		s.log.Warn("killed processes left by an earlier run", "cgroup", s.cg.Path(), "killed", killed)
+	}
+}
+
+// Statuses reports every nexlet, sorted by name.
+func (s *Supervisor) Statuses() []Status {
+	s.mu.Lock()
+	var out []Status
+	var groups []*cgroup.Group
+	for _, n := range s.nexlets {
+		out = append(out, Status{Name: n.spec.Name, PID: n.pid, State: n.state, Restarts: n.restarts,
+			LastExit: n.lastExit, StartedAt: n.startedAt, Cgroup: n.groupPath})
+		groups = append(groups, n.group)
+	}
+	s.mu.Unlock()
+	for i, g := range groups {
+		if g != nil && out[i].PID != 0 {
+			out[i].Stats, _ = g.Stats() // a group that just went away has no stats
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Reset clears a nexlet's restart count and failed state and restarts it now (a running
+// nexlet is stopped first, with the grace period).
+func (s *Supervisor) Reset(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, ok := s.nexlets[name]
+	if !ok {
+		return fmt.Errorf("nexlet %q: not supervised here", name)
+	}
+	if s.stopping || n.state == StateStopped || n.state == StateStopping {
+		return fmt.Errorf("nexlet %s: %s", name, n.state)
+	}
+	n.restarts = 0
+	n.window = nil
+	select {
+	case n.reset <- struct{}{}:
+	default: // one pending reset is enough
+	}
+	return nil
+}
+
+// SetRestartLimit changes the restart limit (config reload); it applies from the next exit.
+func (s *Supervisor) SetRestartLimit(n int) {
+	s.mu.Lock()
+	s.limit = max(n, 0)
+	s.mu.Unlock()
+}
+
+// Stop stops every nexlet (SIGTERM, then a group kill after the grace period, or at
+// once when ctx ends) and removes their cgroups. Nothing of any nexlet's process tree
+// survives it. Start fails afterwards.
+func (s *Supervisor) Stop(ctx context.Context) error {
+	s.mu.Lock()
+	s.stopping = true
+	var all []*nexlet
+	for _, n := range s.nexlets {
+		all = append(all, n)
+		n.stopOnce.Do(func() { close(n.stop) })
+	}
+	s.mu.Unlock()
+	var ctxErr error
+	for _, n := range all {
+		select {
+		case <-n.done:
+		case <-ctx.Done():
+			ctxErr = ctx.Err()
+			s.hurryOnce.Do(func() { close(s.hurry) })
+			<-n.done // the group kill is bounded
+		}
+	}
+	_, err := s.cg.CleanupStale("")
+	return errors.Join(ctxErr, err)
+}
+
+// backoff is the delay before restart number n+1 (n from 0): min·2ⁿ capped at max, with
+// up to a quarter more of jitter (still capped) so restarts of many nexlets spread out.
+func backoff(n int, min, max time.Duration, rnd func() float64) time.Duration {
+	d := max
+	if n < 62 && min<<n > 0 && min<<n < max {
+		d = min << n
+	}
+	d += time.Duration(rnd() * float64(d) / 4)
+	if d > max {
+		d = max
+	}
+	return d
+}
+
+// jitter is the random source of backoff.
+func jitter() float64 { return rand.Float64() }
+
+// dropEnv are variables of nexd's own service manager contract that must never reach a
+// nexlet, even when configured.
+func droppedEnv(k string) bool {
+	switch k {
+	case "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "INVOCATION_ID", "MAINPID":
+		return true
+	}
+	return strings.HasPrefix(k, "LISTEN_")
+}
+
+// childEnv builds the child's whole environment, sorted.
+func (n *nexlet) childEnv(cgSpec string) []string {
+	m := map[string]string{}
+	for k, v := range n.spec.Env {
+		m[k] = v
+	}
+	if n.s.opts.Env != nil {
+		for k, v := range n.s.opts.Env(n.spec.Name) {
+			m[k] = v
+		}
+	}
+	m[EnvCgroup] = cgSpec
+	out := make([]string, 0, len(m)) // never nil: a nil Env would inherit nexd's
+	for k, v := range m {
+		if droppedEnv(k) || k == "" || strings.ContainsAny(k, "=\x00") || strings.Contains(v, "\x00") {
+			n.s.log.Warn("nexlet environment variable dropped", "nexlet", n.spec.Name, "var", k)
+			continue
+		}
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}

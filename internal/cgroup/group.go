@@ -1,0 +1,481 @@
+package cgroup
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// killTimeout bounds how long Kill keeps signalling a group that does not empty.
+const killTimeout = 10 * time.Second
+
+// Group is one cgroup (in every hierarchy of the manager) and the processes started in it.
+type Group struct {
+	m     *Manager
+	hiers []hier // Root is the group's directory in each hierarchy
+
+	mu sync.Mutex
+	// pgids of processes that run outside the cgroup (none mode, or a failed move);
+	// Kill and Procs reach them through their process group.
+	pgids []int
+}
+
+func (m *Manager) group(rel string) *Group {
+	g := &Group{m: m}
+	for _, h := range m.hiers {
+		h.Root = joinRel(h.Root, rel)
+		g.hiers = append(g.hiers, h)
+	}
+	return g
+}
+
+// Path is the group's directory (the memory hierarchy's in v1 mode), "" in none mode.
+func (g *Group) Path() string {
+	for _, h := range g.hiers {
+		if h.has("memory") || h.Name == "unified" {
+			return h.Root
+		}
+	}
+	if len(g.hiers) > 0 {
+		return g.hiers[0].Root
+	}
+	return ""
+}
+
+func (m *Manager) createV2(g *Group, l Limits) (fatal bool, err error) {
+	h := m.hiers[0]
+	target := g.hiers[0].Root
+	enf := m.Enforced()
+	rel, err := filepath.Rel(h.base, target)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return true, fmt.Errorf("cgroup %s is not below %s", target, h.base)
+	}
+	var errs []error
+	dir := h.base
+	if rel != "." {
+		for p := range strings.SplitSeq(rel, "/") {
+			if err := m.mkdirIfMissing(dir); err != nil {
+				return true, err
+			}
+			if _, err := m.enableControllers(dir, enf); err != nil {
+				errs = append(errs, err)
+			}
+			dir = filepath.Join(dir, p)
+		}
+	}
+	if err := m.mkdirIfMissing(target); err != nil {
+		return true, err
+	}
+	if m.isEnforced("memory") {
+		errs = append(errs,
+			m.ops.write(filepath.Join(target, "memory.max"), maxOr(l.MemoryMax)),
+			m.ops.write(filepath.Join(target, "memory.high"), maxOr(l.MemoryHigh)))
+	}
+	if m.isEnforced("cpu") {
+		v := "max"
+		if l.CPUMax > 0 {
+			v = fmt.Sprintf("%d %d", cpuQuota(l.CPUMax), cpuPeriod)
+		}
+		errs = append(errs, m.ops.write(filepath.Join(target, "cpu.max"), v))
+	}
+	if m.isEnforced("pids") {
+		errs = append(errs, m.ops.write(filepath.Join(target, "pids.max"), maxOr(l.PidsMax)))
+	}
+	return false, errors.Join(errs...)
+}
+
+func maxOr(n int64) string {
+	if n <= 0 {
+		return "max"
+	}
+	return strconv.FormatInt(n, 10)
+}
+
+func minusOneOr(n int64) string {
+	if n <= 0 {
+		return "-1"
+	}
+	return strconv.FormatInt(n, 10)
+}
+
+func (m *Manager) createV1(g *Group, l Limits) (fatal bool, err error) {
+	var errs []error
+	for _, h := range g.hiers {
+		if err := os.MkdirAll(h.Root, 0o755); err != nil {
+			return true, fmt.Errorf("create cgroup %s: %w", h.Root, err)
+		}
+		if h.has("memory") && m.isEnforced("memory") {
+			errs = append(errs,
+				m.ops.write(filepath.Join(h.Root, "memory.limit_in_bytes"), minusOneOr(l.MemoryMax)),
+				// v1 has no memory.high; the soft limit is the closest: reclaim under pressure.
+				m.ops.write(filepath.Join(h.Root, "memory.soft_limit_in_bytes"), minusOneOr(l.MemoryHigh)))
+		}
+		if h.has("cpu") && m.isEnforced("cpu") {
+			q := "-1"
+			if l.CPUMax > 0 {
+				q = strconv.FormatInt(cpuQuota(l.CPUMax), 10)
+			}
+			errs = append(errs,
+				m.ops.write(filepath.Join(h.Root, "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)),
+				m.ops.write(filepath.Join(h.Root, "cpu.cfs_quota_us"), q))
+		}
+		if h.has("pids") && m.isEnforced("pids") {
+			errs = append(errs, m.ops.write(filepath.Join(h.Root, "pids.max"), maxOr(l.PidsMax)))
+		}
+	}
+	return false, errors.Join(errs...)
+}
+
+// Start starts cmd inside the group. In v2 mode the child is born in the cgroup
+// (clone3 with CLONE_INTO_CGROUP); where the kernel refuses that it is moved right after
+// start. In v1 mode the starting OS thread joins the group for the fork, so the child is
+// born there too. In none mode the child gets its own process group and Pdeathsig
+// SIGKILL. The child always gets its own process group unless cmd.SysProcAttr asks for
+// a session or a foreground group. Failing to place the child in its cgroup never stops
+// it from starting: it is logged, and Kill still reaches it through its process group.
+func (g *Group) Start(cmd *exec.Cmd) error {
+	a := &syscall.SysProcAttr{}
+	if cmd.SysProcAttr != nil {
+		*a = *cmd.SysProcAttr
+	}
+	cmd.SysProcAttr = a
+	if !a.Setsid && !a.Foreground {
+		a.Setpgid = true
+	}
+	switch g.m.mode {
+	case ModeV2:
+		return g.startV2(cmd, a)
+	case ModeV1:
+		return g.startV1(cmd)
+	default:
+		a.Pdeathsig = syscall.SIGKILL
+		if err := cmd.Start(); err != nil {
+			return err
+		}
+		g.addPgid(cmd.Process.Pid)
+		return nil
+	}
+}
+
+func (g *Group) addPgid(pid int) {
+	g.mu.Lock()
+	g.pgids = append(g.pgids, pid)
+	g.mu.Unlock()
+}
+
+func (g *Group) startV2(cmd *exec.Cmd, a *syscall.SysProcAttr) error {
+	dir := g.hiers[0].Root
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		g.m.log.Warn("cannot open cgroup for clone3, moving the process after start", "cgroup", dir, "err", err)
+		return g.startThenMove(cmd, g.hiers)
+	}
+	saved := *cmd
+	a.UseCgroupFD, a.CgroupFD = true, fd
+	err = cmd.Start()
+	unix.Close(fd)
+	a.UseCgroupFD, a.CgroupFD = false, 0
+	if err == nil || !cloneRefused(err) {
+		return err
+	}
+	g.m.log.Debug("clone3 into cgroup refused, moving the process after start", "cgroup", dir, "err", err)
+	*cmd = saved // an exec.Cmd cannot be started twice; the copy was never started
+	return g.startThenMove(cmd, g.hiers)
+}
+
+// cloneRefused tells a refused clone3/CLONE_INTO_CGROUP (old kernel, seccomp, not a
+// cgroup2 directory) from other start errors. An exec error with the same errno is
+// simply retried once and fails again.
+func cloneRefused(err error) bool {
+	for _, e := range []error{unix.ENOSYS, unix.EPERM, unix.EINVAL, unix.EBADF, unix.EOPNOTSUPP, unix.EBUSY, unix.EACCES, unix.E2BIG} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// startThenMove starts cmd and moves it (and whatever it forked meanwhile, found by its
+// process group) into the group in the given hierarchies.
+func (g *Group) startThenMove(cmd *exec.Cmd, hs []hier) error {
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	g.moveProcess(cmd.Process.Pid, hs)
+	return nil
+}
+
+func (g *Group) moveProcess(pid int, hs []hier) {
+	for _, h := range hs {
+		procs := filepath.Join(h.Root, "cgroup.procs")
+		if err := g.m.ops.write(procs, itoa(pid)); err != nil {
+			if errors.Is(err, unix.ESRCH) {
+				continue // exited already
+			}
+			g.m.log.Warn("process runs outside its cgroup", "pid", pid, "cgroup", h.Root, "err", err)
+			g.addPgid(pid)
+			continue
+		}
+		for _, p := range pgrpMembers([]int{pid}) {
+			if p != pid {
+				_ = g.m.ops.write(procs, itoa(p)) // best effort: it may have exited
+			}
+		}
+	}
+}
+
+func (g *Group) startV1(cmd *exec.Cmd) error {
+	type result struct {
+		err      error
+		unplaced []hier
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// The child inherits the cgroups of the forking thread: move this OS thread (not
+		// the whole process, so nexd's other threads are unaffected) into the group,
+		// fork, and move it back. If moving back fails the thread stays locked and the
+		// runtime discards it when this goroutine ends, so it cannot linger in the group.
+		runtime.LockOSThread()
+		tid := unix.Gettid()
+		orig, _ := os.ReadFile("/proc/thread-self/cgroup")
+		_, origPaths := parseSelfCgroup(orig)
+		var moved, unplaced []hier
+		for _, h := range g.hiers {
+			if err := g.m.ops.write(filepath.Join(h.Root, "tasks"), itoa(tid)); err != nil {
+				unplaced = append(unplaced, h)
+				continue
+			}
+			moved = append(moved, h)
+		}
+		err := cmd.Start()
+		back := true
+		for _, h := range moved {
+			p, ok := origPaths[strings.Split(h.Name, ",")[0]]
+			if !ok || g.m.ops.write(filepath.Join(h.Mount, p, "tasks"), itoa(tid)) != nil {
+				back = false
+			}
+		}
+		if back {
+			runtime.UnlockOSThread()
+		} else {
+			g.m.log.Warn("cannot move the starting thread back out of the cgroup; discarding the thread", "cgroup", g.Path())
+		}
+		ch <- result{err, unplaced}
+	}()
+	r := <-ch
+	if r.err != nil {
+		return r.err
+	}
+	if len(r.unplaced) > 0 {
+		g.moveProcess(cmd.Process.Pid, r.unplaced)
+	}
+	return nil
+}
+
+// Procs lists the live processes in the group and its descendants (and, for processes
+// that could not be placed in it, their process groups). It never lists the caller.
+func (g *Group) Procs() ([]int, error) {
+	self := os.Getpid()
+	var out []int
+	for _, h := range g.hiers {
+		dirs, err := subtreeDirs(h.Root)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			return nil, fmt.Errorf("list cgroup %s: %w", h.Root, err)
+		}
+		for _, d := range dirs {
+			pids, err := readPids(filepath.Join(d, "cgroup.procs"))
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("list processes of cgroup %s: %w", d, err)
+			}
+			out = append(out, pids...)
+		}
+	}
+	g.mu.Lock()
+	pg := slices.Clone(g.pgids)
+	g.mu.Unlock()
+	out = append(out, pgrpMembers(pg)...)
+	slices.Sort(out)
+	out = slices.Compact(out)
+	return slices.DeleteFunc(out, func(p int) bool { return p == self || !alive(p) }), nil
+}
+
+// Kill kills every process in the group and its descendants and waits until none is
+// left: v2 through cgroup.kill, otherwise (and as a fallback) by sending SIGKILL to
+// every listed process until the group is empty.
+func (g *Group) Kill() error {
+	if g.m.mode == ModeV2 {
+		for _, h := range g.hiers {
+			err := g.m.ops.write(filepath.Join(h.Root, "cgroup.kill"), "1")
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				g.m.log.Debug("cgroup.kill failed, killing process by process", "cgroup", h.Root, "err", err)
+			}
+		}
+	}
+	deadline := time.Now().Add(killTimeout)
+	for {
+		pids, err := g.Procs()
+		if err != nil {
+			return err
+		}
+		if len(pids) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("cgroup %s: processes %v survive SIGKILL", g.Path(), pids)
+		}
+		for _, p := range pids {
+			_ = unix.Kill(p, unix.SIGKILL)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// OOMKills counts the processes the kernel OOM killer killed in the group (and below):
+// v2 memory.events oom_kill, v1 memory.oom_control oom_kill. 0 without a memory controller.
+func (g *Group) OOMKills() (int, error) {
+	switch g.m.mode {
+	case ModeV2:
+		n, err := readKey(filepath.Join(g.hiers[0].Root, "memory.events"), "oom_kill")
+		if errors.Is(err, os.ErrNotExist) {
+			return 0, nil
+		}
+		return int(n), err
+	case ModeV1:
+		total := 0
+		for _, h := range g.hiers {
+			if !h.has("memory") {
+				continue
+			}
+			// v1 counts an OOM kill only in the victim's own cgroup, so sum the subtree.
+			dirs, err := subtreeDirs(h.Root)
+			if errors.Is(err, os.ErrNotExist) {
+				return 0, nil
+			}
+			if err != nil {
+				return 0, err
+			}
+			for _, d := range dirs {
+				n, err := readKey(filepath.Join(d, "memory.oom_control"), "oom_kill")
+				if err != nil && !errors.Is(err, os.ErrNotExist) {
+					return 0, err
+				}
+				total += int(n)
+			}
+		}
+		return total, nil
+	}
+	return 0, nil
+}
+
+// Stats reads usage of the group and its descendants. Counters whose controller is
+// not available stay 0.
+func (g *Group) Stats() (Stats, error) {
+	var s Stats
+	if g.m.mode != ModeNone {
+		if _, err := os.Stat(g.hiers[0].Root); err != nil {
+			return s, fmt.Errorf("cgroup stats: %w", err)
+		}
+	}
+	pidsRead := false
+	switch g.m.mode {
+	case ModeV2:
+		d := g.hiers[0].Root
+		s.MemoryCurrent, _ = readUint(filepath.Join(d, "memory.current"))
+		if u, err := readKey(filepath.Join(d, "cpu.stat"), "usage_usec"); err == nil {
+			s.CPUUsageNsec = u * 1000
+		}
+		if n, err := readUint(filepath.Join(d, "pids.current")); err == nil {
+			s.Pids, pidsRead = int(n), true
+		}
+	case ModeV1:
+		for _, h := range g.hiers {
+			if h.has("memory") {
+				s.MemoryCurrent, _ = readUint(filepath.Join(h.Root, "memory.usage_in_bytes"))
+			}
+			if h.has("cpuacct") {
+				s.CPUUsageNsec, _ = readUint(filepath.Join(h.Root, "cpuacct.usage"))
+			}
+			if h.has("pids") {
+				if n, err := readUint(filepath.Join(h.Root, "pids.current")); err == nil {
+					s.Pids, pidsRead = int(n), true
+				}
+			}
+		}
+	}
+	if !pidsRead {
+		pids, err := g.Procs()
+		if err != nil {
+			return s, err
+		}
+		s.Pids = len(pids)
+	}
+	n, err := g.OOMKills()
+	s.OOMKills = n
+	return s, err
+}
+
+// Remove kills what is left in the group and removes it and its descendants in every
+// hierarchy. A group that does not exist is not an error.
+func (g *Group) Remove() error {
+	if err := g.Kill(); err != nil {
+		return err
+	}
+	var errs []error
+	for _, h := range g.hiers {
+		errs = append(errs, g.m.removeTree(h.Root))
+	}
+	return errors.Join(errs...)
+}
+
+// removeTree removes dir and every cgroup below it, children first. A cgroup stays busy
+// for a moment after its last process died, so EBUSY is retried briefly.
+func (m *Manager) removeTree(dir string) error {
+	dirs, err := subtreeDirs(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		deadline := time.Now().Add(2 * time.Second)
+		for {
+			err := m.ops.rmdir(dirs[i])
+			if err == nil || errors.Is(err, os.ErrNotExist) {
+				break
+			}
+			if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+				return fmt.Errorf("remove cgroup %s: %w", dirs[i], err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// Open returns the existing group <root>/<rel> without creating or changing it, for
+// reading stats; ok is false in none mode or when the group does not exist.
+func (m *Manager) Open(rel string) (g *Group, ok bool) {
+	if m.mode == ModeNone {
+		return nil, false
+	}
+	g = m.group(rel)
+	if _, err := os.Stat(g.Path()); err != nil {
+		return nil, false
+	}
+	return g, true
+}

@@ -1,0 +1,280 @@
+package cgroup
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// v1Root gives a manager on a unique group in the real v1 hierarchies of this machine,
+// removed (with anything left in it) when the test ends.
+func v1Root(t *testing.T) *Manager {
+	t.Helper()
+	for _, c := range []string{"memory", "cpu", "pids"} {
+		if !writable(filepath.Join("/sys/fs/cgroup", c)) {
+			t.Skipf("no writable cgroup v1 %s hierarchy here", c)
+		}
+	}
+	root := fmt.Sprintf("/sys/fs/cgroup/memory/nexd-test-%d", rand.Int64())
+	m, err := Detect(root, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := m.group("").Remove(); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	if m.Mode() != ModeV1 || !slices.Equal(m.Enforced(), []string{"memory", "cpu", "pids"}) {
+		t.Fatalf("mode %s enforced %v reason %q", m.Mode(), m.Enforced(), m.Reason())
+	}
+	return m
+}
+
+func (m *Manager) hierDir(ctrl string) string {
+	for _, h := range m.hiers {
+		if h.has(ctrl) {
+			return h.Root
+		}
+	}
+	return ""
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestV1CreateLimits(t *testing.T) {
+	m := v1Root(t)
+	_, err := m.Create("a", Limits{MemoryMax: 64 << 20, MemoryHigh: 32 << 20, CPUMax: 0.5, PidsMax: 50})
+	must(t, err)
+	check := func(ctrl, file, want string) {
+		t.Helper()
+		if got := readTrim(t, filepath.Join(m.hierDir(ctrl), "a", file)); got != want {
+			t.Errorf("%s = %q, want %q", file, got, want)
+		}
+	}
+	check("memory", "memory.limit_in_bytes", "67108864")
+	check("memory", "memory.soft_limit_in_bytes", "33554432")
+	check("cpu", "cpu.cfs_quota_us", "50000")
+	check("cpu", "cpu.cfs_period_us", "100000")
+	check("pids", "pids.max", "50")
+	// Reuse with no limits resets them.
+	_, err = m.Create("a", Limits{})
+	must(t, err)
+	check("cpu", "cpu.cfs_quota_us", "-1")
+	check("pids", "pids.max", "max")
+	if v, _ := strconv.ParseUint(readTrim(t, filepath.Join(m.hierDir("memory"), "a", "memory.limit_in_bytes")), 10, 64); v < 1<<50 {
+		t.Errorf("memory limit not reset: %d", v)
+	}
+}
+
+func TestV1StartProcsKill(t *testing.T) {
+	m := v1Root(t)
+	g, err := m.Create("n/nexlet", Limits{PidsMax: 20})
+	must(t, err)
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "bg")
+	// The child forks a grandchild that would outlive it.
+	cmd := exec.Command("/bin/sh", "-c", `sleep 3600 & echo $! > `+pidFile+`.tmp; mv `+pidFile+`.tmp `+pidFile+`; exec sleep 3600`)
+	must(t, g.Start(cmd))
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	waitFor(t, "the grandchild", func() bool { _, err := os.Stat(pidFile); return err == nil })
+	bg, err := strconv.Atoi(readTrim(t, pidFile))
+	must(t, err)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", cmd.Process.Pid))
+	must(t, err)
+	_, in := parseSelfCgroup(b)
+	for _, h := range m.hiers {
+		want := strings.TrimPrefix(filepath.Join(h.Root, "n/nexlet"), h.Mount)
+		if got := in[strings.Split(h.Name, ",")[0]]; got != want {
+			t.Errorf("child in %s group %q, want %q", h.Name, got, want)
+		}
+	}
+	var pids []int
+	waitFor(t, "procs = child and grandchild", func() bool { // mv may still be exiting
+		pids, err = g.Procs()
+		must(t, err)
+		return slices.Equal(pids, sorted(cmd.Process.Pid, bg))
+	})
+	// nexd's own starting thread went back where it came from.
+	for _, c := range []string{"memory", "cpu", "pids"} {
+		ps, _ := readPids(filepath.Join(m.hierDir(c), "n/nexlet", "cgroup.procs"))
+		if slices.Contains(ps, os.Getpid()) {
+			t.Fatalf("the test process is left in the %s group", c)
+		}
+	}
+	s, err := g.Stats()
+	must(t, err)
+	if s.Pids < 2 || s.MemoryCurrent == 0 { // pids.current counts tasks
+		t.Errorf("stats %+v", s)
+	}
+	// Killing the group's parent reaches everything below it.
+	parent := m.group("n")
+	must(t, parent.Kill())
+	<-waited
+	if alive(bg) || alive(cmd.Process.Pid) {
+		t.Fatal("a process survived the group kill")
+	}
+	must(t, parent.Remove())
+	for _, c := range []string{"memory", "cpu", "pids", "cpuacct"} {
+		if _, err := os.Stat(filepath.Join(m.hierDir(c), "n")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s group not removed: %v", c, err)
+		}
+	}
+}
+
+func sorted(p ...int) []int { slices.Sort(p); return p }
+
+func TestV1OOMAndStats(t *testing.T) {
+	m := v1Root(t)
+	g, err := m.Create("oom", Limits{MemoryMax: 32 << 20})
+	must(t, err)
+	n, err := g.OOMKills()
+	must(t, err)
+	if n != 0 {
+		t.Fatalf("fresh group has %d OOM kills", n)
+	}
+	// Burn some CPU, then hold 300 MB in a pipe reader: the OOM killer strikes.
+	cmd := exec.Command("/bin/sh", "-c", `i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; head -c 300M /dev/zero | tail > /dev/null`)
+	must(t, g.Start(cmd))
+	err = cmd.Wait()
+	t.Logf("oom child: %v", err)
+	n, err = g.OOMKills()
+	must(t, err)
+	if n < 1 {
+		t.Fatalf("OOM kill not detected (oom_control: %s)", readTrim(t, filepath.Join(m.hierDir("memory"), "oom/memory.oom_control")))
+	}
+	s, err := g.Stats()
+	must(t, err)
+	if s.OOMKills != n || s.CPUUsageNsec == 0 {
+		t.Fatalf("stats %+v", s)
+	}
+}
+
+func TestV1CleanupStale(t *testing.T) {
+	m := v1Root(t)
+	nexlets := m.Sub("nexlets")
+	var cmds []*exec.Cmd
+	for _, rel := range []string{"old/nexlet", "old/workloads/w1", "keep/nexlet"} {
+		g, err := nexlets.Create(rel, Limits{})
+		must(t, err)
+		c := exec.Command("sleep", "3600")
+		must(t, g.Start(c))
+		t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
+		cmds = append(cmds, c)
+	}
+	// As after a crash: a new manager for the same place.
+	m2, err := Detect(m.Path(), testLogger(t))
+	must(t, err)
+	killed, err := m2.Sub("nexlets").CleanupStale("old")
+	must(t, err)
+	if killed != 2 {
+		t.Fatalf("killed %d", killed)
+	}
+	for _, c := range cmds[:2] {
+		_ = c.Wait()
+	}
+	if alive(cmds[2].Process.Pid) != true {
+		t.Fatal("cleanup of old/ killed a process outside it")
+	}
+	for _, c := range []string{"memory", "cpu", "pids"} {
+		if _, err := os.Stat(filepath.Join(m.hierDir(c), "nexlets/old")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: stale group left: %v", c, err)
+		}
+	}
+	killed, err = m2.Sub("nexlets").CleanupStale("")
+	must(t, err)
+	if killed != 1 {
+		t.Fatalf("killed %d", killed)
+	}
+	if _, err := os.Stat(filepath.Join(m.hierDir("memory"), "nexlets")); err != nil {
+		t.Fatalf("cleanup removed the root: %v", err)
+	}
+}
+
+func TestNoneMode(t *testing.T) {
+	m := Disabled("no cgroups in this test", testLogger(t))
+	if m.Mode() != ModeNone || len(m.Enforced()) != 0 || m.Path() != "" {
+		t.Fatalf("%s %v %q", m.Mode(), m.Enforced(), m.Path())
+	}
+	g, err := m.Create("x", Limits{MemoryMax: 1 << 20})
+	must(t, err)
+	pidFile := filepath.Join(t.TempDir(), "bg")
+	cmd := exec.Command("/bin/sh", "-c", `sleep 3600 & echo $! > `+pidFile+`.tmp; mv `+pidFile+`.tmp `+pidFile+`; exec sleep 3600`)
+	must(t, g.Start(cmd))
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	if !cmd.SysProcAttr.Setpgid || cmd.SysProcAttr.Pdeathsig == 0 {
+		t.Fatalf("attrs %+v", cmd.SysProcAttr)
+	}
+	waitFor(t, "the grandchild", func() bool { _, err := os.Stat(pidFile); return err == nil })
+	bg, _ := strconv.Atoi(readTrim(t, pidFile))
+	waitFor(t, "procs = child and grandchild", func() bool {
+		pids, err := g.Procs()
+		must(t, err)
+		return slices.Equal(pids, sorted(cmd.Process.Pid, bg))
+	})
+	must(t, g.Remove())
+	<-waited
+	if alive(bg) {
+		t.Fatal("grandchild survived")
+	}
+	if n, err := m.CleanupStale(""); n != 0 || err != nil {
+		t.Fatal(n, err)
+	}
+}
+
+func TestParse(t *testing.T) {
+	mi := `24 1 0:22 / /sys rw - sysfs sysfs rw
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory ro,relatime - cgroup cgroup rw,memory
+41 31 0:38 /nexd /mnt/my\040cg rw shared:9 - cgroup2 cgroup2 rw,nsdelegate
+`
+	got := parseMountinfo([]byte(mi))
+	want := []mount{
+		{root: "/", point: "/sys/fs/cgroup/cpu,cpuacct", fstype: "cgroup", superOpts: []string{"rw", "cpu", "cpuacct"}},
+		{root: "/", point: "/sys/fs/cgroup/memory", fstype: "cgroup", superOpts: []string{"rw", "memory"}, readOnly: true},
+		{root: "/nexd", point: "/mnt/my cg", fstype: "cgroup2", superOpts: []string{"rw", "nsdelegate"}},
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("mounts\n%v\nwant\n%v", got, want)
+	}
+	u, v1 := parseSelfCgroup([]byte("12:cpu,cpuacct:/a\n4:memory:/b\n1:name=systemd:/c\n0::/system.slice/x.service\n"))
+	if u != "/system.slice/x.service" || v1["cpu"] != "/a" || v1["cpuacct"] != "/a" || v1["memory"] != "/b" {
+		t.Fatalf("%q %v", u, v1)
+	}
+	for _, tc := range []struct {
+		l  Limits
+		ok bool
+	}{
+		{Limits{}, true},
+		{Limits{MemoryMax: 1, MemoryHigh: 1, CPUMax: 0.01, PidsMax: 1}, true},
+		{Limits{MemoryMax: -1}, false},
+		{Limits{MemoryHigh: -1}, false},
+		{Limits{CPUMax: -0.5}, false},
+		{Limits{CPUMax: 0.001}, false},
+		{Limits{PidsMax: -2}, false},
+	} {
+		if err := tc.l.Validate(); (err == nil) != tc.ok {
+			t.Errorf("%+v: %v", tc.l, err)
+		}
+	}
+}

@@ -1,0 +1,254 @@
+// Package cli is the nexctl command tree: local commands over nexd's control socket and
+// fleet commands over the $NEX NATS API, with tables for people and --json for scripts.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Exit codes.
+const (
+	ExitOK      = 0
+	ExitFailed  = 1
+	ExitUsage   = 2
+	defaultStop = 100 * time.Millisecond
+)
+
+// IO is what a nexctl run reads and writes; tests supply buffers.
+type IO struct {
+	Stdin   io.Reader
+	Stdout  io.Writer
+	Stderr  io.Writer
+	Env     func(string) string
+	Version string
+}
+
+// usageError marks a command-line mistake (exit 2).
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
+
+// exitError carries an exit code for a failure that already explained itself.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string { return e.err.Error() }
+func (e exitError) Unwrap() error { return e.err }
+
+// app holds the global flags and streams of one run.
+type app struct {
+	io        IO
+	socket    string
+	json      bool
+	namespace string
+	nats      natsFlags
+	stall     time.Duration
+}
+
+// Main runs nexctl with args (without the program name) and returns the exit code.
+func Main(ctx context.Context, args []string, stdio IO) int {
+	if stdio.Env == nil {
+		stdio.Env = func(string) string { return "" }
+	}
+	if stdio.Stdin == nil {
+		stdio.Stdin = strings.NewReader("")
+	}
+	root := NewRootCommand(stdio)
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return ExitOK
+	}
+	var ue usageError
+	var ee exitError
+	switch {
+	case errors.As(err, &ee):
+		if ee.err != nil && ee.err.Error() != "" {
+			fmt.Fprintf(stdio.Stderr, "nexctl: %v\n", ee.err)
+		}
+		return ee.code
+	case errors.As(err, &ue) || isCobraUsage(err):
+		fmt.Fprintf(stdio.Stderr, "nexctl: %v\nRun 'nexctl --help' for usage.\n", err)
+		return ExitUsage
+	case errors.Is(err, context.Canceled):
+		fmt.Fprintln(stdio.Stderr, "nexctl: interrupted")
+		return ExitFailed
+	default:
+		fmt.Fprintf(stdio.Stderr, "nexctl: %v\n", err)
+		return ExitFailed
+	}
+}
+
+// isCobraUsage recognises cobra's own argument errors, which are not typed.
+func isCobraUsage(err error) bool {
+	s := err.Error()
+	for _, p := range []string{"unknown command", "unknown flag", "unknown shorthand flag", "flag needs an argument", "invalid argument", "required flag", "accepts ", "requires at least", "if any flags in the group"} {
+		if strings.HasPrefix(s, p) || strings.Contains(s, " "+p) {
+			return true
+		}
+	}
+	return false
+}
+
+// NewRootCommand builds the whole command tree.
+func NewRootCommand(stdio IO) *cobra.Command {
+	a := &app{io: stdio}
+	version := stdio.Version
+	if version == "" {
+		version = "dev"
+	}
+	root := &cobra.Command{
+		Use:   "nexctl",
+		Short: "Control a nexd node and a Nex fleet",
+		Long: `nexctl controls the local nexd node through its control socket (status, reload,
+lameduck, nexlets, workloads, logs, config, secrets) and the whole Nex fleet through
+the $NEX NATS API (node and workload commands), which also works against upstream
+Nex nodes.
+
+Output is a table for people; --json prints JSON for scripts. Errors go to stderr.
+Exit codes: 0 success, 1 failure, 2 usage error.`,
+		Version:       version,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+	}
+	root.SetOut(stdio.Stdout)
+	root.SetErr(stdio.Stderr)
+	root.SetIn(stdio.Stdin)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+
+	pf := root.PersistentFlags()
+	pf.StringVar(&a.socket, "control-socket", control.DefaultSocketPath(stdio.Env), "nexd control socket (env NEX_CONTROL_SOCKET)")
+	pf.BoolVar(&a.json, "json", false, "print JSON instead of tables")
+	ns := stdio.Env("NEX_NAMESPACE")
+	if ns == "" {
+		ns = protocol.SystemNamespace
+	}
+	pf.StringVar(&a.namespace, "namespace", ns, "namespace for fleet commands (env NEX_NAMESPACE)")
+	pf.DurationVar(&a.stall, "gather-stall", defaultStop, "scatter-gather ends this long after the last reply")
+	a.nats.register(pf, stdio.Env)
+
+	root.AddGroup(&cobra.Group{ID: "local", Title: "Local node (control socket):"},
+		&cobra.Group{ID: "fleet", Title: "Fleet (NATS):"})
+	for _, c := range a.localCommands() {
+		c.GroupID = "local"
+		root.AddCommand(c)
+	}
+	for _, c := range []*cobra.Command{a.nodeCommand(), a.workloadCommand()} {
+		c.GroupID = "fleet"
+		root.AddCommand(c)
+	}
+	root.AddCommand(genDocsCommand(root))
+	return root
+}
+
+// groupRun is the RunE of a command that only groups subcommands: help without
+// arguments, a usage error for an unknown subcommand.
+func groupRun(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usagef("unknown command %q for %q", args[0], cmd.CommandPath())
+	}
+	return cmd.Help()
+}
+
+// noArgs is cobra.NoArgs with a usage error.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usagef("%s takes no arguments, got %q", cmd.CommandPath(), args)
+	}
+	return nil
+}
+
+func exactArgs(n int, names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usagef("%s needs %d argument(s) (%s), got %d", cmd.CommandPath(), n, strings.Join(names, " "), len(args))
+		}
+		return nil
+	}
+}
+
+func rangeArgs(min, max int, names ...string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) < min || len(args) > max {
+			return usagef("%s needs %d to %d argument(s) (%s), got %d", cmd.CommandPath(), min, max, strings.Join(names, " "), len(args))
+		}
+		return nil
+	}
+}
+
+func (a *app) out() io.Writer { return a.io.Stdout }
+
+// printJSON writes v as indented JSON.
+func (a *app) printJSON(v any) error {
+	enc := json.NewEncoder(a.io.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// kvFlag parses repeated k=v flags into a map.
+type kvFlag struct {
+	m    map[string]string
+	name string
+}
+
+func newKV(name string) *kvFlag { return &kvFlag{name: name} }
+
+func (f *kvFlag) String() string {
+	var parts []string
+	for k, v := range f.m {
+		parts = append(parts, k+"="+v)
+	}
+	return strings.Join(parts, ",")
+}
+
+func (f *kvFlag) Set(s string) error {
+	for _, part := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(part, "=")
+		if !ok || strings.TrimSpace(k) == "" {
+			return fmt.Errorf("%q is not key=value", part)
+		}
+		if f.m == nil {
+			f.m = map[string]string{}
+		}
+		f.m[strings.TrimSpace(k)] = v
+	}
+	return nil
+}
+
+func (f *kvFlag) Type() string { return "key=value" }
+
+var _ pflag.Value = (*kvFlag)(nil)
+
+// envFlag is like kvFlag but never splits on commas: values are arbitrary.
+type envFlag struct{ m map[string]string }
+
+func (f *envFlag) String() string { return fmt.Sprint(len(f.m), " variables") }
+func (f *envFlag) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("%q is not KEY=VALUE", s)
+	}
+	if f.m == nil {
+		f.m = map[string]string{}
+	}
+	f.m[k] = v
+	return nil
+}
+func (f *envFlag) Type() string { return "KEY=VALUE" }

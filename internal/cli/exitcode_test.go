@@ -1,0 +1,236 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// localBackend is a small in-test control.Backend; the real one is the daemon's.
+type localBackend struct {
+	mu      sync.Mutex
+	reload  control.ReloadResult
+	secrets map[string]string
+}
+
+func (b *localBackend) Status(context.Context) (control.Status, error) {
+	return control.Status{NodeID: "NLOCAL", Name: "here", Nexus: "nexus", Version: "0.1.0", State: control.StateRunning,
+		Uptime: control.Duration(time.Minute), Workloads: map[string]int{"running": 1},
+		Nexlets: []control.Nexlet{{Name: "native", Type: "native", PID: 7, State: "running", Health: "healthy"}}}, nil
+}
+func (b *localBackend) Reload(context.Context) (control.ReloadResult, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.reload, nil
+}
+func (b *localBackend) Lameduck(_ context.Context, d time.Duration) (control.LameduckResult, error) {
+	return control.LameduckResult{Until: time.Now().Add(d)}, nil
+}
+func (b *localBackend) Nexlets(context.Context) ([]control.Nexlet, error) {
+	return []control.Nexlet{{Name: "native"}}, nil
+}
+func (b *localBackend) RestartNexlet(_ context.Context, name string) error {
+	if name != "native" {
+		return fmt.Errorf("nexlet %q: %w", name, control.ErrNotFound)
+	}
+	return nil
+}
+func (b *localBackend) Workloads(context.Context) ([]control.Workload, error) { return nil, nil }
+func (b *localBackend) Logs(_ context.Context, q control.LogQuery) ([]control.LogLine, error) {
+	return []control.LogLine{{Time: time.Unix(0, 0).UTC(), Level: "info", Msg: "node ready", Nexlet: q.Nexlet}}, nil
+}
+func (b *localBackend) FollowLogs(ctx context.Context, _ control.LogQuery) (<-chan control.LogLine, error) {
+	ch := make(chan control.LogLine)
+	close(ch)
+	return ch, nil
+}
+func (b *localBackend) Config(context.Context) (json.RawMessage, error) {
+	return json.RawMessage(`{"nexus":"nexus"}`), nil
+}
+func (b *localBackend) Secrets() control.SecretStore { return b }
+func (b *localBackend) Metrics() http.Handler        { return nil }
+func (b *localBackend) Set(ns, key string, v []byte) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.secrets[ns+"/"+key] = string(v)
+	return nil
+}
+func (b *localBackend) List(ns string) ([]string, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []string
+	for k := range b.secrets {
+		if n, key, _ := strings.Cut(k, "/"); n == ns {
+			out = append(out, key)
+		}
+	}
+	return out, nil
+}
+func (b *localBackend) Delete(ns, key string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.secrets[ns+"/"+key]; !ok {
+		return control.ErrNotFound
+	}
+	delete(b.secrets, ns+"/"+key)
+	return nil
+}
+
+// buildNexctl builds the real binary once per test.
+func buildNexctl(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "nexctl")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/nexd-project/nexd/cmd/nexctl")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build nexctl: %v\n%s", err, out)
+	}
+	return bin
+}
+
+type result struct {
+	out, err string
+	code     int
+}
+
+func runBin(t *testing.T, bin string, env []string, stdin string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}, env...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run nexctl %v: %v", args, err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+func TestBinaryExitCodes(t *testing.T) {
+	bin := buildNexctl(t)
+	b := &localBackend{secrets: map[string]string{}, reload: control.ReloadResult{OK: true, Applied: []string{"tags"}}}
+	sock := filepath.Join(t.TempDir(), "nexd.sock")
+	srv, err := control.Listen(sock, control.ServerOptions{Backend: b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	env := []string{"NEX_CONTROL_SOCKET=" + sock}
+	ns := testnats.Start(t, testnats.Options{NoJetStream: true})
+
+	tests := []struct {
+		name     string
+		env      []string
+		stdin    string
+		args     []string
+		code     int
+		stdout   string // substring
+		stderr   string // substring
+		noStdout bool
+	}{
+		{name: "unknown command", args: []string{"bogus"}, code: 2, stderr: "unknown command", noStdout: true},
+		{name: "unknown flag", args: []string{"status", "--bogus"}, code: 2, stderr: "unknown flag", noStdout: true},
+		{name: "missing argument", args: []string{"nexlet", "restart"}, code: 2, stderr: "needs 1 argument", noStdout: true},
+		{name: "bad duration", env: env, args: []string{"lameduck", "--delay", "soon"}, code: 2, stderr: "invalid argument", noStdout: true},
+		{name: "no daemon", args: []string{"status", "--control-socket", filepath.Join(t.TempDir(), "none.sock")}, code: 1, stderr: "cannot reach nexd", noStdout: true},
+		{name: "status", env: env, args: []string{"status"}, stdout: "NLOCAL"},
+		{name: "status json", env: env, args: []string{"--json", "status"}, stdout: `"node_id": "NLOCAL"`},
+		{name: "reload ok", env: env, args: []string{"reload"}, stdout: "applied: tags"},
+		{name: "lameduck", env: env, args: []string{"lameduck", "--delay", "2m"}, stdout: "Workloads will stop at"},
+		{name: "nexlets", env: env, args: []string{"nexlets"}, stdout: "native"},
+		{name: "restart unknown nexlet", env: env, args: []string{"nexlet", "restart", "nope"}, code: 1, stderr: "not found", noStdout: true},
+		{name: "restart nexlet", env: env, args: []string{"nexlet", "restart", "native"}, stdout: "Nexlet native restarted"},
+		{name: "workloads", env: env, args: []string{"workloads"}, stdout: "No workloads found"},
+		{name: "logs", env: env, args: []string{"logs", "-n", "5", "--nexlet", "native"}, stdout: "node ready"},
+		{name: "logs follow ends with stream", env: env, args: []string{"logs", "-f"}, stdout: "node ready"},
+		{name: "logs both filters", env: env, args: []string{"logs", "--nexlet", "a", "--workload", "b"}, code: 2, stderr: "mutually exclusive"},
+		{name: "config", env: env, args: []string{"config"}, stdout: `"nexus": "nexus"`},
+		{name: "secret set stdin", env: env, stdin: "hunter2\n", args: []string{"secret", "set", "default", "PW", "-"}, stdout: "Secret default/PW set"},
+		{name: "secret list", env: env, args: []string{"secret", "list", "default"}, stdout: "PW"},
+		{name: "secret rm", env: env, args: []string{"secret", "rm", "default", "PW"}, stdout: "removed"},
+		{name: "secret rm again", env: env, args: []string{"secret", "rm", "default", "PW"}, code: 1, stderr: "not found"},
+		{name: "node list", args: []string{"node", "list", "-s", ns.ClientURL(), "--nats.timeout", "1s"}, stdout: "No nodes found"},
+		{name: "node list json", args: []string{"--json", "node", "list", "-s", ns.ClientURL(), "--nats.timeout", "1s"}, stdout: "[]"},
+		{name: "nats unreachable", args: []string{"node", "list", "-s", "nats://127.0.0.1:1", "--nats.timeout", "1s"}, code: 1, stderr: "connect to NATS", noStdout: true},
+		{name: "metrics disabled", env: env, args: []string{"metrics"}, code: 1, stderr: "metrics are not enabled"},
+		{name: "version", args: []string{"--version"}, stdout: "nexctl version dev"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := runBin(t, bin, tt.env, tt.stdin, tt.args...)
+			if r.code != tt.code || !strings.Contains(r.out, tt.stdout) || !strings.Contains(r.err, tt.stderr) || (tt.noStdout && r.out != "") {
+				t.Fatalf("nexctl %v: exit %d, stdout %q, stderr %q; want exit %d, stdout ~%q, stderr ~%q",
+					tt.args, r.code, r.out, r.err, tt.code, tt.stdout, tt.stderr)
+			}
+		})
+		if tt.name == "secret set stdin" && b.secrets["default/PW"] != "hunter2" {
+			t.Fatalf("secret from stdin stored as %q", b.secrets["default/PW"])
+		}
+	}
+
+	// A rejected reload exits 1 and lists every error on stderr.
+	b.mu.Lock()
+	b.reload = control.ReloadResult{OK: false, Errors: []string{"nexus: changes need a restart", "tags: key nex.x is reserved"}}
+	b.mu.Unlock()
+	r := runBin(t, bin, env, "", "reload")
+	if r.code != 1 || !strings.Contains(r.err, "nexus: changes need a restart") || !strings.Contains(r.err, "tags: key nex.x is reserved") {
+		t.Fatalf("rejected reload: exit %d, stderr %q", r.code, r.err)
+	}
+	r = runBin(t, bin, env, "", "--json", "reload")
+	var res control.ReloadResult
+	if r.code != 1 || json.Unmarshal([]byte(r.out), &res) != nil || res.OK || len(res.Errors) != 2 {
+		t.Fatalf("rejected reload --json: exit %d, stdout %q", r.code, r.out)
+	}
+}
+
+func TestGenDocs(t *testing.T) {
+	dir := t.TempDir()
+	root := NewRootCommand(IO{Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}, Env: func(string) string { return "" }})
+	t.Setenv("SOURCE_DATE_EPOCH", "1798761600")
+	if err := GenDocs(root, filepath.Join(dir, "man"), filepath.Join(dir, "completions")); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"man/nexctl.1", "man/nexctl-workload-run.1", "man/nexctl-node-lameduck.1", "completions/nexctl.bash", "completions/_nexctl", "completions/nexctl.fish"} {
+		data, err := os.ReadFile(filepath.Join(dir, f))
+		if err != nil || len(data) == 0 {
+			t.Errorf("%s: %v (%d bytes)", f, err, len(data))
+		}
+	}
+	man, _ := os.ReadFile(filepath.Join(dir, "man", "nexctl-workload-run.1"))
+	if !strings.Contains(string(man), "--plain-env") || !strings.Contains(string(man), "Jan 2027") {
+		t.Errorf("workload run man page lacks its flags or the fixed date:\n%s", man)
+	}
+	// The checked-in outputs must match the command tree.
+	for _, f := range []string{"man/nexctl-workload-run.1", "completions/nexctl.fish"} {
+		got, _ := os.ReadFile(filepath.Join(dir, f))
+		want, err := os.ReadFile(filepath.Join("..", "..", "contrib", f))
+		if err != nil {
+			t.Fatalf("contrib/%s: %v (regenerate with SOURCE_DATE_EPOCH=1798761600 go run ./internal/cli/gen)", f, err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("contrib/%s is stale: regenerate with SOURCE_DATE_EPOCH=1798761600 go run ./internal/cli/gen", f)
+		}
+	}
+}

@@ -1,0 +1,202 @@
+package cli
+
+import (
+	"encoding/json"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// fakeNode plays a Nex node with raw NATS subscriptions, answering as upstream's
+// node does (silence for "not mine"), so the fleet commands are tested on the wire.
+type fakeNode struct {
+	t          *testing.T
+	nc         *nats.Conn
+	id         string
+	tags       map[string]string
+	xkey       nkeys.KeyPair // the nexlet's curve key, used in bids
+	bid        bool          // whether it bids at all (a healthy native nexlet)
+	load       int           // nexd_workload_count in its bids
+	failDeploy string        // when set, ADEPLOY answers with this micro error
+	schema     string
+	workloads  []protocol.WorkloadSummary
+	stored     map[string]protocol.StartWorkloadRequest // for CLONE
+	stopOK     bool
+
+	mu        sync.Mutex
+	deploys   []protocol.StartWorkloadRequest
+	lameducks []protocol.LameduckRequest
+	stops     []string // subjects
+	pings     int
+}
+
+func newFakeNode(t *testing.T, nc *nats.Conn, id string, tags map[string]string) *fakeNode {
+	xk, err := nkeys.CreateCurveKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := map[string]string{protocol.TagNexus: "nexus", protocol.TagNode: strings.ToLower(id)}
+	for k, v := range tags {
+		all[k] = v
+	}
+	return &fakeNode{t: t, nc: nc, id: id, tags: all, xkey: xk, bid: true, schema: nativeSchema, stored: map[string]protocol.StartWorkloadRequest{}}
+}
+
+func (n *fakeNode) matches(filter map[string]string) bool {
+	for k, v := range filter {
+		if n.tags[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+func (n *fakeNode) respond(m *nats.Msg, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		n.t.Errorf("fake node: %v", err)
+		return
+	}
+	_ = m.Respond(b)
+}
+
+func (n *fakeNode) respondError(m *nats.Msg, code, text string) {
+	r := nats.NewMsg(m.Reply)
+	r.Header.Set(protocol.HeaderErrorCode, code)
+	r.Header.Set(protocol.HeaderError, text)
+	r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: text})
+	_ = m.RespondMsg(r)
+}
+
+func (n *fakeNode) sub(subject string, h nats.MsgHandler) {
+	s, err := n.nc.Subscribe(subject, h)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	n.t.Cleanup(func() { _ = s.Unsubscribe() })
+}
+
+func (n *fakeNode) start() *fakeNode {
+	xpub, _ := n.xkey.PublicKey()
+	ping := func(m *nats.Msg) {
+		var req protocol.NodePingRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			n.respondError(m, "400", err.Error())
+			return
+		}
+		if !n.matches(req.Filter) {
+			return // silent, as upstream
+		}
+		n.mu.Lock()
+		n.pings++
+		n.mu.Unlock()
+		n.respond(m, protocol.NodePingResponse{NodeID: n.id, Version: "0.0.1", State: protocol.NodeRunning, StartTime: time.Now().Add(-time.Hour),
+			Tags: n.tags, XKey: "XNODE", AgentCount: 1})
+	}
+	n.sub(protocol.PingSubject(), ping)
+	n.sub(protocol.PingNodeSubject(n.id), ping)
+	n.sub(protocol.PTagsSubject(), func(m *nats.Msg) { n.respond(m, n.tags) })
+	n.sub(protocol.InfoSubject(n.id), func(m *nats.Msg) {
+		n.respond(m, protocol.NodeInfoResponse{NodeID: n.id, Tags: n.tags, Uptime: "1h0m0s", Version: "0.0.1", XKey: "XNODE",
+			NodeAgentSummaries: []protocol.NodeAgentSummary{{AgentID: "A1", AgentHealth: protocol.HealthHealthy,
+				AgentSummary: protocol.AgentSummary{Name: "go_exec", Type: "native", Version: "0.0.1", WorkloadCount: n.load}}}})
+	})
+	n.sub(protocol.LameduckSubject(n.id), func(m *nats.Msg) {
+		var req protocol.LameduckRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			n.respondError(m, "400", err.Error())
+			return
+		}
+		if !n.matches(req.Tag) {
+			return
+		}
+		n.mu.Lock()
+		n.lameducks = append(n.lameducks, req)
+		n.mu.Unlock()
+		n.respond(m, protocol.LameduckResponse{Success: true, Message: "node entering lameduck mode"})
+	})
+	n.sub("$NEX.SVC.*.control.AUCTION", func(m *nats.Msg) {
+		var req protocol.AuctionRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			n.respondError(m, "400", err.Error())
+			return
+		}
+		if !n.bid || req.AgentType != "native" || !n.matches(req.Tags) {
+			return
+		}
+		n.respond(m, protocol.AuctionResponse{BidderID: "bid-" + n.id, StartRequestSchema: n.schema,
+			SupportedLifecycles: []protocol.Lifecycle{"service", "job"}, XKey: xpub, NodeID: n.id, NodeName: n.tags[protocol.TagNode], WorkloadCount: n.load})
+	})
+	n.sub("$NEX.SVC.*.control.ADEPLOY.bid-"+n.id, func(m *nats.Msg) {
+		var req protocol.StartWorkloadRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			n.respondError(m, "400", err.Error())
+			return
+		}
+		n.mu.Lock()
+		n.deploys = append(n.deploys, req)
+		n.mu.Unlock()
+		if n.failDeploy != "" {
+			n.respondError(m, "500", n.failDeploy)
+			return
+		}
+		n.respond(m, protocol.StartWorkloadResponse{ID: "W-" + n.id, Name: req.Name})
+	})
+	n.sub("$NEX.SVC.*.control.WPING", func(m *nats.Msg) {
+		var req protocol.AgentListWorkloadsRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			n.respondError(m, "400", err.Error())
+			return
+		}
+		out := []protocol.WorkloadSummary{}
+		for _, w := range n.workloads {
+			if req.Namespace != protocol.SystemNamespace && deref(w.Namespace) != req.Namespace {
+				continue
+			}
+			if len(req.Filter) > 0 && !contains(req.Filter, w.ID) && !contains(req.Filter, w.Name) {
+				continue
+			}
+			out = append(out, w)
+		}
+		n.respond(m, out)
+	})
+	n.sub("$NEX.SVC.*.control.UNDEPLOY.*", func(m *nats.Msg) {
+		n.mu.Lock()
+		n.stops = append(n.stops, m.Subject)
+		n.mu.Unlock()
+		id := protocol.LastToken(m.Subject)
+		n.respond(m, protocol.StopWorkloadResponse{ID: id, Stopped: n.stopOK, Message: map[bool]string{true: "stopped", false: "workload not found"}[n.stopOK], WorkloadType: "native"})
+	})
+	n.sub("$NEX.SVC.*.control.CLONE.*", func(m *nats.Msg) {
+		req, ok := n.stored[protocol.LastToken(m.Subject)]
+		if !ok {
+			return
+		}
+		n.respond(m, req)
+	})
+	if err := n.nc.Flush(); err != nil {
+		n.t.Fatal(err)
+	}
+	return n
+}
+
+func (n *fakeNode) deployed() []protocol.StartWorkloadRequest {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]protocol.StartWorkloadRequest(nil), n.deploys...)
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,415 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// fleet speaks the $NEX API exactly as upstream's client does, so it works against
+// nexd and upstream nodes alike.
+type fleet struct {
+	nc *nats.Conn
+	ns string
+	// first bounds the wait for a first reply (and a single request's reply).
+	first time.Duration
+	// stall ends a scatter-gather this long after the last reply.
+	stall time.Duration
+	// deployTimeout bounds one ADEPLOY; nodes wait up to a minute for their nexlet.
+	deployTimeout time.Duration
+	// jsDomain is the JetStream domain for KV state ("" for the account's default).
+	jsDomain string
+}
+
+func (f *fleet) jetstream() (jetstream.JetStream, error) {
+	if f.jsDomain != "" {
+		return jetstream.NewWithDomain(f.nc, f.jsDomain)
+	}
+	return jetstream.New(f.nc)
+}
+
+// nodeError is a micro error reply from a node.
+type nodeError struct {
+	Code    int
+	Message string
+}
+
+func (e *nodeError) Error() string {
+	if e.Code != 0 {
+		return fmt.Sprintf("%s (code %d)", e.Message, e.Code)
+	}
+	return e.Message
+}
+
+// replyError returns the micro error carried by m, if any.
+func replyError(m *nats.Msg) error {
+	if m.Header == nil {
+		return nil
+	}
+	codeStr := m.Header.Get(protocol.HeaderErrorCode)
+	if codeStr == "" {
+		return nil
+	}
+	code, _ := strconv.Atoi(codeStr)
+	msg := m.Header.Get(protocol.HeaderError)
+	var body protocol.ErrorBody
+	if json.Unmarshal(m.Data, &body) == nil && body.Error != "" {
+		msg = body.Error
+	}
+	if msg == "" {
+		msg = "node returned error code " + codeStr
+	}
+	return &nodeError{Code: code, Message: msg}
+}
+
+// isNoResponders recognises the server's 503 status for a request nobody subscribes to.
+func isNoResponders(m *nats.Msg) bool {
+	return len(m.Data) == 0 && m.Header != nil && m.Header.Get("Status") == "503"
+}
+
+type gatherOpts struct {
+	first time.Duration // wait at most this long for the first reply
+	stall time.Duration // then end this long after the latest reply
+	max   int           // and stop once this many arrived (0: no limit)
+}
+
+// gather publishes one request and collects replies until they stop arriving: stall
+// after the latest reply, bounded by first for the first one, or max replies. No
+// responders ends it at once with no replies.
+func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
+	inbox := nc.NewInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		return nil, fmt.Errorf("subscribe for replies to %s: %w", subject, err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.PublishRequest(subject, inbox, data); err != nil {
+		return nil, fmt.Errorf("request %s: %w", subject, err)
+	}
+	var out []*nats.Msg
+	deadline := time.Now().Add(o.first)
+	for {
+		wctx, cancel := context.WithDeadline(ctx, deadline)
+		m, err := sub.NextMsgWithContext(wctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return out, ctx.Err()
+			}
+			return out, nil // quiet long enough: done
+		}
+		if isNoResponders(m) {
+			return out, nil
+		}
+		out = append(out, m)
+		if o.max > 0 && len(out) >= o.max {
+			return out, nil
+		}
+		deadline = time.Now().Add(o.stall)
+	}
+}
+
+func (f *fleet) gatherOpts(max int) gatherOpts {
+	return gatherOpts{first: f.first, stall: f.stall, max: max}
+}
+
+// request sends one request and waits for one reply; ok is false when nobody listens.
+func (f *fleet) request(ctx context.Context, subject string, v any, timeout time.Duration) (*nats.Msg, bool, error) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return nil, false, err
+	}
+	rctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	m, err := f.nc.RequestWithContext(rctx, subject, data)
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		return nil, false, nil
+	case err != nil:
+		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			return nil, true, fmt.Errorf("no reply on %s within %s: %w", subject, timeout, nats.ErrTimeout)
+		}
+		return nil, true, fmt.Errorf("request %s: %w", subject, err)
+	}
+	if err := replyError(m); err != nil {
+		return m, true, err
+	}
+	return m, true, nil
+}
+
+// pingNodes lists the nodes whose tags match every filter entry.
+func (f *fleet) pingNodes(ctx context.Context, filter map[string]string, o gatherOpts) ([]protocol.NodePingResponse, []error, error) {
+	data, err := json.Marshal(protocol.NodePingRequest{Filter: filter})
+	if err != nil {
+		return nil, nil, err
+	}
+	msgs, err := gather(ctx, f.nc, protocol.PingSubject(), data, o)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []protocol.NodePingResponse
+	var bad []error
+	for _, m := range msgs {
+		if err := replyError(m); err != nil {
+			bad = append(bad, err)
+			continue
+		}
+		var r protocol.NodePingResponse
+		if err := protocol.Decode(m.Data, &r); err != nil {
+			bad = append(bad, err)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, bad, nil
+}
+
+// nodeInfo asks one node for its info.
+func (f *fleet) nodeInfo(ctx context.Context, id string) (protocol.NodeInfoResponse, error) {
+	var r protocol.NodeInfoResponse
+	m, ok, err := f.request(ctx, protocol.InfoSubject(id), protocol.NodeInfoRequest{}, f.first)
+	if !ok {
+		return r, fmt.Errorf("node %s not found: no node answers on %s", id, protocol.InfoSubject(id))
+	}
+	if err != nil {
+		return r, fmt.Errorf("node %s info: %w", id, err)
+	}
+	if err := protocol.Decode(m.Data, &r); err != nil {
+		return r, fmt.Errorf("node %s info: %w", id, err)
+	}
+	return r, nil
+}
+
+// lameduck commands one node into lame duck mode.
+func (f *fleet) lameduck(ctx context.Context, id string, delay time.Duration, tag map[string]string) (protocol.LameduckResponse, error) {
+	var r protocol.LameduckResponse
+	m, ok, err := f.request(ctx, protocol.LameduckSubject(id), protocol.LameduckRequest{Delay: delay.String(), Tag: tag}, f.first)
+	if !ok {
+		return r, fmt.Errorf("node %s not found: no node answers on %s", id, protocol.LameduckSubject(id))
+	}
+	if errors.Is(err, nats.ErrTimeout) && len(tag) > 0 {
+		return r, fmt.Errorf("node %s did not answer; its tags may not match --tag %v", id, tag)
+	}
+	if err != nil {
+		return r, fmt.Errorf("lameduck node %s: %w", id, err)
+	}
+	if err := protocol.Decode(m.Data, &r); err != nil {
+		return r, fmt.Errorf("lameduck node %s: %w", id, err)
+	}
+	return r, nil
+}
+
+// placementTags returns every answering node's tags.
+func (f *fleet) placementTags(ctx context.Context) ([]map[string]string, error) {
+	msgs, err := gather(ctx, f.nc, protocol.PTagsSubject(), []byte("{}"), f.gatherOpts(0))
+	if err != nil {
+		return nil, err
+	}
+	var out []map[string]string
+	for _, m := range msgs {
+		if replyError(m) != nil {
+			continue
+		}
+		var tags map[string]string
+		if json.Unmarshal(m.Data, &tags) == nil {
+			out = append(out, tags)
+		}
+	}
+	return out, nil
+}
+
+// auction collects bids for a workload type in ns.
+func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]string, o gatherOpts) ([]protocol.AuctionResponse, []error, error) {
+	if tags == nil {
+		tags = map[string]string{}
+	}
+	req := protocol.AuctionRequest{AgentType: typ, AuctionID: nextID(), Tags: tags}
+	data, err := json.Marshal(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	msgs, err := gather(ctx, f.nc, protocol.AuctionSubject(ns), data, o)
+	if err != nil {
+		return nil, nil, err
+	}
+	var bids []protocol.AuctionResponse
+	var bad []error
+	for _, m := range msgs {
+		if err := replyError(m); err != nil {
+			bad = append(bad, err)
+			continue
+		}
+		var b protocol.AuctionResponse
+		if err := protocol.Decode(m.Data, &b); err != nil {
+			bad = append(bad, err)
+			continue
+		}
+		bids = append(bids, b)
+	}
+	return bids, bad, nil
+}
+
+// errDeployTimeout marks a deploy whose outcome is unknown: the workload may be starting,
+// so the caller must not fall back to another node and risk two copies.
+var errDeployTimeout = errors.New("deploy timed out")
+
+// deploy sends the start request to the node holding bidderID.
+func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartWorkloadRequest) (protocol.StartWorkloadResponse, error) {
+	var r protocol.StartWorkloadResponse
+	if req.Tags == nil {
+		req.Tags = map[string]string{}
+	}
+	m, ok, err := f.request(ctx, protocol.DeploySubject(req.Namespace, bidderID), req, f.deployTimeout)
+	if !ok {
+		return r, fmt.Errorf("bid %s expired: no node answers for it", bidderID)
+	}
+	if errors.Is(err, nats.ErrTimeout) {
+		return r, fmt.Errorf("%w after %s", errDeployTimeout, f.deployTimeout)
+	}
+	if err != nil {
+		return r, err
+	}
+	if err := protocol.Decode(m.Data, &r); err != nil {
+		return r, err
+	}
+	return r, nil
+}
+
+// listWorkloads gathers workload summaries in ns, optionally filtered by id or name.
+func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) ([]protocol.WorkloadSummary, []error, error) {
+	if filter == nil {
+		filter = []string{}
+	}
+	data, err := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: ns, Filter: filter})
+	if err != nil {
+		return nil, nil, err
+	}
+	msgs, err := gather(ctx, f.nc, protocol.WPingSubject(ns), data, f.gatherOpts(0))
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []protocol.WorkloadSummary
+	var bad []error
+	for _, m := range msgs {
+		if err := replyError(m); err != nil {
+			bad = append(bad, err)
+			continue
+		}
+		if len(m.Data) == 0 || string(m.Data) == "null" {
+			continue
+		}
+		var ws []protocol.WorkloadSummary
+		if err := json.Unmarshal(m.Data, &ws); err != nil {
+			bad = append(bad, fmt.Errorf("workload list reply: %w", err))
+			continue
+		}
+		out = append(out, ws...)
+	}
+	return out, bad, nil
+}
+
+// workloadNamespace finds the namespace owning id (for system-namespace callers).
+func (f *fleet) workloadNamespace(ctx context.Context, id string) (protocol.WorkloadSummary, error) {
+	ws, _, err := f.listWorkloads(ctx, f.ns, []string{id})
+	if err != nil {
+		return protocol.WorkloadSummary{}, err
+	}
+	var found []protocol.WorkloadSummary
+	seen := map[string]bool{}
+	for _, w := range ws {
+		if w.ID != id {
+			continue
+		}
+		ns := f.ns
+		if w.Namespace != nil && *w.Namespace != "" {
+			ns = *w.Namespace
+		}
+		if !seen[ns] {
+			seen[ns] = true
+			w.Namespace = &ns
+			found = append(found, w)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return protocol.WorkloadSummary{}, fmt.Errorf("workload %s not found in namespace %s", id, f.ns)
+	case 1:
+		return found[0], nil
+	}
+	return protocol.WorkloadSummary{}, fmt.Errorf("workload id %s matches workloads in %d namespaces; use --namespace to pick one", id, len(found))
+}
+
+// stopWorkload undeploys id from ns; the first stopped:true answer wins.
+func (f *fleet) stopWorkload(ctx context.Context, ns, id string) (protocol.StopWorkloadResponse, error) {
+	ret := protocol.StopWorkloadResponse{ID: id, Message: protocol.ErrTextWorkloadNotFound}
+	data, err := json.Marshal(protocol.StopWorkloadRequest{Namespace: ns})
+	if err != nil {
+		return ret, err
+	}
+	msgs, err := gather(ctx, f.nc, protocol.UndeploySubject(ns, id), data, f.gatherOpts(0))
+	if err != nil {
+		return ret, err
+	}
+	var errs []error
+	for _, m := range msgs {
+		if err := replyError(m); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		var r protocol.StopWorkloadResponse
+		if err := json.Unmarshal(m.Data, &r); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if r.Stopped {
+			return r, nil
+		}
+		if r.Message != "" && r.Message != protocol.ErrTextWorkloadNotFound {
+			ret.Message = r.Message
+		}
+	}
+	return ret, errors.Join(errs...)
+}
+
+// cloneRequest fetches a workload's start request.
+func (f *fleet) cloneRequest(ctx context.Context, id, xkeyPub string) (protocol.StartWorkloadRequest, error) {
+	var out protocol.StartWorkloadRequest
+	data, err := json.Marshal(protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: xkeyPub})
+	if err != nil {
+		return out, err
+	}
+	msgs, err := gather(ctx, f.nc, protocol.CloneSubject(f.ns, id), data, gatherOpts{first: f.first, stall: f.stall, max: 1})
+	if err != nil {
+		return out, err
+	}
+	var errs []error
+	for _, m := range msgs {
+		if err := replyError(m); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if len(m.Data) == 0 || string(m.Data) == "null" {
+			continue
+		}
+		if err := json.Unmarshal(m.Data, &out); err != nil {
+			errs = append(errs, fmt.Errorf("clone reply: %w", err))
+			continue
+		}
+		return out, nil
+	}
+	if len(errs) > 0 {
+		return out, fmt.Errorf("workload %s: %w", id, errors.Join(errs...))
+	}
+	return out, fmt.Errorf("workload %s not found in namespace %s", id, f.ns)
+}
+
+func nextID() string { return nuid.Next() }

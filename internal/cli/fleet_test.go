@@ -1,0 +1,428 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// runCLI runs nexctl in-process and returns its output and exit code.
+func runCLI(t *testing.T, env map[string]string, args ...string) (string, string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var out, errb bytes.Buffer
+	code := Main(ctx, args, IO{Stdout: &out, Stderr: &errb, Env: func(k string) string { return env[k] }})
+	return out.String(), errb.String(), code
+}
+
+// natsArgs adds the connection flags; a generous stall keeps the count of replies
+// from several fake nodes exact on a loaded machine.
+func natsArgs(url string, args ...string) []string {
+	return append([]string{"-s", url, "--nats.timeout", "3s", "--gather-stall", "1s"}, args...)
+}
+
+func TestGatherEndsWhenRepliesStop(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	for i := range 3 {
+		sub, err := nc.Subscribe("svc.x", func(m *nats.Msg) { _ = m.Respond([]byte{byte('a' + i)}) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+	}
+	ctx := context.Background()
+	// A very long first-reply bound: returning well before it proves the gather ended
+	// on the stall after the last reply, not on the bound.
+	const bound = time.Minute
+	start := time.Now()
+	msgs, err := gather(ctx, nc, "svc.x", nil, gatherOpts{first: bound, stall: 100 * time.Millisecond})
+	if err != nil || len(msgs) != 3 {
+		t.Fatalf("gather = %d msgs, %v", len(msgs), err)
+	}
+	if time.Since(start) >= bound/2 {
+		t.Fatalf("gather waited for its bound instead of ending after the last reply")
+	}
+	msgs, err = gather(ctx, nc, "svc.x", nil, gatherOpts{first: bound, stall: bound, max: 2})
+	if err != nil || len(msgs) != 2 {
+		t.Fatalf("gather max 2 = %d msgs, %v", len(msgs), err)
+	}
+	start = time.Now()
+	msgs, err = gather(ctx, nc, "svc.nobody", nil, gatherOpts{first: bound, stall: bound})
+	if err != nil || len(msgs) != 0 || time.Since(start) >= bound/2 {
+		t.Fatalf("gather without responders = %d msgs, %v (should end at once)", len(msgs), err)
+	}
+}
+
+func TestNodeCommands(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	a := newFakeNode(t, nc, "NODEA", map[string]string{"pool": "blue"}).start()
+	b := newFakeNode(t, nc, "NODEB", map[string]string{"pool": "blue"}).start()
+	newFakeNode(t, nc, "NODEC", map[string]string{"pool": "green"}).start()
+
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "node", "list")...)
+	if code != 0 || strings.Count(out, "NODE") != 3 || !strings.Contains(out, "Nex Nodes") {
+		t.Fatalf("node list: code %d\n%s%s", code, out, errOut)
+	}
+	out, _, code = runCLI(t, nil, natsArgs(url, "--json", "node", "list", "--filter", "pool=green")...)
+	var nodes []protocol.NodePingResponse
+	if code != 0 || json.Unmarshal([]byte(out), &nodes) != nil || len(nodes) != 1 || nodes[0].NodeID != "NODEC" {
+		t.Fatalf("node list --filter: code %d: %s", code, out)
+	}
+	out, _, code = runCLI(t, nil, natsArgs(url, "node", "list", "--filter", "pool=red")...)
+	if code != 0 || out != "No nodes found\n" {
+		t.Fatalf("node list no match: %d %q", code, out)
+	}
+
+	out, _, code = runCLI(t, nil, natsArgs(url, "node", "info", "NODEA", "--full")...)
+	if code != 0 || !strings.Contains(out, "Information about Node NODEA") || !strings.Contains(out, "go_exec [0.0.1]") {
+		t.Fatalf("node info: %d\n%s", code, out)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "node", "info", "NOPE")...)
+	if code != 1 || !strings.Contains(errOut, "node NOPE not found") {
+		t.Fatalf("node info unknown: %d %q", code, errOut)
+	}
+
+	// Positional id and --node-id both work.
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "node", "lameduck", "--node-id", "NODEA", "--delay", "2m")...)
+	if code != 0 || len(a.lameducks) != 1 || a.lameducks[0].Delay != "2m0s" {
+		t.Fatalf("lameduck --node-id: %d %q %+v", code, errOut, a.lameducks)
+	}
+	// --tag without an id drains every matching node.
+	out, errOut, code = runCLI(t, nil, natsArgs(url, "node", "lameduck", "--tag", "pool=blue")...)
+	if code != 0 || len(a.lameducks) != 2 || len(b.lameducks) != 1 || strings.Count(out, "successfully commanded") != 2 {
+		t.Fatalf("lameduck --tag: %d\n%s%s a=%v b=%v", code, out, errOut, a.lameducks, b.lameducks)
+	}
+	_, _, code = runCLI(t, nil, natsArgs(url, "node", "lameduck")...)
+	if code != 2 {
+		t.Fatalf("lameduck without target: exit %d, want 2", code)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "node", "lameduck", "NOPE")...)
+	if code != 1 || !strings.Contains(errOut, "not found") {
+		t.Fatalf("lameduck unknown node: %d %q", code, errOut)
+	}
+}
+
+func TestWorkloadRunPicksLeastLoadedAndFallsBack(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	busy := newFakeNode(t, nc, "BUSY", nil)
+	busy.load = 7
+	busy.start()
+	idle := newFakeNode(t, nc, "IDLE", nil)
+	idle.load = 1
+	idle.failDeploy = "nexlet refused: disk full"
+	idle.start()
+	mid := newFakeNode(t, nc, "MID", nil)
+	mid.load = 3
+	mid.start()
+
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "--json", "--namespace", "default", "workload", "run", "--name", "web",
+		"--env", "TOKEN=s3cret", "--tags", "nex.nexus=nexus", "--", "/bin/sh", "-c", "sleep 1")...)
+	if code != 0 {
+		t.Fatalf("run: exit %d\n%s%s", code, out, errOut)
+	}
+	var p placement
+	if err := json.Unmarshal([]byte(out), &p); err != nil || p.ID != "W-MID" || p.Node != "MID" || p.Name != "web" {
+		t.Fatalf("run placed %q (%v), want on MID after IDLE failed", out, err)
+	}
+	if len(idle.deployed()) != 1 || len(mid.deployed()) != 1 || len(busy.deployed()) != 0 {
+		t.Fatalf("deploy attempts idle=%d mid=%d busy=%d, want 1,1,0", len(idle.deployed()), len(mid.deployed()), len(busy.deployed()))
+	}
+	if !strings.Contains(errOut, "disk full") || !strings.Contains(errOut, "trying the next bid") {
+		t.Fatalf("fallback not reported: %q", errOut)
+	}
+	req := mid.deployed()[0]
+	if req.Namespace != "default" || req.WorkloadType != "native" || req.WorkloadLifecycle != "service" || req.Tags["nex.nexus"] != "nexus" {
+		t.Fatalf("deployed request %+v", req)
+	}
+	var rr struct {
+		URI  string          `json:"uri"`
+		Argv []string        `json:"argv"`
+		Enc  protocol.EncEnv `json:"encrypted_environment"`
+	}
+	if err := json.Unmarshal([]byte(req.RunRequest), &rr); err != nil {
+		t.Fatal(err)
+	}
+	if rr.URI != "file:///bin/sh" || strings.Join(rr.Argv, " ") != "-c sleep 1" || strings.Contains(req.RunRequest, "s3cret") {
+		t.Fatalf("run request %s", req.RunRequest)
+	}
+	if env, err := openEnv(mid.xkey, rr.Enc); err != nil || env["TOKEN"] != "s3cret" {
+		t.Fatalf("MID's nexlet cannot open its environment: %v %v", env, err)
+	}
+
+	// Plain text output, and every bid failing.
+	mid.failDeploy, busy.failDeploy = "no", "nope"
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "web", "--", "/bin/true")...)
+	if code != 1 || !strings.Contains(errOut, "every bid failed") {
+		t.Fatalf("all failing: %d %q", code, errOut)
+	}
+	mid.failDeploy = ""
+	out, _, code = runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "web", "--", "/bin/true")...)
+	if code != 0 || out != "Workload web [W-MID] successfully started\n" {
+		t.Fatalf("text output: %d %q", code, out)
+	}
+}
+
+func TestWorkloadRunNoBids(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	n := newFakeNode(t, nc, "LAB", map[string]string{"region": "lab"})
+	n.bid = false // no healthy native nexlet
+	n.start()
+
+	_, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "x", "--tags", "region=moon", "--", "/bin/true")...)
+	if code != 1 || !strings.Contains(errOut, "no node offers tag(s) region=moon") {
+		t.Fatalf("missing tag: %d %q", code, errOut)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "x", "--tags", "region=lab", "--", "/bin/true")...)
+	if code != 1 || !strings.Contains(errOut, `has a healthy nexlet of type "native"`) {
+		t.Fatalf("no nexlet: %d %q", code, errOut)
+	}
+}
+
+func TestWorkloadRunInputs(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	n := newFakeNode(t, nc, "ONE", map[string]string{"a": "b"}).start()
+
+	dir := t.TempDir()
+	file := dir + "/web.yaml"
+	writeFile(t, file, "name: from-file\ntype: native\nlifecycle: job\ndescription: d\ntags: {a: b}\nstart_request:\n  uri: file:///bin/true\n  argv: [x]\n")
+	// Flags override the file.
+	_, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "run", "-f", file, "--name", "flagname", "--lifecycle", "service")...)
+	if code != 0 {
+		t.Fatalf("run -f: %d %q", code, errOut)
+	}
+	got := n.deployed()[0]
+	if got.Name != "flagname" || got.WorkloadLifecycle != "service" || got.Description != "d" || got.Tags["a"] != "b" || !strings.Contains(got.RunRequest, `"argv":["x"]`) {
+		t.Fatalf("deployed %+v", got)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "j", "--start-request", `{"uri":"file:///bin/true"}`, "--plain-env", "--env", "A=1")...)
+	if code != 0 || !strings.Contains(n.deployed()[1].RunRequest, `"environment":{"A":"1"}`) {
+		t.Fatalf("--start-request --plain-env: %d %q %s", code, errOut, n.deployed()[1].RunRequest)
+	}
+
+	usage := [][]string{
+		{"workload", "run", "--name", "x"},                                              // nothing to run
+		{"workload", "run", "--name", "x", "--lifecycle", "forever", "--", "/bin/true"}, // bad lifecycle
+		{"workload", "run", "--start-request", "[1]", "--name", "x"},                    // not an object
+		{"workload", "run", "-f", dir + "/missing.json"},                                // missing file
+		{"workload", "run", "--name", "x", "/bin/true"},                                 // command without --
+	}
+	for _, args := range usage {
+		if _, errOut, code := runCLI(t, nil, natsArgs(url, args...)...); code != 2 {
+			t.Errorf("%v: exit %d (%q), want 2", args, code, errOut)
+		}
+	}
+	// A start request that fails the bid's schema is refused before deploying.
+	before := len(n.deployed())
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "x", "--start-request", `{"argv":["a"]}`)...)
+	if code != 1 || !strings.Contains(errOut, "schema") || len(n.deployed()) != before {
+		t.Fatalf("schema-invalid request: %d %q", code, errOut)
+	}
+}
+
+func TestWorkloadListStopInfoClone(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	def := "default"
+	n := newFakeNode(t, nc, "ONE", map[string]string{"new": "tag"})
+	n.workloads = []protocol.WorkloadSummary{{ID: "W1", Name: "web", Namespace: &def, StartTime: "2026-11-27T11:00:00Z", WorkloadType: "native",
+		WorkloadLifecycle: "service", WorkloadState: protocol.WorkloadRunning, Tags: map[string]string{}}}
+	// The original's environment re-sealed for whoever asks would need the clone's key;
+	// here it is plain, the common case.
+	n.stored["W1"] = protocol.StartWorkloadRequest{Name: "web", Namespace: "default", Description: "d", WorkloadType: "native",
+		WorkloadLifecycle: "service", RunRequest: `{"uri":"file:///bin/true","argv":["1"]}`, Tags: map[string]string{"old": "tag"}}
+	n.stopOK = true
+	n.start()
+
+	out, _, code := runCLI(t, nil, natsArgs(url, "workload", "list")...)
+	if code != 0 || !strings.Contains(out, "Running Workloads - system") || !strings.Contains(out, "│ default ") {
+		t.Fatalf("list: %d\n%s", code, out)
+	}
+	out, _, code = runCLI(t, nil, natsArgs(url, "--namespace", "other", "workload", "list")...)
+	if code != 0 || out != "No workloads found\n" {
+		t.Fatalf("list other ns: %d %q", code, out)
+	}
+
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "info", "W1")...)
+	if code != 0 || !strings.Contains(out, "file:///bin/true") || !strings.Contains(out, "│ Namespace   │ default") {
+		t.Fatalf("info: %d\n%s%s", code, out, errOut)
+	}
+
+	// Stop from system: the namespace is discovered first, the undeploy goes to it.
+	out, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "stop", "W1")...)
+	if code != 0 || out != "Workload W1 successfully stopped\n" || n.stops[0] != protocol.UndeploySubject("default", "W1") {
+		t.Fatalf("stop: %d %q %q %v", code, out, errOut, n.stops)
+	}
+	n.stopOK = false
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "--namespace", "default", "workload", "stop", "W1")...)
+	if code != 1 || !strings.Contains(errOut, "was not stopped") {
+		t.Fatalf("stop not stopped: %d %q", code, errOut)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "stop", "NOPE")...)
+	if code != 1 || !strings.Contains(errOut, "not found") {
+		t.Fatalf("stop unknown: %d %q", code, errOut)
+	}
+
+	n.stopOK = true
+	out, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "clone", "W1", "--tags", "new=tag", "--stop")...)
+	if code != 0 || !strings.Contains(out, "Workload web [W-ONE] successfully started") || !strings.Contains(out, "Original workload [W1] stopped") {
+		t.Fatalf("clone: %d\n%s%s", code, out, errOut)
+	}
+	cl := n.deployed()[0]
+	if cl.Namespace != "default" || cl.Tags["new"] != "tag" || cl.Tags["old"] != "" || !strings.Contains(cl.RunRequest, "file:///bin/true") {
+		t.Fatalf("clone deployed %+v", cl)
+	}
+}
+
+func TestWorkloadCloneResealsEnvironment(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	n := newFakeNode(t, nc, "ONE", nil).start()
+	// A node that re-seals the environment for the clone request's new_target_xkey.
+	sub, err := nc.Subscribe("$NEX.SVC.*.control.CLONE.W9", func(m *nats.Msg) {
+		var req protocol.CloneWorkloadRequest
+		_ = json.Unmarshal(m.Data, &req)
+		enc, err := sealEnv(map[string]string{"K": "v"}, req.NewTargetXKey)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		rr, _ := json.Marshal(map[string]any{"uri": "file:///bin/true", "encrypted_environment": enc})
+		n.respond(m, protocol.StartWorkloadRequest{Name: "sec", Namespace: "default", WorkloadType: "native", WorkloadLifecycle: "service", RunRequest: string(rr), Tags: map[string]string{}})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	_, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "clone", "W9")...)
+	if code != 0 {
+		t.Fatalf("clone: %d %q", code, errOut)
+	}
+	var rr struct {
+		Enc protocol.EncEnv `json:"encrypted_environment"`
+	}
+	_ = json.Unmarshal([]byte(n.deployed()[0].RunRequest), &rr)
+	if env, err := openEnv(n.xkey, rr.Enc); err != nil || env["K"] != "v" {
+		t.Fatalf("the new nexlet cannot open the re-sealed environment: %v %v", env, err)
+	}
+}
+
+func TestWorkloadLogs(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// Publish until the test ends: the feed is live, so the subscriber sees what comes
+	// after it subscribed.
+	go func() {
+		tk := time.NewTicker(20 * time.Millisecond)
+		defer tk.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tk.C:
+				_ = nc.Publish(protocol.LogSubject("default", "W1", "stdout"), []byte("hello out"))
+				_ = nc.Publish(protocol.LogSubject("default", "W1", "stderr"), []byte("hello err\n"))
+			}
+		}
+	}()
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "--namespace", "default", "workload", "logs", "W1", "--wait", "500ms")...)
+	if code != 0 || !strings.Contains(out, "hello out\n") || !strings.Contains(errOut, "hello err\n") {
+		t.Fatalf("logs: %d %q %q", code, out, errOut)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "--namespace", "default", "workload", "logs", "QUIET", "--wait", "200ms")...)
+	if code != 0 || !strings.Contains(errOut, "use -f") {
+		t.Fatalf("quiet logs: %d %q", code, errOut)
+	}
+}
+
+func TestNodeStateAndPrune(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	ctx := context.Background()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodeID := func() string {
+		kp, err := nkeys.CreateServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, _ := kp.PublicKey()
+		return pub
+	}
+	alive, gone := nodeID(), nodeID()
+	for _, id := range []string{alive, gone} {
+		kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-" + id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Put(ctx, "native_W1", []byte(`{"request":{}}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-not-a-node"}); err != nil {
+		t.Fatal(err)
+	}
+	newFakeNode(t, nc, alive, nil).start()
+
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "node", "state", alive)...)
+	if code != 0 || !strings.Contains(out, "native_W1") {
+		t.Fatalf("state: %d\n%s%s", code, out, errOut)
+	}
+	out, _, code = runCLI(t, nil, natsArgs(url, "node", "state", "prune", "--dry-run")...)
+	if code != 0 || out != "Would remove nex-"+gone+"\n" {
+		t.Fatalf("prune --dry-run: %d %q", code, out)
+	}
+	out, _, code = runCLI(t, nil, natsArgs(url, "--json", "node", "state", "prune")...)
+	if code != 0 || !strings.Contains(out, gone) {
+		t.Fatalf("prune: %d %q", code, out)
+	}
+	var names []string
+	l := js.KeyValueStoreNames(ctx)
+	for n := range l.Name() {
+		names = append(names, n)
+	}
+	got := strings.Join(names, ",")
+	if strings.Contains(got, gone) || !strings.Contains(got, alive) || !strings.Contains(got, "nex-not-a-node") {
+		t.Fatalf("buckets after prune: %s", got)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "node", "state", gone)...)
+	if code != 1 || !strings.Contains(errOut, "no state bucket") {
+		t.Fatalf("state of pruned node: %d %q", code, errOut)
+	}
+}

@@ -1,0 +1,350 @@
+package cli
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nexd-project/nexd/control"
+)
+
+func (a *app) client() *control.Client { return control.NewClient(a.socket) }
+
+// localCommands are the commands served by the local nexd over its control socket.
+func (a *app) localCommands() []*cobra.Command {
+	return []*cobra.Command{
+		a.statusCmd(), a.reloadCmd(), a.lameduckCmd(), a.nexletsCmd(), a.nexletCmd(),
+		a.workloadsCmd(), a.logsCmd(), a.configCmd(), a.secretCmd(), a.metricsCmd(),
+	}
+}
+
+func (a *app) metricsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "metrics",
+		Short: "Print the local node's Prometheus metrics (text exposition format)",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.client()
+			defer c.Close()
+			m, err := c.Metrics(cmd.Context())
+			if err != nil {
+				return err
+			}
+			_, err = a.out().Write(m)
+			return err
+		},
+	}
+}
+
+func (a *app) statusCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show the local node: identity, state, NATS, cgroups, nexlets, workloads",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.client()
+			defer c.Close()
+			st, err := c.Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(st)
+			}
+			return renderStatus(a.out(), st, time.Now())
+		},
+	}
+}
+
+func (a *app) reloadCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "reload",
+		Short: "Validate and apply the config on disk (as SIGHUP); non-zero exit lists every error",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.client()
+			defer c.Close()
+			res, err := c.Reload(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if a.json {
+				if err := a.printJSON(res); err != nil {
+					return err
+				}
+			} else if res.OK {
+				if len(res.Applied) == 0 {
+					fmt.Fprintln(a.out(), "Config reloaded: nothing changed")
+				} else {
+					fmt.Fprintf(a.out(), "Config reloaded; applied: %s\n", strings.Join(res.Applied, ", "))
+				}
+			}
+			if !res.OK {
+				var b strings.Builder
+				b.WriteString("reload rejected; the running config is unchanged:")
+				for _, e := range res.Errors {
+					b.WriteString("\n  - " + e)
+				}
+				return exitError{ExitFailed, errors.New(b.String())}
+			}
+			return nil
+		},
+	}
+}
+
+func (a *app) lameduckCmd() *cobra.Command {
+	var delay time.Duration
+	cmd := &cobra.Command{
+		Use:   "lameduck",
+		Short: "Put the local node in lame duck mode: stop bidding now, stop workloads after --delay",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if delay < 0 {
+				return usagef("--delay %s must not be negative", delay)
+			}
+			c := a.client()
+			defer c.Close()
+			res, err := c.Lameduck(cmd.Context(), delay)
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(res)
+			}
+			fmt.Fprintf(a.out(), "Node is in lame duck mode. Workloads will stop at %s\n", res.Until.Format(time.RFC3339))
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&delay, "delay", time.Minute, "how long workloads keep running before they are stopped")
+	return cmd
+}
+
+func (a *app) nexletsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "nexlets",
+		Short: "List the local node's nexlets",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.client()
+			defer c.Close()
+			ns, err := c.Nexlets(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(ns)
+			}
+			return renderNexlets(a.out(), ns, time.Now())
+		},
+	}
+}
+
+func (a *app) nexletCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "nexlet",
+		Short: "Act on one nexlet of the local node",
+		Args:  cobra.ArbitraryArgs,
+		RunE:  groupRun,
+	}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "restart NAME",
+		Short: "Reset a nexlet's restart count and restart it (also one that gave up)",
+		Args:  exactArgs(1, "NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := a.client()
+			defer c.Close()
+			if err := c.RestartNexlet(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(map[string]string{"restarted": args[0]})
+			}
+			fmt.Fprintf(a.out(), "Nexlet %s restarted\n", args[0])
+			return nil
+		},
+	})
+	return cmd
+}
+
+func (a *app) workloadsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "workloads",
+		Short: "List what the local node runs, with cgroup stats",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.client()
+			defer c.Close()
+			ws, err := c.Workloads(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(ws)
+			}
+			return renderLocalWorkloads(a.out(), ws, time.Now())
+		},
+	}
+}
+
+func (a *app) logsCmd() *cobra.Command {
+	var q control.LogQuery
+	cmd := &cobra.Command{
+		Use:   "logs",
+		Short: "Show recent log lines of the local node; -f follows new ones",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if q.Nexlet != "" && q.Workload != "" {
+				return usagef("--nexlet and --workload are mutually exclusive")
+			}
+			if q.Lines < 0 {
+				return usagef("--lines must not be negative")
+			}
+			c := a.client()
+			defer c.Close()
+			emit := func(l control.LogLine) error {
+				if a.json {
+					b, err := json.Marshal(l)
+					if err != nil {
+						return err
+					}
+					_, err = fmt.Fprintln(a.out(), string(b))
+					return err
+				}
+				_, err := fmt.Fprintln(a.out(), formatLogLine(l))
+				return err
+			}
+			lines, err := c.Logs(cmd.Context(), q)
+			if err != nil {
+				return err
+			}
+			for _, l := range lines {
+				if err := emit(l); err != nil {
+					return err
+				}
+			}
+			if !q.Follow {
+				return nil
+			}
+			err = c.FollowLogs(cmd.Context(), q, emit)
+			if errors.Is(err, context.Canceled) || cmd.Context().Err() != nil {
+				return nil // Ctrl-C ends a follow normally
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVarP(&q.Follow, "follow", "f", false, "keep printing new lines until interrupted")
+	f.StringVar(&q.Nexlet, "nexlet", "", "only lines of this nexlet")
+	f.StringVar(&q.Workload, "workload", "", "only lines of this workload id")
+	f.IntVarP(&q.Lines, "lines", "n", 0, "how many recent lines (0: the node's default)")
+	return cmd
+}
+
+func (a *app) configCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "config",
+		Short: "Print the local node's resolved config, secrets redacted",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.client()
+			defer c.Close()
+			raw, err := c.Config(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var buf bytes.Buffer
+			if err := json.Indent(&buf, raw, "", "  "); err != nil {
+				return fmt.Errorf("node sent invalid config JSON: %w", err)
+			}
+			buf.WriteByte('\n')
+			_, err = a.out().Write(buf.Bytes())
+			return err
+		},
+	}
+}
+
+func (a *app) secretCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "secret",
+		Short: "Manage workload secrets (secret://KEY values) on the local node",
+		Args:  cobra.ArbitraryArgs,
+		RunE:  groupRun,
+	}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "set NAMESPACE KEY VALUE|-",
+		Short: "Set a secret; '-' reads the value from stdin (one trailing newline is dropped)",
+		Args:  exactArgs(3, "NAMESPACE", "KEY", "VALUE|-"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			value := []byte(args[2])
+			if args[2] == "-" {
+				b, err := io.ReadAll(io.LimitReader(bufio.NewReader(a.io.Stdin), control.MaxBodyBytes/2))
+				if err != nil {
+					return fmt.Errorf("read secret value from stdin: %w", err)
+				}
+				value = bytes.TrimSuffix(bytes.TrimSuffix(b, []byte("\n")), []byte("\r"))
+			}
+			c := a.client()
+			defer c.Close()
+			if err := c.SetSecret(cmd.Context(), args[0], args[1], value); err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(control.SecretInfo{Namespace: args[0], Key: args[1]})
+			}
+			fmt.Fprintf(a.out(), "Secret %s/%s set\n", args[0], args[1])
+			return nil
+		},
+	})
+	cmd.AddCommand(&cobra.Command{
+		Use:     "list NAMESPACE",
+		Aliases: []string{"ls"},
+		Short:   "List the names of a namespace's secrets (never their values)",
+		Args:    exactArgs(1, "NAMESPACE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := a.client()
+			defer c.Close()
+			keys, err := c.ListSecrets(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(keys)
+			}
+			if len(keys) == 0 {
+				fmt.Fprintf(a.out(), "No secrets in namespace %s\n", args[0])
+				return nil
+			}
+			for _, k := range keys {
+				fmt.Fprintln(a.out(), k)
+			}
+			return nil
+		},
+	})
+	cmd.AddCommand(&cobra.Command{
+		Use:     "rm NAMESPACE KEY",
+		Aliases: []string{"delete"},
+		Short:   "Remove a secret",
+		Args:    exactArgs(2, "NAMESPACE", "KEY"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := a.client()
+			defer c.Close()
+			if err := c.DeleteSecret(cmd.Context(), args[0], args[1]); err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(control.SecretInfo{Namespace: args[0], Key: args[1]})
+			}
+			fmt.Fprintf(a.out(), "Secret %s/%s removed\n", args[0], args[1])
+			return nil
+		},
+	})
+	return cmd
+}

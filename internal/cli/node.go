@@ -1,0 +1,389 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// connectFleet opens NATS and returns a fleet client; close it when done.
+func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
+	if a.stall <= 0 {
+		return nil, nil, usagef("--gather-stall must be positive")
+	}
+	if a.nats.Timeout <= 0 {
+		return nil, nil, usagef("--nats.timeout must be positive")
+	}
+	c, err := a.nats.connect(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	f := &fleet{nc: c.NC, ns: a.namespace, first: a.nats.Timeout, stall: a.stall, deployTimeout: time.Minute, jsDomain: c.JSDomain()}
+	return f, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c.Close(ctx)
+	}, nil
+}
+
+// warnAll prints replies that could not be used, so a bad node does not pass unseen.
+func (a *app) warnAll(errs []error) {
+	for _, err := range errs {
+		fmt.Fprintf(a.io.Stderr, "nexctl: warning: ignoring a reply: %v\n", err)
+	}
+}
+
+func (a *app) nodeCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "node",
+		Aliases: []string{"nodes"},
+		Short:   "List, inspect and drain nodes across the fleet",
+		Args:    cobra.ArbitraryArgs,
+		RunE:    groupRun,
+	}
+	cmd.AddCommand(a.nodeListCmd(), a.nodeInfoCmd(), a.nodeLameduckCmd(), a.nodeStateCmd())
+	return cmd
+}
+
+func (a *app) nodeListCmd() *cobra.Command {
+	filter := newKV("filter")
+	cmd := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List the nodes that answer a ping, optionally only those with matching tags",
+		Long: `List the nodes that answer a ping. The ping ends when answers stop arriving
+(--gather-stall after the last one) or, when none arrive, after --nats.timeout.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			nodes, bad, err := f.pingNodes(cmd.Context(), filter.m, f.gatherOpts(0))
+			if err != nil {
+				return err
+			}
+			a.warnAll(bad)
+			if a.json {
+				if nodes == nil {
+					nodes = []protocol.NodePingResponse{}
+				}
+				return a.printJSON(nodes)
+			}
+			return renderNodeList(a.out(), nodes, time.Now())
+		},
+	}
+	cmd.Flags().Var(filter, "filter", "only nodes with this tag (repeatable; all must match)")
+	return cmd
+}
+
+func (a *app) nodeInfoCmd() *cobra.Command {
+	var full bool
+	cmd := &cobra.Command{
+		Use:   "info NODE_ID",
+		Short: "Show one node's tags, xkey, uptime, version and nexlets",
+		Args:  exactArgs(1, "NODE_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			info, err := f.nodeInfo(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(info)
+			}
+			return renderNodeInfo(a.out(), info, full)
+		},
+	}
+	cmd.Flags().BoolVar(&full, "full", false, "show every detail of each nexlet")
+	return cmd
+}
+
+func (a *app) nodeLameduckCmd() *cobra.Command {
+	var nodeID string
+	var delay time.Duration
+	tag := newKV("tag")
+	cmd := &cobra.Command{
+		Use:     "lameduck [NODE_ID]",
+		Aliases: []string{"down"},
+		Short:   "Drain a node (or every node with --tag): stop bidding now, stop workloads after --delay",
+		Long: `Put a node in lame duck mode: it stops taking workloads at once and stops its
+workloads after --delay. Name the node positionally or with --node-id. With --tag and
+no node id, every node whose tags match is drained.`,
+		Args: rangeArgs(0, 1, "NODE_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 1 {
+				if nodeID != "" && nodeID != args[0] {
+					return usagef("node id given twice: %q and --node-id %q", args[0], nodeID)
+				}
+				nodeID = args[0]
+			}
+			if delay < 0 {
+				return usagef("--delay %s must not be negative", delay)
+			}
+			if nodeID == "" && len(tag.m) == 0 {
+				return usagef("name a node (NODE_ID or --node-id) or select nodes with --tag")
+			}
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			ids := []string{nodeID}
+			if nodeID == "" {
+				nodes, bad, err := f.pingNodes(cmd.Context(), tag.m, f.gatherOpts(0))
+				if err != nil {
+					return err
+				}
+				a.warnAll(bad)
+				if len(nodes) == 0 {
+					return fmt.Errorf("no node has tags %s", strings.Join(sortedTags(tag.m), ","))
+				}
+				ids = ids[:0]
+				for _, n := range nodes {
+					ids = append(ids, n.NodeID)
+				}
+				sort.Strings(ids)
+			}
+			type result struct {
+				NodeID  string `json:"node_id"`
+				Success bool   `json:"success"`
+				Message string `json:"message"`
+				Until   string `json:"until,omitempty"`
+			}
+			var results []result
+			failed := 0
+			for _, id := range ids {
+				until := time.Now().Add(delay).Format(time.RFC3339)
+				r, err := f.lameduck(cmd.Context(), id, delay, tag.m)
+				res := result{NodeID: id, Success: err == nil && r.Success, Message: r.Message}
+				if err != nil {
+					res.Message = err.Error()
+				}
+				if res.Success {
+					res.Until = until
+				} else {
+					failed++
+				}
+				results = append(results, res)
+				if !a.json {
+					if res.Success {
+						fmt.Fprintf(a.out(), "Node %s successfully commanded into lame duck mode. Workloads will begin shutting down at %s\n", id, until)
+					} else {
+						fmt.Fprintf(a.io.Stderr, "nexctl: node %s failed to enter lame duck mode: %s\n", id, orDash(res.Message))
+					}
+				}
+			}
+			if a.json {
+				var out any = results
+				if nodeID != "" {
+					out = results[0]
+				}
+				if err := a.printJSON(out); err != nil {
+					return err
+				}
+			}
+			if failed > 0 {
+				return exitError{ExitFailed, fmt.Errorf("%d of %d node(s) did not enter lame duck mode", failed, len(ids))}
+			}
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&nodeID, "node-id", "", "the node to drain (same as the positional NODE_ID)")
+	fl.DurationVar(&delay, "delay", time.Minute, "how long workloads keep running before they are stopped")
+	fl.Var(tag, "tag", "only a node with this tag; without a node id, every node with it")
+	return cmd
+}
+
+// nodeIDPattern is a node's public server nkey.
+var nodeIDPattern = regexp.MustCompile(`^N[A-Z2-7]{55}$`)
+
+func (a *app) nodeStateCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "state [NODE_ID]",
+		Short: "List the workload entries in a node's KV state bucket nex-<node id>",
+		Long: `List the entries of a node's KV state bucket (nex-<node id>). Without NODE_ID the
+local node's id is read from the control socket.`,
+		Args: rangeArgs(0, 1, "NODE_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id := ""
+			if len(args) == 1 {
+				id = args[0]
+			} else {
+				c := a.client()
+				st, err := c.Status(cmd.Context())
+				c.Close()
+				if err != nil {
+					return fmt.Errorf("no NODE_ID given and the local node's id is unknown: %w", err)
+				}
+				id = st.NodeID
+			}
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			entries, err := listStateEntries(cmd.Context(), f, id)
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(entries)
+			}
+			if len(entries) == 0 {
+				fmt.Fprintf(a.out(), "No entries in nex-%s\n", id)
+				return nil
+			}
+			rows := make([][]string, 0, len(entries))
+			for _, e := range entries {
+				rows = append(rows, []string{e.Key, fmt.Sprint(e.Revision), e.Created.Format(time.RFC3339), humanBytes(uint64(e.Size))})
+			}
+			return table(a.out(), "State of node "+id, []string{"Key", "Revision", "Created", "Size"}, rows)
+		},
+	}
+	var dryRun bool
+	prune := &cobra.Command{
+		Use:   "prune",
+		Short: "Remove the state buckets of node ids that no longer answer a ping",
+		Long: `Remove the KV state buckets (nex-<node id>) of nodes that do not answer a ping.
+A node that is only briefly disconnected loses its replay state, so check with --dry-run
+first.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			stale, err := staleStateBuckets(cmd.Context(), f)
+			if err != nil {
+				return err
+			}
+			js, err := f.jetstream()
+			if err != nil {
+				return err
+			}
+			var removed []string
+			var errs []error
+			for _, b := range stale {
+				if !dryRun {
+					if err := js.DeleteKeyValue(cmd.Context(), b); err != nil {
+						errs = append(errs, fmt.Errorf("delete bucket %s: %w", b, err))
+						continue
+					}
+				}
+				removed = append(removed, b)
+			}
+			if a.json {
+				if removed == nil {
+					removed = []string{}
+				}
+				if err := a.printJSON(map[string]any{"removed": removed, "dry_run": dryRun}); err != nil {
+					return err
+				}
+			} else {
+				verb := "Removed"
+				if dryRun {
+					verb = "Would remove"
+				}
+				if len(removed) == 0 {
+					fmt.Fprintln(a.out(), "No stale state buckets")
+				}
+				for _, b := range removed {
+					fmt.Fprintf(a.out(), "%s %s\n", verb, b)
+				}
+			}
+			return errors.Join(errs...)
+		},
+	}
+	prune.Flags().BoolVar(&dryRun, "dry-run", false, "only list what would be removed")
+	cmd.AddCommand(prune)
+	return cmd
+}
+
+type stateEntry struct {
+	Key      string    `json:"key"`
+	Revision uint64    `json:"revision"`
+	Created  time.Time `json:"created"`
+	Size     int       `json:"size"`
+}
+
+func listStateEntries(ctx context.Context, f *fleet, nodeID string) ([]stateEntry, error) {
+	js, err := f.jetstream()
+	if err != nil {
+		return nil, err
+	}
+	bucket := "nex-" + nodeID
+	kv, err := js.KeyValue(ctx, bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil, fmt.Errorf("node %s has no state bucket %s (is its state kept in KV?)", nodeID, bucket)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open state bucket %s: %w", bucket, err)
+	}
+	keys, err := kv.ListKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", bucket, err)
+	}
+	entries := []stateEntry{}
+	for k := range keys.Keys() {
+		e, err := kv.Get(ctx, k)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue // deleted meanwhile
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read %s/%s: %w", bucket, k, err)
+		}
+		entries = append(entries, stateEntry{Key: k, Revision: e.Revision(), Created: e.Created(), Size: len(e.Value())})
+	}
+	sort.Slice(entries, func(i, j int) bool { return entries[i].Key < entries[j].Key })
+	return entries, nil
+}
+
+// staleStateBuckets lists nex-<node id> buckets whose node does not answer a ping sent
+// to it by id. Only "no responders" counts as gone: a node that is slow to answer keeps
+// its state.
+func staleStateBuckets(ctx context.Context, f *fleet) ([]string, error) {
+	js, err := f.jetstream()
+	if err != nil {
+		return nil, err
+	}
+	names := js.KeyValueStoreNames(ctx)
+	var buckets []string
+	for n := range names.Name() {
+		if id, ok := strings.CutPrefix(n, "nex-"); ok && nodeIDPattern.MatchString(id) {
+			buckets = append(buckets, n)
+		}
+	}
+	if err := names.Error(); err != nil {
+		return nil, fmt.Errorf("list KV buckets: %w", err)
+	}
+	var stale []string
+	for _, b := range buckets {
+		id := strings.TrimPrefix(b, "nex-")
+		_, ok, err := f.request(ctx, protocol.PingNodeSubject(id), protocol.NodePingRequest{}, f.first)
+		if !ok && err == nil {
+			stale = append(stale, b)
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+	}
+	sort.Strings(stale)
+	return stale, nil
+}

@@ -1,0 +1,401 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/olekukonko/tablewriter"
+	"github.com/olekukonko/tablewriter/renderer"
+	"github.com/olekukonko/tablewriter/tw"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// table renders rows with a rounded border, headers as written (no upper-casing).
+func table(w io.Writer, title string, header []string, rows [][]string) error {
+	if title != "" {
+		if _, err := fmt.Fprintln(w, title); err != nil {
+			return err
+		}
+	}
+	t := tablewriter.NewTable(w,
+		tablewriter.WithRenderer(renderer.NewBlueprint(tw.Rendition{Symbols: tw.NewSymbols(tw.StyleRounded)})),
+		tablewriter.WithHeaderAutoFormat(tw.Off),
+		tablewriter.WithHeaderAlignment(tw.AlignLeft),
+		tablewriter.WithRowAlignment(tw.AlignLeft),
+		tablewriter.WithRowAutoWrap(tw.WrapNone),
+		tablewriter.WithTrimSpace(tw.Off),
+	)
+	t.Header(header)
+	for _, r := range rows {
+		if err := t.Append(r); err != nil {
+			return err
+		}
+	}
+	return t.Render()
+}
+
+// kvTable renders label/value pairs.
+func kvTable(w io.Writer, title string, pairs [][2]string) error {
+	rows := make([][]string, len(pairs))
+	for i, p := range pairs {
+		rows[i] = []string{p[0], p[1]}
+	}
+	if title != "" {
+		if _, err := fmt.Fprintln(w, title); err != nil {
+			return err
+		}
+	}
+	t := tablewriter.NewTable(w,
+		tablewriter.WithRenderer(renderer.NewBlueprint(tw.Rendition{Symbols: tw.NewSymbols(tw.StyleRounded)})),
+		tablewriter.WithRowAlignment(tw.AlignLeft),
+		tablewriter.WithRowAutoWrap(tw.WrapNone),
+	)
+	for _, r := range rows {
+		if err := t.Append(r); err != nil {
+			return err
+		}
+	}
+	return t.Render()
+}
+
+// friendlyDuration formats d like "1d 2h 3m 4s", as upstream's node list does.
+func friendlyDuration(d time.Duration) string {
+	d = d.Round(time.Second)
+	if d <= 0 {
+		return "0s"
+	}
+	days := d / (24 * time.Hour)
+	d -= days * 24 * time.Hour
+	h := d / time.Hour
+	d -= h * time.Hour
+	m := d / time.Minute
+	d -= m * time.Minute
+	s := d / time.Second
+	var parts []string
+	for _, p := range []struct {
+		n    time.Duration
+		unit string
+	}{{days, "d"}, {h, "h"}, {m, "m"}, {s, "s"}} {
+		if p.n > 0 {
+			parts = append(parts, fmt.Sprintf("%d%s", p.n, p.unit))
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "[unknown]"
+	}
+	return s
+}
+
+func sortedTags(tags map[string]string) []string {
+	out := make([]string, 0, len(tags))
+	for k, v := range tags {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// renderNodeList prints upstream's node list: sorted by nexus then name, a '*' after the
+// id of a node in lame duck mode.
+func renderNodeList(w io.Writer, nodes []protocol.NodePingResponse, now time.Time) error {
+	if len(nodes) == 0 {
+		_, err := fmt.Fprintln(w, "No nodes found")
+		return err
+	}
+	nodes = append([]protocol.NodePingResponse(nil), nodes...)
+	sort.SliceStable(nodes, func(i, j int) bool {
+		a, b := nodes[i], nodes[j]
+		if a.Tags[protocol.TagNexus] != b.Tags[protocol.TagNexus] {
+			return a.Tags[protocol.TagNexus] < b.Tags[protocol.TagNexus]
+		}
+		if a.Tags[protocol.TagNode] != b.Tags[protocol.TagNode] {
+			return a.Tags[protocol.TagNode] < b.Tags[protocol.TagNode]
+		}
+		return a.NodeID < b.NodeID
+	})
+	rows := make([][]string, 0, len(nodes))
+	for _, n := range nodes {
+		id := n.NodeID
+		if n.Tags[protocol.TagLameduck] == "true" {
+			id += "*"
+		}
+		rows = append(rows, []string{orUnknown(n.Tags[protocol.TagNexus]), id, orUnknown(n.Tags[protocol.TagNode]),
+			n.Version, friendlyDuration(now.Sub(n.StartTime)), string(n.State), strconv.Itoa(n.AgentCount)})
+	}
+	return table(w, "Nex Nodes", []string{"Nexus", "ID (* = Lameduck Mode)", "Name", "Version", "Uptime", "State", "Running Agents"}, rows)
+}
+
+// renderNodeInfo prints upstream's node info with its short or --full agent table.
+func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool) error {
+	if err := kvTable(w, "Information about Node "+info.NodeID, [][2]string{
+		{"Nexus", info.Tags[protocol.TagNexus]},
+		{"Node Name", info.Tags[protocol.TagNode]},
+		{"Tags", strings.Join(sortedTags(info.Tags), ", ")},
+		{"XKey", info.XKey},
+		{"Uptime", info.Uptime},
+		{"Version", info.Version},
+	}); err != nil {
+		return err
+	}
+	if len(info.NodeAgentSummaries) == 0 {
+		_, err := fmt.Fprintln(w, "No agents running")
+		return err
+	}
+	agents := append([]protocol.NodeAgentSummary(nil), info.NodeAgentSummaries...)
+	sort.SliceStable(agents, func(i, j int) bool { return agents[i].AgentSummary.Name < agents[j].AgentSummary.Name })
+	var rows [][]string
+	var header []string
+	if !full {
+		header = []string{"", "Name", "Workload Type", "Running Workloads"}
+		for _, a := range agents {
+			rows = append(rows, []string{stoplight(a), fmt.Sprintf("%s [%s]", a.AgentSummary.Name, a.AgentSummary.Version),
+				a.AgentSummary.Type, strconv.Itoa(a.AgentSummary.WorkloadCount)})
+		}
+	} else {
+		header = []string{"Health", "Id", "Name", "Workload Type", "Start Time", "State", "Supported Lifecycles", "Running Workloads", "Last Heartbeat"}
+		for _, a := range agents {
+			rows = append(rows, []string{fmt.Sprintf("%s [%s]", stoplight(a), a.AgentHealth), a.AgentID,
+				fmt.Sprintf("%s [%s]", a.AgentSummary.Name, a.AgentSummary.Version), a.AgentSummary.Type,
+				a.AgentSummary.StartTime.Format(time.RFC3339), a.AgentSummary.State, a.AgentSummary.SupportedLifecycles,
+				strconv.Itoa(a.AgentSummary.WorkloadCount), a.AgentLastHeartbeatTime.Format(time.RFC3339)})
+		}
+	}
+	return table(w, "Running Agents", header, rows)
+}
+
+func stoplight(a protocol.NodeAgentSummary) string {
+	if a.AgentHealthStoplight != "" {
+		return a.AgentHealthStoplight
+	}
+	return protocol.Stoplight(a.AgentHealth)
+}
+
+// renderWorkloadList prints upstream's workload list; the Namespace column appears for
+// the system namespace, Metadata and Tags with --show-metadata.
+func renderWorkloadList(w io.Writer, ns string, ws []protocol.WorkloadSummary, showMeta bool) error {
+	if len(ws) == 0 {
+		_, err := fmt.Fprintln(w, "No workloads found")
+		return err
+	}
+	showNS := ns == protocol.SystemNamespace
+	ws = append([]protocol.WorkloadSummary(nil), ws...)
+	sort.SliceStable(ws, func(i, j int) bool {
+		a, b := deref(ws[i].Namespace), deref(ws[j].Namespace)
+		if a != b {
+			return a < b
+		}
+		if ws[i].Name != ws[j].Name {
+			return ws[i].Name < ws[j].Name
+		}
+		return ws[i].ID < ws[j].ID
+	})
+	header := []string{"Id", "Name"}
+	if showNS {
+		header = append(header, "Namespace")
+	}
+	header = append(header, "Start Time", "Execution Time", "Type", "Lifecycle", "State")
+	if showMeta {
+		header = append(header, "Metadata", "Tags")
+	}
+	rows := make([][]string, 0, len(ws))
+	for _, wl := range ws {
+		rt := "--"
+		if wl.WorkloadLifecycle == string(protocol.LifecycleFunction) {
+			rt = wl.Runtime
+		}
+		row := []string{wl.ID, wl.Name}
+		if showNS {
+			nsv := "--"
+			if wl.Namespace != nil {
+				nsv = *wl.Namespace
+			}
+			row = append(row, nsv)
+		}
+		row = append(row, wl.StartTime, rt, wl.WorkloadType, wl.WorkloadLifecycle, string(wl.WorkloadState))
+		if showMeta {
+			meta := "--"
+			if len(wl.Metadata) > 0 {
+				b, _ := json.Marshal(wl.Metadata)
+				meta = string(b)
+			}
+			row = append(row, meta, strings.Join(sortedTags(wl.Tags), ","))
+		}
+		rows = append(rows, row)
+	}
+	return table(w, "Running Workloads - "+ns, header, rows)
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for v := n / unit; v >= unit; v /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "--"
+	}
+	return s
+}
+
+// renderStatus prints nexctl status.
+func renderStatus(w io.Writer, st control.Status, now time.Time) error {
+	nats := "disconnected"
+	if st.NATS.Connected {
+		nats = fmt.Sprintf("%s (rtt %s, %d reconnects)", st.NATS.Server, st.NATS.RTT.Std(), st.NATS.Reconnects)
+	}
+	if st.NATS.Embedded {
+		nats += ", embedded"
+	}
+	cg := st.Cgroup.Mode
+	if len(st.Cgroup.Enforced) > 0 {
+		cg += ", enforcing " + strings.Join(st.Cgroup.Enforced, ", ")
+	} else {
+		cg += ", no limits enforced"
+	}
+	if st.Cgroup.Reason != "" {
+		cg += " (" + st.Cgroup.Reason + ")"
+	}
+	state := st.State
+	if st.LameduckUntil != nil {
+		state += ", workloads stop at " + st.LameduckUntil.Format(time.RFC3339)
+	}
+	var counts []string
+	total := 0
+	for _, k := range sortedKeys(st.Workloads) {
+		counts = append(counts, fmt.Sprintf("%d %s", st.Workloads[k], k))
+		total += st.Workloads[k]
+	}
+	wl := strconv.Itoa(total)
+	if len(counts) > 0 {
+		wl += " (" + strings.Join(counts, ", ") + ")"
+	}
+	version := st.Version
+	if st.Commit != "" {
+		version += " [" + st.Commit + "]"
+	}
+	if err := kvTable(w, "", [][2]string{
+		{"Node ID", st.NodeID},
+		{"Name", st.Name},
+		{"Nexus", st.Nexus},
+		{"Version", version},
+		{"Uptime", friendlyDuration(st.Uptime.Std())},
+		{"State", state},
+		{"NATS", nats},
+		{"Cgroups", cg},
+		{"Workloads", wl},
+	}); err != nil {
+		return err
+	}
+	if len(st.Nexlets) == 0 {
+		_, err := fmt.Fprintln(w, "No nexlets")
+		return err
+	}
+	return renderNexlets(w, st.Nexlets, now)
+}
+
+func sortedKeys(m map[string]int) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+// renderNexlets prints nexctl nexlets.
+func renderNexlets(w io.Writer, ns []control.Nexlet, now time.Time) error {
+	if len(ns) == 0 {
+		_, err := fmt.Fprintln(w, "No nexlets")
+		return err
+	}
+	rows := make([][]string, 0, len(ns))
+	for _, n := range ns {
+		hb := "--"
+		if n.LastHeartbeat != nil && !n.LastHeartbeat.IsZero() {
+			hb = friendlyDuration(now.Sub(*n.LastHeartbeat)) + " ago"
+		}
+		pid := "--"
+		if n.PID > 0 {
+			pid = strconv.Itoa(n.PID)
+		}
+		rows = append(rows, []string{n.Name, n.Type, pid, n.State, strconv.Itoa(n.Restarts),
+			protocol.Stoplight(n.Health) + " " + orDash(n.Health), hb, orDash(n.LastExit), humanBytes(n.MemoryBytes), n.CPU.Std().Round(time.Millisecond).String()})
+	}
+	return table(w, "Nexlets", []string{"Name", "Type", "PID", "State", "Restarts", "Health", "Last Heartbeat", "Last Exit", "Memory", "CPU"}, rows)
+}
+
+// renderLocalWorkloads prints nexctl workloads.
+func renderLocalWorkloads(w io.Writer, ws []control.Workload, now time.Time) error {
+	if len(ws) == 0 {
+		_, err := fmt.Fprintln(w, "No workloads found")
+		return err
+	}
+	ws = append([]control.Workload(nil), ws...)
+	sort.SliceStable(ws, func(i, j int) bool {
+		if ws[i].Namespace != ws[j].Namespace {
+			return ws[i].Namespace < ws[j].Namespace
+		}
+		return ws[i].Name < ws[j].Name
+	})
+	rows := make([][]string, 0, len(ws))
+	for _, wl := range ws {
+		up := "--"
+		if !wl.StartTime.IsZero() {
+			up = friendlyDuration(now.Sub(wl.StartTime))
+		}
+		rows = append(rows, []string{wl.ID, wl.Name, wl.Namespace, wl.Type, wl.Lifecycle, wl.State, up,
+			humanBytes(wl.MemoryBytes), wl.CPU.Std().Round(time.Millisecond).String()})
+	}
+	return table(w, "Workloads", []string{"Id", "Name", "Namespace", "Type", "Lifecycle", "State", "Uptime", "Memory", "CPU"}, rows)
+}
+
+// formatLogLine renders one node log line like a journal line.
+func formatLogLine(l control.LogLine) string {
+	var b strings.Builder
+	b.WriteString(l.Time.Format(time.RFC3339Nano))
+	b.WriteString(" ")
+	b.WriteString(strings.ToUpper(orDash(l.Level)))
+	if l.Nexlet != "" {
+		b.WriteString(" [" + l.Nexlet + "]")
+	}
+	if l.WorkloadID != "" {
+		b.WriteString(" [" + l.WorkloadID + "]")
+	}
+	b.WriteString(" ")
+	b.WriteString(l.Msg)
+	keys := make([]string, 0, len(l.Attrs))
+	for k := range l.Attrs {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(&b, " %s=%v", k, l.Attrs[k])
+	}
+	return b.String()
+}

@@ -1,0 +1,565 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nkeys"
+	"github.com/spf13/cobra"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// auctionStall ends an auction this long after the latest bid (or --gather-stall when
+// longer) unless every expected bid is in.
+const auctionStall = 250 * time.Millisecond
+
+func (a *app) workloadCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "workload",
+		Aliases: []string{"workloads"},
+		Short:   "Run, stop, list, inspect, clone and tail workloads across the fleet",
+		Args:    cobra.ArbitraryArgs,
+		RunE:    groupRun,
+	}
+	cmd.AddCommand(a.workloadRunCmd(), a.workloadStopCmd(), a.workloadListCmd(), a.workloadInfoCmd(),
+		a.workloadCloneCmd(), a.workloadLogsCmd())
+	return cmd
+}
+
+// placement is a started workload.
+type placement struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	Node string `json:"node"`
+}
+
+func bidLabel(b protocol.AuctionResponse) string {
+	switch {
+	case b.NodeName != "" && b.NodeID != "":
+		return fmt.Sprintf("%s (%s)", b.NodeName, b.NodeID)
+	case b.NodeID != "":
+		return b.NodeID
+	}
+	return "bidder " + b.BidderID
+}
+
+// place auctions spec in ns and deploys it to the least-loaded bidder, falling back to
+// the next bid when a deploy definitely failed.
+func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expectBids int) (placement, error) {
+	if expectBids <= 0 {
+		// A quick ping tells how many bids can come, so the auction can end as soon as
+		// all are in; nodes in other accounts or without ping permission just mean we
+		// wait for the stall.
+		if nodes, _, err := f.pingNodes(ctx, nil, f.gatherOpts(0)); err == nil {
+			expectBids = len(nodes)
+		}
+	}
+	bids, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+	if err != nil {
+		return placement{}, err
+	}
+	a.warnAll(bad)
+	if len(bids) == 0 {
+		tags, err := f.placementTags(ctx)
+		if err != nil {
+			return placement{}, fmt.Errorf("no bids for a %s workload, and asking nodes for their tags failed: %w", spec.Type, err)
+		}
+		return placement{}, fmt.Errorf("no bids for a %s workload in namespace %s: %s", spec.Type, ns, diagnoseNoBids(tags, spec.Type, spec.Tags))
+	}
+	usable, skipped := orderBids(bids, spec.Lifecycle)
+	if len(usable) == 0 {
+		return placement{}, fmt.Errorf("%d node(s) bid, but none supports the %s lifecycle", skipped, spec.Lifecycle)
+	}
+	var errs []error
+	for i, bid := range usable {
+		rr, err := spec.runRequestFor(bid)
+		if err == nil {
+			req := protocol.StartWorkloadRequest{
+				Description: spec.Description, Name: spec.Name, Namespace: ns, RunRequest: rr,
+				Tags: spec.Tags, WorkloadLifecycle: spec.Lifecycle, WorkloadType: spec.Type,
+			}
+			var resp protocol.StartWorkloadResponse
+			resp, err = f.deploy(ctx, bid.BidderID, req)
+			if err == nil {
+				return placement{ID: resp.ID, Name: resp.Name, Node: bid.NodeID}, nil
+			}
+			if errors.Is(err, errDeployTimeout) {
+				// The node may still be starting it: trying another could run two copies.
+				return placement{}, fmt.Errorf("deploy to %s: %w; the workload may still be starting there, check 'nexctl workload list' before retrying", bidLabel(bid), err)
+			}
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", bidLabel(bid), err))
+		if i < len(usable)-1 {
+			fmt.Fprintf(a.io.Stderr, "nexctl: deploy to %s failed: %v; trying the next bid\n", bidLabel(bid), err)
+		}
+	}
+	return placement{}, fmt.Errorf("every bid failed:\n  %s", strings.ReplaceAll(errors.Join(errs...).Error(), "\n", "\n  "))
+}
+
+func (a *app) workloadRunCmd() *cobra.Command {
+	var (
+		file, startJSON, name, desc, typ, lifecycle string
+		plainEnv                                    bool
+		bids                                        int
+	)
+	tags := newKV("tags")
+	env := &envFlag{}
+	cmd := &cobra.Command{
+		Use:     "run [flags] [-- COMMAND [ARG...]]",
+		Aliases: []string{"start", "deploy"},
+		Short:   "Start a workload on the least-loaded node that bids for it",
+		Long: `Start a workload. The start request comes from a Nexfile (-f, JSON or YAML with keys
+name, description, tags, type, lifecycle, start_request; ./Nexfile is used when present and
+nothing else is given), from --start-request JSON, or for native workloads from a command
+after '--'. Flags override the file.
+
+--env values are sealed for the winning nexlet's xkey (encrypted_environment) so only that
+nexlet can read them; --plain-env sends them in clear text in the environment instead.
+
+The auction ends once every pinged node has bid (or --bids N are in), else 250ms after the
+latest bid. The least-loaded bidder is tried first; on a failed deploy the next bid is
+tried. With no bids, nexctl says which requested tags no node offers, or that no node has a
+healthy nexlet of the type.
+
+  nexctl workload run --name web -- /usr/bin/python3 -m http.server 8080
+  nexctl workload run -f Nexfile.yaml --tags region=lab --env TOKEN=abc`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 && cmd.ArgsLenAtDash() != 0 {
+				return usagef("put the command after '--': nexctl workload run --name NAME -- %s", strings.Join(args, " "))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			fl := cmd.Flags()
+			spec := runSpec{Env: env.m, PlainEnv: plainEnv}
+			// 1. The file, explicit or ./Nexfile when nothing else says what to run.
+			if file == "" && !fl.Changed("start-request") && len(args) == 0 {
+				if fi, err := os.Stat(nexfileName); err == nil && !fi.IsDir() {
+					file = nexfileName
+				}
+			}
+			if file != "" {
+				data, err := os.ReadFile(file)
+				if err != nil {
+					return usagef("Nexfile: %v", err)
+				}
+				nf, err := parseNexfile(file, data)
+				if err != nil {
+					return usageError{err}
+				}
+				spec.Name, spec.Description, spec.Type, spec.Lifecycle, spec.Tags = nf.Name, nf.Description, nf.Type, protocol.Lifecycle(nf.Lifecycle), nf.Tags
+				if m, ok := nf.StartRequest.(map[string]any); ok {
+					spec.Start = m
+				}
+			}
+			// 2. Flags override the file.
+			if fl.Changed("start-request") {
+				var m map[string]any
+				if err := json.Unmarshal([]byte(startJSON), &m); err != nil || m == nil {
+					return usagef("--start-request must be a JSON object: %v", err)
+				}
+				spec.Start = m
+			}
+			if len(args) > 0 {
+				sr, err := shortFormStart(args)
+				if err != nil {
+					return usageError{err}
+				}
+				if spec.Start == nil {
+					spec.Start = map[string]any{}
+				}
+				for k, v := range sr {
+					spec.Start[k] = v
+				}
+				if spec.Name == "" && !fl.Changed("name") {
+					spec.Name = baseName(args[0])
+				}
+			}
+			if fl.Changed("name") || spec.Name == "" {
+				spec.Name = name
+			}
+			if fl.Changed("description") {
+				spec.Description = desc
+			}
+			if fl.Changed("type") || spec.Type == "" {
+				spec.Type = typ
+			}
+			if fl.Changed("lifecycle") || spec.Lifecycle == "" {
+				spec.Lifecycle = protocol.Lifecycle(lifecycle)
+			}
+			if len(tags.m) > 0 {
+				if spec.Tags == nil {
+					spec.Tags = map[string]string{}
+				}
+				for k, v := range tags.m {
+					spec.Tags[k] = v
+				}
+			}
+			if spec.Tags == nil {
+				spec.Tags = map[string]string{}
+			}
+			switch {
+			case spec.Start == nil:
+				return usagef("nothing to run: give -f Nexfile, --start-request JSON, or a command after '--'")
+			case spec.Name == "":
+				return usagef("--name is required")
+			case !spec.Lifecycle.Valid():
+				return usagef("--lifecycle %q is not one of service, job, function", spec.Lifecycle)
+			case bids < 0:
+				return usagef("--bids must not be negative")
+			}
+
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			p, err := a.place(cmd.Context(), f, a.namespace, spec, bids)
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(p)
+			}
+			fmt.Fprintf(a.out(), "Workload %s [%s] successfully started\n", p.Name, p.ID)
+			return nil
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringVarP(&file, "nexfile", "f", "", "Nexfile describing the workload (JSON or YAML)")
+	fs.StringVar(&startJSON, "start-request", "", "the nexlet's start request as JSON")
+	fs.StringVar(&name, "name", "", "workload name")
+	fs.StringVar(&desc, "description", "", "workload description")
+	fs.StringVar(&typ, "type", "native", "workload type (the nexlet type)")
+	fs.StringVar(&lifecycle, "lifecycle", string(protocol.LifecycleService), "service, job or function")
+	fs.Var(tags, "tags", "only nodes with this tag (repeatable)")
+	fs.Var(env, "env", "environment variable KEY=VALUE (repeatable; sealed for the nexlet)")
+	fs.BoolVar(&plainEnv, "plain-env", false, "send --env in clear text instead of sealed")
+	fs.IntVar(&bids, "bids", 0, "end the auction once this many bids are in (default: the number of nodes)")
+	return cmd
+}
+
+func baseName(p string) string {
+	if i := strings.LastIndexByte(p, '/'); i >= 0 {
+		return p[i+1:]
+	}
+	return p
+}
+
+func (a *app) workloadStopCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:     "stop WORKLOAD_ID",
+		Aliases: []string{"undeploy"},
+		Short:   "Stop a workload (in the system namespace, its namespace is looked up first)",
+		Args:    exactArgs(1, "WORKLOAD_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			id, ns := args[0], a.namespace
+			if ns == protocol.SystemNamespace {
+				s, err := f.workloadNamespace(cmd.Context(), id)
+				if err != nil {
+					return err
+				}
+				ns = *s.Namespace
+			}
+			r, err := f.stopWorkload(cmd.Context(), ns, id)
+			if err != nil {
+				return fmt.Errorf("stop workload %s: %w", id, err)
+			}
+			if a.json {
+				if err := a.printJSON(r); err != nil {
+					return err
+				}
+			} else if r.Stopped {
+				fmt.Fprintf(a.out(), "Workload %s successfully stopped\n", id)
+			}
+			if !r.Stopped {
+				return exitError{ExitFailed, fmt.Errorf("workload %s was not stopped: %s", id, orDash(r.Message))}
+			}
+			return nil
+		},
+	}
+}
+
+func (a *app) workloadListCmd() *cobra.Command {
+	var filter []string
+	var showMeta bool
+	cmd := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List workloads in the namespace (every namespace from system)",
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			ws, bad, err := f.listWorkloads(cmd.Context(), a.namespace, filter)
+			if err != nil {
+				return err
+			}
+			a.warnAll(bad)
+			if a.json {
+				if ws == nil {
+					ws = []protocol.WorkloadSummary{}
+				}
+				return a.printJSON(ws)
+			}
+			return renderWorkloadList(a.out(), a.namespace, ws, showMeta)
+		},
+	}
+	cmd.Flags().StringSliceVar(&filter, "filter", nil, "only workloads with this id or name (repeatable)")
+	cmd.Flags().BoolVar(&showMeta, "show-metadata", false, "add metadata and tags columns")
+	return cmd
+}
+
+// redactRunRequest parses a run_request and hides a sealed environment's ciphertext.
+func redactRunRequest(rr string) any {
+	var m map[string]any
+	if json.Unmarshal([]byte(rr), &m) != nil {
+		return rr
+	}
+	if _, ok := m["encrypted_environment"]; ok {
+		m["encrypted_environment"] = "(sealed)"
+	}
+	return m
+}
+
+func (a *app) workloadInfoCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "info WORKLOAD_ID",
+		Short: "Show one workload: its summary and start request",
+		Args:  exactArgs(1, "WORKLOAD_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			id := args[0]
+			sum, err := f.workloadNamespace(cmd.Context(), id)
+			if err != nil {
+				return err
+			}
+			kp, err := nkeys.CreateCurveKeys()
+			if err != nil {
+				return err
+			}
+			pub, _ := kp.PublicKey()
+			var start any
+			var desc string
+			swr, cerr := f.cloneRequest(cmd.Context(), id, pub)
+			if cerr == nil {
+				start, desc = redactRunRequest(swr.RunRequest), swr.Description
+			} else {
+				fmt.Fprintf(a.io.Stderr, "nexctl: warning: start request unavailable: %v\n", cerr)
+			}
+			if a.json {
+				return a.printJSON(map[string]any{"summary": sum, "description": desc, "start_request": start})
+			}
+			meta := make([]string, 0, len(sum.Metadata))
+			for _, k := range sortedStringKeys(sum.Metadata) {
+				meta = append(meta, k+"="+sum.Metadata[k])
+			}
+			pairs := [][2]string{
+				{"ID", sum.ID}, {"Name", sum.Name}, {"Namespace", deref(sum.Namespace)},
+				{"Type", sum.WorkloadType}, {"Lifecycle", sum.WorkloadLifecycle}, {"State", string(sum.WorkloadState)},
+				{"Start Time", sum.StartTime}, {"Tags", strings.Join(sortedTags(sum.Tags), ", ")},
+				{"Metadata", strings.Join(meta, ", ")}, {"Description", desc},
+			}
+			if err := kvTable(a.out(), "Workload "+id, pairs); err != nil {
+				return err
+			}
+			if start != nil {
+				b, _ := json.MarshalIndent(start, "", "  ")
+				fmt.Fprintf(a.out(), "Start request:\n%s\n", b)
+			}
+			return nil
+		},
+	}
+}
+
+func sortedStringKeys(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (a *app) workloadCloneCmd() *cobra.Command {
+	var stop bool
+	tags := newKV("tags")
+	cmd := &cobra.Command{
+		Use:     "clone WORKLOAD_ID",
+		Aliases: []string{"cp", "copy"},
+		Short:   "Start a copy of a workload on a node chosen by a new auction",
+		Long: `Start a copy of a workload: its start request is fetched from the node that runs it,
+then auctioned again in the workload's namespace with --tags (which replace its tags).
+A sealed environment is re-sealed for the new nexlet when the old one re-sealed it for this
+client; otherwise it is passed on as is.`,
+		Args: exactArgs(1, "WORKLOAD_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			id := args[0]
+			kp, err := nkeys.CreateCurveKeys()
+			if err != nil {
+				return err
+			}
+			defer kp.Wipe()
+			pub, _ := kp.PublicKey()
+			swr, err := f.cloneRequest(cmd.Context(), id, pub)
+			if err != nil {
+				return err
+			}
+			if swr.Namespace == "" {
+				return fmt.Errorf("cannot clone workload %s: its nexlet did not report its namespace", id)
+			}
+			spec := runSpec{Name: swr.Name, Description: swr.Description, Type: swr.WorkloadType,
+				Lifecycle: swr.WorkloadLifecycle, Tags: tags.m}
+			if spec.Tags == nil {
+				spec.Tags = map[string]string{}
+			}
+			dec := json.NewDecoder(bytes.NewReader([]byte(swr.RunRequest)))
+			dec.UseNumber()
+			if err := dec.Decode(&spec.Start); err != nil || spec.Start == nil {
+				return fmt.Errorf("workload %s has an unreadable start request: %v", id, err)
+			}
+			if raw, ok := spec.Start["encrypted_environment"]; ok {
+				b, _ := json.Marshal(raw)
+				var enc protocol.EncEnv
+				if json.Unmarshal(b, &enc) == nil {
+					if env, err := openEnv(kp, enc); err == nil {
+						delete(spec.Start, "encrypted_environment")
+						spec.Env = env
+					} else {
+						fmt.Fprintf(a.io.Stderr, "nexctl: warning: the sealed environment was not re-sealed for this client; the clone gets it as is and its new nexlet may not open it\n")
+					}
+				}
+			}
+			p, err := a.place(cmd.Context(), f, swr.Namespace, spec, 0)
+			if err != nil {
+				return err
+			}
+			var stopErr error
+			stopped := false
+			if stop {
+				r, err := f.stopWorkload(cmd.Context(), swr.Namespace, id)
+				switch {
+				case err != nil:
+					stopErr = fmt.Errorf("clone %s started, but stopping the original %s failed: %w", p.ID, id, err)
+				case !r.Stopped:
+					stopErr = fmt.Errorf("clone %s started, but the original %s was not stopped: %s", p.ID, id, orDash(r.Message))
+				default:
+					stopped = true
+				}
+			}
+			if a.json {
+				if err := a.printJSON(map[string]any{"id": p.ID, "name": p.Name, "node": p.Node, "original_stopped": stopped}); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintf(a.out(), "Workload %s [%s] successfully started\n", p.Name, p.ID)
+				if stopped {
+					fmt.Fprintf(a.out(), "Original workload [%s] stopped\n", id)
+				}
+			}
+			if stopErr != nil {
+				return exitError{ExitFailed, stopErr}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().Var(tags, "tags", "placement tags for the copy (repeatable; replace the original's)")
+	cmd.Flags().BoolVar(&stop, "stop", false, "stop the original once the copy runs")
+	return cmd
+}
+
+func (a *app) workloadLogsCmd() *cobra.Command {
+	var follow bool
+	var wait time.Duration
+	cmd := &cobra.Command{
+		Use:   "logs WORKLOAD_ID",
+		Short: "Print a workload's stdout and stderr as they are published; -f keeps following",
+		Long: `Print a workload's stdout and stderr from its log feeds
+($NEX.FEED.<namespace>.logs.<id>.stdout|stderr). The feeds are live, not stored: without
+-f only lines published within --wait are shown. Use -f to follow them until interrupted.`,
+		Args: exactArgs(1, "WORKLOAD_ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f, done, err := a.connectFleet(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			id, ns := args[0], a.namespace
+			if ns == protocol.SystemNamespace {
+				s, err := f.workloadNamespace(cmd.Context(), id)
+				if err != nil {
+					return err
+				}
+				ns = *s.Namespace
+			}
+			sub, err := f.nc.SubscribeSync(protocol.LogsWildcard(ns, id))
+			if err != nil {
+				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
+			}
+			defer sub.Unsubscribe()
+			ctx := cmd.Context()
+			if !follow {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, wait)
+				defer cancel()
+			}
+			n := 0
+			for {
+				m, err := sub.NextMsgWithContext(ctx)
+				if err != nil {
+					break
+				}
+				n++
+				stream := protocol.LastToken(m.Subject)
+				if a.json {
+					b, _ := json.Marshal(map[string]any{"time": time.Now().UTC(), "stream": stream, "line": string(m.Data)})
+					fmt.Fprintln(a.out(), string(b))
+					continue
+				}
+				w := a.out()
+				if stream == "stderr" {
+					w = a.io.Stderr
+				}
+				line := m.Data
+				if !bytes.HasSuffix(line, []byte("\n")) {
+					line = append(line, '\n')
+				}
+				if _, err := w.Write(line); err != nil {
+					return err
+				}
+			}
+			if !follow && n == 0 {
+				fmt.Fprintf(a.io.Stderr, "nexctl: no log lines arrived within %s; workload logs are live, use -f to follow them\n", wait)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new lines until interrupted")
+	cmd.Flags().DurationVar(&wait, "wait", 2*time.Second, "without -f, how long to collect lines")
+	return cmd
+}

@@ -1,0 +1,43 @@
+// Package nexlet is the SDK for writing nexlets: runtime adapters that register with a
+// Nex node over NATS and run workloads for it. Its Agent interface mirrors upstream's
+// sdk/go/agent contract so that upstream nexlets port with few changes; the Runner speaks
+// the agent plane of the $NEX protocol (register, heartbeat, workload endpoints, logs and
+// events) on the nexlet's behalf.
+package nexlet
+
+import (
+	"time"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Agent is what a nexlet implements; the Runner calls it from its NATS handlers.
+type Agent interface {
+	// Register describes the nexlet; it is sent to the node once per Run.
+	Register() (*protocol.RegisterAgentRequest, error)
+	// Heartbeat is published at once after registration and then periodically.
+	Heartbeat() (*protocol.AgentHeartbeat, error)
+	// StartWorkload starts workloadID. existing is true when the node replays its
+	// stored state after a restart: the workload may still be running.
+	StartWorkload(workloadID string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error)
+	// StopWorkload stops workloadID; it returns an error when the nexlet does not hold it.
+	StopWorkload(workloadID string, req *protocol.StopWorkloadRequest) error
+	// GetWorkload returns the start request of workloadID; an error whose text is
+	// protocol.ErrTextWorkloadNotFound makes the Runner stay silent.
+	GetWorkload(workloadID, targetXKey string) (*protocol.StartWorkloadRequest, error)
+	// QueryWorkloads lists workloads of namespace (every namespace for "system"),
+	// filtered by id or name when filter is non-empty.
+	QueryWorkloads(namespace string, filter []string) ([]protocol.WorkloadSummary, error)
+	// SetLameduck asks the nexlet to stop its workloads once before has elapsed.
+	SetLameduck(before time.Duration) error
+	// Ping returns the nexlet's summary.
+	Ping() (*protocol.AgentSummary, error)
+}
+
+// ReplayAware is optionally implemented by an Agent that wants to know when the replay of
+// the node's existing state is over, for instance to clean up workloads the node no
+// longer knows. ids are the workloads the node asked to (re)start; it is called once per
+// Run, also when there was nothing to replay.
+type ReplayAware interface {
+	ReplayDone(ids []string)
+}

@@ -1,0 +1,344 @@
+package native
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/nexlet"
+	"github.com/nexd-project/nexd/nexlet/secrets"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+const (
+	testNode  = "NODETEST"
+	testAgent = "AGENTTEST"
+	testNS    = "ns1"
+	waitLong  = 30 * time.Second
+)
+
+// fakeNode plays the node's side of the agent plane over a real nats-server.
+type fakeNode struct {
+	t        *testing.T
+	srv      *server.Server
+	nc       *nats.Conn
+	mu       sync.Mutex
+	events   []*nats.Msg
+	logs     []*nats.Msg
+	existing map[string]protocol.AgentStartWorkloadRequest
+}
+
+func newFakeNode(t *testing.T) *fakeNode {
+	t.Helper()
+	srv := testnats.Start(t, testnats.Options{})
+	fn := &fakeNode{t: t, srv: srv, nc: testnats.Connect(t, srv)}
+	if _, err := fn.nc.Subscribe("$NEX.FEED.*.events.>", func(m *nats.Msg) {
+		fn.mu.Lock()
+		fn.events = append(fn.events, m)
+		fn.mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fn.nc.Subscribe("$NEX.FEED.*.logs.>", func(m *nats.Msg) {
+		fn.mu.Lock()
+		fn.logs = append(fn.logs, m)
+		fn.mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fn.nc.Subscribe(protocol.RegisterSubject(testNode, "*"), func(m *nats.Msg) {
+		var req protocol.RegisterAgentRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			t.Errorf("node: bad register request: %v", err)
+			return
+		}
+		fn.mu.Lock()
+		state := fn.existing
+		fn.mu.Unlock()
+		if state == nil {
+			state = map[string]protocol.AgentStartWorkloadRequest{}
+		}
+		b, _ := json.Marshal(protocol.RegisterAgentResponse{Success: true, Message: "ok", NodeID: testNode,
+			ConnectionData: fn.creds(), ExistingState: state})
+		_ = m.Respond(b)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := fn.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return fn
+}
+
+func (fn *fakeNode) creds() protocol.NatsConnectionData {
+	return protocol.NatsConnectionData{NatsServers: []string{fn.srv.ClientURL()}}
+}
+
+type testNexlet struct {
+	*Nexlet
+	r *nexlet.Runner
+}
+
+// startNexlet runs a native nexlet against fn; cfg.RuntimeDir defaults to a temp dir.
+func (fn *fakeNode) startNexlet(cfg Config) *testNexlet {
+	t := fn.t
+	t.Helper()
+	if cfg.RuntimeDir == "" {
+		cfg.RuntimeDir = t.TempDir()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	cfg.PollInterval = 50 * time.Millisecond
+	n, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := nexlet.NewRunner(context.Background(), testNode, n, nexlet.WithLogger(cfg.Logger))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.SetFeed(r)
+	if err := r.Run(testAgent, fn.creds()); err != nil {
+		t.Fatal(err)
+	}
+	tn := &testNexlet{n, r}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), waitLong)
+		defer cancel()
+		select {
+		case <-n.abandon:
+		default:
+			if err := n.Shutdown(ctx); err != nil {
+				t.Errorf("shutdown: %v", err)
+			}
+		}
+		_ = r.Shutdown()
+	})
+	return tn
+}
+
+// crash lets go of the workloads without stopping them, as a crashed nexlet would.
+func (tn *testNexlet) crash() {
+	close(tn.abandon)
+	_ = tn.r.Shutdown()
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// script writes an executable shell script and returns its file:// uri.
+func script(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "w.sh")
+	if err := os.WriteFile(p, []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return "file://" + p
+}
+
+func startReq(lc protocol.Lifecycle, name string, run map[string]any, creds protocol.NatsConnectionData) protocol.AgentStartWorkloadRequest {
+	b, _ := json.Marshal(run)
+	return protocol.AgentStartWorkloadRequest{
+		Request: protocol.StartWorkloadRequest{Name: name, Namespace: testNS, Description: "test", RunRequest: string(b),
+			Tags: map[string]string{}, WorkloadLifecycle: lc, WorkloadType: RegisterType},
+		WorkloadCreds: creds,
+	}
+}
+
+// reply is a decoded agent reply: either a body or a micro error.
+type reply struct {
+	data    []byte
+	code    string
+	errText string
+}
+
+func (fn *fakeNode) request(subject string, v any, timeout time.Duration) (reply, error) {
+	var b []byte
+	switch x := v.(type) {
+	case []byte:
+		b = x
+	default:
+		b, _ = json.Marshal(v)
+	}
+	m, err := fn.nc.Request(subject, b, timeout)
+	if err != nil {
+		return reply{}, err
+	}
+	return reply{data: m.Data, code: m.Header.Get(protocol.HeaderErrorCode), errText: m.Header.Get(protocol.HeaderError)}, nil
+}
+
+func (fn *fakeNode) start(id string, req protocol.AgentStartWorkloadRequest) reply {
+	fn.t.Helper()
+	r, err := fn.request(protocol.StartWorkloadSubject(testNode, testAgent, id), req, waitLong)
+	if err != nil {
+		fn.t.Fatalf("STARTWORKLOAD %s: %v", id, err)
+	}
+	return r
+}
+
+func (fn *fakeNode) mustStart(id string, req protocol.AgentStartWorkloadRequest) {
+	fn.t.Helper()
+	if r := fn.start(id, req); r.code != "" {
+		fn.t.Fatalf("STARTWORKLOAD %s: error %s %s", id, r.code, r.errText)
+	}
+}
+
+func (fn *fakeNode) stop(id, ns string) protocol.StopWorkloadResponse {
+	fn.t.Helper()
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, id), protocol.StopWorkloadRequest{Namespace: ns}, waitLong)
+	if err != nil {
+		fn.t.Fatalf("STOPWORKLOAD %s: %v", id, err)
+	}
+	var resp protocol.StopWorkloadResponse
+	if err := json.Unmarshal(r.data, &resp); err != nil {
+		fn.t.Fatalf("STOPWORKLOAD %s: %v: %q", id, err, r.data)
+	}
+	return resp
+}
+
+func (fn *fakeNode) query(ns string, filter ...string) []protocol.WorkloadSummary {
+	fn.t.Helper()
+	if filter == nil {
+		filter = []string{}
+	}
+	r, err := fn.request(protocol.QueryWorkloadsSubject(testNode), protocol.AgentListWorkloadsRequest{Namespace: ns, Filter: filter}, waitLong)
+	if err != nil || r.code != "" {
+		fn.t.Fatalf("QUERYWORKLOADS: %v %s %s", err, r.code, r.errText)
+	}
+	var out []protocol.WorkloadSummary
+	if err := json.Unmarshal(r.data, &out); err != nil {
+		fn.t.Fatal(err)
+	}
+	return out
+}
+
+func (fn *fakeNode) summary(id string) (protocol.WorkloadSummary, bool) {
+	for _, s := range fn.query(protocol.SystemNamespace, id) {
+		if s.ID == id {
+			return s, true
+		}
+	}
+	return protocol.WorkloadSummary{}, false
+}
+
+// eventually polls cond until it holds or the generous timeout passes.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(waitLong)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (fn *fakeNode) stoppedEvent(id string) *protocol.WorkloadStoppedEvent {
+	fn.t.Helper()
+	var ev *protocol.WorkloadStoppedEvent
+	eventually(fn.t, "WORKLOADSTOPPED of "+id, func() bool {
+		fn.mu.Lock()
+		defer fn.mu.Unlock()
+		for _, m := range fn.events {
+			if m.Subject != protocol.EventSubject(testNS, protocol.EventWorkloadStopped) {
+				continue
+			}
+			var e protocol.WorkloadStoppedEvent
+			if json.Unmarshal(m.Data, &e) == nil && e.ID == id {
+				ev = &e
+				return true
+			}
+		}
+		return false
+	})
+	return ev
+}
+
+func (fn *fakeNode) countEvents(typ, id string) int {
+	fn.mu.Lock()
+	defer fn.mu.Unlock()
+	c := 0
+	for _, m := range fn.events {
+		if strings.HasSuffix(m.Subject, "."+typ) && strings.Contains(string(m.Data), `"id":"`+id+`"`) {
+			c++
+		}
+	}
+	return c
+}
+
+// logLines returns the lines published on a workload's feed.
+func (fn *fakeNode) logLines(id, stream string) []string {
+	fn.mu.Lock()
+	defer fn.mu.Unlock()
+	var out []string
+	for _, m := range fn.logs {
+		if m.Subject == protocol.LogSubject(testNS, id, stream) {
+			out = append(out, string(m.Data))
+		}
+	}
+	return out
+}
+
+func (fn *fakeNode) waitLog(id, stream, want string) {
+	fn.t.Helper()
+	eventually(fn.t, fmt.Sprintf("%s line %q of %s", stream, want, id), func() bool {
+		for _, l := range fn.logLines(id, stream) {
+			if l == want {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// procsOf lists live processes whose environment carries NEX_WORKLOAD_ID=id.
+func procsOf(id string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if err != nil {
+			continue
+		}
+		for kv := range strings.SplitSeq(string(env), "\x00") {
+			if kv == "NEX_WORKLOAD_ID="+id && alive(pid) {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
+var _ secrets.Store = secrets.FileStore{}

@@ -1,0 +1,95 @@
+package native
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+)
+
+// isolation creates the per-workload sandboxes: cgroups below the nexlet's subtree, or
+// plain process groups where cgroups are unavailable.
+type isolation interface {
+	mode() string
+	// sandbox creates, or opens when it already exists, the sandbox of workload id.
+	sandbox(id string, l Limits) (sandbox, error)
+}
+
+// sandbox holds one workload's processes.
+type sandbox interface {
+	start(cmd *exec.Cmd) error
+	// procs lists the live processes; empty when the workload is gone.
+	procs() ([]int, error)
+	// kill SIGKILLs every process of the sandbox.
+	kill() error
+	remove() error
+	// oomKills counts OOM kills so far (0 where unknown).
+	oomKills() int
+}
+
+// noIsolation runs workloads in their own process group that dies with the nexlet.
+// dir is the nexlet's runtime dir, where each workload's pid file lives.
+type noIsolation struct{ dir string }
+
+func (noIsolation) mode() string { return "none" }
+
+// sandbox finds a live group of the workload from its pid file, so replay can adopt it;
+// the process must still carry NEX_WORKLOAD_ID=<id> to rule out a reused pid.
+func (iso noIsolation) sandbox(id string, _ Limits) (sandbox, error) {
+	b, err := os.ReadFile(filepath.Join(iso.dir, "workloads", id, "pid"))
+	if err != nil {
+		return &pgroup{}, nil
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		return &pgroup{}, nil
+	}
+	env, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil || !bytes.Contains(append([]byte{0}, env...), []byte("\x00NEX_WORKLOAD_ID="+id+"\x00")) {
+		return &pgroup{}, nil
+	}
+	return &pgroup{pgid: pid}, nil
+}
+
+type pgroup struct{ pgid int }
+
+func (g *pgroup) start(cmd *exec.Cmd) error {
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid = true
+	// Without a cgroup nothing else would reap the workload if the nexlet died.
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	g.pgid = cmd.Process.Pid
+	return nil
+}
+
+func (g *pgroup) procs() ([]int, error) {
+	if g.pgid == 0 {
+		return nil, nil
+	}
+	if err := syscall.Kill(-g.pgid, 0); errors.Is(err, syscall.ESRCH) {
+		return nil, nil
+	}
+	return []int{g.pgid}, nil
+}
+
+func (g *pgroup) kill() error {
+	if g.pgid == 0 {
+		return nil
+	}
+	if err := syscall.Kill(-g.pgid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return err
+	}
+	return nil
+}
+
+func (g *pgroup) remove() error { return nil }
+func (g *pgroup) oomKills() int { return 0 }

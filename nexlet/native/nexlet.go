@@ -1,0 +1,519 @@
+// Package native is the native nexlet: it runs job and service workloads as host
+// processes, each in its own cgroup below the nexlet's (or its own process group where
+// cgroups are unavailable), with limits, restart policies, graceful stops, sealed
+// environments, secrets, object-store artifacts and replay that adopts live workloads.
+package native
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/nexlet/secrets"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Registration facts, as upstream's native nexlet registers.
+const (
+	Name         = "go_exec"
+	RegisterType = "native"
+	Description  = "Runs workloads as subprocesses on the host machine"
+	Version      = "0.1.0"
+)
+
+// Feed is where the nexlet publishes logs and events; *nexlet.Runner implements it.
+type Feed interface {
+	Logger(workloadID, namespace, stream string) io.Writer
+	EmitEvent(from, typ string, v any) error
+}
+
+// Config configures a native nexlet.
+type Config struct {
+	// RuntimeDir holds workloads/<id>, the private per-workload directories (required).
+	RuntimeDir string
+	// Secrets resolves secret://KEY values; nil makes such values fail the start.
+	Secrets secrets.Store
+	// Isolation is a cgroup spec for the nexlet's subtree (NEX_AGENT_CGROUP); empty runs
+	// workloads in plain process groups.
+	Cgroup string
+	// XKey is the nexlet's curve key; a fresh one is made when nil.
+	XKey nkeys.KeyPair
+	// MaxWorkloads bounds running workloads; 0 is unlimited.
+	MaxWorkloads int
+	Logger       *slog.Logger
+	// PollInterval is how often adopted workloads are checked (default 250ms).
+	PollInterval time.Duration
+}
+
+// Nexlet implements nexlet.Agent.
+type Nexlet struct {
+	cfg     Config
+	log     *slog.Logger
+	xkp     nkeys.KeyPair
+	xpub    string
+	iso     isolation
+	started time.Time
+	feed    Feed
+
+	abandon chan struct{} // closed to let go of workloads without stopping them (tests)
+
+	mu        sync.Mutex
+	workloads map[string]*workload
+	lameduck  bool
+	lameTimer *time.Timer
+}
+
+var idRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
+
+// New makes a native nexlet. Call SetFeed with the runner before the runner's Run.
+func New(cfg Config) (*Nexlet, error) {
+	if cfg.RuntimeDir == "" || !filepath.IsAbs(cfg.RuntimeDir) {
+		return nil, fmt.Errorf("native nexlet: runtime dir %q must be an absolute path", cfg.RuntimeDir)
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.RuntimeDir, "workloads"), 0o700); err != nil {
+		return nil, fmt.Errorf("native nexlet: runtime dir: %w", err)
+	}
+	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{},
+		abandon: make(chan struct{})}
+	if n.log == nil {
+		n.log = slog.New(slog.DiscardHandler)
+	}
+	if n.cfg.PollInterval <= 0 {
+		n.cfg.PollInterval = 250 * time.Millisecond
+	}
+	n.xkp = cfg.XKey
+	if n.xkp == nil {
+		kp, err := nkeys.CreateCurveKeys()
+		if err != nil {
+			return nil, fmt.Errorf("native nexlet: curve key: %w", err)
+		}
+		n.xkp = kp
+	}
+	pub, err := n.xkp.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("native nexlet: curve key: %w", err)
+	}
+	n.xpub = pub
+	n.iso = n.chooseIsolation(cfg.Cgroup)
+	return n, nil
+}
+
+// SetFeed connects the nexlet to its runner's log and event feeds.
+func (n *Nexlet) SetFeed(f Feed) { n.feed = f }
+
+// XKey is the nexlet's public curve key, for sealing environments.
+func (n *Nexlet) XKey() string { return n.xpub }
+
+// IsolationMode is "cgroup" or "none".
+func (n *Nexlet) IsolationMode() string { return n.iso.mode() }
+
+// Register implements nexlet.Agent.
+func (n *Nexlet) Register() (*protocol.RegisterAgentRequest, error) {
+	return &protocol.RegisterAgentRequest{
+		Name: Name, RegisterType: RegisterType, Description: Description, Version: Version,
+		MaxWorkloads: float64(n.cfg.MaxWorkloads), PublicXKey: n.xpub, StartRequestSchema: StartRequestSchema,
+		SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleJob, protocol.LifecycleService},
+	}, nil
+}
+
+// Ping implements nexlet.Agent.
+func (n *Nexlet) Ping() (*protocol.AgentSummary, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	state := "running"
+	if n.lameduck {
+		state = "lameduck"
+	}
+	return &protocol.AgentSummary{Name: Name, Type: RegisterType, StartTime: n.started, State: state,
+		SupportedLifecycles: "job,service", Version: Version, WorkloadCount: n.activeLocked()}, nil
+}
+
+func (n *Nexlet) activeLocked() int {
+	c := 0
+	for _, w := range n.workloads {
+		if !w.finished {
+			c++
+		}
+	}
+	return c
+}
+
+// Heartbeat implements nexlet.Agent.
+func (n *Nexlet) Heartbeat() (*protocol.AgentHeartbeat, error) {
+	sum, _ := n.Ping()
+	n.mu.Lock()
+	nss := map[string]bool{}
+	for _, w := range n.workloads {
+		nss[w.ns] = true
+	}
+	n.mu.Unlock()
+	data, err := json.Marshal(map[string]any{"namespace_count": len(nss), "register_type": RegisterType,
+		"workload_count": sum.WorkloadCount, "isolation": n.iso.mode()})
+	if err != nil {
+		return nil, err
+	}
+	return &protocol.AgentHeartbeat{Data: string(data), Summary: *sum}, nil
+}
+
+// StartWorkload implements nexlet.Agent. Every check happens before anything starts.
+func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
+	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
+	if !idRE.MatchString(id) {
+		return nil, fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id)
+	}
+	if req.Request.Namespace == "" {
+		return nil, errors.New("namespace is required")
+	}
+	pl, err := parseStartRequest(req.Request.RunRequest, req.Request.WorkloadLifecycle)
+	if err != nil {
+		return nil, err
+	}
+	env, argv, err := n.buildEnv(id, req, pl)
+	if err != nil {
+		return nil, err
+	}
+	n.mu.Lock()
+	if n.lameduck && !existing {
+		n.mu.Unlock()
+		return nil, errors.New("the native nexlet is in lameduck mode and starts no new workloads")
+	}
+	if old, ok := n.workloads[id]; ok {
+		if existing {
+			n.mu.Unlock()
+			return resp, nil // already held (running or finished): never a second copy
+		}
+		if !old.finished {
+			n.mu.Unlock()
+			return nil, fmt.Errorf("workload %s is already running", id)
+		}
+		delete(n.workloads, id)
+	}
+	if n.cfg.MaxWorkloads > 0 && n.activeLocked() >= n.cfg.MaxWorkloads {
+		n.mu.Unlock()
+		return nil, fmt.Errorf("the native nexlet already runs its maximum of %d workloads", n.cfg.MaxWorkloads)
+	}
+	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req, plan: pl, env: env, argv: argv,
+		dir: filepath.Join(n.cfg.RuntimeDir, "workloads", id), state: protocol.WorkloadStarting,
+		started: time.Now().UTC(), stop: make(chan time.Duration, 1), done: make(chan struct{})}
+	n.workloads[id] = w
+	n.mu.Unlock()
+
+	p, adopted, err := n.begin(w, existing)
+	if err != nil {
+		n.mu.Lock()
+		delete(n.workloads, id)
+		n.mu.Unlock()
+		close(w.done)
+		return nil, err
+	}
+	n.setState(w, protocol.WorkloadRunning)
+	if adopted {
+		n.log.Info("adopted live workload", "workload_id", id, "namespace", w.ns, "pid", p.pid)
+	} else {
+		n.log.Info("workload started", "workload_id", id, "namespace", w.ns, "pid", p.pid, "isolation", n.iso.mode())
+		n.emit(w.ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: id, Namespace: w.ns,
+			WorkloadType: w.req.Request.WorkloadType})
+	}
+	go n.supervise(w, p)
+	return resp, nil
+}
+
+// buildEnv resolves secrets, opens the sealed environment and adds the NEX_* variables.
+// The node's environment is never inherited.
+func (n *Nexlet) buildEnv(id string, req *protocol.AgentStartWorkloadRequest, pl *plan) ([]string, []string, error) {
+	ns := req.Request.Namespace
+	vars := map[string]string{}
+	for k, v := range pl.req.Environment {
+		r, err := secrets.Resolve(n.cfg.Secrets, ns, v)
+		if err != nil {
+			return nil, nil, fmt.Errorf("run_request: environment %s: %w", k, err)
+		}
+		vars[k] = r
+	}
+	if e := pl.req.EncryptedEnvironment; e != nil {
+		opened, err := n.openEnv(*e)
+		if err != nil {
+			return nil, nil, err
+		}
+		for k, v := range opened {
+			if !envKeyRE.MatchString(k) || slices.Contains(reservedEnv, k) {
+				return nil, nil, fmt.Errorf("run_request: encrypted_environment: variable %q may not be set", k)
+			}
+			r, err := secrets.Resolve(n.cfg.Secrets, ns, v)
+			if err != nil {
+				return nil, nil, fmt.Errorf("run_request: encrypted_environment %s: %w", k, err)
+			}
+			vars[k] = r
+		}
+	}
+	creds := req.WorkloadCreds
+	vars["NEX_WORKLOAD_NATS_SERVERS"] = strings.Join(creds.NatsServers, ",")
+	vars["NEX_WORKLOAD_NATS_NKEY"] = creds.NatsUserSeed
+	vars["NEX_WORKLOAD_NATS_B64_JWT"] = base64.StdEncoding.EncodeToString([]byte(creds.NatsUserJWT))
+	vars["NEX_WORKLOAD_ID"] = id
+	vars["NEX_NAMESPACE"] = ns
+	env := make([]string, 0, len(vars))
+	for _, k := range slices.Sorted(maps.Keys(vars)) {
+		env = append(env, k+"="+vars[k])
+	}
+	argv := make([]string, len(pl.req.Argv))
+	for i, a := range pl.req.Argv {
+		r, err := secrets.Resolve(n.cfg.Secrets, ns, a)
+		if err != nil {
+			return nil, nil, fmt.Errorf("run_request: argv[%d]: %w", i, err)
+		}
+		argv[i] = r
+	}
+	return env, argv, nil
+}
+
+func (n *Nexlet) openEnv(e protocol.EncEnv) (map[string]string, error) {
+	data, err := base64.StdEncoding.DecodeString(e.Base64EncryptedEnv)
+	if err != nil {
+		return nil, fmt.Errorf("run_request: encrypted_environment.base64_encrypted_env: %w", err)
+	}
+	clear, err := n.xkp.Open(data, e.EncryptedBy)
+	if err != nil {
+		return nil, fmt.Errorf("run_request: encrypted_environment: cannot open it with this nexlet's xkey %s (sealed for another key, or encrypted_by is wrong): %w", n.xpub, err)
+	}
+	var m map[string]string
+	if err := json.Unmarshal(clear, &m); err != nil {
+		return nil, fmt.Errorf("run_request: encrypted_environment: the opened data is not a JSON object of strings: %w", err)
+	}
+	return m, nil
+}
+
+// StopWorkload implements nexlet.Agent; it returns when the workload is gone.
+func (n *Nexlet) StopWorkload(id string, req *protocol.StopWorkloadRequest) error {
+	n.mu.Lock()
+	w := n.workloads[id]
+	if w == nil || (req.Namespace != protocol.SystemNamespace && req.Namespace != w.ns) {
+		n.mu.Unlock()
+		return errors.New(protocol.ErrTextWorkloadNotFound)
+	}
+	if w.finished {
+		delete(n.workloads, id)
+		n.mu.Unlock()
+		return nil
+	}
+	n.mu.Unlock()
+	n.stopAndWait(w, w.plan.grace)
+	return nil
+}
+
+func (n *Nexlet) stopAndWait(w *workload, grace time.Duration) {
+	select {
+	case w.stop <- grace:
+	default: // a stop is already pending
+	}
+	<-w.done
+}
+
+// GetWorkload implements nexlet.Agent: the start request as deployed, so an encrypted
+// environment stays sealed. With targetXKey it is re-sealed for that key (a clone).
+func (n *Nexlet) GetWorkload(id, targetXKey string) (*protocol.StartWorkloadRequest, error) {
+	n.mu.Lock()
+	w := n.workloads[id]
+	n.mu.Unlock()
+	if w == nil {
+		return nil, errors.New(protocol.ErrTextWorkloadNotFound)
+	}
+	out := w.req.Request
+	out.Tags = maps.Clone(out.Tags)
+	if targetXKey == "" || w.plan.req.EncryptedEnvironment == nil {
+		return &out, nil
+	}
+	rr, err := n.reseal(out.RunRequest, *w.plan.req.EncryptedEnvironment, targetXKey)
+	if err != nil {
+		// Upstream ignores the target; so do we when it is unusable. Still sealed.
+		n.log.Warn("clone: environment not re-sealed for the target", "workload_id", id, "err", err)
+		return &out, nil
+	}
+	out.RunRequest = rr
+	return &out, nil
+}
+
+func (n *Nexlet) reseal(runRequest string, e protocol.EncEnv, target string) (string, error) {
+	if !nkeys.IsValidPublicCurveKey(target) {
+		return "", fmt.Errorf("target xkey %q is not a public curve key", target)
+	}
+	data, err := base64.StdEncoding.DecodeString(e.Base64EncryptedEnv)
+	if err != nil {
+		return "", fmt.Errorf("reseal: %w", err)
+	}
+	clear, err := n.xkp.Open(data, e.EncryptedBy)
+	if err != nil {
+		return "", fmt.Errorf("reseal: %w", err)
+	}
+	sealed, err := n.xkp.Seal(clear, target)
+	if err != nil {
+		return "", fmt.Errorf("reseal for %s: %w", target, err)
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(runRequest), &m); err != nil {
+		return "", fmt.Errorf("reseal: %w", err)
+	}
+	m["encrypted_environment"], _ = json.Marshal(protocol.EncEnv{
+		Base64EncryptedEnv: base64.StdEncoding.EncodeToString(sealed), EncryptedBy: n.xpub})
+	b, err := json.Marshal(m)
+	return string(b), err
+}
+
+// QueryWorkloads implements nexlet.Agent.
+func (n *Nexlet) QueryWorkloads(namespace string, filter []string) ([]protocol.WorkloadSummary, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := []protocol.WorkloadSummary{}
+	for _, id := range slices.Sorted(maps.Keys(n.workloads)) {
+		w := n.workloads[id]
+		if namespace != protocol.SystemNamespace && namespace != w.ns {
+			continue
+		}
+		if len(filter) > 0 && !slices.Contains(filter, w.id) && !slices.Contains(filter, w.name) {
+			continue
+		}
+		ns := w.ns
+		md := map[string]string{"isolation": n.iso.mode(), "restarts": strconv.Itoa(w.restarts)}
+		if w.pid > 0 && !w.finished {
+			md["pid"] = strconv.Itoa(w.pid)
+		}
+		if w.sha256 != "" {
+			md["sha256"] = w.sha256
+		}
+		if w.exitCode != nil {
+			md["exit_code"] = strconv.Itoa(*w.exitCode)
+		}
+		if w.reason != "" {
+			md["reason"] = w.reason
+		}
+		runtime := "--"
+		if !w.finished {
+			runtime = time.Since(w.started).Round(time.Second).String()
+		}
+		out = append(out, protocol.WorkloadSummary{ID: w.id, Name: w.name, Namespace: &ns, Runtime: runtime,
+			StartTime: w.started.Format(time.RFC3339), Tags: maps.Clone(w.req.Request.Tags),
+			WorkloadLifecycle: string(w.req.Request.WorkloadLifecycle), WorkloadState: w.state,
+			WorkloadType: w.req.Request.WorkloadType, Metadata: md})
+		if out[len(out)-1].Tags == nil {
+			out[len(out)-1].Tags = map[string]string{}
+		}
+	}
+	return out, nil
+}
+
+// SetLameduck implements nexlet.Agent: workloads keep running until before has elapsed,
+// then each is stopped with its grace. No new workload starts meanwhile.
+func (n *Nexlet) SetLameduck(before time.Duration) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.lameduck {
+		return nil
+	}
+	n.lameduck = true
+	n.log.Info("lameduck: stopping workloads after delay", "delay", before)
+	n.lameTimer = time.AfterFunc(before, func() { n.stopAll() })
+	return nil
+}
+
+func (n *Nexlet) stopAll() {
+	n.mu.Lock()
+	var ws []*workload
+	for _, w := range n.workloads {
+		if !w.finished {
+			ws = append(ws, w)
+		}
+	}
+	n.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, w := range ws {
+		wg.Go(func() { n.stopAndWait(w, w.plan.grace) })
+	}
+	wg.Wait()
+}
+
+// Shutdown stops every workload with its grace (the node is shutting down).
+func (n *Nexlet) Shutdown(ctx context.Context) error {
+	n.mu.Lock()
+	n.lameduck = true
+	if n.lameTimer != nil {
+		n.lameTimer.Stop()
+	}
+	n.mu.Unlock()
+	done := make(chan struct{})
+	go func() { n.stopAll(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("native nexlet shutdown: %w", ctx.Err())
+	}
+}
+
+func (n *Nexlet) emit(from, typ string, v any) {
+	if n.feed == nil {
+		return
+	}
+	if err := n.feed.EmitEvent(from, typ, v); err != nil {
+		n.log.Warn("event not published", "type", typ, "err", err)
+	}
+}
+
+func (n *Nexlet) setState(w *workload, s protocol.WorkloadState) {
+	n.mu.Lock()
+	w.state = s
+	n.mu.Unlock()
+}
+
+// ReplayDone implements nexlet.ReplayAware. Directories of earlier workloads the node
+// did not replay are removed when nothing runs in them any more. A workload still alive
+// there is left running and reported: the node may have failed to read its state, and
+// killing on such a failure would lose work (stop it with `nexctl` after a replay, or
+// kill its cgroup by hand).
+func (n *Nexlet) ReplayDone(ids []string) {
+	ents, err := os.ReadDir(filepath.Join(n.cfg.RuntimeDir, "workloads"))
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		id := e.Name()
+		if !e.IsDir() || !idRE.MatchString(id) || slices.Contains(ids, id) {
+			continue
+		}
+		n.mu.Lock()
+		_, held := n.workloads[id]
+		n.mu.Unlock()
+		if held {
+			continue
+		}
+		sb, err := n.iso.sandbox(id, Limits{})
+		if err != nil {
+			n.log.Warn("unreplayed workload: sandbox", "workload_id", id, "err", err)
+			continue
+		}
+		if procs, _ := sb.procs(); len(procs) > 0 {
+			n.log.Warn("a workload the node did not replay is still running; leaving it alone", "workload_id", id, "pids", procs)
+			continue
+		}
+		n.mu.Lock()
+		_, held = n.workloads[id] // a start may have raced us
+		n.mu.Unlock()
+		if !held {
+			n.cleanup(&workload{id: id, sb: sb, dir: filepath.Join(n.cfg.RuntimeDir, "workloads", id)})
+		}
+	}
+}

@@ -1,0 +1,457 @@
+package native
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/nexlet"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// workload is one workload the nexlet holds. Fields below the marker are guarded by
+// Nexlet.mu.
+type workload struct {
+	id, ns, name string
+	req          protocol.AgentStartWorkloadRequest // as deployed: an encrypted env stays sealed
+	plan         *plan
+	env, argv    []string
+	dir          string
+	exe          string
+	sb           sandbox
+	stop         chan time.Duration // a stop request with its grace
+	done         chan struct{}      // closed once the workload is gone
+
+	// guarded by Nexlet.mu
+	state    protocol.WorkloadState
+	started  time.Time
+	pid      int
+	restarts int
+	sha256   string
+	exitCode *int
+	reason   string
+	finished bool // ended on its own; kept for QueryWorkloads until stopped or pruned
+	ended    time.Time
+}
+
+// FinishedRetention is how long a workload that ended on its own stays listed (with its
+// exit code) unless it is stopped first; at most MaxFinished are kept.
+const (
+	FinishedRetention = time.Hour
+	MaxFinished       = 256
+)
+
+// pruneLocked forgets finished workloads past their retention, oldest first.
+func (n *Nexlet) pruneLocked() {
+	var fin []*workload
+	for id, w := range n.workloads {
+		if !w.finished {
+			continue
+		}
+		if time.Since(w.ended) > FinishedRetention {
+			delete(n.workloads, id)
+			continue
+		}
+		fin = append(fin, w)
+	}
+	if len(fin) <= MaxFinished {
+		return
+	}
+	slices.SortFunc(fin, func(a, b *workload) int { return a.ended.Compare(b.ended) })
+	for _, w := range fin[:len(fin)-MaxFinished] {
+		delete(n.workloads, w.id)
+	}
+}
+
+// proc is one run of a workload's main process.
+type proc struct {
+	pid     int
+	started time.Time
+	exited  chan struct{}
+	code    int    // valid after exited
+	reason  string // valid after exited
+}
+
+// begin prepares the sandbox and either adopts a live workload (replay) or launches it.
+func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
+	sb, err := n.iso.sandbox(w.id, w.plan.limits)
+	if err != nil {
+		return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
+	}
+	w.sb = sb
+	if n.iso.mode() == "none" && w.plan.limits != (Limits{}) {
+		n.log.Warn("limits requested but not enforced without cgroups", "workload_id", w.id)
+	}
+	w.exe = w.plan.art.path
+	if w.plan.art.scheme == "nats" {
+		w.exe = filepath.Join(w.dir, "artifact")
+	}
+	if existing {
+		if procs, err := sb.procs(); err == nil && len(procs) > 0 {
+			return n.adopt(w, procs), true, nil
+		}
+	}
+	// Never two copies: whatever is left in the sandbox goes before a fresh start.
+	n.killAndWait(w)
+	fail := func(err error) (*proc, bool, error) {
+		n.cleanup(w)
+		return nil, false, err
+	}
+	if err := os.RemoveAll(w.dir); err != nil {
+		return fail(fmt.Errorf("workload %s: clear directory: %w", w.id, err))
+	}
+	if err := os.MkdirAll(w.dir, 0o700); err != nil {
+		return fail(fmt.Errorf("workload %s: directory: %w", w.id, err))
+	}
+	if err := os.Chmod(w.dir, 0o700); err != nil {
+		return fail(fmt.Errorf("workload %s: directory: %w", w.id, err))
+	}
+	if w.plan.art.scheme == "nats" {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe)
+		cancel()
+		if err != nil {
+			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
+		}
+	}
+	sum, err := digest(w.exe)
+	if err != nil {
+		return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
+	}
+	n.mu.Lock()
+	w.sha256 = sum
+	n.mu.Unlock()
+	p, err := n.launch(w)
+	if err != nil {
+		return fail(err)
+	}
+	return p, false, nil
+}
+
+func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string) error {
+	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
+	if err != nil {
+		return fmt.Errorf("with the workload's credentials: %w", err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	obs, err := js.ObjectStore(ctx, art.bucket)
+	if err != nil {
+		return fmt.Errorf("object store bucket %q: %w", art.bucket, err)
+	}
+	// GetFile checks the object's SHA-256 digest as it reads.
+	if err := obs.GetFile(ctx, art.object, dst); err != nil {
+		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
+	}
+	return os.Chmod(dst, 0o700)
+}
+
+func digest(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fmt.Errorf("digest: %w", err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// launch starts the workload's main process in its sandbox.
+func (n *Nexlet) launch(w *workload) (*proc, error) {
+	cmd := exec.Command(w.exe, w.argv...)
+	cmd.Env = w.env
+	cmd.Dir = w.dir
+	if w.plan.req.Workdir != "" {
+		cmd.Dir = w.plan.req.Workdir
+	}
+	// Own pipes (not io.Writers) so that Wait returns when the main process exits even
+	// if a grandchild still holds them.
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("workload %s: %w", w.id, err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, fmt.Errorf("workload %s: %w", w.id, err)
+	}
+	cmd.Stdout, cmd.Stderr = outW, errW
+	oomBefore := w.sb.oomKills()
+	err = w.sb.start(cmd)
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return nil, fmt.Errorf("workload %s: start %s: %w", w.id, w.exe, err)
+	}
+	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
+	_ = os.WriteFile(filepath.Join(w.dir, "pid"), []byte(strconv.Itoa(p.pid)), 0o600)
+	n.mu.Lock()
+	w.pid = p.pid
+	n.mu.Unlock()
+	go n.pump(w, outR, "stdout")
+	go n.pump(w, errR, "stderr")
+	go func() {
+		err := cmd.Wait()
+		p.code, p.reason = exitStatus(cmd.ProcessState, err)
+		if w.sb.oomKills() > oomBefore {
+			p.reason = "killed by the OOM killer (memory limit reached)"
+		}
+		close(p.exited)
+	}()
+	return p, nil
+}
+
+func exitStatus(ps *os.ProcessState, err error) (int, string) {
+	if ps == nil {
+		return -1, fmt.Sprintf("wait: %v", err)
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal()), "killed by signal " + ws.Signal().String()
+	}
+	if c := ps.ExitCode(); c != 0 {
+		return c, "exited with code " + strconv.Itoa(c)
+	}
+	return 0, "exited"
+}
+
+// adopt tracks a workload still alive in its sandbox after a nexlet restart. It is not
+// our child, so its end is noticed by polling the sandbox and its exit code is unknown.
+func (n *Nexlet) adopt(w *workload, procs []int) *proc {
+	pid := procs[0]
+	if b, err := os.ReadFile(filepath.Join(w.dir, "pid")); err == nil {
+		if v, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && slices.Contains(procs, v) {
+			pid = v
+		}
+	}
+	sum, _ := digest(w.exe)
+	p := &proc{pid: pid, started: time.Now(), exited: make(chan struct{})}
+	n.mu.Lock()
+	w.pid, w.sha256 = pid, sum
+	n.mu.Unlock()
+	go func() {
+		t := time.NewTicker(n.cfg.PollInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-n.abandon:
+				return
+			case <-t.C:
+			}
+			if ps, err := w.sb.procs(); err == nil && len(ps) == 0 {
+				p.code, p.reason = -1, "adopted workload exited (exit code unknown)"
+				close(p.exited)
+				return
+			}
+		}
+	}()
+	return p
+}
+
+// pump forwards a stream line by line to the log feed and to the nexlet's own log.
+func (n *Nexlet) pump(w *workload, r io.ReadCloser, stream string) {
+	defer r.Close()
+	var feed io.Writer
+	if n.feed != nil {
+		feed = n.feed.Logger(w.id, w.ns, stream)
+	}
+	br := bufio.NewReaderSize(r, 64<<10)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			text := strings.TrimRight(string(line), "\r\n")
+			if feed != nil {
+				if _, err := feed.Write([]byte(text)); err != nil {
+					n.log.Debug("log line not published", "workload_id", w.id, "err", err)
+				}
+			}
+			n.log.Info("workload output", "workload_id", w.id, "namespace", w.ns, "stream", stream, "line", text)
+		}
+		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+			return
+		}
+	}
+}
+
+// supervise waits for the workload's process, restarts it by policy and handles stops.
+func (n *Nexlet) supervise(w *workload, p *proc) {
+	defer close(w.done)
+	backoff := w.plan.backoff
+	for {
+		select {
+		case <-n.abandon:
+			return
+		case g := <-w.stop:
+			n.terminate(w, p, g)
+			n.finish(w, p, true, false)
+			return
+		case <-p.exited:
+		}
+		n.killAndWait(w) // leftovers of a main process that ended on its own
+		if p.code == 0 && p.reason == "" {
+			p.reason = "exited"
+		}
+		n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
+		restart := w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0)
+		if !restart {
+			n.finish(w, p, false, false)
+			return
+		}
+		if time.Since(p.started) > 2*MaxBackoff {
+			// It ran long enough to count as healthy: start the budget afresh.
+			n.mu.Lock()
+			w.restarts = 0
+			n.mu.Unlock()
+			backoff = w.plan.backoff
+		}
+		n.mu.Lock()
+		exhausted := w.restarts >= w.plan.maxRestarts
+		if !exhausted {
+			w.restarts++
+			w.state = protocol.WorkloadStarting
+		}
+		n.mu.Unlock()
+		if exhausted {
+			n.finish(w, p, false, true)
+			return
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-n.abandon:
+			t.Stop()
+			return
+		case <-w.stop:
+			t.Stop()
+			n.finish(w, p, true, false)
+			return
+		case <-t.C:
+		}
+		backoff = min(2*backoff, MaxBackoff)
+		np, err := n.launch(w)
+		if err != nil {
+			n.log.Error("workload restart failed", "workload_id", w.id, "err", err)
+			p.code, p.reason = -1, err.Error()
+			n.finish(w, p, false, true)
+			return
+		}
+		p = np
+		n.setState(w, protocol.WorkloadRunning)
+	}
+}
+
+// terminate sends SIGTERM, waits up to grace for the main process, then kills the group.
+func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration) {
+	n.setState(w, protocol.WorkloadStopping)
+	if err := syscall.Kill(p.pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+		n.log.Warn("SIGTERM failed", "workload_id", w.id, "pid", p.pid, "err", err)
+	}
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-p.exited:
+		n.killAndWait(w)
+		return
+	case <-t.C:
+	}
+	n.log.Warn("workload ignored SIGTERM; killing its group", "workload_id", w.id, "grace", grace)
+	n.killAndWait(w)
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		n.log.Error("workload process did not exit after SIGKILL", "workload_id", w.id, "pid", p.pid)
+		return
+	}
+	p.reason = fmt.Sprintf("killed after a stop grace of %s", grace)
+}
+
+// killAndWait SIGKILLs the sandbox and waits until it is empty.
+func (n *Nexlet) killAndWait(w *workload) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		procs, err := w.sb.procs()
+		if err != nil || len(procs) == 0 {
+			return
+		}
+		if err := w.sb.kill(); err != nil {
+			n.log.Warn("kill workload group", "workload_id", w.id, "err", err)
+		}
+		if time.Now().After(deadline) {
+			n.log.Error("workload processes survive SIGKILL", "workload_id", w.id, "pids", procs)
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (n *Nexlet) cleanup(w *workload) {
+	if w.sb != nil {
+		n.killAndWait(w)
+		if err := w.sb.remove(); err != nil {
+			n.log.Warn("remove workload sandbox", "workload_id", w.id, "err", err)
+		}
+	}
+	if err := os.RemoveAll(w.dir); err != nil {
+		n.log.Warn("remove workload directory", "workload_id", w.id, "err", err)
+	}
+}
+
+// finish records the end, removes the sandbox and private directory and emits
+// WORKLOADSTOPPED. A stopped workload leaves the table; one that ended on its own stays
+// (state stopped or error, with its exit code) until it is stopped.
+func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
+	n.cleanup(w)
+	code, reason := p.code, p.reason
+	select {
+	case <-p.exited:
+	default:
+		code, reason = -1, "stopped before the process exited"
+	}
+	if exhausted {
+		reason = fmt.Sprintf("restart limit of %d reached; last run: %s", w.plan.maxRestarts, reason)
+	}
+	n.mu.Lock()
+	w.exitCode, w.reason, w.pid, w.ended = &code, reason, 0, time.Now()
+	n.pruneLocked()
+	if requested {
+		w.state = protocol.WorkloadStopped
+		if cur, ok := n.workloads[w.id]; ok && cur == w {
+			delete(n.workloads, w.id)
+		}
+	} else {
+		w.finished = true
+		w.state = protocol.WorkloadStopped
+		if code != 0 || exhausted {
+			w.state = protocol.WorkloadError
+		}
+	}
+	n.mu.Unlock()
+	ev := protocol.WorkloadStoppedEvent{ID: w.id, Namespace: w.ns, WorkloadType: w.req.Request.WorkloadType,
+		Metadata: map[string]string{"exit_code": strconv.Itoa(code), "reason": reason}}
+	if (!requested && code != 0) || exhausted || strings.HasPrefix(reason, "killed after") {
+		ev.Error = &protocol.EventError{Code: code, Message: reason}
+	}
+	n.log.Info("workload stopped", "workload_id", w.id, "namespace", w.ns, "exit_code", code, "reason", reason)
+	n.emit(w.ns, protocol.EventWorkloadStopped, ev)
+}

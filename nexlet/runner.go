@@ -1,0 +1,508 @@
+package nexlet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// ErrorCode is the micro error code every agent endpoint uses, as upstream's SDK does.
+const ErrorCode = "100"
+
+// Default timings.
+const (
+	DefaultHeartbeatInterval = 10 * time.Second
+	DefaultRegisterTimeout   = time.Minute
+)
+
+// Runner connects an Agent to its node over NATS.
+type Runner struct {
+	ctx     context.Context
+	nodeID  string
+	agent   Agent
+	log     *slog.Logger
+	hbEvery time.Duration
+	regWait time.Duration
+
+	mu      sync.Mutex
+	nc      *nats.Conn
+	svc     micro.Service
+	agentID string
+	regType string
+	stop    context.CancelFunc
+	done    chan struct{}
+}
+
+// Option configures a Runner.
+type Option func(*Runner)
+
+// WithLogger sets the runner's logger.
+func WithLogger(l *slog.Logger) Option { return func(r *Runner) { r.log = l } }
+
+// WithHeartbeatInterval changes the heartbeat period (tests use short ones).
+func WithHeartbeatInterval(d time.Duration) Option { return func(r *Runner) { r.hbEvery = d } }
+
+// WithRegisterTimeout bounds the wait for the node's REGISTER reply.
+func WithRegisterTimeout(d time.Duration) Option { return func(r *Runner) { r.regWait = d } }
+
+// NewRunner prepares a runner for agent a on node nodeID; ctx bounds its lifetime.
+func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Runner, error) {
+	if nodeID == "" {
+		return nil, errors.New("nexlet runner: node id is empty")
+	}
+	if a == nil {
+		return nil, errors.New("nexlet runner: agent is nil")
+	}
+	r := &Runner{ctx: ctx, nodeID: nodeID, agent: a, hbEvery: DefaultHeartbeatInterval, regWait: DefaultRegisterTimeout}
+	for _, o := range opts {
+		o(r)
+	}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	if r.hbEvery <= 0 {
+		r.hbEvery = DefaultHeartbeatInterval
+	}
+	return r, nil
+}
+
+// NodeID is the node the runner serves.
+func (r *Runner) NodeID() string { return r.nodeID }
+
+// AgentID is the id the runner registered under (empty before Run).
+func (r *Runner) AgentID() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.agentID
+}
+
+// NC is the nexlet's connection (with its real credentials) once Run has succeeded.
+func (r *Runner) NC() *nats.Conn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.nc
+}
+
+// Run registers with the node using the registration credentials, reconnects with the
+// credentials the node returns, starts heartbeats, serves the agent endpoints and replays
+// the node's existing state in the background. It returns once setup is done.
+func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
+	if agentID == "" {
+		return errors.New("nexlet runner: agent id is empty")
+	}
+	reg, err := r.agent.Register()
+	if err != nil {
+		return fmt.Errorf("nexlet register: %w", err)
+	}
+	body, err := protocol.Marshal(reg)
+	if err != nil {
+		return fmt.Errorf("nexlet register: encode request: %w", err)
+	}
+	rnc, err := Connect(creds, "nexlet-"+reg.Name+"-register")
+	if err != nil {
+		return fmt.Errorf("nexlet register: %w", err)
+	}
+	subj := protocol.RegisterSubject(r.nodeID, agentID)
+	ctx, cancel := context.WithTimeout(r.ctx, r.regWait)
+	msg, err := rnc.RequestWithContext(ctx, subj, body)
+	cancel()
+	rnc.Close()
+	if err != nil {
+		return fmt.Errorf("nexlet register on %s: %w", subj, err)
+	}
+	if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
+		return fmt.Errorf("nexlet register on %s refused: %s %s: %s", subj, code, msg.Header.Get(protocol.HeaderError), bytes.TrimSpace(msg.Data))
+	}
+	var resp protocol.RegisterAgentResponse
+	if err := protocol.Decode(msg.Data, &resp); err != nil {
+		return fmt.Errorf("nexlet register on %s: %w", subj, err)
+	}
+	if !resp.Success {
+		return fmt.Errorf("nexlet register on %s refused: %s", subj, resp.Message)
+	}
+
+	nc, err := Connect(resp.ConnectionData, "nexlet-"+reg.Name)
+	if err != nil {
+		return fmt.Errorf("nexlet connect with the node's credentials: %w", err)
+	}
+	svc, err := micro.AddService(nc, micro.Config{Name: serviceName(reg.Name), Version: serviceVersion(reg.Version),
+		Description: reg.Description})
+	if err != nil {
+		nc.Close()
+		return fmt.Errorf("nexlet micro service %q: %w", reg.Name, err)
+	}
+	eps := []struct {
+		name, subject string
+		h             micro.HandlerFunc
+	}{
+		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", async(nc, r.handleStart)},
+		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), async(nc, r.handleStop)},
+		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), r.handleGet},
+		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), r.handleQuery},
+		{"PingAgent", protocol.PingAgentSubject(r.nodeID, agentID), r.handlePing},
+		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), r.handlePing},
+		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), async(nc, r.handleLameduck)},
+	}
+	for _, ep := range eps {
+		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject), micro.WithEndpointQueueGroup(agentID)); err != nil {
+			_ = svc.Stop()
+			nc.Close()
+			return fmt.Errorf("nexlet endpoint %s on %s: %w", ep.name, ep.subject, err)
+		}
+	}
+
+	// The node may send requests the moment registration succeeds: make sure the
+	// server has our subscriptions before returning.
+	if err := nc.Flush(); err != nil {
+		_ = svc.Stop()
+		nc.Close()
+		return fmt.Errorf("nexlet endpoints: flush: %w", err)
+	}
+	hbCtx, stop := context.WithCancel(r.ctx)
+	r.mu.Lock()
+	r.nc, r.svc, r.agentID, r.regType, r.stop, r.done = nc, svc, agentID, reg.RegisterType, stop, make(chan struct{})
+	r.mu.Unlock()
+	r.heartbeat()
+	go r.heartbeatLoop(hbCtx)
+
+	if len(resp.ExistingState) > 0 {
+		r.log.Info("replaying existing workloads", "count", len(resp.ExistingState))
+	}
+	go func(state map[string]protocol.AgentStartWorkloadRequest) {
+		ids := make([]string, 0, len(state))
+		for id, req := range state {
+			ids = append(ids, id)
+			if _, err := r.agent.StartWorkload(id, &req, true); err != nil {
+				r.log.Error("replay of workload failed", "workload_id", id, "err", err)
+			}
+		}
+		if ra, ok := r.agent.(ReplayAware); ok {
+			ra.ReplayDone(ids)
+		}
+	}(resp.ExistingState)
+	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
+	return nil
+}
+
+// Shutdown stops the endpoints and heartbeats and drains the connection.
+func (r *Runner) Shutdown() error {
+	r.mu.Lock()
+	svc, nc, stop, done := r.svc, r.nc, r.stop, r.done
+	r.svc, r.stop = nil, nil
+	r.mu.Unlock()
+	if stop == nil {
+		return nil
+	}
+	stop()
+	<-done
+	var errs error
+	if err := svc.Stop(); err != nil {
+		errs = errors.Join(errs, fmt.Errorf("stop micro service: %w", err))
+	}
+	if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		errs = errors.Join(errs, fmt.Errorf("drain connection: %w", err))
+	}
+	return errs
+}
+
+func (r *Runner) heartbeatLoop(ctx context.Context) {
+	defer close(r.done)
+	t := time.NewTicker(r.hbEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			r.heartbeat()
+		}
+	}
+}
+
+func (r *Runner) heartbeat() {
+	hb, err := r.agent.Heartbeat()
+	if err != nil {
+		r.log.Warn("nexlet heartbeat", "err", err)
+		return
+	}
+	b, err := protocol.Marshal(hb)
+	if err != nil {
+		r.log.Warn("nexlet heartbeat: encode", "err", err)
+		return
+	}
+	nc, id := r.NC(), r.AgentID()
+	if err := nc.Publish(protocol.AgentHeartbeatSubject(r.nodeID, id), b); err != nil {
+		r.log.Warn("nexlet heartbeat: publish", "err", err)
+	}
+}
+
+// Logger returns a writer that publishes each write as one message on the workload's
+// log feed (stream "stdout" or "stderr"; "metrics" goes to the metrics feed), with
+// upstream's headers.
+func (r *Runner) Logger(workloadID, namespace, stream string) io.Writer {
+	subject := protocol.LogSubject(namespace, workloadID, stream)
+	if stream == "metrics" {
+		subject = protocol.MetricsSubject(namespace, workloadID)
+	}
+	return &feedWriter{r: r, subject: subject, ns: namespace}
+}
+
+type feedWriter struct {
+	r       *Runner
+	subject string
+	ns      string
+}
+
+func (w *feedWriter) Write(p []byte) (int, error) {
+	nc := w.r.NC()
+	if nc == nil {
+		return 0, errors.New("nexlet log feed: runner is not connected")
+	}
+	m := nats.NewMsg(w.subject)
+	m.Header.Set(FeedHeader(protocol.HeaderNamespace), w.ns)
+	m.Header.Set(FeedHeader(protocol.HeaderGroup), "")
+	m.Data = append([]byte(nil), p...)
+	if err := nc.PublishMsg(m); err != nil {
+		return 0, fmt.Errorf("nexlet log feed %s: %w", w.subject, err)
+	}
+	return len(p), nil
+}
+
+// FeedHeader is the header key the SDK sends for one of upstream's log feed headers.
+// nats.go (since v1.4x) refuses '/' in header keys, so upstream's "synadia.com/namespace"
+// cannot be published as is; it goes out as "synadia.com-namespace".
+func FeedHeader(upstreamKey string) string { return strings.ReplaceAll(upstreamKey, "/", "-") }
+
+// EmitEvent publishes v as JSON on $NEX.FEED.<from>.events.<typ>.
+func (r *Runner) EmitEvent(from, typ string, v any) error {
+	nc := r.NC()
+	if nc == nil {
+		return errors.New("nexlet event: runner is not connected")
+	}
+	b, err := protocol.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("nexlet event %s: encode: %w", typ, err)
+	}
+	if err := nc.Publish(protocol.EventSubject(from, typ), b); err != nil {
+		return fmt.Errorf("nexlet event %s: %w", typ, err)
+	}
+	return nil
+}
+
+// async runs slow handlers (start, stop, lameduck) off the subscription's goroutine so
+// that one workload's stop grace does not delay every other request. micro's own
+// request may not be answered after its handler returned (it keeps statistics in it),
+// so the goroutine answers through a detached copy on the same connection.
+func async(nc *nats.Conn, h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) {
+		d := &detached{nc: nc, subject: req.Subject(), reply: req.Reply(),
+			data: append([]byte(nil), req.Data()...), hdr: req.Headers()}
+		go h(d)
+	}
+}
+
+// detached is a micro.Request answered directly on the connection.
+type detached struct {
+	nc             *nats.Conn
+	subject, reply string
+	data           []byte
+	hdr            micro.Headers
+}
+
+func (d *detached) Respond(b []byte, opts ...micro.RespondOpt) error {
+	m := &nats.Msg{Data: b}
+	for _, o := range opts {
+		o(m)
+	}
+	return d.publish(m)
+}
+
+func (d *detached) RespondJSON(v any, opts ...micro.RespondOpt) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return micro.ErrMarshalResponse
+	}
+	return d.Respond(b, opts...)
+}
+
+func (d *detached) Error(code, description string, data []byte, opts ...micro.RespondOpt) error {
+	m := &nats.Msg{Header: nats.Header{micro.ErrorHeader: {description}, micro.ErrorCodeHeader: {code}}}
+	for _, o := range opts {
+		o(m)
+	}
+	m.Data = data
+	return d.publish(m)
+}
+
+func (d *detached) publish(m *nats.Msg) error {
+	if d.reply == "" {
+		return nats.ErrMsgNoReply
+	}
+	m.Subject = d.reply
+	return d.nc.PublishMsg(m)
+}
+
+func (d *detached) Data() []byte           { return d.data }
+func (d *detached) Headers() micro.Headers { return d.hdr }
+func (d *detached) Subject() string        { return d.subject }
+func (d *detached) Reply() string          { return d.reply }
+
+func (r *Runner) respondError(req micro.Request, err error, body any) {
+	var data []byte
+	if body != nil {
+		data, _ = json.Marshal(body)
+	}
+	if rerr := req.Error(ErrorCode, err.Error(), data); rerr != nil {
+		r.log.Warn("nexlet reply failed", "subject", req.Subject(), "err", rerr)
+	}
+}
+
+func (r *Runner) respondJSON(req micro.Request, v any, opts ...micro.RespondOpt) {
+	if err := req.RespondJSON(v, opts...); err != nil {
+		r.log.Warn("nexlet reply failed", "subject", req.Subject(), "err", err)
+	}
+}
+
+func (r *Runner) handleStart(req micro.Request) {
+	id := protocol.LastToken(req.Subject())
+	var in protocol.AgentStartWorkloadRequest
+	if err := protocol.Decode(req.Data(), &in); err != nil {
+		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id})
+		return
+	}
+	out, err := r.agent.StartWorkload(id, &in, false)
+	if err != nil {
+		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id, Name: in.Request.Name})
+		return
+	}
+	r.respondJSON(req, out)
+}
+
+func (r *Runner) handleStop(req micro.Request) {
+	id := protocol.LastToken(req.Subject())
+	resp := protocol.StopWorkloadResponse{ID: id, WorkloadType: r.registerType(), Stopped: true}
+	var in protocol.StopWorkloadRequest
+	err := protocol.Decode(req.Data(), &in)
+	if err == nil {
+		err = r.agent.StopWorkload(id, &in)
+	}
+	if err != nil {
+		resp.Stopped, resp.Message = false, err.Error()
+		r.respondError(req, err, resp)
+		return
+	}
+	r.respondJSON(req, resp)
+}
+
+// getRequest is what GETWORKLOAD may carry: a clone's namespace and target xkey. Any
+// body decodes; unknown shapes are treated as empty.
+type getRequest struct {
+	Namespace     string `json:"namespace"`
+	NewTargetXKey string `json:"new_target_xkey"`
+}
+
+func (r *Runner) handleGet(req micro.Request) {
+	id := protocol.LastToken(req.Subject())
+	var in getRequest
+	if body := bytes.TrimSpace(req.Data()); len(body) > 0 {
+		if err := json.Unmarshal(body, &in); err != nil {
+			r.respondError(req, fmt.Errorf("invalid GETWORKLOAD request: %w", err), nil)
+			return
+		}
+	}
+	out, err := r.agent.GetWorkload(id, in.NewTargetXKey)
+	if err != nil {
+		if err.Error() == protocol.ErrTextWorkloadNotFound {
+			return // silence: another nexlet of the node may hold it
+		}
+		r.respondError(req, err, nil)
+		return
+	}
+	if in.Namespace != "" && in.Namespace != protocol.SystemNamespace && in.Namespace != out.Namespace {
+		return // not visible from that namespace
+	}
+	r.respondJSON(req, out)
+}
+
+func (r *Runner) handleQuery(req micro.Request) {
+	var in protocol.AgentListWorkloadsRequest
+	if err := protocol.Decode(req.Data(), &in); err != nil {
+		r.respondError(req, err, nil)
+		return
+	}
+	out, err := r.agent.QueryWorkloads(in.Namespace, in.Filter)
+	if err != nil {
+		r.respondError(req, err, nil)
+		return
+	}
+	if out == nil {
+		out = []protocol.WorkloadSummary{}
+	}
+	r.respondJSON(req, out)
+}
+
+func (r *Runner) handlePing(req micro.Request) {
+	out, err := r.agent.Ping()
+	if err != nil {
+		r.respondError(req, err, nil)
+		return
+	}
+	r.respondJSON(req, out, micro.WithHeaders(micro.Headers{"agentId": []string{r.AgentID()}}))
+}
+
+func (r *Runner) handleLameduck(req micro.Request) {
+	var in protocol.LameduckRequest
+	err := protocol.Decode(req.Data(), &in)
+	var d time.Duration
+	if err == nil {
+		d, err = in.ParseDelay()
+	}
+	if err == nil {
+		err = r.agent.SetLameduck(d)
+	}
+	if err != nil {
+		r.respondError(req, err, protocol.LameduckResponse{Message: err.Error()})
+		return
+	}
+	r.respondJSON(req, protocol.LameduckResponse{Success: true, Message: "lameduck set"})
+}
+
+func (r *Runner) registerType() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.regType
+}
+
+var (
+	serviceNameRE    = regexp.MustCompile(`[^A-Za-z0-9_-]`)
+	serviceVersionRE = regexp.MustCompile(`^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$`)
+)
+
+// serviceName makes a micro-compatible service name from the agent's name.
+func serviceName(n string) string {
+	if n = serviceNameRE.ReplaceAllString(n, "_"); n == "" {
+		return "nexlet"
+	}
+	return n
+}
+
+// serviceVersion keeps a semver version and replaces anything else, which micro rejects.
+func serviceVersion(v string) string {
+	if serviceVersionRE.MatchString(v) {
+		return v
+	}
+	return "0.0.0"
+}

@@ -1,0 +1,347 @@
+package nexlet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+const (
+	node  = "NODE1"
+	agent = "AGENT1"
+)
+
+// memAgent is a tiny in-memory nexlet: it "runs" workloads by remembering them.
+type memAgent struct {
+	mu        sync.Mutex
+	workloads map[string]protocol.StartWorkloadRequest
+	replayed  map[string]bool
+	lameduck  time.Duration
+}
+
+func newMemAgent() *memAgent {
+	return &memAgent{workloads: map[string]protocol.StartWorkloadRequest{}, replayed: map[string]bool{}}
+}
+
+func (a *memAgent) Register() (*protocol.RegisterAgentRequest, error) {
+	return &protocol.RegisterAgentRequest{Name: "mem", RegisterType: "mem", Description: "test", Version: "1.2.3",
+		PublicXKey: "XKEY", StartRequestSchema: `{"type":"object"}`, SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleJob}}, nil
+}
+
+func (a *memAgent) Heartbeat() (*protocol.AgentHeartbeat, error) {
+	s, _ := a.Ping()
+	return &protocol.AgentHeartbeat{Data: "{}", Summary: *s}, nil
+}
+
+func (a *memAgent) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
+	if req.Request.Name == "fail" {
+		return nil, errors.New("refusing to start fail")
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.workloads[id] = req.Request
+	if existing {
+		a.replayed[id] = true
+	}
+	return &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}, nil
+}
+
+func (a *memAgent) StopWorkload(id string, _ *protocol.StopWorkloadRequest) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.workloads[id]; !ok {
+		return errors.New(protocol.ErrTextWorkloadNotFound)
+	}
+	delete(a.workloads, id)
+	return nil
+}
+
+func (a *memAgent) GetWorkload(id, _ string) (*protocol.StartWorkloadRequest, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	w, ok := a.workloads[id]
+	if !ok {
+		return nil, errors.New(protocol.ErrTextWorkloadNotFound)
+	}
+	return &w, nil
+}
+
+func (a *memAgent) QueryWorkloads(ns string, _ []string) ([]protocol.WorkloadSummary, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []protocol.WorkloadSummary
+	for id, w := range a.workloads {
+		if ns == protocol.SystemNamespace || ns == w.Namespace {
+			out = append(out, protocol.WorkloadSummary{ID: id, Name: w.Name, WorkloadState: protocol.WorkloadRunning})
+		}
+	}
+	return out, nil
+}
+
+func (a *memAgent) SetLameduck(before time.Duration) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.lameduck = before
+	return nil
+}
+
+func (a *memAgent) Ping() (*protocol.AgentSummary, error) {
+	return &protocol.AgentSummary{Name: "mem", Type: "mem", State: "running", SupportedLifecycles: "job", Version: "1.2.3"}, nil
+}
+
+// node answers REGISTER like a node would, handing out the given existing state.
+func fakeNode(t *testing.T, nc *nats.Conn, url string, resp *protocol.RegisterAgentResponse, got chan<- protocol.RegisterAgentRequest) {
+	t.Helper()
+	_, err := nc.Subscribe(protocol.RegisterSubject(node, agent), func(m *nats.Msg) {
+		var req protocol.RegisterAgentRequest
+		if err := protocol.Decode(m.Data, &req); err != nil {
+			t.Errorf("register request: %v", err)
+		}
+		got <- req
+		r := *resp
+		r.ConnectionData = protocol.NatsConnectionData{NatsServers: []string{url}}
+		b, _ := json.Marshal(r)
+		_ = m.Respond(b)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.Flush()
+}
+
+func TestRunnerAgentPlane(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	hbs, _ := nc.SubscribeSync(protocol.AgentHeartbeatSubject(node, agent))
+	events, _ := nc.SubscribeSync("$NEX.FEED.>")
+	regs := make(chan protocol.RegisterAgentRequest, 1)
+	replay := protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "old", Namespace: "ns"}}
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node,
+		ExistingState: map[string]protocol.AgentStartWorkloadRequest{"W0": replay}}, regs)
+
+	a := newMemAgent()
+	r, err := NewRunner(context.Background(), node, a, WithHeartbeatInterval(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	if reg := <-regs; reg.Name != "mem" || reg.RegisterType != "mem" {
+		t.Errorf("registration = %+v", reg)
+	}
+	for range 2 { // one at once, then periodic
+		m, err := hbs.NextMsg(10 * time.Second)
+		if err != nil {
+			t.Fatal("no heartbeat:", err)
+		}
+		var hb protocol.AgentHeartbeat
+		if err := protocol.Decode(m.Data, &hb); err != nil || hb.Summary.Name != "mem" {
+			t.Errorf("heartbeat %s: %v", m.Data, err)
+		}
+	}
+	waitFor(t, "replay", func() bool { a.mu.Lock(); defer a.mu.Unlock(); return a.replayed["W0"] })
+
+	req := func(subj string, body string) *nats.Msg {
+		t.Helper()
+		m, err := nc.Request(subj, []byte(body), 10*time.Second)
+		if err != nil {
+			t.Fatalf("%s: %v", subj, err)
+		}
+		return m
+	}
+	start, _ := json.Marshal(protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "w1", Namespace: "ns",
+		Tags: map[string]string{}, WorkloadLifecycle: protocol.LifecycleJob, WorkloadType: "mem", RunRequest: "{}"}})
+	m := req(protocol.StartWorkloadSubject(node, agent, "W1"), string(start))
+	var sr protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &sr); err != nil || sr.ID != "W1" || sr.Name != "w1" {
+		t.Errorf("start reply %s: %v", m.Data, err)
+	}
+	// An agent error: code 100, message, and the response as body.
+	failing := strings.Replace(string(start), `"name":"w1"`, `"name":"fail"`, 1)
+	m = req(protocol.StartWorkloadSubject(node, agent, "W2"), failing)
+	if m.Header.Get(protocol.HeaderErrorCode) != ErrorCode || m.Header.Get(protocol.HeaderError) != "refusing to start fail" ||
+		!strings.Contains(string(m.Data), `"id":"W2"`) {
+		t.Errorf("failing start: %v %s", m.Header, m.Data)
+	}
+	// Malformed input on every subject with a body: an error reply, never a crash.
+	for _, subj := range []string{protocol.StartWorkloadSubject(node, agent, "W3"), protocol.StopWorkloadSubject(node, "W1"),
+		protocol.QueryWorkloadsSubject(node), protocol.SetLameduckAgentsSubject(node)} {
+		for _, bad := range []string{"", "{", `{"namespace":5,"filter":"x","delay":3}`, "[]"} {
+			if m := req(subj, bad); m.Header.Get(protocol.HeaderErrorCode) != ErrorCode {
+				t.Errorf("%s with %q: no error reply (%s)", subj, bad, m.Data)
+			}
+		}
+	}
+	// GETWORKLOAD: the request, or silence when unknown.
+	m = req(protocol.GetWorkloadSubject(node, "W1"), "{}")
+	var got protocol.StartWorkloadRequest
+	if err := json.Unmarshal(m.Data, &got); err != nil || got.Name != "w1" {
+		t.Errorf("get: %s", m.Data)
+	}
+	if m := req(protocol.GetWorkloadSubject(node, "W1"), "{"); m.Header.Get(protocol.HeaderErrorCode) != ErrorCode {
+		t.Errorf("get with malformed body: %v %s", m.Header, m.Data)
+	}
+	if _, err := nc.Request(protocol.GetWorkloadSubject(node, "NOPE"), []byte("{}"), 300*time.Millisecond); !errors.Is(err, nats.ErrTimeout) {
+		t.Errorf("get of unknown workload: %v, want silence", err)
+	}
+	// QUERYWORKLOADS.
+	m = req(protocol.QueryWorkloadsSubject(node), `{"namespace":"ns","filter":[]}`)
+	var list []protocol.WorkloadSummary
+	if err := json.Unmarshal(m.Data, &list); err != nil || len(list) != 2 {
+		t.Errorf("query: %s", m.Data)
+	}
+	m = req(protocol.QueryWorkloadsSubject(node), `{"namespace":"empty","filter":[]}`)
+	if string(m.Data) != "[]" {
+		t.Errorf("empty query = %s, want []", m.Data)
+	}
+	// STOPWORKLOAD: stopped, then unknown is an error "100" with stopped:false.
+	m = req(protocol.StopWorkloadSubject(node, "W1"), `{"namespace":"ns"}`)
+	var stop protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &stop); err != nil || !stop.Stopped || stop.WorkloadType != "mem" {
+		t.Errorf("stop: %s %v", m.Data, err)
+	}
+	m = req(protocol.StopWorkloadSubject(node, "W1"), `{"namespace":"ns"}`)
+	_ = json.Unmarshal(m.Data, &stop)
+	if m.Header.Get(protocol.HeaderErrorCode) != ErrorCode || stop.Stopped {
+		t.Errorf("stop of unknown: %v %s", m.Header, m.Data)
+	}
+	// Pings carry the agent id header.
+	for _, subj := range []string{protocol.PingAgentSubject(node, agent), protocol.PingAllAgentsSubject(node)} {
+		m = req(subj, "")
+		var s protocol.AgentSummary
+		if err := json.Unmarshal(m.Data, &s); err != nil || s.Name != "mem" || m.Header.Get("agentId") != agent {
+			t.Errorf("%s: %v %s", subj, m.Header, m.Data)
+		}
+	}
+	m = req(protocol.SetLameduckAgentsSubject(node), `{"delay":"2m"}`)
+	var lr protocol.LameduckResponse
+	a.mu.Lock()
+	ld := a.lameduck
+	a.mu.Unlock()
+	if err := protocol.Decode(m.Data, &lr); err != nil || !lr.Success || ld != 2*time.Minute {
+		t.Errorf("lameduck: %s %v", m.Data, ld)
+	}
+	// Logs and events.
+	if _, err := r.Logger("W1", "ns", "stdout").Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.EmitEvent("ns", protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: "W1", Namespace: "ns"}); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]*nats.Msg{}
+	for len(seen) < 2 {
+		m, err := events.NextMsg(10 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[m.Subject] = m
+	}
+	if m := seen[protocol.LogSubject("ns", "W1", "stdout")]; m == nil || string(m.Data) != "hello" || m.Header.Get(FeedHeader(protocol.HeaderNamespace)) != "ns" {
+		t.Errorf("log message: %+v", m)
+	}
+	if m := seen[protocol.EventSubject("ns", protocol.EventWorkloadStarted)]; m == nil || !strings.Contains(string(m.Data), `"id":"W1"`) {
+		t.Errorf("event message: %+v", m)
+	}
+}
+
+func TestRunnerRegistrationRefused(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: false, Message: "no such type"}, make(chan protocol.RegisterAgentRequest, 1))
+	r, _ := NewRunner(context.Background(), node, newMemAgent())
+	err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}})
+	if err == nil || !strings.Contains(err.Error(), "no such type") {
+		t.Errorf("Run = %v", err)
+	}
+	// No node at all: a bounded wait and a clear error.
+	r, _ = NewRunner(context.Background(), "OTHER", newMemAgent(), WithRegisterTimeout(200*time.Millisecond))
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err == nil || !strings.Contains(err.Error(), "REGISTER") {
+		t.Errorf("Run without node = %v", err)
+	}
+}
+
+func TestRemoteInit(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	if _, err := RemoteInit(context.Background(), nc, "nexus"); err == nil {
+		t.Error("RemoteInit without a node succeeded")
+	}
+	_, _ = nc.QueueSubscribe(protocol.RemoteRegisterSubject("nexus"), "nexus", func(m *nats.Msg) {
+		_ = m.Respond([]byte(`{"assigned_agent_id":"A9","respond_to":"NODEPUB","registration_creds":{"conn_name":"","nats_servers":["nats://x:4222"],"nats_user_jwt":"","nats_user_name":"","nats_user_nkey":"","nats_user_password":"","nats_user_seed":"","tls_ca":"","tls_cert":"","tls_first":false,"tls_key":""}}`))
+	})
+	resp, err := RemoteInit(context.Background(), nc, "nexus")
+	if err != nil || resp.AssignedAgentID != "A9" || resp.RespondTo != "NODEPUB" || resp.RegistrationCreds.NatsServers[0] != "nats://x:4222" {
+		t.Errorf("RemoteInit = %+v, %v", resp, err)
+	}
+}
+
+func TestEnv(t *testing.T) {
+	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+	tests := []struct {
+		name    string
+		vars    map[string]string
+		servers []string
+		wantErr string
+	}{
+		{"required", map[string]string{}, nil, EnvNatsServers},
+		{"bad jwt", map[string]string{EnvNatsServers: "nats://a:1", EnvNatsJWT: "%%"}, nil, EnvNatsJWT},
+		{"list", map[string]string{EnvNatsServers: " nats://a:1, nats://b:2 ,", EnvNatsSeed: "SU", EnvNatsJWT: "Sg=="}, []string{"nats://a:1", "nats://b:2"}, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cd, err := ConnDataFromEnv(env(tc.vars))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Errorf("err = %v", err)
+				}
+				return
+			}
+			if err != nil || strings.Join(cd.NatsServers, " ") != strings.Join(tc.servers, " ") || cd.NatsUserSeed != "SU" || cd.NatsUserJWT != "J" {
+				t.Errorf("cd = %+v, %v", cd, err)
+			}
+		})
+	}
+	if _, _, err := IdentityFromEnv(env(map[string]string{EnvNodeID: "N"})); err == nil || !strings.Contains(err.Error(), EnvAssignedID) {
+		t.Errorf("identity without agent id: %v", err)
+	}
+	if n, a, err := IdentityFromEnv(env(map[string]string{EnvNodeID: "N", EnvAssignedID: "A"})); err != nil || n != "N" || a != "A" {
+		t.Errorf("identity = %s %s %v", n, a, err)
+	}
+}
+
+func TestConnectUserPassword(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) {
+		o.Username, o.Password = "u", "p"
+	}})
+	if _, err := Connect(protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}, NatsUserName: "u", NatsUserPassword: "wrong"}, "t"); err == nil {
+		t.Error("wrong password accepted")
+	}
+	nc, err := Connect(protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}, NatsUserName: "u", NatsUserPassword: "p"}, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc.Close()
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
