@@ -60,9 +60,6 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if loaded.Check {
 		fmt.Fprint(stdout, loaded.Render())
-		for _, w := range loaded.Warnings {
-			fmt.Fprintf(stdout, "warning: %s\n", w)
-		}
 		fmt.Fprintln(stdout, "configuration is valid")
 		return ExitOK
 	}

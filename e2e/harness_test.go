@@ -5,6 +5,7 @@ package e2e
 
 import (
 	"bufio"
+	"flag"
 	"bytes"
 	"context"
 	"fmt"
@@ -27,6 +28,7 @@ var bins struct {
 }
 
 func TestMain(m *testing.M) {
+	flag.Parse()
 	if testing.Short() {
 		os.Exit(m.Run())
 	}

@@ -93,6 +93,11 @@ func (n *Node) handleRegister(r micro.Request) {
 	}
 
 	now := time.Now()
+	n.mu.Lock()
+	for wid, w := range existing {
+		n.owned[wid] = w.Request.WorkloadType
+	}
+	n.mu.Unlock()
 	reg := &registration{id: agentID, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
 	var replaced []*registration
 	n.mu.Lock()

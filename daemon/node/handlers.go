@@ -25,7 +25,6 @@ type endpoint struct {
 
 // endpoints lists the nexnode service, names and subjects as upstream registers them.
 func (n *Node) endpoints() []endpoint {
-	sys := protocol.ControlPrefix(protocol.SystemNamespace)
 	all := protocol.ControlPrefix("*")
 	eps := []endpoint{
 		{name: "PingPlacementTags", subject: protocol.PTagsSubject(), handle: n.handlePTags},
@@ -33,7 +32,7 @@ func (n *Node) endpoints() []endpoint {
 		{name: "PingNode", subject: protocol.PingNodeSubject(n.id), handle: n.handlePing},
 		{name: "GetNodeInfo", subject: protocol.InfoSubject(n.id), handle: n.handleInfo},
 		{name: "SetLameduck", subject: protocol.LameduckSubject(n.id), handle: n.handleLameduck},
-		{name: "GetAgentIdByName", subject: sys + ".AGENTID." + n.id, handle: n.handleAgentID},
+		{name: "GetAgentIdByName", subject: protocol.AgentIDSubject(n.id), handle: n.handleAgentID},
 		{name: "RegisterAgent", subject: protocol.RegisterSubject(n.id, "*"), handle: n.handleRegister},
 		{name: "AuctionRequest", subject: all + ".AUCTION", handle: n.handleAuction},
 		{name: "StopWorkload", subject: all + ".UNDEPLOY.*", handle: n.handleUndeploy, async: true},
@@ -306,6 +305,9 @@ func (n *Node) handleDeploy(r micro.Request) {
 		}
 		return
 	}
+	n.mu.Lock()
+	n.owned[workloadID] = req.WorkloadType
+	n.mu.Unlock()
 	n.log.Info("workload deployed", "workload_id", workloadID, "name", req.Name, "namespace", req.Namespace,
 		"type", req.WorkloadType, "agent_id", a.id)
 	n.relay(r, reply)
@@ -377,9 +379,7 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	n.respondJSON(r, resp)
 	if resp.Stopped {
 		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType)
-		if err := n.o.Store.Delete(n.ctx, resp.WorkloadType, workloadID); err != nil {
-			n.log.Warn("failed to remove stopped workload from node state", "workload_id", workloadID, "err", err)
-		}
+		n.forget(workloadID, resp.WorkloadType)
 	}
 }
 
@@ -497,9 +497,12 @@ func (n *Node) Workloads(ctx context.Context) ([]protocol.WorkloadSummary, error
 }
 
 // StopAllWorkloads stops every workload on this node through its nexlets (node
-// shutdown). Node state is left alone, so the workloads come back when the nexlets
-// register again after a restart.
+// shutdown). Node state is left alone from here on, so the workloads come back when
+// the nexlets register again after a restart.
 func (n *Node) StopAllWorkloads(ctx context.Context) error {
+	n.mu.Lock()
+	n.keep = true
+	n.mu.Unlock()
 	list, err := n.Workloads(ctx)
 	if err != nil {
 		return fmt.Errorf("list workloads to stop: %w", err)
@@ -519,4 +522,42 @@ func (n *Node) StopAllWorkloads(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// forget removes a workload that ended from the node state.
+func (n *Node) forget(workloadID, workloadType string) {
+	n.mu.Lock()
+	if t, ok := n.owned[workloadID]; ok && workloadType == "" {
+		workloadType = t
+	}
+	delete(n.owned, workloadID)
+	n.mu.Unlock()
+	if workloadType == "" {
+		return
+	}
+	if err := n.o.Store.Delete(n.ctx, workloadType, workloadID); err != nil {
+		n.log.Warn("failed to remove an ended workload from node state", "workload_id", workloadID, "err", err)
+	}
+}
+
+// onWorkloadStopped handles $NEX.FEED.<ns>.events.WORKLOADSTOPPED: a nexlet says a
+// workload ended (job done, service given up, stopped). Only workloads this node
+// stored are touched, and none once StopAllWorkloads ran (shutdown keeps state).
+func (n *Node) onWorkloadStopped(m *nats.Msg) {
+	var ev protocol.WorkloadStoppedEvent
+	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.ID == "" {
+		return
+	}
+	n.mu.Lock()
+	typ, ok := n.owned[ev.ID]
+	keep := n.keep
+	n.mu.Unlock()
+	if !ok || keep {
+		return
+	}
+	if ev.WorkloadType != "" && ev.WorkloadType != typ {
+		return
+	}
+	n.log.Info("workload ended; removed from node state", "workload_id", ev.ID, "namespace", ev.Namespace, "type", typ)
+	n.forget(ev.ID, typ)
 }

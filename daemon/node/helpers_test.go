@@ -321,6 +321,7 @@ func (a *fakeAgent) serve() {
 			return
 		}
 		_ = m.Respond(js(protocol.StopWorkloadResponse{ID: wid, Stopped: true, WorkloadType: a.req.RegisterType}))
+		a.emitStopped(wid, w.Namespace)
 	})
 	sub(p+".GETWORKLOAD.*", func(m *nats.Msg) {
 		a.mu.Lock()
@@ -397,6 +398,22 @@ func (a *fakeAgent) stopHeartbeats() {
 		close(a.stopHB)
 	}
 	<-a.hbDone
+}
+
+func (a *fakeAgent) emitStopped(wid, ns string) {
+	_ = a.nc.Publish(protocol.EventSubject(ns, protocol.EventWorkloadStopped),
+		js(protocol.WorkloadStoppedEvent{ID: wid, Namespace: ns, WorkloadType: a.req.RegisterType}))
+}
+
+// finish plays a job ending on its own.
+func (a *fakeAgent) finish(wid string) {
+	a.mu.Lock()
+	w, ok := a.workloads[wid]
+	delete(a.workloads, wid)
+	a.mu.Unlock()
+	if ok {
+		a.emitStopped(wid, w.Namespace)
+	}
 }
 
 // kill plays the nexlet process exiting: no heartbeats, no subscriptions.

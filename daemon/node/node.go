@@ -67,7 +67,8 @@ type Options struct {
 	StartTimeout       time.Duration // how long a nexlet may take to start a workload (default 1m)
 
 	// OnLameduck is called once when the node enters lame duck mode; the daemon
-	// schedules the shutdown after delay.
+	// schedules the shutdown after delay. It runs on a request handler's goroutine
+	// and must not block.
 	OnLameduck func(delay time.Duration)
 }
 
@@ -122,7 +123,9 @@ type Node struct {
 	changed   chan struct{}            // closed and replaced whenever agents change
 
 	svc      micro.Service
-	hbSub    *nats.Subscription
+	subs     []*nats.Subscription // nexlet heartbeats, workload-ended events
+	owned    map[string]string    // workload id -> type, for what this node stored
+	keep     bool                 // StopAllWorkloads ran: keep state for the next start
 	ctx      context.Context
 	cancel   context.CancelFunc
 	loops    sync.WaitGroup // heartbeat and health loops
@@ -179,6 +182,7 @@ func New(o Options) (*Node, error) {
 		expected: map[string]string{},
 		procInfo: map[string]procInfo{},
 		bids:     map[string]bid{},
+		owned:    map[string]string{},
 		changed:  make(chan struct{}),
 		slots:    make(chan struct{}, 64),
 	}
@@ -294,21 +298,33 @@ func (n *Node) Start(ctx context.Context) error {
 		return fmt.Errorf("node: add endpoints: %w", err)
 	}
 	// One wildcard subscription for every nexlet's heartbeat, so a heartbeat can
-	// never race a per-agent subscription.
-	sub, err := n.o.NC.Subscribe(protocol.AgentHeartbeatSubject(n.id, "*"), n.onHeartbeat)
-	if err != nil {
+	// never race a per-agent subscription; and the workload-ended events, so a
+	// finished job or a given-up service leaves the node state.
+	var subs []*nats.Subscription
+	undo := func() {
+		for _, s := range subs {
+			_ = s.Unsubscribe()
+		}
 		_ = svc.Stop()
 		n.cancel()
-		return fmt.Errorf("node: subscribe to nexlet heartbeats: %w", err)
+	}
+	for subj, h := range map[string]nats.MsgHandler{
+		protocol.AgentHeartbeatSubject(n.id, "*"):                 n.onHeartbeat,
+		protocol.EventSubject("*", protocol.EventWorkloadStopped): n.onWorkloadStopped,
+	} {
+		sub, err := n.o.NC.Subscribe(subj, h)
+		if err != nil {
+			undo()
+			return fmt.Errorf("node: subscribe to %s: %w", subj, err)
+		}
+		subs = append(subs, sub)
 	}
 	if err := n.o.NC.Flush(); err != nil {
-		_ = sub.Unsubscribe()
-		_ = svc.Stop()
-		n.cancel()
+		undo()
 		return fmt.Errorf("node: flush subscriptions: %w", err)
 	}
 	n.mu.Lock()
-	n.svc, n.hbSub = svc, sub
+	n.svc, n.subs = svc, subs
 	tags := n.tagsLocked()
 	n.mu.Unlock()
 	if n.o.AllowRemoteRegistration {
@@ -333,8 +349,8 @@ var semver = regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((
 // flight, and emits NODESTOPPED. It leaves the connection open: the daemon owns it.
 func (n *Node) Stop(ctx context.Context) error {
 	n.mu.Lock()
-	svc, sub := n.svc, n.hbSub
-	n.svc, n.hbSub = nil, nil
+	svc, subs := n.svc, n.subs
+	n.svc, n.subs = nil, nil
 	n.state = protocol.NodeStopping
 	n.mu.Unlock()
 	if svc == nil {
@@ -344,8 +360,10 @@ func (n *Node) Stop(ctx context.Context) error {
 	if err := svc.Stop(); err != nil {
 		errs = append(errs, fmt.Errorf("node: stop micro service: %w", err))
 	}
-	if err := sub.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
-		errs = append(errs, fmt.Errorf("node: unsubscribe heartbeats: %w", err))
+	for _, sub := range subs {
+		if err := sub.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			errs = append(errs, fmt.Errorf("node: unsubscribe %s: %w", sub.Subject, err))
+		}
 	}
 	n.cancel()
 	done := make(chan struct{})
@@ -567,7 +585,7 @@ func (n *Node) forwardLameduck(ctx context.Context, delay time.Duration) {
 		n.o.Emitter.Emit(n.id, protocol.EventAgentLameduckSet, protocol.AgentLameduckSetEvent{Success: resp.Success})
 		return true
 	})
-	if err != nil {
+	if err != nil && !errors.Is(err, context.Canceled) { // canceled: the node stopped first
 		n.log.Warn("forwarding lameduck to nexlets", "err", err)
 	}
 }

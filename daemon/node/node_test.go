@@ -655,6 +655,12 @@ func TestReRegistrationAndReplay(t *testing.T) {
 	if err := n.StopAllWorkloads(ctx); err != nil || b.workloadCount() != 0 {
 		t.Errorf("StopAllWorkloads: %v, %d left", err, b.workloadCount())
 	}
+	// Shutdown keeps the state (the stop events are ignored) so a restart replays it.
+	_ = b.nc.Flush()
+	time.Sleep(300 * time.Millisecond)
+	if got, _ := f.stores[0].ByType(ctx, "native"); len(got) != 1 {
+		t.Errorf("state after StopAllWorkloads = %v", got)
+	}
 	n.RemoveAgent("second", "exited with status 1")
 	if n.Ping().AgentCount != 0 {
 		t.Error("RemoveAgent left the registration")
@@ -677,5 +683,32 @@ func TestEnterLameduckLocal(t *testing.T) {
 	}
 	if _, err := n.EnterLameduck(-time.Second); err == nil {
 		t.Error("negative delay accepted")
+	}
+}
+
+func TestEndedWorkloadLeavesState(t *testing.T) {
+	f := newFixture(t, 2, nil)
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
+	f.healthyAgent(f.nodes[1], "agent1", "go_exec", "native", nil)
+	var ids []string
+	for _, name := range []string{"job1", "job2"} {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native", Tags: map[string]string{protocol.TagNode: "node-0"}}, 1)
+		m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", name, `{"cmd":"x"}`))
+		var r protocol.StartWorkloadResponse
+		if err := protocol.Decode(m.Data, &r); err != nil {
+			t.Fatalf("deploy %q", m.Data)
+		}
+		ids = append(ids, r.ID)
+	}
+	// Another node's store is not touched by our events.
+	_ = f.stores[1].Put(context.Background(), "native", ids[0], startReq("tenant", "foreign", `{}`))
+	a.finish(ids[0])
+	eventually(t, "finished job removed from state", func() bool { return f.stores[0].Len() == 1 })
+	if f.stores[1].Len() != 1 {
+		t.Error("another node dropped state for a workload it does not run")
+	}
+	got, _ := f.stores[0].ByType(context.Background(), "native")
+	if _, ok := got[ids[1]]; !ok {
+		t.Errorf("the running job left state: %v", got)
 	}
 }

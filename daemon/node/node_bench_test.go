@@ -1,0 +1,108 @@
+package node
+
+import (
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/nexlet/native"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// benchRunRequest is a typical native run_request: a path, arguments, environment.
+const benchRunRequest = `{"uri":"file:///usr/local/bin/worker","argv":["--port","8080","--verbose"],"environment":{"MODE":"prod","REGION":"eu-west-1"}}`
+
+// BenchmarkSchema compiles the native nexlet's start request schema (done once per
+// registration) and validates a run_request against it (done once per deploy).
+func BenchmarkSchema(b *testing.B) {
+	b.Run("compile", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := compileSchema("bench", native.StartRequestSchema); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	s, err := compileSchema("bench", native.StartRequestSchema)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("validate", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if err := validateRunRequest(s, benchRunRequest); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// benchNode is one node with one healthy fake nexlet on a real in-process server.
+func benchNode(b *testing.B) (*fixture, *nats.Conn) {
+	f := newFixture(b, 1, func(_ int, o *Options) {
+		// Long enough that no bid expires mid-run, as in production.
+		o.AuctionTTL = 10 * time.Second
+	})
+	f.healthyAgent(f.nodes[0], "agent0", "bench", "native", func(a *fakeAgent) { a.hbEvery = time.Second })
+	return f, f.client
+}
+
+// BenchmarkAuction is one auction round trip with one bidding node: request over NATS,
+// decode, tag match, pick a nexlet, reserve a bid, encode, reply.
+func BenchmarkAuction(b *testing.B) {
+	_, nc := benchNode(b)
+	body, _ := json.Marshal(protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{}})
+	subj := protocol.AuctionSubject("system")
+	b.ReportAllocs()
+	for b.Loop() {
+		m, err := nc.Request(subj, body, 10*time.Second)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if m.Header.Get(protocol.HeaderErrorCode) != "" {
+			b.Fatalf("auction error %s", m.Data)
+		}
+	}
+}
+
+// BenchmarkDeploy is the node's whole deploy path per op: auction, ADEPLOY (schema
+// validation, credential minting, store, STARTWORKLOAD to the fake nexlet and its
+// reply) and UNDEPLOY, so the node holds one workload at a time.
+func BenchmarkDeploy(b *testing.B) {
+	_, nc := benchNode(b)
+	auction, _ := json.Marshal(protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{}})
+	stop, _ := json.Marshal(protocol.StopWorkloadRequest{Namespace: "system"})
+	i := 0
+	b.ReportAllocs()
+	for b.Loop() {
+		m, err := nc.Request(protocol.AuctionSubject("system"), auction, 10*time.Second)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var bid protocol.AuctionResponse
+		if err := json.Unmarshal(m.Data, &bid); err != nil {
+			b.Fatal(err)
+		}
+		req, _ := json.Marshal(startReq("system", fmt.Sprintf("w%d", i), `{"cmd":"run"}`))
+		i++
+		m, err = nc.Request(protocol.DeploySubject("system", bid.BidderID), req, 10*time.Second)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var started protocol.StartWorkloadResponse
+		if err := json.Unmarshal(m.Data, &started); err != nil || started.ID == "" {
+			b.Fatalf("deploy reply %q: %v", m.Data, err)
+		}
+		m, err = nc.Request(protocol.UndeploySubject("system", started.ID), stop, 10*time.Second)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var stopped protocol.StopWorkloadResponse
+		if err := json.Unmarshal(m.Data, &stopped); err != nil || !stopped.Stopped {
+			b.Fatalf("undeploy reply %q: %v", m.Data, err)
+		}
+	}
+}

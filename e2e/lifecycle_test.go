@@ -1,0 +1,334 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// node is a nexd under test with its own state dir, control socket, cgroup root and
+// (unless external) embedded NATS port.
+type node struct {
+	*proc
+	stateDir string
+	socket   string
+	natsURL  string
+	cgroup   string
+}
+
+type nodeOpts struct {
+	external string   // NATS URL; "" = embedded on a free port
+	extra    []string // more flags
+	env      []string
+	notify   *notifySocket
+	stateDir string
+	cgroup   string // reuse this cgroup root (a restart of the same node)
+}
+
+// cgroupRoot gives each test its own v1 subtree (when this host has writable v1
+// memory cgroups), so tests never clean up each other's nexlets.
+func cgroupRoot(t *testing.T) string {
+	t.Helper()
+	base := "/sys/fs/cgroup/memory"
+	if st, err := os.Stat(base); err != nil || !st.IsDir() || os.Geteuid() != 0 {
+		return ""
+	}
+	root := filepath.Join(base, fmt.Sprintf("nexd-e2e-%d-%d", os.Getpid(), time.Now().UnixNano()%1e9))
+	t.Cleanup(func() {
+		for _, h := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
+			removeTree(filepath.Join("/sys/fs/cgroup", h, filepath.Base(root)))
+		}
+	})
+	return root
+}
+
+// removeTree removes an (already empty) cgroup tree bottom-up.
+func removeTree(dir string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			removeTree(filepath.Join(dir, e.Name()))
+		}
+	}
+	syscall.Rmdir(dir)
+}
+
+func startNode(t *testing.T, o nodeOpts) *node {
+	t.Helper()
+	n := &node{stateDir: o.stateDir}
+	if n.stateDir == "" {
+		n.stateDir = t.TempDir()
+	}
+	n.socket = filepath.Join(t.TempDir(), "nexd.sock")
+	args := []string{"--state-dir", n.stateDir, "--control-socket", n.socket, "--node-name", "e2e",
+		"--startup-timeout", "60s"}
+	env := append([]string{}, o.env...)
+	if o.external != "" {
+		n.natsURL = o.external
+		args = append(args, "--nats.servers", o.external)
+	} else {
+		port := freePort(t)
+		n.natsURL = fmt.Sprintf("nats://127.0.0.1:%d", port)
+		env = append(env, fmt.Sprintf("NEXD_EMBEDDED_NATS_PORT=%d", port))
+	}
+	cg := o.cgroup
+	if cg == "" {
+		cg = cgroupRoot(t)
+	}
+	if cg != "" {
+		n.cgroup = cg
+		args = append(args, "--cgroup-root", cg)
+	}
+	args = append(args, o.extra...)
+	n.proc = startNexd(t, nexdOpts{args: args, env: env, notify: o.notify})
+	return n
+}
+
+// waitReady waits until the control socket answers with state running.
+func (n *node) waitReady(t *testing.T) control.Status {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	var last string
+	for time.Now().Before(deadline) {
+		select {
+		case <-n.done:
+			t.Fatalf("nexd exited before it was ready: %v\n%s", n.err, n.out.String())
+		default:
+		}
+		out, errOut, code := n.ctl(t, "status", "--json")
+		if code == 0 {
+			var st control.Status
+			if err := json.Unmarshal([]byte(out), &st); err != nil {
+				t.Fatalf("status --json: %v: %s", err, out)
+			}
+			if st.State == "running" {
+				return st
+			}
+			last = st.State
+		} else {
+			last = errOut
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("nexd not ready in time; last: %s\n%s", last, n.out.String())
+	return control.Status{}
+}
+
+// ctl runs nexctl against this node (socket and NATS).
+func (n *node) ctl(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	full := append([]string{"--control-socket", n.socket, "--nats.servers", n.natsURL}, args...)
+	return run(t, nil, bins.nexctl, full...)
+}
+
+func (n *node) mustCtl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errOut, code := n.ctl(t, args...)
+	if code != 0 {
+		t.Fatalf("nexctl %v: exit %d\nstdout: %s\nstderr: %s", args, code, out, errOut)
+	}
+	return out
+}
+
+// TestNotifySequence drives start, good and bad reloads, the watchdog and stop through
+// a fake systemd, asserting the exact sd_notify protocol.
+func TestNotifySequence(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	ns := newNotifySocket(t)
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.json")
+	writeFile(t, cfgPath, `{"logger": {"level": "info"}, "node": {"up": {"tags": {"pool": "blue"}}}}`)
+	n := startNode(t, nodeOpts{notify: ns, extra: []string{"--config", cfgPath},
+		env: []string{"WATCHDOG_USEC=400000"}})
+
+	first := ns.waitFor(t, "STATUS=", 30*time.Second)
+	if !strings.HasPrefix(first, "STATUS=starting") {
+		t.Fatalf("first notification %q, want STATUS=starting…", first)
+	}
+	ready := ns.waitFor(t, "READY=1", 90*time.Second)
+	if !strings.Contains(ready, "STATUS=running: 0 workloads, 1 nexlets, nats connected") {
+		t.Fatalf("READY notification %q lacks the running status line", ready)
+	}
+	for _, m := range ns.all() {
+		if strings.Contains(m, "WATCHDOG=1") && !strings.Contains(strings.Join(ns.all(), "|"), "READY=1") {
+			t.Fatalf("watchdog ping before READY")
+		}
+	}
+	ns.waitFor(t, "WATCHDOG=1", 10*time.Second)
+
+	// A good reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 with the outcome.
+	writeFile(t, cfgPath, `{"logger": {"level": "debug"}, "node": {"up": {"tags": {"pool": "green"}}}}`)
+	n.signal(t, syscall.SIGHUP)
+	rel := ns.waitFor(t, "RELOADING=1", 30*time.Second)
+	if !strings.Contains(rel, "MONOTONIC_USEC=") {
+		t.Fatalf("RELOADING without MONOTONIC_USEC: %q", rel)
+	}
+	done := ns.waitFor(t, "READY=1", 30*time.Second)
+	if !strings.Contains(done, "STATUS=reloaded") {
+		t.Fatalf("after reload: %q", done)
+	}
+	var tags map[string]string
+	json.Unmarshal([]byte(n.mustCtl(t, "node", "info", n.waitReady(t).NodeID, "--json")), &struct {
+		Tags *map[string]string `json:"tags"`
+	}{&tags})
+	if tags["pool"] != "green" {
+		t.Fatalf("reloaded tag not applied: %v", tags)
+	}
+
+	// A bad reload keeps the old config and says why in STATUS.
+	writeFile(t, cfgPath, `{"logger": {"level": "loud"}}`)
+	n.signal(t, syscall.SIGHUP)
+	ns.waitFor(t, "RELOADING=1", 30*time.Second)
+	bad := ns.waitFor(t, "READY=1", 30*time.Second)
+	if !strings.Contains(bad, "STATUS=reload rejected") || !strings.Contains(bad, "logger.level") {
+		t.Fatalf("bad reload status %q should name logger.level", bad)
+	}
+	// A restart-only key is rejected by name.
+	writeFile(t, cfgPath, `{"nexus": "other"}`)
+	out, errOut, code := n.ctl(t, "reload")
+	if code != 1 || !strings.Contains(errOut, "nexus") {
+		t.Fatalf("reload of a restart-only key: exit %d, %s %s", code, out, errOut)
+	}
+	if st := n.waitReady(t); st.Nexus != "nexus" {
+		t.Fatalf("nexus changed by a rejected reload: %q", st.Nexus)
+	}
+
+	n.signal(t, syscall.SIGTERM)
+	stop := ns.waitFor(t, "STOPPING=1", 30*time.Second)
+	_ = stop
+	ns.waitFor(t, "EXTEND_TIMEOUT_USEC=", 30*time.Second)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit code %d after SIGTERM, want 0\n%s", code, n.out.String())
+	}
+}
+
+// TestExternalNATS runs against an external in-process nats-server and answers a raw
+// $NEX ping; SIGINT drains and exits 0.
+func TestExternalNATS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	st := n.waitReady(t)
+	if st.NATS.Embedded || !st.NATS.Connected {
+		t.Fatalf("nats status %+v, want external and connected", st.NATS)
+	}
+	nc := testnats.Connect(t, s)
+	msg, err := nc.Request(protocol.PingNodeSubject(st.NodeID), []byte(`{"filter":null}`), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pong protocol.NodePingResponse
+	if err := protocol.Decode(msg.Data, &pong); err != nil {
+		t.Fatal(err)
+	}
+	if pong.NodeID != st.NodeID || pong.State != protocol.NodeRunning || pong.AgentCount != 1 {
+		t.Fatalf("ping response %+v", pong)
+	}
+	n.signal(t, syscall.SIGINT)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	// The node's NATS service is gone after the drain.
+	if _, err := nc.Request(protocol.PingNodeSubject(st.NodeID), []byte(`{"filter":null}`), time.Second); err == nil {
+		t.Fatal("node still answers after exit")
+	}
+}
+
+// TestIdentityPersistence: the same state dir gives the same node id; no state dir
+// gives a new one each start.
+func TestIdentityPersistence(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	dir := t.TempDir()
+	var ids []string
+	for i := 0; i < 2; i++ {
+		n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir})
+		ids = append(ids, n.waitReady(t).NodeID)
+		n.signal(t, syscall.SIGTERM)
+		n.wait(t, 60*time.Second)
+	}
+	if ids[0] != ids[1] {
+		t.Fatalf("node id changed across restarts with a state dir: %v", ids)
+	}
+	seed, err := os.ReadFile(filepath.Join(dir, "node.seed"))
+	if err != nil || !strings.HasPrefix(string(seed), "SN") {
+		t.Fatalf("persisted seed: %q %v", seed, err)
+	}
+
+	// Ephemeral: no --state-dir and no STATE_DIRECTORY.
+	var eph []string
+	for i := 0; i < 2; i++ {
+		socket := filepath.Join(t.TempDir(), "s.sock")
+		p := startNexd(t, nexdOpts{args: []string{"--nats.servers", s.ClientURL(), "--control-socket", socket,
+			"--disable-native-start"}})
+		n := &node{proc: p, socket: socket, natsURL: s.ClientURL()}
+		eph = append(eph, n.waitReady(t).NodeID)
+		p.signal(t, syscall.SIGTERM)
+		p.wait(t, 60*time.Second)
+	}
+	if eph[0] == eph[1] {
+		t.Fatalf("ephemeral nodes share an id: %v", eph)
+	}
+}
+
+// TestCheckAndUsage covers --check (redacted, exit codes), --help and --version.
+func TestCheckAndUsage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	kp, _ := nkeys.CreateServer()
+	seed, _ := kp.Seed()
+	out, _, code := run(t, nil, bins.nexd, "--check", "--node-seed", string(seed), "--tags", "a=b")
+	if code != 0 || !strings.Contains(out, "[redacted]") || strings.Contains(out, string(seed)) ||
+		!strings.Contains(out, "configuration is valid") {
+		t.Fatalf("--check: exit %d\n%s", code, out)
+	}
+	out, errOut, code := run(t, nil, bins.nexd, "--check", "--tags", "nex.os=x", "--state", "sql", "--logger.level", "loud")
+	if code == 0 || !strings.Contains(errOut, "nex.") || !strings.Contains(errOut, "state") || !strings.Contains(errOut, "logger.level") {
+		t.Fatalf("--check with errors: exit %d\n%s\n%s", code, out, errOut)
+	}
+	out, _, code = run(t, nil, bins.nexd, "node", "up", "--help")
+	for _, want := range []string{"--node-seed", "--nats.servers", "--logger.target", "--agents.uri", "--state-dir", "--control-socket"} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Fatalf("--help lacks %s (exit %d)", want, code)
+		}
+	}
+	out, _, code = run(t, nil, bins.nexd, "--version")
+	if code != 0 || !strings.Contains(out, "commit") || !strings.Contains(out, "built") {
+		t.Fatalf("--version: %q", out)
+	}
+	_, errOut, code = run(t, nil, bins.nexd, "--no-such-flag")
+	if code != 2 || !strings.Contains(errOut, "no-such-flag") {
+		t.Fatalf("unknown flag: exit %d %s", code, errOut)
+	}
+}
+
+func writeFile(t *testing.T, path, data string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+var _ = nats.DefaultURL

@@ -1,0 +1,308 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/jsm.go/natscontext"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+var _ = natscontext.Context{}
+
+type runResult struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	Node string `json:"node"`
+}
+
+func (n *node) runWorkload(t *testing.T, args ...string) runResult {
+	t.Helper()
+	out := n.mustCtl(t, append([]string{"--json", "workload", "run"}, args...)...)
+	var r runResult
+	if err := json.Unmarshal([]byte(out), &r); err != nil || r.ID == "" {
+		t.Fatalf("workload run --json: %v: %q", err, out)
+	}
+	return r
+}
+
+func (n *node) workloads(t *testing.T) []control.Workload {
+	t.Helper()
+	var ws []control.Workload
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "--json", "workloads")), &ws); err != nil {
+		t.Fatal(err)
+	}
+	return ws
+}
+
+func eventually(t *testing.T, what string, timeout time.Duration, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if f() {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+// TestWorkloadLifecycle: run (short form, sealed env), list, info, logs, clone, stop,
+// and a job's exit code, all through the real nexctl against a real nexd.
+func TestWorkloadLifecycle(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+
+	// The workload proves it runs by answering on NATS with its env.
+	script := filepath.Join(t.TempDir(), "svc.sh")
+	writeFile(t, script, "#!/bin/sh\necho \"hello from $NEX_WORKLOAD_ID secret=$SECRET\"\nexec sleep 600\n")
+	os.Chmod(script, 0o755)
+	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	r := n.runWorkload(t, "--name", "svc", "--env", "SECRET=s3cr3t", "--", script)
+	if r.Node != st.NodeID {
+		t.Fatalf("placed on %q, want %q", r.Node, st.NodeID)
+	}
+	msg, err := logs.NextMsg(30 * time.Second)
+	if err != nil {
+		t.Fatal("no log line from the workload:", err)
+	}
+	if got := string(msg.Data); !strings.Contains(got, "hello from "+r.ID+" secret=s3cr3t") {
+		t.Fatalf("workload output %q: env not delivered", got)
+	}
+
+	// The sealed environment never appears in clear text in KV or in the clone request.
+	js, _ := jetstream.New(nc)
+	kv, err := js.KeyValue(t.Context(), "nex-"+st.NodeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, err := kv.Get(t.Context(), "native_"+r.ID)
+	if err != nil {
+		t.Fatal("workload not in KV:", err)
+	}
+	if strings.Contains(string(entry.Value()), "s3cr3t") {
+		t.Fatal("KV holds the environment in clear text")
+	}
+	info := n.mustCtl(t, "workload", "info", r.ID)
+	if !strings.Contains(info, "svc") || strings.Contains(info, "s3cr3t") {
+		t.Fatalf("workload info:\n%s", info)
+	}
+	list := n.mustCtl(t, "workload", "list")
+	if !strings.Contains(list, r.ID) || !strings.Contains(list, "running") {
+		t.Fatalf("workload list:\n%s", list)
+	}
+	if ws := n.workloads(t); len(ws) != 1 || ws[0].ID != r.ID {
+		t.Fatalf("local workloads %+v", ws)
+	}
+
+	// Clone: a second copy with a new id; the original keeps running.
+	out := n.mustCtl(t, "--json", "workload", "clone", r.ID)
+	var clone runResult
+	json.Unmarshal([]byte(out), &clone)
+	if clone.ID == "" || clone.ID == r.ID {
+		t.Fatalf("clone: %s", out)
+	}
+	eventually(t, "two workloads", 30*time.Second, func() bool { return len(n.workloads(t)) == 2 })
+
+	// Stop both; a second stop of the same id fails with exit 1.
+	n.mustCtl(t, "workload", "stop", r.ID)
+	n.mustCtl(t, "workload", "stop", clone.ID)
+	if _, _, code := n.ctl(t, "workload", "stop", r.ID); code != 1 {
+		t.Fatalf("stopping a stopped workload: exit %d, want 1", code)
+	}
+	eventually(t, "no workloads", 30*time.Second, func() bool { return len(n.workloads(t)) == 0 })
+	if _, err := kv.Get(t.Context(), "native_"+r.ID); err == nil {
+		t.Fatal("stopped workload still in KV")
+	}
+
+	// A job's exit code reaches WORKLOADSTOPPED and the job is not kept in state.
+	events, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--", "/bin/sh", "-c", "exit 7")
+	var ev protocol.WorkloadStoppedEvent
+	eventually(t, "WORKLOADSTOPPED for the job", 30*time.Second, func() bool {
+		m, err := events.NextMsg(time.Second)
+		if err != nil {
+			return false
+		}
+		json.Unmarshal(m.Data, &ev)
+		return ev.ID == job.ID
+	})
+	if ev.Error == nil || ev.Error.Code != 7 {
+		t.Fatalf("job stopped event %+v, want exit code 7", ev)
+	}
+	eventually(t, "finished job removed from KV", 30*time.Second, func() bool {
+		_, err := kv.Get(t.Context(), "native_"+job.ID)
+		return err != nil
+	})
+}
+
+// TestLocalEndpoints exercises every control-socket command through nexctl.
+func TestLocalEndpoints(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	st := n.waitReady(t)
+	if st.Cgroup.Mode == "" || len(st.Nexlets) != 1 || st.Nexlets[0].Health != protocol.HealthHealthy {
+		t.Fatalf("status %+v", st)
+	}
+	if out := n.mustCtl(t, "status"); !strings.Contains(out, st.NodeID) || !strings.Contains(out, "native") {
+		t.Fatalf("status table:\n%s", out)
+	}
+	if out := n.mustCtl(t, "nexlets"); !strings.Contains(out, "healthy") {
+		t.Fatalf("nexlets:\n%s", out)
+	}
+	if out := n.mustCtl(t, "config"); !strings.Contains(out, "state_dir") {
+		t.Fatalf("config:\n%s", out)
+	}
+	if out := n.mustCtl(t, "logs", "-n", "50"); !strings.Contains(out, "nex node ready") {
+		t.Fatalf("logs:\n%s", out)
+	}
+	if out := n.mustCtl(t, "logs", "--nexlet", "native"); !strings.Contains(out, "native nexlet starting") {
+		t.Fatalf("logs --nexlet native:\n%s", out)
+	}
+	if out := n.mustCtl(t, "metrics"); !strings.Contains(out, "nexd_reloads_total") && !strings.Contains(out, "nexd_nats_reconnects_total") {
+		t.Fatalf("metrics:\n%s", out)
+	}
+	if out := n.mustCtl(t, "reload"); !strings.Contains(strings.ToLower(out), "reload") {
+		t.Fatalf("reload: %s", out)
+	}
+	n.mustCtl(t, "secret", "set", "system", "TOKEN", "v1")
+	if out := n.mustCtl(t, "secret", "list", "system"); !strings.Contains(out, "TOKEN") {
+		t.Fatalf("secret list: %s", out)
+	}
+	// A secret:// reference resolves in the workload's environment.
+	nc := testnats.Connect(t, s)
+	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	n.runWorkload(t, "--name", "sec", "--lifecycle", "job", "--plain-env", "--env", "TOKEN=secret://TOKEN",
+		"--", "/bin/sh", "-c", "echo token=$TOKEN")
+	m, err := logs.NextMsg(30 * time.Second)
+	if err != nil {
+		t.Fatal("no output from the secret job:", err)
+	}
+	if !strings.Contains(string(m.Data), "token=v1") {
+		t.Fatalf("secret not resolved: %q", m.Data)
+	}
+	n.mustCtl(t, "secret", "rm", "system", "TOKEN")
+	if _, _, code := n.ctl(t, "secret", "rm", "system", "TOKEN"); code != 1 {
+		t.Fatalf("removing a missing secret: exit %d", code)
+	}
+	if _, _, code := n.ctl(t, "nexlet", "restart", "nope"); code != 1 {
+		t.Fatalf("restart of unknown nexlet: exit %d", code)
+	}
+	n.mustCtl(t, "nexlet", "restart", "native")
+
+	// Lame duck: the node stops bidding at once and exits after the delay.
+	out := n.mustCtl(t, "lameduck", "--delay", "3s")
+	if !strings.Contains(out, "stop") {
+		t.Fatalf("lameduck: %s", out)
+	}
+	list := n.mustCtl(t, "node", "list")
+	if !strings.Contains(list, st.NodeID+"*") {
+		t.Fatalf("node list does not mark the lame duck:\n%s", list)
+	}
+	_, errOut, code := n.ctl(t, "workload", "run", "--name", "late", "--", "/bin/sleep", "60")
+	if code == 0 {
+		t.Fatal("a lame duck node accepted a workload")
+	}
+	_ = errOut
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit after lame duck: %d", code)
+	}
+}
+
+// TestReplayAfterKill: with --state kv, kill -9 of nexd and a restart with the same
+// identity bring every service workload back exactly once, with its old id.
+func TestReplayAfterKill(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	const count = 50
+	s := testnats.Start(t, testnats.Options{})
+	dir := t.TempDir()
+	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv"}})
+	st := n.waitReady(t)
+	marker := fmt.Sprintf("nexd-e2e-replay-%d", time.Now().UnixNano())
+	ids := map[string]bool{}
+	for i := 0; i < count; i++ {
+		r := n.runWorkload(t, "--bids", "1", "--name", fmt.Sprintf("w%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
+		ids[r.ID] = true
+	}
+	eventually(t, "all workloads running", 60*time.Second, func() bool { return countProcs(marker) == count })
+
+	n.cmd.Process.Signal(syscall.SIGKILL)
+	n.wait(t, 30*time.Second)
+
+	// Same identity and the same cgroup root, as a systemd restart would have.
+	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
+	if st2 := n2.waitReady(t); st2.NodeID != st.NodeID {
+		t.Fatalf("identity changed: %s -> %s", st.NodeID, st2.NodeID)
+	}
+	eventually(t, "workloads replayed", 90*time.Second, func() bool {
+		ws := n2.workloads(t)
+		if len(ws) != count {
+			return false
+		}
+		for _, w := range ws {
+			if !ids[w.ID] {
+				t.Fatalf("replayed workload with a new id %s", w.ID)
+			}
+		}
+		return true
+	})
+	// Exactly once: the old processes died with the old nexlet's cgroup, one new each.
+	eventually(t, "exactly one process per workload", 30*time.Second, func() bool { return countProcs(marker) == count })
+	time.Sleep(2 * time.Second)
+	if c := countProcs(marker); c != count {
+		t.Fatalf("%d processes for %d workloads", c, count)
+	}
+	n2.signal(t, syscall.SIGTERM)
+	n2.wait(t, 90*time.Second)
+	if c := countProcs(marker); c != 0 {
+		t.Fatalf("%d workload processes survived the stop", c)
+	}
+}
+
+// countProcs counts live processes whose command line contains marker.
+func countProcs(marker string) int {
+	entries, _ := os.ReadDir("/proc")
+	c := 0
+	for _, e := range entries {
+		if e.Name()[0] < '0' || e.Name()[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if strings.Contains(string(b), marker) {
+			// Skip zombies: they are gone as far as the user is concerned.
+			if stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat")); err == nil {
+				if f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:])); len(f) > 0 && f[0] == "Z" {
+					continue
+				}
+			}
+			c++
+		}
+	}
+	return c
+}
+
+var _ = nats.DefaultURL

@@ -1,0 +1,173 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestSummarize(t *testing.T) {
+	ms := func(v ...int) []time.Duration {
+		var out []time.Duration
+		for _, x := range v {
+			out = append(out, time.Duration(x)*time.Millisecond)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name          string
+		in            []time.Duration
+		p50, p99, max time.Duration
+	}{
+		{"empty", nil, 0, 0, 0},
+		{"one", ms(7), 7 * time.Millisecond, 7 * time.Millisecond, 7 * time.Millisecond},
+		{"unsorted", ms(5, 1, 4, 2, 3), 3 * time.Millisecond, 5 * time.Millisecond, 5 * time.Millisecond},
+		{"hundred", func() []time.Duration {
+			var d []time.Duration
+			for i := 100; i >= 1; i-- {
+				d = append(d, time.Duration(i)*time.Millisecond)
+			}
+			return d
+		}(), 50 * time.Millisecond, 99 * time.Millisecond, 100 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := Summarize(tc.in)
+			if s.P50 != tc.p50 || s.P99 != tc.p99 || s.Max != tc.max || s.N != len(tc.in) {
+				t.Errorf("Summarize = %v, want p50 %s p99 %s max %s", s, tc.p50, tc.p99, tc.max)
+			}
+		})
+	}
+}
+
+func TestTrackerCountsEachAnnouncement(t *testing.T) {
+	tr := newTracker()
+	done := make(chan time.Time, 1)
+	go func() {
+		at, err := tr.wait(context.Background(), "a")
+		if err != nil {
+			t.Error(err)
+		}
+		done <- at
+	}()
+	tr.announce("a")
+	tr.announce("a")
+	tr.announce("b")
+	select {
+	case at := <-done:
+		if at.IsZero() {
+			t.Error("zero announcement time")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("wait did not return after the announcement")
+	}
+	if c := tr.counts(); c["a"] != 2 || c["b"] != 1 || len(c) != 2 {
+		t.Errorf("counts = %v", c)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	defer cancel()
+	if _, err := tr.wait(ctx, "never"); err == nil {
+		t.Error("wait for an id that never announced returned no error")
+	}
+	tr.reset()
+	if c := tr.counts(); len(c) != 0 {
+		t.Errorf("counts after reset = %v", c)
+	}
+}
+
+func TestProcReadersOnSelf(t *testing.T) {
+	pid := os.Getpid()
+	rss, threads, err := procStatus(pid)
+	if err != nil || rss <= 0 || threads <= 0 {
+		t.Fatalf("procStatus = %d, %d, %v", rss, threads, err)
+	}
+	if pss, err := procPSS(pid); err != nil || pss <= 0 {
+		t.Errorf("procPSS = %d, %v", pss, err)
+	}
+	if _, err := procCPU(pid); err != nil {
+		t.Errorf("procCPU: %v", err)
+	}
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	found := false
+	for _, c := range childrenOf(pid) {
+		found = found || c == cmd.Process.Pid
+	}
+	if !found {
+		t.Errorf("childrenOf(self) = %v, misses %d", childrenOf(pid), cmd.Process.Pid)
+	}
+}
+
+func TestReportRenders(t *testing.T) {
+	r := Result{Scenario: "placement", Variant: "1 node(s)"}
+	r.ms("total p50", 3*time.Millisecond).atMost(5, "<= 5 ms")
+	r.add("nexd RSS", 31.5, "MB").atMost(25, "<= 25 MB")
+	rep := &Report{Results: []Result{r}, Command: "nexbench placement"}
+	var tbl, js bytes.Buffer
+	if err := rep.WriteTable(&tbl); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"== placement / 1 node(s)", "ok <= 5 ms", "MISSED <= 25 MB"} {
+		if !strings.Contains(tbl.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, tbl.String())
+		}
+	}
+	if err := rep.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil || len(back.Results) != 1 || *back.Results[0].Metrics[0].Met != true {
+		t.Errorf("JSON round trip: %v %+v", err, back)
+	}
+}
+
+// TestSmoke builds nexd and runs the ready, control and placement scenarios with tiny
+// counts against real nexd processes, then checks that nothing is left behind.
+func TestSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs nexd")
+	}
+	dir := t.TempDir()
+	nexd := filepath.Join(dir, "nexd")
+	build := exec.Command("go", "build", "-o", nexd, "github.com/nexd-project/nexd/cmd/nexd")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build nexd: %v\n%s", err, out)
+	}
+	h, err := NewHarness(Options{Nexd: nexd, Quick: true, Placements: 3, Nodes: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runDir := h.Dir()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	rep, err := h.Run(ctx, []string{"ready", "placement"})
+	h.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Results) != 6 {
+		t.Fatalf("results = %+v", rep.Results)
+	}
+	for _, r := range rep.Results {
+		if r.Err != "" {
+			t.Errorf("%s/%s: %s", r.Scenario, r.Variant, r.Err)
+		}
+		if r.Scenario == "placement" && (len(r.Metrics) == 0 || r.Metrics[0].Value != 3) {
+			t.Errorf("%s: placements = %+v", r.Variant, r.Metrics)
+		}
+	}
+	if _, err := os.Stat(runDir); !os.IsNotExist(err) {
+		t.Errorf("run dir %s left behind: %v", runDir, err)
+	}
+	if left, _ := filepath.Glob("/sys/fs/cgroup/*/nexbench-" + h.runID); len(left) > 0 {
+		t.Errorf("cgroups left behind: %v", left)
+	}
+}

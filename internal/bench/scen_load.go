@@ -1,0 +1,367 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// deployN places n workloads with k concurrent clients (sharing one connection, as
+// goroutines of one client would) and returns their ids and the wall time until the
+// last one announced itself.
+func deployN(ctx context.Context, c *client, w workloadSpec, nodes, n, k int, prefix string) ([]string, time.Duration, error) {
+	ids := make([]string, n)
+	var next atomic.Int64
+	var firstErr error
+	var mu sync.Mutex
+	ao := gatherOpts{first: 10 * time.Second, stall: time.Second, max: nodes}
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range k {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				p, err := c.place(ctx, ao, w, fmt.Sprintf("%s-%d", prefix, i), 2*time.Minute)
+				if err != nil {
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					next.Store(int64(n)) // stop every client
+					return
+				}
+				ids[i] = p.ID
+			}
+		})
+	}
+	wg.Wait()
+	return ids, time.Since(start), firstErr
+}
+
+// stopAll undeploys ids with k concurrent clients and returns each stop's latency.
+func stopAll(ctx context.Context, c *client, ids []string, nodes, k int) ([]time.Duration, time.Duration, error) {
+	var next atomic.Int64
+	var mu sync.Mutex
+	var ds []time.Duration
+	var errs []error
+	uo := gatherOpts{first: 30 * time.Second, stall: time.Second, max: nodes}
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range k {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= len(ids) || ctx.Err() != nil {
+					return
+				}
+				if ids[i] == "" {
+					continue
+				}
+				t := time.Now()
+				err := c.undeploy(ctx, ids[i], uo)
+				d := time.Since(t)
+				mu.Lock()
+				if err != nil {
+					errs = append(errs, err)
+				} else {
+					ds = append(ds, d)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return ds, time.Since(start), fmt.Errorf("%d stops failed, first: %w", len(errs), errs[0])
+	}
+	return ds, time.Since(start), nil
+}
+
+// throughput: deploys per second until the target runs on one node, for each client
+// count, then the latency of stopping them all.
+func (h *Harness) throughput(ctx context.Context) ([]Result, error) {
+	c, _, err := h.fleetUp(ctx, 1, false)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	nodes := 1
+	if len(h.o.Servers) > 0 {
+		nodes = max(1, h.bidders(ctx, c))
+	}
+	var out []Result
+	for _, k := range h.o.Clients {
+		r := Result{Scenario: "throughput", Variant: fmt.Sprintf("%d client(s), %d workloads", k, h.o.Target)}
+		ids, took, err := deployN(ctx, c, h.workload(), nodes, h.o.Target, k, fmt.Sprintf("tp%d", k))
+		placed := 0
+		for _, id := range ids {
+			if id != "" {
+				placed++
+			}
+		}
+		r.add("running", float64(placed), "")
+		r.add("deploys/s", float64(placed)/took.Seconds(), "1/s")
+		r.ms("time to all running", took)
+		ds, stopTook, serr := stopAll(ctx, c, ids, nodes, k)
+		s := Summarize(ds)
+		r.add("stops/s", float64(s.N)/stopTook.Seconds(), "1/s")
+		r.addSummary("stop latency", s)
+		out = append(out, r)
+		if err := errors.Join(err, serr); err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// nodeSample is the node's and its nexlets' footprint at one moment.
+type nodeSample struct {
+	nexdRSS, nexdPSS, nexletRSS, nexletPSS int64
+	nexdThreads, nexletThreads, nexlets    int
+	cpuTicks                               int64
+}
+
+// nexletPids are nexd's direct children that are nexlets (not workloads: under
+// cgroup-less isolation workloads are the nexlet's children, never nexd's).
+func sampleNode(n *nodeProc) (nodeSample, error) {
+	var s nodeSample
+	pid := n.Pid()
+	var err error
+	if s.nexdRSS, s.nexdThreads, err = procStatus(pid); err != nil {
+		return s, fmt.Errorf("nexd /proc: %w", err)
+	}
+	s.nexdPSS, _ = procPSS(pid)
+	s.cpuTicks, _ = procCPU(pid)
+	for _, cp := range childrenOf(pid) {
+		rss, th, err := procStatus(cp)
+		if err != nil {
+			continue
+		}
+		pss, _ := procPSS(cp)
+		t, _ := procCPU(cp)
+		s.nexletRSS += rss
+		s.nexletPSS += pss
+		s.nexletThreads += th
+		s.cpuTicks += t
+		s.nexlets++
+	}
+	return s, nil
+}
+
+// footprint: nexd's and the native nexlet's memory, threads and idle CPU with 0, 100
+// and 1,000 running workloads on one node with external NATS.
+func (h *Harness) footprint(ctx context.Context) ([]Result, error) {
+	if len(h.o.Servers) > 0 {
+		return nil, errNoServers
+	}
+	c, nodes, err := h.fleetUp(ctx, 1, false)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	n := nodes[0]
+	var out []Result
+	var base nodeSample
+	running := 0
+	for _, want := range h.o.Footprint {
+		if want > running {
+			ids, _, err := deployN(ctx, c, h.workload(), 1, want-running, 8, fmt.Sprintf("fp%d", want))
+			if err != nil {
+				return out, err
+			}
+			running += len(ids)
+		}
+		// Let start-up garbage be collected and heartbeats settle before sampling.
+		time.Sleep(2 * time.Second)
+		before, err := sampleNode(n)
+		if err != nil {
+			return out, err
+		}
+		time.Sleep(h.o.Idle)
+		after, err := sampleNode(n)
+		if err != nil {
+			return out, err
+		}
+		r := Result{Scenario: "footprint", Variant: fmt.Sprintf("%d workloads", running)}
+		m := r.add("nexd RSS", mb(after.nexdRSS), "MB")
+		if running == 0 {
+			m.atMost(25, "<= 25 MB")
+		}
+		r.add("nexd PSS", mb(after.nexdPSS), "MB")
+		r.add("nexd threads", float64(after.nexdThreads), "")
+		r.add("nexlet RSS", mb(after.nexletRSS), "MB")
+		r.add("nexlet PSS", mb(after.nexletPSS), "MB")
+		r.add("nexlet threads", float64(after.nexletThreads), "")
+		cpu := float64(after.cpuTicks-before.cpuTicks) / clkTck / h.o.Idle.Seconds() * 100
+		r.add("idle CPU (nexd + nexlet)", cpu, "% of one core")
+		if running == 0 {
+			base = after
+		} else {
+			per := float64((after.nexdPSS+after.nexletPSS)-(base.nexdPSS+base.nexletPSS)) / float64(running) / 1024
+			r.add("node + nexlet PSS per workload", per, "KB").atMost(40, "<= 40 KB")
+			if wp := workloadPSS(c, n); wp > 0 {
+				r.add("workload process PSS (avg, not counted above)", float64(wp)/1024, "KB")
+			}
+		}
+		r.notef("idle CPU sampled over %s; %d nexlet process(es)", h.o.Idle, after.nexlets)
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// workloadPSS averages the PSS of the workload processes under the nexlet.
+func workloadPSS(_ *client, n *nodeProc) int64 {
+	var sum int64
+	var k int64
+	for _, nl := range childrenOf(n.Pid()) {
+		for _, wp := range childrenOf(nl) {
+			if p, err := procPSS(wp); err == nil {
+				sum += p
+				k++
+			}
+		}
+	}
+	if k == 0 {
+		return 0
+	}
+	return sum / k
+}
+
+func mb(b int64) float64 { return float64(b) / (1 << 20) }
+
+// workloadProcs maps NEX_WORKLOAD_ID to the number of live processes carrying it.
+func workloadProcs() map[string]int {
+	out := map[string]int{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
+		if err != nil {
+			continue
+		}
+		for kv := range strings.SplitSeq(string(b), "\x00") {
+			if id, ok := strings.CutPrefix(kv, "NEX_WORKLOAD_ID="); ok {
+				out[id]++
+				break
+			}
+		}
+	}
+	return out
+}
+
+// recovery: kill -9 nexd with N workloads stored in KV, restart it on the same state
+// dir, and time until every workload announced itself again, each exactly once.
+func (h *Harness) recovery(ctx context.Context) ([]Result, error) {
+	if len(h.o.Servers) > 0 {
+		return nil, errNoServers
+	}
+	r := Result{Scenario: "recovery", Variant: fmt.Sprintf("%d workloads, --state kv", h.o.Recovery)}
+	c, nodes, err := h.fleetUp(ctx, 1, true)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	n := nodes[0]
+	ids, _, err := deployN(ctx, c, h.workload(), 1, h.o.Recovery, 32, "rec")
+	if err != nil {
+		return []Result{r}, err
+	}
+	want := map[string]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	// Give the node a moment to persist the last start requests.
+	time.Sleep(time.Second)
+	c.tracker.reset()
+	n.kill9()
+	killed := time.Now()
+	// What survives nexd's death depends on the nexlet's own parent-death handling.
+	time.Sleep(200 * time.Millisecond)
+	alive := 0
+	for id, k := range workloadProcs() {
+		if want[id] {
+			alive += k
+		}
+	}
+	h.mu.Lock()
+	for i, m := range h.nodes {
+		if m == n {
+			h.nodes = append(h.nodes[:i], h.nodes[i+1:]...)
+		}
+	}
+	h.mu.Unlock()
+	spec := n.spec
+	restarted := time.Now()
+	n2, readyIn, err := h.readyNode(ctx, spec)
+	if err != nil {
+		return []Result{r}, fmt.Errorf("restart: %w", err)
+	}
+	_ = n2
+	// Wait until every id announced, bounded.
+	deadline := time.Now().Add(max(60*time.Second, time.Duration(h.o.Recovery)*100*time.Millisecond))
+	var allIn time.Duration
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		got := 0
+		for id := range c.tracker.counts() {
+			if want[id] {
+				got++
+			}
+		}
+		if got == len(want) {
+			allIn = time.Since(restarted)
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Settle, then count announcements and live processes per id.
+	time.Sleep(3 * time.Second)
+	counts := c.tracker.counts()
+	procs := workloadProcs()
+	var announced, dupAnn, missing, oneProc, multiProc int
+	for id := range want {
+		switch k := counts[id]; {
+		case k == 0:
+			missing++
+		case k == 1:
+			announced++
+		default:
+			announced++
+			dupAnn++
+		}
+		switch procs[id] {
+		case 1:
+			oneProc++
+		case 0:
+		default:
+			multiProc++
+		}
+	}
+	r.add("workloads before kill", float64(len(want)), "")
+	r.add("workload processes alive 200 ms after kill -9", float64(alive), "")
+	r.ms("restart exec to READY=1", readyIn)
+	if allIn > 0 {
+		r.ms("restart exec to all announced", allIn).atMost(10_000, "<= 10 s")
+	} else {
+		r.notef("not every workload announced itself within the bound")
+	}
+	r.ms("kill to all announced", allIn+restarted.Sub(killed))
+	r.add("announced again", float64(announced), "")
+	r.add("announced more than once", float64(dupAnn), "")
+	r.add("never announced", float64(missing), "")
+	r.add("ids with exactly one live process", float64(oneProc), "")
+	r.add("ids with several live processes", float64(multiProc), "")
+	return []Result{r}, nil
+}

@@ -1,0 +1,75 @@
+# Shared helpers of the in-guest suites (sourced; POSIX sh with bash features avoided
+# only where cheap: the guests have bash, so bash is used).
+# Every check prints exactly one PASS:/FAIL: line; the suite's exit status is the number
+# of failed checks (capped at 100).
+FAILS=0
+PASSES=0
+SUITE=${SUITE:-guest}
+
+pass() { PASSES=$((PASSES + 1)); echo "PASS: $*"; }
+fail() { FAILS=$((FAILS + 1)); echo "FAIL: $*"; }
+info() { echo "INFO: $*"; }
+
+# check DESCRIPTION CMD...: PASS when CMD exits 0; on failure show its last output lines.
+check() {
+	local desc=$1 out
+	shift
+	if out=$("$@" 2>&1); then
+		pass "$desc"
+	else
+		fail "$desc"
+		printf '%s\n' "$out" | tail -15 | sed 's/^/      | /'
+	fi
+}
+
+# not CMD...: inverts an exit status (for "is refused" checks).
+not() { ! "$@"; }
+
+# wait_until SECONDS CMD...: polls CMD every 0.5 s until it succeeds or time runs out.
+wait_until() {
+	local end=$(($(date +%s) + $1))
+	shift
+	until "$@" >/dev/null 2>&1; do
+		[ "$(date +%s)" -ge "$end" ] && { "$@"; return 1; }
+		sleep 0.5
+	done
+}
+
+prop() { systemctl show -P "$1" nexd.service; }
+running() { [ "$(prop ActiveState)/$(prop SubState)" = active/running ]; }
+inactive() { ! systemctl --quiet is-active nexd.service; }
+mainpid() { prop MainPID; }
+nrestarts() { prop NRestarts; }
+
+# json_field KEY: first "KEY": "value" of the JSON on stdin (the guest has no jq).
+json_field() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" | head -1; }
+node_id() { nexctl --json status | json_field node_id; }
+
+# count_running NAME: workloads named NAME in state running on this node.
+count_running() {
+	nexctl --json workloads | tr -d ' \n' | sed 's/},{/}\n{/g' |
+		grep -c "\"name\":\"$1\",.*\"state\":\"running\"" || true
+}
+running_once() { [ "$(count_running "$1")" = 1 ] && [ "$(pgrep -cx "$2")" = 1 ]; }
+
+set_config() { # set_config SED-EXPR: edit /etc/nex/config.json in place
+	sed -i "$1" /etc/nex/config.json
+}
+
+finish() {
+	if [ "$FAILS" -gt 0 ]; then
+		echo "---- diagnostics ($SUITE) ----"
+		systemctl status nexd.service --no-pager -l 2>&1 | head -30
+		journalctl -u nexd.service --no-pager -n 60 -o short-monotonic 2>&1
+	fi
+	echo "SUMMARY($SUITE): $PASSES passed, $FAILS failed"
+	[ "$FAILS" -gt 100 ] && FAILS=100
+	exit "$FAILS"
+}
+
+# Conditions on nexd.service's main process, for check and wait_until.
+running_with_main() { running && [ "$(mainpid)" = "$1" ]; }
+running_new_main() { running && [ "$(mainpid)" != "$1" ] && [ "$(mainpid)" != 0 ]; }
+watchdog_ok() { running_with_main "$1" && [ "$(nrestarts)" = 0 ]; }
+restarted_by_watchdog() { running_new_main "$1" && [ "$(nrestarts)" -ge 1 ]; }
+stopped_cleanly() { [ "$(prop Result)" = success ] && [ "$(prop ExecMainStatus)" = 0 ]; }

@@ -1,0 +1,132 @@
+#!/bin/bash
+# The systemd suite, run inside a booted Debian 12 systemd-nspawn container against the
+# installed nexd .deb: install, start, notify/STATUS, socket access, reload, watchdog,
+# journal fields, workloads, restart and state, hung-node restart, stop, lameduck,
+# upgrade, remove and purge. cgroup controllers are unavailable here (see qemu.sh).
+. /mnt/guest/lib.sh
+DEB=/mnt/pkgs/nexd.deb
+DEB_UP=/mnt/pkgs/nexd-upgrade.deb
+export PAGER=cat SYSTEMD_PAGER=cat
+
+info "virt=$(systemd-detect-virt) cgroupfs=$(stat -fc %T /sys/fs/cgroup) $(systemctl --version | head -1)"
+
+# --- package installation (postinst: sysusers, tmpfiles, enable, start) ---
+check "dpkg -i installs the package" dpkg -i "$DEB"
+check "sysusers created group nex" getent group nex
+check "tmpfiles: /var/lib/nex is 0700" test "$(stat -c %a /var/lib/nex)" = 700
+check "nexd.service enabled on first install" systemctl --quiet is-enabled nexd.service
+check "systemd-analyze verify nexd.service is clean" \
+	sh -c 'out=$(systemd-analyze verify --man=no /usr/lib/systemd/system/nexd.service 2>&1); echo "$out"; [ -z "$out" ]'
+info "security: $(systemd-analyze security nexd.service --no-pager 2>&1 | tail -1)"
+
+# --- start: Type=notify READY with a STATUS line ---
+check "postinst started nexd: active (running)" wait_until 90 running
+check "Type=notify with a STATUS line (systemctl status shows Status:)" \
+	sh -c 'systemctl status nexd --no-pager | grep -q "Status: \""'
+info "StatusText=$(prop StatusText)"
+NODE=$(node_id)
+info "node id $NODE"
+
+# --- control socket access ---
+useradd -m -G nex alice
+useradd -m bob
+check "nexctl status as root" nexctl status
+check "nexctl status as a member of group nex" runuser -u alice -- nexctl status
+check "nexctl config (full access) as a member of group nex" runuser -u alice -- nexctl config
+check "nexctl status as another user (control_allow_others=status)" runuser -u bob -- nexctl status
+check "nexctl config refused for another user" not runuser -u bob -- nexctl config
+info "socket: $(stat -c '%A %U:%G %n' /run/nex/nexd.sock)"
+
+# --- journal fields ---
+check "journal carries NEX_NODE_ID" \
+	sh -c "journalctl -u nexd -o json --no-pager | grep -q '\"NEX_NODE_ID\":\"$NODE\"'"
+
+# --- a workload ---
+check "nexctl workload run --name x -- /bin/sleep 600" nexctl workload run --name x -- /bin/sleep 600
+check "workload x runs" wait_until 30 running_once x sleep
+WPID=$(pgrep -x sleep | head -1)
+check "workload process is in nexd.service's cgroup" grep -q 'nexd.service' "/proc/$WPID/cgroup"
+info "workload cgroup: $(cat /proc/"$WPID"/cgroup 2>/dev/null | tr '\n' ' ')"
+check "journal carries the workload fields (NEX_WORKLOAD_ID, NEX_NAMESPACE)" \
+	sh -c "journalctl -u nexd -o json --no-pager | grep '\"NEX_WORKLOAD_ID\"' | grep -q '\"NEX_NAMESPACE\":\"system\"'"
+
+# --- reload: good config changes the log level; bad config is rejected ---
+MAIN=$(mainpid)
+cp /etc/nex/config.json /root/config.orig
+set_config 's/"level": "info"/"level": "debug"/'
+check "systemctl reload with a good config succeeds" systemctl reload nexd
+check "reload changed the log level to debug" sh -c 'nexctl config | tr -d " \n" | grep -q "\"level\":\"debug\""'
+cp /etc/nex/config.json /root/config.good
+set_config 's/"level": "debug"/"level": "loud"/'
+check "systemctl reload with a bad config fails" not systemctl reload nexd
+check "node keeps running after the bad reload (same MainPID)" running_with_main "$MAIN"
+check "old config still in force after the bad reload" sh -c 'nexctl config | tr -d " \n" | grep -q "\"level\":\"debug\""'
+info "StatusText after bad reload: $(prop StatusText)"
+cp /root/config.good /etc/nex/config.json
+check "reload after restoring the config succeeds" systemctl reload nexd
+
+# --- watchdog keeps it alive past WatchdogSec=30s ---
+check "WatchdogSec is 30s" test "$(prop WatchdogUSec)" = 30s
+ENTER=$(prop ActiveEnterTimestampMonotonic)
+now_us() { awk '{printf "%d", $1 * 1000000}' /proc/uptime; }
+while [ "$(now_us)" -lt $((ENTER + 36000000)) ]; do sleep 1; done
+check "watchdog: still running 36s after start, same MainPID, NRestarts=0" watchdog_ok "$MAIN"
+
+# --- restart keeps the node id and brings the workload back exactly once (state kv) ---
+# Also an admin edit that the upgrade below must keep: others lose status access.
+set_config 's/"control_allow_others": "status"/"control_allow_others": "none"/'
+check "systemctl restart nexd" systemctl restart nexd
+check "active (running) after restart" wait_until 90 running
+check "node id kept across restart (state dir)" test "$(node_id)" = "$NODE"
+check "workload x back exactly once after restart" wait_until 60 running_once x sleep
+check "nexctl status refused for another user with control_allow_others=none" not runuser -u bob -- nexctl status
+check "nexctl status still works for a member of group nex" runuser -u alice -- nexctl status
+
+# --- a hung node (SIGSTOP) is killed by the watchdog and restarted ---
+MAIN=$(mainpid)
+kill -STOP "$MAIN"
+check "hung node restarted by systemd (watchdog timeout)" wait_until 150 restarted_by_watchdog "$MAIN"
+check "journal shows the watchdog timeout" sh -c 'journalctl -u nexd --no-pager | grep -qi "watchdog timeout"'
+check "workload x back exactly once after the watchdog restart" wait_until 60 running_once x sleep
+
+# --- stop leaves nothing behind ---
+CG=/sys/fs/cgroup$(prop ControlGroup)
+check "systemctl stop nexd" systemctl stop nexd
+check "stopped cleanly (Result=success, exit status 0)" stopped_cleanly
+check "no nexd, nexlet or workload process left" sh -c '! pgrep -x sleep && ! pgrep -x nexd && ! pgrep -f "nexd.*nexlet"'
+check "nexd.service cgroup gone" not test -d "$CG"
+
+# --- lameduck: workloads stop after the delay, then the service exits ---
+check "systemctl start nexd" systemctl start nexd
+check "active (running)" wait_until 90 running
+check "workload x restored at start" wait_until 60 running_once x sleep
+T0=$(date +%s)
+check "nexctl lameduck --delay 5s" nexctl lameduck --delay 5s
+check "workload still running right after lameduck" pgrep -x sleep
+check "lameduck: service exits" wait_until 90 inactive
+T1=$(date +%s)
+check "lameduck: workload stopped no sooner than the 5s delay" test $((T1 - T0)) -ge 5
+check "lameduck: no workload process left" not pgrep -x sleep
+info "after lameduck: Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus) took $((T1 - T0))s"
+
+# --- upgrade: restarts the node, keeps config edits and state ---
+check "systemctl start nexd (before upgrade)" systemctl start nexd
+check "active (running) before upgrade" wait_until 90 running
+MAIN=$(mainpid)
+check "upgrade with dpkg -i (newer version)" dpkg -i "$DEB_UP"
+check "upgrade restarted nexd (new MainPID, active)" wait_until 90 running_new_main "$MAIN"
+check "upgrade kept the /etc/nex/config.json edit" grep -q '"control_allow_others": "none"' /etc/nex/config.json
+check "upgrade kept the node id" test "$(node_id)" = "$NODE"
+info "installed: $(dpkg-query -W nexd)"
+
+# --- remove stops the service and keeps state; purge deletes it ---
+check "apt-get remove nexd" apt-get remove -y -q nexd
+check "remove stopped nexd" sh -c '! systemctl --quiet is-active nexd && ! pgrep -x nexd'
+check "remove kept /var/lib/nex and /etc/nex/config.json" test -d /var/lib/nex -a -f /etc/nex/config.json
+check "apt-get purge nexd" apt-get purge -y -q nexd
+check "purge deleted /var/lib/nex" not test -e /var/lib/nex
+check "purge deleted /etc/nex/config.json" not test -e /etc/nex/config.json
+check "purge left no enablement symlink or mask" \
+	sh -c '! test -L /etc/systemd/system/multi-user.target.wants/nexd.service && ! test -L /etc/systemd/system/nexd.service'
+
+finish
