@@ -5,9 +5,9 @@ package e2e
 
 import (
 	"bufio"
-	"flag"
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
