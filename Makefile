@@ -16,6 +16,9 @@ STATICCHECK_VERSION := v0.8.2
 
 all: build
 
+# Packaging, the real-systemd test and benchmarks live in their own fragments.
+-include $(wildcard mk/*.mk)
+
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 

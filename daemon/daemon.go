@@ -252,6 +252,7 @@ func (d *daemon) start(ctx context.Context) error {
 		Emitter:                 d.emitter(cfg),
 		Logger:                  d.log,
 		OnLameduck:              d.onLameduck,
+		Observer:                observer{m: d.metrics, d: d},
 	})
 	if err != nil {
 		return fmt.Errorf("node: %w", err)

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/node"
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/protocol"
@@ -131,25 +132,48 @@ func (m *metrics) nexletExit(name string, oom bool) {
 	}
 }
 
-// Observer hooks called by the node.
-func (m *metrics) Auction(d time.Duration) { m.auctionLatency.Observe(d.Seconds()) }
-func (m *metrics) Deploy(d time.Duration, err error) {
-	m.deployLatency.Observe(d.Seconds())
-	m.deploys.WithLabelValues(outcome(err)).Inc()
+// observer feeds the node's measurements into the metrics and revokes the credentials
+// of workloads that ended.
+type observer struct {
+	m *metrics
+	d *daemon
 }
-func (m *metrics) Stop(stopped bool) {
-	if stopped {
-		m.stops.WithLabelValues("stopped").Inc()
+
+func (o observer) Auction(d time.Duration) { o.m.auctionLatency.Observe(d.Seconds()) }
+
+func (o observer) Deploy(d time.Duration, ok bool) {
+	o.m.deployLatency.Observe(d.Seconds())
+	if ok {
+		o.m.deploys.WithLabelValues("ok").Inc()
 	} else {
-		m.stops.WithLabelValues("not_found").Inc()
+		o.m.deploys.WithLabelValues("error").Inc()
 	}
 }
 
-func outcome(err error) string {
-	if err != nil {
-		return "error"
+func (o observer) Stop(stopped bool) {
+	if stopped {
+		o.m.stops.WithLabelValues("stopped").Inc()
+	} else {
+		o.m.stops.WithLabelValues("not_found").Inc()
 	}
-	return "ok"
+}
+
+// WorkloadEnded revokes what can be revoked; at least the minter forgets the workload.
+func (o observer) WorkloadEnded(id string) {
+	r, ok := o.d.minter.(interface {
+		RevokeWorkload(context.Context, string) error
+	})
+	if !ok {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := r.RevokeWorkload(ctx, id); err != nil && !errors.Is(err, mint.ErrRevocationUnsupported) &&
+			!errors.Is(err, mint.ErrUnknownWorkload) {
+			o.d.log.Warn("could not revoke an ended workload's credentials", "workload_id", id, "err", err)
+		}
+	}()
 }
 
 // listen serves /metrics on addr (opt-in; examples use loopback).

@@ -110,6 +110,13 @@ func TestWorkloadLifecycle(t *testing.T) {
 	if ws := n.workloads(t); len(ws) != 1 || ws[0].ID != r.ID {
 		t.Fatalf("local workloads %+v", ws)
 	}
+	metrics := n.mustCtl(t, "metrics")
+	for _, want := range []string{`nexd_deploys_total{outcome="ok"} 1`, "nexd_auction_seconds_count",
+		`nexd_workloads_running{namespace="system",type="native"} 1`, "nexd_state_workloads_stored_total 1"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
 
 	// Clone: a second copy with a new id; the original keeps running.
 	out := n.mustCtl(t, "--json", "workload", "clone", r.ID)

@@ -178,6 +178,9 @@ func (n *Node) handleAuction(r micro.Request) {
 	}
 	bidderID := nuid.Next()
 	n.bids[bidderID] = bid{agentID: a.id, expires: now.Add(n.o.AuctionTTL)}
+	if n.o.Observer != nil {
+		defer func() { n.o.Observer.Auction(time.Since(now)) }()
+	}
 	lifecycles := a.req.SupportedLifecycles
 	if len(lifecycles) == 0 {
 		lifecycles = []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob, protocol.LifecycleFunction}
@@ -206,9 +209,15 @@ func (n *Node) takeBid(id string) (bid, bool) {
 
 func (n *Node) handleDeploy(r micro.Request) {
 	bidderID := protocol.Token(r.Subject(), 5)
+	markDeployed := func() {}
 	b, ok := n.takeBid(bidderID)
 	if !ok {
 		return // another node's bid, or expired: upstream is silent
+	}
+	if n.o.Observer != nil {
+		start, deployed := time.Now(), false
+		defer func() { n.o.Observer.Deploy(time.Since(start), deployed) }()
+		markDeployed = func() { deployed = true }
 	}
 	var req protocol.StartWorkloadRequest
 	if err := protocol.Decode(r.Data(), &req); err != nil {
@@ -281,15 +290,27 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 	ctx, cancel := context.WithTimeout(n.ctx, n.o.StartTimeout)
 	defer cancel()
+	n.mu.Lock()
+	n.starting[workloadID] = false
+	n.mu.Unlock()
+	endedEarly := func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		ended := n.starting[workloadID]
+		delete(n.starting, workloadID)
+		return ended
+	}
 	reply, err := n.o.NC.RequestWithContext(ctx, protocol.StartWorkloadSubject(n.id, a.id, workloadID), body)
 	if err != nil {
 		release()
+		endedEarly()
 		n.fail(r, 500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
 		return
 	}
 	if isErrorReply(reply) {
 		// Relayed verbatim, and not stored: the nexlet did not run it.
 		release()
+		endedEarly()
 		n.log.Info("nexlet refused workload", "workload_id", workloadID, "agent_id", a.id,
 			"code", reply.Header.Get(protocol.HeaderErrorCode), "error", reply.Header.Get(protocol.HeaderError))
 		n.relay(r, reply)
@@ -297,6 +318,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 	if err := n.o.Store.Put(ctx, req.WorkloadType, workloadID, req); err != nil {
 		release()
+		endedEarly()
 		n.stopAfterFailedPut(req, workloadID)
 		if errors.Is(err, ErrValueTooLarge) {
 			n.fail(r, 400, "workload not stored", fmt.Errorf("workload %s was started but could not be recorded in node state, so it was stopped again: %w", workloadID, err))
@@ -308,8 +330,13 @@ func (n *Node) handleDeploy(r micro.Request) {
 	n.mu.Lock()
 	n.owned[workloadID] = req.WorkloadType
 	n.mu.Unlock()
+	if endedEarly() {
+		// The workload (a quick job) ended before it was recorded: drop it again.
+		n.forget(workloadID, req.WorkloadType)
+	}
 	n.log.Info("workload deployed", "workload_id", workloadID, "name", req.Name, "namespace", req.Namespace,
 		"type", req.WorkloadType, "agent_id", a.id)
+	markDeployed()
 	n.relay(r, reply)
 }
 
@@ -377,6 +404,9 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		return
 	}
 	n.respondJSON(r, resp)
+	if n.o.Observer != nil {
+		n.o.Observer.Stop(resp.Stopped)
+	}
 	if resp.Stopped {
 		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType)
 		n.forget(workloadID, resp.WorkloadType)
@@ -532,6 +562,9 @@ func (n *Node) forget(workloadID, workloadType string) {
 	}
 	delete(n.owned, workloadID)
 	n.mu.Unlock()
+	if n.o.Observer != nil {
+		n.o.Observer.WorkloadEnded(workloadID)
+	}
 	if workloadType == "" {
 		return
 	}
@@ -551,6 +584,9 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 	n.mu.Lock()
 	typ, ok := n.owned[ev.ID]
 	keep := n.keep
+	if _, inFlight := n.starting[ev.ID]; inFlight && !ok {
+		n.starting[ev.ID] = true // the deploy removes it once recorded
+	}
 	n.mu.Unlock()
 	if !ok || keep {
 		return

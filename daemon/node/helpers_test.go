@@ -222,6 +222,9 @@ type fakeAgent struct {
 	creds     map[string]protocol.NatsConnectionData
 	hbState   string
 	failStart string
+	// endFirst plays a job so quick that its WORKLOADSTOPPED event is published
+	// before the reply to STARTWORKLOAD.
+	endFirst  bool
 	lameducks int
 	stopHB    chan struct{}
 	hbDone    chan struct{}
@@ -294,9 +297,13 @@ func (a *fakeAgent) serve() {
 		}
 		a.mu.Lock()
 		fail := a.failStart
-		if fail == "" {
+		if fail == "" && !a.endFirst {
 			a.workloads[wid] = req.Request
 			a.creds[wid] = req.WorkloadCreds
+		}
+		if a.endFirst {
+			a.emitStopped(wid, req.Request.Namespace)
+			_ = a.nc.Flush()
 		}
 		a.mu.Unlock()
 		if fail != "" {

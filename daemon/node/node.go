@@ -70,6 +70,21 @@ type Options struct {
 	// schedules the shutdown after delay. It runs on a request handler's goroutine
 	// and must not block.
 	OnLameduck func(delay time.Duration)
+
+	// Observer, when set, receives measurements for metrics and workload endings.
+	Observer Observer
+}
+
+// Observer is told what the node does, for metrics and clean-up. Calls must not block.
+type Observer interface {
+	// Auction is called after each bid, with the time it took to decide.
+	Auction(d time.Duration)
+	// Deploy is called for each deploy to one of this node's bids.
+	Deploy(d time.Duration, ok bool)
+	// Stop is called for each UNDEPLOY this node handled.
+	Stop(stopped bool)
+	// WorkloadEnded is called when a workload this node ran is gone for good.
+	WorkloadEnded(workloadID string)
 }
 
 func (o *Options) defaults() {
@@ -125,6 +140,9 @@ type Node struct {
 	svc      micro.Service
 	subs     []*nats.Subscription // nexlet heartbeats, workload-ended events
 	owned    map[string]string    // workload id -> type, for what this node stored
+	// starting holds workloads whose deploy is in flight; true once the nexlet said
+	// the workload already ended (a fast job), so the deploy removes it from state.
+	starting map[string]bool
 	keep     bool                 // StopAllWorkloads ran: keep state for the next start
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -183,6 +201,7 @@ func New(o Options) (*Node, error) {
 		procInfo: map[string]procInfo{},
 		bids:     map[string]bid{},
 		owned:    map[string]string{},
+		starting: map[string]bool{},
 		changed:  make(chan struct{}),
 		slots:    make(chan struct{}, 64),
 	}

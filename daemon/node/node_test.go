@@ -712,3 +712,23 @@ func TestEndedWorkloadLeavesState(t *testing.T) {
 		t.Errorf("the running job left state: %v", got)
 	}
 }
+
+// TestJobEndingBeforeDeployReplyLeavesNoState: a job that ends before the node has
+// recorded it must not stay in state (its WORKLOADSTOPPED arrives first).
+func TestJobEndingBeforeDeployReplyLeavesNoState(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", func(a *fakeAgent) { a.endFirst = true })
+	for i := 0; i < 20; i++ {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+		m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "quick", `{"cmd":"x"}`))
+		var r protocol.StartWorkloadResponse
+		if err := protocol.Decode(m.Data, &r); err != nil {
+			t.Fatalf("deploy %q", m.Data)
+		}
+	}
+	eventually(t, "quick jobs gone from state", func() bool { return f.stores[0].Len() == 0 })
+	time.Sleep(200 * time.Millisecond)
+	if n := f.stores[0].Len(); n != 0 {
+		t.Fatalf("%d ended jobs left in state", n)
+	}
+}
