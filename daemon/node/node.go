@@ -137,13 +137,13 @@ type Node struct {
 	bids      map[string]bid           // bidder id -> bid
 	changed   chan struct{}            // closed and replaced whenever agents change
 
-	svc      micro.Service
-	subs     []*nats.Subscription // nexlet heartbeats, workload-ended events
-	owned    map[string]string    // workload id -> type, for what this node stored
+	svc   micro.Service
+	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
+	owned map[string]string    // workload id -> type, for what this node stored
 	// starting holds workloads whose deploy is in flight; true once the nexlet said
 	// the workload already ended (a fast job), so the deploy removes it from state.
 	starting map[string]bool
-	keep     bool                 // StopAllWorkloads ran: keep state for the next start
+	keep     bool // StopAllWorkloads ran: keep state for the next start
 	ctx      context.Context
 	cancel   context.CancelFunc
 	loops    sync.WaitGroup // heartbeat and health loops

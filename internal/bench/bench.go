@@ -94,7 +94,9 @@ func (o *Options) Defaults() {
 }
 
 // Scenarios lists the scenario names in the order `all` runs them.
-var Scenarios = []string{"ready", "control", "placement", "throughput", "footprint", "recovery", "fleet"}
+func Scenarios() []string {
+	return []string{"ready", "control", "placement", "throughput", "footprint", "recovery", "fleet"}
+}
 
 // Harness owns everything a run starts: temp dirs, NATS servers, nexd processes and
 // cgroup directories, all removed by Close.
@@ -278,12 +280,12 @@ func waitBids(ctx context.Context, c *client, want int) error {
 func (h *Harness) Run(ctx context.Context, names []string) (*Report, error) {
 	rep := &Report{Started: time.Now(), Host: HostInfo{CPUs: runtime.NumCPU(), Load1Before: load1()}}
 	if len(names) == 1 && names[0] == "all" {
-		names = Scenarios
+		names = Scenarios()
 	}
 	for _, name := range names {
 		fn := h.scenario(name)
 		if fn == nil {
-			return nil, fmt.Errorf("unknown scenario %q (want one of %s or all)", name, strings.Join(Scenarios, ", "))
+			return nil, fmt.Errorf("unknown scenario %q (want one of %s or all)", name, strings.Join(Scenarios(), ", "))
 		}
 	}
 	if len(h.o.Servers) == 0 {

@@ -329,8 +329,6 @@ func cmpOr(a, b string) string {
 	return b
 }
 
-func osPid() int { return os.Getpid() }
-
 func execOutput(name string, args ...string) (string, error) {
 	cmd := exec.Command(name, args...)
 	cmd.Env = childEnv()

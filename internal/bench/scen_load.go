@@ -132,8 +132,8 @@ type nodeSample struct {
 	cpuTicks                               int64
 }
 
-// nexletPids are nexd's direct children that are nexlets (not workloads: under
-// cgroup-less isolation workloads are the nexlet's children, never nexd's).
+// sampleNode reads nexd and its direct children, the nexlets (workloads are the
+// nexlets' children, never nexd's).
 func sampleNode(n *nodeProc) (nodeSample, error) {
 	var s nodeSample
 	pid := n.Pid()
@@ -210,7 +210,7 @@ func (h *Harness) footprint(ctx context.Context) ([]Result, error) {
 		} else {
 			per := float64((after.nexdPSS+after.nexletPSS)-(base.nexdPSS+base.nexletPSS)) / float64(running) / 1024
 			r.add("node + nexlet PSS per workload", per, "KB").atMost(40, "<= 40 KB")
-			if wp := workloadPSS(c, n); wp > 0 {
+			if wp := workloadPSS(n); wp > 0 {
 				r.add("workload process PSS (avg, not counted above)", float64(wp)/1024, "KB")
 			}
 		}
@@ -221,7 +221,7 @@ func (h *Harness) footprint(ctx context.Context) ([]Result, error) {
 }
 
 // workloadPSS averages the PSS of the workload processes under the nexlet.
-func workloadPSS(_ *client, n *nodeProc) int64 {
+func workloadPSS(n *nodeProc) int64 {
 	var sum int64
 	var k int64
 	for _, nl := range childrenOf(n.Pid()) {
@@ -305,11 +305,10 @@ func (h *Harness) recovery(ctx context.Context) ([]Result, error) {
 	h.mu.Unlock()
 	spec := n.spec
 	restarted := time.Now()
-	n2, readyIn, err := h.readyNode(ctx, spec)
+	_, readyIn, err := h.readyNode(ctx, spec)
 	if err != nil {
 		return []Result{r}, fmt.Errorf("restart: %w", err)
 	}
-	_ = n2
 	// Wait until every id announced, bounded.
 	deadline := time.Now().Add(max(60*time.Second, time.Duration(h.o.Recovery)*100*time.Millisecond))
 	var allIn time.Duration
@@ -354,10 +353,10 @@ func (h *Harness) recovery(ctx context.Context) ([]Result, error) {
 	r.ms("restart exec to READY=1", readyIn)
 	if allIn > 0 {
 		r.ms("restart exec to all announced", allIn).atMost(10_000, "<= 10 s")
+		r.ms("kill to all announced", allIn+restarted.Sub(killed))
 	} else {
 		r.notef("not every workload announced itself within the bound")
 	}
-	r.ms("kill to all announced", allIn+restarted.Sub(killed))
 	r.add("announced again", float64(announced), "")
 	r.add("announced more than once", float64(dupAnn), "")
 	r.add("never announced", float64(missing), "")

@@ -5,8 +5,8 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -46,7 +46,7 @@ func RunWorkload(ctx context.Context, env func(string) string) error {
 	if err != nil {
 		return fmt.Errorf("workload: connect to %s: %w", servers, err)
 	}
-	if err := nc.Publish(ReadySubjectPrefix+"."+id, []byte(strconv.Itoa(osPid()))); err != nil {
+	if err := nc.Publish(ReadySubjectPrefix+"."+id, []byte(strconv.Itoa(os.Getpid()))); err != nil {
 		nc.Close()
 		return fmt.Errorf("workload: announce: %w", err)
 	}
@@ -57,15 +57,4 @@ func RunWorkload(ctx context.Context, env func(string) string) error {
 	nc.Close()
 	<-ctx.Done()
 	return nil
-}
-
-// splitServers turns "a,b" into a list.
-func splitServers(s string) []string {
-	var out []string
-	for p := range strings.SplitSeq(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
 }
