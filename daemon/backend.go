@@ -118,12 +118,14 @@ func (b backend) RestartNexlet(ctx context.Context, name string) error {
 	if b.d.sup == nil {
 		return fmt.Errorf("%w: no supervised nexlets", control.ErrNotFound)
 	}
+	spec, ok := b.d.nexletByName(name)
+	if !ok {
+		return fmt.Errorf("%w: nexlet %q (local nexlets: %v)", control.ErrNotFound, name, b.d.nexletNames())
+	}
 	if err := b.d.sup.Reset(name); err != nil {
-		if _, ok := b.d.nexletByName(name); !ok {
-			return fmt.Errorf("%w: nexlet %q (local nexlets: %v)", control.ErrNotFound, name, b.d.nexletNames())
-		}
 		return err
 	}
+	b.d.node.SetAgentProcessInfo(spec.agentID, b.d.nexletRestarts(name), "reset by nexctl", false)
 	return nil
 }
 

@@ -122,6 +122,9 @@ func (d *daemon) logOptions(cfg *config.Config, nodeID string) logging.Options {
 		NodeID:    nodeID,
 		Namespace: cfg.Namespace,
 		Stderr:    d.stderr,
+		// Workload output always reaches the journal (with NEX_WORKLOAD_ID) and the
+		// log feeds; the console shows it only with show_workload_logs.
+		HideWorkloadOutput: !cfg.Node.ShowWorkloadLogs,
 	}
 }
 

@@ -53,6 +53,7 @@ func (d *daemon) startNexlets(ctx context.Context, cfg *config.Config) error {
 		Logger:       d.log,
 		Env:          d.nexletEnv,
 		OnExit:       d.onNexletExit,
+		OnFailed:     d.onNexletFailed,
 	})
 	for _, s := range specs {
 		d.node.ExpectAgent(s.agentID, s.name)
@@ -227,6 +228,29 @@ func (d *daemon) onNexletExit(name string, exit supervise.ExitInfo) {
 	}
 	d.metrics.nexletExit(name, exit.OOM)
 	d.node.RemoveAgent(s.agentID, exit.Reason)
+	d.node.SetAgentProcessInfo(s.agentID, d.nexletRestarts(name), exit.Reason, false)
+}
+
+// onNexletFailed marks a given-up nexlet offline in node info and in STATUS.
+func (d *daemon) onNexletFailed(name string, last supervise.ExitInfo) {
+	s, ok := d.nexletByName(name)
+	if !ok {
+		return
+	}
+	d.node.SetAgentProcessInfo(s.agentID, d.nexletRestarts(name), "failed: "+last.Reason, true)
+	d.notify.Status(d.statusLine())
+}
+
+func (d *daemon) nexletRestarts(name string) int {
+	if d.sup == nil {
+		return 0
+	}
+	for _, st := range d.sup.Statuses() {
+		if st.Name == name {
+			return st.Restarts
+		}
+	}
+	return 0
 }
 
 func toCgroupLimits(l config.Limits) cgroup.Limits {

@@ -50,7 +50,15 @@ type Options struct {
 	Env func(string) string
 	// RingSize is how many recent records Recent keeps (default 1000).
 	RingSize int
+	// HideWorkloadOutput keeps workload output lines (records with the message
+	// WorkloadOutputMsg) off the std, file and nats targets; the journal and the
+	// ring buffer behind `nexctl logs --workload` still get them.
+	HideWorkloadOutput bool
 }
+
+// WorkloadOutputMsg is the message of a record that carries one line of a workload's
+// stdout or stderr (the native nexlet logs them so).
+const WorkloadOutputMsg = "workload output"
 
 // Publisher is what the nats target needs; *nats.Conn satisfies it.
 type Publisher interface {
@@ -253,7 +261,7 @@ func (c *core) build(opts Options) (*state, error) {
 		switch t {
 		case TargetStd:
 			h := lineHandler(stderr, opts.Format).WithAttrs(pidAttrs)
-			st.sinks = append(st.sinks, h)
+			st.sinks = append(st.sinks, hideOutput(h, opts.HideWorkloadOutput))
 			st.survivors = append(st.survivors, h)
 		case TargetFile:
 			f, err := os.OpenFile(opts.File, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
@@ -262,7 +270,7 @@ func (c *core) build(opts Options) (*state, error) {
 				return nil, fmt.Errorf("logging: open log file: %w", err)
 			}
 			h := lineHandler(f, opts.Format).WithAttrs(pidAttrs)
-			st.sinks = append(st.sinks, h)
+			st.sinks = append(st.sinks, hideOutput(h, opts.HideWorkloadOutput))
 			st.closers = append(st.closers, f)
 		case TargetJournal:
 			path := opts.JournalSocket
@@ -277,7 +285,7 @@ func (c *core) build(opts Options) (*state, error) {
 			st.sinks = append(st.sinks, j)
 			st.closers = append(st.closers, j.w)
 		case TargetNATS:
-			st.sinks = append(st.sinks, newNATSHandler(&c.pub, opts.Format, pidAttrs))
+			st.sinks = append(st.sinks, hideOutput(newNATSHandler(&c.pub, opts.Format, pidAttrs), opts.HideWorkloadOutput))
 		}
 	}
 	return st, nil
@@ -394,4 +402,29 @@ func (h *fanout) WithGroup(name string) slog.Handler {
 		return h
 	}
 	return &fanout{core: h.core, ops: append(slices.Clip(h.ops), op{group: name})}
+}
+
+// hideOutput drops workload output records from h when hide is set.
+func hideOutput(h slog.Handler, hide bool) slog.Handler {
+	if !hide {
+		return h
+	}
+	return outputFilter{h}
+}
+
+type outputFilter struct{ slog.Handler }
+
+func (f outputFilter) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == WorkloadOutputMsg {
+		return nil
+	}
+	return f.Handler.Handle(ctx, r)
+}
+
+func (f outputFilter) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return outputFilter{f.Handler.WithAttrs(attrs)}
+}
+
+func (f outputFilter) WithGroup(name string) slog.Handler {
+	return outputFilter{f.Handler.WithGroup(name)}
 }

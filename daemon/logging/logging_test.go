@@ -631,3 +631,28 @@ func TestPriority(t *testing.T) {
 		}
 	}
 }
+
+func TestHideWorkloadOutput(t *testing.T) {
+	for _, hide := range []bool{true, false} {
+		var buf bytes.Buffer
+		l, err := New(Options{Targets: []string{TargetStd}, Stderr: &buf, HideWorkloadOutput: hide})
+		if err != nil {
+			t.Fatal(err)
+		}
+		log := l.Slog().With("nexlet", "native")
+		log.Info(WorkloadOutputMsg, "workload_id", "w1", "line", "hello")
+		log.Info("workload started", "workload_id", "w1")
+		out := buf.String()
+		if strings.Contains(out, "hello") == hide {
+			t.Errorf("hide=%v: output line shown=%v:\n%s", hide, !hide, out)
+		}
+		if !strings.Contains(out, "workload started") {
+			t.Errorf("hide=%v: other records must pass:\n%s", hide, out)
+		}
+		// The ring buffer (nexctl logs --workload) keeps the line either way.
+		if len(l.Recent(func(r Record) bool { return r.Msg == WorkloadOutputMsg })) != 1 {
+			t.Errorf("hide=%v: ring lost the output line", hide)
+		}
+		l.Close()
+	}
+}

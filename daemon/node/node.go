@@ -133,7 +133,7 @@ type Node struct {
 	startTime time.Time
 	agents    map[string]*registration // by agent id
 	expected  map[string]string        // agent id -> name, pre-assigned by the daemon
-	procInfo  map[string]procInfo      // by agent name, from the supervisor
+	procInfo  map[string]procInfo      // by agent id, from the supervisor
 	bids      map[string]bid           // bidder id -> bid
 	changed   chan struct{}            // closed and replaced whenever agents change
 
@@ -159,6 +159,7 @@ type bid struct {
 type procInfo struct {
 	restarts int
 	lastExit string
+	failed   bool
 }
 
 var tokenRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)

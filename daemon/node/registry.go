@@ -136,10 +136,21 @@ func (n *Node) summariesLocked(now time.Time) []protocol.NodeAgentSummary {
 			AgentHealth: h, AgentHealthStoplight: protocol.Stoplight(h), AgentID: r.id,
 			AgentLastHeartbeatTime: r.lastBeat.UTC(), AgentSummary: n.summaryOf(r),
 		}
-		if p, ok := n.procInfo[r.req.Name]; ok {
+		if p, ok := n.procInfo[r.id]; ok {
 			s.Restarts, s.LastExit = p.restarts, p.lastExit
 		}
 		out = append(out, s)
+	}
+	// A local nexlet the supervisor gave up on has no registration; show it offline.
+	for id, p := range n.procInfo {
+		if _, registered := n.agents[id]; registered || !p.failed {
+			continue
+		}
+		out = append(out, protocol.NodeAgentSummary{
+			AgentHealth: protocol.HealthOffline, AgentHealthStoplight: protocol.Stoplight(protocol.HealthOffline),
+			AgentID: id, AgentSummary: protocol.AgentSummary{Name: n.expected[id], State: "failed"},
+			Restarts: p.restarts, LastExit: p.lastExit,
+		})
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].AgentSummary.Name != out[j].AgentSummary.Name {
@@ -210,12 +221,13 @@ func (n *Node) ExpectAgent(agentID, name string) {
 	n.expected[agentID] = name
 }
 
-// SetAgentProcessInfo records what the supervisor knows about a local nexlet
-// (restarts and the last exit), shown as nexd extensions in node info.
-func (n *Node) SetAgentProcessInfo(name string, restarts int, lastExit string) {
+// SetAgentProcessInfo records what the supervisor knows about the local nexlet with
+// agentID (restarts, the last exit, whether it was given up), shown as nexd extensions
+// in node info; a failed nexlet is listed offline even without a registration.
+func (n *Node) SetAgentProcessInfo(agentID string, restarts int, lastExit string, failed bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	n.procInfo[name] = procInfo{restarts: restarts, lastExit: lastExit}
+	n.procInfo[agentID] = procInfo{restarts: restarts, lastExit: lastExit, failed: failed}
 }
 
 // RemoveAgent drops a registration (the supervisor saw the nexlet exit) and emits

@@ -84,6 +84,9 @@ func (n *nexlet) run() {
 				log.Error("nexlet failed: restart limit reached", "last_exit", exit.Reason,
 					"restarts_in_window", count, "limit", limit, "window", n.s.opts.Window)
 			}
+			if n.s.opts.OnFailed != nil {
+				n.s.opts.OnFailed(n.spec.Name, exit)
+			}
 			select {
 			case <-n.reset:
 				log.Info("nexlet reset, starting")

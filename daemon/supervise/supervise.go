@@ -106,6 +106,9 @@ type Options struct {
 	LogBurst int
 	// OnExit, if set, is called after every exit of a nexlet process.
 	OnExit func(name string, exit ExitInfo)
+	// OnFailed, if set, is called when a nexlet is given up (restart limit reached
+	// or its binary cannot be started); it stays failed until Reset.
+	OnFailed func(name string, last ExitInfo)
 	// Env, if set, is called before every (re)start; its variables are added to the
 	// spec's (fresh credentials, for instance).
 	Env func(name string) map[string]string

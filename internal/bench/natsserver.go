@@ -33,7 +33,7 @@ func startNATS(dir string, configure func(*server.Options)) (*natsServer, error)
 	}
 	opts := &server.Options{
 		Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
-		JetStream: true, StoreDir: dir, MaxPayload: 8 << 20,
+		JetStream: true, StoreDir: dir,
 	}
 	if configure != nil {
 		configure(opts)
