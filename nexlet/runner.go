@@ -182,13 +182,23 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		r.log.Info("replaying existing workloads", "count", len(resp.ExistingState))
 	}
 	go func(state map[string]protocol.AgentStartWorkloadRequest) {
+		// A few at a time: recovery of many workloads should not be serial, nor
+		// start them all at once.
 		ids := make([]string, 0, len(state))
+		sem := make(chan struct{}, replayParallelism)
+		var wg sync.WaitGroup
 		for id, req := range state {
 			ids = append(ids, id)
-			if _, err := r.agent.StartWorkload(id, &req, true); err != nil {
-				r.log.Error("replay of workload failed", "workload_id", id, "err", err)
-			}
+			sem <- struct{}{}
+			wg.Add(1)
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				if _, err := r.agent.StartWorkload(id, &req, true); err != nil {
+					r.log.Error("replay of workload failed", "workload_id", id, "err", err)
+				}
+			}()
 		}
+		wg.Wait()
 		if ra, ok := r.agent.(ReplayAware); ok {
 			ra.ReplayDone(ids)
 		}
@@ -196,6 +206,9 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
 	return nil
 }
+
+// replayParallelism bounds how many replayed workloads start at once.
+const replayParallelism = 8
 
 // Shutdown stops the endpoints and heartbeats and drains the connection.
 func (r *Runner) Shutdown() error {

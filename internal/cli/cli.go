@@ -20,10 +20,12 @@ import (
 
 // Exit codes.
 const (
-	ExitOK      = 0
-	ExitFailed  = 1
-	ExitUsage   = 2
-	defaultStop = 100 * time.Millisecond
+	ExitOK     = 0
+	ExitFailed = 1
+	ExitUsage  = 2
+	// defaultStop ends a scatter-gather once answers stop: nodes on one NATS system
+	// answer within a few ms of each other; raise --gather-stall across slow links.
+	defaultStop = 25 * time.Millisecond
 )
 
 // IO is what a nexctl run reads and writes; tests supply buffers.

@@ -69,6 +69,7 @@ type Nexlet struct {
 	iso     isolation
 	started time.Time
 	feed    Feed
+	digests digestCache
 
 	abandon chan struct{} // closed to let go of workloads without stopping them (tests)
 
