@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -334,7 +333,10 @@ func (d *daemon) natsOptions(cfg *config.Config) natsconn.Options {
 }
 
 func (d *daemon) newMinter(cfg *config.Config) (mint.Minter, error) {
-	opts := mint.Options{Servers: d.conn.ClientURLs(), Nexus: cfg.Node.Nexus, JSDomain: cfg.NATS.JSDomain}
+	opts := mint.Options{Servers: d.conn.ClientURLs(), Nexus: cfg.Node.Nexus, JSDomain: cfg.NATS.JSDomain,
+		// A nexlet cannot fetch new credentials while it runs, so its user must outlive
+		// it (as upstream's 365 days); workload users keep the short default.
+		AgentTTL: nexletCredsTTL}
 	n := cfg.Node
 	switch {
 	case n.IssuerSigningKey != "":
@@ -530,4 +532,5 @@ func firstDir(s string) string {
 	return s
 }
 
-var errUnknownNexlet = errors.New("no such nexlet")
+// nexletCredsTTL is how long a nexlet's minted NATS user is valid.
+const nexletCredsTTL = 365 * 24 * time.Hour

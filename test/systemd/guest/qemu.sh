@@ -20,7 +20,7 @@ check "nexctl status reports cgroup v2 enforcing memory" \
 check "nexd itself sits in nexd.service/supervisor" grep -qx "$MAIN" "$CG/supervisor/cgroup.procs"
 check "controllers enabled for nexd's subtree (memory pids cpu)" \
 	sh -c "for c in memory pids cpu; do grep -qw \$c $CG/cgroup.subtree_control || exit 1; done"
-check "native nexlet runs in nexlets/native/nexlet" test -s "$CG/nexlets/native/nexlet/cgroup.procs"
+check "native nexlet runs in nexlets/native/nexlet" has_procs "$CG/nexlets/native/nexlet"
 # Defaults: native_limits.memory_max=1G, pids_max=4096 (on nexlets/native or its nexlet leaf).
 nexlet_limit() { cat "$CG/nexlets/native/$1" "$CG/nexlets/native/nexlet/$1" 2>/dev/null | grep -vx max | head -1; }
 check "native nexlet memory.max applied (1G)" test "$(nexlet_limit memory.max)" = 1073741824
@@ -31,7 +31,7 @@ info "nexlets/native: memory.max=$(cat "$CG"/nexlets/native/memory.max) pids.max
 ID=$(nexctl --json workload run --name lim --start-request '{"limits":{"memory_max":"50M","pids_max":20}}' -- /bin/sleep 600 | json_field id)
 info "workload lim id=$ID"
 WG=$CG/nexlets/native/workloads/$ID
-check "workload cgroup nexlets/native/workloads/<id> holds the process" wait_until 30 test -s "$WG/cgroup.procs"
+check "workload cgroup nexlets/native/workloads/<id> holds the process" wait_until 30 has_procs "$WG"
 check "workload memory.max = 50M" test "$(cat "$WG/memory.max" 2>/dev/null)" = 52428800
 check "workload pids.max = 20" test "$(cat "$WG/pids.max" 2>/dev/null)" = 20
 
@@ -45,7 +45,7 @@ check "journal reports the OOM kill with the workload id" \
 check "kernel OOM kill happened in the workload's memory cgroup" \
 	sh -c "journalctl -k --no-pager | grep -q 'Memory cgroup out of memory'"
 check "nexd.service still active, same MainPID (OOMPolicy=continue)" running_with_main "$MAIN"
-check "the limited workload lim is unaffected" test -s "$WG/cgroup.procs"
+check "the limited workload lim is unaffected" has_procs "$WG"
 
 # --- stop kills everything in the delegated subtree ---
 check "systemctl stop nexd" systemctl stop nexd
