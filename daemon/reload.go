@@ -65,9 +65,7 @@ func (d *daemon) applyReload() control.ReloadResult {
 		return control.ReloadResult{Errors: []string{"node.tags: " + err.Error()}}
 	}
 	d.sup.SetRestartLimit(next.Node.AgentRestartLimit)
-	for _, k := range changedReloadable(old, next) {
-		applied = append(applied, k)
-	}
+	applied = append(applied, changedReloadable(old, next)...)
 	d.mu.Lock()
 	d.loaded = loaded
 	d.mu.Unlock()

@@ -103,11 +103,10 @@ type field struct{ name, value string }
 
 // journalHandler turns records into journal entries with structured fields.
 type journalHandler struct {
-	w       *journalWriter
-	base    []field // SYSLOG_IDENTIFIER, NEX_NODE_ID, NEX_NAMESPACE, SYSLOG_PID
-	fields  []field // from WithAttrs, already named
-	prefix  string  // open groups, as "GROUP_"
-	withPID bool
+	w      *journalWriter
+	base   []field // SYSLOG_IDENTIFIER, NEX_NODE_ID, NEX_NAMESPACE, SYSLOG_PID
+	fields []field // from WithAttrs, already named
+	prefix string  // open groups, as "GROUP_"
 }
 
 func newJournalHandler(path, nodeID, namespace string, withPID bool) (*journalHandler, error) {

@@ -39,24 +39,24 @@ func parseNexfile(name string, data []byte) (nexfile, error) {
 	var nf nexfile
 	trimmed := bytes.TrimSpace(data)
 	if len(trimmed) == 0 {
-		return nf, fmt.Errorf("Nexfile %s is empty", name)
+		return nf, fmt.Errorf("the Nexfile %s is empty", name)
 	}
 	if trimmed[0] == '{' {
 		dec := json.NewDecoder(bytes.NewReader(trimmed))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&nf); err != nil {
-			return nf, fmt.Errorf("Nexfile %s (JSON): %w", name, err)
+			return nf, fmt.Errorf("the Nexfile %s (JSON): %w", name, err)
 		}
 	} else {
 		dec := yaml.NewDecoder(bytes.NewReader(trimmed))
 		dec.KnownFields(true)
 		if err := dec.Decode(&nf); err != nil {
-			return nf, fmt.Errorf("Nexfile %s (YAML): %w", name, err)
+			return nf, fmt.Errorf("the Nexfile %s (YAML): %w", name, err)
 		}
 	}
 	if nf.StartRequest != nil {
 		if _, ok := nf.StartRequest.(map[string]any); !ok {
-			return nf, fmt.Errorf("Nexfile %s: start_request must be an object, got %T", name, nf.StartRequest)
+			return nf, fmt.Errorf("the Nexfile %s: start_request must be an object, got %T", name, nf.StartRequest)
 		}
 	}
 	return nf, nil
