@@ -1,0 +1,91 @@
+package e2e
+
+import (
+	"encoding/json"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestNATSOutage: the NATS server goes away and comes back on the same port; nexd
+// keeps running, keeps its workloads, reconnects, counts the reconnect and answers
+// on $NEX again. Nothing running is lost.
+func TestNATSOutage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	port := freePort(t)
+	store := t.TempDir()
+	cfg := func(o *server.Options) { o.Port = port; o.StoreDir = store }
+	s := testnats.Start(t, testnats.Options{Configure: cfg})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	st := n.waitReady(t)
+	w := n.runWorkload(t, "--name", "survivor", "--", "/bin/sleep", "600")
+
+	s.Shutdown()
+	s.WaitForShutdown()
+	eventually(t, "nexd notices the disconnect", 30*time.Second, func() bool {
+		var cur control.Status
+		json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &cur)
+		return !cur.NATS.Connected
+	})
+	time.Sleep(time.Second)
+	select {
+	case <-n.done:
+		t.Fatalf("nexd exited during the NATS outage:\n%s", n.out.String())
+	default:
+	}
+
+	s2 := testnats.Start(t, testnats.Options{Configure: cfg})
+	eventually(t, "nexd reconnects", 60*time.Second, func() bool {
+		var cur control.Status
+		json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &cur)
+		return cur.NATS.Connected && cur.NATS.Reconnects >= 1
+	})
+	nc := testnats.Connect(t, s2)
+	eventually(t, "node answers on $NEX again", 60*time.Second, func() bool {
+		m, err := nc.Request(protocol.PingNodeSubject(st.NodeID), []byte(`{"filter":null}`), 2*time.Second)
+		return err == nil && strings.Contains(string(m.Data), st.NodeID)
+	})
+	eventually(t, "workload still listed", 60*time.Second, func() bool {
+		return strings.Contains(n.mustCtl(t, "workload", "list"), w.ID)
+	})
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+}
+
+// TestBadStartRequests: each malformed native start request gets a precise error from
+// nexctl and nothing starts.
+func TestBadStartRequests(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	cases := map[string]string{
+		`{"argv":["x"]}`:                   "uri",
+		`{"uri":"bin/sleep"}`:              "uri",
+		`{"uri":"ftp://host/x"}`:           "uri",
+		`{"uri":"file:///no/such/binary"}`: "no/such/binary",
+		`{"uri":"file:///bin/sleep","limits":{"memory_max":"lots"}}`: "memory_max",
+	}
+	for req, want := range cases {
+		_, errOut, code := n.ctl(t, "workload", "run", "--name", "bad", "--start-request", req)
+		if code != 1 || !strings.Contains(errOut, want) {
+			t.Errorf("start request %s: exit %d, stderr %q; want exit 1 naming %q", req, code, errOut, want)
+		}
+	}
+	if ws := n.workloads(t); len(ws) != 0 {
+		t.Fatalf("bad start requests left workloads: %+v", ws)
+	}
+}
