@@ -150,7 +150,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 		json.Unmarshal(m.Data, &ev)
 		return ev.ID == job.ID
 	})
-	if ev.Error == nil || ev.Error.Code != 7 {
+	if ev.Error == nil || ev.Error.Code != "7" {
 		t.Fatalf("job stopped event %+v, want exit code 7", ev)
 	}
 	eventually(t, "finished job removed from KV", 30*time.Second, func() bool {

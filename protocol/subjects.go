@@ -176,3 +176,11 @@ func LastToken(subject string) string {
 
 // NamespaceOf returns the namespace token of a $NEX.SVC.<ns>.control.… subject.
 func NamespaceOf(subject string) string { return Token(subject, 2) }
+
+// RenewCredsSubject is a nexd extension of the agent plane: nexlet agentID asks its node
+// for fresh credentials of workloadID, which it runs (body RenewCredsRequest, reply
+// NatsConnectionData or a micro error). The agent id in the subject lets the node's
+// permissions bind each nexlet to its own requests.
+func RenewCredsSubject(nodeID, agentID, workloadID string) string {
+	return AgentPrefix(nodeID) + ".RENEWCREDS." + agentID + "." + workloadID
+}

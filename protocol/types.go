@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"time"
@@ -364,11 +365,13 @@ type NodeLameduckSetEvent struct {
 	Time time.Time `json:"time"`
 }
 
-// AgentStartedEvent is emitted when a nexlet registers.
+// AgentStartedEvent is emitted when a nexlet registers. Upstream decoders require
+// register_type; timestamp is a nexd extra they ignore.
 type AgentStartedEvent struct {
-	ID        string    `json:"id"`
-	Name      string    `json:"name"`
-	Timestamp time.Time `json:"timestamp"`
+	ID           string    `json:"id"`
+	Name         string    `json:"name"`
+	RegisterType string    `json:"register_type"`
+	Timestamp    time.Time `json:"timestamp"`
 }
 
 // AgentStoppedEvent is emitted when a nexlet stops or goes offline.
@@ -402,10 +405,38 @@ type WorkloadStoppedEvent struct {
 	Error        *EventError       `json:"error,omitempty"`
 }
 
-// EventError describes why a workload stopped.
+// EventError describes why a workload stopped. On the wire code is a JSON string
+// (upstream's type; its decoders reject a number), e.g. "3" for exit code 3.
 type EventError struct {
-	Code    int    `json:"code"`
+	Code    string `json:"code"`
 	Message string `json:"message"`
+}
+
+// UnmarshalJSON also accepts a numeric code, as nexlets built on earlier nexd SDKs
+// sent it, so their WORKLOADSTOPPED events are not dropped.
+func (e *EventError) UnmarshalJSON(b []byte) error {
+	var raw struct {
+		Code    json.RawMessage `json:"code"`
+		Message string          `json:"message"`
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return err
+	}
+	e.Message = raw.Message
+	e.Code = ""
+	code := bytes.TrimSpace(raw.Code)
+	switch {
+	case len(code) == 0 || bytes.Equal(code, []byte("null")):
+	case code[0] == '"':
+		return json.Unmarshal(code, &e.Code)
+	default:
+		var n json.Number
+		if err := json.Unmarshal(code, &n); err != nil {
+			return fmt.Errorf("event error code %s: %w", code, err)
+		}
+		e.Code = n.String()
+	}
+	return nil
 }
 
 // WorkloadTriggeredEvent is emitted after a function trigger runs.

@@ -20,6 +20,7 @@ func registerPermissions(agentID, nodeID string) jwt.Permissions {
 }
 
 // agentPermissions: a nexlet serves its agent-plane endpoints on its node, heartbeats,
+// asks its node to renew its workloads' credentials (only under its own agent id),
 // and publishes the feeds of the workloads it runs. Workloads may be in any namespace,
 // so the feeds are granted across namespaces (upstream keyed them by agent id, which the
 // SDK never uses). It gets no JetStream: artifacts are fetched with workload creds.
@@ -42,7 +43,8 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 	}
 	p.Pub.Allow.Add(
 		protocol.AgentHeartbeatSubject(nodeID, agentID),
-		protocol.RegisterSubject(nodeID, agentID), // a restarted SDK runner registers again
+		protocol.RegisterSubject(nodeID, agentID),        // a restarted SDK runner registers again
+		protocol.RenewCredsSubject(nodeID, agentID, "*"), // renew its workloads' creds
 		"$NEX.FEED.*.logs.>",
 		"$NEX.FEED.*.metrics.>",
 		"$NEX.FEED.*.events.>",

@@ -115,6 +115,7 @@ func TestAgentScope(t *testing.T) {
 
 	t.Run("its job", func(t *testing.T) {
 		canPublish(t, admin, a, protocol.AgentHeartbeatSubject(node, agent))
+		canPublish(t, admin, a, protocol.RenewCredsSubject(node, agent, "w1"))
 		canPublish(t, admin, a, protocol.LogSubject("ns1", "w1", "stdout"))
 		canPublish(t, admin, a, protocol.LogSubject("ns2", "w2", "stderr"))
 		canPublish(t, admin, a, protocol.MetricsSubject("ns1", "w1"))
@@ -140,6 +141,8 @@ func TestAgentScope(t *testing.T) {
 		cannotPublish(t, a, protocol.RegisterSubject(other, agent))
 		cannotPublish(t, a, protocol.RegisterSubject(node, "otheragent"))
 		cannotPublish(t, a, protocol.AgentHeartbeatSubject(node, "otheragent"))
+		cannotPublish(t, a, protocol.RenewCredsSubject(node, "otheragent", "w1"))
+		cannotPublish(t, a, protocol.RenewCredsSubject(other, agent, "w1"))
 		cannotPublish(t, a, protocol.PingSubject())
 		cannotPublish(t, a, protocol.DeploySubject("ns1", "bidder"))
 		cannotPublish(t, a, "ns1.orders")

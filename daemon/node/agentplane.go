@@ -126,7 +126,7 @@ func (n *Node) handleRegister(r micro.Request) {
 	})
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,
 		"version", req.Version, "replayed", len(existing))
-	n.o.Emitter.Emit(n.id, protocol.EventAgentStarted, protocol.AgentStartedEvent{ID: agentID, Name: req.Name, Timestamp: now.UTC()})
+	n.o.Emitter.Emit(n.id, protocol.EventAgentStarted, protocol.AgentStartedEvent{ID: agentID, Name: req.Name, RegisterType: req.RegisterType, Timestamp: now.UTC()})
 }
 
 // handleRemoteRegister serves $NEX.SVC.<nexus>.agent.RREGISTER (queue group = nexus,

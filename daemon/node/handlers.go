@@ -39,6 +39,7 @@ func (n *Node) endpoints() []endpoint {
 		{name: "AuctionDeployWorkload", subject: all + ".ADEPLOY.*", handle: n.handleDeploy, async: true},
 		{name: "CloneWorkload", subject: all + ".CLONE.*", handle: n.handleClone, async: true},
 		{name: "NamespacePingRequest", subject: all + ".WPING", handle: n.handleWPing, async: true},
+		n.renewEndpoint(),
 	}
 	if n.o.AllowRemoteRegistration {
 		eps = append(eps, endpoint{name: "RegisterRemoteAgent", subject: protocol.RemoteRegisterSubject(n.o.Nexus),

@@ -59,7 +59,7 @@ type Options struct {
 
 	HeartbeatInterval  time.Duration // node heartbeat period (default 10s)
 	HealthTick         time.Duration // how often agent health is swept (default 5s)
-	DegradedAfter      time.Duration // agent silent this long: degraded (default 10s)
+	DegradedAfter      time.Duration // agent silent this long: degraded (default 15s)
 	OfflineAfter       time.Duration // agent silent this long: offline (default 30s)
 	RemoveOfflineAfter time.Duration // offline this long: registration removed (default 60s; <0 never)
 	FanoutTimeout      time.Duration // bound on STOPWORKLOAD/QUERYWORKLOADS/SETLAMEDUCK fan-outs (default 2s)
@@ -96,7 +96,10 @@ func (o *Options) defaults() {
 	def(&o.AuctionTTL, 10*time.Second)
 	def(&o.HeartbeatInterval, 10*time.Second)
 	def(&o.HealthTick, 5*time.Second)
-	def(&o.DegradedAfter, 10*time.Second)
+	// Heartbeats come every 10 s; upstream's 10 s threshold flips a healthy nexlet to
+	// degraded for a moment before each late-by-a-millisecond beat, and an auction in
+	// that moment gets no bid. Half an interval of slack avoids that.
+	def(&o.DegradedAfter, 15*time.Second)
 	def(&o.OfflineAfter, 30*time.Second)
 	def(&o.RemoveOfflineAfter, 60*time.Second)
 	def(&o.FanoutTimeout, 2*time.Second)

@@ -114,6 +114,9 @@ func fakeNexlet(mode string, args []string) int {
 		fmt.Println("[ERROR] bracketed")
 		fmt.Println(strings.Repeat("x", maxLine+100))
 		n, _ := strconv.Atoi(args[0])
+		// Let the supervisor read the classified lines (stdout and stderr are read by
+		// separate goroutines) before the flood uses up the rate limiter's burst.
+		time.Sleep(300 * time.Millisecond)
 		for i := range n {
 			fmt.Println("line", i)
 		}

@@ -94,7 +94,7 @@ func TestCgroupOOMReported(t *testing.T) {
 	fn.mustStart("oom", startReq(protocol.LifecycleJob, "oom", map[string]any{"uri": uri,
 		"limits": map[string]any{"memory_max": "32M"}}, fn.creds()))
 	ev := fn.stoppedEvent("oom")
-	if ev.Error == nil || !strings.Contains(ev.Error.Message, "OOM") || ev.Error.Code != 137 {
+	if ev.Error == nil || !strings.Contains(ev.Error.Message, "OOM") || ev.Error.Code != "137" {
 		t.Errorf("event error = %+v", ev.Error)
 	}
 }

@@ -38,12 +38,21 @@ type fakeNode struct {
 	events   []*nats.Msg
 	logs     []*nats.Msg
 	existing map[string]protocol.AgentStartWorkloadRequest
+	// connData, when set, gives the nexlet's credentials (a server with auth).
+	connData func() protocol.NatsConnectionData
 }
 
 func newFakeNode(t *testing.T) *fakeNode {
 	t.Helper()
 	srv := testnats.Start(t, testnats.Options{})
-	fn := &fakeNode{t: t, srv: srv, nc: testnats.Connect(t, srv)}
+	return newFakeNodeOn(t, srv, testnats.Connect(t, srv), nil)
+}
+
+// newFakeNodeOn plays the node over nc, an unrestricted connection to srv; connData
+// (nil without auth) gives the nexlet's credentials.
+func newFakeNodeOn(t *testing.T, srv *server.Server, nc *nats.Conn, connData func() protocol.NatsConnectionData) *fakeNode {
+	t.Helper()
+	fn := &fakeNode{t: t, srv: srv, nc: nc, connData: connData}
 	if _, err := fn.nc.Subscribe("$NEX.FEED.*.events.>", func(m *nats.Msg) {
 		fn.mu.Lock()
 		fn.events = append(fn.events, m)
@@ -83,6 +92,9 @@ func newFakeNode(t *testing.T) *fakeNode {
 }
 
 func (fn *fakeNode) creds() protocol.NatsConnectionData {
+	if fn.connData != nil {
+		return fn.connData()
+	}
 	return protocol.NatsConnectionData{NatsServers: []string{fn.srv.ClientURL()}}
 }
 

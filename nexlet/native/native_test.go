@@ -28,7 +28,7 @@ func TestJobExitCodeAndLogs(t *testing.T) {
 	fn.mustStart("job1", startReq(protocol.LifecycleJob, "myjob", map[string]any{"uri": uri}, fn.creds()))
 
 	ev := fn.stoppedEvent("job1")
-	if ev.Error == nil || ev.Error.Code != 7 {
+	if ev.Error == nil || ev.Error.Code != "7" {
 		t.Fatalf("WORKLOADSTOPPED error = %+v, want code 7", ev.Error)
 	}
 	if ev.Metadata["exit_code"] != "7" || ev.WorkloadType != RegisterType || ev.Namespace != testNS {
@@ -89,7 +89,7 @@ func TestServiceCrashLoopEndsInError(t *testing.T) {
 	fn.mustStart("svc1", startReq(protocol.LifecycleService, "crashy", map[string]any{
 		"uri": uri, "argv": []string{counter}, "restart": map[string]any{"max": 2, "backoff": "50ms"}}, fn.creds()))
 	ev := fn.stoppedEvent("svc1")
-	if ev.Error == nil || ev.Error.Code != 3 || !strings.Contains(ev.Error.Message, "restart limit of 2") {
+	if ev.Error == nil || ev.Error.Code != "3" || !strings.Contains(ev.Error.Message, "restart limit of 2") {
 		t.Fatalf("event error = %+v", ev.Error)
 	}
 	s, _ := fn.summary("svc1")

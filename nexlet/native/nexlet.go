@@ -208,9 +208,10 @@ func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadReques
 		n.mu.Unlock()
 		return nil, fmt.Errorf("the native nexlet already runs its maximum of %d workloads", n.cfg.MaxWorkloads)
 	}
-	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req, plan: pl, env: env, argv: argv,
+	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req, plan: pl, argv: argv,
 		dir: filepath.Join(n.cfg.RuntimeDir, "workloads", id), state: protocol.WorkloadStarting,
-		started: time.Now().UTC(), stop: make(chan time.Duration, 1), done: make(chan struct{})}
+		started: time.Now().UTC(), stop: make(chan time.Duration, 1), done: make(chan struct{}),
+		env: env, creds: req.WorkloadCreds}
 	n.workloads[id] = w
 	n.mu.Unlock()
 
@@ -230,6 +231,7 @@ func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadReques
 		n.emit(w.ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: id, Namespace: w.ns,
 			WorkloadType: w.req.Request.WorkloadType})
 	}
+	n.startRenewal(w)
 	go n.supervise(w, p)
 	return resp, nil
 }
@@ -266,6 +268,9 @@ func (n *Nexlet) buildEnv(id string, req *protocol.AgentStartWorkloadRequest, pl
 	vars["NEX_WORKLOAD_NATS_SERVERS"] = strings.Join(creds.NatsServers, ",")
 	vars["NEX_WORKLOAD_NATS_NKEY"] = creds.NatsUserSeed
 	vars["NEX_WORKLOAD_NATS_B64_JWT"] = base64.StdEncoding.EncodeToString([]byte(creds.NatsUserJWT))
+	if creds.NatsUserJWT != "" {
+		vars[EnvCredsFile] = n.credsPath(id)
+	}
 	vars["NEX_WORKLOAD_ID"] = id
 	vars["NEX_NAMESPACE"] = ns
 	env := make([]string, 0, len(vars))

@@ -96,7 +96,7 @@ type plan struct {
 }
 
 // reservedEnv are set by the nexlet and may not come from the request.
-var reservedEnv = []string{"NEX_WORKLOAD_NATS_SERVERS", "NEX_WORKLOAD_NATS_NKEY", "NEX_WORKLOAD_NATS_B64_JWT",
+var reservedEnv = []string{"NEX_WORKLOAD_NATS_SERVERS", "NEX_WORKLOAD_NATS_NKEY", "NEX_WORKLOAD_NATS_B64_JWT", EnvCredsFile,
 	"NEX_WORKLOAD_ID", "NEX_NAMESPACE"}
 
 var (

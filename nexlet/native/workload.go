@@ -30,7 +30,7 @@ type workload struct {
 	id, ns, name string
 	req          protocol.AgentStartWorkloadRequest // as deployed: an encrypted env stays sealed
 	plan         *plan
-	env, argv    []string
+	argv         []string
 	dir          string
 	exe          string
 	sb           sandbox
@@ -47,6 +47,11 @@ type workload struct {
 	reason   string
 	finished bool // ended on its own; kept for QueryWorkloads until stopped or pruned
 	ended    time.Time
+	env      []string                    // replaced when credentials are renewed
+	creds    protocol.NatsConnectionData // the newest credentials
+	// renewTimer renews creds; renewStopped is set once the workload ended.
+	renewTimer   *time.Timer
+	renewStopped bool
 }
 
 // FinishedRetention is how long a workload that ended on its own stays listed (with its
@@ -103,6 +108,11 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	}
 	if existing {
 		if procs, err := sb.procs(); err == nil && len(procs) > 0 {
+			// The replay brought fresh credentials: the live workload gets them at
+			// its next reconnect.
+			if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds); err != nil {
+				n.log.Warn("adopted workload: credentials file not rewritten", "workload_id", w.id, "err", err)
+			}
 			return n.adopt(w, procs), true, nil
 		}
 	}
@@ -120,6 +130,9 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	}
 	if err := os.Chmod(w.dir, 0o700); err != nil {
 		return fail(fmt.Errorf("workload %s: directory: %w", w.id, err))
+	}
+	if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds); err != nil {
+		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
 	if w.plan.art.scheme == "nats" {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -220,7 +233,9 @@ func digest(path string) (string, error) {
 // launch starts the workload's main process in its sandbox.
 func (n *Nexlet) launch(w *workload) (*proc, error) {
 	cmd := exec.Command(w.exe, w.argv...)
+	n.mu.Lock()
 	cmd.Env = w.env
+	n.mu.Unlock()
 	cmd.Dir = w.dir
 	if w.plan.req.Workdir != "" {
 		cmd.Dir = w.plan.req.Workdir
@@ -254,8 +269,19 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	n.mu.Unlock()
 	go n.pump(w, outR, "stdout")
 	go n.pump(w, errR, "stderr")
+	// Opened before anything can reap the child, so the pid cannot have been reused.
+	pidfd, perr := openPidfd(p.pid)
+	if perr != nil {
+		n.log.Warn("no pidfd: waiting for the workload holds an OS thread", "workload_id", w.id, "err", perr)
+	}
 	go func() {
-		err := cmd.Wait()
+		if pidfd != nil {
+			if err := waitExit(pidfd); err != nil {
+				n.log.Warn("pidfd wait failed; falling back to a blocking wait", "workload_id", w.id, "err", err)
+			}
+			pidfd.Close()
+		}
+		err := cmd.Wait() // returns at once after the pidfd said the process exited
 		p.code, p.reason = exitStatus(cmd.ProcessState, err)
 		if w.sb.oomKills() > oomBefore {
 			p.reason = "killed by the OOM killer (memory limit reached)"
@@ -279,12 +305,14 @@ func exitStatus(ps *os.ProcessState, err error) (int, string) {
 }
 
 // adopt tracks a workload still alive in its sandbox after a nexlet restart. It is not
-// our child, so its end is noticed by polling the sandbox and its exit code is unknown.
+// our child, so its exit code is unknown. Its end is noticed through a pidfd on its main
+// process when that process is known (its pid file names a live process of the
+// sandbox), else by polling the sandbox until it is empty.
 func (n *Nexlet) adopt(w *workload, procs []int) *proc {
-	pid := procs[0]
+	pid, known := procs[0], false
 	if b, err := os.ReadFile(filepath.Join(w.dir, "pid")); err == nil {
 		if v, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && slices.Contains(procs, v) {
-			pid = v
+			pid, known = v, true
 		}
 	}
 	sum, _ := n.digests.sum(w.exe)
@@ -292,23 +320,66 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	n.mu.Lock()
 	w.pid, w.sha256 = pid, sum
 	n.mu.Unlock()
+	exited := func() {
+		p.code, p.reason = -1, "adopted workload exited (exit code unknown)"
+		close(p.exited)
+	}
+	if known {
+		if pidfd, err := openPidfd(pid); err == nil {
+			// The pid could have been reused between listing and opening: the
+			// process must still be in the sandbox now that the pidfd pins it.
+			if ps, err := w.sb.procs(); err == nil && slices.Contains(ps, pid) {
+				go n.watchAdopted(w, pidfd, exited)
+				return p
+			}
+			pidfd.Close()
+		}
+	}
+	go n.pollAdopted(w, exited)
+	return p
+}
+
+// watchAdopted waits on an adopted workload's pidfd; abandoning the workload closes it.
+func (n *Nexlet) watchAdopted(w *workload, pidfd *os.File, exited func()) {
+	stop := make(chan struct{})
+	defer close(stop)
 	go func() {
-		t := time.NewTicker(n.cfg.PollInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-n.abandon:
-				return
-			case <-t.C:
-			}
-			if ps, err := w.sb.procs(); err == nil && len(ps) == 0 {
-				p.code, p.reason = -1, "adopted workload exited (exit code unknown)"
-				close(p.exited)
-				return
-			}
+		select {
+		case <-n.abandon:
+			pidfd.Close()
+		case <-stop:
 		}
 	}()
-	return p
+	err := waitExit(pidfd)
+	select {
+	case <-n.abandon:
+		return
+	default:
+	}
+	pidfd.Close()
+	if err != nil {
+		n.log.Warn("pidfd wait failed; polling the adopted workload instead", "workload_id", w.id, "err", err)
+		n.pollAdopted(w, exited)
+		return
+	}
+	exited()
+}
+
+// pollAdopted polls an adopted workload's sandbox until it is empty.
+func (n *Nexlet) pollAdopted(w *workload, exited func()) {
+	t := time.NewTicker(n.cfg.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.abandon:
+			return
+		case <-t.C:
+		}
+		if ps, err := w.sb.procs(); err == nil && len(ps) == 0 {
+			exited()
+			return
+		}
+	}
 }
 
 // pump forwards a stream line by line to the log feed and to the nexlet's own log.
@@ -462,6 +533,7 @@ func (n *Nexlet) cleanup(w *workload) {
 // WORKLOADSTOPPED. A stopped workload leaves the table; one that ended on its own stays
 // (state stopped or error, with its exit code) until it is stopped.
 func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
+	n.stopRenewal(w)
 	n.cleanup(w)
 	code, reason := p.code, p.reason
 	select {
@@ -491,7 +563,7 @@ func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
 	ev := protocol.WorkloadStoppedEvent{ID: w.id, Namespace: w.ns, WorkloadType: w.req.Request.WorkloadType,
 		Metadata: map[string]string{"exit_code": strconv.Itoa(code), "reason": reason}}
 	if (!requested && code != 0) || exhausted || strings.HasPrefix(reason, "killed after") {
-		ev.Error = &protocol.EventError{Code: code, Message: reason}
+		ev.Error = &protocol.EventError{Code: strconv.Itoa(code), Message: reason}
 	}
 	n.log.Info("workload stopped", "workload_id", w.id, "namespace", w.ns, "exit_code", code, "reason", reason)
 	n.emit(w.ns, protocol.EventWorkloadStopped, ev)

@@ -79,3 +79,11 @@ log_level_is() { nexctl config | tr -d ' \n' | grep -q "\"logger.level\":{\"valu
 # has_procs CGROUP_DIR: the cgroup holds a process (cgroupfs files report size 0, so
 # test -s cannot tell).
 has_procs() { grep -q . "$1/cgroup.procs" 2>/dev/null; }
+# no_node_procs: no nexd (nexlets are "nexd nexlet …" too) and no test workload left.
+no_node_procs() { ! pgrep -x nexd && ! pgrep -x sleep && ! pgrep -x tail; }
+# run_workload ARGS...: nexctl workload run with patience for a slow (TCG) guest: wait up
+# to 30 s for the node's bid and end the auction at the first bid; one retry.
+run_workload() {
+	nexctl --nats.timeout 30s workload run --bids 1 "$@" ||
+		{ sleep 2; nexctl --nats.timeout 30s workload run --bids 1 "$@"; }
+}

@@ -43,7 +43,7 @@ check "journal carries NEX_NODE_ID" \
 	sh -c "journalctl -u nexd -o json --no-pager | grep -q '\"NEX_NODE_ID\":\"$NODE\"'"
 
 # --- a workload ---
-check "nexctl workload run --name x -- /bin/sleep 600" nexctl workload run --name x -- /bin/sleep 600
+check "nexctl workload run --name x -- /bin/sleep 600" run_workload --name x -- /bin/sleep 600
 check "workload x runs" wait_until 30 running_once x sleep
 WPID=$(pgrep -x sleep | head -1)
 check "workload process is in nexd.service's cgroup" grep -q 'nexd.service' "/proc/$WPID/cgroup"
@@ -93,7 +93,7 @@ check "workload x back exactly once after the watchdog restart" wait_until 60 ru
 CG=/sys/fs/cgroup$(prop ControlGroup)
 check "systemctl stop nexd" systemctl stop nexd
 check "stopped cleanly (Result=success, exit status 0)" stopped_cleanly
-check "no nexd, nexlet or workload process left" sh -c '! pgrep -x sleep && ! pgrep -x nexd && ! pgrep -f "nexd.*nexlet"'
+check "no nexd, nexlet or workload process left" no_node_procs
 check "nexd.service cgroup gone" not test -d "$CG"
 
 # --- lameduck: workloads stop after the delay, then the service exits ---

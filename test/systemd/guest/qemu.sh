@@ -28,7 +28,7 @@ check "native nexlet pids.max applied (4096)" test "$(nexlet_limit pids.max)" = 
 info "nexlets/native: memory.max=$(cat "$CG"/nexlets/native/memory.max) pids.max=$(cat "$CG"/nexlets/native/pids.max) nexlet/memory.max=$(cat "$CG"/nexlets/native/nexlet/memory.max 2>/dev/null)"
 
 # --- a workload with limits sits in its own cgroup with memory.max set ---
-ID=$(nexctl --json workload run --name lim --start-request '{"limits":{"memory_max":"50M","pids_max":20}}' -- /bin/sleep 600 | json_field id)
+ID=$(run_workload --json --name lim --start-request '{"limits":{"memory_max":"50M","pids_max":20}}' -- /bin/sleep 600 | json_field id)
 info "workload lim id=$ID"
 WG=$CG/nexlets/native/workloads/$ID
 check "workload cgroup nexlets/native/workloads/<id> holds the process" wait_until 30 has_procs "$WG"
@@ -36,7 +36,7 @@ check "workload memory.max = 50M" test "$(cat "$WG/memory.max" 2>/dev/null)" = 5
 check "workload pids.max = 20" test "$(cat "$WG/pids.max" 2>/dev/null)" = 20
 
 # --- a workload that exceeds its memory limit is OOM-killed and reported ---
-HOG=$(nexctl --json workload run --name hog --start-request '{"limits":{"memory_max":"50M"},"restart":{"policy":"never"}}' -- /bin/sh -c 'head -c 300M /dev/zero | tail' | json_field id)
+HOG=$(run_workload --json --name hog --start-request '{"limits":{"memory_max":"50M"},"restart":{"policy":"never"}}' -- /bin/sh -c 'head -c 300M /dev/zero | tail' | json_field id)
 info "workload hog id=$HOG"
 check "nexctl workload info reports the OOM kill" \
 	wait_until 90 sh -c "nexctl --json workload info $HOG | grep -q 'OOM killer'"
@@ -49,7 +49,7 @@ check "the limited workload lim is unaffected" has_procs "$WG"
 
 # --- stop kills everything in the delegated subtree ---
 check "systemctl stop nexd" systemctl stop nexd
-check "no nexd, nexlet or workload process left" sh -c '! pgrep -x sleep && ! pgrep -x nexd && ! pgrep -x tail'
+check "no nexd, nexlet or workload process left" no_node_procs
 check "nexd.service cgroup gone" not test -d "$CG"
 
 finish

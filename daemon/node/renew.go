@@ -1,0 +1,75 @@
+package node
+
+import (
+	"fmt"
+
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// renewer is implemented by minters that check a renewal against the namespace the
+// workload's first credentials were minted for (mint.SigningKeyMinter).
+type renewer interface {
+	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+}
+
+// renewEndpoint is the nexd extension that lets a nexlet renew a running workload's
+// expiring credentials.
+func (n *Node) renewEndpoint() endpoint {
+	return endpoint{name: "RenewWorkloadCreds", subject: protocol.RenewCredsSubject(n.id, "*", "*"), handle: n.handleRenewCreds}
+}
+
+// ownedBy reports whether this node deployed or replayed workloadID to nexlet agentID
+// (the workload's type is the type the nexlet registered).
+func (n *Node) ownedBy(agentID, workloadID string) (bool, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	a := n.agents[agentID]
+	if a == nil {
+		return false, fmt.Errorf("nexlet %s is not registered with node %s", agentID, n.id)
+	}
+	typ, ok := n.owned[workloadID]
+	return ok && typ == a.req.RegisterType, nil
+}
+
+// handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
+// credentials for a workload this node gave that nexlet, minted for the namespace the
+// nexlet names (a signing-key minter refuses a namespace other than the workload's).
+func (n *Node) handleRenewCreds(r micro.Request) {
+	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
+	if !tokenRE.MatchString(agentID) || !tokenRE.MatchString(workloadID) {
+		n.fail(r, 400, "bad renewal subject", fmt.Errorf("renew credentials: subject %q: want RENEWCREDS.<agent id>.<workload id>", r.Subject()))
+		return
+	}
+	var req protocol.RenewCredsRequest
+	if err := protocol.Decode(r.Data(), &req); err != nil {
+		n.fail(r, 400, "bad renewal request", err)
+		return
+	}
+	if req.Namespace == "" {
+		n.fail(r, 400, "bad renewal request", fmt.Errorf("renew credentials of workload %s: namespace is required", workloadID))
+		return
+	}
+	owned, err := n.ownedBy(agentID, workloadID)
+	if err != nil {
+		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s: %w", workloadID, err))
+		return
+	}
+	if !owned {
+		n.fail(r, 404, "workload not found", fmt.Errorf("renew credentials: node %s did not give workload %s to nexlet %s", n.id, workloadID, agentID))
+		return
+	}
+	var creds protocol.NatsConnectionData
+	if rn, ok := n.o.Minter.(renewer); ok {
+		creds, err = rn.RenewWorkload(req.Namespace, workloadID)
+	} else {
+		creds, err = n.o.Minter.MintWorkload(req.Namespace, workloadID)
+	}
+	if err != nil {
+		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s in namespace %s: %w", workloadID, req.Namespace, err))
+		return
+	}
+	n.log.Debug("workload credentials renewed", "workload_id", workloadID, "namespace", req.Namespace, "agent_id", agentID)
+	n.respondJSON(r, creds)
+}

@@ -1,0 +1,128 @@
+package node
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// deployOne deploys a native workload in ns through an auction and returns its id.
+func (f *fixture) deployOne(ns string) string {
+	f.t.Helper()
+	bids := f.auction(ns, protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		f.t.Fatal("no bid")
+	}
+	m := request(f.t, f.client, protocol.DeploySubject(ns, bids[0].BidderID), startReq(ns, "w", `{"cmd":"x"}`))
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil || started.ID == "" {
+		f.t.Fatalf("deploy reply %q %v", m.Data, err)
+	}
+	return started.ID
+}
+
+func (f *fixture) renew(n *Node, agentID, workloadID string, body any) (protocol.NatsConnectionData, string) {
+	f.t.Helper()
+	m := request(f.t, f.client, protocol.RenewCredsSubject(n.ID(), agentID, workloadID), body)
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "" {
+		return protocol.NatsConnectionData{}, code
+	}
+	var cd protocol.NatsConnectionData
+	if err := protocol.Decode(m.Data, &cd); err != nil {
+		f.t.Fatalf("renewal reply %q: %v", m.Data, err)
+	}
+	return cd, ""
+}
+
+func TestRenewCredsOnlyForOwnedWorkloads(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	ctx := context.Background()
+	if err := f.stores[0].Put(ctx, "native", "replayed1", startReq("tenant", "r", `{"cmd":"x"}`)); err != nil {
+		t.Fatal(err)
+	}
+	a := f.healthyAgent(n, "agent0", "go_exec", "native", nil)
+	f.healthyAgent(n, "agent1", "js", "javascript", nil)
+	wid := f.deployOne("tenant")
+	ns := protocol.RenewCredsRequest{Namespace: "tenant"}
+
+	for _, tc := range []struct {
+		name, agent, workload string
+		body                  any
+		code                  string // "" = creds
+	}{
+		{name: "deployed", agent: "agent0", workload: wid, body: ns},
+		{name: "replayed", agent: "agent0", workload: "replayed1", body: ns},
+		{name: "unknown workload", agent: "agent0", workload: "nosuch", body: ns, code: "404"},
+		{name: "another nexlet's type", agent: "agent1", workload: wid, body: ns, code: "404"},
+		{name: "unregistered nexlet", agent: "ghost", workload: wid, body: ns, code: "403"},
+		{name: "no namespace", agent: "agent0", workload: wid, body: protocol.RenewCredsRequest{}, code: "400"},
+		{name: "not JSON", agent: "agent0", workload: wid, body: []byte("{"), code: "400"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cd, code := f.renew(n, tc.agent, tc.workload, tc.body)
+			if code != tc.code {
+				t.Fatalf("code %q, want %q", code, tc.code)
+			}
+			if code == "" && cd.ConnName != "workload-tenant-"+tc.workload {
+				t.Errorf("renewed creds %+v, want those of workload %s in tenant", cd, tc.workload)
+			}
+		})
+	}
+
+	// Once the workload ended, the node renews nothing for it.
+	a.emitStopped(wid, "tenant")
+	eventually(t, "renewal refused after the workload ended", func() bool {
+		_, code := f.renew(n, "agent0", wid, ns)
+		return code == "404"
+	})
+}
+
+func TestRenewCredsKeepsTheWorkloadsNamespace(t *testing.T) {
+	sig, _ := nkeys.CreateAccount()
+	seed, _ := sig.Seed()
+	acc, _ := nkeys.CreateAccount()
+	accPub, _ := acc.PublicKey()
+	m, err := mint.NewSigningKeyMinter(string(seed), accPub, mint.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Minter = m })
+	n := f.nodes[0]
+	f.healthyAgent(n, "agent0", "go_exec", "native", nil)
+	wid := f.deployOne("tenant")
+
+	cd, code := f.renew(n, "agent0", wid, protocol.RenewCredsRequest{Namespace: "tenant"})
+	if code != "" {
+		t.Fatalf("renewal refused: %s", code)
+	}
+	uc, err := jwt.DecodeUserClaims(cd.NatsUserJWT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !uc.Tags.Contains("nex-namespace:tenant") || uc.Expires == 0 {
+		t.Errorf("renewed user: tags %v, expires %d", uc.Tags, uc.Expires)
+	}
+	if !slicesHave(uc.Permissions.Pub.Allow, "tenant.>") {
+		t.Errorf("renewed user may publish %v", uc.Permissions.Pub.Allow)
+	}
+	// Another namespace's creds for the same workload are refused.
+	if _, code := f.renew(n, "agent0", wid, protocol.RenewCredsRequest{Namespace: "other"}); code != "403" {
+		t.Errorf("renewal into another namespace: code %q, want 403", code)
+	}
+}
+
+func slicesHave(l jwt.StringList, want string) bool {
+	for _, s := range l {
+		if strings.EqualFold(s, want) {
+			return true
+		}
+	}
+	return false
+}

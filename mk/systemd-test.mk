@@ -1,0 +1,17 @@
+# make systemd-test: the installed .deb under real systemd (systemd-nspawn) and with
+# real cgroup v2 controllers (qemu, TCG), see test/systemd/README.md. Needs root and
+# apt install debootstrap systemd-container qemu-system-x86 e2fsprogs zstd. Not part of
+# `make test`. The Debian 12 tree is cached in $(NEXD_TESTBED_CACHE).
+NEXD_TESTBED_CACHE ?= /var/cache/nexd-testbed
+SYSTEMD_TEST_UPGRADE = $(DIST)/systemd-test
+
+.PHONY: systemd-test
+
+# A second package, identical but one version newer, for the upgrade check.
+systemd-test: deb
+	rm -rf $(SYSTEMD_TEST_UPGRADE) && mkdir -p $(SYSTEMD_TEST_UPGRADE)
+	NEXD_PKG_VERSION='$(PKG_VERSION).1' NEXD_PKG_ARCH='$(PKG_ARCH)' NEXD_STAGE='$(PKG_STAGE)' \
+		$(NFPM) package --config packaging/nfpm.yaml --packager deb --target $(SYSTEMD_TEST_UPGRADE)/
+	NEXD_TESTBED_CACHE='$(NEXD_TESTBED_CACHE)' test/systemd/run.sh \
+		$(DIST)/nexd_$(PKG_VERSION)-1_$(PKG_ARCH).deb \
+		$(SYSTEMD_TEST_UPGRADE)/nexd_$(PKG_VERSION).1-1_$(PKG_ARCH).deb

@@ -1,0 +1,119 @@
+#!/bin/bash
+# make systemd-test: boots a cached Debian 12 tree twice, with systemd-nspawn (real
+# systemd, no cgroup controllers) and with qemu under TCG (a real kernel with cgroup v2
+# controllers), installs the given nexd .deb inside each and runs guest/nspawn.sh and
+# guest/qemu.sh there. Afterwards it checks an installation without a running systemd
+# (a container without systemd as PID 1, like a chroot).
+#
+#   test/systemd/run.sh NEXD.deb NEXD-NEWER.deb
+#
+# Environment: NEXD_TESTBED_CACHE (default /var/cache/nexd-testbed) holds the rootfs
+# tarball and the work tree; NEXD_TESTBED_SUITES (default "nspawn qemu") selects suites.
+# Needs root. Exit status: 0 when every check passed.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${NEXD_TESTBED_CACHE:-/var/cache/nexd-testbed}
+SUITES=${NEXD_TESTBED_SUITES:-nspawn qemu}
+W=$CACHE/work
+T0=$(date +%s)
+say() { echo "[systemd-test $(($(date +%s) - T0))s] $*"; }
+die() { echo "FAIL: $*"; exit 2; }
+
+[ $# -eq 2 ] || die "usage: $0 NEXD.deb NEXD-NEWER.deb"
+DEB=$(realpath "$1") && DEB_UP=$(realpath "$2") || die "package not found"
+[ "$(id -u)" = 0 ] || die "needs root (debootstrap, systemd-nspawn, mkfs of the VM image)"
+for c in debootstrap systemd-nspawn qemu-system-x86_64 mkfs.ext4 zstd; do
+	command -v $c >/dev/null || die "$c missing: apt-get install debootstrap systemd-container qemu-system-x86 e2fsprogs zstd"
+done
+
+say "rootfs tarball"
+TAR=$("$HERE/mkrootfs.sh") || die "building the Debian 12 rootfs failed"
+
+say "extract $TAR"
+rm -rf "$W" && mkdir -p "$W/rootfs" "$W/share/out" "$W/share/pkgs" || die "cannot create $W"
+tar -C "$W/rootfs" --zstd -xf "$TAR" || die "extracting $TAR failed"
+R=$W/rootfs
+install -m 0755 "$HERE/guest/ci-run" "$R/usr/local/sbin/ci-run"
+install -m 0644 "$HERE/guest/ci-run.service" "$R/etc/systemd/system/ci-run.service"
+ln -sf /etc/systemd/system/ci-run.service "$R/etc/systemd/system/multi-user.target.wants/ci-run.service"
+cp -r "$HERE/guest" "$W/share/guest"
+cp "$DEB" "$W/share/pkgs/nexd.deb" && cp "$DEB_UP" "$W/share/pkgs/nexd-upgrade.deb"
+
+QEMU_PID=
+if [[ " $SUITES " == *" qemu "* ]]; then
+	say "VM image"
+	cp "$R"/boot/vmlinuz-* "$W/vmlinuz" && cp "$R"/boot/initrd.img-* "$W/initrd.img" &&
+		mkfs.ext4 -q -F -d "$R" "$W/vm.img" 3G || die "building the VM image failed"
+	say "qemu (TCG) boot + suite, in the background"
+	timeout 900 qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 2048 -smp 2 \
+		-nographic -no-reboot -kernel "$W/vmlinuz" -initrd "$W/initrd.img" \
+		-append "root=/dev/vda rw console=ttyS0 panic=-1 quiet" \
+		-drive file="$W/vm.img",format=raw,if=virtio -nic none \
+		-virtfs local,path="$W/share",mount_tag=share,security_model=none \
+		</dev/null >"$W/qemu.console" 2>&1 &
+	QEMU_PID=$!
+fi
+
+NSPAWN_RC=
+if [[ " $SUITES " == *" nspawn "* ]]; then
+	say "systemd-nspawn boot + suite"
+	SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 timeout 900 systemd-nspawn -b -D "$R" --register=no \
+		--keep-unit --private-network --console=pipe --bind="$W/share:/mnt" \
+		</dev/null >"$W/nspawn.console" 2>&1
+	NSPAWN_RC=$?
+	say "nspawn exited with $NSPAWN_RC"
+
+	# Maintainer scripts without a running systemd (as in a chroot or image build):
+	# install enables the unit but starts nothing; purge cleans up.
+	say "install without a running systemd"
+	cp "$DEB" "$R/opt/nexd.deb"
+	SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -q -D "$R" --register=no --keep-unit --private-network \
+		/bin/sh -c '
+			dpkg -i /opt/nexd.deb >/dev/null 2>&1 && echo "PASS: dpkg -i without a running systemd" || echo "FAIL: dpkg -i without a running systemd"
+			test -L /etc/systemd/system/multi-user.target.wants/nexd.service && echo "PASS: unit enabled without a running systemd" || echo "FAIL: unit enabled without a running systemd"
+			getent group nex >/dev/null && echo "PASS: group nex created without a running systemd" || echo "FAIL: group nex created without a running systemd"
+			pgrep -x nexd >/dev/null && echo "FAIL: nothing started without a running systemd" || echo "PASS: nothing started without a running systemd"
+			dpkg --purge nexd >/dev/null 2>&1 && ! test -e /var/lib/nex && echo "PASS: dpkg --purge without a running systemd" || echo "FAIL: dpkg --purge without a running systemd"
+		' >"$W/share/out/chroot.log" 2>"$W/chroot.stderr"
+	echo "$?" >"$W/share/out/chroot.rc"
+fi
+
+if [ -n "$QEMU_PID" ]; then
+	say "waiting for the VM"
+	wait "$QEMU_PID"
+	say "qemu exited with $?"
+fi
+
+# nspawn leaves empty cgroups and runtime dirs on the host (testbed.md); remove the
+# empty ones only.
+for d in /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do
+	rmdir "$d/payload/init.scope" "$d/payload" "$d/supervisor" 2>/dev/null || true
+done
+rmdir /run/systemd/nspawn/propagate/* /run/systemd/nspawn/propagate /run/systemd/nspawn/locks \
+	/run/systemd/nspawn /run/systemd/nspawn-uid 2>/dev/null || true
+
+echo
+FAILED=0
+for s in $SUITES chroot; do
+	[ "$s" = chroot ] && [[ " $SUITES " != *" nspawn "* ]] && continue
+	echo "==== $s ===="
+	if [ -f "$W/share/out/$s.log" ]; then
+		sed "s/^/[$s] /" "$W/share/out/$s.log"
+	else
+		echo "[$s] FAIL: no results (see $W/$s.console)"
+		tail -30 "$W/$s.console" 2>/dev/null
+	fi
+	rc=$(cat "$W/share/out/$s.rc" 2>/dev/null || echo missing)
+	if [ "$rc" != 0 ] || grep -q '^FAIL' "$W/share/out/$s.log" 2>/dev/null; then FAILED=1; fi
+done
+P=$(cat "$W"/share/out/*.log 2>/dev/null | grep -c '^PASS:')
+F=$(cat "$W"/share/out/*.log 2>/dev/null | grep -c '^FAIL:')
+say "done: $P passed, $F failed; logs in $W"
+if [ "$FAILED" = 0 ] && [ "$F" = 0 ]; then
+	# Keep the logs; the 1–2 GB tree and image are only worth keeping after a failure.
+	rm -rf "$R" "$W/vm.img"
+	echo "systemd-test: PASS"
+	exit 0
+fi
+echo "systemd-test: FAIL (rootfs, vm.img and logs kept in $W)"
+exit 1
