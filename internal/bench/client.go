@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nuid"
 
+	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -150,39 +151,9 @@ type gatherOpts struct {
 	max          int
 }
 
-// gather publishes a request and collects replies until they stop.
+// gather is scatter.Gather on the tool's connection.
 func (c *client) gather(ctx context.Context, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
-	inbox := c.nc.NewInbox()
-	sub, err := c.nc.SubscribeSync(inbox)
-	if err != nil {
-		return nil, err
-	}
-	defer sub.Unsubscribe()
-	_ = sub.SetPendingLimits(-1, -1)
-	if err := c.nc.PublishRequest(subject, inbox, data); err != nil {
-		return nil, err
-	}
-	var out []*nats.Msg
-	deadline := time.Now().Add(o.first)
-	for {
-		wctx, cancel := context.WithDeadline(ctx, deadline)
-		m, err := sub.NextMsgWithContext(wctx)
-		cancel()
-		if err != nil {
-			if ctx.Err() != nil {
-				return out, ctx.Err()
-			}
-			return out, nil
-		}
-		if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
-			return out, nil
-		}
-		out = append(out, m)
-		if o.max > 0 && len(out) >= o.max {
-			return out, nil
-		}
-		deadline = time.Now().Add(o.stall)
-	}
+	return scatter.Gather(ctx, c.nc, subject, data, scatter.Options{First: o.first, Stall: o.stall, Max: o.max})
 }
 
 // replyErr returns the micro error a node replied with, if any.

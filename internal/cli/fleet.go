@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 
+	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -72,9 +73,7 @@ func replyError(m *nats.Msg) error {
 }
 
 // isNoResponders recognises the server's 503 status for a request nobody subscribes to.
-func isNoResponders(m *nats.Msg) bool {
-	return len(m.Data) == 0 && m.Header != nil && m.Header.Get("Status") == "503"
-}
+func isNoResponders(m *nats.Msg) bool { return scatter.NoResponders(m) }
 
 type gatherOpts struct {
 	first time.Duration // wait at most this long for the first reply
@@ -82,40 +81,9 @@ type gatherOpts struct {
 	max   int           // and stop once this many arrived (0: no limit)
 }
 
-// gather publishes one request and collects replies until they stop arriving: stall
-// after the latest reply, bounded by first for the first one, or max replies. No
-// responders ends it at once with no replies.
+// gather is scatter.Gather with nexctl's options.
 func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
-	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
-	if err != nil {
-		return nil, fmt.Errorf("subscribe for replies to %s: %w", subject, err)
-	}
-	defer sub.Unsubscribe()
-	if err := nc.PublishRequest(subject, inbox, data); err != nil {
-		return nil, fmt.Errorf("request %s: %w", subject, err)
-	}
-	var out []*nats.Msg
-	deadline := time.Now().Add(o.first)
-	for {
-		wctx, cancel := context.WithDeadline(ctx, deadline)
-		m, err := sub.NextMsgWithContext(wctx)
-		cancel()
-		if err != nil {
-			if ctx.Err() != nil {
-				return out, ctx.Err()
-			}
-			return out, nil // quiet long enough: done
-		}
-		if isNoResponders(m) {
-			return out, nil
-		}
-		out = append(out, m)
-		if o.max > 0 && len(out) >= o.max {
-			return out, nil
-		}
-		deadline = time.Now().Add(o.stall)
-	}
+	return scatter.Gather(ctx, nc, subject, data, scatter.Options{First: o.first, Stall: o.stall, Max: o.max})
 }
 
 func (f *fleet) gatherOpts(max int) gatherOpts {
