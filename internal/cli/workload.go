@@ -266,13 +266,10 @@ func (a *app) workloadStopCmd() *cobra.Command {
 				return err
 			}
 			defer done()
-			id, ns := args[0], a.namespace
-			if ns == protocol.SystemNamespace {
-				s, err := f.workloadNamespace(cmd.Context(), id)
-				if err != nil {
-					return err
-				}
-				ns = *s.Namespace
+			id := args[0]
+			ns, err := f.ownNamespace(cmd.Context(), a.namespace, id)
+			if err != nil {
+				return err
 			}
 			r, err := f.stopWorkload(cmd.Context(), ns, id)
 			if err != nil {
@@ -509,13 +506,10 @@ func (a *app) workloadLogsCmd() *cobra.Command {
 				return err
 			}
 			defer done()
-			id, ns := args[0], a.namespace
-			if ns == protocol.SystemNamespace {
-				s, err := f.workloadNamespace(cmd.Context(), id)
-				if err != nil {
-					return err
-				}
-				ns = *s.Namespace
+			id := args[0]
+			ns, err := f.ownNamespace(cmd.Context(), a.namespace, id)
+			if err != nil {
+				return err
 			}
 			sub, err := f.nc.SubscribeSync(protocol.LogsWildcard(ns, id))
 			if err != nil {
