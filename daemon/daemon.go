@@ -335,8 +335,9 @@ func (d *daemon) natsOptions(cfg *config.Config) natsconn.Options {
 func (d *daemon) newMinter(cfg *config.Config) (mint.Minter, error) {
 	opts := mint.Options{Servers: d.conn.ClientURLs(), Nexus: cfg.Node.Nexus, JSDomain: cfg.NATS.JSDomain,
 		// A nexlet cannot fetch new credentials while it runs, so its user must outlive
-		// it (as upstream's 365 days); workload users keep the short default.
-		AgentTTL: nexletCredsTTL}
+		// it (as upstream's 365 days); workload users live workload_creds_ttl and their
+		// nexlet renews them before they expire.
+		AgentTTL: nexletCredsTTL, WorkloadTTL: cfg.Node.WorkloadCredsTTL}
 	n := cfg.Node
 	switch {
 	case n.IssuerSigningKey != "":

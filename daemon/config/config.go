@@ -49,6 +49,7 @@ type NodeConfig struct {
 	ControlSocket                string            // control_socket
 	CgroupRoot                   string            // cgroup_root ("" = detect)
 	StopGrace                    time.Duration     // stop_grace
+	WorkloadCredsTTL             time.Duration     // workload_creds_ttl: lifetime of minted workload users
 	StartupTimeout               time.Duration     // startup_timeout: wait for nexlets before READY
 	ControlAllowOthers           string            // control_allow_others: "status" or "none"
 	MetricsListen                string            // metrics_listen: host:port, "" = off

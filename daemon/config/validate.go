@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
@@ -86,6 +87,10 @@ func (v *validator) validate() {
 	v.positive("auction_ttl", n.AuctionTTL.Seconds(), true)
 	v.positive("nats.timeout", c.NATS.Timeout.Seconds(), true)
 	v.positive("stop_grace", n.StopGrace.Seconds(), false)
+	if n.WorkloadCredsTTL < time.Second {
+		// Shorter users would expire before a workload could even connect.
+		v.fail("workload_creds_ttl", "", fmt.Sprintf("must be 1s or more, got %s", n.WorkloadCredsTTL))
+	}
 	v.positive("startup_timeout", n.StartupTimeout.Seconds(), false)
 	if n.MetricsListen != "" {
 		if _, port, err := net.SplitHostPort(n.MetricsListen); err != nil {
