@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"encoding/json"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -10,10 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/testnats"
 )
@@ -86,76 +83,8 @@ func main() {
 // signing key's seed and a creds file for a user of A without limits (the node user).
 func operatorNATS(t *testing.T) (srv *server.Server, acct, signingSeed, nodeCreds string) {
 	t.Helper()
-	kp := func(f func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
-		k, err := f()
-		if err != nil {
-			t.Fatal(err)
-		}
-		pub, err := k.PublicKey()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k, pub
-	}
-	opKP, opPub := kp(nkeys.CreateOperator)
-	accKP, accPub := kp(nkeys.CreateAccount)
-	sigKP, sigPub := kp(nkeys.CreateAccount)
-	_, sysPub := kp(nkeys.CreateAccount)
-
-	oc := jwt.NewOperatorClaims(opPub)
-	oc.SystemAccount = sysPub
-	ac := jwt.NewAccountClaims(accPub)
-	ac.SigningKeys.Add(sigPub)
-	// JetStream for the account, so nexd finds what it would on a real deployment.
-	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1}
-	sc := jwt.NewAccountClaims(sysPub)
-	res := &server.MemAccResolver{}
-	for _, c := range []*jwt.AccountClaims{ac, sc} {
-		tok, err := c.Encode(opKP)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := res.Store(c.Subject, tok); err != nil {
-			t.Fatal(err)
-		}
-	}
-	opJWT, err := oc.Encode(opKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if oc, err = jwt.DecodeOperatorClaims(opJWT); err != nil {
-		t.Fatal(err)
-	}
-	srv = testnats.Start(t, testnats.Options{Configure: func(so *server.Options) {
-		so.TrustedOperators = []*jwt.OperatorClaims{oc}
-		so.AccountResolver = res
-		so.SystemAccount = sysPub
-	}})
-
-	ukp, upub := kp(nkeys.CreateUser)
-	uc := jwt.NewUserClaims(upub)
-	uc.Name = "nexd-node"
-	utok, err := uc.Encode(accKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	useed, err := ukp.Seed()
-	if err != nil {
-		t.Fatal(err)
-	}
-	creds, err := jwt.FormatUserConfig(utok, useed)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nodeCreds = filepath.Join(t.TempDir(), "node.creds")
-	if err := os.WriteFile(nodeCreds, creds, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	sseed, err := sigKP.Seed()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return srv, accPub, string(sseed), nodeCreds
+	op := testnats.StartOperator(t, nil)
+	return op.Server, op.Account, op.SigningSeed, op.CredsFile(t, "nexd-node")
 }
 
 // TestSigningKeyEndToEnd runs the real nexd against an operator-mode NATS with

@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
@@ -26,6 +25,7 @@ type opEnv struct {
 	accPub   string
 	sigSeed  string
 	resolver server.AccountResolver
+	op       *testnats.Operator
 }
 
 func mustKP(t *testing.T, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
@@ -45,53 +45,9 @@ func startOperator(t *testing.T) *opEnv { return startOperatorWith(t, &server.Me
 
 func startOperatorWith(t *testing.T, res server.AccountResolver) *opEnv {
 	t.Helper()
-	opKP, opPub := mustKP(t, nkeys.CreateOperator)
-	accKP, accPub := mustKP(t, nkeys.CreateAccount)
-	sigKP, sigPub := mustKP(t, nkeys.CreateAccount)
-	sysKP, sysPub := mustKP(t, nkeys.CreateAccount)
-	sigSeed, err := sigKP.Seed()
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	oc := jwt.NewOperatorClaims(opPub)
-	oc.Name = "test-operator"
-	oc.SystemAccount = sysPub
-	opJWT, err := oc.Encode(opKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	oc, err = jwt.DecodeOperatorClaims(opJWT)
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	ac := jwt.NewAccountClaims(accPub)
-	ac.Name = "APP"
-	ac.SigningKeys.Add(sigPub)
-	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1}
-	accJWT, err := ac.Encode(opKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc := jwt.NewAccountClaims(sysPub)
-	sc.Name = "SYS"
-	sysJWT, err := sc.Encode(opKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := res.Store(accPub, accJWT); err != nil {
-		t.Fatal(err)
-	}
-	if err := res.Store(sysPub, sysJWT); err != nil {
-		t.Fatal(err)
-	}
-	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) {
-		o.TrustedOperators = []*jwt.OperatorClaims{oc}
-		o.AccountResolver = res
-		o.SystemAccount = sysPub
-	}})
-	return &opEnv{s: s, sysKP: sysKP, opKP: opKP, accKP: accKP, accPub: accPub, sigSeed: string(sigSeed), resolver: res}
+	o := testnats.StartOperator(t, res)
+	return &opEnv{s: o.Server, sysKP: o.SystemKP, opKP: o.OperatorKP, accKP: o.AccountKP, accPub: o.Account,
+		sigSeed: o.SigningSeed, resolver: o.Resolver, op: o}
 }
 
 // admin connects as an unrestricted user of the application account.
@@ -100,15 +56,8 @@ func (e *opEnv) admin(t *testing.T) *nats.Conn { return e.userOf(t, e.accKP) }
 // userOf connects as an unrestricted user of the account of accKP.
 func (e *opEnv) userOf(t *testing.T, accKP nkeys.KeyPair) *nats.Conn {
 	t.Helper()
-	ukp, upub := mustKP(t, nkeys.CreateUser)
-	uc := jwt.NewUserClaims(upub)
-	uc.Name = "admin"
-	tok, err := uc.Encode(accKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	seed, _ := ukp.Seed()
-	return testnats.Connect(t, e.s, nats.UserJWTAndSeed(tok, string(seed)), nats.Name("admin"))
+	tok, seed := e.op.User(t, "admin", accKP)
+	return testnats.Connect(t, e.s, nats.UserJWTAndSeed(tok, seed), nats.Name("admin"))
 }
 
 // client is a connection made from minted connection data, recording the asynchronous

@@ -234,64 +234,13 @@ func TestRenewCredsFileVariableIsReserved(t *testing.T) {
 // an unrestricted connection of the application account and a minter for that account.
 func operatorServer(t *testing.T, o mint.Options) (*server.Server, *nats.Conn, *mint.SigningKeyMinter) {
 	t.Helper()
-	kp := func(f func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
-		k, err := f()
-		if err != nil {
-			t.Fatal(err)
-		}
-		pub, _ := k.PublicKey()
-		return k, pub
-	}
-	opKP, opPub := kp(nkeys.CreateOperator)
-	accKP, accPub := kp(nkeys.CreateAccount)
-	sigKP, sigPub := kp(nkeys.CreateAccount)
-	_, sysPub := kp(nkeys.CreateAccount)
-	oc := jwt.NewOperatorClaims(opPub)
-	oc.SystemAccount = sysPub
-	ac := jwt.NewAccountClaims(accPub)
-	ac.SigningKeys.Add(sigPub)
-	sc := jwt.NewAccountClaims(sysPub)
-	res := &server.MemAccResolver{}
-	for _, c := range []*jwt.AccountClaims{ac, sc} {
-		tok, err := c.Encode(opKP)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := res.Store(c.Subject, tok); err != nil {
-			t.Fatal(err)
-		}
-	}
-	opJWT, err := oc.Encode(opKP)
+	op := testnats.StartOperator(t, nil)
+	o.Servers = []string{op.Server.ClientURL()}
+	m, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if oc, err = jwt.DecodeOperatorClaims(opJWT); err != nil {
-		t.Fatal(err)
-	}
-	srv := testnats.Start(t, testnats.Options{Configure: func(so *server.Options) {
-		so.TrustedOperators = []*jwt.OperatorClaims{oc}
-		so.AccountResolver = res
-		so.SystemAccount = sysPub
-	}})
-	ukp, upub := kp(nkeys.CreateUser)
-	uc := jwt.NewUserClaims(upub)
-	utok, err := uc.Encode(accKP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	useed, _ := ukp.Seed()
-	admin, err := nats.Connect(srv.ClientURL(), nats.UserJWTAndSeed(utok, string(useed)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(admin.Close)
-	sigSeed, _ := sigKP.Seed()
-	o.Servers = []string{srv.ClientURL()}
-	m, err := mint.NewSigningKeyMinter(string(sigSeed), accPub, o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return srv, admin, m
+	return op.Server, op.Connect(t, "admin"), m
 }
 
 // A workload client using nats.UserCredentials on the creds file keeps working after

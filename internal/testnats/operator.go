@@ -1,0 +1,130 @@
+package testnats
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+)
+
+// Operator is a nats-server in operator (JWT) mode: one application account with a
+// signing key and JetStream, and a system account, both in Resolver.
+type Operator struct {
+	Server      *server.Server
+	OperatorKP  nkeys.KeyPair
+	AccountKP   nkeys.KeyPair
+	SystemKP    nkeys.KeyPair
+	Account     string // the application account's public key
+	System      string // the system account's public key
+	SigningSeed string // the application account's signing key seed (SA…)
+	Resolver    server.AccountResolver
+}
+
+// StartOperator runs an operator-mode server for the duration of t; res nil means a
+// memory resolver.
+func StartOperator(t testing.TB, res server.AccountResolver) *Operator {
+	t.Helper()
+	if res == nil {
+		res = &server.MemAccResolver{}
+	}
+	opKP, opPub := newKey(t, nkeys.CreateOperator)
+	accKP, accPub := newKey(t, nkeys.CreateAccount)
+	sigKP, sigPub := newKey(t, nkeys.CreateAccount)
+	sysKP, sysPub := newKey(t, nkeys.CreateAccount)
+	sigSeed, err := sigKP.Seed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	oc := jwt.NewOperatorClaims(opPub)
+	oc.Name = "test-operator"
+	oc.SystemAccount = sysPub
+	opJWT, err := oc.Encode(opKP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if oc, err = jwt.DecodeOperatorClaims(opJWT); err != nil {
+		t.Fatal(err)
+	}
+	ac := jwt.NewAccountClaims(accPub)
+	ac.Name = "APP"
+	ac.SigningKeys.Add(sigPub)
+	ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1}
+	sc := jwt.NewAccountClaims(sysPub)
+	sc.Name = "SYS"
+	for _, c := range []*jwt.AccountClaims{ac, sc} {
+		tok, err := c.Encode(opKP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := res.Store(c.Subject, tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := Start(t, Options{Configure: func(o *server.Options) {
+		o.TrustedOperators = []*jwt.OperatorClaims{oc}
+		o.AccountResolver = res
+		o.SystemAccount = sysPub
+	}})
+	return &Operator{Server: s, OperatorKP: opKP, AccountKP: accKP, SystemKP: sysKP, Account: accPub,
+		System: sysPub, SigningSeed: string(sigSeed), Resolver: res}
+}
+
+// User issues an unrestricted user of the account of accKP (the application account
+// when nil) and returns its JWT and seed.
+func (o *Operator) User(t testing.TB, name string, accKP nkeys.KeyPair) (string, string) {
+	t.Helper()
+	if accKP == nil {
+		accKP = o.AccountKP
+	}
+	ukp, upub := newKey(t, nkeys.CreateUser)
+	uc := jwt.NewUserClaims(upub)
+	uc.Name = name
+	tok, err := uc.Encode(accKP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, err := ukp.Seed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok, string(seed)
+}
+
+// Connect connects as a new unrestricted user of the application account.
+func (o *Operator) Connect(t testing.TB, name string) *nats.Conn {
+	t.Helper()
+	tok, seed := o.User(t, name, nil)
+	return Connect(t, o.Server, nats.UserJWTAndSeed(tok, seed), nats.Name(name))
+}
+
+// CredsFile writes a creds file for a new unrestricted user of the application account.
+func (o *Operator) CredsFile(t testing.TB, name string) string {
+	t.Helper()
+	tok, seed := o.User(t, name, nil)
+	creds, err := jwt.FormatUserConfig(tok, []byte(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), name+".creds")
+	if err := os.WriteFile(path, creds, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func newKey(t testing.TB, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
+	t.Helper()
+	kp, err := create()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kp, pub
+}
