@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	artifacts "github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -100,7 +101,6 @@ var reservedEnv = []string{"NEX_WORKLOAD_NATS_SERVERS", "NEX_WORKLOAD_NATS_NKEY"
 	"NEX_WORKLOAD_ID", "NEX_NAMESPACE"}
 
 var (
-	bucketRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 	envKeyRE = regexp.MustCompile(`^[^=\x00]+$`)
 	memRE    = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)\s*([KkMmGgTt]?)(i?)([Bb]?)$`)
 )
@@ -180,34 +180,17 @@ func parseURI(uri string) (artifact, error) {
 		if !filepath.IsAbs(rest) {
 			return artifact{}, fmt.Errorf("run_request: uri %q: the path must be absolute (file:///path)", uri)
 		}
-		fi, err := os.Stat(rest)
-		if err != nil {
+		if err := artifacts.CheckExecutable(rest); err != nil {
 			return artifact{}, fmt.Errorf("run_request: uri %q: %w", uri, err)
-		}
-		if !fi.Mode().IsRegular() {
-			return artifact{}, fmt.Errorf("run_request: uri %q: not a regular file", uri)
-		}
-		if fi.Mode().Perm()&0o111 == 0 {
-			return artifact{}, fmt.Errorf("run_request: uri %q: the file is not executable", uri)
 		}
 		return artifact{scheme: "file", path: filepath.Clean(rest)}, nil
 	}
-	if rest, ok := strings.CutPrefix(uri, "nats://"); ok {
-		bucket, name, ok := strings.Cut(rest, "/")
-		if !ok || bucket == "" || name == "" {
-			return artifact{}, fmt.Errorf("run_request: uri %q: want nats://<bucket>/<name>[:<tag>]", uri)
+	if strings.HasPrefix(uri, "nats://") {
+		bucket, object, err := artifacts.ParseNATS(uri)
+		if err != nil {
+			return artifact{}, fmt.Errorf("run_request: uri %q: %w", uri, err)
 		}
-		if !bucketRE.MatchString(bucket) {
-			return artifact{}, fmt.Errorf("run_request: uri %q: bucket %q may hold only letters, digits, '-' and '_'", uri, bucket)
-		}
-		tag := "latest"
-		if n, t, ok := strings.Cut(name, ":"); ok {
-			name, tag = n, t
-		}
-		if name == "" || tag == "" || strings.ContainsAny(name+tag, "/: ") {
-			return artifact{}, fmt.Errorf("run_request: uri %q: want nats://<bucket>/<name>[:<tag>]", uri)
-		}
-		return artifact{scheme: "nats", bucket: bucket, object: name + "_" + tag}, nil
+		return artifact{scheme: "nats", bucket: bucket, object: object}, nil
 	}
 	scheme, _, ok := strings.Cut(uri, "://")
 	if !ok {

@@ -25,8 +25,9 @@ func TestParse(t *testing.T) {
 		{uri: "", err: "empty uri"},
 		{uri: "relative/path", err: "want an absolute path"},
 		{uri: "file://rel", err: "absolute path"},
-		{uri: "nats://bins", err: "want nats://bucket/object"},
-		{uri: "nats://bins/a/b", err: "want nats://bucket/object"},
+		{uri: "nats://bins", err: "want nats://<bucket>/<name>"},
+		{uri: "nats://bins/a/b", err: "want nats://<bucket>/<name>"},
+		{uri: "nats://b.x/a", err: "may hold only letters"},
 		{uri: "oci://x/y", err: "want an absolute path"},
 	}
 	for _, tc := range tests {

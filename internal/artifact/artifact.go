@@ -1,6 +1,7 @@
-// Package artifact resolves the binary of a local nexlet: a plain path, a file:// URI,
-// or nats://bucket/object[:tag] fetched from a NATS object store (verified against the
-// digest the store recorded) into a private directory.
+// Package artifact is how nexd names executables: a plain path, a file:// URI, or
+// nats://bucket/object[:tag] in a NATS object store (object "<object>_<tag>", tag
+// "latest" by default). The daemon resolves local nexlets with it and the native
+// nexlet parses workload URIs with ParseNATS and CheckExecutable.
 package artifact
 
 import (
@@ -10,9 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -40,25 +41,56 @@ func Parse(uri string) (Ref, error) {
 		}
 		return Ref{Scheme: "file", Path: filepath.Clean(p)}, nil
 	case strings.HasPrefix(uri, "nats://"):
-		u, err := url.Parse(uri)
+		bucket, object, err := ParseNATS(uri)
 		if err != nil {
 			return Ref{}, fmt.Errorf("uri %q: %w", uri, err)
 		}
-		name := strings.TrimPrefix(u.Path, "/")
-		if u.Host == "" || name == "" || strings.Contains(name, "/") {
-			return Ref{}, fmt.Errorf("uri %q: want nats://bucket/object[:tag]", uri)
-		}
-		tag := "latest"
-		if i := strings.LastIndexByte(name, ':'); i >= 0 {
-			name, tag = name[:i], name[i+1:]
-			if name == "" || tag == "" {
-				return Ref{}, fmt.Errorf("uri %q: empty object name or tag", uri)
-			}
-		}
-		return Ref{Scheme: "nats", Bucket: u.Host, Object: name + "_" + tag}, nil
+		return Ref{Scheme: "nats", Bucket: bucket, Object: object}, nil
 	default:
 		return Ref{}, fmt.Errorf("uri %q: want an absolute path, file:///path or nats://bucket/object[:tag]", uri)
 	}
+}
+
+var bucketRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+
+// ParseNATS splits nats://bucket/name[:tag] into the bucket and the stored object name
+// "<name>_<tag>" (tag "latest" when absent).
+func ParseNATS(uri string) (bucket, object string, err error) {
+	rest, ok := strings.CutPrefix(uri, "nats://")
+	if !ok {
+		return "", "", errors.New("want nats://<bucket>/<name>[:<tag>]")
+	}
+	bucket, name, ok := strings.Cut(rest, "/")
+	if !ok || bucket == "" || name == "" {
+		return "", "", errors.New("want nats://<bucket>/<name>[:<tag>]")
+	}
+	if !bucketRE.MatchString(bucket) {
+		return "", "", fmt.Errorf("bucket %q may hold only letters, digits, '-' and '_'", bucket)
+	}
+	tag := "latest"
+	if n, t, ok := strings.Cut(name, ":"); ok {
+		name, tag = n, t
+	}
+	if name == "" || tag == "" || strings.ContainsAny(name+tag, "/: ") {
+		return "", "", errors.New("want nats://<bucket>/<name>[:<tag>]")
+	}
+	return bucket, name + "_" + tag, nil
+}
+
+// CheckExecutable says why path cannot be run: missing, not a regular file, or not
+// executable.
+func CheckExecutable(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if st.Mode().Perm()&0o111 == 0 {
+		return fmt.Errorf("%s is not executable", path)
+	}
+	return nil
 }
 
 // Resolve returns a local executable path for ref. Object store artifacts are written
@@ -66,15 +98,8 @@ func Parse(uri string) (Ref, error) {
 // fetched twice.
 func Resolve(ctx context.Context, ref Ref, js jetstream.JetStream, dir string) (string, error) {
 	if ref.Scheme == "file" {
-		st, err := os.Stat(ref.Path)
-		if err != nil {
+		if err := CheckExecutable(ref.Path); err != nil {
 			return "", fmt.Errorf("nexlet binary: %w", err)
-		}
-		if !st.Mode().IsRegular() {
-			return "", fmt.Errorf("nexlet binary %s is not a regular file", ref.Path)
-		}
-		if st.Mode().Perm()&0o111 == 0 {
-			return "", fmt.Errorf("nexlet binary %s is not executable", ref.Path)
 		}
 		return ref.Path, nil
 	}
