@@ -72,9 +72,6 @@ func replyError(m *nats.Msg) error {
 	return &nodeError{Code: code, Message: msg}
 }
 
-// isNoResponders recognises the server's 503 status for a request nobody subscribes to.
-func isNoResponders(m *nats.Msg) bool { return scatter.NoResponders(m) }
-
 type gatherOpts struct {
 	first time.Duration // wait at most this long for the first reply
 	stall time.Duration // then end this long after the latest reply
