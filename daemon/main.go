@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/internal/version"
@@ -34,7 +35,23 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, version.String("nexd"))
 		return ExitOK
 	}
+	if len(args) > 0 && args[0] == "help" {
+		fmt.Fprint(stdout, config.Usage())
+		return ExitOK
+	}
 	loaded, err := config.Load(config.DefaultLoadOptions(args))
+	if loaded != nil {
+		// Flags may come before "node up"; anything else positional is a mistake, most
+		// often a nexctl command typed to nexd, and must not start a node.
+		rest := loaded.Args
+		if len(rest) >= 2 && rest[0] == "node" && rest[1] == "up" {
+			rest = rest[2:]
+		}
+		if len(rest) > 0 {
+			fmt.Fprintln(stderr, unknownArgs(rest))
+			return ExitUsage
+		}
+	}
 	if loaded != nil && loaded.Help {
 		fmt.Fprint(stdout, config.Usage())
 		return ExitOK
@@ -74,4 +91,26 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return ExitFailure
 	}
 	return ExitOK
+}
+
+// isNexctlCommand says whether s is one of nexctl's top-level commands, for the hint
+// when one is typed to nexd.
+func isNexctlCommand(s string) bool {
+	switch s {
+	case "node", "workload", "workloads", "status", "reload", "lameduck", "nexlet",
+		"nexlets", "logs", "config", "secret", "metrics":
+		return true
+	}
+	return false
+}
+
+// unknownArgs is the usage error for positional arguments nexd does not take.
+func unknownArgs(rest []string) string {
+	msg := fmt.Sprintf("nexd: unknown argument %q (nexd takes only flags, \"node up\", \"nexlet\", \"version\" and \"help\")", rest[0])
+	if isNexctlCommand(rest[0]) {
+		msg += fmt.Sprintf("; did you mean `nexctl %s`?", strings.Join(rest, " "))
+	} else {
+		msg += "; see nexd --help"
+	}
+	return msg
 }

@@ -89,3 +89,37 @@ func TestBadStartRequests(t *testing.T) {
 		t.Fatalf("bad start requests left workloads: %+v", ws)
 	}
 }
+
+// TestNexdUnknownArgs: positional arguments nexd does not take are usage errors (exit
+// 2) that name the argument and, for a nexctl command, suggest it; no node starts.
+func TestNexdUnknownArgs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	cases := []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"node", "list"}, []string{`"node"`, "nexctl node list"}},
+		{[]string{"--log-level", "debug", "workload", "list"}, []string{`"workload"`, "nexctl workload list"}},
+		{[]string{"foo"}, []string{`"foo"`, "nexd --help"}},
+		{[]string{"node", "up", "extra"}, []string{`"extra"`}},
+	}
+	for _, c := range cases {
+		// A node that did start would not return within run's bound, so the exit code
+		// alone proves nothing started.
+		_, stderr, code := run(t, nil, bins.nexd, c.args...)
+		if code != 2 {
+			t.Errorf("nexd %v: exit %d, want 2; stderr %q", c.args, code, stderr)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(stderr, w) {
+				t.Errorf("nexd %v: stderr %q does not contain %q", c.args, stderr, w)
+			}
+		}
+	}
+	out, _, code := run(t, nil, bins.nexd, "help")
+	if code != 0 || !strings.Contains(out, "Usage: nexd") {
+		t.Errorf("nexd help: exit %d, output %q", code, out)
+	}
+}
