@@ -46,6 +46,15 @@ func (n *node) workloads(t *testing.T) []control.Workload {
 	return ws
 }
 
+// flush makes sure the server has nc's subscriptions before another connection
+// (nexd, nexctl) publishes what they are to catch.
+func flush(t *testing.T, nc *nats.Conn) {
+	t.Helper()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func eventually(t *testing.T, what string, timeout time.Duration, f func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -74,6 +83,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	writeFile(t, script, "#!/bin/sh\necho \"hello from $NEX_WORKLOAD_ID secret=$SECRET\"\nexec sleep 600\n")
 	os.Chmod(script, 0o755)
 	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	flush(t, nc)
 	r := n.runWorkload(t, "--name", "svc", "--env", "SECRET=s3cr3t", "--", script)
 	if r.Node != st.NodeID {
 		t.Fatalf("placed on %q, want %q", r.Node, st.NodeID)
@@ -140,6 +150,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 
 	// A job's exit code reaches WORKLOADSTOPPED and the job is not kept in state.
 	events, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	flush(t, nc)
 	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--", "/bin/sh", "-c", "exit 7")
 	var ev protocol.WorkloadStoppedEvent
 	eventually(t, "WORKLOADSTOPPED for the job", 30*time.Second, func() bool {
@@ -198,6 +209,7 @@ func TestLocalEndpoints(t *testing.T) {
 	// A secret:// reference resolves in the workload's environment.
 	nc := testnats.Connect(t, s)
 	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	flush(t, nc)
 	n.runWorkload(t, "--name", "sec", "--lifecycle", "job", "--plain-env", "--env", "TOKEN=secret://TOKEN",
 		"--", "/bin/sh", "-c", "echo token=$TOKEN")
 	m, err := logs.NextMsg(30 * time.Second)

@@ -367,6 +367,11 @@ func (a *fakeAgent) serve() {
 		a.mu.Unlock()
 		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{"agentId": {a.id}}, Data: js(protocol.LameduckResponse{Success: true})})
 	})
+	// The node asks on its own connection: the server must have the subscriptions
+	// before anyone can find this agent.
+	if err := a.nc.Flush(); err != nil {
+		a.t.Fatal(err)
+	}
 	a.startHeartbeats()
 }
 

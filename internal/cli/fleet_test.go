@@ -322,6 +322,10 @@ func TestWorkloadCloneResealsEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sub.Unsubscribe()
+	// nexctl asks on its own connection: the server must have the subscription first.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	_, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "clone", "W9")...)
 	if code != 0 {
 		t.Fatalf("clone: %d %q", code, errOut)

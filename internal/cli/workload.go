@@ -516,6 +516,10 @@ func (a *app) workloadLogsCmd() *cobra.Command {
 				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
 			}
 			defer sub.Unsubscribe()
+			// The wait starts once the server has the subscription, not before.
+			if err := f.nc.Flush(); err != nil {
+				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
+			}
 			ctx := cmd.Context()
 			if !follow {
 				var cancel context.CancelFunc
