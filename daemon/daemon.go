@@ -19,6 +19,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/logging"
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/daemon/natsembed"
 	"github.com/nexd-project/nexd/daemon/node"
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/daemon/supervise"
@@ -206,7 +207,8 @@ func (d *daemon) start(ctx context.Context) error {
 		"identity", string(id.NodeSource), "state_dir", d.stateDir)
 
 	d.notify.Status("starting: connecting to NATS")
-	conn, err := natsconn.Connect(ctx, d.natsOptions(cfg), d.log)
+	client, embed := d.natsOptions(cfg)
+	conn, err := natsembed.Connect(ctx, client, embed, d.log)
 	if err != nil {
 		return fmt.Errorf("nats: %w", err)
 	}
@@ -305,31 +307,32 @@ func (d *daemon) start(ctx context.Context) error {
 	return d.notify.Ready(status)
 }
 
-func (d *daemon) natsOptions(cfg *config.Config) natsconn.Options {
+func (d *daemon) natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
 	port := 0
 	if v := lookup(d.env, "NEXD_EMBEDDED_NATS_PORT"); v != "" {
 		fmt.Sscanf(v, "%d", &port)
 	}
 	return natsconn.Options{
-		Context:      cfg.NATS.Context,
-		Servers:      cfg.NATS.Servers,
-		CredsFile:    cfg.NATS.CredsFile,
-		Nkey:         cfg.NATS.Nkey,
-		Seed:         cfg.NATS.Seed,
-		JWT:          cfg.NATS.JWT,
-		User:         cfg.NATS.User,
-		Password:     cfg.NATS.Password,
-		TLSCert:      cfg.NATS.TLSCert,
-		TLSKey:       cfg.NATS.TLSKey,
-		TLSCA:        cfg.NATS.TLSCA,
-		TLSFirst:     cfg.NATS.TLSFirst,
-		ConnName:     cfg.NATS.ConnName,
-		Timeout:      cfg.NATS.Timeout,
-		JSDomain:     cfg.NATS.JSDomain,
-		InatsConfig:  cfg.Node.InatsConfig,
-		StateDir:     d.stateDir,
-		EmbeddedPort: port,
-	}
+			Context:   cfg.NATS.Context,
+			Servers:   cfg.NATS.Servers,
+			CredsFile: cfg.NATS.CredsFile,
+			Nkey:      cfg.NATS.Nkey,
+			Seed:      cfg.NATS.Seed,
+			JWT:       cfg.NATS.JWT,
+			User:      cfg.NATS.User,
+			Password:  cfg.NATS.Password,
+			TLSCert:   cfg.NATS.TLSCert,
+			TLSKey:    cfg.NATS.TLSKey,
+			TLSCA:     cfg.NATS.TLSCA,
+			TLSFirst:  cfg.NATS.TLSFirst,
+			ConnName:  cfg.NATS.ConnName,
+			Timeout:   cfg.NATS.Timeout,
+			JSDomain:  cfg.NATS.JSDomain,
+		}, natsembed.Options{
+			InatsConfig: cfg.Node.InatsConfig,
+			StateDir:    d.stateDir,
+			Port:        port,
+		}
 }
 
 func (d *daemon) newMinter(cfg *config.Config) (mint.Minter, error) {

@@ -1,7 +1,7 @@
-// Package natsconn opens the node's NATS connection: to external servers (a NATS CLI
-// context, servers with creds/nkey/jwt/user/TLS), or to an in-process nats-server,
-// either from an --inats-config file or, with nothing configured at all, a
-// zero-config server on 127.0.0.1 with JetStream so a lone `nexd` works.
+// Package natsconn opens a NATS client connection: to external servers (a NATS CLI
+// context, servers with creds/nkey/jwt/user/TLS), or in-process to a server that
+// package natsembed runs. It never links nats-server itself, so nexctl, which
+// only dials, stays small (see deps_test.go).
 package natsconn
 
 import (
@@ -15,27 +15,22 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/jsm.go/natscontext"
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
+	"github.com/synadia-io/orbit.go/natscontext"
 )
-
-// DefaultEmbeddedPort is where the zero-config embedded server listens.
-const DefaultEmbeddedPort = 4222
 
 // DefaultHealthGrace is how long a reconnecting connection still counts as healthy.
 const DefaultHealthGrace = 2 * time.Minute
 
-// Options select and authenticate the connection (the --nats.* flags and
-// --inats-config).
+// Options select and authenticate the connection (the --nats.* flags).
 type Options struct {
 	Context   string // NATS CLI context name (or path to a context JSON file); takes priority
 	Servers   []string
@@ -53,18 +48,14 @@ type Options struct {
 	JSDomain  string
 	Timeout   time.Duration // per-attempt connect timeout (0 = nats.go default)
 
-	InatsConfig  string // nats-server config file for an embedded server
-	StateDir     string // JetStream store for the embedded server
-	EmbeddedPort int    // zero-config port: 0 = 4222, -1 = random (tests)
-
 	// HealthGrace bounds how long Healthy tolerates reconnecting (0 = 2 min).
 	HealthGrace time.Duration
 }
 
 // Configured reports whether any NATS connection is configured. When it is not,
-// Connect starts the zero-config embedded server.
+// Connect dials nats.DefaultURL, and natsembed.Connect starts its zero-config server.
 func Configured(o Options) bool {
-	return o.Context != "" || len(o.Servers) > 0 || o.InatsConfig != "" ||
+	return o.Context != "" || len(o.Servers) > 0 ||
 		o.CredsFile != "" || o.Nkey != "" || o.Seed != "" || o.JWT != "" ||
 		o.User != "" || o.Password != "" || o.TLSCert != "" || o.TLSKey != "" || o.TLSCA != ""
 }
@@ -81,16 +72,23 @@ type ConnInfo struct {
 	LastError   string        `json:"last_error,omitempty"`
 }
 
-// Conn is the node's NATS connection and, when embedded, the server it runs.
-type Conn struct {
-	NC       *nats.Conn
-	Embedded *server.Server // nil when external
+// InProcessServer is an in-process NATS server a Conn dials and owns (natsembed
+// provides it); an interface so this package does not link nats-server.
+type InProcessServer interface {
+	nats.InProcessConnProvider
+	// Shutdown stops the server and waits for it to finish.
+	Shutdown()
+}
 
+// Conn is a NATS connection and, when in-process, the server it owns.
+type Conn struct {
+	NC *nats.Conn
+
+	server     InProcessServer // nil when external
 	log        *slog.Logger
 	clientURLs []string
 	jsDomain   string
 	grace      time.Duration
-	tempStore  string // removed on Close
 
 	reconnects     atomic.Uint64
 	disconnects    atomic.Uint64
@@ -100,25 +98,30 @@ type Conn struct {
 	closeOnce      sync.Once
 }
 
-// Connect opens the connection described by o. Against external servers it keeps
-// retrying an unreachable server until ctx ends; authentication and configuration
-// errors fail at once. Once connected it reconnects forever.
+// Connect opens the connection to the external servers o describes (nats.DefaultURL
+// when none are). It keeps retrying an unreachable server until ctx ends;
+// authentication and configuration errors fail at once. Once connected it
+// reconnects forever.
 func Connect(ctx context.Context, o Options, log *slog.Logger) (*Conn, error) {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	c := newConn(o, log)
+	if err := c.connectExternal(ctx, o); err != nil {
+		return nil, err
 	}
-	c := &Conn{log: log, jsDomain: o.JSDomain, grace: o.HealthGrace, closed: make(chan struct{})}
-	if c.grace <= 0 {
-		c.grace = DefaultHealthGrace
-	}
-	var err error
-	switch {
-	case o.InatsConfig != "":
-		err = c.startInats(ctx, o)
-	case !Configured(o):
-		err = c.startZeroConfig(ctx, o)
-	default:
-		err = c.connectExternal(ctx, o)
+	return c, nil
+}
+
+// ConnectInProcess connects to srv in-process with o's credentials and takes
+// ownership of srv: Close shuts it down, and so does a failed connect. Children
+// are told to dial clientURLs.
+func ConnectInProcess(ctx context.Context, o Options, srv InProcessServer, clientURLs []string, log *slog.Logger) (*Conn, error) {
+	c := newConn(o, log)
+	c.server = srv
+	c.clientURLs = slices.Clone(clientURLs)
+	auth, err := authOptions(o)
+	if err == nil {
+		opts := append(auth, c.commonOptions(o)...)
+		opts = append(opts, nats.InProcessServer(srv))
+		c.NC, err = c.dialRetrying(ctx, "the in-process server", func() (*nats.Conn, error) { return nats.Connect("", opts...) })
 	}
 	if err != nil {
 		c.shutdownServer()
@@ -127,39 +130,33 @@ func Connect(ctx context.Context, o Options, log *slog.Logger) (*Conn, error) {
 	return c, nil
 }
 
-func (c *Conn) connectExternal(ctx context.Context, o Options) error {
-	var (
-		opts    []nats.Option
-		servers = splitServers(o.Servers)
-	)
-	if o.Context != "" {
-		nctx, err := loadContext(o.Context)
-		if err != nil {
-			return err
-		}
-		copts, err := nctx.NATSOptions()
-		if err != nil {
-			return fmt.Errorf("natsconn: NATS context %q: %w", o.Context, err)
-		}
-		opts = copts
-		servers = splitServers([]string{nctx.ServerURL()})
-		if c.jsDomain == "" {
-			c.jsDomain = nctx.JSDomain()
-		}
-		c.log.Info("using NATS context", "context", o.Context, "path", nctx.Path())
-	} else {
-		auth, err := authOptions(o)
-		if err != nil {
-			return err
-		}
-		opts = auth
+func newConn(o Options, log *slog.Logger) *Conn {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
+	c := &Conn{log: log, jsDomain: o.JSDomain, grace: o.HealthGrace, closed: make(chan struct{})}
+	if c.grace <= 0 {
+		c.grace = DefaultHealthGrace
+	}
+	return c
+}
+
+func (c *Conn) connectExternal(ctx context.Context, o Options) error {
+	if o.Context != "" {
+		return c.connectContext(ctx, o)
+	}
+	auth, err := authOptions(o)
+	if err != nil {
+		return err
+	}
+	servers := SplitServers(o.Servers)
 	if len(servers) == 0 {
 		servers = []string{nats.DefaultURL}
 	}
 	c.clientURLs = servers
-	opts = append(opts, c.commonOptions(o)...)
-	nc, err := c.dialRetrying(ctx, strings.Join(servers, ","), opts)
+	opts := append(auth, c.commonOptions(o)...)
+	url := strings.Join(servers, ",")
+	nc, err := c.dialRetrying(ctx, redactList(url), func() (*nats.Conn, error) { return nats.Connect(url, opts...) })
 	if err != nil {
 		return err
 	}
@@ -168,22 +165,58 @@ func (c *Conn) connectExternal(ctx context.Context, o Options) error {
 	return nil
 }
 
-// dialRetrying connects, retrying with backoff while no server is reachable.
-func (c *Conn) dialRetrying(ctx context.Context, url string, opts []nats.Option) (*nats.Conn, error) {
+// connectContext dials with a NATS CLI context, by name from the usual place
+// ($XDG_CONFIG_HOME/nats/context) or from a file when given a path. The context
+// is read on every attempt, so a fixed file is picked up while retrying.
+func (c *Conn) connectContext(ctx context.Context, o Options) error {
+	name := o.Context
+	if strings.ContainsRune(name, os.PathSeparator) || strings.HasSuffix(name, ".json") {
+		abs, err := filepath.Abs(name) // natscontext takes absolute names as files
+		if err != nil {
+			return fmt.Errorf("natsconn: NATS context file %s: %w", name, err)
+		}
+		name = abs
+	}
+	opts := c.commonOptions(o)
+	var settings natscontext.Settings
+	nc, err := c.dialRetrying(ctx, fmt.Sprintf("NATS context %q", o.Context), func() (*nats.Conn, error) {
+		nc, s, err := natscontext.Connect(name, opts...)
+		settings = s
+		return nc, err
+	})
+	if err != nil {
+		return err
+	}
+	c.NC = nc
+	c.clientURLs = SplitServers([]string{settings.URL})
+	if len(c.clientURLs) == 0 {
+		c.clientURLs = []string{nats.DefaultURL}
+	}
+	if c.jsDomain == "" {
+		c.jsDomain = settings.JSDomain
+	}
+	c.log.Info("connected to NATS using a NATS context", "context", o.Context,
+		"server", nc.ConnectedUrlRedacted(), "servers", redactAll(c.clientURLs))
+	return nil
+}
+
+// dialRetrying dials, retrying with backoff while no server is reachable. what
+// names the target in errors and logs, with credentials redacted.
+func (c *Conn) dialRetrying(ctx context.Context, what string, dial func() (*nats.Conn, error)) (*nats.Conn, error) {
 	for attempt := 0; ; attempt++ {
-		nc, err := nats.Connect(url, opts...)
+		nc, err := dial()
 		if err == nil {
 			return nc, nil
 		}
 		if !retryable(err) {
-			return nil, fmt.Errorf("natsconn: connect to %s: %w", redactList(url), err)
+			return nil, fmt.Errorf("natsconn: connect to %s: %w", what, err)
 		}
 		c.setLastErr(err)
 		delay := backoff(attempt)
-		c.log.Warn("NATS not reachable yet, retrying", "servers", redactList(url), "error", err, "retry_in", delay.Round(time.Millisecond))
+		c.log.Warn("NATS not reachable yet, retrying", "servers", what, "error", err, "retry_in", delay.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("natsconn: connect to %s: gave up: %w (last error: %v)", redactList(url), ctx.Err(), err)
+			return nil, fmt.Errorf("natsconn: connect to %s: gave up: %w (last error: %v)", what, ctx.Err(), err)
 		case <-time.After(delay):
 		}
 	}
@@ -359,27 +392,6 @@ func nkeyOption(pub, seed string) (nats.Option, error) {
 	return nats.Nkey(derived, func(nonce []byte) ([]byte, error) { return kp.Sign(nonce) }), nil
 }
 
-// loadContext reads a NATS CLI context by name from the usual place
-// ($XDG_CONFIG_HOME/nats/context), or from a file when given a path.
-func loadContext(name string) (*natscontext.Context, error) {
-	if strings.ContainsRune(name, os.PathSeparator) || strings.HasSuffix(name, ".json") {
-		nctx, err := natscontext.NewFromFile(name)
-		if err != nil {
-			return nil, fmt.Errorf("natsconn: NATS context file %s: %w", name, err)
-		}
-		return nctx, nil
-	}
-	nctx, err := natscontext.New(name, true)
-	if err != nil {
-		where := "$XDG_CONFIG_HOME/nats/context or ~/.config/nats/context"
-		if p, perr := natscontext.ContextPath(name); perr == nil {
-			where = p
-		}
-		return nil, fmt.Errorf("natsconn: NATS context %q (%s): %w", name, where, err)
-	}
-	return nctx, nil
-}
-
 func (c *Conn) setLastErr(err error) {
 	s := err.Error()
 	c.lastErr.Store(&s)
@@ -388,7 +400,7 @@ func (c *Conn) setLastErr(err error) {
 // Info snapshots the connection state.
 func (c *Conn) Info() ConnInfo {
 	ci := ConnInfo{
-		Embedded:    c.Embedded != nil,
+		Embedded:    c.server != nil,
 		Reconnects:  c.reconnects.Load(),
 		Disconnects: c.disconnects.Load(),
 	}
@@ -403,7 +415,7 @@ func (c *Conn) Info() ConnInfo {
 	ci.Connected = c.NC.IsConnected()
 	if ci.Connected {
 		ci.Server = c.NC.ConnectedUrlRedacted()
-		if c.Embedded != nil && len(c.clientURLs) > 0 {
+		if c.server != nil && len(c.clientURLs) > 0 {
 			// The node talks to its own server in-process; the pool's URL is a
 			// placeholder, so name the server by the URL children use.
 			ci.Server = redactURL(c.clientURLs[0])
@@ -438,7 +450,7 @@ func (c *Conn) ClientURLs() []string { return slices.Clone(c.clientURLs) }
 // JSDomain is the JetStream domain to use (--nats.jsdomain, else the context's).
 func (c *Conn) JSDomain() string { return c.jsDomain }
 
-// Close drains the connection (bounded by ctx), then shuts the embedded server
+// Close drains the connection (bounded by ctx), then shuts the in-process server
 // down and waits for it.
 func (c *Conn) Close(ctx context.Context) {
 	if c.NC != nil && !c.NC.IsClosed() {
@@ -456,21 +468,17 @@ func (c *Conn) Close(ctx context.Context) {
 	c.shutdownServer()
 }
 
+// InProcess is the in-process server the connection owns, nil when external.
+func (c *Conn) InProcess() InProcessServer { return c.server }
+
 func (c *Conn) shutdownServer() {
-	if c.Embedded != nil {
-		c.Embedded.Shutdown()
-		c.Embedded.WaitForShutdown()
-		c.log.Info("embedded NATS server stopped")
-	}
-	if c.tempStore != "" {
-		if err := os.RemoveAll(c.tempStore); err != nil {
-			c.log.Warn("removing temporary JetStream store", "dir", c.tempStore, "error", err)
-		}
-		c.tempStore = ""
+	if c.server != nil {
+		c.server.Shutdown()
 	}
 }
 
-func splitServers(in []string) []string {
+// SplitServers flattens server lists that may hold comma-separated URLs.
+func SplitServers(in []string) []string {
 	var out []string
 	for _, s := range in {
 		for _, p := range strings.Split(s, ",") {
@@ -500,12 +508,4 @@ func redactURL(s string) string {
 		return s
 	}
 	return u.Redacted()
-}
-
-// portString is a port for messages.
-func portString(p int) string {
-	if p < 0 {
-		return "random"
-	}
-	return strconv.Itoa(p)
 }

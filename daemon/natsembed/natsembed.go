@@ -1,0 +1,261 @@
+// Package natsembed runs the node's in-process nats-server, either from an
+// --inats-config file or, with no NATS configured at all, a zero-config server on
+// 127.0.0.1 with JetStream so a lone `nexd` works, and connects to it through
+// natsconn. Only nexd links it: nexctl dials with natsconn alone.
+package natsembed
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/nexd-project/nexd/daemon/natsconn"
+)
+
+// DefaultPort is where the zero-config embedded server listens.
+const DefaultPort = 4222
+
+// readyTimeout bounds how long an embedded server may take to accept clients;
+// JetStream recovering a large store can take a while.
+const readyTimeout = 60 * time.Second
+
+// Options select the embedded server.
+type Options struct {
+	InatsConfig string // nats-server config file (--inats-config)
+	StateDir    string // JetStream store
+	Port        int    // zero-config port: 0 = 4222, -1 = random (tests)
+}
+
+// Connect opens the node's connection: to the --inats-config server, to a
+// zero-config server when client configures no NATS at all, else to the external
+// servers client names (natsconn.Connect).
+func Connect(ctx context.Context, client natsconn.Options, o Options, log *slog.Logger) (*natsconn.Conn, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	switch {
+	case o.InatsConfig != "":
+		return connectInats(ctx, client, o, log)
+	case !natsconn.Configured(client):
+		return connectZeroConfig(ctx, client, o, log)
+	default:
+		return natsconn.Connect(ctx, client, log)
+	}
+}
+
+// Server is a running in-process nats-server; a natsconn.Conn owns it.
+type Server struct {
+	s         *server.Server
+	log       *slog.Logger
+	tempStore string // removed on Shutdown
+	once      sync.Once
+}
+
+// InProcessConn lets natsconn dial the server without a socket.
+func (s *Server) InProcessConn() (net.Conn, error) { return s.s.InProcessConn() }
+
+// NATS is the underlying server, for inspection (tests, monitoring).
+func (s *Server) NATS() *server.Server { return s.s }
+
+// Shutdown stops the server, waits for it and removes a temporary store.
+func (s *Server) Shutdown() {
+	s.once.Do(func() {
+		s.s.Shutdown()
+		s.s.WaitForShutdown()
+		s.log.Info("embedded NATS server stopped")
+		if s.tempStore != "" {
+			if err := os.RemoveAll(s.tempStore); err != nil {
+				s.log.Warn("removing temporary JetStream store", "dir", s.tempStore, "err", err)
+			}
+		}
+	})
+}
+
+// connectInats runs the server an --inats-config file describes and connects to
+// it in-process with the --nats.* credentials. Children get the server's real
+// client URL, then any configured --nats.servers (e.g. the rest of a cluster).
+func connectInats(ctx context.Context, client natsconn.Options, o Options, log *slog.Logger) (*natsconn.Conn, error) {
+	sopts, err := server.ProcessConfigFile(o.InatsConfig)
+	if err != nil {
+		return nil, fmt.Errorf("natsembed: --inats-config %s: %w", o.InatsConfig, err)
+	}
+	sopts.NoSigs = true // signals belong to nexd
+	if sopts.JetStream && sopts.StoreDir == "" && o.StateDir != "" {
+		sopts.StoreDir = o.StateDir // <state>/jetstream rather than a temp dir
+	}
+	srv, err := start(ctx, sopts, "--inats-config "+o.InatsConfig, log)
+	if err != nil {
+		return nil, err
+	}
+	urls := []string{}
+	if u := srv.realClientURL(); u != "" {
+		urls = append(urls, u)
+	}
+	for _, s := range natsconn.SplitServers(client.Servers) {
+		if !slices.Contains(urls, s) {
+			urls = append(urls, s)
+		}
+	}
+	if len(urls) == 0 {
+		srv.Shutdown()
+		return nil, fmt.Errorf("natsembed: --inats-config %s: the server does not listen for clients and no --nats.servers are given, so nexlets could not connect", o.InatsConfig)
+	}
+	c, err := natsconn.ConnectInProcess(ctx, client, srv, urls, log)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("embedded NATS server started from config file", "config", o.InatsConfig,
+		"client_url", urls[0], "jetstream", srv.s.JetStreamEnabled())
+	return c, nil
+}
+
+// connectZeroConfig runs a local server on 127.0.0.1 with JetStream, so a node
+// with no NATS configured works on its own (KV state, events, agent health).
+func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, log *slog.Logger) (*natsconn.Conn, error) {
+	port := o.Port
+	if port == 0 {
+		port = DefaultPort
+	}
+	store, tempStore := o.StateDir, ""
+	if store != "" {
+		if err := os.MkdirAll(filepath.Join(store, server.JetStreamStoreDir), 0o700); err != nil {
+			return nil, fmt.Errorf("natsembed: JetStream store in state directory: %w", err)
+		}
+	} else {
+		tmp, err := os.MkdirTemp("", "nexd-nats-")
+		if err != nil {
+			return nil, fmt.Errorf("natsembed: temporary JetStream store: %w", err)
+		}
+		store, tempStore = tmp, tmp
+	}
+	sopts := &server.Options{
+		ServerName: "nexd",
+		Host:       "127.0.0.1",
+		Port:       port,
+		NoSigs:     true,
+		JetStream:  true,
+		StoreDir:   store, // nats-server adds /jetstream
+	}
+	srv, err := start(ctx, sopts, "embedded NATS on 127.0.0.1:"+portString(port), log)
+	if err != nil {
+		if tempStore != "" {
+			os.RemoveAll(tempStore)
+		}
+		return nil, fmt.Errorf("%w (no NATS is configured, so nexd starts its own server; if one already runs here, point nexd at it with --nats.servers)", err)
+	}
+	srv.tempStore = tempStore
+	url := srv.realClientURL()
+	// Only the connection's own knobs apply: nothing else is configured here.
+	inproc := natsconn.Options{ConnName: client.ConnName, JSDomain: client.JSDomain,
+		Timeout: client.Timeout, HealthGrace: client.HealthGrace}
+	c, err := natsconn.ConnectInProcess(ctx, inproc, srv, []string{url}, log)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("no NATS configured: using an embedded NATS server",
+		"client_url", url, "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
+		"persistent", tempStore == "")
+	return c, nil
+}
+
+// start runs a server and waits until it accepts clients; on failure the server
+// is shut down.
+func start(ctx context.Context, sopts *server.Options, what string, log *slog.Logger) (*Server, error) {
+	s, err := server.NewServer(sopts)
+	if err != nil {
+		return nil, fmt.Errorf("natsembed: %s: %w", what, err)
+	}
+	logger := &serverLogger{log: log.With("component", "nats-server")}
+	s.SetLoggerV2(logger, false, false, false)
+	srv := &Server{s: s, log: log}
+	go s.Start() // nats-server owns its goroutines; Shutdown waits for them
+	// Poll in short steps so a listen failure (reported through Fatalf) or ctx
+	// ends the wait at once instead of after the full timeout.
+	deadline := time.Now().Add(readyTimeout)
+	for !s.ReadyForConnections(200 * time.Millisecond) {
+		err := error(nil)
+		if f := logger.fatal(); f != "" {
+			err = fmt.Errorf("natsembed: %s: %s", what, f)
+		} else if cerr := ctx.Err(); cerr != nil {
+			err = fmt.Errorf("natsembed: %s: waiting for the server: %w", what, cerr)
+		} else if time.Now().After(deadline) {
+			err = fmt.Errorf("natsembed: %s: server not ready for connections within %s", what, readyTimeout)
+		}
+		if err != nil {
+			srv.Shutdown()
+			return nil, err
+		}
+	}
+	return srv, nil
+}
+
+// realClientURL is the URL the server actually listens on, with an unspecified
+// host (0.0.0.0, ::) replaced by loopback so children on this machine can dial it.
+func (s *Server) realClientURL() string {
+	addr, ok := s.s.Addr().(*net.TCPAddr)
+	if !ok {
+		return ""
+	}
+	u, err := url.Parse(s.s.ClientURL()) // scheme and configured host
+	if err != nil {
+		return ""
+	}
+	host := u.Hostname()
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+		if ip != nil && ip.To4() == nil {
+			host = "::1"
+		}
+	}
+	u.Host = net.JoinHostPort(host, strconv.Itoa(addr.Port))
+	return u.String()
+}
+
+// portString is a port for messages.
+func portString(p int) string {
+	if p < 0 {
+		return "random"
+	}
+	return strconv.Itoa(p)
+}
+
+// serverLogger routes nats-server's log into the node's slog logger. Its chatty
+// start-up notices go to DEBUG; nexd logs one INFO line of its own.
+type serverLogger struct {
+	log *slog.Logger
+
+	mu        sync.Mutex
+	lastFatal string
+}
+
+func (l *serverLogger) Noticef(format string, v ...any) { l.log.Debug(fmt.Sprintf(format, v...)) }
+func (l *serverLogger) Warnf(format string, v ...any)   { l.log.Warn(fmt.Sprintf(format, v...)) }
+func (l *serverLogger) Errorf(format string, v ...any)  { l.log.Error(fmt.Sprintf(format, v...)) }
+func (l *serverLogger) Debugf(format string, v ...any)  { l.log.Debug(fmt.Sprintf(format, v...)) }
+func (l *serverLogger) Tracef(format string, v ...any)  {}
+
+// Fatalf must not exit the process (the default server logger does): remember the
+// reason so start can report it.
+func (l *serverLogger) Fatalf(format string, v ...any) {
+	msg := fmt.Sprintf(format, v...)
+	l.mu.Lock()
+	l.lastFatal = msg
+	l.mu.Unlock()
+	l.log.Error(msg)
+}
+
+func (l *serverLogger) fatal() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lastFatal
+}

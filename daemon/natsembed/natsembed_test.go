@@ -1,0 +1,211 @@
+package natsembed
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/daemon/natsconn"
+)
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func connect(t *testing.T, client natsconn.Options, o Options) *natsconn.Conn {
+	t.Helper()
+	c, err := Connect(ctxT(t), client, o, nil)
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+func natsServer(c *natsconn.Conn) *server.Server { return c.InProcess().(*Server).NATS() }
+
+// roundTrip proves the connection works end to end.
+func roundTrip(t *testing.T, nc *nats.Conn) {
+	t.Helper()
+	sub, err := nc.SubscribeSync("nexd.test.echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Publish("nexd.test.echo", []byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := sub.NextMsg(30 * time.Second); err != nil || string(m.Data) != "hi" {
+		t.Fatalf("round trip: %v %v", m, err)
+	}
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func kvWorks(t *testing.T, nc *nats.Conn) {
+	t.Helper()
+	ctx := ctxT(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-test"})
+	if err != nil {
+		t.Fatalf("create KV bucket: %v", err)
+	}
+	if _, err := kv.Put(ctx, "w1", []byte("running")); err != nil {
+		t.Fatalf("KV put: %v", err)
+	}
+	e, err := kv.Get(ctx, "w1")
+	if err != nil || string(e.Value()) != "running" {
+		t.Fatalf("KV get: %v %v", e, err)
+	}
+}
+
+func TestInatsConfig(t *testing.T) {
+	port := freePort(t)
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "inats.conf")
+	body := fmt.Sprintf(`
+listen: 127.0.0.1:%d
+server_name: inats-test
+jetstream { store_dir: %q }
+authorization { user: nexnode, password: pw }
+`, port, filepath.Join(dir, "js"))
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := connect(t, natsconn.Options{User: "nexnode", Password: "pw", Servers: []string{"nats://10.0.0.9:4222"}}, Options{InatsConfig: conf})
+	want := "nats://127.0.0.1:" + strconv.Itoa(port)
+	if got := c.ClientURLs(); !slices.Equal(got, []string{want, "nats://10.0.0.9:4222"}) {
+		t.Fatalf("ClientURLs %v, want [%s nats://10.0.0.9:4222]", got, want)
+	}
+	if c.InProcess() == nil || !c.Info().Embedded {
+		t.Fatal("not embedded")
+	}
+	kvWorks(t, c.NC)
+
+	// A child connects over TCP with the configured credentials.
+	ext, err := nats.Connect(want, nats.UserInfo("nexnode", "pw"))
+	if err != nil {
+		t.Fatalf("child connect to %s: %v", want, err)
+	}
+	roundTrip(t, ext)
+	ext.Close()
+	if _, err := os.Stat(filepath.Join(dir, "js", "jetstream")); err != nil {
+		t.Errorf("JetStream store from the config file not used: %v", err)
+	}
+
+	c.Close(ctxT(t))
+	if natsServer(c).Running() {
+		t.Error("embedded server still running after Close")
+	}
+	if !c.NC.IsClosed() {
+		t.Error("connection not closed")
+	}
+}
+
+func TestInatsConfigErrors(t *testing.T) {
+	bad := filepath.Join(t.TempDir(), "bad.conf")
+	os.WriteFile(bad, []byte("listen: {{{"), 0o600)
+	_, err := Connect(ctxT(t), natsconn.Options{}, Options{InatsConfig: bad}, nil)
+	if err == nil || !strings.Contains(err.Error(), bad) {
+		t.Fatalf("error %v, want one naming %s", err, bad)
+	}
+}
+
+func TestZeroConfigEmbedded(t *testing.T) {
+	state := t.TempDir()
+	c := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	if c.InProcess() == nil || !natsServer(c).JetStreamEnabled() {
+		t.Fatal("no embedded JetStream server")
+	}
+	urls := c.ClientURLs()
+	if len(urls) != 1 || !strings.HasPrefix(urls[0], "nats://127.0.0.1:") || strings.HasSuffix(urls[0], ":-1") {
+		t.Fatalf("ClientURLs %v, want the real loopback URL", urls)
+	}
+	kvWorks(t, c.NC)
+	ext, err := nats.Connect(urls[0])
+	if err != nil {
+		t.Fatalf("child connect to %s: %v", urls[0], err)
+	}
+	defer ext.Close()
+	// The child sees the node's KV bucket: one server, one account.
+	js, _ := jetstream.New(ext)
+	kv, err := js.KeyValue(ctxT(t), "nex-test")
+	if err != nil {
+		t.Fatalf("child KV: %v", err)
+	}
+	if e, err := kv.Get(ctxT(t), "w1"); err != nil || string(e.Value()) != "running" {
+		t.Fatalf("child KV get: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(state, "jetstream")); err != nil {
+		t.Errorf("JetStream store not under the state dir: %v", err)
+	}
+	ci := c.Info()
+	if !ci.Connected || !ci.Embedded || ci.Server != urls[0] {
+		t.Errorf("Info %+v", ci)
+	}
+	ext.Close()
+
+	c.Close(ctxT(t))
+	if natsServer(c).Running() {
+		t.Fatal("embedded server running after Close")
+	}
+	if _, err := nats.Connect(urls[0], nats.Timeout(2*time.Second)); err == nil {
+		t.Fatal("could still connect after Close")
+	}
+	if c.Healthy() {
+		t.Error("healthy after Close")
+	}
+}
+
+func TestZeroConfigTempStoreRemoved(t *testing.T) {
+	c, err := Connect(ctxT(t), natsconn.Options{}, Options{Port: -1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := c.InProcess().(*Server).tempStore
+	if store == "" {
+		t.Fatal("no temporary store without a state dir")
+	}
+	kvWorks(t, c.NC)
+	c.Close(ctxT(t))
+	if _, err := os.Stat(store); !os.IsNotExist(err) {
+		t.Errorf("temporary store %s left behind: %v", store, err)
+	}
+}
+
+func TestZeroConfigPortInUse(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	port := l.Addr().(*net.TCPAddr).Port
+	_, err = Connect(ctxT(t), natsconn.Options{}, Options{Port: port, StateDir: t.TempDir()}, nil)
+	if err == nil || !strings.Contains(err.Error(), strconv.Itoa(port)) {
+		t.Fatalf("error %v, want one naming port %d", err, port)
+	}
+}
