@@ -45,8 +45,9 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 		st.NATS = control.NATSStatus{Server: ci.Server, RTT: control.Duration(ci.RTT), Reconnects: ci.Reconnects,
 			Embedded: ci.Embedded, Connected: ci.Connected}
 	}
-	if d.cg != nil {
-		st.Cgroup = control.CgroupStatus{Mode: string(d.cg.Mode()), Enforced: d.cg.Enforced(), Reason: d.cg.Reason()}
+	if d.nexlets != nil {
+		cg := d.nexlets.Cgroups()
+		st.Cgroup = control.CgroupStatus{Mode: string(cg.Mode()), Enforced: cg.Enforced(), Reason: cg.Reason()}
 	}
 	st.Nexlets, _ = b.Nexlets(ctx)
 	ws, err := b.Workloads(ctx)
@@ -76,15 +77,15 @@ func (b backend) Nexlets(ctx context.Context) ([]control.Nexlet, error) {
 	d := b.d
 	byID := map[string]*control.Nexlet{}
 	var order []string
-	if d.sup != nil {
-		for _, s := range d.sup.Statuses() {
+	if d.nexlets != nil {
+		for _, s := range d.nexlets.Statuses() {
 			n := &control.Nexlet{Name: s.Name, PID: s.PID, State: string(s.State), Restarts: s.Restarts,
 				LastExit: s.LastExit, MemoryBytes: s.Stats.MemoryCurrent, CPU: control.Duration(s.Stats.CPUUsageNsec),
 				Health: protocol.HealthOffline}
 			key := "local:" + s.Name
-			if spec, ok := d.nexletByName(s.Name); ok {
-				n.AgentID = spec.agentID
-				key = spec.agentID
+			if spec, ok := d.nexlets.ByName(s.Name); ok {
+				n.AgentID = spec.AgentID
+				key = spec.AgentID
 			}
 			byID[key] = n
 			order = append(order, key)
@@ -115,18 +116,13 @@ func (b backend) Nexlets(ctx context.Context) ([]control.Nexlet, error) {
 }
 
 func (b backend) RestartNexlet(ctx context.Context, name string) error {
-	if b.d.sup == nil {
+	if b.d.nexlets == nil {
 		return fmt.Errorf("%w: no supervised nexlets", control.ErrNotFound)
 	}
-	spec, ok := b.d.nexletByName(name)
-	if !ok {
-		return fmt.Errorf("%w: nexlet %q (local nexlets: %v)", control.ErrNotFound, name, b.d.nexletNames())
+	if _, ok := b.d.nexlets.ByName(name); !ok {
+		return fmt.Errorf("%w: nexlet %q (local nexlets: %v)", control.ErrNotFound, name, b.d.nexlets.Names())
 	}
-	if err := b.d.sup.Reset(name); err != nil {
-		return err
-	}
-	b.d.node.SetAgentProcessInfo(spec.agentID, b.d.nexletRestarts(name), "reset by nexctl", false)
-	return nil
+	return b.d.nexlets.Reset(name, "reset by nexctl")
 }
 
 func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
@@ -229,18 +225,11 @@ func (b backend) Secrets() control.SecretStore {
 	return b.d.secrets
 }
 
-func (b backend) Metrics() http.Handler { return b.d.metrics.handler() }
+func (b backend) Metrics() http.Handler { return b.d.metrics.Handler() }
 
-// workloadStats reads a workload's cgroup (below whichever local nexlet runs it).
 func (d *daemon) workloadStats(id string) (cgroup.Stats, bool) {
-	if d.cg == nil {
+	if d.nexlets == nil {
 		return cgroup.Stats{}, false
 	}
-	for _, s := range d.nexlets {
-		if g, ok := d.cg.Open("nexlets/" + s.name + "/workloads/" + id); ok {
-			st, err := g.Stats()
-			return st, err == nil
-		}
-	}
-	return cgroup.Stats{}, false
+	return d.nexlets.WorkloadStats(id)
 }

@@ -17,14 +17,15 @@ import (
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/identity"
 	"github.com/nexd-project/nexd/daemon/logging"
+	"github.com/nexd-project/nexd/daemon/metrics"
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
 	"github.com/nexd-project/nexd/daemon/natsembed"
+	"github.com/nexd-project/nexd/daemon/nexlets"
 	"github.com/nexd-project/nexd/daemon/node"
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/daemon/sysd"
-	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -48,17 +49,15 @@ type daemon struct {
 	stateDir string
 	socket   string
 
-	conn    *natsconn.Conn
-	minter  mint.Minter
-	store   node.Store
-	node    *node.Node
-	cg      *cgroup.Manager
-	sup     *supervise.Supervisor
-	ctl     *control.Server
-	secrets *secretStore
-	metrics *metrics
-
-	nexlets []nexletSpec // local nexlets, in start order
+	conn     *natsconn.Conn
+	minter   mint.Minter
+	store    node.Store
+	node     *node.Node
+	nexlets  *nexlets.Manager
+	ctl      *control.Server
+	secrets  *secretStore
+	metrics  *metrics.Metrics
+	metricsL *metrics.Listener
 
 	shutdown     chan string // reason; buffered, first one wins
 	lameduckTill time.Time
@@ -90,7 +89,7 @@ func newDaemon(loaded *config.Loaded, args, env []string, stderr io.Writer) (*da
 	d.logger = lg
 	d.log = lg.Slog()
 	d.notify = sysd.NewNotifier(func(k string) string { return lookup(env, k) }, d.log)
-	d.metrics = newMetrics()
+	d.metrics = metrics.New()
 	return d, nil
 }
 
@@ -234,9 +233,9 @@ func (d *daemon) start(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		d.store = countingStore{Store: kv, m: d.metrics}
+		d.store = d.metrics.CountStore(kv)
 	} else {
-		d.store = countingStore{Store: node.NewMemStore(), m: d.metrics}
+		d.store = d.metrics.CountStore(node.NewMemStore())
 	}
 
 	d.node, err = node.New(node.Options{
@@ -256,7 +255,7 @@ func (d *daemon) start(ctx context.Context) error {
 		Emitter:                 d.emitter(cfg),
 		Logger:                  d.log,
 		OnLameduck:              d.onLameduck,
-		Observer:                observer{m: d.metrics, d: d},
+		Observer:                observer{Observer: metrics.Observer{M: d.metrics}, d: d},
 	})
 	if err != nil {
 		return fmt.Errorf("node: %w", err)
@@ -270,7 +269,10 @@ func (d *daemon) start(ctx context.Context) error {
 
 	d.secrets = newSecretStore(d.stateDir)
 	d.notify.Status("starting: opening control socket")
-	d.metrics.register(d)
+	d.metrics.WatchLive(metrics.Live{
+		NATSReconnects: func() uint64 { return d.conn.Info().Reconnects },
+		Workloads:      d.node.Workloads,
+	})
 	d.ctl, err = control.Listen(d.socket, control.ServerOptions{
 		Backend:     backend{d},
 		AllowOthers: cfg.Node.ControlAllowOthers,
@@ -282,17 +284,36 @@ func (d *daemon) start(ctx context.Context) error {
 	go d.ctl.Serve(ctx)
 	d.log.Info("control socket listening", "path", d.socket)
 	if cfg.Node.MetricsListen != "" {
-		if err := d.metrics.listen(ctx, cfg.Node.MetricsListen, d.log); err != nil {
+		if d.metricsL, err = d.metrics.Listen(cfg.Node.MetricsListen); err != nil {
 			return fmt.Errorf("metrics: %w", err)
 		}
+		go func() {
+			if err := d.metricsL.Serve(); err != nil {
+				d.log.Error("metrics listener", "err", err)
+			}
+		}()
+		d.log.Info("metrics listening", "addr", d.metricsL.Addr().String())
 	}
 
 	d.notify.Status("starting: nexlets")
-	if err := d.startNexlets(ctx, cfg); err != nil {
+	if d.nexlets, err = nexlets.New(ctx, nexlets.Options{
+		Config:     cfg,
+		NodeID:     id.ID(),
+		Registry:   d.node,
+		Minter:     d.minter,
+		NC:         conn.NC,
+		RuntimeDir: d.runtimeDir(),
+		Logger:     d.log,
+		OnExit:     d.metrics.NexletExit,
+		OnFailed:   func(string) { d.notify.Status(d.statusLine()) },
+	}); err != nil {
+		return err
+	}
+	if err := d.nexlets.Start(ctx); err != nil {
 		return err
 	}
 	wctx, wcancel := context.WithTimeout(ctx, cfg.Node.StartupTimeout)
-	missing := d.nexletNamesOf(d.node.WaitForAgents(wctx, d.nexletAgentIDs()))
+	missing := d.nexlets.NamesOf(d.node.WaitForAgents(wctx, d.nexlets.AgentIDs()))
 	wcancel()
 
 	d.setPhase("running")
@@ -408,8 +429,8 @@ func (d *daemon) statusLine() string {
 		}
 	}
 	nexlets, failed := 0, 0
-	if d.sup != nil {
-		for _, s := range d.sup.Statuses() {
+	if d.nexlets != nil {
+		for _, s := range d.nexlets.Statuses() {
 			nexlets++
 			if s.State == supervise.StateFailed {
 				failed++
@@ -482,9 +503,9 @@ func (d *daemon) stop() {
 
 // teardown releases whatever start managed to bring up, in reverse order.
 func (d *daemon) teardown(ctx context.Context) {
-	if d.sup != nil {
+	if d.nexlets != nil {
 		sctx, cancel := context.WithTimeout(ctx, d.cfg().Node.StopGrace+10*time.Second)
-		if err := d.sup.Stop(sctx); err != nil {
+		if err := d.nexlets.Stop(sctx); err != nil {
 			d.log.Error("stopping nexlets", "err", err)
 		}
 		cancel()
@@ -497,7 +518,11 @@ func (d *daemon) teardown(ctx context.Context) {
 	if d.ctl != nil {
 		d.ctl.Close()
 	}
-	d.metrics.close()
+	if d.metricsL != nil {
+		mctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		d.metricsL.Close(mctx)
+		cancel()
+	}
 	// Publish the last log lines while the connection still exists.
 	d.logger.AttachNATS(nil, "")
 	if d.conn != nil {
@@ -534,6 +559,18 @@ func firstDir(s string) string {
 		return s[:i]
 	}
 	return s
+}
+
+// runtimeDir holds fetched nexlet binaries: systemd's RuntimeDirectory when set, else
+// under the state directory, else a temp dir.
+func (d *daemon) runtimeDir() string {
+	if rd := firstDir(lookup(d.env, "RUNTIME_DIRECTORY")); rd != "" {
+		return rd
+	}
+	if d.stateDir != "" {
+		return filepath.Join(d.stateDir, "run")
+	}
+	return filepath.Join(os.TempDir(), "nexd-"+d.id.ID()[:12])
 }
 
 // nexletCredsTTL is how long a nexlet's minted NATS user is valid.

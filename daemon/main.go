@@ -10,6 +10,7 @@ import (
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/internal/version"
+	"github.com/nexd-project/nexd/nexlet/native"
 )
 
 // Exit codes.
@@ -26,7 +27,7 @@ const (
 //	nexd nexlet native       the native nexlet (started by nexd itself)
 func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "nexlet" {
-		return runNexlet(ctx, args[1:], stderr)
+		return native.Command(ctx, args[1:], stderr)
 	}
 	if len(args) >= 2 && args[0] == "node" && args[1] == "up" {
 		args = args[2:]

@@ -22,11 +22,11 @@ func (d *daemon) reload(ctx context.Context) control.ReloadResult {
 	res := d.applyReload()
 	status := d.statusLine()
 	if res.OK {
-		d.metrics.reloads.WithLabelValues("applied").Inc()
+		d.metrics.Reload(true)
 		d.log.Info("configuration reloaded", "applied", strings.Join(res.Applied, ","))
 		status = "reloaded; " + status
 	} else {
-		d.metrics.reloads.WithLabelValues("rejected").Inc()
+		d.metrics.Reload(false)
 		status = "reload rejected (" + strings.Join(res.Errors, "; ") + "); " + status
 	}
 	d.notify.Ready(status)
@@ -64,7 +64,7 @@ func (d *daemon) applyReload() control.ReloadResult {
 		d.logger.Reconfigure(d.logOptions(old, d.id.ID()))
 		return control.ReloadResult{Errors: []string{"node.tags: " + err.Error()}}
 	}
-	d.sup.SetRestartLimit(next.Node.AgentRestartLimit)
+	d.nexlets.SetRestartLimit(next.Node.AgentRestartLimit)
 	applied = append(applied, changedReloadable(old, next)...)
 	d.mu.Lock()
 	d.loaded = loaded

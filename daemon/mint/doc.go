@@ -6,7 +6,7 @@
 //
 //	registration (5 min)  pub $NEX.SVC.N.agent.REGISTER.A
 //	                      sub _INBOX.>
-//	nexlet (24 h)         sub $NEX.SVC.N.agent.A.>  (STARTWORKLOAD.*, PING)
+//	nexlet (AgentTTL)     sub $NEX.SVC.N.agent.A.>  (STARTWORKLOAD.*, PING)
 //	                          $NEX.SVC.N.agent.{STOPWORKLOAD.*,GETWORKLOAD.*,QUERYWORKLOADS,PING,SETLAMEDUCK}
 //	                          $NEX.SVC.<nexus>.agent.PINGWORKLOAD.* (when Nexus is set)
 //	                          $NEX.FEED.A.events, $SRV.>, _INBOX.>
@@ -15,7 +15,7 @@
 //	                          (the feeds of workloads in any namespace; upstream forgot
 //	                          them), _INBOX.>; replies to requests
 //	                      no JetStream, no control plane, no application subjects
-//	workload (24 h)       pub+sub WorkloadSubjects(ns), default ns.>
+//	workload (WorkloadTTL) pub+sub WorkloadSubjects(ns), default ns.>
 //	                      sub $NEX.FEED.ns.logs.> (its namespace's logs, as upstream)
 //	                      sub _INBOX.> (or <WorkloadInboxPrefix>.>), pub _INBOX.>; replies
 //	                      read-only object stores ArtifactBuckets(ns), default the bucket
@@ -26,8 +26,10 @@
 // Other namespaces' subjects and feeds are simply not allowed. Configured workload
 // subjects that start with a wildcard, $NEX or $SYS are refused at mint time.
 //
-// Expiry bounds every user; RenewWorkload mints a replacement for a running workload.
-// Revocation on stop needs the account JWT to be re-signed by an operator key, which the
+// Expiry bounds every user. nexd gives nexlets AgentTTL = 365 days (as upstream: a
+// running nexlet cannot fetch new credentials, so its user must outlive it) and
+// workloads workload_creds_ttl (default 24 h); RenewWorkload mints a replacement for a
+// running workload. Revocation on stop needs the account JWT to be re-signed by an operator key, which the
 // account signing key cannot do: give Options.Revoker (e.g. an AccountRevoker) or live
 // with expiry (RevokeWorkload then returns ErrRevocationUnsupported).
 package mint

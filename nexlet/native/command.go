@@ -1,4 +1,4 @@
-package daemon
+package native
 
 import (
 	"context"
@@ -8,18 +8,16 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-
-	"github.com/nexd-project/nexd/nexlet/native"
 )
 
-// runNexlet runs a built-in nexlet as a child process of nexd (`nexd nexlet native`):
-// a crash in it never takes the node down. It logs to stderr, which the supervisor
-// turns into journal entries tagged with the nexlet's name (JSON lines carry the level
-// and attributes across).
-func runNexlet(ctx context.Context, args []string, stderr io.Writer) int {
+// Command runs the native nexlet as a child process of nexd (`nexd nexlet native`; args
+// are what follows "nexlet") and returns the exit code: a crash in it never takes the
+// node down. It logs JSON lines to stderr, which the supervisor turns into journal
+// entries tagged with the nexlet's name, level and attributes kept.
+func Command(ctx context.Context, args []string, stderr io.Writer) int {
 	if len(args) != 1 || args[0] != "native" {
 		fmt.Fprintln(stderr, "usage: nexd nexlet native")
-		return ExitUsage
+		return 2
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo,
 		// JSON writes durations as nanoseconds; the node log should read "6s".
@@ -31,9 +29,9 @@ func runNexlet(ctx context.Context, args []string, stderr io.Writer) int {
 		}}))
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := native.Main(ctx, os.Getenv, log); err != nil {
+	if err := Main(ctx, os.Getenv, log); err != nil {
 		log.Error("native nexlet failed", "err", err)
-		return ExitFailure
+		return 1
 	}
-	return ExitOK
+	return 0
 }

@@ -1,0 +1,362 @@
+// Package nexlets manages the node's local nexlets: it detects the cgroup layout,
+// resolves the native nexlet and the configured agents into supervised processes, hands
+// each (re)start fresh registration credentials, and reports exits to the node's agent
+// registry. The daemon builds one Manager, starts it once the node API serves, and
+// stops it before the node.
+package nexlets
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+
+	"github.com/nexd-project/nexd/daemon/config"
+	"github.com/nexd-project/nexd/daemon/supervise"
+	"github.com/nexd-project/nexd/internal/artifact"
+	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/nexlet/native"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// NativeName is the supervisor's name for the built-in native nexlet.
+const NativeName = "native"
+
+// Registry is the part of the node that tracks nexlet registrations (*node.Node).
+type Registry interface {
+	ExpectAgent(agentID, name string)
+	RemoveAgent(agentID, reason string)
+	SetAgentProcessInfo(agentID string, restarts int, lastExit string, failed bool)
+}
+
+// Minter mints the registration credentials a nexlet starts with.
+type Minter interface {
+	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
+}
+
+// Options are a Manager's dependencies, all required except the hooks.
+type Options struct {
+	Config   *config.Config
+	NodeID   string
+	Registry Registry
+	Minter   Minter
+	NC       *nats.Conn // fetches nats:// agent binaries
+	// RuntimeDir holds fetched nexlet binaries and the native nexlet's workload dirs.
+	RuntimeDir string
+	Logger     *slog.Logger
+	// OnExit is called after every nexlet exit (metrics); OnFailed when one is given up.
+	OnExit   func(name string, oom bool)
+	OnFailed func(name string)
+}
+
+// Spec is one local nexlet: what to run and the agent id it registers with.
+type Spec struct {
+	Name    string
+	AgentID string
+	Process supervise.Spec
+}
+
+// Manager runs the local nexlets.
+type Manager struct {
+	o     Options
+	log   *slog.Logger
+	cg    *cgroup.Manager
+	specs []Spec // in start order; fixed after New
+	sup   *supervise.Supervisor
+}
+
+// New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
+// (fetching nats:// binaries) and builds the supervisor. Nothing runs until Start.
+func New(ctx context.Context, o Options) (*Manager, error) {
+	cfg := o.Config
+	m := &Manager{o: o, log: o.Logger}
+	cg, err := cgroup.Detect(cfg.Node.CgroupRoot, m.log)
+	if err != nil {
+		return nil, fmt.Errorf("cgroups: %w", err)
+	}
+	if err := cg.EnterSupervisor(); err != nil {
+		m.log.Warn("could not move nexd into its supervisor cgroup; running nexlets without limits", "err", err)
+		cg = cgroup.Disabled("entering the supervisor cgroup failed: "+err.Error(), m.log)
+	}
+	m.cg = cg
+	m.log.Info("cgroups", "mode", string(cg.Mode()), "enforced", strings.Join(cg.Enforced(), ","), "reason", cg.Reason())
+
+	if m.specs, err = m.resolve(ctx, cfg); err != nil {
+		return nil, err
+	}
+	m.sup = supervise.New(supervise.Options{
+		Cgroups:      cg.Sub("nexlets"),
+		RestartLimit: cfg.Node.AgentRestartLimit,
+		Grace:        cfg.Node.StopGrace,
+		Logger:       m.log,
+		Env:          m.env,
+		OnExit:       m.onExit,
+		OnFailed:     m.onFailed,
+	})
+	return m, nil
+}
+
+// Start announces every nexlet to the registry and starts its process.
+func (m *Manager) Start(ctx context.Context) error {
+	for _, s := range m.specs {
+		m.o.Registry.ExpectAgent(s.AgentID, s.Name)
+		if err := m.sup.Start(ctx, s.Process); err != nil {
+			return fmt.Errorf("nexlet %s: %w", s.Name, err)
+		}
+	}
+	return nil
+}
+
+// Stop stops every nexlet (SIGTERM, grace, kill) and returns when they are gone.
+func (m *Manager) Stop(ctx context.Context) error { return m.sup.Stop(ctx) }
+
+// resolve turns the native nexlet and the configured agents into specs.
+func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, error) {
+	var out []Spec
+	used := map[string]int{}
+	name := func(base string) string {
+		used[base]++
+		if used[base] == 1 {
+			return base
+		}
+		return fmt.Sprintf("%s-%d", base, used[base])
+	}
+	if !cfg.Node.DisableNativeStart {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("native nexlet: find own executable: %w", err)
+		}
+		n := name(NativeName)
+		out = append(out, Spec{Name: n, AgentID: nuid.Next(), Process: supervise.Spec{
+			Name:   n,
+			Path:   exe,
+			Args:   []string{"nexlet", "native"},
+			Limits: toCgroupLimits(cfg.Node.NativeLimits),
+		}})
+	}
+	var js jetstream.JetStream
+	for i, a := range cfg.Node.Agents {
+		ref, err := artifact.Parse(a.URI)
+		if err != nil {
+			return nil, fmt.Errorf("agents[%d]: %w", i, err)
+		}
+		if ref.Scheme == "nats" && js == nil {
+			if js, err = m.jetstream(cfg); err != nil {
+				return nil, fmt.Errorf("agents[%d]: %w", i, err)
+			}
+		}
+		path, err := artifact.Resolve(ctx, ref, js, filepath.Join(m.o.RuntimeDir, "nexlets"))
+		if err != nil {
+			return nil, fmt.Errorf("agents[%d] (%s): %w", i, a.URI, err)
+		}
+		base := filepath.Base(path)
+		if ref.Scheme == "nats" {
+			base = strings.SplitN(ref.Object, "_", 2)[0]
+		}
+		n := name(sanitizeName(base))
+		out = append(out, Spec{Name: n, AgentID: nuid.Next(), Process: supervise.Spec{
+			Name:   n,
+			Path:   path,
+			Args:   a.Argv,
+			Env:    a.Env,
+			Limits: toCgroupLimits(a.Limits),
+		}})
+	}
+	return out, nil
+}
+
+func (m *Manager) jetstream(cfg *config.Config) (jetstream.JetStream, error) {
+	if cfg.NATS.JSDomain != "" {
+		return jetstream.NewWithDomain(m.o.NC, cfg.NATS.JSDomain)
+	}
+	return jetstream.New(m.o.NC)
+}
+
+// Specs returns the local nexlets in start order.
+func (m *Manager) Specs() []Spec { return append([]Spec(nil), m.specs...) }
+
+// Names returns the local nexlets' names in start order.
+func (m *Manager) Names() []string {
+	names := make([]string, 0, len(m.specs))
+	for _, s := range m.specs {
+		names = append(names, s.Name)
+	}
+	return names
+}
+
+// AgentIDs returns the agent ids the local nexlets register with.
+func (m *Manager) AgentIDs() []string {
+	ids := make([]string, 0, len(m.specs))
+	for _, s := range m.specs {
+		ids = append(ids, s.AgentID)
+	}
+	return ids
+}
+
+// NamesOf maps agent ids of local nexlets back to their names.
+func (m *Manager) NamesOf(ids []string) []string {
+	var out []string
+	for _, id := range ids {
+		for _, s := range m.specs {
+			if s.AgentID == id {
+				out = append(out, s.Name)
+			}
+		}
+	}
+	return out
+}
+
+// ByName finds a local nexlet.
+func (m *Manager) ByName(name string) (Spec, bool) {
+	for _, s := range m.specs {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return Spec{}, false
+}
+
+// Statuses reports every local nexlet's process, as the supervisor sees it.
+func (m *Manager) Statuses() []supervise.Status { return m.sup.Statuses() }
+
+// Restarts is how often the named nexlet was restarted since start or its last reset.
+func (m *Manager) Restarts(name string) int {
+	for _, st := range m.sup.Statuses() {
+		if st.Name == name {
+			return st.Restarts
+		}
+	}
+	return 0
+}
+
+// Reset clears a nexlet's restart count and starts it again if it failed; reason is
+// recorded as its last exit in node info.
+func (m *Manager) Reset(name string, reason string) error {
+	s, ok := m.ByName(name)
+	if !ok {
+		return fmt.Errorf("no local nexlet %q (local nexlets: %v)", name, m.Names())
+	}
+	if err := m.sup.Reset(name); err != nil {
+		return err
+	}
+	m.o.Registry.SetAgentProcessInfo(s.AgentID, m.Restarts(name), reason, false)
+	return nil
+}
+
+// SetRestartLimit applies a reloaded agent_restart_limit.
+func (m *Manager) SetRestartLimit(n int) { m.sup.SetRestartLimit(n) }
+
+// Cgroups is the detected cgroup layout (never nil; disabled when none is writable).
+func (m *Manager) Cgroups() *cgroup.Manager { return m.cg }
+
+// WorkloadStats reads a workload's cgroup (below whichever local nexlet runs it).
+func (m *Manager) WorkloadStats(id string) (cgroup.Stats, bool) {
+	for _, s := range m.specs {
+		if g, ok := m.cg.Open("nexlets/" + s.Name + "/workloads/" + id); ok {
+			st, err := g.Stats()
+			return st, err == nil
+		}
+	}
+	return cgroup.Stats{}, false
+}
+
+// env is called before every (re)start of a nexlet: the configured env plus the
+// NEX_AGENT_* variables with freshly minted registration credentials.
+func (m *Manager) env(name string) map[string]string {
+	s, ok := m.ByName(name)
+	if !ok {
+		return nil
+	}
+	creds, err := m.o.Minter.MintRegister(s.AgentID, m.o.NodeID)
+	if err != nil {
+		// The nexlet starts without credentials, fails to register and is restarted.
+		m.log.Error("cannot mint registration credentials", "nexlet", name, "err", err)
+	}
+	env := map[string]string{}
+	for k, v := range s.Process.Env {
+		env[k] = v
+	}
+	for k, v := range agentEnv(creds, m.o.NodeID, s.AgentID) {
+		env[k] = v
+	}
+	if name == NativeName || strings.HasPrefix(name, NativeName+"-") {
+		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
+		if d := m.o.Config.Node.StateDir; d != "" {
+			env[native.EnvStateDir] = d
+		}
+	}
+	return env
+}
+
+// agentEnv is the NEX_AGENT_* environment upstream's SDK reads.
+func agentEnv(c protocol.NatsConnectionData, nodeID, agentID string) map[string]string {
+	return map[string]string{
+		"NEX_AGENT_NATS_SERVERS":   strings.Join(c.NatsServers, ","),
+		"NEX_AGENT_NATS_USER_SEED": c.NatsUserSeed,
+		"NEX_AGENT_NATS_B64_JWT":   b64(c.NatsUserJWT),
+		"NEX_AGENT_NATS_USER":      c.NatsUserName,
+		"NEX_AGENT_NATS_PASSWORD":  c.NatsUserPassword,
+		"NEX_AGENT_NATS_USER_NKEY": c.NatsUserNkey,
+		"NEX_AGENT_NODE_ID":        nodeID,
+		"NEX_AGENT_ASSIGNED_ID":    agentID,
+	}
+}
+
+func b64(s string) string {
+	if s == "" {
+		return ""
+	}
+	return base64.StdEncoding.EncodeToString([]byte(s))
+}
+
+// onExit drops the nexlet's registration: a restarted nexlet registers again.
+func (m *Manager) onExit(name string, exit supervise.ExitInfo) {
+	s, ok := m.ByName(name)
+	if !ok {
+		return
+	}
+	if m.o.OnExit != nil {
+		m.o.OnExit(name, exit.OOM)
+	}
+	m.o.Registry.RemoveAgent(s.AgentID, exit.Reason)
+	m.o.Registry.SetAgentProcessInfo(s.AgentID, m.Restarts(name), exit.Reason, false)
+}
+
+// onFailed marks a given-up nexlet offline in node info.
+func (m *Manager) onFailed(name string, last supervise.ExitInfo) {
+	s, ok := m.ByName(name)
+	if !ok {
+		return
+	}
+	m.o.Registry.SetAgentProcessInfo(s.AgentID, m.Restarts(name), "failed: "+last.Reason, true)
+	if m.o.OnFailed != nil {
+		m.o.OnFailed(name)
+	}
+}
+
+func toCgroupLimits(l config.Limits) cgroup.Limits {
+	return cgroup.Limits{MemoryMax: l.MemoryMax, MemoryHigh: l.MemoryHigh, CPUMax: l.CPUMax, PidsMax: l.PidsMax}
+}
+
+func sanitizeName(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_':
+			b.WriteRune(r)
+		default:
+			b.WriteByte('_')
+		}
+	}
+	if b.Len() == 0 {
+		return "nexlet"
+	}
+	return b.String()
+}
