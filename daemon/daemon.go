@@ -88,7 +88,7 @@ func newDaemon(loaded *config.Loaded, args, env []string, stderr io.Writer) (*da
 	}
 	d.logger = lg
 	d.log = lg.Slog()
-	d.notify = sysd.NewNotifier(func(k string) string { return lookup(env, k) }, d.log)
+	d.notify = sysd.NewNotifier(d.log)
 	d.metrics = metrics.New()
 	return d, nil
 }

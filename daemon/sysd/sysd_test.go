@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // fakeSystemd is a NOTIFY_SOCKET listener, as systemd opens it.
@@ -60,16 +62,32 @@ func (f *fakeSystemd) poll(wait time.Duration) (string, bool) {
 	return string(buf[:n]), true
 }
 
-func envOf(m map[string]string) func(string) string {
-	return func(k string) string { return m[k] }
+// notifierWith builds a Notifier under exactly these systemd variables (the rest
+// unset), as go-systemd reads them from the process environment.
+func notifierWith(t *testing.T, env map[string]string) *Notifier {
+	t.Helper()
+	for _, k := range []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
+		t.Setenv(k, env[k]) // restored after the test
+		if env[k] == "" {
+			os.Unsetenv(k)
+		}
+	}
+	return NewNotifier(nil)
+}
+
+func monotonicUsec(t *testing.T) uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(ts.Sec)*1e6 + uint64(ts.Nsec)/1e3
 }
 
 func TestNotifierDatagrams(t *testing.T) {
 	for _, abstract := range []bool{false, true} {
 		t.Run("abstract="+strconv.FormatBool(abstract), func(t *testing.T) {
 			sd := listen(t, abstract)
-			n := NewNotifier(envOf(map[string]string{"NOTIFY_SOCKET": sd.name}), nil)
-			t.Cleanup(func() { n.Close() })
+			n := notifierWith(t, map[string]string{"NOTIFY_SOCKET": sd.name})
 
 			cases := []struct {
 				name string
@@ -97,15 +115,12 @@ func TestNotifierDatagrams(t *testing.T) {
 
 func TestReloadingCarriesMonotonicUsec(t *testing.T) {
 	sd := listen(t, false)
-	n := NewNotifier(envOf(map[string]string{"NOTIFY_SOCKET": sd.name}), nil)
-	before, err := monotonicUsec()
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := notifierWith(t, map[string]string{"NOTIFY_SOCKET": sd.name})
+	before := monotonicUsec(t)
 	if err := n.Reloading(); err != nil {
 		t.Fatal(err)
 	}
-	after, _ := monotonicUsec()
+	after := monotonicUsec(t)
 	got := sd.next()
 	lines := strings.Split(got, "\n")
 	if len(lines) != 2 || lines[0] != "RELOADING=1" || !strings.HasPrefix(lines[1], "MONOTONIC_USEC=") {
@@ -121,14 +136,14 @@ func TestReloadingCarriesMonotonicUsec(t *testing.T) {
 }
 
 func TestExtendTimeoutRejectsNonPositive(t *testing.T) {
-	n := NewNotifier(envOf(nil), nil)
+	n := notifierWith(t, nil)
 	if err := n.ExtendTimeout(0); err == nil {
 		t.Fatal("ExtendTimeout(0) succeeded, want an error")
 	}
 }
 
 func TestNoSocketIsNoop(t *testing.T) {
-	n := NewNotifier(envOf(map[string]string{"WATCHDOG_USEC": "1000"}), nil)
+	n := notifierWith(t, map[string]string{"WATCHDOG_USEC": "1000"})
 	if n.Enabled() {
 		t.Fatal("Enabled without NOTIFY_SOCKET")
 	}
@@ -158,7 +173,7 @@ func TestNoSocketIsNoop(t *testing.T) {
 
 func TestBadSocketIsError(t *testing.T) {
 	for _, s := range []string{"relative.sock", "vsock:2:1", filepath.Join(t.TempDir(), "missing.sock")} {
-		n := NewNotifier(envOf(map[string]string{"NOTIFY_SOCKET": s}), nil)
+		n := notifierWith(t, map[string]string{"NOTIFY_SOCKET": s})
 		err := n.Ready("")
 		if err == nil || !strings.Contains(err.Error(), s) {
 			t.Errorf("NOTIFY_SOCKET=%q: error %v, want one naming the socket", s, err)
@@ -182,7 +197,7 @@ func TestWatchdogInterval(t *testing.T) {
 		{"abc", "", 0, false},
 	}
 	for _, c := range cases {
-		n := NewNotifier(envOf(map[string]string{"WATCHDOG_USEC": c.usec, "WATCHDOG_PID": c.pid}), nil)
+		n := notifierWith(t, map[string]string{"WATCHDOG_USEC": c.usec, "WATCHDOG_PID": c.pid})
 		got, ok := n.WatchdogInterval()
 		if got != c.want || ok != c.ok {
 			t.Errorf("WATCHDOG_USEC=%q WATCHDOG_PID=%q: (%s, %v), want (%s, %v)", c.usec, c.pid, got, ok, c.want, c.ok)
@@ -228,11 +243,11 @@ func (g *gate) waitCalls(t *testing.T, n int) {
 
 func TestWatchdogPingsOnlyWhileHealthy(t *testing.T) {
 	sd := listen(t, false)
-	n := NewNotifier(envOf(map[string]string{
+	n := notifierWith(t, map[string]string{
 		"NOTIFY_SOCKET": sd.name,
 		"WATCHDOG_USEC": "40000", // pings every 20ms
 		"WATCHDOG_PID":  strconv.Itoa(os.Getpid()),
-	}), nil)
+	})
 	g := &gate{healthy: true}
 	ctx, cancel := context.WithCancel(context.Background())
 	var stopped atomic.Bool
@@ -279,11 +294,11 @@ func TestWatchdogPingsOnlyWhileHealthy(t *testing.T) {
 
 func TestWatchdogForeignPidDoesNotPing(t *testing.T) {
 	sd := listen(t, false)
-	n := NewNotifier(envOf(map[string]string{
+	n := notifierWith(t, map[string]string{
 		"NOTIFY_SOCKET": sd.name,
 		"WATCHDOG_USEC": "40000",
 		"WATCHDOG_PID":  "1",
-	}), nil)
+	})
 	done := make(chan struct{})
 	go func() { n.RunWatchdog(context.Background(), func() bool { return true }); close(done) }()
 	select {
