@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
@@ -39,7 +40,7 @@ func newConformance(t *testing.T, extra ...string) *conformance {
 	st := n.waitReady(t)
 	c := &conformance{t: t, nc: testnats.Connect(t, s), nodeID: st.NodeID}
 	// A bid needs a healthy native nexlet; readiness does not promise a heartbeat yet.
-	eventually(t, "a bid from the native nexlet", 60*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 60*time.Second, "a bid from the native nexlet", func() bool {
 		_, err := c.nc.Request("$NEX.SVC.system.control.AUCTION", []byte(`{"agent_type":"native","auction_id":"warmup","tags":{}}`), time.Second)
 		return err == nil
 	})
@@ -291,7 +292,7 @@ func TestConformanceWorkloads(t *testing.T) {
 		return arr
 	}
 	var got []map[string]any
-	eventually(t, "the workload in the list", 30*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 30*time.Second, "the workload in the list", func() bool {
 		got = list("tenant", `{"namespace":"tenant","filter":[]}`)
 		return len(got) == 1 && got[0]["workload_state"] == "running"
 	})
@@ -351,7 +352,7 @@ func TestConformanceWorkloads(t *testing.T) {
 	if o["stopped"] != false || o["message"] != "workload not found" {
 		t.Errorf("second stop %v", o)
 	}
-	eventually(t, "the stopped workload leaves the list", 30*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 30*time.Second, "the stopped workload leaves the list", func() bool {
 		return len(list("tenant", `{"namespace":"tenant","filter":[]}`)) == 0
 	})
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -31,7 +32,7 @@ func TestNATSOutage(t *testing.T) {
 
 	s.Shutdown()
 	s.WaitForShutdown()
-	eventually(t, "nexd notices the disconnect", 30*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 30*time.Second, "nexd notices the disconnect", func() bool {
 		var cur control.Status
 		json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &cur)
 		return !cur.NATS.Connected
@@ -44,17 +45,17 @@ func TestNATSOutage(t *testing.T) {
 	}
 
 	s2 := testnats.Start(t, testnats.Options{Configure: cfg})
-	eventually(t, "nexd reconnects", 60*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 60*time.Second, "nexd reconnects", func() bool {
 		var cur control.Status
 		json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &cur)
 		return cur.NATS.Connected && cur.NATS.Reconnects >= 1
 	})
 	nc := testnats.Connect(t, s2)
-	eventually(t, "node answers on $NEX again", 60*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 60*time.Second, "node answers on $NEX again", func() bool {
 		m, err := nc.Request(protocol.PingNodeSubject(st.NodeID), []byte(`{"filter":null}`), 2*time.Second)
 		return err == nil && strings.Contains(string(m.Data), st.NodeID)
 	})
-	eventually(t, "workload still listed", 60*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 60*time.Second, "workload still listed", func() bool {
 		return strings.Contains(n.mustCtl(t, "workload", "list"), w.ID)
 	})
 	n.signal(t, syscall.SIGTERM)
@@ -108,7 +109,7 @@ func TestNexdUnknownArgs(t *testing.T) {
 	for _, c := range cases {
 		// A node that did start would not return within run's bound, so the exit code
 		// alone proves nothing started.
-		_, stderr, code := run(t, nil, bins.nexd, c.args...)
+		_, stderr, code := run(t, nil, nexdBin(t), c.args...)
 		if code != 2 {
 			t.Errorf("nexd %v: exit %d, want 2; stderr %q", c.args, code, stderr)
 		}
@@ -118,7 +119,7 @@ func TestNexdUnknownArgs(t *testing.T) {
 			}
 		}
 	}
-	out, _, code := run(t, nil, bins.nexd, "help")
+	out, _, code := run(t, nil, nexdBin(t), "help")
 	if code != 0 || !strings.Contains(out, "Usage: nexd") {
 		t.Errorf("nexd help: exit %d, output %q", code, out)
 	}

@@ -7,7 +7,6 @@ import (
 	"bytes"
 	"context"
 	"flag"
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -17,39 +16,24 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
-var bins struct {
-	dir    string
-	nexd   string
-	nexctl string
-}
+var bins testkit.Binaries
 
+// TestMain removes the nexd and nexctl binaries, built once on first use, at the end.
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if testing.Short() {
-		os.Exit(m.Run())
-	}
-	dir, err := os.MkdirTemp("", "nexd-e2e-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bins.dir = dir
-	bins.nexd = filepath.Join(dir, "nexd")
-	bins.nexctl = filepath.Join(dir, "nexctl")
-	for _, b := range []struct{ out, pkg string }{{bins.nexd, "../cmd/nexd"}, {bins.nexctl, "../cmd/nexctl"}} {
-		cmd := exec.Command("go", "build", "-race", "-o", b.out, b.pkg)
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		if err := cmd.Run(); err != nil {
-			fmt.Fprintf(os.Stderr, "build %s: %v\n", b.pkg, err)
-			os.RemoveAll(dir)
-			os.Exit(1)
-		}
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(bins.Run(m))
+}
+
+func nexdBin(t testing.TB) string {
+	return bins.Path(t, "github.com/nexd-project/nexd/cmd/nexd")
+}
+
+func nexctlBin(t testing.TB) string {
+	return bins.Path(t, "github.com/nexd-project/nexd/cmd/nexctl")
 }
 
 // notifySocket is a fake systemd: it records every sd_notify datagram.
@@ -116,27 +100,10 @@ func (n *notifySocket) all() []string {
 // proc is a running nexd.
 type proc struct {
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testkit.Buffer
 	done chan struct{}
 	err  error
 	dir  string
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 type nexdOpts struct {
@@ -154,8 +121,8 @@ func startNexd(t *testing.T, o nexdOpts) *proc {
 	if dir == "" {
 		dir = t.TempDir()
 	}
-	p := &proc{out: &syncBuffer{}, done: make(chan struct{}), dir: dir}
-	cmd := exec.Command(bins.nexd, o.args...)
+	p := &proc{out: &testkit.Buffer{}, done: make(chan struct{}), dir: dir}
+	cmd := exec.Command(nexdBin(t), o.args...)
 	cmd.Dir = dir
 	cmd.Env = append([]string{"HOME=" + dir, "PATH=" + os.Getenv("PATH")}, o.env...)
 	if o.notify != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -133,7 +134,7 @@ func (n *node) waitReady(t *testing.T) control.Status {
 func (n *node) ctl(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
 	full := append([]string{"--control-socket", n.socket, "--nats.servers", n.natsURL}, args...)
-	return run(t, nil, bins.nexctl, full...)
+	return run(t, nil, nexctlBin(t), full...)
 }
 
 func (n *node) mustCtl(t *testing.T, args ...string) string {
@@ -154,7 +155,7 @@ func TestNotifySequence(t *testing.T) {
 	ns := newNotifySocket(t)
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "config.json")
-	writeFile(t, cfgPath, `{"logger": {"level": "info"}, "node": {"up": {"tags": {"pool": "blue"}}}}`)
+	testkit.WriteFile(t, cfgPath, `{"logger": {"level": "info"}, "node": {"up": {"tags": {"pool": "blue"}}}}`)
 	n := startNode(t, nodeOpts{notify: ns, extra: []string{"--config", cfgPath},
 		env: []string{"WATCHDOG_USEC=400000"}})
 
@@ -174,7 +175,7 @@ func TestNotifySequence(t *testing.T) {
 	ns.waitFor(t, "WATCHDOG=1", 10*time.Second)
 
 	// A good reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 with the outcome.
-	writeFile(t, cfgPath, `{"logger": {"level": "debug"}, "node": {"up": {"tags": {"pool": "green"}}}}`)
+	testkit.WriteFile(t, cfgPath, `{"logger": {"level": "debug"}, "node": {"up": {"tags": {"pool": "green"}}}}`)
 	n.signal(t, syscall.SIGHUP)
 	rel := ns.waitFor(t, "RELOADING=1", 30*time.Second)
 	if !strings.Contains(rel, "MONOTONIC_USEC=") {
@@ -193,7 +194,7 @@ func TestNotifySequence(t *testing.T) {
 	}
 
 	// A bad reload keeps the old config and says why in STATUS.
-	writeFile(t, cfgPath, `{"logger": {"level": "loud"}}`)
+	testkit.WriteFile(t, cfgPath, `{"logger": {"level": "loud"}}`)
 	n.signal(t, syscall.SIGHUP)
 	ns.waitFor(t, "RELOADING=1", 30*time.Second)
 	bad := ns.waitFor(t, "READY=1", 30*time.Second)
@@ -201,7 +202,7 @@ func TestNotifySequence(t *testing.T) {
 		t.Fatalf("bad reload status %q should name logger.level", bad)
 	}
 	// A restart-only key is rejected by name.
-	writeFile(t, cfgPath, `{"nexus": "other"}`)
+	testkit.WriteFile(t, cfgPath, `{"nexus": "other"}`)
 	out, errOut, code := n.ctl(t, "reload")
 	if code != 1 || !strings.Contains(errOut, "nexus") {
 		t.Fatalf("reload of a restart-only key: exit %d, %s %s", code, out, errOut)
@@ -299,35 +300,28 @@ func TestCheckAndUsage(t *testing.T) {
 	}
 	kp, _ := nkeys.CreateServer()
 	seed, _ := kp.Seed()
-	out, _, code := run(t, nil, bins.nexd, "--check", "--node-seed", string(seed), "--tags", "a=b")
+	out, _, code := run(t, nil, nexdBin(t), "--check", "--node-seed", string(seed), "--tags", "a=b")
 	if code != 0 || !strings.Contains(out, "[redacted]") || strings.Contains(out, string(seed)) ||
 		!strings.Contains(out, "configuration is valid") {
 		t.Fatalf("--check: exit %d\n%s", code, out)
 	}
-	out, errOut, code := run(t, nil, bins.nexd, "--check", "--tags", "nex.os=x", "--state", "sql", "--logger.level", "loud")
+	out, errOut, code := run(t, nil, nexdBin(t), "--check", "--tags", "nex.os=x", "--state", "sql", "--logger.level", "loud")
 	if code == 0 || !strings.Contains(errOut, "nex.") || !strings.Contains(errOut, "state") || !strings.Contains(errOut, "logger.level") {
 		t.Fatalf("--check with errors: exit %d\n%s\n%s", code, out, errOut)
 	}
-	out, _, code = run(t, nil, bins.nexd, "node", "up", "--help")
+	out, _, code = run(t, nil, nexdBin(t), "node", "up", "--help")
 	for _, want := range []string{"--node-seed", "--nats.servers", "--logger.target", "--agents.uri", "--state-dir", "--control-socket"} {
 		if code != 0 || !strings.Contains(out, want) {
 			t.Fatalf("--help lacks %s (exit %d)", want, code)
 		}
 	}
-	out, _, code = run(t, nil, bins.nexd, "--version")
+	out, _, code = run(t, nil, nexdBin(t), "--version")
 	if code != 0 || !strings.Contains(out, "commit") || !strings.Contains(out, "built") {
 		t.Fatalf("--version: %q", out)
 	}
-	_, errOut, code = run(t, nil, bins.nexd, "--no-such-flag")
+	_, errOut, code = run(t, nil, nexdBin(t), "--no-such-flag")
 	if code != 2 || !strings.Contains(errOut, "no-such-flag") {
 		t.Fatalf("unknown flag: exit %d %s", code, errOut)
-	}
-}
-
-func writeFile(t *testing.T, path, data string) {
-	t.Helper()
-	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // procStatus reads one field of /proc/<pid>/status.
@@ -58,7 +60,7 @@ func TestNativeThreadsStayFew(t *testing.T) {
 	for i := range count {
 		n.runWorkload(t, "--bids", "1", "--name", fmt.Sprintf("t%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
 	}
-	eventually(t, "all workloads running", 60*time.Second, func() bool { return countProcs(marker) == count })
+	testkit.EventuallyWithin(t, 60*time.Second, "all workloads running", func() bool { return countProcs(marker) == count })
 	threads, err := strconv.Atoi(procStatus(pid, "Threads"))
 	if err != nil {
 		t.Fatalf("threads of the nexlet (pid %d): %v", pid, err)

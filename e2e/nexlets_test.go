@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -24,7 +25,7 @@ func TestFailedNexlet(t *testing.T) {
 	s := testnats.Start(t, testnats.Options{})
 	dir := t.TempDir()
 	crasher := filepath.Join(dir, "crasher")
-	writeFile(t, crasher, "#!/bin/sh\necho starting >&2\nsleep 0.05\nexit 3\n")
+	testkit.WriteFile(t, crasher, "#!/bin/sh\necho starting >&2\nsleep 0.05\nexit 3\n")
 	os.Chmod(crasher, 0o755)
 	n := startNode(t, nodeOpts{external: s.ClientURL(), notify: ns,
 		extra: []string{"--agents.uri", "file://" + crasher, "--agent-restart-limit", "2", "--startup-timeout", "2s"}})
@@ -35,7 +36,7 @@ func TestFailedNexlet(t *testing.T) {
 	st := n.waitReady(t)
 
 	var crash control.Nexlet
-	eventually(t, "crasher failed", 60*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 60*time.Second, "crasher failed", func() bool {
 		var cur control.Status
 		json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &cur)
 		for _, x := range cur.Nexlets {
@@ -71,7 +72,7 @@ func TestFailedNexlet(t *testing.T) {
 	before := starts()
 	n.mustCtl(t, "nexlet", "restart", "crasher")
 	// It crashes again, so it is started anew and given up again after its restarts.
-	eventually(t, "crasher started again", 30*time.Second, func() bool { return starts() > before })
+	testkit.EventuallyWithin(t, 30*time.Second, "crasher started again", func() bool { return starts() > before })
 	// The native nexlet was never affected.
 	if out := n.mustCtl(t, "nexlets"); !strings.Contains(out, "healthy") {
 		t.Fatalf("native nexlet not healthy:\n%s", out)

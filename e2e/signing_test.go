@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
@@ -98,7 +99,7 @@ func TestSigningKeyEndToEnd(t *testing.T) {
 	const ttl = 6 * time.Second
 
 	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "main.go"), signingClient)
+	testkit.WriteFile(t, filepath.Join(dir, "main.go"), signingClient)
 	client := filepath.Join(dir, "signingclient")
 	build := exec.Command("go", "build", "-o", client, filepath.Join(dir, "main.go"))
 	build.Dir = ".." // the module's nats.go
@@ -150,7 +151,7 @@ func TestSigningKeyEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	out, errOut, code := run(t, nil, bins.nexctl, "--control-socket", n.socket, "--nats.servers", url,
+	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", url,
 		"--nats.creds-file", creds, "--namespace", "tenant", "--json",
 		"workload", "run", "--name", "w", "--", client)
 	if code != 0 {

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -52,18 +53,6 @@ func flush(t *testing.T, nc *nats.Conn) {
 	}
 }
 
-func eventually(t *testing.T, what string, timeout time.Duration, f func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		if f() {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
-}
-
 // TestWorkloadLifecycle: run (short form, sealed env), list, info, logs, clone, stop,
 // and a job's exit code, all through the real nexctl against a real nexd.
 func TestWorkloadLifecycle(t *testing.T) {
@@ -77,7 +66,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 
 	// The workload proves it runs by answering on NATS with its env.
 	script := filepath.Join(t.TempDir(), "svc.sh")
-	writeFile(t, script, "#!/bin/sh\necho \"hello from $NEX_WORKLOAD_ID secret=$SECRET\"\nexec sleep 600\n")
+	testkit.WriteFile(t, script, "#!/bin/sh\necho \"hello from $NEX_WORKLOAD_ID secret=$SECRET\"\nexec sleep 600\n")
 	os.Chmod(script, 0o755)
 	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
 	flush(t, nc)
@@ -132,7 +121,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	if clone.ID == "" || clone.ID == r.ID {
 		t.Fatalf("clone: %s", out)
 	}
-	eventually(t, "two workloads", 30*time.Second, func() bool { return len(n.workloads(t)) == 2 })
+	testkit.EventuallyWithin(t, 30*time.Second, "two workloads", func() bool { return len(n.workloads(t)) == 2 })
 
 	// Stop both; a second stop of the same id fails with exit 1.
 	n.mustCtl(t, "workload", "stop", r.ID)
@@ -140,7 +129,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	if _, _, code := n.ctl(t, "workload", "stop", r.ID); code != 1 {
 		t.Fatalf("stopping a stopped workload: exit %d, want 1", code)
 	}
-	eventually(t, "no workloads", 30*time.Second, func() bool { return len(n.workloads(t)) == 0 })
+	testkit.EventuallyWithin(t, 30*time.Second, "no workloads", func() bool { return len(n.workloads(t)) == 0 })
 	if _, err := kv.Get(t.Context(), "native_"+r.ID); err == nil {
 		t.Fatal("stopped workload still in KV")
 	}
@@ -150,7 +139,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	flush(t, nc)
 	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--", "/bin/sh", "-c", "exit 7")
 	var ev protocol.WorkloadStoppedEvent
-	eventually(t, "WORKLOADSTOPPED for the job", 30*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 30*time.Second, "WORKLOADSTOPPED for the job", func() bool {
 		m, err := events.NextMsg(time.Second)
 		if err != nil {
 			return false
@@ -161,7 +150,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	if ev.Error == nil || ev.Error.Code != "7" {
 		t.Fatalf("job stopped event %+v, want exit code 7", ev)
 	}
-	eventually(t, "finished job removed from KV", 30*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 30*time.Second, "finished job removed from KV", func() bool {
 		_, err := kv.Get(t.Context(), "native_"+job.ID)
 		return err != nil
 	})
@@ -261,7 +250,7 @@ func TestReplayAfterKill(t *testing.T) {
 		r := n.runWorkload(t, "--bids", "1", "--name", fmt.Sprintf("w%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
 		ids[r.ID] = true
 	}
-	eventually(t, "all workloads running", 60*time.Second, func() bool { return countProcs(marker) == count })
+	testkit.EventuallyWithin(t, 60*time.Second, "all workloads running", func() bool { return countProcs(marker) == count })
 
 	n.cmd.Process.Signal(syscall.SIGKILL)
 	n.wait(t, 30*time.Second)
@@ -271,7 +260,7 @@ func TestReplayAfterKill(t *testing.T) {
 	if st2 := n2.waitReady(t); st2.NodeID != st.NodeID {
 		t.Fatalf("identity changed: %s -> %s", st.NodeID, st2.NodeID)
 	}
-	eventually(t, "workloads replayed", 90*time.Second, func() bool {
+	testkit.EventuallyWithin(t, 90*time.Second, "workloads replayed", func() bool {
 		ws := n2.workloads(t)
 		if len(ws) != count {
 			return false
@@ -284,7 +273,7 @@ func TestReplayAfterKill(t *testing.T) {
 		return true
 	})
 	// Exactly once: the old processes died with the old nexlet's cgroup, one new each.
-	eventually(t, "exactly one process per workload", 30*time.Second, func() bool { return countProcs(marker) == count })
+	testkit.EventuallyWithin(t, 30*time.Second, "exactly one process per workload", func() bool { return countProcs(marker) == count })
 	time.Sleep(2 * time.Second)
 	if c := countProcs(marker); c != count {
 		t.Fatalf("%d processes for %d workloads", c, count)

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -151,7 +152,7 @@ func TestRunnerAgentPlane(t *testing.T) {
 			t.Errorf("heartbeat %s: %v", m.Data, err)
 		}
 	}
-	waitFor(t, "replay", func() bool { a.mu.Lock(); defer a.mu.Unlock(); return a.replayed["W0"] })
+	testkit.Eventually(t, "replay", func() bool { a.mu.Lock(); defer a.mu.Unlock(); return a.replayed["W0"] })
 
 	req := func(subj string, body string) *nats.Msg {
 		t.Helper()
@@ -333,15 +334,4 @@ func TestConnectUserPassword(t *testing.T) {
 		t.Fatal(err)
 	}
 	nc.Close()
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }

@@ -18,6 +18,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
 	"github.com/spf13/pflag"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/check.golden and KEYS.md")
@@ -40,18 +42,6 @@ func testKey(t testing.TB, p nkeys.PrefixByte, fill byte) (string, string) {
 		t.Fatal(err)
 	}
 	return string(seed), pub
-}
-
-func writeFile(t testing.TB, dir, name, content string) string {
-	t.Helper()
-	p := filepath.Join(dir, name)
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return p
 }
 
 // hermetic returns options that read nothing from the machine.
@@ -134,7 +124,7 @@ func TestPrecedence(t *testing.T) {
 			if which == "user" || which == "config" {
 				body = fmt.Sprintf(`{"node": {"up": {"node_name": %q, "tags": {%q: "x"}}}, "nats.servers": [%q], "logger": {"level": "debug"}}`, v, v, "nats://"+v)
 			}
-			p := writeFile(t, dir, which+".json", body)
+			p := testkit.WriteFile(t, filepath.Join(dir, which+".json"), body)
 			switch which {
 			case "system":
 				o.SystemFile = p
@@ -225,7 +215,7 @@ func TestLayouts(t *testing.T) {
 	var got []*Config
 	for _, body := range []string{nested, flat} {
 		o := hermetic()
-		o.SystemFile = writeFile(t, t.TempDir(), "c.json", body)
+		o.SystemFile = testkit.WriteFile(t, filepath.Join(t.TempDir(), "c.json"), body)
 		got = append(got, mustLoad(t, o).Config)
 	}
 	if !reflect.DeepEqual(got[0], got[1]) {
@@ -250,7 +240,7 @@ func TestSeedSampleLoads(t *testing.T) {
 	nodeSeed, _ := testKey(t, nkeys.PrefixByteServer, 3)
 	xSeed, _ := testKey(t, nkeys.PrefixByteCurve, 4)
 	dir := t.TempDir()
-	inats := writeFile(t, dir, "server.conf", "listen: 127.0.0.1:-1\njetstream: enabled\n")
+	inats := testkit.WriteFile(t, filepath.Join(dir, "server.conf"), "listen: 127.0.0.1:-1\njetstream: enabled\n")
 	body := fmt.Sprintf(`{
   "namespace": "system",
   "node": {"up": {
@@ -268,7 +258,7 @@ func TestSeedSampleLoads(t *testing.T) {
   "logger": {"level": "info", "target": ["std"]}
 }`, nodeSeed, xSeed, skSeed, rootPub, inats)
 	o := hermetic()
-	o.SystemFile = writeFile(t, dir, "config.json", body)
+	o.SystemFile = testkit.WriteFile(t, filepath.Join(dir, "config.json"), body)
 	l := mustLoad(t, o)
 	if len(l.Config.Node.Agents) != 2 || l.Config.Node.IssuerSigningKeyRootAccount != rootPub || l.Config.NATS.Context != "nex-prod" {
 		t.Fatalf("%+v", l.Config)
@@ -300,7 +290,7 @@ func TestMissingAndUnreadableFiles(t *testing.T) {
 	dir := t.TempDir()
 	o := hermetic()
 	o.SystemFile = filepath.Join(dir, "absent.json")
-	o.UserFile = writeFile(t, dir, "empty.json", "  \n")
+	o.UserFile = testkit.WriteFile(t, filepath.Join(dir, "empty.json"), "  \n")
 	l := mustLoad(t, o)
 	if !slices.Equal(l.Files, []string{o.UserFile}) {
 		t.Errorf("files = %v", l.Files)
@@ -334,7 +324,7 @@ func TestAgentsFlags(t *testing.T) {
 	}
 	// Flags replace the agents of files whole; NEX_AGENTS takes a JSON array.
 	o := hermetic("--agents.uri", "/x")
-	o.SystemFile = writeFile(t, t.TempDir(), "c.json", `{"agents": [{"uri": "/file"}, {"uri": "/file2"}]}`)
+	o.SystemFile = testkit.WriteFile(t, filepath.Join(t.TempDir(), "c.json"), `{"agents": [{"uri": "/file"}, {"uri": "/file2"}]}`)
 	o.Env = []string{`NEX_AGENTS=[{"uri": "/env"}]`}
 	if got := mustLoad(t, o).Config.Node.Agents; len(got) != 1 || got[0].URI != "/x" {
 		t.Errorf("agents = %+v", got)
@@ -361,7 +351,7 @@ func TestFlagsMisc(t *testing.T) {
 	}
 	// --help and --version work even when the config is broken.
 	o := hermetic("--help")
-	o.SystemFile = writeFile(t, t.TempDir(), "c.json", `{"bogus": 1}`)
+	o.SystemFile = testkit.WriteFile(t, filepath.Join(t.TempDir(), "c.json"), `{"bogus": 1}`)
 	l, err := Load(o)
 	if err != nil || !l.Help {
 		t.Fatalf("--help: %v %+v", err, l)
@@ -381,7 +371,7 @@ func TestErrors(t *testing.T) {
 	curveSeed, _ := testKey(t, nkeys.PrefixByteCurve, 9)
 
 	dir := t.TempDir()
-	badInats := writeFile(t, dir, "bad.conf", "listen: 127.0.0.1:4222\nport: [\n")
+	badInats := testkit.WriteFile(t, filepath.Join(dir, "bad.conf"), "listen: 127.0.0.1:4222\nport: [\n")
 	_, inatsErr := server.ProcessConfigFile(badInats)
 	if inatsErr == nil {
 		t.Fatal("nats-server accepted the broken config")
@@ -555,7 +545,7 @@ func TestErrors(t *testing.T) {
 			o.Env = tc.env
 			path := ""
 			if tc.file != "" {
-				path = writeFile(t, t.TempDir(), "config.json", tc.file)
+				path = testkit.WriteFile(t, filepath.Join(t.TempDir(), "config.json"), tc.file)
 				o.SystemFile = path
 			}
 			l, err := Load(o)
@@ -607,8 +597,8 @@ func goldenInputs(t *testing.T) (LoadOptions, string) {
 	o := LoadOptions{
 		Args:       []string{"--check", "--node-name", "golden", "-s", "nats://127.0.0.1:4222", "--nats.password", "s3cret", "--nats.user", "nex"},
 		Env:        []string{"NEX_LOGGER_LEVEL=debug", "NEX_NATS_JWT=eyJhbGciOi.secret.jwt", "NEX_NATS_SEED=" + userSeed, "STATE_DIRECTORY=/var/lib/nex", "RUNTIME_DIRECTORY=/run/nex"},
-		SystemFile: writeFile(t, dir, "system.json", sys),
-		UserFile:   writeFile(t, dir, "user.json", fmt.Sprintf(`{"nats": {"nkey": %q}, "show_workload_logs": true}`, userPub)),
+		SystemFile: testkit.WriteFile(t, filepath.Join(dir, "system.json"), sys),
+		UserFile:   testkit.WriteFile(t, filepath.Join(dir, "user.json"), fmt.Sprintf(`{"nats": {"nkey": %q}, "show_workload_logs": true}`, userPub)),
 		Hostname:   "golden-host",
 	}
 	return o, dir

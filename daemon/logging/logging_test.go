@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -268,26 +268,8 @@ func TestStdFormats(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for the race detector across goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func TestReconfigureReachesEarlierLoggers(t *testing.T) {
-	var buf syncBuffer
+	var buf testkit.Buffer
 	file := filepath.Join(t.TempDir(), "nexd.log")
 	l, err := New(Options{Targets: []string{TargetStd}, Stderr: &buf})
 	if err != nil {

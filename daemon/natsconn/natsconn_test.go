@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
@@ -311,18 +311,6 @@ func startOnPort(t *testing.T, port int) *server.Server {
 	return testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { o.Port = port }})
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		if cond() {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
-}
-
 func TestReconnectCounting(t *testing.T) {
 	port := freePort(t)
 	s1 := startOnPort(t, port)
@@ -331,7 +319,7 @@ func TestReconnectCounting(t *testing.T) {
 
 	s1.Shutdown()
 	s1.WaitForShutdown()
-	eventually(t, "disconnect", func() bool { return !c.NC.IsConnected() && c.Info().Disconnects >= 1 })
+	testkit.Eventually(t, "disconnect", func() bool { return !c.NC.IsConnected() && c.Info().Disconnects >= 1 })
 	if !c.Healthy() {
 		t.Error("unhealthy right after a disconnect, want healthy within the grace period")
 	}
@@ -344,7 +332,7 @@ func TestReconnectCounting(t *testing.T) {
 	}
 
 	s2 := startOnPort(t, port)
-	eventually(t, "reconnect", func() bool { return c.Info().Reconnects == 1 && c.NC.IsConnected() })
+	testkit.Eventually(t, "reconnect", func() bool { return c.Info().Reconnects == 1 && c.NC.IsConnected() })
 	roundTrip(t, c.NC)
 	if !c.Healthy() {
 		t.Error("unhealthy after reconnecting")
@@ -360,7 +348,7 @@ func TestConnectWaitsForServer(t *testing.T) {
 		err error
 	}
 	done := make(chan result, 1)
-	var logs syncBuffer
+	var logs testkit.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	ctx := ctxT(t)
 	go func() {
@@ -368,7 +356,7 @@ func TestConnectWaitsForServer(t *testing.T) {
 		done <- result{c, err}
 	}()
 	// Let it fail at least once, then bring the server up.
-	eventually(t, "a failed attempt", func() bool { return strings.Contains(logs.String(), "NATS not reachable yet") })
+	testkit.Eventually(t, "a failed attempt", func() bool { return strings.Contains(logs.String(), "NATS not reachable yet") })
 	startOnPort(t, port)
 	r := <-done
 	if r.err != nil {
@@ -383,23 +371,6 @@ func TestConnectWaitsForServer(t *testing.T) {
 	if err == nil || !errors.Is(err, context.Canceled) {
 		t.Fatalf("error %v, want context canceled", err)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestBackoffBounds(t *testing.T) {

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -193,17 +194,6 @@ func errorReply(t testing.TB, m *nats.Msg) (code string, body protocol.ErrorBody
 		t.Fatalf("error body %q: %v", m.Data, err)
 	}
 	return code, body
-}
-
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 const testSchema = `{"type":"object","properties":{"cmd":{"type":"string"},"n":{"type":"integer"}},"required":["cmd"],"additionalProperties":false}`
@@ -449,7 +439,7 @@ func (f *fixture) healthyAgent(n *Node, id, name, typ string, tweak func(*fakeAg
 		tweak(a)
 	}
 	a.mustRegister()
-	eventually(f.t, "agent "+id+" healthy", func() bool {
+	testkit.Eventually(f.t, "agent "+id+" healthy", func() bool {
 		for _, ai := range n.Agents() {
 			if ai.ID == id && ai.Health == protocol.HealthHealthy {
 				return true

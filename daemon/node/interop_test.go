@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -20,7 +21,7 @@ func TestUpstreamWorkloadStoppedEventLeavesState(t *testing.T) {
 	if err := protocol.Decode(m.Data, &r); err != nil {
 		t.Fatalf("deploy %q: %v", m.Data, err)
 	}
-	eventually(t, "job recorded", func() bool { return f.stores[0].Len() == 1 })
+	testkit.Eventually(t, "job recorded", func() bool { return f.stores[0].Len() == 1 })
 	a.mu.Lock()
 	delete(a.workloads, r.ID)
 	a.mu.Unlock()
@@ -32,7 +33,7 @@ func TestUpstreamWorkloadStoppedEventLeavesState(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "ended job removed from state", func() bool { return f.stores[0].Len() == 0 })
+	testkit.Eventually(t, "ended job removed from state", func() bool { return f.stores[0].Len() == 0 })
 }
 
 // TestAgentStartedEventCarriesRegisterType: upstream decoders require register_type in

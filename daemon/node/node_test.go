@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -170,7 +171,7 @@ func TestCapacityAndLoadInBids(t *testing.T) {
 	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
 		t.Fatalf("a full nexlet bid: %+v", got)
 	}
-	eventually(t, "heartbeat reports the workload", func() bool { return f.nodes[0].Agents()[0].Summary.WorkloadCount == 1 })
+	testkit.Eventually(t, "heartbeat reports the workload", func() bool { return f.nodes[0].Agents()[0].Summary.WorkloadCount == 1 })
 	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
 		t.Fatalf("a full nexlet bid after heartbeat: %+v", got)
 	}
@@ -218,7 +219,7 @@ func TestLameduck(t *testing.T) {
 	if f.nodes[0].State() != protocol.NodeLameduck {
 		t.Errorf("state = %s", f.nodes[0].State())
 	}
-	eventually(t, "nexlet told to enter lameduck", func() bool {
+	testkit.Eventually(t, "nexlet told to enter lameduck", func() bool {
 		agents[0].mu.Lock()
 		defer agents[0].mu.Unlock()
 		return agents[0].lameducks == 1
@@ -516,20 +517,20 @@ func TestHealthTransitions(t *testing.T) {
 	a.mu.Lock()
 	a.hbState = "lameduck"
 	a.mu.Unlock()
-	eventually(t, "shutting down", func() bool { return health() == protocol.HealthShuttingDown })
+	testkit.Eventually(t, "shutting down", func() bool { return health() == protocol.HealthShuttingDown })
 	a.mu.Lock()
 	a.hbState = "starting"
 	a.mu.Unlock()
-	eventually(t, "degraded by state", func() bool { return health() == protocol.HealthDegraded })
+	testkit.Eventually(t, "degraded by state", func() bool { return health() == protocol.HealthDegraded })
 	a.mu.Lock()
 	a.hbState = "running"
 	a.mu.Unlock()
-	eventually(t, "healthy again", func() bool { return health() == protocol.HealthHealthy })
+	testkit.Eventually(t, "healthy again", func() bool { return health() == protocol.HealthHealthy })
 
 	// Silence: degraded, offline, removed.
 	a.stopHeartbeats()
 	seen := map[string]bool{}
-	eventually(t, "removal", func() bool {
+	testkit.Eventually(t, "removal", func() bool {
 		h := health()
 		seen[h] = true
 		return h == "removed"
@@ -703,7 +704,7 @@ func TestEndedWorkloadLeavesState(t *testing.T) {
 	// Another node's store is not touched by our events.
 	_ = f.stores[1].Put(context.Background(), "native", ids[0], startReq("tenant", "foreign", `{}`))
 	a.finish(ids[0])
-	eventually(t, "finished job removed from state", func() bool { return f.stores[0].Len() == 1 })
+	testkit.Eventually(t, "finished job removed from state", func() bool { return f.stores[0].Len() == 1 })
 	if f.stores[1].Len() != 1 {
 		t.Error("another node dropped state for a workload it does not run")
 	}
@@ -726,7 +727,7 @@ func TestJobEndingBeforeDeployReplyLeavesNoState(t *testing.T) {
 			t.Fatalf("deploy %q", m.Data)
 		}
 	}
-	eventually(t, "quick jobs gone from state", func() bool { return f.stores[0].Len() == 0 })
+	testkit.Eventually(t, "quick jobs gone from state", func() bool { return f.stores[0].Len() == 0 })
 	time.Sleep(200 * time.Millisecond)
 	if n := f.stores[0].Len(); n != 0 {
 		t.Fatalf("%d ended jobs left in state", n)

@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -78,7 +79,7 @@ func TestRenewCredsOnlyForOwnedWorkloads(t *testing.T) {
 
 	// Once the workload ended, the node renews nothing for it.
 	a.emitStopped(wid, "tenant")
-	eventually(t, "renewal refused after the workload ended", func() bool {
+	testkit.Eventually(t, "renewal refused after the workload ended", func() bool {
 		_, code := f.renew(n, "agent0", wid, ns)
 		return code == "404"
 	})

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -129,7 +130,7 @@ func TestHeartbeatAndNodeEvents(t *testing.T) {
 	f := newFixtureOn(t, srv, 1, func(_ int, o *Options) { o.Emitter = NATSEmitter{NC: o.NC} })
 	n := f.nodes[0]
 	f.healthyAgent(n, "agent0", "go_exec", "native", nil)
-	eventually(t, "a heartbeat listing the nexlet", func() bool {
+	testkit.Eventually(t, "a heartbeat listing the nexlet", func() bool {
 		m, err := beats.NextMsg(5 * time.Second)
 		if err != nil {
 			return false

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // recorder keeps log records for assertions.
@@ -145,17 +146,6 @@ func v2Nexlets(t *testing.T) *cgroup.Manager {
 	return m.Sub("nexlets")
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func status(s *Supervisor, name string) Status {
 	for _, st := range s.Statuses() {
 		if st.Name == name {
@@ -168,7 +158,7 @@ func status(s *Supervisor, name string) Status {
 func waitState(t *testing.T, s *Supervisor, name string, want State) Status {
 	t.Helper()
 	var st Status
-	waitFor(t, fmt.Sprintf("nexlet %s %s", name, want), func() bool { st = status(s, name); return st.State == want })
+	testkit.Eventually(t, fmt.Sprintf("nexlet %s %s", name, want), func() bool { st = status(s, name); return st.State == want })
 	return st
 }
 
@@ -196,7 +186,7 @@ func alive(pid int) bool {
 
 func readPid(t *testing.T, path string) int {
 	t.Helper()
-	waitFor(t, path, func() bool { _, err := os.Stat(path); return err == nil })
+	testkit.Eventually(t, path, func() bool { _, err := os.Stat(path); return err == nil })
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
@@ -278,7 +268,7 @@ func TestCrashLoopBackoffFailedReset(t *testing.T) {
 	if st.Restarts != 0 || st.PID == 0 {
 		t.Fatalf("after reset %+v", st)
 	}
-	waitFor(t, "healthy output", func() bool {
+	testkit.Eventually(t, "healthy output", func() bool {
 		return len(r.find(func(x rec) bool { return x.msg == "healthy" && x.level == slog.LevelInfo })) == 1
 	})
 	if err := s.Reset("nope"); err == nil {
@@ -305,7 +295,7 @@ func TestRestartLimitZeroStartsOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitState(t, s, "once", StateFailed)
-	waitFor(t, "two more starts", func() bool { return countLines(starts) == 3 })
+	testkit.Eventually(t, "two more starts", func() bool { return countLines(starts) == 3 })
 }
 
 func TestOrphansKilledAndCgroupRemoved(t *testing.T) {
@@ -329,7 +319,7 @@ func TestOrphansKilledAndCgroupRemoved(t *testing.T) {
 			if st.LastExit != "exit status 0" {
 				t.Fatalf("status %+v", st)
 			}
-			waitFor(t, "the orphan to die", func() bool { return !alive(orphan) })
+			testkit.Eventually(t, "the orphan to die", func() bool { return !alive(orphan) })
 			if _, err := os.Stat(filepath.Join(cg.Path(), "forker")); mode != "none" && !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("cgroup left: %v", err)
 			}
@@ -442,7 +432,7 @@ func TestNoFDLeakOver100Restarts(t *testing.T) {
 	if err := s.Start(context.Background(), fakeSpec("quick", "exit0")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "100 restarts", func() bool { return status(s, "quick").Restarts >= 100 })
+	testkit.Eventually(t, "100 restarts", func() bool { return status(s, "quick").Restarts >= 100 })
 	stopAll(t, s)
 	stopped = true
 	if after := fdCount(t); after != before {
@@ -469,7 +459,7 @@ func TestChildHygiene(t *testing.T) {
 		t.Fatal(err)
 	}
 	readEnv := func() string {
-		waitFor(t, "env dump", func() bool { _, err := os.Stat(envFile); return err == nil })
+		testkit.Eventually(t, "env dump", func() bool { _, err := os.Stat(envFile); return err == nil })
 		b, _ := os.ReadFile(envFile)
 		return string(b)
 	}

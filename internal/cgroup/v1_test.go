@@ -11,7 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // v1Root gives a manager on a unique group in the real v1 hierarchies of this machine,
@@ -46,17 +47,6 @@ func (m *Manager) hierDir(ctrl string) string {
 		}
 	}
 	return ""
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 func TestV1CreateLimits(t *testing.T) {
@@ -95,7 +85,7 @@ func TestV1StartProcsKill(t *testing.T) {
 	must(t, g.Start(cmd))
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
-	waitFor(t, "the grandchild", func() bool { _, err := os.Stat(pidFile); return err == nil })
+	testkit.Eventually(t, "the grandchild", func() bool { _, err := os.Stat(pidFile); return err == nil })
 	bg, err := strconv.Atoi(readTrim(t, pidFile))
 	must(t, err)
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", cmd.Process.Pid))
@@ -108,7 +98,7 @@ func TestV1StartProcsKill(t *testing.T) {
 		}
 	}
 	var pids []int
-	waitFor(t, "procs = child and grandchild", func() bool { // mv may still be exiting
+	testkit.Eventually(t, "procs = child and grandchild", func() bool { // mv may still be exiting
 		pids, err = g.Procs()
 		must(t, err)
 		return slices.Equal(pids, sorted(cmd.Process.Pid, bg))
@@ -224,9 +214,9 @@ func TestNoneMode(t *testing.T) {
 	if !cmd.SysProcAttr.Setpgid || cmd.SysProcAttr.Pdeathsig == 0 {
 		t.Fatalf("attrs %+v", cmd.SysProcAttr)
 	}
-	waitFor(t, "the grandchild", func() bool { _, err := os.Stat(pidFile); return err == nil })
+	testkit.Eventually(t, "the grandchild", func() bool { _, err := os.Stat(pidFile); return err == nil })
 	bg, _ := strconv.Atoi(readTrim(t, pidFile))
-	waitFor(t, "procs = child and grandchild", func() bool {
+	testkit.Eventually(t, "procs = child and grandchild", func() bool {
 		pids, err := g.Procs()
 		must(t, err)
 		return slices.Equal(pids, sorted(cmd.Process.Pid, bg))

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -209,7 +210,7 @@ func TestWorkloadRunInputs(t *testing.T) {
 
 	dir := t.TempDir()
 	file := dir + "/web.yaml"
-	writeFile(t, file, "name: from-file\ntype: native\nlifecycle: job\ndescription: d\ntags: {a: b}\nstart_request:\n  uri: file:///bin/true\n  argv: [x]\n")
+	testkit.WriteFile(t, file, "name: from-file\ntype: native\nlifecycle: job\ndescription: d\ntags: {a: b}\nstart_request:\n  uri: file:///bin/true\n  argv: [x]\n")
 	// Flags override the file.
 	_, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "run", "-f", file, "--name", "flagname", "--lifecycle", "service")...)
 	if code != 0 {

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"encoding/json"
-	"os"
 	"strings"
 	"testing"
 
@@ -168,12 +167,5 @@ func TestShortFormStart(t *testing.T) {
 	}
 	if _, err := shortFormStart([]string{"/no/such/binary"}); err == nil {
 		t.Fatal("accepted a missing binary")
-	}
-}
-
-func writeFile(t *testing.T, path, data string) {
-	t.Helper()
-	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
-		t.Fatal(err)
 	}
 }

@@ -8,10 +8,15 @@ import (
 // DefaultWait bounds Eventually. It is generous because a loaded 2-core CI machine
 // running eight test binaries at once is slow; a passing condition returns as soon as
 // it holds, so only a failing test pays for the bound.
-const DefaultWait = 30 * time.Second
+const DefaultWait = time.Minute
 
-// poll is how often a condition is re-evaluated.
-const poll = 20 * time.Millisecond
+// A condition is re-evaluated after a pause that grows from minPoll to maxPoll: a
+// cheap in-process condition is seen almost at once, and one that runs a process
+// (nexctl status) does not keep a loaded machine busy for a long wait.
+const (
+	minPoll = 5 * time.Millisecond
+	maxPoll = 100 * time.Millisecond
+)
 
 // Eventually polls cond until it returns true, failing t after DefaultWait. what names
 // the awaited condition in the failure message.
@@ -33,6 +38,7 @@ func EventuallyWithin(t testing.TB, d time.Duration, what string, cond func() bo
 // the condition not to become true.
 func WaitFor(d time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(d)
+	pause := minPoll
 	for {
 		if cond() {
 			return true
@@ -40,6 +46,7 @@ func WaitFor(d time.Duration, cond func() bool) bool {
 		if time.Now().After(deadline) {
 			return false
 		}
-		time.Sleep(poll)
+		time.Sleep(pause)
+		pause = min(pause*3/2, maxPoll)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -118,8 +119,8 @@ func TestCgroupReplayAdopts(t *testing.T) {
 	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"cglive": live, "cgdead": dead}
 	fn.mu.Unlock()
 	fn.startNexlet(Config{RuntimeDir: runtime, Cgroup: spec})
-	eventually(t, "dead one started", func() bool { return len(procsOf("cgdead")) == 1 })
-	eventually(t, "live one adopted", func() bool {
+	testkit.Eventually(t, "dead one started", func() bool { return len(procsOf("cgdead")) == 1 })
+	testkit.Eventually(t, "live one adopted", func() bool {
 		s, ok := fn.summary("cglive")
 		return ok && s.WorkloadState == protocol.WorkloadRunning && s.Metadata["pid"] == strconv.Itoa(p[0])
 	})

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -154,7 +155,7 @@ func TestRenewRewritesCredsFileWhileRunning(t *testing.T) {
 		t.Errorf("creds file does not hold the workload's JWT")
 	}
 	// Renewed before expiry, again and again, each time into the file.
-	eventually(t, "two renewals written to the creds file", func() bool {
+	testkit.Eventually(t, "two renewals written to the creds file", func() bool {
 		rn.mu.Lock()
 		issued := slices.Clone(rn.issued)
 		rn.mu.Unlock()
@@ -192,7 +193,7 @@ func TestRenewedCredsReachARestartedProcess(t *testing.T) {
 	uri := script(t, `echo "jwt=$NEX_WORKLOAD_NATS_B64_JWT"; sleep 1; exit 3`)
 	fn.mustStart("rr1", startReq(protocol.LifecycleService, "rr", map[string]any{"uri": uri,
 		"restart": map[string]any{"policy": "always", "max": 100, "backoff": "100ms"}}, first))
-	eventually(t, "a run with renewed credentials", func() bool {
+	testkit.Eventually(t, "a run with renewed credentials", func() bool {
 		rn.mu.Lock()
 		issued := slices.Clone(rn.issued)
 		rn.mu.Unlock()

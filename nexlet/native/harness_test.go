@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/nexlet/secrets"
@@ -250,22 +251,10 @@ func (fn *fakeNode) summary(id string) (protocol.WorkloadSummary, bool) {
 	return protocol.WorkloadSummary{}, false
 }
 
-// eventually polls cond until it holds or the generous timeout passes.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitLong)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func (fn *fakeNode) stoppedEvent(id string) *protocol.WorkloadStoppedEvent {
 	fn.t.Helper()
 	var ev *protocol.WorkloadStoppedEvent
-	eventually(fn.t, "WORKLOADSTOPPED of "+id, func() bool {
+	testkit.Eventually(fn.t, "WORKLOADSTOPPED of "+id, func() bool {
 		fn.mu.Lock()
 		defer fn.mu.Unlock()
 		for _, m := range fn.events {
@@ -310,7 +299,7 @@ func (fn *fakeNode) logLines(id, stream string) []string {
 
 func (fn *fakeNode) waitLog(id, stream, want string) {
 	fn.t.Helper()
-	eventually(fn.t, fmt.Sprintf("%s line %q of %s", stream, want, id), func() bool {
+	testkit.Eventually(fn.t, fmt.Sprintf("%s line %q of %s", stream, want, id), func() bool {
 		for _, l := range fn.logLines(id, stream) {
 			if l == want {
 				return true

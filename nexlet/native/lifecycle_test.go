@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -42,7 +43,7 @@ func TestLameduckKeepsRunningThenStops(t *testing.T) {
 	if ev.Error != nil {
 		t.Errorf("graceful lameduck stop reported an error: %+v", ev.Error)
 	}
-	eventually(t, "lameduck stop", func() bool { return len(procsOf("ld1")) == 0 })
+	testkit.Eventually(t, "lameduck stop", func() bool { return len(procsOf("ld1")) == 0 })
 }
 
 func TestMainRegistersAndStopsWorkloadsOnExit(t *testing.T) {
@@ -57,7 +58,7 @@ func TestMainRegistersAndStopsWorkloadsOnExit(t *testing.T) {
 	done := make(chan error, 1)
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	go func() { done <- Main(ctx, func(k string) string { return env[k] }, log) }()
-	eventually(t, "registration", func() bool {
+	testkit.Eventually(t, "registration", func() bool {
 		_, err := fn.request(protocol.PingAgentSubject(testNode, testAgent), nil, 200*time.Millisecond)
 		return err == nil
 	})

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 	"github.com/nexd-project/nexd/protocol"
@@ -374,7 +375,7 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 		t.Fatal(err)
 	}
 	fn.startNexlet(Config{RuntimeDir: runtime})
-	eventually(t, "dead leftover dir removed", func() bool {
+	testkit.Eventually(t, "dead leftover dir removed", func() bool {
 		_, err := os.Stat(filepath.Join(runtime, "workloads", "gone"))
 		return os.IsNotExist(err)
 	})
@@ -382,14 +383,14 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 		t.Errorf("a workload the node did not replay was killed")
 	}
 	_ = syscall.Kill(-orphan[0], syscall.SIGKILL)
-	eventually(t, "both workloads running", func() bool {
+	testkit.Eventually(t, "both workloads running", func() bool {
 		ws := fn.query(testNS)
 		return len(ws) == 2 && ws[0].WorkloadState == protocol.WorkloadRunning && ws[1].WorkloadState == protocol.WorkloadRunning
 	})
 	if p := procsOf("live"); !slices.Equal(p, []int{livePid}) {
 		t.Errorf("live workload processes = %v, want only the adopted %d", p, livePid)
 	}
-	eventually(t, "dead workload started", func() bool { return len(procsOf("dead")) == 1 })
+	testkit.Eventually(t, "dead workload started", func() bool { return len(procsOf("dead")) == 1 })
 	if n := fn.countEvents(protocol.EventWorkloadStarted, "live"); n != 1 {
 		t.Errorf("live workload started %d times", n)
 	}
@@ -397,7 +398,7 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 	if err := syscall.Kill(livePid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "adopted workload restarted", func() bool {
+	testkit.Eventually(t, "adopted workload restarted", func() bool {
 		p := procsOf("live")
 		return len(p) == 1 && p[0] != livePid
 	})

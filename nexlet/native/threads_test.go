@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -45,7 +46,7 @@ func TestNativeThreadsStayFewWithManyWorkloads(t *testing.T) {
 		id := fmt.Sprintf("th%03d", i)
 		fn.mustStart(id, startReq(protocol.LifecycleService, id, map[string]any{"uri": uri, "stop_grace": "5s"}, fn.creds()))
 	}
-	eventually(t, "every workload running", func() bool {
+	testkit.Eventually(t, "every workload running", func() bool {
 		running := 0
 		for _, s := range fn.query(protocol.SystemNamespace) {
 			if s.WorkloadState == protocol.WorkloadRunning && s.Metadata["pid"] != "" {
