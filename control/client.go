@@ -109,6 +109,12 @@ func readAPIError(resp *http.Response) error {
 	return &APIError{Status: resp.StatusCode, Message: msg}
 }
 
+// NATSAccess asks the node how a local admin reaches its NATS system.
+func (c *Client) NATSAccess(ctx context.Context) (NATSAccess, error) {
+	var a NATSAccess
+	return a, c.call(ctx, "GET", "/v1/nats", nil, &a)
+}
+
 // Status returns the node's status.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	var s Status

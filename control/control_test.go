@@ -473,3 +473,7 @@ func TestParseGroupsLine(t *testing.T) {
 		}
 	}
 }
+
+func (b *testBackend) NATSAccess(context.Context) (NATSAccess, error) {
+	return NATSAccess{}, ErrNotFound
+}

@@ -162,6 +162,7 @@ func (s *Server) routes() {
 		{"PUT", "/v1/secrets/{ns}/{key}", false, s.handleSecretPut},
 		{"DELETE", "/v1/secrets/{ns}/{key}", false, s.handleSecretDelete},
 		{"GET", "/v1/metrics", false, s.handleMetrics},
+		{"GET", "/v1/nats", false, s.handleNATSAccess},
 	}
 	s.mux = http.NewServeMux()
 	s.known = http.NewServeMux()
@@ -435,6 +436,15 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+}
+
+func (s *Server) handleNATSAccess(w http.ResponseWriter, r *http.Request) {
+	acc, err := s.opts.Backend.NATSAccess(r.Context())
+	if err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, acc)
 }
 
 func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {

@@ -39,6 +39,9 @@ type Backend interface {
 	Secrets() SecretStore
 	// Metrics may return nil when metrics are disabled.
 	Metrics() http.Handler
+	// NATSAccess tells a local admin how to reach the node's NATS system, so nexctl on
+	// the node's host needs no configuration of its own.
+	NATSAccess(ctx context.Context) (NATSAccess, error)
 }
 
 // SecretStore holds workload secrets by namespace. Values never leave the node through
@@ -155,6 +158,16 @@ type Workload struct {
 	StartTime   time.Time `json:"start_time"`
 	MemoryBytes uint64    `json:"memory_bytes"`
 	CPU         Duration  `json:"cpu"`
+}
+
+// NATSAccess is the answer of GET /v1/nats (admins only): the node's NATS client URLs
+// and, where the node can mint one, a short-lived credential for its NATS system.
+type NATSAccess struct {
+	Servers  []string `json:"servers"`
+	Embedded bool     `json:"embedded"`
+	// Creds is a .creds text (user JWT and seed), empty when the node hands out none.
+	Creds   string     `json:"creds,omitempty"`
+	Expires *time.Time `json:"expires,omitempty"`
 }
 
 // ReloadResult is the outcome of a reload; OK is false when the new config was rejected

@@ -233,3 +233,12 @@ func (d *daemon) workloadStats(id string) (cgroup.Stats, bool) {
 	}
 	return d.nexlets.WorkloadStats(id)
 }
+
+// NATSAccess gives local admins the node's client URLs (an embedded server's real
+// address included) so nexctl on this host needs no NATS configuration.
+func (b backend) NATSAccess(context.Context) (control.NATSAccess, error) {
+	if b.d.conn == nil {
+		return control.NATSAccess{}, fmt.Errorf("NATS is not connected yet: %w", control.ErrConflict)
+	}
+	return control.NATSAccess{Servers: b.d.conn.ClientURLs(), Embedded: b.d.conn.InProcess() != nil}, nil
+}

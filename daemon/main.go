@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/nexd-project/nexd/daemon/config"
+	"github.com/nexd-project/nexd/daemon/natsembed"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/nexlet/native"
 )
@@ -40,7 +41,9 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, config.Usage())
 		return ExitOK
 	}
-	loaded, err := config.Load(config.DefaultLoadOptions(args))
+	lo := config.DefaultLoadOptions(args)
+	lo.CheckInats = natsembed.CheckServerConfig
+	loaded, err := config.Load(lo)
 	if loaded != nil {
 		// Flags may come before "node up"; anything else positional is a mistake, most
 		// often a nexctl command typed to nexd, and must not start a node.

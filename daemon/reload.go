@@ -8,6 +8,7 @@ import (
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
+	"github.com/nexd-project/nexd/daemon/natsembed"
 )
 
 // reload re-reads every config layer with the original command line, validates it
@@ -34,7 +35,9 @@ func (d *daemon) reload(ctx context.Context) control.ReloadResult {
 }
 
 func (d *daemon) applyReload() control.ReloadResult {
-	loaded, err := config.Load(config.DefaultLoadOptions(d.args))
+	lo := config.DefaultLoadOptions(d.args)
+	lo.CheckInats = natsembed.CheckServerConfig
+	loaded, err := config.Load(lo)
 	if err != nil {
 		var errs config.Errors
 		if errors.As(err, &errs) {

@@ -59,6 +59,10 @@ type LoadOptions struct {
 	LocalFile  string   // normally ./config.json
 	// Hostname is node_name's default; "" means os.Hostname().
 	Hostname string
+	// CheckInats parses an inats_config file with nats-server's parser. nexd sets it
+	// (natsconn.CheckServerConfig); nil skips that check, so that nexctl, which reads the
+	// same files, does not link the server.
+	CheckInats func(path string) error
 }
 
 // DefaultLoadOptions are the real inputs: the process environment and the three
@@ -196,7 +200,7 @@ func Load(opts LoadOptions) (*Loaded, error) {
 		origins["logger.file"], paths["logger.file"] = "default", "logger.file"
 	}
 	out.Config, out.Origins, out.paths, out.Files = cfg, origins, paths, ld.files
-	v := &validator{r: ld.r, cfg: cfg, origins: origins, paths: paths}
+	v := &validator{r: ld.r, cfg: cfg, origins: origins, paths: paths, checkInats: opts.CheckInats}
 	v.validate()
 	ld.errs = append(ld.errs, v.errs...)
 	out.Warnings = append(ld.warnings, v.warnings...)

@@ -44,9 +44,14 @@ func testKey(t testing.TB, p nkeys.PrefixByte, fill byte) (string, string) {
 	return string(seed), pub
 }
 
+func checkInats(path string) error {
+	_, err := server.ProcessConfigFile(path)
+	return err
+}
+
 // hermetic returns options that read nothing from the machine.
 func hermetic(args ...string) LoadOptions {
-	return LoadOptions{Args: args, Env: []string{}, Hostname: "test-host"}
+	return LoadOptions{Args: args, Env: []string{}, Hostname: "test-host", CheckInats: checkInats}
 }
 
 func mustLoad(t *testing.T, o LoadOptions) *Loaded {
@@ -600,6 +605,7 @@ func goldenInputs(t *testing.T) (LoadOptions, string) {
 		SystemFile: testkit.WriteFile(t, filepath.Join(dir, "system.json"), sys),
 		UserFile:   testkit.WriteFile(t, filepath.Join(dir, "user.json"), fmt.Sprintf(`{"nats": {"nkey": %q}, "show_workload_logs": true}`, userPub)),
 		Hostname:   "golden-host",
+		CheckInats: checkInats,
 	}
 	return o, dir
 }

@@ -259,3 +259,10 @@ func (l *serverLogger) fatal() string {
 	defer l.mu.Unlock()
 	return l.lastFatal
 }
+
+// CheckServerConfig parses a nats-server config file as --inats-config would; it is
+// config.LoadOptions.CheckInats for nexd.
+func CheckServerConfig(path string) error {
+	_, err := server.ProcessConfigFile(path)
+	return err
+}

@@ -30,10 +30,12 @@ const (
 
 // IO is what a nexctl run reads and writes; tests supply buffers.
 type IO struct {
-	Stdin   io.Reader
-	Stdout  io.Writer
-	Stderr  io.Writer
-	Env     func(string) string
+	Stdin  io.Reader
+	Stdout io.Writer
+	Stderr io.Writer
+	Env    func(string) string
+	// Environ is the whole environment ("K=V"), for NEX_* settings; nil means none.
+	Environ []string
 	Version string
 }
 
@@ -56,12 +58,49 @@ func (e exitError) Unwrap() error { return e.err }
 
 // app holds the global flags and streams of one run.
 type app struct {
-	io        IO
-	socket    string
-	json      bool
-	namespace string
-	nats      natsFlags
-	stall     time.Duration
+	io         IO
+	socket     string
+	json       bool
+	namespace  string
+	nats       natsFlags
+	stall      time.Duration
+	configFile string
+	check      bool
+	pflags     *pflag.FlagSet
+	res        *resolution // resolved once, on first use
+}
+
+// errCheckDone ends a run after --check printed the resolution.
+var errCheckDone = errors.New("check done")
+
+// resolved merges flags, environment and config files once per run and fills in the
+// namespace and control socket they select.
+func (a *app) resolved() *resolution {
+	if a.res == nil {
+		a.res = resolve(resolveInputs{flags: a.pflags, nats: &a.nats, env: a.io.Env, environ: a.io.Environ,
+			load: defaultLoadOptions(a.configFile, a.io.Environ, a.io.Env), selected: func() string { return selectedContext(a.io.Env) }})
+		a.namespace, a.socket = a.res.Namespace, a.res.ControlSocket
+	}
+	return a.res
+}
+
+// runCheck prints what nexctl resolved and where from (--check).
+func (a *app) runCheck(cmd *cobra.Command) error {
+	r := a.resolved()
+	if err := r.useLocalNode(cmd.Context()); err != nil && r.Err == nil {
+		r.Err = err
+	}
+	if a.json {
+		if err := a.printJSON(r.checkJSON()); err != nil {
+			return err
+		}
+	} else {
+		r.render(a.out())
+	}
+	if r.Err != nil {
+		return exitError{ExitUsage, r.Err}
+	}
+	return errCheckDone
 }
 
 // Main runs nexctl with args (without the program name) and returns the exit code.
@@ -81,6 +120,8 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	var ue usageError
 	var ee exitError
 	switch {
+	case errors.Is(err, errCheckDone):
+		return ExitOK
 	case errors.As(err, &ee):
 		if ee.err != nil && ee.err.Error() != "" {
 			fmt.Fprintf(stdio.Stderr, "nexctl: %v\n", ee.err)
@@ -136,15 +177,22 @@ Exit codes: 0 success, 1 failure, 2 usage error.`,
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 
 	pf := root.PersistentFlags()
-	pf.StringVar(&a.socket, "control-socket", control.DefaultSocketPath(stdio.Env), "nexd control socket (env NEX_CONTROL_SOCKET)")
+	pf.StringVar(&a.socket, "control-socket", control.DefaultSocketPath(stdio.Env), "nexd control socket (env NEX_CONTROL_SOCKET, or control_socket in the config)")
 	pf.BoolVar(&a.json, "json", false, "print JSON instead of tables")
-	ns := stdio.Env("NEX_NAMESPACE")
-	if ns == "" {
-		ns = protocol.SystemNamespace
-	}
-	pf.StringVar(&a.namespace, "namespace", ns, "namespace for fleet commands (env NEX_NAMESPACE)")
+	pf.StringVar(&a.namespace, "namespace", protocol.SystemNamespace, "namespace for fleet commands (env NEX_NAMESPACE, or namespace in the config)")
 	pf.DurationVar(&a.stall, "gather-stall", defaultStop, "scatter-gather ends this long after the last reply")
-	a.nats.register(pf, stdio.Env)
+	pf.StringVar(&a.configFile, "config", "", "config file read after nexd's (/etc/nex/config.json, ~/.config/nex/config.json, ./config.json)")
+	pf.BoolVar(&a.check, "check", false, "print the resolved settings and where each came from, then exit")
+	a.nats.register(pf)
+	a.pflags = pf
+	root.RunE = groupRun
+	root.Args = cobra.ArbitraryArgs
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
+		if a.check {
+			return a.runCheck(cmd)
+		}
+		return nil
+	}
 
 	root.AddGroup(&cobra.Group{ID: "local", Title: "Local node (control socket):"},
 		&cobra.Group{ID: "fleet", Title: "Fleet (NATS):"})

@@ -234,3 +234,7 @@ func TestGenDocs(t *testing.T) {
 		}
 	}
 }
+
+func (b *localBackend) NATSAccess(context.Context) (control.NATSAccess, error) {
+	return control.NATSAccess{}, control.ErrNotFound
+}

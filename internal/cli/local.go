@@ -16,7 +16,10 @@ import (
 	"github.com/nexd-project/nexd/control"
 )
 
-func (a *app) client() *control.Client { return control.NewClient(a.socket) }
+func (a *app) client() *control.Client {
+	a.resolved()
+	return control.NewClient(a.socket)
+}
 
 // localCommands are the commands served by the local nexd over its control socket.
 func (a *app) localCommands() []*cobra.Command {

@@ -11,11 +11,12 @@ import (
 	"github.com/nexd-project/nexd/daemon/natsconn"
 )
 
-// defaultNATSURL is used when neither a context nor servers are given: nexctl never
-// starts an embedded server, it talks to the local one.
+// defaultNATSURL is used when nothing names a NATS system and no local node answers:
+// nexctl never starts an embedded server.
 const defaultNATSURL = "nats://127.0.0.1:4222"
 
 // natsFlags are the --nats.* connection flags, shared in name and meaning with nexd.
+// Only flags given on the command line count; the rest comes from resolve.
 type natsFlags struct {
 	Context   string
 	Servers   []string
@@ -34,10 +35,10 @@ type natsFlags struct {
 	Timeout   time.Duration
 }
 
-func (n *natsFlags) register(fs *pflag.FlagSet, env func(string) string) {
-	fs.StringVar(&n.Context, "nats.context", env("NATS_CONTEXT"), "NATS CLI context to connect with; wins over the other --nats flags")
-	fs.StringSliceVarP(&n.Servers, "nats.servers", "s", nil, "NATS server URLs (default "+defaultNATSURL+")")
-	fs.StringVar(&n.CredsFile, "nats.creds-file", "", "NATS credentials file")
+func (n *natsFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&n.Context, "nats.context", "", "NATS CLI context to connect with (env NATS_CONTEXT; default: the selected one)")
+	fs.StringSliceVarP(&n.Servers, "nats.servers", "s", nil, "NATS server URLs (env NATS_URL; default: the local node's, else "+defaultNATSURL+")")
+	fs.StringVar(&n.CredsFile, "nats.creds-file", "", "NATS credentials file (env NATS_CREDS)")
 	fs.StringVar(&n.Nkey, "nats.nkey", "", "public user nkey (with --nats.seed)")
 	fs.StringVar(&n.Seed, "nats.seed", "", "user seed for --nats.nkey or --nats.jwt")
 	fs.StringVar(&n.JWT, "nats.jwt", "", "user JWT (with --nats.seed)")
@@ -52,20 +53,39 @@ func (n *natsFlags) register(fs *pflag.FlagSet, env func(string) string) {
 	fs.DurationVar(&n.Timeout, "nats.timeout", 5*time.Second, "connect timeout, and how long to wait for a first reply")
 }
 
-// connect opens the NATS connection through the node's own connection package, so
-// contexts, creds, nkeys and TLS behave as in nexd. nexctl never starts an embedded
-// server: without a context or servers it dials 127.0.0.1:4222. An unreachable server
-// is retried until --nats.timeout has passed.
-func (n *natsFlags) connect(ctx context.Context) (*natsconn.Conn, error) {
-	o := natsconn.Options{
-		Context: n.Context, Servers: n.Servers, CredsFile: n.CredsFile, Nkey: n.Nkey, Seed: n.Seed,
-		JWT: n.JWT, User: n.User, Password: n.Password, TLSCert: n.TLSCert, TLSKey: n.TLSKey,
-		TLSCA: n.TLSCA, TLSFirst: n.TLSFirst, ConnName: n.ConnName, JSDomain: n.JSDomain, Timeout: n.Timeout,
+// applyChanged puts the flags given on the command line over o.
+func (n *natsFlags) applyChanged(fs *pflag.FlagSet, o *natsconn.Options, origins map[string]string) {
+	set := func(flag, key string, apply func()) {
+		if f := fs.Lookup(flag); f != nil && f.Changed {
+			apply()
+			origins[key] = "flag --" + flag
+		}
 	}
+	set("nats.context", "nats.context", func() { o.Context = n.Context })
+	set("nats.servers", "nats.servers", func() { o.Servers = n.Servers })
+	set("nats.creds-file", "nats.creds_file", func() { o.CredsFile = n.CredsFile })
+	set("nats.nkey", "nats.nkey", func() { o.Nkey = n.Nkey })
+	set("nats.seed", "nats.seed", func() { o.Seed = n.Seed })
+	set("nats.jwt", "nats.jwt", func() { o.JWT = n.JWT })
+	set("nats.user", "nats.user", func() { o.User = n.User })
+	set("nats.password", "nats.password", func() { o.Password = n.Password })
+	set("nats.tlscert", "nats.tlscert", func() { o.TLSCert = n.TLSCert })
+	set("nats.tlskey", "nats.tlskey", func() { o.TLSKey = n.TLSKey })
+	set("nats.tlsca", "nats.tlsca", func() { o.TLSCA = n.TLSCA })
+	set("nats.tlsfirst", "nats.tlsfirst", func() { o.TLSFirst = n.TLSFirst })
+	set("nats.conn-name", "nats.conn_name", func() { o.ConnName = n.ConnName })
+	set("nats.jsdomain", "nats.jsdomain", func() { o.JSDomain = n.JSDomain })
+	set("nats.timeout", "nats.timeout", func() { o.Timeout = n.Timeout })
+}
+
+// connect opens the NATS connection through the node's own connection package, so
+// contexts, creds, nkeys and TLS behave as in nexd. An unreachable server is retried
+// until the timeout has passed.
+func connectNATS(ctx context.Context, o natsconn.Options) (*natsconn.Conn, error) {
 	if o.Context == "" && len(o.Servers) == 0 {
 		o.Servers = []string{defaultNATSURL}
 	}
-	cctx, cancel := context.WithTimeout(ctx, n.Timeout)
+	cctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
 	c, err := natsconn.Connect(cctx, o, slog.New(slog.DiscardHandler))
 	if err != nil {

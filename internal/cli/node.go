@@ -20,14 +20,21 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	if a.stall <= 0 {
 		return nil, nil, usagef("--gather-stall must be positive")
 	}
-	if a.nats.Timeout <= 0 {
+	r := a.resolved()
+	if r.NATS.Timeout <= 0 {
 		return nil, nil, usagef("--nats.timeout must be positive")
 	}
-	c, err := a.nats.connect(ctx)
+	if r.Err != nil {
+		return nil, nil, r.Err
+	}
+	if err := r.useLocalNode(ctx); err != nil {
+		return nil, nil, err
+	}
+	c, err := connectNATS(ctx, r.NATS)
 	if err != nil {
 		return nil, nil, err
 	}
-	f := &fleet{nc: c.NC, ns: a.namespace, first: a.nats.Timeout, stall: a.stall, deployTimeout: time.Minute, jsDomain: c.JSDomain()}
+	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: time.Minute, jsDomain: c.JSDomain()}
 	return f, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
