@@ -114,7 +114,7 @@ func (d *daemon) getPhase() string {
 func (d *daemon) logOptions(cfg *config.Config, nodeID string) logging.Options {
 	return logging.Options{
 		Level:     cfg.Logger.Level,
-		Targets:   cfg.LogTargets(d.env, os.Stderr),
+		Targets:   cfg.LogTargets(),
 		Format:    cfg.Logger.Format,
 		WithPID:   cfg.Logger.WithPID,
 		File:      d.logFile(cfg),
@@ -212,7 +212,7 @@ func (d *daemon) start(ctx context.Context) error {
 		return fmt.Errorf("nats: %w", err)
 	}
 	d.conn = conn
-	if hasTarget(cfg.LogTargets(d.env, os.Stderr), "nats") {
+	if hasTarget(cfg.LogTargets(), "nats") {
 		d.logger.AttachNATS(conn.NC, id.ID())
 	}
 

@@ -6,12 +6,8 @@ package config
 
 import (
 	"log/slog"
-	"os"
-	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Config is the resolved configuration of one nexd node. The JSON key of every
@@ -99,7 +95,7 @@ func (n NATSConfig) Configured() bool {
 // LoggerConfig is the node's logging.
 type LoggerConfig struct {
 	Level   string   // logger.level: debug|info|warn|error
-	Target  []string // logger.target: std|file|journal|nats; empty = automatic (see LogTargets)
+	Target  []string // logger.target: std|file|journal|nats; empty = automatic (see logging.Options)
 	WithPID bool     // logger.with_pid
 	Format  string   // logger.format: text|json
 	File    string   // logger.file: where the file target writes
@@ -118,41 +114,10 @@ func (l LoggerConfig) SlogLevel() slog.Level {
 	return slog.LevelInfo
 }
 
-// LogTargets returns the configured log targets, or DefaultLogTargets when none are
-// configured.
-func (c *Config) LogTargets(env []string, stderr *os.File) []string {
-	if len(c.Logger.Target) > 0 {
-		return append([]string(nil), c.Logger.Target...)
-	}
-	return DefaultLogTargets(env, stderr)
-}
-
-// DefaultLogTargets is the automatic choice when logger.target is empty: "journal" when
-// stderr is connected to the journal (systemd sets $JOURNAL_STREAM to the "dev:inode"
-// of the stream it gave us, so a match means our stderr is still that stream), else
-// "std".
-func DefaultLogTargets(env []string, stderr *os.File) []string {
-	js := lookupEnv(env, "JOURNAL_STREAM")
-	if js == "" || stderr == nil {
-		return []string{"std"}
-	}
-	devS, inoS, ok := strings.Cut(js, ":")
-	if !ok {
-		return []string{"std"}
-	}
-	dev, err1 := strconv.ParseUint(devS, 10, 64)
-	ino, err2 := strconv.ParseUint(inoS, 10, 64)
-	if err1 != nil || err2 != nil {
-		return []string{"std"}
-	}
-	var st unix.Stat_t
-	if err := unix.Fstat(int(stderr.Fd()), &st); err != nil {
-		return []string{"std"}
-	}
-	if uint64(st.Dev) == dev && st.Ino == ino {
-		return []string{"journal"}
-	}
-	return []string{"std"}
+// LogTargets returns the configured log targets; none means automatic, which the
+// logging package resolves (journal when stderr is the journal stream, else std).
+func (c *Config) LogTargets() []string {
+	return append([]string(nil), c.Logger.Target...)
 }
 
 // lookupEnv returns the last value of name in env ("" when absent), as the process

@@ -11,7 +11,6 @@ import (
 	"reflect"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -695,39 +694,19 @@ func TestRestartOnly(t *testing.T) {
 	}
 }
 
-func TestDefaultLogTargets(t *testing.T) {
-	f, err := os.CreateTemp(t.TempDir(), "stderr")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	st := fi.Sys().(*syscall.Stat_t)
-	match := fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino)
-	cases := []struct {
-		env  []string
-		want string
-	}{
-		{nil, "std"},
-		{[]string{match}, "journal"},
-		{[]string{fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino+1)}, "std"},
-		{[]string{"JOURNAL_STREAM=garbage"}, "std"},
-	}
-	for _, tc := range cases {
-		if got := DefaultLogTargets(tc.env, f); !slices.Equal(got, []string{tc.want}) {
-			t.Errorf("env %q: %q, want %q", tc.env, got, tc.want)
-		}
-	}
+func TestLogTargets(t *testing.T) {
 	c := &Config{}
-	if got := c.LogTargets([]string{match}, f); !slices.Equal(got, []string{"journal"}) {
-		t.Errorf("LogTargets auto = %q", got)
+	if got := c.LogTargets(); len(got) != 0 {
+		t.Errorf("LogTargets with none configured = %q, want none (automatic)", got)
 	}
 	c.Logger.Target = []string{"file", "nats"}
-	if got := c.LogTargets([]string{match}, f); !slices.Equal(got, []string{"file", "nats"}) {
+	got := c.LogTargets()
+	if !slices.Equal(got, []string{"file", "nats"}) {
 		t.Errorf("LogTargets = %q", got)
+	}
+	got[0] = "std"
+	if c.Logger.Target[0] != "file" {
+		t.Error("LogTargets shares the config's slice")
 	}
 }
 

@@ -1,10 +1,7 @@
 package logging
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -13,9 +10,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 
-	"golang.org/x/sys/unix"
+	"github.com/coreos/go-systemd/v22/journal"
 )
 
 // Journal fields nexd sets itself; an attr mapping to one of these gets an ATTR_
@@ -41,79 +37,27 @@ var wellKnown = map[string]string{
 	"namespace":   fieldNamespace,
 }
 
-// journalWriter sends native-protocol datagrams to journald.
-type journalWriter struct {
-	path string
-	conn *net.UnixConn
-}
-
-func dialJournal(path string) (*journalWriter, error) {
-	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+// journalReachable tells a missing or dead journald apart before the journal
+// target is chosen (journal.Send would only fail later, record by record).
+func journalReachable() error {
+	c, err := net.Dial("unixgram", JournalSocket)
 	if err != nil {
-		return nil, fmt.Errorf("logging: journal target: connect to journald socket %s: %w", path, err)
+		return fmt.Errorf("logging: journal target: connect to journald socket %s: %w", JournalSocket, err)
 	}
-	return &journalWriter{path: path, conn: c}, nil
-}
-
-func (w *journalWriter) Close() error { return w.conn.Close() }
-
-// send writes one entry. Entries too big for a datagram go, as journald expects,
-// through a sealed memfd passed with SCM_RIGHTS.
-func (w *journalWriter) send(b []byte) error {
-	_, err := w.conn.Write(b)
-	if err == nil {
-		return nil
-	}
-	if !errors.Is(err, syscall.EMSGSIZE) && !errors.Is(err, syscall.ENOBUFS) {
-		return fmt.Errorf("logging: write to journald socket %s: %w", w.path, err)
-	}
-	fd, err := unix.MemfdCreate("nexd-journal", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
-	if err != nil {
-		return fmt.Errorf("logging: large journal entry: memfd: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "nexd-journal")
-	defer f.Close()
-	if _, err := f.Write(b); err != nil {
-		return fmt.Errorf("logging: large journal entry: write memfd: %w", err)
-	}
-	seals := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE | unix.F_SEAL_SEAL
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, seals); err != nil {
-		return fmt.Errorf("logging: large journal entry: seal memfd: %w", err)
-	}
-	// Sendmsg on the raw fd: net refuses an empty-payload write with only
-	// control data on a connected datagram socket.
-	raw, err := w.conn.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("logging: large journal entry: %w", err)
-	}
-	var sendErr error
-	if err := raw.Write(func(s uintptr) bool {
-		sendErr = unix.Sendmsg(int(s), nil, unix.UnixRights(fd), nil, 0)
-		return sendErr != unix.EAGAIN
-	}); err != nil {
-		return fmt.Errorf("logging: large journal entry: pass memfd to %s: %w", w.path, err)
-	}
-	if sendErr != nil {
-		return fmt.Errorf("logging: large journal entry: pass memfd to %s: %w", w.path, sendErr)
-	}
-	return nil
+	return c.Close()
 }
 
 type field struct{ name, value string }
 
-// journalHandler turns records into journal entries with structured fields.
+// journalHandler turns records into journal entries with structured fields and
+// sends them with go-systemd's journal.Send (which passes large entries as a file).
 type journalHandler struct {
-	w      *journalWriter
 	base   []field // SYSLOG_IDENTIFIER, NEX_NODE_ID, NEX_NAMESPACE, SYSLOG_PID
 	fields []field // from WithAttrs, already named
 	prefix string  // open groups, as "GROUP_"
 }
 
-func newJournalHandler(path, nodeID, namespace string, withPID bool) (*journalHandler, error) {
-	w, err := dialJournal(path)
-	if err != nil {
-		return nil, err
-	}
+func newJournalHandler(nodeID, namespace string, withPID bool) *journalHandler {
 	base := []field{{"SYSLOG_IDENTIFIER", "nexd"}}
 	if nodeID != "" {
 		base = append(base, field{fieldNodeID, nodeID})
@@ -124,7 +68,7 @@ func newJournalHandler(path, nodeID, namespace string, withPID bool) (*journalHa
 	if withPID {
 		base = append(base, field{"SYSLOG_PID", strconv.Itoa(os.Getpid())})
 	}
-	return &journalHandler{w: w, base: base}, nil
+	return &journalHandler{base: base}
 }
 
 func (h *journalHandler) Enabled(context.Context, slog.Level) bool { return true }
@@ -145,8 +89,7 @@ func (h *journalHandler) WithGroup(name string) slog.Handler {
 }
 
 func (h *journalHandler) Handle(_ context.Context, r slog.Record) error {
-	fields := make([]field, 0, len(h.base)+len(h.fields)+r.NumAttrs()+5)
-	fields = append(fields, field{"MESSAGE", r.Message}, field{"PRIORITY", strconv.Itoa(Priority(r.Level))})
+	fields := make([]field, 0, len(h.base)+len(h.fields)+r.NumAttrs()+3)
 	fields = append(fields, h.base...)
 	if r.PC != 0 {
 		fr, _ := runtime.CallersFrames([]uintptr{r.PC}).Next()
@@ -159,26 +102,20 @@ func (h *journalHandler) Handle(_ context.Context, r slog.Record) error {
 		fields = appendFields(fields, h.prefix, a)
 		return true
 	})
-	return h.w.send(encodeJournal(dedupe(fields)))
+	if err := journal.Send(r.Message, journal.Priority(Priority(r.Level)), fieldMap(fields)); err != nil {
+		return fmt.Errorf("logging: send to journald socket %s: %w", JournalSocket, err)
+	}
+	return nil
 }
 
-// dedupe keeps the last value of each well-known nexd field, so a record's
-// namespace replaces the node's; other fields may repeat, as journald allows.
-func dedupe(fields []field) []field {
-	last := map[string]int{}
-	for i, f := range fields {
-		if strings.HasPrefix(f.name, "NEX_") {
-			last[f.name] = i
-		}
+// fieldMap keeps the last value of each field, so a record's namespace replaces
+// the node's and an attr repeated by With replaces the earlier one.
+func fieldMap(fields []field) map[string]string {
+	m := make(map[string]string, len(fields))
+	for _, f := range fields {
+		m[f.name] = f.value
 	}
-	out := fields[:0:0]
-	for i, f := range fields {
-		if j, ok := last[f.name]; ok && j != i {
-			continue
-		}
-		out = append(out, f)
-	}
-	return out
+	return m
 }
 
 func appendFields(fields []field, prefix string, a slog.Attr) []field {
@@ -239,25 +176,4 @@ func Priority(l slog.Level) int {
 	default:
 		return 7 // debug
 	}
-}
-
-// encodeJournal writes the native protocol: NAME=value lines, or for values with
-// a newline NAME, a little-endian 64-bit length and the raw value.
-func encodeJournal(fields []field) []byte {
-	var b bytes.Buffer
-	for _, f := range fields {
-		if strings.ContainsRune(f.value, '\n') {
-			b.WriteString(f.name)
-			b.WriteByte('\n')
-			binary.Write(&b, binary.LittleEndian, uint64(len(f.value)))
-			b.WriteString(f.value)
-			b.WriteByte('\n')
-			continue
-		}
-		b.WriteString(f.name)
-		b.WriteByte('=')
-		b.WriteString(f.value)
-		b.WriteByte('\n')
-	}
-	return b.Bytes()
 }

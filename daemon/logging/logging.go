@@ -13,12 +13,11 @@ import (
 	"math"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 
-	"golang.org/x/sys/unix"
+	"github.com/coreos/go-systemd/v22/journal"
 )
 
 // Target names as --logger.target accepts them.
@@ -29,8 +28,9 @@ const (
 	TargetNATS    = "nats"
 )
 
-// DefaultJournalSocket is where journald listens for the native protocol.
-const DefaultJournalSocket = "/run/systemd/journal/socket"
+// JournalSocket is where journald listens for the native protocol, the one path
+// go-systemd's journal package sends to.
+const JournalSocket = "/run/systemd/journal/socket"
 
 // Options configure the logger; the zero value logs INFO text to stderr (or to the
 // journal when stderr is the journal).
@@ -43,11 +43,6 @@ type Options struct {
 	NodeID    string // NEX_NODE_ID in the journal
 	Namespace string // NEX_NAMESPACE in the journal unless a record names its own
 	Stderr    io.Writer
-
-	// JournalSocket overrides DefaultJournalSocket (tests).
-	JournalSocket string
-	// Env overrides os.Getenv for the auto target choice (tests).
-	Env func(string) string
 	// RingSize is how many recent records Recent keeps (default 1000).
 	RingSize int
 	// HideWorkloadOutput keeps workload output lines (records with the message
@@ -222,10 +217,6 @@ func (c *core) apply(opts Options) error {
 }
 
 func (c *core) build(opts Options) (*state, error) {
-	env := opts.Env
-	if env == nil {
-		env = os.Getenv
-	}
 	stderr := opts.Stderr
 	if stderr == nil {
 		stderr = os.Stderr
@@ -237,7 +228,7 @@ func (c *core) build(opts Options) (*state, error) {
 	targets := slices.Compact(slices.Sorted(slices.Values(opts.Targets)))
 	if len(targets) == 0 {
 		targets = []string{TargetStd}
-		if JournalStreamIsStderr(env) {
+		if JournalStreamIsStderr() {
 			targets = []string{TargetJournal}
 			auto := opts
 			auto.Targets = targets
@@ -273,17 +264,11 @@ func (c *core) build(opts Options) (*state, error) {
 			st.sinks = append(st.sinks, hideOutput(h, opts.HideWorkloadOutput))
 			st.closers = append(st.closers, f)
 		case TargetJournal:
-			path := opts.JournalSocket
-			if path == "" {
-				path = DefaultJournalSocket
-			}
-			j, err := newJournalHandler(path, opts.NodeID, opts.Namespace, opts.WithPID)
-			if err != nil {
+			if err := journalReachable(); err != nil {
 				closeAll(st.closers)
 				return nil, err
 			}
-			st.sinks = append(st.sinks, j)
-			st.closers = append(st.closers, j.w)
+			st.sinks = append(st.sinks, newJournalHandler(opts.NodeID, opts.Namespace, opts.WithPID))
 		case TargetNATS:
 			st.sinks = append(st.sinks, hideOutput(newNATSHandler(&c.pub, opts.Format, pidAttrs), opts.HideWorkloadOutput))
 		}
@@ -312,29 +297,11 @@ func closeAll(cs []io.Closer) error {
 
 // JournalStreamIsStderr reports whether fd 2 is the journal stream systemd set up
 // ($JOURNAL_STREAM is "device:inode" of that stream), so logging natively to
-// journald loses nothing and gains structured fields.
-func JournalStreamIsStderr(env func(string) string) bool {
-	return journalStreamIs(env, 2)
-}
-
-func journalStreamIs(env func(string) string, fd int) bool {
-	if env == nil {
-		env = os.Getenv
-	}
-	devS, inoS, ok := strings.Cut(env("JOURNAL_STREAM"), ":")
-	if !ok {
-		return false
-	}
-	dev, err1 := strconv.ParseUint(devS, 10, 64)
-	ino, err2 := strconv.ParseUint(inoS, 10, 64)
-	if err1 != nil || err2 != nil {
-		return false
-	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return false
-	}
-	return uint64(st.Dev) == dev && uint64(st.Ino) == ino
+// journald loses nothing and gains structured fields. A malformed JOURNAL_STREAM
+// counts as no.
+func JournalStreamIsStderr() bool {
+	ok, err := journal.StderrIsJournalStream()
+	return err == nil && ok
 }
 
 // fanout is the one slog.Handler behind every logger this package hands out. It

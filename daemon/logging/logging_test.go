@@ -11,9 +11,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -26,24 +29,70 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
+// journalNSEnv names the test a re-executed test binary runs inside a private
+// mount namespace (see inJournalNamespace).
+const journalNSEnv = "NEXD_TEST_JOURNAL_NS"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(journalNSEnv) != "" {
+		// A private, empty /run: journald's socket path is ours to listen on.
+		if err := unix.Mount("tmpfs", "/run", "tmpfs", 0, "mode=0755"); err != nil {
+			fmt.Fprintln(os.Stderr, "logging test: mount tmpfs on /run in the test's mount namespace:", err)
+			os.Exit(1)
+		}
+	}
+	os.Exit(m.Run())
+}
+
+// inJournalNamespace runs the calling test again in a child of the test binary
+// with its own mount namespace and an empty /run, because go-systemd's journal
+// package only knows /run/systemd/journal/socket. The child listens there as a
+// fake journald, whether or not journald runs on this host. It reports true in
+// the child (go on with the test) and false in the parent (the child's result
+// is already this test's).
+func inJournalNamespace(t *testing.T) bool {
+	t.Helper()
+	if os.Getenv(journalNSEnv) == t.Name() {
+		return true
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: runs in a private mount namespace with a fake journald at " + JournalSocket)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^"+regexp.QuoteMeta(t.Name())+"$", "-test.count=1", "-test.v", "-test.timeout=2m")
+	cmd.Env = append(os.Environ(), journalNSEnv+"="+t.Name())
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("--- PASS: "+t.Name())) {
+		t.Fatalf("in its own mount namespace: %v\n%s", err, out)
+	}
+	return false
+}
+
 // fakeJournald listens where journald would and decodes native-protocol entries,
-// including ones passed as a memfd.
+// including ones passed as a file descriptor.
 type fakeJournald struct {
 	t    *testing.T
 	conn *net.UnixConn
-	path string
 }
 
 func startJournald(t *testing.T) *fakeJournald {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "journal.sock")
-	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err := os.MkdirAll(filepath.Dir(JournalSocket), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: JournalSocket, Net: "unixgram"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Room for the memfd test's entry to be refused as a datagram but not others.
-	t.Cleanup(func() { c.Close() })
-	return &fakeJournald{t: t, conn: c, path: path}
+	j := &fakeJournald{t: t, conn: c}
+	t.Cleanup(j.stop)
+	return j
+}
+
+// stop closes and removes the socket, as a stopped journald leaves none behind.
+func (j *fakeJournald) stop() {
+	j.conn.Close()
+	os.Remove(JournalSocket)
 }
 
 type entry map[string][]string
@@ -74,12 +123,8 @@ func (j *fakeJournald) next() entry {
 		if err != nil || len(fds) != 1 {
 			j.t.Fatalf("fake journald: rights: %v", err)
 		}
-		f := os.NewFile(uintptr(fds[0]), "memfd")
+		f := os.NewFile(uintptr(fds[0]), "entry")
 		defer f.Close()
-		seals, err := unix.FcntlInt(f.Fd(), unix.F_GET_SEALS, 0)
-		if err != nil || seals&unix.F_SEAL_WRITE == 0 {
-			j.t.Fatalf("fake journald: memfd not sealed (seals %#x, %v)", seals, err)
-		}
 		f.Seek(0, io.SeekStart)
 		if data, err = io.ReadAll(f); err != nil {
 			j.t.Fatal(err)
@@ -120,8 +165,11 @@ func parseNative(b []byte) (entry, error) {
 }
 
 func TestJournalFields(t *testing.T) {
+	if !inJournalNamespace(t) {
+		return
+	}
 	jd := startJournald(t)
-	l, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: jd.path, NodeID: "NODE1", Namespace: "system", Level: "debug"})
+	l, err := New(Options{Targets: []string{TargetJournal}, NodeID: "NODE1", Namespace: "system", Level: "debug"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,13 +220,16 @@ func TestJournalFields(t *testing.T) {
 }
 
 func TestJournalWithPIDAndLargeEntry(t *testing.T) {
+	if !inJournalNamespace(t) {
+		return
+	}
 	jd := startJournald(t)
-	l, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: jd.path, WithPID: true})
+	l, err := New(Options{Targets: []string{TargetJournal}, WithPID: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
-	big := strings.Repeat("x", 4<<20) // beyond any datagram size: goes as a memfd
+	big := strings.Repeat("x", 4<<20) // beyond any datagram size: goes as a file descriptor
 	if err := l.Slog().Handler().Handle(context.Background(), slog.NewRecord(time.Now(), slog.LevelInfo, big, 0)); err != nil {
 		t.Fatal(err)
 	}
@@ -195,10 +246,12 @@ func TestJournalWithPIDAndLargeEntry(t *testing.T) {
 }
 
 func TestJournalMissingSocket(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "none.sock")
-	_, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: p})
-	if err == nil || !strings.Contains(err.Error(), p) {
-		t.Fatalf("error %v, want one naming %s", err, p)
+	if !inJournalNamespace(t) {
+		return
+	}
+	_, err := New(Options{Targets: []string{TargetJournal}})
+	if err == nil || !strings.Contains(err.Error(), JournalSocket) {
+		t.Fatalf("error %v, want one naming %s", err, JournalSocket)
 	}
 }
 
@@ -364,54 +417,53 @@ func TestFileTargetOpenError(t *testing.T) {
 	}
 }
 
-func TestJournalStreamDetection(t *testing.T) {
-	f, err := os.CreateTemp(t.TempDir(), "stream")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+// setJournalStream points JOURNAL_STREAM at fd 2 (match) or at another inode.
+func setJournalStream(t *testing.T, match bool) {
+	t.Helper()
 	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+	if err := unix.Fstat(2, &st); err != nil {
 		t.Fatal(err)
 	}
-	match := fmt.Sprintf("%d:%d", st.Dev, st.Ino)
-	cases := map[string]bool{
-		match:                                  true,
-		fmt.Sprintf("%d:%d", st.Dev, st.Ino+1): false,
-		"":                                     false,
-		"garbage":                              false,
-		"1:x":                                  false,
+	ino := st.Ino
+	if !match {
+		ino++
 	}
-	for v, want := range cases {
-		env := func(string) string { return v }
-		if got := journalStreamIs(env, int(f.Fd())); got != want {
-			t.Errorf("JOURNAL_STREAM=%q: %v, want %v", v, got, want)
+	t.Setenv("JOURNAL_STREAM", fmt.Sprintf("%d:%d", st.Dev, ino))
+}
+
+func TestJournalStreamDetection(t *testing.T) {
+	setJournalStream(t, true)
+	if !JournalStreamIsStderr() {
+		t.Errorf("JOURNAL_STREAM=%s (fd 2's device:inode): not detected", os.Getenv("JOURNAL_STREAM"))
+	}
+	setJournalStream(t, false)
+	if JournalStreamIsStderr() {
+		t.Errorf("JOURNAL_STREAM=%s (another inode): detected", os.Getenv("JOURNAL_STREAM"))
+	}
+	for _, v := range []string{"", "garbage", "1:x"} {
+		t.Setenv("JOURNAL_STREAM", v)
+		if JournalStreamIsStderr() {
+			t.Errorf("JOURNAL_STREAM=%q: detected", v)
 		}
 	}
 }
 
 func TestAutoTarget(t *testing.T) {
+	if !inJournalNamespace(t) {
+		return
+	}
 	jd := startJournald(t)
-	var st unix.Stat_t
-	if err := unix.Fstat(2, &st); err != nil {
-		t.Fatal(err)
-	}
-	journalEnv := func(k string) string {
-		if k == "JOURNAL_STREAM" {
-			return fmt.Sprintf("%d:%d", st.Dev, st.Ino)
-		}
-		return ""
-	}
-	noEnv := func(string) string { return "" }
 	var buf bytes.Buffer
-	l, err := New(Options{Env: noEnv, Stderr: &buf})
+	t.Setenv("JOURNAL_STREAM", "")
+	l, err := New(Options{Stderr: &buf})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := l.Targets(); len(got) != 1 || got[0] != TargetStd {
 		t.Errorf("targets %v without JOURNAL_STREAM, want [std]", got)
 	}
-	l, err = New(Options{Env: journalEnv, JournalSocket: jd.path})
+	setJournalStream(t, true)
+	l, err = New(Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -424,24 +476,28 @@ func TestAutoTarget(t *testing.T) {
 		t.Errorf("journal got %v", e)
 	}
 
-	// stderr is the journal but the native socket is missing: fall back to stderr.
+	// stderr is the journal but journald's socket is gone: fall back to stderr.
+	jd.stop()
 	buf.Reset()
-	l2, err := New(Options{Env: journalEnv, JournalSocket: filepath.Join(t.TempDir(), "gone.sock"), Stderr: &buf})
+	l2, err := New(Options{Stderr: &buf})
 	if err != nil {
 		t.Fatalf("auto target with no journald socket: %v", err)
 	}
 	if got := l2.Targets(); len(got) != 1 || got[0] != TargetStd {
 		t.Errorf("targets %v, want the std fallback", got)
 	}
-	if !strings.Contains(buf.String(), "gone.sock") {
+	if !strings.Contains(buf.String(), JournalSocket) {
 		t.Errorf("fallback not explained on stderr: %q", buf.String())
 	}
 }
 
 func TestAfterCloseFallsBackToStderr(t *testing.T) {
+	if !inJournalNamespace(t) {
+		return
+	}
 	jd := startJournald(t)
 	var buf bytes.Buffer
-	l, err := New(Options{Targets: []string{TargetJournal}, JournalSocket: jd.path, Stderr: &buf})
+	l, err := New(Options{Targets: []string{TargetJournal}, Stderr: &buf})
 	if err != nil {
 		t.Fatal(err)
 	}
