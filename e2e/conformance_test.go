@@ -22,12 +22,21 @@ import (
 
 // silence is how long a request waits before a missing reply counts as a silent drop.
 // A drop is only checked where the node does hold a subscription (no "no responders").
+// The waits overlap: quiet only sends, and the test's end waits out the silence of
+// every quiet request at once (see checkQuiet).
 const silence = 1500 * time.Millisecond
 
 type conformance struct {
 	t      *testing.T
 	nc     *nats.Conn
 	nodeID string
+	quiets []quietReq // requests that must get no reply
+}
+
+type quietReq struct {
+	subject, body string
+	sub           *nats.Subscription // on the request's reply inbox
+	sent          time.Time
 }
 
 func newConformance(t *testing.T, extra ...string) *conformance {
@@ -39,6 +48,8 @@ func newConformance(t *testing.T, extra ...string) *conformance {
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: append([]string{"--tags", "zone=a"}, extra...)})
 	st := n.waitReady(t)
 	c := &conformance{t: t, nc: testnats.Connect(t, s), nodeID: st.NodeID}
+	// Registered after the node's cleanup, so it runs first, with the node still up.
+	t.Cleanup(c.checkQuiet)
 	// A bid needs a healthy native nexlet; readiness does not promise a heartbeat yet.
 	testkit.EventuallyWithin(t, 60*time.Second, "a bid from the native nexlet", func() bool {
 		_, err := c.nc.Request("$NEX.SVC.system.control.AUCTION", []byte(`{"agent_type":"native","auction_id":"warmup","tags":{}}`), time.Second)
@@ -68,17 +79,36 @@ func (c *conformance) ask(subject, body string) *nats.Msg {
 	return m
 }
 
-// quiet checks that the node holds the subject but does not answer.
+// quiet sends a request that the node must hold the subject for but not answer;
+// checkQuiet, at the end of the test, gives it silence to prove that.
 func (c *conformance) quiet(subject, body string) {
 	c.t.Helper()
-	m, err := c.nc.Request(subject, []byte(body), silence)
-	switch {
-	case errors.Is(err, nats.ErrNoResponders):
-		c.t.Errorf("%s: no responders; the node should hold the subject and stay silent", subject)
-	case err == nil:
-		c.t.Errorf("%s %s: got reply %q (headers %v), want silence", subject, body, m.Data, m.Header)
-	case !errors.Is(err, nats.ErrTimeout):
-		c.t.Errorf("%s: %v", subject, err)
+	inbox := nats.NewInbox()
+	sub, err := c.nc.SubscribeSync(inbox)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if err := c.nc.PublishRequest(subject, inbox, []byte(body)); err != nil {
+		c.t.Fatalf("%s: %v", subject, err)
+	}
+	c.quiets = append(c.quiets, quietReq{subject: subject, body: body, sub: sub, sent: time.Now()})
+}
+
+// checkQuiet fails the test for every quiet request that got a reply, or found no
+// responder, within silence of being sent.
+func (c *conformance) checkQuiet() {
+	for _, q := range c.quiets {
+		m, err := q.sub.NextMsg(max(time.Until(q.sent.Add(silence)), time.Millisecond))
+		_ = q.sub.Unsubscribe()
+		switch {
+		case errors.Is(err, nats.ErrTimeout):
+		case errors.Is(err, nats.ErrNoResponders):
+			c.t.Errorf("%s: no responders; the node should hold the subject and stay silent", q.subject)
+		case err != nil:
+			c.t.Errorf("%s: %v", q.subject, err)
+		default:
+			c.t.Errorf("%s %s: got reply %q (headers %v), want silence", q.subject, q.body, m.Data, m.Header)
+		}
 	}
 }
 
@@ -148,6 +178,7 @@ func keys(t *testing.T, what string, o map[string]any, want map[string]string) {
 
 // TestConformanceAdmin: PING, PTAGS, INFO, AGENTID and their silent and error cases.
 func TestConformanceAdmin(t *testing.T) {
+	t.Parallel()
 	c := newConformance(t)
 	pingKeys := map[string]string{"agent_count": "number", "node_id": "string", "start_time": "string",
 		"state": "string", "tags": "object", "version": "string", "xkey": "string"}
@@ -236,6 +267,7 @@ func TestConformanceAdmin(t *testing.T) {
 // TestConformanceWorkloads: AUCTION, ADEPLOY, WPING, CLONE and UNDEPLOY as upstream's
 // client sends them, with the namespace rule and the silent drops.
 func TestConformanceWorkloads(t *testing.T) {
+	t.Parallel()
 	c := newConformance(t)
 	bidKeys := map[string]string{"bidder_id": "string", "start_request_schema": "string",
 		"supported_lifecycles": "array", "xkey": "string"}
@@ -360,6 +392,7 @@ func TestConformanceWorkloads(t *testing.T) {
 // TestConformanceJobEvent: a failed job's WORKLOADSTOPPED carries error.code as a
 // JSON string (upstream's decoders reject a number).
 func TestConformanceJobEvent(t *testing.T) {
+	t.Parallel()
 	c := newConformance(t, "--events", "nats")
 	events, err := c.nc.SubscribeSync("$NEX.FEED.tenant.events.>")
 	if err != nil {
@@ -395,6 +428,7 @@ func TestConformanceJobEvent(t *testing.T) {
 // TestConformanceLameduck: a tag mismatch is silent; the reply shape; the node then
 // reports lameduck and stops bidding.
 func TestConformanceLameduck(t *testing.T) {
+	t.Parallel()
 	c := newConformance(t)
 	subj := "$NEX.SVC.system.control.LAMEDUCK." + c.nodeID
 	c.quiet(subj, `{"delay":"1m0s","tag":{"zone":"b"}}`)
@@ -415,6 +449,7 @@ func TestConformanceLameduck(t *testing.T) {
 // TestConformanceMalformed: every control subject answers malformed JSON with a 400
 // error body and the node keeps serving.
 func TestConformanceMalformed(t *testing.T) {
+	t.Parallel()
 	c := newConformance(t)
 	for _, subj := range []string{
 		"$NEX.SVC.system.control.PING",

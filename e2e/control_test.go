@@ -23,10 +23,12 @@ func TestMetricsAndConcurrentStatus(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--metrics-listen", addr}})
+	// Port 0: nexd binds a port of the kernel's choosing and logs the address.
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--metrics-listen", "127.0.0.1:0"}})
 	n.waitReady(t)
+	addr := n.logAttr(t, "metrics listening", "addr")
 
 	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {

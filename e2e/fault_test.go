@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"net"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,10 +23,14 @@ func TestNATSOutage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
-	port := freePort(t)
+	t.Parallel()
+	// The first server takes a port of the kernel's choosing; the second comes back on
+	// the same one, as a restarted server does.
 	store := t.TempDir()
+	port := -1
 	cfg := func(o *server.Options) { o.Port = port; o.StoreDir = store }
 	s := testnats.Start(t, testnats.Options{Configure: cfg})
+	port = s.Addr().(*net.TCPAddr).Port
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
 	w := n.runWorkload(t, "--name", "survivor", "--", "/bin/sleep", "600")
@@ -37,11 +42,11 @@ func TestNATSOutage(t *testing.T) {
 		json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &cur)
 		return !cur.NATS.Connected
 	})
-	time.Sleep(time.Second)
+	// And stays up through a second of outage.
 	select {
 	case <-n.done:
 		t.Fatalf("nexd exited during the NATS outage:\n%s", n.out.String())
-	default:
+	case <-time.After(time.Second):
 	}
 
 	s2 := testnats.Start(t, testnats.Options{Configure: cfg})
@@ -70,6 +75,7 @@ func TestBadStartRequests(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	n.waitReady(t)
@@ -97,6 +103,7 @@ func TestNexdUnknownArgs(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	cases := []struct {
 		args []string
 		want []string

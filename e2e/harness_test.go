@@ -7,10 +7,13 @@ import (
 	"bytes"
 	"context"
 	"flag"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -22,9 +25,19 @@ import (
 
 var bins testkit.Binaries
 
+// parallel is how many e2e tests run at once unless -parallel says otherwise. Each
+// test has its own nexd, NATS, directories, socket and ports, and spends most of its
+// time waiting on processes, so more than GOMAXPROCS (go test's default) pays.
+const parallel = 8
+
 // TestMain removes the nexd and nexctl binaries, built once on first use, at the end.
 func TestMain(m *testing.M) {
 	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		_ = flag.Set("test.parallel", strconv.Itoa(parallel))
+	}
 	os.Exit(bins.Run(m))
 }
 
@@ -185,11 +198,21 @@ func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 // run executes a binary to completion and returns stdout, stderr and the exit code.
 func run(t *testing.T, env []string, bin string, args ...string) (string, string, int) {
 	t.Helper()
+	so, se, code, err := runIn(t.TempDir(), env, bin, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return so, se, code
+}
+
+// runIn is run with dir as HOME and working directory, and without t, for callers
+// on other goroutines; err is only for a binary that could not run.
+func runIn(dir string, env []string, bin string, args ...string) (string, string, int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}, env...)
-	cmd.Dir = t.TempDir()
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir}, env...)
+	cmd.Dir = dir
 	var so, se bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &so, &se
 	err := cmd.Run()
@@ -197,20 +220,29 @@ func run(t *testing.T, env []string, bin string, args ...string) (string, string
 	if err != nil {
 		ee, ok := err.(*exec.ExitError)
 		if !ok {
-			t.Fatalf("run %s %v: %v", bin, args, err)
+			return "", "", 0, fmt.Errorf("run %s %v: %w", bin, args, err)
 		}
 		code = ee.ExitCode()
 	}
-	return so.String(), se.String(), code
+	return so.String(), se.String(), code, nil
 }
 
-// freePort returns a currently unused loopback TCP port.
-func freePort(t *testing.T) int {
+// logAttr waits for nexd's text log line with message msg and returns the value of
+// its attribute key: how a test learns an address nexd bound on port 0.
+func (p *proc) logAttr(t *testing.T, msg, key string) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	re := regexp.MustCompile(`msg="?` + regexp.QuoteMeta(msg) + `"?\s.*\b` + regexp.QuoteMeta(key) + `=("(?:[^"\\]|\\.)*"|\S+)`)
+	var val string
+	testkit.EventuallyWithin(t, 30*time.Second, "log line "+msg, func() bool {
+		m := re.FindStringSubmatch(p.out.String())
+		if m == nil {
+			return false
+		}
+		val = m[1]
+		if uq, err := strconv.Unquote(val); err == nil {
+			val = uq
+		}
+		return true
+	})
+	return val
 }

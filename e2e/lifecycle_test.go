@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -25,7 +26,8 @@ type node struct {
 	*proc
 	stateDir string
 	socket   string
-	natsURL  string
+	natsURL  string // set by waitReady when embedded
+	embedded bool
 	cgroup   string
 }
 
@@ -83,9 +85,10 @@ func startNode(t *testing.T, o nodeOpts) *node {
 		n.natsURL = o.external
 		args = append(args, "--nats.servers", o.external)
 	} else {
-		port := freePort(t)
-		n.natsURL = fmt.Sprintf("nats://127.0.0.1:%d", port)
-		env = append(env, fmt.Sprintf("NEXD_EMBEDDED_NATS_PORT=%d", port))
+		// The embedded server binds a port of the kernel's choosing (-1: random), so
+		// parallel tests never race for one; waitReady reads it back from status.
+		n.embedded = true
+		env = append(env, "NEXD_EMBEDDED_NATS_PORT=-1")
 	}
 	cg := o.cgroup
 	if cg == "" {
@@ -100,40 +103,56 @@ func startNode(t *testing.T, o nodeOpts) *node {
 	return n
 }
 
-// waitReady waits until the control socket answers with state running.
+// waitReady waits until the control socket answers with state running. It asks
+// in-process, not through nexctl, so that polling does not start a process every
+// few milliseconds on a loaded machine.
 func (n *node) waitReady(t *testing.T) control.Status {
 	t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
+	c := control.NewClient(n.socket)
+	defer c.Close()
+	var st control.Status
 	var last string
-	for time.Now().Before(deadline) {
+	exited := false
+	ok := testkit.WaitFor(90*time.Second, func() bool {
 		select {
 		case <-n.done:
-			t.Fatalf("nexd exited before it was ready: %v\n%s", n.err, n.out.String())
+			exited = true
+			return true
 		default:
 		}
-		out, errOut, code := n.ctl(t, "status", "--json")
-		if code == 0 {
-			var st control.Status
-			if err := json.Unmarshal([]byte(out), &st); err != nil {
-				t.Fatalf("status --json: %v: %s", err, out)
-			}
-			if st.State == "running" {
-				return st
-			}
-			last = st.State
-		} else {
-			last = errOut
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		cur, err := c.Status(ctx)
+		if err != nil {
+			last = err.Error()
+			return false
 		}
-		time.Sleep(100 * time.Millisecond)
+		st, last = cur, cur.State
+		return cur.State == "running"
+	})
+	switch {
+	case exited:
+		t.Fatalf("nexd exited before it was ready: %v\n%s", n.err, n.out.String())
+	case !ok:
+		t.Fatalf("nexd not ready in time; last: %s\n%s", last, n.out.String())
 	}
-	t.Fatalf("nexd not ready in time; last: %s\n%s", last, n.out.String())
-	return control.Status{}
+	if n.embedded {
+		if !st.NATS.Embedded || st.NATS.Server == "" {
+			t.Fatalf("embedded NATS not in status: %+v", st.NATS)
+		}
+		n.natsURL = st.NATS.Server
+	}
+	return st
 }
 
 // ctl runs nexctl against this node (socket and NATS).
 func (n *node) ctl(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
-	full := append([]string{"--control-socket", n.socket, "--nats.servers", n.natsURL}, args...)
+	full := []string{"--control-socket", n.socket}
+	if n.natsURL != "" {
+		full = append(full, "--nats.servers", n.natsURL)
+	}
+	full = append(full, args...)
 	return run(t, nil, nexctlBin(t), full...)
 }
 
@@ -152,6 +171,7 @@ func TestNotifySequence(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	ns := newNotifySocket(t)
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "config.json")
@@ -226,6 +246,7 @@ func TestExternalNATS(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
@@ -260,6 +281,7 @@ func TestIdentityPersistence(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	dir := t.TempDir()
 	var ids []string
@@ -298,6 +320,7 @@ func TestCheckAndUsage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	kp, _ := nkeys.CreateServer()
 	seed, _ := kp.Seed()
 	out, _, code := run(t, nil, nexdBin(t), "--check", "--node-seed", string(seed), "--tags", "a=b")

@@ -49,6 +49,7 @@ func TestNativeThreadsStayFew(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	const count, maxThreads = 60, 30
 	n := startNode(t, nodeOpts{})
 	n.waitReady(t)
@@ -57,9 +58,9 @@ func TestNativeThreadsStayFew(t *testing.T) {
 		t.Fatal("native nexlet process not found")
 	}
 	marker := fmt.Sprintf("nexd-e2e-threads-%d", time.Now().UnixNano())
-	for i := range count {
-		n.runWorkload(t, "--bids", "1", "--name", fmt.Sprintf("t%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
-	}
+	n.runWorkloads(t, count, func(i int) []string {
+		return []string{"--bids", "1", "--name", fmt.Sprintf("t%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker}
+	})
 	testkit.EventuallyWithin(t, 60*time.Second, "all workloads running", func() bool { return countProcs(marker) == count })
 	threads, err := strconv.Atoi(procStatus(pid, "Threads"))
 	if err != nil {

@@ -21,6 +21,7 @@ func TestFailedNexlet(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	ns := newNotifySocket(t)
 	s := testnats.Start(t, testnats.Options{})
 	dir := t.TempDir()

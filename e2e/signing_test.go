@@ -96,6 +96,7 @@ func TestSigningKeyEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	const ttl = 6 * time.Second
 
 	dir := t.TempDir()

@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,6 +37,40 @@ func (n *node) runWorkload(t *testing.T, args ...string) runResult {
 	return r
 }
 
+// runWorkloads starts count workloads through nexctl, four at a time as several
+// users would; args(i) gives the `workload run` arguments of the i-th.
+func (n *node) runWorkloads(t *testing.T, count int, args func(i int) []string) []runResult {
+	t.Helper()
+	bin, dir := nexctlBin(t), t.TempDir()
+	res := make([]runResult, count)
+	errs := make([]error, count)
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	for i := range count {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			full := append([]string{"--control-socket", n.socket, "--nats.servers", n.natsURL, "--json", "workload", "run"}, args(i)...)
+			out, errOut, code, err := runIn(dir, nil, bin, full...)
+			switch {
+			case err != nil:
+				errs[i] = err
+			case code != 0:
+				errs[i] = fmt.Errorf("nexctl %v: exit %d\nstdout: %s\nstderr: %s", full, code, out, errOut)
+			default:
+				if err := json.Unmarshal([]byte(out), &res[i]); err != nil || res[i].ID == "" {
+					errs[i] = fmt.Errorf("workload run --json: %v: %q", err, out)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
 func (n *node) workloads(t *testing.T) []control.Workload {
 	t.Helper()
 	var ws []control.Workload
@@ -59,6 +95,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
 	st := n.waitReady(t)
@@ -161,6 +198,7 @@ func TestLocalEndpoints(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
@@ -239,6 +277,7 @@ func TestReplayAfterKill(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	const count = 50
 	s := testnats.Start(t, testnats.Options{})
 	dir := t.TempDir()
@@ -246,8 +285,9 @@ func TestReplayAfterKill(t *testing.T) {
 	st := n.waitReady(t)
 	marker := fmt.Sprintf("nexd-e2e-replay-%d", time.Now().UnixNano())
 	ids := map[string]bool{}
-	for i := 0; i < count; i++ {
-		r := n.runWorkload(t, "--bids", "1", "--name", fmt.Sprintf("w%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
+	for _, r := range n.runWorkloads(t, count, func(i int) []string {
+		return []string{"--bids", "1", "--name", fmt.Sprintf("w%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker}
+	}) {
 		ids[r.ID] = true
 	}
 	testkit.EventuallyWithin(t, 60*time.Second, "all workloads running", func() bool { return countProcs(marker) == count })
