@@ -26,6 +26,9 @@ const (
 	EnvNatsNkey     = "NEX_AGENT_NATS_USER_NKEY"
 	EnvNodeID       = "NEX_AGENT_NODE_ID"
 	EnvAssignedID   = "NEX_AGENT_ASSIGNED_ID"
+	// EnvInboxPrefix is nexd's: the nexlet's private inbox prefix (its users may
+	// subscribe to no other inbox).
+	EnvInboxPrefix = protocol.EnvAgentInboxPrefix
 )
 
 // ConnDataFromEnv reads the registration credentials a node passes to a local nexlet.
@@ -52,6 +55,7 @@ func ConnDataFromEnv(env func(string) string) (protocol.NatsConnectionData, erro
 	cd.NatsUserName = env(EnvNatsUser)
 	cd.NatsUserPassword = env(EnvNatsPassword)
 	cd.NatsUserNkey = env(EnvNatsNkey)
+	cd.InboxPrefix = env(EnvInboxPrefix)
 	return cd, nil
 }
 
@@ -68,7 +72,8 @@ func IdentityFromEnv(env func(string) string) (nodeID, agentID string, err error
 }
 
 // Connect opens a NATS connection from connection data: JWT+seed, nkey+seed or
-// user/password, and TLS (file paths or inline PEM). Empty servers mean nats.DefaultURL.
+// user/password, TLS (file paths or inline PEM) and the private inbox prefix. Empty
+// servers mean nats.DefaultURL.
 func Connect(cd protocol.NatsConnectionData, name string) (*nats.Conn, error) {
 	if cd.ConnName != "" {
 		name = cd.ConnName
@@ -79,6 +84,11 @@ func Connect(cd protocol.NatsConnectionData, name string) (*nats.Conn, error) {
 		return nil, err
 	}
 	opts = append(opts, tlsOpts...)
+	if cd.InboxPrefix != "" {
+		// Replies come only to this prefix: nexd's scoped users may subscribe to no
+		// other inbox.
+		opts = append(opts, nats.CustomInboxPrefix(cd.InboxPrefix))
+	}
 	switch {
 	case cd.NatsUserJWT != "" && cd.NatsUserSeed != "":
 		opts = append(opts, nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed))

@@ -184,3 +184,14 @@ func NamespaceOf(subject string) string { return Token(subject, 2) }
 func RenewCredsSubject(nodeID, agentID, workloadID string) string {
 	return AgentPrefix(nodeID) + ".RENEWCREDS." + agentID + "." + workloadID
 }
+
+// InboxPrefix is the private inbox prefix of the child (nexlet or workload) with this
+// id: nexd's scoped users may subscribe to <prefix>.> and to no other inbox, so no child
+// sees another's replies (nats.CustomInboxPrefix). A nexd extension.
+func InboxPrefix(id string) string { return "_INBOX_" + id }
+
+// EnvAgentInboxPrefix and EnvWorkloadInboxPrefix hand a child its inbox prefix.
+const (
+	EnvAgentInboxPrefix    = "NEX_AGENT_NATS_INBOX_PREFIX"
+	EnvWorkloadInboxPrefix = "NEX_WORKLOAD_NATS_INBOX_PREFIX"
+)

@@ -67,6 +67,10 @@ type NatsConnectionData struct {
 	TLSCert          string   `json:"tls_cert"`
 	TLSFirst         bool     `json:"tls_first"`
 	TLSKey           string   `json:"tls_key"`
+
+	// InboxPrefix is a nexd extension: the only inbox prefix the user may subscribe
+	// to (nats.CustomInboxPrefix). Empty: the default _INBOX.
+	InboxPrefix string `json:"nexd_inbox_prefix,omitempty"`
 }
 
 // EncEnv is an environment sealed with nkeys curve (xkey) encryption for one recipient.

@@ -5,19 +5,19 @@
 // What a SigningKeyMinter user may do (N = node id, A = agent id, ns = namespace):
 //
 //	registration (5 min)  pub $NEX.SVC.N.agent.REGISTER.A
-//	                      sub _INBOX.>
+//	                      sub _INBOX_A.> (its own inbox, nats.CustomInboxPrefix)
 //	nexlet (AgentTTL)     sub $NEX.SVC.N.agent.A.>  (STARTWORKLOAD.*, PING)
 //	                          $NEX.SVC.N.agent.{STOPWORKLOAD.*,GETWORKLOAD.*,QUERYWORKLOADS,PING,SETLAMEDUCK}
 //	                          $NEX.SVC.<nexus>.agent.PINGWORKLOAD.* (when Nexus is set)
-//	                          $NEX.FEED.A.events, $SRV.>, _INBOX.>
+//	                          $NEX.FEED.A.events, $SRV.>, _INBOX_A.>
 //	                      pub $NEX.SVC.N.agent.HEARTBEAT.A, $NEX.SVC.N.agent.REGISTER.A,
 //	                          $NEX.FEED.*.logs.>, $NEX.FEED.*.metrics.>, $NEX.FEED.*.events.>
 //	                          (the feeds of workloads in any namespace; upstream forgot
-//	                          them), _INBOX.>; replies to requests
+//	                          them); replies to requests (no other inbox)
 //	                      no JetStream, no control plane, no application subjects
 //	workload (WorkloadTTL) pub+sub WorkloadSubjects(ns), default ns.>
 //	                      sub $NEX.FEED.ns.logs.> (its namespace's logs, as upstream)
-//	                      sub _INBOX.> (or <WorkloadInboxPrefix>.>), pub _INBOX.>; replies
+//	                      sub _INBOX_<workload id>.> only, pub _INBOX.>; replies
 //	                      read-only object stores ArtifactBuckets(ns), default the bucket
 //	                          named ns: stream info, message/direct get, ordered consumer
 //	                          create/delete, flow control (what a nats:// fetch needs)

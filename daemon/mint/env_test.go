@@ -81,6 +81,9 @@ func connectOpts(t *testing.T, cd protocol.NatsConnectionData) []nats.Option {
 		}
 		opts = append(opts, nats.Nkey(cd.NatsUserNkey, kp.Sign))
 	}
+	if cd.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(cd.InboxPrefix))
+	}
 	return opts
 }
 

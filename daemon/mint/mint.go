@@ -57,11 +57,11 @@ type Options struct {
 	// Default: DefaultArtifactBuckets (the bucket named like the namespace).
 	ArtifactBuckets func(ns string) []string
 
-	// WorkloadInboxPrefix, when set, replaces _INBOX.> in workload permissions with
-	// <prefix>.> for that workload; the workload must then connect with
-	// nats.CustomInboxPrefix(prefix) (the nexlet passes it on). Without it workloads may
-	// subscribe to _INBOX.>, i.e. see every reply in the account, including the
-	// credentials nexd sends nexlets: acceptable only where workloads are trusted.
+	// WorkloadInboxPrefix overrides a workload's private inbox prefix (default
+	// protocol.InboxPrefix(workloadID)); the workload may subscribe to <prefix>.> and to
+	// no other inbox, and connects with nats.CustomInboxPrefix(prefix) (the nexlet
+	// passes it on in NEX_WORKLOAD_NATS_INBOX_PREFIX). _INBOX.> is never granted: it
+	// would show a workload every reply in the account, credentials included.
 	WorkloadInboxPrefix func(ns, workloadID string) string
 
 	// Revoker, when set, lets the signing-key minter revoke the users of stopped
@@ -104,6 +104,9 @@ type Minter interface {
 	MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error)
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
 	CanMint() bool
+	// PrivateInboxes reports whether each minted user may subscribe only to its own
+	// inbox prefix (protocol.InboxPrefix of its id), so replies must go there.
+	PrivateInboxes() bool
 	Describe() string
 	Warning() string
 }

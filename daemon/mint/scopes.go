@@ -10,12 +10,16 @@ import (
 
 const inbox = "_INBOX.>"
 
+// privateInbox is what a child may subscribe to for replies: its own prefix only, so
+// that no child reads replies meant for another (credentials above all).
+func privateInbox(id string) string { return protocol.InboxPrefix(id) + ".>" }
+
 // registerPermissions: a nexlet's bootstrap user may only send its registration and
-// receive the reply.
+// receive the reply on its own inbox.
 func registerPermissions(agentID, nodeID string) jwt.Permissions {
 	var p jwt.Permissions
 	p.Pub.Allow.Add(protocol.RegisterSubject(nodeID, agentID))
-	p.Sub.Allow.Add(inbox)
+	p.Sub.Allow.Add(privateInbox(agentID))
 	return p
 }
 
@@ -36,7 +40,7 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 		pre+".SETLAMEDUCK",
 		protocol.AgentEventsSubject(agentID),
 		"$SRV.>",
-		inbox,
+		privateInbox(agentID),
 	)
 	if nexus != "" {
 		p.Sub.Allow.Add(protocol.AgentPrefix(nexus) + ".PINGWORKLOAD.*")
@@ -48,8 +52,9 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 		"$NEX.FEED.*.logs.>",
 		"$NEX.FEED.*.metrics.>",
 		"$NEX.FEED.*.events.>",
-		inbox,
 	)
+	// Replies to the node's requests go out under the response permission: no
+	// publishing into other clients' inboxes (a forged reply to nexctl, say).
 	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1}
 	return p
 }
@@ -59,13 +64,11 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 // stores listed for its namespace. It never reaches $NEX.SVC (nor publishes any feed).
 func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxPrefix string) (jwt.Permissions, error) {
 	var p jwt.Permissions
-	wbox := inbox
-	if inboxPrefix != "" {
-		if strings.ContainsAny(inboxPrefix, "*> \t\r\n") || strings.HasSuffix(inboxPrefix, ".") || strings.HasPrefix(inboxPrefix, "$NEX") {
-			return p, fmt.Errorf("workload inbox prefix %q is not a plain subject prefix", inboxPrefix)
-		}
-		wbox = inboxPrefix + ".>"
+	if inboxPrefix == "" || inboxPrefix == "_INBOX" || strings.ContainsAny(inboxPrefix, "*> \t\r\n") ||
+		strings.HasSuffix(inboxPrefix, ".") || strings.HasPrefix(inboxPrefix, "$NEX") {
+		return p, fmt.Errorf("workload inbox prefix %q is not a private plain subject prefix", inboxPrefix)
 	}
+	wbox := inboxPrefix + ".>"
 	for _, s := range subjects {
 		if err := checkWorkloadSubject(s); err != nil {
 			return p, fmt.Errorf("workload subjects for namespace %q: %w", ns, err)

@@ -39,6 +39,10 @@ func NewNkeyMinter(userPub, userSeed string, opts Options) (*NkeyMinter, error) 
 // CanMint is true: children get an identity, though a shared one.
 func (m *NkeyMinter) CanMint() bool { return true }
 
+// PrivateInboxes is false: a shared user cannot be kept to one inbox, so children that
+// use plain _INBOX. (upstream's SDK) keep working.
+func (m *NkeyMinter) PrivateInboxes() bool { return false }
+
 // Describe is a one-line summary for logs and --check.
 func (m *NkeyMinter) Describe() string {
 	return "shared user nkey " + m.pub + " for every nexlet and workload (unscoped)"
@@ -52,9 +56,10 @@ func (m *NkeyMinter) Warning() string {
 		" use issuer_signing_key + issuer_signing_key_root_account for scoped, expiring per-workload users"
 }
 
-func (m *NkeyMinter) data(connName string) protocol.NatsConnectionData {
+func (m *NkeyMinter) data(connName, id string) protocol.NatsConnectionData {
 	return protocol.NatsConnectionData{
 		ConnName:     connName,
+		InboxPrefix:  protocol.InboxPrefix(id), // nexd's children use it; nothing enforces it
 		NatsServers:  append([]string(nil), m.opts.Servers...),
 		NatsUserNkey: m.pub,
 		NatsUserSeed: m.seed,
@@ -63,17 +68,17 @@ func (m *NkeyMinter) data(connName string) protocol.NatsConnectionData {
 
 // MintRegister returns the shared identity.
 func (m *NkeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error) {
-	return m.data(registerConnName(agentID)), nil
+	return m.data(registerConnName(agentID), agentID), nil
 }
 
 // MintAgent returns the shared identity.
 func (m *NkeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
-	return m.data(agentConnName(agentID)), nil
+	return m.data(agentConnName(agentID), agentID), nil
 }
 
 // MintWorkload returns the shared identity.
 func (m *NkeyMinter) MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {
-	return m.data(workloadConnName(namespace, workloadID)), nil
+	return m.data(workloadConnName(namespace, workloadID), workloadID), nil
 }
 
 // RenewWorkload returns the shared identity (it does not expire).
@@ -94,6 +99,9 @@ func NewNoAuthMinter(opts Options) *NoAuthMinter { return &NoAuthMinter{opts: op
 // CanMint is false: there is no identity to hand out, so remote nexlets are refused.
 func (m *NoAuthMinter) CanMint() bool { return false }
 
+// PrivateInboxes is false: nothing is enforced without credentials.
+func (m *NoAuthMinter) PrivateInboxes() bool { return false }
+
 // Describe is a one-line summary for logs and --check.
 func (m *NoAuthMinter) Describe() string {
 	return "no credentials: nexlets and workloads connect anonymously (development only)"
@@ -106,23 +114,24 @@ func (m *NoAuthMinter) Warning() string {
 		" configure issuer_signing_key + issuer_signing_key_root_account for production"
 }
 
-func (m *NoAuthMinter) data(connName string) protocol.NatsConnectionData {
-	return protocol.NatsConnectionData{ConnName: connName, NatsServers: append([]string(nil), m.opts.Servers...)}
+func (m *NoAuthMinter) data(connName, id string) protocol.NatsConnectionData {
+	return protocol.NatsConnectionData{ConnName: connName, NatsServers: append([]string(nil), m.opts.Servers...),
+		InboxPrefix: protocol.InboxPrefix(id)}
 }
 
 // MintRegister returns only the servers.
 func (m *NoAuthMinter) MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error) {
-	return m.data(registerConnName(agentID)), nil
+	return m.data(registerConnName(agentID), agentID), nil
 }
 
 // MintAgent returns only the servers.
 func (m *NoAuthMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
-	return m.data(agentConnName(agentID)), nil
+	return m.data(agentConnName(agentID), agentID), nil
 }
 
 // MintWorkload returns only the servers.
 func (m *NoAuthMinter) MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {
-	return m.data(workloadConnName(namespace, workloadID)), nil
+	return m.data(workloadConnName(namespace, workloadID), workloadID), nil
 }
 
 // RenewWorkload returns only the servers.

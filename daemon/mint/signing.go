@@ -55,6 +55,10 @@ func NewSigningKeyMinter(signingSeed, rootAccount string, opts Options) (*Signin
 // CanMint is true: every child gets its own user.
 func (m *SigningKeyMinter) CanMint() bool { return true }
 
+// PrivateInboxes is true: every user may subscribe only to its own inbox prefix, so the
+// node replies to a child only there.
+func (m *SigningKeyMinter) PrivateInboxes() bool { return true }
+
 // Warning is empty unless stopped workloads cannot be revoked.
 func (m *SigningKeyMinter) Warning() string {
 	if m.opts.Revoker == nil {
@@ -78,7 +82,7 @@ func (m *SigningKeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsCo
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint registration credentials: %w", err)
 	}
-	cd, _, err := m.mint(agentID, registerConnName(agentID), m.opts.RegisterTTL,
+	cd, _, err := m.mint(agentID, registerConnName(agentID), protocol.InboxPrefix(agentID), m.opts.RegisterTTL,
 		registerPermissions(agentID, nodeID), []string{"nex-node:" + nodeID, "nex-role:register"})
 	if err != nil {
 		return cd, fmt.Errorf("mint registration credentials for nexlet %s: %w", agentID, err)
@@ -91,7 +95,7 @@ func (m *SigningKeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConne
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint nexlet credentials: %w", err)
 	}
-	cd, _, err := m.mint(agentID, agentConnName(agentID), m.opts.AgentTTL,
+	cd, _, err := m.mint(agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
 		agentPermissions(agentID, nodeID, m.opts.Nexus), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
 	if err != nil {
 		return cd, fmt.Errorf("mint credentials for nexlet %s: %w", agentID, err)
@@ -108,7 +112,7 @@ func (m *SigningKeyMinter) MintWorkload(namespace, workloadID string) (protocol.
 	if err := checkToken("workload id", workloadID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: %w", err)
 	}
-	var inboxPrefix string
+	inboxPrefix := protocol.InboxPrefix(workloadID)
 	if m.opts.WorkloadInboxPrefix != nil {
 		inboxPrefix = m.opts.WorkloadInboxPrefix(namespace, workloadID)
 	}
@@ -116,7 +120,7 @@ func (m *SigningKeyMinter) MintWorkload(namespace, workloadID string) (protocol.
 	if err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
 	}
-	cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), m.opts.WorkloadTTL,
+	cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), inboxPrefix, m.opts.WorkloadTTL,
 		perms, []string{"nex-namespace:" + namespace, "nex-role:workload"})
 	if err != nil {
 		return cd, fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
@@ -191,7 +195,7 @@ func (m *SigningKeyMinter) RevokeWorkload(ctx context.Context, workloadID string
 	return nil
 }
 
-func (m *SigningKeyMinter) mint(name, connName string, ttl time.Duration, perms jwt.Permissions, tags []string) (protocol.NatsConnectionData, string, error) {
+func (m *SigningKeyMinter) mint(name, connName, inboxPrefix string, ttl time.Duration, perms jwt.Permissions, tags []string) (protocol.NatsConnectionData, string, error) {
 	kp, err := nkeys.CreateUser()
 	if err != nil {
 		return protocol.NatsConnectionData{}, "", fmt.Errorf("create user nkey: %w", err)
@@ -226,6 +230,7 @@ func (m *SigningKeyMinter) mint(name, connName string, ttl time.Duration, perms 
 		NatsServers:  append([]string(nil), m.opts.Servers...),
 		NatsUserJWT:  token,
 		NatsUserSeed: string(seed),
+		InboxPrefix:  inboxPrefix,
 	}, pub, nil
 }
 

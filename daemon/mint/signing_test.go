@@ -409,7 +409,6 @@ func TestWorkloadInboxPrefix(t *testing.T) {
 	}
 	w := &client{errs: make(chan error, 64), closed: make(chan struct{})}
 	w.nc, err = nats.Connect(e.s.ClientURL(), append(connectOpts(t, cd),
-		nats.CustomInboxPrefix(prefix("ns1", wid)),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) { w.errs <- err }))...)
 	if err != nil {
 		t.Fatal(err)

@@ -298,14 +298,15 @@ func (m *Manager) env(name string) map[string]string {
 // agentEnv is the NEX_AGENT_* environment upstream's SDK reads.
 func agentEnv(c protocol.NatsConnectionData, nodeID, agentID string) map[string]string {
 	return map[string]string{
-		"NEX_AGENT_NATS_SERVERS":   strings.Join(c.NatsServers, ","),
-		"NEX_AGENT_NATS_USER_SEED": c.NatsUserSeed,
-		"NEX_AGENT_NATS_B64_JWT":   b64(c.NatsUserJWT),
-		"NEX_AGENT_NATS_USER":      c.NatsUserName,
-		"NEX_AGENT_NATS_PASSWORD":  c.NatsUserPassword,
-		"NEX_AGENT_NATS_USER_NKEY": c.NatsUserNkey,
-		"NEX_AGENT_NODE_ID":        nodeID,
-		"NEX_AGENT_ASSIGNED_ID":    agentID,
+		"NEX_AGENT_NATS_SERVERS":     strings.Join(c.NatsServers, ","),
+		"NEX_AGENT_NATS_USER_SEED":   c.NatsUserSeed,
+		"NEX_AGENT_NATS_B64_JWT":     b64(c.NatsUserJWT),
+		"NEX_AGENT_NATS_USER":        c.NatsUserName,
+		"NEX_AGENT_NATS_PASSWORD":    c.NatsUserPassword,
+		"NEX_AGENT_NATS_USER_NKEY":   c.NatsUserNkey,
+		"NEX_AGENT_NODE_ID":          nodeID,
+		"NEX_AGENT_ASSIGNED_ID":      agentID,
+		protocol.EnvAgentInboxPrefix: c.InboxPrefix,
 	}
 }
 

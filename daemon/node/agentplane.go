@@ -47,6 +47,9 @@ func (n *Node) handleRegister(r micro.Request) {
 		n.fail(r, 400, "bad agent id", fmt.Errorf("agent id %q in the subject must be letters, digits, - or _", agentID))
 		return
 	}
+	if !n.ownInbox(r, agentID) {
+		return
+	}
 	var req protocol.RegisterAgentRequest
 	if err := protocol.Decode(r.Data(), &req); err != nil {
 		n.fail(r, 400, "bad agent registration", err)
@@ -127,6 +130,19 @@ func (n *Node) handleRegister(r micro.Request) {
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,
 		"version", req.Version, "replayed", len(existing))
 	n.o.Emitter.Emit(n.id, protocol.EventAgentStarted, protocol.AgentStartedEvent{ID: agentID, Name: req.Name, RegisterType: req.RegisterType, Timestamp: now.UTC()})
+}
+
+// ownInbox reports whether a request from the child with this id may be answered on
+// its reply subject: with private inboxes only the child's own prefix is, so that no
+// credentials ever go to an inbox another client can read. A refusal is logged with
+// the reason and not answered (the reply subject is not the child's).
+func (n *Node) ownInbox(r micro.Request, id string) bool {
+	if !n.o.Minter.PrivateInboxes() || strings.HasPrefix(r.Reply(), protocol.InboxPrefix(id)+".") {
+		return true
+	}
+	n.log.Warn("request refused: the reply subject is not the sender's private inbox",
+		"subject", r.Subject(), "reply", r.Reply(), "want_prefix", protocol.InboxPrefix(id)+".")
+	return false
 }
 
 // handleRemoteRegister serves $NEX.SVC.<nexus>.agent.RREGISTER (queue group = nexus,

@@ -39,7 +39,8 @@ func (m testMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionDa
 func (m testMinter) MintWorkload(ns, id string) (protocol.NatsConnectionData, error) {
 	return m.cd("workload-" + ns + "-" + id), nil
 }
-func (m testMinter) CanMint() bool { return m.can }
+func (m testMinter) CanMint() bool        { return m.can }
+func (m testMinter) PrivateInboxes() bool { return false }
 
 func testLogger(t testing.TB) *slog.Logger {
 	if os.Getenv("NODE_TEST_LOG") != "" {

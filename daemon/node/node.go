@@ -37,6 +37,10 @@ type Minter interface {
 	// CanMint reports whether an issuer is configured. Without one, remote
 	// registration is refused: a remote nexlet would get no usable identity.
 	CanMint() bool
+	// PrivateInboxes reports whether each minted user may subscribe only to its own
+	// inbox (protocol.InboxPrefix of its id): the node then replies to a nexlet only
+	// there, and never into an inbox anyone else could read.
+	PrivateInboxes() bool
 }
 
 // Options configure a Node. NC, NodeKey, XKey and Minter are required.

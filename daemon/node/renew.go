@@ -42,6 +42,9 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 		n.fail(r, 400, "bad renewal subject", fmt.Errorf("renew credentials: subject %q: want RENEWCREDS.<agent id>.<workload id>", r.Subject()))
 		return
 	}
+	if !n.ownInbox(r, agentID) {
+		return
+	}
 	var req protocol.RenewCredsRequest
 	if err := protocol.Decode(r.Data(), &req); err != nil {
 		n.fail(r, 400, "bad renewal request", err)

@@ -94,7 +94,8 @@ func TestRenewCredsKeepsTheWorkloadsNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := newFixture(t, 1, func(_ int, o *Options) { o.Minter = m })
+	// The fixture's nexlet uses the default inbox; private inboxes have their own test.
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Minter = sharedInbox{m} })
 	n := f.nodes[0]
 	f.healthyAgent(n, "agent0", "go_exec", "native", nil)
 	wid := f.deployOne("tenant")
@@ -127,3 +128,8 @@ func slicesHave(l jwt.StringList, want string) bool {
 	}
 	return false
 }
+
+// sharedInbox lets a test nexlet on the default inbox talk to a signing-key minter.
+type sharedInbox struct{ *mint.SigningKeyMinter }
+
+func (sharedInbox) PrivateInboxes() bool { return false }

@@ -268,6 +268,11 @@ func (n *Nexlet) buildEnv(id string, req *protocol.AgentStartWorkloadRequest, pl
 	vars["NEX_WORKLOAD_NATS_SERVERS"] = strings.Join(creds.NatsServers, ",")
 	vars["NEX_WORKLOAD_NATS_NKEY"] = creds.NatsUserSeed
 	vars["NEX_WORKLOAD_NATS_B64_JWT"] = base64.StdEncoding.EncodeToString([]byte(creds.NatsUserJWT))
+	if creds.InboxPrefix != "" {
+		// For nats.CustomInboxPrefix: a scoped workload user may subscribe to no
+		// other inbox.
+		vars[protocol.EnvWorkloadInboxPrefix] = creds.InboxPrefix
+	}
 	if creds.NatsUserJWT != "" {
 		vars[EnvCredsFile] = n.credsPath(id)
 	}

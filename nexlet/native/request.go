@@ -98,6 +98,7 @@ type plan struct {
 
 // reservedEnv are set by the nexlet and may not come from the request.
 var reservedEnv = []string{"NEX_WORKLOAD_NATS_SERVERS", "NEX_WORKLOAD_NATS_NKEY", "NEX_WORKLOAD_NATS_B64_JWT", EnvCredsFile,
+	protocol.EnvWorkloadInboxPrefix,
 	"NEX_WORKLOAD_ID", "NEX_NAMESPACE"}
 
 var (

@@ -1,0 +1,215 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+// sniffer is a tenant's workload that tries to read other clients' replies: it
+// subscribes to _INBOX.> (and _INBOX_*.>, every private inbox), republishes the subject
+// of every message it captures on <ns>.captured, and reports every 200ms which
+// subscriptions the server denied.
+const sniffer = `package main
+
+import (
+	"encoding/json"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+func main() {
+	var mu sync.Mutex
+	var errs []string
+	var captured atomic.Int64
+	var subjects sync.Map
+	opts := []nats.Option{nats.UserCredentials(os.Getenv("NEX_WORKLOAD_NATS_CREDS_FILE"))}
+	if p := os.Getenv("NEX_WORKLOAD_NATS_INBOX_PREFIX"); p != "" {
+		opts = append(opts, nats.CustomInboxPrefix(p))
+	}
+	nc, err := nats.Connect(os.Getenv("NEX_WORKLOAD_NATS_SERVERS"), append(opts,
+		nats.MaxReconnects(-1), nats.ReconnectWait(200*time.Millisecond),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			mu.Lock()
+			errs = append(errs, err.Error())
+			mu.Unlock()
+		}))...)
+	if err != nil {
+		os.Exit(1)
+	}
+	for _, s := range []string{"_INBOX.>", "_INBOX_*.>"} {
+		_, _ = nc.Subscribe(s, func(m *nats.Msg) {
+			captured.Add(1)
+			subjects.Store(m.Subject, true)
+			_ = nc.Publish(os.Getenv("NEX_NAMESPACE")+".captured", []byte(m.Subject))
+		})
+	}
+	ns := os.Getenv("NEX_NAMESPACE")
+	for {
+		mu.Lock()
+		e := append([]string(nil), errs...)
+		mu.Unlock()
+		var subs []string
+		subjects.Range(func(k, _ any) bool { subs = append(subs, k.(string)); return true })
+		b, _ := json.Marshal(map[string]any{"captured": captured.Load(), "subjects": subs, "errors": e})
+		_ = nc.Publish(ns+".sniff", b)
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+`
+
+// buildWorkload compiles a Go program (src) with the module's nats.go.
+func buildWorkload(t *testing.T, name, src string) string {
+	t.Helper()
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "main.go"), src)
+	bin := filepath.Join(dir, name)
+	build := exec.Command("go", "build", "-o", bin, filepath.Join(dir, "main.go"))
+	build.Dir = ".."
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build %s: %v\n%s", name, err, out)
+	}
+	return bin
+}
+
+// signingNode starts nexd on an operator-mode NATS with the signing-key strategy and
+// returns it with the node user's creds file and a connection of that user.
+func signingNode(t *testing.T, extra ...string) (*node, string, *nats.Conn) {
+	t.Helper()
+	srv, acct, sigSeed, creds := operatorNATS(t)
+	url := srv.ClientURL()
+	n := startNode(t, nodeOpts{external: url, extra: append([]string{
+		"--nats.creds-file", creds,
+		"--issuer-signing-key", sigSeed,
+		"--issuer-signing-key-root-account", acct,
+	}, extra...)})
+	n.waitReady(t)
+	nc, err := nats.Connect(url, nats.UserCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return n, creds, nc
+}
+
+// natsRun deploys through NATS (an auction, as a tenant would) with nexctl.
+func (n *node) natsRun(t *testing.T, creds, ns string, args ...string) runResult {
+	t.Helper()
+	out, errOut, code := run(t, nil, bins.nexctl, append([]string{"--control-socket", n.socket,
+		"--nats.servers", n.natsURL, "--nats.creds-file", creds, "--namespace", ns, "--json",
+		"workload", "run"}, args...)...)
+	if code != 0 {
+		t.Fatalf("nexctl workload run in %s: exit %d\nstdout: %s\nstderr: %s\nnexd:\n%s", ns, code, out, errOut, n.out.String())
+	}
+	var r runResult
+	if err := json.Unmarshal([]byte(out), &r); err != nil || r.ID == "" {
+		t.Fatalf("workload run --json: %v: %q", err, out)
+	}
+	return r
+}
+
+// TestInboxSniffing: a tenant's workload subscribes to every inbox while the native
+// nexlet re-registers (its reply carries the nexlet's user and every replayed
+// workload's credentials, tenant B's included) and while nexctl deploys. The server
+// denies both subscriptions and the workload captures nothing.
+func TestInboxSniffing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	bin := buildWorkload(t, "sniffer", sniffer)
+	n, creds, nc := signingNode(t)
+
+	type report struct {
+		Captured int
+		Subjects []string
+		Errors   []string
+	}
+	reports := make(chan report, 4096)
+	if _, err := nc.Subscribe("tenant-a.sniff", func(m *nats.Msg) {
+		var r report
+		if json.Unmarshal(m.Data, &r) == nil {
+			select {
+			case reports <- r:
+			default:
+			}
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	capturedSub, err := nc.SubscribeSync("tenant-a.captured")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	a := n.natsRun(t, creds, "tenant-a", "--name", "sniffer", "--", bin)
+	next := func(what string) report {
+		t.Helper()
+		select {
+		case r := <-reports:
+			return r
+		case <-time.After(60 * time.Second):
+			t.Fatalf("no report from the sniffer %s (%s)\nnexd:\n%s", a.ID, what, n.out.String())
+		}
+		return report{}
+	}
+	denied := func(r report, subj string) bool {
+		return slices.ContainsFunc(r.Errors, func(e string) bool {
+			return strings.Contains(strings.ToLower(e), "permissions violation") && strings.Contains(e, subj)
+		})
+	}
+	// Both subscriptions are denied (errors arrive one at a time, so over reports).
+	var deniedAll, deniedPrivate bool
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && !(deniedAll && deniedPrivate); {
+		r := next("first reports")
+		deniedAll = deniedAll || denied(r, `"_INBOX.>"`)
+		deniedPrivate = deniedPrivate || denied(r, `"_INBOX_*.>"`)
+	}
+	if !deniedAll || !deniedPrivate {
+		t.Errorf("the inbox subscriptions were not both denied: _INBOX.> %v, _INBOX_*.> %v", deniedAll, deniedPrivate)
+	}
+
+	// Tenant B deploys (nexctl's requests and replies cross the bus) ...
+	n.natsRun(t, creds, "tenant-b", "--name", "victim", "--", "/bin/sleep", "300")
+	// ... and the native nexlet crashes and registers again: its reply carries its new
+	// user and fresh credentials for both workloads.
+	registered := strings.Count(n.out.String(), "nexlet registered")
+	pid := nexletPID(n.cmd.Process.Pid)
+	if pid == 0 {
+		t.Fatalf("native nexlet not found\nnexd:\n%s", n.out.String())
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the native nexlet registered again", 60*time.Second, func() bool {
+		return strings.Count(n.out.String(), "nexlet registered") > registered
+	})
+	// A few more seconds of reports after the re-registration, then count what any
+	// instance of the sniffer (the nexlet's restart may have restarted it) captured.
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
+		next("after the re-registration")
+	}
+	var got []string
+	for {
+		m, err := capturedSub.NextMsg(100 * time.Millisecond)
+		if err != nil {
+			break
+		}
+		got = append(got, string(m.Data))
+	}
+	if len(got) > 0 {
+		t.Fatalf("the tenant-a workload captured %d messages on other clients' inboxes: %q", len(got), got)
+	}
+}
