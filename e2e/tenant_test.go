@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // sniffer is a tenant's workload that tries to read other clients' replies: it
@@ -73,7 +75,7 @@ func main() {
 func buildWorkload(t *testing.T, name, src string) string {
 	t.Helper()
 	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "main.go"), src)
+	testkit.WriteFile(t, filepath.Join(dir, "main.go"), src)
 	bin := filepath.Join(dir, name)
 	build := exec.Command("go", "build", "-o", bin, filepath.Join(dir, "main.go"))
 	build.Dir = ".."
@@ -106,7 +108,7 @@ func signingNode(t *testing.T, extra ...string) (*node, string, *nats.Conn) {
 // natsRun deploys through NATS (an auction, as a tenant would) with nexctl.
 func (n *node) natsRun(t *testing.T, creds, ns string, args ...string) runResult {
 	t.Helper()
-	out, errOut, code := run(t, nil, bins.nexctl, append([]string{"--control-socket", n.socket,
+	out, errOut, code := run(t, nil, nexctlBin(t), append([]string{"--control-socket", n.socket,
 		"--nats.servers", n.natsURL, "--nats.creds-file", creds, "--namespace", ns, "--json",
 		"workload", "run"}, args...)...)
 	if code != 0 {
@@ -193,7 +195,7 @@ func TestInboxSniffing(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the native nexlet registered again", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the native nexlet registered again", func() bool {
 		return strings.Count(n.out.String(), "nexlet registered") > registered
 	})
 	// A few more seconds of reports after the re-registration, then count what any
