@@ -36,6 +36,11 @@ type ServerOptions struct {
 	Group string
 	// ProcRoot is where peers' /proc/<pid>/status is read; default "/proc".
 	ProcRoot string
+	// Listener, when set, is the socket systemd created for nexd (socket activation,
+	// nexd.socket): Listen serves on it instead of creating one, still applies the
+	// mode and group above (the config decides who may connect), and Close leaves
+	// it in place, so clients queue on it while nexd restarts.
+	Listener *net.UnixListener
 }
 
 // Server serves the control API on a Unix socket.
@@ -43,6 +48,7 @@ type Server struct {
 	path     string
 	opts     ServerOptions
 	ln       net.Listener
+	inherit  bool // the socket is systemd's: never remove it
 	srv      *http.Server
 	mux      *http.ServeMux
 	known    *http.ServeMux // the same paths without methods, to tell 405 from 404
@@ -89,11 +95,25 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 	if s.hasGroup {
 		gid = int(s.groupGID)
 	}
-	ln, err := listenUnix(path, mode, gid, func(msg string) { opts.Logger.Warn(msg) })
-	if err != nil {
-		return nil, err
+	warn := func(msg string) { opts.Logger.Warn(msg) }
+	if opts.Listener != nil {
+		got := opts.Listener.Addr().String()
+		if got != path {
+			warn(fmt.Sprintf("control socket from systemd is %s, not the configured %s; serving on systemd's", got, path))
+		}
+		s.path, s.ln, s.inherit = got, opts.Listener, true
+		if !strings.HasPrefix(got, "@") { // an abstract socket has no file to chmod
+			if err := setOwnership(got, mode, gid, warn); err != nil {
+				return nil, err
+			}
+		}
+	} else {
+		ln, err := listenUnix(path, mode, gid, warn)
+		if err != nil {
+			return nil, err
+		}
+		s.ln = ln
 	}
-	s.ln = ln
 	s.routes()
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 	s.srv = &http.Server{
@@ -133,6 +153,9 @@ func (s *Server) Close() error {
 		err = s.srv.Shutdown(ctx)
 		if err != nil {
 			err = s.srv.Close()
+		}
+		if s.inherit {
+			return // systemd's socket outlives this nexd
 		}
 		if rerr := os.Remove(s.path); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) && err == nil {
 			err = rerr

@@ -57,15 +57,20 @@ func listenUnix(path string, mode fs.FileMode, gid int, warn func(string)) (*net
 	}
 	// Close must not unlink: Server.Close removes the path itself, and only its own.
 	l.SetUnlinkOnClose(false)
-	fail := func(err error) (*net.UnixListener, error) {
+	if err := setOwnership(path, mode, gid, warn); err != nil {
 		l.Close()
 		os.Remove(path)
 		return nil, err
 	}
+	return l, nil
+}
+
+// setOwnership gives the socket file group gid (when >= 0) and mode.
+func setOwnership(path string, mode fs.FileMode, gid int, warn func(string)) error {
 	if gid >= 0 {
 		if err := os.Chown(path, -1, gid); err != nil {
 			if !errors.Is(err, fs.ErrPermission) {
-				return fail(fmt.Errorf("control socket %s: chown to gid %d: %w", path, gid, err))
+				return fmt.Errorf("control socket %s: chown to gid %d: %w", path, gid, err)
 			}
 			// An unprivileged nexd (development) cannot hand the socket to the group;
 			// it still works for its own user and root.
@@ -73,9 +78,9 @@ func listenUnix(path string, mode fs.FileMode, gid int, warn func(string)) (*net
 		}
 	}
 	if err := os.Chmod(path, mode); err != nil {
-		return fail(fmt.Errorf("control socket %s: chmod %o: %w", path, mode, err))
+		return fmt.Errorf("control socket %s: chmod %o: %w", path, mode, err)
 	}
-	return l, nil
+	return nil
 }
 
 // removeStale removes path when it is a socket nobody answers on; a live socket or a

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -49,15 +50,18 @@ type daemon struct {
 	stateDir string
 	socket   string
 
-	conn     *natsconn.Conn
-	minter   mint.Minter
-	store    node.Store
-	node     *node.Node
-	nexlets  *nexlets.Manager
-	ctl      *control.Server
-	secrets  *secretStore
-	metrics  *metrics.Metrics
-	metricsL *metrics.Listener
+	conn    *natsconn.Conn
+	minter  mint.Minter
+	store   node.Store
+	node    *node.Node
+	nexlets *nexlets.Manager
+	ctl     *control.Server
+	// ctlListener is the control socket from systemd (nexd.socket); nil when nexd
+	// creates the socket itself.
+	ctlListener *net.UnixListener
+	secrets     *secretStore
+	metrics     *metrics.Metrics
+	metricsL    *metrics.Listener
 
 	shutdown     chan string // reason; buffered, first one wins
 	lameduckTill time.Time
@@ -89,6 +93,11 @@ func newDaemon(loaded *config.Loaded, args, env []string, stderr io.Writer) (*da
 	d.logger = lg
 	d.log = lg.Slog()
 	d.notify = sysd.NewNotifier(d.log)
+	// Claim systemd's socket before any child could inherit it (it is close-on-exec
+	// from here on).
+	if d.ctlListener, err = sysd.ControlListener(); err != nil {
+		return nil, err
+	}
 	d.metrics = metrics.New()
 	return d, nil
 }
@@ -277,12 +286,13 @@ func (d *daemon) start(ctx context.Context) error {
 		Backend:     backend{d},
 		AllowOthers: cfg.Node.ControlAllowOthers,
 		Logger:      d.log,
+		Listener:    d.ctlListener,
 	})
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
 	}
 	go d.ctl.Serve(ctx)
-	d.log.Info("control socket listening", "path", d.socket)
+	d.log.Info("control socket listening", "path", d.ctl.Path(), "socket_activated", d.ctlListener != nil)
 	if cfg.Node.MetricsListen != "" {
 		if d.metricsL, err = d.metrics.Listen(cfg.Node.MetricsListen); err != nil {
 			return fmt.Errorf("metrics: %w", err)

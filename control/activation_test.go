@@ -1,0 +1,93 @@
+package control
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// A socket systemd created (socket activation) is served as it is, gets the mode
+// the config asks for, and outlives the server: a client that connects while no
+// server runs is answered by the next one.
+func TestInheritedListener(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nexd.sock")
+	sys, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sys.SetUnlinkOnClose(false)
+	t.Cleanup(func() { sys.Close() })
+	if err := os.Chmod(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// serve runs a server on a duplicate of systemd's socket, as a new nexd gets it.
+	serve := func(allow string) (*Server, chan error) {
+		f, err := sys.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		l, err := net.FileListener(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := Listen(filepath.Join(t.TempDir(), "configured.sock"), ServerOptions{
+			Backend: newTestBackend(), AllowOthers: allow, Listener: l.(*net.UnixListener)})
+		if err != nil {
+			t.Fatalf("Listen on an inherited socket: %v", err)
+		}
+		if s.Path() != path {
+			t.Errorf("Path() = %s, want systemd's %s", s.Path(), path)
+		}
+		done := make(chan error, 1)
+		go func() { done <- s.Serve(context.Background()) }()
+		return s, done
+	}
+	mode := func() os.FileMode {
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatalf("socket after server: %v", err)
+		}
+		return fi.Mode().Perm()
+	}
+
+	s1, done1 := serve(AllowStatus)
+	if m := mode(); m != 0o666 {
+		t.Errorf("mode %o with allow_others=status, want 0666", m)
+	}
+	c := NewClient(path)
+	defer c.Close()
+	if _, err := c.Status(context.Background()); err != nil {
+		t.Fatalf("status through the inherited socket: %v", err)
+	}
+	c.Close()
+	if err := s1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done1; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+
+	// No server now: the socket is still there and a connection is queued.
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("connect between servers: %v (the socket must outlive the server)", err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("GET /v1/status HTTP/1.0\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+
+	s2, done2 := serve(AllowNone)
+	t.Cleanup(func() { s2.Close(); <-done2 })
+	if m := mode(); m != 0o660 {
+		t.Errorf("mode %o with allow_others=none, want 0660", m)
+	}
+	buf := make([]byte, 12)
+	if _, err := conn.Read(buf); err != nil || string(buf) != "HTTP/1.0 200" {
+		t.Fatalf("queued request answered %q, %v; want HTTP/1.0 200", buf, err)
+	}
+}

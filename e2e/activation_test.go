@@ -1,0 +1,189 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// startActivated runs the real nexd as systemd does for nexd.socket: the listening
+// socket as fd 3, LISTEN_FDS=1 and LISTEN_PID set to nexd's own pid (sh sets it to
+// $$ and execs nexd, which keeps the pid).
+func startActivated(t *testing.T, sock *os.File, args []string) *proc {
+	t.Helper()
+	dir := t.TempDir()
+	p := &proc{out: &testkit.Buffer{}, done: make(chan struct{}), dir: dir}
+	cmd := exec.Command("/bin/sh", append([]string{"-c",
+		`export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nexd.socket; exec "$0" "$@"`, nexdBin(t)}, args...)...)
+	cmd.Dir = dir
+	cmd.Env = []string{"HOME=" + dir, "PATH=" + os.Getenv("PATH")}
+	cmd.ExtraFiles = []*os.File{sock}
+	cmd.Stdout, cmd.Stderr = p.out, p.out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p.cmd = cmd
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-p.done:
+			case <-time.After(30 * time.Second):
+				cmd.Process.Kill()
+				<-p.done
+			}
+		}
+		if t.Failed() {
+			t.Logf("nexd output:\n%s", p.out.String())
+		}
+	})
+	return p
+}
+
+// TestSocketActivation: nexd serves the control socket systemd passes it, applies
+// the configured mode, hands it to no child, and leaves it in place when it exits,
+// so a client that connects while nexd restarts is answered by the next nexd.
+func TestSocketActivation(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	path := filepath.Join(t.TempDir(), "nexd.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	t.Cleanup(func() { ln.Close() })
+	if err := os.Chmod(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sock, err := ln.File() // systemd's copy, kept across nexd restarts
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sock.Close() })
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(sock.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	sockLink := fmt.Sprintf("socket:[%d]", st.Ino)
+
+	args := []string{"--state-dir", t.TempDir(), "--control-socket", path, "--node-name", "e2e",
+		"--startup-timeout", "60s", "--nats.servers", s.ClientURL()}
+	if cg := cgroupRoot(t); cg != "" {
+		args = append(args, "--cgroup-root", cg)
+	}
+	status := func(p *proc) (control.Status, bool) {
+		select {
+		case <-p.done:
+			t.Fatalf("nexd exited: %v\n%s", p.err, p.out.String())
+		default:
+		}
+		out, _, code := run(t, nil, nexctlBin(t), "--control-socket", path, "status", "--json")
+		var cs control.Status
+		if code != 0 || json.Unmarshal([]byte(out), &cs) != nil {
+			return cs, false
+		}
+		return cs, true
+	}
+
+	p1 := startActivated(t, sock, args)
+	testkit.EventuallyWithin(t, 90*time.Second, "first nexd running on systemd's socket", func() bool {
+		cs, ok := status(p1)
+		return ok && cs.State == "running"
+	})
+	if !strings.Contains(p1.out.String(), "socket_activated=true") {
+		t.Errorf("nexd did not log serving a socket-activated control socket:\n%s", p1.out.String())
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o666 {
+		t.Errorf("socket mode %v (%v), want 0666 for the default control_allow_others=status", fi.Mode().Perm(), err)
+	}
+	// No child (the native nexlet) holds systemd's socket or sees LISTEN_*.
+	children := childPIDs(t, p1.cmd.Process.Pid)
+	if len(children) == 0 {
+		t.Fatal("nexd has no children; expected the native nexlet")
+	}
+	for _, pid := range children {
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		for _, fd := range fds {
+			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); l == sockLink {
+				t.Errorf("child %d inherited the control socket as fd %s", pid, fd.Name())
+			}
+		}
+		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if strings.Contains(string(env), "LISTEN_") {
+			t.Errorf("child %d inherited LISTEN_* variables", pid)
+		}
+	}
+
+	// Restart: between the two nexds the socket stays and connections queue.
+	p1.cmd.Process.Signal(syscall.SIGTERM)
+	<-p1.done
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("nexd removed systemd's socket on exit: %v", err)
+	}
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("connect while no nexd runs: %v", err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("GET /v1/status HTTP/1.0\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	viaCtl := make(chan int, 1)
+	go func() {
+		_, _, code := run(t, nil, nexctlBin(t), "--control-socket", path, "status")
+		viaCtl <- code
+	}()
+
+	p2 := startActivated(t, sock, args)
+	conn.SetReadDeadline(time.Now().Add(90 * time.Second))
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "HTTP/1.0 200") {
+		t.Fatalf("request queued during the restart: %q, %v; want HTTP/1.0 200 from the next nexd", line, err)
+	}
+	if code := <-viaCtl; code != 0 {
+		t.Errorf("nexctl status during the restart exited %d, want 0", code)
+	}
+	testkit.EventuallyWithin(t, 90*time.Second, "second nexd running", func() bool {
+		cs, ok := status(p2)
+		return ok && cs.State == "running"
+	})
+}
+
+// childPIDs lists pid's direct children.
+func childPIDs(t *testing.T, pid int) []int {
+	t.Helper()
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		for _, s := range strings.Fields(string(b)) {
+			var c int
+			if _, err := fmt.Sscan(s, &c); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
