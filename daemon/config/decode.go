@@ -299,7 +299,8 @@ func decodeText(s *keySpec, vals []string) (any, []problem) {
 		out := map[string]string{}
 		var ps []problem
 		for _, v := range vals {
-			for _, kv := range splitList(v) {
+			// Upstream's map syntax is k=v;k2=v2; ours also takes commas.
+			for _, kv := range splitList(strings.ReplaceAll(v, ";", ",")) {
 				k, val, ok := strings.Cut(kv, "=")
 				if !ok || strings.TrimSpace(k) == "" {
 					ps = append(ps, problem{msg: fmt.Sprintf("expected key=value, got %q", kv)})

@@ -147,6 +147,7 @@ func newFlagState(r *registry) *flagState {
 	st.check = fs.Bool("check", false, "print the resolved configuration with its origins, validate it, and exit")
 	st.help = fs.BoolP("help", "h", false, "show this help")
 	st.version = fs.Bool("version", false, "print version, commit and build date")
+	addUpstreamFlags(fs)
 	return st
 }
 

@@ -138,6 +138,9 @@ func Load(opts LoadOptions) (*Loaded, error) {
 		parsed = false
 	}
 	out := &Loaded{Check: *st.check, Help: *st.help, Version: *st.version, Args: st.fs.Args()}
+	if parsed {
+		ld.warnings = append(ld.warnings, upstreamFlagNotices(st.fs)...)
+	}
 
 	k := koanf.New(".")
 	origins, paths := map[string]string{}, map[string]string{}
@@ -370,6 +373,9 @@ func (w *fileWalker) top(mp map[string]any) {
 				w.set(s, k, v)
 				continue
 			}
+			if w.upstream(k, k) {
+				continue
+			}
 			w.errAt(k, unknownMsg(k, w.names(func(*keySpec) bool { return true }, "node", "nats", "logger", "native_limits")))
 		}
 	}
@@ -415,6 +421,9 @@ func (w *fileWalker) node(v any) {
 				}
 				continue
 			}
+			if w.upstream(k2, path) {
+				continue
+			}
 			w.errAt(path, unknownMsg(k2, w.names(func(s *keySpec) bool { return s.scope == scopeNode }, "native_limits")))
 		}
 	}
@@ -436,8 +445,21 @@ func (w *fileWalker) group(name string, v any) {
 			w.set(s, name+"."+k, obj[k])
 			continue
 		}
+		if w.upstream(name+"."+k, name+"."+k) {
+			continue
+		}
 		w.errAt(name+"."+k, unknownMsg(k, known))
 	}
+}
+
+// upstream accepts an upstream-only key with a notice; false when key is not one.
+func (w *fileWalker) upstream(key, path string) bool {
+	n := upstreamNotice(key)
+	if n == "" {
+		return false
+	}
+	w.ld.warnings = append(w.ld.warnings, fmt.Sprintf("%s: %s%s", w.source, path, strings.TrimPrefix(n, key)))
+	return true
 }
 
 func (w *fileWalker) limits(path string, v any) {

@@ -720,6 +720,9 @@ func TestRegistry(t *testing.T) {
 	n := 0
 	fs.VisitAll(func(f *pflag.Flag) {
 		n++
+		if f.Hidden {
+			return // upstream-only flags, accepted with a notice
+		}
 		if !strings.Contains(usage, "--"+f.Name+" ") && !strings.Contains(usage, "--"+f.Name+"\n") &&
 			!strings.Contains(usage, "--"+f.Name+"  ") {
 			t.Errorf("Usage lacks --%s", f.Name)
@@ -848,4 +851,43 @@ func FuzzLoad(f *testing.F) {
 		}
 		_ = RestartOnly(l.Config, l.Config)
 	})
+}
+
+// TestUpstreamGlobalsAccepted loads a config.json shared with upstream's nex CLI: its
+// global keys (flat, dotted and nested), resource_directory and the same as flags load
+// with one notice each instead of stopping the node.
+func TestUpstreamGlobalsAccepted(t *testing.T) {
+	dir := t.TempDir()
+	body := `{
+  "namespace": "system",
+  "json": true,
+  "disable_upgrade_check": true,
+  "logger": {"level": "info", "color": true, "short": true, "timefmt": "DateTime"},
+  "node": {"up": {"node_name": "n1", "resource_directory": "/home/u/.config/nex", "tags": {"region": "lab"}}}
+}`
+	o := hermetic("--logger.color", "--resource-directory", "/tmp/x", "--tags", "a=1;b=2")
+	o.UserFile = testkit.WriteFile(t, filepath.Join(dir, "config.json"), body)
+	l := mustLoad(t, o)
+	want := []string{
+		o.UserFile + ": json: no effect in nexd",
+		o.UserFile + ": disable_upgrade_check: no effect in nexd",
+		o.UserFile + ": logger.color: no effect",
+		o.UserFile + ": logger.short: no effect",
+		o.UserFile + ": logger.timefmt: no effect",
+		o.UserFile + ": node.up.resource_directory: no effect in nexd: its files live in state_dir",
+		"flag --logger.color: no effect",
+		"flag --resource-directory: no effect",
+	}
+	all := strings.Join(l.Warnings, "\n")
+	for _, w := range want {
+		if !strings.Contains(all, w) {
+			t.Errorf("no notice %q in:\n%s", w, all)
+		}
+	}
+	if got := l.Config.Node.Tags; len(got) != 2 || got["a"] != "1" || got["b"] != "2" {
+		t.Errorf("--tags 'a=1;b=2' = %v, want a=1 and b=2 as upstream parses it", got)
+	}
+	if strings.Contains(Usage(), "resource-directory") {
+		t.Error("upstream-only flags must stay out of --help")
+	}
 }
