@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -111,32 +112,70 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	if stdio.Stdin == nil {
 		stdio.Stdin = strings.NewReader("")
 	}
-	root := NewRootCommand(stdio)
+	root, a := newRoot(stdio)
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)
-	if err == nil {
+	if err == nil || errors.Is(err, errCheckDone) {
 		return ExitOK
 	}
+	// A usage error may stop parsing before --json is seen.
+	asJSON := a.json || slices.Contains(args, "--json") || slices.Contains(args, "--json=true")
+	code, kind, msg := ExitFailed, "failed", err.Error()
 	var ue usageError
 	var ee exitError
 	switch {
-	case errors.Is(err, errCheckDone):
-		return ExitOK
 	case errors.As(err, &ee):
-		if ee.err != nil && ee.err.Error() != "" {
-			fmt.Fprintf(stdio.Stderr, "nexctl: %v\n", ee.err)
+		code, msg = ee.code, ""
+		if ee.err != nil {
+			msg = ee.err.Error()
 		}
-		return ee.code
+		if code == ExitUsage {
+			kind = "usage"
+		}
 	case errors.As(err, &ue) || isCobraUsage(err):
-		fmt.Fprintf(stdio.Stderr, "nexctl: %v\nRun 'nexctl --help' for usage.\n", err)
-		return ExitUsage
+		code, kind = ExitUsage, "usage"
 	case errors.Is(err, context.Canceled):
-		fmt.Fprintln(stdio.Stderr, "nexctl: interrupted")
-		return ExitFailed
-	default:
-		fmt.Fprintf(stdio.Stderr, "nexctl: %v\n", err)
-		return ExitFailed
+		kind, msg = "interrupted", "interrupted"
 	}
+	if asJSON {
+		writeJSONError(stdio.Stderr, code, kind, msg, err)
+		return code
+	}
+	switch {
+	case msg == "":
+	case kind == "usage" && ee.err == nil:
+		fmt.Fprintf(stdio.Stderr, "nexctl: %s\nRun 'nexctl --help' for usage.\n", msg)
+	default:
+		fmt.Fprintf(stdio.Stderr, "nexctl: %s\n", msg)
+	}
+	return code
+}
+
+// jsonError is what --json prints on stderr for a failed command.
+type jsonError struct {
+	Error struct {
+		Message  string `json:"message"`
+		Kind     string `json:"kind"` // usage, failed or interrupted
+		ExitCode int    `json:"exit_code"`
+		// NodeCode is the $NEX micro error code, HTTPStatus the control socket's status.
+		NodeCode   int `json:"node_code,omitempty"`
+		HTTPStatus int `json:"http_status,omitempty"`
+	} `json:"error"`
+}
+
+func writeJSONError(w io.Writer, code int, kind, msg string, err error) {
+	var je jsonError
+	je.Error.Message, je.Error.Kind, je.Error.ExitCode = msg, kind, code
+	var ne *nodeError
+	if errors.As(err, &ne) {
+		je.Error.NodeCode = ne.Code
+	}
+	var ae *control.APIError
+	if errors.As(err, &ae) {
+		je.Error.HTTPStatus = ae.Status
+	}
+	b, _ := json.Marshal(je)
+	fmt.Fprintln(w, string(b))
 }
 
 // isCobraUsage recognises cobra's own argument errors, which are not typed.
@@ -152,6 +191,11 @@ func isCobraUsage(err error) bool {
 
 // NewRootCommand builds the whole command tree.
 func NewRootCommand(stdio IO) *cobra.Command {
+	root, _ := newRoot(stdio)
+	return root
+}
+
+func newRoot(stdio IO) (*cobra.Command, *app) {
 	a := &app{io: stdio}
 	version := stdio.Version
 	if version == "" {
@@ -205,7 +249,7 @@ Exit codes: 0 success, 1 failure, 2 usage error.`,
 		root.AddCommand(c)
 	}
 	root.AddCommand(genDocsCommand(root))
-	return root
+	return root, a
 }
 
 // groupRun is the RunE of a command that only groups subcommands: help without
@@ -269,7 +313,8 @@ func (f *kvFlag) String() string {
 }
 
 func (f *kvFlag) Set(s string) error {
-	for _, part := range strings.Split(s, ",") {
+	// Upstream separates pairs with ';' (kong's map syntax); commas work too.
+	for _, part := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ';' }) {
 		k, v, ok := strings.Cut(part, "=")
 		if !ok || strings.TrimSpace(k) == "" {
 			return fmt.Errorf("%q is not key=value", part)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"strings"
 	"time"
 
@@ -254,7 +255,7 @@ func (a *app) logsCmd() *cobra.Command {
 func (a *app) configCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "config",
-		Short: "Print the local node's resolved config, secrets redacted",
+		Short: "Print the local node's resolved config and where each value came from, secrets redacted",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c := a.client()
@@ -262,6 +263,11 @@ func (a *app) configCmd() *cobra.Command {
 			raw, err := c.Config(cmd.Context())
 			if err != nil {
 				return err
+			}
+			if !a.json {
+				if ok, err := renderConfig(a.out(), raw); ok || err != nil {
+					return err
+				}
 			}
 			var buf bytes.Buffer
 			if err := json.Indent(&buf, raw, "", "  "); err != nil {
@@ -350,4 +356,47 @@ func (a *app) secretCmd() *cobra.Command {
 		},
 	})
 	return cmd
+}
+
+// renderConfig prints the node's config answer ({"files", "settings": {key: {value,
+// origin}}, "warnings"}) as a table; ok is false when raw has another shape.
+func renderConfig(w io.Writer, raw []byte) (bool, error) {
+	var cfg struct {
+		Files    []string `json:"files"`
+		Settings map[string]struct {
+			Value  any    `json:"value"`
+			Origin string `json:"origin"`
+		} `json:"settings"`
+		Warnings []string `json:"warnings"`
+	}
+	if json.Unmarshal(raw, &cfg) != nil || len(cfg.Settings) == 0 {
+		return false, nil
+	}
+	keys := make([]string, 0, len(cfg.Settings))
+	for k := range cfg.Settings {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	rows := make([][]string, 0, len(keys))
+	for _, k := range keys {
+		st := cfg.Settings[k]
+		v, ok := st.Value.(string)
+		if !ok {
+			b, _ := json.Marshal(st.Value)
+			v = string(b)
+		}
+		rows = append(rows, []string{k, orDash(v), st.Origin})
+	}
+	if err := table(w, "", []string{"Setting", "Value", "From"}, rows); err != nil {
+		return true, err
+	}
+	files := "none"
+	if len(cfg.Files) > 0 {
+		files = strings.Join(cfg.Files, ", ")
+	}
+	fmt.Fprintf(w, "Config files read: %s\n", files)
+	for _, warn := range cfg.Warnings {
+		fmt.Fprintf(w, "Warning: %s\n", warn)
+	}
+	return true, nil
 }

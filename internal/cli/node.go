@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"regexp"
@@ -42,10 +43,21 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	}, nil
 }
 
+// warnf prints a warning on stderr: a line for people, {"warning": "..."} under --json.
+func (a *app) warnf(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	if a.json {
+		b, _ := json.Marshal(map[string]string{"warning": msg})
+		fmt.Fprintln(a.io.Stderr, string(b))
+		return
+	}
+	fmt.Fprintf(a.io.Stderr, "nexctl: warning: %s\n", msg)
+}
+
 // warnAll prints replies that could not be used, so a bad node does not pass unseen.
 func (a *app) warnAll(errs []error) {
 	for _, err := range errs {
-		fmt.Fprintf(a.io.Stderr, "nexctl: warning: ignoring a reply: %v\n", err)
+		a.warnf("ignoring a reply: %v", err)
 	}
 }
 

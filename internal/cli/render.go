@@ -131,9 +131,21 @@ func renderNodeList(w io.Writer, nodes []protocol.NodePingResponse, now time.Tim
 			id += "*"
 		}
 		rows = append(rows, []string{orUnknown(n.Tags[protocol.TagNexus]), id, orUnknown(n.Tags[protocol.TagNode]),
-			n.Version, friendlyDuration(now.Sub(n.StartTime)), string(n.State), strconv.Itoa(n.AgentCount)})
+			n.Version, friendlyDuration(now.Sub(n.StartTime)), string(n.State), strconv.Itoa(n.AgentCount), orDash(userTags(n.Tags))})
 	}
-	return table(w, "Nex Nodes", []string{"Nexus", "ID (* = Lameduck Mode)", "Name", "Version", "Uptime", "State", "Running Agents"}, rows)
+	return table(w, "Nex Nodes", []string{"Nexus", "ID (* = Lameduck Mode)", "Name", "Version", "Uptime", "State", "Running Agents", "Tags"}, rows)
+}
+
+// userTags are a node's own tags as k=v, sorted; the built-in nex.* ones are left out
+// (their values have columns of their own or are in node info).
+func userTags(tags map[string]string) string {
+	var out []string
+	for _, kv := range sortedTags(tags) {
+		if !strings.HasPrefix(kv, "nex.") {
+			out = append(out, kv)
+		}
+	}
+	return strings.Join(out, ",")
 }
 
 // renderNodeInfo prints upstream's node info with its short or --full agent table.

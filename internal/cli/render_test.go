@@ -36,7 +36,7 @@ var now = time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
 func fixedNodes() []protocol.NodePingResponse {
 	return []protocol.NodePingResponse{
 		{NodeID: "NBBB", Version: "0.3.0", State: protocol.NodeRunning, AgentCount: 2, StartTime: now.Add(-(26*time.Hour + 3*time.Minute + 4*time.Second)),
-			Tags: map[string]string{protocol.TagNexus: "west", protocol.TagNode: "beta"}},
+			Tags: map[string]string{protocol.TagNexus: "west", protocol.TagNode: "beta", "region": "lab", "arch": "amd64"}},
 		{NodeID: "NAAA", Version: "0.3.0", State: protocol.NodeLameduck, AgentCount: 1, StartTime: now.Add(-90 * time.Second),
 			Tags: map[string]string{protocol.TagNexus: "west", protocol.TagNode: "alpha", protocol.TagLameduck: "true"}},
 		{NodeID: "NCCC", Version: "v1.0.0-upstream", State: protocol.NodeRunning, AgentCount: 0, StartTime: now,
@@ -156,4 +156,20 @@ func TestFriendlyDuration(t *testing.T) {
 			t.Errorf("friendlyDuration(%v) = %q, want %q", d, got, want)
 		}
 	}
+}
+
+func TestRenderConfigTable(t *testing.T) {
+	raw := []byte(`{"files": ["/etc/nex/config.json"], "settings": {
+  "nexus": {"value": "east", "origin": "/etc/nex/config.json"},
+  "tags": {"value": {"region": "lab"}, "origin": "flag --tags"},
+  "nats.password": {"value": "[redacted]", "origin": "env NEX_NATS_PASSWORD"},
+  "nats.servers": {"value": [], "origin": "default"},
+  "state": {"value": "", "origin": "default"}},
+  "warnings": ["/etc/nex/config.json: json: no effect in nexd"]}`)
+	var b bytes.Buffer
+	ok, err := renderConfig(&b, raw)
+	if !ok || err != nil {
+		t.Fatalf("renderConfig: %v %v", ok, err)
+	}
+	golden(t, "config_table", b.Bytes())
 }

@@ -98,7 +98,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", bidLabel(bid), err))
 		if i < len(usable)-1 {
-			fmt.Fprintf(a.io.Stderr, "nexctl: deploy to %s failed: %v; trying the next bid\n", bidLabel(bid), err)
+			a.warnf("deploy to %s failed: %v; trying the next bid", bidLabel(bid), err)
 		}
 	}
 	return placement{}, fmt.Errorf("every bid failed:\n  %s", strings.ReplaceAll(errors.Join(errs...).Error(), "\n", "\n  "))
@@ -362,7 +362,7 @@ func (a *app) workloadInfoCmd() *cobra.Command {
 			if cerr == nil {
 				start, desc = redactRunRequest(swr.RunRequest), swr.Description
 			} else {
-				fmt.Fprintf(a.io.Stderr, "nexctl: warning: start request unavailable: %v\n", cerr)
+				a.warnf("start request unavailable: %v", cerr)
 			}
 			if a.json {
 				return a.printJSON(map[string]any{"summary": sum, "description": desc, "start_request": start})
@@ -448,7 +448,7 @@ client; otherwise it is passed on as is.`,
 						delete(spec.Start, "encrypted_environment")
 						spec.Env = env
 					} else {
-						fmt.Fprintf(a.io.Stderr, "nexctl: warning: the sealed environment was not re-sealed for this client; the clone gets it as is and its new nexlet may not open it\n")
+						a.warnf("the sealed environment was not re-sealed for this client; the clone gets it as is and its new nexlet may not open it")
 					}
 				}
 			}
@@ -552,7 +552,7 @@ func (a *app) workloadLogsCmd() *cobra.Command {
 				}
 			}
 			if !follow && n == 0 {
-				fmt.Fprintf(a.io.Stderr, "nexctl: no log lines arrived within %s; workload logs are live, use -f to follow them\n", wait)
+				a.warnf("no log lines arrived within %s; workload logs are live, use -f to follow them", wait)
 			}
 			return nil
 		},
