@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -81,11 +82,14 @@ func parseLine(line []byte, def slog.Level) (slog.Level, string, []any) {
 				sort.Strings(keys)
 				var attrs []any
 				for _, k := range keys {
-					attrs = append(attrs, k, obj[k])
+					attrs = append(attrs, childKey(k), obj[k])
 				}
 				return level, msg, attrs
 			}
 		}
+	}
+	if level, msg, attrs, ok := parseLogfmt(string(line), def); ok {
+		return level, msg, attrs
 	}
 	s := string(line)
 	if len(s) >= 3 && s[0] == '<' && s[2] == '>' && s[1] >= '0' && s[1] <= '7' {
@@ -113,6 +117,63 @@ func parseLine(line []byte, def slog.Level) (slog.Level, string, []any) {
 		}
 	}
 	return def, s, nil
+}
+
+// ownKeys are the attributes nexd puts on a nexlet's lines itself (pid when
+// logger.with_pid is on); the nexlet's own attributes of the same name are renamed
+// nexlet_<key>, so a record never carries a key twice.
+var ownKeys = map[string]bool{"nexlet": true, "stream": true, "pid": true}
+
+func childKey(k string) string {
+	if ownKeys[k] {
+		return "nexlet_" + k
+	}
+	return k
+}
+
+// parseLogfmt reads a line as slog's text handler writes it (time=… level=INFO
+// msg="…" k=v …); ok is false unless it has both level and msg.
+func parseLogfmt(s string, def slog.Level) (slog.Level, string, []any, bool) {
+	if !strings.HasPrefix(s, "time=") && !strings.HasPrefix(s, "level=") {
+		return def, "", nil, false
+	}
+	level, msg := def, ""
+	var haveLevel, haveMsg bool
+	var attrs []any
+	for s != "" {
+		s = strings.TrimLeft(s, " ")
+		key, rest, ok := strings.Cut(s, "=")
+		if !ok || key == "" || strings.ContainsAny(key, " \"") {
+			return def, "", nil, false
+		}
+		var val string
+		if strings.HasPrefix(rest, "\"") {
+			q, err := strconv.QuotedPrefix(rest)
+			if err != nil {
+				return def, "", nil, false
+			}
+			val, _ = strconv.Unquote(q)
+			rest = rest[len(q):]
+		} else {
+			val, rest, _ = strings.Cut(rest, " ")
+		}
+		s = rest
+		switch key {
+		case "time":
+		case "level":
+			if lv, ok := levelName(val); ok {
+				level, haveLevel = lv, true
+			}
+		case "msg":
+			msg, haveMsg = val, true
+		default:
+			attrs = append(attrs, childKey(key), val)
+		}
+	}
+	if !haveLevel || !haveMsg {
+		return def, "", nil, false
+	}
+	return level, msg, attrs, true
 }
 
 func levelName(s string) (slog.Level, bool) {

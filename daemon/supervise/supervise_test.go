@@ -618,6 +618,29 @@ func TestBackoff(t *testing.T) {
 	}
 }
 
+// TestParseLineNoDuplicateKeys: a nexlet's own stream and pid (slog's JSON or text
+// output) must not repeat the keys nexd adds to the record.
+func TestParseLineNoDuplicateKeys(t *testing.T) {
+	for _, in := range []string{
+		`{"level":"INFO","msg":"workload output","stream":"stdout","pid":42,"workload_id":"W1"}`,
+		`time=t level=INFO msg="workload output" stream=stdout pid=42 workload_id=W1`,
+	} {
+		_, _, attrs := parseLine([]byte(in), slog.LevelWarn)
+		got := map[string]any{}
+		for i := 0; i+1 < len(attrs); i += 2 {
+			got[attrs[i].(string)] = attrs[i+1]
+		}
+		for _, k := range []string{"stream", "pid", "nexlet"} {
+			if _, dup := got[k]; dup {
+				t.Errorf("%s: child attribute %q kept under nexd's own key: %v", in, k, got)
+			}
+		}
+		if fmt.Sprint(got["nexlet_stream"]) != "stdout" || fmt.Sprint(got["nexlet_pid"]) != "42" || got["workload_id"] != "W1" {
+			t.Errorf("%s: attributes %v", in, got)
+		}
+	}
+}
+
 func TestParseLine(t *testing.T) {
 	for _, tc := range []struct {
 		in    string
@@ -636,6 +659,9 @@ func TestParseLine(t *testing.T) {
 		{"note: not a level", slog.LevelInfo, slog.LevelInfo, "note: not a level"},
 		{`{"level":"WARN","msg":"j"}`, slog.LevelInfo, slog.LevelWarn, "j"},
 		{`{"no":"msg"}`, slog.LevelInfo, slog.LevelInfo, `{"no":"msg"}`},
+		{`time=2026-01-02T03:04:05Z level=INFO msg="echo nexlet registered" node=N1`, slog.LevelWarn, slog.LevelInfo, "echo nexlet registered"},
+		{`level=ERROR msg=boom err="a \"b\""`, slog.LevelInfo, slog.LevelError, "boom"},
+		{`time=x msg=no-level`, slog.LevelWarn, slog.LevelWarn, `time=x msg=no-level`},
 	} {
 		level, msg, _ := parseLine([]byte(tc.in), tc.def)
 		if level != tc.level || msg != tc.msg {
