@@ -258,6 +258,7 @@ func (d *daemon) start(ctx context.Context) error {
 		BuildDate:               version.BuildDate,
 		Tags:                    cfg.Node.Tags,
 		AuctionTTL:              cfg.Node.AuctionTTL,
+		DeployTimeout:           cfg.Node.DeployTimeout,
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
 		Minter:                  d.minter,
 		Store:                   d.store,

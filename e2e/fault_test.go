@@ -3,6 +3,8 @@ package e2e
 import (
 	"encoding/json"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -129,5 +131,38 @@ func TestNexdUnknownArgs(t *testing.T) {
 	out, _, code := run(t, nil, nexdBin(t), "help")
 	if code != 0 || !strings.Contains(out, "Usage: nexd") {
 		t.Errorf("nexd help: exit %d, output %q", code, out)
+	}
+}
+
+// TestOversizedDeployRefused: a start request larger than the state store holds is
+// refused before anything starts: the workload's side effect never happens, nothing is
+// listed, and nexctl says why. (Before, the node started it, failed to record it, and
+// nexctl tried the next bid.)
+func TestOversizedDeployRefused(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	marker := filepath.Join(t.TempDir(), "ran")
+	args := []string{"workload", "run", "--name", "big", "--", "/usr/bin/touch", marker}
+	for i := 0; i < 70; i++ {
+		args = append(args, filepath.Join(marker+".d", strings.Repeat("p", 1000)))
+	}
+	_, errOut, code := n.ctl(t, args...)
+	if code == 0 {
+		t.Fatal("a 70 KB deploy was accepted")
+	}
+	if !strings.Contains(errOut, "not started") || !strings.Contains(errOut, "exceeds the state store's limit") {
+		t.Errorf("refusal does not say why: %q", errOut)
+	}
+	time.Sleep(time.Second) // a start that slipped through would have run by now
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("the refused workload ran")
+	}
+	if ws := n.workloads(t); len(ws) != 0 {
+		t.Fatalf("refused deploy left workloads: %+v", ws)
 	}
 }

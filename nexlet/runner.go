@@ -396,12 +396,43 @@ func (r *Runner) handleStart(req micro.Request) {
 		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id})
 		return
 	}
+	stopProgress := r.reportProgress(req)
 	out, err := r.agent.StartWorkload(id, &in, false)
+	stopProgress()
 	if err != nil {
 		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id, Name: in.Request.Name})
 		return
 	}
 	r.respondJSON(req, out)
+}
+
+// reportProgress tells a node that asked for it (protocol.HeaderProgress) that the
+// start is still under way, so a slow start (an artifact download) is not given up on;
+// the returned func ends the reports and waits until none is being sent.
+func (r *Runner) reportProgress(req micro.Request) func() {
+	every, err := time.ParseDuration(req.Headers().Get(protocol.HeaderProgress))
+	nc := r.NC()
+	if err != nil || every <= 0 || req.Reply() == "" || nc == nil {
+		return func() {}
+	}
+	done, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				m := &nats.Msg{Subject: req.Reply(), Header: nats.Header{protocol.HeaderProgress: {"starting"}}}
+				if err := nc.PublishMsg(m); err != nil {
+					r.log.Debug("start progress report failed", "subject", req.Subject(), "err", err)
+				}
+			}
+		}
+	}()
+	return func() { close(done); <-stopped }
 }
 
 func (r *Runner) handleStop(req micro.Request) {

@@ -32,6 +32,19 @@ const (
 	HeaderError     = "Nats-Service-Error"
 )
 
+// nexd extensions; upstream peers neither send nor need them.
+const (
+	// HeaderDeployOutcome on a deploy's error reply says what became of the workload:
+	// DeployNotStarted means nothing runs, so a client may try another bid; without it
+	// the outcome is unknown and trying elsewhere risks two copies.
+	HeaderDeployOutcome = "Nex-Deploy-Outcome"
+	DeployNotStarted    = "not-started"
+	// HeaderProgress on a node's start request to a nexlet gives the interval at which
+	// the nexlet may report that it is still starting (a Go duration); each such report
+	// is a reply carrying this header and no body, and the final answer follows.
+	HeaderProgress = "Nex-Progress"
+)
+
 // Control-plane subjects ($NEX.SVC.<ns>.control.…).
 func ControlPrefix(ns string) string { return "$NEX.SVC." + ns + ".control" }
 

@@ -47,6 +47,7 @@ type NodeConfig struct {
 	StopGrace                    time.Duration     // stop_grace
 	WorkloadCredsTTL             time.Duration     // workload_creds_ttl: lifetime of minted workload users
 	StartupTimeout               time.Duration     // startup_timeout: wait for nexlets before READY
+	DeployTimeout                time.Duration     // deploy_timeout: longest start of one workload
 	ControlAllowOthers           string            // control_allow_others: "status" or "none"
 	MetricsListen                string            // metrics_listen: host:port, "" = off
 }

@@ -86,7 +86,7 @@ func TestDefaults(t *testing.T) {
 			Name: "test-host", Nexus: "nexus", Tags: map[string]string{}, AgentRestartLimit: 3,
 			NativeLimits: Limits{MemoryMax: 1 << 30, PidsMax: 4096},
 			AuctionTTL:   10 * time.Second, ControlSocket: "/run/nex/nexd.sock", StopGrace: 10 * time.Second,
-			StartupTimeout: 15 * time.Second, ControlAllowOthers: "status",
+			StartupTimeout: 15 * time.Second, DeployTimeout: 5 * time.Minute, ControlAllowOthers: "status",
 			WorkloadCredsTTL: 24 * time.Hour,
 		},
 		NATS:   NATSConfig{ConnName: "nexd", Timeout: 5 * time.Second},

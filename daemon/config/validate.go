@@ -93,6 +93,7 @@ func (v *validator) validate() {
 		v.fail("workload_creds_ttl", "", fmt.Sprintf("must be 1s or more, got %s", n.WorkloadCredsTTL))
 	}
 	v.positive("startup_timeout", n.StartupTimeout.Seconds(), false)
+	v.positive("deploy_timeout", n.DeployTimeout.Seconds(), false)
 	if n.MetricsListen != "" {
 		if _, port, err := net.SplitHostPort(n.MetricsListen); err != nil {
 			v.fail("metrics_listen", "", fmt.Sprintf("expected host:port such as 127.0.0.1:9090, got %q", n.MetricsListen))

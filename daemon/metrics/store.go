@@ -2,11 +2,8 @@ package metrics
 
 import (
 	"context"
-	"errors"
-	"fmt"
 
 	"github.com/nexd-project/nexd/daemon/node"
-	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -20,10 +17,6 @@ type countingStore struct {
 
 func (s countingStore) Put(ctx context.Context, typ, id string, req protocol.StartWorkloadRequest) error {
 	err := s.Store.Put(ctx, typ, id, req)
-	if errors.Is(err, state.ErrValueTooLarge) && !errors.Is(err, node.ErrValueTooLarge) {
-		// The node refuses such a deploy with a clear error instead of logging it.
-		err = fmt.Errorf("%w: %w", node.ErrValueTooLarge, err)
-	}
 	if err != nil {
 		s.m.kvErrors.Inc()
 	} else {

@@ -86,6 +86,12 @@ func (n *Node) handleRegister(r micro.Request) {
 	if err != nil {
 		n.log.Warn("failed to read node state for a registering nexlet", "agent_id", agentID, "type", req.RegisterType, "err", err)
 	}
+	n.mu.Lock()
+	for wid := range n.starting {
+		// Recorded before its start: the deploy in flight starts it, not the replay.
+		delete(stored, wid)
+	}
+	n.mu.Unlock()
 	for wid, swr := range stored {
 		wc, err := n.o.Minter.MintWorkload(swr.Namespace, wid)
 		if err != nil {

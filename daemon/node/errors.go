@@ -19,7 +19,7 @@ const internalErrorText = "internal server error"
 // fail replies with a micro error: headers Nats-Service-Error-Code and
 // Nats-Service-Error, body {"error_id","error"}. what is a short description that is
 // safe to show; for 4xx the body carries err's full text, for 5xx it is redacted.
-func (n *Node) fail(r micro.Request, code int, what string, err error) {
+func (n *Node) fail(r micro.Request, code int, what string, err error, opts ...micro.RespondOpt) {
 	id := nuid.Next()
 	text := err.Error()
 	if code >= 500 {
@@ -33,7 +33,7 @@ func (n *Node) fail(r micro.Request, code int, what string, err error) {
 	if code < 500 {
 		desc = headerSafe(text)
 	}
-	if rerr := r.Error(strconv.Itoa(code), desc, body); rerr != nil {
+	if rerr := r.Error(strconv.Itoa(code), desc, body, opts...); rerr != nil {
 		n.log.Warn("failed to send error reply", "err", rerr, "error_id", id)
 	}
 }
@@ -61,4 +61,14 @@ func (n *Node) respondJSON(r micro.Request, v any) {
 // isErrorReply reports whether a nexlet's reply carries a micro error header.
 func isErrorReply(m *nats.Msg) bool {
 	return m.Header != nil && m.Header.Get(protocol.HeaderErrorCode) != ""
+}
+
+// refuse is fail for a deploy that started nothing: the reply says so, and a client
+// may try another bid.
+func (n *Node) refuse(r micro.Request, code int, what string, err error) {
+	n.fail(r, code, what, err, notStarted())
+}
+
+func notStarted() micro.RespondOpt {
+	return micro.WithHeaders(micro.Headers{protocol.HeaderDeployOutcome: {protocol.DeployNotStarted}})
 }

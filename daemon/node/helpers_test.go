@@ -217,9 +217,14 @@ type fakeAgent struct {
 	// before the reply to STARTWORKLOAD.
 	endFirst  bool
 	lameducks int
-	stopHB    chan struct{}
-	hbDone    chan struct{}
-	resp      protocol.RegisterAgentResponse
+	starts    int // STARTWORKLOAD requests received
+	// startDelay holds the reply to STARTWORKLOAD this long (the workload runs from
+	// the start); with progress the fake reports progress as the node asks.
+	startDelay time.Duration
+	progress   bool
+	stopHB     chan struct{}
+	hbDone     chan struct{}
+	resp       protocol.RegisterAgentResponse
 }
 
 func newFakeAgent(t testing.TB, srv *server.Server, nodeID, id, name, typ string) *fakeAgent {
@@ -287,6 +292,7 @@ func (a *fakeAgent) serve() {
 			return
 		}
 		a.mu.Lock()
+		a.starts++
 		fail := a.failStart
 		if fail == "" && !a.endFirst {
 			a.workloads[wid] = req.Request
@@ -299,6 +305,32 @@ func (a *fakeAgent) serve() {
 		a.mu.Unlock()
 		if fail != "" {
 			respondErr(m, "100", fail, js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
+			return
+		}
+		a.mu.Lock()
+		delay, progress := a.startDelay, a.progress
+		a.mu.Unlock()
+		if delay > 0 {
+			// Off the subscription's goroutine, so a stop can come in meanwhile.
+			go func() {
+				every, _ := time.ParseDuration(m.Header.Get(protocol.HeaderProgress))
+				end := time.After(delay)
+				var tick <-chan time.Time
+				if progress && every > 0 {
+					t := time.NewTicker(every)
+					defer t.Stop()
+					tick = t.C
+				}
+				for {
+					select {
+					case <-end:
+						_ = m.Respond(js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
+						return
+					case <-tick:
+						_ = a.nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: nats.Header{protocol.HeaderProgress: {"starting"}}})
+					}
+				}
+			}()
 			return
 		}
 		_ = m.Respond(js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))

@@ -68,7 +68,9 @@ type Options struct {
 	RemoveOfflineAfter time.Duration // offline this long: registration removed (default 60s; <0 never)
 	FanoutTimeout      time.Duration // bound on STOPWORKLOAD/QUERYWORKLOADS/SETLAMEDUCK fan-outs (default 2s)
 	CloneTimeout       time.Duration // bound on the GETWORKLOAD fan-out (default 3s)
-	StartTimeout       time.Duration // how long a nexlet may take to start a workload (default 1m)
+	StartTimeout       time.Duration // how long a starting nexlet may stay silent (default 1m)
+	DeployTimeout      time.Duration // how long a start may take while the nexlet reports progress (default 5m)
+	ProgressInterval   time.Duration // how often a starting nexlet is asked to report progress (default 5s)
 
 	// OnLameduck is called once when the node enters lame duck mode; the daemon
 	// schedules the shutdown after delay. It runs on a request handler's goroutine
@@ -109,6 +111,9 @@ func (o *Options) defaults() {
 	def(&o.FanoutTimeout, 2*time.Second)
 	def(&o.CloneTimeout, 3*time.Second)
 	def(&o.StartTimeout, time.Minute)
+	def(&o.DeployTimeout, 5*time.Minute)
+	def(&o.ProgressInterval, 5*time.Second)
+	o.StartTimeout = min(o.StartTimeout, o.DeployTimeout)
 	if o.Name == "" {
 		o.Name = "nexnode"
 	}

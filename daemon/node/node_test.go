@@ -461,25 +461,33 @@ func TestDeployRefusals(t *testing.T) {
 		{"missing key", `{"name":"w"}`, "400", "missing"},
 		{"too big to store", func() protocol.StartWorkloadRequest {
 			return startReq("tenant", "w", `{"cmd":"`+strings.Repeat("x", 700)+`"}`)
-		}(), "400", "stopped again"},
+		}(), "400", "workload not started: its start request cannot be recorded"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			code, body := errorReply(t, deploy(tc.req))
+			m := deploy(tc.req)
+			code, body := errorReply(t, m)
 			if code != tc.code || !strings.Contains(body.Error, tc.contains) {
 				t.Errorf("got %s %q, want %s containing %q", code, body.Error, tc.code, tc.contains)
 			}
+			if m.Header.Get(protocol.HeaderDeployOutcome) != protocol.DeployNotStarted {
+				t.Errorf("refusal does not say %q", protocol.DeployNotStarted)
+			}
 		})
 	}
-	if st.Len() != 0 || a.workloadCount() != 0 {
-		t.Errorf("refused deploys left state: store %d, running %d", st.Len(), a.workloadCount())
+	a.mu.Lock()
+	starts := a.starts
+	a.mu.Unlock()
+	if st.Len() != 0 || a.workloadCount() != 0 || starts != 0 {
+		t.Errorf("refused deploys left state or reached the nexlet: store %d, running %d, start requests %d", st.Len(), a.workloadCount(), starts)
 	}
 	// A nexlet's refusal is relayed verbatim and not stored.
 	a.mu.Lock()
 	a.failStart = "artifact not found"
 	a.mu.Unlock()
 	m := deploy(startReq("tenant", "w", `{"cmd":"x"}`))
-	if m.Header.Get(protocol.HeaderErrorCode) != "100" || m.Header.Get(protocol.HeaderError) != "artifact not found" {
+	if m.Header.Get(protocol.HeaderErrorCode) != "100" || m.Header.Get(protocol.HeaderError) != "artifact not found" ||
+		m.Header.Get(protocol.HeaderDeployOutcome) != protocol.DeployNotStarted {
 		t.Errorf("nexlet error not relayed: %v %q", m.Header, m.Data)
 	}
 	if st.Len() != 0 {
@@ -731,5 +739,54 @@ func TestJobEndingBeforeDeployReplyLeavesNoState(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	if n := f.stores[0].Len(); n != 0 {
 		t.Fatalf("%d ended jobs left in state", n)
+	}
+}
+
+// TestDeploySlowStart: a nexlet that reports progress is waited for past the silence
+// bound (StartTimeout) up to DeployTimeout; one that stays silent past StartTimeout is
+// given up on, stopped again, and the client hears "not started" with nothing left
+// running or recorded.
+func TestDeploySlowStart(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		o.Store = &MemStore{}
+		o.StartTimeout = 300 * time.Millisecond
+		o.DeployTimeout = 5 * time.Second
+		o.ProgressInterval = 50 * time.Millisecond
+	})
+	st := f.nodes[0].o.Store.(*MemStore)
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
+	deploy := func() *nats.Msg {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+		if len(bids) != 1 {
+			t.Fatal("no bid")
+		}
+		m, err := f.client.Request(protocol.DeploySubject("tenant", bids[0].BidderID), mustJSON(t, startReq("tenant", "w", `{"cmd":"x"}`)), 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+
+	a.mu.Lock()
+	a.startDelay, a.progress = time.Second, true
+	a.mu.Unlock()
+	if m := deploy(); isErrorReply(m) {
+		t.Fatalf("slow start with progress refused: %v %s", m.Header, m.Data)
+	}
+	if st.Len() != 1 || a.workloadCount() != 1 {
+		t.Fatalf("after a slow start: store %d, running %d; want 1 and 1", st.Len(), a.workloadCount())
+	}
+
+	a.mu.Lock()
+	a.startDelay, a.progress = time.Second, false
+	a.mu.Unlock()
+	m := deploy()
+	code, body := errorReply(t, m)
+	if code != "408" || m.Header.Get(protocol.HeaderDeployOutcome) != protocol.DeployNotStarted || !strings.Contains(body.Error, "stopped it again") {
+		t.Fatalf("silent start: got %s %q, outcome %q; want 408 not-started", code, body.Error, m.Header.Get(protocol.HeaderDeployOutcome))
+	}
+	time.Sleep(1500 * time.Millisecond) // the fake's late reply arrives and is ignored
+	if st.Len() != 1 || a.workloadCount() != 1 {
+		t.Fatalf("after a given-up start: store %d, running %d; want only the first workload", st.Len(), a.workloadCount())
 	}
 }

@@ -3,11 +3,11 @@ package node
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"maps"
 	"sync"
 
+	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -17,7 +17,9 @@ import (
 // `<type>_<id>`.
 type Store interface {
 	// Put records a started workload. It must refuse values it cannot hold
-	// (wrapping ErrValueTooLarge when the value is too big) rather than drop them.
+	// (with an error matching state.ErrValueTooLarge when the value is too big)
+	// rather than drop them; the node writes it before the start, so such a deploy is
+	// refused with nothing running.
 	Put(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error
 	// Delete forgets a workload; deleting an unknown workload is not an error.
 	Delete(ctx context.Context, workloadType, workloadID string) error
@@ -25,10 +27,6 @@ type Store interface {
 	// keyed by workload id.
 	ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error)
 }
-
-// ErrValueTooLarge is wrapped by a Store's Put when a start request exceeds what the
-// store can hold. The node then stops the workload again and tells the client why.
-var ErrValueTooLarge = errors.New("start request too large to store")
 
 // NoStore keeps nothing (--state "").
 type NoStore struct{}
@@ -76,7 +74,7 @@ func (s *MemStore) Put(_ context.Context, workloadType, workloadID string, req p
 		limit = DefaultMaxValueBytes
 	}
 	if limit > 0 && len(b) > limit {
-		return fmt.Errorf("memstore: workload %s: %d bytes exceeds the limit of %d: %w", workloadID, len(b), limit, ErrValueTooLarge)
+		return &state.ValueTooLargeError{Size: len(b), Limit: limit}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -36,7 +37,7 @@ func TestMemStore(t *testing.T) {
 		t.Errorf("after delete: %v, len %d", got, s.Len())
 	}
 	big := startReq("ns", "w", strings.Repeat("x", DefaultMaxValueBytes))
-	if err := s.Put(ctx, "native", "big", big); !errors.Is(err, ErrValueTooLarge) {
+	if err := s.Put(ctx, "native", "big", big); !errors.Is(err, state.ErrValueTooLarge) {
 		t.Errorf("oversize put: %v", err)
 	}
 	if err := (&MemStore{MaxValueBytes: -1}).Put(ctx, "native", "big", big); err != nil {

@@ -25,7 +25,7 @@ const (
 	MaxBytes     = 100_000_000 // as upstream, so accounts sized for it still fit
 )
 
-// ErrValueTooLarge matches (errors.Is) the error Put returns for a start request larger
+// ErrValueTooLarge matches (errors.Is) the error every node.Store's Put returns for a start request larger
 // than the bucket's value limit; errors.As gives the *ValueTooLargeError with the sizes.
 var ErrValueTooLarge = errors.New("start request too large for the state store")
 
@@ -36,6 +36,9 @@ type ValueTooLargeError struct {
 }
 
 func (e *ValueTooLargeError) Error() string {
+	if e.Bucket == "" {
+		return fmt.Sprintf("start request of %d bytes exceeds the state store's limit of %d bytes", e.Size, e.Limit)
+	}
 	return fmt.Sprintf("start request of %d bytes exceeds the state store's limit of %d bytes (KV bucket %s)", e.Size, e.Limit, e.Bucket)
 }
 

@@ -24,10 +24,13 @@ type fakeNode struct {
 	bid        bool          // whether it bids at all (a healthy native nexlet)
 	load       int           // nexd_workload_count in its bids
 	failDeploy string        // when set, ADEPLOY answers with this micro error
-	schema     string
-	workloads  []protocol.WorkloadSummary
-	stored     map[string]protocol.StartWorkloadRequest // for CLONE
-	stopOK     bool
+	// unknownOutcome leaves HeaderDeployOutcome off failDeploy's error (a node that
+	// cannot say the workload did not start).
+	unknownOutcome bool
+	schema         string
+	workloads      []protocol.WorkloadSummary
+	stored         map[string]protocol.StartWorkloadRequest // for CLONE
+	stopOK         bool
 
 	mu        sync.Mutex
 	deploys   []protocol.StartWorkloadRequest
@@ -143,7 +146,14 @@ func (n *fakeNode) start() *fakeNode {
 		n.deploys = append(n.deploys, req)
 		n.mu.Unlock()
 		if n.failDeploy != "" {
-			n.respondError(m, "500", n.failDeploy)
+			r := nats.NewMsg(m.Reply)
+			r.Header.Set(protocol.HeaderErrorCode, "500")
+			r.Header.Set(protocol.HeaderError, n.failDeploy)
+			if !n.unknownOutcome {
+				r.Header.Set(protocol.HeaderDeployOutcome, protocol.DeployNotStarted)
+			}
+			r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: n.failDeploy})
+			_ = m.RespondMsg(r)
 			return
 		}
 		n.respond(m, protocol.StartWorkloadResponse{ID: "W-" + n.id, Name: req.Name})

@@ -227,6 +227,10 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 // so the caller must not fall back to another node and risk two copies.
 var errDeployTimeout = errors.New("deploy timed out")
 
+// errNotStarted marks a deploy the node refused before anything ran: only then may
+// another bid be tried.
+var errNotStarted = errors.New("not started")
+
 // deploy sends the start request to the node holding bidderID.
 func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartWorkloadRequest) (protocol.StartWorkloadResponse, error) {
 	var r protocol.StartWorkloadResponse
@@ -235,12 +239,15 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	}
 	m, ok, err := f.request(ctx, protocol.DeploySubject(req.Namespace, bidderID), req, f.deployTimeout)
 	if !ok {
-		return r, fmt.Errorf("bid %s expired: no node answers for it", bidderID)
+		return r, fmt.Errorf("%w: bid %s expired: no node answers for it", errNotStarted, bidderID)
 	}
 	if errors.Is(err, nats.ErrTimeout) {
 		return r, fmt.Errorf("%w after %s", errDeployTimeout, f.deployTimeout)
 	}
 	if err != nil {
+		if m != nil && m.Header.Get(protocol.HeaderDeployOutcome) == protocol.DeployNotStarted {
+			return r, fmt.Errorf("%w: %w", errNotStarted, err)
+		}
 		return r, err
 	}
 	if err := protocol.Decode(m.Data, &r); err != nil {

@@ -180,6 +180,15 @@ func TestWorkloadRunPicksLeastLoadedAndFallsBack(t *testing.T) {
 	if code != 0 || out != "Workload web [W-MID] successfully started\n" {
 		t.Fatalf("text output: %d %q", code, out)
 	}
+
+	// A failure that does not say "not started" may have left the workload running:
+	// no other bid is tried.
+	idle.unknownOutcome = true
+	before := len(mid.deployed())
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "web", "--", "/bin/true")...)
+	if code != 1 || !strings.Contains(errOut, "may still be starting") || len(mid.deployed()) != before {
+		t.Fatalf("unknown outcome: exit %d %q, MID deploys %d -> %d", code, errOut, before, len(mid.deployed()))
+	}
 }
 
 func TestWorkloadRunNoBids(t *testing.T) {

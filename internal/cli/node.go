@@ -17,6 +17,10 @@ import (
 )
 
 // connectFleet opens NATS and returns a fleet client; close it when done.
+// deployWait bounds one ADEPLOY: longer than a node's default deploy_timeout, so the
+// node's own answer (started, or stopped again) normally comes first.
+const deployWait = 5*time.Minute + 30*time.Second
+
 func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	if a.stall <= 0 {
 		return nil, nil, usagef("--gather-stall must be positive")
@@ -35,7 +39,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: time.Minute, jsDomain: c.JSDomain()}
+	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, jsDomain: c.JSDomain()}
 	return f, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

@@ -91,7 +91,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 			if err == nil {
 				return placement{ID: resp.ID, Name: resp.Name, Node: bid.NodeID}, nil
 			}
-			if errors.Is(err, errDeployTimeout) {
+			if !errors.Is(err, errNotStarted) {
 				// The node may still be starting it: trying another could run two copies.
 				return placement{}, fmt.Errorf("deploy to %s: %w; the workload may still be starting there, check 'nexctl workload list' before retrying", bidLabel(bid), err)
 			}

@@ -1,0 +1,284 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+	"github.com/nats-io/nuid"
+
+	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// handleDeploy serves ADEPLOY: everything that can refuse the deploy is checked before
+// the nexlet is asked to start it, the state record (the intent) is written before the
+// start and kept after it, and the client gets one answer: started, not started
+// (HeaderDeployOutcome), or, only when the nexlet never answered and the node could
+// not stop it, an explicit "outcome unknown".
+func (n *Node) handleDeploy(r micro.Request) {
+	bidderID := protocol.Token(r.Subject(), 5)
+	b, ok := n.takeBid(bidderID)
+	if !ok {
+		return // another node's bid, or expired: upstream is silent
+	}
+	deployed := false
+	if n.o.Observer != nil {
+		start := time.Now()
+		defer func() { n.o.Observer.Deploy(time.Since(start), deployed) }()
+	}
+	var req protocol.StartWorkloadRequest
+	if err := protocol.Decode(r.Data(), &req); err != nil {
+		n.refuse(r, 400, "bad start workload request", err)
+		return
+	}
+	if ns := protocol.NamespaceOf(r.Subject()); ns != req.Namespace && ns != protocol.SystemNamespace {
+		n.refuse(r, 403, "namespace mismatch", fmt.Errorf("namespace mismatch: subject namespace %q, request namespace %q", ns, req.Namespace))
+		return
+	}
+	if req.Namespace == "" || !tokenRE.MatchString(req.Namespace) {
+		n.refuse(r, 400, "bad start workload request", fmt.Errorf("invalid StartWorkloadRequest: field \"namespace\": %q must be one subject token of letters, digits, - or _", req.Namespace))
+		return
+	}
+	workloadID := nuid.Next()
+	res, code, err := n.reserve(b, req, workloadID)
+	if err != nil {
+		n.refuse(r, code, "workload cannot be placed", err)
+		return
+	}
+	defer res.rollback()
+	a := res.agent
+	if err := validateRunRequest(a.schema, req.RunRequest); err != nil {
+		n.refuse(r, 400, "run_request rejected", fmt.Errorf("run_request for nexlet %q (type %s): %w", a.req.Name, req.WorkloadType, err))
+		return
+	}
+	creds, err := n.o.Minter.MintWorkload(req.Namespace, workloadID)
+	if err != nil {
+		n.refuse(r, 500, "failed to mint workload credentials", fmt.Errorf("mint workload %s in %s: %w", workloadID, req.Namespace, err))
+		return
+	}
+	body, err := protocol.Marshal(protocol.AgentStartWorkloadRequest{Request: req, WorkloadCreds: creds})
+	if err != nil {
+		n.refuse(r, 500, "failed to encode start request", err)
+		return
+	}
+	// The intent: a request the state store cannot hold (too large, store down) is
+	// refused here, before anything runs.
+	if err := res.record(n.ctx, req); err != nil {
+		if errors.Is(err, state.ErrValueTooLarge) {
+			n.refuse(r, 400, "workload not stored", fmt.Errorf("workload not started: its start request cannot be recorded in node state: %w", err))
+		} else {
+			n.refuse(r, 500, "workload not stored", fmt.Errorf("record workload %s before starting it: %w", workloadID, err))
+		}
+		return
+	}
+
+	call, err := n.startOnNexlet(a.id, workloadID, body)
+	if err != nil {
+		n.refuse(r, 500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
+		return
+	}
+	reply, waitErr := call.wait(n.ctx, n.o.StartTimeout, n.o.DeployTimeout)
+	if waitErr != nil {
+		n.abandonStart(r, res, call, waitErr)
+		return
+	}
+	call.close()
+	if isErrorReply(reply) {
+		// Relayed as the nexlet said it, and not kept: the nexlet did not run it.
+		n.log.Info("nexlet refused workload", "workload_id", workloadID, "agent_id", a.id,
+			"code", reply.Header.Get(protocol.HeaderErrorCode), "error", reply.Header.Get(protocol.HeaderError))
+		reply.Header.Set(protocol.HeaderDeployOutcome, protocol.DeployNotStarted)
+		n.relay(r, reply)
+		return
+	}
+	if res.commit() {
+		// The workload (a quick job) ended before it was committed: drop it again.
+		n.forget(workloadID, req.WorkloadType)
+	}
+	n.log.Info("workload deployed", "workload_id", workloadID, "name", req.Name, "namespace", req.Namespace,
+		"type", req.WorkloadType, "agent_id", a.id)
+	deployed = true
+	n.relay(r, reply)
+}
+
+// reservation is one deploy in flight: capacity held on a nexlet, the workload marked
+// as starting, and once recorded, its state record. rollback undoes all of it unless
+// commit ran; it is deferred right after reserve, so every early return is clean.
+type reservation struct {
+	n        *Node
+	agent    *registration
+	id, typ  string
+	recorded bool
+	done     bool
+}
+
+// reserve picks the nexlet for a bid (or another healthy one of the type) and holds
+// capacity on it. The error is a client error with its reply code.
+func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID string) (*reservation, int, error) {
+	now := time.Now()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.lameduck.IsZero() || n.state == protocol.NodeStopping {
+		return nil, 400, fmt.Errorf("node %s is in lameduck mode (stopping at %s) and accepts no new workloads; run a new auction", n.id, n.lameduck.UTC().Format(time.RFC3339))
+	}
+	a := n.agents[b.agentID]
+	if a == nil || a.req.RegisterType != req.WorkloadType || n.health(a, now) != protocol.HealthHealthy ||
+		!a.supports(req.WorkloadLifecycle) || a.full() {
+		a, _ = n.pickAgentLocked(req.WorkloadType, req.WorkloadLifecycle, now)
+	}
+	if a == nil {
+		_, why := n.pickAgentLocked(req.WorkloadType, req.WorkloadLifecycle, now)
+		if other, _ := n.pickAgentLocked(req.WorkloadType, "", now); other == nil {
+			return nil, 404, fmt.Errorf("workload type not found: %s on node %s", why, n.id)
+		}
+		return nil, 400, fmt.Errorf("node %s cannot run this workload: %s", n.id, why)
+	}
+	a.startedSinceBeat++ // capacity held while the nexlet starts it
+	n.starting[workloadID] = false
+	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType}, 0, nil
+}
+
+// record writes the intent to node state.
+func (res *reservation) record(ctx context.Context, req protocol.StartWorkloadRequest) error {
+	if err := res.n.o.Store.Put(ctx, res.typ, res.id, req); err != nil {
+		return err
+	}
+	res.recorded = true
+	return nil
+}
+
+// commit keeps the workload: it is owned from now on. It reports whether the nexlet
+// already said the workload ended while it was starting.
+func (res *reservation) commit() (endedEarly bool) {
+	n := res.n
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	res.done = true
+	n.owned[res.id] = res.typ
+	endedEarly = n.starting[res.id]
+	delete(n.starting, res.id)
+	return endedEarly
+}
+
+// rollback releases what the deploy held; after commit it does nothing.
+func (res *reservation) rollback() {
+	if res.done {
+		return
+	}
+	res.done = true
+	n := res.n
+	n.mu.Lock()
+	if res.agent.startedSinceBeat > 0 {
+		res.agent.startedSinceBeat--
+	}
+	delete(n.starting, res.id)
+	n.mu.Unlock()
+	if res.recorded {
+		if err := n.o.Store.Delete(n.ctx, res.typ, res.id); err != nil {
+			n.log.Warn("failed to remove the record of a workload that did not start", "workload_id", res.id, "err", err)
+		}
+	}
+}
+
+// startCall is one start request to a nexlet, answered on its own inbox so the node
+// can hear progress reports and a late answer.
+type startCall struct {
+	sub *nats.Subscription
+	ch  chan *nats.Msg
+}
+
+func (n *Node) startOnNexlet(agentID, workloadID string, body []byte) (*startCall, error) {
+	c := &startCall{ch: make(chan *nats.Msg, 64)}
+	inbox := n.o.NC.NewInbox()
+	sub, err := n.o.NC.ChanSubscribe(inbox, c.ch)
+	if err != nil {
+		return nil, fmt.Errorf("subscribe reply inbox: %w", err)
+	}
+	c.sub = sub
+	m := &nats.Msg{Subject: protocol.StartWorkloadSubject(n.id, agentID, workloadID), Reply: inbox, Data: body,
+		Header: nats.Header{protocol.HeaderProgress: {n.o.ProgressInterval.String()}}}
+	if err := n.o.NC.PublishMsg(m); err != nil {
+		c.close()
+		return nil, fmt.Errorf("publish start request: %w", err)
+	}
+	return c, nil
+}
+
+func (c *startCall) close() { _ = c.sub.Unsubscribe() }
+
+// errStartSilent and errStartTooLong say why the node stopped waiting for a start.
+var (
+	errStartSilent  = errors.New("the nexlet did not answer")
+	errStartTooLong = errors.New("the nexlet was still starting it at deploy_timeout")
+)
+
+// wait returns the nexlet's answer. It waits while the nexlet reports progress, at
+// most silence between messages and total overall.
+func (c *startCall) wait(ctx context.Context, silence, total time.Duration) (*nats.Msg, error) {
+	deadline := time.NewTimer(total)
+	defer deadline.Stop()
+	quiet := time.NewTimer(silence)
+	defer quiet.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-deadline.C:
+			return nil, fmt.Errorf("%w (%s)", errStartTooLong, total)
+		case <-quiet.C:
+			return nil, fmt.Errorf("%w within %s", errStartSilent, silence)
+		case m := <-c.ch:
+			if isNoResponders(m) {
+				return nil, errors.New("no nexlet listens for the start request")
+			}
+			if m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && !isErrorReply(m) {
+				quiet.Reset(silence)
+				continue
+			}
+			return m, nil
+		}
+	}
+}
+
+// abandonStart handles a start the node stopped waiting for: it asks the nexlet to
+// stop the workload. Stopped, the deploy is "not started"; otherwise the workload stays
+// tracked (owned, recorded) and a late answer from the nexlet is still acted on, so
+// nothing the node gave up on runs untracked.
+func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, why error) {
+	var req protocol.StartWorkloadRequest
+	_ = protocol.Decode(r.Data(), &req)
+	stop, err := n.stopWorkload(n.ctx, req.Namespace, res.id)
+	if err == nil && stop.Stopped {
+		call.close()
+		n.log.Warn("gave up on a workload start and stopped it", "workload_id", res.id, "agent_id", res.agent.id, "err", why)
+		n.refuse(r, 408, "nexlet did not start the workload in time", fmt.Errorf("workload %s not started: %w; the node stopped it again", res.id, why))
+		return
+	}
+	res.commit()
+	n.log.Warn("gave up waiting for a workload start; it stays tracked and is stopped if it starts",
+		"workload_id", res.id, "agent_id", res.agent.id, "err", why)
+	n.fail(r, 408, "outcome of the start unknown", fmt.Errorf("workload %s: %w; it may still start, and the node will stop it if it does (check 'nexctl workload list')", res.id, why))
+	n.inflight.Add(1)
+	go func() {
+		defer n.inflight.Done()
+		defer call.close()
+		reply, err := call.wait(n.ctx, n.o.DeployTimeout, n.o.DeployTimeout)
+		switch {
+		case err != nil:
+			n.log.Warn("an abandoned workload start never answered; its record is kept", "workload_id", res.id, "err", err)
+		case isErrorReply(reply):
+			n.forget(res.id, res.typ)
+		default:
+			if resp, err := n.stopWorkload(n.ctx, req.Namespace, res.id); err == nil && resp.Stopped {
+				n.log.Info("stopped a workload that started after the node gave up on it", "workload_id", res.id)
+				n.forget(res.id, res.typ)
+			} else {
+				n.log.Error("a workload started after the node gave up on it and did not stop; it stays tracked", "workload_id", res.id, "err", err, "message", resp.Message)
+			}
+		}
+	}()
+}
