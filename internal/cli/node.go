@@ -149,38 +149,27 @@ workloads after --delay. Name the node positionally or with --node-id. With --ta
 no node id, every node whose tags match is drained.`,
 		Args: rangeArgs(0, 1, "NODE_ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) == 1 {
-				if nodeID != "" && nodeID != args[0] {
-					return usagef("node id given twice: %q and --node-id %q", args[0], nodeID)
-				}
-				nodeID = args[0]
-			}
-			if delay < 0 {
-				return usagef("--delay %s must not be negative", delay)
-			}
-			if nodeID == "" && len(tag.m) == 0 {
-				return usagef("name a node (NODE_ID or --node-id) or select nodes with --tag")
+			plan, err := planLameduck(args, nodeID, delay, tag.m)
+			if err != nil {
+				return err
 			}
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer done()
-			ids := []string{nodeID}
-			if nodeID == "" {
+			var matching []protocol.NodePingResponse
+			if plan.ByTag {
 				nodes, bad, err := f.pingNodes(cmd.Context(), tag.m, f.gatherOpts(0))
 				if err != nil {
 					return err
 				}
 				a.warnAll(bad)
-				if len(nodes) == 0 {
-					return fmt.Errorf("no node has tags %s", strings.Join(sortedTags(tag.m), ","))
-				}
-				ids = ids[:0]
-				for _, n := range nodes {
-					ids = append(ids, n.NodeID)
-				}
-				sort.Strings(ids)
+				matching = nodes
+			}
+			ids, err := plan.targets(matching)
+			if err != nil {
+				return err
 			}
 			type result struct {
 				NodeID  string `json:"node_id"`
@@ -213,7 +202,7 @@ no node id, every node whose tags match is drained.`,
 			}
 			if a.json {
 				var out any = results
-				if nodeID != "" {
+				if !plan.ByTag {
 					out = results[0]
 				}
 				if err := a.printJSON(out); err != nil {

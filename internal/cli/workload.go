@@ -13,6 +13,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -139,82 +140,31 @@ healthy nexlet of the type.
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			fl := cmd.Flags()
-			spec := runSpec{Env: env.m, PlainEnv: plainEnv}
-			// 1. The file, explicit or ./Nexfile when nothing else says what to run.
-			if file == "" && !fl.Changed("start-request") && len(args) == 0 {
-				if fi, err := os.Stat(nexfileName); err == nil && !fi.IsDir() {
-					file = nexfileName
-				}
-			}
-			if file != "" {
-				data, err := os.ReadFile(file)
+			in := runInputs{Command: args, Flags: runFlags{Name: name, Description: desc, Type: typ, Lifecycle: lifecycle,
+				StartJSON: startJSON, Tags: tags.m, Env: env.m, PlainEnv: plainEnv, Bids: bids, Changed: map[string]bool{}}}
+			fl.Visit(func(f *pflag.Flag) { in.Flags.Changed[f.Name] = true })
+			exists := func(p string) bool { fi, err := os.Stat(p); return err == nil && !fi.IsDir() }
+			if in.FileName = pickNexfile(file, fl.Changed("start-request"), len(args), exists); in.FileName != "" {
+				data, err := os.ReadFile(in.FileName)
 				if err != nil {
 					return usagef("Nexfile: %v", err)
 				}
-				nf, err := parseNexfile(file, data)
+				nf, err := parseNexfile(in.FileName, data)
 				if err != nil {
 					return usageError{err}
 				}
-				spec.Name, spec.Description, spec.Type, spec.Lifecycle, spec.Tags = nf.Name, nf.Description, nf.Type, protocol.Lifecycle(nf.Lifecycle), nf.Tags
-				if m, ok := nf.StartRequest.(map[string]any); ok {
-					spec.Start = m
-				}
-			}
-			// 2. Flags override the file.
-			if fl.Changed("start-request") {
-				var m map[string]any
-				if err := json.Unmarshal([]byte(startJSON), &m); err != nil || m == nil {
-					return usagef("--start-request must be a JSON object: %v", err)
-				}
-				spec.Start = m
+				in.File = &nf
 			}
 			if len(args) > 0 {
 				sr, err := shortFormStart(args)
 				if err != nil {
 					return usageError{err}
 				}
-				if spec.Start == nil {
-					spec.Start = map[string]any{}
-				}
-				for k, v := range sr {
-					spec.Start[k] = v
-				}
-				if spec.Name == "" && !fl.Changed("name") {
-					spec.Name = baseName(args[0])
-				}
+				in.CommandStart = sr
 			}
-			if fl.Changed("name") || spec.Name == "" {
-				spec.Name = name
-			}
-			if fl.Changed("description") {
-				spec.Description = desc
-			}
-			if fl.Changed("type") || spec.Type == "" {
-				spec.Type = typ
-			}
-			if fl.Changed("lifecycle") || spec.Lifecycle == "" {
-				spec.Lifecycle = protocol.Lifecycle(lifecycle)
-			}
-			if len(tags.m) > 0 {
-				if spec.Tags == nil {
-					spec.Tags = map[string]string{}
-				}
-				for k, v := range tags.m {
-					spec.Tags[k] = v
-				}
-			}
-			if spec.Tags == nil {
-				spec.Tags = map[string]string{}
-			}
-			switch {
-			case spec.Start == nil:
-				return usagef("nothing to run: give -f Nexfile, --start-request JSON, or a command after '--'")
-			case spec.Name == "":
-				return usagef("--name is required")
-			case !spec.Lifecycle.Valid():
-				return usagef("--lifecycle %q is not one of service, job, function", spec.Lifecycle)
-			case bids < 0:
-				return usagef("--bids must not be negative")
+			spec, err := mergeRunSpec(in)
+			if err != nil {
+				return err
 			}
 
 			f, done, err := a.connectFleet(cmd.Context())
@@ -245,13 +195,6 @@ healthy nexlet of the type.
 	fs.BoolVar(&plainEnv, "plain-env", false, "send --env in clear text instead of sealed")
 	fs.IntVar(&bids, "bids", 0, "end the auction once this many bids are in (default: the number of nodes)")
 	return cmd
-}
-
-func baseName(p string) string {
-	if i := strings.LastIndexByte(p, '/'); i >= 0 {
-		return p[i+1:]
-	}
-	return p
 }
 
 func (a *app) workloadStopCmd() *cobra.Command {
@@ -427,30 +370,12 @@ client; otherwise it is passed on as is.`,
 			if err != nil {
 				return err
 			}
-			if swr.Namespace == "" {
-				return fmt.Errorf("cannot clone workload %s: its nexlet did not report its namespace", id)
+			spec, warn, err := cloneSpec(swr, tags.m, func(enc protocol.EncEnv) (map[string]string, error) { return openEnv(kp, enc) })
+			if err != nil {
+				return fmt.Errorf("cannot clone workload %s: %w", id, err)
 			}
-			spec := runSpec{Name: swr.Name, Description: swr.Description, Type: swr.WorkloadType,
-				Lifecycle: swr.WorkloadLifecycle, Tags: tags.m}
-			if spec.Tags == nil {
-				spec.Tags = map[string]string{}
-			}
-			dec := json.NewDecoder(bytes.NewReader([]byte(swr.RunRequest)))
-			dec.UseNumber()
-			if err := dec.Decode(&spec.Start); err != nil || spec.Start == nil {
-				return fmt.Errorf("workload %s has an unreadable start request: %v", id, err)
-			}
-			if raw, ok := spec.Start["encrypted_environment"]; ok {
-				b, _ := json.Marshal(raw)
-				var enc protocol.EncEnv
-				if json.Unmarshal(b, &enc) == nil {
-					if env, err := openEnv(kp, enc); err == nil {
-						delete(spec.Start, "encrypted_environment")
-						spec.Env = env
-					} else {
-						a.warnf("the sealed environment was not re-sealed for this client; the clone gets it as is and its new nexlet may not open it")
-					}
-				}
+			if warn != "" {
+				a.warnf("%s", warn)
 			}
 			p, err := a.place(cmd.Context(), f, swr.Namespace, spec, 0)
 			if err != nil {
