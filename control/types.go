@@ -60,12 +60,30 @@ var (
 	ErrConflict = errors.New("conflicting state") // 409
 )
 
-// Node states reported in Status.State.
+// NodeState is the node's lifecycle phase, reported in Status.State.
+type NodeState string
+
+// Node states.
 const (
-	StateStarting = "starting"
-	StateRunning  = "running"
-	StateLameduck = "lameduck"
-	StateStopping = "stopping"
+	StateStarting NodeState = "starting"
+	StateRunning  NodeState = "running"
+	StateLameduck NodeState = "lameduck"
+	StateStopping NodeState = "stopping"
+)
+
+// NexletState is a nexlet's process state, reported in Nexlet.State: the supervisor's
+// states for local nexlets, NexletRemote for those registered from elsewhere.
+type NexletState string
+
+// Nexlet states.
+const (
+	NexletStarting NexletState = "starting"
+	NexletRunning  NexletState = "running"
+	NexletBackoff  NexletState = "backoff" // waiting to restart
+	NexletFailed   NexletState = "failed"  // past the restart limit, until reset
+	NexletStopping NexletState = "stopping"
+	NexletStopped  NexletState = "stopped"
+	NexletRemote   NexletState = "remote" // no process here
 )
 
 // Duration is a time.Duration that travels as a Go duration string ("1m30s") and
@@ -106,8 +124,7 @@ type Status struct {
 	Commit    string    `json:"commit"`
 	StartTime time.Time `json:"start_time"`
 	Uptime    Duration  `json:"uptime"`
-	// State is one of starting, running, lameduck, stopping.
-	State string `json:"state"`
+	State     NodeState `json:"state"`
 	// LameduckUntil is when workloads stop, set while in lame duck mode.
 	LameduckUntil *time.Time     `json:"lameduck_until,omitempty"`
 	NATS          NATSStatus     `json:"nats"`
@@ -134,17 +151,17 @@ type CgroupStatus struct {
 
 // Nexlet is one supervised (or remote) nexlet.
 type Nexlet struct {
-	Name          string     `json:"name"`
-	Type          string     `json:"type"`
-	AgentID       string     `json:"agent_id"`
-	PID           int        `json:"pid"`
-	State         string     `json:"state"`
-	Restarts      int        `json:"restarts"`
-	Health        string     `json:"health"`
-	LastHeartbeat *time.Time `json:"last_heartbeat,omitempty"`
-	LastExit      string     `json:"last_exit,omitempty"`
-	MemoryBytes   uint64     `json:"memory_bytes"`
-	CPU           Duration   `json:"cpu"` // CPU time consumed
+	Name          string      `json:"name"`
+	Type          string      `json:"type"`
+	AgentID       string      `json:"agent_id"`
+	PID           int         `json:"pid"`
+	State         NexletState `json:"state"`
+	Restarts      int         `json:"restarts"`
+	Health        string      `json:"health"`
+	LastHeartbeat *time.Time  `json:"last_heartbeat,omitempty"`
+	LastExit      string      `json:"last_exit,omitempty"`
+	MemoryBytes   uint64      `json:"memory_bytes"`
+	CPU           Duration    `json:"cpu"` // CPU time consumed
 }
 
 // Workload is one workload the node runs.

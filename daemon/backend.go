@@ -10,45 +10,40 @@ import (
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/logging"
-	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/protocol"
 )
 
-// backend is the daemon as the control socket sees it.
-type backend struct{ d *daemon }
+// backend is the node as the control socket sees it. The socket listens only once the
+// node is built; the phase, config and lame duck deadline come from the snapshot.
+type backend struct{ s *server }
 
 var _ control.Backend = backend{}
 
 func (b backend) Status(ctx context.Context) (control.Status, error) {
-	d := b.d
-	cfg := d.cfg()
+	s := b.s
+	v := s.view()
+	cfg := v.loaded.Config
 	st := control.Status{
-		NodeID:    d.id.ID(),
+		NodeID:    s.id.ID(),
 		Name:      cfg.Node.Name,
 		Nexus:     cfg.Node.Nexus,
 		Version:   version.Version,
 		Commit:    version.Commit,
-		StartTime: d.started.UTC(),
-		Uptime:    control.Duration(time.Since(d.started).Truncate(time.Second)),
-		State:     d.getPhase(),
+		StartTime: s.started.UTC(),
+		Uptime:    control.Duration(time.Since(s.started).Truncate(time.Second)),
+		State:     v.phase,
 		Workloads: map[string]int{},
 	}
-	d.mu.Lock()
-	if st.State == "lameduck" {
-		t := d.lameduckTill.UTC()
+	if v.phase == control.StateLameduck {
+		t := v.lameduckUntil.UTC()
 		st.LameduckUntil = &t
 	}
-	d.mu.Unlock()
-	if d.conn != nil {
-		ci := d.conn.Info()
-		st.NATS = control.NATSStatus{Server: ci.Server, RTT: control.Duration(ci.RTT), Reconnects: ci.Reconnects,
-			Embedded: ci.Embedded, Connected: ci.Connected}
-	}
-	if d.nexlets != nil {
-		cg := d.nexlets.Cgroups()
-		st.Cgroup = control.CgroupStatus{Mode: string(cg.Mode()), Enforced: cg.Enforced(), Reason: cg.Reason()}
-	}
+	ci := s.conn.Info()
+	st.NATS = control.NATSStatus{Server: ci.Server, RTT: control.Duration(ci.RTT), Reconnects: ci.Reconnects,
+		Embedded: ci.Embedded, Connected: ci.Connected}
+	cg := s.nexlets.Cgroups()
+	st.Cgroup = control.CgroupStatus{Mode: string(cg.Mode()), Enforced: cg.Enforced(), Reason: cg.Reason()}
 	st.Nexlets, _ = b.Nexlets(ctx)
 	ws, err := b.Workloads(ctx)
 	if err == nil {
@@ -60,11 +55,11 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 }
 
 func (b backend) Reload(ctx context.Context) (control.ReloadResult, error) {
-	return b.d.reload(ctx), nil
+	return b.s.reload(), nil
 }
 
 func (b backend) Lameduck(ctx context.Context, delay time.Duration) (control.LameduckResult, error) {
-	until, err := b.d.node.EnterLameduck(delay)
+	until, err := b.s.node.EnterLameduck(delay)
 	if err != nil {
 		return control.LameduckResult{}, err
 	}
@@ -74,38 +69,34 @@ func (b backend) Lameduck(ctx context.Context, delay time.Duration) (control.Lam
 // Nexlets merges the supervisor's view (process, restarts, cgroup stats) with the
 // node's (registration, health, heartbeat); remote nexlets have only the latter.
 func (b backend) Nexlets(ctx context.Context) ([]control.Nexlet, error) {
-	d := b.d
+	mgr := b.s.nexlets
 	byID := map[string]*control.Nexlet{}
 	var order []string
-	if d.nexlets != nil {
-		for _, s := range d.nexlets.Statuses() {
-			n := &control.Nexlet{Name: s.Name, PID: s.PID, State: string(s.State), Restarts: s.Restarts,
-				LastExit: s.LastExit, MemoryBytes: s.Stats.MemoryCurrent, CPU: control.Duration(s.Stats.CPUUsageNsec),
-				Health: protocol.HealthOffline}
-			key := "local:" + s.Name
-			if spec, ok := d.nexlets.ByName(s.Name); ok {
-				n.AgentID = spec.AgentID
-				key = spec.AgentID
-			}
-			byID[key] = n
-			order = append(order, key)
+	for _, st := range mgr.Statuses() {
+		n := &control.Nexlet{Name: st.Name, PID: st.PID, State: control.NexletState(st.State), Restarts: st.Restarts,
+			LastExit: st.LastExit, MemoryBytes: st.Stats.MemoryCurrent, CPU: control.Duration(st.Stats.CPUUsageNsec),
+			Health: protocol.HealthOffline}
+		key := "local:" + st.Name
+		if spec, ok := mgr.ByName(st.Name); ok {
+			n.AgentID = spec.AgentID
+			key = spec.AgentID
 		}
+		byID[key] = n
+		order = append(order, key)
 	}
-	if d.node != nil {
-		for _, a := range d.node.Agents() {
-			n, ok := byID[a.ID]
-			if !ok {
-				// A remote nexlet: no process here.
-				n = &control.Nexlet{Name: a.Name, AgentID: a.ID, State: "remote"}
-				byID[a.ID] = n
-				order = append(order, a.ID)
-			}
-			n.Type = a.Type
-			n.Health = a.Health
-			if !a.LastHeartbeat.IsZero() {
-				t := a.LastHeartbeat.UTC()
-				n.LastHeartbeat = &t
-			}
+	for _, a := range b.s.node.Agents() {
+		n, ok := byID[a.ID]
+		if !ok {
+			// A remote nexlet: no process here.
+			n = &control.Nexlet{Name: a.Name, AgentID: a.ID, State: control.NexletRemote}
+			byID[a.ID] = n
+			order = append(order, a.ID)
+		}
+		n.Type = a.Type
+		n.Health = a.Health
+		if !a.LastHeartbeat.IsZero() {
+			t := a.LastHeartbeat.UTC()
+			n.LastHeartbeat = &t
 		}
 	}
 	out := make([]control.Nexlet, 0, len(order))
@@ -116,20 +107,15 @@ func (b backend) Nexlets(ctx context.Context) ([]control.Nexlet, error) {
 }
 
 func (b backend) RestartNexlet(ctx context.Context, name string) error {
-	if b.d.nexlets == nil {
-		return fmt.Errorf("%w: no supervised nexlets", control.ErrNotFound)
+	mgr := b.s.nexlets
+	if _, ok := mgr.ByName(name); !ok {
+		return fmt.Errorf("%w: nexlet %q (local nexlets: %v)", control.ErrNotFound, name, mgr.Names())
 	}
-	if _, ok := b.d.nexlets.ByName(name); !ok {
-		return fmt.Errorf("%w: nexlet %q (local nexlets: %v)", control.ErrNotFound, name, b.d.nexlets.Names())
-	}
-	return b.d.nexlets.Reset(name, "reset by nexctl")
+	return mgr.Reset(name, "reset by nexctl")
 }
 
 func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
-	if b.d.node == nil {
-		return nil, nil
-	}
-	ws, err := b.d.node.Workloads(ctx)
+	ws, err := b.s.node.Workloads(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -143,8 +129,8 @@ func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
 		if t, err := time.Parse(time.RFC3339, w.StartTime); err == nil {
 			cw.StartTime = t
 		}
-		if s, ok := b.d.workloadStats(w.ID); ok {
-			cw.MemoryBytes, cw.CPU = s.MemoryCurrent, control.Duration(s.CPUUsageNsec)
+		if st, ok := b.s.nexlets.WorkloadStats(w.ID); ok {
+			cw.MemoryBytes, cw.CPU = st.MemoryCurrent, control.Duration(st.CPUUsageNsec)
 		}
 		out = append(out, cw)
 	}
@@ -153,7 +139,7 @@ func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
 }
 
 func (b backend) Logs(ctx context.Context, q control.LogQuery) ([]control.LogLine, error) {
-	recs := b.d.logger.Recent(logFilter(q))
+	recs := b.s.logger.Recent(logFilter(q))
 	if q.Lines > 0 && len(recs) > q.Lines {
 		recs = recs[len(recs)-q.Lines:]
 	}
@@ -165,10 +151,10 @@ func (b backend) Logs(ctx context.Context, q control.LogQuery) ([]control.LogLin
 }
 
 func (b backend) FollowLogs(ctx context.Context, q control.LogQuery) (<-chan control.LogLine, error) {
-	in := b.d.logger.Follow(ctx)
+	in := b.s.logger.Follow(ctx)
 	filter := logFilter(q)
 	out := make(chan control.LogLine, 64)
-	go func() {
+	started := b.s.own.goFn(func() {
 		defer close(out)
 		for r := range in {
 			if !filter(r) {
@@ -180,7 +166,10 @@ func (b backend) FollowLogs(ctx context.Context, q control.LogQuery) (<-chan con
 				return
 			}
 		}
-	}()
+	})
+	if !started {
+		return nil, fmt.Errorf("%w: nexd is stopping", control.ErrConflict)
+	}
 	return out, nil
 }
 
@@ -208,10 +197,7 @@ func toLogLine(r logging.Record) control.LogLine {
 }
 
 func (b backend) Config(ctx context.Context) (json.RawMessage, error) {
-	b.d.mu.Lock()
-	l := b.d.loaded
-	b.d.mu.Unlock()
-	b2, err := l.RenderJSON()
+	b2, err := b.s.view().loaded.RenderJSON()
 	if err != nil {
 		return nil, err
 	}
@@ -219,26 +205,16 @@ func (b backend) Config(ctx context.Context) (json.RawMessage, error) {
 }
 
 func (b backend) Secrets() control.SecretStore {
-	if b.d.secrets == nil || b.d.secrets.dir == "" {
+	if b.s.secrets.dir == "" {
 		return nil
 	}
-	return b.d.secrets
+	return b.s.secrets
 }
 
-func (b backend) Metrics() http.Handler { return b.d.metrics.Handler() }
-
-func (d *daemon) workloadStats(id string) (cgroup.Stats, bool) {
-	if d.nexlets == nil {
-		return cgroup.Stats{}, false
-	}
-	return d.nexlets.WorkloadStats(id)
-}
+func (b backend) Metrics() http.Handler { return b.s.metrics.Handler() }
 
 // NATSAccess gives local admins the node's client URLs (an embedded server's real
 // address included) so nexctl on this host needs no NATS configuration.
 func (b backend) NATSAccess(context.Context) (control.NATSAccess, error) {
-	if b.d.conn == nil {
-		return control.NATSAccess{}, fmt.Errorf("NATS is not connected yet: %w", control.ErrConflict)
-	}
-	return control.NATSAccess{Servers: b.d.conn.ClientURLs(), Embedded: b.d.conn.InProcess() != nil}, nil
+	return control.NATSAccess{Servers: b.s.conn.ClientURLs(), Embedded: b.s.conn.InProcess() != nil}, nil
 }

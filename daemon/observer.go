@@ -13,23 +13,28 @@ import (
 // credentials of workloads that ended are revoked.
 type observer struct {
 	metrics.Observer
-	d *daemon
+	s *server
 }
+
+// revokeTimeout bounds one revocation; the stop waits for revocations in flight.
+const revokeTimeout = 10 * time.Second
 
 // WorkloadEnded revokes what can be revoked; at least the minter forgets the workload.
 func (o observer) WorkloadEnded(id string) {
-	r, ok := o.d.minter.(interface {
+	r, ok := o.s.minter.(interface {
 		RevokeWorkload(context.Context, string) error
 	})
 	if !ok {
 		return
 	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	o.s.own.goFn(func() {
+		// Workloads end during the drain too: their revocation outlives the stop
+		// request, bounded by its own timeout.
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(o.s.ctx), revokeTimeout)
 		defer cancel()
 		if err := r.RevokeWorkload(ctx, id); err != nil && !errors.Is(err, mint.ErrRevocationUnsupported) &&
 			!errors.Is(err, mint.ErrUnknownWorkload) {
-			o.d.log.Warn("could not revoke an ended workload's credentials", "workload_id", id, "err", err)
+			o.s.log.Warn("could not revoke an ended workload's credentials", "workload_id", id, "err", err)
 		}
-	}()
+	})
 }

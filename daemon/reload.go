@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -14,28 +13,27 @@ import (
 // reload re-reads every config layer with the original command line, validates it
 // whole, and applies the reloadable fields. On any error the running configuration
 // stays as it was. SIGHUP, `nexctl reload` and `systemctl reload` all come here.
-func (d *daemon) reload(ctx context.Context) control.ReloadResult {
-	d.reloadMu.Lock()
-	defer d.reloadMu.Unlock()
-	d.notify.Reloading()
-	d.log.Info("reloading configuration")
+func (s *server) reload() control.ReloadResult {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	s.notify.Reloading()
+	s.log.Info("reloading configuration")
 
-	res := d.applyReload()
-	status := d.statusLine()
+	res := s.applyReload()
+	status := s.statusLine()
+	s.metrics.Reload(res.OK)
 	if res.OK {
-		d.metrics.Reload(true)
-		d.log.Info("configuration reloaded", "applied", strings.Join(res.Applied, ","))
+		s.log.Info("configuration reloaded", "applied", strings.Join(res.Applied, ","))
 		status = "reloaded; " + status
 	} else {
-		d.metrics.Reload(false)
 		status = "reload rejected (" + strings.Join(res.Errors, "; ") + "); " + status
 	}
-	d.notify.Ready(status)
+	s.notify.Ready(status)
 	return res
 }
 
-func (d *daemon) applyReload() control.ReloadResult {
-	lo := config.DefaultLoadOptions(d.args)
+func (s *server) applyReload() control.ReloadResult {
+	lo := config.DefaultLoadOptions(s.args)
 	lo.CheckInats = natsembed.CheckServerConfig
 	loaded, err := config.Load(lo)
 	if err != nil {
@@ -49,7 +47,7 @@ func (d *daemon) applyReload() control.ReloadResult {
 		}
 		return control.ReloadResult{Errors: []string{err.Error()}}
 	}
-	old := d.cfg()
+	old := s.cfg()
 	next := loaded.Config
 	if keys := config.RestartOnly(old, next); len(keys) > 0 {
 		msgs := make([]string, 0, len(keys))
@@ -58,20 +56,18 @@ func (d *daemon) applyReload() control.ReloadResult {
 		}
 		return control.ReloadResult{Errors: msgs}
 	}
-	if err := d.logger.Reconfigure(d.logOptions(next, d.id.ID())); err != nil {
+	if err := s.logger.Reconfigure(s.logOptions(next, s.id.ID())); err != nil {
 		return control.ReloadResult{Errors: []string{"logger: " + err.Error()}}
 	}
 	var applied []string
-	if err := d.node.SetTags(next.Node.Tags); err != nil {
+	if err := s.node.SetTags(next.Node.Tags); err != nil {
 		// Validation already rejects reserved tags; keep the old config whole anyway.
-		d.logger.Reconfigure(d.logOptions(old, d.id.ID()))
+		s.logger.Reconfigure(s.logOptions(old, s.id.ID()))
 		return control.ReloadResult{Errors: []string{"node.tags: " + err.Error()}}
 	}
-	d.nexlets.SetRestartLimit(next.Node.AgentRestartLimit)
+	s.nexlets.SetRestartLimit(next.Node.AgentRestartLimit)
 	applied = append(applied, changedReloadable(old, next)...)
-	d.mu.Lock()
-	d.loaded = loaded
-	d.mu.Unlock()
+	s.update(func(v *snapshot) { v.loaded = loaded })
 	return control.ReloadResult{OK: true, Applied: applied}
 }
 

@@ -51,6 +51,9 @@ type Options struct {
 	// RuntimeDir holds fetched nexlet binaries and the native nexlet's workload dirs.
 	RuntimeDir string
 	Logger     *slog.Logger
+	// Cgroups, when set, is used instead of detecting the cgroup layout (and moving
+	// nexd into its supervisor cgroup): for tests that run a node in-process.
+	Cgroups *cgroup.Manager
 	// OnExit is called after every nexlet exit (metrics); OnFailed when one is given up.
 	OnExit   func(name string, oom bool)
 	OnFailed func(name string)
@@ -76,18 +79,22 @@ type Manager struct {
 // (fetching nats:// binaries) and builds the supervisor. Nothing runs until Start.
 func New(ctx context.Context, o Options) (*Manager, error) {
 	cfg := o.Config
-	m := &Manager{o: o, log: o.Logger}
-	cg, err := cgroup.Detect(cfg.Node.CgroupRoot, m.log)
-	if err != nil {
-		return nil, fmt.Errorf("cgroups: %w", err)
+	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups}
+	if m.cg == nil {
+		cg, err := cgroup.Detect(cfg.Node.CgroupRoot, m.log)
+		if err != nil {
+			return nil, fmt.Errorf("cgroups: %w", err)
+		}
+		if err := cg.EnterSupervisor(); err != nil {
+			m.log.Warn("could not move nexd into its supervisor cgroup; running nexlets without limits", "err", err)
+			cg = cgroup.Disabled("entering the supervisor cgroup failed: "+err.Error(), m.log)
+		}
+		m.cg = cg
 	}
-	if err := cg.EnterSupervisor(); err != nil {
-		m.log.Warn("could not move nexd into its supervisor cgroup; running nexlets without limits", "err", err)
-		cg = cgroup.Disabled("entering the supervisor cgroup failed: "+err.Error(), m.log)
-	}
-	m.cg = cg
+	cg := m.cg
 	m.log.Info("cgroups", "mode", string(cg.Mode()), "enforced", strings.Join(cg.Enforced(), ","), "reason", cg.Reason())
 
+	var err error
 	if m.specs, err = m.resolve(ctx, cfg); err != nil {
 		return nil, err
 	}

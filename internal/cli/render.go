@@ -293,7 +293,7 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	if st.Cgroup.Reason != "" {
 		cg += " (" + st.Cgroup.Reason + ")"
 	}
-	state := st.State
+	state := string(st.State)
 	if st.LameduckUntil != nil {
 		state += ", workloads stop at " + st.LameduckUntil.Format(time.RFC3339)
 	}
@@ -356,7 +356,7 @@ func renderNexlets(w io.Writer, ns []control.Nexlet, now time.Time) error {
 		if n.PID > 0 {
 			pid = strconv.Itoa(n.PID)
 		}
-		rows = append(rows, []string{n.Name, n.Type, pid, n.State, strconv.Itoa(n.Restarts),
+		rows = append(rows, []string{n.Name, n.Type, pid, string(n.State), strconv.Itoa(n.Restarts),
 			protocol.Stoplight(n.Health) + " " + orDash(n.Health), hb, orDash(n.LastExit), humanBytes(n.MemoryBytes), n.CPU.Std().Round(time.Millisecond).String()})
 	}
 	return table(w, "Nexlets", []string{"Name", "Type", "PID", "State", "Restarts", "Health", "Last Heartbeat", "Last Exit", "Memory", "CPU"}, rows)

@@ -1,0 +1,255 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nexd-project/nexd/daemon/config"
+	"github.com/nexd-project/nexd/daemon/identity"
+	"github.com/nexd-project/nexd/daemon/metrics"
+	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/daemon/natsembed"
+	"github.com/nexd-project/nexd/daemon/nexlets"
+	"github.com/nexd-project/nexd/daemon/node"
+	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/version"
+)
+
+// server is the fully built node: build sets every field before anything serves, so
+// nothing here is ever nil.
+type server struct {
+	*daemon
+	// ctx is the node's lifetime: the owned goroutines end when the stop cancels it.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	id         *identity.Identity
+	stateDir   string // "" for an ephemeral node
+	runtimeDir string
+	conn       *natsconn.Conn
+	minter     mint.Minter
+	metrics    *metrics.Metrics
+	node       *node.Node
+	nexlets    *nexlets.Manager
+	secrets    *secretStore
+
+	reloadMu sync.Mutex // one reload at a time (SIGHUP and the socket)
+}
+
+// buildHooks let tests replace what would touch the host beyond the test's reach.
+type buildHooks struct {
+	// cgroups, when set, is used instead of detecting cgroups (and moving the process).
+	cgroups func() *cgroup.Manager
+}
+
+// goroutineWait bounds how long the stop waits for the owned goroutines to end.
+const goroutineWait = 15 * time.Second
+
+// build constructs every component in dependency order, pushing each one's closer as
+// it comes up. Nothing serves yet: the node API, nexlets, control socket and metrics
+// start in serve. startCtx bounds the blocking steps (connecting, fetching nexlets).
+func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server, error) {
+	cfg := d.cfg()
+	s := &server{daemon: d, stateDir: cfg.Node.StateDir}
+	s.ctx, s.cancel = context.WithCancel(ctx)
+
+	d.notify.Status("starting: loading identity")
+	id, err := identity.Load(cfg.Node.Seed, cfg.Node.XKeySeed, s.stateDir)
+	if err != nil {
+		return nil, err
+	}
+	s.id = id
+	s.runtimeDir = d.runtimeDir(cfg, id.ID())
+	if err := d.logger.Reconfigure(d.logOptions(cfg, id.ID())); err != nil {
+		return nil, fmt.Errorf("logger: %w", err)
+	}
+	d.log.Info("nexd starting", "version", version.Version, "commit", version.Commit,
+		"node_id", id.ID(), "node_name", cfg.Node.Name, "nexus", cfg.Node.Nexus,
+		"identity", string(id.NodeSource), "state_dir", s.stateDir)
+
+	d.notify.Status("starting: connecting to NATS")
+	client, embed := d.natsOptions(cfg)
+	if s.conn, err = natsembed.Connect(startCtx, client, embed, d.log); err != nil {
+		return nil, fmt.Errorf("nats: %w", err)
+	}
+	d.closers.push("NATS connection", func(ctx context.Context) error {
+		// Publish the last log lines while the connection still exists.
+		d.logger.AttachNATS(nil, "")
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		s.conn.Close(cctx)
+		return nil
+	})
+	if hasTarget(cfg.LogTargets(), "nats") {
+		d.logger.AttachNATS(s.conn.NC, id.ID())
+	}
+	// Owned goroutines may still use NATS (revocations): they end before it closes.
+	d.closers.push("goroutines", func(context.Context) error {
+		s.cancel()
+		if !d.own.wait(goroutineWait) {
+			return fmt.Errorf("some did not end within %s", goroutineWait)
+		}
+		return nil
+	})
+
+	if s.minter, err = newMinter(cfg, s.conn.ClientURLs()); err != nil {
+		return nil, err
+	}
+	d.log.Info("credential minter", "minter", s.minter.Describe())
+	if w := s.minter.Warning(); w != "" && cfg.Node.IssuerSigningKey != "" {
+		// The other minters' weaknesses are among the config warnings below.
+		d.log.Warn(w)
+	}
+	for _, w := range d.view().loaded.Warnings {
+		d.log.Warn(w)
+	}
+
+	s.metrics = metrics.New()
+	var store node.Store = node.NewMemStore()
+	if cfg.Node.State == "kv" {
+		if store, err = state.OpenKV(startCtx, s.conn.NC, id.ID(), s.conn.JSDomain(), d.log); err != nil {
+			return nil, err
+		}
+	}
+	s.node, err = node.New(node.Options{
+		NC:                      s.conn.NC,
+		NodeKey:                 id.Node,
+		XKey:                    id.XKey,
+		Name:                    cfg.Node.Name,
+		Nexus:                   cfg.Node.Nexus,
+		Version:                 version.Version,
+		Commit:                  version.Commit,
+		BuildDate:               version.BuildDate,
+		Tags:                    cfg.Node.Tags,
+		AuctionTTL:              cfg.Node.AuctionTTL,
+		DeployTimeout:           cfg.Node.DeployTimeout,
+		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
+		Minter:                  s.minter,
+		Store:                   s.metrics.CountStore(store),
+		Emitter:                 s.emitter(cfg),
+		Logger:                  d.log,
+		OnLameduck:              s.onLameduck,
+		Observer:                observer{Observer: metrics.Observer{M: s.metrics}, s: s},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("node: %w", err)
+	}
+
+	nopts := nexlets.Options{
+		Config:     cfg,
+		NodeID:     id.ID(),
+		Registry:   s.node,
+		Minter:     s.minter,
+		NC:         s.conn.NC,
+		RuntimeDir: s.runtimeDir,
+		Logger:     d.log,
+		OnExit:     s.metrics.NexletExit,
+		OnFailed:   func(string) { d.notify.Status(s.statusLine()) },
+	}
+	if hooks.cgroups != nil {
+		nopts.Cgroups = hooks.cgroups()
+	}
+	if s.nexlets, err = nexlets.New(startCtx, nopts); err != nil {
+		return nil, err
+	}
+	s.secrets = newSecretStore(s.stateDir)
+	s.metrics.WatchLive(metrics.Live{
+		NATSReconnects: func() uint64 { return s.conn.Info().Reconnects },
+		Workloads:      s.node.Workloads,
+	})
+	return s, nil
+}
+
+// runtimeDir holds fetched nexlet binaries: systemd's RuntimeDirectory when set, else
+// under the state directory, else a temp dir.
+func (d *daemon) runtimeDir(cfg *config.Config, nodeID string) string {
+	if rd, _, _ := strings.Cut(lookup(d.env, "RUNTIME_DIRECTORY"), ":"); rd != "" {
+		return rd
+	}
+	if cfg.Node.StateDir != "" {
+		return filepath.Join(cfg.Node.StateDir, "run")
+	}
+	return filepath.Join(os.TempDir(), "nexd-"+nodeID[:12])
+}
+
+func (d *daemon) natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
+	port := 0
+	if v := lookup(d.env, "NEXD_EMBEDDED_NATS_PORT"); v != "" {
+		fmt.Sscanf(v, "%d", &port)
+	}
+	return natsconn.Options{
+			Context:   cfg.NATS.Context,
+			Servers:   cfg.NATS.Servers,
+			CredsFile: cfg.NATS.CredsFile,
+			Nkey:      cfg.NATS.Nkey,
+			Seed:      cfg.NATS.Seed,
+			JWT:       cfg.NATS.JWT,
+			User:      cfg.NATS.User,
+			Password:  cfg.NATS.Password,
+			TLSCert:   cfg.NATS.TLSCert,
+			TLSKey:    cfg.NATS.TLSKey,
+			TLSCA:     cfg.NATS.TLSCA,
+			TLSFirst:  cfg.NATS.TLSFirst,
+			ConnName:  cfg.NATS.ConnName,
+			Timeout:   cfg.NATS.Timeout,
+			JSDomain:  cfg.NATS.JSDomain,
+		}, natsembed.Options{
+			InatsConfig: cfg.Node.InatsConfig,
+			StateDir:    cfg.Node.StateDir,
+			Port:        port,
+		}
+}
+
+// nexletCredsTTL is how long a nexlet's minted NATS user is valid.
+const nexletCredsTTL = 365 * 24 * time.Hour
+
+func newMinter(cfg *config.Config, servers []string) (mint.Minter, error) {
+	opts := mint.Options{Servers: servers, Nexus: cfg.Node.Nexus, JSDomain: cfg.NATS.JSDomain,
+		// A nexlet cannot fetch new credentials while it runs, so its user must outlive
+		// it (as upstream's 365 days); workload users live workload_creds_ttl and their
+		// nexlet renews them before they expire.
+		AgentTTL: nexletCredsTTL, WorkloadTTL: cfg.Node.WorkloadCredsTTL}
+	n := cfg.Node
+	switch {
+	case n.IssuerSigningKey != "":
+		m, err := mint.NewSigningKeyMinter(n.IssuerSigningKey, n.IssuerSigningKeyRootAccount, opts)
+		if err != nil {
+			return nil, fmt.Errorf("issuer_signing_key: %w", err)
+		}
+		return m, nil
+	case n.IssuerNkey != "":
+		m, err := mint.NewNkeyMinter(n.IssuerNkey, n.IssuerNkeySeed, opts)
+		if err != nil {
+			return nil, fmt.Errorf("issuer_nkey: %w", err)
+		}
+		return m, nil
+	default:
+		return mint.NewNoAuthMinter(opts), nil
+	}
+}
+
+func (s *server) emitter(cfg *config.Config) node.Emitter {
+	switch cfg.Node.Events {
+	case "nats":
+		return node.NATSEmitter{NC: s.conn.NC, Logger: s.log}
+	case "logs":
+		return node.LogEmitter{Logger: s.log}
+	}
+	return node.NoEmitter{}
+}
+
+func hasTarget(ts []string, t string) bool {
+	for _, x := range ts {
+		if x == t {
+			return true
+		}
+	}
+	return false
+}

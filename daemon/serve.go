@@ -1,0 +1,204 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/supervise"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// serve starts the built node in order: the node API, the nexlets, then (last) the
+// control socket and metrics listener, which may answer while the nexlets register;
+// READY=1 follows once they have (or startup_timeout passed).
+func (s *server) serve(startCtx context.Context) error {
+	cfg := s.cfg()
+	if err := s.node.Start(s.ctx); err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	s.closers.push("node API", s.node.Stop)
+	if cfg.Node.AllowRemoteAgentRegistration {
+		s.log.Warn("remote nexlet registration is enabled", "nexus", cfg.Node.Nexus)
+	}
+
+	s.notify.Status("starting: nexlets")
+	// Pushed first: a nexlet that failed to start must not leave its siblings behind.
+	s.closers.push("nexlets", func(ctx context.Context) error {
+		sctx, cancel := context.WithTimeout(ctx, s.cfg().Node.StopGrace+10*time.Second)
+		defer cancel()
+		return s.nexlets.Stop(sctx)
+	})
+	if err := s.nexlets.Start(startCtx); err != nil {
+		return err
+	}
+
+	s.notify.Status("starting: opening control socket")
+	ctl, err := control.Listen(cfg.Node.ControlSocket, control.ServerOptions{
+		Backend:     backend{s},
+		AllowOthers: cfg.Node.ControlAllowOthers,
+		Logger:      s.log,
+		Listener:    s.ctlListener,
+	})
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	s.closers.push("control socket", func(context.Context) error { return ctl.Close() })
+	s.own.goFn(func() {
+		if err := ctl.Serve(s.ctx); err != nil {
+			s.log.Error("control socket", "err", err)
+		}
+	})
+	s.log.Info("control socket listening", "path", ctl.Path(), "socket_activated", s.ctlListener != nil)
+	if cfg.Node.MetricsListen != "" {
+		ml, err := s.metrics.Listen(cfg.Node.MetricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		s.closers.push("metrics listener", func(ctx context.Context) error {
+			mctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			return ml.Close(mctx)
+		})
+		s.own.goFn(func() {
+			if err := ml.Serve(); err != nil {
+				s.log.Error("metrics listener", "err", err)
+			}
+		})
+		s.log.Info("metrics listening", "addr", ml.Addr().String())
+	}
+
+	wctx, wcancel := context.WithTimeout(startCtx, cfg.Node.StartupTimeout)
+	missing := s.nexlets.NamesOf(s.node.WaitForAgents(wctx, s.nexlets.AgentIDs()))
+	wcancel()
+	if err := startCtx.Err(); err != nil {
+		return err
+	}
+
+	s.setPhase(control.StateRunning)
+	s.node.SetState(protocol.NodeRunning)
+	status := s.statusLine()
+	if len(missing) > 0 {
+		status += "; not registered: " + strings.Join(missing, ", ")
+		s.log.Warn("nexlets did not register in time; the node is ready without them",
+			"missing", strings.Join(missing, ","), "waited", cfg.Node.StartupTimeout.String())
+	}
+	s.log.Info("nex node ready", "status", status)
+	if err := s.notify.Ready(status); err != nil {
+		return err
+	}
+	s.own.goFn(func() { s.notify.RunWatchdog(s.ctx, s.healthy) })
+	s.own.goFn(func() { s.statusLoop(s.ctx) })
+	return nil
+}
+
+// healthy gates the watchdog: the event loop answers and NATS is connected or
+// reconnecting within bound.
+func (s *server) healthy() bool { return s.conn.Healthy() }
+
+// statusLoop keeps STATUS= current while running.
+func (s *server) statusLoop(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	last := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if s.view().phase == control.StateStopping {
+				return
+			}
+			line := s.statusLine()
+			if line != last {
+				s.notify.Status(line)
+				last = line
+			}
+		}
+	}
+}
+
+// statusLine says in one line what the node is doing.
+func (s *server) statusLine() string {
+	v := s.view()
+	running := 0
+	if ws, err := s.node.Workloads(s.ctx); err == nil {
+		running = len(ws)
+	}
+	nexlets, failed := 0, 0
+	for _, st := range s.nexlets.Statuses() {
+		nexlets++
+		if st.State == supervise.StateFailed {
+			failed++
+		}
+	}
+	natsState := "nats connected"
+	if !s.conn.Info().Connected {
+		natsState = "nats disconnected"
+	}
+	line := fmt.Sprintf("%s: %d workloads, %d nexlets", v.phase, running, nexlets)
+	if failed > 0 {
+		line += fmt.Sprintf(" (%d failed)", failed)
+	}
+	line += ", " + natsState
+	if v.phase == control.StateLameduck {
+		line += ", workloads stop at " + v.lameduckUntil.UTC().Format(time.RFC3339)
+	}
+	return line
+}
+
+// onLameduck is called by the node once it enters lame duck mode (over NATS or the
+// control socket): the nexlets keep workloads running until the delay ends and then
+// stop them; the node shuts down after that.
+func (s *server) onLameduck(delay time.Duration) {
+	until := time.Now().Add(delay)
+	s.update(func(v *snapshot) { v.phase, v.lameduckUntil = control.StateLameduck, until })
+	s.log.Warn("entering lame duck mode", "workloads_stop_at", until.UTC().Format(time.RFC3339))
+	s.notify.Status(s.statusLine())
+	s.own.goFn(func() {
+		t := time.NewTimer(delay)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			s.requestShutdown("lame duck delay ended")
+		case <-s.ctx.Done():
+		}
+	})
+}
+
+// stop drains the workloads, then unwinds every closer start pushed: metrics, control
+// socket, nexlets, node API, owned goroutines, NATS, logger.
+func (s *server) stop() {
+	s.setPhase(control.StateStopping)
+	grace := s.cfg().Node.StopGrace
+	s.notify.Stopping("stopping: draining workloads and nexlets")
+	// Keep systemd from killing us while the drain is making progress.
+	extend := grace + 15*time.Second
+	s.notify.ExtendTimeout(extend)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		tick := time.NewTicker(extend / 2)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+				s.notify.ExtendTimeout(extend)
+			}
+		}
+	})
+	defer func() { close(done); wg.Wait() }()
+
+	// The drain runs to its own bounds even when the daemon's context has ended.
+	ctx := context.WithoutCancel(s.ctx)
+	s.node.SetState(protocol.NodeStopping)
+	dctx, cancel := context.WithTimeout(ctx, grace+10*time.Second)
+	s.node.StopAllWorkloads(dctx)
+	cancel()
+	s.closers.unwind(ctx, s.log)
+}
