@@ -127,7 +127,7 @@ func (n *node) waitReady(t *testing.T) control.Status {
 			last = err.Error()
 			return false
 		}
-		st, last = cur, cur.State
+		st, last = cur, string(cur.State)
 		return cur.State == "running"
 	})
 	switch {
