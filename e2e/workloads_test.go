@@ -202,7 +202,17 @@ func TestLocalEndpoints(t *testing.T) {
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
-	if st.Cgroup.Mode == "" || len(st.Nexlets) != 1 || st.Nexlets[0].Health != protocol.HealthHealthy {
+	// Ready means registered; healthy follows with the nexlet's first heartbeat.
+	c := control.NewClient(n.socket)
+	defer c.Close()
+	testkit.Eventually(t, "native nexlet healthy", func() bool {
+		cur, err := c.Status(t.Context())
+		if err == nil {
+			st = cur
+		}
+		return err == nil && len(st.Nexlets) == 1 && st.Nexlets[0].Health == protocol.HealthHealthy
+	})
+	if st.Cgroup.Mode == "" {
 		t.Fatalf("status %+v", st)
 	}
 	if out := n.mustCtl(t, "status"); !strings.Contains(out, st.NodeID) || !strings.Contains(out, "native") {
