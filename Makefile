@@ -36,10 +36,13 @@ test:
 test-short:
 	$(GO) test -short -count=1 ./...
 
+# gofmt, go vet, staticcheck with every check (staticcheck.conf) and the source checks
+# in internal/lint (log attributes holding an error are keyed "err"). CI runs it first.
 lint:
-	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+	$(GO) test -count=1 ./internal/lint
 
 # Short fuzz runs of every parser (config loader, protocol decoders, node handlers).
 FUZZTIME ?= 20s

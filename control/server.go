@@ -278,7 +278,7 @@ func (s *Server) backendError(w http.ResponseWriter, r *http.Request, err error)
 		status = http.StatusServiceUnavailable
 	}
 	if status == http.StatusInternalServerError {
-		s.log.Error("control request failed", "path", r.URL.Path, "error", err)
+		s.log.Error("control request failed", "path", r.URL.Path, "err", err)
 	}
 	writeError(w, status, err.Error())
 }

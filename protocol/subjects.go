@@ -46,6 +46,8 @@ const (
 )
 
 // Control-plane subjects ($NEX.SVC.<ns>.control.…).
+
+// ControlPrefix is the prefix of namespace ns's control subjects.
 func ControlPrefix(ns string) string { return "$NEX.SVC." + ns + ".control" }
 
 // PingSubject is the nexus-wide ping (system namespace only).
@@ -93,6 +95,8 @@ func CloneSubject(ns, workloadID string) string { return ControlPrefix(ns) + ".C
 func WPingSubject(ns string) string { return ControlPrefix(ns) + ".WPING" }
 
 // Agent-plane subjects ($NEX.SVC.<node>.agent.…).
+
+// AgentPrefix is the prefix of node nodeID's agent-plane subjects.
 func AgentPrefix(nodeID string) string { return "$NEX.SVC." + nodeID + ".agent" }
 
 // RegisterSubject is where a nexlet registers with agentID.

@@ -213,7 +213,7 @@ func (c *Conn) dialRetrying(ctx context.Context, what string, dial func() (*nats
 		}
 		c.setLastErr(err)
 		delay := backoff(attempt)
-		c.log.Warn("NATS not reachable yet, retrying", "servers", what, "error", err, "retry_in", delay.Round(time.Millisecond))
+		c.log.Warn("NATS not reachable yet, retrying", "servers", what, "err", err, "retry_in", delay.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("natsconn: connect to %s: gave up: %w (last error: %v)", what, ctx.Err(), err)
@@ -274,7 +274,7 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 			if err != nil {
 				c.setLastErr(err)
 			}
-			c.log.Warn("NATS disconnected", "server", nc.ConnectedUrlRedacted(), "error", err)
+			c.log.Warn("NATS disconnected", "server", nc.ConnectedUrlRedacted(), "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			c.reconnects.Add(1)
@@ -290,7 +290,7 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 			if sub != nil {
 				subject = sub.Subject
 			}
-			c.log.Warn("NATS async error", "error", err, "subject", subject)
+			c.log.Warn("NATS async error", "err", err, "subject", subject)
 		}),
 		nats.ClosedHandler(func(*nats.Conn) {
 			c.closeOnce.Do(func() { close(c.closed) })
@@ -428,7 +428,8 @@ func (c *Conn) Info() ConnInfo {
 	return ci
 }
 
-// Healthy: connected, or reconnecting for less than the grace period.
+// Healthy reports whether the connection is up, or reconnecting for less than the
+// grace period.
 func (c *Conn) Healthy() bool {
 	if c.NC == nil {
 		return false
@@ -455,13 +456,13 @@ func (c *Conn) JSDomain() string { return c.jsDomain }
 func (c *Conn) Close(ctx context.Context) {
 	if c.NC != nil && !c.NC.IsClosed() {
 		if err := c.NC.Drain(); err != nil {
-			c.log.Warn("NATS drain failed, closing", "error", err)
+			c.log.Warn("NATS drain failed, closing", "err", err)
 			c.NC.Close()
 		}
 		select {
 		case <-c.closed:
 		case <-ctx.Done():
-			c.log.Warn("NATS drain did not finish in time, closing", "error", ctx.Err())
+			c.log.Warn("NATS drain did not finish in time, closing", "err", ctx.Err())
 			c.NC.Close()
 		}
 	}

@@ -17,7 +17,6 @@ import (
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -284,26 +283,6 @@ func TestNATSContext(t *testing.T) {
 	_, err := Connect(ctxT(t), Options{Context: "missing"}, nil)
 	if err == nil || !strings.Contains(err.Error(), `"missing"`) {
 		t.Fatalf("unknown context: error %v, want one naming it", err)
-	}
-}
-
-func kvWorks(t *testing.T, nc *nats.Conn) {
-	t.Helper()
-	ctx := ctxT(t)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-test"})
-	if err != nil {
-		t.Fatalf("create KV bucket: %v", err)
-	}
-	if _, err := kv.Put(ctx, "w1", []byte("running")); err != nil {
-		t.Fatalf("KV put: %v", err)
-	}
-	e, err := kv.Get(ctx, "w1")
-	if err != nil || string(e.Value()) != "running" {
-		t.Fatalf("KV get: %v %v", e, err)
 	}
 }
 

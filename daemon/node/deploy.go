@@ -90,7 +90,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	if isErrorReply(reply) {
 		// Relayed as the nexlet said it, and not kept: the nexlet did not run it.
 		n.log.Info("nexlet refused workload", "workload_id", workloadID, "agent_id", a.id,
-			"code", reply.Header.Get(protocol.HeaderErrorCode), "error", reply.Header.Get(protocol.HeaderError))
+			"code", reply.Header.Get(protocol.HeaderErrorCode), "err", reply.Header.Get(protocol.HeaderError))
 		reply.Header.Set(protocol.HeaderDeployOutcome, protocol.DeployNotStarted)
 		n.relay(r, reply)
 		return

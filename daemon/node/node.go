@@ -611,7 +611,7 @@ func (n *Node) forwardLameduck(ctx context.Context, delay time.Duration) {
 		var resp protocol.LameduckResponse
 		if isErrorReply(m) || protocol.Decode(m.Data, &resp) != nil {
 			n.log.Warn("nexlet did not accept lameduck", "agent_id", m.Header.Get("agentId"),
-				"error", m.Header.Get(protocol.HeaderError))
+				"err", m.Header.Get(protocol.HeaderError))
 			resp.Success = false
 		}
 		n.o.Emitter.Emit(n.id, protocol.EventAgentLameduckSet, protocol.AgentLameduckSetEvent{Success: resp.Success})

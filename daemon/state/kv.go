@@ -127,7 +127,7 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 	// Delete markers of removed workloads would pile up forever with History 1.
 	if create {
 		if err := kv.PurgeDeletes(ctx); err != nil {
-			log.Warn("could not compact delete markers of the state bucket", "bucket", bucket, "error", err)
+			log.Warn("could not compact delete markers of the state bucket", "bucket", bucket, "err", err)
 		}
 	}
 	return &KV{kv: kv, bucket: bucket, maxValue: maxValue, log: log}, nil
@@ -236,7 +236,7 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 			}
 			var req protocol.StartWorkloadRequest
 			if err := json.Unmarshal(e.Value(), &req); err != nil {
-				s.log.Error("skipping unreadable workload state", "bucket", s.bucket, "key", e.Key(), "error", err)
+				s.log.Error("skipping unreadable workload state", "bucket", s.bucket, "key", e.Key(), "err", err)
 				continue
 			}
 			out[e.Key()] = req

@@ -106,7 +106,7 @@ func (n *Notifier) RunWatchdog(ctx context.Context, healthy func() bool) {
 			}
 			wasHealthy = true
 			if err := n.send(daemon.SdNotifyWatchdog); err != nil {
-				n.log.Warn("watchdog ping failed", "error", err)
+				n.log.Warn("watchdog ping failed", "err", err)
 			}
 		} else if wasHealthy {
 			n.log.Error("health check failing, withholding watchdog pings", "watchdog", interval)
