@@ -10,8 +10,16 @@ KEY=$(echo "bookworm $PKGS v1" | sha256sum | cut -c1-12)
 TAR=$CACHE/rootfs-$KEY.tar.zst
 if [ -f "$TAR" ]; then echo "$TAR"; exit 0; fi
 mkdir -p "$CACHE"
-MIRROR=${DEBIAN_MIRROR:-$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# The host's own apt source for bookworm main (whichever file and format configures it,
+# as apt itself resolves them), and its proxy: a CI machine may only reach its mirror.
+MIRROR=${DEBIAN_MIRROR:-$(apt-get indextargets --format '$(SITE) $(RELEASE) $(COMPONENT) $(IDENTIFIER)' 2>/dev/null |
+	awk '$2 == "bookworm" && $3 == "main" && $4 == "Packages" {print $1; exit}')}
+[ -n "$MIRROR" ] || {
+	echo "mkrootfs.sh: no apt source for Debian bookworm main on this host; set DEBIAN_MIRROR=<url>" >&2
+	exit 1
+}
+eval "$(apt-config shell APT_HTTP_PROXY Acquire::http::Proxy 2>/dev/null || true)"
+if [ -n "${APT_HTTP_PROXY:-}" ] && [ -z "${http_proxy:-}" ]; then export http_proxy=$APT_HTTP_PROXY; fi
 TMP=$(mktemp -d "$CACHE/build.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 echo "debootstrap bookworm ($PKGS) from $MIRROR ..." >&2
