@@ -126,9 +126,11 @@ type Status struct {
 	Uptime    Duration  `json:"uptime"`
 	State     NodeState `json:"state"`
 	// LameduckUntil is when workloads stop, set while in lame duck mode.
-	LameduckUntil *time.Time     `json:"lameduck_until,omitempty"`
-	NATS          NATSStatus     `json:"nats"`
-	Cgroup        CgroupStatus   `json:"cgroup"`
+	LameduckUntil *time.Time   `json:"lameduck_until,omitempty"`
+	NATS          NATSStatus   `json:"nats"`
+	Cgroup        CgroupStatus `json:"cgroup"`
+	// WorkloadUsers says who the native nexlet's workloads run as.
+	WorkloadUsers string         `json:"workload_users,omitempty"`
 	Nexlets       []Nexlet       `json:"nexlets"`
 	Workloads     map[string]int `json:"workloads"` // count by state
 }

@@ -5,10 +5,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"os/user"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/logging"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/protocol"
@@ -44,6 +49,7 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 		Embedded: ci.Embedded, Connected: ci.Connected}
 	cg := s.nexlets.Cgroups()
 	st.Cgroup = control.CgroupStatus{Mode: string(cg.Mode()), Enforced: cg.Enforced(), Reason: cg.Reason()}
+	st.WorkloadUsers = workloadUsers(cfg)
 	st.Nexlets, _ = b.Nexlets(ctx)
 	ws, err := b.Workloads(ctx)
 	if err == nil {
@@ -217,4 +223,24 @@ func (b backend) Metrics() http.Handler { return b.s.metrics.Handler() }
 // address included) so nexctl on this host needs no NATS configuration.
 func (b backend) NATSAccess(context.Context) (control.NATSAccess, error) {
 	return control.NATSAccess{Servers: b.s.conn.ClientURLs(), Embedded: b.s.conn.InProcess() != nil}, nil
+}
+
+// workloadUsers says who native workloads run as: without root nexd cannot switch
+// users, so they run as whoever started it.
+func workloadUsers(cfg *config.Config) string {
+	if os.Geteuid() != 0 {
+		name := strconv.Itoa(os.Geteuid())
+		if u, err := user.Current(); err == nil {
+			name = u.Username
+		}
+		return fmt.Sprintf("the invoking user %s (uid %d): nexd does not run as root", name, os.Geteuid())
+	}
+	s := "dynamic uids " + cfg.Node.WorkloadUIDRange
+	if len(cfg.Node.WorkloadUsers) > 0 {
+		s += "; may ask for " + strings.Join(cfg.Node.WorkloadUsers, ", ")
+	}
+	if cfg.Node.AllowRootWorkloads {
+		s += "; root allowed"
+	}
+	return s
 }

@@ -30,6 +30,9 @@ type NodeConfig struct {
 	AllowRemoteAgentRegistration bool              // allow_remote_agent_registration
 	AgentRestartLimit            int               // agent_restart_limit
 	DisableNativeStart           bool              // disable_native_start
+	WorkloadUsers                []string          // workload_users: named users start requests may ask for
+	AllowRootWorkloads           bool              // allow_root_workloads
+	WorkloadUIDRange             string            // workload_uid_range: dynamic uids MIN-MAX
 	Agents                       []Agent           // agents
 	NativeLimits                 Limits            // native_limits
 	State                        string            // state: "" or "kv"

@@ -5,6 +5,7 @@ import (
 	"math"
 	"net"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,6 +25,15 @@ type validator struct {
 	warnings []string
 	// checkInats parses a nats-server config file (LoadOptions.CheckInats).
 	checkInats func(path string) error
+}
+
+var userNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,31}$`)
+
+func parseRange(s string) (uint64, uint64, bool) {
+	a, b, ok := strings.Cut(s, "-")
+	lo, err1 := strconv.ParseUint(strings.TrimSpace(a), 10, 32)
+	hi, err2 := strconv.ParseUint(strings.TrimSpace(b), 10, 32)
+	return lo, hi, ok && err1 == nil && err2 == nil
 }
 
 func (v *validator) fail(key, sub, msg string) {
@@ -68,6 +78,16 @@ func (v *validator) validate() {
 		v.limits("agents", at+".limits", a.Limits)
 	}
 	v.limits("native_limits", "", n.NativeLimits)
+	for i, u := range n.WorkloadUsers {
+		if !userNameRE.MatchString(u) {
+			v.fail("workload_users", fmt.Sprintf("[%d]", i), fmt.Sprintf("%q is not a user name (letters, digits, '_', '-', '.', at most 32)", u))
+		} else if u == "root" && !n.AllowRootWorkloads {
+			v.fail("workload_users", fmt.Sprintf("[%d]", i), "root is allowed only with allow_root_workloads")
+		}
+	}
+	if lo, hi, ok := parseRange(n.WorkloadUIDRange); !ok || lo == 0 || hi < lo || hi >= 1<<31 {
+		v.fail("workload_uid_range", "", fmt.Sprintf("want MIN-MAX with 0 < MIN <= MAX < 2147483648 (e.g. 61184-65519), got %q", n.WorkloadUIDRange))
+	}
 	v.enum("state", n.State)
 	v.enum("events", n.Events)
 	v.enum("control_allow_others", n.ControlAllowOthers)

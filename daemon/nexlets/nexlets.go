@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/nats-io/nats.go"
@@ -295,6 +296,9 @@ func (m *Manager) env(name string) map[string]string {
 	}
 	if name == NativeName || strings.HasPrefix(name, NativeName+"-") {
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
+		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
+		env[native.EnvAllowRoot] = strconv.FormatBool(m.o.Config.Node.AllowRootWorkloads)
+		env[native.EnvUIDRange] = m.o.Config.Node.WorkloadUIDRange
 		if d := m.o.Config.Node.StateDir; d != "" {
 			env[native.EnvStateDir] = d
 		}

@@ -311,7 +311,7 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	if st.Commit != "" {
 		version += " [" + st.Commit + "]"
 	}
-	if err := kvTable(w, "", [][2]string{
+	rows := [][2]string{
 		{"Node ID", st.NodeID},
 		{"Name", st.Name},
 		{"Nexus", st.Nexus},
@@ -321,7 +321,11 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		{"NATS", nats},
 		{"Cgroups", cg},
 		{"Workloads", wl},
-	}); err != nil {
+	}
+	if st.WorkloadUsers != "" {
+		rows = append(rows, [2]string{"Workloads run as", st.WorkloadUsers})
+	}
+	if err := kvTable(w, "", rows); err != nil {
 		return err
 	}
 	if len(st.Nexlets) == 0 {

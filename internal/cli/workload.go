@@ -110,6 +110,7 @@ func (a *app) workloadRunCmd() *cobra.Command {
 		file, startJSON, name, desc, typ, lifecycle string
 		plainEnv                                    bool
 		bids                                        int
+		runAs                                       string
 	)
 	tags := newKV("tags")
 	env := &envFlag{}
@@ -166,6 +167,9 @@ healthy nexlet of the type.
 			if err != nil {
 				return err
 			}
+			if fl.Changed("user") {
+				spec.Start["user"] = runAs
+			}
 
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
@@ -194,6 +198,7 @@ healthy nexlet of the type.
 	fs.Var(env, "env", "environment variable KEY=VALUE (repeatable; sealed for the nexlet)")
 	fs.BoolVar(&plainEnv, "plain-env", false, "send --env in clear text instead of sealed")
 	fs.IntVar(&bids, "bids", 0, "end the auction once this many bids are in (default: the number of nodes)")
+	fs.StringVar(&runAs, "user", "", "run as this named user, if the node allows it (workload_users); default: a dynamic uid")
 	return cmd
 }
 

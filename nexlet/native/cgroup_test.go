@@ -65,7 +65,7 @@ func TestCgroupGrandchildAndLimits(t *testing.T) {
 	if !strings.HasPrefix(tn.IsolationMode(), "cgroup") {
 		t.Fatalf("isolation = %s", tn.IsolationMode())
 	}
-	pidFile := filepath.Join(t.TempDir(), "gc.pid")
+	pidFile := filepath.Join(sharedDir(t), "gc.pid")
 	uri := script(t, `sleep 1000 & echo $! > "$1"; echo forked; wait`)
 	fn.mustStart("cgfork", startReq(protocol.LifecycleService, "cgfork", map[string]any{"uri": uri, "argv": []string{pidFile},
 		"limits": map[string]any{"memory_max": "64M", "pids_max": 20, "cpu_max": 0.5}}, fn.creds()))

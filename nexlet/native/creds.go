@@ -33,12 +33,14 @@ type CredsRenewer interface {
 }
 
 func (n *Nexlet) credsPath(id string) string {
-	return filepath.Join(n.cfg.RuntimeDir, "workloads", id, credsFileName)
+	return filepath.Join(n.wdir, id, credsFileName)
 }
 
 // writeCredsFile writes cd as a creds file, atomically (a reconnecting client never
-// reads half a file), mode 0600. Without a JWT there is nothing to write.
-func writeCredsFile(path string, cd protocol.NatsConnectionData) error {
+// reads half a file), mode 0400 and owned by the workload's user (the directory stays
+// the nexlet's, so the workload cannot swap the file). Without a JWT there is nothing
+// to write.
+func writeCredsFile(path string, cd protocol.NatsConnectionData, id ident) error {
 	if cd.NatsUserJWT == "" {
 		return nil
 	}
@@ -52,6 +54,12 @@ func writeCredsFile(path string, cd protocol.NatsConnectionData) error {
 	}
 	tmp := f.Name()
 	_, err = f.Write(b) // CreateTemp makes it 0600
+	if err == nil {
+		err = f.Chmod(0o400)
+	}
+	if err == nil && !id.same {
+		err = f.Chown(int(id.uid), int(id.gid))
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -161,7 +169,7 @@ func (n *Nexlet) renew(w *workload) {
 	}
 	if err == nil {
 		// Under n.mu so that it cannot race the removal of the workload's directory.
-		err = writeCredsFile(n.credsPath(w.id), cd)
+		err = writeCredsFile(n.credsPath(w.id), cd, w.ident)
 	}
 	if err != nil {
 		_, life, _ := renewAfter(w.creds, time.Now())

@@ -136,20 +136,19 @@ func TestRenewRewritesCredsFileWhileRunning(t *testing.T) {
 	rn.serve(t, fn.nc, func(string, string) (protocol.NatsConnectionData, error) {
 		return jwtCreds(t, acc, ttl, fn.srv.ClientURL()), nil
 	})
-	rt := t.TempDir()
-	fn.startNexlet(Config{RuntimeDir: rt})
+	tn := fn.startNexlet(Config{})
 	first := jwtCreds(t, acc, ttl, fn.srv.ClientURL())
 	uri := script(t, `echo "file=$NEX_WORKLOAD_NATS_CREDS_FILE"; exec sleep 1000`)
 	fn.mustStart("rn1", startReq(protocol.LifecycleService, "rn", map[string]any{"uri": uri}, first))
-	path := filepath.Join(rt, "workloads", "rn1", "nats.creds")
+	path := filepath.Join(tn.WorkloadsDir(), "rn1", "nats.creds")
 	fn.waitLog("rn1", "stdout", "file="+path)
 
 	st, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Mode().Perm() != 0o600 {
-		t.Errorf("creds file mode %v, want 0600", st.Mode().Perm())
+	if st.Mode().Perm() != 0o400 {
+		t.Errorf("creds file mode %v, want 0400", st.Mode().Perm())
 	}
 	if got := readCredsJWT(t, path); got != first.NatsUserJWT && rn.count() == 0 {
 		t.Errorf("creds file does not hold the workload's JWT")
@@ -211,12 +210,11 @@ func TestRenewedCredsReachARestartedProcess(t *testing.T) {
 
 func TestRenewNothingWithoutJWT(t *testing.T) {
 	fn := newFakeNode(t)
-	rt := t.TempDir()
-	fn.startNexlet(Config{RuntimeDir: rt})
+	tn := fn.startNexlet(Config{})
 	uri := script(t, `echo "file=[$NEX_WORKLOAD_NATS_CREDS_FILE]"; ls "$(dirname "$0")" >/dev/null; exec sleep 1000`)
 	fn.mustStart("nj1", startReq(protocol.LifecycleService, "nj", map[string]any{"uri": uri}, fn.creds()))
 	fn.waitLog("nj1", "stdout", "file=[]")
-	if _, err := os.Stat(filepath.Join(rt, "workloads", "nj1", "nats.creds")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(tn.WorkloadsDir(), "nj1", "nats.creds")); !os.IsNotExist(err) {
 		t.Errorf("a creds file was written for credentials without a JWT: %v", err)
 	}
 }
@@ -255,7 +253,7 @@ func TestRenewKeepsWorkloadConnectedPastExpiry(t *testing.T) {
 	if err != nil {
 		t.Skip("no go toolchain to build the test client")
 	}
-	bin := filepath.Join(t.TempDir(), "credsclient")
+	bin := filepath.Join(publicDir(t), "credsclient")
 	if out, err := exec.Command(gobin, "build", "-o", bin, "./testdata/credsclient").CombinedOutput(); err != nil {
 		t.Fatalf("build test client: %v\n%s", err, out)
 	}

@@ -139,6 +139,7 @@ func (fn *fakeNode) startNexlet(cfg Config) *testNexlet {
 			}
 		}
 		_ = r.Shutdown()
+		n.Close()
 	})
 	return tn
 }
@@ -156,14 +157,40 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// script writes an executable shell script and returns its file:// uri.
+// script writes an executable shell script and returns its file:// uri. It lives in a
+// directory every user can search: workloads run under dynamic uids.
 func script(t *testing.T, body string) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "w.sh")
+	p := filepath.Join(publicDir(t), "w.sh")
 	if err := os.WriteFile(p, []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	return "file://" + p
+}
+
+// publicDir is a temp dir that workloads under other uids can reach (t.TempDir's
+// parent is private to root).
+func publicDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "nexlet-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(d, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// sharedDir is a temp dir that workloads under other uids can write to.
+func sharedDir(t *testing.T) string {
+	t.Helper()
+	d := publicDir(t)
+	if err := os.Chmod(d, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
 
 func startReq(lc protocol.Lifecycle, name string, run map[string]any, creds protocol.NatsConnectionData) protocol.AgentStartWorkloadRequest {

@@ -32,7 +32,7 @@ type sandbox interface {
 }
 
 // noIsolation runs workloads in their own process group that dies with the nexlet.
-// dir is the nexlet's runtime dir, where each workload's pid file lives.
+// dir is the nexlet's workloads dir, where each workload's pid file lives.
 type noIsolation struct{ dir string }
 
 func (noIsolation) mode() string { return "none" }
@@ -40,7 +40,7 @@ func (noIsolation) mode() string { return "none" }
 // sandbox finds a live group of the workload from its pid file, so replay can adopt it;
 // the process must still carry NEX_WORKLOAD_ID=<id> to rule out a reused pid.
 func (iso noIsolation) sandbox(id string, _ Limits) (sandbox, error) {
-	b, err := os.ReadFile(filepath.Join(iso.dir, "workloads", id, "pid"))
+	b, err := os.ReadFile(filepath.Join(iso.dir, id, "pid"))
 	if err != nil {
 		return &pgroup{}, nil
 	}

@@ -9,7 +9,7 @@ import (
 // chooseIsolation attaches to the nexlet's cgroup subtree (spec from NEX_AGENT_CGROUP);
 // without a spec, or when it cannot be used, workloads run in plain process groups.
 func (n *Nexlet) chooseIsolation(spec string) isolation {
-	none := noIsolation{dir: n.cfg.RuntimeDir}
+	none := noIsolation{dir: n.wdir}
 	if spec == "" {
 		n.log.Warn("no cgroup subtree given: workloads run without limits, in their own process groups", "env", EnvCgroup)
 		return none

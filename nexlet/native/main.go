@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nexd-project/nexd/nexlet"
@@ -16,10 +17,13 @@ import (
 
 // Environment the node sets for the native nexlet, besides nexlet.ConnDataFromEnv's.
 const (
-	EnvCgroup       = "NEX_AGENT_CGROUP"         // cgroup spec of the nexlet's subtree
-	EnvRuntimeDir   = "NEX_NATIVE_RUNTIME_DIR"   // workloads/<id> private dirs
-	EnvStateDir     = "NEX_NATIVE_STATE_DIR"     // secrets/<namespace>/<key>
-	EnvMaxWorkloads = "NEX_NATIVE_MAX_WORKLOADS" // optional bound on running workloads
+	EnvCgroup       = "NEX_AGENT_CGROUP"          // cgroup spec of the nexlet's subtree
+	EnvRuntimeDir   = "NEX_NATIVE_RUNTIME_DIR"    // workloads/<id> private dirs
+	EnvStateDir     = "NEX_NATIVE_STATE_DIR"      // secrets/<namespace>/<key>
+	EnvMaxWorkloads = "NEX_NATIVE_MAX_WORKLOADS"  // optional bound on running workloads
+	EnvUsers        = "NEX_NATIVE_WORKLOAD_USERS" // named users start requests may ask for, comma-separated
+	EnvAllowRoot    = "NEX_NATIVE_ALLOW_ROOT"     // "true": start requests may ask for root
+	EnvUIDRange     = "NEX_NATIVE_UID_RANGE"      // dynamic uid range MIN-MAX
 )
 
 // ShutdownTimeout bounds how long Main waits for workloads to stop at exit.
@@ -57,12 +61,30 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger) error 
 			return fmt.Errorf("%s=%q: want a non-negative integer", EnvMaxWorkloads, v)
 		}
 	}
+	if v := env(EnvUsers); v != "" {
+		for u := range strings.SplitSeq(v, ",") {
+			if u = strings.TrimSpace(u); u != "" {
+				cfg.Users.Allowed = append(cfg.Users.Allowed, u)
+			}
+		}
+	}
+	if v := env(EnvAllowRoot); v != "" {
+		if cfg.Users.AllowRoot, err = strconv.ParseBool(v); err != nil {
+			return fmt.Errorf("%s=%q: want true or false", EnvAllowRoot, v)
+		}
+	}
+	if v := env(EnvUIDRange); v != "" {
+		if cfg.Users.UIDMin, cfg.Users.UIDMax, err = ParseUIDRange(v); err != nil {
+			return fmt.Errorf("%s: %w", EnvUIDRange, err)
+		}
+	}
 	n, err := New(cfg)
 	if err != nil {
 		return err
 	}
+	defer n.Close()
 	log.Info("native nexlet starting", "node_id", nodeID, "agent_id", agentID, "isolation", n.IsolationMode(),
-		"runtime_dir", cfg.RuntimeDir, "xkey", n.XKey())
+		"runtime_dir", cfg.RuntimeDir, "xkey", n.XKey(), "workloads_run_as", n.RunsAs())
 	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log))
 	if err != nil {
 		return err

@@ -85,7 +85,7 @@ func TestJobExitCodeAndLogs(t *testing.T) {
 func TestServiceCrashLoopEndsInError(t *testing.T) {
 	fn := newFakeNode(t)
 	fn.startNexlet(Config{})
-	counter := filepath.Join(t.TempDir(), "runs")
+	counter := filepath.Join(sharedDir(t), "runs")
 	uri := script(t, `echo run >> "$1"; exit 3`)
 	fn.mustStart("svc1", startReq(protocol.LifecycleService, "crashy", map[string]any{
 		"uri": uri, "argv": []string{counter}, "restart": map[string]any{"max": 2, "backoff": "50ms"}}, fn.creds()))
@@ -133,7 +133,7 @@ func TestStopKillsSIGTERMIgnorerAtGrace(t *testing.T) {
 func TestStopLeavesNoGrandchild(t *testing.T) {
 	fn := newFakeNode(t)
 	fn.startNexlet(Config{})
-	pidFile := filepath.Join(t.TempDir(), "gc.pid")
+	pidFile := filepath.Join(sharedDir(t), "gc.pid")
 	uri := script(t, `sleep 1000 & echo $! > "$1"; echo forked; wait`)
 	fn.mustStart("forker", startReq(protocol.LifecycleService, "forker", map[string]any{"uri": uri, "argv": []string{pidFile}}, fn.creds()))
 	fn.waitLog("forker", "stdout", "forked")
@@ -253,9 +253,9 @@ func TestNatsArtifactFetchedRunAndRemoved(t *testing.T) {
 	}
 	fn.mustStart("art1", startReq(protocol.LifecycleService, "art", map[string]any{"uri": "nats://artifacts/hello:v1"}, fn.creds()))
 	fn.waitLog("art1", "stdout", "from-object-store")
-	dir := filepath.Join(tn.cfg.RuntimeDir, "workloads", "art1")
+	dir := filepath.Join(tn.WorkloadsDir(), "art1")
 	fi, err := os.Stat(dir)
-	if err != nil || fi.Mode().Perm() != 0o700 {
+	if err != nil || fi.Mode().Perm()&0o007 != 0 {
 		t.Fatalf("workload dir: %v %v", fi, err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "artifact")); err != nil {
@@ -274,7 +274,7 @@ func TestNatsArtifactFetchedRunAndRemoved(t *testing.T) {
 	if r.code != "100" || !strings.Contains(r.errText, `object "nope_latest"`) {
 		t.Errorf("missing object: %s %q", r.code, r.errText)
 	}
-	if _, err := os.Stat(filepath.Join(tn.cfg.RuntimeDir, "workloads", "art2")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(tn.WorkloadsDir(), "art2")); !os.IsNotExist(err) {
 		t.Errorf("dir of failed start left: %v", err)
 	}
 }
@@ -285,7 +285,7 @@ func TestBadStartRequestsStartNothing(t *testing.T) {
 	good := script(t, "exit 0")
 	notExec := filepath.Join(t.TempDir(), "plain")
 	_ = os.WriteFile(notExec, []byte("x"), 0o644)
-	marker := filepath.Join(t.TempDir(), "ran")
+	marker := filepath.Join(sharedDir(t), "ran")
 	runs := script(t, `touch `+marker)
 	tests := []struct {
 		name string
@@ -339,7 +339,7 @@ func TestBadStartRequestsStartNothing(t *testing.T) {
 	if ws := fn.query(protocol.SystemNamespace); len(ws) != 0 {
 		t.Errorf("workloads after bad requests: %+v", ws)
 	}
-	if ents, _ := os.ReadDir(filepath.Join(tn.cfg.RuntimeDir, "workloads")); len(ents) != 0 {
+	if ents, _ := os.ReadDir(tn.WorkloadsDir()); len(ents) != 0 {
 		t.Errorf("workload dirs left: %v", ents)
 	}
 	fn.mustStart("good", startReq(protocol.LifecycleJob, "good", map[string]any{"uri": good}, fn.creds()))
@@ -371,12 +371,12 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"live": live, "dead": dead}
 	fn.mu.Unlock()
 	// A dead leftover's directory goes; a live one the node forgot is left running.
-	if err := os.MkdirAll(filepath.Join(runtime, "workloads", "gone"), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(first.WorkloadsDir(), "gone"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	fn.startNexlet(Config{RuntimeDir: runtime})
 	testkit.Eventually(t, "dead leftover dir removed", func() bool {
-		_, err := os.Stat(filepath.Join(runtime, "workloads", "gone"))
+		_, err := os.Stat(filepath.Join(first.WorkloadsDir(), "gone"))
 		return os.IsNotExist(err)
 	})
 	if !alive(orphan[0]) {

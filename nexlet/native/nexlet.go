@@ -44,8 +44,13 @@ type Feed interface {
 
 // Config configures a native nexlet.
 type Config struct {
-	// RuntimeDir holds workloads/<id>, the private per-workload directories (required).
+	// RuntimeDir holds workloads/<id>, the per-workload directories (required). When
+	// the nexlet runs as root and workloads under other users could not reach it (an
+	// ancestor is not searchable by others), the workloads live under
+	// /run/nex-workloads/<hash of RuntimeDir> instead; WorkloadsDir says where.
 	RuntimeDir string
+	// Users is who workloads may run as (dynamic uids by default).
+	Users UserPolicy
 	// Secrets resolves secret://KEY values; nil makes such values fail the start.
 	Secrets secrets.Store
 	// Isolation is a cgroup spec for the nexlet's subtree (NEX_AGENT_CGROUP); empty runs
@@ -67,6 +72,9 @@ type Nexlet struct {
 	xkp     nkeys.KeyPair
 	xpub    string
 	iso     isolation
+	users   *users
+	spawn   *spawner
+	wdir    string // where workloads/<id> live
 	started time.Time
 	feed    Feed
 	digests digestCache
@@ -86,11 +94,16 @@ func New(cfg Config) (*Nexlet, error) {
 	if cfg.RuntimeDir == "" || !filepath.IsAbs(cfg.RuntimeDir) {
 		return nil, fmt.Errorf("native nexlet: runtime dir %q must be an absolute path", cfg.RuntimeDir)
 	}
-	if err := os.MkdirAll(filepath.Join(cfg.RuntimeDir, "workloads"), 0o700); err != nil {
-		return nil, fmt.Errorf("native nexlet: runtime dir: %w", err)
+	us, err := newUsers(cfg.Users)
+	if err != nil {
+		return nil, fmt.Errorf("native nexlet: %w", err)
+	}
+	wdir, err := workloadsDir(cfg.RuntimeDir, us.root)
+	if err != nil {
+		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{},
-		abandon: make(chan struct{})}
+		abandon: make(chan struct{}), users: us, wdir: wdir}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
@@ -111,8 +124,23 @@ func New(cfg Config) (*Nexlet, error) {
 	}
 	n.xpub = pub
 	n.iso = n.chooseIsolation(cfg.Cgroup)
+	if n.spawn, err = newSpawner(); err != nil {
+		return nil, fmt.Errorf("native nexlet: %w", err)
+	}
+	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
 	return n, nil
 }
+
+// WorkloadsDir is where the per-workload directories live.
+func (n *Nexlet) WorkloadsDir() string { return n.wdir }
+
+// RunsAs says who workloads run as ("dynamic uids 61184-65519", or the nexlet's own
+// user when it is not root).
+func (n *Nexlet) RunsAs() string { return n.users.Describe() }
+
+// Close ends the nexlet's process-starting thread; call it after Shutdown. Workloads
+// running without a cgroup die with it.
+func (n *Nexlet) Close() { n.spawn.close() }
 
 // SetFeed connects the nexlet to its runner's log and event feeds.
 func (n *Nexlet) SetFeed(f Feed) { n.feed = f }
@@ -164,7 +192,8 @@ func (n *Nexlet) Heartbeat() (*protocol.AgentHeartbeat, error) {
 	}
 	n.mu.Unlock()
 	data, err := json.Marshal(map[string]any{"namespace_count": len(nss), "register_type": RegisterType,
-		"workload_count": sum.WorkloadCount, "isolation": n.iso.mode()})
+		"workload_count": sum.WorkloadCount, "isolation": n.iso.mode(),
+		"runs_as": n.users.Describe()})
 	if err != nil {
 		return nil, err
 	}
@@ -181,6 +210,10 @@ func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadReques
 		return nil, errors.New("namespace is required")
 	}
 	pl, err := parseStartRequest(req.Request.RunRequest, req.Request.WorkloadLifecycle)
+	if err != nil {
+		return nil, err
+	}
+	want, err := n.users.resolve(pl.req.User)
 	if err != nil {
 		return nil, err
 	}
@@ -209,9 +242,9 @@ func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadReques
 		return nil, fmt.Errorf("the native nexlet already runs its maximum of %d workloads", n.cfg.MaxWorkloads)
 	}
 	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req, plan: pl, argv: argv,
-		dir: filepath.Join(n.cfg.RuntimeDir, "workloads", id), state: protocol.WorkloadStarting,
+		dir: filepath.Join(n.wdir, id), state: protocol.WorkloadStarting,
 		started: time.Now().UTC(), stop: make(chan time.Duration, 1), done: make(chan struct{}),
-		env: env, creds: req.WorkloadCreds}
+		env: env, creds: req.WorkloadCreds, want: want}
 	n.workloads[id] = w
 	n.mu.Unlock()
 
@@ -227,7 +260,8 @@ func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadReques
 	if adopted {
 		n.log.Info("adopted live workload", "workload_id", id, "namespace", w.ns, "pid", p.pid)
 	} else {
-		n.log.Info("workload started", "workload_id", id, "namespace", w.ns, "pid", p.pid, "isolation", n.iso.mode())
+		n.log.Info("workload started", "workload_id", id, "namespace", w.ns, "pid", p.pid, "isolation", n.iso.mode(),
+			"user", w.ident.String())
 		n.emit(w.ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: id, Namespace: w.ns,
 			WorkloadType: w.req.Request.WorkloadType})
 	}
@@ -400,6 +434,10 @@ func (n *Nexlet) QueryWorkloads(namespace string, filter []string) ([]protocol.W
 		}
 		ns := w.ns
 		md := map[string]string{"isolation": n.iso.mode(), "restarts": strconv.Itoa(w.restarts)}
+		if !w.finished && w.ident.name != "" {
+			md["uid"] = strconv.FormatUint(uint64(w.ident.uid), 10)
+			md["user"] = w.ident.name
+		}
 		if w.pid > 0 && !w.finished {
 			md["pid"] = strconv.Itoa(w.pid)
 		}
@@ -496,7 +534,7 @@ func (n *Nexlet) setState(w *workload, s protocol.WorkloadState) {
 // killing on such a failure would lose work (stop it with `nexctl` after a replay, or
 // kill its cgroup by hand).
 func (n *Nexlet) ReplayDone(ids []string) {
-	ents, err := os.ReadDir(filepath.Join(n.cfg.RuntimeDir, "workloads"))
+	ents, err := os.ReadDir(n.wdir)
 	if err != nil {
 		return
 	}
@@ -524,7 +562,9 @@ func (n *Nexlet) ReplayDone(ids []string) {
 		_, held = n.workloads[id] // a start may have raced us
 		n.mu.Unlock()
 		if !held {
-			n.cleanup(&workload{id: id, sb: sb, dir: filepath.Join(n.cfg.RuntimeDir, "workloads", id)})
+			dir := filepath.Join(n.wdir, id)
+			prev, _ := readIdent(dir)
+			n.cleanup(&workload{id: id, sb: sb, dir: dir, ident: prev})
 		}
 	}
 }

@@ -38,6 +38,9 @@ type StartRequest struct {
 	StopGrace            string            `json:"stop_grace,omitempty"`
 	Restart              *RestartSpec      `json:"restart,omitempty"`
 	EncryptedEnvironment *protocol.EncEnv  `json:"encrypted_environment,omitempty"`
+	// User is a named user to run as; only users the node allows (workload_users,
+	// allow_root_workloads). Empty: a dynamic uid of its own.
+	User string `json:"user,omitempty"`
 }
 
 // LimitsSpec is the wire form of a workload's resource limits.

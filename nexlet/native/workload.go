@@ -31,13 +31,15 @@ type workload struct {
 	req          protocol.AgentStartWorkloadRequest // as deployed: an encrypted env stays sealed
 	plan         *plan
 	argv         []string
-	dir          string
+	dir          string // root-owned: pid, uid, creds, artifact, home/
 	exe          string
+	want         ident // the user asked for (dynamic, or named), before leasing
 	sb           sandbox
 	stop         chan time.Duration // a stop request with its grace
 	done         chan struct{}      // closed once the workload is gone
 
 	// guarded by Nexlet.mu
+	ident    ident // who it runs as, once begun
 	state    protocol.WorkloadState
 	started  time.Time
 	pid      int
@@ -106,11 +108,25 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	if w.plan.art.scheme == "nats" {
 		w.exe = filepath.Join(w.dir, "artifact")
 	}
+	prev, known := readIdent(w.dir)
 	if existing {
 		if procs, err := sb.procs(); err == nil && len(procs) > 0 {
+			if !known {
+				// Started before workloads had users of their own: it keeps the
+				// nexlet's, also across restarts.
+				prev = n.users.self
+			}
+			if prev.dynamic {
+				if err := n.users.hold(prev.uid, w.dir); err != nil {
+					n.log.Warn("adopted workload: uid lease not renewed", "workload_id", w.id, "uid", prev.uid, "err", err)
+				}
+			}
+			n.mu.Lock()
+			w.ident = prev
+			n.mu.Unlock()
 			// The replay brought fresh credentials: the live workload gets them at
 			// its next reconnect.
-			if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds); err != nil {
+			if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds, prev); err != nil {
 				n.log.Warn("adopted workload: credentials file not rewritten", "workload_id", w.id, "err", err)
 			}
 			return n.adopt(w, procs), true, nil
@@ -118,6 +134,9 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	}
 	// Never two copies: whatever is left in the sandbox goes before a fresh start.
 	n.killAndWait(w)
+	if err := n.users.release(prev); err != nil {
+		n.log.Warn("previous uid of the workload not released", "workload_id", w.id, "err", err)
+	}
 	fail := func(err error) (*proc, bool, error) {
 		n.cleanup(w)
 		return nil, false, err
@@ -125,21 +144,33 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	if err := os.RemoveAll(w.dir); err != nil {
 		return fail(fmt.Errorf("workload %s: clear directory: %w", w.id, err))
 	}
-	if err := os.MkdirAll(w.dir, 0o700); err != nil {
-		return fail(fmt.Errorf("workload %s: directory: %w", w.id, err))
+	id, err := n.users.acquire(w.want, w.dir)
+	if err != nil {
+		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
-	if err := os.Chmod(w.dir, 0o700); err != nil {
-		return fail(fmt.Errorf("workload %s: directory: %w", w.id, err))
+	n.mu.Lock()
+	w.ident = id
+	n.mu.Unlock()
+	if err := makeWorkloadDirs(w.dir, id); err != nil {
+		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
-	if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds); err != nil {
+	if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds, id); err != nil {
 		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
 	if w.plan.art.scheme == "nats" {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe)
+		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe, id)
 		cancel()
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
+		}
+	}
+	if err := canAccess(id, w.exe, 4|1); err != nil {
+		return fail(fmt.Errorf("run_request: uri %q: the workload's user cannot run it: %w", w.plan.req.URI, err))
+	}
+	if wd := w.plan.req.Workdir; wd != "" {
+		if err := canAccess(id, wd, 1); err != nil {
+			return fail(fmt.Errorf("run_request: workdir %q: the workload's user cannot enter it: %w", wd, err))
 		}
 	}
 	sum, err := n.digests.sum(w.exe)
@@ -156,7 +187,7 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	return p, false, nil
 }
 
-func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string) error {
+func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string, id ident) error {
 	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
 	if err != nil {
 		return fmt.Errorf("with the workload's credentials: %w", err)
@@ -174,7 +205,13 @@ func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art a
 	if err := obs.GetFile(ctx, art.object, dst); err != nil {
 		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
 	}
-	return os.Chmod(dst, 0o700)
+	// The workload's own: readable and executable by its user only.
+	if !id.same {
+		if err := os.Chown(dst, int(id.uid), int(id.gid)); err != nil {
+			return err
+		}
+	}
+	return os.Chmod(dst, 0o500)
 }
 
 // digestCache remembers the SHA-256 of executables by path, device, inode, size and
@@ -236,7 +273,15 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	n.mu.Lock()
 	cmd.Env = w.env
 	n.mu.Unlock()
-	cmd.Dir = w.dir
+	n.mu.Lock()
+	id := w.ident
+	n.mu.Unlock()
+	cmd.Dir = filepath.Join(w.dir, homeDirName)
+	if !id.same {
+		// Setgroups to the named user's groups (none for dynamic users) and drop to
+		// its uid: permitted and effective capabilities go with the uid change.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: id.uid, Gid: id.gid, Groups: id.groups}}
+	}
 	if w.plan.req.Workdir != "" {
 		cmd.Dir = w.plan.req.Workdir
 	}
@@ -254,7 +299,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
 	oomBefore := w.sb.oomKills()
-	err = w.sb.start(cmd)
+	err = n.spawn.run(func() error { return w.sb.start(cmd) })
 	outW.Close()
 	errW.Close()
 	if err != nil {
@@ -526,6 +571,13 @@ func (n *Nexlet) cleanup(w *workload) {
 	}
 	if err := os.RemoveAll(w.dir); err != nil {
 		n.log.Warn("remove workload directory", "workload_id", w.id, "err", err)
+	}
+	n.mu.Lock()
+	id := w.ident
+	n.mu.Unlock()
+	// Only after its directory is gone, so that the lease cannot look live again.
+	if err := n.users.release(id); err != nil {
+		n.log.Warn("workload uid not released", "workload_id", w.id, "err", err)
 	}
 }
 

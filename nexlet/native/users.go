@@ -1,0 +1,532 @@
+package native
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Default dynamic uid range: systemd's DynamicUser= range, so that both allocators
+// avoid users and groups of the host alike.
+const (
+	DefaultUIDMin = 61184
+	DefaultUIDMax = 65519
+	// DefaultLeaseDir holds one lease file per dynamic uid in use on the host; it is
+	// shared by every nexd and native nexlet of the host, like /run/systemd/dynamic-uid.
+	DefaultLeaseDir = "/run/nex-dynamic-uid"
+)
+
+// UserPolicy says which users workloads may run as.
+type UserPolicy struct {
+	// UIDMin..UIDMax (inclusive) is the dynamic uid range (default 61184-65519).
+	UIDMin, UIDMax uint32
+	// Allowed are the named users a start request may ask for (`user`).
+	Allowed []string
+	// AllowRoot lets a start request ask for root.
+	AllowRoot bool
+	// LeaseDir is where dynamic uids are leased (default DefaultLeaseDir).
+	LeaseDir string
+}
+
+// ParseUIDRange parses "MIN-MAX".
+func ParseUIDRange(s string) (uint32, uint32, error) {
+	a, b, ok := strings.Cut(s, "-")
+	lo, err1 := strconv.ParseUint(strings.TrimSpace(a), 10, 32)
+	hi, err2 := strconv.ParseUint(strings.TrimSpace(b), 10, 32)
+	if !ok || err1 != nil || err2 != nil || lo == 0 || hi < lo || hi >= 1<<31 {
+		return 0, 0, fmt.Errorf("uid range %q: want MIN-MAX, 0 < MIN <= MAX < 2^31 (e.g. %d-%d)", s, DefaultUIDMin, DefaultUIDMax)
+	}
+	return uint32(lo), uint32(hi), nil
+}
+
+// ident is the user a workload runs as.
+type ident struct {
+	uid, gid uint32
+	groups   []uint32
+	name     string // "dynamic", a user name, "root", or the nexlet's own user
+	dynamic  bool   // leased from the dynamic range
+	// same: the nexlet is not root and the workload runs as the nexlet's own user.
+	same bool
+}
+
+func (id ident) String() string {
+	if id.dynamic {
+		return fmt.Sprintf("dynamic uid %d", id.uid)
+	}
+	return fmt.Sprintf("%s (uid %d)", id.name, id.uid)
+}
+
+// users hands out workload identities.
+type users struct {
+	pol  UserPolicy
+	root bool // the nexlet runs as root and can switch users
+	self ident
+}
+
+func newUsers(pol UserPolicy) (*users, error) {
+	if pol.UIDMin == 0 {
+		pol.UIDMin, pol.UIDMax = DefaultUIDMin, DefaultUIDMax
+	}
+	if pol.LeaseDir == "" {
+		pol.LeaseDir = DefaultLeaseDir
+	}
+	u := &users{pol: pol, root: os.Geteuid() == 0}
+	u.self = ident{uid: uint32(os.Geteuid()), gid: uint32(os.Getegid()), same: true, name: "uid " + strconv.Itoa(os.Geteuid())}
+	if cur, err := user.Current(); err == nil {
+		u.self.name = cur.Username
+	}
+	if u.root {
+		if err := os.MkdirAll(pol.LeaseDir, 0o700); err != nil {
+			return nil, fmt.Errorf("dynamic uid lease dir: %w", err)
+		}
+		if err := checkPrivateDir(pol.LeaseDir); err != nil {
+			return nil, fmt.Errorf("dynamic uid lease dir: %w", err)
+		}
+	}
+	return u, nil
+}
+
+// Describe says who workloads run as, for status and logs.
+func (u *users) Describe() string {
+	if !u.root {
+		return fmt.Sprintf("the nexlet's own user %s (uid %d): nexd does not run as root", u.self.name, u.self.uid)
+	}
+	return fmt.Sprintf("dynamic uids %d-%d", u.pol.UIDMin, u.pol.UIDMax)
+}
+
+// resolve checks a start request's user against the policy; "" means a dynamic user.
+// Nothing is leased here.
+func (u *users) resolve(name string) (ident, error) {
+	if !u.root {
+		if name == "" || name == u.self.name || name == strconv.Itoa(int(u.self.uid)) {
+			return u.self, nil
+		}
+		return ident{}, fmt.Errorf("run_request: user %q: nexd does not run as root, so workloads run as %s only", name, u.self.name)
+	}
+	if name == "" {
+		return ident{dynamic: true, name: "dynamic"}, nil
+	}
+	if name == "root" || name == "0" {
+		if !u.pol.AllowRoot {
+			return ident{}, errors.New("run_request: user \"root\": this node does not allow root workloads (allow_root_workloads)")
+		}
+		return ident{uid: 0, gid: 0, name: "root"}, nil
+	}
+	if !slices.Contains(u.pol.Allowed, name) {
+		return ident{}, fmt.Errorf("run_request: user %q is not in this node's workload_users %q", name, u.pol.Allowed)
+	}
+	pw, err := user.Lookup(name)
+	if err != nil {
+		return ident{}, fmt.Errorf("run_request: user %q: %w", name, err)
+	}
+	uid, err1 := strconv.ParseUint(pw.Uid, 10, 32)
+	gid, err2 := strconv.ParseUint(pw.Gid, 10, 32)
+	if err1 != nil || err2 != nil {
+		return ident{}, fmt.Errorf("run_request: user %q: unusable uid/gid %s/%s", name, pw.Uid, pw.Gid)
+	}
+	if uid == 0 && !u.pol.AllowRoot {
+		return ident{}, fmt.Errorf("run_request: user %q has uid 0 and this node does not allow root workloads (allow_root_workloads)", name)
+	}
+	id := ident{uid: uint32(uid), gid: uint32(gid), name: name, groups: []uint32{}}
+	if gids, err := pw.GroupIds(); err == nil {
+		for _, g := range gids {
+			if v, err := strconv.ParseUint(g, 10, 32); err == nil && uint32(v) != id.gid {
+				id.groups = append(id.groups, uint32(v))
+			}
+		}
+	}
+	return id, nil
+}
+
+// acquire leases a fresh dynamic uid for owner (the workload's directory) when id is
+// dynamic; other identities are returned as they are.
+func (u *users) acquire(id ident, owner string) (ident, error) {
+	if !id.dynamic {
+		return id, nil
+	}
+	unlock, err := u.lock()
+	if err != nil {
+		return ident{}, err
+	}
+	defer unlock()
+	busy := procUIDs()
+	span := u.pol.UIDMax - u.pol.UIDMin + 1
+	start := rand.Uint32N(span) // not predictable, and few collisions between nodes
+	for i := range span {
+		uid := u.pol.UIDMin + (start+i)%span
+		if busy[uid] || !u.leaseFreeLocked(uid) || hostUses(uid) {
+			continue
+		}
+		if err := os.WriteFile(u.leasePath(uid), []byte(owner+"\n"), 0o600); err != nil {
+			return ident{}, fmt.Errorf("dynamic uid %d: lease: %w", uid, err)
+		}
+		return ident{uid: uid, gid: uid, groups: []uint32{}, name: "dynamic", dynamic: true}, nil
+	}
+	return ident{}, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range)", u.pol.UIDMin, u.pol.UIDMax)
+}
+
+// hold re-leases uid for owner (a workload adopted after a nexlet restart).
+func (u *users) hold(uid uint32, owner string) error {
+	unlock, err := u.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return os.WriteFile(u.leasePath(uid), []byte(owner+"\n"), 0o600)
+}
+
+// release kills whatever still runs as a dynamic uid (a process that left the
+// workload's group or cgroup) and then frees the uid. A uid with survivors stays leased.
+func (u *users) release(id ident) error {
+	if !id.dynamic || id.uid == 0 {
+		return nil
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		pids := uidProcs(id.uid)
+		if len(pids) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", id.uid, pids)
+		}
+		for _, p := range pids {
+			_ = syscall.Kill(p, syscall.SIGKILL)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	unlock, err := u.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := os.Remove(u.leasePath(id.uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("dynamic uid %d: %w", id.uid, err)
+	}
+	return nil
+}
+
+func (u *users) leasePath(uid uint32) string {
+	return filepath.Join(u.pol.LeaseDir, strconv.FormatUint(uint64(uid), 10))
+}
+
+// leaseFreeLocked: no lease, or a stale one (its owner directory is gone; the caller
+// has already checked that nothing runs as the uid).
+func (u *users) leaseFreeLocked(uid uint32) bool {
+	b, err := os.ReadFile(u.leasePath(uid))
+	if errors.Is(err, fs.ErrNotExist) {
+		return true
+	}
+	if err != nil {
+		return false
+	}
+	owner := strings.TrimSpace(string(b))
+	if owner == "" || !filepath.IsAbs(owner) {
+		return false
+	}
+	_, err = os.Lstat(owner)
+	return errors.Is(err, fs.ErrNotExist)
+}
+
+// lock serialises lease changes between every nexlet of the host.
+func (u *users) lock() (func(), error) {
+	f, err := os.OpenFile(filepath.Join(u.pol.LeaseDir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("dynamic uid lock: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("dynamic uid lock: %w", err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// hostUses reports whether uid (or the same gid) is a user or group of the host, or a
+// dynamic user systemd has handed out.
+func hostUses(uid uint32) bool {
+	s := strconv.FormatUint(uint64(uid), 10)
+	if _, err := user.LookupId(s); err == nil {
+		return true
+	}
+	if _, err := user.LookupGroupId(s); err == nil {
+		return true
+	}
+	if _, err := os.Lstat("/run/systemd/dynamic-uid/" + s); err == nil {
+		return true
+	}
+	return false
+}
+
+// procUIDs is the set of real and effective uids of every process on the host.
+func procUIDs() map[uint32]bool {
+	out := map[uint32]bool{}
+	walkProcs(func(pid int, uids []uint32) {
+		for _, u := range uids {
+			out[u] = true
+		}
+	})
+	return out
+}
+
+// uidProcs lists the processes running with uid as a real, effective, saved or fs uid.
+func uidProcs(uid uint32) []int {
+	var pids []int
+	walkProcs(func(pid int, uids []uint32) {
+		if slices.Contains(uids, uid) {
+			pids = append(pids, pid)
+		}
+	})
+	return pids
+}
+
+func walkProcs(fn func(pid int, uids []uint32)) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/status")
+		if err != nil {
+			continue
+		}
+		for line := range strings.SplitSeq(string(b), "\n") {
+			rest, ok := strings.CutPrefix(line, "Uid:")
+			if !ok {
+				continue
+			}
+			var uids []uint32
+			for _, f := range strings.Fields(rest) {
+				if v, err := strconv.ParseUint(f, 10, 32); err == nil {
+					uids = append(uids, uint32(v))
+				}
+			}
+			fn(pid, uids)
+			break
+		}
+	}
+}
+
+// checkPrivateDir refuses a directory that is not ours or that others can write to.
+func checkPrivateDir(dir string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if int(st.Uid) != os.Geteuid() || st.Mode&0o022 != 0 {
+		return fmt.Errorf("%s is owned by uid %d with mode %o: want uid %d, not group/world-writable", dir, st.Uid, st.Mode&0o7777, os.Geteuid())
+	}
+	return nil
+}
+
+// canAccess reports whether id can reach path and has the wanted permission bits on
+// it (4 read, 2 write, 1 execute), following the classic owner/group/other rules on
+// every directory on the way (ACLs are not consulted).
+func canAccess(id ident, path string, want uint32) error {
+	if id.same {
+		mode := uint32(0)
+		if want&4 != 0 {
+			mode |= unix.R_OK
+		}
+		if want&2 != 0 {
+			mode |= unix.W_OK
+		}
+		if want&1 != 0 {
+			mode |= unix.X_OK
+		}
+		if err := unix.Faccessat(unix.AT_FDCWD, path, mode, unix.AT_EACCESS); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		return nil
+	}
+	if id.uid == 0 {
+		return nil
+	}
+	clean := filepath.Clean(path)
+	dirs := []string{}
+	for d := filepath.Dir(clean); ; d = filepath.Dir(d) {
+		dirs = append(dirs, d)
+		if d == "/" || d == "." {
+			break
+		}
+	}
+	slices.Reverse(dirs)
+	for _, d := range dirs {
+		if !permits(id, d, 1) {
+			return fmt.Errorf("%s: directory %s cannot be searched by %s", path, d, id)
+		}
+	}
+	if !permits(id, clean, want) {
+		return fmt.Errorf("%s cannot be %s by %s", path, wantText(want), id)
+	}
+	return nil
+}
+
+func wantText(want uint32) string {
+	var parts []string
+	if want&4 != 0 {
+		parts = append(parts, "read")
+	}
+	if want&2 != 0 {
+		parts = append(parts, "written")
+	}
+	if want&1 != 0 {
+		parts = append(parts, "executed")
+	}
+	return strings.Join(parts, " and ")
+}
+
+func permits(id ident, path string, want uint32) bool {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return false
+	}
+	mode := st.Mode & 0o777
+	var bits uint32
+	switch {
+	case st.Uid == id.uid:
+		bits = (mode >> 6) & 7
+	case st.Gid == id.gid || slices.Contains(id.groups, st.Gid):
+		bits = (mode >> 3) & 7
+	default:
+		bits = mode & 7
+	}
+	return bits&want == want
+}
+
+// workloadsDir picks where workloads/<id> live: under runtimeDir, unless the nexlet
+// switches users and some ancestor of runtimeDir cannot be searched by others (a
+// workload must be able to reach its own directory: chdir happens after setuid). Then
+// a directory under /run (or the temp dir) keyed by runtimeDir, so that a restarted
+// nexlet finds its workloads again.
+func workloadsDir(runtimeDir string, switching bool) (string, error) {
+	dir := filepath.Join(runtimeDir, "workloads")
+	mode := os.FileMode(0o700)
+	if switching {
+		mode = 0o711
+	}
+	if !switching || searchableByOthers(runtimeDir) {
+		if err := os.MkdirAll(dir, mode); err != nil {
+			return "", fmt.Errorf("workloads dir: %w", err)
+		}
+		return dir, os.Chmod(dir, mode)
+	}
+	base := "/run/nex-workloads"
+	if _, err := os.Stat("/run"); err != nil {
+		base = filepath.Join(os.TempDir(), "nex-workloads")
+	}
+	sum := sha256.Sum256([]byte(filepath.Clean(runtimeDir)))
+	dir = filepath.Join(base, hex.EncodeToString(sum[:8]))
+	for _, d := range []string{base, dir} {
+		if err := os.Mkdir(d, 0o711); err != nil && !errors.Is(err, fs.ErrExist) {
+			return "", fmt.Errorf("workloads dir: %w", err)
+		}
+		if err := checkPrivateDir(d); err != nil {
+			return "", fmt.Errorf("workloads dir: %w", err)
+		}
+		if err := os.Chmod(d, 0o711); err != nil {
+			return "", fmt.Errorf("workloads dir: %w", err)
+		}
+	}
+	// Left for whoever looks in the runtime dir.
+	_ = os.WriteFile(filepath.Join(runtimeDir, "workloads-dir"), []byte(dir+"\n"), 0o600)
+	return dir, nil
+}
+
+// searchableByOthers reports whether every directory from / down to dir (which is
+// made when missing) has the search bit for others.
+func searchableByOthers(dir string) bool {
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return false
+	}
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		fi, err := os.Stat(d)
+		if err != nil || fi.Mode().Perm()&0o001 == 0 {
+			return false
+		}
+		if d == "/" {
+			return true
+		}
+	}
+}
+
+// homeDirName is the workload's private working directory inside its directory.
+const homeDirName = "home"
+
+// identFileName records, root-owned, who a workload runs as, so that a restarted
+// nexlet adopting it keeps its uid leased.
+const identFileName = "uid"
+
+type identFile struct {
+	UID     uint32   `json:"uid"`
+	GID     uint32   `json:"gid"`
+	Groups  []uint32 `json:"groups,omitempty"`
+	Name    string   `json:"name"`
+	Dynamic bool     `json:"dynamic,omitempty"`
+	Same    bool     `json:"same,omitempty"`
+}
+
+// makeWorkloadDirs makes dir (owned by the nexlet, entered only by the workload's
+// group), its identity file and dir/home (the workload's own, 0700).
+func makeWorkloadDirs(dir string, id ident) error {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return fmt.Errorf("directory: %w", err)
+	}
+	b, _ := json.Marshal(identFile{UID: id.uid, GID: id.gid, Groups: id.groups, Name: id.name, Dynamic: id.dynamic, Same: id.same})
+	if err := os.WriteFile(filepath.Join(dir, identFileName), b, 0o600); err != nil {
+		return fmt.Errorf("directory: %w", err)
+	}
+	home := filepath.Join(dir, homeDirName)
+	if err := os.Mkdir(home, 0o700); err != nil {
+		return fmt.Errorf("directory: %w", err)
+	}
+	if id.same {
+		return nil
+	}
+	if err := os.Chown(home, int(id.uid), int(id.gid)); err != nil {
+		return fmt.Errorf("directory: %w", err)
+	}
+	// The workload's group may enter (not list) its directory to reach home, its
+	// creds file and artifact; the files in it stay the nexlet's.
+	if err := os.Chown(dir, os.Geteuid(), int(id.gid)); err != nil {
+		return fmt.Errorf("directory: %w", err)
+	}
+	if err := os.Chmod(dir, 0o710); err != nil {
+		return fmt.Errorf("directory: %w", err)
+	}
+	return nil
+}
+
+// readIdent reads who the workload in dir ran as; ok is false (and the zero ident has
+// nothing to release) when unknown.
+func readIdent(dir string) (ident, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, identFileName))
+	if err != nil {
+		return ident{}, false
+	}
+	var f identFile
+	if json.Unmarshal(b, &f) != nil {
+		return ident{}, false
+	}
+	return ident{uid: f.UID, gid: f.GID, groups: f.Groups, name: f.Name, dynamic: f.Dynamic, same: f.Same}, true
+}

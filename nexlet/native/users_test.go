@@ -1,0 +1,186 @@
+package native
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to switch users")
+	}
+}
+
+// statusField returns a field of /proc/<pid>/status.
+func statusField(t *testing.T, pid int, key string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, key+":"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	t.Fatalf("no %s in status of %d", key, pid)
+	return ""
+}
+
+func TestWorkloadsRunUnderDynamicUIDsWithoutPrivileges(t *testing.T) {
+	needRoot(t)
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{})
+	acc, _ := nkeys.CreateAccount()
+	uri := script(t, `echo "me=$(id -u):$(id -g):$(id -G) pwd=$PWD"; exec sleep 1000`)
+	creds := jwtCreds(t, acc, 0, fn.srv.ClientURL())
+	fn.mustStart("dyn1", startReq(protocol.LifecycleService, "dyn1", map[string]any{"uri": uri}, creds))
+	fn.mustStart("dyn2", startReq(protocol.LifecycleService, "dyn2", map[string]any{"uri": uri}, creds))
+	s1, _ := fn.summary("dyn1")
+	s2, _ := fn.summary("dyn2")
+	uid1, _ := strconv.Atoi(s1.Metadata["uid"])
+	uid2, _ := strconv.Atoi(s2.Metadata["uid"])
+	if uid1 < DefaultUIDMin || uid1 > DefaultUIDMax || uid2 < DefaultUIDMin || uid2 > DefaultUIDMax || uid1 == uid2 {
+		t.Fatalf("uids %d and %d: want two distinct uids in %d-%d", uid1, uid2, DefaultUIDMin, DefaultUIDMax)
+	}
+	home := filepath.Join(tn.WorkloadsDir(), "dyn1", homeDirName)
+	fn.waitLog("dyn1", "stdout", "me="+strconv.Itoa(uid1)+":"+strconv.Itoa(uid1)+":"+strconv.Itoa(uid1)+" pwd="+home)
+	pid, _ := strconv.Atoi(s1.Metadata["pid"])
+	if v := statusField(t, pid, "NoNewPrivs"); v != "1" {
+		t.Errorf("NoNewPrivs = %s, want 1", v)
+	}
+	for _, k := range []string{"CapInh", "CapPrm", "CapEff", "CapAmb"} {
+		if v := statusField(t, pid, k); strings.Trim(v, "0") != "" {
+			t.Errorf("%s = %s, want none", k, v)
+		}
+	}
+	// Its home is its own and private; its creds file is readable by it only.
+	for path, want := range map[string]os.FileMode{home: 0o700, filepath.Join(tn.WorkloadsDir(), "dyn1", credsFileName): 0o400} {
+		var st syscall.Stat_t
+		if err := syscall.Stat(path, &st); err != nil {
+			t.Fatal(err)
+		}
+		if int(st.Uid) != uid1 || os.FileMode(st.Mode).Perm() != want {
+			t.Errorf("%s: uid %d mode %o, want uid %d mode %o", path, st.Uid, st.Mode&0o777, uid1, want)
+		}
+	}
+	// The uid is leased while the workload lives and released after.
+	lease := filepath.Join(DefaultLeaseDir, strconv.Itoa(uid1))
+	if _, err := os.Stat(lease); err != nil {
+		t.Errorf("no lease for a live workload: %v", err)
+	}
+	fn.stop("dyn1", testNS)
+	if _, err := os.Stat(lease); !os.IsNotExist(err) {
+		t.Errorf("lease of a stopped workload left: %v", err)
+	}
+	if p := uidProcs(uint32(uid1)); len(p) != 0 {
+		t.Errorf("processes of uid %d left: %v", uid1, p)
+	}
+}
+
+func TestNamedAndRootUsersOnlyWhenAllowed(t *testing.T) {
+	needRoot(t)
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{Users: UserPolicy{Allowed: []string{"nobody"}}})
+	uri := script(t, `echo "me=$(id -un)"; exec sleep 1000`)
+	for user, want := range map[string]string{
+		"root":   "allow_root_workloads",
+		"daemon": "workload_users",
+	} {
+		r := fn.start("u-"+user, startReq(protocol.LifecycleService, "u", map[string]any{"uri": uri, "user": user}, fn.creds()))
+		if r.code == "" || !strings.Contains(r.errText, want) {
+			t.Errorf("user %s: %s %q, want an error naming %s", user, r.code, r.errText, want)
+		}
+		if p := procsOf("u-" + user); len(p) != 0 {
+			t.Errorf("user %s: started anyway: %v", user, p)
+		}
+	}
+	fn.mustStart("u-nobody", startReq(protocol.LifecycleService, "u", map[string]any{"uri": uri, "user": "nobody"}, fn.creds()))
+	fn.waitLog("u-nobody", "stdout", "me=nobody")
+}
+
+func TestRootWorkloadWhenAllowed(t *testing.T) {
+	needRoot(t)
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{Users: UserPolicy{AllowRoot: true}})
+	fn.mustStart("r1", startReq(protocol.LifecycleJob, "r1", map[string]any{"uri": script(t, `id -u`), "user": "root"}, fn.creds()))
+	fn.waitLog("r1", "stdout", "0")
+}
+
+func TestArtifactTheUserCannotRunIsRefused(t *testing.T) {
+	needRoot(t)
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{})
+	private := filepath.Join(t.TempDir(), "private.sh") // t.TempDir is root's alone
+	if err := os.WriteFile(private, []byte("#!/bin/sh\necho ran\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ownerOnly := filepath.Join(publicDir(t), "owner-only.sh")
+	if err := os.WriteFile(ownerOnly, []byte("#!/bin/sh\necho ran\n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for id, path := range map[string]string{"a1": private, "a2": ownerOnly} {
+		r := fn.start(id, startReq(protocol.LifecycleJob, id, map[string]any{"uri": "file://" + path}, fn.creds()))
+		if r.code != "100" || !strings.Contains(r.errText, "the workload's user cannot run it") || !strings.Contains(r.errText, "dynamic uid") {
+			t.Errorf("%s: %s %q", path, r.code, r.errText)
+		}
+		if _, err := os.Stat(filepath.Join(tn.WorkloadsDir(), id)); !os.IsNotExist(err) {
+			t.Errorf("%s: workload dir left: %v", id, err)
+		}
+	}
+	if ents, _ := os.ReadDir(DefaultLeaseDir); leakedLeases(ents, tn.WorkloadsDir()) {
+		t.Errorf("a refused start left a uid lease")
+	}
+}
+
+func leakedLeases(ents []os.DirEntry, wdir string) bool {
+	for _, e := range ents {
+		b, _ := os.ReadFile(filepath.Join(DefaultLeaseDir, e.Name()))
+		if strings.HasPrefix(string(b), wdir) {
+			return true
+		}
+	}
+	return false
+}
+
+func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
+	needRoot(t)
+	lo, hi, err := ParseUIDRange("61300-61300")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hostUses(lo) {
+		t.Skip("uid 61300 is in use on this host")
+	}
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{Users: UserPolicy{UIDMin: lo, UIDMax: hi, LeaseDir: t.TempDir()}})
+	uri := script(t, `exec sleep 1000`)
+	fn.mustStart("one", startReq(protocol.LifecycleService, "one", map[string]any{"uri": uri}, fn.creds()))
+	if s, _ := fn.summary("one"); s.Metadata["uid"] != "61300" {
+		t.Errorf("uid = %q, want 61300", s.Metadata["uid"])
+	}
+	// Never reused while the workload lives.
+	r := fn.start("two", startReq(protocol.LifecycleService, "two", map[string]any{"uri": uri}, fn.creds()))
+	if !strings.Contains(r.errText, "no free dynamic uid in 61300-61300") {
+		t.Errorf("second workload: %s %q", r.code, r.errText)
+	}
+	fn.stop("one", testNS)
+	fn.mustStart("three", startReq(protocol.LifecycleService, "three", map[string]any{"uri": uri}, fn.creds()))
+	if s, _ := fn.summary("three"); s.Metadata["uid"] != "61300" {
+		t.Errorf("uid after release = %q, want 61300 again", s.Metadata["uid"])
+	}
+	for _, bad := range []string{"", "5", "10-5", "0-10", "a-b"} {
+		if _, _, err := ParseUIDRange(bad); err == nil {
+			t.Errorf("ParseUIDRange(%q) accepted", bad)
+		}
+	}
+}
