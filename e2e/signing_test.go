@@ -101,7 +101,7 @@ func TestSigningKeyEndToEnd(t *testing.T) {
 
 	dir := t.TempDir()
 	testkit.WriteFile(t, filepath.Join(dir, "main.go"), signingClient)
-	client := filepath.Join(dir, "signingclient")
+	client := filepath.Join(testkit.PublicDir(t), "signingclient") // workloads run as dynamic uids
 	build := exec.Command("go", "build", "-o", client, filepath.Join(dir, "main.go"))
 	build.Dir = ".." // the module's nats.go
 	if out, err := build.CombinedOutput(); err != nil {

@@ -102,7 +102,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	nc := testnats.Connect(t, s)
 
 	// The workload proves it runs by answering on NATS with its env.
-	script := filepath.Join(t.TempDir(), "svc.sh")
+	script := filepath.Join(testkit.PublicDir(t), "svc.sh") // workloads run as dynamic uids
 	testkit.WriteFile(t, script, "#!/bin/sh\necho \"hello from $NEX_WORKLOAD_ID secret=$SECRET\"\nexec sleep 600\n")
 	os.Chmod(script, 0o755)
 	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")

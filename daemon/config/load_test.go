@@ -88,6 +88,7 @@ func TestDefaults(t *testing.T) {
 			AuctionTTL:   10 * time.Second, ControlSocket: "/run/nex/nexd.sock", StopGrace: 10 * time.Second,
 			StartupTimeout: 15 * time.Second, DeployTimeout: 5 * time.Minute, ControlAllowOthers: "status",
 			WorkloadCredsTTL: 24 * time.Hour,
+			WorkloadUIDRange: "61184-65519",
 		},
 		NATS:   NATSConfig{ConnName: "nexd", Timeout: 5 * time.Second},
 		Logger: LoggerConfig{Level: "info", Format: "text", File: "nexd.log"},
@@ -889,5 +890,19 @@ func TestUpstreamGlobalsAccepted(t *testing.T) {
 	}
 	if strings.Contains(Usage(), "resource-directory") {
 		t.Error("upstream-only flags must stay out of --help")
+	}
+}
+
+// A password in a server URL is a secret too: --check and nexctl config hide it.
+func TestServerURLPasswordRedacted(t *testing.T) {
+	l := mustLoad(t, hermetic("--check", "--nats.servers", "nats://admin:s3cret@127.0.0.1:4222,nats://tok3n@h:4222"))
+	js, err := l.RenderJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, out := range []string{l.Render(), string(js)} {
+		if strings.Contains(out, "s3cret") || strings.Contains(out, "tok3n") || !strings.Contains(out, "127.0.0.1:4222") {
+			t.Errorf("server URL credentials shown or URL lost:\n%s", out)
+		}
 	}
 }

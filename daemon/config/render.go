@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/natsurl"
 )
 
 const redacted = "[redacted]"
@@ -100,6 +102,9 @@ func redactedValue(s *keySpec, c *Config) any {
 	v := s.get(c)
 	if str, ok := v.(string); ok && s.secret && str != "" {
 		return redacted
+	}
+	if list, ok := v.([]string); ok && s.key == "nats.servers" {
+		return natsurl.RedactAll(list)
 	}
 	return v
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/natsurl"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -86,7 +87,8 @@ func (o Options) withDefaults() Options {
 	if o.ArtifactBuckets == nil {
 		o.ArtifactBuckets = DefaultArtifactBuckets
 	}
-	o.Servers = append([]string(nil), o.Servers...)
+	// The node's own user:password must never reach a child.
+	o.Servers = natsurl.StripAll(o.Servers)
 	return o
 }
 

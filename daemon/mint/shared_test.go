@@ -148,3 +148,30 @@ func TestSigningMintRefusesBadInput(t *testing.T) {
 		t.Fatalf("issuer account %q set for the account's own key", uc.IssuerAccount)
 	}
 }
+
+// The node's own user:password in --nats.servers never reaches a nexlet or workload.
+func TestServersHandedToChildrenCarryNoUserinfo(t *testing.T) {
+	m := NewNoAuthMinter(Options{Servers: []string{"nats://admin:s3cret@127.0.0.1:4222", "tls://tok3n@h:4443"}})
+	for _, mintOne := range []func() (string, error){
+		func() (string, error) {
+			cd, err := m.MintRegister("a1", "node1")
+			return strings.Join(cd.NatsServers, ","), err
+		},
+		func() (string, error) {
+			cd, err := m.MintAgent("a1", "node1")
+			return strings.Join(cd.NatsServers, ","), err
+		},
+		func() (string, error) {
+			cd, err := m.MintWorkload("ns", "w1")
+			return strings.Join(cd.NatsServers, ","), err
+		},
+	} {
+		got, err := mintOne()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != "nats://127.0.0.1:4222,tls://h:4443" {
+			t.Errorf("servers handed out: %q", got)
+		}
+	}
+}

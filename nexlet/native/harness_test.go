@@ -168,20 +168,8 @@ func script(t *testing.T, body string) string {
 	return "file://" + p
 }
 
-// publicDir is a temp dir that workloads under other uids can reach (t.TempDir's
-// parent is private to root).
-func publicDir(t *testing.T) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "nexlet-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(d, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
+// publicDir is a temp dir that workloads under other uids can reach.
+func publicDir(t *testing.T) string { return testkit.PublicDir(t) }
 
 // sharedDir is a temp dir that workloads under other uids can write to.
 func sharedDir(t *testing.T) string {
