@@ -166,3 +166,51 @@ func TestOversizedDeployRefused(t *testing.T) {
 		t.Fatalf("refused deploy left workloads: %+v", ws)
 	}
 }
+
+// TestSlowStopTruthfulAnswer: nexctl workload stop answers once the workload is gone
+// and says how: one that takes 3 s on SIGTERM (longer than the old 2 s fan-out) is
+// reported stopped, having exited, never "not found"; one that ignores SIGTERM is
+// reported killed at the end of its grace; --no-wait returns at once with "stopping".
+func TestSlowStopTruthfulAnswer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	run := func(name, script, grace string) runResult {
+		req, _ := json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script}, "stop_grace": grace})
+		return n.runWorkload(t, "--name", name, "--start-request", string(req))
+	}
+	loop := "while :; do sleep 0.1; done"
+	slow := run("slow", "trap 'sleep 3; exit 0' TERM; "+loop, "10s")
+	deaf := run("deaf", "trap '' TERM; "+loop, "2s")
+	bg := run("bg", "trap 'sleep 4; exit 0' TERM; "+loop, "10s")
+	time.Sleep(500 * time.Millisecond) // the traps are set
+
+	start := time.Now()
+	out, errOut, code := n.ctl(t, "workload", "stop", slow.ID)
+	took := time.Since(start)
+	if code != 0 || !strings.Contains(out, "successfully stopped") || !strings.Contains(out, "exited after SIGTERM") {
+		t.Fatalf("slow stop: exit %d, %q %q", code, out, errOut)
+	}
+	if took < 3*time.Second {
+		t.Errorf("slow stop answered after %s, before the workload could have exited", took)
+	}
+	out, errOut, code = n.ctl(t, "workload", "stop", deaf.ID)
+	if code != 0 || !strings.Contains(out, "killed after a stop grace of 2s") {
+		t.Fatalf("deaf stop: exit %d, %q %q", code, out, errOut)
+	}
+
+	out, errOut, code = n.ctl(t, "workload", "stop", "--no-wait", bg.ID)
+	if code != 0 || !strings.Contains(out, "is stopping") {
+		t.Fatalf("--no-wait: exit %d, %q %q", code, out, errOut)
+	}
+	// Asked again while it stops: stopping, then stopped, never "not found".
+	out, errOut, code = n.ctl(t, "workload", "stop", bg.ID)
+	if code != 0 || !strings.Contains(out, "successfully stopped") {
+		t.Fatalf("second stop of a stopping workload: exit %d, %q %q", code, out, errOut)
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "no workloads left", func() bool { return len(n.workloads(t)) == 0 })
+}

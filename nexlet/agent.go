@@ -34,6 +34,14 @@ type Agent interface {
 	Ping() (*protocol.AgentSummary, error)
 }
 
+// StopReporter is optionally implemented by an Agent that can say how a stopped
+// workload ended ("exited after SIGTERM (exit code 0)", "killed after a stop grace of
+// 10s"). The Runner calls it instead of StopWorkload and puts the text in the reply's
+// message; like StopWorkload it returns once the workload is gone.
+type StopReporter interface {
+	StopWorkloadReport(workloadID string, req *protocol.StopWorkloadRequest) (string, error)
+}
+
 // ReplayAware is optionally implemented by an Agent that wants to know when the replay of
 // the node's existing state is over, for instance to clean up workloads the node no
 // longer knows. ids are the workloads the node asked to (re)start; it is called once per

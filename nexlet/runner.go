@@ -441,7 +441,11 @@ func (r *Runner) handleStop(req micro.Request) {
 	var in protocol.StopWorkloadRequest
 	err := protocol.Decode(req.Data(), &in)
 	if err == nil {
-		err = r.agent.StopWorkload(id, &in)
+		if sr, ok := r.agent.(StopReporter); ok {
+			resp.Message, err = sr.StopWorkloadReport(id, &in)
+		} else {
+			err = r.agent.StopWorkload(id, &in)
+		}
 	}
 	if err != nil {
 		resp.Stopped, resp.Message = false, err.Error()

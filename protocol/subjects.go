@@ -41,7 +41,9 @@ const (
 	DeployNotStarted    = "not-started"
 	// HeaderProgress on a node's start request to a nexlet gives the interval at which
 	// the nexlet may report that it is still starting (a Go duration); each such report
-	// is a reply carrying this header and no body, and the final answer follows.
+	// is a reply carrying this header and no body, and the final answer follows. On a
+	// client's UNDEPLOY it asks the node that holds the workload to say "stopping" the
+	// same way before its answer.
 	HeaderProgress = "Nex-Progress"
 )
 

@@ -231,14 +231,24 @@ func validateRunRequest(schema *jsonschema.Schema, runRequest string) error {
 }
 
 // stopWorkload fans STOPWORKLOAD out to the node's nexlets and returns the first
-// stopped:true reply, or upstream's "workload not found" answer.
+// stopped:true reply, or upstream's "workload not found" answer. A nexlet answers once
+// the workload is gone (its grace, then a kill), so for a workload this node owns the
+// wait is StopTimeout; an owned workload no nexlet confirmed in that time is reported
+// as still stopping, never as not found.
 func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (protocol.StopWorkloadResponse, error) {
 	ret := protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}
 	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace})
 	if err != nil {
 		return ret, err
 	}
-	err = gather(ctx, n.o.NC, protocol.StopWorkloadSubject(n.id, workloadID), body, n.agentCount(), n.o.FanoutTimeout, func(m *nats.Msg) bool {
+	owned := n.owns(workloadID)
+	wait := n.o.FanoutTimeout
+	if owned {
+		wait = n.o.StopTimeout
+	}
+	agents, answered := n.agentCount(), 0
+	err = gather(ctx, n.o.NC, protocol.StopWorkloadSubject(n.id, workloadID), body, agents, wait, func(m *nats.Msg) bool {
+		answered++
 		var resp protocol.StopWorkloadResponse
 		if isErrorReply(m) || protocol.Decode(m.Data, &resp) != nil || !resp.Stopped {
 			return true
@@ -246,9 +256,25 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 		ret = resp
 		return false
 	})
+	if !ret.Stopped && owned && answered < agents && err == nil {
+		ret.Message = fmt.Sprintf("still stopping: no nexlet confirmed the stop within %s", wait)
+	}
 	return ret, err
 }
 
+// owns says whether the workload was deployed or replayed through this node.
+func (n *Node) owns(workloadID string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	_, ok := n.owned[workloadID]
+	return ok
+}
+
+// handleUndeploy answers once the workload is gone. For a workload it owns, and when
+// the caller asked for it (HeaderProgress on the request; upstream clients take the
+// first reply as the answer and do not), the node first says it is stopping (a reply
+// with HeaderProgress and no body), so a client that does not want to wait, or that
+// gathers from many nodes, knows which node will answer.
 func (n *Node) handleUndeploy(r micro.Request) {
 	workloadID := protocol.Token(r.Subject(), 5)
 	var req protocol.StopWorkloadRequest
@@ -258,6 +284,12 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	}
 	if _, ok := n.checkNamespace(r, req.Namespace); !ok {
 		return
+	}
+	if n.owns(workloadID) && r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
+		m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {"stopping"}}}
+		if err := n.o.NC.PublishMsg(m); err != nil {
+			n.log.Warn("failed to say a workload is stopping", "workload_id", workloadID, "err", err)
+		}
 	}
 	resp, err := n.stopWorkload(n.ctx, req.Namespace, workloadID)
 	if err != nil {
@@ -269,7 +301,7 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		n.o.Observer.Stop(resp.Stopped)
 	}
 	if resp.Stopped {
-		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType)
+		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType, "how", resp.Message)
 		n.forget(workloadID, resp.WorkloadType)
 	}
 }

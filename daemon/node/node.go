@@ -71,6 +71,10 @@ type Options struct {
 	StartTimeout       time.Duration // how long a starting nexlet may stay silent (default 1m)
 	DeployTimeout      time.Duration // how long a start may take while the nexlet reports progress (default 5m)
 	ProgressInterval   time.Duration // how often a starting nexlet is asked to report progress (default 5s)
+	// StopTimeout bounds the wait for a nexlet to confirm a stop of a workload this node
+	// owns (default 5m). A nexlet answers once the workload is gone, after at most its
+	// grace plus a kill, so this only bounds a nexlet that never answers.
+	StopTimeout time.Duration
 
 	// OnLameduck is called once when the node enters lame duck mode; the daemon
 	// schedules the shutdown after delay. It runs on a request handler's goroutine
@@ -113,6 +117,7 @@ func (o *Options) defaults() {
 	def(&o.StartTimeout, time.Minute)
 	def(&o.DeployTimeout, 5*time.Minute)
 	def(&o.ProgressInterval, 5*time.Second)
+	def(&o.StopTimeout, 5*time.Minute)
 	o.StartTimeout = min(o.StartTimeout, o.DeployTimeout)
 	if o.Name == "" {
 		o.Name = "nexnode"

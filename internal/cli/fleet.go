@@ -333,19 +333,62 @@ func (f *fleet) workloadNamespace(ctx context.Context, id string) (protocol.Work
 	return protocol.WorkloadSummary{}, fmt.Errorf("workload id %s matches workloads in %d namespaces; use --namespace to pick one", id, len(found))
 }
 
-// stopWorkload undeploys id from ns; the first stopped:true answer wins.
-func (f *fleet) stopWorkload(ctx context.Context, ns, id string) (protocol.StopWorkloadResponse, error) {
+// stopWait bounds the wait for a node that said it is stopping a workload: the node
+// answers once the workload is gone (its grace, then a kill) or after its own bound.
+const stopWait = 5*time.Minute + 30*time.Second
+
+// stopWorkload asks every node in ns to stop id. The node holding it says "stopping"
+// at once (nexd; upstream nodes do not) and answers when the workload is gone; with
+// wait false the "stopping" is the answer (stopping true). Replies of nodes that do not
+// hold the workload ("not found") end the wait only when no node said "stopping".
+func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (resp protocol.StopWorkloadResponse, stopping bool, err error) {
 	ret := protocol.StopWorkloadResponse{ID: id, Message: protocol.ErrTextWorkloadNotFound}
 	data, err := json.Marshal(protocol.StopWorkloadRequest{Namespace: ns})
 	if err != nil {
-		return ret, err
+		return ret, false, err
 	}
-	msgs, err := gather(ctx, f.nc, protocol.UndeploySubject(ns, id), data, f.gatherOpts(0))
+	inbox := f.nc.NewInbox()
+	sub, err := f.nc.SubscribeSync(inbox)
 	if err != nil {
-		return ret, err
+		return ret, false, fmt.Errorf("subscribe for stop replies: %w", err)
+	}
+	defer sub.Unsubscribe()
+	m := &nats.Msg{Subject: protocol.UndeploySubject(ns, id), Reply: inbox, Data: data,
+		Header: nats.Header{protocol.HeaderProgress: {"1"}}}
+	if err := f.nc.PublishMsg(m); err != nil {
+		return ret, false, fmt.Errorf("publish stop request: %w", err)
 	}
 	var errs []error
-	for _, m := range msgs {
+	deadline := time.Now().Add(f.first)
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			break
+		}
+		rctx, cancel := context.WithTimeout(ctx, left)
+		m, err := sub.NextMsgWithContext(rctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ret, stopping, ctx.Err()
+			}
+			break
+		}
+		if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
+			break // nobody listens
+		}
+		if m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && replyError(m) == nil {
+			stopping = true
+			if !wait {
+				ret.Message = "stopping"
+				return ret, true, nil
+			}
+			deadline = time.Now().Add(stopWait)
+			continue
+		}
+		if !stopping {
+			deadline = time.Now().Add(f.stall)
+		}
 		if err := replyError(m); err != nil {
 			errs = append(errs, err)
 			continue
@@ -356,13 +399,19 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string) (protocol.StopW
 			continue
 		}
 		if r.Stopped {
-			return r, nil
+			return r, false, nil
 		}
 		if r.Message != "" && r.Message != protocol.ErrTextWorkloadNotFound {
 			ret.Message = r.Message
+			if stopping {
+				return ret, true, nil // the holding node's answer
+			}
 		}
 	}
-	return ret, errors.Join(errs...)
+	if stopping && ret.Message == protocol.ErrTextWorkloadNotFound {
+		ret.Message = fmt.Sprintf("still stopping: the node did not answer within %s", stopWait)
+	}
+	return ret, stopping, errors.Join(errs...)
 }
 
 // cloneRequest fetches a workload's start request.

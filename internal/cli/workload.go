@@ -203,11 +203,16 @@ healthy nexlet of the type.
 }
 
 func (a *app) workloadStopCmd() *cobra.Command {
-	return &cobra.Command{
+	var noWait bool
+	cmd := &cobra.Command{
 		Use:     "stop WORKLOAD_ID",
 		Aliases: []string{"undeploy"},
 		Short:   "Stop a workload (in the system namespace, its namespace is looked up first)",
-		Args:    exactArgs(1, "WORKLOAD_ID"),
+		Long: `Stop a workload. nexctl waits until the workload is gone: it exited on SIGTERM, or was
+killed at the end of its stop grace, and says which. A workload that is still stopping is
+reported as stopping, never as not found. With --no-wait nexctl returns as soon as the
+node holding the workload says it is stopping it.`,
+		Args: exactArgs(1, "WORKLOAD_ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
@@ -219,8 +224,8 @@ func (a *app) workloadStopCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			r, err := f.stopWorkload(cmd.Context(), ns, id)
-			if err != nil {
+			r, stopping, err := f.stopWorkload(cmd.Context(), ns, id, !noWait)
+			if err != nil && !r.Stopped && !stopping {
 				return fmt.Errorf("stop workload %s: %w", id, err)
 			}
 			if a.json {
@@ -228,7 +233,14 @@ func (a *app) workloadStopCmd() *cobra.Command {
 					return err
 				}
 			} else if r.Stopped {
-				fmt.Fprintf(a.out(), "Workload %s successfully stopped\n", id)
+				how := ""
+				if r.Message != "" && r.Message != "stopped" {
+					how = " (" + r.Message + ")"
+				}
+				fmt.Fprintf(a.out(), "Workload %s successfully stopped%s\n", id, how)
+			} else if stopping && noWait {
+				fmt.Fprintf(a.out(), "Workload %s is stopping\n", id)
+				return nil
 			}
 			if !r.Stopped {
 				return exitError{ExitFailed, fmt.Errorf("workload %s was not stopped: %s", id, orDash(r.Message))}
@@ -236,6 +248,8 @@ func (a *app) workloadStopCmd() *cobra.Command {
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the node says it is stopping the workload")
+	return cmd
 }
 
 func (a *app) workloadListCmd() *cobra.Command {
@@ -389,7 +403,7 @@ client; otherwise it is passed on as is.`,
 			var stopErr error
 			stopped := false
 			if stop {
-				r, err := f.stopWorkload(cmd.Context(), swr.Namespace, id)
+				r, _, err := f.stopWorkload(cmd.Context(), swr.Namespace, id, true)
 				switch {
 				case err != nil:
 					stopErr = fmt.Errorf("clone %s started, but stopping the original %s failed: %w", p.ID, id, err)

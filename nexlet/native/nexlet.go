@@ -345,20 +345,40 @@ func (n *Nexlet) openEnv(e protocol.EncEnv) (map[string]string, error) {
 
 // StopWorkload implements nexlet.Agent; it returns when the workload is gone.
 func (n *Nexlet) StopWorkload(id string, req *protocol.StopWorkloadRequest) error {
+	_, err := n.StopWorkloadReport(id, req)
+	return err
+}
+
+// StopWorkloadReport implements nexlet.StopReporter: it returns when the workload is
+// gone, saying whether it exited on SIGTERM or was killed at the end of its grace. A
+// workload already stopping is waited for, never reported as not found.
+func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest) (string, error) {
 	n.mu.Lock()
 	w := n.workloads[id]
 	if w == nil || (req.Namespace != protocol.SystemNamespace && req.Namespace != w.ns) {
 		n.mu.Unlock()
-		return errors.New(protocol.ErrTextWorkloadNotFound)
+		return "", errors.New(protocol.ErrTextWorkloadNotFound)
 	}
 	if w.finished {
 		delete(n.workloads, id)
 		n.mu.Unlock()
-		return nil
+		return "had already ended", nil
 	}
 	n.mu.Unlock()
 	n.stopAndWait(w, w.plan.grace)
-	return nil
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	code, reason := -1, w.reason
+	if w.exitCode != nil {
+		code = *w.exitCode
+	}
+	if strings.HasPrefix(reason, "killed after") {
+		return reason, nil
+	}
+	if reason == "" || reason == "exited" {
+		return fmt.Sprintf("exited after SIGTERM (exit code %d)", code), nil
+	}
+	return fmt.Sprintf("exited after SIGTERM (exit code %d: %s)", code, reason), nil
 }
 
 func (n *Nexlet) stopAndWait(w *workload, grace time.Duration) {
