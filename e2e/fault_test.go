@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"encoding/json"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -26,13 +25,11 @@ func TestNATSOutage(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	// The first server takes a port of the kernel's choosing; the second comes back on
-	// the same one, as a restarted server does.
+	// The second server comes back on the first one's port, as a restarted server does.
 	store := t.TempDir()
-	port := -1
+	port := testkit.StablePort(t)
 	cfg := func(o *server.Options) { o.Port = port; o.StoreDir = store }
 	s := testnats.Start(t, testnats.Options{Configure: cfg})
-	port = s.Addr().(*net.TCPAddr).Port
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
 	w := n.runWorkload(t, "--name", "survivor", "--", "/bin/sleep", "600")

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -53,16 +52,6 @@ func roundTrip(t *testing.T, nc *nats.Conn) {
 	if m, err := sub.NextMsg(30 * time.Second); err != nil || string(m.Data) != "hi" {
 		t.Fatalf("round trip: %v %v", m, err)
 	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func userSeed(t *testing.T) (nkeys.KeyPair, string, string) {
@@ -291,7 +280,7 @@ func startOnPort(t *testing.T, port int) *server.Server {
 }
 
 func TestReconnectCounting(t *testing.T) {
-	port := freePort(t)
+	port := testkit.StablePort(t)
 	s1 := startOnPort(t, port)
 	c := connect(t, Options{Servers: []string{s1.ClientURL()}})
 	roundTrip(t, c.NC)
@@ -320,7 +309,7 @@ func TestReconnectCounting(t *testing.T) {
 }
 
 func TestConnectWaitsForServer(t *testing.T) {
-	port := freePort(t)
+	port := testkit.StablePort(t)
 	url := "nats://127.0.0.1:" + strconv.Itoa(port)
 	type result struct {
 		c   *Conn
@@ -346,7 +335,7 @@ func TestConnectWaitsForServer(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err := Connect(ctx, Options{Servers: []string{"nats://127.0.0.1:" + strconv.Itoa(freePort(t))}}, nil)
+	_, err := Connect(ctx, Options{Servers: []string{url}}, nil) // ctx ends before any dial
 	if err == nil || !errors.Is(err, context.Canceled) {
 		t.Fatalf("error %v, want context canceled", err)
 	}

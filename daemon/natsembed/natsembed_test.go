@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 func ctxT(t *testing.T) context.Context {
@@ -53,16 +54,6 @@ func roundTrip(t *testing.T, nc *nats.Conn) {
 	}
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 func kvWorks(t *testing.T, nc *nats.Conn) {
 	t.Helper()
 	ctx := ctxT(t)
@@ -84,7 +75,7 @@ func kvWorks(t *testing.T, nc *nats.Conn) {
 }
 
 func TestInatsConfig(t *testing.T) {
-	port := freePort(t)
+	port := testkit.StablePort(t)
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "inats.conf")
 	body := fmt.Sprintf(`

@@ -2,6 +2,7 @@ package testkit
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -125,5 +126,23 @@ func TestNewUser(t *testing.T) {
 	}
 	if err := exec.Command("id", name).Run(); err == nil {
 		t.Fatalf("user %s outlived its test", name)
+	}
+}
+
+func TestStablePortOutsideEphemeralRange(t *testing.T) {
+	lo, hi := 32768, 60999
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		fmt.Sscan(string(b), &lo, &hi)
+	}
+	for range 20 {
+		p := StablePort(t)
+		if p >= lo && p <= hi {
+			t.Fatalf("port %d inside the ephemeral range %d-%d", p, lo, hi)
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			t.Fatalf("port %d not free: %v", p, err)
+		}
+		l.Close()
 	}
 }
