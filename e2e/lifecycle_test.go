@@ -38,6 +38,7 @@ type nodeOpts struct {
 	notify   *notifySocket
 	stateDir string
 	cgroup   string // reuse this cgroup root (a restart of the same node)
+	dir      string // working dir and HOME (where ./config.json is read); a temp dir when empty
 }
 
 // cgroupRoot gives each test its own v1 subtree (when this host has writable v1
@@ -99,7 +100,7 @@ func startNode(t *testing.T, o nodeOpts) *node {
 		args = append(args, "--cgroup-root", cg)
 	}
 	args = append(args, o.extra...)
-	n.proc = startNexd(t, nexdOpts{args: args, env: env, notify: o.notify})
+	n.proc = startNexd(t, nexdOpts{args: args, env: env, notify: o.notify, dir: o.dir})
 	return n
 }
 

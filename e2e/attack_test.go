@@ -1,0 +1,219 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// The attacker suite: each test plays one attacker against the real binaries and
+// asserts that the attack fails. Where the attack needs a mechanism that could silently
+// break (a script that cannot tell success from failure), a control run with the
+// privilege the node refuses by default shows that the same attack succeeds.
+
+// attackScript tries each attack and prints "ATTACK-OK <what>" or "DENIED <what>".
+// Arguments: pairs of <what> <shell command>.
+const attackScript = `#!/bin/sh
+while [ $# -ge 2 ]; do
+	if sh -c "$2" >/dev/null 2>&1; then echo "ATTACK-OK $1"; else echo "DENIED $1"; fi
+	shift 2
+done
+echo "ATTACKS-DONE"
+`
+
+// attackLines runs the attack script as a job and returns its output lines.
+func attackLines(t *testing.T, n *node, nc *nats.Conn, ns string, ctlArgs []string, attacks [][2]string) []string {
+	t.Helper()
+	script := filepath.Join(testkit.PublicDir(t), "attack.sh")
+	testkit.WriteFile(t, script, attackScript)
+	if err := os.Chmod(script, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sub, err := nc.SubscribeSync("$NEX.FEED." + ns + ".logs.*.stdout")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	flush(t, nc)
+	args := append(append([]string{}, ctlArgs...), "--namespace", ns, "--json", "workload", "run", "--lifecycle", "job", "--name", "attacker", "--", script)
+	for _, a := range attacks {
+		args = append(args, a[0], a[1])
+	}
+	out, errOut, code := n.ctl(t, args...)
+	if code != 0 {
+		t.Fatalf("nexctl workload run: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	var lines []string
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		m, err := sub.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		l := string(m.Data)
+		if l == "ATTACKS-DONE" {
+			return lines
+		}
+		lines = append(lines, l)
+	}
+	t.Fatalf("attack script did not finish; got %q\nnexd:\n%s", lines, n.out.String())
+	return nil
+}
+
+// TestAttackWorkloadReachesNoSecret: a workload (deploy rights in one namespace) tries
+// to read every secret on the node and to signal nexd and its nexlet. Before issue 12
+// every workload ran as nexd's uid (root) and each of these succeeded; the control run
+// as root (allow_root_workloads) shows they still would.
+func TestAttackWorkloadReachesNoSecret(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: workloads switch to dynamic uids only under a root nexd")
+	}
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	nodeCreds := op.CredsFile(t, "nexd-node")
+	dir := t.TempDir()
+	// A secret-holding config file where nexd reads it (./config.json).
+	cfgFile := testkit.WriteFile(t, filepath.Join(dir, "config.json"),
+		fmt.Sprintf(`{"issuer_signing_key": %q, "issuer_signing_key_root_account": %q, "allow_root_workloads": true}`, op.SigningSeed, op.Account))
+	if err := os.Chmod(cfgFile, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n := startNode(t, nodeOpts{external: op.Server.ClientURL(), dir: dir, extra: []string{"--nats.creds-file", nodeCreds}})
+	st := n.waitReady(t)
+	nc, err := nats.Connect(op.Server.ClientURL(), nats.UserCredentials(nodeCreds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	ctlArgs := []string{"--nats.creds-file", nodeCreds}
+
+	// A victim workload in another namespace, holding its own creds file.
+	sub, _ := nc.SubscribeSync("$NEX.FEED.victim.logs.*.stdout")
+	flush(t, nc)
+	n.mustCtl(t, append(ctlArgs, "--namespace", "victim", "--json", "workload", "run", "--name", "victim", "--",
+		"/bin/sh", "-c", `echo "creds=$NEX_WORKLOAD_NATS_CREDS_FILE"; exec sleep 600`)...)
+	m, err := sub.NextMsg(30 * time.Second)
+	if err != nil || !strings.HasPrefix(string(m.Data), "creds=/") {
+		t.Fatalf("victim's creds file: %v %v", m, err)
+	}
+	victimCreds := strings.TrimPrefix(string(m.Data), "creds=")
+
+	nexletPID := 0
+	for _, x := range st.Nexlets {
+		if x.Name == "native" {
+			nexletPID = x.PID
+		}
+	}
+	if nexletPID == 0 {
+		t.Fatalf("no native nexlet pid in %+v", st.Nexlets)
+	}
+	nexdPID := strconv.Itoa(n.cmd.Process.Pid)
+	attacks := [][2]string{
+		{"read-node-seed", "cat " + filepath.Join(n.stateDir, "node.seed")},
+		{"list-state-dir", "ls " + n.stateDir},
+		{"read-config", "cat " + cfgFile},
+		{"read-victim-creds", "cat " + victimCreds},
+		{"read-nexd-environ", "cat /proc/" + nexdPID + "/environ"},
+		{"read-nexlet-environ", "cat /proc/" + strconv.Itoa(nexletPID) + "/environ"},
+		{"signal-nexd", "kill -0 " + nexdPID},
+		{"signal-nexlet", "kill -0 " + strconv.Itoa(nexletPID)},
+	}
+	if _, err := os.Stat(filepath.Join(n.stateDir, "node.seed")); err != nil {
+		t.Fatalf("the node seed the attack targets is not there: %v", err)
+	}
+
+	lines := attackLines(t, n, nc, "tenant", ctlArgs, attacks)
+	for _, a := range attacks {
+		if !contains(lines, "DENIED "+a[0]) {
+			t.Errorf("attack %s not denied: output %q", a[0], lines)
+		}
+	}
+
+	// Control: the same attacks as root (which the node allows here) succeed, so the
+	// script does tell success from failure.
+	lines = attackLines(t, n, nc, "tenant", append(ctlArgs, "--user", "root"), attacks)
+	for _, a := range attacks {
+		if !contains(lines, "ATTACK-OK "+a[0]) {
+			t.Errorf("control run as root: %s did not succeed: %q", a[0], lines)
+		}
+	}
+}
+
+// TestAttackNodePasswordNeverReachesChildren: nexd's own NATS user:password given in
+// --nats.servers (the workload could log in as the node with it). Before issue 12 it
+// was in every nexlet's and workload's environment (NEX_WORKLOAD_NATS_SERVERS).
+func TestAttackNodePasswordNeverReachesChildren(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	const password = "n0de-s3cret-pw"
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) {
+		// The node logs in as admin; children get the anonymous user.
+		o.Users = []*server.User{{Username: "admin", Password: password}, {Username: "anon"}}
+		o.NoAuthUser = "anon"
+	}})
+	u := strings.Replace(s.ClientURL(), "nats://", "nats://admin:"+password+"@", 1)
+	n := startNode(t, nodeOpts{external: u})
+	st := n.waitReady(t)
+	nc, err := nats.Connect(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	sub, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	flush(t, nc)
+	n.mustCtl(t, "--json", "workload", "run", "--lifecycle", "job", "--name", "envdump", "--", "/usr/bin/env")
+	var env []string
+	wait := 30 * time.Second
+	for {
+		m, err := sub.NextMsg(wait)
+		if err != nil {
+			break
+		}
+		env = append(env, string(m.Data))
+		wait = 3 * time.Second // the rest of the dump follows at once
+	}
+	all := strings.Join(env, "\n")
+	if !strings.Contains(all, "NEX_WORKLOAD_NATS_SERVERS=") {
+		t.Fatalf("no environment from the workload: %q", all)
+	}
+	if strings.Contains(all, password) {
+		t.Errorf("the node's NATS password reached the workload's environment:\n%s", all)
+	}
+	for _, x := range st.Nexlets {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(x.PID) + "/environ")
+		if err != nil {
+			t.Fatalf("nexlet %s environ: %v", x.Name, err)
+		}
+		if strings.Contains(string(b), password) {
+			t.Errorf("the node's NATS password is in nexlet %s's environment", x.Name)
+		}
+	}
+	// Nor does --check or nexctl config show it.
+	cfg := n.mustCtl(t, "--json", "config")
+	if strings.Contains(cfg, password) {
+		t.Errorf("nexctl config shows the password")
+	}
+	var raw map[string]any
+	if err := json.Unmarshal([]byte(cfg), &raw); err != nil {
+		t.Fatalf("nexctl config --json: %v", err)
+	}
+}
+
+func contains(list []string, s string) bool { return slices.Contains(list, s) }
