@@ -131,6 +131,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		AuctionTTL:              cfg.Node.AuctionTTL,
 		DeployTimeout:           cfg.Node.DeployTimeout,
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
+		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		Minter:                  s.minter,
 		Store:                   s.metrics.CountStore(store),
 		Emitter:                 s.emitter(cfg),
@@ -252,4 +253,13 @@ func hasTarget(ts []string, t string) bool {
 		}
 	}
 	return false
+}
+
+// remoteNexlets converts the configured remote_nexlets for the node.
+func remoteNexlets(in []config.RemoteNexlet) []node.RemoteNexlet {
+	out := make([]node.RemoteNexlet, len(in))
+	for i, r := range in {
+		out[i] = node.RemoteNexlet{Name: r.Name, Type: r.Type, PublicKey: r.PublicKey}
+	}
+	return out
 }

@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // sniffer is a tenant's workload that tries to read other clients' replies: it
@@ -213,5 +215,67 @@ func TestInboxSniffing(t *testing.T) {
 	}
 	if len(got) > 0 {
 		t.Fatalf("the tenant-a workload captured %d messages on other clients' inboxes: %q", len(got), got)
+	}
+}
+
+// TestNexletHijack: a client on the bus (no credentials strategy, remote registration
+// on) tries to take the native nexlet's place: under its agent id without the per-start
+// key, and under a fresh id with its name and type. Both are refused and logged with
+// the reason, the registration reply carries no workload, and the native nexlet keeps
+// its id and its workload.
+func TestNexletHijack(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--allow-remote-agent-registration"}})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	w := n.runWorkload(t, "--name", "victim", "--", "/bin/sleep", "300")
+
+	nativeID := func() string {
+		m, err := nc.Request(protocol.InfoSubject(st.NodeID), []byte(`{}`), 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var info protocol.NodeInfoResponse
+		if err := protocol.Decode(m.Data, &info); err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range info.NodeAgentSummaries {
+			if a.AgentSummary.Type == "native" {
+				return a.AgentID
+			}
+		}
+		t.Fatalf("no native nexlet in node info: %s", m.Data)
+		return ""
+	}
+	victim := nativeID()
+	reg, _ := json.Marshal(protocol.RegisterAgentRequest{Name: "go_exec", RegisterType: "native", Version: "6.6.6",
+		Description: "rogue", PublicXKey: "XROGUE", StartRequestSchema: `{}`,
+		SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob}})
+	for _, id := range []string{victim, "rogue" + victim[:8]} {
+		m, err := nc.Request(protocol.RegisterSubject(st.NodeID, id), reg, 10*time.Second)
+		if err != nil {
+			t.Fatalf("register as %s: %v", id, err)
+		}
+		code := m.Header.Get(protocol.HeaderErrorCode)
+		if code != "403" && code != "409" {
+			t.Fatalf("registration as %s (go_exec/native) accepted (code %q): %s", id, code, m.Data)
+		}
+		if strings.Contains(string(m.Data), w.ID) {
+			t.Fatalf("refused registration as %s still carried workload %s: %s", id, w.ID, m.Data)
+		}
+	}
+	if got := nativeID(); got != victim {
+		t.Fatalf("native nexlet is now %s, was %s", got, victim)
+	}
+	ws := n.workloads(t)
+	if len(ws) != 1 || ws[0].ID != w.ID {
+		t.Fatalf("workloads after the attempts: %+v", ws)
+	}
+	log := n.out.String()
+	if strings.Count(log, "nexlet registration refused") < 2 || !strings.Contains(log, "not signed") {
+		t.Fatalf("refused registrations are not logged with their reason:\n%s", log)
 	}
 }

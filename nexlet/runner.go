@@ -3,6 +3,7 @@ package nexlet
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -36,6 +38,7 @@ type Runner struct {
 	log     *slog.Logger
 	hbEvery time.Duration
 	regWait time.Duration
+	regKey  nkeys.KeyPair // signs REGISTER (nil: unsigned, as upstream's SDK)
 
 	mu      sync.Mutex
 	nc      *nats.Conn
@@ -57,6 +60,25 @@ func WithHeartbeatInterval(d time.Duration) Option { return func(r *Runner) { r.
 
 // WithRegisterTimeout bounds the wait for the node's REGISTER reply.
 func WithRegisterTimeout(d time.Duration) Option { return func(r *Runner) { r.regWait = d } }
+
+// WithRegistrationKey signs the registration with kp: the per-start key a supervising
+// node hands its local nexlets, or a remote nexlet's key listed in the node's
+// remote_nexlets. A node refuses a supervised nexlet's registration without it.
+func WithRegistrationKey(kp nkeys.KeyPair) Option { return func(r *Runner) { r.regKey = kp } }
+
+// RegistrationKeyFromEnv reads the per-start registration key a node hands a local
+// nexlet (NEX_AGENT_REGISTRATION_SEED); nil without one (an older node).
+func RegistrationKeyFromEnv(env func(string) string) (nkeys.KeyPair, error) {
+	seed := env(protocol.EnvAgentRegistrationSeed)
+	if seed == "" {
+		return nil, nil
+	}
+	kp, err := nkeys.FromSeed([]byte(seed))
+	if err != nil {
+		return nil, fmt.Errorf("environment variable %s: %w", protocol.EnvAgentRegistrationSeed, err)
+	}
+	return kp, nil
+}
 
 // NewRunner prepares a runner for agent a on node nodeID; ctx bounds its lifetime.
 func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Runner, error) {
@@ -116,8 +138,16 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
 	subj := protocol.RegisterSubject(r.nodeID, agentID)
+	req := nats.NewMsg(subj)
+	req.Data = body
+	if r.regKey != nil {
+		if err := signRegistration(req, r.regKey); err != nil {
+			rnc.Close()
+			return fmt.Errorf("nexlet register: %w", err)
+		}
+	}
 	ctx, cancel := context.WithTimeout(r.ctx, r.regWait)
-	msg, err := rnc.RequestWithContext(ctx, subj, body)
+	msg, err := rnc.RequestMsgWithContext(ctx, req)
 	cancel()
 	rnc.Close()
 	if err != nil {
@@ -204,6 +234,21 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		}
 	}(resp.ExistingState)
 	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
+	return nil
+}
+
+// signRegistration adds the key and the signature over subject and body.
+func signRegistration(m *nats.Msg, kp nkeys.KeyPair) error {
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return fmt.Errorf("registration key: %w", err)
+	}
+	sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, m.Data))
+	if err != nil {
+		return fmt.Errorf("sign registration: %w", err)
+	}
+	m.Header.Set(protocol.HeaderRegistrationKey, pub)
+	m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
 	return nil
 }
 

@@ -214,3 +214,19 @@ const (
 	EnvAgentInboxPrefix    = "NEX_AGENT_NATS_INBOX_PREFIX"
 	EnvWorkloadInboxPrefix = "NEX_WORKLOAD_NATS_INBOX_PREFIX"
 )
+
+// Bound nexlet identity (nexd extension): a nexlet signs its REGISTER request with an
+// nkey, the per-start key its supervisor gave it (EnvAgentRegistrationSeed) or, for a
+// remote nexlet, the key listed for it in the node's remote_nexlets. The signature
+// covers the subject and the body (RegistrationPayload), base64 (std) in
+// HeaderRegistrationSig; HeaderRegistrationKey names the public key.
+const (
+	HeaderRegistrationKey    = "Nexd-Registration-Key"
+	HeaderRegistrationSig    = "Nexd-Registration-Sig"
+	EnvAgentRegistrationSeed = "NEX_AGENT_REGISTRATION_SEED"
+)
+
+// RegistrationPayload is what a registration signature covers.
+func RegistrationPayload(subject string, body []byte) []byte {
+	return append([]byte(subject+"\n"), body...)
+}

@@ -34,6 +34,7 @@ type NodeConfig struct {
 	AllowRootWorkloads           bool              // allow_root_workloads
 	WorkloadUIDRange             string            // workload_uid_range: dynamic uids MIN-MAX
 	Agents                       []Agent           // agents
+	RemoteNexlets                []RemoteNexlet    // remote_nexlets
 	NativeLimits                 Limits            // native_limits
 	State                        string            // state: "" or "kv"
 	ShowWorkloadLogs             bool              // show_workload_logs
@@ -61,6 +62,18 @@ type Agent struct {
 	Argv   []string          `json:"argv,omitempty"`
 	Env    map[string]string `json:"env,omitempty"`
 	Limits Limits            `json:"limits"`
+	// UnsignedRegistration accepts this nexlet's registration without the per-start
+	// signature (nexlets built on upstream's SDK cannot sign); its agent id is then
+	// the only proof, so a process that learns it can take the nexlet's place.
+	UnsignedRegistration bool `json:"unsigned_registration,omitempty"`
+}
+
+// RemoteNexlet is a remote nexlet allowed to register with this node: it must sign
+// its registration with the nkey whose public key is listed, under this name and type.
+type RemoteNexlet struct {
+	Name      string `json:"name"`
+	Type      string `json:"type"`
+	PublicKey string `json:"public_key"`
 }
 
 // Limits bound a nexlet's cgroup. Zero means no limit.

@@ -4,10 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/nats-io/nkeys"
 )
 
 // problem is one decoding failure; sub is appended to the key path ("[1].uri").
@@ -100,6 +103,8 @@ func decodeJSON(s *keySpec, v any) (any, []problem) {
 		return nil, probs("expected a size such as 268435456, \"256M\" or \"max\", got " + jsonType(v))
 	case kAgents:
 		return jsonAgents(v)
+	case kRemoteNexlets:
+		return jsonRemoteNexlets(v)
 	}
 	return nil, probs("unsupported setting type")
 }
@@ -137,9 +142,60 @@ func jsonStringMap(v any) (any, []problem) {
 }
 
 var (
-	agentKeys  = []string{"uri", "argv", "env", "limits"}
+	agentKeys  = []string{"uri", "argv", "env", "limits", "unsigned_registration"}
+	remoteKeys = []string{"name", "type", "public_key"}
 	limitsKeys = []string{"memory_max", "memory_high", "cpu_max", "pids_max"}
 )
+
+func jsonRemoteNexlets(v any) (any, []problem) {
+	arr, ok := v.([]any)
+	if !ok {
+		return nil, probs("expected an array of {\"name\", \"type\", \"public_key\"} objects, got " + jsonType(v))
+	}
+	out := make([]RemoteNexlet, 0, len(arr))
+	var ps []problem
+	for i, e := range arr {
+		at := fmt.Sprintf("[%d]", i)
+		obj, ok := e.(map[string]any)
+		if !ok {
+			ps = append(ps, problem{at, "expected an object with \"name\", \"type\", \"public_key\", got " + jsonType(e)})
+			continue
+		}
+		var rn RemoteNexlet
+		for _, k := range sortedKeys(obj) {
+			str, isStr := obj[k].(string)
+			switch {
+			case !slices.Contains(remoteKeys, k):
+				ps = append(ps, problem{at + "." + k, unknownMsg(k, remoteKeys)})
+				continue
+			case !isStr || str == "":
+				ps = append(ps, problem{at + "." + k, "expected a non-empty string, got " + jsonType(obj[k])})
+				continue
+			}
+			switch k {
+			case "name":
+				rn.Name = str
+			case "type":
+				rn.Type = str
+			case "public_key":
+				if !nkeys.IsValidPublicKey(str) {
+					ps = append(ps, problem{at + ".public_key", fmt.Sprintf("%q is not an nkey public key", str)})
+				}
+				rn.PublicKey = str
+			}
+		}
+		for _, k := range remoteKeys {
+			if _, ok := obj[k]; !ok {
+				ps = append(ps, problem{at + "." + k, "is required"})
+			}
+		}
+		out = append(out, rn)
+	}
+	if ps != nil {
+		return nil, ps
+	}
+	return out, nil
+}
 
 func jsonAgents(v any) (any, []problem) {
 	arr, ok := v.([]any)
@@ -185,6 +241,12 @@ func jsonAgents(v any) (any, []problem) {
 				}
 				if p == nil {
 					a.Env = x.(map[string]string)
+				}
+			case "unsigned_registration":
+				if b, ok := val.(bool); ok {
+					a.UnsignedRegistration = b
+				} else {
+					ps = append(ps, problem{at + ".unsigned_registration", "expected true or false, got " + jsonType(val)})
 				}
 			case "limits":
 				l, p := jsonLimits(val)
@@ -319,6 +381,12 @@ func decodeText(s *keySpec, vals []string) (any, []problem) {
 			return nil, probs("expected a JSON array of agents: " + err.Error())
 		}
 		return jsonAgents(raw)
+	case kRemoteNexlets:
+		var raw any
+		if err := json.Unmarshal([]byte(last), &raw); err != nil {
+			return nil, probs("expected a JSON array of {\"name\", \"type\", \"public_key\"} objects: " + err.Error())
+		}
+		return jsonRemoteNexlets(raw)
 	}
 	return nil, probs("unsupported setting type")
 }

@@ -13,11 +13,12 @@ const (
 	kBool
 	kInt
 	kDuration
-	kList   // []string
-	kMap    // map[string]string
-	kAgents // []Agent
-	kSize   // int64 bytes, "256M" accepted
-	kFloat  // float64
+	kList          // []string
+	kMap           // map[string]string
+	kAgents        // []Agent
+	kRemoteNexlets // []RemoteNexlet
+	kSize          // int64 bytes, "256M" accepted
+	kFloat         // float64
 )
 
 // where a key may appear in a config file besides its canonical spelling.
@@ -127,6 +128,9 @@ func keySpecs() []*keySpec {
 		{key: "agents", kind: kAgents, scope: scopeNode, group: gNexlets,
 			help:  "local nexlets to supervise (see --agents.uri)",
 			field: func(c *Config) any { return &c.Node.Agents }},
+		{key: "remote_nexlets", kind: kRemoteNexlets, scope: scopeNode, group: gNexlets,
+			help:  "remote nexlets allowed to register: JSON [{\"name\",\"type\",\"public_key\"}], each signs with its key",
+			field: func(c *Config) any { return &c.Node.RemoteNexlets }},
 		{key: "native_limits.memory_max", kind: kSize, scope: scopeNode, group: gNexlets, def: int64(1 << 30),
 			help:  "hard memory limit of the native nexlet process (bytes or K/M/G/T; max = none)",
 			field: func(c *Config) any { return &c.Node.NativeLimits.MemoryMax }},
@@ -304,6 +308,8 @@ func (s *keySpec) get(c *Config) any {
 		return *p
 	case *[]Agent:
 		return *p
+	case *[]RemoteNexlet:
+		return *p
 	}
 	return nil
 }
@@ -352,13 +358,17 @@ func (s *keySpec) set(c *Config, v any) {
 		if x, ok := v.([]Agent); ok {
 			*p = cloneAgents(x)
 		}
+	case *[]RemoteNexlet:
+		if x, ok := v.([]RemoteNexlet); ok {
+			*p = append([]RemoteNexlet(nil), x...)
+		}
 	}
 }
 
 func cloneAgents(in []Agent) []Agent {
 	out := make([]Agent, len(in))
 	for i, a := range in {
-		out[i] = Agent{URI: a.URI, Argv: append([]string(nil), a.Argv...), Limits: a.Limits}
+		out[i] = Agent{URI: a.URI, Argv: append([]string(nil), a.Argv...), Limits: a.Limits, UnsignedRegistration: a.UnsignedRegistration}
 		if a.Env != nil {
 			out[i].Env = make(map[string]string, len(a.Env))
 			for k, v := range a.Env {

@@ -63,6 +63,11 @@ func jsonValue(s *keySpec, v any) any {
 			return map[string]string{}
 		}
 		return x
+	case []RemoteNexlet:
+		if x == nil {
+			return []RemoteNexlet{}
+		}
+		return x
 	case []Agent:
 		out := make([]any, len(x))
 		for i, a := range x {
@@ -85,7 +90,11 @@ func agentJSON(a Agent) map[string]any {
 	if argv == nil {
 		argv = []string{}
 	}
-	return map[string]any{"uri": a.URI, "argv": argv, "env": env, "limits": limitsJSON(a.Limits)}
+	m := map[string]any{"uri": a.URI, "argv": argv, "env": env, "limits": limitsJSON(a.Limits)}
+	if a.UnsignedRegistration {
+		m["unsigned_registration"] = true
+	}
+	return m
 }
 
 func limitsJSON(l Limits) map[string]any {

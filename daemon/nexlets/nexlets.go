@@ -17,6 +17,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/daemon/config"
@@ -33,6 +34,7 @@ const NativeName = "native"
 // Registry is the part of the node that tracks nexlet registrations (*node.Node).
 type Registry interface {
 	ExpectAgent(agentID, name string)
+	SetAgentKey(agentID, pub string)
 	RemoveAgent(agentID, reason string)
 	SetAgentProcessInfo(agentID string, restarts int, lastExit string, failed bool)
 }
@@ -65,6 +67,9 @@ type Spec struct {
 	Name    string
 	AgentID string
 	Process supervise.Spec
+	// Unsigned: the nexlet cannot sign its registration (upstream's SDK), so it gets
+	// no per-start key and the node accepts it by its agent id alone.
+	Unsigned bool
 }
 
 // Manager runs the local nexlets.
@@ -175,7 +180,7 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 			Args:   a.Argv,
 			Env:    a.Env,
 			Limits: toCgroupLimits(a.Limits),
-		}})
+		}, Unsigned: a.UnsignedRegistration})
 	}
 	return out, nil
 }
@@ -294,6 +299,17 @@ func (m *Manager) env(name string) map[string]string {
 	for k, v := range agentEnv(creds, m.o.NodeID, s.AgentID) {
 		env[k] = v
 	}
+	// A fresh key for every start: the nexlet signs its registration with it, so no
+	// other process can register under this nexlet's name, and a dead predecessor's
+	// key is worthless.
+	if s.Unsigned {
+		m.log.Warn("nexlet registers unsigned (unsigned_registration): its agent id is its only proof of identity", "nexlet", name)
+	} else if seed, pub, err := registrationKey(); err != nil {
+		m.log.Error("cannot create a registration key; the nexlet will be refused", "nexlet", name, "err", err)
+	} else {
+		env[protocol.EnvAgentRegistrationSeed] = seed
+		m.o.Registry.SetAgentKey(s.AgentID, pub)
+	}
 	if name == NativeName || strings.HasPrefix(name, NativeName+"-") {
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
 		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
@@ -304,6 +320,20 @@ func (m *Manager) env(name string) map[string]string {
 		}
 	}
 	return env
+}
+
+// registrationKey makes a per-start registration key.
+func registrationKey() (seed, pub string, err error) {
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return "", "", err
+	}
+	s, err := kp.Seed()
+	if err != nil {
+		return "", "", err
+	}
+	pub, err = kp.PublicKey()
+	return string(s), pub, err
 }
 
 // agentEnv is the NEX_AGENT_* environment upstream's SDK reads.

@@ -1,12 +1,14 @@
 package node
 
 import (
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/micro"
+	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
@@ -63,12 +65,13 @@ func (n *Node) handleRegister(r micro.Request) {
 		n.fail(r, 400, "bad agent registration", fmt.Errorf("invalid RegisterAgentRequest: field \"max_workloads\": %v must not be negative", req.MaxWorkloads))
 		return
 	}
-	n.mu.Lock()
-	_, expected := n.expected[agentID]
-	_, known := n.agents[agentID]
-	n.mu.Unlock()
-	if !expected && !known && !n.o.AllowRemoteRegistration {
-		n.fail(r, 403, "registration refused", fmt.Errorf("agent id %s was not assigned by node %s and remote registration is disabled (allow_remote_agent_registration)", agentID, n.id))
+	owner, err := n.authorize(r, agentID, req)
+	if err != nil {
+		n.refuseRegistration(r, 403, agentID, req, err)
+		return
+	}
+	if err := n.nameFree(agentID, req.Name); err != nil {
+		n.refuseRegistration(r, 409, agentID, req, err)
 		return
 	}
 	schema, err := compileSchema(agentID, req.StartRequestSchema)
@@ -91,6 +94,12 @@ func (n *Node) handleRegister(r micro.Request) {
 		// Recorded before its start: the deploy in flight starts it, not the replay.
 		delete(stored, wid)
 	}
+	for wid := range stored {
+		// Another nexlet instance's workload (of the same type) is not replayed here.
+		if o, ok := n.owned[wid]; ok && o.owner != owner {
+			delete(stored, wid)
+		}
+	}
 	n.mu.Unlock()
 	for wid, swr := range stored {
 		wc, err := n.o.Minter.MintWorkload(swr.Namespace, wid)
@@ -104,14 +113,15 @@ func (n *Node) handleRegister(r micro.Request) {
 	now := time.Now()
 	n.mu.Lock()
 	for wid, w := range existing {
-		n.owned[wid] = w.Request.WorkloadType
+		n.owned[wid] = ownership{typ: w.Request.WorkloadType, owner: owner}
 	}
 	n.mu.Unlock()
-	reg := &registration{id: agentID, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
+	reg := &registration{id: agentID, owner: owner, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
 	var replaced []*registration
 	n.mu.Lock()
 	for id, old := range n.agents {
-		// A restarted nexlet registers again, under its old id or a new one.
+		// A restarted nexlet registers again, under its old id or (remote) a new
+		// one; nameFree refused the name of a live other nexlet.
 		if id == agentID || (req.Name != "" && old.req.Name == req.Name) {
 			replaced = append(replaced, old)
 			delete(n.agents, id)
@@ -136,6 +146,102 @@ func (n *Node) handleRegister(r micro.Request) {
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,
 		"version", req.Version, "replayed", len(existing))
 	n.o.Emitter.Emit(n.id, protocol.EventAgentStarted, protocol.AgentStartedEvent{ID: agentID, Name: req.Name, RegisterType: req.RegisterType, Timestamp: now.UTC()})
+}
+
+// authorize decides whether this registration may take agentID and returns the
+// nexlet's stable identity. A local nexlet (an id the supervisor assigned) proves its
+// start with the per-start key the supervisor handed it; a remote one with the key
+// listed for its name and type in remote_nexlets.
+func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterAgentRequest) (string, error) {
+	n.mu.Lock()
+	name, expected := n.expected[agentID]
+	key := n.keys[agentID]
+	n.mu.Unlock()
+	if expected {
+		if key != "" {
+			if err := verifyRegistration(r, key); err != nil {
+				return "", fmt.Errorf("supervised nexlet %q (agent id %s): %w", name, agentID, err)
+			}
+		}
+		return "local:" + name, nil
+	}
+	if !n.o.AllowRemoteRegistration {
+		return "", fmt.Errorf("agent id %s was not assigned by node %s and remote registration is disabled (allow_remote_agent_registration)", agentID, n.id)
+	}
+	pub := r.Headers().Get(protocol.HeaderRegistrationKey)
+	if len(n.o.RemoteNexlets) == 0 {
+		return "", fmt.Errorf("remote nexlet %q: no remote_nexlets are configured; list it with its name, type and public key", req.Name)
+	}
+	for _, rn := range n.o.RemoteNexlets {
+		if rn.PublicKey != pub {
+			continue
+		}
+		if rn.Name != req.Name || rn.Type != req.RegisterType {
+			return "", fmt.Errorf("remote nexlet key %s is listed for %q [%s], not %q [%s]", pub, rn.Name, rn.Type, req.Name, req.RegisterType)
+		}
+		if err := verifyRegistration(r, pub); err != nil {
+			return "", fmt.Errorf("remote nexlet %q: %w", req.Name, err)
+		}
+		return "remote:" + rn.Name, nil
+	}
+	if pub == "" {
+		return "", fmt.Errorf("remote nexlet %q sent no %s header: it must sign its registration with the key listed in remote_nexlets", req.Name, protocol.HeaderRegistrationKey)
+	}
+	return "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
+}
+
+// verifyRegistration checks the registration's signature by pub.
+func verifyRegistration(r micro.Request, pub string) error {
+	if got := r.Headers().Get(protocol.HeaderRegistrationKey); got != "" && got != pub {
+		return fmt.Errorf("registration signed by %s, not by the expected key %s", got, pub)
+	}
+	b64 := r.Headers().Get(protocol.HeaderRegistrationSig)
+	if b64 == "" {
+		return fmt.Errorf("registration is not signed (no %s header)", protocol.HeaderRegistrationSig)
+	}
+	sig, err := base64.StdEncoding.DecodeString(b64)
+	if err != nil {
+		return fmt.Errorf("registration signature: not base64: %w", err)
+	}
+	kp, err := nkeys.FromPublicKey(pub)
+	if err != nil {
+		return fmt.Errorf("registration key %q: %w", pub, err)
+	}
+	if err := kp.Verify(protocol.RegistrationPayload(r.Subject(), r.Data()), sig); err != nil {
+		return fmt.Errorf("registration signature does not verify with key %s", pub)
+	}
+	return nil
+}
+
+// nameFree refuses a name held by another live nexlet. A restart of the same nexlet
+// (same agent id) or a successor of an offline one may take it.
+func (n *Node) nameFree(agentID, name string) error {
+	if name == "" {
+		return nil
+	}
+	now := time.Now()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for id, old := range n.agents {
+		if id != agentID && old.req.Name == name && n.health(old, now) != protocol.HealthOffline {
+			return fmt.Errorf("nexlet name %q is taken by live nexlet %s [%s]", name, id, old.req.RegisterType)
+		}
+	}
+	return nil
+}
+
+// refuseRegistration answers a refused registration and logs it with the reason.
+func (n *Node) refuseRegistration(r micro.Request, code int, agentID string, req protocol.RegisterAgentRequest, err error) {
+	n.log.Warn("nexlet registration refused", "agent_id", agentID, "name", req.Name, "type", req.RegisterType, "err", err)
+	n.fail(r, code, "registration refused", err)
+}
+
+// SetAgentKey records the public key of the per-start registration key the supervisor
+// handed the local nexlet agentID: its next registration must be signed with it.
+func (n *Node) SetAgentKey(agentID, pub string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.keys[agentID] = pub
 }
 
 // ownInbox reports whether a request from the child with this id may be answered on

@@ -158,7 +158,7 @@ func (res *reservation) commit() (endedEarly bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	res.done = true
-	n.owned[res.id] = res.typ
+	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner}
 	endedEarly = n.starting[res.id]
 	delete(n.starting, res.id)
 	return endedEarly

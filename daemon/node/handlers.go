@@ -450,8 +450,8 @@ func (n *Node) StopAllWorkloads(ctx context.Context) error {
 // forget removes a workload that ended from the node state.
 func (n *Node) forget(workloadID, workloadType string) {
 	n.mu.Lock()
-	if t, ok := n.owned[workloadID]; ok && workloadType == "" {
-		workloadType = t
+	if o, ok := n.owned[workloadID]; ok && workloadType == "" {
+		workloadType = o.typ
 	}
 	delete(n.owned, workloadID)
 	n.mu.Unlock()
@@ -475,7 +475,8 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 		return
 	}
 	n.mu.Lock()
-	typ, ok := n.owned[ev.ID]
+	o, ok := n.owned[ev.ID]
+	typ := o.typ
 	keep := n.keep
 	if _, inFlight := n.starting[ev.ID]; inFlight && !ok {
 		n.starting[ev.ID] = true // the deploy removes it once recorded

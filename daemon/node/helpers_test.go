@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -207,6 +208,7 @@ type fakeAgent struct {
 	nodeID, id string
 	req        protocol.RegisterAgentRequest
 	hbEvery    time.Duration
+	key        nkeys.KeyPair // signs the registration when set
 
 	mu        sync.Mutex
 	workloads map[string]protocol.StartWorkloadRequest
@@ -248,7 +250,7 @@ func newFakeAgent(t testing.TB, srv *server.Server, nodeID, id, name, typ string
 // plane and heartbeats.
 func (a *fakeAgent) register() *nats.Msg {
 	a.t.Helper()
-	m := request(a.t, a.nc, protocol.RegisterSubject(a.nodeID, a.id), a.req)
+	m := a.send(protocol.RegisterSubject(a.nodeID, a.id), mustJSON(a.t, a.req))
 	if m.Header.Get(protocol.HeaderErrorCode) != "" {
 		return m
 	}
@@ -262,6 +264,27 @@ func (a *fakeAgent) register() *nats.Msg {
 	}
 	a.mu.Unlock()
 	a.serve()
+	return m
+}
+
+// send sends a registration, signed with a.key when set, and returns the reply.
+func (a *fakeAgent) send(subject string, body []byte) *nats.Msg {
+	a.t.Helper()
+	msg := nats.NewMsg(subject)
+	msg.Data = body
+	if a.key != nil {
+		pub, _ := a.key.PublicKey()
+		sig, err := a.key.Sign(protocol.RegistrationPayload(subject, body))
+		if err != nil {
+			a.t.Fatal(err)
+		}
+		msg.Header.Set(protocol.HeaderRegistrationKey, pub)
+		msg.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
+	}
+	m, err := a.nc.RequestMsg(msg, 10*time.Second)
+	if err != nil {
+		a.t.Fatalf("register %s: %v", subject, err)
+	}
 	return m
 }
 

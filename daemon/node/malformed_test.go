@@ -51,7 +51,7 @@ func TestMalformedEverySubject(t *testing.T) {
 			append([]string{``, `{}`, `{"namespace":"tenant"}`, `{"namespace":"tenant","new_target_xkey":1}`}, garbage...)},
 		{"wping", func() string { return protocol.WPingSubject("tenant") },
 			append([]string{``, `{}`, `{"namespace":"tenant","filter":"x"}`, `{"namespace":["tenant"],"filter":[]}`}, garbage...)},
-		{"register", func() string { return protocol.RegisterSubject(n.ID(), "newagent") },
+		{"register", func() string { n.ExpectAgent("newagent", "x"); return protocol.RegisterSubject(n.ID(), "newagent") },
 			append([]string{``, `{}`, `{"name":1}`,
 				`{"description":"","max_workloads":0,"name":"x","public_xkey":"","register_type":"","start_request_schema":"{}","version":""}`,
 				`{"description":"","max_workloads":0,"name":"x","public_xkey":"","register_type":"t","start_request_schema":"{not json","version":""}`,

@@ -55,6 +55,9 @@ type Options struct {
 
 	AuctionTTL              time.Duration // how long a bid can be deployed to (default 10s)
 	AllowRemoteRegistration bool
+	// RemoteNexlets are the only remote nexlets that may register: each signs its
+	// registration with the key listed here, under the name and type listed here.
+	RemoteNexlets []RemoteNexlet
 
 	Minter  Minter
 	Store   Store   // default NoStore
@@ -156,7 +159,8 @@ type Node struct {
 
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
-	owned map[string]string    // workload id -> type, for what this node stored
+	owned map[string]ownership // workload id -> type and owning nexlet, for what this node stored
+	keys  map[string]string    // agent id -> public key of the nexlet's current start
 	// starting holds workloads whose deploy is in flight; true once the nexlet said
 	// the workload already ended (a fast job), so the deploy removes it from state.
 	starting map[string]bool
@@ -166,6 +170,19 @@ type Node struct {
 	loops    sync.WaitGroup // heartbeat and health loops
 	inflight sync.WaitGroup // handlers running on their own goroutine
 	slots    chan struct{}  // bounds those goroutines
+}
+
+// RemoteNexlet is a remote nexlet allowed to register (config remote_nexlets).
+type RemoteNexlet struct {
+	Name, Type string
+	PublicKey  string // an nkey public key; the nexlet signs its registration with it
+}
+
+// ownership records which nexlet instance runs a workload: its type and owner, a stable
+// identity ("local:<supervised name>" or "remote:<configured name>") that survives the
+// nexlet's restarts, so a restarted nexlet gets its own workloads back and no other.
+type ownership struct {
+	typ, owner string
 }
 
 type bid struct {
@@ -207,6 +224,11 @@ func New(o Options) (*Node, error) {
 	if err := checkUserTags(o.Tags); err != nil {
 		return nil, fmt.Errorf("node: options: %w", err)
 	}
+	for i, rn := range o.RemoteNexlets {
+		if rn.Name == "" || rn.Type == "" || !nkeys.IsValidPublicKey(rn.PublicKey) {
+			return nil, fmt.Errorf("node: options: remote_nexlets[%d]: name, type and an nkey public_key are required (got %q, %q, %q)", i, rn.Name, rn.Type, rn.PublicKey)
+		}
+	}
 	n := &Node{
 		o:        o,
 		id:       id,
@@ -218,7 +240,8 @@ func New(o Options) (*Node, error) {
 		expected: map[string]string{},
 		procInfo: map[string]procInfo{},
 		bids:     map[string]bid{},
-		owned:    map[string]string{},
+		owned:    map[string]ownership{},
+		keys:     map[string]string{},
 		starting: map[string]bool{},
 		changed:  make(chan struct{}),
 		slots:    make(chan struct{}, 64),

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
@@ -566,7 +567,12 @@ func TestHealthTransitions(t *testing.T) {
 
 func TestRegistration(t *testing.T) {
 	t.Run("remote on", func(t *testing.T) {
-		f := newFixture(t, 3, func(_ int, o *Options) { o.AllowRemoteRegistration = true })
+		key, _ := nkeys.CreateUser()
+		pub, _ := key.PublicKey()
+		f := newFixture(t, 3, func(_ int, o *Options) {
+			o.AllowRemoteRegistration = true
+			o.RemoteNexlets = []RemoteNexlet{{Name: "remote", Type: "native", PublicKey: pub}}
+		})
 		msgs := collect(t, f.client, protocol.RemoteRegisterSubject("testnexus"), []byte(`{}`), 1, 10*time.Second, 500*time.Millisecond)
 		if len(msgs) != 1 {
 			t.Fatalf("RREGISTER replies: %d, want exactly one (queue group = nexus)", len(msgs))
@@ -588,6 +594,7 @@ func TestRegistration(t *testing.T) {
 			t.Fatalf("respond_to %q is no node", rr.RespondTo)
 		}
 		a := newFakeAgent(t, f.srv, rr.RespondTo, rr.AssignedAgentID, "remote", "native")
+		a.key = key
 		a.mustRegister()
 		if a.resp.ConnectionData.ConnName != "agent-"+rr.AssignedAgentID || a.resp.NodeID != target.ID() || !a.resp.Success {
 			t.Errorf("register reply %+v", a.resp)
@@ -639,6 +646,7 @@ func TestReRegistrationAndReplay(t *testing.T) {
 
 	// The nexlet restarts under a new id: the old registration goes, the workload comes back.
 	a.kill()
+	n.RemoveAgent("first", "exited; replaced by its restart") // the supervisor's part
 	b := f.healthyAgent(n, "second", "go_exec", "native", nil)
 	if got := n.Agents(); len(got) != 1 || got[0].ID != "second" {
 		t.Fatalf("agents = %+v", got)

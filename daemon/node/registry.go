@@ -17,6 +17,7 @@ import (
 // registration is one registered nexlet.
 type registration struct {
 	id           string
+	owner        string // stable identity: "local:<supervised name>" or "remote:<name>"
 	req          protocol.RegisterAgentRequest
 	schema       *jsonschema.Schema
 	registeredAt time.Time

@@ -20,8 +20,8 @@ func (n *Node) renewEndpoint() endpoint {
 	return endpoint{name: "RenewWorkloadCreds", subject: protocol.RenewCredsSubject(n.id, "*", "*"), handle: n.handleRenewCreds}
 }
 
-// ownedBy reports whether this node deployed or replayed workloadID to nexlet agentID
-// (the workload's type is the type the nexlet registered).
+// ownedBy reports whether this node deployed or replayed workloadID to nexlet agentID:
+// the same nexlet instance (its stable identity), not merely one of the same type.
 func (n *Node) ownedBy(agentID, workloadID string) (bool, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -29,8 +29,8 @@ func (n *Node) ownedBy(agentID, workloadID string) (bool, error) {
 	if a == nil {
 		return false, fmt.Errorf("nexlet %s is not registered with node %s", agentID, n.id)
 	}
-	typ, ok := n.owned[workloadID]
-	return ok && typ == a.req.RegisterType, nil
+	o, ok := n.owned[workloadID]
+	return ok && o.owner == a.owner, nil
 }
 
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh

@@ -85,7 +85,11 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger) error 
 	defer n.Close()
 	log.Info("native nexlet starting", "node_id", nodeID, "agent_id", agentID, "isolation", n.IsolationMode(),
 		"runtime_dir", cfg.RuntimeDir, "xkey", n.XKey(), "workloads_run_as", n.RunsAs())
-	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log))
+	regKey, err := nexlet.RegistrationKeyFromEnv(env)
+	if err != nil {
+		return err
+	}
+	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey))
 	if err != nil {
 		return err
 	}

@@ -257,8 +257,14 @@ func run(ctx context.Context, log *slog.Logger, nexus, natsURL, credsFile string
 	if err != nil {
 		return err
 	}
+	// A supervising node hands a per-start key; a remote nexlet sets the same variable
+	// to the seed of the key listed for it in the node's remote_nexlets.
+	regKey, err := nexlet.RegistrationKeyFromEnv(os.Getenv)
+	if err != nil {
+		return err
+	}
 	a := &echoAgent{started: time.Now().UTC(), log: log, wls: map[string]*echoWorkload{}}
-	r, err := nexlet.NewRunner(ctx, node, a, nexlet.WithLogger(log))
+	r, err := nexlet.NewRunner(ctx, node, a, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey))
 	if err != nil {
 		return err
 	}

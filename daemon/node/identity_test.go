@@ -1,0 +1,94 @@
+package node
+
+import (
+	"testing"
+
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestBoundNexletIdentity: a supervised nexlet proves its start with its per-start key;
+// a live nexlet's name cannot be taken; a remote nexlet needs its listed key, name and
+// type; a nexlet instance gets back only its own workloads.
+func TestBoundNexletIdentity(t *testing.T) {
+	remoteKey, _ := nkeys.CreateUser()
+	remotePub, _ := remoteKey.PublicKey()
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		o.AllowRemoteRegistration = true
+		o.RemoteNexlets = []RemoteNexlet{{Name: "wasm", Type: "wasm", PublicKey: remotePub}}
+	})
+	n := f.nodes[0]
+	key, _ := nkeys.CreateUser()
+	pub, _ := key.PublicKey()
+	other, _ := nkeys.CreateUser()
+
+	code := func(a *fakeAgent) string {
+		t.Helper()
+		return a.register().Header.Get(protocol.HeaderErrorCode)
+	}
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	unsigned := newFakeAgent(t, f.srv, n.ID(), "native0", "go_exec", "native")
+	if c := code(unsigned); c != "403" {
+		t.Fatalf("unsigned registration of a supervised nexlet: code %q", c)
+	}
+	wrong := newFakeAgent(t, f.srv, n.ID(), "native0", "go_exec", "native")
+	wrong.key = other
+	if c := code(wrong); c != "403" {
+		t.Fatalf("registration signed by another key: code %q", c)
+	}
+	real := newFakeAgent(t, f.srv, n.ID(), "native0", "go_exec", "native")
+	real.key = key
+	real.mustRegister()
+
+	// Same name under another id (remote registration is on): taken.
+	thief := newFakeAgent(t, f.srv, n.ID(), "thief0", "go_exec", "native")
+	thief.key = remoteKey
+	if c := code(thief); c != "403" && c != "409" {
+		t.Fatalf("registration under a live nexlet's name: code %q", c)
+	}
+	if err := n.nameFree("thief0", "go_exec"); err == nil {
+		t.Fatal("nameFree: a live nexlet's name is free")
+	}
+	// Remote: listed key but another name or type; unlisted key; the right one.
+	liar := newFakeAgent(t, f.srv, n.ID(), "remote0", "wasm", "native")
+	liar.key = remoteKey
+	if c := code(liar); c != "403" {
+		t.Fatalf("remote key listed for wasm/wasm registered as wasm/native: code %q", c)
+	}
+	stranger := newFakeAgent(t, f.srv, n.ID(), "remote1", "wasm", "wasm")
+	stranger.key = other
+	if c := code(stranger); c != "403" {
+		t.Fatalf("remote nexlet with an unlisted key: code %q", c)
+	}
+	remote := newFakeAgent(t, f.srv, n.ID(), "remote2", "wasm", "wasm")
+	remote.key = remoteKey
+	remote.mustRegister()
+
+	// Two instances of one type: each gets back only its own workload.
+	n.ExpectAgent("second0", "second")
+	b := newFakeAgent(t, f.srv, n.ID(), "second0", "other_exec", "native")
+	b.mustRegister() // no key set for this slot: unsigned_registration
+	n.mu.Lock()
+	n.owned["wa"] = ownership{typ: "native", owner: "local:native"}
+	n.owned["wb"] = ownership{typ: "native", owner: "local:second"}
+	n.mu.Unlock()
+	for _, id := range []string{"wa", "wb"} {
+		if err := f.stores[0].Put(t.Context(), "native", id, startReq("tenant", id, `{}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n.RemoveAgent("second0", "restarting")
+	again := newFakeAgent(t, f.srv, n.ID(), "second0", "other_exec", "native")
+	again.mustRegister()
+	if _, ok := again.resp.ExistingState["wb"]; !ok || len(again.resp.ExistingState) != 1 {
+		t.Fatalf("replay to the second instance: %v", again.resp.ExistingState)
+	}
+	if ok, _ := n.ownedBy("native0", "wb"); ok {
+		t.Fatal("the first instance owns the second's workload")
+	}
+	if ok, _ := n.ownedBy("second0", "wb"); !ok {
+		t.Fatal("the second instance does not own its workload")
+	}
+}
