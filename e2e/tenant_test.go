@@ -78,7 +78,7 @@ func buildWorkload(t *testing.T, name, src string) string {
 	t.Helper()
 	dir := t.TempDir()
 	testkit.WriteFile(t, filepath.Join(dir, "main.go"), src)
-	bin := filepath.Join(dir, name)
+	bin := filepath.Join(testkit.PublicDir(t), name) // workloads run as dynamic uids
 	build := exec.Command("go", "build", "-o", bin, filepath.Join(dir, "main.go"))
 	build.Dir = ".."
 	if out, err := build.CombinedOutput(); err != nil {
