@@ -289,20 +289,7 @@ func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) (
 	return out, bad, nil
 }
 
-// workloadNamespace finds the namespace owning id (for system-namespace callers).
-// ownNamespace is the namespace to address workload id in: the caller's own, or from
-// system, the one the workload was found in.
-func (f *fleet) ownNamespace(ctx context.Context, callerNS, id string) (string, error) {
-	if callerNS != protocol.SystemNamespace {
-		return callerNS, nil
-	}
-	s, err := f.workloadNamespace(ctx, id)
-	if err != nil {
-		return "", err
-	}
-	return *s.Namespace, nil
-}
-
+// workloadNamespace finds the summary and namespace of workload id (exact id).
 func (f *fleet) workloadNamespace(ctx context.Context, id string) (protocol.WorkloadSummary, error) {
 	ws, _, err := f.listWorkloads(ctx, f.ns, []string{id})
 	if err != nil {

@@ -159,9 +159,10 @@ func (a *app) nexletCmd() *cobra.Command {
 		RunE:  groupRun,
 	}
 	cmd.AddCommand(&cobra.Command{
-		Use:   "restart NAME",
-		Short: "Reset a nexlet's restart count and restart it (also one that gave up)",
-		Args:  exactArgs(1, "NAME"),
+		Use:               "restart NAME",
+		Short:             "Reset a nexlet's restart count and restart it (also one that gave up)",
+		Args:              exactArgs(1, "NAME"),
+		ValidArgsFunction: a.completeNexlets,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := a.client()
 			defer c.Close()

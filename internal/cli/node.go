@@ -113,16 +113,22 @@ func (a *app) nodeListCmd() *cobra.Command {
 func (a *app) nodeInfoCmd() *cobra.Command {
 	var full bool
 	cmd := &cobra.Command{
-		Use:   "info NODE_ID",
-		Short: "Show one node's tags, xkey, uptime, version and nexlets",
-		Args:  exactArgs(1, "NODE_ID"),
+		Use:               "info NODE",
+		Short:             "Show one node's tags, xkey, uptime, version and nexlets",
+		Long:              "Show one node's tags, xkey, uptime, version and nexlets. NODE is its id, name or a unique prefix of its id.",
+		Args:              exactArgs(1, "NODE"),
+		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer done()
-			info, err := f.nodeInfo(cmd.Context(), args[0])
+			id, err := f.resolveNode(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			info, err := f.nodeInfo(cmd.Context(), id)
 			if err != nil {
 				return err
 			}
@@ -141,13 +147,15 @@ func (a *app) nodeLameduckCmd() *cobra.Command {
 	var delay time.Duration
 	tag := newKV("tag")
 	cmd := &cobra.Command{
-		Use:     "lameduck [NODE_ID]",
+		Use:     "lameduck [NODE]",
 		Aliases: []string{"down"},
 		Short:   "Drain a node (or every node with --tag): stop bidding now, stop workloads after --delay",
 		Long: `Put a node in lame duck mode: it stops taking workloads at once and stops its
-workloads after --delay. Name the node positionally or with --node-id. With --tag and
-no node id, every node whose tags match is drained.`,
-		Args: rangeArgs(0, 1, "NODE_ID"),
+workloads after --delay. Name the node positionally or with --node-id, by its id, name or
+a unique prefix of its id. With --tag and no node id, every node whose tags match is
+drained.`,
+		Args:              rangeArgs(0, 1, "NODE"),
+		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			plan, err := planLameduck(args, nodeID, delay, tag.m)
 			if err != nil {
@@ -166,6 +174,11 @@ no node id, every node whose tags match is drained.`,
 				}
 				a.warnAll(bad)
 				matching = nodes
+			}
+			if !plan.ByTag {
+				if plan.NodeID, err = f.resolveNode(cmd.Context(), plan.NodeID); err != nil {
+					return err
+				}
 			}
 			ids, err := plan.targets(matching)
 			if err != nil {
@@ -227,11 +240,12 @@ var nodeIDPattern = regexp.MustCompile(`^N[A-Z2-7]{55}$`)
 
 func (a *app) nodeStateCmd() *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "state [NODE_ID]",
+		Use:   "state [NODE]",
 		Short: "List the workload entries in a node's KV state bucket nex-<node id>",
-		Long: `List the entries of a node's KV state bucket (nex-<node id>). Without NODE_ID the
-local node's id is read from the control socket.`,
-		Args: rangeArgs(0, 1, "NODE_ID"),
+		Long: `List the entries of a node's KV state bucket (nex-<node id>). NODE is a node id, name
+or unique id prefix; without it the local node's id is read from the control socket.`,
+		Args:              rangeArgs(0, 1, "NODE"),
+		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id := ""
 			if len(args) == 1 {
@@ -250,6 +264,9 @@ local node's id is read from the control socket.`,
 				return err
 			}
 			defer done()
+			if id, err = f.resolveNode(cmd.Context(), id); err != nil {
+				return err
+			}
 			entries, err := listStateEntries(cmd.Context(), f, id)
 			if err != nil {
 				return err

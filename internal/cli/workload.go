@@ -205,22 +205,23 @@ healthy nexlet of the type.
 func (a *app) workloadStopCmd() *cobra.Command {
 	var noWait bool
 	cmd := &cobra.Command{
-		Use:     "stop WORKLOAD_ID",
+		Use:     "stop WORKLOAD",
 		Aliases: []string{"undeploy"},
 		Short:   "Stop a workload (in the system namespace, its namespace is looked up first)",
 		Long: `Stop a workload. nexctl waits until the workload is gone: it exited on SIGTERM, or was
 killed at the end of its stop grace, and says which. A workload that is still stopping is
 reported as stopping, never as not found. With --no-wait nexctl returns as soon as the
-node holding the workload says it is stopping it.`,
-		Args: exactArgs(1, "WORKLOAD_ID"),
+node holding the workload says it is stopping it. WORKLOAD is an id, a name or a unique
+id prefix.`,
+		Args:              exactArgs(1, "WORKLOAD"),
+		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer done()
-			id := args[0]
-			ns, err := f.ownNamespace(cmd.Context(), a.namespace, id)
+			id, ns, err := f.workloadRef(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -299,16 +300,20 @@ func redactRunRequest(rr string) any {
 
 func (a *app) workloadInfoCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "info WORKLOAD_ID",
-		Short: "Show one workload: its summary and start request",
-		Args:  exactArgs(1, "WORKLOAD_ID"),
+		Use:               "info WORKLOAD",
+		Short:             "Show one workload: its summary and start request",
+		Args:              exactArgs(1, "WORKLOAD"),
+		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer done()
-			id := args[0]
+			id, _, _, err := f.resolveWorkload(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
 			sum, err := f.workloadNamespace(cmd.Context(), id)
 			if err != nil {
 				return err
@@ -364,21 +369,25 @@ func (a *app) workloadCloneCmd() *cobra.Command {
 	var stop bool
 	tags := newKV("tags")
 	cmd := &cobra.Command{
-		Use:     "clone WORKLOAD_ID",
+		Use:     "clone WORKLOAD",
 		Aliases: []string{"cp", "copy"},
 		Short:   "Start a copy of a workload on a node chosen by a new auction",
 		Long: `Start a copy of a workload: its start request is fetched from the node that runs it,
 then auctioned again in the workload's namespace with --tags (which replace its tags).
 A sealed environment is re-sealed for the new nexlet when the old one re-sealed it for this
 client; otherwise it is passed on as is.`,
-		Args: exactArgs(1, "WORKLOAD_ID"),
+		Args:              exactArgs(1, "WORKLOAD"),
+		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer done()
-			id := args[0]
+			id, _, _, err := f.resolveWorkload(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
 			kp, err := nkeys.CreateCurveKeys()
 			if err != nil {
 				return err
@@ -438,20 +447,20 @@ func (a *app) workloadLogsCmd() *cobra.Command {
 	var follow bool
 	var wait time.Duration
 	cmd := &cobra.Command{
-		Use:   "logs WORKLOAD_ID",
+		Use:   "logs WORKLOAD",
 		Short: "Print a workload's stdout and stderr as they are published; -f keeps following",
 		Long: `Print a workload's stdout and stderr from its log feeds
 ($NEX.FEED.<namespace>.logs.<id>.stdout|stderr). The feeds are live, not stored: without
 -f only lines published within --wait are shown. Use -f to follow them until interrupted.`,
-		Args: exactArgs(1, "WORKLOAD_ID"),
+		Args:              exactArgs(1, "WORKLOAD"),
+		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer done()
-			id := args[0]
-			ns, err := f.ownNamespace(cmd.Context(), a.namespace, id)
+			id, ns, err := f.workloadRef(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

@@ -1,0 +1,233 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Ids the way git and docker take them: a node or workload may be named by its whole
+// id, its name, or a unique prefix of its id. An ambiguous reference is an error that
+// lists the candidates.
+
+// candidate is one thing a reference may mean.
+type candidate struct {
+	ID, Name, Extra string // Extra: the namespace of a workload
+}
+
+func (c candidate) String() string {
+	s := c.ID
+	if c.Name != "" {
+		s += " (" + c.Name
+		if c.Extra != "" {
+			s += ", namespace " + c.Extra
+		}
+		s += ")"
+	}
+	return s
+}
+
+// matchRef picks what ref means among cands: an exact id wins, then an exact name,
+// then an id prefix. Several matches at the first level that has any is ambiguity.
+func matchRef(kind, ref string, cands []candidate) ([]candidate, error) {
+	if ref == "" {
+		return nil, usagef("empty %s id", kind)
+	}
+	levels := []func(candidate) bool{
+		func(c candidate) bool { return c.ID == ref },
+		func(c candidate) bool { return c.Name == ref },
+		func(c candidate) bool { return strings.HasPrefix(c.ID, ref) },
+	}
+	for _, match := range levels {
+		var out []candidate
+		seen := map[candidate]bool{}
+		for _, c := range cands {
+			if match(c) && !seen[c] {
+				seen[c] = true
+				out = append(out, c)
+			}
+		}
+		if len(out) > 0 {
+			return out, nil
+		}
+	}
+	return nil, nil
+}
+
+// ambiguous is the error for a reference that matches several things.
+func ambiguous(kind, ref string, cands []candidate) error {
+	sort.Slice(cands, func(i, j int) bool { return cands[i].ID < cands[j].ID })
+	lines := make([]string, len(cands))
+	for i, c := range cands {
+		lines[i] = "  " + c.String()
+	}
+	return fmt.Errorf("%q matches %d %ss; use more of the id:\n%s", ref, len(cands), kind, strings.Join(lines, "\n"))
+}
+
+func nodeCandidates(nodes []protocol.NodePingResponse) []candidate {
+	out := make([]candidate, 0, len(nodes))
+	for _, n := range nodes {
+		out = append(out, candidate{ID: n.NodeID, Name: n.Tags[protocol.TagNode]})
+	}
+	return out
+}
+
+// resolveNode turns a node reference into a node id. A whole node id is used as is,
+// without asking the fleet.
+func (f *fleet) resolveNode(ctx context.Context, ref string) (string, error) {
+	if nodeIDPattern.MatchString(ref) {
+		return ref, nil
+	}
+	nodes, _, err := f.pingNodes(ctx, nil, f.gatherOpts(0))
+	if err != nil {
+		return "", err
+	}
+	m, err := matchRef("node", ref, nodeCandidates(nodes))
+	switch {
+	case err != nil:
+		return "", err
+	case len(m) == 0:
+		return "", fmt.Errorf("node %s not found: no node has this id, name or id prefix (%d node(s) answered)", ref, len(nodes))
+	case len(m) > 1:
+		return "", ambiguous("node", ref, m)
+	}
+	return m[0].ID, nil
+}
+
+func workloadCandidates(ws []protocol.WorkloadSummary, ns string) []candidate {
+	out := make([]candidate, 0, len(ws))
+	for _, w := range ws {
+		c := candidate{ID: w.ID, Name: w.Name, Extra: ns}
+		if w.Namespace != nil && *w.Namespace != "" {
+			c.Extra = *w.Namespace
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// resolveWorkload finds the workload ref means in the caller's namespace (every
+// namespace from system) and the namespace it lives in. found is false when nothing
+// matches: callers that can address a workload without knowing more use ref as is,
+// since nodes that do not answer listings (or nexlets that omit it) may still run it.
+func (f *fleet) resolveWorkload(ctx context.Context, ref string) (id, ns string, found bool, err error) {
+	ws, _, err := f.listWorkloads(ctx, f.ns, nil)
+	if err != nil {
+		return "", "", false, err
+	}
+	m, err := matchRef("workload", ref, workloadCandidates(ws, f.ns))
+	switch {
+	case err != nil:
+		return "", "", false, err
+	case len(m) == 0:
+		return ref, f.ns, false, nil
+	case len(m) > 1:
+		if m[0].ID == ref {
+			return "", "", false, fmt.Errorf("workload id %s matches workloads in %d namespaces; use --namespace to pick one", ref, len(m))
+		}
+		return "", "", false, ambiguous("workload", ref, m)
+	}
+	return m[0].ID, m[0].Extra, true, nil
+}
+
+// workloadRef resolves ref for commands that must address the workload's own
+// namespace: from system, an unknown workload is an error.
+func (f *fleet) workloadRef(ctx context.Context, ref string) (string, string, error) {
+	id, ns, found, err := f.resolveWorkload(ctx, ref)
+	if err != nil {
+		return "", "", err
+	}
+	if !found && f.ns == protocol.SystemNamespace {
+		return "", "", fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", ref, f.ns)
+	}
+	return id, ns, nil
+}
+
+// completionTimeout bounds the live lookups behind shell completion.
+const completionTimeout = 1500 * time.Millisecond
+
+// completeFleet offers live candidates for the first positional argument: ids with
+// the name as description, and names.
+func (a *app) completeFleet(list func(ctx context.Context, f *fleet) ([]candidate, error)) cobra.CompletionFunc {
+	return func(cmd *cobra.Command, args []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		if len(args) > 0 {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		ctx, cancel := context.WithTimeout(cmd.Context(), completionTimeout)
+		defer cancel()
+		r := a.resolved()
+		if r.NATS.Timeout > completionTimeout {
+			r.NATS.Timeout = completionTimeout
+		}
+		f, done, err := a.connectFleet(ctx)
+		if err != nil {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		defer done()
+		cands, err := list(ctx, f)
+		if err != nil {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		return completions(cands, toComplete), cobra.ShellCompDirectiveNoFileComp
+	}
+}
+
+func completions(cands []candidate, prefix string) []cobra.Completion {
+	var out []cobra.Completion
+	seen := map[string]bool{}
+	add := func(v, desc string) {
+		if v != "" && strings.HasPrefix(v, prefix) && !seen[v] {
+			seen[v] = true
+			out = append(out, cobra.CompletionWithDesc(v, desc))
+		}
+	}
+	for _, c := range cands {
+		add(c.ID, c.Name)
+	}
+	for _, c := range cands {
+		add(c.Name, c.ID)
+	}
+	return out
+}
+
+func (a *app) completeNodes() cobra.CompletionFunc {
+	return a.completeFleet(func(ctx context.Context, f *fleet) ([]candidate, error) {
+		nodes, _, err := f.pingNodes(ctx, nil, f.gatherOpts(0))
+		return nodeCandidates(nodes), err
+	})
+}
+
+func (a *app) completeWorkloads() cobra.CompletionFunc {
+	return a.completeFleet(func(ctx context.Context, f *fleet) ([]candidate, error) {
+		ws, _, err := f.listWorkloads(ctx, f.ns, nil)
+		return workloadCandidates(ws, f.ns), err
+	})
+}
+
+// completeNexlets offers the local node's nexlet names.
+func (a *app) completeNexlets(cmd *cobra.Command, args []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), completionTimeout)
+	defer cancel()
+	c := a.client()
+	defer c.Close()
+	ns, err := c.Nexlets(ctx)
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var out []cobra.Completion
+	for _, n := range ns {
+		if strings.HasPrefix(n.Name, toComplete) {
+			out = append(out, cobra.CompletionWithDesc(n.Name, n.Type+", "+n.State))
+		}
+	}
+	return out, cobra.ShellCompDirectiveNoFileComp
+}
