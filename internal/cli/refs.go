@@ -226,7 +226,7 @@ func (a *app) completeNexlets(cmd *cobra.Command, args []string, toComplete stri
 	var out []cobra.Completion
 	for _, n := range ns {
 		if strings.HasPrefix(n.Name, toComplete) {
-			out = append(out, cobra.CompletionWithDesc(n.Name, n.Type+", "+n.State))
+			out = append(out, cobra.CompletionWithDesc(n.Name, n.Type+", "+string(n.State)))
 		}
 	}
 	return out, cobra.ShellCompDirectiveNoFileComp
