@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
@@ -89,15 +90,14 @@ func (b *localBackend) Delete(ns, key string) error {
 	return nil
 }
 
-// buildNexctl builds the real binary once per test.
+// bins builds the real nexctl once for this package's tests.
+var bins testkit.Binaries
+
+func TestMain(m *testing.M) { os.Exit(bins.Run(m)) }
+
 func buildNexctl(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "nexctl")
-	cmd := exec.Command("go", "build", "-o", bin, "github.com/nexd-project/nexd/cmd/nexctl")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build nexctl: %v\n%s", err, out)
-	}
-	return bin
+	return bins.Path(t, "github.com/nexd-project/nexd/cmd/nexctl")
 }
 
 type result struct {

@@ -4,7 +4,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -249,14 +248,7 @@ func TestRenewKeepsWorkloadConnectedPastExpiry(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds a NATS client")
 	}
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		t.Skip("no go toolchain to build the test client")
-	}
-	bin := filepath.Join(publicDir(t), "credsclient")
-	if out, err := exec.Command(gobin, "build", "-o", bin, "./testdata/credsclient").CombinedOutput(); err != nil {
-		t.Fatalf("build test client: %v\n%s", err, out)
-	}
+	bin := bins.Path(t, "./testdata/credsclient") // in a directory every uid may read
 	const ttl = 5 * time.Second
 	srv, admin, m := operatorServer(t, mint.Options{WorkloadTTL: ttl})
 	fn := newFakeNodeOn(t, srv, admin, func() protocol.NatsConnectionData {

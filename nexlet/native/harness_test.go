@@ -23,6 +23,11 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
+// bins builds the tests' helper programs once for the package.
+var bins testkit.Binaries
+
+func TestMain(m *testing.M) { os.Exit(bins.Run(m)) }
+
 const (
 	testNode  = "NODETEST"
 	testAgent = "AGENTTEST"
