@@ -31,6 +31,10 @@ import (
 // NativeName is the supervisor's name for the built-in native nexlet.
 const NativeName = "native"
 
+// NexletOOMScoreAdj is the nexlets' oom_score_adj: under memory pressure the kernel
+// kills a workload before the nexlet that watches all of them.
+const NexletOOMScoreAdj = -500
+
 // Registry is the part of the node that tracks nexlet registrations (*node.Node).
 type Registry interface {
 	ExpectAgent(agentID, name string)
@@ -104,14 +108,24 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 	if m.specs, err = m.resolve(ctx, cfg); err != nil {
 		return nil, err
 	}
+	// Workloads live beside the nexlets, not below them: a nexlet that dies takes
+	// none with it, and nexd (the child subreaper) keeps the exit status of those
+	// whose nexlet is gone until the restarted nexlet adopts them.
+	oomAdj := 0
+	if os.Geteuid() == 0 {
+		oomAdj = NexletOOMScoreAdj
+	}
 	m.sup = supervise.New(supervise.Options{
-		Cgroups:      cg.Sub("nexlets"),
-		RestartLimit: cfg.Node.AgentRestartLimit,
-		Grace:        cfg.Node.StopGrace,
-		Logger:       m.log,
-		Env:          m.env,
-		OnExit:       m.onExit,
-		OnFailed:     m.onFailed,
+		Cgroups:           cg.Sub("nexlets"),
+		Workloads:         cg.Sub("workloads"),
+		ExitsDir:          filepath.Join(o.RuntimeDir, "exits"),
+		NexletOOMScoreAdj: oomAdj,
+		RestartLimit:      cfg.Node.AgentRestartLimit,
+		Grace:             cfg.Node.StopGrace,
+		Logger:            m.log,
+		Env:               m.env,
+		OnExit:            m.onExit,
+		OnFailed:          m.onFailed,
 	})
 	return m, nil
 }
@@ -317,6 +331,9 @@ func (m *Manager) env(name string) map[string]string {
 		env[native.EnvUIDRange] = m.o.Config.Node.WorkloadUIDRange
 		if d := m.o.Config.Node.StateDir; d != "" {
 			env[native.EnvStateDir] = d
+		}
+		if d := m.sup.ExitsDir(); d != "" {
+			env[native.EnvExitsDir] = d
 		}
 	}
 	return env

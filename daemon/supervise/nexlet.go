@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -122,9 +123,12 @@ func unrecoverable(err error) bool {
 		errors.Is(err, syscall.ENOEXEC) || errors.Is(err, exec.ErrNotFound)
 }
 
-// groups makes <root>/<name> with the limits and <root>/<name>/nexlet for the process.
-// Without usable cgroups the nexlet still runs, in its own process group.
-func (n *nexlet) groups() (top, proc *cgroup.Group, sub *cgroup.Manager) {
+// groups makes the nexlet's cgroup and the root for its workloads' groups: with
+// Options.Workloads, <root>/<name> for the process and the shared workloads root;
+// otherwise <root>/<name> with the limits, <root>/<name>/nexlet for the process and
+// <root>/<name>/workloads. Without usable cgroups the nexlet still runs, in its own
+// process group.
+func (n *nexlet) groups() (top, proc *cgroup.Group, wl *cgroup.Manager) {
 	cg := n.s.cg
 	if cg.Mode() == cgroup.ModeNone {
 		// One group: it tracks the process group of what it started.
@@ -133,9 +137,18 @@ func (n *nexlet) groups() (top, proc *cgroup.Group, sub *cgroup.Manager) {
 	}
 	top, err := cg.Create(n.spec.Name, n.spec.Limits)
 	if top != nil {
-		sub = cg.Sub(n.spec.Name)
 		var perr error
-		proc, perr = sub.Create("nexlet", cgroup.Limits{})
+		if w := n.s.opts.Workloads; w != nil {
+			proc, wl = top, w
+			_, perr = w.Create("", cgroup.Limits{})
+		} else {
+			sub := cg.Sub(n.spec.Name)
+			proc, perr = sub.Create("nexlet", cgroup.Limits{})
+			if perr == nil {
+				_, perr = sub.Create("workloads", cgroup.Limits{})
+			}
+			wl = sub.Sub("workloads")
+		}
 		err = errors.Join(err, perr)
 	}
 	if err != nil {
@@ -149,7 +162,7 @@ func (n *nexlet) groups() (top, proc *cgroup.Group, sub *cgroup.Manager) {
 		top, _ = none.Create(n.spec.Name, cgroup.Limits{})
 		return top, top, none
 	}
-	return top, proc, sub
+	return top, proc, wl
 }
 
 // runOnce starts the process, waits for it to end (or for a stop or reset request),
@@ -157,7 +170,7 @@ func (n *nexlet) groups() (top, proc *cgroup.Group, sub *cgroup.Manager) {
 func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	log := n.s.log.With("nexlet", n.spec.Name)
 	n.setState(StateStarting)
-	top, proc, sub := n.groups()
+	top, proc, wl := n.groups()
 	oomBefore, _ := top.OOMKills()
 
 	outR, outW, err := os.Pipe()
@@ -173,11 +186,21 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	cmd := &exec.Cmd{
 		Path:   n.spec.Path,
 		Args:   append([]string{n.spec.Path}, n.spec.Args...),
-		Env:    n.childEnv(sub.Spec()),
+		Env:    n.childEnv(wl.Spec()),
 		Stdout: outW,
 		Stderr: errW,
 	}
-	err = proc.Start(cmd)
+	if r := n.s.reaper; r != nil {
+		// The reaper must not take this child's exit from cmd.Wait.
+		r.forkMu.Lock()
+		err = proc.Start(cmd)
+		if err == nil {
+			r.started(cmd.Process.Pid)
+		}
+		r.forkMu.Unlock()
+	} else {
+		err = proc.Start(cmd)
+	}
 	outW.Close()
 	errW.Close()
 	if err != nil {
@@ -186,6 +209,12 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		return n.startFailed(top, err)
 	}
 	started := time.Now()
+	if adj := n.s.opts.NexletOOMScoreAdj; adj != 0 {
+		p := fmt.Sprintf("/proc/%d/oom_score_adj", cmd.Process.Pid)
+		if err := os.WriteFile(p, []byte(strconv.Itoa(adj)), 0); err != nil {
+			log.Debug("cannot lower the nexlet's oom_score_adj; its workloads get a higher one instead", "value", adj, "err", err)
+		}
+	}
 	var pumps sync.WaitGroup
 	pumps.Add(2)
 	go func() { defer pumps.Done(); n.pump(outR, "stdout") }()
@@ -199,7 +228,13 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	n.reportFirst(nil)
 
 	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
+	go func() {
+		err := cmd.Wait()
+		if r := n.s.reaper; r != nil {
+			r.waited(cmd.Process.Pid)
+		}
+		waited <- err
+	}()
 	how := exited
 	var werr error
 	select {

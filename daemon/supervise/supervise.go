@@ -2,14 +2,21 @@
 // its limits, restarted with exponential backoff up to a restart limit, stopped with
 // SIGTERM and then a group kill, with a clean environment and its output in the log.
 //
-// Cgroup layout below the nexlets root handed in Options.Cgroups:
+// Cgroup layout with Options.Workloads set (what nexd uses), so that a nexlet that dies
+// takes none of its workloads with it:
 //
-//	<name>/          limits of the nexlet (covering its workloads too)
-//	<name>/nexlet/   the nexlet process
-//	<name>/workloads/<id>/  created by the nexlet itself
+//	<nexlets root>/<name>/   the nexlet process, with its own limits
+//	<workloads root>/<id>/   one group per workload, created by the nexlet
 //
-// The child gets the Spec() of <name> in the environment variable NEX_AGENT_CGROUP, to
-// open with cgroup.Attach and create its workload groups beside its own.
+// Without Options.Workloads (tests, embedders) the workloads stay below their nexlet:
+// <name>/nexlet/ holds the process and <name>/workloads/<id>/ the workloads.
+//
+// The child gets the Spec() of the root for its workload groups in the environment
+// variable NEX_AGENT_CGROUP, to open with cgroup.Attach.
+//
+// With Options.ExitsDir set, nexd becomes the child subreaper (PR_SET_CHILD_SUBREAPER):
+// workloads whose nexlet died are reparented to nexd, which reaps them and records how
+// they ended for the nexlet that adopts them (see reaper).
 package supervise
 
 import (
@@ -112,6 +119,15 @@ type Options struct {
 	// Env, if set, is called before every (re)start; its variables are added to the
 	// spec's (fresh credentials, for instance).
 	Env func(name string) map[string]string
+	// Workloads, if set, is the root of the workloads' cgroups, outside every nexlet's
+	// subtree (see the package comment).
+	Workloads *cgroup.Manager
+	// ExitsDir, if set, makes this process the child subreaper and is where the exit
+	// records of reaped orphans go (procid.WriteExit).
+	ExitsDir string
+	// NexletOOMScoreAdj is written to each nexlet's oom_score_adj after start (0 leaves
+	// it inherited), so the OOM killer picks a workload before the nexlet that runs it.
+	NexletOOMScoreAdj int
 }
 
 // Supervisor runs and watches nexlet processes.
@@ -123,6 +139,10 @@ type Supervisor struct {
 	cleanOnce sync.Once
 	hurry     chan struct{} // closed when Stop runs out of time: kill at once
 	hurryOnce sync.Once
+
+	reaper     *reaper // nil unless Options.ExitsDir
+	reapCancel context.CancelFunc
+	reapDone   chan struct{}
 
 	mu       sync.Mutex
 	limit    int
@@ -169,7 +189,26 @@ func New(opts Options) *Supervisor {
 		hurry: make(chan struct{}), nexlets: map[string]*nexlet{}}
 	raiseNofile(s.log)
 	closeInheritedOnExec(s.log)
+	if opts.ExitsDir != "" {
+		r, err := newReaper(s.log, opts.ExitsDir)
+		if err != nil {
+			s.log.Warn("cannot become the child subreaper: workloads whose nexlet dies go to init and their exit codes are lost", "err", err)
+		} else {
+			pruneExits(opts.ExitsDir)
+			ctx, cancel := context.WithCancel(context.Background())
+			s.reaper, s.reapCancel, s.reapDone = r, cancel, make(chan struct{})
+			go func() { defer close(s.reapDone); r.run(ctx) }()
+		}
+	}
 	return s
+}
+
+// ExitsDir is where exit records of reaped orphans go; "" when nexd is not the subreaper.
+func (s *Supervisor) ExitsDir() string {
+	if s.reaper == nil {
+		return ""
+	}
+	return s.reaper.exits
 }
 
 // closeInheritedOnExec marks every descriptor above stderr close-on-exec. Go opens its
@@ -335,6 +374,10 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 		}
 	}
 	_, err := s.cg.CleanupStale("")
+	if s.reaper != nil {
+		s.reapCancel()
+		<-s.reapDone
+	}
 	return errors.Join(ctxErr, err)
 }
 

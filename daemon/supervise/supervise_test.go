@@ -485,12 +485,13 @@ func TestChildHygiene(t *testing.T) {
 	})) == 0 {
 		t.Fatal("dropping a configured NOTIFY_SOCKET was not logged")
 	}
-	// The nexlet can open its subtree to create workload groups beside itself.
+	// The nexlet can open the root of its workload groups (below its own group here,
+	// without Options.Workloads).
 	sub, err := cgroup.Attach(env[EnvCgroup], nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cg.Mode() != cgroup.ModeNone && sub.Path() != filepath.Join(cg.Path(), "clean") {
+	if cg.Mode() != cgroup.ModeNone && sub.Path() != filepath.Join(cg.Path(), "clean", "workloads") {
 		t.Fatalf("child cgroup %s", sub.Path())
 	}
 	var lim syscall.Rlimit

@@ -73,7 +73,7 @@ func TestCgroupGrandchildAndLimits(t *testing.T) {
 	b, _ := os.ReadFile(pidFile)
 	gc, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 	cg, _ := os.ReadFile("/proc/" + strconv.Itoa(gc) + "/cgroup")
-	if !strings.Contains(string(cg), "/workloads/cgfork") {
+	if !strings.Contains(string(cg), "/cgfork") {
 		t.Errorf("grandchild not in the workload's cgroup:\n%s", cg)
 	}
 	if fn.stop("cgfork", testNS); alive(gc) {

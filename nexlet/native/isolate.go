@@ -1,14 +1,14 @@
 package native
 
 import (
-	"bytes"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // isolation creates the per-workload sandboxes: cgroups below the nexlet's subtree, or
@@ -31,28 +31,25 @@ type sandbox interface {
 	oomKills() int
 }
 
-// noIsolation runs workloads in their own process group that dies with the nexlet.
-// dir is the nexlet's workloads dir, where each workload's pid file lives.
+// noIsolation runs workloads in their own process group. They outlive the nexlet (no
+// Pdeathsig): nexd, the child subreaper, reaps those whose nexlet died, and the next
+// nexlet adopts them. dir holds the pid records (<runtime>/procs).
 type noIsolation struct{ dir string }
 
 func (noIsolation) mode() string { return "none" }
 
-// sandbox finds a live group of the workload from its pid file, so replay can adopt it;
-// the process must still carry NEX_WORKLOAD_ID=<id> to rule out a reused pid.
+// sandbox finds a live group of the workload from its pid record, so replay can adopt
+// it; the process must still have the recorded start time, ruling out a reused pid.
 func (iso noIsolation) sandbox(id string, _ Limits) (sandbox, error) {
 	b, err := os.ReadFile(filepath.Join(iso.dir, id, "pid"))
 	if err != nil {
 		return &pgroup{}, nil
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 1 {
+	rec, err := procid.Parse(strings.TrimSpace(string(b)))
+	if err != nil || !rec.Alive() {
 		return &pgroup{}, nil
 	}
-	env, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
-	if err != nil || !bytes.Contains(append([]byte{0}, env...), []byte("\x00NEX_WORKLOAD_ID="+id+"\x00")) {
-		return &pgroup{}, nil
-	}
-	return &pgroup{pgid: pid}, nil
+	return &pgroup{pgid: rec.PID}, nil
 }
 
 type pgroup struct{ pgid int }
@@ -62,8 +59,6 @@ func (g *pgroup) start(cmd *exec.Cmd) error {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}
 	cmd.SysProcAttr.Setpgid = true
-	// Without a cgroup nothing else would reap the workload if the nexlet died.
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	if err := cmd.Start(); err != nil {
 		return err
 	}

@@ -2,14 +2,17 @@ package native
 
 import (
 	"os/exec"
+	"path/filepath"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
 )
 
-// chooseIsolation attaches to the nexlet's cgroup subtree (spec from NEX_AGENT_CGROUP);
+// chooseIsolation attaches to the root of the workloads' cgroups (spec from
+// NEX_AGENT_CGROUP; nexd keeps it outside the nexlet's own cgroup, so workloads survive
+// the nexlet), where each workload gets the group <id>;
 // without a spec, or when it cannot be used, workloads run in plain process groups.
 func (n *Nexlet) chooseIsolation(spec string) isolation {
-	none := noIsolation{dir: n.wdir}
+	none := noIsolation{dir: filepath.Join(n.cfg.RuntimeDir, "procs")}
 	if spec == "" {
 		n.log.Warn("no cgroup subtree given: workloads run without limits, in their own process groups", "env", EnvCgroup)
 		return none
@@ -34,7 +37,7 @@ type cgIsolation struct {
 func (c cgIsolation) mode() string { return "cgroup-" + string(c.m.Mode()) }
 
 func (c cgIsolation) sandbox(id string, l Limits) (sandbox, error) {
-	g, err := c.m.Create("workloads/"+id, cgroup.Limits{MemoryMax: l.MemoryMax, CPUMax: l.CPUMax, PidsMax: l.PidsMax})
+	g, err := c.m.Create(id, cgroup.Limits{MemoryMax: l.MemoryMax, CPUMax: l.CPUMax, PidsMax: l.PidsMax})
 	if g == nil {
 		return nil, err
 	}

@@ -24,6 +24,7 @@ const (
 	EnvUsers        = "NEX_NATIVE_WORKLOAD_USERS" // named users start requests may ask for, comma-separated
 	EnvAllowRoot    = "NEX_NATIVE_ALLOW_ROOT"     // "true": start requests may ask for root
 	EnvUIDRange     = "NEX_NATIVE_UID_RANGE"      // dynamic uid range MIN-MAX
+	EnvExitsDir     = "NEX_NATIVE_EXITS_DIR"      // nexd's exit records of orphaned workloads
 )
 
 // ShutdownTimeout bounds how long Main waits for workloads to stop at exit.
@@ -41,7 +42,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger) error 
 	if err != nil {
 		return err
 	}
-	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir)}
+	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir), ExitsDir: env(EnvExitsDir)}
 	if cfg.RuntimeDir == "" {
 		cfg.RuntimeDir = filepath.Join(os.TempDir(), "nexd-native")
 		if d := env("RUNTIME_DIRECTORY"); d != "" {

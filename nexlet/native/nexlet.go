@@ -63,6 +63,9 @@ type Config struct {
 	Logger       *slog.Logger
 	// PollInterval is how often adopted workloads are checked (default 250ms).
 	PollInterval time.Duration
+	// ExitsDir is where nexd, the child subreaper, records the exits of workloads whose
+	// nexlet had died (procid.WriteExit); "" when nobody records them.
+	ExitsDir string
 }
 
 // Nexlet implements nexlet.Agent.
@@ -362,6 +365,7 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 	if w.finished {
 		delete(n.workloads, id)
 		n.mu.Unlock()
+		n.removeRecord(id)
 		return "had already ended", nil
 	}
 	n.mu.Unlock()
@@ -548,43 +552,52 @@ func (n *Nexlet) setState(w *workload, s protocol.WorkloadState) {
 	n.mu.Unlock()
 }
 
-// ReplayDone implements nexlet.ReplayAware. Directories of earlier workloads the node
-// did not replay are removed when nothing runs in them any more. A workload still alive
-// there is left running and reported: the node may have failed to read its state, and
-// killing on such a failure would lose work (stop it with `nexctl` after a replay, or
-// kill its cgroup by hand).
+// ReplayDone implements nexlet.ReplayAware. Directories and records of earlier
+// workloads the node did not replay are removed when nothing runs in them any more. A
+// workload still alive there is left running and reported: the node may have failed to
+// read its state, and killing on such a failure would lose work (stop it with `nexctl`
+// after a replay, or kill its cgroup by hand).
 func (n *Nexlet) ReplayDone(ids []string) {
-	ents, err := os.ReadDir(n.wdir)
-	if err != nil {
+	seen := map[string]bool{}
+	for _, dir := range []string{n.wdir, filepath.Join(n.cfg.RuntimeDir, "procs")} {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			id := e.Name()
+			if !e.IsDir() || !idRE.MatchString(id) || slices.Contains(ids, id) || seen[id] {
+				continue
+			}
+			seen[id] = true
+			n.forgetLeftover(id)
+		}
+	}
+}
+
+func (n *Nexlet) forgetLeftover(id string) {
+	n.mu.Lock()
+	_, held := n.workloads[id]
+	n.mu.Unlock()
+	if held {
 		return
 	}
-	for _, e := range ents {
-		id := e.Name()
-		if !e.IsDir() || !idRE.MatchString(id) || slices.Contains(ids, id) {
-			continue
-		}
-		n.mu.Lock()
-		_, held := n.workloads[id]
-		n.mu.Unlock()
-		if held {
-			continue
-		}
-		sb, err := n.iso.sandbox(id, Limits{})
-		if err != nil {
-			n.log.Warn("unreplayed workload: sandbox", "workload_id", id, "err", err)
-			continue
-		}
-		if procs, _ := sb.procs(); len(procs) > 0 {
-			n.log.Warn("a workload the node did not replay is still running; leaving it alone", "workload_id", id, "pids", procs)
-			continue
-		}
-		n.mu.Lock()
-		_, held = n.workloads[id] // a start may have raced us
-		n.mu.Unlock()
-		if !held {
-			dir := filepath.Join(n.wdir, id)
-			prev, _ := readIdent(dir)
-			n.cleanup(&workload{id: id, sb: sb, dir: dir, ident: prev})
-		}
+	sb, err := n.iso.sandbox(id, Limits{})
+	if err != nil {
+		n.log.Warn("unreplayed workload: sandbox", "workload_id", id, "err", err)
+		return
+	}
+	if procs, _ := sb.procs(); len(procs) > 0 {
+		n.log.Warn("a workload the node did not replay is still running; leaving it alone", "workload_id", id, "pids", procs)
+		return
+	}
+	n.mu.Lock()
+	_, held = n.workloads[id] // a start may have raced us
+	n.mu.Unlock()
+	if !held {
+		dir := filepath.Join(n.wdir, id)
+		prev, _ := readIdent(dir)
+		n.cleanup(&workload{id: id, sb: sb, dir: dir, ident: prev})
+		n.removeRecord(id)
 	}
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -72,6 +73,7 @@ func (n *Nexlet) pruneLocked() {
 		}
 		if time.Since(w.ended) > FinishedRetention {
 			delete(n.workloads, id)
+			n.removeRecord(id)
 			continue
 		}
 		fin = append(fin, w)
@@ -82,6 +84,7 @@ func (n *Nexlet) pruneLocked() {
 	slices.SortFunc(fin, func(a, b *workload) int { return a.ended.Compare(b.ended) })
 	for _, w := range fin[:len(fin)-MaxFinished] {
 		delete(n.workloads, w.id)
+		n.removeRecord(w.id)
 	}
 }
 
@@ -92,6 +95,16 @@ type proc struct {
 	exited  chan struct{}
 	code    int    // valid after exited
 	reason  string // valid after exited
+	// final: the workload ended while no nexlet watched it (found on replay); it is
+	// reported, never restarted.
+	final bool
+}
+
+// ended is a proc for a workload found finished on replay.
+func ended(code int, reason string) *proc {
+	p := &proc{started: time.Now(), exited: make(chan struct{}), code: code, reason: reason, final: true}
+	close(p.exited)
+	return p
 }
 
 // begin prepares the sandbox and either adopts a live workload (replay) or launches it.
@@ -131,7 +144,16 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 			}
 			return n.adopt(w, procs), true, nil
 		}
+		if p := n.endedMeanwhile(w); p != nil {
+			if known {
+				n.mu.Lock()
+				w.ident = prev // released when the end is recorded
+				n.mu.Unlock()
+			}
+			return p, true, nil
+		}
 	}
+	n.removeRecord(w.id) // a fresh start: no old record may describe it
 	// Never two copies: whatever is left in the sandbox goes before a fresh start.
 	n.killAndWait(w)
 	if err := n.users.release(prev); err != nil {
@@ -285,17 +307,19 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	if w.plan.req.Workdir != "" {
 		cmd.Dir = w.plan.req.Workdir
 	}
-	// Own pipes (not io.Writers) so that Wait returns when the main process exits even
-	// if a grandchild still holds them.
-	outR, outW, err := os.Pipe()
+	// Own FIFOs (not io.Writers) so that Wait returns when the main process exits even
+	// if a grandchild still holds them, and so that the output outlives this nexlet
+	// (see record.go).
+	rec := n.recordDir(w.id)
+	outR, outW, err := newFIFO(rec, "stdout")
 	if err != nil {
-		return nil, fmt.Errorf("workload %s: %w", w.id, err)
+		return nil, fmt.Errorf("workload %s: stdout: %w", w.id, err)
 	}
-	errR, errW, err := os.Pipe()
+	errR, errW, err := newFIFO(rec, "stderr")
 	if err != nil {
 		outR.Close()
 		outW.Close()
-		return nil, fmt.Errorf("workload %s: %w", w.id, err)
+		return nil, fmt.Errorf("workload %s: stderr: %w", w.id, err)
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
 	oomBefore := w.sb.oomKills()
@@ -308,7 +332,13 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		return nil, fmt.Errorf("workload %s: start %s: %w", w.id, w.exe, err)
 	}
 	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
-	_ = os.WriteFile(filepath.Join(w.dir, "pid"), []byte(strconv.Itoa(p.pid)), 0o600)
+	resetOOMScore(p.pid)
+	// Our child, not yet waited for: the pid cannot have been reused.
+	if id, err := procid.Of(p.pid); err != nil {
+		n.log.Warn("workload start time unreadable; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
+	} else if err := n.writePID(w.id, id); err != nil {
+		n.log.Warn("workload pid not recorded; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
+	}
 	n.mu.Lock()
 	w.pid = p.pid
 	n.mu.Unlock()
@@ -350,30 +380,44 @@ func exitStatus(ps *os.ProcessState, err error) (int, string) {
 }
 
 // adopt tracks a workload still alive in its sandbox after a nexlet restart. It is not
-// our child, so its exit code is unknown. Its end is noticed through a pidfd on its main
-// process when that process is known (its pid file names a live process of the
-// sandbox), else by polling the sandbox until it is empty.
+// our child: nexd, the child subreaper, reaps it and records its exit status, which the
+// nexlet reads once the process is gone. Its end is noticed through a pidfd on its main
+// process when that process is known (the pid record names a process that still runs
+// with the recorded start time), else by polling the sandbox until it is empty. Its
+// output FIFOs are opened again, so forwarding resumes with what it wrote meanwhile.
 func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	pid, known := procs[0], false
-	if b, err := os.ReadFile(filepath.Join(w.dir, "pid")); err == nil {
-		if v, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && slices.Contains(procs, v) {
-			pid, known = v, true
-		}
+	rec, hasRec := n.readPID(w.id)
+	if hasRec && slices.Contains(procs, rec.PID) && rec.Alive() {
+		pid, known = rec.PID, true
 	}
 	sum, _ := n.digests.sum(w.exe)
 	p := &proc{pid: pid, started: time.Now(), exited: make(chan struct{})}
 	n.mu.Lock()
 	w.pid, w.sha256 = pid, sum
 	n.mu.Unlock()
+	for _, stream := range []string{"stdout", "stderr"} {
+		r, err := openFIFOReader(filepath.Join(n.recordDir(w.id), stream))
+		if err != nil {
+			n.log.Warn("adopted workload: its output cannot be read again", "workload_id", w.id, "stream", stream, "err", err)
+			continue
+		}
+		go n.pump(w, r, stream)
+	}
 	exited := func() {
 		p.code, p.reason = -1, "adopted workload exited (exit code unknown)"
+		if known {
+			if ex, ok := n.awaitExitRecord(rec); ok {
+				p.code, p.reason = ex.Code, ex.Reason
+			}
+		}
 		close(p.exited)
 	}
 	if known {
 		if pidfd, err := openPidfd(pid); err == nil {
 			// The pid could have been reused between listing and opening: the
-			// process must still be in the sandbox now that the pidfd pins it.
-			if ps, err := w.sb.procs(); err == nil && slices.Contains(ps, pid) {
+			// process must still be the recorded one now that the pidfd pins it.
+			if ps, err := w.sb.procs(); err == nil && slices.Contains(ps, pid) && rec.Alive() {
 				go n.watchAdopted(w, pidfd, exited)
 				return p
 			}
@@ -382,6 +426,61 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	}
 	go n.pollAdopted(w, exited)
 	return p
+}
+
+// awaitExitRecord waits briefly for nexd to reap an adopted process and record its exit.
+func (n *Nexlet) awaitExitRecord(id procid.ID) (procid.Exit, bool) {
+	if n.cfg.ExitsDir == "" {
+		return procid.Exit{}, false
+	}
+	deadline := time.Now().Add(ExitRecordWait)
+	for {
+		ex, err := procid.ReadExit(n.cfg.ExitsDir, id)
+		if err == nil {
+			procid.RemoveExit(n.cfg.ExitsDir, id)
+			return ex, true
+		}
+		if !errors.Is(err, procid.ErrNoExit) || time.Now().After(deadline) {
+			return procid.Exit{}, false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// ExitRecordWait bounds the wait for nexd to record the exit of an adopted workload.
+const ExitRecordWait = 3 * time.Second
+
+// endedMeanwhile reports a replayed workload that is no longer running but ran before:
+// one that ended on its own (its tombstone), or one whose process ended while no nexlet
+// watched (nexd's exit record, or "lost" when even that is missing). A job is never
+// started twice; nil means the workload may be started (a service, or never launched).
+func (n *Nexlet) endedMeanwhile(w *workload) *proc {
+	if ex, ok := n.readTombstone(w.id); ok {
+		n.log.Info("replayed workload had already ended", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+		return ended(ex.Code, ex.Reason)
+	}
+	rec, launched := n.readPID(w.id)
+	if !launched {
+		return nil
+	}
+	ex, known := procid.Exit{}, false
+	if n.cfg.ExitsDir != "" {
+		if e, err := procid.ReadExit(n.cfg.ExitsDir, rec); err == nil {
+			ex, known = e, true
+			procid.RemoveExit(n.cfg.ExitsDir, rec)
+		}
+	}
+	if w.req.Request.WorkloadLifecycle != protocol.LifecycleJob {
+		if known {
+			n.log.Info("replayed service had exited while no nexlet watched; starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+		}
+		return nil
+	}
+	if !known {
+		ex = procid.Exit{Code: -1, Reason: "lost: the job's process ended while no nexlet watched it and its exit status is unknown (last known state: running)"}
+	}
+	n.log.Info("replayed job had already run; not starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+	return ended(ex.Code, ex.Reason)
 }
 
 // watchAdopted waits on an adopted workload's pidfd; abandoning the workload closes it.
@@ -471,7 +570,7 @@ func (n *Nexlet) supervise(w *workload, p *proc) {
 			p.reason = "exited"
 		}
 		n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
-		restart := w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0)
+		restart := !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
 		if !restart {
 			n.finish(w, p, false, false)
 			return
@@ -596,6 +695,11 @@ func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
 	if exhausted {
 		reason = fmt.Sprintf("restart limit of %d reached; last run: %s", w.plan.maxRestarts, reason)
 	}
+	if requested {
+		n.removeRecord(w.id)
+	} else {
+		n.writeTombstone(w.id, code, reason)
+	}
 	n.mu.Lock()
 	w.exitCode, w.reason, w.pid, w.ended = &code, reason, 0, time.Now()
 	n.pruneLocked()
@@ -619,4 +723,24 @@ func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
 	}
 	n.log.Info("workload stopped", "workload_id", w.id, "namespace", w.ns, "exit_code", code, "reason", reason)
 	n.emit(w.ns, protocol.EventWorkloadStopped, ev)
+}
+
+// resetOOMScore keeps a workload's oom_score_adj above its nexlet's, so that under
+// memory pressure the kernel kills a workload before the nexlet watching all of them:
+// the default 0 when nexd lowered the nexlet's, else 100 above the nexlet's (raising
+// needs no privilege, lowering needs CAP_SYS_RESOURCE).
+func resetOOMScore(pid int) {
+	b, err := os.ReadFile("/proc/self/oom_score_adj")
+	if err != nil {
+		return
+	}
+	own, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return
+	}
+	v := 0
+	if own >= 0 {
+		v = min(own+100, 1000)
+	}
+	_ = os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte(strconv.Itoa(v)), 0)
 }

@@ -1,0 +1,204 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// groupProcs lists the processes of a workload's own cgroup (workloads/<id> below the
+// node's cgroup root, outside every nexlet's group).
+func (n *node) groupProcs(id string) []int {
+	b, err := os.ReadFile(filepath.Join(n.cgroup, "workloads", id, "cgroup.procs"))
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		if p, err := strconv.Atoi(f); err == nil {
+			out = append(out, p)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// followLogs runs `nexctl workload logs -f` and returns the first line matching want.
+func (n *node) followLogs(t *testing.T, id string, want func(string) bool, timeout time.Duration) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", n.natsURL,
+		"workload", "logs", "-f", id)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cancel(); cmd.Wait() }()
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if want(sc.Text()) {
+			return sc.Text()
+		}
+	}
+	t.Fatalf("no matching line of %s from nexctl workload logs -f within %v", id, timeout)
+	return ""
+}
+
+// tickAbove matches "tick N" lines with N > min.
+func tickAbove(min int) func(string) bool {
+	return func(l string) bool {
+		v, ok := strings.CutPrefix(l, "tick ")
+		k, err := strconv.Atoi(v)
+		return ok && err == nil && k > min
+	}
+}
+
+// TestNexletCrashKeepsWorkloads: kill -9 the native nexlet three times while 100
+// services, a continuous writer and a job run. Every workload keeps its process (none
+// restarted, lost or duplicated), the writer never meets EPIPE and its output after
+// each adoption reaches `nexctl workload logs -f`, and the job runs exactly once with
+// its exit code reported.
+func TestNexletCrashKeepsWorkloads(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	if n.cgroup == "" {
+		t.Skip("needs a writable cgroup root (root and cgroup v1 memory) to find each workload's processes")
+	}
+	n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+
+	const services = 99 // plus the writer: 100 services
+	marker := fmt.Sprintf("nexd-e2e-restore-%d", time.Now().UnixNano())
+	var ids []string
+	for i := range services {
+		r := n.runWorkload(t, "--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
+		ids = append(ids, r.ID)
+	}
+	// The writer fails loudly (exit 99) if a write ever fails; SIGPIPE would kill it.
+	writer := n.runWorkload(t, "--bids", "1", "--name", "writer", "--", "/bin/sh", "-c",
+		`i=0; while :; do i=$((i+1)); echo "tick $i" || exit 99; sleep 0.01; done`, marker)
+	ids = append(ids, writer.ID)
+	// Workloads run under dynamic uids: the job appends to a file anyone may write.
+	ranFile := testkit.WriteFile(t, filepath.Join(testkit.PublicDir(t), "job-runs"), "")
+	if err := os.Chmod(ranFile, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	job := n.runWorkload(t, "--bids", "1", "--name", "job", "--lifecycle", "job", "--", "/bin/sh", "-c",
+		`echo ran >> "$0"; sleep 6; exit 7`, ranFile)
+
+	before := map[string][]int{}
+	// A service is sh and its sleep; the writer's sleeps come and go, so only its sh
+	// (the first, lowest pid) is compared.
+	testkit.EventuallyWithin(t, 90*time.Second, "every service runs", func() bool {
+		for _, id := range ids {
+			p := n.groupProcs(id)
+			if len(p) == 0 || (id != writer.ID && len(p) != 2) {
+				return false
+			}
+			before[id] = p
+		}
+		return true
+	})
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	// The OOM killer picks a workload before the nexlet (-500 where nexd may lower it,
+	// else the workloads are raised above it).
+	nexletAdj, _ := strconv.Atoi(readTrim(fmt.Sprintf("/proc/%d/oom_score_adj", nexlet)))
+	wlAdj, _ := strconv.Atoi(readTrim(fmt.Sprintf("/proc/%d/oom_score_adj", before[ids[0]][0])))
+	if nexletAdj >= wlAdj {
+		t.Errorf("nexlet oom_score_adj %d, workload's %d: want the nexlet's lower", nexletAdj, wlAdj)
+	}
+	lastTick := 0
+	for round := 1; round <= 3; round++ {
+		if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		var next int
+		testkit.EventuallyWithin(t, 60*time.Second, "a new native nexlet", func() bool {
+			next = nexletPID(n.cmd.Process.Pid)
+			return next != 0 && next != nexlet
+		})
+		nexlet = next
+		testkit.EventuallyWithin(t, 90*time.Second, fmt.Sprintf("round %d: all workloads listed running again", round), func() bool {
+			running := 0
+			for _, w := range n.workloads(t) {
+				if w.State == string(protocol.WorkloadRunning) && slices.Contains(ids, w.ID) {
+					running++
+				}
+			}
+			return running == len(ids)
+		})
+		for _, id := range ids {
+			if got := n.groupProcs(id); !slices.Equal(got, before[id]) && !(id == writer.ID && len(got) > 0 && got[0] == before[id][0]) {
+				t.Fatalf("round %d: workload %s processes %v, before the crash %v", round, id, got, before[id])
+			}
+		}
+		line := n.followLogs(t, writer.ID, tickAbove(lastTick), 30*time.Second)
+		lastTick, _ = strconv.Atoi(strings.TrimPrefix(line, "tick "))
+		t.Logf("round %d: nexlet %d adopted %d workloads; writer output resumed at %q", round, nexlet, len(ids), line)
+	}
+
+	var ev protocol.WorkloadStoppedEvent
+	testkit.EventuallyWithin(t, 60*time.Second, "the job's WORKLOADSTOPPED", func() bool {
+		m, err := stopped.NextMsg(time.Second)
+		if err != nil {
+			return false
+		}
+		var e protocol.WorkloadStoppedEvent
+		json.Unmarshal(m.Data, &e)
+		if e.ID != job.ID {
+			if slices.Contains(ids, e.ID) {
+				t.Fatalf("service %s stopped: %+v", e.ID, e)
+			}
+			return false
+		}
+		ev = e
+		return true
+	})
+	if ev.Metadata["exit_code"] != "7" {
+		t.Errorf("job stopped with %+v, want exit code 7", ev)
+	}
+	time.Sleep(time.Second)
+	if b, _ := os.ReadFile(ranFile); strings.Count(string(b), "ran") != 1 {
+		t.Errorf("the job ran %d times, want exactly once", strings.Count(string(b), "ran"))
+	}
+	if p := n.groupProcs(writer.ID); len(p) == 0 || p[0] != before[writer.ID][0] {
+		t.Errorf("the writer was restarted (EPIPE?): processes %v, first %v", p, before[writer.ID])
+	}
+
+	n.signal(t, syscall.SIGTERM)
+	n.wait(t, 120*time.Second)
+	if c := countProcs(marker); c != 0 {
+		t.Fatalf("%d workload processes survived the stop", c)
+	}
+}
+
+func readTrim(path string) string {
+	b, _ := os.ReadFile(path)
+	return strings.TrimSpace(string(b))
+}

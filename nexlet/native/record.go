@@ -1,0 +1,141 @@
+package native
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
+)
+
+// Each workload has a record directory <runtime>/procs/<id>/, private to the nexlet
+// (the workload's own directory is writable by the workload, so nothing the nexlet
+// trusts on adoption lives there):
+//
+//	pid     "<pid> <start time>" of the main process, written at every launch
+//	stdout  named FIFO: the workload's standard output
+//	stderr  named FIFO: its standard error
+//	exit    "<code> <reason>" once it ended on its own (a tombstone: a replay after a
+//	        nexlet crash must report it, never start it again)
+//
+// The workload holds its FIFOs open for reading and writing (O_RDWR), so a write never
+// meets a pipe without a reader (no EPIPE, no SIGPIPE) when the nexlet dies: it only
+// blocks once the pipe buffer is full, until the next nexlet opens the FIFO again.
+
+// PipeBufferSize is what each workload output pipe is raised to (F_SETPIPE_SZ): how much
+// output a workload can write while no nexlet reads before its writes block.
+const PipeBufferSize = 1 << 20
+
+func (n *Nexlet) recordDir(id string) string {
+	return filepath.Join(n.cfg.RuntimeDir, "procs", id)
+}
+
+// writePID records the main process of a launch.
+func (n *Nexlet) writePID(id string, p procid.ID) error {
+	return writeAtomic(filepath.Join(n.recordDir(id), "pid"), p.Format())
+}
+
+// readPID returns the recorded main process; ok is false when nothing was launched.
+func (n *Nexlet) readPID(id string) (procid.ID, bool) {
+	b, err := os.ReadFile(filepath.Join(n.recordDir(id), "pid"))
+	if err != nil {
+		return procid.ID{}, false
+	}
+	p, err := procid.Parse(strings.TrimSpace(string(b)))
+	if err != nil {
+		n.log.Warn("workload pid record unreadable", "workload_id", id, "err", err)
+		return procid.ID{}, false
+	}
+	return p, true
+}
+
+// writeTombstone records how a workload that ended on its own ended.
+func (n *Nexlet) writeTombstone(id string, code int, reason string) {
+	if err := writeAtomic(filepath.Join(n.recordDir(id), "exit"), strconv.Itoa(code)+" "+reason); err != nil {
+		n.log.Warn("cannot record a workload's end; a replay after a nexlet crash would not know it", "workload_id", id, "err", err)
+	}
+}
+
+// readTombstone returns the recorded end of a workload, if any.
+func (n *Nexlet) readTombstone(id string) (procid.Exit, bool) {
+	b, err := os.ReadFile(filepath.Join(n.recordDir(id), "exit"))
+	if err != nil {
+		return procid.Exit{}, false
+	}
+	c, reason, _ := strings.Cut(string(b), " ")
+	code, err := strconv.Atoi(c)
+	if err != nil {
+		return procid.Exit{}, false
+	}
+	return procid.Exit{Code: code, Reason: reason}, true
+}
+
+func (n *Nexlet) removeRecord(id string) {
+	if err := os.RemoveAll(n.recordDir(id)); err != nil {
+		n.log.Warn("remove workload record", "workload_id", id, "err", err)
+	}
+}
+
+func writeAtomic(path, text string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(text), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// newFIFO makes a fresh named FIFO dir/name and returns the nexlet's read end
+// (non-blocking, on the netpoller) and the workload's end (blocking, read-write).
+func newFIFO(dir, name string) (r, w *os.File, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, err
+	}
+	path := filepath.Join(dir, name)
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, err
+	}
+	if err := unix.Mkfifo(path, 0o600); err != nil {
+		return nil, nil, &os.PathError{Op: "mkfifo", Path: path, Err: err}
+	}
+	// O_RDWR never blocks on a FIFO and keeps a reader for as long as the workload
+	// holds it.
+	wfd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	// Best effort: the default 64 KiB stays when the kernel refuses more.
+	if _, err := unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, PipeBufferSize); err != nil {
+		_, _ = unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, 256<<10)
+	}
+	w = os.NewFile(uintptr(wfd), path)
+	r, err = openFIFOReader(path)
+	if err != nil {
+		w.Close()
+		return nil, nil, err
+	}
+	return r, w, nil
+}
+
+// openFIFOReader opens an existing FIFO for reading without blocking; it refuses
+// anything that is not a FIFO (a symlink or a regular file planted there).
+func openFIFOReader(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
+		f.Close()
+		return nil, fmt.Errorf("%s is not a FIFO", path)
+	}
+	return f, nil
+}
