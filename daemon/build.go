@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -66,7 +65,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		return nil, err
 	}
 	s.id = id
-	s.runtimeDir = d.runtimeDir(cfg, id.ID())
+	s.runtimeDir = runtimeDir(cfg, id.ID())
 	if err := d.logger.Reconfigure(d.logOptions(cfg, id.ID())); err != nil {
 		return nil, fmt.Errorf("logger: %w", err)
 	}
@@ -75,7 +74,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		"identity", string(id.NodeSource), "state_dir", s.stateDir)
 
 	d.notify.Status("starting: connecting to NATS")
-	client, embed := d.natsOptions(cfg)
+	client, embed := natsOptions(cfg)
 	if s.conn, err = natsembed.Connect(startCtx, client, embed, d.log); err != nil {
 		return nil, fmt.Errorf("nats: %w", err)
 	}
@@ -168,22 +167,19 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	return s, nil
 }
 
-// runtimeDir holds fetched nexlet binaries: systemd's RuntimeDirectory when set, else
-// under the state directory, else a temp dir.
-func (d *daemon) runtimeDir(cfg *config.Config, nodeID string) string {
-	if rd, _, _ := strings.Cut(lookup(d.env, "RUNTIME_DIRECTORY"), ":"); rd != "" {
-		return rd
-	}
-	if cfg.Node.StateDir != "" {
-		return filepath.Join(cfg.Node.StateDir, "run")
+// runtimeDir holds fetched nexlet binaries and workload directories: runtime_dir (which
+// config resolves from $RUNTIME_DIRECTORY or state_dir), else a temp dir of this node.
+func runtimeDir(cfg *config.Config, nodeID string) string {
+	if cfg.Node.RuntimeDir != "" {
+		return cfg.Node.RuntimeDir
 	}
 	return filepath.Join(os.TempDir(), "nexd-"+nodeID[:12])
 }
 
-func (d *daemon) natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
-	port := 0
-	if v := lookup(d.env, "NEXD_EMBEDDED_NATS_PORT"); v != "" {
-		fmt.Sscanf(v, "%d", &port)
+func natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
+	port := cfg.Node.EmbeddedNATSPort
+	if port == 0 {
+		port = -1 // any free port; natsembed reads 0 as its default
 	}
 	return natsconn.Options{
 			Context:   cfg.NATS.Context,

@@ -25,7 +25,6 @@ import (
 // reads, and the owners of every goroutine and closer. build turns it into a server.
 type daemon struct {
 	args    []string // the command line, re-read on reload
-	env     []string // the process environment, for the systemd protocol only
 	stderr  io.Writer
 	started time.Time
 
@@ -52,10 +51,9 @@ type snapshot struct {
 	lameduckUntil time.Time      // set in StateLameduck
 }
 
-func newDaemon(loaded *config.Loaded, args, env []string, stderr io.Writer) (*daemon, error) {
+func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon, error) {
 	d := &daemon{
 		args:     args,
-		env:      env,
 		stderr:   stderr,
 		started:  time.Now(),
 		shutdown: make(chan string, 1),
@@ -216,15 +214,4 @@ func (d *daemon) requestShutdown(reason string) {
 	case d.shutdown <- reason:
 	default:
 	}
-}
-
-// lookup returns the last value of key in env.
-func lookup(env []string, key string) string {
-	v := ""
-	for _, kv := range env {
-		if k, val, ok := strings.Cut(kv, "="); ok && k == key {
-			v = val
-		}
-	}
-	return v
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 
 	"github.com/nexd-project/nexd/daemon/config"
@@ -84,7 +83,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, "configuration is valid")
 		return ExitOK
 	}
-	d, err := newDaemon(loaded, args, os.Environ(), stderr)
+	d, err := newDaemon(loaded, args, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "nexd: %v\n", err)
 		return ExitFailure

@@ -49,7 +49,8 @@ func (s *server) applyReload() control.ReloadResult {
 	}
 	old := s.cfg()
 	next := loaded.Config
-	if keys := config.RestartOnly(old, next); len(keys) > 0 {
+	changes := config.Diff(old, next)
+	if keys := changes.RestartOnly; len(keys) > 0 {
 		msgs := make([]string, 0, len(keys))
 		for _, k := range keys {
 			msgs = append(msgs, fmt.Sprintf("%s changed but only takes effect on restart (systemctl restart nexd)", k))
@@ -59,41 +60,12 @@ func (s *server) applyReload() control.ReloadResult {
 	if err := s.logger.Reconfigure(s.logOptions(next, s.id.ID())); err != nil {
 		return control.ReloadResult{Errors: []string{"logger: " + err.Error()}}
 	}
-	var applied []string
 	if err := s.node.SetTags(next.Node.Tags); err != nil {
 		// Validation already rejects reserved tags; keep the old config whole anyway.
 		s.logger.Reconfigure(s.logOptions(old, s.id.ID()))
 		return control.ReloadResult{Errors: []string{"node.tags: " + err.Error()}}
 	}
 	s.nexlets.SetRestartLimit(next.Node.AgentRestartLimit)
-	applied = append(applied, changedReloadable(old, next)...)
 	s.update(func(v *snapshot) { v.loaded = loaded })
-	return control.ReloadResult{OK: true, Applied: applied}
-}
-
-// changedReloadable names the reloadable settings whose values changed.
-func changedReloadable(a, b *config.Config) []string {
-	var out []string
-	if a.Logger.Level != b.Logger.Level {
-		out = append(out, "logger.level")
-	}
-	if strings.Join(a.Logger.Target, ",") != strings.Join(b.Logger.Target, ",") {
-		out = append(out, "logger.target")
-	}
-	if a.Logger.Format != b.Logger.Format {
-		out = append(out, "logger.format")
-	}
-	if a.Logger.WithPID != b.Logger.WithPID {
-		out = append(out, "logger.with_pid")
-	}
-	if fmt.Sprint(a.Node.Tags) != fmt.Sprint(b.Node.Tags) {
-		out = append(out, "tags")
-	}
-	if a.Node.AgentRestartLimit != b.Node.AgentRestartLimit {
-		out = append(out, "agent_restart_limit")
-	}
-	if a.Node.ShowWorkloadLogs != b.Node.ShowWorkloadLogs {
-		out = append(out, "show_workload_logs")
-	}
-	return out
+	return control.ReloadResult{OK: true, Applied: changes.Applied}
 }

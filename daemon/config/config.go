@@ -40,12 +40,14 @@ type NodeConfig struct {
 	ShowWorkloadLogs             bool              // show_workload_logs
 	Events                       string            // events: "", "nats" or "logs"
 	InatsConfig                  string            // inats_config: nats-server config file
+	EmbeddedNATSPort             int               // embedded_nats_port: -1 = any free port
 	IssuerSigningKey             string            // issuer_signing_key, an account seed SA…
 	IssuerSigningKeyRootAccount  string            // issuer_signing_key_root_account, A…
 	IssuerNkey                   string            // issuer_nkey, a public user key U…
 	IssuerNkeySeed               string            // issuer_nkey_seed, a user seed SU…
 	AuctionTTL                   time.Duration     // auction_ttl
 	StateDir                     string            // state_dir
+	RuntimeDir                   string            // runtime_dir ("" = a temp dir per node id)
 	ControlSocket                string            // control_socket
 	CgroupRoot                   string            // cgroup_root ("" = detect)
 	StopGrace                    time.Duration     // stop_grace

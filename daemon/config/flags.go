@@ -245,7 +245,11 @@ func Usage() string {
 		if d := defaultText(s); d != "" {
 			right += " (default " + d + ")"
 		}
-		right += " [$" + s.envName() + "]"
+		right += " [$" + s.envName()
+		for _, a := range s.envAliases {
+			right += ", $" + a
+		}
+		right += "]"
 		groups[s.group] = append(groups[s.group], row{left, right})
 	}
 	groups[gGeneral] = append(groups[gGeneral],

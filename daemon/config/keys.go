@@ -59,6 +59,8 @@ type keySpec struct {
 	enum       []string
 	secret     bool
 	reloadable bool
+	// envAliases are older environment names still read (below NEX_<KEY>).
+	envAliases []string
 	field      func(*Config) any // pointer to the field
 }
 
@@ -212,6 +214,10 @@ func keySpecs() []*keySpec {
 		{key: "nats.jsdomain", kind: kString, scope: scopeNATS, group: gNATS,
 			help:  "JetStream domain for the KV state",
 			field: func(c *Config) any { return &c.NATS.JSDomain }},
+		{key: "embedded_nats_port", kind: kInt, scope: scopeNode, group: gNATS, def: int64(4222),
+			envAliases: []string{"NEXD_EMBEDDED_NATS_PORT"},
+			help:       "client port of the zero-config embedded NATS server (-1 = any free port)",
+			field:      func(c *Config) any { return &c.Node.EmbeddedNATSPort }},
 		{key: "inats_config", kind: kString, scope: scopeNode, group: gNATS,
 			help:  "run an embedded nats-server from this config file and connect to it",
 			field: func(c *Config) any { return &c.Node.InatsConfig }},
@@ -243,6 +249,9 @@ func keySpecs() []*keySpec {
 		{key: "state_dir", kind: kString, scope: scopeNode, group: gDaemon, defText: "$STATE_DIRECTORY, else none (ephemeral node)",
 			help:  "directory for the node identity, embedded JetStream and secrets",
 			field: func(c *Config) any { return &c.Node.StateDir }},
+		{key: "runtime_dir", kind: kString, scope: scopeNode, group: gDaemon, defText: "$RUNTIME_DIRECTORY, else <state_dir>/run, else a temp dir",
+			help:  "directory for fetched nexlet binaries and workload working directories",
+			field: func(c *Config) any { return &c.Node.RuntimeDir }},
 		{key: "control_socket", kind: kString, scope: scopeNode, group: gDaemon, defText: "$RUNTIME_DIRECTORY/nexd.sock, else /run/nex/nexd.sock",
 			help:  "Unix socket of the local control API (nexctl)",
 			field: func(c *Config) any { return &c.Node.ControlSocket }},
@@ -283,6 +292,9 @@ func newRegistry() *registry {
 	for _, s := range r.specs {
 		r.byKey[s.key] = s
 		r.byEnv[s.envName()] = s
+		for _, a := range s.envAliases {
+			r.byEnv[a] = s
+		}
 	}
 	return r
 }

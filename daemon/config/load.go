@@ -202,6 +202,10 @@ func Load(opts LoadOptions) (*Loaded, error) {
 		}
 		origins["logger.file"], paths["logger.file"] = "default", "logger.file"
 	}
+	if _, ok := origins["runtime_dir"]; !ok && cfg.Node.StateDir != "" {
+		cfg.Node.RuntimeDir = filepath.Join(cfg.Node.StateDir, "run")
+		origins["runtime_dir"], paths["runtime_dir"] = "default", "runtime_dir"
+	}
 	out.Config, out.Origins, out.paths, out.Files = cfg, origins, paths, ld.files
 	v := &validator{r: ld.r, cfg: cfg, origins: origins, paths: paths, checkInats: opts.CheckInats}
 	v.validate()
@@ -248,6 +252,7 @@ func (ld *loader) defaults() *layer {
 		l.put("state_dir", "env STATE_DIRECTORY", "state_dir", dir)
 	}
 	if dir := firstPath(lookupEnv(ld.opts.Env, "RUNTIME_DIRECTORY")); dir != "" {
+		l.put("runtime_dir", "env RUNTIME_DIRECTORY", "runtime_dir", dir)
 		l.put("control_socket", "env RUNTIME_DIRECTORY", "control_socket", filepath.Join(dir, "nexd.sock"))
 	} else {
 		l.put("control_socket", "default", "control_socket", "/run/nex/nexd.sock")
@@ -490,19 +495,26 @@ func (w *fileWalker) set(s *keySpec, path string, raw any) {
 	}
 }
 
-// env reads NEX_<KEY> variables. Unknown NEX_ names are ignored: workloads and nexctl
-// use that prefix too. An empty value counts as unset.
+// env reads NEX_<KEY> variables (and a key's older alias names, which NEX_<KEY>
+// overrides). Unknown NEX_ names are ignored: workloads and nexctl use that prefix too.
+// An empty value counts as unset.
 func (ld *loader) env() *layer {
 	l := newLayer()
-	for _, kv := range ld.opts.Env {
-		name, val, ok := strings.Cut(kv, "=")
-		if !ok || val == "" {
-			continue
+	var ordered []string
+	for _, alias := range []bool{true, false} {
+		for _, kv := range ld.opts.Env {
+			name, val, ok := strings.Cut(kv, "=")
+			if !ok || val == "" {
+				continue
+			}
+			if s := ld.r.byEnv[name]; s != nil && (name != s.envName()) == alias {
+				ordered = append(ordered, kv)
+			}
 		}
+	}
+	for _, kv := range ordered {
+		name, val, _ := strings.Cut(kv, "=")
 		s := ld.r.byEnv[name]
-		if s == nil {
-			continue
-		}
 		src := "env " + name
 		v, ps := decodeText(s, []string{val})
 		if ps != nil {

@@ -87,7 +87,7 @@ func TestDefaults(t *testing.T) {
 			NativeLimits: Limits{MemoryMax: 1 << 30, PidsMax: 4096},
 			AuctionTTL:   10 * time.Second, ControlSocket: "/run/nex/nexd.sock", StopGrace: 10 * time.Second,
 			StartupTimeout: 15 * time.Second, DeployTimeout: 5 * time.Minute, ControlAllowOthers: "status",
-			WorkloadCredsTTL: 24 * time.Hour,
+			WorkloadCredsTTL: 24 * time.Hour, EmbeddedNATSPort: 4222,
 			WorkloadUIDRange: "61184-65519",
 		},
 		NATS:   NATSConfig{ConnName: "nexd", Timeout: 5 * time.Second},
@@ -665,33 +665,107 @@ func TestCheckGolden(t *testing.T) {
 	}
 }
 
-func TestRestartOnly(t *testing.T) {
+func TestDiff(t *testing.T) {
 	base := mustLoad(t, hermetic()).Config
 	cases := []struct {
-		name string
-		args []string
-		want []string
+		name             string
+		args             []string
+		applied, restart []string
 	}{
-		{"nothing", nil, nil},
+		{"nothing", nil, nil, nil},
 		{"reloadable only", []string{"-l", "debug", "--logger.target", "std", "--logger.with-pid", "--logger.format", "json",
-			"--tags", "a=b", "--agent-restart-limit", "7", "--show-workload-logs"}, nil},
-		{"restart only", []string{"--nexus", "other", "-s", "nats://x", "--state", "kv", "--agents.uri", "/a", "--native-limits.pids-max", "9"},
-			[]string{"agents", "native_limits.pids_max", "nats.servers", "nexus", "state"}},
-		{"mixed", []string{"--tags", "a=b", "--logger.file", "/tmp/x.log"}, []string{"logger.file"}},
+			"--tags", "a=b", "--agent-restart-limit", "7", "--show-workload-logs"},
+			[]string{"agent_restart_limit", "logger.format", "logger.level", "logger.target", "logger.with_pid", "show_workload_logs", "tags"}, nil},
+		{"restart only", []string{"--nexus", "other", "-s", "nats://x", "--state", "kv", "--agents.uri", "/a", "--native-limits.pids-max", "9",
+			"--embedded-nats-port", "-1"},
+			nil, []string{"agents", "embedded_nats_port", "native_limits.pids_max", "nats.servers", "nexus", "state"}},
+		{"mixed", []string{"--tags", "a=b", "--logger.file", "/tmp/x.log"}, []string{"tags"}, []string{"logger.file"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			next := mustLoad(t, hermetic(tc.args...)).Config
-			if got := RestartOnly(base, next); !slices.Equal(got, tc.want) {
-				t.Errorf("RestartOnly = %q, want %q", got, tc.want)
+			got := Diff(base, next)
+			if !slices.Equal(got.Applied, tc.applied) || !slices.Equal(got.RestartOnly, tc.restart) {
+				t.Errorf("Diff = %+v, want applied %q, restart-only %q", got, tc.applied, tc.restart)
 			}
 		})
 	}
 	// nil and empty agent argv/env are the same setting.
 	a := &Config{Node: NodeConfig{Agents: []Agent{{URI: "/a"}}}}
 	b := &Config{Node: NodeConfig{Agents: []Agent{{URI: "/a", Argv: []string{}, Env: map[string]string{}}}, Tags: map[string]string{}}}
-	if got := RestartOnly(a, b); len(got) != 0 {
-		t.Errorf("RestartOnly = %q", got)
+	if got := Diff(a, b); len(got.Applied)+len(got.RestartOnly) != 0 {
+		t.Errorf("Diff = %+v", got)
+	}
+}
+
+// TestDiffFollowsRegistry changes every key in turn: Diff must name exactly that key,
+// on the side the registry's reloadable mark says, so no hand-kept list can drift.
+func TestDiffFollowsRegistry(t *testing.T) {
+	base := mustLoad(t, hermetic()).Config
+	for _, s := range newRegistry().specs {
+		next := mustLoad(t, hermetic()).Config
+		switch p := s.field(next).(type) {
+		case *string:
+			*p += "x"
+		case *bool:
+			*p = !*p
+		case *int:
+			*p++
+		case *int64:
+			*p++
+		case *float64:
+			*p++
+		case *time.Duration:
+			*p++
+		case *[]string:
+			*p = append(*p, "x")
+		case *map[string]string:
+			*p = map[string]string{"k": "v"}
+		case *[]Agent:
+			*p = append(*p, Agent{URI: "/x"})
+		default:
+			// Any other list: one more (zero) element.
+			v := reflect.ValueOf(p).Elem()
+			if v.Kind() != reflect.Slice {
+				t.Fatalf("%s: unhandled field type %T", s.key, p)
+			}
+			v.Set(reflect.Append(v, reflect.Zero(v.Type().Elem())))
+		}
+		got := Diff(base, next)
+		want := Changes{RestartOnly: []string{s.key}}
+		if s.reloadable {
+			want = Changes{Applied: []string{s.key}}
+		}
+		if !slices.Equal(got.Applied, want.Applied) || !slices.Equal(got.RestartOnly, want.RestartOnly) {
+			t.Errorf("changing %s: Diff = %+v, want %+v", s.key, got, want)
+		}
+	}
+}
+
+// TestEmbeddedNATSPortEnv: the key's NEX_ name and the older NEXD_ name both work; the
+// NEX_ name wins when both are set.
+func TestEmbeddedNATSPortEnv(t *testing.T) {
+	for _, tc := range []struct {
+		env  []string
+		want int
+		from string
+	}{
+		{nil, 4222, "default"},
+		{[]string{"NEXD_EMBEDDED_NATS_PORT=-1"}, -1, "env NEXD_EMBEDDED_NATS_PORT"},
+		{[]string{"NEX_EMBEDDED_NATS_PORT=4333"}, 4333, "env NEX_EMBEDDED_NATS_PORT"},
+		{[]string{"NEX_EMBEDDED_NATS_PORT=4333", "NEXD_EMBEDDED_NATS_PORT=-1"}, 4333, "env NEX_EMBEDDED_NATS_PORT"},
+	} {
+		o := hermetic()
+		o.Env = append(o.Env, tc.env...)
+		l := mustLoad(t, o)
+		if l.Config.Node.EmbeddedNATSPort != tc.want || l.Origins["embedded_nats_port"] != tc.from {
+			t.Errorf("env %q: port %d from %q, want %d from %q", tc.env, l.Config.Node.EmbeddedNATSPort,
+				l.Origins["embedded_nats_port"], tc.want, tc.from)
+		}
+	}
+	o := hermetic("--embedded-nats-port", "70000")
+	if _, err := Load(o); err == nil || !strings.Contains(err.Error(), "embedded_nats_port") {
+		t.Errorf("port 70000: %v, want an error naming embedded_nats_port", err)
 	}
 }
 
@@ -713,7 +787,11 @@ func TestLogTargets(t *testing.T) {
 
 func TestRegistry(t *testing.T) {
 	r := newRegistry()
-	if len(r.byEnv) != len(r.specs) || len(r.byKey) != len(r.specs) {
+	aliases := 0
+	for _, s := range r.specs {
+		aliases += len(s.envAliases)
+	}
+	if len(r.byEnv) != len(r.specs)+aliases || len(r.byKey) != len(r.specs) {
 		t.Fatal("duplicate key or environment variable name")
 	}
 	usage := Usage()
@@ -801,7 +879,11 @@ func keysMarkdown() string {
 			if s.secret {
 				help += "; secret, redacted by --check"
 			}
-			fmt.Fprintf(&b, "| `%s` | %s | `%s` | %s | %s | %s |\n", s.key, flagCol, s.envName(), def, reload, strings.ReplaceAll(help, "|", "\\|"))
+			envCol := "`" + s.envName() + "`"
+			for _, a := range s.envAliases {
+				envCol += ", `" + a + "`"
+			}
+			fmt.Fprintf(&b, "| `%s` | %s | %s | %s | %s | %s |\n", s.key, flagCol, envCol, def, reload, strings.ReplaceAll(help, "|", "\\|"))
 		}
 	}
 	b.WriteString("\nAgents (`agents` in JSON): `[{\"uri\": \"file:///path\", \"argv\": [\"run\"], \"env\": {\"K\": \"V\"},\n")
@@ -850,7 +932,7 @@ func FuzzLoad(f *testing.F) {
 		if _, err := l.RenderJSON(); err != nil {
 			t.Fatalf("RenderJSON: %v", err)
 		}
-		_ = RestartOnly(l.Config, l.Config)
+		_ = Diff(l.Config, l.Config)
 	})
 }
 

@@ -197,22 +197,29 @@ func (l *Loaded) RenderJSON() ([]byte, error) {
 	return json.MarshalIndent(map[string]any{"files": files, "settings": settings, "warnings": warnings}, "", "  ")
 }
 
-// RestartOnly returns the keys whose values differ between old and new but that a
-// reload cannot apply (everything but logger.level, logger.target, logger.with_pid,
-// logger.format, tags, agent_restart_limit and show_workload_logs). A reload that
-// finds any must be rejected whole, naming them.
-func RestartOnly(old, new *Config) []string {
-	var out []string
+// Changes are the keys whose values differ between two configurations, split by what
+// the key registry says a reload can do with them.
+type Changes struct {
+	Applied     []string // reloadable keys that changed: a reload applies them
+	RestartOnly []string // other keys that changed: a reload naming any is rejected whole
+}
+
+// Diff compares old and new key by key over the registry, each list sorted.
+func Diff(old, new *Config) Changes {
+	var c Changes
 	for _, s := range newRegistry().specs {
-		if s.reloadable {
+		if sameValue(s.get(old), s.get(new)) {
 			continue
 		}
-		if !sameValue(s.get(old), s.get(new)) {
-			out = append(out, s.key)
+		if s.reloadable {
+			c.Applied = append(c.Applied, s.key)
+		} else {
+			c.RestartOnly = append(c.RestartOnly, s.key)
 		}
 	}
-	sort.Strings(out)
-	return out
+	sort.Strings(c.Applied)
+	sort.Strings(c.RestartOnly)
+	return c
 }
 
 // sameValue is DeepEqual that treats nil and empty maps and slices alike.

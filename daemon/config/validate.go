@@ -88,6 +88,9 @@ func (v *validator) validate() {
 	if lo, hi, ok := parseRange(n.WorkloadUIDRange); !ok || lo == 0 || hi < lo || hi >= 1<<31 {
 		v.fail("workload_uid_range", "", fmt.Sprintf("want MIN-MAX with 0 < MIN <= MAX < 2147483648 (e.g. 61184-65519), got %q", n.WorkloadUIDRange))
 	}
+	if p := n.EmbeddedNATSPort; p < -1 || p > 65535 {
+		v.fail("embedded_nats_port", "", fmt.Sprintf("must be a port number (1-65535), or 0 or -1 for any free port; got %d", p))
+	}
 	v.enum("state", n.State)
 	v.enum("events", n.Events)
 	v.enum("control_allow_others", n.ControlAllowOthers)
