@@ -2,7 +2,7 @@
 # pinned version). Uses GO, LDFLAGS and VERSION from the top-level Makefile.
 #   make deb rpm          -> dist/nexd_<version>-1_<arch>.deb, dist/nexd-<version>-1.<arch>.rpm
 #   make package-lint     -> lintian and rpm -qp checks (needs: apt install lintian rpm)
-#   make unit-verify      -> systemd-analyze verify of contrib/systemd/nexd.service
+#   make unit-verify      -> systemd-analyze verify of contrib/systemd/nexd.{service,socket}
 NFPM_VERSION ?= v2.45.2
 NFPM ?= $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@$(NFPM_VERSION)
 DIST ?= dist
@@ -43,4 +43,5 @@ package-lint:
 # The unit names /usr/bin/nexd; verify a copy that points at ./$(BIN) instead.
 unit-verify: build
 	@d=$$(mktemp -d) && sed 's#/usr/bin/#$(CURDIR)/$(BIN)/#' contrib/systemd/nexd.service > $$d/nexd.service && \
-		systemd-analyze verify --man=no $$d/nexd.service; rc=$$?; rm -rf $$d; exit $$rc
+		cp contrib/systemd/nexd.socket $$d/ && \
+		systemd-analyze verify --man=no $$d/nexd.service $$d/nexd.socket; rc=$$?; rm -rf $$d; exit $$rc

@@ -71,6 +71,7 @@ if [[ " $SUITES " == *" nspawn "* ]]; then
 		/bin/sh -c '
 			dpkg -i /opt/nexd.deb >/dev/null 2>&1 && echo "PASS: dpkg -i without a running systemd" || echo "FAIL: dpkg -i without a running systemd"
 			test -L /etc/systemd/system/multi-user.target.wants/nexd.service && echo "PASS: unit enabled without a running systemd" || echo "FAIL: unit enabled without a running systemd"
+			test -L /etc/systemd/system/sockets.target.wants/nexd.socket && echo "PASS: socket unit enabled without a running systemd" || echo "FAIL: socket unit enabled without a running systemd"
 			getent group nex >/dev/null && echo "PASS: group nex created without a running systemd" || echo "FAIL: group nex created without a running systemd"
 			pgrep -x nexd >/dev/null && echo "FAIL: nothing started without a running systemd" || echo "PASS: nothing started without a running systemd"
 			dpkg --purge nexd >/dev/null 2>&1 && ! test -e /var/lib/nex && echo "PASS: dpkg --purge without a running systemd" || echo "FAIL: dpkg --purge without a running systemd"

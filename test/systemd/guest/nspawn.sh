@@ -15,8 +15,9 @@ check "dpkg -i installs the package" dpkg -i "$DEB"
 check "sysusers created group nex" getent group nex
 check "tmpfiles: /var/lib/nex is 0700" test "$(stat -c %a /var/lib/nex)" = 700
 check "nexd.service enabled on first install" systemctl --quiet is-enabled nexd.service
-check "systemd-analyze verify nexd.service is clean" \
-	sh -c 'out=$(systemd-analyze verify --man=no /usr/lib/systemd/system/nexd.service 2>&1); echo "$out"; [ -z "$out" ]'
+check "nexd.socket enabled on first install" systemctl --quiet is-enabled nexd.socket
+check "systemd-analyze verify nexd.service nexd.socket is clean" \
+	sh -c 'out=$(systemd-analyze verify --man=no /usr/lib/systemd/system/nexd.service /usr/lib/systemd/system/nexd.socket 2>&1); echo "$out"; [ -z "$out" ]'
 info "security: $(systemd-analyze security nexd.service --no-pager 2>&1 | tail -1)"
 
 # --- start: Type=notify READY with a STATUS line ---
@@ -25,6 +26,14 @@ T_ACTIVE=$(date +%s)
 check "Type=notify with a STATUS line (systemctl status shows Status:)" \
 	sh -c 'systemctl status nexd --no-pager | grep -q "Status: \""'
 info "StatusText=$(prop StatusText)"
+
+# --- socket activation: systemd owns the control socket, nexd serves it ---
+check "nexd.socket listens on /run/nex/nexd.sock" \
+	sh -c 'systemctl --quiet is-active nexd.socket && systemctl show -P Listen nexd.socket | grep -qx "/run/nex/nexd.sock (Stream)"'
+check "nexd serves the socket it got from nexd.socket (SOCKET_ACTIVATED=true in the journal)" \
+	sh -c "journalctl -u nexd -o json --no-pager | grep -q '\"SOCKET_ACTIVATED\":\"true\"'"
+check "nexd applied control_allow_others=status to systemd's socket (0666 root:nex)" \
+	test "$(stat -c '%a %U:%G' /run/nex/nexd.sock)" = "666 root:nex"
 NODE=$(node_id)
 info "node id $NODE"
 
@@ -75,8 +84,17 @@ check "watchdog: still running 36s after start (WatchdogSec=30s), same MainPID, 
 # --- restart keeps the node id and brings the workload back exactly once (state kv) ---
 # Also an admin edit that the upgrade below must keep: others lose status access.
 set_config 's/"control_allow_others": "status"/"control_allow_others": "none"/'
+# nexctl calls made while nexd restarts wait on nexd.socket's socket for the next nexd.
+rm -f /root/restarted
+(while [ ! -e /root/restarted ]; do if nexctl status >/dev/null 2>&1; then echo ok; else echo FAIL; fi; done) >/root/during-restart.log 2>&1 &
+LOOP=$!
 check "systemctl restart nexd" systemctl restart nexd
+touch /root/restarted
+wait "$LOOP"
+check "no nexctl status failed during the restart ($(grep -c ok /root/during-restart.log) calls)" \
+	not grep -q FAIL /root/during-restart.log
 check "active (running) after restart" wait_until 90 running
+check "socket mode 0660 after restart with control_allow_others=none" test "$(stat -c %a /run/nex/nexd.sock)" = 660
 check "node id kept across restart (state dir)" test "$(node_id)" = "$NODE"
 check "workload x back exactly once after restart" wait_until 60 running_once x sleep
 check "nexctl status refused for another user with control_allow_others=none" not runuser -u bob -- nexctl status
@@ -95,6 +113,9 @@ check "systemctl stop nexd" systemctl stop nexd
 check "stopped cleanly (Result=success, exit status 0)" stopped_cleanly
 check "no nexd, nexlet or workload process left" no_node_procs
 check "nexd.service cgroup gone" not test -d "$CG"
+check "nexd.socket still listens with nexd stopped" systemctl --quiet is-active nexd.socket
+check "nexctl status with nexd stopped: nexd.socket starts nexd and the call is answered" nexctl status
+check "active (running) again, started through the socket" wait_until 90 running
 
 # --- lameduck: workloads stop after the delay, then the service exits ---
 check "systemctl start nexd" systemctl start nexd
@@ -121,12 +142,14 @@ info "installed: $(dpkg-query -W nexd)"
 
 # --- remove stops the service and keeps state; purge deletes it ---
 check "apt-get remove nexd" apt-get remove -y -q nexd
-check "remove stopped nexd" sh -c '! systemctl --quiet is-active nexd && ! pgrep -x nexd'
+check "remove stopped nexd and nexd.socket" \
+	sh -c '! systemctl --quiet is-active nexd && ! systemctl --quiet is-active nexd.socket && ! pgrep -x nexd'
 check "remove kept /var/lib/nex and /etc/nex/config.json" test -d /var/lib/nex -a -f /etc/nex/config.json
 check "apt-get purge nexd" apt-get purge -y -q nexd
 check "purge deleted /var/lib/nex" not test -e /var/lib/nex
 check "purge deleted /etc/nex/config.json" not test -e /etc/nex/config.json
 check "purge left no enablement symlink or mask" \
-	sh -c '! test -L /etc/systemd/system/multi-user.target.wants/nexd.service && ! test -L /etc/systemd/system/nexd.service'
+	sh -c '! test -L /etc/systemd/system/multi-user.target.wants/nexd.service && ! test -L /etc/systemd/system/nexd.service &&
+		! test -L /etc/systemd/system/sockets.target.wants/nexd.socket && ! test -L /etc/systemd/system/nexd.socket'
 
 finish
