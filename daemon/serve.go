@@ -151,8 +151,9 @@ func (s *server) statusLine() string {
 }
 
 // onLameduck is called by the node once it enters lame duck mode (over NATS or the
-// control socket): the nexlets keep workloads running until the delay ends and then
-// stop them; the node shuts down after that.
+// control socket): workloads keep running until the delay ends; then the node stops
+// every one of them, waiting for each to be gone and removing it from state, and only
+// then shuts down, so no timing leaves a drained workload in state.
 func (s *server) onLameduck(delay time.Duration) {
 	until := time.Now().Add(delay)
 	s.update(func(v *snapshot) { v.phase, v.lameduckUntil = control.StateLameduck, until })
@@ -163,7 +164,12 @@ func (s *server) onLameduck(delay time.Duration) {
 		defer t.Stop()
 		select {
 		case <-t.C:
-			s.requestShutdown("lame duck delay ended")
+			s.log.Info("lame duck delay ended; draining workloads")
+			s.notify.Status("lameduck: draining workloads")
+			if err := s.node.DrainWorkloads(s.ctx); err != nil {
+				s.log.Warn("lame duck drain", "err", err)
+			}
+			s.requestShutdown("lame duck drain done")
 		case <-s.ctx.Done():
 		}
 	})

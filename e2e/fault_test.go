@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -141,7 +143,7 @@ func TestOversizedDeployRefused(t *testing.T) {
 	}
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
-	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
 	n.waitReady(t)
 	marker := filepath.Join(t.TempDir(), "ran")
 	args := []string{"workload", "run", "--name", "big", "--", "/usr/bin/touch", marker}
@@ -210,4 +212,55 @@ func TestSlowStopTruthfulAnswer(t *testing.T) {
 		t.Fatalf("second stop of a stopping workload: exit %d, %q %q", code, out, errOut)
 	}
 	testkit.EventuallyWithin(t, 10*time.Second, "no workloads left", func() bool { return len(n.workloads(t)) == 0 })
+}
+
+// TestLameduckDrainLeavesKVEmpty: lame duck with workloads that stop at different
+// speeds (at once, after 1 s, after 3 s, and one that ignores SIGTERM and is killed
+// after its 2 s grace) stops them all, removes every one from KV, and exits 0. Before,
+// the daemon's shutdown raced the nexlet's own lame duck timer and kept slow ones.
+func TestLameduckDrainLeavesKVEmpty(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	st := n.waitReady(t)
+	loop := "while :; do sleep 0.1; done"
+	for name, script := range map[string]string{
+		"fast":  "exec sleep 600",
+		"one":   "trap 'sleep 1; exit 0' TERM; " + loop,
+		"three": "trap 'sleep 3; exit 0' TERM; " + loop,
+		"deaf":  "trap '' TERM; " + loop,
+	} {
+		req, _ := json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script}, "stop_grace": "2s"})
+		if name == "three" {
+			req, _ = json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script}, "stop_grace": "10s"})
+		}
+		n.runWorkload(t, "--name", name, "--start-request", string(req))
+	}
+	nc := testnats.Connect(t, s)
+	js, _ := jetstream.New(nc)
+	kv, err := js.KeyValue(t.Context(), "nex-"+st.NodeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := func() []string {
+		ks, err := kv.Keys(t.Context())
+		if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {
+			t.Fatal(err)
+		}
+		return ks
+	}
+	if k := keys(); len(k) != 4 {
+		t.Fatalf("before lame duck: %d keys in KV, want 4: %v", len(k), k)
+	}
+	time.Sleep(500 * time.Millisecond) // the traps are set
+	n.mustCtl(t, "lameduck", "--delay", "1s")
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("nexd exited %d after lame duck", code)
+	}
+	if k := keys(); len(k) != 0 {
+		t.Fatalf("lame duck left %d workloads in KV: %v", len(k), k)
+	}
 }

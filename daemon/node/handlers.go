@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -444,6 +445,58 @@ func (n *Node) StopAllWorkloads(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("stop workload %s (%s): %s", w.ID, w.Name, resp.Message))
 		}
 	}
+	return errors.Join(errs...)
+}
+
+// DrainWorkloads is the end of lame duck mode: it stops every workload this node runs
+// or holds in state, all at once, each waited for until it is gone (its grace, then a
+// kill), and removes each from node state whatever the timing: whether the nexlet
+// stopped it first on its own lame duck timer, the node's stop did, or it was already
+// gone. A workload no nexlet confirmed stopping is removed too: the node is going away.
+func (n *Node) DrainWorkloads(ctx context.Context) error {
+	type target struct{ ns, typ string }
+	targets := map[string]target{}
+	n.mu.Lock()
+	for id, typ := range n.owned {
+		targets[id] = target{ns: protocol.SystemNamespace, typ: typ}
+	}
+	n.mu.Unlock()
+	list, listErr := n.Workloads(ctx)
+	for _, w := range list {
+		t := targets[w.ID]
+		t.ns = protocol.SystemNamespace
+		if w.Namespace != nil && *w.Namespace != "" {
+			t.ns = *w.Namespace
+		}
+		if t.typ == "" {
+			t.typ = w.WorkloadType
+		}
+		targets[w.ID] = t
+	}
+	var (
+		mu   sync.Mutex
+		errs []error
+		wg   sync.WaitGroup
+	)
+	if listErr != nil {
+		errs = append(errs, fmt.Errorf("list workloads to drain: %w", listErr))
+	}
+	for id, t := range targets {
+		wg.Go(func() {
+			resp, err := n.stopWorkload(ctx, t.ns, id)
+			if err == nil && !resp.Stopped && resp.Message != protocol.ErrTextWorkloadNotFound {
+				err = errors.New(resp.Message)
+			}
+			if err != nil {
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("drain workload %s: %w", id, err))
+				mu.Unlock()
+			}
+			n.forget(id, t.typ)
+		})
+	}
+	wg.Wait()
+	n.log.Info("lame duck drain done", "workloads", len(targets), "errors", len(errs))
 	return errors.Join(errs...)
 }
 
