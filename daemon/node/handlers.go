@@ -457,8 +457,8 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 	type target struct{ ns, typ string }
 	targets := map[string]target{}
 	n.mu.Lock()
-	for id, typ := range n.owned {
-		targets[id] = target{ns: protocol.SystemNamespace, typ: typ}
+	for id, o := range n.owned {
+		targets[id] = target{ns: protocol.SystemNamespace, typ: o.typ}
 	}
 	n.mu.Unlock()
 	list, listErr := n.Workloads(ctx)
