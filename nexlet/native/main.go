@@ -51,10 +51,18 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger) error 
 	}
 	stateDir := env(EnvStateDir)
 	if stateDir == "" {
-		stateDir = "/var/lib/nexd"
-		if d := env("STATE_DIRECTORY"); d != "" {
-			stateDir = d
+		stateDir = env("STATE_DIRECTORY")
+	}
+	if stateDir != "" {
+		// Environments are sealed to this key and kept sealed in the node's state:
+		// it must outlive this process, or a replay could not open them.
+		path := filepath.Join(stateDir, "nexlets", filepath.Base(cfg.RuntimeDir), XKeySeedFile)
+		if cfg.XKey, err = LoadXKey(path); err != nil {
+			return err
 		}
+	} else {
+		stateDir = "/var/lib/nexd"
+		log.Warn("no state directory: the xkey is new on every start, so sealed environments cannot be replayed after a restart")
 	}
 	cfg.Secrets = secrets.FileStore{Dir: filepath.Join(stateDir, "secrets")}
 	if v := env(EnvMaxWorkloads); v != "" {

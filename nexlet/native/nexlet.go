@@ -205,6 +205,42 @@ func (n *Nexlet) Heartbeat() (*protocol.AgentHeartbeat, error) {
 
 // StartWorkload implements nexlet.Agent. Every check happens before anything starts.
 func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
+	resp, err := n.startWorkload(id, req, existing)
+	if err != nil && existing && idRE.MatchString(id) && req.Request.Namespace != "" {
+		// A replay that fails must not leave the node's state entry silent: the
+		// workload is listed as failed with the reason until it is stopped.
+		n.replayFailed(id, req, err)
+		return &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}, nil
+	}
+	return resp, err
+}
+
+// replayFailed lists a workload the node replayed but this nexlet could not start or
+// adopt (for instance an environment sealed to a key it does not hold) as failed.
+func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest, cause error) {
+	reason := "replay failed: " + cause.Error()
+	if sb, err := n.iso.sandbox(id, Limits{}); err == nil {
+		if procs, _ := sb.procs(); len(procs) > 0 {
+			reason += fmt.Sprintf(" (its processes %v still run, unmanaged)", procs)
+		}
+	}
+	code := -1
+	now := time.Now().UTC()
+	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req,
+		dir: filepath.Join(n.wdir, id), state: protocol.WorkloadError, started: now, ended: now,
+		finished: true, exitCode: &code, reason: reason, stop: make(chan time.Duration, 1), done: make(chan struct{})}
+	close(w.done)
+	n.mu.Lock()
+	if _, held := n.workloads[id]; held {
+		n.mu.Unlock()
+		return
+	}
+	n.workloads[id] = w
+	n.mu.Unlock()
+	n.log.Error("replayed workload failed; listed as failed until stopped", "workload_id", id, "namespace", w.ns, "name", w.name, "err", cause)
+}
+
+func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
 	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
 	if !idRE.MatchString(id) {
 		return nil, fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id)
@@ -404,7 +440,7 @@ func (n *Nexlet) GetWorkload(id, targetXKey string) (*protocol.StartWorkloadRequ
 	}
 	out := w.req.Request
 	out.Tags = maps.Clone(out.Tags)
-	if targetXKey == "" || w.plan.req.EncryptedEnvironment == nil {
+	if targetXKey == "" || w.plan == nil || w.plan.req.EncryptedEnvironment == nil {
 		return &out, nil
 	}
 	rr, err := n.reseal(out.RunRequest, *w.plan.req.EncryptedEnvironment, targetXKey)

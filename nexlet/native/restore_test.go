@@ -1,0 +1,81 @@
+package native
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestSealedEnvSurvivesRestart: with the xkey kept in the state dir (LoadXKey) a
+// restarted nexlet opens a replayed sealed environment and adopts the workload; a nexlet
+// with another key lists the replayed workload as failed with the reason, never
+// silently.
+func TestSealedEnvSurvivesRestart(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	keyPath := filepath.Join(t.TempDir(), "nexlets", "native", XKeySeedFile)
+	kp, err := LoadXKey(keyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := fn.startNexlet(Config{RuntimeDir: runtime, XKey: kp})
+
+	client, _ := nkeys.CreateCurveKeys()
+	clientPub, _ := client.PublicKey()
+	clear, _ := json.Marshal(map[string]string{"SEALED_V": "kept"})
+	sealed, err := client.Seal(clear, first.XKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := startReq(protocol.LifecycleService, "sealrestart", map[string]any{
+		"uri":                   script(t, `echo "sealed=$SEALED_V"; exec sleep 1000`),
+		"encrypted_environment": protocol.EncEnv{Base64EncryptedEnv: base64.StdEncoding.EncodeToString(sealed), EncryptedBy: clientPub},
+	}, fn.creds())
+	fn.mustStart("sealrestart", req)
+	fn.waitLog("sealrestart", "stdout", "sealed=kept")
+	pid := procsOf("sealrestart")
+	first.crash()
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"sealrestart": req}
+	fn.mu.Unlock()
+
+	// Same key, loaded again from the state dir: adopted, same process.
+	again, err := LoadXKey(keyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := fn.startNexlet(Config{RuntimeDir: runtime, XKey: again})
+	if second.XKey() != first.XKey() {
+		t.Fatalf("xkey changed across restarts: %s -> %s", first.XKey(), second.XKey())
+	}
+	testkit.Eventually(t, "sealed workload adopted", func() bool {
+		s, ok := fn.summary("sealrestart")
+		return ok && s.WorkloadState == protocol.WorkloadRunning && slices.Equal(procsOf("sealrestart"), pid)
+	})
+	second.crash()
+
+	// Another key: the replay cannot open the environment and says so.
+	other, _ := nkeys.CreateCurveKeys()
+	fn.startNexlet(Config{RuntimeDir: runtime, XKey: other})
+	testkit.Eventually(t, "failed replay listed", func() bool {
+		s, ok := fn.summary("sealrestart")
+		return ok && s.WorkloadState == protocol.WorkloadError && strings.Contains(s.Metadata["reason"], "encrypted_environment")
+	})
+	s, _ := fn.summary("sealrestart")
+	if !strings.Contains(s.Metadata["reason"], "replay failed") || !strings.Contains(s.Metadata["reason"], "still run") {
+		t.Errorf("reason %q should say the replay failed and the process still runs", s.Metadata["reason"])
+	}
+	fn.stop("sealrestart", testNS)
+	for _, p := range procsOf("sealrestart") {
+		_ = syscall.Kill(-p, syscall.SIGKILL)
+	}
+}
