@@ -344,6 +344,8 @@ const (
 	EventAgentLameduckSet = "AGENTLAMEDUCKSET"
 	EventWorkloadStarted  = "WORKLOADSTARTED"
 	EventWorkloadStopped  = "WORKLOADSTOPPED"
+	// EventAgentHealthChanged is nexd's own: a nexlet's health changed.
+	EventAgentHealthChanged = "AGENTHEALTHCHANGED"
 )
 
 // NodeStartedEvent is emitted once a node runs.
@@ -383,6 +385,16 @@ type AgentStoppedEvent struct {
 	ID        string    `json:"id"`
 	Name      string    `json:"name"`
 	Reason    string    `json:"reason"`
+	Timestamp time.Time `json:"timestamp"`
+}
+
+// AgentHealthChangedEvent is emitted when a nexlet's health changes (healthy,
+// degraded, shutting down, offline); nexd only.
+type AgentHealthChangedEvent struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	From      string    `json:"from"`
+	To        string    `json:"to"`
 	Timestamp time.Time `json:"timestamp"`
 }
 

@@ -317,7 +317,14 @@ func (n *Node) onHeartbeat(m *nats.Msg) {
 	}
 	if before != after {
 		n.log.Info("nexlet health changed", "agent_id", agentID, "name", r.req.Name, "from", before, "to", after)
+		n.emitHealth(agentID, r.req.Name, before, after, now)
 	}
+}
+
+// emitHealth publishes a nexlet's health change (a nexd event; upstream has none).
+func (n *Node) emitHealth(agentID, name, from, to string, at time.Time) {
+	n.o.Emitter.Emit(n.id, protocol.EventAgentHealthChanged, protocol.AgentHealthChangedEvent{
+		ID: agentID, Name: name, From: from, To: to, Timestamp: at.UTC()})
 }
 
 // sweep removes registrations that have been offline for RemoveOfflineAfter, forgets
@@ -350,6 +357,7 @@ func (n *Node) sweep(now time.Time) {
 	for _, c := range changes {
 		n.log.Warn("nexlet health changed", "agent_id", c.r.id, "name", c.r.req.Name, "from", c.from, "to", c.to,
 			"last_heartbeat", c.r.lastBeat)
+		n.emitHealth(c.r.id, c.r.req.Name, c.from, c.to, now)
 	}
 	for _, r := range gone {
 		n.agentStopped(r, fmt.Sprintf("offline: no heartbeat since %s", r.lastSeen.UTC().Format(time.RFC3339)))

@@ -143,7 +143,7 @@ func TestHeartbeatAndNodeEvents(t *testing.T) {
 	if _, err := n.EnterLameduck(time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{protocol.EventNodeStarted, protocol.EventAgentStarted, protocol.EventNodeLameduckSet, protocol.EventAgentLameduckSet, protocol.EventNodeStopped}
+	want := []string{protocol.EventNodeStarted, protocol.EventAgentStarted, protocol.EventAgentHealthChanged, protocol.EventNodeLameduckSet, protocol.EventAgentLameduckSet, protocol.EventNodeStopped}
 	got := map[string]json.RawMessage{}
 	for len(got) < len(want) {
 		if _, ok := got[protocol.EventAgentLameduckSet]; ok && len(got) == len(want)-1 {
@@ -161,6 +161,10 @@ func TestHeartbeatAndNodeEvents(t *testing.T) {
 			t.Errorf("event %s not keyed by node id", m.Subject)
 		}
 		got[protocol.LastToken(m.Subject)] = m.Data
+	}
+	var health protocol.AgentHealthChangedEvent
+	if err := json.Unmarshal(got[protocol.EventAgentHealthChanged], &health); err != nil || health.To != "healthy" || health.Name == "" {
+		t.Errorf("AGENTHEALTHCHANGED %s", got[protocol.EventAgentHealthChanged])
 	}
 	var started protocol.NodeStartedEvent
 	if err := json.Unmarshal(got[protocol.EventNodeStarted], &started); err != nil || started.Type != protocol.NodeStartedEventType || started.Nexus != "testnexus" {
