@@ -73,9 +73,11 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		"node_id", id.ID(), "node_name", cfg.Node.Name, "nexus", cfg.Node.Nexus,
 		"identity", string(id.NodeSource), "state_dir", s.stateDir)
 
-	d.notify.Status("starting: connecting to NATS")
 	client, embed := natsOptions(cfg)
-	if s.conn, err = natsembed.Connect(startCtx, client, embed, d.log); err != nil {
+	doneWaiting := d.waitingFor("NATS")
+	s.conn, err = natsembed.Connect(startCtx, client, embed, d.log)
+	doneWaiting()
+	if err != nil {
 		return nil, fmt.Errorf("nats: %w", err)
 	}
 	d.closers.push("NATS connection", func(ctx context.Context) error {
@@ -113,7 +115,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.metrics = metrics.New()
 	var store node.Store = node.NewMemStore()
 	if cfg.Node.State == "kv" {
-		if store, err = state.OpenKV(startCtx, s.conn.NC, id.ID(), s.conn.JSDomain(), d.log); err != nil {
+		if store, err = d.openKVPatiently(startCtx, func(ctx context.Context) (*state.KV, error) {
+			return state.OpenKV(ctx, s.conn.NC, id.ID(), s.conn.JSDomain(), d.log)
+		}); err != nil {
 			return nil, err
 		}
 	}

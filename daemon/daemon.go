@@ -33,6 +33,7 @@ type daemon struct {
 	notify *sysd.Notifier
 
 	snap     atomic.Pointer[snapshot]
+	degraded atomic.Bool // READY=1 was sent early, in a degraded state (start-up bound reached)
 	shutdown chan string // reason; buffered, first one wins
 	own      goroutines
 	closers  closers

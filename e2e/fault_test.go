@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -263,4 +264,78 @@ func TestLameduckDrainLeavesKVEmpty(t *testing.T) {
 	if k := keys(); len(k) != 0 {
 		t.Fatalf("lame duck left %d workloads in KV: %v", len(k), k)
 	}
+}
+
+// TestSIGTERMDuringStartupWaits: SIGTERM while nexd waits for NATS, and while it waits
+// for JetStream, ends nexd within seconds with exit 0. STATUS said what it waited for.
+func TestSIGTERMDuringStartupWaits(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	l, err := net.Listen("tcp", "127.0.0.1:0") // a port nobody serves NATS on
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadURL := "nats://" + l.Addr().String()
+	l.Close()
+	noJS := testnats.Start(t, testnats.Options{NoJetStream: true})
+	for _, c := range []struct {
+		name, url, waits string
+	}{
+		{"nats", deadURL, "waiting for NATS"},
+		{"jetstream", noJS.ClientURL(), "waiting for JetStream"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			ns := newNotifySocket(t)
+			n := startNode(t, nodeOpts{external: c.url, notify: ns, extra: []string{"--state", "kv"}})
+			ns.waitFor(t, c.waits, 30*time.Second)
+			n.signal(t, syscall.SIGTERM)
+			start := time.Now()
+			if code := n.wait(t, 10*time.Second); code != 0 {
+				t.Fatalf("exit %d after SIGTERM while %s", code, c.waits)
+			}
+			t.Logf("exited %s after SIGTERM while %s", time.Since(start).Round(time.Millisecond), c.waits)
+		})
+	}
+}
+
+// TestJetStreamLateAtStart: JetStream is unavailable for the first 30 s of nexd's
+// start (the server runs without it, then comes back with it on the same port). nexd
+// neither exits nor fails: past its start-up bound it says READY in a degraded state,
+// keeps retrying, and becomes a running node once JetStream answers, in one process.
+func TestJetStreamLateAtStart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	store := t.TempDir()
+	port := -1
+	noJS := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { o.Port = port }})
+	port = noJS.Addr().(*net.TCPAddr).Port
+	began := time.Now()
+	ns := newNotifySocket(t)
+	n := startNode(t, nodeOpts{external: noJS.ClientURL(), notify: ns,
+		extra: []string{"--state", "kv", "--startup-timeout", "5s"}})
+	ns.waitFor(t, "EXTEND_TIMEOUT_USEC=", 20*time.Second)
+	ready := ns.waitFor(t, "READY=1", 30*time.Second)
+	if !strings.Contains(ready, "degraded") || !strings.Contains(ready, "JetStream") {
+		t.Fatalf("first READY is not the degraded one: %q", ready)
+	}
+	time.Sleep(30*time.Second - time.Since(began))
+	noJS.Shutdown()
+	noJS.WaitForShutdown()
+	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.Port = port; o.StoreDir = store }})
+	ready = ns.waitFor(t, "READY=1", 60*time.Second)
+	if !strings.Contains(ready, "running") {
+		t.Fatalf("second READY is not running: %q", ready)
+	}
+	n.waitReady(t)
+	select {
+	case <-n.done:
+		t.Fatalf("nexd exited: %v", n.err)
+	default:
+	}
+	n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "60")
 }

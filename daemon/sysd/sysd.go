@@ -120,6 +120,10 @@ func (n *Notifier) RunWatchdog(ctx context.Context, healthy func() bool) {
 	}
 }
 
+// Watchdog sends one WATCHDOG=1. The caller proves liveness; RunWatchdog is the
+// usual way to send these.
+func (n *Notifier) Watchdog() error { return n.send(daemon.SdNotifyWatchdog) }
+
 // send dials NOTIFY_SOCKET afresh for each message (go-systemd's way), which also
 // survives systemd being re-executed.
 func (n *Notifier) send(msg string) error {

@@ -1,0 +1,107 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/daemon/state"
+)
+
+// startTick is how often a start-up wait refreshes STATUS and systemd's start timeout.
+const startTick = 2 * time.Second
+
+// waitingFor marks a start-up step that waits for something outside nexd (NATS,
+// JetStream): while it lasts, STATUS says what nexd waits for and since when, and the
+// start timeout is extended, so systemd neither kills a patient start nor hears
+// nothing. Once the start-up bound (startup_timeout after nexd started) has passed,
+// nexd sends READY=1 with a degraded STATUS instead of letting the unit fail, and
+// pings the watchdog from this loop while it keeps waiting. The returned func ends
+// the wait.
+func (d *daemon) waitingFor(what string) (done func()) {
+	since := time.Now()
+	bound := d.started.Add(d.cfg().Node.StartupTimeout)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(startTick)
+		defer t.Stop()
+		for {
+			waited := time.Since(since).Round(time.Second)
+			switch {
+			case time.Now().Before(bound):
+				d.notify.Status(fmt.Sprintf("starting: waiting for %s (%s)", what, waited))
+				d.notify.ExtendTimeout(3 * startTick)
+			default:
+				status := fmt.Sprintf("degraded: waiting for %s (%s); not bidding yet", what, waited)
+				if d.degraded.CompareAndSwap(false, true) {
+					d.log.Warn("start-up bound reached; ready in a degraded state while waiting", "for", what,
+						"startup_timeout", d.cfg().Node.StartupTimeout.String())
+					d.notify.Ready(status)
+				} else {
+					d.notify.Status(status)
+				}
+				d.notify.Watchdog()
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	})
+	return func() { close(stop); wg.Wait() }
+}
+
+// openKVPatiently opens the node's state bucket, retrying with backoff while
+// JetStream does not answer (not enabled yet, no responders, a timeout) until ctx
+// ends. Errors that waiting cannot fix are returned at once.
+func (d *daemon) openKVPatiently(ctx context.Context, open func(context.Context) (*state.KV, error)) (*state.KV, error) {
+	done := d.waitingFor("JetStream (workload state bucket)")
+	defer done()
+	delay := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		kv, err := open(actx)
+		cancel()
+		if err == nil {
+			if attempt > 1 {
+				d.log.Info("JetStream available; state bucket open", "attempts", attempt)
+			}
+			return kv, nil
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
+		}
+		if !retryableJS(err) {
+			return nil, err
+		}
+		wait := delay/2 + rand.N(delay/2+1) // jitter, so a fleet does not retry in step
+		d.log.Warn("JetStream not available yet, retrying", "err", err, "attempt", attempt, "retry_in", wait.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
+		delay = min(2*delay, 10*time.Second)
+	}
+}
+
+// retryableJS says whether a state store error may heal by waiting: JetStream not
+// (yet) enabled or answering, a timeout, a connection that is reconnecting, or any
+// JetStream API error with code 503 (temporarily unavailable).
+func retryableJS(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.Is(err, jetstream.ErrJetStreamNotEnabled) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) ||
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoHeartbeat) ||
+		errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected) ||
+		(errors.As(err, &apiErr) && apiErr.Code == 503)
+}
