@@ -221,9 +221,23 @@ func (b backend) Metrics() http.Handler { return b.s.metrics.Handler() }
 
 // NATSAccess gives local admins the node's client URLs (an embedded server's real
 // address included) so nexctl on this host needs no NATS configuration.
+// With the zero-config embedded server it adds a short-lived admin credential: that
+// server admits nobody without a user JWT nexd signed.
 func (b backend) NATSAccess(context.Context) (control.NATSAccess, error) {
-	return control.NATSAccess{Servers: b.s.conn.ClientURLs(), Embedded: b.s.conn.InProcess() != nil}, nil
+	acc := control.NATSAccess{Servers: b.s.conn.ClientURLs(), Embedded: b.s.conn.InProcess() != nil}
+	if t := b.s.embeddedTrust(); t != nil {
+		creds, exp, err := t.AdminCreds("local-admin", localAdminTTL)
+		if err != nil {
+			return control.NATSAccess{}, err
+		}
+		acc.Creds, acc.Expires = creds, &exp
+	}
+	return acc, nil
 }
+
+// localAdminTTL is how long the admin credential nexctl gets from the control socket
+// lives: one command's worth, with room for a long `logs --follow` reconnect.
+const localAdminTTL = time.Hour
 
 // workloadUsers says who native workloads run as: without root nexd cannot switch
 // users, so they run as whoever started it.

@@ -100,7 +100,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		return nil
 	})
 
-	if s.minter, err = newMinter(cfg, s.conn.ClientURLs()); err != nil {
+	if s.minter, err = newMinter(cfg, s.conn.ClientURLs(), s.embeddedTrust()); err != nil {
 		return nil, err
 	}
 	d.log.Info("credential minter", "minter", s.minter.Describe())
@@ -211,7 +211,16 @@ func natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
 // nexletCredsTTL is how long a nexlet's minted NATS user is valid.
 const nexletCredsTTL = 365 * 24 * time.Hour
 
-func newMinter(cfg *config.Config, servers []string) (mint.Minter, error) {
+// embeddedTrust is the zero-config embedded server's operator setup, nil when nexd
+// uses --inats-config or an external NATS.
+func (s *server) embeddedTrust() *natsembed.Trust {
+	if srv, ok := s.conn.InProcess().(*natsembed.Server); ok && srv != nil {
+		return srv.Trust()
+	}
+	return nil
+}
+
+func newMinter(cfg *config.Config, servers []string, trust *natsembed.Trust) (mint.Minter, error) {
 	opts := mint.Options{Servers: servers, Nexus: cfg.Node.Nexus, JSDomain: cfg.NATS.JSDomain,
 		// A nexlet cannot fetch new credentials while it runs, so its user must outlive
 		// it (as upstream's 365 days); workload users live workload_creds_ttl and their
@@ -219,6 +228,12 @@ func newMinter(cfg *config.Config, servers []string) (mint.Minter, error) {
 		AgentTTL: nexletCredsTTL, WorkloadTTL: cfg.Node.WorkloadCredsTTL}
 	n := cfg.Node
 	switch {
+	case trust != nil:
+		// The embedded server's own account: scoped users signed by its signing key,
+		// revoked in the account JWT (which nexd holds) when a workload stops.
+		opts.Revoker = &mint.AccountRevoker{OperatorSigner: trust.OperatorSigner(), Load: trust.LoadAccount,
+			Push: trust.PushAccount, Retain: cfg.Node.WorkloadCredsTTL + time.Hour}
+		return mint.NewSigningKeyMinter(trust.SigningSeed(), trust.AccountPub(), opts)
 	case n.IssuerSigningKey != "":
 		m, err := mint.NewSigningKeyMinter(n.IssuerSigningKey, n.IssuerSigningKeyRootAccount, opts)
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -217,3 +218,57 @@ func TestAttackNodePasswordNeverReachesChildren(t *testing.T) {
 }
 
 func contains(list []string, s string) bool { return slices.Contains(list, s) }
+
+// TestAttackLocalUserCannotTakeOverEmbeddedNATS: a local user outside group nex, on a
+// node with the zero-config embedded server. Before issue 12 that server had no
+// authentication: `nexctl --nats.servers nats://127.0.0.1:4222 workload run -- /usr/bin/id`
+// printed uid=0 and `nexctl node lameduck` stopped the node for good.
+func TestAttackLocalUserCannotTakeOverEmbeddedNATS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	testkit.RequireUsers(t)
+	t.Parallel()
+	n := startNode(t, nodeOpts{publicSocket: true})
+	st := n.waitReady(t)
+	mallory := testkit.NewUser(t)
+	ctl := nexctlBin(t)
+	as := func(args ...string) (string, int) {
+		cmd := mallory.Command(ctl, args...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if err != nil {
+			ee, ok := err.(*exec.ExitError)
+			if !ok {
+				t.Fatalf("nexctl as %s: %v", mallory.Name, err)
+			}
+			code = ee.ExitCode()
+		}
+		return string(out), code
+	}
+
+	// No credentials, no connection.
+	if nc, err := nats.Connect(n.natsURL, nats.Timeout(5*time.Second)); err == nil {
+		nc.Close()
+		t.Error("an unauthenticated client connected to the embedded NATS server")
+	} else if !strings.Contains(strings.ToLower(err.Error()), "authorization") {
+		t.Errorf("unauthenticated connect: %v, want an authorization error", err)
+	}
+	for _, args := range [][]string{
+		{"--nats.servers", n.natsURL, "--nats.timeout", "3s", "workload", "run", "--lifecycle", "job", "--", "/usr/bin/id"},
+		{"--control-socket", n.socket, "--nats.timeout", "3s", "workload", "run", "--lifecycle", "job", "--", "/usr/bin/id"},
+		{"--nats.servers", n.natsURL, "--nats.timeout", "3s", "node", "lameduck", st.NodeID, "--delay", "1s"},
+		{"--control-socket", n.socket, "lameduck", "--delay", "1s"},
+	} {
+		if out, code := as(args...); code == 0 {
+			t.Errorf("as %s, nexctl %v succeeded:\n%s", mallory.Name, args, out)
+		}
+	}
+	// The node is still up and took no workload.
+	time.Sleep(2 * time.Second)
+	if cur := n.waitReady(t); cur.State != "running" || len(n.workloads(t)) != 0 {
+		t.Errorf("after the attacks: state %s, workloads %v", cur.State, n.workloads(t))
+	}
+	// Control: root (a local admin) needs no set-up for the same deploy.
+	n.mustCtl(t, "workload", "run", "--lifecycle", "job", "--", "/usr/bin/id")
+}

@@ -39,6 +39,9 @@ type nodeOpts struct {
 	stateDir string
 	cgroup   string // reuse this cgroup root (a restart of the same node)
 	dir      string // working dir and HOME (where ./config.json is read); a temp dir when empty
+	// publicSocket puts the control socket where other uids can reach it (its own
+	// permission checks then decide), as /run/nex is on an installed node.
+	publicSocket bool
 }
 
 // cgroupRoot gives each test its own v1 subtree (when this host has writable v1
@@ -79,6 +82,9 @@ func startNode(t *testing.T, o nodeOpts) *node {
 		n.stateDir = t.TempDir()
 	}
 	n.socket = filepath.Join(t.TempDir(), "nexd.sock")
+	if o.publicSocket {
+		n.socket = filepath.Join(testkit.PublicDir(t), "nexd.sock")
+	}
 	args := []string{"--state-dir", n.stateDir, "--control-socket", n.socket, "--node-name", "e2e",
 		"--startup-timeout", "60s"}
 	env := append([]string{}, o.env...)
@@ -150,7 +156,9 @@ func (n *node) waitReady(t *testing.T) control.Status {
 func (n *node) ctl(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
 	full := []string{"--control-socket", n.socket}
-	if n.natsURL != "" {
+	if n.natsURL != "" && !n.embedded {
+		// The embedded server admits only users nexd signed: nexctl asks the control
+		// socket for its URL and an admin credential, as a local admin's would.
 		full = append(full, "--nats.servers", n.natsURL)
 	}
 	full = append(full, args...)

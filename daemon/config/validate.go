@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -217,9 +218,20 @@ func (v *validator) inats(path string) {
 		return
 	}
 	if err := v.checkInats(path); err != nil {
+		var w InatsWarning
+		if errors.As(err, &w) {
+			v.warnings = append(v.warnings, fmt.Sprintf("inats_config %s: %s", path, w.Msg))
+			return
+		}
 		v.fail("inats_config", "", fmt.Sprintf("nats-server cannot use %q: %v", path, err))
 	}
 }
+
+// InatsWarning is what a CheckInats hook returns for a file nats-server accepts but
+// that deserves a warning (it configures no authentication).
+type InatsWarning struct{ Msg string }
+
+func (w InatsWarning) Error() string { return w.Msg }
 
 var keyKinds = map[nkeys.PrefixByte]struct{ article, name, letter string }{
 	nkeys.PrefixByteServer:   {"a", "server", "N"},

@@ -17,8 +17,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsconn"
 )
 
@@ -58,8 +60,12 @@ type Server struct {
 	s         *server.Server
 	log       *slog.Logger
 	tempStore string // removed on Shutdown
+	trust     *Trust // the zero-config server's operator setup; nil for --inats-config
 	once      sync.Once
 }
+
+// Trust is the zero-config server's operator/JWT setup (nil for --inats-config).
+func (s *Server) Trust() *Trust { return s.trust }
 
 // InProcessConn lets natsconn dial the server without a socket.
 func (s *Server) InProcessConn() (net.Conn, error) { return s.s.InProcessConn() }
@@ -146,6 +152,18 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 		JetStream:  true,
 		StoreDir:   store, // nats-server adds /jetstream
 	}
+	// Never open: operator mode with keys of the node's own, so that every client
+	// needs a user JWT nexd signed.
+	trust, err := loadOrCreateTrust(o.StateDir)
+	if err == nil {
+		err = trust.configure(sopts)
+	}
+	if err != nil {
+		if tempStore != "" {
+			os.RemoveAll(tempStore)
+		}
+		return nil, err
+	}
 	srv, err := start(ctx, sopts, "embedded NATS on 127.0.0.1:"+portString(port), log)
 	if err != nil {
 		if tempStore != "" {
@@ -154,16 +172,27 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 		return nil, fmt.Errorf("%w (no NATS is configured, so nexd starts its own server; if one already runs here, point nexd at it with --nats.servers)", err)
 	}
 	srv.tempStore = tempStore
+	srv.trust = trust
+	trust.mu.Lock()
+	trust.srv = srv.s
+	trust.mu.Unlock()
 	url := srv.realClientURL()
+	// The node's own user: every subject, no expiry, in-process connections only (it
+	// is useless to anyone who might read it).
+	nodeJWT, nodeSeed, err := trust.User("nexd-node", 0, jwt.ConnectionTypeInProcess)
+	if err != nil {
+		srv.Shutdown()
+		return nil, err
+	}
 	// Only the connection's own knobs apply: nothing else is configured here.
 	inproc := natsconn.Options{ConnName: client.ConnName, JSDomain: client.JSDomain,
-		Timeout: client.Timeout, HealthGrace: client.HealthGrace}
+		Timeout: client.Timeout, HealthGrace: client.HealthGrace, JWT: nodeJWT, Seed: nodeSeed}
 	c, err := natsconn.ConnectInProcess(ctx, inproc, srv, []string{url}, log)
 	if err != nil {
 		return nil, err
 	}
-	log.Info("no NATS configured: using an embedded NATS server",
-		"client_url", url, "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
+	log.Info("no NATS configured: using an embedded NATS server (operator mode: every client needs a user JWT signed by nexd)",
+		"client_url", url, "account", trust.AccountPub(), "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
 		"persistent", tempStore == "")
 	return c, nil
 }
@@ -262,7 +291,28 @@ func (l *serverLogger) fatal() string {
 
 // CheckServerConfig parses a nats-server config file as --inats-config would; it is
 // config.LoadOptions.CheckInats for nexd.
+// A file that configures no authentication is accepted with a config.InatsWarning:
+// it stays the operator's choice, but every local user could take the node over.
 func CheckServerConfig(path string) error {
-	_, err := server.ProcessConfigFile(path)
-	return err
+	o, err := server.ProcessConfigFile(path)
+	if err != nil {
+		return err
+	}
+	if w := authWarning(o); w != "" {
+		return config.InatsWarning{Msg: w}
+	}
+	return nil
+}
+
+// authWarning says what is open about a server's client authentication, "" when
+// every client must authenticate.
+func authWarning(o *server.Options) string {
+	if o.NoAuthUser != "" {
+		return fmt.Sprintf("no_auth_user %q: clients without credentials are let in as that user", o.NoAuthUser)
+	}
+	if len(o.Users) > 0 || len(o.Nkeys) > 0 || o.Username != "" || o.Authorization != "" ||
+		len(o.TrustedOperators) > 0 || len(o.TrustedKeys) > 0 || o.AuthCallout != nil {
+		return ""
+	}
+	return "it configures no authentication: anyone who can reach the server can deploy workloads and stop the node (add authorization, accounts or an operator, or drop inats_config for nexd's authenticated zero-config server)"
 }

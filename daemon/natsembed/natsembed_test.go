@@ -2,6 +2,7 @@ package natsembed
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -12,10 +13,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/nexd-project/nexd/daemon/config"
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -137,11 +141,26 @@ func TestZeroConfigEmbedded(t *testing.T) {
 		t.Fatalf("ClientURLs %v, want the real loopback URL", urls)
 	}
 	kvWorks(t, c.NC)
-	ext, err := nats.Connect(urls[0])
+	// Never open: without a user JWT nexd signed, nobody gets in.
+	if nc, err := nats.Connect(urls[0]); err == nil {
+		nc.Close()
+		t.Fatal("an unauthenticated client connected to the embedded server")
+	}
+	trust := c.InProcess().(*Server).Trust()
+	creds, _, err := trust.AdminCreds("admin", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	credsFile := filepath.Join(t.TempDir(), "admin.creds")
+	os.WriteFile(credsFile, []byte(creds), 0o600)
+	ext, err := nats.Connect(urls[0], nats.UserCredentials(credsFile))
 	if err != nil {
 		t.Fatalf("child connect to %s: %v", urls[0], err)
 	}
 	defer ext.Close()
+	if fi, err := os.Stat(filepath.Join(state, trustFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("key file: %v %v, want mode 0600", fi, err)
+	}
 	// The child sees the node's KV bucket: one server, one account.
 	js, _ := jetstream.New(ext)
 	kv, err := js.KeyValue(ctxT(t), "nex-test")
@@ -198,5 +217,58 @@ func TestZeroConfigPortInUse(t *testing.T) {
 	_, err = Connect(ctxT(t), natsconn.Options{}, Options{Port: port, StateDir: t.TempDir()}, nil)
 	if err == nil || !strings.Contains(err.Error(), strconv.Itoa(port)) {
 		t.Fatalf("error %v, want one naming port %d", err, port)
+	}
+}
+
+// A user revoked in the account JWT is disconnected at once and stays refused, also
+// after nexd restarts on the same state directory (same keys, same revocations).
+func TestZeroConfigRevocationAndRestart(t *testing.T) {
+	state := t.TempDir()
+	c := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	trust := c.InProcess().(*Server).Trust()
+	userJWT, seed, err := trust.User("victim", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	nc, err := nats.Connect(c.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed), nats.NoReconnect(),
+		nats.ClosedHandler(func(*nats.Conn) { close(closed) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	uc, _ := jwt.DecodeUserClaims(userJWT)
+	r := &mint.AccountRevoker{OperatorSigner: trust.OperatorSigner(), Load: trust.LoadAccount, Push: trust.PushAccount}
+	if err := r.RevokeUser(ctxT(t), uc.Subject, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("revoked user still connected")
+	}
+	account := trust.AccountPub()
+	c.Close(ctxT(t))
+
+	c2 := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	if got := c2.InProcess().(*Server).Trust().AccountPub(); got != account {
+		t.Errorf("account after restart %s, want %s", got, account)
+	}
+	if nc, err := nats.Connect(c2.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed)); err == nil {
+		nc.Close()
+		t.Error("a revoked user connected after the restart")
+	}
+}
+
+func TestCheckServerConfigWarnsWithoutAuth(t *testing.T) {
+	dir := t.TempDir()
+	open := testkit.WriteFile(t, filepath.Join(dir, "open.conf"), "listen: 127.0.0.1:-1\n")
+	authed := testkit.WriteFile(t, filepath.Join(dir, "authed.conf"), "listen: 127.0.0.1:-1\nauthorization { users = [{user: a, password: b}] }\n")
+	var w config.InatsWarning
+	if err := CheckServerConfig(open); !errors.As(err, &w) || !strings.Contains(w.Msg, "no authentication") {
+		t.Errorf("open config: %v, want a no-authentication warning", err)
+	}
+	if err := CheckServerConfig(authed); err != nil {
+		t.Errorf("config with users: %v", err)
 	}
 }
