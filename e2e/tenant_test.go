@@ -6,11 +6,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -278,4 +280,82 @@ func TestNexletHijack(t *testing.T) {
 	if strings.Count(log, "nexlet registration refused") < 2 || !strings.Contains(log, "not signed") {
 		t.Fatalf("refused registrations are not logged with their reason:\n%s", log)
 	}
+}
+
+// kvHas reports whether node state (KV bucket nex-<node>) holds workload id.
+func kvHas(t *testing.T, nc *nats.Conn, nodeID, typ, id string) bool {
+	t.Helper()
+	js, _ := jetstream.New(nc)
+	kv, err := js.KeyValue(t.Context(), "nex-"+nodeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = kv.Get(t.Context(), typ+"_"+id)
+	return err == nil
+}
+
+// TestForgedWorkloadStopped: anyone who can publish feeds sends WORKLOADSTOPPED for a
+// running workload; the node keeps it in its state (its nexlet reports ends as
+// requests on a subject only it may use).
+func TestForgedWorkloadStopped(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	w := n.runWorkload(t, "--name", "victim", "--namespace", "tenant", "--", "/bin/sleep", "300")
+	testkit.Eventually(t, "the workload in node state", func() bool { return kvHas(t, nc, st.NodeID, "native", w.ID) })
+
+	forged, _ := json.Marshal(protocol.WorkloadStoppedEvent{ID: w.ID, Namespace: "tenant", WorkloadType: "native"})
+	for _, from := range []string{"tenant", "system", st.NodeID} {
+		if err := nc.Publish(protocol.EventSubject(from, protocol.EventWorkloadStopped), forged); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if !kvHas(t, nc, st.NodeID, "native", w.ID) {
+		t.Fatalf("a forged WORKLOADSTOPPED removed workload %s from node state\nnexd:\n%s", w.ID, n.out.String())
+	}
+	if strings.Contains(n.out.String(), "removed from node state") {
+		t.Fatalf("the node acted on the forged event:\n%s", n.out.String())
+	}
+	// The real end still counts.
+	n.mustCtl(t, "workload", "stop", w.ID)
+	testkit.Eventually(t, "the stopped workload out of node state", func() bool { return !kvHas(t, nc, st.NodeID, "native", w.ID) })
+}
+
+// TestLostStopEvent: between nexd (and its nexlet) and NATS a proxy drops every
+// WORKLOADSTOPPED event and the first two WORKLOADENDED reports; a finished job still
+// leaves node state, so it does not run again after a restart.
+func TestLostStopEvent(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	var ended atomic.Int64
+	p := startDropProxy(t, s.ClientURL(), func(subj string) bool {
+		switch {
+		case strings.HasSuffix(subj, ".events."+protocol.EventWorkloadStopped):
+			return true
+		case strings.Contains(subj, ".WORKLOADENDED."):
+			return ended.Add(1) <= 2
+		}
+		return false
+	})
+	n := startNode(t, nodeOpts{external: p.URL(), extra: []string{"--state", "kv"}})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--", "/bin/sh", "-c", "sleep 1; exit 0")
+	testkit.EventuallyWithin(t, 60*time.Second, "the finished job out of node state", func() bool {
+		return !kvHas(t, nc, st.NodeID, "native", job.ID)
+	})
+	if p.dropped.Load() < 1 {
+		t.Fatalf("the proxy dropped nothing")
+	}
+	t.Logf("dropped %d messages, %d WORKLOADENDED reports seen", p.dropped.Load(), ended.Load())
 }

@@ -47,6 +47,8 @@ type Runner struct {
 	regType string
 	stop    context.CancelFunc
 	done    chan struct{}
+	runCtx  context.Context // ends at Shutdown: the ended-workload reports' lifetime
+	reports sync.WaitGroup  // ended-workload reports being retried
 }
 
 // Option configures a Runner.
@@ -129,6 +131,9 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
+	// The runner reports ended workloads as acknowledged requests (EmitEvent), so the
+	// node may ignore the forgeable WORKLOADSTOPPED events for this nexlet.
+	reg.ReportsEnded = true
 	body, err := protocol.Marshal(reg)
 	if err != nil {
 		return fmt.Errorf("nexlet register: encode request: %w", err)
@@ -204,6 +209,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	hbCtx, stop := context.WithCancel(r.ctx)
 	r.mu.Lock()
 	r.nc, r.svc, r.agentID, r.regType, r.stop, r.done = nc, svc, agentID, reg.RegisterType, stop, make(chan struct{})
+	r.runCtx = hbCtx
 	r.mu.Unlock()
 	r.heartbeat()
 	go r.heartbeatLoop(hbCtx)
@@ -266,6 +272,7 @@ func (r *Runner) Shutdown() error {
 	}
 	stop()
 	<-done
+	r.reports.Wait()
 	var errs error
 	if err := svc.Stop(); err != nil {
 		errs = errors.Join(errs, fmt.Errorf("stop micro service: %w", err))
@@ -354,10 +361,71 @@ func (r *Runner) EmitEvent(from, typ string, v any) error {
 	if err != nil {
 		return fmt.Errorf("nexlet event %s: encode: %w", typ, err)
 	}
+	if typ == protocol.EventWorkloadStopped {
+		var ev protocol.WorkloadStoppedEvent
+		if json.Unmarshal(b, &ev) == nil && ev.ID != "" {
+			r.reportEnded(ev.ID, b)
+		}
+	}
 	if err := nc.Publish(protocol.EventSubject(from, typ), b); err != nil {
 		return fmt.Errorf("nexlet event %s: %w", typ, err)
 	}
 	return nil
+}
+
+// Bounds of the retries of an ended-workload report.
+const (
+	endedRetryMin = 250 * time.Millisecond
+	endedRetryMax = 5 * time.Second
+	endedWait     = 5 * time.Second // one request
+)
+
+// reportEnded tells the node, as a request on the nexlet's own WORKLOADENDED subject,
+// that a workload ended, and retries until the node acknowledges (or the runner shuts
+// down): unlike the event, the report is neither forgeable nor lost.
+func (r *Runner) reportEnded(workloadID string, body []byte) {
+	r.mu.Lock()
+	nc, agentID, ctx := r.nc, r.agentID, r.runCtx
+	r.mu.Unlock()
+	if nc == nil || ctx == nil {
+		return
+	}
+	subj := protocol.WorkloadEndedSubject(r.nodeID, agentID, workloadID)
+	r.reports.Add(1)
+	go func() {
+		defer r.reports.Done()
+		wait, noResponders := endedRetryMin, 0
+		for attempt := 1; ; attempt++ {
+			rctx, cancel := context.WithTimeout(ctx, endedWait)
+			msg, err := nc.RequestWithContext(rctx, subj, body)
+			cancel()
+			if err == nil {
+				if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
+					// The node answered: retrying cannot change its mind.
+					r.log.Warn("node refused the workload-ended report", "workload_id", workloadID,
+						"code", code, "error", msg.Header.Get(protocol.HeaderError))
+				}
+				return
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			if errors.Is(err, nats.ErrNoResponders) {
+				// An upstream node serves no such subject; a nexd node that is away
+				// reconciles when this nexlet registers again.
+				if noResponders++; noResponders >= 5 {
+					return
+				}
+			}
+			r.log.Debug("workload-ended report not acknowledged; retrying", "workload_id", workloadID, "attempt", attempt, "err", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			wait = min(wait*2, endedRetryMax)
+		}
+	}()
 }
 
 // async runs slow handlers (start, stop, lameduck) off the subscription's goroutine so

@@ -230,3 +230,12 @@ const (
 func RegistrationPayload(subject string, body []byte) []byte {
 	return append([]byte(subject+"\n"), body...)
 }
+
+// WorkloadEndedSubject is a nexd extension of the agent plane: nexlet agentID tells its
+// node, as a request, that workloadID ended (body WorkloadStoppedEvent, reply
+// WorkloadEndedAck). Only that nexlet's user may publish under its agent id, so unlike
+// the WORKLOADSTOPPED event nobody else can end its workloads in node state; the nexlet
+// retries until the node acknowledges, so a lost message loses nothing.
+func WorkloadEndedSubject(nodeID, agentID, workloadID string) string {
+	return AgentPrefix(nodeID) + ".WORKLOADENDED." + agentID + "." + workloadID
+}

@@ -285,6 +285,11 @@ type RegisterAgentRequest struct {
 	StartRequestSchema  string      `json:"start_request_schema"`
 	SupportedLifecycles []Lifecycle `json:"supported_lifecycles,omitempty"`
 	Version             string      `json:"version"`
+
+	// ReportsEnded (nexd extension): the nexlet reports ended workloads on
+	// WorkloadEndedSubject, so the node ignores WORKLOADSTOPPED events for its
+	// workloads (anyone could publish those).
+	ReportsEnded bool `json:"nexd_reports_ended,omitempty"`
 }
 
 // RegisterAgentResponse answers a registration: the nexlet's real credentials and the
@@ -464,3 +469,9 @@ type WorkloadTriggeredEvent struct {
 
 // Marshal encodes v; it exists so callers never forget the error of a wire encode.
 func Marshal(v any) ([]byte, error) { return json.Marshal(v) }
+
+// WorkloadEndedAck acknowledges a WORKLOADENDED report; Removed says whether the node
+// removed the workload from its state (false: it was not there, or kept for a restart).
+type WorkloadEndedAck struct {
+	Removed bool `json:"removed"`
+}

@@ -47,8 +47,9 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 	}
 	p.Pub.Allow.Add(
 		protocol.AgentHeartbeatSubject(nodeID, agentID),
-		protocol.RegisterSubject(nodeID, agentID),        // a restarted SDK runner registers again
-		protocol.RenewCredsSubject(nodeID, agentID, "*"), // renew its workloads' creds
+		protocol.RegisterSubject(nodeID, agentID),           // a restarted SDK runner registers again
+		protocol.RenewCredsSubject(nodeID, agentID, "*"),    // renew its workloads' creds
+		protocol.WorkloadEndedSubject(nodeID, agentID, "*"), // its workloads' ends, as requests
 		"$NEX.FEED.*.logs.>",
 		"$NEX.FEED.*.metrics.>",
 		"$NEX.FEED.*.events.>",

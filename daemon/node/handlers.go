@@ -41,6 +41,7 @@ func (n *Node) endpoints() []endpoint {
 		{name: "CloneWorkload", subject: all + ".CLONE.*", handle: n.handleClone, async: true},
 		{name: "NamespacePingRequest", subject: all + ".WPING", handle: n.handleWPing, async: true},
 		n.renewEndpoint(),
+		{name: "WorkloadEnded", subject: protocol.WorkloadEndedSubject(n.id, "*", "*"), handle: n.handleWorkloadEnded},
 	}
 	if n.o.AllowRemoteRegistration {
 		eps = append(eps, endpoint{name: "RegisterRemoteAgent", subject: protocol.RemoteRegisterSubject(n.o.Nexus),
@@ -531,11 +532,23 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 	o, ok := n.owned[ev.ID]
 	typ := o.typ
 	keep := n.keep
-	if _, inFlight := n.starting[ev.ID]; inFlight && !ok {
+	// Anyone who may publish feeds can send this event: it counts only for workloads
+	// of a nexlet that does not report ends as requests (upstream's SDK).
+	trusted := false
+	for _, a := range n.agents {
+		if (ok && a.owner == o.owner) || (!ok && a.req.RegisterType == ev.WorkloadType) {
+			trusted = trusted || !a.req.ReportsEnded
+		}
+	}
+	if _, inFlight := n.starting[ev.ID]; inFlight && !ok && trusted {
 		n.starting[ev.ID] = true // the deploy removes it once recorded
 	}
 	n.mu.Unlock()
 	if !ok || keep {
+		return
+	}
+	if !trusted {
+		n.log.Debug("ignoring a WORKLOADSTOPPED event: the owning nexlet reports ends as requests", "workload_id", ev.ID)
 		return
 	}
 	if ev.WorkloadType != "" && ev.WorkloadType != typ {
@@ -543,4 +556,43 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 	}
 	n.log.Info("workload ended; removed from node state", "workload_id", ev.ID, "namespace", ev.Namespace, "type", typ)
 	n.forget(ev.ID, typ)
+}
+
+// handleWorkloadEnded serves $NEX.SVC.<node>.agent.WORKLOADENDED.<agentId>.<workloadId>:
+// the owning nexlet says a workload ended. Only that nexlet instance may end it in node
+// state; a repeat (the nexlet retries until acknowledged) is acknowledged again.
+func (n *Node) handleWorkloadEnded(r micro.Request) {
+	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
+	if !tokenRE.MatchString(agentID) || !tokenRE.MatchString(workloadID) {
+		n.fail(r, 400, "bad workload ended subject", fmt.Errorf("workload ended: subject %q: want WORKLOADENDED.<agent id>.<workload id>", r.Subject()))
+		return
+	}
+	if !n.ownInbox(r, agentID) {
+		return
+	}
+	n.mu.Lock()
+	a := n.agents[agentID]
+	o, owned := n.owned[workloadID]
+	_, inFlight := n.starting[workloadID]
+	keep := n.keep
+	switch {
+	case a == nil:
+		n.mu.Unlock()
+		n.fail(r, 403, "workload ended refused", fmt.Errorf("workload ended: nexlet %s is not registered with node %s", agentID, n.id))
+		return
+	case owned && o.owner != a.owner:
+		n.mu.Unlock()
+		n.log.Warn("workload ended refused: another nexlet runs it", "workload_id", workloadID, "agent_id", agentID, "owner", o.owner)
+		n.fail(r, 403, "workload ended refused", fmt.Errorf("workload ended: workload %s is not run by nexlet %s", workloadID, agentID))
+		return
+	case !owned && inFlight:
+		n.starting[workloadID] = true // the deploy removes it once recorded
+	}
+	n.mu.Unlock()
+	removed := owned && !keep
+	if removed {
+		n.log.Info("workload ended; removed from node state", "workload_id", workloadID, "type", o.typ, "agent_id", agentID)
+		n.forget(workloadID, o.typ)
+	}
+	n.respondJSON(r, protocol.WorkloadEndedAck{Removed: removed})
 }

@@ -1,0 +1,94 @@
+package e2e
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+)
+
+// dropProxy is a TCP proxy in front of a NATS server that drops the client messages
+// (PUB/HPUB) whose subject drop says to drop: a lossy network for chosen messages.
+type dropProxy struct {
+	ln      net.Listener
+	target  string
+	drop    func(subject string) bool
+	dropped atomic.Int64
+	wg      sync.WaitGroup
+}
+
+func startDropProxy(t *testing.T, target string, drop func(subject string) bool) *dropProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &dropProxy{ln: ln, target: strings.TrimPrefix(target, "nats://"), drop: drop}
+	p.wg.Add(1)
+	go p.accept()
+	t.Cleanup(func() { ln.Close(); p.wg.Wait() })
+	return p
+}
+
+func (p *dropProxy) URL() string { return "nats://" + p.ln.Addr().String() }
+
+func (p *dropProxy) accept() {
+	defer p.wg.Done()
+	var conns sync.WaitGroup
+	defer conns.Wait()
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		s, err := net.Dial("tcp", p.target)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		conns.Add(2)
+		go func() { defer conns.Done(); io.Copy(c, s); c.Close() }()
+		go func() { defer conns.Done(); p.filter(s, c); s.Close() }()
+	}
+}
+
+// filter copies the client's protocol to the server, line by line, leaving out the
+// messages to drop (the control line and its payload).
+func (p *dropProxy) filter(dst io.Writer, src io.Reader) {
+	r := bufio.NewReaderSize(src, 64<<10)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		f := strings.Fields(line)
+		var size int
+		if len(f) >= 3 && (strings.EqualFold(f[0], "PUB") || strings.EqualFold(f[0], "HPUB")) {
+			size, _ = strconv.Atoi(f[len(f)-1]) // total size (HPUB: headers + payload)
+		}
+		if size == 0 && !(len(f) >= 3 && (strings.EqualFold(f[0], "PUB") || strings.EqualFold(f[0], "HPUB"))) {
+			if _, err := io.WriteString(dst, line); err != nil {
+				return
+			}
+			continue
+		}
+		payload := make([]byte, size+2) // and \r\n
+		if _, err := io.ReadFull(r, payload); err != nil {
+			return
+		}
+		if p.drop(f[1]) {
+			p.dropped.Add(1)
+			continue
+		}
+		if _, err := io.WriteString(dst, line); err != nil {
+			return
+		}
+		if _, err := dst.Write(payload); err != nil {
+			return
+		}
+	}
+}
