@@ -28,7 +28,14 @@ const ErrorCode = "100"
 const (
 	DefaultHeartbeatInterval = 10 * time.Second
 	DefaultRegisterTimeout   = time.Minute
+	// DefaultShutdownWait bounds how long Shutdown waits for requests in flight and the
+	// replay to finish.
+	DefaultShutdownWait = 30 * time.Second
 )
+
+// maxInFlight bounds the slow requests (start, stop, lameduck) handled at once; more
+// wait in their subscription, as NATS buffers them, instead of piling up goroutines.
+const maxInFlight = 64
 
 // Runner connects an Agent to its node over NATS.
 type Runner struct {
@@ -39,6 +46,14 @@ type Runner struct {
 	hbEvery time.Duration
 	regWait time.Duration
 	regKey  nkeys.KeyPair // signs REGISTER (nil: unsigned, as upstream's SDK)
+	sdWait  time.Duration
+
+	// work owns the goroutines handling requests and replaying state: Shutdown stops
+	// taking new ones and waits (bounded) for them.
+	work     sync.WaitGroup
+	workMu   sync.Mutex
+	closing  bool
+	inFlight chan struct{}
 
 	mu      sync.Mutex
 	nc      *nats.Conn
@@ -59,6 +74,10 @@ func WithLogger(l *slog.Logger) Option { return func(r *Runner) { r.log = l } }
 
 // WithHeartbeatInterval changes the heartbeat period (tests use short ones).
 func WithHeartbeatInterval(d time.Duration) Option { return func(r *Runner) { r.hbEvery = d } }
+
+// WithShutdownWait bounds how long Shutdown waits for requests in flight and the
+// replay of existing workloads.
+func WithShutdownWait(d time.Duration) Option { return func(r *Runner) { r.sdWait = d } }
 
 // WithRegisterTimeout bounds the wait for the node's REGISTER reply.
 func WithRegisterTimeout(d time.Duration) Option { return func(r *Runner) { r.regWait = d } }
@@ -90,7 +109,8 @@ func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Ru
 	if a == nil {
 		return nil, errors.New("nexlet runner: agent is nil")
 	}
-	r := &Runner{ctx: ctx, nodeID: nodeID, agent: a, hbEvery: DefaultHeartbeatInterval, regWait: DefaultRegisterTimeout}
+	r := &Runner{ctx: ctx, nodeID: nodeID, agent: a, hbEvery: DefaultHeartbeatInterval, regWait: DefaultRegisterTimeout,
+		sdWait: DefaultShutdownWait, inFlight: make(chan struct{}, maxInFlight)}
 	for _, o := range opts {
 		o(r)
 	}
@@ -183,13 +203,13 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		name, subject string
 		h             micro.HandlerFunc
 	}{
-		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", async(nc, r.handleStart)},
-		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), async(nc, r.handleStop)},
+		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", r.async(nc, r.handleStart)},
+		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), r.async(nc, r.handleStop)},
 		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), r.handleGet},
 		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), r.handleQuery},
 		{"PingAgent", protocol.PingAgentSubject(r.nodeID, agentID), r.handlePing},
 		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), r.handlePing},
-		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), async(nc, r.handleLameduck)},
+		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), r.async(nc, r.handleLameduck)},
 	}
 	for _, ep := range eps {
 		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject), micro.WithEndpointQueueGroup(agentID)); err != nil {
@@ -217,7 +237,8 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if len(resp.ExistingState) > 0 {
 		r.log.Info("replaying existing workloads", "count", len(resp.ExistingState))
 	}
-	go func(state map[string]protocol.AgentStartWorkloadRequest) {
+	state := resp.ExistingState
+	r.goFn(func() {
 		// A few at a time: recovery of many workloads should not be serial, nor
 		// start them all at once.
 		ids := make([]string, 0, len(state))
@@ -238,7 +259,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		if ra, ok := r.agent.(ReplayAware); ok {
 			ra.ReplayDone(ids)
 		}
-	}(resp.ExistingState)
+	})
 	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
 	return nil
 }
@@ -261,7 +282,20 @@ func signRegistration(m *nats.Msg, kp nkeys.KeyPair) error {
 // replayParallelism bounds how many replayed workloads start at once.
 const replayParallelism = 8
 
-// Shutdown stops the endpoints and heartbeats and drains the connection.
+// goFn runs f in a goroutine Shutdown waits for; false once Shutdown has begun.
+func (r *Runner) goFn(f func()) bool {
+	r.workMu.Lock()
+	defer r.workMu.Unlock()
+	if r.closing {
+		return false
+	}
+	r.work.Go(f)
+	return true
+}
+
+// Shutdown stops the endpoints and heartbeats, waits (at most the shutdown wait) for
+// requests in flight and the replay, then drains the connection so their replies
+// still go out.
 func (r *Runner) Shutdown() error {
 	r.mu.Lock()
 	svc, nc, stop, done := r.svc, r.nc, r.stop, r.done
@@ -277,6 +311,18 @@ func (r *Runner) Shutdown() error {
 	if err := svc.Stop(); err != nil {
 		errs = errors.Join(errs, fmt.Errorf("stop micro service: %w", err))
 	}
+	r.workMu.Lock()
+	r.closing = true
+	r.workMu.Unlock()
+	finished := make(chan struct{})
+	go func() { r.work.Wait(); close(finished) }() // ends with the last request
+	t := time.NewTimer(r.sdWait)
+	select {
+	case <-finished:
+	case <-t.C:
+		errs = errors.Join(errs, fmt.Errorf("requests or replay still running after %s", r.sdWait))
+	}
+	t.Stop()
 	if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 		errs = errors.Join(errs, fmt.Errorf("drain connection: %w", err))
 	}
@@ -432,11 +478,17 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 // that one workload's stop grace does not delay every other request. micro's own
 // request may not be answered after its handler returned (it keeps statistics in it),
 // so the goroutine answers through a detached copy on the same connection.
-func async(nc *nats.Conn, h micro.HandlerFunc) micro.HandlerFunc {
+// The goroutines belong to the runner (Shutdown waits for them), and at most
+// maxInFlight run at once.
+func (r *Runner) async(nc *nats.Conn, h micro.HandlerFunc) micro.HandlerFunc {
 	return func(req micro.Request) {
 		d := &detached{nc: nc, subject: req.Subject(), reply: req.Reply(),
 			data: append([]byte(nil), req.Data()...), hdr: req.Headers()}
-		go h(d)
+		r.inFlight <- struct{}{}
+		if !r.goFn(func() { defer func() { <-r.inFlight }(); h(d) }) {
+			<-r.inFlight
+			r.respondError(d, errors.New("nexlet is shutting down"), nil)
+		}
 	}
 }
 

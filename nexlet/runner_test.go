@@ -335,3 +335,114 @@ func TestConnectUserPassword(t *testing.T) {
 	}
 	nc.Close()
 }
+
+// blockingAgent's starts (and replays) wait until released.
+type blockingAgent struct {
+	*memAgent
+	entered chan string
+	release chan struct{}
+}
+
+func (a *blockingAgent) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
+	a.entered <- id
+	<-a.release
+	return a.memAgent.StartWorkload(id, req, existing)
+}
+
+// TestShutdownAwaitsRequestsAndReplay: a start in flight and a replay still running
+// hold Shutdown until they finish (and the start's reply still reaches the node);
+// with a shorter shutdown wait, Shutdown gives up after it and says so.
+func TestShutdownAwaitsRequestsAndReplay(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		wait    time.Duration
+		release bool // release the agent while Shutdown waits
+	}{
+		{"awaited", time.Minute, true},
+		{"bounded", 200 * time.Millisecond, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(t, srv)
+			replay := protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "old", Namespace: "ns"}}
+			fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node,
+				ExistingState: map[string]protocol.AgentStartWorkloadRequest{"W0": replay}}, make(chan protocol.RegisterAgentRequest, 1))
+			a := &blockingAgent{memAgent: newMemAgent(), entered: make(chan string, 4), release: make(chan struct{})}
+			released := false
+			releaseOnce := func() {
+				if !released {
+					released = true
+					close(a.release)
+				}
+			}
+			t.Cleanup(releaseOnce)
+			r, err := NewRunner(context.Background(), node, a, WithShutdownWait(tc.wait))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+				t.Fatal(err)
+			}
+			if id := <-a.entered; id != "W0" {
+				t.Fatalf("replay started %s", id)
+			}
+			start, _ := json.Marshal(protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "w1", Namespace: "ns",
+				WorkloadLifecycle: protocol.LifecycleJob, WorkloadType: "mem", RunRequest: "{}"}})
+			inbox := nats.NewInbox()
+			replies, _ := nc.SubscribeSync(inbox)
+			_ = nc.Flush()
+			if err := nc.PublishRequest(protocol.StartWorkloadSubject(node, agent, "W1"), inbox, start); err != nil {
+				t.Fatal(err)
+			}
+			if id := <-a.entered; id != "W1" {
+				t.Fatalf("start entered %s", id)
+			}
+
+			shut := make(chan error, 1)
+			go func() { shut <- r.Shutdown() }()
+			if !tc.release {
+				select {
+				case err := <-shut:
+					if err == nil || !strings.Contains(err.Error(), "still running") {
+						t.Fatalf("bounded Shutdown = %v, want it to say requests are still running", err)
+					}
+				case <-time.After(time.Minute):
+					t.Fatal("Shutdown ignored its bound")
+				}
+				return
+			}
+			// Once Shutdown refuses new work it is waiting; it must go on waiting while
+			// the start and the replay are blocked.
+			testkit.Eventually(t, "Shutdown waiting", func() bool { r.workMu.Lock(); defer r.workMu.Unlock(); return r.closing })
+			returned := func() bool {
+				select {
+				case err := <-shut:
+					shut <- err
+					return true
+				default:
+					return false
+				}
+			}
+			if testkit.WaitFor(200*time.Millisecond, returned) {
+				t.Fatalf("Shutdown returned with a start and a replay in flight: %v", <-shut)
+			}
+			releaseOnce()
+			if err := <-shut; err != nil {
+				t.Fatalf("Shutdown: %v", err)
+			}
+			m, err := replies.NextMsg(10 * time.Second)
+			if err != nil {
+				t.Fatalf("the start's reply was lost in the shutdown: %v", err)
+			}
+			var sr protocol.StartWorkloadResponse
+			if err := protocol.Decode(m.Data, &sr); err != nil || sr.ID != "W1" {
+				t.Errorf("start reply %s: %v", m.Data, err)
+			}
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			if !a.replayed["W0"] || a.workloads["W1"].Name != "w1" {
+				t.Errorf("replay or start did not finish: %+v", a.workloads)
+			}
+		})
+	}
+}
