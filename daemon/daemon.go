@@ -154,7 +154,9 @@ func (d *daemon) run(ctx context.Context) error {
 			}
 		}
 	})
-	s.stop()
+	// live_restore keeps workloads across a stop by signal (systemctl stop/restart, an
+	// upgrade); a lame duck drain or an ended context stops them.
+	s.stop(strings.HasPrefix(reason, "signal ") && s.cfg().Node.LiveRestore)
 	close(drained)
 	wg.Wait()
 	return nil

@@ -176,8 +176,10 @@ func (s *server) onLameduck(delay time.Duration) {
 }
 
 // stop drains the workloads, then unwinds every closer start pushed: metrics, control
-// socket, nexlets, node API, owned goroutines, NATS, logger.
-func (s *server) stop() {
+// socket, nexlets, node API, owned goroutines, NATS, logger. With keepWorkloads
+// (live_restore) the workloads stay: the nexlets let go of them and exit, and the next
+// nexd with the same state adopts them.
+func (s *server) stop(keepWorkloads bool) {
 	s.setPhase(control.StateStopping)
 	grace := s.cfg().Node.StopGrace
 	s.notify.Stopping("stopping: draining workloads and nexlets")
@@ -203,8 +205,14 @@ func (s *server) stop() {
 	// The drain runs to its own bounds even when the daemon's context has ended.
 	ctx := context.WithoutCancel(s.ctx)
 	s.node.SetState(protocol.NodeStopping)
-	dctx, cancel := context.WithTimeout(ctx, grace+10*time.Second)
-	s.node.StopAllWorkloads(dctx)
-	cancel()
+	if keepWorkloads {
+		s.log.Info("live_restore: leaving workloads running for the next nexd")
+		s.notify.Status("stopping: live_restore, workloads keep running")
+		s.nexlets.Detach()
+	} else {
+		dctx, cancel := context.WithTimeout(ctx, grace+10*time.Second)
+		s.node.StopAllWorkloads(dctx)
+		cancel()
+	}
 	s.closers.unwind(ctx, s.log)
 }

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
+
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -201,4 +203,157 @@ func TestNexletCrashKeepsWorkloads(t *testing.T) {
 func readTrim(path string) string {
 	b, _ := os.ReadFile(path)
 	return strings.TrimSpace(string(b))
+}
+
+// workloadsDir is where the native nexlet of a node with state dir dir keeps each
+// workload's private directory (elsewhere when the runtime dir is not searchable by
+// the workloads' dynamic uids: the nexlet leaves a pointer).
+func workloadsDir(stateDir string) string {
+	rt := filepath.Join(stateDir, "run", "native")
+	if b, err := os.ReadFile(filepath.Join(rt, "workloads-dir")); err == nil {
+		return strings.TrimSpace(string(b))
+	}
+	return filepath.Join(rt, "workloads")
+}
+
+// credsExpiry reads the expiry of the JWT in a workload's creds file.
+func credsExpiry(t *testing.T, path string) time.Time {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("creds file: %v", err)
+	}
+	tok, err := jwt.ParseDecoratedJWT(b)
+	if err != nil {
+		t.Fatalf("creds file %s: %v", path, err)
+	}
+	uc, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		t.Fatalf("creds file %s: %v", path, err)
+	}
+	return time.Unix(uc.Expires, 0)
+}
+
+// TestLiveRestore: with live_restore, SIGTERM stops nexd and kill -9 kills it, and the
+// next nexd (same state dir) adopts 100 services and a sealed --env one: the same
+// processes, all listed running, and credential renewal goes on past the first JWT's
+// lifetime. Without live_restore SIGTERM stops everything.
+func TestLiveRestore(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	const ttl = 8 * time.Second
+	srv, acct, sigSeed, creds := operatorNATS(t)
+	url := srv.ClientURL()
+	state := t.TempDir()
+	opts := func(cg string, live bool) nodeOpts {
+		extra := []string{"--nats.creds-file", creds, "--issuer-signing-key", sigSeed,
+			"--issuer-signing-key-root-account", acct, "--workload-creds-ttl", ttl.String(), "--state", "kv"}
+		if live {
+			extra = append(extra, "--live-restore")
+		}
+		return nodeOpts{external: url, stateDir: state, cgroup: cg, extra: extra}
+	}
+	n := startNode(t, opts("", true))
+	if n.cgroup == "" {
+		t.Skip("needs a writable cgroup root (root and cgroup v1 memory) to find each workload's processes")
+	}
+	n.waitReady(t)
+	ctl := func(n *node, args ...string) string {
+		return n.mustCtl(t, append([]string{"--nats.creds-file", creds}, args...)...)
+	}
+	const services = 100
+	marker := fmt.Sprintf("nexd-e2e-live-%d", time.Now().UnixNano())
+	var ids []string
+	for i := range services {
+		var r runResult
+		out := ctl(n, "--json", "workload", "run", "--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
+		if err := json.Unmarshal([]byte(out), &r); err != nil || r.ID == "" {
+			t.Fatalf("workload run: %v %q", err, out)
+		}
+		ids = append(ids, r.ID)
+	}
+	var sealed runResult
+	json.Unmarshal([]byte(ctl(n, "--json", "workload", "run", "--bids", "1", "--name", "sealed", "--env", "SECRET=s3cr3t",
+		"--", "/bin/sh", "-c", `echo "secret=$SECRET"; exec sleep 600`, marker)), &sealed)
+	if sealed.ID == "" {
+		t.Fatal("sealed workload not started")
+	}
+	ids = append(ids, sealed.ID)
+	before := map[string][]int{}
+	testkit.EventuallyWithin(t, 90*time.Second, "every workload runs", func() bool {
+		for _, id := range ids {
+			p := n.groupProcs(id)
+			if len(p) == 0 {
+				return false
+			}
+			before[id] = p
+		}
+		return true
+	})
+	credsFile := filepath.Join(workloadsDir(state), sealed.ID, "nats.creds")
+	firstExpiry := credsExpiry(t, credsFile)
+
+	check := func(n *node, what string) {
+		t.Helper()
+		testkit.EventuallyWithin(t, 90*time.Second, what+": all workloads listed running", func() bool {
+			running := 0
+			for _, w := range n.workloads(t) {
+				if w.State == string(protocol.WorkloadRunning) && slices.Contains(ids, w.ID) {
+					running++
+				}
+			}
+			return running == len(ids)
+		})
+		for _, id := range ids {
+			if got := n.groupProcs(id); !slices.Equal(got, before[id]) {
+				t.Fatalf("%s: workload %s processes %v, before %v", what, id, got, before[id])
+			}
+		}
+	}
+
+	// SIGTERM with live_restore: nexd exits 0 and leaves every workload running.
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM", code)
+	}
+	for _, id := range ids {
+		if got := n.groupProcs(id); !slices.Equal(got, before[id]) {
+			t.Fatalf("workload %s changed while nexd was down: %v, before %v", id, got, before[id])
+		}
+	}
+	n2 := startNode(t, opts(n.cgroup, true))
+	n2.waitReady(t)
+	check(n2, "after SIGTERM and a new nexd")
+
+	// kill -9: the same.
+	n2.cmd.Process.Kill()
+	n2.wait(t, 30*time.Second)
+	n3 := startNode(t, opts(n.cgroup, true))
+	n3.waitReady(t)
+	check(n3, "after kill -9 and a new nexd")
+
+	// Renewal goes on through the new nexd and nexlet, past the first JWT's lifetime.
+	testkit.EventuallyWithin(t, 4*ttl, "credentials renewed past the first JWT's expiry", func() bool {
+		return credsExpiry(t, credsFile).After(firstExpiry.Add(ttl))
+	})
+	if time.Now().Before(firstExpiry) {
+		time.Sleep(time.Until(firstExpiry) + time.Second)
+	}
+	check(n3, "past the first credential TTL")
+	if out := ctl(n3, "workload", "info", sealed.ID); strings.Contains(out, "s3cr3t") {
+		t.Fatalf("workload info shows the sealed value:\n%s", out)
+	}
+
+	// Without live_restore a SIGTERM stops every workload.
+	n3.signal(t, syscall.SIGTERM)
+	n3.wait(t, 60*time.Second)
+	n4 := startNode(t, opts(n.cgroup, false))
+	n4.waitReady(t)
+	check(n4, "after a restart into live_restore off")
+	n4.signal(t, syscall.SIGTERM)
+	n4.wait(t, 120*time.Second)
+	if c := countProcs(marker); c != 0 {
+		t.Fatalf("%d workload processes survived a stop without live_restore", c)
+	}
 }

@@ -47,6 +47,7 @@ type NodeConfig struct {
 	IssuerNkeySeed               string            // issuer_nkey_seed, a user seed SU…
 	AuctionTTL                   time.Duration     // auction_ttl
 	StateDir                     string            // state_dir
+	LiveRestore                  bool              // live_restore: workloads outlive a stopping nexd
 	RuntimeDir                   string            // runtime_dir ("" = a temp dir per node id)
 	ControlSocket                string            // control_socket
 	CgroupRoot                   string            // cgroup_root ("" = detect)

@@ -246,6 +246,9 @@ func keySpecs() []*keySpec {
 			field: func(c *Config) any { return &c.Node.ShowWorkloadLogs }},
 
 		// Daemon
+		{key: "live_restore", kind: kBool, scope: scopeNode, group: gDaemon, reloadable: true,
+			help:  "on SIGTERM leave workloads running for the next nexd (same state dir) to adopt, as Docker's live-restore; off: stop them",
+			field: func(c *Config) any { return &c.Node.LiveRestore }},
 		{key: "state_dir", kind: kString, scope: scopeNode, group: gDaemon, defText: "$STATE_DIRECTORY, else none (ephemeral node)",
 			help:  "directory for the node identity, embedded JetStream and secrets",
 			field: func(c *Config) any { return &c.Node.StateDir }},

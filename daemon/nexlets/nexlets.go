@@ -144,6 +144,9 @@ func (m *Manager) Start(ctx context.Context) error {
 // Stop stops every nexlet (SIGTERM, grace, kill) and returns when they are gone.
 func (m *Manager) Stop(ctx context.Context) error { return m.sup.Stop(ctx) }
 
+// Detach makes Stop leave the workloads running for the next nexd (live_restore).
+func (m *Manager) Detach() { m.sup.Detach() }
+
 // resolve turns the native nexlet and the configured agents into specs.
 func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, error) {
 	var out []Spec
@@ -283,13 +286,11 @@ func (m *Manager) SetRestartLimit(n int) { m.sup.SetRestartLimit(n) }
 // Cgroups is the detected cgroup layout (never nil; disabled when none is writable).
 func (m *Manager) Cgroups() *cgroup.Manager { return m.cg }
 
-// WorkloadStats reads a workload's cgroup (below whichever local nexlet runs it).
+// WorkloadStats reads a workload's cgroup, workloads/<id> beside the nexlets.
 func (m *Manager) WorkloadStats(id string) (cgroup.Stats, bool) {
-	for _, s := range m.specs {
-		if g, ok := m.cg.Open("nexlets/" + s.Name + "/workloads/" + id); ok {
-			st, err := g.Stats()
-			return st, err == nil
-		}
+	if g, ok := m.cg.Open("workloads/" + id); ok {
+		st, err := g.Stats()
+		return st, err == nil
 	}
 	return cgroup.Stats{}, false
 }

@@ -319,7 +319,13 @@ func (n *nexlet) startFailed(top *cgroup.Group, err error) (ExitInfo, outcome) {
 // grace period (at once if Stop is out of time).
 func (n *nexlet) terminate(cmd *exec.Cmd, top, proc *cgroup.Group, waited <-chan error) error {
 	n.setState(StateStopping)
-	_ = cmd.Process.Signal(syscall.SIGTERM)
+	sig := syscall.SIGTERM
+	n.s.mu.Lock()
+	if n.s.detach {
+		sig = SignalDetach
+	}
+	n.s.mu.Unlock()
+	_ = cmd.Process.Signal(sig)
 	t := time.NewTimer(n.s.opts.Grace)
 	defer t.Stop()
 	select {

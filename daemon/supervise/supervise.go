@@ -147,6 +147,7 @@ type Supervisor struct {
 	mu       sync.Mutex
 	limit    int
 	stopping bool
+	detach   bool // Stop sends SignalDetach: workloads stay for the next nexd
 	nexlets  map[string]*nexlet
 }
 
@@ -351,9 +352,23 @@ func (s *Supervisor) SetRestartLimit(n int) {
 	s.mu.Unlock()
 }
 
-// Stop stops every nexlet (SIGTERM, then a group kill after the grace period, or at
-// once when ctx ends) and removes their cgroups. Nothing of any nexlet's process tree
-// survives it. Start fails afterwards.
+// SignalDetach asks a nexlet to exit and leave its workloads running (live_restore):
+// the native nexlet lets go of them; a nexlet without a handler dies of it, which
+// leaves its workloads too, as they are not in its cgroup.
+const SignalDetach = syscall.SIGUSR1
+
+// Detach makes the next Stop leave workloads running: nexlets get SignalDetach instead
+// of SIGTERM, and the workloads' cgroups are left alone.
+func (s *Supervisor) Detach() {
+	s.mu.Lock()
+	s.detach = true
+	s.mu.Unlock()
+}
+
+// Stop stops every nexlet (SIGTERM, or SignalDetach after Detach; then a kill of the
+// nexlet's own group after the grace period, or at once when ctx ends) and removes
+// their cgroups. Unless detached, whatever is left in the workloads' cgroups is killed
+// too, so nothing survives it. Start fails afterwards.
 func (s *Supervisor) Stop(ctx context.Context) error {
 	s.mu.Lock()
 	s.stopping = true
@@ -374,6 +389,16 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 		}
 	}
 	_, err := s.cg.CleanupStale("")
+	s.mu.Lock()
+	detach := s.detach
+	s.mu.Unlock()
+	if w := s.opts.Workloads; w != nil && !detach {
+		killed, werr := w.CleanupStale("")
+		if killed > 0 {
+			s.log.Warn("killed workload processes their nexlets left behind", "cgroup", w.Path(), "killed", killed)
+		}
+		err = errors.Join(err, werr)
+	}
 	if s.reaper != nil {
 		s.reapCancel()
 		<-s.reapDone

@@ -29,7 +29,11 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 		}}))
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := Main(ctx, os.Getenv, log); err != nil {
+	// SIGUSR1 (supervise.SignalDetach): nexd stops with live_restore.
+	detach := make(chan os.Signal, 1)
+	signal.Notify(detach, syscall.SIGUSR1)
+	defer signal.Stop(detach)
+	if err := Main(ctx, os.Getenv, log, detach); err != nil {
 		log.Error("native nexlet failed", "err", err)
 		return 1
 	}

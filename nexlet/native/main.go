@@ -32,8 +32,9 @@ const ShutdownTimeout = 2 * time.Minute
 
 // Main runs the native nexlet as a child of the node (`nexd nexlet native`): it reads
 // its identity and registration credentials from env, registers, serves until ctx ends,
-// then stops every workload with its grace.
-func Main(ctx context.Context, env func(string) string, log *slog.Logger) error {
+// then stops every workload with its grace. When detach fires first it exits and leaves
+// every workload running instead.
+func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach <-chan os.Signal) error {
 	creds, err := nexlet.ConnDataFromEnv(env)
 	if err != nil {
 		return err
@@ -106,7 +107,15 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger) error 
 	if err := r.Run(agentID, creds); err != nil {
 		return err
 	}
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-detach:
+		// live_restore: let go of the workloads without stopping them; the next
+		// nexlet adopts them from their records.
+		log.Info("detaching: workloads keep running for the next nexlet")
+		n.Detach()
+		return r.Shutdown()
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()
 	return errors.Join(n.Shutdown(sctx), r.Shutdown())

@@ -145,6 +145,21 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 // running without a cgroup die with it.
 func (n *Nexlet) Close() { n.spawn.close() }
 
+// Detach lets go of every workload without stopping it (the nexlet is about to exit
+// and the next one adopts them).
+func (n *Nexlet) Detach() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	select {
+	case <-n.abandon:
+	default:
+		close(n.abandon)
+	}
+	if n.lameTimer != nil {
+		n.lameTimer.Stop()
+	}
+}
+
 // SetFeed connects the nexlet to its runner's log and event feeds.
 func (n *Nexlet) SetFeed(f Feed) { n.feed = f }
 

@@ -11,8 +11,8 @@ import (
 // Go's SysProcAttr has no no_new_privs field, the flag is per thread and inherited
 // through fork and execve, and it can never be cleared: so one locked thread carries
 // it and every workload is forked from there. Other nexlet threads stay unaffected.
-// Pdeathsig (set for workloads without a cgroup) fires when the forking thread ends,
-// so the thread lives until the nexlet closes the spawner.
+// The thread lives until the nexlet closes the spawner (workloads carry no Pdeathsig:
+// they outlive their nexlet and are adopted by the next one).
 type spawner struct {
 	reqs chan spawnReq
 	done chan struct{}
@@ -56,7 +56,7 @@ func (s *spawner) run(fn func() error) error {
 	return <-out
 }
 
-// close ends the thread; workloads started without a cgroup die with it (Pdeathsig).
+// close ends the thread; workloads keep running.
 func (s *spawner) close() {
 	close(s.reqs)
 	<-s.done
