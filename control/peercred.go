@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"strconv"
 	"strings"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -51,10 +53,37 @@ func readPeer(c net.Conn, procRoot string) Peer {
 		return Peer{Err: fmt.Errorf("SO_PEERCRED: %w", credErr)}
 	}
 	p := Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}
-	// Supplementary groups are not in SO_PEERCRED; /proc is the only source. If the peer
-	// already exited we fall back to its primary gid alone, which can only deny more.
-	p.Groups, _ = procGroups(procRoot, cred.Pid)
+	// Supplementary groups as of connect(), from SO_PEERGROUPS (Linux 4.13): /proc at
+	// accept time could belong to another process by then (pid reuse, or a setgid
+	// exec). Only kernels without it fall back to /proc; a peer gone by then keeps its
+	// primary gid alone, which can only deny more.
+	var gerr error
+	if err := raw.Control(func(fd uintptr) { p.Groups, gerr = peerGroups(int(fd)) }); err != nil {
+		gerr = err
+	}
+	if errors.Is(gerr, unix.ENOPROTOOPT) {
+		p.Groups, _ = procGroups(procRoot, cred.Pid)
+	}
 	return p
+}
+
+// peerGroups reads SO_PEERGROUPS, growing the buffer on ERANGE.
+func peerGroups(fd int) ([]uint32, error) {
+	n := 64
+	for {
+		buf := make([]uint32, n)
+		size := uint32(len(buf) * 4)
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&size)), 0)
+		switch {
+		case errno == 0:
+			return buf[:size/4], nil
+		case errno == unix.ERANGE && n < 1<<16:
+			n = max(int(size/4), 2*n)
+		default:
+			return nil, fmt.Errorf("SO_PEERGROUPS: %w", errno)
+		}
+	}
 }
 
 // procGroups parses the "Groups:" line of /proc/<pid>/status.

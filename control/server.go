@@ -41,6 +41,11 @@ type ServerOptions struct {
 	// mode and group above (the config decides who may connect), and Close leaves
 	// it in place, so clients queue on it while nexd restarts.
 	Listener *net.UnixListener
+	// ReadTimeout bounds reading a request (default ReadTimeout); tests shorten it.
+	ReadTimeout time.Duration
+	// MaxConnsPerUser bounds a non-admin uid's open connections (default
+	// MaxConnsPerUser).
+	MaxConnsPerUser int
 }
 
 // Server serves the control API on a Unix socket.
@@ -55,6 +60,8 @@ type Server struct {
 	groupGID uint32
 	hasGroup bool
 	log      *slog.Logger
+
+	maxConns, maxPerUser int
 
 	baseCtx    context.Context
 	baseCancel context.CancelFunc
@@ -114,14 +121,29 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 		}
 		s.ln = ln
 	}
+	s.maxConns, s.maxPerUser = MaxConns, MaxConnsPerUser
+	if opts.MaxConnsPerUser > 0 {
+		s.maxPerUser = opts.MaxConnsPerUser
+	}
+	s.ln = &limitListener{Listener: s.ln, s: s, per: map[uint32]int{}}
+	readTimeout := ReadTimeout
+	if opts.ReadTimeout > 0 {
+		readTimeout = opts.ReadTimeout
+	}
 	s.routes()
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 	s.srv = &http.Server{
 		Handler:           s,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       time.Minute,
-		BaseContext:       func(net.Listener) context.Context { return s.baseCtx },
+		ReadHeaderTimeout: min(10*time.Second, readTimeout),
+		// The whole request, body included: a client that sends a Content-Length and
+		// no body is dropped instead of holding its connection.
+		ReadTimeout: readTimeout,
+		IdleTimeout: time.Minute,
+		BaseContext: func(net.Listener) context.Context { return s.baseCtx },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if pc, ok := c.(*peerConn); ok {
+				return context.WithValue(ctx, peerKey{}, pc.peer)
+			}
 			return context.WithValue(ctx, peerKey{}, readPeer(c, opts.ProcRoot))
 		},
 		ErrorLog: slog.NewLogLogger(opts.Logger.Handler(), slog.LevelWarn),
@@ -241,9 +263,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, public bool) 
 		writeError(w, http.StatusForbidden, "permission denied: "+reason)
 		return false
 	}
-	// nexd's own uid too: without root (make run) that is the user who started it,
-	// and there may be no group nex at all.
-	if p.UID == 0 || int(p.UID) == os.Geteuid() || (s.hasGroup && p.inGroup(s.groupGID)) {
+	if s.isAdmin(p) {
 		return true
 	}
 	if public && s.opts.AllowOthers == AllowStatus {
@@ -252,6 +272,12 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, public bool) 
 	s.log.Info("control request refused", "path", r.URL.Path, "uid", p.UID, "pid", p.PID)
 	writeError(w, http.StatusForbidden, fmt.Sprintf("permission denied: uid %d is neither root nor a member of group %s", p.UID, s.opts.Group))
 	return false
+}
+
+// isAdmin: root, nexd's own uid (without root, as under make run, the user who started
+// it, when there may be no group nex at all) and members of the group.
+func (s *Server) isAdmin(p Peer) bool {
+	return p.UID == 0 || int(p.UID) == os.Geteuid() || (s.hasGroup && p.inGroup(s.groupGID))
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -9,8 +9,6 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // DefaultSocketPath is $NEX_CONTROL_SOCKET, else $RUNTIME_DIRECTORY/nexd.sock (systemd's
@@ -39,8 +37,11 @@ func indexByte(s string, c byte) int {
 }
 
 // listenUnix creates the socket safely: parent directory 0755 when missing, a stale
-// socket removed only when nothing answers on it, a restrictive umask around bind so the
-// socket never exists with looser permissions, then group gid (when >= 0) and mode.
+// socket removed only when nothing answers on it, then the socket is bound in a private
+// (0700) directory next to path, given group gid (when >= 0) and mode there, and
+// renamed into place, so it never exists at path with looser permissions. (A umask
+// around bind would change the whole process's umask while other goroutines create
+// files.)
 func listenUnix(path string, mode fs.FileMode, gid int, warn func(string)) (*net.UnixListener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -49,18 +50,25 @@ func listenUnix(path string, mode fs.FileMode, gid int, warn func(string)) (*net
 	if err := removeStale(path); err != nil {
 		return nil, err
 	}
-	old := unix.Umask(0o117)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	unix.Umask(old)
+	private, err := os.MkdirTemp(dir, ".s")
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: private directory: %w", path, err)
+	}
+	defer os.RemoveAll(private)
+	tmp := filepath.Join(private, "s")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	// Close must not unlink: Server.Close removes the path itself, and only its own.
 	l.SetUnlinkOnClose(false)
-	if err := setOwnership(path, mode, gid, warn); err != nil {
+	if err := setOwnership(tmp, mode, gid, warn); err != nil {
 		l.Close()
-		os.Remove(path)
 		return nil, err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	return l, nil
 }
