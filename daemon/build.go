@@ -116,7 +116,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	var store node.Store = node.NewMemStore()
 	if cfg.Node.State == "kv" {
 		if store, err = d.openKVPatiently(startCtx, func(ctx context.Context) (*state.KV, error) {
-			return state.OpenKV(ctx, s.conn.NC, id.ID(), s.conn.JSDomain(), d.log)
+			return state.OpenReplicatedKV(ctx, s.conn.NC, id.ID(), s.conn.JSDomain(), cfg.Node.StateReplicas, d.log)
 		}); err != nil {
 			return nil, err
 		}

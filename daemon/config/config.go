@@ -37,6 +37,7 @@ type NodeConfig struct {
 	RemoteNexlets                []RemoteNexlet    // remote_nexlets
 	NativeLimits                 Limits            // native_limits
 	State                        string            // state: "" or "kv"
+	StateReplicas                int               // state_replicas: 0 = by cluster size
 	ShowWorkloadLogs             bool              // show_workload_logs
 	Events                       string            // events: "", "nats" or "logs"
 	InatsConfig                  string            // inats_config: nats-server config file

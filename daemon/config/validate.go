@@ -92,6 +92,9 @@ func (v *validator) validate() {
 	if p := n.EmbeddedNATSPort; p < -1 || p > 65535 {
 		v.fail("embedded_nats_port", "", fmt.Sprintf("must be a port number (1-65535), or 0 or -1 for any free port; got %d", p))
 	}
+	if r := n.StateReplicas; r < 0 || r > 5 {
+		v.fail("state_replicas", "", fmt.Sprintf("must be 1-5 (JetStream's limit), or 0 to follow the cluster's size; got %d", r))
+	}
 	v.enum("state", n.State)
 	v.enum("events", n.Events)
 	v.enum("control_allow_others", n.ControlAllowOthers)

@@ -61,6 +61,7 @@ type KV struct {
 	kv       jetstream.KeyValue
 	bucket   string
 	maxValue int
+	replicas int
 	log      *slog.Logger
 }
 
@@ -74,18 +75,45 @@ func newJS(nc *nats.Conn, jsDomain string) (jetstream.JetStream, error) {
 // OpenKV opens the node's bucket, creating it when missing, in the JetStream domain
 // jsDomain ("" for the connection's own).
 func OpenKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, log *slog.Logger) (*KV, error) {
-	return openKV(ctx, nc, nodeID, jsDomain, true, log)
+	return openKV(ctx, nc, nodeID, jsDomain, true, 1, log)
+}
+
+// OpenReplicatedKV is OpenKV with a replica count for a bucket it creates (0: AutoReplicas).
+// An existing bucket with fewer replicas is scaled up; when that fails the error says
+// so rather than running on fewer copies than asked for. Replicas reports what it got.
+func OpenReplicatedKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, replicas int, log *slog.Logger) (*KV, error) {
+	return openKV(ctx, nc, nodeID, jsDomain, true, replicas, log)
+}
+
+// AutoReplicas is the replica count state_replicas 0 stands for: 3 when the server nc is
+// connected to belongs to a cluster of three or more servers (those nc knows of, its
+// own and the ones the cluster advertised), else 1. The reason says how it was decided.
+func AutoReplicas(nc *nats.Conn) (int, string) {
+	cluster := nc.ConnectedClusterName()
+	if cluster == "" {
+		return 1, "the NATS server is not clustered"
+	}
+	n := len(nc.Servers())
+	if n >= 3 {
+		return 3, fmt.Sprintf("cluster %s has %d servers", cluster, n)
+	}
+	return 1, fmt.Sprintf("cluster %s has only %d servers", cluster, n)
 }
 
 // OpenExistingKV opens a node's bucket without creating it (for nexctl, which must not
 // leave empty buckets behind); jetstream.ErrBucketNotFound is wrapped when missing.
 func OpenExistingKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, log *slog.Logger) (*KV, error) {
-	return openKV(ctx, nc, nodeID, jsDomain, false, log)
+	return openKV(ctx, nc, nodeID, jsDomain, false, 0, log)
 }
 
-func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create bool, log *slog.Logger) (*KV, error) {
+func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create bool, replicas int, log *slog.Logger) (*KV, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	why := "state_replicas"
+	if create && replicas <= 0 {
+		replicas, why = AutoReplicas(nc)
+		why = "state_replicas 0 (auto): " + why
 	}
 	if !validNodeID.MatchString(nodeID) {
 		return nil, fmt.Errorf("state: node id %q cannot name a KV bucket", nodeID)
@@ -104,13 +132,16 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 			MaxBytes:     MaxBytes,
 			History:      1,
 			Storage:      jetstream.FileStorage,
+			Replicas:     replicas,
 		})
 		if errors.Is(err, jetstream.ErrBucketExists) {
 			// Another process created it between our lookup and create.
 			kv, err = js.KeyValue(ctx, bucket)
+		} else if err != nil {
+			err = fmt.Errorf("create with %d replicas (%s): %w", replicas, why, err)
 		}
 		if err == nil {
-			log.Info("created workload state bucket", "bucket", bucket, "js_domain", jsDomain)
+			log.Info("created workload state bucket", "bucket", bucket, "js_domain", jsDomain, "replicas", replicas)
 		}
 	}
 	if err != nil {
@@ -120,9 +151,31 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 	if err != nil {
 		return nil, fmt.Errorf("state: status of KV bucket %s: %w", bucket, err)
 	}
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && create && replicas > 0 {
+		if got := bs.StreamInfo().Config.Replicas; got < replicas {
+			// A bucket made before state_replicas (or with a smaller cluster) is scaled
+			// up; running on fewer copies than configured must never go unnoticed.
+			cfg := bs.Config()
+			cfg.Replicas = replicas
+			if kv, err = js.UpdateKeyValue(ctx, cfg); err != nil {
+				return nil, fmt.Errorf("state: KV bucket %s has %d replicas, %s wants %d, and scaling it up failed: %w", bucket, got, why, replicas, err)
+			}
+			log.Info("scaled up workload state bucket", "bucket", bucket, "from", got, "replicas", replicas)
+			if st, err = kv.Status(ctx); err != nil {
+				return nil, fmt.Errorf("state: status of KV bucket %s: %w", bucket, err)
+			}
+		}
+	}
 	maxValue := -1 // unknown: the server still refuses, only less clearly
-	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.Config().MaxValueSize > 0 {
-		maxValue = int(bs.Config().MaxValueSize)
+	got := 0
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+		if bs.Config().MaxValueSize > 0 {
+			maxValue = int(bs.Config().MaxValueSize)
+		}
+		got = bs.StreamInfo().Config.Replicas
+	}
+	if create {
+		log.Info("workload state bucket", "bucket", bucket, "replicas", got, "wanted", replicas, "why", why)
 	}
 	// Delete markers of removed workloads would pile up forever with History 1.
 	if create {
@@ -130,8 +183,11 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 			log.Warn("could not compact delete markers of the state bucket", "bucket", bucket, "err", err)
 		}
 	}
-	return &KV{kv: kv, bucket: bucket, maxValue: maxValue, log: log}, nil
+	return &KV{kv: kv, bucket: bucket, maxValue: maxValue, replicas: got, log: log}, nil
 }
+
+// Replicas is the bucket's replica count when it was opened (0: unknown).
+func (s *KV) Replicas() int { return s.replicas }
 
 // Bucket is the bucket's name.
 func (s *KV) Bucket() string { return s.bucket }

@@ -401,3 +401,31 @@ func TestPruneBuckets(t *testing.T) {
 		t.Fatalf("live node lost its state: %v", got)
 	}
 }
+
+// A single server gets one replica from auto; an explicit count the server cannot
+// give is an error naming the count, never a quietly smaller bucket; a bucket made
+// with fewer replicas than now configured is not silently kept (the single server
+// cannot scale it up, so opening fails and says so).
+func TestReplicas(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	if n, why := AutoReplicas(nc); n != 1 || !strings.Contains(why, "not clustered") {
+		t.Fatalf("AutoReplicas = %d (%s), want 1 for a lone server", n, why)
+	}
+	kv, err := OpenReplicatedKV(ctx, nc, "NODEAUTO", "", 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kv.Replicas() != 1 {
+		t.Fatalf("auto on a lone server: %d replicas", kv.Replicas())
+	}
+	_, err = OpenReplicatedKV(ctx, nc, "NODETHREE", "", 3, nil)
+	if err == nil || !strings.Contains(err.Error(), "3 replicas") {
+		t.Fatalf("3 replicas on a lone server: %v", err)
+	}
+	_, err = OpenReplicatedKV(ctx, nc, "NODEAUTO", "", 3, nil)
+	if err == nil || !strings.Contains(err.Error(), "has 1 replicas") {
+		t.Fatalf("scaling an R1 bucket to 3 on a lone server: %v", err)
+	}
+}
