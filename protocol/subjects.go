@@ -45,6 +45,9 @@ const (
 	// client's UNDEPLOY it asks the node that holds the workload to say "stopping" the
 	// same way before its answer.
 	HeaderProgress = "Nex-Progress"
+	// HeaderNode on a WPING reply names the node that sent it, so a client can tell
+	// which workloads run where (nexctl node lameduck --wait).
+	HeaderNode = "Nex-Node"
 )
 
 // Control-plane subjects ($NEX.SVC.<ns>.control.…).

@@ -413,7 +413,9 @@ func (n *Node) handleWPing(r micro.Request) {
 		n.fail(r, 500, "failed to ask nexlets for workloads", err)
 		return
 	}
-	n.respondJSON(r, list)
+	if err := r.RespondJSON(list, micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}})); err != nil {
+		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
+	}
 }
 
 // Workloads lists every workload on this node (for the local control socket).

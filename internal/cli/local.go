@@ -106,6 +106,7 @@ func (a *app) reloadCmd() *cobra.Command {
 
 func (a *app) lameduckCmd() *cobra.Command {
 	var delay time.Duration
+	var wait bool
 	cmd := &cobra.Command{
 		Use:   "lameduck",
 		Short: "Put the local node in lame duck mode: stop bidding now, stop workloads after --delay",
@@ -120,14 +121,32 @@ func (a *app) lameduckCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.json {
-				return a.printJSON(res)
+			if !a.json {
+				fmt.Fprintf(a.out(), "Node is in lame duck mode. Workloads will stop at %s\n", res.Until.Format(time.RFC3339))
 			}
-			fmt.Fprintf(a.out(), "Node is in lame duck mode. Workloads will stop at %s\n", res.Until.Format(time.RFC3339))
+			killed := 0
+			if wait {
+				if killed, err = a.watchLocalDrain(cmd.Context(), res.Until); err != nil {
+					return err
+				}
+			}
+			if a.json {
+				out := map[string]any{"until": res.Until}
+				if wait {
+					out["drained"], out["killed"] = true, killed
+				}
+				if err := a.printJSON(out); err != nil {
+					return err
+				}
+			}
+			if killed > 0 {
+				return exitError{ExitFailed, fmt.Errorf("%d workload(s) ignored SIGTERM and were killed at the end of their stop grace", killed)}
+			}
 			return nil
 		},
 	}
 	cmd.Flags().DurationVar(&delay, "delay", time.Minute, "how long workloads keep running before they are stopped")
+	cmd.Flags().BoolVar(&wait, "wait", false, "follow the drain until the node has stopped; exit 1 if a workload had to be killed")
 	return cmd
 }
 

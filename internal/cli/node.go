@@ -143,6 +143,7 @@ func (a *app) nodeInfoCmd() *cobra.Command {
 }
 
 func (a *app) nodeLameduckCmd() *cobra.Command {
+	var wait bool
 	var nodeID string
 	var delay time.Duration
 	tag := newKV("tag")
@@ -153,7 +154,12 @@ func (a *app) nodeLameduckCmd() *cobra.Command {
 		Long: `Put a node in lame duck mode: it stops taking workloads at once and stops its
 workloads after --delay. Name the node positionally or with --node-id, by its id, name or
 a unique prefix of its id. With --tag and no node id, every node whose tags match is
-drained.`,
+drained.
+
+--wait follows the drain: the workloads left on each node (a bar per node on a terminal,
+a line per change otherwise) until each node has none left after its delay or has shut
+down. It exits 1 if a workload ignored SIGTERM and was killed at the end of its stop
+grace (seen in WORKLOADSTOPPED events: nodes need events = "nats").`,
 		Args:              rangeArgs(0, 1, "NODE"),
 		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -189,11 +195,28 @@ drained.`,
 				Success bool   `json:"success"`
 				Message string `json:"message"`
 				Until   string `json:"until,omitempty"`
+				Drained bool   `json:"drained,omitempty"` // --wait
+				Killed  int    `json:"killed,omitempty"`  // --wait
 			}
 			var results []result
+			var owners map[string]string // workload id -> node id, for --wait
+			if wait {
+				byNode, err := f.workloadsByNode(cmd.Context())
+				if err != nil {
+					return err
+				}
+				owners = map[string]string{}
+				for node, ws := range byNode {
+					for _, w := range ws {
+						owners[w] = node
+					}
+				}
+			}
+			var drain []*drainNode
 			failed := 0
 			for _, id := range ids {
-				until := time.Now().Add(delay).Format(time.RFC3339)
+				untilT := time.Now().Add(delay)
+				until := untilT.Format(time.RFC3339)
 				r, err := f.lameduck(cmd.Context(), id, delay, tag.m)
 				res := result{NodeID: id, Success: err == nil && r.Success, Message: r.Message}
 				if err != nil {
@@ -201,6 +224,7 @@ drained.`,
 				}
 				if res.Success {
 					res.Until = until
+					drain = append(drain, &drainNode{ID: id, Until: untilT, Start: -1})
 				} else {
 					failed++
 				}
@@ -211,6 +235,20 @@ drained.`,
 					} else {
 						fmt.Fprintf(a.io.Stderr, "nexctl: node %s failed to enter lame duck mode: %s\n", id, orDash(res.Message))
 					}
+				}
+			}
+			killed := 0
+			if wait && len(drain) > 0 {
+				if err := a.watchDrain(cmd.Context(), f, drain, owners, a.out()); err != nil {
+					return err
+				}
+				for _, d := range drain {
+					for i := range results {
+						if results[i].NodeID == d.ID {
+							results[i].Drained, results[i].Killed = d.Done, d.Killed
+						}
+					}
+					killed += d.Killed
 				}
 			}
 			if a.json {
@@ -225,10 +263,14 @@ drained.`,
 			if failed > 0 {
 				return exitError{ExitFailed, fmt.Errorf("%d of %d node(s) did not enter lame duck mode", failed, len(ids))}
 			}
+			if killed > 0 {
+				return exitError{ExitFailed, fmt.Errorf("%d workload(s) ignored SIGTERM and were killed at the end of their stop grace", killed)}
+			}
 			return nil
 		},
 	}
 	fl := cmd.Flags()
+	fl.BoolVar(&wait, "wait", false, "follow the drain until every node is drained; exit 1 if a workload had to be killed")
 	fl.StringVar(&nodeID, "node-id", "", "the node to drain (same as the positional NODE_ID)")
 	fl.DurationVar(&delay, "delay", time.Minute, "how long workloads keep running before they are stopped")
 	fl.Var(tag, "tag", "only a node with this tag; without a node id, every node with it")

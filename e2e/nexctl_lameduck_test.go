@@ -1,0 +1,67 @@
+package e2e
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+// TestNexctlLameduckWait drains real nodes with `nexctl node lameduck --wait`: exit 0
+// when every workload stops on SIGTERM, exit 1 when one had to be killed at the end of
+// its stop grace; the plain (non-terminal) progress says how many workloads are left.
+func TestNexctlLameduckWait(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		command []string
+		code    int
+		killed  int
+	}{
+		{"stops on SIGTERM", []string{"/bin/sleep", "1000"}, 0, 0},
+		{"ignores SIGTERM", []string{"/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done"}, 1, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			n := startNode(t, nodeOpts{extra: []string{"--events", "nats", "--stop-grace", "1s"}})
+			st := n.waitReady(t)
+			n.runWorkload(t, append([]string{"--name", "svc", "--"}, tc.command...)...)
+
+			out, errOut, code := n.ctl(t, "node", "lameduck", st.NodeID[:10], "--delay", "1s", "--wait")
+			if code != tc.code {
+				t.Fatalf("lameduck --wait: exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, out, errOut)
+			}
+			if !strings.Contains(out, "1 workload(s) left") || !strings.Contains(out, "drained") {
+				t.Errorf("progress lacks the count or the end:\n%s", out)
+			}
+			if tc.killed > 0 && !strings.Contains(errOut, "killed at the end of their stop grace") {
+				t.Errorf("no kill reported: %s", errOut)
+			}
+			if code := n.wait(t, 60e9); code != 0 {
+				t.Logf("nexd exit %d after lame duck", code)
+			}
+		})
+	}
+}
+
+// TestNexctlLameduckWaitJSON: --wait --json prints one result with drained and killed.
+func TestNexctlLameduckWaitJSON(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n := startNode(t, nodeOpts{extra: []string{"--events", "nats", "--stop-grace", "1s"}})
+	st := n.waitReady(t)
+	out, errOut, code := n.ctl(t, "--json", "node", "lameduck", st.NodeID, "--delay", "500ms", "--wait")
+	var res struct {
+		NodeID  string `json:"node_id"`
+		Success bool   `json:"success"`
+		Drained bool   `json:"drained"`
+		Killed  int    `json:"killed"`
+	}
+	if code != 0 || json.Unmarshal([]byte(out), &res) != nil || !res.Success || !res.Drained || res.NodeID != st.NodeID {
+		t.Fatalf("exit %d, stdout %s, stderr %s", code, out, errOut)
+	}
+}
