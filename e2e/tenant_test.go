@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -358,4 +360,74 @@ func TestLostStopEvent(t *testing.T) {
 		t.Fatalf("the proxy dropped nothing")
 	}
 	t.Logf("dropped %d messages, %d WORKLOADENDED reports seen", p.dropped.Load(), ended.Load())
+}
+
+// TestFakeBidder: two clients on the bus pose as nodes in an auction and bid lower
+// than the real node: one without a signature, one claiming the real node's id with a
+// signature by another key. nexctl deploys the sealed environment to the real node;
+// neither fake gets a deploy, so nothing is sealed to their keys.
+func TestFakeBidder(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	n.runWorkload(t, "--name", "load", "--namespace", "tenant", "--", "/bin/sleep", "300") // the real node's bid says 1
+
+	fakeKey, _ := nkeys.CreateServer()
+	fakeID, _ := fakeKey.PublicKey()
+	fakeX, _ := nkeys.CreateCurveKeys()
+	fakeXPub, _ := fakeX.PublicKey()
+	schema := `{"type":"object","properties":{"uri":{"type":"string"},"argv":{"type":"array"},"encrypted_environment":{"type":"object"}}}`
+	var deploys atomic.Int64
+	for _, fake := range []struct{ bidder, nodeID string }{{"fake-unsigned", fakeID}, {"fake-forged", st.NodeID}} {
+		if _, err := nc.Subscribe(protocol.AuctionSubject("tenant"), func(m *nats.Msg) {
+			var req protocol.AuctionRequest
+			_ = json.Unmarshal(m.Data, &req)
+			b := protocol.AuctionResponse{BidderID: fake.bidder, StartRequestSchema: schema, XKey: fakeXPub,
+				SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob}, NodeID: fake.nodeID, NodeName: "fake"}
+			if fake.bidder == "fake-forged" {
+				sig, _ := fakeKey.Sign(protocol.BidPayload("tenant", req.AuctionID, b))
+				b.Sig = base64.StdEncoding.EncodeToString(sig)
+			}
+			out, _ := json.Marshal(b)
+			_ = m.Respond(out)
+		}); err != nil {
+			t.Fatal(err)
+		}
+		// Fakes answer pings too, so nexctl waits for their bids.
+		if _, err := nc.Subscribe(protocol.PingSubject(), func(m *nats.Msg) {
+			out, _ := json.Marshal(protocol.NodePingResponse{NodeID: fake.nodeID, State: protocol.NodeRunning, Tags: map[string]string{},
+				Version: "0.0.1", XKey: fakeXPub, StartTime: time.Now()})
+			_ = m.Respond(out)
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := nc.Subscribe(protocol.DeploySubject("tenant", fake.bidder), func(m *nats.Msg) {
+			deploys.Add(1)
+			_ = m.Respond([]byte(`{"id":"stolen","name":"stolen"}`))
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", s.ClientURL(),
+		"--namespace", "tenant", "--json", "workload", "run", "--name", "secret", "--env", "TOKEN=hunter2", "--", "/bin/sleep", "300")
+	if code != 0 {
+		t.Fatalf("nexctl workload run: exit %d\n%s\n%s", code, out, errOut)
+	}
+	var r runResult
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatal(err)
+	}
+	if deploys.Load() != 0 || r.Node != st.NodeID || r.ID == "stolen" {
+		t.Fatalf("the sealed environment went to a fake bidder: %d deploys to fakes, placed %+v", deploys.Load(), r)
+	}
+	if !strings.Contains(errOut, "bid refused") {
+		t.Errorf("nexctl did not say it refused the forged bid: %q", errOut)
+	}
 }

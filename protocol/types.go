@@ -206,6 +206,17 @@ type AuctionResponse struct {
 	NodeID        string `json:"nexd_node_id,omitempty"`
 	NodeName      string `json:"nexd_node_name,omitempty"`
 	WorkloadCount int    `json:"nexd_workload_count,omitempty"`
+	// Sig is the node's signature (base64 std, by its server nkey, whose public key is
+	// NodeID) over BidPayload: a client seals secrets only to the xkey of a bid whose
+	// signer is the node it names.
+	Sig string `json:"nexd_sig,omitempty"`
+}
+
+// BidPayload is what a node signs in a bid: the auction it answers (namespace and
+// auction id, so a bid cannot be replayed into another auction), the bidder id, the
+// node id and the nexlet's xkey.
+func BidPayload(namespace, auctionID string, b AuctionResponse) []byte {
+	return []byte("nexd-bid/1\n" + namespace + "\n" + auctionID + "\n" + b.BidderID + "\n" + b.NodeID + "\n" + b.XKey)
 }
 
 // StartWorkloadRequest is what a client deploys. RunRequest is a JSON document, carried

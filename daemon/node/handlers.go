@@ -3,6 +3,7 @@ package node
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -188,7 +189,7 @@ func (n *Node) handleAuction(r micro.Request) {
 	if len(lifecycles) == 0 {
 		lifecycles = []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob, protocol.LifecycleFunction}
 	}
-	n.respondJSON(r, protocol.AuctionResponse{
+	resp := protocol.AuctionResponse{
 		BidderID:            bidderID,
 		StartRequestSchema:  a.req.StartRequestSchema,
 		SupportedLifecycles: lifecycles,
@@ -196,7 +197,15 @@ func (n *Node) handleAuction(r micro.Request) {
 		NodeID:              n.id,
 		NodeName:            n.o.Name,
 		WorkloadCount:       n.totalWorkloadsLocked(),
-	})
+	}
+	// Signed with the node's key: nobody else on the bus can pose as this node, nor
+	// put another xkey into its bid.
+	if sig, err := n.o.NodeKey.Sign(protocol.BidPayload(protocol.NamespaceOf(r.Subject()), req.AuctionID, resp)); err == nil {
+		resp.Sig = base64.StdEncoding.EncodeToString(sig)
+	} else {
+		n.log.Warn("bid not signed", "auction_id", req.AuctionID, "err", err)
+	}
+	n.respondJSON(r, resp)
 }
 
 // takeBid removes and returns a live bid: a bidder id deploys at most once.

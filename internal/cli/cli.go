@@ -67,7 +67,10 @@ type app struct {
 	stall      time.Duration
 	configFile string
 	check      bool
-	pflags     *pflag.FlagSet
+	// allowUnsigned lets an environment be sealed to a bid that is not signed by the
+	// node it names (upstream nodes do not sign).
+	allowUnsigned bool
+	pflags        *pflag.FlagSet
 	res        *resolution // resolved once, on first use
 }
 
@@ -227,6 +230,7 @@ Exit codes: 0 success, 1 failure, 2 usage error.`,
 	pf.DurationVar(&a.stall, "gather-stall", defaultStop, "scatter-gather ends this long after the last reply")
 	pf.StringVar(&a.configFile, "config", "", "config file read after nexd's (/etc/nex/config.json, ~/.config/nex/config.json, ./config.json)")
 	pf.BoolVar(&a.check, "check", false, "print the resolved settings and where each came from, then exit")
+	pf.BoolVar(&a.allowUnsigned, "allow-unsigned-bids", false, "seal environments to bids not signed by their node (upstream nodes; anyone on the bus could pose as one)")
 	a.nats.register(pf)
 	a.pflags = pf
 	root.RunE = groupRun

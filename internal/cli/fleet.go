@@ -193,21 +193,23 @@ func (f *fleet) placementTags(ctx context.Context) ([]map[string]string, error) 
 }
 
 // auction collects bids for a workload type in ns.
-func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]string, o gatherOpts) ([]protocol.AuctionResponse, []error, error) {
+// auction collects the bids for a workload of typ in ns. signed holds the bidder ids of
+// bids signed by the node they name; a bid with a signature that does not verify is
+// dropped (someone posing as a node) and reported in bad.
+func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]string, o gatherOpts) (bids []protocol.AuctionResponse, signed map[string]bool, bad []error, err error) {
 	if tags == nil {
 		tags = map[string]string{}
 	}
 	req := protocol.AuctionRequest{AgentType: typ, AuctionID: nextID(), Tags: tags}
 	data, err := json.Marshal(req)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	msgs, err := gather(ctx, f.nc, protocol.AuctionSubject(ns), data, o)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	var bids []protocol.AuctionResponse
-	var bad []error
+	signed = map[string]bool{}
 	for _, m := range msgs {
 		if err := replyError(m); err != nil {
 			bad = append(bad, err)
@@ -218,9 +220,16 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 			bad = append(bad, err)
 			continue
 		}
+		switch err := protocol.VerifyBid(ns, req.AuctionID, b); {
+		case err == nil:
+			signed[b.BidderID] = true
+		case !errors.Is(err, protocol.ErrUnsignedBid):
+			bad = append(bad, fmt.Errorf("bid refused from %s: %w", bidLabel(b), err))
+			continue
+		}
 		bids = append(bids, b)
 	}
-	return bids, bad, nil
+	return bids, signed, bad, nil
 }
 
 // errDeployTimeout marks a deploy whose outcome is unknown: the workload may be starting,

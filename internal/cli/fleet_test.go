@@ -135,7 +135,8 @@ func TestWorkloadRunPicksLeastLoadedAndFallsBack(t *testing.T) {
 	mid.load = 3
 	mid.start()
 
-	out, errOut, code := runCLI(t, nil, natsArgs(url, "--json", "--namespace", "default", "workload", "run", "--name", "web",
+	// Fake nodes do not sign their bids, like upstream's.
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "--json", "--namespace", "default", "--allow-unsigned-bids", "workload", "run", "--name", "web",
 		"--env", "TOKEN=s3cret", "--tags", "nex.nexus=nexus", "--", "/bin/sh", "-c", "sleep 1")...)
 	if code != 0 {
 		t.Fatalf("run: exit %d\n%s%s", code, out, errOut)
@@ -336,7 +337,7 @@ func TestWorkloadCloneResealsEnvironment(t *testing.T) {
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	_, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "clone", "W9")...)
+	_, errOut, code := runCLI(t, nil, natsArgs(url, "--allow-unsigned-bids", "workload", "clone", "W9")...)
 	if code != 0 {
 		t.Fatalf("clone: %d %q", code, errOut)
 	}

@@ -63,7 +63,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 			expectBids = len(nodes)
 		}
 	}
-	bids, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+	bids, signed, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
 	if err != nil {
 		return placement{}, err
 	}
@@ -79,9 +79,24 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 	if len(usable) == 0 {
 		return placement{}, fmt.Errorf("%d node(s) bid, but none supports the %s lifecycle", skipped, spec.Lifecycle)
 	}
+	// Signed bids first; an environment is sealed only to a signed bid's xkey.
+	sort.SliceStable(usable, func(i, j int) bool { return signed[usable[i].BidderID] && !signed[usable[j].BidderID] })
+	if seals := len(spec.Env) > 0 && !spec.PlainEnv; seals && !a.allowUnsigned {
+		unsigned := 0
+		for len(usable) > 0 && !signed[usable[len(usable)-1].BidderID] {
+			usable, unsigned = usable[:len(usable)-1], unsigned+1
+		}
+		if len(usable) == 0 {
+			return placement{}, fmt.Errorf("%d node(s) bid without a signature (upstream nex nodes do not sign; anyone on the bus can pose as a node), "+
+				"so the environment is not sealed to any of them: deploy to a nexd node, or pass --allow-unsigned-bids if you trust every client on this bus", unsigned)
+		}
+	}
 	var errs []error
 	for i, bid := range usable {
 		rr, err := spec.runRequestFor(bid)
+		if err == nil && !signed[bid.BidderID] {
+			a.warnf("note: %s did not sign its bid (an upstream node?); its identity is not verified", bidLabel(bid))
+		}
 		if err == nil {
 			req := protocol.StartWorkloadRequest{
 				Description: spec.Description, Name: spec.Name, Namespace: ns, RunRequest: rr,
