@@ -71,7 +71,7 @@ type app struct {
 	// node it names (upstream nodes do not sign).
 	allowUnsigned bool
 	pflags        *pflag.FlagSet
-	res        *resolution // resolved once, on first use
+	res           *resolution // resolved once, on first use
 }
 
 // errCheckDone ends a run after --check printed the resolution.
