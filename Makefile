@@ -30,8 +30,11 @@ run: build
 		--node-name $$(hostname) $(ARGS)
 
 # Unit, integration and end-to-end tests (the e2e tests build and run the real binaries).
+# Four test binaries at once even on 2 cores: most of their time is spent waiting on
+# child processes, NATS round trips and timers, not on the CPU.
+TEST_PACKAGES ?= 4
 test:
-	$(GO) test -race -count=1 -timeout 25m ./...
+	$(GO) test -race -count=1 -p $(TEST_PACKAGES) -timeout 25m ./...
 
 test-short:
 	$(GO) test -short -count=1 ./...

@@ -63,6 +63,7 @@ func startActivated(t *testing.T, sock *os.File, args []string) *proc {
 // the configured mode, hands it to no child, and leaves it in place when it exits,
 // so a client that connects while nexd restarts is answered by the next nexd.
 func TestSocketActivation(t *testing.T) {
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	path := filepath.Join(t.TempDir(), "nexd.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})

@@ -83,6 +83,7 @@ func TestNexletCrashKeepsWorkloads(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
 	if n.cgroup == "" {

@@ -135,6 +135,7 @@ func TestInboxSniffing(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	bin := buildWorkload(t, "sniffer", sniffer)
 	n, creds, nc := signingNode(t)
 
@@ -231,6 +232,7 @@ func TestNexletHijack(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--allow-remote-agent-registration"}})
 	st := n.waitReady(t)
@@ -303,6 +305,7 @@ func TestForgedWorkloadStopped(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
 	st := n.waitReady(t)
@@ -338,6 +341,7 @@ func TestLostStopEvent(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	var ended atomic.Int64
 	p := startDropProxy(t, s.ClientURL(), func(subj string) bool {
