@@ -139,6 +139,11 @@ func (c *Client) Reload(ctx context.Context) (ReloadResult, error) {
 	return res, nil
 }
 
+// Reexec asks nexd to re-execute its installed binary in place (nexctl node reexec).
+func (c *Client) Reexec(ctx context.Context) error {
+	return c.call(ctx, "POST", "/v1/reexec", nil, nil)
+}
+
 // Lameduck puts the node in lame duck mode; workloads stop after delay.
 func (c *Client) Lameduck(ctx context.Context, delay time.Duration) (LameduckResult, error) {
 	var res LameduckResult

@@ -474,6 +474,8 @@ func TestParseGroupsLine(t *testing.T) {
 	}
 }
 
+func (b *testBackend) Reexec(context.Context) error { return nil }
+
 func (b *testBackend) NATSAccess(context.Context) (NATSAccess, error) {
 	return NATSAccess{}, ErrNotFound
 }

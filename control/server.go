@@ -208,6 +208,7 @@ func (s *Server) routes() {
 		{"DELETE", "/v1/secrets/{ns}/{key}", false, s.handleSecretDelete},
 		{"GET", "/v1/metrics", false, s.handleMetrics},
 		{"GET", "/v1/nats", false, s.handleNATSAccess},
+		{"POST", "/v1/reexec", false, s.handleReexec},
 	}
 	s.mux = http.NewServeMux()
 	s.known = http.NewServeMux()
@@ -374,6 +375,14 @@ func (s *Server) handleReload(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusUnprocessableEntity
 	}
 	writeJSON(w, status, res)
+}
+
+func (s *Server) handleReexec(w http.ResponseWriter, r *http.Request) {
+	if err := s.opts.Backend.Reexec(r.Context()); err != nil {
+		s.backendError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusAccepted, map[string]string{"status": "re-executing"})
 }
 
 func (s *Server) handleLameduck(w http.ResponseWriter, r *http.Request) {

@@ -42,6 +42,9 @@ type Backend interface {
 	// NATSAccess tells a local admin how to reach the node's NATS system, so nexctl on
 	// the node's host needs no configuration of its own.
 	NATSAccess(ctx context.Context) (NATSAccess, error)
+	// Reexec asks nexd to re-execute its installed binary in place (same pid, workloads
+	// kept); it returns once the request is accepted, before the exec.
+	Reexec(ctx context.Context) error
 }
 
 // SecretStore holds workload secrets by namespace. Values never leave the node through

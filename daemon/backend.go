@@ -60,6 +60,12 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 	return st, nil
 }
 
+// Reexec asks the run loop to re-execute nexd in place (as SIGUSR2 does).
+func (b backend) Reexec(context.Context) error {
+	b.s.requestShutdown(reasonReexec)
+	return nil
+}
+
 func (b backend) Reload(ctx context.Context) (control.ReloadResult, error) {
 	return b.s.reload(), nil
 }

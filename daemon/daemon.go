@@ -125,6 +125,11 @@ func (d *daemon) run(ctx context.Context) error {
 	hup := make(chan os.Signal, 2)
 	signal.Notify(term, syscall.SIGTERM, syscall.SIGINT)
 	signal.Notify(hup, syscall.SIGHUP)
+	// SIGUSR2 re-executes nexd in place; caught from the start so that an early one
+	// does not kill the node (it is acted on once start-up is done).
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	defer signal.Stop(usr2)
 	defer signal.Stop(hup)
 	defer signal.Stop(term)
 
@@ -139,7 +144,7 @@ func (d *daemon) run(ctx context.Context) error {
 		return err
 	}
 
-	reason := s.serveUntilStop(ctx, term, hup)
+	reason := s.serveUntilStop(ctx, term, hup, usr2)
 	d.log.Info("stopping", "reason", reason)
 	// Later SIGTERMs must not cut the drain short.
 	drained := make(chan struct{})
@@ -155,10 +160,29 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 	})
 	// live_restore keeps workloads across a stop by signal (systemctl stop/restart, an
-	// upgrade); a lame duck drain or an ended context stops them.
-	s.stop(strings.HasPrefix(reason, "signal ") && s.cfg().Node.LiveRestore)
+	// upgrade); a lame duck drain or an ended context stops them. A re-exec always
+	// keeps them.
+	mode := stopAll
+	switch {
+	case reason == reasonReexec:
+		mode = reexecKeep
+	case strings.HasPrefix(reason, "signal ") && s.cfg().Node.LiveRestore:
+		mode = keepAll
+	}
+	var keep *os.File
+	if mode == reexecKeep && d.ctlListener != nil {
+		// systemd's control socket goes across the exec (socket activation again).
+		var ferr error
+		if keep, ferr = d.ctlListener.File(); ferr != nil {
+			d.log.Warn("re-exec: the control socket cannot be kept; the new nexd creates its own", "err", ferr)
+		}
+	}
+	s.stop(mode)
 	close(drained)
 	wg.Wait()
+	if mode == reexecKeep {
+		return reexec(keep)
+	}
 	return nil
 }
 
@@ -194,9 +218,11 @@ func (d *daemon) start(ctx context.Context, term <-chan os.Signal) (s *server, s
 
 // serveUntilStop handles SIGHUP (reload) until something asks the node to stop, and
 // says what did.
-func (s *server) serveUntilStop(ctx context.Context, term, hup <-chan os.Signal) string {
+func (s *server) serveUntilStop(ctx context.Context, term, hup, usr2 <-chan os.Signal) string {
 	for {
 		select {
+		case <-usr2:
+			return reasonReexec
 		case <-hup:
 			res := s.reload()
 			if !res.OK {

@@ -175,14 +175,31 @@ func (s *server) onLameduck(delay time.Duration) {
 	})
 }
 
+// stopMode says what a stop does with the workloads.
+type stopMode int
+
+const (
+	stopAll    stopMode = iota // stop every workload (no live_restore, lame duck)
+	keepAll                    // live_restore: workloads stay for the next nexd
+	reexecKeep                 // re-exec in place: workloads stay, systemd sees a reload
+)
+
 // stop drains the workloads, then unwinds every closer start pushed: metrics, control
-// socket, nexlets, node API, owned goroutines, NATS, logger. With keepWorkloads
-// (live_restore) the workloads stay: the nexlets let go of them and exit, and the next
-// nexd with the same state adopts them.
-func (s *server) stop(keepWorkloads bool) {
+// socket, nexlets, node API, owned goroutines, NATS, logger. With keepAll
+// (live_restore) or reexecKeep the workloads stay: the nexlets let go of them and exit,
+// and the next nexd with the same state (or this one after execve) adopts them.
+func (s *server) stop(mode stopMode) {
 	s.setPhase(control.StateStopping)
 	grace := s.cfg().Node.StopGrace
-	s.notify.Stopping("stopping: draining workloads and nexlets")
+	if mode == reexecKeep {
+		// Same pid after the exec: systemd sees a reload, ended by the new image's READY=1.
+		if err := s.notify.Reloading(); err != nil {
+			s.log.Warn("sd_notify RELOADING", "err", err)
+		}
+		s.notify.Status("re-executing: workloads keep running")
+	} else {
+		s.notify.Stopping("stopping: draining workloads and nexlets")
+	}
 	// Keep systemd from killing us while the drain is making progress.
 	extend := grace + 15*time.Second
 	s.notify.ExtendTimeout(extend)
@@ -205,9 +222,11 @@ func (s *server) stop(keepWorkloads bool) {
 	// The drain runs to its own bounds even when the daemon's context has ended.
 	ctx := context.WithoutCancel(s.ctx)
 	s.node.SetState(protocol.NodeStopping)
-	if keepWorkloads {
-		s.log.Info("live_restore: leaving workloads running for the next nexd")
-		s.notify.Status("stopping: live_restore, workloads keep running")
+	if mode != stopAll {
+		s.log.Info("leaving workloads running for the next nexd", "reexec", mode == reexecKeep)
+		if mode == keepAll {
+			s.notify.Status("stopping: live_restore, workloads keep running")
+		}
 		s.nexlets.Detach()
 	} else {
 		dctx, cancel := context.WithTimeout(ctx, grace+10*time.Second)

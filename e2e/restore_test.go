@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -333,6 +334,49 @@ func TestLiveRestore(t *testing.T) {
 	n3 := startNode(t, opts(n.cgroup, true))
 	n3.waitReady(t)
 	check(n3, "after kill -9 and a new nexd")
+
+	// nexctl node reexec: nexd execve()s itself, same pid, and adopts everything again;
+	// a job that ends after the exec still has its exit code reported (nexd, the child
+	// subreaper, reaps it).
+	nc, err := nats.Connect(url, nats.UserCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	release := filepath.Join(testkit.PublicDir(t), "go")
+	var job runResult
+	json.Unmarshal([]byte(ctl(n3, "--json", "workload", "run", "--bids", "1", "--name", "job", "--lifecycle", "job", "--",
+		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.1; done; exit 3`, release)), &job)
+	testkit.EventuallyWithin(t, 30*time.Second, "the job runs", func() bool { return len(n3.groupProcs(job.ID)) > 0 })
+	oldNexlet := nexletPID(n3.cmd.Process.Pid)
+	ctl(n3, "node", "reexec")
+	testkit.EventuallyWithin(t, 60*time.Second, "a new nexlet under the re-executed nexd", func() bool {
+		p := nexletPID(n3.cmd.Process.Pid)
+		return p != 0 && p != oldNexlet
+	})
+	n3.waitReady(t)
+	select {
+	case <-n3.done:
+		t.Fatalf("nexd exited instead of re-executing: %v", n3.err)
+	default:
+	}
+	check(n3, "after nexctl node reexec")
+	if err := os.WriteFile(release, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var ev protocol.WorkloadStoppedEvent
+	testkit.EventuallyWithin(t, 60*time.Second, "the job's WORKLOADSTOPPED after the re-exec", func() bool {
+		m, err := stopped.NextMsg(time.Second)
+		if err != nil {
+			return false
+		}
+		json.Unmarshal(m.Data, &ev)
+		return ev.ID == job.ID
+	})
+	if ev.Metadata["exit_code"] != "3" {
+		t.Errorf("job ended after the re-exec with %+v, want exit code 3", ev)
+	}
 
 	// Renewal goes on through the new nexd and nexlet, past the first JWT's lifetime.
 	testkit.EventuallyWithin(t, 4*ttl, "credentials renewed past the first JWT's expiry", func() bool {

@@ -235,6 +235,8 @@ func TestGenDocs(t *testing.T) {
 	}
 }
 
+func (b *localBackend) Reexec(context.Context) error { return nil }
+
 func (b *localBackend) NATSAccess(context.Context) (control.NATSAccess, error) {
 	return control.NATSAccess{}, control.ErrNotFound
 }

@@ -150,6 +150,30 @@ func (a *app) lameduckCmd() *cobra.Command {
 	return cmd
 }
 
+func (a *app) nodeReexecCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "reexec",
+		Short: "Re-execute the local nexd's installed binary in place (same pid, workloads keep running)",
+		Long: `Re-execute the local nexd in place, as systemctl daemon-reexec does for systemd: nexd
+lets go of its workloads, stops its nexlets, NATS and sockets, and execve()s the binary
+installed at its path (after a package upgrade: the new version) with the same pid. The
+new nexd adopts every running workload. The same as sending nexd SIGUSR2.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c := a.client()
+			defer c.Close()
+			if err := c.Reexec(cmd.Context()); err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(map[string]string{"status": "re-executing"})
+			}
+			fmt.Fprintln(a.out(), "nexd is re-executing; `nexctl status` answers again once it is ready.")
+			return nil
+		},
+	}
+}
+
 func (a *app) nexletsCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "nexlets",

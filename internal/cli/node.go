@@ -73,7 +73,7 @@ func (a *app) nodeCommand() *cobra.Command {
 		Args:    cobra.ArbitraryArgs,
 		RunE:    groupRun,
 	}
-	cmd.AddCommand(a.nodeListCmd(), a.nodeInfoCmd(), a.nodeLameduckCmd(), a.nodeStateCmd())
+	cmd.AddCommand(a.nodeListCmd(), a.nodeInfoCmd(), a.nodeLameduckCmd(), a.nodeStateCmd(), a.nodeReexecCmd())
 	return cmd
 }
 
