@@ -1,0 +1,494 @@
+// Package fleet runs a fleet of real nexd nodes on one Linux machine, each in its own
+// network namespace with its own nats-server, and injects real faults: killed servers,
+// links pulled at the switch, full disks, slow and lossy links. It needs root, iproute2
+// and nsenter, and runs only when NEXD_FLEET_TEST=1 (make fleet-test); the README's
+// "Running a fleet" section lists the cases and their figures.
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+var bins testkit.Binaries
+
+func TestMain(m *testing.M) { os.Exit(bins.Run(m)) }
+
+// subnet is the fleet's private range. It exists only inside the namespaces a fleet
+// creates (the bridge lives in the fleet's hub namespace), so nothing on the host or
+// its networks can be reached or disturbed by the faults.
+const subnet = "10.77.0"
+
+const prefix = "nxf" // namespace, link and cgroup names start with prefix<pid>
+
+// requireFleet skips unless the fleet tests were asked for and can run here.
+func requireFleet(t *testing.T) {
+	t.Helper()
+	if os.Getenv("NEXD_FLEET_TEST") != "1" {
+		t.Skip("fleet tests run with NEXD_FLEET_TEST=1 (make fleet-test): they need root, iproute2 and nsenter")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("fleet tests need root (network namespaces, veth pairs, cgroups, mounts)")
+	}
+	for _, tool := range []string{"ip", "nsenter", "mount"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("fleet tests need %s (apt install iproute2 util-linux): %v", tool, err)
+		}
+	}
+	sweepStale(t)
+}
+
+// sweepStale removes namespaces and cgroups left by a fleet test process that died
+// before its cleanup ran (named prefix<pid>, with that pid gone).
+func sweepStale(t *testing.T) {
+	out, _ := exec.Command("ip", "netns", "list").Output()
+	for _, line := range strings.Split(string(out), "\n") {
+		name, _, _ := strings.Cut(strings.TrimSpace(line), " ")
+		if pid, ok := ownerPID(name); ok && syscall.Kill(pid, 0) == syscall.ESRCH {
+			t.Logf("removing stale namespace %s", name)
+			exec.Command("ip", "netns", "del", name).Run()
+		}
+	}
+	for _, h := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
+		entries, _ := os.ReadDir(filepath.Join("/sys/fs/cgroup", h))
+		for _, e := range entries {
+			if pid, ok := ownerPID(e.Name()); ok && syscall.Kill(pid, 0) == syscall.ESRCH {
+				removeTree(filepath.Join("/sys/fs/cgroup", h, e.Name()))
+			}
+		}
+	}
+}
+
+func ownerPID(name string) (int, bool) {
+	rest, ok := strings.CutPrefix(name, prefix)
+	if !ok {
+		return 0, false
+	}
+	digits := rest[:len(rest)-len(strings.TrimLeft(rest, "0123456789"))]
+	pid, err := strconv.Atoi(digits)
+	return pid, err == nil && pid > 0
+}
+
+func removeTree(dir string) {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			removeTree(filepath.Join(dir, e.Name()))
+		}
+	}
+	syscall.Rmdir(dir)
+}
+
+// Fleet is N hosts on one bridge. Host i (1-based) is namespace <id>h<i> with address
+// 10.77.0.(10+i) on its eth0, whose other end <id>h<i> sits on the bridge in <id>hub.
+type Fleet struct {
+	t     *testing.T
+	id    string // prefix<pid>x<seq>: unique per test in this process
+	dir   string
+	hub   string
+	Hosts []*Host
+	mu    sync.Mutex
+	procs []*Proc
+}
+
+// Host is one machine of the fleet.
+type Host struct {
+	f        *Fleet
+	N        int
+	Name     string // h1, h2, …: also the nexd node name and the nats server name
+	NS       string
+	IP       string
+	Dir      string
+	StateDir string
+	Socket   string
+	Cgroup   string
+	NATS     *Proc
+	Nexd     *Proc
+	natsConf string
+}
+
+var fleetSeq struct {
+	sync.Mutex
+	n int
+}
+
+// ip runs an iproute2 command, failing the test on error.
+func (f *Fleet) ip(args ...string) {
+	f.t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		f.t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// NewFleet builds the network of n hosts; everything it makes is removed at the end of
+// the test, also when the test fails half-way.
+func NewFleet(t *testing.T, n int) *Fleet {
+	t.Helper()
+	requireFleet(t)
+	fleetSeq.Lock()
+	fleetSeq.n++
+	seq := fleetSeq.n
+	fleetSeq.Unlock()
+	f := &Fleet{t: t, id: fmt.Sprintf("%s%dx%d", prefix, os.Getpid(), seq), dir: t.TempDir()}
+	f.hub = f.id + "hub"
+	t.Cleanup(f.cleanup)
+	f.ip("netns", "add", f.hub)
+	f.ip("-n", f.hub, "link", "set", "lo", "up")
+	f.ip("-n", f.hub, "link", "add", "br0", "type", "bridge")
+	f.ip("-n", f.hub, "link", "set", "br0", "up")
+	for i := 1; i <= n; i++ {
+		h := &Host{f: f, N: i, Name: fmt.Sprintf("h%d", i), NS: fmt.Sprintf("%sh%d", f.id, i),
+			IP: fmt.Sprintf("%s.%d", subnet, 10+i)}
+		h.Dir = filepath.Join(f.dir, h.Name)
+		h.StateDir = filepath.Join(h.Dir, "state")
+		h.Socket = filepath.Join(h.Dir, "nexd.sock")
+		if _, err := os.Stat("/sys/fs/cgroup/memory"); err == nil {
+			h.Cgroup = filepath.Join("/sys/fs/cgroup/memory", h.NS)
+		}
+		for _, d := range []string{h.StateDir, filepath.Join(h.Dir, "js")} {
+			if err := os.MkdirAll(d, 0o700); err != nil {
+				t.Fatal(err)
+			}
+		}
+		f.ip("netns", "add", h.NS)
+		f.ip("-n", h.NS, "link", "set", "lo", "up")
+		// The hub end is named after the host (unique inside the hub namespace).
+		f.ip("-n", f.hub, "link", "add", h.Name, "type", "veth", "peer", "name", "eth0", "netns", h.NS)
+		f.ip("-n", f.hub, "link", "set", h.Name, "master", "br0")
+		f.ip("-n", f.hub, "link", "set", h.Name, "up")
+		f.ip("-n", h.NS, "addr", "add", h.IP+"/24", "dev", "eth0")
+		f.ip("-n", h.NS, "link", "set", "eth0", "up")
+		f.Hosts = append(f.Hosts, h)
+	}
+	return f
+}
+
+func (f *Fleet) cleanup() {
+	f.mu.Lock()
+	procs := append([]*Proc(nil), f.procs...)
+	f.mu.Unlock()
+	// nexd first, so it stops its workloads while it still can, then the servers.
+	for _, p := range procs {
+		if p.nexd {
+			p.Stop(30 * time.Second)
+		}
+	}
+	for _, p := range procs {
+		p.Stop(10 * time.Second)
+	}
+	for _, h := range f.Hosts {
+		exec.Command("umount", "-l", h.StateDir).Run()
+		exec.Command("ip", "netns", "del", h.NS).Run()
+		if h.Cgroup != "" {
+			for _, c := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
+				removeTree(filepath.Join("/sys/fs/cgroup", c, filepath.Base(h.Cgroup)))
+			}
+		}
+	}
+	exec.Command("ip", "netns", "del", f.hub).Run()
+	if f.t.Failed() {
+		for _, p := range procs {
+			f.t.Logf("--- %s (last 40 lines of %s)\n%s", p.name, p.log, tail(p.log, 40))
+		}
+	}
+}
+
+func tail(path string, n int) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Proc is a process the fleet started inside a host's namespace.
+type Proc struct {
+	name string
+	log  string
+	cmd  *exec.Cmd
+	done chan struct{}
+	nexd bool
+}
+
+// start runs bin in namespace ns (nsenter joins only its network namespace: /sys and
+// the cgroup mounts stay the host's, unlike `ip netns exec`).
+func (f *Fleet) start(name, ns, bin string, args ...string) *Proc {
+	f.t.Helper()
+	logPath := filepath.Join(f.dir, name+".log")
+	out, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, "--", bin}, args...)...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + f.dir}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		out.Close()
+		f.t.Fatalf("start %s: %v", name, err)
+	}
+	p := &Proc{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		cmd.Wait()
+		out.Close()
+		close(p.done)
+	}()
+	f.mu.Lock()
+	f.procs = append(f.procs, p)
+	f.mu.Unlock()
+	return p
+}
+
+// Stop sends SIGTERM and, after grace, SIGKILL; it returns once the process is gone.
+func (p *Proc) Stop(grace time.Duration) {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// Kill is kill -9: the fault, not a shutdown.
+func (p *Proc) Kill() {
+	p.cmd.Process.Kill()
+	<-p.done
+}
+
+// Alive says whether the process still runs.
+func (p *Proc) Alive() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// URL is the host's NATS client URL.
+func (h *Host) URL() string { return "nats://" + h.IP + ":4222" }
+
+// ClusterURLs is every host's client URL, h's own first.
+func (h *Host) ClusterURLs() string {
+	urls := []string{h.URL()}
+	for _, o := range h.f.Hosts {
+		if o != h {
+			urls = append(urls, o.URL())
+		}
+	}
+	return strings.Join(urls, ",")
+}
+
+// StartClusterNATS starts every host's nats-server as one JetStream cluster (topology a).
+func (f *Fleet) StartClusterNATS() {
+	f.t.Helper()
+	for _, h := range f.Hosts {
+		var routes []string
+		for _, o := range f.Hosts {
+			if o != h {
+				routes = append(routes, fmt.Sprintf("nats-route://%s:6222", o.IP))
+			}
+		}
+		conf := fmt.Sprintf(`server_name: %s
+listen: "%s:4222"
+jetstream {
+  store_dir: %q
+  max_memory_store: 64MB
+  max_file_store: 512MB
+}
+cluster {
+  name: fleet
+  listen: "%s:6222"
+  routes: [%s]
+}
+`, h.Name, h.IP, filepath.Join(h.Dir, "js"), h.IP, strings.Join(routes, ", "))
+		h.natsConf = filepath.Join(h.Dir, "nats.conf")
+		testkit.WriteFile(f.t, h.natsConf, conf)
+		h.StartNATS()
+	}
+}
+
+// StartNATS (re)starts the host's nats-server from its config.
+func (h *Host) StartNATS() {
+	h.f.t.Helper()
+	bin := bins.Path(h.f.t, "github.com/nats-io/nats-server/v2")
+	h.NATS = h.f.start(h.Name+"-nats", h.NS, bin, "-c", h.natsConf)
+}
+
+// StartNexd starts the real nexd on the host, with its own state directory, control
+// socket and cgroup root, connected to servers, and waits until it is running.
+func (h *Host) StartNexd(servers string, extra ...string) {
+	h.f.t.Helper()
+	args := []string{"--state-dir", h.StateDir, "--control-socket", h.Socket, "--node-name", h.Name,
+		"--nats.servers", servers, "--state", "kv", "--startup-timeout", "60s", "--tags", "host=" + h.Name}
+	if h.Cgroup != "" {
+		args = append(args, "--cgroup-root", h.Cgroup)
+	}
+	h.Nexd = h.f.start(h.Name+"-nexd", h.NS, bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexd"), append(args, extra...)...)
+	h.Nexd.nexd = true
+	h.WaitRunning(90 * time.Second)
+}
+
+// WaitRunning waits until the node's control socket says running.
+func (h *Host) WaitRunning(d time.Duration) control.Status {
+	h.f.t.Helper()
+	var st control.Status
+	var last string
+	ok := testkit.WaitFor(d, func() bool {
+		if !h.Nexd.Alive() {
+			return true
+		}
+		var err error
+		st, err = h.Status()
+		if err != nil {
+			last = err.Error()
+			return false
+		}
+		last = string(st.State)
+		return st.State == "running"
+	})
+	if !ok || !h.Nexd.Alive() {
+		h.f.t.Fatalf("%s: nexd not running within %v (alive %v); last: %s\n%s", h.Name, d, h.Nexd.Alive(), last, tail(h.Nexd.log, 30))
+	}
+	return st
+}
+
+// Status asks the node's control socket (a Unix socket: reachable whatever the network).
+func (h *Host) Status() (control.Status, error) {
+	c := control.NewClient(h.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return c.Status(ctx)
+}
+
+// Workloads lists what the node runs, from its control socket.
+func (h *Host) Workloads() ([]control.Workload, error) {
+	c := control.NewClient(h.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return c.Workloads(ctx)
+}
+
+// Ctl runs nexctl inside the host's namespace against servers; it returns stdout,
+// stderr and the exit code.
+func (h *Host) Ctl(servers string, args ...string) (string, string, int) {
+	h.f.t.Helper()
+	full := append([]string{"--net=/run/netns/" + h.NS, "--", bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexctl"),
+		"--control-socket", filepath.Join(h.Dir, "none.sock"), "--nats.servers", servers}, args...)
+	cmd := exec.Command("nsenter", full...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + h.Dir}
+	cmd.Dir = h.Dir
+	var out, errOut strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		h.f.t.Fatalf("nexctl: %v", err)
+	}
+	return out.String(), errOut.String(), code
+}
+
+// Deployed is nexctl's --json answer to workload run.
+type Deployed struct {
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	Node string `json:"node"`
+}
+
+// Deploy starts a long-running workload through an auction among the nodes h's NATS
+// reaches (servers), as a user would with nexctl.
+func (h *Host) Deploy(servers, name string, extra ...string) (Deployed, error) {
+	args := append([]string{"--json", "--nats.timeout", "5s", "workload", "run", "--name", name}, extra...)
+	args = append(args, "--", "/bin/sleep", "3600")
+	out, errOut, code := h.Ctl(servers, args...)
+	if code != 0 {
+		return Deployed{}, fmt.Errorf("nexctl workload run %s: exit %d: %s", name, code, strings.TrimSpace(errOut))
+	}
+	var d Deployed
+	if err := json.Unmarshal([]byte(out), &d); err != nil || d.ID == "" {
+		return Deployed{}, fmt.Errorf("nexctl workload run %s: %v: %q", name, err, out)
+	}
+	return d, nil
+}
+
+// NodeNames are the names `nexctl node list` shows from h.
+func (h *Host) NodeNames(servers string) []string {
+	out, _, code := h.Ctl(servers, "--json", "--nats.timeout", "3s", "node", "list")
+	if code != 0 {
+		return nil
+	}
+	var nodes []map[string]any
+	if json.Unmarshal([]byte(out), &nodes) != nil {
+		return nil
+	}
+	var names []string
+	for _, n := range nodes {
+		for _, k := range []string{"name", "node_name"} {
+			if s, ok := n[k].(string); ok {
+				names = append(names, s)
+				break
+			}
+		}
+		if tags, ok := n["tags"].(map[string]any); ok && len(names) < len(nodes) {
+			if s, ok := tags["host"].(string); ok {
+				names = append(names, s)
+			}
+		}
+	}
+	return names
+}
+
+// LinkDown pulls the host's cable at the switch (its veth end on the hub's bridge).
+func (h *Host) LinkDown() { h.f.ip("-n", h.f.hub, "link", "set", h.Name, "down") }
+
+// LinkUp plugs it back in.
+func (h *Host) LinkUp() { h.f.ip("-n", h.f.hub, "link", "set", h.Name, "up") }
+
+// Figures collects a case's measured numbers and prints them at the end.
+type Figures struct {
+	t    *testing.T
+	name string
+	rows [][2]string
+}
+
+func NewFigures(t *testing.T, name string) *Figures {
+	fg := &Figures{t: t, name: name}
+	t.Cleanup(func() {
+		var b strings.Builder
+		fmt.Fprintf(&b, "FIGURES %s\n", name)
+		for _, r := range fg.rows {
+			fmt.Fprintf(&b, "  %-44s %s\n", r[0], r[1])
+		}
+		t.Log(b.String())
+		fmt.Print(b.String())
+	})
+	return fg
+}
+
+func (fg *Figures) Add(what string, v any) {
+	fg.rows = append(fg.rows, [2]string{what, fmt.Sprint(v)})
+}
