@@ -483,7 +483,6 @@ func NewFigures(t *testing.T, name string) *Figures {
 		for _, r := range fg.rows {
 			fmt.Fprintf(&b, "  %-44s %s\n", r[0], r[1])
 		}
-		t.Log(b.String())
 		fmt.Print(b.String())
 	})
 	return fg
@@ -491,4 +490,61 @@ func NewFigures(t *testing.T, name string) *Figures {
 
 func (fg *Figures) Add(what string, v any) {
 	fg.rows = append(fg.rows, [2]string{what, fmt.Sprint(v)})
+}
+
+// StateKeys are the keys of the node's KV state bucket, read with nexctl node state
+// through servers (from h's namespace).
+func (h *Host) StateKeys(servers, nodeID string) ([]string, error) {
+	out, errOut, code := h.Ctl(servers, "--json", "--nats.timeout", "5s", "node", "state", nodeID)
+	if code != 0 {
+		return nil, fmt.Errorf("nexctl node state %s: exit %d: %s", nodeID, code, strings.TrimSpace(errOut))
+	}
+	var entries []struct {
+		Key string `json:"key"`
+	}
+	if err := json.Unmarshal([]byte(out), &entries); err != nil {
+		return nil, fmt.Errorf("nexctl node state: %v: %q", err, out)
+	}
+	keys := make([]string, 0, len(entries))
+	for _, e := range entries {
+		keys = append(keys, e.Key)
+	}
+	return keys, nil
+}
+
+// LogLine returns the first line of p's log containing all of want ("" when none).
+func (p *Proc) LogLine(want ...string) string {
+	b, _ := os.ReadFile(p.log)
+	for _, line := range strings.Split(string(b), "\n") {
+		ok := true
+		for _, w := range want {
+			ok = ok && strings.Contains(line, w)
+		}
+		if ok {
+			return line
+		}
+	}
+	return ""
+}
+
+// Running maps the ids of the workloads every live node reports as running to the
+// nodes that run them (a duplicate shows as two nodes).
+func (f *Fleet) Running() map[string][]string {
+	f.t.Helper()
+	got := map[string][]string{}
+	for _, h := range f.Hosts {
+		if h.Nexd == nil || !h.Nexd.Alive() {
+			continue
+		}
+		ws, err := h.Workloads()
+		if err != nil {
+			f.t.Fatalf("%s: workloads: %v", h.Name, err)
+		}
+		for _, w := range ws {
+			if w.State == "running" {
+				got[w.ID] = append(got[w.ID], h.Name)
+			}
+		}
+	}
+	return got
 }

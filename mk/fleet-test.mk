@@ -1,0 +1,10 @@
+# make fleet-test: a fleet of real nexd nodes on this machine, each host a network
+# namespace with its own nats-server, and real faults (test/fleet, README "Running a
+# fleet"). Needs root, iproute2 and nsenter; not part of `make test`. FLEET_RUN picks
+# cases (a go test -run pattern); NEXD_FLEET_* variables set their durations.
+FLEET_RUN ?= .
+
+.PHONY: fleet-test
+
+fleet-test:
+	NEXD_FLEET_TEST=1 $(GO) test -count=1 -v -timeout 20m -run '$(FLEET_RUN)' ./test/fleet
