@@ -356,3 +356,26 @@ func TestAttackSlowBodyFloodLeavesSocketServing(t *testing.T) {
 		t.Errorf("connections still held by the server after 30s: %s", out.String())
 	}
 }
+
+// TestAttackControlCharactersInNames: a tenant names a workload "\x1b[31m…" to drive
+// the operator's terminal. Before issue 12 the name was accepted and printed raw by
+// nexctl. Now the node refuses it at deploy, and nexctl never prints control
+// characters it got from the network.
+func TestAttackControlCharactersInNames(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n := startNode(t, nodeOpts{})
+	n.waitReady(t)
+	out, errOut, code := n.ctl(t, "workload", "run", "--name", "\x1b[31mred\x1b[0m", "--", "/bin/true")
+	if code == 0 || !strings.Contains(errOut, "workload name") {
+		t.Errorf("control characters in a name: exit %d\nstdout: %q\nstderr: %q", code, out, errOut)
+	}
+	if strings.ContainsRune(out+errOut, 0x1b) {
+		t.Errorf("nexctl printed a raw ESC: %q %q", out, errOut)
+	}
+	if len(n.workloads(t)) != 0 {
+		t.Errorf("the workload was started")
+	}
+}

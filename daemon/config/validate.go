@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // validator checks the resolved configuration as a whole and attributes each problem
@@ -52,6 +54,8 @@ func (v *validator) validate() {
 	v.subjectToken("nexus", n.Nexus)
 	if strings.TrimSpace(n.Name) == "" {
 		v.fail("node_name", "", "must not be empty")
+	} else if err := protocol.CheckName("node name", n.Name); err != nil {
+		v.fail("node_name", "", err.Error())
 	}
 	v.seed("node_seed", n.Seed, nkeys.PrefixByteServer)
 	v.seed("node_xkey_seed", n.XKeySeed, nkeys.PrefixByteCurve)

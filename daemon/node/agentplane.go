@@ -57,6 +57,12 @@ func (n *Node) handleRegister(r micro.Request) {
 		n.fail(r, 400, "bad agent registration", err)
 		return
 	}
+	if req.Name != "" || req.RegisterType != "" {
+		if err := errors.Join(checkOptionalName("nexlet name", req.Name), checkOptionalName("register_type", req.RegisterType)); err != nil {
+			n.fail(r, 400, "bad agent registration", fmt.Errorf("invalid RegisterAgentRequest: field \"name\": %w", err))
+			return
+		}
+	}
 	if req.RegisterType == "" {
 		n.fail(r, 400, "register_type is required", errors.New("invalid RegisterAgentRequest: field \"register_type\": must not be empty"))
 		return
@@ -277,4 +283,11 @@ func (n *Node) handleRemoteRegister(r micro.Request) {
 	}
 	n.log.Info("remote nexlet assigned an id", "agent_id", agentID)
 	n.respondJSON(r, protocol.RegisterRemoteAgentResponse{AssignedAgentID: agentID, RegistrationCreds: &creds, RespondTo: n.id})
+}
+
+func checkOptionalName(what, s string) error {
+	if s == "" {
+		return nil
+	}
+	return protocol.CheckName(what, s)
 }

@@ -43,6 +43,10 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 400, "bad start workload request", fmt.Errorf("invalid StartWorkloadRequest: field \"namespace\": %q must be one subject token of letters, digits, - or _", req.Namespace))
 		return
 	}
+	if err := protocol.CheckName("workload name", req.Name); err != nil {
+		n.refuse(r, 400, "bad start workload request", fmt.Errorf("invalid StartWorkloadRequest: field \"name\": %w", err))
+		return
+	}
 	workloadID := nuid.Next()
 	res, code, err := n.reserve(b, req, workloadID)
 	if err != nil {

@@ -115,6 +115,8 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	if stdio.Stdin == nil {
 		stdio.Stdin = strings.NewReader("")
 	}
+	// Everything printed may carry strings from the network: no terminal control.
+	stdio.Stdout, stdio.Stderr = sanitizer{stdio.Stdout}, sanitizer{stdio.Stderr}
 	root, a := newRoot(stdio)
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)

@@ -1,0 +1,26 @@
+package protocol
+
+import (
+	"fmt"
+	"regexp"
+)
+
+// MaxNameLen is the longest workload, nexlet or node name.
+const MaxNameLen = 64
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+
+// CheckName validates a workload, nexlet or node name: 1-64 ASCII letters, digits,
+// '.', '_' and '-', starting with a letter or digit. Names are printed in operators'
+// terminals and logs, so they are data only: no control characters, no spaces.
+func CheckName(what, name string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("%s must not be empty", what)
+	case len(name) > MaxNameLen:
+		return fmt.Errorf("%s %q is longer than %d characters", what, name[:MaxNameLen]+"…", MaxNameLen)
+	case !nameRE.MatchString(name):
+		return fmt.Errorf("%s %+q: use 1-%d letters, digits, '.', '_' or '-', starting with a letter or digit", what, name, MaxNameLen)
+	}
+	return nil
+}
