@@ -166,6 +166,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.secrets = newSecretStore(s.stateDir)
 	s.metrics.WatchLive(metrics.Live{
 		NATSReconnects: func() uint64 { return s.conn.Info().Reconnects },
+		NATSConnected:  func() bool { return s.conn.Info().Connected },
 		Workloads:      s.node.Workloads,
 	})
 	return s, nil

@@ -33,8 +33,9 @@ type daemon struct {
 	notify *sysd.Notifier
 
 	snap     atomic.Pointer[snapshot]
-	degraded atomic.Bool // READY=1 was sent early, in a degraded state (start-up bound reached)
-	shutdown chan string // reason; buffered, first one wins
+	degraded atomic.Bool        // READY=1 was sent early, in a degraded state (start-up bound reached)
+	shutdown chan string        // reason; buffered, first one wins
+	probes   chan chan struct{} // liveness probes, answered by the serve loop
 	own      goroutines
 	closers  closers
 	hooks    buildHooks // zero in production
@@ -58,6 +59,7 @@ func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon,
 		stderr:   stderr,
 		started:  time.Now(),
 		shutdown: make(chan string, 1),
+		probes:   make(chan chan struct{}),
 	}
 	d.snap.Store(&snapshot{phase: control.StateStarting, loaded: loaded})
 	lg, err := logging.New(d.logOptions(loaded.Config, ""))
@@ -234,6 +236,8 @@ func (s *server) serveUntilStop(ctx context.Context, term, hup, usr2 <-chan os.S
 			return "context ended: " + context.Cause(ctx).Error()
 		case reason := <-s.shutdown:
 			return reason
+		case answer := <-s.probes:
+			close(answer)
 		}
 	}
 }

@@ -95,9 +95,38 @@ func (s *server) serve(startCtx context.Context) error {
 	return nil
 }
 
-// healthy gates the watchdog: the event loop answers and NATS is connected or
-// reconnecting within bound.
-func (s *server) healthy() bool { return s.conn.Healthy() }
+// healthy gates the watchdog: it is true when the daemon's serve loop (signals,
+// reloads, shutdown) and the node's health loop both answer a probe within a bound.
+// NATS is not part of it: an outage of any length is health shown in STATUS, status
+// and metrics, never a reason for systemd to kill the node and its workloads.
+func (s *server) healthy() bool {
+	bound := probeBound
+	if iv, ok := s.notify.WatchdogInterval(); ok {
+		bound = min(bound, iv/4)
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, bound)
+	defer cancel()
+	answer := make(chan struct{})
+	select {
+	case s.probes <- answer:
+	case <-ctx.Done():
+		s.log.Warn("liveness probe: the serve loop did not take it", "bound", bound.String())
+		return false
+	}
+	select {
+	case <-answer:
+	case <-ctx.Done():
+		return false
+	}
+	if err := s.node.Alive(ctx); err != nil {
+		s.log.Warn("liveness probe failed", "err", err, "bound", bound.String())
+		return false
+	}
+	return true
+}
+
+// probeBound is the longest a liveness probe may take.
+const probeBound = 5 * time.Second
 
 // statusLoop keeps STATUS= current while running.
 func (s *server) statusLoop(ctx context.Context) {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -338,4 +339,68 @@ func TestJetStreamLateAtStart(t *testing.T) {
 	default:
 	}
 	n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "60")
+}
+
+// TestLongNATSOutageKeepsWatchdog: with a 2 s watchdog (WATCHDOG_USEC on a fake
+// NOTIFY_SOCKET), NATS goes away for ten watchdog intervals (NEXD_FAULT_OUTAGE
+// overrides, e.g. 150s to pass the old two-minute NATS health grace, which is what
+// withheld the pings before; the code path no longer depends on the length). nexd keeps
+// pinging throughout, says "nats disconnected" in STATUS, keeps its workload and
+// reconnects.
+func TestLongNATSOutageKeepsWatchdog(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	outage := 20 * time.Second
+	if v := os.Getenv("NEXD_FAULT_OUTAGE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		outage = d
+	}
+	const watchdog = 2 * time.Second
+	store := t.TempDir()
+	port := -1
+	cfg := func(o *server.Options) { o.Port = port; o.StoreDir = store }
+	s := testnats.Start(t, testnats.Options{Configure: cfg})
+	port = s.Addr().(*net.TCPAddr).Port
+	ns := newNotifySocket(t)
+	n := startNode(t, nodeOpts{external: s.ClientURL(), notify: ns, extra: []string{"--state", "kv"},
+		env: []string{fmt.Sprintf("WATCHDOG_USEC=%d", watchdog.Microseconds())}})
+	n.waitReady(t)
+	w := n.runWorkload(t, "--name", "survivor", "--", "/bin/sleep", "3600")
+	pings := func() int {
+		c := 0
+		for _, m := range ns.all() {
+			if strings.Contains(m, "WATCHDOG=1") {
+				c++
+			}
+		}
+		return c
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "first watchdog pings", func() bool { return pings() >= 2 })
+
+	s.Shutdown()
+	s.WaitForShutdown()
+	before := pings()
+	ns.waitFor(t, "nats disconnected", 30*time.Second)
+	time.Sleep(outage)
+	during := pings() - before
+	// One ping per half interval; allow for a loaded machine, but not for a stop.
+	if want := int(outage/(watchdog/2)) / 2; during < want {
+		t.Fatalf("%d watchdog pings during a %s outage, want at least %d", during, outage, want)
+	}
+	select {
+	case <-n.done:
+		t.Fatalf("nexd exited during the outage: %v", n.err)
+	default:
+	}
+	testnats.Start(t, testnats.Options{Configure: cfg})
+	testkit.EventuallyWithin(t, 60*time.Second, "reconnected with the workload", func() bool {
+		out, _, code := n.ctl(t, "workload", "list")
+		return code == 0 && strings.Contains(out, w.ID)
+	})
+	t.Logf("%d pings during a %s outage with a %s watchdog", during, outage, watchdog)
 }

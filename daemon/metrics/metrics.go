@@ -76,6 +76,7 @@ func New() *Metrics {
 // Live are the readers the scrape-time collectors call.
 type Live struct {
 	NATSReconnects func() uint64
+	NATSConnected  func() bool
 	Workloads      func(context.Context) ([]protocol.WorkloadSummary, error)
 }
 
@@ -85,6 +86,14 @@ func (m *Metrics) WatchLive(l Live) {
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "nexd_nats_reconnects_total", Help: "Reconnections of the node's NATS connection.",
 	}, func() float64 { return float64(l.NATSReconnects()) }))
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "nexd_nats_connected", Help: "1 while the node's NATS connection is up, 0 during an outage (the node keeps running).",
+	}, func() float64 {
+		if l.NATSConnected() {
+			return 1
+		}
+		return 0
+	}))
 	m.reg.MustRegister(&workloadCollector{list: l.Workloads, desc: prometheus.NewDesc("nexd_workloads_running",
 		"Workloads this node runs, by namespace and type.", []string{"namespace", "type"}, nil)})
 }

@@ -167,9 +167,10 @@ type Node struct {
 	keep     bool // StopAllWorkloads ran: keep state for the next start
 	ctx      context.Context
 	cancel   context.CancelFunc
-	loops    sync.WaitGroup // heartbeat and health loops
-	inflight sync.WaitGroup // handlers running on their own goroutine
-	slots    chan struct{}  // bounds those goroutines
+	loops    sync.WaitGroup     // heartbeat and health loops
+	inflight sync.WaitGroup     // handlers running on their own goroutine
+	slots    chan struct{}      // bounds those goroutines
+	probes   chan chan struct{} // liveness probes, answered by the health loop
 }
 
 // RemoteNexlet is a remote nexlet allowed to register (config remote_nexlets).
@@ -245,6 +246,7 @@ func New(o Options) (*Node, error) {
 		starting: map[string]bool{},
 		changed:  make(chan struct{}),
 		slots:    make(chan struct{}, 64),
+		probes:   make(chan chan struct{}),
 	}
 	return n, nil
 }
@@ -545,7 +547,33 @@ func (n *Node) healthLoop() {
 			return
 		case now := <-t.C:
 			n.sweep(now)
+		case answer := <-n.probes:
+			// Through the node's lock too: a loop stuck on it does not answer.
+			n.mu.Lock()
+			stopping := n.state == protocol.NodeStopping
+			n.mu.Unlock()
+			if !stopping {
+				close(answer)
+			}
 		}
+	}
+}
+
+// Alive is the node's liveness probe: it returns nil once the health loop answered
+// (through the node's lock), or an error when ctx ends first (a stuck loop, or a node
+// not serving). It says nothing about NATS: the node works while NATS is away.
+func (n *Node) Alive(ctx context.Context) error {
+	answer := make(chan struct{})
+	select {
+	case n.probes <- answer:
+	case <-ctx.Done():
+		return fmt.Errorf("node: the health loop did not take the probe (stuck, or not running): %w", ctx.Err())
+	}
+	select {
+	case <-answer:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("node: the health loop did not answer the probe: %w", ctx.Err())
 	}
 }
 

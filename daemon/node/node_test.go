@@ -798,3 +798,26 @@ func TestDeploySlowStart(t *testing.T) {
 		t.Fatalf("after a given-up start: store %d, running %d; want only the first workload", st.Len(), a.workloadCount())
 	}
 }
+
+// TestAliveProbe: the liveness probe answers through the health loop and the node's
+// lock, so a node stuck on its lock fails it (and the watchdog withholds its ping).
+func TestAliveProbe(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := n.Alive(ctx); err != nil {
+		t.Fatalf("a working node fails the probe: %v", err)
+	}
+	n.mu.Lock()
+	stuck, cancelStuck := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	err := n.Alive(stuck)
+	cancelStuck()
+	n.mu.Unlock()
+	if err == nil {
+		t.Fatal("a node stuck on its lock passes the probe")
+	}
+	if err := n.Alive(ctx); err != nil {
+		t.Fatalf("the probe fails after the lock is free again: %v", err)
+	}
+}
