@@ -449,7 +449,7 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 				if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
 					// The node answered: retrying cannot change its mind.
 					r.log.Warn("node refused the workload-ended report", "workload_id", workloadID,
-						"code", code, "error", msg.Header.Get(protocol.HeaderError))
+						"code", code, "err", msg.Header.Get(protocol.HeaderError))
 				}
 				return
 			}
