@@ -152,15 +152,20 @@ func (n *node) waitReady(t *testing.T) control.Status {
 	return st
 }
 
+// natsArgs are nexctl's flags for this node's NATS: the external server's URL, or none
+// for the embedded server, which admits only users nexd signed (nexctl then asks the
+// control socket for its URL and an admin credential, as a local admin's would).
+func (n *node) natsArgs() []string {
+	if n.natsURL == "" || n.embedded {
+		return nil
+	}
+	return []string{"--nats.servers", n.natsURL}
+}
+
 // ctl runs nexctl against this node (socket and NATS).
 func (n *node) ctl(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
-	full := []string{"--control-socket", n.socket}
-	if n.natsURL != "" && !n.embedded {
-		// The embedded server admits only users nexd signed: nexctl asks the control
-		// socket for its URL and an admin credential, as a local admin's would.
-		full = append(full, "--nats.servers", n.natsURL)
-	}
+	full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
 	full = append(full, args...)
 	return run(t, nil, nexctlBin(t), full...)
 }

@@ -25,8 +25,8 @@ func TestNexctlEventsFollow(t *testing.T) {
 	n := startNode(t, nodeOpts{extra: []string{"--events", "nats"}})
 	n.waitReady(t)
 
-	cmd := exec.Command(nexctlBin(t), "--control-socket", n.socket, "--nats.servers", n.natsURL,
-		"--namespace", "lab", "events", "-f", "--json")
+	cmd := exec.Command(nexctlBin(t), append(append([]string{"--control-socket", n.socket}, n.natsArgs()...),
+		"--namespace", "lab", "events", "-f", "--json")...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

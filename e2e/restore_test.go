@@ -45,8 +45,8 @@ func (n *node) followLogs(t *testing.T, id string, want func(string) bool, timeo
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", n.natsURL,
-		"workload", "logs", "-f", id)
+	cmd := exec.CommandContext(ctx, nexctlBin(t), append(append([]string{"--control-socket", n.socket}, n.natsArgs()...),
+		"workload", "logs", "-f", id)...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
 	out, err := cmd.StdoutPipe()
 	if err != nil {

@@ -50,10 +50,7 @@ func (n *node) runWorkloads(t *testing.T, count int, args func(i int) []string) 
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			full := []string{"--control-socket", n.socket}
-			if !n.embedded {
-				full = append(full, "--nats.servers", n.natsURL)
-			}
+			full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
 			full = append(full, append([]string{"--json", "workload", "run"}, args(i)...)...)
 			out, errOut, code, err := runIn(dir, nil, bin, full...)
 			switch {

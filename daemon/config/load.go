@@ -166,9 +166,16 @@ func Load(opts LoadOptions) (*Loaded, error) {
 	}
 
 	for _, f := range []string{opts.SystemFile, opts.UserFile, opts.LocalFile} {
-		if f != "" {
-			apply(ld.file(f, false))
+		if f == "" {
+			continue
 		}
+		if f == opts.LocalFile {
+			if ok, why := localFileUsable(f); !ok {
+				ld.warnings = append(ld.warnings, why)
+				continue
+			}
+		}
+		apply(ld.file(f, false))
 	}
 	if parsed && len(st.config.vals) > 0 {
 		apply(ld.file(st.config.String(), true))
@@ -292,6 +299,17 @@ func (ld *loader) file(path string, required bool) *layer {
 	}
 	fw := &fileWalker{ld: ld, l: l, source: path}
 	fw.top(mp)
+	if keys := ld.secretKeysIn(l); len(keys) > 0 {
+		if fi, err := os.Stat(path); err == nil {
+			problem, warning := checkSecretFile(path, strings.Join(keys, ", "), fi)
+			if problem != "" {
+				ld.errs = append(ld.errs, FieldError{Source: path, Msg: problem})
+			}
+			if warning != "" {
+				ld.warnings = append(ld.warnings, warning)
+			}
+		}
+	}
 	return l
 }
 

@@ -607,6 +607,10 @@ func goldenInputs(t *testing.T) (LoadOptions, string) {
 		Hostname:   "golden-host",
 		CheckInats: checkInats,
 	}
+	// It holds seeds: as the package ships it, readable by nexd (and group nex) only.
+	if err := os.Chmod(o.SystemFile, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	return o, dir
 }
 
@@ -986,5 +990,39 @@ func TestServerURLPasswordRedacted(t *testing.T) {
 		if strings.Contains(out, "s3cret") || strings.Contains(out, "tok3n") || !strings.Contains(out, "127.0.0.1:4222") {
 			t.Errorf("server URL credentials shown or URL lost:\n%s", out)
 		}
+	}
+}
+
+// A config file holding a seed that others can change stops the node; one others can
+// read is warned about; ./config.json that is not the invoking user's alone is skipped.
+func TestSecretFilesChecked(t *testing.T) {
+	dir := t.TempDir()
+	seed, _ := testKey(t, nkeys.PrefixByteServer, 7)
+	body := fmt.Sprintf(`{"node_seed": %q}`, seed)
+	path := testkit.WriteFile(t, filepath.Join(dir, "system.json"), body)
+	for mode, want := range map[os.FileMode]string{0o664: "others can change it", 0o644: "every local user can read it", 0o600: ""} {
+		os.Chmod(path, mode)
+		o := hermetic()
+		o.SystemFile = path
+		l, err := Load(o)
+		all := fmt.Sprint(err, l.Warnings)
+		switch {
+		case mode == 0o664 && (err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "0664")):
+			t.Errorf("mode %o: err %v, want a refusal naming %q and the mode", mode, err, want)
+		case mode != 0o664 && err != nil:
+			t.Errorf("mode %o: %v", mode, err)
+		case want != "" && !strings.Contains(all, want):
+			t.Errorf("mode %o: %s, want %q", mode, all, want)
+		case want == "" && strings.Contains(all, path):
+			t.Errorf("mode %o: unexpected %s", mode, all)
+		}
+	}
+	local := testkit.WriteFile(t, filepath.Join(dir, "config.json"), `{"node_name": "from-local"}`)
+	os.Chmod(local, 0o666)
+	o := hermetic()
+	o.LocalFile = local
+	l := mustLoad(t, o)
+	if l.Config.Node.Name == "from-local" || !strings.Contains(strings.Join(l.Warnings, "\n"), "skipped "+local) {
+		t.Errorf("a world-writable ./config.json was read (name %q, warnings %q)", l.Config.Node.Name, l.Warnings)
 	}
 }

@@ -83,6 +83,17 @@ func (v *validator) validate() {
 		v.limits("agents", at+".limits", a.Limits)
 	}
 	v.limits("native_limits", "", n.NativeLimits)
+	if f := c.NATS.CredsFile; f != "" {
+		if fi, err := os.Stat(f); err == nil {
+			problem, warning := checkSecretFile(f, "NATS credentials (nats.creds_file)", fi)
+			if problem != "" {
+				v.fail("nats.creds_file", "", problem)
+			}
+			if warning != "" {
+				v.warnings = append(v.warnings, warning)
+			}
+		}
+	}
 	for i, u := range n.WorkloadUsers {
 		if !userNameRE.MatchString(u) {
 			v.fail("workload_users", fmt.Sprintf("[%d]", i), fmt.Sprintf("%q is not a user name (letters, digits, '_', '-', '.', at most 32)", u))

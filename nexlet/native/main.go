@@ -24,6 +24,7 @@ const (
 	EnvUsers        = "NEX_NATIVE_WORKLOAD_USERS" // named users start requests may ask for, comma-separated
 	EnvAllowRoot    = "NEX_NATIVE_ALLOW_ROOT"     // "true": start requests may ask for root
 	EnvUIDRange     = "NEX_NATIVE_UID_RANGE"      // dynamic uid range MIN-MAX
+	EnvUIDLeaseDir  = "NEX_NATIVE_UID_LEASE_DIR"  // where dynamic uids are leased (default DefaultLeaseDir)
 	EnvExitsDir     = "NEX_NATIVE_EXITS_DIR"      // nexd's exit records of orphaned workloads
 )
 
@@ -83,6 +84,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 			return fmt.Errorf("%s=%q: want true or false", EnvAllowRoot, v)
 		}
 	}
+	cfg.Users.LeaseDir = env(EnvUIDLeaseDir)
 	if v := env(EnvUIDRange); v != "" {
 		if cfg.Users.UIDMin, cfg.Users.UIDMax, err = ParseUIDRange(v); err != nil {
 			return fmt.Errorf("%s: %w", EnvUIDRange, err)

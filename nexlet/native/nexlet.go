@@ -97,7 +97,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if cfg.RuntimeDir == "" || !filepath.IsAbs(cfg.RuntimeDir) {
 		return nil, fmt.Errorf("native nexlet: runtime dir %q must be an absolute path", cfg.RuntimeDir)
 	}
-	us, err := newUsers(cfg.Users)
+	us, err := newUsers(cfg.Users, filepath.Join(filepath.Dir(filepath.Clean(cfg.RuntimeDir)), "dynamic-uid"))
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}

@@ -77,12 +77,17 @@ type users struct {
 	self ident
 }
 
-func newUsers(pol UserPolicy) (*users, error) {
+// newUsers prepares the policy; fallbackLeaseDir is used when the default lease dir
+// cannot be made (a read-only /run under systemd's ProtectSystem=strict).
+func newUsers(pol UserPolicy, fallbackLeaseDir string) (*users, error) {
 	if pol.UIDMin == 0 {
 		pol.UIDMin, pol.UIDMax = DefaultUIDMin, DefaultUIDMax
 	}
 	if pol.LeaseDir == "" {
 		pol.LeaseDir = DefaultLeaseDir
+		if os.Geteuid() == 0 && os.MkdirAll(pol.LeaseDir, 0o700) != nil && fallbackLeaseDir != "" {
+			pol.LeaseDir = fallbackLeaseDir
+		}
 	}
 	u := &users{pol: pol, root: os.Geteuid() == 0}
 	u.self = ident{uid: uint32(os.Geteuid()), gid: uint32(os.Getegid()), same: true, name: "uid " + strconv.Itoa(os.Geteuid())}
@@ -91,6 +96,9 @@ func newUsers(pol UserPolicy) (*users, error) {
 	}
 	if u.root {
 		if err := os.MkdirAll(pol.LeaseDir, 0o700); err != nil {
+			return nil, fmt.Errorf("dynamic uid lease dir: %w", err)
+		}
+		if err := os.Chmod(pol.LeaseDir, 0o700); err != nil {
 			return nil, fmt.Errorf("dynamic uid lease dir: %w", err)
 		}
 		if err := checkPrivateDir(pol.LeaseDir); err != nil {
@@ -432,7 +440,7 @@ func workloadsDir(runtimeDir string, switching bool) (string, error) {
 		return dir, os.Chmod(dir, mode)
 	}
 	base := "/run/nex-workloads"
-	if _, err := os.Stat("/run"); err != nil {
+	if err := os.MkdirAll(base, 0o711); err != nil {
 		base = filepath.Join(os.TempDir(), "nex-workloads")
 	}
 	sum := sha256.Sum256([]byte(filepath.Clean(runtimeDir)))
@@ -457,6 +465,10 @@ func workloadsDir(runtimeDir string, switching bool) (string, error) {
 // made when missing) has the search bit for others.
 func searchableByOthers(dir string) bool {
 	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return false
+	}
+	// The nexlet's own runtime dir: explicitly, whatever the umask (the unit's 0027).
+	if err := os.Chmod(dir, 0o711); err != nil {
 		return false
 	}
 	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
