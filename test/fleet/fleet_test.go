@@ -199,3 +199,160 @@ func durationEnv(t *testing.T, name string, def time.Duration) time.Duration {
 	}
 	return d
 }
+
+// TestFleetPartition: three hosts, one JetStream cluster. Host 3's link is pulled at
+// the switch for NEXD_FLEET_PARTITION (default 20s; the figure is 60s) while a
+// client on host 1 keeps deploying through hosts 1 and 2. Figures: placements/s on the
+// majority side, placements on the unreachable node (must be 0), host 3's workloads
+// still running during the partition, duplicates after healing (must be 0), and the
+// time until node list shows host 3 again.
+func TestFleetPartition(t *testing.T) {
+	partition := durationEnv(t, "NEXD_FLEET_PARTITION", 20*time.Second)
+	f := startCluster(t, 3)
+	fg := NewFigures(t, fmt.Sprintf("partition one of three hosts for %v", partition))
+	h1, h3 := f.Hosts[0], f.Hosts[2]
+	majority := f.Hosts[0].URL() + "," + f.Hosts[1].URL()
+	st3, err := h3.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two workloads on each host before the partition.
+	pre := map[string]string{}
+	for _, h := range f.Hosts {
+		for i := range 2 {
+			d, err := h1.Deploy(h1.ClusterURLs(), fmt.Sprintf("pre-%s-%d", h.Name, i), "--tags", "host="+h.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pre[d.ID] = h.Name
+		}
+	}
+
+	for _, h := range f.Hosts {
+		if st, err := h.Status(); err == nil {
+			fg.Add(h.Name+"'s nexd connected to before the cut", st.NATS.Server)
+		}
+	}
+	h3.LinkDown()
+	cutAt := time.Now()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var log []deployLog
+	wg.Go(func() { log = deployContinuously(h1, majority, "p", 1000, 100*time.Millisecond, stop) })
+	// Meanwhile host 3 keeps its workloads and answers its control socket.
+	var seenStatus string
+	statusOK, statusFail := 0, 0
+	for time.Since(cutAt) < partition {
+		st, err := h3.Status()
+		if err != nil {
+			statusFail++
+		} else {
+			statusOK++
+			seenStatus = fmt.Sprintf("state %s, nats %s connected=%v", st.State, st.NATS.Server, st.NATS.Connected)
+		}
+		time.Sleep(time.Second)
+	}
+	close(stop)
+	wg.Wait()
+	// Running means processes in the workload's cgroup: what the kernel says, whether
+	// or not the node can reach its nexlet over NATS to ask.
+	running3 := 0
+	for id, host := range pre {
+		if host == "h3" && len(h3.WorkloadPIDs(id)) > 0 {
+			running3++
+		}
+	}
+	listed := "ok"
+	if ws, err := h3.Workloads(); err != nil {
+		listed = err.Error()
+	} else {
+		listed = fmt.Sprintf("ok, %d workloads", len(ws))
+	}
+	h3.LinkUp()
+	healAt := time.Now()
+
+	ok, failed, onH3 := 0, 0, 0
+	deployed := map[string]bool{}
+	var first, last time.Time
+	for _, l := range log {
+		if l.err != nil {
+			failed++
+			t.Logf("deploy failed during the partition: %v", l.err)
+			continue
+		}
+		ok++
+		deployed[l.d.ID] = true
+		if first.IsZero() {
+			first = l.at
+		}
+		last = l.at
+		if l.d.Node == st3.NodeID {
+			onH3++
+		}
+	}
+	rate := 0.0
+	if ok > 1 {
+		rate = float64(ok-1) / last.Sub(first).Seconds()
+	}
+	fg.Add("placements on the majority side (ok/failed)", fmt.Sprintf("%d/%d", ok, failed))
+	fg.Add("placements/s on the majority side", fmt.Sprintf("%.1f", rate))
+	fg.Add("placements on the unreachable node", onH3)
+	fg.Add("h3's own workloads running during partition", fmt.Sprintf("%d of 2", running3))
+	fg.Add("h3 control socket answers during partition", fmt.Sprintf("%d ok, %d failed", statusOK, statusFail))
+	fg.Add("h3 STATUS during partition", seenStatus)
+	fg.Add("h3 control socket workload list at the end", listed)
+	if h3.Cgroup == "" {
+		t.Skip("no cgroup v1 memory hierarchy: the kernel-side checks need it")
+	}
+
+	var back time.Duration
+	testkit.EventuallyWithin(t, 120*time.Second, "h3 back in node list", func() bool {
+		if slices.Contains(h1.NodeNames(h1.ClusterURLs()), "h3") {
+			back = time.Since(healAt)
+			return true
+		}
+		return false
+	})
+	fg.Add("time until node list shows h3 again", back.Round(100*time.Millisecond))
+
+	// After healing: every workload runs exactly once, h3's included: in the kernel
+	// (processes in its cgroup on one host) and, once they caught up, in what the nodes
+	// report.
+	for id := range deployed {
+		pre[id] = "majority"
+	}
+	kernel := f.RunningInKernel()
+	dup, lost := 0, 0
+	for id := range pre {
+		switch len(kernel[id]) {
+		case 0:
+			lost++
+			t.Errorf("workload %s (%s) has no processes after healing", id, pre[id])
+		case 1:
+		default:
+			dup++
+			t.Errorf("workload %s runs on %v", id, kernel[id])
+		}
+	}
+	healedAt := time.Now()
+	var reported map[string][]string
+	reportedOK := testkit.WaitFor(60*time.Second, func() bool {
+		reported = f.Running()
+		for id := range pre {
+			if len(reported[id]) != 1 {
+				return false
+			}
+		}
+		return true
+	})
+	if reportedOK {
+		fg.Add("time until the nodes list every workload once", "+"+time.Since(healedAt).Round(100*time.Millisecond).String())
+	} else {
+		t.Errorf("the nodes' workload lists did not show every workload exactly once within 60s of healing")
+	}
+	fg.Add("workloads lost after healing", lost)
+	fg.Add("workloads duplicated after healing", dup)
+	if onH3 > 0 || running3 != 2 || ok == 0 {
+		t.Fatalf("placed %d on the unreachable node, %d of h3's 2 workloads ran, %d placements on the majority", onH3, running3, ok)
+	}
+}

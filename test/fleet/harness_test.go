@@ -481,7 +481,7 @@ func NewFigures(t *testing.T, name string) *Figures {
 		var b strings.Builder
 		fmt.Fprintf(&b, "FIGURES %s\n", name)
 		for _, r := range fg.rows {
-			fmt.Fprintf(&b, "  %-44s %s\n", r[0], r[1])
+			fmt.Fprintf(&b, "  %-50s %s\n", r[0], r[1])
 		}
 		fmt.Print(b.String())
 	})
@@ -543,6 +543,42 @@ func (f *Fleet) Running() map[string][]string {
 		for _, w := range ws {
 			if w.State == "running" {
 				got[w.ID] = append(got[w.ID], h.Name)
+			}
+		}
+	}
+	return got
+}
+
+// WorkloadPIDs are the processes in the workload's cgroup (nil without cgroups).
+func (h *Host) WorkloadPIDs(id string) []int {
+	if h.Cgroup == "" {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(h.Cgroup, "workloads", id, "cgroup.procs"))
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// RunningInKernel maps workload ids to the hosts whose cgroups hold processes of it:
+// the ground truth, independent of what any node can find out over NATS.
+func (f *Fleet) RunningInKernel() map[string][]string {
+	got := map[string][]string{}
+	for _, h := range f.Hosts {
+		if h.Cgroup == "" {
+			continue
+		}
+		entries, _ := os.ReadDir(filepath.Join(h.Cgroup, "workloads"))
+		for _, e := range entries {
+			if e.IsDir() && len(h.WorkloadPIDs(e.Name())) > 0 {
+				got[e.Name()] = append(got[e.Name()], h.Name)
 			}
 		}
 	}
