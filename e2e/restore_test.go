@@ -93,12 +93,14 @@ func TestNexletCrashKeepsWorkloads(t *testing.T) {
 	n.waitReady(t)
 	nc := testnats.Connect(t, s)
 	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	flush(t, nc)
 
 	const services = 99 // plus the writer: 100 services
 	marker := fmt.Sprintf("nexd-e2e-restore-%d", time.Now().UnixNano())
 	var ids []string
-	for i := range services {
-		r := n.runWorkload(t, "--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
+	for _, r := range n.runWorkloads(t, services, func(i int) []string {
+		return []string{"--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker}
+	}) {
 		ids = append(ids, r.ID)
 	}
 	// The writer fails loudly (exit 99) if a write ever fails; SIGPIPE would kill it.
@@ -344,6 +346,7 @@ func TestLiveRestore(t *testing.T) {
 	}
 	t.Cleanup(nc.Close)
 	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	flush(t, nc)
 	release := filepath.Join(testkit.PublicDir(t), "go")
 	var job runResult
 	json.Unmarshal([]byte(ctl(n3, "--json", "workload", "run", "--bids", "1", "--name", "job", "--lifecycle", "job", "--",
