@@ -180,6 +180,11 @@ type Workload struct {
 	StartTime   time.Time `json:"start_time"`
 	MemoryBytes uint64    `json:"memory_bytes"`
 	CPU         Duration  `json:"cpu"`
+	// MemoryMax is the workload's memory limit (0: none); Restarts counts restarts by
+	// its restart policy; OOMKills the kernel's OOM kills in its cgroup.
+	MemoryMax uint64 `json:"memory_max,omitempty"`
+	Restarts  int    `json:"restarts"`
+	OOMKills  int    `json:"oom_kills,omitempty"`
 }
 
 // NATSAccess is the answer of GET /v1/nats (admins only): the node's NATS client URLs

@@ -143,7 +143,9 @@ func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
 		}
 		if st, ok := b.s.nexlets.WorkloadStats(w.ID); ok {
 			cw.MemoryBytes, cw.CPU = st.MemoryCurrent, control.Duration(st.CPUUsageNsec)
+			cw.MemoryMax, cw.OOMKills = st.MemoryMax, st.OOMKills
 		}
+		cw.Restarts, _ = strconv.Atoi(w.Metadata["restarts"])
 		out = append(out, cw)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].StartTime.Before(out[j].StartTime) })

@@ -73,6 +73,7 @@ func cpuQuota(frac float64) int64 { return int64(frac*cpuPeriod + 0.5) }
 // Stats of a group (and its descendants).
 type Stats struct {
 	MemoryCurrent uint64 // bytes
+	MemoryMax     uint64 // the memory limit in bytes, 0 when there is none
 	CPUUsageNsec  uint64
 	Pids          int // tasks (threads) where the pids controller counts them, else processes
 	OOMKills      int

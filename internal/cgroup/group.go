@@ -395,6 +395,7 @@ func (g *Group) Stats() (Stats, error) {
 	case ModeV2:
 		d := g.hiers[0].Root
 		s.MemoryCurrent, _ = readUint(filepath.Join(d, "memory.current"))
+		s.MemoryMax, _ = readUint(filepath.Join(d, "memory.max")) // "max": no limit, 0
 		if u, err := readKey(filepath.Join(d, "cpu.stat"), "usage_usec"); err == nil {
 			s.CPUUsageNsec = u * 1000
 		}
@@ -405,6 +406,9 @@ func (g *Group) Stats() (Stats, error) {
 		for _, h := range g.hiers {
 			if h.has("memory") {
 				s.MemoryCurrent, _ = readUint(filepath.Join(h.Root, "memory.usage_in_bytes"))
+				if lim, err := readUint(filepath.Join(h.Root, "memory.limit_in_bytes")); err == nil && lim < 1<<60 {
+					s.MemoryMax = lim // v1 says "no limit" with a number near 2^63
+				}
 			}
 			if h.has("cpuacct") {
 				s.CPUUsageNsec, _ = readUint(filepath.Join(h.Root, "cpuacct.usage"))

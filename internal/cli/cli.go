@@ -250,7 +250,7 @@ Exit codes: 0 success, 1 failure, 2 usage error.`,
 		c.GroupID = "local"
 		root.AddCommand(c)
 	}
-	for _, c := range []*cobra.Command{a.nodeCommand(), a.workloadCommand(), a.eventsCmd(), a.doctorCmd()} {
+	for _, c := range []*cobra.Command{a.nodeCommand(), a.workloadCommand(), a.eventsCmd(), a.doctorCmd(), a.topCmd()} {
 		c.GroupID = "fleet"
 		root.AddCommand(c)
 	}

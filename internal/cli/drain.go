@@ -120,15 +120,15 @@ func bar(start, left int, done bool, width int) string {
 	return "[" + strings.Repeat("#", filled) + strings.Repeat("-", width-filled) + "]"
 }
 
-// workloadsByNode lists the workloads of every node in ns by the node that answered
-// (nexd nodes name themselves in a header; others are grouped under "").
-func (f *fleet) workloadsByNode(ctx context.Context) (map[string][]string, error) {
+// workloadSummariesByNode lists every workload by the node that answered (nexd nodes
+// name themselves in a header; others are grouped under "").
+func (f *fleet) workloadSummariesByNode(ctx context.Context) (map[string][]protocol.WorkloadSummary, error) {
 	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
 	msgs, err := gather(ctx, f.nc, protocol.WPingSubject(protocol.SystemNamespace), data, f.gatherOpts(0))
 	if err != nil {
 		return nil, err
 	}
-	out := map[string][]string{}
+	out := map[string][]protocol.WorkloadSummary{}
 	for _, m := range msgs {
 		var ws []protocol.WorkloadSummary
 		if replyError(m) != nil || json.Unmarshal(m.Data, &ws) != nil {
@@ -138,6 +138,19 @@ func (f *fleet) workloadsByNode(ctx context.Context) (map[string][]string, error
 		if m.Header != nil {
 			node = m.Header.Get(protocol.HeaderNode)
 		}
+		out[node] = append(out[node], ws...)
+	}
+	return out, nil
+}
+
+// workloadsByNode is workloadSummariesByNode's ids.
+func (f *fleet) workloadsByNode(ctx context.Context) (map[string][]string, error) {
+	byNode, err := f.workloadSummariesByNode(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]string{}
+	for node, ws := range byNode {
 		for _, w := range ws {
 			out[node] = append(out[node], w.ID)
 		}

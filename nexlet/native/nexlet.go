@@ -525,6 +525,9 @@ func (n *Nexlet) QueryWorkloads(namespace string, filter []string) ([]protocol.W
 		if w.reason != "" {
 			md["reason"] = w.reason
 		}
+		if w.restarts > 0 {
+			md["restarts"] = strconv.Itoa(w.restarts)
+		}
 		runtime := "--"
 		if !w.finished {
 			runtime = time.Since(w.started).Round(time.Second).String()

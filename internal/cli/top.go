@@ -1,0 +1,238 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// topRow is one workload in nexctl top.
+type topRow struct {
+	ID, Name, Namespace, State string
+	CPU                        float64 // percent of one CPU over the last interval; -1 unknown
+	Memory, MemoryMax          uint64
+	HasMemory                  bool
+	Restarts                   int
+	Uptime                     time.Duration
+}
+
+// topSorts are the --sort keys; each orders the most interesting first.
+var topSorts = map[string]func(a, b topRow) bool{
+	"cpu":      func(a, b topRow) bool { return a.CPU > b.CPU },
+	"mem":      func(a, b topRow) bool { return a.Memory > b.Memory },
+	"restarts": func(a, b topRow) bool { return a.Restarts > b.Restarts },
+	"uptime":   func(a, b topRow) bool { return a.Uptime > b.Uptime },
+	"name":     func(a, b topRow) bool { return a.Name < b.Name },
+	"state":    func(a, b topRow) bool { return a.State < b.State },
+}
+
+func topSortNames() []string {
+	out := make([]string, 0, len(topSorts))
+	for k := range topSorts {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// localTopRows turns two samples of the local node's workloads, dt apart, into rows.
+func localTopRows(prev, cur []control.Workload, dt time.Duration, now time.Time) []topRow {
+	before := map[string]time.Duration{}
+	for _, w := range prev {
+		before[w.ID] = w.CPU.Std()
+	}
+	rows := make([]topRow, 0, len(cur))
+	for _, w := range cur {
+		r := topRow{ID: w.ID, Name: w.Name, Namespace: w.Namespace, State: w.State, CPU: -1,
+			Memory: w.MemoryBytes, MemoryMax: w.MemoryMax, HasMemory: true, Restarts: w.Restarts}
+		if !w.StartTime.IsZero() {
+			r.Uptime = now.Sub(w.StartTime)
+		}
+		if b, ok := before[w.ID]; ok && dt > 0 {
+			r.CPU = 100 * float64(w.CPU.Std()-b) / float64(dt)
+			if r.CPU < 0 {
+				r.CPU = 0
+			}
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+// remoteTopRows are a remote node's workloads from its listing: no resource figures.
+func remoteTopRows(ws []protocol.WorkloadSummary, now time.Time) []topRow {
+	rows := make([]topRow, 0, len(ws))
+	for _, w := range ws {
+		r := topRow{ID: w.ID, Name: w.Name, Namespace: deref(w.Namespace), State: string(w.WorkloadState), CPU: -1}
+		r.Restarts, _ = strconv.Atoi(w.Metadata["restarts"])
+		if t, err := time.Parse(time.RFC3339, w.StartTime); err == nil {
+			r.Uptime = now.Sub(t)
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+// renderTop prints rows sorted by key as an aligned plain table (no escape codes).
+func renderTop(w io.Writer, title string, rows []topRow, key string) error {
+	less := topSorts[key]
+	sort.SliceStable(rows, func(i, j int) bool {
+		if less(rows[i], rows[j]) != less(rows[j], rows[i]) {
+			return less(rows[i], rows[j])
+		}
+		return rows[i].ID < rows[j].ID
+	})
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s — %d workload(s), sorted by %s\n", title, len(rows), key)
+	fmt.Fprintf(&b, "%-24s %-16s %-10s %-9s %6s %21s %8s %12s\n", "ID", "NAME", "NAMESPACE", "STATE", "CPU%", "MEMORY / LIMIT", "RESTARTS", "UPTIME")
+	for _, r := range rows {
+		cpu := "-"
+		if r.CPU >= 0 {
+			cpu = strconv.FormatFloat(r.CPU, 'f', 1, 64)
+		}
+		mem := "-"
+		if r.HasMemory {
+			lim := "none"
+			if r.MemoryMax > 0 {
+				lim = humanBytes(r.MemoryMax)
+			}
+			mem = humanBytes(r.Memory) + " / " + lim
+		}
+		fmt.Fprintf(&b, "%-24s %-16s %-10s %-9s %6s %21s %8d %12s\n", clip(r.ID, 24), clip(r.Name, 16), clip(orDash(r.Namespace), 10),
+			clip(r.State, 9), cpu, mem, r.Restarts, friendlyDuration(r.Uptime))
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n-1] + "…"
+}
+
+func (a *app) topCmd() *cobra.Command {
+	var node, sortKey string
+	var interval time.Duration
+	var iterations int
+	cmd := &cobra.Command{
+		Use:   "top",
+		Short: "Live view of a node's workloads: state, CPU, memory against its limit, restarts, uptime",
+		Long: `Show this node's workloads (or with --node any node's), refreshed in place every
+--interval like systemd-cgtop: state, CPU (percent of one CPU over the interval), memory
+against its limit, restarts and uptime, sorted by --sort. Remote nodes report no CPU or
+memory. When stdout is not a terminal, top prints plain snapshots (-n of them, default 1)
+and exits.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if _, ok := topSorts[sortKey]; !ok {
+				return usagef("--sort %q is not one of %s", sortKey, strings.Join(topSortNames(), ", "))
+			}
+			if interval <= 0 {
+				return usagef("--interval must be positive")
+			}
+			tty := isTTY(a.out()) && !a.json
+			if iterations == 0 && !tty {
+				iterations = 1
+			}
+			sample, title, closeSource, err := a.topSource(cmd.Context(), node)
+			if err != nil {
+				return err
+			}
+			defer closeSource()
+			ctx := cmd.Context()
+			prev, prevAt, err := sample(ctx, nil, 0)
+			if err != nil {
+				return err
+			}
+			for i := 0; iterations <= 0 || i < iterations; i++ {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-time.After(interval):
+				}
+				now := time.Now()
+				rows, at, err := sample(ctx, prev, now.Sub(prevAt))
+				if err != nil {
+					return err
+				}
+				if a.json {
+					if err := a.printJSON(rows); err != nil {
+						return err
+					}
+				} else {
+					if tty {
+						fmt.Fprint(a.out(), "\x1b[H\x1b[2J")
+					}
+					if err := renderTop(a.out(), title, rows, sortKey); err != nil {
+						return err
+					}
+				}
+				prev, prevAt = rows, at
+			}
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&node, "node", "", "another node (id, name or id prefix), over NATS")
+	fl.StringVar(&sortKey, "sort", "cpu", "sort by "+strings.Join(topSortNames(), ", "))
+	fl.DurationVar(&interval, "interval", time.Second, "refresh interval")
+	fl.IntVarP(&iterations, "iterations", "n", 0, "stop after this many refreshes (default: until interrupted on a terminal, 1 otherwise)")
+	_ = cmd.RegisterFlagCompletionFunc("sort", cobra.FixedCompletions(topSortNames(), cobra.ShellCompDirectiveNoFileComp))
+	_ = cmd.RegisterFlagCompletionFunc("node", a.completeNodes())
+	return cmd
+}
+
+// topSampler takes one sample; prev and dt (since prev) give CPU rates.
+type topSampler func(ctx context.Context, prev []topRow, dt time.Duration) ([]topRow, time.Time, error)
+
+// topSource picks the local control socket or, with --node, the fleet; close releases
+// what it opened.
+func (a *app) topSource(ctx context.Context, node string) (sample topSampler, title string, close func(), err error) {
+	if node == "" {
+		c := a.client()
+		st, err := c.Status(ctx)
+		if err != nil {
+			c.Close()
+			return nil, "", nil, err
+		}
+		var last []control.Workload
+		return func(ctx context.Context, _ []topRow, dt time.Duration) ([]topRow, time.Time, error) {
+			ws, err := c.Workloads(ctx)
+			now := time.Now()
+			if err != nil {
+				return nil, now, err
+			}
+			rows := localTopRows(last, ws, dt, now)
+			last = ws
+			return rows, now, nil
+		}, fmt.Sprintf("%s (%s)", st.Name, shortID(st.NodeID)), c.Close, nil
+	}
+	f, done, err := a.connectFleet(ctx)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	id, err := f.resolveNode(ctx, node)
+	if err != nil {
+		done()
+		return nil, "", nil, err
+	}
+	return func(ctx context.Context, _ []topRow, _ time.Duration) ([]topRow, time.Time, error) {
+		now := time.Now()
+		byNode, err := f.workloadSummariesByNode(ctx)
+		if err != nil {
+			return nil, now, err
+		}
+		return remoteTopRows(byNode[id], now), now, nil
+	}, "node " + shortID(id), done, nil
+}
