@@ -231,7 +231,7 @@ func TestV2StatsAndOOMKills(t *testing.T) {
 	}
 	s, err := g.Stats()
 	must(t, err)
-	if s != (Stats{MemoryCurrent: 123456, CPUUsageNsec: 2500000, Pids: 3, OOMKills: 2}) {
+	if s != (Stats{MemoryCurrent: 123456, MemoryMax: 1 << 20, CPUUsageNsec: 2500000, Pids: 3, OOMKills: 2}) {
 		t.Fatalf("stats %+v", s)
 	}
 	must(t, os.WriteFile(filepath.Join(d, "memory.events"), []byte("oom_kill x\n"), 0o644))
