@@ -404,3 +404,61 @@ func TestLongNATSOutageKeepsWatchdog(t *testing.T) {
 	})
 	t.Logf("%d pings during a %s outage with a %s watchdog", during, outage, watchdog)
 }
+
+// TestTwoNodesOneHost: two nodes that detect their cgroups on this (cgroup v1) host each
+// get a root of their own and keep their workloads when the other starts; a node given
+// a root another node holds refuses to start, naming it, and kills nothing. Before,
+// both used the host-wide v1 root and the second's start-up cleanup killed the first's
+// nexlet and workloads.
+func TestTwoNodesOneHost(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if cgroupRoot(t) == "" {
+		t.Skip("needs writable cgroup v1 hierarchies (root)")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	var ids []string
+	t.Cleanup(func() { // after the nodes stopped (cleanups run last-in first-out)
+		for _, id := range ids {
+			for _, h := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
+				removeTree(filepath.Join("/sys/fs/cgroup", h, "nexd", id))
+			}
+		}
+	})
+	a := startNode(t, nodeOpts{external: s.ClientURL(), autoCgroup: true})
+	ida := a.waitReady(t).NodeID
+	ids = append(ids, ida)
+	wa := a.runWorkload(t, "--name", "on-a", "--", "/bin/sleep", "600")
+	b := startNode(t, nodeOpts{external: s.ClientURL(), autoCgroup: true})
+	idb := b.waitReady(t).NodeID
+	ids = append(ids, idb)
+	wb := b.runWorkload(t, "--name", "on-b", "--", "/bin/sleep", "600")
+	for _, c := range []struct {
+		n  *node
+		id string
+	}{{a, wa.ID}, {b, wb.ID}} {
+		out := c.n.mustCtl(t, "--json", "workloads")
+		if !strings.Contains(out, c.id) || !strings.Contains(out, "running") {
+			t.Fatalf("workload %s not running after the second node started: %s", c.id, out)
+		}
+	}
+	for _, id := range []string{ida, idb} {
+		if _, err := os.Stat(filepath.Join("/sys/fs/cgroup/memory/nexd", id)); err != nil {
+			t.Errorf("node %s has no cgroup root of its own: %v", id, err)
+		}
+	}
+
+	// A third node told to use a's root refuses, and a's workload lives on.
+	c := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--cgroup-root", "/sys/fs/cgroup/memory/nexd/" + ida}})
+	if code := c.wait(t, 60*time.Second); code == 0 {
+		t.Fatal("a node on another node's cgroup root started")
+	}
+	if out := c.out.String(); !strings.Contains(out, "in use by another nexd") {
+		t.Errorf("refusal does not say why:\n%s", out)
+	}
+	if out := a.mustCtl(t, "--json", "workloads"); !strings.Contains(out, wa.ID) || !strings.Contains(out, "running") {
+		t.Fatalf("node a lost its workload to the refused node: %s", out)
+	}
+}

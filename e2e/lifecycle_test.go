@@ -38,6 +38,9 @@ type nodeOpts struct {
 	notify   *notifySocket
 	stateDir string
 	cgroup   string // reuse this cgroup root (a restart of the same node)
+	// autoCgroup passes no --cgroup-root: the node detects its own (the test cleans
+	// up after it).
+	autoCgroup bool
 	dir      string // working dir and HOME (where ./config.json is read); a temp dir when empty
 	// publicSocket puts the control socket where other uids can reach it (its own
 	// permission checks then decide), as /run/nex is on an installed node.
@@ -98,7 +101,7 @@ func startNode(t *testing.T, o nodeOpts) *node {
 		env = append(env, "NEXD_EMBEDDED_NATS_PORT=-1")
 	}
 	cg := o.cgroup
-	if cg == "" {
+	if cg == "" && !o.autoCgroup {
 		cg = cgroupRoot(t)
 	}
 	if cg != "" {

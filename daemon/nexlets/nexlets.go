@@ -83,6 +83,8 @@ type Manager struct {
 	cg    *cgroup.Manager
 	specs []Spec // in start order; fixed after New
 	sup   *supervise.Supervisor
+	// unlock releases the hold on the cgroup root (nil when the root came from Options).
+	unlock func()
 }
 
 // New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
@@ -91,8 +93,14 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 	cfg := o.Config
 	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups}
 	if m.cg == nil {
-		cg, err := cgroup.Detect(cfg.Node.CgroupRoot, m.log)
+		// A detected root is this node's own (nexd/<node id> on v1), and whichever root
+		// is used is held for the node's lifetime: start-up cleans up only what is
+		// under a root it holds, so two nodes on a host never kill each other's work.
+		cg, err := cgroup.DetectFor(cfg.Node.CgroupRoot, o.NodeID, m.log)
 		if err != nil {
+			return nil, fmt.Errorf("cgroups: %w", err)
+		}
+		if m.unlock, err = cg.Lock(); err != nil {
 			return nil, fmt.Errorf("cgroups: %w", err)
 		}
 		if err := cg.EnterSupervisor(); err != nil {
@@ -142,7 +150,13 @@ func (m *Manager) Start(ctx context.Context) error {
 }
 
 // Stop stops every nexlet (SIGTERM, grace, kill) and returns when they are gone.
-func (m *Manager) Stop(ctx context.Context) error { return m.sup.Stop(ctx) }
+func (m *Manager) Stop(ctx context.Context) error {
+	err := m.sup.Stop(ctx)
+	if m.unlock != nil {
+		m.unlock()
+	}
+	return err
+}
 
 // Detach makes Stop leave the workloads running for the next nexd (live_restore).
 func (m *Manager) Detach() { m.sup.Detach() }

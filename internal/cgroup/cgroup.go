@@ -375,3 +375,29 @@ func (m *Manager) CleanupStale(rel string) (killed int, err error) {
 	}
 	return len(pids), errors.Join(errs...)
 }
+
+// ErrRootInUse is wrapped by Lock when another process holds the root.
+var ErrRootInUse = errors.New("cgroup root is in use by another nexd")
+
+// Lock takes an exclusive hold on the root (a flock on its directory, so it ends with
+// the process however it ends) and returns its release. Only the holder may treat what
+// is under the root as its own, kill it at start-up and remove it; a second node on the
+// same root gets ErrRootInUse. In none mode there is nothing to hold.
+func (m *Manager) Lock() (release func(), err error) {
+	if m.mode == ModeNone || len(m.hiers) == 0 {
+		return func() {}, nil
+	}
+	dir := m.Path()
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("lock cgroup root %s: %w", dir, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s is held by another process; give each node its own cgroup_root", ErrRootInUse, dir)
+		}
+		return nil, fmt.Errorf("lock cgroup root %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
+}

@@ -39,10 +39,17 @@ var procHost = host{selfCgroup: "/proc/self/cgroup", mountinfo: "/proc/self/moun
 // directories are created. Only an unusable root is an error: detection without a root
 // falls back to none mode.
 func Detect(root string, log *slog.Logger) (*Manager, error) {
-	return detect(procHost, root, log)
+	return detect(procHost, root, "", log)
 }
 
-func detect(hst host, root string, log *slog.Logger) (*Manager, error) {
+// DetectFor is Detect for one node of possibly several on the host: a detected v1 root
+// is "nexd/<instance>" in each hierarchy rather than the host-wide "nexd", so nodes
+// never share (and never clean up) each other's cgroups. Hold the root with Lock.
+func DetectFor(root, instance string, log *slog.Logger) (*Manager, error) {
+	return detect(procHost, root, instance, log)
+}
+
+func detect(hst host, root, instance string, log *slog.Logger) (*Manager, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -58,7 +65,7 @@ func detect(hst host, root string, log *slog.Logger) (*Manager, error) {
 			return nil, err
 		}
 	} else {
-		m = autoDetect(hst, mounts, log)
+		m = autoDetect(hst, mounts, instance, log)
 	}
 	reason := m.Reason()
 	log.Info("cgroup mode", "mode", m.mode, "root", m.Path(), "enforced", m.Enforced())
@@ -256,7 +263,7 @@ func v1Hierarchies(mounts []mount, within func(point string) bool) (hs []hier, c
 	return hs, ctrls, strings.Join(problems, "; ")
 }
 
-func autoDetect(hst host, mounts []mount, log *slog.Logger) *Manager {
+func autoDetect(hst host, mounts []mount, instance string, log *slog.Logger) *Manager {
 	h2, c2, r2 := v2Candidate(hst, mounts)
 	if h2.Root != "" && len(c2) == len(limitControllers) {
 		return &Manager{mode: ModeV2, log: log, hiers: []hier{h2}, enforced: c2, ops: realOps()}
@@ -264,7 +271,7 @@ func autoDetect(hst host, mounts []mount, log *slog.Logger) *Manager {
 	h1, c1, r1 := v1Hierarchies(mounts, func(string) bool { return true })
 	if len(c1) > 0 && len(c1) > len(c2) {
 		for i := range h1 {
-			h1[i].Root = filepath.Join(h1[i].Mount, v1GroupName)
+			h1[i].Root = filepath.Join(h1[i].Mount, v1GroupName, instance)
 			h1[i].base = h1[i].Root
 		}
 		m := &Manager{mode: ModeV1, log: log, hiers: h1, enforced: c1, reason: r1, ops: realOps()}

@@ -47,7 +47,7 @@ func fakeV2(t *testing.T) (*Manager, *fakeFS, string) {
 
 func detectFake(t *testing.T, f *fakeFS) *Manager {
 	t.Helper()
-	m, err := detect(fakeHost(t, "0::/system.slice/nexd.service\n", cg2Mountinfo(f.mount)), "", testLogger(t))
+	m, err := detect(fakeHost(t, "0::/system.slice/nexd.service\n", cg2Mountinfo(f.mount)), "", "", testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func TestDetectFake(t *testing.T) {
 	})
 	t.Run("delegate-subgroup", func(t *testing.T) {
 		f := newFakeFS(t, "system.slice/nexd.service/supervisor", "memory pids")
-		m, err := detect(fakeHost(t, "0::/system.slice/nexd.service/supervisor\n", cg2Mountinfo(f.mount)), "", testLogger(t))
+		m, err := detect(fakeHost(t, "0::/system.slice/nexd.service/supervisor\n", cg2Mountinfo(f.mount)), "", "", testLogger(t))
 		must(t, err)
 		if m.Mode() != ModeV2 || m.Path() != filepath.Join(f.mount, "system.slice/nexd.service") {
 			t.Fatalf("mode %s path %s", m.Mode(), m.Path())
@@ -86,7 +86,7 @@ func TestDetectFake(t *testing.T) {
 	})
 	t.Run("root-cgroup-refused", func(t *testing.T) {
 		f := newFakeFS(t, "x", "memory cpu pids")
-		m, err := detect(fakeHost(t, "0::/\n", cg2Mountinfo(f.mount)), "", testLogger(t))
+		m, err := detect(fakeHost(t, "0::/\n", cg2Mountinfo(f.mount)), "", "", testLogger(t))
 		must(t, err)
 		if m.Mode() != ModeNone || !strings.Contains(m.Reason(), "root of the cgroup v2 hierarchy") {
 			t.Fatalf("mode %s reason %q", m.Mode(), m.Reason())
@@ -100,7 +100,7 @@ func TestDetectFake(t *testing.T) {
 			fmt.Fprintf(&mi, "%d 31 0:%d / %s rw,relatime - cgroup cgroup rw,%s\n", 32+i, 29+i, filepath.Join(d, h), h)
 		}
 		mi.WriteString(cg2Mountinfo(filepath.Join(d, "unified-missing")))
-		m, err := detect(fakeHost(t, "4:memory:/\n0::/\n", mi.String()), "", testLogger(t))
+		m, err := detect(fakeHost(t, "4:memory:/\n0::/\n", mi.String()), "", "", testLogger(t))
 		must(t, err)
 		if m.Mode() != ModeV1 || !slices.Equal(m.Enforced(), []string{"memory", "cpu", "pids"}) {
 			t.Fatalf("mode %s enforced %v reason %q", m.Mode(), m.Enforced(), m.Reason())
@@ -120,18 +120,18 @@ func TestDetectFake(t *testing.T) {
 		}
 	})
 	t.Run("nothing", func(t *testing.T) {
-		m, err := detect(fakeHost(t, "0::/\n", ""), "", testLogger(t))
+		m, err := detect(fakeHost(t, "0::/\n", ""), "", "", testLogger(t))
 		must(t, err)
 		if m.Mode() != ModeNone || m.Reason() == "" || len(m.Enforced()) != 0 {
 			t.Fatalf("mode %s reason %q", m.Mode(), m.Reason())
 		}
 	})
 	t.Run("explicit-root-not-cgroupfs", func(t *testing.T) {
-		_, err := detect(fakeHost(t, "0::/\n", ""), t.TempDir(), testLogger(t))
+		_, err := detect(fakeHost(t, "0::/\n", ""), t.TempDir(), "", testLogger(t))
 		if err == nil || !strings.Contains(err.Error(), "--cgroup-root") {
 			t.Fatalf("err %v", err)
 		}
-		if _, err := detect(fakeHost(t, "0::/\n", ""), "relative/path", testLogger(t)); err == nil {
+		if _, err := detect(fakeHost(t, "0::/\n", ""), "relative/path", "", testLogger(t)); err == nil {
 			t.Fatal("relative root accepted")
 		}
 	})
