@@ -41,7 +41,7 @@ type nodeOpts struct {
 	// autoCgroup passes no --cgroup-root: the node detects its own (the test cleans
 	// up after it).
 	autoCgroup bool
-	dir      string // working dir and HOME (where ./config.json is read); a temp dir when empty
+	dir        string // working dir and HOME (where ./config.json is read); a temp dir when empty
 	// publicSocket puts the control socket where other uids can reach it (its own
 	// permission checks then decide), as /run/nex is on an installed node.
 	publicSocket bool
