@@ -153,7 +153,20 @@ func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
 }
 
 func (b backend) Logs(ctx context.Context, q control.LogQuery) ([]control.LogLine, error) {
-	recs := b.s.logger.Recent(logFilter(q))
+	return recentLogs(b.s.daemon, q), nil
+}
+
+func (b backend) FollowLogs(ctx context.Context, q control.LogQuery) (<-chan control.LogLine, error) {
+	return followLogs(ctx, b.s.daemon, q)
+}
+
+func (b backend) Config(ctx context.Context) (json.RawMessage, error) {
+	return renderConfig(b.s.daemon)
+}
+
+// recentLogs are the last lines the logger kept that match q.
+func recentLogs(d *daemon, q control.LogQuery) []control.LogLine {
+	recs := d.logger.Recent(logFilter(q))
 	if q.Lines > 0 && len(recs) > q.Lines {
 		recs = recs[len(recs)-q.Lines:]
 	}
@@ -161,14 +174,16 @@ func (b backend) Logs(ctx context.Context, q control.LogQuery) ([]control.LogLin
 	for _, r := range recs {
 		out = append(out, toLogLine(r))
 	}
-	return out, nil
+	return out
 }
 
-func (b backend) FollowLogs(ctx context.Context, q control.LogQuery) (<-chan control.LogLine, error) {
-	in := b.s.logger.Follow(ctx)
+// followLogs streams new lines matching q until ctx ends, from a goroutine the daemon
+// owns.
+func followLogs(ctx context.Context, d *daemon, q control.LogQuery) (<-chan control.LogLine, error) {
+	in := d.logger.Follow(ctx)
 	filter := logFilter(q)
 	out := make(chan control.LogLine, 64)
-	started := b.s.own.goFn(func() {
+	started := d.own.goFn(func() {
 		defer close(out)
 		for r := range in {
 			if !filter(r) {
@@ -210,8 +225,9 @@ func toLogLine(r logging.Record) control.LogLine {
 		Nexlet: r.Attrs["nexlet"], WorkloadID: r.Attrs["workload_id"], Attrs: attrs}
 }
 
-func (b backend) Config(ctx context.Context) (json.RawMessage, error) {
-	b2, err := b.s.view().loaded.RenderJSON()
+// renderConfig is the current config with secrets redacted.
+func renderConfig(d *daemon) (json.RawMessage, error) {
+	b2, err := d.view().loaded.RenderJSON()
 	if err != nil {
 		return nil, err
 	}

@@ -38,6 +38,8 @@ type server struct {
 	node       *node.Node
 	nexlets    *nexlets.Manager
 	secrets    *secretStore
+	ctl        *switchBackend // what the control socket serves
+	revokes    goroutines     // credential revocations, awaited before NATS closes
 
 	reloadMu sync.Mutex // one reload at a time (SIGHUP and the socket)
 }
@@ -58,6 +60,14 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	cfg := d.cfg()
 	s := &server{daemon: d, stateDir: cfg.Node.StateDir}
 	s.ctx, s.cancel = context.WithCancel(ctx)
+	// Unwound next to last: whatever else was started has ended or been closed by then.
+	d.closers.push("goroutines", func(context.Context) error {
+		s.cancel()
+		if !d.own.wait(goroutineWait) {
+			return fmt.Errorf("some did not end within %s", goroutineWait)
+		}
+		return nil
+	})
 
 	d.notify.Status("starting: loading identity")
 	id, err := identity.Load(cfg.Node.Seed, cfg.Node.XKeySeed, s.stateDir)
@@ -72,6 +82,12 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	d.log.Info("nexd starting", "version", version.Version, "commit", version.Commit,
 		"node_id", id.ID(), "node_name", cfg.Node.Name, "nexus", cfg.Node.Nexus,
 		"identity", string(id.NodeSource), "state_dir", s.stateDir)
+
+	// The control socket answers from here on: status from the snapshot while the node
+	// is built (startupBackend); serve swaps in the full API once everything runs.
+	if err := s.openControl(startupBackend{d: d, nodeID: id.ID()}); err != nil {
+		return nil, err
+	}
 
 	client, embed := natsOptions(cfg)
 	doneWaiting := d.waitingFor("NATS")
@@ -91,11 +107,10 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if hasTarget(cfg.LogTargets(), "nats") {
 		d.logger.AttachNATS(s.conn.NC, id.ID())
 	}
-	// Owned goroutines may still use NATS (revocations): they end before it closes.
-	d.closers.push("goroutines", func(context.Context) error {
-		s.cancel()
-		if !d.own.wait(goroutineWait) {
-			return fmt.Errorf("some did not end within %s", goroutineWait)
+	// Revocations need NATS: they end before it closes.
+	d.closers.push("revocations", func(context.Context) error {
+		if !s.revokes.wait(revokeTimeout + 5*time.Second) {
+			return fmt.Errorf("some did not end within %s", revokeTimeout+5*time.Second)
 		}
 		return nil
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -75,15 +76,20 @@ func (p *inProcess) stop(t *testing.T) error {
 
 func (p *inProcess) status(t *testing.T, want control.NodeState) control.Status {
 	t.Helper()
+	return p.statusWhere(t, string(want), func(st control.Status) bool { return st.State == want })
+}
+
+func (p *inProcess) statusWhere(t *testing.T, what string, ok func(control.Status) bool) control.Status {
+	t.Helper()
 	c := control.NewClient(p.socket)
 	defer c.Close()
 	var st control.Status
-	testkit.Eventually(t, "status "+string(want), func() bool {
+	testkit.Eventually(t, "status "+what, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		cur, err := c.Status(ctx)
 		st = cur
-		return err == nil && cur.State == want
+		return err == nil && ok(cur)
 	})
 	return st
 }
@@ -135,7 +141,7 @@ func TestNoGoroutineOutlivesRun(t *testing.T) {
 	if st.NodeID == "" || !st.NATS.Embedded || !st.NATS.Connected {
 		t.Fatalf("status %+v", st)
 	}
-	want := []string{"logger", "NATS connection", "goroutines", "node API", "nexlets", "control socket", "metrics listener"}
+	want := []string{"logger", "goroutines", "control socket", "NATS connection", "revocations", "node API", "nexlets", "metrics listener"}
 	if got := p.d.closers.names(); !slices.Equal(got, want) {
 		t.Errorf("closer stack %q, want %q", got, want)
 	}
@@ -171,13 +177,15 @@ func goroutineDump() string {
 }
 
 // TestStatusDuringStartup: while a nexlet has not registered the node is built but not
-// ready; status answers from the snapshot (starting) with the live parts filled in, and
-// a stop then abandons the start cleanly, leaving no goroutine behind.
+// ready; status says starting (from the snapshot) with the live parts filled in by the
+// full API, and a stop then abandons the start cleanly, leaving no goroutine behind.
 func TestStatusDuringStartup(t *testing.T) {
 	before := goroutineIDs()
 	silent := testkit.WriteExecutable(t, filepath.Join(t.TempDir(), "silent-nexlet"), "#!/bin/sh\nexec sleep 120\n")
 	p := startInProcess(t, "--agents.uri", silent, "--startup-timeout", "5m")
-	st := p.status(t, control.StateStarting)
+	st := p.statusWhere(t, "starting with a nexlet", func(st control.Status) bool {
+		return st.State == control.StateStarting && len(st.Nexlets) > 0
+	})
 	if st.NodeID == "" || !st.NATS.Connected || st.Cgroup.Mode != string(cgroup.ModeNone) {
 		t.Fatalf("status during start-up %+v", st)
 	}
@@ -190,6 +198,37 @@ func TestStatusDuringStartup(t *testing.T) {
 	if !strings.Contains(p.out.String(), "nexlet stopped") {
 		t.Errorf("the nexlet was not stopped:\n%s", p.out.String())
 	}
+	assertNoneOutlive(t, before)
+}
+
+// TestStatusWhileWaitingForNATS: long before the node is built (NATS does not answer)
+// the socket already answers status, from the snapshot, and refuses what needs the
+// node; a stop then ends the wait at once.
+func TestStatusWhileWaitingForNATS(t *testing.T) {
+	before := goroutineIDs()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "nats://" + l.Addr().String()
+	l.Close() // nobody serves NATS there
+	p := startInProcess(t, "--nats.servers", dead)
+	st := p.status(t, control.StateStarting)
+	if st.NodeID == "" || st.NATS.Connected || len(st.Nexlets) != 0 {
+		t.Fatalf("status while waiting for NATS %+v", st)
+	}
+	c := control.NewClient(p.socket)
+	defer c.Close()
+	if _, err := c.Lameduck(t.Context(), time.Minute); err == nil || !strings.Contains(err.Error(), "starting") {
+		t.Errorf("lame duck while starting: %v, want a refusal saying nexd is starting", err)
+	}
+	if _, err := c.Config(t.Context()); err != nil {
+		t.Errorf("config while starting: %v", err)
+	}
+	if err := p.stop(t); err != nil {
+		t.Fatalf("a stop while waiting for NATS is not a failure: %v", err)
+	}
+	c.Close()
 	assertNoneOutlive(t, before)
 }
 

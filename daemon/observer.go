@@ -27,7 +27,7 @@ func (o observer) WorkloadEnded(id string) {
 	if !ok {
 		return
 	}
-	o.s.own.goFn(func() {
+	o.s.revokes.goFn(func() {
 		// Workloads end during the drain too: their revocation outlives the stop
 		// request, bounded by its own timeout.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(o.s.ctx), revokeTimeout)

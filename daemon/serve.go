@@ -13,7 +13,7 @@ import (
 )
 
 // serve starts the built node in order: the node API, the nexlets, then (last) the
-// control socket and metrics listener, which may answer while the nexlets register;
+// full control API and the metrics listener, which answer while the nexlets register;
 // READY=1 follows once they have (or startup_timeout passed).
 func (s *server) serve(startCtx context.Context) error {
 	cfg := s.cfg()
@@ -36,23 +36,7 @@ func (s *server) serve(startCtx context.Context) error {
 		return err
 	}
 
-	s.notify.Status("starting: opening control socket")
-	ctl, err := control.Listen(cfg.Node.ControlSocket, control.ServerOptions{
-		Backend:     backend{s},
-		AllowOthers: cfg.Node.ControlAllowOthers,
-		Logger:      s.log,
-		Listener:    s.ctlListener,
-	})
-	if err != nil {
-		return fmt.Errorf("control socket: %w", err)
-	}
-	s.closers.push("control socket", func(context.Context) error { return ctl.Close() })
-	s.own.goFn(func() {
-		if err := ctl.Serve(s.ctx); err != nil {
-			s.log.Error("control socket", "err", err)
-		}
-	})
-	s.log.Info("control socket listening", "path", ctl.Path(), "socket_activated", s.ctlListener != nil)
+	s.ctl.set(backend{s})
 	if cfg.Node.MetricsListen != "" {
 		ml, err := s.metrics.Listen(cfg.Node.MetricsListen)
 		if err != nil {
@@ -92,6 +76,30 @@ func (s *server) serve(startCtx context.Context) error {
 	}
 	s.own.goFn(func() { s.notify.RunWatchdog(s.ctx, s.healthy) })
 	s.own.goFn(func() { s.statusLoop(s.ctx) })
+	return nil
+}
+
+// openControl binds the control socket (or takes systemd's) and serves first; the
+// socket stays open through the drain, so status says "stopping" until the end.
+func (s *server) openControl(first control.Backend) error {
+	cfg := s.cfg()
+	s.ctl = newSwitchBackend(first)
+	ctl, err := control.Listen(cfg.Node.ControlSocket, control.ServerOptions{
+		Backend:     s.ctl,
+		AllowOthers: cfg.Node.ControlAllowOthers,
+		Logger:      s.log,
+		Listener:    s.ctlListener,
+	})
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	s.closers.push("control socket", func(context.Context) error { return ctl.Close() })
+	s.own.goFn(func() {
+		if err := ctl.Serve(s.ctx); err != nil {
+			s.log.Error("control socket", "err", err)
+		}
+	})
+	s.log.Info("control socket listening", "path", ctl.Path(), "socket_activated", s.ctlListener != nil)
 	return nil
 }
 
