@@ -57,8 +57,9 @@ func (sw *switchBackend) FollowLogs(ctx context.Context, q control.LogQuery) (<-
 func (sw *switchBackend) Config(ctx context.Context) (json.RawMessage, error) {
 	return sw.get().Config(ctx)
 }
-func (sw *switchBackend) Secrets() control.SecretStore { return sw.get().Secrets() }
-func (sw *switchBackend) Metrics() http.Handler        { return sw.get().Metrics() }
+func (sw *switchBackend) Reexec(ctx context.Context) error { return sw.get().Reexec(ctx) }
+func (sw *switchBackend) Secrets() control.SecretStore     { return sw.get().Secrets() }
+func (sw *switchBackend) Metrics() http.Handler            { return sw.get().Metrics() }
 func (sw *switchBackend) NATSAccess(ctx context.Context) (control.NATSAccess, error) {
 	return sw.get().NATSAccess(ctx)
 }
@@ -101,6 +102,7 @@ func (b startupBackend) Nexlets(context.Context) ([]control.Nexlet, error) {
 	return []control.Nexlet{}, nil
 }
 func (b startupBackend) RestartNexlet(context.Context, string) error { return errStarting }
+func (b startupBackend) Reexec(context.Context) error                { return errStarting }
 func (b startupBackend) Workloads(context.Context) ([]control.Workload, error) {
 	return []control.Workload{}, nil
 }
