@@ -183,6 +183,15 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		NATSReconnects: func() uint64 { return s.conn.Info().Reconnects },
 		NATSConnected:  func() bool { return s.conn.Info().Connected },
 		Workloads:      s.node.Workloads,
+		State:          func() string { return string(s.view().phase) },
+		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {
+			ns, err := backend{s}.Nexlets(ctx)
+			out := make([]metrics.NexletHealth, 0, len(ns))
+			for _, n := range ns {
+				out = append(out, metrics.NexletHealth{Name: n.Name, State: string(n.State), Health: string(n.Health)})
+			}
+			return out, err
+		},
 	})
 	return s, nil
 }

@@ -78,7 +78,23 @@ type Live struct {
 	NATSReconnects func() uint64
 	NATSConnected  func() bool
 	Workloads      func(context.Context) ([]protocol.WorkloadSummary, error)
+	// State is the node's state (starting, running, lameduck, stopping).
+	State func() string
+	// Nexlets are the node's nexlets with their process state and health.
+	Nexlets func(context.Context) ([]NexletHealth, error)
 }
+
+// NexletHealth is one nexlet as the health metrics see it.
+type NexletHealth struct {
+	Name, State, Health string
+}
+
+// nodeStates and nexletHealths are every label value the state gauges report, so a
+// dashboard sees 0 rather than no series.
+var (
+	nodeStates    = []string{"starting", "running", "lameduck", "stopping"}
+	nexletHealths = []string{protocol.HealthHealthy, protocol.HealthDegraded, protocol.HealthShuttingDown, protocol.HealthOffline, protocol.HealthUnknown}
+)
 
 // WatchLive registers the collectors that read live daemon state at scrape time. Call
 // it once, with components that are already built.
@@ -95,15 +111,64 @@ func (m *Metrics) WatchLive(l Live) {
 		return 0
 	}))
 	m.reg.MustRegister(&workloadCollector{list: l.Workloads, desc: prometheus.NewDesc("nexd_workloads_running",
-		"Workloads this node runs, by namespace and type.", []string{"namespace", "type"}, nil)})
+		"Workloads this node runs, by namespace and type.", []string{"namespace", "type"}, nil),
+		byState: prometheus.NewDesc("nexd_workloads", "Workloads this node holds, by state.", []string{"state"}, nil)})
+	if l.State != nil {
+		for _, st := range nodeStates {
+			m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "nexd_node_state", Help: "1 for the node's current state (starting, running, lameduck, stopping), else 0.",
+				ConstLabels: prometheus.Labels{"state": st},
+			}, func() float64 {
+				if l.State() == st {
+					return 1
+				}
+				return 0
+			}))
+		}
+	}
+	if l.Nexlets != nil {
+		m.reg.MustRegister(&nexletCollector{list: l.Nexlets,
+			health: prometheus.NewDesc("nexd_nexlet_health", "1 for each nexlet's current health, else 0.", []string{"nexlet", "health"}, nil),
+			failed: prometheus.NewDesc("nexd_nexlet_failed", "1 when a nexlet gave up after its restart limit.", []string{"nexlet"}, nil)})
+	}
+}
+
+type nexletCollector struct {
+	list           func(context.Context) ([]NexletHealth, error)
+	health, failed *prometheus.Desc
+}
+
+func (c *nexletCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.health; ch <- c.failed }
+
+func (c *nexletCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	ns, err := c.list(ctx)
+	if err != nil {
+		return
+	}
+	for _, n := range ns {
+		for _, h := range nexletHealths {
+			v := 0.0
+			if n.Health == h {
+				v = 1
+			}
+			ch <- prometheus.MustNewConstMetric(c.health, prometheus.GaugeValue, v, n.Name, h)
+		}
+		v := 0.0
+		if n.State == "failed" {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.failed, prometheus.GaugeValue, v, n.Name)
+	}
 }
 
 type workloadCollector struct {
-	list func(context.Context) ([]protocol.WorkloadSummary, error)
-	desc *prometheus.Desc
+	list          func(context.Context) ([]protocol.WorkloadSummary, error)
+	desc, byState *prometheus.Desc
 }
 
-func (c *workloadCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+func (c *workloadCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc; ch <- c.byState }
 
 func (c *workloadCollector) Collect(ch chan<- prometheus.Metric) {
 	// A scrape has no context of its own; bound the node query.
@@ -114,7 +179,9 @@ func (c *workloadCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	counts := map[[2]string]int{}
+	states := map[string]int{}
 	for _, w := range ws {
+		states[string(w.WorkloadState)]++
 		ns := ""
 		if w.Namespace != nil {
 			ns = *w.Namespace
@@ -123,6 +190,9 @@ func (c *workloadCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for k, n := range counts {
 		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), k[0], k[1])
+	}
+	for st, n := range states {
+		ch <- prometheus.MustNewConstMetric(c.byState, prometheus.GaugeValue, float64(n), st)
 	}
 }
 
