@@ -24,8 +24,10 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 		Workloads: func(context.Context) ([]protocol.WorkloadSummary, error) {
 			return []protocol.WorkloadSummary{{ID: "W1", Namespace: &ns, WorkloadType: "native", WorkloadState: protocol.WorkloadRunning}}, nil
 		},
-		State:   func() string { return "running" },
-		Nexlets: func(context.Context) ([]NexletHealth, error) { return []NexletHealth{{Name: "native", State: "running", Health: "healthy"}}, nil },
+		State: func() string { return "running" },
+		Nexlets: func(context.Context) ([]NexletHealth, error) {
+			return []NexletHealth{{Name: "native", State: "running", Health: "healthy"}}, nil
+		},
 	})
 	// Labelled series exist once something happened.
 	m.Reload(true)
