@@ -151,6 +151,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		Minter:                  s.minter,
+		CanPlace:                diskSpace(d.log, map[string]string{"state directory": cfg.Node.StateDir, "runtime directory": s.runtimeDir}),
 		Store:                   s.metrics.CountStore(store),
 		Emitter:                 s.emitter(cfg),
 		Logger:                  d.log,

@@ -47,6 +47,12 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 400, "bad start workload request", fmt.Errorf("invalid StartWorkloadRequest: field \"name\": %w", err))
 		return
 	}
+	if n.o.CanPlace != nil {
+		if err := n.o.CanPlace(); err != nil {
+			n.refuse(r, 409, "workload cannot be placed", fmt.Errorf("node %s: %w", n.id, err))
+			return
+		}
+	}
 	workloadID := nuid.Next()
 	res, code, err := n.reserve(b, req, workloadID)
 	if err != nil {

@@ -59,10 +59,13 @@ type Options struct {
 	// registration with the key listed here, under the name and type listed here.
 	RemoteNexlets []RemoteNexlet
 
-	Minter  Minter
-	Store   Store   // default NoStore
-	Emitter Emitter // default NoEmitter
-	Logger  *slog.Logger
+	Minter Minter
+	Store  Store // default NoStore
+	// CanPlace, when set, is asked before every deploy; an error refuses the deploy as
+	// not started, with the error as the reason (a full disk under the state directory).
+	CanPlace func() error
+	Emitter  Emitter // default NoEmitter
+	Logger   *slog.Logger
 
 	HeartbeatInterval  time.Duration // node heartbeat period (default 10s)
 	HealthTick         time.Duration // how often agent health is swept (default 5s)

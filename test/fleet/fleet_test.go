@@ -356,3 +356,58 @@ func TestFleetPartition(t *testing.T) {
 		t.Fatalf("placed %d on the unreachable node, %d of h3's 2 workloads ran, %d placements on the majority", onH3, running3, ok)
 	}
 }
+
+// TestFleetDiskFull: host 2's state directory is a small tmpfs that is filled up while
+// the node runs workloads. Deploys to it must be refused with a clear error, its
+// workloads keep running, and the other nodes keep taking deploys.
+func TestFleetDiskFull(t *testing.T) {
+	f := NewFleet(t, 3)
+	fg := NewFigures(t, "disk full in one node's state directory")
+	f.StartClusterNATS()
+	h1, h2 := f.Hosts[0], f.Hosts[1]
+	h2.SmallStateDir("16m")
+	for _, h := range f.Hosts {
+		h.StartNexd(h.ClusterURLs())
+	}
+	urls := h1.ClusterURLs()
+	testkit.EventuallyWithin(t, 60*time.Second, "every node in node list", func() bool { return len(h1.NodeNames(urls)) == 3 })
+	var before []string
+	for i := range 2 {
+		d, err := h1.Deploy(urls, fmt.Sprintf("before-%d", i), "--tags", "host=h2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		before = append(before, d.ID)
+	}
+	fg.Add("bytes written until the state dir was full", h2.FillStateDir())
+
+	start := time.Now()
+	_, err := h1.Deploy(urls, "onfull", "--tags", "host=h2")
+	fg.Add("deploy to the full node", fmt.Sprintf("%v (after %v)", err, time.Since(start).Round(time.Millisecond)))
+	if err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Errorf("a deploy to the node with a full state directory: %v, want a disk full refusal", err)
+	}
+	for _, other := range []string{"h1", "h3"} {
+		if _, err := h1.Deploy(urls, "other-"+other, "--tags", "host="+other); err != nil {
+			t.Errorf("deploy to %s while h2's disk is full: %v", other, err)
+		}
+	}
+	kept := 0
+	for _, id := range before {
+		if h2.Cgroup == "" || len(h2.WorkloadPIDs(id)) > 0 {
+			kept++
+		}
+	}
+	fg.Add("h2's workloads still running", fmt.Sprintf("%d of %d", kept, len(before)))
+	if kept != len(before) {
+		t.Errorf("h2 lost workloads when its disk filled up")
+	}
+	st, err := h2.Status()
+	fg.Add("h2 STATUS with a full disk", fmt.Sprintf("%v %v", st.State, err))
+	h2.FreeStateDir()
+	_, err = h1.Deploy(urls, "afterfree", "--tags", "host=h2")
+	fg.Add("deploy to h2 after freeing space", fmt.Sprint(err))
+	if err != nil {
+		t.Errorf("h2 refuses deploys after its disk was freed: %v", err)
+	}
+}

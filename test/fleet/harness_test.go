@@ -584,3 +584,36 @@ func (f *Fleet) RunningInKernel() map[string][]string {
 	}
 	return got
 }
+
+// SmallStateDir puts the host's state directory on a tmpfs of size (e.g. "32m"), so
+// that FillStateDir can fill it; the cleanup unmounts it.
+func (h *Host) SmallStateDir(size string) {
+	h.f.t.Helper()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size+",mode=0700", "nxf-state", h.StateDir).CombinedOutput(); err != nil {
+		h.f.t.Fatalf("mount tmpfs on %s: %v: %s", h.StateDir, err, out)
+	}
+}
+
+// FillStateDir writes a file into the state directory until the filesystem is full
+// and returns how much it wrote.
+func (h *Host) FillStateDir() int64 {
+	h.f.t.Helper()
+	fl, err := os.Create(filepath.Join(h.StateDir, "fill"))
+	if err != nil {
+		h.f.t.Fatal(err)
+	}
+	defer fl.Close()
+	buf := make([]byte, 1<<16)
+	var n int64
+	for n < 1<<32 { // bounded: a tmpfs of at most 4 GiB
+		w, err := fl.Write(buf)
+		n += int64(w)
+		if err != nil {
+			break
+		}
+	}
+	return n
+}
+
+// FreeStateDir removes the fill.
+func (h *Host) FreeStateDir() { os.Remove(filepath.Join(h.StateDir, "fill")) }
