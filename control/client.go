@@ -115,6 +115,12 @@ func (c *Client) NATSAccess(ctx context.Context) (NATSAccess, error) {
 	return a, c.call(ctx, "GET", "/v1/nats", nil, &a)
 }
 
+// NATSAccessFor is NATSAccess with a credential valid for ttl (when the node mints one).
+func (c *Client) NATSAccessFor(ctx context.Context, ttl time.Duration) (NATSAccess, error) {
+	var a NATSAccess
+	return a, c.call(ctx, "GET", "/v1/nats?ttl="+url.QueryEscape(ttl.String()), nil, &a)
+}
+
 // Status returns the node's status.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	var s Status

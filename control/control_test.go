@@ -476,6 +476,6 @@ func TestParseGroupsLine(t *testing.T) {
 
 func (b *testBackend) Reexec(context.Context) error { return nil }
 
-func (b *testBackend) NATSAccess(context.Context) (NATSAccess, error) {
+func (b *testBackend) NATSAccess(context.Context, time.Duration) (NATSAccess, error) {
 	return NATSAccess{}, ErrNotFound
 }

@@ -498,8 +498,20 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// MaxCredsTTL bounds the lifetime of an admin credential the socket hands out.
+const MaxCredsTTL = 366 * 24 * time.Hour
+
 func (s *Server) handleNATSAccess(w http.ResponseWriter, r *http.Request) {
-	acc, err := s.opts.Backend.NATSAccess(r.Context())
+	var ttl time.Duration
+	if v := r.URL.Query().Get("ttl"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 || d > MaxCredsTTL {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q: want a duration between 1s and %s", v, MaxCredsTTL))
+			return
+		}
+		ttl = d
+	}
+	acc, err := s.opts.Backend.NATSAccess(r.Context(), ttl)
 	if err != nil {
 		s.backendError(w, r, err)
 		return

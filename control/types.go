@@ -41,7 +41,9 @@ type Backend interface {
 	Metrics() http.Handler
 	// NATSAccess tells a local admin how to reach the node's NATS system, so nexctl on
 	// the node's host needs no configuration of its own.
-	NATSAccess(ctx context.Context) (NATSAccess, error)
+	// ttl asks for a credential of that lifetime (an admin handing one to a remote
+	// operator); 0 is the node's short default.
+	NATSAccess(ctx context.Context, ttl time.Duration) (NATSAccess, error)
 	// Reexec asks nexd to re-execute its installed binary in place (same pid, workloads
 	// kept); it returns once the request is accepted, before the exec.
 	Reexec(ctx context.Context) error

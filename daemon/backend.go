@@ -247,10 +247,16 @@ func (b backend) Metrics() http.Handler { return b.s.metrics.Handler() }
 // address included) so nexctl on this host needs no NATS configuration.
 // With the zero-config embedded server it adds a short-lived admin credential: that
 // server admits nobody without a user JWT nexd signed.
-func (b backend) NATSAccess(context.Context) (control.NATSAccess, error) {
+func (b backend) NATSAccess(_ context.Context, ttl time.Duration) (control.NATSAccess, error) {
 	acc := control.NATSAccess{Servers: b.s.conn.ClientURLs(), Embedded: b.s.conn.InProcess() != nil}
 	if t := b.s.embeddedTrust(); t != nil {
-		creds, exp, err := t.AdminCreds("local-admin", localAdminTTL)
+		name := "local-admin"
+		if ttl <= 0 {
+			ttl = localAdminTTL
+		} else {
+			name = "admin"
+		}
+		creds, exp, err := t.AdminCreds(name, ttl)
 		if err != nil {
 			return control.NATSAccess{}, err
 		}

@@ -60,8 +60,8 @@ func (sw *switchBackend) Config(ctx context.Context) (json.RawMessage, error) {
 func (sw *switchBackend) Reexec(ctx context.Context) error { return sw.get().Reexec(ctx) }
 func (sw *switchBackend) Secrets() control.SecretStore     { return sw.get().Secrets() }
 func (sw *switchBackend) Metrics() http.Handler            { return sw.get().Metrics() }
-func (sw *switchBackend) NATSAccess(ctx context.Context) (control.NATSAccess, error) {
-	return sw.get().NATSAccess(ctx)
+func (sw *switchBackend) NATSAccess(ctx context.Context, ttl time.Duration) (control.NATSAccess, error) {
+	return sw.get().NATSAccess(ctx, ttl)
 }
 
 // startupBackend answers while the node is being built, from the snapshot and the
@@ -117,6 +117,6 @@ func (b startupBackend) Config(context.Context) (json.RawMessage, error) {
 }
 func (b startupBackend) Secrets() control.SecretStore { return nil }
 func (b startupBackend) Metrics() http.Handler        { return nil }
-func (b startupBackend) NATSAccess(context.Context) (control.NATSAccess, error) {
+func (b startupBackend) NATSAccess(context.Context, time.Duration) (control.NATSAccess, error) {
 	return control.NATSAccess{}, errStarting
 }

@@ -271,8 +271,18 @@ func TestAttackLocalUserCannotTakeOverEmbeddedNATS(t *testing.T) {
 	if cur := n.waitReady(t); cur.State != "running" || len(n.workloads(t)) != 0 {
 		t.Errorf("after the attacks: state %s, workloads %v", cur.State, n.workloads(t))
 	}
-	// Control: root (a local admin) needs no set-up for the same deploy.
+	if out, code := as("--control-socket", n.socket, "creds", "issue", "--admin", "--ttl", "1h"); code == 0 {
+		t.Errorf("as %s, nexctl creds issue succeeded:\n%s", mallory.Name, out)
+	}
+	// Control: root (a local admin) needs no set-up for the same deploy, and can hand a
+	// remote operator a credential that works.
 	n.mustCtl(t, "workload", "run", "--lifecycle", "job", "--", "/usr/bin/id")
+	creds := testkit.WriteFile(t, filepath.Join(t.TempDir(), "admin.creds"), n.mustCtl(t, "creds", "issue", "--admin", "--ttl", "1h"))
+	nc, err := nats.Connect(n.natsURL, nats.UserCredentials(creds))
+	if err != nil {
+		t.Fatalf("connect with the issued admin creds: %v", err)
+	}
+	nc.Close()
 }
 
 // floodScript opens many control connections that announce a body and never send it,

@@ -237,6 +237,6 @@ func TestGenDocs(t *testing.T) {
 
 func (b *localBackend) Reexec(context.Context) error { return nil }
 
-func (b *localBackend) NATSAccess(context.Context) (control.NATSAccess, error) {
+func (b *localBackend) NATSAccess(context.Context, time.Duration) (control.NATSAccess, error) {
 	return control.NATSAccess{}, control.ErrNotFound
 }

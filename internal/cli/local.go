@@ -26,8 +26,45 @@ func (a *app) client() *control.Client {
 func (a *app) localCommands() []*cobra.Command {
 	return []*cobra.Command{
 		a.statusCmd(), a.reloadCmd(), a.lameduckCmd(), a.nexletsCmd(), a.nexletCmd(),
-		a.workloadsCmd(), a.logsCmd(), a.configCmd(), a.secretCmd(), a.metricsCmd(),
+		a.workloadsCmd(), a.logsCmd(), a.configCmd(), a.secretCmd(), a.metricsCmd(), a.credsCmd(),
 	}
+}
+
+func (a *app) credsCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "creds", Short: "NATS credentials for the node's embedded server"}
+	var admin bool
+	var ttl time.Duration
+	issue := &cobra.Command{
+		Use:   "issue --admin [--ttl 24h]",
+		Short: "Print an admin .creds file for the node's zero-config embedded NATS (for a remote operator)",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !admin {
+				return usagef("only --admin credentials can be issued here (workloads and nexlets get theirs from the node)")
+			}
+			if ttl <= 0 {
+				return usagef("--ttl must be positive")
+			}
+			c := a.client()
+			defer c.Close()
+			acc, err := c.NATSAccessFor(cmd.Context(), ttl)
+			if err != nil {
+				return err
+			}
+			if acc.Creds == "" {
+				return errors.New("this node hands out no credentials: it does not run the zero-config embedded NATS server (use your NATS system's own tools)")
+			}
+			if a.json {
+				return a.printJSON(acc)
+			}
+			_, err = io.WriteString(a.out(), acc.Creds)
+			return err
+		},
+	}
+	issue.Flags().BoolVar(&admin, "admin", false, "a credential with every permission in the node's nex account")
+	issue.Flags().DurationVar(&ttl, "ttl", 24*time.Hour, "how long the credential is valid")
+	cmd.AddCommand(issue)
+	return cmd
 }
 
 func (a *app) metricsCmd() *cobra.Command {
