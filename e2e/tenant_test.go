@@ -6,7 +6,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -433,5 +435,81 @@ func TestFakeBidder(t *testing.T) {
 	}
 	if !strings.Contains(errOut, "bid refused") {
 		t.Errorf("nexctl did not say it refused the forged bid: %q", errOut)
+	}
+}
+
+// rssKB reads a process's resident set size.
+func rssKB(pid int) int {
+	v := strings.TrimSuffix(strings.TrimSpace(procStatus(pid, "VmRSS")), " kB")
+	kb, _ := strconv.Atoi(strings.TrimSpace(v))
+	return kb
+}
+
+// TestAuctionFlood: one client sends a million auctions (valid ones, in its own
+// namespace) as fast as it can, the issue's attack, while a tenant deploys in another
+// namespace: the deploy gets its bid and runs, and nexd's RSS stays within the bound the
+// README states (64 MiB above idle).
+func TestAuctionFlood(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	const auctions = 1_000_000
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	pid := n.cmd.Process.Pid
+	time.Sleep(time.Second)
+	base := rssKB(pid)
+
+	stop := make(chan struct{})
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	fc := testnats.Connect(t, s)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		body := []byte(`{"agent_type":"native","auction_id":"flood","tags":{}}`)
+		for i := range auctions {
+			if i%1000 == 0 {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				_ = fc.Flush()
+			}
+			_ = fc.PublishRequest(protocol.AuctionSubject("flood"), "_INBOX.flood.nobody", body)
+			sent.Add(1)
+		}
+		_ = fc.Flush()
+	}()
+	var peak atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			if kb := int64(rssKB(pid)); kb > peak.Load() {
+				peak.Store(kb)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", s.ClientURL(),
+		"--namespace", "tenant", "--json", "workload", "run", "--name", "honest", "--", "/bin/sleep", "300")
+	during := sent.Load()
+	time.Sleep(2 * time.Second)
+	close(stop)
+	wg.Wait()
+	t.Logf("flood: %d auctions sent (%d when the honest deploy returned); nexd RSS %d kB idle, %d kB peak", sent.Load(), during, base, peak.Load())
+	if code != 0 {
+		t.Fatalf("honest deploy during the flood: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if grew := int(peak.Load()) - base; grew > 64<<10 {
+		t.Fatalf("nexd RSS grew by %d kB during the flood (bound 65536 kB)", grew)
 	}
 }

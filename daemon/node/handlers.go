@@ -23,6 +23,7 @@ type endpoint struct {
 	name, subject, queue string // queue "" = the node id
 	handle               func(micro.Request)
 	async                bool // may wait on nexlets: runs on its own goroutine
+	pending              bool // bounded pending queue (AuctionPending*): anyone may flood it
 }
 
 // endpoints lists the nexnode service, names and subjects as upstream registers them.
@@ -36,7 +37,7 @@ func (n *Node) endpoints() []endpoint {
 		{name: "SetLameduck", subject: protocol.LameduckSubject(n.id), handle: n.handleLameduck},
 		{name: "GetAgentIdByName", subject: protocol.AgentIDSubject(n.id), handle: n.handleAgentID},
 		{name: "RegisterAgent", subject: protocol.RegisterSubject(n.id, "*"), handle: n.handleRegister},
-		{name: "AuctionRequest", subject: all + ".AUCTION", handle: n.handleAuction},
+		{name: "AuctionRequest", subject: all + ".AUCTION", handle: n.enqueueAuction, pending: true},
 		{name: "StopWorkload", subject: all + ".UNDEPLOY.*", handle: n.handleUndeploy, async: true},
 		{name: "AuctionDeployWorkload", subject: all + ".ADEPLOY.*", handle: n.handleDeploy, async: true},
 		{name: "CloneWorkload", subject: all + ".CLONE.*", handle: n.handleClone, async: true},
@@ -181,7 +182,7 @@ func (n *Node) handleAuction(r micro.Request) {
 		return
 	}
 	bidderID := nuid.Next()
-	n.bids[bidderID] = bid{agentID: a.id, expires: now.Add(n.o.AuctionTTL)}
+	n.bids.add(bidderID, bid{agentID: a.id, ns: protocol.NamespaceOf(r.Subject()), expires: now.Add(n.o.AuctionTTL)})
 	if n.o.Observer != nil {
 		defer func() { n.o.Observer.Auction(time.Since(now)) }()
 	}
@@ -212,10 +213,7 @@ func (n *Node) handleAuction(r micro.Request) {
 func (n *Node) takeBid(id string) (bid, bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	b, ok := n.bids[id]
-	if ok {
-		delete(n.bids, id)
-	}
+	b, ok := n.bids.take(id)
 	return b, ok && time.Now().Before(b.expires)
 }
 

@@ -199,7 +199,7 @@ func FuzzHandlers(f *testing.F) {
 		for _, h := range handlers {
 			if strings.Contains(h.subject, "FUZZBID") {
 				n.mu.Lock()
-				n.bids["FUZZBID"] = bid{agentID: "agent0", expires: time.Now().Add(time.Minute)}
+				n.bids.add("FUZZBID", bid{agentID: "agent0", ns: "tenant", expires: time.Now().Add(time.Minute)})
 				n.mu.Unlock()
 			}
 			r := &recReq{t: t, subject: h.subject, data: data}

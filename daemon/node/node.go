@@ -53,8 +53,11 @@ type Options struct {
 	Version, Commit, BuildDate string
 	Tags                       map[string]string // user tags; the nex. prefix is reserved
 
-	AuctionTTL              time.Duration // how long a bid can be deployed to (default 10s)
-	AllowRemoteRegistration bool
+	AuctionTTL time.Duration // how long a bid can be deployed to (default 10s)
+	// MaxBids and MaxBidsPerNamespace bound the pending bids (defaults DefaultMaxBids
+	// and DefaultMaxBidsPerNamespace); the oldest is evicted first.
+	MaxBids, MaxBidsPerNamespace int
+	AllowRemoteRegistration      bool
 	// RemoteNexlets are the only remote nexlets that may register: each signs its
 	// registration with the key listed here, under the name and type listed here.
 	RemoteNexlets []RemoteNexlet
@@ -157,7 +160,8 @@ type Node struct {
 	agents    map[string]*registration // by agent id
 	expected  map[string]string        // agent id -> name, pre-assigned by the daemon
 	procInfo  map[string]procInfo      // by agent id, from the supervisor
-	bids      map[string]bid           // bidder id -> bid
+	bids      *bidBook                 // bidder id -> bid, bounded
+	auctions  *auctionQueue            // auctions waiting for a worker
 	changed   chan struct{}            // closed and replaced whenever agents change
 
 	svc   micro.Service
@@ -187,11 +191,6 @@ type RemoteNexlet struct {
 // nexlet's restarts, so a restarted nexlet gets its own workloads back and no other.
 type ownership struct {
 	typ, owner string
-}
-
-type bid struct {
-	agentID string
-	expires time.Time
 }
 
 type procInfo struct {
@@ -243,7 +242,8 @@ func New(o Options) (*Node, error) {
 		agents:   map[string]*registration{},
 		expected: map[string]string{},
 		procInfo: map[string]procInfo{},
-		bids:     map[string]bid{},
+		bids:     newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
+		auctions: newAuctionQueue(),
 		owned:    map[string]ownership{},
 		keys:     map[string]string{},
 		starting: map[string]bool{},
@@ -354,8 +354,11 @@ func (n *Node) Start(ctx context.Context) error {
 		if e.async {
 			h = n.async(h)
 		}
-		errs = append(errs, svc.AddEndpoint(e.name, micro.HandlerFunc(h),
-			micro.WithEndpointSubject(e.subject), micro.WithEndpointQueueGroup(qg)))
+		opts := []micro.EndpointOpt{micro.WithEndpointSubject(e.subject), micro.WithEndpointQueueGroup(qg)}
+		if e.pending {
+			opts = append(opts, micro.WithEndpointPendingLimits(AuctionPendingMsgs, AuctionPendingBytes))
+		}
+		errs = append(errs, svc.AddEndpoint(e.name, micro.HandlerFunc(h), opts...))
 	}
 	if err := errors.Join(errs...); err != nil {
 		_ = svc.Stop()
@@ -396,9 +399,12 @@ func (n *Node) Start(ctx context.Context) error {
 		n.log.Warn("remote registration enabled: nexlets elsewhere may register with this node", "nexus", n.o.Nexus)
 	}
 
-	n.loops.Add(2)
+	n.loops.Add(2 + auctionWorkers)
 	go n.heartbeatLoop()
 	go n.healthLoop()
+	for range auctionWorkers {
+		go n.auctionWorker()
+	}
 
 	n.o.Emitter.Emit(n.id, protocol.EventNodeStarted, protocol.NodeStartedEvent{
 		ID: n.id, Name: n.o.Name, Nexus: n.o.Nexus, Tags: tags, Type: protocol.NodeStartedEventType,

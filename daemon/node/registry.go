@@ -348,11 +348,7 @@ func (n *Node) sweep(now time.Time) {
 			r.reported = h
 		}
 	}
-	for id, b := range n.bids {
-		if now.After(b.expires) {
-			delete(n.bids, id)
-		}
-	}
+	n.bids.sweep(now)
 	n.mu.Unlock()
 	for _, c := range changes {
 		n.log.Warn("nexlet health changed", "agent_id", c.r.id, "name", c.r.req.Name, "from", c.from, "to", c.to,

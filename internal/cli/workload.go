@@ -64,6 +64,18 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		}
 	}
 	bids, signed, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+	// Nodes answered the ping but nobody bid: a node shedding an auction flood drops
+	// auctions it cannot keep up with, so ask again, twice.
+	for retry := 0; err == nil && len(bids) == 0 && expectBids > 0 && retry < 2; retry++ {
+		select {
+		case <-ctx.Done():
+			return placement{}, ctx.Err()
+		case <-time.After(300 * time.Millisecond):
+		}
+		var more []error
+		bids, signed, more, err = f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+		bad = append(bad, more...)
+	}
 	if err != nil {
 		return placement{}, err
 	}
