@@ -14,11 +14,15 @@ info "virt=$(systemd-detect-virt) cgroupfs=$(stat -fc %T /sys/fs/cgroup) $(syste
 check "dpkg -i installs the package" dpkg -i "$DEB"
 check "sysusers created group nex" getent group nex
 check "tmpfiles: /var/lib/nex is 0700" test "$(stat -c %a /var/lib/nex)" = 700
+check "/etc/nex/config.json is 0640 root:nex" test "$(stat -c '%a %U:%G' /etc/nex/config.json)" = "640 root:nex"
 check "nexd.service enabled on first install" systemctl --quiet is-enabled nexd.service
 check "nexd.socket enabled on first install" systemctl --quiet is-enabled nexd.socket
 check "systemd-analyze verify nexd.service nexd.socket is clean" \
 	sh -c 'out=$(systemd-analyze verify --man=no /usr/lib/systemd/system/nexd.service /usr/lib/systemd/system/nexd.socket 2>&1); echo "$out"; [ -z "$out" ]'
-info "security: $(systemd-analyze security nexd.service --no-pager 2>&1 | tail -1)"
+SCORE=$(systemd-analyze security nexd.service --no-pager 2>&1 | tail -1)
+info "security: $SCORE"
+check "systemd-analyze security: exposure below the 6.4 of before issue 12" \
+	sh -c "echo '$SCORE' | grep -o 'level for nexd.service: [0-9.]*' | awk '{ exit !(\$NF < 6.4) }'"
 
 # --- start: Type=notify READY with a STATUS line ---
 check "postinst started nexd: active (running)" wait_until 90 running
@@ -56,6 +60,15 @@ check "nexctl workload run --name x -- /bin/sleep 600" run_workload --name x -- 
 check "workload x runs" wait_until 30 running_once x sleep
 WPID=$(pgrep -x sleep | head -1)
 check "workload process is in nexd.service's cgroup" grep -q 'nexd.service' "/proc/$WPID/cgroup"
+check "workload runs under a dynamic uid (61184-65519)" \
+	sh -c "u=\$(stat -c %u /proc/$WPID); [ \$u -ge 61184 ] && [ \$u -le 65519 ]"
+check "workload has no_new_privs and no capabilities" \
+	sh -c "grep -q '^NoNewPrivs:[[:space:]]*1' /proc/$WPID/status && grep -q '^CapEff:[[:space:]]*0*\$' /proc/$WPID/status"
+check "the workload cannot read /etc/nex/config.json or the state dir" \
+	sh -c "u=\$(stat -c %u /proc/$WPID); ! setpriv --reuid \$u --regid \$u --clear-groups cat /etc/nex/config.json && ! setpriv --reuid \$u --regid \$u --clear-groups ls /var/lib/nex"
+check "the embedded NATS refuses a client without credentials (another user)" \
+	not runuser -u bob -- nexctl --nats.servers nats://127.0.0.1:4222 --nats.timeout 5s workload run --lifecycle job -- /usr/bin/id
+check "a member of nex needs no NATS set-up (credential from the control socket)" runuser -u alice -- nexctl workload list
 info "workload cgroup: $(cat /proc/"$WPID"/cgroup 2>/dev/null | tr '\n' ' ')"
 check "journal carries the workload fields (NEX_WORKLOAD_ID, NEX_NAMESPACE)" \
 	sh -c "journalctl -u nexd -o json --no-pager | grep '\"NEX_WORKLOAD_ID\"' | grep -q '\"NEX_NAMESPACE\":\"system\"'"
