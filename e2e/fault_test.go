@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -461,4 +462,57 @@ func TestTwoNodesOneHost(t *testing.T) {
 	if out := a.mustCtl(t, "--json", "workloads"); !strings.Contains(out, wa.ID) || !strings.Contains(out, "running") {
 		t.Fatalf("node a lost its workload to the refused node: %s", out)
 	}
+}
+
+// cpuTicks is a process's user+system CPU time in clock ticks (USER_HZ, 100 on Linux).
+func cpuTicks(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	u, _ := strconv.Atoi(f[11])
+	s, _ := strconv.Atoi(f[12])
+	return u + s
+}
+
+// TestYesFloodKeepsNexletLines: a workload running `yes` does not silence the node:
+// a workload started during the flood still shows the nexlet's own "workload started"
+// line, the dropped output is reported once per interval (not once per line let
+// through), and the CPU nexd and the nexlet spend on the flood is logged (the README
+// states the figure; no timing is asserted).
+func TestYesFloodKeepsNexletLines(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	flood := n.runWorkload(t, "--name", "flood", "--", "/usr/bin/yes")
+	time.Sleep(time.Second) // past the burst
+	const window = 12 * time.Second // past the first 10 s report interval
+	n0, l0, start := cpuTicks(t, n.cmd.Process.Pid), cpuTicks(t, nexlet), time.Now()
+	mark := len(n.out.String())
+	quiet := n.runWorkload(t, "--name", "quiet", "--", "/bin/sleep", "600")
+	time.Sleep(window - time.Since(start))
+	n1, l1, took := cpuTicks(t, n.cmd.Process.Pid), cpuTicks(t, nexlet), time.Since(start)
+	out := n.out.String()[mark:]
+	if !strings.Contains(out, "workload started") || !strings.Contains(out, quiet.ID) {
+		t.Fatalf("the nexlet's own line for %s did not come through the flood:\n%.4000s", quiet.ID, out)
+	}
+	notes := strings.Count(out, "rate-limited")
+	// One note per source per 10 s interval: the nexlet's (native) and nexd's at most.
+	if notes < 1 || notes > 4 {
+		t.Fatalf("%d rate-limit notes in %s; want one per interval per source:\n%.4000s", notes, took.Round(time.Second), out)
+	}
+	pct := func(ticks int) float64 { return float64(ticks) / took.Seconds() } // ticks/s at 100 Hz = % of a core
+	t.Logf("under a yes flood for %s: nexd %.0f%% of a core, native nexlet %.0f%% (race-enabled binaries), %d rate-limit notes",
+		took.Round(100*time.Millisecond), pct(n1-n0), pct(l1-l0), notes)
+	n.mustCtl(t, "workload", "stop", flood.ID)
 }

@@ -51,7 +51,14 @@ func readLine(br *bufio.Reader) ([]byte, error) {
 }
 
 func (n *nexlet) emit(line []byte, stream string, def slog.Level) {
-	if !n.limiter.allow(n.s.log, n.spec.Name) {
+	// A workload's output (relayed by its nexlet) has a bucket of its own, so a noisy
+	// workload never silences the nexlet's own lines; the check reads only bytes, so a
+	// dropped line costs no parsing.
+	if id := workloadOf(line); id != "" {
+		if !n.limiter.allowWorkload(n.s.log, n.spec.Name, id) {
+			return
+		}
+	} else if !n.limiter.allow(n.s.log, n.spec.Name) {
 		return
 	}
 	level, msg, attrs := parseLine(line, def)
@@ -190,50 +197,123 @@ func levelName(s string) (slog.Level, bool) {
 	return 0, false
 }
 
-// limiter is a token bucket over a nexlet's output lines, shared by stdout and stderr.
+// workloadOf returns the workload id of a line a nexlet relays from a workload (it
+// carries workload_id=<id> or "workload_id":"<id>"), or "".
+func workloadOf(line []byte) string {
+	for _, key := range [][]byte{[]byte("workload_id="), []byte(`"workload_id":"`)} {
+		i := bytes.Index(line, key)
+		if i < 0 {
+			continue
+		}
+		rest := line[i+len(key):]
+		end := bytes.IndexAny(rest, "\" \t")
+		if end < 0 {
+			end = len(rest)
+		}
+		if end > 0 && end <= 64 {
+			return string(rest[:end])
+		}
+	}
+	return ""
+}
+
+// noteEvery is how often a limiter reports what it dropped: one line per interval per
+// source, not one per line let through.
+const noteEvery = 10 * time.Second
+
+// maxWorkloadBuckets bounds the per-workload buckets of one nexlet; past it they are
+// forgotten (and start full again).
+const maxWorkloadBuckets = 4096
+
+// limiter holds the token buckets of one nexlet's output: one for the nexlet's own
+// lines and one per workload whose output the nexlet relays, each with the same rate
+// and burst. Dropped lines are counted and reported once per noteEvery.
 type limiter struct {
 	rate  float64
 	burst float64
 
-	mu         sync.Mutex
-	tokens     float64
-	last       time.Time
-	suppressed int
+	mu        sync.Mutex
+	own       bucket
+	workloads map[string]*bucket
+}
+
+type bucket struct {
+	tokens  float64
+	last    time.Time
+	dropped int
+	noted   time.Time // when dropped lines were last reported
 }
 
 func newLimiter(rate float64, burst int) *limiter {
-	return &limiter{rate: rate, burst: float64(burst), tokens: float64(burst), last: time.Now()}
+	now := time.Now()
+	return &limiter{rate: rate, burst: float64(burst), own: bucket{tokens: float64(burst), last: now, noted: now},
+		workloads: map[string]*bucket{}}
 }
 
-// allow takes a token for one line. The first line allowed after some were dropped is
-// preceded by a note with their count.
+// take takes a token from b; report is the count of dropped lines to report now.
+func (l *limiter) take(b *bucket, now time.Time) (ok bool, report int) {
+	b.tokens = min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
+	b.last = now
+	ok = b.tokens >= 1
+	if ok {
+		b.tokens--
+	} else {
+		b.dropped++
+	}
+	if b.dropped > 0 && now.Sub(b.noted) >= noteEvery {
+		report, b.dropped, b.noted = b.dropped, 0, now
+	}
+	return ok, report
+}
+
+// allow takes a token for one of the nexlet's own lines.
 func (l *limiter) allow(log *slog.Logger, name string) bool {
 	l.mu.Lock()
-	now := time.Now()
-	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
-	l.last = now
-	if l.tokens < 1 {
-		l.suppressed++
-		l.mu.Unlock()
-		return false
-	}
-	l.tokens--
-	dropped := l.suppressed
-	l.suppressed = 0
+	ok, report := l.take(&l.own, time.Now())
 	l.mu.Unlock()
-	if dropped > 0 {
-		log.Warn("nexlet output rate-limited", "nexlet", name, "suppressed", dropped)
+	if report > 0 {
+		log.Warn("nexlet output rate-limited", "nexlet", name, "suppressed", report, "interval", noteEvery.String())
 	}
-	return true
+	return ok
+}
+
+// allowWorkload takes a token for one line of workload id's output.
+func (l *limiter) allowWorkload(log *slog.Logger, name, id string) bool {
+	now := time.Now()
+	l.mu.Lock()
+	b := l.workloads[id]
+	if b == nil {
+		if len(l.workloads) >= maxWorkloadBuckets {
+			clear(l.workloads)
+		}
+		b = &bucket{tokens: l.burst, last: now, noted: now}
+		l.workloads[id] = b
+	}
+	ok, report := l.take(b, now)
+	l.mu.Unlock()
+	if report > 0 {
+		log.Warn("workload output rate-limited", "nexlet", name, "workload_id", id, "suppressed", report, "interval", noteEvery.String())
+	}
+	return ok
 }
 
 // flush reports lines dropped since the last note (when the process ends).
 func (l *limiter) flush(log *slog.Logger, name string) {
 	l.mu.Lock()
-	dropped := l.suppressed
-	l.suppressed = 0
+	dropped := l.own.dropped
+	l.own.dropped = 0
+	wl := map[string]int{}
+	for id, b := range l.workloads {
+		if b.dropped > 0 {
+			wl[id] = b.dropped
+		}
+	}
+	clear(l.workloads)
 	l.mu.Unlock()
 	if dropped > 0 {
 		log.Warn("nexlet output rate-limited", "nexlet", name, "suppressed", dropped)
+	}
+	for id, d := range wl {
+		log.Warn("workload output rate-limited", "nexlet", name, "workload_id", id, "suppressed", d)
 	}
 }

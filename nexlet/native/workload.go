@@ -2,6 +2,7 @@ package native
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -38,6 +39,7 @@ type workload struct {
 	sb           sandbox
 	stop         chan time.Duration // a stop request with its grace
 	done         chan struct{}      // closed once the workload is gone
+	output       outputLimit        // its stdout and stderr lines per second
 
 	// guarded by Nexlet.mu
 	ident    ident // who it runs as, once begun
@@ -526,7 +528,56 @@ func (n *Nexlet) pollAdopted(w *workload, exited func()) {
 	}
 }
 
-// pump forwards a stream line by line to the log feed and to the nexlet's own log.
+// Workload output limits: each workload may forward this many lines per second (with
+// bursts) to its log feed and the nexlet's log; the rest is dropped before any
+// formatting or publishing, and counted in one line per OutputNoteEvery.
+const (
+	OutputRate      = 200
+	OutputBurst     = 1000
+	OutputNoteEvery = 10 * time.Second
+	// outputPause is how long the reader rests once a workload is over its limit.
+	outputPause = 50 * time.Millisecond
+)
+
+// outputLimit is one workload's bucket, shared by its stdout and stderr pumps.
+type outputLimit struct {
+	mu      sync.Mutex
+	tokens  float64
+	last    time.Time
+	dropped int
+	noted   time.Time
+}
+
+// take reports whether one more line may go out, and how many dropped lines to
+// report now (at most once per OutputNoteEvery).
+func (o *outputLimit) take(now time.Time) (ok bool, report int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.last.IsZero() {
+		o.tokens, o.last, o.noted = OutputBurst, now, now
+	}
+	o.tokens = min(OutputBurst, o.tokens+now.Sub(o.last).Seconds()*OutputRate)
+	o.last = now
+	if ok = o.tokens >= 1; ok {
+		o.tokens--
+	} else {
+		o.dropped++
+	}
+	if o.dropped > 0 && (now.Sub(o.noted) >= OutputNoteEvery) {
+		report, o.dropped, o.noted = o.dropped, 0, now
+	}
+	return ok, report
+}
+
+// drop counts lines dropped without asking for tokens.
+func (o *outputLimit) drop(lines int) {
+	o.mu.Lock()
+	o.dropped += lines
+	o.mu.Unlock()
+}
+
+// pump forwards a stream line by line to the log feed and to the nexlet's own log,
+// within the workload's output limit.
 func (n *Nexlet) pump(w *workload, r io.ReadCloser, stream string) {
 	defer r.Close()
 	var feed io.Writer
@@ -537,13 +588,32 @@ func (n *Nexlet) pump(w *workload, r io.ReadCloser, stream string) {
 	for {
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {
-			text := strings.TrimRight(string(line), "\r\n")
-			if feed != nil {
-				if _, err := feed.Write([]byte(text)); err != nil {
-					n.log.Debug("log line not published", "workload_id", w.id, "err", err)
-				}
+			ok, report := w.output.take(time.Now())
+			if report > 0 {
+				n.log.Warn("workload output rate-limited", "workload_id", w.id, "namespace", w.ns,
+					"dropped", report, "interval", OutputNoteEvery.String(), "limit_per_second", OutputRate)
 			}
-			n.log.Info("workload output", "workload_id", w.id, "namespace", w.ns, "stream", stream, "line", text)
+			if !ok && len(line) > 0 && line[len(line)-1] == '\n' {
+				// Over the limit: drop whole lines already buffered in one go, with no
+				// per-line work but a count.
+				buf, _ := br.Peek(br.Buffered())
+				if i := bytes.LastIndexByte(buf, '\n'); i >= 0 {
+					w.output.drop(bytes.Count(buf[:i+1], []byte{'\n'}))
+					br.Discard(i + 1)
+				}
+				// Then let the pipe fill for a moment: a flooding workload blocks on its
+				// writes instead of the nexlet spinning to read what it drops.
+				time.Sleep(outputPause)
+			}
+			if ok {
+				text := strings.TrimRight(string(line), "\r\n")
+				if feed != nil {
+					if _, err := feed.Write([]byte(text)); err != nil {
+						n.log.Debug("log line not published", "workload_id", w.id, "err", err)
+					}
+				}
+				n.log.Info("workload output", "workload_id", w.id, "namespace", w.ns, "stream", stream, "line", text)
+			}
 		}
 		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
 			return
