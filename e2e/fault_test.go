@@ -495,7 +495,7 @@ func TestYesFloodKeepsNexletLines(t *testing.T) {
 		t.Fatal("native nexlet not found")
 	}
 	flood := n.runWorkload(t, "--name", "flood", "--", "/usr/bin/yes")
-	time.Sleep(time.Second) // past the burst
+	time.Sleep(time.Second)         // past the burst
 	const window = 12 * time.Second // past the first 10 s report interval
 	n0, l0, start := cpuTicks(t, n.cmd.Process.Pid), cpuTicks(t, nexlet), time.Now()
 	mark := len(n.out.String())
