@@ -231,6 +231,9 @@ func natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
 			InatsConfig: cfg.Node.InatsConfig,
 			StateDir:    cfg.Node.StateDir,
 			Port:        port,
+			LeafRemote:  cfg.NATS.LeafRemote,
+			LeafCreds:   cfg.NATS.LeafCreds,
+			JSDomain:    cfg.NATS.JSDomain,
 		}
 }
 

@@ -91,21 +91,23 @@ type Limits struct {
 // NATSConfig is how nexd connects to NATS. With nothing set (and no inats_config)
 // the daemon runs an embedded server.
 type NATSConfig struct {
-	Context   string        // nats.context: a NATS CLI context name
-	Servers   []string      // nats.servers
-	CredsFile string        // nats.creds_file
-	Nkey      string        // nats.nkey: public user nkey U…, used with nats.seed
-	Seed      string        // nats.seed: user seed SU…
-	JWT       string        // nats.jwt, used with nats.seed
-	User      string        // nats.user
-	Password  string        // nats.password
-	TLSCert   string        // nats.tlscert
-	TLSKey    string        // nats.tlskey
-	TLSCA     string        // nats.tlsca
-	TLSFirst  bool          // nats.tlsfirst
-	ConnName  string        // nats.conn_name
-	Timeout   time.Duration // nats.timeout
-	JSDomain  string        // nats.jsdomain
+	Context    string        // nats.context: a NATS CLI context name
+	Servers    []string      // nats.servers
+	CredsFile  string        // nats.creds_file
+	LeafRemote string        // nats.leaf_remote: hub URL the embedded server joins as a leaf node
+	LeafCreds  string        // nats.leaf_creds: credentials file for nats.leaf_remote
+	Nkey       string        // nats.nkey: public user nkey U…, used with nats.seed
+	Seed       string        // nats.seed: user seed SU…
+	JWT        string        // nats.jwt, used with nats.seed
+	User       string        // nats.user
+	Password   string        // nats.password
+	TLSCert    string        // nats.tlscert
+	TLSKey     string        // nats.tlskey
+	TLSCA      string        // nats.tlsca
+	TLSFirst   bool          // nats.tlsfirst
+	ConnName   string        // nats.conn_name
+	Timeout    time.Duration // nats.timeout
+	JSDomain   string        // nats.jsdomain
 }
 
 // Configured reports whether any way to reach an external NATS server is set.

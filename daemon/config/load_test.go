@@ -1026,3 +1026,23 @@ func TestSecretFilesChecked(t *testing.T) {
 		t.Errorf("a world-writable ./config.json was read (name %q, warnings %q)", l.Config.Node.Name, l.Warnings)
 	}
 }
+
+// nats.leaf_remote and state_replicas: bad combinations name the key and say why.
+func TestFleetSettings(t *testing.T) {
+	mustLoad(t, hermetic("--nats.leaf-remote", "nats-leaf://hub:7422", "--nats.jsdomain", "site1", "--state-replicas", "3"))
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--nats.leaf-remote", "hub:7422", "--nats.jsdomain", "s"}, "want a URL like nats-leaf://"},
+		{[]string{"--nats.leaf-remote", "nats-leaf://hub:7422"}, "needs nats.jsdomain"},
+		{[]string{"--nats.leaf-remote", "nats-leaf://hub:7422", "--nats.jsdomain", "s", "--nats.servers", "nats://x:4222"}, "cannot go with nats.servers"},
+		{[]string{"--nats.leaf-creds", "/x.creds"}, "nats.leaf_creds"},
+		{[]string{"--state-replicas", "6"}, "state_replicas"},
+		{[]string{"--state-replicas", "-1"}, "state_replicas"},
+	} {
+		if _, err := Load(hermetic(tc.args...)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/url"
 	"os"
 	"regexp"
 	"slices"
@@ -93,6 +94,19 @@ func (v *validator) validate() {
 				v.warnings = append(v.warnings, warning)
 			}
 		}
+	}
+	if r := c.NATS.LeafRemote; r != "" {
+		u, err := url.Parse(r)
+		switch {
+		case err != nil || u.Host == "" || !slices.Contains([]string{"nats", "nats-leaf", "tls", "ws", "wss"}, u.Scheme):
+			v.fail("nats.leaf_remote", "", fmt.Sprintf("want a URL like nats-leaf://hub.example.com:7422 (schemes nats, nats-leaf, tls, ws, wss), got %q", r))
+		case len(c.NATS.Servers) > 0 || c.NATS.Context != "" || n.InatsConfig != "":
+			v.fail("nats.leaf_remote", "", "makes nexd's own embedded server a leaf node, so it cannot go with nats.servers, nats.context or inats_config (with inats_config, put leafnodes.remotes in that file)")
+		case c.NATS.JSDomain == "":
+			v.fail("nats.leaf_remote", "", "needs nats.jsdomain: the site's own JetStream domain, unique per site, so its state stays on the site's server")
+		}
+	} else if c.NATS.LeafCreds != "" {
+		v.fail("nats.leaf_creds", "", "is used only with nats.leaf_remote")
 	}
 	for i, u := range n.WorkloadUsers {
 		if !userNameRE.MatchString(u) {

@@ -36,6 +36,10 @@ type Options struct {
 	InatsConfig string // nats-server config file (--inats-config)
 	StateDir    string // JetStream store
 	Port        int    // zero-config port: 0 = 4222, -1 = random (tests)
+	// LeafRemote makes the zero-config server a leaf node of this hub URL, binding the
+	// nex account to the hub account LeafCreds (a credentials file) authenticates as.
+	// JSDomain is then the server's own JetStream domain, so state stays on the site.
+	LeafRemote, LeafCreds, JSDomain string
 }
 
 // Connect opens the node's connection: to the --inats-config server, to a
@@ -158,6 +162,9 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	if err == nil {
 		err = trust.configure(sopts)
 	}
+	if err == nil && o.LeafRemote != "" {
+		err = leafRemote(sopts, o, trust.AccountPub())
+	}
 	if err != nil {
 		if tempStore != "" {
 			os.RemoveAll(tempStore)
@@ -194,7 +201,33 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	log.Info("no NATS configured: using an embedded NATS server (operator mode: every client needs a user JWT signed by nexd)",
 		"client_url", url, "account", trust.AccountPub(), "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
 		"persistent", tempStore == "")
+	if o.LeafRemote != "" {
+		log.Info("embedded NATS server is a leaf node", "hub", redactURL(o.LeafRemote), "js_domain", o.JSDomain, "creds", o.LeafCreds)
+	}
 	return c, nil
+}
+
+// leafRemote joins the hub at o.LeafRemote: nexlets and workloads keep talking to the
+// local server when the WAN is down, and the fleet's subjects reach the hub when it
+// is up. The site's JetStream domain keeps JetStream requests on the site's server.
+func leafRemote(sopts *server.Options, o Options, account string) error {
+	u, err := url.Parse(o.LeafRemote)
+	if err != nil {
+		return fmt.Errorf("natsembed: nats.leaf_remote %q: %w", o.LeafRemote, err)
+	}
+	if o.JSDomain == "" {
+		return fmt.Errorf("natsembed: nats.leaf_remote needs nats.jsdomain, the site's own JetStream domain")
+	}
+	if u.Scheme == "nats-leaf" {
+		u.Scheme = "nats" // the leafnode port speaks the nats scheme to the server's client code
+	}
+	sopts.JetStreamDomain = o.JSDomain
+	sopts.LeafNode.Remotes = append(sopts.LeafNode.Remotes, &server.RemoteLeafOpts{
+		URLs:         []*url.URL{u},
+		Credentials:  o.LeafCreds,
+		LocalAccount: account,
+	})
+	return nil
 }
 
 // start runs a server and waits until it accepts clients; on failure the server
@@ -315,4 +348,13 @@ func authWarning(o *server.Options) string {
 		return ""
 	}
 	return "it configures no authentication: anyone who can reach the server can deploy workloads and stop the node (add authorization, accounts or an operator, or drop inats_config for nexd's authenticated zero-config server)"
+}
+
+// redactURL hides a password in a URL for the log.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
 )
 
 func ctxT(t *testing.T) context.Context {
@@ -271,4 +272,47 @@ func TestCheckServerConfigWarnsWithoutAuth(t *testing.T) {
 	if err := CheckServerConfig(authed); err != nil {
 		t.Errorf("config with users: %v", err)
 	}
+}
+
+// nats.leaf_remote: the zero-config server joins a hub as a leaf node (authenticated
+// with the URL's user and password here); subjects cross both ways, JetStream stays in
+// the site's domain, and with the hub gone the site's own traffic still flows.
+func TestLeafRemote(t *testing.T) {
+	leafPort := testkit.StablePort(t)
+	hub := testnats.Start(t, testnats.Options{Domain: "hub", Configure: func(o *server.Options) {
+		o.LeafNode.Host, o.LeafNode.Port = "127.0.0.1", leafPort
+		o.LeafNode.Username, o.LeafNode.Password = "leaf", "s3cret"
+	}})
+	hubNC := testnats.Connect(t, hub)
+	sub, err := hubNC.SubscribeSync("fleet.site1.hello")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hubNC.Flush()
+	remote := fmt.Sprintf("nats-leaf://leaf:s3cret@127.0.0.1:%d", leafPort)
+
+	if _, err := Connect(ctxT(t), natsconn.Options{}, Options{Port: -1, StateDir: t.TempDir(), LeafRemote: remote}, nil); err == nil || !strings.Contains(err.Error(), "jsdomain") {
+		t.Fatalf("leaf remote without a JetStream domain: %v", err)
+	}
+	c := connect(t, natsconn.Options{JSDomain: "site1"}, Options{Port: -1, StateDir: t.TempDir(), LeafRemote: remote, JSDomain: "site1"})
+	testkit.EventuallyWithin(t, 30*time.Second, "leaf connection", func() bool { return hub.NumLeafNodes() == 1 })
+	testkit.EventuallyWithin(t, 30*time.Second, "site message at the hub", func() bool {
+		c.NC.Publish("fleet.site1.hello", []byte("from the site"))
+		m, err := sub.NextMsg(200 * time.Millisecond)
+		return err == nil && string(m.Data) == "from the site"
+	})
+	js, err := jetstream.NewWithDomain(c.NC, "site1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateKeyValue(ctxT(t), jetstream.KeyValueConfig{Bucket: "nex-site"}); err != nil {
+		t.Fatalf("KV in the site's domain: %v", err)
+	}
+	if info, err := js.AccountInfo(ctxT(t)); err != nil || info.Domain != "site1" {
+		t.Fatalf("site JetStream: domain %v, %v", info, err)
+	}
+
+	hub.Shutdown()
+	hub.WaitForShutdown()
+	roundTrip(t, c.NC)
 }
