@@ -19,6 +19,9 @@ import (
 	"github.com/nexd-project/nexd/internal/testkit"
 )
 
+// The tests here compare the process's goroutines before and after a run: none of them
+// may run in parallel with another.
+
 // inProcess is a nexd run in the test process (what Main does after parsing the
 // config), with an embedded NATS server on a free port and no cgroups, so the test can
 // see its goroutines.
@@ -152,7 +155,7 @@ func TestNoGoroutineOutlivesRun(t *testing.T) {
 	go func() {
 		following <- c.FollowLogs(context.Background(), control.LogQuery{}, func(control.LogLine) error { return nil })
 	}()
-	testkit.Eventually(t, "log follow connected", func() bool { return strings.Contains(goroutineDump(), "FollowLogs") })
+	testkit.Eventually(t, "log follow connected", func() bool { return strings.Contains(goroutineDump(), "daemon.followLogs") })
 
 	if err := p.stop(t); err != nil {
 		t.Fatalf("run: %v", err)
