@@ -170,6 +170,28 @@ func replyErr(m *nats.Msg) error {
 	return fmt.Errorf("node error %d: %s", code, msg)
 }
 
+// running lists the ids of the workloads node's nexlets report running.
+func (c *client) running(ctx context.Context, nodeID string) (map[string]bool, error) {
+	req, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace})
+	msgs, err := c.gather(ctx, protocol.QueryWorkloadsSubject(nodeID), req, gatherOpts{first: 5 * time.Second, stall: 50 * time.Millisecond})
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, m := range msgs {
+		var ws []protocol.WorkloadSummary
+		if replyErr(m) != nil || json.Unmarshal(m.Data, &ws) != nil {
+			continue
+		}
+		for _, w := range ws {
+			if w.WorkloadState == protocol.WorkloadRunning {
+				out[w.ID] = true
+			}
+		}
+	}
+	return out, nil
+}
+
 // ping lists the nodes answering a system ping.
 func (c *client) ping(ctx context.Context, o gatherOpts) ([]protocol.NodePingResponse, error) {
 	msgs, err := c.gather(ctx, protocol.PingSubject(), []byte(`{"filter":{}}`), o)

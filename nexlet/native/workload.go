@@ -418,8 +418,9 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	if known {
 		if pidfd, err := openPidfd(pid); err == nil {
 			// The pid could have been reused between listing and opening: the
-			// process must still be the recorded one now that the pidfd pins it.
-			if ps, err := w.sb.procs(); err == nil && slices.Contains(ps, pid) && rec.Alive() {
+			// process must still be the recorded one (same start time) now that the
+			// pidfd pins it.
+			if rec.Alive() {
 				go n.watchAdopted(w, pidfd, exited)
 				return p
 			}
