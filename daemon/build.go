@@ -8,6 +8,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/identity"
 	"github.com/nexd-project/nexd/daemon/metrics"
@@ -18,6 +21,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/node"
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/version"
 )
 
@@ -134,6 +138,14 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 			return state.OpenReplicatedKV(ctx, s.conn.NC, id.ID(), s.conn.JSDomain(), cfg.Node.StateReplicas, d.log)
 		}); err != nil {
 			return nil, err
+		}
+	}
+	if cfg.Node.LogStream {
+		if err := ensureLogStream(startCtx, s.conn.NC, s.conn.JSDomain(), cfg.Node.LogStreamMaxAge, cfg.Node.LogStreamMaxBytes); err != nil {
+			// Workload output still flows live; only its history is missing.
+			d.log.Error("log_stream is on but the stream cannot be created", "err", err)
+		} else {
+			d.log.Info("keeping workload output", "stream", logstream.Stream, "max_age", cfg.Node.LogStreamMaxAge, "max_bytes", cfg.Node.LogStreamMaxBytes)
 		}
 	}
 	s.node, err = node.New(node.Options{
@@ -306,4 +318,21 @@ func remoteNexlets(in []config.RemoteNexlet) []node.RemoteNexlet {
 		out[i] = node.RemoteNexlet{Name: r.Name, Type: r.Type, PublicKey: r.PublicKey}
 	}
 	return out
+}
+
+// ensureLogStream creates (or updates) the bounded stream of workload output.
+func ensureLogStream(ctx context.Context, nc *nats.Conn, domain string, maxAge time.Duration, maxBytes int64) error {
+	var js jetstream.JetStream
+	var err error
+	if domain != "" {
+		js, err = jetstream.NewWithDomain(nc, domain)
+	} else {
+		js, err = jetstream.New(nc)
+	}
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return logstream.Ensure(ctx, js, maxAge, maxBytes)
 }

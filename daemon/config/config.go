@@ -38,6 +38,9 @@ type NodeConfig struct {
 	NativeLimits                 Limits            // native_limits
 	State                        string            // state: "" or "kv"
 	StateReplicas                int               // state_replicas: 0 = by cluster size
+	LogStream                    bool              // log_stream: keep workload output in NEX_LOGS
+	LogStreamMaxAge              time.Duration     // log_stream_max_age
+	LogStreamMaxBytes            int64             // log_stream_max_bytes
 	ShowWorkloadLogs             bool              // show_workload_logs
 	Events                       string            // events: "", "nats" or "logs"
 	InatsConfig                  string            // inats_config: nats-server config file

@@ -377,7 +377,7 @@ func TestWorkloadLogs(t *testing.T) {
 		t.Fatalf("logs: %d %q %q", code, out, errOut)
 	}
 	_, errOut, code = runCLI(t, nil, natsArgs(url, "--namespace", "default", "workload", "logs", "QUIET", "--wait", "200ms")...)
-	if code != 0 || !strings.Contains(errOut, "use -f") {
+	if code != 0 || !strings.Contains(errOut, "-f to follow") {
 		t.Fatalf("quiet logs: %d %q", code, errOut)
 	}
 }

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -473,23 +473,42 @@ client; otherwise it is passed on as is.`,
 func (a *app) workloadLogsCmd() *cobra.Command {
 	var follow bool
 	var wait time.Duration
+	var sinceArg string
+	var tail int
 	cmd := &cobra.Command{
 		Use:   "logs WORKLOAD",
-		Short: "Print a workload's stdout and stderr as they are published; -f keeps following",
-		Long: `Print a workload's stdout and stderr from its log feeds
-($NEX.FEED.<namespace>.logs.<id>.stdout|stderr). The feeds are live, not stored: without
--f only lines published within --wait are shown. Use -f to follow them until interrupted.`,
+		Short: "Print a workload's output: past lines (--since, --tail) and live ones (-f)",
+		Long: `Print a workload's stdout and stderr. --since 10m (or an RFC 3339 time) and --tail N show
+past output: from this host's journal or the local node's log buffer when the workload ran
+here, else from the log stream NEX_LOGS that nodes keep with log_stream = true (bounded by
+log_stream_max_age and log_stream_max_bytes). Without them only live lines from the feeds
+($NEX.FEED.<namespace>.logs.<id>.stdout|stderr) are shown: those published within --wait,
+or with -f until interrupted.`,
 		Args:              exactArgs(1, "WORKLOAD"),
 		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if tail < 0 {
+				return usagef("--tail must not be negative")
+			}
+			since, err := parseSince(sinceArg, time.Now())
+			if err != nil {
+				return usageError{err}
+			}
+			history := sinceArg != "" || cmd.Flags().Changed("tail")
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer done()
-			id, ns, err := f.workloadRef(cmd.Context(), args[0])
+			id, ns, found, err := f.resolveWorkload(cmd.Context(), args[0])
 			if err != nil {
 				return err
+			}
+			if !found && f.ns == protocol.SystemNamespace {
+				if !history {
+					return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", args[0], f.ns)
+				}
+				ns = "*" // a finished workload: its history may still be kept
 			}
 			sub, err := f.nc.SubscribeSync(protocol.LogsWildcard(ns, id))
 			if err != nil {
@@ -499,6 +518,23 @@ func (a *app) workloadLogsCmd() *cobra.Command {
 			// The wait starts once the server has the subscription, not before.
 			if err := f.nc.Flush(); err != nil {
 				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
+			}
+			if history {
+				lines, from, err := a.workloadHistory(cmd.Context(), f, ns, id, since, tail)
+				if err != nil {
+					return err
+				}
+				if len(lines) == 0 {
+					a.warnf("no lines of workload %s in %s", id, from)
+				}
+				for _, l := range lines {
+					if err := a.printLogLine(l); err != nil {
+						return err
+					}
+				}
+				if !follow {
+					return nil
+				}
 			}
 			ctx := cmd.Context()
 			if !follow {
@@ -513,31 +549,19 @@ func (a *app) workloadLogsCmd() *cobra.Command {
 					break
 				}
 				n++
-				stream := protocol.LastToken(m.Subject)
-				if a.json {
-					b, _ := json.Marshal(map[string]any{"time": time.Now().UTC(), "stream": stream, "line": string(m.Data)})
-					fmt.Fprintln(a.out(), string(b))
-					continue
-				}
-				w := a.out()
-				if stream == "stderr" {
-					w = a.io.Stderr
-				}
-				line := m.Data
-				if !bytes.HasSuffix(line, []byte("\n")) {
-					line = append(line, '\n')
-				}
-				if _, err := w.Write(line); err != nil {
+				if err := a.printLogLine(logstream.Line{Time: time.Now().UTC(), Stream: protocol.LastToken(m.Subject), Line: string(m.Data)}); err != nil {
 					return err
 				}
 			}
 			if !follow && n == 0 {
-				a.warnf("no log lines arrived within %s; workload logs are live, use -f to follow them", wait)
+				a.warnf("no log lines arrived within %s; use --tail or --since for past output, -f to follow", wait)
 			}
 			return nil
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new lines until interrupted")
-	cmd.Flags().DurationVar(&wait, "wait", 2*time.Second, "without -f, how long to collect lines")
+	cmd.Flags().DurationVar(&wait, "wait", 2*time.Second, "without -f, --since or --tail, how long to collect live lines")
+	cmd.Flags().StringVar(&sinceArg, "since", "", "past lines since this long ago (10m) or this RFC 3339 time")
+	cmd.Flags().IntVarP(&tail, "tail", "n", 0, "the last N past lines")
 	return cmd
 }
