@@ -109,12 +109,12 @@ func TestAttackWorkloadReachesNoSecret(t *testing.T) {
 	sub, _ := nc.SubscribeSync("$NEX.FEED.victim.logs.*.stdout")
 	flush(t, nc)
 	n.mustCtl(t, append(ctlArgs, "--namespace", "victim", "--json", "workload", "run", "--name", "victim", "--",
-		"/bin/sh", "-c", `echo "creds=$NEX_WORKLOAD_NATS_CREDS_FILE"; exec sleep 600`)...)
+		"/bin/sh", "-c", `echo "creds=$NEX_WORKLOAD_NATS_CREDS_FILE pid=$$"; exec sleep 600`)...)
 	m, err := sub.NextMsg(30 * time.Second)
 	if err != nil || !strings.HasPrefix(string(m.Data), "creds=/") {
 		t.Fatalf("victim's creds file: %v %v", m, err)
 	}
-	victimCreds := strings.TrimPrefix(string(m.Data), "creds=")
+	victimCreds, victimPID, _ := strings.Cut(strings.TrimPrefix(string(m.Data), "creds="), " pid=")
 
 	nexletPID := 0
 	for _, x := range st.Nexlets {
@@ -135,6 +135,8 @@ func TestAttackWorkloadReachesNoSecret(t *testing.T) {
 		{"read-nexlet-environ", "cat /proc/" + strconv.Itoa(nexletPID) + "/environ"},
 		{"signal-nexd", "kill -0 " + nexdPID},
 		{"signal-nexlet", "kill -0 " + strconv.Itoa(nexletPID)},
+		{"signal-victim", "kill -0 " + victimPID},
+		{"read-victim-environ", "cat /proc/" + victimPID + "/environ"},
 	}
 	if _, err := os.Stat(filepath.Join(n.stateDir, "node.seed")); err != nil {
 		t.Fatalf("the node seed the attack targets is not there: %v", err)

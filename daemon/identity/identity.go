@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/nats-io/nkeys"
 )
@@ -83,6 +84,9 @@ func load(seed, dir, file string, want nkeys.PrefixByte, create func() (nkeys.Ke
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
+		if err := checkSeedFile(path); err != nil {
+			return nil, "", err
+		}
 		kp, err := fromSeed(strings.TrimSpace(string(b)), want)
 		if err != nil {
 			return nil, "", fmt.Errorf("%s: %w", path, err)
@@ -142,6 +146,24 @@ func writeSecret(path string, data []byte) error {
 	}
 	if err != nil {
 		return fmt.Errorf("persist %s: %w", path, err)
+	}
+	return nil
+}
+
+// checkSeedFile refuses a seed file that anyone but nexd could read or change: it is
+// the node's identity (and nexd writes it 0600).
+func checkSeedFile(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if mode := fi.Mode().Perm(); mode&0o077 != 0 || (ok && st.Uid != 0 && int(st.Uid) != os.Geteuid()) {
+		owner := -1
+		if ok {
+			owner = int(st.Uid)
+		}
+		return fmt.Errorf("%s holds the node's seed but has mode %04o and owner uid %d: only nexd may read it; fix: chown root %s && chmod 600 %s", path, mode, owner, path, path)
 	}
 	return nil
 }

@@ -96,3 +96,19 @@ func TestCorruptPersistedSeed(t *testing.T) {
 		t.Fatalf("err = %v, want it to name %s", err, NodeSeedFile)
 	}
 }
+
+// A seed file others can read or write is refused with the fix, not used.
+func TestSeedFileOthersCanReachIsRefused(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := Load("", "", dir); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, NodeSeedFile)
+	if err := os.Chmod(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load("", "", dir)
+	if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "0644") || !strings.Contains(err.Error(), "chmod 600") {
+		t.Fatalf("err = %v, want a refusal naming %s, its mode and the fix", err, path)
+	}
+}
