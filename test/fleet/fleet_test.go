@@ -3,7 +3,9 @@ package fleet
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -409,5 +411,112 @@ func TestFleetDiskFull(t *testing.T) {
 	fg.Add("deploy to h2 after freeing space", fmt.Sprint(err))
 	if err != nil {
 		t.Errorf("h2 refuses deploys after its disk was freed: %v", err)
+	}
+}
+
+// startLeafSites is topologies (b) and (c): a central nats-server in the hub namespace
+// and on every host a nexd whose embedded server is a leaf node of it
+// (nats.leaf_remote) with the site's own JetStream domain (nats.jsdomain site<N>).
+func startLeafSites(t *testing.T, n int) *Fleet {
+	f := NewFleet(t, n)
+	f.StartHub()
+	for _, h := range f.Hosts {
+		h.StartNexd("", "--nats.leaf-remote", f.LeafRemote(), "--nats.jsdomain", "site"+strconv.Itoa(h.N),
+			"--embedded-nats-port", "4222")
+	}
+	hub := f.Hub()
+	testkit.EventuallyWithin(t, 60*time.Second, "every site's node in node list at the hub", func() bool {
+		return len(hub.NodeNames(f.HubURL())) == n
+	})
+	return f
+}
+
+// pingCounts reads a talker's "OK FAILED" file.
+func pingCounts(path string) (ok, failed int) {
+	b, err := os.ReadFile(path)
+	if err == nil {
+		fmt.Sscan(string(b), &ok, &failed)
+	}
+	return ok, failed
+}
+
+// TestFleetLeafWANOutage: three sites, each host's embedded server a leaf of the hub.
+// Two workloads on site 2 talk request/reply through their local server; site 2's
+// WAN link goes down for NEXD_FLEET_OUTAGE (default 20s; the figure is 60s).
+// Figures: requests answered and failed during the outage (failed must be 0), what
+// the hub sees, placements from the hub during the outage (none on site 2), and the
+// time until the hub's node list shows site 2 again.
+func TestFleetLeafWANOutage(t *testing.T) {
+	outage := durationEnv(t, "NEXD_FLEET_OUTAGE", 20*time.Second)
+	f := startLeafSites(t, 3)
+	fg := NewFigures(t, fmt.Sprintf("WAN outage of a leaf site for %v", outage))
+	hub, h2 := f.Hub(), f.Hosts[1]
+	talker := bins.Path(t, "./testdata/talker")
+	out, err := os.MkdirTemp("", prefix+strconv.Itoa(os.Getpid())+"talk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(out) })
+	if err := os.Chmod(out, 0o1777); err != nil { // workloads run as dynamic uids
+		t.Fatal(err)
+	}
+	counts := filepath.Join(out, "h2.count")
+	if _, err := hub.DeployCmd(f.HubURL(), "serve", []string{talker, "serve", "system.talk.h2"}, "--tags", "host=h2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hub.DeployCmd(f.HubURL(), "ping", []string{talker, "ping", "system.talk.h2", counts}, "--tags", "host=h2"); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "the two site workloads talking", func() bool {
+		ok, _ := pingCounts(counts)
+		return ok >= 5
+	})
+
+	ok0, failed0 := pingCounts(counts)
+	h2.LinkDown()
+	cutAt := time.Now()
+	var hubSees []string
+	testkit.EventuallyWithin(t, 30*time.Second, "the hub to lose site 2", func() bool {
+		hubSees = hub.NodeNames(f.HubURL())
+		return !slices.Contains(hubSees, "h2")
+	})
+	fg.Add("hub's node list during the outage", fmt.Sprint(hubSees))
+	placed, placedOn := 0, map[string]int{}
+	for i := range 3 {
+		d, err := hub.Deploy(f.HubURL(), fmt.Sprintf("during-%d", i))
+		if err != nil {
+			t.Errorf("deploy from the hub during site 2's outage: %v", err)
+			continue
+		}
+		placed++
+		placedOn[d.Node]++
+	}
+	st2, _ := h2.Status()
+	if placedOn[st2.NodeID] > 0 {
+		t.Errorf("placed %d workloads on the unreachable site", placedOn[st2.NodeID])
+	}
+	fg.Add("placements from the hub during the outage", fmt.Sprintf("%d of 3, %d on site 2", placed, placedOn[st2.NodeID]))
+	if left := outage - time.Since(cutAt); left > 0 {
+		time.Sleep(left)
+	}
+	ok1, failed1 := pingCounts(counts)
+	fg.Add("site 2 requests answered during the outage", ok1-ok0)
+	fg.Add("site 2 requests failed during the outage", failed1-failed0)
+	if st, err := h2.Status(); err == nil {
+		fg.Add("site 2 STATUS during the outage", fmt.Sprintf("state %s, nats %s connected=%v", st.State, st.NATS.Server, st.NATS.Connected))
+	}
+	h2.LinkUp()
+	healAt := time.Now()
+	var back time.Duration
+	testkit.EventuallyWithin(t, 120*time.Second, "site 2 back in the hub's node list", func() bool {
+		if slices.Contains(hub.NodeNames(f.HubURL()), "h2") {
+			back = time.Since(healAt)
+			return true
+		}
+		return false
+	})
+	fg.Add("time until the hub's node list shows site 2 again", back.Round(100*time.Millisecond))
+	if ok1-ok0 < int(outage/time.Second) || failed1 > failed0 {
+		t.Fatalf("site 2's workloads did not keep talking through the outage: %d answered, %d failed", ok1-ok0, failed1-failed0)
 	}
 }

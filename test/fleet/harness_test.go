@@ -340,7 +340,10 @@ func (h *Host) StartNATS() {
 func (h *Host) StartNexd(servers string, extra ...string) {
 	h.f.t.Helper()
 	args := []string{"--state-dir", h.StateDir, "--control-socket", h.Socket, "--node-name", h.Name,
-		"--nats.servers", servers, "--state", "kv", "--startup-timeout", "60s", "--tags", "host=" + h.Name}
+		"--state", "kv", "--startup-timeout", "60s", "--tags", "host=" + h.Name}
+	if servers != "" {
+		args = append(args, "--nats.servers", servers)
+	}
 	if h.Cgroup != "" {
 		args = append(args, "--cgroup-root", h.Cgroup)
 	}
@@ -422,8 +425,13 @@ type Deployed struct {
 // Deploy starts a long-running workload through an auction among the nodes h's NATS
 // reaches (servers), as a user would with nexctl.
 func (h *Host) Deploy(servers, name string, extra ...string) (Deployed, error) {
+	return h.DeployCmd(servers, name, []string{"/bin/sleep", "3600"}, extra...)
+}
+
+// DeployCmd is Deploy with the workload's command.
+func (h *Host) DeployCmd(servers, name string, command []string, extra ...string) (Deployed, error) {
 	args := append([]string{"--json", "--nats.timeout", "5s", "workload", "run", "--name", name}, extra...)
-	args = append(args, "--", "/bin/sleep", "3600")
+	args = append(append(args, "--"), command...)
 	out, errOut, code := h.Ctl(servers, args...)
 	if code != 0 {
 		return Deployed{}, fmt.Errorf("nexctl workload run %s: exit %d: %s", name, code, strings.TrimSpace(errOut))
@@ -617,3 +625,36 @@ func (h *Host) FillStateDir() int64 {
 
 // FreeStateDir removes the fill.
 func (h *Host) FreeStateDir() { os.Remove(filepath.Join(h.StateDir, "fill")) }
+
+// HubURL is the hub's client URL (topology b).
+func (f *Fleet) HubURL() string { return "nats://" + subnet + ".1:4222" }
+
+// Hub is the hub namespace as a host without a node: nexctl runs there (Ctl, Deploy).
+func (f *Fleet) Hub() *Host {
+	return &Host{f: f, Name: "hub", NS: f.hub, Dir: f.dir}
+}
+
+// StartHub gives the hub's bridge the address 10.77.0.1 and runs the central
+// nats-server there (JetStream domain hub), accepting leaf nodes on :7422 with the
+// user leaf / password leafpw (topology b).
+func (f *Fleet) StartHub() {
+	f.t.Helper()
+	f.ip("-n", f.hub, "addr", "add", subnet+".1/24", "dev", "br0")
+	dir := filepath.Join(f.dir, "hub")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		f.t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "nats.conf")
+	testkit.WriteFile(f.t, conf, fmt.Sprintf(`server_name: hub
+listen: "%[1]s.1:4222"
+jetstream { store_dir: %[2]q, domain: hub, max_memory_store: 64MB, max_file_store: 256MB }
+leafnodes {
+  listen: "%[1]s.1:7422"
+  authorization { user: leaf, password: leafpw }
+}
+`, subnet, filepath.Join(dir, "js")))
+	f.start("hub-nats", f.hub, bins.Path(f.t, "github.com/nats-io/nats-server/v2"), "-c", conf)
+}
+
+// LeafRemote is the URL a site's nexd joins the hub with.
+func (f *Fleet) LeafRemote() string { return "nats-leaf://leaf:leafpw@" + subnet + ".1:7422" }
