@@ -1,0 +1,123 @@
+package nexlets
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/daemon/config"
+	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// registry records what the manager tells the node.
+type registry struct {
+	mu       sync.Mutex
+	expected map[string]string // agent id -> name
+	keys     map[string]string // agent id -> registration public key
+	removed  []string
+	failed   []string
+}
+
+func (r *registry) ExpectAgent(id, name string) { r.mu.Lock(); r.expected[id] = name; r.mu.Unlock() }
+func (r *registry) RemoveAgent(id, _ string)    { r.mu.Lock(); r.removed = append(r.removed, id); r.mu.Unlock() }
+func (r *registry) SetAgentKey(id, pub string)  { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
+func (r *registry) SetAgentProcessInfo(id string, _ int, _ string, failed bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if failed {
+		r.failed = append(r.failed, id)
+	}
+}
+
+type minter struct{}
+
+func (minter) MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+	return protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:1"}, NatsUserName: "reg-" + agentID}, nil
+}
+
+// TestManagerStartsNexletsWithTheirEnvironment runs two copies of a real nexlet
+// program that records its environment and exits: each gets a unique name, its own
+// agent id, fresh registration credentials and key, and its configured variables; its
+// exit reaches the registry and the hooks, and with no restarts allowed it is failed.
+func TestManagerStartsNexletsWithTheirEnvironment(t *testing.T) {
+	dir := t.TempDir()
+	prog := testkit.WriteExecutable(t, filepath.Join(dir, "rec.nexlet"), "#!/bin/sh\nenv > \"$OUT_DIR/$NEX_AGENT_ASSIGNED_ID\"\nexit 3\n")
+	cfg := &config.Config{Node: config.NodeConfig{DisableNativeStart: true, StopGrace: time.Second,
+		Agents: []config.Agent{{URI: prog, Env: map[string]string{"OUT_DIR": dir, "MODE": "first"}},
+			{URI: prog, Env: map[string]string{"OUT_DIR": dir}}}}}
+	reg := &registry{expected: map[string]string{}, keys: map[string]string{}}
+	log := slog.New(slog.DiscardHandler)
+	var mu sync.Mutex
+	var exits, fails []string
+	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: reg, Minter: minter{},
+		RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log),
+		OnExit:   func(name string, _ bool) { mu.Lock(); exits = append(exits, name); mu.Unlock() },
+		OnFailed: func(name string) { mu.Lock(); fails = append(fails, name); mu.Unlock() },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Stop(context.Background()) })
+	if got := m.Names(); !slices.Equal(got, []string{"rec_nexlet", "rec_nexlet-2"}) {
+		t.Fatalf("names %q, want the program's name made safe, then numbered", got)
+	}
+	if err := m.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "both nexlets failed", func() bool { mu.Lock(); defer mu.Unlock(); return len(fails) == 2 })
+
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for i, s := range m.Specs() {
+		if reg.expected[s.AgentID] != s.Name {
+			t.Errorf("%s not announced to the registry: %v", s.Name, reg.expected)
+		}
+		b, err := os.ReadFile(filepath.Join(dir, s.AgentID))
+		if err != nil {
+			t.Fatalf("%s did not record its environment: %v", s.Name, err)
+		}
+		env := map[string]string{}
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, "="); ok {
+				env[k] = v
+			}
+		}
+		if env["NEX_AGENT_NODE_ID"] != "NODE1" || env["NEX_AGENT_NATS_USER"] != "reg-"+s.AgentID ||
+			env["NEX_AGENT_NATS_SERVERS"] != "nats://127.0.0.1:1" {
+			t.Errorf("%s environment lacks its identity or credentials: %v", s.Name, env)
+		}
+		kp, err := nkeys.FromSeed([]byte(env[protocol.EnvAgentRegistrationSeed]))
+		if err != nil {
+			t.Fatalf("%s registration seed: %v", s.Name, err)
+		}
+		if pub, _ := kp.PublicKey(); reg.keys[s.AgentID] != pub {
+			t.Errorf("%s: the registry holds key %q, the nexlet got %q", s.Name, reg.keys[s.AgentID], pub)
+		}
+		if want := map[int]string{0: "first", 1: ""}[i]; env["MODE"] != want {
+			t.Errorf("%s MODE=%q, want %q", s.Name, env["MODE"], want)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(reg.removed) != 2 || len(reg.failed) != 2 || len(exits) != 2 {
+		t.Errorf("exits not reported: removed %v, failed %v, OnExit %v", reg.removed, reg.failed, exits)
+	}
+}
+
+func TestSanitizeName(t *testing.T) {
+	for in, want := range map[string]string{"echo-nexlet": "echo-nexlet", "a.b c/d": "a_b_c_d", "": "nexlet", "ü": "_"} {
+		if got := sanitizeName(in); got != want {
+			t.Errorf("sanitizeName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
