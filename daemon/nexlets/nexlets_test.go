@@ -29,8 +29,12 @@ type registry struct {
 }
 
 func (r *registry) ExpectAgent(id, name string) { r.mu.Lock(); r.expected[id] = name; r.mu.Unlock() }
-func (r *registry) RemoveAgent(id, _ string)    { r.mu.Lock(); r.removed = append(r.removed, id); r.mu.Unlock() }
-func (r *registry) SetAgentKey(id, pub string)  { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
+func (r *registry) RemoveAgent(id, _ string) {
+	r.mu.Lock()
+	r.removed = append(r.removed, id)
+	r.mu.Unlock()
+}
+func (r *registry) SetAgentKey(id, pub string) { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
 func (r *registry) SetAgentProcessInfo(id string, _ int, _ string, failed bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
