@@ -65,3 +65,20 @@ func TestNexctlLameduckWaitJSON(t *testing.T) {
 		t.Fatalf("exit %d, stdout %s, stderr %s", code, out, errOut)
 	}
 }
+
+// TestNexctlLocalLameduckWait drains the local node through its control socket and
+// follows it until nexd has stopped; a workload that ignores SIGTERM makes it exit 1.
+func TestNexctlLocalLameduckWait(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n := startNode(t, nodeOpts{extra: []string{"--stop-grace", "1s"}})
+	n.waitReady(t)
+	n.runWorkload(t, "--name", "stubborn", "--", "/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done")
+	out, errOut, code := n.ctl(t, "lameduck", "--delay", "1s", "--wait")
+	if code != 1 || !strings.Contains(out, "1 workload(s) left") || !strings.Contains(out, "drained") ||
+		!strings.Contains(errOut, "killed at the end of their stop grace") {
+		t.Fatalf("lameduck --wait: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+}
