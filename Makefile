@@ -53,6 +53,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzLoad$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./daemon/config
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./protocol
 	$(GO) test -run '^$$' -fuzz '^FuzzHandlers$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./daemon/node
+	$(GO) test -run '^$$' -fuzz '^FuzzRegistrationAndRenewal$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./daemon/node
 
 clean:
 	rm -rf $(BIN) $(RUN) dist

@@ -125,6 +125,10 @@ const (
 	auctionQueuePerNS = 64
 	auctionQueueMaxNS = 1024
 	auctionWorkers    = 2
+	// auctionMaxBytes refuses an auction body no honest client sends (a request is a
+	// few hundred bytes); auctionQueueMaxBytes bounds all queued bodies together.
+	auctionMaxBytes      = 64 << 10
+	auctionQueueMaxBytes = 8 << 20
 )
 
 // auctionQueue takes auctions off the subscription at once (no JSON, no signature) and
@@ -136,6 +140,7 @@ type auctionQueue struct {
 	mu      sync.Mutex
 	queues  map[string][]micro.Request
 	ring    []string // namespaces with queued auctions, in turn order
+	bytes   int      // queued bodies
 	wake    chan struct{}
 	dropped uint64
 }
@@ -149,7 +154,9 @@ func (q *auctionQueue) push(ns string, r micro.Request) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	cur, waiting := q.queues[ns]
-	if len(cur) >= auctionQueuePerNS || (!waiting && len(q.queues) >= auctionQueueMaxNS) {
+	size := len(r.Data())
+	if len(cur) >= auctionQueuePerNS || (!waiting && len(q.queues) >= auctionQueueMaxNS) ||
+		size > auctionMaxBytes || q.bytes+size > auctionQueueMaxBytes {
 		q.dropped++
 		return false
 	}
@@ -157,6 +164,7 @@ func (q *auctionQueue) push(ns string, r micro.Request) bool {
 		q.ring = append(q.ring, ns)
 	}
 	q.queues[ns] = append(cur, r)
+	q.bytes += size
 	select {
 	case q.wake <- struct{}{}:
 	default:
@@ -176,6 +184,7 @@ func (q *auctionQueue) pop() (micro.Request, bool) {
 	list := q.queues[ns]
 	r := list[0]
 	list[0] = nil
+	q.bytes -= len(r.Data())
 	if list = list[1:]; len(list) == 0 {
 		delete(q.queues, ns)
 	} else {
