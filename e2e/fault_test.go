@@ -516,3 +516,38 @@ func TestYesFloodKeepsNexletLines(t *testing.T) {
 		took.Round(100*time.Millisecond), pct(n1-n0), pct(l1-l0), notes)
 	n.mustCtl(t, "workload", "stop", flood.ID)
 }
+
+// TestDefaultLimitProtectsNexlet: a workload whose request names no limit gets the
+// node's workload_default_memory_max; allocating past it, it is OOM-killed in its own
+// cgroup while the native nexlet (same pid) and the node run on.
+func TestDefaultLimitProtectsNexlet(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if cgroupRoot(t) == "" {
+		t.Skip("needs writable cgroup v1 memory (root)")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--workload-default-memory-max", "64M"}})
+	n.waitReady(t)
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	// tail keeps a line without newline in memory: /dev/zero has none.
+	hog := n.runWorkload(t, "--name", "hog", "--lifecycle", "job", "--", "/usr/bin/tail", "/dev/zero")
+	testkit.EventuallyWithin(t, 60*time.Second, "the hog is OOM-killed", func() bool {
+		out, _, _ := n.ctl(t, "workload", "info", hog.ID)
+		return strings.Contains(out, "OOM") || strings.Contains(out, "oom")
+	})
+	if got := nexletPID(n.cmd.Process.Pid); got != nexlet || got == 0 {
+		t.Fatalf("the native nexlet changed from pid %d to %d: it died", nexlet, got)
+	}
+	var st control.Status
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	for _, nl := range st.Nexlets {
+		if nl.Restarts != 0 || nl.State != "running" {
+			t.Fatalf("nexlet %s after the hog: %+v", nl.Name, nl)
+		}
+	}
+}

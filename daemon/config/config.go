@@ -36,6 +36,8 @@ type NodeConfig struct {
 	Agents                       []Agent           // agents
 	RemoteNexlets                []RemoteNexlet    // remote_nexlets
 	NativeLimits                 Limits            // native_limits
+	WorkloadDefaults             Limits            // workload_default_memory_max, workload_default_pids_max
+	ArtifactMaxSize              int64             // artifact_max_size: largest nats:// artifact fetched
 	State                        string            // state: "" or "kv"
 	StateReplicas                int               // state_replicas: 0 = by cluster size
 	LogStream                    bool              // log_stream: keep workload output in NEX_LOGS

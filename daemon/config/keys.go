@@ -145,6 +145,15 @@ func keySpecs() []*keySpec {
 		{key: "native_limits.pids_max", kind: kInt, scope: scopeNode, group: gNexlets, def: int64(4096),
 			help:  "process/thread limit of the native nexlet process (0 = none)",
 			field: func(c *Config) any { return &c.Node.NativeLimits.PidsMax }},
+		{key: "workload_default_memory_max", kind: kSize, scope: scopeNode, group: gNexlets, def: int64(512 << 20),
+			help:  "memory limit of a native workload whose start request names none (bytes or K/M/G/T; max = none)",
+			field: func(c *Config) any { return &c.Node.WorkloadDefaults.MemoryMax }},
+		{key: "workload_default_pids_max", kind: kInt, scope: scopeNode, group: gNexlets, def: int64(1024),
+			help:  "process/thread limit of a native workload whose start request names none (0 = none)",
+			field: func(c *Config) any { return &c.Node.WorkloadDefaults.PidsMax }},
+		{key: "artifact_max_size", kind: kSize, scope: scopeNode, group: gNexlets, def: int64(256 << 20),
+			help:  "largest nats:// artifact the native nexlet fetches; a larger one refuses the start (max = none)",
+			field: func(c *Config) any { return &c.Node.ArtifactMaxSize }},
 
 		// Credentials
 		{key: "issuer_signing_key", kind: kString, scope: scopeNode, group: gCreds, secret: true,

@@ -84,8 +84,9 @@ func TestDefaults(t *testing.T) {
 		Namespace: "system",
 		Node: NodeConfig{
 			Name: "test-host", Nexus: "nexus", Tags: map[string]string{}, AgentRestartLimit: 3,
-			NativeLimits: Limits{MemoryMax: 1 << 30, PidsMax: 4096},
-			AuctionTTL:   10 * time.Second, ControlSocket: "/run/nex/nexd.sock", StopGrace: 10 * time.Second,
+			NativeLimits:     Limits{MemoryMax: 1 << 30, PidsMax: 4096},
+			WorkloadDefaults: Limits{MemoryMax: 512 << 20, PidsMax: 1024}, ArtifactMaxSize: 256 << 20,
+			AuctionTTL: 10 * time.Second, ControlSocket: "/run/nex/nexd.sock", StopGrace: 10 * time.Second,
 			StartupTimeout: 15 * time.Second, DeployTimeout: 5 * time.Minute, ControlAllowOthers: "status",
 			WorkloadCredsTTL: 24 * time.Hour, EmbeddedNATSPort: 4222, LogStreamMaxAge: 24 * time.Hour, LogStreamMaxBytes: 256 << 20,
 			WorkloadUIDRange: "61184-65519",

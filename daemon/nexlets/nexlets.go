@@ -350,6 +350,12 @@ func (m *Manager) env(name string) map[string]string {
 		if d := m.sup.ExitsDir(); d != "" {
 			env[native.EnvExitsDir] = d
 		}
+		// What a tenant may take when its request names no limit, and how large an
+		// artifact the nexlet downloads: a workload cannot take the node down by default.
+		n := m.o.Config.Node
+		env[native.EnvDefaultMemoryMax] = strconv.FormatInt(n.WorkloadDefaults.MemoryMax, 10)
+		env[native.EnvDefaultPidsMax] = strconv.FormatInt(n.WorkloadDefaults.PidsMax, 10)
+		env[native.EnvArtifactMax] = strconv.FormatInt(n.ArtifactMaxSize, 10)
 	}
 	return env
 }

@@ -26,6 +26,11 @@ const (
 	EnvUIDRange     = "NEX_NATIVE_UID_RANGE"      // dynamic uid range MIN-MAX
 	EnvUIDLeaseDir  = "NEX_NATIVE_UID_LEASE_DIR"  // where dynamic uids are leased (default DefaultLeaseDir)
 	EnvExitsDir     = "NEX_NATIVE_EXITS_DIR"      // nexd's exit records of orphaned workloads
+	// Defaults for workloads whose start request names no limit, and the artifact cap
+	// (bytes; 0 or absent: none, a negative size means "max": none either).
+	EnvDefaultMemoryMax = "NEX_NATIVE_DEFAULT_MEMORY_MAX"
+	EnvDefaultPidsMax   = "NEX_NATIVE_DEFAULT_PIDS_MAX"
+	EnvArtifactMax      = "NEX_NATIVE_ARTIFACT_MAX"
 )
 
 // ShutdownTimeout bounds how long Main waits for workloads to stop at exit.
@@ -82,6 +87,17 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if v := env(EnvAllowRoot); v != "" {
 		if cfg.Users.AllowRoot, err = strconv.ParseBool(v); err != nil {
 			return fmt.Errorf("%s=%q: want true or false", EnvAllowRoot, v)
+		}
+	}
+	for _, v := range []struct {
+		key string
+		dst *int64
+	}{{EnvDefaultMemoryMax, &cfg.DefaultLimits.MemoryMax}, {EnvDefaultPidsMax, &cfg.DefaultLimits.PidsMax}, {EnvArtifactMax, &cfg.ArtifactMax}} {
+		if s := env(v.key); s != "" {
+			if *v.dst, err = strconv.ParseInt(s, 10, 64); err != nil {
+				return fmt.Errorf("%s=%q: want a number of bytes", v.key, s)
+			}
+			*v.dst = max(*v.dst, 0)
 		}
 	}
 	cfg.Users.LeaseDir = env(EnvUIDLeaseDir)

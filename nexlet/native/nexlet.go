@@ -63,6 +63,11 @@ type Config struct {
 	Logger       *slog.Logger
 	// PollInterval is how often adopted workloads are checked (default 250ms).
 	PollInterval time.Duration
+	// DefaultLimits apply where a start request names no memory or pids limit (zero
+	// fields: none).
+	DefaultLimits Limits
+	// ArtifactMax caps the size of a nats:// artifact; 0 is no cap.
+	ArtifactMax int64
 	// ExitsDir is where nexd, the child subreaper, records the exits of workloads whose
 	// nexlet had died (procid.WriteExit); "" when nobody records them.
 	ExitsDir string

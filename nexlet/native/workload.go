@@ -111,7 +111,14 @@ func ended(code int, reason string) *proc {
 
 // begin prepares the sandbox and either adopts a live workload (replay) or launches it.
 func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
-	sb, err := n.iso.sandbox(w.id, w.plan.limits)
+	limits := w.plan.limits
+	if limits.MemoryMax == 0 {
+		limits.MemoryMax = n.cfg.DefaultLimits.MemoryMax
+	}
+	if limits.PidsMax == 0 {
+		limits.PidsMax = n.cfg.DefaultLimits.PidsMax
+	}
+	sb, err := n.iso.sandbox(w.id, limits)
 	if err != nil {
 		return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
 	}
@@ -183,7 +190,7 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	}
 	if w.plan.art.scheme == "nats" {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe, id)
+		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe, id, n.cfg.ArtifactMax)
 		cancel()
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
@@ -211,7 +218,7 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	return p, false, nil
 }
 
-func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string, id ident) error {
+func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string, id ident, maxSize int64) error {
 	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
 	if err != nil {
 		return fmt.Errorf("with the workload's credentials: %w", err)
@@ -224,6 +231,15 @@ func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art a
 	obs, err := js.ObjectStore(ctx, art.bucket)
 	if err != nil {
 		return fmt.Errorf("object store bucket %q: %w", art.bucket, err)
+	}
+	if maxSize > 0 {
+		info, err := obs.GetInfo(ctx, art.object)
+		if err != nil {
+			return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
+		}
+		if int64(info.Size) > maxSize {
+			return fmt.Errorf("object %q in bucket %q is %d bytes, over the node's artifact_max_size of %d", art.object, art.bucket, info.Size, maxSize)
+		}
 	}
 	// GetFile checks the object's SHA-256 digest as it reads.
 	if err := obs.GetFile(ctx, art.object, dst); err != nil {
