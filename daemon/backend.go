@@ -19,8 +19,9 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
-// backend is the node as the control socket sees it. The socket listens only once the
-// node is built; the phase, config and lame duck deadline come from the snapshot.
+// backend is the node as the control socket sees it, swapped in only once the node is
+// built and running (startupBackend answers before); the phase, config and lame duck
+// deadline come from the snapshot.
 type backend struct{ s *server }
 
 var _ control.Backend = backend{}

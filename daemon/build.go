@@ -58,8 +58,9 @@ type buildHooks struct {
 const goroutineWait = 15 * time.Second
 
 // build constructs every component in dependency order, pushing each one's closer as
-// it comes up. Nothing serves yet: the node API, nexlets, control socket and metrics
-// start in serve. startCtx bounds the blocking steps (connecting, fetching nexlets).
+// it comes up. Only the control socket serves, and only the start-up backend; the node
+// API, nexlets, full control API and metrics start in serve. startCtx bounds the
+// blocking steps (connecting, fetching nexlets).
 func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server, error) {
 	cfg := d.cfg()
 	s := &server{daemon: d, stateDir: cfg.Node.StateDir}

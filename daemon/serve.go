@@ -221,8 +221,8 @@ const (
 	reexecKeep                 // re-exec in place: workloads stay, systemd sees a reload
 )
 
-// stop drains the workloads, then unwinds every closer start pushed: metrics, control
-// socket, nexlets, node API, owned goroutines, NATS, logger. With keepAll
+// stop drains the workloads, then unwinds every closer start pushed: metrics, nexlets,
+// node API, revocations, NATS, control socket, owned goroutines, logger. With keepAll
 // (live_restore) or reexecKeep the workloads stay: the nexlets let go of them and exit,
 // and the next nexd with the same state (or this one after execve) adopts them.
 func (s *server) stop(mode stopMode) {
