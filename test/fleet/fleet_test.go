@@ -1,7 +1,13 @@
 package fleet
 
 import (
+	"encoding/json"
 	"fmt"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+	"github.com/nexd-project/nexd/protocol"
+	"math"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -518,5 +524,128 @@ func TestFleetLeafWANOutage(t *testing.T) {
 	fg.Add("time until the hub's node list shows site 2 again", back.Round(100*time.Millisecond))
 	if ok1-ok0 < int(outage/time.Second) || failed1 > failed0 {
 		t.Fatalf("site 2's workloads did not keep talking through the outage: %d answered, %d failed", ok1-ok0, failed1-failed0)
+	}
+}
+
+// percentile is the p-th percentile (nearest rank) of ds.
+func percentile(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := int(math.Ceil(p/100*float64(len(s)))) - 1
+	return s[max(i, 0)].Round(time.Millisecond)
+}
+
+// TestFleetLeafLatency: three leaf sites whose links to the hub run through the test
+// kit's LagProxy (this kernel has no netem): NEXD_FLEET_DELAY each way (default 100ms,
+// so 200ms round trip between a site and the hub) and NEXD_FLEET_LOSS (default 0.05:
+// 5% of chunks held a 200ms RTO longer, as a lost TCP segment would be). Figures:
+// auction completeness (bids from every site, and within nexctl's 250ms stall between
+// bids) over NEXD_FLEET_AUCTIONS auctions, bid and placement p50/p99.
+func TestFleetLeafLatency(t *testing.T) {
+	delay := durationEnv(t, "NEXD_FLEET_DELAY", 100*time.Millisecond)
+	loss := 0.05
+	if v := os.Getenv("NEXD_FLEET_LOSS"); v != "" {
+		var err error
+		if loss, err = strconv.ParseFloat(v, 64); err != nil || loss < 0 || loss > 1 {
+			t.Fatalf("NEXD_FLEET_LOSS=%q: want 0..1", v)
+		}
+	}
+	auctions := 20
+	if v := os.Getenv("NEXD_FLEET_AUCTIONS"); v != "" {
+		auctions, _ = strconv.Atoi(v)
+	}
+	f := NewFleet(t, 3)
+	fg := NewFigures(t, fmt.Sprintf("leaf sites, %v each way and %.0f%% loss between each site and the hub", delay, loss*100))
+	f.StartHub()
+	hubLeaf := subnet + ".1:7422"
+	var proxies []*testkit.LagProxy
+	for _, h := range f.Hosts {
+		addr := fmt.Sprintf("%s.1:%d", subnet, 7430+h.N)
+		ln, err := listenIn(f.hub, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		proxies = append(proxies, testkit.StartLagProxy(t, ln, func() (net.Conn, error) { return dialIn(f.hub, hubLeaf, 5*time.Second) },
+			testkit.Lag{Delay: delay, Loss: loss}))
+		h.StartNexd("", "--nats.leaf-remote", "nats-leaf://leaf:leafpw@"+addr, "--nats.jsdomain", "site"+strconv.Itoa(h.N),
+			"--embedded-nats-port", "4222")
+	}
+	hub := f.Hub()
+	// nexctl's scatter-gather ends --gather-stall (default 25ms) after the last answer:
+	// too short when answers come 200ms apart. The default's view is a figure too.
+	f.CtlArgs = []string{"--gather-stall", "1s"}
+	testkit.EventuallyWithin(t, 90*time.Second, "every site's node in node list at the hub", func() bool {
+		return len(hub.NodeNames(f.HubURL())) == 3
+	})
+	f.CtlArgs = nil
+	var seen []int
+	for range 5 {
+		seen = append(seen, len(hub.NodeNames(f.HubURL())))
+	}
+	fg.Add("nodes in node list with the default --gather-stall 25ms", fmt.Sprint(seen))
+	f.CtlArgs = []string{"--gather-stall", "1s"}
+
+	nc, err := nats.Connect(f.HubURL(), nats.SetCustomDialer(nsDialer{f.hub}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	var complete, withinStall int
+	var lastBid []time.Duration
+	for range auctions {
+		inbox := nats.NewInbox()
+		sub, err := nc.SubscribeSync(inbox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, _ := json.Marshal(protocol.AuctionRequest{AgentType: "native", AuctionID: nuid.Next(), Tags: map[string]string{}})
+		start := time.Now()
+		if err := nc.PublishRequest(protocol.AuctionSubject("system"), inbox, data); err != nil {
+			t.Fatal(err)
+		}
+		var at []time.Duration
+		for len(at) < 3 {
+			if _, err := sub.NextMsg(5*time.Second - time.Since(start)); err != nil {
+				break
+			}
+			at = append(at, time.Since(start))
+		}
+		sub.Unsubscribe()
+		if len(at) == 3 {
+			complete++
+			lastBid = append(lastBid, at[2])
+			if at[1]-at[0] <= 250*time.Millisecond && at[2]-at[1] <= 250*time.Millisecond {
+				withinStall++
+			}
+		}
+	}
+	fg.Add("auctions with a bid from every site (in 5s)", fmt.Sprintf("%d of %d", complete, auctions))
+	fg.Add("auctions complete within nexctl's 250ms stall", fmt.Sprintf("%d of %d", withinStall, auctions))
+	fg.Add("time to the last bid p50 / p99", fmt.Sprintf("%v / %v", percentile(lastBid, 50), percentile(lastBid, 99)))
+
+	var placements []time.Duration
+	failed := 0
+	for i := range auctions / 2 {
+		start := time.Now()
+		if _, err := hub.Deploy(f.HubURL(), fmt.Sprintf("lag-%d", i)); err != nil {
+			failed++
+			t.Logf("deploy through the slow links: %v", err)
+			continue
+		}
+		placements = append(placements, time.Since(start))
+	}
+	fg.Add("placements (nexctl workload run from the hub) ok/failed", fmt.Sprintf("%d/%d", len(placements), failed))
+	fg.Add("placement p50 / p99 (incl. nexctl start-up)", fmt.Sprintf("%v / %v", percentile(placements, 50), percentile(placements, 99)))
+	var chunks, lost int
+	for _, p := range proxies {
+		c, l := p.Stats()
+		chunks, lost = chunks+c, lost+l
+	}
+	fg.Add("proxied chunks / held as lost", fmt.Sprintf("%d / %d", chunks, lost))
+	if complete < auctions*9/10 || failed > 0 {
+		t.Fatalf("through %v and %.0f%% loss: %d of %d auctions complete, %d deploys failed", delay, loss*100, complete, auctions, failed)
 	}
 }

@@ -102,6 +102,8 @@ type Fleet struct {
 	Hosts []*Host
 	mu    sync.Mutex
 	procs []*Proc
+	// CtlArgs go before every nexctl command (e.g. a --gather-stall for slow links).
+	CtlArgs []string
 }
 
 // Host is one machine of the fleet.
@@ -399,7 +401,8 @@ func (h *Host) Workloads() ([]control.Workload, error) {
 func (h *Host) Ctl(servers string, args ...string) (string, string, int) {
 	h.f.t.Helper()
 	full := append([]string{"--net=/run/netns/" + h.NS, "--", bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexctl"),
-		"--control-socket", filepath.Join(h.Dir, "none.sock"), "--nats.servers", servers}, args...)
+		"--control-socket", filepath.Join(h.Dir, "none.sock"), "--nats.servers", servers}, h.f.CtlArgs...)
+	full = append(full, args...)
 	cmd := exec.Command("nsenter", full...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + h.Dir}
 	cmd.Dir = h.Dir
@@ -489,7 +492,7 @@ func NewFigures(t *testing.T, name string) *Figures {
 		var b strings.Builder
 		fmt.Fprintf(&b, "FIGURES %s\n", name)
 		for _, r := range fg.rows {
-			fmt.Fprintf(&b, "  %-50s %s\n", r[0], r[1])
+			fmt.Fprintf(&b, "  %-58s %s\n", r[0], r[1])
 		}
 		fmt.Print(b.String())
 	})
