@@ -185,8 +185,14 @@ func TestBinaryExitCodes(t *testing.T) {
 					tt.args, r.code, r.out, r.err, tt.code, tt.stdout, tt.stderr)
 			}
 		})
-		if tt.name == "secret set stdin" && b.secrets["default/PW"] != "hunter2" {
-			t.Fatalf("secret from stdin stored as %q", b.secrets["default/PW"])
+		if tt.name == "secret set stdin" {
+			// The control server's handler goroutines may still be finishing the request.
+			b.mu.Lock()
+			got := b.secrets["default/PW"]
+			b.mu.Unlock()
+			if got != "hunter2" {
+				t.Fatalf("secret from stdin stored as %q", got)
+			}
 		}
 	}
 
