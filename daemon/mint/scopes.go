@@ -3,6 +3,7 @@ package mint
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nexd-project/nexd/protocol"
@@ -55,10 +56,18 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 		"$NEX.FEED.*.events.>",
 	)
 	// Replies to the node's requests go out under the response permission: no
-	// publishing into other clients' inboxes (a forged reply to nexctl, say).
-	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1}
+	// publishing into other clients' inboxes (a forged reply to nexctl, say). A slow
+	// start sends progress reports to the same reply subject before its answer, so
+	// more than one message, for as long as a start may take.
+	p.Resp = &jwt.ResponsePermission{MaxMsgs: agentReplyMaxMsgs, Expires: agentReplyWindow}
 	return p
 }
+
+// The nexlet's reply window on one request: its progress reports and the answer.
+const (
+	agentReplyMaxMsgs = 1000
+	agentReplyWindow  = 15 * time.Minute
+)
 
 // workloadPermissions: a workload uses its namespace's application subjects, answers
 // requests, reads its namespace's log feed (as upstream allowed), and reads the object

@@ -492,3 +492,50 @@ func TestSystemAccountRevoker(t *testing.T) {
 		t.Fatal("revoked in an unknown account")
 	}
 }
+
+// A nexlet answers a slow start with progress reports before its answer, all on the
+// one reply subject: every message must get through (with MaxMsgs 1 the answer was a
+// publish violation and the deploy timed out).
+func TestAgentProgressRepliesGetThrough(t *testing.T) {
+	e := startOperator(t)
+	admin := e.admin(t)
+	node := nodeID(t)
+	m := newSigning(t, e, Options{})
+	agent := nuid.Next()
+	cd, err := m.MintAgent(agent, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := mustDial(t, e.s.ClientURL(), cd).nc
+	subj := protocol.StartWorkloadSubject(node, agent, "w1")
+	if _, err := a.Subscribe(subj, func(msg *nats.Msg) {
+		for i := range 3 {
+			_ = a.Publish(msg.Reply, []byte{byte('0' + i)})
+		}
+		_ = msg.Respond([]byte("done"))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	inbox := nats.NewInbox()
+	sub, err := admin.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.PublishRequest(subj, inbox, nil); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for range 4 {
+		msg, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("after %q: %v", got, err)
+		}
+		got = append(got, string(msg.Data))
+	}
+	if got[3] != "done" {
+		t.Errorf("replies %q, want three progress reports then done", got)
+	}
+}
