@@ -61,6 +61,10 @@ func (s *server) serve(startCtx context.Context) error {
 	if err := startCtx.Err(); err != nil {
 		return err
 	}
+	replay := s.waitReplay(startCtx, cfg.Node.StartupTimeout)
+	if err := startCtx.Err(); err != nil {
+		return err
+	}
 
 	s.setPhase(control.StateRunning)
 	s.node.SetState(protocol.NodeRunning)
@@ -69,6 +73,9 @@ func (s *server) serve(startCtx context.Context) error {
 		status += "; not registered: " + strings.Join(missing, ", ")
 		s.log.Warn("nexlets did not register in time; the node is ready without them",
 			"missing", strings.Join(missing, ","), "waited", cfg.Node.StartupTimeout.String())
+	}
+	if replay != "" {
+		status += "; " + replay
 	}
 	s.log.Info("nex node ready", "status", status)
 	if err := s.notify.Ready(status); err != nil {
@@ -101,6 +108,52 @@ func (s *server) openControl(first control.Backend) error {
 	})
 	s.log.Info("control socket listening", "path", ctl.Path(), "socket_activated", s.ctlListener != nil)
 	return nil
+}
+
+// waitReplay holds READY until the workloads handed to the nexlets for replay are
+// running again (listed by their nexlets), saying in STATUS how far it got, for at most
+// bound. It returns "" when all came back, else what is missing.
+func (s *server) waitReplay(ctx context.Context, bound time.Duration) string {
+	ids := s.node.Replayed()
+	if len(ids) == 0 {
+		return ""
+	}
+	deadline := time.Now().Add(bound)
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	back := 0
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		ws, err := s.node.Workloads(qctx)
+		cancel()
+		if err == nil {
+			listed := make(map[string]bool, len(ws))
+			for _, w := range ws {
+				listed[w.ID] = true
+			}
+			back = 0
+			for _, id := range ids {
+				if listed[id] {
+					back++
+				}
+			}
+		}
+		if back == len(ids) {
+			s.log.Info("replay done", "workloads", back)
+			return ""
+		}
+		s.notify.Status(fmt.Sprintf("starting: replaying workloads (%d/%d running)", back, len(ids)))
+		s.notify.ExtendTimeout(3 * startTick)
+		if time.Now().After(deadline) {
+			s.log.Warn("replay incomplete at the start-up bound; ready anyway", "running", back, "replayed", len(ids))
+			return fmt.Sprintf("replay incomplete: %d/%d running", back, len(ids))
+		}
+		select {
+		case <-ctx.Done():
+			return ""
+		case <-t.C:
+		}
+	}
 }
 
 // healthy gates the watchdog: it is true when the daemon's serve loop (signals,

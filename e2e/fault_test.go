@@ -551,3 +551,35 @@ func TestDefaultLimitProtectsNexlet(t *testing.T) {
 		}
 	}
 }
+
+// TestReadyAfterReplay: after nexd is killed and restarted, READY=1 comes only once the
+// workloads from node state run again: listed at the moment READY arrives.
+func TestReadyAfterReplay(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	dir := t.TempDir()
+	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	ids := map[string]bool{}
+	for i := range 5 {
+		ids[n.runWorkload(t, "--name", fmt.Sprintf("r%d", i), "--", "/bin/sleep", "600").ID] = true
+	}
+	n.cmd.Process.Signal(syscall.SIGKILL)
+	n.wait(t, 30*time.Second)
+
+	ns := newNotifySocket(t)
+	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, notify: ns, extra: []string{"--state", "kv"}})
+	ready := ns.waitFor(t, "READY=1", 90*time.Second)
+	listed := 0
+	for _, w := range n2.workloads(t) {
+		if ids[w.ID] {
+			listed++
+		}
+	}
+	if listed != len(ids) {
+		t.Fatalf("READY=1 (%q) with %d of %d replayed workloads running", ready, listed, len(ids))
+	}
+}

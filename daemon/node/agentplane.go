@@ -120,6 +120,7 @@ func (n *Node) handleRegister(r micro.Request) {
 	n.mu.Lock()
 	for wid, w := range existing {
 		n.owned[wid] = ownership{typ: w.Request.WorkloadType, owner: owner}
+		n.replayed[wid] = struct{}{}
 	}
 	n.mu.Unlock()
 	reg := &registration{id: agentID, owner: owner, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}

@@ -14,6 +14,7 @@ import (
 	"maps"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -174,10 +175,11 @@ type Node struct {
 	keep     bool // StopAllWorkloads ran: keep state for the next start
 	ctx      context.Context
 	cancel   context.CancelFunc
-	loops    sync.WaitGroup     // heartbeat and health loops
-	inflight sync.WaitGroup     // handlers running on their own goroutine
-	slots    chan struct{}      // bounds those goroutines
-	probes   chan chan struct{} // liveness probes, answered by the health loop
+	loops    sync.WaitGroup      // heartbeat and health loops
+	inflight sync.WaitGroup      // handlers running on their own goroutine
+	slots    chan struct{}       // bounds those goroutines
+	probes   chan chan struct{}  // liveness probes, answered by the health loop
+	replayed map[string]struct{} // workload ids handed to nexlets to replay
 }
 
 // RemoteNexlet is a remote nexlet allowed to register (config remote_nexlets).
@@ -250,6 +252,7 @@ func New(o Options) (*Node, error) {
 		changed:  make(chan struct{}),
 		slots:    make(chan struct{}, 64),
 		probes:   make(chan chan struct{}),
+		replayed: map[string]struct{}{},
 	}
 	return n, nil
 }
@@ -566,6 +569,14 @@ func (n *Node) healthLoop() {
 			}
 		}
 	}
+}
+
+// Replayed returns the ids of the workloads the node handed its nexlets to replay
+// (from node state, when they registered).
+func (n *Node) Replayed() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Collect(maps.Keys(n.replayed))
 }
 
 // Alive is the node's liveness probe: it returns nil once the health loop answered
