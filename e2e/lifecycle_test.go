@@ -28,7 +28,9 @@ type node struct {
 	socket   string
 	natsURL  string // set by waitReady when embedded
 	embedded bool
-	cgroup   string
+	// nativeSeen: the native nexlet has been seen healthy, so workloads can be placed.
+	nativeSeen bool
+	cgroup     string
 }
 
 type nodeOpts struct {
@@ -163,6 +165,32 @@ func (n *node) natsArgs() []string {
 		return nil
 	}
 	return []string{"--nats.servers", n.natsURL}
+}
+
+// waitNative waits, once per node, until the native nexlet is healthy: ready means
+// registered, and healthy (which a bid needs) follows with its first heartbeat.
+func (n *node) waitNative(t *testing.T) {
+	t.Helper()
+	if n.nativeSeen {
+		return
+	}
+	c := control.NewClient(n.socket)
+	defer c.Close()
+	testkit.Eventually(t, "native nexlet healthy", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		st, err := c.Status(ctx)
+		if err != nil {
+			return false
+		}
+		for _, x := range st.Nexlets {
+			if x.Name == "native" && x.Health == protocol.HealthHealthy {
+				return true
+			}
+		}
+		return false
+	})
+	n.nativeSeen = true
 }
 
 // ctl runs nexctl against this node (socket and NATS).

@@ -269,12 +269,9 @@ func TestLiveRestore(t *testing.T) {
 	const services = 100
 	marker := fmt.Sprintf("nexd-e2e-live-%d", time.Now().UnixNano())
 	var ids []string
-	for i := range services {
-		var r runResult
-		out := ctl(n, "--json", "workload", "run", "--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker)
-		if err := json.Unmarshal([]byte(out), &r); err != nil || r.ID == "" {
-			t.Fatalf("workload run: %v %q", err, out)
-		}
+	for _, r := range n.runWorkloads(t, services, func(i int) []string {
+		return []string{"--nats.creds-file", creds, "--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker}
+	}) {
 		ids = append(ids, r.ID)
 	}
 	var sealed runResult

@@ -29,6 +29,7 @@ type runResult struct {
 
 func (n *node) runWorkload(t *testing.T, args ...string) runResult {
 	t.Helper()
+	n.waitNative(t)
 	out := n.mustCtl(t, append([]string{"--json", "workload", "run"}, args...)...)
 	var r runResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil || r.ID == "" {
@@ -41,6 +42,7 @@ func (n *node) runWorkload(t *testing.T, args ...string) runResult {
 // users would; args(i) gives the `workload run` arguments of the i-th.
 func (n *node) runWorkloads(t *testing.T, count int, args func(i int) []string) []runResult {
 	t.Helper()
+	n.waitNative(t)
 	bin, dir := nexctlBin(t), t.TempDir()
 	res := make([]runResult, count)
 	errs := make([]error, count)
