@@ -21,12 +21,7 @@ const revokeTimeout = 10 * time.Second
 
 // WorkloadEnded revokes what can be revoked; at least the minter forgets the workload.
 func (o observer) WorkloadEnded(id string) {
-	r, ok := o.s.minter.(interface {
-		RevokeWorkload(context.Context, string) error
-	})
-	if !ok {
-		return
-	}
+	r := o.s.minter
 	o.s.revokes.goFn(func() {
 		// Workloads end during the drain too: their revocation outlives the stop
 		// request, bounded by its own timeout.

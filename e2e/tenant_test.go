@@ -14,10 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -511,5 +513,79 @@ func TestAuctionFlood(t *testing.T) {
 	}
 	if grew := int(peak.Load()) - base; grew > 64<<10 {
 		t.Fatalf("nexd RSS grew by %d kB during the flood (bound 65536 kB)", grew)
+	}
+}
+
+// stolenCreds reads the first creds file a workload printed to its log.
+func stolenCreds(t *testing.T, n *node, id string) (string, time.Time) {
+	t.Helper()
+	var block string
+	testkit.Eventually(t, "the workload's creds in its log", func() bool {
+		out, _, code := n.ctl(t, "workload", "logs", id, "--tail", "100")
+		i := strings.Index(out, "-----BEGIN NATS USER JWT-----")
+		j := strings.Index(out, "------END USER NKEY SEED------")
+		if code != 0 || i < 0 || j < i {
+			return false
+		}
+		block = out[i : j+len("------END USER NKEY SEED------")]
+		return true
+	})
+	tok, err := jwt.ParseDecoratedJWT([]byte(block))
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return testkit.WriteFile(t, filepath.Join(t.TempDir(), id+".creds"), block+"\n"), time.Unix(uc.IssuedAt, 0)
+}
+
+// TestStolenWorkloadUser: a workload's credentials leak (the workload prints them).
+// After the workload is stopped, and after a renewal replaced them, the leaked
+// credentials no longer connect: nexd revoked them in the embedded server's account.
+func TestStolenWorkloadUser(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	const ttl = 60 * time.Second
+	n := startNode(t, nodeOpts{extra: []string{"--workload-creds-ttl", ttl.String()}})
+	n.waitReady(t)
+	leak := `cat "$NEX_WORKLOAD_NATS_CREDS_FILE"; exec sleep 300`
+	stopped := n.runWorkload(t, "--name", "leaky", "--namespace", "tenant", "--", "/bin/sh", "-c", leak)
+	renewed := n.runWorkload(t, "--name", "renewed", "--namespace", "tenant", "--", "/bin/sh", "-c", leak)
+	connects := func(creds string) error {
+		nc, err := nats.Connect(n.natsURL, nats.UserCredentials(creds), nats.NoReconnect(), nats.Timeout(5*time.Second))
+		if err == nil {
+			nc.Close()
+		}
+		return err
+	}
+
+	// 1. Stopped: its user is revoked at once.
+	creds, _ := stolenCreds(t, n, stopped.ID)
+	if err := connects(creds); err != nil {
+		t.Fatalf("the leaked credentials do not even work while the workload runs: %v", err)
+	}
+	n.mustCtl(t, "workload", "stop", stopped.ID)
+	testkit.EventuallyWithin(t, 10*time.Second, "the stopped workload's leaked user refused", func() bool { return connects(creds) != nil })
+
+	// 2. Renewed: the old user is revoked a few seconds after the renewal (at 80% of
+	// its lifetime), well before it would expire.
+	creds, iat := stolenCreds(t, n, renewed.ID)
+	if err := connects(creds); err != nil {
+		t.Fatalf("the leaked credentials do not work before their renewal: %v", err)
+	}
+	expiry := iat.Add(ttl)
+	testkit.EventuallyWithin(t, time.Until(expiry), "the renewed workload's old user refused before it expires", func() bool {
+		return connects(creds) != nil
+	})
+	if left := time.Until(expiry); left < time.Second {
+		t.Fatalf("refused only %s before expiry: expired, not revoked", left)
+	}
+	// The workload itself keeps its (renewed) place.
+	ws := n.workloads(t)
+	if !slices.ContainsFunc(ws, func(w control.Workload) bool { return w.ID == renewed.ID }) {
+		t.Fatalf("the renewed workload is gone: %+v", ws)
 	}
 }

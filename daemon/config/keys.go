@@ -295,7 +295,7 @@ func keySpecs() []*keySpec {
 		{key: "stop_grace", kind: kDuration, scope: scopeNode, group: gDaemon, def: 10 * time.Second,
 			help:  "time a nexlet gets between SIGTERM and being killed",
 			field: func(c *Config) any { return &c.Node.StopGrace }},
-		{key: "workload_creds_ttl", kind: kDuration, scope: scopeNode, group: gDaemon, def: 24 * time.Hour,
+		{key: "workload_creds_ttl", kind: kDuration, scope: scopeNode, group: gDaemon, def: time.Hour,
 			help:  "lifetime of the NATS credentials minted for each workload (renewed before they expire)",
 			field: func(c *Config) any { return &c.Node.WorkloadCredsTTL }},
 		{key: "deploy_timeout", kind: kDuration, scope: scopeNode, group: gDaemon, def: 5 * time.Minute,

@@ -88,7 +88,7 @@ func TestDefaults(t *testing.T) {
 			WorkloadDefaults: Limits{MemoryMax: 512 << 20, PidsMax: 1024}, ArtifactMaxSize: 256 << 20,
 			AuctionTTL: 10 * time.Second, ControlSocket: "/run/nex/nexd.sock", StopGrace: 10 * time.Second,
 			StartupTimeout: 15 * time.Second, DeployTimeout: 5 * time.Minute, ControlAllowOthers: "status",
-			WorkloadCredsTTL: 24 * time.Hour, EmbeddedNATSPort: 4222, LogStreamMaxAge: 24 * time.Hour, LogStreamMaxBytes: 256 << 20,
+			WorkloadCredsTTL: time.Hour, EmbeddedNATSPort: 4222, LogStreamMaxAge: 24 * time.Hour, LogStreamMaxBytes: 256 << 20,
 			WorkloadUIDRange: "61184-65519",
 		},
 		NATS:   NATSConfig{ConnName: "nexd", Timeout: 5 * time.Second},

@@ -105,6 +105,15 @@ type Minter interface {
 	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
 	MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error)
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// RenewWorkload mints fresh credentials for a running workload, refusing a
+	// namespace other than the one its first credentials were minted for.
+	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// RevokeSuperseded revokes a workload's users older than its newest (after a
+	// renewal); ErrRevocationUnsupported where the minter cannot revoke.
+	RevokeSuperseded(ctx context.Context, workloadID string) error
+	// RevokeWorkload revokes every user of a workload that ended and forgets it;
+	// ErrRevocationUnsupported where the minter cannot revoke.
+	RevokeWorkload(ctx context.Context, workloadID string) error
 	CanMint() bool
 	// PrivateInboxes reports whether each minted user may subscribe only to its own
 	// inbox prefix (protocol.InboxPrefix of its id), so replies must go there.

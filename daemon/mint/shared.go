@@ -89,6 +89,9 @@ func (m *NkeyMinter) RenewWorkload(namespace, workloadID string) (protocol.NatsC
 // RevokeWorkload cannot revoke a shared identity.
 func (m *NkeyMinter) RevokeWorkload(context.Context, string) error { return ErrRevocationUnsupported }
 
+// RevokeSuperseded cannot revoke a shared identity.
+func (m *NkeyMinter) RevokeSuperseded(context.Context, string) error { return ErrRevocationUnsupported }
+
 // NoAuthMinter gives children only the server URLs: they connect without credentials,
 // which works only against a NATS server without authentication. Development only.
 type NoAuthMinter struct{ opts Options }
@@ -141,3 +144,8 @@ func (m *NoAuthMinter) RenewWorkload(namespace, workloadID string) (protocol.Nat
 
 // RevokeWorkload has nothing to revoke.
 func (m *NoAuthMinter) RevokeWorkload(context.Context, string) error { return ErrRevocationUnsupported }
+
+// RevokeSuperseded has nothing to revoke.
+func (m *NoAuthMinter) RevokeSuperseded(context.Context, string) error {
+	return ErrRevocationUnsupported
+}

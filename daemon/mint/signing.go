@@ -144,6 +144,38 @@ func (m *SigningKeyMinter) RenewWorkload(namespace, workloadID string) (protocol
 	return m.MintWorkload(namespace, workloadID)
 }
 
+// RevokeSuperseded revokes every user of a workload but the newest: after a renewal the
+// old credentials stop working (the workload reconnects with the renewed creds file).
+// Without a Revoker they expire within the TTL instead.
+func (m *SigningKeyMinter) RevokeSuperseded(ctx context.Context, workloadID string) error {
+	if m.opts.Revoker == nil {
+		return ErrRevocationUnsupported
+	}
+	m.mu.Lock()
+	users := m.workloads[workloadID]
+	var old []string
+	if len(users) > 1 {
+		old = append(old, users[:len(users)-1]...)
+		m.workloads[workloadID] = users[len(users)-1:]
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, u := range old {
+		if err := m.Revoke(ctx, u); err != nil {
+			errs = append(errs, err)
+			m.mu.Lock() // keep it for a later attempt (or RevokeWorkload)
+			if cur, ok := m.workloads[workloadID]; ok {
+				m.workloads[workloadID] = append([]string{u}, cur...)
+			}
+			m.mu.Unlock()
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("revoke superseded users of workload %s: %w", workloadID, errors.Join(errs...))
+	}
+	return nil
+}
+
 // WorkloadUsers returns the user public keys minted for a workload and not yet revoked.
 func (m *SigningKeyMinter) WorkloadUsers(workloadID string) []string {
 	m.mu.Lock()

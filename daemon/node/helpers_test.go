@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -39,6 +40,12 @@ func (m testMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionDa
 }
 func (m testMinter) MintWorkload(ns, id string) (protocol.NatsConnectionData, error) {
 	return m.cd("workload-" + ns + "-" + id), nil
+}
+func (m testMinter) RenewWorkload(ns, id string) (protocol.NatsConnectionData, error) {
+	return m.MintWorkload(ns, id)
+}
+func (m testMinter) RevokeSuperseded(context.Context, string) error {
+	return mint.ErrRevocationUnsupported
 }
 func (m testMinter) CanMint() bool        { return m.can }
 func (m testMinter) PrivateInboxes() bool { return false }

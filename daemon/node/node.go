@@ -35,6 +35,11 @@ type Minter interface {
 	MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error)
 	// MintWorkload returns a workload's credentials, scoped to its namespace.
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// RenewWorkload returns fresh credentials of a running workload, in its namespace.
+	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// RevokeSuperseded revokes a workload's users older than its newest, where the
+	// minter can revoke (an error wrapping an unsupported revocation otherwise).
+	RevokeSuperseded(ctx context.Context, workloadID string) error
 	// CanMint reports whether an issuer is configured. Without one, remote
 	// registration is refused: a remote nexlet would get no usable identity.
 	CanMint() bool
@@ -79,6 +84,7 @@ type Options struct {
 	FanoutTimeout      time.Duration // bound on STOPWORKLOAD/QUERYWORKLOADS/SETLAMEDUCK fan-outs (default 2s)
 	CloneTimeout       time.Duration // bound on the GETWORKLOAD fan-out (default 3s)
 	StartTimeout       time.Duration // how long a starting nexlet may stay silent (default 1m)
+	RevokeGrace        time.Duration // after a renewal, until the old users are revoked (default 5s)
 	DeployTimeout      time.Duration // how long a start may take while the nexlet reports progress (default 5m)
 	ProgressInterval   time.Duration // how often a starting nexlet is asked to report progress (default 5s)
 	// StopTimeout bounds the wait for a nexlet to confirm a stop of a workload this node
@@ -125,6 +131,7 @@ func (o *Options) defaults() {
 	def(&o.FanoutTimeout, 2*time.Second)
 	def(&o.CloneTimeout, 3*time.Second)
 	def(&o.StartTimeout, time.Minute)
+	def(&o.RevokeGrace, 5*time.Second)
 	def(&o.DeployTimeout, 5*time.Minute)
 	def(&o.ProgressInterval, 5*time.Second)
 	def(&o.StopTimeout, 5*time.Minute)

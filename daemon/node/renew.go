@@ -1,18 +1,17 @@
 package node
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/nexd-project/nexd/daemon/mint"
+
 	"github.com/nexd-project/nexd/protocol"
 )
-
-// renewer is implemented by minters that check a renewal against the namespace the
-// workload's first credentials were minted for (mint.SigningKeyMinter).
-type renewer interface {
-	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
-}
 
 // renewEndpoint is the nexd extension that lets a nexlet renew a running workload's
 // expiring credentials.
@@ -63,16 +62,39 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 		n.fail(r, 404, "workload not found", fmt.Errorf("renew credentials: node %s did not give workload %s to nexlet %s", n.id, workloadID, agentID))
 		return
 	}
-	var creds protocol.NatsConnectionData
-	if rn, ok := n.o.Minter.(renewer); ok {
-		creds, err = rn.RenewWorkload(req.Namespace, workloadID)
-	} else {
-		creds, err = n.o.Minter.MintWorkload(req.Namespace, workloadID)
-	}
+	creds, err := n.o.Minter.RenewWorkload(req.Namespace, workloadID)
 	if err != nil {
 		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s in namespace %s: %w", workloadID, req.Namespace, err))
 		return
 	}
 	n.log.Debug("workload credentials renewed", "workload_id", workloadID, "namespace", req.Namespace, "agent_id", agentID)
 	n.respondJSON(r, creds)
+	n.revokeSuperseded(workloadID)
+}
+
+// revokeSuperseded revokes a renewed workload's older users once its nexlet had time to
+// hand on the new ones (RevokeGrace): the workload's connection is then cut and it
+// reconnects with its renewed creds file, and a copy of the old credentials is
+// worthless from then on.
+func (n *Node) revokeSuperseded(workloadID string) {
+	n.mu.Lock()
+	ctx := n.ctx
+	n.mu.Unlock()
+	if ctx == nil {
+		return
+	}
+	n.inflight.Add(1)
+	go func() {
+		defer n.inflight.Done()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(n.o.RevokeGrace):
+		}
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		if err := n.o.Minter.RevokeSuperseded(rctx, workloadID); err != nil && !errors.Is(err, mint.ErrRevocationUnsupported) {
+			n.log.Warn("could not revoke a renewed workload's old credentials; they expire with their TTL", "workload_id", workloadID, "err", err)
+		}
+	}()
 }
