@@ -583,3 +583,31 @@ func TestReadyAfterReplay(t *testing.T) {
 		t.Fatalf("READY=1 (%q) with %d of %d replayed workloads running", ready, listed, len(ids))
 	}
 }
+
+// TestLameduckMigrate: `nexctl node lameduck --migrate` re-places a service of the
+// draining node on another node through a normal auction, stops the old copy once the
+// new one runs, and the drained node exits with its state empty.
+func TestLameduckMigrate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	a := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	ida := a.waitReady(t).NodeID
+	old := a.runWorkload(t, "--name", "svc", "--", "/bin/sleep", "600")
+	b := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	b.waitReady(t)
+
+	out := a.mustCtl(t, "node", "lameduck", ida, "--migrate", "--delay", "30s")
+	if !strings.Contains(out, "Migrated svc ["+old.ID+"]") || !strings.Contains(out, "old copy stopped: true") {
+		t.Fatalf("lameduck --migrate: %s", out)
+	}
+	ws := b.workloads(t)
+	if len(ws) != 1 || ws[0].Name != "svc" || ws[0].ID == old.ID {
+		t.Fatalf("node b after the migration: %+v", ws)
+	}
+	if ws := a.workloads(t); len(ws) != 0 {
+		t.Fatalf("the draining node still runs %+v", ws)
+	}
+}

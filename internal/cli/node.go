@@ -143,7 +143,7 @@ func (a *app) nodeInfoCmd() *cobra.Command {
 }
 
 func (a *app) nodeLameduckCmd() *cobra.Command {
-	var wait bool
+	var wait, migrate bool
 	var nodeID string
 	var delay time.Duration
 	tag := newKV("tag")
@@ -159,7 +159,12 @@ drained.
 --wait follows the drain: the workloads left on each node (a bar per node on a terminal,
 a line per change otherwise) until each node has none left after its delay or has shut
 down. It exits 1 if a workload ignored SIGTERM and was killed at the end of its stop
-grace (seen in WORKLOADSTOPPED events: nodes need events = "nats").`,
+grace (seen in WORKLOADSTOPPED events: nodes need events = "nats").
+
+--migrate first re-places each service of a drained node: a normal auction in its
+namespace (the draining node no longer bids), and the old copy is stopped only once the
+new one reports started. Jobs and functions are left to finish or be stopped at the end
+of --delay, which should leave time for the migration.`,
 		Args:              rangeArgs(0, 1, "NODE"),
 		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -237,6 +242,10 @@ grace (seen in WORKLOADSTOPPED events: nodes need events = "nats").`,
 					}
 				}
 			}
+			migrateFailed := 0
+			if migrate {
+				migrateFailed = a.migrateServices(cmd.Context(), f, drain)
+			}
 			killed := 0
 			if wait && len(drain) > 0 {
 				if err := a.watchDrain(cmd.Context(), f, drain, owners, a.out()); err != nil {
@@ -266,15 +275,50 @@ grace (seen in WORKLOADSTOPPED events: nodes need events = "nats").`,
 			if killed > 0 {
 				return exitError{ExitFailed, fmt.Errorf("%d workload(s) ignored SIGTERM and were killed at the end of their stop grace", killed)}
 			}
+			if migrateFailed > 0 {
+				return exitError{ExitFailed, fmt.Errorf("%d service(s) could not be migrated", migrateFailed)}
+			}
 			return nil
 		},
 	}
 	fl := cmd.Flags()
 	fl.BoolVar(&wait, "wait", false, "follow the drain until every node is drained; exit 1 if a workload had to be killed")
+	fl.BoolVar(&migrate, "migrate", false, "first re-place each service elsewhere through a new auction, stopping the old copy once the new one runs")
 	fl.StringVar(&nodeID, "node-id", "", "the node to drain (same as the positional NODE_ID)")
 	fl.DurationVar(&delay, "delay", time.Minute, "how long workloads keep running before they are stopped")
 	fl.Var(tag, "tag", "only a node with this tag; without a node id, every node with it")
 	return cmd
+}
+
+// migrateServices re-places every service of the draining nodes (which no longer bid)
+// and stops each old copy once its new one runs, printing each step. It returns how
+// many could not be migrated.
+func (a *app) migrateServices(ctx context.Context, f *fleet, nodes []*drainNode) int {
+	byNode, err := f.workloadSummariesByNode(ctx)
+	if err != nil {
+		fmt.Fprintf(a.io.Stderr, "nexctl: migrate: listing workloads: %v\n", err)
+		return 1
+	}
+	failed := 0
+	for _, n := range nodes {
+		for _, w := range byNode[n.ID] {
+			if w.WorkloadLifecycle != string(protocol.LifecycleService) || w.WorkloadState != protocol.WorkloadRunning {
+				continue
+			}
+			p, stopped, stopErr, err := a.cloneWorkload(ctx, f, w.ID, nil, true)
+			switch {
+			case err != nil:
+				failed++
+				fmt.Fprintf(a.io.Stderr, "nexctl: migrate %s [%s] off node %s: %v; it stops with the drain\n", w.Name, w.ID, n.ID, err)
+			case stopErr != nil:
+				failed++
+				fmt.Fprintf(a.io.Stderr, "nexctl: migrate %s: %v\n", w.Name, stopErr)
+			case !a.json:
+				fmt.Fprintf(a.out(), "Migrated %s [%s] to node %s as [%s]; old copy stopped: %t\n", w.Name, w.ID, p.Node, p.ID, stopped)
+			}
+		}
+	}
+	return failed
 }
 
 // nodeIDPattern is a node's public server nkey.

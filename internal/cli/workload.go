@@ -392,6 +392,44 @@ func sortedStringKeys(m map[string]string) []string {
 	return out
 }
 
+// cloneWorkload starts a copy of workload id through a new auction (tags, when set,
+// replace its tags) and, with stop, stops the original once the copy runs. err means
+// no copy started; stopErr that the copy runs but the original was not stopped.
+func (a *app) cloneWorkload(ctx context.Context, f *fleet, id string, tags map[string]string, stop bool) (p placement, stopped bool, stopErr, err error) {
+	kp, err := nkeys.CreateCurveKeys()
+	if err != nil {
+		return p, false, nil, err
+	}
+	defer kp.Wipe()
+	pub, _ := kp.PublicKey()
+	swr, err := f.cloneRequest(ctx, id, pub)
+	if err != nil {
+		return p, false, nil, err
+	}
+	spec, warn, err := cloneSpec(swr, tags, func(enc protocol.EncEnv) (map[string]string, error) { return openEnv(kp, enc) })
+	if err != nil {
+		return p, false, nil, fmt.Errorf("cannot clone workload %s: %w", id, err)
+	}
+	if warn != "" {
+		a.warnf("%s", warn)
+	}
+	if p, err = a.place(ctx, f, swr.Namespace, spec, 0); err != nil {
+		return p, false, nil, err
+	}
+	if stop {
+		r, _, err := f.stopWorkload(ctx, swr.Namespace, id, true)
+		switch {
+		case err != nil:
+			stopErr = fmt.Errorf("clone %s started, but stopping the original %s failed: %w", p.ID, id, err)
+		case !r.Stopped:
+			stopErr = fmt.Errorf("clone %s started, but the original %s was not stopped: %s", p.ID, id, orDash(r.Message))
+		default:
+			stopped = true
+		}
+	}
+	return p, stopped, stopErr, nil
+}
+
 func (a *app) workloadCloneCmd() *cobra.Command {
 	var stop bool
 	tags := newKV("tags")
@@ -415,39 +453,9 @@ client; otherwise it is passed on as is.`,
 			if err != nil {
 				return err
 			}
-			kp, err := nkeys.CreateCurveKeys()
+			p, stopped, stopErr, err := a.cloneWorkload(cmd.Context(), f, id, tags.m, stop)
 			if err != nil {
 				return err
-			}
-			defer kp.Wipe()
-			pub, _ := kp.PublicKey()
-			swr, err := f.cloneRequest(cmd.Context(), id, pub)
-			if err != nil {
-				return err
-			}
-			spec, warn, err := cloneSpec(swr, tags.m, func(enc protocol.EncEnv) (map[string]string, error) { return openEnv(kp, enc) })
-			if err != nil {
-				return fmt.Errorf("cannot clone workload %s: %w", id, err)
-			}
-			if warn != "" {
-				a.warnf("%s", warn)
-			}
-			p, err := a.place(cmd.Context(), f, swr.Namespace, spec, 0)
-			if err != nil {
-				return err
-			}
-			var stopErr error
-			stopped := false
-			if stop {
-				r, _, err := f.stopWorkload(cmd.Context(), swr.Namespace, id, true)
-				switch {
-				case err != nil:
-					stopErr = fmt.Errorf("clone %s started, but stopping the original %s failed: %w", p.ID, id, err)
-				case !r.Stopped:
-					stopErr = fmt.Errorf("clone %s started, but the original %s was not stopped: %s", p.ID, id, orDash(r.Message))
-				default:
-					stopped = true
-				}
 			}
 			if a.json {
 				if err := a.printJSON(map[string]any{"id": p.ID, "name": p.Name, "node": p.Node, "original_stopped": stopped}); err != nil {
