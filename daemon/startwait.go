@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -103,5 +104,15 @@ func retryableJS(err error) bool {
 		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoHeartbeat) ||
 		errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) ||
 		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected) ||
-		(errors.As(err, &apiErr) && apiErr.Code == 503)
+		(errors.As(err, &apiErr) && (apiErr.Code == 503 || storeDirRace(apiErr)))
+}
+
+// storeDirRace is nats-server's "could not create storage directory ... no such file or
+// directory" (10077) while it (re-)enables the account's JetStream: it makes the streams
+// directory, checks it is writable and removes it again, so a bucket created at that
+// moment fails. Seen when the embedded server's leaf connection comes up during
+// start-up (make fleet-test); a retry a moment later succeeds.
+func storeDirRace(e *jetstream.APIError) bool {
+	return e.ErrorCode == 10077 && strings.Contains(e.Description, "could not create storage directory") &&
+		strings.Contains(e.Description, "no such file or directory")
 }

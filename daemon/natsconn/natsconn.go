@@ -260,10 +260,18 @@ func backoff(attempt int) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
+// pingInterval is how often an idle connection is checked (see commonOptions).
+const pingInterval = 5 * time.Second
+
 // commonOptions: identity, timeouts, reconnect-forever and the state callbacks.
 func (c *Conn) commonOptions(o Options) []nats.Option {
 	opts := []nats.Option{
 		nats.MaxReconnects(-1),
+		// A link that goes silent (a partition, a pulled cable) sends no RST: only
+		// unanswered pings reveal it. nats.go's default (2 min, 2 outstanding) left a
+		// partitioned node "connected" for minutes; this notices within about 15 s.
+		nats.PingInterval(pingInterval),
+		nats.MaxPingsOutstanding(2),
 		nats.CustomReconnectDelay(func(attempts int) time.Duration { return backoff(attempts - 1) }),
 		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
 			if nc.IsClosed() {

@@ -209,13 +209,13 @@ func durationEnv(t *testing.T, name string, def time.Duration) time.Duration {
 }
 
 // TestFleetPartition: three hosts, one JetStream cluster. Host 3's link is pulled at
-// the switch for NEXD_FLEET_PARTITION (default 20s; the figure is 60s) while a
+// the switch for NEXD_FLEET_PARTITION (default 30s; the figure is 60s) while a
 // client on host 1 keeps deploying through hosts 1 and 2. Figures: placements/s on the
 // majority side, placements on the unreachable node (must be 0), host 3's workloads
 // still running during the partition, duplicates after healing (must be 0), and the
 // time until node list shows host 3 again.
 func TestFleetPartition(t *testing.T) {
-	partition := durationEnv(t, "NEXD_FLEET_PARTITION", 20*time.Second)
+	partition := durationEnv(t, "NEXD_FLEET_PARTITION", 30*time.Second)
 	f := startCluster(t, 3)
 	fg := NewFigures(t, fmt.Sprintf("partition one of three hosts for %v", partition))
 	h1, h3 := f.Hosts[0], f.Hosts[2]
@@ -248,17 +248,21 @@ func TestFleetPartition(t *testing.T) {
 	var log []deployLog
 	wg.Go(func() { log = deployContinuously(h1, majority, "p", 1000, 100*time.Millisecond, stop) })
 	// Meanwhile host 3 keeps its workloads and answers its control socket.
-	var seenStatus string
+	var seenStatus, firstChange string
 	statusOK, statusFail := 0, 0
+	before3, _ := h3.Status()
 	for time.Since(cutAt) < partition {
 		st, err := h3.Status()
 		if err != nil {
 			statusFail++
 		} else {
 			statusOK++
-			seenStatus = fmt.Sprintf("state %s, nats %s connected=%v", st.State, st.NATS.Server, st.NATS.Connected)
+			seenStatus = fmt.Sprintf("state %s, nats %s connected=%v reconnects=%d", st.State, st.NATS.Server, st.NATS.Connected, st.NATS.Reconnects)
+			if firstChange == "" && (!st.NATS.Connected || st.NATS.Reconnects != before3.NATS.Reconnects) {
+				firstChange = fmt.Sprintf("+%v: %s", time.Since(cutAt).Round(100*time.Millisecond), seenStatus)
+			}
 		}
-		time.Sleep(time.Second)
+		time.Sleep(500 * time.Millisecond)
 	}
 	close(stop)
 	wg.Wait()
@@ -307,7 +311,8 @@ func TestFleetPartition(t *testing.T) {
 	fg.Add("placements on the unreachable node", onH3)
 	fg.Add("h3's own workloads running during partition", fmt.Sprintf("%d of 2", running3))
 	fg.Add("h3 control socket answers during partition", fmt.Sprintf("%d ok, %d failed", statusOK, statusFail))
-	fg.Add("h3 STATUS during partition", seenStatus)
+	fg.Add("h3 STATUS at the end of the partition", seenStatus)
+	fg.Add("h3 STATUS first showed the cut", firstChange)
 	fg.Add("h3 control socket workload list at the end", listed)
 	if h3.Cgroup == "" {
 		t.Skip("no cgroup v1 memory hierarchy: the kernel-side checks need it")
