@@ -162,6 +162,8 @@ func TestBinaryExitCodes(t *testing.T) {
 		{name: "nexlets", env: env, args: []string{"nexlets"}, stdout: "native"},
 		{name: "restart unknown nexlet", env: env, args: []string{"nexlet", "restart", "nope"}, code: 1, stderr: "not found", noStdout: true},
 		{name: "restart nexlet", env: env, args: []string{"nexlet", "restart", "native"}, stdout: "Nexlet native restarted"},
+		{name: "complete nexlet names", env: env, args: []string{"__complete", "nexlet", "restart", "na"}, stdout: "native\t"},
+		{name: "complete logs --nexlet", env: env, args: []string{"__complete", "logs", "--nexlet", ""}, stdout: "native\t"},
 		{name: "workloads", env: env, args: []string{"workloads"}, stdout: "No workloads found"},
 		{name: "logs", env: env, args: []string{"logs", "-n", "5", "--nexlet", "native"}, stdout: "node ready"},
 		{name: "logs follow ends with stream", env: env, args: []string{"logs", "-f"}, stdout: "node ready"},

@@ -330,6 +330,8 @@ func (a *app) logsCmd() *cobra.Command {
 	f.StringVar(&q.Nexlet, "nexlet", "", "only lines of this nexlet")
 	f.StringVar(&q.Workload, "workload", "", "only lines of this workload id")
 	f.IntVarP(&q.Lines, "lines", "n", 0, "how many recent lines (0: the node's default)")
+	_ = cmd.RegisterFlagCompletionFunc("nexlet", a.completeNexlets)
+	_ = cmd.RegisterFlagCompletionFunc("workload", a.completeLocalWorkloads)
 	return cmd
 }
 

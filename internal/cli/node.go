@@ -285,6 +285,7 @@ of --delay, which should leave time for the migration.`,
 	fl.BoolVar(&wait, "wait", false, "follow the drain until every node is drained; exit 1 if a workload had to be killed")
 	fl.BoolVar(&migrate, "migrate", false, "first re-place each service elsewhere through a new auction, stopping the old copy once the new one runs")
 	fl.StringVar(&nodeID, "node-id", "", "the node to drain (same as the positional NODE_ID)")
+	_ = cmd.RegisterFlagCompletionFunc("node-id", a.completeNodes())
 	fl.DurationVar(&delay, "delay", time.Minute, "how long workloads keep running before they are stopped")
 	fl.Var(tag, "tag", "only a node with this tag; without a node id, every node with it")
 	return cmd

@@ -231,3 +231,22 @@ func (a *app) completeNexlets(cmd *cobra.Command, args []string, toComplete stri
 	}
 	return out, cobra.ShellCompDirectiveNoFileComp
 }
+
+// completeLocalWorkloads offers the ids (with names) of the local node's workloads.
+func (a *app) completeLocalWorkloads(cmd *cobra.Command, _ []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	ctx, cancel := context.WithTimeout(cmd.Context(), completionTimeout)
+	defer cancel()
+	c := a.client()
+	defer c.Close()
+	ws, err := c.Workloads(ctx)
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var out []cobra.Completion
+	for _, w := range ws {
+		if strings.HasPrefix(w.ID, toComplete) {
+			out = append(out, cobra.CompletionWithDesc(w.ID, w.Name))
+		}
+	}
+	return out, cobra.ShellCompDirectiveNoFileComp
+}
