@@ -35,7 +35,10 @@ type Options struct {
 	Recovery   int           // workloads of the recovery scenario
 	Idle       time.Duration // idle CPU sampling window
 	Keep       bool          // keep the temp dir (logs) after the run
-	Log        *slog.Logger
+	Upstream   string        // upstream's nex binary (compare)
+	// CompareWorkloads are the running-workload counts compare samples memory at.
+	CompareWorkloads []int
+	Log              *slog.Logger
 }
 
 // Defaults fills unset options: the full run, or the quick smoke run.
@@ -66,6 +69,9 @@ func (o *Options) Defaults() {
 		if o.Quick {
 			o.Footprint = []int{0, 100}
 		}
+	}
+	if len(o.CompareWorkloads) == 0 {
+		o.CompareWorkloads = []int{100}
 	}
 	if o.Stall <= 0 {
 		o.Stall = 20 * time.Millisecond
@@ -114,7 +120,7 @@ type Harness struct {
 // NewHarness prepares a run directory.
 func NewHarness(o Options) (*Harness, error) {
 	o.Defaults()
-	for _, p := range []*string{&o.Nexd, &o.Nexctl, &o.Self} {
+	for _, p := range []*string{&o.Nexd, &o.Nexctl, &o.Self, &o.Upstream} {
 		if *p == "" {
 			continue
 		}
@@ -126,6 +132,11 @@ func NewHarness(o Options) (*Harness, error) {
 	}
 	if _, err := os.Stat(o.Nexd); err != nil && len(o.Servers) == 0 {
 		return nil, fmt.Errorf("nexd binary: %w (build it with make build, or pass --nexd)", err)
+	}
+	if o.Upstream != "" {
+		if _, err := os.Stat(o.Upstream); err != nil {
+			return nil, fmt.Errorf("--upstream-nex: %w", err)
+		}
 	}
 	if o.Workload != "sh" && o.Workload != "nats" {
 		return nil, fmt.Errorf("workload %q: want sh or nats", o.Workload)
@@ -285,7 +296,7 @@ func (h *Harness) Run(ctx context.Context, names []string) (*Report, error) {
 	for _, name := range names {
 		fn := h.scenario(name)
 		if fn == nil {
-			return nil, fmt.Errorf("unknown scenario %q (want one of %s or all)", name, strings.Join(Scenarios(), ", "))
+			return nil, fmt.Errorf("unknown scenario %q (want one of %s, compare, or all)", name, strings.Join(Scenarios(), ", "))
 		}
 	}
 	if len(h.o.Servers) == 0 {
@@ -327,6 +338,8 @@ func (h *Harness) scenario(name string) func(context.Context) ([]Result, error) 
 		return h.recovery
 	case "fleet":
 		return h.fleet
+	case "compare":
+		return h.compare
 	}
 	return nil
 }

@@ -171,3 +171,114 @@ func TestSmoke(t *testing.T) {
 		t.Errorf("cgroups left behind: %v", left)
 	}
 }
+
+func TestReadyLogWithOrWithoutNewline(t *testing.T) {
+	for _, in := range []string{"nexbench-ready", "nexbench-ready\n", "x\nnexbench-ready\r\n"} {
+		if !isReadyLog([]byte(in)) {
+			t.Errorf("isReadyLog(%q) = false", in)
+		}
+	}
+	if isReadyLog([]byte("nexbench-ready-not")) {
+		t.Error("isReadyLog took a different line")
+	}
+}
+
+// TestCompareWorkloadsRun places both workloads the tool deploys (the shell one that
+// compare uses, and the NATS one) on a real nexd and, when NEXBENCH_UPSTREAM_NEX names
+// upstream's nex binary, on an upstream node too, then runs a quick compare.
+func TestCompareWorkloadsRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs nexd")
+	}
+	// Workloads run under dynamic uids when nexd is root: the binaries' directory must
+	// be searchable by anyone, which t.TempDir's is not.
+	dir, err := os.MkdirTemp("", "nexbench-bin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	nexd, self := filepath.Join(dir, "nexd"), filepath.Join(dir, "nexbench")
+	for bin, pkg := range map[string]string{nexd: "github.com/nexd-project/nexd/cmd/nexd", self: "github.com/nexd-project/nexd/cmd/nexbench"} {
+		if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", pkg, err, out)
+		}
+	}
+	upstream := os.Getenv("NEXBENCH_UPSTREAM_NEX")
+	h, err := NewHarness(Options{Nexd: nexd, Self: self, Upstream: upstream, Quick: true, Placements: 3, CompareWorkloads: []int{5}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	place := func(t *testing.T, url string) {
+		c, err := newClient(url, "system")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := waitBids(ctx, c, 1); err != nil {
+			t.Fatal(err)
+		}
+		for _, kind := range []string{"sh", "nats"} {
+			p, err := c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, workloadSpec{Kind: kind, Self: self}, "wl-"+kind, time.Minute)
+			if err != nil {
+				t.Fatalf("%s workload: %v", kind, err)
+			}
+			if err := c.list(ctx); err != nil {
+				t.Errorf("list: %v", err)
+			}
+			if err := c.undeploy(ctx, p.ID, gatherOpts{first: 30 * time.Second, stall: time.Second, max: 1}); err != nil {
+				t.Errorf("%s workload: %v", kind, err)
+			}
+		}
+	}
+	t.Run("nexd", func(t *testing.T) {
+		ns, err := h.natsServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _, err := h.readyNode(ctx, nodeSpec{Servers: []string{ns.URL()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.stopNode(n)
+		place(t, ns.URL())
+	})
+	t.Run("upstream", func(t *testing.T) {
+		if upstream == "" {
+			t.Skip("NEXBENCH_UPSTREAM_NEX (upstream's nex binary) not set")
+		}
+		ns, err := h.natsServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, err := startUpstream(h.o.Upstream, filepath.Join(h.dir, "upstream-test"), "upstream-test", ns.URL())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.stop(30 * time.Second)
+		if _, err := u.waitReady(ctx, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		place(t, ns.URL())
+	})
+	t.Run("compare", func(t *testing.T) {
+		if upstream == "" {
+			t.Skip("NEXBENCH_UPSTREAM_NEX (upstream's nex binary) not set")
+		}
+		rep, err := h.Run(ctx, []string{"compare"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		_ = rep.WriteTable(&buf)
+		t.Log(buf.String())
+		if len(rep.Results) != 1 || rep.Results[0].Err != "" {
+			t.Fatalf("compare: %+v", rep.Results)
+		}
+	})
+}

@@ -55,7 +55,9 @@ func newClient(url, ns string) (*client, error) {
 		return nil, fmt.Errorf("subscribe to announcements: %w", err)
 	}
 	s2, err := nc.Subscribe(protocol.LogsWildcard(ns, "*"), func(m *nats.Msg) {
-		if string(m.Data) == readyLine {
+		// Upstream's native nexlet publishes each write of the pipe as it came,
+		// newline included; nexd's publishes lines.
+		if isReadyLog(m.Data) {
 			c.tracker.announce(protocol.Token(m.Subject, 4))
 		}
 	})
@@ -75,6 +77,16 @@ func newClient(url, ns string) (*client, error) {
 }
 
 func (c *client) Close() { c.nc.Close() }
+
+// isReadyLog reports whether a log feed message carries the shell workload's ready line.
+func isReadyLog(data []byte) bool {
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if strings.TrimSpace(line) == readyLine {
+			return true
+		}
+	}
+	return false
+}
 
 // tracker records when each workload id first announced itself and how often.
 type tracker struct {
@@ -113,14 +125,22 @@ func (t *tracker) announce(id string) {
 
 // wait returns when id first announced itself.
 func (t *tracker) wait(ctx context.Context, id string) (time.Time, error) {
+	return t.waitEither(ctx, id, id)
+}
+
+// waitEither returns when the workload announced itself under its id or under the tag
+// the tool gave it (upstream's nexlet does not tell a workload its id).
+func (t *tracker) waitEither(ctx context.Context, id, tag string) (time.Time, error) {
 	t.mu.Lock()
-	a := t.entry(id)
+	a, b := t.entry(id), t.entry(tag)
 	t.mu.Unlock()
 	select {
 	case <-a.ch:
 		return a.first, nil
+	case <-b.ch:
+		return b.first, nil
 	case <-ctx.Done():
-		return time.Time{}, fmt.Errorf("workload %s never announced itself: %w", id, ctx.Err())
+		return time.Time{}, fmt.Errorf("workload %s (%s) never announced itself: %w", id, tag, ctx.Err())
 	}
 }
 
@@ -294,7 +314,10 @@ func (w workloadSpec) request(ns, name string) protocol.StartWorkloadRequest {
 	var rr map[string]any
 	switch w.Kind {
 	case "nats":
-		rr = map[string]any{"uri": "file://" + w.Self, "argv": []string{"workload"}}
+		// The tag is the workload's name: nexd tells the workload its id, upstream
+		// does not, so the workload announces itself under the tag there.
+		rr = map[string]any{"uri": "file://" + w.Self, "argv": []string{"workload"},
+			"environment": map[string]string{workloadTagEnv: name}}
 	default:
 		rr = map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "echo " + readyLine + "; exec sleep 86400"}}
 	}
@@ -327,13 +350,15 @@ func (c *client) place(ctx context.Context, ao gatherOpts, w workloadSpec, name 
 	bid := leastLoaded(bids)
 	dctx, cancel := context.WithTimeout(ctx, deployTimeout)
 	defer cancel()
+	// A run may deploy the same name twice; the suffix keeps the tag unique.
+	name = name + "-" + strings.ToLower(nuid.Next()[16:])
 	id, err := c.deploy(dctx, bid.BidderID, w.request(c.ns, name))
 	if err != nil {
 		return p, err
 	}
 	t2 := time.Now()
 	p.ID, p.Deploy = id, t2.Sub(t1)
-	ready, err := c.tracker.wait(dctx, id)
+	ready, err := c.tracker.waitEither(dctx, id, name)
 	if err != nil {
 		return p, err
 	}

@@ -13,6 +13,7 @@ import (
 )
 
 const usage = `Usage: nexbench [flags] SCENARIO... | all
+       nexbench compare --upstream-nex PATH
        nexbench workload
 
 Scenarios: ready, control, placement, throughput, footprint, recovery, fleet.
@@ -20,6 +21,9 @@ nexbench starts nexd processes (--nexd) and in-process NATS servers on loopback,
 only the $NEX protocol to the nodes (the control scenario uses the control socket) and
 removes everything it started when done. With --nats.servers it measures the nodes
 already behind that server instead (placement and throughput only), nexd or upstream.
+"nexbench compare" starts an upstream node (--upstream-nex, upstream's nex binary) and a
+nexd, each on its own NATS server, and runs the same scenarios against both, alternating:
+exec to ready, deploy request, placement, list, stop, idle and per-workload memory.
 "nexbench workload" is the workload the tool deploys with --workload nats.
 
 Flags:
@@ -57,6 +61,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.Recovery, "recovery", 0, "workloads of the recovery scenario (default 1000, quick 100)")
 	fs.DurationVar(&o.Idle, "idle", 0, "idle CPU sampling window (default 5s, quick 2s)")
 	fs.BoolVar(&o.Keep, "keep", false, "keep the temp dir with node logs")
+	fs.StringVar(&o.Upstream, "upstream-nex", "", "upstream's nex binary (compare)")
+	fs.IntSliceVar(&o.CompareWorkloads, "compare-workloads", nil, "running-workload counts compare samples memory at (default 100)")
 	fs.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	fs.StringVar(&jsonOut, "json-out", "", "also write the JSON report to this file")
 	fs.BoolVarP(&verbose, "verbose", "v", false, "log progress to stderr")

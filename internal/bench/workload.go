@@ -13,15 +13,19 @@ import (
 	"github.com/nats-io/nkeys"
 )
 
+// workloadTagEnv carries the name the tool deployed the NATS workload under.
+const workloadTagEnv = "NEXBENCH_TAG"
+
 // RunWorkload is the NATS workload (`nexbench workload`): it connects with the
 // credentials the native nexlet put in its environment, announces itself on
 // nexbench.ready.<NEX_WORKLOAD_ID>, drops the connection (so a thousand of them cost
 // the server nothing) and waits until ctx ends (SIGTERM from the nexlet).
 func RunWorkload(ctx context.Context, env func(string) string) error {
-	id := env("NEX_WORKLOAD_ID")
+	// Upstream's native nexlet does not set NEX_WORKLOAD_ID; the tool's tag stands in.
+	id := cmpOr(env("NEX_WORKLOAD_ID"), env(workloadTagEnv))
 	servers := env("NEX_WORKLOAD_NATS_SERVERS")
 	if id == "" || servers == "" {
-		return errors.New("workload: NEX_WORKLOAD_ID and NEX_WORKLOAD_NATS_SERVERS must be set (run me through a node)")
+		return errors.New("workload: NEX_WORKLOAD_ID (or " + workloadTagEnv + ") and NEX_WORKLOAD_NATS_SERVERS must be set (run me through a node)")
 	}
 	opts := []nats.Option{nats.Name("nexbench-workload-" + id), nats.Timeout(10 * time.Second)}
 	seed := env("NEX_WORKLOAD_NATS_NKEY")

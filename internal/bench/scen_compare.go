@@ -1,0 +1,252 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// cmpSide is one node kind of the comparison: a long-lived node on its own NATS server
+// and a client on that server.
+type cmpSide struct {
+	name   string
+	c      *client
+	sample func() (rss, pss int64, threads int, err error)
+}
+
+// cmpFigure is one figure measured on both sides.
+type cmpFigure struct {
+	name, unit string
+	up, nx     float64
+}
+
+// compare runs the same scenarios against an upstream `nex node up` and a nexd, each on
+// its own loopback NATS server, alternating between them so that machine load hits
+// both alike: exec to ready, deploy request, placement end to end, list, stop, idle
+// memory, memory added per running workload, threads.
+func (h *Harness) compare(ctx context.Context) ([]Result, error) {
+	if len(h.o.Servers) > 0 {
+		return nil, errNoServers
+	}
+	if h.o.Upstream == "" {
+		return nil, errors.New("compare needs --upstream-nex PATH (upstream's nex binary, built from synadia-io/nex)")
+	}
+	nsUp, err := h.natsServer()
+	if err != nil {
+		return nil, err
+	}
+	nsNx, err := h.natsServer()
+	if err != nil {
+		return nil, err
+	}
+	var figs []cmpFigure
+
+	// Exec to ready: a fresh node each time, upstream first in even runs.
+	runs := 5
+	if h.o.Quick {
+		runs = 3
+	}
+	var upReady, nxReady []time.Duration
+	for i := range runs {
+		for _, upstreamTurn := range alternate(i) {
+			if upstreamTurn {
+				d, err := h.upstreamReady(ctx, nsUp.URL(), i)
+				if err != nil {
+					return nil, err
+				}
+				upReady = append(upReady, d)
+				continue
+			}
+			n, d, err := h.readyNode(ctx, nodeSpec{Name: fmt.Sprintf("cmpready%d", i), Servers: []string{nsNx.URL()}})
+			if err != nil {
+				return nil, err
+			}
+			nxReady = append(nxReady, d)
+			if err := h.stopNode(n); err != nil {
+				return nil, err
+			}
+		}
+	}
+	figs = append(figs, msFigure("exec → ready p50", Summarize(upReady).P50, Summarize(nxReady).P50))
+
+	// Long-lived nodes for the rest.
+	up, err := startUpstream(h.o.Upstream, filepath.Join(h.dir, "upstream-main"), "upstream-main", nsUp.URL())
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = up.stop(30 * time.Second) }()
+	if _, err := up.waitReady(ctx, time.Minute); err != nil {
+		return nil, err
+	}
+	nx, _, err := h.readyNode(ctx, nodeSpec{Name: "nexd-main", Servers: []string{nsNx.URL()}})
+	if err != nil {
+		return nil, err
+	}
+	sides := [2]*cmpSide{{name: "upstream"}, {name: "nexd"}}
+	sides[0].sample = func() (int64, int64, int, error) {
+		rss, th, err := procStatus(up.Pid())
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		pss, err := procPSS(up.Pid())
+		return rss, pss, th, err
+	}
+	sides[1].sample = func() (int64, int64, int, error) {
+		s, err := sampleNode(nx)
+		return s.nexdRSS + s.nexletRSS, s.nexdPSS + s.nexletPSS, s.nexdThreads + s.nexletThreads, err
+	}
+	for i, url := range []string{nsUp.URL(), nsNx.URL()} {
+		c, err := newClient(url, h.o.Namespace)
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		if err := waitBids(ctx, c, 1); err != nil {
+			return nil, fmt.Errorf("%s: %w", sides[i].name, err)
+		}
+		sides[i].c = c
+	}
+
+	// Idle memory, before any workload ran.
+	time.Sleep(2 * time.Second)
+	var idle [2][3]float64
+	for i, s := range sides {
+		rss, pss, th, err := s.sample()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", s.name, err)
+		}
+		idle[i] = [3]float64{float64(rss), float64(pss), float64(th)}
+	}
+	figs = append(figs,
+		cmpFigure{name: "idle RSS", unit: "MB", up: idle[0][0] / (1 << 20), nx: idle[1][0] / (1 << 20)},
+		cmpFigure{name: "idle PSS", unit: "MB", up: idle[0][1] / (1 << 20), nx: idle[1][1] / (1 << 20)},
+		cmpFigure{name: "idle threads", unit: "", up: idle[0][2], nx: idle[1][2]})
+
+	// Latencies: two rounds, each side in turn, the order swapped between rounds.
+	type lat struct{ deploy, place, list, stop []time.Duration }
+	var lats [2]lat
+	w := workloadSpec{Kind: "sh"}
+	for round := range 2 {
+		for _, upstreamTurn := range alternate(round) {
+			i := 1
+			if upstreamTurn {
+				i = 0
+			}
+			s := sides[i]
+			for k := range h.o.Placements + 5 {
+				p, err := s.c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, w, fmt.Sprintf("cmp%d-%d", round, k), time.Minute)
+				if err != nil {
+					return nil, fmt.Errorf("%s: placement %d: %w", s.name, k, err)
+				}
+				t := time.Now()
+				if err := s.c.list(ctx); err != nil {
+					return nil, fmt.Errorf("%s: list: %w", s.name, err)
+				}
+				dl := time.Since(t)
+				t = time.Now()
+				if err := s.c.undeploy(ctx, p.ID, gatherOpts{first: 30 * time.Second, stall: time.Second, max: 1}); err != nil {
+					return nil, fmt.Errorf("%s: %w", s.name, err)
+				}
+				ds := time.Since(t)
+				if k < 5 {
+					continue // warm-up
+				}
+				l := &lats[i]
+				l.deploy, l.place, l.list, l.stop = append(l.deploy, p.Deploy), append(l.place, p.Total), append(l.list, dl), append(l.stop, ds)
+			}
+		}
+	}
+	figs = append(figs,
+		msFigure("deploy request p50", Summarize(lats[0].deploy).P50, Summarize(lats[1].deploy).P50),
+		msFigure("deploy request p99", Summarize(lats[0].deploy).P99, Summarize(lats[1].deploy).P99),
+		msFigure("placement end to end p50", Summarize(lats[0].place).P50, Summarize(lats[1].place).P50),
+		msFigure("placement end to end p99", Summarize(lats[0].place).P99, Summarize(lats[1].place).P99),
+		msFigure("list p50", Summarize(lats[0].list).P50, Summarize(lats[1].list).P50),
+		msFigure("stop p50", Summarize(lats[0].stop).P50, Summarize(lats[1].stop).P50))
+
+	// Memory with workloads running: deploy up to each count on both, then sample.
+	running := 0
+	for _, want := range h.o.CompareWorkloads {
+		if want <= running {
+			continue
+		}
+		var per [2][3]float64
+		for _, s := range sides {
+			if _, _, err := deployN(ctx, s.c, w, 1, want-running, 8, fmt.Sprintf("cmpw%d", want)); err != nil {
+				return nil, fmt.Errorf("%s: %d workloads: %w", s.name, want, err)
+			}
+		}
+		running = want
+		time.Sleep(2 * time.Second)
+		for i, s := range sides {
+			rss, pss, th, err := s.sample()
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", s.name, err)
+			}
+			per[i] = [3]float64{(float64(rss) - idle[i][0]) / float64(running) / 1024,
+				(float64(pss) - idle[i][1]) / float64(running) / 1024, float64(th)}
+		}
+		figs = append(figs,
+			cmpFigure{name: fmt.Sprintf("RSS added per workload, %d running", running), unit: "KB", up: per[0][0], nx: per[1][0]},
+			cmpFigure{name: fmt.Sprintf("PSS added per workload, %d running", running), unit: "KB", up: per[0][1], nx: per[1][1]},
+			cmpFigure{name: fmt.Sprintf("threads, %d running", running), up: per[0][2], nx: per[1][2]})
+	}
+
+	r := Result{Scenario: "compare", Variant: "upstream nex vs nexd, same machine, one run"}
+	for _, f := range figs {
+		r.add(f.name+": upstream", f.up, f.unit)
+		r.add(f.name+": nexd", f.nx, f.unit)
+		if f.up > 0 {
+			r.add(f.name+": nexd / upstream", f.nx/f.up, "×")
+		}
+	}
+	r.notef("each node on its own in-process NATS server on loopback; nexd's figures are nexd + its nexlet, upstream's its single process (its native agent runs inside it)")
+	r.notef("workload: /bin/sh -c 'echo %s; exec sleep 86400', seen on the $NEX log feed; %d placements per side per round (after 5 warm-up), 2 rounds, order swapped", readyLine, h.o.Placements)
+	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, runs)
+	return []Result{r}, nil
+}
+
+// upstreamReady starts an upstream node, waits for its ready line and stops it.
+func (h *Harness) upstreamReady(ctx context.Context, url string, i int) (time.Duration, error) {
+	u, err := startUpstream(h.o.Upstream, filepath.Join(h.dir, fmt.Sprintf("upstream-ready%d", i)), fmt.Sprintf("upready%d", i), url)
+	if err != nil {
+		return 0, err
+	}
+	d, err := u.waitReady(ctx, time.Minute)
+	serr := u.stop(30 * time.Second)
+	if err != nil {
+		return 0, err
+	}
+	return d, serr
+}
+
+// alternate says, for round i, whether upstream goes first (true) or second.
+func alternate(i int) []bool {
+	if i%2 == 0 {
+		return []bool{true, false}
+	}
+	return []bool{false, true}
+}
+
+func msFigure(name string, up, nx time.Duration) cmpFigure {
+	return cmpFigure{name: name, unit: "ms", up: float64(up) / float64(time.Millisecond), nx: float64(nx) / float64(time.Millisecond)}
+}
+
+// list asks the namespace's nodes for their workloads and returns at the first answer
+// (one node per server here).
+func (c *client) list(ctx context.Context) error {
+	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: c.ns, Filter: []string{}})
+	msgs, err := c.gather(ctx, protocol.WPingSubject(c.ns), data, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1})
+	if err != nil {
+		return err
+	}
+	if len(msgs) == 0 {
+		return errors.New("no node answered the workload list")
+	}
+	return replyErr(msgs[0])
+}
