@@ -268,8 +268,9 @@ func TestLameduckDrainLeavesKVEmpty(t *testing.T) {
 	}
 }
 
-// TestSIGTERMDuringStartupWaits: SIGTERM while nexd waits for NATS, and while it waits
-// for JetStream, ends nexd within seconds with exit 0. STATUS said what it waited for.
+// TestSIGTERMDuringStartupWaits: SIGTERM while nexd waits for NATS, for JetStream, and
+// for a nexlet to register ends nexd within seconds with exit 0. STATUS said what it
+// waited for.
 func TestSIGTERMDuringStartupWaits(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -282,16 +283,21 @@ func TestSIGTERMDuringStartupWaits(t *testing.T) {
 	deadURL := "nats://" + l.Addr().String()
 	l.Close()
 	noJS := testnats.Start(t, testnats.Options{NoJetStream: true})
+	withJS := testnats.Start(t, testnats.Options{})
 	for _, c := range []struct {
 		name, url, waits string
+		extra            []string
 	}{
-		{"nats", deadURL, "waiting for NATS"},
-		{"jetstream", noJS.ClientURL(), "waiting for JetStream"},
+		{"nats", deadURL, "waiting for NATS", nil},
+		{"jetstream", noJS.ClientURL(), "waiting for JetStream", nil},
+		// A nexlet that never registers.
+		{"nexlets", withJS.ClientURL(), "starting: nexlets",
+			[]string{"--disable-native-start", "--agents.uri", "file:///bin/sleep", "--agents.argv", "600"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			ns := newNotifySocket(t)
-			n := startNode(t, nodeOpts{external: c.url, notify: ns, extra: []string{"--state", "kv"}})
+			n := startNode(t, nodeOpts{external: c.url, notify: ns, extra: append([]string{"--state", "kv"}, c.extra...)})
 			ns.waitFor(t, c.waits, 30*time.Second)
 			n.signal(t, syscall.SIGTERM)
 			start := time.Now()
