@@ -241,15 +241,6 @@ func workloadPSS(n *nodeProc) int64 {
 
 func mb(b int64) float64 { return float64(b) / (1 << 20) }
 
-// workloadProcs maps NEX_WORKLOAD_ID to the number of live processes carrying it.
-func workloadProcs() map[string]int {
-	out := map[string]int{}
-	for id, pids := range workloadPIDs() {
-		out[id] = len(pids)
-	}
-	return out
-}
-
 // workloadPIDs maps each NEX_WORKLOAD_ID to its live processes, sorted.
 func workloadPIDs() map[string][]int {
 	out := map[string][]int{}
