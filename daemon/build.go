@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -75,6 +76,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	})
 
 	d.notify.Status("starting: loading identity")
+	if err := privateStateDir(s.stateDir, d.log); err != nil {
+		return nil, err
+	}
 	id, err := identity.Load(cfg.Node.Seed, cfg.Node.XKeySeed, s.stateDir)
 	if err != nil {
 		return nil, err
@@ -336,4 +340,27 @@ func ensureLogStream(ctx context.Context, nc *nats.Conn, domain string, maxAge t
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return logstream.Ensure(ctx, js, maxAge, maxBytes)
+}
+
+// privateStateDir makes the state directory (seeds, the embedded server's keys,
+// secrets, JetStream) nexd's alone: 0700, also when it already existed with a looser
+// mode (`mkdir -p` under umask 022), so no other user or workload can list or read it.
+func privateStateDir(dir string, log *slog.Logger) error {
+	if dir == "" {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("state_dir %s: %w", dir, err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("state_dir %s: %w", dir, err)
+	}
+	if mode := fi.Mode().Perm(); mode&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("state_dir %s has mode %04o and holds the node's keys: chmod 700 failed: %w", dir, mode, err)
+		}
+		log.Warn("state_dir was readable by others; made it 0700", "dir", dir, "was", fmt.Sprintf("%04o", mode))
+	}
+	return nil
 }
