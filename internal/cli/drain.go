@@ -300,3 +300,41 @@ func (a *app) watchLocalDrain(ctx context.Context, until time.Time) (killed int,
 		}
 	}
 }
+
+// deployProgress prints a node's progress reports during a deploy on stderr: one line
+// redrawn in place on a terminal, a line per new report otherwise, {"progress": ...}
+// under --json.
+type deployProgress struct {
+	a    *app
+	tty  bool
+	last string
+}
+
+func (a *app) newDeployProgress() *deployProgress {
+	return &deployProgress{a: a, tty: isTTY(a.io.Stderr) && !a.json}
+}
+
+func (p *deployProgress) show(text string) {
+	if text == p.last {
+		return
+	}
+	p.last = text
+	w := p.a.io.Stderr
+	switch {
+	case p.a.json:
+		b, _ := json.Marshal(map[string]string{"progress": text})
+		fmt.Fprintln(w, string(b))
+	case p.tty:
+		fmt.Fprintf(w, "\r\x1b[2Knexctl: deploying: %s", text)
+	default:
+		fmt.Fprintf(w, "nexctl: deploying: %s\n", text)
+	}
+}
+
+// done ends an in-place progress line.
+func (p *deployProgress) done() {
+	if p.tty && p.last != "" {
+		fmt.Fprintln(p.a.io.Stderr)
+	}
+	p.last = ""
+}

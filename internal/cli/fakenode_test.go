@@ -31,6 +31,8 @@ type fakeNode struct {
 	workloads      []protocol.WorkloadSummary
 	stored         map[string]protocol.StartWorkloadRequest // for CLONE
 	stopOK         bool
+	// progress are reports sent before a deploy's answer when the client asks.
+	progress []string
 
 	mu        sync.Mutex
 	deploys   []protocol.StartWorkloadRequest
@@ -155,6 +157,11 @@ func (n *fakeNode) start() *fakeNode {
 			r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: n.failDeploy})
 			_ = m.RespondMsg(r)
 			return
+		}
+		if m.Header.Get(protocol.HeaderProgress) != "" {
+			for _, p := range n.progress {
+				_ = n.nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: nats.Header{protocol.HeaderProgress: {p}}})
+			}
 		}
 		n.respond(m, protocol.StartWorkloadResponse{ID: "W-" + n.id, Name: req.Name})
 	})

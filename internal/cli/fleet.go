@@ -29,6 +29,8 @@ type fleet struct {
 	deployTimeout time.Duration
 	// jsDomain is the JetStream domain for KV state ("" for the account's default).
 	jsDomain string
+	// progress shows a node's progress reports during a deploy (nil: ignored).
+	progress *deployProgress
 }
 
 func (f *fleet) jetstream() (jetstream.JetStream, error) {
@@ -246,15 +248,50 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	if req.Tags == nil {
 		req.Tags = map[string]string{}
 	}
-	m, ok, err := f.request(ctx, protocol.DeploySubject(req.Namespace, bidderID), req, f.deployTimeout)
-	if !ok {
-		return r, fmt.Errorf("%w: bid %s expired: no node answers for it", errNotStarted, bidderID)
-	}
-	if errors.Is(err, nats.ErrTimeout) {
-		return r, fmt.Errorf("%w after %s", errDeployTimeout, f.deployTimeout)
-	}
+	data, err := json.Marshal(req)
 	if err != nil {
-		if m != nil && m.Header.Get(protocol.HeaderDeployOutcome) == protocol.DeployNotStarted {
+		return r, err
+	}
+	subject := protocol.DeploySubject(req.Namespace, bidderID)
+	inbox := f.nc.NewInbox()
+	sub, err := f.nc.SubscribeSync(inbox)
+	if err != nil {
+		return r, fmt.Errorf("subscribe for the deploy reply: %w", err)
+	}
+	defer sub.Unsubscribe()
+	// HeaderProgress asks a node that can to report how the start goes (an artifact
+	// download) with body-less replies before its answer; others ignore it.
+	msg := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderProgress: {"1"}}}
+	if err := f.nc.PublishMsg(msg); err != nil {
+		return r, fmt.Errorf("publish %s: %w", subject, err)
+	}
+	deadline := time.Now().Add(f.deployTimeout)
+	if f.progress != nil {
+		defer f.progress.done()
+	}
+	var m *nats.Msg
+	for {
+		rctx, cancel := context.WithDeadline(ctx, deadline)
+		m, err = sub.NextMsgWithContext(rctx)
+		cancel()
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return r, ctx.Err()
+		case err != nil:
+			return r, fmt.Errorf("%w after %s", errDeployTimeout, f.deployTimeout)
+		case len(m.Data) == 0 && m.Header.Get("Status") == "503":
+			return r, fmt.Errorf("%w: bid %s expired: no node answers for it", errNotStarted, bidderID)
+		case m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && replyError(m) == nil:
+			if f.progress != nil {
+				f.progress.show(m.Header.Get(protocol.HeaderProgress))
+			}
+			deadline = time.Now().Add(f.deployTimeout) // the node is still at it
+			continue
+		}
+		break
+	}
+	if err := replyError(m); err != nil {
+		if m.Header.Get(protocol.HeaderDeployOutcome) == protocol.DeployNotStarted {
 			return r, fmt.Errorf("%w: %w", errNotStarted, err)
 		}
 		return r, err

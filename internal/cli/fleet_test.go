@@ -441,3 +441,30 @@ func TestNodeStateAndPrune(t *testing.T) {
 		t.Fatalf("state of pruned node: %d %q", code, errOut)
 	}
 }
+
+// TestWorkloadRunShowsDeployProgress: a node's progress reports during a deploy (an
+// artifact download) are shown on stderr, as lines off a terminal and as JSON under
+// --json, and do not count as its answer.
+func TestWorkloadRunShowsDeployProgress(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	n := newFakeNode(t, nc, "SLOW", nil)
+	n.progress = []string{"downloading 4.0 MiB of 40.0 MiB", "downloading 40.0 MiB of 40.0 MiB", "starting"}
+	n.start()
+	out, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "--namespace", "default", "--allow-unsigned-bids", "workload", "run",
+		"--name", "web", "--", "/bin/sh", "-c", "sleep 1")...)
+	if code != 0 || !strings.Contains(out, "Workload web [W-SLOW] successfully started") {
+		t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
+	}
+	for _, p := range n.progress {
+		if !strings.Contains(errOut, "nexctl: deploying: "+p+"\n") {
+			t.Errorf("progress %q not shown:\n%s", p, errOut)
+		}
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(s.ClientURL(), "--json", "--namespace", "default", "--allow-unsigned-bids", "workload", "run",
+		"--name", "web", "--", "/bin/sh", "-c", "sleep 1")...)
+	if code != 0 || !strings.Contains(errOut, `{"progress":"downloading 4.0 MiB of 40.0 MiB"}`) {
+		t.Errorf("--json progress: exit %d\n%s", code, errOut)
+	}
+}

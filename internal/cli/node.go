@@ -39,7 +39,8 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, jsDomain: c.JSDomain()}
+	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, jsDomain: c.JSDomain(),
+		progress: a.newDeployProgress()}
 	return f, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
