@@ -118,9 +118,12 @@ func signingNode(t *testing.T, extra ...string) (*node, string, *nats.Conn) {
 // natsRun deploys through NATS (an auction, as a tenant would) with nexctl.
 func (n *node) natsRun(t *testing.T, creds, ns string, args ...string) runResult {
 	t.Helper()
-	out, errOut, code := run(t, nil, nexctlBin(t), append([]string{"--control-socket", n.socket,
-		"--nats.servers", n.natsURL, "--nats.creds-file", creds, "--namespace", ns, "--json",
-		"workload", "run"}, args...)...)
+	base := []string{"--control-socket", n.socket, "--nats.servers", n.natsURL}
+	if creds != "" {
+		base = append(base, "--nats.creds-file", creds)
+	}
+	out, errOut, code := run(t, nil, nexctlBin(t), append(append(base, "--namespace", ns, "--json",
+		"workload", "run"), args...)...)
 	if code != 0 {
 		t.Fatalf("nexctl workload run in %s: exit %d\nstdout: %s\nstderr: %s\nnexd:\n%s", ns, code, out, errOut, n.out.String())
 	}
@@ -588,4 +591,69 @@ func TestStolenWorkloadUser(t *testing.T) {
 	if !slices.ContainsFunc(ws, func(w control.Workload) bool { return w.ID == renewed.ID }) {
 		t.Fatalf("the renewed workload is gone: %+v", ws)
 	}
+}
+
+// TestCloneResealOnlyToSignedBid: a client that may clone in the namespace asks for a
+// workload's start request re-sealed to its own xkey, without a bid and with a bid that
+// claims the real node but is signed by another key; the sealed environment stays
+// closed to it. nexctl's clone (which
+// re-seals to a signed bid's nexlet) still carries the environment to the copy.
+func TestCloneResealOnlyToSignedBid(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	w := n.natsRun(t, "", "tenant", "--name", "sealed", "--env", "TOKEN=hunter2", "--", "/bin/sh", "-c", `echo "token=$TOKEN"; exec sleep 300`)
+
+	thief, _ := nkeys.CreateCurveKeys()
+	thiefPub, _ := thief.PublicKey()
+	fakeNode, _ := nkeys.CreateServer()
+	fakeID, _ := fakeNode.PublicKey()
+	forged := protocol.AuctionResponse{BidderID: "b", XKey: thiefPub, NodeID: fakeID}
+	sig, _ := fakeNode.Sign(protocol.BidPayload("tenant", "a1", forged))
+	forged.Sig = base64.StdEncoding.EncodeToString(sig)
+	claimed := forged
+	claimed.NodeID = st.NodeID // claims the real node, signed by another key
+	for name, req := range map[string]protocol.CloneWorkloadRequest{
+		"no bid":     {Namespace: "tenant", NewTargetXKey: thiefPub},
+		"forged bid": {Namespace: "tenant", NewTargetXKey: thiefPub, Bid: &claimed, BidAuctionID: "a1", BidNamespace: "tenant"},
+	} {
+		body, _ := json.Marshal(req)
+		m, err := nc.Request(protocol.CloneSubject("tenant", w.ID), body, 10*time.Second)
+		if err != nil {
+			t.Fatalf("%s: clone request: %v", name, err)
+		}
+		var swr protocol.StartWorkloadRequest
+		if err := json.Unmarshal(m.Data, &swr); err != nil {
+			t.Fatalf("%s: %v: %s", name, err, m.Data)
+		}
+		var rr struct {
+			Enc *protocol.EncEnv `json:"encrypted_environment"`
+		}
+		_ = json.Unmarshal([]byte(swr.RunRequest), &rr)
+		if rr.Enc == nil {
+			t.Fatalf("%s: no sealed environment in %s", name, swr.RunRequest)
+		}
+		data, _ := base64.StdEncoding.DecodeString(rr.Enc.Base64EncryptedEnv)
+		if plain, err := thief.Open(data, rr.Enc.EncryptedBy); err == nil {
+			t.Fatalf("%s: the environment was re-sealed to the thief's key: %s", name, plain)
+		}
+	}
+	// The real clone still works: the copy gets the environment.
+	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", s.ClientURL(),
+		"--namespace", "tenant", "--json", "workload", "clone", w.ID)
+	if code != 0 {
+		t.Fatalf("nexctl workload clone: exit %d\n%s\n%s", code, out, errOut)
+	}
+	var c runResult
+	if err := json.Unmarshal([]byte(out), &c); err != nil || c.ID == "" {
+		t.Fatalf("clone --json: %v %q", err, out)
+	}
+	testkit.Eventually(t, "the clone prints the token", func() bool {
+		o, _, code := n.ctl(t, "workload", "logs", c.ID, "--tail", "5")
+		return code == 0 && strings.Contains(o, "token=hunter2")
+	})
 }

@@ -262,6 +262,13 @@ type StopWorkloadResponse struct {
 type CloneWorkloadRequest struct {
 	Namespace     string `json:"namespace"`
 	NewTargetXKey string `json:"new_target_xkey"`
+
+	// nexd extension: the signed bid (and its auction) whose nexlet xkey is
+	// new_target_xkey. A nexd node lets a sealed environment be re-sealed only to the
+	// xkey of a bid a node signed; without one, new_target_xkey is ignored.
+	Bid          *AuctionResponse `json:"nexd_bid,omitempty"`
+	BidAuctionID string           `json:"nexd_bid_auction_id,omitempty"`
+	BidNamespace string           `json:"nexd_bid_namespace,omitempty"`
 }
 
 // AgentListWorkloadsRequest lists workloads in a namespace, optionally by id or name.

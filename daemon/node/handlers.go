@@ -326,7 +326,25 @@ func (n *Node) handleClone(r micro.Request) {
 	if !ok {
 		return
 	}
-	body, err := protocol.Marshal(req)
+	if req.NewTargetXKey != "" {
+		// Re-seal only to a nexlet a node vouched for in a signed bid: anyone who may
+		// clone could otherwise read the environment by naming a key of their own.
+		var err error
+		switch {
+		case req.Bid == nil:
+			err = errors.New("no signed bid (nexd_bid) names it")
+		case req.Bid.XKey != req.NewTargetXKey:
+			err = fmt.Errorf("the bid names xkey %s", req.Bid.XKey)
+		default:
+			err = protocol.VerifyBid(req.BidNamespace, req.BidAuctionID, *req.Bid)
+		}
+		if err != nil {
+			n.log.Info("clone: not re-sealing to the requested xkey", "workload_id", workloadID, "xkey", req.NewTargetXKey, "reason", err.Error())
+			req.NewTargetXKey = ""
+		}
+	}
+	// Nexlets get upstream's request, never the bid.
+	body, err := protocol.Marshal(protocol.CloneWorkloadRequest{Namespace: req.Namespace, NewTargetXKey: req.NewTargetXKey})
 	if err != nil {
 		n.fail(r, 500, "failed to encode clone request", err)
 		return

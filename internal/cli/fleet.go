@@ -197,19 +197,20 @@ func (f *fleet) placementTags(ctx context.Context) ([]map[string]string, error) 
 // auction collects bids for a workload type in ns.
 // auction collects the bids for a workload of typ in ns. signed holds the bidder ids of
 // bids signed by the node they name; a bid with a signature that does not verify is
-// dropped (someone posing as a node) and reported in bad.
-func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]string, o gatherOpts) (bids []protocol.AuctionResponse, signed map[string]bool, bad []error, err error) {
+// dropped (someone posing as a node) and reported in bad. id is the auction's id (the
+// signatures cover it).
+func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]string, o gatherOpts) (bids []protocol.AuctionResponse, signed map[string]bool, id string, bad []error, err error) {
 	if tags == nil {
 		tags = map[string]string{}
 	}
 	req := protocol.AuctionRequest{AgentType: typ, AuctionID: nextID(), Tags: tags}
 	data, err := json.Marshal(req)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, "", nil, err
 	}
 	msgs, err := gather(ctx, f.nc, protocol.AuctionSubject(ns), data, o)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, "", nil, err
 	}
 	signed = map[string]bool{}
 	for _, m := range msgs {
@@ -231,7 +232,7 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 		}
 		bids = append(bids, b)
 	}
-	return bids, signed, bad, nil
+	return bids, signed, req.AuctionID, bad, nil
 }
 
 // errDeployTimeout marks a deploy whose outcome is unknown: the workload may be starting,
@@ -449,8 +450,19 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 
 // cloneRequest fetches a workload's start request.
 func (f *fleet) cloneRequest(ctx context.Context, id, xkeyPub string) (protocol.StartWorkloadRequest, error) {
+	return f.clone(ctx, id, protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: xkeyPub})
+}
+
+// cloneFor fetches a workload's start request with its sealed environment re-sealed
+// for the nexlet of bid, which a node signed in auction auctionID in ns.
+func (f *fleet) cloneFor(ctx context.Context, id string, bid protocol.AuctionResponse, ns, auctionID string) (protocol.StartWorkloadRequest, error) {
+	return f.clone(ctx, id, protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: bid.XKey,
+		Bid: &bid, BidAuctionID: auctionID, BidNamespace: ns})
+}
+
+func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkloadRequest) (protocol.StartWorkloadRequest, error) {
 	var out protocol.StartWorkloadRequest
-	data, err := json.Marshal(protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: xkeyPub})
+	data, err := json.Marshal(req)
 	if err != nil {
 		return out, err
 	}

@@ -317,11 +317,21 @@ func TestWorkloadCloneResealsEnvironment(t *testing.T) {
 	nc := testnats.Connect(t, s)
 	url := s.ClientURL()
 	n := newFakeNode(t, nc, "ONE", nil).start()
-	// A node that re-seals the environment for the clone request's new_target_xkey.
+	// A node that re-seals the environment for the clone request's new_target_xkey when
+	// a bid names it, and otherwise returns it sealed for its original nexlet.
+	orig, _ := nkeys.CreateCurveKeys()
+	origPub, _ := orig.PublicKey()
 	sub, err := nc.Subscribe("$NEX.SVC.*.control.CLONE.W9", func(m *nats.Msg) {
 		var req protocol.CloneWorkloadRequest
 		_ = json.Unmarshal(m.Data, &req)
-		enc, err := sealEnv(map[string]string{"K": "v"}, req.NewTargetXKey)
+		target := origPub
+		if req.NewTargetXKey != "" {
+			if req.Bid == nil || req.Bid.XKey != req.NewTargetXKey {
+				t.Errorf("re-seal asked for %s without the bid that names it: %+v", req.NewTargetXKey, req.Bid)
+			}
+			target = req.NewTargetXKey
+		}
+		enc, err := sealEnv(map[string]string{"K": "v"}, target)
 		if err != nil {
 			t.Error(err)
 			return

@@ -70,6 +70,9 @@ type runSpec struct {
 	Start                   map[string]any    // the nexlet's start request (run_request)
 	Env                     map[string]string // sealed per bidder unless PlainEnv
 	PlainEnv                bool
+	// CloneOf is the workload a clone copies when its environment is sealed: the node
+	// running it re-seals the environment for each bid's nexlet (a signed bid only).
+	CloneOf string
 }
 
 // shortFormStart builds a native start request from a command line: the program is

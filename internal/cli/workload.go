@@ -63,7 +63,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 			expectBids = len(nodes)
 		}
 	}
-	bids, signed, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+	bids, signed, auctionID, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
 	// Nodes answered the ping but nobody bid: a node shedding an auction flood drops
 	// auctions it cannot keep up with, so ask again, twice.
 	for retry := 0; err == nil && len(bids) == 0 && expectBids > 0 && retry < 2; retry++ {
@@ -73,7 +73,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		case <-time.After(300 * time.Millisecond):
 		}
 		var more []error
-		bids, signed, more, err = f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+		bids, signed, auctionID, more, err = f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
 		bad = append(bad, more...)
 	}
 	if err != nil {
@@ -93,7 +93,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 	}
 	// Signed bids first; an environment is sealed only to a signed bid's xkey.
 	sort.SliceStable(usable, func(i, j int) bool { return signed[usable[i].BidderID] && !signed[usable[j].BidderID] })
-	if seals := len(spec.Env) > 0 && !spec.PlainEnv; seals && !a.allowUnsigned {
+	if seals := (len(spec.Env) > 0 && !spec.PlainEnv) || spec.CloneOf != ""; seals && !a.allowUnsigned {
 		unsigned := 0
 		for len(usable) > 0 && !signed[usable[len(usable)-1].BidderID] {
 			usable, unsigned = usable[:len(usable)-1], unsigned+1
@@ -105,7 +105,15 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 	}
 	var errs []error
 	for i, bid := range usable {
-		rr, err := spec.runRequestFor(bid)
+		bs := spec
+		var err error
+		if spec.CloneOf != "" {
+			bs, err = a.resealedClone(ctx, f, spec, bid, ns, auctionID)
+		}
+		var rr string
+		if err == nil {
+			rr, err = bs.runRequestFor(bid)
+		}
 		if err == nil && !signed[bid.BidderID] {
 			a.warnf("note: %s did not sign its bid (an upstream node?); its identity is not verified", bidLabel(bid))
 		}
@@ -130,6 +138,22 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		}
 	}
 	return placement{}, fmt.Errorf("every bid failed:\n  %s", strings.ReplaceAll(errors.Join(errs...).Error(), "\n", "\n  "))
+}
+
+// resealedClone asks the node running the workload spec copies for its start request
+// with the sealed environment re-sealed for bid's nexlet (the node checks the bid's
+// signature), and returns the spec with that environment.
+func (a *app) resealedClone(ctx context.Context, f *fleet, spec runSpec, bid protocol.AuctionResponse, ns, auctionID string) (runSpec, error) {
+	swr, err := f.cloneFor(ctx, spec.CloneOf, bid, ns, auctionID)
+	if err != nil {
+		return spec, fmt.Errorf("re-seal the environment of %s for this bid: %w", spec.CloneOf, err)
+	}
+	out, _, err := cloneSpec(swr, spec.Tags, func(protocol.EncEnv) (map[string]string, error) { return nil, errors.New("sealed") })
+	if err != nil {
+		return spec, fmt.Errorf("re-seal the environment of %s for this bid: %w", spec.CloneOf, err)
+	}
+	out.CloneOf = ""
+	return out, nil
 }
 
 func (a *app) workloadRunCmd() *cobra.Command {
@@ -396,22 +420,18 @@ func sortedStringKeys(m map[string]string) []string {
 // replace its tags) and, with stop, stops the original once the copy runs. err means
 // no copy started; stopErr that the copy runs but the original was not stopped.
 func (a *app) cloneWorkload(ctx context.Context, f *fleet, id string, tags map[string]string, stop bool) (p placement, stopped bool, stopErr, err error) {
-	kp, err := nkeys.CreateCurveKeys()
+	swr, err := f.cloneRequest(ctx, id, "")
 	if err != nil {
 		return p, false, nil, err
 	}
-	defer kp.Wipe()
-	pub, _ := kp.PublicKey()
-	swr, err := f.cloneRequest(ctx, id, pub)
-	if err != nil {
-		return p, false, nil, err
-	}
-	spec, warn, err := cloneSpec(swr, tags, func(enc protocol.EncEnv) (map[string]string, error) { return openEnv(kp, enc) })
+	// A sealed environment never reaches this client: the node running the workload
+	// re-seals it for the nexlet of each signed bid (place, resealedClone).
+	spec, _, err := cloneSpec(swr, tags, func(protocol.EncEnv) (map[string]string, error) { return nil, errors.New("sealed") })
 	if err != nil {
 		return p, false, nil, fmt.Errorf("cannot clone workload %s: %w", id, err)
 	}
-	if warn != "" {
-		a.warnf("%s", warn)
+	if _, sealed := spec.Start["encrypted_environment"]; sealed {
+		spec.CloneOf = id
 	}
 	if p, err = a.place(ctx, f, swr.Namespace, spec, 0); err != nil {
 		return p, false, nil, err
@@ -439,8 +459,8 @@ func (a *app) workloadCloneCmd() *cobra.Command {
 		Short:   "Start a copy of a workload on a node chosen by a new auction",
 		Long: `Start a copy of a workload: its start request is fetched from the node that runs it,
 then auctioned again in the workload's namespace with --tags (which replace its tags).
-A sealed environment is re-sealed for the new nexlet when the old one re-sealed it for this
-client; otherwise it is passed on as is.`,
+A sealed environment never reaches this client: the node running the workload re-seals
+it for the new nexlet, and only for a bid its node signed.`,
 		Args:              exactArgs(1, "WORKLOAD"),
 		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
