@@ -30,21 +30,40 @@ type cmpFigure struct {
 // both alike: exec to ready, deploy request, placement end to end, list, stop, idle
 // memory, memory added per running workload, threads.
 func (h *Harness) compare(ctx context.Context) ([]Result, error) {
+	r := Result{Scenario: "compare", Variant: "upstream nex vs nexd, same machine, one run"}
+	var figs []cmpFigure
+	err := h.compareInto(ctx, &r, &figs)
+	for _, f := range figs {
+		r.add(f.name+": upstream", f.up, f.unit)
+		r.add(f.name+": nexd", f.nx, f.unit)
+		if f.up > 0 {
+			r.add(f.name+": nexd / upstream", f.nx/f.up, "×")
+		}
+	}
+	if err != nil {
+		r.Err = err.Error()
+	}
+	return []Result{r}, nil
+}
+
+// compareInto measures into figs (kept when a later step fails) and notes into r.
+func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) error {
 	if len(h.o.Servers) > 0 {
-		return nil, errNoServers
+		return errNoServers
 	}
 	if h.o.Upstream == "" {
-		return nil, errors.New("compare needs --upstream-nex PATH (upstream's nex binary, built from synadia-io/nex)")
+		return errors.New("compare needs --upstream-nex PATH (upstream's nex binary, built from synadia-io/nex)")
 	}
 	nsUp, err := h.natsServer()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	nsNx, err := h.natsServer()
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var figs []cmpFigure
+	figs := *out
+	defer func() { *out = figs }()
 
 	// Exec to ready: a fresh node each time, upstream first in even runs.
 	runs := 5
@@ -57,18 +76,18 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 			if upstreamTurn {
 				d, err := h.upstreamReady(ctx, nsUp.URL(), i)
 				if err != nil {
-					return nil, err
+					return err
 				}
 				upReady = append(upReady, d)
 				continue
 			}
 			n, d, err := h.readyNode(ctx, nodeSpec{Name: fmt.Sprintf("cmpready%d", i), Servers: []string{nsNx.URL()}})
 			if err != nil {
-				return nil, err
+				return err
 			}
 			nxReady = append(nxReady, d)
 			if err := h.stopNode(n); err != nil {
-				return nil, err
+				return err
 			}
 		}
 	}
@@ -77,15 +96,15 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 	// Long-lived nodes for the rest.
 	up, err := startUpstream(h.o.Upstream, filepath.Join(h.dir, "upstream-main"), "upstream-main", nsUp.URL())
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer func() { _ = up.stop(30 * time.Second) }()
 	if _, err := up.waitReady(ctx, time.Minute); err != nil {
-		return nil, err
+		return err
 	}
 	nx, _, err := h.readyNode(ctx, nodeSpec{Name: "nexd-main", Servers: []string{nsNx.URL()}})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	sides := [2]*cmpSide{{name: "upstream"}, {name: "nexd"}}
 	sides[0].sample = func() (int64, int64, int, error) {
@@ -103,11 +122,11 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 	for i, url := range []string{nsUp.URL(), nsNx.URL()} {
 		c, err := newClient(url, h.o.Namespace)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		defer c.Close()
 		if err := waitBids(ctx, c, 1); err != nil {
-			return nil, fmt.Errorf("%s: %w", sides[i].name, err)
+			return fmt.Errorf("%s: %w", sides[i].name, err)
 		}
 		sides[i].c = c
 	}
@@ -118,7 +137,7 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 	for i, s := range sides {
 		rss, pss, th, err := s.sample()
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", s.name, err)
+			return fmt.Errorf("%s: %w", s.name, err)
 		}
 		idle[i] = [3]float64{float64(rss), float64(pss), float64(th)}
 	}
@@ -141,16 +160,16 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 			for k := range h.o.Placements + 5 {
 				p, err := s.c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, w, fmt.Sprintf("cmp%d-%d", round, k), time.Minute)
 				if err != nil {
-					return nil, fmt.Errorf("%s: placement %d: %w", s.name, k, err)
+					return fmt.Errorf("%s: placement %d: %w", s.name, k, err)
 				}
 				t := time.Now()
 				if err := s.c.list(ctx); err != nil {
-					return nil, fmt.Errorf("%s: list: %w", s.name, err)
+					return fmt.Errorf("%s: list: %w", s.name, err)
 				}
 				dl := time.Since(t)
 				t = time.Now()
 				if err := s.c.undeploy(ctx, p.ID, gatherOpts{first: 30 * time.Second, stall: time.Second, max: 1}); err != nil {
-					return nil, fmt.Errorf("%s: %w", s.name, err)
+					return fmt.Errorf("%s: %w", s.name, err)
 				}
 				ds := time.Since(t)
 				if k < 5 {
@@ -178,7 +197,7 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 		var per [2][3]float64
 		for _, s := range sides {
 			if _, _, err := deployN(ctx, s.c, w, 1, want-running, 8, fmt.Sprintf("cmpw%d", want)); err != nil {
-				return nil, fmt.Errorf("%s: %d workloads: %w", s.name, want, err)
+				return fmt.Errorf("%s: %d workloads: %w", s.name, want, err)
 			}
 		}
 		running = want
@@ -186,7 +205,7 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 		for i, s := range sides {
 			rss, pss, th, err := s.sample()
 			if err != nil {
-				return nil, fmt.Errorf("%s: %w", s.name, err)
+				return fmt.Errorf("%s: %w", s.name, err)
 			}
 			per[i] = [3]float64{(float64(rss) - idle[i][0]) / float64(running) / 1024,
 				(float64(pss) - idle[i][1]) / float64(running) / 1024, float64(th)}
@@ -197,18 +216,10 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 			cmpFigure{name: fmt.Sprintf("threads, %d running", running), up: per[0][2], nx: per[1][2]})
 	}
 
-	r := Result{Scenario: "compare", Variant: "upstream nex vs nexd, same machine, one run"}
-	for _, f := range figs {
-		r.add(f.name+": upstream", f.up, f.unit)
-		r.add(f.name+": nexd", f.nx, f.unit)
-		if f.up > 0 {
-			r.add(f.name+": nexd / upstream", f.nx/f.up, "×")
-		}
-	}
 	r.notef("each node on its own in-process NATS server on loopback; nexd's figures are nexd + its nexlet, upstream's its single process (its native agent runs inside it)")
 	r.notef("workload: /bin/sh -c 'echo %s; exec sleep 86400', seen on the $NEX log feed; %d placements per side per round (after 5 warm-up), 2 rounds, order swapped", readyLine, h.o.Placements)
 	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, runs)
-	return []Result{r}, nil
+	return nil
 }
 
 // upstreamReady starts an upstream node, waits for its ready line and stops it.

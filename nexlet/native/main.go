@@ -101,6 +101,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 		}
 	}
 	cfg.Users.LeaseDir = env(EnvUIDLeaseDir)
+	cfg.Users.Pool = DefaultUIDPool
 	if v := env(EnvUIDRange); v != "" {
 		if cfg.Users.UIDMin, cfg.Users.UIDMax, err = ParseUIDRange(v); err != nil {
 			return fmt.Errorf("%s: %w", EnvUIDRange, err)

@@ -135,6 +135,9 @@ func New(cfg Config) (*Nexlet, error) {
 	if n.spawn, err = newSpawner(); err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
+	if us.root && cfg.Users.Pool > 0 {
+		us.startPool(cfg.Users.Pool, n.log)
+	}
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
 	return n, nil
 }
@@ -148,7 +151,10 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 
 // Close ends the nexlet's process-starting thread; call it after Shutdown. Workloads
 // running without a cgroup die with it.
-func (n *Nexlet) Close() { n.spawn.close() }
+func (n *Nexlet) Close() {
+	n.spawn.close()
+	n.users.stopPool()
+}
 
 // Detach lets go of every workload without stopping it (the nexlet is about to exit
 // and the next one adopts them).

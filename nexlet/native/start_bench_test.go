@@ -1,0 +1,201 @@
+package native
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// benchNexlet is a native nexlet with dynamic uids leased in a temp dir (when run as
+// root) and workloads in plain process groups, the way a deploy meets it.
+func benchNexlet(b testing.TB, pool int) *Nexlet {
+	b.Helper()
+	dir, err := os.MkdirTemp("", "nexlet-bench-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	lease := filepath.Join(dir, "leases")
+	if err := os.Mkdir(lease, 0o700); err != nil {
+		b.Fatal(err)
+	}
+	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Users: UserPolicy{LeaseDir: lease, Pool: pool}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(n.Close)
+	return n
+}
+
+// BenchmarkStartStopWorkload is the nexlet's half of one deploy and one stop:
+// STARTWORKLOAD's work (parse, uid lease, directories, credentials file, digest, fork
+// and exec of /bin/sh) and the stop that follows, one workload at a time.
+// With a uid pool, the lease is taken from the uids leased ahead.
+func BenchmarkStartStopWorkload(b *testing.B) {
+	for _, pool := range []int{0, DefaultUIDPool} {
+		b.Run(fmt.Sprintf("uidpool=%d", pool), func(b *testing.B) { benchStartStop(b, pool) })
+	}
+}
+
+func benchStartStop(b *testing.B, pool int) {
+	n := benchNexlet(b, pool)
+	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
+	i := 0
+	for b.Loop() {
+		id := fmt.Sprintf("bench%d", i)
+		i++
+		req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+		if _, err := n.StartWorkload(id, &req, false); err != nil {
+			b.Fatal(err)
+		}
+		if err := n.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkStartWorkload is STARTWORKLOAD alone, the deploy path's share in the
+// nexlet; the stop of each workload and, with a pool, its refill happen off the clock,
+// as they do between deploys that are not back to back.
+func BenchmarkStartWorkload(b *testing.B) {
+	for _, pool := range []int{0, DefaultUIDPool} {
+		b.Run(fmt.Sprintf("uidpool=%d", pool), func(b *testing.B) {
+			n := benchNexlet(b, pool)
+			run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
+			i := 0
+			for b.Loop() {
+				b.StopTimer()
+				if i > 0 {
+					if err := n.StopWorkload(fmt.Sprintf("bench%d", i-1), &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				for n.users.pool != nil && len(n.users.pool.ch) < cap(n.users.pool.ch) {
+					time.Sleep(time.Millisecond)
+				}
+				id := fmt.Sprintf("bench%d", i)
+				i++
+				req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+				b.StartTimer()
+				if _, err := n.StartWorkload(id, &req, false); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			_ = n.StopWorkload(fmt.Sprintf("bench%d", i-1), &protocol.StopWorkloadRequest{Namespace: testNS})
+		})
+	}
+}
+
+// BenchmarkParseStartRequest is the run_request's parse and check.
+func BenchmarkParseStartRequest(b *testing.B) {
+	rr := `{"uri":"file:///bin/sh","argv":["-c","exec sleep 600"]}`
+	for b.Loop() {
+		if _, err := parseStartRequest(rr, protocol.LifecycleService); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkAcquireReleaseUID is one dynamic uid lease and its release: a walk of
+// /proc for the uids in use, host user and group lookups, the lease file under flock.
+func BenchmarkAcquireReleaseUID(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("dynamic uids need root")
+	}
+	n := benchNexlet(b, 0)
+	want, err := n.users.resolve("")
+	if err != nil {
+		b.Fatal(err)
+	}
+	owner := b.TempDir()
+	for b.Loop() {
+		id, err := n.users.acquire(want, owner)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := n.users.release(id); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkProcUIDs is the /proc walk alone; its cost grows with the host's processes.
+func BenchmarkProcUIDs(b *testing.B) {
+	for b.Loop() {
+		_ = procUIDs()
+	}
+}
+
+// BenchmarkWriteCredsFile is the workload's credentials file.
+func BenchmarkWriteCredsFile(b *testing.B) {
+	dir := b.TempDir()
+	cd := protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}, NatsUserSeed: "SUAIBDPBAUTWCWBKIO6XHQNINK5FWJW4OHLXC3HQ2KFE4PEJUA44CNHTC4", NatsUserJWT: "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.sig"}
+	self := ident{uid: uint32(os.Getuid()), gid: uint32(os.Getgid())}
+	for b.Loop() {
+		if err := writeCredsFile(filepath.Join(dir, "creds"), cd, self); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestUIDPool: a root nexlet leases uids ahead under its own /proc entry, a start takes
+// one (its lease then names the workload's directory), and stopping gives back the rest.
+func TestUIDPool(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("dynamic uids need root")
+	}
+	n := benchNexlet(t, 2)
+	lease := n.users.pol.LeaseDir
+	mine := "/proc/" + strconv.Itoa(os.Getpid())
+	pooled := func() []string {
+		var out []string
+		ents, _ := os.ReadDir(lease)
+		for _, e := range ents {
+			if b, err := os.ReadFile(filepath.Join(lease, e.Name())); err == nil && strings.TrimSpace(string(b)) == mine {
+				out = append(out, e.Name())
+			}
+		}
+		return out
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(pooled()) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("pooled leases = %v, want 2", pooled())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	before := pooled()
+	req := startReq(protocol.LifecycleService, "pooled", map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+	if _, err := n.StartWorkload("pooled", &req, false); err != nil {
+		t.Fatal(err)
+	}
+	n.mu.Lock()
+	uid := strconv.FormatUint(uint64(n.workloads["pooled"].ident.uid), 10)
+	dir := n.workloads["pooled"].dir
+	n.mu.Unlock()
+	if !slices.Contains(before, uid) {
+		t.Errorf("workload uid %s was not one of the pooled %v", uid, before)
+	}
+	if b, _ := os.ReadFile(filepath.Join(lease, uid)); strings.TrimSpace(string(b)) != dir {
+		t.Errorf("lease of uid %s names %q, want the workload's directory %s", uid, b, dir)
+	}
+	if err := n.StopWorkload("pooled", &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
+		t.Fatal(err)
+	}
+	n.users.stopPool() // what Close does for the pool (Close itself runs at cleanup)
+	if left := pooled(); len(left) != 0 {
+		t.Errorf("pooled leases left after the pool stopped: %v", left)
+	}
+}
