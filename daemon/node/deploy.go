@@ -91,7 +91,17 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
 		return
 	}
+	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
+		// The client (nexctl workload run) shows how the start goes: relay the reports.
+		call.onProgress = func(text string) {
+			m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {text}}}
+			if err := n.o.NC.PublishMsg(m); err != nil {
+				n.log.Debug("deploy progress report failed", "workload_id", workloadID, "err", err)
+			}
+		}
+	}
 	reply, waitErr := call.wait(n.ctx, n.o.StartTimeout, n.o.DeployTimeout)
+	call.onProgress = nil // an abandoned start's late reports are nobody's business
 	if waitErr != nil {
 		n.abandonStart(r, res, call, waitErr)
 		return
@@ -199,6 +209,8 @@ func (res *reservation) rollback() {
 type startCall struct {
 	sub *nats.Subscription
 	ch  chan *nats.Msg
+	// onProgress passes the nexlet's progress reports on (to a client that asked).
+	onProgress func(text string)
 }
 
 func (n *Node) startOnNexlet(agentID, workloadID string, body []byte) (*startCall, error) {
@@ -247,6 +259,9 @@ func (c *startCall) wait(ctx context.Context, silence, total time.Duration) (*na
 			}
 			if m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && !isErrorReply(m) {
 				quiet.Reset(silence)
+				if c.onProgress != nil {
+					c.onProgress(m.Header.Get(protocol.HeaderProgress))
+				}
 				continue
 			}
 			return m, nil

@@ -821,3 +821,60 @@ func TestAliveProbe(t *testing.T) {
 		t.Fatalf("the probe fails after the lock is free again: %v", err)
 	}
 }
+
+// TestDeployRelaysProgress: a client that asks (HeaderProgress on ADEPLOY) hears the
+// nexlet's progress reports as body-less replies before the answer; one that does not
+// ask gets only the answer, as upstream clients expect.
+func TestDeployRelaysProgress(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		o.Store = &MemStore{}
+		o.DeployTimeout = 5 * time.Second
+		o.ProgressInterval = 50 * time.Millisecond
+	})
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
+	a.mu.Lock()
+	a.startDelay, a.progress = 400*time.Millisecond, true
+	a.mu.Unlock()
+	deploy := func(askProgress bool) (progress int, answer *nats.Msg) {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+		if len(bids) != 1 {
+			t.Fatal("no bid")
+		}
+		inbox := f.client.NewInbox()
+		sub, err := f.client.SubscribeSync(inbox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+		m := &nats.Msg{Subject: protocol.DeploySubject("tenant", bids[0].BidderID), Reply: inbox,
+			Data: mustJSON(t, startReq("tenant", "w", `{"cmd":"x"}`)), Header: nats.Header{}}
+		if askProgress {
+			m.Header.Set(protocol.HeaderProgress, "1")
+		}
+		if err := f.client.PublishMsg(m); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			r, err := sub.NextMsg(10 * time.Second)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			if r.Header.Get(protocol.HeaderProgress) != "" && len(r.Data) == 0 {
+				if r.Header.Get(protocol.HeaderProgress) != "starting" {
+					t.Errorf("progress %q, want the nexlet's text", r.Header.Get(protocol.HeaderProgress))
+				}
+				progress++
+				continue
+			}
+			return progress, r
+		}
+	}
+	n, answer := deploy(true)
+	if n == 0 || isErrorReply(answer) {
+		t.Fatalf("asked for progress: %d reports, answer %v %s", n, answer.Header, answer.Data)
+	}
+	n, answer = deploy(false)
+	if n != 0 || isErrorReply(answer) {
+		t.Fatalf("did not ask: %d reports, answer %v %s", n, answer.Header, answer.Data)
+	}
+}
