@@ -2,9 +2,14 @@
 # namespace with its own nats-server, and real faults (test/fleet, README "Running a
 # fleet"). Needs root, iproute2 and nsenter; not part of `make test`. FLEET_RUN picks
 # cases (a go test -run pattern); NEXD_FLEET_* variables set their durations.
+# fleet-test-ci is the same cases with shorter faults, as .ci/run runs it.
 FLEET_RUN ?= .
 
-.PHONY: fleet-test
+.PHONY: fleet-test fleet-test-ci
 
 fleet-test:
 	NEXD_FLEET_TEST=1 $(GO) test -count=1 -v -timeout 20m -run '$(FLEET_RUN)' ./test/fleet
+
+fleet-test-ci:
+	NEXD_FLEET_TEST=1 NEXD_FLEET_AFTER=15s NEXD_FLEET_PARTITION=20s NEXD_FLEET_OUTAGE=10s NEXD_FLEET_AUCTIONS=10 \
+		$(GO) test -count=1 -v -timeout 15m -run '$(FLEET_RUN)' ./test/fleet

@@ -49,6 +49,11 @@ func requireFleet(t *testing.T) {
 		}
 	}
 	sweepStale(t)
+	probe := fmt.Sprintf("%s%dprobe", prefix, os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", probe).CombinedOutput(); err != nil {
+		t.Skipf("fleet tests need network namespaces, and ip netns add fails here (a container without CAP_SYS_ADMIN?): %v: %s", err, out)
+	}
+	exec.Command("ip", "netns", "del", probe).Run()
 }
 
 // sweepStale removes namespaces and cgroups left by a fleet test process that died
