@@ -105,6 +105,9 @@ func Connect(cd protocol.NatsConnectionData, name string) (*nats.Conn, error) {
 	if len(servers) == 0 {
 		servers = []string{nats.DefaultURL}
 	}
+	// In nexd's order (its own server first, see natsconn): a nexlet must not end up
+	// on another host's server and be cut off by that host's partition.
+	opts = append(opts, nats.DontRandomize())
 	nc, err := nats.Connect(strings.Join(servers, ","), opts...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to NATS %s as %q: %w", strings.Join(servers, ","), name, err)

@@ -272,6 +272,10 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 		// partitioned node "connected" for minutes; this notices within about 15 s.
 		nats.PingInterval(pingInterval),
 		nats.MaxPingsOutstanding(2),
+		// Servers in the order configured: a fleet lists each host's own server first,
+		// so a partition of one host does not cut off the others that happened to
+		// pick its server (nats.go shuffles by default). The rest are the fallbacks.
+		nats.DontRandomize(),
 		nats.CustomReconnectDelay(func(attempts int) time.Duration { return backoff(attempts - 1) }),
 		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
 			if nc.IsClosed() {
