@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
+
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -138,11 +141,19 @@ func BenchmarkProcUIDs(b *testing.B) {
 	}
 }
 
-// BenchmarkWriteCredsFile is the workload's credentials file.
+// BenchmarkWriteCredsFile is the workload's credentials file (operator mode).
 func BenchmarkWriteCredsFile(b *testing.B) {
 	dir := b.TempDir()
-	cd := protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}, NatsUserSeed: "SUAIBDPBAUTWCWBKIO6XHQNINK5FWJW4OHLXC3HQ2KFE4PEJUA44CNHTC4", NatsUserJWT: "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.sig"}
-	self := ident{uid: uint32(os.Getuid()), gid: uint32(os.Getgid())}
+	akp, _ := nkeys.CreateAccount()
+	ukp, _ := nkeys.CreateUser()
+	upub, _ := ukp.PublicKey()
+	useed, _ := ukp.Seed()
+	token, err := jwt.NewUserClaims(upub).Encode(akp)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cd := protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}, NatsUserSeed: string(useed), NatsUserJWT: token}
+	self := ident{uid: uint32(os.Getuid()), gid: uint32(os.Getgid()), same: true}
 	for b.Loop() {
 		if err := writeCredsFile(filepath.Join(dir, "creds"), cd, self); err != nil {
 			b.Fatal(err)
