@@ -16,7 +16,7 @@ import (
 
 // cgroupSpec gives a spec for a fresh v1 subtree of this machine's real hierarchies,
 // removed with anything left in it when the test ends; it skips where v1 is not writable.
-func cgroupSpec(t *testing.T) string {
+func cgroupSpec(t testing.TB) string {
 	t.Helper()
 	for _, c := range []string{"memory", "cpu", "pids"} {
 		if unix := filepath.Join("/sys/fs/cgroup", c); !writableDir(unix) {

@@ -210,3 +210,28 @@ func TestUIDPool(t *testing.T) {
 		t.Errorf("pooled leases left after the pool stopped: %v", left)
 	}
 }
+
+// BenchmarkCgroupSandbox is a workload's cgroup v1 groups (memory, cpu, pids) with the
+// default memory and pids limits written, and their removal.
+func BenchmarkCgroupSandbox(b *testing.B) {
+	spec := cgroupSpec(b)
+	n, err := New(Config{RuntimeDir: b.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: b.TempDir()}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer n.Close()
+	if n.iso.mode() == "none" {
+		b.Skip("cgroups unusable here")
+	}
+	i := 0
+	for b.Loop() {
+		sb, err := n.iso.sandbox(fmt.Sprintf("bench%d", i), Limits{MemoryMax: 512 << 20, PidsMax: 1024})
+		i++
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := sb.remove(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
