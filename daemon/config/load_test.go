@@ -1047,3 +1047,17 @@ func TestFleetSettings(t *testing.T) {
 		}
 	}
 }
+
+// TestREADMEKeys guards the README's hand-kept key table against keys lost in a merge
+// or never added: every registry key needs a row there.
+func TestREADMEKeys(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range newRegistry().specs {
+		if !strings.Contains(string(readme), "\n| `"+s.key+"` |") {
+			t.Errorf("README.md's key table has no row for %s (see daemon/config/KEYS.md)", s.key)
+		}
+	}
+}
