@@ -111,6 +111,9 @@ type Minter interface {
 	// RevokeSuperseded revokes a workload's users older than its newest (after a
 	// renewal); ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeSuperseded(ctx context.Context, workloadID string) error
+	// RevokeAgentSuperseded revokes a nexlet's users but the newest (after it
+	// registered); ErrRevocationUnsupported where the minter cannot revoke.
+	RevokeAgentSuperseded(ctx context.Context, agentID string) error
 	// RevokeWorkload revokes every user of a workload that ended and forgets it;
 	// ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeWorkload(ctx context.Context, workloadID string) error

@@ -149,3 +149,13 @@ func (m *NoAuthMinter) RevokeWorkload(context.Context, string) error { return Er
 func (m *NoAuthMinter) RevokeSuperseded(context.Context, string) error {
 	return ErrRevocationUnsupported
 }
+
+// RevokeAgentSuperseded cannot revoke a shared identity.
+func (m *NkeyMinter) RevokeAgentSuperseded(context.Context, string) error {
+	return ErrRevocationUnsupported
+}
+
+// RevokeAgentSuperseded has nothing to revoke.
+func (m *NoAuthMinter) RevokeAgentSuperseded(context.Context, string) error {
+	return ErrRevocationUnsupported
+}

@@ -22,6 +22,7 @@ type SigningKeyMinter struct {
 	opts       Options
 	mu         sync.Mutex
 	workloads  map[string][]string // workload id -> user public keys minted for it
+	agents     map[string][]string // agent id -> registration and nexlet users, oldest first
 	namespaces map[string]string   // workload id -> namespace, for renewal checks
 }
 
@@ -48,6 +49,7 @@ func NewSigningKeyMinter(signingSeed, rootAccount string, opts Options) (*Signin
 		account:    rootAccount,
 		opts:       opts.withDefaults(),
 		workloads:  map[string][]string{},
+		agents:     map[string][]string{},
 		namespaces: map[string]string{},
 	}, nil
 }
@@ -82,11 +84,12 @@ func (m *SigningKeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsCo
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint registration credentials: %w", err)
 	}
-	cd, _, err := m.mint(agentID, registerConnName(agentID), protocol.InboxPrefix(agentID), m.opts.RegisterTTL,
+	cd, pub, err := m.mint(agentID, registerConnName(agentID), protocol.InboxPrefix(agentID), m.opts.RegisterTTL,
 		registerPermissions(agentID, nodeID), []string{"nex-node:" + nodeID, "nex-role:register"})
 	if err != nil {
 		return cd, fmt.Errorf("mint registration credentials for nexlet %s: %w", agentID, err)
 	}
+	m.rememberAgent(agentID, pub)
 	return cd, nil
 }
 
@@ -95,12 +98,54 @@ func (m *SigningKeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConne
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint nexlet credentials: %w", err)
 	}
-	cd, _, err := m.mint(agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
+	cd, pub, err := m.mint(agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
 		agentPermissions(agentID, nodeID, m.opts.Nexus), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
 	if err != nil {
 		return cd, fmt.Errorf("mint credentials for nexlet %s: %w", agentID, err)
 	}
+	m.rememberAgent(agentID, pub)
 	return cd, nil
+}
+
+// rememberAgentLimit bounds the users remembered per agent id (a nexlet that never
+// registers is restarted with fresh registration users).
+const rememberAgentLimit = 64
+
+func (m *SigningKeyMinter) rememberAgent(agentID, pub string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	users := append(m.agents[agentID], pub)
+	if len(users) > rememberAgentLimit {
+		users = users[len(users)-rememberAgentLimit:]
+	}
+	m.agents[agentID] = users
+}
+
+// RevokeAgentSuperseded revokes every user minted for agentID but the newest (the
+// nexlet user of its latest registration): its registration users, and the users of
+// its previous starts, whose process is gone. Without a Revoker they expire instead.
+func (m *SigningKeyMinter) RevokeAgentSuperseded(ctx context.Context, agentID string) error {
+	if m.opts.Revoker == nil {
+		return ErrRevocationUnsupported
+	}
+	m.mu.Lock()
+	users := m.agents[agentID]
+	var old []string
+	if len(users) > 1 {
+		old = append(old, users[:len(users)-1]...)
+		m.agents[agentID] = users[len(users)-1:]
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, u := range old {
+		if err := m.Revoke(ctx, u); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("revoke superseded users of nexlet %s: %w", agentID, errors.Join(errs...))
+	}
+	return nil
 }
 
 // MintWorkload gives a workload its namespace's subjects. The user is remembered so it

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -538,4 +539,59 @@ func TestAgentProgressRepliesGetThrough(t *testing.T) {
 	if got[3] != "done" {
 		t.Errorf("replies %q, want three progress reports then done", got)
 	}
+}
+
+// TestSupersededUsersRevoked: after a renewal a workload's old user is revoked; after a
+// nexlet registered again its registration users and its previous start's user are.
+func TestSupersededUsersRevoked(t *testing.T) {
+	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := startOperatorWith(t, res)
+	sys := e.userOf(t, e.sysKP)
+	m := newSigning(t, e, Options{Revoker: NewSystemAccountRevoker(sys, e.opKP, e.accPub, 48*time.Hour)})
+	ctx, cancel := context.WithTimeout(context.Background(), waitLong)
+	defer cancel()
+	refused := func(what string, cd protocol.NatsConnectionData) {
+		t.Helper()
+		if c, err := dial(t, e.s.ClientURL(), cd); err == nil {
+			select {
+			case <-c.closed:
+			case <-time.After(waitLong):
+				t.Fatalf("%s: revoked credentials connected", what)
+			}
+		}
+	}
+
+	wid := nuid.Next()
+	first, err := m.MintWorkload("ns1", wid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewed, err := m.RenewWorkload("ns1", wid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.RevokeSuperseded(ctx, wid); err != nil {
+		t.Fatal(err)
+	}
+	refused("the renewed workload's first user", first)
+	mustDial(t, e.s.ClientURL(), renewed).nc.Close()
+
+	aid, node := nuid.Next(), "N"+strings.Repeat("A", 55)
+	reg1, _ := m.MintRegister(aid, node)
+	agent1, _ := m.MintAgent(aid, node)
+	reg2, _ := m.MintRegister(aid, node)
+	agent2, err := m.MintAgent(aid, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.RevokeAgentSuperseded(ctx, aid); err != nil {
+		t.Fatal(err)
+	}
+	refused("the first registration user", reg1)
+	refused("the previous start's nexlet user", agent1)
+	refused("the second registration user", reg2)
+	mustDial(t, e.s.ClientURL(), agent2).nc.Close()
 }

@@ -143,6 +143,7 @@ func (n *Node) handleRegister(r micro.Request) {
 		}
 	}
 
+	defer n.revokeAgentSuperseded(agentID)
 	n.respondJSON(r, protocol.RegisterAgentResponse{
 		ConnectionData: creds,
 		ExistingState:  existing,

@@ -47,6 +47,9 @@ func (m testMinter) RenewWorkload(ns, id string) (protocol.NatsConnectionData, e
 func (m testMinter) RevokeSuperseded(context.Context, string) error {
 	return mint.ErrRevocationUnsupported
 }
+func (m testMinter) RevokeAgentSuperseded(context.Context, string) error {
+	return mint.ErrRevocationUnsupported
+}
 func (m testMinter) CanMint() bool        { return m.can }
 func (m testMinter) PrivateInboxes() bool { return false }
 

@@ -40,6 +40,9 @@ type Minter interface {
 	// RevokeSuperseded revokes a workload's users older than its newest, where the
 	// minter can revoke (an error wrapping an unsupported revocation otherwise).
 	RevokeSuperseded(ctx context.Context, workloadID string) error
+	// RevokeAgentSuperseded revokes a nexlet's registration users and its previous
+	// starts' users once it registered, where the minter can revoke.
+	RevokeAgentSuperseded(ctx context.Context, agentID string) error
 	// CanMint reports whether an issuer is configured. Without one, remote
 	// registration is refused: a remote nexlet would get no usable identity.
 	CanMint() bool

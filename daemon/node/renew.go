@@ -77,6 +77,21 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 // reconnects with its renewed creds file, and a copy of the old credentials is
 // worthless from then on.
 func (n *Node) revokeSuperseded(workloadID string) {
+	n.afterGrace("workload_id", workloadID, func(ctx context.Context) error {
+		return n.o.Minter.RevokeSuperseded(ctx, workloadID)
+	})
+}
+
+// revokeAgentSuperseded revokes a nexlet's registration users and its previous starts'
+// users once it registered again (after RevokeGrace, so the registration reply is out).
+func (n *Node) revokeAgentSuperseded(agentID string) {
+	n.afterGrace("agent_id", agentID, func(ctx context.Context) error {
+		return n.o.Minter.RevokeAgentSuperseded(ctx, agentID)
+	})
+}
+
+// afterGrace runs a revocation after RevokeGrace on a goroutine the node waits for.
+func (n *Node) afterGrace(key, id string, revoke func(context.Context) error) {
 	n.mu.Lock()
 	ctx := n.ctx
 	n.mu.Unlock()
@@ -93,8 +108,8 @@ func (n *Node) revokeSuperseded(workloadID string) {
 		}
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		if err := n.o.Minter.RevokeSuperseded(rctx, workloadID); err != nil && !errors.Is(err, mint.ErrRevocationUnsupported) {
-			n.log.Warn("could not revoke a renewed workload's old credentials; they expire with their TTL", "workload_id", workloadID, "err", err)
+		if err := revoke(rctx); err != nil && !errors.Is(err, mint.ErrRevocationUnsupported) {
+			n.log.Warn("could not revoke superseded credentials; they expire with their TTL", key, id, "err", err)
 		}
 	}()
 }
