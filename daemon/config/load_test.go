@@ -1061,3 +1061,15 @@ func TestREADMEKeys(t *testing.T) {
 		}
 	}
 }
+
+// With the zero-config embedded server nexd mints with its own keys, so the "children
+// connect without credentials" warning would be false; with an external server it holds.
+func TestNoIssuerWarningOnlyWithoutEmbeddedAuth(t *testing.T) {
+	const warn = "no credential issuer configured"
+	if l := mustLoad(t, hermetic()); strings.Contains(strings.Join(l.Warnings, "\n"), warn) {
+		t.Errorf("zero-config embedded server: false warning in %q", l.Warnings)
+	}
+	if l := mustLoad(t, hermetic("--nats.servers", "nats://127.0.0.1:4222")); !strings.Contains(strings.Join(l.Warnings, "\n"), warn) {
+		t.Errorf("external server without an issuer: no warning in %q", l.Warnings)
+	}
+}

@@ -365,7 +365,8 @@ func (v *validator) issuer() {
 	switch {
 	case nk && !(sk || ra):
 		v.warnings = append(v.warnings, "issuer_nkey: every nexlet and workload connects as this one user, without restrictions; prefer issuer_signing_key with issuer_signing_key_root_account")
-	case !sk && !ra && !nk && !ns:
+	case !sk && !ra && !nk && !ns && (v.cfg.Node.InatsConfig != "" || v.cfg.NATS.Configured()):
+		// The zero-config embedded server mints with its own account signing key.
 		v.warnings = append(v.warnings, "no credential issuer configured: nexlets and workloads connect without credentials, which only a server without auth accepts (development only)")
 	}
 }
