@@ -235,3 +235,25 @@ func BenchmarkCgroupSandbox(b *testing.B) {
 		}
 	}
 }
+
+// TestLongLinesWhole: a stream starts with a small buffer and moves to the full-size
+// one at its first long line, which is published whole, as are the lines around it.
+func TestLongLinesWhole(t *testing.T) {
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{})
+	long := strings.Repeat("x", 10_000)
+	fn.mustStart("long1", startReq(protocol.LifecycleJob, "long1", map[string]any{"uri": "file:///bin/sh",
+		"argv": []string{"-c", "echo before; printf '%s\\n' " + long + "; echo after"}}, protocol.NatsConnectionData{}))
+	want := []string{"before", long, "after"}
+	deadline := time.Now().Add(waitLong)
+	for {
+		got := fn.logLines("long1", "stdout")
+		if slices.Equal(got, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stdout lines = %d %q…, want before, a %d-byte line, after", len(got), fmt.Sprint(got)[:min(80, len(fmt.Sprint(got)))], len(long))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -595,15 +595,31 @@ func (o *outputLimit) drop(lines int) {
 
 // pump forwards a stream line by line to the log feed and to the nexlet's own log,
 // within the workload's output limit.
+// pumpSmallBuf and pumpMaxLine: a stream's first buffer and the longest line published
+// whole (longer ones go out in pieces of this size).
+const (
+	pumpSmallBuf = 4 << 10
+	pumpMaxLine  = 64 << 10
+)
+
 func (n *Nexlet) pump(w *workload, r io.ReadCloser, stream string) {
 	defer r.Close()
 	var feed io.Writer
 	if n.feed != nil {
 		feed = n.feed.Logger(w.id, w.ns, stream)
 	}
-	br := bufio.NewReaderSize(r, 64<<10)
+	// A small buffer first: most workloads write short lines, and two 64 KiB buffers
+	// per workload were most of the nexlet's memory per workload. The first line longer
+	// than it moves the stream to the full-size buffer, with what was read kept.
+	br := bufio.NewReaderSize(r, pumpSmallBuf)
+	big := false
 	for {
 		line, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) && !big {
+			big = true
+			br = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(line)), br), pumpMaxLine)
+			continue
+		}
 		if len(line) > 0 {
 			ok, report := w.output.take(time.Now())
 			if report > 0 {
