@@ -51,6 +51,9 @@ count_running() {
 		grep -c "\"name\":\"$1\",.*\"state\":\"running\"" || true
 }
 running_once() { [ "$(count_running "$1")" = 1 ] && [ "$(pgrep -cx "$2")" = 1 ]; }
+# same_sleep NAME PID: workload NAME is listed running once and the only sleep is PID
+# (adopted, not started again).
+same_sleep() { [ "$(count_running "$1")" = 1 ] && [ "$(pgrep -x sleep)" = "$2" ]; }
 
 set_config() { # set_config SED-EXPR: edit /etc/nex/config.json in place
 	sed -i "$1" /etc/nex/config.json
@@ -69,6 +72,7 @@ finish() {
 
 # Conditions on nexd.service's main process, for check and wait_until.
 running_with_main() { running && [ "$(mainpid)" = "$1" ]; }
+upgraded_in_place() { running_with_main "$1" && [ "$(count_running "$2")" = 1 ]; }
 running_new_main() { running && [ "$(mainpid)" != "$1" ] && [ "$(mainpid)" != 0 ]; }
 watchdog_ok() { running_with_main "$1" && [ "$(nrestarts)" = 0 ]; }
 restarted_by_watchdog() { running_new_main "$1" && [ "$(nrestarts)" -ge 1 ]; }

@@ -94,7 +94,8 @@ check "WatchdogSec is 30s" test "$(prop WatchdogUSec)" = 30s
 while [ "$(date +%s)" -lt $((T_ACTIVE + 36)) ]; do sleep 1; done
 check "watchdog: still running 36s after start (WatchdogSec=30s), same MainPID, NRestarts=0" watchdog_ok "$MAIN"
 
-# --- restart keeps the node id and brings the workload back exactly once (state kv) ---
+# --- restart keeps the node id and the workload's very process (live_restore) ---
+WPID=$(pgrep -x sleep | head -1)
 # Also an admin edit that the upgrade below must keep: others lose status access.
 set_config 's/"control_allow_others": "status"/"control_allow_others": "none"/'
 # nexctl calls made while nexd restarts wait on nexd.socket's socket for the next nexd.
@@ -110,6 +111,12 @@ check "active (running) after restart" wait_until 90 running
 check "socket mode 0660 after restart with control_allow_others=none" test "$(stat -c %a /run/nex/nexd.sock)" = 660
 check "node id kept across restart (state dir)" test "$(node_id)" = "$NODE"
 check "workload x back exactly once after restart" wait_until 60 running_once x sleep
+check "workload x kept its process across the restart ($WPID)" test "$(pgrep -x sleep)" = "$WPID"
+for i in 2 3 4 5; do
+	check "systemctl restart nexd ($i of 5)" systemctl restart nexd
+	check "active (running) after restart $i" wait_until 90 running
+	check "workload x listed and the same process after restart $i" wait_until 60 same_sleep x "$WPID"
+done
 check "nexctl status refused for another user with control_allow_others=none" not runuser -u bob -- nexctl status
 check "nexctl status still works for a member of group nex" runuser -u alice -- nexctl status
 
@@ -119,16 +126,17 @@ kill -STOP "$MAIN"
 check "hung node restarted by systemd (watchdog timeout)" wait_until 150 restarted_by_watchdog "$MAIN"
 check "journal shows the watchdog timeout" sh -c 'journalctl -u nexd --no-pager | grep -qi "watchdog timeout"'
 check "workload x back exactly once after the watchdog restart" wait_until 60 running_once x sleep
+check "workload x kept its process across the watchdog abort ($WPID)" test "$(pgrep -x sleep)" = "$WPID"
 
-# --- stop leaves nothing behind ---
-CG=/sys/fs/cgroup$(prop ControlGroup)
+# --- stop with live_restore (packaged default) leaves the workload for the next nexd ---
 check "systemctl stop nexd" systemctl stop nexd
 check "stopped cleanly (Result=success, exit status 0)" stopped_cleanly
-check "no nexd, nexlet or workload process left" no_node_procs
-check "nexd.service cgroup gone" not test -d "$CG"
+check "no nexd or nexlet process left" not pgrep -x nexd
+check "live_restore: workload x still runs with nexd stopped ($WPID)" test "$(pgrep -x sleep)" = "$WPID"
 check "nexd.socket still listens with nexd stopped" systemctl --quiet is-active nexd.socket
 check "nexctl status with nexd stopped: nexd.socket starts nexd and the call is answered" nexctl status
 check "active (running) again, started through the socket" wait_until 90 running
+check "workload x adopted again, the same process" wait_until 60 same_sleep x "$WPID"
 
 # --- lameduck: workloads stop after the delay, then the service exits ---
 check "systemctl start nexd" systemctl start nexd
@@ -143,12 +151,19 @@ check "lameduck: workload stopped no sooner than the 5s delay" test $((T1 - T0))
 check "lameduck: no workload process left" not pgrep -x sleep
 info "after lameduck: Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus) took $((T1 - T0))s"
 
-# --- upgrade: restarts the node, keeps config edits and state ---
+# --- upgrade: nexd re-executes the new binary in place; config edits, state and the
+# workload's process are kept ---
 check "systemctl start nexd (before upgrade)" systemctl start nexd
 check "active (running) before upgrade" wait_until 90 running
+check "nexctl workload run --name y -- /bin/sleep 600" run_workload --name y -- /bin/sleep 600
+check "workload y runs" wait_until 30 running_once y sleep
+YPID=$(pgrep -x sleep | head -1)
 MAIN=$(mainpid)
 check "upgrade with dpkg -i (newer version)" dpkg -i "$DEB_UP"
-check "upgrade restarted nexd (new MainPID, active)" wait_until 90 running_new_main "$MAIN"
+check "upgrade re-executed nexd in place (same MainPID, active, y listed)" \
+	wait_until 90 upgraded_in_place "$MAIN" y
+check "the re-executed nexd runs the new binary" sh -c "! readlink /proc/$MAIN/exe | grep -q deleted"
+check "workload y kept its process across the upgrade ($YPID)" test "$(pgrep -x sleep)" = "$YPID"
 check "upgrade kept the /etc/nex/config.json edit" grep -q '"control_allow_others": "none"' /etc/nex/config.json
 check "upgrade kept the node id" test "$(node_id)" = "$NODE"
 info "installed: $(dpkg-query -W nexd)"
@@ -157,6 +172,7 @@ info "installed: $(dpkg-query -W nexd)"
 check "apt-get remove nexd" apt-get remove -y -q nexd
 check "remove stopped nexd and nexd.socket" \
 	sh -c '! systemctl --quiet is-active nexd && ! systemctl --quiet is-active nexd.socket && ! pgrep -x nexd'
+check "remove drained the workloads first (no workload process left)" not pgrep -x sleep
 check "remove kept /var/lib/nex and /etc/nex/config.json" test -d /var/lib/nex -a -f /etc/nex/config.json
 check "apt-get purge nexd" apt-get purge -y -q nexd
 check "purge deleted /var/lib/nex" not test -e /var/lib/nex
