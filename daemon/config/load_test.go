@@ -1073,3 +1073,16 @@ func TestNoIssuerWarningOnlyWithoutEmbeddedAuth(t *testing.T) {
 		t.Errorf("external server without an issuer: no warning in %q", l.Warnings)
 	}
 }
+
+// TestLiveRestoreNeedsState: live_restore without KV state and a state dir is valid but
+// warned about (the next nexd could not adopt anything); with both it is quiet.
+func TestLiveRestoreNeedsState(t *testing.T) {
+	l := mustLoad(t, hermetic("--live-restore"))
+	if !l.Config.Node.LiveRestore || !strings.Contains(strings.Join(l.Warnings, "\n"), "live_restore without state kv") {
+		t.Errorf("live_restore alone: %v, warnings %q", l.Config.Node.LiveRestore, l.Warnings)
+	}
+	l = mustLoad(t, hermetic("--live-restore", "--state", "kv", "--state-dir", t.TempDir()))
+	if strings.Contains(strings.Join(l.Warnings, "\n"), "live_restore") {
+		t.Errorf("live_restore with state: warnings %q", l.Warnings)
+	}
+}

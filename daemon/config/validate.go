@@ -162,6 +162,9 @@ func (v *validator) validate() {
 	}
 	v.issuer()
 	v.natsAuth()
+	if n.LiveRestore && (n.State != "kv" || n.StateDir == "") {
+		v.warnings = append(v.warnings, "live_restore without state kv and a state_dir: workloads keep running when nexd stops, but the next nexd has no record of them and leaves them unmanaged")
+	}
 }
 
 // subjectToken checks a value used as one token of NATS subjects.
