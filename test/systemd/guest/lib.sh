@@ -77,9 +77,9 @@ running_new_main() { running && [ "$(mainpid)" != "$1" ] && [ "$(mainpid)" != 0 
 watchdog_ok() { running_with_main "$1" && [ "$(nrestarts)" = 0 ]; }
 restarted_by_watchdog() { running_new_main "$1" && [ "$(nrestarts)" -ge 1 ]; }
 stopped_cleanly() { [ "$(prop Result)" = success ] && [ "$(prop ExecMainStatus)" = 0 ]; }
-# log_level_is LEVEL: the node's resolved logger.level (nexctl config: {"settings":
+# log_level_is LEVEL: the node's resolved logger.level (nexctl --json config: {"settings":
 # {"logger.level": {"value": …, "origin": …}}}).
-log_level_is() { nexctl config | tr -d ' \n' | grep -q "\"logger.level\":{\"value\":\"$1\""; }
+log_level_is() { nexctl --json config | tr -d ' \n' | grep -q "\"logger.level\":{\"value\":\"$1\""; }
 # has_procs CGROUP_DIR: the cgroup holds a process (cgroupfs files report size 0, so
 # test -s cannot tell).
 has_procs() { grep -q . "$1/cgroup.procs" 2>/dev/null; }
