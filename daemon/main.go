@@ -32,9 +32,6 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(args) >= 2 && args[0] == "node" && args[1] == "up" {
 		args = args[2:]
 	}
-	if len(args) == 1 && args[0] == "prestart" {
-		return prestart(stderr)
-	}
 	if len(args) > 0 && args[0] == "version" {
 		fmt.Fprintln(stdout, version.String("nexd"))
 		return ExitOK

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/supervise"
+	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -324,4 +325,27 @@ func (s *server) stop(mode stopMode) {
 		cancel()
 	}
 	s.closers.unwind(ctx, s.log)
+	if mode == keepAll {
+		s.releaseCgroup()
+	}
+}
+
+// releaseCgroup disables the cgroup v2 controllers of nexd's subtree once nexd leaves
+// its workloads running (live_restore): systemd starts the next nexd in the unit's root
+// cgroup, which the kernel refuses while controllers are enabled there (219/CGROUP;
+// systemd 252 has no DelegateSubgroup=). The workloads run without their limits until
+// the next nexd adopts them and re-applies them. A nexd that dies without this (kill -9,
+// a watchdog abort) leaves the controllers on, and systemd 252 cannot start the next one
+// until the workloads are gone (a known limitation).
+func (s *server) releaseCgroup() {
+	cg := s.nexlets.Cgroups()
+	if cg == nil || cg.Mode() != cgroup.ModeV2 {
+		return
+	}
+	n, err := cgroup.ReleaseForRestart(cg.Path())
+	if err != nil {
+		fmt.Fprintf(s.stderr, "nexd: releasing the cgroup controllers of %s for the next nexd: %v\n", cg.Path(), err)
+	} else if n > 0 {
+		fmt.Fprintf(s.stderr, "nexd: released the cgroup controllers of %s (%d groups) for the next nexd\n", cg.Path(), n)
+	}
 }

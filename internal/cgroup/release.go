@@ -5,8 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-
-	"golang.org/x/sys/unix"
 )
 
 // ReleaseForRestart makes the cgroup v2 directory dir (a systemd unit's delegated
@@ -43,27 +41,4 @@ func ReleaseForRestart(dir string) (int, error) {
 		changed++
 	}
 	return changed, errors.Join(errs...)
-}
-
-// UnitCgroupOfControl returns the cgroup v2 directory of the unit the calling process
-// runs for: its own cgroup, or the parent when it runs in systemd's ".control" subgroup
-// (ExecStartPre= of a unit with Delegate=yes). ok is false without a cgroup2 mount at
-// /sys/fs/cgroup.
-func UnitCgroupOfControl() (dir string, ok bool) {
-	var fs unix.Statfs_t
-	if err := unix.Statfs("/sys/fs/cgroup", &fs); err != nil || fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return "", false
-	}
-	b, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		return "", false
-	}
-	own, _ := parseSelfCgroup(b)
-	if own == "" || own == "/" {
-		return "", false
-	}
-	if filepath.Base(own) == ".control" {
-		own = filepath.Dir(own)
-	}
-	return filepath.Join("/sys/fs/cgroup", own), true
 }

@@ -63,12 +63,6 @@ check "systemctl start nexd" systemctl start nexd
 check "active (running)" wait_until 120 running
 check "workload lim adopted, same process" wait_until 60 sh -c "nexctl --json workloads | grep -q $ID && grep -qx $WPID $WG/cgroup.procs"
 check "workload lim's memory.max is back after the adoption (50M)" wait_until 30 sh -c "test \"\$(cat $WG/memory.max 2>/dev/null)\" = 52428800"
-# An unclean death (kill -9 of nexd, as a watchdog abort ends): systemd restarts it into
-# the same cgroup, which still holds the workload (nexd prestart makes that possible).
-MAIN=$(mainpid)
-kill -9 "$MAIN"
-check "kill -9 of nexd: systemd restarts it (new MainPID)" wait_until 120 running_new_main "$MAIN"
-check "workload lim adopted after the kill -9, same process" wait_until 60 sh -c "nexctl --json workloads | grep -q $ID && grep -qx $WPID $WG/cgroup.procs"
 check "nexctl lameduck --delay 0s" nexctl lameduck --delay 0s
 check "lameduck: service exits" wait_until 120 inactive
 check "no nexd, nexlet or workload process left" no_node_procs
