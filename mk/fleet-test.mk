@@ -4,6 +4,7 @@
 # cases (a go test -run pattern); NEXD_FLEET_* variables set their durations.
 # fleet-test-ci is the same cases with shorter faults, as .ci/run runs it.
 FLEET_RUN ?= .
+FLEET_CI_RUN ?= NATSServerKilled|Partition|DiskFull|Leaf
 
 .PHONY: fleet-test fleet-test-ci
 
@@ -12,4 +13,4 @@ fleet-test:
 
 fleet-test-ci:
 	NEXD_FLEET_TEST=1 NEXD_FLEET_AFTER=15s NEXD_FLEET_PARTITION=20s NEXD_FLEET_OUTAGE=10s NEXD_FLEET_AUCTIONS=10 \
-		$(GO) test -count=1 -v -timeout 15m -run '$(FLEET_RUN)' ./test/fleet
+		$(GO) test -count=1 -v -timeout 15m -run '$(FLEET_CI_RUN)' ./test/fleet
