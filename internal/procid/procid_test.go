@@ -1,0 +1,74 @@
+package procid
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"syscall"
+	"testing"
+)
+
+// TestIdentity: a live child is named by pid and start time; the name survives a
+// round trip, stops being alive once the child is reaped, and a different start time
+// (a reused pid) is never taken for it.
+func TestIdentity(t *testing.T) {
+	cmd := exec.Command("/bin/sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	id, err := Of(cmd.Process.Pid)
+	if err != nil || id.Start == 0 {
+		t.Fatalf("Of: %+v %v", id, err)
+	}
+	back, err := Parse(id.Format())
+	if err != nil || back != id {
+		t.Fatalf("Parse(Format) = %+v, %v; want %+v", back, err, id)
+	}
+	if !id.Alive() {
+		t.Fatal("a running child is not alive")
+	}
+	if (ID{PID: id.PID, Start: id.Start + 1}).Alive() {
+		t.Fatal("another start time was taken for the same process (pid reuse)")
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	if id.Alive() {
+		t.Fatal("a reaped child is still alive")
+	}
+	for _, bad := range []string{"", "12", "x 1", "1 2", "12 y"} {
+		if _, err := Parse(bad); err == nil {
+			t.Errorf("Parse(%q) accepted", bad)
+		}
+	}
+	if st, err := ReadStat(os.Getpid()); err != nil || st.PPID != os.Getppid() {
+		t.Errorf("ReadStat(self) = %+v, %v", st, err)
+	}
+}
+
+// TestExitRecords: what WriteExit stores, ReadExit returns; none is ErrNoExit.
+func TestExitRecords(t *testing.T) {
+	dir := t.TempDir()
+	id := ID{PID: 4242, Start: 99}
+	if _, err := ReadExit(dir, id); !errors.Is(err, ErrNoExit) {
+		t.Fatalf("no record: %v", err)
+	}
+	ws := syscall.WaitStatus(7 << 8) // exit status 7
+	want := ExitOf(ws)
+	if want.Code != 7 || want.Reason != "exited with code 7" {
+		t.Fatalf("ExitOf = %+v", want)
+	}
+	if err := WriteExit(dir, id, want); err != nil {
+		t.Fatal(err)
+	}
+	got, err := ReadExit(dir, id)
+	if err != nil || got != want {
+		t.Fatalf("ReadExit = %+v, %v; want %+v", got, err, want)
+	}
+	if k := ExitOf(syscall.WaitStatus(syscall.SIGKILL)); k.Code != 137 || k.Reason != "killed by signal killed" {
+		t.Errorf("ExitOf(SIGKILL) = %+v", k)
+	}
+	RemoveExit(dir, id)
+	if _, err := ReadExit(dir, id); !errors.Is(err, ErrNoExit) {
+		t.Errorf("after RemoveExit: %v", err)
+	}
+}
