@@ -192,7 +192,7 @@ func TestCompareWorkloadsRun(t *testing.T) {
 	}
 	// Workloads run under dynamic uids when nexd is root: the binaries' directory must
 	// be searchable by anyone, which t.TempDir's is not.
-	dir, err := os.MkdirTemp("", "nexbench-bin-")
+	dir, err := os.MkdirTemp("", "benchbins-")
 	if err != nil {
 		t.Fatal(err)
 	}
