@@ -65,6 +65,10 @@ type Server struct {
 
 	baseCtx    context.Context
 	baseCancel context.CancelFunc
+	// follows ends streaming requests at Close; ordinary requests are not cancelled, so a
+	// status answered while nexd stops (a restart under socket activation) completes.
+	follows    context.Context
+	endFollows context.CancelFunc
 	closeOnce  sync.Once
 }
 
@@ -132,6 +136,7 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 	}
 	s.routes()
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
+	s.follows, s.endFollows = context.WithCancel(context.Background())
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: min(10*time.Second, readTimeout),
@@ -169,10 +174,11 @@ func (s *Server) Serve(ctx context.Context) error {
 func (s *Server) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
-		s.baseCancel() // ends log follows, which Shutdown would otherwise wait for
+		s.endFollows() // ends log follows, which Shutdown would otherwise wait for
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		err = s.srv.Shutdown(ctx)
+		s.baseCancel()
 		if err != nil {
 			err = s.srv.Close()
 		}
@@ -470,7 +476,10 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, lines)
 		return
 	}
-	ch, err := s.opts.Backend.FollowLogs(r.Context(), q)
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	defer context.AfterFunc(s.follows, cancel)()
+	ch, err := s.opts.Backend.FollowLogs(ctx, q)
 	if err != nil {
 		s.backendError(w, r, err)
 		return
@@ -482,7 +491,7 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 	enc := json.NewEncoder(w)
 	for {
 		select {
-		case <-r.Context().Done():
+		case <-ctx.Done():
 			return
 		case l, ok := <-ch:
 			if !ok {

@@ -100,7 +100,7 @@ WPID=$(pgrep -x sleep | head -1)
 set_config 's/"control_allow_others": "status"/"control_allow_others": "none"/'
 # nexctl calls made while nexd restarts wait on nexd.socket's socket for the next nexd.
 rm -f /root/restarted
-(while [ ! -e /root/restarted ]; do if nexctl status >/dev/null 2>&1; then echo ok; else echo FAIL; fi; done) >/root/during-restart.log 2>&1 &
+(while [ ! -e /root/restarted ]; do if out=$(nexctl status 2>&1); then echo ok; else echo "FAIL: $out"; fi; done) >/root/during-restart.log 2>&1 &
 LOOP=$!
 check "systemctl restart nexd" systemctl restart nexd
 touch /root/restarted
