@@ -14,6 +14,8 @@ import (
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/privfile"
 )
 
 // AccountName is the account of the embedded server that nexd, its nexlets, their
@@ -253,15 +255,7 @@ func (t *Trust) AdminCreds(name string, ttl time.Duration) (string, time.Time, e
 }
 
 func writePrivate(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("natsembed: %w", err)
-	}
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		return fmt.Errorf("natsembed: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
+	if err := privfile.Write(path, b); err != nil {
 		return fmt.Errorf("natsembed: %w", err)
 	}
 	return nil

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 
 	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/privfile"
 )
 
 // XKeySeedFile is the native nexlet's curve key seed in its state directory. Workload
@@ -41,11 +43,7 @@ func LoadXKey(path string) (nkeys.KeyPair, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("native nexlet xkey: %w", err)
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(seed, '\n'), 0o600); err != nil {
-		return nil, fmt.Errorf("native nexlet xkey: %w", err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := privfile.Write(path, append(seed, '\n')); err != nil {
 		return nil, fmt.Errorf("native nexlet xkey: %w", err)
 	}
 	return kp, nil
