@@ -24,39 +24,12 @@ import (
 func startActivated(t *testing.T, sock *os.File, args []string) *proc {
 	t.Helper()
 	dir := t.TempDir()
-	p := &proc{out: &testkit.Buffer{}, done: make(chan struct{}), dir: dir}
 	cmd := exec.Command("/bin/sh", append([]string{"-c",
 		`export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=nexd.socket; exec "$0" "$@"`, nexdBin(t)}, args...)...)
 	cmd.Dir = dir
 	cmd.Env = []string{"HOME=" + dir, "PATH=" + os.Getenv("PATH")}
 	cmd.ExtraFiles = []*os.File{sock}
-	cmd.Stdout, cmd.Stderr = p.out, p.out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p.cmd = cmd
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.done:
-			case <-time.After(30 * time.Second):
-				cmd.Process.Kill()
-				<-p.done
-			}
-		}
-		if t.Failed() {
-			t.Logf("nexd output:\n%s", p.out.String())
-		}
-	})
-	return p
+	return startProc(t, cmd)
 }
 
 // TestSocketActivation: nexd serves the control socket systemd passes it, applies

@@ -134,13 +134,21 @@ func startNexd(t *testing.T, o nexdOpts) *proc {
 	if dir == "" {
 		dir = t.TempDir()
 	}
-	p := &proc{out: &testkit.Buffer{}, done: make(chan struct{}), dir: dir}
 	cmd := exec.Command(nexdBin(t), o.args...)
 	cmd.Dir = dir
 	cmd.Env = append([]string{"HOME=" + dir, "PATH=" + os.Getenv("PATH")}, o.env...)
 	if o.notify != nil {
 		cmd.Env = append(cmd.Env, "NOTIFY_SOCKET="+o.notify.path)
 	}
+	return startProc(t, cmd)
+}
+
+// startProc starts a prepared nexd command (its Dir is the node's working directory),
+// captures its output, and on cleanup stops it with SIGTERM (SIGKILL after 30 s),
+// logging the output when the test failed.
+func startProc(t *testing.T, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{out: &testkit.Buffer{}, done: make(chan struct{}), dir: cmd.Dir}
 	cmd.Stdout, cmd.Stderr = p.out, p.out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
