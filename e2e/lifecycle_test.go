@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -59,11 +60,39 @@ func cgroupRoot(t *testing.T) string {
 	}
 	root := filepath.Join(base, fmt.Sprintf("nexd-e2e-%d-%d", os.Getpid(), time.Now().UnixNano()%1e9))
 	t.Cleanup(func() {
+		// A test that killed nexd without a successor leaves its workloads running
+		// (they outlive nexd by design): kill whatever is left before removing the tree.
+		for i := 0; i < 20 && killTree(root) > 0; i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
 		for _, h := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
 			removeTree(filepath.Join("/sys/fs/cgroup", h, filepath.Base(root)))
 		}
 	})
 	return root
+}
+
+// killTree sends SIGKILL to every process in the cgroup tree and returns how many it found.
+func killTree(dir string) int {
+	n := 0
+	if b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err == nil {
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+				n++
+			}
+		}
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return n
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			n += killTree(filepath.Join(dir, e.Name()))
+		}
+	}
+	return n
 }
 
 // removeTree removes an (already empty) cgroup tree bottom-up.
