@@ -29,6 +29,7 @@ func (n *nexlet) pump(r io.Reader, stream string) {
 	for {
 		line, err := readLine(br)
 		if len(line) > 0 || err == nil {
+			n.read.Add(1)
 			n.emit(line, stream, def)
 		}
 		if err != nil {

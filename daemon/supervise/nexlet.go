@@ -3,10 +3,12 @@ package supervise
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -35,6 +37,31 @@ type nexlet struct {
 	startedAt time.Time
 	group     *cgroup.Group // <root>/<name>, for stats
 	groupPath string
+
+	read atomic.Int64 // lines read from the nexlet's stdout and stderr
+}
+
+// drainOutput waits for the output pumps after the nexlet exited. While they still read
+// (a slow machine draining a full pipe) it keeps waiting, up to a bound; when nothing
+// was read for a while, an escaped process holds the pipes open and they are closed.
+func (n *nexlet) drainOutput(done <-chan struct{}, log *slog.Logger) {
+	const idle, bound = 5 * time.Second, 60 * time.Second
+	t := time.NewTicker(idle)
+	defer t.Stop()
+	last, deadline := n.read.Load(), time.Now().Add(bound)
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			now := n.read.Load()
+			if now == last || time.Now().After(deadline) {
+				log.Warn("nexlet output still open after exit; closing it")
+				return
+			}
+			last = now
+		}
+	}
 }
 
 func (n *nexlet) setState(st State) {
@@ -258,11 +285,7 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	}
 	done := make(chan struct{})
 	go func() { pumps.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second): // an escaped process still holds the pipes
-		log.Warn("nexlet output still open after exit; closing it")
-	}
+	n.drainOutput(done, log)
 	outR.Close()
 	errR.Close()
 	<-done
