@@ -42,6 +42,18 @@ type StopReporter interface {
 	StopWorkloadReport(workloadID string, req *protocol.StopWorkloadRequest) (string, error)
 }
 
+// ProgressStarter is optionally implemented by an Agent whose starts can take a while
+// (an artifact download). The Runner calls it instead of StartWorkload for new starts
+// (replays still go to StartWorkload) and passes each report to a node that asked for
+// progress (protocol.HeaderProgress): the first and a finished transfer at once, others
+// at most every ProgressEvery; report is safe from any goroutine and cheap.
+type ProgressStarter interface {
+	StartWorkloadProgress(workloadID string, req *protocol.AgentStartWorkloadRequest, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error)
+}
+
+// ProgressEvery is the least time between two byte-count reports of one start.
+const ProgressEvery = 100 * time.Millisecond
+
 // ReplayAware is optionally implemented by an Agent that wants to know when the replay of
 // the node's existing state is over, for instance to clean up workloads the node no
 // longer knows. ids are the workloads the node asked to (re)start; it is called once per

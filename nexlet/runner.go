@@ -561,9 +561,17 @@ func (r *Runner) handleStart(req micro.Request) {
 		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id})
 		return
 	}
-	stopProgress := r.reportProgress(req)
-	out, err := r.agent.StartWorkload(id, &in, false)
-	stopProgress()
+	rep := r.reportProgress(req)
+	var (
+		out *protocol.StartWorkloadResponse
+		err error
+	)
+	if ps, ok := r.agent.(ProgressStarter); ok {
+		out, err = ps.StartWorkloadProgress(id, &in, rep.report)
+	} else {
+		out, err = r.agent.StartWorkload(id, &in, false)
+	}
+	rep.stop()
 	if err != nil {
 		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id, Name: in.Request.Name})
 		return
@@ -571,33 +579,93 @@ func (r *Runner) handleStart(req micro.Request) {
 	r.respondJSON(req, out)
 }
 
-// reportProgress tells a node that asked for it (protocol.HeaderProgress) that the
-// start is still under way, so a slow start (an artifact download) is not given up on;
-// the returned func ends the reports and waits until none is being sent.
-func (r *Runner) reportProgress(req micro.Request) func() {
+// startReports tells a node that asked for it (protocol.HeaderProgress) how a start
+// goes, so a slow start (an artifact download) is not given up on: the latest report
+// (else "starting") every interval the node named, and the agent's own reports as they
+// come (byte counts at most every ProgressEvery). Nothing is sent once stop returned.
+type startReports struct {
+	r       *Runner
+	req     micro.Request
+	nc      *nats.Conn
+	done    chan struct{}
+	stopped chan struct{}
+
+	mu     sync.Mutex
+	closed bool
+	last   protocol.Progress
+	sentAt time.Time // of the last byte count sent
+}
+
+func (r *Runner) reportProgress(req micro.Request) *startReports {
+	s := &startReports{r: r, req: req, last: protocol.Progress{Text: "starting"}}
 	every, err := time.ParseDuration(req.Headers().Get(protocol.HeaderProgress))
-	nc := r.NC()
-	if err != nil || every <= 0 || req.Reply() == "" || nc == nil {
-		return func() {}
+	s.nc = r.NC()
+	if err != nil || every <= 0 || req.Reply() == "" || s.nc == nil {
+		s.closed = true // the node did not ask: reports go nowhere
+		return s
 	}
-	done, stopped := make(chan struct{}), make(chan struct{})
+	s.done, s.stopped = make(chan struct{}), make(chan struct{})
 	go func() {
-		defer close(stopped)
+		defer close(s.stopped)
 		t := time.NewTicker(every)
 		defer t.Stop()
 		for {
 			select {
-			case <-done:
+			case <-s.done:
 				return
 			case <-t.C:
-				m := &nats.Msg{Subject: req.Reply(), Header: nats.Header{protocol.HeaderProgress: {"starting"}}}
-				if err := nc.PublishMsg(m); err != nil {
-					r.log.Debug("start progress report failed", "subject", req.Subject(), "err", err)
+				s.mu.Lock()
+				if !s.closed {
+					s.sendLocked()
 				}
+				s.mu.Unlock()
 			}
 		}
 	}()
-	return func() { close(done); <-stopped }
+	return s
+}
+
+// report is the agent's report of how its start goes.
+func (s *startReports) report(p protocol.Progress) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	prev := s.last
+	s.last = p
+	switch {
+	case p.Text != prev.Text || p.HasBytes() != prev.HasBytes():
+	case !p.HasBytes() || p == prev:
+		return // nothing new; the ticker repeats it
+	case p.Total > 0 && p.Done >= p.Total:
+	case time.Since(s.sentAt) < ProgressEvery:
+		return
+	}
+	s.sendLocked()
+}
+
+func (s *startReports) sendLocked() {
+	m := &nats.Msg{Subject: s.req.Reply(), Header: nats.Header{protocol.HeaderProgress: {s.last.Text}}}
+	if s.last.HasBytes() {
+		m.Header.Set(protocol.HeaderProgressBytes, protocol.FormatProgressBytes(s.last.Done, s.last.Total))
+		s.sentAt = time.Now()
+	}
+	if err := s.nc.PublishMsg(m); err != nil {
+		s.r.log.Debug("start progress report failed", "subject", s.req.Subject(), "err", err)
+	}
+}
+
+// stop ends the reports and waits until none is being sent.
+func (s *startReports) stop() {
+	s.mu.Lock()
+	wasClosed := s.closed
+	s.closed = true
+	s.mu.Unlock()
+	if !wasClosed {
+		close(s.done)
+		<-s.stopped
+	}
 }
 
 func (r *Runner) handleStop(req micro.Request) {

@@ -446,3 +446,85 @@ func TestShutdownAwaitsRequestsAndReplay(t *testing.T) {
 		})
 	}
 }
+
+// progressAgent downloads "1000 bytes" on each start, reporting every byte.
+type progressAgent struct {
+	*memAgent
+}
+
+func (a *progressAgent) StartWorkloadProgress(id string, req *protocol.AgentStartWorkloadRequest, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
+	for done := int64(0); done <= 1000; done++ {
+		report(protocol.Progress{Text: "downloading", Done: done, Total: 1000})
+	}
+	time.Sleep(300 * time.Millisecond) // the ticker repeats the last report meanwhile
+	return a.memAgent.StartWorkload(id, req, false)
+}
+
+// TestStartProgressReports: a ProgressStarter's reports reach a node that asked for
+// progress: the first and the finished count at once, others thinned to one per
+// ProgressEvery, counts never going back, none after the answer; a node that did not
+// ask hears only the answer.
+func TestStartProgressReports(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, make(chan protocol.RegisterAgentRequest, 1))
+	r, err := NewRunner(context.Background(), node, &progressAgent{memAgent: newMemAgent()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	start, _ := json.Marshal(protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "w1", Namespace: "ns",
+		WorkloadLifecycle: protocol.LifecycleJob, WorkloadType: "mem", RunRequest: "{}"}})
+	for _, ask := range []bool{true, false} {
+		inbox := nats.NewInbox()
+		replies, _ := nc.SubscribeSync(inbox)
+		_ = nc.Flush()
+		m := &nats.Msg{Subject: protocol.StartWorkloadSubject(node, agent, "P1"), Reply: inbox, Data: start, Header: nats.Header{}}
+		if ask {
+			m.Header.Set(protocol.HeaderProgress, "100ms")
+		}
+		if err := nc.PublishMsg(m); err != nil {
+			t.Fatal(err)
+		}
+		var counts []int64
+		for {
+			m, err := replies.NextMsg(10 * time.Second)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			if len(m.Data) > 0 {
+				break
+			}
+			done, total, ok := protocol.ParseProgressBytes(m.Header.Get(protocol.HeaderProgressBytes))
+			if !ok || total != 1000 || m.Header.Get(protocol.HeaderProgress) != "downloading" {
+				t.Fatalf("report %v", m.Header)
+			}
+			counts = append(counts, done)
+		}
+		if !ask {
+			if len(counts) > 0 {
+				t.Errorf("a node that did not ask got %d reports", len(counts))
+			}
+			if m, err := replies.NextMsg(300 * time.Millisecond); err == nil {
+				t.Errorf("message after the answer: %v", m.Header)
+			}
+			continue
+		}
+		// 0, maybe a few in between, 1000 at once, then the ticker's repeats of 1000.
+		if len(counts) < 3 || counts[0] != 0 || counts[len(counts)-1] != 1000 || len(counts) > 20 {
+			t.Fatalf("reports %v: want 0 first, 1000 last, thinned", counts)
+		}
+		for i := 1; i < len(counts); i++ {
+			if counts[i] < counts[i-1] {
+				t.Fatalf("counts went back: %v", counts)
+			}
+		}
+		if m, err := replies.NextMsg(300 * time.Millisecond); err == nil {
+			t.Errorf("report after the answer: %v", m.Header)
+		}
+		replies.Unsubscribe()
+	}
+}

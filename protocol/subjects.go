@@ -45,6 +45,10 @@ const (
 	// client's UNDEPLOY it asks the node that holds the workload to say "stopping" the
 	// same way before its answer.
 	HeaderProgress = "Nex-Progress"
+	// HeaderProgressBytes on a progress report says how far a transfer (an artifact
+	// download) is, as "<done>/<total>" bytes (total 0 when unknown); see
+	// FormatProgressBytes. Clients that do not know it show the text alone.
+	HeaderProgressBytes = "Nex-Progress-Bytes"
 	// HeaderNode on a WPING reply names the node that sent it, so a client can tell
 	// which workloads run where (nexctl node lameduck --wait).
 	HeaderNode = "Nex-Node"

@@ -93,8 +93,11 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
 		// The client (nexctl workload run) shows how the start goes: relay the reports.
-		call.onProgress = func(text string) {
-			m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {text}}}
+		call.onProgress = func(h nats.Header) {
+			m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {h.Get(protocol.HeaderProgress)}}}
+			if b := h.Get(protocol.HeaderProgressBytes); b != "" {
+				m.Header.Set(protocol.HeaderProgressBytes, b)
+			}
 			if err := n.o.NC.PublishMsg(m); err != nil {
 				n.log.Debug("deploy progress report failed", "workload_id", workloadID, "err", err)
 			}
@@ -210,7 +213,7 @@ type startCall struct {
 	sub *nats.Subscription
 	ch  chan *nats.Msg
 	// onProgress passes the nexlet's progress reports on (to a client that asked).
-	onProgress func(text string)
+	onProgress func(nats.Header)
 }
 
 func (n *Node) startOnNexlet(agentID, workloadID string, body []byte) (*startCall, error) {
@@ -260,7 +263,7 @@ func (c *startCall) wait(ctx context.Context, silence, total time.Duration) (*na
 			if m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && !isErrorReply(m) {
 				quiet.Reset(silence)
 				if c.onProgress != nil {
-					c.onProgress(m.Header.Get(protocol.HeaderProgress))
+					c.onProgress(m.Header)
 				}
 				continue
 			}

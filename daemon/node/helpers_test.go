@@ -354,13 +354,15 @@ func (a *fakeAgent) serve() {
 					defer t.Stop()
 					tick = t.C
 				}
-				for {
+				for done := int64(1); ; done++ {
 					select {
 					case <-end:
 						_ = m.Respond(js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
 						return
 					case <-tick:
-						_ = a.nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: nats.Header{protocol.HeaderProgress: {"starting"}}})
+						// A download's byte count, as the native nexlet reports it.
+						_ = a.nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: nats.Header{protocol.HeaderProgress: {"starting"},
+							protocol.HeaderProgressBytes: {protocol.FormatProgressBytes(done, 1000)}}})
 					}
 				}
 			}()

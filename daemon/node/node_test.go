@@ -823,7 +823,8 @@ func TestAliveProbe(t *testing.T) {
 }
 
 // TestDeployRelaysProgress: a client that asks (HeaderProgress on ADEPLOY) hears the
-// nexlet's progress reports as body-less replies before the answer; one that does not
+// nexlet's progress reports (text and byte counts) as body-less replies before the
+// answer; one that does not
 // ask gets only the answer, as upstream clients expect.
 func TestDeployRelaysProgress(t *testing.T) {
 	f := newFixture(t, 1, func(_ int, o *Options) {
@@ -835,6 +836,7 @@ func TestDeployRelaysProgress(t *testing.T) {
 	a.mu.Lock()
 	a.startDelay, a.progress = 400*time.Millisecond, true
 	a.mu.Unlock()
+	var lastDone int64
 	deploy := func(askProgress bool) (progress int, answer *nats.Msg) {
 		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
 		if len(bids) != 1 {
@@ -863,6 +865,11 @@ func TestDeployRelaysProgress(t *testing.T) {
 				if r.Header.Get(protocol.HeaderProgress) != "starting" {
 					t.Errorf("progress %q, want the nexlet's text", r.Header.Get(protocol.HeaderProgress))
 				}
+				done, total, ok := protocol.ParseProgressBytes(r.Header.Get(protocol.HeaderProgressBytes))
+				if !ok || total != 1000 || done <= lastDone {
+					t.Errorf("progress bytes %q after %d, want increasing counts of 1000", r.Header.Get(protocol.HeaderProgressBytes), lastDone)
+				}
+				lastDone = done
 				progress++
 				continue
 			}

@@ -302,39 +302,86 @@ func (a *app) watchLocalDrain(ctx context.Context, until time.Time) (killed int,
 }
 
 // deployProgress prints a node's progress reports during a deploy on stderr: one line
-// redrawn in place on a terminal, a line per new report otherwise, {"progress": ...}
-// under --json.
+// redrawn in place on a terminal (with a bar for a download's bytes), a line per new
+// report otherwise, {"progress": ...} under --json.
 type deployProgress struct {
 	a    *app
 	tty  bool
-	last string
+	last protocol.Progress
+	seen bool
 }
 
 func (a *app) newDeployProgress() *deployProgress {
 	return &deployProgress{a: a, tty: isTTY(a.io.Stderr) && !a.json}
 }
 
-func (p *deployProgress) show(text string) {
-	if text == p.last {
+// progressOf reads a progress report's headers.
+func progressOf(h nats.Header) protocol.Progress {
+	p := protocol.Progress{Text: h.Get(protocol.HeaderProgress)}
+	if d, t, ok := protocol.ParseProgressBytes(h.Get(protocol.HeaderProgressBytes)); ok {
+		p.Done, p.Total = d, t
+	}
+	return p
+}
+
+func (p *deployProgress) show(r protocol.Progress) {
+	if p.seen && r == p.last {
 		return
 	}
-	p.last = text
+	p.last, p.seen = r, true
 	w := p.a.io.Stderr
 	switch {
 	case p.a.json:
-		b, _ := json.Marshal(map[string]string{"progress": text})
+		out := map[string]any{"progress": r.Text}
+		if r.HasBytes() {
+			out["bytes_done"], out["bytes_total"] = r.Done, r.Total
+		}
+		b, _ := json.Marshal(out)
 		fmt.Fprintln(w, string(b))
 	case p.tty:
-		fmt.Fprintf(w, "\r\x1b[2Knexctl: deploying: %s", text)
+		fmt.Fprintf(w, "\r\x1b[2K%s", progressLine(r, true))
 	default:
-		fmt.Fprintf(w, "nexctl: deploying: %s\n", text)
+		fmt.Fprintln(w, progressLine(r, false))
 	}
+}
+
+// progressLine is how a deploy's progress report reads: with a bar and sizes on a
+// terminal, exact byte counts otherwise.
+func progressLine(r protocol.Progress, tty bool) string {
+	line := "nexctl: deploying: " + r.Text
+	switch {
+	case !r.HasBytes():
+		return line
+	case r.Total <= 0:
+		if tty {
+			return fmt.Sprintf("%s %s", line, sizeText(r.Done))
+		}
+		return fmt.Sprintf("%s: %d bytes", line, r.Done)
+	case tty:
+		return fmt.Sprintf("%s %s %s / %s", line, bar(int(r.Total), int(r.Total-r.Done), r.Done >= r.Total, 20),
+			sizeText(r.Done), sizeText(r.Total))
+	}
+	return fmt.Sprintf("%s: %d of %d bytes (%d%%)", line, r.Done, r.Total, r.Done*100/r.Total)
+}
+
+// sizeText is a byte count for people: 512 B, 3.4 KiB, 12.0 MiB.
+func sizeText(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
 }
 
 // done ends an in-place progress line.
 func (p *deployProgress) done() {
-	if p.tty && p.last != "" {
+	if p.tty && p.seen {
 		fmt.Fprintln(p.a.io.Stderr)
 	}
-	p.last = ""
+	p.last, p.seen = protocol.Progress{}, false
 }

@@ -32,7 +32,7 @@ type fakeNode struct {
 	stored         map[string]protocol.StartWorkloadRequest // for CLONE
 	stopOK         bool
 	// progress are reports sent before a deploy's answer when the client asks.
-	progress []string
+	progress []protocol.Progress
 
 	mu        sync.Mutex
 	deploys   []protocol.StartWorkloadRequest
@@ -160,7 +160,11 @@ func (n *fakeNode) start() *fakeNode {
 		}
 		if m.Header.Get(protocol.HeaderProgress) != "" {
 			for _, p := range n.progress {
-				_ = n.nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: nats.Header{protocol.HeaderProgress: {p}}})
+				h := nats.Header{protocol.HeaderProgress: {p.Text}}
+				if p.HasBytes() {
+					h.Set(protocol.HeaderProgressBytes, protocol.FormatProgressBytes(p.Done, p.Total))
+				}
+				_ = n.nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: h})
 			}
 		}
 		n.respond(m, protocol.StartWorkloadResponse{ID: "W-" + n.id, Name: req.Name})

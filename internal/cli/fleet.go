@@ -284,7 +284,7 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 			return r, fmt.Errorf("%w: bid %s expired: no node answers for it", errNotStarted, bidderID)
 		case m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && replyError(m) == nil:
 			if f.progress != nil {
-				f.progress.show(m.Header.Get(protocol.HeaderProgress))
+				f.progress.show(progressOf(m.Header))
 			}
 			deadline = time.Now().Add(f.deployTimeout) // the node is still at it
 			continue

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -460,21 +461,38 @@ func TestWorkloadRunShowsDeployProgress(t *testing.T) {
 	s := testnats.Start(t, testnats.Options{NoJetStream: true})
 	nc := testnats.Connect(t, s)
 	n := newFakeNode(t, nc, "SLOW", nil)
-	n.progress = []string{"downloading 4.0 MiB of 40.0 MiB", "downloading 40.0 MiB of 40.0 MiB", "starting"}
+	const dl = "downloading nats://bins/web_latest"
+	n.progress = []protocol.Progress{{Text: dl, Total: 40 << 20}, {Text: dl, Done: 4 << 20, Total: 40 << 20},
+		{Text: dl, Done: 40 << 20, Total: 40 << 20}, {Text: "starting"}}
 	n.start()
 	out, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "--namespace", "default", "--allow-unsigned-bids", "workload", "run",
 		"--name", "web", "--", "/bin/sh", "-c", "sleep 1")...)
 	if code != 0 || !strings.Contains(out, "Workload web [W-SLOW] successfully started") {
 		t.Fatalf("run: exit %d\n%s\n%s", code, out, errOut)
 	}
-	for _, p := range n.progress {
-		if !strings.Contains(errOut, "nexctl: deploying: "+p+"\n") {
-			t.Errorf("progress %q not shown:\n%s", p, errOut)
-		}
+	want := "nexctl: deploying: " + dl + ": 0 of 41943040 bytes (0%)\n" +
+		"nexctl: deploying: " + dl + ": 4194304 of 41943040 bytes (10%)\n" +
+		"nexctl: deploying: " + dl + ": 41943040 of 41943040 bytes (100%)\n" +
+		"nexctl: deploying: starting\n"
+	if !strings.Contains(errOut, want) {
+		t.Errorf("progress not shown as\n%s\ngot:\n%s", want, errOut)
 	}
 	_, errOut, code = runCLI(t, nil, natsArgs(s.ClientURL(), "--json", "--namespace", "default", "--allow-unsigned-bids", "workload", "run",
 		"--name", "web", "--", "/bin/sh", "-c", "sleep 1")...)
-	if code != 0 || !strings.Contains(errOut, `{"progress":"downloading 4.0 MiB of 40.0 MiB"}`) {
+	if code != 0 || !strings.Contains(errOut, `{"bytes_done":4194304,"bytes_total":41943040,"progress":"`+dl+`"}`) ||
+		!strings.Contains(errOut, `{"progress":"starting"}`) {
 		t.Errorf("--json progress: exit %d\n%s", code, errOut)
 	}
+}
+
+// TestDeployProgressLine: how a progress report reads, with a bar on a terminal.
+func TestDeployProgressLine(t *testing.T) {
+	const dl = "downloading nats://bins/web_latest"
+	var b bytes.Buffer
+	for _, p := range []protocol.Progress{{Text: "starting"}, {Text: dl, Total: 5 << 20},
+		{Text: dl, Done: 1 << 20, Total: 5 << 20}, {Text: dl, Done: 5<<20 - 1, Total: 5 << 20},
+		{Text: dl, Done: 5 << 20, Total: 5 << 20}, {Text: dl, Done: 1536}, {Text: dl, Done: 3 << 30, Total: 4 << 30}} {
+		fmt.Fprintf(&b, "%s\n%s\n", progressLine(p, false), progressLine(p, true))
+	}
+	golden(t, "deploy_progress", b.Bytes())
 }

@@ -231,7 +231,7 @@ func (n *Nexlet) Heartbeat() (*protocol.AgentHeartbeat, error) {
 
 // StartWorkload implements nexlet.Agent. Every check happens before anything starts.
 func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
-	resp, err := n.startWorkload(id, req, existing)
+	resp, err := n.startWorkload(id, req, existing, func(protocol.Progress) {})
 	if err != nil && existing && idRE.MatchString(id) && req.Request.Namespace != "" {
 		// A replay that fails must not leave the node's state entry silent: the
 		// workload is listed as failed with the reason until it is stopped.
@@ -239,6 +239,12 @@ func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadReques
 		return &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}, nil
 	}
 	return resp, err
+}
+
+// StartWorkloadProgress is a new start that reports how the download of a nats://
+// artifact goes (nexlet.ProgressStarter).
+func (n *Nexlet) StartWorkloadProgress(id string, req *protocol.AgentStartWorkloadRequest, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
+	return n.startWorkload(id, req, false, report)
 }
 
 // replayFailed lists a workload the node replayed but this nexlet could not start or
@@ -266,7 +272,7 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 	n.log.Error("replayed workload failed; listed as failed until stopped", "workload_id", id, "namespace", w.ns, "name", w.name, "err", cause)
 }
 
-func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
+func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
 	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
 	if !idRE.MatchString(id) {
 		return nil, fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id)
@@ -313,7 +319,7 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	n.workloads[id] = w
 	n.mu.Unlock()
 
-	p, adopted, err := n.begin(w, existing)
+	p, adopted, err := n.begin(w, existing, report)
 	if err != nil {
 		n.mu.Lock()
 		delete(n.workloads, id)

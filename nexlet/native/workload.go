@@ -110,7 +110,7 @@ func ended(code int, reason string) *proc {
 }
 
 // begin prepares the sandbox and either adopts a live workload (replay) or launches it.
-func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
+func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress)) (*proc, bool, error) {
 	limits := w.plan.limits
 	if limits.MemoryMax == 0 {
 		limits.MemoryMax = n.cfg.DefaultLimits.MemoryMax
@@ -190,7 +190,7 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	}
 	if w.plan.art.scheme == "nats" {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe, id, n.cfg.ArtifactMax)
+		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe, id, n.cfg.ArtifactMax, report)
 		cancel()
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
@@ -218,7 +218,9 @@ func (n *Nexlet) begin(w *workload, existing bool) (*proc, bool, error) {
 	return p, false, nil
 }
 
-func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string, id ident, maxSize int64) error {
+// fetchArtifact downloads art to dst with the workload's credentials, reporting the
+// bytes done of the object's size as they arrive.
+func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string, id ident, maxSize int64, report func(protocol.Progress)) error {
 	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
 	if err != nil {
 		return fmt.Errorf("with the workload's credentials: %w", err)
@@ -232,17 +234,33 @@ func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art a
 	if err != nil {
 		return fmt.Errorf("object store bucket %q: %w", art.bucket, err)
 	}
-	if maxSize > 0 {
-		info, err := obs.GetInfo(ctx, art.object)
-		if err != nil {
-			return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
-		}
-		if int64(info.Size) > maxSize {
-			return fmt.Errorf("object %q in bucket %q is %d bytes, over the node's artifact_max_size of %d", art.object, art.bucket, info.Size, maxSize)
-		}
+	res, err := obs.Get(ctx, art.object)
+	if err != nil {
+		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
 	}
-	// GetFile checks the object's SHA-256 digest as it reads.
-	if err := obs.GetFile(ctx, art.object, dst); err != nil {
+	defer res.Close()
+	info, err := res.Info()
+	if err != nil {
+		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
+	}
+	total := int64(info.Size)
+	if maxSize > 0 && total > maxSize {
+		return fmt.Errorf("object %q in bucket %q is %d bytes, over the node's artifact_max_size of %d", art.object, art.bucket, total, maxSize)
+	}
+	f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	text := "downloading nats://" + art.bucket + "/" + art.object
+	report(protocol.Progress{Text: text, Total: total})
+	// The object's reader checks its SHA-256 digest at the end.
+	cw := &countWriter{w: f, fn: func(done int64) { report(protocol.Progress{Text: text, Done: done, Total: total}) }}
+	_, err = io.Copy(cw, res)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
 		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
 	}
 	// The workload's own: readable and executable by its user only.
@@ -252,6 +270,20 @@ func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art a
 		}
 	}
 	return os.Chmod(dst, 0o500)
+}
+
+// countWriter tells fn how many bytes went through it so far.
+type countWriter struct {
+	w  io.Writer
+	n  int64
+	fn func(int64)
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	k, err := c.w.Write(p)
+	c.n += int64(k)
+	c.fn(c.n)
+	return k, err
 }
 
 // digestCache remembers the SHA-256 of executables by path, device, inode, size and
