@@ -52,6 +52,12 @@ const (
 	// HeaderNode on a WPING reply names the node that sent it, so a client can tell
 	// which workloads run where (nexctl node lameduck --wait).
 	HeaderNode = "Nex-Node"
+	// HeaderAlive on a client's ADEPLOY asks the node that took the bid to say it is
+	// alive at that interval (a Go duration) until its answer: a body-less reply carrying
+	// this header, the first as soon as the request arrives. A client that hears nothing
+	// for a few intervals knows the node became unreachable mid-request (the outcome is
+	// unknown: the workload may have started) instead of waiting out the deploy timeout.
+	HeaderAlive = "Nex-Alive"
 )
 
 // Control-plane subjects ($NEX.SVC.<ns>.control.…).

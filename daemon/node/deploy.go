@@ -25,6 +25,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	if !ok {
 		return // another node's bid, or expired: upstream is silent
 	}
+	defer n.keepAlive(r)()
 	deployed := false
 	if n.o.Observer != nil {
 		start := time.Now()
@@ -126,6 +127,48 @@ func (n *Node) handleDeploy(r micro.Request) {
 		"type", req.WorkloadType, "agent_id", a.id)
 	deployed = true
 	n.relay(r, reply)
+}
+
+// Bounds on the keep-alive interval a client may ask for (HeaderAlive).
+const (
+	minAliveInterval = 100 * time.Millisecond
+	maxAliveInterval = 30 * time.Second
+)
+
+// keepAlive tells a client that asked for it (HeaderAlive) that the node holds its
+// deploy: one body-less reply now and one per interval until the returned stop runs,
+// so a client can tell a node that went away mid-request from a slow start.
+func (n *Node) keepAlive(r micro.Request) (stop func()) {
+	every, err := time.ParseDuration(r.Headers().Get(protocol.HeaderAlive))
+	if err != nil || r.Reply() == "" {
+		return func() {}
+	}
+	every = min(max(every, minAliveInterval), maxAliveInterval)
+	say := func() {
+		m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderAlive: {"1"}}}
+		if err := n.o.NC.PublishMsg(m); err != nil {
+			n.log.Debug("deploy keep-alive failed", "subject", r.Subject(), "err", err)
+		}
+	}
+	say()
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				say()
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-exited
+	}
 }
 
 // reservation is one deploy in flight: capacity held on a nexlet, the workload marked

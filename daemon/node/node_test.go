@@ -885,3 +885,57 @@ func TestDeployRelaysProgress(t *testing.T) {
 		t.Fatalf("did not ask: %d reports, answer %v %s", n, answer.Header, answer.Data)
 	}
 }
+
+// TestDeployKeepAlive: a client that asks (HeaderAlive on ADEPLOY) hears body-less
+// keep-alives from the node holding its deploy, the first at once and then at its
+// interval until the answer, so it can tell a slow start from a node gone away; one
+// that does not ask hears none.
+func TestDeployKeepAlive(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		o.Store = &MemStore{}
+		o.DeployTimeout = 5 * time.Second
+	})
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
+	a.mu.Lock()
+	a.startDelay = 600 * time.Millisecond
+	a.mu.Unlock()
+	deploy := func(alive string) (alives int, answer *nats.Msg) {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+		if len(bids) != 1 {
+			t.Fatal("no bid")
+		}
+		inbox := f.client.NewInbox()
+		sub, err := f.client.SubscribeSync(inbox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+		m := &nats.Msg{Subject: protocol.DeploySubject("tenant", bids[0].BidderID), Reply: inbox,
+			Data: mustJSON(t, startReq("tenant", "w", `{"cmd":"x"}`)), Header: nats.Header{}}
+		if alive != "" {
+			m.Header.Set(protocol.HeaderAlive, alive)
+		}
+		if err := f.client.PublishMsg(m); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			r, err := sub.NextMsg(10 * time.Second)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			if r.Header.Get(protocol.HeaderAlive) != "" && len(r.Data) == 0 {
+				alives++
+				continue
+			}
+			return alives, r
+		}
+	}
+	n, answer := deploy("100ms")
+	if n < 3 || isErrorReply(answer) {
+		t.Fatalf("asked for keep-alives every 100ms of a 600ms start: %d, answer %v %s", n, answer.Header, answer.Data)
+	}
+	n, answer = deploy("")
+	if n != 0 || isErrorReply(answer) {
+		t.Fatalf("did not ask: %d keep-alives, answer %v %s", n, answer.Header, answer.Data)
+	}
+}

@@ -24,6 +24,9 @@ const (
 	ExitOK     = 0
 	ExitFailed = 1
 	ExitUsage  = 2
+	// ExitUnknown: the outcome is unknown (a deploy whose node went silent mid-request:
+	// the workload may be running there).
+	ExitUnknown = 3
 	// defaultStop ends a scatter-gather once answers stop: nodes on one NATS system
 	// answer within a few ms of each other; raise --gather-stall across slow links.
 	defaultStop = 25 * time.Millisecond
@@ -134,8 +137,11 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 		if ee.err != nil {
 			msg = ee.err.Error()
 		}
-		if code == ExitUsage {
+		switch code {
+		case ExitUsage:
 			kind = "usage"
+		case ExitUnknown:
+			kind = "unknown"
 		}
 	case errors.As(err, &ue) || isCobraUsage(err):
 		code, kind = ExitUsage, "usage"
@@ -160,7 +166,7 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 type jsonError struct {
 	Error struct {
 		Message  string `json:"message"`
-		Kind     string `json:"kind"` // usage, failed or interrupted
+		Kind     string `json:"kind"` // usage, failed, unknown or interrupted
 		ExitCode int    `json:"exit_code"`
 		// NodeCode is the $NEX micro error code, HTTPStatus the control socket's status.
 		NodeCode   int `json:"node_code,omitempty"`
@@ -215,7 +221,8 @@ the $NEX NATS API (node and workload commands), which also works against upstrea
 Nex nodes.
 
 Output is a table for people; --json prints JSON for scripts. Errors go to stderr.
-Exit codes: 0 success, 1 failure, 2 usage error.`,
+Exit codes: 0 success, 1 failure, 2 usage error, 3 outcome unknown (a deploy whose
+node went silent mid-request: the workload may be running there).`,
 		Version:       version,
 		SilenceErrors: true,
 		SilenceUsage:  true,

@@ -27,6 +27,9 @@ type fleet struct {
 	stall time.Duration
 	// deployTimeout bounds one ADEPLOY; nodes wait up to a minute for their nexlet.
 	deployTimeout time.Duration
+	// aliveEvery is the keep-alive interval a deploy asks the node for (HeaderAlive);
+	// after silence without one the node counts as gone mid-request.
+	aliveEvery, silence time.Duration
 	// jsDomain is the JetStream domain for KV state ("" for the account's default).
 	jsDomain string
 	// progress shows a node's progress reports during a deploy (nil: ignored).
@@ -243,8 +246,15 @@ var errDeployTimeout = errors.New("deploy timed out")
 // another bid be tried.
 var errNotStarted = errors.New("not started")
 
-// deploy sends the start request to the node holding bidderID.
-func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartWorkloadRequest) (protocol.StartWorkloadResponse, error) {
+// errOutcomeUnknown marks a deploy whose node went silent mid-request: the workload may
+// have started there, so nothing is tried elsewhere and the exit code says "unknown".
+var errOutcomeUnknown = errors.New("unknown: the node did not answer")
+
+// deploy sends the start request to the node holding bidderID. A node that says it is
+// alive (nexd does when asked: HeaderAlive) and then goes silent for f.silence is
+// reported as errOutcomeUnknown; expectAlive (a signed bid: a nexd) makes silence from
+// the start count too. Other nodes get until f.deployTimeout.
+func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartWorkloadRequest, expectAlive bool) (protocol.StartWorkloadResponse, error) {
 	var r protocol.StartWorkloadResponse
 	if req.Tags == nil {
 		req.Tags = map[string]string{}
@@ -263,23 +273,44 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	// HeaderProgress asks a node that can to report how the start goes (an artifact
 	// download) with body-less replies before its answer; others ignore it.
 	msg := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderProgress: {"1"}}}
+	if f.aliveEvery > 0 && f.silence > 0 {
+		msg.Header.Set(protocol.HeaderAlive, f.aliveEvery.String())
+	}
+	sent := time.Now()
 	if err := f.nc.PublishMsg(msg); err != nil {
 		return r, fmt.Errorf("publish %s: %w", subject, err)
 	}
-	deadline := time.Now().Add(f.deployTimeout)
+	deadline := sent.Add(f.deployTimeout)
 	if f.progress != nil {
 		defer f.progress.done()
 	}
 	var m *nats.Msg
+	var heard time.Time // the node's last keep-alive
 	for {
-		rctx, cancel := context.WithDeadline(ctx, deadline)
+		until := deadline
+		watch := f.silence > 0 && (expectAlive || !heard.IsZero())
+		if watch {
+			last := sent
+			if heard.After(last) {
+				last = heard
+			}
+			if q := last.Add(f.silence); q.Before(until) {
+				until = q
+			}
+		}
+		rctx, cancel := context.WithDeadline(ctx, until)
 		m, err = sub.NextMsgWithContext(rctx)
 		cancel()
 		switch {
 		case err != nil && ctx.Err() != nil:
 			return r, ctx.Err()
+		case err != nil && watch && time.Now().Before(deadline):
+			return r, f.silentNode(sent, heard)
 		case err != nil:
 			return r, fmt.Errorf("%w after %s", errDeployTimeout, f.deployTimeout)
+		case m.Header.Get(protocol.HeaderAlive) != "" && len(m.Data) == 0 && replyError(m) == nil:
+			heard = time.Now()
+			continue
 		case len(m.Data) == 0 && m.Header.Get("Status") == "503":
 			return r, fmt.Errorf("%w: bid %s expired: no node answers for it", errNotStarted, bidderID)
 		case m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && replyError(m) == nil:
@@ -301,6 +332,20 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 		return r, err
 	}
 	return r, nil
+}
+
+// silentNode is the error for a node that stopped answering a deploy (or never
+// acknowledged it): what was heard when, and that nexctl's own link may be the cut one.
+func (f *fleet) silentNode(sent, heard time.Time) error {
+	what := fmt.Sprintf("it never acknowledged the request in %s", f.silence)
+	if !heard.IsZero() {
+		what = fmt.Sprintf("it acknowledged the request, then was silent for %s", f.silence)
+	}
+	if !f.nc.IsConnected() {
+		what += "; nexctl's own NATS connection is down too"
+	}
+	return fmt.Errorf("%w (%s, %s after the request): the workload may have started there, so no other node is tried; "+
+		"'nexctl workload list' shows it once the node is reachable again", errOutcomeUnknown, what, time.Since(sent).Round(100*time.Millisecond))
 }
 
 // listWorkloads gathers workload summaries in ns, optionally filtered by id or name.

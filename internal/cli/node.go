@@ -21,6 +21,13 @@ import (
 // node's own answer (started, or stopped again) normally comes first.
 const deployWait = 5*time.Minute + 30*time.Second
 
+// A deploy asks the node to say it is alive every deployAliveEvery; deploySilence
+// without a word means the node went away mid-request (outcome unknown, exit 3).
+const (
+	deployAliveEvery = time.Second
+	deploySilence    = 10 * time.Second
+)
+
 func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	if a.stall <= 0 {
 		return nil, nil, usagef("--gather-stall must be positive")
@@ -39,7 +46,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, jsDomain: c.JSDomain(),
+	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
 		progress: a.newDeployProgress()}
 	return f, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

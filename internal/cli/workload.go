@@ -123,9 +123,12 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 				Tags: spec.Tags, WorkloadLifecycle: spec.Lifecycle, WorkloadType: spec.Type,
 			}
 			var resp protocol.StartWorkloadResponse
-			resp, err = f.deploy(ctx, bid.BidderID, req)
+			resp, err = f.deploy(ctx, bid.BidderID, req, signed[bid.BidderID])
 			if err == nil {
 				return placement{ID: resp.ID, Name: resp.Name, Node: bid.NodeID}, nil
+			}
+			if errors.Is(err, errOutcomeUnknown) {
+				return placement{}, exitError{ExitUnknown, fmt.Errorf("deploy to %s: %w", bidLabel(bid), err)}
 			}
 			if !errors.Is(err, errNotStarted) {
 				// The node may still be starting it: trying another could run two copies.

@@ -1,0 +1,87 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// aliveNode answers ADEPLOY.<bidder> as a nexd node does when the client asks for
+// keep-alives: alive replies every interval for alive's duration, then the answer
+// after answerAfter (0: never, a node that went away).
+func aliveNode(t *testing.T, nc *nats.Conn, bidder string, alive, answerAfter time.Duration) {
+	t.Helper()
+	sub, err := nc.Subscribe(protocol.DeploySubject("default", bidder), func(m *nats.Msg) {
+		every, err := time.ParseDuration(m.Header.Get(protocol.HeaderAlive))
+		if err != nil {
+			t.Errorf("deploy without a keep-alive request: %q", m.Header.Get(protocol.HeaderAlive))
+			return
+		}
+		go func() {
+			start := time.Now()
+			for time.Since(start) < alive {
+				r := nats.NewMsg(m.Reply)
+				r.Header.Set(protocol.HeaderAlive, "1")
+				_ = nc.PublishMsg(r)
+				if answerAfter > 0 && time.Since(start) >= answerAfter {
+					_ = m.Respond([]byte(`{"id":"W1","name":"w"}`))
+					return
+				}
+				time.Sleep(every)
+			}
+		}()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sub.Unsubscribe() })
+}
+
+// TestDeployNodeSilentMidRequest: a node that acknowledged a deploy and then went
+// silent is reported as an unknown outcome after the silence, not after the deploy
+// timeout; a slow node that keeps saying it is alive is waited for; a node that never
+// says anything (an upstream node) gets the whole deploy timeout.
+func TestDeployNodeSilentMidRequest(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	f := &fleet{nc: nc, ns: "default", deployTimeout: 3 * time.Second, aliveEvery: 50 * time.Millisecond, silence: 400 * time.Millisecond}
+	req := protocol.StartWorkloadRequest{Name: "w", Namespace: "default"}
+	ctx := context.Background()
+
+	aliveNode(t, nc, "gone", 200*time.Millisecond, 0)
+	start := time.Now()
+	_, err := f.deploy(ctx, "gone", req, true)
+	took := time.Since(start)
+	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "acknowledged the request, then was silent") {
+		t.Fatalf("node gone mid-request: %v, want %v", err, errOutcomeUnknown)
+	}
+	if took > 2*time.Second {
+		t.Errorf("node gone mid-request reported after %v, want about 600ms (not the %v deploy timeout)", took, f.deployTimeout)
+	}
+
+	aliveNode(t, nc, "slow", 5*time.Second, time.Second)
+	if r, err := f.deploy(ctx, "slow", req, true); err != nil || r.ID != "W1" {
+		t.Fatalf("slow node saying it is alive: %+v %v", r, err)
+	}
+
+	// A signed bidder (nexd) that never acknowledges: silent from the start.
+	_, err = f.deploy(ctx, "nobody-nexd", req, true)
+	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "never acknowledged") {
+		t.Fatalf("silent nexd: %v", err)
+	}
+	// An upstream node does not send keep-alives: only the deploy timeout ends the wait.
+	sub, _ := nc.Subscribe(protocol.DeploySubject("default", "upstream"), func(*nats.Msg) {})
+	defer sub.Unsubscribe()
+	start = time.Now()
+	_, err = f.deploy(ctx, "upstream", req, false)
+	if !errors.Is(err, errDeployTimeout) || time.Since(start) < f.deployTimeout {
+		t.Fatalf("upstream node: %v after %v, want %v after %v", err, time.Since(start), errDeployTimeout, f.deployTimeout)
+	}
+}
