@@ -56,7 +56,7 @@ func stopAll(ctx context.Context, c *client, ids []string, nodes, k int) ([]time
 	var mu sync.Mutex
 	var ds []time.Duration
 	var errs []error
-	uo := gatherOpts{first: 30 * time.Second, stall: time.Second, max: nodes}
+	uo := gatherOpts{first: 30 * time.Second, stall: 15 * time.Second, max: nodes} // every node answers; a stop may outlast a short stall
 	start := time.Now()
 	var wg sync.WaitGroup
 	for range k {

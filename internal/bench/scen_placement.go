@@ -111,7 +111,7 @@ func (h *Harness) placeMany(ctx context.Context, c *client, count int, early boo
 		mode = fmt.Sprintf("fixed %s stall", h.o.Stall)
 	}
 	r := Result{Scenario: "placement", Variant: fmt.Sprintf("%d node(s), %s", count, mode)}
-	uo := gatherOpts{first: 30 * time.Second, stall: time.Second, max: count}
+	uo := gatherOpts{first: 30 * time.Second, stall: 15 * time.Second, max: count} // every node answers; a stop may outlast a short stall
 	w := h.workload()
 	const warmup = 5
 	var auc, dep, st, tot []time.Duration
