@@ -50,12 +50,43 @@ type drainNode struct {
 type drainView struct {
 	w     io.Writer
 	tty   bool
+	cols  int               // terminal width (0: unknown); redrawn lines must not wrap
 	drawn int               // lines drawn last time (tty)
 	last  map[string]string // last plain line per node
 }
 
 func newDrainView(w io.Writer, tty bool) *drainView {
-	return &drainView{w: w, tty: tty, last: map[string]string{}}
+	v := &drainView{w: w, tty: tty, last: map[string]string{}}
+	if tty {
+		v.cols = termWidth(w)
+	}
+	return v
+}
+
+// termWidth is the terminal's width in columns, 0 when w is none or it is unknown.
+func termWidth(w io.Writer) int {
+	f, ok := w.(*os.File)
+	if !ok {
+		return 0
+	}
+	ws, err := unix.IoctlGetWinsize(int(f.Fd()), unix.TIOCGWINSZ)
+	if err != nil {
+		return 0
+	}
+	return int(ws.Col)
+}
+
+// fit cuts line to cols-1 columns (0: no limit): a line that wraps breaks the redraw
+// in place, which moves the cursor by lines drawn. Runes count as one column each.
+func fit(line string, cols int) string {
+	if cols <= 1 {
+		return line
+	}
+	r := []rune(line)
+	if len(r) < cols {
+		return line
+	}
+	return string(r[:cols-1])
 }
 
 func (d *drainNode) label() string {
@@ -63,6 +94,14 @@ func (d *drainNode) label() string {
 		return fmt.Sprintf("%s (%s)", d.Name, shortID(d.ID))
 	}
 	return d.ID
+}
+
+// shortLabel is label for a terminal line: a nameless node by its short id.
+func (d *drainNode) shortLabel() string {
+	if d.Name != "" {
+		return d.label()
+	}
+	return shortID(d.ID)
 }
 
 func shortID(id string) string {
@@ -86,15 +125,34 @@ func (d *drainNode) status(now time.Time) string {
 }
 
 func (v *drainView) show(nodes []*drainNode, now time.Time) {
+	fmt.Fprint(v.w, v.render(nodes, now))
+}
+
+// render is what show prints: on a terminal the bars (moving up over the previous
+// ones), otherwise a line per node whose count or outcome changed since last time.
+func (v *drainView) render(nodes []*drainNode, now time.Time) string {
+	var b strings.Builder
 	if v.tty {
 		if v.drawn > 0 {
-			fmt.Fprintf(v.w, "\x1b[%dA", v.drawn)
+			fmt.Fprintf(&b, "\x1b[%dA", v.drawn)
+		}
+		// Labels as wide as the widest; on a narrow terminal the bar shrinks first so
+		// the status ("3 workload(s) left; they stop in 30s") stays readable.
+		labelW := 0
+		for _, n := range nodes {
+			labelW = max(labelW, len([]rune(n.shortLabel())))
+		}
+		barW := 20
+		if v.cols > 0 {
+			const statusW = 36
+			barW = max(5, min(barW, v.cols-1-labelW-statusW-4))
 		}
 		for _, n := range nodes {
-			fmt.Fprintf(v.w, "\x1b[2K%-30s %s %s\n", n.label(), bar(n.Start, n.Left, n.Done, 20), n.status(now))
+			line := fmt.Sprintf("%-*s %s %s", labelW, n.shortLabel(), bar(n.Start, n.Left, n.Done, barW), n.status(now))
+			fmt.Fprintf(&b, "\x1b[2K%s\n", fit(line, v.cols))
 		}
 		v.drawn = len(nodes)
-		return
+		return b.String()
 	}
 	for _, n := range nodes {
 		// Plain mode says something when the count or the outcome changes, not each tick.
@@ -103,8 +161,9 @@ func (v *drainView) show(nodes []*drainNode, now time.Time) {
 			continue
 		}
 		v.last[n.ID] = key
-		fmt.Fprintf(v.w, "%s  node %s: %s\n", now.Format(time.TimeOnly), n.label(), n.status(now))
+		fmt.Fprintf(&b, "%s  node %s: %s\n", now.Format(time.TimeOnly), n.label(), n.status(now))
 	}
+	return b.String()
 }
 
 // bar draws [#####-----] for the share of workloads already gone.
@@ -307,12 +366,17 @@ func (a *app) watchLocalDrain(ctx context.Context, until time.Time) (killed int,
 type deployProgress struct {
 	a    *app
 	tty  bool
+	cols int // terminal width (0: unknown)
 	last protocol.Progress
 	seen bool
 }
 
 func (a *app) newDeployProgress() *deployProgress {
-	return &deployProgress{a: a, tty: isTTY(a.io.Stderr) && !a.json}
+	p := &deployProgress{a: a, tty: isTTY(a.io.Stderr) && !a.json}
+	if p.tty {
+		p.cols = termWidth(a.io.Stderr)
+	}
+	return p
 }
 
 // progressOf reads a progress report's headers.
@@ -339,29 +403,38 @@ func (p *deployProgress) show(r protocol.Progress) {
 		b, _ := json.Marshal(out)
 		fmt.Fprintln(w, string(b))
 	case p.tty:
-		fmt.Fprintf(w, "\r\x1b[2K%s", progressLine(r, true))
+		fmt.Fprintf(w, "\r\x1b[2K%s", progressLine(r, true, p.cols))
 	default:
-		fmt.Fprintln(w, progressLine(r, false))
+		fmt.Fprintln(w, progressLine(r, false, 0))
 	}
 }
 
 // progressLine is how a deploy's progress report reads: with a bar and sizes on a
-// terminal, exact byte counts otherwise.
-func progressLine(r protocol.Progress, tty bool) string {
+// terminal (cols wide, 0: unknown; the text is cut, not the bar), exact byte counts
+// otherwise.
+func progressLine(r protocol.Progress, tty bool, cols int) string {
 	line := "nexctl: deploying: " + r.Text
+	suffix := ""
 	switch {
 	case !r.HasBytes():
-		return line
+	case r.Total <= 0 && tty:
+		suffix = " " + sizeText(r.Done)
 	case r.Total <= 0:
-		if tty {
-			return fmt.Sprintf("%s %s", line, sizeText(r.Done))
-		}
 		return fmt.Sprintf("%s: %d bytes", line, r.Done)
 	case tty:
-		return fmt.Sprintf("%s %s %s / %s", line, bar(int(r.Total), int(r.Total-r.Done), r.Done >= r.Total, 20),
+		suffix = fmt.Sprintf(" %s %s / %s", bar(int(r.Total), int(r.Total-r.Done), r.Done >= r.Total, 20),
 			sizeText(r.Done), sizeText(r.Total))
+	default:
+		return fmt.Sprintf("%s: %d of %d bytes (%d%%)", line, r.Done, r.Total, r.Done*100/r.Total)
 	}
-	return fmt.Sprintf("%s: %d of %d bytes (%d%%)", line, r.Done, r.Total, r.Done*100/r.Total)
+	if tty && cols > 1 {
+		room := cols - 1 - len([]rune(suffix))
+		if rl := []rune(line); room > 0 && len(rl) > room {
+			line = string(rl[:room-1]) + "…"
+		}
+		return fit(line+suffix, cols)
+	}
+	return line + suffix
 }
 
 // sizeText is a byte count for people: 512 B, 3.4 KiB, 12.0 MiB.

@@ -33,6 +33,11 @@ type fakeNode struct {
 	stopOK         bool
 	// progress are reports sent before a deploy's answer when the client asks.
 	progress []protocol.Progress
+	// drains makes it act as a nexd node on LAMEDUCK: after the delay its workloads
+	// stop (WORKLOADSTOPPED events, the first kills of them "killed after" their grace)
+	// and its load drops to 0; its WPING replies name it (HeaderNode).
+	drains bool
+	kills  int
 
 	mu        sync.Mutex
 	deploys   []protocol.StartWorkloadRequest
@@ -87,6 +92,21 @@ func (n *fakeNode) sub(subject string, h nats.MsgHandler) {
 	n.t.Cleanup(func() { _ = s.Unsubscribe() })
 }
 
+// drain stops every workload as a lame duck nexd does at the end of its delay.
+func (n *fakeNode) drain() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for i, w := range n.workloads {
+		ev := protocol.WorkloadStoppedEvent{ID: w.ID, Namespace: deref(w.Namespace), WorkloadType: "native"}
+		if i < n.kills {
+			ev.Error = &protocol.EventError{Code: "-1", Message: "killed after a stop grace of 1s"}
+		}
+		b, _ := json.Marshal(ev)
+		_ = n.nc.Publish(protocol.EventSubject(deref(w.Namespace), protocol.EventWorkloadStopped), b)
+	}
+	n.workloads, n.load = nil, 0
+}
+
 func (n *fakeNode) start() *fakeNode {
 	xpub, _ := n.xkey.PublicKey()
 	ping := func(m *nats.Msg) {
@@ -108,6 +128,8 @@ func (n *fakeNode) start() *fakeNode {
 	n.sub(protocol.PingNodeSubject(n.id), ping)
 	n.sub(protocol.PTagsSubject(), func(m *nats.Msg) { n.respond(m, n.tags) })
 	n.sub(protocol.InfoSubject(n.id), func(m *nats.Msg) {
+		n.mu.Lock()
+		defer n.mu.Unlock()
 		n.respond(m, protocol.NodeInfoResponse{NodeID: n.id, Tags: n.tags, Uptime: "1h0m0s", Version: "0.0.1", XKey: "XNODE",
 			NodeAgentSummaries: []protocol.NodeAgentSummary{{AgentID: "A1", AgentHealth: protocol.HealthHealthy,
 				AgentSummary: protocol.AgentSummary{Name: "go_exec", Type: "native", Version: "0.0.1", WorkloadCount: n.load}}}})
@@ -125,6 +147,10 @@ func (n *fakeNode) start() *fakeNode {
 		n.lameducks = append(n.lameducks, req)
 		n.mu.Unlock()
 		n.respond(m, protocol.LameduckResponse{Success: true, Message: "node entering lameduck mode"})
+		if n.drains {
+			delay, _ := req.ParseDelay()
+			time.AfterFunc(delay, n.drain)
+		}
 	})
 	n.sub("$NEX.SVC.*.control.AUCTION", func(m *nats.Msg) {
 		var req protocol.AuctionRequest
@@ -176,6 +202,8 @@ func (n *fakeNode) start() *fakeNode {
 			return
 		}
 		out := []protocol.WorkloadSummary{}
+		n.mu.Lock()
+		defer n.mu.Unlock()
 		for _, w := range n.workloads {
 			if req.Namespace != protocol.SystemNamespace && deref(w.Namespace) != req.Namespace {
 				continue
@@ -184,6 +212,13 @@ func (n *fakeNode) start() *fakeNode {
 				continue
 			}
 			out = append(out, w)
+		}
+		if n.drains {
+			r := nats.NewMsg(m.Reply)
+			r.Header.Set(protocol.HeaderNode, n.id)
+			r.Data, _ = json.Marshal(out)
+			_ = m.RespondMsg(r)
+			return
 		}
 		n.respond(m, out)
 	})

@@ -492,7 +492,11 @@ func TestDeployProgressLine(t *testing.T) {
 	for _, p := range []protocol.Progress{{Text: "starting"}, {Text: dl, Total: 5 << 20},
 		{Text: dl, Done: 1 << 20, Total: 5 << 20}, {Text: dl, Done: 5<<20 - 1, Total: 5 << 20},
 		{Text: dl, Done: 5 << 20, Total: 5 << 20}, {Text: dl, Done: 1536}, {Text: dl, Done: 3 << 30, Total: 4 << 30}} {
-		fmt.Fprintf(&b, "%s\n%s\n", progressLine(p, false), progressLine(p, true))
+		fmt.Fprintf(&b, "%s\n%s\n", progressLine(p, false, 0), progressLine(p, true, 0))
+	}
+	// On a 60-column terminal the text gives way, not the bar.
+	for _, p := range []protocol.Progress{{Text: "starting"}, {Text: dl, Done: 1 << 20, Total: 5 << 20}} {
+		fmt.Fprintf(&b, "%s|\n", progressLine(p, true, 60))
 	}
 	golden(t, "deploy_progress", b.Bytes())
 }

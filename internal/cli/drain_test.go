@@ -1,0 +1,131 @@
+package cli
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// drainFrames is a two-node drain as --wait sees it at four moments: waiting for the
+// delay, both nodes after it, one drained, and the other shut down.
+func drainFrames(t0 time.Time) ([]*drainNode, []func() time.Time) {
+	a := &drainNode{ID: "NAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", Name: "alpha", Until: t0.Add(30 * time.Second), Start: 3, Left: 3}
+	b := &drainNode{ID: "NBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB", Until: t0.Add(30 * time.Second), Start: 2, Left: 2}
+	steps := []func() time.Time{
+		func() time.Time { return t0 },
+		func() time.Time { return t0.Add(10 * time.Second) }, // nothing new for plain lines
+		func() time.Time { a.Left, b.Left = 1, 0; b.Done = true; return t0.Add(31 * time.Second) },
+		func() time.Time { a.Left, a.Gone, a.Done, a.Killed = 0, true, true, 1; return t0.Add(35 * time.Second) },
+	}
+	return []*drainNode{a, b}, steps
+}
+
+// TestDrainViewGolden: lameduck --wait's plain lines, and its bars on a terminal of
+// unknown width and of 60 columns (escape sequences shown as ESC).
+func TestDrainViewGolden(t *testing.T) {
+	t0 := time.Date(2026, 11, 27, 11, 0, 0, 0, time.UTC)
+	var out bytes.Buffer
+	for _, mode := range []struct {
+		name string
+		tty  bool
+		cols int
+	}{{"plain", false, 0}, {"terminal", true, 0}, {"terminal, 60 columns", true, 60}} {
+		fmt.Fprintf(&out, "== %s\n", mode.name)
+		nodes, steps := drainFrames(t0)
+		v := &drainView{tty: mode.tty, cols: mode.cols, last: map[string]string{}}
+		for i, step := range steps {
+			now := step()
+			fmt.Fprintf(&out, "-- frame %d\n%s", i, strings.ReplaceAll(v.render(nodes, now), "\x1b", "ESC"))
+		}
+	}
+	golden(t, "lameduck_wait", out.Bytes())
+}
+
+// TestLameduckWaitExitCodes: `node lameduck --tag --wait` against two nexd-like nodes
+// follows each drain and exits 0 when every workload stopped on SIGTERM, 1 when one had
+// to be killed, counting kills per node in --json.
+func TestLameduckWaitExitCodes(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		kills int
+		code  int
+	}{{"clean", 0, 0}, {"killed", 1, 1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s := testnats.Start(t, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(t, s)
+			def := "default"
+			for i, id := range []string{"NDRAINA", "NDRAINB"} {
+				n := newFakeNode(t, nc, id, map[string]string{"zone": "z"})
+				n.drains, n.load = true, 2
+				n.workloads = []protocol.WorkloadSummary{{ID: fmt.Sprintf("W%dA", i), Name: "a", Namespace: &def, WorkloadType: "native"},
+					{ID: fmt.Sprintf("W%dB", i), Name: "b", Namespace: &def, WorkloadType: "native"}}
+				if i == 1 {
+					n.kills = tc.kills
+				}
+				n.start()
+			}
+			out, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "node", "lameduck", "--tag", "zone=z", "--delay", "300ms", "--wait")...)
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, out, errOut)
+			}
+			for _, want := range []string{"node ndraina (NDRAINA): 2 workload(s) left", "node ndraina (NDRAINA): drained",
+				"node ndrainb (NDRAINB): drained"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("no %q in\n%s", want, out)
+				}
+			}
+			if tc.kills > 0 && !strings.Contains(errOut, "1 workload(s) ignored SIGTERM and were killed") {
+				t.Errorf("kill not reported: %s", errOut)
+			}
+		})
+	}
+}
+
+// TestLameduckWaitJSONKills: --json results say which node killed a workload.
+func TestLameduckWaitJSONKills(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	def := "default"
+	for i, id := range []string{"NJSONA", "NJSONB"} {
+		n := newFakeNode(t, nc, id, map[string]string{"zone": "j"})
+		n.drains, n.load, n.kills = true, 1, i
+		n.workloads = []protocol.WorkloadSummary{{ID: "WJ" + id, Name: "a", Namespace: &def, WorkloadType: "native"}}
+		n.start()
+	}
+	out, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "--json", "node", "lameduck", "--tag", "zone=j", "--delay", "300ms", "--wait")...)
+	if code != 1 {
+		t.Fatalf("exit %d, want 1\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	var res []struct {
+		NodeID  string `json:"node_id"`
+		Drained bool   `json:"drained"`
+		Killed  int    `json:"killed"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res) != 2 {
+		t.Fatalf("json %v: %s", err, out)
+	}
+	for _, r := range res {
+		want := map[string]int{"NJSONA": 0, "NJSONB": 1}[r.NodeID]
+		if !r.Drained || r.Killed != want {
+			t.Errorf("%+v: want drained with %d killed", r, want)
+		}
+	}
+	var e struct {
+		Error struct {
+			ExitCode int    `json:"exit_code"`
+			Message  string `json:"message"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(errOut), &e); err != nil || e.Error.ExitCode != 1 || !strings.Contains(e.Error.Message, "killed") {
+		t.Errorf("json error %v: %s", err, errOut)
+	}
+}
