@@ -79,7 +79,7 @@ func TestCgroupGrandchildAndLimits(t *testing.T) {
 	if fn.stop("cgfork", testNS); alive(gc) {
 		t.Errorf("grandchild %d survived the stop", gc)
 	}
-	if p := procsOf("cgfork"); len(p) != 0 {
+	if p := fn.procsOf("cgfork"); len(p) != 0 {
 		t.Errorf("left: %v", p)
 	}
 }
@@ -110,7 +110,7 @@ func TestCgroupReplayAdopts(t *testing.T) {
 	dead := startReq(protocol.LifecycleService, "dead", map[string]any{"uri": uri}, fn.creds())
 	fn.mustStart("cglive", live)
 	fn.waitLog("cglive", "stdout", "up")
-	p := procsOf("cglive")
+	p := fn.procsOf("cglive")
 	if len(p) != 1 {
 		t.Fatalf("procs = %v", p)
 	}
@@ -119,17 +119,17 @@ func TestCgroupReplayAdopts(t *testing.T) {
 	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"cglive": live, "cgdead": dead}
 	fn.mu.Unlock()
 	fn.startNexlet(Config{RuntimeDir: runtime, Cgroup: spec})
-	testkit.Eventually(t, "dead one started", func() bool { return len(procsOf("cgdead")) == 1 })
+	testkit.Eventually(t, "dead one started", func() bool { return len(fn.procsOf("cgdead")) == 1 })
 	testkit.Eventually(t, "live one adopted", func() bool {
 		s, ok := fn.summary("cglive")
 		return ok && s.WorkloadState == protocol.WorkloadRunning && s.Metadata["pid"] == strconv.Itoa(p[0])
 	})
-	if got := procsOf("cglive"); len(got) != 1 || got[0] != p[0] {
+	if got := fn.procsOf("cglive"); len(got) != 1 || got[0] != p[0] {
 		t.Errorf("cglive procs = %v, want only %d", got, p[0])
 	}
 	fn.stop("cglive", testNS)
 	fn.stop("cgdead", testNS)
-	if alive(p[0]) || len(procsOf("cgdead")) != 0 {
+	if alive(p[0]) || len(fn.procsOf("cgdead")) != 0 {
 		t.Errorf("processes survived stops")
 	}
 }

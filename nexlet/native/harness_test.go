@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -341,7 +342,11 @@ func alive(pid int) bool {
 }
 
 // procsOf lists live processes whose environment carries NEX_WORKLOAD_ID=id.
-func procsOf(id string) []int {
+// procsOf lists the live processes of workload id started through this fake node: the
+// NATS servers in the environment tell them from another test's (or another run's)
+// workloads of the same name.
+func (fn *fakeNode) procsOf(id string) []int {
+	servers := "NEX_WORKLOAD_NATS_SERVERS=" + strings.Join(fn.creds().NatsServers, ",")
 	ents, _ := os.ReadDir("/proc")
 	var out []int
 	for _, e := range ents {
@@ -353,10 +358,9 @@ func procsOf(id string) []int {
 		if err != nil {
 			continue
 		}
-		for kv := range strings.SplitSeq(string(env), "\x00") {
-			if kv == "NEX_WORKLOAD_ID="+id && alive(pid) {
-				out = append(out, pid)
-			}
+		vars := strings.Split(string(env), "\x00")
+		if slices.Contains(vars, "NEX_WORKLOAD_ID="+id) && slices.Contains(vars, servers) && alive(pid) {
+			out = append(out, pid)
 		}
 	}
 	return out

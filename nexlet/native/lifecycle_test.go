@@ -43,7 +43,7 @@ func TestLameduckKeepsRunningThenStops(t *testing.T) {
 	if ev.Error != nil {
 		t.Errorf("graceful lameduck stop reported an error: %+v", ev.Error)
 	}
-	testkit.Eventually(t, "lameduck stop", func() bool { return len(procsOf("ld1")) == 0 })
+	testkit.Eventually(t, "lameduck stop", func() bool { return len(fn.procsOf("ld1")) == 0 })
 }
 
 func TestMainRegistersAndStopsWorkloadsOnExit(t *testing.T) {
@@ -73,7 +73,7 @@ func TestMainRegistersAndStopsWorkloadsOnExit(t *testing.T) {
 	case <-time.After(waitLong):
 		t.Fatal("Main did not return")
 	}
-	if p := procsOf("m1"); len(p) != 0 {
+	if p := fn.procsOf("m1"); len(p) != 0 {
 		t.Errorf("workload survived the nexlet's exit: %v", p)
 	}
 	fn.stoppedEvent("m1")

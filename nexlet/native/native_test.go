@@ -118,7 +118,7 @@ func TestStopKillsSIGTERMIgnorerAtGrace(t *testing.T) {
 		t.Fatalf("stop = %+v", r)
 	}
 	// The reply comes when the workload is gone.
-	if alive(pid) || len(procsOf("stubborn")) != 0 {
+	if alive(pid) || len(fn.procsOf("stubborn")) != 0 {
 		t.Errorf("workload still alive after the stop reply")
 	}
 	ev := fn.stoppedEvent("stubborn")
@@ -151,7 +151,7 @@ func TestStopLeavesNoGrandchild(t *testing.T) {
 	if alive(gc) {
 		t.Errorf("grandchild %d survived the stop", gc)
 	}
-	if p := procsOf("forker"); len(p) != 0 {
+	if p := fn.procsOf("forker"); len(p) != 0 {
 		t.Errorf("processes left: %v", p)
 	}
 }
@@ -360,7 +360,7 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 
 	fn.mustStart("orphan", startReq(protocol.LifecycleService, "orphan", map[string]any{"uri": uri}, fn.creds()))
 	fn.waitLog("orphan", "stdout", "up")
-	orphan := procsOf("orphan")
+	orphan := fn.procsOf("orphan")
 	first.crash()
 	if !alive(livePid) || len(orphan) != 1 {
 		t.Fatalf("workloads died with the nexlet")
@@ -387,10 +387,10 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 		ws := fn.query(testNS)
 		return len(ws) == 2 && ws[0].WorkloadState == protocol.WorkloadRunning && ws[1].WorkloadState == protocol.WorkloadRunning
 	})
-	if p := procsOf("live"); !slices.Equal(p, []int{livePid}) {
+	if p := fn.procsOf("live"); !slices.Equal(p, []int{livePid}) {
 		t.Errorf("live workload processes = %v, want only the adopted %d", p, livePid)
 	}
-	testkit.Eventually(t, "dead workload started", func() bool { return len(procsOf("dead")) == 1 })
+	testkit.Eventually(t, "dead workload started", func() bool { return len(fn.procsOf("dead")) == 1 })
 	if n := fn.countEvents(protocol.EventWorkloadStarted, "live"); n != 1 {
 		t.Errorf("live workload started %d times", n)
 	}
@@ -399,10 +399,10 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 		t.Fatal(err)
 	}
 	testkit.Eventually(t, "adopted workload restarted", func() bool {
-		p := procsOf("live")
+		p := fn.procsOf("live")
 		return len(p) == 1 && p[0] != livePid
 	})
-	livePid = procsOf("live")[0]
+	livePid = fn.procsOf("live")[0]
 	// A second start of a running id is refused: never two copies.
 	if r := fn.start("live", live); r.code != "100" || !strings.Contains(r.errText, "already running") {
 		t.Errorf("second start: %s %q", r.code, r.errText)

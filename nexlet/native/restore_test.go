@@ -42,7 +42,7 @@ func TestSealedEnvSurvivesRestart(t *testing.T) {
 	}, fn.creds())
 	fn.mustStart("sealrestart", req)
 	fn.waitLog("sealrestart", "stdout", "sealed=kept")
-	pid := procsOf("sealrestart")
+	pid := fn.procsOf("sealrestart")
 	first.crash()
 	fn.mu.Lock()
 	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"sealrestart": req}
@@ -59,7 +59,7 @@ func TestSealedEnvSurvivesRestart(t *testing.T) {
 	}
 	testkit.Eventually(t, "sealed workload adopted", func() bool {
 		s, ok := fn.summary("sealrestart")
-		return ok && s.WorkloadState == protocol.WorkloadRunning && slices.Equal(procsOf("sealrestart"), pid)
+		return ok && s.WorkloadState == protocol.WorkloadRunning && slices.Equal(fn.procsOf("sealrestart"), pid)
 	})
 	second.crash()
 
@@ -75,7 +75,7 @@ func TestSealedEnvSurvivesRestart(t *testing.T) {
 		t.Errorf("reason %q should say the replay failed and the process still runs", s.Metadata["reason"])
 	}
 	fn.stop("sealrestart", testNS)
-	for _, p := range procsOf("sealrestart") {
+	for _, p := range fn.procsOf("sealrestart") {
 		_ = syscall.Kill(-p, syscall.SIGKILL)
 	}
 }

@@ -100,7 +100,7 @@ func TestNamedAndRootUsersOnlyWhenAllowed(t *testing.T) {
 		if r.code == "" || !strings.Contains(r.errText, want) {
 			t.Errorf("user %s: %s %q, want an error naming %s", user, r.code, r.errText, want)
 		}
-		if p := procsOf("u-" + user); len(p) != 0 {
+		if p := fn.procsOf("u-" + user); len(p) != 0 {
 			t.Errorf("user %s: started anyway: %v", user, p)
 		}
 	}
