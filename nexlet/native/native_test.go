@@ -361,6 +361,11 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 	fn.mustStart("orphan", startReq(protocol.LifecycleService, "orphan", map[string]any{"uri": uri}, fn.creds()))
 	fn.waitLog("orphan", "stdout", "up")
 	orphan := fn.procsOf("orphan")
+	t.Cleanup(func() { // the test kills it below; not if it fails before that
+		for _, p := range orphan {
+			_ = syscall.Kill(-p, syscall.SIGKILL)
+		}
+	})
 	first.crash()
 	if !alive(livePid) || len(orphan) != 1 {
 		t.Fatalf("workloads died with the nexlet")
