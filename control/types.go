@@ -151,6 +151,9 @@ type NATSStatus struct {
 
 // CgroupStatus says how nexd isolates its children.
 type CgroupStatus struct {
+	// Driver is where workloads get their cgroup: "cgroupfs" (nexd's subtree, described
+	// by Mode) or "systemd" (a transient scope each, nex-<id>.scope).
+	Driver   string   `json:"driver,omitempty"`
 	Mode     string   `json:"mode"` // "v2", "v1" or "none"
 	Enforced []string `json:"enforced"`
 	Reason   string   `json:"reason,omitempty"` // why limits are missing, when they are

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsembed"
+	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/nexlet/native"
 )
@@ -42,6 +43,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	lo := config.DefaultLoadOptions(args)
 	lo.CheckInats = natsembed.CheckServerConfig
+	lo.CheckCgroupDriver = sdscope.CheckDriver
 	loaded, err := config.Load(lo)
 	if loaded != nil {
 		// Flags may come before "node up"; anything else positional is a mistake, most

@@ -8,6 +8,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsembed"
+	"github.com/nexd-project/nexd/internal/sdscope"
 )
 
 // reload re-reads every config layer with the original command line, validates it
@@ -35,6 +36,7 @@ func (s *server) reload() control.ReloadResult {
 func (s *server) applyReload() control.ReloadResult {
 	lo := config.DefaultLoadOptions(s.args)
 	lo.CheckInats = natsembed.CheckServerConfig
+	lo.CheckCgroupDriver = sdscope.CheckDriver
 	loaded, err := config.Load(lo)
 	if err != nil {
 		var errs config.Errors

@@ -57,6 +57,7 @@ type NodeConfig struct {
 	RuntimeDir                   string            // runtime_dir ("" = a temp dir per node id)
 	ControlSocket                string            // control_socket
 	CgroupRoot                   string            // cgroup_root ("" = detect)
+	CgroupDriver                 string            // cgroup_driver: "cgroupfs" or "systemd" (transient scopes)
 	StopGrace                    time.Duration     // stop_grace
 	WorkloadCredsTTL             time.Duration     // workload_creds_ttl: lifetime of minted workload users
 	StartupTimeout               time.Duration     // startup_timeout: wait for nexlets before READY

@@ -63,6 +63,9 @@ type LoadOptions struct {
 	// (natsconn.CheckServerConfig); nil skips that check, so that nexctl, which reads the
 	// same files, does not link the server.
 	CheckInats func(path string) error
+	// CheckCgroupDriver says why a cgroup_driver cannot work on this host (nexd sets it;
+	// nil skips the check, so that nexctl, a non-root reader of the same files, passes).
+	CheckCgroupDriver func(driver string) error
 }
 
 // DefaultLoadOptions are the real inputs: the process environment and the three
@@ -214,7 +217,8 @@ func Load(opts LoadOptions) (*Loaded, error) {
 		origins["runtime_dir"], paths["runtime_dir"] = "default", "runtime_dir"
 	}
 	out.Config, out.Origins, out.paths, out.Files = cfg, origins, paths, ld.files
-	v := &validator{r: ld.r, cfg: cfg, origins: origins, paths: paths, checkInats: opts.CheckInats}
+	v := &validator{r: ld.r, cfg: cfg, origins: origins, paths: paths, checkInats: opts.CheckInats,
+		checkDriver: opts.CheckCgroupDriver}
 	v.validate()
 	ld.errs = append(ld.errs, v.errs...)
 	out.Warnings = append(ld.warnings, v.warnings...)

@@ -29,6 +29,8 @@ type validator struct {
 	warnings []string
 	// checkInats parses a nats-server config file (LoadOptions.CheckInats).
 	checkInats func(path string) error
+	// checkDriver vets cgroup_driver on this host (LoadOptions.CheckCgroupDriver).
+	checkDriver func(driver string) error
 }
 
 var userNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,31}$`)
@@ -127,6 +129,12 @@ func (v *validator) validate() {
 	v.enum("state", n.State)
 	v.enum("events", n.Events)
 	v.enum("control_allow_others", n.ControlAllowOthers)
+	v.enum("cgroup_driver", n.CgroupDriver)
+	if v.checkDriver != nil && slices.Contains(v.r.byKey["cgroup_driver"].enum, n.CgroupDriver) {
+		if err := v.checkDriver(n.CgroupDriver); err != nil {
+			v.fail("cgroup_driver", "", fmt.Sprintf("%q cannot be used here: %v; use \"cgroupfs\"", n.CgroupDriver, err))
+		}
+	}
 	v.enum("logger.level", c.Logger.Level)
 	v.enum("logger.format", c.Logger.Format)
 	seen := map[string]bool{}

@@ -24,6 +24,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -300,8 +301,17 @@ func (m *Manager) SetRestartLimit(n int) { m.sup.SetRestartLimit(n) }
 // Cgroups is the detected cgroup layout (never nil; disabled when none is writable).
 func (m *Manager) Cgroups() *cgroup.Manager { return m.cg }
 
-// WorkloadStats reads a workload's cgroup, workloads/<id> beside the nexlets.
+// WorkloadStats reads a workload's cgroup: workloads/<id> beside the nexlets, or its
+// scope with cgroup_driver systemd.
 func (m *Manager) WorkloadStats(id string) (cgroup.Stats, bool) {
+	if m.o.Config.Node.CgroupDriver == native.DriverSystemd {
+		dir := sdscope.CgroupDir(id)
+		if _, err := os.Stat(dir); err != nil {
+			return cgroup.Stats{}, false
+		}
+		st, err := cgroup.OpenDir(dir, m.log).Stats()
+		return st, err == nil
+	}
 	if g, ok := m.cg.Open("workloads/" + id); ok {
 		st, err := g.Stats()
 		return st, err == nil
@@ -356,6 +366,9 @@ func (m *Manager) env(name string) map[string]string {
 		env[native.EnvDefaultMemoryMax] = strconv.FormatInt(n.WorkloadDefaults.MemoryMax, 10)
 		env[native.EnvDefaultPidsMax] = strconv.FormatInt(n.WorkloadDefaults.PidsMax, 10)
 		env[native.EnvArtifactMax] = strconv.FormatInt(n.ArtifactMaxSize, 10)
+		if n.CgroupDriver != "" {
+			env[native.EnvCgroupDriver] = n.CgroupDriver
+		}
 	}
 	return env
 }

@@ -3,6 +3,7 @@ package cgroup
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -482,4 +483,32 @@ func (m *Manager) Open(rel string) (g *Group, ok bool) {
 		return nil, false
 	}
 	return g, true
+}
+
+// OpenDir returns a group for a cgroup directory that another manager owns (a systemd
+// scope), for listing its processes, counting its OOM kills and reading its stats; the
+// directory need not exist yet. Limits are never written through it (its owner sets
+// them); Kill writes cgroup.kill only as a fallback to the owner's own kill.
+func OpenDir(dir string, log *slog.Logger) *Group {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m := &Manager{mode: ModeV1, log: log, ops: realOps()}
+	name := "name=systemd"
+	for p := dir; ; p = filepath.Dir(p) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(p, &st); err == nil {
+			if st.Type == unix.CGROUP2_SUPER_MAGIC {
+				m.mode, name = ModeV2, "unified"
+				m.enforced = slices.Clone(limitControllers)
+			}
+			break
+		}
+		if p == "/" || p == "." {
+			break
+		}
+	}
+	h := hier{Name: name, Root: dir, base: dir}
+	m.hiers = []hier{h}
+	return &Group{m: m, hiers: []hier{h}}
 }

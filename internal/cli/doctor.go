@@ -286,6 +286,12 @@ func (d *doctor) nodeChecks(ctx context.Context, st control.Status) {
 	default:
 		d.add("cgroups", checkOK, fmt.Sprintf("%s, enforced: %s", cg.Mode, strings.Join(cg.Enforced, ",")), "")
 	}
+	switch cg.Driver {
+	case "systemd":
+		d.add("cgroup driver", checkOK, "systemd: each workload in its own transient scope nex-<id>.scope in nex-workloads.slice (systemctl status, systemd-cgtop)", "")
+	default:
+		d.add("cgroup driver", checkOK, "cgroupfs: workloads in nexd's delegated subtree (workloads/<id> under nexd.service)", "")
+	}
 
 	d.pathMode("control socket", d.a.socket, 0o660, "the socket should be 0660, group nex (control_allow_others widens it deliberately)")
 	if dir := val("state_dir"); dir != "" {

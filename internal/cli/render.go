@@ -293,6 +293,9 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	if st.Cgroup.Reason != "" {
 		cg += " (" + st.Cgroup.Reason + ")"
 	}
+	if st.Cgroup.Driver == "systemd" {
+		cg += "; workloads in systemd scopes (nex-<id>.scope in nex-workloads.slice)"
+	}
 	state := string(st.State)
 	if st.LameduckUntil != nil {
 		state += ", workloads stop at " + st.LameduckUntil.Format(time.RFC3339)

@@ -22,6 +22,11 @@ type isolation interface {
 // sandbox holds one workload's processes.
 type sandbox interface {
 	start(cmd *exec.Cmd) error
+	// placed finishes the placement of a started process, off the spawning thread
+	// (the systemd driver moves it into its scope); an error means it must not run.
+	placed(pid int) error
+	// readopt applies the sandbox's limits again when a new nexlet adopts it.
+	readopt() error
 	// procs lists the live processes; empty when the workload is gone.
 	procs() ([]int, error)
 	// kill SIGKILLs every process of the sandbox.
@@ -86,5 +91,7 @@ func (g *pgroup) kill() error {
 	return nil
 }
 
-func (g *pgroup) remove() error { return nil }
-func (g *pgroup) oomKills() int { return 0 }
+func (g *pgroup) placed(int) error { return nil }
+func (g *pgroup) readopt() error   { return nil }
+func (g *pgroup) remove() error    { return nil }
+func (g *pgroup) oomKills() int    { return 0 }

@@ -1,6 +1,7 @@
 package native
 
 import (
+	"fmt"
 	"os/exec"
 	"path/filepath"
 
@@ -11,23 +12,48 @@ import (
 // NEX_AGENT_CGROUP; nexd keeps it outside the nexlet's own cgroup, so workloads survive
 // the nexlet), where each workload gets the group <id>;
 // without a spec, or when it cannot be used, workloads run in plain process groups.
-func (n *Nexlet) chooseIsolation(spec string) isolation {
+//
+// With the systemd driver each workload gets a transient scope instead (see
+// scopeIsolation); the subtree then only holds a workload for the moment between its
+// start and systemd taking it. A nexlet that cannot reach systemd then fails to start:
+// the operator asked for scopes, and workloads must not silently land elsewhere.
+func (n *Nexlet) chooseIsolation(spec, driver string) (isolation, error) {
 	none := noIsolation{dir: filepath.Join(n.cfg.RuntimeDir, "procs")}
+	if driver == DriverSystemd {
+		sd, err := dialSystemd()
+		if err != nil {
+			return nil, err
+		}
+		var hold *cgroup.Manager
+		if spec != "" {
+			if hold, err = cgroup.Attach(spec, n.log); err != nil {
+				n.log.Warn("cgroup subtree unusable: workloads start in their own process groups before systemd takes them", "err", err)
+				hold = nil
+			}
+		}
+		return &scopeIsolation{sd: sd, hold: hold, n: n}, nil
+	}
+	if driver != "" && driver != DriverCgroupfs {
+		return nil, fmt.Errorf("%s=%q: want %s or %s", EnvCgroupDriver, driver, DriverCgroupfs, DriverSystemd)
+	}
 	if spec == "" {
 		n.log.Warn("no cgroup subtree given: workloads run without limits, in their own process groups", "env", EnvCgroup)
-		return none
+		return none, nil
 	}
 	m, err := cgroup.Attach(spec, n.log)
 	if err != nil {
 		n.log.Warn("cgroup subtree unusable: workloads run without limits, in their own process groups", "err", err)
-		return none
+		return none, nil
 	}
 	if m.Mode() == cgroup.ModeNone {
 		n.log.Warn("cgroups disabled by the node: workloads run without limits", "reason", m.Reason())
-		return none
+		return none, nil
 	}
-	return cgIsolation{m: m, n: n}
+	return cgIsolation{m: m, n: n}, nil
 }
+
+// DriverCgroupfs (the default) runs workloads in nexd's own delegated subtree.
+const DriverCgroupfs = "cgroupfs"
 
 type cgIsolation struct {
 	m *cgroup.Manager
@@ -54,6 +80,10 @@ func (s cgSandbox) start(cmd *exec.Cmd) error { return s.g.Start(cmd) }
 func (s cgSandbox) procs() ([]int, error)     { return s.g.Procs() }
 func (s cgSandbox) kill() error               { return s.g.Kill() }
 func (s cgSandbox) remove() error             { return s.g.Remove() }
+func (s cgSandbox) placed(int) error          { return nil }
+
+// readopt: Create (in sandbox) already wrote the limits again.
+func (s cgSandbox) readopt() error { return nil }
 
 func (s cgSandbox) oomKills() int {
 	n, _ := s.g.OOMKills()

@@ -26,6 +26,7 @@ const (
 	EnvUIDRange     = "NEX_NATIVE_UID_RANGE"      // dynamic uid range MIN-MAX
 	EnvUIDLeaseDir  = "NEX_NATIVE_UID_LEASE_DIR"  // where dynamic uids are leased (default DefaultLeaseDir)
 	EnvExitsDir     = "NEX_NATIVE_EXITS_DIR"      // nexd's exit records of orphaned workloads
+	EnvCgroupDriver = "NEX_NATIVE_CGROUP_DRIVER"  // "cgroupfs" (default) or "systemd"
 	// Defaults for workloads whose start request names no limit, and the artifact cap
 	// (bytes; 0 or absent: none, a negative size means "max": none either).
 	EnvDefaultMemoryMax = "NEX_NATIVE_DEFAULT_MEMORY_MAX"
@@ -49,7 +50,8 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if err != nil {
 		return err
 	}
-	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir), ExitsDir: env(EnvExitsDir)}
+	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir), ExitsDir: env(EnvExitsDir),
+		CgroupDriver: env(EnvCgroupDriver)}
 	if cfg.RuntimeDir == "" {
 		cfg.RuntimeDir = filepath.Join(os.TempDir(), "nexd-native")
 		if d := env("RUNTIME_DIRECTORY"); d != "" {

@@ -56,6 +56,9 @@ type Config struct {
 	// Isolation is a cgroup spec for the nexlet's subtree (NEX_AGENT_CGROUP); empty runs
 	// workloads in plain process groups.
 	Cgroup string
+	// CgroupDriver is "cgroupfs" (or empty: Cgroup's subtree) or "systemd": a transient
+	// scope per workload (NEX_NATIVE_CGROUP_DRIVER).
+	CgroupDriver string
 	// XKey is the nexlet's curve key; a fresh one is made when nil.
 	XKey nkeys.KeyPair
 	// MaxWorkloads bounds running workloads; 0 is unlimited.
@@ -131,7 +134,9 @@ func New(cfg Config) (*Nexlet, error) {
 		return nil, fmt.Errorf("native nexlet: curve key: %w", err)
 	}
 	n.xpub = pub
-	n.iso = n.chooseIsolation(cfg.Cgroup)
+	if n.iso, err = n.chooseIsolation(cfg.Cgroup, cfg.CgroupDriver); err != nil {
+		return nil, fmt.Errorf("native nexlet: %w", err)
+	}
 	if n.spawn, err = newSpawner(); err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
@@ -154,6 +159,9 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 func (n *Nexlet) Close() {
 	n.spawn.close()
 	n.users.stopPool()
+	if si, ok := n.iso.(*scopeIsolation); ok {
+		si.sd.Close()
+	}
 }
 
 // Detach lets go of every workload without stopping it (the nexlet is about to exit

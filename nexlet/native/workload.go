@@ -151,6 +151,9 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 			if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds, prev); err != nil {
 				n.log.Warn("adopted workload: credentials file not rewritten", "workload_id", w.id, "err", err)
 			}
+			if err := sb.readopt(); err != nil {
+				n.log.Warn("adopted workload: limits not applied again", "workload_id", w.id, "err", err)
+			}
 			return n.adopt(w, procs), true, nil
 		}
 		if p := n.endedMeanwhile(w); p != nil {
@@ -380,6 +383,13 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		outR.Close()
 		errR.Close()
 		return nil, fmt.Errorf("workload %s: start %s: %w", w.id, w.exe, err)
+	}
+	if err := w.sb.placed(cmd.Process.Pid); err != nil {
+		_ = w.sb.kill()
+		_ = cmd.Wait()
+		outR.Close()
+		errR.Close()
+		return nil, fmt.Errorf("workload %s: place %s: %w", w.id, w.exe, err)
 	}
 	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
 	resetOOMScore(p.pid)
