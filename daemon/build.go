@@ -24,6 +24,7 @@ import (
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/version"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // server is the fully built node: build sets every field before anything serves, so
@@ -174,6 +175,12 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		Logger:                  d.log,
 		OnLameduck:              s.onLameduck,
 		Observer:                observer{Observer: metrics.Observer{M: s.metrics}, s: s},
+		// s.nexlets is built next, before the node serves.
+		WorkloadResources: func(id string) (protocol.WorkloadResources, bool) {
+			st, ok := s.nexlets.WorkloadStats(id)
+			return protocol.WorkloadResources{CPUUsageNsec: st.CPUUsageNsec, MemoryBytes: st.MemoryCurrent,
+				MemoryMax: st.MemoryMax, OOMKills: st.OOMKills}, ok
+		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)

@@ -52,6 +52,11 @@ const (
 	// HeaderNode on a WPING reply names the node that sent it, so a client can tell
 	// which workloads run where (nexctl node lameduck --wait).
 	HeaderNode = "Nex-Node"
+	// HeaderResources on a WPING asks the nexd node it names (a node id, or "*" for
+	// every node) to add each local workload's cgroup figures
+	// (WorkloadSummary.Resources), which nexctl top --node shows; reading them costs a
+	// few files per workload, so plain listings do not ask.
+	HeaderResources = "Nex-Resources"
 	// HeaderAlive on a client's ADEPLOY asks the node that took the bid to say it is
 	// alive at that interval (a Go duration) until its answer: a body-less reply carrying
 	// this header, the first as soon as the request arrives. A client that hears nothing

@@ -289,6 +289,17 @@ type WorkloadSummary struct {
 	WorkloadLifecycle string            `json:"workload_lifecycle"`
 	WorkloadState     WorkloadState     `json:"workload_state"`
 	WorkloadType      string            `json:"workload_type"`
+	// Resources are the workload's cgroup figures, which a nexd node adds for a client
+	// that asks (HeaderResources on WPING); absent otherwise and from upstream nodes.
+	Resources *WorkloadResources `json:"resources,omitempty"`
+}
+
+// WorkloadResources is what a workload's cgroup says, read when the node answered.
+type WorkloadResources struct {
+	CPUUsageNsec uint64 `json:"cpu_usage_nsec"` // cumulative CPU time
+	MemoryBytes  uint64 `json:"memory_bytes"`
+	MemoryMax    uint64 `json:"memory_max,omitempty"` // the memory limit; 0 none
+	OOMKills     int    `json:"oom_kills,omitempty"`
 }
 
 // ---- agent plane ----

@@ -438,6 +438,13 @@ func (n *Node) handleWPing(r micro.Request) {
 		n.fail(r, 500, "failed to ask nexlets for workloads", err)
 		return
 	}
+	if want := r.Headers().Get(protocol.HeaderResources); (want == n.id || want == "*") && n.o.WorkloadResources != nil {
+		for i := range list {
+			if res, ok := n.o.WorkloadResources(list[i].ID); ok {
+				list[i].Resources = &res
+			}
+		}
+	}
 	if err := r.RespondJSON(list, micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}})); err != nil {
 		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
 	}

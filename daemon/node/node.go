@@ -102,6 +102,11 @@ type Options struct {
 
 	// Observer, when set, receives measurements for metrics and workload endings.
 	Observer Observer
+
+	// WorkloadResources, when set, reads a workload's cgroup figures for a WPING that
+	// asks for them (protocol.HeaderResources); ok is false for a workload it has no
+	// cgroup of (a remote nexlet's, or no cgroups).
+	WorkloadResources func(workloadID string) (res protocol.WorkloadResources, ok bool)
 }
 
 // Observer is told what the node does, for metrics and clean-up. Calls must not block.

@@ -939,3 +939,67 @@ func TestDeployKeepAlive(t *testing.T) {
 		t.Fatalf("did not ask: %d keep-alives, answer %v %s", n, answer.Header, answer.Data)
 	}
 }
+
+// TestWPingResources: a WPING that names this node (protocol.HeaderResources) gets
+// each workload's cgroup figures from the hook; one that names another node, or none,
+// gets the plain listing upstream clients know.
+func TestWPingResources(t *testing.T) {
+	f := newFixture(t, 2, func(i int, o *Options) {
+		o.WorkloadResources = func(id string) (protocol.WorkloadResources, bool) {
+			return protocol.WorkloadResources{CPUUsageNsec: 7e9, MemoryBytes: 3 << 20, MemoryMax: 512 << 20, OOMKills: i}, true
+		}
+	})
+	f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid")
+	}
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "w", `{"cmd":"x"}`))
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil {
+		t.Fatalf("deploy %q", m.Data)
+	}
+	list := func(want string) (out []protocol.WorkloadSummary) {
+		inbox := f.client.NewInbox()
+		sub, err := f.client.SubscribeSync(inbox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+		req := &nats.Msg{Subject: protocol.WPingSubject(protocol.SystemNamespace), Reply: inbox, Header: nats.Header{},
+			Data: mustJSON(t, protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})}
+		if want != "" {
+			req.Header.Set(protocol.HeaderResources, want)
+		}
+		if err := f.client.PublishMsg(req); err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			r, err := sub.NextMsg(10 * time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ws []protocol.WorkloadSummary
+			if err := json.Unmarshal(r.Data, &ws); err != nil {
+				t.Fatalf("%q: %v", r.Data, err)
+			}
+			out = append(out, ws...)
+		}
+		return out
+	}
+	ws := list(f.nodes[0].ID())
+	if len(ws) != 1 || ws[0].ID != started.ID || ws[0].Resources == nil || *ws[0].Resources !=
+		(protocol.WorkloadResources{CPUUsageNsec: 7e9, MemoryBytes: 3 << 20, MemoryMax: 512 << 20}) {
+		t.Fatalf("asked this node: %+v", ws)
+	}
+	for _, other := range []string{f.nodes[1].ID(), ""} {
+		ws := list(other)
+		if len(ws) != 1 || ws[0].Resources != nil {
+			t.Fatalf("asked %q: %+v", other, ws)
+		}
+		b, _ := json.Marshal(ws[0])
+		if strings.Contains(string(b), "resources") {
+			t.Errorf("plain listing carries resources: %s", b)
+		}
+	}
+}

@@ -180,10 +180,15 @@ func bar(start, left int, done bool, width int) string {
 }
 
 // workloadSummariesByNode lists every workload by the node that answered (nexd nodes
-// name themselves in a header; others are grouped under "").
-func (f *fleet) workloadSummariesByNode(ctx context.Context) (map[string][]protocol.WorkloadSummary, error) {
+// name themselves in a header; others are grouped under ""). With resourcesOf a nexd
+// node of that id adds its workloads' cgroup figures.
+func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string) (map[string][]protocol.WorkloadSummary, error) {
 	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
-	msgs, err := gather(ctx, f.nc, protocol.WPingSubject(protocol.SystemNamespace), data, f.gatherOpts(0))
+	o := f.gatherOpts(0)
+	if resourcesOf != "" {
+		o.head = nats.Header{protocol.HeaderResources: {resourcesOf}}
+	}
+	msgs, err := gather(ctx, f.nc, protocol.WPingSubject(protocol.SystemNamespace), data, o)
 	if err != nil {
 		return nil, err
 	}
@@ -204,7 +209,7 @@ func (f *fleet) workloadSummariesByNode(ctx context.Context) (map[string][]proto
 
 // workloadsByNode is workloadSummariesByNode's ids.
 func (f *fleet) workloadsByNode(ctx context.Context) (map[string][]string, error) {
-	byNode, err := f.workloadSummariesByNode(ctx)
+	byNode, err := f.workloadSummariesByNode(ctx, "")
 	if err != nil {
 		return nil, err
 	}

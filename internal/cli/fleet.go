@@ -81,11 +81,12 @@ type gatherOpts struct {
 	first time.Duration // wait at most this long for the first reply
 	stall time.Duration // then end this long after the latest reply
 	max   int           // and stop once this many arrived (0: no limit)
+	head  nats.Header   // sent with the request
 }
 
 // gather is scatter.Gather with nexctl's options.
 func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
-	return scatter.Gather(ctx, nc, subject, data, scatter.Options{First: o.first, Stall: o.stall, Max: o.max})
+	return scatter.Gather(ctx, nc, subject, data, scatter.Options{First: o.first, Stall: o.stall, Max: o.max, Header: o.head})
 }
 
 func (f *fleet) gatherOpts(max int) gatherOpts {

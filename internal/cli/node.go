@@ -303,7 +303,7 @@ of --delay, which should leave time for the migration.`,
 // and stops each old copy once its new one runs, printing each step. It returns how
 // many could not be migrated.
 func (a *app) migrateServices(ctx context.Context, f *fleet, nodes []*drainNode) int {
-	byNode, err := f.workloadSummariesByNode(ctx)
+	byNode, err := f.workloadSummariesByNode(ctx, "")
 	if err != nil {
 		fmt.Fprintf(a.io.Stderr, "nexctl: migrate: listing workloads: %v\n", err)
 		return 1

@@ -68,14 +68,27 @@ func localTopRows(prev, cur []control.Workload, dt time.Duration, now time.Time)
 	return rows
 }
 
-// remoteTopRows are a remote node's workloads from its listing: no resource figures.
-func remoteTopRows(ws []protocol.WorkloadSummary, now time.Time) []topRow {
-	rows := make([]topRow, 0, len(ws))
-	for _, w := range ws {
+// remoteTopRows turns two listings of a remote node's workloads, dt apart, into rows:
+// a nexd node adds its cgroup figures (protocol.WorkloadResources), others give none.
+func remoteTopRows(prev, cur []protocol.WorkloadSummary, dt time.Duration, now time.Time) []topRow {
+	before := map[string]uint64{}
+	for _, w := range prev {
+		if w.Resources != nil {
+			before[w.ID] = w.Resources.CPUUsageNsec
+		}
+	}
+	rows := make([]topRow, 0, len(cur))
+	for _, w := range cur {
 		r := topRow{ID: w.ID, Name: w.Name, Namespace: deref(w.Namespace), State: string(w.WorkloadState), CPU: -1}
 		r.Restarts, _ = strconv.Atoi(w.Metadata["restarts"])
 		if t, err := time.Parse(time.RFC3339, w.StartTime); err == nil {
 			r.Uptime = now.Sub(t)
+		}
+		if res := w.Resources; res != nil {
+			r.Memory, r.MemoryMax, r.HasMemory = res.MemoryBytes, res.MemoryMax, true
+			if b, ok := before[w.ID]; ok && dt > 0 {
+				r.CPU = max(0, 100*float64(int64(res.CPUUsageNsec-b))/float64(dt))
+			}
 		}
 		rows = append(rows, r)
 	}
@@ -130,8 +143,8 @@ func (a *app) topCmd() *cobra.Command {
 		Short: "Live view of a node's workloads: state, CPU, memory against its limit, restarts, uptime",
 		Long: `Show this node's workloads (or with --node any node's), refreshed in place every
 --interval like systemd-cgtop: state, CPU (percent of one CPU over the interval), memory
-against its limit, restarts and uptime, sorted by --sort. Remote nodes report no CPU or
-memory. When stdout is not a terminal, top prints plain snapshots (-n of them, default 1)
+against its limit, restarts and uptime, sorted by --sort. A remote nexd node reads its
+workloads' cgroups when asked (upstream nodes report no CPU or memory). When stdout is not a terminal, top prints plain snapshots (-n of them, default 1)
 and exits.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -227,12 +240,15 @@ func (a *app) topSource(ctx context.Context, node string) (sample topSampler, ti
 		done()
 		return nil, "", nil, err
 	}
-	return func(ctx context.Context, _ []topRow, _ time.Duration) ([]topRow, time.Time, error) {
+	var last []protocol.WorkloadSummary
+	return func(ctx context.Context, _ []topRow, dt time.Duration) ([]topRow, time.Time, error) {
 		now := time.Now()
-		byNode, err := f.workloadSummariesByNode(ctx)
+		byNode, err := f.workloadSummariesByNode(ctx, id)
 		if err != nil {
 			return nil, now, err
 		}
-		return remoteTopRows(byNode[id], now), now, nil
+		rows := remoteTopRows(last, byNode[id], dt, now)
+		last = byNode[id]
+		return rows, now, nil
 	}, "node " + shortID(id), done, nil
 }

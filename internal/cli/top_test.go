@@ -30,8 +30,8 @@ func TestTopPlainGolden(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	remote := remoteTopRows([]protocol.WorkloadSummary{{ID: "W9", Name: "far", WorkloadState: "running",
-		StartTime: now.Add(-time.Hour).Format(time.RFC3339), Metadata: map[string]string{"restarts": "1"}}}, now)
+	remote := remoteTopRows(nil, []protocol.WorkloadSummary{{ID: "W9", Name: "far", WorkloadState: "running",
+		StartTime: now.Add(-time.Hour).Format(time.RFC3339), Metadata: map[string]string{"restarts": "1"}}}, 0, now)
 	if err := renderTop(&b, "node NREMOTE", remote, "cpu"); err != nil {
 		t.Fatal(err)
 	}
@@ -39,4 +39,34 @@ func TestTopPlainGolden(t *testing.T) {
 		t.Error("plain mode must not contain escape sequences")
 	}
 	golden(t, "top_plain", b.Bytes())
+}
+
+// TestTopNodePlainGolden: top --node's plain snapshot of a nexd node that adds its
+// workloads' cgroup figures (CPU from two listings a second apart, memory against the
+// limit), beside an upstream-like workload without them.
+func TestTopNodePlainGolden(t *testing.T) {
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	lab, def := "lab", "default"
+	start := now.Add(-3 * time.Hour).Format(time.RFC3339)
+	w := func(id, name string, ns *string, res *protocol.WorkloadResources) protocol.WorkloadSummary {
+		return protocol.WorkloadSummary{ID: id, Name: name, Namespace: ns, WorkloadState: "running", StartTime: start,
+			Metadata: map[string]string{"restarts": "0"}, Resources: res}
+	}
+	prev := []protocol.WorkloadSummary{
+		w("W1", "api", &lab, &protocol.WorkloadResources{CPUUsageNsec: 4e9, MemoryBytes: 100 << 20, MemoryMax: 512 << 20}),
+		w("W2", "worker", &def, &protocol.WorkloadResources{CPUUsageNsec: 9e9, MemoryBytes: 20 << 20}),
+	}
+	cur := []protocol.WorkloadSummary{
+		w("W1", "api", &lab, &protocol.WorkloadResources{CPUUsageNsec: 4e9 + 250e6, MemoryBytes: 120 << 20, MemoryMax: 512 << 20}),
+		w("W2", "worker", &def, &protocol.WorkloadResources{CPUUsageNsec: 9e9 + 1500e6, MemoryBytes: 24 << 20, OOMKills: 1}),
+		w("W3", "fresh", &lab, &protocol.WorkloadResources{CPUUsageNsec: 1e6, MemoryBytes: 1 << 20, MemoryMax: 64 << 20}),
+		w("W4", "elsewhere", &lab, nil), // a remote nexlet's: no cgroup here
+	}
+	var b bytes.Buffer
+	for _, key := range []string{"cpu", "mem"} {
+		if err := renderTop(&b, "node NREMOTE12345", remoteTopRows(prev, cur, time.Second, now), key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	golden(t, "top_node_plain", b.Bytes())
 }

@@ -16,6 +16,8 @@ type Options struct {
 	First time.Duration // wait at most this long for the first reply
 	Stall time.Duration // then end this long after the latest reply
 	Max   int           // and stop once this many arrived (0: no limit)
+	// Header goes with the request (nexd's optional extensions; others ignore them).
+	Header nats.Header
 }
 
 // Gather publishes data on subject with a fresh reply inbox and returns the replies
@@ -30,7 +32,7 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 	defer sub.Unsubscribe()
 	// A large fleet answers in a burst; never drop replies for a slow reader.
 	_ = sub.SetPendingLimits(-1, -1)
-	if err := nc.PublishRequest(subject, inbox, data); err != nil {
+	if err := nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: o.Header}); err != nil {
 		return nil, fmt.Errorf("request %s: %w", subject, err)
 	}
 	var out []*nats.Msg
