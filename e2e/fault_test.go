@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -616,4 +617,103 @@ func TestLameduckMigrate(t *testing.T) {
 	if ws := a.workloads(t); len(ws) != 0 {
 		t.Fatalf("the draining node still runs %+v", ws)
 	}
+}
+
+// TestArtifactStoredOnDisk: a nats:// artifact from a real object store is fetched
+// into <state_dir>/nexlets/native/artifacts (named by its digest, shared by two
+// workloads, gone once both stopped), not into the workload's directory in the
+// runtime dir; a store whose file system is full refuses the deploy with an error
+// that says so, and nothing runs.
+func TestArtifactStoredOnDisk(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: mounts a small tmpfs as a full disk")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	js, err := jetstream.New(testnats.Connect(t, s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	obs, err := js.CreateObjectStore(t.Context(), jetstream.ObjectStoreConfig{Bucket: "apps"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sleepBin, err := os.ReadFile("/bin/sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := obs.PutBytes(t.Context(), "sleeper_v1", sleepBin); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := obs.PutBytes(t.Context(), "big_v1", make([]byte, 3_000_000)); err != nil {
+		t.Fatal(err)
+	}
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	store := filepath.Join(n.stateDir, "nexlets", "native", "artifacts")
+	req := `{"uri": "nats://apps/sleeper:v1", "argv": ["600"]}`
+	w1 := n.runWorkload(t, "--name", "app1", "--start-request", req)
+	w2 := n.runWorkload(t, "--name", "app2", "--start-request", req)
+	ents, err := os.ReadDir(store)
+	if err != nil || len(ents) != 1 || !strings.HasPrefix(ents[0].Name(), "sha256-") {
+		t.Fatalf("store %s: %v %v, want one sha256-* file for both workloads", store, ents, err)
+	}
+	stored := filepath.Join(store, ents[0].Name())
+	for _, w := range []runResult{w1, w2} {
+		pids := workloadPIDs(t, w.ID)
+		if len(pids) != 1 {
+			t.Fatalf("%s: processes %v", w.ID, pids)
+		}
+		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pids[0])); exe != stored {
+			t.Errorf("%s runs %q, want %s", w.ID, exe, stored)
+		}
+	}
+	n.mustCtl(t, "workload", "stop", w1.ID)
+	if _, err := os.Stat(stored); err != nil {
+		t.Fatalf("artifact gone while %s runs it: %v", w2.ID, err)
+	}
+	n.mustCtl(t, "workload", "stop", w2.ID)
+	testkit.Eventually(t, "the unused artifact is removed", func() bool {
+		ents, _ := os.ReadDir(store)
+		return len(ents) == 0
+	})
+
+	// The disk fills: a 1 MB file system under the store.
+	if err := syscall.Mount("tmpfs", store, "tmpfs", 0, "size=1m,mode=0700"); err != nil {
+		t.Skipf("tmpfs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(store, syscall.MNT_DETACH) })
+	out, errOut, code := n.ctl(t, "workload", "run", "--name", "big", "--start-request", `{"uri": "nats://apps/big:v1"}`)
+	if code == 0 || !strings.Contains(errOut, "no space left for the artifact") || !strings.Contains(errOut, "needs 3000000") {
+		t.Fatalf("deploy onto a full disk: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	for _, w := range n.workloads(t) {
+		if w.Name == "big" {
+			t.Errorf("the refused workload is listed: %+v", w)
+		}
+	}
+	if ents, _ := os.ReadDir(store); len(ents) != 0 {
+		t.Errorf("left in the full store: %v", ents)
+	}
+}
+
+// workloadPIDs lists live processes whose environment has NEX_WORKLOAD_ID=id.
+func workloadPIDs(t *testing.T, id string) []int {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		env, _ := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if slices.Contains(strings.Split(string(env), "\x00"), "NEX_WORKLOAD_ID="+id) {
+			out = append(out, pid)
+		}
+	}
+	return out
 }

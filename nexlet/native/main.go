@@ -69,6 +69,8 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 		if cfg.XKey, err = LoadXKey(path); err != nil {
 			return err
 		}
+		// On disk, not in the runtime directory's tmpfs: see artifactStore.
+		cfg.ArtifactDir = filepath.Join(stateDir, "nexlets", filepath.Base(cfg.RuntimeDir), "artifacts")
 	} else {
 		stateDir = "/var/lib/nexd"
 		log.Warn("no state directory: the xkey is new on every start, so sealed environments cannot be replayed after a restart")

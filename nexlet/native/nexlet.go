@@ -71,6 +71,9 @@ type Config struct {
 	DefaultLimits Limits
 	// ArtifactMax caps the size of a nats:// artifact; 0 is no cap.
 	ArtifactMax int64
+	// ArtifactDir is where nats:// artifacts are stored, on disk (the nexlet makes it
+	// 0700); default <RuntimeDir>/artifacts. nexd sets <state_dir>/nexlets/<name>/artifacts.
+	ArtifactDir string
 	// ExitsDir is where nexd, the child subreaper, records the exits of workloads whose
 	// nexlet had died (procid.WriteExit); "" when nobody records them.
 	ExitsDir string
@@ -89,6 +92,7 @@ type Nexlet struct {
 	started time.Time
 	feed    Feed
 	digests digestCache
+	arts    *artifactStore
 
 	abandon chan struct{} // closed to let go of workloads without stopping them (tests)
 
@@ -135,6 +139,13 @@ func New(cfg Config) (*Nexlet, error) {
 	}
 	n.xpub = pub
 	if n.iso, err = n.chooseIsolation(cfg.Cgroup, cfg.CgroupDriver); err != nil {
+		return nil, fmt.Errorf("native nexlet: %w", err)
+	}
+	adir := cfg.ArtifactDir
+	if adir == "" {
+		adir = filepath.Join(cfg.RuntimeDir, "artifacts")
+	}
+	if n.arts, err = newArtifactStore(adir, wdir); err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	if n.spawn, err = newSpawner(); err != nil {

@@ -19,10 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/nexd-project/nexd/internal/procid"
-	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -128,7 +125,12 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	}
 	w.exe = w.plan.art.path
 	if w.plan.art.scheme == "nats" {
-		w.exe = filepath.Join(w.dir, "artifact")
+		// A live workload's artifact is in the store, named by its link (a regular file
+		// there is one fetched by a nexlet from before the store).
+		w.exe = filepath.Join(w.dir, artifactLink)
+		if t, err := os.Readlink(w.exe); err == nil {
+			w.exe = t
+		}
 	}
 	prev, known := readIdent(w.dir)
 	if existing {
@@ -191,15 +193,17 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds, id); err != nil {
 		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
+	var sum string
 	if w.plan.art.scheme == "nats" {
+		// Into the store, not reachable by the workload's user by path: it gets the
+		// file as an open descriptor (execArtifact), so no access check by path.
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		err := fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.exe, id, n.cfg.ArtifactMax, report)
+		w.exe, sum, err = n.arts.fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.dir, n.cfg.ArtifactMax, report)
 		cancel()
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
 		}
-	}
-	if err := canAccess(id, w.exe, 4|1); err != nil {
+	} else if err := canAccess(id, w.exe, 4|1); err != nil {
 		return fail(fmt.Errorf("run_request: uri %q: the workload's user cannot run it: %w", w.plan.req.URI, err))
 	}
 	if wd := w.plan.req.Workdir; wd != "" {
@@ -207,9 +211,10 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 			return fail(fmt.Errorf("run_request: workdir %q: the workload's user cannot enter it: %w", wd, err))
 		}
 	}
-	sum, err := n.digests.sum(w.exe)
-	if err != nil {
-		return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
+	if sum == "" {
+		if sum, err = n.digests.sum(w.exe); err != nil {
+			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
+		}
 	}
 	n.mu.Lock()
 	w.sha256 = sum
@@ -219,60 +224,6 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		return fail(err)
 	}
 	return p, false, nil
-}
-
-// fetchArtifact downloads art to dst with the workload's credentials, reporting the
-// bytes done of the object's size as they arrive.
-func fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, dst string, id ident, maxSize int64, report func(protocol.Progress)) error {
-	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
-	if err != nil {
-		return fmt.Errorf("with the workload's credentials: %w", err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
-	}
-	obs, err := js.ObjectStore(ctx, art.bucket)
-	if err != nil {
-		return fmt.Errorf("object store bucket %q: %w", art.bucket, err)
-	}
-	res, err := obs.Get(ctx, art.object)
-	if err != nil {
-		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
-	}
-	defer res.Close()
-	info, err := res.Info()
-	if err != nil {
-		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
-	}
-	total := int64(info.Size)
-	if maxSize > 0 && total > maxSize {
-		return fmt.Errorf("object %q in bucket %q is %d bytes, over the node's artifact_max_size of %d", art.object, art.bucket, total, maxSize)
-	}
-	f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	text := "downloading nats://" + art.bucket + "/" + art.object
-	report(protocol.Progress{Text: text, Total: total})
-	// The object's reader checks its SHA-256 digest at the end.
-	cw := &countWriter{w: f, fn: func(done int64) { report(protocol.Progress{Text: text, Done: done, Total: total}) }}
-	_, err = io.Copy(cw, res)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(dst)
-		return fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
-	}
-	// The workload's own: readable and executable by its user only.
-	if !id.same {
-		if err := os.Chown(dst, int(id.uid), int(id.gid)); err != nil {
-			return err
-		}
-	}
-	return os.Chmod(dst, 0o500)
 }
 
 // countWriter tells fn how many bytes went through it so far.
@@ -345,6 +296,13 @@ func digest(path string) (string, error) {
 // launch starts the workload's main process in its sandbox.
 func (n *Nexlet) launch(w *workload) (*proc, error) {
 	cmd := exec.Command(w.exe, w.argv...)
+	if w.plan.art.scheme == "nats" {
+		f, err := execArtifact(cmd, w.exe, w.plan.art.object)
+		if err != nil {
+			return nil, fmt.Errorf("workload %s: artifact: %w", w.id, err)
+		}
+		defer f.Close()
+	}
 	n.mu.Lock()
 	cmd.Env = w.env
 	n.mu.Unlock()
@@ -815,6 +773,9 @@ func (n *Nexlet) cleanup(w *workload) {
 	}
 	if err := os.RemoveAll(w.dir); err != nil {
 		n.log.Warn("remove workload directory", "workload_id", w.id, "err", err)
+	}
+	if w.plan == nil || w.plan.art.scheme == "nats" {
+		n.arts.sweep(false) // its artifact goes unless another workload links it
 	}
 	n.mu.Lock()
 	id := w.ident
