@@ -21,6 +21,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/nexlets"
 	"github.com/nexd-project/nexd/daemon/node"
 	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/version"
@@ -186,7 +187,16 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		return nil, fmt.Errorf("node: %w", err)
 	}
 
+	// After `nexctl node reexec`: what the previous image handed over in a memfd.
+	var handed []supervise.Record
+	if h, err := takeHandover(d.log); err != nil {
+		d.log.Warn("re-exec: the state handed over in the memfd is unusable; rebuilding it from the state directory", "err", err)
+	} else if h != nil {
+		d.log.Info("re-exec: state handed over in a memfd", "nexlets", len(h.Nexlets))
+		handed = h.Nexlets
+	}
 	nopts := nexlets.Options{
+		Handed:     handed,
 		Config:     cfg,
 		NodeID:     id.ID(),
 		Registry:   s.node,

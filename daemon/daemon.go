@@ -183,7 +183,13 @@ func (d *daemon) run(ctx context.Context) error {
 	close(drained)
 	wg.Wait()
 	if mode == reexecKeep {
-		return reexec(keep)
+		hfd, err := writeHandover(handover{Nexlets: s.nexlets.LeftRunning()})
+		if err != nil {
+			// The new image finds the same in the state directory.
+			fmt.Fprintf(d.stderr, "nexd: re-exec: no state handover: %v\n", err)
+			hfd = -1
+		}
+		return reexec(keep, hfd)
 	}
 	return nil
 }

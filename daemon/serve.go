@@ -56,9 +56,22 @@ func (s *server) serve(startCtx context.Context) error {
 		s.log.Info("metrics listening", "addr", ml.Addr().String())
 	}
 
-	wctx, wcancel := context.WithTimeout(startCtx, cfg.Node.StartupTimeout)
+	wait := cfg.Node.StartupTimeout
+	if s.nexlets.Adopting() {
+		// An adopted nexlet registers again within seconds once it reaches NATS;
+		// one that cannot is replaced (below) rather than waited for.
+		wait = min(wait, adoptedRegisterWait)
+	}
+	wctx, wcancel := context.WithTimeout(startCtx, wait)
 	missing := s.nexlets.NamesOf(s.node.WaitForAgents(wctx, s.nexlets.AgentIDs()))
 	wcancel()
+	if len(missing) > 0 {
+		if replaced := s.nexlets.HandOverUnregistered(missing); len(replaced) > 0 {
+			wctx, wcancel := context.WithTimeout(startCtx, cfg.Node.StartupTimeout)
+			missing = s.nexlets.NamesOf(s.node.WaitForAgents(wctx, s.nexlets.AgentIDs()))
+			wcancel()
+		}
+	}
 	if err := startCtx.Err(); err != nil {
 		return err
 	}
@@ -86,6 +99,10 @@ func (s *server) serve(startCtx context.Context) error {
 	s.own.goFn(func() { s.statusLoop(s.ctx) })
 	return nil
 }
+
+// adoptedRegisterWait bounds the wait for nexlets left running by the previous nexd to
+// register again before they are replaced.
+const adoptedRegisterWait = 15 * time.Second
 
 // openControl binds the control socket (or takes systemd's) and serves first; the
 // socket stays open through the drain, so status says "stopping" until the end.

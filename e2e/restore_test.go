@@ -295,6 +295,77 @@ func TestLiveRestore(t *testing.T) {
 	credsFile := filepath.Join(workloadsDir(state), sealed.ID, "nats.creds")
 	firstExpiry := credsExpiry(t, credsFile)
 
+	// The native nexlet outlives nexd: jobs that end while nexd is down are reaped by
+	// it, with their exit codes. Each job counts its runs in a file anyone may write.
+	nc, err := nats.Connect(url, nats.UserCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	flush(t, nc)
+	ranFile := testkit.WriteFile(t, filepath.Join(testkit.PublicDir(t), "job-runs"), "")
+	if err := os.Chmod(ranFile, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	// startJob runs a job that waits for its release file, then exits with code.
+	startJob := func(n *node, name string, code int) (id, release string) {
+		release = filepath.Join(testkit.PublicDir(t), name)
+		var job runResult
+		json.Unmarshal([]byte(ctl(n, "--json", "workload", "run", "--bids", "1", "--name", name, "--lifecycle", "job", "--",
+			"/bin/sh", "-c", `echo "$2" >> "$0"; while [ ! -e "$1" ]; do sleep 0.1; done; exit `+strconv.Itoa(code),
+			ranFile, release, name)), &job)
+		if job.ID == "" {
+			t.Fatalf("job %s not started", name)
+		}
+		testkit.EventuallyWithin(t, 30*time.Second, "job "+name+" runs", func() bool { return len(n.groupProcs(job.ID)) > 0 })
+		return job.ID, release
+	}
+	// endWhileDown releases a job while no nexd runs and waits for the nexlet's
+	// WORKLOADSTOPPED with its exit code.
+	endWhileDown := func(id, release string, code int) {
+		t.Helper()
+		if err := os.WriteFile(release, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		var ev protocol.WorkloadStoppedEvent
+		testkit.EventuallyWithin(t, 60*time.Second, "WORKLOADSTOPPED of a job that ended while nexd was down", func() bool {
+			m, err := stopped.NextMsg(time.Second)
+			if err != nil {
+				return false
+			}
+			json.Unmarshal(m.Data, &ev)
+			return ev.ID == id
+		})
+		if ev.Metadata["exit_code"] != strconv.Itoa(code) {
+			t.Errorf("job ended while nexd was down with %+v, want exit code %d", ev, code)
+		}
+	}
+	runs := func(name string) int {
+		b, _ := os.ReadFile(ranFile)
+		return strings.Count(string(b), name+"\n")
+	}
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	nexletAlive := func(what string) {
+		t.Helper()
+		if st := procStatus(nexlet, "State"); st == "" || strings.HasPrefix(st, "Z") {
+			t.Fatalf("%s: the native nexlet %d is gone (state %q)", what, nexlet, st)
+		}
+	}
+	// adopted checks that the node's native nexlet is still the first one: adopted, not
+	// started a second time (no nexlet is a child of the new nexd).
+	adopted := func(n *node, what string) {
+		t.Helper()
+		nexletAlive(what)
+		if p := nexletPID(n.cmd.Process.Pid); p != 0 {
+			t.Fatalf("%s: nexd started a second native nexlet (%d) beside the adopted %d", what, p, nexlet)
+		}
+	}
+	job7, release7 := startJob(n, "job7", 7)
+
 	check := func(n *node, what string) {
 		t.Helper()
 		testkit.EventuallyWithin(t, 90*time.Second, what+": all workloads listed running", func() bool {
@@ -323,37 +394,44 @@ func TestLiveRestore(t *testing.T) {
 			t.Fatalf("workload %s changed while nexd was down: %v, before %v", id, got, before[id])
 		}
 	}
+	nexletAlive("after SIGTERM of nexd")
+	endWhileDown(job7, release7, 7)
 	n2 := startNode(t, opts(n.cgroup, true))
 	n2.waitReady(t)
 	check(n2, "after SIGTERM and a new nexd")
+	adopted(n2, "after SIGTERM and a new nexd")
 
 	// kill -9: the same.
+	job8, release8 := startJob(n2, "job8", 8)
 	n2.cmd.Process.Kill()
 	n2.wait(t, 30*time.Second)
+	nexletAlive("after kill -9 of nexd")
+	endWhileDown(job8, release8, 8)
 	n3 := startNode(t, opts(n.cgroup, true))
 	n3.waitReady(t)
 	check(n3, "after kill -9 and a new nexd")
+	adopted(n3, "after kill -9 and a new nexd")
+	// The node heard of both ends (acknowledged reports), so neither job is in its
+	// state any more, and neither ever ran twice.
+	testkit.EventuallyWithin(t, 30*time.Second, "the jobs that ended while nexd was down left the node's state", func() bool {
+		out := ctl(n3, "node", "state", n3.waitReady(t).NodeID)
+		return !strings.Contains(out, job7) && !strings.Contains(out, job8)
+	})
+	if runs("job7") != 1 || runs("job8") != 1 {
+		t.Errorf("job7 ran %d times, job8 %d times: want once each", runs("job7"), runs("job8"))
+	}
 
 	// nexctl node reexec: nexd execve()s itself, same pid, and adopts everything again;
 	// a job that ends after the exec still has its exit code reported (nexd, the child
 	// subreaper, reaps it).
-	nc, err := nats.Connect(url, nats.UserCredentials(creds))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
-	flush(t, nc)
 	release := filepath.Join(testkit.PublicDir(t), "go")
 	var job runResult
 	json.Unmarshal([]byte(ctl(n3, "--json", "workload", "run", "--bids", "1", "--name", "job", "--lifecycle", "job", "--",
 		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.1; done; exit 3`, release)), &job)
 	testkit.EventuallyWithin(t, 30*time.Second, "the job runs", func() bool { return len(n3.groupProcs(job.ID)) > 0 })
-	oldNexlet := nexletPID(n3.cmd.Process.Pid)
 	ctl(n3, "node", "reexec")
-	testkit.EventuallyWithin(t, 60*time.Second, "a new nexlet under the re-executed nexd", func() bool {
-		p := nexletPID(n3.cmd.Process.Pid)
-		return p != 0 && p != oldNexlet
+	testkit.EventuallyWithin(t, 60*time.Second, "the re-executed nexd ready again", func() bool {
+		return strings.Count(n3.out.String(), "nex node ready") >= 2
 	})
 	n3.waitReady(t)
 	select {
@@ -362,6 +440,10 @@ func TestLiveRestore(t *testing.T) {
 	default:
 	}
 	check(n3, "after nexctl node reexec")
+	adopted(n3, "after nexctl node reexec")
+	if !strings.Contains(n3.out.String(), "re-exec: state handed over in a memfd") {
+		t.Errorf("the re-executed nexd did not read the memfd handover:\n%s", n3.out.String())
+	}
 	if err := os.WriteFile(release, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -400,5 +482,8 @@ func TestLiveRestore(t *testing.T) {
 	n4.wait(t, 120*time.Second)
 	if c := countProcs(marker); c != 0 {
 		t.Fatalf("%d workload processes survived a stop without live_restore", c)
+	}
+	if st := procStatus(nexlet, "State"); st != "" && !strings.HasPrefix(st, "Z") {
+		t.Fatalf("the native nexlet %d survived a stop without live_restore", nexlet)
 	}
 }

@@ -64,6 +64,7 @@ type Runner struct {
 	done    chan struct{}
 	runCtx  context.Context // ends at Shutdown: the ended-workload reports' lifetime
 	reports sync.WaitGroup  // ended-workload reports being retried
+	unacked map[string]*endedReport
 }
 
 // Option configures a Runner.
@@ -151,42 +152,14 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	// The runner reports ended workloads as acknowledged requests (EmitEvent), so the
-	// node may ignore the forgeable WORKLOADSTOPPED events for this nexlet.
-	reg.ReportsEnded = true
-	body, err := protocol.Marshal(reg)
-	if err != nil {
-		return fmt.Errorf("nexlet register: encode request: %w", err)
-	}
 	rnc, err := Connect(creds, "nexlet-"+reg.Name+"-register")
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	subj := protocol.RegisterSubject(r.nodeID, agentID)
-	req := nats.NewMsg(subj)
-	req.Data = body
-	if r.regKey != nil {
-		if err := signRegistration(req, r.regKey); err != nil {
-			rnc.Close()
-			return fmt.Errorf("nexlet register: %w", err)
-		}
-	}
-	ctx, cancel := context.WithTimeout(r.ctx, r.regWait)
-	msg, err := rnc.RequestMsgWithContext(ctx, req)
-	cancel()
+	resp, err := r.register(rnc, agentID, reg)
 	rnc.Close()
 	if err != nil {
-		return fmt.Errorf("nexlet register on %s: %w", subj, err)
-	}
-	if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
-		return fmt.Errorf("nexlet register on %s refused: %s %s: %s", subj, code, msg.Header.Get(protocol.HeaderError), bytes.TrimSpace(msg.Data))
-	}
-	var resp protocol.RegisterAgentResponse
-	if err := protocol.Decode(msg.Data, &resp); err != nil {
-		return fmt.Errorf("nexlet register on %s: %w", subj, err)
-	}
-	if !resp.Success {
-		return fmt.Errorf("nexlet register on %s refused: %s", subj, resp.Message)
+		return err
 	}
 
 	nc, err := Connect(resp.ConnectionData, "nexlet-"+reg.Name)
@@ -234,10 +207,54 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	r.heartbeat()
 	go r.heartbeatLoop(hbCtx)
 
-	if len(resp.ExistingState) > 0 {
-		r.log.Info("replaying existing workloads", "count", len(resp.ExistingState))
+	r.replay(resp.ExistingState)
+	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
+	return nil
+}
+
+// register sends the registration on nc (the registration user's connection, or the
+// nexlet's own when it registers again) and returns the node's accepting reply.
+func (r *Runner) register(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest) (*protocol.RegisterAgentResponse, error) {
+	// The runner reports ended workloads as acknowledged requests (EmitEvent), so the
+	// node may ignore the forgeable WORKLOADSTOPPED events for this nexlet.
+	reg.ReportsEnded = true
+	body, err := protocol.Marshal(reg)
+	if err != nil {
+		return nil, fmt.Errorf("nexlet register: encode request: %w", err)
 	}
-	state := resp.ExistingState
+	subj := protocol.RegisterSubject(r.nodeID, agentID)
+	req := nats.NewMsg(subj)
+	req.Data = body
+	if r.regKey != nil {
+		if err := signRegistration(req, r.regKey); err != nil {
+			return nil, fmt.Errorf("nexlet register: %w", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(r.ctx, r.regWait)
+	msg, err := nc.RequestMsgWithContext(ctx, req)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("nexlet register on %s: %w", subj, err)
+	}
+	if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
+		return nil, fmt.Errorf("nexlet register on %s refused: %s %s: %s", subj, code, msg.Header.Get(protocol.HeaderError), bytes.TrimSpace(msg.Data))
+	}
+	var resp protocol.RegisterAgentResponse
+	if err := protocol.Decode(msg.Data, &resp); err != nil {
+		return nil, fmt.Errorf("nexlet register on %s: %w", subj, err)
+	}
+	if !resp.Success {
+		return nil, fmt.Errorf("nexlet register on %s refused: %s", subj, resp.Message)
+	}
+	return &resp, nil
+}
+
+// replay hands the node's stored workloads to the agent in the background (existing:
+// it adopts what still runs), then tells a ReplayAware agent which ones they were.
+func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
+	if len(state) > 0 {
+		r.log.Info("replaying existing workloads", "count", len(state))
+	}
 	r.goFn(func() {
 		// A few at a time: recovery of many workloads should not be serial, nor
 		// start them all at once.
@@ -260,8 +277,50 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 			ra.ReplayDone(ids)
 		}
 	})
-	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
-	return nil
+}
+
+// Bounds of the retries of Reregister.
+const (
+	reregisterRetryMin = 250 * time.Millisecond
+	reregisterRetryMax = 5 * time.Second
+)
+
+// Reregister registers the running nexlet again, on its own connection and signed with
+// the key of its start: a new node process (nexd restarted or re-executed) adopted it
+// and knows nothing of it yet. It retries until the node accepts or the runner shuts
+// down, then replays the node's stored workloads (what still runs is kept as it is) and
+// sends again every workload-ended report the node never acknowledged. The credentials
+// in the reply are not used: the nexlet keeps its connection.
+func (r *Runner) Reregister() error {
+	r.mu.Lock()
+	nc, agentID, ctx := r.nc, r.agentID, r.runCtx
+	r.mu.Unlock()
+	if nc == nil || ctx == nil {
+		return errors.New("nexlet register again: not running")
+	}
+	wait := reregisterRetryMin
+	for attempt := 1; ; attempt++ {
+		reg, err := r.agent.Register()
+		if err != nil {
+			return fmt.Errorf("nexlet register again: %w", err)
+		}
+		resp, err := r.register(nc, agentID, reg)
+		if err == nil {
+			r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
+				"attempts", attempt, "replayed", len(resp.ExistingState))
+			r.heartbeat()
+			r.replay(resp.ExistingState)
+			r.resendEnded()
+			return nil
+		}
+		r.log.Debug("registering again failed; retrying", "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("nexlet register again: %w", err)
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, reregisterRetryMax)
+	}
 }
 
 // signRegistration adds the key and the signature over subject and body.
@@ -432,25 +491,56 @@ const (
 func (r *Runner) reportEnded(workloadID string, body []byte) {
 	r.mu.Lock()
 	nc, agentID, ctx := r.nc, r.agentID, r.runCtx
-	r.mu.Unlock()
 	if nc == nil || ctx == nil {
+		r.mu.Unlock()
 		return
 	}
+	if r.unacked == nil {
+		r.unacked = map[string]*endedReport{}
+	}
+	rep := r.unacked[workloadID]
+	if rep == nil {
+		rep = &endedReport{}
+		r.unacked[workloadID] = rep
+	}
+	rep.body = body
+	if rep.sending {
+		r.mu.Unlock()
+		return // the retrying goroutine sends the newest body
+	}
+	rep.sending = true
+	r.mu.Unlock()
 	subj := protocol.WorkloadEndedSubject(r.nodeID, agentID, workloadID)
 	r.reports.Add(1)
 	go func() {
 		defer r.reports.Done()
+		acked := false
+		defer func() {
+			r.mu.Lock()
+			rep.sending = false
+			if acked && r.unacked[workloadID] == rep {
+				delete(r.unacked, workloadID)
+			}
+			r.mu.Unlock()
+		}()
 		wait, noResponders := endedRetryMin, 0
 		for attempt := 1; ; attempt++ {
+			r.mu.Lock()
+			body := rep.body
+			r.mu.Unlock()
 			rctx, cancel := context.WithTimeout(ctx, endedWait)
 			msg, err := nc.RequestWithContext(rctx, subj, body)
 			cancel()
 			if err == nil {
 				if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
-					// The node answered: retrying cannot change its mind.
+					// The node answered: retrying cannot change its mind. A new node
+					// process that does not know this nexlet yet refuses too: the
+					// report stays for Reregister to send again.
 					r.log.Warn("node refused the workload-ended report", "workload_id", workloadID,
 						"code", code, "err", msg.Header.Get(protocol.HeaderError))
+					return
 				}
+				acked = true
 				return
 			}
 			if ctx.Err() != nil {
@@ -458,7 +548,8 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 			}
 			if errors.Is(err, nats.ErrNoResponders) {
 				// An upstream node serves no such subject; a nexd node that is away
-				// reconciles when this nexlet registers again.
+				// gets the report again when this nexlet registers again
+				// (Reregister).
 				if noResponders++; noResponders >= 5 {
 					return
 				}
@@ -472,6 +563,29 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 			wait = min(wait*2, endedRetryMax)
 		}
 	}()
+}
+
+// endedReport is a workload-ended report the node has not acknowledged yet.
+type endedReport struct {
+	body    []byte
+	sending bool // a goroutine is retrying it
+}
+
+// resendEnded sends every unacknowledged workload-ended report again (after
+// registering with a new node process, which never saw them).
+func (r *Runner) resendEnded() {
+	r.mu.Lock()
+	pending := make(map[string][]byte, len(r.unacked))
+	for id, rep := range r.unacked {
+		pending[id] = rep.body
+	}
+	r.mu.Unlock()
+	for id, body := range pending {
+		r.reportEnded(id, body)
+	}
+	if len(pending) > 0 {
+		r.log.Info("sent unacknowledged workload-ended reports again", "count", len(pending))
+	}
 }
 
 // async runs slow handlers (start, stop, lameduck) off the subscription's goroutine so

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -136,6 +137,11 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	if port == 0 {
 		port = DefaultPort
 	}
+	if port == -1 {
+		// "Any free port": the one the previous start used when it is free, so that
+		// nexlets which outlived that nexd find the server again.
+		port = lastPort(o.StateDir)
+	}
 	store, tempStore := o.StateDir, ""
 	if store != "" {
 		if err := os.MkdirAll(filepath.Join(store, server.JetStreamStoreDir), 0o700); err != nil {
@@ -180,6 +186,11 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	}
 	srv.tempStore = tempStore
 	srv.trust = trust
+	if o.Port == -1 && o.StateDir != "" {
+		if addr, ok := srv.s.Addr().(*net.TCPAddr); ok {
+			_ = os.WriteFile(filepath.Join(o.StateDir, portFile), []byte(strconv.Itoa(addr.Port)), 0o600)
+		}
+	}
 	trust.mu.Lock()
 	trust.srv = srv.s
 	trust.mu.Unlock()
@@ -357,4 +368,29 @@ func redactURL(s string) string {
 		return "(unparsable URL)"
 	}
 	return u.Redacted()
+}
+
+// portFile keeps the port the zero-config server got when any free one was asked for.
+const portFile = "embedded-nats.port"
+
+// lastPort is the port the previous start recorded in stateDir when it is free now,
+// else -1 (any free port).
+func lastPort(stateDir string) int {
+	if stateDir == "" {
+		return -1
+	}
+	b, err := os.ReadFile(filepath.Join(stateDir, portFile))
+	if err != nil {
+		return -1
+	}
+	p, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || p <= 0 || p > 65535 {
+		return -1
+	}
+	l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
+	if err != nil {
+		return -1
+	}
+	l.Close()
+	return p
 }

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -62,6 +63,9 @@ type Options struct {
 	// Cgroups, when set, is used instead of detecting the cgroup layout (and moving
 	// nexd into its supervisor cgroup): for tests that run a node in-process.
 	Cgroups *cgroup.Manager
+	// Handed are the records of nexlets a re-executing nexd handed over in memory
+	// (nil: read them from the state directory).
+	Handed []supervise.Record
 	// OnExit is called after every nexlet exit (metrics); OnFailed when one is given up.
 	OnExit   func(name string, oom bool)
 	OnFailed func(name string)
@@ -86,6 +90,13 @@ type Manager struct {
 	sup   *supervise.Supervisor
 	// unlock releases the hold on the cgroup root (nil when the root came from Options).
 	unlock func()
+	// adoptKeys are the registration keys of nexlets left running by the previous
+	// nexd, by name: they register again, signed with the key of their start.
+	adoptKeys map[string]string
+	recordDir string
+
+	mu      sync.Mutex
+	lastKey map[string]string // registration public key of each nexlet's newest start
 }
 
 // New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
@@ -117,6 +128,37 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 	if m.specs, err = m.resolve(ctx, cfg); err != nil {
 		return nil, err
 	}
+	// The native nexlet outlives nexd (live_restore, re-exec): one the previous nexd
+	// left running keeps its agent id and registration key and is adopted, not started
+	// a second time.
+	recordDir := filepath.Join(o.RuntimeDir, "supervise")
+	if cfg.Node.StateDir != "" {
+		recordDir = filepath.Join(cfg.Node.StateDir, "nexlets")
+	}
+	m.adoptKeys, m.lastKey, m.recordDir = map[string]string{}, map[string]string{}, recordDir
+	var handed map[string]supervise.Record
+	if o.Handed != nil {
+		handed = map[string]supervise.Record{}
+		for _, r := range o.Handed {
+			handed[r.Name] = r
+		}
+	}
+	var adopt []string
+	for i, sp := range m.specs {
+		if !sp.Process.Outlive {
+			continue
+		}
+		adopt = append(adopt, sp.Name)
+		rec, ok := supervise.ReadRecord(recordDir, sp.Name)
+		if r, handed := handed[sp.Name]; handed {
+			rec, ok = r, r.PID > 1 && r.ID().Alive()
+		}
+		if ok && rec.Meta["agent_id"] != "" {
+			m.specs[i].AgentID = rec.Meta["agent_id"]
+			m.adoptKeys[sp.Name] = rec.Meta["registration_key"]
+			m.log.Info("a nexlet left running by the previous nexd will be adopted", "nexlet", sp.Name, "pid", rec.PID, "agent_id", rec.Meta["agent_id"])
+		}
+	}
 	// Workloads live beside the nexlets, not below them: a nexlet that dies takes
 	// none with it, and nexd (the child subreaper) keeps the exit status of those
 	// whose nexlet is gone until the restarted nexlet adopts them.
@@ -128,6 +170,11 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 		Cgroups:           cg.Sub("nexlets"),
 		Workloads:         cg.Sub("workloads"),
 		ExitsDir:          filepath.Join(o.RuntimeDir, "exits"),
+		RecordDir:         recordDir,
+		FIFODir:           filepath.Join(o.RuntimeDir, "supervise"),
+		Meta:              m.meta,
+		Adopt:             adopt,
+		Handed:            handed,
 		NexletOOMScoreAdj: oomAdj,
 		RestartLimit:      cfg.Node.AgentRestartLimit,
 		Grace:             cfg.Node.StopGrace,
@@ -143,6 +190,10 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 func (m *Manager) Start(ctx context.Context) error {
 	for _, s := range m.specs {
 		m.o.Registry.ExpectAgent(s.AgentID, s.Name)
+		if key := m.adoptKeys[s.Name]; key != "" {
+			// If the adoption fails after all, the new start sets a new key.
+			m.o.Registry.SetAgentKey(s.AgentID, key)
+		}
 		if err := m.sup.Start(ctx, s.Process); err != nil {
 			return fmt.Errorf("nexlet %s: %w", s.Name, err)
 		}
@@ -184,6 +235,8 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 			Path:   exe,
 			Args:   []string{"nexlet", "native"},
 			Limits: toCgroupLimits(cfg.Node.NativeLimits),
+			// It stays the parent of its workloads while nexd is away.
+			Outlive: true,
 		}})
 	}
 	var js jetstream.JetStream
@@ -295,6 +348,43 @@ func (m *Manager) Reset(name string, reason string) error {
 	return nil
 }
 
+// LeftRunning returns the records of the nexlets a stop with Detach left running, for
+// the re-exec handover.
+func (m *Manager) LeftRunning() []supervise.Record {
+	var out []supervise.Record
+	for _, sp := range m.specs {
+		if sp.Process.Outlive {
+			if r, ok := supervise.ReadRecord(m.recordDir, sp.Name); ok {
+				out = append(out, r)
+			}
+		}
+	}
+	return out
+}
+
+// Adopting reports whether nexlets left running by the previous nexd are adopted.
+func (m *Manager) Adopting() bool { return len(m.adoptKeys) > 0 }
+
+// HandOverUnregistered replaces adopted nexlets (left running by the previous nexd)
+// that did not register again among missing (names): they cannot reach this nexd's
+// NATS (another port, another server). Each lets go of its workloads and exits, and a
+// new one adopts them. It returns the names handed over.
+func (m *Manager) HandOverUnregistered(missing []string) []string {
+	var out []string
+	for _, name := range missing {
+		if _, adopted := m.adoptKeys[name]; !adopted {
+			continue
+		}
+		if err := m.sup.HandOver(name); err != nil {
+			m.log.Warn("cannot replace an adopted nexlet that did not register again", "nexlet", name, "err", err)
+			continue
+		}
+		m.log.Warn("an adopted nexlet did not register again; a new one takes over its workloads", "nexlet", name)
+		out = append(out, name)
+	}
+	return out
+}
+
 // SetRestartLimit applies a reloaded agent_restart_limit.
 func (m *Manager) SetRestartLimit(n int) { m.sup.SetRestartLimit(n) }
 
@@ -348,6 +438,9 @@ func (m *Manager) env(name string) map[string]string {
 	} else {
 		env[protocol.EnvAgentRegistrationSeed] = seed
 		m.o.Registry.SetAgentKey(s.AgentID, pub)
+		m.mu.Lock()
+		m.lastKey[name] = pub
+		m.mu.Unlock()
 	}
 	if name == NativeName || strings.HasPrefix(name, NativeName+"-") {
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
@@ -371,6 +464,15 @@ func (m *Manager) env(name string) map[string]string {
 		}
 	}
 	return env
+}
+
+// meta is what the record of an outliving nexlet keeps for the next nexd: the agent id
+// it registers under and the public half of its start's registration key.
+func (m *Manager) meta(name string) map[string]string {
+	s, _ := m.ByName(name)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return map[string]string{"agent_id": s.AgentID, "registration_key": m.lastKey[name]}
 }
 
 // registrationKey makes a per-start registration key.

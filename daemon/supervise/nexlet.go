@@ -39,6 +39,9 @@ type nexlet struct {
 	groupPath string
 
 	read atomic.Int64 // lines read from the nexlet's stdout and stderr
+	// adoptTried: the first run looked for a process to adopt (only it may).
+	adoptTried bool
+	handOver   bool // the pending reset is a HandOver: SignalDetach, not SIGTERM
 }
 
 // drainOutput waits for the output pumps after the nexlet exited. While they still read
@@ -192,88 +195,144 @@ func (n *nexlet) groups() (top, proc *cgroup.Group, wl *cgroup.Manager) {
 	return top, proc, wl
 }
 
-// runOnce starts the process, waits for it to end (or for a stop or reset request),
-// and removes its cgroup with anything left in it.
+// runOnce starts the process (or adopts the one an earlier supervisor left running),
+// waits for it to end (or for a stop or reset request), and removes its cgroup with
+// anything left in it. A stop after Detach leaves an outliving nexlet running instead.
 func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	log := n.s.log.With("nexlet", n.spec.Name)
 	n.setState(StateStarting)
 	top, proc, wl := n.groups()
 	oomBefore, _ := top.OOMKills()
 
-	outR, outW, err := os.Pipe()
-	if err != nil {
-		return n.startFailed(top, err)
-	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		outR.Close()
-		outW.Close()
-		return n.startFailed(top, err)
-	}
-	cmd := &exec.Cmd{
-		Path:   n.spec.Path,
-		Args:   append([]string{n.spec.Path}, n.spec.Args...),
-		Env:    n.childEnv(wl.Spec()),
-		Stdout: outW,
-		Stderr: errW,
-	}
-	if r := n.s.reaper; r != nil {
-		// The reaper must not take this child's exit from cmd.Wait.
-		r.forkMu.Lock()
-		err = proc.Start(cmd)
-		if err == nil {
-			r.started(cmd.Process.Pid)
+	var (
+		pid        int
+		signal     func(os.Signal) error
+		waited     <-chan error
+		outR, errR *os.File
+		cmd        *exec.Cmd
+		adop       *adopted
+	)
+	if rec, ok := n.adoptable(); ok {
+		var err error
+		if adop, err = n.adopt(rec); err != nil {
+			log.Warn("cannot adopt the running nexlet; starting a new one", "pid", rec.PID, "err", err)
+			adop = nil
+		} else {
+			pid, signal, waited, outR, errR = adop.pid, adop.signal, adop.waited, adop.outR, adop.errR
+			log.Info("adopted the running nexlet", "pid", pid, "child", adop.child, "cgroup", top.Path())
+			if adop.child && exeReplaced(pid, n.spec.Path) {
+				// An upgrade re-executed nexd: the nexlet runs the old binary. Being
+				// our child, its workloads come to us (the subreaper) while a new
+				// nexlet takes them over, so no exit status is lost.
+				log.Info("the adopted nexlet runs a replaced binary; handing its workloads to a new one", "pid", pid, "path", n.spec.Path)
+				n.s.mu.Lock()
+				n.handOver = true
+				n.s.mu.Unlock()
+				select {
+				case n.reset <- struct{}{}:
+				default:
+				}
+			}
 		}
-		r.forkMu.Unlock()
-	} else {
-		err = proc.Start(cmd)
 	}
-	outW.Close()
-	errW.Close()
-	if err != nil {
-		outR.Close()
-		errR.Close()
-		return n.startFailed(top, err)
+	if adop == nil {
+		var outW, errW *os.File
+		var err error
+		if outR, outW, errR, errW, err = n.outputPipes(); err != nil {
+			return n.startFailed(top, err)
+		}
+		cmd = &exec.Cmd{
+			Path:   n.spec.Path,
+			Args:   append([]string{n.spec.Path}, n.spec.Args...),
+			Env:    n.childEnv(wl.Spec()),
+			Stdout: outW,
+			Stderr: errW,
+		}
+		if r := n.s.reaper; r != nil {
+			// The reaper must not take this child's exit from cmd.Wait.
+			r.forkMu.Lock()
+			err = proc.Start(cmd)
+			if err == nil {
+				r.started(cmd.Process.Pid)
+			}
+			r.forkMu.Unlock()
+		} else {
+			err = proc.Start(cmd)
+		}
+		outW.Close()
+		errW.Close()
+		if err != nil {
+			outR.Close()
+			errR.Close()
+			return n.startFailed(top, err)
+		}
+		pid, signal = cmd.Process.Pid, cmd.Process.Signal
+		n.record(pid)
+		w := make(chan error, 1)
+		waited = w
+		go func() {
+			err := cmd.Wait()
+			if r := n.s.reaper; r != nil {
+				r.waited(cmd.Process.Pid)
+			}
+			w <- err
+		}()
+		if adj := n.s.opts.NexletOOMScoreAdj; adj != 0 {
+			p := fmt.Sprintf("/proc/%d/oom_score_adj", pid)
+			if err := os.WriteFile(p, []byte(strconv.Itoa(adj)), 0); err != nil {
+				log.Debug("cannot lower the nexlet's oom_score_adj; its workloads get a higher one instead", "value", adj, "err", err)
+			}
+		}
 	}
 	started := time.Now()
-	if adj := n.s.opts.NexletOOMScoreAdj; adj != 0 {
-		p := fmt.Sprintf("/proc/%d/oom_score_adj", cmd.Process.Pid)
-		if err := os.WriteFile(p, []byte(strconv.Itoa(adj)), 0); err != nil {
-			log.Debug("cannot lower the nexlet's oom_score_adj; its workloads get a higher one instead", "value", adj, "err", err)
-		}
-	}
 	var pumps sync.WaitGroup
 	pumps.Add(2)
 	go func() { defer pumps.Done(); n.pump(outR, "stdout") }()
 	go func() { defer pumps.Done(); n.pump(errR, "stderr") }()
 
 	n.s.mu.Lock()
-	n.state, n.pid, n.startedAt = StateRunning, cmd.Process.Pid, started
+	n.state, n.pid, n.startedAt = StateRunning, pid, started
 	n.group, n.groupPath = top, top.Path()
 	n.s.mu.Unlock()
-	log.Info("nexlet started", "pid", cmd.Process.Pid, "cgroup", top.Path())
+	if adop == nil {
+		log.Info("nexlet started", "pid", pid, "cgroup", top.Path())
+	}
 	n.reportFirst(nil)
 
-	waited := make(chan error, 1)
-	go func() {
-		err := cmd.Wait()
-		if r := n.s.reaper; r != nil {
-			r.waited(cmd.Process.Pid)
-		}
-		waited <- err
-	}()
 	how := exited
 	var werr error
+	left := false
 	select {
 	case werr = <-waited:
 	case <-n.stop:
 		how = stopped
-		werr = n.terminate(cmd, top, proc, waited)
+		n.s.mu.Lock()
+		left = n.s.detach && n.outlives()
+		n.s.mu.Unlock()
+		if !left {
+			werr = n.terminate(signal, top, proc, waited)
+		}
 	case <-n.reset:
 		how = resetting
-		werr = n.terminate(cmd, top, proc, waited)
+		werr = n.terminate(signal, top, proc, waited)
 	}
 	runtime := time.Since(started)
+
+	if left {
+		// It keeps running, with its cgroup, record and FIFOs, for the next nexd.
+		outR.Close()
+		errR.Close()
+		pumps.Wait()
+		n.limiter.flush(n.s.log, n.spec.Name)
+		n.s.mu.Lock()
+		n.pid, n.lastExit, n.group = 0, "left running for the next nexd", nil
+		n.s.mu.Unlock()
+		log.Info("nexlet left running for the next nexd", "pid", pid)
+		return ExitInfo{Reason: "left running", Code: -1, Runtime: runtime, Stopped: true}, how
+	}
+	if n.outlives() {
+		removeRecord(n.s.opts.RecordDir, n.spec.Name)
+	}
 
 	// Whatever the nexlet left behind (forked children, workloads) goes with it.
 	oomAfter, _ := top.OOMKills()
@@ -292,10 +351,13 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	n.limiter.flush(n.s.log, n.spec.Name)
 
 	exit := ExitInfo{Reason: "exit status 0", Runtime: runtime, Stopped: how != exited}
-	if ps := cmd.ProcessState; ps != nil {
-		exit.Code = ps.ExitCode()
-		exit.Reason = ps.String()
-	} else if werr != nil {
+	switch {
+	case cmd != nil && cmd.ProcessState != nil:
+		exit.Code = cmd.ProcessState.ExitCode()
+		exit.Reason = cmd.ProcessState.String()
+	case adop != nil && werr == nil:
+		exit.Code, exit.Reason = adop.exitOf()
+	case werr != nil:
 		exit.Code, exit.Reason = -1, werr.Error()
 	}
 	if oomAfter > oomBefore {
@@ -340,15 +402,16 @@ func (n *nexlet) startFailed(top *cgroup.Group, err error) (ExitInfo, outcome) {
 
 // terminate asks the nexlet to stop with SIGTERM and kills its whole group after the
 // grace period (at once if Stop is out of time).
-func (n *nexlet) terminate(cmd *exec.Cmd, top, proc *cgroup.Group, waited <-chan error) error {
+func (n *nexlet) terminate(signal func(os.Signal) error, top, proc *cgroup.Group, waited <-chan error) error {
 	n.setState(StateStopping)
 	sig := syscall.SIGTERM
 	n.s.mu.Lock()
-	if n.s.detach {
+	if n.s.detach || n.handOver {
 		sig = SignalDetach
 	}
+	n.handOver = false
 	n.s.mu.Unlock()
-	_ = cmd.Process.Signal(sig)
+	_ = signal(sig)
 	t := time.NewTimer(n.s.opts.Grace)
 	defer t.Stop()
 	select {
@@ -364,6 +427,6 @@ func (n *nexlet) terminate(cmd *exec.Cmd, top, proc *cgroup.Group, waited <-chan
 	if proc != top {
 		_ = proc.Kill() // reaches a process that could not be placed in the cgroup
 	}
-	_ = cmd.Process.Kill() // in case it escaped its group
+	_ = signal(syscall.SIGKILL) // in case it escaped its group
 	return <-waited
 }

@@ -55,6 +55,11 @@ type Spec struct {
 	// variables of the caller); nothing of nexd's environment is inherited.
 	Env    map[string]string
 	Limits cgroup.Limits
+	// Outlive: the nexlet may outlive the supervisor (see outlive.go): Detach then
+	// Stop leave it running, and the next supervisor adopts it. It must handle
+	// SignalReattach (register again) and SignalDetach (exit, leaving its workloads).
+	// Needs Options.RecordDir and Options.FIFODir.
+	Outlive bool
 }
 
 // State of a nexlet.
@@ -125,6 +130,21 @@ type Options struct {
 	// ExitsDir, if set, makes this process the child subreaper and is where the exit
 	// records of reaped orphans go (procid.WriteExit).
 	ExitsDir string
+	// RecordDir and FIFODir, when both set, let nexlets with Spec.Outlive outlive the
+	// supervisor: each is recorded while it runs in <RecordDir>/<name>/process.json
+	// (pid, start time, Meta) and writes its output to named FIFOs in FIFODir.
+	RecordDir string
+	FIFODir   string
+	// Meta, if set, is called after each start of an outliving nexlet; what it
+	// returns is kept in its record (ReadRecord gives it back to the next supervisor).
+	Meta func(name string) map[string]string
+	// Adopt names the outliving nexlets whose recorded, still running processes
+	// Start adopts instead of starting new ones; their cgroups are spared by the
+	// first Start's clean-up.
+	Adopt []string
+	// Handed are records a re-executing predecessor handed over in memory, by name:
+	// used instead of the files in RecordDir (still checked against the live process).
+	Handed map[string]Record
 	// NexletOOMScoreAdj is written to each nexlet's oom_score_adj after start (0 leaves
 	// it inherited), so the OOM killer picks a workload before the nexlet that runs it.
 	NexletOOMScoreAdj int
@@ -296,11 +316,47 @@ func (s *Supervisor) Start(ctx context.Context, spec Spec) error {
 }
 
 func (s *Supervisor) cleanupStale() {
+	var spare []string
+	for _, name := range s.opts.Adopt {
+		if _, ok := s.record(name); ok {
+			spare = append(spare, name)
+		}
+	}
+	if len(spare) > 0 {
+		s.cleanupStaleExcept(spare)
+		return
+	}
 	killed, err := s.cg.CleanupStale("")
 	if err != nil {
 		s.log.Warn("cannot clean up nexlet cgroups of an earlier run", "cgroup", s.cg.Path(), "err", err)
 	} else if killed > 0 {
 		s.log.Warn("killed processes left by an earlier run", "cgroup", s.cg.Path(), "killed", killed)
+	}
+}
+
+// cleanupStaleExcept cleans up the groups below the nexlets root one by one, sparing
+// those of nexlets about to be adopted.
+func (s *Supervisor) cleanupStaleExcept(spare []string) {
+	if s.cg.Mode() == cgroup.ModeNone {
+		return
+	}
+	ents, err := os.ReadDir(s.cg.Path())
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			s.log.Warn("cannot clean up nexlet cgroups of an earlier run", "cgroup", s.cg.Path(), "err", err)
+		}
+		return
+	}
+	for _, e := range ents {
+		if !e.IsDir() || slices.Contains(spare, e.Name()) {
+			continue
+		}
+		killed, err := s.cg.CleanupStale(e.Name())
+		if err != nil {
+			s.log.Warn("cannot clean up a nexlet cgroup of an earlier run", "cgroup", e.Name(), "err", err)
+		} else if killed > 0 {
+			s.log.Warn("killed processes left by an earlier run", "cgroup", e.Name(), "killed", killed)
+		}
 	}
 }
 
@@ -345,6 +401,28 @@ func (s *Supervisor) Reset(name string) error {
 	return nil
 }
 
+// HandOver restarts an outliving nexlet without stopping its workloads: it gets
+// SignalDetach (it lets go of them and exits) and a new one starts and adopts them. Used
+// when an adopted nexlet does not register again (it cannot reach this nexd's NATS) and
+// to replace one that runs an older binary.
+func (s *Supervisor) HandOver(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, ok := s.nexlets[name]
+	if !ok {
+		return fmt.Errorf("nexlet %q: not supervised here", name)
+	}
+	if s.stopping || n.state != StateRunning {
+		return fmt.Errorf("nexlet %s: %s", name, n.state)
+	}
+	n.handOver = true
+	select {
+	case n.reset <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
 // SetRestartLimit changes the restart limit (config reload); it applies from the next exit.
 func (s *Supervisor) SetRestartLimit(n int) {
 	s.mu.Lock()
@@ -357,8 +435,9 @@ func (s *Supervisor) SetRestartLimit(n int) {
 // leaves its workloads too, as they are not in its cgroup.
 const SignalDetach = syscall.SIGUSR1
 
-// Detach makes the next Stop leave workloads running: nexlets get SignalDetach instead
-// of SIGTERM, and the workloads' cgroups are left alone.
+// Detach makes the next Stop leave workloads running: outliving nexlets (Spec.Outlive)
+// are left running as they are, the others get SignalDetach instead of SIGTERM, and the
+// workloads' cgroups are left alone.
 func (s *Supervisor) Detach() {
 	s.mu.Lock()
 	s.detach = true
@@ -388,10 +467,23 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 			<-n.done // the group kill is bounded
 		}
 	}
-	_, err := s.cg.CleanupStale("")
 	s.mu.Lock()
 	detach := s.detach
 	s.mu.Unlock()
+	var left []string
+	if detach {
+		for _, n := range all {
+			if n.outlives() {
+				left = append(left, n.spec.Name)
+			}
+		}
+	}
+	var err error
+	if len(left) > 0 {
+		s.cleanupStaleExcept(left)
+	} else {
+		_, err = s.cg.CleanupStale("")
+	}
 	if w := s.opts.Workloads; w != nil && !detach {
 		killed, werr := w.CleanupStale("")
 		if killed > 0 {

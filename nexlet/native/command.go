@@ -2,12 +2,17 @@ package native
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Command runs the native nexlet as a child process of nexd (`nexd nexlet native`; args
@@ -18,6 +23,15 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 	if len(args) != 1 || args[0] != "native" {
 		fmt.Fprintln(stderr, "usage: nexd nexlet native")
 		return 2
+	}
+	// Started by nexd, the nexlet's output is a FIFO it holds open read-write (it may
+	// outlive nexd): while no nexd reads it, a full pipe must not block the nexlet, so
+	// lines that do not fit are dropped. And no write may kill it with SIGPIPE.
+	signal.Ignore(syscall.SIGPIPE)
+	if stderr == os.Stderr {
+		if nb, err := newDroppingWriter(int(os.Stderr.Fd())); err == nil {
+			stderr = nb
+		}
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo,
 		// JSON writes durations as nanoseconds; the node log should read "6s".
@@ -33,9 +47,61 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 	detach := make(chan os.Signal, 1)
 	signal.Notify(detach, syscall.SIGUSR1)
 	defer signal.Stop(detach)
-	if err := Main(ctx, os.Getenv, log, detach); err != nil {
+	// SIGHUP (supervise.SignalReattach): a new nexd adopted this nexlet.
+	reattach := make(chan os.Signal, 1)
+	signal.Notify(reattach, syscall.SIGHUP)
+	defer signal.Stop(reattach)
+	if err := Main(ctx, os.Getenv, log, detach, reattach); err != nil {
 		log.Error("native nexlet failed", "err", err)
 		return 1
 	}
 	return 0
+}
+
+// droppingWriter writes to a non-blocking descriptor and drops what does not fit
+// (counted, and reported with the next line that does).
+type droppingWriter struct {
+	fd      int
+	mu      sync.Mutex
+	dropped int
+}
+
+func newDroppingWriter(fd int) (*droppingWriter, error) {
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, err
+	}
+	return &droppingWriter{fd: fd}, nil
+}
+
+func (w *droppingWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.dropped > 0 {
+		note := fmt.Appendf(nil, `{"level":"WARN","msg":"native nexlet log lines dropped while nobody read them","dropped":%d}`+"\n", w.dropped)
+		if n, err := unix.Write(w.fd, note); err == nil && n == len(note) {
+			w.dropped = 0
+		}
+	}
+	// A line of the JSON handler is one write, far below PIPE_BUF... or not: a
+	// partial write is completed, a refused one dropped.
+	off := 0
+	for off < len(p) {
+		n, err := unix.Write(w.fd, p[off:])
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			if off == 0 {
+				w.dropped++
+				return len(p), nil
+			}
+			if errors.Is(err, unix.EAGAIN) {
+				time.Sleep(time.Millisecond) // finish the line begun
+				continue
+			}
+			return off, err
+		}
+		off += n
+	}
+	return len(p), nil
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nexd-project/nexd/nexlet"
@@ -41,7 +42,7 @@ const ShutdownTimeout = 2 * time.Minute
 // its identity and registration credentials from env, registers, serves until ctx ends,
 // then stops every workload with its grace. When detach fires first it exits and leaves
 // every workload running instead.
-func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach <-chan os.Signal) error {
+func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach, reattach <-chan os.Signal) error {
 	creds, err := nexlet.ConnDataFromEnv(env)
 	if err != nil {
 		return err
@@ -130,14 +131,30 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if err := r.Run(agentID, creds); err != nil {
 		return err
 	}
-	select {
-	case <-ctx.Done():
-	case <-detach:
-		// live_restore: let go of the workloads without stopping them; the next
-		// nexlet adopts them from their records.
-		log.Info("detaching: workloads keep running for the next nexlet")
-		n.Detach()
-		return r.Shutdown()
+	// While nexd is away (live_restore, a re-exec) this nexlet keeps running: it stays
+	// the parent of its workloads, reaps them and keeps their exit statuses. A new
+	// nexd that adopted it says so (reattach): it registers again and reports.
+	var again sync.WaitGroup
+	defer again.Wait()
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			break wait
+		case <-reattach:
+			log.Info("adopted by a new nexd: registering again")
+			again.Go(func() {
+				if err := r.Reregister(); err != nil {
+					log.Error("registering again failed", "err", err)
+				}
+			})
+		case <-detach:
+			// Asked to hand over: let go of the workloads without stopping them; the
+			// next nexlet adopts them from their records.
+			log.Info("detaching: workloads keep running for the next nexlet")
+			n.Detach()
+			return r.Shutdown()
+		}
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), ShutdownTimeout)
 	defer cancel()

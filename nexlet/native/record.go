@@ -1,16 +1,12 @@
 package native
 
 import (
-	"errors"
-	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/nexd-project/nexd/internal/fifo"
 	"github.com/nexd-project/nexd/internal/procid"
 )
 
@@ -96,46 +92,8 @@ func writeAtomic(path, text string) error {
 // newFIFO makes a fresh named FIFO dir/name and returns the nexlet's read end
 // (non-blocking, on the netpoller) and the workload's end (blocking, read-write).
 func newFIFO(dir, name string) (r, w *os.File, err error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, nil, err
-	}
-	path := filepath.Join(dir, name)
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, nil, err
-	}
-	if err := unix.Mkfifo(path, 0o600); err != nil {
-		return nil, nil, &os.PathError{Op: "mkfifo", Path: path, Err: err}
-	}
-	// O_RDWR never blocks on a FIFO and keeps a reader for as long as the workload
-	// holds it.
-	wfd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, nil, &os.PathError{Op: "open", Path: path, Err: err}
-	}
-	// Best effort: the default 64 KiB stays when the kernel refuses more.
-	if _, err := unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, PipeBufferSize); err != nil {
-		_, _ = unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, 256<<10)
-	}
-	w = os.NewFile(uintptr(wfd), path)
-	r, err = openFIFOReader(path)
-	if err != nil {
-		w.Close()
-		return nil, nil, err
-	}
-	return r, w, nil
+	return fifo.New(dir, name, PipeBufferSize)
 }
 
-// openFIFOReader opens an existing FIFO for reading without blocking; it refuses
-// anything that is not a FIFO (a symlink or a regular file planted there).
-func openFIFOReader(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, err
-	}
-	fi, err := f.Stat()
-	if err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
-		f.Close()
-		return nil, fmt.Errorf("%s is not a FIFO", path)
-	}
-	return f, nil
-}
+// openFIFOReader opens an existing FIFO for reading without blocking.
+func openFIFOReader(path string) (*os.File, error) { return fifo.OpenReader(path) }

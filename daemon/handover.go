@@ -1,0 +1,98 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/daemon/supervise"
+)
+
+// envHandover names the descriptor of the memfd in which a re-executing nexd hands its
+// successor image the state it needs at once (like systemd's daemon-reexec
+// serialization): the nexlets it left running, so they are adopted from the memfd
+// rather than found again in the state directory. Anything missing or unreadable there
+// is rebuilt from the state directory, the KV bucket and the per-workload records.
+const envHandover = "NEXD_HANDOVER_FD"
+
+// handoverVersion is bumped when the layout changes; another version is ignored.
+const handoverVersion = 1
+
+// handover is the state in the memfd.
+type handover struct {
+	Version int                `json:"version"`
+	PID     int                `json:"pid"` // the re-executing process: the memfd is only for itself
+	Nexlets []supervise.Record `json:"nexlets"`
+}
+
+// writeHandover puts h in a memfd without close-on-exec and returns its descriptor
+// number, for the environment of the execve.
+func writeHandover(h handover) (int, error) {
+	h.Version, h.PID = handoverVersion, os.Getpid()
+	b, err := json.Marshal(h)
+	if err != nil {
+		return -1, err
+	}
+	fd, err := unix.MemfdCreate("nexd-handover", 0) // no MFD_CLOEXEC: it crosses the exec
+	if err != nil {
+		return -1, fmt.Errorf("memfd_create: %w", err)
+	}
+	if _, err := unix.Pwrite(fd, b, 0); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("write memfd: %w", err)
+	}
+	return fd, nil
+}
+
+// takeHandover reads (and closes) the memfd a re-executing predecessor left, if any,
+// and unsets the variable so no child inherits it. nil with a nil error: there was
+// none. An error: there was one but it cannot be used (the caller falls back).
+func takeHandover(log *slog.Logger) (*handover, error) {
+	v, ok := os.LookupEnv(envHandover)
+	if !ok {
+		return nil, nil
+	}
+	os.Unsetenv(envHandover)
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return nil, fmt.Errorf("%s=%q is not a descriptor", envHandover, v)
+	}
+	f := os.NewFile(uintptr(fd), "nexd-handover")
+	defer f.Close()
+	h, err := readHandover(f)
+	if err != nil {
+		return nil, err
+	}
+	log.Debug("re-exec handover read", "nexlets", len(h.Nexlets))
+	return h, nil
+}
+
+// readHandover parses a handover; it refuses another version or another process's.
+func readHandover(r io.Reader) (*handover, error) {
+	b, err := io.ReadAll(io.LimitReader(r, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("read the re-exec handover: %w", err)
+	}
+	var h handover
+	if err := json.Unmarshal(b, &h); err != nil {
+		return nil, fmt.Errorf("the re-exec handover is not valid JSON: %w", err)
+	}
+	switch {
+	case h.Version != handoverVersion:
+		return nil, fmt.Errorf("the re-exec handover has version %d, want %d", h.Version, handoverVersion)
+	case h.PID != os.Getpid():
+		return nil, fmt.Errorf("the re-exec handover was made by pid %d, not this process (%d)", h.PID, os.Getpid())
+	}
+	for _, r := range h.Nexlets {
+		if r.Name == "" || r.PID <= 1 {
+			return nil, errors.New("the re-exec handover names a nexlet without a name or pid")
+		}
+	}
+	return &h, nil
+}
