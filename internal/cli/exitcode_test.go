@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -230,17 +232,59 @@ func TestGenDocs(t *testing.T) {
 	if !strings.Contains(string(man), "--plain-env") || !strings.Contains(string(man), "Jan 2027") {
 		t.Errorf("workload run man page lacks its flags or the fixed date:\n%s", man)
 	}
-	// The checked-in outputs must match the command tree.
-	for _, f := range []string{"man/nexctl-workload-run.1", "completions/nexctl.fish"} {
-		got, _ := os.ReadFile(filepath.Join(dir, f))
-		want, err := os.ReadFile(filepath.Join("..", "..", "contrib", f))
+	// The checked-in outputs must match the command tree: every generated file, and no
+	// page of a command that is gone.
+	for _, sub := range []string{"man", "completions"} {
+		entries, err := os.ReadDir(filepath.Join(dir, sub))
 		if err != nil {
-			t.Fatalf("contrib/%s: %v (regenerate with SOURCE_DATE_EPOCH=1798761600 go run ./internal/cli/gen)", f, err)
+			t.Fatal(err)
 		}
-		if !bytes.Equal(got, want) {
-			t.Errorf("contrib/%s is stale: regenerate with SOURCE_DATE_EPOCH=1798761600 go run ./internal/cli/gen", f)
+		generated := map[string]bool{}
+		for _, e := range entries {
+			generated[e.Name()] = true
+			got, _ := os.ReadFile(filepath.Join(dir, sub, e.Name()))
+			want, err := os.ReadFile(filepath.Join("..", "..", "contrib", sub, e.Name()))
+			if err != nil || !bytes.Equal(got, want) {
+				t.Errorf("contrib/%s/%s is missing or stale: regenerate with SOURCE_DATE_EPOCH=1798761600 go run ./internal/cli/gen", sub, e.Name())
+			}
+		}
+		checkedIn, _ := os.ReadDir(filepath.Join("..", "..", "contrib", sub))
+		for _, e := range checkedIn {
+			if !generated[e.Name()] && e.Name() != "nexd.8" { // nexd(8) is written by hand
+				t.Errorf("contrib/%s/%s belongs to no command: remove it", sub, e.Name())
+			}
 		}
 	}
+	// Every command a user can type has its page.
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		if c.Hidden || c.Name() == "help" {
+			return
+		}
+		page := strings.ReplaceAll(c.CommandPath(), " ", "-") + ".1"
+		if !hasManPage(dir, page) {
+			t.Errorf("no man page %s for %q", page, c.CommandPath())
+		}
+		// The completion scripts ask the binary (__complete): every subcommand is offered.
+		if c.HasAvailableSubCommands() {
+			args := append(strings.Fields(c.CommandPath())[1:], "")
+			out, _, _ := runCLI(t, nil, append([]string{"__complete"}, args...)...)
+			for _, sub := range c.Commands() {
+				if sub.IsAvailableCommand() && !strings.Contains(out, "\n"+sub.Name()+"\t") && !strings.HasPrefix(out, sub.Name()+"\t") {
+					t.Errorf("completion of %q does not offer %q:\n%s", c.CommandPath(), sub.Name(), out)
+				}
+			}
+		}
+		for _, sub := range c.Commands() {
+			walk(sub)
+		}
+	}
+	walk(root)
+}
+
+func hasManPage(dir, page string) bool {
+	_, err := os.Stat(filepath.Join(dir, "man", page))
+	return err == nil
 }
 
 func (b *localBackend) Reexec(context.Context) error { return nil }

@@ -144,8 +144,8 @@ func (a *app) topCmd() *cobra.Command {
 		Long: `Show this node's workloads (or with --node any node's), refreshed in place every
 --interval like systemd-cgtop: state, CPU (percent of one CPU over the interval), memory
 against its limit, restarts and uptime, sorted by --sort. A remote nexd node reads its
-workloads' cgroups when asked (upstream nodes report no CPU or memory). When stdout is not a terminal, top prints plain snapshots (-n of them, default 1)
-and exits.`,
+workloads' cgroups when asked (upstream nodes report no CPU or memory). When stdout is
+not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, ok := topSorts[sortKey]; !ok {
