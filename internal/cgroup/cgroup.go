@@ -120,10 +120,20 @@ type Manager struct {
 	hiers []hier
 	ops   fsOps
 
+	// threadSetup runs on every OS thread that forks into a v1 group (SetThreadSetup).
+	threadSetup func() error
+
 	mu       sync.Mutex
 	enforced []string
 	reason   string
 }
+
+// SetThreadSetup sets what runs on each OS thread that forks a process into a v1 group
+// (a thread of a ForkPool, or the thread Start moves into the group) before it forks;
+// such threads never return to the Go scheduler, so per-thread state set by f (such
+// as no_new_privs, which the child inherits) stays with them. Call it before any Start
+// or NewForkPool.
+func (m *Manager) SetThreadSetup(f func() error) { m.threadSetup = f }
 
 // Disabled returns a manager in none mode: processes start in their own process group
 // with Pdeathsig, and no limit is enforced, for the given reason.
@@ -232,7 +242,7 @@ func Attach(specText string, log *slog.Logger) (*Manager, error) {
 func (m *Manager) Sub(rel string) *Manager {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s := &Manager{mode: m.mode, log: m.log, ops: m.ops, enforced: slices.Clone(m.enforced), reason: m.reason}
+	s := &Manager{mode: m.mode, log: m.log, ops: m.ops, enforced: slices.Clone(m.enforced), reason: m.reason, threadSetup: m.threadSetup}
 	for _, h := range m.hiers {
 		h.Root = joinRel(h.Root, rel)
 		s.hiers = append(s.hiers, h)

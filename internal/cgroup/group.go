@@ -30,6 +30,11 @@ type Group struct {
 	// pgids of processes that run outside the cgroup (none mode, or a failed move);
 	// Kill and Procs reach them through their process group.
 	pgids []int
+	// forker is the pool thread waiting in the group (ForkPool.Create) until Start;
+	// left is closed once it has left the group, forkerGone when its thread ended.
+	forker     *forker
+	left       chan struct{}
+	forkerGone chan struct{}
 }
 
 func (m *Manager) group(rel string) *Group {
@@ -237,6 +242,12 @@ func (g *Group) moveProcess(pid int, hs []hier) {
 }
 
 func (g *Group) startV1(cmd *exec.Cmd) error {
+	if f := g.takeForker(); f != nil {
+		// Born in the group from the pool thread already in it: no migration.
+		if err, ok := f.send(forkJob{cmd: cmd, renamed: true, left: g.left}); ok {
+			return err
+		}
+	}
 	type result struct {
 		err      error
 		unplaced []hier
@@ -248,6 +259,13 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 		// fork, and move it back. If moving back fails the thread stays locked and the
 		// runtime discards it when this goroutine ends, so it cannot linger in the group.
 		runtime.LockOSThread()
+		setup := g.m.threadSetup
+		if setup != nil {
+			if err := setup(); err != nil {
+				ch <- result{err: fmt.Errorf("starting thread: %w", err)}
+				return // the thread ends with this goroutine
+			}
+		}
 		tid := unix.Gettid()
 		orig, _ := os.ReadFile("/proc/thread-self/cgroup")
 		_, origPaths := parseSelfCgroup(orig)
@@ -267,9 +285,9 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 				back = false
 			}
 		}
-		if back {
+		if back && setup == nil {
 			runtime.UnlockOSThread()
-		} else {
+		} else if !back {
 			g.m.log.Warn("cannot move the starting thread back out of the cgroup; discarding the thread", "cgroup", g.Path())
 		}
 		ch <- result{err, unplaced}
@@ -436,6 +454,7 @@ func (g *Group) Stats() (Stats, error) {
 // Remove kills what is left in the group and removes it and its descendants in every
 // hierarchy. A group that does not exist is not an error.
 func (g *Group) Remove() error {
+	g.releaseForker()
 	if err := g.Kill(); err != nil {
 		return err
 	}

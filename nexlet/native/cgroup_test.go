@@ -133,3 +133,26 @@ func TestCgroupReplayAdopts(t *testing.T) {
 		t.Errorf("processes survived stops")
 	}
 }
+
+// TestCgroupWorkloadHasNoNewPrivs: a workload started into its v1 cgroup carries
+// no_new_privs like one in a plain process group (the fork for v1 once ran on a thread
+// without the flag).
+func TestCgroupWorkloadHasNoNewPrivs(t *testing.T) {
+	needRoot(t)
+	spec := cgroupSpec(t)
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{Cgroup: spec})
+	for i := range 3 { // the first from the fork pool or not, and the ones after
+		id := fmt.Sprintf("nnp%d", i)
+		fn.mustStart(id, startReq(protocol.LifecycleService, id, map[string]any{"uri": "file:///bin/sleep", "argv": []string{"1000"}}, fn.creds()))
+		s, _ := fn.summary(id)
+		pid, _ := strconv.Atoi(s.Metadata["pid"])
+		if v := statusField(t, pid, "NoNewPrivs"); v != "1" {
+			t.Errorf("%s: NoNewPrivs = %s, want 1", id, v)
+		}
+		cg, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+		if !strings.Contains(string(cg), "/"+id+"\n") {
+			t.Errorf("%s not in its cgroup:\n%s", id, cg)
+		}
+	}
+}

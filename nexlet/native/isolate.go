@@ -17,6 +17,10 @@ type isolation interface {
 	mode() string
 	// sandbox creates, or opens when it already exists, the sandbox of workload id.
 	sandbox(id string, l Limits) (sandbox, error)
+	// fresh is sandbox for a new deploy: from a pool made ahead where there is one.
+	fresh(id string, l Limits) (sandbox, error)
+	// close ends what the isolation keeps ready; sandboxes handed out stay.
+	close()
 }
 
 // sandbox holds one workload's processes.
@@ -42,6 +46,9 @@ type sandbox interface {
 type noIsolation struct{ dir string }
 
 func (noIsolation) mode() string { return "none" }
+
+func (iso noIsolation) fresh(id string, l Limits) (sandbox, error) { return iso.sandbox(id, l) }
+func (noIsolation) close()                                         {}
 
 // sandbox finds a live group of the workload from its pid record, so replay can adopt
 // it; the process must still have the recorded start time, ruling out a reused pid.

@@ -30,6 +30,9 @@ func (n *Nexlet) chooseIsolation(spec, driver string) (isolation, error) {
 				n.log.Warn("cgroup subtree unusable: workloads start in their own process groups before systemd takes them", "err", err)
 				hold = nil
 			}
+			if hold != nil {
+				hold.SetThreadSetup(setNoNewPrivs) // a v1 start forks on a thread of its own
+			}
 		}
 		return &scopeIsolation{sd: sd, hold: hold, n: n}, nil
 	}
@@ -49,27 +52,43 @@ func (n *Nexlet) chooseIsolation(spec, driver string) (isolation, error) {
 		n.log.Warn("cgroups disabled by the node: workloads run without limits", "reason", m.Reason())
 		return none, nil
 	}
-	return cgIsolation{m: m, n: n}, nil
+	// Every thread that forks a workload carries no_new_privs, as the spawner's does.
+	m.SetThreadSetup(setNoNewPrivs)
+	return cgIsolation{m: m, n: n, pool: m.NewForkPool(DefaultForkPool)}, nil
 }
+
+// DefaultForkPool is how many threads wait ready in fresh cgroups (v1) so that a
+// deploy's fork needs no cgroup migration (cgroup.ForkPool).
+const DefaultForkPool = 2
 
 // DriverCgroupfs (the default) runs workloads in nexd's own delegated subtree.
 const DriverCgroupfs = "cgroupfs"
 
 type cgIsolation struct {
-	m *cgroup.Manager
-	n *Nexlet
+	m    *cgroup.Manager
+	n    *Nexlet
+	pool *cgroup.ForkPool
+}
+
+func (c cgIsolation) close() { c.pool.Close() }
+
+func (c cgIsolation) fresh(id string, l Limits) (sandbox, error) {
+	return c.group(c.pool.Create(id, cgroup.Limits{MemoryMax: l.MemoryMax, CPUMax: l.CPUMax, PidsMax: l.PidsMax}))
 }
 
 func (c cgIsolation) mode() string { return "cgroup-" + string(c.m.Mode()) }
 
 func (c cgIsolation) sandbox(id string, l Limits) (sandbox, error) {
-	g, err := c.m.Create(id, cgroup.Limits{MemoryMax: l.MemoryMax, CPUMax: l.CPUMax, PidsMax: l.PidsMax})
+	return c.group(c.m.Create(id, cgroup.Limits{MemoryMax: l.MemoryMax, CPUMax: l.CPUMax, PidsMax: l.PidsMax}))
+}
+
+func (c cgIsolation) group(g *cgroup.Group, err error) (sandbox, error) {
 	if g == nil {
 		return nil, err
 	}
 	if err != nil {
 		// The group is usable; run without the limits that could not be written.
-		c.n.log.Warn("workload limits not fully applied", "workload_id", id, "err", err)
+		c.n.log.Warn("workload limits not fully applied", "cgroup", g.Path(), "err", err)
 	}
 	return cgSandbox{g}, nil
 }

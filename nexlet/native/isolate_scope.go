@@ -38,6 +38,11 @@ type scopeIsolation struct {
 
 func (s *scopeIsolation) mode() string { return "systemd" }
 
+func (s *scopeIsolation) fresh(id string, l Limits) (sandbox, error) { return s.sandbox(id, l) }
+
+// close: the D-Bus connection is closed by Nexlet.Close.
+func (s *scopeIsolation) close() {}
+
 func (s *scopeIsolation) sandbox(id string, l Limits) (sandbox, error) {
 	return &scopeSandbox{iso: s, id: id, limits: l, scope: cgroup.OpenDir(sdscope.CgroupDir(id), s.n.log)}, nil
 }
@@ -64,6 +69,10 @@ func (b *scopeSandbox) holdGroup() (*cgroup.Group, bool) {
 	}
 	return b.iso.hold.Open(b.id)
 }
+
+// setupThread: started from the spawner (a holding group in v1 forks on a setup thread
+// too, see chooseIsolation).
+func (b *scopeSandbox) setupThread() bool { return false }
 
 func (b *scopeSandbox) start(cmd *exec.Cmd) error {
 	if h := b.iso.hold; h != nil && h.Mode() != cgroup.ModeNone {

@@ -168,6 +168,7 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 // Close ends the nexlet's process-starting thread; call it after Shutdown. Workloads
 // running without a cgroup die with it.
 func (n *Nexlet) Close() {
+	n.iso.close()
 	n.spawn.close()
 	n.users.stopPool()
 	if si, ok := n.iso.(*scopeIsolation); ok {

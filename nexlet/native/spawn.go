@@ -31,8 +31,8 @@ func newSpawner() (*spawner, error) {
 		defer close(s.done)
 		// Never unlocked: the thread ends with this goroutine, taking its flag along.
 		runtime.LockOSThread()
-		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-			s.err = fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
+		if err := setNoNewPrivs(); err != nil {
+			s.err = err
 			close(ready)
 			return
 		}
@@ -60,4 +60,12 @@ func (s *spawner) run(fn func() error) error {
 func (s *spawner) close() {
 	close(s.reqs)
 	<-s.done
+}
+
+// setNoNewPrivs sets no_new_privs on the calling OS thread (locked by the caller).
+func setNoNewPrivs() error {
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
+	}
+	return nil
 }

@@ -115,7 +115,11 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	if limits.PidsMax == 0 {
 		limits.PidsMax = n.cfg.DefaultLimits.PidsMax
 	}
-	sb, err := n.iso.sandbox(w.id, limits)
+	mk := n.iso.sandbox
+	if !existing {
+		mk = n.iso.fresh // from the fork pool: no cgroup migration on the deploy path
+	}
+	sb, err := mk(w.id, limits)
 	if err != nil {
 		return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
 	}

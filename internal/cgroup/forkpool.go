@@ -1,0 +1,252 @@
+package cgroup
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ForkPool keeps a few OS threads ready in v1 mode, each already in a fresh, empty
+// cgroup of its own below the manager's root, so that starting a process in a new group
+// needs no cgroup migration on the way. Moving a thread into a v1 cgroup waits for an
+// RCU grace period (the kernel's cgroup_threadgroup_rwsem): 5-17 ms on a loaded 2-core
+// machine, most of a deploy. With the pool, Create renames a ready group to the
+// workload's name and writes its limits, Start forks on the thread already in it (the
+// child is born in the group), and the thread then moves on into its next pool group,
+// off the deploy path. In v2 mode (clone3 into the group) and none mode Create is the
+// manager's.
+type ForkPool struct {
+	m     *Manager
+	ready chan *forker
+	stop  chan struct{}
+	wg    sync.WaitGroup
+	seq   atomic.Uint64
+}
+
+// forkPoolPrefix names the pool's groups; workload ids have no dot, so none collides.
+const forkPoolPrefix = ".forkpool-"
+
+// forker is one pool thread, parked in its group until a Create takes it.
+type forker struct {
+	rel  string // its group below the root while it waits in ready
+	jobs chan forkJob
+	gone chan struct{} // closed once the thread has left every pool group and stopped
+}
+
+// forkJob is what a taken forker does once: start cmd (nil: nothing), then leave the
+// group, closing left once it has. renamed says whether Create renamed the group (it is
+// the taker's from then on); an unrenamed one is removed by the thread after leaving.
+type forkJob struct {
+	cmd     *exec.Cmd
+	out     chan error
+	renamed bool
+	left    chan struct{}
+}
+
+// NewForkPool starts size threads (none for size 0 or a mode other than v1). Each runs
+// the manager's thread setup (SetThreadSetup) first. Pool groups left by an earlier
+// process under this root are removed.
+func (m *Manager) NewForkPool(size int) *ForkPool {
+	p := &ForkPool{m: m, ready: make(chan *forker), stop: make(chan struct{})}
+	if m.mode != ModeV1 || size <= 0 {
+		return p
+	}
+	for _, h := range m.hiers {
+		ents, _ := os.ReadDir(h.Root)
+		for _, e := range ents {
+			if e.IsDir() && strings.HasPrefix(e.Name(), forkPoolPrefix) {
+				_ = m.removeTree(filepath.Join(h.Root, e.Name()))
+			}
+		}
+	}
+	for range size {
+		p.wg.Add(1)
+		go p.run()
+	}
+	return p
+}
+
+// Close ends the pool's threads and removes their groups; groups already handed out
+// stay with their takers.
+func (p *ForkPool) Close() {
+	select {
+	case <-p.stop:
+	default:
+		close(p.stop)
+	}
+	p.wg.Wait()
+}
+
+// Create is Manager.Create, with a ready pool group when there is one.
+func (p *ForkPool) Create(rel string, l Limits) (*Group, error) {
+	if err := l.Validate(); err != nil {
+		return nil, fmt.Errorf("cgroup %s: %w", rel, err)
+	}
+	var f *forker
+	select {
+	case f = <-p.ready:
+	default:
+		return p.m.Create(rel, l)
+	}
+	g := p.m.group(rel)
+	from := p.m.group(f.rel)
+	for i, h := range g.hiers {
+		if err := os.Rename(from.hiers[i].Root, h.Root); err != nil {
+			// Taken (a leftover of the same name) or not renamable: undo, let the
+			// thread move on, and create the group the usual way.
+			for j := range i {
+				_ = os.Rename(g.hiers[j].Root, from.hiers[j].Root)
+			}
+			f.send(forkJob{})
+			return p.m.Create(rel, l)
+		}
+	}
+	g.forker, g.left, g.forkerGone = f, make(chan struct{}), f.gone
+	if _, err := p.m.createV1(g, l); err != nil {
+		return g, fmt.Errorf("cgroup %s: limits not (all) applied: %w", g.Path(), err)
+	}
+	return g, nil
+}
+
+// send hands the forker its one job and returns the job's result; ok is false when the
+// thread was gone before it took the job.
+func (f *forker) send(j forkJob) (err error, ok bool) {
+	j.out = make(chan error, 1)
+	if j.left == nil {
+		j.left = make(chan struct{})
+	}
+	select {
+	case f.jobs <- j:
+		return <-j.out, true
+	case <-f.gone:
+		return nil, false
+	}
+}
+
+// run is one pool thread. It never unlocks its OS thread, which carries the thread
+// setup (no_new_privs for the native nexlet) and ends with this goroutine.
+func (p *ForkPool) run() {
+	defer p.wg.Done()
+	runtime.LockOSThread()
+	f := &forker{jobs: make(chan forkJob), gone: make(chan struct{})}
+	defer close(f.gone)
+	if setup := p.m.threadSetup; setup != nil {
+		if err := setup(); err != nil {
+			p.m.log.Warn("fork pool thread setup failed; starts migrate instead", "err", err)
+			return
+		}
+	}
+	tid := itoa(unix.Gettid())
+	orig, _ := os.ReadFile("/proc/thread-self/cgroup")
+	_, origPaths := parseSelfCgroup(orig)
+	var (
+		cur   string        // the pool group the thread is in, removed when it leaves
+		stale string        // a pool group it left, to remove
+		left  chan struct{} // closed once it has left a taken group
+	)
+	defer func() {
+		for _, h := range p.m.hiers {
+			if o, ok := origPaths[strings.Split(h.Name, ",")[0]]; ok {
+				_ = p.m.ops.write(filepath.Join(h.Mount, o, "tasks"), tid)
+			}
+		}
+		if left != nil {
+			close(left)
+		}
+		p.removeGroup(cur)
+		p.removeGroup(stale)
+	}()
+	for {
+		next := fmt.Sprintf("%s%d-%d", forkPoolPrefix, os.Getpid(), p.seq.Add(1))
+		err := p.enter(next, tid)
+		if left != nil {
+			close(left)
+			left = nil
+		}
+		p.removeGroup(stale)
+		stale, cur = "", next
+		if err != nil {
+			p.m.log.Warn("fork pool thread cannot enter its group; starts migrate instead", "cgroup", p.m.group(next).Path(), "err", err)
+			return
+		}
+		f.rel = cur
+		select {
+		case p.ready <- f:
+		case <-p.stop:
+			return
+		}
+		var j forkJob
+		select {
+		case j = <-f.jobs:
+		case <-p.stop:
+			// Taken but never given its job: the group is the taker's.
+			cur = ""
+			return
+		}
+		if j.cmd != nil {
+			j.out <- j.cmd.Start()
+		} else {
+			j.out <- nil
+		}
+		if !j.renamed {
+			stale = cur
+		}
+		cur, left = "", j.left
+	}
+}
+
+// enter creates the pool group rel and moves this thread (tid) into it in every
+// hierarchy: the slow part, off every deploy's path.
+func (p *ForkPool) enter(rel, tid string) error {
+	for _, h := range p.m.group(rel).hiers {
+		if err := p.m.ops.mkdir(h.Root); err != nil {
+			return err
+		}
+		if err := p.m.ops.write(filepath.Join(h.Root, "tasks"), tid); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *ForkPool) removeGroup(rel string) {
+	if rel == "" {
+		return
+	}
+	for _, h := range p.m.group(rel).hiers {
+		_ = p.m.removeTree(h.Root)
+	}
+}
+
+// takeForker detaches the group's pool thread, if it still has one.
+func (g *Group) takeForker() *forker {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	f := g.forker
+	g.forker = nil
+	return f
+}
+
+// releaseForker lets a pool thread that started nothing leave the group, and waits (a
+// little) until every pool thread has left, so the group can be removed.
+func (g *Group) releaseForker() {
+	if f := g.takeForker(); f != nil {
+		f.send(forkJob{renamed: true, left: g.left})
+	}
+	if g.left == nil {
+		return
+	}
+	select {
+	case <-g.left:
+	case <-g.forkerGone:
+	case <-time.After(5 * time.Second):
+	}
+}

@@ -1,0 +1,139 @@
+package cgroup
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+// poolGroups lists the pool's groups in every hierarchy of m.
+func poolGroups(m *Manager) []string {
+	var out []string
+	for _, h := range m.hiers {
+		ents, _ := os.ReadDir(h.Root)
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), forkPoolPrefix) {
+				out = append(out, filepath.Join(h.Root, e.Name()))
+			}
+		}
+	}
+	return out
+}
+
+// TestV1ForkPool: a process started in a group from the pool is born in it in every
+// hierarchy with the limits written and the thread setup inherited (no_new_privs);
+// the pool thread leaves the group, so only the child is listed and the group can be
+// removed; a group taken but never started in is removed too; Close leaves no pool
+// group behind.
+func TestV1ForkPool(t *testing.T) {
+	m := v1Root(t)
+	m.SetThreadSetup(func() error { return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+	p := m.NewForkPool(2)
+	defer p.Close()
+	testkit.Eventually(t, "two pool groups in each hierarchy", func() bool { return len(poolGroups(m)) == 2*len(m.hiers) })
+	for _, name := range []string{"w1", "w2", "w3"} { // more than the pool holds
+		g, err := p.Create(name, Limits{PidsMax: 7, MemoryMax: 64 << 20})
+		must(t, err)
+		if got := readTrim(t, filepath.Join(m.hierDir("pids"), name, "pids.max")); got != "7" {
+			t.Errorf("%s: pids.max %q", name, got)
+		}
+		cmd := exec.Command("/bin/sleep", "3600")
+		must(t, g.Start(cmd))
+		b, err := os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/cgroup")
+		must(t, err)
+		_, in := parseSelfCgroup(b)
+		for _, h := range m.hiers {
+			want := strings.TrimPrefix(filepath.Join(h.Root, name), h.Mount)
+			if got := in[strings.Split(h.Name, ",")[0]]; got != want {
+				t.Errorf("%s: child in %s group %q, want %q", name, h.Name, got, want)
+			}
+		}
+		st, err := os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/status")
+		must(t, err)
+		if !strings.Contains(string(st), "NoNewPrivs:\t1") {
+			t.Errorf("%s: the child lacks no_new_privs", name)
+		}
+		testkit.Eventually(t, "only the child in the group", func() bool {
+			for _, h := range m.hiers {
+				ps, _ := readPids(filepath.Join(h.Root, name, "cgroup.procs"))
+				if !slices.Equal(ps, []int{cmd.Process.Pid}) {
+					return false
+				}
+			}
+			return true
+		})
+		must(t, g.Remove())
+		_ = cmd.Wait()
+		if _, err := os.Stat(filepath.Join(m.hierDir("memory"), name)); !os.IsNotExist(err) {
+			t.Errorf("%s: group not removed: %v", name, err)
+		}
+	}
+	// Taken, never started in, removed.
+	testkit.Eventually(t, "a ready pool thread", func() bool { return len(poolGroups(m)) == 2*len(m.hiers) })
+	g, err := p.Create("unused", Limits{})
+	must(t, err)
+	must(t, g.Remove())
+	// A name already taken: the usual group, the pool thread moves on.
+	must(t, os.Mkdir(filepath.Join(m.hierDir("memory"), "taken"), 0o755))
+	g, err = p.Create("taken", Limits{})
+	must(t, err)
+	cmd := exec.Command("/bin/true")
+	must(t, g.Start(cmd))
+	_ = cmd.Wait()
+	must(t, g.Remove())
+	p.Close()
+	if left := poolGroups(m); len(left) > 0 {
+		t.Errorf("pool groups left after Close: %v", left)
+	}
+}
+
+// BenchmarkV1CreateStart is a deploy's cgroup share in v1 mode: create the group with
+// limits and start a process in it, with the fork pool (size 2) and without (the
+// starting thread migrates into the group and back). Removal and the pool's refill
+// happen off the clock, as between deploys that are not back to back, and so does a
+// 30 ms pause: a migration costs a full RCU grace period only when no other migration
+// came just before (the kernel's rcu_sync), and back to back starts would hide that.
+func BenchmarkV1CreateStart(b *testing.B) {
+	for _, size := range []int{0, 2} {
+		b.Run("pool="+itoa(size), func(b *testing.B) {
+			m := v1Root(&testing.T{})
+			p := m.NewForkPool(size)
+			defer p.Close()
+			defer func() { _ = m.group("").Remove() }()
+			ready := func() bool { return len(poolGroups(m)) == size*len(m.hiers) }
+			i := 0
+			for b.Loop() {
+				b.StopTimer()
+				time.Sleep(30 * time.Millisecond)
+				for !ready() {
+					time.Sleep(time.Millisecond)
+				}
+				b.StartTimer()
+				name := "b" + itoa(i)
+				i++
+				g, err := p.Create(name, Limits{PidsMax: 10})
+				if err != nil {
+					b.Fatal(err)
+				}
+				cmd := exec.Command("/bin/true")
+				if err := g.Start(cmd); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				_ = cmd.Wait()
+				if err := g.Remove(); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
+	}
+}
