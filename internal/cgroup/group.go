@@ -174,6 +174,11 @@ func (g *Group) Start(cmd *exec.Cmd) error {
 	}
 }
 
+// ForksOnSetupThread reports whether Start forks on a thread that ran the manager's
+// thread setup (v1 mode with SetThreadSetup), so the caller need not fork from a
+// prepared thread of its own.
+func (g *Group) ForksOnSetupThread() bool { return g.m.mode == ModeV1 && g.m.threadSetup != nil }
+
 func (g *Group) addPgid(pid int) {
 	g.mu.Lock()
 	g.pgids = append(g.pgids, pid)

@@ -31,6 +31,8 @@ type sandbox interface {
 	placed(pid int) error
 	// readopt applies the sandbox's limits again when a new nexlet adopts it.
 	readopt() error
+	// setupThread: start forks on a no_new_privs thread of its own, not the spawner's.
+	setupThread() bool
 	// procs lists the live processes; empty when the workload is gone.
 	procs() ([]int, error)
 	// kill SIGKILLs every process of the sandbox.
@@ -98,7 +100,8 @@ func (g *pgroup) kill() error {
 	return nil
 }
 
-func (g *pgroup) placed(int) error { return nil }
-func (g *pgroup) readopt() error   { return nil }
-func (g *pgroup) remove() error    { return nil }
-func (g *pgroup) oomKills() int    { return 0 }
+func (g *pgroup) placed(int) error  { return nil }
+func (g *pgroup) readopt() error    { return nil }
+func (g *pgroup) remove() error     { return nil }
+func (g *pgroup) setupThread() bool { return false }
+func (g *pgroup) oomKills() int     { return 0 }

@@ -102,7 +102,8 @@ func (s cgSandbox) remove() error             { return s.g.Remove() }
 func (s cgSandbox) placed(int) error          { return nil }
 
 // readopt: Create (in sandbox) already wrote the limits again.
-func (s cgSandbox) readopt() error { return nil }
+func (s cgSandbox) readopt() error    { return nil }
+func (s cgSandbox) setupThread() bool { return s.g.ForksOnSetupThread() }
 
 func (s cgSandbox) oomKills() int {
 	n, _ := s.g.OOMKills()

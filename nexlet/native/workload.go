@@ -338,7 +338,11 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
 	oomBefore := w.sb.oomKills()
-	err = n.spawn.run(func() error { return w.sb.start(cmd) })
+	if w.sb.setupThread() {
+		err = w.sb.start(cmd) // one hop to a locked thread fewer
+	} else {
+		err = n.spawn.run(func() error { return w.sb.start(cmd) })
+	}
 	outW.Close()
 	errW.Close()
 	if err != nil {
