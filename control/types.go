@@ -130,6 +130,9 @@ type Status struct {
 	StartTime time.Time `json:"start_time"`
 	Uptime    Duration  `json:"uptime"`
 	State     NodeState `json:"state"`
+	// Detail says, during start-up, what the node waits for (as systemd's STATUS):
+	// "starting: waiting for NATS (12s)", "degraded: waiting for JetStream …".
+	Detail string `json:"detail,omitempty"`
 	// LameduckUntil is when workloads stop, set while in lame duck mode.
 	LameduckUntil *time.Time   `json:"lameduck_until,omitempty"`
 	NATS          NATSStatus   `json:"nats"`

@@ -51,6 +51,7 @@ type snapshot struct {
 	phase         control.NodeState
 	loaded        *config.Loaded // current config; replaced by a successful reload
 	lameduckUntil time.Time      // set in StateLameduck
+	waiting       string         // during start-up: what nexd waits for, as in STATUS
 }
 
 func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon, error) {

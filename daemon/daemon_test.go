@@ -215,11 +215,18 @@ func TestStatusWhileWaitingForNATS(t *testing.T) {
 	}
 	dead := "nats://" + l.Addr().String()
 	l.Close() // nobody serves NATS there
-	p := startInProcess(t, "--nats.servers", dead)
+	p := startInProcess(t, "--nats.servers", dead, "--startup-timeout", "1s")
 	st := p.status(t, control.StateStarting)
 	if st.NodeID == "" || st.NATS.Connected || len(st.Nexlets) != 0 {
 		t.Fatalf("status while waiting for NATS %+v", st)
 	}
+	testkit.Eventually(t, "status says what nexd waits for", func() bool {
+		return strings.Contains(p.status(t, control.StateStarting).Detail, "waiting for NATS (")
+	})
+	// Past startup_timeout: degraded (READY=1 was sent), still waiting, still answering.
+	testkit.Eventually(t, "status says degraded", func() bool {
+		return strings.HasPrefix(p.status(t, control.StateStarting).Detail, "degraded: waiting for NATS (")
+	})
 	c := control.NewClient(p.socket)
 	defer c.Close()
 	if _, err := c.Lameduck(t.Context(), time.Minute); err == nil || !strings.Contains(err.Error(), "starting") {

@@ -87,6 +87,7 @@ func (b startupBackend) Status(context.Context) (control.Status, error) {
 		StartTime: b.d.started.UTC(),
 		Uptime:    control.Duration(time.Since(b.d.started).Truncate(time.Second)),
 		State:     v.phase,
+		Detail:    v.waiting,
 		Nexlets:   []control.Nexlet{},
 		Workloads: map[string]int{},
 	}, nil

@@ -37,10 +37,13 @@ func (d *daemon) waitingFor(what string) (done func()) {
 			waited := time.Since(since).Round(time.Second)
 			switch {
 			case time.Now().Before(bound):
-				d.notify.Status(fmt.Sprintf("starting: waiting for %s (%s)", what, waited))
+				status := fmt.Sprintf("starting: waiting for %s (%s)", what, waited)
+				d.update(func(s *snapshot) { s.waiting = status })
+				d.notify.Status(status)
 				d.notify.ExtendTimeout(3 * startTick)
 			default:
 				status := fmt.Sprintf("degraded: waiting for %s (%s); not bidding yet", what, waited)
+				d.update(func(s *snapshot) { s.waiting = status })
 				if d.degraded.CompareAndSwap(false, true) {
 					d.log.Warn("start-up bound reached; ready in a degraded state while waiting", "for", what,
 						"startup_timeout", d.cfg().Node.StartupTimeout.String())
@@ -57,7 +60,11 @@ func (d *daemon) waitingFor(what string) (done func()) {
 			}
 		}
 	})
-	return func() { close(stop); wg.Wait() }
+	return func() {
+		close(stop)
+		wg.Wait()
+		d.update(func(s *snapshot) { s.waiting = "" })
+	}
 }
 
 // openKVPatiently opens the node's state bucket, retrying with backoff while

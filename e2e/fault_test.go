@@ -332,6 +332,11 @@ func TestJetStreamLateAtStart(t *testing.T) {
 	if !strings.Contains(ready, "degraded") || !strings.Contains(ready, "JetStream") {
 		t.Fatalf("first READY is not the degraded one: %q", ready)
 	}
+	// The control socket answers meanwhile, with what nexd waits for.
+	out := n.mustCtl(t, "status")
+	if !strings.Contains(out, "starting (degraded: waiting for JetStream") {
+		t.Errorf("nexctl status during the degraded start-up does not say what nexd waits for:\n%s", out)
+	}
 	time.Sleep(30*time.Second - time.Since(began))
 	noJS.Shutdown()
 	noJS.WaitForShutdown()

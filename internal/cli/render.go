@@ -297,6 +297,9 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		cg += "; workloads in systemd scopes (nex-<id>.scope in nex-workloads.slice)"
 	}
 	state := string(st.State)
+	if st.Detail != "" {
+		state += " (" + st.Detail + ")"
+	}
 	if st.LameduckUntil != nil {
 		state += ", workloads stop at " + st.LameduckUntil.Format(time.RFC3339)
 	}
