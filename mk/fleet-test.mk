@@ -4,7 +4,7 @@
 # cases (a go test -run pattern); NEXD_FLEET_* variables set their durations.
 # fleet-test-ci is the same cases with shorter faults, as .ci/run runs it.
 FLEET_RUN ?= .
-FLEET_CI_RUN ?= NATSServerKilled|Partition|DiskFull|Leaf
+FLEET_CI_RUN ?= NATSServerKilled|Partition|DiskFull|Leaf|DeployUnreachable
 
 .PHONY: fleet-test fleet-test-ci
 

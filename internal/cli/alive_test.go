@@ -59,7 +59,7 @@ func TestDeployNodeSilentMidRequest(t *testing.T) {
 	start := time.Now()
 	_, err := f.deploy(ctx, "gone", req, true)
 	took := time.Since(start)
-	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "acknowledged the request, then was silent") {
+	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "acknowledged the request, then said nothing") {
 		t.Fatalf("node gone mid-request: %v, want %v", err, errOutcomeUnknown)
 	}
 	if took > 2*time.Second {

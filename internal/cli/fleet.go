@@ -340,12 +340,12 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 func (f *fleet) silentNode(sent, heard time.Time) error {
 	what := fmt.Sprintf("it never acknowledged the request in %s", f.silence)
 	if !heard.IsZero() {
-		what = fmt.Sprintf("it acknowledged the request, then was silent for %s", f.silence)
+		what = fmt.Sprintf("it acknowledged the request, then said nothing for %s", f.silence)
 	}
 	if !f.nc.IsConnected() {
 		what += "; nexctl's own NATS connection is down too"
 	}
-	return fmt.Errorf("%w (%s, %s after the request): the workload may have started there, so no other node is tried; "+
+	return fmt.Errorf("%w (%s; %s since the request): the workload may have started there, so no other node is tried; "+
 		"'nexctl workload list' shows it once the node is reachable again", errOutcomeUnknown, what, time.Since(sent).Round(100*time.Millisecond))
 }
 

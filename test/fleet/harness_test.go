@@ -316,19 +316,20 @@ func (f *Fleet) StartClusterNATS() {
 				routes = append(routes, fmt.Sprintf("nats-route://%s:6222", o.IP))
 			}
 		}
-		conf := fmt.Sprintf(`server_name: %s
-listen: "%s:4222"
+		conf := fmt.Sprintf(`server_name: %[1]s
+server_tags: ["host:%[1]s"]
+listen: "%[2]s:4222"
 jetstream {
-  store_dir: %q
+  store_dir: %[3]q
   max_memory_store: 64MB
   max_file_store: 512MB
 }
 cluster {
   name: fleet
-  listen: "%s:6222"
-  routes: [%s]
+  listen: "%[2]s:6222"
+  routes: [%[4]s]
 }
-`, h.Name, h.IP, filepath.Join(h.Dir, "js"), h.IP, strings.Join(routes, ", "))
+`, h.Name, h.IP, filepath.Join(h.Dir, "js"), strings.Join(routes, ", "))
 		h.natsConf = filepath.Join(h.Dir, "nats.conf")
 		testkit.WriteFile(f.t, h.natsConf, conf)
 		h.StartNATS()
