@@ -150,6 +150,24 @@ type NATSStatus struct {
 	Reconnects uint64   `json:"reconnects"`
 	Embedded   bool     `json:"embedded"`
 	Connected  bool     `json:"connected"`
+	// JetStream is what the node last learnt about its state bucket's JetStream
+	// (state "kv" only): a connected server may still have lost its cluster.
+	JetStream *JetStreamStatus `json:"jetstream,omitempty"`
+}
+
+// JetStreamStatus is the health of the node's state bucket as JetStream reports it.
+type JetStreamStatus struct {
+	// State is "ok", "degraded" (writable, some replicas lost) or "unavailable" (no
+	// answer or no leader: state cannot be written; typically a partition that cut
+	// the node's server off from the cluster's quorum).
+	State    string    `json:"state"`
+	Detail   string    `json:"detail,omitempty"`
+	Bucket   string    `json:"bucket"`
+	Replicas int       `json:"replicas"`
+	Current  int       `json:"current"`
+	Leader   string    `json:"leader,omitempty"`
+	Since    time.Time `json:"since"`   // when State last changed
+	Checked  time.Time `json:"checked"` // when it was last asked
 }
 
 // CgroupStatus says how nexd isolates its children.

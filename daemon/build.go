@@ -47,6 +47,8 @@ type server struct {
 	secrets    *secretStore
 	ctl        *switchBackend // what the control socket serves
 	revokes    goroutines     // credential revocations, awaited before NATS closes
+	kv         *state.KV      // the state bucket (state "kv"), else nil
+	jetstream  jsWatch        // what JetStream last said about kv
 
 	reloadMu sync.Mutex // one reload at a time (SIGHUP and the socket)
 }
@@ -141,11 +143,12 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.metrics = metrics.New()
 	var store node.Store = node.NewMemStore()
 	if cfg.Node.State == "kv" {
-		if store, err = d.openKVPatiently(startCtx, func(ctx context.Context) (*state.KV, error) {
+		if s.kv, err = d.openKVPatiently(startCtx, func(ctx context.Context) (*state.KV, error) {
 			return state.OpenReplicatedKV(ctx, s.conn.NC, id.ID(), s.conn.JSDomain(), cfg.Node.StateReplicas, d.log)
 		}); err != nil {
 			return nil, err
 		}
+		store = s.kv
 	}
 	if cfg.Node.LogStream {
 		if err := ensureLogStream(startCtx, s.conn.NC, s.conn.JSDomain(), cfg.Node.LogStreamMaxAge, cfg.Node.LogStreamMaxBytes); err != nil {
@@ -170,7 +173,8 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		Minter:                  s.minter,
-		CanPlace:                diskSpace(d.log, map[string]string{"state directory": cfg.Node.StateDir, "runtime directory": s.runtimeDir}),
+		CanPlace:                canPlace(s.jetstream.refusal, diskSpace(d.log, map[string]string{"state directory": cfg.Node.StateDir, "runtime directory": s.runtimeDir})),
+		CanBid:                  s.jetstream.refusal,
 		Store:                   s.metrics.CountStore(store),
 		Emitter:                 s.emitter(cfg),
 		Logger:                  d.log,
@@ -217,6 +221,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.metrics.WatchLive(metrics.Live{
 		NATSReconnects: func() uint64 { return s.conn.Info().Reconnects },
 		NATSConnected:  func() bool { return s.conn.Info().Connected },
+		JetStream:      s.jetstream.metric,
 		Workloads:      s.node.Workloads,
 		State:          func() string { return string(s.view().phase) },
 		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {

@@ -97,6 +97,9 @@ func (s *server) serve(startCtx context.Context) error {
 	}
 	s.own.goFn(func() { s.notify.RunWatchdog(s.ctx, s.healthy) })
 	s.own.goFn(func() { s.statusLoop(s.ctx) })
+	if s.kv != nil {
+		s.own.goFn(func() { s.jetStreamLoop(s.ctx) })
+	}
 	return nil
 }
 
@@ -252,6 +255,9 @@ func (s *server) statusLine() string {
 		line += fmt.Sprintf(" (%d failed)", failed)
 	}
 	line += ", " + natsState
+	if js := s.jetstream.status(); js != nil && js.State != "ok" {
+		line += ", jetstream " + js.State + ": " + js.Detail
+	}
 	if v.phase == control.StateLameduck {
 		line += ", workloads stop at " + v.lameduckUntil.UTC().Format(time.RFC3339)
 	}

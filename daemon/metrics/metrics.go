@@ -77,7 +77,10 @@ func New() *Metrics {
 type Live struct {
 	NATSReconnects func() uint64
 	NATSConnected  func() bool
-	Workloads      func(context.Context) ([]protocol.WorkloadSummary, error)
+	// JetStream is the state bucket's JetStream state: "ok", "degraded",
+	// "unavailable", or "" (not known, or no KV bucket).
+	JetStream func() string
+	Workloads func(context.Context) ([]protocol.WorkloadSummary, error)
 	// State is the node's state (starting, running, lameduck, stopping).
 	State func() string
 	// Nexlets are the node's nexlets with their process state and health.
@@ -92,8 +95,9 @@ type NexletHealth struct {
 // nodeStates and nexletHealths are every label value the state gauges report, so a
 // dashboard sees 0 rather than no series.
 var (
-	nodeStates    = []string{"starting", "running", "lameduck", "stopping"}
-	nexletHealths = []string{protocol.HealthHealthy, protocol.HealthDegraded, protocol.HealthShuttingDown, protocol.HealthOffline, protocol.HealthUnknown}
+	nodeStates      = []string{"starting", "running", "lameduck", "stopping"}
+	jetStreamStates = []string{"ok", "degraded", "unavailable"}
+	nexletHealths   = []string{protocol.HealthHealthy, protocol.HealthDegraded, protocol.HealthShuttingDown, protocol.HealthOffline, protocol.HealthUnknown}
 )
 
 // WatchLive registers the collectors that read live daemon state at scrape time. Call
@@ -110,6 +114,19 @@ func (m *Metrics) WatchLive(l Live) {
 		}
 		return 0
 	}))
+	if l.JetStream != nil {
+		for _, st := range jetStreamStates {
+			m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "nexd_jetstream_state", Help: "1 for the state bucket's JetStream state (ok; degraded: replicas lost; unavailable: no quorum or no answer, e.g. this server cut off from its cluster), else 0; all 0 without a KV bucket.",
+				ConstLabels: prometheus.Labels{"state": st},
+			}, func() float64 {
+				if l.JetStream() == st {
+					return 1
+				}
+				return 0
+			}))
+		}
+	}
 	m.reg.MustRegister(&workloadCollector{list: l.Workloads, desc: prometheus.NewDesc("nexd_workloads_running",
 		"Workloads this node runs, by namespace and type.", []string{"namespace", "type"}, nil),
 		byState: prometheus.NewDesc("nexd_workloads", "Workloads this node holds, by state.", []string{"state"}, nil)})

@@ -165,6 +165,12 @@ func (n *Node) handleAuction(r micro.Request) {
 		n.fail(r, 400, "bad auction request", fmt.Errorf("invalid AuctionRequest: field \"nexd_workload_lifecycle\": %q is not one of service, job, function", req.Lifecycle))
 		return
 	}
+	if n.o.CanBid != nil {
+		if err := n.o.CanBid(); err != nil {
+			n.log.Debug("not bidding", "auction_id", req.AuctionID, "err", err)
+			return
+		}
+	}
 	now := time.Now()
 	n.mu.Lock()
 	defer n.mu.Unlock()

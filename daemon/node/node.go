@@ -76,8 +76,11 @@ type Options struct {
 	// CanPlace, when set, is asked before every deploy; an error refuses the deploy as
 	// not started, with the error as the reason (a full disk under the state directory).
 	CanPlace func() error
-	Emitter  Emitter // default NoEmitter
-	Logger   *slog.Logger
+	// CanBid, when set, is asked before every bid (it must be cheap); an error means
+	// no bid (the node's state store cut off from its JetStream quorum).
+	CanBid  func() error
+	Emitter Emitter // default NoEmitter
+	Logger  *slog.Logger
 
 	HeartbeatInterval  time.Duration // node heartbeat period (default 10s)
 	HealthTick         time.Duration // how often agent health is swept (default 5s)

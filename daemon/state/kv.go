@@ -192,6 +192,47 @@ func (s *KV) Replicas() int { return s.replicas }
 // Bucket is the bucket's name.
 func (s *KV) Bucket() string { return s.bucket }
 
+// Health is what JetStream says about the bucket now: its replicas and which of them
+// are current. Err is set when JetStream did not answer (no quorum on this side of a
+// partition, or the server's JetStream is gone).
+type Health struct {
+	Replicas int      // configured
+	Current  int      // the leader and the replicas that are current
+	Leader   string   // server holding the leader ("" when none)
+	Lost     []string // replicas offline or not current
+	Err      error
+}
+
+// Health asks JetStream for the bucket's stream info (bounded by ctx).
+func (s *KV) Health(ctx context.Context) Health {
+	st, err := s.kv.Status(ctx)
+	if err != nil {
+		return Health{Replicas: s.replicas, Err: err}
+	}
+	bs, ok := st.(*jetstream.KeyValueBucketStatus)
+	if !ok {
+		return Health{Replicas: s.replicas, Current: s.replicas}
+	}
+	info := bs.StreamInfo()
+	h := Health{Replicas: info.Config.Replicas}
+	if info.Cluster == nil {
+		h.Current = h.Replicas
+		return h
+	}
+	h.Leader = info.Cluster.Leader
+	if h.Leader != "" {
+		h.Current = 1
+	}
+	for _, p := range info.Cluster.Replicas {
+		if p.Current && !p.Offline {
+			h.Current++
+		} else {
+			h.Lost = append(h.Lost, p.Name)
+		}
+	}
+	return h
+}
+
 // MaxValueSize is the largest value the bucket accepts (-1: no limit).
 func (s *KV) MaxValueSize() int { return s.maxValue }
 

@@ -429,3 +429,23 @@ func TestReplicas(t *testing.T) {
 		t.Fatalf("scaling an R1 bucket to 3 on a lone server: %v", err)
 	}
 }
+
+// TestHealth: a bucket on a working server is healthy with its one replica; once the
+// server's JetStream is gone, Health says JetStream did not answer.
+func TestHealth(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	kv := open(t, nc, "NHEALTH", "")
+	h := kv.Health(testCtx(t))
+	if h.Err != nil || h.Replicas != 1 || h.Current != 1 {
+		t.Fatalf("healthy bucket: %+v", h)
+	}
+	if err := s.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if h := kv.Health(ctx); h.Err == nil {
+		t.Fatalf("JetStream disabled, yet the bucket is healthy: %+v", h)
+	}
+}

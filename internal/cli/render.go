@@ -325,9 +325,21 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		{"Uptime", friendlyDuration(st.Uptime.Std())},
 		{"State", state},
 		{"NATS", nats},
+	}
+	if js := st.NATS.JetStream; js != nil {
+		text := fmt.Sprintf("%s, state bucket %s: %d of %d replicas current", js.State, js.Bucket, js.Current, js.Replicas)
+		if js.Leader != "" {
+			text += ", leader " + js.Leader
+		}
+		if js.State != "ok" {
+			text = fmt.Sprintf("%s since %s (%s ago): %s", strings.ToUpper(js.State), js.Since.Format(time.RFC3339), friendlyDuration(now.Sub(js.Since)), js.Detail)
+		}
+		rows = append(rows, [2]string{"JetStream", text})
+	}
+	rows = append(rows, [][2]string{
 		{"Cgroups", cg},
 		{"Workloads", wl},
-	}
+	}...)
 	if st.WorkloadUsers != "" {
 		rows = append(rows, [2]string{"Workloads run as", st.WorkloadUsers})
 	}

@@ -208,21 +208,69 @@ func durationEnv(t *testing.T, name string, def time.Duration) time.Duration {
 	return d
 }
 
-// TestFleetPartition: three hosts, one JetStream cluster. Host 3's link is pulled at
+// TestFleetPartition: five hosts, one JetStream cluster. Host 5's link is pulled at
 // the switch for NEXD_FLEET_PARTITION (default 30s; the figure is 60s) while a
-// client on host 1 keeps deploying through hosts 1 and 2. Figures: placements/s on the
-// majority side, placements on the unreachable node (must be 0), host 3's workloads
-// still running during the partition, duplicates after healing (must be 0), and the
-// time until node list shows host 3 again.
+// client on host 1 keeps deploying through the majority's servers. Figures:
+// placements/s on the majority side, placements on the unreachable node (must be 0),
+// host 5's workloads still running during the partition, what its STATUS, nexctl
+// status and metrics say about the lost cluster, duplicates after healing (must be 0),
+// and the time until node list shows host 5 again. NEXD_FLEET_HOSTS changes the size.
 func TestFleetPartition(t *testing.T) {
+	n := intEnv(t, "NEXD_FLEET_HOSTS", 5)
+	partitionCase(t, n, []int{n})
+}
+
+// TestFleetSplit: five hosts split 2|3 (hosts 4 and 5 moved to a bridge of their own,
+// so they still reach each other but not the other three) for NEXD_FLEET_PARTITION.
+// The same figures as TestFleetPartition, for a minority of two.
+func TestFleetSplit(t *testing.T) {
+	partitionCase(t, 5, []int{4, 5})
+}
+
+func intEnv(t *testing.T, name string, def int) int {
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		t.Fatalf("%s=%q: want a positive number", name, v)
+	}
+	return n
+}
+
+// partitionCase cuts the hosts numbered cut (1-based) off the others for
+// NEXD_FLEET_PARTITION: one host by pulling its link, several by moving them onto a
+// bridge of their own.
+func partitionCase(t *testing.T, n int, cut []int) {
 	partition := durationEnv(t, "NEXD_FLEET_PARTITION", 30*time.Second)
-	f := startCluster(t, 3)
-	fg := NewFigures(t, fmt.Sprintf("partition one of three hosts for %v", partition))
-	h1, h3 := f.Hosts[0], f.Hosts[2]
-	majority := f.Hosts[0].URL() + "," + f.Hosts[1].URL()
-	st3, err := h3.Status()
-	if err != nil {
-		t.Fatal(err)
+	f := startCluster(t, n)
+	var minority, majority []*Host
+	for _, h := range f.Hosts {
+		if slices.Contains(cut, h.N) {
+			minority = append(minority, h)
+		} else {
+			majority = append(majority, h)
+		}
+	}
+	var minNames []string
+	for _, h := range minority {
+		minNames = append(minNames, h.Name)
+	}
+	fg := NewFigures(t, fmt.Sprintf("partition %v off %d hosts for %v", minNames, n, partition))
+	h1, hx := f.Hosts[0], minority[0]
+	var majURLs []string
+	for _, h := range majority {
+		majURLs = append(majURLs, h.URL())
+	}
+	majorityURLs := strings.Join(majURLs, ",")
+	minorityIDs := map[string]string{}
+	for _, h := range minority {
+		st, err := h.Status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		minorityIDs[st.NodeID] = h.Name
 	}
 	// Two workloads on each host before the partition.
 	pre := map[string]string{}
@@ -235,30 +283,43 @@ func TestFleetPartition(t *testing.T) {
 			pre[d.ID] = h.Name
 		}
 	}
-
 	for _, h := range f.Hosts {
 		if st, err := h.Status(); err == nil {
 			fg.Add(h.Name+"'s nexd connected to before the cut", st.NATS.Server)
 		}
 	}
-	h3.LinkDown()
+	if js := jsState(hx); js != "ok" {
+		t.Logf("%s's JetStream before the cut: %s", hx.Name, js)
+	}
+	if len(minority) == 1 {
+		hx.LinkDown()
+	} else {
+		f.Split(minority)
+	}
 	cutAt := time.Now()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	var log []deployLog
-	wg.Go(func() { log = deployContinuously(h1, majority, "p", 1000, 100*time.Millisecond, stop) })
-	// Meanwhile host 3 keeps its workloads and answers its control socket.
-	var seenStatus, firstChange string
+	wg.Go(func() { log = deployContinuously(h1, majorityURLs, "p", 1000, 100*time.Millisecond, stop) })
+	// Meanwhile the cut-off host keeps its workloads and answers its control socket,
+	// and says it lost its cluster.
+	var seenStatus, firstChange, jsSeen string
 	statusOK, statusFail := 0, 0
-	before3, _ := h3.Status()
+	beforeX, _ := hx.Status()
 	for time.Since(cutAt) < partition {
-		st, err := h3.Status()
+		st, err := hx.Status()
 		if err != nil {
 			statusFail++
 		} else {
 			statusOK++
 			seenStatus = fmt.Sprintf("state %s, nats %s connected=%v reconnects=%d", st.State, st.NATS.Server, st.NATS.Connected, st.NATS.Reconnects)
-			if firstChange == "" && (!st.NATS.Connected || st.NATS.Reconnects != before3.NATS.Reconnects) {
+			if js := st.NATS.JetStream; js != nil {
+				seenStatus += ", jetstream " + js.State
+				if jsSeen == "" && js.State != "ok" {
+					jsSeen = fmt.Sprintf("+%v: %s: %s", time.Since(cutAt).Round(100*time.Millisecond), js.State, js.Detail)
+				}
+			}
+			if firstChange == "" && (!st.NATS.Connected || st.NATS.Reconnects != beforeX.NATS.Reconnects) {
 				firstChange = fmt.Sprintf("+%v: %s", time.Since(cutAt).Round(100*time.Millisecond), seenStatus)
 			}
 		}
@@ -266,24 +327,39 @@ func TestFleetPartition(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
+	ctlStatus, _, _ := hx.CtlLocal("status")
+	jsMetrics := hx.Metrics("nexd_jetstream_state")
+	var majJS []string
+	for _, h := range majority {
+		majJS = append(majJS, h.Name+" "+jsState(h))
+	}
 	// Running means processes in the workload's cgroup: what the kernel says, whether
 	// or not the node can reach its nexlet over NATS to ask.
-	running3 := 0
+	runningX, preX := 0, 0
 	for id, host := range pre {
-		if host == "h3" && len(h3.WorkloadPIDs(id)) > 0 {
-			running3++
+		for _, h := range minority {
+			if host == h.Name {
+				preX++
+				if len(h.WorkloadPIDs(id)) > 0 {
+					runningX++
+				}
+			}
 		}
 	}
 	listed := "ok"
-	if ws, err := h3.Workloads(); err != nil {
+	if ws, err := hx.Workloads(); err != nil {
 		listed = err.Error()
 	} else {
 		listed = fmt.Sprintf("ok, %d workloads", len(ws))
 	}
-	h3.LinkUp()
+	if len(minority) == 1 {
+		hx.LinkUp()
+	} else {
+		f.Heal(minority)
+	}
 	healAt := time.Now()
 
-	ok, failed, onH3 := 0, 0, 0
+	ok, failed, onMinority := 0, 0, 0
 	deployed := map[string]bool{}
 	var first, last time.Time
 	for _, l := range log {
@@ -298,8 +374,8 @@ func TestFleetPartition(t *testing.T) {
 			first = l.at
 		}
 		last = l.at
-		if l.d.Node == st3.NodeID {
-			onH3++
+		if _, bad := minorityIDs[l.d.Node]; bad {
+			onMinority++
 		}
 	}
 	rate := 0.0
@@ -308,29 +384,40 @@ func TestFleetPartition(t *testing.T) {
 	}
 	fg.Add("placements on the majority side (ok/failed)", fmt.Sprintf("%d/%d", ok, failed))
 	fg.Add("placements/s on the majority side", fmt.Sprintf("%.1f", rate))
-	fg.Add("placements on the unreachable node", onH3)
-	fg.Add("h3's own workloads running during partition", fmt.Sprintf("%d of 2", running3))
-	fg.Add("h3 control socket answers during partition", fmt.Sprintf("%d ok, %d failed", statusOK, statusFail))
-	fg.Add("h3 STATUS at the end of the partition", seenStatus)
-	fg.Add("h3 STATUS first showed the cut", firstChange)
-	fg.Add("h3 control socket workload list at the end", listed)
-	if h3.Cgroup == "" {
+	fg.Add("placements on the unreachable node(s)", onMinority)
+	fg.Add("cut-off hosts' own workloads running during partition", fmt.Sprintf("%d of %d", runningX, preX))
+	fg.Add(hx.Name+" control socket answers during partition", fmt.Sprintf("%d ok, %d failed", statusOK, statusFail))
+	fg.Add(hx.Name+" STATUS at the end of the partition", seenStatus)
+	fg.Add(hx.Name+" STATUS first showed a reconnect", firstChange)
+	fg.Add(hx.Name+" STATUS first showed JetStream lost", jsSeen)
+	fg.Add(hx.Name+" nexctl status JetStream line", lineWith(ctlStatus, "JetStream"))
+	fg.Add(hx.Name+" metrics", strings.Join(jsMetrics, "; "))
+	fg.Add("majority side's JetStream states at the end", strings.Join(majJS, ", "))
+	fg.Add(hx.Name+" control socket workload list at the end", listed)
+	if h1.Cgroup == "" {
 		t.Skip("no cgroup v1 memory hierarchy: the kernel-side checks need it")
 	}
 
 	var back time.Duration
-	testkit.EventuallyWithin(t, 120*time.Second, "h3 back in node list", func() bool {
-		if slices.Contains(h1.NodeNames(h1.ClusterURLs()), "h3") {
+	testkit.EventuallyWithin(t, 120*time.Second, "every node back in node list", func() bool {
+		if len(h1.NodeNames(h1.ClusterURLs())) == n {
 			back = time.Since(healAt)
 			return true
 		}
 		return false
 	})
-	fg.Add("time until node list shows h3 again", back.Round(100*time.Millisecond))
+	fg.Add("time until node list shows every node again", back.Round(100*time.Millisecond))
+	var jsBack time.Duration
+	if testkit.WaitFor(90*time.Second, func() bool { return jsState(hx) == "ok" }) {
+		jsBack = time.Since(healAt)
+		fg.Add("time until "+hx.Name+"'s STATUS shows JetStream ok again", jsBack.Round(100*time.Millisecond))
+	} else {
+		fg.Add("time until "+hx.Name+"'s STATUS shows JetStream ok again", "not within 90s: "+jsState(hx))
+	}
 
-	// After healing: every workload runs exactly once, h3's included: in the kernel
-	// (processes in its cgroup on one host) and, once they caught up, in what the nodes
-	// report.
+	// After healing: every workload runs exactly once, the cut-off hosts' included: in
+	// the kernel (processes in its cgroup on one host) and, once they caught up, in what
+	// the nodes report.
 	for id := range deployed {
 		pre[id] = "majority"
 	}
@@ -365,9 +452,34 @@ func TestFleetPartition(t *testing.T) {
 	}
 	fg.Add("workloads lost after healing", lost)
 	fg.Add("workloads duplicated after healing", dup)
-	if onH3 > 0 || running3 != 2 || ok == 0 {
-		t.Fatalf("placed %d on the unreachable node, %d of h3's 2 workloads ran, %d placements on the majority", onH3, running3, ok)
+	if onMinority > 0 || runningX != preX || ok == 0 {
+		t.Fatalf("placed %d on the unreachable node(s), %d of their %d workloads ran, %d placements on the majority", onMinority, runningX, preX, ok)
 	}
+	if len(minority) == 1 && jsSeen == "" {
+		t.Fatalf("%s's STATUS never showed that it lost its cluster's JetStream during the partition: %s", hx.Name, seenStatus)
+	}
+}
+
+// jsState is what h's STATUS says about its state bucket's JetStream.
+func jsState(h *Host) string {
+	st, err := h.Status()
+	switch {
+	case err != nil:
+		return err.Error()
+	case st.NATS.JetStream == nil:
+		return "(not known yet)"
+	}
+	return st.NATS.JetStream.State
+}
+
+// lineWith is the first line of text containing want.
+func lineWith(text, want string) string {
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, want) {
+			return strings.TrimSpace(l)
+		}
+	}
+	return ""
 }
 
 // TestFleetDiskFull: host 2's state directory is a small tmpfs that is filled up while

@@ -9,6 +9,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -348,7 +351,7 @@ func (h *Host) StartNATS() {
 func (h *Host) StartNexd(servers string, extra ...string) {
 	h.f.t.Helper()
 	args := []string{"--state-dir", h.StateDir, "--control-socket", h.Socket, "--node-name", h.Name,
-		"--state", "kv", "--startup-timeout", "60s", "--tags", "host=" + h.Name}
+		"--state", "kv", "--startup-timeout", "60s", "--tags", "host=" + h.Name, "--metrics-listen", metricsAddr}
 	if servers != "" {
 		args = append(args, "--nats.servers", servers)
 	}
@@ -477,6 +480,67 @@ func (h *Host) NodeNames(servers string) []string {
 		}
 	}
 	return names
+}
+
+// metricsAddr is where each nexd serves metrics, inside its own namespace.
+const metricsAddr = "127.0.0.1:9464"
+
+// Metrics are the lines of the node's /metrics that start with prefix.
+func (h *Host) Metrics(prefix string) []string {
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) { return dialIn(h.NS, addr, 5*time.Second) }}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		return []string{err.Error()}
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, prefix) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// CtlLocal runs nexctl against the node's control socket (no network needed).
+func (h *Host) CtlLocal(args ...string) (string, string, int) {
+	h.f.t.Helper()
+	cmd := exec.Command(bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexctl"), append([]string{"--control-socket", h.Socket}, args...)...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + h.Dir}
+	var out, errOut strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		h.f.t.Fatalf("nexctl: %v", err)
+	}
+	return out.String(), errOut.String(), code
+}
+
+// Split moves hosts onto a bridge of their own (br1 in the hub): they reach each
+// other but none of the rest. Heal puts them back.
+func (f *Fleet) Split(hosts []*Host) {
+	f.t.Helper()
+	if exec.Command("ip", "-n", f.hub, "link", "show", "br1").Run() != nil {
+		f.ip("-n", f.hub, "link", "add", "br1", "type", "bridge")
+		f.ip("-n", f.hub, "link", "set", "br1", "up")
+	}
+	for _, h := range hosts {
+		f.ip("-n", f.hub, "link", "set", h.Name, "master", "br1")
+	}
+}
+
+// Heal puts split hosts back on the main bridge.
+func (f *Fleet) Heal(hosts []*Host) {
+	f.t.Helper()
+	for _, h := range hosts {
+		f.ip("-n", f.hub, "link", "set", h.Name, "master", "br0")
+	}
 }
 
 // LinkDown pulls the host's cable at the switch (its veth end on the hub's bridge).

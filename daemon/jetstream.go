@@ -1,0 +1,137 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/state"
+)
+
+// A node's own server may answer (so the connection is "connected") while it has lost
+// its cluster: a partition leaves it without routes, and JetStream on its side without
+// a quorum, so state cannot be written. The node asks JetStream about its state bucket
+// every jsProbeEvery and shows the answer in STATUS, nexctl status and the metrics.
+const (
+	jsProbeEvery   = 5 * time.Second
+	jsProbeTimeout = 3 * time.Second
+)
+
+// jsWatch holds the last answer.
+type jsWatch struct {
+	mu   sync.Mutex
+	last *control.JetStreamStatus
+}
+
+// status is the last answer (nil before the first, or without a KV bucket).
+func (w *jsWatch) status() *control.JetStreamStatus {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.last == nil {
+		return nil
+	}
+	c := *w.last
+	return &c
+}
+
+// metric is the state for the metrics ("" when unknown).
+func (w *jsWatch) metric() string {
+	if st := w.status(); st != nil {
+		return st.State
+	}
+	return ""
+}
+
+// set records a probe's answer and returns the previous state.
+func (w *jsWatch) set(st control.JetStreamStatus) (prev string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.last != nil {
+		prev = w.last.State
+		st.Since = w.last.Since
+	}
+	if prev != st.State {
+		st.Since = st.Checked
+	}
+	w.last = &st
+	return prev
+}
+
+// refusal is why no workload can be placed now: the state bucket's JetStream is
+// unavailable, so a deploy could not be recorded (nil otherwise, also before the first
+// answer).
+func (w *jsWatch) refusal() error {
+	st := w.status()
+	if st == nil || st.State != "unavailable" {
+		return nil
+	}
+	return fmt.Errorf("the node's state store is unavailable since %s: %s", st.Since.Format(time.RFC3339), st.Detail)
+}
+
+// canPlace is every check, in order.
+func canPlace(checks ...func() error) func() error {
+	return func() error {
+		for _, c := range checks {
+			if err := c(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+// jsStatus turns a bucket's health into what STATUS shows.
+func jsStatus(bucket string, h state.Health, at time.Time) control.JetStreamStatus {
+	st := control.JetStreamStatus{Bucket: bucket, Replicas: h.Replicas, Current: h.Current, Leader: h.Leader, Checked: at.UTC()}
+	switch {
+	case h.Err != nil:
+		st.State = "unavailable"
+		st.Detail = fmt.Sprintf("JetStream did not answer for state bucket %s (%v): this server has no JetStream quorum (cut off from its cluster?); deploys and stops cannot be recorded", bucket, h.Err)
+	case h.Leader == "" && h.Replicas > 1:
+		st.State = "unavailable"
+		st.Detail = fmt.Sprintf("state bucket %s has no leader (%d of %d replicas current)", bucket, h.Current, h.Replicas)
+	case h.Current < h.Replicas:
+		st.State = "degraded"
+		st.Detail = fmt.Sprintf("state bucket %s: %d of %d replicas current, lost: %s", bucket, h.Current, h.Replicas, strings.Join(h.Lost, ", "))
+	default:
+		st.State = "ok"
+	}
+	return st
+}
+
+// probeJetStream asks once and logs a change.
+func (s *server) probeJetStream(ctx context.Context) {
+	pctx, cancel := context.WithTimeout(ctx, jsProbeTimeout)
+	h := s.kv.Health(pctx)
+	cancel()
+	if ctx.Err() != nil {
+		return
+	}
+	st := jsStatus(s.kv.Bucket(), h, time.Now())
+	prev := s.jetstream.set(st)
+	switch {
+	case prev == st.State:
+	case st.State == "ok" && prev != "":
+		s.log.Info("JetStream state bucket healthy again", "bucket", st.Bucket, "replicas", st.Replicas, "leader", st.Leader, "was", prev)
+	case st.State != "ok":
+		s.log.Warn("JetStream state bucket "+st.State, "bucket", st.Bucket, "detail", st.Detail)
+	}
+}
+
+// jetStreamLoop probes until ctx ends (only with a KV bucket).
+func (s *server) jetStreamLoop(ctx context.Context) {
+	s.probeJetStream(ctx)
+	t := time.NewTicker(jsProbeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.probeJetStream(ctx)
+		}
+	}
+}
