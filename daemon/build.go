@@ -276,9 +276,6 @@ func natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
 		}
 }
 
-// nexletCredsTTL is how long a nexlet's minted NATS user is valid.
-const nexletCredsTTL = 365 * 24 * time.Hour
-
 // embeddedTrust is the zero-config embedded server's operator setup, nil when nexd
 // uses --inats-config or an external NATS.
 func (s *server) embeddedTrust() *natsembed.Trust {
@@ -290,17 +287,16 @@ func (s *server) embeddedTrust() *natsembed.Trust {
 
 func newMinter(cfg *config.Config, servers []string, trust *natsembed.Trust) (mint.Minter, error) {
 	opts := mint.Options{Servers: servers, Nexus: cfg.Node.Nexus, JSDomain: cfg.NATS.JSDomain,
-		// A nexlet cannot fetch new credentials while it runs, so its user must outlive
-		// it (as upstream's 365 days); workload users live workload_creds_ttl and their
-		// nexlet renews them before they expire.
-		AgentTTL: nexletCredsTTL, WorkloadTTL: cfg.Node.WorkloadCredsTTL}
+		// Nexlets renew their own users (RENEWAGENT) and their workloads' users
+		// (RENEWCREDS) before they expire.
+		AgentTTL: cfg.Node.NexletCredsTTL, WorkloadTTL: cfg.Node.WorkloadCredsTTL}
 	n := cfg.Node
 	switch {
 	case trust != nil:
 		// The embedded server's own account: scoped users signed by its signing key,
 		// revoked in the account JWT (which nexd holds) when a workload stops.
 		opts.Revoker = &mint.AccountRevoker{OperatorSigner: trust.OperatorSigner(), Load: trust.LoadAccount,
-			Push: trust.PushAccount, Retain: cfg.Node.WorkloadCredsTTL + time.Hour}
+			Push: trust.PushAccount, Retain: max(cfg.Node.WorkloadCredsTTL, cfg.Node.NexletCredsTTL) + time.Hour}
 		return mint.NewSigningKeyMinter(trust.SigningSeed(), trust.AccountPub(), opts)
 	case n.IssuerSigningKey != "":
 		m, err := mint.NewSigningKeyMinter(n.IssuerSigningKey, n.IssuerSigningKeyRootAccount, opts)

@@ -75,6 +75,12 @@ func IdentityFromEnv(env func(string) string) (nodeID, agentID string, err error
 // user/password, TLS (file paths or inline PEM) and the private inbox prefix. Empty
 // servers mean nats.DefaultURL.
 func Connect(cd protocol.NatsConnectionData, name string) (*nats.Conn, error) {
+	return connect(cd, name, nil)
+}
+
+// connect is Connect; with live set, a JWT user is read from live at every (re)connect,
+// so renewed credentials take over the connection when it reconnects.
+func connect(cd protocol.NatsConnectionData, name string, live *liveCreds) (*nats.Conn, error) {
 	if cd.ConnName != "" {
 		name = cd.ConnName
 	}
@@ -90,6 +96,8 @@ func Connect(cd protocol.NatsConnectionData, name string) (*nats.Conn, error) {
 		opts = append(opts, nats.CustomInboxPrefix(cd.InboxPrefix))
 	}
 	switch {
+	case live != nil:
+		opts = append(opts, nats.UserJWT(live.jwt, live.sign))
 	case cd.NatsUserJWT != "" && cd.NatsUserSeed != "":
 		opts = append(opts, nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed))
 	case cd.NatsUserNkey != "" && cd.NatsUserSeed != "":

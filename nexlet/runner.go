@@ -54,6 +54,7 @@ type Runner struct {
 	workMu   sync.Mutex
 	closing  bool
 	inFlight chan struct{}
+	renewing sync.WaitGroup // the renewal of the nexlet's own user (renewLoop)
 
 	mu      sync.Mutex
 	nc      *nats.Conn
@@ -162,7 +163,11 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		return err
 	}
 
-	nc, err := Connect(resp.ConnectionData, "nexlet-"+reg.Name)
+	live, err := newLiveCreds(resp.ConnectionData)
+	if err != nil {
+		return fmt.Errorf("nexlet register on %s: %w", subj, err)
+	}
+	nc, err := connect(resp.ConnectionData, "nexlet-"+reg.Name, live)
 	if err != nil {
 		return fmt.Errorf("nexlet connect with the node's credentials: %w", err)
 	}
@@ -206,6 +211,9 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	r.mu.Unlock()
 	r.heartbeat()
 	go r.heartbeatLoop(hbCtx)
+	if live != nil {
+		r.renewing.Go(func() { r.renewLoop(hbCtx, live) })
+	}
 
 	r.replay(resp.ExistingState)
 	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
@@ -366,6 +374,7 @@ func (r *Runner) Shutdown() error {
 	stop()
 	<-done
 	r.reports.Wait()
+	r.renewing.Wait()
 	var errs error
 	if err := svc.Stop(); err != nil {
 		errs = errors.Join(errs, fmt.Errorf("stop micro service: %w", err))

@@ -257,3 +257,12 @@ func RegistrationPayload(subject string, body []byte) []byte {
 func WorkloadEndedSubject(nodeID, agentID, workloadID string) string {
 	return AgentPrefix(nodeID) + ".WORKLOADENDED." + agentID + "." + workloadID
 }
+
+// RenewAgentCredsSubject is a nexd extension of the agent plane: nexlet agentID asks its
+// node for a fresh user of its own before its current one expires (body
+// RenewAgentCredsRequest, signed like a registration with the key the nexlet
+// registered with; reply NatsConnectionData holding a JWT for the public key in the
+// request and no seed). Only that nexlet's user may publish under its agent id.
+func RenewAgentCredsSubject(nodeID, agentID string) string {
+	return AgentPrefix(nodeID) + ".RENEWAGENT." + agentID
+}

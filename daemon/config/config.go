@@ -60,6 +60,7 @@ type NodeConfig struct {
 	CgroupDriver                 string            // cgroup_driver: "cgroupfs" or "systemd" (transient scopes)
 	StopGrace                    time.Duration     // stop_grace
 	WorkloadCredsTTL             time.Duration     // workload_creds_ttl: lifetime of minted workload users
+	NexletCredsTTL               time.Duration     // nexlet_creds_ttl: lifetime of minted nexlet users
 	StartupTimeout               time.Duration     // startup_timeout: wait for nexlets before READY
 	DeployTimeout                time.Duration     // deploy_timeout: longest start of one workload
 	ControlAllowOthers           string            // control_allow_others: "status" or "none"

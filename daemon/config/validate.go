@@ -156,6 +156,9 @@ func (v *validator) validate() {
 		// Shorter users would expire before a workload could even connect.
 		v.fail("workload_creds_ttl", "", fmt.Sprintf("must be 1s or more, got %s", n.WorkloadCredsTTL))
 	}
+	if n.NexletCredsTTL < time.Second {
+		v.fail("nexlet_creds_ttl", "", fmt.Sprintf("must be 1s or more, got %s", n.NexletCredsTTL))
+	}
 	v.positive("startup_timeout", n.StartupTimeout.Seconds(), false)
 	v.positive("deploy_timeout", n.DeployTimeout.Seconds(), false)
 	if n.MetricsListen != "" {

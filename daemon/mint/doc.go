@@ -11,6 +11,7 @@
 //	                          $NEX.SVC.<nexus>.agent.PINGWORKLOAD.* (when Nexus is set)
 //	                          $NEX.FEED.A.events, $SRV.>, _INBOX_A.>
 //	                      pub $NEX.SVC.N.agent.HEARTBEAT.A, $NEX.SVC.N.agent.REGISTER.A,
+//	                          $NEX.SVC.N.agent.{RENEWCREDS.A.*,RENEWAGENT.A,WORKLOADENDED.A.*},
 //	                          $NEX.FEED.*.logs.>, $NEX.FEED.*.metrics.>, $NEX.FEED.*.events.>
 //	                          (the feeds of workloads in any namespace; upstream forgot
 //	                          them); replies to requests (no other inbox)
@@ -26,10 +27,11 @@
 // Other namespaces' subjects and feeds are simply not allowed. Configured workload
 // subjects that start with a wildcard, $NEX or $SYS are refused at mint time.
 //
-// Expiry bounds every user. nexd gives nexlets AgentTTL = 365 days (as upstream: a
-// running nexlet cannot fetch new credentials, so its user must outlive it) and
-// workloads workload_creds_ttl (default 24 h); RenewWorkload mints a replacement for a
-// running workload. Revocation on stop needs the account JWT to be re-signed by an operator key, which the
+// Expiry bounds every user. Nexlets get AgentTTL (nexlet_creds_ttl, 1 h) and renew
+// their own user before it expires (RenewAgent: the nexlet makes the nkey, the node
+// only signs its JWT); workloads get WorkloadTTL (workload_creds_ttl, 1 h) and their
+// nexlet renews them (RenewWorkload). Revocation (on stop, and of superseded users
+// after a renewal) needs the account JWT to be re-signed by an operator key, which the
 // account signing key cannot do: give Options.Revoker (e.g. an AccountRevoker) or live
-// with expiry (RevokeWorkload then returns ErrRevocationUnsupported).
+// with expiry (the Revoke calls then return ErrRevocationUnsupported).
 package mint

@@ -27,6 +27,10 @@ var ErrRevocationUnsupported = errors.New("revocation is not supported by this c
 // minted for (or already revoked).
 var ErrUnknownWorkload = errors.New("no credentials were minted for this workload")
 
+// ErrRenewalUnsupported is returned by RenewAgent when the minter's users do not expire
+// (a shared nkey, or no credentials at all): there is nothing to renew.
+var ErrRenewalUnsupported = errors.New("this credential minter's nexlet users do not expire and are not renewed")
+
 // Revoker records a revocation of a user public key in the account JWT and publishes the
 // updated account (see AccountRevoker). Users issued at or before `at` are rejected.
 type Revoker interface {
@@ -108,12 +112,19 @@ type Minter interface {
 	// RenewWorkload mints fresh credentials for a running workload, refusing a
 	// namespace other than the one its first credentials were minted for.
 	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// RenewAgent signs a fresh nexlet user for userPub, a public user nkey the nexlet
+	// made (its seed stays with the nexlet); ErrRenewalUnsupported where users do not
+	// expire.
+	RenewAgent(agentID, nodeID, userPub string) (protocol.NatsConnectionData, error)
 	// RevokeSuperseded revokes a workload's users older than its newest (after a
 	// renewal); ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeSuperseded(ctx context.Context, workloadID string) error
 	// RevokeAgentSuperseded revokes a nexlet's users but the newest (after it
 	// registered); ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeAgentSuperseded(ctx context.Context, agentID string) error
+	// RevokeAgentBefore revokes the nexlet's users minted before userPub (after it
+	// switched to userPub); ErrRevocationUnsupported where the minter cannot revoke.
+	RevokeAgentBefore(ctx context.Context, agentID, userPub string) error
 	// RevokeWorkload revokes every user of a workload that ended and forgets it;
 	// ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeWorkload(ctx context.Context, workloadID string) error

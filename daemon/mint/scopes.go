@@ -50,6 +50,7 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 		protocol.AgentHeartbeatSubject(nodeID, agentID),
 		protocol.RegisterSubject(nodeID, agentID),           // a restarted SDK runner registers again
 		protocol.RenewCredsSubject(nodeID, agentID, "*"),    // renew its workloads' creds
+		protocol.RenewAgentCredsSubject(nodeID, agentID),    // and its own
 		protocol.WorkloadEndedSubject(nodeID, agentID, "*"), // its workloads' ends, as requests
 		"$NEX.FEED.*.logs.>",
 		"$NEX.FEED.*.metrics.>",

@@ -159,3 +159,23 @@ func (m *NkeyMinter) RevokeAgentSuperseded(context.Context, string) error {
 func (m *NoAuthMinter) RevokeAgentSuperseded(context.Context, string) error {
 	return ErrRevocationUnsupported
 }
+
+// RevokeAgentBefore cannot revoke a shared identity.
+func (m *NkeyMinter) RevokeAgentBefore(context.Context, string, string) error {
+	return ErrRevocationUnsupported
+}
+
+// RevokeAgentBefore: there are no users to revoke.
+func (m *NoAuthMinter) RevokeAgentBefore(context.Context, string, string) error {
+	return ErrRevocationUnsupported
+}
+
+// RenewAgent: the shared identity does not expire.
+func (m *NkeyMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
+	return protocol.NatsConnectionData{}, ErrRenewalUnsupported
+}
+
+// RenewAgent: there are no users to renew.
+func (m *NoAuthMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
+	return protocol.NatsConnectionData{}, ErrRenewalUnsupported
+}

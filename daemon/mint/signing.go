@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -107,6 +108,32 @@ func (m *SigningKeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConne
 	return cd, nil
 }
 
+// RenewAgent signs a fresh nexlet user (AgentTTL) for userPub, a user nkey the nexlet
+// made itself: the reply holds no seed, so whoever reads it cannot connect. A key
+// already minted for is refused (a replayed request must not make the node revoke the
+// nexlet's current user as superseded).
+func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string) (protocol.NatsConnectionData, error) {
+	if err := checkIDs(agentID, nodeID); err != nil {
+		return protocol.NatsConnectionData{}, fmt.Errorf("renew nexlet credentials: %w", err)
+	}
+	if !nkeys.IsValidPublicUserKey(userPub) {
+		return protocol.NatsConnectionData{}, fmt.Errorf("renew credentials for nexlet %s: %q is not a public user nkey (U…)", agentID, userPub)
+	}
+	m.mu.Lock()
+	used := slices.Contains(m.agents[agentID], userPub)
+	m.mu.Unlock()
+	if used {
+		return protocol.NatsConnectionData{}, fmt.Errorf("renew credentials for nexlet %s: key %s was used before; make a fresh one", agentID, userPub)
+	}
+	cd, err := m.sign(userPub, agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
+		agentPermissions(agentID, nodeID, m.opts.Nexus), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
+	if err != nil {
+		return cd, fmt.Errorf("renew credentials for nexlet %s: %w", agentID, err)
+	}
+	m.rememberAgent(agentID, userPub)
+	return cd, nil
+}
+
 // rememberAgentLimit bounds the users remembered per agent id (a nexlet that never
 // registers is restarted with fresh registration users).
 const rememberAgentLimit = 64
@@ -144,6 +171,33 @@ func (m *SigningKeyMinter) RevokeAgentSuperseded(ctx context.Context, agentID st
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("revoke superseded users of nexlet %s: %w", agentID, errors.Join(errs...))
+	}
+	return nil
+}
+
+// RevokeAgentBefore revokes the users minted for agentID before userPub (a renewed
+// nexlet switched to userPub). Unknown keys revoke nothing: they were revoked already.
+func (m *SigningKeyMinter) RevokeAgentBefore(ctx context.Context, agentID, userPub string) error {
+	if m.opts.Revoker == nil {
+		return ErrRevocationUnsupported
+	}
+	m.mu.Lock()
+	users := m.agents[agentID]
+	i := slices.Index(users, userPub)
+	var old []string
+	if i > 0 {
+		old = append(old, users[:i]...)
+		m.agents[agentID] = slices.Clone(users[i:])
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, u := range old {
+		if err := m.Revoke(ctx, u); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("revoke users of nexlet %s before %s: %w", agentID, userPub, errors.Join(errs...))
 	}
 	return nil
 }
@@ -285,6 +339,16 @@ func (m *SigningKeyMinter) mint(name, connName, inboxPrefix string, ttl time.Dur
 	if err != nil {
 		return protocol.NatsConnectionData{}, "", err
 	}
+	cd, err := m.sign(pub, name, connName, inboxPrefix, ttl, perms, tags)
+	if err != nil {
+		return cd, "", err
+	}
+	cd.NatsUserSeed = string(seed)
+	return cd, pub, nil
+}
+
+// sign issues a user JWT for pub; the connection data carries no seed.
+func (m *SigningKeyMinter) sign(pub, name, connName, inboxPrefix string, ttl time.Duration, perms jwt.Permissions, tags []string) (protocol.NatsConnectionData, error) {
 	uc := jwt.NewUserClaims(pub)
 	uc.Name = name
 	uc.Expires = time.Now().Add(ttl).Unix()
@@ -296,19 +360,18 @@ func (m *SigningKeyMinter) mint(name, connName, inboxPrefix string, ttl time.Dur
 	vr := jwt.CreateValidationResults()
 	uc.Validate(vr)
 	if errs := vr.Errors(); len(errs) > 0 {
-		return protocol.NatsConnectionData{}, "", fmt.Errorf("invalid user claims: %w", errors.Join(errs...))
+		return protocol.NatsConnectionData{}, fmt.Errorf("invalid user claims: %w", errors.Join(errs...))
 	}
 	token, err := uc.Encode(m.signer)
 	if err != nil {
-		return protocol.NatsConnectionData{}, "", fmt.Errorf("sign user JWT: %w", err)
+		return protocol.NatsConnectionData{}, fmt.Errorf("sign user JWT: %w", err)
 	}
 	return protocol.NatsConnectionData{
-		ConnName:     connName,
-		NatsServers:  append([]string(nil), m.opts.Servers...),
-		NatsUserJWT:  token,
-		NatsUserSeed: string(seed),
-		InboxPrefix:  inboxPrefix,
-	}, pub, nil
+		ConnName:    connName,
+		NatsServers: append([]string(nil), m.opts.Servers...),
+		NatsUserJWT: token,
+		InboxPrefix: inboxPrefix,
+	}, nil
 }
 
 func checkIDs(agentID, nodeID string) error {

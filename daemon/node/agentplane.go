@@ -71,7 +71,7 @@ func (n *Node) handleRegister(r micro.Request) {
 		n.fail(r, 400, "bad agent registration", fmt.Errorf("invalid RegisterAgentRequest: field \"max_workloads\": %v must not be negative", req.MaxWorkloads))
 		return
 	}
-	owner, err := n.authorize(r, agentID, req)
+	owner, key, err := n.authorize(r, agentID, req)
 	if err != nil {
 		n.refuseRegistration(r, 403, agentID, req, err)
 		return
@@ -123,7 +123,7 @@ func (n *Node) handleRegister(r micro.Request) {
 		n.replayed[wid] = struct{}{}
 	}
 	n.mu.Unlock()
-	reg := &registration{id: agentID, owner: owner, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
+	reg := &registration{id: agentID, owner: owner, key: key, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
 	var replaced []*registration
 	n.mu.Lock()
 	for id, old := range n.agents {
@@ -160,45 +160,46 @@ func (n *Node) handleRegister(r micro.Request) {
 // nexlet's stable identity. A local nexlet (an id the supervisor assigned) proves its
 // start with the per-start key the supervisor handed it; a remote one with the key
 // listed for its name and type in remote_nexlets.
-func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterAgentRequest) (string, error) {
+func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterAgentRequest) (owner, key string, err error) {
 	n.mu.Lock()
 	name, expected := n.expected[agentID]
-	key := n.keys[agentID]
+	key = n.keys[agentID]
 	n.mu.Unlock()
 	if expected {
 		if key != "" {
 			if err := verifyRegistration(r, key); err != nil {
-				return "", fmt.Errorf("supervised nexlet %q (agent id %s): %w", name, agentID, err)
+				return "", "", fmt.Errorf("supervised nexlet %q (agent id %s): %w", name, agentID, err)
 			}
 		}
-		return "local:" + name, nil
+		return "local:" + name, key, nil
 	}
 	if !n.o.AllowRemoteRegistration {
-		return "", fmt.Errorf("agent id %s was not assigned by node %s and remote registration is disabled (allow_remote_agent_registration)", agentID, n.id)
+		return "", "", fmt.Errorf("agent id %s was not assigned by node %s and remote registration is disabled (allow_remote_agent_registration)", agentID, n.id)
 	}
 	pub := r.Headers().Get(protocol.HeaderRegistrationKey)
 	if len(n.o.RemoteNexlets) == 0 {
-		return "", fmt.Errorf("remote nexlet %q: no remote_nexlets are configured; list it with its name, type and public key", req.Name)
+		return "", "", fmt.Errorf("remote nexlet %q: no remote_nexlets are configured; list it with its name, type and public key", req.Name)
 	}
 	for _, rn := range n.o.RemoteNexlets {
 		if rn.PublicKey != pub {
 			continue
 		}
 		if rn.Name != req.Name || rn.Type != req.RegisterType {
-			return "", fmt.Errorf("remote nexlet key %s is listed for %q [%s], not %q [%s]", pub, rn.Name, rn.Type, req.Name, req.RegisterType)
+			return "", "", fmt.Errorf("remote nexlet key %s is listed for %q [%s], not %q [%s]", pub, rn.Name, rn.Type, req.Name, req.RegisterType)
 		}
 		if err := verifyRegistration(r, pub); err != nil {
-			return "", fmt.Errorf("remote nexlet %q: %w", req.Name, err)
+			return "", "", fmt.Errorf("remote nexlet %q: %w", req.Name, err)
 		}
-		return "remote:" + rn.Name, nil
+		return "remote:" + rn.Name, pub, nil
 	}
 	if pub == "" {
-		return "", fmt.Errorf("remote nexlet %q sent no %s header: it must sign its registration with the key listed in remote_nexlets", req.Name, protocol.HeaderRegistrationKey)
+		return "", "", fmt.Errorf("remote nexlet %q sent no %s header: it must sign its registration with the key listed in remote_nexlets", req.Name, protocol.HeaderRegistrationKey)
 	}
-	return "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
+	return "", "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
 }
 
-// verifyRegistration checks the registration's signature by pub.
+// verifyRegistration checks the signature by pub over a registration (or a nexlet's
+// renewal of its own user, signed the same way).
 func verifyRegistration(r micro.Request, pub string) error {
 	if got := r.Headers().Get(protocol.HeaderRegistrationKey); got != "" && got != pub {
 		return fmt.Errorf("registration signed by %s, not by the expected key %s", got, pub)

@@ -43,6 +43,7 @@ func (n *Node) endpoints() []endpoint {
 		{name: "CloneWorkload", subject: all + ".CLONE.*", handle: n.handleClone, async: true},
 		{name: "NamespacePingRequest", subject: all + ".WPING", handle: n.handleWPing, async: true},
 		n.renewEndpoint(),
+		n.renewAgentEndpoint(),
 		{name: "WorkloadEnded", subject: protocol.WorkloadEndedSubject(n.id, "*", "*"), handle: n.handleWorkloadEnded},
 	}
 	if n.o.AllowRemoteRegistration {

@@ -44,6 +44,12 @@ func (m testMinter) MintWorkload(ns, id string) (protocol.NatsConnectionData, er
 func (m testMinter) RenewWorkload(ns, id string) (protocol.NatsConnectionData, error) {
 	return m.MintWorkload(ns, id)
 }
+func (m testMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
+	return protocol.NatsConnectionData{}, mint.ErrRenewalUnsupported
+}
+func (m testMinter) RevokeAgentBefore(context.Context, string, string) error {
+	return mint.ErrRevocationUnsupported
+}
 func (m testMinter) RevokeSuperseded(context.Context, string) error {
 	return mint.ErrRevocationUnsupported
 }

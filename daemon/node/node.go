@@ -37,12 +37,19 @@ type Minter interface {
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
 	// RenewWorkload returns fresh credentials of a running workload, in its namespace.
 	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// RenewAgent signs a fresh user of nexlet agentID for userPub, a public user nkey
+	// the nexlet made (the reply carries no seed); an error wrapping
+	// mint.ErrRenewalUnsupported where nexlet users do not expire.
+	RenewAgent(agentID, nodeID, userPub string) (protocol.NatsConnectionData, error)
 	// RevokeSuperseded revokes a workload's users older than its newest, where the
 	// minter can revoke (an error wrapping an unsupported revocation otherwise).
 	RevokeSuperseded(ctx context.Context, workloadID string) error
 	// RevokeAgentSuperseded revokes a nexlet's registration users and its previous
 	// starts' users once it registered, where the minter can revoke.
 	RevokeAgentSuperseded(ctx context.Context, agentID string) error
+	// RevokeAgentBefore revokes a nexlet's users minted before userPub once it
+	// switched to userPub, where the minter can revoke.
+	RevokeAgentBefore(ctx context.Context, agentID, userPub string) error
 	// CanMint reports whether an issuer is configured. Without one, remote
 	// registration is refused: a remote nexlet would get no usable identity.
 	CanMint() bool
@@ -97,6 +104,10 @@ type Options struct {
 	// owns (default 5m). A nexlet answers once the workload is gone, after at most its
 	// grace plus a kill, so this only bounds a nexlet that never answers.
 	StopTimeout time.Duration
+	// AgentSwitchWait bounds how long a renewed nexlet may keep its old user: it says
+	// when it switched (and the old one is revoked then); without that word the old one
+	// is revoked after this (default 2m).
+	AgentSwitchWait time.Duration
 
 	// OnLameduck is called once when the node enters lame duck mode; the daemon
 	// schedules the shutdown after delay. It runs on a request handler's goroutine
@@ -143,6 +154,7 @@ func (o *Options) defaults() {
 	def(&o.CloneTimeout, 3*time.Second)
 	def(&o.StartTimeout, time.Minute)
 	def(&o.RevokeGrace, 5*time.Second)
+	def(&o.AgentSwitchWait, 2*time.Minute)
 	def(&o.DeployTimeout, 5*time.Minute)
 	def(&o.ProgressInterval, 5*time.Second)
 	def(&o.StopTimeout, 5*time.Minute)

@@ -18,6 +18,7 @@ import (
 type registration struct {
 	id           string
 	owner        string // stable identity: "local:<supervised name>" or "remote:<name>"
+	key          string // public key its registration was signed with ("" unsigned); signs its renewals
 	req          protocol.RegisterAgentRequest
 	schema       *jsonschema.Schema
 	registeredAt time.Time

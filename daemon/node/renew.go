@@ -19,6 +19,78 @@ func (n *Node) renewEndpoint() endpoint {
 	return endpoint{name: "RenewWorkloadCreds", subject: protocol.RenewCredsSubject(n.id, "*", "*"), handle: n.handleRenewCreds}
 }
 
+// renewAgentEndpoint is the nexd extension that lets a nexlet renew its own user.
+func (n *Node) renewAgentEndpoint() endpoint {
+	return endpoint{name: "RenewAgentCreds", subject: protocol.RenewAgentCredsSubject(n.id, "*"), handle: n.handleRenewAgent}
+}
+
+// handleRenewAgent serves $NEX.SVC.<node>.agent.RENEWAGENT.<agentId>: a registered
+// nexlet asks for a fresh user of its own, for a public key it made. Only its user may
+// publish there, and the nexlet must sign this request with the key it signed its
+// registration with, so a copy of its user alone cannot renew itself; the reply holds
+// no seed, so reading it is of no use either. The nexlet's older users are revoked,
+// where the minter can revoke, once it says it switched (or after AgentSwitchWait).
+func (n *Node) handleRenewAgent(r micro.Request) {
+	agentID := protocol.Token(r.Subject(), 5)
+	if !tokenRE.MatchString(agentID) {
+		n.fail(r, 400, "bad renewal subject", fmt.Errorf("renew nexlet credentials: subject %q: want RENEWAGENT.<agent id>", r.Subject()))
+		return
+	}
+	if !n.ownInbox(r, agentID) {
+		return
+	}
+	var req protocol.RenewAgentCredsRequest
+	if err := protocol.Decode(r.Data(), &req); err != nil {
+		n.fail(r, 400, "bad renewal request", err)
+		return
+	}
+	n.mu.Lock()
+	a := n.agents[agentID]
+	n.mu.Unlock()
+	if a == nil {
+		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials: nexlet %s is not registered with node %s", agentID, n.id))
+		return
+	}
+	if a.key == "" {
+		// Its user is its only proof, and a copy of that must not renew itself.
+		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials of %s: only a nexlet that signed its registration may renew its user", agentID))
+		return
+	}
+	if err := verifyRegistration(r, a.key); err != nil {
+		n.log.Warn("nexlet credential renewal refused", "agent_id", agentID, "name", a.req.Name, "err", err)
+		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials of %s: %w", agentID, err))
+		return
+	}
+	if req.Switched {
+		// The nexlet connects with its new user now: its older users go at once.
+		n.log.Debug("renewed nexlet switched to its new user", "agent_id", agentID, "name", a.req.Name)
+		n.respondJSON(r, struct{}{})
+		n.revokeAgentBefore(agentID, req.PublicKey, 0)
+		return
+	}
+	creds, err := n.o.Minter.RenewAgent(agentID, n.id, req.PublicKey)
+	if err != nil {
+		code := 400
+		if errors.Is(err, mint.ErrRenewalUnsupported) {
+			code = 409
+		}
+		n.fail(r, code, "renewal refused", err)
+		return
+	}
+	n.log.Debug("nexlet credentials renewed", "agent_id", agentID, "name", a.req.Name)
+	n.respondJSON(r, creds)
+	// Requests the nexlet is answering on its old connection would lose their replies
+	// if it were cut now: it switches when idle and says so; this bounds the wait.
+	n.revokeAgentBefore(agentID, req.PublicKey, n.o.AgentSwitchWait)
+}
+
+// revokeAgentBefore revokes the nexlet's users older than userPub after wait.
+func (n *Node) revokeAgentBefore(agentID, userPub string, wait time.Duration) {
+	n.after(wait, "agent_id", agentID, func(ctx context.Context) error {
+		return n.o.Minter.RevokeAgentBefore(ctx, agentID, userPub)
+	})
+}
+
 // ownedBy reports whether this node deployed or replayed workloadID to nexlet agentID:
 // the same nexlet instance (its stable identity), not merely one of the same type.
 func (n *Node) ownedBy(agentID, workloadID string) (bool, error) {
@@ -92,6 +164,11 @@ func (n *Node) revokeAgentSuperseded(agentID string) {
 
 // afterGrace runs a revocation after RevokeGrace on a goroutine the node waits for.
 func (n *Node) afterGrace(key, id string, revoke func(context.Context) error) {
+	n.after(n.o.RevokeGrace, key, id, revoke)
+}
+
+// after runs a revocation after wait on a goroutine the node waits for.
+func (n *Node) after(wait time.Duration, key, id string, revoke func(context.Context) error) {
 	n.mu.Lock()
 	ctx := n.ctx
 	n.mu.Unlock()
@@ -104,7 +181,7 @@ func (n *Node) afterGrace(key, id string, revoke func(context.Context) error) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(n.o.RevokeGrace):
+		case <-time.After(wait):
 		}
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()

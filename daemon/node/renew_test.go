@@ -2,10 +2,13 @@ package node
 
 import (
 	"context"
+	"encoding/base64"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/daemon/mint"
@@ -133,3 +136,89 @@ func slicesHave(l jwt.StringList, want string) bool {
 type sharedInbox struct{ *mint.SigningKeyMinter }
 
 func (sharedInbox) PrivateInboxes() bool { return false }
+
+// TestRenewAgentCreds: a nexlet renews its own user for a key it made, signed with the
+// key it registered with; an unsigned or wrongly signed request, a reused key, an
+// unregistered nexlet and a nexlet that registered unsigned are refused, and the reply
+// never holds a seed.
+func TestRenewAgentCreds(t *testing.T) {
+	sig, _ := nkeys.CreateAccount()
+	seed, _ := sig.Seed()
+	acc, _ := nkeys.CreateAccount()
+	accPub, _ := acc.PublicKey()
+	m, err := mint.NewSigningKeyMinter(string(seed), accPub, mint.Options{AgentTTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Minter = sharedInbox{m} })
+	n := f.nodes[0]
+	regKey, _ := nkeys.CreateUser()
+	regPub, _ := regKey.PublicKey()
+	other, _ := nkeys.CreateUser()
+	n.SetAgentKey("agent0", regPub)
+	f.healthyAgent(n, "agent0", "go_exec", "native", func(a *fakeAgent) { a.key = regKey })
+	f.healthyAgent(n, "agent1", "other", "native", nil) // unsigned registration
+
+	fresh := func() string {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		return pub
+	}
+	ask := func(agentID string, signer nkeys.KeyPair, req protocol.RenewAgentCredsRequest) (protocol.NatsConnectionData, string) {
+		t.Helper()
+		msg := nats.NewMsg(protocol.RenewAgentCredsSubject(n.ID(), agentID))
+		msg.Data = mustJSON(t, req)
+		if signer != nil {
+			pub, _ := signer.PublicKey()
+			s, _ := signer.Sign(protocol.RegistrationPayload(msg.Subject, msg.Data))
+			msg.Header.Set(protocol.HeaderRegistrationKey, pub)
+			msg.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(s))
+		}
+		r, err := f.client.RequestMsg(msg, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code := r.Header.Get(protocol.HeaderErrorCode); code != "" || req.Switched {
+			return protocol.NatsConnectionData{}, code
+		}
+		var cd protocol.NatsConnectionData
+		if err := protocol.Decode(r.Data, &cd); err != nil {
+			t.Fatalf("renewal reply %q: %v", r.Data, err)
+		}
+		return cd, ""
+	}
+	pub := fresh()
+	cd, code := ask("agent0", regKey, protocol.RenewAgentCredsRequest{PublicKey: pub})
+	if code != "" {
+		t.Fatalf("signed renewal refused: %s", code)
+	}
+	uc, err := jwt.DecodeUserClaims(cd.NatsUserJWT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uc.Subject != pub || cd.NatsUserSeed != "" || uc.Expires-uc.IssuedAt != 60 || !uc.Tags.Contains("nex-role:nexlet") {
+		t.Fatalf("renewed user: subject %s (want %s), seed %q, lifetime %ds, tags %v", uc.Subject, pub, cd.NatsUserSeed, uc.Expires-uc.IssuedAt, uc.Tags)
+	}
+	if !slicesHave(uc.Permissions.Pub.Allow, protocol.RenewAgentCredsSubject(n.ID(), "agent0")) {
+		t.Errorf("renewed user may not renew again: %v", uc.Permissions.Pub.Allow)
+	}
+	for _, tc := range []struct {
+		name, agent string
+		signer      nkeys.KeyPair
+		req         protocol.RenewAgentCredsRequest
+		code        string
+	}{
+		{"unsigned", "agent0", nil, protocol.RenewAgentCredsRequest{PublicKey: fresh()}, "403"},
+		{"signed by another key", "agent0", other, protocol.RenewAgentCredsRequest{PublicKey: fresh()}, "403"},
+		{"key used before", "agent0", regKey, protocol.RenewAgentCredsRequest{PublicKey: pub}, "400"},
+		{"not a user key", "agent0", regKey, protocol.RenewAgentCredsRequest{PublicKey: regPub[:10]}, "400"},
+		{"unregistered nexlet", "ghost", regKey, protocol.RenewAgentCredsRequest{PublicKey: fresh()}, "403"},
+		{"nexlet registered unsigned", "agent1", other, protocol.RenewAgentCredsRequest{PublicKey: fresh()}, "403"},
+		{"switch report unsigned", "agent0", nil, protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, "403"},
+		{"switch report", "agent0", regKey, protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, ""},
+	} {
+		if _, code := ask(tc.agent, tc.signer, tc.req); code != tc.code {
+			t.Errorf("%s: code %q, want %q", tc.name, code, tc.code)
+		}
+	}
+}

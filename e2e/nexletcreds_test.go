@@ -1,0 +1,155 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// native returns the native nexlet's entry in the node's status.
+func (n *node) native(t *testing.T) control.Nexlet {
+	t.Helper()
+	c := control.NewClient(n.socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range st.Nexlets {
+		if x.Name == "native" {
+			return x
+		}
+	}
+	t.Fatalf("no native nexlet in status: %+v", st.Nexlets)
+	return control.Nexlet{}
+}
+
+// TestStolenNexletUser: the native nexlet's user leaks (here: read as the node's admin
+// from its registration reply after a crash, as an inbox sniffer could before issue 13).
+// The leaked user works until the nexlet renews its own credentials; a few seconds
+// after the renewal, well before the user would expire, it is refused (the embedded
+// server's account revokes it), while the nexlet keeps its registration and works.
+func TestStolenNexletUser(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	const ttl = 60 * time.Second
+	n := startNode(t, nodeOpts{extra: []string{"--nexlet-creds-ttl", ttl.String()}})
+	n.waitReady(t)
+	n.waitNative(t)
+	admin := testkit.WriteFile(t, filepath.Join(t.TempDir(), "admin.creds"), n.mustCtl(t, "creds", "issue", "--admin", "--ttl", "1h"))
+	nc, err := nats.Connect(n.natsURL, nats.UserCredentials(admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	// A local nexlet keeps its agent id across restarts: its next registration reply
+	// goes to this inbox.
+	replies, err := nc.SubscribeSync(protocol.InboxPrefix(n.native(t).AgentID) + ".>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(n.native(t).PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var stolen protocol.NatsConnectionData
+	for stolen.NatsUserJWT == "" {
+		m, err := replies.NextMsg(60 * time.Second)
+		if err != nil {
+			t.Fatalf("no registration reply seen: %v\nnexd:\n%s", err, n.out.String())
+		}
+		var resp protocol.RegisterAgentResponse
+		if json.Unmarshal(m.Data, &resp) == nil && resp.Success && resp.ConnectionData.NatsUserSeed != "" {
+			stolen = resp.ConnectionData
+		}
+	}
+	uc, err := jwt.DecodeUserClaims(stolen.NatsUserJWT)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := time.Duration(uc.Expires-uc.IssuedAt) * time.Second; got != ttl {
+		t.Fatalf("the nexlet user lives %s, want nexlet_creds_ttl %s", got, ttl)
+	}
+	creds, err := jwt.FormatUserConfig(stolen.NatsUserJWT, []byte(stolen.NatsUserSeed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := testkit.WriteFile(t, filepath.Join(t.TempDir(), "nexlet.creds"), string(creds))
+	connects := func() error {
+		c, err := nats.Connect(n.natsURL, nats.UserCredentials(file), nats.NoReconnect(), nats.Timeout(5*time.Second))
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}
+	if err := connects(); err != nil {
+		t.Fatalf("the stolen nexlet user does not even work before the renewal: %v", err)
+	}
+	n.nativeSeen = false // registered again after the kill
+	n.waitNative(t)
+	agent := n.native(t).AgentID
+	registered := strings.Count(n.out.String(), "nexlet registered")
+
+	expiry := time.Unix(uc.Expires, 0)
+	testkit.EventuallyWithin(t, time.Until(expiry), "the stolen nexlet user refused before it expires", func() bool {
+		return connects() != nil
+	})
+	if left := time.Until(expiry); left < time.Second {
+		t.Fatalf("refused only %s before expiry: expired, not revoked", left)
+	}
+	// The nexlet itself renewed, kept its registration and still places workloads.
+	if !strings.Contains(n.out.String(), "nexlet credentials renewed") {
+		t.Fatalf("no renewal logged\nnexd:\n%s", n.out.String())
+	}
+	if got := strings.Count(n.out.String(), "nexlet registered"); got != registered {
+		t.Fatalf("the nexlet registered again (%d registrations, %d before): its renewal failed\nnexd:\n%s", got, registered, n.out.String())
+	}
+	if got := n.native(t).AgentID; got != agent {
+		t.Fatalf("native nexlet is now %s, was %s", got, agent)
+	}
+	n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "300")
+}
+
+// TestNexletOutlivesCredsTTL: with a 3 s nexlet_creds_ttl on an operator-mode NATS
+// (signing-key strategy, no revocation: old users expire), the native nexlet runs
+// through several lifetimes of its user without registering again, stays healthy and
+// still deploys.
+func TestNexletOutlivesCredsTTL(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n, creds, _ := signingNode(t, "--nexlet-creds-ttl", "3s")
+	n.waitNative(t)
+	agent := n.native(t).AgentID
+	registered := strings.Count(n.out.String(), "nexlet registered")
+	time.Sleep(13 * time.Second) // four lifetimes and more
+	if got := strings.Count(n.out.String(), "nexlet credentials renewed"); got < 3 {
+		t.Fatalf("%d renewals logged in 13 s with a 3 s TTL\nnexd:\n%s", got, n.out.String())
+	}
+	if got := strings.Count(n.out.String(), "nexlet registered"); got != registered {
+		t.Fatalf("the nexlet registered again (%d registrations, %d before)\nnexd:\n%s", got, registered, n.out.String())
+	}
+	x := n.native(t)
+	if x.AgentID != agent || x.Health != protocol.HealthHealthy || x.Restarts != 0 {
+		t.Fatalf("native nexlet after 13 s: %+v (agent id was %s)\nnexd:\n%s", x, agent, n.out.String())
+	}
+	n.natsRun(t, creds, "tenant", "--name", "late", "--", "/bin/sleep", "300")
+}

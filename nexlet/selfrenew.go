@@ -1,0 +1,232 @@
+package nexlet
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// liveCreds is the nexlet's current NATS user: the connection reads it at every
+// (re)connect, so a renewal takes over the same *nats.Conn.
+type liveCreds struct {
+	mu       sync.Mutex
+	token    string
+	kp       nkeys.KeyPair
+	iat, exp time.Time // exp zero: the user does not expire
+}
+
+// newLiveCreds holds a JWT user from connection data; nil when cd has none (a shared
+// nkey, user/password or no credentials: nothing to renew).
+func newLiveCreds(cd protocol.NatsConnectionData) (*liveCreds, error) {
+	if cd.NatsUserJWT == "" || cd.NatsUserSeed == "" {
+		return nil, nil
+	}
+	kp, err := nkeys.FromSeed([]byte(cd.NatsUserSeed))
+	if err != nil {
+		return nil, fmt.Errorf("connection data: nats_user_seed: %w", err)
+	}
+	l := &liveCreds{}
+	if err := l.set(cd.NatsUserJWT, kp); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// set replaces the user; the JWT must be issued to kp.
+func (l *liveCreds) set(token string, kp nkeys.KeyPair) error {
+	uc, err := jwt.DecodeUserClaims(token)
+	if err != nil {
+		return fmt.Errorf("nexlet user JWT: %w", err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return err
+	}
+	if uc.Subject != pub {
+		return fmt.Errorf("nexlet user JWT is issued to %s, not to this nexlet's key %s", uc.Subject, pub)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.token, l.kp = token, kp
+	l.iat, l.exp = time.Unix(uc.IssuedAt, 0), time.Time{}
+	if uc.Expires > 0 {
+		l.exp = time.Unix(uc.Expires, 0)
+	}
+	return nil
+}
+
+func (l *liveCreds) jwt() (string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.token, nil
+}
+
+func (l *liveCreds) sign(nonce []byte) ([]byte, error) {
+	l.mu.Lock()
+	kp := l.kp
+	l.mu.Unlock()
+	return kp.Sign(nonce)
+}
+
+// renewAt is when the user should be renewed (80 % of its lifetime), zero when it
+// does not expire.
+func (l *liveCreds) renewAt() (at, exp time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.exp.IsZero() {
+		return time.Time{}, time.Time{}
+	}
+	return l.iat.Add(l.exp.Sub(l.iat) * 4 / 5), l.exp
+}
+
+// Bounds of the retries of a failed self-renewal.
+const (
+	selfRenewRetryMin = time.Second
+	selfRenewRetryMax = 30 * time.Second
+	selfRenewWait     = 10 * time.Second // one request
+)
+
+// renewLoop renews the nexlet's own user at 80 % of its lifetime, for as long as ctx
+// lives (a nexd extension; an upstream node serves no such subject and the loop stops
+// after a few requests without responders).
+func (r *Runner) renewLoop(ctx context.Context, live *liveCreds) {
+	wait, noResponders := selfRenewRetryMin, 0
+	for {
+		at, exp := live.renewAt()
+		if at.IsZero() {
+			return
+		}
+		if d := time.Until(at); d > 0 {
+			t := time.NewTimer(d)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+		err := r.renewSelf(ctx, live)
+		if err == nil {
+			wait, noResponders = selfRenewRetryMin, 0
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, nats.ErrNoResponders) {
+			if noResponders++; noResponders >= 5 {
+				r.log.Warn("the node does not renew nexlet credentials; they expire", "expires", exp, "err", err)
+				return
+			}
+		}
+		r.log.Warn("renewing the nexlet's credentials failed; retrying", "expires", exp, "retry_in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, selfRenewRetryMax)
+	}
+}
+
+// renewSelf asks the node to sign a user for a fresh key of the nexlet's own, moves
+// the connection to it at a quiet moment (a reconnect: replies to requests taken on
+// the old connection would be refused on the new one), then tells the node, which
+// revokes the old users.
+func (r *Runner) renewSelf(ctx context.Context, live *liveCreds) error {
+	nc, agentID := r.NC(), r.AgentID()
+	if nc == nil || agentID == "" {
+		return ErrNotRegistered
+	}
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		return fmt.Errorf("create user nkey: %w", err)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return err
+	}
+	var cd protocol.NatsConnectionData
+	if err := r.askRenewal(ctx, nc, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub}, &cd); err != nil {
+		return err
+	}
+	_, oldExp := live.renewAt()
+	if err := live.set(cd.NatsUserJWT, kp); err != nil {
+		return fmt.Errorf("renew nexlet credentials: %w", err)
+	}
+	_, exp := live.renewAt()
+	r.log.Info("nexlet credentials renewed", "agent_id", agentID, "expires", exp)
+
+	r.waitIdle(ctx, oldExp)
+	if err := nc.ForceReconnect(); err != nil {
+		return fmt.Errorf("reconnect with the renewed credentials: %w", err)
+	}
+	// Requests wait in the reconnect buffer; the switch report goes out once the
+	// connection is back.
+	if err := r.askRenewal(ctx, nc, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, nil); err != nil {
+		// The node revokes the old users after a bound anyway.
+		r.log.Warn("could not tell the node the nexlet switched to its renewed user", "agent_id", agentID, "err", err)
+	}
+	return nil
+}
+
+// askRenewal sends one signed RENEWAGENT request and decodes the reply into out.
+func (r *Runner) askRenewal(ctx context.Context, nc *nats.Conn, agentID string, req protocol.RenewAgentCredsRequest, out any) error {
+	body, err := protocol.Marshal(req)
+	if err != nil {
+		return err
+	}
+	subj := protocol.RenewAgentCredsSubject(r.nodeID, agentID)
+	m := nats.NewMsg(subj)
+	m.Data = body
+	if r.regKey != nil {
+		if err := signRegistration(m, r.regKey); err != nil {
+			return err
+		}
+	}
+	rctx, cancel := context.WithTimeout(ctx, selfRenewWait)
+	defer cancel()
+	msg, err := nc.RequestMsgWithContext(rctx, m)
+	if err != nil {
+		return fmt.Errorf("renew nexlet credentials on %s: %w", subj, err)
+	}
+	if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
+		return fmt.Errorf("renew nexlet credentials on %s refused: %s %s: %s", subj, code, msg.Header.Get(protocol.HeaderError), bytes.TrimSpace(msg.Data))
+	}
+	if out == nil {
+		return nil
+	}
+	if err := protocol.Decode(msg.Data, out); err != nil {
+		return fmt.Errorf("renew nexlet credentials on %s: %w", subj, err)
+	}
+	return nil
+}
+
+// switchIdleWait bounds the wait for the nexlet's slow requests (starts, stops,
+// lame duck) to be answered before it reconnects with its renewed user.
+const switchIdleWait = 30 * time.Second
+
+// waitIdle waits until no slow request is being handled, at most switchIdleWait and
+// never past a second before the old user expires (the server cuts it then anyway).
+func (r *Runner) waitIdle(ctx context.Context, oldExp time.Time) {
+	deadline := time.Now().Add(switchIdleWait)
+	if !oldExp.IsZero() && oldExp.Add(-time.Second).Before(deadline) {
+		deadline = oldExp.Add(-time.Second)
+	}
+	for len(r.inFlight) > 0 && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
