@@ -165,7 +165,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 
 	live, err := newLiveCreds(resp.ConnectionData)
 	if err != nil {
-		return fmt.Errorf("nexlet register on %s: %w", subj, err)
+		return fmt.Errorf("nexlet register: %w", err)
 	}
 	nc, err := connect(resp.ConnectionData, "nexlet-"+reg.Name, live)
 	if err != nil {
