@@ -165,17 +165,17 @@ func (m *NkeyMinter) RevokeAgentBefore(context.Context, string, string) error {
 	return ErrRevocationUnsupported
 }
 
-// RevokeAgentBefore: there are no users to revoke.
+// RevokeAgentBefore has no users to revoke.
 func (m *NoAuthMinter) RevokeAgentBefore(context.Context, string, string) error {
 	return ErrRevocationUnsupported
 }
 
-// RenewAgent: the shared identity does not expire.
+// RenewAgent refuses: the shared identity does not expire.
 func (m *NkeyMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
 	return protocol.NatsConnectionData{}, ErrRenewalUnsupported
 }
 
-// RenewAgent: there are no users to renew.
+// RenewAgent refuses: there are no users to renew.
 func (m *NoAuthMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
 	return protocol.NatsConnectionData{}, ErrRenewalUnsupported
 }
