@@ -94,7 +94,8 @@ type Nexlet struct {
 	digests digestCache
 	arts    *artifactStore
 
-	abandon chan struct{} // closed to let go of workloads without stopping them (tests)
+	abandon chan struct{}  // closed to let go of workloads without stopping them (tests)
+	bg      sync.WaitGroup // uid releases after a stop's reply; Close waits for them
 
 	mu        sync.Mutex
 	workloads map[string]*workload
@@ -168,6 +169,7 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 // Close ends the nexlet's process-starting thread; call it after Shutdown. Workloads
 // running without a cgroup die with it.
 func (n *Nexlet) Close() {
+	n.bg.Wait()
 	n.iso.close()
 	n.spawn.close()
 	n.users.stopPool()

@@ -101,6 +101,29 @@ func BenchmarkStartWorkload(b *testing.B) {
 	}
 }
 
+// BenchmarkStopWorkload is STOPWORKLOAD alone, up to its reply: SIGTERM, the wait for
+// the process, the sandbox and directory removal. The start of each workload happens
+// off the clock, and so does the wait for the uid's release, which follows the reply.
+func BenchmarkStopWorkload(b *testing.B) {
+	n := benchNexlet(b, DefaultUIDPool)
+	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
+	i := 0
+	for b.Loop() {
+		b.StopTimer()
+		n.bg.Wait()
+		id := fmt.Sprintf("bench%d", i)
+		i++
+		req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+		if _, err := n.StartWorkload(id, &req, false); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := n.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkParseStartRequest is the run_request's parse and check.
 func BenchmarkParseStartRequest(b *testing.B) {
 	rr := `{"uri":"file:///bin/sh","argv":["-c","exec sleep 600"]}`

@@ -10,6 +10,8 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
+
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -79,9 +81,11 @@ func TestWorkloadsRunUnderDynamicUIDsWithoutPrivileges(t *testing.T) {
 		t.Errorf("no lease for a live workload: %v", err)
 	}
 	fn.stop("dyn1", testNS)
-	if _, err := os.Stat(lease); !os.IsNotExist(err) {
-		t.Errorf("lease of a stopped workload left: %v", err)
-	}
+	// Released just after the stop's reply (the walk of /proc is off its path).
+	testkit.Eventually(t, "the lease of a stopped workload released", func() bool {
+		_, err := os.Stat(lease)
+		return os.IsNotExist(err)
+	})
 	if p := uidProcs(uint32(uid1)); len(p) != 0 {
 		t.Errorf("processes of uid %d left: %v", uid1, p)
 	}

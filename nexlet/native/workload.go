@@ -788,10 +788,14 @@ func (n *Nexlet) cleanup(w *workload) {
 	n.mu.Lock()
 	id := w.ident
 	n.mu.Unlock()
-	// Only after its directory is gone, so that the lease cannot look live again.
-	if err := n.users.release(id); err != nil {
-		n.log.Warn("workload uid not released", "workload_id", w.id, "err", err)
-	}
+	// Only after its directory is gone, so that the lease cannot look live again. The
+	// release walks /proc for survivors of the uid (milliseconds on a busy host): it
+	// runs after the stop's reply. Until it has, the uid stays leased and unused.
+	n.bg.Go(func() {
+		if err := n.users.release(id); err != nil {
+			n.log.Warn("workload uid not released", "workload_id", w.id, "err", err)
+		}
+	})
 }
 
 // finish records the end, removes the sandbox and private directory and emits
