@@ -24,7 +24,8 @@ import (
 // before the configuration is acted on (logger, systemd notifier), the snapshot status
 // reads, and the owners of every goroutine and closer. build turns it into a server.
 type daemon struct {
-	args    []string // the command line, re-read on reload
+	args    []string  // the command line, re-read on reload
+	goBase  goRuntime // the Go runtime's settings before go_gc_percent / go_memory_limit
 	stderr  io.Writer
 	started time.Time
 
@@ -73,6 +74,8 @@ func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon,
 		d.log.Info("nexd stopped")
 		return d.logger.Close()
 	})
+	d.goBase = currentGoRuntime()
+	d.goBase.apply(loaded.Config.Node, d.log)
 	d.notify = sysd.NewNotifier(d.log)
 	// Claim systemd's socket before any child could inherit it (it is close-on-exec
 	// from here on).

@@ -58,6 +58,8 @@ type NodeConfig struct {
 	ControlSocket                string            // control_socket
 	CgroupRoot                   string            // cgroup_root ("" = detect)
 	CgroupDriver                 string            // cgroup_driver: "cgroupfs" or "systemd" (transient scopes)
+	GoGCPercent                  int               // go_gc_percent: GOGC of nexd and the native nexlet; 0 = Go's
+	GoMemoryLimit                int64             // go_memory_limit: GOMEMLIMIT of each; 0 = Go's
 	StopGrace                    time.Duration     // stop_grace
 	WorkloadCredsTTL             time.Duration     // workload_creds_ttl: lifetime of minted workload users
 	NexletCredsTTL               time.Duration     // nexlet_creds_ttl: lifetime of minted nexlet users

@@ -1127,3 +1127,15 @@ func o2check(d string) error {
 	}
 	return nil
 }
+
+// TestGoRuntimeKeys: go_gc_percent and go_memory_limit load from flags (a size with a
+// unit), and a GOGC below -1 is refused with the key named.
+func TestGoRuntimeKeys(t *testing.T) {
+	l := mustLoad(t, hermetic("--go-gc-percent", "50", "--go-memory-limit", "64M"))
+	if l.Config.Node.GoGCPercent != 50 || l.Config.Node.GoMemoryLimit != 64<<20 {
+		t.Errorf("loaded go_gc_percent %d, go_memory_limit %d", l.Config.Node.GoGCPercent, l.Config.Node.GoMemoryLimit)
+	}
+	if _, err := Load(hermetic("--go-gc-percent", "-2")); err == nil || !strings.Contains(err.Error(), "go_gc_percent") {
+		t.Errorf("go_gc_percent -2: %v, want an error naming the key", err)
+	}
+}

@@ -462,6 +462,16 @@ func (m *Manager) env(name string) map[string]string {
 		if n.CgroupDriver != "" {
 			env[native.EnvCgroupDriver] = n.CgroupDriver
 		}
+		// The Go runtime's own variables: read by the nexlet's runtime before main.
+		switch {
+		case n.GoGCPercent < 0:
+			env["GOGC"] = "off"
+		case n.GoGCPercent > 0:
+			env["GOGC"] = strconv.Itoa(n.GoGCPercent)
+		}
+		if n.GoMemoryLimit > 0 {
+			env["GOMEMLIMIT"] = strconv.FormatInt(n.GoMemoryLimit, 10)
+		}
 	}
 	return env
 }

@@ -125,3 +125,28 @@ func TestSanitizeName(t *testing.T) {
 		}
 	}
 }
+
+// TestNativeNexletGetsGoRuntimeSettings: go_gc_percent and go_memory_limit reach the
+// native nexlet as GOGC and GOMEMLIMIT (read by its Go runtime before main); 0 leaves
+// them unset, so the nexlet keeps Go's defaults.
+func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
+	for _, c := range []struct {
+		gc              int
+		limit           int64
+		wantGC, wantMem string
+	}{{50, 64 << 20, "50", "67108864"}, {-1, 0, "off", ""}, {0, 0, "", ""}} {
+		dir := t.TempDir()
+		cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second, GoGCPercent: c.gc, GoMemoryLimit: c.limit}}
+		log := slog.New(slog.DiscardHandler)
+		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
+			Minter: minter{}, RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		env := m.env(NativeName)
+		if env["GOGC"] != c.wantGC || env["GOMEMLIMIT"] != c.wantMem {
+			t.Errorf("go_gc_percent %d, go_memory_limit %d: GOGC=%q GOMEMLIMIT=%q, want %q and %q", c.gc, c.limit, env["GOGC"], env["GOMEMLIMIT"], c.wantGC, c.wantMem)
+		}
+		_ = m.Stop(context.Background())
+	}
+}
