@@ -537,15 +537,18 @@ func TestFleetDiskFull(t *testing.T) {
 	}
 }
 
-// startLeafSites is topologies (b) and (c): a central nats-server in the hub namespace
-// and on every host a nexd whose embedded server is a leaf node of it
-// (nats.leaf_remote) with the site's own JetStream domain (nats.jsdomain site<N>).
+// startLeafSites is topologies (b) and (c): a central nats-server in the hub namespace,
+// in operator mode, and on every host a nexd whose embedded server is a leaf node of it
+// (nats.leaf_remote) authenticating with a credentials file (nats.leaf_creds: the URL
+// carries no user), with the site's own JetStream domain (nats.jsdomain site<N>).
+// nexctl at the hub uses the hub's admin credentials (f.CtlArgs).
 func startLeafSites(t *testing.T, n int) *Fleet {
 	f := NewFleet(t, n)
-	f.StartHub()
+	creds := f.StartHubOperator()
+	f.CtlArgs = []string{"--nats.creds-file", creds.Admin}
 	for _, h := range f.Hosts {
-		h.StartNexd("", "--nats.leaf-remote", f.LeafRemote(), "--nats.jsdomain", "site"+strconv.Itoa(h.N),
-			"--embedded-nats-port", "4222")
+		h.StartNexd("", "--nats.leaf-remote", "nats-leaf://"+subnet+".1:7422", "--nats.leaf-creds", creds.Leaf,
+			"--nats.jsdomain", "site"+strconv.Itoa(h.N), "--embedded-nats-port", "4222")
 	}
 	hub := f.Hub()
 	testkit.EventuallyWithin(t, 60*time.Second, "every site's node in node list at the hub", func() bool {

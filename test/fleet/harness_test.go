@@ -22,6 +22,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nkeys"
+
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -457,8 +460,9 @@ func (h *Host) DeployCmd(servers, name string, command []string, extra ...string
 
 // NodeNames are the names `nexctl node list` shows from h.
 func (h *Host) NodeNames(servers string) []string {
-	out, _, code := h.Ctl(servers, "--json", "--nats.timeout", "3s", "node", "list")
+	out, errOut, code := h.Ctl(servers, "--json", "--nats.timeout", "3s", "node", "list")
 	if code != 0 {
+		h.f.t.Logf("node list from %s: exit %d: %s", h.Name, code, strings.TrimSpace(errOut))
 		return nil
 	}
 	var nodes []map[string]any
@@ -729,5 +733,82 @@ leafnodes {
 	f.start("hub-nats", f.hub, bins.Path(f.t, "github.com/nats-io/nats-server/v2"), "-c", conf)
 }
 
-// LeafRemote is the URL a site's nexd joins the hub with.
-func (f *Fleet) LeafRemote() string { return "nats-leaf://leaf:leafpw@" + subnet + ".1:7422" }
+// HubCreds are the credentials files of a hub in operator mode: Leaf for the sites'
+// leaf connections (nats.leaf_creds), Admin for nexctl at the hub; both users of the
+// hub's application account, to which each site's nex account is bound.
+type HubCreds struct{ Leaf, Admin string }
+
+// StartHubOperator is StartHub with the hub in operator (JWT) mode: leaf nodes and
+// clients authenticate with user credentials of its one application account (memory
+// resolver, preloaded).
+func (f *Fleet) StartHubOperator() HubCreds {
+	f.t.Helper()
+	f.ip("-n", f.hub, "addr", "add", subnet+".1/24", "dev", "br0")
+	dir := filepath.Join(f.dir, "hub")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		f.t.Fatal(err)
+	}
+	key := func(create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
+		kp, err := create()
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		pub, _ := kp.PublicKey()
+		return kp, pub
+	}
+	opKP, opPub := key(nkeys.CreateOperator)
+	accKP, accPub := key(nkeys.CreateAccount)
+	_, sysPub := key(nkeys.CreateAccount)
+	oc := jwt.NewOperatorClaims(opPub)
+	oc.Name = "fleet"
+	oc.SystemAccount = sysPub
+	opJWT, err := oc.Encode(opKP)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	ac := jwt.NewAccountClaims(accPub)
+	ac.Name = "SITES"
+	accJWT, err := ac.Encode(opKP)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	sc := jwt.NewAccountClaims(sysPub)
+	sc.Name = "SYS"
+	sysJWT, err := sc.Encode(opKP)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	creds := func(name string) string {
+		ukp, upub := key(nkeys.CreateUser)
+		uc := jwt.NewUserClaims(upub)
+		uc.Name = name
+		tok, err := uc.Encode(accKP)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		seed, _ := ukp.Seed()
+		b, err := jwt.FormatUserConfig(tok, seed)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		path := filepath.Join(dir, name+".creds")
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			f.t.Fatal(err)
+		}
+		return path
+	}
+	conf := filepath.Join(dir, "nats.conf")
+	testkit.WriteFile(f.t, conf, fmt.Sprintf(`server_name: hub
+listen: "%[1]s.1:4222"
+operator: %[2]s
+system_account: %[3]s
+resolver: MEMORY
+resolver_preload: {
+  %[3]s: %[4]s
+  %[5]s: %[6]s
+}
+leafnodes { listen: "%[1]s.1:7422" }
+`, subnet, opJWT, sysPub, sysJWT, accPub, accJWT))
+	f.start("hub-nats", f.hub, bins.Path(f.t, "github.com/nats-io/nats-server/v2"), "-c", conf)
+	return HubCreds{Leaf: creds("leaf"), Admin: creds("admin")}
+}
