@@ -82,6 +82,14 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if loaded.Check {
 		fmt.Fprint(stdout, loaded.Render())
+		lines, problem := checkStateReplicas(ctx, loaded.Config)
+		for _, l := range lines {
+			fmt.Fprintln(stdout, l)
+		}
+		if problem != nil {
+			fmt.Fprintf(stderr, "nexd: configuration is invalid (1 errors):\n  %v\n", problem)
+			return ExitUsage
+		}
 		fmt.Fprintln(stdout, "configuration is valid")
 		return ExitOK
 	}

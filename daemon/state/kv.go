@@ -390,3 +390,24 @@ func PruneBuckets(ctx context.Context, nc *nats.Conn, jsDomain string, alive fun
 	}
 	return removed, nil
 }
+
+// BucketReplicas is the replica count of a node's existing bucket, read without
+// changing anything; jetstream.ErrBucketNotFound is wrapped when there is none.
+func BucketReplicas(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string) (int, error) {
+	js, err := newJS(nc, jsDomain)
+	if err != nil {
+		return 0, err
+	}
+	kv, err := js.KeyValue(ctx, BucketName(nodeID))
+	if err != nil {
+		return 0, fmt.Errorf("KV bucket %s: %w", BucketName(nodeID), err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("status of KV bucket %s: %w", BucketName(nodeID), err)
+	}
+	if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok {
+		return bs.StreamInfo().Config.Replicas, nil
+	}
+	return 0, fmt.Errorf("status of KV bucket %s: no stream info", BucketName(nodeID))
+}

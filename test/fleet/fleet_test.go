@@ -90,6 +90,13 @@ func TestFleetNATSServerKilled(t *testing.T) {
 		}
 		fg.Add(h.Name+" state bucket", line[strings.Index(line, "replicas="):])
 	}
+	// nexd --check with the same settings tells what it asks for and what the bucket has.
+	check := h1.NexdCheck(h1.ClusterURLs())
+	fg.Add("h1's nexd --check", strings.Join(check, " | "))
+	if !slices.ContainsFunc(check, func(l string) bool { return strings.Contains(l, "asks for 3 replicas") }) ||
+		!slices.ContainsFunc(check, func(l string) bool { return strings.HasSuffix(l, "has 3 replicas") }) {
+		t.Errorf("nexd --check on h1 does not say it asks for 3 replicas and the bucket has 3: %q", check)
+	}
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup

@@ -366,6 +366,26 @@ func (h *Host) StartNexd(servers string, extra ...string) {
 	h.WaitRunning(90 * time.Second)
 }
 
+// NexdCheck runs nexd --check with the host's settings in its namespace and returns
+// its "# state bucket" lines.
+func (h *Host) NexdCheck(servers string) []string {
+	h.f.t.Helper()
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+h.NS, "--", bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexd"), "--check",
+		"--state-dir", h.StateDir, "--control-socket", h.Socket, "--node-name", h.Name, "--state", "kv", "--nats.servers", servers)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + h.Dir}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		h.f.t.Errorf("nexd --check on %s: %v: %s", h.Name, err, out)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, "# state bucket") {
+			lines = append(lines, l)
+		}
+	}
+	return lines
+}
+
 // WaitRunning waits until the node's control socket says running.
 func (h *Host) WaitRunning(d time.Duration) control.Status {
 	h.f.t.Helper()
