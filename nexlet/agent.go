@@ -61,3 +61,11 @@ const ProgressEvery = 100 * time.Millisecond
 type ReplayAware interface {
 	ReplayDone(ids []string)
 }
+
+// WorkloadHolder is optionally implemented by an Agent that can say, each time it
+// registers (also again), which workloads it holds: running, or ended with a record of
+// how (a nexd extension, RegisterAgentRequest.Workloads). The node then removes a stored
+// job the nexlet does not hold, which ran before, instead of starting it again.
+type WorkloadHolder interface {
+	HeldWorkloads() []string
+}

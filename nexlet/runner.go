@@ -226,6 +226,13 @@ func (r *Runner) register(nc *nats.Conn, agentID string, reg *protocol.RegisterA
 	// The runner reports ended workloads as acknowledged requests (EmitEvent), so the
 	// node may ignore the forgeable WORKLOADSTOPPED events for this nexlet.
 	reg.ReportsEnded = true
+	if h, ok := r.agent.(WorkloadHolder); ok {
+		ids := h.HeldWorkloads()
+		if ids == nil {
+			ids = []string{} // holds nothing: every stored job ran before
+		}
+		reg.Workloads = &ids
+	}
 	body, err := protocol.Marshal(reg)
 	if err != nil {
 		return nil, fmt.Errorf("nexlet register: encode request: %w", err)

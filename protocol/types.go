@@ -231,6 +231,11 @@ type StartWorkloadRequest struct {
 	Tags              map[string]string `json:"tags"`
 	WorkloadLifecycle Lifecycle         `json:"workload_lifecycle"`
 	WorkloadType      string            `json:"workload_type"`
+
+	// Owner (nexd, node state only) is the nexlet instance that runs the workload, as
+	// the node's record keeps it across restarts. The node sets it when it records a
+	// deploy, ignores any value a client sends, and never passes it to a nexlet.
+	Owner string `json:"nexd_owner,omitempty"`
 }
 
 // StartWorkloadResponse names the started workload.
@@ -319,6 +324,13 @@ type RegisterAgentRequest struct {
 	// WorkloadEndedSubject, so the node ignores WORKLOADSTOPPED events for its
 	// workloads (anyone could publish those).
 	ReportsEnded bool `json:"nexd_reports_ended,omitempty"`
+
+	// Workloads (nexd extension) lists the workloads this nexlet instance holds when
+	// it registers: running, or ended with a record of how. The node reconciles its
+	// state against it: a stored job the nexlet does not hold ran before and is
+	// removed, not started again; a stored service it does not hold is started again.
+	// Absent (upstream nexlets), every stored workload is replayed.
+	Workloads *[]string `json:"nexd_workloads,omitempty"`
 }
 
 // RegisterAgentResponse answers a registration: the nexlet's real credentials and the

@@ -100,14 +100,22 @@ func (n *Node) handleRegister(r micro.Request) {
 		// Recorded before its start: the deploy in flight starts it, not the replay.
 		delete(stored, wid)
 	}
-	for wid := range stored {
-		// Another nexlet instance's workload (of the same type) is not replayed here.
-		if o, ok := n.owned[wid]; ok && o.owner != owner {
+	for wid, swr := range stored {
+		// Another nexlet instance's workload (of the same type) is not replayed here:
+		// the owner this node knows, else the one recorded with it (after a restart of
+		// nexd); a record without one (an older nexd's) goes to the type.
+		rec := swr.Owner
+		if o, ok := n.owned[wid]; ok {
+			rec = o.owner
+		}
+		if rec != "" && rec != owner {
 			delete(stored, wid)
 		}
 	}
 	n.mu.Unlock()
+	n.reconcile(agentID, owner, req, stored)
 	for wid, swr := range stored {
+		swr.Owner = "" // node state only
 		wc, err := n.o.Minter.MintWorkload(swr.Namespace, wid)
 		if err != nil {
 			n.log.Warn("not replaying workload: minting its credentials failed", "workload_id", wid, "namespace", swr.Namespace, "err", err)
@@ -154,6 +162,30 @@ func (n *Node) handleRegister(r micro.Request) {
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,
 		"version", req.Version, "replayed", len(existing))
 	n.o.Emitter.Emit(n.id, protocol.EventAgentStarted, protocol.AgentStartedEvent{ID: agentID, Name: req.Name, RegisterType: req.RegisterType, Timestamp: now.UTC()})
+}
+
+// reconcile compares the registering nexlet's stored workloads with those it says it
+// holds (RegisterAgentRequest.Workloads; nothing to do when it does not say): a job it
+// does not hold ran before (its end was never acknowledged, or its nexlet lost the
+// record), so it leaves node state and stored instead of being started a second time.
+// A service it does not hold stays in stored and is started again.
+func (n *Node) reconcile(agentID, owner string, req protocol.RegisterAgentRequest, stored map[string]protocol.StartWorkloadRequest) {
+	if req.Workloads == nil {
+		return
+	}
+	held := make(map[string]bool, len(*req.Workloads))
+	for _, id := range *req.Workloads {
+		held[id] = true
+	}
+	for wid, swr := range stored {
+		if held[wid] || swr.WorkloadLifecycle != protocol.LifecycleJob {
+			continue
+		}
+		delete(stored, wid)
+		n.log.Info("job not held by its nexlet when it registered: it ran before; removed from node state, not started again",
+			"workload_id", wid, "agent_id", agentID, "owner", owner)
+		n.forget(wid, req.RegisterType)
+	}
 }
 
 // authorize decides whether this registration may take agentID and returns the

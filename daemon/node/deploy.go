@@ -36,6 +36,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 400, "bad start workload request", err)
 		return
 	}
+	req.Owner = "" // the node's to set, in its own record only
 	if ns := protocol.NamespaceOf(r.Subject()); ns != req.Namespace && ns != protocol.SystemNamespace {
 		n.refuse(r, 403, "namespace mismatch", fmt.Errorf("namespace mismatch: subject namespace %q, request namespace %q", ns, req.Namespace))
 		return
@@ -208,8 +209,9 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType}, 0, nil
 }
 
-// record writes the intent to node state.
+// record writes the intent to node state, with the nexlet instance that runs it.
 func (res *reservation) record(ctx context.Context, req protocol.StartWorkloadRequest) error {
+	req.Owner = res.agent.owner
 	if err := res.n.o.Store.Put(ctx, res.typ, res.id, req); err != nil {
 		return err
 	}

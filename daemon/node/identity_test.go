@@ -1,6 +1,8 @@
 package node
 
 import (
+	"maps"
+	"slices"
 	"testing"
 
 	"github.com/nats-io/nkeys"
@@ -90,5 +92,65 @@ func TestBoundNexletIdentity(t *testing.T) {
 	}
 	if ok, _ := n.ownedBy("second0", "wb"); !ok {
 		t.Fatal("the second instance does not own its workload")
+	}
+}
+
+// TestReconcileOnRegistration: a nexlet that says what it holds gets back its services
+// and the jobs it holds; a stored job it does not hold ran before and leaves node state
+// without being replayed. Records carry their owner, so a node that never saw the
+// deploys (a restarted nexd) still hands each instance only its own; a client cannot
+// choose the owner.
+func TestReconcileOnRegistration(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	st := f.stores[0]
+	put := func(id string, l protocol.Lifecycle, owner string) {
+		req := startReq("tenant", id, `{}`)
+		req.WorkloadLifecycle, req.Owner = l, owner
+		if err := st.Put(t.Context(), "native", id, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("svc", protocol.LifecycleService, "local:native")
+	put("heldjob", protocol.LifecycleJob, "local:native")
+	put("donejob", protocol.LifecycleJob, "local:native")
+	put("other", protocol.LifecycleJob, "local:second")
+	held := []string{"heldjob"}
+	a := f.healthyAgent(n, "native0", "native", "native", func(a *fakeAgent) { a.req.Workloads = &held })
+	got := slices.Sorted(maps.Keys(a.resp.ExistingState))
+	if !slices.Equal(got, []string{"heldjob", "svc"}) {
+		t.Fatalf("replayed %v, want heldjob and svc", got)
+	}
+	for id, w := range a.resp.ExistingState {
+		if w.Request.Owner != "" {
+			t.Errorf("replay of %s carries the node's owner record %q", id, w.Request.Owner)
+		}
+	}
+	left, _ := st.ByType(t.Context(), "native")
+	if _, ok := left["donejob"]; ok {
+		t.Fatal("the job its nexlet does not hold is still in node state")
+	}
+	if _, ok := left["other"]; !ok {
+		t.Fatal("another instance's job was removed")
+	}
+
+	// A deploy records the instance that runs it, whatever the client sent.
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	req := startReq("tenant", "w", `{"cmd":"x"}`)
+	req.Owner = "local:second"
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), req)
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil || started.ID == "" {
+		t.Fatalf("deploy reply %q %v", m.Data, err)
+	}
+	left, _ = st.ByType(t.Context(), "native")
+	if o := left[started.ID].Owner; o != "local:native" {
+		t.Fatalf("deployed workload recorded with owner %q, want local:native", o)
+	}
+	a.mu.Lock()
+	sent := a.workloads[started.ID].Owner
+	a.mu.Unlock()
+	if sent != "" {
+		t.Fatalf("the nexlet got the owner %q in its start request", sent)
 	}
 }

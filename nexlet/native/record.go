@@ -1,8 +1,10 @@
 package native
 
 import (
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -97,3 +99,25 @@ func newFIFO(dir, name string) (r, w *os.File, err error) {
 
 // openFIFOReader opens an existing FIFO for reading without blocking.
 func openFIFOReader(path string) (*os.File, error) { return fifo.OpenReader(path) }
+
+// HeldWorkloads implements nexlet.WorkloadHolder: the workloads in the table and those
+// with a record left by an earlier nexlet process (running, or ended with a tombstone).
+// A stored job missing from it ran before and is not started again.
+func (n *Nexlet) HeldWorkloads() []string {
+	held := map[string]bool{}
+	n.mu.Lock()
+	for id := range n.workloads {
+		held[id] = true
+	}
+	n.mu.Unlock()
+	entries, err := os.ReadDir(filepath.Join(n.cfg.RuntimeDir, "procs"))
+	if err != nil && !os.IsNotExist(err) {
+		n.log.Warn("workload records unreadable; reporting only the workloads in the table", "err", err)
+	}
+	for _, e := range entries {
+		if e.IsDir() {
+			held[e.Name()] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(held))
+}

@@ -57,6 +57,7 @@ type echoWorkload struct {
 
 // echoAgent implements nexlet.Agent.
 type echoAgent struct {
+	name     string // registered name; two echo nexlets on one node need two
 	started  time.Time
 	log      *slog.Logger
 	runner   *nexlet.Runner
@@ -66,7 +67,7 @@ type echoAgent struct {
 }
 
 func (a *echoAgent) Register() (*protocol.RegisterAgentRequest, error) {
-	return &protocol.RegisterAgentRequest{Name: "echo", RegisterType: "echo", Version: "0.1.0",
+	return &protocol.RegisterAgentRequest{Name: a.name, RegisterType: "echo", Version: "0.1.0",
 		Description: "Prints a message to the workload log feed", PublicXKey: "", StartRequestSchema: schema,
 		SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleJob, protocol.LifecycleService}}, nil
 }
@@ -78,7 +79,7 @@ func (a *echoAgent) Ping() (*protocol.AgentSummary, error) {
 	if a.lameduck {
 		state = "lameduck"
 	}
-	return &protocol.AgentSummary{Name: "echo", Type: "echo", StartTime: a.started, State: state,
+	return &protocol.AgentSummary{Name: a.name, Type: "echo", StartTime: a.started, State: state,
 		SupportedLifecycles: "job,service", Version: "0.1.0", WorkloadCount: len(a.wls)}, nil
 }
 
@@ -146,6 +147,7 @@ func (a *echoAgent) StartWorkload(id string, req *protocol.AgentStartWorkloadReq
 		_ = a.runner.EmitEvent(ns, protocol.EventWorkloadStopped, protocol.WorkloadStoppedEvent{ID: id, Namespace: ns, WorkloadType: "echo"})
 	}()
 	_ = a.runner.EmitEvent(ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: id, Namespace: ns, WorkloadType: "echo"})
+	a.log.Info("echo workload started", "workload_id", id, "existing", existing)
 	return &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}, nil
 }
 
@@ -252,7 +254,7 @@ func identity(ctx context.Context, nexus, natsURL, credsFile string) (string, st
 	return resp.RespondTo, resp.AssignedAgentID, cd, nil
 }
 
-func run(ctx context.Context, log *slog.Logger, nexus, natsURL, credsFile string) error {
+func run(ctx context.Context, log *slog.Logger, name, nexus, natsURL, credsFile string) error {
 	node, agentID, cd, err := identity(ctx, nexus, natsURL, credsFile)
 	if err != nil {
 		return err
@@ -263,7 +265,7 @@ func run(ctx context.Context, log *slog.Logger, nexus, natsURL, credsFile string
 	if err != nil {
 		return err
 	}
-	a := &echoAgent{started: time.Now().UTC(), log: log, wls: map[string]*echoWorkload{}}
+	a := &echoAgent{name: name, started: time.Now().UTC(), log: log, wls: map[string]*echoWorkload{}}
 	r, err := nexlet.NewRunner(ctx, node, a, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey))
 	if err != nil {
 		return err
@@ -278,6 +280,7 @@ func run(ctx context.Context, log *slog.Logger, nexus, natsURL, credsFile string
 }
 
 func main() {
+	name := flag.String("name", "echo", "name to register under (each nexlet on a node needs its own)")
 	nexus := flag.String("nexus", "", "register remotely with this nexus (the node needs --allow-remote-agent-registration)")
 	natsURL := flag.String("nats", nats.DefaultURL, "NATS servers for remote registration")
 	creds := flag.String("creds", "", "NATS credentials file for remote registration")
@@ -285,7 +288,7 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, log, *nexus, *natsURL, *creds); err != nil {
+	if err := run(ctx, log, *name, *nexus, *natsURL, *creds); err != nil {
 		log.Error("echo nexlet failed", "err", err)
 		os.Exit(1)
 	}

@@ -40,7 +40,7 @@ func TestRemoteRegistrationAndJob(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, slog.New(slog.DiscardHandler), "nexus", srv.ClientURL(), "") }()
+	go func() { done <- run(ctx, slog.New(slog.DiscardHandler), "echo", "nexus", srv.ClientURL(), "") }()
 	t.Cleanup(func() { cancel(); <-done })
 	select {
 	case reg := <-registered:
