@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,7 +39,10 @@ type Options struct {
 	Upstream   string        // upstream's nex binary (compare)
 	// CompareWorkloads are the running-workload counts compare samples memory at.
 	CompareWorkloads []int
-	Log              *slog.Logger
+	// NexdArgs are added to every nexd the tool starts (e.g. a wider
+	// --workload-uid-range for more workloads than the default range has uids).
+	NexdArgs []string
+	Log      *slog.Logger
 }
 
 // Defaults fills unset options: the full run, or the quick smoke run.
@@ -228,6 +232,7 @@ func (h *Harness) node(spec nodeSpec) (*nodeProc, error) {
 	}
 	h.mu.Unlock()
 	spec.Nexd = h.o.Nexd
+	spec.Extra = append(slices.Clone(h.o.NexdArgs), spec.Extra...)
 	if h.cg != "" && spec.CgroupV1 == "" {
 		spec.CgroupV1 = filepath.Join(h.cg, filepath.Base(spec.Dir))
 	}

@@ -160,8 +160,12 @@ func sampleNode(n *nodeProc) (nodeSample, error) {
 	return s, nil
 }
 
+// footprintDeploys is how many placements the footprint scenario times at each count.
+const footprintDeploys = 30
+
 // footprint: nexd's and the native nexlet's memory, threads and idle CPU with 0, 100
-// and 1,000 running workloads on one node with external NATS.
+// and 1,000 running workloads on one node with external NATS, and a deploy's latency
+// at each count.
 func (h *Harness) footprint(ctx context.Context) ([]Result, error) {
 	if len(h.o.Servers) > 0 {
 		return nil, errNoServers
@@ -215,7 +219,20 @@ func (h *Harness) footprint(ctx context.Context) ([]Result, error) {
 				r.add("workload process PSS (avg, not counted above)", float64(wp)/1024, "KB")
 			}
 		}
-		r.notef("idle CPU sampled over %s; %d nexlet process(es)", h.o.Idle, after.nexlets)
+		// A deploy's latency with this many running: placements, each stopped again.
+		var deploys []time.Duration
+		for k := range footprintDeploys {
+			p, err := c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, h.workload(), fmt.Sprintf("fpd%d-%d", running, k), time.Minute)
+			if err != nil {
+				return out, fmt.Errorf("placement with %d running: %w", running, err)
+			}
+			if err := c.undeploy(ctx, p.ID, gatherOpts{first: 30 * time.Second, stall: time.Second, max: 1}); err != nil {
+				return out, err
+			}
+			deploys = append(deploys, p.Deploy)
+		}
+		r.add("deploy request p50 (one more workload)", float64(Summarize(deploys).P50)/float64(time.Millisecond), "ms")
+		r.notef("idle CPU sampled over %s; %d nexlet process(es); deploy p50 of %d placements, each stopped again", h.o.Idle, after.nexlets, footprintDeploys)
 		out = append(out, r)
 	}
 	return out, nil
