@@ -120,8 +120,16 @@ func nodeLogLines(ctx context.Context, c *control.Client, id string) ([]logstrea
 // node's log buffer, or in the log stream (log_stream), in that order. from names the
 // source.
 func (a *app) workloadHistory(ctx context.Context, f *fleet, ns, id string, since time.Time, tail int) (lines []logstream.Line, from string, err error) {
-	if ls, err := journalLines(ctx, id, since, tail); err == nil && len(ls) > 0 {
-		return keep(ls, since, tail), "journal", nil
+	if ls, err := journalLines(ctx, id, since, tail); err == nil {
+		if len(ls) > 0 {
+			return keep(ls, since, tail), "journal", nil
+		}
+		// Nothing since then: still the journal's answer if it has the workload at all.
+		if !since.IsZero() {
+			if any, err := journalLines(ctx, id, time.Time{}, 1); err == nil && len(any) > 0 {
+				return nil, "the journal since " + since.Format(time.RFC3339), nil
+			}
+		}
 	}
 	c := a.client()
 	cctx, cancel := context.WithTimeout(ctx, 3*time.Second)

@@ -55,6 +55,15 @@ running_once() { [ "$(count_running "$1")" = 1 ] && [ "$(pgrep -cx "$2")" = 1 ];
 # (adopted, not started again).
 same_sleep() { [ "$(count_running "$1")" = 1 ] && [ "$(pgrep -x sleep)" = "$2" ]; }
 
+# logs_are ID WANT ARGS...: `nexctl workload logs ID ARGS...` prints exactly WANT on stdout
+# (shown on failure).
+logs_are() {
+	local id=$1 want=$2 got
+	shift 2
+	got=$(nexctl workload logs "$id" "$@") || return 1
+	[ "$got" = "$want" ] || { printf 'got:\n%s\nwant:\n%s\n' "$got" "$want"; return 1; }
+}
+
 set_config() { # set_config SED-EXPR: edit /etc/nex/config.json in place
 	sed -i "$1" /etc/nex/config.json
 }

@@ -72,6 +72,12 @@ check "a member of nex needs no NATS set-up (credential from the control socket)
 info "workload cgroup: $(cat /proc/"$WPID"/cgroup 2>/dev/null | tr '\n' ' ')"
 check "journal carries the workload fields (NEX_WORKLOAD_ID, NEX_NAMESPACE)" \
 	sh -c "journalctl -u nexd -o json --no-pager | grep '\"NEX_WORKLOAD_ID\"' | grep -q '\"NEX_NAMESPACE\":\"system\"'"
+# A job whose output the history checks below read back from the journal (log_stream is
+# off in the packaged config) after the restarts have emptied the node's log buffer.
+HIST=$(run_workload --json --name hist --lifecycle job -- /bin/sh -c 'for i in 1 2 3 4 5; do echo hist-line-$i; done' | json_field id)
+check "job hist ran (id $HIST)" test -n "$HIST"
+check "job hist's output is in the journal (NEX_WORKLOAD_ID, LINE)" \
+	wait_until 30 sh -c "journalctl -o json --no-pager NEX_WORKLOAD_ID=$HIST | grep -q '\"LINE\":\"hist-line-5\"'"
 
 # --- reload: good config changes the log level; bad config is rejected ---
 MAIN=$(mainpid)
@@ -118,6 +124,17 @@ for i in 2 3 4 5; do
 	check "workload x listed and the same process after restart $i" wait_until 60 same_sleep x "$WPID"
 done
 check "nexctl status refused for another user with control_allow_others=none" not runuser -u bob -- nexctl status
+
+# --- workload history from the journal (nexd restarted since: its log buffer is new) ---
+check "log_stream is off (history cannot come from NEX_LOGS)" \
+	sh -c "nexctl --json config | tr -d ' \n' | grep -q '\"log_stream\":{\"value\":false'"
+check "nexctl workload logs $HIST --tail 2: the job's last two lines, from the journal" \
+	logs_are "$HIST" "$(printf 'hist-line-4\nhist-line-5')" --tail 2
+check "nexctl workload logs $HIST --since 1h: all five lines" \
+	logs_are "$HIST" "$(printf 'hist-line-%s\n' 1 2 3 4 5 | head -c -1)" --since 1h
+check "nexctl workload logs $HIST --since 1h --tail 1: the last line" logs_are "$HIST" hist-line-5 --since 1h --tail 1
+check "nexctl workload logs $HIST --since 1s (nothing since): empty, says the journal has none since then" \
+	sh -c "out=\$(nexctl workload logs $HIST --since 1s 2>&1 >/dev/null); echo \"\$out\"; [ -z \"\$(nexctl workload logs $HIST --since 1s 2>/dev/null)\" ] && echo \"\$out\" | grep -q 'in the journal since'"
 check "nexctl status still works for a member of group nex" runuser -u alice -- nexctl status
 
 # --- a hung node (SIGSTOP) is killed by the watchdog and restarted ---
