@@ -187,6 +187,12 @@ func logsPath(q LogQuery, follow bool) string {
 	if follow {
 		v.Set("follow", "1")
 	}
+	if q.History {
+		v.Set("history", "1")
+	}
+	if !q.Since.IsZero() {
+		v.Set("since", q.Since.UTC().Format(time.RFC3339Nano))
+	}
 	if len(v) == 0 {
 		return "/v1/logs"
 	}

@@ -85,7 +85,8 @@ func (b *testBackend) RestartNexlet(ctx context.Context, name string) error {
 func (b *testBackend) Workloads(ctx context.Context) ([]Workload, error) { return nil, nil }
 
 func (b *testBackend) Logs(ctx context.Context, q LogQuery) ([]LogLine, error) {
-	return []LogLine{{Msg: "hello", Nexlet: q.Nexlet, WorkloadID: q.Workload, Attrs: map[string]any{"lines": q.Lines}}}, nil
+	return []LogLine{{Msg: "hello", Nexlet: q.Nexlet, WorkloadID: q.Workload, Attrs: map[string]any{"lines": q.Lines,
+		"history": q.History, "since": q.Since.Format(time.RFC3339Nano)}}}, nil
 }
 
 func (b *testBackend) FollowLogs(ctx context.Context, q LogQuery) (<-chan LogLine, error) {
@@ -209,8 +210,16 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatalf("Workloads = %#v, %v", ws, err)
 	}
 	ls, err := c.Logs(ctx, LogQuery{Nexlet: "native", Lines: 5})
-	if err != nil || len(ls) != 1 || ls[0].Nexlet != "native" || ls[0].Attrs["lines"] != float64(5) {
+	if err != nil || len(ls) != 1 || ls[0].Nexlet != "native" || ls[0].Attrs["lines"] != float64(5) || ls[0].Attrs["history"] != false {
 		t.Fatalf("Logs = %+v, %v", ls, err)
+	}
+	since := time.Date(2026, 12, 1, 10, 0, 0, 123456789, time.UTC)
+	ls, err = c.Logs(ctx, LogQuery{Workload: "W1", History: true, Since: since, Lines: 2})
+	if err != nil || len(ls) != 1 || ls[0].Attrs["history"] != true || ls[0].Attrs["since"] != since.Format(time.RFC3339Nano) {
+		t.Fatalf("Logs (history) = %+v, %v", ls, err)
+	}
+	if _, err := c.Logs(ctx, LogQuery{Nexlet: "native", History: true}); err == nil || !strings.Contains(err.Error(), "history needs workload") {
+		t.Fatalf("history without a workload: %v", err)
 	}
 	cfg, err := c.Config(ctx)
 	if err != nil || !strings.Contains(string(cfg), "<redacted>") {

@@ -464,6 +464,26 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		q.Lines = n
 	}
+	switch h := qv.Get("history"); h {
+	case "", "0", "false":
+	case "1", "true":
+		q.History = true
+	default:
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("query: history=%q is not 0, 1, true or false", h))
+		return
+	}
+	if since := qv.Get("since"); since != "" {
+		t, err := time.Parse(time.RFC3339Nano, since)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("query: since=%q is not an RFC 3339 time", since))
+			return
+		}
+		q.Since = t
+	}
+	if q.History && (q.Workload == "" || q.Follow) {
+		writeError(w, http.StatusBadRequest, "query: history needs workload and no follow")
+		return
+	}
 	if !q.Follow {
 		lines, err := s.opts.Backend.Logs(r.Context(), q)
 		if err != nil {

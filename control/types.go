@@ -257,6 +257,12 @@ type LogQuery struct {
 	Workload string `json:"workload,omitempty"`
 	Follow   bool   `json:"follow,omitempty"`
 	Lines    int    `json:"lines,omitempty"` // 0 means the backend's default
+	// History asks for a workload's past output (with Workload): from the host's
+	// journal, which nexd reads for its admins, when it has the workload, else from the
+	// node's log buffer; Since bounds it (zero: no bound). Older nexds ignore both and
+	// answer from their buffer.
+	History bool      `json:"history,omitempty"`
+	Since   time.Time `json:"since,omitempty"`
 }
 
 // SecretPut is the body of PUT /v1/secrets/{ns}/{key}.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/user"
@@ -15,6 +16,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/logging"
+	"github.com/nexd-project/nexd/internal/journalread"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -154,7 +156,37 @@ func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
 }
 
 func (b backend) Logs(ctx context.Context, q control.LogQuery) ([]control.LogLine, error) {
+	if q.History {
+		return workloadHistory(ctx, b.s.daemon, q), nil
+	}
 	return recentLogs(b.s.daemon, q), nil
+}
+
+// workloadHistory is a workload's past output (q.History): from this host's journal,
+// which nexd may read where its admins (members of nex) usually may not, else what the
+// log buffer kept; since q.Since, the last q.Lines of it.
+func workloadHistory(ctx context.Context, d *daemon, q control.LogQuery) []control.LogLine {
+	ls, err := journalread.WorkloadOutput(ctx, q.Workload, q.Since, q.Lines)
+	if err != nil {
+		d.log.Debug("workload history: journal not read", "workload_id", q.Workload, "err", err)
+	}
+	var out []control.LogLine
+	for _, l := range ls {
+		out = append(out, control.LogLine{Time: l.Time, Level: slog.LevelInfo.String(), Msg: journalread.OutputMsg,
+			WorkloadID: q.Workload, Attrs: map[string]any{"line": l.Line, "nexlet_stream": l.Stream, "source": "journal"}})
+	}
+	if len(out) > 0 {
+		return out
+	}
+	for _, l := range recentLogs(d, control.LogQuery{Workload: q.Workload}) {
+		if l.Msg == journalread.OutputMsg && !l.Time.Before(q.Since) {
+			out = append(out, l)
+		}
+	}
+	if q.Lines > 0 && len(out) > q.Lines {
+		out = out[len(out)-q.Lines:]
+	}
+	return out
 }
 
 func (b backend) FollowLogs(ctx context.Context, q control.LogQuery) (<-chan control.LogLine, error) {

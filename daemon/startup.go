@@ -108,6 +108,9 @@ func (b startupBackend) Workloads(context.Context) ([]control.Workload, error) {
 	return []control.Workload{}, nil
 }
 func (b startupBackend) Logs(ctx context.Context, q control.LogQuery) ([]control.LogLine, error) {
+	if q.History {
+		return workloadHistory(ctx, b.d, q), nil
+	}
 	return recentLogs(b.d, q), nil
 }
 func (b startupBackend) FollowLogs(ctx context.Context, q control.LogQuery) (<-chan control.LogLine, error) {

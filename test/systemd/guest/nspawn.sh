@@ -133,6 +133,9 @@ check "nexctl workload logs $HIST --tail 2: the job's last two lines, from the j
 check "nexctl workload logs $HIST --since 1h: all five lines" \
 	logs_are "$HIST" "$(printf 'hist-line-%s\n' 1 2 3 4 5 | head -c -1)" --since 1h
 check "nexctl workload logs $HIST --since 1h --tail 1: the last line" logs_are "$HIST" hist-line-5 --since 1h --tail 1
+check "as alice (group nex, no journal access): workload logs $HIST --tail 2 through the node, which reads the journal" \
+	runuser -u alice -- sh -c "out=\$(nexctl workload logs $HIST --tail 2); echo \"\$out\"; [ \"\$out\" = \"\$(printf 'hist-line-4\\nhist-line-5')\" ]"
+info "as alice, journalctl itself: $(runuser -u alice -- journalctl -q -o cat NEX_WORKLOAD_ID=$HIST 2>&1 | head -2 | tr '\n' '|')"
 check "nexctl workload logs $HIST --since 1s (nothing since): empty, says the journal has none since then" \
 	sh -c "out=\$(nexctl workload logs $HIST --since 1s 2>&1 >/dev/null); echo \"\$out\"; [ -z \"\$(nexctl workload logs $HIST --since 1s 2>/dev/null)\" ] && echo \"\$out\" | grep -q 'in the journal since'"
 check "nexctl status still works for a member of group nex" runuser -u alice -- nexctl status
