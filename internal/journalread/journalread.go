@@ -27,16 +27,21 @@ const OutputMsg = "workload output"
 // order, only the last tail of them when tail > 0. A host without journalctl is an
 // error; a journal without the workload, or one the caller may not read, gives none.
 func WorkloadOutput(ctx context.Context, id string, since time.Time, tail int) ([]logstream.Line, error) {
-	path, err := exec.LookPath("journalctl")
+	return workloadOutput(ctx, "journalctl", id, since, tail)
+}
+
+func workloadOutput(ctx context.Context, journalctl, id string, since time.Time, tail int) ([]logstream.Line, error) {
+	path, err := exec.LookPath(journalctl)
 	if err != nil {
 		return nil, err
 	}
 	args := []string{"--no-pager", "-q", "-o", "json", "NEX_WORKLOAD_ID=" + id, "MESSAGE=" + OutputMsg}
 	if !since.IsZero() {
-		// Whole seconds (journalctl's @<epoch>); callers cut the exact time themselves.
+		// Whole seconds (journalctl's @<epoch>); the exact time is cut below.
 		args = append(args, "--since", "@"+strconv.FormatInt(since.Unix(), 10))
-	}
-	if tail > 0 {
+	} else if tail > 0 {
+		// Only without --since: with it, journalctl's -n counts from the start of the
+		// range (systemd 252 printed the first line for --since 1h -n 1).
 		args = append(args, "-n", strconv.Itoa(tail))
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -50,7 +55,20 @@ func WorkloadOutput(ctx context.Context, id string, since time.Time, tail int) (
 		}
 		return nil, fmt.Errorf("journalctl: %w", err)
 	}
-	return parse(out)
+	lines, err := parse(out)
+	if err != nil {
+		return nil, err
+	}
+	kept := lines[:0]
+	for _, l := range lines {
+		if !l.Time.Before(since) {
+			kept = append(kept, l)
+		}
+	}
+	if tail > 0 && len(kept) > tail {
+		kept = kept[len(kept)-tail:]
+	}
+	return kept, nil
 }
 
 // parse reads journalctl's JSON lines; an entry whose LINE is not text (journalctl
