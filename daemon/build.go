@@ -109,6 +109,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if err != nil {
 		return nil, fmt.Errorf("nats: %w", err)
 	}
+	// Start-up status shows the connection from here on (JetStream may be what is
+	// still missing).
+	d.update(func(v *snapshot) { v.natsInfo = s.conn.Info })
 	d.closers.push("NATS connection", func(ctx context.Context) error {
 		// Publish the last log lines while the connection still exists.
 		d.logger.AttachNATS(nil, "")

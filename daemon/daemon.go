@@ -17,6 +17,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/logging"
+	"github.com/nexd-project/nexd/daemon/natsconn"
 	"github.com/nexd-project/nexd/daemon/sysd"
 )
 
@@ -50,9 +51,10 @@ type daemon struct {
 // need no lock and never see a half-made change.
 type snapshot struct {
 	phase         control.NodeState
-	loaded        *config.Loaded // current config; replaced by a successful reload
-	lameduckUntil time.Time      // set in StateLameduck
-	waiting       string         // during start-up: what nexd waits for, as in STATUS
+	loaded        *config.Loaded           // current config; replaced by a successful reload
+	lameduckUntil time.Time                // set in StateLameduck
+	waiting       string                   // during start-up: what nexd waits for, as in STATUS
+	natsInfo      func() natsconn.ConnInfo // once connected: the NATS connection's state
 }
 
 func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon, error) {

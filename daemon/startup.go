@@ -78,7 +78,7 @@ var errStarting = fmt.Errorf("%w: nexd is starting; try again once it is running
 func (b startupBackend) Status(context.Context) (control.Status, error) {
 	v := b.d.view()
 	cfg := v.loaded.Config
-	return control.Status{
+	st := control.Status{
 		NodeID:    b.nodeID,
 		Name:      cfg.Node.Name,
 		Nexus:     cfg.Node.Nexus,
@@ -90,7 +90,13 @@ func (b startupBackend) Status(context.Context) (control.Status, error) {
 		Detail:    v.waiting,
 		Nexlets:   []control.Nexlet{},
 		Workloads: map[string]int{},
-	}, nil
+	}
+	if v.natsInfo != nil {
+		ci := v.natsInfo()
+		st.NATS = control.NATSStatus{Server: ci.Server, RTT: control.Duration(ci.RTT), Reconnects: ci.Reconnects,
+			Embedded: ci.Embedded, Connected: ci.Connected}
+	}
+	return st, nil
 }
 
 func (b startupBackend) Reload(context.Context) (control.ReloadResult, error) {

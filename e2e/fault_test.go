@@ -337,6 +337,10 @@ func TestJetStreamLateAtStart(t *testing.T) {
 	if !strings.Contains(out, "starting (degraded: waiting for JetStream") {
 		t.Errorf("nexctl status during the degraded start-up does not say what nexd waits for:\n%s", out)
 	}
+	var st control.Status
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "--json", "status")), &st); err != nil || !st.NATS.Connected {
+		t.Errorf("status during the JetStream wait: NATS %+v (%v), want connected", st.NATS, err)
+	}
 	time.Sleep(30*time.Second - time.Since(began))
 	noJS.Shutdown()
 	noJS.WaitForShutdown()
