@@ -189,11 +189,14 @@ type Node struct {
 	lameduck  time.Time // zero unless in lame duck mode: when workloads stop
 	startTime time.Time
 	agents    map[string]*registration // by agent id
-	expected  map[string]string        // agent id -> name, pre-assigned by the daemon
-	procInfo  map[string]procInfo      // by agent id, from the supervisor
-	bids      *bidBook                 // bidder id -> bid, bounded
-	auctions  *auctionQueue            // auctions waiting for a worker
-	changed   chan struct{}            // closed and replaced whenever agents change
+	// deaf is the last health sweep at which the node's own NATS connection was down:
+	// a nexlet's silence until then says nothing about the nexlet.
+	deaf     time.Time
+	expected map[string]string   // agent id -> name, pre-assigned by the daemon
+	procInfo map[string]procInfo // by agent id, from the supervisor
+	bids     *bidBook            // bidder id -> bid, bounded
+	auctions *auctionQueue       // auctions waiting for a worker
+	changed  chan struct{}       // closed and replaced whenever agents change
 
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events

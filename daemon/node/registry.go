@@ -337,9 +337,19 @@ func (n *Node) sweep(now time.Time) {
 		from, to string
 	}
 	var changes []change
+	connected := n.o.NC.IsConnected()
 	n.mu.Lock()
+	if !connected {
+		n.deaf = now
+	}
 	for id, r := range n.agents {
-		if n.o.RemoveOfflineAfter >= 0 && now.Sub(r.lastSeen) > n.o.OfflineAfter+n.o.RemoveOfflineAfter {
+		// A registration is removed for silence the node could have heard: an outage of
+		// the node's own NATS (of any length) removes no nexlet and so loses no workload.
+		seen := r.lastSeen
+		if n.deaf.After(seen) {
+			seen = n.deaf
+		}
+		if n.o.RemoveOfflineAfter >= 0 && now.Sub(seen) > n.o.OfflineAfter+n.o.RemoveOfflineAfter {
 			gone = append(gone, r)
 			n.removeLocked(id)
 			continue
