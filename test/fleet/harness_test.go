@@ -193,12 +193,15 @@ func (f *Fleet) cleanup() {
 	f.mu.Lock()
 	procs := append([]*Proc(nil), f.procs...)
 	f.mu.Unlock()
-	// nexd first, so it stops its workloads while it still can, then the servers.
+	// nexd first, so it stops its workloads while it still can, then the servers;
+	// every nexd at once (a scale fleet has a hundred).
+	var stopping sync.WaitGroup
 	for _, p := range procs {
 		if p.nexd {
-			p.Stop(30 * time.Second)
+			stopping.Go(func() { p.Stop(30 * time.Second) })
 		}
 	}
+	stopping.Wait()
 	for _, p := range procs {
 		p.Stop(10 * time.Second)
 	}
@@ -353,6 +356,13 @@ func (h *Host) StartNATS() {
 // socket and cgroup root, connected to servers, and waits until it is running.
 func (h *Host) StartNexd(servers string, extra ...string) {
 	h.f.t.Helper()
+	h.LaunchNexd(servers, extra...)
+	h.WaitRunning(90 * time.Second)
+}
+
+// LaunchNexd is StartNexd without the wait.
+func (h *Host) LaunchNexd(servers string, extra ...string) {
+	h.f.t.Helper()
 	args := []string{"--state-dir", h.StateDir, "--control-socket", h.Socket, "--node-name", h.Name,
 		"--state", "kv", "--startup-timeout", "60s", "--tags", "host=" + h.Name, "--metrics-listen", metricsAddr}
 	if servers != "" {
@@ -363,7 +373,6 @@ func (h *Host) StartNexd(servers string, extra ...string) {
 	}
 	h.Nexd = h.f.start(h.Name+"-nexd", h.NS, bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexd"), append(args, extra...)...)
 	h.Nexd.nexd = true
-	h.WaitRunning(90 * time.Second)
 }
 
 // NexdCheck runs nexd --check with the host's settings in its namespace and returns
