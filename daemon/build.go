@@ -175,6 +175,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		DeployTimeout:           cfg.Node.DeployTimeout,
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
+		TrustedNodes:            cfg.TrustedNodes,
 		Minter:                  s.minter,
 		CanPlace:                canPlace(s.jetstream.refusal, diskSpace(d.log, map[string]string{"state directory": cfg.Node.StateDir, "runtime directory": s.runtimeDir})),
 		CanBid:                  s.jetstream.refusal,

@@ -657,3 +657,150 @@ func TestCloneResealOnlyToSignedBid(t *testing.T) {
 		return code == 0 && strings.Contains(o, "token=hunter2")
 	})
 }
+
+// TestFakeBidderUnknownNode: a client on the bus poses as a node of its own: it makes
+// up a server nkey, bids as that node id with a valid signature and claims to be idle,
+// so nexctl would prefer it. Without a list of known nodes nexctl seals the
+// environment to it (the attack works); with --trusted-node naming the real node (or
+// trusted_nodes in the environment) nexctl refuses the bid, says why, and deploys to
+// the real node. The fake never gets a deploy.
+func TestFakeBidderUnknownNode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	n.runWorkload(t, "--name", "load", "--namespace", "tenant", "--", "/bin/sleep", "300") // the real node's bid says 1
+
+	fakeKey, _ := nkeys.CreateServer()
+	fakeID, _ := fakeKey.PublicKey()
+	fakeX, _ := nkeys.CreateCurveKeys()
+	fakeXPub, _ := fakeX.PublicKey()
+	schema := `{"type":"object","properties":{"uri":{"type":"string"},"argv":{"type":"array"},"encrypted_environment":{"type":"object"}}}`
+	var deploys atomic.Int64
+	subs := map[string]nats.MsgHandler{
+		protocol.AuctionSubject("tenant"): func(m *nats.Msg) {
+			var req protocol.AuctionRequest
+			_ = json.Unmarshal(m.Data, &req)
+			b := protocol.AuctionResponse{BidderID: "fake-self-signed", StartRequestSchema: schema, XKey: fakeXPub,
+				SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob}, NodeID: fakeID, NodeName: "fake"}
+			sig, _ := fakeKey.Sign(protocol.BidPayload("tenant", req.AuctionID, b))
+			b.Sig = base64.StdEncoding.EncodeToString(sig)
+			out, _ := json.Marshal(b)
+			_ = m.Respond(out)
+		},
+		protocol.PingSubject(): func(m *nats.Msg) {
+			out, _ := json.Marshal(protocol.NodePingResponse{NodeID: fakeID, State: protocol.NodeRunning, Tags: map[string]string{},
+				Version: "0.0.1", XKey: fakeXPub, StartTime: time.Now()})
+			_ = m.Respond(out)
+		},
+		protocol.DeploySubject("tenant", "fake-self-signed"): func(m *nats.Msg) {
+			deploys.Add(1)
+			_ = m.Respond([]byte(`{"id":"stolen","name":"stolen"}`))
+		},
+	}
+	for subj, h := range subs {
+		if _, err := nc.Subscribe(subj, h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flush(t, nc)
+	deploy := func(env []string, extra ...string) (runResult, string) {
+		t.Helper()
+		args := append([]string{"--control-socket", n.socket, "--nats.servers", s.ClientURL(), "--namespace", "tenant", "--json"}, extra...)
+		out, errOut, code := run(t, env, nexctlBin(t), append(args, "workload", "run", "--name", "secret", "--env", "TOKEN=hunter2", "--", "/bin/sleep", "300")...)
+		if code != 0 {
+			t.Fatalf("nexctl workload run %v: exit %d\n%s\n%s", extra, code, out, errOut)
+		}
+		var r runResult
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatal(err)
+		}
+		return r, errOut
+	}
+	// Control: a valid signature by an unknown node passes.
+	if r, _ := deploy(nil); deploys.Load() != 1 || r.ID != "stolen" {
+		t.Fatalf("control run: the self-signed fake did not get the deploy (%d deploys, placed %+v); the attack is not played", deploys.Load(), r)
+	}
+	for name, run := range map[string]func() (runResult, string){
+		"flag": func() (runResult, string) { return deploy(nil, "--trusted-node", st.NodeID) },
+		"env":  func() (runResult, string) { return deploy([]string{"NEX_TRUSTED_NODES=" + st.NodeID}) },
+	} {
+		r, errOut := run()
+		if deploys.Load() != 1 || r.Node != st.NodeID || r.ID == "stolen" {
+			t.Fatalf("%s: the sealed environment went to the unknown node: %d deploys to the fake, placed %+v", name, deploys.Load(), r)
+		}
+		if !strings.Contains(errOut, "not in trusted_nodes") {
+			t.Errorf("%s: nexctl did not say why it refused the bid: %q", name, errOut)
+		}
+	}
+	// A bad entry is a usage error naming it.
+	_, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", s.ClientURL(),
+		"--trusted-node", "NOTANODE", "workload", "run", "--", "/bin/true")
+	if code != 2 || !strings.Contains(errOut, `"NOTANODE"`) {
+		t.Errorf("--trusted-node NOTANODE: exit %d, %q", code, errOut)
+	}
+}
+
+// TestCloneResealOnlyToTrustedNode: with trusted_nodes set, a client that may clone
+// asks for a workload's environment re-sealed to its own xkey, carrying a bid it signed
+// with a node key it made up (a valid signature): the environment stays closed to it.
+// A bid signed by a listed node (here the node itself) still gets the re-seal.
+func TestCloneResealOnlyToTrustedNode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	nodeKey, _ := nkeys.CreateServer()
+	nodeSeed, _ := nodeKey.Seed()
+	nodeID, _ := nodeKey.PublicKey()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--node-seed", string(nodeSeed), "--trusted-nodes", nodeID}})
+	if st := n.waitReady(t); st.NodeID != nodeID {
+		t.Fatalf("node id %s, want %s", st.NodeID, nodeID)
+	}
+	nc := testnats.Connect(t, s)
+	w := n.natsRun(t, "", "tenant", "--name", "sealed", "--env", "TOKEN=hunter2", "--", "/bin/sh", "-c", `echo "token=$TOKEN"; exec sleep 300`)
+
+	thief, _ := nkeys.CreateCurveKeys()
+	thiefPub, _ := thief.PublicKey()
+	clone := func(signer nkeys.KeyPair) (string, bool) {
+		t.Helper()
+		id, _ := signer.PublicKey()
+		bid := protocol.AuctionResponse{BidderID: "b", XKey: thiefPub, NodeID: id}
+		sig, _ := signer.Sign(protocol.BidPayload("tenant", "a1", bid))
+		bid.Sig = base64.StdEncoding.EncodeToString(sig)
+		body, _ := json.Marshal(protocol.CloneWorkloadRequest{Namespace: "tenant", NewTargetXKey: thiefPub, Bid: &bid, BidAuctionID: "a1", BidNamespace: "tenant"})
+		m, err := nc.Request(protocol.CloneSubject("tenant", w.ID), body, 10*time.Second)
+		if err != nil {
+			t.Fatalf("clone request: %v", err)
+		}
+		var swr protocol.StartWorkloadRequest
+		if err := json.Unmarshal(m.Data, &swr); err != nil {
+			t.Fatalf("%v: %s", err, m.Data)
+		}
+		var rr struct {
+			Enc *protocol.EncEnv `json:"encrypted_environment"`
+		}
+		_ = json.Unmarshal([]byte(swr.RunRequest), &rr)
+		if rr.Enc == nil {
+			t.Fatalf("no sealed environment in %s", swr.RunRequest)
+		}
+		data, _ := base64.StdEncoding.DecodeString(rr.Enc.Base64EncryptedEnv)
+		plain, err := thief.Open(data, rr.Enc.EncryptedBy)
+		return string(plain), err == nil
+	}
+	madeUp, _ := nkeys.CreateServer()
+	if plain, opened := clone(madeUp); opened {
+		t.Fatalf("the environment was re-sealed to a bid of an unknown node: %s", plain)
+	}
+	if plain, opened := clone(nodeKey); !opened || !strings.Contains(plain, "hunter2") {
+		t.Fatalf("a listed node's bid did not get the re-seal (opened %v): %q", opened, plain)
+	}
+	if !strings.Contains(n.out.String(), "not in trusted_nodes") {
+		t.Errorf("nexd did not log why it refused the re-seal")
+	}
+}

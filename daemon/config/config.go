@@ -15,7 +15,10 @@ import (
 type Config struct {
 	// Namespace is the global --namespace; "system" is the administrative namespace.
 	Namespace string
-	Node      NodeConfig
+	// TrustedNodes (trusted_nodes, read by nexctl) are the node ids (server public
+	// keys) whose signed bids nexctl accepts; empty accepts any signer.
+	TrustedNodes []string
+	Node         NodeConfig
 	NATS      NATSConfig
 	Logger    LoggerConfig
 }

@@ -54,6 +54,11 @@ func (v *validator) validate() {
 	c := v.cfg
 	n := &c.Node
 	v.subjectToken("namespace", c.Namespace)
+	for i, id := range c.TrustedNodes {
+		if !nkeys.IsValidPublicServerKey(id) {
+			v.fail("trusted_nodes", fmt.Sprintf("[%d]", i), fmt.Sprintf("expected a node id (server public key N…), got %s", describeKey(id)))
+		}
+	}
 	v.subjectToken("nexus", n.Nexus)
 	if strings.TrimSpace(n.Name) == "" {
 		v.fail("node_name", "", "must not be empty")

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -342,6 +343,8 @@ func (n *Node) handleClone(r micro.Request) {
 			err = errors.New("no signed bid (nexd_bid) names it")
 		case req.Bid.XKey != req.NewTargetXKey:
 			err = fmt.Errorf("the bid names xkey %s", req.Bid.XKey)
+		case len(n.o.TrustedNodes) > 0 && !slices.Contains(n.o.TrustedNodes, req.Bid.NodeID):
+			err = fmt.Errorf("node %s is not in trusted_nodes", req.Bid.NodeID)
 		default:
 			err = protocol.VerifyBid(req.BidNamespace, req.BidAuctionID, *req.Bid)
 		}

@@ -77,6 +77,10 @@ type Options struct {
 	// RemoteNexlets are the only remote nexlets that may register: each signs its
 	// registration with the key listed here, under the name and type listed here.
 	RemoteNexlets []RemoteNexlet
+	// TrustedNodes, when set, are the only node ids whose signed bids CLONE re-seals
+	// an environment to (trusted_nodes): a signature proves a node id, not that it is
+	// one of ours.
+	TrustedNodes []string
 
 	Minter Minter
 	Store  Store // default NoStore

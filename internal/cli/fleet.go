@@ -34,6 +34,9 @@ type fleet struct {
 	jsDomain string
 	// progress shows a node's progress reports during a deploy (nil: ignored).
 	progress *deployProgress
+	// trusted, when set, are the only node ids whose signed bids are used
+	// (trusted_nodes): a valid signature proves a node id, not that it is ours.
+	trusted map[string]bool
 }
 
 func (f *fleet) jetstream() (jetstream.JetStream, error) {
@@ -228,6 +231,9 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 			continue
 		}
 		switch err := protocol.VerifyBid(ns, req.AuctionID, b); {
+		case err == nil && f.trusted != nil && !f.trusted[b.NodeID]:
+			bad = append(bad, fmt.Errorf("bid refused from %s: node %s is not in trusted_nodes", bidLabel(b), b.NodeID))
+			continue
 		case err == nil:
 			signed[b.BidderID] = true
 		case !errors.Is(err, protocol.ErrUnsignedBid):

@@ -48,6 +48,12 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	}
 	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
 		progress: a.newDeployProgress()}
+	if len(r.TrustedNodes) > 0 {
+		f.trusted = map[string]bool{}
+		for _, id := range r.TrustedNodes {
+			f.trusted[id] = true
+		}
+	}
 	return f, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

@@ -50,7 +50,10 @@ var credKeys = []string{"nats.creds_file", "nats.nkey", "nats.seed", "nats.jwt",
 type resolution struct {
 	Namespace     string
 	ControlSocket string
-	NATS          natsconn.Options
+	// TrustedNodes are the node ids whose signed bids are accepted (trusted_nodes or
+	// --trusted-node); empty accepts any signer.
+	TrustedNodes []string
+	NATS         natsconn.Options
 	// Origins maps "namespace", "control_socket" and nats.* keys to their source:
 	// "flag --x", "env X", a file path, "nats context select", "local node" or "default".
 	Origins map[string]string
@@ -174,6 +177,20 @@ func resolve(in resolveInputs) *resolution {
 	if f := in.flags.Lookup("control-socket"); f != nil && f.Changed {
 		r.ControlSocket, r.Origins["control_socket"] = f.Value.String(), "flag --control-socket"
 	}
+	r.TrustedNodes, r.Origins["trusted_nodes"] = cfg.TrustedNodes, origin("trusted_nodes")
+	if f := in.flags.Lookup("trusted-node"); f != nil && f.Changed {
+		ids, _ := in.flags.GetStringArray("trusted-node")
+		r.TrustedNodes, r.Origins["trusted_nodes"] = nil, "flag --trusted-node"
+		for _, id := range ids {
+			for _, one := range splitList(id) {
+				if !nkeys.IsValidPublicServerKey(one) {
+					r.Err = errors.Join(r.Err, usagef("--trusted-node %q: not a node id (a server public key N…)", one))
+					continue
+				}
+				r.TrustedNodes = append(r.TrustedNodes, one)
+			}
+		}
+	}
 	return r
 }
 
@@ -188,7 +205,7 @@ func clientErrors(err error, notes *[]string) error {
 	other := 0
 	for _, e := range errs {
 		k := e.Key
-		if k == "" || k == "namespace" || k == "control_socket" || strings.HasPrefix(k, "nats") {
+		if k == "" || k == "namespace" || k == "control_socket" || k == "trusted_nodes" || strings.HasPrefix(k, "nats") {
 			keep = append(keep, e)
 		} else {
 			other++
