@@ -15,12 +15,13 @@ import (
 type Config struct {
 	// Namespace is the global --namespace; "system" is the administrative namespace.
 	Namespace string
-	// TrustedNodes (trusted_nodes, read by nexctl) are the node ids (server public
-	// keys) whose signed bids nexctl accepts; empty accepts any signer.
-	TrustedNodes []string
-	Node         NodeConfig
+	Node      NodeConfig
 	NATS      NATSConfig
 	Logger    LoggerConfig
+
+	// TrustedNodes (trusted_nodes) are the node ids (server public keys) whose signed
+	// bids count (nexctl's placement, nexd's CLONE re-seal); empty: any signer.
+	TrustedNodes []string
 }
 
 // NodeConfig holds the settings of `node up` and of the daemon itself.
