@@ -31,6 +31,7 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 	remoteKey, _ := nkeys.CreateUser()
 	remotePub, _ := remoteKey.PublicKey()
 	fx := newFixture(f, 1, func(_ int, o *Options) {
+		o.Minter = renewingMinter{o.Minter.(testMinter)}
 		o.AllowRemoteRegistration = true
 		o.RemoteNexlets = []RemoteNexlet{{Name: "wasm", Type: "wasm", PublicKey: remotePub}}
 		o.FanoutTimeout = 200 * time.Millisecond
@@ -55,6 +56,8 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 	} {
 		f.Add([]byte(s.body), s.key, s.agent, false)
 	}
+	f.Add([]byte(`{"public_key":"UAXXX"}`), uint8(1), uint8(1), false)
+	f.Add([]byte(`{"public_key":"UAXXX","switched":true}`), uint8(1), uint8(1), true)
 	keys := []nkeys.KeyPair{nil, slotKey, remoteKey}
 	agents := []string{"agent0", "slot0", "remote0", "W1"}
 	f.Fuzz(func(t *testing.T, data []byte, keySel, agentSel uint8, badSig bool) {
@@ -105,6 +108,35 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 			}
 		}
 
+		// A nexlet's own renewal: granted only to a registered nexlet that signed its
+		// registration, signed again with that key.
+		ar := &hdrReq{recReq: recReq{t: t, subject: protocol.RenewAgentCredsSubject(n.ID(), agentID), data: data}, hdr: micro.Headers{}}
+		if kp != nil {
+			pub, _ := kp.PublicKey()
+			sig, _ := kp.Sign(protocol.RegistrationPayload(ar.subject, data))
+			if badSig {
+				sig[0] ^= 1
+			}
+			ar.hdr[protocol.HeaderRegistrationKey] = []string{pub}
+			ar.hdr[protocol.HeaderRegistrationSig] = []string{base64.StdEncoding.EncodeToString(sig)}
+		}
+		n.handleRenewAgent(ar)
+		if ar.replies > 1 {
+			t.Fatalf("renew agent: %d replies", ar.replies)
+		}
+		if ar.replies == 1 && ar.code == "" {
+			n.mu.Lock()
+			a := n.agents[agentID]
+			n.mu.Unlock()
+			signer := ""
+			if kp != nil {
+				signer, _ = kp.PublicKey()
+			}
+			if a == nil || a.key == "" || a.key != signer || badSig {
+				t.Fatalf("nexlet renewal of %s granted (registered %v, signed by %q, bad signature %v): %q", agentID, a != nil, signer, badSig, data)
+			}
+		}
+
 		// Back to the same node for the next input.
 		n.mu.Lock()
 		n.agents = map[string]*registration{"agent0": base}
@@ -112,4 +144,12 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 		n.owned["W1"] = ownership{typ: "native", owner: "local:go_exec"}
 		n.mu.Unlock()
 	})
+}
+
+// renewingMinter signs a nexlet renewal for any user key (a stand-in JWT), so the fuzz
+// sees what the node grants, not what a minter refuses.
+type renewingMinter struct{ testMinter }
+
+func (m renewingMinter) RenewAgent(agentID, _, userPub string) (protocol.NatsConnectionData, error) {
+	return protocol.NatsConnectionData{ConnName: "agent-" + agentID, NatsUserJWT: "jwt-for-" + userPub}, nil
 }
