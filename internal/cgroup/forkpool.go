@@ -1,6 +1,7 @@
 package cgroup
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -46,6 +47,7 @@ type forker struct {
 // the taker's from then on); an unrenamed one is removed by the thread after leaving.
 type forkJob struct {
 	cmd     *exec.Cmd
+	g       *Group // the group cmd must be born in
 	out     chan error
 	renamed bool
 	left    chan struct{}
@@ -192,7 +194,14 @@ func (p *ForkPool) run() {
 			return
 		}
 		if j.cmd != nil {
-			j.out <- j.cmd.Start()
+			// Something may have moved the whole process (a write of its pid to a
+			// cgroup.procs), this thread with it: fork here only when the child is
+			// sure to be born in its group.
+			if !threadIn(j.g) {
+				j.out <- errForkerMoved
+			} else {
+				j.out <- j.cmd.Start()
+			}
 		} else {
 			j.out <- nil
 		}
@@ -224,6 +233,25 @@ func (p *ForkPool) removeGroup(rel string) {
 	for _, h := range p.m.group(rel).hiers {
 		_ = p.m.removeTree(h.Root)
 	}
+}
+
+// errForkerMoved: the pool thread is no longer in the group it was handed with; the
+// start falls back to moving a thread into the group.
+var errForkerMoved = errors.New("fork pool thread moved out of its group")
+
+// threadIn reports whether the calling thread is in g in every hierarchy.
+func threadIn(g *Group) bool {
+	b, err := os.ReadFile("/proc/thread-self/cgroup")
+	if err != nil {
+		return false
+	}
+	_, in := parseSelfCgroup(b)
+	for _, h := range g.hiers {
+		if in[strings.Split(h.Name, ",")[0]] != strings.TrimPrefix(h.Root, h.Mount) {
+			return false
+		}
+	}
+	return true
 }
 
 // takeForker detaches the group's pool thread, if it still has one.

@@ -137,3 +137,36 @@ func BenchmarkV1CreateStart(b *testing.B) {
 		})
 	}
 }
+
+// TestV1ForkPoolThreadMoved: when the whole process was moved (its pid written to a
+// cgroup.procs, which takes every thread along), the pool thread is no longer in the
+// group it was handed with; the start then falls back to the migrating one, and the
+// child is still born in its group.
+func TestV1ForkPoolThreadMoved(t *testing.T) {
+	m := v1Root(t)
+	p := m.NewForkPool(1)
+	defer p.Close()
+	testkit.Eventually(t, "a ready pool thread", func() bool { return len(poolGroups(m)) == len(m.hiers) })
+	g, err := p.Create("moved", Limits{})
+	must(t, err)
+	// Move the whole test process (every thread) back to where it started.
+	b, err := os.ReadFile("/proc/self/cgroup")
+	must(t, err)
+	_, self := parseSelfCgroup(b)
+	for _, h := range m.hiers {
+		must(t, writeFile(filepath.Join(h.Mount, self[strings.Split(h.Name, ",")[0]], "cgroup.procs"), itoa(os.Getpid())))
+	}
+	cmd := exec.Command("/bin/sleep", "3600")
+	must(t, g.Start(cmd))
+	b, err = os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/cgroup")
+	must(t, err)
+	_, in := parseSelfCgroup(b)
+	for _, h := range m.hiers {
+		if want := strings.TrimPrefix(filepath.Join(h.Root, "moved"), h.Mount); in[strings.Split(h.Name, ",")[0]] != want {
+			t.Errorf("child in %s group %q, want %q", h.Name, in[strings.Split(h.Name, ",")[0]], want)
+		}
+	}
+	must(t, g.Remove())
+	_ = cmd.Process.Kill() // where it was born outside the group, Remove missed it
+	_ = cmd.Wait()
+}

@@ -249,8 +249,12 @@ func (g *Group) moveProcess(pid int, hs []hier) {
 func (g *Group) startV1(cmd *exec.Cmd) error {
 	if f := g.takeForker(); f != nil {
 		// Born in the group from the pool thread already in it: no migration.
-		if err, ok := f.send(forkJob{cmd: cmd, renamed: true, left: g.left}); ok {
+		err, ok := f.send(forkJob{cmd: cmd, g: g, renamed: true, left: g.left})
+		if ok && !errors.Is(err, errForkerMoved) {
 			return err
+		}
+		if ok {
+			g.m.log.Warn("fork pool thread was moved out of its group; starting with a migration", "cgroup", g.Path())
 		}
 	}
 	type result struct {
