@@ -84,7 +84,7 @@ func BenchmarkStartWorkload(b *testing.B) {
 						b.Fatal(err)
 					}
 				}
-				for n.users.pool != nil && len(n.users.pool.ch) < cap(n.users.pool.ch) {
+				for n.users.pool != nil && len(n.users.pool.ch) <= cap(n.users.pool.ch)/2 {
 					time.Sleep(time.Millisecond)
 				}
 				id := fmt.Sprintf("bench%d", i)

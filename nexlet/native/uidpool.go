@@ -7,8 +7,9 @@ import (
 	"strings"
 )
 
-// DefaultUIDPool is how many dynamic uids the nexlet leases ahead.
-const DefaultUIDPool = 4
+// DefaultUIDPool is how many dynamic uids the nexlet leases ahead (refilled, with one
+// walk of /proc, once half of them are taken).
+const DefaultUIDPool = 8
 
 // uidPool keeps a few dynamic uids leased ahead, so a deploy takes one instead of
 // walking /proc. Pooled leases name /proc/<nexlet pid> as their owner: they are held
@@ -36,19 +37,22 @@ func (u *users) startPool(size int, log *slog.Logger) {
 func (p *uidPool) run() {
 	defer close(p.done)
 	for {
-		for len(p.ch) < cap(p.ch) {
+		// Refilled only once half is taken, all at once: one walk of /proc per
+		// cap/2 deploys rather than one per deploy.
+		if missing := cap(p.ch) - len(p.ch); missing > 0 && len(p.ch) <= cap(p.ch)/2 {
 			select {
 			case <-p.stop:
 				p.drain()
 				return
 			default:
 			}
-			id, err := p.u.leaseFresh(p.owner)
+			ids, err := p.u.leaseFreshN(p.owner, missing)
 			if err != nil {
 				p.log.Warn("dynamic uid pool: no uid leased ahead", "err", err)
-				break
 			}
-			p.ch <- id
+			for _, id := range ids {
+				p.ch <- id
+			}
 		}
 		select {
 		case <-p.kick:

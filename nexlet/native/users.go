@@ -182,25 +182,43 @@ func (u *users) acquire(id ident, owner string) (ident, error) {
 // leaseFresh finds a uid no process, host user or group, or lease uses and leases it
 // to owner.
 func (u *users) leaseFresh(owner string) (ident, error) {
-	unlock, err := u.lock()
+	ids, err := u.leaseFreshN(owner, 1)
 	if err != nil {
 		return ident{}, err
+	}
+	return ids[0], nil
+}
+
+// leaseFreshN leases up to n free uids to owner with one walk of /proc (the walk is
+// the cost: it reads every process's status, milliseconds with thousands of
+// processes). It fails only when it leased none.
+func (u *users) leaseFreshN(owner string, n int) ([]ident, error) {
+	unlock, err := u.lock()
+	if err != nil {
+		return nil, err
 	}
 	defer unlock()
 	busy := procUIDs()
 	span := u.pol.UIDMax - u.pol.UIDMin + 1
 	start := rand.Uint32N(span) // not predictable, and few collisions between nodes
-	for i := range span {
+	var out []ident
+	for i := uint32(0); i < span && len(out) < n; i++ {
 		uid := u.pol.UIDMin + (start+i)%span
 		if busy[uid] || !u.leaseFreeLocked(uid) || hostUses(uid) {
 			continue
 		}
 		if err := os.WriteFile(u.leasePath(uid), []byte(owner+"\n"), 0o600); err != nil {
-			return ident{}, fmt.Errorf("dynamic uid %d: lease: %w", uid, err)
+			if len(out) > 0 {
+				return out, nil
+			}
+			return nil, fmt.Errorf("dynamic uid %d: lease: %w", uid, err)
 		}
-		return ident{uid: uid, gid: uid, groups: []uint32{}, name: "dynamic", dynamic: true}, nil
+		out = append(out, ident{uid: uid, gid: uid, groups: []uint32{}, name: "dynamic", dynamic: true})
 	}
-	return ident{}, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range)", u.pol.UIDMin, u.pol.UIDMax)
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range)", u.pol.UIDMin, u.pol.UIDMax)
+	}
+	return out, nil
 }
 
 // hold re-leases uid for owner (a workload adopted after a nexlet restart).
