@@ -94,8 +94,9 @@ type Nexlet struct {
 	digests digestCache
 	arts    *artifactStore
 
-	abandon chan struct{}  // closed to let go of workloads without stopping them (tests)
-	bg      sync.WaitGroup // uid releases after a stop's reply; Close waits for them
+	abandon  chan struct{}  // closed to let go of workloads without stopping them (tests)
+	bg       sync.WaitGroup // uid releases after a stop's reply; Close waits for them
+	releases *releaser      // batches those releases
 
 	mu        sync.Mutex
 	workloads map[string]*workload
@@ -123,6 +124,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
+	n.releases = &releaser{u: us, log: n.log, wg: &n.bg}
 	if n.cfg.PollInterval <= 0 {
 		n.cfg.PollInterval = 250 * time.Millisecond
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/user"
@@ -14,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -260,6 +262,100 @@ func (u *users) release(id ident) error {
 		return fmt.Errorf("dynamic uid %d: %w", id.uid, err)
 	}
 	return nil
+}
+
+// releaseAll is release for several uids with one walk of /proc per round: stops that
+// come together (a drain, a busy node) share the walks.
+func (u *users) releaseAll(ids []ident) error {
+	want := map[uint32]bool{}
+	for _, id := range ids {
+		if id.dynamic && id.uid != 0 {
+			want[id.uid] = true
+		}
+	}
+	if len(want) == 0 {
+		return nil
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	var survivors map[uint32][]int
+	for {
+		survivors = map[uint32][]int{}
+		walkProcs(func(pid int, uids []uint32) {
+			for _, v := range uids {
+				if want[v] {
+					survivors[v] = append(survivors[v], pid)
+					break
+				}
+			}
+		})
+		if len(survivors) == 0 || time.Now().After(deadline) {
+			break
+		}
+		for _, pids := range survivors {
+			for _, p := range pids {
+				_ = syscall.Kill(p, syscall.SIGKILL)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	unlock, err := u.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	var errs []error
+	for uid := range want {
+		if pids, ok := survivors[uid]; ok {
+			errs = append(errs, fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", uid, pids))
+			continue
+		}
+		if err := os.Remove(u.leasePath(uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("dynamic uid %d: %w", uid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// releaser batches the releases of stopped workloads' uids off the stops' path: one
+// goroutine (owned by the nexlet's WaitGroup) releases whatever has queued up since
+// its last round.
+type releaser struct {
+	u       *users
+	log     *slog.Logger
+	wg      *sync.WaitGroup
+	mu      sync.Mutex
+	pending []ident
+	running bool
+}
+
+func (r *releaser) add(id ident) {
+	if !id.dynamic || id.uid == 0 {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.pending = append(r.pending, id)
+	if !r.running {
+		r.running = true
+		r.wg.Go(r.loop)
+	}
+}
+
+func (r *releaser) loop() {
+	for {
+		r.mu.Lock()
+		batch := r.pending
+		r.pending = nil
+		if len(batch) == 0 {
+			r.running = false
+			r.mu.Unlock()
+			return
+		}
+		r.mu.Unlock()
+		if err := r.u.releaseAll(batch); err != nil {
+			r.log.Warn("workload uids not released", "err", err)
+		}
+	}
 }
 
 func (u *users) leasePath(uid uint32) string {

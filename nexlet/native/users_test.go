@@ -2,11 +2,13 @@ package native
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nkeys"
 
@@ -185,6 +187,41 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 	for _, bad := range []string{"", "5", "10-5", "0-10", "a-b"} {
 		if _, _, err := ParseUIDRange(bad); err == nil {
 			t.Errorf("ParseUIDRange(%q) accepted", bad)
+		}
+	}
+}
+
+// TestReleaseAllKillsSurvivors: releasing several uids at once (a batch of stops)
+// kills any process still running as one of them (one that left its workload's group)
+// before its lease goes, and frees the others too.
+func TestReleaseAllKillsSurvivors(t *testing.T) {
+	needRoot(t)
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: 61400, UIDMax: 61499}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := us.leaseFreshN(t.TempDir(), 2)
+	if err != nil || len(ids) != 2 {
+		t.Fatalf("leased %v: %v", ids, err)
+	}
+	cmd := exec.Command("/bin/sleep", "600")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: ids[0].uid, Gid: ids[0].gid}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	if err := us.releaseAll(ids); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-waited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the process running as a released uid survived")
+	}
+	for _, id := range ids {
+		if _, err := os.Stat(us.leasePath(id.uid)); !os.IsNotExist(err) {
+			t.Errorf("lease of uid %d left: %v", id.uid, err)
 		}
 	}
 }

@@ -790,12 +790,9 @@ func (n *Nexlet) cleanup(w *workload) {
 	n.mu.Unlock()
 	// Only after its directory is gone, so that the lease cannot look live again. The
 	// release walks /proc for survivors of the uid (milliseconds on a busy host): it
-	// runs after the stop's reply. Until it has, the uid stays leased and unused.
-	n.bg.Go(func() {
-		if err := n.users.release(id); err != nil {
-			n.log.Warn("workload uid not released", "workload_id", w.id, "err", err)
-		}
-	})
+	// runs after the stop's reply, batched with other stops' (one walk for all). Until
+	// it has, the uid stays leased and unused.
+	n.releases.add(id)
 }
 
 // finish records the end, removes the sandbox and private directory and emits
