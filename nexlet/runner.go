@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -55,6 +56,9 @@ type Runner struct {
 	closing  bool
 	inFlight chan struct{}
 	renewing sync.WaitGroup // the renewal of the nexlet's own user (renewLoop)
+	busy     *atomic.Int64  // requests taken on nc and not yet answered (serve)
+	cd       protocol.NatsConnectionData
+	reg      *protocol.RegisterAgentRequest // what serve describes the service with
 
 	mu      sync.Mutex
 	nc      *nats.Conn
@@ -171,43 +175,16 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet connect with the node's credentials: %w", err)
 	}
-	svc, err := micro.AddService(nc, micro.Config{Name: serviceName(reg.Name), Version: serviceVersion(reg.Version),
-		Description: reg.Description})
+	busy := new(atomic.Int64)
+	svc, err := r.serve(nc, agentID, reg, busy)
 	if err != nil {
 		nc.Close()
-		return fmt.Errorf("nexlet micro service %q: %w", reg.Name, err)
-	}
-	eps := []struct {
-		name, subject string
-		h             micro.HandlerFunc
-	}{
-		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", r.async(nc, r.handleStart)},
-		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), r.async(nc, r.handleStop)},
-		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), r.handleGet},
-		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), r.handleQuery},
-		{"PingAgent", protocol.PingAgentSubject(r.nodeID, agentID), r.handlePing},
-		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), r.handlePing},
-		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), r.async(nc, r.handleLameduck)},
-	}
-	for _, ep := range eps {
-		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject), micro.WithEndpointQueueGroup(agentID)); err != nil {
-			_ = svc.Stop()
-			nc.Close()
-			return fmt.Errorf("nexlet endpoint %s on %s: %w", ep.name, ep.subject, err)
-		}
-	}
-
-	// The node may send requests the moment registration succeeds: make sure the
-	// server has our subscriptions before returning.
-	if err := nc.Flush(); err != nil {
-		_ = svc.Stop()
-		nc.Close()
-		return fmt.Errorf("nexlet endpoints: flush: %w", err)
+		return err
 	}
 	hbCtx, stop := context.WithCancel(r.ctx)
 	r.mu.Lock()
 	r.nc, r.svc, r.agentID, r.regType, r.stop, r.done = nc, svc, agentID, reg.RegisterType, stop, make(chan struct{})
-	r.runCtx = hbCtx
+	r.runCtx, r.busy, r.cd, r.reg = hbCtx, busy, resp.ConnectionData, reg
 	r.mu.Unlock()
 	r.heartbeat()
 	go r.heartbeatLoop(hbCtx)
@@ -218,6 +195,51 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	r.replay(resp.ExistingState)
 	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
 	return nil
+}
+
+// serve adds the nexlet's micro service and endpoints on nc (its first connection, or
+// the one of a renewed user) and makes sure the server has them. busy counts the
+// requests taken on nc and not yet answered, so that nc is closed only after them.
+func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest, busy *atomic.Int64) (micro.Service, error) {
+	svc, err := micro.AddService(nc, micro.Config{Name: serviceName(reg.Name), Version: serviceVersion(reg.Version),
+		Description: reg.Description})
+	if err != nil {
+		return nil, fmt.Errorf("nexlet micro service %q: %w", reg.Name, err)
+	}
+	eps := []struct {
+		name, subject string
+		h             micro.HandlerFunc
+	}{
+		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", r.async(nc, busy, r.handleStart)},
+		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), r.async(nc, busy, r.handleStop)},
+		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), counted(busy, r.handleGet)},
+		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), counted(busy, r.handleQuery)},
+		{"PingAgent", protocol.PingAgentSubject(r.nodeID, agentID), counted(busy, r.handlePing)},
+		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), counted(busy, r.handlePing)},
+		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), r.async(nc, busy, r.handleLameduck)},
+	}
+	for _, ep := range eps {
+		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject), micro.WithEndpointQueueGroup(agentID)); err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("nexlet endpoint %s on %s: %w", ep.name, ep.subject, err)
+		}
+	}
+	// The node may send requests the moment registration succeeds: make sure the
+	// server has our subscriptions before returning.
+	if err := nc.Flush(); err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("nexlet endpoints: flush: %w", err)
+	}
+	return svc, nil
+}
+
+// counted runs a quick handler, counted in busy while it answers.
+func counted(busy *atomic.Int64, h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) {
+		busy.Add(1)
+		defer busy.Add(-1)
+		h(req)
+	}
 }
 
 // register sends the registration on nc (the registration user's connection, or the
@@ -319,7 +341,7 @@ func (r *Runner) Reregister() error {
 		if err != nil {
 			return fmt.Errorf("nexlet register again: %w", err)
 		}
-		resp, err := r.register(nc, agentID, reg)
+		resp, err := r.register(r.NC(), agentID, reg) // the current one: a renewal replaces it
 		if err == nil {
 			r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
 				"attempts", attempt, "replayed", len(resp.ExistingState))
@@ -372,8 +394,8 @@ func (r *Runner) goFn(f func()) bool {
 // still go out.
 func (r *Runner) Shutdown() error {
 	r.mu.Lock()
-	svc, nc, stop, done := r.svc, r.nc, r.stop, r.done
-	r.svc, r.stop = nil, nil
+	stop, done := r.stop, r.done
+	r.stop = nil
 	r.mu.Unlock()
 	if stop == nil {
 		return nil
@@ -382,6 +404,11 @@ func (r *Runner) Shutdown() error {
 	<-done
 	r.reports.Wait()
 	r.renewing.Wait()
+	// A renewal may have moved the nexlet to a new connection meanwhile.
+	r.mu.Lock()
+	svc, nc := r.svc, r.nc
+	r.svc = nil
+	r.mu.Unlock()
 	var errs error
 	if err := svc.Stop(); err != nil {
 		errs = errors.Join(errs, fmt.Errorf("stop micro service: %w", err))
@@ -545,7 +572,7 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 			body := rep.body
 			r.mu.Unlock()
 			rctx, cancel := context.WithTimeout(ctx, endedWait)
-			msg, err := nc.RequestWithContext(rctx, subj, body)
+			msg, err := r.NC().RequestWithContext(rctx, subj, body) // the current one: a renewal replaces it
 			cancel()
 			if err == nil {
 				if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
@@ -610,14 +637,16 @@ func (r *Runner) resendEnded() {
 // so the goroutine answers through a detached copy on the same connection.
 // The goroutines belong to the runner (Shutdown waits for them), and at most
 // maxInFlight run at once.
-func (r *Runner) async(nc *nats.Conn, h micro.HandlerFunc) micro.HandlerFunc {
+func (r *Runner) async(nc *nats.Conn, busy *atomic.Int64, h micro.HandlerFunc) micro.HandlerFunc {
 	return func(req micro.Request) {
 		d := &detached{nc: nc, subject: req.Subject(), reply: req.Reply(),
 			data: append([]byte(nil), req.Data()...), hdr: req.Headers()}
+		busy.Add(1) // until answered: the reply must go out on nc, which took the request
 		r.inFlight <- struct{}{}
-		if !r.goFn(func() { defer func() { <-r.inFlight }(); h(d) }) {
+		if !r.goFn(func() { defer func() { <-r.inFlight; busy.Add(-1) }(); h(d) }) {
 			<-r.inFlight
 			r.respondError(d, errors.New("nexlet is shutting down"), nil)
+			busy.Add(-1)
 		}
 	}
 }
@@ -730,6 +759,9 @@ func (r *Runner) reportProgress(req micro.Request) *startReports {
 	s := &startReports{r: r, req: req, last: protocol.Progress{Text: "starting"}}
 	every, err := time.ParseDuration(req.Headers().Get(protocol.HeaderProgress))
 	s.nc = r.NC()
+	if d, ok := req.(*detached); ok {
+		s.nc = d.nc // reports are replies: they leave on the connection that took the request
+	}
 	if err != nil || every <= 0 || req.Reply() == "" || s.nc == nil {
 		s.closed = true // the node did not ask: reports go nowhere
 		return s

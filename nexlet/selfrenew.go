@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/jwt/v2"
@@ -138,13 +139,17 @@ func (r *Runner) renewLoop(ctx context.Context, live *liveCreds) {
 	}
 }
 
-// renewSelf asks the node to sign a user for a fresh key of the nexlet's own, moves
-// the connection to it at a quiet moment (a reconnect: replies to requests taken on
-// the old connection would be refused on the new one), then tells the node, which
-// revokes the old users.
+// renewSelf asks the node to sign a user for a fresh key of the nexlet's own and moves
+// the nexlet to it make-before-break: a second connection with the new user serves the
+// endpoints (same queue group) before the old one stops taking requests; the old one
+// is closed once every request it took is answered (a reply must leave on the
+// connection that received the request), and then the node is told, which revokes the
+// old users. No request is lost and none is answered twice.
 func (r *Runner) renewSelf(ctx context.Context, live *liveCreds) error {
-	nc, agentID := r.NC(), r.AgentID()
-	if nc == nil || agentID == "" {
+	r.mu.Lock()
+	nc, agentID, cd, reg := r.nc, r.agentID, r.cd, r.reg
+	r.mu.Unlock()
+	if nc == nil || agentID == "" || reg == nil {
 		return ErrNotRegistered
 	}
 	kp, err := nkeys.CreateUser()
@@ -155,28 +160,79 @@ func (r *Runner) renewSelf(ctx context.Context, live *liveCreds) error {
 	if err != nil {
 		return err
 	}
-	var cd protocol.NatsConnectionData
-	if err := r.askRenewal(ctx, nc, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub}, &cd); err != nil {
+	var renewed protocol.NatsConnectionData
+	if err := r.askRenewal(ctx, nc, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub}, &renewed); err != nil {
 		return err
 	}
 	_, oldExp := live.renewAt()
-	if err := live.set(cd.NatsUserJWT, kp); err != nil {
+	if err := live.set(renewed.NatsUserJWT, kp); err != nil {
 		return fmt.Errorf("renew nexlet credentials: %w", err)
 	}
 	_, exp := live.renewAt()
 	r.log.Info("nexlet credentials renewed", "agent_id", agentID, "expires", exp)
 
-	r.waitIdle(ctx, oldExp)
-	if err := nc.ForceReconnect(); err != nil {
-		return fmt.Errorf("reconnect with the renewed credentials: %w", err)
+	nc2, err := connect(cd, "nexlet-"+reg.Name, live)
+	if err != nil {
+		return fmt.Errorf("connect with the renewed credentials: %w", err)
 	}
-	// Requests wait in the reconnect buffer; the switch report goes out once the
-	// connection is back.
-	if err := r.askRenewal(ctx, nc, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, nil); err != nil {
+	busy2 := new(atomic.Int64)
+	svc2, err := r.serve(nc2, agentID, reg, busy2)
+	if err != nil {
+		nc2.Close()
+		return fmt.Errorf("serve on the renewed connection: %w", err)
+	}
+	r.mu.Lock()
+	if ctx.Err() != nil { // shutting down: Shutdown takes the current connection
+		r.mu.Unlock()
+		_ = svc2.Stop()
+		nc2.Close()
+		return ctx.Err()
+	}
+	oldNC, oldSvc, oldBusy := r.nc, r.svc, r.busy
+	r.nc, r.svc, r.busy = nc2, svc2, busy2
+	r.mu.Unlock()
+	if oldSvc != nil {
+		if err := oldSvc.Stop(); err != nil {
+			r.log.Warn("stopping the endpoints on the old connection", "err", err)
+		}
+	}
+	r.retire(ctx, oldNC, oldBusy, oldExp)
+	if err := r.askRenewal(ctx, nc2, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, nil); err != nil {
 		// The node revokes the old users after a bound anyway.
 		r.log.Warn("could not tell the node the nexlet switched to its renewed user", "agent_id", agentID, "err", err)
 	}
 	return nil
+}
+
+// retire closes a connection the nexlet moved away from once the requests it took are
+// answered: busy must stay at zero for a moment (the drained subscriptions hand over
+// what they still held), at most switchIdleWait and never past a second before the
+// old user expires (the server cuts it then anyway).
+func (r *Runner) retire(ctx context.Context, nc *nats.Conn, busy *atomic.Int64, oldExp time.Time) {
+	deadline := time.Now().Add(switchIdleWait)
+	if !oldExp.IsZero() && oldExp.Add(-time.Second).Before(deadline) {
+		deadline = oldExp.Add(-time.Second)
+	}
+	quiet := 0
+	for quiet < 3 && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			quiet = 3
+			continue
+		case <-time.After(100 * time.Millisecond):
+		}
+		if busy == nil || busy.Load() == 0 {
+			quiet++
+		} else {
+			quiet = 0
+		}
+	}
+	if busy != nil && busy.Load() > 0 {
+		r.log.Warn("closing the old connection with requests still unanswered", "requests", busy.Load())
+	}
+	if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		nc.Close()
+	}
 }
 
 // askRenewal sends one signed RENEWAGENT request and decodes the reply into out.
@@ -211,22 +267,6 @@ func (r *Runner) askRenewal(ctx context.Context, nc *nats.Conn, agentID string, 
 	return nil
 }
 
-// switchIdleWait bounds the wait for the nexlet's slow requests (starts, stops,
-// lame duck) to be answered before it reconnects with its renewed user.
+// switchIdleWait bounds how long an old connection stays open for the requests it
+// took (starts, stops, lame duck) to be answered.
 const switchIdleWait = 30 * time.Second
-
-// waitIdle waits until no slow request is being handled, at most switchIdleWait and
-// never past a second before the old user expires (the server cuts it then anyway).
-func (r *Runner) waitIdle(ctx context.Context, oldExp time.Time) {
-	deadline := time.Now().Add(switchIdleWait)
-	if !oldExp.IsZero() && oldExp.Add(-time.Second).Before(deadline) {
-		deadline = oldExp.Add(-time.Second)
-	}
-	for len(r.inFlight) > 0 && time.Now().Before(deadline) {
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-}
