@@ -50,9 +50,10 @@ func TestFleetSmoke(t *testing.T) {
 
 // deployLog is what a continuous deployer saw.
 type deployLog struct {
-	at  time.Time
-	d   Deployed
-	err error
+	at   time.Time
+	took time.Duration
+	d    Deployed
+	err  error
 }
 
 // deployContinuously deploys through from (to servers) one workload after another
@@ -65,8 +66,9 @@ func deployContinuously(from *Host, servers, prefix string, max int, pause time.
 			return log
 		default:
 		}
+		t0 := time.Now()
 		d, err := from.Deploy(servers, fmt.Sprintf("%s%d", prefix, i))
-		log = append(log, deployLog{at: time.Now(), d: d, err: err})
+		log = append(log, deployLog{at: time.Now(), took: time.Since(t0), d: d, err: err})
 		time.Sleep(pause)
 	}
 	return log
@@ -391,6 +393,16 @@ func partitionCase(t *testing.T, n int, cut []int) {
 	}
 	fg.Add("placements on the majority side (ok/failed)", fmt.Sprintf("%d/%d", ok, failed))
 	fg.Add("placements/s on the majority side", fmt.Sprintf("%.1f", rate))
+	var slowest deployLog
+	for _, l := range log {
+		if l.took > slowest.took {
+			slowest = l
+		}
+	}
+	if slowest.took > 0 {
+		fg.Add("slowest deploy on the majority side", fmt.Sprintf("%v, started +%v after the cut", slowest.took.Round(100*time.Millisecond),
+			slowest.at.Add(-slowest.took).Sub(cutAt).Round(100*time.Millisecond)))
+	}
 	fg.Add("placements on the unreachable node(s)", onMinority)
 	fg.Add("cut-off hosts' own workloads running during partition", fmt.Sprintf("%d of %d", runningX, preX))
 	fg.Add(hx.Name+" control socket answers during partition", fmt.Sprintf("%d ok, %d failed", statusOK, statusFail))

@@ -691,7 +691,8 @@ func (f *Fleet) RunningInKernel() map[string][]string {
 		}
 		entries, _ := os.ReadDir(filepath.Join(h.Cgroup, "workloads"))
 		for _, e := range entries {
-			if e.IsDir() && len(h.WorkloadPIDs(e.Name())) > 0 {
+			// .forkpool-N groups hold the native nexlet's waiting fork threads.
+			if e.IsDir() && !strings.HasPrefix(e.Name(), ".") && len(h.WorkloadPIDs(e.Name())) > 0 {
 				got[e.Name()] = append(got[e.Name()], h.Name)
 			}
 		}
