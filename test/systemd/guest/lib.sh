@@ -94,6 +94,26 @@ log_level_is() { nexctl --json config | tr -d ' \n' | grep -q "\"logger.level\":
 has_procs() { grep -q . "$1/cgroup.procs" 2>/dev/null; }
 # no_node_procs: no nexd (nexlets are "nexd nexlet …" too) and no test workload left.
 no_node_procs() { ! pgrep -x nexd && ! pgrep -x sleep && ! pgrep -x tail; }
+# nexlet_pid: the native nexlet's pid as nexd recorded it (<state_dir>/nexlets/native/
+# process.json), when that process runs.
+NEXLET_RECORD=/var/lib/nex/nexlets/native/process.json
+nexlet_pid() {
+	local p
+	p=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$NEXLET_RECORD" 2>/dev/null)
+	[ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo "$p"
+}
+# nexlet_count: processes of the native nexlet ("nexd nexlet native").
+nexlet_count() { pgrep -cf '^/usr/bin/nexd nexlet native' || true; }
+# same_nexlet PID: the recorded native nexlet is PID, and it is the only one (adopted,
+# not started a second time).
+same_nexlet() { [ "$(nexlet_pid)" = "$1" ] && [ "$(nexlet_count)" = 1 ]; }
+# nexlet_gone PID: the native nexlet PID ended, none runs and its record is gone.
+nexlet_gone() { ! kill -0 "$1" 2>/dev/null && [ "$(nexlet_count)" = 0 ] && ! test -e "$NEXLET_RECORD"; }
+# left_running PID: with nexd stopped, workload PID (the only sleep) and a recorded
+# native nexlet still run.
+left_running() { [ "$(pgrep -x sleep)" = "$1" ] && [ -n "$(nexlet_pid)" ]; }
+# in_tmp PID: the process's /tmp (nexd.service's PrivateTmp, if any) is still usable.
+in_tmp() { nsenter -t "$1" -m -- sh -c 'f=/tmp/.nexd-probe.$$ && touch "$f" && rm "$f"'; }
 # run_workload ARGS...: nexctl workload run with patience for a slow (TCG) guest: wait up
 # to 30 s for the node's bid and end the auction at the first bid; one retry.
 run_workload() {

@@ -102,6 +102,9 @@ check "watchdog: still running 36s after start (WatchdogSec=30s), same MainPID, 
 
 # --- restart keeps the node id and the workload's very process (live_restore) ---
 WPID=$(pgrep -x sleep | head -1)
+# The native nexlet outlives nexd too: every nexd below adopts it (same pid).
+NEXLET=$(nexlet_pid)
+check "the native nexlet is recorded in $NEXLET_RECORD and runs (pid ${NEXLET:-none})" test -n "$NEXLET"
 # Also an admin edit that the upgrade below must keep: others lose status access.
 set_config 's/"control_allow_others": "status"/"control_allow_others": "none"/'
 # nexctl calls made while nexd restarts wait on nexd.socket's socket for the next nexd.
@@ -118,11 +121,14 @@ check "socket mode 0660 after restart with control_allow_others=none" test "$(st
 check "node id kept across restart (state dir)" test "$(node_id)" = "$NODE"
 check "workload x back exactly once after restart" wait_until 60 running_once x sleep
 check "workload x kept its process across the restart ($WPID)" test "$(pgrep -x sleep)" = "$WPID"
+check "the native nexlet adopted across the restart, not started again ($NEXLET)" same_nexlet "$NEXLET"
 for i in 2 3 4 5; do
 	check "systemctl restart nexd ($i of 5)" systemctl restart nexd
 	check "active (running) after restart $i" wait_until 90 running
 	check "workload x listed and the same process after restart $i" wait_until 60 same_sleep x "$WPID"
+	check "the native nexlet is the same process after restart $i ($NEXLET)" same_nexlet "$NEXLET"
 done
+check "workload x's /tmp still usable after five restarts" in_tmp "$WPID"
 check "nexctl status refused for another user with control_allow_others=none" not runuser -u bob -- nexctl status
 
 # --- workload history from the journal (nexd restarted since: its log buffer is new) ---
@@ -147,16 +153,38 @@ check "hung node restarted by systemd (watchdog timeout)" wait_until 150 restart
 check "journal shows the watchdog timeout" sh -c 'journalctl -u nexd --no-pager | grep -qi "watchdog timeout"'
 check "workload x back exactly once after the watchdog restart" wait_until 60 running_once x sleep
 check "workload x kept its process across the watchdog abort ($WPID)" test "$(pgrep -x sleep)" = "$WPID"
+check "the native nexlet adopted after the watchdog abort ($NEXLET)" wait_until 30 same_nexlet "$NEXLET"
+
+# --- a job that ends while nexd is stopped: its exit code reaches the next nexd, and it
+# never runs twice. It blocks on a lock this shell holds (no sleep process, which the
+# checks above count), then exits 7.
+: >/dev/shm/nex-gate && chmod 0644 /dev/shm/nex-gate
+: >/dev/shm/nex-jobruns && chmod 0666 /dev/shm/nex-jobruns
+exec 9>/dev/shm/nex-gate
+flock 9
+JOB=$(run_workload --json --name j7 --lifecycle job -- /bin/sh -c 'echo ran >> /dev/shm/nex-jobruns; flock -s /dev/shm/nex-gate true; exit 7' | json_field id)
+info "job j7 id=$JOB"
+check "job j7 runs (blocked on the gate)" wait_until 30 sh -c "pgrep -f '[f]lock -s /dev/shm/nex-gate' && nexctl --json workloads | grep -q $JOB"
 
 # --- stop with live_restore (packaged default) leaves the workload for the next nexd ---
 check "systemctl stop nexd" systemctl stop nexd
 check "stopped cleanly (Result=success, exit status 0)" stopped_cleanly
-check "no nexd or nexlet process left" not pgrep -x nexd
+check "no nexd main process left" sh -c "! pgrep -f '^/usr/bin/nexd\$'"
 check "live_restore: workload x still runs with nexd stopped ($WPID)" test "$(pgrep -x sleep)" = "$WPID"
+check "live_restore: the native nexlet still runs with nexd stopped ($NEXLET)" same_nexlet "$NEXLET"
+flock -u 9
+exec 9>&-
+check "job j7 ended while nexd was stopped" wait_until 30 sh -c "! pgrep -f '[f]lock -s /dev/shm/nex-gate'"
 check "nexd.socket still listens with nexd stopped" systemctl --quiet is-active nexd.socket
 check "nexctl status with nexd stopped: nexd.socket starts nexd and the call is answered" nexctl status
 check "active (running) again, started through the socket" wait_until 90 running
 check "workload x adopted again, the same process" wait_until 60 same_sleep x "$WPID"
+check "the native nexlet adopted again, the same process ($NEXLET)" same_nexlet "$NEXLET"
+check "job j7's end reached the new nexd: removed from state" wait_until 60 sh -c "! nexctl --json workloads | grep -q $JOB"
+check "job j7's exit code 7 is in the journal after the start" \
+	wait_until 30 sh -c "journalctl -u nexd -o json --no-pager | grep $JOB | grep 'workload stopped' | grep -Eq '\"[A-Z_]*EXIT_CODE\":\"7\"'"
+info "j7: $(journalctl -u nexd -o json --no-pager | grep "$JOB" | grep 'workload stopped' | tail -1)"
+check "job j7 ran exactly once" test "$(grep -c ran /dev/shm/nex-jobruns)" = 1
 
 # --- lameduck: workloads stop after the delay, then the service exits ---
 check "systemctl start nexd" systemctl start nexd
@@ -169,6 +197,8 @@ check "lameduck: service exits" wait_until 90 inactive
 T1=$(date +%s)
 check "lameduck: workload stopped no sooner than the 5s delay" test $((T1 - T0)) -ge 5
 check "lameduck: no workload process left" not pgrep -x sleep
+check "lameduck: the native nexlet stopped too, its record removed" \
+	nexlet_gone "$NEXLET"
 info "after lameduck: Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus) took $((T1 - T0))s"
 
 # --- upgrade: nexd re-executes the new binary in place; config edits, state and the
@@ -179,23 +209,38 @@ check "nexctl workload run --name y -- /bin/sleep 600" run_workload --name y -- 
 check "workload y runs" wait_until 30 running_once y sleep
 YPID=$(pgrep -x sleep | head -1)
 MAIN=$(mainpid)
-check "upgrade with dpkg -i (newer version)" dpkg -i "$DEB_UP"
+NEXLET=$(nexlet_pid)
+check "upgrade with apt-get install of the newer .deb" apt-get install -y -q "$DEB_UP"
 check "upgrade re-executed nexd in place (same MainPID, active, y listed)" \
 	wait_until 90 upgraded_in_place "$MAIN" y
 check "the re-executed nexd runs the new binary" sh -c "! readlink /proc/$MAIN/exe | grep -q deleted"
 check "workload y kept its process across the upgrade ($YPID)" test "$(pgrep -x sleep)" = "$YPID"
+# The old nexlet runs the replaced binary: it hands its workloads over to a nexlet of the
+# new one.
+new_nexlet() { p=$(nexlet_pid) && [ "$p" != "$NEXLET" ] && [ "$(nexlet_count)" = 1 ] && ! readlink "/proc/$p/exe" | grep -q deleted; }
+check "upgrade: the old native nexlet ($NEXLET) handed over to one of the new binary" wait_until 60 new_nexlet
+check "upgrade: the old native nexlet is gone" sh -c "! kill -0 $NEXLET 2>/dev/null"
+check "workload y listed running after the hand-over, same process" wait_until 60 same_sleep y "$YPID"
 check "upgrade kept the /etc/nex/config.json edit" grep -q '"control_allow_others": "none"' /etc/nex/config.json
 check "upgrade kept the node id" test "$(node_id)" = "$NODE"
 info "installed: $(dpkg-query -W nexd)"
 
-# --- remove stops the service and keeps state; purge deletes it ---
+# --- remove stops the service and keeps state; purge deletes it. nexd is stopped first
+# (live_restore): the nexlet and workload y outlive it, and removal must still drain
+# them. ---
+check "systemctl stop nexd (before remove)" systemctl stop nexd
+check "stopped with live_restore: workload y and the native nexlet still run" \
+	left_running "$YPID"
 check "apt-get remove nexd" apt-get remove -y -q nexd
 check "remove stopped nexd and nexd.socket" \
 	sh -c '! systemctl --quiet is-active nexd && ! systemctl --quiet is-active nexd.socket && ! pgrep -x nexd'
 check "remove drained the workloads first (no workload process left)" not pgrep -x sleep
+check "remove stopped the outliving native nexlet" test "$(nexlet_count)" = 0
 check "remove kept /var/lib/nex and /etc/nex/config.json" test -d /var/lib/nex -a -f /etc/nex/config.json
 check "apt-get purge nexd" apt-get purge -y -q nexd
 check "purge deleted /var/lib/nex" not test -e /var/lib/nex
+check "purge left no nexlet record, FIFO or nexd process" \
+	sh -c "! test -e $NEXLET_RECORD && ! ls /run/nex/supervise 2>/dev/null | grep -q . && ! pgrep -x nexd"
 check "purge deleted /etc/nex/config.json" not test -e /etc/nex/config.json
 check "purge left no enablement symlink or mask" \
 	sh -c '! test -L /etc/systemd/system/multi-user.target.wants/nexd.service && ! test -L /etc/systemd/system/nexd.service &&
