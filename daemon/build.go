@@ -200,8 +200,14 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if h, err := takeHandover(d.log); err != nil {
 		d.log.Warn("re-exec: the state handed over in the memfd is unusable; rebuilding it from the state directory", "err", err)
 	} else if h != nil {
-		d.log.Info("re-exec: state handed over in a memfd", "nexlets", len(h.Nexlets))
+		d.log.Info("re-exec: state handed over in a memfd", "nexlets", len(h.Nexlets), "workload_users", len(h.Users.Workloads))
 		handed = h.Nexlets
+		if m, ok := s.minter.(mint.Remembering); ok {
+			// Before any nexlet registers: the replay mints newer users.
+			if err := m.Remember(h.Users); err != nil {
+				d.log.Warn("re-exec: the handed-over workload users are unusable; they expire instead of being revoked", "err", err)
+			}
+		}
 	}
 	nopts := nexlets.Options{
 		Handed:     handed,

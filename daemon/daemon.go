@@ -17,6 +17,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/logging"
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
 	"github.com/nexd-project/nexd/daemon/sysd"
 )
@@ -189,7 +190,11 @@ func (d *daemon) run(ctx context.Context) error {
 	close(drained)
 	wg.Wait()
 	if mode == reexecKeep {
-		hfd, err := writeHandover(handover{Nexlets: s.nexlets.LeftRunning()})
+		h := handover{Nexlets: s.nexlets.LeftRunning()}
+		if m, ok := s.minter.(mint.Remembering); ok {
+			h.Users = m.Users()
+		}
+		hfd, err := writeHandover(h)
 		if err != nil {
 			// The new image finds the same in the state directory.
 			fmt.Fprintf(d.stderr, "nexd: re-exec: no state handover: %v\n", err)

@@ -11,24 +11,33 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/supervise"
 )
 
 // envHandover names the descriptor of the memfd in which a re-executing nexd hands its
 // successor image the state it needs at once (like systemd's daemon-reexec
 // serialization): the nexlets it left running, so they are adopted from the memfd
-// rather than found again in the state directory. Anything missing or unreadable there
-// is rebuilt from the state directory, the KV bucket and the per-workload records.
+// rather than found again in the state directory, and the workload users its minter
+// remembers, so that a stop or a renewal after the exec still revokes the users minted
+// before it. Anything missing or unreadable there is rebuilt from the state directory,
+// the KV bucket and the per-workload records (the users from before the exec then
+// expire with workload_creds_ttl instead of being revoked).
 const envHandover = "NEXD_HANDOVER_FD"
 
 // handoverVersion is bumped when the layout changes; another version is ignored.
-const handoverVersion = 1
+const handoverVersion = 2
+
+// handoverMax bounds what is read from the memfd (about 30 bytes of JSON per workload
+// user; 100,000 workloads with a few users each fit).
+const handoverMax = 64 << 20
 
 // handover is the state in the memfd.
 type handover struct {
 	Version int                `json:"version"`
 	PID     int                `json:"pid"` // the re-executing process: the memfd is only for itself
 	Nexlets []supervise.Record `json:"nexlets"`
+	Users   mint.Users         `json:"users"` // the minter's workload users (mint.Remembering)
 }
 
 // writeHandover puts h in a memfd without close-on-exec and returns its descriptor
@@ -69,15 +78,18 @@ func takeHandover(log *slog.Logger) (*handover, error) {
 	if err != nil {
 		return nil, err
 	}
-	log.Debug("re-exec handover read", "nexlets", len(h.Nexlets))
+	log.Debug("re-exec handover read", "nexlets", len(h.Nexlets), "workload_users", len(h.Users.Workloads))
 	return h, nil
 }
 
 // readHandover parses a handover; it refuses another version or another process's.
 func readHandover(r io.Reader) (*handover, error) {
-	b, err := io.ReadAll(io.LimitReader(r, 1<<20))
+	b, err := io.ReadAll(io.LimitReader(r, handoverMax+1))
 	if err != nil {
 		return nil, fmt.Errorf("read the re-exec handover: %w", err)
+	}
+	if len(b) > handoverMax {
+		return nil, fmt.Errorf("the re-exec handover is larger than %d bytes", handoverMax)
 	}
 	var h handover
 	if err := json.Unmarshal(b, &h); err != nil {
@@ -93,6 +105,9 @@ func readHandover(r io.Reader) (*handover, error) {
 		if r.Name == "" || r.PID <= 1 {
 			return nil, errors.New("the re-exec handover names a nexlet without a name or pid")
 		}
+	}
+	if err := h.Users.Check(); err != nil {
+		return nil, fmt.Errorf("the re-exec handover: users: %w", err)
 	}
 	return &h, nil
 }

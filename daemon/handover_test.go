@@ -3,11 +3,15 @@ package daemon
 import (
 	"log/slog"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/nats-io/nkeys"
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/daemon/mint"
 
 	"github.com/nexd-project/nexd/daemon/supervise"
 )
@@ -16,7 +20,10 @@ import (
 // (the descriptor is what the re-executed image finds in NEXD_HANDOVER_FD).
 func TestHandoverRoundTrip(t *testing.T) {
 	recs := []supervise.Record{{Name: "native", PID: 1234, Start: 99, Meta: map[string]string{"agent_id": "A"}}}
-	fd, err := writeHandover(handover{Nexlets: recs})
+	user, _ := nkeys.CreateUser()
+	upub, _ := user.PublicKey()
+	users := mint.Users{Workloads: map[string][]string{"W1": {upub}}, Namespaces: map[string]string{"W1": "tenant"}}
+	fd, err := writeHandover(handover{Nexlets: recs, Users: users})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,6 +38,9 @@ func TestHandoverRoundTrip(t *testing.T) {
 	if len(h.Nexlets) != 1 || h.Nexlets[0].Name != "native" || h.Nexlets[0].Meta["agent_id"] != "A" {
 		t.Fatalf("handed over %+v", h.Nexlets)
 	}
+	if !reflect.DeepEqual(h.Users, users) {
+		t.Fatalf("handed over users %+v, want %+v", h.Users, users)
+	}
 	if _, set := os.LookupEnv(envHandover); set {
 		t.Fatalf("%s still set: children would inherit it", envHandover)
 	}
@@ -43,8 +53,11 @@ func TestHandoverCorruptFallsBack(t *testing.T) {
 	for name, body := range map[string]string{
 		"garbage":      "\x00\x01not json",
 		"version":      `{"version":99,"pid":` + strconv.Itoa(os.Getpid()) + `}`,
-		"other pid":    `{"version":1,"pid":1}`,
-		"nameless":     `{"version":1,"pid":` + strconv.Itoa(os.Getpid()) + `,"nexlets":[{"pid":5}]}`,
+		"other pid":    `{"version":2,"pid":1}`,
+		"nameless":     `{"version":2,"pid":` + strconv.Itoa(os.Getpid()) + `,"nexlets":[{"pid":5}]}`,
+		"bad user":     `{"version":2,"pid":` + strconv.Itoa(os.Getpid()) + `,"users":{"workloads":{"W1":["not-a-key"]}}}`,
+		"bad id":       `{"version":2,"pid":` + strconv.Itoa(os.Getpid()) + `,"users":{"workloads":{"a.b":[]}}}`,
+		"old version":  `{"version":1,"pid":` + strconv.Itoa(os.Getpid()) + `}`,
 		"not a number": "",
 	} {
 		t.Run(name, func(t *testing.T) {
