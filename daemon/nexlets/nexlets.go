@@ -25,6 +25,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
@@ -175,6 +176,7 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 		Meta:              m.meta,
 		Adopt:             adopt,
 		Handed:            handed,
+		Orphans:           func() []procid.ID { return recordedWorkloads(o.RuntimeDir, adopt) },
 		NexletOOMScoreAdj: oomAdj,
 		RestartLimit:      cfg.Node.AgentRestartLimit,
 		Grace:             cfg.Node.StopGrace,
@@ -564,4 +566,24 @@ func sanitizeName(s string) string {
 		return "nexlet"
 	}
 	return b.String()
+}
+
+// recordedWorkloads lists the workload main processes that the outliving nexlets named
+// recorded, each in <runtime_dir>/<nexlet>/procs/<workload id>/pid ("<pid> <start time>",
+// the native nexlet's records).
+func recordedWorkloads(runtimeDir string, nexlets []string) []procid.ID {
+	var out []procid.ID
+	for _, name := range nexlets {
+		files, _ := filepath.Glob(filepath.Join(runtimeDir, name, "procs", "*", "pid"))
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			if id, err := procid.Parse(strings.TrimSpace(string(b))); err == nil {
+				out = append(out, id)
+			}
+		}
+	}
+	return out
 }

@@ -304,6 +304,11 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	left := false
 	select {
 	case werr = <-waited:
+		if n.s.orphans != nil {
+			// Its workloads are reparented now (to init, when it was adopted): watch
+			// the ones it started since the last look.
+			n.s.orphans.refresh()
+		}
 	case <-n.stop:
 		how = stopped
 		n.s.mu.Lock()

@@ -39,6 +39,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/procid"
 	"golang.org/x/sys/unix"
 )
 
@@ -145,6 +146,11 @@ type Options struct {
 	// Handed are records a re-executing predecessor handed over in memory, by name:
 	// used instead of the files in RecordDir (still checked against the live process).
 	Handed map[string]Record
+	// Orphans, if set with ExitsDir, lists the workload processes the nexlets recorded
+	// (main processes, pid and start time): the exit of one that ends reparented to
+	// init (its nexlet, adopted from an earlier nexd, had died) is recorded in ExitsDir
+	// too, from the kernel's process events (see orphanWatch).
+	Orphans func() []procid.ID
 	// NexletOOMScoreAdj is written to each nexlet's oom_score_adj after start (0 leaves
 	// it inherited), so the OOM killer picks a workload before the nexlet that runs it.
 	NexletOOMScoreAdj int
@@ -160,7 +166,8 @@ type Supervisor struct {
 	hurry     chan struct{} // closed when Stop runs out of time: kill at once
 	hurryOnce sync.Once
 
-	reaper     *reaper // nil unless Options.ExitsDir
+	reaper     *reaper      // nil unless Options.ExitsDir
+	orphans    *orphanWatch // nil unless Options.Orphans and process events work here
 	reapCancel context.CancelFunc
 	reapDone   chan struct{}
 
@@ -218,10 +225,43 @@ func New(opts Options) *Supervisor {
 			pruneExits(opts.ExitsDir)
 			ctx, cancel := context.WithCancel(context.Background())
 			s.reaper, s.reapCancel, s.reapDone = r, cancel, make(chan struct{})
-			go func() { defer close(s.reapDone); r.run(ctx) }()
+			if opts.Orphans != nil {
+				w, err := newOrphanWatch(s.log, opts.ExitsDir, opts.Orphans, s.mine)
+				if err != nil {
+					s.log.Info("process exit events unavailable (they need root in the host's namespaces): the exit code of a workload whose adopted nexlet dies is unknown", "err", err)
+				} else {
+					s.orphans = w
+					w.refresh()
+				}
+			}
+			go func() {
+				defer close(s.reapDone)
+				var wg sync.WaitGroup
+				if s.orphans != nil {
+					wg.Go(func() { s.orphans.run(ctx) })
+				}
+				r.run(ctx)
+				wg.Wait()
+			}()
 		}
 	}
 	return s
+}
+
+// mine reports whether pid is this process or a running nexlet: a parent that reaps
+// and reports its children's exits itself.
+func (s *Supervisor) mine(pid int) bool {
+	if pid == os.Getpid() {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, n := range s.nexlets {
+		if n.pid == pid && pid > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // ExitsDir is where exit records of reaped orphans go; "" when nexd is not the subreaper.

@@ -1,0 +1,137 @@
+package supervise
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/procexit"
+	"github.com/nexd-project/nexd/internal/procid"
+)
+
+// A workload whose nexlet dies is reparented to the nearest child subreaper: nexd, when
+// nexd started that nexlet. A nexlet adopted from an earlier nexd (live_restore) is not
+// nexd's child, so when it dies its workloads go to init, which reaps them: their exit
+// statuses never reach nexd's reaper. orphanWatch learns them anyway from the kernel's
+// process events (cn_proc): it keeps the recorded workload processes (pid and start
+// time, Options.Workloads' records) and writes the exit record of any of them that ends
+// with a parent that is neither nexd nor a nexlet, as the reaper does for its own
+// children. The nexlet that adopts the workload reads it there.
+type orphanWatch struct {
+	log   *slog.Logger
+	exits string
+	list  func() []procid.ID
+	mine  func(pid int) bool // nexd or a running nexlet: that parent reaps and reports it
+	l     *procexit.Listener
+
+	mu     sync.Mutex
+	watch  map[int]uint64 // pid -> start time of recorded live workload processes
+	recent []recentExit   // exits of the last recentFor, for processes that ended before a refresh saw them
+}
+
+type recentExit struct {
+	exit procexit.Exit
+	at   time.Time
+}
+
+// recentFor is how long an exit is kept for a refresh that comes after it (the refresh
+// after a nexlet's death races with its workloads' exits).
+const recentFor = 5 * time.Second
+
+// recentMax bounds that memory on a host where many processes end.
+const recentMax = 4096
+
+func newOrphanWatch(log *slog.Logger, exits string, list func() []procid.ID, mine func(int) bool) (*orphanWatch, error) {
+	l, err := procexit.Listen()
+	if err != nil {
+		return nil, err
+	}
+	return &orphanWatch{log: log, exits: exits, list: list, mine: mine, l: l, watch: map[int]uint64{}}, nil
+}
+
+// refresh takes the recorded workload processes again: the live ones are watched; one
+// that already ended is recorded from the recent exits.
+func (w *orphanWatch) refresh() {
+	ids := w.list()
+	watch := make(map[int]uint64, len(ids))
+	var ended []procid.ID
+	for _, id := range ids {
+		if id.Alive() {
+			watch[id.PID] = id.Start
+		} else {
+			ended = append(ended, id)
+		}
+	}
+	w.mu.Lock()
+	w.watch = watch
+	var late []struct {
+		id procid.ID
+		ex procexit.Exit
+	}
+	for _, id := range ended {
+		for _, r := range w.recent {
+			if r.exit.PID == id.PID {
+				late = append(late, struct {
+					id procid.ID
+					ex procexit.Exit
+				}{id, r.exit})
+			}
+		}
+	}
+	w.mu.Unlock()
+	for _, x := range late {
+		w.record(x.id, x.ex)
+	}
+}
+
+// run reads process exits until ctx ends.
+func (w *orphanWatch) run(ctx context.Context) {
+	stop := context.AfterFunc(ctx, func() { w.l.Close() })
+	defer stop()
+	lost := 0
+	for {
+		ex, err := w.l.Next()
+		if errors.Is(err, procexit.ErrLost) {
+			if lost++; lost == 1 || lost%100 == 0 {
+				w.log.Warn("process exit events were dropped by the kernel; an orphaned workload's exit code may be unknown", "times", lost)
+			}
+			continue
+		}
+		if err != nil {
+			return
+		}
+		now := time.Now()
+		w.mu.Lock()
+		start, watched := w.watch[ex.PID]
+		if watched {
+			delete(w.watch, ex.PID)
+		} else {
+			for len(w.recent) > 0 && (len(w.recent) >= recentMax || now.Sub(w.recent[0].at) > recentFor) {
+				w.recent = w.recent[1:]
+			}
+			w.recent = append(w.recent, recentExit{exit: ex, at: now})
+		}
+		w.mu.Unlock()
+		if watched {
+			w.record(procid.ID{PID: ex.PID, Start: start}, ex)
+		}
+	}
+}
+
+// record writes the exit record of a workload process whose parent cannot report it.
+func (w *orphanWatch) record(id procid.ID, ex procexit.Exit) {
+	if w.mine(ex.Parent) {
+		return // nexd's reaper or the nexlet reaps it and knows
+	}
+	if _, err := procid.ReadExit(w.exits, id); err == nil {
+		return
+	}
+	e := procid.ExitOf(ex.Status)
+	if err := procid.WriteExit(w.exits, id, e); err != nil {
+		w.log.Warn("cannot record the exit of an orphaned workload", "pid", id.PID, "err", err)
+		return
+	}
+	w.log.Info("recorded the exit of a workload reparented to init (its nexlet had died)", "pid", id.PID, "parent", ex.Parent, "exit_code", e.Code, "reason", e.Reason)
+}

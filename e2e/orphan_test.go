@@ -1,0 +1,105 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestAdoptedNexletCrashKeepsExitCodes: with live_restore the native nexlet outlives
+// nexd, so the next nexd adopts a nexlet that is not its child. When that nexlet is then
+// killed (-9), its workloads are reparented to init, not to nexd; a job that ends right
+// after still has its exit code reported (not "lost"), because nexd learns it from the
+// kernel's process events; the service keeps its process.
+func TestAdoptedNexletCrashKeepsExitCodes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("process events need root")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	state := t.TempDir()
+	opts := nodeOpts{external: s.ClientURL(), stateDir: state, extra: []string{"--live-restore", "--state", "kv"}}
+	n := startNode(t, opts)
+	n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	flush(t, nc)
+
+	marker := fmt.Sprintf("nexd-e2e-orphan-%d", time.Now().UnixNano())
+	svc := n.runWorkload(t, "--name", "svc", "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
+	release := filepath.Join(testkit.PublicDir(t), "release")
+	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--",
+		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.05; done; exit 5`, release).ID
+	var before []int
+	testkit.EventuallyWithin(t, 60*time.Second, "the service and the job run", func() bool {
+		before = markerPIDs(marker)
+		return len(before) == 1 && len(markerPIDs(release)) == 1
+	})
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
+	}
+
+	// A new nexd adopts the nexlet the first one left running: not its child.
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM", code)
+	}
+	opts.cgroup = n.cgroup // the same node: the same cgroup root
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	testkit.EventuallyWithin(t, 60*time.Second, "both workloads listed running after the adoption", func() bool {
+		running := 0
+		for _, w := range n2.workloads(t) {
+			if w.State == string(protocol.WorkloadRunning) && (w.ID == svc || w.ID == job) {
+				running++
+			}
+		}
+		return running == 2
+	})
+	if st := procStatus(nexlet, "PPid"); st == fmt.Sprint(n2.cmd.Process.Pid) {
+		t.Fatalf("the adopted nexlet %d is the new nexd's child: the test needs one that is not", nexlet)
+	}
+
+	// Kill it and end the job at once: the job's parent is gone, it ends reparented to
+	// init before (or while) the next nexlet adopts it.
+	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(release, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var ev protocol.WorkloadStoppedEvent
+	testkit.EventuallyWithin(t, 60*time.Second, "the job's WORKLOADSTOPPED", func() bool {
+		m, err := stopped.NextMsg(time.Second)
+		if err != nil {
+			return false
+		}
+		json.Unmarshal(m.Data, &ev)
+		return ev.ID == job
+	})
+	if ev.Metadata["exit_code"] != "5" {
+		t.Errorf("the job that ended while its adopted nexlet was dead was reported with %+v, want exit code 5", ev)
+	}
+	if !strings.Contains(n2.out.String(), "recorded the exit of a workload reparented to init") {
+		t.Errorf("nexd did not record the orphan's exit:\n%s", n2.out.String())
+	}
+	testkit.EventuallyWithin(t, 60*time.Second, "the service listed running, the same process", func() bool {
+		return slices.ContainsFunc(n2.workloads(t), func(w control.Workload) bool {
+			return w.ID == svc && w.State == string(protocol.WorkloadRunning)
+		}) && slices.Equal(markerPIDs(marker), before)
+	})
+}
