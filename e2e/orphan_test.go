@@ -103,3 +103,56 @@ func TestAdoptedNexletCrashKeepsExitCodes(t *testing.T) {
 		}) && slices.Equal(markerPIDs(marker), before)
 	})
 }
+
+// TestRestartedNexletOutlivesNexd: a native nexlet that nexd restarted after a crash
+// (kill -9) is left running by a live_restore stop like the first one, and the next
+// nexd adopts it (same pid) with its workloads.
+func TestRestartedNexletOutlivesNexd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	opts := nodeOpts{external: s.ClientURL(), stateDir: t.TempDir(), extra: []string{"--live-restore", "--state", "kv"}}
+	n := startNode(t, opts)
+	n.waitReady(t)
+	marker := fmt.Sprintf("nexd-e2e-restarted-%d", time.Now().UnixNano())
+	svc := n.runWorkload(t, "--name", "svc", "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
+	var before []int
+	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool {
+		before = markerPIDs(marker)
+		return len(before) == 1
+	})
+	first := nexletPID(n.cmd.Process.Pid)
+	if first == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	syscall.Kill(first, syscall.SIGKILL)
+	var second int
+	testkit.EventuallyWithin(t, 60*time.Second, "a new native nexlet runs and has the service again", func() bool {
+		second = nexletPID(n.cmd.Process.Pid)
+		return second != 0 && second != first && slices.ContainsFunc(n.workloads(t), func(w control.Workload) bool {
+			return w.ID == svc && w.State == string(protocol.WorkloadRunning)
+		})
+	})
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM", code)
+	}
+	if st := procStatus(second, "State"); st == "" || strings.HasPrefix(st, "Z") {
+		t.Fatalf("the restarted native nexlet %d did not outlive nexd (state %q)", second, st)
+	}
+	opts.cgroup = n.cgroup
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	testkit.EventuallyWithin(t, 60*time.Second, "the service listed running, the same process", func() bool {
+		return slices.ContainsFunc(n2.workloads(t), func(w control.Workload) bool {
+			return w.ID == svc && w.State == string(protocol.WorkloadRunning)
+		}) && slices.Equal(markerPIDs(marker), before)
+	})
+	if p := nexletPID(n2.cmd.Process.Pid); p != 0 {
+		t.Fatalf("the new nexd started a native nexlet (%d) instead of adopting %d", p, second)
+	}
+	if st := procStatus(second, "State"); st == "" || strings.HasPrefix(st, "Z") {
+		t.Fatalf("the restarted native nexlet %d is gone after the adoption", second)
+	}
+}

@@ -112,7 +112,8 @@ nexlet_gone() { ! kill -0 "$1" 2>/dev/null && [ "$(nexlet_count)" = 0 ] && ! tes
 # left_running PID: with nexd stopped, workload PID (the only sleep) and a recorded
 # native nexlet still run.
 left_running() { [ "$(pgrep -x sleep)" = "$1" ] && [ -n "$(nexlet_pid)" ]; }
-# in_tmp PID: the process's /tmp (nexd.service's PrivateTmp, if any) is still usable.
+# in_tmp PID: the process's /tmp (nexd.service's own, in its mount namespace) is still
+# usable.
 in_tmp() { nsenter -t "$1" -m -- sh -c 'f=/tmp/.nexd-probe.$$ && touch "$f" && rm "$f"'; }
 # run_workload ARGS...: nexctl workload run with patience for a slow (TCG) guest: wait up
 # to 30 s for the node's bid and end the auction at the first bid; one retry.
