@@ -106,7 +106,18 @@ nexlet_pid() {
 nexlet_count() { pgrep -cf '^/usr/bin/nexd nexlet native' || true; }
 # same_nexlet PID: the recorded native nexlet is PID, and it is the only one (adopted,
 # not started a second time).
-same_nexlet() { [ "$(nexlet_pid)" = "$1" ] && [ "$(nexlet_count)" = 1 ]; }
+same_nexlet() {
+	[ "$(nexlet_pid)" = "$1" ] && [ "$(nexlet_count)" = 1 ] && return 0
+	nexlet_diag "$1"
+	return 1
+}
+# nexlet_diag WANT: what the record says and which nexlet processes run.
+nexlet_diag() {
+	echo "want nexlet ${1:-?}; $NEXLET_RECORD: $(cat "$NEXLET_RECORD" 2>&1)"
+	pgrep -af 'nexd nexlet' | while read -r p rest; do
+		echo "  $p ppid=$(ps -o ppid= -p "$p" | tr -d ' ') exe=$(readlink /proc/"$p"/exe) $rest"
+	done
+}
 # nexlet_gone PID: the native nexlet PID ended, none runs and its record is gone.
 nexlet_gone() { ! kill -0 "$1" 2>/dev/null && [ "$(nexlet_count)" = 0 ] && ! test -e "$NEXLET_RECORD"; }
 # left_running PID: with nexd stopped, workload PID (the only sleep) and a recorded

@@ -217,7 +217,11 @@ check "the re-executed nexd runs the new binary" sh -c "! readlink /proc/$MAIN/e
 check "workload y kept its process across the upgrade ($YPID)" test "$(pgrep -x sleep)" = "$YPID"
 # The old nexlet runs the replaced binary: it hands its workloads over to a nexlet of the
 # new one.
-new_nexlet() { p=$(nexlet_pid) && [ "$p" != "$NEXLET" ] && [ "$(nexlet_count)" = 1 ] && ! readlink "/proc/$p/exe" | grep -q deleted; }
+new_nexlet() {
+	p=$(nexlet_pid) && [ "$p" != "$NEXLET" ] && [ "$(nexlet_count)" = 1 ] && ! readlink "/proc/$p/exe" | grep -q deleted && return 0
+	nexlet_diag "a new one, not $NEXLET"
+	return 1
+}
 check "upgrade: the old native nexlet ($NEXLET) handed over to one of the new binary" wait_until 60 new_nexlet
 check "upgrade: the old native nexlet is gone" sh -c "! kill -0 $NEXLET 2>/dev/null"
 check "workload y listed running after the hand-over, same process" wait_until 60 same_sleep y "$YPID"

@@ -62,7 +62,12 @@ check "workload lim keeps its process ($WPID) across the nexlet crash" grep -qx 
 NEXLET=$(nexlet_pid)
 adopted_lim() { nexctl --json workloads | grep -q "$ID" && grep -qx "$WPID" "$WG/cgroup.procs"; }
 lim_limit_back() { test "$(cat "$WG/memory.max" 2>/dev/null)" = 52428800; }
-adopted_limited() { adopted_lim && lim_limit_back; }
+adopted_limited() {
+	adopted_lim && lim_limit_back && return 0
+	echo "lim $ID: $WG/cgroup.procs=[$(tr '\n' ' ' <"$WG/cgroup.procs" 2>&1)] want $WPID; memory.max=$(cat "$WG/memory.max" 2>&1)"
+	nexctl --json workloads 2>&1 | tr -d '\n ' | head -c 600; echo
+	return 1
+}
 check "systemctl stop nexd" systemctl stop nexd
 check "stop with live_restore left workload lim running ($WPID)" grep -qx "$WPID" "$WG/cgroup.procs"
 check "stop with live_restore left the native nexlet running ($NEXLET)" same_nexlet "$NEXLET"
@@ -81,7 +86,11 @@ check "workload lim's /tmp still usable after the restarts" in_tmp "$WPID"
 MAIN=$(mainpid)
 check "upgrade with apt-get install of the newer .deb" apt-get install -y -q "$DEB_UP"
 check "upgrade re-executed nexd in place (same MainPID)" wait_until 120 running_with_main "$MAIN"
-new_nexlet() { p=$(nexlet_pid) && [ "$p" != "$NEXLET" ] && [ "$(nexlet_count)" = 1 ] && ! readlink "/proc/$p/exe" | grep -q deleted; }
+new_nexlet() {
+	p=$(nexlet_pid) && [ "$p" != "$NEXLET" ] && [ "$(nexlet_count)" = 1 ] && ! readlink "/proc/$p/exe" | grep -q deleted && return 0
+	nexlet_diag "a new one, not $NEXLET"
+	return 1
+}
 check "upgrade: the native nexlet handed over to one of the new binary" wait_until 90 new_nexlet
 check "upgrade: workload lim adopted, same process, memory.max 50M" wait_until 60 adopted_limited
 info "after the upgrade: $(dpkg-query -W nexd), nexlet $(nexlet_pid)"
