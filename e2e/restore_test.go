@@ -24,7 +24,9 @@ import (
 )
 
 // groupProcs lists the processes of a workload's own cgroup (workloads/<id> below the
-// node's cgroup root, outside every nexlet's group).
+// node's cgroup root, outside every nexlet's group). On cgroup v1 the native nexlet's
+// forking thread may still sit in a fresh workload's group for a moment (its fork
+// pool): cgroup.procs then lists the nexlet too, which is not the workload's.
 func (n *node) groupProcs(id string) []int {
 	b, err := os.ReadFile(filepath.Join(n.cgroup, "workloads", id, "cgroup.procs"))
 	if err != nil {
@@ -32,9 +34,14 @@ func (n *node) groupProcs(id string) []int {
 	}
 	var out []int
 	for _, f := range strings.Fields(string(b)) {
-		if p, err := strconv.Atoi(f); err == nil {
-			out = append(out, p)
+		p, err := strconv.Atoi(f)
+		if err != nil {
+			continue
 		}
+		if cmd, _ := os.ReadFile(filepath.Join("/proc", f, "cmdline")); strings.Contains(string(cmd), "nexlet\x00native") {
+			continue
+		}
+		out = append(out, p)
 	}
 	slices.Sort(out)
 	return out
