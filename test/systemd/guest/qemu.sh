@@ -68,4 +68,91 @@ check "lameduck: service exits" wait_until 120 inactive
 check "no nexd, nexlet or workload process left" no_node_procs
 check "nexd.service cgroup gone" not test -d "$CG"
 
+# --- deploy cost of each cgroup driver: N deploys one after another ---
+# deploy_loop PREFIX N: prints the mean wall time per deploy in ms (nexctl workload run
+# with the auction ended at the first bid, so it includes NATS and nexctl's start).
+deploy_loop() {
+	local t0 i
+	t0=$(date +%s%N)
+	for i in $(seq "$2"); do run_workload --name "$1$i" -- /bin/sleep 600 >/dev/null || return 1; done
+	echo $((($(date +%s%N) - t0) / 1000000 / $2))
+}
+N=10
+check "systemctl start nexd (cgroupfs)" systemctl start nexd
+check "active (running)" wait_until 120 running
+deploy_loop warm 1 >/dev/null
+MS_FS=$(deploy_loop fs $N)
+info "deploy cost, cgroup_driver cgroupfs: ${MS_FS} ms per deploy ($N deploys, TCG guest)"
+check "cgroupfs: $N deploys ran (${MS_FS} ms each)" test -n "$MS_FS"
+check "nexctl lameduck --delay 0s (cgroupfs)" nexctl lameduck --delay 0s
+check "lameduck: service exits" wait_until 120 inactive
+check "no workload process left" no_node_procs
+
+# --- cgroup_driver: systemd: each workload in its own transient scope ---
+set_config 's/"live_restore": true/"live_restore": true,\n      "cgroup_driver": "systemd"/'
+check "config sets cgroup_driver systemd" grep -q '"cgroup_driver": "systemd"' /etc/nex/config.json
+check "nexd --check accepts cgroup_driver systemd here" nexd --check
+check "systemctl start nexd (systemd driver)" systemctl start nexd
+check "active (running)" wait_until 120 running
+MAIN=$(mainpid)
+check "nexctl status reports the systemd driver" sh -c 'nexctl --json status | tr -d " \n" | grep -q "\"driver\":\"systemd\""'
+check "nexctl doctor shows the cgroup driver" sh -c 'nexctl doctor 2>&1 | grep -q "cgroup driver.*systemd"'
+ID=$(run_workload --json --name sdlim --start-request '{"limits":{"memory_max":"50M","pids_max":20}}' -- /bin/sleep 600 | json_field id)
+info "workload sdlim id=$ID"
+U=nex-$ID.scope
+SC=/sys/fs/cgroup/nex.slice/nex-workloads.slice/$U
+check "scope $U active" wait_until 30 systemctl --quiet is-active "$U"
+WPID=$(head -1 "$SC/cgroup.procs" 2>/dev/null)
+info "systemctl status $U: $(systemctl status "$U" --no-pager 2>&1 | head -12 | tr '\n' '|')"
+check "systemctl status $U shows the workload's process ($WPID)" sh -c "[ -n '$WPID' ] && systemctl status $U --no-pager | grep -q '$WPID.*sleep'"
+check "$U: MemoryMax=50M (unit property)" test "$(systemctl show -P MemoryMax "$U")" = 52428800
+check "$U: TasksMax=20 (unit property)" test "$(systemctl show -P TasksMax "$U")" = 20
+check "$U is in nex-workloads.slice" test "$(systemctl show -P Slice "$U")" = nex-workloads.slice
+check "$U: kernel memory.max = 50M" test "$(cat "$SC/memory.max" 2>/dev/null)" = 52428800
+CG=/sys/fs/cgroup$(prop ControlGroup)
+check "the workload is not in nexd.service's cgroup" not sh -c "cat $CG/cgroup.procs $CG/*/cgroup.procs $CG/*/*/cgroup.procs 2>/dev/null | grep -qx '$WPID'"
+check "the holding group workloads/<id> is gone" not test -d "$CG/workloads/$ID"
+check "nexctl workload info reads the scope's memory.max (50M)" sh -c "nexctl --json workload info $ID | tr -d ' \\n' | grep -q 'memory_max.:52428800'"
+
+check "systemctl restart nexd" systemctl restart nexd
+check "active (running) after restart" wait_until 120 running_new_main "$MAIN"
+check "restart: workload adopted, same process in $U" \
+	wait_until 60 sh -c "nexctl --json workloads | grep -q $ID && grep -qx $WPID $SC/cgroup.procs"
+MAIN=$(mainpid)
+NR=$(nrestarts)
+kill -9 "$MAIN"
+check "kill -9 of nexd: systemd restarts it (no 219/CGROUP: workloads are outside the unit)" \
+	wait_until 120 sh -c "[ \"\$(systemctl show -P MainPID nexd)\" != $MAIN ] && [ \"\$(systemctl show -P NRestarts nexd)\" -gt $NR ] && [ \"\$(systemctl show -P SubState nexd)\" = running ]"
+check "no 219/CGROUP in the journal" not sh -c "journalctl -u nexd --no-pager | grep -q 'status=219/CGROUP'"
+check "kill -9: workload adopted, same process in $U" \
+	wait_until 60 sh -c "nexctl --json workloads | grep -q $ID && grep -qx $WPID $SC/cgroup.procs"
+check "kill -9: $U keeps MemoryMax=50M" test "$(systemctl show -P MemoryMax "$U")" = 52428800
+check "systemctl stop nexd (live_restore)" systemctl stop nexd
+check "stop: workload still runs in $U" grep -qx "$WPID" "$SC/cgroup.procs"
+check "systemctl start nexd after the stop" systemctl start nexd
+check "active (running)" wait_until 120 running
+check "start: workload adopted, same process" \
+	wait_until 60 sh -c "nexctl --json workloads | grep -q $ID && grep -qx $WPID $SC/cgroup.procs"
+
+HOG=$(run_workload --json --name sdhog --start-request '{"limits":{"memory_max":"50M"},"restart":{"policy":"never"}}' -- /bin/sh -c 'head -c 300M /dev/zero | tail' | json_field id)
+check "systemd driver: the OOM kill in nex-$HOG.scope is reported" \
+	wait_until 90 sh -c "nexctl --json workload info $HOG | grep -q 'OOM killer'"
+check "nexctl workload stop $ID" nexctl workload stop "$ID"
+check "stop removes $U" wait_until 30 sh -c "! systemctl --quiet is-active $U && [ -z \"\$(systemctl list-units --all --plain --no-legend $U)\" ]"
+check "stopped workload's process is gone" not kill -0 "$WPID"
+
+MS_SD=$(deploy_loop sd $N)
+info "deploy cost, cgroup_driver systemd: ${MS_SD} ms per deploy ($N deploys, TCG guest); cgroupfs: ${MS_FS} ms"
+check "systemd driver: $N deploys ran (${MS_SD} ms each)" test -n "$MS_SD"
+check "$N scopes in nex-workloads.slice" \
+	test "$(systemctl list-units --plain --no-legend --state=active 'nex-*.scope' | wc -l)" -ge $N
+info "slice: $(systemctl status nex-workloads.slice --no-pager 2>&1 | head -8 | tr '\n' '|')"
+
+check "dpkg --purge nexd" dpkg --purge nexd
+check "purge: no nex-*.scope left" wait_until 60 sh -c "[ -z \"\$(systemctl list-units --all --plain --no-legend 'nex-*.scope')\" ]"
+check "purge: no nexd, nexlet or workload process left" wait_until 30 no_node_procs
+check "purge: no workload cgroup left in nex-workloads.slice" \
+	not sh -c "ls -d /sys/fs/cgroup/nex.slice/nex-workloads.slice/nex-*.scope 2>/dev/null | grep -q ."
+check "purge deleted /var/lib/nex" not test -e /var/lib/nex
+
 finish
