@@ -116,6 +116,13 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 		if m.unlock, err = cg.Lock(); err != nil {
 			return nil, fmt.Errorf("cgroups: %w", err)
 		}
+		if cfg.Node.CgroupDriver == native.DriverSystemd && cg.Mode() == cgroup.ModeV2 {
+			// Workloads get their limits from systemd, in scopes outside nexd.service.
+			// Controllers enabled in the unit's cgroup would make the kernel refuse
+			// the next nexd there while a nexlet of this one still runs (it outlives a
+			// kill -9): systemd 252 would fail every restart with 219/CGROUP.
+			cg.WithoutControllers("cgroup_driver systemd: workloads are limited in their scopes; nexlet limits are not enforced (no controllers in nexd.service, so that systemd can always start the next nexd)")
+		}
 		if err := cg.EnterSupervisor(); err != nil {
 			m.log.Warn("could not move nexd into its supervisor cgroup; running nexlets without limits", "err", err)
 			cg = cgroup.Disabled("entering the supervisor cgroup failed: "+err.Error(), m.log)

@@ -290,6 +290,16 @@ func (m *Manager) EnterSupervisor() error {
 	return nil
 }
 
+// WithoutControllers makes the manager enforce no limits from now on, for reason:
+// groups are still made, processes placed in them and killed by group, but no
+// controller is enabled and no limit written. Call it before EnterSupervisor.
+func (m *Manager) WithoutControllers(reason string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.enforced = nil
+	m.reason = reason
+}
+
 // degrade narrows the enforced controllers to keep (nil: none) after err, logs it and
 // returns err.
 func (m *Manager) degrade(keep []string, err error) error {

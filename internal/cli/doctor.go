@@ -277,6 +277,8 @@ func (d *doctor) nodeChecks(ctx context.Context, st control.Status) {
 
 	cg := st.Cgroup
 	switch {
+	case cg.Driver == "systemd":
+		d.add("cgroups", checkOK, fmt.Sprintf("%s, enforced for nexlets: %s; %s", cg.Mode, orDash(strings.Join(cg.Enforced, ",")), orDash(cg.Reason)), "")
 	case cg.Mode == "" || cg.Mode == "none":
 		d.add("cgroups", checkWarn, "no cgroup isolation: "+orDash(cg.Reason),
 			"run nexd under systemd with Delegate=yes (the shipped unit does)")

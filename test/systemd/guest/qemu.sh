@@ -112,7 +112,7 @@ check "$U: kernel memory.max = 50M" test "$(cat "$SC/memory.max" 2>/dev/null)" =
 CG=/sys/fs/cgroup$(prop ControlGroup)
 check "the workload is not in nexd.service's cgroup" not sh -c "cat $CG/cgroup.procs $CG/*/cgroup.procs $CG/*/*/cgroup.procs 2>/dev/null | grep -qx '$WPID'"
 check "the holding group workloads/<id> is gone" not test -d "$CG/workloads/$ID"
-check "nexctl workload info reads the scope's memory.max (50M)" sh -c "nexctl --json workload info $ID | tr -d ' \\n' | grep -q 'memory_max.:52428800'"
+check "nexctl workloads reads the scope's memory.max (50M)" sh -c "nexctl --json workloads | tr -d ' \\n' | grep -q 'memory_max.:52428800'"
 
 check "systemctl restart nexd" systemctl restart nexd
 check "active (running) after restart" wait_until 120 running_new_main "$MAIN"
