@@ -53,9 +53,11 @@ type scopeSandbox struct {
 	limits Limits
 	scope  *cgroup.Group // the scope's cgroup, read only
 	pgid   int           // the process group when there is no holding group
-	// sliceOOM is nex-workloads.slice's OOM kill count when the workload started: a
-	// scope whose last process died is removed by systemd at once, and its count with it.
+	// sliceOOM is nex-workloads.slice's OOM kill count when the workload was placed
+	// (placedOK): a scope whose last process died is removed by systemd at once, and
+	// its count with it.
 	sliceOOM int
+	placedOK bool
 }
 
 func (b *scopeSandbox) sdLimits() sdscope.Limits {
@@ -95,7 +97,7 @@ func (b *scopeSandbox) start(cmd *exec.Cmd) error {
 
 // placed hands the started process (and anything it forked) to its new scope.
 func (b *scopeSandbox) placed(pid int) error {
-	b.sliceOOM = sliceOOMKills()
+	b.sliceOOM, b.placedOK = sliceOOMKills(), true
 	ctx := context.Background()
 	pids := []int{pid}
 	hg, hasHold := b.holdGroup()
@@ -199,7 +201,7 @@ func (b *scopeSandbox) oomKills() int {
 	if n, err := b.scope.OOMKills(); err == nil && n > 0 {
 		return n
 	}
-	if b.sliceOOM == 0 {
+	if !b.placedOK {
 		return 0
 	}
 	// The scope is gone with its counter: count what the slice saw since the start

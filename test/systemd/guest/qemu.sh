@@ -86,7 +86,7 @@ info "deploy cost, cgroup_driver cgroupfs: ${MS_FS} ms per deploy ($N deploys, T
 check "cgroupfs: $N deploys ran (${MS_FS} ms each)" test -n "$MS_FS"
 check "nexctl lameduck --delay 0s (cgroupfs)" nexctl lameduck --delay 0s
 check "lameduck: service exits" wait_until 120 inactive
-check "no workload process left" no_node_procs
+check "no workload process left" wait_until 60 no_node_procs
 
 # --- cgroup_driver: systemd: each workload in its own transient scope ---
 set_config 's/"live_restore": true/"live_restore": true,\n      "cgroup_driver": "systemd"/'
