@@ -350,6 +350,8 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		errR.Close()
 		return nil, fmt.Errorf("workload %s: start %s: %w", w.id, w.exe, err)
 	}
+	// Before anything slower: what the workload forks inherits its oom_score_adj.
+	resetOOMScore(cmd.Process.Pid)
 	if err := w.sb.placed(cmd.Process.Pid); err != nil {
 		_ = w.sb.kill()
 		_ = cmd.Wait()
@@ -358,7 +360,6 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		return nil, fmt.Errorf("workload %s: place %s: %w", w.id, w.exe, err)
 	}
 	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
-	resetOOMScore(p.pid)
 	// Our child, not yet waited for: the pid cannot have been reused.
 	if id, err := procid.Of(p.pid); err != nil {
 		n.log.Warn("workload start time unreadable; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
