@@ -409,6 +409,11 @@ func partitionCase(t *testing.T, n int, cut []int) {
 	fg.Add(hx.Name+" STATUS at the end of the partition", seenStatus)
 	fg.Add(hx.Name+" STATUS first showed a reconnect", firstChange)
 	fg.Add(hx.Name+" STATUS first showed JetStream lost", jsSeen)
+	notified, notifiedAt := hx.NotifyStatusSince(cutAt, "jetstream unavailable")
+	if notified != "" {
+		notified = fmt.Sprintf("+%v: %s", notifiedAt.Sub(cutAt).Round(100*time.Millisecond), notified)
+	}
+	fg.Add(hx.Name+" sd_notify STATUS= with the lost cluster", notified)
 	fg.Add(hx.Name+" nexctl status JetStream line", lineWith(ctlStatus, "JetStream"))
 	fg.Add(hx.Name+" metrics", strings.Join(jsMetrics, "; "))
 	fg.Add("majority side's JetStream states at the end", strings.Join(majJS, ", "))
@@ -474,8 +479,10 @@ func partitionCase(t *testing.T, n int, cut []int) {
 	if onMinority > 0 || runningX != preX || ok == 0 {
 		t.Fatalf("placed %d on the unreachable node(s), %d of their %d workloads ran, %d placements on the majority", onMinority, runningX, preX, ok)
 	}
-	if len(minority) == 1 && jsSeen == "" {
-		t.Fatalf("%s's STATUS never showed that it lost its cluster's JetStream during the partition: %s", hx.Name, seenStatus)
+	if len(minority) == 1 && (jsSeen == "" || notified == "" || !strings.Contains(lineWith(ctlStatus, "JetStream"), "UNAVAILABLE") ||
+		!slices.Contains(jsMetrics, `nexd_jetstream_state{state="unavailable"} 1`)) {
+		t.Fatalf("%s did not show the lost cluster's JetStream during the partition everywhere: control status %q, STATUS= %q, nexctl status %q, metrics %q",
+			hx.Name, jsSeen, notified, lineWith(ctlStatus, "JetStream"), jsMetrics)
 	}
 }
 

@@ -131,6 +131,7 @@ type Host struct {
 	NATS     *Proc
 	Nexd     *Proc
 	natsConf string
+	notify   *notifyLog // systemd's notify socket, played for nexd
 }
 
 var fleetSeq struct {
@@ -244,13 +245,19 @@ type Proc struct {
 // the cgroup mounts stay the host's, unlike `ip netns exec`).
 func (f *Fleet) start(name, ns, bin string, args ...string) *Proc {
 	f.t.Helper()
+	return f.startEnv(name, ns, nil, bin, args...)
+}
+
+// startEnv is start with more environment variables.
+func (f *Fleet) startEnv(name, ns string, env []string, bin string, args ...string) *Proc {
+	f.t.Helper()
 	logPath := filepath.Join(f.dir, name+".log")
 	out, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		f.t.Fatal(err)
 	}
 	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, "--", bin}, args...)...)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + f.dir}
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + f.dir}, env...)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -371,8 +378,81 @@ func (h *Host) LaunchNexd(servers string, extra ...string) {
 	if h.Cgroup != "" {
 		args = append(args, "--cgroup-root", h.Cgroup)
 	}
-	h.Nexd = h.f.start(h.Name+"-nexd", h.NS, bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexd"), append(args, extra...)...)
+	h.listenNotify()
+	h.Nexd = h.f.startEnv(h.Name+"-nexd", h.NS, []string{"NOTIFY_SOCKET=" + h.notifyPath()},
+		bins.Path(h.f.t, "github.com/nexd-project/nexd/cmd/nexd"), append(args, extra...)...)
 	h.Nexd.nexd = true
+}
+
+func (h *Host) notifyPath() string { return filepath.Join(h.Dir, "notify.sock") }
+
+// listenNotify plays systemd's notify socket for the host's nexd (once per host):
+// every STATUS= it sends is kept (NotifyStatuses).
+func (h *Host) listenNotify() {
+	h.f.t.Helper()
+	if h.notify != nil {
+		return
+	}
+	os.Remove(h.notifyPath())
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: h.notifyPath(), Net: "unixgram"})
+	if err != nil {
+		h.f.t.Fatalf("notify socket: %v", err)
+	}
+	h.notify = &notifyLog{conn: conn, done: make(chan struct{})}
+	go h.notify.read()
+	h.f.t.Cleanup(h.notify.close)
+}
+
+// notifyLog collects the STATUS= lines a nexd sent.
+type notifyLog struct {
+	conn     *net.UnixConn
+	done     chan struct{}
+	mu       sync.Mutex
+	statuses []notifyStatus
+}
+
+type notifyStatus struct {
+	at   time.Time
+	text string
+}
+
+func (l *notifyLog) read() {
+	defer close(l.done)
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := l.conn.Read(buf)
+		if err != nil {
+			return
+		}
+		for _, line := range strings.Split(string(buf[:n]), "\n") {
+			if v, ok := strings.CutPrefix(line, "STATUS="); ok {
+				l.mu.Lock()
+				l.statuses = append(l.statuses, notifyStatus{time.Now(), v})
+				l.mu.Unlock()
+			}
+		}
+	}
+}
+
+func (l *notifyLog) close() {
+	l.conn.Close()
+	<-l.done
+}
+
+// NotifyStatusSince is the first STATUS= the host's nexd sent after t that contains
+// want, with when it came ("" when none).
+func (h *Host) NotifyStatusSince(t time.Time, want string) (string, time.Time) {
+	if h.notify == nil {
+		return "", time.Time{}
+	}
+	h.notify.mu.Lock()
+	defer h.notify.mu.Unlock()
+	for _, st := range h.notify.statuses {
+		if st.at.After(t) && strings.Contains(st.text, want) {
+			return st.text, st.at
+		}
+	}
+	return "", time.Time{}
 }
 
 // NexdCheck runs nexd --check with the host's settings in its namespace and returns
