@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -127,29 +128,36 @@ func TestStolenNexletUser(t *testing.T) {
 	n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "300")
 }
 
-// TestNexletOutlivesCredsTTL: with a 3 s nexlet_creds_ttl on an operator-mode NATS
+// TestNexletOutlivesCredsTTL: with a 6 s nexlet_creds_ttl on an operator-mode NATS
 // (signing-key strategy, no revocation: old users expire), the native nexlet runs
-// through several lifetimes of its user without registering again, stays healthy and
-// still deploys.
+// through several lifetimes of its user without registering again, stays healthy, and
+// every deploy and stop sent meanwhile is answered.
 func TestNexletOutlivesCredsTTL(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	n, creds, _ := signingNode(t, "--nexlet-creds-ttl", "3s")
+	n, creds, _ := signingNode(t, "--nexlet-creds-ttl", "6s")
 	n.waitNative(t)
 	agent := n.native(t).AgentID
 	registered := strings.Count(n.out.String(), "nexlet registered")
-	time.Sleep(13 * time.Second) // four lifetimes and more
-	if got := strings.Count(n.out.String(), "nexlet credentials renewed"); got < 3 {
-		t.Fatalf("%d renewals logged in 13 s with a 3 s TTL\nnexd:\n%s", got, n.out.String())
+	// Four lifetimes and more, deploying and stopping all the while: no request to the
+	// nexlet may be lost to a renewal.
+	deployed := 0
+	for start := time.Now(); time.Since(start) < 20*time.Second; deployed++ {
+		w := n.natsRun(t, creds, "tenant", "--name", fmt.Sprintf("w%d", deployed), "--", "/bin/sleep", "300")
+		n.mustCtl(t, "--nats.creds-file", creds, "--namespace", "tenant", "workload", "stop", w.ID)
+	}
+	t.Logf("%d deploys and stops during the renewals", deployed)
+	if got := strings.Count(n.out.String(), "nexlet credentials renewed"); got < 4 {
+		t.Fatalf("%d renewals logged in 20 s with a 6 s TTL\nnexd:\n%s", got, n.out.String())
 	}
 	if got := strings.Count(n.out.String(), "nexlet registered"); got != registered {
 		t.Fatalf("the nexlet registered again (%d registrations, %d before)\nnexd:\n%s", got, registered, n.out.String())
 	}
 	x := n.native(t)
 	if x.AgentID != agent || x.Health != protocol.HealthHealthy || x.Restarts != 0 {
-		t.Fatalf("native nexlet after 13 s: %+v (agent id was %s)\nnexd:\n%s", x, agent, n.out.String())
+		t.Fatalf("native nexlet after 20 s: %+v (agent id was %s)\nnexd:\n%s", x, agent, n.out.String())
 	}
 	n.natsRun(t, creds, "tenant", "--name", "late", "--", "/bin/sleep", "300")
 }

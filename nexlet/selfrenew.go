@@ -78,16 +78,22 @@ func (l *liveCreds) sign(nonce []byte) ([]byte, error) {
 	return kp.Sign(nonce)
 }
 
-// renewAt is when the user should be renewed (80 % of its lifetime), zero when it
-// does not expire.
+// renewAt is when the user should be renewed, zero when it does not expire: at 80 %
+// of its lifetime, or at half of it when that leaves less than renewMargin, so that
+// the old connection has time to answer what it took before the old user expires.
 func (l *liveCreds) renewAt() (at, exp time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.exp.IsZero() {
 		return time.Time{}, time.Time{}
 	}
-	return l.iat.Add(l.exp.Sub(l.iat) * 4 / 5), l.exp
+	life := l.exp.Sub(l.iat)
+	return l.exp.Add(-max(life/5, min(life/2, renewMargin))), l.exp
 }
+
+// renewMargin is what a renewal leaves before the old user expires, where the
+// lifetime allows.
+const renewMargin = 10 * time.Second
 
 // Bounds of the retries of a failed self-renewal.
 const (
@@ -206,12 +212,12 @@ func (r *Runner) renewSelf(ctx context.Context, live *liveCreds) error {
 
 // retire closes a connection the nexlet moved away from once the requests it took are
 // answered: busy must stay at zero for a moment (the drained subscriptions hand over
-// what they still held), at most switchIdleWait and never past a second before the
-// old user expires (the server cuts it then anyway).
+// what they still held), at most switchIdleWait and never past the old user's expiry
+// (the server cuts it then anyway).
 func (r *Runner) retire(ctx context.Context, nc *nats.Conn, busy *atomic.Int64, oldExp time.Time) {
 	deadline := time.Now().Add(switchIdleWait)
-	if !oldExp.IsZero() && oldExp.Add(-time.Second).Before(deadline) {
-		deadline = oldExp.Add(-time.Second)
+	if !oldExp.IsZero() && oldExp.Before(deadline) {
+		deadline = oldExp
 	}
 	quiet := 0
 	for quiet < 3 && time.Now().Before(deadline) {
