@@ -45,6 +45,7 @@ type fakeNode struct {
 	events   []*nats.Msg
 	logs     []*nats.Msg
 	existing map[string]protocol.AgentStartWorkloadRequest
+	lastReg  protocol.RegisterAgentRequest // the latest registration received
 	// connData, when set, gives the nexlet's credentials (a server with auth).
 	connData func() protocol.NatsConnectionData
 }
@@ -82,6 +83,7 @@ func newFakeNodeOn(t *testing.T, srv *server.Server, nc *nats.Conn, connData fun
 		}
 		fn.mu.Lock()
 		state := fn.existing
+		fn.lastReg = req
 		fn.mu.Unlock()
 		if state == nil {
 			state = map[string]protocol.AgentStartWorkloadRequest{}

@@ -380,6 +380,14 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 		t.Fatal(err)
 	}
 	fn.startNexlet(Config{RuntimeDir: runtime})
+	// It registers saying what it holds: the records of both live workloads, whether
+	// or not the node still knows them, and not the one never started here.
+	fn.mu.Lock()
+	held := fn.lastReg.Workloads
+	fn.mu.Unlock()
+	if held == nil || !slices.Contains(*held, "live") || !slices.Contains(*held, "orphan") || slices.Contains(*held, "dead") {
+		t.Errorf("registration after the crash reports holding %v, want live and orphan", held)
+	}
 	testkit.Eventually(t, "dead leftover dir removed", func() bool {
 		_, err := os.Stat(filepath.Join(first.WorkloadsDir(), "gone"))
 		return os.IsNotExist(err)
