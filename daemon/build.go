@@ -51,6 +51,11 @@ type server struct {
 	jetstream  jsWatch        // what JetStream last said about kv
 
 	reloadMu sync.Mutex // one reload at a time (SIGHUP and the socket)
+
+	// watchdogTaken is closed when serve's health-gated watchdog starts; bridging says
+	// a degraded start-up's pings already continue until then (bridgeWatchdog).
+	watchdogTaken chan struct{}
+	bridging      bool
 }
 
 // buildHooks let tests replace what would touch the host beyond the test's reach.
@@ -68,7 +73,7 @@ const goroutineWait = 15 * time.Second
 // blocking steps (connecting, fetching nexlets).
 func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server, error) {
 	cfg := d.cfg()
-	s := &server{daemon: d, stateDir: cfg.Node.StateDir}
+	s := &server{daemon: d, stateDir: cfg.Node.StateDir, watchdogTaken: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(ctx)
 	// Unwound next to last: whatever else was started has ended or been closed by then.
 	d.closers.push("goroutines", func(context.Context) error {
@@ -106,6 +111,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	doneWaiting := d.waitingFor("NATS")
 	s.conn, err = natsembed.Connect(startCtx, client, embed, d.log)
 	doneWaiting()
+	s.bridgeWatchdog()
 	if err != nil {
 		return nil, fmt.Errorf("nats: %w", err)
 	}
@@ -151,6 +157,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		}); err != nil {
 			return nil, err
 		}
+		s.bridgeWatchdog()
 		store = s.kv
 	}
 	if cfg.Node.LogStream {

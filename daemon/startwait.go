@@ -67,6 +67,45 @@ func (d *daemon) waitingFor(what string) (done func()) {
 	}
 }
 
+// bridgeWatchdog keeps the watchdog fed after a degraded READY=1, from the end of the
+// wait that sent it until serve's health-gated watchdog takes over: systemd expects
+// pings from READY on, and the rest of start-up (nexlets registering or being adopted,
+// replay: each bounded by startup_timeout) went unpinged for longer than WatchdogSec,
+// so systemd aborted a node that had waited out a JetStream outage (seen in the nspawn
+// suite with WatchdogSec=10s). It pings for at most twice startup_timeout plus a
+// minute, so a start-up that hangs still ends in a watchdog abort. Build calls it from
+// its one goroutine, after each wait.
+func (s *server) bridgeWatchdog() {
+	if !s.degraded.Load() || s.bridging {
+		return
+	}
+	s.bridging = true
+	bound := 2*s.cfg().Node.StartupTimeout + time.Minute
+	every := startTick
+	if wd, ok := s.notify.WatchdogInterval(); ok && wd/2 < every {
+		every = wd / 2
+	}
+	s.own.goFn(func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		end := time.NewTimer(bound)
+		defer end.Stop()
+		for {
+			s.notify.Watchdog()
+			select {
+			case <-s.watchdogTaken:
+				return
+			case <-s.ctx.Done():
+				return
+			case <-end.C:
+				s.log.Error("start-up did not finish after a degraded READY; no more watchdog pings", "waited", bound.String())
+				return
+			case <-t.C:
+			}
+		}
+	})
+}
+
 // openKVPatiently opens the node's state bucket, retrying with backoff while
 // JetStream does not answer (not enabled yet, no responders, a timeout) until ctx
 // ends. Errors that waiting cannot fix are returned at once.

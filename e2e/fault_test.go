@@ -726,3 +726,53 @@ func workloadPIDs(t *testing.T, id string) []int {
 	}
 	return out
 }
+
+// TestDegradedStartKeepsWatchdogFed: after a degraded READY=1 (JetStream away past
+// startup_timeout) systemd expects watchdog pings; once JetStream is back, the rest of
+// start-up (here a nexlet that never registers, waited for up to startup_timeout)
+// must not leave a gap longer than the watchdog. Before, nothing pinged between the
+// end of the JetStream wait and the serve loop's watchdog: systemd aborted nexd (seen
+// in the nspawn suite with WatchdogSec=10s).
+func TestDegradedStartKeepsWatchdogFed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	const watchdog = 4 * time.Second
+	port := -1
+	noJS := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { o.Port = port }})
+	port = noJS.Addr().(*net.TCPAddr).Port
+	ns := newNotifySocket(t)
+	startNode(t, nodeOpts{external: noJS.ClientURL(), notify: ns,
+		env: []string{fmt.Sprintf("WATCHDOG_USEC=%d", watchdog.Microseconds())},
+		extra: []string{"--state", "kv", "--startup-timeout", "8s",
+			"--agents.uri", "file:///bin/sleep", "--agents.argv", "600"}})
+	ns.waitFor(t, "READY=1", 60*time.Second) // the degraded one
+	time.Sleep(2 * watchdog)
+	noJS.Shutdown()
+	noJS.WaitForShutdown()
+	store := t.TempDir()
+	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.Port = port; o.StoreDir = store }})
+	ns.waitFor(t, "READY=1", 90*time.Second) // running, after the nexlet wait
+	time.Sleep(watchdog)                     // the serve loop's pings
+	msgs, at := ns.timed()
+	var last time.Time
+	var gap time.Duration
+	ready := 0
+	for i, m := range msgs {
+		if strings.Contains(m, "READY=1") {
+			ready++
+		}
+		if ready == 0 || !strings.Contains(m, "WATCHDOG=1") {
+			continue
+		}
+		if !last.IsZero() && at[i].Sub(last) > gap {
+			gap = at[i].Sub(last)
+		}
+		last = at[i]
+	}
+	if gap > watchdog {
+		t.Fatalf("a %s gap between watchdog pings after the degraded READY (watchdog %s)", gap.Round(time.Millisecond), watchdog)
+	}
+	t.Logf("longest gap between pings after the degraded READY: %s", gap.Round(time.Millisecond))
+}

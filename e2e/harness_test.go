@@ -55,6 +55,7 @@ type notifySocket struct {
 	conn *net.UnixConn
 	mu   sync.Mutex
 	msgs []string
+	at   []time.Time // when each of msgs came
 	ch   chan string
 }
 
@@ -77,6 +78,7 @@ func newNotifySocket(t *testing.T) *notifySocket {
 			m := string(buf[:n])
 			ns.mu.Lock()
 			ns.msgs = append(ns.msgs, m)
+			ns.at = append(ns.at, time.Now())
 			ns.mu.Unlock()
 			ns.ch <- m
 		}
@@ -102,6 +104,13 @@ func (n *notifySocket) waitFor(t *testing.T, want string, timeout time.Duration)
 			t.Fatalf("no %q notification within %v; got %q", want, timeout, n.all())
 		}
 	}
+}
+
+// timed returns the datagrams so far with when each came.
+func (n *notifySocket) timed() ([]string, []time.Time) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]string(nil), n.msgs...), append([]time.Time(nil), n.at...)
 }
 
 func (n *notifySocket) all() []string {
