@@ -594,4 +594,27 @@ func TestSupersededUsersRevoked(t *testing.T) {
 	refused("the previous start's nexlet user", agent1)
 	refused("the second registration user", reg2)
 	mustDial(t, e.s.ClientURL(), agent2).nc.Close()
+
+	// The nexlet renews its own user for a key it made: the reply is a JWT for that
+	// key and no seed; a key used before is refused; once it switched, its older user
+	// is revoked and the new one (with the nexlet's seed) connects.
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	own, err := m.RenewAgent(aid, node, pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if own.NatsUserSeed != "" {
+		t.Fatal("a renewed nexlet user came with a seed")
+	}
+	if _, err := m.RenewAgent(aid, node, pub); err == nil {
+		t.Fatal("a key used before was renewed again")
+	}
+	if err := m.RevokeAgentBefore(ctx, aid, pub); err != nil {
+		t.Fatal(err)
+	}
+	refused("the nexlet user before the renewal", agent2)
+	seed, _ := kp.Seed()
+	own.NatsUserSeed = string(seed)
+	mustDial(t, e.s.ClientURL(), own).nc.Close()
 }
