@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -389,5 +391,101 @@ func TestAttackControlCharactersInNames(t *testing.T) {
 	}
 	if len(n.workloads(t)) != 0 {
 		t.Errorf("the workload was started")
+	}
+}
+
+// TestAttackArtifactOfAnotherNamespace: tenant A knows the digest of tenant B's
+// nats:// artifact (the artifact is B's, in bucket tenant-b, which A's workloads may
+// not read). A puts an object of its own into its bucket and rewrites the object's
+// metadata to claim B's digest, then deploys it. The node must not hand A the copy of
+// B's artifact it holds for B: A's deploy downloads A's own bytes, whose digest does not
+// match, and fails. (Before the store was keyed by namespace, A ran B's artifact.) A
+// control deploy shows A's workload credentials cannot read bucket tenant-b directly.
+func TestAttackArtifactOfAnotherNamespace(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: workloads under dynamic uids")
+	}
+	t.Parallel()
+	n, creds, nc := signingNode(t)
+	n.waitNative(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(bucket, name string, body []byte) *jetstream.ObjectInfo {
+		t.Helper()
+		obs, err := js.CreateObjectStore(t.Context(), jetstream.ObjectStoreConfig{Bucket: bucket})
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := obs.PutBytes(t.Context(), name, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info
+	}
+	const token = "token=B-SECRET-42"
+	secret := put("tenant-b", "secret_v1", []byte("#!/bin/sh\necho "+token+"\nexec sleep 600\n"))
+	n.natsRun(t, creds, "tenant-b", "--name", "secret", "--start-request", `{"uri":"nats://tenant-b/secret:v1"}`)
+
+	deployA := func(name, uri string) (string, string, int) {
+		return run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", n.natsURL,
+			"--nats.creds-file", creds, "--namespace", "tenant-a", "--json",
+			"workload", "run", "--name", name, "--start-request", `{"uri":"`+uri+`"}`)
+	}
+	// Control (in the background: the refusal takes nexctl's whole deploy timeout): A's
+	// workloads cannot read B's bucket.
+	control := make(chan string, 1)
+	go func() {
+		out, errOut, code := deployA("direct", "nats://tenant-b/secret:v1")
+		if code == 0 {
+			control <- fmt.Sprintf("tenant-a deployed tenant-b's artifact from tenant-b's bucket:\n%s\n%s", out, errOut)
+		}
+		close(control)
+	}()
+	defer func() {
+		if msg := <-control; msg != "" {
+			t.Error(msg)
+		}
+	}()
+
+	// A's own object, its metadata rewritten to claim B's digest.
+	own := put("tenant-a", "thief_v1", []byte("#!/bin/sh\necho mine\nexec sleep 600\n"))
+	own.Digest, own.ModTime = secret.Digest, time.Time{}
+	meta, err := json.Marshal(own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := nats.NewMsg("$O.tenant-a.M." + base64.URLEncoding.EncodeToString([]byte("thief_v1")))
+	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	m.Data = meta
+	if _, err := js.PublishMsg(t.Context(), m); err != nil {
+		t.Fatal(err)
+	}
+	aObs, err := js.ObjectStore(t.Context(), "tenant-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := aObs.GetInfo(t.Context(), "thief_v1"); err != nil || got.Digest != secret.Digest {
+		t.Fatalf("forged metadata not in place: %v %+v", err, got)
+	}
+
+	out, errOut, code := deployA("thief", "nats://tenant-a/thief:v1")
+	if code == 0 {
+		var r runResult
+		_ = json.Unmarshal([]byte(out), &r)
+		var o, e string
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			if o, e, _ = n.ctl(t, "--nats.creds-file", creds, "workload", "logs", r.ID, "--tail", "5"); strings.Contains(o, token) {
+				t.Fatalf("tenant-a's workload %s ran tenant-b's artifact: %q", r.ID, o)
+			}
+		}
+		t.Fatalf("the deploy of an object whose digest is not its content's succeeded: %s\nits logs: %s %s", out, o, e)
+	}
+	if !strings.Contains(errOut+out, "digest") {
+		t.Errorf("the refused deploy does not say the digest is wrong:\n%s\n%s", out, errOut)
 	}
 }

@@ -2,6 +2,7 @@ package native
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -22,8 +23,9 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
-// artifactStore keeps nats:// artifacts on disk, one file per content digest
-// (sha256-<hex>), so two workloads of one artifact share one copy and a download
+// artifactStore keeps nats:// artifacts on disk, one file per content digest and
+// namespace (sha256-<hex>-ns-<hash of the namespace>, see path), so two workloads of one
+// artifact in a namespace share one copy and a download
 // never lands in the runtime directory's tmpfs. The directory is the nexlet's own
 // (0700, below the state directory, which is 0700 too): no workload user and no local
 // user can reach it by path. Workloads get their artifact as an open file instead (see
@@ -55,16 +57,28 @@ func newArtifactStore(dir, wdir string) (*artifactStore, error) {
 	return s, nil
 }
 
-func (s *artifactStore) path(sum string) string { return filepath.Join(s.dir, "sha256-"+sum) }
+// path is the store file of content sum deployed in namespace ns. Copies are shared
+// within a namespace only: the digest comes from the object's metadata, which whoever
+// may write a bucket can set to anything, so a store shared across namespaces would
+// hand tenant A the copy of tenant B's artifact once A claims its digest (A's own bytes
+// are never downloaded and checked). The namespace is hashed into the name so that any
+// namespace makes one plain file name.
+func (s *artifactStore) path(ns, sum string) string {
+	h := sha256.Sum256([]byte(ns))
+	return filepath.Join(s.dir, "sha256-"+sum+"-ns-"+hex.EncodeToString(h[:16]))
+}
+
+// emptySHA256 is the digest of no bytes.
+const emptySHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 // errNoSpace marks a deploy refused because the store's file system is full.
 var errNoSpace = errors.New("no space left for the artifact")
 
-// fetch puts the object into the store (unless a copy with its digest is there) and
-// links it from the workload directory wdir. It returns the store path and the
+// fetch puts the object into the store (unless a copy with its digest is there for
+// namespace ns) and links it from the workload directory wdir. It returns the store path and the
 // object's SHA-256 in hex. The size cap is checked from the object's info before the
 // download and again while reading.
-func (s *artifactStore) fetch(ctx context.Context, obs jetstream.ObjectStore, art artifact, wdir string, maxSize int64, report func(protocol.Progress)) (string, string, error) {
+func (s *artifactStore) fetch(ctx context.Context, obs jetstream.ObjectStore, ns string, art artifact, wdir string, maxSize int64, report func(protocol.Progress)) (string, string, error) {
 	info, err := obs.GetInfo(ctx, art.object)
 	if err != nil {
 		return "", "", fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
@@ -76,7 +90,12 @@ func (s *artifactStore) fetch(ctx context.Context, obs jetstream.ObjectStore, ar
 	if err != nil {
 		return "", "", fmt.Errorf("object %q in bucket %q: %w", art.object, art.bucket, err)
 	}
-	p := s.path(sum)
+	if info.Size == 0 && sum != emptySHA256 {
+		// The client library checks the digest of what it read only when there is
+		// something to read.
+		return "", "", fmt.Errorf("object %q in bucket %q is empty but claims digest %s", art.object, art.bucket, info.Digest)
+	}
+	p := s.path(ns, sum)
 	// The link first, under the lock a sweep takes: from here on no sweep removes the
 	// file, whether it is there already or arrives below.
 	s.mu.Lock()
@@ -222,7 +241,7 @@ func objectDigest(d string) (string, error) {
 
 // fetchArtifact connects with the workload's own credentials (so it reads only what
 // its namespace may) and fetches the artifact into the store.
-func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, art artifact, wdir string, maxSize int64, report func(protocol.Progress)) (string, string, error) {
+func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, ns string, art artifact, wdir string, maxSize int64, report func(protocol.Progress)) (string, string, error) {
 	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
 	if err != nil {
 		return "", "", fmt.Errorf("with the workload's credentials: %w", err)
@@ -236,7 +255,7 @@ func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsCo
 	if err != nil {
 		return "", "", fmt.Errorf("object store bucket %q: %w", art.bucket, err)
 	}
-	return s.fetch(ctx, obs, art, wdir, maxSize, report)
+	return s.fetch(ctx, obs, ns, art, wdir, maxSize, report)
 }
 
 // artifactFD is the descriptor a workload's artifact has in the workload.

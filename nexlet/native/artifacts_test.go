@@ -84,7 +84,7 @@ func TestArtifactStoreSharedPrivate(t *testing.T) {
 		t.Fatalf("store holds %v, want one file per artifact (2)", files)
 	}
 	s1, _ := fn.summary("a1")
-	shared := filepath.Join(store, "sha256-"+s1.Metadata["sha256"])
+	shared := tn.arts.path(testNS, s1.Metadata["sha256"])
 	fi, err := os.Stat(shared)
 	if err != nil {
 		t.Fatalf("a1's artifact (digest %q) not in the store: %v", s1.Metadata["sha256"], err)

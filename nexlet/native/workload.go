@@ -202,7 +202,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		// Into the store, not reachable by the workload's user by path: it gets the
 		// file as an open descriptor (execArtifact), so no access check by path.
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		w.exe, sum, err = n.arts.fetchArtifact(ctx, w.req.WorkloadCreds, w.plan.art, w.dir, n.cfg.ArtifactMax, report)
+		w.exe, sum, err = n.arts.fetchArtifact(ctx, w.req.WorkloadCreds, w.ns, w.plan.art, w.dir, n.cfg.ArtifactMax, report)
 		cancel()
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
