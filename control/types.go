@@ -153,6 +153,15 @@ type NATSStatus struct {
 	// JetStream is what the node last learnt about its state bucket's JetStream
 	// (state "kv" only): a connected server may still have lost its cluster.
 	JetStream *JetStreamStatus `json:"jetstream,omitempty"`
+	// Leaf is the embedded server's leaf connections to its hub, when it has remotes
+	// (nats.leaf_remote, or leafnodes.remotes in inats_config).
+	Leaf *LeafStatus `json:"leaf,omitempty"`
+}
+
+// LeafStatus: the embedded server's leaf node remotes and how many are connected.
+type LeafStatus struct {
+	Remotes   int `json:"remotes"`
+	Connected int `json:"connected"`
 }
 
 // JetStreamStatus is the health of the node's state bucket as JetStream reports it.

@@ -49,7 +49,7 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 	}
 	ci := s.conn.Info()
 	st.NATS = control.NATSStatus{Server: ci.Server, RTT: control.Duration(ci.RTT), Reconnects: ci.Reconnects,
-		Embedded: ci.Embedded, Connected: ci.Connected, JetStream: s.jetstream.status()}
+		Embedded: ci.Embedded, Connected: ci.Connected, JetStream: s.jetstream.status(), Leaf: s.leafStatus()}
 	cg := s.nexlets.Cgroups()
 	st.Cgroup = control.CgroupStatus{Driver: cfg.Node.CgroupDriver, Mode: string(cg.Mode()), Enforced: cg.Enforced(), Reason: cg.Reason()}
 	st.WorkloadUsers = workloadUsers(cfg)

@@ -239,8 +239,14 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		NATSReconnects: func() uint64 { return s.conn.Info().Reconnects },
 		NATSConnected:  func() bool { return s.conn.Info().Connected },
 		JetStream:      s.jetstream.metric,
-		Workloads:      s.node.Workloads,
-		State:          func() string { return string(s.view().phase) },
+		Leafs: func() (int, int) {
+			if l := s.leafStatus(); l != nil {
+				return l.Remotes, l.Connected
+			}
+			return 0, 0
+		},
+		Workloads: s.node.Workloads,
+		State:     func() string { return string(s.view().phase) },
 		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {
 			ns, err := backend{s}.Nexlets(ctx)
 			out := make([]metrics.NexletHealth, 0, len(ns))

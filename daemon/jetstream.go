@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/natsembed"
 	"github.com/nexd-project/nexd/daemon/state"
 )
 
@@ -134,4 +135,17 @@ func (s *server) jetStreamLoop(ctx context.Context) {
 			s.probeJetStream(ctx)
 		}
 	}
+}
+
+// leafStatus is the embedded server's leaf connections (nil without remotes).
+func (s *server) leafStatus() *control.LeafStatus {
+	srv, ok := s.conn.InProcess().(*natsembed.Server)
+	if !ok || srv == nil {
+		return nil
+	}
+	remotes, up := srv.Leafs()
+	if remotes == 0 {
+		return nil
+	}
+	return &control.LeafStatus{Remotes: remotes, Connected: min(up, remotes)}
 }

@@ -256,6 +256,9 @@ func (s *server) statusLine() string {
 		line += fmt.Sprintf(" (%d failed)", failed)
 	}
 	line += ", " + natsState
+	if l := s.leafStatus(); l != nil && l.Connected < l.Remotes {
+		line += fmt.Sprintf(", leaf to hub down (%d of %d connected)", l.Connected, l.Remotes)
+	}
 	if js := s.jetstream.status(); js != nil && js.State != "ok" {
 		line += ", jetstream " + js.State + ": " + js.Detail
 	}

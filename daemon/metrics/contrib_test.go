@@ -21,6 +21,8 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 	m.WatchLive(Live{
 		NATSReconnects: func() uint64 { return 0 },
 		NATSConnected:  func() bool { return true },
+		JetStream:      func() string { return "ok" },
+		Leafs:          func() (int, int) { return 1, 1 },
 		Workloads: func(context.Context) ([]protocol.WorkloadSummary, error) {
 			return []protocol.WorkloadSummary{{ID: "W1", Namespace: &ns, WorkloadType: "native", WorkloadState: protocol.WorkloadRunning}}, nil
 		},

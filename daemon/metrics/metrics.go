@@ -80,6 +80,8 @@ type Live struct {
 	// JetStream is the state bucket's JetStream state: "ok", "degraded",
 	// "unavailable", or "" (not known, or no KV bucket).
 	JetStream func() string
+	// Leafs are the embedded server's leaf remotes and how many are connected.
+	Leafs     func() (remotes, connected int)
 	Workloads func(context.Context) ([]protocol.WorkloadSummary, error)
 	// State is the node's state (starting, running, lameduck, stopping).
 	State func() string
@@ -126,6 +128,14 @@ func (m *Metrics) WatchLive(l Live) {
 				return 0
 			}))
 		}
+	}
+	if l.Leafs != nil {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "nexd_nats_leaf_remotes", Help: "Leaf node remotes of the embedded NATS server (nats.leaf_remote); 0 without.",
+		}, func() float64 { r, _ := l.Leafs(); return float64(r) }))
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "nexd_nats_leaf_connected", Help: "Leaf connections of the embedded NATS server up now: below nexd_nats_leaf_remotes, the site is cut off from its hub (its workloads still talk locally).",
+		}, func() float64 { _, c := l.Leafs(); return float64(c) }))
 	}
 	m.reg.MustRegister(&workloadCollector{list: l.Workloads, desc: prometheus.NewDesc("nexd_workloads_running",
 		"Workloads this node runs, by namespace and type.", []string{"namespace", "type"}, nil),

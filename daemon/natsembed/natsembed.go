@@ -66,8 +66,14 @@ type Server struct {
 	log       *slog.Logger
 	tempStore string // removed on Shutdown
 	trust     *Trust // the zero-config server's operator setup; nil for --inats-config
+	leafs     int    // leaf node remotes it was configured with
 	once      sync.Once
 }
+
+// Leafs is how many leaf node remotes the server was configured with and how many
+// leaf connections it has now: a site cut off from its hub still answers its own
+// clients, and this is what shows the cut.
+func (s *Server) Leafs() (remotes, connected int) { return s.leafs, s.s.NumLeafNodes() }
 
 // Trust is the zero-config server's operator/JWT setup (nil for --inats-config).
 func (s *Server) Trust() *Trust { return s.trust }
@@ -218,6 +224,13 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	return c, nil
 }
 
+// Ping settings of a leaf site's embedded server (they apply to its local clients too,
+// which answer pings from their read loop).
+const (
+	leafPingInterval = 5 * time.Second
+	leafMaxPingsOut  = 3
+)
+
 // leafRemote joins the hub at o.LeafRemote: nexlets and workloads keep talking to the
 // local server when the WAN is down, and the fleet's subjects reach the hub when it
 // is up. The site's JetStream domain keeps JetStream requests on the site's server.
@@ -233,6 +246,10 @@ func leafRemote(sopts *server.Options, o Options, account string) error {
 		u.Scheme = "nats" // the leafnode port speaks the nats scheme to the server's client code
 	}
 	sopts.JetStreamDomain = o.JSDomain
+	// The leaf connection is pinged at the server's interval (2 min by default, so a
+	// silent WAN link went unnoticed for minutes); with these a cut shows (STATUS,
+	// nexd_nats_leaf_connected) within about 15 s, as nexd's own client does.
+	sopts.PingInterval, sopts.MaxPingsOut = leafPingInterval, leafMaxPingsOut
 	sopts.LeafNode.Remotes = append(sopts.LeafNode.Remotes, &server.RemoteLeafOpts{
 		URLs:         []*url.URL{u},
 		Credentials:  o.LeafCreds,
@@ -250,7 +267,7 @@ func start(ctx context.Context, sopts *server.Options, what string, log *slog.Lo
 	}
 	logger := &serverLogger{log: log.With("component", "nats-server")}
 	s.SetLoggerV2(logger, false, false, false)
-	srv := &Server{s: s, log: log}
+	srv := &Server{s: s, log: log, leafs: len(sopts.LeafNode.Remotes)}
 	go s.Start() // nats-server owns its goroutines; Shutdown waits for them
 	// Poll in short steps so a listen failure (reported through Fatalf) or ctx
 	// ends the wait at once instead of after the full timeout.

@@ -336,6 +336,13 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		}
 		rows = append(rows, [2]string{"JetStream", text})
 	}
+	if l := st.NATS.Leaf; l != nil {
+		text := fmt.Sprintf("%d of %d remotes connected", l.Connected, l.Remotes)
+		if l.Connected < l.Remotes {
+			text = "DOWN: " + text + " (cut off from the hub; local clients still served)"
+		}
+		rows = append(rows, [2]string{"Leaf", text})
+	}
 	rows = append(rows, [][2]string{
 		{"Cgroups", cg},
 		{"Workloads", wl},

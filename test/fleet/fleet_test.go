@@ -648,14 +648,46 @@ func TestFleetLeafWANOutage(t *testing.T) {
 		t.Errorf("placed %d workloads on the unreachable site", placedOn[st2.NodeID])
 	}
 	fg.Add("placements from the hub during the outage", fmt.Sprintf("%d of 3, %d on site 2", placed, placedOn[st2.NodeID]))
+	// The site's server notices its silent leaf link by pings (5 s, 3 outstanding):
+	// the outage lasts at least until it has, at most 60 s.
+	leafSeen := time.Duration(0)
+	if testkit.WaitFor(60*time.Second, func() bool {
+		st, err := h2.Status()
+		return err == nil && st.NATS.Leaf != nil && st.NATS.Leaf.Connected < st.NATS.Leaf.Remotes
+	}) {
+		leafSeen = time.Since(cutAt)
+	}
+	fg.Add("site 2 STATUS showed its leaf link down", fmt.Sprintf("+%v", leafSeen.Round(100*time.Millisecond)))
+	time.Sleep(6 * time.Second) // one status line round (5 s) for STATUS=
 	if left := outage - time.Since(cutAt); left > 0 {
 		time.Sleep(left)
 	}
 	ok1, failed1 := pingCounts(counts)
 	fg.Add("site 2 requests answered during the outage", ok1-ok0)
 	fg.Add("site 2 requests failed during the outage", failed1-failed0)
+	// The site still answers its own clients ("connected"); its leaf link is what
+	// STATUS, nexctl status, the metrics and STATUS= show as down.
+	leafDown := false
 	if st, err := h2.Status(); err == nil {
-		fg.Add("site 2 STATUS during the outage", fmt.Sprintf("state %s, nats %s connected=%v", st.State, st.NATS.Server, st.NATS.Connected))
+		leaf := "(none)"
+		if st.NATS.Leaf != nil {
+			leaf = fmt.Sprintf("%d of %d connected", st.NATS.Leaf.Connected, st.NATS.Leaf.Remotes)
+			leafDown = st.NATS.Leaf.Connected < st.NATS.Leaf.Remotes
+		}
+		fg.Add("site 2 STATUS during the outage", fmt.Sprintf("state %s, nats %s connected=%v, leaf %s", st.State, st.NATS.Server, st.NATS.Connected, leaf))
+	}
+	ctlStatus, _, _ := h2.CtlLocal("status")
+	fg.Add("site 2 nexctl status Leaf line", lineWith(ctlStatus, "Leaf"))
+	leafMetrics := h2.Metrics("nexd_nats_leaf")
+	fg.Add("site 2 metrics", strings.Join(leafMetrics, "; "))
+	notified, notifiedAt := h2.NotifyStatusSince(cutAt, "leaf to hub down")
+	if notified != "" {
+		notified = fmt.Sprintf("+%v: %s", notifiedAt.Sub(cutAt).Round(100*time.Millisecond), notified)
+	}
+	fg.Add("site 2 sd_notify STATUS= with the leaf down", notified)
+	if !leafDown || !strings.Contains(lineWith(ctlStatus, "Leaf"), "DOWN") || notified == "" ||
+		!slices.Contains(leafMetrics, "nexd_nats_leaf_connected 0") {
+		t.Errorf("site 2's status does not show its leaf link down during the outage")
 	}
 	h2.LinkUp()
 	healAt := time.Now()
