@@ -158,7 +158,7 @@ type NATSStatus struct {
 	Leaf *LeafStatus `json:"leaf,omitempty"`
 }
 
-// LeafStatus: the embedded server's leaf node remotes and how many are connected.
+// LeafStatus is the embedded server's leaf node remotes and how many are connected.
 type LeafStatus struct {
 	Remotes   int `json:"remotes"`
 	Connected int `json:"connected"`
