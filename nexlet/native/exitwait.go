@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"syscall"
+	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -53,4 +56,46 @@ func waitExit(f *os.File) error {
 		return fmt.Errorf("wait for %s: %w", f.Name(), err)
 	}
 	return perr
+}
+
+// sigchldInfo is the part of a siginfo_t that waitid fills for a child (x/sys/unix's
+// Siginfo keeps it opaque).
+type sigchldInfo struct {
+	Signo, Errno, Code, _ int32
+	Pid                   int32
+	UID                   uint32
+	Status                int32
+	_                     [100]byte
+}
+
+// reapPidfd reaps the exited child behind a pidfd (waitid P_PIDFD) and says how it
+// ended, as exitStatus does. Used when the os.Process was released, so that a workload
+// costs one pidfd, not two (Go's os.Process holds one of its own). It waits (polling the
+// non-blocking pidfd) while the child still runs.
+func reapPidfd(f *os.File) (int, string, error) {
+	var info sigchldInfo
+	for {
+		_, _, errno := unix.Syscall6(unix.SYS_WAITID, unix.P_PIDFD, f.Fd(), uintptr(unsafe.Pointer(&info)), unix.WEXITED, 0, 0)
+		switch errno {
+		case 0:
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			time.Sleep(20 * time.Millisecond)
+			continue
+		default:
+			return -1, fmt.Sprintf("wait: %v", errno), errno
+		}
+		break
+	}
+	switch info.Code {
+	case 1: // CLD_EXITED
+		if info.Status != 0 {
+			return int(info.Status), "exited with code " + strconv.Itoa(int(info.Status)), nil
+		}
+		return 0, "exited", nil
+	default: // CLD_KILLED, CLD_DUMPED
+		sig := syscall.Signal(info.Status)
+		return 128 + int(sig), "killed by signal " + sig.String(), nil
+	}
 }

@@ -280,3 +280,25 @@ func TestLongLinesWhole(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestDescriptorsPerWorkload: a running workload costs the nexlet three file
+// descriptors (its two output FIFOs and the pidfd it is waited on through), not four
+// (Go's os.Process kept a pidfd of its own): 5,000 workloads fit under a 20,000 limit.
+func TestDescriptorsPerWorkload(t *testing.T) {
+	n := benchNexlet(t, 0)
+	count := func() int { ents, _ := os.ReadDir("/proc/self/fd"); return len(ents) }
+	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
+	const k = 20
+	before := count()
+	for i := range k {
+		id := fmt.Sprintf("fd%d", i)
+		req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+		if _, err := n.StartWorkload(id, &req, false); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = n.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}) }()
+	}
+	if per := float64(count()-before) / k; per > 3 {
+		t.Errorf("%.2f descriptors per running workload, want at most 3", per)
+	}
+}
