@@ -321,13 +321,13 @@ func (r *resolution) render(w io.Writer) {
 		"nats.nkey": o.Nkey, "nats.seed": o.Seed, "nats.jwt": o.JWT, "nats.user": o.User, "nats.password": o.Password,
 		"nats.tlscert": o.TLSCert, "nats.tlskey": o.TLSKey, "nats.tlsca": o.TLSCA, "nats.tlsfirst": fmt.Sprint(o.TLSFirst),
 		"nats.conn_name": o.ConnName, "nats.timeout": o.Timeout.String(), "nats.jsdomain": o.JSDomain,
-		"namespace": r.Namespace, "control_socket": r.ControlSocket,
+		"namespace": r.Namespace, "control_socket": r.ControlSocket, "trusted_nodes": strings.Join(r.TrustedNodes, ","),
 	}
 	secret := map[string]bool{}
 	for _, k := range natsKeys {
 		secret[k.key] = k.secret
 	}
-	keys := []string{"namespace", "control_socket"}
+	keys := []string{"namespace", "control_socket", "trusted_nodes"}
 	for _, k := range natsKeys {
 		keys = append(keys, k.key)
 	}
@@ -365,7 +365,7 @@ func (r *resolution) checkJSON() map[string]any {
 		return ""
 	}
 	settings := map[string]any{
-		"namespace": r.Namespace, "control_socket": r.ControlSocket,
+		"namespace": r.Namespace, "control_socket": r.ControlSocket, "trusted_nodes": nonNil(r.TrustedNodes),
 		"nats.context": o.Context, "nats.servers": redactURLs(o.Servers), "nats.creds_file": o.CredsFile,
 		"nats.nkey": o.Nkey, "nats.seed": red(o.Seed), "nats.jwt": red(o.JWT), "nats.user": o.User,
 		"nats.password": red(o.Password), "nats.tlscert": o.TLSCert, "nats.tlskey": o.TLSKey, "nats.tlsca": o.TLSCA,
