@@ -12,6 +12,9 @@ systemd-test: deb
 	rm -rf $(SYSTEMD_TEST_UPGRADE) && mkdir -p $(SYSTEMD_TEST_UPGRADE)
 	NEXD_PKG_VERSION='$(PKG_VERSION).1' NEXD_PKG_ARCH='$(PKG_ARCH)' NEXD_STAGE='$(PKG_STAGE)' \
 		$(NFPM) package --config packaging/nfpm.yaml --packager deb --target $(SYSTEMD_TEST_UPGRADE)/
-	NEXD_TESTBED_CACHE='$(NEXD_TESTBED_CACHE)' test/systemd/run.sh \
+	# The external NATS server of the fault checks: the nats-server nexd already
+	# depends on, built from the module cache.
+	$(GO) build -o $(SYSTEMD_TEST_UPGRADE)/nats-server github.com/nats-io/nats-server/v2
+	NEXD_TESTBED_CACHE='$(NEXD_TESTBED_CACHE)' NEXD_TESTBED_NATS_SERVER='$(SYSTEMD_TEST_UPGRADE)/nats-server' test/systemd/run.sh \
 		$(DIST)/nexd_$(PKG_VERSION)-1_$(PKG_ARCH).deb \
 		$(SYSTEMD_TEST_UPGRADE)/nexd_$(PKG_VERSION).1-1_$(PKG_ARCH).deb

@@ -8,7 +8,9 @@
 #   test/systemd/run.sh NEXD.deb NEXD-NEWER.deb
 #
 # Environment: NEXD_TESTBED_CACHE (default /var/cache/nexd-testbed) holds the rootfs
-# tarball and the work tree; NEXD_TESTBED_SUITES (default "nspawn qemu") selects suites.
+# tarball and the work tree; NEXD_TESTBED_SUITES (default "nspawn qemu") selects suites;
+# NEXD_TESTBED_NATS_SERVER is a nats-server binary for the nspawn suite's NATS outage
+# checks (they fail without it).
 # Needs root. Exit status: 0 when every check passed.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -38,6 +40,9 @@ install -m 0644 "$HERE/guest/ci-run.service" "$R/etc/systemd/system/ci-run.servi
 ln -sf /etc/systemd/system/ci-run.service "$R/etc/systemd/system/multi-user.target.wants/ci-run.service"
 cp -r "$HERE/guest" "$W/share/guest"
 cp "$DEB" "$W/share/pkgs/nexd.deb" && cp "$DEB_UP" "$W/share/pkgs/nexd-upgrade.deb"
+if [ -n "${NEXD_TESTBED_NATS_SERVER:-}" ]; then
+	install -m 0755 "$NEXD_TESTBED_NATS_SERVER" "$W/share/pkgs/nats-server" || die "nats-server $NEXD_TESTBED_NATS_SERVER"
+fi
 
 QEMU_PID=
 if [[ " $SUITES " == *" qemu "* ]]; then

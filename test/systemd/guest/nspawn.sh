@@ -250,4 +250,89 @@ check "purge left no enablement symlink or mask" \
 	sh -c '! test -L /etc/systemd/system/multi-user.target.wants/nexd.service && ! test -L /etc/systemd/system/nexd.service &&
 		! test -L /etc/systemd/system/sockets.target.wants/nexd.socket && ! test -L /etc/systemd/system/nexd.socket'
 
+# --- faults (issue 15) under real systemd, with an external nats-server: JetStream
+# unavailable at start (degraded READY, no restart), then NATS gone for four watchdog
+# intervals while a workload runs (no watchdog kill, the same workload process) ---
+NATS_BIN=/mnt/pkgs/nats-server
+OUTAGE=40 # seconds: four intervals of the WatchdogSec=10s set below
+natsd_up() { # natsd_up [js]: nats-server on 127.0.0.1:4333 as the transient unit natsd
+	systemctl reset-failed natsd 2>/dev/null
+	if [ "${1:-}" = js ]; then
+		systemd-run --quiet --unit=natsd "$NATS_BIN" -a 127.0.0.1 -p 4333 -js -sd /var/lib/natsd
+	else
+		systemd-run --quiet --unit=natsd "$NATS_BIN" -a 127.0.0.1 -p 4333
+	fi
+	wait_until 20 natsd_listens
+}
+natsd_listens() { (exec 3<>/dev/tcp/127.0.0.1/4333) 2>/dev/null; }
+status_has() { prop StatusText | grep -q "$1"; }
+# same_unit MAINPID NRESTARTS: active, the same main process, no restart since.
+same_unit() { running_with_main "$1" && [ "$(nrestarts)" = "$2" ]; }
+ready_again() { same_unit "$1" "$2" && status_has '^running'; }
+nats_down_in_status() { nexctl --json status | tr -d ' \n' | grep -q '"nats":{[^}]*"connected":false'; }
+degraded_in_nexctl() { nexctl status | grep -q 'degraded: waiting for JetStream'; }
+no_watchdog_kill_since() { ! journalctl -u nexd --since "@$1" --no-pager | grep -qi 'watchdog timeout'; }
+external_nats_config() {
+	printf '%s\n' '{' \
+		'  "namespace": "system",' \
+		'  "nats": {"servers": ["nats://127.0.0.1:4333"]},' \
+		'  "node": {"up": {"state": "kv", "startup_timeout": "10s", "live_restore": true}},' \
+		'  "logger": {"level": "info", "format": "text"}' \
+		'}' >/etc/nex/config.json
+}
+
+if [ ! -x "$NATS_BIN" ]; then
+	fail "fault checks: no nats-server at $NATS_BIN (make systemd-test builds it)"
+else
+	check "dpkg -i again, for the fault checks" dpkg -i "$DEB"
+	check "active (running) with the embedded NATS" wait_until 90 running
+	# Lame duck, not stop: with live_restore a stop leaves the nexlet running, and it
+	# could not register with the next nexd's other NATS server.
+	check "nexctl lameduck --delay 0s (nothing left running)" nexctl lameduck --delay 0s
+	check "lameduck: service exits" wait_until 90 inactive
+	external_nats_config
+	mkdir -p /etc/systemd/system/nexd.service.d
+	printf '[Service]\nWatchdogSec=10s\n' >/etc/systemd/system/nexd.service.d/faults.conf
+	systemctl daemon-reload
+	check "external nats-server without JetStream up" natsd_up
+	T=$(date +%s)
+	check "systemctl start with JetStream unavailable returns (degraded READY after startup_timeout 10s)" \
+		timeout 120 systemctl start nexd
+	info "start returned after $(($(date +%s) - T))s; StatusText=$(prop StatusText)"
+	MAIN=$(mainpid)
+	N0=$(nrestarts)
+	check "degraded start: active (running)" running
+	check "degraded start: STATUS says degraded: waiting for JetStream" status_has 'degraded: waiting for JetStream'
+	check "degraded start: nexctl status answers and says what nexd waits for" degraded_in_nexctl
+	sleep 25
+	check "degraded for 25s more (2.5 watchdog intervals): same MainPID, NRestarts unchanged ($N0)" same_unit "$MAIN" "$N0"
+	systemctl stop natsd
+	check "nats-server with JetStream up" natsd_up js
+	check "JetStream back: fully ready (STATUS running), same MainPID, no restart" wait_until 90 ready_again "$MAIN" "$N0"
+	info "StatusText=$(prop StatusText)"
+
+	check "nexctl workload run --name z -- /bin/sleep 600" run_workload --name z -- /bin/sleep 600
+	check "workload z runs" wait_until 30 running_once z sleep
+	ZPID=$(pgrep -x sleep | head -1)
+	systemctl stop natsd
+	T=$(date +%s)
+	check "NATS down: STATUS says nats disconnected" wait_until 30 status_has 'nats disconnected'
+	check "NATS down: nexctl status shows NATS disconnected" nats_down_in_status
+	while [ "$(date +%s)" -lt $((T + OUTAGE)) ]; do sleep 1; done
+	info "StatusText after ${OUTAGE}s without NATS: $(prop StatusText)"
+	check "${OUTAGE}s NATS outage (WatchdogSec=10s): same MainPID, NRestarts unchanged" same_unit "$MAIN" "$N0"
+	check "no watchdog timeout in the journal during the outage" no_watchdog_kill_since "$T"
+	check "workload z kept its process through the outage ($ZPID)" test "$(pgrep -x sleep)" = "$ZPID"
+	check "nats-server back" natsd_up js
+	check "NATS back: STATUS says nats connected" wait_until 60 status_has 'nats connected'
+	check "workload z listed running again, the same process" wait_until 60 same_sleep z "$ZPID"
+	check "still the same MainPID, NRestarts unchanged" same_unit "$MAIN" "$N0"
+
+	rm -rf /etc/systemd/system/nexd.service.d
+	systemctl daemon-reload
+	check "apt-get purge nexd after the fault checks" apt-get purge -y -q nexd
+	systemctl stop natsd
+	rm -rf /var/lib/natsd
+fi
+
 finish
