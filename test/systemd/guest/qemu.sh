@@ -4,6 +4,7 @@
 # workload limits, and an OOM kill that nexd reports while the service keeps running.
 . /mnt/guest/lib.sh
 DEB=/mnt/pkgs/nexd.deb
+DEB_UP=/mnt/pkgs/nexd-upgrade.deb
 export PAGER=cat SYSTEMD_PAGER=cat
 
 info "virt=$(systemd-detect-virt) kernel=$(uname -r) cgroupfs=$(stat -fc %T /sys/fs/cgroup) root controllers=[$(cat /sys/fs/cgroup/cgroup.controllers)]"
@@ -56,13 +57,43 @@ check "kill -9 of the native nexlet: a new nexlet runs" \
 	wait_until 60 sh -c "p=\$(head -1 $CG/nexlets/native/cgroup.procs 2>/dev/null); [ -n \"\$p\" ] && [ \"\$p\" != $NEXLET ]"
 check "workload lim keeps its process ($WPID) across the nexlet crash" grep -qx "$WPID" "$WG/cgroup.procs"
 
-# --- live_restore (packaged default): stop leaves the workloads, lame duck drains ---
+# --- live_restore (packaged default): stop leaves the workloads and the native nexlet,
+# restarts and an upgrade adopt them, lame duck drains ---
+NEXLET=$(nexlet_pid)
+adopted_lim() { nexctl --json workloads | grep -q "$ID" && grep -qx "$WPID" "$WG/cgroup.procs"; }
+lim_limit_back() { test "$(cat "$WG/memory.max" 2>/dev/null)" = 52428800; }
+adopted_limited() {
+	adopted_lim && lim_limit_back && return 0
+	echo "lim $ID: $WG/cgroup.procs=[$(tr '\n' ' ' <"$WG/cgroup.procs" 2>&1)] want $WPID; memory.max=$(cat "$WG/memory.max" 2>&1)"
+	nexctl --json workloads 2>&1 | tr -d '\n ' | head -c 600; echo
+	return 1
+}
 check "systemctl stop nexd" systemctl stop nexd
 check "stop with live_restore left workload lim running ($WPID)" grep -qx "$WPID" "$WG/cgroup.procs"
+check "stop with live_restore left the native nexlet running ($NEXLET)" same_nexlet "$NEXLET"
 check "systemctl start nexd" systemctl start nexd
 check "active (running)" wait_until 120 running
-check "workload lim adopted, same process" wait_until 60 sh -c "nexctl --json workloads | grep -q $ID && grep -qx $WPID $WG/cgroup.procs"
-check "workload lim's memory.max is back after the adoption (50M)" wait_until 30 sh -c "test \"\$(cat $WG/memory.max 2>/dev/null)\" = 52428800"
+check "workload lim adopted, same process" wait_until 60 adopted_lim
+check "the native nexlet adopted, same process ($NEXLET)" same_nexlet "$NEXLET"
+check "workload lim's memory.max is back after the adoption (50M)" wait_until 30 lim_limit_back
+for i in 1 2; do
+	check "systemctl restart nexd ($i)" systemctl restart nexd
+	check "active (running) after restart $i" wait_until 120 running
+	check "restart $i: workload lim adopted, same process, memory.max 50M" wait_until 60 adopted_limited
+	check "restart $i: the native nexlet is the same process ($NEXLET)" same_nexlet "$NEXLET"
+done
+check "workload lim's /tmp still usable after the restarts" in_tmp "$WPID"
+MAIN=$(mainpid)
+check "upgrade with apt-get install of the newer .deb" apt-get install -y -q "$DEB_UP"
+check "upgrade re-executed nexd in place (same MainPID)" wait_until 120 running_with_main "$MAIN"
+new_nexlet() {
+	p=$(nexlet_pid) && [ "$p" != "$NEXLET" ] && [ "$(nexlet_count)" = 1 ] && ! readlink "/proc/$p/exe" | grep -q deleted && return 0
+	nexlet_diag "a new one, not $NEXLET"
+	return 1
+}
+check "upgrade: the native nexlet handed over to one of the new binary" wait_until 90 new_nexlet
+check "upgrade: workload lim adopted, same process, memory.max 50M" wait_until 60 adopted_limited
+info "after the upgrade: $(dpkg-query -W nexd), nexlet $(nexlet_pid)"
 check "nexctl lameduck --delay 0s" nexctl lameduck --delay 0s
 check "lameduck: service exits" wait_until 120 inactive
 check "no nexd, nexlet or workload process left" no_node_procs
