@@ -304,10 +304,10 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	left := false
 	select {
 	case werr = <-waited:
-		if n.s.orphans != nil {
+		if w := n.s.orphans.Load(); w != nil {
 			// Its workloads are reparented now (to init, when it was adopted): watch
 			// the ones it started since the last look.
-			n.s.orphans.refresh()
+			w.refresh()
 		}
 	case <-n.stop:
 		how = stopped

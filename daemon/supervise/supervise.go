@@ -35,6 +35,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -166,8 +167,8 @@ type Supervisor struct {
 	hurry     chan struct{} // closed when Stop runs out of time: kill at once
 	hurryOnce sync.Once
 
-	reaper     *reaper      // nil unless Options.ExitsDir
-	orphans    *orphanWatch // nil unless Options.Orphans and process events work here
+	reaper     *reaper                     // nil unless Options.ExitsDir
+	orphans    atomic.Pointer[orphanWatch] // nil unless Options.Orphans and process events work here
 	reapCancel context.CancelFunc
 	reapDone   chan struct{}
 
@@ -225,20 +226,22 @@ func New(opts Options) *Supervisor {
 			pruneExits(opts.ExitsDir)
 			ctx, cancel := context.WithCancel(context.Background())
 			s.reaper, s.reapCancel, s.reapDone = r, cancel, make(chan struct{})
-			if opts.Orphans != nil {
-				w, err := newOrphanWatch(s.log, opts.ExitsDir, opts.Orphans, s.mine)
-				if err != nil {
-					s.log.Info("process exit events unavailable (they need root in the host's namespaces): the exit code of a workload whose adopted nexlet dies is unknown", "err", err)
-				} else {
-					s.orphans = w
-					w.refresh()
-				}
-			}
 			go func() {
 				defer close(s.reapDone)
 				var wg sync.WaitGroup
-				if s.orphans != nil {
-					wg.Go(func() { s.orphans.run(ctx) })
+				if opts.Orphans != nil {
+					// In the background: finding out that a container gets no
+					// process events takes a moment, which start-up need not wait for.
+					wg.Go(func() {
+						w, err := newOrphanWatch(s.log, opts.ExitsDir, opts.Orphans, s.mine)
+						if err != nil {
+							s.log.Info("process exit events unavailable (they need root in the host's namespaces): the exit code of a workload whose adopted nexlet dies is unknown", "err", err)
+							return
+						}
+						s.orphans.Store(w)
+						w.refresh()
+						w.run(ctx)
+					})
 				}
 				r.run(ctx)
 				wg.Wait()

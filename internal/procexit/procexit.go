@@ -3,7 +3,8 @@
 // not the listener's children. It is the only way to learn how a process ended that was
 // reparented to init: its status goes to init, and a pidfd of a process that is not
 // one's child says that it ended, not how. Listening needs CAP_NET_ADMIN in the initial
-// user and pid namespaces (a host's root); in a container Listen fails.
+// user and pid namespaces (a host's root); in a container Listen fails (it checks that
+// an event arrives).
 package procexit
 
 import (
@@ -11,7 +12,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -42,6 +45,7 @@ const (
 	exitDataOff       = eventOff + 16       // after what, cpu, timestamp_ns
 	exitDataLen       = 24                  // pid, tgid, exit_code, exit_signal, parent_pid, parent_tgid
 	recvBuffer        = 4 << 20
+	probeTimeout      = 2 * time.Second
 )
 
 // Listen subscribes to the kernel's process events, filtered to exits in the socket
@@ -84,7 +88,12 @@ func Listen() (*Listener, error) {
 		return fail("subscribe", err)
 	}
 	// Non-blocking: os.File puts it in the runtime's poller, so Close ends a Next.
-	return &Listener{f: os.NewFile(uintptr(fd), "cn_proc"), buf: make([]byte, 64<<10)}, nil
+	l := &Listener{f: os.NewFile(uintptr(fd), "cn_proc"), buf: make([]byte, 64<<10)}
+	if err := l.probe(probeTimeout); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
 }
 
 // ErrLost is returned by Next when the kernel dropped events (the receive buffer
@@ -94,6 +103,20 @@ var ErrLost = errors.New("process events: the kernel dropped events (receive buf
 // Next blocks until a process ends and returns it (threads other than a thread group's
 // leader are skipped). It fails once the Listener is closed.
 func (l *Listener) Next() (Exit, error) {
+	for {
+		ex, tgid, err := l.next()
+		if err != nil {
+			return Exit{}, err
+		}
+		if ex.PID == tgid {
+			return ex, nil
+		}
+	}
+}
+
+// next returns the next exit of a thread (Exit.PID is its thread id) and its thread
+// group id.
+func (l *Listener) next() (Exit, int, error) {
 	for {
 		for len(l.rest) >= nlHdrLen {
 			size := int(binary.NativeEndian.Uint32(l.rest))
@@ -107,24 +130,49 @@ func (l *Listener) Next() (Exit, error) {
 				continue
 			}
 			d := m[exitDataOff:]
-			pid, tgid := binary.NativeEndian.Uint32(d), binary.NativeEndian.Uint32(d[4:])
-			if pid != tgid {
-				continue
-			}
 			return Exit{
-				PID:    int(pid),
+				PID:    int(binary.NativeEndian.Uint32(d)),
 				Status: syscall.WaitStatus(binary.NativeEndian.Uint32(d[8:])),
 				Parent: int(binary.NativeEndian.Uint32(d[20:])),
-			}, nil
+			}, int(binary.NativeEndian.Uint32(d[4:])), nil
 		}
 		n, err := l.f.Read(l.buf)
 		if err != nil {
 			if errors.Is(err, unix.ENOBUFS) {
-				return Exit{}, ErrLost
+				return Exit{}, 0, ErrLost
 			}
-			return Exit{}, err
+			return Exit{}, 0, err
 		}
 		l.rest = l.buf[:n]
+	}
+}
+
+// probe ends a thread of this process and waits for its exit event: the kernel takes
+// a subscription from outside its initial user and pid namespaces (a container) without
+// an error but never sends it anything.
+func (l *Listener) probe(timeout time.Duration) error {
+	tids := make(chan int, 1)
+	go func() {
+		// A goroutine that ends locked to its thread ends the thread.
+		runtime.LockOSThread()
+		tids <- unix.Gettid()
+	}()
+	tid := <-tids
+	if err := l.f.SetReadDeadline(time.Now().Add(timeout)); err != nil {
+		return err
+	}
+	defer l.f.SetReadDeadline(time.Time{})
+	for {
+		ex, _, err := l.next()
+		if errors.Is(err, ErrLost) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("process events: none arrived within %s (outside the host's initial namespaces the kernel sends none): %w", timeout, err)
+		}
+		if ex.PID == tid {
+			return nil
+		}
 	}
 }
 
