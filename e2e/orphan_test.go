@@ -106,7 +106,9 @@ func TestAdoptedNexletCrashKeepsExitCodes(t *testing.T) {
 
 // TestRestartedNexletOutlivesNexd: a native nexlet that nexd restarted after a crash
 // (kill -9) is left running by a live_restore stop like the first one, and the next
-// nexd adopts it (same pid) with its workloads.
+// nexd adopts it (same pid) with its workloads. The adopted nexlet writes its
+// workloads' limits again when the new nexd replays them (a nexd on cgroup v2 drops
+// them when it stops: here the test lifts the memory limit by hand).
 func TestRestartedNexletOutlivesNexd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -116,7 +118,11 @@ func TestRestartedNexletOutlivesNexd(t *testing.T) {
 	n := startNode(t, opts)
 	n.waitReady(t)
 	marker := fmt.Sprintf("nexd-e2e-restarted-%d", time.Now().UnixNano())
-	svc := n.runWorkload(t, "--name", "svc", "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
+	svc := n.runWorkload(t, "--name", "svc", "--start-request", `{"limits":{"memory_max":"64M"}}`, "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
+	limitFile := ""
+	if n.cgroup != "" {
+		limitFile = filepath.Join(n.cgroup, "workloads", svc, "memory.limit_in_bytes")
+	}
 	var before []int
 	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool {
 		before = markerPIDs(marker)
@@ -141,6 +147,15 @@ func TestRestartedNexletOutlivesNexd(t *testing.T) {
 	if st := procStatus(second, "State"); st == "" || strings.HasPrefix(st, "Z") {
 		t.Fatalf("the restarted native nexlet %d did not outlive nexd (state %q)", second, st)
 	}
+	const limit = "67108864"
+	if limitFile != "" {
+		if got := readTrim(limitFile); got != limit {
+			t.Fatalf("the service's memory limit is %q, want %s", got, limit)
+		}
+		if err := os.WriteFile(limitFile, []byte("-1"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	opts.cgroup = n.cgroup
 	n2 := startNode(t, opts)
 	n2.waitReady(t)
@@ -151,6 +166,11 @@ func TestRestartedNexletOutlivesNexd(t *testing.T) {
 	})
 	if p := nexletPID(n2.cmd.Process.Pid); p != 0 {
 		t.Fatalf("the new nexd started a native nexlet (%d) instead of adopting %d", p, second)
+	}
+	if limitFile != "" {
+		testkit.EventuallyWithin(t, 30*time.Second, "the service's memory limit written again by the adopted nexlet", func() bool {
+			return readTrim(limitFile) == limit
+		})
 	}
 	if st := procStatus(second, "State"); st == "" || strings.HasPrefix(st, "Z") {
 		t.Fatalf("the restarted native nexlet %d is gone after the adoption", second)

@@ -220,11 +220,17 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		} else {
 			pid, signal, waited, outR, errR = adop.pid, adop.signal, adop.waited, adop.outR, adop.errR
 			log.Info("adopted the running nexlet", "pid", pid, "child", adop.child, "cgroup", top.Path())
-			if adop.child && exeReplaced(pid, n.spec.Path) {
-				// An upgrade re-executed nexd: the nexlet runs the old binary. Being
-				// our child, its workloads come to us (the subreaper) while a new
-				// nexlet takes them over, so no exit status is lost.
-				log.Info("the adopted nexlet runs a replaced binary; handing its workloads to a new one", "pid", pid, "path", n.spec.Path)
+			replaced := exeReplaced(pid, n.spec.Path)
+			if replaced && !adop.child && !n.s.watchesOrphans(orphanWatchWait) {
+				log.Warn("the adopted nexlet runs a replaced binary but is not nexd's child and process events are unavailable: it keeps running the old binary until it restarts", "pid", pid, "path", n.spec.Path)
+				replaced = false
+			}
+			if replaced {
+				// An upgrade re-executed nexd: the nexlet runs the old binary. Its
+				// workloads come to us (the subreaper) while a new nexlet takes them
+				// over; when it is not our child (adopted after a restart) they go to
+				// init and the process events give their exits. No exit status is lost.
+				log.Info("the adopted nexlet runs a replaced binary; handing its workloads to a new one", "pid", pid, "path", n.spec.Path, "child", adop.child)
 				n.s.mu.Lock()
 				n.handOver = true
 				n.s.mu.Unlock()

@@ -40,6 +40,10 @@ type recentExit struct {
 // after a nexlet's death races with its workloads' exits).
 const recentFor = 5 * time.Second
 
+// orphanWatchWait bounds how long an adoption waits to know whether process events work
+// (Listen's probe).
+const orphanWatchWait = 5 * time.Second
+
 // recentMax bounds that memory on a host where many processes end.
 const recentMax = 4096
 

@@ -169,6 +169,7 @@ type Supervisor struct {
 
 	reaper     *reaper                     // nil unless Options.ExitsDir
 	orphans    atomic.Pointer[orphanWatch] // nil unless Options.Orphans and process events work here
+	orphansSet chan struct{}               // closed once orphans is decided; nil without Options.Orphans
 	reapCancel context.CancelFunc
 	reapDone   chan struct{}
 
@@ -226,6 +227,9 @@ func New(opts Options) *Supervisor {
 			pruneExits(opts.ExitsDir)
 			ctx, cancel := context.WithCancel(context.Background())
 			s.reaper, s.reapCancel, s.reapDone = r, cancel, make(chan struct{})
+			if opts.Orphans != nil {
+				s.orphansSet = make(chan struct{})
+			}
 			go func() {
 				defer close(s.reapDone)
 				var wg sync.WaitGroup
@@ -234,6 +238,7 @@ func New(opts Options) *Supervisor {
 					// process events takes a moment, which start-up need not wait for.
 					wg.Go(func() {
 						w, err := newOrphanWatch(s.log, opts.ExitsDir, opts.Orphans, s.mine)
+						defer close(s.orphansSet)
 						if err != nil {
 							s.log.Info("process exit events unavailable (they need root in the host's namespaces): the exit code of a workload whose adopted nexlet dies is unknown", "err", err)
 							return
@@ -265,6 +270,19 @@ func (s *Supervisor) mine(pid int) bool {
 		}
 	}
 	return false
+}
+
+// watchesOrphans reports whether nexd learns the exits of workloads reparented to init
+// (process events), waiting up to wait for that to be known.
+func (s *Supervisor) watchesOrphans(wait time.Duration) bool {
+	if s.orphansSet == nil {
+		return false
+	}
+	select {
+	case <-s.orphansSet:
+	case <-time.After(wait):
+	}
+	return s.orphans.Load() != nil
 }
 
 // ExitsDir is where exit records of reaped orphans go; "" when nexd is not the subreaper.

@@ -253,6 +253,20 @@ func (n *Nexlet) Heartbeat() (*protocol.AgentHeartbeat, error) {
 	return &protocol.AgentHeartbeat{Data: string(data), Summary: *sum}, nil
 }
 
+// limitAgain writes a held workload's cgroup limits again when a new nexd replays it to
+// this nexlet (it adopted the nexlet): a nexd that stopped with live_restore on cgroup v2
+// disabled its subtree's controllers (systemd 252 could not place the next nexd
+// otherwise) and the next one enabled them again, without the workloads' limits.
+func (n *Nexlet) limitAgain(w *workload) {
+	sb, err := n.iso.sandbox(w.id, n.limitsOf(w))
+	if err == nil {
+		err = sb.readopt()
+	}
+	if err != nil {
+		n.log.Warn("held workload: limits not applied again", "workload_id", w.id, "err", err)
+	}
+}
+
 // StartWorkload implements nexlet.Agent. Every check happens before anything starts.
 func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
 	resp, err := n.startWorkload(id, req, existing, func(protocol.Progress) {})
@@ -323,7 +337,11 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	}
 	if old, ok := n.workloads[id]; ok {
 		if existing {
+			running := !old.finished
 			n.mu.Unlock()
+			if running {
+				n.limitAgain(old)
+			}
 			return resp, nil // already held (running or finished): never a second copy
 		}
 		if !old.finished {

@@ -106,8 +106,8 @@ func ended(code int, reason string) *proc {
 	return p
 }
 
-// begin prepares the sandbox and either adopts a live workload (replay) or launches it.
-func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress)) (*proc, bool, error) {
+// limitsOf is w's limits with the nexlet's defaults filled in.
+func (n *Nexlet) limitsOf(w *workload) Limits {
 	limits := w.plan.limits
 	if limits.MemoryMax == 0 {
 		limits.MemoryMax = n.cfg.DefaultLimits.MemoryMax
@@ -115,6 +115,12 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	if limits.PidsMax == 0 {
 		limits.PidsMax = n.cfg.DefaultLimits.PidsMax
 	}
+	return limits
+}
+
+// begin prepares the sandbox and either adopts a live workload (replay) or launches it.
+func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress)) (*proc, bool, error) {
+	limits := n.limitsOf(w)
 	mk := n.iso.sandbox
 	if !existing {
 		mk = n.iso.fresh // from the fork pool: no cgroup migration on the deploy path
