@@ -133,6 +133,7 @@ type nexdOpts struct {
 	env    []string
 	notify *notifySocket
 	dir    string // working dir; a temp dir when empty
+	bin    string // the nexd binary; nexdBin when empty
 }
 
 // startNexd runs the real nexd binary with a clean environment (no config files from
@@ -143,7 +144,11 @@ func startNexd(t *testing.T, o nexdOpts) *proc {
 	if dir == "" {
 		dir = t.TempDir()
 	}
-	cmd := exec.Command(nexdBin(t), o.args...)
+	bin := o.bin
+	if bin == "" {
+		bin = nexdBin(t)
+	}
+	cmd := exec.Command(bin, o.args...)
 	cmd.Dir = dir
 	cmd.Env = append([]string{"HOME=" + dir, "PATH=" + os.Getenv("PATH")}, o.env...)
 	if o.notify != nil {

@@ -48,6 +48,7 @@ type nodeOpts struct {
 	// publicSocket puts the control socket where other uids can reach it (its own
 	// permission checks then decide), as /run/nex is on an installed node.
 	publicSocket bool
+	bin          string // the nexd binary; nexdBin when empty (a copy an "upgrade" replaces)
 }
 
 // cgroupRoot gives each test its own v1 subtree (when this host has writable v1
@@ -140,7 +141,7 @@ func startNode(t *testing.T, o nodeOpts) *node {
 		args = append(args, "--cgroup-root", cg)
 	}
 	args = append(args, o.extra...)
-	n.proc = startNexd(t, nexdOpts{args: args, env: env, notify: o.notify, dir: o.dir})
+	n.proc = startNexd(t, nexdOpts{args: args, env: env, notify: o.notify, dir: o.dir, bin: o.bin})
 	return n
 }
 

@@ -176,3 +176,104 @@ func TestRestartedNexletOutlivesNexd(t *testing.T) {
 		t.Fatalf("the restarted native nexlet %d is gone after the adoption", second)
 	}
 }
+
+// installNexd copies the nexd binary to path through a temporary file and a rename, as
+// a package manager installs it: a new file (inode) at the same path.
+func installNexd(t *testing.T, path string) {
+	t.Helper()
+	b, err := os.ReadFile(nexdBin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestUpgradeHandsOverAdoptedNexlet: after a live_restore restart the native nexlet is
+// not nexd's child; an upgrade (the binary replaced, then nexctl node reexec) still
+// replaces it with a nexlet of the new binary, which takes its workloads over: the
+// service keeps its process and a job that ends after the hand-over has its exit code
+// reported (its end went to init; nexd learnt it from the process events).
+func TestUpgradeHandsOverAdoptedNexlet(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("process events need root")
+	}
+	bin := filepath.Join(t.TempDir(), "nexd")
+	installNexd(t, bin)
+	s := testnats.Start(t, testnats.Options{})
+	opts := nodeOpts{external: s.ClientURL(), stateDir: t.TempDir(), bin: bin, extra: []string{"--live-restore", "--state", "kv"}}
+	n := startNode(t, opts)
+	n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	flush(t, nc)
+	marker := fmt.Sprintf("nexd-e2e-upgrade-%d", time.Now().UnixNano())
+	svc := n.runWorkload(t, "--name", "svc", "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
+	release := filepath.Join(testkit.PublicDir(t), "release")
+	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--",
+		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.05; done; exit 6`, release).ID
+	var before []int
+	testkit.EventuallyWithin(t, 60*time.Second, "the service and the job run", func() bool {
+		before = markerPIDs(marker)
+		return len(before) == 1 && len(markerPIDs(release)) == 1
+	})
+	old := nexletPID(n.cmd.Process.Pid)
+	if old == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM", code)
+	}
+	opts.cgroup = n.cgroup
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	if nexletPID(n2.cmd.Process.Pid) != 0 || procStatus(old, "State") == "" {
+		t.Fatalf("the nexlet %d was not adopted", old)
+	}
+
+	installNexd(t, bin) // the upgrade
+	n2.mustCtl(t, "node", "reexec")
+	testkit.EventuallyWithin(t, 60*time.Second, "the re-executed nexd ready again", func() bool {
+		return strings.Count(n2.out.String(), "nex node ready") >= 2
+	})
+	n2.waitReady(t)
+	var fresh int
+	testkit.EventuallyWithin(t, 60*time.Second, "a nexlet of the new binary, the old one gone, the service listed running with the same process", func() bool {
+		fresh = nexletPID(n2.cmd.Process.Pid)
+		st := procStatus(old, "State")
+		return fresh != 0 && (st == "" || strings.HasPrefix(st, "Z")) &&
+			slices.ContainsFunc(n2.workloads(t), func(w control.Workload) bool {
+				return w.ID == svc && w.State == string(protocol.WorkloadRunning)
+			}) && slices.Equal(markerPIDs(marker), before)
+	})
+	if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", fresh)); strings.HasSuffix(exe, "(deleted)") {
+		t.Fatalf("the new nexlet runs %s", exe)
+	}
+	if !strings.Contains(n2.out.String(), "handing its workloads to a new one") {
+		t.Fatalf("no hand-over in the log:\n%s", n2.out.String())
+	}
+	if err := os.WriteFile(release, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var ev protocol.WorkloadStoppedEvent
+	testkit.EventuallyWithin(t, 60*time.Second, "the job's WORKLOADSTOPPED", func() bool {
+		m, err := stopped.NextMsg(time.Second)
+		if err != nil {
+			return false
+		}
+		json.Unmarshal(m.Data, &ev)
+		return ev.ID == job
+	})
+	if ev.Metadata["exit_code"] != "6" {
+		t.Errorf("the job was reported with %+v, want exit code 6", ev)
+	}
+}
