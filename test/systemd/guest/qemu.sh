@@ -165,6 +165,16 @@ check "active (running)" wait_until 120 running
 check "start: workload adopted, same process" \
 	wait_until 60 sh -c "nexctl --json workloads | grep -q $ID && grep -qx $WPID $SC/cgroup.procs"
 
+# A nexlet crash: the new nexlet adopts the workload from its scope and sets its limits again.
+NEXLET=$(head -1 "$CG/nexlets/native/cgroup.procs" 2>/dev/null)
+info "native nexlet pid=$NEXLET"
+check "systemd driver: kill -9 of the native nexlet" kill -9 "$NEXLET"
+check "systemd driver: a new nexlet runs" \
+	wait_until 60 sh -c "p=\$(head -1 $CG/nexlets/native/cgroup.procs 2>/dev/null); [ -n \"\$p\" ] && [ \"\$p\" != $NEXLET ]"
+check "nexlet crash: workload adopted from $U, same process, running" \
+	wait_until 60 sh -c "nexctl --json workloads | tr -d ' \n' | grep -q '\"id\":\"$ID\"[^}]*\"state\":\"running\"' && grep -qx $WPID $SC/cgroup.procs"
+check "nexlet crash: $U keeps MemoryMax=50M" test "$(systemctl show -P MemoryMax "$U")" = 52428800
+
 HOG=$(run_workload --json --name sdhog --start-request '{"limits":{"memory_max":"50M"},"restart":{"policy":"never"}}' -- /bin/sh -c 'head -c 300M /dev/zero | tail' | json_field id)
 check "systemd driver: the OOM kill in nex-$HOG.scope is reported" \
 	wait_until 90 sh -c "nexctl --json workload info $HOG | grep -q 'OOM killer'"
