@@ -1,11 +1,14 @@
 package native
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/sdscope"
 )
 
 // chooseIsolation attaches to the root of the workloads' cgroups (spec from
@@ -79,8 +82,44 @@ func (c cgIsolation) fresh(id string, l Limits) (sandbox, error) {
 func (c cgIsolation) mode() string { return "cgroup-" + string(c.m.Mode()) }
 
 func (c cgIsolation) sandbox(id string, l Limits) (sandbox, error) {
-	return c.group(c.m.Create(id, cgroup.Limits{MemoryMax: l.MemoryMax, CPUMax: l.CPUMax, PidsMax: l.PidsMax}))
+	sb, err := c.group(c.m.Create(id, cgroup.Limits{MemoryMax: l.MemoryMax, CPUMax: l.CPUMax, PidsMax: l.PidsMax}))
+	if cs, ok := sb.(cgSandbox); ok {
+		// A workload started under cgroup_driver systemd before a switch back to
+		// cgroupfs still runs in its scope: it is found (and stopped) there, never
+		// started a second time.
+		if dir := sdscope.CgroupDir(id); dirExists(dir) {
+			return withScope{cgSandbox: cs, scope: cgroup.OpenDir(dir, c.n.log)}, err
+		}
+	}
+	return sb, err
 }
+
+func dirExists(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.IsDir()
+}
+
+// withScope is a cgroupfs sandbox whose workload still runs in a scope of the systemd
+// driver.
+type withScope struct {
+	cgSandbox
+	scope *cgroup.Group
+}
+
+func (s withScope) procs() ([]int, error) {
+	a, err := s.cgSandbox.procs()
+	if err != nil {
+		return nil, err
+	}
+	b, err := s.scope.Procs()
+	if err != nil {
+		return nil, err
+	}
+	return append(a, b...), nil
+}
+
+func (s withScope) kill() error   { return errors.Join(s.cgSandbox.kill(), s.scope.Kill()) }
+func (s withScope) remove() error { return errors.Join(s.scope.Kill(), s.cgSandbox.remove()) }
 
 func (c cgIsolation) group(g *cgroup.Group, err error) (sandbox, error) {
 	if g == nil {
