@@ -277,3 +277,34 @@ func TestUpgradeHandsOverAdoptedNexlet(t *testing.T) {
 		t.Errorf("the job was reported with %+v, want exit code 6", ev)
 	}
 }
+
+// TestEmbeddedJobEndsWhileDown: the packaged set-up (embedded NATS, live_restore): a job
+// that ends while nexd is stopped (its nexlet cannot reach any NATS server meanwhile) is
+// reported once the next nexd adopts the nexlet: it leaves the node's state, and it ran
+// once.
+func TestEmbeddedJobEndsWhileDown(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	opts := nodeOpts{stateDir: t.TempDir(), extra: []string{"--live-restore", "--state", "kv"}}
+	n := startNode(t, opts)
+	st := n.waitReady(t)
+	release := filepath.Join(testkit.PublicDir(t), "release")
+	job := n.runWorkload(t, "--name", "j7", "--lifecycle", "job", "--",
+		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.05; done; exit 7`, release).ID
+	testkit.EventuallyWithin(t, 60*time.Second, "the job runs", func() bool { return len(markerPIDs(release)) == 1 })
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM", code)
+	}
+	if err := os.WriteFile(release, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "the job ended while nexd was stopped", func() bool { return len(markerPIDs(release)) == 0 })
+	opts.cgroup = n.cgroup
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	testkit.EventuallyWithin(t, 60*time.Second, "the job that ended while nexd was stopped left the node's state", func() bool {
+		return !strings.Contains(n2.mustCtl(t, "node", "state", st.NodeID), job)
+	})
+}

@@ -70,6 +70,9 @@ type Runner struct {
 	runCtx  context.Context // ends at Shutdown: the ended-workload reports' lifetime
 	reports sync.WaitGroup  // ended-workload reports being retried
 	unacked map[string]*endedReport
+	// regs counts registrations with a node process (Reregister adds one): a refusal
+	// of an ended report sent before the latest one does not count.
+	regs int
 }
 
 // Option configures a Runner.
@@ -343,6 +346,9 @@ func (r *Runner) Reregister() error {
 		}
 		resp, err := r.register(r.NC(), agentID, reg) // the current one: a renewal replaces it
 		if err == nil {
+			r.mu.Lock()
+			r.regs++
+			r.mu.Unlock()
 			r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
 				"attempts", attempt, "replayed", len(resp.ExistingState))
 			r.heartbeat()
@@ -569,13 +575,22 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 		wait, noResponders := endedRetryMin, 0
 		for attempt := 1; ; attempt++ {
 			r.mu.Lock()
-			body := rep.body
+			body, regs := rep.body, r.regs
 			r.mu.Unlock()
 			rctx, cancel := context.WithTimeout(ctx, endedWait)
 			msg, err := r.NC().RequestWithContext(rctx, subj, body) // the current one: a renewal replaces it
 			cancel()
 			if err == nil {
 				if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
+					r.mu.Lock()
+					again := r.regs != regs
+					r.mu.Unlock()
+					if again {
+						// Refused by a node process that did not know this nexlet yet,
+						// and it registered again meanwhile (its resend found this
+						// goroutine busy): send it once more, now.
+						continue
+					}
 					// The node answered: retrying cannot change its mind. A new node
 					// process that does not know this nexlet yet refuses too: the
 					// report stays for Reregister to send again.

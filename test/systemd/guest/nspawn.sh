@@ -180,7 +180,12 @@ check "nexctl status with nexd stopped: nexd.socket starts nexd and the call is 
 check "active (running) again, started through the socket" wait_until 90 running
 check "workload x adopted again, the same process" wait_until 60 same_sleep x "$WPID"
 check "the native nexlet adopted again, the same process ($NEXLET)" same_nexlet "$NEXLET"
-check "job j7's end reached the new nexd: removed from the node's state" wait_until 60 sh -c "! nexctl node state $NODE | grep -q $JOB"
+left_state() { # left_state ID: the workload is not in the node's state
+	local out
+	out=$(nexctl node state "$NODE" 2>&1) || { echo "nexctl node state: $out"; return 1; }
+	! printf '%s\n' "$out" | grep "$1"
+}
+check "job j7's end reached the new nexd: removed from the node's state" wait_until 60 left_state "$JOB"
 check "job j7's exit code 7 is in the journal after the start" \
 	wait_until 30 sh -c "journalctl -u nexd -o json --no-pager | grep $JOB | grep 'workload stopped' | grep -Eq '\"[A-Z_]*EXIT_CODE\":\"7\"'"
 info "j7: $(journalctl -u nexd -o json --no-pager | grep "$JOB" | grep 'workload stopped' | tail -1)"
