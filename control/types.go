@@ -141,6 +141,9 @@ type Status struct {
 	WorkloadUsers string         `json:"workload_users,omitempty"`
 	Nexlets       []Nexlet       `json:"nexlets"`
 	Workloads     map[string]int `json:"workloads"` // count by state
+	// WorkloadsAsOf is set while NATS is down: the nexlets cannot be asked, so
+	// Workloads is the last listing taken while connected, from this time.
+	WorkloadsAsOf *time.Time `json:"workloads_as_of,omitempty"`
 }
 
 // NATSStatus is the node's NATS connection.

@@ -54,11 +54,15 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 	st.Cgroup = control.CgroupStatus{Driver: cfg.Node.CgroupDriver, Mode: string(cg.Mode()), Enforced: cg.Enforced(), Reason: cg.Reason()}
 	st.WorkloadUsers = workloadUsers(cfg)
 	st.Nexlets, _ = b.Nexlets(ctx)
-	ws, err := b.Workloads(ctx)
+	ws, asOf, err := b.s.node.KnownWorkloads(ctx)
 	if err == nil {
 		for _, w := range ws {
-			st.Workloads[w.State]++
+			st.Workloads[string(w.WorkloadState)]++
 		}
+	}
+	if !asOf.IsZero() {
+		t := asOf.UTC()
+		st.WorkloadsAsOf = &t
 	}
 	return st, nil
 }

@@ -245,8 +245,13 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 			}
 			return 0, 0
 		},
-		Workloads: s.node.Workloads,
-		State:     func() string { return string(s.view().phase) },
+		// During a NATS outage the last known listing (nexd_nats_connected says 0),
+		// not an empty one: the workloads run on.
+		Workloads: func(ctx context.Context) ([]protocol.WorkloadSummary, error) {
+			ws, _, err := s.node.KnownWorkloads(ctx)
+			return ws, err
+		},
+		State: func() string { return string(s.view().phase) },
 		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {
 			ns, err := backend{s}.Nexlets(ctx)
 			out := make([]metrics.NexletHealth, 0, len(ns))

@@ -236,9 +236,13 @@ func (s *server) statusLoop(ctx context.Context) {
 // statusLine says in one line what the node is doing.
 func (s *server) statusLine() string {
 	v := s.view()
-	running := 0
-	if ws, err := s.node.Workloads(s.ctx); err == nil {
+	running, known := 0, ""
+	if ws, asOf, err := s.node.KnownWorkloads(s.ctx); err == nil {
 		running = len(ws)
+		if !asOf.IsZero() {
+			// The nexlets cannot be asked; their workloads run on, so 0 would mislead.
+			known = " (last known " + asOf.UTC().Format(time.TimeOnly) + " UTC, NATS down)"
+		}
 	}
 	nexlets, failed := 0, 0
 	for _, st := range s.nexlets.Statuses() {
@@ -251,7 +255,7 @@ func (s *server) statusLine() string {
 	if !s.conn.Info().Connected {
 		natsState = "nats disconnected"
 	}
-	line := fmt.Sprintf("%s: %d workloads, %d nexlets", v.phase, running, nexlets)
+	line := fmt.Sprintf("%s: %d workloads%s, %d nexlets", v.phase, running, known, nexlets)
 	if failed > 0 {
 		line += fmt.Sprintf(" (%d failed)", failed)
 	}

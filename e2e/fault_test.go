@@ -362,8 +362,9 @@ func TestJetStreamLateAtStart(t *testing.T) {
 // NOTIFY_SOCKET), NATS goes away for ten watchdog intervals (NEXD_FAULT_OUTAGE
 // overrides, e.g. 150s to pass the old two-minute NATS health grace, which is what
 // withheld the pings before; the code path no longer depends on the length). nexd keeps
-// pinging throughout, says "nats disconnected" in STATUS, keeps its workload and
-// reconnects.
+// pinging throughout, says "nats disconnected" in STATUS, keeps its workloads and
+// reconnects. Meanwhile STATUS and `nexctl status` count both workloads, marked last
+// known (they counted 0 before: the count asks the nexlets over NATS).
 func TestLongNATSOutageKeepsWatchdog(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -388,6 +389,9 @@ func TestLongNATSOutageKeepsWatchdog(t *testing.T) {
 		env: []string{fmt.Sprintf("WATCHDOG_USEC=%d", watchdog.Microseconds())}})
 	n.waitReady(t)
 	w := n.runWorkload(t, "--name", "survivor", "--", "/bin/sleep", "3600")
+	n.runWorkload(t, "--name", "survivor2", "--", "/bin/sleep", "3600")
+	// The last listing taken while connected must have both.
+	ns.waitFor(t, "2 workloads, ", 30*time.Second)
 	pings := func() int {
 		c := 0
 		for _, m := range ns.all() {
@@ -402,7 +406,20 @@ func TestLongNATSOutageKeepsWatchdog(t *testing.T) {
 	s.Shutdown()
 	s.WaitForShutdown()
 	before := pings()
-	ns.waitFor(t, "nats disconnected", 30*time.Second)
+	if m := ns.waitFor(t, "nats disconnected", 30*time.Second); !strings.Contains(m, "2 workloads (last known") || !strings.Contains(m, "NATS down") {
+		t.Fatalf("STATUS during the outage: %q, want 2 workloads, last known", m)
+	}
+	var st control.Status
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Workloads["running"] != 2 || st.WorkloadsAsOf == nil || st.NATS.Connected {
+		t.Fatalf("nexctl status during the outage: workloads %v as of %v, nats connected %v; want 2 running, last known",
+			st.Workloads, st.WorkloadsAsOf, st.NATS.Connected)
+	}
+	if out := n.mustCtl(t, "status"); !strings.Contains(out, "last known") {
+		t.Fatalf("nexctl status during the outage does not mark the count last known:\n%s", out)
+	}
 	time.Sleep(outage)
 	during := pings() - before
 	// One ping per half interval; allow for a loaded machine, but not for a stop.

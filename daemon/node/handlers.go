@@ -462,7 +462,37 @@ func (n *Node) handleWPing(r micro.Request) {
 
 // Workloads lists every workload on this node (for the local control socket).
 func (n *Node) Workloads(ctx context.Context) ([]protocol.WorkloadSummary, error) {
-	return n.queryWorkloads(ctx, protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace})
+	connected := n.o.NC.IsConnected()
+	list, err := n.queryWorkloads(ctx, protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace})
+	// Only an answer asked and received while connected throughout is kept: one sent
+	// into the reconnect buffer times out empty and would say the node runs nothing.
+	if err == nil && connected && n.o.NC.IsConnected() {
+		n.mu.Lock()
+		n.lastList, n.lastListAt = slices.Clone(list), time.Now()
+		n.mu.Unlock()
+	}
+	return list, err
+}
+
+// KnownWorkloads is Workloads for status and metrics: while the node's NATS
+// connection is down the nexlets cannot be asked (their workloads run on), so it
+// returns the last listing taken while connected and when it was taken (zero when
+// the list is fresh; the list is empty if none was ever taken).
+func (n *Node) KnownWorkloads(ctx context.Context) ([]protocol.WorkloadSummary, time.Time, error) {
+	if n.o.NC.IsConnected() {
+		list, err := n.Workloads(ctx)
+		if err != nil || n.o.NC.IsConnected() {
+			return list, time.Time{}, err
+		}
+		// The connection dropped while asking: the answer may be short.
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	at := n.lastListAt
+	if at.IsZero() {
+		at = n.startTime
+	}
+	return slices.Clone(n.lastList), at, nil
 }
 
 // StopAllWorkloads stops every workload on this node through its nexlets (node

@@ -217,6 +217,10 @@ type Node struct {
 	slots    chan struct{}       // bounds those goroutines
 	probes   chan chan struct{}  // liveness probes, answered by the health loop
 	replayed map[string]struct{} // workload ids handed to nexlets to replay
+	// lastList is the last complete system-namespace listing, taken while connected,
+	// and when: what status shows during a NATS outage instead of an empty answer.
+	lastList   []protocol.WorkloadSummary
+	lastListAt time.Time
 }
 
 // RemoteNexlet is a remote nexlet allowed to register (config remote_nexlets).

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -42,4 +43,46 @@ func TestOutageKeepsRegistrations(t *testing.T) {
 	}
 	testnats.Start(t, testnats.Options{NoJetStream: true, Configure: cfg})
 	testkit.Eventually(t, "the nexlet healthy again after the reconnect", func() bool { return health() == "healthy" })
+}
+
+// TestOutageKeepsWorkloadCount: with two workloads running, the node's NATS goes away.
+// The nexlets cannot be asked, yet their workloads run on: KnownWorkloads (what status,
+// STATUS= and metrics count) still gives both, marked as of the last listing, where
+// before it gave none. Back on NATS the listing is live again.
+func TestOutageKeepsWorkloadCount(t *testing.T) {
+	port := testkit.StablePort(t)
+	cfg := func(o *server.Options) { o.Port = port }
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: cfg})
+	f := newFixtureOn(t, srv, 1, func(_ int, o *Options) { o.FanoutTimeout = 500 * time.Millisecond })
+	n := f.nodes[0]
+	f.healthyAgent(n, "agent0", "go_exec", "native", func(a *fakeAgent) {
+		a.workloads["w1"] = startReq("system", "one", "x")
+		a.workloads["w2"] = startReq("system", "two", "x")
+	})
+	ctx := context.Background()
+	ws, asOf, err := n.KnownWorkloads(ctx)
+	if err != nil || len(ws) != 2 || !asOf.IsZero() {
+		t.Fatalf("connected: %d workloads as of %v (%v), want 2 live", len(ws), asOf, err)
+	}
+	listed := time.Now()
+
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	testkit.Eventually(t, "the node sees the outage", func() bool { return !n.o.NC.IsConnected() })
+	if live, err := n.Workloads(ctx); err == nil && len(live) != 0 {
+		t.Fatalf("asking the nexlets during the outage listed %d workloads; the test assumes it cannot", len(live))
+	}
+	ws, asOf, err = n.KnownWorkloads(ctx)
+	if err != nil || len(ws) != 2 {
+		t.Fatalf("during the outage: %d workloads (%v), want the last known 2", len(ws), err)
+	}
+	if asOf.IsZero() || asOf.After(listed) {
+		t.Fatalf("during the outage: as of %v, want the last listing (before %v)", asOf, listed)
+	}
+
+	testnats.Start(t, testnats.Options{NoJetStream: true, Configure: cfg})
+	testkit.Eventually(t, "a live listing of both after the reconnect", func() bool {
+		ws, asOf, err := n.KnownWorkloads(ctx)
+		return err == nil && len(ws) == 2 && asOf.IsZero()
+	})
 }

@@ -313,6 +313,9 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	if len(counts) > 0 {
 		wl += " (" + strings.Join(counts, ", ") + ")"
 	}
+	if st.WorkloadsAsOf != nil {
+		wl += fmt.Sprintf(" (last known %s, NATS down)", st.WorkloadsAsOf.Format(time.RFC3339))
+	}
 	version := st.Version
 	if st.Commit != "" {
 		version += " [" + st.Commit + "]"
