@@ -77,6 +77,7 @@ func sweepStale(t *testing.T) {
 		entries, _ := os.ReadDir(filepath.Join("/sys/fs/cgroup", h))
 		for _, e := range entries {
 			if pid, ok := ownerPID(e.Name()); ok && syscall.Kill(pid, 0) == syscall.ESRCH {
+				killTree(filepath.Join("/sys/fs/cgroup", h, e.Name()))
 				removeTree(filepath.Join("/sys/fs/cgroup", h, e.Name()))
 			}
 		}
@@ -91,6 +92,32 @@ func ownerPID(name string) (int, bool) {
 	digits := rest[:len(rest)-len(strings.TrimLeft(rest, "0123456789"))]
 	pid, err := strconv.Atoi(digits)
 	return pid, err == nil && pid > 0
+}
+
+// killTree kills every process left in the cgroup tree dir (a nexlet that outlived a
+// nexd killed with its test, and its workloads): only fleet hosts' groups are passed.
+func killTree(dir string) {
+	for range 50 {
+		var pids []int
+		filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+			if err == nil && d.Name() == "cgroup.procs" {
+				b, _ := os.ReadFile(path)
+				for _, f := range strings.Fields(string(b)) {
+					if pid, err := strconv.Atoi(f); err == nil {
+						pids = append(pids, pid)
+					}
+				}
+			}
+			return nil
+		})
+		if len(pids) == 0 {
+			return
+		}
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func removeTree(dir string) {
@@ -210,6 +237,7 @@ func (f *Fleet) cleanup() {
 		exec.Command("umount", "-l", h.StateDir).Run()
 		exec.Command("ip", "netns", "del", h.NS).Run()
 		if h.Cgroup != "" {
+			killTree(h.Cgroup) // whatever outlived its nexd (a nexd killed after its grace)
 			for _, c := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
 				removeTree(filepath.Join("/sys/fs/cgroup", c, filepath.Base(h.Cgroup)))
 			}
