@@ -336,6 +336,20 @@ func partitionCase(t *testing.T, n int, cut []int) {
 	}
 	close(stop)
 	wg.Wait()
+	// A short partition (CI's 15 s) may end before the node has noticed (pings and
+	// Raft time-outs, then a 5 s probe and a 5 s STATUS= round): the cut lasts until it
+	// has, at most 30 s more.
+	testkit.WaitFor(30*time.Second, func() bool {
+		st, err := hx.Status()
+		if err != nil || st.NATS.JetStream == nil || st.NATS.JetStream.State == "ok" {
+			return false
+		}
+		if jsSeen == "" {
+			jsSeen = fmt.Sprintf("+%v: %s: %s", time.Since(cutAt).Round(100*time.Millisecond), st.NATS.JetStream.State, st.NATS.JetStream.Detail)
+		}
+		n, _ := hx.NotifyStatusSince(cutAt, "jetstream unavailable")
+		return len(minority) > 1 || n != ""
+	})
 	ctlStatus, _, _ := hx.CtlLocal("status")
 	jsMetrics := hx.Metrics("nexd_jetstream_state")
 	var majJS []string
