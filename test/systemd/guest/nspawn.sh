@@ -134,6 +134,13 @@ check "nexctl status refused for another user with control_allow_others=none" no
 # --- workload history from the journal (nexd restarted since: its log buffer is new) ---
 check "log_stream is off (history cannot come from NEX_LOGS)" \
 	sh -c "nexctl --json config | tr -d ' \n' | grep -q '\"log_stream\":{\"value\":false'"
+# bob (a local user outside nex) forges an output line of $HIST: any sender may set
+# NEX_WORKLOAD_ID, MESSAGE and LINE; only journald's _UID (nexd's) makes it output.
+runuser -u bob -- sh -c "printf 'MESSAGE=workload output\nNEX_WORKLOAD_ID=$HIST\nLINE=forged-by-bob\nNEXLET_STREAM=stdout\n' | logger --journald"
+check "bob's forged line for $HIST is in the journal (the forgery reaches it)" \
+	wait_until 10 sh -c "journalctl -o json --no-pager NEX_WORKLOAD_ID=$HIST | grep -q forged-by-bob"
+check "bob's forged line is not $HIST's output (nexctl as root, and alice through the node)" \
+	sh -c "! nexctl workload logs $HIST --tail 5 | grep -q forged && ! runuser -u alice -- nexctl workload logs $HIST --tail 5 | grep -q forged"
 check "nexctl workload logs $HIST --tail 2: the job's last two lines, from the journal" \
 	logs_are "$HIST" "$(printf 'hist-line-4\nhist-line-5')" --tail 2
 check "nexctl workload logs $HIST --since 1h: all five lines" \
