@@ -170,7 +170,7 @@ func (b backend) Logs(ctx context.Context, q control.LogQuery) ([]control.LogLin
 // which nexd may read where its admins (members of nex) usually may not, else what the
 // log buffer kept; since q.Since, the last q.Lines of it.
 func workloadHistory(ctx context.Context, d *daemon, q control.LogQuery) []control.LogLine {
-	ls, err := journalread.WorkloadOutput(ctx, q.Workload, q.Since, q.Lines)
+	ls, err := journalread.WorkloadOutput(ctx, q.Workload, os.Getuid(), q.Since, q.Lines)
 	if err != nil {
 		d.log.Debug("workload history: journal not read", "workload_id", q.Workload, "err", err)
 	}

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nexd-project/nexd/control"
@@ -84,10 +86,11 @@ func (a *app) workloadHistory(ctx context.Context, f *fleet, ns, id string, sinc
 	// The journal as this user may read it (root, systemd-journal), then through the
 	// local node, which may read it for its admins. A source that has the workload but
 	// nothing since --since is the answer too: an empty one.
-	if ls, err := journalread.WorkloadOutput(ctx, id, since, tail); err == nil && len(ls) > 0 {
+	uid := a.nodeUID()
+	if ls, err := journalread.WorkloadOutput(ctx, id, uid, since, tail); err == nil && len(ls) > 0 {
 		return keep(ls, since, tail), "the journal", nil
 	} else if err == nil && !since.IsZero() {
-		if seen, err := journalread.WorkloadOutput(ctx, id, time.Time{}, 1); err == nil && len(seen) > 0 {
+		if seen, err := journalread.WorkloadOutput(ctx, id, uid, time.Time{}, 1); err == nil && len(seen) > 0 {
 			return nil, "the journal since " + since.Format(time.RFC3339), nil
 		}
 	}
@@ -114,6 +117,19 @@ func (a *app) workloadHistory(ctx context.Context, f *fleet, ns, id string, sinc
 		return nil, "", err
 	}
 	return ls, "log stream " + logstream.Stream, nil
+}
+
+// nodeUID is the uid the local nexd runs as, whose journal entries alone are workload
+// output: the owner of its control socket (nexd's, or root's under socket activation,
+// where nexd runs as root), else root, the packaged default.
+func (a *app) nodeUID() int {
+	a.resolved()
+	if fi, err := os.Stat(a.socket); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			return int(st.Uid)
+		}
+	}
+	return 0
 }
 
 // printLogLine writes one line of workload output: stdout and stderr to ours, or a

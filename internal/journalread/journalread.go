@@ -24,18 +24,25 @@ import (
 const OutputMsg = "workload output"
 
 // WorkloadOutput returns workload id's output lines since since (zero: all) in time
-// order, only the last tail of them when tail > 0. A host without journalctl is an
-// error; a journal without the workload, or one the caller may not read, gives none.
-func WorkloadOutput(ctx context.Context, id string, since time.Time, tail int) ([]logstream.Line, error) {
-	return workloadOutput(ctx, "journalctl", id, since, tail)
+// order, only the last tail of them when tail > 0, as logged by nexd running as uid
+// nexdUID. A host without journalctl is an error; a journal without the workload, or
+// one the caller may not read, gives none.
+//
+// Only entries whose sender had nexd's uid count: any local user and any workload may
+// send journal entries with fields of their choosing (logger --journald), so
+// NEX_WORKLOAD_ID and MESSAGE alone would show their forged lines as a workload's
+// output. _UID is journald's own field, which no sender can set.
+func WorkloadOutput(ctx context.Context, id string, nexdUID int, since time.Time, tail int) ([]logstream.Line, error) {
+	return workloadOutput(ctx, "journalctl", id, nexdUID, since, tail)
 }
 
-func workloadOutput(ctx context.Context, journalctl, id string, since time.Time, tail int) ([]logstream.Line, error) {
+func workloadOutput(ctx context.Context, journalctl, id string, nexdUID int, since time.Time, tail int) ([]logstream.Line, error) {
 	path, err := exec.LookPath(journalctl)
 	if err != nil {
 		return nil, err
 	}
-	args := []string{"--no-pager", "-q", "-o", "json", "NEX_WORKLOAD_ID=" + id, "MESSAGE=" + OutputMsg}
+	args := []string{"--no-pager", "-q", "-o", "json", "NEX_WORKLOAD_ID=" + id, "MESSAGE=" + OutputMsg,
+		"_UID=" + strconv.Itoa(nexdUID)}
 	if !since.IsZero() {
 		// Whole seconds (journalctl's @<epoch>); the exact time is cut below.
 		args = append(args, "--since", "@"+strconv.FormatInt(since.Unix(), 10))

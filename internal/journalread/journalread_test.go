@@ -61,7 +61,7 @@ func TestSinceAndTail(t *testing.T) {
 		{"since and tail", base.Add(time.Second), 1, "line-5", "--since", " -n "},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			lines, err := workloadOutput(t.Context(), fake, "W1", tc.since, tc.tail)
+			lines, err := workloadOutput(t.Context(), fake, "W1", 998, tc.since, tc.tail)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -74,7 +74,7 @@ func TestSinceAndTail(t *testing.T) {
 			}
 			args, _ := os.ReadFile(filepath.Join(dir, "args"))
 			if !strings.Contains(string(args), tc.wantArgs) || strings.Contains(string(args), tc.notArgs) ||
-				!strings.Contains(string(args), "NEX_WORKLOAD_ID=W1") {
+				!strings.Contains(string(args), "NEX_WORKLOAD_ID=W1") || !strings.Contains(string(args), "_UID=998") {
 				t.Errorf("journalctl %s", args)
 			}
 		})
