@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -301,4 +302,48 @@ func TestDescriptorsPerWorkload(t *testing.T) {
 	if per := float64(count()-before) / k; per > 3 {
 		t.Errorf("%.2f descriptors per running workload, want at most 3", per)
 	}
+}
+
+// BenchmarkClaimDuringRefill is a deploy's claim of a pooled uid while another lease
+// walks /proc (a pool refilling, another nexlet leasing): the walk must not hold the
+// host-wide lease lock the claim needs.
+func BenchmarkClaimDuringRefill(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("dynamic uids need root")
+	}
+	n := benchNexlet(b, 0)
+	u := n.users
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() { // a busy refiller, leasing and freeing one uid after another
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if ids, err := u.leaseFreshN("/proc/1", 1); err == nil {
+				_ = u.releaseAll(nil)
+				_ = os.Remove(u.leasePath(ids[0].uid))
+			}
+		}
+	})
+	pool := &uidPool{u: u, owner: "/proc/" + strconv.Itoa(os.Getpid())}
+	dir := b.TempDir()
+	for b.Loop() {
+		b.StopTimer()
+		ids, err := u.leaseFreshN(pool.owner, 1)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if ok, err := pool.claim(ids[0], dir); err != nil || !ok {
+			b.Fatalf("claim: %v %v", ok, err)
+		}
+		b.StopTimer()
+		_ = os.Remove(u.leasePath(ids[0].uid))
+		b.StartTimer()
+	}
+	close(stop)
+	wg.Wait()
 }

@@ -195,12 +195,16 @@ func (u *users) leaseFresh(owner string) (ident, error) {
 // the cost: it reads every process's status, milliseconds with thousands of
 // processes). It fails only when it leased none.
 func (u *users) leaseFreshN(owner string, n int) ([]ident, error) {
+	// The walk comes before the lock: held through it, the lock kept every deploy's
+	// claim of a pooled uid waiting for the walk (tens of milliseconds with thousands of
+	// processes). A uid leased meanwhile has a lease by then, which the check under the
+	// lock sees; a uid released meanwhile had no process left.
+	busy := procUIDs()
 	unlock, err := u.lock()
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	busy := procUIDs()
 	span := u.pol.UIDMax - u.pol.UIDMin + 1
 	start := rand.Uint32N(span) // not predictable, and few collisions between nodes
 	var out []ident
