@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // The attacker suite: each test plays one attacker against the real binaries and
@@ -487,5 +489,59 @@ func TestAttackArtifactOfAnotherNamespace(t *testing.T) {
 	}
 	if !strings.Contains(errOut+out, "digest") {
 		t.Errorf("the refused deploy does not say the digest is wrong:\n%s\n%s", out, errOut)
+	}
+}
+
+// TestAttackUnsignedBidderPosesAsTrustedNode: with trusted_nodes naming the real node,
+// a client on the bus answers an auction the real node does not bid on (a tag it
+// lacks) with an unsigned bid that claims the real node's id. Unsigned bids cannot be
+// checked against the list, so nexctl must refuse them when trusted_nodes is set: else
+// the fake takes the deploy (its argv and artifact), answers "started", and the user is
+// told the workload runs on the trusted node while nothing runs. The control run,
+// without trusted_nodes, shows the fake does get the deploy (as an upstream node would).
+func TestAttackUnsignedBidderPosesAsTrustedNode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	schema := `{"type":"object","properties":{"uri":{"type":"string"},"argv":{"type":"array"}}}`
+	var deploys atomic.Int64
+	subs := map[string]nats.MsgHandler{
+		protocol.AuctionSubject("tenant"): func(m *nats.Msg) {
+			b := protocol.AuctionResponse{BidderID: "fake-unsigned", StartRequestSchema: schema,
+				SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob}, NodeID: st.NodeID, NodeName: "e2e"}
+			out, _ := json.Marshal(b)
+			_ = m.Respond(out)
+		},
+		protocol.DeploySubject("tenant", "fake-unsigned"): func(m *nats.Msg) {
+			deploys.Add(1)
+			_ = m.Respond([]byte(`{"id":"stolen","name":"stolen"}`))
+		},
+	}
+	for subj, h := range subs {
+		if _, err := nc.Subscribe(subj, h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flush(t, nc)
+	deploy := func(extra ...string) (string, string, int) {
+		args := append([]string{"--control-socket", n.socket, "--nats.servers", s.ClientURL(), "--namespace", "tenant", "--json"}, extra...)
+		return run(t, nil, nexctlBin(t), append(args, "workload", "run", "--name", "job", "--tags", "site=nowhere",
+			"--", "/bin/sh", "-c", "echo api-token-in-argv")...)
+	}
+	// Control: without trusted_nodes an unsigned bid is used (upstream nodes do not sign).
+	if out, errOut, code := deploy(); code != 0 || deploys.Load() != 1 || !strings.Contains(out, "stolen") {
+		t.Fatalf("control run: the unsigned fake did not get the deploy (exit %d, %d deploys)\n%s\n%s", code, deploys.Load(), out, errOut)
+	}
+	out, errOut, code := deploy("--trusted-node", st.NodeID)
+	if deploys.Load() != 1 {
+		t.Fatalf("with --trusted-node the unsigned bid claiming %s got the deploy (exit %d): %s\n%s", st.NodeID, code, out, errOut)
+	}
+	if code == 0 || !strings.Contains(errOut, "trusted_nodes") {
+		t.Errorf("refused unsigned bid: exit %d, want a failure that names trusted_nodes\n%s\n%s", code, out, errOut)
 	}
 }

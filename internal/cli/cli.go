@@ -239,7 +239,7 @@ node went silent mid-request: the workload may be running there).`,
 	pf.DurationVar(&a.stall, "gather-stall", defaultStop, "scatter-gather ends this long after the last reply")
 	pf.StringVar(&a.configFile, "config", "", "config file read after nexd's (/etc/nex/config.json, ~/.config/nex/config.json, ./config.json)")
 	pf.BoolVar(&a.check, "check", false, "print the resolved settings and where each came from, then exit")
-	pf.StringArray("trusted-node", nil, "a node id whose signed bids are accepted (repeatable; trusted_nodes in the config); a bid signed by any other node is refused before anything is sealed")
+	pf.StringArray("trusted-node", nil, "a node id whose signed bids are accepted (repeatable; trusted_nodes in the config); a bid signed by any other node, or not signed (unless --allow-unsigned-bids), is refused before anything is sent")
 	pf.BoolVar(&a.allowUnsigned, "allow-unsigned-bids", false, "seal environments to bids not signed by their node (upstream nodes; anyone on the bus could pose as one)")
 	a.nats.register(pf)
 	a.pflags = pf

@@ -36,7 +36,10 @@ type fleet struct {
 	progress *deployProgress
 	// trusted, when set, are the only node ids whose signed bids are used
 	// (trusted_nodes): a valid signature proves a node id, not that it is ours.
-	trusted map[string]bool
+	// Unsigned bids are then refused too (their node id is only a claim) unless
+	// allowUnsigned (--allow-unsigned-bids, for upstream nodes).
+	trusted       map[string]bool
+	allowUnsigned bool
 }
 
 func (f *fleet) jetstream() (jetstream.JetStream, error) {
@@ -236,6 +239,10 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 			continue
 		case err == nil:
 			signed[b.BidderID] = true
+		case errors.Is(err, protocol.ErrUnsignedBid) && f.trusted != nil && !f.allowUnsigned:
+			// Anyone can claim a listed node id in a bid it does not sign.
+			bad = append(bad, fmt.Errorf("bid refused from %s: it is not signed, so its node id cannot be checked against trusted_nodes (--allow-unsigned-bids accepts such bids)", bidLabel(b)))
+			continue
 		case !errors.Is(err, protocol.ErrUnsignedBid):
 			bad = append(bad, fmt.Errorf("bid refused from %s: %w", bidLabel(b), err))
 			continue

@@ -49,7 +49,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
 		progress: a.newDeployProgress()}
 	if len(r.TrustedNodes) > 0 {
-		f.trusted = map[string]bool{}
+		f.trusted, f.allowUnsigned = map[string]bool{}, a.allowUnsigned
 		for _, id := range r.TrustedNodes {
 			f.trusted[id] = true
 		}
