@@ -218,3 +218,36 @@ func FuzzHandlers(f *testing.F) {
 		n.mu.Unlock()
 	})
 }
+
+// TestReplyOnlyToInboxes: a requester picks the reply subject, and the node answers
+// with its own permissions; a reply subject outside the inboxes would make the node
+// publish where the requester may not (another namespace's subjects, $NEX.FEED events).
+// Such a request is dropped; the same request from an inbox is answered.
+func TestReplyOnlyToInboxes(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	f.healthyAgent(f.nodes[0], "agent1", "go_exec", "native", nil)
+	ping := mustJSON(t, protocol.NodePingRequest{Filter: map[string]string{}})
+	auction := mustJSON(t, protocol.AuctionRequest{AgentType: "native", AuctionID: "a1", Tags: map[string]string{}})
+	for _, victim := range []string{"tenant-b.orders", protocol.EventSubject("tenant-b", protocol.EventWorkloadStopped)} {
+		ch := make(chan *nats.Msg, 4)
+		sub, err := f.client.ChanSubscribe(victim, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for subj, body := range map[string][]byte{protocol.PingSubject(): ping, protocol.AuctionSubject("tenant-a"): auction} {
+			if err := f.client.PublishRequest(subj, victim, body); err != nil {
+				t.Fatal(err)
+			}
+			// The same request from an inbox is answered, so the node did read it.
+			if got := collect(t, f.client, subj, body, 1, 10*time.Second, 100*time.Millisecond); len(got) != 1 {
+				t.Fatalf("%s from an inbox: %d replies, want 1", subj, len(got))
+			}
+		}
+		select {
+		case m := <-ch:
+			t.Errorf("the node published on %s, a reply subject a requester chose: %s", victim, m.Data)
+		case <-time.After(300 * time.Millisecond):
+		}
+		_ = sub.Unsubscribe()
+	}
+}

@@ -398,6 +398,7 @@ func (n *Node) Start(ctx context.Context) error {
 		if e.async {
 			h = n.async(h)
 		}
+		h = n.inboxOnly(h)
 		opts := []micro.EndpointOpt{micro.WithEndpointSubject(e.subject), micro.WithEndpointQueueGroup(qg)}
 		if e.pending {
 			opts = append(opts, micro.WithEndpointPendingLimits(AuctionPendingMsgs, AuctionPendingBytes))
@@ -499,6 +500,25 @@ func (n *Node) Stop(ctx context.Context) error {
 // async runs h on its own goroutine, so a slow request (a deploy waits up to a minute
 // for its nexlet) does not hold up the endpoint; when too many run, h runs inline,
 // which pushes back on the sender.
+// inboxOnly drops a request whose reply subject is not an inbox. The node answers with
+// its own, wide permissions, so a reply subject of the requester's choosing would let a
+// tenant make the node publish where the tenant may not (another namespace's subjects,
+// $NEX.FEED events): requests must come from an inbox, as every NATS client's do
+// ("_INBOX." by default, "_INBOX_<id>." for nexd's children).
+func (n *Node) inboxOnly(h func(micro.Request)) func(micro.Request) {
+	return func(r micro.Request) {
+		if rep := r.Reply(); rep != "" && !isInbox(rep) {
+			n.log.Debug("request dropped: its reply subject is not an inbox", "subject", r.Subject(), "reply", rep)
+			return
+		}
+		h(r)
+	}
+}
+
+func isInbox(subject string) bool {
+	return strings.HasPrefix(subject, "_INBOX.") || strings.HasPrefix(subject, "_INBOX_")
+}
+
 func (n *Node) async(h func(micro.Request)) func(micro.Request) {
 	return func(r micro.Request) {
 		select {
