@@ -160,29 +160,29 @@ func leakedLeases(ents []os.DirEntry, wdir string) bool {
 
 func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 	needRoot(t)
-	lo, hi, err := ParseUIDRange("61300-61300")
+	lo, hi, err := ParseUIDRange("2000100-2000100")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if hostUses(lo) {
-		t.Skip("uid 61300 is in use on this host")
+		t.Skip("uid 2000100 is in use on this host")
 	}
 	fn := newFakeNode(t)
 	fn.startNexlet(Config{Users: UserPolicy{UIDMin: lo, UIDMax: hi, LeaseDir: t.TempDir()}})
 	uri := script(t, `exec sleep 1000`)
 	fn.mustStart("one", startReq(protocol.LifecycleService, "one", map[string]any{"uri": uri}, fn.creds()))
-	if s, _ := fn.summary("one"); s.Metadata["uid"] != "61300" {
-		t.Errorf("uid = %q, want 61300", s.Metadata["uid"])
+	if s, _ := fn.summary("one"); s.Metadata["uid"] != "2000100" {
+		t.Errorf("uid = %q, want 2000100", s.Metadata["uid"])
 	}
 	// Never reused while the workload lives.
 	r := fn.start("two", startReq(protocol.LifecycleService, "two", map[string]any{"uri": uri}, fn.creds()))
-	if !strings.Contains(r.errText, "no free dynamic uid in 61300-61300") {
+	if !strings.Contains(r.errText, "no free dynamic uid in 2000100-2000100") {
 		t.Errorf("second workload: %s %q", r.code, r.errText)
 	}
 	fn.stop("one", testNS)
 	fn.mustStart("three", startReq(protocol.LifecycleService, "three", map[string]any{"uri": uri}, fn.creds()))
-	if s, _ := fn.summary("three"); s.Metadata["uid"] != "61300" {
-		t.Errorf("uid after release = %q, want 61300 again", s.Metadata["uid"])
+	if s, _ := fn.summary("three"); s.Metadata["uid"] != "2000100" {
+		t.Errorf("uid after release = %q, want 2000100 again", s.Metadata["uid"])
 	}
 	for _, bad := range []string{"", "5", "10-5", "0-10", "a-b"} {
 		if _, _, err := ParseUIDRange(bad); err == nil {
