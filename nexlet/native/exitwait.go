@@ -1,7 +1,6 @@
 package native
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -25,37 +24,6 @@ func openPidfd(pid int) (*os.File, error) {
 		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
 	return os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pid)), nil
-}
-
-// waitExit parks the calling goroutine until the process behind f has exited, or f is
-// closed (an error). An error also means the netpoller cannot watch f; a caller that did
-// not close f then falls back to a blocking wait.
-func waitExit(f *os.File) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var perr error
-	err = rc.Read(func(fd uintptr) bool {
-		// Readiness check without blocking: the netpoller is edge-triggered, so a
-		// process that exited before we started waiting must be seen here.
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		for {
-			n, err := unix.Poll(fds, 0)
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			if err != nil {
-				perr = fmt.Errorf("poll %s: %w", f.Name(), err)
-				return true
-			}
-			return n > 0
-		}
-	})
-	if err != nil {
-		return fmt.Errorf("wait for %s: %w", f.Name(), err)
-	}
-	return perr
 }
 
 // sigchldInfo is the part of a siginfo_t that waitid fills for a child (x/sys/unix's

@@ -388,7 +388,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	go func() {
 		if pidfd != nil {
-			if err := waitExit(pidfd); err != nil {
+			if err := procid.WaitPidfd(pidfd); err != nil {
 				n.log.Warn("pidfd wait failed; falling back to polling it", "workload_id", w.id, "err", err)
 			}
 			p.code, p.reason, _ = reapPidfd(pidfd)
@@ -534,7 +534,7 @@ func (n *Nexlet) watchAdopted(w *workload, pidfd *os.File, exited func()) {
 		case <-stop:
 		}
 	}()
-	err := waitExit(pidfd)
+	err := procid.WaitPidfd(pidfd)
 	select {
 	case <-n.abandon:
 		return
