@@ -38,16 +38,7 @@ func TestAdoptedNexletCrashKeepsExitCodes(t *testing.T) {
 	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
 	flush(t, nc)
 
-	marker := fmt.Sprintf("nexd-e2e-orphan-%d", time.Now().UnixNano())
-	svc := n.runWorkload(t, "--name", "svc", "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
-	release := filepath.Join(testkit.PublicDir(t), "release")
-	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--",
-		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.05; done; exit 5`, release).ID
-	var before []int
-	testkit.EventuallyWithin(t, 60*time.Second, "the service and the job run", func() bool {
-		before = markerPIDs(marker)
-		return len(before) == 1 && len(markerPIDs(release)) == 1
-	})
+	svc, marker, before, job, release := runSvcAndJob(t, n, "orphan", 5)
 	nexlet := nexletPID(n.cmd.Process.Pid)
 	if nexlet == 0 {
 		t.Fatal("native nexlet not found")
@@ -215,16 +206,7 @@ func TestUpgradeHandsOverAdoptedNexlet(t *testing.T) {
 	nc := testnats.Connect(t, s)
 	stopped, _ := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
 	flush(t, nc)
-	marker := fmt.Sprintf("nexd-e2e-upgrade-%d", time.Now().UnixNano())
-	svc := n.runWorkload(t, "--name", "svc", "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
-	release := filepath.Join(testkit.PublicDir(t), "release")
-	job := n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--",
-		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.05; done; exit 6`, release).ID
-	var before []int
-	testkit.EventuallyWithin(t, 60*time.Second, "the service and the job run", func() bool {
-		before = markerPIDs(marker)
-		return len(before) == 1 && len(markerPIDs(release)) == 1
-	})
+	svc, marker, before, job, release := runSvcAndJob(t, n, "upgrade", 6)
 	old := nexletPID(n.cmd.Process.Pid)
 	if old == 0 {
 		t.Fatal("native nexlet not found")
@@ -307,4 +289,21 @@ func TestEmbeddedJobEndsWhileDown(t *testing.T) {
 	testkit.EventuallyWithin(t, 60*time.Second, "the job that ended while nexd was stopped left the node's state", func() bool {
 		return !strings.Contains(n2.mustCtl(t, "node", "state", st.NodeID), job)
 	})
+}
+
+// runSvcAndJob runs a service (found by its marker argument) and a job that exits with
+// code once the file release exists, and waits until both run. It returns the service's
+// id, marker and pids, then the job's id and release file.
+func runSvcAndJob(t *testing.T, n *node, kind string, code int) (svc, marker string, before []int, job, release string) {
+	t.Helper()
+	marker = fmt.Sprintf("nexd-e2e-%s-%d", kind, time.Now().UnixNano())
+	svc = n.runWorkload(t, "--name", "svc", "--", "/bin/sh", "-c", "sleep 600; :", marker).ID
+	release = filepath.Join(testkit.PublicDir(t), "release")
+	job = n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--",
+		"/bin/sh", "-c", fmt.Sprintf(`while [ ! -e "$0" ]; do sleep 0.05; done; exit %d`, code), release).ID
+	testkit.EventuallyWithin(t, 60*time.Second, "the service and the job run", func() bool {
+		before = markerPIDs(marker)
+		return len(before) == 1 && len(markerPIDs(release)) == 1
+	})
+	return svc, marker, before, job, release
 }
