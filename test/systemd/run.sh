@@ -121,5 +121,14 @@ if [ "$FAILED" = 0 ] && [ "$F" = 0 ]; then
 	echo "systemd-test: PASS"
 	exit 0
 fi
+# Repeat every failed check (with the output lines it printed) last, so a CI log that
+# keeps only the tail still names what failed.
+echo "---- failed checks ----"
+for s in $SUITES chroot; do
+	[ -f "$W/share/out/$s.log" ] || { echo "[$s] no results"; continue; }
+	awk -v s="$s" '/^FAIL:/ {p = 1; print "[" s "] " $0; next} p && /^      \| / {print "[" s "] " $0; next} {p = 0}' "$W/share/out/$s.log"
+	rc=$(cat "$W/share/out/$s.rc" 2>/dev/null || echo missing)
+	[ "$rc" = 0 ] || echo "[$s] exit status $rc"
+done
 echo "systemd-test: FAIL (rootfs, vm.img and logs kept in $W)"
 exit 1
