@@ -37,7 +37,10 @@ wait_until() {
 
 prop() { systemctl show -P "$1" nexd.service; }
 running() { [ "$(prop ActiveState)/$(prop SubState)" = active/running ]; }
-inactive() { ! systemctl --quiet is-active nexd.service; }
+# inactive: nexd.service has stopped, its main process is gone. Not `! is-active`: nexd
+# sends STOPPING=1 when it starts to stop, and the unit is "deactivating" (not active)
+# while nexd still drains, stops its nexlet and the embedded NATS server.
+inactive() { [ "$(prop ActiveState)" = inactive ]; }
 mainpid() { prop MainPID; }
 nrestarts() { prop NRestarts; }
 
