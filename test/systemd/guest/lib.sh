@@ -95,8 +95,15 @@ log_level_is() { nexctl --json config | tr -d ' \n' | grep -q "\"logger.level\":
 # has_procs CGROUP_DIR: the cgroup holds a process (cgroupfs files report size 0, so
 # test -s cannot tell).
 has_procs() { grep -q . "$1/cgroup.procs" 2>/dev/null; }
-# no_node_procs: no nexd (nexlets are "nexd nexlet …" too) and no test workload left.
-no_node_procs() { ! pgrep -x nexd && ! pgrep -x sleep && ! pgrep -x tail; }
+# no_node_procs: no nexd (nexlets are "nexd nexlet …" too) and no test workload left;
+# shows what is left (a Z in STAT: a zombie nobody reaped yet).
+no_node_procs() {
+	local p
+	p=$(pgrep -x 'nexd|sleep|tail' | paste -sd,)
+	[ -z "$p" ] && return 0
+	ps -o pid,ppid,stat,etimes,args -p "$p"
+	return 1
+}
 # nexlet_pid: the native nexlet's pid as nexd recorded it (<state_dir>/nexlets/native/
 # process.json), when that process runs.
 NEXLET_RECORD=/var/lib/nex/nexlets/native/process.json
@@ -130,8 +137,13 @@ left_running() { [ "$(pgrep -x sleep)" = "$1" ] && [ -n "$(nexlet_pid)" ]; }
 # usable.
 in_tmp() { nsenter -t "$1" -m -- sh -c 'f=/tmp/.nexd-probe.$$ && touch "$f" && rm "$f"'; }
 # run_workload ARGS...: nexctl workload run with patience for a slow (TCG) guest: wait up
-# to 30 s for the node's bid and end the auction at the first bid; one retry.
+# to 30 s for the node's bid and end the auction at the first bid; two retries (a node
+# whose nexlet's heartbeat is late on a loaded host declines to bid for that moment).
 run_workload() {
-	nexctl --nats.timeout 30s workload run --bids 1 "$@" ||
-		{ sleep 2; nexctl --nats.timeout 30s workload run --bids 1 "$@"; }
+	local try
+	for try in 1 2 3; do
+		nexctl --nats.timeout 30s workload run --bids 1 "$@" && return 0
+		[ "$try" = 3 ] || sleep $((try * 3))
+	done
+	return 1
 }

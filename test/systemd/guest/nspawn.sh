@@ -138,7 +138,7 @@ check "log_stream is off (history cannot come from NEX_LOGS)" \
 # NEX_WORKLOAD_ID, MESSAGE and LINE; only journald's _UID (nexd's) makes it output.
 runuser -u bob -- sh -c "printf 'MESSAGE=workload output\nNEX_WORKLOAD_ID=$HIST\nLINE=forged-by-bob\nNEXLET_STREAM=stdout\n' | logger --journald"
 check "bob's forged line for $HIST is in the journal (the forgery reaches it)" \
-	wait_until 10 sh -c "journalctl -o json --no-pager NEX_WORKLOAD_ID=$HIST | grep -q forged-by-bob"
+	wait_until 30 sh -c "journalctl -o json --no-pager NEX_WORKLOAD_ID=$HIST | grep -q forged-by-bob"
 check "bob's forged line is not $HIST's output (nexctl as root, and alice through the node)" \
 	sh -c "! nexctl workload logs $HIST --tail 5 | grep -q forged && ! runuser -u alice -- nexctl workload logs $HIST --tail 5 | grep -q forged"
 check "nexctl workload logs $HIST --tail 2: the job's last two lines, from the journal" \
@@ -157,7 +157,7 @@ check "nexctl status still works for a member of group nex" runuser -u alice -- 
 MAIN=$(mainpid)
 kill -STOP "$MAIN"
 check "hung node restarted by systemd (watchdog timeout)" wait_until 150 restarted_by_watchdog "$MAIN"
-check "journal shows the watchdog timeout" sh -c 'journalctl -u nexd --no-pager | grep -qi "watchdog timeout"'
+check "journal shows the watchdog timeout" wait_until 30 sh -c 'journalctl -u nexd --no-pager | grep -qi "watchdog timeout"'
 check "workload x back exactly once after the watchdog restart" wait_until 60 running_once x sleep
 check "workload x kept its process across the watchdog abort ($WPID)" test "$(pgrep -x sleep)" = "$WPID"
 check "the native nexlet adopted after the watchdog abort ($NEXLET)" wait_until 30 same_nexlet "$NEXLET"
@@ -202,12 +202,13 @@ check "job j7 ran exactly once" test "$(grep -c ran /dev/shm/nex-jobruns)" = 1
 check "systemctl start nexd" systemctl start nexd
 check "active (running)" wait_until 90 running
 check "workload x restored at start" wait_until 60 running_once x sleep
+# 10 s: "right after" must come well inside the delay also on a loaded host.
 T0=$(date +%s)
-check "nexctl lameduck --delay 5s" nexctl lameduck --delay 5s
+check "nexctl lameduck --delay 10s" nexctl lameduck --delay 10s
 check "workload still running right after lameduck" pgrep -x sleep
 check "lameduck: service exits" wait_until 90 inactive
 T1=$(date +%s)
-check "lameduck: workload stopped no sooner than the 5s delay" test $((T1 - T0)) -ge 5
+check "lameduck: workload stopped no sooner than the 10s delay" test $((T1 - T0)) -ge 10
 check "lameduck: no workload process left" not pgrep -x sleep
 check "lameduck: the native nexlet stopped too, its record removed" \
 	nexlet_gone "$NEXLET"
@@ -235,7 +236,8 @@ new_nexlet() {
 	return 1
 }
 check "upgrade: the old native nexlet ($NEXLET) handed over to one of the new binary" wait_until 60 new_nexlet
-check "upgrade: the old native nexlet is gone" sh -c "! kill -0 $NEXLET 2>/dev/null"
+# kill -0 also finds a zombie that its parent has not reaped yet: poll.
+check "upgrade: the old native nexlet is gone" wait_until 30 sh -c "! kill -0 $NEXLET 2>/dev/null"
 check "workload y listed running after the hand-over, same process" wait_until 60 same_sleep y "$YPID"
 check "upgrade kept the /etc/nex/config.json edit" grep -q '"control_allow_others": "none"' /etc/nex/config.json
 check "upgrade kept the node id" test "$(node_id)" = "$NODE"
@@ -274,7 +276,7 @@ natsd_up() { # natsd_up [js]: nats-server on 127.0.0.1:4333 as the transient uni
 	else
 		systemd-run --quiet --unit=natsd "$NATS_BIN" -a 127.0.0.1 -p 4333
 	fi
-	wait_until 20 natsd_listens
+	wait_until 30 natsd_listens
 }
 natsd_listens() { (exec 3<>/dev/tcp/127.0.0.1/4333) 2>/dev/null; }
 status_has() { prop StatusText | grep -q "$1"; }
@@ -328,15 +330,15 @@ else
 	ZPID=$(pgrep -x sleep | head -1)
 	systemctl stop natsd
 	T=$(date +%s)
-	check "NATS down: STATUS says nats disconnected" wait_until 30 status_has 'nats disconnected'
-	check "NATS down: nexctl status shows NATS disconnected" nats_down_in_status
+	check "NATS down: STATUS says nats disconnected" wait_until 60 status_has 'nats disconnected'
+	check "NATS down: nexctl status shows NATS disconnected" wait_until 30 nats_down_in_status
 	while [ "$(date +%s)" -lt $((T + OUTAGE)) ]; do sleep 1; done
 	info "StatusText after ${OUTAGE}s without NATS: $(prop StatusText)"
 	check "${OUTAGE}s NATS outage (WatchdogSec=10s): same MainPID, NRestarts unchanged" same_unit "$MAIN" "$N0"
 	check "no watchdog timeout in the journal during the outage" no_watchdog_kill_since "$T"
 	check "workload z kept its process through the outage ($ZPID)" test "$(pgrep -x sleep)" = "$ZPID"
 	check "nats-server back" natsd_up js
-	check "NATS back: STATUS says nats connected" wait_until 60 status_has 'nats connected'
+	check "NATS back: STATUS says nats connected" wait_until 90 status_has 'nats connected'
 	check "workload z listed running again, the same process" wait_until 60 same_sleep z "$ZPID"
 	check "still the same MainPID, NRestarts unchanged" same_unit "$MAIN" "$N0"
 
