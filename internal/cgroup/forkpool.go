@@ -30,7 +30,13 @@ type ForkPool struct {
 	stop  chan struct{}
 	wg    sync.WaitGroup
 	seq   atomic.Uint64
+	// waiting counts the threads ready in a fresh group, waiting to be taken.
+	waiting atomic.Int32
 }
+
+// Ready is how many threads wait in fresh groups now: a Create finds one only then
+// (benchmarks wait for the refill off the clock).
+func (p *ForkPool) Ready() int { return int(p.waiting.Load()) }
 
 // forkPoolPrefix names the pool's groups; workload ids have no dot, so none collides.
 const forkPoolPrefix = ".forkpool-"
@@ -180,9 +186,12 @@ func (p *ForkPool) run() {
 			return
 		}
 		f.rel = cur
+		p.waiting.Add(1)
 		select {
 		case p.ready <- f:
+			p.waiting.Add(-1)
 		case <-p.stop:
+			p.waiting.Add(-1)
 			return
 		}
 		var j forkJob

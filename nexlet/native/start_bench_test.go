@@ -20,7 +20,11 @@ import (
 
 // benchNexlet is a native nexlet with dynamic uids leased in a temp dir (when run as
 // root) and workloads in plain process groups, the way a deploy meets it.
-func benchNexlet(b testing.TB, pool int) *Nexlet {
+func benchNexlet(b testing.TB, pool int) *Nexlet { return benchNexletIn(b, pool, "") }
+
+// benchNexletIn is benchNexlet with workloads in the cgroup subtree spec ("": process
+// groups), as nexd hands it one.
+func benchNexletIn(b testing.TB, pool int, spec string) *Nexlet {
 	b.Helper()
 	dir, err := os.MkdirTemp("", "nexlet-bench-")
 	if err != nil {
@@ -34,7 +38,7 @@ func benchNexlet(b testing.TB, pool int) *Nexlet {
 	if err := os.Mkdir(lease, 0o700); err != nil {
 		b.Fatal(err)
 	}
-	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Users: UserPolicy{LeaseDir: lease, Pool: pool}, Logger: slog.New(slog.DiscardHandler)})
+	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Cgroup: spec, Users: UserPolicy{LeaseDir: lease, Pool: pool}, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -72,10 +76,28 @@ func benchStartStop(b *testing.B, pool int) {
 // BenchmarkStartWorkload is STARTWORKLOAD alone, the deploy path's share in the
 // nexlet; the stop of each workload and, with a pool, its refill happen off the clock,
 // as they do between deploys that are not back to back.
+//
+// The cgroup variant is the deploy as nexd's native nexlet meets it on this host:
+// cgroup v1 groups from the fork pool (refilled off the clock too) and pooled uids.
 func BenchmarkStartWorkload(b *testing.B) {
-	for _, pool := range []int{0, DefaultUIDPool} {
-		b.Run(fmt.Sprintf("uidpool=%d", pool), func(b *testing.B) {
-			n := benchNexlet(b, pool)
+	for _, v := range []struct {
+		name   string
+		pool   int
+		cgroup bool
+	}{{"uidpool=0", 0, false}, {fmt.Sprintf("uidpool=%d", DefaultUIDPool), DefaultUIDPool, false},
+		{fmt.Sprintf("uidpool=%d/cgroup", DefaultUIDPool), DefaultUIDPool, true}} {
+		b.Run(v.name, func(b *testing.B) {
+			spec := ""
+			if v.cgroup {
+				spec = cgroupSpec(b)
+			}
+			n := benchNexletIn(b, v.pool, spec)
+			forkPool := func() int { return 0 }
+			if c, ok := n.iso.(cgIsolation); ok {
+				forkPool = c.pool.Ready
+			} else if v.cgroup {
+				b.Skip("cgroups unusable here")
+			}
 			run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
 			i := 0
 			for b.Loop() {
@@ -86,6 +108,10 @@ func BenchmarkStartWorkload(b *testing.B) {
 					}
 				}
 				for n.users.pool != nil && len(n.users.pool.ch) <= cap(n.users.pool.ch)/2 {
+					time.Sleep(time.Millisecond)
+				}
+				n.bg.Wait() // the stop's uid release
+				for v.cgroup && forkPool() < DefaultForkPool {
 					time.Sleep(time.Millisecond)
 				}
 				id := fmt.Sprintf("bench%d", i)
