@@ -117,7 +117,9 @@ func (p *ForkPool) Create(rel string, l Limits) (*Group, error) {
 			return p.m.Create(rel, l)
 		}
 	}
-	g.forker, g.left, g.forkerGone = f, make(chan struct{}), f.gone
+	// The rename succeeded, so no group of that name existed (cgroupfs refuses to
+	// rename onto an existing group): this is the pool's own, empty group.
+	g.forker, g.left, g.forkerGone, g.pooled = f, make(chan struct{}), f.gone, true
 	if _, err := p.m.createV1(g, l); err != nil {
 		return g, fmt.Errorf("cgroup %s: limits not (all) applied: %w", g.Path(), err)
 	}

@@ -35,6 +35,18 @@ type Group struct {
 	forker     *forker
 	left       chan struct{}
 	forkerGone chan struct{}
+	// pooled: a fork pool group renamed to this name and not yet started in, so it
+	// holds no process and has seen no OOM kill (only the pool's thread was in it).
+	pooled bool
+}
+
+// Empty reports whether the group is known to be new and empty (a fork pool group
+// nothing was started in yet): a start into it need not look for leftovers or count
+// earlier OOM kills.
+func (g *Group) Empty() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pooled
 }
 
 func (m *Manager) group(rel string) *Group {
@@ -151,6 +163,9 @@ func (m *Manager) createV1(g *Group, l Limits) (fatal bool, err error) {
 // a session or a foreground group. Failing to place the child in its cgroup never stops
 // it from starting: it is logged, and Kill still reaches it through its process group.
 func (g *Group) Start(cmd *exec.Cmd) error {
+	g.mu.Lock()
+	g.pooled = false
+	g.mu.Unlock()
 	a := &syscall.SysProcAttr{}
 	if cmd.SysProcAttr != nil {
 		*a = *cmd.SysProcAttr

@@ -40,6 +40,10 @@ type sandbox interface {
 	remove() error
 	// oomKills counts OOM kills so far (0 where unknown).
 	oomKills() int
+	// empty: the sandbox is known to be new and empty (a fork pool group), so a
+	// start need not kill leftovers or count earlier OOM kills (both read the
+	// cgroup tree: 0.1-0.2 ms of a deploy).
+	empty() bool
 }
 
 // noIsolation runs workloads in their own process group. They outlive the nexlet (no
@@ -105,3 +109,4 @@ func (g *pgroup) readopt() error    { return nil }
 func (g *pgroup) remove() error     { return nil }
 func (g *pgroup) setupThread() bool { return false }
 func (g *pgroup) oomKills() int     { return 0 }
+func (g *pgroup) empty() bool       { return false }

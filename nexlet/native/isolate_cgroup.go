@@ -139,6 +139,7 @@ func (s cgSandbox) procs() ([]int, error)     { return s.g.Procs() }
 func (s cgSandbox) kill() error               { return s.g.Kill() }
 func (s cgSandbox) remove() error             { return s.g.Remove() }
 func (s cgSandbox) placed(int) error          { return nil }
+func (s cgSandbox) empty() bool               { return s.g.Empty() }
 
 // readopt: Create (in sandbox) already wrote the limits again.
 func (s cgSandbox) readopt() error    { return nil }

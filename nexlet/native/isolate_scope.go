@@ -75,6 +75,7 @@ func (b *scopeSandbox) holdGroup() (*cgroup.Group, bool) {
 // setupThread: started from the spawner (a holding group in v1 forks on a setup thread
 // too, see chooseIsolation).
 func (b *scopeSandbox) setupThread() bool { return false }
+func (b *scopeSandbox) empty() bool       { return false }
 
 func (b *scopeSandbox) start(cmd *exec.Cmd) error {
 	if h := b.iso.hold; h != nil && h.Mode() != cgroup.ModeNone {

@@ -372,14 +372,9 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	n.setState(w, protocol.WorkloadRunning)
 	if adopted {
 		n.log.Info("adopted live workload", "workload_id", id, "namespace", w.ns, "pid", p.pid)
-	} else {
-		n.log.Info("workload started", "workload_id", id, "namespace", w.ns, "pid", p.pid, "isolation", n.iso.mode(),
-			"user", w.ident.String())
-		n.emit(w.ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: id, Namespace: w.ns,
-			WorkloadType: w.req.Request.WorkloadType})
 	}
 	n.startRenewal(w)
-	go n.supervise(w, p)
+	go n.supervise(w, p, !adopted)
 	return resp, nil
 }
 

@@ -178,8 +178,11 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		}
 	}
 	n.removeRecord(w.id) // a fresh start: no old record may describe it
-	// Never two copies: whatever is left in the sandbox goes before a fresh start.
-	n.killAndWait(w)
+	// Never two copies: whatever is left in the sandbox goes before a fresh start (a
+	// new fork pool group holds nothing).
+	if !sb.empty() {
+		n.killAndWait(w)
+	}
 	if err := n.users.release(prev); err != nil {
 		n.log.Warn("previous uid of the workload not released", "workload_id", w.id, "err", err)
 	}
@@ -343,7 +346,10 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		return nil, fmt.Errorf("workload %s: stderr: %w", w.id, err)
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
-	oomBefore := w.sb.oomKills()
+	oomBefore := 0 // a new, empty group has seen no OOM kill
+	if !w.sb.empty() {
+		oomBefore = w.sb.oomKills()
+	}
 	if w.sb.setupThread() {
 		err = w.sb.start(cmd) // one hop to a locked thread fewer
 	} else {
@@ -676,8 +682,20 @@ func (n *Nexlet) pump(w *workload, r io.ReadCloser, stream string) {
 }
 
 // supervise waits for the workload's process, restarts it by policy and handles stops.
-func (n *Nexlet) supervise(w *workload, p *proc) {
+// started: it logs the start and emits WORKLOADSTARTED first, here rather than before
+// the start's reply (a log write and an event's encoding, 0.1 ms of a deploy); the
+// event still precedes the WORKLOADSTOPPED this goroutine emits.
+func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 	defer close(w.done)
+	if started {
+		n.mu.Lock()
+		user := w.ident.String()
+		n.mu.Unlock()
+		n.log.Info("workload started", "workload_id", w.id, "namespace", w.ns, "pid", p.pid, "isolation", n.iso.mode(),
+			"user", user)
+		n.emit(w.ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: w.id, Namespace: w.ns,
+			WorkloadType: w.req.Request.WorkloadType})
+	}
 	backoff := w.plan.backoff
 	for {
 		select {
