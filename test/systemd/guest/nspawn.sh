@@ -34,8 +34,9 @@ info "StatusText=$(prop StatusText)"
 # --- socket activation: systemd owns the control socket, nexd serves it ---
 check "nexd.socket listens on /run/nex/nexd.sock" \
 	sh -c 'systemctl --quiet is-active nexd.socket && systemctl show -P Listen nexd.socket | grep -qx "/run/nex/nexd.sock (Stream)"'
+# journald stores nexd's entries asynchronously: journal checks poll.
 check "nexd serves the socket it got from nexd.socket (SOCKET_ACTIVATED=true in the journal)" \
-	sh -c "journalctl -u nexd -o json --no-pager | grep -q '\"SOCKET_ACTIVATED\":\"true\"'"
+	wait_until 30 sh -c "journalctl -u nexd -o json --no-pager | grep -q '\"SOCKET_ACTIVATED\":\"true\"'"
 check "nexd applied control_allow_others=status to systemd's socket (0666 root:nex)" \
 	test "$(stat -c '%a %U:%G' /run/nex/nexd.sock)" = "666 root:nex"
 NODE=$(node_id)
@@ -53,7 +54,7 @@ info "socket: $(stat -c '%A %U:%G %n' /run/nex/nexd.sock)"
 
 # --- journal fields ---
 check "journal carries NEX_NODE_ID" \
-	sh -c "journalctl -u nexd -o json --no-pager | grep -q '\"NEX_NODE_ID\":\"$NODE\"'"
+	wait_until 30 sh -c "journalctl -u nexd -o json --no-pager | grep -q '\"NEX_NODE_ID\":\"$NODE\"'"
 
 # --- a workload ---
 check "nexctl workload run --name x -- /bin/sleep 600" run_workload --name x -- /bin/sleep 600
@@ -71,7 +72,7 @@ check "the embedded NATS refuses a client without credentials (another user)" \
 check "a member of nex needs no NATS set-up (credential from the control socket)" runuser -u alice -- nexctl workload list
 info "workload cgroup: $(cat /proc/"$WPID"/cgroup 2>/dev/null | tr '\n' ' ')"
 check "journal carries the workload fields (NEX_WORKLOAD_ID, NEX_NAMESPACE)" \
-	sh -c "journalctl -u nexd -o json --no-pager | grep '\"NEX_WORKLOAD_ID\"' | grep -q '\"NEX_NAMESPACE\":\"system\"'"
+	wait_until 30 sh -c "journalctl -u nexd -o json --no-pager | grep '\"NEX_WORKLOAD_ID\"' | grep -q '\"NEX_NAMESPACE\":\"system\"'"
 # A job whose output the history checks below read back from the journal (log_stream is
 # off in the packaged config) after the restarts have emptied the node's log buffer.
 HIST=$(run_workload --json --name hist --lifecycle job -- /bin/sh -c 'for i in 1 2 3 4 5; do echo hist-line-$i; done' | json_field id)
