@@ -24,6 +24,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/logstream"
+	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -227,6 +228,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		Logger:     d.log,
 		OnExit:     s.metrics.NexletExit,
 		OnFailed:   func(string) { d.notify.Status(s.statusLine()) },
+		ProfileDir: os.Getenv(profdump.EnvDir),
 	}
 	if hooks.cgroups != nil {
 		nopts.Cgroups = hooks.cgroups()

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsembed"
+	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/nexlet/native"
@@ -98,7 +100,13 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nexd: %v\n", err)
 		return ExitFailure
 	}
-	if err := d.run(ctx); err != nil {
+	pctx, stopProf := context.WithCancel(ctx)
+	defer stopProf()
+	waitProf := profdump.Start(pctx, os.Getenv, "nexd", d.log)
+	err = d.run(ctx)
+	stopProf()
+	waitProf()
+	if err != nil {
 		d.log.Error("nexd failed", "err", err)
 		fmt.Fprintf(stderr, "nexd: %v\n", err)
 		return ExitFailure

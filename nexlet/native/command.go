@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/profdump"
 )
 
 // Command runs the native nexlet as a child process of nexd (`nexd nexlet native`; args
@@ -51,6 +53,11 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 	reattach := make(chan os.Signal, 1)
 	signal.Notify(reattach, syscall.SIGHUP)
 	defer signal.Stop(reattach)
+	// Off unless NEXD_PROFILE_DIR is set (nexd passes its own on).
+	pctx, stopProf := context.WithCancel(ctx)
+	waitProf := profdump.Start(pctx, os.Getenv, "nexlet-native", log)
+	defer waitProf()
+	defer stopProf()
 	if err := Main(ctx, os.Getenv, log, detach, reattach); err != nil {
 		log.Error("native nexlet failed", "err", err)
 		return 1
