@@ -19,33 +19,42 @@ import (
 // bufSize bytes where the kernel allows it, and returns the reader's end
 // (non-blocking, on the netpoller) and the child's end (blocking, read-write).
 func New(dir, name string, bufSize int) (r, w *os.File, err error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, nil, err
-	}
-	path := filepath.Join(dir, name)
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, nil, err
-	}
-	if err := unix.Mkfifo(path, 0o600); err != nil {
-		return nil, nil, &os.PathError{Op: "mkfifo", Path: path, Err: err}
-	}
-	// O_RDWR never blocks on a FIFO and keeps a reader for as long as the child
-	// holds it.
-	wfd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	w, err = NewWriter(dir, name, bufSize)
 	if err != nil {
-		return nil, nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return nil, nil, err
 	}
-	// Best effort: the default 64 KiB stays when the kernel refuses more.
-	if _, err := unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, bufSize); err != nil {
-		_, _ = unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, 256<<10)
-	}
-	w = os.NewFile(uintptr(wfd), path)
-	r, err = OpenReader(path)
+	r, err = OpenReader(w.Name())
 	if err != nil {
 		w.Close()
 		return nil, nil, err
 	}
 	return r, w, nil
+}
+
+// NewWriter is New without the reader's end: the caller opens it as it needs
+// (OpenReader, or OpenReaderFd for a descriptor of its own poller).
+func NewWriter(dir, name string, bufSize int) (w *os.File, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(dir, name)
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	if err := unix.Mkfifo(path, 0o600); err != nil {
+		return nil, &os.PathError{Op: "mkfifo", Path: path, Err: err}
+	}
+	// O_RDWR never blocks on a FIFO and keeps a reader for as long as the child
+	// holds it.
+	wfd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	// Best effort: the default 64 KiB stays when the kernel refuses more.
+	if _, err := unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, bufSize); err != nil {
+		_, _ = unix.FcntlInt(uintptr(wfd), unix.F_SETPIPE_SZ, 256<<10)
+	}
+	return os.NewFile(uintptr(wfd), path), nil
 }
 
 // OpenReader opens an existing FIFO for reading without blocking; it refuses anything
@@ -61,4 +70,19 @@ func OpenReader(path string) (*os.File, error) {
 		return nil, fmt.Errorf("%s is not a FIFO", path)
 	}
 	return f, nil
+}
+
+// OpenReaderFd is OpenReader returning the bare descriptor (non-blocking, close-on-exec,
+// not on Go's netpoller), for a caller that polls many FIFOs itself.
+func OpenReaderFd(path string) (int, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+		unix.Close(fd)
+		return -1, fmt.Errorf("%s is not a FIFO", path)
+	}
+	return fd, nil
 }

@@ -2,7 +2,6 @@ package native
 
 import (
 	"fmt"
-	"os"
 	"strconv"
 	"syscall"
 	"time"
@@ -13,17 +12,17 @@ import (
 
 // Waiting for a process with cmd.Wait (wait4/waitid) blocks an OS thread for as long
 // as the process runs: one thread per workload. A pidfd becomes readable when its
-// process exits, so registering it with the Go netpoller parks only a goroutine; the
-// Wait that follows returns at once.
+// process exits, so the nexlet's watcher waits for all of them in one epoll set; the
+// wait for the status that follows returns at once.
 
-// openPidfd opens a pidfd for pid, registered with the netpoller. It must be called
-// while pid cannot have been reused: for a child, before it is reaped.
-func openPidfd(pid int) (*os.File, error) {
-	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+// openPidfd opens a non-blocking pidfd for pid. It must be called while pid cannot
+// have been reused: for a child, before it is reaped.
+func openPidfd(pid int) (int, error) {
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK) // always close-on-exec
 	if err != nil {
-		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
+		return -1, fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
-	return os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pid)), nil
+	return fd, nil
 }
 
 // sigchldInfo is the part of a siginfo_t that waitid fills for a child (x/sys/unix's
@@ -40,10 +39,10 @@ type sigchldInfo struct {
 // ended, as exitStatus does. Used when the os.Process was released, so that a workload
 // costs one pidfd, not two (Go's os.Process holds one of its own). It waits (polling the
 // non-blocking pidfd) while the child still runs.
-func reapPidfd(f *os.File) (int, string, error) {
+func reapPidfd(pidfd int) (int, string, error) {
 	var info sigchldInfo
 	for {
-		_, _, errno := unix.Syscall6(unix.SYS_WAITID, unix.P_PIDFD, f.Fd(), uintptr(unsafe.Pointer(&info)), unix.WEXITED, 0, 0)
+		_, _, errno := unix.Syscall6(unix.SYS_WAITID, unix.P_PIDFD, uintptr(pidfd), uintptr(unsafe.Pointer(&info)), unix.WEXITED, 0, 0)
 		switch errno {
 		case 0:
 		case unix.EINTR:

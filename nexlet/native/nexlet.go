@@ -93,6 +93,7 @@ type Nexlet struct {
 	feed    Feed
 	digests digestCache
 	arts    *artifactStore
+	watch   *watcher // every workload's output and exit
 
 	abandon  chan struct{}  // closed to let go of workloads without stopping them (tests)
 	bg       sync.WaitGroup // uid releases after a stop's reply; Close waits for them
@@ -151,7 +152,11 @@ func New(cfg Config) (*Nexlet, error) {
 	if n.arts, err = newArtifactStore(adir, wdir); err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
+	if n.watch, err = newWatcher(n.log, n.line); err != nil {
+		return nil, fmt.Errorf("native nexlet: %w", err)
+	}
 	if n.spawn, err = newSpawner(); err != nil {
+		n.watch.stop()
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	if us.root && cfg.Users.Pool > 0 {
@@ -172,6 +177,7 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 // running without a cgroup die with it.
 func (n *Nexlet) Close() {
 	n.bg.Wait()
+	n.watch.stop()
 	n.iso.close()
 	n.spawn.close()
 	n.users.stopPool()
@@ -189,6 +195,7 @@ func (n *Nexlet) Detach() {
 	case <-n.abandon:
 	default:
 		close(n.abandon)
+		n.watch.detach()
 	}
 	if n.lameTimer != nil {
 		n.lameTimer.Stop()

@@ -91,14 +91,22 @@ func writeAtomic(path, text string) error {
 	return os.Rename(tmp, path)
 }
 
-// newFIFO makes a fresh named FIFO dir/name and returns the nexlet's read end
-// (non-blocking, on the netpoller) and the workload's end (blocking, read-write).
-func newFIFO(dir, name string) (r, w *os.File, err error) {
-	return fifo.New(dir, name, PipeBufferSize)
+// newFIFO makes a fresh named FIFO dir/name and returns the nexlet's read end (a
+// non-blocking descriptor for its watcher) and the workload's end (blocking,
+// read-write).
+func newFIFO(dir, name string) (r int, w *os.File, err error) {
+	if w, err = fifo.NewWriter(dir, name, PipeBufferSize); err != nil {
+		return -1, nil, err
+	}
+	if r, err = fifo.OpenReaderFd(w.Name()); err != nil {
+		w.Close()
+		return -1, nil, err
+	}
+	return r, w, nil
 }
 
 // openFIFOReader opens an existing FIFO for reading without blocking.
-func openFIFOReader(path string) (*os.File, error) { return fifo.OpenReader(path) }
+func openFIFOReader(path string) (int, error) { return fifo.OpenReaderFd(path) }
 
 // HeldWorkloads implements nexlet.WorkloadHolder: the workloads in the table and those
 // with a record left by an earlier nexlet process (running, or ended with a tombstone).

@@ -1,8 +1,6 @@
 package native
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -18,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/protocol"
@@ -341,7 +341,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	errR, errW, err := newFIFO(rec, "stderr")
 	if err != nil {
-		outR.Close()
+		unix.Close(outR)
 		outW.Close()
 		return nil, fmt.Errorf("workload %s: stderr: %w", w.id, err)
 	}
@@ -358,8 +358,8 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	outW.Close()
 	errW.Close()
 	if err != nil {
-		outR.Close()
-		errR.Close()
+		unix.Close(outR)
+		unix.Close(errR)
 		return nil, fmt.Errorf("workload %s: start %s: %w", w.id, w.exe, err)
 	}
 	// Before anything slower: what the workload forks inherits its oom_score_adj.
@@ -367,8 +367,8 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	if err := w.sb.placed(cmd.Process.Pid); err != nil {
 		_ = w.sb.kill()
 		_ = cmd.Wait()
-		outR.Close()
-		errR.Close()
+		unix.Close(outR)
+		unix.Close(errR)
 		return nil, fmt.Errorf("workload %s: place %s: %w", w.id, w.exe, err)
 	}
 	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
@@ -381,34 +381,42 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	n.mu.Lock()
 	w.pid = p.pid
 	n.mu.Unlock()
-	go n.pump(w, outR, "stdout")
-	go n.pump(w, errR, "stderr")
-	// Opened before anything can reap the child, so the pid cannot have been reused.
-	pidfd, perr := openPidfd(p.pid)
-	if perr != nil {
-		n.log.Warn("no pidfd: waiting for the workload holds an OS thread", "workload_id", w.id, "err", perr)
-	} else {
-		// Ours reaps it: Go's os.Process holds a pidfd of its own, a second descriptor
-		// per workload (5,000 workloads ran out of a 20,000 limit).
-		_ = cmd.Process.Release()
-	}
-	go func() {
-		if pidfd != nil {
-			if err := procid.WaitPidfd(pidfd); err != nil {
-				n.log.Warn("pidfd wait failed; falling back to polling it", "workload_id", w.id, "err", err)
-			}
-			p.code, p.reason, _ = reapPidfd(pidfd)
-			pidfd.Close()
-		} else {
-			err := cmd.Wait()
-			p.code, p.reason = exitStatus(cmd.ProcessState, err)
-		}
+	n.watchOutput(w, outR, "stdout")
+	n.watchOutput(w, errR, "stderr")
+	exited := func(code int, reason string) {
 		if w.sb.oomKills() > oomBefore {
-			p.reason = "killed by the OOM killer (memory limit reached)"
+			reason = "killed by the OOM killer (memory limit reached)"
 		}
+		p.code, p.reason = code, reason
 		close(p.exited)
-	}()
+	}
+	// Opened before anything can reap the child, so the pid cannot have been reused.
+	pidfd, err := openPidfd(p.pid)
+	if err == nil {
+		err = n.watch.addChild(pidfd, func(pidfd int) {
+			code, reason, _ := reapPidfd(pidfd)
+			exited(code, reason)
+		})
+	}
+	if err != nil {
+		n.log.Warn("no pidfd: waiting for the workload holds an OS thread", "workload_id", w.id, "err", err)
+		go func() {
+			err := cmd.Wait()
+			exited(exitStatus(cmd.ProcessState, err))
+		}()
+		return p, nil
+	}
+	// Ours reaps it: Go's os.Process holds a pidfd of its own, a second descriptor per
+	// workload (5,000 workloads ran out of a 20,000 limit).
+	_ = cmd.Process.Release()
 	return p, nil
+}
+
+// watchOutput hands a workload's output FIFO (its read end) to the watcher.
+func (n *Nexlet) watchOutput(w *workload, fd int, stream string) {
+	if err := n.watch.addOutput(w, fd, stream); err != nil {
+		n.log.Warn("workload output not forwarded", "workload_id", w.id, "stream", stream, "err", err)
+	}
 }
 
 func exitStatus(ps *os.ProcessState, err error) (int, string) {
@@ -447,7 +455,7 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 			n.log.Warn("adopted workload: its output cannot be read again", "workload_id", w.id, "stream", stream, "err", err)
 			continue
 		}
-		go n.pump(w, r, stream)
+		n.watchOutput(w, r, stream)
 	}
 	exited := func() {
 		p.code, p.reason = -1, "adopted workload exited (exit code unknown)"
@@ -463,11 +471,13 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 			// The pid could have been reused between listing and opening: the
 			// process must still be the recorded one (same start time) now that the
 			// pidfd pins it.
-			if rec.Alive() {
-				go n.watchAdopted(w, pidfd, exited)
+			if !rec.Alive() {
+				unix.Close(pidfd)
+			} else if err := n.watch.addAdopted(pidfd, exited); err != nil {
+				n.log.Warn("adopted workload: no pidfd watch; polling its sandbox instead", "workload_id", w.id, "err", err)
+			} else {
 				return p
 			}
-			pidfd.Close()
 		}
 	}
 	go n.pollAdopted(w, exited)
@@ -527,32 +537,6 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 	}
 	n.log.Info("replayed job had already run; not starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
 	return ended(ex.Code, ex.Reason)
-}
-
-// watchAdopted waits on an adopted workload's pidfd; abandoning the workload closes it.
-func (n *Nexlet) watchAdopted(w *workload, pidfd *os.File, exited func()) {
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		select {
-		case <-n.abandon:
-			pidfd.Close()
-		case <-stop:
-		}
-	}()
-	err := procid.WaitPidfd(pidfd)
-	select {
-	case <-n.abandon:
-		return
-	default:
-	}
-	pidfd.Close()
-	if err != nil {
-		n.log.Warn("pidfd wait failed; polling the adopted workload instead", "workload_id", w.id, "err", err)
-		n.pollAdopted(w, exited)
-		return
-	}
-	exited()
 }
 
 // pollAdopted polls an adopted workload's sandbox until it is empty.
@@ -620,66 +604,13 @@ func (o *outputLimit) drop(lines int) {
 	o.mu.Unlock()
 }
 
-// pump forwards a stream line by line to the log feed and to the nexlet's own log,
-// within the workload's output limit.
-// pumpSmallBuf and pumpMaxLine: a stream's first buffer and the longest line published
+// pumpSmallBuf and pumpMaxLine: the size up to which a stream's unfinished line is
+// kept between reads without giving its buffer back, and the longest line published
 // whole (longer ones go out in pieces of this size).
 const (
 	pumpSmallBuf = 4 << 10
 	pumpMaxLine  = 64 << 10
 )
-
-func (n *Nexlet) pump(w *workload, r io.ReadCloser, stream string) {
-	defer r.Close()
-	var feed io.Writer
-	if n.feed != nil {
-		feed = n.feed.Logger(w.id, w.ns, stream)
-	}
-	// A small buffer first: most workloads write short lines, and two 64 KiB buffers
-	// per workload were most of the nexlet's memory per workload. The first line longer
-	// than it moves the stream to the full-size buffer, with what was read kept.
-	br := bufio.NewReaderSize(r, pumpSmallBuf)
-	big := false
-	for {
-		line, err := br.ReadSlice('\n')
-		if errors.Is(err, bufio.ErrBufferFull) && !big {
-			big = true
-			br = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(line)), br), pumpMaxLine)
-			continue
-		}
-		if len(line) > 0 {
-			ok, report := w.output.take(time.Now())
-			if report > 0 {
-				n.log.Warn("workload output rate-limited", "workload_id", w.id, "namespace", w.ns,
-					"dropped", report, "interval", OutputNoteEvery.String(), "limit_per_second", OutputRate)
-			}
-			if !ok && len(line) > 0 && line[len(line)-1] == '\n' {
-				// Over the limit: drop whole lines already buffered in one go, with no
-				// per-line work but a count.
-				buf, _ := br.Peek(br.Buffered())
-				if i := bytes.LastIndexByte(buf, '\n'); i >= 0 {
-					w.output.drop(bytes.Count(buf[:i+1], []byte{'\n'}))
-					br.Discard(i + 1)
-				}
-				// Then let the pipe fill for a moment: a flooding workload blocks on its
-				// writes instead of the nexlet spinning to read what it drops.
-				time.Sleep(outputPause)
-			}
-			if ok {
-				text := strings.TrimRight(string(line), "\r\n")
-				if feed != nil {
-					if _, err := feed.Write([]byte(text)); err != nil {
-						n.log.Debug("log line not published", "workload_id", w.id, "err", err)
-					}
-				}
-				n.log.Info("workload output", "workload_id", w.id, "namespace", w.ns, "stream", stream, "line", text)
-			}
-		}
-		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
-			return
-		}
-	}
-}
 
 // supervise waits for the workload's process, restarts it by policy and handles stops.
 // started: it logs the start and emits WORKLOADSTARTED first, here rather than before
