@@ -93,7 +93,8 @@ type Nexlet struct {
 	feed    Feed
 	digests digestCache
 	arts    *artifactStore
-	watch   *watcher // every workload's output and exit
+	watch   *watcher    // every workload's output and exit
+	records *recordPool // record directories made ahead
 
 	abandon  chan struct{}  // closed to let go of workloads without stopping them (tests)
 	bg       sync.WaitGroup // uid releases after a stop's reply; Close waits for them
@@ -162,6 +163,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if us.root && cfg.Users.Pool > 0 {
 		us.startPool(cfg.Users.Pool, n.log)
 	}
+	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, n.log)
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
 	return n, nil
 }
@@ -181,6 +183,7 @@ func (n *Nexlet) Close() {
 	n.iso.close()
 	n.spawn.close()
 	n.users.stopPool()
+	n.records.stopRecordPool()
 	if si, ok := n.iso.(*scopeIsolation); ok {
 		si.sd.Close()
 	}

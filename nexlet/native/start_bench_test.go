@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -112,6 +113,9 @@ func BenchmarkStartWorkload(b *testing.B) {
 					time.Sleep(time.Millisecond)
 				}
 				n.bg.Wait() // the stop's uid release
+				for len(n.records.pool) < cap(n.records.pool) {
+					time.Sleep(time.Millisecond)
+				}
 				for v.cgroup && forkPool() < DefaultForkPool {
 					time.Sleep(time.Millisecond)
 				}
@@ -318,6 +322,8 @@ func TestLongLinesWhole(t *testing.T) {
 func TestDescriptorsPerWorkload(t *testing.T) {
 	n := benchNexlet(t, 0)
 	count := func() int { ents, _ := os.ReadDir("/proc/self/fd"); return len(ents) }
+	// The record directories made ahead hold their FIFOs before and after.
+	testkit.Eventually(t, "record pool filled", func() bool { return len(n.records.pool) == cap(n.records.pool) })
 	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
 	const k = 20
 	before := count()

@@ -37,6 +37,7 @@ type workload struct {
 	stop         chan time.Duration // a stop request with its grace
 	done         chan struct{}      // closed once the workload is gone
 	output       outputLimit        // its stdout and stderr lines per second
+	ready        *readyRecord       // its record directory, made ahead, for its first launch
 
 	// guarded by Nexlet.mu
 	ident    ident // who it runs as, once begun
@@ -232,7 +233,12 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	n.mu.Lock()
 	w.sha256 = sum
 	n.mu.Unlock()
+	w.ready = n.records.take(n.recordDir(w.id)) // removed above: free for the rename
 	p, err := n.launch(w)
+	if w.ready != nil { // launch failed before it took them
+		w.ready.close()
+		w.ready = nil
+	}
 	if err != nil {
 		return fail(err)
 	}
@@ -334,16 +340,9 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	// Own FIFOs (not io.Writers) so that Wait returns when the main process exits even
 	// if a grandchild still holds them, and so that the output outlives this nexlet
 	// (see record.go).
-	rec := n.recordDir(w.id)
-	outR, outW, err := newFIFO(rec, "stdout")
+	outR, outW, errR, errW, err := n.outputFIFOs(w)
 	if err != nil {
-		return nil, fmt.Errorf("workload %s: stdout: %w", w.id, err)
-	}
-	errR, errW, err := newFIFO(rec, "stderr")
-	if err != nil {
-		unix.Close(outR)
-		outW.Close()
-		return nil, fmt.Errorf("workload %s: stderr: %w", w.id, err)
+		return nil, err
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
 	oomBefore := 0 // a new, empty group has seen no OOM kill
@@ -417,6 +416,25 @@ func (n *Nexlet) watchOutput(w *workload, fd int, stream string) {
 	if err := n.watch.addOutput(w, fd, stream); err != nil {
 		n.log.Warn("workload output not forwarded", "workload_id", w.id, "stream", stream, "err", err)
 	}
+}
+
+// outputFIFOs are the workload's new stdout and stderr FIFOs in its record directory:
+// made ahead (recordPool) for a first launch, made here for a restart.
+func (n *Nexlet) outputFIFOs(w *workload) (outR int, outW *os.File, errR int, errW *os.File, err error) {
+	if r := w.ready; r != nil {
+		w.ready = nil
+		return r.outR, r.outW, r.errR, r.errW, nil
+	}
+	rec := n.recordDir(w.id)
+	if outR, outW, err = newFIFO(rec, "stdout"); err != nil {
+		return -1, nil, -1, nil, fmt.Errorf("workload %s: stdout: %w", w.id, err)
+	}
+	if errR, errW, err = newFIFO(rec, "stderr"); err != nil {
+		unix.Close(outR)
+		outW.Close()
+		return -1, nil, -1, nil, fmt.Errorf("workload %s: stderr: %w", w.id, err)
+	}
+	return outR, outW, errR, errW, nil
 }
 
 func exitStatus(ps *os.ProcessState, err error) (int, string) {
