@@ -161,7 +161,7 @@ func New(cfg Config) (*Nexlet, error) {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	if us.root && cfg.Users.Pool > 0 {
-		us.startPool(cfg.Users.Pool, n.log)
+		us.startPool(cfg.Users.Pool, wdir, n.log)
 	}
 	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, n.log)
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)

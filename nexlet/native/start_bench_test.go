@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -182,7 +183,7 @@ func BenchmarkAcquireReleaseUID(b *testing.B) {
 	}
 	owner := b.TempDir()
 	for b.Loop() {
-		id, err := n.users.acquire(want, owner)
+		id, _, err := n.users.acquire(want, owner)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -245,7 +246,14 @@ func TestUIDPool(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	testkit.Eventually(t, "two uids pooled", func() bool { return len(n.users.pool.ch) == 2 })
 	before := pooled()
+	// Each comes with its workload directory made ahead.
+	for _, uid := range before {
+		if _, err := os.Stat(filepath.Join(n.wdir, recordPoolPrefix+strconv.Itoa(os.Getpid())+"-"+uid, homeDirName)); err != nil {
+			t.Errorf("no workload directory made ahead for pooled uid %s: %v", uid, err)
+		}
+	}
 	req := startReq(protocol.LifecycleService, "pooled", map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
 	if _, err := n.StartWorkload("pooled", &req, false); err != nil {
 		t.Fatal(err)
@@ -260,12 +268,29 @@ func TestUIDPool(t *testing.T) {
 	if b, _ := os.ReadFile(filepath.Join(lease, uid)); strings.TrimSpace(string(b)) != dir {
 		t.Errorf("lease of uid %s names %q, want the workload's directory %s", uid, b, dir)
 	}
+	// The directory made ahead is the workload's now, as makeWorkloadDirs makes it.
+	if id, ok := readIdent(dir); !ok || strconv.FormatUint(uint64(id.uid), 10) != uid || !id.dynamic {
+		t.Errorf("identity file of %s = %+v (%v), want dynamic uid %s", dir, id, ok, uid)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(dir, homeDirName), &st); err != nil || strconv.FormatUint(uint64(st.Uid), 10) != uid || st.Mode&0o777 != 0o700 {
+		t.Errorf("home of the workload: uid %d mode %o (%v), want uid %s mode 700", st.Uid, st.Mode&0o777, err, uid)
+	}
+	if err := syscall.Stat(dir, &st); err != nil || st.Uid != 0 || strconv.FormatUint(uint64(st.Gid), 10) != uid || st.Mode&0o777 != 0o710 {
+		t.Errorf("workload directory: %d:%d mode %o (%v), want 0:%s mode 710", st.Uid, st.Gid, st.Mode&0o777, err, uid)
+	}
+	if _, err := os.Stat(filepath.Join(n.wdir, recordPoolPrefix+strconv.Itoa(os.Getpid())+"-"+uid)); !os.IsNotExist(err) {
+		t.Errorf("the directory made ahead for uid %s is still there (%v)", uid, err)
+	}
 	if err := n.StopWorkload("pooled", &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
 		t.Fatal(err)
 	}
 	n.users.stopPool() // what Close does for the pool (Close itself runs at cleanup)
 	if left := pooled(); len(left) != 0 {
 		t.Errorf("pooled leases left after the pool stopped: %v", left)
+	}
+	if left := readyDirs(t, n.wdir); len(left) != 0 {
+		t.Errorf("directories made ahead left after the pool stopped: %v", left)
 	}
 }
 

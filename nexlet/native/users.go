@@ -169,16 +169,20 @@ func (u *users) resolve(name string) (ident, error) {
 // dynamic; other identities are returned as they are. A uid leased ahead by the pool
 // is taken when there is one: the walk of /proc that proves a uid unused costs
 // milliseconds per deploy on a busy host.
-func (u *users) acquire(id ident, owner string) (ident, error) {
+//
+// made says owner, the workload's directory, was made ahead for the uid (uidPool) and
+// is in place; otherwise the caller makes it (makeWorkloadDirs).
+func (u *users) acquire(id ident, owner string) (got ident, made bool, err error) {
 	if !id.dynamic {
-		return id, nil
+		return id, false, nil
 	}
 	if u.pool != nil {
-		if got, ok := u.pool.take(owner); ok {
-			return got, nil
+		if got, made, ok := u.pool.take(owner); ok {
+			return got, made, nil
 		}
 	}
-	return u.leaseFresh(owner)
+	got, err = u.leaseFresh(owner)
+	return got, false, err
 }
 
 // leaseFresh finds a uid no process, host user or group, or lease uses and leases it

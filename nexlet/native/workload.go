@@ -194,15 +194,17 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	if err := os.RemoveAll(w.dir); err != nil {
 		return fail(fmt.Errorf("workload %s: clear directory: %w", w.id, err))
 	}
-	id, err := n.users.acquire(w.want, w.dir)
+	id, made, err := n.users.acquire(w.want, w.dir)
 	if err != nil {
 		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
 	n.mu.Lock()
 	w.ident = id
 	n.mu.Unlock()
-	if err := makeWorkloadDirs(w.dir, id); err != nil {
-		return fail(fmt.Errorf("workload %s: %w", w.id, err))
+	if !made {
+		if err := makeWorkloadDirs(w.dir, id); err != nil {
+			return fail(fmt.Errorf("workload %s: %w", w.id, err))
+		}
 	}
 	if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds, id); err != nil {
 		return fail(fmt.Errorf("workload %s: %w", w.id, err))
