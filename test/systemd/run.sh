@@ -22,7 +22,7 @@ say() { echo "[systemd-test $(($(date +%s) - T0))s] $*"; }
 die() { echo "FAIL: $*"; exit 2; }
 
 [ $# -eq 2 ] || die "usage: $0 NEXD.deb NEXD-NEWER.deb"
-DEB=$(realpath "$1") && DEB_UP=$(realpath "$2") || die "package not found"
+DEB=$(realpath -e "$1") && DEB_UP=$(realpath -e "$2") || die "package not found: $1 or $2"
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, systemd-nspawn, mkfs of the VM image)"
 for c in debootstrap systemd-nspawn qemu-system-x86_64 mkfs.ext4 zstd; do
 	command -v $c >/dev/null || die "$c missing: apt-get install debootstrap systemd-container qemu-system-x86 e2fsprogs zstd"
@@ -39,7 +39,7 @@ install -m 0755 "$HERE/guest/ci-run" "$R/usr/local/sbin/ci-run"
 install -m 0644 "$HERE/guest/ci-run.service" "$R/etc/systemd/system/ci-run.service"
 ln -sf /etc/systemd/system/ci-run.service "$R/etc/systemd/system/multi-user.target.wants/ci-run.service"
 cp -r "$HERE/guest" "$W/share/guest"
-cp "$DEB" "$W/share/pkgs/nexd.deb" && cp "$DEB_UP" "$W/share/pkgs/nexd-upgrade.deb"
+cp "$DEB" "$W/share/pkgs/nexd.deb" && cp "$DEB_UP" "$W/share/pkgs/nexd-upgrade.deb" || die "copying the packages into $W/share failed"
 if [ -n "${NEXD_TESTBED_NATS_SERVER:-}" ]; then
 	install -m 0755 "$NEXD_TESTBED_NATS_SERVER" "$W/share/pkgs/nats-server" || die "nats-server $NEXD_TESTBED_NATS_SERVER"
 fi
