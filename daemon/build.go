@@ -228,7 +228,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		Logger:     d.log,
 		OnExit:     s.metrics.NexletExit,
 		OnFailed:   func(string) { d.notify.Status(s.statusLine()) },
-		ProfileDir: os.Getenv(profdump.EnvDir),
+		ProfileEnv: profdump.PassOn(os.Getenv),
 	}
 	if hooks.cgroups != nil {
 		nopts.Cgroups = hooks.cgroups()

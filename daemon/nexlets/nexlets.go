@@ -10,6 +10,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,7 +27,6 @@ import (
 	"github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/procid"
-	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
@@ -71,8 +71,8 @@ type Options struct {
 	// OnExit is called after every nexlet exit (metrics); OnFailed when one is given up.
 	OnExit   func(name string, oom bool)
 	OnFailed func(name string)
-	// ProfileDir, when set, is passed on to the native nexlet (profdump.EnvDir).
-	ProfileDir string
+	// ProfileEnv is added to the native nexlet's environment (profdump.PassOn).
+	ProfileEnv map[string]string
 }
 
 // Spec is one local nexlet: what to run and the agent id it registers with.
@@ -484,9 +484,7 @@ func (m *Manager) env(name string) map[string]string {
 		if n.GoMemoryLimit > 0 {
 			env["GOMEMLIMIT"] = strconv.FormatInt(n.GoMemoryLimit, 10)
 		}
-		if m.o.ProfileDir != "" {
-			env[profdump.EnvDir] = m.o.ProfileDir
-		}
+		maps.Copy(env, m.o.ProfileEnv)
 	}
 	return env
 }

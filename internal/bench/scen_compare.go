@@ -93,7 +93,8 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	}
 	figs = append(figs, msFigure("exec → ready p50", Summarize(upReady).P50, Summarize(nxReady).P50))
 
-	// Long-lived nodes for the rest.
+	// Long-lived nodes for the rest, both binaries read afresh (dropCached).
+	dropCached(h.o.Upstream, h.o.Nexd)
 	up, err := startUpstream(h.o.Upstream, filepath.Join(h.dir, "upstream-main"), "upstream-main", nsUp.URL())
 	if err != nil {
 		return err
@@ -218,6 +219,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 
 	r.notef("each node on its own in-process NATS server on loopback; nexd's figures are nexd + its nexlet, upstream's its single process (its native agent runs inside it)")
 	r.notef("workload: /bin/sh -c 'echo %s; exec sleep 86400', seen on the $NEX log feed; %d placements per side per round (after 5 warm-up), 2 rounds, order swapped", readyLine, h.o.Placements)
+	r.notef("both binaries' cached pages are dropped before the measured nodes start, so neither's text is mapped in 2 MiB pages left by a fresh build (they count whole in RSS)")
 	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, runs)
 	return nil
 }

@@ -170,6 +170,7 @@ func (h *Harness) footprint(ctx context.Context) ([]Result, error) {
 	if len(h.o.Servers) > 0 {
 		return nil, errNoServers
 	}
+	dropCached(h.o.Nexd)
 	c, nodes, err := h.fleetUp(ctx, 1, false)
 	if err != nil {
 		return nil, err

@@ -4,8 +4,9 @@
 //
 //	NEXD_PROFILE_DIR=/tmp/prof nexd ...
 //
-// nexd passes the variable on to its native nexlet. Every Interval each process
-// rewrites <dir>/<name>-<pid>.heap, .goroutine and .mem.
+// nexd passes the variable on to its native nexlet, with GODEBUG (memprofilerate=N
+// samples more finely from the first allocation). Every Interval each process rewrites
+// <dir>/<name>-<pid>.heap, .goroutine and .mem.
 package profdump
 
 import (
@@ -27,6 +28,20 @@ const EnvDir = "NEXD_PROFILE_DIR"
 
 // Interval is how often the files are rewritten.
 const Interval = 5 * time.Second
+
+// PassOn is what a process that profiles passes on to the processes it starts: EnvDir
+// and GODEBUG; nothing when it does not profile.
+func PassOn(env func(string) string) map[string]string {
+	dir := env(EnvDir)
+	if dir == "" {
+		return nil
+	}
+	out := map[string]string{EnvDir: dir}
+	if g := env("GODEBUG"); g != "" {
+		out["GODEBUG"] = g
+	}
+	return out
+}
 
 // Start writes profiles of this process (named name in the files) until ctx ends; the
 // returned wait blocks until the writer has stopped. Without EnvDir it does nothing.
