@@ -1,11 +1,13 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -218,17 +220,18 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		}
 	}
 	nopts := nexlets.Options{
-		Handed:     handed,
-		Config:     cfg,
-		NodeID:     id.ID(),
-		Registry:   s.node,
-		Minter:     s.minter,
-		NC:         s.conn.NC,
-		RuntimeDir: s.runtimeDir,
-		Logger:     d.log,
-		OnExit:     s.metrics.NexletExit,
-		OnFailed:   func(string) { d.notify.Status(s.statusLine()) },
-		ProfileEnv: profdump.PassOn(os.Getenv),
+		Handed:      handed,
+		Config:      cfg,
+		NodeID:      id.ID(),
+		Registry:    s.node,
+		Minter:      s.minter,
+		NC:          s.conn.NC,
+		RuntimeDir:  s.runtimeDir,
+		Logger:      d.log,
+		OnExit:      s.metrics.NexletExit,
+		OnFailed:    func(string) { d.notify.Status(s.statusLine()) },
+		ProfileEnv:  profdump.PassOn(os.Getenv),
+		DefaultGOGC: cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
 	}
 	if hooks.cgroups != nil {
 		nopts.Cgroups = hooks.cgroups()

@@ -78,6 +78,9 @@ func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon,
 		return d.logger.Close()
 	})
 	d.goBase = currentGoRuntime()
+	if os.Getenv("GOGC") == "" {
+		d.goBase.gcPercent = config.DefaultGoGCPercent
+	}
 	d.goBase.apply(loaded.Config.Node, d.log)
 	d.notify = sysd.NewNotifier(d.log)
 	// Claim systemd's socket before any child could inherit it (it is close-on-exec

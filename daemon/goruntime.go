@@ -9,9 +9,9 @@ import (
 	"github.com/nexd-project/nexd/daemon/config"
 )
 
-// goRuntime is what the Go runtime of nexd had before go_gc_percent and
-// go_memory_limit (Go's defaults or $GOGC / $GOMEMLIMIT), so that a reload back to 0
-// restores it.
+// goRuntime is what the Go runtime of nexd runs with when go_gc_percent and
+// go_memory_limit are 0 (config.DefaultGoGCPercent or $GOGC, Go's limit or
+// $GOMEMLIMIT), so that a reload back to 0 restores it.
 type goRuntime struct {
 	gcPercent   int
 	memoryLimit int64

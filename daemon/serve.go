@@ -10,6 +10,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/memtrim"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -98,6 +99,8 @@ func (s *server) serve(startCtx context.Context) error {
 	close(s.watchdogTaken)
 	s.own.goFn(func() { s.notify.RunWatchdog(s.ctx, s.healthy) })
 	s.own.goFn(func() { s.statusLoop(s.ctx) })
+	// Start-up's garbage and free heap go back once the node is quiet, as a burst's do.
+	s.own.goFn(func() { memtrim.Run(s.ctx, memtrim.Options{}) })
 	if s.kv != nil {
 		s.own.goFn(func() { s.jetStreamLoop(s.ctx) })
 	}

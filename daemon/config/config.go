@@ -24,6 +24,11 @@ type Config struct {
 	TrustedNodes []string
 }
 
+// DefaultGoGCPercent is the GOGC nexd and its native nexlet run with when go_gc_percent
+// is 0 and nexd's environment has no $GOGC: a small daemon's heap is mostly long-lived
+// records, and Go's 100 lets it grow to twice that between collections.
+const DefaultGoGCPercent = 50
+
 // NodeConfig holds the settings of `node up` and of the daemon itself.
 type NodeConfig struct {
 	Name                         string            // node_name (default: the host name)
@@ -62,7 +67,7 @@ type NodeConfig struct {
 	ControlSocket                string            // control_socket
 	CgroupRoot                   string            // cgroup_root ("" = detect)
 	CgroupDriver                 string            // cgroup_driver: "cgroupfs" or "systemd" (transient scopes)
-	GoGCPercent                  int               // go_gc_percent: GOGC of nexd and the native nexlet; 0 = Go's
+	GoGCPercent                  int               // go_gc_percent: GOGC of nexd and the native nexlet; 0 = DefaultGoGCPercent or $GOGC
 	GoMemoryLimit                int64             // go_memory_limit: GOMEMLIMIT of each; 0 = Go's
 	StopGrace                    time.Duration     // stop_grace
 	WorkloadCredsTTL             time.Duration     // workload_creds_ttl: lifetime of minted workload users

@@ -129,7 +129,7 @@ func (v *validator) validate() {
 		v.fail("embedded_nats_port", "", fmt.Sprintf("must be a port number (1-65535), or 0 or -1 for any free port; got %d", p))
 	}
 	if g := n.GoGCPercent; g < -1 {
-		v.fail("go_gc_percent", "", fmt.Sprintf("must be a percentage above 0, -1 (collector off) or 0 (Go's default); got %d", g))
+		v.fail("go_gc_percent", "", fmt.Sprintf("must be a percentage above 0, -1 (collector off) or 0 (nexd's default); got %d", g))
 	}
 	if r := n.StateReplicas; r < 0 || r > 5 {
 		v.fail("state_replicas", "", fmt.Sprintf("must be 1-5 (JetStream's limit), or 0 to follow the cluster's size; got %d", r))

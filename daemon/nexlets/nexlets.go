@@ -71,6 +71,9 @@ type Options struct {
 	// OnExit is called after every nexlet exit (metrics); OnFailed when one is given up.
 	OnExit   func(name string, oom bool)
 	OnFailed func(name string)
+	// DefaultGOGC is the native nexlet's $GOGC while go_gc_percent is 0 (nexd's own
+	// default, or its $GOGC); empty: Go's.
+	DefaultGOGC string
 	// ProfileEnv is added to the native nexlet's environment (profdump.PassOn).
 	ProfileEnv map[string]string
 }
@@ -480,6 +483,8 @@ func (m *Manager) env(name string) map[string]string {
 			env["GOGC"] = "off"
 		case n.GoGCPercent > 0:
 			env["GOGC"] = strconv.Itoa(n.GoGCPercent)
+		case m.o.DefaultGOGC != "":
+			env["GOGC"] = m.o.DefaultGOGC
 		}
 		if n.GoMemoryLimit > 0 {
 			env["GOMEMLIMIT"] = strconv.FormatInt(n.GoMemoryLimit, 10)

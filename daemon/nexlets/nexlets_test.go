@@ -127,19 +127,20 @@ func TestSanitizeName(t *testing.T) {
 }
 
 // TestNativeNexletGetsGoRuntimeSettings: go_gc_percent and go_memory_limit reach the
-// native nexlet as GOGC and GOMEMLIMIT (read by its Go runtime before main); 0 leaves
-// them unset, so the nexlet keeps Go's defaults.
+// native nexlet as GOGC and GOMEMLIMIT (read by its Go runtime before main); with 0 the
+// nexlet gets nexd's default GOGC (DefaultGOGC) and Go's memory limit.
 func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
 	for _, c := range []struct {
 		gc              int
 		limit           int64
+		def             string
 		wantGC, wantMem string
-	}{{50, 64 << 20, "50", "67108864"}, {-1, 0, "off", ""}, {0, 0, "", ""}} {
+	}{{50, 64 << 20, "", "50", "67108864"}, {-1, 0, "", "off", ""}, {0, 0, "", "", ""}, {0, 0, "50", "50", ""}, {80, 0, "50", "80", ""}} {
 		dir := t.TempDir()
 		cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second, GoGCPercent: c.gc, GoMemoryLimit: c.limit}}
 		log := slog.New(slog.DiscardHandler)
 		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
-			Minter: minter{}, RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
+			Minter: minter{}, RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log), DefaultGOGC: c.def})
 		if err != nil {
 			t.Fatal(err)
 		}

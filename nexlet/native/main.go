@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/memtrim"
 	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 )
@@ -136,6 +137,10 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	// nexd that adopted it says so (reattach): it registers again and reports.
 	var again sync.WaitGroup
 	defer again.Wait()
+	// Start-up's garbage and free heap go back once the nexlet is quiet, as a burst's do.
+	tctx, stopTrim := context.WithCancel(ctx)
+	again.Go(func() { memtrim.Run(tctx, memtrim.Options{}) })
+	defer stopTrim()
 wait:
 	for {
 		select {

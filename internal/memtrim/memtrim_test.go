@@ -1,0 +1,59 @@
+package memtrim
+
+import (
+	"context"
+	"runtime"
+	"runtime/metrics"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+var sink [][]byte
+
+func released() uint64 {
+	m := []metrics.Sample{{Name: "/memory/classes/heap/released:bytes"}}
+	metrics.Read(m)
+	return m[0].Value.Uint64()
+}
+
+// TestQuietProcessGivesMemoryBack: after a burst of allocations that are then dropped,
+// a quiet process returns the memory to the system within a few ticks; the runtime
+// alone would keep it until its next collection and scavenge it slowly.
+func TestQuietProcessGivesMemoryBack(t *testing.T) {
+	for range 64 {
+		sink = append(sink, make([]byte, 256<<10)) // 16 MiB, live for now
+	}
+	sink = nil
+	before := released()
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { Run(ctx, Options{Tick: 50 * time.Millisecond, Interval: time.Millisecond}) })
+	defer func() { cancel(); wg.Wait() }()
+	testkit.EventuallyWithin(t, 10*time.Second, "the burst's 16 MiB released", func() bool {
+		return released() >= before+12<<20
+	})
+}
+
+// TestBusyProcessIsLeftAlone: while the process allocates faster than Quiet per tick,
+// no trim runs (a trim is a full collection).
+func TestBusyProcessIsLeftAlone(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { Run(ctx, Options{Tick: 20 * time.Millisecond, Interval: time.Millisecond}) })
+	var st runtime.MemStats
+	runtime.ReadMemStats(&st)
+	forced := st.NumForcedGC
+	deadline := time.Now().Add(300 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		sink = append(sink[:0], make([]byte, 64<<10))
+	}
+	cancel()
+	wg.Wait()
+	runtime.ReadMemStats(&st)
+	if st.NumForcedGC != forced {
+		t.Errorf("%d trims while busy, want none", st.NumForcedGC-forced)
+	}
+}
