@@ -45,8 +45,21 @@ func TestV1ForkPool(t *testing.T) {
 		if got := readTrim(t, filepath.Join(m.hierDir("pids"), name, "pids.max")); got != "7" {
 			t.Errorf("%s: pids.max %q", name, got)
 		}
+		if got := readTrim(t, filepath.Join(m.hierDir("memory"), name, "memory.limit_in_bytes")); got != "67108864" {
+			t.Errorf("%s: memory.limit_in_bytes %q", name, got)
+		}
+		// Not asked for: the kernel's defaults (a pool group's are not written).
+		if got := readTrim(t, filepath.Join(m.hierDir("cpu"), name, "cpu.cfs_quota_us")); got != "-1" {
+			t.Errorf("%s: cpu.cfs_quota_us %q", name, got)
+		}
+		if name == "w1" && !g.Empty() {
+			t.Errorf("%s: a pool group, not known empty", name)
+		}
 		cmd := exec.Command("/bin/sleep", "3600")
 		must(t, g.Start(cmd))
+		if g.Empty() {
+			t.Errorf("%s: known empty after a start", name)
+		}
 		b, err := os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/cgroup")
 		must(t, err)
 		_, in := parseSelfCgroup(b)
@@ -85,6 +98,9 @@ func TestV1ForkPool(t *testing.T) {
 	must(t, os.Mkdir(filepath.Join(m.hierDir("memory"), "taken"), 0o755))
 	g, err = p.Create("taken", Limits{})
 	must(t, err)
+	if g.Empty() {
+		t.Errorf("a group that existed before is known empty")
+	}
 	cmd := exec.Command("/bin/true")
 	must(t, g.Start(cmd))
 	_ = cmd.Wait()

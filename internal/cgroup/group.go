@@ -127,29 +127,38 @@ func minusOneOr(n int64) string {
 	return strconv.FormatInt(n, 10)
 }
 
+// createV1 makes g's directories and writes its limits. A fork pool group (g.pooled)
+// exists already and has the kernel's defaults (no limit), so only the limits that
+// differ from them are written there: each write is a file opened, written and closed
+// on the deploy path.
 func (m *Manager) createV1(g *Group, l Limits) (fatal bool, err error) {
 	var errs []error
+	write := func(dir, file, val string, dflt bool) {
+		if !(g.pooled && dflt) {
+			errs = append(errs, m.ops.write(filepath.Join(dir, file), val))
+		}
+	}
 	for _, h := range g.hiers {
-		if err := os.MkdirAll(h.Root, 0o755); err != nil {
-			return true, fmt.Errorf("create cgroup %s: %w", h.Root, err)
+		if !g.pooled {
+			if err := os.MkdirAll(h.Root, 0o755); err != nil {
+				return true, fmt.Errorf("create cgroup %s: %w", h.Root, err)
+			}
 		}
 		if h.has("memory") && m.isEnforced("memory") {
-			errs = append(errs,
-				m.ops.write(filepath.Join(h.Root, "memory.limit_in_bytes"), minusOneOr(l.MemoryMax)),
-				// v1 has no memory.high; the soft limit is the closest: reclaim under pressure.
-				m.ops.write(filepath.Join(h.Root, "memory.soft_limit_in_bytes"), minusOneOr(l.MemoryHigh)))
+			write(h.Root, "memory.limit_in_bytes", minusOneOr(l.MemoryMax), l.MemoryMax <= 0)
+			// v1 has no memory.high; the soft limit is the closest: reclaim under pressure.
+			write(h.Root, "memory.soft_limit_in_bytes", minusOneOr(l.MemoryHigh), l.MemoryHigh <= 0)
 		}
 		if h.has("cpu") && m.isEnforced("cpu") {
 			q := "-1"
 			if l.CPUMax > 0 {
 				q = strconv.FormatInt(cpuQuota(l.CPUMax), 10)
 			}
-			errs = append(errs,
-				m.ops.write(filepath.Join(h.Root, "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)),
-				m.ops.write(filepath.Join(h.Root, "cpu.cfs_quota_us"), q))
+			write(h.Root, "cpu.cfs_period_us", strconv.Itoa(cpuPeriod), l.CPUMax <= 0)
+			write(h.Root, "cpu.cfs_quota_us", q, l.CPUMax <= 0)
 		}
 		if h.has("pids") && m.isEnforced("pids") {
-			errs = append(errs, m.ops.write(filepath.Join(h.Root, "pids.max"), maxOr(l.PidsMax)))
+			write(h.Root, "pids.max", maxOr(l.PidsMax), l.PidsMax <= 0)
 		}
 	}
 	return false, errors.Join(errs...)
