@@ -110,6 +110,8 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	n := &nodeProc{spec: spec, cmd: cmd, ready: make(chan struct{}), exited: make(chan struct{}), notify: conn}
 	n.started = time.Now()
+	// The node's own timestamps read against the exec (nexbench --keep).
+	fmt.Fprintf(logf, "nexbench: exec at %s\n", n.started.UTC().Format(time.RFC3339Nano))
 	if err := cmd.Start(); err != nil {
 		conn.Close()
 		logf.Close()
