@@ -53,7 +53,8 @@ type server struct {
 	kv         *state.KV      // the state bucket (state "kv"), else nil
 	jetstream  jsWatch        // what JetStream last said about kv
 
-	reloadMu sync.Mutex // one reload at a time (SIGHUP and the socket)
+	reloadMu       sync.Mutex // one reload at a time (SIGHUP and the socket)
+	nexletsStopped sync.Once  // stopNexlets
 
 	// watchdogTaken is closed when serve's health-gated watchdog starts; bridging says
 	// a degraded start-up's pings already continue until then (bridgeWatchdog).
@@ -111,6 +112,49 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	}
 
 	client, embed := natsOptions(cfg)
+	// After `nexctl node reexec`: what the previous image handed over in a memfd (taken
+	// before any nexlet starts: its descriptor is no child's business).
+	var handed []supervise.Record
+	var users *mint.Users
+	if h, err := takeHandover(d.log); err != nil {
+		d.log.Warn("re-exec: the state handed over in the memfd is unusable; rebuilding it from the state directory", "err", err)
+	} else if h != nil {
+		d.log.Info("re-exec: state handed over in a memfd", "nexlets", len(h.Nexlets), "workload_users", len(h.Users.Workloads))
+		handed, users = h.Nexlets, &h.Users
+	}
+	nopts := nexlets.Options{
+		Handed:      handed,
+		Config:      cfg,
+		NodeID:      id.ID(),
+		Minter:      nil, // below
+		RuntimeDir:  s.runtimeDir,
+		Logger:      d.log,
+		OnExit:      func(name string, oom bool) { s.metrics.NexletExit(name, oom) },
+		OnFailed:    func(string) { d.notify.Status(s.statusLine()) },
+		ProfileEnv:  profdump.PassOn(os.Getenv),
+		DefaultGOGC: cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
+	}
+	if hooks.cgroups != nil {
+		nopts.Cgroups = hooks.cgroups()
+	}
+	s.metrics = metrics.New()
+	// The native nexlet starts as early as its credentials can be minted: with an
+	// external server the configuration names, before nexd's own connect, so that its
+	// exec, runtime start and cgroup placement overlap with the connect, the state
+	// bucket and the building of the node. It registers once the node API serves.
+	if urls, ok := natsembed.ExternalClientURLs(client, embed); ok && !cfg.Node.DisableNativeStart && !nexlets.NeedsNATS(cfg) {
+		if err := s.newMinter(urls, users); err != nil {
+			return nil, err
+		}
+		nopts.Minter = s.minter
+		if s.nexlets, err = nexlets.New(startCtx, nopts); err != nil {
+			return nil, err
+		}
+		// Should the start be abandoned before serve takes over the stop (below it).
+		d.closers.push("nexlets started early", s.stopNexlets)
+		s.nexlets.StartEarly(startCtx)
+	}
+
 	doneWaiting := d.waitingFor("NATS")
 	s.conn, err = natsembed.Connect(startCtx, client, embed, d.log)
 	doneWaiting()
@@ -140,19 +184,15 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		return nil
 	})
 
-	if s.minter, err = newMinter(cfg, s.conn.ClientURLs(), s.embeddedTrust()); err != nil {
-		return nil, err
-	}
-	d.log.Info("credential minter", "minter", s.minter.Describe())
-	if w := s.minter.Warning(); w != "" && cfg.Node.IssuerSigningKey != "" {
-		// The other minters' weaknesses are among the config warnings below.
-		d.log.Warn(w)
+	if s.minter == nil {
+		if err := s.newMinter(s.conn.ClientURLs(), users); err != nil {
+			return nil, err
+		}
 	}
 	for _, w := range d.view().loaded.Warnings {
 		d.log.Warn(w)
 	}
 
-	s.metrics = metrics.New()
 	var store node.Store = node.NewMemStore()
 	if cfg.Node.State == "kv" {
 		if s.kv, err = d.openKVPatiently(startCtx, func(ctx context.Context) (*state.KV, error) {
@@ -205,39 +245,13 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		return nil, fmt.Errorf("node: %w", err)
 	}
 
-	// After `nexctl node reexec`: what the previous image handed over in a memfd.
-	var handed []supervise.Record
-	if h, err := takeHandover(d.log); err != nil {
-		d.log.Warn("re-exec: the state handed over in the memfd is unusable; rebuilding it from the state directory", "err", err)
-	} else if h != nil {
-		d.log.Info("re-exec: state handed over in a memfd", "nexlets", len(h.Nexlets), "workload_users", len(h.Users.Workloads))
-		handed = h.Nexlets
-		if m, ok := s.minter.(mint.Remembering); ok {
-			// Before any nexlet registers: the replay mints newer users.
-			if err := m.Remember(h.Users); err != nil {
-				d.log.Warn("re-exec: the handed-over workload users are unusable; they expire instead of being revoked", "err", err)
-			}
+	if s.nexlets != nil {
+		s.nexlets.Attach(s.node)
+	} else {
+		nopts.Registry, nopts.Minter, nopts.NC = s.node, s.minter, s.conn.NC
+		if s.nexlets, err = nexlets.New(startCtx, nopts); err != nil {
+			return nil, err
 		}
-	}
-	nopts := nexlets.Options{
-		Handed:      handed,
-		Config:      cfg,
-		NodeID:      id.ID(),
-		Registry:    s.node,
-		Minter:      s.minter,
-		NC:          s.conn.NC,
-		RuntimeDir:  s.runtimeDir,
-		Logger:      d.log,
-		OnExit:      s.metrics.NexletExit,
-		OnFailed:    func(string) { d.notify.Status(s.statusLine()) },
-		ProfileEnv:  profdump.PassOn(os.Getenv),
-		DefaultGOGC: cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
-	}
-	if hooks.cgroups != nil {
-		nopts.Cgroups = hooks.cgroups()
-	}
-	if s.nexlets, err = nexlets.New(startCtx, nopts); err != nil {
-		return nil, err
 	}
 	s.secrets = newSecretStore(s.stateDir)
 	s.metrics.WatchLive(metrics.Live{
@@ -316,6 +330,44 @@ func (s *server) embeddedTrust() *natsembed.Trust {
 		return srv.Trust()
 	}
 	return nil
+}
+
+// newMinter makes the credential minter for nexlets and workloads that dial servers,
+// and gives it the workload users a re-executing nexd handed over (nil: none), before
+// any nexlet registers: the replay mints newer users.
+func (s *server) newMinter(servers []string, users *mint.Users) error {
+	var trust *natsembed.Trust
+	if s.conn != nil {
+		trust = s.embeddedTrust()
+	}
+	m, err := newMinter(s.cfg(), servers, trust)
+	if err != nil {
+		return err
+	}
+	s.minter = m
+	s.log.Info("credential minter", "minter", m.Describe())
+	if w := m.Warning(); w != "" && s.cfg().Node.IssuerSigningKey != "" {
+		// The other minters' weaknesses are among the config warnings.
+		s.log.Warn(w)
+	}
+	if r, ok := m.(mint.Remembering); ok && users != nil {
+		if err := r.Remember(*users); err != nil {
+			s.log.Warn("re-exec: the handed-over workload users are unusable; they expire instead of being revoked", "err", err)
+		}
+	}
+	return nil
+}
+
+// stopNexlets stops the nexlets once: serve's closer, or the one build pushed after
+// starting the native nexlet early, whichever comes first.
+func (s *server) stopNexlets(ctx context.Context) error {
+	var err error
+	s.nexletsStopped.Do(func() {
+		sctx, cancel := context.WithTimeout(ctx, s.cfg().Node.StopGrace+10*time.Second)
+		defer cancel()
+		err = s.nexlets.Stop(sctx)
+	})
+	return err
 }
 
 func newMinter(cfg *config.Config, servers []string, trust *natsembed.Trust) (mint.Minter, error) {

@@ -29,11 +29,7 @@ func (s *server) serve(startCtx context.Context) error {
 
 	s.notify.Status("starting: nexlets")
 	// Pushed first: a nexlet that failed to start must not leave its siblings behind.
-	s.closers.push("nexlets", func(ctx context.Context) error {
-		sctx, cancel := context.WithTimeout(ctx, s.cfg().Node.StopGrace+10*time.Second)
-		defer cancel()
-		return s.nexlets.Stop(sctx)
-	})
+	s.closers.push("nexlets", s.stopNexlets)
 	if err := s.nexlets.Start(startCtx); err != nil {
 		return err
 	}

@@ -358,6 +358,40 @@ func TestJetStreamLateAtStart(t *testing.T) {
 	n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "60")
 }
 
+// TestNATSLateAtStart: no NATS server answers when nexd starts; one comes up on the
+// configured port 3 s later. nexd starts the native nexlet before its own connect, so
+// the nexlet waits for the server too (it is not restarted, nor given up), registers
+// once the node serves, and READY=1 says running with it registered.
+func TestNATSLateAtStart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	ns := newNotifySocket(t)
+	n := startNode(t, nodeOpts{external: fmt.Sprintf("nats://127.0.0.1:%d", port), notify: ns})
+	ns.waitFor(t, "waiting for NATS", 30*time.Second)
+	time.Sleep(3 * time.Second)
+	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.Port = port }})
+	ready := ns.waitFor(t, "READY=1", 60*time.Second)
+	if !strings.Contains(ready, "running: 0 workloads, 1 nexlets, nats connected") || strings.Contains(ready, "not registered") {
+		t.Fatalf("READY after NATS came up: %q, want running with the nexlet registered", ready)
+	}
+	var st control.Status
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "--json", "status")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Nexlets) != 1 || st.Nexlets[0].Restarts != 0 || st.Nexlets[0].Health != "healthy" {
+		t.Fatalf("nexlets after the late NATS: %+v, want the native one healthy and never restarted", st.Nexlets)
+	}
+	n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "60")
+}
+
 // TestLongNATSOutageKeepsWatchdog: with a 2 s watchdog (WATCHDOG_USEC on a fake
 // NOTIFY_SOCKET), NATS goes away for 5 minutes (NEXD_FAULT_OUTAGE overrides): past the
 // old two-minute NATS health grace, which withheld the pings, and past the 95 s after

@@ -48,6 +48,7 @@ type Runner struct {
 	regWait time.Duration
 	regKey  nkeys.KeyPair // signs REGISTER (nil: unsigned, as upstream's SDK)
 	sdWait  time.Duration
+	patient bool // WithPatientStart
 
 	// work owns the goroutines handling requests and replaying state: Shutdown stops
 	// taking new ones and waits (bounded) for them.
@@ -95,6 +96,13 @@ func WithRegisterTimeout(d time.Duration) Option { return func(r *Runner) { r.re
 // node hands its local nexlets, or a remote nexlet's key listed in the node's
 // remote_nexlets. A node refuses a supervised nexlet's registration without it.
 func WithRegistrationKey(kp nkeys.KeyPair) Option { return func(r *Runner) { r.regKey = kp } }
+
+// WithPatientStart makes Run wait, for as long as the runner lives, while no NATS
+// server is reachable or nothing answers the registration: for a nexlet its node
+// starts before the node can answer (nexd's native nexlet), whose lifetime the node
+// decides. Without it Run fails at once when no server is reachable, and when no node
+// answers within the register timeout.
+func WithPatientStart() Option { return func(r *Runner) { r.patient = true } }
 
 // RegistrationKeyFromEnv reads the per-start registration key a node hands a local
 // nexlet (NEX_AGENT_REGISTRATION_SEED); nil without one (an older node).
@@ -160,11 +168,11 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	rnc, err := Connect(creds, "nexlet-"+reg.Name+"-register")
+	rnc, err := r.connectPatiently(creds, "nexlet-"+reg.Name+"-register")
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	resp, err := r.register(rnc, agentID, reg)
+	resp, err := r.registerPatiently(rnc, agentID, reg)
 	rnc.Close()
 	if err != nil {
 		return err
@@ -198,6 +206,54 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	r.replay(resp.ExistingState)
 	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
 	return nil
+}
+
+// Bounds of the retries of a patient start (WithPatientStart): nexd starts its native
+// nexlet while it connects to NATS itself and builds the node, so the first attempt
+// may come a few milliseconds before the node serves.
+const (
+	patientRetryMin = 2 * time.Millisecond
+	patientRetryMax = time.Second
+)
+
+// connectPatiently connects with the registration credentials; with a patient start
+// it retries while no server is reachable (an outage nexd waits out too). Any other
+// error (credentials refused) ends it.
+func (r *Runner) connectPatiently(creds protocol.NatsConnectionData, name string) (*nats.Conn, error) {
+	wait := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		nc, err := Connect(creds, name)
+		if err == nil || !r.patient || !errors.Is(err, nats.ErrNoServers) {
+			return nc, err
+		}
+		if attempt == 1 {
+			r.log.Warn("no NATS server reachable yet; retrying", "err", err)
+		}
+		select {
+		case <-r.ctx.Done():
+			return nil, fmt.Errorf("%w (gave up: %w)", err, r.ctx.Err())
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, patientRetryMax)
+	}
+}
+
+// registerPatiently is register; with a patient start it is retried while nothing
+// answers the registration subject (the node API does not serve yet).
+func (r *Runner) registerPatiently(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest) (*protocol.RegisterAgentResponse, error) {
+	wait := patientRetryMin
+	for {
+		resp, err := r.register(nc, agentID, reg)
+		if err == nil || !r.patient || !errors.Is(err, nats.ErrNoResponders) {
+			return resp, err
+		}
+		select {
+		case <-r.ctx.Done():
+			return nil, fmt.Errorf("%w (gave up: %w)", err, r.ctx.Err())
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, patientRetryMax)
+	}
 }
 
 // serve adds the nexlet's micro service and endpoints on nc (its first connection, or

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -270,6 +272,61 @@ func TestRunnerRegistrationRefused(t *testing.T) {
 	r, _ = NewRunner(context.Background(), "OTHER", newMemAgent(), WithRegisterTimeout(200*time.Millisecond))
 	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err == nil || !strings.Contains(err.Error(), "REGISTER") {
 		t.Errorf("Run without node = %v", err)
+	}
+}
+
+// TestRunnerPatientStart: a nexlet its node starts before the node can answer (nexd's
+// native nexlet, started while nexd connects) waits with WithPatientStart: for a NATS
+// server nothing listens for yet, then for a node to answer its registration, and is
+// registered once both are there; without the option, the same start fails at once.
+func TestRunnerPatientStart(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	creds := protocol.NatsConnectionData{NatsServers: []string{url}}
+
+	impatient, _ := NewRunner(context.Background(), node, newMemAgent(), WithRegisterTimeout(time.Second))
+	if err := impatient.Run(agent, creds); err == nil || !errors.Is(err, nats.ErrNoServers) {
+		t.Fatalf("Run without a server, not patient = %v, want no servers at once", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	r, _ := NewRunner(ctx, node, newMemAgent(), WithRegisterTimeout(time.Second), WithPatientStart())
+	ran := make(chan error, 1)
+	go func() { ran <- r.Run(agent, creds) }()
+	time.Sleep(300 * time.Millisecond)
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { o.Port = port }})
+	nc := testnats.Connect(t, srv)
+	// Past the register timeout, nothing answering: still waiting.
+	time.Sleep(1500 * time.Millisecond)
+	select {
+	case err := <-ran:
+		t.Fatalf("Run returned before a node answered: %v", err)
+	default:
+	}
+	regs := make(chan protocol.RegisterAgentRequest, 1)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, regs)
+	if err := <-ran; err != nil {
+		t.Fatalf("patient Run = %v", err)
+	}
+	<-regs
+	_ = r.Shutdown()
+
+	// A refusal still ends a patient start at once.
+	r, _ = NewRunner(ctx, node, newMemAgent(), WithPatientStart())
+	nc2 := testnats.Connect(t, srv)
+	_, _ = nc2.Subscribe(protocol.RegisterSubject(node, "AGENT2"), func(m *nats.Msg) {
+		b, _ := json.Marshal(protocol.RegisterAgentResponse{Success: false, Message: "no such type"})
+		_ = m.Respond(b)
+	})
+	_ = nc2.Flush()
+	if err := r.Run("AGENT2", protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err == nil || !strings.Contains(err.Error(), "no such type") {
+		t.Errorf("patient Run refused = %v", err)
 	}
 }
 

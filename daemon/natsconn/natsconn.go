@@ -141,6 +141,20 @@ func newConn(o Options, log *slog.Logger) *Conn {
 	return c
 }
 
+// ExternalClientURLs are the URLs a connection to an external server with o gives its
+// children (ClientURLs), known before connecting; false with a NATS context, whose file
+// names them (and is read again on every attempt).
+func ExternalClientURLs(o Options) ([]string, bool) {
+	if o.Context != "" {
+		return nil, false
+	}
+	servers := SplitServers(o.Servers)
+	if len(servers) == 0 {
+		servers = []string{nats.DefaultURL}
+	}
+	return servers, true
+}
+
 func (c *Conn) connectExternal(ctx context.Context, o Options) error {
 	if o.Context != "" {
 		return c.connectContext(ctx, o)
@@ -149,10 +163,7 @@ func (c *Conn) connectExternal(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	servers := SplitServers(o.Servers)
-	if len(servers) == 0 {
-		servers = []string{nats.DefaultURL}
-	}
+	servers, _ := ExternalClientURLs(o)
 	c.clientURLs = servers
 	opts := append(auth, c.commonOptions(o)...)
 	url := strings.Join(servers, ",")

@@ -60,6 +60,16 @@ func Connect(ctx context.Context, client natsconn.Options, o Options, log *slog.
 	}
 }
 
+// ExternalClientURLs are the URLs Connect's connection gives its children, when known
+// before connecting: an external server named in the configuration (not an embedded
+// one, not a NATS context).
+func ExternalClientURLs(client natsconn.Options, o Options) ([]string, bool) {
+	if o.InatsConfig != "" || !natsconn.Configured(client) {
+		return nil, false
+	}
+	return natsconn.ExternalClientURLs(client)
+}
+
 // Server is a running in-process nats-server; a natsconn.Conn owns it.
 type Server struct {
 	s         *server.Server

@@ -52,7 +52,9 @@ type Minter interface {
 	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
 }
 
-// Options are a Manager's dependencies, all required except the hooks.
+// Options are a Manager's dependencies, all required except the hooks, and except
+// Registry and NC for a Manager that starts the native nexlet early (StartEarly): it
+// gets the registry from Attach, and has no nats:// agents to fetch (NeedsNATS).
 type Options struct {
 	Config   *config.Config
 	NodeID   string
@@ -104,13 +106,20 @@ type Manager struct {
 
 	mu      sync.Mutex
 	lastKey map[string]string // registration public key of each nexlet's newest start
+	reg     Registry          // nil until Attach when started early
+	// announced: the registry knows every nexlet (Attach, else Start).
+	announced bool
+	// early holds the first start's result of each nexlet StartEarly started; Start
+	// waits for it. earlyWG owns the goroutines that wait for them.
+	early   map[string]chan error
+	earlyWG sync.WaitGroup
 }
 
 // New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
 // (fetching nats:// binaries) and builds the supervisor. Nothing runs until Start.
 func New(ctx context.Context, o Options) (*Manager, error) {
 	cfg := o.Config
-	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups}
+	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups, reg: o.Registry, early: map[string]chan error{}}
 	if m.cg == nil {
 		// A detected root is this node's own (nexd/<node id> on v1), and whichever root
 		// is used is held for the node's lifetime: start-up cleans up only what is
@@ -201,13 +210,102 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 	return m, nil
 }
 
-// Start announces every nexlet to the registry and starts its process.
-func (m *Manager) Start(ctx context.Context) error {
+// NeedsNATS says whether resolving the configured nexlets needs a NATS connection
+// (an agent binary fetched from an object store): such a Manager cannot be built, nor
+// its native nexlet started, before nexd has connected.
+func NeedsNATS(cfg *config.Config) bool {
+	for _, a := range cfg.Node.Agents {
+		if ref, err := artifact.Parse(a.URI); err == nil && ref.Scheme == "nats" {
+			return true
+		}
+	}
+	return false
+}
+
+// StartEarly starts the native nexlet before the node exists (Options.Registry nil),
+// so that its exec, runtime start and cgroup placement overlap with nexd's own NATS
+// connect and the building of the node; it registers once the node API serves (the
+// nexlet retries while nothing answers). It returns at once; Start waits for the
+// start's result. One left running by the previous nexd is not adopted here: it is
+// running already, and registers again as soon as it is told to (Start).
+func (m *Manager) StartEarly(ctx context.Context) {
+	if m.Adopting() {
+		return
+	}
 	for _, s := range m.specs {
-		m.o.Registry.ExpectAgent(s.AgentID, s.Name)
-		if key := m.adoptKeys[s.Name]; key != "" {
+		if !s.Process.Outlive {
+			continue
+		}
+		ch := make(chan error, 1)
+		m.early[s.Name] = ch
+		m.earlyWG.Go(func() { ch <- m.sup.Start(ctx, s.Process) })
+	}
+}
+
+// Attach gives a Manager built before the node its registry: every nexlet is
+// announced, with the key of its newest start (or, for one left running by the previous
+// nexd, of its start then), and what happened to one started early meanwhile. Call it
+// before the node API serves, so that the early nexlet's registration finds it.
+func (m *Manager) Attach(reg Registry) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.reg = reg
+	m.announceLocked()
+	for _, st := range m.sup.Statuses() {
+		s, ok := m.ByName(st.Name)
+		switch {
+		case !ok:
+		case st.State == supervise.StateFailed:
+			reg.SetAgentProcessInfo(s.AgentID, st.Restarts, "failed: "+st.LastExit, true)
+		case st.Restarts > 0:
+			reg.SetAgentProcessInfo(s.AgentID, st.Restarts, st.LastExit, false)
+		}
+	}
+}
+
+// announceLocked tells the registry of every nexlet and its registration key.
+func (m *Manager) announceLocked() {
+	m.announced = true
+	for _, s := range m.specs {
+		m.reg.ExpectAgent(s.AgentID, s.Name)
+		key := m.lastKey[s.Name]
+		if key == "" {
 			// If the adoption fails after all, the new start sets a new key.
-			m.o.Registry.SetAgentKey(s.AgentID, key)
+			key = m.adoptKeys[s.Name]
+		}
+		if key != "" {
+			m.reg.SetAgentKey(s.AgentID, key)
+		}
+	}
+}
+
+// registry is the node's registry, nil before Attach.
+func (m *Manager) registry() Registry {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.reg
+}
+
+// Start announces every nexlet to the registry (unless Attach did) and starts its
+// process; for one StartEarly started, it waits for that start's result.
+func (m *Manager) Start(ctx context.Context) error {
+	m.mu.Lock()
+	if !m.announced {
+		m.announceLocked()
+	}
+	m.mu.Unlock()
+	for _, s := range m.specs {
+		if ch, ok := m.early[s.Name]; ok {
+			var err error
+			select {
+			case err = <-ch:
+			case <-ctx.Done():
+				err = ctx.Err()
+			}
+			if err != nil {
+				return fmt.Errorf("nexlet %s: %w", s.Name, err)
+			}
+			continue
 		}
 		if err := m.sup.Start(ctx, s.Process); err != nil {
 			return fmt.Errorf("nexlet %s: %w", s.Name, err)
@@ -219,6 +317,7 @@ func (m *Manager) Start(ctx context.Context) error {
 // Stop stops every nexlet (SIGTERM, grace, kill) and returns when they are gone.
 func (m *Manager) Stop(ctx context.Context) error {
 	err := m.sup.Stop(ctx)
+	m.earlyWG.Wait()
 	if m.unlock != nil {
 		m.unlock()
 	}
@@ -359,7 +458,9 @@ func (m *Manager) Reset(name string, reason string) error {
 	if err := m.sup.Reset(name); err != nil {
 		return err
 	}
-	m.o.Registry.SetAgentProcessInfo(s.AgentID, m.Restarts(name), reason, false)
+	if reg := m.registry(); reg != nil {
+		reg.SetAgentProcessInfo(s.AgentID, m.Restarts(name), reason, false)
+	}
 	return nil
 }
 
@@ -452,9 +553,11 @@ func (m *Manager) env(name string) map[string]string {
 		m.log.Error("cannot create a registration key; the nexlet will be refused", "nexlet", name, "err", err)
 	} else {
 		env[protocol.EnvAgentRegistrationSeed] = seed
-		m.o.Registry.SetAgentKey(s.AgentID, pub)
 		m.mu.Lock()
 		m.lastKey[name] = pub
+		if m.reg != nil { // else Attach announces it
+			m.reg.SetAgentKey(s.AgentID, pub)
+		}
 		m.mu.Unlock()
 	}
 	if name == NativeName || strings.HasPrefix(name, NativeName+"-") {
@@ -548,8 +651,10 @@ func (m *Manager) onExit(name string, exit supervise.ExitInfo) {
 	if m.o.OnExit != nil {
 		m.o.OnExit(name, exit.OOM)
 	}
-	m.o.Registry.RemoveAgent(s.AgentID, exit.Reason)
-	m.o.Registry.SetAgentProcessInfo(s.AgentID, m.Restarts(name), exit.Reason, false)
+	if reg := m.registry(); reg != nil { // else Attach reports it
+		reg.RemoveAgent(s.AgentID, exit.Reason)
+		reg.SetAgentProcessInfo(s.AgentID, m.Restarts(name), exit.Reason, false)
+	}
 }
 
 // onFailed marks a given-up nexlet offline in node info.
@@ -558,7 +663,9 @@ func (m *Manager) onFailed(name string, last supervise.ExitInfo) {
 	if !ok {
 		return
 	}
-	m.o.Registry.SetAgentProcessInfo(s.AgentID, m.Restarts(name), "failed: "+last.Reason, true)
+	if reg := m.registry(); reg != nil { // else Attach reports it
+		reg.SetAgentProcessInfo(s.AgentID, m.Restarts(name), "failed: "+last.Reason, true)
+	}
 	if m.o.OnFailed != nil {
 		m.o.OnFailed(name)
 	}

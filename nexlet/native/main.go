@@ -124,7 +124,8 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if err != nil {
 		return err
 	}
-	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey))
+	// nexd starts it while connecting itself, and decides how long it lives.
+	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart())
 	if err != nil {
 		return err
 	}
