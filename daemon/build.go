@@ -105,12 +105,6 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		"node_id", id.ID(), "node_name", cfg.Node.Name, "nexus", cfg.Node.Nexus,
 		"identity", string(id.NodeSource), "state_dir", s.stateDir)
 
-	// The control socket answers from here on: status from the snapshot while the node
-	// is built (startupBackend); serve swaps in the full API once everything runs.
-	if err := s.openControl(startupBackend{d: d, nodeID: id.ID()}); err != nil {
-		return nil, err
-	}
-
 	client, embed := natsOptions(cfg)
 	// After `nexctl node reexec`: what the previous image handed over in a memfd (taken
 	// before any nexlet starts: its descriptor is no child's business).
@@ -153,6 +147,14 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		// Should the start be abandoned before serve takes over the stop (below it).
 		d.closers.push("nexlets started early", s.stopNexlets)
 		s.nexlets.StartEarly(startCtx)
+	}
+
+	// The control socket answers from here on (opened while the early nexlet starts:
+	// its group lookup is no business of the nexlet's): status from the snapshot while
+	// the node is built (startupBackend); serve swaps in the full API once everything
+	// runs.
+	if err := s.openControl(startupBackend{d: d, nodeID: id.ID()}); err != nil {
+		return nil, err
 	}
 
 	doneWaiting := d.waitingFor("NATS")

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/nats-io/nkeys"
@@ -56,14 +57,20 @@ func (i *Identity) XKeyPublic() string {
 // empty); stateDir is where generated seeds persist ("" for an ephemeral node).
 func Load(nodeSeed, xkeySeed, stateDir string) (*Identity, error) {
 	id := &Identity{}
-	var err error
-	id.Node, id.NodeSource, err = load(nodeSeed, stateDir, NodeSeedFile, nkeys.PrefixByteServer, nkeys.CreateServer)
-	if err != nil {
-		return nil, fmt.Errorf("node identity: %w", err)
+	// Side by side: on a first start each is a new file made durable with an fsync,
+	// and nexd's start waits for both.
+	var nodeErr, xkeyErr error
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		id.Node, id.NodeSource, nodeErr = load(nodeSeed, stateDir, NodeSeedFile, nkeys.PrefixByteServer, nkeys.CreateServer)
+	})
+	id.XKey, id.XKeySource, xkeyErr = load(xkeySeed, stateDir, XKeySeedFile, nkeys.PrefixByteCurve, nkeys.CreateCurveKeys)
+	wg.Wait()
+	if nodeErr != nil {
+		return nil, fmt.Errorf("node identity: %w", nodeErr)
 	}
-	id.XKey, id.XKeySource, err = load(xkeySeed, stateDir, XKeySeedFile, nkeys.PrefixByteCurve, nkeys.CreateCurveKeys)
-	if err != nil {
-		return nil, fmt.Errorf("node xkey: %w", err)
+	if xkeyErr != nil {
+		return nil, fmt.Errorf("node xkey: %w", xkeyErr)
 	}
 	return id, nil
 }

@@ -663,9 +663,11 @@ func (m *Manager) onFailed(name string, last supervise.ExitInfo) {
 	if !ok {
 		return
 	}
-	if reg := m.registry(); reg != nil { // else Attach reports it
-		reg.SetAgentProcessInfo(s.AgentID, m.Restarts(name), "failed: "+last.Reason, true)
+	reg := m.registry()
+	if reg == nil {
+		return // Attach reports it; the node the hook tells does not exist yet
 	}
+	reg.SetAgentProcessInfo(s.AgentID, m.Restarts(name), "failed: "+last.Reason, true)
 	if m.o.OnFailed != nil {
 		m.o.OnFailed(name)
 	}
