@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/names"
 )
 
 // Who besides root and group members may use the socket.
@@ -559,7 +561,10 @@ func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(cfg)
 }
 
-var secretName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$`)
+// validSecretName: 1-255 letters, digits, '_', '.' or '-', not starting with '.' or '-'.
+func validSecretName(s string) bool {
+	return names.Valid(s, names.Alnum|names.Underscore, names.Alnum|names.Underscore|names.Dot|names.Dash, 255)
+}
 
 // secretArgs validates the path's namespace (and key) so a store keyed by file names
 // can never be walked out of its directory.
@@ -570,11 +575,11 @@ func (s *Server) secretArgs(w http.ResponseWriter, r *http.Request, withKey bool
 		return nil, "", "", false
 	}
 	ns, key := r.PathValue("ns"), r.PathValue("key")
-	if !secretName.MatchString(ns) {
+	if !validSecretName(ns) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("namespace %q: must be letters, digits, '_', '.', '-' and not start with '.' or '-'", ns))
 		return nil, "", "", false
 	}
-	if withKey && !secretName.MatchString(key) {
+	if withKey && !validSecretName(key) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("secret key %q: must be letters, digits, '_', '.', '-' and not start with '.' or '-'", key))
 		return nil, "", "", false
 	}

@@ -29,7 +29,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
-	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -40,6 +39,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/names"
 	"github.com/nexd-project/nexd/internal/procid"
 	"golang.org/x/sys/unix"
 )
@@ -327,14 +327,12 @@ func raiseNofile(log *slog.Logger) {
 	}
 }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
-
 // Start validates spec and starts the nexlet, supervised in the background until Stop.
 // It returns once the first start attempt is made: its error (an executable that cannot
 // be run leaves the nexlet failed) or nil. ctx bounds only this wait. The first Start
 // kills and removes whatever an earlier run left in the nexlets cgroup root.
 func (s *Supervisor) Start(ctx context.Context, spec Spec) error {
-	if !nameRE.MatchString(spec.Name) {
+	if !names.Valid(spec.Name, names.Alnum, names.Alnum|names.Underscore|names.Dash, 63) {
 		return fmt.Errorf("nexlet name %q: use 1-63 letters, digits, '-' or '_', starting with a letter or digit", spec.Name)
 	}
 	if spec.Path == "" {

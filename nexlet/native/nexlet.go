@@ -15,7 +15,6 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,6 +23,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/names"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -106,7 +106,12 @@ type Nexlet struct {
 	lameTimer *time.Timer
 }
 
-var idRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
+// validID says whether id can name a workload's directories: 1-128 letters, digits,
+// '_' or '-'.
+func validID(id string) bool {
+	const c = names.Alnum | names.Underscore | names.Dash
+	return names.Valid(id, c, c, 128)
+}
 
 // New makes a native nexlet. Call SetFeed with the runner before the runner's Run.
 func New(cfg Config) (*Nexlet, error) {
@@ -280,7 +285,7 @@ func (n *Nexlet) limitAgain(w *workload) {
 // StartWorkload implements nexlet.Agent. Every check happens before anything starts.
 func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
 	resp, err := n.startWorkload(id, req, existing, func(protocol.Progress) {})
-	if err != nil && existing && idRE.MatchString(id) && req.Request.Namespace != "" {
+	if err != nil && existing && validID(id) && req.Request.Namespace != "" {
 		// A replay that fails must not leave the node's state entry silent: the
 		// workload is listed as failed with the reason until it is stopped.
 		n.replayFailed(id, req, err)
@@ -322,7 +327,7 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 
 func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
 	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
-	if !idRE.MatchString(id) {
+	if !validID(id) {
 		return nil, fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id)
 	}
 	if req.Request.Namespace == "" {
@@ -684,7 +689,7 @@ func (n *Nexlet) ReplayDone(ids []string) {
 		}
 		for _, e := range ents {
 			id := e.Name()
-			if !e.IsDir() || !idRE.MatchString(id) || slices.Contains(ids, id) || seen[id] {
+			if !e.IsDir() || !validID(id) || slices.Contains(ids, id) || seen[id] {
 				continue
 			}
 			seen[id] = true

@@ -123,7 +123,7 @@ func (n *Nexlet) HeldWorkloads() []string {
 		n.log.Warn("workload records unreadable; reporting only the workloads in the table", "err", err)
 	}
 	for _, e := range entries {
-		if e.IsDir() && idRE.MatchString(e.Name()) { // not a ready one (recordPool)
+		if e.IsDir() && validID(e.Name()) { // not a ready one (recordPool)
 			held[e.Name()] = true
 		}
 	}

@@ -9,9 +9,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strings"
+
+	"github.com/nexd-project/nexd/internal/names"
 )
 
 // Scheme is the prefix that marks a value as a secret reference.
@@ -30,11 +31,9 @@ type FileStore struct {
 	Dir string
 }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
-
 // ValidName reports why a namespace or key cannot name a file, or nil.
 func ValidName(kind, s string) error {
-	if !nameRE.MatchString(s) {
+	if !names.Valid(s, names.Alnum|names.Underscore, names.Alnum|names.Underscore|names.Dot|names.Dash, 128) {
 		return fmt.Errorf("secret %s %q: use 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'", kind, s)
 	}
 	return nil
