@@ -151,7 +151,7 @@ func (p *uidPool) claim(id ident, owner string) (bool, error) {
 		_ = os.Remove(path)
 		return false, nil
 	}
-	if err := os.WriteFile(path, []byte(owner+"\n"), 0o600); err != nil {
+	if err := writeLease(path, owner); err != nil {
 		return false, err
 	}
 	return true, nil
