@@ -46,6 +46,7 @@ type server struct {
 	minter     mint.Minter
 	metrics    *metrics.Metrics
 	node       *node.Node
+	status     statusCount // the status line's workload count
 	nexlets    *nexlets.Manager
 	secrets    *secretStore
 	ctl        *switchBackend // what the control socket serves

@@ -232,17 +232,48 @@ func (s *server) statusLoop(ctx context.Context) {
 	}
 }
 
+// statusRefresh bounds how long the status line's workload count is kept while the node
+// saw nothing that would change it (node.WorkloadChanges).
+const statusRefresh = time.Minute
+
+// statusCount is the status line's workload count, kept while it cannot have changed:
+// counting means listing every workload of every nexlet (thousands of records to
+// encode in the nexlets and decode in nexd), every 5 s.
+type statusCount struct {
+	mu        sync.Mutex
+	ok        bool
+	changes   uint64
+	connected bool
+	at        time.Time
+	running   int
+	known     string
+}
+
+func (c *statusCount) workloads(s *server) (int, string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	changes, connected := s.node.WorkloadChanges(), s.conn.Info().Connected
+	if c.ok && changes == c.changes && connected == c.connected && time.Since(c.at) < statusRefresh {
+		return c.running, c.known
+	}
+	ws, asOf, err := s.node.KnownWorkloads(s.ctx)
+	if err != nil {
+		c.ok = false
+		return 0, ""
+	}
+	c.running, c.known = len(ws), ""
+	if !asOf.IsZero() {
+		// The nexlets cannot be asked; their workloads run on, so 0 would mislead.
+		c.known = " (last known " + asOf.UTC().Format(time.TimeOnly) + " UTC, NATS down)"
+	}
+	c.ok, c.changes, c.connected, c.at = true, changes, connected, time.Now()
+	return c.running, c.known
+}
+
 // statusLine says in one line what the node is doing.
 func (s *server) statusLine() string {
 	v := s.view()
-	running, known := 0, ""
-	if ws, asOf, err := s.node.KnownWorkloads(s.ctx); err == nil {
-		running = len(ws)
-		if !asOf.IsZero() {
-			// The nexlets cannot be asked; their workloads run on, so 0 would mislead.
-			known = " (last known " + asOf.UTC().Format(time.TimeOnly) + " UTC, NATS down)"
-		}
-	}
+	running, known := s.status.workloads(s)
 	nexlets, failed := 0, 0
 	for _, st := range s.nexlets.Statuses() {
 		nexlets++

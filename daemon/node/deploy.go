@@ -206,6 +206,7 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 	}
 	a.startedSinceBeat++ // capacity held while the nexlet starts it
 	n.starting[workloadID] = false
+	n.changes.Add(1)
 	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType}, 0, nil
 }
 
@@ -226,6 +227,7 @@ func (res *reservation) commit() (endedEarly bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	res.done = true
+	n.changes.Add(1)
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner}
 	endedEarly = n.starting[res.id]
 	delete(n.starting, res.id)
@@ -239,6 +241,7 @@ func (res *reservation) rollback() {
 	}
 	res.done = true
 	n := res.n
+	n.changes.Add(1)
 	n.mu.Lock()
 	if res.agent.startedSinceBeat > 0 {
 		res.agent.startedSinceBeat--

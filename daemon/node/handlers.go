@@ -253,6 +253,7 @@ func validateRunRequest(schema *jsonschema.Schema, runRequest string) error {
 // wait is StopTimeout; an owned workload no nexlet confirmed in that time is reported
 // as still stopping, never as not found.
 func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (protocol.StopWorkloadResponse, error) {
+	defer n.changes.Add(1)
 	ret := protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}
 	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace})
 	if err != nil {
@@ -577,6 +578,7 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 
 // forget removes a workload that ended from the node state.
 func (n *Node) forget(workloadID, workloadType string) {
+	defer n.changes.Add(1)
 	n.mu.Lock()
 	if o, ok := n.owned[workloadID]; ok && workloadType == "" {
 		workloadType = o.typ
@@ -598,6 +600,7 @@ func (n *Node) forget(workloadID, workloadType string) {
 // workload ended (job done, service given up, stopped). Only workloads this node
 // stored are touched, and none once StopAllWorkloads ran (shutdown keeps state).
 func (n *Node) onWorkloadStopped(m *nats.Msg) {
+	defer n.changes.Add(1)
 	var ev protocol.WorkloadStoppedEvent
 	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.ID == "" {
 		return
@@ -636,6 +639,7 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 // the owning nexlet says a workload ended. Only that nexlet instance may end it in node
 // state; a repeat (the nexlet retries until acknowledged) is acknowledged again.
 func (n *Node) handleWorkloadEnded(r micro.Request) {
+	defer n.changes.Add(1)
 	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
 	if !tokenRE.MatchString(agentID) || !tokenRE.MatchString(workloadID) {
 		n.fail(r, 400, "bad workload ended subject", fmt.Errorf("workload ended: subject %q: want WORKLOADENDED.<agent id>.<workload id>", r.Subject()))

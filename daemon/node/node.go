@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -221,7 +222,16 @@ type Node struct {
 	// and when: what status shows during a NATS outage instead of an empty answer.
 	lastList   []protocol.WorkloadSummary
 	lastListAt time.Time
+	// changes counts what may change the node's workload listing (deploys, stops, ends,
+	// registrations, a nexlet's count in its heartbeat), so that a caller polling the
+	// listing (the status line) asks the nexlets again only when it may differ.
+	changes atomic.Uint64
 }
+
+// WorkloadChanges is a counter that moves whenever the node's workload listing may
+// have changed; equal values mean no deploy, stop, end, registration or change in a
+// nexlet's reported count happened between them.
+func (n *Node) WorkloadChanges() uint64 { return n.changes.Load() }
 
 // RemoteNexlet is a remote nexlet allowed to register (config remote_nexlets).
 type RemoteNexlet struct {

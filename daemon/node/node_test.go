@@ -1003,3 +1003,42 @@ func TestWPingResources(t *testing.T) {
 		}
 	}
 }
+
+// TestWorkloadChangesMove: the counter a status poller keys its cached listing on moves
+// with a deploy, a workload's end and a stop, and stands still while heartbeats report
+// the same workloads.
+func TestWorkloadChangesMove(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	a := f.healthyAgent(n, "agent0", "go_exec", "native", nil)
+	deploy := func(name string) string {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+		m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", name, `{"cmd":"x"}`))
+		var r protocol.StartWorkloadResponse
+		if err := protocol.Decode(m.Data, &r); err != nil || r.ID == "" {
+			t.Fatalf("deploy %q", m.Data)
+		}
+		return r.ID
+	}
+	moved := func(what string, before uint64) uint64 {
+		t.Helper()
+		testkit.Eventually(t, what+" moves the counter", func() bool { return n.WorkloadChanges() != before })
+		return n.WorkloadChanges()
+	}
+	c := n.WorkloadChanges()
+	job := deploy("job1")
+	c = moved("a deploy", c)
+	svc := deploy("svc1")
+	c = moved("a second deploy", c)
+	// Settled: heartbeats (every 100 ms here) report the same two workloads.
+	testkit.Eventually(t, "the counter settles", func() bool {
+		before := n.WorkloadChanges()
+		time.Sleep(350 * time.Millisecond)
+		return n.WorkloadChanges() == before
+	})
+	c = n.WorkloadChanges()
+	a.finish(job)
+	c = moved("a job's end", c)
+	request(t, f.client, protocol.UndeploySubject("tenant", svc), protocol.StopWorkloadRequest{Namespace: "tenant"})
+	moved("a stop", c)
+}

@@ -306,6 +306,9 @@ func (n *Node) onHeartbeat(m *nats.Msg) {
 	var before, after string
 	if ok {
 		r.lastSeen, r.lastBeat = now, now
+		if r.summary.WorkloadCount != hb.Summary.WorkloadCount || r.startedSinceBeat != 0 {
+			n.changes.Add(1)
+		}
 		r.summary = hb.Summary
 		r.startedSinceBeat = 0
 		before, after = r.reported, n.health(r, now)
