@@ -133,7 +133,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	}
 
 	// Idle memory, before any workload ran.
-	time.Sleep(2 * time.Second)
+	time.Sleep(settle)
 	var idle [2][3]float64
 	for i, s := range sides {
 		rss, pss, th, err := s.sample()
@@ -202,7 +202,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 			}
 		}
 		running = want
-		time.Sleep(2 * time.Second)
+		time.Sleep(settle)
 		for i, s := range sides {
 			rss, pss, th, err := s.sample()
 			if err != nil {

@@ -160,6 +160,11 @@ func sampleNode(n *nodeProc) (nodeSample, error) {
 	return s, nil
 }
 
+// settle is how long memory is left to settle before it is sampled: a quiet nexd and
+// nexlet give a burst's garbage and free heap back after two quiet seconds (memtrim);
+// Go's runtime alone (upstream) returns it over minutes.
+const settle = 5 * time.Second
+
 // footprintDeploys is how many placements the footprint scenario times at each count.
 const footprintDeploys = 30
 
@@ -189,7 +194,7 @@ func (h *Harness) footprint(ctx context.Context) ([]Result, error) {
 			running += len(ids)
 		}
 		// Let start-up garbage be collected and heartbeats settle before sampling.
-		time.Sleep(2 * time.Second)
+		time.Sleep(settle)
 		before, err := sampleNode(n)
 		if err != nil {
 			return out, err

@@ -18,7 +18,7 @@ type Options struct {
 	Quiet    uint64        // bytes allocated per Tick below which the process is quiet (256 KiB)
 	Ticks    int           // quiet ticks in a row before a trim (2)
 	Min      uint64        // least growth of the heap since the last trim worth a new one (1 MiB)
-	Interval time.Duration // least time between two trims (30 s)
+	Interval time.Duration // least time between two trims (10 s)
 }
 
 func (o *Options) defaults() {
@@ -35,7 +35,7 @@ func (o *Options) defaults() {
 		o.Min = 1 << 20
 	}
 	if o.Interval <= 0 {
-		o.Interval = 30 * time.Second
+		o.Interval = 10 * time.Second
 	}
 }
 
