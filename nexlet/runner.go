@@ -48,7 +48,8 @@ type Runner struct {
 	regWait time.Duration
 	regKey  nkeys.KeyPair // signs REGISTER (nil: unsigned, as upstream's SDK)
 	sdWait  time.Duration
-	patient bool // WithPatientStart
+	patient bool  // WithPatientStart
+	dial    *Dial // WithRegistrationDial
 
 	// work owns the goroutines handling requests and replaying state: Shutdown stops
 	// taking new ones and waits (bounded) for them.
@@ -103,6 +104,51 @@ func WithRegistrationKey(kp nkeys.KeyPair) Option { return func(r *Runner) { r.r
 // decides. Without it Run fails at once when no server is reachable, and when no node
 // answers within the register timeout.
 func WithPatientStart() Option { return func(r *Runner) { r.patient = true } }
+
+// WithRegistrationDial makes Run register on the connection d dialled ahead.
+func WithRegistrationDial(d *Dial) Option { return func(r *Runner) { r.dial = d } }
+
+// Dial is a registration connection dialled in the background (DialAhead).
+type Dial struct {
+	done  chan struct{}
+	nc    *nats.Conn
+	err   error
+	mu    sync.Mutex
+	taken bool
+}
+
+// DialAhead connects with a nexlet's registration credentials in the background, as
+// patiently as WithPatientStart, so that the connect overlaps with the nexlet building
+// itself (its key, users, cgroups); name is the connection's name (Run's own is
+// "nexlet-<registered name>-register"). Hand it to the runner with
+// WithRegistrationDial, and Close it when the nexlet ends.
+func DialAhead(ctx context.Context, creds protocol.NatsConnectionData, name string, log *slog.Logger) *Dial {
+	d := &Dial{done: make(chan struct{})}
+	go func() {
+		defer close(d.done)
+		d.nc, d.err = connectPatiently(ctx, creds, name, true, log)
+	}()
+	return d
+}
+
+func (d *Dial) take() (*nats.Conn, error) {
+	<-d.done
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.taken = true
+	return d.nc, d.err
+}
+
+// Close waits for the dial and closes its connection unless Run took it.
+func (d *Dial) Close() {
+	<-d.done
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.taken && d.nc != nil {
+		d.nc.Close()
+	}
+	d.taken = true
+}
 
 // RegistrationKeyFromEnv reads the per-start registration key a node hands a local
 // nexlet (NEX_AGENT_REGISTRATION_SEED); nil without one (an older node).
@@ -168,7 +214,12 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	rnc, err := r.connectPatiently(creds, "nexlet-"+reg.Name+"-register")
+	var rnc *nats.Conn
+	if r.dial != nil {
+		rnc, err = r.dial.take()
+	} else {
+		rnc, err = connectPatiently(r.ctx, creds, "nexlet-"+reg.Name+"-register", r.patient, r.log)
+	}
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
@@ -219,19 +270,19 @@ const (
 // connectPatiently connects with the registration credentials; with a patient start
 // it retries while no server is reachable (an outage nexd waits out too). Any other
 // error (credentials refused) ends it.
-func (r *Runner) connectPatiently(creds protocol.NatsConnectionData, name string) (*nats.Conn, error) {
+func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, name string, patient bool, log *slog.Logger) (*nats.Conn, error) {
 	wait := 50 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		nc, err := Connect(creds, name)
-		if err == nil || !r.patient || !errors.Is(err, nats.ErrNoServers) {
+		if err == nil || !patient || !errors.Is(err, nats.ErrNoServers) {
 			return nc, err
 		}
 		if attempt == 1 {
-			r.log.Warn("no NATS server reachable yet; retrying", "err", err)
+			log.Warn("no NATS server reachable yet; retrying", "err", err)
 		}
 		select {
-		case <-r.ctx.Done():
-			return nil, fmt.Errorf("%w (gave up: %w)", err, r.ctx.Err())
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
 		case <-time.After(wait):
 		}
 		wait = min(wait*2, patientRetryMax)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -296,7 +297,10 @@ func TestRunnerPatientStart(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	r, _ := NewRunner(ctx, node, newMemAgent(), WithRegisterTimeout(time.Second), WithPatientStart())
+	// The native nexlet dials ahead, while it builds itself.
+	dial := DialAhead(ctx, creds, "nexlet-mem-register", slog.New(slog.DiscardHandler))
+	defer dial.Close()
+	r, _ := NewRunner(ctx, node, newMemAgent(), WithRegisterTimeout(time.Second), WithPatientStart(), WithRegistrationDial(dial))
 	ran := make(chan error, 1)
 	go func() { ran <- r.Run(agent, creds) }()
 	time.Sleep(300 * time.Millisecond)

@@ -52,6 +52,9 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if err != nil {
 		return err
 	}
+	// Connect while building the nexlet (its key, users, cgroups): Run registers on it.
+	dial := nexlet.DialAhead(ctx, creds, "nexlet-"+Name+"-register", log)
+	defer dial.Close()
 	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir), ExitsDir: env(EnvExitsDir),
 		CgroupDriver: env(EnvCgroupDriver)}
 	if cfg.RuntimeDir == "" {
@@ -125,7 +128,8 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 		return err
 	}
 	// nexd starts it while connecting itself, and decides how long it lives.
-	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart())
+	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart(),
+		nexlet.WithRegistrationDial(dial))
 	if err != nil {
 		return err
 	}
