@@ -231,7 +231,9 @@ func (h *Harness) node(spec nodeSpec) (*nodeProc, error) {
 		spec.Name = fmt.Sprintf("bench%d", h.seq)
 	}
 	h.mu.Unlock()
-	spec.Nexd = h.o.Nexd
+	if spec.Nexd == "" {
+		spec.Nexd = h.o.Nexd
+	}
 	spec.Extra = append(slices.Clone(h.o.NexdArgs), spec.Extra...)
 	if h.cg != "" && spec.CgroupV1 == "" {
 		spec.CgroupV1 = filepath.Join(h.cg, filepath.Base(spec.Dir))

@@ -340,6 +340,38 @@ func execOutput(name string, args ...string) (string, error) {
 	return string(out), err
 }
 
+// privateCopy copies the binary src into dir and leaves none of the copy in the page
+// cache: a process started from it shares its pages with no process started from src
+// (PSS splits shared pages), and reads them in as after a reboot (dropCached).
+func privateCopy(src, dir string) (string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	dst := filepath.Join(dir, filepath.Base(src))
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return "", err
+	}
+	f, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		return "", err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return "", err
+	}
+	// Written back first: dirty pages cannot be dropped.
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return "", err
+	}
+	if err := f.Close(); err != nil {
+		return "", err
+	}
+	dropCached(dst)
+	return dst, nil
+}
+
 // dropCached drops what the page cache holds of each file (while nothing maps it): a
 // binary just written by a build sits there in large folios, and the kernel maps its
 // text in whole 2 MiB pages, each counted whole in RSS (about 15 MB more for nexd and

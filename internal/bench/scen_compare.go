@@ -93,9 +93,17 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	}
 	figs = append(figs, msFigure("exec → ready p50", Summarize(upReady).P50, Summarize(nxReady).P50))
 
-	// Long-lived nodes for the rest, both binaries read afresh (dropCached).
-	dropCached(h.o.Upstream, h.o.Nexd)
-	up, err := startUpstream(h.o.Upstream, filepath.Join(h.dir, "upstream-main"), "upstream-main", nsUp.URL())
+	// Long-lived nodes for the rest, each from a private copy of its binary read afresh
+	// (privateCopy), so that PSS counts the pages of each side whole.
+	upBin, err := privateCopy(h.o.Upstream, filepath.Join(h.dir, "bin-upstream"))
+	if err != nil {
+		return err
+	}
+	nxBin, err := privateCopy(h.o.Nexd, filepath.Join(h.dir, "bin-nexd"))
+	if err != nil {
+		return err
+	}
+	up, err := startUpstream(upBin, filepath.Join(h.dir, "upstream-main"), "upstream-main", nsUp.URL())
 	if err != nil {
 		return err
 	}
@@ -103,7 +111,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	if _, err := up.waitReady(ctx, time.Minute); err != nil {
 		return err
 	}
-	nx, _, err := h.readyNode(ctx, nodeSpec{Name: "nexd-main", Servers: []string{nsNx.URL()}})
+	nx, _, err := h.readyNode(ctx, nodeSpec{Name: "nexd-main", Servers: []string{nsNx.URL()}, Nexd: nxBin})
 	if err != nil {
 		return err
 	}
@@ -219,7 +227,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 
 	r.notef("each node on its own in-process NATS server on loopback; nexd's figures are nexd + its nexlet, upstream's its single process (its native agent runs inside it)")
 	r.notef("workload: /bin/sh -c 'echo %s; exec sleep 86400', seen on the $NEX log feed; %d placements per side per round (after 5 warm-up), 2 rounds, order swapped", readyLine, h.o.Placements)
-	r.notef("both binaries' cached pages are dropped before the measured nodes start, so neither's text is mapped in 2 MiB pages left by a fresh build (they count whole in RSS)")
+	r.notef("the measured nodes run private copies of both binaries, read afresh: no other process (another run, the exec → ready nodes) shares their pages, which would halve their PSS, and neither's text is mapped in the 2 MiB pages a fresh write leaves in the page cache (they count whole in RSS)")
 	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, runs)
 	return nil
 }
