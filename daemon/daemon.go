@@ -81,7 +81,9 @@ func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon,
 	if os.Getenv("GOGC") == "" {
 		d.goBase.gcPercent = config.DefaultGoGCPercent
 	}
-	d.goBase.apply(loaded.Config.Node, d.log)
+	// go_gc_percent and go_memory_limit apply once nexd is ready (serve): start-up runs
+	// with Go's default collector, for at GOGC 50 it collected during package init and
+	// building the node, and each cycle's mark workers took the CPU the start waited for.
 	d.notify = sysd.NewNotifier(d.log)
 	// Claim systemd's socket before any child could inherit it (it is close-on-exec
 	// from here on).

@@ -92,6 +92,7 @@ func (s *server) serve(startCtx context.Context) error {
 	if err := s.notify.Ready(status); err != nil {
 		return err
 	}
+	s.goBase.apply(cfg.Node, s.log) // see newDaemon
 	close(s.watchdogTaken)
 	s.own.goFn(func() { s.notify.RunWatchdog(s.ctx, s.healthy) })
 	s.own.goFn(func() { s.statusLoop(s.ctx) })

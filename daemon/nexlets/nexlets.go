@@ -580,14 +580,16 @@ func (m *Manager) env(name string) map[string]string {
 		if n.CgroupDriver != "" {
 			env[native.EnvCgroupDriver] = n.CgroupDriver
 		}
-		// The Go runtime's own variables: read by the nexlet's runtime before main.
+		// The collector's percentage the nexlet sets once it is registered (its start
+		// runs with Go's default, as nexd's does); the memory limit its runtime reads
+		// before main.
 		switch {
 		case n.GoGCPercent < 0:
-			env["GOGC"] = "off"
+			env[native.EnvGOGC] = "off"
 		case n.GoGCPercent > 0:
-			env["GOGC"] = strconv.Itoa(n.GoGCPercent)
+			env[native.EnvGOGC] = strconv.Itoa(n.GoGCPercent)
 		case m.o.DefaultGOGC != "":
-			env["GOGC"] = m.o.DefaultGOGC
+			env[native.EnvGOGC] = m.o.DefaultGOGC
 		}
 		if n.GoMemoryLimit > 0 {
 			env["GOMEMLIMIT"] = strconv.FormatInt(n.GoMemoryLimit, 10)

@@ -16,6 +16,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -127,7 +128,8 @@ func TestSanitizeName(t *testing.T) {
 }
 
 // TestNativeNexletGetsGoRuntimeSettings: go_gc_percent and go_memory_limit reach the
-// native nexlet as GOGC and GOMEMLIMIT (read by its Go runtime before main); with 0 the
+// native nexlet as NEX_NATIVE_GOGC (set once it registered) and GOMEMLIMIT (read by
+// its Go runtime before main); with 0 the
 // nexlet gets nexd's default GOGC (DefaultGOGC) and Go's memory limit.
 func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
 	for _, c := range []struct {
@@ -145,8 +147,8 @@ func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
 			t.Fatal(err)
 		}
 		env := m.env(NativeName)
-		if env["GOGC"] != c.wantGC || env["GOMEMLIMIT"] != c.wantMem {
-			t.Errorf("go_gc_percent %d, go_memory_limit %d: GOGC=%q GOMEMLIMIT=%q, want %q and %q", c.gc, c.limit, env["GOGC"], env["GOMEMLIMIT"], c.wantGC, c.wantMem)
+		if env[native.EnvGOGC] != c.wantGC || env["GOMEMLIMIT"] != c.wantMem {
+			t.Errorf("go_gc_percent %d, go_memory_limit %d: GOGC=%q GOMEMLIMIT=%q, want %q and %q", c.gc, c.limit, env[native.EnvGOGC], env["GOMEMLIMIT"], c.wantGC, c.wantMem)
 		}
 		_ = m.Stop(context.Background())
 	}

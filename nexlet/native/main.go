@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,6 +35,9 @@ const (
 	EnvDefaultMemoryMax = "NEX_NATIVE_DEFAULT_MEMORY_MAX"
 	EnvDefaultPidsMax   = "NEX_NATIVE_DEFAULT_PIDS_MAX"
 	EnvArtifactMax      = "NEX_NATIVE_ARTIFACT_MAX"
+	// EnvGOGC is GOGC ("off" or a percentage) for after the registration: the start
+	// runs with Go's default, collecting less while the node waits for it.
+	EnvGOGC = "NEX_NATIVE_GOGC"
 )
 
 // ShutdownTimeout bounds how long Main waits for workloads to stop at exit.
@@ -136,6 +140,17 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	n.SetFeed(r)
 	if err := r.Run(agentID, creds); err != nil {
 		return err
+	}
+	if v := env(EnvGOGC); v != "" {
+		gc, err := strconv.Atoi(v)
+		if v == "off" {
+			gc, err = -1, nil
+		}
+		if err != nil {
+			log.Warn("ignoring an invalid GOGC; the collector keeps Go's default", "env", EnvGOGC, "value", v)
+		} else {
+			debug.SetGCPercent(gc)
+		}
 	}
 	// While nexd is away (live_restore, a re-exec) this nexlet keeps running: it stays
 	// the parent of its workloads, reaps them and keeps their exit statuses. A new
