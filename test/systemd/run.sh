@@ -9,6 +9,7 @@
 #
 # Environment: NEXD_TESTBED_CACHE (default /var/cache/nexd-testbed) holds the rootfs
 # tarball and the work tree; NEXD_TESTBED_SUITES (default "nspawn qemu") selects suites;
+# NEXD_TESTBED_TIMEOUT (default 1800) is each guest's limit in seconds;
 # NEXD_TESTBED_NATS_SERVER is a nats-server binary for the nspawn suite's NATS outage
 # checks (they fail without it).
 # Needs root. Exit status: 0 when every check passed.
@@ -17,6 +18,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${NEXD_TESTBED_CACHE:-/var/cache/nexd-testbed}
 SUITES=${NEXD_TESTBED_SUITES:-nspawn qemu}
 W=$CACHE/work
+# Each guest's limit. The qemu suite takes 2–4 min under TCG on an idle 2-core host,
+# 15 min at a load of 15–20 there; a guest that hangs costs this much of a CI run.
+GUEST_TIMEOUT=${NEXD_TESTBED_TIMEOUT:-1800}
 T0=$(date +%s)
 say() { echo "[systemd-test $(($(date +%s) - T0))s] $*"; }
 die() { echo "FAIL: $*"; exit 2; }
@@ -53,7 +57,7 @@ if [[ " $SUITES " == *" qemu "* ]]; then
 	# no_timer_check: the kernel's early check that the IO-APIC timer ticks counts ticks
 	# against a busy loop; an emulated CPU on a loaded host fails it and the kernel
 	# panics ("IO-APIC + timer doesn't work!", seen with load 14 on 2 cores).
-	timeout 900 qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 2048 -smp 2 \
+	timeout "$GUEST_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 2048 -smp 2 \
 		-nographic -no-reboot -kernel "$W/vmlinuz" -initrd "$W/initrd.img" \
 		-append "root=/dev/vda rw console=ttyS0 panic=-1 quiet no_timer_check" \
 		-drive file="$W/vm.img",format=raw,if=virtio -nic none \
@@ -65,11 +69,12 @@ fi
 NSPAWN_RC=
 if [[ " $SUITES " == *" nspawn "* ]]; then
 	say "systemd-nspawn boot + suite"
-	SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 timeout 900 systemd-nspawn -b -D "$R" --register=no \
+	SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 timeout "$GUEST_TIMEOUT" systemd-nspawn -b -D "$R" --register=no \
 		--keep-unit --private-network --console=pipe --bind="$W/share:/mnt" \
 		</dev/null >"$W/nspawn.console" 2>&1
 	NSPAWN_RC=$?
 	say "nspawn exited with $NSPAWN_RC"
+	[ "$NSPAWN_RC" = 124 ] && echo "FAIL: the container ran out of its ${GUEST_TIMEOUT}s (NEXD_TESTBED_TIMEOUT); its suite did not finish" >>"$W/share/out/nspawn.log"
 
 	# Maintainer scripts without a running systemd (as in a chroot or image build):
 	# install enables the unit but starts nothing; purge cleans up.
@@ -90,7 +95,9 @@ fi
 if [ -n "$QEMU_PID" ]; then
 	say "waiting for the VM"
 	wait "$QEMU_PID"
-	say "qemu exited with $?"
+	rc=$?
+	say "qemu exited with $rc"
+	[ "$rc" = 124 ] && echo "FAIL: the VM ran out of its ${GUEST_TIMEOUT}s (NEXD_TESTBED_TIMEOUT); its suite did not finish" >>"$W/share/out/qemu.log"
 fi
 
 # nspawn leaves empty cgroups and runtime dirs on the host (testbed.md); remove the
