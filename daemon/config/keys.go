@@ -300,7 +300,7 @@ func keySpecs() []*keySpec {
 			help:  "where workloads get their cgroup: cgroupfs (nexd's own delegated subtree) or systemd (a transient scope nex-<id>.scope per workload in nex-workloads.slice; needs root and systemd as init)",
 			field: func(c *Config) any { return &c.Node.CgroupDriver }},
 		{key: "go_gc_percent", kind: kInt, scope: scopeNode, group: gDaemon, reloadable: true, defText: "0: nexd's, 50 (or $GOGC)",
-			help:  "GOGC of nexd and of its native nexlet: heap growth before a collection, in percent; -1 turns the collector off; 0 takes nexd's default for a small daemon, 50 (Go's is 100), or $GOGC when nexd has it",
+			help:  "GOGC of nexd and of its native nexlet: heap growth before a collection, in percent; -1 turns the collector off; 0 takes nexd's default for a small daemon, 50 (Go's is 100), or $GOGC when nexd has it; both start with Go's collector and take this once ready (nexd) or registered (the nexlet)",
 			field: func(c *Config) any { return &c.Node.GoGCPercent }},
 		{key: "go_memory_limit", kind: kSize, scope: scopeNode, group: gDaemon, reloadable: true, defText: "0: Go's (none, or $GOMEMLIMIT)",
 			help:  "GOMEMLIMIT of nexd and of its native nexlet, each: a soft heap limit the collector works harder to stay under (a limit, not a cap); 0 leaves Go's",
