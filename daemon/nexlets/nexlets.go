@@ -580,6 +580,9 @@ func (m *Manager) env(name string) map[string]string {
 		if n.CgroupDriver != "" {
 			env[native.EnvCgroupDriver] = n.CgroupDriver
 		}
+		if m.log.Enabled(context.Background(), slog.LevelDebug) {
+			env[native.EnvDebug] = "1" // its start step timings, among others
+		}
 		// The collector's percentage the nexlet sets once it is registered (its start
 		// runs with Go's default, as nexd's does); the memory limit its runtime reads
 		// before main.

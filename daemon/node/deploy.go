@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -25,6 +26,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	if !ok {
 		return // another node's bid, or expired: upstream is silent
 	}
+	st := steps.Start(n.log) // nil unless the node logs at debug level
 	defer n.keepAlive(r)()
 	deployed := false
 	if n.o.Observer != nil {
@@ -77,6 +79,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 500, "failed to encode start request", err)
 		return
 	}
+	st.Step("check") // decode, reserve, schema, credentials, encode
 	// The intent: a request the state store cannot hold (too large, store down) is
 	// refused here, before anything runs.
 	if err := res.record(n.ctx, req); err != nil {
@@ -88,6 +91,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		return
 	}
 
+	st.Step("record")
 	call, err := n.startOnNexlet(a.id, workloadID, body)
 	if err != nil {
 		n.refuse(r, 500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
@@ -112,6 +116,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		return
 	}
 	call.close()
+	st.Step("nexlet") // its start and both hops
 	if isErrorReply(reply) {
 		// Relayed as the nexlet said it, and not kept: the nexlet did not run it.
 		n.log.Info("nexlet refused workload", "workload_id", workloadID, "agent_id", a.id,
@@ -128,6 +133,8 @@ func (n *Node) handleDeploy(r micro.Request) {
 		"type", req.WorkloadType, "agent_id", a.id)
 	deployed = true
 	n.relay(r, reply)
+	st.Step("reply")
+	st.Log(n.log, "deploy steps", "workload_id", workloadID)
 }
 
 // Bounds on the keep-alive interval a client may ask for (HeaderAlive).

@@ -35,7 +35,11 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 			stderr = nb
 		}
 	}
-	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo,
+	level := slog.LevelInfo
+	if os.Getenv(EnvDebug) == "1" {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level,
 		// JSON writes durations as nanoseconds; the node log should read "6s".
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
 			if a.Value.Kind() == slog.KindDuration {

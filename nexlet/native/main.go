@@ -38,6 +38,9 @@ const (
 	// EnvGOGC is GOGC ("off" or a percentage) for after the registration: the start
 	// runs with Go's default, collecting less while the node waits for it.
 	EnvGOGC = "NEX_NATIVE_GOGC"
+	// EnvDebug "1": the nexlet logs at debug level (nexd sets it when it does), which
+	// includes each start's step timings.
+	EnvDebug = "NEX_NATIVE_DEBUG"
 )
 
 // ShutdownTimeout bounds how long Main waits for workloads to stop at exit.

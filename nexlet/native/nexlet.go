@@ -24,6 +24,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/names"
+	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -326,6 +327,7 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 }
 
 func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
+	st := steps.Start(n.log) // nil unless the nexlet logs at debug level
 	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
 	if !validID(id) {
 		return nil, fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id)
@@ -345,6 +347,7 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	if err != nil {
 		return nil, err
 	}
+	st.Step("parse") // the run_request, its user, the environment
 	n.mu.Lock()
 	if n.lameduck && !existing {
 		n.mu.Unlock()
@@ -372,7 +375,7 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req, plan: pl, argv: argv,
 		dir: filepath.Join(n.wdir, id), state: protocol.WorkloadStarting,
 		started: time.Now().UTC(), stop: make(chan time.Duration, 1), done: make(chan struct{}),
-		env: env, creds: req.WorkloadCreds, want: want}
+		env: env, creds: req.WorkloadCreds, want: want, steps: st}
 	n.workloads[id] = w
 	n.mu.Unlock()
 
@@ -389,7 +392,10 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 		n.log.Info("adopted live workload", "workload_id", id, "namespace", w.ns, "pid", p.pid)
 	}
 	n.startRenewal(w)
+	w.steps = nil // a restart's launch is not timed
 	go n.supervise(w, p, !adopted)
+	st.Step("rest")
+	st.Log(n.log, "start steps", "workload_id", id, "adopted", adopted)
 	return resp, nil
 }
 

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/procid"
+	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -38,6 +39,7 @@ type workload struct {
 	done         chan struct{}      // closed once the workload is gone
 	output       outputLimit        // its stdout and stderr lines per second
 	ready        *readyRecord       // its record directory, made ahead, for its first launch
+	steps        *steps.Timer       // its start's steps (debug logging only)
 
 	// guarded by Nexlet.mu
 	ident    ident // who it runs as, once begun
@@ -131,6 +133,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
 	}
 	w.sb = sb
+	w.steps.Step("sandbox")
 	if n.iso.mode() == "none" && w.plan.limits != (Limits{}) {
 		n.log.Warn("limits requested but not enforced without cgroups", "workload_id", w.id)
 	}
@@ -206,6 +209,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 			return fail(fmt.Errorf("workload %s: %w", w.id, err))
 		}
 	}
+	w.steps.Step("uid") // the lease, the directory
 	if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds, id); err != nil {
 		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
@@ -235,6 +239,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	n.mu.Lock()
 	w.sha256 = sum
 	n.mu.Unlock()
+	w.steps.Step("files")                       // credentials file, artifact, access checks, digest
 	w.ready = n.records.take(n.recordDir(w.id)) // removed above: free for the rename
 	p, err := n.launch(w)
 	if w.ready != nil { // launch failed before it took them
@@ -358,6 +363,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	outW.Close()
 	errW.Close()
+	w.steps.Step("fork") // to the child's execve (vfork), on the fork pool's thread in v1
 	if err != nil {
 		unix.Close(outR)
 		unix.Close(errR)
@@ -379,6 +385,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	} else if err := n.writePID(w.id, id); err != nil {
 		n.log.Warn("workload pid not recorded; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
 	}
+	w.steps.Step("pid") // its oom_score_adj, its pid and start time recorded
 	n.mu.Lock()
 	w.pid = p.pid
 	n.mu.Unlock()
