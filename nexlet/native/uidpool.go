@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 )
 
 // DefaultUIDPool is how many dynamic uids the nexlet leases ahead (refilled, with one
@@ -144,7 +143,7 @@ func (p *uidPool) claim(id ident, owner string) (bool, error) {
 	defer unlock()
 	path := p.u.leasePath(id.uid)
 	b, err := os.ReadFile(path)
-	if err != nil || strings.TrimSpace(string(b)) != p.owner {
+	if err != nil || leaseOwner(b) != p.owner {
 		return false, nil
 	}
 	if hostUses(id.uid) {
@@ -167,7 +166,7 @@ func (p *uidPool) drain() {
 				_ = os.RemoveAll(e.dir)
 			}
 			if unlock, err := p.u.lock(); err == nil {
-				if b, err := os.ReadFile(p.u.leasePath(id.uid)); err == nil && strings.TrimSpace(string(b)) == p.owner {
+				if b, err := os.ReadFile(p.u.leasePath(id.uid)); err == nil && leaseOwner(b) == p.owner {
 					_ = os.Remove(p.u.leasePath(id.uid))
 				}
 				unlock()

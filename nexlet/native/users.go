@@ -380,12 +380,47 @@ func (u *users) leaseFreeLocked(uid uint32) bool {
 	if err != nil {
 		return false
 	}
-	owner := strings.TrimSpace(string(b))
+	owner := leaseOwner(b)
 	if owner == "" || !filepath.IsAbs(owner) {
 		return false
 	}
 	_, err = os.Lstat(owner)
 	return errors.Is(err, fs.ErrNotExist)
+}
+
+// leaseOwner is the owner a lease file names: its first line. A nexlet killed while
+// rewriting a lease in place (writeLease) leaves the new owner's line followed by the
+// rest of a longer old one, which must still read as the new owner.
+func leaseOwner(b []byte) string {
+	line, _, _ := strings.Cut(string(b), "\n")
+	return strings.TrimSpace(line)
+}
+
+// retire moves the lease of a stopped workload's uid from its directory (owner) to
+// this nexlet ahead of its release: the directory goes first, and a lease naming a
+// directory that is gone is stale, so the uid could be leased again (by the pool's
+// filler, by another nexlet) while its release is still pending, a release that would
+// then kill the new holder's processes and remove its lease. false: the lease is not
+// owner's (never written, or someone else's): there is nothing to release.
+func (u *users) retire(uid uint32, owner string) bool {
+	unlock, err := u.lock()
+	if err != nil {
+		return false
+	}
+	defer unlock()
+	path := u.leasePath(uid)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	self := "/proc/" + strconv.Itoa(os.Getpid())
+	switch leaseOwner(b) {
+	case self:
+		return true
+	case owner:
+		return writeLease(path, self) == nil
+	}
+	return false
 }
 
 // writeLease writes the lease file path naming owner. An existing lease is rewritten

@@ -225,3 +225,42 @@ func TestReleaseAllKillsSurvivors(t *testing.T) {
 		}
 	}
 }
+
+// TestStoppedWorkloadsUIDStaysLeasedUntilReleased: between a stop's removal of the
+// workload's directory and the batched release of its uid, the uid must stay leased. A
+// lease naming a directory that is gone is stale, so another lease (the pool's filler,
+// another nexlet of the host) could take the uid meanwhile, and the pending release
+// would then kill that holder's processes and remove its lease, leaving the uid to a
+// third workload as well. A zombie running as the uid keeps the release waiting, as a
+// slow walk of /proc or a survivor would.
+func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
+	needRoot(t)
+	const uid = 2000102
+	if hostUses(uid) {
+		t.Skip("uid 2000102 is in use on this host")
+	}
+	leases := t.TempDir()
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases}})
+	fn.mustStart("one", startReq(protocol.LifecycleService, "one", map[string]any{"uri": script(t, `exec sleep 1000`)}, fn.creds()))
+	if s, _ := fn.summary("one"); s.Metadata["uid"] != strconv.Itoa(uid) {
+		t.Fatalf("uid = %q, want %d", s.Metadata["uid"], uid)
+	}
+	zombie := exec.Command("/bin/true")
+	zombie.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	if err := zombie.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer zombie.Wait()
+	fn.stop("one", testNS)
+	unlock, err := tn.Nexlet.users.lock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, rerr := os.ReadFile(tn.Nexlet.users.leasePath(uid))
+	free := tn.Nexlet.users.leaseFreeLocked(uid)
+	unlock()
+	if rerr == nil && free {
+		t.Fatalf("uid %d: its lease (%q) is stale while its release is pending: another workload could be given the uid", uid, b)
+	}
+}

@@ -768,19 +768,22 @@ func (n *Nexlet) cleanup(w *workload) {
 			n.log.Warn("remove workload sandbox", "workload_id", w.id, "err", err)
 		}
 	}
+	n.mu.Lock()
+	id := w.ident
+	n.mu.Unlock()
+	// The lease passes from its directory to this nexlet before the directory goes
+	// (retire): the uid stays leased and unused until its release.
+	if id.dynamic && !n.users.retire(id.uid, w.dir) {
+		id = ident{} // not leased for this workload: not its to release
+	}
 	if err := os.RemoveAll(w.dir); err != nil {
 		n.log.Warn("remove workload directory", "workload_id", w.id, "err", err)
 	}
 	if w.plan == nil || w.plan.art.scheme == "nats" {
 		n.arts.sweep(false) // its artifact goes unless another workload links it
 	}
-	n.mu.Lock()
-	id := w.ident
-	n.mu.Unlock()
-	// Only after its directory is gone, so that the lease cannot look live again. The
-	// release walks /proc for survivors of the uid (milliseconds on a busy host): it
-	// runs after the stop's reply, batched with other stops' (one walk for all). Until
-	// it has, the uid stays leased and unused.
+	// The release walks /proc for survivors of the uid (milliseconds on a busy host):
+	// it runs after the stop's reply, batched with other stops' (one walk for all).
 	n.releases.add(id)
 }
 
