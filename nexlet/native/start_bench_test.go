@@ -285,6 +285,11 @@ func TestUIDPool(t *testing.T) {
 	if err := n.StopWorkload("pooled", &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
 		t.Fatal(err)
 	}
+	// Until its release the stopped workload's uid is leased to the nexlet (retire).
+	testkit.Eventually(t, "the stopped workload's uid released", func() bool {
+		_, err := os.Stat(filepath.Join(lease, uid))
+		return os.IsNotExist(err)
+	})
 	n.users.stopPool() // what Close does for the pool (Close itself runs at cleanup)
 	if left := pooled(); len(left) != 0 {
 		t.Errorf("pooled leases left after the pool stopped: %v", left)
@@ -398,7 +403,7 @@ func BenchmarkClaimDuringRefill(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StartTimer()
-		if ok, err := pool.claim(ids[0], dir); err != nil || !ok {
+		if _, ok, err := pool.claim(pooledUID{id: ids[0]}, dir); err != nil || !ok {
 			b.Fatalf("claim: %v %v", ok, err)
 		}
 		b.StopTimer()
@@ -439,7 +444,7 @@ func BenchmarkClaimPooledUID(b *testing.B) {
 		}
 		b.StartTimer()
 		t0 := time.Now()
-		if ok, err := pool.claim(ids[0], dir); err != nil || !ok {
+		if _, ok, err := pool.claim(pooledUID{id: ids[0]}, dir); err != nil || !ok {
 			b.Fatalf("claim: %v %v", ok, err)
 		}
 		took = append(took, time.Since(t0))

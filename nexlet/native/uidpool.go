@@ -1,6 +1,9 @@
 package native
 
 import (
+	"errors"
+	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -112,18 +115,7 @@ func (p *uidPool) take(owner string) (id ident, made, ok bool) {
 		default:
 			return ident{}, false, false
 		}
-		made := false
-		if e.dir != "" {
-			if err := os.Rename(e.dir, owner); err == nil {
-				made = true
-			} else {
-				_ = os.RemoveAll(e.dir)
-			}
-		}
-		ok, err := p.claim(e.id, owner)
-		if (err != nil || !ok) && made {
-			_ = os.RemoveAll(owner)
-		}
+		made, ok, err := p.claim(e, owner)
 		if err != nil {
 			return ident{}, false, false
 		}
@@ -133,27 +125,48 @@ func (p *uidPool) take(owner string) (id ident, made, ok bool) {
 	}
 }
 
-// claim moves the lease of a pooled uid to owner; false when the uid became a host
-// user or group, or the lease is no longer the pool's, since it was leased.
-func (p *uidPool) claim(id ident, owner string) (bool, error) {
+// claim moves the lease of a pooled uid to owner and puts the directory made for it
+// in place (made), or an empty one; false when the uid became a host user or group, or
+// the lease is no longer the pool's, since it was leased. Under the lease lock, the
+// lease is rewritten before the directory is renamed: a nexlet killed in between
+// leaves a lease naming a directory that is not there (stale, the uid free again) and
+// its ready directory (removed by the next nexlet), never a workload directory with the
+// uid's identity whose lease is not its own (whose cleanup would release a uid another
+// workload may hold by then).
+func (p *uidPool) claim(e pooledUID, owner string) (made, ok bool, err error) {
 	unlock, err := p.u.lock()
 	if err != nil {
-		return false, err
+		if e.dir != "" {
+			_ = os.RemoveAll(e.dir)
+		}
+		return false, false, err
 	}
 	defer unlock()
-	path := p.u.leasePath(id.uid)
+	path := p.u.leasePath(e.id.uid)
 	b, err := os.ReadFile(path)
-	if err != nil || leaseOwner(b) != p.owner {
-		return false, nil
-	}
-	if hostUses(id.uid) {
+	switch {
+	case err != nil || leaseOwner(b) != p.owner:
+		err = nil
+	case hostUses(e.id.uid):
 		_ = os.Remove(path)
-		return false, nil
+	default:
+		if err = writeLease(path, owner); err != nil {
+			break
+		}
+		if e.dir != "" && os.Rename(e.dir, owner) == nil {
+			return true, true, nil
+		}
+		if merr := os.Mkdir(owner, 0o700); merr != nil && !errors.Is(merr, fs.ErrExist) {
+			_ = os.Remove(path)
+			err = fmt.Errorf("directory: %w", merr)
+			break
+		}
+		ok = true
 	}
-	if err := writeLease(path, owner); err != nil {
-		return false, err
+	if e.dir != "" {
+		_ = os.RemoveAll(e.dir)
 	}
-	return true, nil
+	return false, ok, err
 }
 
 // drain gives back the leases still pooled.

@@ -181,7 +181,16 @@ func (u *users) acquire(id ident, owner string) (got ident, made bool, err error
 			return got, made, nil
 		}
 	}
+	// The directory exists before the lease names it: a lease naming a directory that
+	// is not there is stale, and another lease (the pool's filler, another nexlet) would
+	// take the uid before makeWorkloadDirs.
+	if err := os.Mkdir(owner, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return ident{}, false, fmt.Errorf("directory: %w", err)
+	}
 	got, err = u.leaseFresh(owner)
+	if err != nil {
+		_ = os.Remove(owner)
+	}
 	return got, false, err
 }
 
@@ -696,8 +705,12 @@ type identFile struct {
 // makeWorkloadDirs makes dir (owned by the nexlet, entered only by the workload's
 // group), its identity file and dir/home (the workload's own, 0700).
 func makeWorkloadDirs(dir string, id ident) error {
-	if err := os.Mkdir(dir, 0o700); err != nil {
+	// It may exist, empty, made by acquire before the lease named it.
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
 		return fmt.Errorf("directory: %w", err)
+	}
+	if fi, err := os.Lstat(dir); err != nil || !fi.IsDir() {
+		return fmt.Errorf("directory %s: not a directory", dir)
 	}
 	b, _ := json.Marshal(identFile{UID: id.uid, GID: id.gid, Groups: id.groups, Name: id.name, Dynamic: id.dynamic, Same: id.same})
 	if err := os.WriteFile(filepath.Join(dir, identFileName), b, 0o600); err != nil {

@@ -264,3 +264,31 @@ func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 		t.Fatalf("uid %d: its lease (%q) is stale while its release is pending: another workload could be given the uid", uid, b)
 	}
 }
+
+// TestFreshLeaseHeldWhileItsDirectoryIsMade: a uid leased for a workload on the deploy
+// path (no pooled uid left) is held from the moment its lease is written, before the
+// workload's directory is made: a lease naming a directory that is not there is stale,
+// so the pool's filler or another nexlet of the host could lease the same uid for
+// another workload meanwhile.
+func TestFreshLeaseHeldWhileItsDirectoryIsMade(t *testing.T) {
+	needRoot(t)
+	const uid = 2000103
+	if hostUses(uid) {
+		t.Skip("uid 2000103 is in use on this host")
+	}
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "one")
+	id, made, err := us.acquire(ident{dynamic: true, name: "dynamic"}, dir)
+	if err != nil || made || id.uid != uid {
+		t.Fatalf("acquire: %v made=%v: %v", id, made, err)
+	}
+	if got, err := us.leaseFreshN("/proc/"+strconv.Itoa(os.Getpid()), 1); err == nil {
+		t.Fatalf("uid %d leased again (%v) before the first workload's directory was made", uid, got)
+	}
+	if err := makeWorkloadDirs(dir, id); err != nil {
+		t.Fatal(err)
+	}
+}
