@@ -145,8 +145,13 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		if s.nexlets, err = nexlets.New(startCtx, nopts); err != nil {
 			return nil, err
 		}
-		// Should the start be abandoned before serve takes over the stop (below it).
-		d.closers.push("nexlets started early", s.stopNexlets)
+		// Should the start be abandoned before serve takes over the stop (below it). What
+		// runs in the workloads' cgroups then is an earlier nexd's, which this one never
+		// got to know: left for the nexd that adopts it (live_restore) or replays it.
+		d.closers.push("nexlets started early", func(ctx context.Context) error {
+			s.nexlets.LeaveWorkloads()
+			return s.stopNexlets(ctx)
+		})
 		s.nexlets.StartEarly(startCtx)
 	}
 

@@ -327,6 +327,10 @@ func (m *Manager) Stop(ctx context.Context) error {
 // Detach makes Stop leave the workloads running for the next nexd (live_restore).
 func (m *Manager) Detach() { m.sup.Detach() }
 
+// LeaveWorkloads makes Stop stop the nexlets but leave the workloads' cgroups alone
+// (supervise.Supervisor.LeaveWorkloads).
+func (m *Manager) LeaveWorkloads() { m.sup.LeaveWorkloads() }
+
 // resolve turns the native nexlet and the configured agents into specs.
 func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, error) {
 	var out []Spec

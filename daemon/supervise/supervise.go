@@ -177,6 +177,8 @@ type Supervisor struct {
 	limit    int
 	stopping bool
 	detach   bool // Stop sends SignalDetach: workloads stay for the next nexd
+	// leave: Stop leaves the workloads' cgroups alone (LeaveWorkloads)
+	leave bool
 	nexlets  map[string]*nexlet
 }
 
@@ -503,6 +505,16 @@ func (s *Supervisor) Detach() {
 	s.mu.Unlock()
 }
 
+// LeaveWorkloads makes the next Stop leave whatever runs in the workloads' cgroups
+// alone while it stops the nexlets as usual: for a stop before the node took its
+// workloads over (a start abandoned while the native nexlet started early), when what
+// runs there is an earlier nexd's, left for the nexd that adopts it (live_restore).
+func (s *Supervisor) LeaveWorkloads() {
+	s.mu.Lock()
+	s.leave = true
+	s.mu.Unlock()
+}
+
 // Stop stops every nexlet (SIGTERM, or SignalDetach after Detach; then a kill of the
 // nexlet's own group after the grace period, or at once when ctx ends) and removes
 // their cgroups. Unless detached, whatever is left in the workloads' cgroups is killed
@@ -527,7 +539,7 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 		}
 	}
 	s.mu.Lock()
-	detach := s.detach
+	detach, leave := s.detach, s.leave
 	s.mu.Unlock()
 	var left []string
 	if detach {
@@ -543,7 +555,7 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 	} else {
 		_, err = s.cg.CleanupStale("")
 	}
-	if w := s.opts.Workloads; w != nil && !detach {
+	if w := s.opts.Workloads; w != nil && !detach && !leave {
 		killed, werr := w.CleanupStale("")
 		if killed > 0 {
 			s.log.Warn("killed workload processes their nexlets left behind", "cgroup", w.Path(), "killed", killed)

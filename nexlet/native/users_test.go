@@ -168,7 +168,8 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 		t.Skip("uid 2000100 is in use on this host")
 	}
 	fn := newFakeNode(t)
-	fn.startNexlet(Config{Users: UserPolicy{UIDMin: lo, UIDMax: hi, LeaseDir: t.TempDir()}})
+	leases := t.TempDir()
+	fn.startNexlet(Config{Users: UserPolicy{UIDMin: lo, UIDMax: hi, LeaseDir: leases}})
 	uri := script(t, `exec sleep 1000`)
 	fn.mustStart("one", startReq(protocol.LifecycleService, "one", map[string]any{"uri": uri}, fn.creds()))
 	if s, _ := fn.summary("one"); s.Metadata["uid"] != "2000100" {
@@ -180,6 +181,11 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 		t.Errorf("second workload: %s %q", r.code, r.errText)
 	}
 	fn.stop("one", testNS)
+	// Released after the stop's reply (batched); leased to the nexlet until then.
+	testkit.Eventually(t, "uid 2000100 released", func() bool {
+		_, err := os.Stat(filepath.Join(leases, "2000100"))
+		return os.IsNotExist(err)
+	})
 	fn.mustStart("three", startReq(protocol.LifecycleService, "three", map[string]any{"uri": uri}, fn.creds()))
 	if s, _ := fn.summary("three"); s.Metadata["uid"] != "2000100" {
 		t.Errorf("uid after release = %q, want 2000100 again", s.Metadata["uid"])
