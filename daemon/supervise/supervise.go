@@ -178,8 +178,8 @@ type Supervisor struct {
 	stopping bool
 	detach   bool // Stop sends SignalDetach: workloads stay for the next nexd
 	// leave: Stop leaves the workloads' cgroups alone (LeaveWorkloads)
-	leave bool
-	nexlets  map[string]*nexlet
+	leave   bool
+	nexlets map[string]*nexlet
 }
 
 // New makes a Supervisor. It raises RLIMIT_NOFILE to its hard limit for this process,
