@@ -64,19 +64,26 @@ func (n *Node) handleDeploy(r micro.Request) {
 		return
 	}
 	defer res.rollback()
+	// A refusal rolls back first: the client's "not started" is definitive only if the
+	// record of the intent is already gone when it hears it (a nexd that died between
+	// the reply and a deferred delete would replay a deploy its client was told failed).
+	refuse := func(code int, description string, err error) {
+		res.rollback()
+		n.refuse(r, code, description, err)
+	}
 	a := res.agent
 	if err := validateRunRequest(a.schema, req.RunRequest); err != nil {
-		n.refuse(r, 400, "run_request rejected", fmt.Errorf("run_request for nexlet %q (type %s): %w", a.req.Name, req.WorkloadType, err))
+		refuse(400, "run_request rejected", fmt.Errorf("run_request for nexlet %q (type %s): %w", a.req.Name, req.WorkloadType, err))
 		return
 	}
 	creds, err := n.o.Minter.MintWorkload(req.Namespace, workloadID)
 	if err != nil {
-		n.refuse(r, 500, "failed to mint workload credentials", fmt.Errorf("mint workload %s in %s: %w", workloadID, req.Namespace, err))
+		refuse(500, "failed to mint workload credentials", fmt.Errorf("mint workload %s in %s: %w", workloadID, req.Namespace, err))
 		return
 	}
 	body, err := protocol.Marshal(protocol.AgentStartWorkloadRequest{Request: req, WorkloadCreds: creds})
 	if err != nil {
-		n.refuse(r, 500, "failed to encode start request", err)
+		refuse(500, "failed to encode start request", err)
 		return
 	}
 	st.Step("check") // decode, reserve, schema, credentials, encode
@@ -84,9 +91,9 @@ func (n *Node) handleDeploy(r micro.Request) {
 	// refused here, before anything runs.
 	if err := res.record(n.ctx, req); err != nil {
 		if errors.Is(err, state.ErrValueTooLarge) {
-			n.refuse(r, 400, "workload not stored", fmt.Errorf("workload not started: its start request cannot be recorded in node state: %w", err))
+			refuse(400, "workload not stored", fmt.Errorf("workload not started: its start request cannot be recorded in node state: %w", err))
 		} else {
-			n.refuse(r, 500, "workload not stored", fmt.Errorf("record workload %s before starting it: %w", workloadID, err))
+			refuse(500, "workload not stored", fmt.Errorf("record workload %s before starting it: %w", workloadID, err))
 		}
 		return
 	}
@@ -94,7 +101,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	st.Step("record")
 	call, err := n.startOnNexlet(a.id, workloadID, body)
 	if err != nil {
-		n.refuse(r, 500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
+		refuse(500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
 		return
 	}
 	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
@@ -122,6 +129,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.log.Info("nexlet refused workload", "workload_id", workloadID, "agent_id", a.id,
 			"code", reply.Header.Get(protocol.HeaderErrorCode), "err", reply.Header.Get(protocol.HeaderError))
 		reply.Header.Set(protocol.HeaderDeployOutcome, protocol.DeployNotStarted)
+		res.rollback()
 		n.relay(r, reply)
 		return
 	}
@@ -337,6 +345,7 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 	stop, err := n.stopWorkload(n.ctx, req.Namespace, res.id)
 	if err == nil && stop.Stopped {
 		call.close()
+		res.rollback() // before the refusal: see handleDeploy
 		n.log.Warn("gave up on a workload start and stopped it", "workload_id", res.id, "agent_id", res.agent.id, "err", why)
 		n.refuse(r, 408, "nexlet did not start the workload in time", fmt.Errorf("workload %s not started: %w; the node stopped it again", res.id, why))
 		return

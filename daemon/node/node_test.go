@@ -428,9 +428,24 @@ func TestNamespaceIsolation(t *testing.T) {
 	}
 }
 
+// slowDeleteStore is a store whose deletes take a while (a JetStream KV round trip under
+// load): a refusal sent before its record is gone shows up as a stored record.
+type slowDeleteStore struct {
+	*MemStore
+	delay time.Duration
+}
+
+func (s slowDeleteStore) Delete(ctx context.Context, workloadType, workloadID string) error {
+	time.Sleep(s.delay)
+	return s.MemStore.Delete(ctx, workloadType, workloadID)
+}
+
+// TestDeployRefusals: every refusal says "not started" and leaves nothing behind, in
+// the store either: a refused deploy's record is deleted before the refusal is sent,
+// so a nexd that dies right after it cannot replay the deploy.
 func TestDeployRefusals(t *testing.T) {
-	f := newFixture(t, 1, func(_ int, o *Options) { o.Store = &MemStore{MaxValueBytes: 600} })
-	st := f.nodes[0].o.Store.(*MemStore)
+	st := &MemStore{MaxValueBytes: 600}
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Store = slowDeleteStore{MemStore: st, delay: 300 * time.Millisecond} })
 	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
 	deploy := func(req any) *nats.Msg {
 		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
