@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -36,6 +37,35 @@ func markerPIDs(marker string) []int {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// shellsWithChild is markerPIDs once each of them (a `sh -c "sleep 600; :" marker`) has
+// forked its sleep and the sleep has exec'd, else nil: a snapshot taken earlier could
+// catch the fork's child still running sh with the marker in its cmdline, a pid that
+// is gone a moment later.
+func shellsWithChild(marker string) []int {
+	pids := markerPIDs(marker)
+	for _, p := range pids {
+		if !execedChild(p) {
+			return nil
+		}
+	}
+	return pids
+}
+
+// execedChild reports whether pid has a child that no longer runs pid's own command.
+func execedChild(pid int) bool {
+	own, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	for _, c := range strings.Fields(string(b)) {
+		if cmd, err := os.ReadFile(filepath.Join("/proc", c, "cmdline")); err == nil && len(cmd) > 0 && !bytes.Equal(cmd, own) {
+			return true
+		}
+	}
+	return false
 }
 
 // corruptHandover watches nexd (pid) for the memfd of its re-exec hand-over and, the
@@ -101,8 +131,8 @@ func TestReexecHandover(t *testing.T) {
 	leak := `cat "$NEX_WORKLOAD_NATS_CREDS_FILE"; exec sleep 600`
 	leaky := n.runWorkload(t, "--name", "leaky", "--", "/bin/sh", "-c", leak).ID
 	var before []int
-	testkit.EventuallyWithin(t, 60*time.Second, "every service runs", func() bool {
-		before = markerPIDs(marker)
+	testkit.EventuallyWithin(t, 60*time.Second, "every service runs with its sleep", func() bool {
+		before = shellsWithChild(marker)
 		return len(before) == services
 	})
 	connects := func(creds string) error {

@@ -115,8 +115,8 @@ func TestRestartedNexletOutlivesNexd(t *testing.T) {
 		limitFile = filepath.Join(n.cgroup, "workloads", svc, "memory.limit_in_bytes")
 	}
 	var before []int
-	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool {
-		before = markerPIDs(marker)
+	testkit.EventuallyWithin(t, 60*time.Second, "the service runs with its sleep", func() bool {
+		before = shellsWithChild(marker)
 		return len(before) == 1
 	})
 	first := nexletPID(n.cmd.Process.Pid)
@@ -301,8 +301,8 @@ func runSvcAndJob(t *testing.T, n *node, kind string, code int) (svc, marker str
 	release = filepath.Join(testkit.PublicDir(t), "release")
 	job = n.runWorkload(t, "--name", "job", "--lifecycle", "job", "--",
 		"/bin/sh", "-c", fmt.Sprintf(`while [ ! -e "$0" ]; do sleep 0.05; done; exit %d`, code), release).ID
-	testkit.EventuallyWithin(t, 60*time.Second, "the service and the job run", func() bool {
-		before = markerPIDs(marker)
+	testkit.EventuallyWithin(t, 60*time.Second, "the service (with its sleep) and the job run", func() bool {
+		before = shellsWithChild(marker)
 		return len(before) == 1 && len(markerPIDs(release)) == 1
 	})
 	return svc, marker, before, job, release

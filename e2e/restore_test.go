@@ -289,10 +289,17 @@ func TestLiveRestore(t *testing.T) {
 	}
 	ids = append(ids, sealed.ID)
 	before := map[string][]int{}
-	testkit.EventuallyWithin(t, 90*time.Second, "every workload runs", func() bool {
+	// The snapshot waits for each workload's settled process tree: a service is its sh
+	// and the sleep it forks (under load the fork comes a moment after the sh appears),
+	// the sealed one is a single process (its sh execs sleep, keeping its pid).
+	testkit.EventuallyWithin(t, 90*time.Second, "every workload runs its whole process tree", func() bool {
 		for _, id := range ids {
 			p := n.groupProcs(id)
-			if len(p) == 0 {
+			want := 2
+			if id == sealed.ID {
+				want = 1
+			}
+			if len(p) != want {
 				return false
 			}
 			before[id] = p
