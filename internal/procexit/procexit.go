@@ -151,13 +151,7 @@ func (l *Listener) next() (Exit, int, error) {
 // a subscription from outside its initial user and pid namespaces (a container) without
 // an error but never sends it anything.
 func (l *Listener) probe(timeout time.Duration) error {
-	tids := make(chan int, 1)
-	go func() {
-		// A goroutine that ends locked to its thread ends the thread.
-		runtime.LockOSThread()
-		tids <- unix.Gettid()
-	}()
-	tid := <-tids
+	tid := endThread()
 	if err := l.f.SetReadDeadline(time.Now().Add(timeout)); err != nil {
 		return err
 	}
@@ -174,6 +168,29 @@ func (l *Listener) probe(timeout time.Duration) error {
 			return nil
 		}
 	}
+}
+
+// endThread ends an OS thread of this process (never the main one) and returns its id.
+func endThread() int {
+	tids := make(chan int, 1)
+	go exitThread(tids)
+	return <-tids
+}
+
+// exitThread ends the calling goroutine's thread (a goroutine that ends locked to its
+// thread ends the thread) after sending its id. The runtime never ends the main thread:
+// it parks it for good, and no exit event ever comes (Listen then wrongly found process
+// events unavailable whenever the probe's goroutine ran there). On the main thread it
+// keeps the thread locked, so that a second goroutine runs on another one, has that
+// one ended instead, and returns.
+func exitThread(tids chan<- int) {
+	runtime.LockOSThread()
+	if tid := unix.Gettid(); tid != unix.Getpid() {
+		tids <- tid
+		return
+	}
+	tids <- endThread()
+	runtime.UnlockOSThread()
 }
 
 // Close stops listening and ends a blocked Next.
