@@ -107,6 +107,9 @@ type Manager struct {
 	mu      sync.Mutex
 	lastKey map[string]string // registration public key of each nexlet's newest start
 	reg     Registry          // nil until Attach when started early
+	// keep: Stop leaves processes under the cgroup root (Detach, LeaveWorkloads), so
+	// the root stays too.
+	keep bool
 	// announced: the registry knows every nexlet (Attach, else Start).
 	announced bool
 	// early holds the first start's result of each nexlet StartEarly started; Start
@@ -314,22 +317,42 @@ func (m *Manager) Start(ctx context.Context) error {
 	return nil
 }
 
-// Stop stops every nexlet (SIGTERM, grace, kill) and returns when they are gone.
+// Stop stops every nexlet (SIGTERM, grace, kill) and returns when they are gone. After
+// a stop that left nothing running, the node's own cgroup root (one detection made for
+// it, nexd/<node id> on v1) is removed: stopped nodes leave no empty groups behind.
 func (m *Manager) Stop(ctx context.Context) error {
 	err := m.sup.Stop(ctx)
 	m.earlyWG.Wait()
 	if m.unlock != nil {
+		m.mu.Lock()
+		keep := m.keep
+		m.mu.Unlock()
+		if !keep && err == nil {
+			if rerr := m.cg.RemoveOwnRoot(); rerr != nil {
+				m.log.Warn("could not remove the node's cgroup root after a clean stop", "cgroup", m.cg.Path(), "err", rerr)
+			}
+		}
 		m.unlock()
 	}
 	return err
 }
 
 // Detach makes Stop leave the workloads running for the next nexd (live_restore).
-func (m *Manager) Detach() { m.sup.Detach() }
+func (m *Manager) Detach() {
+	m.mu.Lock()
+	m.keep = true
+	m.mu.Unlock()
+	m.sup.Detach()
+}
 
 // LeaveWorkloads makes Stop stop the nexlets but leave the workloads' cgroups alone
 // (supervise.Supervisor.LeaveWorkloads).
-func (m *Manager) LeaveWorkloads() { m.sup.LeaveWorkloads() }
+func (m *Manager) LeaveWorkloads() {
+	m.mu.Lock()
+	m.keep = true
+	m.mu.Unlock()
+	m.sup.LeaveWorkloads()
+}
 
 // resolve turns the native nexlet and the configured agents into specs.
 func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, error) {

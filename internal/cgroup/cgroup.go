@@ -123,6 +123,10 @@ type Manager struct {
 	// threadSetup runs on every OS thread that forks into a v1 group (SetThreadSetup).
 	threadSetup func() error
 
+	// ownRoot: the root is the group detection made for this node alone (nexd/<node
+	// id> on v1), nobody else's to keep: RemoveOwnRoot may remove it.
+	ownRoot bool
+
 	mu       sync.Mutex
 	enforced []string
 	reason   string
@@ -394,6 +398,31 @@ func (m *Manager) CleanupStale(rel string) (killed int, err error) {
 		}
 	}
 	return len(pids), errors.Join(errs...)
+}
+
+// RemoveOwnRoot removes the root detection made for this node (nexd/<node id> on v1)
+// with the empty groups below it, for a clean stop: stopped nodes would otherwise leave
+// one empty root each behind. It removes nothing while a process runs below the root
+// (workloads left for live_restore, or a nexlet still running) and returns an error
+// saying so; it never kills. An explicit cgroup_root (the admin's) and a v2 root (the
+// service's own cgroup) are never removed. Call it while holding Lock.
+func (m *Manager) RemoveOwnRoot() error {
+	if m.mode != ModeV1 || !m.ownRoot {
+		return nil
+	}
+	pids, err := m.group("").Procs()
+	if err != nil {
+		return err
+	}
+	if len(pids) > 0 {
+		return fmt.Errorf("cgroup root %s still holds %d processes (pids %v): left in place", m.Path(), len(pids), pids)
+	}
+	// A process that enters meanwhile makes the rmdir fail (EBUSY): it is never lost.
+	var errs []error
+	for _, h := range m.hiers {
+		errs = append(errs, m.removeTree(h.Root))
+	}
+	return errors.Join(errs...)
 }
 
 // ErrRootInUse is wrapped by Lock when another process holds the root.

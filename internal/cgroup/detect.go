@@ -274,7 +274,7 @@ func autoDetect(hst host, mounts []mount, instance string, log *slog.Logger) *Ma
 			h1[i].Root = filepath.Join(h1[i].Mount, v1GroupName, instance)
 			h1[i].base = h1[i].Root
 		}
-		m := &Manager{mode: ModeV1, log: log, hiers: h1, enforced: c1, reason: r1, ops: realOps()}
+		m := &Manager{mode: ModeV1, log: log, hiers: h1, enforced: c1, reason: r1, ops: realOps(), ownRoot: true}
 		if err := m.mkdirV1Roots(); err != nil {
 			return Disabled(fmt.Sprintf("cgroup v1: %v; %s", err, r2), log)
 		}

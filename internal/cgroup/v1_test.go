@@ -268,3 +268,78 @@ func TestParse(t *testing.T) {
 		}
 	}
 }
+
+// TestV1RemoveOwnRoot: a detected v1 root (nexd/<instance>) is removed, in every
+// hierarchy, once nothing runs below it (as after a clean stop: the empty nexlets and
+// workloads groups go with it); while a process runs below it (a workload left for
+// live_restore) nothing is removed or killed; an explicit root is never removed.
+func TestV1RemoveOwnRoot(t *testing.T) {
+	for _, c := range []string{"memory", "cpu", "pids"} {
+		if !writable(filepath.Join("/sys/fs/cgroup", c)) {
+			t.Skipf("no writable cgroup v1 %s hierarchy here", c)
+		}
+	}
+	instance := fmt.Sprintf("test-own-root-%d", rand.Int64())
+	m, err := DetectFor("", instance, testLogger(t))
+	must(t, err)
+	if m.Mode() != ModeV1 {
+		t.Skipf("detection chose %s here, not cgroup v1", m.Mode())
+	}
+	t.Cleanup(func() { _ = m.group("").Remove() })
+	var roots []string
+	for _, h := range m.hiers {
+		roots = append(roots, h.Root)
+		if filepath.Base(h.Root) != instance || filepath.Base(filepath.Dir(h.Root)) != v1GroupName {
+			t.Fatalf("detected root %s, want %s/%s in its hierarchy", h.Root, v1GroupName, instance)
+		}
+	}
+	g, err := m.Sub("workloads").Create("w1", Limits{})
+	must(t, err)
+	c := exec.Command("sleep", "3600")
+	must(t, g.Start(c))
+	t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
+	_, err = m.Sub("nexlets").Create("native", Limits{})
+	must(t, err)
+
+	if err := m.RemoveOwnRoot(); err == nil || !strings.Contains(err.Error(), "left in place") {
+		t.Fatalf("RemoveOwnRoot with a workload running: %v, want an error saying the root is left", err)
+	}
+	if !alive(c.Process.Pid) {
+		t.Fatal("RemoveOwnRoot killed the workload")
+	}
+	for _, r := range roots {
+		if _, err := os.Stat(filepath.Join(r, "workloads", "w1")); err != nil {
+			t.Fatalf("RemoveOwnRoot removed a group with a process: %v", err)
+		}
+	}
+
+	// What a clean stop leaves: the nexlets and workloads groups, empty.
+	for _, sub := range []string{"nexlets", "workloads"} {
+		_, err := m.Sub(sub).CleanupStale("")
+		must(t, err)
+	}
+	_ = c.Wait()
+	for _, r := range roots {
+		for _, sub := range []string{"nexlets", "workloads"} {
+			if _, err := os.Stat(filepath.Join(r, sub)); err != nil {
+				t.Fatalf("%s/%s: %v (the test expects the empty groups a stop leaves)", r, sub, err)
+			}
+		}
+	}
+	must(t, m.RemoveOwnRoot())
+	for _, r := range roots {
+		if _, err := os.Stat(r); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("root %s left after RemoveOwnRoot: %v", r, err)
+		}
+		if _, err := os.Stat(filepath.Dir(r)); err != nil {
+			t.Errorf("the shared %s was removed: %v", filepath.Dir(r), err)
+		}
+	}
+
+	// An explicit root is the admin's: never removed.
+	ex := v1Root(t)
+	must(t, ex.RemoveOwnRoot())
+	if _, err := os.Stat(ex.Path()); err != nil {
+		t.Fatalf("RemoveOwnRoot removed an explicit root: %v", err)
+	}
+}
