@@ -160,15 +160,18 @@ func BenchmarkV1CreateStart(b *testing.B) {
 // child is still born in its group.
 func TestV1ForkPoolThreadMoved(t *testing.T) {
 	m := v1Root(t)
+	// Where the process started, read before the pool exists: /proc/self/cgroup is the
+	// main thread's, and the pool's thread may be the main thread (then it names the
+	// pool's group, and the move below would put every thread into "moved").
+	b, err := os.ReadFile("/proc/self/cgroup")
+	must(t, err)
+	_, self := parseSelfCgroup(b)
 	p := m.NewForkPool(1)
 	defer p.Close()
 	testkit.Eventually(t, "a ready pool thread", func() bool { return len(poolGroups(m)) == len(m.hiers) })
 	g, err := p.Create("moved", Limits{})
 	must(t, err)
 	// Move the whole test process (every thread) back to where it started.
-	b, err := os.ReadFile("/proc/self/cgroup")
-	must(t, err)
-	_, self := parseSelfCgroup(b)
 	for _, h := range m.hiers {
 		must(t, writeFile(filepath.Join(h.Mount, self[strings.Split(h.Name, ",")[0]], "cgroup.procs"), itoa(os.Getpid())))
 	}
