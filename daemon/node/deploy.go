@@ -63,12 +63,14 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, code, "workload cannot be placed", err)
 		return
 	}
-	defer res.rollback()
+	defer func() { _ = res.rollback() }()
 	// A refusal rolls back first: the client's "not started" is definitive only if the
 	// record of the intent is already gone when it hears it (a nexd that died between
 	// the reply and a deferred delete would replay a deploy its client was told failed).
 	refuse := func(code int, description string, err error) {
-		res.rollback()
+		if !n.rolledBack(r, res, err) {
+			return
+		}
 		n.refuse(r, code, description, err)
 	}
 	a := res.agent
@@ -128,8 +130,10 @@ func (n *Node) handleDeploy(r micro.Request) {
 		// Relayed as the nexlet said it, and not kept: the nexlet did not run it.
 		n.log.Info("nexlet refused workload", "workload_id", workloadID, "agent_id", a.id,
 			"code", reply.Header.Get(protocol.HeaderErrorCode), "err", reply.Header.Get(protocol.HeaderError))
+		if !n.rolledBack(r, res, fmt.Errorf("nexlet %s: %s", a.id, reply.Header.Get(protocol.HeaderError))) {
+			return
+		}
 		reply.Header.Set(protocol.HeaderDeployOutcome, protocol.DeployNotStarted)
-		res.rollback()
 		n.relay(r, reply)
 		return
 	}
@@ -249,10 +253,25 @@ func (res *reservation) commit() (endedEarly bool) {
 	return endedEarly
 }
 
-// rollback releases what the deploy held; after commit it does nothing.
-func (res *reservation) rollback() {
+// rolledBack rolls a refused deploy back before its refusal is sent. When its record
+// cannot be removed from node state, "not started" would not be definitive (the next
+// nexd replays the record and starts the workload): it answers "outcome unknown"
+// instead, naming both errors, and reports false (the reply is sent).
+func (n *Node) rolledBack(r micro.Request, res *reservation, why error) bool {
+	err := res.rollback()
+	if err == nil {
+		return true
+	}
+	n.fail(r, 500, "outcome of the start unknown", fmt.Errorf("workload %s was not started (%v), but its record could not be removed from node state, so the node may start it when it restarts (check 'nexctl workload list'): %w", res.id, why, err))
+	return false
+}
+
+// rollback releases what the deploy held; after commit it does nothing. Its error is
+// the state store's, when the recorded intent could not be deleted (retried briefly:
+// a KV hiccup must not leave a refused deploy to be replayed).
+func (res *reservation) rollback() error {
 	if res.done {
-		return
+		return nil
 	}
 	res.done = true
 	n := res.n
@@ -263,11 +282,20 @@ func (res *reservation) rollback() {
 	}
 	delete(n.starting, res.id)
 	n.mu.Unlock()
-	if res.recorded {
-		if err := n.o.Store.Delete(n.ctx, res.typ, res.id); err != nil {
-			n.log.Warn("failed to remove the record of a workload that did not start", "workload_id", res.id, "err", err)
+	if !res.recorded {
+		return nil
+	}
+	var err error
+	for try := range 3 {
+		if try > 0 {
+			time.Sleep(time.Duration(try) * 100 * time.Millisecond)
+		}
+		if err = n.o.Store.Delete(n.ctx, res.typ, res.id); err == nil {
+			return nil
 		}
 	}
+	n.log.Warn("failed to remove the record of a workload that did not start", "workload_id", res.id, "err", err)
+	return fmt.Errorf("remove the record of workload %s: %w", res.id, err)
 }
 
 // startCall is one start request to a nexlet, answered on its own inbox so the node
@@ -345,7 +373,9 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 	stop, err := n.stopWorkload(n.ctx, req.Namespace, res.id)
 	if err == nil && stop.Stopped {
 		call.close()
-		res.rollback() // before the refusal: see handleDeploy
+		if !n.rolledBack(r, res, why) { // before the refusal: see handleDeploy
+			return
+		}
 		n.log.Warn("gave up on a workload start and stopped it", "workload_id", res.id, "agent_id", res.agent.id, "err", why)
 		n.refuse(r, 408, "nexlet did not start the workload in time", fmt.Errorf("workload %s not started: %w; the node stopped it again", res.id, why))
 		return

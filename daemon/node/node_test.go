@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -508,6 +509,41 @@ func TestDeployRefusals(t *testing.T) {
 	}
 	if st.Len() != 0 {
 		t.Error("failed start was stored")
+	}
+}
+
+// failDeleteStore is a store that cannot delete (KV down after the put).
+type failDeleteStore struct{ *MemStore }
+
+func (failDeleteStore) Delete(context.Context, string, string) error {
+	return errors.New("kv: delete failed: connection closed")
+}
+
+// TestRefusedDeployWhoseRecordStays: when a refused deploy's record cannot be removed
+// from node state, the node does not answer "not started" (its next process would
+// replay the record and start the workload): it says the outcome is unknown and why.
+func TestRefusedDeployWhoseRecordStays(t *testing.T) {
+	st := &MemStore{}
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Store = failDeleteStore{st} })
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", nil)
+	a.mu.Lock()
+	a.failStart = "artifact not found"
+	a.mu.Unlock()
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid")
+	}
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "w", `{"cmd":"x"}`))
+	if st.Len() != 1 {
+		t.Fatalf("store holds %d records, want the one it could not delete", st.Len())
+	}
+	if got := m.Header.Get(protocol.HeaderDeployOutcome); got == protocol.DeployNotStarted {
+		t.Fatalf("the reply says %q while the record stays to be replayed: %v", got, m.Header)
+	}
+	// A store failure is an internal error: its details go to the node's log (with
+	// the reply's error id), the reply says what the client must know.
+	if code, desc := m.Header.Get(protocol.HeaderErrorCode), m.Header.Get(protocol.HeaderError); code != "500" || desc != "outcome of the start unknown" {
+		t.Errorf("got %s %q, want 500 %q", code, desc, "outcome of the start unknown")
 	}
 }
 
