@@ -29,6 +29,14 @@ type orphanWatch struct {
 	mu     sync.Mutex
 	watch  map[int]uint64 // pid -> start time of recorded live workload processes
 	recent []recentExit   // exits of the last recentFor, for processes that ended before a refresh saw them
+	// pending are recorded processes a refresh found ended before their exit event was
+	// read (still in the socket): the event, when it comes within recentFor, is theirs.
+	pending map[int]pendingEnd
+}
+
+type pendingEnd struct {
+	start uint64
+	until time.Time
 }
 
 type recentExit struct {
@@ -74,14 +82,23 @@ func (w *orphanWatch) refresh() {
 		id procid.ID
 		ex procexit.Exit
 	}
+	until := time.Now().Add(recentFor)
 	for _, id := range ended {
+		found := false
 		for _, r := range w.recent {
 			if r.exit.PID == id.PID {
+				found = true
 				late = append(late, struct {
 					id procid.ID
 					ex procexit.Exit
 				}{id, r.exit})
 			}
+		}
+		if !found {
+			if w.pending == nil {
+				w.pending = map[int]pendingEnd{}
+			}
+			w.pending[id.PID] = pendingEnd{start: id.Start, until: until}
 		}
 	}
 	w.mu.Unlock()
@@ -109,6 +126,14 @@ func (w *orphanWatch) run(ctx context.Context) {
 		now := time.Now()
 		w.mu.Lock()
 		start, watched := w.watch[ex.PID]
+		if p, ok := w.pending[ex.PID]; ok && !watched && now.Before(p.until) {
+			start, watched = p.start, true
+		}
+		for pid, p := range w.pending {
+			if pid == ex.PID || now.After(p.until) {
+				delete(w.pending, pid)
+			}
+		}
 		if watched {
 			delete(w.watch, ex.PID)
 		} else {

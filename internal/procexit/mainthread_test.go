@@ -3,6 +3,7 @@ package procexit
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"runtime"
 	"testing"
 	"time"
@@ -54,6 +55,43 @@ func TestProbeOnMainThread(t *testing.T) {
 			t.Fatalf("no exit event for thread %d: %v", tid, err)
 		}
 		if ex.PID == tid {
+			return
+		}
+	}
+}
+
+// TestExitDuringProbeIsKept: an exit that happens while the probe waits for its own
+// thread's is still returned by Next. Before, the probe dropped it: a workload that
+// ended while a just-started nexd probed for process events lost its exit code.
+func TestExitDuringProbeIsKept(t *testing.T) {
+	l, err := Listen()
+	if err != nil {
+		t.Skipf("process events unavailable here (root in the initial namespaces needed): %v", err)
+	}
+	defer l.Close()
+	cmd := exec.Command("/bin/sh", "-c", "exit 7")
+	if err := cmd.Run(); err == nil {
+		t.Fatal("sh -c 'exit 7' succeeded")
+	}
+	// Its exit event waits in the socket, ahead of the probe's thread's.
+	if err := l.probe(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.f.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ex, err := l.Next()
+		if errors.Is(err, ErrLost) {
+			continue
+		}
+		if err != nil {
+			t.Fatalf("the exit of pid %d, which ended during the probe, never came: %v", cmd.Process.Pid, err)
+		}
+		if ex.PID == cmd.Process.Pid {
+			if !ex.Status.Exited() || ex.Status.ExitStatus() != 7 {
+				t.Fatalf("pid %d ended with status %#x, want exit 7", ex.PID, uint32(ex.Status))
+			}
 			return
 		}
 	}

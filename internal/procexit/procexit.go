@@ -31,6 +31,9 @@ type Listener struct {
 	f    *os.File
 	buf  []byte
 	rest []byte // what of the last datagram is not returned yet
+	// early are the exits the probe read that were not its own: Next returns them
+	// first, so none that happened while Listen probed is lost.
+	early []Exit
 }
 
 // Kernel ABI (include/uapi/linux/connector.h, cn_proc.h).
@@ -103,6 +106,11 @@ var ErrLost = errors.New("process events: the kernel dropped events (receive buf
 // Next blocks until a process ends and returns it (threads other than a thread group's
 // leader are skipped). It fails once the Listener is closed.
 func (l *Listener) Next() (Exit, error) {
+	if len(l.early) > 0 {
+		ex := l.early[0]
+		l.early = l.early[1:]
+		return ex, nil
+	}
 	for {
 		ex, tgid, err := l.next()
 		if err != nil {
@@ -157,7 +165,7 @@ func (l *Listener) probe(timeout time.Duration) error {
 	}
 	defer l.f.SetReadDeadline(time.Time{})
 	for {
-		ex, _, err := l.next()
+		ex, tgid, err := l.next()
 		if errors.Is(err, ErrLost) {
 			continue
 		}
@@ -167,8 +175,14 @@ func (l *Listener) probe(timeout time.Duration) error {
 		if ex.PID == tid {
 			return nil
 		}
+		if ex.PID == tgid && len(l.early) < maxEarly {
+			l.early = append(l.early, ex)
+		}
 	}
 }
+
+// maxEarly bounds the exits kept from the probe (on a host where many processes end).
+const maxEarly = 4096
 
 // endThread ends an OS thread of this process (never the main one) and returns its id.
 func endThread() int {
