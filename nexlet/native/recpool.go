@@ -1,15 +1,15 @@
 package native
 
 import (
-	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // DefaultRecordPool is how many record directories the nexlet keeps ready.
@@ -18,7 +18,7 @@ const DefaultRecordPool = 2
 // recordPoolPrefix names the ready record directories; workload ids have no dot.
 const recordPoolPrefix = ".ready-"
 
-// recordPool keeps a few record directories ready (<runtime>/procs/.ready-<pid>-<n>),
+// recordPool keeps a few record directories ready (<runtime>/procs/.ready-<pid>-<start>-<n>),
 // each with its two output FIFOs made and open, so that a deploy renames one to the
 // workload's id instead of making the directory and the FIFOs on its way (per FIFO a
 // mkfifo, two opens and a pipe size change: 0.2-0.3 ms of a deploy). What a workload
@@ -28,6 +28,7 @@ const recordPoolPrefix = ".ready-"
 // workload ever held their FIFOs).
 type recordPool struct {
 	dir  string // <runtime>/procs
+	self string // readyPrefix of this process
 	log  *slog.Logger
 	seq  int // the filler's
 	pool chan *readyRecord
@@ -52,29 +53,63 @@ func (r *readyRecord) close() {
 }
 
 // newRecordPool removes the ready directories of nexlets that are gone and starts the
-// filler; stopRecordPool waits for it.
+// filler; stopRecordPool waits for it. Nil (no pool: deploys make their own) when this
+// process cannot name its own ready directories.
 func newRecordPool(dir string, size int, log *slog.Logger) *recordPool {
+	self, err := readyPrefix()
+	if err != nil {
+		log.Warn("no workload record directories made ahead", "err", err)
+		return nil
+	}
 	removeStaleReady(dir)
-	p := &recordPool{dir: dir, log: log, pool: make(chan *readyRecord, size),
+	p := &recordPool{dir: dir, self: self, log: log, pool: make(chan *readyRecord, size),
 		kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go p.run()
 	return p
 }
 
-// removeStaleReady removes ready directories whose nexlet no longer runs (a live one's,
-// during a hand-over, stay with it).
+// readyPrefix starts the names of this process's ready directories:
+// .ready-<pid>-<start time>-. A pid alone is not enough: a dead nexlet's pid reused by
+// another process would keep its directories forever, among them homes owned by pooled
+// uids that a later workload given that uid could enter (uidPool).
+func readyPrefix() (string, error) {
+	self, err := procid.Of(os.Getpid())
+	if err != nil {
+		return "", err
+	}
+	return recordPoolPrefix + self.String() + "-", nil
+}
+
+// readyOwner is the process that made a ready directory, from the rest of its name
+// after recordPoolPrefix (<pid>-<start time>-<n>); false when the name is not of that
+// form.
+func readyOwner(rest string) (procid.ID, bool) {
+	f := strings.Split(rest, "-")
+	if len(f) != 3 || f[2] == "" {
+		return procid.ID{}, false
+	}
+	id, err := procid.Parse(f[0] + " " + f[1])
+	return id, err == nil
+}
+
+// removeStaleReady removes the ready directories whose nexlet no longer runs: no
+// process runs with the pid and start time in the name (a live one's, during a
+// hand-over, stay with it). Ones of this process are removed too: a pool starts with
+// none of its own, so they were left by an earlier pool of this process. Malformed
+// names (including the pid-only form of older nexlets) are removed as well: only
+// nexlets make names with this prefix (workload ids have no dot), and keeping one
+// whose owner cannot be proven to run could keep a pooled uid's home forever; a
+// still-running older nexlet whose directory goes only makes its deploy its own.
 func removeStaleReady(dir string) {
+	self, _ := procid.Of(os.Getpid())
 	ents, _ := os.ReadDir(dir)
 	for _, e := range ents {
 		rest, ok := strings.CutPrefix(e.Name(), recordPoolPrefix)
 		if !ok || !e.IsDir() {
 			continue
 		}
-		pidText, _, _ := strings.Cut(rest, "-")
-		if pid, err := strconv.Atoi(pidText); err == nil && pid != os.Getpid() && pid > 0 {
-			if err := syscall.Kill(pid, 0); err == nil || errors.Is(err, syscall.EPERM) {
-				continue
-			}
+		if id, ok := readyOwner(rest); ok && id != self && id.Alive() {
+			continue
 		}
 		_ = os.RemoveAll(filepath.Join(dir, e.Name()))
 	}
@@ -108,7 +143,7 @@ func (p *recordPool) run() {
 
 func (p *recordPool) make() (*readyRecord, error) {
 	p.seq++
-	r := &readyRecord{dir: filepath.Join(p.dir, recordPoolPrefix+strconv.Itoa(os.Getpid())+"-"+strconv.Itoa(p.seq))}
+	r := &readyRecord{dir: filepath.Join(p.dir, p.self+strconv.Itoa(p.seq))}
 	var err error
 	if r.outR, r.outW, err = newFIFO(r.dir, "stdout"); err != nil {
 		_ = os.RemoveAll(r.dir)

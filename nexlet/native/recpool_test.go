@@ -5,11 +5,13 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -71,23 +73,59 @@ func TestRecordPool(t *testing.T) {
 }
 
 // TestRecordPoolLeftovers: a new nexlet removes the ready directories of a nexlet that
-// is gone and leaves those of one that still runs (a hand-over).
+// is gone and leaves those of one that still runs (a hand-over). A nexlet is named by
+// pid and start time: a directory whose pid now names another process (a reused pid:
+// here a live process with another start time) is stale, and so is a malformed name
+// (the pid-only form of older nexlets among them). Before the start time was in the
+// name, the reused pid's directory stayed forever.
 func TestRecordPoolLeftovers(t *testing.T) {
-	dir := t.TempDir()
-	procs := filepath.Join(dir, "procs")
-	dead := fmt.Sprintf("%s%d-1", recordPoolPrefix, 1<<22+7) // above pid_max's default range
-	live := fmt.Sprintf("%s%d-1", recordPoolPrefix, 1)       // init always runs
-	for _, d := range []string{dead, live} {
-		if err := os.MkdirAll(filepath.Join(procs, d), 0o700); err != nil {
-			t.Fatal(err)
-		}
+	other := exec.Command("sleep", "60") // the nexlet that still runs
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
 	}
-	p := newRecordPool(procs, 1, slog.New(slog.DiscardHandler))
-	defer p.stopRecordPool()
-	if _, err := os.Stat(filepath.Join(procs, dead)); !os.IsNotExist(err) {
-		t.Errorf("a gone nexlet's ready directory is still there (%v)", err)
+	defer func() { _ = other.Process.Kill(); _ = other.Wait() }()
+	live, err := procid.Of(other.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(procs, live)); err != nil {
-		t.Errorf("a running nexlet's ready directory was removed: %v", err)
+	name := func(id procid.ID) string { return recordPoolPrefix + id.String() + "-1" }
+	reused := live
+	reused.Start++ // same pid, another process: the nexlet that made it is gone
+	kept := []string{name(live)}
+	removed := []string{
+		name(procid.ID{PID: 1<<22 + 7, Start: 5}), // pid above pid_max's default range
+		name(reused), // pid reused
+		name(procid.ID{PID: 1, Start: 1<<40 + 3}),    // init, but not with this start time
+		fmt.Sprintf("%s%d-1", recordPoolPrefix, 1),   // pid-only (older nexlets)
+		fmt.Sprintf("%s%d-x-1", recordPoolPrefix, 1), // malformed
+		recordPoolPrefix + live.String(),             // malformed: no sequence number
+		recordPoolPrefix + live.String() + "-1-2",    // malformed: extra field
+	}
+	for _, dirs := range []string{"procs", "workloads"} { // record pool, uid pool
+		t.Run(dirs, func(t *testing.T) {
+			d := filepath.Join(t.TempDir(), dirs)
+			for _, n := range append(slices.Clone(kept), removed...) {
+				if err := os.MkdirAll(filepath.Join(d, n, "home"), 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if dirs == "procs" {
+				p := newRecordPool(d, 1, slog.New(slog.DiscardHandler))
+				testkit.Eventually(t, "record pool filled", func() bool { return len(p.pool) == 1 })
+				p.stopRecordPool()
+			} else {
+				removeStaleReady(d) // as startPool does
+			}
+			for _, n := range removed {
+				if _, err := os.Stat(filepath.Join(d, n)); !os.IsNotExist(err) {
+					t.Errorf("stale ready directory %s is still there (%v)", n, err)
+				}
+			}
+			for _, n := range kept {
+				if _, err := os.Stat(filepath.Join(d, n)); err != nil {
+					t.Errorf("a running nexlet's ready directory %s was removed: %v", n, err)
+				}
+			}
+		})
 	}
 }

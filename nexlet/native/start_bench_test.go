@@ -250,7 +250,7 @@ func TestUIDPool(t *testing.T) {
 	before := pooled()
 	// Each comes with its workload directory made ahead.
 	for _, uid := range before {
-		if _, err := os.Stat(filepath.Join(n.wdir, recordPoolPrefix+strconv.Itoa(os.Getpid())+"-"+uid, homeDirName)); err != nil {
+		if _, err := os.Stat(filepath.Join(n.wdir, n.users.pool.self+uid, homeDirName)); err != nil {
 			t.Errorf("no workload directory made ahead for pooled uid %s: %v", uid, err)
 		}
 	}
@@ -279,7 +279,7 @@ func TestUIDPool(t *testing.T) {
 	if err := syscall.Stat(dir, &st); err != nil || st.Uid != 0 || strconv.FormatUint(uint64(st.Gid), 10) != uid || st.Mode&0o777 != 0o710 {
 		t.Errorf("workload directory: %d:%d mode %o (%v), want 0:%s mode 710", st.Uid, st.Gid, st.Mode&0o777, err, uid)
 	}
-	if _, err := os.Stat(filepath.Join(n.wdir, recordPoolPrefix+strconv.Itoa(os.Getpid())+"-"+uid)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(n.wdir, n.users.pool.self+uid)); !os.IsNotExist(err) {
 		t.Errorf("the directory made ahead for uid %s is still there (%v)", uid, err)
 	}
 	if err := n.StopWorkload("pooled", &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {

@@ -21,7 +21,7 @@ const DefaultUIDPool = 8
 // lease to the workload's directory under the lease lock.
 //
 // Each pooled uid comes with its workload directory made ahead
-// (<workloads>/.ready-<pid>-<uid>, as makeWorkloadDirs makes it for that uid), which a
+// (<workloads>/.ready-<pid>-<start>-<uid>, as makeWorkloadDirs makes it for that uid), which a
 // deploy renames to the workload's id: the directory, its identity file and home with
 // their owners and modes cost 0.1-0.4 ms of a deploy. It is renamed into place before
 // the lease names it, so the lease never names a directory that is not there.
@@ -30,6 +30,7 @@ type uidPool struct {
 	log   *slog.Logger
 	owner string
 	wdir  string // where the directories are made ahead; "" for none
+	self  string // readyPrefix of this process
 	ch    chan pooledUID
 	kick  chan struct{}
 	stop  chan struct{}
@@ -45,10 +46,15 @@ type pooledUID struct {
 // startPool starts the pool's filler goroutine; stopPool waits for it. Directories
 // made ahead by a nexlet that is gone are removed first.
 func (u *users) startPool(size int, wdir string, log *slog.Logger) {
+	self, err := readyPrefix()
+	if err != nil && wdir != "" {
+		log.Warn("no workload directories made ahead", "err", err)
+		wdir = ""
+	}
 	if wdir != "" {
 		removeStaleReady(wdir)
 	}
-	p := &uidPool{u: u, log: log, owner: "/proc/" + strconv.Itoa(os.Getpid()), wdir: wdir,
+	p := &uidPool{u: u, log: log, owner: "/proc/" + strconv.Itoa(os.Getpid()), wdir: wdir, self: self,
 		ch: make(chan pooledUID, size), kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	u.pool = p
 	go p.run()
@@ -60,7 +66,7 @@ func (p *uidPool) prepare(id ident) string {
 	if p.wdir == "" {
 		return ""
 	}
-	dir := filepath.Join(p.wdir, recordPoolPrefix+strconv.Itoa(os.Getpid())+"-"+strconv.FormatUint(uint64(id.uid), 10))
+	dir := filepath.Join(p.wdir, p.self+strconv.FormatUint(uint64(id.uid), 10))
 	_ = os.RemoveAll(dir)
 	if err := makeWorkloadDirs(dir, id); err != nil {
 		p.log.Debug("workload directory not made ahead", "dir", dir, "err", err)
