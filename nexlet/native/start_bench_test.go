@@ -346,6 +346,20 @@ func TestLongLinesWhole(t *testing.T) {
 	}
 }
 
+// startServices starts k service workloads <prefix>0… running run; each is stopped
+// when the test ends.
+func startServices(t *testing.T, n *Nexlet, prefix string, k int, run map[string]any) {
+	t.Helper()
+	for i := range k {
+		id := fmt.Sprintf("%s%d", prefix, i)
+		req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+		if _, err := n.StartWorkload(id, &req, false); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = n.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}) })
+	}
+}
+
 // TestDescriptorsPerWorkload: a running workload costs the nexlet three file
 // descriptors (its two output FIFOs and the pidfd it is waited on through), not four
 // (Go's os.Process kept a pidfd of its own): 5,000 workloads fit under a 20,000 limit.
@@ -357,14 +371,7 @@ func TestDescriptorsPerWorkload(t *testing.T) {
 	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
 	const k = 20
 	before := count()
-	for i := range k {
-		id := fmt.Sprintf("fd%d", i)
-		req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
-		if _, err := n.StartWorkload(id, &req, false); err != nil {
-			t.Fatal(err)
-		}
-		defer func() { _ = n.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}) }()
-	}
+	startServices(t, n, "fd", k, run)
 	if per := float64(count()-before) / k; per > 3 {
 		t.Errorf("%.2f descriptors per running workload, want at most 3", per)
 	}
