@@ -11,8 +11,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // ForkPool keeps a few OS threads ready in v1 mode, each already in a fresh, empty
@@ -154,7 +152,6 @@ func (p *ForkPool) run() {
 			return
 		}
 	}
-	tid := itoa(unix.Gettid())
 	orig, _ := os.ReadFile("/proc/thread-self/cgroup")
 	_, origPaths := parseSelfCgroup(orig)
 	var (
@@ -165,7 +162,7 @@ func (p *ForkPool) run() {
 	defer func() {
 		for _, h := range p.m.hiers {
 			if o, ok := origPaths[strings.Split(h.Name, ",")[0]]; ok {
-				_ = p.m.ops.write(filepath.Join(h.Mount, o, "tasks"), tid)
+				_ = p.m.ops.write(filepath.Join(h.Mount, o, "tasks"), thisThread)
 			}
 		}
 		if left != nil {
@@ -176,7 +173,7 @@ func (p *ForkPool) run() {
 	}()
 	for {
 		next := fmt.Sprintf("%s%d-%d", forkPoolPrefix, os.Getpid(), p.seq.Add(1))
-		err := p.enter(next, tid)
+		err := p.enter(next)
 		if left != nil {
 			close(left)
 			left = nil
@@ -223,14 +220,14 @@ func (p *ForkPool) run() {
 	}
 }
 
-// enter creates the pool group rel and moves this thread (tid) into it in every
-// hierarchy: the slow part, off every deploy's path.
-func (p *ForkPool) enter(rel, tid string) error {
+// enter creates the pool group rel and moves this thread into it in every hierarchy,
+// off every deploy's path.
+func (p *ForkPool) enter(rel string) error {
 	for _, h := range p.m.group(rel).hiers {
 		if err := p.m.ops.mkdir(h.Root); err != nil {
 			return err
 		}
-		if err := p.m.ops.write(filepath.Join(h.Root, "tasks"), tid); err != nil {
+		if err := p.m.ops.write(filepath.Join(h.Root, "tasks"), thisThread); err != nil {
 			return err
 		}
 	}

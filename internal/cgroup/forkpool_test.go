@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -188,4 +189,48 @@ func TestV1ForkPoolThreadMoved(t *testing.T) {
 	must(t, g.Remove())
 	_ = cmd.Process.Kill() // where it was born outside the group, Remove missed it
 	_ = cmd.Wait()
+}
+
+// BenchmarkV1MoveThread moves the calling thread into a group in every hierarchy and
+// back, written as its thread id (as the pool and the starting thread did) and as "0"
+// (thisThread). A 30 ms pause off the clock lets the kernel's rcu_sync go idle between
+// moves, as between deploys that are not back to back: a move written as an id then
+// waits for a full RCU grace period.
+func BenchmarkV1MoveThread(b *testing.B) {
+	m := v1Root(&testing.T{})
+	defer func() { _ = m.group("").Remove() }()
+	g, err := m.Create("move", Limits{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := os.ReadFile("/proc/thread-self/cgroup")
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, origPaths := parseSelfCgroup(orig)
+	for _, how := range []string{"id", "self"} {
+		b.Run(how, func(b *testing.B) {
+			val := thisThread
+			if how == "id" {
+				val = itoa(unix.Gettid())
+			}
+			for b.Loop() {
+				b.StopTimer()
+				time.Sleep(30 * time.Millisecond)
+				b.StartTimer()
+				for _, h := range g.hiers {
+					if err := writeFile(filepath.Join(h.Root, "tasks"), val); err != nil {
+						b.Fatal(err)
+					}
+				}
+				for _, h := range g.hiers {
+					if err := writeFile(filepath.Join(h.Mount, origPaths[strings.Split(h.Name, ",")[0]], "tasks"), val); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
+	}
 }
