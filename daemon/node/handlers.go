@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nuid"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -294,6 +295,7 @@ func (n *Node) owns(workloadID string) bool {
 // with HeaderProgress and no body), so a client that does not want to wait, or that
 // gathers from many nodes, knows which node will answer.
 func (n *Node) handleUndeploy(r micro.Request) {
+	st := steps.Start(n.log) // nil unless the node logs at debug level
 	workloadID := protocol.Token(r.Subject(), 5)
 	var req protocol.StopWorkloadRequest
 	if err := protocol.Decode(r.Data(), &req); err != nil {
@@ -309,12 +311,15 @@ func (n *Node) handleUndeploy(r micro.Request) {
 			n.log.Warn("failed to say a workload is stopping", "workload_id", workloadID, "err", err)
 		}
 	}
+	st.Step("check") // decode, namespace, the progress reply
 	resp, err := n.stopWorkload(n.ctx, req.Namespace, workloadID)
 	if err != nil {
 		n.fail(r, 500, "failed to ask nexlets to stop a workload", err)
 		return
 	}
+	st.Step("nexlet") // to the nexlet and back: it answers once the workload is gone
 	n.respondJSON(r, resp)
+	st.Step("reply")
 	if n.o.Observer != nil {
 		n.o.Observer.Stop(resp.Stopped)
 	}
@@ -322,6 +327,8 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType, "how", resp.Message)
 		n.forget(workloadID, resp.WorkloadType)
 	}
+	st.Step("forget") // after the reply: node state, the workload's NATS user revoked
+	st.Log(n.log, "stop steps", "workload_id", workloadID)
 }
 
 func (n *Node) handleClone(r micro.Request) {

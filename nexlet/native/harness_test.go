@@ -246,6 +246,12 @@ func (fn *fakeNode) stop(id, ns string) protocol.StopWorkloadResponse {
 	if err := json.Unmarshal(r.data, &resp); err != nil {
 		fn.t.Fatalf("STOPWORKLOAD %s: %v: %q", id, err, r.data)
 	}
+	if resp.Stopped && ns == testNS && (strings.HasPrefix(resp.Message, "exited after") || strings.HasPrefix(resp.Message, "killed after")) {
+		// The reply comes once its processes are gone; what it left behind (cgroup,
+		// directory, record, artifact) is removed after it, and WORKLOADSTOPPED says
+		// that is done.
+		fn.stoppedEvent(id)
+	}
 	return resp
 }
 
@@ -278,21 +284,28 @@ func (fn *fakeNode) stoppedEvent(id string) *protocol.WorkloadStoppedEvent {
 	fn.t.Helper()
 	var ev *protocol.WorkloadStoppedEvent
 	testkit.Eventually(fn.t, "WORKLOADSTOPPED of "+id, func() bool {
-		fn.mu.Lock()
-		defer fn.mu.Unlock()
-		for _, m := range fn.events {
-			if m.Subject != protocol.EventSubject(testNS, protocol.EventWorkloadStopped) {
-				continue
-			}
-			var e protocol.WorkloadStoppedEvent
-			if json.Unmarshal(m.Data, &e) == nil && e.ID == id {
-				ev = &e
-				return true
-			}
-		}
-		return false
+		ev = fn.findStoppedEvent(id)
+		return ev != nil
 	})
 	return ev
+}
+
+// hasStoppedEvent says whether a WORKLOADSTOPPED of id came, without waiting.
+func (fn *fakeNode) hasStoppedEvent(id string) bool { return fn.findStoppedEvent(id) != nil }
+
+func (fn *fakeNode) findStoppedEvent(id string) *protocol.WorkloadStoppedEvent {
+	fn.mu.Lock()
+	defer fn.mu.Unlock()
+	for _, m := range fn.events {
+		if m.Subject != protocol.EventSubject(testNS, protocol.EventWorkloadStopped) {
+			continue
+		}
+		var e protocol.WorkloadStoppedEvent
+		if json.Unmarshal(m.Data, &e) == nil && e.ID == id {
+			return &e
+		}
+	}
+	return nil
 }
 
 func (fn *fakeNode) countEvents(typ, id string) int {

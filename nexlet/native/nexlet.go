@@ -98,11 +98,15 @@ type Nexlet struct {
 	records *recordPool // record directories made ahead
 
 	abandon  chan struct{}  // closed to let go of workloads without stopping them (tests)
-	bg       sync.WaitGroup // uid releases after a stop's reply; Close waits for them
+	bg       sync.WaitGroup // what a stop leaves for after its reply (tidies, uid releases); Close waits for them
 	releases *releaser      // batches those releases
+	// beforeTidy, when set (tests: a slow removal), runs before a stopped workload's
+	// leftovers are removed.
+	beforeTidy func(id string)
 
 	mu        sync.Mutex
 	workloads map[string]*workload
+	tidying   map[string]chan struct{} // stopped workloads whose leftovers are being removed (finish)
 	lameduck  bool
 	lameTimer *time.Timer
 }
@@ -127,7 +131,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
-	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{},
+	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
 		abandon: make(chan struct{}), users: us, wdir: wdir}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
@@ -314,7 +318,7 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 	now := time.Now().UTC()
 	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req,
 		dir: filepath.Join(n.wdir, id), state: protocol.WorkloadError, started: now, ended: now,
-		finished: true, exitCode: &code, reason: reason, stop: make(chan time.Duration, 1), done: make(chan struct{})}
+		finished: true, exitCode: &code, reason: reason, stop: make(chan stopRequest, 1), done: make(chan struct{})}
 	close(w.done)
 	n.mu.Lock()
 	if _, held := n.workloads[id]; held {
@@ -349,6 +353,12 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	}
 	st.Step("parse") // the run_request, its user, the environment
 	n.mu.Lock()
+	for ch := n.tidying[id]; ch != nil; ch = n.tidying[id] {
+		// Stopped a moment ago: its cgroup, directory and record go first.
+		n.mu.Unlock()
+		<-ch
+		n.mu.Lock()
+	}
 	if n.lameduck && !existing {
 		n.mu.Unlock()
 		return nil, errors.New("the native nexlet is in lameduck mode and starts no new workloads")
@@ -374,7 +384,7 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	}
 	w := &workload{id: id, ns: req.Request.Namespace, name: req.Request.Name, req: *req, plan: pl, argv: argv,
 		dir: filepath.Join(n.wdir, id), state: protocol.WorkloadStarting,
-		started: time.Now().UTC(), stop: make(chan time.Duration, 1), done: make(chan struct{}),
+		started: time.Now().UTC(), stop: make(chan stopRequest, 1), done: make(chan struct{}),
 		env: env, creds: req.WorkloadCreds, want: want, steps: st}
 	n.workloads[id] = w
 	n.mu.Unlock()
@@ -495,7 +505,14 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 		return "had already ended", nil
 	}
 	n.mu.Unlock()
-	n.stopAndWait(w, w.plan.grace)
+	st := steps.Start(n.log) // nil unless the nexlet logs at debug level
+	answered := make(chan struct{})
+	defer close(answered)
+	if !n.stopAndWait(w, stopRequest{grace: w.plan.grace, steps: st, answered: answered}) {
+		st = nil // another stop was pending: its supervisor timed that one
+	}
+	st.Step("wake")
+	st.Log(n.log, "stop steps", "workload_id", id)
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	code, reason := -1, w.reason
@@ -511,12 +528,17 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 	return fmt.Sprintf("exited after SIGTERM (exit code %d: %s)", code, reason), nil
 }
 
-func (n *Nexlet) stopAndWait(w *workload, grace time.Duration) {
+// stopAndWait asks w's supervisor to stop it and waits until it is gone; false if
+// another stop was pending already (r then went nowhere).
+func (n *Nexlet) stopAndWait(w *workload, r stopRequest) bool {
+	sent := true
 	select {
-	case w.stop <- grace:
+	case w.stop <- r:
 	default: // a stop is already pending
+		sent = false
 	}
 	<-w.done
+	return sent
 }
 
 // GetWorkload implements nexlet.Agent: the start request as deployed, so an encrypted
@@ -643,9 +665,10 @@ func (n *Nexlet) stopAll() {
 	n.mu.Unlock()
 	var wg sync.WaitGroup
 	for _, w := range ws {
-		wg.Go(func() { n.stopAndWait(w, w.plan.grace) })
+		wg.Go(func() { n.stopAndWait(w, stopRequest{grace: w.plan.grace}) })
 	}
 	wg.Wait()
+	n.waitTidied("") // nexd removes the workloads' cgroup root once they are all gone
 }
 
 // Shutdown stops every workload with its grace (the node is shutting down).
@@ -707,8 +730,9 @@ func (n *Nexlet) ReplayDone(ids []string) {
 func (n *Nexlet) forgetLeftover(id string) {
 	n.mu.Lock()
 	_, held := n.workloads[id]
+	_, tidying := n.tidying[id] // stopped: its own tidy removes it
 	n.mu.Unlock()
-	if held {
+	if held || tidying {
 		return
 	}
 	sb, err := n.iso.sandbox(id, Limits{})
@@ -722,11 +746,13 @@ func (n *Nexlet) forgetLeftover(id string) {
 	}
 	n.mu.Lock()
 	_, held = n.workloads[id] // a start may have raced us
+	_, tidying = n.tidying[id]
+	held = held || tidying
 	n.mu.Unlock()
 	if !held {
 		dir := filepath.Join(n.wdir, id)
 		prev, _ := readIdent(dir)
-		n.cleanup(&workload{id: id, sb: sb, dir: dir, ident: prev})
+		n.cleanup(&workload{id: id, sb: sb, dir: dir, ident: prev}, nil)
 		n.removeRecord(id)
 	}
 }

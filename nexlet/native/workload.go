@@ -35,11 +35,11 @@ type workload struct {
 	exe          string
 	want         ident // the user asked for (dynamic, or named), before leasing
 	sb           sandbox
-	stop         chan time.Duration // a stop request with its grace
-	done         chan struct{}      // closed once the workload is gone
-	output       outputLimit        // its stdout and stderr lines per second
-	ready        *readyRecord       // its record directory, made ahead, for its first launch
-	steps        *steps.Timer       // its start's steps (debug logging only)
+	stop         chan stopRequest // a stop request with its grace
+	done         chan struct{}    // closed once the workload is gone
+	output       outputLimit      // its stdout and stderr lines per second
+	ready        *readyRecord     // its record directory, made ahead, for its first launch
+	steps        *steps.Timer     // its start's steps (debug logging only)
 
 	// guarded by Nexlet.mu
 	ident    ident // who it runs as, once begun
@@ -88,6 +88,16 @@ func (n *Nexlet) pruneLocked() {
 		delete(n.workloads, w.id)
 		n.removeRecord(w.id)
 	}
+}
+
+// stopRequest asks a workload's supervisor to stop it within grace; steps times the
+// stop when the nexlet logs at debug level (nil otherwise).
+type stopRequest struct {
+	grace time.Duration
+	steps *steps.Timer
+	// answered, when not nil, is closed once the stopper has its answer: the removal
+	// of what the workload left behind waits for it (see finish).
+	answered chan struct{}
 }
 
 // proc is one run of a workload's main process.
@@ -191,7 +201,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		n.log.Warn("previous uid of the workload not released", "workload_id", w.id, "err", err)
 	}
 	fail := func(err error) (*proc, bool, error) {
-		n.cleanup(w)
+		n.cleanup(w, nil)
 		return nil, false, err
 	}
 	if err := os.RemoveAll(w.dir); err != nil {
@@ -659,9 +669,9 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		select {
 		case <-n.abandon:
 			return
-		case g := <-w.stop:
-			n.terminate(w, p, g)
-			n.finish(w, p, true, false)
+		case r := <-w.stop:
+			n.terminate(w, p, r.grace, r.steps)
+			n.finish(w, p, &r, false, r.steps)
 			return
 		case <-p.exited:
 		}
@@ -672,7 +682,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
 		restart := !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
 		if !restart {
-			n.finish(w, p, false, false)
+			n.finish(w, p, nil, false, nil)
 			return
 		}
 		if time.Since(p.started) > 2*MaxBackoff {
@@ -690,7 +700,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		}
 		n.mu.Unlock()
 		if exhausted {
-			n.finish(w, p, false, true)
+			n.finish(w, p, nil, true, nil)
 			return
 		}
 		t := time.NewTimer(backoff)
@@ -698,9 +708,9 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		case <-n.abandon:
 			t.Stop()
 			return
-		case <-w.stop:
+		case r := <-w.stop:
 			t.Stop()
-			n.finish(w, p, true, false)
+			n.finish(w, p, &r, false, r.steps)
 			return
 		case <-t.C:
 		}
@@ -709,7 +719,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		if err != nil {
 			n.log.Error("workload restart failed", "workload_id", w.id, "err", err)
 			p.code, p.reason = -1, err.Error()
-			n.finish(w, p, false, true)
+			n.finish(w, p, nil, true, nil)
 			return
 		}
 		p = np
@@ -718,16 +728,19 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 }
 
 // terminate sends SIGTERM, waits up to grace for the main process, then kills the group.
-func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration) {
+func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.Timer) {
 	n.setState(w, protocol.WorkloadStopping)
 	if err := syscall.Kill(p.pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
 		n.log.Warn("SIGTERM failed", "workload_id", w.id, "pid", p.pid, "err", err)
 	}
+	st.Step("signal")
 	t := time.NewTimer(grace)
 	defer t.Stop()
 	select {
 	case <-p.exited:
+		st.Step("exit") // the pidfd's wake-up, the reap
 		n.killAndWait(w)
+		st.Step("kill") // its group known empty
 		return
 	case <-t.C:
 	}
@@ -740,6 +753,7 @@ func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration) {
 		return
 	}
 	p.reason = fmt.Sprintf("killed after a stop grace of %s", grace)
+	st.Step("kill")
 }
 
 // killAndWait SIGKILLs the sandbox and waits until it is empty.
@@ -761,12 +775,14 @@ func (n *Nexlet) killAndWait(w *workload) {
 	}
 }
 
-func (n *Nexlet) cleanup(w *workload) {
+func (n *Nexlet) cleanup(w *workload, st *steps.Timer) {
 	if w.sb != nil {
 		n.killAndWait(w)
+		st.Step("empty")
 		if err := w.sb.remove(); err != nil {
 			n.log.Warn("remove workload sandbox", "workload_id", w.id, "err", err)
 		}
+		st.Step("sandbox")
 	}
 	n.mu.Lock()
 	id := w.ident
@@ -776,11 +792,14 @@ func (n *Nexlet) cleanup(w *workload) {
 	if id.dynamic && !n.users.retire(id.uid, w.dir) {
 		id = ident{} // not leased for this workload: not its to release
 	}
+	st.Step("retire")
 	if err := os.RemoveAll(w.dir); err != nil {
 		n.log.Warn("remove workload directory", "workload_id", w.id, "err", err)
 	}
+	st.Step("dir")
 	if w.plan == nil || w.plan.art.scheme == "nats" {
 		n.arts.sweep(false) // its artifact goes unless another workload links it
+		st.Step("sweep")
 	}
 	// The release walks /proc for survivors of the uid (milliseconds on a busy host):
 	// it runs after the stop's reply, batched with other stops' (one walk for all).
@@ -790,23 +809,37 @@ func (n *Nexlet) cleanup(w *workload) {
 // finish records the end, removes the sandbox and private directory and emits
 // WORKLOADSTOPPED. A stopped workload leaves the table; one that ended on its own stays
 // (state stopped or error, with its exit code) until it is stopped.
-func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
+//
+// A stop's reply waits only for the workload's processes to be gone: once they are,
+// what it left behind (its cgroup, directory, record, the uid's retirement) is removed
+// and its end logged and announced after the reply (tidy), from answered on. Until then
+// the uid stays leased to the workload's directory and the id in n.tidying, which a
+// start of the same id and the nexlet's shutdown wait for.
+func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st *steps.Timer) {
+	requested := r != nil
 	n.stopRenewal(w)
-	n.cleanup(w)
 	code, reason := p.code, p.reason
+	exited := true
 	select {
 	case <-p.exited:
 	default:
+		exited = false
 		code, reason = -1, "stopped before the process exited"
 	}
 	if exhausted {
 		reason = fmt.Sprintf("restart limit of %d reached; last run: %s", w.plan.maxRestarts, reason)
 	}
-	if requested {
-		n.removeRecord(w.id)
-	} else {
-		n.writeTombstone(w.id, code, reason)
+	later := requested && exited
+	if !later {
+		n.cleanup(w, st)
+		if requested {
+			n.removeRecord(w.id)
+		} else {
+			n.writeTombstone(w.id, code, reason)
+		}
+		st.Step("record")
 	}
+	var tidied chan struct{}
 	n.mu.Lock()
 	w.exitCode, w.reason, w.pid, w.ended = &code, reason, 0, time.Now()
 	n.pruneLocked()
@@ -814,6 +847,10 @@ func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
 		w.state = protocol.WorkloadStopped
 		if cur, ok := n.workloads[w.id]; ok && cur == w {
 			delete(n.workloads, w.id)
+		}
+		if later {
+			tidied = make(chan struct{})
+			n.tidying[w.id] = tidied
 		}
 	} else {
 		w.finished = true
@@ -823,13 +860,56 @@ func (n *Nexlet) finish(w *workload, p *proc, requested, exhausted bool) {
 		}
 	}
 	n.mu.Unlock()
+	st.Step("state")
 	ev := protocol.WorkloadStoppedEvent{ID: w.id, Namespace: w.ns, WorkloadType: w.req.Request.WorkloadType,
 		Metadata: map[string]string{"exit_code": strconv.Itoa(code), "reason": reason}}
 	if (!requested && code != 0) || exhausted || strings.HasPrefix(reason, "killed after") {
 		ev.Error = &protocol.EventError{Code: strconv.Itoa(code), Message: reason}
 	}
-	n.log.Info("workload stopped", "workload_id", w.id, "namespace", w.ns, "exit_code", code, "reason", reason)
-	n.emit(w.ns, protocol.EventWorkloadStopped, ev)
+	announce := func() {
+		n.log.Info("workload stopped", "workload_id", w.id, "namespace", w.ns, "exit_code", code, "reason", reason)
+		n.emit(w.ns, protocol.EventWorkloadStopped, ev)
+	}
+	if !later {
+		announce()
+		st.Step("event") // the log line, WORKLOADSTOPPED and the ended report sent
+		return
+	}
+	n.bg.Go(func() {
+		if r.answered != nil {
+			<-r.answered // the stopper has its answer: the reply goes first
+		}
+		if n.beforeTidy != nil {
+			n.beforeTidy(w.id)
+		}
+		tt := steps.Start(n.log)
+		n.cleanup(w, tt)
+		n.removeRecord(w.id)
+		tt.Step("record")
+		announce() // before the tidy counts as done: a shutdown waits for its event
+		tt.Step("event")
+		n.mu.Lock()
+		delete(n.tidying, w.id)
+		n.mu.Unlock()
+		close(tidied)
+		tt.Log(n.log, "stop tidy steps", "workload_id", w.id)
+	})
+}
+
+// waitTidied waits until what stopped workloads left behind is removed: all of them
+// (id "") or id's.
+func (n *Nexlet) waitTidied(id string) {
+	n.mu.Lock()
+	var chs []chan struct{}
+	for tid, ch := range n.tidying {
+		if id == "" || tid == id {
+			chs = append(chs, ch)
+		}
+	}
+	n.mu.Unlock()
+	for _, ch := range chs {
+		<-ch
+	}
 }
 
 // resetOOMScore keeps a workload's oom_score_adj above its nexlet's, so that under

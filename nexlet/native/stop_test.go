@@ -1,0 +1,122 @@
+package native
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestStopRepliesBeforeTidyAndRestartWaits: a stop's reply comes once every process of
+// the workload is gone (the child it forked too), and before what it left behind (its
+// cgroup, directory and record) is removed; WORKLOADSTOPPED comes once that is done. A
+// start of the same id meanwhile waits for the removal, then runs with its own cgroup,
+// directory and record, which the removal did not touch.
+func TestStopRepliesBeforeTidyAndRestartWaits(t *testing.T) {
+	spec := cgroupSpec(t)
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{Cgroup: spec})
+	hold := make(chan struct{})
+	tn.beforeTidy = func(string) { <-hold } // a slow removal
+	released := false
+	defer func() {
+		if !released {
+			close(hold)
+		}
+	}()
+	pidFile := filepath.Join(sharedDir(t), "child.pid")
+	fn.mustStart("tidy", startReq(protocol.LifecycleService, "tidy", map[string]any{
+		"uri": script(t, `sleep 1000 & echo $! > "$1"; echo up; wait`), "argv": []string{pidFile}}, fn.creds()))
+	fn.waitLog("tidy", "stdout", "up")
+	main := fn.procsOf("tidy")
+	b, _ := os.ReadFile(pidFile)
+	child, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	if len(main) == 0 || child == 0 {
+		t.Fatalf("processes: %v, child %d", main, child)
+	}
+	dir, rec := filepath.Join(tn.WorkloadsDir(), "tidy"), tn.recordDir("tidy")
+
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "tidy"), protocol.StopWorkloadRequest{Namespace: testNS}, waitLong)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var resp protocol.StopWorkloadResponse
+	if err := json.Unmarshal(r.data, &resp); err != nil || !resp.Stopped {
+		t.Fatalf("stop: %v %q", err, r.data)
+	}
+	for _, p := range append(main, child) {
+		if alive(p) {
+			t.Errorf("process %d still alive at the stop's reply", p)
+		}
+	}
+	for _, p := range []string{dir, rec} {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("%s removed before the reply: %v", p, err)
+		}
+	}
+	if len(fn.query(testNS, "tidy")) != 0 {
+		t.Errorf("a stopped workload is still listed")
+	}
+	if fn.hasStoppedEvent("tidy") {
+		t.Errorf("WORKLOADSTOPPED before its leftovers were removed")
+	}
+
+	// The same id again while the removal is held: the start waits for it.
+	again := startReq(protocol.LifecycleService, "tidy", map[string]any{"uri": script(t, `echo again; exec sleep 1000`)}, fn.creds())
+	started := make(chan reply, 1)
+	go func() {
+		r, err := fn.request(protocol.StartWorkloadSubject(testNode, testAgent, "tidy"), again, waitLong)
+		if err != nil {
+			r.code, r.errText = "timeout", err.Error()
+		}
+		started <- r
+	}()
+	select {
+	case r := <-started:
+		t.Fatalf("a start of the id being removed did not wait: %+v", r)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(hold)
+	released = true
+	if r := <-started; r.code != "" {
+		t.Fatalf("start after the removal: %s %s", r.code, r.errText)
+	}
+	fn.stoppedEvent("tidy")
+	fn.waitLog("tidy", "stdout", "again")
+	for _, p := range []string{dir, rec} {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("the new run's %s: %v", p, err)
+		}
+	}
+	p := fn.procsOf("tidy")
+	if len(p) != 1 {
+		t.Fatalf("new run's processes: %v", p)
+	}
+	if g := memoryCgroup(t, p[0]); filepath.Base(g) != "tidy" {
+		t.Errorf("new run's process in cgroup %s", g)
+	} else if _, err := os.Stat(filepath.Join("/sys/fs/cgroup/memory", g)); err != nil {
+		t.Errorf("new run's cgroup: %v", err)
+	}
+	fn.stop("tidy", testNS)
+}
+
+// memoryCgroup is pid's cgroup in the v1 memory hierarchy.
+func memoryCgroup(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if f := strings.SplitN(line, ":", 3); len(f) == 3 && f[1] == "memory" {
+			return f[2]
+		}
+	}
+	t.Fatalf("pid %d: no memory cgroup in %q", pid, b)
+	return ""
+}
