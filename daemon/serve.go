@@ -257,6 +257,10 @@ func (c *statusCount) workloads(s *server) (int, string) {
 	if c.ok && changes == c.changes && connected == c.connected && time.Since(c.at) < statusRefresh {
 		return c.running, c.known
 	}
+	if connected && s.node.HoldsNothing(changes) {
+		c.ok, c.running, c.known, c.changes, c.connected, c.at = true, 0, "", changes, connected, time.Now()
+		return 0, ""
+	}
 	ws, asOf, err := s.node.KnownWorkloads(s.ctx)
 	if err != nil {
 		c.ok = false

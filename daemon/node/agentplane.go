@@ -44,7 +44,12 @@ func compileSchema(agentID, schema string) (*jsonschema.Schema, error) {
 
 // handleRegister serves $NEX.SVC.<node>.agent.REGISTER.<agentId>.
 func (n *Node) handleRegister(r micro.Request) {
-	defer n.changes.Add(1)
+	defer func() {
+		c := n.changes.Add(1)
+		n.mu.Lock()
+		n.regChanges = max(n.regChanges, c)
+		n.mu.Unlock()
+	}()
 	agentID := protocol.Token(r.Subject(), 5)
 	if !tokenRE.MatchString(agentID) {
 		n.fail(r, 400, "bad agent id", fmt.Errorf("agent id %q in the subject must be letters, digits, - or _", agentID))

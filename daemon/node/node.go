@@ -226,12 +226,43 @@ type Node struct {
 	// registrations, a nexlet's count in its heartbeat), so that a caller polling the
 	// listing (the status line) asks the nexlets again only when it may differ.
 	changes atomic.Uint64
+	// regChanges is changes as the last registration left it (HoldsNothing).
+	regChanges uint64
 }
 
 // WorkloadChanges is a counter that moves whenever the node's workload listing may
 // have changed; equal values mean no deploy, stop, end, registration or change in a
 // nexlet's reported count happened between them.
 func (n *Node) WorkloadChanges() uint64 { return n.changes.Load() }
+
+// HoldsNothing says whether the node's workload listing is known to be empty without
+// asking the nexlets: only local nexlets may register, every one expected has, each
+// said at its registration that it holds no workload, none was handed one to replay,
+// and nothing changed since the last registration (changes is WorkloadChanges as the
+// caller read it). A start-up's status line then needs no round trip to nexlets that
+// have only just registered. A nexlet that has not registered again (an adopted one, a
+// remote one) may still answer a listing: then the nexlets are asked.
+func (n *Node) HoldsNothing(changes uint64) bool {
+	if n.o.AllowRemoteRegistration || len(n.o.RemoteNexlets) > 0 {
+		return false
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if changes != n.regChanges || len(n.replayed) > 0 {
+		return false
+	}
+	for id := range n.expected {
+		if _, ok := n.agents[id]; !ok {
+			return false
+		}
+	}
+	for _, r := range n.agents {
+		if r.req.Workloads == nil || len(*r.req.Workloads) > 0 {
+			return false
+		}
+	}
+	return true
+}
 
 // RemoteNexlet is a remote nexlet allowed to register (config remote_nexlets).
 type RemoteNexlet struct {

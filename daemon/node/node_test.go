@@ -1093,3 +1093,38 @@ func TestWorkloadChangesMove(t *testing.T) {
 	request(t, f.client, protocol.UndeploySubject("tenant", svc), protocol.StopWorkloadRequest{Namespace: "tenant"})
 	moved("a stop", c)
 }
+
+// TestHoldsNothing: the listing is known empty without asking only while every
+// expected nexlet registered saying it holds nothing and nothing changed since; a
+// nexlet holding workloads, one that does not say, one not registered yet, a deploy
+// and remote registration each make the node ask.
+func TestHoldsNothing(t *testing.T) {
+	holds := func(ids *[]string) func(*fakeAgent) {
+		return func(a *fakeAgent) { a.req.Workloads = ids }
+	}
+	f := newFixture(t, 4, func(i int, o *Options) { o.AllowRemoteRegistration = i == 3 })
+	empty, one := &[]string{}, &[]string{"w1"}
+
+	n := f.nodes[0]
+	n.ExpectAgent("agent0", "go_exec")
+	if n.HoldsNothing(n.WorkloadChanges()) {
+		t.Fatal("holds nothing before the expected nexlet registered")
+	}
+	f.healthyAgent(n, "agent0", "go_exec", "native", holds(empty))
+	if !n.HoldsNothing(n.WorkloadChanges()) {
+		t.Fatal("not known empty after a registration that holds nothing")
+	}
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "svc", `{"cmd":"x"}`))
+	if n.HoldsNothing(n.WorkloadChanges()) {
+		t.Fatal("known empty after a deploy")
+	}
+
+	for i, ids := range map[int]*[]string{1: one, 2: nil, 3: empty} {
+		n := f.nodes[i]
+		f.healthyAgent(n, "agent0", "go_exec", "native", holds(ids))
+		if n.HoldsNothing(n.WorkloadChanges()) {
+			t.Errorf("node %d (held %v, remote registration %v): known empty", i, ids, i == 3)
+		}
+	}
+}
