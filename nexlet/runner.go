@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -50,6 +51,10 @@ type Runner struct {
 	sdWait  time.Duration
 	patient bool  // WithPatientStart
 	dial    *Dial // WithRegistrationDial
+	// local is the channel to the node that spawned this nexlet (WithLocalChannel);
+	// localDone is closed when its reader returned.
+	local     *localchan.Server
+	localDone chan struct{}
 
 	// work owns the goroutines handling requests and replaying state: Shutdown stops
 	// taking new ones and waits (bounded) for them.
@@ -164,6 +169,10 @@ func RegistrationKeyFromEnv(env func(string) string) (nkeys.KeyPair, error) {
 	return kp, nil
 }
 
+// WithLocalChannel serves start requests on the channel from the node that spawned
+// this nexlet (localchan), besides NATS, once registered. The runner owns s.
+func WithLocalChannel(s *localchan.Server) Option { return func(r *Runner) { r.local = s } }
+
 // NewRunner prepares a runner for agent a on node nodeID; ctx bounds its lifetime.
 func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Runner, error) {
 	if nodeID == "" {
@@ -214,6 +223,11 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
+	if r.local != nil && r.localDone == nil {
+		if err := r.local.Announce(); err != nil {
+			r.log.Warn("local channel to the node failed; start requests come over NATS", "err", err)
+		}
+	}
 	var rnc *nats.Conn
 	if r.dial != nil {
 		rnc, err = r.dial.take()
@@ -248,6 +262,10 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	r.nc, r.svc, r.agentID, r.regType, r.stop, r.done = nc, svc, agentID, reg.RegisterType, stop, make(chan struct{})
 	r.runCtx, r.busy, r.cd, r.reg = hbCtx, busy, resp.ConnectionData, reg
 	r.mu.Unlock()
+	if r.local != nil && r.localDone == nil {
+		r.localDone = make(chan struct{})
+		go r.serveLocal(agentID)
+	}
 	r.heartbeat()
 	go r.heartbeatLoop(hbCtx)
 	if live != nil {
@@ -515,6 +533,10 @@ func (r *Runner) Shutdown() error {
 	}
 	stop()
 	<-done
+	if r.localDone != nil {
+		_ = r.local.StopServing()
+		<-r.localDone
+	}
 	r.reports.Wait()
 	r.renewing.Wait()
 	// A renewal may have moved the nexlet to a new connection meanwhile.
@@ -540,6 +562,9 @@ func (r *Runner) Shutdown() error {
 	t.Stop()
 	if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 		errs = errors.Join(errs, fmt.Errorf("drain connection: %w", err))
+	}
+	if r.local != nil {
+		_ = r.local.Close() // after the requests' replies
 	}
 	return errs
 }
@@ -773,12 +798,39 @@ func (r *Runner) async(nc *nats.Conn, busy *atomic.Int64, h micro.HandlerFunc) m
 	}
 }
 
-// detached is a micro.Request answered directly on the connection.
+// serveLocal takes start requests from the local channel until the node's end closes
+// (that nexd exited: a nexd that adopts this nexlet sends them over NATS) or Shutdown.
+// Each is handled as one from NATS is (async), and answered on the channel.
+func (r *Runner) serveLocal(agentID string) {
+	defer close(r.localDone)
+	prefix := protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD."
+	err := r.local.Serve(func(lr *localchan.Request) {
+		d := &detached{subject: lr.Subject, reply: "local", data: lr.Data, hdr: micro.Headers(lr.Header), local: lr}
+		if !strings.HasPrefix(lr.Subject, prefix) || protocol.LastToken(lr.Subject) == "" {
+			r.respondError(d, fmt.Errorf("local channel: no endpoint for %q", lr.Subject), nil)
+			return
+		}
+		r.inFlight <- struct{}{}
+		if !r.goFn(func() { defer func() { <-r.inFlight }(); r.handleStart(d) }) {
+			<-r.inFlight
+			r.respondError(d, errors.New("nexlet is shutting down"), nil)
+		}
+	})
+	if err != nil {
+		r.log.Warn("local channel to the node failed; start requests come over NATS", "err", err)
+		return
+	}
+	r.log.Debug("local channel to the node closed; start requests come over NATS")
+}
+
+// detached is a micro.Request answered directly on the connection (or on the local
+// channel it came from).
 type detached struct {
 	nc             *nats.Conn
 	subject, reply string
 	data           []byte
 	hdr            micro.Headers
+	local          *localchan.Request
 }
 
 func (d *detached) Respond(b []byte, opts ...micro.RespondOpt) error {
@@ -807,6 +859,9 @@ func (d *detached) Error(code, description string, data []byte, opts ...micro.Re
 }
 
 func (d *detached) publish(m *nats.Msg) error {
+	if d.local != nil {
+		return d.local.Reply(m)
+	}
 	if d.reply == "" {
 		return nats.ErrMsgNoReply
 	}
@@ -867,7 +922,7 @@ func (r *Runner) handleStart(req micro.Request) {
 type startReports struct {
 	r       *Runner
 	req     micro.Request
-	nc      *nats.Conn
+	pub     func(*nats.Msg) error // sends a report (nil: nowhere to)
 	done    chan struct{}
 	stopped chan struct{}
 
@@ -880,11 +935,13 @@ type startReports struct {
 func (r *Runner) reportProgress(req micro.Request) *startReports {
 	s := &startReports{r: r, req: req, last: protocol.Progress{Text: "starting"}}
 	every, err := time.ParseDuration(req.Headers().Get(protocol.HeaderProgress))
-	s.nc = r.NC()
-	if d, ok := req.(*detached); ok {
-		s.nc = d.nc // reports are replies: they leave on the connection that took the request
+	if nc := r.NC(); nc != nil {
+		s.pub = nc.PublishMsg
 	}
-	if err != nil || every <= 0 || req.Reply() == "" || s.nc == nil {
+	if d, ok := req.(*detached); ok {
+		s.pub = d.publish // reports are replies: they leave the way the request came
+	}
+	if err != nil || every <= 0 || req.Reply() == "" || s.pub == nil {
 		s.closed = true // the node did not ask: reports go nowhere
 		return s
 	}
@@ -935,7 +992,7 @@ func (s *startReports) sendLocked() {
 		m.Header.Set(protocol.HeaderProgressBytes, protocol.FormatProgressBytes(s.last.Done, s.last.Total))
 		s.sentAt = time.Now()
 	}
-	if err := s.nc.PublishMsg(m); err != nil {
+	if err := s.pub(m); err != nil {
 		s.r.log.Debug("start progress report failed", "subject", s.req.Subject(), "err", err)
 	}
 }

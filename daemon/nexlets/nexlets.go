@@ -28,6 +28,7 @@ import (
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/sdscope"
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -45,6 +46,9 @@ type Registry interface {
 	SetAgentKey(agentID, pub string)
 	RemoveAgent(agentID, reason string)
 	SetAgentProcessInfo(agentID string, restarts int, lastExit string, failed bool)
+	// SetAgentLocal gives the channel to the start of agentID registering with key
+	// (nil: that start ended).
+	SetAgentLocal(agentID, key string, c *localchan.Client)
 }
 
 // Minter mints the registration credentials a nexlet starts with.
@@ -106,7 +110,10 @@ type Manager struct {
 
 	mu      sync.Mutex
 	lastKey map[string]string // registration public key of each nexlet's newest start
-	reg     Registry          // nil until Attach when started early
+	// locals are the node's ends of the channels to the native nexlets' current
+	// starts (this nexd spawned them; an adopted one has none), by name.
+	locals map[string]*localchan.Client
+	reg    Registry // nil until Attach when started early
 	// keep: Stop leaves processes under the cgroup root (Detach, LeaveWorkloads), so
 	// the root stays too.
 	keep bool
@@ -122,7 +129,8 @@ type Manager struct {
 // (fetching nats:// binaries) and builds the supervisor. Nothing runs until Start.
 func New(ctx context.Context, o Options) (*Manager, error) {
 	cfg := o.Config
-	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups, reg: o.Registry, early: map[string]chan error{}}
+	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups, reg: o.Registry, early: map[string]chan error{},
+		locals: map[string]*localchan.Client{}}
 	if m.cg == nil {
 		// A detected root is this node's own (nexd/<node id> on v1), and whichever root
 		// is used is held for the node's lifetime: start-up cleans up only what is
@@ -207,6 +215,7 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 		Grace:             cfg.Node.StopGrace,
 		Logger:            m.log,
 		Env:               m.env,
+		Channel:           m.channel,
 		OnExit:            m.onExit,
 		OnFailed:          m.onFailed,
 	})
@@ -279,6 +288,9 @@ func (m *Manager) announceLocked() {
 		if key != "" {
 			m.reg.SetAgentKey(s.AgentID, key)
 		}
+		if c := m.locals[s.Name]; c != nil {
+			m.reg.SetAgentLocal(s.AgentID, m.lastKey[s.Name], c)
+		}
 	}
 }
 
@@ -323,6 +335,9 @@ func (m *Manager) Start(ctx context.Context) error {
 func (m *Manager) Stop(ctx context.Context) error {
 	err := m.sup.Stop(ctx)
 	m.earlyWG.Wait()
+	for _, s := range m.specs {
+		m.closeLocal(s.Name) // those of nexlets left running (live_restore)
+	}
 	if m.unlock != nil {
 		m.mu.Lock()
 		keep := m.keep
@@ -587,7 +602,7 @@ func (m *Manager) env(name string) map[string]string {
 		}
 		m.mu.Unlock()
 	}
-	if name == NativeName || strings.HasPrefix(name, NativeName+"-") {
+	if isNative(name) {
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
 		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
 		env[native.EnvAllowRoot] = strconv.FormatBool(m.o.Config.Node.AllowRootWorkloads)
@@ -627,6 +642,55 @@ func (m *Manager) env(name string) map[string]string {
 		maps.Copy(env, m.o.ProfileEnv)
 	}
 	return env
+}
+
+// isNative says whether the nexlet called name is a native nexlet (nexd's own binary).
+func isNative(name string) bool { return name == NativeName || strings.HasPrefix(name, NativeName+"-") }
+
+// channel makes the local channel for a start of a native nexlet (called after env,
+// so the start's registration key is known): the nexlet's end for the supervisor to
+// pass on; the node's end stays here and goes to the registry, to be used once a
+// registration signed with that key arrives. Other nexlets get none: NATS only.
+func (m *Manager) channel(name string) *os.File {
+	s, ok := m.ByName(name)
+	if !ok || !isNative(name) {
+		return nil
+	}
+	m.closeLocal(name)
+	nodeEnd, nexletEnd, err := localchan.Pair()
+	if err != nil {
+		m.log.Warn("no local channel to the nexlet; start requests go over NATS", "nexlet", name, "err", err)
+		return nil
+	}
+	c, err := localchan.NewClient(nodeEnd)
+	if err != nil {
+		nexletEnd.Close()
+		m.log.Warn("no local channel to the nexlet; start requests go over NATS", "nexlet", name, "err", err)
+		return nil
+	}
+	m.mu.Lock()
+	m.locals[name] = c
+	if m.reg != nil { // else Attach gives it
+		m.reg.SetAgentLocal(s.AgentID, m.lastKey[name], c)
+	}
+	m.mu.Unlock()
+	return nexletEnd
+}
+
+// closeLocal closes the channel to the nexlet's last start, if any.
+func (m *Manager) closeLocal(name string) {
+	m.mu.Lock()
+	c := m.locals[name]
+	delete(m.locals, name)
+	reg := m.reg
+	m.mu.Unlock()
+	if c == nil {
+		return
+	}
+	if s, ok := m.ByName(name); ok && reg != nil {
+		reg.SetAgentLocal(s.AgentID, "", nil)
+	}
+	_ = c.Close()
 }
 
 // meta is what the record of an outliving nexlet keeps for the next nexd: the agent id
@@ -680,6 +744,7 @@ func (m *Manager) onExit(name string, exit supervise.ExitInfo) {
 	if !ok {
 		return
 	}
+	m.closeLocal(name)
 	if m.o.OnExit != nil {
 		m.o.OnExit(name, exit.OOM)
 	}

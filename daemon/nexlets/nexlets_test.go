@@ -16,6 +16,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -35,7 +36,8 @@ func (r *registry) RemoveAgent(id, _ string) {
 	r.removed = append(r.removed, id)
 	r.mu.Unlock()
 }
-func (r *registry) SetAgentKey(id, pub string) { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
+func (r *registry) SetAgentKey(id, pub string)                      { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
+func (r *registry) SetAgentLocal(string, string, *localchan.Client) {}
 func (r *registry) SetAgentProcessInfo(id string, _ int, _ string, failed bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

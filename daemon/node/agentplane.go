@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nuid"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -138,6 +139,13 @@ func (n *Node) handleRegister(r micro.Request) {
 	}
 	n.mu.Unlock()
 	reg := &registration{id: agentID, owner: owner, key: key, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
+	n.mu.Lock()
+	if l, ok := n.locals[agentID]; ok && key != "" && l.key == key {
+		// Signed with the key of the start that holds the channel's other end: the
+		// same process (a later start of the nexlet gets a new key and channel).
+		reg.local = l.c
+	}
+	n.mu.Unlock()
 	var replaced []*registration
 	n.mu.Lock()
 	for id, old := range n.agents {
@@ -289,6 +297,25 @@ func (n *Node) SetAgentKey(agentID, pub string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.keys[agentID] = pub
+}
+
+// localChannel is a channel to a local nexlet's start, and that start's key.
+type localChannel struct {
+	key string
+	c   *localchan.Client
+}
+
+// SetAgentLocal records the channel to the start of the local nexlet agentID whose
+// registration key is key (c nil: that start ended). A registration signed with that
+// key gets its start requests over the channel instead of NATS.
+func (n *Node) SetAgentLocal(agentID, key string, c *localchan.Client) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if c == nil {
+		delete(n.locals, agentID)
+		return
+	}
+	n.locals[agentID] = localChannel{key: key, c: c}
 }
 
 // ownInbox reports whether a request from the child with this id may be answered on

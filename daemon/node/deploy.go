@@ -101,7 +101,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 
 	st.Step("record")
-	call, err := n.startOnNexlet(a.id, workloadID, body)
+	call, err := n.startOnNexlet(a, workloadID, body)
 	if err != nil {
 		refuse(500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
 		return
@@ -146,7 +146,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	deployed = true
 	n.relay(r, reply)
 	st.Step("reply")
-	st.Log(n.log, "deploy steps", "workload_id", workloadID)
+	st.Log(n.log, "deploy steps", "workload_id", workloadID, "via", call.via)
 }
 
 // Bounds on the keep-alive interval a client may ask for (HeaderAlive).
@@ -298,25 +298,38 @@ func (res *reservation) rollback() error {
 	return fmt.Errorf("remove the record of workload %s: %w", res.id, err)
 }
 
-// startCall is one start request to a nexlet, answered on its own inbox so the node
-// can hear progress reports and a late answer.
+// startCall is one start request to a nexlet, answered on its own inbox (or call on the
+// local channel) so the node can hear progress reports and a late answer.
 type startCall struct {
-	sub *nats.Subscription
-	ch  chan *nats.Msg
+	cancel func() // ends the subscription or the call
+	ch     chan *nats.Msg
+	via    string // "local" (channel) or "nats"
 	// onProgress passes the nexlet's progress reports on (to a client that asked).
 	onProgress func(nats.Header)
 }
 
-func (n *Node) startOnNexlet(agentID, workloadID string, body []byte) (*startCall, error) {
+// startOnNexlet sends the start request: on the local channel to the nexlet's process
+// when it has one (a native nexlet this nexd spawned), else over NATS. A channel that
+// is closed or fails to send falls back to NATS before anything was sent on it.
+func (n *Node) startOnNexlet(a *registration, workloadID string, body []byte) (*startCall, error) {
 	c := &startCall{ch: make(chan *nats.Msg, 64)}
+	subject := protocol.StartWorkloadSubject(n.id, a.id, workloadID)
+	hdr := nats.Header{protocol.HeaderProgress: {n.o.ProgressInterval.String()}}
+	if a.local != nil && a.local.Serving() {
+		cancel, err := a.local.Request(subject, hdr, body, c.ch)
+		if err == nil {
+			c.cancel, c.via = cancel, "local"
+			return c, nil
+		}
+		n.log.Debug("local channel to the nexlet failed; starting over NATS", "agent_id", a.id, "err", err)
+	}
 	inbox := n.o.NC.NewInbox()
 	sub, err := n.o.NC.ChanSubscribe(inbox, c.ch)
 	if err != nil {
 		return nil, fmt.Errorf("subscribe reply inbox: %w", err)
 	}
-	c.sub = sub
-	m := &nats.Msg{Subject: protocol.StartWorkloadSubject(n.id, agentID, workloadID), Reply: inbox, Data: body,
-		Header: nats.Header{protocol.HeaderProgress: {n.o.ProgressInterval.String()}}}
+	c.cancel, c.via = func() { _ = sub.Unsubscribe() }, "nats"
+	m := &nats.Msg{Subject: subject, Reply: inbox, Data: body, Header: hdr}
 	if err := n.o.NC.PublishMsg(m); err != nil {
 		c.close()
 		return nil, fmt.Errorf("publish start request: %w", err)
@@ -324,7 +337,7 @@ func (n *Node) startOnNexlet(agentID, workloadID string, body []byte) (*startCal
 	return c, nil
 }
 
-func (c *startCall) close() { _ = c.sub.Unsubscribe() }
+func (c *startCall) close() { c.cancel() }
 
 // errStartSilent and errStartTooLong say why the node stopped waiting for a start.
 var (

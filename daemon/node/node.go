@@ -207,6 +207,8 @@ type Node struct {
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
 	owned map[string]ownership // workload id -> type and owning nexlet, for what this node stored
 	keys  map[string]string    // agent id -> public key of the nexlet's current start
+	// locals are the channels to the local nexlets' current starts (SetAgentLocal).
+	locals map[string]localChannel
 	// starting holds workloads whose deploy is in flight; true once the nexlet said
 	// the workload already ended (a fast job), so the deploy removes it from state.
 	starting map[string]bool
@@ -330,6 +332,7 @@ func New(o Options) (*Node, error) {
 		auctions: newAuctionQueue(),
 		owned:    map[string]ownership{},
 		keys:     map[string]string{},
+		locals:   map[string]localChannel{},
 		starting: map[string]bool{},
 		changed:  make(chan struct{}),
 		slots:    make(chan struct{}, 64),

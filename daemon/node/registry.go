@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -29,6 +30,8 @@ type registration struct {
 	// do not wait 10 s for the nexlet to report them.
 	startedSinceBeat int
 	reported         string // health last logged, so each change is logged once
+	// local is the direct channel to this registration's nexlet process (nil: NATS).
+	local *localchan.Client
 }
 
 func (r *registration) workloadCount() int { return r.summary.WorkloadCount + r.startedSinceBeat }

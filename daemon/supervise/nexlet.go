@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/nexlet/localchan"
 )
 
 // nexlet is one supervised process slot.
@@ -254,6 +255,13 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 			Stdout: outW,
 			Stderr: errW,
 		}
+		var ch *os.File
+		if n.s.opts.Channel != nil {
+			if ch = n.s.opts.Channel(n.spec.Name); ch != nil {
+				cmd.ExtraFiles = []*os.File{ch} // descriptor 3
+				cmd.Env = append(cmd.Env, localchan.EnvFD+"=3")
+			}
+		}
 		if r := n.s.reaper; r != nil {
 			// The reaper must not take this child's exit from cmd.Wait.
 			r.forkMu.Lock()
@@ -267,6 +275,9 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		}
 		outW.Close()
 		errW.Close()
+		if ch != nil {
+			ch.Close() // the child's now, or nobody's
+		}
 		if err != nil {
 			outR.Close()
 			errR.Close()

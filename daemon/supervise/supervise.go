@@ -155,6 +155,10 @@ type Options struct {
 	// NexletOOMScoreAdj is written to each nexlet's oom_score_adj after start (0 leaves
 	// it inherited), so the OOM killer picks a workload before the nexlet that runs it.
 	NexletOOMScoreAdj int
+	// Channel, if set, is called before each start of a nexlet (not an adoption): a
+	// file it returns is the child's descriptor 3, named by localchan.EnvFD in its
+	// environment, and closed here once the child has it.
+	Channel func(name string) *os.File
 }
 
 // Supervisor runs and watches nexlet processes.

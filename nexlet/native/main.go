@@ -15,6 +15,7 @@ import (
 
 	"github.com/nexd-project/nexd/internal/memtrim"
 	"github.com/nexd-project/nexd/nexlet"
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 )
 
@@ -51,6 +52,18 @@ const ShutdownTimeout = 2 * time.Minute
 // then stops every workload with its grace. When detach fires first it exits and leaves
 // every workload running instead.
 func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach, reattach <-chan os.Signal) error {
+	// The channel from the nexd that spawned it, marked close-on-exec before anything
+	// forks: no workload may inherit it.
+	lf, err := localchan.FromEnv(env)
+	if err != nil {
+		return err
+	}
+	var local *localchan.Server
+	if lf != nil {
+		if local, err = localchan.NewServer(lf); err != nil {
+			return err
+		}
+	}
 	creds, err := nexlet.ConnDataFromEnv(env)
 	if err != nil {
 		return err
@@ -135,8 +148,12 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 		return err
 	}
 	// nexd starts it while connecting itself, and decides how long it lives.
-	r, err := nexlet.NewRunner(ctx, nodeID, n, nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart(),
-		nexlet.WithRegistrationDial(dial))
+	opts := []nexlet.Option{nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart(),
+		nexlet.WithRegistrationDial(dial)}
+	if local != nil {
+		opts = append(opts, nexlet.WithLocalChannel(local))
+	}
+	r, err := nexlet.NewRunner(ctx, nodeID, n, opts...)
 	if err != nil {
 		return err
 	}

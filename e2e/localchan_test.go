@@ -1,0 +1,166 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// socketFDs lists the socket descriptors of pid with their open flags (fdinfo, octal).
+func socketFDs(pid int) map[int]string {
+	out := map[int]string{}
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		fd, _ := strconv.Atoi(e.Name())
+		if l, _ := os.Readlink(filepath.Join(dir, e.Name())); strings.HasPrefix(l, "socket:") {
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%d", pid, fd))
+			for line := range strings.SplitSeq(string(b), "\n") {
+				if v, ok := strings.CutPrefix(line, "flags:"); ok {
+					out[fd] = strings.TrimSpace(v)
+				}
+			}
+		}
+	}
+	return out
+}
+
+// TestDeployOverLocalChannel: a deploy to the native nexlet nexd spawned goes over the
+// socket pair between them, not through the NATS server (no STARTWORKLOAD message
+// crosses it); the nexlet holds its end close-on-exec and no workload inherits it;
+// after a crash of the nexlet its successor gets a new pair and deploys use it; a nexd
+// that adopted the nexlet (live_restore) has no pair with it and starts over NATS.
+func TestDeployOverLocalChannel(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	state := t.TempDir()
+	opts := func(cg string, live bool) nodeOpts {
+		extra := []string{"--state", "kv"}
+		if live {
+			extra = append(extra, "--live-restore")
+		}
+		return nodeOpts{external: s.ClientURL(), stateDir: state, cgroup: cg, extra: extra}
+	}
+	n := startNode(t, opts("", true))
+	st := n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	starts, _ := nc.SubscribeSync(protocol.AgentPrefix(st.NodeID) + ".*.STARTWORKLOAD.*")
+	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	flush(t, nc)
+
+	// The workload prints what its descriptors are, then stays.
+	script := filepath.Join(testkit.PublicDir(t), "fds.sh")
+	testkit.WriteFile(t, script, "#!/bin/sh\necho \"fds: $(for f in /proc/$$/fd/*; do readlink $f; done | tr '\\n' ' ')\"\nexec sleep 600\n")
+	os.Chmod(script, 0o755)
+	marker := fmt.Sprintf("nexd-e2e-localchan-%d", time.Now().UnixNano())
+	deploy := func(n *node, name string) (id, fds string) {
+		t.Helper()
+		r := n.runWorkload(t, "--bids", "1", "--name", name, "--", script, marker)
+		testkit.EventuallyWithin(t, 30*time.Second, "the workload's descriptors on its log", func() bool {
+			m, err := logs.NextMsg(time.Second)
+			if err != nil || !strings.Contains(m.Subject, r.ID) {
+				return false
+			}
+			fds = string(m.Data)
+			return true
+		})
+		return r.ID, fds
+	}
+	overNATS := func() []string {
+		var subs []string
+		for {
+			m, err := starts.NextMsg(200 * time.Millisecond)
+			if err != nil {
+				return subs
+			}
+			subs = append(subs, m.Subject)
+		}
+	}
+	checkNexlet := func(pid int, what string) {
+		t.Helper()
+		socks := socketFDs(pid)
+		if len(socks) == 0 {
+			t.Fatalf("%s: the nexlet %d has no socket", what, pid)
+		}
+		for fd, flags := range socks {
+			f, _ := strconv.ParseUint(flags, 8, 64)
+			if f&uint64(syscall.O_CLOEXEC) == 0 {
+				t.Errorf("%s: the nexlet's socket descriptor %d is not close-on-exec (flags %s)", what, fd, flags)
+			}
+		}
+	}
+
+	id, fds := deploy(n, "first")
+	if got := overNATS(); len(got) != 0 {
+		t.Fatalf("the start crossed NATS: %v", got)
+	}
+	if strings.Contains(fds, "socket:") {
+		t.Fatalf("workload %s inherited a socket: %s", id, fds)
+	}
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	checkNexlet(nexlet, "first start")
+
+	// A crash: the next nexlet has a new pair.
+	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 60*time.Second, "a new native nexlet", func() bool {
+		p := nexletPID(n.cmd.Process.Pid)
+		if p != 0 && p != nexlet {
+			nexlet = p
+			return true
+		}
+		return false
+	})
+	testkit.EventuallyWithin(t, 60*time.Second, "the new nexlet registered", func() bool {
+		for _, x := range n.waitReady(t).Nexlets {
+			if x.Name == "native" && x.Health == protocol.HealthHealthy && x.PID == nexlet {
+				return true
+			}
+		}
+		return false
+	})
+	id, fds = deploy(n, "after-crash")
+	if got := overNATS(); len(got) != 0 {
+		t.Fatalf("after a nexlet crash the start crossed NATS: %v", got)
+	}
+	if strings.Contains(fds, "socket:") {
+		t.Fatalf("workload %s inherited a socket: %s", id, fds)
+	}
+	checkNexlet(nexlet, "after a crash")
+
+	// live_restore: the next nexd adopts the nexlet and has no pair with it.
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM", code)
+	}
+	n2 := startNode(t, opts(n.cgroup, false))
+	n2.waitReady(t)
+	id, _ = deploy(n2, "after-adoption")
+	if got := overNATS(); len(got) != 1 || !strings.HasSuffix(got[0], "."+id) {
+		t.Fatalf("after an adoption the start went %v over NATS, want the one of %s", got, id)
+	}
+	if p := nexletPID(n2.cmd.Process.Pid); p != 0 {
+		t.Fatalf("the new nexd started a nexlet (%d) instead of adopting %d", p, nexlet)
+	}
+	n2.signal(t, syscall.SIGTERM)
+	n2.wait(t, 120*time.Second)
+	if c := countProcs(marker); c != 0 {
+		t.Fatalf("%d workload processes survived the stop", c)
+	}
+}

@@ -1,0 +1,340 @@
+// Package localchan is the direct channel between nexd and a nexlet it spawned: one end
+// of a Unix socket pair that the nexlet inherits, carrying the start requests a node
+// would otherwise send through the NATS server, and their replies. A deploy to such a
+// nexlet then crosses NATS only client → node → client, as upstream's in-process agent
+// does; registration, heartbeats, events, logs, stops and every other nexlet stay on NATS.
+//
+// Each message is one frame on a stream socket (a start request can be larger than a
+// datagram the kernel would take): a 4-byte big-endian length, then a kind byte, an
+// 8-byte call id, the subject (2-byte length), the headers (JSON, 4-byte length) and the
+// body. A reply (progress report or answer) carries the id of its request, so one
+// channel serves many starts at once. The pair is made per spawn with SOCK_CLOEXEC, and
+// the nexlet marks its end close-on-exec before anything forks, so no other process (a
+// workload, another nexlet, a re-executed nexd) ever holds either end.
+package localchan
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"golang.org/x/sys/unix"
+)
+
+// EnvFD names the environment variable that gives the nexlet the number of its end.
+const EnvFD = "NEX_AGENT_LOCAL_FD"
+
+// MaxFrame bounds one message: larger than any NATS payload a node accepts.
+const MaxFrame = 128 << 20
+
+const (
+	kindRequest byte = 1
+	kindReply   byte = 2
+	kindServing byte = 3 // the nexlet serves requests from now on
+)
+
+// ErrClosed is returned for a request on a closed channel.
+var ErrClosed = errors.New("local channel closed")
+
+// Pair makes a connected pair: the node's end (kept) and the nexlet's (to inherit, then
+// closed in the node). Both are close-on-exec.
+func Pair() (node, nexlet *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("local channel: socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "nexlet-local-node"), os.NewFile(uintptr(fds[1]), "nexlet-local-nexlet"), nil
+}
+
+// FromEnv takes the nexlet's end named by EnvFD, if any (nil, nil without it). It marks
+// the descriptor close-on-exec first (it was inherited without the flag), so call it
+// before anything forks. The descriptor must be a Unix stream socket.
+func FromEnv(env func(string) string) (*os.File, error) {
+	v := env(EnvFD)
+	if v == "" {
+		return nil, nil
+	}
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return nil, fmt.Errorf("%s=%q: want a file descriptor number above 2", EnvFD, v)
+	}
+	unix.CloseOnExec(fd)
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil || typ != unix.SOCK_STREAM {
+		return nil, fmt.Errorf("%s=%d: not a stream socket (%v)", EnvFD, fd, err)
+	}
+	if dom, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN); err != nil || dom != unix.AF_UNIX {
+		return nil, fmt.Errorf("%s=%d: not a Unix socket (%v)", EnvFD, fd, err)
+	}
+	return os.NewFile(uintptr(fd), "nexlet-local"), nil
+}
+
+// msg is one frame.
+type msg struct {
+	kind    byte
+	id      uint64
+	subject string
+	header  nats.Header
+	data    []byte
+}
+
+// conn frames messages on a socket; writes are whole frames under wmu.
+type conn struct {
+	c   net.Conn
+	r   *bufio.Reader
+	wmu sync.Mutex
+}
+
+func newConn(f *os.File) (*conn, error) {
+	c, err := net.FileConn(f) // a duplicate, close-on-exec; f is closed below
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("local channel: %w", err)
+	}
+	return &conn{c: c, r: bufio.NewReaderSize(c, 64<<10)}, nil
+}
+
+func (c *conn) write(m msg) error {
+	var hdr []byte
+	if len(m.header) > 0 {
+		var err error
+		if hdr, err = json.Marshal(m.header); err != nil {
+			return fmt.Errorf("local channel: encode headers: %w", err)
+		}
+	}
+	if len(m.subject) > 0xffff {
+		return fmt.Errorf("local channel: subject of %d bytes", len(m.subject))
+	}
+	n := 1 + 8 + 2 + len(m.subject) + 4 + len(hdr) + len(m.data)
+	if n > MaxFrame {
+		return fmt.Errorf("local channel: message of %d bytes is over %d", n, MaxFrame)
+	}
+	b := make([]byte, 0, 4+n)
+	b = binary.BigEndian.AppendUint32(b, uint32(n))
+	b = append(b, m.kind)
+	b = binary.BigEndian.AppendUint64(b, m.id)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(m.subject)))
+	b = append(b, m.subject...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(hdr)))
+	b = append(b, hdr...)
+	b = append(b, m.data...)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_, err := c.c.Write(b)
+	return err
+}
+
+func (c *conn) read() (msg, error) {
+	var lb [4]byte
+	if _, err := io.ReadFull(c.r, lb[:]); err != nil {
+		return msg{}, err
+	}
+	n := binary.BigEndian.Uint32(lb[:])
+	if n < 1+8+2+4 || n > MaxFrame {
+		return msg{}, fmt.Errorf("local channel: frame of %d bytes", n)
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(c.r, b); err != nil {
+		return msg{}, err
+	}
+	m := msg{kind: b[0], id: binary.BigEndian.Uint64(b[1:9])}
+	sl := int(binary.BigEndian.Uint16(b[9:11]))
+	b = b[11:]
+	if len(b) < sl+4 {
+		return msg{}, errors.New("local channel: short frame")
+	}
+	m.subject, b = string(b[:sl]), b[sl:]
+	hl := int(binary.BigEndian.Uint32(b[:4]))
+	b = b[4:]
+	if len(b) < hl {
+		return msg{}, errors.New("local channel: short frame")
+	}
+	if hl > 0 {
+		if err := json.Unmarshal(b[:hl], &m.header); err != nil {
+			return msg{}, fmt.Errorf("local channel: headers: %w", err)
+		}
+	}
+	m.data = b[hl:]
+	return m, nil
+}
+
+// Client is the node's end: it sends requests and delivers each reply to the channel
+// of its request, as a NATS channel subscription to a reply inbox would.
+type Client struct {
+	c    *conn
+	done chan struct{} // closed when the reader returned
+
+	mu      sync.Mutex
+	next    uint64
+	calls   map[uint64]chan<- *nats.Msg
+	serving bool // the nexlet said it serves requests
+	closed  bool
+}
+
+// NewClient serves the node's end f (taken over: closed with the client).
+func NewClient(f *os.File) (*Client, error) {
+	c, err := newConn(f)
+	if err != nil {
+		return nil, err
+	}
+	cl := &Client{c: c, done: make(chan struct{}), calls: map[uint64]chan<- *nats.Msg{}}
+	go cl.readLoop()
+	return cl, nil
+}
+
+// Serving reports whether the nexlet said it serves requests and the channel is open:
+// until then (a nexlet that does not serve it, or not yet), requests go over NATS.
+func (cl *Client) Serving() bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.serving && !cl.closed
+}
+
+// Request sends a request; every reply to it goes to ch (dropped when ch is full, as a
+// slow NATS subscriber's would be) until cancel. A reply that never comes (the nexlet
+// died) is the caller's timeout, exactly as over NATS.
+func (cl *Client) Request(subject string, header nats.Header, data []byte, ch chan<- *nats.Msg) (cancel func(), err error) {
+	cl.mu.Lock()
+	if cl.closed {
+		cl.mu.Unlock()
+		return nil, ErrClosed
+	}
+	cl.next++
+	id := cl.next
+	cl.calls[id] = ch
+	cl.mu.Unlock()
+	cancel = func() {
+		cl.mu.Lock()
+		delete(cl.calls, id)
+		cl.mu.Unlock()
+	}
+	if err := cl.c.write(msg{kind: kindRequest, id: id, subject: subject, header: header, data: data}); err != nil {
+		cancel()
+		return nil, fmt.Errorf("local channel: send: %w", err)
+	}
+	return cancel, nil
+}
+
+// Closed reports whether the channel is closed (the nexlet's end went away or Close).
+func (cl *Client) Closed() bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.closed
+}
+
+func (cl *Client) readLoop() {
+	defer close(cl.done)
+	defer cl.markClosed()
+	for {
+		m, err := cl.c.read()
+		if err != nil {
+			return
+		}
+		if m.kind == kindServing {
+			cl.mu.Lock()
+			cl.serving = true
+			cl.mu.Unlock()
+			continue
+		}
+		if m.kind != kindReply {
+			continue
+		}
+		cl.mu.Lock()
+		ch := cl.calls[m.id]
+		cl.mu.Unlock()
+		if ch == nil {
+			continue // cancelled
+		}
+		select {
+		case ch <- &nats.Msg{Header: m.header, Data: m.data}:
+		default:
+		}
+	}
+}
+
+func (cl *Client) markClosed() {
+	cl.mu.Lock()
+	cl.closed = true
+	cl.mu.Unlock()
+}
+
+// Close closes the node's end and waits for the reader.
+func (cl *Client) Close() error {
+	cl.markClosed()
+	err := cl.c.c.Close()
+	<-cl.done
+	return err
+}
+
+// Request is one request on the nexlet's end.
+type Request struct {
+	s       *Server
+	id      uint64
+	Subject string
+	Header  nats.Header
+	Data    []byte
+}
+
+// Reply sends one reply (a progress report or the answer) to the request.
+func (r *Request) Reply(m *nats.Msg) error {
+	return r.s.c.write(msg{kind: kindReply, id: r.id, header: m.Header, data: m.Data})
+}
+
+// Server is the nexlet's end.
+type Server struct {
+	c *conn
+}
+
+// NewServer serves the nexlet's end f (taken over).
+func NewServer(f *os.File) (*Server, error) {
+	c, err := newConn(f)
+	if err != nil {
+		return nil, err
+	}
+	return &Server{c: c}, nil
+}
+
+// Announce tells the node that this nexlet serves requests on the channel. Send it
+// before registering: the node uses the channel for a registration it accepted after
+// reading this, and requests wait in the socket until Serve reads them.
+func (s *Server) Announce() error {
+	err := s.c.write(msg{kind: kindServing})
+	if errors.Is(err, syscall.EPIPE) || errors.Is(err, net.ErrClosed) {
+		return nil // the node's end is gone already: NATS it is
+	}
+	return err
+}
+
+// Serve reads requests and hands each to handle, on the reading goroutine (handle must
+// not block), until the node's end closes or StopServing (nil).
+func (s *Server) Serve(handle func(*Request)) error {
+	for {
+		m, err := s.c.read()
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil
+			}
+			return err
+		}
+		if m.kind != kindRequest {
+			continue
+		}
+		handle(&Request{s: s, id: m.id, Subject: m.subject, Header: m.header, Data: m.data})
+	}
+}
+
+// StopServing ends Serve (its read returns); replies can still be sent.
+func (s *Server) StopServing() error { return s.c.c.SetReadDeadline(time.Now()) }
+
+// Close closes the nexlet's end.
+func (s *Server) Close() error { return s.c.c.Close() }

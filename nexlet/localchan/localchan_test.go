@@ -1,0 +1,314 @@
+package localchan
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// The child mode of the test binary: a nexlet's end of a channel, served until the
+// node's end closes. It answers "echo" with the body (after one progress report),
+// "fds" with what a child process it execs holds open, "cloexec" with whether its own
+// end is close-on-exec.
+const childEnv = "LOCALCHAN_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) == "1" {
+		os.Exit(child())
+	}
+	os.Exit(m.Run())
+}
+
+func child() int {
+	f, err := FromEnv(os.Getenv)
+	if err != nil || f == nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	fd := int(f.Fd())
+	flags, _ := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	s, err := NewServer(f)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	if err := s.Announce(); err != nil {
+		return 2
+	}
+	var wg sync.WaitGroup
+	err = s.Serve(func(r *Request) {
+		wg.Go(func() {
+			switch r.Subject {
+			case "echo":
+				_ = r.Reply(&nats.Msg{Header: nats.Header{"Progress": {"starting"}}})
+				_ = r.Reply(&nats.Msg{Header: r.Header, Data: r.Data})
+			case "fds":
+				out, err := exec.Command("/bin/sh", "-c", "ls -l /proc/self/fd/").CombinedOutput()
+				if err != nil {
+					out = append(out, err.Error()...)
+				}
+				_ = r.Reply(&nats.Msg{Data: out})
+			case "cloexec":
+				_ = r.Reply(&nats.Msg{Data: fmt.Appendf(nil, "%d %v", fd, flags&unix.FD_CLOEXEC != 0)})
+			}
+		})
+	})
+	wg.Wait()
+	if err != nil {
+		return 1
+	}
+	return 0
+}
+
+// startChild runs the test binary as a nexlet holding one end of a pair, passed as
+// descriptor 3 the way the supervisor passes it; it returns the node's end.
+func startChild(t *testing.T) (*Client, *exec.Cmd) {
+	t.Helper()
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = []string{childEnv + "=1", EnvFD + "=3"}
+	cmd.ExtraFiles = []*os.File{nexletEnd}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	nexletEnd.Close()
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.Close()
+		_ = cmd.Wait()
+	})
+	return c, cmd
+}
+
+func waitServing(t *testing.T, c *Client) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !c.Serving() {
+		if time.Now().After(deadline) {
+			t.Fatal("the child never announced it serves")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func call(t *testing.T, c *Client, subject string, hdr nats.Header, data []byte) []*nats.Msg {
+	t.Helper()
+	ch := make(chan *nats.Msg, 8)
+	cancel, err := c.Request(subject, hdr, data, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel()
+	var got []*nats.Msg
+	for {
+		select {
+		case m := <-ch:
+			got = append(got, m)
+			if m.Header.Get("Progress") == "" {
+				return got
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: no answer; got %d messages", subject, len(got))
+		}
+	}
+}
+
+// TestRequestsToAChildProcess: requests and their replies (a progress report, then the
+// answer with its headers and body) cross a real socket pair to a real child process,
+// many at once, and one larger than any datagram; each reply reaches its own request.
+func TestRequestsToAChildProcess(t *testing.T) {
+	c, _ := startChild(t)
+	waitServing(t, c)
+	big := bytes.Repeat([]byte("x"), 3<<20)
+	got := call(t, c, "echo", nats.Header{"A": {"1", "2"}}, big)
+	if len(got) != 2 || got[0].Header.Get("Progress") != "starting" || !bytes.Equal(got[1].Data, big) ||
+		strings.Join(got[1].Header["A"], ",") != "1,2" {
+		t.Fatalf("echo of 3 MiB: %d messages", len(got))
+	}
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Go(func() {
+			body := fmt.Appendf(nil, "request %d", i)
+			got := call(t, c, "echo", nil, body)
+			if !bytes.Equal(got[len(got)-1].Data, body) {
+				t.Errorf("request %d answered %q", i, got[len(got)-1].Data)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// TestNoChildInheritsTheNexletsEnd: the nexlet's end is close-on-exec once FromEnv
+// took it (it was inherited without the flag), so a process the nexlet starts (a
+// workload) holds no socket; the node's end is close-on-exec from the start.
+func TestNoChildInheritsTheNexletsEnd(t *testing.T) {
+	c, _ := startChild(t)
+	waitServing(t, c)
+	if got := string(call(t, c, "cloexec", nil, nil)[0].Data); got != "3 true" {
+		t.Fatalf("the nexlet's end: %q, want descriptor 3 close-on-exec", got)
+	}
+	if got := string(call(t, c, "fds", nil, nil)[0].Data); strings.Contains(got, "socket:") {
+		t.Fatalf("a process the nexlet started holds a socket:\n%s", got)
+	}
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nodeEnd.Close()
+	defer nexletEnd.Close()
+	for _, f := range []*os.File{nodeEnd, nexletEnd} {
+		if fl, _ := unix.FcntlInt(f.Fd(), unix.F_GETFD, 0); fl&unix.FD_CLOEXEC == 0 {
+			t.Fatalf("%s is not close-on-exec", f.Name())
+		}
+	}
+}
+
+// TestNexletExitClosesTheChannel: when the nexlet dies, the node's end reports closed
+// and a request fails at once (the node then goes over NATS); a reply that never came
+// is left to the caller's timeout.
+func TestNexletExitClosesTheChannel(t *testing.T) {
+	c, cmd := startChild(t)
+	waitServing(t, c)
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Serving() {
+		if time.Now().After(deadline) {
+			t.Fatal("the channel still serves after its nexlet died")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if _, err := c.Request("echo", nil, nil, make(chan *nats.Msg, 1)); err == nil {
+		t.Fatal("a request on a closed channel succeeded")
+	}
+}
+
+// TestNotServingUntilAnnounced: a nexlet that holds its end but never announces (one
+// that does not serve the channel) leaves the node on NATS.
+func TestNotServingUntilAnnounced(t *testing.T) {
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nexletEnd.Close()
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	time.Sleep(50 * time.Millisecond)
+	if c.Serving() {
+		t.Fatal("serving without an announcement")
+	}
+}
+
+// TestFromEnvRefusesWhatIsNotAUnixStreamSocket: a descriptor that is not a Unix stream
+// socket (a file, a datagram socket) or a bad number is refused, naming the variable.
+func TestFromEnvRefusesWhatIsNotAUnixStreamSocket(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	defer unix.Close(fds[1])
+	for _, v := range []string{"x", "1", fmt.Sprint(f.Fd()), fmt.Sprint(fds[0])} {
+		_, err := FromEnv(func(string) string { return v })
+		if err == nil || !strings.Contains(err.Error(), EnvFD) {
+			t.Errorf("%s=%s: %v, want a refusal naming the variable", EnvFD, v, err)
+		}
+	}
+	if f, err := FromEnv(func(string) string { return "" }); f != nil || err != nil {
+		t.Errorf("without the variable: %v %v", f, err)
+	}
+}
+
+// BenchmarkRoundTrip compares one request and its answer (a start request's size)
+// between two connections through a NATS server on loopback, as a node and its nexlet
+// talk without the channel, with the same over a socket pair. Both ends run in this
+// process (the NATS server too), so it shows the transport's own cost; across
+// processes each hop also waits for a core.
+func BenchmarkRoundTrip(b *testing.B) {
+	body := bytes.Repeat([]byte("x"), 1500)
+	hdr := nats.Header{"Nex-Progress": {"5s"}}
+	b.Run("nats", func(b *testing.B) {
+		s := testnats.Start(b, testnats.Options{})
+		node, nexlet := testnats.Connect(b, s), testnats.Connect(b, s)
+		if _, err := nexlet.Subscribe("start.*", func(m *nats.Msg) {
+			_ = m.RespondMsg(&nats.Msg{Data: m.Data})
+		}); err != nil {
+			b.Fatal(err)
+		}
+		_ = nexlet.Flush()
+		ch := make(chan *nats.Msg, 64)
+		b.ResetTimer()
+		for b.Loop() {
+			inbox := node.NewInbox()
+			sub, err := node.ChanSubscribe(inbox, ch)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := node.PublishMsg(&nats.Msg{Subject: "start.x", Reply: inbox, Header: hdr, Data: body}); err != nil {
+				b.Fatal(err)
+			}
+			<-ch
+			_ = sub.Unsubscribe()
+		}
+	})
+	b.Run("local", func(b *testing.B) {
+		nodeEnd, nexletEnd, err := Pair()
+		if err != nil {
+			b.Fatal(err)
+		}
+		c, err := NewClient(nodeEnd)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s, err := NewServer(nexletEnd)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_ = s.Announce()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = s.Serve(func(r *Request) { go func() { _ = r.Reply(&nats.Msg{Data: r.Data}) }() })
+		}()
+		ch := make(chan *nats.Msg, 64)
+		b.ResetTimer()
+		for b.Loop() {
+			cancel, err := c.Request("start.x", hdr, body, ch)
+			if err != nil {
+				b.Fatal(err)
+			}
+			<-ch
+			cancel()
+		}
+		b.StopTimer()
+		c.Close()
+		<-done
+		s.Close()
+	})
+}
