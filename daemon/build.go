@@ -93,11 +93,14 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if err := privateStateDir(s.stateDir, d.log); err != nil {
 		return nil, err
 	}
-	id, err := identity.Load(cfg.Node.Seed, cfg.Node.XKeySeed, s.stateDir)
+	// A first start's seeds become durable while the native nexlet starts (below).
+	id, err := identity.Begin(cfg.Node.Seed, cfg.Node.XKeySeed, s.stateDir)
 	if err != nil {
 		return nil, err
 	}
 	s.id = id
+	// Owns the seeds' writes should the start end before they are waited for.
+	d.closers.push("identity", func(context.Context) error { return id.Persisted() })
 	s.runtimeDir = runtimeDir(cfg, id.ID())
 	if err := d.logger.Reconfigure(d.logOptions(cfg, id.ID())); err != nil {
 		return nil, fmt.Errorf("logger: %w", err)
@@ -153,6 +156,11 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 			return s.stopNexlets(ctx)
 		})
 		s.nexlets.StartEarly(startCtx)
+	}
+
+	// Nothing shows the node id beyond this process and its nexlet until it is durable.
+	if err := id.Persisted(); err != nil {
+		return nil, err
 	}
 
 	// The control socket answers from here on (opened while the early nexlet starts:

@@ -112,3 +112,38 @@ func TestSeedFileOthersCanReachIsRefused(t *testing.T) {
 		t.Fatalf("err = %v, want a refusal naming %s, its mode and the fix", err, path)
 	}
 }
+
+// TestBeginPersistsInTheBackground: Begin hands out generated keys before their seeds
+// are durable; Persisted waits for the writes (the files then hold those very keys)
+// and reports a write that failed, naming the file.
+func TestBeginPersistsInTheBackground(t *testing.T) {
+	dir := t.TempDir()
+	id, err := Begin("", "", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := id.Persisted(); err != nil {
+		t.Fatal(err)
+	}
+	again, err := Load("", "", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.NodeSource != FromStateDir || again.ID() != id.ID() || again.XKeyPublic() != id.XKeyPublic() {
+		t.Fatalf("persisted %s/%s (%s), handed out %s/%s", again.ID(), again.XKeyPublic(), again.NodeSource, id.ID(), id.XKeyPublic())
+	}
+
+	// A directory that exists and lists no seed, but where no file can be made, also
+	// not by root.
+	const unwritable = "/proc/self/fdinfo"
+	id, err = Begin("", "", unwritable)
+	if err != nil {
+		t.Fatalf("Begin failed before writing: %v", err)
+	}
+	if err := id.Persisted(); err == nil || !strings.Contains(err.Error(), "persist "+unwritable+"/node") {
+		t.Fatalf("Persisted = %v, want the failed write", err)
+	}
+	if _, err := Load("", "", unwritable); err == nil {
+		t.Fatal("Load succeeded where the seed cannot be written")
+	}
+}
