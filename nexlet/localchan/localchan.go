@@ -88,11 +88,18 @@ type msg struct {
 	data    []byte
 }
 
-// conn frames messages on a socket; writes are whole frames under wmu.
+// WriteWait bounds one write: a peer that stops reading (stuck, stopped) must not hold
+// up its other end's callers; the channel is closed instead, and the node goes over
+// NATS (its deploys in flight time out as they would there).
+const WriteWait = 2 * time.Second
+
+// conn frames messages on a socket; writes are whole frames under wmu. A write that
+// fails (its deadline, a closed peer) closes the socket: a frame may be half sent.
 type conn struct {
-	c   net.Conn
-	r   *bufio.Reader
-	wmu sync.Mutex
+	c         net.Conn
+	r         *bufio.Reader
+	wmu       sync.Mutex
+	writeWait time.Duration
 }
 
 func newConn(f *os.File) (*conn, error) {
@@ -101,7 +108,7 @@ func newConn(f *os.File) (*conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("local channel: %w", err)
 	}
-	return &conn{c: c, r: bufio.NewReaderSize(c, 64<<10)}, nil
+	return &conn{c: c, r: bufio.NewReaderSize(c, 64<<10), writeWait: WriteWait}, nil
 }
 
 func (c *conn) write(m msg) error {
@@ -130,8 +137,14 @@ func (c *conn) write(m msg) error {
 	b = append(b, m.data...)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	_, err := c.c.Write(b)
-	return err
+	if err := c.c.SetWriteDeadline(time.Now().Add(c.writeWait)); err != nil {
+		return err
+	}
+	if _, err := c.c.Write(b); err != nil {
+		c.c.Close()
+		return err
+	}
+	return nil
 }
 
 func (c *conn) read() (msg, error) {
@@ -223,13 +236,6 @@ func (cl *Client) Request(subject string, header nats.Header, data []byte, ch ch
 		return nil, fmt.Errorf("local channel: send: %w", err)
 	}
 	return cancel, nil
-}
-
-// Closed reports whether the channel is closed (the nexlet's end went away or Close).
-func (cl *Client) Closed() bool {
-	cl.mu.Lock()
-	defer cl.mu.Unlock()
-	return cl.closed
 }
 
 func (cl *Client) readLoop() {

@@ -312,3 +312,46 @@ func BenchmarkRoundTrip(b *testing.B) {
 		s.Close()
 	})
 }
+
+// TestStuckNexletClosesTheChannel: a nexlet that stops reading (stuck, stopped) does
+// not hold the node's requests up: once the socket is full, a write waits at most its
+// bound, fails, and closes the channel (the node then goes over NATS).
+func TestStuckNexletClosesTheChannel(t *testing.T) {
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nexletEnd.Close()
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.c.writeWait = 100 * time.Millisecond
+	big := make([]byte, 1<<20)
+	start := time.Now()
+	for i := 0; ; i++ {
+		if _, err := c.Request("echo", nil, big, make(chan *nats.Msg, 1)); err != nil {
+			break
+		}
+		if i > 100 {
+			t.Fatal("100 MiB written to a socket nobody reads")
+		}
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("the failing write took %s", d)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !c.closedNow() {
+		if time.Now().After(deadline) {
+			t.Fatal("the channel stays open after a failed write")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (cl *Client) closedNow() bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.closed
+}
