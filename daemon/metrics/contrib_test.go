@@ -39,13 +39,9 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 	o.Stop(true)
 	o.Auction(time.Millisecond)
 
-	fams, err := m.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
 	exported := map[string]bool{}
-	for _, f := range fams {
-		exported[f.GetName()] = true
+	for name := range scrape(t, m) {
+		exported[name] = true
 	}
 	metric := regexp.MustCompile(`\b(nexd|go|process)_[a-z_]+\b`)
 	for _, file := range []string{"../../contrib/grafana/nexd.json", "../../contrib/prometheus/alerts.yml"} {

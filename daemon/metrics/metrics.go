@@ -6,70 +6,46 @@
 package metrics
 
 import (
+	"bytes"
 	"context"
 	"net/http"
+	"sync"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/nexd-project/nexd/protocol"
 )
 
 // Metrics is the daemon's registry and the metrics in it.
 type Metrics struct {
-	reg            *prometheus.Registry
-	reloads        *prometheus.CounterVec
-	nexletRestarts *prometheus.CounterVec
-	oomKills       *prometheus.CounterVec
-	stored         prometheus.Counter
-	removed        prometheus.Counter
-	kvErrors       prometheus.Counter
-	deploys        *prometheus.CounterVec
-	stops          *prometheus.CounterVec
-	auctionLatency prometheus.Histogram
-	deployLatency  prometheus.Histogram
+	reg            *registry
+	reloads        *counterVec
+	nexletRestarts *counterVec
+	oomKills       *counterVec
+	stored         *counter
+	removed        *counter
+	kvErrors       *counter
+	deploys        *counterVec
+	stops          *counterVec
+	auctionLatency *histogram
+	deployLatency  *histogram
 }
 
-// New builds the registry with the process and Go runtime collectors.
+// New builds the registry with the process and Go runtime metrics.
 func New() *Metrics {
-	m := &Metrics{reg: prometheus.NewRegistry()}
-	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "nexd_reloads_total", Help: "Configuration reloads by outcome (applied, rejected).",
-	}, []string{"outcome"})
-	m.nexletRestarts = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "nexd_nexlet_exits_total", Help: "Nexlet process exits (each followed by a restart unless the limit is reached).",
-	}, []string{"nexlet"})
-	m.oomKills = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "nexd_nexlet_oom_kills_total", Help: "Nexlet exits caused by the kernel OOM killer in the nexlet's cgroup.",
-	}, []string{"nexlet"})
-	m.stored = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "nexd_state_workloads_stored_total", Help: "Workloads recorded in the state store after a successful deploy.",
-	})
-	m.removed = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "nexd_state_workloads_removed_total", Help: "Workloads removed from the state store (stopped, finished or given up).",
-	})
-	m.kvErrors = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "nexd_state_errors_total", Help: "Failed state store operations.",
-	})
-	m.deploys = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "nexd_deploys_total", Help: "Deploy requests handled by this node, by outcome.",
-	}, []string{"outcome"})
-	m.stops = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "nexd_stops_total", Help: "Stop requests handled by this node, by outcome.",
-	}, []string{"outcome"})
-	m.auctionLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name: "nexd_auction_seconds", Help: "Time to answer an auction request.",
-		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
-	})
-	m.deployLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name: "nexd_deploy_seconds", Help: "Time from deploy request to the nexlet's reply.",
-		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
-	})
-	m.reg.MustRegister(m.reloads, m.nexletRestarts, m.oomKills, m.stored, m.removed, m.kvErrors,
-		m.deploys, m.stops, m.auctionLatency, m.deployLatency,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	r := newRegistry()
+	m := &Metrics{reg: r,
+		reloads:        r.newCounterVec("nexd_reloads_total", "Configuration reloads by outcome (applied, rejected).", "outcome"),
+		nexletRestarts: r.newCounterVec("nexd_nexlet_exits_total", "Nexlet process exits (each followed by a restart unless the limit is reached).", "nexlet"),
+		oomKills:       r.newCounterVec("nexd_nexlet_oom_kills_total", "Nexlet exits caused by the kernel OOM killer in the nexlet's cgroup.", "nexlet"),
+		stored:         r.newCounter("nexd_state_workloads_stored_total", "Workloads recorded in the state store after a successful deploy."),
+		removed:        r.newCounter("nexd_state_workloads_removed_total", "Workloads removed from the state store (stopped, finished or given up)."),
+		kvErrors:       r.newCounter("nexd_state_errors_total", "Failed state store operations."),
+		deploys:        r.newCounterVec("nexd_deploys_total", "Deploy requests handled by this node, by outcome.", "outcome"),
+		stops:          r.newCounterVec("nexd_stops_total", "Stop requests handled by this node, by outcome.", "outcome"),
+		auctionLatency: r.newHistogram("nexd_auction_seconds", "Time to answer an auction request.", exponentialBuckets(0.0001, 2, 16)),
+		deployLatency:  r.newHistogram("nexd_deploy_seconds", "Time from deploy request to the nexlet's reply.", exponentialBuckets(0.0005, 2, 16)),
+	}
+	r.watchRuntime()
 	return m
 }
 
@@ -105,127 +81,127 @@ var (
 // WatchLive registers the collectors that read live daemon state at scrape time. Call
 // it once, with components that are already built.
 func (m *Metrics) WatchLive(l Live) {
-	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
-		Name: "nexd_nats_reconnects_total", Help: "Reconnections of the node's NATS connection.",
-	}, func() float64 { return float64(l.NATSReconnects()) }))
-	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "nexd_nats_connected", Help: "1 while the node's NATS connection is up, 0 during an outage (the node keeps running).",
-	}, func() float64 {
-		if l.NATSConnected() {
-			return 1
-		}
-		return 0
-	}))
+	r := m.reg
+	r.gaugeFunc("nexd_nats_reconnects_total", "Reconnections of the node's NATS connection.", "counter", "",
+		func() float64 { return float64(l.NATSReconnects()) })
+	r.gaugeFunc("nexd_nats_connected", "1 while the node's NATS connection is up, 0 during an outage (the node keeps running).", "gauge", "",
+		func() float64 { return b2f(l.NATSConnected()) })
 	if l.JetStream != nil {
 		for _, st := range jetStreamStates {
-			m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-				Name: "nexd_jetstream_state", Help: "1 for the state bucket's JetStream state (ok; degraded: replicas lost; unavailable: no quorum or no answer, e.g. this server cut off from its cluster), else 0; all 0 without a KV bucket.",
-				ConstLabels: prometheus.Labels{"state": st},
-			}, func() float64 {
-				if l.JetStream() == st {
-					return 1
-				}
-				return 0
-			}))
+			r.gaugeFunc("nexd_jetstream_state", "1 for the state bucket's JetStream state (ok; degraded: replicas lost; unavailable: no quorum or no answer, e.g. this server cut off from its cluster), else 0; all 0 without a KV bucket.", "gauge",
+				labels("state", st), func() float64 { return b2f(l.JetStream() == st) })
 		}
 	}
 	if l.Leafs != nil {
-		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "nexd_nats_leaf_remotes", Help: "Leaf node remotes of the embedded NATS server (nats.leaf_remote); 0 without.",
-		}, func() float64 { r, _ := l.Leafs(); return float64(r) }))
-		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "nexd_nats_leaf_connected", Help: "Leaf connections of the embedded NATS server up now: below nexd_nats_leaf_remotes, the site is cut off from its hub (its workloads still talk locally).",
-		}, func() float64 { _, c := l.Leafs(); return float64(c) }))
+		r.gaugeFunc("nexd_nats_leaf_remotes", "Leaf node remotes of the embedded NATS server (nats.leaf_remote); 0 without.", "gauge", "",
+			func() float64 { n, _ := l.Leafs(); return float64(n) })
+		r.gaugeFunc("nexd_nats_leaf_connected", "Leaf connections of the embedded NATS server up now: below nexd_nats_leaf_remotes, the site is cut off from its hub (its workloads still talk locally).", "gauge", "",
+			func() float64 { _, c := l.Leafs(); return float64(c) })
 	}
-	m.reg.MustRegister(&workloadCollector{list: l.Workloads, desc: prometheus.NewDesc("nexd_workloads_running",
-		"Workloads this node runs, by namespace and type.", []string{"namespace", "type"}, nil),
-		byState: prometheus.NewDesc("nexd_workloads", "Workloads this node holds, by state.", []string{"state"}, nil)})
+	if l.Workloads != nil {
+		// One listing a scrape for both families (the node's answer is cached meanwhile).
+		wl := &workloadCounts{list: l.Workloads, reg: r}
+		r.add("nexd_workloads_running", "Workloads this node runs, by namespace and type.", "gauge", func(add func(sample)) {
+			for k, n := range wl.get().running {
+				add(sample{labels: labels("namespace", k[0], "type", k[1]), value: float64(n)})
+			}
+		})
+		r.add("nexd_workloads", "Workloads this node holds, by state.", "gauge", func(add func(sample)) {
+			for st, n := range wl.get().states {
+				add(sample{labels: labels("state", st), value: float64(n)})
+			}
+		})
+	}
 	if l.State != nil {
 		for _, st := range nodeStates {
-			m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-				Name: "nexd_node_state", Help: "1 for the node's current state (starting, running, lameduck, stopping), else 0.",
-				ConstLabels: prometheus.Labels{"state": st},
-			}, func() float64 {
-				if l.State() == st {
-					return 1
-				}
-				return 0
-			}))
+			r.gaugeFunc("nexd_node_state", "1 for the node's current state (starting, running, lameduck, stopping), else 0.", "gauge",
+				labels("state", st), func() float64 { return b2f(l.State() == st) })
 		}
 	}
 	if l.Nexlets != nil {
-		m.reg.MustRegister(&nexletCollector{list: l.Nexlets,
-			health: prometheus.NewDesc("nexd_nexlet_health", "1 for each nexlet's current health, else 0.", []string{"nexlet", "health"}, nil),
-			failed: prometheus.NewDesc("nexd_nexlet_failed", "1 when a nexlet gave up after its restart limit.", []string{"nexlet"}, nil)})
-	}
-}
-
-type nexletCollector struct {
-	list           func(context.Context) ([]NexletHealth, error)
-	health, failed *prometheus.Desc
-}
-
-func (c *nexletCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.health; ch <- c.failed }
-
-func (c *nexletCollector) Collect(ch chan<- prometheus.Metric) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	ns, err := c.list(ctx)
-	if err != nil {
-		return
-	}
-	for _, n := range ns {
-		for _, h := range nexletHealths {
-			v := 0.0
-			if n.Health == h {
-				v = 1
+		nl := func() []NexletHealth {
+			ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
+			defer cancel()
+			ns, _ := l.Nexlets(ctx)
+			return ns
+		}
+		r.add("nexd_nexlet_health", "1 for each nexlet's current health, else 0.", "gauge", func(add func(sample)) {
+			for _, n := range nl() {
+				for _, h := range nexletHealths {
+					add(sample{labels: labels("nexlet", n.Name, "health", h), value: b2f(n.Health == h)})
+				}
 			}
-			ch <- prometheus.MustNewConstMetric(c.health, prometheus.GaugeValue, v, n.Name, h)
-		}
-		v := 0.0
-		if n.State == "failed" {
-			v = 1
-		}
-		ch <- prometheus.MustNewConstMetric(c.failed, prometheus.GaugeValue, v, n.Name)
+		})
+		r.add("nexd_nexlet_failed", "1 when a nexlet gave up after its restart limit.", "gauge", func(add func(sample)) {
+			for _, n := range nl() {
+				add(sample{labels: labels("nexlet", n.Name), value: b2f(n.State == "failed")})
+			}
+		})
 	}
 }
 
-type workloadCollector struct {
-	list          func(context.Context) ([]protocol.WorkloadSummary, error)
-	desc, byState *prometheus.Desc
+// scrapeTimeout bounds a node query made for a scrape, which has no context of its own.
+const scrapeTimeout = 3 * time.Second
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
-func (c *workloadCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc; ch <- c.byState }
+// workloadCounts lists the node's workloads once for both workload families of a
+// scrape.
+type workloadCounts struct {
+	list func(context.Context) ([]protocol.WorkloadSummary, error)
+	reg  *registry
+	mu   sync.Mutex
+	gen  uint64 // the scrape last counted
+	last wlCounts
+}
 
-func (c *workloadCollector) Collect(ch chan<- prometheus.Metric) {
-	// A scrape has no context of its own; bound the node query.
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+type wlCounts struct {
+	running map[[2]string]int
+	states  map[string]int
+}
+
+func (w *workloadCounts) get() wlCounts {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	g := w.reg.scrape.Load()
+	if g == w.gen {
+		return w.last
+	}
+	w.gen = g
+	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
 	defer cancel()
-	ws, err := c.list(ctx)
+	ws, err := w.list(ctx)
 	if err != nil {
-		return
+		w.last = wlCounts{}
+		return w.last
 	}
-	counts := map[[2]string]int{}
-	states := map[string]int{}
-	for _, w := range ws {
-		states[string(w.WorkloadState)]++
+	c := wlCounts{running: map[[2]string]int{}, states: map[string]int{}}
+	for _, wl := range ws {
+		c.states[string(wl.WorkloadState)]++
 		ns := ""
-		if w.Namespace != nil {
-			ns = *w.Namespace
+		if wl.Namespace != nil {
+			ns = *wl.Namespace
 		}
-		counts[[2]string{ns, w.WorkloadType}]++
+		c.running[[2]string{ns, wl.WorkloadType}]++
 	}
-	for k, n := range counts {
-		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), k[0], k[1])
-	}
-	for st, n := range states {
-		ch <- prometheus.MustNewConstMetric(c.byState, prometheus.GaugeValue, float64(n), st)
-	}
+	w.last = c
+	return c
 }
 
 // Handler serves the registry in the Prometheus text format.
 func (m *Metrics) Handler() http.Handler {
-	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		// Rendered first: a slow client must not hold up the next scrape.
+		var b bytes.Buffer
+		_ = m.reg.write(&b)
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		_, _ = w.Write(b.Bytes())
+	})
 }
 
 // Reload counts one reload, applied or rejected.

@@ -4,10 +4,16 @@ import (
 	"context"
 	"errors"
 	"io"
+	"math"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/nexd-project/nexd/daemon/node"
 	"github.com/nexd-project/nexd/protocol"
@@ -98,5 +104,86 @@ func TestServedOverTCP(t *testing.T) {
 		}
 	case <-time.After(time.Minute):
 		t.Fatal("Serve did not return after Close")
+	}
+}
+
+// scrape parses what the handler serves with Prometheus's own text parser.
+func scrape(t *testing.T, m *Metrics) map[string]*dto.MetricFamily {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	if ct := rec.Header().Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
+		t.Errorf("Content-Type %q", ct)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(strings.NewReader(rec.Body.String()))
+	if err != nil {
+		t.Fatalf("the exposition does not parse: %v\n%s", err, rec.Body.String())
+	}
+	return fams
+}
+
+// TestExpositionParses: what nexd serves is the text format Prometheus reads, with
+// cumulative histogram buckets, escaped label values, one family per name, and the
+// Go runtime's and the process's series.
+func TestExpositionParses(t *testing.T) {
+	m := New()
+	ns := "a \"quoted\" \\ name\nwith a newline"
+	m.WatchLive(Live{
+		NATSReconnects: func() uint64 { return 3 },
+		NATSConnected:  func() bool { return false },
+		State:          func() string { return "lameduck" },
+		Workloads: func(context.Context) ([]protocol.WorkloadSummary, error) {
+			return []protocol.WorkloadSummary{{Namespace: &ns, WorkloadType: "native", WorkloadState: protocol.WorkloadRunning}}, nil
+		},
+	})
+	o := Observer{M: m}
+	for _, d := range []time.Duration{50 * time.Microsecond, 100 * time.Microsecond, 3 * time.Millisecond, time.Hour} {
+		o.Auction(d)
+	}
+	fams := scrape(t, m)
+	h := fams["nexd_auction_seconds"].GetMetric()[0].GetHistogram()
+	if h.GetSampleCount() != 4 || h.GetSampleSum() < 3600 {
+		t.Errorf("auction histogram count %d sum %g, want 4 and over 3600", h.GetSampleCount(), h.GetSampleSum())
+	}
+	// le is inclusive: 50 µs and 100 µs in the first bucket (0.0001), 3 ms by 0.0032.
+	for _, b := range h.GetBucket() {
+		want := uint64(0)
+		switch {
+		case math.IsInf(b.GetUpperBound(), 1):
+			want = 4
+		case b.GetUpperBound() >= 0.0032:
+			want = 3
+		case b.GetUpperBound() >= 0.0001:
+			want = 2
+		}
+		if b.GetCumulativeCount() != want {
+			t.Errorf("bucket le=%g: %d, want %d", b.GetUpperBound(), b.GetCumulativeCount(), want)
+		}
+	}
+	w := fams["nexd_workloads_running"].GetMetric()
+	if len(w) != 1 || w[0].GetLabel()[0].GetValue() != ns || w[0].GetGauge().GetValue() != 1 {
+		t.Errorf("nexd_workloads_running %v, want namespace %q = 1", w, ns)
+	}
+	if st := fams["nexd_node_state"].GetMetric(); len(st) != len(nodeStates) {
+		t.Errorf("nexd_node_state has %d series, want %d", len(st), len(nodeStates))
+	}
+	if c := fams["nexd_nats_reconnects_total"]; c.GetType() != dto.MetricType_COUNTER || c.GetMetric()[0].GetCounter().GetValue() != 3 {
+		t.Errorf("nexd_nats_reconnects_total: %v", c)
+	}
+	for _, name := range []string{"go_goroutines", "go_threads", "go_info", "go_memstats_heap_alloc_bytes", "go_memstats_sys_bytes",
+		"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_start_time_seconds"} {
+		f := fams[name]
+		if f == nil || len(f.GetMetric()) == 0 {
+			t.Errorf("%s missing", name)
+			continue
+		}
+		if v := f.GetMetric()[0].GetGauge().GetValue() + f.GetMetric()[0].GetCounter().GetValue(); v <= 0 && name != "process_cpu_seconds_total" {
+			t.Errorf("%s = %g, want > 0", name, v)
+		}
+	}
+	start := fams["process_start_time_seconds"].GetMetric()[0].GetGauge().GetValue()
+	if now := float64(time.Now().Unix()); start > now+1 || start < now-86400*365 {
+		t.Errorf("process_start_time_seconds %g, now %g", start, now)
 	}
 }
