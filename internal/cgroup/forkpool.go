@@ -15,13 +15,14 @@ import (
 
 // ForkPool keeps a few OS threads ready in v1 mode, each already in a fresh, empty
 // cgroup of its own below the manager's root, so that starting a process in a new group
-// needs no cgroup migration on the way. Moving a thread into a v1 cgroup waits for an
-// RCU grace period (the kernel's cgroup_threadgroup_rwsem): 5-17 ms on a loaded 2-core
-// machine, most of a deploy. With the pool, Create renames a ready group to the
-// workload's name and writes its limits, Start forks on the thread already in it (the
-// child is born in the group), and the thread then moves on into its next pool group,
-// off the deploy path. In v2 mode (clone3 into the group) and none mode Create is the
-// manager's.
+// needs neither the group's mkdirs nor a cgroup migration on the way. (A migration
+// written as a thread id waited for an RCU grace period, the kernel's
+// cgroup_threadgroup_rwsem: 5-17 ms on a loaded 2-core machine, most of a deploy; a
+// thread moving itself, thisThread, takes 0.1-0.4 ms.) With the pool, Create renames a
+// ready group to the workload's name and writes its limits, Start forks on the thread
+// already in it (the child is born in the group), and the thread then moves on into
+// its next pool group, off the deploy path. In v2 mode (clone3 into the group) and none
+// mode Create is the manager's.
 type ForkPool struct {
 	m     *Manager
 	ready chan *forker
@@ -30,6 +31,7 @@ type ForkPool struct {
 	seq   atomic.Uint64
 	// waiting counts the threads ready in a fresh group, waiting to be taken.
 	waiting atomic.Int32
+	begin   <-chan struct{} // nil or closed: the threads may make their groups
 }
 
 // Ready is how many threads wait in fresh groups now: a Create finds one only then
@@ -60,8 +62,13 @@ type forkJob struct {
 // NewForkPool starts size threads (none for size 0 or a mode other than v1). Each runs
 // the manager's thread setup (SetThreadSetup) first. Pool groups left by an earlier
 // process under this root are removed.
-func (m *Manager) NewForkPool(size int) *ForkPool {
-	p := &ForkPool{m: m, ready: make(chan *forker), stop: make(chan struct{})}
+func (m *Manager) NewForkPool(size int) *ForkPool { return m.NewForkPoolAfter(size, nil) }
+
+// NewForkPoolAfter is NewForkPool whose threads make their first groups only once
+// begin is closed (nil: at once), so that a process can keep its start-up's CPU for
+// what it must do first; Create migrates until then.
+func (m *Manager) NewForkPoolAfter(size int, begin <-chan struct{}) *ForkPool {
+	p := &ForkPool{m: m, ready: make(chan *forker), stop: make(chan struct{}), begin: begin}
 	if m.mode != ModeV1 || size <= 0 {
 		return p
 	}
@@ -143,6 +150,13 @@ func (f *forker) send(j forkJob) (err error, ok bool) {
 // setup (no_new_privs for the native nexlet) and ends with this goroutine.
 func (p *ForkPool) run() {
 	defer p.wg.Done()
+	if p.begin != nil {
+		select {
+		case <-p.begin:
+		case <-p.stop:
+			return
+		}
+	}
 	runtime.LockOSThread()
 	f := &forker{jobs: make(chan forkJob), gone: make(chan struct{})}
 	defer close(f.gone)

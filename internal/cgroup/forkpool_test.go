@@ -234,3 +234,24 @@ func BenchmarkV1MoveThread(b *testing.B) {
 		})
 	}
 }
+
+// TestV1ForkPoolAfter: the pool's threads make no group before begin is closed (a
+// Create meanwhile migrates), and then fill the pool.
+func TestV1ForkPoolAfter(t *testing.T) {
+	m := v1Root(t)
+	begin := make(chan struct{})
+	p := m.NewForkPoolAfter(2, begin)
+	defer p.Close()
+	time.Sleep(100 * time.Millisecond)
+	if left := poolGroups(m); len(left) > 0 || p.Ready() != 0 {
+		t.Fatalf("pool groups %v (%d ready) before begin", left, p.Ready())
+	}
+	g, err := p.Create("early", Limits{})
+	must(t, err)
+	cmd := exec.Command("/bin/true")
+	must(t, g.Start(cmd))
+	_ = cmd.Wait()
+	must(t, g.Remove())
+	close(begin)
+	testkit.Eventually(t, "two ready pool threads", func() bool { return p.Ready() == 2 })
+}

@@ -57,7 +57,7 @@ func (n *Nexlet) chooseIsolation(spec, driver string) (isolation, error) {
 	}
 	// Every thread that forks a workload carries no_new_privs, as the spawner's does.
 	m.SetThreadSetup(setNoNewPrivs)
-	return cgIsolation{m: m, n: n, pool: m.NewForkPool(DefaultForkPool)}, nil
+	return cgIsolation{m: m, n: n, pool: m.NewForkPoolAfter(DefaultForkPool, n.cfg.PoolsAfter)}, nil
 }
 
 // DefaultForkPool is how many threads wait ready in fresh cgroups (v1) so that a

@@ -75,8 +75,11 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	// Connect while building the nexlet (its key, users, cgroups): Run registers on it.
 	dial := nexlet.DialAhead(ctx, creds, "nexlet-"+Name+"-register", log)
 	defer dial.Close()
+	// What is made ahead for deploys waits for the registration: nexd's start waits
+	// for it, on a machine whose cores this start may share with nexd's.
+	registered := make(chan struct{})
 	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir), ExitsDir: env(EnvExitsDir),
-		CgroupDriver: env(EnvCgroupDriver)}
+		CgroupDriver: env(EnvCgroupDriver), PoolsAfter: registered}
 	if cfg.RuntimeDir == "" {
 		cfg.RuntimeDir = filepath.Join(os.TempDir(), "nexd-native")
 		if d := env("RUNTIME_DIRECTORY"); d != "" {
@@ -161,6 +164,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if err := r.Run(agentID, creds); err != nil {
 		return err
 	}
+	close(registered)
 	if v := env(EnvGOGC); v != "" {
 		gc, err := strconv.Atoi(v)
 		if v == "off" {

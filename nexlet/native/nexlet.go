@@ -78,6 +78,11 @@ type Config struct {
 	// ExitsDir is where nexd, the child subreaper, records the exits of workloads whose
 	// nexlet had died (procid.WriteExit); "" when nobody records them.
 	ExitsDir string
+	// PoolsAfter, when not nil, holds back what is made ahead for deploys (pooled
+	// uids, record directories, fork pool groups) until it is closed: Main closes it
+	// once the nexlet registered, which the node's start waits for. Deploys before
+	// then make their own.
+	PoolsAfter <-chan struct{}
 }
 
 // Nexlet implements nexlet.Agent.
@@ -171,9 +176,9 @@ func New(cfg Config) (*Nexlet, error) {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	if us.root && cfg.Users.Pool > 0 {
-		us.startPool(cfg.Users.Pool, wdir, n.log)
+		us.startPool(cfg.Users.Pool, wdir, cfg.PoolsAfter, n.log)
 	}
-	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, n.log)
+	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, cfg.PoolsAfter, n.log)
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
 	return n, nil
 }

@@ -55,7 +55,7 @@ func (r *readyRecord) close() {
 // newRecordPool removes the ready directories of nexlets that are gone and starts the
 // filler; stopRecordPool waits for it. Nil (no pool: deploys make their own) when this
 // process cannot name its own ready directories.
-func newRecordPool(dir string, size int, log *slog.Logger) *recordPool {
+func newRecordPool(dir string, size int, begin <-chan struct{}, log *slog.Logger) *recordPool {
 	self, err := readyPrefix()
 	if err != nil {
 		log.Warn("no workload record directories made ahead", "err", err)
@@ -64,7 +64,7 @@ func newRecordPool(dir string, size int, log *slog.Logger) *recordPool {
 	removeStaleReady(dir)
 	p := &recordPool{dir: dir, self: self, log: log, pool: make(chan *readyRecord, size),
 		kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
-	go p.run()
+	go p.run(begin)
 	return p
 }
 
@@ -115,8 +115,16 @@ func removeStaleReady(dir string) {
 	}
 }
 
-func (p *recordPool) run() {
+func (p *recordPool) run(begin <-chan struct{}) {
 	defer close(p.done)
+	if begin != nil {
+		select {
+		case <-begin:
+		case <-p.stop:
+			p.drain()
+			return
+		}
+	}
 	for {
 		for len(p.pool) < cap(p.pool) {
 			select {

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -110,7 +111,7 @@ func TestRecordPoolLeftovers(t *testing.T) {
 				}
 			}
 			if dirs == "procs" {
-				p := newRecordPool(d, 1, slog.New(slog.DiscardHandler))
+				p := newRecordPool(d, 1, nil, slog.New(slog.DiscardHandler))
 				testkit.Eventually(t, "record pool filled", func() bool { return len(p.pool) == 1 })
 				p.stopRecordPool()
 			} else {
@@ -127,5 +128,46 @@ func TestRecordPoolLeftovers(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestPoolsWaitForRegistration: with Config.PoolsAfter, nothing is made ahead (no
+// ready record directory, no pooled uid) until it is closed, so that a start-up's
+// CPU goes to the registration nexd waits for; a deploy before then makes its own.
+func TestPoolsWaitForRegistration(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	lease := filepath.Join(dir, "leases")
+	if err := os.Mkdir(lease, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	registered := make(chan struct{})
+	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Users: UserPolicy{LeaseDir: lease, Pool: DefaultUIDPool},
+		Logger: slog.New(slog.DiscardHandler), PoolsAfter: registered})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.Close)
+	procs := filepath.Join(n.cfg.RuntimeDir, "procs")
+	leases := func() int { // not the lock file
+		ents, _ := os.ReadDir(lease)
+		return len(slices.DeleteFunc(ents, func(e os.DirEntry) bool { return strings.HasPrefix(e.Name(), ".") }))
+	}
+	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
+	req := startReq(protocol.LifecycleService, "early", run, protocol.NatsConnectionData{})
+	if _, err := n.StartWorkload("early", &req, false); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = n.StopWorkload("early", &protocol.StopWorkloadRequest{Namespace: testNS}) }()
+	time.Sleep(100 * time.Millisecond) // what a pool would make comes within this
+	if d, l := readyDirs(t, procs), leases(); len(d) != 0 || (n.users.root && l != 1) {
+		t.Fatalf("before the registration: ready directories %v, %d uid leases (want none made ahead, the deploy's own lease)", d, l)
+	}
+	close(registered)
+	testkit.Eventually(t, "record pool filled", func() bool { return len(readyDirs(t, procs)) == DefaultRecordPool })
+	if n.users.root {
+		testkit.Eventually(t, "uids leased ahead", func() bool { return leases() == 1+DefaultUIDPool })
 	}
 }

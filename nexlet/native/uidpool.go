@@ -45,7 +45,7 @@ type pooledUID struct {
 
 // startPool starts the pool's filler goroutine; stopPool waits for it. Directories
 // made ahead by a nexlet that is gone are removed first.
-func (u *users) startPool(size int, wdir string, log *slog.Logger) {
+func (u *users) startPool(size int, wdir string, begin <-chan struct{}, log *slog.Logger) {
 	self, err := readyPrefix()
 	if err != nil && wdir != "" {
 		log.Warn("no workload directories made ahead", "err", err)
@@ -57,7 +57,7 @@ func (u *users) startPool(size int, wdir string, log *slog.Logger) {
 	p := &uidPool{u: u, log: log, owner: "/proc/" + strconv.Itoa(os.Getpid()), wdir: wdir, self: self,
 		ch: make(chan pooledUID, size), kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	u.pool = p
-	go p.run()
+	go p.run(begin)
 }
 
 // prepare makes the workload directory of a pooled uid; "" when it could not (the
@@ -76,8 +76,16 @@ func (p *uidPool) prepare(id ident) string {
 	return dir
 }
 
-func (p *uidPool) run() {
+func (p *uidPool) run(begin <-chan struct{}) {
 	defer close(p.done)
+	if begin != nil {
+		select {
+		case <-begin:
+		case <-p.stop:
+			p.drain()
+			return
+		}
+	}
 	for {
 		// Refilled only once half is taken, all at once: one walk of /proc per
 		// cap/2 deploys rather than one per deploy.
