@@ -11,6 +11,8 @@ import (
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/nkeysign"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -44,8 +46,12 @@ func NewSigningKeyMinter(signingSeed, rootAccount string, opts Options) (*Signin
 	if !nkeys.IsValidPublicAccountKey(rootAccount) {
 		return nil, fmt.Errorf("issuer signing key root account: %q is not an account public key (A…)", rootAccount)
 	}
+	signer, err := nkeysign.Cached(kp) // it signs every user JWT
+	if err != nil {
+		return nil, fmt.Errorf("issuer signing key: %w", err)
+	}
 	return &SigningKeyMinter{
-		signer:     kp,
+		signer:     signer,
 		signerPub:  pub,
 		account:    rootAccount,
 		opts:       opts.withDefaults(),

@@ -6,6 +6,7 @@ import (
 
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -196,7 +197,8 @@ func (q *auctionQueue) pop() (micro.Request, bool) {
 
 // enqueueAuction is the AUCTION endpoint's handler: it only queues a detached copy.
 func (n *Node) enqueueAuction(r micro.Request) {
-	d := &detachedRequest{nc: n.o.NC, subject: r.Subject(), reply: r.Reply(), data: r.Data(), headers: r.Headers()}
+	d := &detachedRequest{nc: n.o.NC, subject: r.Subject(), reply: r.Reply(), data: r.Data(), headers: r.Headers(),
+		steps: steps.Start(n.log)}
 	if !n.auctions.push(protocol.NamespaceOf(r.Subject()), d) {
 		n.log.Debug("auction dropped: its namespace's queue is full", "subject", r.Subject())
 	}

@@ -159,6 +159,11 @@ func (n *Node) handleAgentID(r micro.Request) {
 }
 
 func (n *Node) handleAuction(r micro.Request) {
+	var st *steps.Timer // nil unless the node logs at debug level
+	if d, ok := r.(*detachedRequest); ok {
+		st = d.steps
+	}
+	st.Step("queue") // from the subscription to an auction worker
 	var req protocol.AuctionRequest
 	if err := protocol.Decode(r.Data(), &req); err != nil {
 		n.fail(r, 400, "bad auction request", err)
@@ -190,6 +195,7 @@ func (n *Node) handleAuction(r micro.Request) {
 		n.log.Debug("not bidding", "auction_id", req.AuctionID, "reason", why)
 		return
 	}
+	st.Step("check") // decode, the node's state, tags, a nexlet to bid for
 	bidderID := nuid.Next()
 	n.bids.add(bidderID, bid{agentID: a.id, ns: protocol.NamespaceOf(r.Subject()), expires: now.Add(n.o.AuctionTTL)})
 	if n.o.Observer != nil {
@@ -215,7 +221,10 @@ func (n *Node) handleAuction(r micro.Request) {
 	} else {
 		n.log.Warn("bid not signed", "auction_id", req.AuctionID, "err", err)
 	}
+	st.Step("sign") // the bid recorded and signed
 	n.respondJSON(r, resp)
+	st.Step("reply") // encoded and published
+	st.Log(n.log, "auction steps", "auction_id", req.AuctionID)
 }
 
 // takeBid removes and returns a live bid: a bidder id deploys at most once.
@@ -326,9 +335,9 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	if resp.Stopped {
 		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType, "how", resp.Message)
 		n.forget(workloadID, resp.WorkloadType)
+		st.Step("forget") // after the reply: node state, the workload's NATS user revoked
+		st.Log(n.log, "stop steps", "workload_id", workloadID)
 	}
-	st.Step("forget") // after the reply: node state, the workload's NATS user revoked
-	st.Log(n.log, "stop steps", "workload_id", workloadID)
 }
 
 func (n *Node) handleClone(r micro.Request) {

@@ -25,6 +25,8 @@ import (
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/nkeysign"
+	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -302,6 +304,9 @@ func New(o Options) (*Node, error) {
 	id, err := o.NodeKey.PublicKey()
 	if err != nil || !nkeys.IsValidPublicServerKey(id) {
 		return nil, fmt.Errorf("node: options: NodeKey must be a server nkey (N…): %q: %v", id, err)
+	}
+	if o.NodeKey, err = nkeysign.Cached(o.NodeKey); err != nil { // it signs every bid
+		return nil, fmt.Errorf("node: options: NodeKey: %w", err)
 	}
 	xpub, err := o.XKey.PublicKey()
 	if err != nil || !nkeys.IsValidPublicCurveKey(xpub) {
@@ -588,6 +593,7 @@ type detachedRequest struct {
 	subject, reply string
 	data           []byte
 	headers        micro.Headers
+	steps          *steps.Timer // from its arrival (debug logging only)
 }
 
 func (d *detachedRequest) Respond(b []byte, opts ...micro.RespondOpt) error {

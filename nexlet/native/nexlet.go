@@ -105,6 +105,7 @@ type Nexlet struct {
 	abandon  chan struct{}  // closed to let go of workloads without stopping them (tests)
 	bg       sync.WaitGroup // what a stop leaves for after its reply (tidies, uid releases); Close waits for them
 	releases *releaser      // batches those releases
+	starts   startGate      // starts in flight, which that later work lets go first
 	// beforeTidy, when set (tests: a slow removal), runs before a stopped workload's
 	// leftovers are removed.
 	beforeTidy func(id string)
@@ -141,7 +142,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
-	n.releases = &releaser{u: us, log: n.log, wg: &n.bg}
+	n.releases = &releaser{u: us, log: n.log, wg: &n.bg, gate: &n.starts}
 	if n.cfg.PollInterval <= 0 {
 		n.cfg.PollInterval = 250 * time.Millisecond
 	}
@@ -337,6 +338,8 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 
 func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
 	st := steps.Start(n.log) // nil unless the nexlet logs at debug level
+	n.starts.enter()
+	defer n.starts.leave()
 	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
 	if !validID(id) {
 		return nil, fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id)
@@ -757,7 +760,7 @@ func (n *Nexlet) forgetLeftover(id string) {
 	if !held {
 		dir := filepath.Join(n.wdir, id)
 		prev, _ := readIdent(dir)
-		n.cleanup(&workload{id: id, sb: sb, dir: dir, ident: prev}, nil)
+		n.cleanup(&workload{id: id, sb: sb, dir: dir, ident: prev}, nil, false)
 		n.removeRecord(id)
 	}
 }

@@ -201,7 +201,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		n.log.Warn("previous uid of the workload not released", "workload_id", w.id, "err", err)
 	}
 	fail := func(err error) (*proc, bool, error) {
-		n.cleanup(w, nil)
+		n.cleanup(w, nil, false)
 		return nil, false, err
 	}
 	if err := os.RemoveAll(w.dir); err != nil {
@@ -775,10 +775,19 @@ func (n *Nexlet) killAndWait(w *workload) {
 	}
 }
 
-func (n *Nexlet) cleanup(w *workload, st *steps.Timer) {
+// cleanup removes what a workload that ended left behind. later: it runs after a stop's
+// reply, and each step first lets the starts in flight go (startGate).
+func (n *Nexlet) cleanup(w *workload, st *steps.Timer, later bool) {
+	yield := func() {
+		if later {
+			n.starts.yield(tidyYield)
+		}
+	}
 	if w.sb != nil {
+		yield()
 		n.killAndWait(w)
 		st.Step("empty")
+		yield()
 		if err := w.sb.remove(); err != nil {
 			n.log.Warn("remove workload sandbox", "workload_id", w.id, "err", err)
 		}
@@ -793,6 +802,7 @@ func (n *Nexlet) cleanup(w *workload, st *steps.Timer) {
 		id = ident{} // not leased for this workload: not its to release
 	}
 	st.Step("retire")
+	yield()
 	if err := os.RemoveAll(w.dir); err != nil {
 		n.log.Warn("remove workload directory", "workload_id", w.id, "err", err)
 	}
@@ -831,7 +841,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st
 	}
 	later := requested && exited
 	if !later {
-		n.cleanup(w, st)
+		n.cleanup(w, st, false)
 		if requested {
 			n.removeRecord(w.id)
 		} else {
@@ -883,7 +893,8 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st
 			n.beforeTidy(w.id)
 		}
 		tt := steps.Start(n.log)
-		n.cleanup(w, tt)
+		n.cleanup(w, tt, true)
+		n.starts.yield(tidyYield)
 		n.removeRecord(w.id)
 		tt.Step("record")
 		announce() // before the tidy counts as done: a shutdown waits for its event

@@ -1,0 +1,66 @@
+package nkeysign
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/nats-io/nkeys"
+)
+
+func TestCachedSignsAsTheKeyPair(t *testing.T) {
+	for _, mk := range []func() (nkeys.KeyPair, error){nkeys.CreateServer, nkeys.CreateAccount, nkeys.CreateUser} {
+		kp, err := mk()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := Cached(kp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := []byte("nexd-bid/1\nsystem\nauction")
+		got, err := c.Sign(msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ := kp.Sign(msg)
+		if !bytes.Equal(got, want) { // ed25519 signatures are deterministic
+			t.Errorf("signature differs from the key pair's")
+		}
+		if err := kp.Verify(msg, got); err != nil {
+			t.Errorf("key pair does not verify it: %v", err)
+		}
+		if p1, _ := c.PublicKey(); p1 == "" {
+			t.Errorf("no public key")
+		}
+	}
+}
+
+func TestPublicOnlyKeyIsAnError(t *testing.T) {
+	kp, _ := nkeys.CreateServer()
+	pub, _ := kp.PublicKey()
+	pk, err := nkeys.FromPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Cached(pk); err == nil {
+		t.Errorf("a public key alone gave a signer")
+	}
+}
+
+var msg = []byte("nexd-bid/1\nsystem\nAUCTIONID1234567890\nBIDDER12345678\nNODEXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX\nXKEY")
+
+// BenchmarkSign: a bid's signature, with nkeys' Sign and the cached key.
+func BenchmarkSign(b *testing.B) {
+	kp, _ := nkeys.CreateServer()
+	c, _ := Cached(kp)
+	b.Run("nkeys", func(b *testing.B) {
+		for b.Loop() {
+			_, _ = kp.Sign(msg)
+		}
+	})
+	b.Run("cached", func(b *testing.B) {
+		for b.Loop() {
+			_, _ = c.Sign(msg)
+		}
+	})
+}
