@@ -6,7 +6,8 @@
 //
 // nexd passes the variable on to its native nexlet, with GODEBUG (memprofilerate=N
 // samples more finely from the first allocation). Every Interval each process rewrites
-// <dir>/<name>-<pid>.heap, .goroutine and .mem.
+// <dir>/<name>-<pid>.heap, .goroutine and .mem. Without the variable, Start turns the
+// runtime's heap profiling off.
 package profdump
 
 import (
@@ -15,6 +16,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/metrics"
 	"runtime/pprof"
 	"strconv"
@@ -48,6 +50,10 @@ func PassOn(env func(string) string) map[string]string {
 func Start(ctx context.Context, env func(string) string, name string, log *slog.Logger) (wait func()) {
 	dir := env(EnvDir)
 	if dir == "" {
+		// Nobody will read a heap profile: stop sampling for one. Go samples an
+		// allocation every 512 KiB into a bucket per distinct stack, kept for the
+		// process's life, so a long-running daemon's profile only grows.
+		runtime.MemProfileRate = 0
 		return func() {}
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
