@@ -509,17 +509,44 @@ func uidProcs(uid uint32) []int {
 	return pids
 }
 
+// walkProcs calls fn with every process's uids: its real, effective, saved and fs
+// uids, or its effective uid alone where that is all it has. The kernel gives a
+// process's /proc directory its effective uid (so that a stat tells it, status being
+// slow), and an unprivileged process keeps the uids it started with or swaps among
+// them; differing uids come from a setuid exec (workloads cannot: no_new_privs) or a
+// privileged setresuid. So a directory owned by a uid other than root is one fstatat
+// for a process of that uid, and only root's processes have their status read (three
+// system calls and the kernel's text of some fifty lines, 20 us a process here: 100 ms
+// a walk with 5,000 workloads running). Not seen: a process whose effective uid is
+// neither root nor a dynamic one while its real or saved uid is one (a host user of a
+// dynamic uid running a setuid program of another user).
 func walkProcs(fn func(pid int, uids []uint32)) {
-	ents, err := os.ReadDir("/proc")
+	d, err := os.Open("/proc")
 	if err != nil {
 		return
 	}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
+	defer d.Close()
+	names, err := d.Readdirnames(-1)
+	if err != nil {
+		return
+	}
+	dfd := int(d.Fd())
+	one := make([]uint32, 1)
+	for _, name := range names {
+		pid, err := strconv.Atoi(name)
 		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/status")
+		var st unix.Stat_t
+		if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			continue // ended meanwhile
+		}
+		if st.Uid != 0 {
+			one[0] = st.Uid
+			fn(pid, one)
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + name + "/status")
 		if err != nil {
 			continue
 		}

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -296,5 +297,84 @@ func TestFreshLeaseHeldWhileItsDirectoryIsMade(t *testing.T) {
 	}
 	if err := makeWorkloadDirs(dir, id); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// statusUIDs is every process's uids as its status says (real, effective, saved, fs).
+func statusUIDs() map[int][]uint32 {
+	out := map[int][]uint32{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/status")
+		if err != nil {
+			continue
+		}
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+				for _, f := range strings.Fields(rest) {
+					v, _ := strconv.ParseUint(f, 10, 32)
+					out[pid] = append(out[pid], uint32(v))
+				}
+			}
+		}
+	}
+	return out
+}
+
+// TestWalkProcsFindsEveryUID: the /proc walk, which reads a process's status only when
+// its /proc directory belongs to root (the kernel gives it the effective uid), finds
+// every uid a process runs with: for every process on the host, its uids per the walk
+// are its uids per its status. A process that has the uid only as its real uid, with
+// root's effective uid, is found under it too.
+func TestWalkProcsFindsEveryUID(t *testing.T) {
+	needRoot(t)
+	if _, err := os.Stat("/usr/bin/python3"); err != nil {
+		t.Skip("needs /usr/bin/python3 to set a real uid alone")
+	}
+	const uid = 2000104
+	if hostUses(uid) {
+		t.Skip("uid 2000104 is in use on this host")
+	}
+	mixed := exec.Command("/usr/bin/python3", "-c", "import os, time; os.setresuid(2000104, 0, 0); print('set', flush=True); time.sleep(60)")
+	mixed.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := mixed.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mixed.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = mixed.Process.Kill(); _ = mixed.Wait() }()
+	buf := make([]byte, 16)
+	if n, _ := out.Read(buf); !strings.Contains(string(buf[:n]), "set") {
+		t.Fatalf("helper said %q", buf[:n])
+	}
+	if p := uidProcs(uid); !slices.Contains(p, mixed.Process.Pid) {
+		t.Errorf("uid %d: walk found %v, not process %d, whose real uid it is", uid, p, mixed.Process.Pid)
+	}
+
+	want := statusUIDs()
+	got := map[int][]uint32{}
+	walkProcs(func(pid int, uids []uint32) { got[pid] = slices.Clone(uids) })
+	for pid, w := range want {
+		g, ok := got[pid]
+		if !ok {
+			continue // started or ended between the walks
+		}
+		distinct := slices.Compact(slices.Sorted(slices.Values(w)))
+		gd := slices.Compact(slices.Sorted(slices.Values(g)))
+		switch {
+		case slices.Equal(distinct, gd):
+		case len(w) == 4 && w[1] != 0 && len(gd) == 1 && gd[0] == w[1]:
+			// The walk's one blind spot (walkProcs): mixed uids, none of them root's
+			// effective uid. A host process, for instance a setuid program a user runs.
+			t.Logf("pid %d: walk sees effective uid %d only, status says %v", pid, gd[0], w)
+		default:
+			t.Errorf("pid %d: walk says uids %v, status says %v", pid, g, w)
+		}
 	}
 }
