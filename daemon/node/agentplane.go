@@ -45,11 +45,13 @@ func compileSchema(agentID, schema string) (*jsonschema.Schema, error) {
 
 // handleRegister serves $NEX.SVC.<node>.agent.REGISTER.<agentId>.
 func (n *Node) handleRegister(r micro.Request) {
+	// A registration that gets as far as the registry counts there, as the nexlet
+	// becomes visible (HoldsNothing); any other counts when it is refused.
+	counted := false
 	defer func() {
-		c := n.changes.Add(1)
-		n.mu.Lock()
-		n.regChanges = max(n.regChanges, c)
-		n.mu.Unlock()
+		if !counted {
+			n.changes.Add(1)
+		}
 	}()
 	agentID := protocol.Token(r.Subject(), 5)
 	if !tokenRE.MatchString(agentID) {
@@ -157,6 +159,7 @@ func (n *Node) handleRegister(r micro.Request) {
 		}
 	}
 	n.agents[agentID] = reg
+	n.regChanges, counted = n.changes.Add(1), true
 	n.notifyLocked()
 	n.mu.Unlock()
 	for _, old := range replaced {

@@ -1110,7 +1110,19 @@ func TestHoldsNothing(t *testing.T) {
 	if n.HoldsNothing(n.WorkloadChanges()) {
 		t.Fatal("holds nothing before the expected nexlet registered")
 	}
+	// As READY reads it: the moment the registration is visible, before its reply.
+	seen := make(chan bool, 1)
+	go func() {
+		if missing := n.WaitForAgents(context.Background(), []string{"agent0"}); len(missing) > 0 {
+			seen <- false
+			return
+		}
+		seen <- n.HoldsNothing(n.WorkloadChanges())
+	}()
 	f.healthyAgent(n, "agent0", "go_exec", "native", holds(empty))
+	if !<-seen {
+		t.Fatal("not known empty as the registration became visible")
+	}
 	if !n.HoldsNothing(n.WorkloadChanges()) {
 		t.Fatal("not known empty after a registration that holds nothing")
 	}

@@ -86,6 +86,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 			cfg.RuntimeDir = filepath.Join(d, "nexlets", "native")
 		}
 	}
+	xkeyDurable := func() error { return nil }
 	stateDir := env(EnvStateDir)
 	if stateDir == "" {
 		stateDir = env("STATE_DIRECTORY")
@@ -94,9 +95,12 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 		// Environments are sealed to this key and kept sealed in the node's state:
 		// it must outlive this process, or a replay could not open them.
 		path := filepath.Join(stateDir, "nexlets", filepath.Base(cfg.RuntimeDir), XKeySeedFile)
-		if cfg.XKey, err = LoadXKey(path); err != nil {
+		if cfg.XKey, xkeyDurable, err = BeginXKey(path); err != nil {
 			return err
 		}
+		// A first start's seed is written and synced while the nexlet builds itself;
+		// the registration (which announces the key) waits for it below.
+		defer func() { _ = xkeyDurable() }()
 		// On disk, not in the runtime directory's tmpfs: see artifactStore.
 		cfg.ArtifactDir = filepath.Join(stateDir, "nexlets", filepath.Base(cfg.RuntimeDir), "artifacts")
 	} else {
@@ -146,6 +150,9 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	defer n.Close()
 	log.Info("native nexlet starting", "node_id", nodeID, "agent_id", agentID, "isolation", n.IsolationMode(),
 		"runtime_dir", cfg.RuntimeDir, "xkey", n.XKey(), "workloads_run_as", n.RunsAs())
+	if err := xkeyDurable(); err != nil {
+		return err
+	}
 	regKey, err := nexlet.RegistrationKeyFromEnv(env)
 	if err != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/nats-io/nkeys"
 
@@ -19,32 +20,55 @@ import (
 const XKeySeedFile = "xkey.seed"
 
 // LoadXKey reads the curve key seed at path, or makes one and stores it there (0600,
-// atomically) when there is none.
+// atomically, synced) when there is none.
 func LoadXKey(path string) (nkeys.KeyPair, error) {
+	kp, durable, err := BeginXKey(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := durable(); err != nil {
+		return nil, err
+	}
+	return kp, nil
+}
+
+// BeginXKey is LoadXKey that returns before a new seed is durable: its write and fsync
+// go on meanwhile, and durable waits for them and reports how they went (nil at once
+// for a seed read from path). The key must not be announced (the registration does)
+// before durable returned nil: an environment sealed to a key a crash takes back could
+// never be opened again.
+func BeginXKey(path string) (kp nkeys.KeyPair, durable func() error, err error) {
+	none := func() error { return nil }
 	b, err := os.ReadFile(path)
 	if err == nil {
 		kp, err := nkeys.FromCurveSeed(bytes.TrimSpace(b))
 		if err != nil {
-			return nil, fmt.Errorf("native nexlet xkey %s: not a curve key seed: %w", path, err)
+			return nil, nil, fmt.Errorf("native nexlet xkey %s: not a curve key seed: %w", path, err)
 		}
-		return kp, nil
+		return kp, none, nil
 	}
 	if !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("native nexlet xkey: %w", err)
+		return nil, nil, fmt.Errorf("native nexlet xkey: %w", err)
 	}
-	kp, err := nkeys.CreateCurveKeys()
+	kp, err = nkeys.CreateCurveKeys()
 	if err != nil {
-		return nil, fmt.Errorf("native nexlet xkey: %w", err)
+		return nil, nil, fmt.Errorf("native nexlet xkey: %w", err)
 	}
 	seed, err := kp.Seed()
 	if err != nil {
-		return nil, fmt.Errorf("native nexlet xkey: %w", err)
+		return nil, nil, fmt.Errorf("native nexlet xkey: %w", err)
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("native nexlet xkey: %w", err)
-	}
-	if err := privfile.Write(path, append(seed, '\n')); err != nil {
-		return nil, fmt.Errorf("native nexlet xkey: %w", err)
-	}
-	return kp, nil
+	done := make(chan error, 1)
+	go func() {
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			done <- fmt.Errorf("native nexlet xkey: %w", err)
+			return
+		}
+		if err := privfile.Write(path, append(seed, '\n')); err != nil {
+			done <- fmt.Errorf("native nexlet xkey: %w", err)
+			return
+		}
+		done <- nil
+	}()
+	return kp, sync.OnceValue(func() error { return <-done }), nil
 }
