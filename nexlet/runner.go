@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -787,7 +788,7 @@ func (r *Runner) resendEnded() {
 func (r *Runner) async(nc *nats.Conn, busy *atomic.Int64, h micro.HandlerFunc) micro.HandlerFunc {
 	return func(req micro.Request) {
 		d := &detached{nc: nc, subject: req.Subject(), reply: req.Reply(),
-			data: append([]byte(nil), req.Data()...), hdr: req.Headers()}
+			data: append([]byte(nil), req.Data()...), hdr: req.Headers(), at: time.Now()}
 		busy.Add(1) // until answered: the reply must go out on nc, which took the request
 		r.inFlight <- struct{}{}
 		if !r.goFn(func() { defer func() { <-r.inFlight; busy.Add(-1) }(); h(d) }) {
@@ -805,7 +806,7 @@ func (r *Runner) serveLocal(agentID string) {
 	defer close(r.localDone)
 	prefix := protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD."
 	err := r.local.Serve(func(lr *localchan.Request) {
-		d := &detached{subject: lr.Subject, reply: "local", data: lr.Data, hdr: micro.Headers(lr.Header), local: lr}
+		d := &detached{subject: lr.Subject, reply: "local", data: lr.Data, hdr: micro.Headers(lr.Header), local: lr, at: time.Now()}
 		if !strings.HasPrefix(lr.Subject, prefix) || protocol.LastToken(lr.Subject) == "" {
 			r.respondError(d, fmt.Errorf("local channel: no endpoint for %q", lr.Subject), nil)
 			return
@@ -831,6 +832,7 @@ type detached struct {
 	data           []byte
 	hdr            micro.Headers
 	local          *localchan.Request
+	at             time.Time // when it arrived
 }
 
 func (d *detached) Respond(b []byte, opts ...micro.RespondOpt) error {
@@ -892,12 +894,19 @@ func (r *Runner) respondJSON(req micro.Request, v any, opts ...micro.RespondOpt)
 
 func (r *Runner) handleStart(req micro.Request) {
 	id := protocol.LastToken(req.Subject())
+	var st *steps.Timer // at debug level: the runner's share of a start
+	local := false
+	if d, ok := req.(*detached); ok {
+		st, local = steps.StartAt(r.log, d.at), d.local != nil
+	}
+	st.Step("wait") // arrival to this goroutine
 	var in protocol.AgentStartWorkloadRequest
 	if err := protocol.Decode(req.Data(), &in); err != nil {
 		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id})
 		return
 	}
 	rep := r.reportProgress(req)
+	st.Step("decode")
 	var (
 		out *protocol.StartWorkloadResponse
 		err error
@@ -908,11 +917,14 @@ func (r *Runner) handleStart(req micro.Request) {
 		out, err = r.agent.StartWorkload(id, &in, false)
 	}
 	rep.stop()
+	st.Step("start")
 	if err != nil {
 		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id, Name: in.Request.Name})
 		return
 	}
 	r.respondJSON(req, out)
+	st.Step("reply")
+	st.Log(r.log, "runner steps", "workload_id", id, "local", local)
 }
 
 // startReports tells a node that asked for it (protocol.HeaderProgress) how a start

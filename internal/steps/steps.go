@@ -26,6 +26,14 @@ func Start(log *slog.Logger) *Timer {
 	return &Timer{start: now, last: now}
 }
 
+// StartAt is Start for an operation that began at t (when a request arrived).
+func StartAt(log *slog.Logger, t time.Time) *Timer {
+	if t.IsZero() || log == nil || !log.Enabled(context.Background(), slog.LevelDebug) {
+		return nil
+	}
+	return &Timer{start: t, last: t}
+}
+
 // Step ends the step called name.
 func (t *Timer) Step(name string) {
 	if t == nil {

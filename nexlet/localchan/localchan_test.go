@@ -1,8 +1,10 @@
 package localchan
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -22,9 +24,36 @@ import (
 // end is close-on-exec.
 const childEnv = "LOCALCHAN_TEST_CHILD"
 
+// childNATSEnv: the child answers "start.*" over NATS at this URL instead (as a nexlet
+// without the channel does), until its stdin closes.
+const childNATSEnv = "LOCALCHAN_TEST_NATS"
+
+func natsChild(url string) int {
+	nc, err := nats.Connect(url)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		return 2
+	}
+	defer nc.Close()
+	if _, err := nc.Subscribe("start.*", func(m *nats.Msg) {
+		go func() { _ = m.RespondMsg(&nats.Msg{Data: m.Data}) }()
+	}); err != nil {
+		return 2
+	}
+	if err := nc.Flush(); err != nil {
+		return 2
+	}
+	fmt.Println("ready")
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	return 0
+}
+
 func TestMain(m *testing.M) {
 	if os.Getenv(childEnv) == "1" {
 		os.Exit(child())
+	}
+	if url := os.Getenv(childNATSEnv); url != "" {
+		os.Exit(natsChild(url))
 	}
 	os.Exit(m.Run())
 }
@@ -58,6 +87,8 @@ func child() int {
 					out = append(out, err.Error()...)
 				}
 				_ = r.Reply(&nats.Msg{Data: out})
+			case "start.x":
+				_ = r.Reply(&nats.Msg{Data: r.Data})
 			case "cloexec":
 				_ = r.Reply(&nats.Msg{Data: fmt.Appendf(nil, "%d %v", fd, flags&unix.FD_CLOEXEC != 0)})
 			}
@@ -354,4 +385,75 @@ func (cl *Client) closedNow() bool {
 	cl.mu.Lock()
 	defer cl.mu.Unlock()
 	return cl.closed
+}
+
+// BenchmarkRoundTripProcess is BenchmarkRoundTrip with the answering end in a child
+// process, as the nexlet is: the node's request and its answer through a NATS server (in
+// this process, so one process hop fewer than a node, its server and its nexlet have)
+// against the same over the socket pair.
+func BenchmarkRoundTripProcess(b *testing.B) {
+	body := bytes.Repeat([]byte("x"), 1500)
+	hdr := nats.Header{"Nex-Progress": {"5s"}}
+	b.Run("nats", func(b *testing.B) {
+		s := testnats.Start(b, testnats.Options{})
+		node := testnats.Connect(b, s)
+		cmd := exec.Command(os.Args[0])
+		cmd.Env = []string{childNATSEnv + "=" + s.ClientURL()}
+		cmd.Stderr = os.Stderr
+		in, _ := cmd.StdinPipe()
+		out, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		defer func() { in.Close(); _ = cmd.Wait() }()
+		if line, _ := bufio.NewReader(out).ReadString('\n'); line != "ready\n" {
+			b.Fatalf("child: %q", line)
+		}
+		ch := make(chan *nats.Msg, 64)
+		b.ResetTimer()
+		for b.Loop() {
+			inbox := node.NewInbox()
+			sub, err := node.ChanSubscribe(inbox, ch)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := node.PublishMsg(&nats.Msg{Subject: "start.x", Reply: inbox, Header: hdr, Data: body}); err != nil {
+				b.Fatal(err)
+			}
+			<-ch
+			_ = sub.Unsubscribe()
+		}
+	})
+	b.Run("local", func(b *testing.B) {
+		nodeEnd, nexletEnd, err := Pair()
+		if err != nil {
+			b.Fatal(err)
+		}
+		cmd := exec.Command(os.Args[0])
+		cmd.Env = []string{childEnv + "=1", EnvFD + "=3"}
+		cmd.ExtraFiles = []*os.File{nexletEnd}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		nexletEnd.Close()
+		c, err := NewClient(nodeEnd)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer func() { c.Close(); _ = cmd.Wait() }()
+		for !c.Serving() {
+			time.Sleep(time.Millisecond)
+		}
+		ch := make(chan *nats.Msg, 64)
+		b.ResetTimer()
+		for b.Loop() {
+			cancel, err := c.Request("start.x", hdr, body, ch)
+			if err != nil {
+				b.Fatal(err)
+			}
+			<-ch
+			cancel()
+		}
+	})
 }
