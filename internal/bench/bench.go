@@ -34,9 +34,11 @@ type Options struct {
 	FleetSizes []int         // node counts of the fleet scenario
 	Footprint  []int         // workload counts of the footprint scenario
 	Recovery   int           // workloads of the recovery scenario
-	Idle       time.Duration // idle CPU sampling window
-	Keep       bool          // keep the temp dir (logs) after the run
-	Upstream   string        // upstream's nex binary (compare)
+	// ReadyStarts is how many starts ready and compare's exec -> ready time per side.
+	ReadyStarts int
+	Idle        time.Duration // idle CPU sampling window
+	Keep        bool          // keep the temp dir (logs) after the run
+	Upstream    string        // upstream's nex binary (compare)
 	// CompareWorkloads are the running-workload counts compare samples memory at.
 	CompareWorkloads []int
 	// NexdArgs are added to every nexd the tool starts (e.g. a wider
@@ -58,6 +60,7 @@ func (o *Options) Defaults() {
 	def(&o.Placements, 500, 50)
 	def(&o.Target, 1000, 100)
 	def(&o.Recovery, 1000, 100)
+	def(&o.ReadyStarts, 5, 3)
 	def(&o.Nodes, 10, 10)
 	if len(o.Clients) == 0 {
 		o.Clients = []int{1, 8, 32}

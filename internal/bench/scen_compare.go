@@ -66,10 +66,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	defer func() { *out = figs }()
 
 	// Exec to ready: a fresh node each time, upstream first in even runs.
-	runs := 5
-	if h.o.Quick {
-		runs = 3
-	}
+	runs := h.o.ReadyStarts
 	var upReady, nxReady []time.Duration
 	for i := range runs {
 		for _, upstreamTurn := range alternate(i) {

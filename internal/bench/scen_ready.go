@@ -10,20 +10,26 @@ import (
 )
 
 // ready: exec of nexd to READY=1, against an external server and with the embedded one
-// (JetStream in a fresh state dir each time, so every start is a cold one).
+// (JetStream in a fresh state dir each time, so every start is a cold one). With
+// --upstream-nex, upstream's exec to its ready line against an external server too,
+// its starts alternating with nexd's so that load hits both alike.
 func (h *Harness) ready(ctx context.Context) ([]Result, error) {
 	if len(h.o.Servers) > 0 {
 		return nil, errNoServers
 	}
-	runs := 5
-	if h.o.Quick {
-		runs = 3
-	}
+	runs := h.o.ReadyStarts
 	ns, err := h.natsServer()
 	if err != nil {
 		return nil, err
 	}
 	var out []Result
+	if h.o.Upstream != "" {
+		r, err := h.readySideBySide(ctx, ns.URL(), runs)
+		out = append(out, r)
+		if err != nil {
+			return out, err
+		}
+	}
 	for _, v := range []struct {
 		name   string
 		limit  float64
@@ -59,6 +65,52 @@ func (h *Harness) ready(ctx context.Context) ([]Result, error) {
 		out = append(out, r)
 	}
 	return out, nil
+}
+
+// readySideBySide alternates starts of upstream's node and of nexd against one
+// external server (upstream first in even rounds) and reports both p50s and their
+// ratio, the figure compare gives from its five starts.
+func (h *Harness) readySideBySide(ctx context.Context, url string, runs int) (Result, error) {
+	r := Result{Scenario: "ready", Variant: "upstream vs nexd, external NATS, alternating"}
+	var up, nx []time.Duration
+	var err error
+	defer func() {
+		if err != nil {
+			r.Err = err.Error()
+		}
+	}()
+	for i := range runs {
+		for _, upstreamTurn := range alternate(i) {
+			if upstreamTurn {
+				var d time.Duration
+				if d, err = h.upstreamReady(ctx, url, i); err != nil {
+					return r, err
+				}
+				up = append(up, d)
+				continue
+			}
+			var n *nodeProc
+			var d time.Duration
+			if n, d, err = h.readyNode(ctx, nodeSpec{Name: fmt.Sprintf("sbsready%d", i), Servers: []string{url}}); err != nil {
+				return r, err
+			}
+			nx = append(nx, d)
+			if err = h.stopNode(n); err != nil {
+				return r, err
+			}
+		}
+	}
+	u, x := Summarize(up), Summarize(nx)
+	r.add("starts per side", float64(runs), "")
+	r.ms("upstream exec to ready p50", u.P50)
+	r.ms("nexd exec to READY=1 p50", x.P50)
+	r.ms("upstream exec to ready max", u.Max)
+	r.ms("nexd exec to READY=1 max", x.Max)
+	if u.P50 > 0 {
+		r.add("nexd / upstream (p50)", float64(x.P50)/float64(u.P50), "×")
+	}
+	r.notef("upstream: its %q log line; nexd: READY=1 with the native nexlet registered; a fresh state dir per start", upstreamReadyLog)
+	return r, nil
 }
 
 // control: status requests over the control socket, one client then eight.
