@@ -194,10 +194,18 @@ func BenchmarkAcquireReleaseUID(b *testing.B) {
 }
 
 // BenchmarkProcUIDs is the /proc walk alone; its cost grows with the host's processes.
+// status: every process's status read, as the walk did before it stat'ed /proc/<pid>.
 func BenchmarkProcUIDs(b *testing.B) {
-	for b.Loop() {
-		_ = procUIDs()
-	}
+	b.Run("walk", func(b *testing.B) {
+		for b.Loop() {
+			_ = procUIDs()
+		}
+	})
+	b.Run("status", func(b *testing.B) {
+		for b.Loop() {
+			_ = statusUIDs()
+		}
+	})
 }
 
 // BenchmarkWriteCredsFile is the workload's credentials file (operator mode).

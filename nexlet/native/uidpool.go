@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
+	"time"
 )
 
 // DefaultUIDPool is how many dynamic uids the nexlet leases ahead (refilled, with one
@@ -31,11 +33,25 @@ type uidPool struct {
 	owner string
 	wdir  string // where the directories are made ahead; "" for none
 	self  string // readyPrefix of this process
-	ch    chan pooledUID
+	ch    chan pooledUID // cap: the most it ever holds (poolGrowth times its size)
 	kick  chan struct{}
 	stop  chan struct{}
 	done  chan struct{}
+
+	// want is how many it keeps leased ahead: its size, doubled (up to cap(ch)) each
+	// time a deploy found it empty, so that concurrent deploys share the filler's
+	// walks instead of each walking /proc on its path.
+	want  atomic.Int32
+	begun atomic.Bool // the filler runs (it may wait for the nexlet's start-up)
+	dry   atomic.Bool // its last refill leased nothing (the range is used up)
 }
+
+// poolGrowth bounds how far a pool grows beyond its size under concurrent deploys.
+const poolGrowth = 8
+
+// poolWait bounds how long a deploy that found the pool empty waits for its refill
+// before it leases a uid itself.
+const poolWait = time.Second
 
 // pooledUID is a uid leased ahead and the workload directory made for it ("": none).
 type pooledUID struct {
@@ -55,7 +71,8 @@ func (u *users) startPool(size int, wdir string, begin <-chan struct{}, log *slo
 		removeStaleReady(wdir)
 	}
 	p := &uidPool{u: u, log: log, owner: "/proc/" + strconv.Itoa(os.Getpid()), wdir: wdir, self: self,
-		ch: make(chan pooledUID, size), kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+		ch: make(chan pooledUID, poolGrowth*size), kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	p.want.Store(int32(size))
 	u.pool = p
 	go p.run(begin)
 }
@@ -86,10 +103,12 @@ func (p *uidPool) run(begin <-chan struct{}) {
 			return
 		}
 	}
+	p.begun.Store(true)
 	for {
 		// Refilled only once half is taken, all at once: one walk of /proc per
-		// cap/2 deploys rather than one per deploy.
-		if missing := cap(p.ch) - len(p.ch); missing > 0 && len(p.ch) <= cap(p.ch)/2 {
+		// want/2 deploys rather than one per deploy.
+		want := int(p.want.Load())
+		if missing := want - len(p.ch); missing > 0 && len(p.ch) <= want/2 {
 			select {
 			case <-p.stop:
 				p.drain()
@@ -100,6 +119,7 @@ func (p *uidPool) run(begin <-chan struct{}) {
 			if err != nil {
 				p.log.Warn("dynamic uid pool: no uid leased ahead", "err", err)
 			}
+			p.dry.Store(len(ids) == 0)
 			for _, id := range ids {
 				p.ch <- pooledUID{id: id, dir: p.prepare(id)}
 			}
@@ -127,7 +147,9 @@ func (p *uidPool) take(owner string) (id ident, made, ok bool) {
 		select {
 		case e = <-p.ch:
 		default:
-			return ident{}, false, false
+			if e, ok = p.await(); !ok {
+				return ident{}, false, false
+			}
 		}
 		made, ok, err := p.claim(e, owner)
 		if err != nil {
@@ -181,6 +203,31 @@ func (p *uidPool) claim(e pooledUID, owner string) (made, ok bool, err error) {
 		_ = os.RemoveAll(e.dir)
 	}
 	return false, ok, err
+}
+
+// await is take's wait for a refill of an empty pool, which it makes larger: false
+// when none came within poolWait, or none will (the filler has not begun, its last
+// refill found no free uid, or it stops).
+func (p *uidPool) await() (pooledUID, bool) {
+	if !p.begun.Load() || p.dry.Load() {
+		return pooledUID{}, false
+	}
+	if w := p.want.Load(); int(w) < cap(p.ch) {
+		p.want.CompareAndSwap(w, min(2*w, int32(cap(p.ch))))
+	}
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+	t := time.NewTimer(poolWait)
+	defer t.Stop()
+	select {
+	case e := <-p.ch:
+		return e, true
+	case <-t.C:
+	case <-p.stop:
+	}
+	return pooledUID{}, false
 }
 
 // drain gives back the leases still pooled.
