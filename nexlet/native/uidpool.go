@@ -31,8 +31,8 @@ type uidPool struct {
 	u     *users
 	log   *slog.Logger
 	owner string
-	wdir  string // where the directories are made ahead; "" for none
-	self  string // readyPrefix of this process
+	wdir  string         // where the directories are made ahead; "" for none
+	self  string         // readyPrefix of this process
 	ch    chan pooledUID // cap: the most it ever holds (poolGrowth times its size)
 	kick  chan struct{}
 	stop  chan struct{}
