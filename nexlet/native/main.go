@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nkeys"
+
 	"github.com/nexd-project/nexd/internal/memtrim"
 	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/nexlet/localchan"
@@ -52,6 +54,17 @@ const ShutdownTimeout = 2 * time.Minute
 // then stops every workload with its grace. When detach fires first it exits and leaves
 // every workload running instead.
 func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach, reattach <-chan os.Signal) error {
+	// The registration key is read while the nexlet builds itself: a process's first
+	// ed25519 key builds the curve's tables (about 1 ms here), on the way to the
+	// registration nexd's start waits for.
+	var regKey nkeys.KeyPair
+	var regKeyErr error
+	regKeyRead := make(chan struct{})
+	go func() {
+		defer close(regKeyRead)
+		regKey, regKeyErr = nexlet.RegistrationKeyFromEnv(env)
+	}()
+	defer func() { <-regKeyRead }()
 	// The channel from the nexd that spawned it, marked close-on-exec before anything
 	// forks: no workload may inherit it.
 	lf, err := localchan.FromEnv(env)
@@ -153,9 +166,9 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if err := xkeyDurable(); err != nil {
 		return err
 	}
-	regKey, err := nexlet.RegistrationKeyFromEnv(env)
-	if err != nil {
-		return err
+	<-regKeyRead
+	if regKeyErr != nil {
+		return regKeyErr
 	}
 	// nexd starts it while connecting itself, and decides how long it lives.
 	opts := []nexlet.Option{nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart(),
