@@ -18,11 +18,17 @@ func Cached(kp nkeys.KeyPair) (nkeys.KeyPair, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nkey signer: %w", err)
 	}
-	_, raw, err := nkeys.DecodeSeed(seed)
+	prefix, raw, err := nkeys.DecodeSeed(seed)
 	if err != nil {
 		return nil, fmt.Errorf("nkey signer: %w", err)
 	}
-	return &cached{KeyPair: kp, priv: ed25519.NewKeyFromSeed(raw)}, nil
+	if prefix == nkeys.PrefixByteCurve {
+		// Its seed is an X25519 key: nkeys refuses to sign with it, and so must we.
+		return nil, fmt.Errorf("nkey signer: %w", nkeys.ErrInvalidCurveKeyOperation)
+	}
+	c := &cached{KeyPair: kp, priv: ed25519.NewKeyFromSeed(raw)}
+	clear(raw) // the decoded seed; the private key holds it now
+	return c, nil
 }
 
 type cached struct {
@@ -30,5 +36,18 @@ type cached struct {
 	priv ed25519.PrivateKey
 }
 
-// Sign signs input with the cached key: the same signature kp.Sign makes.
-func (c *cached) Sign(input []byte) ([]byte, error) { return ed25519.Sign(c.priv, input), nil }
+// Sign signs input with the cached key: the same signature kp.Sign makes. Once wiped
+// it is kp's Sign, which fails.
+func (c *cached) Sign(input []byte) ([]byte, error) {
+	if c.priv == nil {
+		return c.KeyPair.Sign(input)
+	}
+	return ed25519.Sign(c.priv, input), nil
+}
+
+// Wipe clears the cached private key as well as kp's seed: a wiped key signs nothing.
+func (c *cached) Wipe() {
+	clear(c.priv)
+	c.priv = nil
+	c.KeyPair.Wipe()
+}

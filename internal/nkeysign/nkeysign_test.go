@@ -64,3 +64,28 @@ func BenchmarkSign(b *testing.B) {
 		}
 	})
 }
+
+// A wiped key signs nothing more, as nkeys' own: the cached private key went with it.
+func TestWipedKeyNoLongerSigns(t *testing.T) {
+	kp, _ := nkeys.CreateServer()
+	c, err := Cached(kp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Wipe()
+	if sig, err := c.Sign(msg); err == nil {
+		t.Fatalf("a wiped key signed: %x", sig)
+	}
+	if _, err := kp.Sign(msg); err == nil {
+		t.Fatalf("the wrapped key pair was not wiped")
+	}
+}
+
+// A curve key signs nothing in nkeys; a cached one must not sign with its seed as an
+// ed25519 key either.
+func TestCurveKeyIsAnError(t *testing.T) {
+	kp, _ := nkeys.CreateCurveKeys()
+	if _, err := Cached(kp); err == nil {
+		t.Errorf("a curve key gave a signer")
+	}
+}
