@@ -17,7 +17,7 @@ type Options struct {
 	Tick     time.Duration // how often the allocation rate is looked at (1 s)
 	Quiet    uint64        // bytes allocated per Tick below which the process is quiet (256 KiB)
 	Ticks    int           // quiet ticks in a row before a trim (2)
-	Min      uint64        // least growth of the heap since the last trim worth a new one (1 MiB)
+	Min      uint64        // least growth of the heap since the last trim worth a new one (256 KiB)
 	Interval time.Duration // least time between two trims (10 s)
 }
 
@@ -32,7 +32,7 @@ func (o *Options) defaults() {
 		o.Ticks = 2
 	}
 	if o.Min == 0 {
-		o.Min = 1 << 20
+		o.Min = 256 << 10
 	}
 	if o.Interval <= 0 {
 		o.Interval = 10 * time.Second
