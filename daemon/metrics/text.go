@@ -59,12 +59,12 @@ func (r *registry) write(w io.Writer) error {
 	defer r.write1.Unlock()
 	r.scrape.Add(1)
 	r.mu.Lock()
-	fams := make([]*family, 0, len(r.fams))
+	fams := make([]family, 0, len(r.fams))
 	for _, f := range r.fams {
-		fams = append(fams, f)
+		fams = append(fams, family{name: f.name, help: f.help, typ: f.typ, collect: slices.Clone(f.collect)})
 	}
 	r.mu.Unlock()
-	slices.SortFunc(fams, func(a, b *family) int { return strings.Compare(a.name, b.name) })
+	slices.SortFunc(fams, func(a, b family) int { return strings.Compare(a.name, b.name) })
 	bw := bufio.NewWriter(w)
 	var ss []sample
 	for _, f := range fams {
