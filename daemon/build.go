@@ -240,6 +240,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		Tags:                    cfg.Node.Tags,
 		AuctionTTL:              cfg.Node.AuctionTTL,
 		DeployTimeout:           cfg.Node.DeployTimeout,
+		LocalStarts:             os.Getenv("NEXD_LOCAL_STARTS"), // a benchmark's A/B switch
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		TrustedNodes:            cfg.TrustedNodes,

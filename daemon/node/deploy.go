@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -315,7 +316,7 @@ func (n *Node) startOnNexlet(a *registration, workloadID string, body []byte) (*
 	c := &startCall{ch: make(chan *nats.Msg, 64)}
 	subject := protocol.StartWorkloadSubject(n.id, a.id, workloadID)
 	hdr := nats.Header{protocol.HeaderProgress: {n.o.ProgressInterval.String()}}
-	if a.local != nil && a.local.Serving() {
+	if a.local != nil && n.localStart() && a.local.Serving() {
 		cancel, err := a.local.Request(subject, hdr, body, c.ch)
 		if err == nil {
 			c.cancel, c.via = cancel, "local"
@@ -338,6 +339,19 @@ func (n *Node) startOnNexlet(a *registration, workloadID string, body []byte) (*
 }
 
 func (c *startCall) close() { c.cancel() }
+
+// localStart says whether this start may go over a local channel (Options.LocalStarts).
+func (n *Node) localStart() bool {
+	switch n.o.LocalStarts {
+	case "off":
+		return false
+	case "half":
+		// At random, not alternating: strict alternation would pair each transport
+		// with one of the v1 fork pool's two threads.
+		return rand.IntN(2) == 0
+	}
+	return true
+}
 
 // errStartSilent and errStartTooLong say why the node stopped waiting for a start.
 var (

@@ -107,6 +107,10 @@ type Options struct {
 	RevokeGrace        time.Duration // after a renewal, until the old users are revoked (default 5s)
 	DeployTimeout      time.Duration // how long a start may take while the nexlet reports progress (default 5m)
 	ProgressInterval   time.Duration // how often a starting nexlet is asked to report progress (default 5s)
+	// LocalStarts says which starts go over a nexlet's local channel when it has one:
+	// "" (all), "off" (none: NATS), "half" (each one at random with even odds, so that
+	// a benchmark compares both transports under the same load; NEXD_LOCAL_STARTS).
+	LocalStarts string
 	// StopTimeout bounds the wait for a nexlet to confirm a stop of a workload this node
 	// owns (default 5m). A nexlet answers once the workload is gone, after at most its
 	// grace plus a kill, so this only bounds a nexlet that never answers.
