@@ -4,11 +4,13 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -119,4 +121,64 @@ func memoryCgroup(t *testing.T, pid int) string {
 	}
 	t.Fatalf("pid %d: no memory cgroup in %q", pid, b)
 	return ""
+}
+
+// TestCrashDuringTidyLeavesNothing: a nexlet that dies after a stop's reply and before
+// the workload's leftovers are removed (its cgroup, directory, record, the uid's lease)
+// leaves them to the next nexlet, which removes them when the node does not replay the
+// workload, and starts the same id again afresh.
+func TestCrashDuringTidyLeavesNothing(t *testing.T) {
+	spec := cgroupSpec(t)
+	fn := newFakeNode(t)
+	runtimeDir := t.TempDir()
+	first := fn.startNexlet(Config{Cgroup: spec, RuntimeDir: runtimeDir})
+	hold := make(chan struct{})
+	first.beforeTidy = func(string) {
+		<-hold
+		runtime.Goexit() // the process died here: nothing of the tidy runs
+	}
+	defer close(hold)
+	fn.mustStart("crashtidy", startReq(protocol.LifecycleService, "crashtidy", map[string]any{
+		"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds()))
+	fn.waitLog("crashtidy", "stdout", "up")
+	pids := fn.procsOf("crashtidy")
+	if len(pids) != 1 {
+		t.Fatalf("processes: %v", pids)
+	}
+	group := memoryCgroup(t, pids[0])
+	first.mu.Lock()
+	id := first.workloads["crashtidy"].ident
+	first.mu.Unlock()
+	dir, rec := filepath.Join(first.WorkloadsDir(), "crashtidy"), first.recordDir("crashtidy")
+	// Not fn.stop: no WORKLOADSTOPPED comes from a nexlet that died before its tidy.
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "crashtidy"), protocol.StopWorkloadRequest{Namespace: testNS}, waitLong)
+	first.crash()
+	var resp protocol.StopWorkloadResponse
+	if err != nil || json.Unmarshal(r.data, &resp) != nil || !resp.Stopped {
+		t.Fatalf("stop: %v %q", err, r.data)
+	}
+
+	second := fn.startNexlet(Config{Cgroup: spec, RuntimeDir: runtimeDir})
+	leftovers := func() []string {
+		var left []string
+		for _, p := range []string{dir, rec, filepath.Join("/sys/fs/cgroup/memory", group)} {
+			if _, err := os.Stat(p); err == nil {
+				left = append(left, p)
+			}
+		}
+		if id.dynamic {
+			if _, err := os.Stat(second.users.leasePath(id.uid)); err == nil {
+				left = append(left, "lease of uid "+strconv.Itoa(int(id.uid)))
+			}
+		}
+		return left
+	}
+	testkit.Eventually(t, "the stopped workload's leftovers removed", func() bool { return len(leftovers()) == 0 })
+	if l := leftovers(); len(l) != 0 {
+		t.Fatalf("left behind: %v", l)
+	}
+	fn.mustStart("crashtidy", startReq(protocol.LifecycleService, "crashtidy", map[string]any{
+		"uri": script(t, `echo again; exec sleep 1000`)}, fn.creds()))
+	fn.waitLog("crashtidy", "stdout", "again")
+	fn.stop("crashtidy", testNS)
 }
