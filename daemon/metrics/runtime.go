@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"os"
 	"runtime"
+	"runtime/debug"
 	rtmetrics "runtime/metrics"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // goMetric is one Go runtime metric served under client_golang's name for it.
@@ -33,6 +35,15 @@ var goMetrics = []goMetric{
 	{"go_memstats_stack_inuse_bytes", "Number of bytes obtained from system for stack allocator in non-CGO environments.", "gauge", []string{"/memory/classes/heap/stacks:bytes"}},
 	{"go_memstats_sys_bytes", "Number of bytes obtained from system.", "gauge", []string{"/memory/classes/total:bytes"}},
 	{"go_memstats_next_gc_bytes", "Number of heap bytes when next garbage collection will take place.", "gauge", []string{"/gc/heap/goal:bytes"}},
+	{"go_memstats_heap_sys_bytes", "Number of heap bytes obtained from system.", "gauge", []string{"/memory/classes/heap/objects:bytes", "/memory/classes/heap/unused:bytes", "/memory/classes/heap/released:bytes", "/memory/classes/heap/free:bytes"}},
+	{"go_memstats_stack_sys_bytes", "Number of bytes obtained from system for stack allocator.", "gauge", []string{"/memory/classes/heap/stacks:bytes", "/memory/classes/os-stacks:bytes"}},
+	{"go_memstats_mspan_inuse_bytes", "Number of bytes in use by mspan structures.", "gauge", []string{"/memory/classes/metadata/mspan/inuse:bytes"}},
+	{"go_memstats_mspan_sys_bytes", "Number of bytes used for mspan structures obtained from system.", "gauge", []string{"/memory/classes/metadata/mspan/inuse:bytes", "/memory/classes/metadata/mspan/free:bytes"}},
+	{"go_memstats_mcache_inuse_bytes", "Number of bytes in use by mcache structures.", "gauge", []string{"/memory/classes/metadata/mcache/inuse:bytes"}},
+	{"go_memstats_mcache_sys_bytes", "Number of bytes used for mcache structures obtained from system.", "gauge", []string{"/memory/classes/metadata/mcache/inuse:bytes", "/memory/classes/metadata/mcache/free:bytes"}},
+	{"go_memstats_buck_hash_sys_bytes", "Number of bytes used by the profiling bucket hash table.", "gauge", []string{"/memory/classes/profiling/buckets:bytes"}},
+	{"go_memstats_gc_sys_bytes", "Number of bytes used for garbage collection system metadata.", "gauge", []string{"/memory/classes/metadata/other:bytes"}},
+	{"go_memstats_other_sys_bytes", "Number of bytes used for other system allocations.", "gauge", []string{"/memory/classes/other:bytes"}},
 	{"go_gc_cycles_total", "Count of completed GC cycles.", "counter", []string{"/gc/cycles/total:gc-cycles"}},
 	{"go_gc_gogc_percent", "Heap size target percentage configured by the user, otherwise 100.", "gauge", []string{"/gc/gogc:percent"}},
 	{"go_gc_gomemlimit_bytes", "Go runtime memory limit configured by the user, otherwise math.MaxInt64.", "gauge", []string{"/gc/gomemlimit:bytes"}},
@@ -59,6 +70,25 @@ func (r *registry) watchRuntime() {
 			return v
 		})
 	}
+	// The GC's pauses and its last run, as client_golang's Go collector served them
+	// (from the runtime's GC statistics: no stop of the world).
+	r.add("go_gc_duration_seconds", "A summary of the wall-time pause (stop-the-world) duration in garbage collection cycles.", "summary", func(add func(sample)) {
+		s := debug.GCStats{PauseQuantiles: make([]time.Duration, 5)}
+		debug.ReadGCStats(&s)
+		for i, q := range []string{"0", "0.25", "0.5", "0.75", "1"} {
+			add(sample{labels: labels("quantile", q), value: s.PauseQuantiles[i].Seconds()})
+		}
+		add(sample{suffix: "_sum", value: s.PauseTotal.Seconds()})
+		add(sample{suffix: "_count", value: float64(s.NumGC)})
+	})
+	r.gaugeFunc("go_memstats_last_gc_time_seconds", "Number of seconds since 1970 of last garbage collection.", "gauge", "", func() float64 {
+		var s debug.GCStats
+		debug.ReadGCStats(&s)
+		if s.LastGC.IsZero() {
+			return 0
+		}
+		return float64(s.LastGC.UnixNano()) / 1e9
+	})
 	r.gaugeFunc("go_info", "Information about the Go environment.", "gauge", labels("version", runtime.Version()), func() float64 { return 1 })
 	r.add("go_threads", "Number of OS threads created.", "gauge", func(add func(sample)) {
 		if st, ok := readStat(); ok {
@@ -88,6 +118,22 @@ func (r *registry) watchRuntime() {
 	r.add("process_open_fds", "Number of open file descriptors.", "gauge", func(add func(sample)) {
 		if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
 			add(sample{value: float64(len(ents))})
+		}
+	})
+	r.add("process_virtual_memory_max_bytes", "Maximum amount of virtual memory available in bytes.", "gauge", func(add func(sample)) {
+		var l syscall.Rlimit
+		if syscall.Getrlimit(syscall.RLIMIT_AS, &l) == nil {
+			add(sample{value: float64(l.Cur)})
+		}
+	})
+	r.add("process_network_receive_bytes_total", "Number of bytes received by the process over the network.", "counter", func(add func(sample)) {
+		if in, _, ok := netOctets(); ok {
+			add(sample{value: in})
+		}
+	})
+	r.add("process_network_transmit_bytes_total", "Number of bytes sent by the process over the network.", "counter", func(add func(sample)) {
+		if _, out, ok := netOctets(); ok {
+			add(sample{value: out})
 		}
 	})
 	r.add("process_max_fds", "Maximum number of open file descriptors.", "gauge", func(add func(sample)) {
@@ -133,6 +179,35 @@ func readStat() (procStat, bool) {
 		st.start = bt + num(22)/userHZ
 	}
 	return st, true
+}
+
+// netOctets is IpExt's InOctets and OutOctets in /proc/self/net/netstat (the process's
+// network namespace), as client_golang's process collector served them.
+func netOctets() (in, out float64, ok bool) {
+	b, err := os.ReadFile("/proc/self/net/netstat")
+	if err != nil {
+		return 0, 0, false
+	}
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i+1 < len(lines); i++ {
+		names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		if len(names) == 0 || names[0] != "IpExt:" || len(values) != len(names) || values[0] != "IpExt:" {
+			continue
+		}
+		var gotIn, gotOut bool
+		for j, n := range names {
+			v, err := strconv.ParseFloat(values[j], 64)
+			switch {
+			case err != nil:
+			case n == "InOctets":
+				in, gotIn = v, true
+			case n == "OutOctets":
+				out, gotOut = v, true
+			}
+		}
+		return in, out, gotIn && gotOut
+	}
+	return 0, 0, false
 }
 
 // bootTime is the btime line of /proc/stat: when the system booted, in seconds.

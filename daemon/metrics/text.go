@@ -75,7 +75,7 @@ func (r *registry) write(w io.Writer) error {
 		if len(ss) == 0 {
 			continue
 		}
-		if f.typ != "histogram" {
+		if f.typ != "histogram" && f.typ != "summary" { // theirs are in the order written
 			slices.SortStableFunc(ss, func(a, b sample) int { return strings.Compare(a.labels, b.labels) })
 		}
 		bw.WriteString("# HELP " + f.name + " " + escapeHelp(f.help) + "\n# TYPE " + f.name + " " + f.typ + "\n")
