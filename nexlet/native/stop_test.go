@@ -182,3 +182,32 @@ func TestCrashDuringTidyLeavesNothing(t *testing.T) {
 	fn.waitLog("crashtidy", "stdout", "again")
 	fn.stop("crashtidy", testNS)
 }
+
+// TestLameduckStopRepliesAfterTidy: in lame duck the leftovers go before the reply: nexd
+// stops once its drain is answered and would not wait for a removal after it.
+func TestLameduckStopRepliesAfterTidy(t *testing.T) {
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{})
+	hold := make(chan struct{})
+	defer close(hold)
+	tn.beforeTidy = func(string) { <-hold } // a removal after the reply would wait here
+	fn.mustStart("ld", startReq(protocol.LifecycleService, "ld", map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds()))
+	fn.waitLog("ld", "stdout", "up")
+	dir, rec := filepath.Join(tn.WorkloadsDir(), "ld"), tn.recordDir("ld")
+	if err := tn.SetLameduck(time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "ld"), protocol.StopWorkloadRequest{Namespace: testNS}, waitLong)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var resp protocol.StopWorkloadResponse
+	if err := json.Unmarshal(r.data, &resp); err != nil || !resp.Stopped {
+		t.Fatalf("stop: %v %q", err, r.data)
+	}
+	for _, p := range []string{dir, rec} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("%s still there at the reply in lame duck: %v", p, err)
+		}
+	}
+}

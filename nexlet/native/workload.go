@@ -822,7 +822,8 @@ func (n *Nexlet) cleanup(w *workload, st *steps.Timer, later bool) {
 //
 // A stop's reply waits only for the workload's processes to be gone: once they are,
 // what it left behind (its cgroup, directory, record, the uid's retirement) is removed
-// and its end logged and announced after the reply (tidy), from answered on. Until then
+// and its end logged and announced after the reply (tidy), from answered on; not in
+// lame duck, whose drain precedes nexd's exit. Until then
 // the uid stays leased to the workload's directory and the id in n.tidying, which a
 // start of the same id and the nexlet's shutdown wait for.
 func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st *steps.Timer) {
@@ -839,7 +840,11 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st
 	if exhausted {
 		reason = fmt.Sprintf("restart limit of %d reached; last run: %s", w.plan.maxRestarts, reason)
 	}
-	later := requested && exited
+	n.mu.Lock()
+	// In lame duck and at shutdown the leftovers go before the reply, as nexd stops
+	// once its drain is answered and would not wait for them.
+	later := requested && exited && !n.lameduck
+	n.mu.Unlock()
 	if !later {
 		n.cleanup(w, st, false)
 		if requested {
