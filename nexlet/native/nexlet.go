@@ -265,6 +265,7 @@ func (n *Nexlet) activeLocked() int {
 func (n *Nexlet) Heartbeat() (*protocol.AgentHeartbeat, error) {
 	sum, _ := n.Ping()
 	n.mu.Lock()
+	n.pruneLocked() // finished workloads past their retention
 	nss := map[string]bool{}
 	for _, w := range n.workloads {
 		nss[w.ns] = true
