@@ -811,9 +811,13 @@ func (r *Runner) serveLocal(agentID string) {
 			r.respondError(d, fmt.Errorf("local channel: no endpoint for %q", lr.Subject), nil)
 			return
 		}
-		r.inFlight <- struct{}{}
-		if !r.goFn(func() { defer func() { <-r.inFlight }(); r.handleStart(d) }) {
-			<-r.inFlight
+		// The reader never waits for a free slot: a node's write waits at most
+		// localchan.WriteWait, so requests queue in goroutines, not in the socket.
+		if !r.goFn(func() {
+			r.inFlight <- struct{}{}
+			defer func() { <-r.inFlight }()
+			r.handleStart(d)
+		}) {
 			r.respondError(d, errors.New("nexlet is shutting down"), nil)
 		}
 	})
