@@ -363,9 +363,12 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	st.Step("parse") // the run_request, its user, the environment
 	n.mu.Lock()
 	for ch := n.tidying[id]; ch != nil; ch = n.tidying[id] {
-		// Stopped a moment ago: its cgroup, directory and record go first.
+		// Stopped a moment ago: its cgroup, directory and record go first (and the
+		// removal need not let this start go first meanwhile).
 		n.mu.Unlock()
+		n.starts.leave()
 		<-ch
+		n.starts.enter()
 		n.mu.Lock()
 	}
 	if n.lameduck && !existing {
