@@ -323,7 +323,9 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 	case werr = <-waited:
 		if w := n.s.orphans.Load(); w != nil {
 			// Its workloads are reparented now (to init, when it was adopted): watch
-			// the ones it started since the last look.
+			// the ones it started since the last look, and record those that ended
+			// while it died.
+			w.nexletGone(pid)
 			w.refresh()
 		}
 	case <-n.stop:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"os"
 	"sync"
 	"time"
 
@@ -32,6 +33,10 @@ type orphanWatch struct {
 	// pending are recorded processes a refresh found ended before their exit event was
 	// read (still in the socket): the event, when it comes within recentFor, is theirs.
 	pending map[int]pendingEnd
+	// gone are nexlets that died (pid -> when, kept recentFor): a workload that ended
+	// while its nexlet was being killed has that nexlet as its parent in the event, but
+	// init, not the nexlet, reaps it.
+	gone map[int]time.Time
 }
 
 type pendingEnd struct {
@@ -42,6 +47,10 @@ type pendingEnd struct {
 type recentExit struct {
 	exit procexit.Exit
 	at   time.Time
+	// start is the recorded start time when the process was a watched workload whose
+	// parent was a running nexlet (0 otherwise): nexletGone records it if that nexlet
+	// dies before it could have reaped it.
+	start uint64
 }
 
 // recentFor is how long an exit is kept for a refresh that comes after it (the refresh
@@ -124,6 +133,9 @@ func (w *orphanWatch) run(ctx context.Context) {
 			return
 		}
 		now := time.Now()
+		// A nexlet parent reaps and reports the exit unless it is dying itself (killed:
+		// then init reaps it). Which one shows only when nexd sees the nexlet end.
+		byNexlet := ex.Parent != os.Getpid() && w.mine(ex.Parent)
 		w.mu.Lock()
 		start, watched := w.watch[ex.PID]
 		if p, ok := w.pending[ex.PID]; ok && !watched && now.Before(p.until) {
@@ -134,18 +146,53 @@ func (w *orphanWatch) run(ctx context.Context) {
 				delete(w.pending, pid)
 			}
 		}
+		for pid, at := range w.gone {
+			if now.Sub(at) > recentFor {
+				delete(w.gone, pid)
+			}
+		}
+		_, parentGone := w.gone[ex.Parent]
+		write := watched && (!byNexlet || parentGone)
 		if watched {
 			delete(w.watch, ex.PID)
-		} else {
+		}
+		if !write {
 			for len(w.recent) > 0 && (len(w.recent) >= recentMax || now.Sub(w.recent[0].at) > recentFor) {
 				w.recent = w.recent[1:]
 			}
-			w.recent = append(w.recent, recentExit{exit: ex, at: now})
+			r := recentExit{exit: ex, at: now}
+			if watched {
+				r.start = start
+			}
+			w.recent = append(w.recent, r)
 		}
 		w.mu.Unlock()
-		if watched {
-			w.record(procid.ID{PID: ex.PID, Start: start}, ex)
+		if write {
+			w.write(procid.ID{PID: ex.PID, Start: start}, ex)
 		}
+	}
+}
+
+// nexletGone is told that the nexlet with this pid ended: the watched workloads that
+// ended with it as their parent shortly before (their exit events read, or still to be
+// read) were reaped by init, not by it, unless it reaped them before it died; their
+// exits are recorded (a record the nexlet's reaping made redundant says the same).
+func (w *orphanWatch) nexletGone(pid int) {
+	now := time.Now()
+	var orphans []recentExit
+	w.mu.Lock()
+	if w.gone == nil {
+		w.gone = map[int]time.Time{}
+	}
+	w.gone[pid] = now
+	for _, r := range w.recent {
+		if r.start != 0 && r.exit.Parent == pid && now.Sub(r.at) <= recentFor {
+			orphans = append(orphans, r)
+		}
+	}
+	w.mu.Unlock()
+	for _, r := range orphans {
+		w.write(procid.ID{PID: r.exit.PID, Start: r.start}, r.exit)
 	}
 }
 
@@ -154,6 +201,11 @@ func (w *orphanWatch) record(id procid.ID, ex procexit.Exit) {
 	if w.mine(ex.Parent) {
 		return // nexd's reaper or the nexlet reaps it and knows
 	}
+	w.write(id, ex)
+}
+
+// write writes the exit record of a workload process unless one exists.
+func (w *orphanWatch) write(id procid.ID, ex procexit.Exit) {
 	if _, err := procid.ReadExit(w.exits, id); err == nil {
 		return
 	}
