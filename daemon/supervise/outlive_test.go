@@ -39,6 +39,12 @@ func TestOutlivingNexletAdopted(t *testing.T) {
 		pid = s1.Statuses()[0].PID
 		return pid != 0
 	})
+	// Its HUP trap is set once it said "started": a SIGHUP before that (the adoption
+	// below comes within milliseconds) ended the shell, and the test waited in vain for
+	// "reattached" (a flake under load).
+	testkit.EventuallyWithin(t, 10*time.Second, "the nexlet said started (its trap is set)", func() bool {
+		return len(r1.find(func(x rec) bool { return strings.TrimSpace(x.msg) == "started" })) > 0
+	})
 	s1.Detach()
 	if err := s1.Stop(ctx); err != nil {
 		t.Fatal(err)
