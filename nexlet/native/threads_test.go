@@ -57,8 +57,11 @@ func TestNativeThreadsStayFewWithManyWorkloads(t *testing.T) {
 	})
 	after := threadCount(t)
 	t.Logf("threads: %d before, %d with %d workloads running", before, after, workloads)
-	if after >= maxThreads {
-		t.Errorf("%d OS threads with %d workloads running: want fewer than %d (one blocked in wait per workload?)", after, workloads, maxThreads)
+	// The growth, not the count: the runtime keeps the threads earlier tests of this
+	// process made (124 before this test at -count=2). A thread blocked per workload
+	// still shows: idle ones are reused, but 200 blocked need at least 200.
+	if after-before >= maxThreads {
+		t.Errorf("%d -> %d OS threads with %d workloads running: want fewer than %d more (one blocked in wait per workload?)", before, after, workloads, maxThreads)
 	}
 	// Exits are still noticed, with their status.
 	fn.stop("th000", testNS)
