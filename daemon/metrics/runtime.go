@@ -90,26 +90,18 @@ func (r *registry) watchRuntime() {
 		return float64(s.LastGC.UnixNano()) / 1e9
 	})
 	r.gaugeFunc("go_info", "Information about the Go environment.", "gauge", labels("version", runtime.Version()), func() float64 { return 1 })
-	r.add("go_threads", "Number of OS threads created.", "gauge", func(add func(sample)) {
-		if st, ok := readStat(); ok {
-			add(sample{value: st.threads})
-		}
-	})
-	r.add("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", "counter", func(add func(sample)) {
-		if st, ok := readStat(); ok {
-			add(sample{value: st.cpu})
-		}
-	})
-	r.add("process_resident_memory_bytes", "Resident memory size in bytes.", "gauge", func(add func(sample)) {
-		if st, ok := readStat(); ok {
-			add(sample{value: st.rss})
-		}
-	})
-	r.add("process_virtual_memory_bytes", "Virtual memory size in bytes.", "gauge", func(add func(sample)) {
-		if st, ok := readStat(); ok {
-			add(sample{value: st.vsize})
-		}
-	})
+	// Each from its own read of /proc/self/stat; none when it cannot be read.
+	stat := func(name, help, typ string, of func(procStat) float64) {
+		r.add(name, help, typ, func(add func(sample)) {
+			if st, ok := readStat(); ok {
+				add(sample{value: of(st)})
+			}
+		})
+	}
+	stat("go_threads", "Number of OS threads created.", "gauge", func(s procStat) float64 { return s.threads })
+	stat("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", "counter", func(s procStat) float64 { return s.cpu })
+	stat("process_resident_memory_bytes", "Resident memory size in bytes.", "gauge", func(s procStat) float64 { return s.rss })
+	stat("process_virtual_memory_bytes", "Virtual memory size in bytes.", "gauge", func(s procStat) float64 { return s.vsize })
 	r.add("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", "gauge", func(add func(sample)) {
 		if st, ok := readStat(); ok && st.start > 0 {
 			add(sample{value: st.start})
