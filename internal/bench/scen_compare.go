@@ -66,27 +66,9 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	defer func() { *out = figs }()
 
 	// Exec to ready: a fresh node each time, upstream first in even runs.
-	runs := h.o.ReadyStarts
-	var upReady, nxReady []time.Duration
-	for i := range runs {
-		for _, upstreamTurn := range alternate(i) {
-			if upstreamTurn {
-				d, err := h.upstreamReady(ctx, nsUp.URL(), i)
-				if err != nil {
-					return err
-				}
-				upReady = append(upReady, d)
-				continue
-			}
-			n, d, err := h.readyNode(ctx, nodeSpec{Name: fmt.Sprintf("cmpready%d", i), Servers: []string{nsNx.URL()}})
-			if err != nil {
-				return err
-			}
-			nxReady = append(nxReady, d)
-			if err := h.stopNode(n); err != nil {
-				return err
-			}
-		}
+	upReady, nxReady, err := h.alternateReady(ctx, nsUp.URL(), nsNx.URL(), "cmpready", h.o.ReadyStarts)
+	if err != nil {
+		return err
 	}
 	figs = append(figs, msFigure("exec → ready p50", Summarize(upReady).P50, Summarize(nxReady).P50))
 
@@ -225,7 +207,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	r.notef("each node on its own in-process NATS server on loopback; nexd's figures are nexd + its nexlet, upstream's its single process (its native agent runs inside it)")
 	r.notef("workload: /bin/sh -c 'echo %s; exec sleep 86400', seen on the $NEX log feed; %d placements per side per round (after 5 warm-up), 2 rounds, order swapped", readyLine, h.o.Placements)
 	r.notef("the measured nodes run private copies of both binaries, read afresh: no other process (another run, the exec → ready nodes) shares their pages, which would halve their PSS, and neither's text is mapped in the 2 MiB pages a fresh write leaves in the page cache (they count whole in RSS)")
-	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, runs)
+	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, h.o.ReadyStarts)
 	return nil
 }
 

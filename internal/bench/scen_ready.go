@@ -69,36 +69,13 @@ func (h *Harness) ready(ctx context.Context) ([]Result, error) {
 
 // readySideBySide alternates starts of upstream's node and of nexd against one
 // external server (upstream first in even rounds) and reports both p50s and their
-// ratio, the figure compare gives from its five starts.
+// ratio, the figure compare gives from its own starts.
 func (h *Harness) readySideBySide(ctx context.Context, url string, runs int) (Result, error) {
 	r := Result{Scenario: "ready", Variant: "upstream vs nexd, external NATS, alternating"}
-	var up, nx []time.Duration
-	var err error
-	defer func() {
-		if err != nil {
-			r.Err = err.Error()
-		}
-	}()
-	for i := range runs {
-		for _, upstreamTurn := range alternate(i) {
-			if upstreamTurn {
-				var d time.Duration
-				if d, err = h.upstreamReady(ctx, url, i); err != nil {
-					return r, err
-				}
-				up = append(up, d)
-				continue
-			}
-			var n *nodeProc
-			var d time.Duration
-			if n, d, err = h.readyNode(ctx, nodeSpec{Name: fmt.Sprintf("sbsready%d", i), Servers: []string{url}}); err != nil {
-				return r, err
-			}
-			nx = append(nx, d)
-			if err = h.stopNode(n); err != nil {
-				return r, err
-			}
-		}
+	up, nx, err := h.alternateReady(ctx, url, url, "sbsready", runs)
+	if err != nil {
+		r.Err = err.Error()
+		return r, err
 	}
 	u, x := Summarize(up), Summarize(nx)
 	r.add("starts per side", float64(runs), "")
@@ -111,6 +88,32 @@ func (h *Harness) readySideBySide(ctx context.Context, url string, runs int) (Re
 	}
 	r.notef("upstream: its %q log line; nexd: READY=1 with the native nexlet registered; a fresh state dir per start", upstreamReadyLog)
 	return r, nil
+}
+
+// alternateReady times runs starts of upstream's node (against upURL) and of nexd
+// (against nxURL), alternating, upstream first in even rounds.
+func (h *Harness) alternateReady(ctx context.Context, upURL, nxURL, name string, runs int) (up, nx []time.Duration, err error) {
+	for i := range runs {
+		for _, upstreamTurn := range alternate(i) {
+			if upstreamTurn {
+				d, err := h.upstreamReady(ctx, upURL, i)
+				if err != nil {
+					return nil, nil, err
+				}
+				up = append(up, d)
+				continue
+			}
+			n, d, err := h.readyNode(ctx, nodeSpec{Name: fmt.Sprintf("%s%d", name, i), Servers: []string{nxURL}})
+			if err != nil {
+				return nil, nil, err
+			}
+			nx = append(nx, d)
+			if err := h.stopNode(n); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	return up, nx, nil
 }
 
 // control: status requests over the control socket, one client then eight.
