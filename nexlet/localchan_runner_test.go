@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
@@ -55,13 +56,7 @@ func TestLocalChannelQueuesManySlowStarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { release(); _ = r.Shutdown() })
-	deadline := time.Now().Add(10 * time.Second)
-	for !c.Serving() {
-		if time.Now().After(deadline) {
-			t.Fatal("the runner never announced the channel")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the runner announced the channel", c.Serving)
 	pad := bytes.Repeat([]byte(" "), 64<<10) // JSON whitespace: 104 starts are 6.5 MiB
 	ch := make(chan *nats.Msg, 2*starts)
 	for i := range starts {

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"golang.org/x/sys/unix"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
@@ -103,7 +104,7 @@ func child() int {
 
 // startChild runs the test binary as a nexlet holding one end of a pair, passed as
 // descriptor 3 the way the supervisor passes it; it returns the node's end.
-func startChild(t *testing.T) (*Client, *exec.Cmd) {
+func startChild(t testing.TB) (*Client, *exec.Cmd) {
 	t.Helper()
 	nodeEnd, nexletEnd, err := Pair()
 	if err != nil {
@@ -128,15 +129,9 @@ func startChild(t *testing.T) (*Client, *exec.Cmd) {
 	return c, cmd
 }
 
-func waitServing(t *testing.T, c *Client) {
+func waitServing(t testing.TB, c *Client) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !c.Serving() {
-		if time.Now().After(deadline) {
-			t.Fatal("the child never announced it serves")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the child announced it serves", c.Serving)
 }
 
 func call(t *testing.T, c *Client, subject string, hdr nats.Header, data []byte) []*nats.Msg {
@@ -220,13 +215,7 @@ func TestNexletExitClosesTheChannel(t *testing.T) {
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for c.Serving() {
-		if time.Now().After(deadline) {
-			t.Fatal("the channel still serves after its nexlet died")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the channel stops serving after its nexlet died", func() bool { return !c.Serving() })
 	if _, err := c.Request("echo", nil, nil, make(chan *nats.Msg, 1)); err == nil {
 		t.Fatal("a request on a closed channel succeeded")
 	}
@@ -293,20 +282,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 			b.Fatal(err)
 		}
 		_ = nexlet.Flush()
-		ch := make(chan *nats.Msg, 64)
-		b.ResetTimer()
-		for b.Loop() {
-			inbox := node.NewInbox()
-			sub, err := node.ChanSubscribe(inbox, ch)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := node.PublishMsg(&nats.Msg{Subject: "start.x", Reply: inbox, Header: hdr, Data: body}); err != nil {
-				b.Fatal(err)
-			}
-			<-ch
-			_ = sub.Unsubscribe()
-		}
+		benchNATS(b, node, hdr, body)
 	})
 	b.Run("local", func(b *testing.B) {
 		nodeEnd, nexletEnd, err := Pair()
@@ -327,16 +303,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 			defer close(done)
 			_ = s.Serve(func(r *Request) { go func() { _ = r.Reply(&nats.Msg{Data: r.Data}) }() })
 		}()
-		ch := make(chan *nats.Msg, 64)
-		b.ResetTimer()
-		for b.Loop() {
-			cancel, err := c.Request("start.x", hdr, body, ch)
-			if err != nil {
-				b.Fatal(err)
-			}
-			<-ch
-			cancel()
-		}
+		benchLocal(b, c, hdr, body)
 		b.StopTimer()
 		c.Close()
 		<-done
@@ -372,13 +339,7 @@ func TestStuckNexletClosesTheChannel(t *testing.T) {
 	if d := time.Since(start); d > 10*time.Second {
 		t.Fatalf("the failing write took %s", d)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for !c.closedNow() {
-		if time.Now().After(deadline) {
-			t.Fatal("the channel stays open after a failed write")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the channel closed after a failed write", c.closedNow)
 }
 
 func (cl *Client) closedNow() bool {
@@ -409,51 +370,44 @@ func BenchmarkRoundTripProcess(b *testing.B) {
 		if line, _ := bufio.NewReader(out).ReadString('\n'); line != "ready\n" {
 			b.Fatalf("child: %q", line)
 		}
-		ch := make(chan *nats.Msg, 64)
-		b.ResetTimer()
-		for b.Loop() {
-			inbox := node.NewInbox()
-			sub, err := node.ChanSubscribe(inbox, ch)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := node.PublishMsg(&nats.Msg{Subject: "start.x", Reply: inbox, Header: hdr, Data: body}); err != nil {
-				b.Fatal(err)
-			}
-			<-ch
-			_ = sub.Unsubscribe()
-		}
+		benchNATS(b, node, hdr, body)
 	})
 	b.Run("local", func(b *testing.B) {
-		nodeEnd, nexletEnd, err := Pair()
-		if err != nil {
-			b.Fatal(err)
-		}
-		cmd := exec.Command(os.Args[0])
-		cmd.Env = []string{childEnv + "=1", EnvFD + "=3"}
-		cmd.ExtraFiles = []*os.File{nexletEnd}
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			b.Fatal(err)
-		}
-		nexletEnd.Close()
-		c, err := NewClient(nodeEnd)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer func() { c.Close(); _ = cmd.Wait() }()
-		for !c.Serving() {
-			time.Sleep(time.Millisecond)
-		}
-		ch := make(chan *nats.Msg, 64)
-		b.ResetTimer()
-		for b.Loop() {
-			cancel, err := c.Request("start.x", hdr, body, ch)
-			if err != nil {
-				b.Fatal(err)
-			}
-			<-ch
-			cancel()
-		}
+		c, _ := startChild(b)
+		waitServing(b, c)
+		benchLocal(b, c, hdr, body)
 	})
+}
+
+// benchNATS times one request and its answer through node's NATS server: the node's
+// side of a start request without the channel (a reply inbox per request).
+func benchNATS(b *testing.B, node *nats.Conn, hdr nats.Header, body []byte) {
+	ch := make(chan *nats.Msg, 64)
+	b.ResetTimer()
+	for b.Loop() {
+		inbox := node.NewInbox()
+		sub, err := node.ChanSubscribe(inbox, ch)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := node.PublishMsg(&nats.Msg{Subject: "start.x", Reply: inbox, Header: hdr, Data: body}); err != nil {
+			b.Fatal(err)
+		}
+		<-ch
+		_ = sub.Unsubscribe()
+	}
+}
+
+// benchLocal times the same on the channel c.
+func benchLocal(b *testing.B, c *Client, hdr nats.Header, body []byte) {
+	ch := make(chan *nats.Msg, 64)
+	b.ResetTimer()
+	for b.Loop() {
+		cancel, err := c.Request("start.x", hdr, body, ch)
+		if err != nil {
+			b.Fatal(err)
+		}
+		<-ch
+		cancel()
+	}
 }
