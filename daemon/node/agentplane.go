@@ -141,15 +141,13 @@ func (n *Node) handleRegister(r micro.Request) {
 	}
 	n.mu.Unlock()
 	reg := &registration{id: agentID, owner: owner, key: key, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
+	var replaced []*registration
 	n.mu.Lock()
 	if l, ok := n.locals[agentID]; ok && key != "" && l.key == key {
 		// Signed with the key of the start that holds the channel's other end: the
 		// same process (a later start of the nexlet gets a new key and channel).
 		reg.local = l.c
 	}
-	n.mu.Unlock()
-	var replaced []*registration
-	n.mu.Lock()
 	for id, old := range n.agents {
 		// A restarted nexlet registers again, under its old id or (remote) a new
 		// one; nameFree refused the name of a live other nexlet.
