@@ -680,7 +680,7 @@ func (n *Nexlet) stopAll() {
 		wg.Go(func() { n.stopAndWait(w, stopRequest{grace: w.plan.grace}) })
 	}
 	wg.Wait()
-	n.waitTidied("") // nexd removes the workloads' cgroup root once they are all gone
+	n.waitTidied() // nexd removes the workloads' cgroup root once they are all gone
 }
 
 // Shutdown stops every workload with its grace (the node is shutting down).

@@ -916,15 +916,12 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st
 	})
 }
 
-// waitTidied waits until what stopped workloads left behind is removed: all of them
-// (id "") or id's.
-func (n *Nexlet) waitTidied(id string) {
+// waitTidied waits until what stopped workloads left behind is removed.
+func (n *Nexlet) waitTidied() {
 	n.mu.Lock()
-	var chs []chan struct{}
-	for tid, ch := range n.tidying {
-		if id == "" || tid == id {
-			chs = append(chs, ch)
-		}
+	chs := make([]chan struct{}, 0, len(n.tidying))
+	for _, ch := range n.tidying {
+		chs = append(chs, ch)
 	}
 	n.mu.Unlock()
 	for _, ch := range chs {
