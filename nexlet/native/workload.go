@@ -857,11 +857,6 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st
 	var tidied chan struct{}
 	n.mu.Lock()
 	w.exitCode, w.reason, w.pid, w.ended = &code, reason, 0, time.Now()
-	if !requested {
-		// Only an end of its own adds to what is pruned (a scan of every workload,
-		// 60 us with 5,000 running: BenchmarkPruneScan); the heartbeat prunes too.
-		n.pruneLocked()
-	}
 	if requested {
 		w.state = protocol.WorkloadStopped
 		if cur, ok := n.workloads[w.id]; ok && cur == w {
@@ -872,6 +867,9 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st
 			n.tidying[w.id] = tidied
 		}
 	} else {
+		// Only an end of its own adds to what is pruned (a scan of every workload,
+		// 60 us with 5,000 running: BenchmarkPruneScan); the heartbeat prunes too.
+		n.pruneLocked()
 		w.finished = true
 		w.state = protocol.WorkloadStopped
 		if code != 0 || exhausted {
