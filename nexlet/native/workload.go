@@ -671,7 +671,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 			return
 		case r := <-w.stop:
 			n.terminate(w, p, r.grace, r.steps)
-			n.finish(w, p, &r, false, r.steps)
+			n.finish(w, p, &r, false)
 			return
 		case <-p.exited:
 		}
@@ -682,7 +682,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
 		restart := !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
 		if !restart {
-			n.finish(w, p, nil, false, nil)
+			n.finish(w, p, nil, false)
 			return
 		}
 		if time.Since(p.started) > 2*MaxBackoff {
@@ -700,7 +700,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		}
 		n.mu.Unlock()
 		if exhausted {
-			n.finish(w, p, nil, true, nil)
+			n.finish(w, p, nil, true)
 			return
 		}
 		t := time.NewTimer(backoff)
@@ -710,7 +710,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 			return
 		case r := <-w.stop:
 			t.Stop()
-			n.finish(w, p, &r, false, r.steps)
+			n.finish(w, p, &r, false)
 			return
 		case <-t.C:
 		}
@@ -719,7 +719,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		if err != nil {
 			n.log.Error("workload restart failed", "workload_id", w.id, "err", err)
 			p.code, p.reason = -1, err.Error()
-			n.finish(w, p, nil, true, nil)
+			n.finish(w, p, nil, true)
 			return
 		}
 		p = np
@@ -826,8 +826,12 @@ func (n *Nexlet) cleanup(w *workload, st *steps.Timer, later bool) {
 // lame duck, whose drain precedes nexd's exit. Until then
 // the uid stays leased to the workload's directory and the id in n.tidying, which a
 // start of the same id and the nexlet's shutdown wait for.
-func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool, st *steps.Timer) {
+func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 	requested := r != nil
+	var st *steps.Timer // times a requested stop's steps (debug logging only)
+	if requested {
+		st = r.steps
+	}
 	n.stopRenewal(w)
 	code, reason := p.code, p.reason
 	exited := true
