@@ -340,7 +340,7 @@ type releaser struct {
 	u       *users
 	log     *slog.Logger
 	wg      *sync.WaitGroup
-	gate    *startGate // its walks wait for the starts in flight (nil: no wait)
+	gate    *startGate // its walks wait for the starts in flight
 	mu      sync.Mutex
 	pending []ident
 	running bool
@@ -370,9 +370,7 @@ func (r *releaser) loop() {
 			return
 		}
 		r.mu.Unlock()
-		if r.gate != nil {
-			r.gate.yield(tidyYield)
-		}
+		r.gate.yield(tidyYield)
 		if err := r.u.releaseAll(batch); err != nil {
 			r.log.Warn("workload uids not released", "err", err)
 		}
