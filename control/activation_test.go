@@ -5,7 +5,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 )
 
 // A socket systemd created (socket activation) is served as it is, gets the mode
@@ -90,4 +93,83 @@ func TestInheritedListener(t *testing.T) {
 	if _, err := conn.Read(buf); err != nil || string(buf) != "HTTP/1.0 200" {
 		t.Fatalf("queued request answered %q, %v; want HTTP/1.0 200", buf, err)
 	}
+}
+
+// A restart under socket activation loses no request: clients that call status while
+// one server closes and the next takes systemd's socket are all answered, by the one
+// that accepted them or by the next. Each handover is a fresh server on a duplicate of
+// the same socket, as a new nexd gets it; several clients keep calls in flight at
+// every close.
+func TestNoRequestLostAcrossHandovers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nexd.sock")
+	sys, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sys.SetUnlinkOnClose(false)
+	t.Cleanup(func() { sys.Close() })
+	serve := func() (*Server, chan error) {
+		f, err := sys.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		l, err := net.FileListener(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := Listen(path, ServerOptions{Backend: newTestBackend(), Listener: l.(*net.UnixListener)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- s.Serve(context.Background()) }()
+		return s, done
+	}
+
+	const clients, handovers = 8, 40
+	ctx, cancel := context.WithCancel(context.Background())
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		calls    int
+		failures []string
+	)
+	for range clients {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				// A client per call, as each nexctl is: a fresh connection every time.
+				c := NewClient(path)
+				_, err := c.Status(context.Background())
+				c.Close()
+				mu.Lock()
+				calls++
+				if err != nil {
+					failures = append(failures, err.Error())
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	s, done := serve()
+	for range handovers {
+		time.Sleep(5 * time.Millisecond)
+		if err := s.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		s, done = serve()
+	}
+	time.Sleep(5 * time.Millisecond)
+	cancel()
+	wg.Wait()
+	s.Close()
+	<-done
+	if len(failures) > 0 {
+		t.Errorf("%d of %d status calls failed across %d handovers; first: %s",
+			len(failures), calls, handovers, strings.Join(failures[:min(len(failures), 3)], " | "))
+	}
+	t.Logf("%d status calls across %d handovers", calls, handovers)
 }

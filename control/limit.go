@@ -1,6 +1,7 @@
 package control
 
 import (
+	"context"
 	"net"
 	"sync"
 	"time"
@@ -46,6 +47,25 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		l.per[p.UID]++
 		l.mu.Unlock()
 		return &peerConn{Conn: c, peer: p, l: l}, nil
+	}
+}
+
+// drain waits until every admitted connection has closed; false when ctx ended first.
+func (l *limitListener) drain(ctx context.Context) bool {
+	wait := time.Millisecond
+	for {
+		l.mu.Lock()
+		open := l.total
+		l.mu.Unlock()
+		if open == 0 {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 50*time.Millisecond)
 	}
 }
 

@@ -55,7 +55,8 @@ type Server struct {
 	path     string
 	opts     ServerOptions
 	ln       net.Listener
-	inherit  bool // the socket is systemd's: never remove it
+	lim      *limitListener // ln: counts the connections accepted and not yet closed
+	inherit  bool           // the socket is systemd's: never remove it
 	srv      *http.Server
 	mux      *http.ServeMux
 	known    *http.ServeMux // the same paths without methods, to tell 405 from 404
@@ -72,6 +73,11 @@ type Server struct {
 	follows    context.Context
 	endFollows context.CancelFunc
 	closeOnce  sync.Once
+
+	mu        sync.Mutex
+	closed    bool          // Close has begun: Serve no longer starts
+	serving   bool          // Serve's accept loop runs (or ran)
+	serveDone chan struct{} // closed when that loop has returned
 }
 
 // Listen creates the socket at path (see DefaultSocketPath) and prepares the server.
@@ -131,7 +137,9 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 	if opts.MaxConnsPerUser > 0 {
 		s.maxPerUser = opts.MaxConnsPerUser
 	}
-	s.ln = &limitListener{Listener: s.ln, s: s, per: map[uint32]int{}}
+	s.lim = &limitListener{Listener: s.ln, s: s, per: map[uint32]int{}}
+	s.ln = s.lim
+	s.serveDone = make(chan struct{})
 	readTimeout := ReadTimeout
 	if opts.ReadTimeout > 0 {
 		readTimeout = opts.ReadTimeout
@@ -163,26 +171,64 @@ func (s *Server) Path() string { return s.path }
 
 // Serve answers requests until ctx ends or Close is called; it then returns nil.
 func (s *Server) Serve(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.serving = true
+	s.mu.Unlock()
+	defer close(s.serveDone)
 	stop := context.AfterFunc(ctx, func() { s.Close() })
 	defer stop()
 	err := s.srv.Serve(s.ln)
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed || errors.Is(err, http.ErrServerClosed) {
+		return nil // Close closed the listener
 	}
 	return err
 }
 
-// Close stops the server, ends streaming requests and removes the socket.
+// drainWait bounds how long Close waits for the accepted connections' answers.
+const drainWait = 5 * time.Second
+
+// Close stops accepting, answers every request already accepted, ends streaming
+// requests and removes the socket (unless it is systemd's).
+//
+// Not http.Server.Shutdown alone: it drops, unanswered, a request read from a
+// connection accepted just before it began (net/http checks for shutdown after reading
+// each request), and the client sees EOF. Under socket activation that is a nexctl call
+// failing during `systemctl restart nexd`, although a connection still queued on
+// systemd's socket is answered by the next nexd. So Close first stops the accept loop,
+// turns keep-alives off (idle connections close, busy ones close after their answer)
+// and waits, bounded, for every accepted connection to close; only then does it shut
+// the server down.
 func (s *Server) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
-		s.endFollows() // ends log follows, which Shutdown would otherwise wait for
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.mu.Lock()
+		s.closed = true
+		serving := s.serving
+		s.mu.Unlock()
+		s.endFollows() // ends log follows, which the drain would otherwise wait for
+		err = s.lim.Listener.Close()
+		if serving {
+			<-s.serveDone // every connection accepted is now counted in s.lim
+		}
+		s.srv.SetKeepAlivesEnabled(false)
+		ctx, cancel := context.WithTimeout(context.Background(), drainWait)
 		defer cancel()
-		err = s.srv.Shutdown(ctx)
+		if s.lim.drain(ctx) {
+			_ = s.srv.Shutdown(ctx) // nothing is open: it only releases the server
+		} else {
+			s.log.Warn("control socket: closing connections still open after the drain", "bound", drainWait.String())
+			_ = s.srv.Close()
+		}
 		s.baseCancel()
-		if err != nil {
-			err = s.srv.Close()
+		if errors.Is(err, net.ErrClosed) {
+			err = nil
 		}
 		if s.inherit {
 			return // systemd's socket outlives this nexd

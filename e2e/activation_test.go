@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -9,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -160,4 +162,107 @@ func childPIDs(t *testing.T, pid int) []int {
 		}
 	}
 	return out
+}
+
+// TestStatusAcrossActivatedRestarts: under socket activation no status call fails while
+// nexd restarts. Clients call status without pause (a fresh connection each, as each
+// nexctl is, plus the real nexctl in a loop) while the real nexd is stopped with
+// SIGTERM and the next one started on systemd's socket, several times: a call is
+// answered by the nexd that accepted it or, queued on the socket, by the next. Before
+// the control server's drain, a request read just after the stop began was dropped
+// unanswered (EOF), as `systemctl restart nexd` showed in the nspawn suite.
+func TestStatusAcrossActivatedRestarts(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	path := filepath.Join(t.TempDir(), "nexd.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	t.Cleanup(func() { ln.Close() })
+	sock, err := ln.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sock.Close() })
+	args := []string{"--state-dir", t.TempDir(), "--control-socket", path, "--node-name", "e2e",
+		"--startup-timeout", "60s", "--nats.servers", s.ClientURL()}
+	if cg := cgroupRoot(t); cg != "" {
+		args = append(args, "--cgroup-root", cg)
+	}
+	running := func() bool {
+		c := control.NewClient(path)
+		defer c.Close()
+		st, err := c.Status(context.Background())
+		return err == nil && st.State == "running"
+	}
+
+	const restarts = 6
+	p := startActivated(t, sock, args)
+	testkit.EventuallyWithin(t, 90*time.Second, "first nexd running", running)
+
+	var (
+		mu       sync.Mutex
+		calls    int
+		failures []string
+	)
+	record := func(err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		if err != nil {
+			failures = append(failures, err.Error())
+		}
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c := control.NewClient(path)
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+				_, err := c.Status(ctx)
+				cancel()
+				c.Close()
+				record(err)
+			}
+		})
+	}
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_, se, code, err := runIn(t.TempDir(), nil, nexctlBin(t), "--control-socket", path, "status")
+			if err == nil && code != 0 {
+				err = fmt.Errorf("nexctl status exited %d: %s", code, strings.TrimSpace(se))
+			}
+			record(err)
+		}
+	})
+
+	for i := range restarts {
+		time.Sleep(300 * time.Millisecond) // calls answered by a running nexd too
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		if code := p.wait(t, 60*time.Second); code != 0 {
+			t.Fatalf("nexd %d exited %d on SIGTERM", i+1, code)
+		}
+		p = startActivated(t, sock, args)
+		testkit.EventuallyWithin(t, 90*time.Second, fmt.Sprintf("nexd %d running", i+2), running)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("%d status calls across %d restarts", calls, restarts)
+	if len(failures) > 0 {
+		t.Errorf("%d of %d status calls failed across %d restarts; first: %s",
+			len(failures), calls, restarts, strings.Join(failures[:min(len(failures), 3)], " | "))
+	}
 }
