@@ -1,6 +1,7 @@
 package control
 
 import (
+	"bufio"
 	"context"
 	"net"
 	"os"
@@ -172,4 +173,73 @@ func TestNoRequestLostAcrossHandovers(t *testing.T) {
 			len(failures), calls, handovers, strings.Join(failures[:min(len(failures), 3)], " | "))
 	}
 	t.Logf("%d status calls across %d handovers", calls, handovers)
+}
+
+// A GET whose connection closes unanswered (the nexd that accepted it was killed) is
+// asked again, on a new connection, which the next server answers; a POST is not (it
+// may have taken effect) and fails at once.
+func TestClientAsksAgainWhenDropped(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nexd.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	// drop accepts one connection, reads its request and closes it unanswered.
+	drop := func() chan string {
+		got := make(chan string, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				got <- err.Error()
+				return
+			}
+			defer c.Close()
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			got <- strings.TrimSpace(line)
+		}()
+		return got
+	}
+	c := NewClient(path)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	dropped := drop()
+	answered := make(chan error, 1)
+	go func() {
+		_, err := c.Status(ctx)
+		answered <- err
+	}()
+	if got := <-dropped; got != "GET /v1/status HTTP/1.1" {
+		t.Fatalf("first connection carried %q", got)
+	}
+	// The next server takes the same socket and answers the call asked again.
+	s, err := Listen(path, ServerOptions{Backend: newTestBackend(), Listener: ln})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background()) }()
+	if err := <-answered; err != nil {
+		t.Fatalf("status after a dropped connection: %v; want it asked again and answered", err)
+	}
+	s.Close()
+	<-done
+
+	ln2, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln = ln2
+	t.Cleanup(func() { ln2.Close() })
+	dropped = drop()
+	// Asked again, the reload would wait for an accept that never comes: ctx would end.
+	_, err = c.Reload(ctx)
+	if got := <-dropped; got != "POST /v1/reload HTTP/1.1" {
+		t.Fatalf("first connection carried %q", got)
+	}
+	if err == nil || ctx.Err() != nil {
+		t.Fatalf("reload on a dropped connection: %v (ctx %v); want its error at once, not asked again", err, ctx.Err())
+	}
 }

@@ -43,26 +43,55 @@ func (c *Client) SocketPath() string { return c.path }
 func (c *Client) Close() { c.hc.CloseIdleConnections() }
 
 func (c *Client) do(ctx context.Context, method, path string, body any) (*http.Response, error) {
-	var rd io.Reader
+	var data []byte
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
 			return nil, fmt.Errorf("encode %s %s request: %w", method, path, err)
 		}
-		rd = bytes.NewReader(b)
+		data = b
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://nexd"+path, rd)
-	if err != nil {
-		return nil, err
+	for attempt := 1; ; attempt++ {
+		var rd io.Reader
+		if body != nil {
+			rd = bytes.NewReader(data)
+		}
+		req, err := http.NewRequestWithContext(ctx, method, "http://nexd"+path, rd)
+		if err != nil {
+			return nil, err
+		}
+		if body != nil {
+			req.Header.Set("Content-Type", "application/json")
+		}
+		resp, err := c.hc.Do(req)
+		if err == nil {
+			return resp, nil
+		}
+		// A read whose connection closed unanswered is asked again: the nexd that
+		// accepted it ended (killed, crashed), and under socket activation the next
+		// connection waits on systemd's socket for the next nexd. Only GET: anything
+		// else may have taken effect.
+		if method != http.MethodGet || attempt > dropRetries || !droppedUnanswered(err) {
+			return nil, c.dialError(err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, c.dialError(err)
+		case <-time.After(time.Duration(attempt) * dropPause):
+		}
 	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return nil, c.dialError(err)
-	}
-	return resp, nil
+}
+
+// A GET dropped unanswered is retried dropRetries times, after attempt*dropPause.
+const (
+	dropRetries = 3
+	dropPause   = 100 * time.Millisecond
+)
+
+// droppedUnanswered: the server closed the connection before its answer was complete.
+func droppedUnanswered(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // dialError turns the usual socket failures into advice.

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
@@ -165,14 +167,44 @@ func childPIDs(t *testing.T, pid int) []int {
 }
 
 // TestStatusAcrossActivatedRestarts: under socket activation no status call fails while
-// nexd restarts. Clients call status without pause (a fresh connection each, as each
-// nexctl is, plus the real nexctl in a loop) while the real nexd is stopped with
+// nexd restarts. Clients call status without pause while the real nexd is stopped with
 // SIGTERM and the next one started on systemd's socket, several times: a call is
 // answered by the nexd that accepted it or, queued on the socket, by the next. Before
 // the control server's drain, a request read just after the stop began was dropped
 // unanswered (EOF), as `systemctl restart nexd` showed in the nspawn suite.
 func TestStatusAcrossActivatedRestarts(t *testing.T) {
 	t.Parallel()
+	activatedRestarts(t, 6, nil, func(p *proc) {
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		if code := p.wait(t, 60*time.Second); code != 0 {
+			t.Fatalf("nexd exited %d on SIGTERM", code)
+		}
+	})
+}
+
+// TestStatusAcrossActivatedCrash: nexd killed (kill -9, as a crash or a watchdog abort
+// would) while clients call status, with live_restore as packaged: the calls it had
+// accepted and not answered are dropped with it, and the client asks again, which
+// waits on systemd's socket for the next nexd. No status call fails.
+func TestStatusAcrossActivatedCrash(t *testing.T) {
+	t.Parallel()
+	state := t.TempDir()
+	t.Cleanup(func() { // the last nexd leaves its native nexlet (live_restore)
+		if r, ok := supervise.ReadRecord(filepath.Join(state, "nexlets"), "native"); ok {
+			_ = syscall.Kill(r.PID, syscall.SIGKILL)
+		}
+	})
+	activatedRestarts(t, 4, []string{"--state-dir", state, "--state", "kv", "--live-restore"}, func(p *proc) {
+		p.cmd.Process.Kill()
+		p.wait(t, 30*time.Second)
+	})
+}
+
+// activatedRestarts runs the real nexd on a systemd-style socket, ends it with end and
+// starts the next one, restarts times, while clients call status without pause (a
+// fresh connection each, as each nexctl is, plus the real nexctl in a loop). No call
+// may fail.
+func activatedRestarts(t *testing.T, restarts int, extra []string, end func(*proc)) {
 	s := testnats.Start(t, testnats.Options{})
 	path := filepath.Join(t.TempDir(), "nexd.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -186,8 +218,11 @@ func TestStatusAcrossActivatedRestarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sock.Close() })
-	args := []string{"--state-dir", t.TempDir(), "--control-socket", path, "--node-name", "e2e",
-		"--startup-timeout", "60s", "--nats.servers", s.ClientURL()}
+	args := append([]string{"--control-socket", path, "--node-name", "e2e",
+		"--startup-timeout", "60s", "--nats.servers", s.ClientURL()}, extra...)
+	if !slices.Contains(extra, "--state-dir") {
+		args = append(args, "--state-dir", t.TempDir())
+	}
 	if cg := cgroupRoot(t); cg != "" {
 		args = append(args, "--cgroup-root", cg)
 	}
@@ -198,7 +233,6 @@ func TestStatusAcrossActivatedRestarts(t *testing.T) {
 		return err == nil && st.State == "running"
 	}
 
-	const restarts = 6
 	p := startActivated(t, sock, args)
 	testkit.EventuallyWithin(t, 90*time.Second, "first nexd running", running)
 
@@ -216,15 +250,18 @@ func TestStatusAcrossActivatedRestarts(t *testing.T) {
 		}
 	}
 	stop := make(chan struct{})
+	stopped := func() bool {
+		select {
+		case <-stop:
+			return true
+		default:
+			return false
+		}
+	}
 	var wg sync.WaitGroup
 	for range 6 {
 		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
+			for !stopped() {
 				c := control.NewClient(path)
 				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 				_, err := c.Status(ctx)
@@ -235,12 +272,7 @@ func TestStatusAcrossActivatedRestarts(t *testing.T) {
 		})
 	}
 	wg.Go(func() {
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
+		for !stopped() {
 			_, se, code, err := runIn(t.TempDir(), nil, nexctlBin(t), "--control-socket", path, "status")
 			if err == nil && code != 0 {
 				err = fmt.Errorf("nexctl status exited %d: %s", code, strings.TrimSpace(se))
@@ -251,10 +283,7 @@ func TestStatusAcrossActivatedRestarts(t *testing.T) {
 
 	for i := range restarts {
 		time.Sleep(300 * time.Millisecond) // calls answered by a running nexd too
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		if code := p.wait(t, 60*time.Second); code != 0 {
-			t.Fatalf("nexd %d exited %d on SIGTERM", i+1, code)
-		}
+		end(p)
 		p = startActivated(t, sock, args)
 		testkit.EventuallyWithin(t, 90*time.Second, fmt.Sprintf("nexd %d running", i+2), running)
 	}
