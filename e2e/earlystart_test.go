@@ -1,12 +1,22 @@
 package e2e
 
 import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
 )
 
 // TestLiveRestoreStopDuringEarlyStartKeepsWorkloads: with live_restore, nexd and its
@@ -73,4 +83,114 @@ func TestLiveRestoreStopDuringEarlyStartKeepsWorkloads(t *testing.T) {
 	if got := n.groupProcs(r.ID); !slices.Equal(got, before) {
 		t.Fatalf("workload processes after a SIGTERM while the next nexd waited for NATS: %v, before %v", got, before)
 	}
+}
+
+// TestNexletOfAnotherNodeIDNotAdopted: a first start killed (kill -9) after its early
+// native nexlet started and before its node id was durable leaves that nexlet running,
+// recorded in the state directory, for a node id no seed on disk names; the next nexd
+// is another node. It must end that nexlet rather than adopt it (adopted, it registered
+// for the old id, READY waited 15 s for it and a new one replaced it) and remove the old
+// id's cgroup root. The first nexd here gets its seed from the command line, so that no
+// seed reaches the state directory however late the kill comes: the state the window
+// leaves. Counted: the old nexlet ended, one native nexlet for the state directory (the
+// new nexd's child), no handover, no cgroup root of the old id.
+func TestNexletOfAnotherNodeIDNotAdopted(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if cgroupRoot(t) == "" {
+		t.Skip("needs writable cgroup v1 hierarchies (root) for the node's own root nexd/<node id>")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	state := t.TempDir()
+	kp, err := nkeys.CreateServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, _ := kp.Seed()
+	first, _ := kp.PublicKey()
+	roots := func(id string) []string {
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "nexd", id))
+		return m
+	}
+	var second string
+	t.Cleanup(func() { // after the nodes stopped (cleanups run last-in first-out)
+		for _, id := range []string{first, second} {
+			if id == "" {
+				continue
+			}
+			for _, root := range roots(id) {
+				for i := 0; i < 20 && killTree(root) > 0; i++ {
+					time.Sleep(50 * time.Millisecond)
+				}
+				removeTree(root)
+			}
+		}
+	})
+	records := filepath.Join(state, "nexlets")
+	n1 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true,
+		extra: []string{"--node-seed", string(seed)}})
+	var old supervise.Record
+	testkit.EventuallyWithin(t, 60*time.Second, "the first nexd's native nexlet recorded and running", func() bool {
+		var ok bool
+		old, ok = supervise.ReadRecord(records, "native")
+		return ok
+	})
+	n1.cmd.Process.Kill()
+	n1.wait(t, 30*time.Second)
+	if _, err := os.Stat(filepath.Join(state, "node.seed")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a node seed is on disk (%v): the next nexd would be the same node", err)
+	}
+	if !old.ID().Alive() {
+		t.Fatalf("the first nexd's nexlet %d died with it; nothing to adopt", old.PID)
+	}
+	if len(roots(first)) == 0 {
+		t.Fatalf("the first nexd made no cgroup root nexd/%s", first)
+	}
+
+	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true})
+	second = n2.waitReady(t).NodeID
+	if second == first {
+		t.Fatalf("the second nexd has the first one's node id %s", first)
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the first nexd's nexlet ended", func() bool {
+		st := procStatus(old.PID, "State")
+		return !old.ID().Alive() || strings.HasPrefix(st, "Z")
+	})
+	var natives []int
+	for _, pid := range allPIDs() {
+		if env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid)); strings.Contains(string(env), "NEX_NATIVE_STATE_DIR="+state+"\x00") {
+			natives = append(natives, pid)
+		}
+	}
+	if child := nexletPID(n2.cmd.Process.Pid); len(natives) != 1 || natives[0] != child {
+		t.Errorf("native nexlets for the state directory: %v; want only the second nexd's child %d", natives, child)
+	}
+	if got := roots(first); len(got) > 0 {
+		t.Errorf("the first node id's cgroup root is left: %v", got)
+	}
+	out := n2.out.String()
+	if strings.Contains(out, "did not register again") {
+		t.Errorf("the second nexd adopted the other node's nexlet and waited for it:\n%s", out)
+	}
+	if !strings.Contains(out, "not adopted") {
+		t.Errorf("the second nexd did not say it ended the other node's nexlet:\n%s", out)
+	}
+	n2.signal(t, syscall.SIGTERM)
+	if code := n2.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM", code)
+	}
+}
+
+// allPIDs lists the processes running now.
+func allPIDs() []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			out = append(out, pid)
+		}
+	}
+	return out
 }

@@ -85,6 +85,14 @@ func Begin(nodeSeed, xkeySeed, stateDir string) (*Identity, error) {
 	if id.XKey, id.XKeySource, write[1], err = load(xkeySeed, stateDir, XKeySeedFile, nkeys.PrefixByteCurve, nkeys.CreateCurveKeys); err != nil {
 		return nil, fmt.Errorf("node xkey: %w", err)
 	}
+	if write[0] != nil || write[1] != nil {
+		// A first start killed while it wrote left its temporary files: seeds of a node
+		// that never came to be.
+		stale, _ := filepath.Glob(filepath.Join(stateDir, seedTempPattern))
+		for _, f := range stale {
+			_ = os.Remove(f)
+		}
+	}
 	// Side by side: each is a new file made durable with an fsync.
 	for i, w := range write {
 		if w != nil {
@@ -158,13 +166,16 @@ func fromSeed(seed string, want nkeys.PrefixByte) (nkeys.KeyPair, error) {
 	return nkeys.FromSeed([]byte(seed))
 }
 
+// seedTempPattern names a seed file being written (os.CreateTemp).
+const seedTempPattern = ".seed-*"
+
 // writeSecret writes the seed atomically with mode 0600, so a crash never leaves a
 // half-written identity.
 func writeSecret(path string, data []byte) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".seed-*")
+	tmp, err := os.CreateTemp(filepath.Dir(path), seedTempPattern)
 	if err != nil {
 		return fmt.Errorf("persist %s: %w", path, err)
 	}

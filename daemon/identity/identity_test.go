@@ -147,3 +147,23 @@ func TestBeginPersistsInTheBackground(t *testing.T) {
 		t.Fatal("Load succeeded where the seed cannot be written")
 	}
 }
+
+// A first start killed while it wrote its seeds leaves temporary files holding seeds
+// of a node that never came to be; the next first start removes them.
+func TestStaleSeedTempsRemoved(t *testing.T) {
+	dir := t.TempDir()
+	stale := filepath.Join(dir, ".seed-123456")
+	if err := os.WriteFile(stale, []byte("SNSTALE\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load("", "", dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Fatalf("stale seed temp file after a first start: %v", err)
+	}
+	left, _ := filepath.Glob(filepath.Join(dir, ".seed-*"))
+	if len(left) > 0 {
+		t.Fatalf("seed temp files left: %v", left)
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -186,6 +187,9 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 		rec, ok := supervise.ReadRecord(recordDir, sp.Name)
 		if r, handed := handed[sp.Name]; handed {
 			rec, ok = r, r.PID > 1 && r.ID().Alive()
+		} else if other := rec.Meta["node_id"]; ok && other != "" && other != o.NodeID {
+			m.endForeign(rec, other)
+			ok = false
 		}
 		if ok && rec.Meta["agent_id"] != "" {
 			m.specs[i].AgentID = rec.Meta["agent_id"]
@@ -699,8 +703,54 @@ func (m *Manager) meta(name string) map[string]string {
 	s, _ := m.ByName(name)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return map[string]string{"agent_id": s.AgentID, "registration_key": m.lastKey[name]}
+	return map[string]string{"agent_id": s.AgentID, "registration_key": m.lastKey[name], "node_id": m.o.NodeID}
 }
+
+// endForeign ends a nexlet left running for another node id instead of adopting it:
+// a first start killed after its early nexlet started and before the new node id was
+// durable leaves one, and the next nexd is another node. Adopted, it would register
+// for the node that never came to be (READY waits for adoptedRegisterWait before it
+// is replaced). It never ran a workload of this node. The other node's own cgroup root
+// (nexd/<id> on v1), empty once the nexlet is gone, is removed; one that still holds
+// processes is left and named.
+func (m *Manager) endForeign(rec supervise.Record, other string) {
+	m.log.Warn("a nexlet left running for another node id is not adopted; ending it", "nexlet", rec.Name,
+		"pid", rec.PID, "its_node_id", other)
+	if err := supervise.EndRecorded(m.recordDir, rec, foreignEndWait); err != nil {
+		m.log.Warn("cannot end the nexlet left for another node id", "nexlet", rec.Name, "pid", rec.PID, "err", err)
+		return
+	}
+	if m.o.Config.Node.CgroupRoot != "" || m.o.Cgroups != nil || !nkeys.IsValidPublicServerKey(other) {
+		return // the root is this node's (configured or given), or there is none to name
+	}
+	cg, err := cgroup.DetectFor("", other, slog.New(slog.DiscardHandler))
+	if err != nil || cg.Mode() != cgroup.ModeV1 || cg.Path() == m.cg.Path() {
+		return
+	}
+	release, err := cg.Lock()
+	if err != nil {
+		m.log.Warn("the cgroup root of the other node id is held; left in place", "path", cg.Path(), "err", err)
+		return
+	}
+	defer release()
+	// The killed process leaves the cgroup as it is reaped, by its parent (not nexd).
+	deadline := time.Now().Add(foreignEndWait)
+	for {
+		err = cg.RemoveOwnRoot()
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		m.log.Warn("cannot remove the cgroup root of the other node id", "path", cg.Path(), "err", err)
+		return
+	}
+	m.log.Info("removed the cgroup root of the other node id", "path", cg.Path())
+}
+
+// foreignEndWait bounds ending a nexlet left for another node id, and removing its root.
+const foreignEndWait = 5 * time.Second
 
 // registrationKey makes a per-start registration key.
 func registrationKey() (seed, pub string, err error) {

@@ -3,10 +3,12 @@ package supervise
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -127,6 +129,43 @@ func (n *nexlet) record(pid int) {
 	}
 	if err != nil {
 		n.s.log.Warn("cannot record the nexlet's process; the next nexd will start a new one", "nexlet", n.spec.Name, "err", err)
+	}
+}
+
+// EndRecorded ends a recorded nexlet that must not be adopted (it was started for
+// another node): SIGKILL through a pidfd, never by its pid, which may have been reused.
+// It waits up to bound for the process to end and removes the record either way. A
+// process already gone is not an error.
+func EndRecorded(dir string, r Record, bound time.Duration) error {
+	defer removeRecord(dir, r.Name)
+	pidfd, err := procid.OpenPidfd(r.ID())
+	if err != nil {
+		if !r.ID().Alive() {
+			return nil
+		}
+		return err
+	}
+	defer pidfd.Close()
+	rc, err := pidfd.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) }); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("kill nexlet %s (pid %d): %w", r.Name, r.PID, serr)
+	}
+	ended := make(chan error, 1)
+	go func() { ended <- procid.WaitPidfd(pidfd) }() // ends with the process or the close below
+	select {
+	case err := <-ended:
+		return err
+	case <-time.After(bound):
+		pidfd.Close()
+		<-ended
+		return fmt.Errorf("nexlet %s (pid %d) still runs %s after SIGKILL", r.Name, r.PID, bound)
 	}
 }
 
