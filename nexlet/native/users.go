@@ -1,7 +1,9 @@
 package native
 
 import (
+	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -18,6 +20,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -519,50 +522,120 @@ func uidProcs(uid uint32) []int {
 // neither root nor a dynamic one while its real or saved uid is one (a host user of a
 // dynamic uid running a setuid program of another user).
 func walkProcs(fn func(pid int, uids []uint32)) {
-	d, err := os.Open("/proc")
+	// Raw calls into buffers on the stack: a walk runs after every stop and per four
+	// deploys, and os.ReadFile's seven calls and buffers per process made it most of
+	// what the nexlet allocated (600 KB a walk of 125 processes, a collection every
+	// deploy or two at GOGC 50), on a machine whose cores the deploys need.
+	dfd, err := unix.Open("/proc", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return
 	}
-	defer d.Close()
-	names, err := d.Readdirnames(-1)
-	if err != nil {
-		return
-	}
-	dfd := int(d.Fd())
-	one := make([]uint32, 1)
-	for _, name := range names {
-		pid, err := strconv.Atoi(name)
-		if err != nil {
-			continue
+	defer unix.Close(dfd)
+	var (
+		dents  [8 << 10]byte
+		status [4 << 10]byte
+		path   [32]byte
+		uids   [4]uint32
+	)
+	for {
+		n, err := unix.Getdents(dfd, dents[:])
+		if err != nil || n <= 0 {
+			return
 		}
-		var st unix.Stat_t
-		if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			continue // ended meanwhile
-		}
-		if st.Uid != 0 {
-			one[0] = st.Uid
-			fn(pid, one)
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + name + "/status")
-		if err != nil {
-			continue
-		}
-		for line := range strings.SplitSeq(string(b), "\n") {
-			rest, ok := strings.CutPrefix(line, "Uid:")
+		for b := dents[:n]; len(b) >= 19; {
+			// struct linux_dirent64: ino u64, off s64, reclen u16, type u8, name.
+			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
+			if reclen < 19 || reclen > len(b) {
+				return
+			}
+			name := b[19:reclen]
+			b = b[reclen:]
+			if i := bytes.IndexByte(name, 0); i >= 0 {
+				name = name[:i]
+			}
+			pid, ok := parsePid(name)
 			if !ok {
 				continue
 			}
-			var uids []uint32
-			for _, f := range strings.Fields(rest) {
-				if v, err := strconv.ParseUint(f, 10, 32); err == nil {
-					uids = append(uids, uint32(v))
-				}
+			p := append(append(path[:0], name...), 0)
+			var st unix.Stat_t
+			if fstatat(dfd, p, &st) != nil {
+				continue // ended meanwhile
 			}
-			fn(pid, uids)
-			break
+			if st.Uid != 0 {
+				uids[0] = st.Uid
+				fn(pid, uids[:1])
+				continue
+			}
+			p = append(append(p[:len(name)], "/status"...), 0)
+			k := readAt(dfd, p, status[:])
+			if got := parseStatusUIDs(status[:k], &uids); got > 0 {
+				fn(pid, uids[:got])
+			}
 		}
 	}
+}
+
+// parsePid reads a /proc entry's name as a pid.
+func parsePid(name []byte) (int, bool) {
+	if len(name) == 0 || len(name) > 10 {
+		return 0, false
+	}
+	pid := 0
+	for _, c := range name {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		pid = pid*10 + int(c-'0')
+	}
+	return pid, true
+}
+
+// fstatat stats the NUL-terminated name below dfd without following a symlink. The
+// name is viewed in place as a string (unix copies it before the call returns).
+func fstatat(dfd int, name []byte, st *unix.Stat_t) error {
+	return unix.Fstatat(dfd, unsafe.String(&name[0], len(name)-1), st, unix.AT_SYMLINK_NOFOLLOW)
+}
+
+// readAt reads the first len(buf) bytes of the NUL-terminated name below dfd (what a
+// /proc status file holds up to its uids comes in one read) and returns their count,
+// 0 on any error.
+func readAt(dfd int, name, buf []byte) int {
+	fd, err := unix.Openat(dfd, unsafe.String(&name[0], len(name)-1), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0
+	}
+	defer unix.Close(fd)
+	n, err := unix.Read(fd, buf)
+	if err != nil || n < 0 {
+		return 0
+	}
+	return n
+}
+
+// parseStatusUIDs parses the "Uid:" line of a /proc/<pid>/status into uids and returns how
+// many it read (0: no such line in b).
+func parseStatusUIDs(b []byte, uids *[4]uint32) int {
+	i := bytes.Index(b, []byte("\nUid:"))
+	if i < 0 {
+		return 0
+	}
+	line := b[i+5:]
+	if j := bytes.IndexByte(line, '\n'); j >= 0 {
+		line = line[:j]
+	} else {
+		return 0 // cut off: a short read
+	}
+	got := 0
+	for _, f := range bytes.Fields(line) {
+		v, err := strconv.ParseUint(unsafe.String(&f[0], len(f)), 10, 32)
+		if err != nil || got == len(uids) {
+			break
+		}
+		uids[got] = uint32(v)
+		got++
+	}
+	return got
 }
 
 // checkPrivateDir refuses a directory that is not ours or that others can write to.

@@ -378,3 +378,24 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 		}
 	}
 }
+
+// TestParseStatusUIDs: the walk's parse of a status file's "Uid:" line, including a read
+// cut off inside it (not taken: the uids would be partial) and a file without one.
+func TestParseStatusUIDs(t *testing.T) {
+	var uids [4]uint32
+	for _, c := range []struct {
+		in   string
+		want []uint32
+	}{
+		{"Name:\tsh\nUmask:\t0022\nUid:\t1000\t0\t0\t1000\nGid:\t0\t0\t0\t0\n", []uint32{1000, 0, 0, 1000}},
+		{"Name:\tsh\nUid:\t61184\t61184\t61184\t61184\n", []uint32{61184, 61184, 61184, 61184}},
+		{"Name:\tsh\nUid:\t1000\t0", nil},
+		{"Name:\tsh\nGid:\t0\t0\t0\t0\n", nil},
+		{"Uid:\t5\t5\t5\t5\n", nil}, // always after Name: a line start is "\nUid:"
+	} {
+		got := parseStatusUIDs([]byte(c.in), &uids)
+		if !slices.Equal(uids[:got], c.want) {
+			t.Errorf("%q: got %v, want %v", c.in, uids[:got], c.want)
+		}
+	}
+}
