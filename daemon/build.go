@@ -28,6 +28,7 @@ import (
 	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/internal/version"
+	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -241,6 +242,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		AuctionTTL:              cfg.Node.AuctionTTL,
 		DeployTimeout:           cfg.Node.DeployTimeout,
 		LocalStarts:             os.Getenv("NEXD_LOCAL_STARTS"), // a benchmark's A/B switch
+		KnownSchemas:            []string{native.StartRequestSchema},
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		TrustedNodes:            cfg.TrustedNodes,

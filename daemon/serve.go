@@ -93,6 +93,8 @@ func (s *server) serve(startCtx context.Context) error {
 		return err
 	}
 	s.goBase.apply(cfg.Node, s.log) // see newDaemon
+	// The native nexlet's schema, left for after READY (node.startSchema).
+	s.own.goFn(s.node.CompileSchemas)
 	close(s.watchdogTaken)
 	s.own.goFn(func() { s.notify.RunWatchdog(s.ctx, s.healthy) })
 	s.own.goFn(func() { s.statusLoop(s.ctx) })

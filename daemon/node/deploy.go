@@ -75,7 +75,12 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, code, description, err)
 	}
 	a := res.agent
-	if err := validateRunRequest(a.schema, req.RunRequest); err != nil {
+	schema, err := a.schema.get()
+	if err != nil {
+		refuse(500, "nexlet's start request schema does not compile", fmt.Errorf("nexlet %q (type %s): start_request_schema: %w", a.req.Name, req.WorkloadType, err))
+		return
+	}
+	if err := validateRunRequest(schema, req.RunRequest); err != nil {
 		refuse(400, "run_request rejected", fmt.Errorf("run_request for nexlet %q (type %s): %w", a.req.Name, req.WorkloadType, err))
 		return
 	}

@@ -111,6 +111,9 @@ type Options struct {
 	// "" (all), "off" (none: NATS), "half" (each one at random with even odds, so that
 	// a benchmark compares both transports under the same load; NEXD_LOCAL_STARTS).
 	LocalStarts string
+	// KnownSchemas are start request schemas known to compile (the native nexlet's, which
+	// this binary carries): a registration sending one has it compiled later (startSchema).
+	KnownSchemas []string
 	// StopTimeout bounds the wait for a nexlet to confirm a stop of a workload this node
 	// owns (default 5m). A nexlet answers once the workload is gone, after at most its
 	// grace plus a kill, so this only bounds a nexlet that never answers.

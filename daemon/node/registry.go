@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/santhosh-tekuri/jsonschema/v6"
 
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
@@ -21,7 +20,7 @@ type registration struct {
 	owner        string // stable identity: "local:<supervised name>" or "remote:<name>"
 	key          string // public key its registration was signed with ("" unsigned); signs its renewals
 	req          protocol.RegisterAgentRequest
-	schema       *jsonschema.Schema
+	schema       *startSchema
 	registeredAt time.Time
 	lastSeen     time.Time // registration or last heartbeat: the age health counts from
 	lastBeat     time.Time // zero until the first heartbeat

@@ -5,6 +5,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/nexd-project/nexd/nexlet/native"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // Nexlets register start request schemas of any draft the validator knows (upstream's
@@ -67,5 +70,78 @@ func TestStartRequestSchemaMetaChecked(t *testing.T) {
 		if err == nil {
 			t.Errorf("%s: a schema with type \"strnig\" compiled", uri)
 		}
+	}
+}
+
+// The native nexlet's schema is one nexd registers without compiling it
+// (Options.KnownSchemas): it must compile.
+func TestNativeSchemaCompiles(t *testing.T) {
+	if _, err := compileSchema("native", native.StartRequestSchema); err != nil {
+		t.Fatalf("the native nexlet's start request schema does not compile: %v", err)
+	}
+}
+
+// registered returns agentID's registration.
+func registered(t *testing.T, n *Node, agentID string) *registration {
+	t.Helper()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	a, ok := n.agents[agentID]
+	if !ok {
+		t.Fatalf("agent %s not registered", agentID)
+	}
+	return a
+}
+
+// A known schema is registered without being compiled: the first deploy compiles it
+// (and validates against it), or CompileSchemas, whichever comes first. Any other
+// schema is compiled at registration.
+func TestKnownSchemaCompiledLater(t *testing.T) {
+	f := newFixture(t, 2, func(i int, o *Options) {
+		if i == 0 {
+			o.KnownSchemas = []string{testSchema}
+		}
+	})
+	n := f.nodes[0]
+	f.healthyAgent(n, "agent0", "go_exec", "native", nil)
+	if registered(t, n, "agent0").schema.done.Load() {
+		t.Fatalf("a known schema was compiled at registration")
+	}
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid")
+	}
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "w", `{"n":1}`))
+	if code, body := errorReply(t, m); code != "400" || !strings.Contains(body.Error, "cmd") {
+		t.Errorf("a run_request without cmd: got %s %q, want 400 naming cmd", code, body.Error)
+	}
+	if !registered(t, n, "agent0").schema.done.Load() {
+		t.Errorf("the first deploy did not compile the known schema")
+	}
+	f.deployOne("tenant")
+
+	f.healthyAgent(n, "agent1", "go_exec2", "native", nil)
+	if registered(t, n, "agent1").schema.done.Load() {
+		t.Fatalf("a known schema was compiled at registration")
+	}
+	n.CompileSchemas()
+	if !registered(t, n, "agent1").schema.done.Load() {
+		t.Errorf("CompileSchemas left a known schema uncompiled")
+	}
+
+	f.healthyAgent(f.nodes[1], "agent2", "go_exec", "native", nil)
+	if !registered(t, f.nodes[1], "agent2").schema.done.Load() {
+		t.Errorf("a schema not known to the node was not compiled at registration")
+	}
+}
+
+// A known schema that does not compile after all refuses each deploy with the error.
+func TestKnownSchemaThatDoesNotCompile(t *testing.T) {
+	s := &startSchema{agentID: "a", text: `{"type":"strnig"}`}
+	if _, err := s.get(); err == nil {
+		t.Fatalf("a schema with type \"strnig\" compiled")
+	}
+	if _, err := s.get(); err == nil {
+		t.Fatalf("the second use forgot the error")
 	}
 }
