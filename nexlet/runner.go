@@ -1124,14 +1124,18 @@ func (r *Runner) registerType() string {
 	return r.regType
 }
 
+// Compiled on first use, not at init: every package's init runs in nexd and in the
+// native nexlet alike, used or not.
 var (
-	serviceNameRE    = regexp.MustCompile(`[^A-Za-z0-9_-]`)
-	serviceVersionRE = regexp.MustCompile(`^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$`)
+	serviceNameRE    = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`[^A-Za-z0-9_-]`) })
+	serviceVersionRE = sync.OnceValue(func() *regexp.Regexp {
+		return regexp.MustCompile(`^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$`)
+	})
 )
 
 // serviceName makes a micro-compatible service name from the agent's name.
 func serviceName(n string) string {
-	if n = serviceNameRE.ReplaceAllString(n, "_"); n == "" {
+	if n = serviceNameRE().ReplaceAllString(n, "_"); n == "" {
 		return "nexlet"
 	}
 	return n
@@ -1139,7 +1143,7 @@ func serviceName(n string) string {
 
 // serviceVersion keeps a semver version and replaces anything else, which micro rejects.
 func serviceVersion(v string) string {
-	if serviceVersionRE.MatchString(v) {
+	if serviceVersionRE().MatchString(v) {
 		return v
 	}
 	return "0.0.0"

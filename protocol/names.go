@@ -3,12 +3,15 @@ package protocol
 import (
 	"fmt"
 	"regexp"
+	"sync"
 )
 
 // MaxNameLen is the longest workload, nexlet or node name.
 const MaxNameLen = 64
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+// Compiled on first use, not at init: every package's init runs in nexd and in the
+// native nexlet alike, used or not.
+var nameRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`) })
 
 // CheckName validates a workload, nexlet or node name: 1-64 ASCII letters, digits,
 // '.', '_' and '-', starting with a letter or digit. Names are printed in operators'
@@ -19,7 +22,7 @@ func CheckName(what, name string) error {
 		return fmt.Errorf("%s must not be empty", what)
 	case len(name) > MaxNameLen:
 		return fmt.Errorf("%s %q is longer than %d characters", what, name[:MaxNameLen]+"…", MaxNameLen)
-	case !nameRE.MatchString(name):
+	case !nameRE().MatchString(name):
 		return fmt.Errorf("%s %+q: use 1-%d letters, digits, '.', '_' or '-', starting with a letter or digit", what, name, MaxNameLen)
 	}
 	return nil

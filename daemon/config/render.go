@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nexd-project/nexd/internal/natsurl"
@@ -17,7 +18,9 @@ const redacted = "[redacted]"
 
 // secretEnvName matches agent environment variable names whose values --check must
 // not show.
-var secretEnvName = regexp.MustCompile(`(?i)(secret|passw|token|key|seed|jwt|cred|auth|private)`)
+var secretEnvName = sync.OnceValue(func() *regexp.Regexp {
+	return regexp.MustCompile(`(?i)(secret|passw|token|key|seed|jwt|cred|auth|private)`)
+})
 
 // renderValue formats a typed value for the text rendering (JSON-like, so strings are
 // quoted and a value can be pasted back into a config file).
@@ -81,7 +84,7 @@ func jsonValue(s *keySpec, v any) any {
 func agentJSON(a Agent) map[string]any {
 	env := map[string]string{}
 	for k, v := range a.Env {
-		if secretEnvName.MatchString(k) {
+		if secretEnvName().MatchString(k) {
 			v = redacted
 		}
 		env[k] = v

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nkeys"
@@ -33,7 +34,9 @@ type validator struct {
 	checkDriver func(driver string) error
 }
 
-var userNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,31}$`)
+// Compiled on first use, not at init: every package's init runs in nexd and in the
+// native nexlet alike, used or not.
+var userNameRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,31}$`) })
 
 func parseRange(s string) (uint64, uint64, bool) {
 	a, b, ok := strings.Cut(s, "-")
@@ -116,7 +119,7 @@ func (v *validator) validate() {
 		v.fail("nats.leaf_creds", "", "is used only with nats.leaf_remote")
 	}
 	for i, u := range n.WorkloadUsers {
-		if !userNameRE.MatchString(u) {
+		if !userNameRE().MatchString(u) {
 			v.fail("workload_users", fmt.Sprintf("[%d]", i), fmt.Sprintf("%q is not a user name (letters, digits, '_', '-', '.', at most 32)", u))
 		} else if u == "root" && !n.AllowRootWorkloads {
 			v.fail("workload_users", fmt.Sprintf("[%d]", i), "root is allowed only with allow_root_workloads")

@@ -96,7 +96,7 @@ func (n *Node) handleRegister(r micro.Request) {
 		}
 	}()
 	agentID := protocol.Token(r.Subject(), 5)
-	if !tokenRE.MatchString(agentID) {
+	if !tokenRE().MatchString(agentID) {
 		n.fail(r, 400, "bad agent id", fmt.Errorf("agent id %q in the subject must be letters, digits, - or _", agentID))
 		return
 	}

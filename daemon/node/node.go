@@ -294,7 +294,9 @@ type procInfo struct {
 	failed   bool
 }
 
-var tokenRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+// Compiled on first use, not at init: every package's init runs in nexd and in the
+// native nexlet alike, used or not.
+var tokenRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9_-]+$`) })
 
 // New validates o and returns a Node that is not yet serving.
 func New(o Options) (*Node, error) {
@@ -319,7 +321,7 @@ func New(o Options) (*Node, error) {
 	if err != nil || !nkeys.IsValidPublicCurveKey(xpub) {
 		return nil, fmt.Errorf("node: options: XKey must be a curve key (X…): %q: %v", xpub, err)
 	}
-	if !tokenRE.MatchString(o.Nexus) {
+	if !tokenRE().MatchString(o.Nexus) {
 		return nil, fmt.Errorf("node: options: nexus %q must be one subject token of letters, digits, - or _", o.Nexus)
 	}
 	if err := checkUserTags(o.Tags); err != nil {
@@ -431,7 +433,7 @@ func (n *Node) Start(ctx context.Context) error {
 	n.mu.Unlock()
 
 	version := n.o.Version
-	if !semver.MatchString(version) {
+	if !semver().MatchString(version) {
 		// micro insists on semver; the real version still goes out in ping and info.
 		version = "0.0.0"
 	}
@@ -515,7 +517,9 @@ func (n *Node) Start(ctx context.Context) error {
 }
 
 // semver is micro's version rule, kept here to decide before AddService fails.
-var semver = regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$`)
+var semver = sync.OnceValue(func() *regexp.Regexp {
+	return regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$`)
+})
 
 // Stop stops the micro service and the loops, waits (bounded by ctx) for handlers in
 // flight, and emits NODESTOPPED. It leaves the connection open: the daemon owns it.

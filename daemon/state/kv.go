@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"regexp"
 	"strings"
+	"sync"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -48,10 +49,12 @@ func (e *ValueTooLargeError) Is(target error) bool { return target == ErrValueTo
 // BucketName is the state bucket of a node.
 func BucketName(nodeID string) string { return BucketPrefix + nodeID }
 
+// Compiled on first use, not at init: every package's init runs in nexd and in the
+// native nexlet alike, used or not.
 var (
-	validNodeID       = regexp.MustCompile(`^[A-Za-z0-9_-]+$`) // KV bucket name rules
-	validWorkloadType = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
-	validWorkloadID   = regexp.MustCompile(`^[A-Za-z0-9-]+$`) // no "_": it splits the key
+	validNodeID       = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9_-]+$`) }) // KV bucket name rules
+	validWorkloadType = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9_-]+$`) })
+	validWorkloadID   = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9-]+$`) }) // no "_": it splits the key
 )
 
 // KV is a node's workload state: key <workload type>_<workload id>, value the JSON of the
@@ -115,7 +118,7 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 		replicas, why = AutoReplicas(nc)
 		why = "state_replicas 0 (auto): " + why
 	}
-	if !validNodeID.MatchString(nodeID) {
+	if !validNodeID().MatchString(nodeID) {
 		return nil, fmt.Errorf("state: node id %q cannot name a KV bucket", nodeID)
 	}
 	js, err := newJS(nc, jsDomain)
@@ -239,10 +242,10 @@ func (s *KV) MaxValueSize() int { return s.maxValue }
 // Key is the KV key of a workload. Workload ids may not contain "_" so that the type is
 // everything before the last one.
 func Key(workloadType, workloadID string) (string, error) {
-	if !validWorkloadType.MatchString(workloadType) {
+	if !validWorkloadType().MatchString(workloadType) {
 		return "", fmt.Errorf("workload type %q cannot be part of a state key (letters, digits, - and _ only)", workloadType)
 	}
-	if !validWorkloadID.MatchString(workloadID) {
+	if !validWorkloadID().MatchString(workloadID) {
 		return "", fmt.Errorf("workload id %q cannot be part of a state key (letters, digits and - only)", workloadID)
 	}
 	return workloadType + "_" + workloadID, nil

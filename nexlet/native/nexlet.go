@@ -439,7 +439,7 @@ func (n *Nexlet) buildEnv(id string, req *protocol.AgentStartWorkloadRequest, pl
 			return nil, nil, err
 		}
 		for k, v := range opened {
-			if !envKeyRE.MatchString(k) || slices.Contains(reservedEnv, k) {
+			if !envKeyRE().MatchString(k) || slices.Contains(reservedEnv, k) {
 				return nil, nil, fmt.Errorf("run_request: encrypted_environment: variable %q may not be set", k)
 			}
 			r, err := secrets.Resolve(n.cfg.Secrets, ns, v)

@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	artifacts "github.com/nexd-project/nexd/internal/artifact"
@@ -104,9 +105,11 @@ var reservedEnv = []string{"NEX_WORKLOAD_NATS_SERVERS", "NEX_WORKLOAD_NATS_NKEY"
 	protocol.EnvWorkloadInboxPrefix,
 	"NEX_WORKLOAD_ID", "NEX_NAMESPACE"}
 
+// Compiled on first use, not at init: every package's init runs in nexd and in the
+// native nexlet alike, used or not.
 var (
-	envKeyRE = regexp.MustCompile(`^[^=\x00]+$`)
-	memRE    = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)\s*([KkMmGgTt]?)(i?)([Bb]?)$`)
+	envKeyRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[^=\x00]+$`) })
+	memRE    = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)\s*([KkMmGgTt]?)(i?)([Bb]?)$`) })
 )
 
 // parseStartRequest decodes and validates a run_request; every error names the field.
@@ -129,7 +132,7 @@ func parseStartRequest(runRequest string, lifecycle protocol.Lifecycle) (*plan, 
 	}
 	p.art = art
 	for k := range r.Environment {
-		if !envKeyRE.MatchString(k) {
+		if !envKeyRE().MatchString(k) {
 			return nil, fmt.Errorf("run_request: environment: key %q is not a valid variable name", k)
 		}
 		for _, res := range reservedEnv {
@@ -245,7 +248,7 @@ func parseMemory(raw json.RawMessage) (int64, error) {
 	if err := json.Unmarshal(raw, &s); err != nil {
 		return 0, fmt.Errorf("%s: want bytes as a number or a string like \"256M\"", raw)
 	}
-	m := memRE.FindStringSubmatch(strings.TrimSpace(s))
+	m := memRE().FindStringSubmatch(strings.TrimSpace(s))
 	if m == nil {
 		return 0, fmt.Errorf("%q: want a size like 268435456, \"256M\" or \"1.5G\"", s)
 	}

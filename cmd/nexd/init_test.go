@@ -1,0 +1,101 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+var bins testkit.Binaries
+
+func TestMain(m *testing.M) { os.Exit(bins.Run(m)) }
+
+// Package initialisation runs in nexd and again in its native nexlet (the same binary),
+// whatever either process goes on to use; what it allocates and keeps is memory both
+// pay at idle, and its garbage is start-up time. About 460 KB today, mostly nats-server's
+// and nats.go's; 2.3 MB when jsonschema compiled five drafts' meta-schemas in init and
+// nexd's own packages compiled their regexps there.
+const (
+	maxInitBytes = 768 << 10 // the whole binary
+	maxOwnBytes  = 16 << 10  // this module's packages together
+)
+
+// TestInitAllocations reads the runtime's own account of each package's init
+// (GODEBUG=inittrace=1, printed before main runs) and bounds what the binary and
+// nexd's own packages allocate there.
+func TestInitAllocations(t *testing.T) {
+	nexd := bins.Path(t, "github.com/nexd-project/nexd/cmd/nexd")
+	cmd := exec.Command(nexd, "--version")
+	cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("nexd --version: %v\n%s", err, stderr.String())
+	}
+	inits, err := parseInitTrace(stderr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(inits) < 50 {
+		t.Fatalf("inittrace listed only %d packages:\n%s", len(inits), stderr.String())
+	}
+	var total, own int64
+	for _, in := range inits {
+		total += in.bytes
+		if strings.HasPrefix(in.pkg, "github.com/nexd-project/nexd/") {
+			own += in.bytes
+		}
+	}
+	slices.SortFunc(inits, func(a, b initCost) int { return int(b.bytes - a.bytes) })
+	top := inits[:min(8, len(inits))]
+	t.Logf("init allocates %d bytes in %d packages (nexd's own %d); largest: %v", total, len(inits), own, top)
+	if total > maxInitBytes {
+		t.Errorf("package init allocates %d bytes, more than %d: both nexd and the native nexlet pay it; largest: %v", total, maxInitBytes, top)
+	}
+	if own > maxOwnBytes {
+		var mine []initCost
+		for _, in := range inits {
+			if strings.HasPrefix(in.pkg, "github.com/nexd-project/nexd/") && in.bytes > 0 {
+				mine = append(mine, in)
+			}
+		}
+		t.Errorf("nexd's own packages allocate %d bytes in init, more than %d (make package-level state lazy, e.g. sync.OnceValue): %v", own, maxOwnBytes, mine)
+	}
+}
+
+type initCost struct {
+	pkg   string
+	bytes int64
+}
+
+func (c initCost) String() string { return fmt.Sprintf("%s %d", c.pkg, c.bytes) }
+
+// parseInitTrace reads lines like
+//
+//	init github.com/x/y @1.2 ms, 0.05 ms clock, 4096 bytes, 12 allocs
+func parseInitTrace(s string) ([]initCost, error) {
+	var out []initCost
+	for line := range strings.Lines(s) {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != "init" {
+			continue
+		}
+		i := slices.Index(f, "bytes,")
+		if i < 1 {
+			return nil, fmt.Errorf("inittrace line without a byte count: %q", line)
+		}
+		n, err := strconv.ParseInt(f[i-1], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("inittrace line %q: %w", line, err)
+		}
+		out = append(out, initCost{pkg: f[1], bytes: n})
+	}
+	return out, nil
+}
