@@ -127,20 +127,30 @@ func minusOneOr(n int64) string {
 	return strconv.FormatInt(n, 10)
 }
 
-// createV1 makes g's directories and writes its limits. A fork pool group (g.pooled)
-// exists already and has the kernel's defaults (no limit), so only the limits that
-// differ from them are written there: each write is a file opened, written and closed
-// on the deploy path.
+// createV1 makes g's directories and writes its limits. A group this call makes, and a
+// fork pool group (g.pooled), has the kernel's defaults (no limit), so only the limits
+// that differ from them are written there: each write is a file opened, written and
+// closed (and a CPU one takes the kernel's bandwidth lock) on the path of a deploy or
+// of the nexlet's start. A group that existed already gets every limit written, so
+// that none is left from its earlier use.
 func (m *Manager) createV1(g *Group, l Limits) (fatal bool, err error) {
 	var errs []error
+	fresh := false
 	write := func(dir, file, val string, dflt bool) {
-		if !(g.pooled && dflt) {
+		if !((g.pooled || fresh) && dflt) {
 			errs = append(errs, m.ops.write(filepath.Join(dir, file), val))
 		}
 	}
 	for _, h := range g.hiers {
+		fresh = false
 		if !g.pooled {
-			if err := os.MkdirAll(h.Root, 0o755); err != nil {
+			if err := os.MkdirAll(filepath.Dir(h.Root), 0o755); err != nil {
+				return true, fmt.Errorf("create cgroup %s: %w", h.Root, err)
+			}
+			switch err := os.Mkdir(h.Root, 0o755); {
+			case err == nil:
+				fresh = true
+			case !errors.Is(err, os.ErrExist):
 				return true, fmt.Errorf("create cgroup %s: %w", h.Root, err)
 			}
 		}

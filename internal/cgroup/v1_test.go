@@ -74,6 +74,49 @@ func TestV1CreateLimits(t *testing.T) {
 	}
 }
 
+// A group Create makes has the kernel's defaults: no limit file is written for a limit
+// left at its default (each write costs the deploy or the nexlet's start; a CPU one
+// takes the kernel's bandwidth lock), while a group that existed gets every one, so
+// that nothing of its earlier use is left (TestV1CreateLimits).
+func TestV1CreateFreshWritesOnlyLimitsSet(t *testing.T) {
+	m := v1Root(t)
+	var writes []string
+	write := m.ops.write
+	m.ops.write = func(p, v string) error {
+		writes = append(writes, filepath.Base(p)+"="+v)
+		return write(p, v)
+	}
+	_, err := m.Create("fresh/nexlet", Limits{})
+	must(t, err)
+	if len(writes) != 0 {
+		t.Errorf("a new group without limits got writes %v", writes)
+	}
+	check := func(ctrl, file, want string) {
+		t.Helper()
+		if got := readTrim(t, filepath.Join(m.hierDir(ctrl), "fresh/nexlet", file)); got != want {
+			t.Errorf("%s = %q, want %q", file, got, want)
+		}
+	}
+	check("cpu", "cpu.cfs_quota_us", "-1")
+	check("cpu", "cpu.cfs_period_us", "100000")
+	check("pids", "pids.max", "max")
+	if v, _ := strconv.ParseUint(readTrim(t, filepath.Join(m.hierDir("memory"), "fresh/nexlet", "memory.limit_in_bytes")), 10, 64); v < 1<<50 {
+		t.Errorf("a new group has a memory limit: %d", v)
+	}
+	writes = nil
+	_, err = m.Create("fresh/workloads", Limits{PidsMax: 7})
+	must(t, err)
+	if !slices.Equal(writes, []string{"pids.max=7"}) {
+		t.Errorf("a new group with only pids_max got writes %v, want [pids.max=7]", writes)
+	}
+	writes = nil
+	_, err = m.Create("fresh/nexlet", Limits{})
+	must(t, err)
+	if len(writes) != 5 {
+		t.Errorf("an existing group got writes %v, want all five limits reset", writes)
+	}
+}
+
 func TestV1StartProcsKill(t *testing.T) {
 	m := v1Root(t)
 	g, err := m.Create("n/nexlet", Limits{PidsMax: 20})
@@ -341,5 +384,26 @@ func TestV1RemoveOwnRoot(t *testing.T) {
 	must(t, ex.RemoveOwnRoot())
 	if _, err := os.Stat(ex.Path()); err != nil {
 		t.Fatalf("RemoveOwnRoot removed an explicit root: %v", err)
+	}
+}
+
+// BenchmarkV1Create makes a new group as the nexlet's start makes its own (no limits
+// but the ones configured: none here) and removes it off the clock.
+func BenchmarkV1Create(b *testing.B) {
+	m := v1Root(&testing.T{})
+	defer func() { _ = m.group("").Remove() }()
+	i := 0
+	for b.Loop() {
+		name := "b" + strconv.Itoa(i)
+		i++
+		g, err := m.Create(name, Limits{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		if err := g.Remove(); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
 	}
 }
