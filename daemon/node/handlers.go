@@ -180,39 +180,13 @@ func (n *Node) handleAuction(r micro.Request) {
 		}
 	}
 	now := time.Now()
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.lameduck.IsZero() || n.state == protocol.NodeStopping {
-		n.log.Debug("not bidding: node is draining", "auction_id", req.AuctionID, "state", n.state)
+	resp, ok := n.bidLocked(r, req, now)
+	if !ok {
 		return
 	}
-	if !tagsMatch(req.Tags, n.tagsLocked()) {
-		n.log.Debug("not bidding: tags do not match", "auction_id", req.AuctionID, "tags", req.Tags)
-		return
-	}
-	a, why := n.pickAgentLocked(req.AgentType, req.Lifecycle, now)
-	if a == nil {
-		n.log.Debug("not bidding", "auction_id", req.AuctionID, "reason", why)
-		return
-	}
-	st.Step("check") // decode, the node's state, tags, a nexlet to bid for
-	bidderID := nuid.Next()
-	n.bids.add(bidderID, bid{agentID: a.id, ns: protocol.NamespaceOf(r.Subject()), expires: now.Add(n.o.AuctionTTL)})
+	st.Step("check") // decode, the node's state, tags, a nexlet to bid for, the bid recorded
 	if n.o.Observer != nil {
 		defer func() { n.o.Observer.Auction(time.Since(now)) }()
-	}
-	lifecycles := a.req.SupportedLifecycles
-	if len(lifecycles) == 0 {
-		lifecycles = []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob, protocol.LifecycleFunction}
-	}
-	resp := protocol.AuctionResponse{
-		BidderID:            bidderID,
-		StartRequestSchema:  a.req.StartRequestSchema,
-		SupportedLifecycles: lifecycles,
-		XKey:                a.req.PublicXKey,
-		NodeID:              n.id,
-		NodeName:            n.o.Name,
-		WorkloadCount:       n.totalWorkloadsLocked(),
 	}
 	// Signed with the node's key: nobody else on the bus can pose as this node, nor
 	// put another xkey into its bid.
@@ -221,10 +195,46 @@ func (n *Node) handleAuction(r micro.Request) {
 	} else {
 		n.log.Warn("bid not signed", "auction_id", req.AuctionID, "err", err)
 	}
-	st.Step("sign") // the bid recorded and signed
+	st.Step("sign")
 	n.respondJSON(r, resp)
 	st.Step("reply") // encoded and published
 	st.Log(n.log, "auction steps", "auction_id", req.AuctionID)
+}
+
+// bidLocked decides under the node's lock whether to bid and records the bid; ok is
+// false when the node does not bid. The signature and the reply come after, outside
+// the lock, which deploys, registrations and heartbeats take too.
+func (n *Node) bidLocked(r micro.Request, req protocol.AuctionRequest, now time.Time) (resp protocol.AuctionResponse, ok bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.lameduck.IsZero() || n.state == protocol.NodeStopping {
+		n.log.Debug("not bidding: node is draining", "auction_id", req.AuctionID, "state", n.state)
+		return resp, false
+	}
+	if !tagsMatch(req.Tags, n.tagsLocked()) {
+		n.log.Debug("not bidding: tags do not match", "auction_id", req.AuctionID, "tags", req.Tags)
+		return resp, false
+	}
+	a, why := n.pickAgentLocked(req.AgentType, req.Lifecycle, now)
+	if a == nil {
+		n.log.Debug("not bidding", "auction_id", req.AuctionID, "reason", why)
+		return resp, false
+	}
+	bidderID := nuid.Next()
+	n.bids.add(bidderID, bid{agentID: a.id, ns: protocol.NamespaceOf(r.Subject()), expires: now.Add(n.o.AuctionTTL)})
+	lifecycles := a.req.SupportedLifecycles
+	if len(lifecycles) == 0 {
+		lifecycles = []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob, protocol.LifecycleFunction}
+	}
+	return protocol.AuctionResponse{
+		BidderID:            bidderID,
+		StartRequestSchema:  a.req.StartRequestSchema,
+		SupportedLifecycles: lifecycles,
+		XKey:                a.req.PublicXKey,
+		NodeID:              n.id,
+		NodeName:            n.o.Name,
+		WorkloadCount:       n.totalWorkloadsLocked(),
+	}, true
 }
 
 // takeBid removes and returns a live bid: a bidder id deploys at most once.

@@ -3,6 +3,7 @@ package node
 import (
 	"encoding/json"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -73,36 +74,61 @@ func BenchmarkAuction(b *testing.B) {
 // reply) and UNDEPLOY, so the node holds one workload at a time.
 func BenchmarkDeploy(b *testing.B) {
 	_, nc := benchNode(b)
-	auction, _ := json.Marshal(protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{}})
-	stop, _ := json.Marshal(protocol.StopWorkloadRequest{Namespace: "system"})
 	i := 0
 	b.ReportAllocs()
 	for b.Loop() {
-		m, err := nc.Request(protocol.AuctionSubject("system"), auction, 10*time.Second)
-		if err != nil {
+		if err := placeAndStop(nc, fmt.Sprintf("w%d", i)); err != nil {
 			b.Fatal(err)
 		}
-		var bid protocol.AuctionResponse
-		if err := json.Unmarshal(m.Data, &bid); err != nil {
-			b.Fatal(err)
-		}
-		req, _ := json.Marshal(startReq("system", fmt.Sprintf("w%d", i), `{"cmd":"run"}`))
 		i++
-		m, err = nc.Request(protocol.DeploySubject("system", bid.BidderID), req, 10*time.Second)
-		if err != nil {
-			b.Fatal(err)
-		}
-		var started protocol.StartWorkloadResponse
-		if err := json.Unmarshal(m.Data, &started); err != nil || started.ID == "" {
-			b.Fatalf("deploy reply %q: %v", m.Data, err)
-		}
-		m, err = nc.Request(protocol.UndeploySubject("system", started.ID), stop, 10*time.Second)
-		if err != nil {
-			b.Fatal(err)
-		}
-		var stopped protocol.StopWorkloadResponse
-		if err := json.Unmarshal(m.Data, &stopped); err != nil || !stopped.Stopped {
-			b.Fatalf("undeploy reply %q: %v", m.Data, err)
-		}
 	}
+}
+
+// BenchmarkDeployParallel is BenchmarkDeploy from several clients at once: auctions
+// and deploys meet on the node's lock.
+func BenchmarkDeployParallel(b *testing.B) {
+	_, nc := benchNode(b)
+	var seq atomic.Int64
+	b.ReportAllocs()
+	b.SetParallelism(4)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := placeAndStop(nc, fmt.Sprintf("w%d", seq.Add(1))); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+// placeAndStop is one auction, ADEPLOY to its bid and UNDEPLOY of the workload.
+func placeAndStop(nc *nats.Conn, name string) error {
+	auction, _ := json.Marshal(protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{}})
+	stop, _ := json.Marshal(protocol.StopWorkloadRequest{Namespace: "system"})
+	m, err := nc.Request(protocol.AuctionSubject("system"), auction, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	var bid protocol.AuctionResponse
+	if err := json.Unmarshal(m.Data, &bid); err != nil {
+		return err
+	}
+	req, _ := json.Marshal(startReq("system", name, `{"cmd":"run"}`))
+	m, err = nc.Request(protocol.DeploySubject("system", bid.BidderID), req, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	var started protocol.StartWorkloadResponse
+	if err := json.Unmarshal(m.Data, &started); err != nil || started.ID == "" {
+		return fmt.Errorf("deploy reply %q: %v", m.Data, err)
+	}
+	m, err = nc.Request(protocol.UndeploySubject("system", started.ID), stop, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	var stopped protocol.StopWorkloadResponse
+	if err := json.Unmarshal(m.Data, &stopped); err != nil || !stopped.Stopped {
+		return fmt.Errorf("undeploy reply %q: %v", m.Data, err)
+	}
+	return nil
 }
