@@ -935,12 +935,15 @@ func (r *Runner) handleStart(req micro.Request) {
 // goes, so a slow start (an artifact download) is not given up on: the latest report
 // (else "starting") every interval the node named, and the agent's own reports as they
 // come (byte counts at most every ProgressEvery). Nothing is sent once stop returned.
+// The repeats come from a timer, not a goroutine of their own: a start that ends
+// within the interval (nearly all) then costs no goroutine to start and none to wait
+// for at its end, on the deploy's path.
 type startReports struct {
-	r       *Runner
-	req     micro.Request
-	pub     func(*nats.Msg) error // sends a report (nil: nowhere to)
-	done    chan struct{}
-	stopped chan struct{}
+	r     *Runner
+	req   micro.Request
+	pub   func(*nats.Msg) error // sends a report (nil: nowhere to)
+	every time.Duration
+	timer *time.Timer
 
 	mu     sync.Mutex
 	closed bool
@@ -961,25 +964,22 @@ func (r *Runner) reportProgress(req micro.Request) *startReports {
 		s.closed = true // the node did not ask: reports go nowhere
 		return s
 	}
-	s.done, s.stopped = make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(s.stopped)
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-s.done:
-				return
-			case <-t.C:
-				s.mu.Lock()
-				if !s.closed {
-					s.sendLocked()
-				}
-				s.mu.Unlock()
-			}
-		}
-	}()
+	s.every = every
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.timer = time.AfterFunc(every, s.tick)
 	return s
+}
+
+// tick repeats the latest report and sets the timer for the next.
+func (s *startReports) tick() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	s.sendLocked()
+	s.timer.Reset(s.every)
 }
 
 // report is the agent's report of how its start goes.
@@ -1013,15 +1013,14 @@ func (s *startReports) sendLocked() {
 	}
 }
 
-// stop ends the reports and waits until none is being sent.
+// stop ends the reports. A tick that runs concurrently holds the lock while it sends,
+// so none is being sent once stop returned, and any later tick finds it closed.
 func (s *startReports) stop() {
 	s.mu.Lock()
-	wasClosed := s.closed
+	defer s.mu.Unlock()
 	s.closed = true
-	s.mu.Unlock()
-	if !wasClosed {
-		close(s.done)
-		<-s.stopped
+	if s.timer != nil {
+		s.timer.Stop()
 	}
 }
 

@@ -147,11 +147,12 @@ func (n *Node) handleDeploy(r micro.Request) {
 		// The workload (a quick job) ended before it was committed: drop it again.
 		n.forget(workloadID, req.WorkloadType)
 	}
-	n.log.Info("workload deployed", "workload_id", workloadID, "name", req.Name, "namespace", req.Namespace,
-		"type", req.WorkloadType, "agent_id", a.id)
 	deployed = true
 	n.relay(r, reply)
 	st.Step("reply")
+	// After the reply: a log write (a journal socket under systemd) is no part of it.
+	n.log.Info("workload deployed", "workload_id", workloadID, "name", req.Name, "namespace", req.Namespace,
+		"type", req.WorkloadType, "agent_id", a.id)
 	st.Log(n.log, "deploy steps", "workload_id", workloadID, "via", call.via)
 }
 
