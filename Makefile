@@ -57,6 +57,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./protocol
 	$(GO) test -run '^$$' -fuzz '^FuzzHandlers$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./daemon/node
 	$(GO) test -run '^$$' -fuzz '^FuzzRegistrationAndRenewal$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./daemon/node
+	$(GO) test -run '^$$' -fuzz '^FuzzParseStatusUIDs$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./nexlet/native
 
 clean:
 	rm -rf $(BIN) $(RUN) dist

@@ -1,6 +1,7 @@
 package native
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -357,13 +358,31 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 		t.Errorf("uid %d: walk found %v, not process %d, whose real uid it is", uid, p, mixed.Process.Pid)
 	}
 
+	// Enough processes that /proc's entries take several of the walk's directory reads
+	// (8 KiB, some 340 entries): a walk that stopped after the first would miss some.
+	if n := len(statusUIDs()); n < 600 {
+		for range 600 - n {
+			c := exec.Command("/bin/sleep", "60")
+			c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			if err := c.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = c.Process.Kill(); _ = c.Wait() }()
+		}
+	}
+
 	want := statusUIDs()
 	got := map[int][]uint32{}
 	walkProcs(func(pid int, uids []uint32) { got[pid] = slices.Clone(uids) })
+	after := statusUIDs()
 	for pid, w := range want {
 		g, ok := got[pid]
 		if !ok {
-			continue // started or ended between the walks
+			if _, still := after[pid]; still {
+				// Running before the walk and after it: the walk passed it by.
+				t.Errorf("pid %d (uids %v) ran throughout the walk, which did not see it", pid, w)
+			}
+			continue // ended meanwhile
 		}
 		distinct := slices.Compact(slices.Sorted(slices.Values(w)))
 		gd := slices.Compact(slices.Sorted(slices.Values(g)))
@@ -398,4 +417,44 @@ func TestParseStatusUIDs(t *testing.T) {
 			t.Errorf("%q: got %v, want %v", c.in, uids[:got], c.want)
 		}
 	}
+}
+
+// FuzzParseStatusUIDs: whatever a read of a status file holds (cut anywhere, any bytes),
+// the parse never panics and takes the uids of the first line starting "Uid:" after
+// the first, only when that line is complete, up to four and up to a field that is not
+// a uid; and a status file's Uid line is read whatever process name precedes it (the
+// kernel escapes a name's newlines and backslashes, so a name cannot start a line).
+func FuzzParseStatusUIDs(f *testing.F) {
+	f.Add([]byte("Name:\tsh\nUmask:\t0022\nUid:\t1000\t0\t0\t1000\nGid:\t0\t0\t0\t0\n"), "sh", uint32(1000), uint32(0), uint32(0), uint32(1000))
+	f.Add([]byte("Name:\tsh\nUid:\t1000\t0"), "a\\nUid:\t1", uint32(61184), uint32(61184), uint32(61184), uint32(61184))
+	f.Add([]byte("Name:\tx\nUid:\t4294967296\t1\n"), "", uint32(1<<32-1), uint32(1), uint32(2), uint32(3))
+	f.Fuzz(func(t *testing.T, b []byte, name string, r, e, s, fs uint32) {
+		var uids [4]uint32
+		got := parseStatusUIDs(b, &uids)
+		var want []uint32
+		text := string(b)
+		if i := strings.Index(text, "\nUid:"); i >= 0 {
+			if line, _, complete := strings.Cut(text[i+5:], "\n"); complete {
+				for _, fld := range strings.Fields(line) {
+					v, err := strconv.ParseUint(fld, 10, 32)
+					if err != nil || len(want) == 4 {
+						break
+					}
+					want = append(want, uint32(v))
+				}
+			}
+		}
+		if !slices.Equal(uids[:got], want) {
+			t.Fatalf("%q: parsed %v, want %v", b, uids[:got], want)
+		}
+
+		// As the kernel writes it: the name escaped (proc_task_name), then the lines
+		// before Uid.
+		esc := strings.NewReplacer("\\", "\\\\", "\n", "\\n").Replace(name)
+		status := fmt.Sprintf("Name:\t%s\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t7\nNgid:\t0\nPid:\t7\nPPid:\t1\nTracerPid:\t0\nUid:\t%d\t%d\t%d\t%d\nGid:\t0\t0\t0\t0\n", esc, r, e, s, fs)
+		got = parseStatusUIDs([]byte(status), &uids)
+		if want := []uint32{r, e, s, fs}; !slices.Equal(uids[:got], want) {
+			t.Fatalf("status of a process named %q: parsed %v, want %v", name, uids[:got], want)
+		}
+	})
 }
