@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/control"
-	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/memtrim"
 	"github.com/nexd-project/nexd/protocol"
@@ -255,7 +254,7 @@ type statusCount struct {
 func (c *statusCount) workloads(s *server) (int, string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	changes, connected := s.node.WorkloadChanges(), s.conn.Info().Connected
+	changes, connected := s.node.WorkloadChanges(), s.conn.Connected()
 	if c.ok && changes == c.changes && connected == c.connected && time.Since(c.at) < statusRefresh {
 		return c.running, c.known
 	}
@@ -281,15 +280,9 @@ func (c *statusCount) workloads(s *server) (int, string) {
 func (s *server) statusLine() string {
 	v := s.view()
 	running, known := s.status.workloads(s)
-	nexlets, failed := 0, 0
-	for _, st := range s.nexlets.Statuses() {
-		nexlets++
-		if st.State == supervise.StateFailed {
-			failed++
-		}
-	}
+	nexlets, failed := s.nexlets.Count()
 	natsState := "nats connected"
-	if !s.conn.Info().Connected {
+	if !s.conn.Connected() {
 		natsState = "nats disconnected"
 	}
 	line := fmt.Sprintf("%s: %d workloads%s, %d nexlets", v.phase, running, known, nexlets)

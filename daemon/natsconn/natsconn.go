@@ -420,7 +420,11 @@ func (c *Conn) setLastErr(err error) {
 	c.lastErr.Store(&s)
 }
 
-// Info snapshots the connection state.
+// Connected reports whether the connection is up, without Info's round trip to the
+// server (its RTT): the status line, which READY=1 carries, needs only this.
+func (c *Conn) Connected() bool { return c.NC != nil && c.NC.IsConnected() }
+
+// Info snapshots the connection state, with a round trip to the server for its RTT.
 func (c *Conn) Info() ConnInfo {
 	ci := ConnInfo{
 		Embedded:    c.server != nil,

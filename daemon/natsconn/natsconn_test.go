@@ -22,13 +22,13 @@ import (
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	return ctx
 }
 
-func connect(t *testing.T, o Options) *Conn {
+func connect(t testing.TB, o Options) *Conn {
 	t.Helper()
 	c, err := Connect(ctxT(t), o, nil)
 	if err != nil {
@@ -126,6 +126,9 @@ func TestExternalAuth(t *testing.T) {
 			ci := c.Info()
 			if !ci.Connected || ci.Embedded || ci.Server != s.ClientURL() || ci.State != "connected" {
 				t.Errorf("Info %+v", ci)
+			}
+			if !c.Connected() {
+				t.Error("Connected() false while Info says connected")
 			}
 			if !c.Healthy() {
 				t.Error("not healthy while connected")
@@ -348,4 +351,26 @@ func TestBackoffBounds(t *testing.T) {
 			t.Errorf("backoff(%d) = %s out of [125ms, 10s]", a, d)
 		}
 	}
+}
+
+// BenchmarkConnected: the status line (READY=1 carries it) asked Info whether NATS is
+// up, twice, and Info measures the RTT with a round trip to the server; Connected
+// reads the client's state.
+func BenchmarkConnected(b *testing.B) {
+	s := testnats.Start(b, testnats.Options{NoJetStream: true})
+	c := connect(b, Options{Servers: []string{s.ClientURL()}})
+	b.Run("Info", func(b *testing.B) {
+		for b.Loop() {
+			if !c.Info().Connected {
+				b.Fatal("not connected")
+			}
+		}
+	})
+	b.Run("Connected", func(b *testing.B) {
+		for b.Loop() {
+			if !c.Connected() {
+				b.Fatal("not connected")
+			}
+		}
+	})
 }

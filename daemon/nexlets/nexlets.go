@@ -484,6 +484,9 @@ func (m *Manager) ByName(name string) (Spec, bool) {
 // Statuses reports every local nexlet's process, as the supervisor sees it.
 func (m *Manager) Statuses() []supervise.Status { return m.sup.Statuses() }
 
+// Count says how many local nexlets there are and how many of them failed.
+func (m *Manager) Count() (nexlets, failed int) { return m.sup.Count() }
+
 // Restarts is how often the named nexlet was restarted since start or its last reset.
 func (m *Manager) Restarts(name string) int {
 	for _, st := range m.sup.Statuses() {

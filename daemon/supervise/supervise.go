@@ -425,6 +425,19 @@ func (s *Supervisor) cleanupStaleExcept(spare []string) {
 	}
 }
 
+// Count says how many nexlets there are and how many of them failed, without the
+// cgroup statistics Statuses reads for each.
+func (s *Supervisor) Count() (nexlets, failed int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, n := range s.nexlets {
+		if n.state == StateFailed {
+			failed++
+		}
+	}
+	return len(s.nexlets), failed
+}
+
 // Statuses reports every nexlet, sorted by name.
 func (s *Supervisor) Statuses() []Status {
 	s.mu.Lock()

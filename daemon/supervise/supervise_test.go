@@ -224,6 +224,10 @@ func TestCrashLoopBackoffFailedReset(t *testing.T) {
 	if st.Restarts != 4 || st.LastExit != "exit status 1" || st.PID != 0 {
 		t.Fatalf("status %+v", st)
 	}
+	// The status line's count (READY=1 carries it) agrees with Statuses.
+	if all, failed := s.Count(); all != 1 || failed != 1 {
+		t.Fatalf("Count = %d nexlets, %d failed; want 1, 1", all, failed)
+	}
 	if n := countLines(starts); n != 5 {
 		t.Fatalf("%d starts, want 5 (1 + 4 restarts)", n)
 	}
