@@ -83,6 +83,7 @@ type users struct {
 	root bool // the nexlet runs as root and can switch users
 	self ident
 	pool *uidPool // nil: every lease walks /proc on the deploy path
+	proc string   // where processes are listed: /proc (a test points it elsewhere)
 }
 
 // newUsers prepares the policy; fallbackLeaseDir is used when the default lease dir
@@ -97,7 +98,7 @@ func newUsers(pol UserPolicy, fallbackLeaseDir string) (*users, error) {
 			pol.LeaseDir = fallbackLeaseDir
 		}
 	}
-	u := &users{pol: pol, root: os.Geteuid() == 0}
+	u := &users{pol: pol, root: os.Geteuid() == 0, proc: "/proc"}
 	u.self = ident{uid: uint32(os.Geteuid()), gid: uint32(os.Getegid()), same: true, name: "uid " + strconv.Itoa(os.Geteuid())}
 	if cur, err := user.Current(); err == nil {
 		u.self.name = cur.Username
@@ -215,7 +216,10 @@ func (u *users) leaseFreshN(owner string, n int) ([]ident, error) {
 	// claim of a pooled uid waiting for the walk (tens of milliseconds with thousands of
 	// processes). A uid leased meanwhile has a lease by then, which the check under the
 	// lock sees; a uid released meanwhile had no process left.
-	busy := procUIDs()
+	busy, err := procUIDs(u.proc)
+	if err != nil {
+		return nil, fmt.Errorf("dynamic uids: %w", err)
+	}
 	unlock, err := u.lock()
 	if err != nil {
 		return nil, err
@@ -261,7 +265,10 @@ func (u *users) release(id ident) error {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		pids := uidProcs(id.uid)
+		pids, err := uidProcs(u.proc, id.uid)
+		if err != nil {
+			return fmt.Errorf("dynamic uid %d stays leased: %w", id.uid, err)
+		}
 		if len(pids) == 0 {
 			break
 		}
@@ -300,7 +307,7 @@ func (u *users) releaseAll(ids []ident) error {
 	var survivors map[uint32][]int
 	for {
 		survivors = map[uint32][]int{}
-		walkProcs(func(pid int, uids []uint32) {
+		err := walkProcs(u.proc, func(pid int, uids []uint32) {
 			for _, v := range uids {
 				if want[v] {
 					survivors[v] = append(survivors[v], pid)
@@ -308,6 +315,9 @@ func (u *users) releaseAll(ids []ident) error {
 				}
 			}
 		})
+		if err != nil {
+			return fmt.Errorf("%d dynamic uids stay leased: %w", len(want), err)
+		}
 		if len(survivors) == 0 || time.Now().After(deadline) {
 			break
 		}
@@ -488,26 +498,27 @@ func hostUses(uid uint32) bool {
 	return false
 }
 
-// procUIDs is the set of real and effective uids of every process on the host.
-func procUIDs() map[uint32]bool {
+// procUIDs is the set of real and effective uids of every process on the host (in
+// proc, /proc).
+func procUIDs(proc string) (map[uint32]bool, error) {
 	out := map[uint32]bool{}
-	walkProcs(func(pid int, uids []uint32) {
+	err := walkProcs(proc, func(pid int, uids []uint32) {
 		for _, u := range uids {
 			out[u] = true
 		}
 	})
-	return out
+	return out, err
 }
 
 // uidProcs lists the processes running with uid as a real, effective, saved or fs uid.
-func uidProcs(uid uint32) []int {
+func uidProcs(proc string, uid uint32) ([]int, error) {
 	var pids []int
-	walkProcs(func(pid int, uids []uint32) {
+	err := walkProcs(proc, func(pid int, uids []uint32) {
 		if slices.Contains(uids, uid) {
 			pids = append(pids, pid)
 		}
 	})
-	return pids
+	return pids, err
 }
 
 // walkProcs calls fn with every process's uids: its real, effective, saved and fs
@@ -521,14 +532,19 @@ func uidProcs(uid uint32) []int {
 // a walk with 5,000 workloads running). Not seen: a process whose effective uid is
 // neither root nor a dynamic one while its real or saved uid is one (a host user of a
 // dynamic uid running a setuid program of another user).
-func walkProcs(fn func(pid int, uids []uint32)) {
-	// Raw calls into buffers on the stack: a walk runs after every stop and per four
-	// deploys, and os.ReadFile's seven calls and buffers per process made it most of
-	// what the nexlet allocated (600 KB a walk of 125 processes, a collection every
+//
+// A walk that could not see every process (proc unreadable, a failed read of the
+// directory or of a root-owned process's status) returns an error: "no process runs as
+// this uid" from an incomplete walk would free a uid a survivor still holds.
+func walkProcs(proc string, fn func(pid int, uids []uint32)) error {
+	// Raw calls into two buffers a walk (12 KiB: they escape to the heap through the
+	// system calls) and the path's copy a call: a walk runs after every stop and per
+	// four deploys, and os.ReadFile's seven calls and buffers per process made it most
+	// of what the nexlet allocated (600 KB a walk of 125 processes, a collection every
 	// deploy or two at GOGC 50), on a machine whose cores the deploys need.
-	dfd, err := unix.Open("/proc", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	dfd, err := unix.Open(proc, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return
+		return fmt.Errorf("list processes: %w", &os.PathError{Op: "open", Path: proc, Err: err})
 	}
 	defer unix.Close(dfd)
 	var (
@@ -539,14 +555,20 @@ func walkProcs(fn func(pid int, uids []uint32)) {
 	)
 	for {
 		n, err := unix.Getdents(dfd, dents[:])
-		if err != nil || n <= 0 {
-			return
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("list processes: %w", &os.PathError{Op: "getdents", Path: proc, Err: err})
+		}
+		if n <= 0 {
+			return nil
 		}
 		for b := dents[:n]; len(b) >= 19; {
 			// struct linux_dirent64: ino u64, off s64, reclen u16, type u8, name.
 			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
 			if reclen < 19 || reclen > len(b) {
-				return
+				return fmt.Errorf("list processes: %s: a directory entry of %d bytes in a read of %d", proc, reclen, len(b))
 			}
 			name := b[19:reclen]
 			b = b[reclen:]
@@ -559,8 +581,11 @@ func walkProcs(fn func(pid int, uids []uint32)) {
 			}
 			p := append(append(path[:0], name...), 0)
 			var st unix.Stat_t
-			if fstatat(dfd, p, &st) != nil {
-				continue // ended meanwhile
+			if err := fstatat(dfd, p, &st); err != nil {
+				if procGone(err) {
+					continue
+				}
+				return fmt.Errorf("list processes: %w", &os.PathError{Op: "stat", Path: proc + "/" + string(name), Err: err})
 			}
 			if st.Uid != 0 {
 				uids[0] = st.Uid
@@ -568,13 +593,24 @@ func walkProcs(fn func(pid int, uids []uint32)) {
 				continue
 			}
 			p = append(append(p[:len(name)], "/status"...), 0)
-			k := readAt(dfd, p, status[:])
-			if got := parseStatusUIDs(status[:k], &uids); got > 0 {
-				fn(pid, uids[:got])
+			k, err := readAt(dfd, p, status[:])
+			if err != nil {
+				if procGone(err) {
+					continue
+				}
+				return fmt.Errorf("list processes: %w", &os.PathError{Op: "read", Path: proc + "/" + string(name) + "/status", Err: err})
 			}
+			got := parseStatusUIDs(status[:k], &uids)
+			if got == 0 {
+				return fmt.Errorf("list processes: %s/%s/status: no Uid line in its first %d bytes", proc, name, k)
+			}
+			fn(pid, uids[:got])
 		}
 	}
 }
+
+// procGone: the error of a call on a /proc/<pid> entry whose process has gone.
+func procGone(err error) bool { return err == unix.ENOENT || err == unix.ESRCH }
 
 // parsePid reads a /proc entry's name as a pid.
 func parsePid(name []byte) (int, bool) {
@@ -594,23 +630,40 @@ func parsePid(name []byte) (int, bool) {
 // fstatat stats the NUL-terminated name below dfd without following a symlink. The
 // name is viewed in place as a string (unix copies it before the call returns).
 func fstatat(dfd int, name []byte, st *unix.Stat_t) error {
-	return unix.Fstatat(dfd, unsafe.String(&name[0], len(name)-1), st, unix.AT_SYMLINK_NOFOLLOW)
+	for {
+		err := unix.Fstatat(dfd, unsafe.String(&name[0], len(name)-1), st, unix.AT_SYMLINK_NOFOLLOW)
+		if err != unix.EINTR {
+			return err
+		}
+	}
 }
 
 // readAt reads the first len(buf) bytes of the NUL-terminated name below dfd (what a
-// /proc status file holds up to its uids comes in one read) and returns their count,
-// 0 on any error.
-func readAt(dfd int, name, buf []byte) int {
-	fd, err := unix.Openat(dfd, unsafe.String(&name[0], len(name)-1), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+// /proc status file holds up to its uids comes in one read) and returns their count.
+// An interrupted call is made again.
+func readAt(dfd int, name, buf []byte) (int, error) {
+	var fd int
+	var err error
+	for {
+		fd, err = unix.Openat(dfd, unsafe.String(&name[0], len(name)-1), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != unix.EINTR {
+			break
+		}
+	}
 	if err != nil {
-		return 0
+		return 0, err
 	}
 	defer unix.Close(fd)
-	n, err := unix.Read(fd, buf)
-	if err != nil || n < 0 {
-		return 0
+	for {
+		n, err := unix.Read(fd, buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		return n, nil
 	}
-	return n
 }
 
 // parseStatusUIDs parses the "Uid:" line of a /proc/<pid>/status into uids and returns how

@@ -90,7 +90,7 @@ func TestWorkloadsRunUnderDynamicUIDsWithoutPrivileges(t *testing.T) {
 		_, err := os.Stat(lease)
 		return os.IsNotExist(err)
 	})
-	if p := uidProcs(uint32(uid1)); len(p) != 0 {
+	if p, _ := uidProcs("/proc", uint32(uid1)); len(p) != 0 {
 		t.Errorf("processes of uid %d left: %v", uid1, p)
 	}
 }
@@ -234,6 +234,58 @@ func TestReleaseAllKillsSurvivors(t *testing.T) {
 	}
 }
 
+// TestUIDKeptWhenProcessesCannotBeListed: a walk of /proc that cannot see every process
+// (here: the directory cannot be opened; EMFILE, a failed read) must not count as
+// "nothing runs as this uid". Release and batched release keep the lease of a uid a
+// process still runs as, with an error naming the walk, and a fresh lease is refused.
+// Before, the failed walk found no survivor and the uid was freed for the next tenant
+// while the process ran on.
+func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
+	needRoot(t)
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: 61500, UIDMax: 61599}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := us.leaseFreshN(t.TempDir(), 2)
+	if err != nil || len(ids) != 2 {
+		t.Fatalf("leased %v: %v", ids, err)
+	}
+	cmd := exec.Command("/bin/sleep", "600")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: ids[0].uid, Gid: ids[0].gid}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(waited) }() // reaped as soon as it is killed
+	defer func() { _ = cmd.Process.Kill(); <-waited }()
+
+	us.proc = filepath.Join(t.TempDir(), "no-proc")
+	if err := us.release(ids[0]); err == nil || !strings.Contains(err.Error(), "no-proc") {
+		t.Errorf("release with processes unlisted: %v; want an error naming the walk", err)
+	}
+	if err := us.releaseAll(ids); err == nil || !strings.Contains(err.Error(), "no-proc") {
+		t.Errorf("releaseAll with processes unlisted: %v; want an error naming the walk", err)
+	}
+	for _, id := range ids {
+		if _, err := os.Stat(us.leasePath(id.uid)); err != nil {
+			t.Errorf("uid %d freed by a walk that listed no process: %v", id.uid, err)
+		}
+	}
+	if got, err := us.leaseFreshN(t.TempDir(), 1); err == nil {
+		t.Errorf("leased %v although no process could be listed", got)
+	}
+	select {
+	case <-waited:
+		t.Fatal("the survivor ended")
+	default:
+	}
+
+	us.proc = "/proc"
+	if err := us.releaseAll(ids); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestStoppedWorkloadsUIDStaysLeasedUntilReleased: between a stop's removal of the
 // workload's directory and the batched release of its uid, the uid must stay leased. A
 // lease naming a directory that is gone is stale, so another lease (the pool's filler,
@@ -354,8 +406,8 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 	if n, _ := out.Read(buf); !strings.Contains(string(buf[:n]), "set") {
 		t.Fatalf("helper said %q", buf[:n])
 	}
-	if p := uidProcs(uid); !slices.Contains(p, mixed.Process.Pid) {
-		t.Errorf("uid %d: walk found %v, not process %d, whose real uid it is", uid, p, mixed.Process.Pid)
+	if p, err := uidProcs("/proc", uid); err != nil || !slices.Contains(p, mixed.Process.Pid) {
+		t.Errorf("uid %d: walk found %v (%v), not process %d, whose real uid it is", uid, p, err, mixed.Process.Pid)
 	}
 
 	// Enough processes that /proc's entries take several of the walk's directory reads
@@ -373,7 +425,9 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 
 	want := statusUIDs()
 	got := map[int][]uint32{}
-	walkProcs(func(pid int, uids []uint32) { got[pid] = slices.Clone(uids) })
+	if err := walkProcs("/proc", func(pid int, uids []uint32) { got[pid] = slices.Clone(uids) }); err != nil {
+		t.Fatalf("walk: %v", err)
+	}
 	after := statusUIDs()
 	for pid, w := range want {
 		g, ok := got[pid]
