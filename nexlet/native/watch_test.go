@@ -1,8 +1,13 @@
 package native
 
 import (
+	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
 	"slices"
 	"strings"
 	"testing"
@@ -66,4 +71,47 @@ func TestGoroutinesPerWorkload(t *testing.T) {
 	if !testkit.WaitFor(5*time.Second, func() bool { return per() <= 1.2 }) {
 		t.Errorf("%.2f goroutines per running workload, want 1", per())
 	}
+}
+
+// TestStackPerWorkload: a workload's one goroutine waits as long as the workload runs,
+// so what its stack grew to stays allocated. The start's log line and event (a JSON
+// handler and an encoding, 8 KB of stack or more) run on a short-lived goroutine; the
+// waiting one keeps a small stack. The collector is off while measuring: it halves a
+// waiting goroutine's stack at most once a cycle, which would hide a grown one.
+func TestStackPerWorkload(t *testing.T) {
+	n := benchNexlet(t, 0)
+	// As in the nexlet process: JSON log lines, events encoded.
+	n.log = slog.New(slog.NewJSONHandler(io.Discard, nil))
+	n.SetFeed(encodingFeed{})
+	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
+	const k = 100
+	// Warm: the first start's helpers (pools, loops) are not the workloads' cost.
+	startServices(t, n, "warm", 1, run)
+	runtime.GC()
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	before := stackBytes()
+	g0 := runtime.NumGoroutine()
+	startServices(t, n, "s", k, run)
+	testkit.WaitFor(5*time.Second, func() bool { return runtime.NumGoroutine()-g0 <= k+k/5 })
+	per := float64(stackBytes()-before) / k
+	t.Logf("%.0f bytes of goroutine stack per running workload", per)
+	if per > 7<<10 {
+		t.Errorf("%.0f bytes of goroutine stack per running workload, want at most %d", per, 7<<10)
+	}
+}
+
+// encodingFeed encodes events as the runner does before publishing them.
+type encodingFeed struct{}
+
+func (encodingFeed) Logger(_, _, _ string) io.Writer { return io.Discard }
+
+func (encodingFeed) EmitEvent(_, _ string, v any) error {
+	_, err := json.Marshal(v)
+	return err
+}
+
+func stackBytes() uint64 {
+	s := []metrics.Sample{{Name: "/memory/classes/heap/stacks:bytes"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
 }

@@ -649,6 +649,17 @@ const (
 	pumpMaxLine  = 64 << 10
 )
 
+// announceStart logs the start and emits WORKLOADSTARTED.
+func (n *Nexlet) announceStart(w *workload, p *proc) {
+	n.mu.Lock()
+	user := w.ident.String()
+	n.mu.Unlock()
+	n.log.Info("workload started", "workload_id", w.id, "namespace", w.ns, "pid", p.pid, "isolation", n.iso.mode(),
+		"user", user)
+	n.emit(w.ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: w.id, Namespace: w.ns,
+		WorkloadType: w.req.Request.WorkloadType})
+}
+
 // supervise waits for the workload's process, restarts it by policy and handles stops.
 // started: it logs the start and emits WORKLOADSTARTED first, here rather than before
 // the start's reply (a log write and an event's encoding, 0.1 ms of a deploy); the
@@ -656,13 +667,16 @@ const (
 func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 	defer close(w.done)
 	if started {
-		n.mu.Lock()
-		user := w.ident.String()
-		n.mu.Unlock()
-		n.log.Info("workload started", "workload_id", w.id, "namespace", w.ns, "pid", p.pid, "isolation", n.iso.mode(),
-			"user", user)
-		n.emit(w.ns, protocol.EventWorkloadStarted, protocol.WorkloadStartedEvent{ID: w.id, Namespace: w.ns,
-			WorkloadType: w.req.Request.WorkloadType})
+		// On a goroutine of its own, waited for: the log line's JSON handler and the
+		// event's encoding grow a stack to 8 KB or more, and this goroutine then waits
+		// as long as the workload runs, keeping whatever its stack grew to (the
+		// collector halves a waiting goroutine's stack at most once a cycle).
+		announced := make(chan struct{})
+		go func() {
+			defer close(announced)
+			n.announceStart(w, p)
+		}()
+		<-announced
 	}
 	backoff := w.plan.backoff
 	for {
