@@ -376,8 +376,13 @@ func (m *Manager) CleanupStale(rel string) (killed int, err error) {
 	if err != nil {
 		return 0, err
 	}
-	if err := g.Kill(); err != nil {
-		return 0, err
+	// Kill reads the whole subtree again; with no process in it (nothing left by a
+	// crash: the usual start) none can appear, and that read was nexd's start's before
+	// the native nexlet's fork.
+	if len(pids) > 0 {
+		if err := g.Kill(); err != nil {
+			return 0, err
+		}
 	}
 	if filepath.Clean("/"+rel) != "/" {
 		return len(pids), g.Remove()

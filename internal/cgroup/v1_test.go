@@ -407,3 +407,19 @@ func BenchmarkV1Create(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// BenchmarkV1CleanupStaleEmpty is nexd's start on a node root nothing was left in: the
+// nexlets' root (here with no group below it) read for leftovers of a crash.
+func BenchmarkV1CleanupStaleEmpty(b *testing.B) {
+	m := v1Root(&testing.T{})
+	defer func() { _ = m.group("").Remove() }()
+	if _, err := m.Create("nexlets", Limits{}); err != nil {
+		b.Fatal(err)
+	}
+	nexlets := m.Sub("nexlets")
+	for b.Loop() {
+		if killed, err := nexlets.CleanupStale(""); err != nil || killed != 0 {
+			b.Fatal(killed, err)
+		}
+	}
+}
