@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -171,10 +173,12 @@ func childPIDs(t *testing.T, pid int) []int {
 // SIGTERM and the next one started on systemd's socket, several times: a call is
 // answered by the nexd that accepted it or, queued on the socket, by the next. Before
 // the control server's drain, a request read just after the stop began was dropped
-// unanswered (EOF), as `systemctl restart nexd` showed in the nspawn suite.
+// unanswered (EOF), as `systemctl restart nexd` showed in the nspawn suite. Some
+// clients are plain HTTP clients, which never ask again (nexctl asks a dropped GET
+// again, so through it alone the test would pass without the drain).
 func TestStatusAcrossActivatedRestarts(t *testing.T) {
 	t.Parallel()
-	activatedRestarts(t, 6, nil, func(p *proc) {
+	activatedRestarts(t, 6, nil, true, func(p *proc) {
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		if code := p.wait(t, 60*time.Second); code != 0 {
 			t.Fatalf("nexd exited %d on SIGTERM", code)
@@ -194,7 +198,7 @@ func TestStatusAcrossActivatedCrash(t *testing.T) {
 			_ = syscall.Kill(r.PID, syscall.SIGKILL)
 		}
 	})
-	activatedRestarts(t, 4, []string{"--state-dir", state, "--state", "kv", "--live-restore"}, func(p *proc) {
+	activatedRestarts(t, 4, []string{"--state-dir", state, "--state", "kv", "--live-restore"}, false, func(p *proc) {
 		p.cmd.Process.Kill()
 		p.wait(t, 30*time.Second)
 	})
@@ -202,9 +206,9 @@ func TestStatusAcrossActivatedCrash(t *testing.T) {
 
 // activatedRestarts runs the real nexd on a systemd-style socket, ends it with end and
 // starts the next one, restarts times, while clients call status without pause (a
-// fresh connection each, as each nexctl is, plus the real nexctl in a loop). No call
-// may fail.
-func activatedRestarts(t *testing.T, restarts int, extra []string, end func(*proc)) {
+// fresh connection each, as each nexctl is, plus the real nexctl in a loop; with plain,
+// half of them are plain HTTP clients, which never ask again). No call may fail.
+func activatedRestarts(t *testing.T, restarts int, extra []string, plain bool, end func(*proc)) {
 	s := testnats.Start(t, testnats.Options{})
 	path := filepath.Join(t.TempDir(), "nexd.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -259,14 +263,19 @@ func activatedRestarts(t *testing.T, restarts int, extra []string, end func(*pro
 		}
 	}
 	var wg sync.WaitGroup
-	for range 6 {
+	for i := range 6 {
 		wg.Go(func() {
 			for !stopped() {
-				c := control.NewClient(path)
 				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-				_, err := c.Status(ctx)
+				var err error
+				if plain && i%2 == 1 {
+					err = plainStatus(ctx, path)
+				} else {
+					c := control.NewClient(path)
+					_, err = c.Status(ctx)
+					c.Close()
+				}
 				cancel()
-				c.Close()
 				record(err)
 			}
 		})
@@ -294,4 +303,30 @@ func activatedRestarts(t *testing.T, restarts int, extra []string, end func(*pro
 		t.Errorf("%d of %d status calls failed across %d restarts; first: %s",
 			len(failures), calls, restarts, strings.Join(failures[:min(len(failures), 3)], " | "))
 	}
+}
+
+// plainStatus GETs /v1/status over the socket with a plain HTTP client (curl, a
+// metrics scraper), which never asks again when the connection closes unanswered.
+func plainStatus(ctx context.Context, sock string) error {
+	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}}
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://nexd/v1/status", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return fmt.Errorf("plain client: %w", err)
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return fmt.Errorf("plain client: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("plain client: GET /v1/status: %s", resp.Status)
+	}
+	return nil
 }
