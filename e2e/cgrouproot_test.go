@@ -1,13 +1,17 @@
 package e2e
 
 import (
+	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
@@ -78,5 +82,109 @@ func TestCleanStopRemovesOwnCgroupRoot(t *testing.T) {
 		if _, err := os.Stat(root); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("a clean stop left the node's cgroup root %s: %v", root, err)
 		}
+	}
+}
+
+// TestAbandonedStartRemovesOwnCgroupRoot: a start abandoned while the native nexlet
+// started early (SIGTERM while nexd waits for its NATS server: systemctl stop during an
+// outage) removes the node's own cgroup root when nothing runs below it: it left
+// nexd/<node id> behind, one for every such stop of a node without a state directory.
+// A process below the root (a workload an earlier nexd left for live_restore) keeps it,
+// and the process runs on.
+func TestAbandonedStartRemovesOwnCgroupRoot(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if cgroupRoot(t) == "" {
+		t.Skip("needs writable cgroup v1 hierarchies (root)")
+	}
+	t.Parallel()
+	// A NATS server that is down: nexd waits for it, its native nexlet started early.
+	down := testnats.Start(t, testnats.Options{})
+	url := down.ClientURL()
+	down.Shutdown()
+	down.WaitForShutdown()
+	state := t.TempDir()
+	hiers := []string{"memory", "cpu", "pids"}
+	var id string
+	// The node's root in every hierarchy it made one in (cpuacct too, here).
+	roots := func() []string {
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "nexd", id))
+		return m
+	}
+	t.Cleanup(func() { // after the nodes stopped (cleanups run last-in first-out)
+		if id == "" {
+			return
+		}
+		for _, root := range roots() {
+			for i := 0; i < 20 && killTree(root) > 0; i++ {
+				time.Sleep(50 * time.Millisecond)
+			}
+			removeTree(root)
+		}
+	})
+	// start runs nexd until its early native nexlet runs and it waits for NATS.
+	start := func() *node {
+		ns := newNotifySocket(t)
+		n := startNode(t, nodeOpts{external: url, stateDir: state, autoCgroup: true, notify: ns})
+		ns.waitFor(t, "waiting for NATS", 60*time.Second)
+		testkit.EventuallyWithin(t, 30*time.Second, "the native nexlet started early", func() bool {
+			return nexletPID(n.cmd.Process.Pid) != 0
+		})
+		c := control.NewClient(n.socket)
+		defer c.Close()
+		st, err := c.Status(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		id = st.NodeID
+		if len(roots()) < len(hiers) {
+			t.Fatalf("the node's cgroup root nexd/%s is not in every hierarchy: %v", id, roots())
+		}
+		return n
+	}
+	stop := func(n *node) {
+		n.signal(t, syscall.SIGTERM)
+		if code := n.wait(t, 60*time.Second); code != 0 {
+			t.Fatalf("exit %d after SIGTERM during start-up", code)
+		}
+	}
+
+	// A process below the root, as a workload an earlier nexd left running: the root
+	// and the process stay.
+	n := start()
+	sleep := exec.Command("/bin/sleep", "600")
+	if err := sleep.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	go func() { _ = sleep.Wait(); close(waited) }()
+	defer func() { _ = sleep.Process.Kill(); <-waited }()
+	for _, h := range hiers {
+		g := filepath.Join("/sys/fs/cgroup", h, "nexd", id, "workloads", "earlier")
+		if err := os.MkdirAll(g, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(g, "cgroup.procs"), []byte(strconv.Itoa(sleep.Process.Pid)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stop(n)
+	select {
+	case <-waited:
+		t.Fatal("the process below the root was killed by a stop during start-up")
+	default:
+	}
+	if got := roots(); len(got) < len(hiers) {
+		t.Fatalf("a stop during start-up removed the root a process runs below: left %v", got)
+	}
+
+	// Nothing below it: the root goes.
+	_ = sleep.Process.Kill()
+	<-waited
+	n = start()
+	stop(n)
+	if got := roots(); len(got) > 0 {
+		t.Errorf("a stop during start-up left the node's cgroup root: %v\n%s", got, n.out.String())
 	}
 }

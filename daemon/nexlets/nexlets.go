@@ -115,9 +115,10 @@ type Manager struct {
 	// starts (this nexd spawned them; an adopted one has none), by name.
 	locals map[string]*localchan.Client
 	reg    Registry // nil until Attach when started early
-	// keep: Stop leaves processes under the cgroup root (Detach, LeaveWorkloads), so
-	// the root stays too.
-	keep bool
+	// keep: Stop leaves processes under the cgroup root (Detach), so the root stays
+	// too. leave: Stop leaves the workloads' cgroups alone (LeaveWorkloads); the root
+	// goes only when nothing runs below it.
+	keep, leave bool
 	// announced: the registry knows every nexlet (Attach, else Start).
 	announced bool
 	// early holds the first start's result of each nexlet StartEarly started; Start
@@ -344,10 +345,17 @@ func (m *Manager) Stop(ctx context.Context) error {
 	}
 	if m.unlock != nil {
 		m.mu.Lock()
-		keep := m.keep
+		keep, leave := m.keep, m.leave
 		m.mu.Unlock()
 		if !keep && err == nil {
-			if rerr := m.cg.RemoveOwnRoot(); rerr != nil {
+			// After LeaveWorkloads (a start abandoned), workloads an earlier nexd left
+			// there may run on: RemoveOwnRoot then refuses (it never removes a root with
+			// a process below it), which is no failure. With none, the root goes as
+			// after any stop: an abandoned start (SIGTERM while NATS is down) left it.
+			switch rerr := m.cg.RemoveOwnRoot(); {
+			case rerr != nil && leave:
+				m.log.Info("the node's cgroup root stays: an earlier nexd's workloads may run there", "cgroup", m.cg.Path(), "reason", rerr.Error())
+			case rerr != nil:
 				m.log.Warn("could not remove the node's cgroup root after a clean stop", "cgroup", m.cg.Path(), "err", rerr)
 			}
 		}
@@ -368,7 +376,7 @@ func (m *Manager) Detach() {
 // (supervise.Supervisor.LeaveWorkloads).
 func (m *Manager) LeaveWorkloads() {
 	m.mu.Lock()
-	m.keep = true
+	m.leave = true
 	m.mu.Unlock()
 	m.sup.LeaveWorkloads()
 }
