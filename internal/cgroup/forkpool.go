@@ -1,6 +1,7 @@
 package cgroup
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -11,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // ForkPool keeps a few OS threads ready in v1 mode, each already in a fresh, empty
@@ -261,19 +264,70 @@ func (p *ForkPool) removeGroup(rel string) {
 // start falls back to moving a thread into the group.
 var errForkerMoved = errors.New("fork pool thread moved out of its group")
 
-// threadIn reports whether the calling thread is in g in every hierarchy.
+// threadIn reports whether the calling thread is in g in every hierarchy. It runs
+// on the deploy's path right before the fork: three system calls into a buffer on the
+// stack, not os.ReadFile's seven and a map.
 func threadIn(g *Group) bool {
-	b, err := os.ReadFile("/proc/thread-self/cgroup")
-	if err != nil {
+	var buf [4 << 10]byte
+	b := readSmall("/proc/thread-self/cgroup", buf[:])
+	if b == nil {
 		return false
 	}
-	_, in := parseSelfCgroup(b)
 	for _, h := range g.hiers {
-		if in[strings.Split(h.Name, ",")[0]] != strings.TrimPrefix(h.Root, h.Mount) {
+		ctrl, _, _ := strings.Cut(h.Name, ",")
+		if !v1PathIs(b, ctrl, strings.TrimPrefix(h.Root, h.Mount)) {
 			return false
 		}
 	}
 	return true
+}
+
+// readSmall reads a small file into buf in one read (nil on an error), or with
+// os.ReadFile when it fills buf.
+func readSmall(path string, buf []byte) []byte {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	n, err := unix.Read(fd, buf)
+	unix.Close(fd)
+	if err != nil || n < 0 {
+		return nil
+	}
+	if n == len(buf) {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil
+		}
+		return b
+	}
+	return buf[:n]
+}
+
+// v1PathIs reports whether a /proc/<pid>/cgroup text b puts the process in path in
+// the v1 hierarchy of controller ctrl (the last line naming it, as parseSelfCgroup).
+func v1PathIs(b []byte, ctrl, path string) bool {
+	found, in := false, false
+	for len(b) > 0 {
+		var line []byte
+		line, b, _ = bytes.Cut(b, []byte{'\n'})
+		_, rest, ok := bytes.Cut(line, []byte{':'})
+		if !ok {
+			continue
+		}
+		ctrls, p, ok := bytes.Cut(rest, []byte{':'})
+		if !ok {
+			continue
+		}
+		for len(ctrls) > 0 {
+			var c []byte
+			c, ctrls, _ = bytes.Cut(ctrls, []byte{','})
+			if string(c) == ctrl {
+				found, in = true, string(p) == path
+			}
+		}
+	}
+	return found && in
 }
 
 // takeForker detaches the group's pool thread, if it still has one.
