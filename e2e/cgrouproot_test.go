@@ -7,9 +7,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -186,5 +189,54 @@ func TestAbandonedStartRemovesOwnCgroupRoot(t *testing.T) {
 	stop(n)
 	if got := roots(); len(got) > 0 {
 		t.Errorf("a stop during start-up left the node's cgroup root: %v\n%s", got, n.out.String())
+	}
+}
+
+// TestFailedStartRemovesOwnCgroupRoot: a start that fails after the node detected its
+// cgroup root (here a configured nexlet binary that does not exist) exits 1 naming the
+// problem and leaves no empty nexd/<node id> behind: it left one in every hierarchy.
+func TestFailedStartRemovesOwnCgroupRoot(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if cgroupRoot(t) == "" {
+		t.Skip("needs writable cgroup v1 hierarchies (root)")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	dir, state := t.TempDir(), t.TempDir()
+	kp, err := nkeys.CreateServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, _ := kp.Seed()
+	id, _ := kp.PublicKey()
+	roots := func() []string {
+		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "nexd", id))
+		return m
+	}
+	t.Cleanup(func() {
+		for _, root := range roots() {
+			removeTree(root)
+		}
+	})
+	cfg := `{"node": {"up": {"agents": [{"uri": "file:///nonexistent/nexlet-binary"}]}}}`
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true, dir: dir,
+		extra: []string{"--node-seed", string(seed)}})
+	if code := n.wait(t, 60*time.Second); code != 1 {
+		t.Fatalf("exit %d with a nexlet binary that does not exist, want 1:\n%s", code, n.out.String())
+	}
+	out := n.out.String()
+	if !strings.Contains(out, "/nonexistent/nexlet-binary") {
+		t.Errorf("the failure does not name the binary:\n%s", out)
+	}
+	if !strings.Contains(out, "nexd/"+id) {
+		t.Fatalf("nexd did not detect its own cgroup root nexd/%s:\n%s", id, out)
+	}
+	if got := roots(); len(got) > 0 {
+		t.Errorf("a failed start left the node's cgroup root: %v", got)
 	}
 }

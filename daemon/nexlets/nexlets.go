@@ -129,7 +129,7 @@ type Manager struct {
 
 // New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
 // (fetching nats:// binaries) and builds the supervisor. Nothing runs until Start.
-func New(ctx context.Context, o Options) (*Manager, error) {
+func New(ctx context.Context, o Options) (_ *Manager, err error) {
 	cfg := o.Config
 	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups, reg: o.Registry, early: map[string]chan error{},
 		locals: map[string]*localchan.Client{}}
@@ -137,13 +137,26 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 		// A detected root is this node's own (nexd/<node id> on v1), and whichever root
 		// is used is held for the node's lifetime: start-up cleans up only what is
 		// under a root it holds, so two nodes on a host never kill each other's work.
-		cg, err := cgroup.DetectFor(cfg.Node.CgroupRoot, o.NodeID, m.log)
-		if err != nil {
-			return nil, fmt.Errorf("cgroups: %w", err)
+		cg, derr := cgroup.DetectFor(cfg.Node.CgroupRoot, o.NodeID, m.log)
+		if derr != nil {
+			return nil, fmt.Errorf("cgroups: %w", derr)
 		}
 		if m.unlock, err = cg.Lock(); err != nil {
 			return nil, fmt.Errorf("cgroups: %w", err)
 		}
+		detected := cg
+		defer func() {
+			if err == nil {
+				return
+			}
+			// A start that fails here (a nexlet binary that cannot be had) leaves
+			// no empty root of its own (detection made it) behind; one with a
+			// process below it (an earlier nexd's, live_restore) is never removed.
+			if rerr := detected.RemoveOwnRoot(); rerr != nil {
+				m.log.Info("the node's cgroup root stays", "cgroup", detected.Path(), "reason", rerr.Error())
+			}
+			m.unlock()
+		}()
 		if cfg.Node.CgroupDriver == native.DriverSystemd && cg.Mode() == cgroup.ModeV2 {
 			// Workloads get their limits from systemd, in scopes outside nexd.service.
 			// Controllers enabled in the unit's cgroup would make the kernel refuse
@@ -160,7 +173,6 @@ func New(ctx context.Context, o Options) (*Manager, error) {
 	cg := m.cg
 	m.log.Info("cgroups", "mode", string(cg.Mode()), "enforced", strings.Join(cg.Enforced(), ","), "reason", cg.Reason())
 
-	var err error
 	if m.specs, err = m.resolve(ctx, cfg); err != nil {
 		return nil, err
 	}
