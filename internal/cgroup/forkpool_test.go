@@ -121,10 +121,9 @@ func TestV1ForkPool(t *testing.T) {
 func BenchmarkV1CreateStart(b *testing.B) {
 	for _, size := range []int{0, 2} {
 		b.Run("pool="+itoa(size), func(b *testing.B) {
-			m := v1Root(&testing.T{})
+			m := v1Root(b)
 			p := m.NewForkPool(size)
 			defer p.Close()
-			defer func() { _ = m.group("").Remove() }()
 			ready := func() bool { return len(poolGroups(m)) == size*len(m.hiers) }
 			i := 0
 			for b.Loop() {
@@ -197,8 +196,7 @@ func TestV1ForkPoolThreadMoved(t *testing.T) {
 // moves, as between deploys that are not back to back: a move written as an id then
 // waits for a full RCU grace period.
 func BenchmarkV1MoveThread(b *testing.B) {
-	m := v1Root(&testing.T{})
-	defer func() { _ = m.group("").Remove() }()
+	m := v1Root(b)
 	g, err := m.Create("move", Limits{})
 	if err != nil {
 		b.Fatal(err)
@@ -290,7 +288,7 @@ func TestV1PathIsAgreesWithParse(t *testing.T) {
 // still in its group (10-18 us, 26 allocations with os.ReadFile and parseSelfCgroup;
 // 4.3 us, 1 allocation now).
 func BenchmarkThreadIn(b *testing.B) {
-	g := v1Root(&testing.T{}).group("")
+	g := v1Root(b).group("")
 	b.ReportAllocs()
 	for b.Loop() {
 		_ = threadIn(g)

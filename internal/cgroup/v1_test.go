@@ -16,8 +16,10 @@ import (
 )
 
 // v1Root gives a manager on a unique group in the real v1 hierarchies of this machine,
-// removed (with anything left in it) when the test ends.
-func v1Root(t *testing.T) *Manager {
+// removed (with anything left in it) when the test or benchmark ends. Benchmarks pass
+// their own *testing.B: a bare testing.T never runs its cleanups, and every benchmark
+// run left an empty nexd-test-<n> in each hierarchy.
+func v1Root(t testing.TB) *Manager {
 	t.Helper()
 	for _, c := range []string{"memory", "cpu", "pids"} {
 		if !writable(filepath.Join("/sys/fs/cgroup", c)) {
@@ -390,8 +392,7 @@ func TestV1RemoveOwnRoot(t *testing.T) {
 // BenchmarkV1Create makes a new group as the nexlet's start makes its own (no limits
 // but the ones configured: none here) and removes it off the clock.
 func BenchmarkV1Create(b *testing.B) {
-	m := v1Root(&testing.T{})
-	defer func() { _ = m.group("").Remove() }()
+	m := v1Root(b)
 	i := 0
 	for b.Loop() {
 		name := "b" + strconv.Itoa(i)
@@ -411,8 +412,7 @@ func BenchmarkV1Create(b *testing.B) {
 // BenchmarkV1CleanupStaleEmpty is nexd's start on a node root nothing was left in: the
 // nexlets' root (here with no group below it) read for leftovers of a crash.
 func BenchmarkV1CleanupStaleEmpty(b *testing.B) {
-	m := v1Root(&testing.T{})
-	defer func() { _ = m.group("").Remove() }()
+	m := v1Root(b)
 	if _, err := m.Create("nexlets", Limits{}); err != nil {
 		b.Fatal(err)
 	}
