@@ -55,6 +55,10 @@ type server struct {
 	kv         *state.KV      // the state bucket (state "kv"), else nil
 	jetstream  jsWatch        // what JetStream last said about kv
 
+	// tempRuntimeDir: runtimeDir is a temp dir of this node's own (no runtime_dir, no
+	// state_dir), removed by a stop that leaves nothing running.
+	tempRuntimeDir bool
+
 	reloadMu       sync.Mutex // one reload at a time (SIGHUP and the socket)
 	nexletsStopped sync.Once  // stopNexlets
 
@@ -103,7 +107,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.id = id
 	// Owns the seeds' writes should the start end before they are waited for.
 	d.closers.push("identity", func(context.Context) error { return id.Persisted() })
-	s.runtimeDir = runtimeDir(cfg, id.ID())
+	s.runtimeDir, s.tempRuntimeDir = runtimeDir(cfg, id.ID())
 	if err := d.logger.Reconfigure(d.logOptions(cfg, id.ID())); err != nil {
 		return nil, fmt.Errorf("logger: %w", err)
 	}
@@ -134,6 +138,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		ProfileEnv:  profdump.PassOn(os.Getenv),
 		DefaultGOGC: cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
 	}
+	nopts.RemoveRuntimeDir = s.tempRuntimeDir
 	if hooks.cgroups != nil {
 		nopts.Cgroups = hooks.cgroups()
 	}
@@ -304,12 +309,13 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 }
 
 // runtimeDir holds fetched nexlet binaries and workload directories: runtime_dir (which
-// config resolves from $RUNTIME_DIRECTORY or state_dir), else a temp dir of this node.
-func runtimeDir(cfg *config.Config, nodeID string) string {
+// config resolves from $RUNTIME_DIRECTORY or state_dir), else a temp dir of this node
+// (temp).
+func runtimeDir(cfg *config.Config, nodeID string) (dir string, temp bool) {
 	if cfg.Node.RuntimeDir != "" {
-		return cfg.Node.RuntimeDir
+		return cfg.Node.RuntimeDir, false
 	}
-	return filepath.Join(os.TempDir(), "nexd-"+nodeID[:12])
+	return filepath.Join(os.TempDir(), "nexd-"+nodeID[:12]), true
 }
 
 func natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {

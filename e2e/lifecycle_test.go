@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -381,9 +382,19 @@ func TestIdentityPersistence(t *testing.T) {
 		p := startNexd(t, nexdOpts{args: []string{"--nats.servers", s.ClientURL(), "--control-socket", socket,
 			"--disable-native-start"}})
 		n := &node{proc: p, socket: socket, natsURL: s.ClientURL()}
-		eph = append(eph, n.waitReady(t).NodeID)
+		id := n.waitReady(t).NodeID
+		eph = append(eph, id)
+		// Its runtime dir is a temp dir of its own (nexd's environment has no
+		// $TMPDIR), gone after the stop: each start left one behind before.
+		runtime := filepath.Join("/tmp", "nexd-"+id[:12])
+		if _, err := os.Stat(filepath.Join(runtime, "exits")); err != nil {
+			t.Fatalf("ephemeral node's runtime dir while it runs: %v", err)
+		}
 		p.signal(t, syscall.SIGTERM)
 		p.wait(t, 60*time.Second)
+		if _, err := os.Stat(runtime); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("ephemeral node left its runtime dir %s behind (%v)", runtime, err)
+		}
 	}
 	if eph[0] == eph[1] {
 		t.Fatalf("ephemeral nodes share an id: %v", eph)

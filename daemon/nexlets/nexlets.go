@@ -68,7 +68,11 @@ type Options struct {
 	NC       *nats.Conn // fetches nats:// agent binaries
 	// RuntimeDir holds fetched nexlet binaries and the native nexlet's workload dirs.
 	RuntimeDir string
-	Logger     *slog.Logger
+	// RemoveRuntimeDir: RuntimeDir is a temp dir nexd chose for itself (no runtime_dir,
+	// no state_dir), removed by a Stop that leaves nothing running. Left there, every
+	// ephemeral node left a /tmp/nexd-<node id> behind (a new one each start).
+	RemoveRuntimeDir bool
+	Logger           *slog.Logger
 	// Cgroups, when set, is used instead of detecting the cgroup layout (and moving
 	// nexd into its supervisor cgroup): for tests that run a node in-process.
 	Cgroups *cgroup.Manager
@@ -355,10 +359,12 @@ func (m *Manager) Stop(ctx context.Context) error {
 	for _, s := range m.specs {
 		m.closeLocal(s.Name) // those of nexlets left running (live_restore)
 	}
+	m.mu.Lock()
+	keep, leave := m.keep, m.leave
+	m.mu.Unlock()
+	// Before the unlock: a second nexd of the same node id is not using the dir.
+	m.removeRuntimeDir(keep, leave, err)
 	if m.unlock != nil {
-		m.mu.Lock()
-		keep, leave := m.keep, m.leave
-		m.mu.Unlock()
 		if !keep && err == nil {
 			// After LeaveWorkloads (a start abandoned), workloads an earlier nexd left
 			// there may run on: RemoveOwnRoot then refuses (it never removes a root with
@@ -374,6 +380,19 @@ func (m *Manager) Stop(ctx context.Context) error {
 		m.unlock()
 	}
 	return err
+}
+
+// removeRuntimeDir removes a temp runtime dir after a stop that left nothing running:
+// not with Detach (the next nexd adopts the nexlets, and their records, FIFOs and
+// workload dirs are there), nor with LeaveWorkloads (an earlier nexd's workloads may
+// run on), nor after a failed stop.
+func (m *Manager) removeRuntimeDir(keep, leave bool, stopErr error) {
+	if !m.o.RemoveRuntimeDir || keep || leave || stopErr != nil {
+		return
+	}
+	if err := os.RemoveAll(m.o.RuntimeDir); err != nil {
+		m.log.Warn("could not remove the temporary runtime directory after a clean stop", "dir", m.o.RuntimeDir, "err", err)
+	}
 }
 
 // Detach makes Stop leave the workloads running for the next nexd (live_restore).
