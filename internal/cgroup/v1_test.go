@@ -51,16 +51,21 @@ func (m *Manager) hierDir(ctrl string) string {
 	return ""
 }
 
+// limitCheck gives a check that group's file in ctrl's hierarchy reads want.
+func limitCheck(t *testing.T, m *Manager, group string) func(ctrl, file, want string) {
+	return func(ctrl, file, want string) {
+		t.Helper()
+		if got := readTrim(t, filepath.Join(m.hierDir(ctrl), group, file)); got != want {
+			t.Errorf("%s = %q, want %q", file, got, want)
+		}
+	}
+}
+
 func TestV1CreateLimits(t *testing.T) {
 	m := v1Root(t)
 	_, err := m.Create("a", Limits{MemoryMax: 64 << 20, MemoryHigh: 32 << 20, CPUMax: 0.5, PidsMax: 50})
 	must(t, err)
-	check := func(ctrl, file, want string) {
-		t.Helper()
-		if got := readTrim(t, filepath.Join(m.hierDir(ctrl), "a", file)); got != want {
-			t.Errorf("%s = %q, want %q", file, got, want)
-		}
-	}
+	check := limitCheck(t, m, "a")
 	check("memory", "memory.limit_in_bytes", "67108864")
 	check("memory", "memory.soft_limit_in_bytes", "33554432")
 	check("cpu", "cpu.cfs_quota_us", "50000")
@@ -93,12 +98,7 @@ func TestV1CreateFreshWritesOnlyLimitsSet(t *testing.T) {
 	if len(writes) != 0 {
 		t.Errorf("a new group without limits got writes %v", writes)
 	}
-	check := func(ctrl, file, want string) {
-		t.Helper()
-		if got := readTrim(t, filepath.Join(m.hierDir(ctrl), "fresh/nexlet", file)); got != want {
-			t.Errorf("%s = %q, want %q", file, got, want)
-		}
-	}
+	check := limitCheck(t, m, "fresh/nexlet")
 	check("cpu", "cpu.cfs_quota_us", "-1")
 	check("cpu", "cpu.cfs_period_us", "100000")
 	check("pids", "pids.max", "max")
