@@ -35,18 +35,7 @@ func TestCleanStopRemovesOwnCgroupRoot(t *testing.T) {
 	state := t.TempDir()
 	hiers := []string{"memory", "cpu", "pids"}
 	var id string
-	t.Cleanup(func() { // after the nodes stopped (cleanups run last-in first-out)
-		if id == "" {
-			return
-		}
-		for _, h := range hiers {
-			root := filepath.Join("/sys/fs/cgroup", h, "nexd", id)
-			for i := 0; i < 20 && killTree(root) > 0; i++ {
-				time.Sleep(50 * time.Millisecond)
-			}
-			removeTree(root)
-		}
-	})
+	t.Cleanup(func() { removeNodeRoots(id) }) // after the nodes stopped (cleanups run last-in first-out)
 	opts := func(live bool) nodeOpts {
 		o := nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true, extra: []string{"--state", "kv"}}
 		if live {
@@ -111,21 +100,8 @@ func TestAbandonedStartRemovesOwnCgroupRoot(t *testing.T) {
 	hiers := []string{"memory", "cpu", "pids"}
 	var id string
 	// The node's root in every hierarchy it made one in (cpuacct too, here).
-	roots := func() []string {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "nexd", id))
-		return m
-	}
-	t.Cleanup(func() { // after the nodes stopped (cleanups run last-in first-out)
-		if id == "" {
-			return
-		}
-		for _, root := range roots() {
-			for i := 0; i < 20 && killTree(root) > 0; i++ {
-				time.Sleep(50 * time.Millisecond)
-			}
-			removeTree(root)
-		}
-	})
+	roots := func() []string { return nodeRoots(id) }
+	t.Cleanup(func() { removeNodeRoots(id) }) // after the nodes stopped (cleanups run last-in first-out)
 	// start runs nexd until its early native nexlet runs and it waits for NATS.
 	start := func() *node {
 		ns := newNotifySocket(t)
@@ -211,15 +187,8 @@ func TestFailedStartRemovesOwnCgroupRoot(t *testing.T) {
 	}
 	seed, _ := kp.Seed()
 	id, _ := kp.PublicKey()
-	roots := func() []string {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "nexd", id))
-		return m
-	}
-	t.Cleanup(func() {
-		for _, root := range roots() {
-			removeTree(root)
-		}
-	})
+	roots := func() []string { return nodeRoots(id) }
+	t.Cleanup(func() { removeNodeRoots(id) })
 	cfg := `{"node": {"up": {"agents": [{"uri": "file:///nonexistent/nexlet-binary"}]}}}`
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

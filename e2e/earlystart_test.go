@@ -110,23 +110,10 @@ func TestNexletOfAnotherNodeIDNotAdopted(t *testing.T) {
 	}
 	seed, _ := kp.Seed()
 	first, _ := kp.PublicKey()
-	roots := func(id string) []string {
-		m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "nexd", id))
-		return m
-	}
 	var second string
 	t.Cleanup(func() { // after the nodes stopped (cleanups run last-in first-out)
-		for _, id := range []string{first, second} {
-			if id == "" {
-				continue
-			}
-			for _, root := range roots(id) {
-				for i := 0; i < 20 && killTree(root) > 0; i++ {
-					time.Sleep(50 * time.Millisecond)
-				}
-				removeTree(root)
-			}
-		}
+		removeNodeRoots(first)
+		removeNodeRoots(second)
 	})
 	records := filepath.Join(state, "nexlets")
 	n1 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true,
@@ -145,7 +132,7 @@ func TestNexletOfAnotherNodeIDNotAdopted(t *testing.T) {
 	if !old.ID().Alive() {
 		t.Fatalf("the first nexd's nexlet %d died with it; nothing to adopt", old.PID)
 	}
-	if len(roots(first)) == 0 {
+	if len(nodeRoots(first)) == 0 {
 		t.Fatalf("the first nexd made no cgroup root nexd/%s", first)
 	}
 
@@ -167,7 +154,7 @@ func TestNexletOfAnotherNodeIDNotAdopted(t *testing.T) {
 	if child := nexletPID(n2.cmd.Process.Pid); len(natives) != 1 || natives[0] != child {
 		t.Errorf("native nexlets for the state directory: %v; want only the second nexd's child %d", natives, child)
 	}
-	if got := roots(first); len(got) > 0 {
+	if got := nodeRoots(first); len(got) > 0 {
 		t.Errorf("the first node id's cgroup root is left: %v", got)
 	}
 	out := n2.out.String()

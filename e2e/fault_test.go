@@ -497,9 +497,7 @@ func TestTwoNodesOneHost(t *testing.T) {
 	var ids []string
 	t.Cleanup(func() { // after the nodes stopped (cleanups run last-in first-out)
 		for _, id := range ids {
-			for _, h := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
-				removeTree(filepath.Join("/sys/fs/cgroup", h, "nexd", id))
-			}
+			removeNodeRoots(id)
 		}
 	})
 	a := startNode(t, nodeOpts{external: s.ClientURL(), autoCgroup: true})

@@ -74,6 +74,26 @@ func cgroupRoot(t *testing.T) string {
 	return root
 }
 
+// nodeRoots lists node id's own cgroup root, nexd/<id>, in every hierarchy that has one.
+func nodeRoots(id string) []string {
+	if id == "" { // would match nexd/ itself
+		return nil
+	}
+	m, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "nexd", id))
+	return m
+}
+
+// removeNodeRoots kills what still runs below node id's own cgroup roots and removes
+// them: the cleanup of a test whose node detected its root, run after the node stopped.
+func removeNodeRoots(id string) {
+	for _, root := range nodeRoots(id) {
+		for i := 0; i < 20 && killTree(root) > 0; i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
+		removeTree(root)
+	}
+}
+
 // killTree sends SIGKILL to every process in the cgroup tree and returns how many it found.
 func killTree(dir string) int {
 	n := 0
