@@ -199,12 +199,11 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 	}
 }
 
-// TestReleaseAllKillsSurvivors: releasing several uids at once (a batch of stops)
-// kills any process still running as one of them (one that left its workload's group)
-// before its lease goes, and frees the others too.
-func TestReleaseAllKillsSurvivors(t *testing.T) {
-	needRoot(t)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: 61400, UIDMax: 61499}, t.TempDir())
+// twoLeasedOneRunning leases two fresh uids of [lo, hi] and starts a sleep running as
+// the first.
+func twoLeasedOneRunning(t *testing.T, lo, hi uint32) (*users, []ident, *exec.Cmd) {
+	t.Helper()
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: hi}, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,6 +216,15 @@ func TestReleaseAllKillsSurvivors(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	return us, ids, cmd
+}
+
+// TestReleaseAllKillsSurvivors: releasing several uids at once (a batch of stops)
+// kills any process still running as one of them (one that left its workload's group)
+// before its lease goes, and frees the others too.
+func TestReleaseAllKillsSurvivors(t *testing.T) {
+	needRoot(t)
+	us, ids, cmd := twoLeasedOneRunning(t, 61400, 61499)
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
 	if err := us.releaseAll(ids); err != nil {
@@ -242,19 +250,7 @@ func TestReleaseAllKillsSurvivors(t *testing.T) {
 // while the process ran on.
 func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
 	needRoot(t)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: 61500, UIDMax: 61599}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ids, err := us.leaseFreshN(t.TempDir(), 2)
-	if err != nil || len(ids) != 2 {
-		t.Fatalf("leased %v: %v", ids, err)
-	}
-	cmd := exec.Command("/bin/sleep", "600")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: ids[0].uid, Gid: ids[0].gid}}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	us, ids, cmd := twoLeasedOneRunning(t, 61500, 61599)
 	waited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(waited) }() // reaped as soon as it is killed
 	defer func() { _ = cmd.Process.Kill(); <-waited }()
