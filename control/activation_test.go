@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // A socket systemd created (socket activation) is served as it is, gets the mode
@@ -20,12 +22,7 @@ import (
 // server runs is answered by the next one.
 func TestInheritedListener(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "nexd.sock")
-	sys, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sys.SetUnlinkOnClose(false)
-	t.Cleanup(func() { sys.Close() })
+	sys := testkit.ActivationSocket(t, path)
 	if err := os.Chmod(path, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -108,12 +105,7 @@ func TestInheritedListener(t *testing.T) {
 // plain HTTP client (curl, a metrics scraper).
 func TestNoRequestLostAcrossHandovers(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "nexd.sock")
-	sys, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sys.SetUnlinkOnClose(false)
-	t.Cleanup(func() { sys.Close() })
+	sys := testkit.ActivationSocket(t, path)
 	serve := func() (*Server, chan error) {
 		f, err := sys.File()
 		if err != nil {

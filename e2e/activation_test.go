@@ -45,12 +45,7 @@ func TestSocketActivation(t *testing.T) {
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	path := filepath.Join(t.TempDir(), "nexd.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	t.Cleanup(func() { ln.Close() })
+	ln := testkit.ActivationSocket(t, path)
 	if err := os.Chmod(path, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -211,12 +206,7 @@ func TestStatusAcrossActivatedCrash(t *testing.T) {
 func activatedRestarts(t *testing.T, restarts int, extra []string, plain bool, end func(*proc)) {
 	s := testnats.Start(t, testnats.Options{})
 	path := filepath.Join(t.TempDir(), "nexd.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false)
-	t.Cleanup(func() { ln.Close() })
+	ln := testkit.ActivationSocket(t, path)
 	sock, err := ln.File()
 	if err != nil {
 		t.Fatal(err)

@@ -42,3 +42,17 @@ func StablePort(t testing.TB) int {
 	t.Fatalf("no free port in %d-%d after 100 tries", from, to)
 	return 0
 }
+
+// ActivationSocket listens on a Unix socket at path as systemd does for socket
+// activation: closing a server's copy of it (a restart) does not unlink it, and the
+// test's own listener, systemd's, is closed when the test ends.
+func ActivationSocket(t testing.TB, path string) *net.UnixListener {
+	t.Helper()
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	t.Cleanup(func() { l.Close() })
+	return l
+}
