@@ -55,10 +55,6 @@ type server struct {
 	kv         *state.KV      // the state bucket (state "kv"), else nil
 	jetstream  jsWatch        // what JetStream last said about kv
 
-	// tempRuntimeDir: runtimeDir is a temp dir of this node's own (no runtime_dir, no
-	// state_dir), removed by a stop that leaves nothing running.
-	tempRuntimeDir bool
-
 	reloadMu       sync.Mutex // one reload at a time (SIGHUP and the socket)
 	nexletsStopped sync.Once  // stopNexlets
 
@@ -107,7 +103,10 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.id = id
 	// Owns the seeds' writes should the start end before they are waited for.
 	d.closers.push("identity", func(context.Context) error { return id.Persisted() })
-	s.runtimeDir, s.tempRuntimeDir = runtimeDir(cfg, id.ID())
+	// A temp runtime dir of this node's own (no runtime_dir, no state_dir) is removed by
+	// a stop that leaves nothing running.
+	var tempRuntimeDir bool
+	s.runtimeDir, tempRuntimeDir = runtimeDir(cfg, id.ID())
 	if err := d.logger.Reconfigure(d.logOptions(cfg, id.ID())); err != nil {
 		return nil, fmt.Errorf("logger: %w", err)
 	}
@@ -127,18 +126,18 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		handed, users = h.Nexlets, &h.Users
 	}
 	nopts := nexlets.Options{
-		Handed:      handed,
-		Config:      cfg,
-		NodeID:      id.ID(),
-		Minter:      nil, // below
-		RuntimeDir:  s.runtimeDir,
-		Logger:      d.log,
-		OnExit:      func(name string, oom bool) { s.metrics.NexletExit(name, oom) },
-		OnFailed:    func(string) { d.notify.Status(s.statusLine()) },
-		ProfileEnv:  profdump.PassOn(os.Getenv),
-		DefaultGOGC: cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
+		Handed:           handed,
+		Config:           cfg,
+		NodeID:           id.ID(),
+		Minter:           nil, // below
+		RuntimeDir:       s.runtimeDir,
+		RemoveRuntimeDir: tempRuntimeDir,
+		Logger:           d.log,
+		OnExit:           func(name string, oom bool) { s.metrics.NexletExit(name, oom) },
+		OnFailed:         func(string) { d.notify.Status(s.statusLine()) },
+		ProfileEnv:       profdump.PassOn(os.Getenv),
+		DefaultGOGC:      cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
 	}
-	nopts.RemoveRuntimeDir = s.tempRuntimeDir
 	if hooks.cgroups != nil {
 		nopts.Cgroups = hooks.cgroups()
 	}
