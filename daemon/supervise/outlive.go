@@ -146,16 +146,8 @@ func EndRecorded(dir string, r Record, bound time.Duration) error {
 		return err
 	}
 	defer pidfd.Close()
-	rc, err := pidfd.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), unix.SIGKILL, nil, 0) }); err != nil {
-		return err
-	}
-	if serr != nil {
-		return fmt.Errorf("kill nexlet %s (pid %d): %w", r.Name, r.PID, serr)
+	if err := procid.SignalPidfd(pidfd, unix.SIGKILL); err != nil {
+		return fmt.Errorf("kill nexlet %s (pid %d): %w", r.Name, r.PID, err)
 	}
 	ended := make(chan error, 1)
 	go func() { ended <- procid.WaitPidfd(pidfd) }() // ends with the process or the close below
@@ -244,25 +236,14 @@ func (n *nexlet) adopt(rec Record) (*adopted, error) {
 	}
 	st, _ := procid.ReadStat(rec.PID)
 	p := &adopted{pid: rec.PID, outR: outR, errR: errR, child: st.PPID == os.Getpid()}
-	rc, err := pidfd.SyscallConn()
-	if err != nil {
-		pidfd.Close()
-		outR.Close()
-		errR.Close()
-		return fail(err)
-	}
 	p.signal = func(sig os.Signal) error {
 		s, ok := sig.(syscall.Signal)
 		if !ok {
 			return errors.New("not a syscall signal")
 		}
-		// Through the pidfd (Control fails once it is closed), never by pid: the
-		// pid of a process that is not our child may be reused.
-		var serr error
-		if err := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), s, nil, 0) }); err != nil {
-			return err
-		}
-		return serr
+		// Through the pidfd (failing once it is closed), never by pid: the pid of a
+		// process that is not our child may be reused.
+		return procid.SignalPidfd(pidfd, s)
 	}
 	waited := make(chan error, 1)
 	p.waited = waited

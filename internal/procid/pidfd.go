@@ -55,3 +55,17 @@ func WaitPidfd(f *os.File) error {
 	}
 	return perr
 }
+
+// SignalPidfd sends sig to the process behind f: never by pid, which the process of
+// another parent may have given up for reuse. It fails once f is closed.
+func SignalPidfd(f *os.File, sig unix.Signal) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.PidfdSendSignal(int(fd), sig, nil, 0) }); err != nil {
+		return err
+	}
+	return serr
+}
