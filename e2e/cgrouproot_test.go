@@ -24,12 +24,7 @@ import (
 // in it) and removes it, in every hierarchy, on a stop that stops everything: stopped
 // nodes used to leave one empty root each (benchmarks left hundreds).
 func TestCleanStopRemovesOwnCgroupRoot(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	if cgroupRoot(t) == "" {
-		t.Skip("needs writable cgroup v1 hierarchies (root)")
-	}
+	needCgroupV1(t, "hierarchies (root)")
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	state := t.TempDir()
@@ -84,12 +79,7 @@ func TestCleanStopRemovesOwnCgroupRoot(t *testing.T) {
 // A process below the root (a workload an earlier nexd left for live_restore) keeps it,
 // and the process runs on.
 func TestAbandonedStartRemovesOwnCgroupRoot(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	if cgroupRoot(t) == "" {
-		t.Skip("needs writable cgroup v1 hierarchies (root)")
-	}
+	needCgroupV1(t, "hierarchies (root)")
 	t.Parallel()
 	// A NATS server that is down: nexd waits for it, its native nexlet started early.
 	down := testnats.Start(t, testnats.Options{})
@@ -172,12 +162,7 @@ func TestAbandonedStartRemovesOwnCgroupRoot(t *testing.T) {
 // cgroup root (here a configured nexlet binary that does not exist) exits 1 naming the
 // problem and leaves no empty nexd/<node id> behind: it left one in every hierarchy.
 func TestFailedStartRemovesOwnCgroupRoot(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	if cgroupRoot(t) == "" {
-		t.Skip("needs writable cgroup v1 hierarchies (root)")
-	}
+	needCgroupV1(t, "hierarchies (root)")
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	dir, state := t.TempDir(), t.TempDir()

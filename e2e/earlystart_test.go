@@ -95,12 +95,7 @@ func TestLiveRestoreStopDuringEarlyStartKeepsWorkloads(t *testing.T) {
 // leaves. Counted: the old nexlet ended, one native nexlet for the state directory (the
 // new nexd's child), no handover, no cgroup root of the old id.
 func TestNexletOfAnotherNodeIDNotAdopted(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	if cgroupRoot(t) == "" {
-		t.Skip("needs writable cgroup v1 hierarchies (root) for the node's own root nexd/<node id>")
-	}
+	needCgroupV1(t, "hierarchies (root) for the node's own root nexd/<node id>")
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	state := t.TempDir()

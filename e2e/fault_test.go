@@ -486,12 +486,7 @@ func TestLongNATSOutageKeepsWatchdog(t *testing.T) {
 // both used the host-wide v1 root and the second's start-up cleanup killed the first's
 // nexlet and workloads.
 func TestTwoNodesOneHost(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	if cgroupRoot(t) == "" {
-		t.Skip("needs writable cgroup v1 hierarchies (root)")
-	}
+	needCgroupV1(t, "hierarchies (root)")
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	var ids []string
@@ -593,12 +588,7 @@ func TestYesFloodKeepsNexletLines(t *testing.T) {
 // node's workload_default_memory_max; allocating past it, it is OOM-killed in its own
 // cgroup while the native nexlet (same pid) and the node run on.
 func TestDefaultLimitProtectsNexlet(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	if cgroupRoot(t) == "" {
-		t.Skip("needs writable cgroup v1 memory (root)")
-	}
+	needCgroupV1(t, "memory (root)")
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--workload-default-memory-max", "64M"}})

@@ -57,7 +57,7 @@ type nodeOpts struct {
 func cgroupRoot(t *testing.T) string {
 	t.Helper()
 	base := "/sys/fs/cgroup/memory"
-	if st, err := os.Stat(base); err != nil || !st.IsDir() || os.Geteuid() != 0 {
+	if !cgroupV1Writable() {
 		return ""
 	}
 	root := filepath.Join(base, fmt.Sprintf("nexd-e2e-%d-%d", os.Getpid(), time.Now().UnixNano()%1e9))
@@ -72,6 +72,24 @@ func cgroupRoot(t *testing.T) string {
 		}
 	})
 	return root
+}
+
+// cgroupV1Writable: this host has cgroup v1 hierarchies and the test runs as root.
+func cgroupV1Writable() bool {
+	st, err := os.Stat("/sys/fs/cgroup/memory")
+	return err == nil && st.IsDir() && os.Geteuid() == 0
+}
+
+// needCgroupV1 skips an e2e test in -short mode and on a host without writable cgroup
+// v1 hierarchies; why completes "needs writable cgroup v1 ...".
+func needCgroupV1(t *testing.T, why string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if !cgroupV1Writable() {
+		t.Skip("needs writable cgroup v1 " + why)
+	}
 }
 
 // nodeRoots lists node id's own cgroup root, nexd/<id>, in every hierarchy that has one.
