@@ -8,13 +8,16 @@
 // datagram the kernel would take): a 4-byte big-endian length, then a kind byte, an
 // 8-byte call id, the subject (2-byte length), the headers (JSON, 4-byte length) and the
 // body. A reply (progress report or answer) carries the id of its request, so one
-// channel serves many starts at once. The pair is made per spawn with SOCK_CLOEXEC, and
+// channel serves many starts at once. The other way, the nexlet calls the node (its
+// registration, when the node says it serves calls: EnvCalls), so that the start of the
+// node does not wait for a NATS round trip either. The pair is made per spawn with SOCK_CLOEXEC, and
 // the nexlet marks its end close-on-exec before anything forks, so no other process (a
 // workload, another nexlet, a re-executed nexd) ever holds either end.
 package localchan
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -28,11 +31,25 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
 	"golang.org/x/sys/unix"
 )
 
 // EnvFD names the environment variable that gives the nexlet the number of its end.
 const EnvFD = "NEX_AGENT_LOCAL_FD"
+
+// EnvCalls names the environment variable by which the node says which of the
+// nexlet's calls it serves on the channel: CallRegister. A node that does not set it
+// (an older nexd) ignores calls, so the nexlet registers over NATS.
+const EnvCalls = "NEX_AGENT_LOCAL_CALLS"
+
+// CallRegister is EnvCalls' value for a node that takes the nexlet's registration on
+// the channel.
+const CallRegister = "register"
+
+// ServesRegistration says whether the node that spawned this nexlet takes its
+// registration on the channel (EnvCalls).
+func ServesRegistration(env func(string) string) bool { return env(EnvCalls) == CallRegister }
 
 // MaxFrame bounds one message: larger than any NATS payload a node accepts.
 const MaxFrame = 128 << 20
@@ -41,7 +58,15 @@ const (
 	kindRequest byte = 1
 	kindReply   byte = 2
 	kindServing byte = 3 // the nexlet serves requests from now on
+	// A call from the nexlet to the node, and the node's answer (an older node or
+	// nexlet ignores both: it reads only the kinds above).
+	kindCall      byte = 4
+	kindCallReply byte = 5
 )
+
+// maxQueuedCalls bounds the calls a Client keeps until the node serves them (OnCall):
+// a nexlet makes one (its registration); more are answered with an error at once.
+const maxQueuedCalls = 4
 
 // ErrClosed is returned for a request on a closed channel.
 var ErrClosed = errors.New("local channel closed")
@@ -192,6 +217,8 @@ type Client struct {
 	calls   map[uint64]chan<- *nats.Msg
 	serving bool // the nexlet said it serves requests
 	closed  bool
+	onCall  func(*Call) // nil until OnCall
+	queued  []*Call     // calls that came before OnCall
 }
 
 // NewClient serves the node's end f (taken over: closed with the client).
@@ -252,6 +279,10 @@ func (cl *Client) readLoop() {
 			cl.mu.Unlock()
 			continue
 		}
+		if m.kind == kindCall {
+			cl.call(&Call{cl: cl, id: m.id, Subject: m.subject, Header: m.header, Data: m.data})
+			continue
+		}
 		if m.kind != kindReply {
 			continue
 		}
@@ -266,6 +297,54 @@ func (cl *Client) readLoop() {
 		default:
 		}
 	}
+}
+
+// call hands c to the node's handler, or keeps it until there is one.
+func (cl *Client) call(c *Call) {
+	cl.mu.Lock()
+	h := cl.onCall
+	full := false
+	if h == nil {
+		if full = len(cl.queued) >= maxQueuedCalls; !full {
+			cl.queued = append(cl.queued, c)
+		}
+	}
+	cl.mu.Unlock()
+	switch {
+	case h != nil:
+		h(c)
+	case full:
+		_ = c.Reply(&nats.Msg{Header: nats.Header{micro.ErrorCodeHeader: {"503"},
+			micro.ErrorHeader: {fmt.Sprintf("local channel: more than %d calls before the node serves them", maxQueuedCalls)}}})
+	}
+}
+
+// OnCall makes h the handler of the nexlet's calls, those that came before included.
+// h runs on the channel's reader (or, for those that came before, on the caller's
+// goroutine): it must not block, and answers with Call.Reply.
+func (cl *Client) OnCall(h func(*Call)) {
+	cl.mu.Lock()
+	cl.onCall = h
+	queued := cl.queued
+	cl.queued = nil
+	cl.mu.Unlock()
+	for _, c := range queued {
+		h(c)
+	}
+}
+
+// Call is a call from the nexlet to the node.
+type Call struct {
+	cl      *Client
+	id      uint64
+	Subject string
+	Header  nats.Header
+	Data    []byte
+}
+
+// Reply sends the node's answer to the call.
+func (c *Call) Reply(m *nats.Msg) error {
+	return c.cl.c.write(msg{kind: kindCallReply, id: c.id, header: m.Header, data: m.Data})
 }
 
 func (cl *Client) markClosed() {
@@ -299,6 +378,11 @@ func (r *Request) Reply(m *nats.Msg) error {
 // Server is the nexlet's end.
 type Server struct {
 	c *conn
+	// Before Serve, Call reads the channel itself: the requests it reads meanwhile
+	// wait here for Serve, and nextCall numbers its calls.
+	early    []*Request
+	nextCall uint64
+	broken   error // a Call ended mid-frame: the channel is closed
 }
 
 // NewServer serves the nexlet's end f (taken over).
@@ -321,9 +405,54 @@ func (s *Server) Announce() error {
 	return err
 }
 
+// Call sends a call to the node and waits for its answer (or ctx), reading the
+// channel itself: make calls before Serve, from one goroutine. A start request that
+// comes meanwhile (the node may send one as soon as it accepted a registration) waits
+// for Serve. An error other than ctx's means the channel failed (closed with it): the
+// nexlet goes over NATS.
+func (s *Server) Call(ctx context.Context, subject string, header nats.Header, data []byte) (*nats.Msg, error) {
+	if s.broken != nil {
+		return nil, s.broken
+	}
+	s.nextCall++
+	id := s.nextCall
+	if err := s.c.write(msg{kind: kindCall, id: id, subject: subject, header: header, data: data}); err != nil {
+		return nil, fmt.Errorf("local channel: send: %w", err)
+	}
+	// ctx's end interrupts the read; what was read of a frame is then lost, so the
+	// channel is closed.
+	stop := context.AfterFunc(ctx, func() { _ = s.c.c.SetReadDeadline(time.Now()) })
+	defer stop()
+	for {
+		m, err := s.c.read()
+		if err != nil {
+			s.c.c.Close()
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			}
+			s.broken = fmt.Errorf("local channel: %w", err)
+			return nil, s.broken
+		}
+		switch {
+		case m.kind == kindRequest:
+			s.early = append(s.early, &Request{s: s, id: m.id, Subject: m.subject, Header: m.header, Data: m.data})
+		case m.kind == kindCallReply && m.id == id:
+			return &nats.Msg{Subject: subject, Header: m.header, Data: m.data}, nil
+		}
+	}
+}
+
 // Serve reads requests and hands each to handle, on the reading goroutine (handle must
 // not block), until the node's end closes or StopServing (nil).
 func (s *Server) Serve(handle func(*Request)) error {
+	early := s.early
+	s.early = nil
+	for _, r := range early {
+		handle(r)
+	}
+	if s.broken != nil {
+		return nil
+	}
 	for {
 		m, err := s.c.read()
 		if err != nil {

@@ -3,6 +3,8 @@ package localchan
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -28,6 +30,9 @@ const childEnv = "LOCALCHAN_TEST_CHILD"
 // childNATSEnv: the child answers "start.*" over NATS at this URL instead (as a nexlet
 // without the channel does), until its stdin closes.
 const childNATSEnv = "LOCALCHAN_TEST_NATS"
+
+// childCallEnv "1": the child calls the node before it serves (see child).
+const childCallEnv = "LOCALCHAN_TEST_CALL"
 
 func natsChild(url string) int {
 	nc, err := nats.Connect(url)
@@ -72,6 +77,17 @@ func child() int {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 2
 	}
+	// childCallEnv: call the node first (as a registration is), and answer "answer"
+	// with what the node said.
+	var answer []byte
+	if os.Getenv(childCallEnv) == "1" {
+		m, err := s.Call(context.Background(), "register", nats.Header{"K": {"v"}}, []byte("hi"))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "child: call:", err)
+			return 2
+		}
+		answer = m.Data
+	}
 	if err := s.Announce(); err != nil {
 		return 2
 	}
@@ -88,6 +104,8 @@ func child() int {
 					out = append(out, err.Error()...)
 				}
 				_ = r.Reply(&nats.Msg{Data: out})
+			case "answer":
+				_ = r.Reply(&nats.Msg{Data: answer})
 			case "start.x":
 				_ = r.Reply(&nats.Msg{Data: r.Data})
 			case "cloexec":
@@ -104,14 +122,14 @@ func child() int {
 
 // startChild runs the test binary as a nexlet holding one end of a pair, passed as
 // descriptor 3 the way the supervisor passes it; it returns the node's end.
-func startChild(t testing.TB) (*Client, *exec.Cmd) {
+func startChild(t testing.TB, env ...string) (*Client, *exec.Cmd) {
 	t.Helper()
 	nodeEnd, nexletEnd, err := Pair()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(os.Args[0])
-	cmd.Env = []string{childEnv + "=1", EnvFD + "=3"}
+	cmd.Env = append([]string{childEnv + "=1", EnvFD + "=3"}, env...)
 	cmd.ExtraFiles = []*os.File{nexletEnd}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -409,5 +427,147 @@ func benchLocal(b *testing.B, c *Client, hdr nats.Header, body []byte) {
 		}
 		<-ch
 		cancel()
+	}
+}
+
+// TestCallFromAChildProcess: a real child calls the node before it serves (as the
+// native nexlet registers); the call waits on the node's end until the node takes
+// calls (OnCall), its answer reaches the child, and the child then serves requests.
+func TestCallFromAChildProcess(t *testing.T) {
+	c, _ := startChild(t, childCallEnv+"=1")
+	time.Sleep(50 * time.Millisecond) // the call waits for OnCall meanwhile
+	if c.Serving() {
+		t.Fatal("the child served before its call was answered")
+	}
+	c.OnCall(func(cl *Call) {
+		go func() {
+			if cl.Subject != "register" || cl.Header.Get("K") != "v" {
+				_ = cl.Reply(&nats.Msg{Data: []byte("bad call")})
+				return
+			}
+			_ = cl.Reply(&nats.Msg{Data: append([]byte("ok:"), cl.Data...)})
+		}()
+	})
+	waitServing(t, c)
+	got := call(t, c, "answer", nil, nil)
+	if string(got[len(got)-1].Data) != "ok:hi" {
+		t.Fatalf("the child got %q, want %q", got[len(got)-1].Data, "ok:hi")
+	}
+}
+
+// pairInProcess is a connected Client and Server in this process.
+func pairInProcess(t testing.TB) (*Client, *Server) {
+	t.Helper()
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewServer(nexletEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, s
+}
+
+// TestCallKeepsStartRequestsForServe: a start request the node sends before its answer
+// to the call (it may, once it accepted the registration) is handed to Serve first.
+func TestCallKeepsStartRequestsForServe(t *testing.T) {
+	c, s := pairInProcess(t)
+	replies := make(chan *nats.Msg, 4)
+	c.OnCall(func(cl *Call) {
+		if _, err := c.Request("start.early", nil, []byte("w1"), replies); err != nil {
+			t.Error(err)
+		}
+		_ = cl.Reply(&nats.Msg{Data: []byte("accepted")})
+	})
+	m, err := s.Call(context.Background(), "register", nil, nil)
+	if err != nil || string(m.Data) != "accepted" {
+		t.Fatalf("call: %v %v", m, err)
+	}
+	got := make(chan string, 1)
+	go func() {
+		_ = s.Serve(func(r *Request) {
+			got <- r.Subject + " " + string(r.Data)
+			_ = r.Reply(&nats.Msg{Data: r.Data})
+		})
+	}()
+	select {
+	case g := <-got:
+		if g != "start.early w1" {
+			t.Fatalf("Serve got %q", g)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the start request read during the call never reached Serve")
+	}
+	select {
+	case m := <-replies:
+		if string(m.Data) != "w1" {
+			t.Fatalf("reply %q", m.Data)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no reply to the early start")
+	}
+	_ = s.StopServing()
+}
+
+// TestCallsBeforeTheNodeServesAreBounded: calls beyond maxQueuedCalls that come
+// before OnCall are answered with an error at once, not kept.
+func TestCallsBeforeTheNodeServesAreBounded(t *testing.T) {
+	c, s := pairInProcess(t)
+	for i := range maxQueuedCalls {
+		if err := s.c.write(msg{kind: kindCall, id: uint64(i + 1), subject: "x"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := s.Call(context.Background(), "one too many", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Header.Get("Nats-Service-Error-Code") != "503" {
+		t.Fatalf("the call over the bound got %v %q, want a 503", m.Header, m.Data)
+	}
+	var n int
+	var mu sync.Mutex
+	c.OnCall(func(*Call) { mu.Lock(); n++; mu.Unlock() })
+	mu.Lock()
+	defer mu.Unlock()
+	if n != maxQueuedCalls {
+		t.Fatalf("%d calls were kept, want %d", n, maxQueuedCalls)
+	}
+}
+
+// TestCallEndsWithItsContext: a call nobody answers ends with its context, and the
+// channel is closed (a half-read frame cannot be resumed); the node sees it closed.
+func TestCallEndsWithItsContext(t *testing.T) {
+	c, s := pairInProcess(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := s.Call(ctx, "register", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("call: %v, want the context's deadline", err)
+	}
+	if _, err := s.Call(context.Background(), "again", nil, nil); err == nil {
+		t.Fatal("a second call on the closed channel succeeded")
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the node's end closed", c.closedNow)
+}
+
+// TestServesRegistrationFromEnv: only a node that says so (EnvCalls) gets the
+// registration on the channel; an older nexd ignores calls and never answers.
+func TestServesRegistrationFromEnv(t *testing.T) {
+	env := func(v string) func(string) string {
+		return func(k string) string {
+			if k == EnvCalls {
+				return v
+			}
+			return ""
+		}
+	}
+	if !ServesRegistration(env(CallRegister)) || ServesRegistration(env("")) || ServesRegistration(env("other")) {
+		t.Fatal("ServesRegistration reads EnvCalls wrong")
 	}
 }
