@@ -39,6 +39,9 @@ func socketFDs(pid int) map[int]string {
 // crosses it); the nexlet holds its end close-on-exec and no workload inherits it;
 // after a crash of the nexlet its successor gets a new pair and deploys use it; a nexd
 // that adopted the nexlet (live_restore) has no pair with it and starts over NATS.
+// The same for the registration: the nexlet nexd spawned registers on the pair (no
+// REGISTER crosses the server, first start and after a crash), the adopted one
+// registers again over NATS.
 func TestDeployOverLocalChannel(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -53,8 +56,24 @@ func TestDeployOverLocalChannel(t *testing.T) {
 		}
 		return nodeOpts{external: s.ClientURL(), stateDir: state, cgroup: cg, extra: extra}
 	}
+	watch := testnats.Connect(t, s)
+	regs, _ := watch.SubscribeSync(protocol.AgentPrefix("*") + ".REGISTER.*")
+	flush(t, watch)
+	registrations := func() []string {
+		var subs []string
+		for {
+			m, err := regs.NextMsg(200 * time.Millisecond)
+			if err != nil {
+				return subs
+			}
+			subs = append(subs, m.Subject)
+		}
+	}
 	n := startNode(t, opts("", true))
 	st := n.waitReady(t)
+	if got := registrations(); len(got) != 0 {
+		t.Fatalf("the native nexlet's registration crossed NATS: %v", got)
+	}
 	nc := testnats.Connect(t, s)
 	starts, _ := nc.SubscribeSync(protocol.AgentPrefix(st.NodeID) + ".*.STARTWORKLOAD.*")
 	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
@@ -135,6 +154,9 @@ func TestDeployOverLocalChannel(t *testing.T) {
 		}
 		return false
 	})
+	if got := registrations(); len(got) != 0 {
+		t.Fatalf("after a nexlet crash its registration crossed NATS: %v", got)
+	}
 	id, fds = deploy(n, "after-crash")
 	if got := overNATS(); len(got) != 0 {
 		t.Fatalf("after a nexlet crash the start crossed NATS: %v", got)
@@ -151,6 +173,9 @@ func TestDeployOverLocalChannel(t *testing.T) {
 	}
 	n2 := startNode(t, opts(n.cgroup, false))
 	n2.waitReady(t)
+	if got := registrations(); len(got) != 1 || got[0] != protocol.RegisterSubject(st.NodeID, protocol.LastToken(got[0])) {
+		t.Fatalf("the adopted nexlet registered %v over NATS, want once with node %s", got, st.NodeID)
+	}
 	id, _ = deploy(n2, "after-adoption")
 	if got := overNATS(); len(got) != 1 || !strings.HasSuffix(got[0], "."+id) {
 		t.Fatalf("after an adoption the start went %v over NATS, want the one of %s", got, id)

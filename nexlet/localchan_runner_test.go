@@ -3,11 +3,15 @@ package nexlet
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -96,5 +100,145 @@ func TestLocalChannelQueuesManySlowStarts(t *testing.T) {
 		case <-timeout:
 			t.Fatalf("%d of %d starts answered", answered, starts)
 		}
+	}
+}
+
+// localNode answers registrations on the node's end c as fakeNode does over NATS,
+// refusing with code when it is set; got receives each.
+func localNode(c *localchan.Client, url, code string, got chan<- *localchan.Call) {
+	c.OnCall(func(call *localchan.Call) {
+		got <- call
+		if code != "" {
+			_ = call.Reply(&nats.Msg{Header: nats.Header{protocol.HeaderErrorCode: {code}, protocol.HeaderError: {"refused"}}})
+			return
+		}
+		b, _ := json.Marshal(protocol.RegisterAgentResponse{Success: true, NodeID: node,
+			ConnectionData: protocol.NatsConnectionData{NatsServers: []string{url}}})
+		_ = call.Reply(&nats.Msg{Data: b})
+	})
+}
+
+func localPair(t *testing.T) (*localchan.Client, *localchan.Server) {
+	t.Helper()
+	nodeEnd, nexletEnd, err := localchan.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := localchan.NewServer(nexletEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := localchan.NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, s
+}
+
+// TestRegisterOnLocalChannel: with WithLocalRegistration the runner registers on the
+// channel, signed as over NATS, and nothing reaches the node's NATS subject; the
+// channel then carries its starts. Without it (a node that did not say it serves
+// calls), the registration goes over NATS as before.
+func TestRegisterOnLocalChannel(t *testing.T) {
+	for _, local := range []bool{true, false} {
+		t.Run(fmt.Sprintf("local=%v", local), func(t *testing.T) {
+			srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(t, srv)
+			overNATS := make(chan protocol.RegisterAgentRequest, 1)
+			fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, overNATS)
+			c, s := localPair(t)
+			onChannel := make(chan *localchan.Call, 1)
+			localNode(c, srv.ClientURL(), "", onChannel)
+			kp, _ := nkeys.CreateUser()
+			opts := []Option{WithLocalChannel(s), WithRegistrationKey(kp), WithPatientStart()}
+			if local {
+				opts = append(opts, WithLocalRegistration())
+			}
+			r, err := NewRunner(context.Background(), node, newMemAgent(), opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = r.Shutdown() })
+			if !local {
+				select {
+				case <-overNATS:
+				default:
+					t.Fatal("no registration over NATS")
+				}
+				if len(onChannel) != 0 {
+					t.Fatal("a registration on the channel of a node that does not serve calls")
+				}
+				return
+			}
+			if len(overNATS) != 0 {
+				t.Fatal("the registration crossed NATS")
+			}
+			call := <-onChannel
+			pub, _ := kp.PublicKey()
+			sig, _ := base64.StdEncoding.DecodeString(call.Header.Get(protocol.HeaderRegistrationSig))
+			if call.Subject != protocol.RegisterSubject(node, agent) || call.Header.Get(protocol.HeaderRegistrationKey) != pub ||
+				kp.Verify(protocol.RegistrationPayload(call.Subject, call.Data), sig) != nil {
+				t.Fatalf("registration on the channel not signed as over NATS: %s %v", call.Subject, call.Header)
+			}
+			testkit.EventuallyWithin(t, 10*time.Second, "the runner serves starts on the channel", c.Serving)
+		})
+	}
+}
+
+// TestRegisterFallsBackToNATS: a channel that fails (the node's end closed, or a node
+// that never answers calls, within the register timeout of a start that is not
+// patient) leaves the registration to NATS; a refusal on the channel is a refusal.
+func TestRegisterFallsBackToNATS(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		prepare func(c *localchan.Client, url string, got chan<- *localchan.Call)
+		patient bool
+		refused bool
+	}{
+		{"node end closed", func(c *localchan.Client, _ string, _ chan<- *localchan.Call) { c.Close() }, true, false},
+		{"calls never served", func(*localchan.Client, string, chan<- *localchan.Call) {}, false, false},
+		{"refused on the channel", func(c *localchan.Client, url string, got chan<- *localchan.Call) {
+			localNode(c, url, "403", got)
+		}, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(t, srv)
+			overNATS := make(chan protocol.RegisterAgentRequest, 1)
+			fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, overNATS)
+			c, s := localPair(t)
+			tc.prepare(c, srv.ClientURL(), make(chan *localchan.Call, 1))
+			opts := []Option{WithLocalChannel(s), WithLocalRegistration(), WithRegisterTimeout(300 * time.Millisecond)}
+			if tc.patient {
+				opts = append(opts, WithPatientStart())
+			}
+			r, err := NewRunner(context.Background(), node, newMemAgent(), opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}})
+			if err == nil {
+				t.Cleanup(func() { _ = r.Shutdown() })
+			}
+			if tc.refused {
+				if err == nil || !strings.Contains(err.Error(), "refused") {
+					t.Fatalf("Run = %v, want the channel's refusal", err)
+				}
+				if len(overNATS) != 0 {
+					t.Fatal("a refused registration was tried over NATS too")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(overNATS) != 1 {
+				t.Fatal("no registration over NATS after the channel failed")
+			}
+		})
 	}
 }

@@ -56,6 +56,7 @@ type Runner struct {
 	// localDone is closed when its reader returned.
 	local     *localchan.Server
 	localDone chan struct{}
+	localReg  bool // WithLocalRegistration
 
 	// work owns the goroutines handling requests and replaying state: Shutdown stops
 	// taking new ones and waits (bounded) for them.
@@ -174,6 +175,11 @@ func RegistrationKeyFromEnv(env func(string) string) (nkeys.KeyPair, error) {
 // this nexlet (localchan), besides NATS, once registered. The runner owns s.
 func WithLocalChannel(s *localchan.Server) Option { return func(r *Runner) { r.local = s } }
 
+// WithLocalRegistration makes Run register on the local channel (WithLocalChannel)
+// rather than across the NATS server, for a node that said it takes the registration
+// there (localchan.ServesRegistration); over NATS if the channel fails.
+func WithLocalRegistration() Option { return func(r *Runner) { r.localReg = true } }
+
 // NewRunner prepares a runner for agent a on node nodeID; ctx bounds its lifetime.
 func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Runner, error) {
 	if nodeID == "" {
@@ -229,19 +235,31 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 			r.log.Warn("local channel to the node failed; start requests come over NATS", "err", err)
 		}
 	}
-	var rnc *nats.Conn
-	if r.dial != nil {
-		rnc, err = r.dial.take()
-	} else {
-		rnc, err = connectPatiently(r.ctx, creds, "nexlet-"+reg.Name+"-register", r.patient, r.log)
+	var resp *protocol.RegisterAgentResponse
+	if r.local != nil && r.localReg && r.localDone == nil {
+		var failed error
+		if resp, failed, err = r.registerLocal(agentID, reg); err != nil {
+			return err
+		}
+		if failed != nil {
+			r.log.Warn("registering on the local channel failed; registering over NATS", "err", failed)
+		}
 	}
-	if err != nil {
-		return fmt.Errorf("nexlet register: %w", err)
-	}
-	resp, err := r.registerPatiently(rnc, agentID, reg)
-	rnc.Close()
-	if err != nil {
-		return err
+	if resp == nil {
+		var rnc *nats.Conn
+		if r.dial != nil {
+			rnc, err = r.dial.take()
+		} else {
+			rnc, err = connectPatiently(r.ctx, creds, "nexlet-"+reg.Name+"-register", r.patient, r.log)
+		}
+		if err != nil {
+			return fmt.Errorf("nexlet register: %w", err)
+		}
+		resp, err = r.registerPatiently(rnc, agentID, reg)
+		rnc.Close()
+		if err != nil {
+			return err
+		}
 	}
 
 	live, err := newLiveCreds(resp.ConnectionData)
@@ -374,6 +392,47 @@ func counted(busy *atomic.Int64, h micro.HandlerFunc) micro.HandlerFunc {
 // register sends the registration on nc (the registration user's connection, or the
 // nexlet's own when it registers again) and returns the node's accepting reply.
 func (r *Runner) register(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest) (*protocol.RegisterAgentResponse, error) {
+	req, err := r.registration(agentID, reg)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(r.ctx, r.regWait)
+	msg, err := nc.RequestMsgWithContext(ctx, req)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("nexlet register on %s: %w", req.Subject, err)
+	}
+	return registered(req.Subject, msg)
+}
+
+// registerLocal sends the registration on the local channel and returns the node's
+// accepting reply, or err when the node refused it (or the runner ended), or failed
+// when the channel did not carry it: then it goes over NATS. A patient start waits
+// for as long as the runner lives (the node answers once it serves), else for the
+// register timeout.
+func (r *Runner) registerLocal(agentID string, reg *protocol.RegisterAgentRequest) (resp *protocol.RegisterAgentResponse, failed, err error) {
+	req, err := r.registration(agentID, reg)
+	if err != nil {
+		return nil, nil, err
+	}
+	ctx, cancel := r.ctx, context.CancelFunc(func() {})
+	if !r.patient {
+		ctx, cancel = context.WithTimeout(r.ctx, r.regWait)
+	}
+	msg, cerr := r.local.Call(ctx, req.Subject, req.Header, req.Data)
+	cancel()
+	if cerr != nil {
+		if r.ctx.Err() != nil {
+			return nil, nil, fmt.Errorf("nexlet register on the local channel: %w", r.ctx.Err())
+		}
+		return nil, cerr, nil
+	}
+	resp, err = registered(req.Subject+" (local channel)", msg)
+	return resp, nil, err
+}
+
+// registration is the registration message, signed with the start's key if any.
+func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest) (*nats.Msg, error) {
 	// The runner reports ended workloads as acknowledged requests (EmitEvent), so the
 	// node may ignore the forgeable WORKLOADSTOPPED events for this nexlet.
 	reg.ReportsEnded = true
@@ -396,12 +455,11 @@ func (r *Runner) register(nc *nats.Conn, agentID string, reg *protocol.RegisterA
 			return nil, fmt.Errorf("nexlet register: %w", err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(r.ctx, r.regWait)
-	msg, err := nc.RequestMsgWithContext(ctx, req)
-	cancel()
-	if err != nil {
-		return nil, fmt.Errorf("nexlet register on %s: %w", subj, err)
-	}
+	return req, nil
+}
+
+// registered reads the node's reply to a registration sent on subj.
+func registered(subj string, msg *nats.Msg) (*protocol.RegisterAgentResponse, error) {
 	if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
 		return nil, fmt.Errorf("nexlet register on %s refused: %s %s: %s", subj, code, msg.Header.Get(protocol.HeaderError), bytes.TrimSpace(msg.Data))
 	}

@@ -87,6 +87,9 @@ type Options struct {
 	DefaultGOGC string
 	// ProfileEnv is added to the native nexlet's environment (profdump.PassOn).
 	ProfileEnv map[string]string
+	// RegisterOverNATS: the native nexlet registers across the NATS server even with
+	// a local channel (NEXD_LOCAL_REGISTER=off: a benchmark's A/B switch).
+	RegisterOverNATS bool
 }
 
 // Spec is one local nexlet: what to run and the agent id it registers with.
@@ -649,6 +652,11 @@ func (m *Manager) env(name string) map[string]string {
 		m.mu.Unlock()
 	}
 	if isNative(name) {
+		// It registers on its local channel (channel), not across the NATS server:
+		// nexd's READY waits for that registration.
+		if !m.o.RegisterOverNATS {
+			env[localchan.EnvCalls] = localchan.CallRegister
+		}
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
 		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
 		env[native.EnvAllowRoot] = strconv.FormatBool(m.o.Config.Node.AllowRootWorkloads)

@@ -2,6 +2,7 @@ package node
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -10,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
@@ -86,7 +88,13 @@ func (n *Node) CompileSchemas() {
 }
 
 // handleRegister serves $NEX.SVC.<node>.agent.REGISTER.<agentId>.
-func (n *Node) handleRegister(r micro.Request) {
+func (n *Node) handleRegister(r micro.Request) { n.register(r, nil) }
+
+// register handles a registration that came over NATS (pair nil) or on the local
+// channel pair of a native nexlet's start. One on the channel is trusted no more than
+// one over NATS: the same checks, and it must be signed with the key of the start that
+// holds the channel's other end.
+func (n *Node) register(r micro.Request, pair *localChannel) {
 	// A registration that gets as far as the registry counts there, as the nexlet
 	// becomes visible (HoldsNothing); any other counts when it is refused.
 	counted := false
@@ -100,7 +108,7 @@ func (n *Node) handleRegister(r micro.Request) {
 		n.fail(r, 400, "bad agent id", fmt.Errorf("agent id %q in the subject must be letters, digits, - or _", agentID))
 		return
 	}
-	if !n.ownInbox(r, agentID) {
+	if pair == nil && !n.ownInbox(r, agentID) { // on the channel, the answer goes back on it
 		return
 	}
 	var req protocol.RegisterAgentRequest
@@ -125,6 +133,10 @@ func (n *Node) handleRegister(r micro.Request) {
 	owner, key, err := n.authorize(r, agentID, req)
 	if err != nil {
 		n.refuseRegistration(r, 403, agentID, req, err)
+		return
+	}
+	if pair != nil && (key == "" || key != pair.key) {
+		n.refuseRegistration(r, 403, agentID, req, fmt.Errorf("registration on the local channel of nexlet %s is not signed with the key of the start that holds the channel", agentID))
 		return
 	}
 	if err := n.nameFree(agentID, req.Name); err != nil {
@@ -353,15 +365,87 @@ type localChannel struct {
 // SetAgentLocal records the channel to the start of the local nexlet agentID whose
 // registration key is key (c nil: that start ended). A registration signed with that
 // key gets its start requests over the channel instead of NATS.
+// The nexlet's calls on the channel (its registration) are served once the node
+// serves (Start), as they would be over NATS.
 func (n *Node) SetAgentLocal(agentID, key string, c *localchan.Client) {
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	if c == nil {
 		delete(n.locals, agentID)
+		n.mu.Unlock()
 		return
 	}
-	n.locals[agentID] = localChannel{key: key, c: c}
+	l := localChannel{key: key, c: c}
+	n.locals[agentID] = l
+	serving := n.svc != nil
+	n.mu.Unlock()
+	if serving {
+		c.OnCall(n.localCalls(agentID, l))
+	}
 }
+
+// localCalls serves the calls on the local channel of agentID's start l, each on a
+// goroutine Stop waits for.
+func (n *Node) localCalls(agentID string, l localChannel) func(*localchan.Call) {
+	return func(c *localchan.Call) {
+		n.inflight.Add(1)
+		go func() {
+			defer n.inflight.Done()
+			n.handleLocalCall(agentID, l, c)
+		}()
+	}
+}
+
+// handleLocalCall serves one call of a nexlet on its local channel: only its own
+// registration is served there.
+func (n *Node) handleLocalCall(agentID string, l localChannel, c *localchan.Call) {
+	r := &localRequest{c: c}
+	if n.ctx.Err() != nil {
+		n.fail(r, 503, "node stopping", errors.New("the node is stopping"))
+		return
+	}
+	if want := protocol.RegisterSubject(n.id, agentID); c.Subject != want {
+		n.log.Warn("call on a nexlet's local channel refused", "agent_id", agentID, "subject", c.Subject)
+		n.fail(r, 400, "not served on the local channel",
+			fmt.Errorf("the local channel of nexlet %s serves only its registration (%s), not %q", agentID, want, c.Subject))
+		return
+	}
+	n.register(r, &l)
+}
+
+// localRequest is a micro.Request that came on a nexlet's local channel and is
+// answered there.
+type localRequest struct{ c *localchan.Call }
+
+func (l *localRequest) Respond(b []byte, opts ...micro.RespondOpt) error {
+	m := &nats.Msg{Data: b, Header: nats.Header{}}
+	for _, o := range opts {
+		o(m)
+	}
+	return l.c.Reply(m)
+}
+
+func (l *localRequest) RespondJSON(v any, opts ...micro.RespondOpt) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("%w: %v", micro.ErrMarshalResponse, err)
+	}
+	return l.Respond(b, opts...)
+}
+
+func (l *localRequest) Error(code, desc string, data []byte, opts ...micro.RespondOpt) error {
+	m := &nats.Msg{Data: data, Header: nats.Header{}}
+	for _, o := range opts {
+		o(m)
+	}
+	m.Header.Set(protocol.HeaderErrorCode, code)
+	m.Header.Set(protocol.HeaderError, desc)
+	return l.c.Reply(m)
+}
+
+func (l *localRequest) Data() []byte           { return l.c.Data }
+func (l *localRequest) Headers() micro.Headers { return micro.Headers(l.c.Header) }
+func (l *localRequest) Subject() string        { return l.c.Subject }
+func (l *localRequest) Reply() string          { return "" }
 
 // ownInbox reports whether a request from the child with this id may be answered on
 // its reply subject: with private inboxes only the child's own prefix is, so that no

@@ -497,7 +497,13 @@ func (n *Node) Start(ctx context.Context) error {
 	n.mu.Lock()
 	n.svc, n.subs = svc, subs
 	tags := n.tagsLocked()
+	locals := maps.Clone(n.locals)
 	n.mu.Unlock()
+	// The native nexlet's registration on its local channel (it may be waiting there
+	// already: it starts before the node) is served from here on, as over NATS.
+	for id, l := range locals {
+		l.c.OnCall(n.localCalls(id, l))
+	}
 	if n.o.AllowRemoteRegistration {
 		n.log.Warn("remote registration enabled: nexlets elsewhere may register with this node", "nexus", n.o.Nexus)
 	}

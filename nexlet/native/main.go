@@ -85,9 +85,14 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if err != nil {
 		return err
 	}
-	// Connect while building the nexlet (its key, users, cgroups): Run registers on it.
-	dial := nexlet.DialAhead(ctx, creds, "nexlet-"+Name+"-register", log)
-	defer dial.Close()
+	// A node that takes the registration on the channel gets it there; else connect
+	// while building the nexlet (its key, users, cgroups): Run registers on it.
+	localReg := local != nil && localchan.ServesRegistration(env)
+	var dial *nexlet.Dial
+	if !localReg {
+		dial = nexlet.DialAhead(ctx, creds, "nexlet-"+Name+"-register", log)
+		defer dial.Close()
+	}
 	// What is made ahead for deploys waits for the registration: nexd's start waits
 	// for it, on a machine whose cores this start may share with nexd's.
 	registered := make(chan struct{})
@@ -171,10 +176,15 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 		return regKeyErr
 	}
 	// nexd starts it while connecting itself, and decides how long it lives.
-	opts := []nexlet.Option{nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart(),
-		nexlet.WithRegistrationDial(dial)}
+	opts := []nexlet.Option{nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart()}
+	if dial != nil {
+		opts = append(opts, nexlet.WithRegistrationDial(dial))
+	}
 	if local != nil {
 		opts = append(opts, nexlet.WithLocalChannel(local))
+	}
+	if localReg {
+		opts = append(opts, nexlet.WithLocalRegistration())
 	}
 	r, err := nexlet.NewRunner(ctx, nodeID, n, opts...)
 	if err != nil {

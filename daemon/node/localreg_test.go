@@ -1,0 +1,254 @@
+package node
+
+import (
+	"context"
+	"encoding/base64"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/nexlet/localchan"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// unstartedNode is a fixture's node before Start (the native nexlet starts before
+// the node serves); the test starts and stops it.
+func unstartedNode(t testing.TB, srv *server.Server) *Node {
+	t.Helper()
+	kp, _ := nkeys.CreateServer()
+	xk, _ := nkeys.CreateCurveKeys()
+	n, err := New(Options{NC: testnats.Connect(t, srv), NodeKey: kp, XKey: xk, Name: "local", Nexus: "testnexus",
+		Version: "0.1.0", Minter: testMinter{url: srv.ClientURL(), can: true}, Store: NewMemStore(), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = n.Stop(ctx)
+	})
+	return n
+}
+
+// localPair is a channel as the nexlets manager makes it for a start of the native
+// nexlet: the node's end given to the node with the start's key, the nexlet's end
+// returned.
+func localPair(t testing.TB, n *Node, agentID, key string) (*localchan.Client, *localchan.Server) {
+	t.Helper()
+	nodeEnd, nexletEnd, err := localchan.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := localchan.NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := localchan.NewServer(nexletEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	n.SetAgentLocal(agentID, key, c)
+	return c, s
+}
+
+// signedRegistration is a native nexlet's registration for agentID, signed with kp (nil:
+// unsigned).
+func signedRegistration(t testing.TB, nodeID, agentID string, kp nkeys.KeyPair) *nats.Msg {
+	t.Helper()
+	m := nats.NewMsg(protocol.RegisterSubject(nodeID, agentID))
+	m.Data = mustJSON(t, protocol.RegisterAgentRequest{Name: "native", RegisterType: "native", Version: "1.0.0",
+		StartRequestSchema: testSchema, SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleJob}})
+	if kp != nil {
+		pub, _ := kp.PublicKey()
+		sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, m.Data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Header.Set(protocol.HeaderRegistrationKey, pub)
+		m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
+	}
+	return m
+}
+
+// callCode sends m on s and returns the node's error code ("" accepted) and reply.
+func callCode(t testing.TB, s *localchan.Server, m *nats.Msg) (string, *nats.Msg) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r, err := s.Call(ctx, m.Subject, m.Header, m.Data)
+	if err != nil {
+		t.Fatalf("call %s: %v", m.Subject, err)
+	}
+	return r.Header.Get(protocol.HeaderErrorCode), r
+}
+
+func newKey(t testing.TB) (nkeys.KeyPair, string) {
+	t.Helper()
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := kp.PublicKey()
+	return kp, pub
+}
+
+// TestRegistrationOnLocalChannel: the native nexlet's registration on its channel
+// waits there until the node serves (the nexlet starts first), is accepted when signed
+// with the key of the start that holds the channel, and the registration then has the
+// channel for its starts. Nothing of it crosses the NATS server.
+func TestRegistrationOnLocalChannel(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	watch := testnats.Connect(t, srv)
+	crossed, _ := watch.SubscribeSync(protocol.AgentPrefix("*") + ".REGISTER.>")
+	if err := watch.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	n := unstartedNode(t, srv)
+	kp, pub := newKey(t)
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	c, s := localPair(t, n, "native0", pub)
+
+	answer := make(chan *nats.Msg, 1)
+	go func() {
+		m := signedRegistration(t, n.ID(), "native0", kp)
+		r, err := s.Call(context.Background(), m.Subject, m.Header, m.Data)
+		if err != nil {
+			t.Error(err)
+		}
+		answer <- r
+	}()
+	select {
+	case r := <-answer:
+		t.Fatalf("answered before the node served: %v %q", r.Header, r.Data)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var r *nats.Msg
+	select {
+	case r = <-answer:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the registration on the channel was not answered once the node served")
+	}
+	if r == nil || r.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Fatalf("registration refused: %v", r)
+	}
+	var resp protocol.RegisterAgentResponse
+	if err := protocol.Decode(r.Data, &resp); err != nil || !resp.Success || resp.NodeID != n.ID() || len(resp.ConnectionData.NatsServers) == 0 {
+		t.Fatalf("reply %+v (%v)", resp, err)
+	}
+	n.mu.Lock()
+	reg := n.agents["native0"]
+	n.mu.Unlock()
+	if reg == nil || reg.local != c || reg.owner != "local:native" || reg.key != pub {
+		t.Fatalf("registration %+v, want it local:native with the channel", reg)
+	}
+	if m, err := crossed.NextMsg(200 * time.Millisecond); err == nil {
+		t.Fatalf("a registration crossed NATS: %s", m.Subject)
+	}
+}
+
+// TestAttackRegistrationOnLocalChannel: what holds a native nexlet's channel is held
+// to what a registration over NATS is, and to the channel's own start: unsigned, signed
+// by another key, for another agent id, another call, signed with a newer start's key
+// on an older start's channel, unsigned on the channel of a start without a key: each
+// refused and logged, none registered. A control: the same signed registration is
+// accepted on the channel of its own start.
+func TestAttackRegistrationOnLocalChannel(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	kp, pub := newKey(t)
+	other, _ := newKey(t)
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	_, s := localPair(t, n, "native0", pub)
+
+	forged := func(what, want string, m *nats.Msg) {
+		t.Helper()
+		code, r := callCode(t, s, m)
+		if code != want {
+			t.Fatalf("%s: code %q (%q), want %s", what, code, r.Data, want)
+		}
+		n.mu.Lock()
+		_, in := n.agents["native0"]
+		n.mu.Unlock()
+		if in {
+			t.Fatalf("%s: registered", what)
+		}
+	}
+	forged("unsigned", "403", signedRegistration(t, n.ID(), "native0", nil))
+	forged("signed by another key", "403", signedRegistration(t, n.ID(), "native0", other))
+	n.ExpectAgent("native1", "native-1")
+	n.SetAgentKey("native1", pub)
+	forged("another agent id", "400", signedRegistration(t, n.ID(), "native1", kp))
+	hb := signedRegistration(t, n.ID(), "native0", kp)
+	hb.Subject = protocol.AgentHeartbeatSubject(n.ID(), "native0")
+	forged("another call", "400", hb)
+	renew := signedRegistration(t, n.ID(), "native0", kp)
+	renew.Subject = protocol.RenewAgentCredsSubject(n.ID(), "native0")
+	forged("a renewal", "400", renew)
+
+	// A newer start of the nexlet has its own key: a registration signed with it does
+	// not belong on the older start's channel.
+	newer, newerPub := newKey(t)
+	n.SetAgentKey("native0", newerPub)
+	forged("the newer start's key on the older start's channel", "403", signedRegistration(t, n.ID(), "native0", newer))
+	n.SetAgentKey("native0", pub)
+
+	// A start without a key (unsigned_registration) is accepted unsigned over NATS,
+	// never on a channel: the channel's registration must be signed.
+	n.ExpectAgent("plain0", "plain")
+	_, ps := localPair(t, n, "plain0", "")
+	if code, r := callCode(t, ps, signedRegistration(t, n.ID(), "plain0", nil)); code != "403" {
+		t.Fatalf("unsigned on a keyless start's channel: code %q (%q), want 403", code, r.Data)
+	}
+
+	if code, r := callCode(t, s, signedRegistration(t, n.ID(), "native0", kp)); code != "" {
+		t.Fatalf("control: the start's own registration refused: %s %q", code, r.Data)
+	}
+	n.mu.Lock()
+	reg := n.agents["native0"]
+	n.mu.Unlock()
+	if reg == nil || reg.local == nil {
+		t.Fatal("control: not registered with its channel")
+	}
+}
+
+// BenchmarkRegistrationLeg: one registration of the native nexlet, sent, handled by
+// the node and answered: on its local channel, and over NATS (a loopback server in
+// this process, the nexlet on a connection of its own) as before.
+func BenchmarkRegistrationLeg(b *testing.B) {
+	f := newFixture(b, 1, nil)
+	n := f.nodes[0]
+	kp, pub := newKey(b)
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	_, s := localPair(b, n, "native0", pub)
+	m := signedRegistration(b, n.ID(), "native0", kp)
+	b.Run("pair", func(b *testing.B) {
+		for b.Loop() {
+			if code, r := callCode(b, s, m); code != "" {
+				b.Fatalf("refused: %s %q", code, r.Data)
+			}
+		}
+	})
+	b.Run("nats", func(b *testing.B) {
+		nc := testnats.Connect(b, f.srv)
+		for b.Loop() {
+			r, err := nc.RequestMsg(m, 10*time.Second)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if code := r.Header.Get(protocol.HeaderErrorCode); code != "" {
+				b.Fatalf("refused: %s %q", code, r.Data)
+			}
+		}
+	})
+}
