@@ -135,7 +135,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 		cmpFigure{name: "idle threads", unit: "", up: idle[0][2], nx: idle[1][2]})
 
 	// Latencies: two rounds, each side in turn, the order swapped between rounds.
-	type lat struct{ deploy, place, list, stop []time.Duration }
+	type lat struct{ auction, deploy, start, place, list, stop []time.Duration }
 	var lats [2]lat
 	w := workloadSpec{Kind: "sh"}
 	for round := range 2 {
@@ -165,6 +165,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 				}
 				l := &lats[i]
 				l.deploy, l.place, l.list, l.stop = append(l.deploy, p.Deploy), append(l.place, p.Total), append(l.list, dl), append(l.stop, ds)
+				l.auction, l.start = append(l.auction, p.Auction), append(l.start, p.Start)
 			}
 		}
 	}
@@ -173,6 +174,8 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 		msFigure("deploy request p99", Summarize(lats[0].deploy).P99, Summarize(lats[1].deploy).P99),
 		msFigure("placement end to end p50", Summarize(lats[0].place).P50, Summarize(lats[1].place).P50),
 		msFigure("placement end to end p99", Summarize(lats[0].place).P99, Summarize(lats[1].place).P99),
+		msFigure("placement's auction p50", Summarize(lats[0].auction).P50, Summarize(lats[1].auction).P50),
+		msFigure("placement's announcement after the reply p50", Summarize(lats[0].start).P50, Summarize(lats[1].start).P50),
 		msFigure("list p50", Summarize(lats[0].list).P50, Summarize(lats[1].list).P50),
 		msFigure("stop p50", Summarize(lats[0].stop).P50, Summarize(lats[1].stop).P50))
 
