@@ -676,9 +676,9 @@ func (m *Manager) env(name string) map[string]string {
 		if n.CgroupDriver != "" {
 			env[native.EnvCgroupDriver] = n.CgroupDriver
 		}
-		if m.log.Enabled(context.Background(), slog.LevelDebug) {
-			env[native.EnvDebug] = "1" // its start step timings, among others
-		}
+		// Nothing below nexd's level: nexd would wake to parse such a line and drop it.
+		// The nexlet takes the level at its start (a reload reaches it at the next).
+		env[native.EnvLogLevel] = lowestLevel(m.log).String()
 		// The collector's percentage the nexlet sets once it is registered (its start
 		// runs with Go's default, as nexd's does); the memory limit its runtime reads
 		// before main.
@@ -908,4 +908,14 @@ func recordedWorkloads(runtimeDir string, nexlets []string) []procid.ID {
 		}
 	}
 	return out
+}
+
+// lowestLevel is the lowest of slog's four levels log logs at (ERROR when none).
+func lowestLevel(log *slog.Logger) slog.Level {
+	for _, l := range []slog.Level{slog.LevelDebug, slog.LevelInfo, slog.LevelWarn} {
+		if log.Enabled(context.Background(), l) {
+			return l
+		}
+	}
+	return slog.LevelError
 }

@@ -2,6 +2,7 @@ package nexlets
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -151,6 +152,26 @@ func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
 		env := m.env(NativeName)
 		if env[native.EnvGOGC] != c.wantGC || env["GOMEMLIMIT"] != c.wantMem {
 			t.Errorf("go_gc_percent %d, go_memory_limit %d: GOGC=%q GOMEMLIMIT=%q, want %q and %q", c.gc, c.limit, env[native.EnvGOGC], env["GOMEMLIMIT"], c.wantGC, c.wantMem)
+		}
+		_ = m.Stop(context.Background())
+	}
+}
+
+// TestNativeNexletLogsAtNodeLevel: the native nexlet is told nexd's level, so that it
+// writes no line nexd would wake up to parse and then drop (at warn: "workload
+// started" and every "workload output" line of a deploy).
+func TestNativeNexletLogsAtNodeLevel(t *testing.T) {
+	for level, want := range map[slog.Level]string{slog.LevelDebug: "DEBUG", slog.LevelInfo: "INFO", slog.LevelWarn: "WARN",
+		slog.LevelError: "ERROR", slog.LevelError + 4: "ERROR"} {
+		cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second}}
+		log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: level}))
+		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
+			Minter: minter{}, RuntimeDir: filepath.Join(t.TempDir(), "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := m.env(NativeName)[native.EnvLogLevel]; got != want {
+			t.Errorf("nexd at %v: %s=%q, want %q", level, native.EnvLogLevel, got, want)
 		}
 		_ = m.Stop(context.Background())
 	}

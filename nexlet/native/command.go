@@ -35,11 +35,7 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 			stderr = nb
 		}
 	}
-	level := slog.LevelInfo
-	if os.Getenv(EnvDebug) == "1" {
-		level = slog.LevelDebug
-	}
-	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level,
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: logLevel(os.Getenv(EnvLogLevel)),
 		// JSON writes durations as nanoseconds; the node log should read "6s".
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
 			if a.Value.Kind() == slog.KindDuration {
@@ -115,4 +111,13 @@ func (w *droppingWriter) Write(p []byte) (int, error) {
 		off += n
 	}
 	return len(p), nil
+}
+
+// logLevel is the level EnvLogLevel names; INFO when it names none.
+func logLevel(v string) slog.Level {
+	var l slog.Level
+	if v == "" || l.UnmarshalText([]byte(v)) != nil {
+		return slog.LevelInfo
+	}
+	return l
 }

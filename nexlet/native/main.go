@@ -41,9 +41,11 @@ const (
 	// EnvGOGC is GOGC ("off" or a percentage) for after the registration: the start
 	// runs with Go's default, collecting less while the node waits for it.
 	EnvGOGC = "NEX_NATIVE_GOGC"
-	// EnvDebug "1": the nexlet logs at debug level (nexd sets it when it does), which
-	// includes each start's step timings.
-	EnvDebug = "NEX_NATIVE_DEBUG"
+	// EnvLogLevel is the lowest level nexd logs (slog's name: DEBUG, INFO, WARN,
+	// ERROR), which the nexlet logs at too: nexd drops every line below it, and each
+	// line wakes nexd to read and parse it, on the deploy's path ("workload started",
+	// "workload output"). DEBUG includes each start's step timings. Absent: INFO.
+	EnvLogLevel = "NEX_NATIVE_LOG_LEVEL"
 )
 
 // ShutdownTimeout bounds how long Main waits for workloads to stop at exit.

@@ -2,6 +2,7 @@ package native
 
 import (
 	"encoding/json"
+	"log/slog"
 	"strings"
 	"testing"
 
@@ -94,5 +95,16 @@ func TestParseRestartDefaults(t *testing.T) {
 	p, _ = parseStartRequest(`{"uri":"nats://b/n"}`, protocol.LifecycleJob)
 	if p.art.bucket != "b" || p.art.object != "n_latest" {
 		t.Errorf("nats artifact = %+v", p.art)
+	}
+}
+
+// TestLogLevelFromEnv: the nexlet logs at the level nexd names in EnvLogLevel (as
+// slog spells it), and at INFO when it names none it knows.
+func TestLogLevelFromEnv(t *testing.T) {
+	for v, want := range map[string]slog.Level{"DEBUG": slog.LevelDebug, "INFO": slog.LevelInfo, "WARN": slog.LevelWarn,
+		"ERROR": slog.LevelError, "INFO+2": slog.LevelInfo + 2, "": slog.LevelInfo, "loud": slog.LevelInfo} {
+		if got := logLevel(v); got != want {
+			t.Errorf("%s=%q: level %v, want %v", EnvLogLevel, v, got, want)
+		}
 	}
 }
