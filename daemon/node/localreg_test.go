@@ -222,8 +222,10 @@ func TestAttackRegistrationOnLocalChannel(t *testing.T) {
 }
 
 // BenchmarkRegistrationLeg: one registration of the native nexlet, sent, handled by
-// the node and answered: on its local channel, and over NATS (a loopback server in
-// this process, the nexlet on a connection of its own) as before.
+// the node and answered: on its local channel; over NATS (a loopback server in this
+// process) on a connection of the nexlet's made before; and over NATS as the nexlet's
+// start did it, on a connection it makes for the registration (it dialled ahead, but
+// its connect shares the start's CPU) and closes after.
 func BenchmarkRegistrationLeg(b *testing.B) {
 	f := newFixture(b, 1, nil)
 	n := f.nodes[0]
@@ -249,6 +251,22 @@ func BenchmarkRegistrationLeg(b *testing.B) {
 			if code := r.Header.Get(protocol.HeaderErrorCode); code != "" {
 				b.Fatalf("refused: %s %q", code, r.Data)
 			}
+		}
+	})
+	b.Run("nats-new-connection", func(b *testing.B) {
+		for b.Loop() {
+			nc, err := nats.Connect(f.srv.ClientURL())
+			if err != nil {
+				b.Fatal(err)
+			}
+			r, err := nc.RequestMsg(m, 10*time.Second)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if code := r.Header.Get(protocol.HeaderErrorCode); code != "" {
+				b.Fatalf("refused: %s %q", code, r.Data)
+			}
+			nc.Close()
 		}
 	})
 }

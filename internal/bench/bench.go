@@ -36,6 +36,10 @@ type Options struct {
 	Recovery   int           // workloads of the recovery scenario
 	// ReadyStarts is how many starts ready and compare's exec -> ready time per side.
 	ReadyStarts int
+	// NexdB and EnvB make ready time a second nexd (NexdB, else Nexd) with EnvB added
+	// to its environment, its starts alternating with Nexd's one by one (A/B).
+	NexdB string
+	EnvB  []string
 	Idle        time.Duration // idle CPU sampling window
 	Keep        bool          // keep the temp dir (logs) after the run
 	Upstream    string        // upstream's nex binary (compare)

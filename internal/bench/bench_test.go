@@ -282,3 +282,43 @@ func TestCompareWorkloadsRun(t *testing.T) {
 		}
 	})
 }
+
+// TestReadyAB: ready with a B side (here the same nexd with the NATS registration of
+// its nexlet, NEXD_LOCAL_REGISTER=off) times both, alternating, and nothing else.
+func TestReadyAB(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs nexd")
+	}
+	nexd := filepath.Join(t.TempDir(), "nexd")
+	build := exec.Command("go", "build", "-o", nexd, "github.com/nexd-project/nexd/cmd/nexd")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build nexd: %v\n%s", err, out)
+	}
+	h, err := NewHarness(Options{Nexd: nexd, Quick: true, ReadyStarts: 2, EnvB: []string{"NEXD_LOCAL_REGISTER=off"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	rep, err := h.Run(ctx, []string{"ready"})
+	h.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Results) != 1 || rep.Results[0].Err != "" || len(rep.Results[0].Metrics) != 5 {
+		t.Fatalf("results = %+v", rep.Results)
+	}
+	for _, m := range rep.Results[0].Metrics[1:3] {
+		if m.Value <= 0 {
+			t.Fatalf("%s = %v", m.Name, m.Value)
+		}
+	}
+}
+
+func TestABEnvMustBeKeyValue(t *testing.T) {
+	var out, errs bytes.Buffer
+	if code := Main(context.Background(), []string{"--ab-env", "NOVALUE", "ready"}, &out, &errs); code != 2 ||
+		!strings.Contains(errs.String(), `--ab-env "NOVALUE": want KEY=VALUE`) {
+		t.Fatalf("exit %d, stderr %q", code, errs.String())
+	}
+}

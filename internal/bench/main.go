@@ -63,6 +63,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&o.Keep, "keep", false, "keep the temp dir with node logs")
 	fs.StringVar(&o.Upstream, "upstream-nex", "", "upstream's nex binary (compare; with ready, upstream's starts alternate with nexd's)")
 	fs.IntVar(&o.ReadyStarts, "ready-starts", 0, "starts per side of ready and of compare's exec to ready (default 5, quick 3)")
+	fs.StringVar(&o.NexdB, "ab-nexd", "", "with ready: a second nexd binary whose starts alternate with --nexd's, one by one (A/B)")
+	fs.StringArrayVar(&o.EnvB, "ab-env", nil, "with ready: K=V in the environment of the B starts only (repeat; B is --nexd unless --ab-nexd)")
 	fs.IntSliceVar(&o.CompareWorkloads, "compare-workloads", nil, "running-workload counts compare samples memory at (default 100)")
 	fs.StringArrayVar(&o.NexdArgs, "nexd-arg", nil, "an argument added to every nexd started (repeat; e.g. --nexd-arg=--workload-uid-range=100000-199999)")
 	fs.BoolVar(&asJSON, "json", false, "print the report as JSON")
@@ -79,6 +81,12 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if fs.NArg() == 0 {
 		fs.Usage()
 		return 2
+	}
+	for _, kv := range o.EnvB {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			fmt.Fprintf(stderr, "nexbench: --ab-env %q: want KEY=VALUE\n", kv)
+			return 2
+		}
 	}
 	level := slog.LevelWarn
 	if verbose {

@@ -31,6 +31,7 @@ type nodeSpec struct {
 	CgroupV1 string   // --cgroup-root, "" for detection
 	LogLevel string
 	Extra    []string
+	Env      []string // added to nexd's environment
 }
 
 // nodeProc is a running nexd started by the tool.
@@ -103,7 +104,7 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 	if len(spec.Servers) == 0 && spec.Embedded != 0 {
 		extra = append(extra, "NEXD_EMBEDDED_NATS_PORT="+strconv.Itoa(spec.Embedded))
 	}
-	cmd.Env = childEnv(extra...)
+	cmd.Env = childEnv(append(extra, spec.Env...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group, so a Ctrl+C of the tool reaches only the tool, which then
 	// stops nodes in order; Pdeathsig kills nexd should the tool itself be killed.

@@ -3,6 +3,8 @@ package bench
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,6 +25,13 @@ func (h *Harness) ready(ctx context.Context) ([]Result, error) {
 		return nil, err
 	}
 	var out []Result
+	if h.o.NexdB != "" || len(h.o.EnvB) > 0 {
+		r, err := h.readyAB(ctx, ns.URL(), runs)
+		out = append(out, r)
+		if err != nil || h.o.Upstream == "" {
+			return out, err // an A/B run times only A and B
+		}
+	}
 	if h.o.Upstream != "" {
 		r, err := h.readySideBySide(ctx, ns.URL(), runs)
 		out = append(out, r)
@@ -179,4 +188,48 @@ func (h *Harness) control(ctx context.Context) ([]Result, error) {
 		out = append(out, r)
 	}
 	return out, nil
+}
+
+// readyAB alternates starts of two nexd (NexdB, or Nexd with EnvB) against one external
+// server, one by one (A first in even rounds), so that load hits both alike, and
+// reports both p50s and the median of the per-round ratios B/A.
+func (h *Harness) readyAB(ctx context.Context, url string, runs int) (Result, error) {
+	b := cmpOr(h.o.NexdB, h.o.Nexd)
+	r := Result{Scenario: "ready", Variant: "A/B, external NATS, alternating"}
+	var as, bs []time.Duration
+	var ratios []float64
+	for i := range runs {
+		var a, bd time.Duration
+		for _, aTurn := range alternate(i) {
+			spec := nodeSpec{Name: fmt.Sprintf("ab%d", i), Servers: []string{url}}
+			if !aTurn {
+				spec.Nexd, spec.Env = b, h.o.EnvB
+			}
+			n, d, err := h.readyNode(ctx, spec)
+			if err != nil {
+				r.Err = err.Error()
+				return r, err
+			}
+			if err := h.stopNode(n); err != nil {
+				r.Err = err.Error()
+				return r, err
+			}
+			if aTurn {
+				a = d
+			} else {
+				bd = d
+			}
+		}
+		as, bs = append(as, a), append(bs, bd)
+		ratios = append(ratios, float64(bd)/float64(a))
+	}
+	sa, sb := Summarize(as), Summarize(bs)
+	slices.Sort(ratios)
+	r.add("starts per side", float64(runs), "")
+	r.ms("A exec to READY=1 p50", sa.P50)
+	r.ms("B exec to READY=1 p50", sb.P50)
+	r.add("B / A (p50)", float64(sb.P50)/float64(sa.P50), "×")
+	r.add("B / A (median of the rounds' ratios)", ratios[len(ratios)/2], "×")
+	r.notef("A: %s; B: %s %s", h.o.Nexd, b, strings.Join(h.o.EnvB, " "))
+	return r, nil
 }
