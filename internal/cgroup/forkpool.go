@@ -60,6 +60,12 @@ type forkJob struct {
 	out     chan error
 	renamed bool
 	left    chan struct{}
+	// files are the descriptors cmd's child gets, in the process's table: Stdin,
+	// Stdout, Stderr (-1 for none), then ExtraFiles (see sharedFiles).
+	files []int
+	// pid is cmd's process, set before out is sent to (its os.Process was released
+	// on the pool thread, see startPrivate).
+	pid *int
 }
 
 // NewForkPool starts size threads (none for size 0 or a mode other than v1). Each runs
@@ -160,7 +166,31 @@ func (p *ForkPool) run() {
 			return
 		}
 	}
+	p.serve(nil)
+}
+
+// serve is run's thread, once begin allowed it; locked, when not nil, is closed once
+// it holds a thread of its own that is not the process's main thread.
+func (p *ForkPool) serve(locked chan<- struct{}) {
 	runtime.LockOSThread()
+	if unix.Gettid() == unix.Getpid() {
+		// The main thread's descriptor table is the process's, the one every other
+		// thread's pidfd_getfd reads (startPrivate): it must not become this thread's
+		// own. Another goroutine serves instead, which cannot get this thread while it
+		// stays locked here.
+		l := make(chan struct{})
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.serve(l)
+		}()
+		<-l
+		runtime.UnlockOSThread()
+		return
+	}
+	if locked != nil {
+		close(locked)
+	}
 	f := &forker{jobs: make(chan forkJob), gone: make(chan struct{})}
 	defer close(f.gone)
 	if setup := p.m.threadSetup; setup != nil {
@@ -171,6 +201,16 @@ func (p *ForkPool) run() {
 	}
 	orig, _ := os.ReadFile("/proc/thread-self/cgroup")
 	_, origPaths := parseSelfCgroup(orig)
+	self, shared, err := privateFiles()
+	switch {
+	case err == nil:
+		defer unix.Close(self)
+	case shared:
+		p.m.log.Warn("fork pool thread shares the process's descriptor table: each fork copies all of it", "err", err)
+	default:
+		p.m.log.Warn("fork pool thread has no usable descriptor table; starts migrate instead", "err", err)
+		return
+	}
 	var (
 		cur   string        // the pool group the thread is in, removed when it leaves
 		stale string        // a pool group it left, to remove
@@ -222,10 +262,17 @@ func (p *ForkPool) run() {
 			// Something may have moved the whole process (a write of its pid to a
 			// cgroup.procs), this thread with it: fork here only when the child is
 			// sure to be born in its group.
-			if !threadIn(j.g) {
+			switch {
+			case !threadIn(j.g):
 				j.out <- errForkerMoved
-			} else {
-				j.out <- j.cmd.Start()
+			case self >= 0:
+				j.out <- startPrivate(j.cmd, self, j.files, j.pid)
+			default:
+				err := j.cmd.Start()
+				if err == nil {
+					*j.pid = j.cmd.Process.Pid
+				}
+				j.out <- err
 			}
 		} else {
 			j.out <- nil

@@ -289,13 +289,23 @@ const thisThread = "0"
 
 func (g *Group) startV1(cmd *exec.Cmd) error {
 	if f := g.takeForker(); f != nil {
-		// Born in the group from the pool thread already in it: no migration.
-		err, ok := f.send(forkJob{cmd: cmd, g: g, renamed: true, left: g.left})
-		if ok && !errors.Is(err, errForkerMoved) {
-			return err
-		}
-		if ok {
-			g.m.log.Warn("fork pool thread was moved out of its group; starting with a migration", "cgroup", g.Path())
+		if files, ok := sharedFiles(cmd); ok {
+			// Born in the group from the pool thread already in it: no migration.
+			pid := 0
+			err, ok := f.send(forkJob{cmd: cmd, g: g, renamed: true, left: g.left, files: files, pid: &pid})
+			if ok && !errors.Is(err, errForkerMoved) {
+				if err == nil && cmd.Process.Pid != pid {
+					// Released on the pool thread (startPrivate); our child, not
+					// waited for: the pid is still its own.
+					cmd.Process, _ = os.FindProcess(pid)
+				}
+				return err
+			}
+			if ok {
+				g.m.log.Warn("fork pool thread was moved out of its group; starting with a migration", "cgroup", g.Path())
+			}
+		} else {
+			f.send(forkJob{renamed: true, left: g.left}) // leaves the group
 		}
 	}
 	type result struct {

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
 
@@ -86,8 +88,10 @@ func BenchmarkStartWorkload(b *testing.B) {
 		name   string
 		pool   int
 		cgroup bool
-	}{{"uidpool=0", 0, false}, {fmt.Sprintf("uidpool=%d", DefaultUIDPool), DefaultUIDPool, false},
-		{fmt.Sprintf("uidpool=%d/cgroup", DefaultUIDPool), DefaultUIDPool, true}} {
+		held   int // descriptors the nexlet holds besides, as with 5,000 workloads
+	}{{"uidpool=0", 0, false, 0}, {fmt.Sprintf("uidpool=%d", DefaultUIDPool), DefaultUIDPool, false, 0},
+		{fmt.Sprintf("uidpool=%d/cgroup", DefaultUIDPool), DefaultUIDPool, true, 0},
+		{fmt.Sprintf("uidpool=%d/cgroup/held=15000", DefaultUIDPool), DefaultUIDPool, true, 15000}} {
 		b.Run(v.name, func(b *testing.B) {
 			spec := ""
 			if v.cgroup {
@@ -100,6 +104,13 @@ func BenchmarkStartWorkload(b *testing.B) {
 			} else if v.cgroup {
 				b.Skip("cgroups unusable here")
 			}
+			for range v.held / 2 {
+				var p [2]int
+				if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { unix.Close(p[0]); unix.Close(p[1]) })
+			}
 			run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
 			i := 0
 			var took []time.Duration
@@ -110,7 +121,7 @@ func BenchmarkStartWorkload(b *testing.B) {
 						b.Fatal(err)
 					}
 				}
-				for n.users.pool != nil && len(n.users.pool.ch) <= cap(n.users.pool.ch)/2 {
+				for n.users.pool != nil && len(n.users.pool.ch) <= int(n.users.pool.want.Load())/2 {
 					time.Sleep(time.Millisecond)
 				}
 				n.bg.Wait() // the stop's uid release
