@@ -30,8 +30,15 @@ func privateFiles() (self int, shared bool, err error) {
 	if err != nil {
 		return -1, true, err
 	}
+	// Every start takes its child's descriptors with pidfd_getfd, which kernels before
+	// 5.6 lack and seccomp filters may forbid (Docker's default allows it only with
+	// CAP_SYS_PTRACE): without it the thread keeps the process's table.
+	err = canGetfd(int(r.Fd()))
 	r.Close()
 	w.Close()
+	if err != nil {
+		return -1, true, err
+	}
 	if err := unix.Unshare(unix.CLONE_FILES); err != nil {
 		return -1, true, fmt.Errorf("unshare(CLONE_FILES): %w", err)
 	}
@@ -57,6 +64,22 @@ func privateFiles() (self int, shared bool, err error) {
 		return -1, false, fmt.Errorf("pidfd_open(self): %w", err)
 	}
 	return self, false, nil
+}
+
+// canGetfd reports whether this thread can take a copy of the process's descriptor fd
+// through a pidfd of the process.
+func canGetfd(fd int) error {
+	self, err := unix.PidfdOpen(unix.Getpid(), 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_open(self): %w", err)
+	}
+	defer unix.Close(self)
+	c, err := unix.PidfdGetfd(self, fd, 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_getfd: %w", err)
+	}
+	unix.Close(c)
+	return nil
 }
 
 // sharedFiles lists the descriptors cmd's child gets, as numbers in the process's

@@ -1,0 +1,307 @@
+package cgroup
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+// TestV1ForkPoolPrivateFilesStress: many concurrent starts from pool threads with
+// descriptor tables of their own, while the process holds thousands of descriptors,
+// opens and closes files on other threads and collects garbage: every child gets
+// exactly its stdio and ExtraFiles, every exit status reaches Wait (also of children
+// that exited before Start returned), Kill reaches a running child through the
+// os.Process Start left, and no descriptor of the process's table is closed or
+// replaced behind its owner's back.
+func TestV1ForkPoolPrivateFilesStress(t *testing.T) {
+	if testing.Short() {
+		t.Skip("stress")
+	}
+	// Inherited from whatever started the test, as nexd marks its own (a start that
+	// migrates forks from the process's table).
+	must(t, unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC))
+	m := v1Root(t)
+	p := m.NewForkPool(4)
+	defer p.Close()
+	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == 4*len(m.hiers) })
+
+	// Held descriptors, remembered by what they are.
+	type heldFD struct {
+		fd       int
+		dev, ino uint64
+	}
+	var held []heldFD
+	defer func() {
+		for _, h := range held {
+			unix.Close(h.fd)
+		}
+	}()
+	for range 1500 {
+		var pp [2]int
+		must(t, unix.Pipe2(pp[:], unix.O_CLOEXEC))
+		for _, fd := range pp {
+			var st unix.Stat_t
+			must(t, unix.Fstat(fd, &st))
+			held = append(held, heldFD{fd, st.Dev, st.Ino})
+		}
+	}
+
+	countFDs := func(dir string) int {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			return -1
+		}
+		return len(ents)
+	}
+	// Pool threads: the tasks with a small table.
+	poolTables := func() (sizes []int) {
+		tasks, _ := os.ReadDir("/proc/self/task")
+		for _, task := range tasks {
+			if n := countFDs("/proc/self/task/" + task.Name() + "/fd"); n >= 0 && n < 100 {
+				sizes = append(sizes, n)
+			}
+		}
+		return sizes
+	}
+	before := countFDs("/proc/self/fd")
+	poolBefore := poolTables()
+
+	stop := make(chan struct{})
+	var bg sync.WaitGroup
+	bg.Go(func() { // garbage, collected
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_ = make([]byte, 1<<16)
+			runtime.GC()
+			time.Sleep(time.Millisecond)
+		}
+	})
+	bg.Go(func() { // files opened and closed on other threads, some on the poller
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			r, w, err := os.Pipe()
+			if err == nil {
+				_ = r.SetReadDeadline(time.Now().Add(time.Millisecond))
+				_, _ = r.Read(make([]byte, 1))
+				r.Close()
+				w.Close()
+			}
+			if f, err := os.Open("/dev/null"); err == nil {
+				f.Close()
+			}
+		}
+	})
+
+	var seq atomic.Int64
+	var failures atomic.Int64
+	fail := func(format string, a ...any) {
+		if failures.Add(1) <= 20 {
+			t.Errorf(format, a...)
+		}
+	}
+	one := func() {
+		i := seq.Add(1)
+		name := fmt.Sprintf("s%d", i)
+		g, err := p.Create(name, Limits{})
+		if err != nil {
+			fail("create %s: %v", name, err)
+			return
+		}
+		defer func() {
+			if err := g.Remove(); err != nil {
+				fail("remove %s: %v", name, err)
+			}
+		}()
+		r, w, err := os.Pipe()
+		if err != nil {
+			fail("pipe: %v", err)
+			return
+		}
+		defer r.Close()
+		nextra := int(i % 3)
+		var extra []*os.File
+		for range nextra {
+			f, err := os.Open("/dev/null")
+			if err != nil {
+				fail("open: %v", err)
+				return
+			}
+			defer f.Close()
+			extra = append(extra, f)
+		}
+		code := int(i % 7)
+		var cmd *exec.Cmd
+		switch i % 4 {
+		case 0: // gone before Start returns, most likely
+			cmd = exec.Command("/bin/sh", "-c", fmt.Sprintf("exit %d", code))
+		case 1: // killed through the os.Process
+			cmd = exec.Command("/bin/sleep", "60")
+			code = -1
+		default:
+			cmd = exec.Command("/bin/sh", "-c", fmt.Sprintf("ls /proc/self/fd; exit %d", code))
+		}
+		cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = w, w, extra
+		if err := g.Start(cmd); err != nil {
+			w.Close()
+			fail("start %s: %v", name, err)
+			return
+		}
+		w.Close()
+		switch i % 4 {
+		case 0:
+			time.Sleep(5 * time.Millisecond) // a zombie by now
+		case 1:
+			if err := cmd.Process.Kill(); err != nil {
+				fail("kill %s: %v", name, err)
+			}
+		}
+		out, err := io.ReadAll(r)
+		if err != nil {
+			fail("read %s: %v", name, err)
+		}
+		werr := cmd.Wait()
+		if cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != code {
+			fail("%s: Wait %v, %v; want exit code %d", name, cmd.ProcessState, werr, code)
+		}
+		if i%4 >= 2 {
+			// sh's 0-2, the extra files and ls's own directory
+			want := []string{"0", "1", "2"}
+			for j := range nextra + 1 {
+				want = append(want, fmt.Sprint(3+j))
+			}
+			if got := strings.Fields(string(out)); strings.Join(got, " ") != strings.Join(want, " ") {
+				fail("%s: child's descriptors %q, want %q", name, got, want)
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Go(func() {
+			for range 40 {
+				one()
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	bg.Wait()
+	// Starts that fail (exec refused) leave nothing open either, and the pool goes on.
+	for i := range 20 {
+		g, err := p.Create(fmt.Sprintf("f%d", i), Limits{})
+		must(t, err)
+		_, w, err := os.Pipe()
+		must(t, err)
+		cmd := exec.Command("/nonexistent/x")
+		cmd.Stdout = w
+		if err := g.Start(cmd); err == nil {
+			t.Errorf("start of a missing binary: no error")
+		}
+		w.Close()
+		must(t, g.Remove())
+	}
+	runtime.GC()
+	runtime.GC()
+	if after := countFDs("/proc/self/fd"); after > before+2 { // ReadDir's own, a slack
+		t.Errorf("process descriptors: %d before, %d after", before, after)
+	}
+	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == 4*len(m.hiers) })
+	if poolAfter := poolTables(); len(poolAfter) != 4 || slices.Max(poolAfter) > slices.Max(poolBefore)+1 {
+		t.Errorf("pool threads' tables: %v before, %v after", poolBefore, poolAfter)
+	}
+	for _, h := range held {
+		var st unix.Stat_t
+		if err := unix.Fstat(h.fd, &st); err != nil || st.Dev != h.dev || st.Ino != h.ino {
+			fail("held descriptor %d: %v, %d:%d, want %d:%d", h.fd, err, st.Dev, st.Ino, h.dev, h.ino)
+		}
+	}
+}
+
+// denySyscall installs a seccomp filter on the calling thread (and what it forks) that
+// fails system call nr with errno: a kernel without the call (ENOSYS) or a
+// service manager's or container's filter that forbids it (EPERM).
+func denySyscall(nr uintptr, errno unix.Errno) error {
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return err
+	}
+	prog := []unix.SockFilter{
+		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 4}, // arch
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.AUDIT_ARCH_X86_64, Jt: 0, Jf: 3},
+		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 0}, // nr
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: uint32(nr), Jt: 0, Jf: 1},
+		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ERRNO | uint32(errno)},
+		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW},
+	}
+	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+	return unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&fprog)), 0, 0)
+}
+
+// TestV1ForkPoolWithoutPidfdGetfd: where pidfd_getfd is missing (kernels before 5.6)
+// or forbidden (a seccomp filter: Docker's default allows it only with
+// CAP_SYS_PTRACE), or unshare is, a pool thread keeps the process's descriptor table
+// and starts still succeed, born in their group, with their output.
+func TestV1ForkPoolWithoutPidfdGetfd(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skip("the filter is written for amd64")
+	}
+	for _, c := range []struct {
+		name  string
+		nr    uintptr
+		errno unix.Errno
+	}{{"pidfd_getfd/ENOSYS", unix.SYS_PIDFD_GETFD, unix.ENOSYS}, {"pidfd_getfd/EPERM", unix.SYS_PIDFD_GETFD, unix.EPERM},
+		{"unshare/EPERM", unix.SYS_UNSHARE, unix.EPERM}} {
+		t.Run(c.name, func(t *testing.T) {
+			m := v1Root(t)
+			m.SetThreadSetup(func() error { return denySyscall(c.nr, c.errno) })
+			p := m.NewForkPool(1)
+			defer p.Close()
+			testkit.Eventually(t, "a pool group", func() bool { return len(poolGroups(m)) == len(m.hiers) })
+			g, err := p.Create("w", Limits{})
+			must(t, err)
+			var out strings.Builder
+			r, w, err := os.Pipe()
+			must(t, err)
+			defer r.Close()
+			cmd := exec.Command("/bin/sh", "-c", "cat /proc/self/cgroup")
+			cmd.Stdout = w
+			err = g.Start(cmd)
+			w.Close()
+			if err != nil {
+				t.Fatalf("start from a pool thread without %s: %v", c.name, err)
+			}
+			b, err := io.ReadAll(r)
+			must(t, err)
+			out.Write(b)
+			must(t, cmd.Wait())
+			_, in := parseSelfCgroup([]byte(out.String()))
+			for _, h := range m.hiers {
+				ctrl := strings.Split(h.Name, ",")[0]
+				if want := strings.TrimPrefix(filepath.Join(h.Root, "w"), h.Mount); in[ctrl] != want {
+					t.Errorf("child in %s group %q, want %q", h.Name, in[ctrl], want)
+				}
+			}
+			must(t, g.Remove())
+		})
+	}
+}
