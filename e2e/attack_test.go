@@ -545,3 +545,62 @@ func TestAttackUnsignedBidderPosesAsTrustedNode(t *testing.T) {
 		t.Errorf("refused unsigned bid: exit %d, want a failure that names trusted_nodes\n%s\n%s", code, out, errOut)
 	}
 }
+
+// TestAttackWorkloadInheritsNoDescriptor: a workload lists its open descriptors. The
+// nexlet holds the node's socket pair, its NATS connection, every other workload's
+// output FIFOs and pidfds, and the v1 fork pool forks from descriptor tables of the
+// nexlet's own: a workload must hold only its stdio (and ls its directory), whether
+// it was forked from a pool thread or, with the pool taken by concurrent deploys,
+// from the nexlet's own table.
+func TestAttackWorkloadInheritsNoDescriptor(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	logs, err := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flush(t, nc)
+	const count = 8
+	res := n.runWorkloads(t, count, func(i int) []string {
+		return []string{"--name", fmt.Sprintf("fds%d", i), "--lifecycle", "job", "--", "/bin/sh", "-c", "ls -l /proc/self/fd/; echo FD-DONE"}
+	})
+	fds := map[string][]string{} // workload id -> "fd -> target"
+	done := 0
+	deadline := time.Now().Add(60 * time.Second)
+	for done < count && time.Now().Before(deadline) {
+		m, err := logs.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		id := strings.Split(m.Subject, ".")[4]
+		line := string(m.Data)
+		if line == "FD-DONE" {
+			done++
+			continue
+		}
+		if f := strings.Fields(line); len(f) >= 3 && slices.Contains(f, "->") {
+			i := slices.Index(f, "->")
+			fds[id] = append(fds[id], f[i-1]+" -> "+strings.Join(f[i+1:], " "))
+		}
+	}
+	if done != count {
+		t.Fatalf("%d of %d workloads listed their descriptors: %v", done, count, fds)
+	}
+	for _, r := range res {
+		var nums []string
+		for _, l := range fds[r.ID] {
+			nums = append(nums, strings.Fields(l)[0])
+		}
+		slices.Sort(nums)
+		// ls's own directory is 3.
+		if !slices.Equal(nums, []string{"0", "1", "2", "3"}) {
+			t.Errorf("workload %s holds descriptors %q, want 0-2 and ls's 3", r.ID, fds[r.ID])
+		}
+	}
+}
