@@ -383,22 +383,29 @@ func (n *Node) SetAgentLocal(agentID, key string, c *localchan.Client) {
 	}
 }
 
-// localCalls serves the calls on the local channel of agentID's start l, each on a
-// goroutine Stop waits for.
+// localCalls serves the calls on the local channel of agentID's start l, one at a
+// time (the nexlet waits for each answer; one that does not is answered 429 at once,
+// so calls cannot pile up goroutines), each on a goroutine Stop waits for.
 func (n *Node) localCalls(agentID string, l localChannel) func(*localchan.Call) {
+	var busy atomic.Bool
 	return func(c *localchan.Call) {
+		if !busy.CompareAndSwap(false, true) {
+			n.fail(&localRequest{c: c}, 429, "one call at a time on the local channel",
+				fmt.Errorf("nexlet %s called on its local channel before its last call was answered", agentID))
+			return
+		}
 		n.inflight.Add(1)
 		go func() {
 			defer n.inflight.Done()
-			n.handleLocalCall(agentID, l, c)
+			n.handleLocalCall(agentID, l, &localRequest{c: c, answering: func() { busy.Store(false) }})
 		}()
 	}
 }
 
 // handleLocalCall serves one call of a nexlet on its local channel: only its own
 // registration is served there.
-func (n *Node) handleLocalCall(agentID string, l localChannel, c *localchan.Call) {
-	r := &localRequest{c: c}
+func (n *Node) handleLocalCall(agentID string, l localChannel, r *localRequest) {
+	c := r.c
 	if n.ctx.Err() != nil {
 		n.fail(r, 503, "node stopping", errors.New("the node is stopping"))
 		return
@@ -413,13 +420,23 @@ func (n *Node) handleLocalCall(agentID string, l localChannel, c *localchan.Call
 }
 
 // localRequest is a micro.Request that came on a nexlet's local channel and is
-// answered there.
-type localRequest struct{ c *localchan.Call }
+// answered there; answering (if set) is called right before the answer is sent.
+type localRequest struct {
+	c         *localchan.Call
+	answering func()
+}
 
 func (l *localRequest) Respond(b []byte, opts ...micro.RespondOpt) error {
 	m := &nats.Msg{Data: b, Header: nats.Header{}}
 	for _, o := range opts {
 		o(m)
+	}
+	return l.reply(m)
+}
+
+func (l *localRequest) reply(m *nats.Msg) error {
+	if l.answering != nil {
+		l.answering()
 	}
 	return l.c.Reply(m)
 }
@@ -439,7 +456,7 @@ func (l *localRequest) Error(code, desc string, data []byte, opts ...micro.Respo
 	}
 	m.Header.Set(protocol.HeaderErrorCode, code)
 	m.Header.Set(protocol.HeaderError, desc)
-	return l.c.Reply(m)
+	return l.reply(m)
 }
 
 func (l *localRequest) Data() []byte           { return l.c.Data }

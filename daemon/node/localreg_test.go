@@ -3,6 +3,9 @@ package node
 import (
 	"context"
 	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"io"
 	"testing"
 	"time"
 
@@ -269,4 +272,103 @@ func BenchmarkRegistrationLeg(b *testing.B) {
 			nc.Close()
 		}
 	})
+}
+
+// blockingStore holds ByType until release is closed.
+type blockingStore struct {
+	*MemStore
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b blockingStore) ByType(ctx context.Context, typ string) (map[string]protocol.StartWorkloadRequest, error) {
+	b.entered <- struct{}{}
+	<-b.release
+	return b.MemStore.ByType(ctx, typ)
+}
+
+// writeCall writes a call frame as localchan frames it (a nexlet that does not wait
+// for its answers: Server.Call does).
+func writeCall(t testing.TB, w io.Writer, id uint64, m *nats.Msg) {
+	t.Helper()
+	hdr, _ := json.Marshal(m.Header)
+	n := 1 + 8 + 2 + len(m.Subject) + 4 + len(hdr) + len(m.Data)
+	b := binary.BigEndian.AppendUint32(nil, uint32(n))
+	b = append(b, 4) // a call
+	b = binary.BigEndian.AppendUint64(b, id)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(m.Subject)))
+	b = append(b, m.Subject...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(hdr)))
+	b = append(append(b, hdr...), m.Data...)
+	if _, err := w.Write(b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// readAnswer reads one frame and returns its call id and error code.
+func readAnswer(t testing.TB, r io.Reader) (uint64, string) {
+	t.Helper()
+	var lb [4]byte
+	if _, err := io.ReadFull(r, lb[:]); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, binary.BigEndian.Uint32(lb[:]))
+	if _, err := io.ReadFull(r, b); err != nil {
+		t.Fatal(err)
+	}
+	id := binary.BigEndian.Uint64(b[1:9])
+	b = b[11+int(binary.BigEndian.Uint16(b[9:11])):]
+	var hdr nats.Header
+	if hl := int(binary.BigEndian.Uint32(b[:4])); hl > 0 {
+		if err := json.Unmarshal(b[4:4+hl], &hdr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return id, hdr.Get(protocol.HeaderErrorCode)
+}
+
+// TestLocalCallsOneAtATime: calls a nexlet sends on its channel without waiting for
+// the answers do not each get a goroutine: while one is handled, the others are
+// answered 429 at once; the one handled is answered when it is done.
+func TestLocalCallsOneAtATime(t *testing.T) {
+	bs := blockingStore{MemStore: NewMemStore(), entered: make(chan struct{}, 4), release: make(chan struct{})}
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Store = bs })
+	n := f.nodes[0]
+	kp, pub := newKey(t)
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	nodeEnd, nexletEnd, err := localchan.Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := localchan.NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); nexletEnd.Close() })
+	released := false
+	t.Cleanup(func() {
+		if !released {
+			close(bs.release)
+		}
+	})
+	n.SetAgentLocal("native0", pub, c)
+	m := signedRegistration(t, n.ID(), "native0", kp)
+	writeCall(t, nexletEnd, 1, m)
+	select {
+	case <-bs.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first call was not handled")
+	}
+	for id := uint64(2); id <= 4; id++ {
+		writeCall(t, nexletEnd, id, m)
+		if got, code := readAnswer(t, nexletEnd); got != id || code != "429" {
+			t.Fatalf("call %d while one is handled: answer to %d, code %q; want 429", id, got, code)
+		}
+	}
+	close(bs.release)
+	released = true
+	if got, code := readAnswer(t, nexletEnd); got != 1 || code != "" {
+		t.Fatalf("the handled call: answer to %d, code %q", got, code)
+	}
 }
