@@ -85,10 +85,15 @@ func canGetfd(fd int) error {
 // sharedFiles lists the descriptors cmd's child gets, as numbers in the process's
 // table: Stdin, Stdout and Stderr (-1 for none), then ExtraFiles. ok is false for a
 // command a pool thread with a table of its own cannot start: a stream that is not an
-// *os.File (its pipe and copying goroutine would use this thread's numbers elsewhere)
-// or a context (its goroutine signals through the process's pidfd).
+// *os.File (its pipe and copying goroutine would use this thread's numbers elsewhere),
+// a context (its goroutine signals through the process's pidfd), or a SysProcAttr
+// that returns a descriptor (PidFD: numbered in this thread's table) or names one of
+// the process's for the fork (CgroupFD, Foreground's Ctty).
 func sharedFiles(cmd *exec.Cmd) (files []int, ok bool) {
 	if cmd.Cancel != nil || cmd.WaitDelay != 0 {
+		return nil, false
+	}
+	if a := cmd.SysProcAttr; a != nil && (a.PidFD != nil || a.UseCgroupFD || a.Foreground) {
 		return nil, false
 	}
 	files = make([]int, 0, 3+len(cmd.ExtraFiles))

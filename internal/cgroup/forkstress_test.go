@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -303,5 +304,33 @@ func TestV1ForkPoolWithoutPidfdGetfd(t *testing.T) {
 			}
 			must(t, g.Remove())
 		})
+	}
+}
+
+// TestV1ForkPoolPidFD: a caller that asks for the child's pidfd (SysProcAttr.PidFD)
+// gets one numbered in the process's table, which signals the child: a pool thread
+// with a table of its own would hand out a number of its table (nothing, or another
+// file, in the process's) and keep that pidfd open there.
+func TestV1ForkPoolPidFD(t *testing.T) {
+	m := v1Root(t)
+	p := m.NewForkPool(1)
+	defer p.Close()
+	testkit.Eventually(t, "a pool group", func() bool { return len(poolGroups(m)) == len(m.hiers) })
+	g, err := p.Create("w", Limits{})
+	must(t, err)
+	pidfd := -1
+	cmd := exec.Command("/bin/sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{PidFD: &pidfd}
+	must(t, g.Start(cmd))
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); _ = g.Remove() }()
+	if pidfd < 0 {
+		t.Fatal("no pidfd")
+	}
+	defer unix.Close(pidfd)
+	if err := unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0); err != nil {
+		t.Fatalf("signal through the pidfd %d Start gave: %v", pidfd, err)
+	}
+	if err := cmd.Wait(); cmd.ProcessState == nil || cmd.ProcessState.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+		t.Fatalf("Wait: %v, %v (want killed by the pidfd's SIGKILL)", cmd.ProcessState, err)
 	}
 }
