@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -156,6 +158,16 @@ func TestDeployOverLocalChannel(t *testing.T) {
 	})
 	if got := registrations(); len(got) != 0 {
 		t.Fatalf("after a nexlet crash its registration crossed NATS: %v", got)
+	}
+	// Nor did either nexlet connect with its registration user.
+	cz, err := s.Connz(&server.ConnzOptions{State: server.ConnAll})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cz.Conns {
+		if strings.HasSuffix(c.Name, "-register") {
+			t.Fatalf("a nexlet connected with its registration user: %q", c.Name)
+		}
 	}
 	id, fds = deploy(n, "after-crash")
 	if got := overNATS(); len(got) != 0 {
