@@ -122,6 +122,12 @@ type Manager struct {
 
 	// threadSetup runs on every OS thread that forks into a v1 group (SetThreadSetup).
 	threadSetup func() error
+	// poller: the descriptors a forking thread's own table keeps (pollerFDs).
+	poller struct {
+		once sync.Once
+		fds  []int
+		err  error
+	}
 
 	// ownRoot: the root is the group detection made for this node alone (nexd/<node
 	// id> on v1), nobody else's to keep: RemoveOwnRoot may remove it.

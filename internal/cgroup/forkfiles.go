@@ -2,8 +2,11 @@ package cgroup
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
+	"runtime"
+	"slices"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -12,52 +15,76 @@ import (
 // A fork copies the forking thread's descriptor table and the child's execve closes
 // every copy marked close-on-exec, one by one: with the native nexlet's thousands of
 // workloads (two output FIFOs and a pidfd each) that was most of a start (15,000
-// descriptors: 0.9 -> 2.0-2.5 ms, BenchmarkV1PoolStartHeld). So each fork pool thread
-// gets a table of its own at its start (unshare(CLONE_FILES)) holding little, and
-// takes the few descriptors a child needs from the process's table right before each
-// fork (pidfd_getfd). Only the pool thread's own goroutine ever runs on it (it stays
-// locked and ends with it; the runtime makes new threads from a thread of its own, not
-// from a locked one), and whatever it opens it closes there.
+// descriptors: 0.9 -> 2.0-2.5 ms, BenchmarkV1StartHeld). So each thread that forks into
+// a v1 group (a fork pool thread, or the thread a start moves into the group) gets a
+// table of its own holding little (ownTable), and takes the few descriptors a child
+// needs from the process's table right before the fork (pidfd_getfd). Only the
+// thread's own locked goroutine ever runs on it (it ends with that goroutine; the
+// runtime makes new threads from a thread of its own, not from a locked one), and
+// whatever it opens it closes there.
 
-// privateFiles gives the calling locked thread a descriptor table of its own that
-// holds only 0-2 and the runtime's poller (its epoll and eventfd: the runtime uses
-// them from every thread, by number) and returns a pidfd of this process in it. On an
-// error after the unshare (shared false) the thread's table is its own but incomplete:
-// it must fork nothing.
-func privateFiles() (self int, shared bool, err error) {
-	// The poller must exist before the copy (a pipe registers with it).
-	r, w, err := os.Pipe()
+// pollerFDs lists the descriptors a thread's own table must keep at their numbers:
+// the runtime's poller (its epoll and eventfd, made here if not yet), which the
+// runtime uses by number from any thread (a throw when they are missing). They are
+// found once, by kind (an epoll or eventfd of the process's own is kept too).
+func (m *Manager) pollerFDs() ([]int, error) {
+	m.poller.once.Do(func() {
+		r, w, err := os.Pipe() // registers with the poller, making it
+		if err != nil {
+			m.poller.err = err
+			return
+		}
+		r.Close()
+		w.Close()
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			m.poller.err = err
+			return
+		}
+		for _, e := range ents {
+			fd, err := strconv.Atoi(e.Name())
+			if err != nil || fd <= 2 {
+				continue
+			}
+			switch l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l {
+			case "anon_inode:[eventpoll]", "anon_inode:[eventfd]":
+				m.poller.fds = append(m.poller.fds, fd)
+			}
+		}
+	})
+	return m.poller.fds, m.poller.err
+}
+
+// ownTable gives the calling locked thread (never the main one) a descriptor table of
+// its own holding only 0-2 and the poller's descriptors (pollerFDs), and returns a pidfd
+// of this process in it. Other copies would also keep their files open (a socket's
+// peer would see no end of file, a flock would stay held) after the process closed
+// them. One close_range copies only the descriptors up to the poller's (made early,
+// so few), not the thousands above. shared is true when the thread still has the
+// process's table; otherwise an error means the table is its own but unusable: the
+// thread must fork nothing.
+func (m *Manager) ownTable() (self int, shared bool, err error) {
+	keep, err := m.pollerFDs()
 	if err != nil {
 		return -1, true, err
 	}
 	// Every start takes its child's descriptors with pidfd_getfd, which kernels before
 	// 5.6 lack and seccomp filters may forbid (Docker's default allows it only with
 	// CAP_SYS_PTRACE): without it the thread keeps the process's table.
-	err = canGetfd(int(r.Fd()))
-	r.Close()
-	w.Close()
-	if err != nil {
+	if err := canGetfd(); err != nil {
 		return -1, true, err
 	}
-	if err := unix.Unshare(unix.CLONE_FILES); err != nil {
-		return -1, true, fmt.Errorf("unshare(CLONE_FILES): %w", err)
+	top := 2
+	for _, fd := range keep {
+		top = max(top, fd)
 	}
-	ents, err := os.ReadDir("/proc/thread-self/fd")
-	if err != nil {
-		return -1, false, err
+	if err := unix.CloseRange(uint(top+1), math.MaxUint32, unix.CLOSE_RANGE_UNSHARE); err != nil {
+		return -1, true, fmt.Errorf("close_range(CLOSE_RANGE_UNSHARE): %w", err)
 	}
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil || fd <= 2 {
-			continue
+	for fd := 3; fd < top; fd++ {
+		if !slices.Contains(keep, fd) {
+			unix.Close(fd)
 		}
-		switch l, _ := os.Readlink("/proc/thread-self/fd/" + e.Name()); l {
-		case "anon_inode:[eventpoll]", "anon_inode:[eventfd]":
-			continue
-		}
-		// Other copies would keep their files open (a socket's peer would see no
-		// end of file, a flock would stay held) after the process closed them.
-		unix.Close(fd)
 	}
 	self, err = unix.PidfdOpen(unix.Getpid(), 0)
 	if err != nil {
@@ -66,15 +93,21 @@ func privateFiles() (self int, shared bool, err error) {
 	return self, false, nil
 }
 
-// canGetfd reports whether this thread can take a copy of the process's descriptor fd
-// through a pidfd of the process.
-func canGetfd(fd int) error {
+// canGetfd reports whether this thread can take a copy of a descriptor of the
+// process through a pidfd of the process.
+func canGetfd() error {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	defer w.Close()
 	self, err := unix.PidfdOpen(unix.Getpid(), 0)
 	if err != nil {
 		return fmt.Errorf("pidfd_open(self): %w", err)
 	}
 	defer unix.Close(self)
-	c, err := unix.PidfdGetfd(self, fd, 0)
+	c, err := unix.PidfdGetfd(self, int(r.Fd()), 0)
 	if err != nil {
 		return fmt.Errorf("pidfd_getfd: %w", err)
 	}
@@ -120,7 +153,7 @@ func sharedFiles(cmd *exec.Cmd) (files []int, ok bool) {
 	return files, true
 }
 
-// startPrivate starts cmd on a pool thread with a table of its own (privateFiles):
+// startPrivate starts cmd on a thread with a table of its own (ownTable):
 // the child's descriptors (files, from sharedFiles) are copied in from the process's
 // table for the fork and closed after it. cmd's os.Process holds a pidfd numbered in
 // this thread's table, so it is released here and *pid set: the caller makes a new one.
@@ -177,4 +210,28 @@ func startPrivate(cmd *exec.Cmd, self int, files []int, pid *int) error {
 	*pid = cmd.Process.Pid
 	_ = cmd.Process.Release()
 	return nil
+}
+
+// lockedOffMain runs fn in a new goroutine locked to an OS thread that is not the
+// process's main thread: the main thread's descriptor table is the one pidfd_getfd
+// reads (startPrivate), so it must never become a thread's own (ownTable). fn's thread
+// ends with it unless fn unlocks it.
+func lockedOffMain(fn func()) {
+	go func() {
+		runtime.LockOSThread()
+		if unix.Gettid() != unix.Getpid() {
+			fn()
+			return
+		}
+		// The main thread: another goroutine takes over, which cannot get this thread
+		// while it stays locked here.
+		locked := make(chan struct{})
+		go func() {
+			runtime.LockOSThread()
+			close(locked)
+			fn()
+		}()
+		<-locked
+		runtime.UnlockOSThread()
+	}()
 }

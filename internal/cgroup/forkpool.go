@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -166,31 +165,16 @@ func (p *ForkPool) run() {
 			return
 		}
 	}
-	p.serve(nil)
+	done := make(chan struct{})
+	lockedOffMain(func() {
+		defer close(done)
+		p.serve()
+	})
+	<-done
 }
 
-// serve is run's thread, once begin allowed it; locked, when not nil, is closed once
-// it holds a thread of its own that is not the process's main thread.
-func (p *ForkPool) serve(locked chan<- struct{}) {
-	runtime.LockOSThread()
-	if unix.Gettid() == unix.Getpid() {
-		// The main thread's descriptor table is the process's, the one every other
-		// thread's pidfd_getfd reads (startPrivate): it must not become this thread's
-		// own. Another goroutine serves instead, which cannot get this thread while it
-		// stays locked here.
-		l := make(chan struct{})
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			p.serve(l)
-		}()
-		<-l
-		runtime.UnlockOSThread()
-		return
-	}
-	if locked != nil {
-		close(locked)
-	}
+// serve is a pool thread's work, on its locked thread, once begin allowed it.
+func (p *ForkPool) serve() {
 	f := &forker{jobs: make(chan forkJob), gone: make(chan struct{})}
 	defer close(f.gone)
 	if setup := p.m.threadSetup; setup != nil {
@@ -201,7 +185,7 @@ func (p *ForkPool) serve(locked chan<- struct{}) {
 	}
 	orig, _ := os.ReadFile("/proc/thread-self/cgroup")
 	_, origPaths := parseSelfCgroup(orig)
-	self, shared, err := privateFiles()
+	self, shared, err := p.m.ownTable()
 	switch {
 	case err == nil:
 		defer unix.Close(self)

@@ -297,77 +297,88 @@ func BenchmarkThreadIn(b *testing.B) {
 	}
 }
 
-// BenchmarkV1PoolStartHeld is a start from the fork pool while the process holds
-// many descriptors, as the native nexlet does with thousands of workloads (two output
+// BenchmarkV1StartHeld is a start in a new group while the process holds many
+// descriptors, as the native nexlet does with thousands of workloads (two output
 // FIFOs and a pidfd each): a fork copies the forking thread's descriptor table and the
-// child's execve closes every copy. The descriptors are opened after the pool's
-// threads started, as workloads' are.
-func BenchmarkV1PoolStartHeld(b *testing.B) {
-	for _, held := range []int{0, 15000} {
-		b.Run("held="+itoa(held), func(b *testing.B) {
-			m := v1Root(b)
-			p := m.NewForkPool(2)
-			defer p.Close()
-			ready := func() bool { return len(poolGroups(m)) == 2*len(m.hiers) }
-			for !ready() {
-				time.Sleep(time.Millisecond)
-			}
-			var fds []int
-			defer func() {
-				for _, fd := range fds {
-					unix.Close(fd)
-				}
-			}()
-			for len(fds) < held {
-				var pp [2]int
-				if err := unix.Pipe2(pp[:], unix.O_CLOEXEC); err != nil {
-					b.Fatal(err)
-				}
-				fds = append(fds, pp[0], pp[1])
-			}
-			r, w, err := os.Pipe()
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer r.Close()
-			defer w.Close()
-			i := 0
-			for b.Loop() {
-				b.StopTimer()
-				for !ready() {
-					time.Sleep(time.Millisecond)
-				}
-				b.StartTimer()
-				name := "b" + itoa(i)
-				i++
-				g, err := p.Create(name, Limits{})
-				if err != nil {
-					b.Fatal(err)
-				}
-				cmd := exec.Command("/bin/true")
-				cmd.Stdout, cmd.Stderr = w, w
-				if err := g.Start(cmd); err != nil {
-					b.Fatal(err)
-				}
-				b.StopTimer()
-				_ = cmd.Wait()
-				if err := g.Remove(); err != nil {
-					b.Fatal(err)
-				}
-				b.StartTimer()
-			}
-		})
+// child's execve closes every copy. From the fork pool (pool=2) and from a thread
+// moved into the group (pool=0, as when deploys outrun the pool). The descriptors are
+// opened after the pool's threads started, as workloads' are.
+func BenchmarkV1StartHeld(b *testing.B) {
+	for _, size := range []int{0, 2} {
+		for _, held := range []int{0, 15000} {
+			b.Run("pool="+itoa(size)+"/held="+itoa(held), func(b *testing.B) { benchStartHeld(b, size, held) })
+		}
 	}
 }
 
-// TestV1ForkPoolPrivateFiles: each pool thread forks from a descriptor table of its
-// own that holds none of the process's files (so a fork does not copy thousands), yet
-// the child gets exactly its stdio and ExtraFiles from the process's table, its exit
-// status reaches Wait, and a descriptor the process closes is closed (the pool thread
-// kept no copy: a pipe's reader sees end of file). A command whose output is not an
-// *os.File still starts in its group, by migration.
+func benchStartHeld(b *testing.B, size, held int) {
+	m := v1Root(b)
+	// As the native nexlet's: a thread that forked is not used again.
+	m.SetThreadSetup(func() error { return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+	p := m.NewForkPool(size)
+	defer p.Close()
+	ready := func() bool { return len(poolGroups(m)) == size*len(m.hiers) }
+	for !ready() {
+		time.Sleep(time.Millisecond)
+	}
+	var fds []int
+	defer func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}()
+	for len(fds) < held {
+		var pp [2]int
+		if err := unix.Pipe2(pp[:], unix.O_CLOEXEC); err != nil {
+			b.Fatal(err)
+		}
+		fds = append(fds, pp[0], pp[1])
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	i := 0
+	for b.Loop() {
+		b.StopTimer()
+		for !ready() {
+			time.Sleep(time.Millisecond)
+		}
+		b.StartTimer()
+		name := "b" + itoa(i)
+		i++
+		g, err := p.Create(name, Limits{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		cmd := exec.Command("/bin/true")
+		cmd.Stdout, cmd.Stderr = w, w
+		if err := g.Start(cmd); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		_ = cmd.Wait()
+		if err := g.Remove(); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+}
+
+// TestV1ForkPoolPrivateFiles: each pool thread, and a thread moved into a group to
+// start a process there, forks from a descriptor table of its own that holds none of
+// the process's files (so a fork does not copy thousands), yet the child gets exactly
+// its stdio and ExtraFiles from the process's table (and not a descriptor the process
+// holds without close-on-exec), its exit status reaches Wait, and a descriptor the
+// process closes is closed (the pool thread kept no copy: a pipe's reader sees end of
+// file). A command whose output is not an *os.File still starts in its group.
 func TestV1ForkPoolPrivateFiles(t *testing.T) {
 	m := v1Root(t)
+	// As the native nexlet's (a thread moved into a group is then discarded, so it
+	// gets a table of its own too).
+	m.SetThreadSetup(func() error { return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
 	early, earlyW, err := os.Pipe() // open before the pool's threads start
 	must(t, err)
 	defer early.Close()
@@ -405,42 +416,57 @@ func TestV1ForkPoolPrivateFiles(t *testing.T) {
 		t.Errorf("%d threads with a small descriptor table, want the pool's 2", small)
 	}
 
-	extra, err := os.CreateTemp(t.TempDir(), "extra")
+	// Not close-on-exec: a child forked from the process's table would inherit it.
+	stray, err := unix.Open("/dev/null", unix.O_RDONLY, 0)
 	must(t, err)
-	_, err = extra.WriteString("extra\n")
-	must(t, err)
-	_, err = extra.Seek(0, 0)
-	must(t, err)
-	r, w, err := os.Pipe()
-	must(t, err)
-	defer r.Close()
-	g, err := p.Create("files", Limits{})
-	must(t, err)
-	cmd := exec.Command("/bin/sh", "-c", `echo out; cat <&3; ls /proc/self/fd >&2; exit 3`)
-	cmd.Stdout, cmd.ExtraFiles = w, []*os.File{extra}
-	var stderr strings.Builder
-	cmd.Stderr = w
-	must(t, g.Start(cmd))
-	w.Close()
-	extra.Close()
-	b, err := io.ReadAll(r)
-	must(t, err)
-	stderr.Write(b)
-	if err := cmd.Wait(); cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 3 {
-		t.Errorf("Wait: %v, %v (want exit code 3)", cmd.ProcessState, err)
+	defer unix.Close(stray)
+	// From a pool thread, and from a thread moved into the group (no pool thread
+	// ready: "migrated" is made the usual way).
+	for _, name := range []string{"pooled", "migrated"} {
+		extra, err := os.CreateTemp(t.TempDir(), "extra")
+		must(t, err)
+		_, err = extra.WriteString("extra\n")
+		must(t, err)
+		_, err = extra.Seek(0, 0)
+		must(t, err)
+		r, w, err := os.Pipe()
+		must(t, err)
+		create := p.Create
+		if name == "migrated" {
+			create = m.Create
+		}
+		g, err := create(name, Limits{})
+		must(t, err)
+		cmd := exec.Command("/bin/sh", "-c", `echo out; cat <&3; ls /proc/self/fd; cat /proc/self/cgroup >&2; exit 3`)
+		cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = w, w, []*os.File{extra}
+		must(t, g.Start(cmd))
+		w.Close()
+		extra.Close()
+		b, err := io.ReadAll(r)
+		must(t, err)
+		r.Close()
+		if err := cmd.Wait(); cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 3 {
+			t.Errorf("%s: Wait: %v, %v (want exit code 3)", name, cmd.ProcessState, err)
+		}
+		// sh's output, then ls's: the descriptors 0-3 and ls's own directory.
+		lines := strings.Split(string(b), "\n")
+		if len(lines) < 7 || lines[0] != "out" || lines[1] != "extra" || !slices.Equal(lines[2:7], []string{"0", "1", "2", "3", "4"}) {
+			t.Errorf("%s: child's output %q, want out, extra and descriptors 0-4", name, lines)
+		}
+		_, in := parseSelfCgroup([]byte(strings.Join(lines[7:], "\n")))
+		for _, h := range m.hiers {
+			if want := strings.TrimPrefix(filepath.Join(h.Root, name), h.Mount); in[strings.Split(h.Name, ",")[0]] != want {
+				t.Errorf("%s: child in %s group %q, want %q", name, h.Name, in[strings.Split(h.Name, ",")[0]], want)
+			}
+		}
+		must(t, g.Remove())
 	}
-	// sh's output, then ls's: the descriptors 0-3 and ls's own directory.
-	lines := strings.Fields(stderr.String())
-	if len(lines) < 2 || lines[0] != "out" || lines[1] != "extra" || !slices.Equal(lines[2:], []string{"0", "1", "2", "3", "4"}) {
-		t.Errorf("child's output %q, want out, extra and descriptors 0-4", lines)
-	}
-	must(t, g.Remove())
 
 	testkit.Eventually(t, "a ready pool thread", func() bool { return len(poolGroups(m)) == 2*len(m.hiers) })
-	g, err = p.Create("buffer", Limits{})
+	g, err := p.Create("buffer", Limits{})
 	must(t, err)
 	var out strings.Builder
-	cmd = exec.Command("/bin/sh", "-c", "cat /proc/self/cgroup")
+	cmd := exec.Command("/bin/sh", "-c", "cat /proc/self/cgroup")
 	cmd.Stdout = &out
 	must(t, g.Start(cmd))
 	must(t, cmd.Wait())

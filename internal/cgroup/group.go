@@ -311,19 +311,35 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 	type result struct {
 		err      error
 		unplaced []hier
+		pid      int
 	}
+	files, private := sharedFiles(cmd) // numbered in the process's table, read here
 	ch := make(chan result, 1)
-	go func() {
+	lockedOffMain(func() {
 		// The child inherits the cgroups of the forking thread: move this OS thread (not
 		// the whole process, so nexd's other threads are unaffected) into the group,
 		// fork, and move it back. If moving back fails the thread stays locked and the
 		// runtime discards it when this goroutine ends, so it cannot linger in the group.
-		runtime.LockOSThread()
 		setup := g.m.threadSetup
 		if setup != nil {
 			if err := setup(); err != nil {
 				ch <- result{err: fmt.Errorf("starting thread: %w", err)}
 				return // the thread ends with this goroutine
+			}
+		}
+		self := -1
+		if private && setup != nil {
+			// A table of its own (see forkfiles.go), for a thread discarded after
+			// anyway: one the runtime could use again is worth more than the
+			// table (BenchmarkV1StartHeld).
+			s, shared, err := g.m.ownTable()
+			switch {
+			case err == nil:
+				self = s
+				defer unix.Close(self)
+			case !shared:
+				ch <- result{err: fmt.Errorf("starting thread: %w", err)}
+				return
 			}
 		}
 		orig, _ := os.ReadFile("/proc/thread-self/cgroup")
@@ -336,7 +352,13 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 			}
 			moved = append(moved, h)
 		}
-		err := cmd.Start()
+		var err error
+		pid := 0
+		if self >= 0 {
+			err = startPrivate(cmd, self, files, &pid)
+		} else if err = cmd.Start(); err == nil {
+			pid = cmd.Process.Pid
+		}
 		back := true
 		for _, h := range moved {
 			p, ok := origPaths[strings.Split(h.Name, ",")[0]]
@@ -349,11 +371,16 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 		} else if !back {
 			g.m.log.Warn("cannot move the starting thread back out of the cgroup; discarding the thread", "cgroup", g.Path())
 		}
-		ch <- result{err, unplaced}
-	}()
+		ch <- result{err, unplaced, pid}
+	})
 	r := <-ch
 	if r.err != nil {
 		return r.err
+	}
+	if cmd.Process.Pid != r.pid {
+		// Released on the starting thread (startPrivate); our child, not waited
+		// for: the pid is still its own.
+		cmd.Process, _ = os.FindProcess(r.pid)
 	}
 	if len(r.unplaced) > 0 {
 		g.moveProcess(cmd.Process.Pid, r.unplaced)
