@@ -68,6 +68,9 @@ func (s *server) applyReload() control.ReloadResult {
 		return control.ReloadResult{Errors: []string{"node.tags: " + err.Error()}}
 	}
 	s.nexlets.SetRestartLimit(next.Node.AgentRestartLimit)
+	if old.Logger.Level != next.Logger.Level {
+		s.nexlets.SetLogLevel() // the native nexlets log at nexd's level
+	}
 	s.goBase.apply(next.Node, s.log) // nexlets take theirs at their next start
 	s.update(func(v *snapshot) { v.loaded = loaded })
 	return control.ReloadResult{OK: true, Applied: changes.Applied}

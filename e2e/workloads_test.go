@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -364,3 +365,46 @@ func countProcs(marker string) int {
 }
 
 var _ = nats.DefaultURL
+
+// TestReloadedLevelReachesNativeNexlet: the native nexlet logs at nexd's level, and a
+// reload that lowers it reaches the nexlet's own lines: its "workload started" of a
+// deploy after the reload comes through (at warn it wrote none).
+func TestReloadedLevelReachesNativeNexlet(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	cfgPath := filepath.Join(t.TempDir(), "config.json")
+	testkit.WriteFile(t, cfgPath, `{"logger": {"level": "warn"}}`)
+	n := startNode(t, nodeOpts{extra: []string{"--config", cfgPath}})
+	n.waitReady(t)
+	before := n.runWorkload(t, "--name", "before", "--", "/bin/sleep", "600")
+	testkit.WriteFile(t, cfgPath, `{"logger": {"level": "info"}}`)
+	n.signal(t, syscall.SIGHUP)
+	waitOut(t, n, "configuration reloaded", 30*time.Second)
+	after := n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "600")
+	line := waitOut(t, n, `workload started.*`+after.ID, 30*time.Second)
+	if !strings.Contains(line, "nexlet=native") {
+		t.Fatalf("the nexlet's line %q is not tagged as the native nexlet's", line)
+	}
+	if regexp.MustCompile(`workload started.*` + before.ID).MatchString(n.out.String()) {
+		t.Fatalf("the nexlet logged below nexd's level (warn) before the reload:\n%.4000s", n.out.String())
+	}
+}
+
+// waitOut waits for a line of nexd's output matching pattern and returns it.
+func waitOut(t *testing.T, n *node, pattern string, timeout time.Duration) string {
+	t.Helper()
+	re := regexp.MustCompile(pattern)
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		for _, l := range strings.Split(n.out.String(), "\n") {
+			if re.MatchString(l) {
+				return l
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("no line of nexd's output matches %q within %s:\n%.4000s", pattern, timeout, n.out.String())
+	return ""
+}

@@ -677,7 +677,7 @@ func (m *Manager) env(name string) map[string]string {
 			env[native.EnvCgroupDriver] = n.CgroupDriver
 		}
 		// Nothing below nexd's level: nexd would wake to parse such a line and drop it.
-		// The nexlet takes the level at its start (a reload reaches it at the next).
+		// A reload's new level goes over the local channel (SetLogLevel).
 		env[native.EnvLogLevel] = lowestLevel(m.log).String()
 		// The collector's percentage the nexlet sets once it is registered (its start
 		// runs with Go's default, as nexd's does); the memory limit its runtime reads
@@ -908,6 +908,23 @@ func recordedWorkloads(runtimeDir string, nexlets []string) []procid.ID {
 		}
 	}
 	return out
+}
+
+// SetLogLevel tells the native nexlets this nexd started the level it logs at now (a
+// reload changed it), over their local channels: they log nothing below it. One
+// started later gets it in its environment; one adopted from an earlier nexd (no
+// channel) keeps the level it was started with.
+func (m *Manager) SetLogLevel() {
+	level := lowestLevel(m.log).String()
+	m.mu.Lock()
+	locals := make(map[string]*localchan.Client, len(m.locals))
+	maps.Copy(locals, m.locals)
+	m.mu.Unlock()
+	for name, c := range locals {
+		if err := c.LogLevel(level); err != nil {
+			m.log.Debug("nexlet not told the new log level", "nexlet", name, "err", err)
+		}
+	}
 }
 
 // lowestLevel is the lowest of slog's four levels log logs at (ERROR when none).

@@ -176,3 +176,44 @@ func TestNativeNexletLogsAtNodeLevel(t *testing.T) {
 		_ = m.Stop(context.Background())
 	}
 }
+
+// TestReloadedLevelReachesNativeNexlet: a level changed by a reload reaches the native
+// nexlet over its local channel (it started with the one before).
+func TestReloadedLevelReachesNativeNexlet(t *testing.T) {
+	var level slog.LevelVar
+	log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: &level}))
+	cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second}}
+	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
+		Minter: minter{}, RuntimeDir: filepath.Join(t.TempDir(), "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = m.Stop(context.Background()) }()
+	if got := m.env(NativeName)[native.EnvLogLevel]; got != "INFO" {
+		t.Fatalf("started with %s=%q, want INFO", native.EnvLogLevel, got)
+	}
+	end := m.channel(NativeName)
+	if end == nil {
+		t.Fatal("no local channel for the native nexlet")
+	}
+	s, err := localchan.NewServer(end)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got := make(chan string, 1)
+	s.OnLogLevel = func(l string) { got <- l }
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(func(*localchan.Request) {}) }()
+	defer func() { _ = s.Close(); <-served }()
+	level.Set(slog.LevelWarn)
+	m.SetLogLevel()
+	select {
+	case l := <-got:
+		if l != "WARN" {
+			t.Fatalf("nexlet told %q, want WARN", l)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the nexlet was never told the reloaded level")
+	}
+}

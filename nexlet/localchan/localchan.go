@@ -10,7 +10,8 @@
 // body. A reply (progress report or answer) carries the id of its request, so one
 // channel serves many starts at once. The other way, the nexlet calls the node (its
 // registration, when the node says it serves calls: EnvCalls), so that the start of the
-// node does not wait for a NATS round trip either. The pair is made per spawn with SOCK_CLOEXEC, and
+// node does not wait for a NATS round trip either; and the node tells the nexlet the
+// log level a reload set (Client.LogLevel). The pair is made per spawn with SOCK_CLOEXEC, and
 // the nexlet marks its end close-on-exec before anything forks, so no other process (a
 // workload, another nexlet, a re-executed nexd) ever holds either end.
 package localchan
@@ -62,6 +63,9 @@ const (
 	// nexlet ignores both: it reads only the kinds above).
 	kindCall      byte = 4
 	kindCallReply byte = 5
+	// The level nexd logs at from now on (a reload changed it); an older nexlet
+	// ignores it.
+	kindLogLevel byte = 6
 )
 
 // maxQueuedCalls bounds the calls a Client keeps until the node serves them (OnCall):
@@ -240,6 +244,12 @@ func (cl *Client) Serving() bool {
 	return cl.serving && !cl.closed
 }
 
+// LogLevel tells the nexlet the level the node logs at from now on (slog's name): it
+// logs nothing below it, as it was told at its start.
+func (cl *Client) LogLevel(level string) error {
+	return cl.c.write(msg{kind: kindLogLevel, data: []byte(level)})
+}
+
 // Request sends a request; every reply to it goes to ch (dropped when ch is full, as a
 // slow NATS subscriber's would be) until cancel. A reply that never comes (the nexlet
 // died) is the caller's timeout, exactly as over NATS.
@@ -378,6 +388,9 @@ func (r *Request) Reply(m *nats.Msg) error {
 // Server is the nexlet's end.
 type Server struct {
 	c *conn
+	// OnLogLevel, when set (before the channel is read), gets each level the node
+	// says it logs at from now on (slog's name, e.g. "WARN").
+	OnLogLevel func(level string)
 	// Before Serve, Call reads the channel itself: the requests it reads meanwhile
 	// wait here for Serve, and nextCall numbers its calls.
 	early    []*Request
@@ -436,6 +449,8 @@ func (s *Server) Call(ctx context.Context, subject string, header nats.Header, d
 		switch {
 		case m.kind == kindRequest:
 			s.early = append(s.early, &Request{s: s, id: m.id, Subject: m.subject, Header: m.header, Data: m.data})
+		case m.kind == kindLogLevel:
+			s.logLevel(m)
 		case m.kind == kindCallReply && m.id == id:
 			return &nats.Msg{Subject: subject, Header: m.header, Data: m.data}, nil
 		}
@@ -461,10 +476,19 @@ func (s *Server) Serve(handle func(*Request)) error {
 			}
 			return err
 		}
+		if m.kind == kindLogLevel {
+			s.logLevel(m)
+		}
 		if m.kind != kindRequest {
 			continue
 		}
 		handle(&Request{s: s, id: m.id, Subject: m.subject, Header: m.header, Data: m.data})
+	}
+}
+
+func (s *Server) logLevel(m msg) {
+	if s.OnLogLevel != nil {
+		s.OnLogLevel(string(m.data))
 	}
 }
 

@@ -571,3 +571,50 @@ func TestServesRegistrationFromEnv(t *testing.T) {
 		t.Fatal("ServesRegistration reads EnvCalls wrong")
 	}
 }
+
+// TestLogLevelReachesTheNexlet: a level the node sends reaches the nexlet's OnLogLevel,
+// in order with the start requests around it.
+func TestLogLevelReachesTheNexlet(t *testing.T) {
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := NewServer(nexletEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan string, 4)
+	s.OnLogLevel = func(l string) { got <- "level " + l }
+	served := make(chan error, 1)
+	go func() {
+		served <- s.Serve(func(r *Request) { got <- "request " + r.Subject })
+	}()
+	for _, send := range []func() error{
+		func() error { _, err := c.Request("A", nil, nil, make(chan *nats.Msg, 1)); return err },
+		func() error { return c.LogLevel("WARN") },
+		func() error { _, err := c.Request("B", nil, nil, make(chan *nats.Msg, 1)); return err },
+	} {
+		if err := send(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, want := range []string{"request A", "level WARN", "request B"} {
+		select {
+		case g := <-got:
+			if g != want {
+				t.Fatalf("nexlet got %q, want %q", g, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("nexlet never got %q", want)
+		}
+	}
+	_ = s.Close()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+}

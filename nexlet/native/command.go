@@ -35,7 +35,9 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 			stderr = nb
 		}
 	}
-	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: logLevel(os.Getenv(EnvLogLevel)),
+	level := new(slog.LevelVar)
+	level.Set(logLevel(os.Getenv(EnvLogLevel)))
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level,
 		// JSON writes durations as nanoseconds; the node log should read "6s".
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
 			if a.Value.Kind() == slog.KindDuration {
@@ -58,7 +60,7 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 	waitProf := profdump.Start(pctx, os.Getenv, "nexlet-native", log)
 	defer waitProf()
 	defer stopProf()
-	if err := Main(ctx, os.Getenv, log, detach, reattach); err != nil {
+	if err := Main(ctx, os.Getenv, log, level, detach, reattach); err != nil {
 		log.Error("native nexlet failed", "err", err)
 		return 1
 	}

@@ -44,7 +44,8 @@ const (
 	// EnvLogLevel is the lowest level nexd logs (slog's name: DEBUG, INFO, WARN,
 	// ERROR), which the nexlet logs at too: nexd drops every line below it, and each
 	// line wakes nexd to read and parse it, on the deploy's path ("workload started",
-	// "workload output"). DEBUG includes each start's step timings. Absent: INFO.
+	// "workload output"). DEBUG includes each start's step timings. Absent: INFO. A
+	// reload that changes nexd's level tells the nexlet over its local channel.
 	EnvLogLevel = "NEX_NATIVE_LOG_LEVEL"
 )
 
@@ -54,8 +55,9 @@ const ShutdownTimeout = 2 * time.Minute
 // Main runs the native nexlet as a child of the node (`nexd nexlet native`): it reads
 // its identity and registration credentials from env, registers, serves until ctx ends,
 // then stops every workload with its grace. When detach fires first it exits and leaves
-// every workload running instead.
-func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach, reattach <-chan os.Signal) error {
+// every workload running instead. level, when not nil, is log's level: nexd changes it
+// over the local channel when a reload changed its own.
+func Main(ctx context.Context, env func(string) string, log *slog.Logger, level *slog.LevelVar, detach, reattach <-chan os.Signal) error {
 	// The registration key is read while the nexlet builds itself: a process's first
 	// ed25519 key builds the curve's tables (about 1 ms here), on the way to the
 	// registration nexd's start waits for.
@@ -77,6 +79,14 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, detach
 	if lf != nil {
 		if local, err = localchan.NewServer(lf); err != nil {
 			return err
+		}
+		if level != nil {
+			local.OnLogLevel = func(s string) {
+				var l slog.Level
+				if l.UnmarshalText([]byte(s)) == nil {
+					level.Set(l)
+				}
+			}
 		}
 	}
 	creds, err := nexlet.ConnDataFromEnv(env)
