@@ -21,8 +21,9 @@ import (
 	"github.com/nexd-project/nexd/internal/testkit"
 )
 
-// TestV1ForkPoolPrivateFilesStress: many concurrent starts from pool threads with
-// descriptor tables of their own, while the process holds thousands of descriptors,
+// TestV1ForkPoolPrivateFilesStress: many concurrent starts from threads with
+// descriptor tables of their own (pool threads, and threads moved into the group when
+// the pool is taken), while the process holds thousands of descriptors,
 // opens and closes files on other threads and collects garbage: every child gets
 // exactly its stdio and ExtraFiles, every exit status reaches Wait (also of children
 // that exited before Start returned), Kill reaches a running child through the
@@ -36,6 +37,9 @@ func TestV1ForkPoolPrivateFilesStress(t *testing.T) {
 	// migrates forks from the process's table).
 	must(t, unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC))
 	m := v1Root(t)
+	// As the native nexlet's: starts the pool cannot take fork from a thread moved
+	// into the group, which gets a table of its own too.
+	m.SetThreadSetup(func() error { return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
 	p := m.NewForkPool(4)
 	defer p.Close()
 	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == 4*len(m.hiers) })
@@ -228,7 +232,14 @@ func TestV1ForkPoolPrivateFilesStress(t *testing.T) {
 		t.Errorf("process descriptors: %d before, %d after", before, after)
 	}
 	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == 4*len(m.hiers) })
-	if poolAfter := poolTables(); len(poolAfter) != 4 || slices.Max(poolAfter) > slices.Max(poolBefore)+1 {
+	// The threads moved into groups ended with their starts; the pool's tables did not
+	// grow.
+	var poolAfter []int
+	testkit.Eventually(t, "only the pool's threads with tables of their own", func() bool {
+		poolAfter = poolTables()
+		return len(poolAfter) == 4
+	})
+	if slices.Max(poolAfter) > slices.Max(poolBefore)+1 {
 		t.Errorf("pool threads' tables: %v before, %v after", poolBefore, poolAfter)
 	}
 	for _, h := range held {
@@ -260,8 +271,9 @@ func denySyscall(nr uintptr, errno unix.Errno) error {
 
 // TestV1ForkPoolWithoutPidfdGetfd: where pidfd_getfd is missing (kernels before 5.6)
 // or forbidden (a seccomp filter: Docker's default allows it only with
-// CAP_SYS_PTRACE), or unshare is, a pool thread keeps the process's descriptor table
-// and starts still succeed, born in their group, with their output.
+// CAP_SYS_PTRACE), or close_range is (kernels before 5.9), a thread that forks into a
+// v1 group (a pool thread, or one moved there: pool=0) keeps the process's descriptor
+// table and starts still succeed, born in their group, with their output.
 func TestV1ForkPoolWithoutPidfdGetfd(t *testing.T) {
 	if runtime.GOARCH != "amd64" {
 		t.Skip("the filter is written for amd64")
@@ -271,51 +283,64 @@ func TestV1ForkPoolWithoutPidfdGetfd(t *testing.T) {
 		nr    uintptr
 		errno unix.Errno
 	}{{"pidfd_getfd/ENOSYS", unix.SYS_PIDFD_GETFD, unix.ENOSYS}, {"pidfd_getfd/EPERM", unix.SYS_PIDFD_GETFD, unix.EPERM},
-		{"unshare/EPERM", unix.SYS_UNSHARE, unix.EPERM}} {
-		t.Run(c.name, func(t *testing.T) {
-			m := v1Root(t)
-			m.SetThreadSetup(func() error { return denySyscall(c.nr, c.errno) })
-			p := m.NewForkPool(1)
-			defer p.Close()
-			testkit.Eventually(t, "a pool group", func() bool { return len(poolGroups(m)) == len(m.hiers) })
-			g, err := p.Create("w", Limits{})
-			must(t, err)
-			var out strings.Builder
-			r, w, err := os.Pipe()
-			must(t, err)
-			defer r.Close()
-			cmd := exec.Command("/bin/sh", "-c", "cat /proc/self/cgroup")
-			cmd.Stdout = w
-			err = g.Start(cmd)
-			w.Close()
-			if err != nil {
-				t.Fatalf("start from a pool thread without %s: %v", c.name, err)
-			}
-			b, err := io.ReadAll(r)
-			must(t, err)
-			out.Write(b)
-			must(t, cmd.Wait())
-			_, in := parseSelfCgroup([]byte(out.String()))
-			for _, h := range m.hiers {
-				ctrl := strings.Split(h.Name, ",")[0]
-				if want := strings.TrimPrefix(filepath.Join(h.Root, "w"), h.Mount); in[ctrl] != want {
-					t.Errorf("child in %s group %q, want %q", h.Name, in[ctrl], want)
-				}
-			}
-			must(t, g.Remove())
-		})
+		{"close_range/ENOSYS", unix.SYS_CLOSE_RANGE, unix.ENOSYS}, {"close_range/EPERM", unix.SYS_CLOSE_RANGE, unix.EPERM}} {
+		for _, size := range []int{1, 0} {
+			t.Run(c.name+"/pool="+itoa(size), func(t *testing.T) { startWithout(t, size, c.name, c.nr, c.errno) })
+		}
 	}
 }
 
+func startWithout(t *testing.T, size int, name string, nr uintptr, errno unix.Errno) {
+	m := v1Root(t)
+	m.SetThreadSetup(func() error { return denySyscall(nr, errno) })
+	p := m.NewForkPool(size)
+	defer p.Close()
+	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == size*len(m.hiers) })
+	g, err := p.Create("w", Limits{})
+	must(t, err)
+	var out strings.Builder
+	r, w, err := os.Pipe()
+	must(t, err)
+	defer r.Close()
+	cmd := exec.Command("/bin/sh", "-c", "cat /proc/self/cgroup")
+	cmd.Stdout = w
+	err = g.Start(cmd)
+	w.Close()
+	if err != nil {
+		t.Fatalf("start without %s: %v", name, err)
+	}
+	b, err := io.ReadAll(r)
+	must(t, err)
+	out.Write(b)
+	must(t, cmd.Wait())
+	_, in := parseSelfCgroup([]byte(out.String()))
+	for _, h := range m.hiers {
+		ctrl := strings.Split(h.Name, ",")[0]
+		if want := strings.TrimPrefix(filepath.Join(h.Root, "w"), h.Mount); in[ctrl] != want {
+			t.Errorf("child in %s group %q, want %q", h.Name, in[ctrl], want)
+		}
+	}
+	must(t, g.Remove())
+}
+
 // TestV1ForkPoolPidFD: a caller that asks for the child's pidfd (SysProcAttr.PidFD)
-// gets one numbered in the process's table, which signals the child: a pool thread
-// with a table of its own would hand out a number of its table (nothing, or another
+// gets one numbered in the process's table, which signals the child: a thread with a
+// table of its own would hand out a number of its table (nothing, or another
 // file, in the process's) and keep that pidfd open there.
 func TestV1ForkPoolPidFD(t *testing.T) {
+	for _, size := range []int{1, 0} {
+		t.Run("pool="+itoa(size), func(t *testing.T) { startPidFD(t, size) })
+	}
+}
+
+func startPidFD(t *testing.T, size int) {
 	m := v1Root(t)
-	p := m.NewForkPool(1)
+	// As the native nexlet's: a thread moved into a group (pool=0) is not used again,
+	// so it forks from a table of its own too.
+	m.SetThreadSetup(func() error { return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+	p := m.NewForkPool(size)
 	defer p.Close()
-	testkit.Eventually(t, "a pool group", func() bool { return len(poolGroups(m)) == len(m.hiers) })
+	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == size*len(m.hiers) })
 	g, err := p.Create("w", Limits{})
 	must(t, err)
 	pidfd := -1
