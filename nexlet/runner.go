@@ -754,10 +754,12 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 	r.reports.Add(1)
 	go func() {
 		defer r.reports.Done()
-		acked := false
+		acked, parked := false, false
 		defer func() {
 			r.mu.Lock()
-			rep.sending = false
+			if !parked {
+				rep.sending = false
+			}
 			if acked && r.unacked[workloadID] == rep {
 				delete(r.unacked, workloadID)
 			}
@@ -775,6 +777,13 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 				if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
 					r.mu.Lock()
 					again := r.regs != regs
+					if !again {
+						// Parked in the same critical section as the check: a
+						// Reregister between them found this goroutine busy and relied
+						// on it, so the report stayed unsent (seen in make
+						// systemd-test); from here on its resend starts a new one.
+						rep.sending, parked = false, true
+					}
 					r.mu.Unlock()
 					if again {
 						// Refused by a node process that did not know this nexlet yet,
