@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
+	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet/localchan"
@@ -310,7 +311,7 @@ func readAnswer(t testing.TB, r io.Reader) (uint64, string) {
 	t.Helper()
 	var lb [4]byte
 	if _, err := io.ReadFull(r, lb[:]); err != nil {
-		t.Fatal(err)
+		t.Fatalf("no answer read: %v", err)
 	}
 	b := make([]byte, binary.BigEndian.Uint32(lb[:]))
 	if _, err := io.ReadFull(r, b); err != nil {
@@ -346,6 +347,12 @@ func TestLocalCallsOneAtATime(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close(); nexletEnd.Close() })
+	// An answer that never comes (a call parked behind the handled one) fails the test
+	// instead of hanging it until go test's timeout: shutting the socket down ends the
+	// blocked read (closing the file would wait for it).
+	fd := int(nexletEnd.Fd())
+	hung := time.AfterFunc(30*time.Second, func() { _ = unix.Shutdown(fd, unix.SHUT_RDWR) })
+	t.Cleanup(func() { hung.Stop() })
 	released := false
 	t.Cleanup(func() {
 		if !released {
