@@ -122,11 +122,11 @@ type Manager struct {
 
 	// threadSetup runs on every OS thread that forks into a v1 group (SetThreadSetup).
 	threadSetup func() error
-	// poller: the descriptors a forking thread's own table keeps (pollerFDs).
-	poller struct {
+	// table: what a forking thread's own table needs, found once (ownTable).
+	table struct {
 		once sync.Once
-		fds  []int
-		err  error
+		keep []int // the poller's descriptors (pollerFDs)
+		err  error // why a thread cannot have one
 	}
 
 	// ownRoot: the root is the group detection made for this node alone (nexd/<node

@@ -26,33 +26,30 @@ import (
 // pollerFDs lists the descriptors a thread's own table must keep at their numbers:
 // the runtime's poller (its epoll and eventfd, made here if not yet), which the
 // runtime uses by number from any thread (a throw when they are missing). They are
-// found once, by kind (an epoll or eventfd of the process's own is kept too).
-func (m *Manager) pollerFDs() ([]int, error) {
-	m.poller.once.Do(func() {
-		r, w, err := os.Pipe() // registers with the poller, making it
-		if err != nil {
-			m.poller.err = err
-			return
+// found by kind (an epoll or eventfd of the process's own is kept too).
+func pollerFDs() ([]int, error) {
+	r, w, err := os.Pipe() // registers with the poller, making it
+	if err != nil {
+		return nil, err
+	}
+	r.Close()
+	w.Close()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return nil, err
+	}
+	var fds []int
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd <= 2 {
+			continue
 		}
-		r.Close()
-		w.Close()
-		ents, err := os.ReadDir("/proc/self/fd")
-		if err != nil {
-			m.poller.err = err
-			return
+		switch l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l {
+		case "anon_inode:[eventpoll]", "anon_inode:[eventfd]":
+			fds = append(fds, fd)
 		}
-		for _, e := range ents {
-			fd, err := strconv.Atoi(e.Name())
-			if err != nil || fd <= 2 {
-				continue
-			}
-			switch l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l {
-			case "anon_inode:[eventpoll]", "anon_inode:[eventfd]":
-				m.poller.fds = append(m.poller.fds, fd)
-			}
-		}
-	})
-	return m.poller.fds, m.poller.err
+	}
+	return fds, nil
 }
 
 // ownTable gives the calling locked thread (never the main one) a descriptor table of
@@ -64,25 +61,29 @@ func (m *Manager) pollerFDs() ([]int, error) {
 // process's table; otherwise an error means the table is its own but unusable: the
 // thread must fork nothing.
 func (m *Manager) ownTable() (self int, shared bool, err error) {
-	keep, err := m.pollerFDs()
-	if err != nil {
-		return -1, true, err
-	}
-	// Every start takes its child's descriptors with pidfd_getfd, which kernels before
-	// 5.6 lack and seccomp filters may forbid (Docker's default allows it only with
-	// CAP_SYS_PTRACE): without it the thread keeps the process's table.
-	if err := canGetfd(); err != nil {
-		return -1, true, err
+	t := &m.table
+	t.once.Do(func() {
+		if t.keep, t.err = pollerFDs(); t.err != nil {
+			return
+		}
+		// Every start takes its child's descriptors with pidfd_getfd, which kernels
+		// before 5.6 lack and seccomp filters may forbid (Docker's default allows it
+		// only with CAP_SYS_PTRACE): without it the thread keeps the process's table.
+		// Asked once, on the first such thread: all run the same threadSetup.
+		t.err = canGetfd()
+	})
+	if t.err != nil {
+		return -1, true, t.err
 	}
 	top := 2
-	for _, fd := range keep {
+	for _, fd := range t.keep {
 		top = max(top, fd)
 	}
 	if err := unix.CloseRange(uint(top+1), math.MaxUint32, unix.CLOSE_RANGE_UNSHARE); err != nil {
 		return -1, true, fmt.Errorf("close_range(CLOSE_RANGE_UNSHARE): %w", err)
 	}
 	for fd := 3; fd < top; fd++ {
-		if !slices.Contains(keep, fd) {
+		if !slices.Contains(t.keep, fd) {
 			unix.Close(fd)
 		}
 	}
