@@ -39,19 +39,7 @@ func TestLocalChannelQueuesManySlowStarts(t *testing.T) {
 		}
 	}
 	t.Cleanup(release)
-	nodeEnd, nexletEnd, err := localchan.Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvEnd, err := localchan.NewServer(nexletEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := localchan.NewClient(nodeEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c, srvEnd := localPair(t)
 	r, err := NewRunner(context.Background(), node, a, WithLocalChannel(srvEnd))
 	if err != nil {
 		t.Fatal(err)

@@ -431,10 +431,6 @@ func (l *localRequest) Respond(b []byte, opts ...micro.RespondOpt) error {
 	for _, o := range opts {
 		o(m)
 	}
-	return l.reply(m)
-}
-
-func (l *localRequest) reply(m *nats.Msg) error {
 	if l.answering != nil {
 		l.answering()
 	}
@@ -450,13 +446,10 @@ func (l *localRequest) RespondJSON(v any, opts ...micro.RespondOpt) error {
 }
 
 func (l *localRequest) Error(code, desc string, data []byte, opts ...micro.RespondOpt) error {
-	m := &nats.Msg{Data: data, Header: nats.Header{}}
-	for _, o := range opts {
-		o(m)
-	}
-	m.Header.Set(protocol.HeaderErrorCode, code)
-	m.Header.Set(protocol.HeaderError, desc)
-	return l.reply(m)
+	return l.Respond(data, append(slices.Clip(opts), func(m *nats.Msg) {
+		m.Header.Set(protocol.HeaderErrorCode, code)
+		m.Header.Set(protocol.HeaderError, desc)
+	})...)
 }
 
 func (l *localRequest) Data() []byte           { return l.c.Data }
