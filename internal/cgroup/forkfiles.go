@@ -154,11 +154,18 @@ func sharedFiles(cmd *exec.Cmd) (files []int, ok bool) {
 	return files, true
 }
 
-// startPrivate starts cmd on a thread with a table of its own (ownTable):
-// the child's descriptors (files, from sharedFiles) are copied in from the process's
-// table for the fork and closed after it. cmd's os.Process holds a pidfd numbered in
-// this thread's table, so it is released here and *pid set: the caller makes a new one.
-func startPrivate(cmd *exec.Cmd, self int, files []int, pid *int) error {
+// start starts cmd on this thread and returns its pid. With self a pidfd of this
+// process (ownTable) the thread has a table of its own: the child's descriptors
+// (files, from sharedFiles) are copied in from the process's table for the fork and
+// closed after it, and cmd's os.Process, holding a pidfd numbered in this thread's
+// table, is released here: the caller makes a new one (ownProcess).
+func start(cmd *exec.Cmd, self int, files []int) (pid int, err error) {
+	if self < 0 {
+		if err := cmd.Start(); err != nil {
+			return 0, err
+		}
+		return cmd.Process.Pid, nil
+	}
 	var held []*os.File
 	defer func() {
 		for _, f := range held {
@@ -183,7 +190,7 @@ func startPrivate(cmd *exec.Cmd, self int, files []int, pid *int) error {
 	for i := range std {
 		f, err := get(files[i])
 		if err != nil {
-			return err
+			return 0, err
 		}
 		std[i] = f
 	}
@@ -201,21 +208,30 @@ func startPrivate(cmd *exec.Cmd, self int, files []int, pid *int) error {
 	for i, fd := range files[3:] {
 		f, err := get(fd)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		cmd.ExtraFiles[i] = f
 	}
 	if err := cmd.Start(); err != nil {
-		return err
+		return 0, err
 	}
-	*pid = cmd.Process.Pid
+	pid = cmd.Process.Pid
 	_ = cmd.Process.Release()
-	return nil
+	return pid, nil
+}
+
+// ownProcess gives cmd an os.Process of the caller's (the process's) table for pid
+// when start released the one Start made: our child, not waited for, so the pid is
+// still its own.
+func ownProcess(cmd *exec.Cmd, pid int) {
+	if cmd.Process.Pid != pid {
+		cmd.Process, _ = os.FindProcess(pid)
+	}
 }
 
 // lockedOffMain runs fn in a new goroutine locked to an OS thread that is not the
 // process's main thread: the main thread's descriptor table is the one pidfd_getfd
-// reads (startPrivate), so it must never become a thread's own (ownTable). fn's thread
+// reads (start), so it must never become a thread's own (ownTable). fn's thread
 // ends with it unless fn unlocks it.
 func lockedOffMain(fn func()) {
 	go func() {

@@ -62,8 +62,7 @@ type forkJob struct {
 	// files are the descriptors cmd's child gets, in the process's table: Stdin,
 	// Stdout, Stderr (-1 for none), then ExtraFiles (see sharedFiles).
 	files []int
-	// pid is cmd's process, set before out is sent to (its os.Process was released
-	// on the pool thread, see startPrivate).
+	// pid is cmd's process, set before out is sent to (see start).
 	pid *int
 }
 
@@ -249,13 +248,9 @@ func (p *ForkPool) serve() {
 			switch {
 			case !threadIn(j.g):
 				j.out <- errForkerMoved
-			case self >= 0:
-				j.out <- startPrivate(j.cmd, self, j.files, j.pid)
 			default:
-				err := j.cmd.Start()
-				if err == nil {
-					*j.pid = j.cmd.Process.Pid
-				}
+				var err error
+				*j.pid, err = start(j.cmd, self, j.files)
 				j.out <- err
 			}
 		} else {

@@ -288,16 +288,15 @@ func (g *Group) moveProcess(pid int, hs []hier) {
 const thisThread = "0"
 
 func (g *Group) startV1(cmd *exec.Cmd) error {
+	files, private := sharedFiles(cmd) // numbered in the process's table, read here
 	if f := g.takeForker(); f != nil {
-		if files, ok := sharedFiles(cmd); ok {
+		if private {
 			// Born in the group from the pool thread already in it: no migration.
 			pid := 0
 			err, ok := f.send(forkJob{cmd: cmd, g: g, renamed: true, left: g.left, files: files, pid: &pid})
 			if ok && !errors.Is(err, errForkerMoved) {
-				if err == nil && cmd.Process.Pid != pid {
-					// Released on the pool thread (startPrivate); our child, not
-					// waited for: the pid is still its own.
-					cmd.Process, _ = os.FindProcess(pid)
+				if err == nil {
+					ownProcess(cmd, pid)
 				}
 				return err
 			}
@@ -313,7 +312,6 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 		unplaced []hier
 		pid      int
 	}
-	files, private := sharedFiles(cmd) // numbered in the process's table, read here
 	ch := make(chan result, 1)
 	lockedOffMain(func() {
 		// The child inherits the cgroups of the forking thread: move this OS thread (not
@@ -352,13 +350,7 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 			}
 			moved = append(moved, h)
 		}
-		var err error
-		pid := 0
-		if self >= 0 {
-			err = startPrivate(cmd, self, files, &pid)
-		} else if err = cmd.Start(); err == nil {
-			pid = cmd.Process.Pid
-		}
+		pid, err := start(cmd, self, files)
 		back := true
 		for _, h := range moved {
 			p, ok := origPaths[strings.Split(h.Name, ",")[0]]
@@ -377,11 +369,7 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 	if r.err != nil {
 		return r.err
 	}
-	if cmd.Process.Pid != r.pid {
-		// Released on the starting thread (startPrivate); our child, not waited
-		// for: the pid is still its own.
-		cmd.Process, _ = os.FindProcess(r.pid)
-	}
+	ownProcess(cmd, r.pid)
 	if len(r.unplaced) > 0 {
 		g.moveProcess(cmd.Process.Pid, r.unplaced)
 	}
