@@ -778,10 +778,9 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 					r.mu.Lock()
 					again := r.regs != regs
 					if !again {
-						// Parked in the same critical section as the check: a
-						// Reregister between them found this goroutine busy and relied
-						// on it, so the report stayed unsent (seen in make
-						// systemd-test); from here on its resend starts a new one.
+						// Freed in the same critical section as the check, so that a
+						// Reregister after it starts a new sender instead of leaving
+						// the resend to this one.
 						rep.sending, parked = false, true
 					}
 					r.mu.Unlock()
