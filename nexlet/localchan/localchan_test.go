@@ -575,19 +575,7 @@ func TestServesRegistrationFromEnv(t *testing.T) {
 // TestLogLevelReachesTheNexlet: a level the node sends reaches the nexlet's OnLogLevel,
 // in order with the start requests around it.
 func TestLogLevelReachesTheNexlet(t *testing.T) {
-	nodeEnd, nexletEnd, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := NewClient(nodeEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	s, err := NewServer(nexletEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, s := pairInProcess(t)
 	got := make(chan string, 4)
 	s.OnLogLevel = func(l string) { got <- "level " + l }
 	served := make(chan error, 1)
