@@ -17,6 +17,19 @@ import (
 	"github.com/nexd-project/nexd/internal/testkit"
 )
 
+// wantBornIn fails t unless procCgroup (a /proc/<pid>/cgroup) puts who in m's group
+// name in every hierarchy.
+func wantBornIn(t *testing.T, m *Manager, procCgroup []byte, name, who string) {
+	t.Helper()
+	_, in := parseSelfCgroup(procCgroup)
+	for _, h := range m.hiers {
+		ctrl := strings.Split(h.Name, ",")[0]
+		if want := strings.TrimPrefix(filepath.Join(h.Root, name), h.Mount); in[ctrl] != want {
+			t.Errorf("%s in %s group %q, want %q", who, h.Name, in[ctrl], want)
+		}
+	}
+}
+
 // poolGroups lists the pool's groups in every hierarchy of m.
 func poolGroups(m *Manager) []string {
 	var out []string
@@ -65,13 +78,7 @@ func TestV1ForkPool(t *testing.T) {
 		}
 		b, err := os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/cgroup")
 		must(t, err)
-		_, in := parseSelfCgroup(b)
-		for _, h := range m.hiers {
-			want := strings.TrimPrefix(filepath.Join(h.Root, name), h.Mount)
-			if got := in[strings.Split(h.Name, ",")[0]]; got != want {
-				t.Errorf("%s: child in %s group %q, want %q", name, h.Name, got, want)
-			}
-		}
+		wantBornIn(t, m, b, name, name+": child")
 		st, err := os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/status")
 		must(t, err)
 		if !strings.Contains(string(st), "NoNewPrivs:\t1") {
@@ -181,12 +188,7 @@ func TestV1ForkPoolThreadMoved(t *testing.T) {
 	must(t, g.Start(cmd))
 	b, err = os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/cgroup")
 	must(t, err)
-	_, in := parseSelfCgroup(b)
-	for _, h := range m.hiers {
-		if want := strings.TrimPrefix(filepath.Join(h.Root, "moved"), h.Mount); in[strings.Split(h.Name, ",")[0]] != want {
-			t.Errorf("child in %s group %q, want %q", h.Name, in[strings.Split(h.Name, ",")[0]], want)
-		}
-	}
+	wantBornIn(t, m, b, "moved", "child")
 	must(t, g.Remove())
 	_ = cmd.Process.Kill() // where it was born outside the group, Remove missed it
 	_ = cmd.Wait()
@@ -453,12 +455,7 @@ func TestV1ForkPoolPrivateFiles(t *testing.T) {
 		if len(lines) < 7 || lines[0] != "out" || lines[1] != "extra" || !slices.Equal(lines[2:7], []string{"0", "1", "2", "3", "4"}) {
 			t.Errorf("%s: child's output %q, want out, extra and descriptors 0-4", name, lines)
 		}
-		_, in := parseSelfCgroup([]byte(strings.Join(lines[7:], "\n")))
-		for _, h := range m.hiers {
-			if want := strings.TrimPrefix(filepath.Join(h.Root, name), h.Mount); in[strings.Split(h.Name, ",")[0]] != want {
-				t.Errorf("%s: child in %s group %q, want %q", name, h.Name, in[strings.Split(h.Name, ",")[0]], want)
-			}
-		}
+		wantBornIn(t, m, []byte(strings.Join(lines[7:], "\n")), name, name+": child")
 		must(t, g.Remove())
 	}
 
@@ -470,11 +467,6 @@ func TestV1ForkPoolPrivateFiles(t *testing.T) {
 	cmd.Stdout = &out
 	must(t, g.Start(cmd))
 	must(t, cmd.Wait())
-	_, in := parseSelfCgroup([]byte(out.String()))
-	for _, h := range m.hiers {
-		if want := strings.TrimPrefix(filepath.Join(h.Root, "buffer"), h.Mount); in[strings.Split(h.Name, ",")[0]] != want {
-			t.Errorf("child with a buffer for output in %s group %q, want %q", h.Name, in[strings.Split(h.Name, ",")[0]], want)
-		}
-	}
+	wantBornIn(t, m, []byte(out.String()), "buffer", "child with a buffer for output")
 	must(t, g.Remove())
 }

@@ -5,7 +5,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -216,13 +215,14 @@ func TestV1ForkPoolPrivateFilesStress(t *testing.T) {
 	for i := range 20 {
 		g, err := p.Create(fmt.Sprintf("f%d", i), Limits{})
 		must(t, err)
-		_, w, err := os.Pipe()
+		r, w, err := os.Pipe()
 		must(t, err)
 		cmd := exec.Command("/nonexistent/x")
 		cmd.Stdout = w
 		if err := g.Start(cmd); err == nil {
 			t.Errorf("start of a missing binary: no error")
 		}
+		r.Close()
 		w.Close()
 		must(t, g.Remove())
 	}
@@ -298,7 +298,6 @@ func startWithout(t *testing.T, size int, name string, nr uintptr, errno unix.Er
 	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == size*len(m.hiers) })
 	g, err := p.Create("w", Limits{})
 	must(t, err)
-	var out strings.Builder
 	r, w, err := os.Pipe()
 	must(t, err)
 	defer r.Close()
@@ -311,15 +310,8 @@ func startWithout(t *testing.T, size int, name string, nr uintptr, errno unix.Er
 	}
 	b, err := io.ReadAll(r)
 	must(t, err)
-	out.Write(b)
 	must(t, cmd.Wait())
-	_, in := parseSelfCgroup([]byte(out.String()))
-	for _, h := range m.hiers {
-		ctrl := strings.Split(h.Name, ",")[0]
-		if want := strings.TrimPrefix(filepath.Join(h.Root, "w"), h.Mount); in[ctrl] != want {
-			t.Errorf("child in %s group %q, want %q", h.Name, in[ctrl], want)
-		}
-	}
+	wantBornIn(t, m, b, "w", "child")
 	must(t, g.Remove())
 }
 
