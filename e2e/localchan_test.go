@@ -11,11 +11,25 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
+
+// subjects drains sub: the subjects of the messages that came, up to the first
+// 200 ms without one.
+func subjects(sub *nats.Subscription) []string {
+	var subs []string
+	for {
+		m, err := sub.NextMsg(200 * time.Millisecond)
+		if err != nil {
+			return subs
+		}
+		subs = append(subs, m.Subject)
+	}
+}
 
 // socketFDs lists the socket descriptors of pid with their open flags (fdinfo, octal).
 func socketFDs(pid int) map[int]string {
@@ -61,16 +75,7 @@ func TestDeployOverLocalChannel(t *testing.T) {
 	watch := testnats.Connect(t, s)
 	regs, _ := watch.SubscribeSync(protocol.AgentPrefix("*") + ".REGISTER.*")
 	flush(t, watch)
-	registrations := func() []string {
-		var subs []string
-		for {
-			m, err := regs.NextMsg(200 * time.Millisecond)
-			if err != nil {
-				return subs
-			}
-			subs = append(subs, m.Subject)
-		}
-	}
+	registrations := func() []string { return subjects(regs) }
 	n := startNode(t, opts("", true))
 	st := n.waitReady(t)
 	if got := registrations(); len(got) != 0 {
@@ -99,16 +104,7 @@ func TestDeployOverLocalChannel(t *testing.T) {
 		})
 		return r.ID, fds
 	}
-	overNATS := func() []string {
-		var subs []string
-		for {
-			m, err := starts.NextMsg(200 * time.Millisecond)
-			if err != nil {
-				return subs
-			}
-			subs = append(subs, m.Subject)
-		}
-	}
+	overNATS := func() []string { return subjects(starts) }
 	checkNexlet := func(pid int, what string) {
 		t.Helper()
 		socks := socketFDs(pid)
