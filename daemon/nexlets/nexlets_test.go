@@ -141,20 +141,25 @@ func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
 		def             string
 		wantGC, wantMem string
 	}{{50, 64 << 20, "", "50", "67108864"}, {-1, 0, "", "off", ""}, {0, 0, "", "", ""}, {0, 0, "50", "50", ""}, {80, 0, "50", "80", ""}} {
-		dir := t.TempDir()
 		cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second, GoGCPercent: c.gc, GoMemoryLimit: c.limit}}
-		log := slog.New(slog.DiscardHandler)
-		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
-			Minter: minter{}, RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log), DefaultGOGC: c.def})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := bareManager(t, cfg, slog.New(slog.DiscardHandler), c.def)
 		env := m.env(NativeName)
 		if env[native.EnvGOGC] != c.wantGC || env["GOMEMLIMIT"] != c.wantMem {
 			t.Errorf("go_gc_percent %d, go_memory_limit %d: GOGC=%q GOMEMLIMIT=%q, want %q and %q", c.gc, c.limit, env[native.EnvGOGC], env["GOMEMLIMIT"], c.wantGC, c.wantMem)
 		}
-		_ = m.Stop(context.Background())
 	}
+}
+
+// bareManager is a Manager with no nexlets, for what it would give the native one.
+func bareManager(t *testing.T, cfg *config.Config, log *slog.Logger, defaultGOGC string) *Manager {
+	t.Helper()
+	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
+		Minter: minter{}, RuntimeDir: filepath.Join(t.TempDir(), "run"), Logger: log, Cgroups: cgroup.Disabled("test", log), DefaultGOGC: defaultGOGC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Stop(context.Background()) })
+	return m
 }
 
 // TestNativeNexletLogsAtNodeLevel: the native nexlet is told nexd's level, so that it
@@ -164,16 +169,10 @@ func TestNativeNexletLogsAtNodeLevel(t *testing.T) {
 	for level, want := range map[slog.Level]string{slog.LevelDebug: "DEBUG", slog.LevelInfo: "INFO", slog.LevelWarn: "WARN",
 		slog.LevelError: "ERROR", slog.LevelError + 4: "ERROR"} {
 		cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second}}
-		log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: level}))
-		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
-			Minter: minter{}, RuntimeDir: filepath.Join(t.TempDir(), "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := bareManager(t, cfg, slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: level})), "")
 		if got := m.env(NativeName)[native.EnvLogLevel]; got != want {
 			t.Errorf("nexd at %v: %s=%q, want %q", level, native.EnvLogLevel, got, want)
 		}
-		_ = m.Stop(context.Background())
 	}
 }
 
@@ -181,14 +180,8 @@ func TestNativeNexletLogsAtNodeLevel(t *testing.T) {
 // nexlet over its local channel (it started with the one before).
 func TestReloadedLevelReachesNativeNexlet(t *testing.T) {
 	var level slog.LevelVar
-	log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: &level}))
 	cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second}}
-	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
-		Minter: minter{}, RuntimeDir: filepath.Join(t.TempDir(), "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = m.Stop(context.Background()) }()
+	m := bareManager(t, cfg, slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: &level})), "")
 	if got := m.env(NativeName)[native.EnvLogLevel]; got != "INFO" {
 		t.Fatalf("started with %s=%q, want INFO", native.EnvLogLevel, got)
 	}
