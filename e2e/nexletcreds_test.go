@@ -40,9 +40,8 @@ func (n *node) native(t *testing.T) control.Nexlet {
 
 // TestStolenNexletUser: the native nexlet's user leaks (here: read as the node's admin
 // from its registration reply after a crash, as an inbox sniffer could before issue 13;
-// the reply crosses NATS only with NEXD_LOCAL_REGISTER=off, else it goes back on the
-// nexlet's socket pair, as does every native nexlet's since; a nexlet without a pair
-// still gets its user over NATS).
+// NEXD_LOCAL_REGISTER=off sends the reply over NATS, as for a nexlet without a
+// socket pair, instead of back on the pair).
 // The leaked user works until the nexlet renews its own credentials; a few seconds
 // after the renewal, well before the user would expire, it is refused (the embedded
 // server's account revokes it), while the nexlet keeps its registration and works.
