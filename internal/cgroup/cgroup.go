@@ -127,6 +127,9 @@ type Manager struct {
 		once sync.Once
 		keep []int // the poller's descriptors (pollerFDs)
 		err  error // why a thread cannot have one
+		// warn: why threads keep the process's table is logged once, not by each
+		// forking thread (the moved ones logged nothing).
+		warn sync.Once
 	}
 
 	// ownRoot: the root is the group detection made for this node alone (nexd/<node

@@ -62,6 +62,13 @@ func pollerFDs() ([]int, error) {
 // thread must fork nothing.
 func (m *Manager) ownTable() (self int, shared bool, err error) {
 	t := &m.table
+	defer func() {
+		if shared && err != nil {
+			t.warn.Do(func() {
+				m.log.Warn("forking threads keep the process's descriptor table: each fork copies all of it", "err", err)
+			})
+		}
+	}()
 	t.once.Do(func() {
 		if t.keep, t.err = pollerFDs(); t.err != nil {
 			return

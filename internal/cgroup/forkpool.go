@@ -188,8 +188,7 @@ func (p *ForkPool) serve() {
 	switch {
 	case err == nil:
 		defer unix.Close(self)
-	case shared:
-		p.m.log.Warn("fork pool thread shares the process's descriptor table: each fork copies all of it", "err", err)
+	case shared: // logged once by ownTable
 	default:
 		p.m.log.Warn("fork pool thread has no usable descriptor table; starts migrate instead", "err", err)
 		return

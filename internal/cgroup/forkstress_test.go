@@ -3,6 +3,7 @@ package cgroup
 import (
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"runtime"
@@ -292,27 +293,37 @@ func TestV1ForkPoolWithoutPidfdGetfd(t *testing.T) {
 
 func startWithout(t *testing.T, size int, name string, nr uintptr, errno unix.Errno) {
 	m := v1Root(t)
+	var logged testkit.Buffer
+	m.log = slog.New(slog.NewTextHandler(&logged, nil))
 	m.SetThreadSetup(func() error { return denySyscall(nr, errno) })
 	p := m.NewForkPool(size)
 	defer p.Close()
-	testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == size*len(m.hiers) })
-	g, err := p.Create("w", Limits{})
-	must(t, err)
-	r, w, err := os.Pipe()
-	must(t, err)
-	defer r.Close()
-	cmd := exec.Command("/bin/sh", "-c", "cat /proc/self/cgroup")
-	cmd.Stdout = w
-	err = g.Start(cmd)
-	w.Close()
-	if err != nil {
-		t.Fatalf("start without %s: %v", name, err)
+	// Three starts; every forking thread asks for a table of its own.
+	for _, id := range []string{"w", "x", "y"} {
+		testkit.Eventually(t, "pool groups", func() bool { return len(poolGroups(m)) == size*len(m.hiers) })
+		g, err := p.Create(id, Limits{})
+		must(t, err)
+		r, w, err := os.Pipe()
+		must(t, err)
+		cmd := exec.Command("/bin/sh", "-c", "cat /proc/self/cgroup")
+		cmd.Stdout = w
+		err = g.Start(cmd)
+		w.Close()
+		if err != nil {
+			r.Close()
+			t.Fatalf("start without %s: %v", name, err)
+		}
+		b, err := io.ReadAll(r)
+		r.Close()
+		must(t, err)
+		must(t, cmd.Wait())
+		wantBornIn(t, m, b, id, "child")
+		must(t, g.Remove())
 	}
-	b, err := io.ReadAll(r)
-	must(t, err)
-	must(t, cmd.Wait())
-	wantBornIn(t, m, b, "w", "child")
-	must(t, g.Remove())
+	// One warning for the process, not one a forking thread.
+	if n := strings.Count(logged.String(), "keep the process's descriptor table"); n != 1 {
+		t.Errorf("%d warnings that threads keep the process's table, want 1:\n%s", n, logged.String())
+	}
 }
 
 // TestV1ForkPoolPidFD: a caller that asks for the child's pidfd (SysProcAttr.PidFD)
