@@ -230,19 +230,19 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
+	var resp *protocol.RegisterAgentResponse
 	if r.local != nil && r.localDone == nil {
 		if err := r.local.Announce(); err != nil {
 			r.log.Warn("local channel to the node failed; start requests come over NATS", "err", err)
 		}
-	}
-	var resp *protocol.RegisterAgentResponse
-	if r.local != nil && r.localReg && r.localDone == nil {
-		var failed error
-		if resp, failed, err = r.registerLocal(agentID, reg); err != nil {
-			return err
-		}
-		if failed != nil {
-			r.log.Warn("registering on the local channel failed; registering over NATS", "err", failed)
+		if r.localReg {
+			var failed error
+			if resp, failed, err = r.registerLocal(agentID, reg); err != nil {
+				return err
+			}
+			if failed != nil {
+				r.log.Warn("registering on the local channel failed; registering over NATS", "err", failed)
+			}
 		}
 	}
 	if resp == nil {
