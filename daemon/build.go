@@ -136,7 +136,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		OnExit:           func(name string, oom bool) { s.metrics.NexletExit(name, oom) },
 		OnFailed:         func(string) { d.notify.Status(s.statusLine()) },
 		ProfileEnv:       profdump.PassOn(os.Getenv),
-		RegisterOverNATS: os.Getenv("NEXD_LOCAL_REGISTER") == "off", // a benchmark's A/B switch
+		RegisterOverNATS: os.Getenv("NEXD_LOCAL_REGISTER") == "off", // nexbench ready A/B; TestStolenNexletUser
 		DefaultGOGC:      cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
 	}
 	if hooks.cgroups != nil {

@@ -88,7 +88,8 @@ type Options struct {
 	// ProfileEnv is added to the native nexlet's environment (profdump.PassOn).
 	ProfileEnv map[string]string
 	// RegisterOverNATS: the native nexlet registers across the NATS server even with
-	// a local channel (NEXD_LOCAL_REGISTER=off: a benchmark's A/B switch).
+	// a local channel (NEXD_LOCAL_REGISTER=off: nexbench's ready A/B, and e2e's
+	// TestStolenNexletUser, which sniffs the registration reply on NATS).
 	RegisterOverNATS bool
 }
 
