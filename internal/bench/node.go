@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -83,7 +84,7 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 		return nil, fmt.Errorf("node %s: notify socket: %w", spec.Name, err)
 	}
 	args := []string{"--state-dir", filepath.Join(spec.Dir, "state"), "--control-socket", filepath.Join(spec.Dir, "nexd.sock"),
-		"--node-name", spec.Name, "--logger.target", "std", "--logger.level", cmpOr(spec.LogLevel, "warn")}
+		"--node-name", spec.Name, "--logger.target", "std", "--logger.level", cmp.Or(spec.LogLevel, "warn")}
 	for _, s := range spec.Servers {
 		args = append(args, "--nats.servers", s)
 	}
@@ -325,13 +326,6 @@ func removeCgroupTrees(runID string) {
 			_ = os.Remove(dirs[i])
 		}
 	}
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 func execOutput(name string, args ...string) (string, error) {

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -194,7 +195,7 @@ func (h *Harness) control(ctx context.Context) ([]Result, error) {
 // server, one by one (A first in even rounds), so that load hits both alike, and
 // reports both p50s and the median of the per-round ratios B/A.
 func (h *Harness) readyAB(ctx context.Context, url string, runs int) (Result, error) {
-	b := cmpOr(h.o.NexdB, h.o.Nexd)
+	b := cmp.Or(h.o.NexdB, h.o.Nexd)
 	r := Result{Scenario: "ready", Variant: "A/B, external NATS, alternating"}
 	var as, bs []time.Duration
 	var ratios []float64

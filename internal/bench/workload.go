@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -22,7 +23,7 @@ const workloadTagEnv = "NEXBENCH_TAG"
 // the server nothing) and waits until ctx ends (SIGTERM from the nexlet).
 func RunWorkload(ctx context.Context, env func(string) string) error {
 	// Upstream's native nexlet does not set NEX_WORKLOAD_ID; the tool's tag stands in.
-	id := cmpOr(env("NEX_WORKLOAD_ID"), env(workloadTagEnv))
+	id := cmp.Or(env("NEX_WORKLOAD_ID"), env(workloadTagEnv))
 	servers := env("NEX_WORKLOAD_NATS_SERVERS")
 	if id == "" || servers == "" {
 		return errors.New("workload: NEX_WORKLOAD_ID (or " + workloadTagEnv + ") and NEX_WORKLOAD_NATS_SERVERS must be set (run me through a node)")
