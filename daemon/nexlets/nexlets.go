@@ -918,8 +918,7 @@ func recordedWorkloads(runtimeDir string, nexlets []string) []procid.ID {
 func (m *Manager) SetLogLevel() {
 	level := lowestLevel(m.log).String()
 	m.mu.Lock()
-	locals := make(map[string]*localchan.Client, len(m.locals))
-	maps.Copy(locals, m.locals)
+	locals := maps.Clone(m.locals)
 	m.mu.Unlock()
 	for name, c := range locals {
 		if err := c.LogLevel(level); err != nil {
