@@ -433,8 +433,17 @@ func (s *Server) Call(ctx context.Context, subject string, header nats.Header, d
 		return nil, fmt.Errorf("local channel: send: %w", err)
 	}
 	// ctx's end interrupts the read; what was read of a frame is then lost, so the
-	// channel is closed.
-	stop := context.AfterFunc(ctx, func() { _ = s.c.c.SetReadDeadline(time.Now()) })
+	// channel is closed. ran says the interruption happened: ctx may end just as the
+	// answer arrives, and its deadline must not then end the next Serve at once.
+	ran := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() { _ = s.c.c.SetReadDeadline(time.Now()); close(ran) })
+	answered := func() error {
+		if stop() {
+			return nil
+		}
+		<-ran
+		return s.c.c.SetReadDeadline(time.Time{})
+	}
 	defer stop()
 	for {
 		m, err := s.c.read()
@@ -452,6 +461,11 @@ func (s *Server) Call(ctx context.Context, subject string, header nats.Header, d
 		case m.kind == kindLogLevel:
 			s.logLevel(m)
 		case m.kind == kindCallReply && m.id == id:
+			if err := answered(); err != nil {
+				s.c.c.Close()
+				s.broken = fmt.Errorf("local channel: clear the read deadline: %w", err)
+				return nil, s.broken
+			}
 			return &nats.Msg{Subject: subject, Header: m.header, Data: m.data}, nil
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -602,6 +603,91 @@ func TestLogLevelReachesTheNexlet(t *testing.T) {
 		}
 	}
 	_ = s.Close()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+}
+
+// endsAtTheAnswer is the nexlet's socket, ending the call's context at the moment the
+// answer is read: the first read that returns data cancels, then waits until the
+// context's callback has set the read deadline before it hands the answer on.
+type endsAtTheAnswer struct {
+	net.Conn
+	cancel   context.CancelFunc
+	once     sync.Once
+	deadline chan struct{} // closed at the first deadline set in the past
+	set      sync.Once
+}
+
+func (e *endsAtTheAnswer) Read(b []byte) (int, error) {
+	n, err := e.Conn.Read(b)
+	if n > 0 {
+		e.once.Do(func() {
+			e.cancel()
+			select {
+			case <-e.deadline:
+			case <-time.After(10 * time.Second):
+				panic("the context's callback never set the read deadline")
+			}
+		})
+	}
+	return n, err
+}
+
+func (e *endsAtTheAnswer) SetReadDeadline(t time.Time) error {
+	err := e.Conn.SetReadDeadline(t)
+	if !t.IsZero() && !t.After(time.Now()) {
+		e.set.Do(func() { close(e.deadline) })
+	}
+	return err
+}
+
+// TestCallAnsweredAsItsContextEnds: the call's context ends just as the answer
+// arrives (its callback has set the read deadline, stop reports false). The call
+// succeeds, and the Serve that follows serves the node's start requests instead of
+// returning at once as if StopServing had been called.
+func TestCallAnsweredAsItsContextEnds(t *testing.T) {
+	c, s := pairInProcess(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e := &endsAtTheAnswer{Conn: s.c.c, cancel: cancel, deadline: make(chan struct{})}
+	s.c.c, s.c.r = e, bufio.NewReaderSize(e, 64<<10)
+	c.OnCall(func(cl *Call) { _ = cl.Reply(&nats.Msg{Data: []byte("accepted")}) })
+	m, err := s.Call(ctx, "register", nil, nil)
+	if err != nil || string(m.Data) != "accepted" {
+		t.Fatalf("call: %v %v", m, err)
+	}
+	if ctx.Err() == nil {
+		t.Fatal("the test did not end the context at the answer")
+	}
+	got := make(chan string, 1)
+	served := make(chan error, 1)
+	go func() {
+		served <- s.Serve(func(r *Request) {
+			got <- r.Subject
+			_ = r.Reply(&nats.Msg{Data: r.Data})
+		})
+	}()
+	replies := make(chan *nats.Msg, 1)
+	if _, err := c.Request("start.w1", nil, []byte("w1"), replies); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case g := <-got:
+		if g != "start.w1" {
+			t.Fatalf("Serve got %q", g)
+		}
+	case err := <-served:
+		t.Fatalf("Serve returned (%v) before serving a start request: the call's deadline ended it", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the start request never reached Serve")
+	}
+	select {
+	case <-replies:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no reply to the start")
+	}
+	_ = s.StopServing()
 	if err := <-served; err != nil {
 		t.Fatalf("Serve: %v", err)
 	}
