@@ -104,6 +104,7 @@ type Nexlet struct {
 
 	abandon  chan struct{}  // closed to let go of workloads without stopping them (tests)
 	bg       sync.WaitGroup // what a stop leaves for after its reply (tidies, uid releases); Close waits for them
+	ending   sync.WaitGroup // workload ends under way (track); Detach waits for them
 	releases *releaser      // batches those releases
 	starts   startGate      // starts in flight, which that later work lets go first
 	// beforeTidy, when set (tests: a slow removal), runs before a stopped workload's
@@ -209,7 +210,6 @@ func (n *Nexlet) Close() {
 // and the next one adopts them).
 func (n *Nexlet) Detach() {
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	select {
 	case <-n.abandon:
 	default:
@@ -219,6 +219,9 @@ func (n *Nexlet) Detach() {
 	if n.lameTimer != nil {
 		n.lameTimer.Stop()
 	}
+	n.mu.Unlock()
+	// An end that began before is recorded before the nexlet exits.
+	n.ending.Wait()
 }
 
 // SetFeed connects the nexlet to its runner's log and event feeds.

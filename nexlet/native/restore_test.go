@@ -3,6 +3,7 @@ package native
 import (
 	"encoding/base64"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -77,5 +78,52 @@ func TestSealedEnvSurvivesRestart(t *testing.T) {
 	fn.stop("sealrestart", testNS)
 	for _, p := range fn.procsOf("sealrestart") {
 		_ = syscall.Kill(-p, syscall.SIGKILL)
+	}
+}
+
+// TestExitAfterDetachIsReported: a job that ends while its nexlet detaches (nexd
+// hands the nexlet's workloads to a new one: live_restore, an upgrade) is reaped by the
+// detaching nexlet, which alone then knows its exit status. It is recorded for the next
+// nexlet, which reports it with its exit code. Before, it reported the job "lost" (-1):
+// the status went with the old nexlet.
+func TestExitAfterDetachIsReported(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	marker := filepath.Join(sharedDir(t), "go")
+	req := startReq(protocol.LifecycleJob, "late", map[string]any{
+		"uri": script(t, `echo up; while [ ! -e `+marker+` ]; do sleep 0.01; done; exit 7`)}, fn.creds())
+	fn.mustStart("late", req)
+	fn.waitLog("late", "stdout", "up")
+	s, _ := fn.summary("late")
+	pid := s.Metadata["pid"]
+	if pid == "" {
+		t.Fatalf("no pid in the job's summary %+v", s)
+	}
+	// As the nexlet's Main does on SignalDetach: let go, then stop the runner.
+	first.Detach()
+	_ = first.r.Shutdown()
+	if err := os.WriteFile(marker, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the job reaped by the detaching nexlet", func() bool {
+		_, err := os.Stat("/proc/" + pid)
+		return os.IsNotExist(err)
+	})
+	first.watch.stop() // as the exiting nexlet's Close does: its reaps are done
+
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"late": req}
+	fn.mu.Unlock()
+	fn.startNexlet(Config{RuntimeDir: runtime})
+	ev := fn.stoppedEvent("late")
+	if got := ev.Metadata["exit_code"]; got != "7" {
+		t.Fatalf("the job that ended during the detach was reported with exit code %s (%s), want 7", got, ev.Metadata["reason"])
+	}
+	if n := fn.countEvents(protocol.EventWorkloadStopped, "late"); n != 1 {
+		t.Errorf("%d WORKLOADSTOPPED events for the job, want 1", n)
+	}
+	if len(fn.procsOf("late")) != 0 {
+		t.Error("the job ran again")
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -110,6 +111,9 @@ type proc struct {
 	// final: the workload ended while no nexlet watched it (found on replay); it is
 	// reported, never restarted.
 	final bool
+	// claimed: the exit is being handled, by supervise or (after a detach) by
+	// detachedExit: exactly one of them records it.
+	claimed atomic.Bool
 }
 
 // ended is a proc for a workload found finished on replay.
@@ -407,6 +411,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		}
 		p.code, p.reason = code, reason
 		close(p.exited)
+		n.reaped(w, p)
 	}
 	// Opened before anything can reap the child, so the pid cannot have been reused.
 	pidfd, err := openPidfd(p.pid)
@@ -502,6 +507,7 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 			}
 		}
 		close(p.exited)
+		n.reaped(w, p)
 	}
 	if known {
 		if pidfd, err := openPidfd(pid); err == nil {
@@ -682,12 +688,22 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 	for {
 		select {
 		case <-n.abandon:
+			if exitedNow(p) && p.claimed.CompareAndSwap(false, true) {
+				n.detachedExit(w, p)
+			}
 			return
 		case r := <-w.stop:
 			n.terminate(w, p, r.grace, r.steps)
 			n.finish(w, p, &r, false)
 			return
 		case <-p.exited:
+		}
+		if !p.claimed.CompareAndSwap(false, true) {
+			return // reaped after a detach, and recorded then
+		}
+		if !n.track() {
+			n.detachedExit(w, p)
+			return
 		}
 		n.killAndWait(w) // leftovers of a main process that ended on its own
 		if p.code == 0 && p.reason == "" {
@@ -697,6 +713,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		restart := !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
 		if !restart {
 			n.finish(w, p, nil, false)
+			n.ending.Done()
 			return
 		}
 		if time.Since(p.started) > 2*MaxBackoff {
@@ -715,12 +732,15 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		n.mu.Unlock()
 		if exhausted {
 			n.finish(w, p, nil, true)
+			n.ending.Done()
 			return
 		}
+		n.ending.Done() // a detach does not wait out the backoff
 		t := time.NewTimer(backoff)
 		select {
 		case <-n.abandon:
 			t.Stop()
+			n.detachedExit(w, p)
 			return
 		case r := <-w.stop:
 			t.Stop()
