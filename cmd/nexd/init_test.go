@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"debug/buildinfo"
 	"fmt"
 	"os"
 	"os/exec"
@@ -67,6 +68,29 @@ func TestInitAllocations(t *testing.T) {
 			}
 		}
 		t.Errorf("nexd's own packages allocate %d bytes in init, more than %d (make package-level state lazy, e.g. sync.OnceValue): %v", own, maxOwnBytes, mine)
+	}
+}
+
+// Modules kept out of the binary for memory: every linked package's init runs in nexd
+// and again in the native nexlet, and each maps its 64 KB blocks of text, tables and
+// pclntab in both processes (README, Memory).
+var unwantedModules = map[string]string{
+	"golang.org/x/text":                   "jsonschema's localized messages (third_party/jsonschema prints with fmt): 0.7 MB of idle RSS",
+	"github.com/prometheus/client_golang": "daemon/metrics writes the text format itself",
+}
+
+// TestNoUnwantedModules reads nexd's build information for modules that were dropped
+// because linking them cost memory in both processes.
+func TestNoUnwantedModules(t *testing.T) {
+	nexd := bins.Path(t, "github.com/nexd-project/nexd/cmd/nexd")
+	info, err := buildinfo.ReadFile(nexd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range info.Deps {
+		if why, ok := unwantedModules[m.Path]; ok {
+			t.Errorf("nexd links %s %s again; it was dropped for memory: %s", m.Path, m.Version, why)
+		}
 	}
 }
 
