@@ -684,6 +684,7 @@ func (n *Nexlet) stopAll() {
 	}
 	wg.Wait()
 	n.waitTidied() // nexd removes the workloads' cgroup root once they are all gone
+	n.watch.flush() // their last lines go out while the feed is still connected
 }
 
 // Shutdown stops every workload with its grace (the node is shutting down).

@@ -35,6 +35,7 @@ type watcher struct {
 	stopped  bool     // no more adds; the loop closes everything
 	detached bool     // outputs and adopted pidfds are let go
 	resume   []uint64 // paused streams due again
+	flushes  []chan struct{} // flush calls waiting for the loop
 	evf      int      // eventfd in the set (token 0): wakes the loop; -1 once closed
 }
 
@@ -128,7 +129,7 @@ func (wt *watcher) add(x *watch) error {
 
 // detach lets go of every output stream and adopted pidfd (the nexlet is handing its
 // workloads to the next one, which opens the FIFOs again): what the workloads write
-// meanwhile stays in their pipes.
+// meanwhile stays in their pipes; the start of a line already read goes out as it is.
 func (wt *watcher) detach() {
 	wt.mu.Lock()
 	wt.detached = true
@@ -136,7 +137,24 @@ func (wt *watcher) detach() {
 	wt.wake()
 }
 
-// stop ends the loop, closing every descriptor still watched, and waits for it.
+// flush forwards what every output stream holds now, and returns once it is forwarded:
+// the nexlet's shutdown calls it once its workloads are stopped, so that their last
+// lines go out before its feed closes.
+func (wt *watcher) flush() {
+	done := make(chan struct{})
+	wt.mu.Lock()
+	if wt.stopped {
+		wt.mu.Unlock()
+		return
+	}
+	wt.flushes = append(wt.flushes, done)
+	wt.mu.Unlock()
+	wt.wake()
+	<-done
+}
+
+// stop ends the loop, closing every descriptor still watched (what an output stream
+// holds is forwarded first), and waits for it.
 func (wt *watcher) stop() {
 	wt.mu.Lock()
 	wt.stopped = true
@@ -194,7 +212,7 @@ func (wt *watcher) loop() {
 			if tok == 0 {
 				var b [8]byte
 				_, _ = unix.Read(wt.evf, b[:])
-				if wt.commands() {
+				if wt.commands(buf) {
 					return
 				}
 				continue
@@ -220,12 +238,32 @@ func (wt *watcher) loop() {
 }
 
 // commands acts on what other goroutines asked for; true: stop the loop.
-func (wt *watcher) commands() bool {
+func (wt *watcher) commands(buf []byte) bool {
 	wt.mu.Lock()
 	stopped, detached := wt.stopped, wt.detached
-	resume := wt.resume
-	wt.resume = nil
+	resume, flushes := wt.resume, wt.flushes
+	wt.resume, wt.flushes = nil, nil
+	outs := map[uint64]*watch{}
+	if stopped || len(flushes) > 0 {
+		for tok, x := range wt.watches {
+			if x.out != nil {
+				outs[tok] = x
+			}
+		}
+	}
 	wt.mu.Unlock()
+	if stopped || len(flushes) > 0 {
+		// What the workloads wrote last (a stopped one's final lines) may still be
+		// in the pipes, its readiness behind the command's in the epoll set.
+		for tok, x := range outs {
+			if wt.drain(x, buf, stopped) {
+				wt.remove(tok, x)
+			}
+		}
+		for _, done := range flushes {
+			close(done)
+		}
+	}
 	if stopped {
 		wt.closeAll()
 		return true
@@ -256,6 +294,12 @@ func (wt *watcher) commands() bool {
 			wt.mu.Lock()
 			x := wt.watches[tok]
 			wt.mu.Unlock()
+			if x.out != nil && len(x.out.carry) > 0 {
+				// The start of a line this nexlet read: the next one reads only the
+				// rest, so it goes out now, as it is.
+				wt.line(x.out, x.out.carry)
+				x.out.carry = x.out.carry[:0]
+			}
 			wt.remove(tok, x)
 		}
 	}
@@ -280,7 +324,12 @@ func (wt *watcher) closeAll() {
 	wt.watches = map[uint64]*watch{}
 	unix.Close(wt.evf)
 	wt.evf = -1
+	flushes := wt.flushes
+	wt.flushes = nil
 	wt.mu.Unlock()
+	for _, done := range flushes {
+		close(done)
+	}
 	for _, x := range all {
 		unix.Close(x.fd)
 	}
@@ -320,6 +369,31 @@ func (wt *watcher) read(tok uint64, x *watch, buf []byte) {
 		wt.log.Debug("workload output read failed", "workload_id", s.w.id, "stream", s.name, "err", err)
 	}
 	wt.remove(tok, x)
+}
+
+// drain forwards what an output stream has ready now (at most a pipe's worth: the
+// workload may still be writing), and what is left of a line, as it is, when the
+// stream ended or all is true (the watcher lets go of it). true: the stream ended
+// (loop only).
+func (wt *watcher) drain(x *watch, buf []byte, all bool) (ended bool) {
+	s := x.out
+	for range PipeBufferSize/len(buf) + 1 {
+		k, err := unix.Read(x.fd, buf)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if k > 0 {
+			wt.forward(s, buf[:k]) // over the rate, lines are dropped (counted) as ever
+			continue
+		}
+		ended = !errors.Is(err, unix.EAGAIN)
+		break
+	}
+	if (ended || all) && len(s.carry) > 0 {
+		wt.line(s, s.carry)
+		s.carry = s.carry[:0]
+	}
+	return ended
 }
 
 // forward sends each line of data (with what an earlier read left unfinished) on; a

@@ -5,13 +5,17 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
@@ -114,4 +118,149 @@ func stackBytes() uint64 {
 	s := []metrics.Sample{{Name: "/memory/classes/heap/stacks:bytes"}}
 	metrics.Read(s)
 	return s[0].Value.Uint64()
+}
+
+// lineRecorder is a watcher's line function that keeps every line, by stream; the
+// first line of stream block waits for release.
+type lineRecorder struct {
+	mu      sync.Mutex
+	lines   map[string][]string
+	block   string
+	blocked chan struct{} // closed when the blocking line came
+	release chan struct{}
+}
+
+func newLineRecorder(block string) *lineRecorder {
+	return &lineRecorder{lines: map[string][]string{}, block: block, blocked: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (lr *lineRecorder) line(s *stream, b []byte) bool {
+	lr.mu.Lock()
+	lr.lines[s.name] = append(lr.lines[s.name], strings.TrimRight(string(b), "\r\n"))
+	first := s.name == lr.block && len(lr.lines[s.name]) == 1
+	lr.mu.Unlock()
+	if first {
+		close(lr.blocked)
+		<-lr.release
+	}
+	return true
+}
+
+func (lr *lineRecorder) of(name string) []string {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	return slices.Clone(lr.lines[name])
+}
+
+// outputPipe is a pipe watched as stream name: the test writes to the returned end.
+func outputPipe(t *testing.T, wt *watcher, name string) *os.File {
+	t.Helper()
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetNonblock(p[0], true); err != nil {
+		t.Fatal(err)
+	}
+	w := os.NewFile(uintptr(p[1]), name)
+	t.Cleanup(func() { w.Close() })
+	if err := wt.addOutput(&workload{id: name}, p[0], name); err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// TestWatcherStopForwardsWhatIsLeft: output the watcher has not read when it stops
+// (its readiness came after the stop's in the epoll set: the loop was busy with
+// another stream) is read and forwarded before the pipes close, and so is the end of a
+// line without its newline. Before, both were lost: 0 of 3 lines.
+func TestWatcherStopForwardsWhatIsLeft(t *testing.T) {
+	lr := newLineRecorder("busy")
+	wt, err := newWatcher(slog.New(slog.DiscardHandler), lr.line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy := outputPipe(t, wt, "busy")
+	last := outputPipe(t, wt, "last")
+	if _, err := busy.WriteString("b1\n"); err != nil {
+		t.Fatal(err)
+	}
+	<-lr.blocked // the loop is forwarding busy's line
+	// The stop first, then the last output: the loop sees the stop first.
+	wt.mu.Lock()
+	wt.stopped = true
+	wt.mu.Unlock()
+	wt.wake()
+	if _, err := last.WriteString("l1\nl2\nl3 no newline"); err != nil {
+		t.Fatal(err)
+	}
+	close(lr.release)
+	wt.stop()
+	if got, want := lr.of("last"), []string{"l1", "l2", "l3 no newline"}; !slices.Equal(got, want) {
+		t.Fatalf("the stopped watcher forwarded %q of the last output, want %q", got, want)
+	}
+}
+
+// TestWatcherDetachForwardsStartedLine: the start of a line the watcher read when it
+// detaches goes out as it is (the next nexlet reads only the rest); before, it was lost.
+func TestWatcherDetachForwardsStartedLine(t *testing.T) {
+	lr := newLineRecorder("")
+	wt, err := newWatcher(slog.New(slog.DiscardHandler), lr.line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wt.stop()
+	out := outputPipe(t, wt, "out")
+	if _, err := out.WriteString("whole\nstarted "); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the whole line", func() bool { return len(lr.of("out")) == 1 })
+	wt.detach()
+	testkit.EventuallyWithin(t, 10*time.Second, "the started line forwarded at the detach", func() bool {
+		return slices.Equal(lr.of("out"), []string{"whole", "started "})
+	})
+}
+
+// TestWatcherFlushForwardsWhatThePipesHold: flush returns once what the pipes held
+// when it was called is forwarded (the nexlet's shutdown: before its feed closes), even
+// while the loop was busy with another stream; a stream that ended goes whole, its last
+// line too, and one still open keeps the start of its line for the next read.
+func TestWatcherFlushForwardsWhatThePipesHold(t *testing.T) {
+	lr := newLineRecorder("busy")
+	wt, err := newWatcher(slog.New(slog.DiscardHandler), lr.line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wt.stop()
+	busy := outputPipe(t, wt, "busy")
+	ended := outputPipe(t, wt, "ended")
+	open := outputPipe(t, wt, "open")
+	if _, err := busy.WriteString("b1\n"); err != nil {
+		t.Fatal(err)
+	}
+	<-lr.blocked
+	flushed := make(chan struct{})
+	go func() { defer close(flushed); wt.flush() }()
+	testkit.EventuallyWithin(t, 10*time.Second, "the flush asked for", func() bool {
+		wt.mu.Lock()
+		defer wt.mu.Unlock()
+		return len(wt.flushes) == 1
+	})
+	for _, w := range []struct {
+		f    *os.File
+		text string
+	}{{ended, "e1\ne2 no newline"}, {open, "o1\no2 started"}} {
+		if _, err := w.f.WriteString(w.text); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ended.Close()
+	close(lr.release)
+	<-flushed
+	if got, want := lr.of("ended"), []string{"e1", "e2 no newline"}; !slices.Equal(got, want) {
+		t.Errorf("after the flush: ended stream's lines %q, want %q", got, want)
+	}
+	if got, want := lr.of("open"), []string{"o1"}; !slices.Equal(got, want) {
+		t.Errorf("after the flush: open stream's lines %q, want %q", got, want)
+	}
 }
