@@ -683,7 +683,7 @@ func (n *Nexlet) stopAll() {
 		wg.Go(func() { n.stopAndWait(w, stopRequest{grace: w.plan.grace}) })
 	}
 	wg.Wait()
-	n.waitTidied() // nexd removes the workloads' cgroup root once they are all gone
+	n.waitTidied()  // nexd removes the workloads' cgroup root once they are all gone
 	n.watch.flush() // their last lines go out while the feed is still connected
 }
 

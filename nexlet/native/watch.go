@@ -32,11 +32,11 @@ type watcher struct {
 	mu       sync.Mutex
 	watches  map[uint64]*watch // by token (descriptors are reused, tokens never)
 	next     uint64
-	stopped  bool     // no more adds; the loop closes everything
-	detached bool     // outputs and adopted pidfds are let go
-	resume   []uint64 // paused streams due again
+	stopped  bool            // no more adds; the loop closes everything
+	detached bool            // outputs and adopted pidfds are let go
+	resume   []uint64        // paused streams due again
 	flushes  []chan struct{} // flush calls waiting for the loop
-	evf      int      // eventfd in the set (token 0): wakes the loop; -1 once closed
+	evf      int             // eventfd in the set (token 0): wakes the loop; -1 once closed
 }
 
 // watch is one descriptor in the set: an output stream or a pidfd.
