@@ -199,6 +199,15 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	reg := &registration{id: agentID, owner: owner, key: key, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
 	var replaced []*registration
 	n.mu.Lock()
+	if lr, ok := r.(*localRequest); ok && lr.c.CallerGone() {
+		// Gave up while this ran: its registration over NATS, if it came first, stays.
+		n.mu.Unlock()
+		n.log.Info("dropped a registration on a nexlet's local channel: the nexlet gave up waiting for it", "agent_id", agentID)
+		if lr.answering != nil {
+			lr.answering()
+		}
+		return
+	}
 	if l, ok := n.locals[agentID]; ok && key != "" && l.key == key {
 		// Signed with the key of the start that holds the channel's other end: the
 		// same process (a later start of the nexlet gets a new key and channel).
@@ -408,6 +417,16 @@ func (n *Node) handleLocalCall(agentID string, l localChannel, r *localRequest) 
 	c := r.c
 	if n.ctx.Err() != nil {
 		n.fail(r, 503, "node stopping", errors.New("the node is stopping"))
+		return
+	}
+	if c.CallerGone() {
+		// The nexlet gave up waiting (its register timeout) and registers over
+		// NATS: this registration, kept until the node served, must not replace
+		// that one (and revoke its credentials).
+		n.log.Info("dropped a registration on a nexlet's local channel: the nexlet gave up waiting for it", "agent_id", agentID)
+		if r.answering != nil {
+			r.answering()
+		}
 		return
 	}
 	if want := protocol.RegisterSubject(n.id, agentID); c.Subject != want {

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"io"
 	"testing"
 	"time"
@@ -377,5 +378,47 @@ func TestLocalCallsOneAtATime(t *testing.T) {
 	released = true
 	if got, code := readAnswer(t, nexletEnd); got != 1 || code != "" {
 		t.Fatalf("the handled call: answer to %d, code %q", got, code)
+	}
+}
+
+// TestStaleLocalRegistrationDropped: a nexlet that gave up waiting for the node on its
+// channel (a register timeout: it closes its end) registers over NATS instead. Its
+// registration kept on the channel until the node served is dropped then, not
+// registered a second time (which would replace the one over NATS and revoke its
+// credentials). The one over NATS stands.
+func TestStaleLocalRegistrationDropped(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	n := unstartedNode(t, srv)
+	kp, pub := newKey(t)
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	_, s := localPair(t, n, "native0", pub)
+	m := signedRegistration(t, n.ID(), "native0", kp)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := s.Call(ctx, m.Subject, m.Header, m.Data); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("call before the node serves: %v, want the nexlet's timeout", err)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	n.inflight.Wait() // the kept registration was handled
+	n.mu.Lock()
+	_, in := n.agents["native0"]
+	n.mu.Unlock()
+	if in {
+		t.Fatal("the registration the nexlet gave up on its channel was registered")
+	}
+	// Its fallback over NATS is the registration.
+	nc := testnats.Connect(t, srv)
+	r, err := nc.RequestMsg(m, 10*time.Second)
+	if err != nil || r.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Fatalf("registration over NATS: %v %v %q", err, r.Header, r.Data)
+	}
+	n.mu.Lock()
+	reg := n.agents["native0"]
+	n.mu.Unlock()
+	if reg == nil || (reg.local != nil && reg.local.Serving()) {
+		t.Fatalf("registration %+v, want the one over NATS, starts not on the closed channel", reg)
 	}
 }

@@ -357,6 +357,40 @@ func (c *Call) Reply(m *nats.Msg) error {
 	return c.cl.c.write(msg{kind: kindCallReply, id: c.id, header: m.Header, data: m.Data})
 }
 
+// CallerGone says whether the nexlet gave up the call: it does so only by closing its
+// end (Server.Call, when its context ends), and then goes over NATS. The socket says
+// so as soon as that close returned, before the channel's reader may have seen it, so
+// a call kept until the node serves is known stale when it is served.
+func (c *Call) CallerGone() bool {
+	cl := c.cl
+	cl.mu.Lock()
+	closed := cl.closed
+	cl.mu.Unlock()
+	if closed {
+		return true
+	}
+	sc, ok := cl.c.c.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	gone := false
+	if err := rc.Control(func(fd uintptr) {
+		// The peer's close shuts both directions of this end (POLLHUP); a shutdown
+		// of its writing side alone (POLLRDHUP) is a caller gone too.
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(fds, 0); err == nil && n > 0 {
+			gone = fds[0].Revents&(unix.POLLHUP|unix.POLLRDHUP|unix.POLLERR|unix.POLLNVAL) != 0
+		}
+	}); err != nil {
+		return true // closed meanwhile
+	}
+	return gone
+}
+
 func (cl *Client) markClosed() {
 	cl.mu.Lock()
 	cl.closed = true

@@ -692,3 +692,33 @@ func TestCallAnsweredAsItsContextEnds(t *testing.T) {
 		t.Fatalf("Serve: %v", err)
 	}
 }
+
+// TestCallerGoneOnceTheNexletGaveUp: a call kept until the node serves calls is known
+// stale when it is served if the nexlet gave it up meanwhile (its context ended, it
+// closed its end), though the channel's reader may not have seen the close yet; a call
+// whose nexlet waits is not.
+func TestCallerGoneOnceTheNexletGaveUp(t *testing.T) {
+	c, s := pairInProcess(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := s.Call(ctx, "register", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("call: %v, want the context's deadline", err)
+	}
+	got := make(chan bool, 1)
+	c.OnCall(func(cl *Call) { got <- cl.CallerGone() })
+	if gone := <-got; !gone {
+		t.Fatal("the call the nexlet gave up is not known stale")
+	}
+
+	c2, s2 := pairInProcess(t)
+	c2.OnCall(func(cl *Call) {
+		got <- cl.CallerGone()
+		_ = cl.Reply(&nats.Msg{Data: []byte("ok")})
+	})
+	if _, err := s2.Call(context.Background(), "register", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if gone := <-got; gone {
+		t.Fatal("a call whose nexlet waits is taken for stale")
+	}
+}
