@@ -183,6 +183,7 @@ func (wt *watcher) loop() {
 	rc, err := wt.ep.SyscallConn()
 	if err != nil {
 		wt.log.Error("workload watcher not running: no output is forwarded", "err", err)
+		wt.closeAll() // stopped: no flush waits for it
 		return
 	}
 	buf := make([]byte, watchBuf)
