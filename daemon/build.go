@@ -3,6 +3,7 @@ package daemon
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -25,6 +26,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/dirlock"
 	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/internal/version"
@@ -95,6 +97,11 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if err := privateStateDir(s.stateDir, d.log); err != nil {
 		return nil, err
 	}
+	// One nexd per directory: a second one on the same state or runtime dir would
+	// adopt, end or clean up the first's nexlets and workloads as its own leftovers.
+	if err := d.holdDir("state_dir", s.stateDir, stateLock, 0o700); err != nil {
+		return nil, err
+	}
 	// A first start's seeds become durable while the native nexlet starts (below).
 	id, err := identity.Begin(cfg.Node.Seed, cfg.Node.XKeySeed, s.stateDir)
 	if err != nil {
@@ -107,6 +114,11 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	// a stop that leaves nothing running.
 	var tempRuntimeDir bool
 	s.runtimeDir, tempRuntimeDir = runtimeDir(cfg, id.ID())
+	// 0711: the native nexlet's workloads, under other uids, reach their directories
+	// through it (it makes it so itself when missing).
+	if err := d.holdDir("runtime_dir", s.runtimeDir, runtimeLock, 0o711); err != nil {
+		return nil, err
+	}
 	if err := d.logger.Reconfigure(d.logOptions(cfg, id.ID())); err != nil {
 		return nil, fmt.Errorf("logger: %w", err)
 	}
@@ -306,6 +318,32 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		},
 	})
 	return s, nil
+}
+
+// The lock files of the state and runtime dirs: two names, so that one directory given
+// as both is held once of each.
+const (
+	stateLock   = "nexd-state.lock"
+	runtimeLock = "nexd-runtime.lock"
+)
+
+// holdDir takes dir (config key key) for this nexd until the process ends or the
+// closers unwind; another nexd on it is a start-up error naming the dir and its pid.
+// The lock is close-on-exec: a re-exec lets go and the new image takes it again,
+// and the nexlets and workloads left running (live_restore) never hold it.
+func (d *daemon) holdDir(key, dir, name string, perm os.FileMode) error {
+	if dir == "" {
+		return nil
+	}
+	release, err := dirlock.Hold(dir, name, perm)
+	if errors.Is(err, dirlock.ErrHeld) {
+		return fmt.Errorf("%s %w: another nexd runs on it; give each node its own %s", key, err, key)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	d.closers.push(key+" lock", func(context.Context) error { release(); return nil })
+	return nil
 }
 
 // runtimeDir holds fetched nexlet binaries and workload directories: runtime_dir (which

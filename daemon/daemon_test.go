@@ -144,7 +144,7 @@ func TestNoGoroutineOutlivesRun(t *testing.T) {
 	if st.NodeID == "" || !st.NATS.Embedded || !st.NATS.Connected {
 		t.Fatalf("status %+v", st)
 	}
-	want := []string{"logger", "goroutines", "identity", "control socket", "NATS connection", "revocations", "node API", "nexlets", "metrics listener"}
+	want := []string{"logger", "goroutines", "state_dir lock", "identity", "runtime_dir lock", "control socket", "NATS connection", "revocations", "node API", "nexlets", "metrics listener"}
 	if got := p.d.closers.names(); !slices.Equal(got, want) {
 		t.Errorf("closer stack %q, want %q", got, want)
 	}

@@ -1,0 +1,131 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+// startOnDirs starts a nexd of its own (own control socket, cgroup root and embedded
+// NATS) on the given runtime dir and, when stateDir is set, state dir.
+func startOnDirs(t *testing.T, runtimeDir, stateDir string) *node {
+	t.Helper()
+	n := &node{socket: filepath.Join(t.TempDir(), "nexd.sock"), embedded: true, stateDir: stateDir}
+	args := []string{"--runtime-dir", runtimeDir, "--control-socket", n.socket, "--node-name", "e2e",
+		"--startup-timeout", "60s"}
+	if stateDir != "" {
+		args = append(args, "--state-dir", stateDir)
+	}
+	if n.cgroup = cgroupRoot(t); n.cgroup != "" {
+		args = append(args, "--cgroup-root", n.cgroup)
+	}
+	n.proc = startNexd(t, nexdOpts{args: args, env: []string{"NEXD_EMBEDDED_NATS_PORT=-1"}})
+	return n
+}
+
+// alive: pid runs (and is no zombie).
+func alive(pid int) bool {
+	if pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	st, err := readProcState(pid)
+	return err == nil && st != "Z"
+}
+
+func readProcState(pid int) (string, error) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return "", err
+	}
+	b := string(raw)
+	i := strings.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return "", fmt.Errorf("odd stat %q", b)
+	}
+	return b[i+2 : i+3], nil
+}
+
+// TestSecondNexdOnSharedDirsRefused: two nexd given one runtime dir (without state
+// dirs, or one state dir) must not interfere. The first's native nexlet and workload
+// are counted after the second's start: the second nexd refuses to start, naming the
+// directory and the first's pid, and nothing of the first is lost.
+func TestSecondNexdOnSharedDirsRefused(t *testing.T) {
+	needCgroupV1(t, "to find the first node's workload processes")
+	t.Parallel()
+	for _, tc := range []struct {
+		name        string
+		sharedState bool
+	}{{"runtime dir, no state dirs", false}, {"state dir", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			// One state dir: the runtime dir is its default, <state_dir>/run, too.
+			runtime, state, dir := testkit.PublicDir(t), t.TempDir(), ""
+			if dir = runtime; tc.sharedState {
+				dir = state
+			}
+			var first *node
+			if tc.sharedState {
+				first = startNode(t, nodeOpts{stateDir: state})
+			} else {
+				first = startOnDirs(t, runtime, "")
+			}
+			first.waitReady(t)
+			w := first.runWorkload(t, "--bids", "1", "--name", "keep", "--", "/bin/sleep", "600")
+			var procs []int
+			testkit.Eventually(t, "the first node's workload runs", func() bool {
+				procs = first.groupProcs(w.ID)
+				return len(procs) == 1
+			})
+			nexlet := first.native(t).PID
+
+			var second *node
+			if tc.sharedState {
+				second = startNode(t, nodeOpts{stateDir: state})
+			} else {
+				second = startOnDirs(t, runtime, "")
+			}
+			// The second either gives up or comes up (and then has had its chance to
+			// clean up or adopt what it found).
+			testkit.EventuallyWithin(t, 90*time.Second, "the second nexd exits or is ready", func() bool {
+				select {
+				case <-second.done:
+					return true
+				default:
+				}
+				return strings.Contains(second.out.String(), "nex node ready")
+			})
+			// Whatever the second did to the first has had a moment to land.
+			time.Sleep(2 * time.Second)
+			lost := 0
+			if !alive(int(nexlet)) {
+				lost++
+				t.Errorf("the first node's native nexlet (pid %d) is gone", nexlet)
+			}
+			for _, p := range procs {
+				if !alive(p) {
+					lost++
+					t.Errorf("the first node's workload %s (pid %d) is gone", w.ID, p)
+				}
+			}
+			if st := first.native(t); st.PID != nexlet {
+				t.Errorf("the first node's native nexlet is now pid %d, was %d", st.PID, nexlet)
+			}
+			select {
+			case <-second.done:
+			default:
+				t.Fatalf("the second nexd on %s started (lost of the first: %d)", dir, lost)
+			}
+			code := second.wait(t, time.Second)
+			out := second.out.String()
+			if code == 0 || !strings.Contains(out, dir) || !strings.Contains(out, "pid "+strconv.Itoa(first.cmd.Process.Pid)) {
+				t.Fatalf("second nexd: exit %d, want an error naming %s and pid %d:\n%s", code, dir, first.cmd.Process.Pid, out)
+			}
+		})
+	}
+}
