@@ -94,6 +94,40 @@ func TestNoUnwantedModules(t *testing.T) {
 	}
 }
 
+// nexdOnlyWithoutInit are packages only nexd runs whose part of the binary the native
+// nexlet (the same binary) mapped for their init alone: a 64 KB block of text each
+// (README, Memory). Without an init, the nexlet leaves them unmapped (330 KB of its RSS).
+var nexdOnlyWithoutInit = []string{
+	"github.com/nexd-project/nexd/daemon/logging",
+	"github.com/nexd-project/nexd/daemon/metrics",
+	"github.com/nexd-project/nexd/daemon/node",
+	"github.com/nexd-project/nexd/daemon/supervise",
+}
+
+// TestNexdOnlyPackagesHaveNoInit reads the runtime's list of the packages whose init runs
+// (GODEBUG=inittrace=1) for the packages above: package-level maps, calls
+// (errors.New, sync.OnceValue, strings.NewReplacer, regexp.MustCompile) make one, constants
+// and static composite literals do not.
+func TestNexdOnlyPackagesHaveNoInit(t *testing.T) {
+	nexd := bins.Path(t, "github.com/nexd-project/nexd/cmd/nexd")
+	cmd := exec.Command(nexd, "--version")
+	cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("nexd --version: %v\n%s", err, stderr.String())
+	}
+	inits, err := parseInitTrace(stderr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, in := range inits {
+		if slices.Contains(nexdOnlyWithoutInit, in.pkg) {
+			t.Errorf("package %s has an init again (it allocates %d bytes): the native nexlet runs it too and maps that part of the binary for it; make its package-level state constant or build it where it is used", in.pkg, in.bytes)
+		}
+	}
+}
+
 type initCost struct {
 	pkg   string
 	bytes int64

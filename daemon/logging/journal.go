@@ -23,18 +23,30 @@ const (
 	fieldWorkloadID = "NEX_WORKLOAD_ID"
 )
 
-var reservedFields = map[string]bool{
-	"MESSAGE": true, "PRIORITY": true, "SYSLOG_IDENTIFIER": true, "SYSLOG_PID": true,
-	"CODE_FILE": true, "CODE_LINE": true, "CODE_FUNC": true,
-	fieldNodeID: true, fieldNamespace: true, fieldNexlet: true, fieldWorkloadID: true,
+// reservedField reports the journal fields nexd sets itself. A switch, like wellKnown, not
+// a package-level map: a map is built by the package's init, which runs in the native
+// nexlet too and maps that part of the binary there (README, Memory).
+func reservedField(name string) bool {
+	switch name {
+	case "MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "SYSLOG_PID", "CODE_FILE", "CODE_LINE", "CODE_FUNC",
+		fieldNodeID, fieldNamespace, fieldNexlet, fieldWorkloadID:
+		return true
+	}
+	return false
 }
 
-// Attrs with these keys become the well-known nexd journal fields, so
+// wellKnown turns attrs with these keys into the well-known nexd journal fields, so
 // `journalctl NEX_WORKLOAD_ID=...` finds everything about one workload.
-var wellKnown = map[string]string{
-	"nexlet":      fieldNexlet,
-	"workload_id": fieldWorkloadID,
-	"namespace":   fieldNamespace,
+func wellKnown(key string) (string, bool) {
+	switch key {
+	case "nexlet":
+		return fieldNexlet, true
+	case "workload_id":
+		return fieldWorkloadID, true
+	case "namespace":
+		return fieldNamespace, true
+	}
+	return "", false
 }
 
 // journalReachable tells a missing or dead journald apart before the journal
@@ -133,7 +145,7 @@ func appendFields(fields []field, prefix string, a slog.Attr) []field {
 	if a.Key == "" {
 		return fields
 	}
-	if f, ok := wellKnown[a.Key]; ok {
+	if f, ok := wellKnown(a.Key); ok {
 		return append(fields, field{f, a.Value.String()})
 	}
 	return append(fields, field{FieldName(prefix + a.Key), a.Value.String()})
@@ -153,7 +165,7 @@ func FieldName(key string) string {
 		}
 	}
 	name := strings.TrimLeft(b.String(), "_")
-	if name == "" || (name[0] >= '0' && name[0] <= '9') || reservedFields[name] {
+	if name == "" || (name[0] >= '0' && name[0] <= '9') || reservedField(name) {
 		name = "ATTR_" + name
 	}
 	if len(name) > 64 {

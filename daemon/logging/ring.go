@@ -156,7 +156,7 @@ func flatten(m map[string]string, prefix string, a slog.Attr) {
 	}
 	if a.Key != "" {
 		m[prefix+a.Key] = a.Value.String()
-		if _, ok := wellKnown[a.Key]; ok && prefix != "" {
+		if _, ok := wellKnown(a.Key); ok && prefix != "" {
 			// nexlet, workload_id and namespace filter `nexctl logs` wherever they sit,
 			// as they do in the journal.
 			m[a.Key] = a.Value.String()

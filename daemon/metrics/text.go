@@ -103,13 +103,31 @@ func labels(kv ...string) string {
 	return b.String()
 }
 
-var (
-	labelEscaper = strings.NewReplacer(`\`, `\\`, "\n", `\n`, `"`, `\"`)
-	helpEscaper  = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
-)
+// escapeLabel and escapeHelp escape as the text format asks (a label value also its
+// quotes). Written out rather than package-level strings.Replacers, which the package's
+// init would build in the native nexlet too (README, Memory).
+func escapeLabel(s string) string { return escape(s, true) }
+func escapeHelp(s string) string  { return escape(s, false) }
 
-func escapeLabel(s string) string { return labelEscaper.Replace(s) }
-func escapeHelp(s string) string  { return helpEscaper.Replace(s) }
+func escape(s string, quote bool) string {
+	if !strings.ContainsAny(s, "\\\n\"") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '\\':
+			b.WriteString(`\\`)
+		case c == '\n':
+			b.WriteString(`\n`)
+		case c == '"' && quote:
+			b.WriteString(`\"`)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
 
 func formatValue(v float64) string {
 	switch {

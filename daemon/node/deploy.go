@@ -44,7 +44,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 403, "namespace mismatch", fmt.Errorf("namespace mismatch: subject namespace %q, request namespace %q", ns, req.Namespace))
 		return
 	}
-	if req.Namespace == "" || !tokenRE().MatchString(req.Namespace) {
+	if req.Namespace == "" || !isToken(req.Namespace) {
 		n.refuse(r, 400, "bad start workload request", fmt.Errorf("invalid StartWorkloadRequest: field \"namespace\": %q must be one subject token of letters, digits, - or _", req.Namespace))
 		return
 	}
@@ -361,8 +361,8 @@ func (n *Node) localStart() bool {
 
 // errStartSilent and errStartTooLong say why the node stopped waiting for a start.
 var (
-	errStartSilent  = errors.New("the nexlet did not answer")
-	errStartTooLong = errors.New("the nexlet was still starting it at deploy_timeout")
+	errStartSilent  error = constError("the nexlet did not answer")
+	errStartTooLong error = constError("the nexlet was still starting it at deploy_timeout")
 )
 
 // wait returns the nexlet's answer. It waits while the nexlet reports progress, at

@@ -294,9 +294,22 @@ type procInfo struct {
 	failed   bool
 }
 
-// Compiled on first use, not at init: every package's init runs in nexd and in the
-// native nexlet alike, used or not.
-var tokenRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9_-]+$`) })
+// isToken reports whether s is a non-empty [A-Za-z0-9_-]+, what a namespace, nexus, agent
+// or workload id may be. A loop, not a package-level regexp: every package's init runs in
+// nexd and in the native nexlet alike, used or not.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
 
 // New validates o and returns a Node that is not yet serving.
 func New(o Options) (*Node, error) {
@@ -321,7 +334,7 @@ func New(o Options) (*Node, error) {
 	if err != nil || !nkeys.IsValidPublicCurveKey(xpub) {
 		return nil, fmt.Errorf("node: options: XKey must be a curve key (X…): %q: %v", xpub, err)
 	}
-	if !tokenRE().MatchString(o.Nexus) {
+	if !isToken(o.Nexus) {
 		return nil, fmt.Errorf("node: options: nexus %q must be one subject token of letters, digits, - or _", o.Nexus)
 	}
 	if err := checkUserTags(o.Tags); err != nil {
@@ -433,7 +446,7 @@ func (n *Node) Start(ctx context.Context) error {
 	n.mu.Unlock()
 
 	version := n.o.Version
-	if !semver().MatchString(version) {
+	if !regexp.MustCompile(semver).MatchString(version) {
 		// micro insists on semver; the real version still goes out in ping and info.
 		version = "0.0.0"
 	}
@@ -522,10 +535,10 @@ func (n *Node) Start(ctx context.Context) error {
 	return nil
 }
 
-// semver is micro's version rule, kept here to decide before AddService fails.
-var semver = sync.OnceValue(func() *regexp.Regexp {
-	return regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$`)
-})
+// semver is micro's version rule, kept here to decide before AddService fails; compiled
+// where it is used, once a start, not by the package's init (which the native nexlet runs
+// too).
+const semver = `^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$`
 
 // Stop stops the micro service and the loops, waits (bounded by ctx) for handlers in
 // flight, and emits NODESTOPPED. It leaves the connection open: the daemon owns it.
@@ -755,7 +768,7 @@ func (n *Node) Info() protocol.NodeInfoResponse {
 }
 
 // ErrStopping is returned by EnterLameduck once the node is stopping.
-var ErrStopping = errors.New("node is stopping")
+var ErrStopping error = constError("node is stopping")
 
 // EnterLameduck puts the node in lame duck mode: it stops bidding and refuses deploys
 // at once (tag nex.lameduck=true), tells its nexlets, emits NODELAMEDUCKSET and calls

@@ -155,13 +155,13 @@ func parseLine(line []byte, def slog.Level) (slog.Level, string, []any) {
 	return def, s, nil
 }
 
-// ownKeys are the attributes nexd puts on a nexlet's lines itself (pid when
-// logger.with_pid is on); the nexlet's own attributes of the same name are renamed
-// nexlet_<key>, so a record never carries a key twice.
-var ownKeys = map[string]bool{"nexlet": true, "stream": true, "pid": true}
-
+// childKey renames the attributes nexd puts on a nexlet's lines itself (nexlet, stream,
+// and pid when logger.with_pid is on) to nexlet_<key>, so a record never carries a key
+// twice. A switch, not a package-level map, which the package's init would build in the
+// native nexlet too (README, Memory).
 func childKey(k string) string {
-	if ownKeys[k] {
+	switch k {
+	case "nexlet", "stream", "pid":
 		return "nexlet_" + k
 	}
 	return k
