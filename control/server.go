@@ -286,9 +286,9 @@ func (s *Server) routes() {
 	}
 }
 
-// Compiled on first use, not at init: every package's init runs in nexd and in the
-// native nexlet alike, used or not.
-var versionPrefix = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^/(v[0-9]+)(/|$)`) })
+// versionPrefix is compiled where an unknown path needs it, not by the package's init:
+// every package's init runs in nexd and in the native nexlet alike, used or not.
+const versionPrefix = `^/(v[0-9]+)(/|$)`
 
 // ServeHTTP routes a request, answering unknown paths, methods and versions in JSON.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -300,7 +300,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.known.ServeHTTP(w, r)
 		return
 	}
-	if m := versionPrefix().FindStringSubmatch(r.URL.Path); m != nil && m[1] != APIVersion {
+	if m := regexp.MustCompile(versionPrefix).FindStringSubmatch(r.URL.Path); m != nil && m[1] != APIVersion {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("API version %s is not supported; this nexd speaks %s", m[1], APIVersion))
 		return
 	}

@@ -3,7 +3,6 @@ package daemon
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"sync/atomic"
 	"time"
@@ -73,7 +72,16 @@ type startupBackend struct {
 	nodeID string
 }
 
-var errStarting = fmt.Errorf("%w: nexd is starting; try again once it is running", control.ErrConflict)
+// errStarting refuses what needs the running node. A type, not a package-level
+// fmt.Errorf, so that the package has no init: the native nexlet runs daemon.Main too.
+var errStarting error = startingError{}
+
+type startingError struct{}
+
+func (startingError) Error() string {
+	return control.ErrConflict.Error() + ": nexd is starting; try again once it is running"
+}
+func (startingError) Unwrap() error { return control.ErrConflict }
 
 func (b startupBackend) Status(context.Context) (control.Status, error) {
 	v := b.d.view()
