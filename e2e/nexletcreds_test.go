@@ -163,3 +163,88 @@ func TestNexletOutlivesCredsTTL(t *testing.T) {
 	}
 	n.natsRun(t, creds, "tenant", "--name", "late", "--", "/bin/sleep", "300")
 }
+
+// TestAttackReplayedRegistration: the node's admin (whose user may subscribe and
+// publish anywhere on the embedded server) captures the native nexlet's signed
+// registration as it crosses NATS (after a crash, with NEXD_LOCAL_REGISTER=off as for
+// a nexlet without a socket pair) and, once the nexlet runs registered, publishes the
+// same message again with a reply on the nexlet's own inbox, where it listens too.
+// Before, the node took the copy as the nexlet's: the admin read a fresh nexlet user,
+// seed and all, that connects, the node revoked the nexlet's current users as
+// superseded and counted another registration. Now the copy is refused (403,
+// "replayed"), no user is minted and the nexlet stays registered once, working.
+func TestAttackReplayedRegistration(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n := startNode(t, nodeOpts{env: []string{"NEXD_LOCAL_REGISTER=off"}})
+	st := n.waitReady(t)
+	n.waitNative(t)
+	agent := n.native(t).AgentID
+	admin := testkit.WriteFile(t, filepath.Join(t.TempDir(), "admin.creds"), n.mustCtl(t, "creds", "issue", "--admin", "--ttl", "1h"))
+	nc, err := nats.Connect(n.natsURL, nats.UserCredentials(admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	regs, err := nc.SubscribeSync(protocol.RegisterSubject(st.NodeID, agent))
+	if err != nil {
+		t.Fatal(err)
+	}
+	flush(t, nc)
+	if err := syscall.Kill(n.native(t).PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	captured, err := regs.NextMsg(60 * time.Second)
+	if err != nil {
+		t.Fatalf("no registration seen: %v\nnexd:\n%s", err, n.out.String())
+	}
+	if captured.Header.Get(protocol.HeaderRegistrationSig) == "" {
+		t.Fatalf("the captured registration is not signed: %v", captured.Header)
+	}
+	n.nativeSeen = false
+	n.waitNative(t)
+	testkit.Eventually(t, "the registration taken", func() bool { return strings.Contains(n.out.String(), "nexlet registered") })
+	registered := strings.Count(n.out.String(), "nexlet registered")
+
+	reply := protocol.InboxPrefix(agent) + ".replay"
+	replies, err := nc.SubscribeSync(reply)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flush(t, nc)
+	replay := nats.NewMsg(captured.Subject)
+	replay.Data, replay.Header, replay.Reply = captured.Data, captured.Header, reply
+	if err := nc.PublishMsg(replay); err != nil {
+		t.Fatal(err)
+	}
+	m, err := replies.NextMsg(30 * time.Second)
+	if err != nil {
+		t.Fatalf("no answer to the replay: %v\nnexd:\n%s", err, n.out.String())
+	}
+	var resp protocol.RegisterAgentResponse
+	if json.Unmarshal(m.Data, &resp) == nil && resp.ConnectionData.NatsUserSeed != "" {
+		obtained := "does not connect"
+		if creds, err := jwt.FormatUserConfig(resp.ConnectionData.NatsUserJWT, []byte(resp.ConnectionData.NatsUserSeed)); err == nil {
+			file := testkit.WriteFile(t, filepath.Join(t.TempDir(), "nexlet.creds"), string(creds))
+			if c, err := nats.Connect(n.natsURL, nats.UserCredentials(file), nats.NoReconnect(), nats.Timeout(5*time.Second)); err == nil {
+				c.Close()
+				obtained = "connects"
+			}
+		}
+		t.Fatalf("the replayed registration was taken: the replayer got a nexlet user that %s", obtained)
+	}
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "403" || !strings.Contains(string(m.Data), "replayed") {
+		t.Fatalf("answer to the replay: code %q %s, want 403 saying replayed", code, m.Data)
+	}
+	// The nexlet keeps its one registration and places workloads.
+	time.Sleep(time.Second)
+	if got := strings.Count(n.out.String(), "nexlet registered"); got != registered {
+		t.Fatalf("%d registrations after the replay, %d before\nnexd:\n%s", got, registered, n.out.String())
+	}
+	if x := n.native(t); x.AgentID != agent || x.Health != protocol.HealthHealthy {
+		t.Fatalf("native nexlet after the replay: %+v", x)
+	}
+	n.runWorkload(t, "--name", "after", "--", "/bin/sleep", "300")
+}

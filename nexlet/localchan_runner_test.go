@@ -169,7 +169,7 @@ func TestRegisterOnLocalChannel(t *testing.T) {
 			pub, _ := kp.PublicKey()
 			sig, _ := base64.StdEncoding.DecodeString(call.Header.Get(protocol.HeaderRegistrationSig))
 			if call.Subject != protocol.RegisterSubject(node, agent) || call.Header.Get(protocol.HeaderRegistrationKey) != pub ||
-				kp.Verify(protocol.RegistrationPayload(call.Subject, call.Data), sig) != nil {
+				kp.Verify(protocol.RegistrationPayload(call.Subject, call.Header.Get(protocol.HeaderRegistrationTime), call.Data), sig) != nil {
 				t.Fatalf("registration on the channel not signed as over NATS: %s %v", call.Subject, call.Header)
 			}
 			testkit.EventuallyWithin(t, 10*time.Second, "the runner serves starts on the channel", c.Serving)

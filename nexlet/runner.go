@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"regexp"
 	"strings"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -550,17 +551,20 @@ func (r *Runner) Reregister() error {
 	}
 }
 
-// signRegistration adds the key and the signature over subject and body.
+// signRegistration adds the key, the time and the signature over subject, time and
+// body: the node takes each signed message once, and only while it is fresh.
 func signRegistration(m *nats.Msg, kp nkeys.KeyPair) error {
 	pub, err := kp.PublicKey()
 	if err != nil {
 		return fmt.Errorf("registration key: %w", err)
 	}
-	sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, m.Data))
+	at := strconv.FormatInt(time.Now().UnixNano(), 10)
+	sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, at, m.Data))
 	if err != nil {
 		return fmt.Errorf("sign registration: %w", err)
 	}
 	m.Header.Set(protocol.HeaderRegistrationKey, pub)
+	m.Header.Set(protocol.HeaderRegistrationTime, at)
 	m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
 	return nil
 }

@@ -1,6 +1,9 @@
 package protocol
 
-import "strings"
+import (
+	"strings"
+	"time"
+)
 
 // SystemNamespace is the administrative namespace: node-admin endpoints live only here,
 // and a caller in it may act on workloads of every namespace.
@@ -236,17 +239,26 @@ const (
 // Bound nexlet identity (nexd extension): a nexlet signs its REGISTER request with an
 // nkey, the per-start key its supervisor gave it (EnvAgentRegistrationSeed) or, for a
 // remote nexlet, the key listed for it in the node's remote_nexlets. The signature
-// covers the subject and the body (RegistrationPayload), base64 (std) in
-// HeaderRegistrationSig; HeaderRegistrationKey names the public key.
+// covers the subject, the time of signing and the body (RegistrationPayload), base64
+// (std) in HeaderRegistrationSig; HeaderRegistrationKey names the public key and
+// HeaderRegistrationTime the time (Unix nanoseconds, decimal). The node accepts a
+// signed message once, within RegistrationWindow of its clock: a copy replayed on the
+// bus is refused.
 const (
 	HeaderRegistrationKey    = "Nexd-Registration-Key"
 	HeaderRegistrationSig    = "Nexd-Registration-Sig"
+	HeaderRegistrationTime   = "Nexd-Registration-Time"
 	EnvAgentRegistrationSeed = "NEX_AGENT_REGISTRATION_SEED"
 )
 
-// RegistrationPayload is what a registration signature covers.
-func RegistrationPayload(subject string, body []byte) []byte {
-	return append([]byte(subject+"\n"), body...)
+// RegistrationWindow is how far a signed registration's or renewal's time may be from
+// the node's clock (a remote nexlet's clock may be off by that much).
+const RegistrationWindow = 5 * time.Minute
+
+// RegistrationPayload is what a registration signature covers; signedAt is the value
+// of HeaderRegistrationTime.
+func RegistrationPayload(subject, signedAt string, body []byte) []byte {
+	return append([]byte(subject+"\n"+signedAt+"\n"), body...)
 }
 
 // WorkloadEndedSubject is a nexd extension of the agent plane: nexlet agentID tells its

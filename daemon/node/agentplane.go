@@ -1,7 +1,6 @@
 package node
 
 import (
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,7 +12,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
-	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
@@ -279,7 +277,7 @@ func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterA
 	n.mu.Unlock()
 	if expected {
 		if key != "" {
-			if err := verifyRegistration(r, key); err != nil {
+			if err := n.verifyRegistration(r, key); err != nil {
 				return "", "", fmt.Errorf("supervised nexlet %q (agent id %s): %w", name, agentID, err)
 			}
 		}
@@ -299,7 +297,7 @@ func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterA
 		if rn.Name != req.Name || rn.Type != req.RegisterType {
 			return "", "", fmt.Errorf("remote nexlet key %s is listed for %q [%s], not %q [%s]", pub, rn.Name, rn.Type, req.Name, req.RegisterType)
 		}
-		if err := verifyRegistration(r, pub); err != nil {
+		if err := n.verifyRegistration(r, pub); err != nil {
 			return "", "", fmt.Errorf("remote nexlet %q: %w", req.Name, err)
 		}
 		return "remote:" + rn.Name, pub, nil
@@ -308,30 +306,6 @@ func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterA
 		return "", "", fmt.Errorf("remote nexlet %q sent no %s header: it must sign its registration with the key listed in remote_nexlets", req.Name, protocol.HeaderRegistrationKey)
 	}
 	return "", "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
-}
-
-// verifyRegistration checks the signature by pub over a registration (or a nexlet's
-// renewal of its own user, signed the same way).
-func verifyRegistration(r micro.Request, pub string) error {
-	if got := r.Headers().Get(protocol.HeaderRegistrationKey); got != "" && got != pub {
-		return fmt.Errorf("registration signed by %s, not by the expected key %s", got, pub)
-	}
-	b64 := r.Headers().Get(protocol.HeaderRegistrationSig)
-	if b64 == "" {
-		return fmt.Errorf("registration is not signed (no %s header)", protocol.HeaderRegistrationSig)
-	}
-	sig, err := base64.StdEncoding.DecodeString(b64)
-	if err != nil {
-		return fmt.Errorf("registration signature: not base64: %w", err)
-	}
-	kp, err := nkeys.FromPublicKey(pub)
-	if err != nil {
-		return fmt.Errorf("registration key %q: %w", pub, err)
-	}
-	if err := kp.Verify(protocol.RegistrationPayload(r.Subject(), r.Data()), sig); err != nil {
-		return fmt.Errorf("registration signature does not verify with key %s", pub)
-	}
-	return nil
 }
 
 // nameFree refuses a name held by another live nexlet. A restart of the same nexlet

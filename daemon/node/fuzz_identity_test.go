@@ -67,11 +67,13 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 		hdr := micro.Headers{}
 		if kp != nil {
 			pub, _ := kp.PublicKey()
-			sig, _ := kp.Sign(protocol.RegistrationPayload(subj, data))
+			at := signingTime()
+			sig, _ := kp.Sign(protocol.RegistrationPayload(subj, at, data))
 			if badSig {
 				sig[0] ^= 1
 			}
 			hdr[protocol.HeaderRegistrationKey] = []string{pub}
+			hdr[protocol.HeaderRegistrationTime] = []string{at}
 			hdr[protocol.HeaderRegistrationSig] = []string{base64.StdEncoding.EncodeToString(sig)}
 		}
 		r := &hdrReq{recReq: recReq{t: t, subject: subj, data: data}, hdr: hdr}
@@ -113,11 +115,13 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 		ar := &hdrReq{recReq: recReq{t: t, subject: protocol.RenewAgentCredsSubject(n.ID(), agentID), data: data}, hdr: micro.Headers{}}
 		if kp != nil {
 			pub, _ := kp.PublicKey()
-			sig, _ := kp.Sign(protocol.RegistrationPayload(ar.subject, data))
+			at := signingTime()
+			sig, _ := kp.Sign(protocol.RegistrationPayload(ar.subject, at, data))
 			if badSig {
 				sig[0] ^= 1
 			}
 			ar.hdr[protocol.HeaderRegistrationKey] = []string{pub}
+			ar.hdr[protocol.HeaderRegistrationTime] = []string{at}
 			ar.hdr[protocol.HeaderRegistrationSig] = []string{base64.StdEncoding.EncodeToString(sig)}
 		}
 		n.handleRenewAgent(ar)

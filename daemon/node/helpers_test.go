@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -283,6 +284,9 @@ func (a *fakeAgent) register() *nats.Msg {
 	return m
 }
 
+// signingTime is a registration's time of signing as a nexlet sends it: now.
+func signingTime() string { return strconv.FormatInt(time.Now().UnixNano(), 10) }
+
 // send sends a registration, signed with a.key when set, and returns the reply.
 func (a *fakeAgent) send(subject string, body []byte) *nats.Msg {
 	a.t.Helper()
@@ -290,11 +294,13 @@ func (a *fakeAgent) send(subject string, body []byte) *nats.Msg {
 	msg.Data = body
 	if a.key != nil {
 		pub, _ := a.key.PublicKey()
-		sig, err := a.key.Sign(protocol.RegistrationPayload(subject, body))
+		at := signingTime()
+		sig, err := a.key.Sign(protocol.RegistrationPayload(subject, at, body))
 		if err != nil {
 			a.t.Fatal(err)
 		}
 		msg.Header.Set(protocol.HeaderRegistrationKey, pub)
+		msg.Header.Set(protocol.HeaderRegistrationTime, at)
 		msg.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
 	}
 	m, err := a.nc.RequestMsg(msg, 10*time.Second)

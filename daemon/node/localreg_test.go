@@ -70,11 +70,13 @@ func signedRegistration(t testing.TB, nodeID, agentID string, kp nkeys.KeyPair) 
 		StartRequestSchema: testSchema, SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleJob}})
 	if kp != nil {
 		pub, _ := kp.PublicKey()
-		sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, m.Data))
+		at := signingTime()
+		sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, at, m.Data))
 		if err != nil {
 			t.Fatal(err)
 		}
 		m.Header.Set(protocol.HeaderRegistrationKey, pub)
+		m.Header.Set(protocol.HeaderRegistrationTime, at)
 		m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
 	}
 	return m

@@ -216,6 +216,8 @@ type Node struct {
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
 	owned map[string]ownership // workload id -> type and owning nexlet, for what this node stored
 	keys  map[string]string    // agent id -> public key of the nexlet's current start
+	// signed remembers the signed registrations and renewals taken (replays refused).
+	signed seenSignatures
 	// locals are the channels to the local nexlets' current starts (SetAgentLocal).
 	locals map[string]localChannel
 	// starting holds workloads whose deploy is in flight; true once the nexlet said

@@ -56,7 +56,7 @@ func (n *Node) handleRenewAgent(r micro.Request) {
 		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials of %s: only a nexlet that signed its registration may renew its user", agentID))
 		return
 	}
-	if err := verifyRegistration(r, a.key); err != nil {
+	if err := n.verifyRegistration(r, a.key); err != nil {
 		n.log.Warn("nexlet credential renewal refused", "agent_id", agentID, "name", a.req.Name, "err", err)
 		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials of %s: %w", agentID, err))
 		return

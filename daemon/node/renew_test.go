@@ -3,7 +3,10 @@ package node
 import (
 	"context"
 	"encoding/base64"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -170,8 +173,10 @@ func TestRenewAgentCreds(t *testing.T) {
 		msg.Data = mustJSON(t, req)
 		if signer != nil {
 			pub, _ := signer.PublicKey()
-			s, _ := signer.Sign(protocol.RegistrationPayload(msg.Subject, msg.Data))
+			at := signingTime()
+			s, _ := signer.Sign(protocol.RegistrationPayload(msg.Subject, at, msg.Data))
 			msg.Header.Set(protocol.HeaderRegistrationKey, pub)
+			msg.Header.Set(protocol.HeaderRegistrationTime, at)
 			msg.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(s))
 		}
 		r, err := f.client.RequestMsg(msg, 5*time.Second)
@@ -220,5 +225,116 @@ func TestRenewAgentCreds(t *testing.T) {
 		if _, code := ask(tc.agent, tc.signer, tc.req); code != tc.code {
 			t.Errorf("%s: code %q, want %q", tc.name, code, tc.code)
 		}
+	}
+}
+
+// revoked records the users the minter revokes (the account JWT update is the
+// AccountRevoker's business, tested in mint).
+type revoked struct {
+	mu   sync.Mutex
+	pubs []string
+}
+
+func (r *revoked) RevokeUser(_ context.Context, pub string, _ time.Time) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.pubs = append(r.pubs, pub)
+	return nil
+}
+
+func (r *revoked) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.pubs)
+}
+
+func (r *revoked) has(pub string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Contains(r.pubs, pub)
+}
+
+// TestReplayedRenewalRefused: whoever captured a nexlet's signed renewal on the bus
+// (an admin, any client of an open bus) publishes it again after the nexlet moved on
+// to a newer user. Before, the node took it (the key it names had left the minter's
+// memory when the nexlet switched), minted for it again and then revoked the users
+// "before" it: the nexlet's current one, cutting the nexlet off. Now a signed message
+// is taken once and only within the window of its time: the replay, a message signed
+// long ago and one without a time are refused (403), and nothing is revoked for them.
+func TestReplayedRenewalRefused(t *testing.T) {
+	sig, _ := nkeys.CreateAccount()
+	seed, _ := sig.Seed()
+	acc, _ := nkeys.CreateAccount()
+	accPub, _ := acc.PublicKey()
+	rec := &revoked{}
+	m, err := mint.NewSigningKeyMinter(string(seed), accPub, mint.Options{AgentTTL: time.Minute, Revoker: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const switchWait = 50 * time.Millisecond
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Minter = sharedInbox{m}; o.AgentSwitchWait = switchWait })
+	n := f.nodes[0]
+	regKey, _ := nkeys.CreateUser()
+	regPub, _ := regKey.PublicKey()
+	n.SetAgentKey("agent0", regPub)
+	f.healthyAgent(n, "agent0", "go_exec", "native", func(a *fakeAgent) { a.key = regKey })
+
+	signed := func(req protocol.RenewAgentCredsRequest, at time.Time, withTime bool) *nats.Msg {
+		msg := nats.NewMsg(protocol.RenewAgentCredsSubject(n.ID(), "agent0"))
+		msg.Data = mustJSON(t, req)
+		ts := strconv.FormatInt(at.UnixNano(), 10)
+		s, _ := regKey.Sign(protocol.RegistrationPayload(msg.Subject, ts, msg.Data))
+		msg.Header.Set(protocol.HeaderRegistrationKey, regPub)
+		if withTime {
+			msg.Header.Set(protocol.HeaderRegistrationTime, ts)
+		}
+		msg.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(s))
+		return msg
+	}
+	send := func(msg *nats.Msg) (code, text string) {
+		t.Helper()
+		// A copy, as a replayer publishes it: same subject, body and headers.
+		out := nats.NewMsg(msg.Subject)
+		out.Data, out.Header = msg.Data, msg.Header
+		r, err := f.client.RequestMsg(out, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Header.Get(protocol.HeaderErrorCode), string(r.Data)
+	}
+	renew := func() (pub string, captured *nats.Msg) {
+		t.Helper()
+		kp, _ := nkeys.CreateUser()
+		pub, _ = kp.PublicKey()
+		captured = signed(protocol.RenewAgentCredsRequest{PublicKey: pub}, time.Now(), true)
+		if code, text := send(captured); code != "" {
+			t.Fatalf("renewal refused: %s %s", code, text)
+		}
+		if code, text := send(signed(protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, time.Now(), true)); code != "" {
+			t.Fatalf("switch report refused: %s %s", code, text)
+		}
+		return pub, captured
+	}
+	second, captured := renew()
+	testkit.Eventually(t, "the first user revoked once the nexlet switched", func() bool { return rec.count() > 0 })
+	current, _ := renew()
+	testkit.Eventually(t, "the second user revoked once the nexlet switched again", func() bool { return rec.has(second) })
+
+	for _, tc := range []struct {
+		name, want string
+		msg        *nats.Msg
+	}{
+		{"the captured renewal replayed", "replayed", captured},
+		{"a renewal signed 10 minutes ago", "away from the node's clock", signed(protocol.RenewAgentCredsRequest{PublicKey: second}, time.Now().Add(-10*time.Minute), true)},
+		{"a renewal signed without a time", protocol.HeaderRegistrationTime, signed(protocol.RenewAgentCredsRequest{PublicKey: second}, time.Now(), false)},
+	} {
+		if code, text := send(tc.msg); code != "403" || !strings.Contains(text, tc.want) {
+			t.Errorf("%s: %q %s, want 403 saying %q", tc.name, code, text, tc.want)
+		}
+	}
+	// The revocation a taken replay scheduled would have come after switchWait.
+	time.Sleep(10 * switchWait)
+	if rec.has(current) {
+		t.Fatalf("the nexlet's current user %s was revoked after the replay", current)
 	}
 }
