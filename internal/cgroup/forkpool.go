@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -251,6 +252,11 @@ func (p *ForkPool) serve() {
 				var err error
 				*j.pid, err = start(j.cmd, self, j.files)
 				j.out <- err
+				// The starter now waits in this thread's P's next slot, which no
+				// other thread takes while this one is in the system calls of its
+				// next group: yield that P to it first (the hand-back 77-154 ->
+				// 20-27 µs in isolation).
+				runtime.Gosched()
 			}
 		} else {
 			j.out <- nil
