@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"strconv"
 	"testing"
 	"time"
 
@@ -422,5 +423,57 @@ func TestStaleLocalRegistrationDropped(t *testing.T) {
 	n.mu.Unlock()
 	if reg == nil || (reg.local != nil && reg.local.Serving()) {
 		t.Fatalf("registration %+v, want the one over NATS, starts not on the closed channel", reg)
+	}
+}
+
+// TestKeptLocalRegistrationOutlivesTheWindow: the native nexlet starts while nexd
+// connects and registers on its channel patiently, so its registration waits there
+// for as long as the node takes to serve (NATS down at boot: minutes). Signed when it
+// was sent, it is older than protocol.RegistrationWindow by then; it never crossed the
+// bus (nobody could have captured it), so it is taken. Before, it was refused as "a
+// replayed copy, or the nexlet's clock is off" and the nexlet exited to be restarted.
+func TestKeptLocalRegistrationOutlivesTheWindow(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	n := unstartedNode(t, srv)
+	kp, pub := newKey(t)
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	_, s := localPair(t, n, "native0", pub)
+	m := signedRegistration(t, n.ID(), "native0", nil)
+	// Signed as the nexlet did when it sent it, a window and a minute before the node
+	// serves.
+	at := strconv.FormatInt(time.Now().Add(-protocol.RegistrationWindow-time.Minute).UnixNano(), 10)
+	sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, at, m.Data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Header.Set(protocol.HeaderRegistrationKey, pub)
+	m.Header.Set(protocol.HeaderRegistrationTime, at)
+	m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
+	answer := make(chan *nats.Msg, 1)
+	go func() {
+		r, err := s.Call(context.Background(), m.Subject, m.Header, m.Data) // patient
+		if err != nil {
+			t.Error(err)
+		}
+		answer <- r
+	}()
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var r *nats.Msg
+	select {
+	case r = <-answer:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the kept registration was not answered once the node served")
+	}
+	if r == nil || r.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Fatalf("the kept registration was refused: %v %q", r.Header, r.Data)
+	}
+	n.mu.Lock()
+	reg := n.agents["native0"]
+	n.mu.Unlock()
+	if reg == nil || reg.key != pub {
+		t.Fatalf("registration %+v, want native0 registered with its start's key", reg)
 	}
 }
