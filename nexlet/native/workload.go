@@ -41,6 +41,10 @@ type workload struct {
 	output       outputLimit      // its stdout and stderr lines per second
 	ready        *readyRecord     // its record directory, made ahead, for its first launch
 	steps        *steps.Timer     // its start's steps (debug logging only)
+	// emptied: a requested stop found its sandbox empty (terminate), so the removal
+	// of what it left behind need not list the sandbox's processes again: nothing
+	// joins an emptied group. Set and read by its supervisor and then its tidy.
+	emptied bool
 
 	// guarded by Nexlet.mu
 	ident    ident // who it runs as, once begun
@@ -773,13 +777,13 @@ func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.
 	select {
 	case <-p.exited:
 		st.Step("exit") // the pidfd's wake-up, the reap
-		n.killAndWait(w)
+		w.emptied = n.killAndWait(w)
 		st.Step("kill") // its group known empty
 		return
 	case <-t.C:
 	}
 	n.log.Warn("workload ignored SIGTERM; killing its group", "workload_id", w.id, "grace", grace)
-	n.killAndWait(w)
+	w.emptied = n.killAndWait(w)
 	select {
 	case <-p.exited:
 	case <-time.After(30 * time.Second):
@@ -790,20 +794,21 @@ func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.
 	st.Step("kill")
 }
 
-// killAndWait SIGKILLs the sandbox and waits until it is empty.
-func (n *Nexlet) killAndWait(w *workload) {
+// killAndWait SIGKILLs the sandbox and waits until it is empty; empty says it was
+// seen empty (not: its processes could not be listed, or survived).
+func (n *Nexlet) killAndWait(w *workload) (empty bool) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		procs, err := w.sb.procs()
 		if err != nil || len(procs) == 0 {
-			return
+			return err == nil
 		}
 		if err := w.sb.kill(); err != nil {
 			n.log.Warn("kill workload group", "workload_id", w.id, "err", err)
 		}
 		if time.Now().After(deadline) {
 			n.log.Error("workload processes survive SIGKILL", "workload_id", w.id, "pids", procs)
-			return
+			return false
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -818,8 +823,10 @@ func (n *Nexlet) cleanup(w *workload, st *steps.Timer, later bool) {
 		}
 	}
 	if w.sb != nil {
-		yield()
-		n.killAndWait(w)
+		if !w.emptied {
+			yield()
+			n.killAndWait(w)
+		}
 		st.Step("empty")
 		yield()
 		if err := w.sb.remove(); err != nil {
