@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -327,22 +328,60 @@ const (
 	runtimeLock = "nexd-runtime.lock"
 )
 
+// envDirLocks names the dir locks a re-executing nexd kept open across its execve for
+// its new image: "state_dir=<fd>,runtime_dir=<fd>".
+const envDirLocks = "NEXD_DIRLOCK_FDS"
+
 // holdDir takes dir (config key key) for this nexd until the process ends or the
 // closers unwind; another nexd on it is a start-up error naming the dir and its pid.
-// The lock is close-on-exec: a re-exec lets go and the new image takes it again,
-// and the nexlets and workloads left running (live_restore) never hold it.
+// The lock is close-on-exec, so the nexlets and workloads left running (live_restore)
+// never hold it; a re-exec keeps it across its execve (keepDirLocks) and the new
+// image takes it back, so no other nexd takes the dir in between.
 func (d *daemon) holdDir(key, dir, name string, perm os.FileMode) error {
+	if d.inheritedDirLocks == nil {
+		d.inheritedDirLocks = map[string]int{}
+		if v, ok := os.LookupEnv(envDirLocks); ok {
+			os.Unsetenv(envDirLocks) // no nexlet sees it
+			for kv := range strings.SplitSeq(v, ",") {
+				k, fd, _ := strings.Cut(kv, "=")
+				if n, err := strconv.Atoi(fd); err == nil && n > 2 {
+					d.inheritedDirLocks[k] = n
+				}
+			}
+		}
+	}
+	fd, inherited := d.inheritedDirLocks[key]
+	delete(d.inheritedDirLocks, key)
 	if dir == "" {
+		if inherited {
+			dirlock.Forget(fd, name)
+		}
 		return nil
 	}
-	release, err := dirlock.Hold(dir, name, perm)
+	var l *dirlock.Lock
+	var err error
+	if inherited {
+		l, err = dirlock.Inherit(fd, dir, name, perm)
+	} else {
+		l, err = dirlock.Hold(dir, name, perm)
+	}
 	if errors.Is(err, dirlock.ErrHeld) {
 		return fmt.Errorf("%s %w: another nexd runs on it; give each node its own %s", key, err, key)
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", key, err)
 	}
-	d.closers.push(key+" lock", func(context.Context) error { release(); return nil })
+	d.closers.push(key+" lock", func(context.Context) error {
+		if d.keepDirLocks.Load() {
+			if fd, err := l.KeepAcrossExec(); err != nil {
+				d.log.Warn("re-exec: the lock of "+key+" is let go before the exec", "dir", dir, "err", err)
+			} else {
+				d.keptDirLocks = append(d.keptDirLocks, key+"="+strconv.Itoa(fd))
+			}
+		}
+		l.Release()
+		return nil
+	})
 	return nil
 }
 

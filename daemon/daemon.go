@@ -45,6 +45,12 @@ type daemon struct {
 	// ctlListener is the control socket from systemd (nexd.socket); nil when nexd
 	// creates the socket itself.
 	ctlListener *net.UnixListener
+	// The state and runtime dirs' locks across a re-exec (holdDir): kept by the stop's
+	// closers once keepDirLocks is set, listed in keptDirLocks for the new image's
+	// environment (envDirLocks), which takes them back from inheritedDirLocks.
+	keepDirLocks      atomic.Bool
+	keptDirLocks      []string
+	inheritedDirLocks map[string]int
 }
 
 // snapshot is what the node is, as status and STATUS= report it. It is replaced whole
@@ -183,6 +189,9 @@ func (d *daemon) run(ctx context.Context) error {
 	case strings.HasPrefix(reason, "signal ") && s.cfg().Node.LiveRestore:
 		mode = keepAll
 	}
+	// A re-exec keeps the dir locks: another nexd could take a dir between the stop's
+	// release and the new image's start.
+	d.keepDirLocks.Store(mode == reexecKeep)
 	var keep *os.File
 	if mode == reexecKeep && d.ctlListener != nil {
 		// systemd's control socket goes across the exec (socket activation again).
@@ -205,7 +214,7 @@ func (d *daemon) run(ctx context.Context) error {
 			fmt.Fprintf(d.stderr, "nexd: re-exec: no state handover: %v\n", err)
 			hfd = -1
 		}
-		return reexec(keep, hfd)
+		return reexec(keep, hfd, strings.Join(d.keptDirLocks, ","))
 	}
 	return nil
 }

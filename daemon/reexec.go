@@ -22,16 +22,17 @@ const listenFDsStart = 3
 // workloads left running: the new image adopts them from the state directory and the
 // exit records, as after a restart with live_restore. ctl, when set, is systemd's
 // control socket, handed over as socket activation (fd 3, LISTEN_FDS=1); handoverFD,
-// when not -1, the memfd with the state the new image reads first (writeHandover). It
-// returns only when the exec failed.
-func reexec(ctl *os.File, handoverFD int) error {
+// when not -1, the memfd with the state the new image reads first (writeHandover);
+// dirLocks, when set, the dir locks kept across (envDirLocks). It returns only when the
+// exec failed.
+func reexec(ctl *os.File, handoverFD int, dirLocks string) error {
 	exe, err := os.Executable() // the path, also when an upgrade replaced the file
 	if err != nil {
 		return fmt.Errorf("re-exec: find own executable: %w", err)
 	}
 	env := make([]string, 0, len(os.Environ())+3)
 	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "LISTEN_") && !strings.HasPrefix(kv, envHandover+"=") {
+		if !strings.HasPrefix(kv, "LISTEN_") && !strings.HasPrefix(kv, envHandover+"=") && !strings.HasPrefix(kv, envDirLocks+"=") {
 			env = append(env, kv)
 		}
 	}
@@ -58,6 +59,9 @@ func reexec(ctl *os.File, handoverFD int) error {
 	}
 	if handoverFD >= 0 {
 		env = append(env, envHandover+"="+strconv.Itoa(handoverFD))
+	}
+	if dirLocks != "" {
+		env = append(env, envDirLocks+"="+dirLocks)
 	}
 	fmt.Fprintf(os.Stderr, "nexd: re-executing %s in place (pid %d)\n", exe, os.Getpid())
 	err = syscall.Exec(exe, os.Args, env)

@@ -1,15 +1,18 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/dirlock"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
 
@@ -127,5 +130,71 @@ func TestSecondNexdOnSharedDirsRefused(t *testing.T) {
 				t.Fatalf("second nexd: exit %d, want an error naming %s and pid %d:\n%s", code, dir, first.cmd.Process.Pid, out)
 			}
 		})
+	}
+}
+
+// TestReexecKeepsDirLocks: a re-executing nexd keeps its state and runtime dirs
+// locked through the execve, so no other nexd can take them between the old image's
+// stop and the new one's start. Another process tries to take either lock all along
+// (as a second nexd on the same dirs would, by its start): it never gets one, and the
+// re-executed nexd comes back with both and its nexlet. Before, the old image let go
+// at its stop: the prober took a lock in that gap, and the new image exited with
+// "held by another process" (a second nexd would have adopted the first's nexlets).
+func TestReexecKeepsDirLocks(t *testing.T) {
+	t.Parallel()
+	state := t.TempDir()
+	n := startNode(t, nodeOpts{stateDir: state})
+	n.waitReady(t)
+	pid := n.cmd.Process.Pid
+	nexlet := nexletPID(pid)
+	locks := []struct{ dir, name string }{{state, "nexd-state.lock"}, {filepath.Join(state, "run"), "nexd-runtime.lock"}}
+	stop := make(chan struct{})
+	taken := make(chan string, 1)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for tries := 0; ; tries++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for _, lk := range locks {
+				if l, err := dirlock.Hold(lk.dir, lk.name, 0o700); err == nil {
+					l.Release()
+					taken <- fmt.Sprintf("%s taken by another process at try %d", lk.name, tries)
+					return
+				}
+			}
+		}
+	})
+	n.mustCtl(t, "node", "reexec")
+	testkit.EventuallyWithin(t, 60*time.Second, "the re-executed nexd ready again", func() bool {
+		select {
+		case <-n.done:
+			return true
+		default:
+		}
+		return strings.Count(n.out.String(), "nex node ready") >= 2
+	})
+	close(stop)
+	wg.Wait()
+	select {
+	case what := <-taken:
+		t.Errorf("during the re-exec: %s", what)
+	default:
+	}
+	select {
+	case <-n.done:
+		t.Fatalf("nexd exited instead of re-executing: %v", n.err)
+	default:
+	}
+	n.waitReady(t)
+	if p := nexletPID(pid); p != nexlet {
+		t.Errorf("the native nexlet is %d, before %d: not adopted", p, nexlet)
+	}
+	for _, lk := range locks {
+		if _, err := dirlock.Hold(lk.dir, lk.name, 0o700); !errors.Is(err, dirlock.ErrHeld) || !strings.Contains(err.Error(), "pid "+strconv.Itoa(pid)) {
+			t.Errorf("%s after the re-exec: %v, want held by nexd (pid %d)", lk.name, err, pid)
+		}
 	}
 }

@@ -1,7 +1,8 @@
 // Package dirlock gives one process at a time a directory: a flock on a file in it,
 // which the kernel releases when the holder dies however it dies, so a crashed holder
-// never blocks its successor. The file is opened close-on-exec: a re-executing holder
-// (same pid, new image) lets go at the execve and takes it again.
+// never blocks its successor. The file is opened close-on-exec; a holder that
+// re-executes itself (same pid, new image) keeps it across the execve instead
+// (KeepAcrossExec, Inherit), so no other process can take it in between.
 package dirlock
 
 import (
@@ -18,10 +19,27 @@ import (
 // ErrHeld is wrapped by Hold when another process holds the directory.
 var ErrHeld = errors.New("held by another process")
 
+// Lock is a held directory.
+type Lock struct{ f *os.File }
+
+// Release lets go (closing the file); the kernel does the same when the process ends.
+func (l *Lock) Release() { l.f.Close() }
+
+// KeepAcrossExec returns a descriptor of the lock, numbered above 3 (where socket
+// activation puts a listener), that an execve of this process keeps open: the lock
+// stays held through the exec, and the new image takes it back with Inherit. Release
+// still closes the lock's own descriptor (close-on-exec).
+func (l *Lock) KeepAcrossExec() (int, error) {
+	fd, err := unix.FcntlInt(l.f.Fd(), unix.F_DUPFD, 4) // F_DUPFD: without close-on-exec
+	if err != nil {
+		return -1, fmt.Errorf("keep the lock of %s across exec: %w", l.f.Name(), err)
+	}
+	return fd, nil
+}
+
 // Hold makes dir (mode perm when missing) and takes its lock file name exclusively,
 // without waiting. The file then says the holder's pid, which a refused Hold names.
-// release lets go (closing the file); the kernel does the same when the process ends.
-func Hold(dir, name string, perm os.FileMode) (release func(), err error) {
+func Hold(dir, name string, perm os.FileMode) (*Lock, error) {
 	if err := os.MkdirAll(dir, perm); err != nil {
 		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
@@ -30,6 +48,38 @@ func Hold(dir, name string, perm os.FileMode) (release func(), err error) {
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
+	return take(f, dir, path, true)
+}
+
+// Inherit takes back, as Hold would take it, the lock of dir/name that this process
+// kept across its execve (fd, from KeepAcrossExec). When fd is not that lock file
+// (another dir's: the configuration changed), Forget drops it and Hold decides.
+func Inherit(fd int, dir, name string, perm os.FileMode) (*Lock, error) {
+	path := filepath.Join(dir, name)
+	var got, want unix.Stat_t
+	if fd < 3 || unix.Fstat(fd, &got) != nil || unix.Stat(path, &want) != nil || got.Dev != want.Dev || got.Ino != want.Ino {
+		Forget(fd, name)
+		return Hold(dir, name, perm)
+	}
+	unix.CloseOnExec(fd)
+	// The file says this pid already: the same process wrote it before its exec.
+	return take(os.NewFile(uintptr(fd), path), dir, path, false)
+}
+
+// Forget closes fd, kept across an execve (KeepAcrossExec) but not taken back, when it
+// is a lock file called name; any other descriptor (a wrong number) is left alone.
+func Forget(fd int, name string) {
+	if fd < 3 {
+		return
+	}
+	if l, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd)); err == nil && filepath.Base(l) == name {
+		unix.Close(fd)
+	}
+}
+
+// take flocks f, the lock file path of dir (and writes this pid there when say); f is
+// closed when it cannot.
+func take(f *os.File, dir, path string, say bool) (*Lock, error) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
@@ -40,11 +90,14 @@ func Hold(dir, name string, perm os.FileMode) (release func(), err error) {
 		}
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
+	if !say {
+		return &Lock{f: f}, nil
+	}
 	// Say who holds it, for the next one refused. A failure here costs only that.
 	if err := f.Truncate(0); err == nil {
 		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
-	return func() { f.Close() }, nil
+	return &Lock{f: f}, nil
 }
 
 // holder is the pid the lock file says, 0 if it says none (yet).

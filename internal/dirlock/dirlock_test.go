@@ -15,12 +15,33 @@ import (
 // A helper process: holds the lock given in the environment, says so, then either
 // waits to be killed or execs sleep (the re-exec of a holder).
 func TestMain(m *testing.M) {
+	if fd := os.Getenv("DIRLOCK_TEST_INHERIT"); fd != "" {
+		n, _ := strconv.Atoi(fd)
+		if _, err := Inherit(n, os.Getenv("DIRLOCK_TEST_HOLD"), "test.lock", 0o700); err != nil {
+			os.Stdout.WriteString("error: " + err.Error() + "\n")
+			os.Exit(1)
+		}
+		os.Stdout.WriteString("inherited\n")
+		time.Sleep(10 * time.Minute)
+		os.Exit(0)
+	}
 	if dir := os.Getenv("DIRLOCK_TEST_HOLD"); dir != "" {
-		if _, err := Hold(dir, "test.lock", 0o700); err != nil {
+		l, err := Hold(dir, "test.lock", 0o700)
+		if err != nil {
 			os.Stdout.WriteString("error: " + err.Error() + "\n")
 			os.Exit(1)
 		}
 		os.Stdout.WriteString("held\n")
+		if os.Getenv("DIRLOCK_TEST_KEEP") != "" {
+			// Re-execute itself keeping the lock, as nexd's re-exec does.
+			fd, err := l.KeepAcrossExec()
+			if err == nil {
+				time.Sleep(50 * time.Millisecond) // the test tries to take it meanwhile
+				err = syscall.Exec(os.Args[0], os.Args, append(os.Environ(), "DIRLOCK_TEST_INHERIT="+strconv.Itoa(fd)))
+			}
+			os.Stdout.WriteString("exec: " + err.Error() + "\n")
+			os.Exit(1)
+		}
 		if os.Getenv("DIRLOCK_TEST_EXEC") != "" {
 			err := syscall.Exec("/bin/sleep", []string{"sleep", "600"}, nil)
 			os.Stdout.WriteString("exec: " + err.Error() + "\n")
@@ -35,10 +56,18 @@ func TestMain(m *testing.M) {
 // startHolder starts a helper process that holds dir's lock.
 func startHolder(t *testing.T, dir string, reexec bool) *exec.Cmd {
 	t.Helper()
+	cmd, _ := startHolderEnv(t, dir, map[bool]string{true: "DIRLOCK_TEST_EXEC=1"}[reexec])
+	return cmd
+}
+
+// startHolderEnv is startHolder with env added (if not empty); it returns the
+// helper's output after its "held" line.
+func startHolderEnv(t *testing.T, dir, env string) (*exec.Cmd, *bufio.Reader) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "DIRLOCK_TEST_HOLD="+dir)
-	if reexec {
-		cmd.Env = append(cmd.Env, "DIRLOCK_TEST_EXEC=1")
+	if env != "" {
+		cmd.Env = append(cmd.Env, env)
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
@@ -49,11 +78,12 @@ func startHolder(t *testing.T, dir string, reexec bool) *exec.Cmd {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	line, err := bufio.NewReader(out).ReadString('\n')
+	r := bufio.NewReader(out)
+	line, err := r.ReadString('\n')
 	if line != "held\n" {
 		t.Fatalf("helper: %q %v", line, err)
 	}
-	return cmd
+	return cmd, r
 }
 
 func TestHeldByAnotherProcessUntilItDies(t *testing.T) {
@@ -66,7 +96,7 @@ func TestHeldByAnotherProcessUntilItDies(t *testing.T) {
 	// A holder killed -9 never blocks its successor.
 	cmd.Process.Kill()
 	cmd.Wait()
-	release, err := Hold(dir, "test.lock", 0o700)
+	l, err := Hold(dir, "test.lock", 0o700)
 	if err != nil {
 		t.Fatalf("Hold after the holder died: %v", err)
 	}
@@ -74,12 +104,12 @@ func TestHeldByAnotherProcessUntilItDies(t *testing.T) {
 	if _, err := Hold(dir, "test.lock", 0o700); !errors.Is(err, ErrHeld) {
 		t.Fatalf("second Hold in the same process: %v, want ErrHeld", err)
 	}
-	release()
-	release2, err := Hold(dir, "test.lock", 0o700)
+	l.Release()
+	l2, err := Hold(dir, "test.lock", 0o700)
 	if err != nil {
 		t.Fatalf("Hold after release: %v", err)
 	}
-	release2()
+	l2.Release()
 }
 
 // A holder that re-executes lets go at the execve: the new image can take it again.
@@ -89,9 +119,9 @@ func TestReleasedAtExec(t *testing.T) {
 	var err error
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		var release func()
-		if release, err = Hold(dir, "test.lock", 0o700); err == nil {
-			release()
+		var l *Lock
+		if l, err = Hold(dir, "test.lock", 0o700); err == nil {
+			l.Release()
 			return
 		}
 		if time.Now().After(deadline) {
@@ -103,15 +133,83 @@ func TestReleasedAtExec(t *testing.T) {
 
 func TestMakesTheDirectory(t *testing.T) {
 	dir := t.TempDir() + "/a/b"
-	release, err := Hold(dir, "x.lock", 0o711)
+	l, err := Hold(dir, "x.lock", 0o711)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer release()
+	defer l.Release()
 	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
 		t.Fatalf("dir not made: %v", err)
 	}
 	if b, _ := os.ReadFile(dir + "/x.lock"); strings.TrimSpace(string(b)) != strconv.Itoa(os.Getpid()) {
 		t.Fatalf("lock file says %q, want this pid", b)
+	}
+}
+
+// TestKeptAcrossExec: a holder that re-executes itself keeping the lock
+// (KeepAcrossExec, then Inherit in the new image) holds it throughout: no other
+// process can take it between the two images (nexd's re-exec: a second nexd taking
+// the dir there adopted the first's nexlets and made the re-executed one exit).
+func TestKeptAcrossExec(t *testing.T) {
+	dir := t.TempDir()
+	cmd, out := startHolderEnv(t, dir, "DIRLOCK_TEST_KEEP=1")
+	next := make(chan string, 1)
+	go func() {
+		line, err := out.ReadString('\n')
+		if err != nil {
+			line += err.Error()
+		}
+		next <- line
+	}()
+	tries := 0
+	for done := false; !done; tries++ {
+		select {
+		case line := <-next:
+			if line != "inherited\n" {
+				t.Fatalf("the re-executed helper: %q", line)
+			}
+			done = true
+		default:
+		}
+		if l, err := Hold(dir, "test.lock", 0o700); err == nil {
+			l.Release()
+			t.Fatalf("taken by another process while its holder re-executed (try %d)", tries+1)
+		} else if !errors.Is(err, ErrHeld) || !strings.Contains(err.Error(), "pid "+strconv.Itoa(cmd.Process.Pid)) {
+			t.Fatalf("Hold while the holder re-executes: %v; want ErrHeld naming pid %d", err, cmd.Process.Pid)
+		}
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	l, err := Hold(dir, "test.lock", 0o700)
+	if err != nil {
+		t.Fatalf("Hold after the re-executed holder died: %v", err)
+	}
+	l.Release()
+}
+
+// TestInheritOtherDescriptor: a descriptor that is not the lock file (a wrong number
+// in the environment) is left alone and the lock taken as Hold takes it.
+func TestInheritOtherDescriptor(t *testing.T) {
+	dir := t.TempDir()
+	other, err := os.Create(t.TempDir() + "/other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := syscall.Dup(int(other.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other.Close()
+	defer syscall.Close(fd)
+	l, err := Inherit(fd, dir, "test.lock", 0o700)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	if err := syscall.Fstat(fd, &syscall.Stat_t{}); err != nil {
+		t.Errorf("the other descriptor %d, not a lock file, was closed: %v", fd, err)
+	}
+	if _, err := Hold(dir, "test.lock", 0o700); !errors.Is(err, ErrHeld) {
+		t.Fatalf("Hold after Inherit took it: %v, want ErrHeld", err)
 	}
 }
