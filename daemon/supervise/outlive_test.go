@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -19,6 +20,12 @@ import (
 // supervisor adopts it instead of starting a second one, reads what it wrote meanwhile,
 // tells it to register again (SignalReattach), and stops it for good when not detached.
 func TestOutlivingNexletAdopted(t *testing.T) {
+	// A signal ignored by the test binary (go test under nohup) stays ignored in the
+	// shell it starts, and a shell cannot trap a signal ignored at its start: the
+	// SIGHUP never reached the trap. nexd catches SIGHUP before it starts nexlets
+	// (daemon.run), so its children get the default; while caught here, so do ours.
+	signal.Notify(make(chan os.Signal, 1), SignalReattach)
+	t.Cleanup(func() { signal.Reset(SignalReattach) })
 	dir := t.TempDir()
 	hup := filepath.Join(dir, "hup")
 	script := `trap 'echo reattached > "$0"; echo reattached-line' HUP; echo started; while :; do sleep 0.1; done`
