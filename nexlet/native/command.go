@@ -28,8 +28,12 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 	}
 	// Started by nexd, the nexlet's output is a FIFO it holds open read-write (it may
 	// outlive nexd): while no nexd reads it, a full pipe must not block the nexlet, so
-	// lines that do not fit are dropped. And no write may kill it with SIGPIPE.
-	signal.Ignore(syscall.SIGPIPE)
+	// lines that do not fit are dropped. And no write may kill it with SIGPIPE: caught,
+	// not ignored, since an ignored signal stays ignored across execve, in every
+	// workload (a caught one is back at its default there). Go then returns EPIPE.
+	sigpipe := make(chan os.Signal, 1) // never read: a full channel drops the signal
+	signal.Notify(sigpipe, syscall.SIGPIPE)
+	defer signal.Stop(sigpipe)
 	if stderr == os.Stderr {
 		if nb, err := newDroppingWriter(int(os.Stderr.Fd())); err == nil {
 			stderr = nb
