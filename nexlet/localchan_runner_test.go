@@ -6,10 +6,12 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
@@ -229,4 +231,45 @@ func TestRegisterFallsBackToNATS(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRunWaitsForTheServerAfterRegistering: a patient start registered on the local
+// channel whose node's NATS server is gone when the runner connects with the returned
+// credentials (nexd re-executing just then stops its embedded server until the new
+// image runs it) waits for the server to come back instead of failing. Before, Run
+// failed with "no servers available" and the native nexlet exited 1 (seen as
+// TestReexecKeepsDirLocks' "not adopted" under load).
+func TestRunWaitsForTheServerAfterRegistering(t *testing.T) {
+	port := testkit.StablePort(t)
+	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	c, s := localPair(t)
+	onChannel := make(chan *localchan.Call, 1)
+	localNode(c, url, "", onChannel) // no server at url yet
+	logs := &testkit.Buffer{}
+	kp, _ := nkeys.CreateUser()
+	r, err := NewRunner(t.Context(), node, newMemAgent(), WithLocalChannel(s), WithRegistrationKey(kp),
+		WithPatientStart(), WithLocalRegistration(), WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ran := make(chan error, 1)
+	go func() { ran <- r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{url}}) }()
+	// Not a wait for time to pass: the runner says it met no server, or Run ends.
+	for !strings.Contains(logs.String(), "no NATS server reachable after the registration") {
+		select {
+		case err := <-ran:
+			t.Fatalf("Run ended before the server came back: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { o.Port = port }})
+	select {
+	case err := <-ran:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return within 30 s of the server's start")
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
 }

@@ -267,7 +267,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	nc, err := connect(resp.ConnectionData, "nexlet-"+reg.Name, live)
+	nc, err := r.connectNodePatiently(resp.ConnectionData, "nexlet-"+reg.Name, live)
 	if err != nil {
 		return fmt.Errorf("nexlet connect with the node's credentials: %w", err)
 	}
@@ -321,6 +321,30 @@ func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, na
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, patientRetryMax)
+	}
+}
+
+// connectNodePatiently is connect with the credentials the node returned; with a
+// patient start it is retried while no server is reachable: a nexd that re-executes
+// (or restarts with live_restore) just after the registration stops its embedded
+// server until the new image runs it again, and the nexlet exited 1 in that gap
+// instead of being adopted.
+func (r *Runner) connectNodePatiently(cd protocol.NatsConnectionData, name string, live *liveCreds) (*nats.Conn, error) {
+	wait := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		nc, err := connect(cd, name, live)
+		if err == nil || !r.patient || !errors.Is(err, nats.ErrNoServers) {
+			return nc, err
+		}
+		if attempt == 1 {
+			r.log.Warn("no NATS server reachable after the registration; retrying", "err", err)
+		}
+		select {
+		case <-r.ctx.Done():
+			return nil, fmt.Errorf("%w (gave up: %w)", err, r.ctx.Err())
 		case <-time.After(wait):
 		}
 		wait = min(wait*2, patientRetryMax)
