@@ -200,10 +200,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	if lr, ok := r.(*localRequest); ok && lr.c.CallerGone() {
 		// Gave up while this ran: its registration over NATS, if it came first, stays.
 		n.mu.Unlock()
-		n.log.Info("dropped a registration on a nexlet's local channel: the nexlet gave up waiting for it", "agent_id", agentID)
-		if lr.answering != nil {
-			lr.answering()
-		}
+		n.dropAbandoned(agentID, lr)
 		return
 	}
 	if l, ok := n.locals[agentID]; ok && key != "" && l.key == key {
@@ -397,10 +394,7 @@ func (n *Node) handleLocalCall(agentID string, l localChannel, r *localRequest) 
 		// The nexlet gave up waiting (its register timeout) and registers over
 		// NATS: this registration, kept until the node served, must not replace
 		// that one (and revoke its credentials).
-		n.log.Info("dropped a registration on a nexlet's local channel: the nexlet gave up waiting for it", "agent_id", agentID)
-		if r.answering != nil {
-			r.answering()
-		}
+		n.dropAbandoned(agentID, r)
 		return
 	}
 	if want := protocol.RegisterSubject(n.id, agentID); c.Subject != want {
@@ -410,6 +404,15 @@ func (n *Node) handleLocalCall(agentID string, l localChannel, r *localRequest) 
 		return
 	}
 	n.register(r, &l)
+}
+
+// dropAbandoned leaves unanswered a registration on the local channel whose nexlet
+// gave up waiting for it (CallerGone), freeing the channel for its next call.
+func (n *Node) dropAbandoned(agentID string, r *localRequest) {
+	n.log.Info("dropped a registration on a nexlet's local channel: the nexlet gave up waiting for it", "agent_id", agentID)
+	if r.answering != nil {
+		r.answering()
+	}
 }
 
 // localRequest is a micro.Request that came on a nexlet's local channel and is
