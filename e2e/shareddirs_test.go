@@ -3,7 +3,6 @@ package e2e
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/internal/dirlock"
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
 
@@ -38,21 +38,8 @@ func alive(pid int) bool {
 	if pid <= 0 || syscall.Kill(pid, 0) != nil {
 		return false
 	}
-	st, err := readProcState(pid)
-	return err == nil && st != "Z"
-}
-
-func readProcState(pid int) (string, error) {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return "", err
-	}
-	b := string(raw)
-	i := strings.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) {
-		return "", fmt.Errorf("odd stat %q", b)
-	}
-	return b[i+2 : i+3], nil
+	st, err := procid.ReadStat(pid)
+	return err == nil && st.State != 'Z'
 }
 
 // TestSecondNexdOnSharedDirsRefused: two nexd given one runtime dir (without state
