@@ -374,7 +374,7 @@ func (d *daemon) holdDir(key, dir, name string, perm os.FileMode) error {
 	d.closers.push(key+" lock", func(context.Context) error {
 		if d.keepDirLocks.Load() {
 			if fd, err := l.KeepAcrossExec(); err != nil {
-				d.log.Warn("re-exec: the lock of "+key+" is let go before the exec", "dir", dir, "err", err)
+				d.log.Warn("re-exec: a dir lock is let go before the exec", "dir", dir, "err", err)
 			} else {
 				d.keptDirLocks = append(d.keptDirLocks, key+"="+strconv.Itoa(fd))
 			}
