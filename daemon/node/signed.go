@@ -55,7 +55,7 @@ func (s *seenSignatures) accept(sig string, at, now time.Time) error {
 			}
 		}
 		if len(s.seen) >= maxSeenSignatures {
-			return fmt.Errorf("%d signed messages taken within %s; try again later", len(s.seen), protocol.RegistrationWindow)
+			return fmt.Errorf("refused: %d signed messages taken within %s; try again later", len(s.seen), protocol.RegistrationWindow)
 		}
 	}
 	s.seen[sig] = at.Add(protocol.RegistrationWindow)
