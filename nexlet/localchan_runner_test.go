@@ -255,7 +255,7 @@ func TestRunWaitsForTheServerAfterRegistering(t *testing.T) {
 	ran := make(chan error, 1)
 	go func() { ran <- r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{url}}) }()
 	// Not a wait for time to pass: the runner says it met no server, or Run ends.
-	for !strings.Contains(logs.String(), "no NATS server reachable after the registration") {
+	for !strings.Contains(logs.String(), "no NATS server reachable yet; retrying\" connection=nexlet-mem ") {
 		select {
 		case err := <-ran:
 			t.Fatalf("Run ended before the server came back: %v", err)

@@ -134,7 +134,7 @@ func DialAhead(ctx context.Context, creds protocol.NatsConnectionData, name stri
 	d := &Dial{done: make(chan struct{})}
 	go func() {
 		defer close(d.done)
-		d.nc, d.err = connectPatiently(ctx, creds, name, true, log)
+		d.nc, d.err = connectPatiently(ctx, creds, name, nil, true, log)
 	}()
 	return d
 }
@@ -251,7 +251,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		if r.dial != nil {
 			rnc, err = r.dial.take()
 		} else {
-			rnc, err = connectPatiently(r.ctx, creds, "nexlet-"+reg.Name+"-register", r.patient, r.log)
+			rnc, err = connectPatiently(r.ctx, creds, "nexlet-"+reg.Name+"-register", nil, r.patient, r.log)
 		}
 		if err != nil {
 			return fmt.Errorf("nexlet register: %w", err)
@@ -267,7 +267,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	nc, err := r.connectNodePatiently(resp.ConnectionData, "nexlet-"+reg.Name, live)
+	nc, err := connectPatiently(r.ctx, resp.ConnectionData, "nexlet-"+reg.Name, live, r.patient, r.log)
 	if err != nil {
 		return fmt.Errorf("nexlet connect with the node's credentials: %w", err)
 	}
@@ -305,46 +305,24 @@ const (
 	patientRetryMax = time.Second
 )
 
-// connectPatiently connects with the registration credentials; with a patient start
-// it retries while no server is reachable (an outage nexd waits out too). Any other
-// error (credentials refused) ends it.
-func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, name string, patient bool, log *slog.Logger) (*nats.Conn, error) {
+// connectPatiently connects with creds (the registration's, or with live the ones
+// the node returned); with a patient start it retries while no server is reachable:
+// an outage nexd waits out too, or a nexd that re-executes (or restarts with
+// live_restore) just after the registration and stops its embedded server until the
+// new image runs it. Any other error (credentials refused) ends it.
+func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, name string, live *liveCreds, patient bool, log *slog.Logger) (*nats.Conn, error) {
 	wait := 50 * time.Millisecond
 	for attempt := 1; ; attempt++ {
-		nc, err := Connect(creds, name)
+		nc, err := connect(creds, name, live)
 		if err == nil || !patient || !errors.Is(err, nats.ErrNoServers) {
 			return nc, err
 		}
 		if attempt == 1 {
-			log.Warn("no NATS server reachable yet; retrying", "err", err)
+			log.Warn("no NATS server reachable yet; retrying", "connection", name, "err", err)
 		}
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
-		case <-time.After(wait):
-		}
-		wait = min(wait*2, patientRetryMax)
-	}
-}
-
-// connectNodePatiently is connect with the credentials the node returned; with a
-// patient start it is retried while no server is reachable: a nexd that re-executes
-// (or restarts with live_restore) just after the registration stops its embedded
-// server until the new image runs it again, and the nexlet exited 1 in that gap
-// instead of being adopted.
-func (r *Runner) connectNodePatiently(cd protocol.NatsConnectionData, name string, live *liveCreds) (*nats.Conn, error) {
-	wait := 50 * time.Millisecond
-	for attempt := 1; ; attempt++ {
-		nc, err := connect(cd, name, live)
-		if err == nil || !r.patient || !errors.Is(err, nats.ErrNoServers) {
-			return nc, err
-		}
-		if attempt == 1 {
-			r.log.Warn("no NATS server reachable after the registration; retrying", "err", err)
-		}
-		select {
-		case <-r.ctx.Done():
-			return nil, fmt.Errorf("%w (gave up: %w)", err, r.ctx.Err())
 		case <-time.After(wait):
 		}
 		wait = min(wait*2, patientRetryMax)
