@@ -43,11 +43,7 @@ func (n *Nexlet) reaped(w *workload, p *proc) {
 // again. A service its policy restarts needs none (the next nexlet starts it again),
 // nor does a process found ended on replay (its end is recorded already).
 func (n *Nexlet) detachedExit(w *workload, p *proc) {
-	if p.final {
-		return
-	}
-	restart := w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0)
-	if restart && w.req.Request.WorkloadLifecycle != protocol.LifecycleJob {
+	if p.final || (w.restartsAfter(p) && w.req.Request.WorkloadLifecycle != protocol.LifecycleJob) {
 		return
 	}
 	reason := p.reason

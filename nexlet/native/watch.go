@@ -295,11 +295,10 @@ func (wt *watcher) commands(buf []byte) bool {
 			wt.mu.Lock()
 			x := wt.watches[tok]
 			wt.mu.Unlock()
-			if x.out != nil && len(x.out.carry) > 0 {
+			if x.out != nil {
 				// The start of a line this nexlet read: the next one reads only the
 				// rest, so it goes out now, as it is.
-				wt.line(x.out, x.out.carry)
-				x.out.carry = x.out.carry[:0]
+				wt.unfinished(x.out)
 			}
 			wt.remove(tok, x)
 		}
@@ -363,9 +362,7 @@ func (wt *watcher) read(tok uint64, x *watch, buf []byte) {
 	}
 	// End of stream (every writer gone) or a read error: what is left of a line goes
 	// out as it is.
-	if len(s.carry) > 0 {
-		wt.line(s, s.carry)
-	}
+	wt.unfinished(s)
 	if err != nil {
 		wt.log.Debug("workload output read failed", "workload_id", s.w.id, "stream", s.name, "err", err)
 	}
@@ -390,11 +387,19 @@ func (wt *watcher) drain(x *watch, buf []byte, all bool) (ended bool) {
 		ended = !errors.Is(err, unix.EAGAIN)
 		break
 	}
-	if (ended || all) && len(s.carry) > 0 {
+	if ended || all {
+		wt.unfinished(s)
+	}
+	return ended
+}
+
+// unfinished forwards the start of a line that no later read of this watcher ends,
+// as it is.
+func (wt *watcher) unfinished(s *stream) {
+	if len(s.carry) > 0 {
 		wt.line(s, s.carry)
 		s.carry = s.carry[:0]
 	}
-	return ended
 }
 
 // forward sends each line of data (with what an earlier read left unfinished) on; a

@@ -714,8 +714,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 			p.reason = "exited"
 		}
 		n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
-		restart := !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
-		if !restart {
+		if !w.restartsAfter(p) {
 			n.finish(w, p, nil, false)
 			n.ending.Done()
 			return
@@ -763,6 +762,12 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		p = np
 		n.setState(w, protocol.WorkloadRunning)
 	}
+}
+
+// restartsAfter says whether w's policy starts it again after its process p ended (a
+// process found ended on replay, never).
+func (w *workload) restartsAfter(p *proc) bool {
+	return !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
 }
 
 // terminate sends SIGTERM, waits up to grace for the main process, then kills the group.
