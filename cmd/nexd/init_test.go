@@ -32,21 +32,7 @@ const (
 // (GODEBUG=inittrace=1, printed before main runs) and bounds what the binary and
 // nexd's own packages allocate there.
 func TestInitAllocations(t *testing.T) {
-	nexd := bins.Path(t, "github.com/nexd-project/nexd/cmd/nexd")
-	cmd := exec.Command(nexd, "--version")
-	cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("nexd --version: %v\n%s", err, stderr.String())
-	}
-	inits, err := parseInitTrace(stderr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(inits) < 50 {
-		t.Fatalf("inittrace listed only %d packages:\n%s", len(inits), stderr.String())
-	}
+	inits := initTrace(t)
 	var total, own int64
 	for _, in := range inits {
 		total += in.bytes
@@ -67,7 +53,7 @@ func TestInitAllocations(t *testing.T) {
 				mine = append(mine, in)
 			}
 		}
-		t.Errorf("nexd's own packages allocate %d bytes in init, more than %d (make package-level state lazy, e.g. sync.OnceValue): %v", own, maxOwnBytes, mine)
+		t.Errorf("nexd's own packages allocate %d bytes in init, more than %d (make package-level state constant, or build it where it is used): %v", own, maxOwnBytes, mine)
 	}
 }
 
@@ -112,6 +98,18 @@ var nexdOnlyWithoutInit = []string{
 // (errors.New, sync.OnceValue, strings.NewReplacer, regexp.MustCompile) make one, constants
 // and static composite literals do not.
 func TestNexdOnlyPackagesHaveNoInit(t *testing.T) {
+	inits := initTrace(t)
+	for _, in := range inits {
+		if slices.Contains(nexdOnlyWithoutInit, in.pkg) {
+			t.Errorf("package %s has an init again (it allocates %d bytes): the native nexlet runs it too and maps that part of the binary for it; make its package-level state constant or build it where it is used", in.pkg, in.bytes)
+		}
+	}
+}
+
+// initTrace runs nexd --version under GODEBUG=inittrace=1, the runtime's own account of
+// each package's init (printed before main runs).
+func initTrace(t *testing.T) []initCost {
+	t.Helper()
 	nexd := bins.Path(t, "github.com/nexd-project/nexd/cmd/nexd")
 	cmd := exec.Command(nexd, "--version")
 	cmd.Env = append(os.Environ(), "GODEBUG=inittrace=1")
@@ -124,11 +122,10 @@ func TestNexdOnlyPackagesHaveNoInit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, in := range inits {
-		if slices.Contains(nexdOnlyWithoutInit, in.pkg) {
-			t.Errorf("package %s has an init again (it allocates %d bytes): the native nexlet runs it too and maps that part of the binary for it; make its package-level state constant or build it where it is used", in.pkg, in.bytes)
-		}
+	if len(inits) < 50 {
+		t.Fatalf("inittrace listed only %d packages:\n%s", len(inits), stderr.String())
 	}
+	return inits
 }
 
 type initCost struct {
