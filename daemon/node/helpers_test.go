@@ -287,21 +287,28 @@ func (a *fakeAgent) register() *nats.Msg {
 // signingTime is a registration's time of signing as a nexlet sends it: now.
 func signingTime() string { return strconv.FormatInt(time.Now().UnixNano(), 10) }
 
+// signAt signs m (subject and data) with kp as a nexlet signs a registration or a
+// renewal, at the time at.
+func signAt(t testing.TB, m *nats.Msg, kp nkeys.KeyPair, at time.Time) {
+	t.Helper()
+	pub, _ := kp.PublicKey()
+	ts := strconv.FormatInt(at.UnixNano(), 10)
+	sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, ts, m.Data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Header.Set(protocol.HeaderRegistrationKey, pub)
+	m.Header.Set(protocol.HeaderRegistrationTime, ts)
+	m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
+}
+
 // send sends a registration, signed with a.key when set, and returns the reply.
 func (a *fakeAgent) send(subject string, body []byte) *nats.Msg {
 	a.t.Helper()
 	msg := nats.NewMsg(subject)
 	msg.Data = body
 	if a.key != nil {
-		pub, _ := a.key.PublicKey()
-		at := signingTime()
-		sig, err := a.key.Sign(protocol.RegistrationPayload(subject, at, body))
-		if err != nil {
-			a.t.Fatal(err)
-		}
-		msg.Header.Set(protocol.HeaderRegistrationKey, pub)
-		msg.Header.Set(protocol.HeaderRegistrationTime, at)
-		msg.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
+		signAt(a.t, msg, a.key, time.Now())
 	}
 	m, err := a.nc.RequestMsg(msg, 10*time.Second)
 	if err != nil {

@@ -2,12 +2,10 @@ package node
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"io"
-	"strconv"
 	"testing"
 	"time"
 
@@ -70,15 +68,7 @@ func signedRegistration(t testing.TB, nodeID, agentID string, kp nkeys.KeyPair) 
 	m.Data = mustJSON(t, protocol.RegisterAgentRequest{Name: "native", RegisterType: "native", Version: "1.0.0",
 		StartRequestSchema: testSchema, SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleJob}})
 	if kp != nil {
-		pub, _ := kp.PublicKey()
-		at := signingTime()
-		sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, at, m.Data))
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.Header.Set(protocol.HeaderRegistrationKey, pub)
-		m.Header.Set(protocol.HeaderRegistrationTime, at)
-		m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
+		signAt(t, m, kp, time.Now())
 	}
 	return m
 }
@@ -415,8 +405,11 @@ func TestStaleLocalRegistrationDropped(t *testing.T) {
 	// Its fallback over NATS is the registration.
 	nc := testnats.Connect(t, srv)
 	r, err := nc.RequestMsg(m, 10*time.Second)
-	if err != nil || r.Header.Get(protocol.HeaderErrorCode) != "" {
-		t.Fatalf("registration over NATS: %v %v %q", err, r.Header, r.Data)
+	if err != nil {
+		t.Fatalf("registration over NATS: %v", err)
+	}
+	if r.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Fatalf("registration over NATS refused: %v %q", r.Header, r.Data)
 	}
 	n.mu.Lock()
 	reg := n.agents["native0"]
@@ -442,14 +435,7 @@ func TestKeptLocalRegistrationOutlivesTheWindow(t *testing.T) {
 	m := signedRegistration(t, n.ID(), "native0", nil)
 	// Signed as the nexlet did when it sent it, a window and a minute before the node
 	// serves.
-	at := strconv.FormatInt(time.Now().Add(-protocol.RegistrationWindow-time.Minute).UnixNano(), 10)
-	sig, err := kp.Sign(protocol.RegistrationPayload(m.Subject, at, m.Data))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.Header.Set(protocol.HeaderRegistrationKey, pub)
-	m.Header.Set(protocol.HeaderRegistrationTime, at)
-	m.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(sig))
+	signAt(t, m, kp, time.Now().Add(-protocol.RegistrationWindow-time.Minute))
 	answer := make(chan *nats.Msg, 1)
 	go func() {
 		r, err := s.Call(context.Background(), m.Subject, m.Header, m.Data) // patient
@@ -467,7 +453,10 @@ func TestKeptLocalRegistrationOutlivesTheWindow(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the kept registration was not answered once the node served")
 	}
-	if r == nil || r.Header.Get(protocol.HeaderErrorCode) != "" {
+	if r == nil {
+		t.Fatal("the kept registration got no answer")
+	}
+	if r.Header.Get(protocol.HeaderErrorCode) != "" {
 		t.Fatalf("the kept registration was refused: %v %q", r.Header, r.Data)
 	}
 	n.mu.Lock()

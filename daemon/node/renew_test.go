@@ -172,12 +172,7 @@ func TestRenewAgentCreds(t *testing.T) {
 		msg := nats.NewMsg(protocol.RenewAgentCredsSubject(n.ID(), agentID))
 		msg.Data = mustJSON(t, req)
 		if signer != nil {
-			pub, _ := signer.PublicKey()
-			at := signingTime()
-			s, _ := signer.Sign(protocol.RegistrationPayload(msg.Subject, at, msg.Data))
-			msg.Header.Set(protocol.HeaderRegistrationKey, pub)
-			msg.Header.Set(protocol.HeaderRegistrationTime, at)
-			msg.Header.Set(protocol.HeaderRegistrationSig, base64.StdEncoding.EncodeToString(s))
+			signAt(t, msg, signer, time.Now())
 		}
 		r, err := f.client.RequestMsg(msg, 5*time.Second)
 		if err != nil {
