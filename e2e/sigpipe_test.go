@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -28,8 +27,7 @@ func TestWorkloadGetsDefaultSIGPIPE(t *testing.T) {
 	nc := testnats.Connect(t, s)
 
 	script := filepath.Join(testkit.PublicDir(t), "sigign.sh") // workloads run as dynamic uids
-	testkit.WriteFile(t, script, "#!/bin/sh\nexec grep SigIgn /proc/self/status\n")
-	os.Chmod(script, 0o755)
+	testkit.WriteExecutable(t, script, "#!/bin/sh\nexec grep SigIgn /proc/self/status\n")
 	logs, _ := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
 	flush(t, nc)
 	n.runWorkload(t, "--name", "sigign", "--", script)
