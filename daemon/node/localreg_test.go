@@ -60,6 +60,17 @@ func localPair(t testing.TB, n *Node, agentID, key string) (*localchan.Client, *
 	return c, s
 }
 
+// nativeOnChannel expects native0, a native nexlet started with a fresh key and holding
+// a channel, and returns that start's key and the nexlet's end of its channel.
+func nativeOnChannel(t testing.TB, n *Node) (kp nkeys.KeyPair, pub string, s *localchan.Server) {
+	t.Helper()
+	kp, pub = newKey(t)
+	n.ExpectAgent("native0", "native")
+	n.SetAgentKey("native0", pub)
+	_, s = localPair(t, n, "native0", pub)
+	return kp, pub, s
+}
+
 // signedRegistration is a native nexlet's registration for agentID, signed with kp (nil:
 // unsigned).
 func signedRegistration(t testing.TB, nodeID, agentID string, kp nkeys.KeyPair) *nats.Msg {
@@ -227,10 +238,7 @@ func TestAttackRegistrationOnLocalChannel(t *testing.T) {
 func BenchmarkRegistrationLeg(b *testing.B) {
 	f := newFixture(b, 1, nil)
 	n := f.nodes[0]
-	kp, pub := newKey(b)
-	n.ExpectAgent("native0", "native")
-	n.SetAgentKey("native0", pub)
-	_, s := localPair(b, n, "native0", pub)
+	kp, _, s := nativeOnChannel(b, n)
 	m := signedRegistration(b, n.ID(), "native0", kp)
 	b.Run("pair", func(b *testing.B) {
 		for b.Loop() {
@@ -382,10 +390,7 @@ func TestLocalCallsOneAtATime(t *testing.T) {
 func TestStaleLocalRegistrationDropped(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
 	n := unstartedNode(t, srv)
-	kp, pub := newKey(t)
-	n.ExpectAgent("native0", "native")
-	n.SetAgentKey("native0", pub)
-	_, s := localPair(t, n, "native0", pub)
+	kp, _, s := nativeOnChannel(t, n)
 	m := signedRegistration(t, n.ID(), "native0", kp)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -428,10 +433,7 @@ func TestStaleLocalRegistrationDropped(t *testing.T) {
 func TestKeptLocalRegistrationOutlivesTheWindow(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
 	n := unstartedNode(t, srv)
-	kp, pub := newKey(t)
-	n.ExpectAgent("native0", "native")
-	n.SetAgentKey("native0", pub)
-	_, s := localPair(t, n, "native0", pub)
+	kp, pub, s := nativeOnChannel(t, n)
 	m := signedRegistration(t, n.ID(), "native0", nil)
 	// Signed as the nexlet did when it sent it, a window and a minute before the node
 	// serves.
