@@ -41,7 +41,7 @@ type workload struct {
 	output       outputLimit      // its stdout and stderr lines per second
 	ready        *readyRecord     // its record directory, made ahead, for its first launch
 	steps        *steps.Timer     // its start's steps (debug logging only)
-	// emptied: a requested stop found its sandbox empty (terminate), so the removal
+	// emptied: its last end found its sandbox empty (terminate, supervise), so the removal
 	// of what it left behind need not list the sandbox's processes again: nothing
 	// joins an emptied group. Set and read by its supervisor and then its tidy.
 	emptied bool
@@ -709,12 +709,13 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 			n.detachedExit(w, p)
 			return
 		}
-		n.killAndWait(w) // leftovers of a main process that ended on its own
+		empty := n.killAndWait(w) // leftovers of a main process that ended on its own
 		if p.code == 0 && p.reason == "" {
 			p.reason = "exited"
 		}
 		n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
 		if !w.restartsAfter(p) {
+			w.emptied = empty // nothing is launched in it again
 			n.finish(w, p, nil, false)
 			n.ending.Done()
 			return
@@ -734,6 +735,7 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		}
 		n.mu.Unlock()
 		if exhausted {
+			w.emptied = empty
 			n.finish(w, p, nil, true)
 			n.ending.Done()
 			return
