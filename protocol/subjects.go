@@ -206,6 +206,23 @@ func Token(subject string, i int) string {
 	return parts[i]
 }
 
+// IsToken reports whether s is a non-empty [A-Za-z0-9_-]+: what a namespace, nexus,
+// agent or workload id, node id or bucket name may be. A loop, not a package-level
+// regexp: every package's init runs in nexd and in the native nexlet alike, used or not.
+func IsToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
 // LastToken returns the final token of subject.
 func LastToken(subject string) string {
 	if i := strings.LastIndexByte(subject, '.'); i >= 0 {

@@ -102,7 +102,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		}
 	}()
 	agentID := protocol.Token(r.Subject(), 5)
-	if !isToken(agentID) {
+	if !protocol.IsToken(agentID) {
 		n.fail(r, 400, "bad agent id", fmt.Errorf("agent id %q in the subject must be letters, digits, - or _", agentID))
 		return
 	}

@@ -667,7 +667,7 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 func (n *Node) handleWorkloadEnded(r micro.Request) {
 	defer n.changes.Add(1)
 	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
-	if !isToken(agentID) || !isToken(workloadID) {
+	if !protocol.IsToken(agentID) || !protocol.IsToken(workloadID) {
 		n.fail(r, 400, "bad workload ended subject", fmt.Errorf("workload ended: subject %q: want WORKLOADENDED.<agent id>.<workload id>", r.Subject()))
 		return
 	}

@@ -296,23 +296,6 @@ type procInfo struct {
 	failed   bool
 }
 
-// isToken reports whether s is a non-empty [A-Za-z0-9_-]+, what a namespace, nexus, agent
-// or workload id may be. A loop, not a package-level regexp: every package's init runs in
-// nexd and in the native nexlet alike, used or not.
-func isToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		switch c := s[i]; {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '-':
-		default:
-			return false
-		}
-	}
-	return true
-}
-
 // New validates o and returns a Node that is not yet serving.
 func New(o Options) (*Node, error) {
 	o.defaults()
@@ -336,7 +319,7 @@ func New(o Options) (*Node, error) {
 	if err != nil || !nkeys.IsValidPublicCurveKey(xpub) {
 		return nil, fmt.Errorf("node: options: XKey must be a curve key (X…): %q: %v", xpub, err)
 	}
-	if !isToken(o.Nexus) {
+	if !protocol.IsToken(o.Nexus) {
 		return nil, fmt.Errorf("node: options: nexus %q must be one subject token of letters, digits, - or _", o.Nexus)
 	}
 	if err := checkUserTags(o.Tags); err != nil {

@@ -32,7 +32,7 @@ func (n *Node) renewAgentEndpoint() endpoint {
 // where the minter can revoke, once it says it switched (or after AgentSwitchWait).
 func (n *Node) handleRenewAgent(r micro.Request) {
 	agentID := protocol.Token(r.Subject(), 5)
-	if !isToken(agentID) {
+	if !protocol.IsToken(agentID) {
 		n.fail(r, 400, "bad renewal subject", fmt.Errorf("renew nexlet credentials: subject %q: want RENEWAGENT.<agent id>", r.Subject()))
 		return
 	}
@@ -109,7 +109,7 @@ func (n *Node) ownedBy(agentID, workloadID string) (bool, error) {
 // nexlet names (a signing-key minter refuses a namespace other than the workload's).
 func (n *Node) handleRenewCreds(r micro.Request) {
 	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
-	if !isToken(agentID) || !isToken(workloadID) {
+	if !protocol.IsToken(agentID) || !protocol.IsToken(workloadID) {
 		n.fail(r, 400, "bad renewal subject", fmt.Errorf("renew credentials: subject %q: want RENEWCREDS.<agent id>.<workload id>", r.Subject()))
 		return
 	}

@@ -50,12 +50,9 @@ func (e *ValueTooLargeError) Is(target error) bool { return target == ErrValueTo
 func BucketName(nodeID string) string { return BucketPrefix + nodeID }
 
 // Compiled on first use, not at init: every package's init runs in nexd and in the
-// native nexlet alike, used or not.
-var (
-	validNodeID       = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9_-]+$`) }) // KV bucket name rules
-	validWorkloadType = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9_-]+$`) })
-	validWorkloadID   = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9-]+$`) }) // no "_": it splits the key
-)
+// native nexlet alike, used or not. A node id and a workload type are protocol.IsToken
+// (KV bucket name rules).
+var validWorkloadID = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9-]+$`) }) // no "_": it splits the key
 
 // KV is a node's workload state: key <workload type>_<workload id>, value the JSON of the
 // client's start request. The request carries no credentials (they are minted afresh on
@@ -118,7 +115,7 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 		replicas, why = AutoReplicas(nc)
 		why = "state_replicas 0 (auto): " + why
 	}
-	if !validNodeID().MatchString(nodeID) {
+	if !protocol.IsToken(nodeID) {
 		return nil, fmt.Errorf("state: node id %q cannot name a KV bucket", nodeID)
 	}
 	js, err := newJS(nc, jsDomain)
@@ -242,7 +239,7 @@ func (s *KV) MaxValueSize() int { return s.maxValue }
 // Key is the KV key of a workload. Workload ids may not contain "_" so that the type is
 // everything before the last one.
 func Key(workloadType, workloadID string) (string, error) {
-	if !validWorkloadType().MatchString(workloadType) {
+	if !protocol.IsToken(workloadType) {
 		return "", fmt.Errorf("workload type %q cannot be part of a state key (letters, digits, - and _ only)", workloadType)
 	}
 	if !validWorkloadID().MatchString(workloadID) {

@@ -13,11 +13,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
-	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // Ref is a parsed nexlet URI.
@@ -52,10 +52,6 @@ func Parse(uri string) (Ref, error) {
 	}
 }
 
-// Compiled on first use, not at init: every package's init runs in nexd and in the
-// native nexlet alike, used or not.
-var bucketRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9_-]+$`) })
-
 // ParseNATS splits nats://bucket/name[:tag] into the bucket and the stored object name
 // "<name>_<tag>" (tag "latest" when absent).
 func ParseNATS(uri string) (bucket, object string, err error) {
@@ -67,7 +63,7 @@ func ParseNATS(uri string) (bucket, object string, err error) {
 	if !ok || bucket == "" || name == "" {
 		return "", "", errors.New("want nats://<bucket>/<name>[:<tag>]")
 	}
-	if !bucketRE().MatchString(bucket) {
+	if !protocol.IsToken(bucket) {
 		return "", "", fmt.Errorf("bucket %q may hold only letters, digits, '-' and '_'", bucket)
 	}
 	tag := "latest"
