@@ -6,6 +6,7 @@ package control
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -57,18 +58,12 @@ type SecretStore interface {
 	Delete(ns, key string) error
 }
 
-// Errors a Backend can wrap to choose the HTTP status of its failure. Constants of a
-// type of their own, not errors.New: a package-level call is init work, and every
-// package's init runs in the native nexlet too (README, Memory).
+// Errors a Backend can wrap to choose the HTTP status of its failure.
 var (
-	ErrNotFound error = constError("not found")         // 404
-	ErrInvalid  error = constError("invalid request")   // 400
-	ErrConflict error = constError("conflicting state") // 409
+	ErrNotFound = errors.New("not found")         // 404
+	ErrInvalid  = errors.New("invalid request")   // 400
+	ErrConflict = errors.New("conflicting state") // 409
 )
-
-type constError string
-
-func (e constError) Error() string { return string(e) }
 
 // NodeState is the node's lifecycle phase, reported in Status.State.
 type NodeState string

@@ -94,9 +94,10 @@ var nexdOnlyWithoutInit = []string{
 }
 
 // TestNexdOnlyPackagesHaveNoInit reads the runtime's list of the packages whose init runs
-// (GODEBUG=inittrace=1) for the packages above: package-level maps, calls
-// (errors.New, sync.OnceValue, strings.NewReplacer, regexp.MustCompile) make one, constants
-// and static composite literals do not.
+// (GODEBUG=inittrace=1) for the packages above: package-level maps and calls
+// (fmt.Errorf, sync.OnceValue, strings.NewReplacer, regexp.MustCompile) make one;
+// constants, static composite literals and errors.New (initialised statically by the
+// compiler) do not.
 func TestNexdOnlyPackagesHaveNoInit(t *testing.T) {
 	inits := initTrace(t)
 	for _, in := range inits {

@@ -361,8 +361,8 @@ func (n *Node) localStart() bool {
 
 // errStartSilent and errStartTooLong say why the node stopped waiting for a start.
 var (
-	errStartSilent  error = constError("the nexlet did not answer")
-	errStartTooLong error = constError("the nexlet was still starting it at deploy_timeout")
+	errStartSilent  = errors.New("the nexlet did not answer")
+	errStartTooLong = errors.New("the nexlet was still starting it at deploy_timeout")
 )
 
 // wait returns the nexlet's answer. It waits while the nexlet reports progress, at

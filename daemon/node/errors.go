@@ -12,13 +12,6 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
-// constError is an error that is a constant: package-level errors of this type need no
-// init, which would run in the native nexlet too and map this package's part of the
-// binary there (README, Memory).
-type constError string
-
-func (e constError) Error() string { return string(e) }
-
 // internalErrorText replaces the text of every 5xx reply; the full error is logged
 // under the same error_id.
 const internalErrorText = "internal server error"

@@ -753,7 +753,7 @@ func (n *Node) Info() protocol.NodeInfoResponse {
 }
 
 // ErrStopping is returned by EnterLameduck once the node is stopping.
-var ErrStopping error = constError("node is stopping")
+var ErrStopping = errors.New("node is stopping")
 
 // EnterLameduck puts the node in lame duck mode: it stops bidding and refuses deploys
 // at once (tag nex.lameduck=true), tells its nexlets, emits NODELAMEDUCKSET and calls
