@@ -107,8 +107,9 @@ func (s *server) bridgeWatchdog() {
 }
 
 // openKVPatiently opens the node's state bucket, retrying with backoff while
-// JetStream does not answer (not enabled yet, no responders, a timeout) until ctx
-// ends. Errors that waiting cannot fix are returned at once.
+// JetStream does not answer (not enabled yet, no responders, a timeout) or cannot place
+// the bucket yet (a cluster still forming), until ctx ends. Errors that waiting cannot
+// fix are returned at once.
 func (d *daemon) openKVPatiently(ctx context.Context, open func(context.Context) (*state.KV, error)) (*state.KV, error) {
 	done := d.waitingFor("JetStream (workload state bucket)")
 	defer done()
@@ -126,11 +127,17 @@ func (d *daemon) openKVPatiently(ctx context.Context, open func(context.Context)
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
 		}
-		if !retryableJS(err) {
+		retry, hint := retryableJS(err)
+		if !retry {
 			return nil, err
 		}
 		wait := delay/2 + rand.N(delay/2+1) // jitter, so a fleet does not retry in step
-		d.log.Warn("JetStream not available yet, retrying", "err", err, "attempt", attempt, "retry_in", wait.Round(time.Millisecond))
+		if hint != "" {
+			d.log.Warn("JetStream cannot place the state bucket yet, retrying", "err", err, "hint", hint,
+				"attempt", attempt, "retry_in", wait.Round(time.Millisecond))
+		} else {
+			d.log.Warn("JetStream not available yet, retrying", "err", err, "attempt", attempt, "retry_in", wait.Round(time.Millisecond))
+		}
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
@@ -140,17 +147,63 @@ func (d *daemon) openKVPatiently(ctx context.Context, open func(context.Context)
 	}
 }
 
+// placementHint is what nexd logs while JetStream cannot place the state bucket's
+// replicas: the same error is a cluster still forming at boot or one that will never
+// have enough JetStream servers, and only the second is worth an operator's time.
+const placementHint = "the JetStream cluster may still be forming (servers starting, peers not yet known), " +
+	"or it has fewer JetStream servers than the bucket's replicas (state_replicas); nexd waits"
+
 // retryableJS says whether a state store error may heal by waiting: JetStream not
-// (yet) enabled or answering, a timeout, a connection that is reconnecting, or any
-// JetStream API error with code 503 (temporarily unavailable).
-func retryableJS(err error) bool {
+// (yet) enabled or answering, a timeout, a connection that is reconnecting, any
+// JetStream API error with code 503 (temporarily unavailable: 10008 cluster not
+// available, 10023 insufficient resources), the store directory race, a stream leader
+// not elected yet (10009), or replicas JetStream cannot place yet (10005, see
+// placementPending). hint, when set, says what an operator should check if it lasts.
+func retryableJS(err error) (retry bool, hint string) {
 	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		switch {
+		case placementPending(apiErr):
+			return true, placementHint
+		case apiErr.Code == 503, apiErr.ErrorCode == jsClusterNotLeader, storeDirRace(apiErr):
+			return true, ""
+		}
+	}
 	return errors.Is(err, jetstream.ErrJetStreamNotEnabled) ||
 		errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) ||
 		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoHeartbeat) ||
 		errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) ||
-		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected) ||
-		(errors.As(err, &apiErr) && (apiErr.Code == 503 || storeDirRace(apiErr)))
+		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected), ""
+}
+
+// nats-server's JetStream error codes (server/errors.json) that waiting may heal and
+// that are not 503s.
+const (
+	jsClusterNoPeers   = 10005 // JSClusterNoPeersErrF: "no suitable peers for placement[, reasons]"
+	jsClusterNotLeader = 10009 // JSClusterNotLeaderErr: "JetStream cluster can not handle request"
+)
+
+// placementPending is nats-server's "no suitable peers for placement" (10005) when the
+// only reasons it gives are ones a forming cluster has: no peers known yet (no reason),
+// known peers offline or not yet heard from ("peer offline"), no JetStream peers yet
+// ("jetstream not enabled in cluster"), or a peer whose info has not arrived
+// ("miscellaneous issue"). Reasons of configuration (insufficient storage, placement
+// tags, unique tags) are not pending: waiting cannot fix them. Seen at machine boot
+// (make fleet-test-ci): the meta leader was up before the third server was known, and
+// an R3 create failed.
+func placementPending(e *jetstream.APIError) bool {
+	const head = "no suitable peers for placement"
+	if e.ErrorCode != jsClusterNoPeers || !strings.HasPrefix(e.Description, head) {
+		return false
+	}
+	for reason := range strings.SplitSeq(strings.TrimPrefix(e.Description, head), ",") {
+		switch strings.TrimSpace(reason) {
+		case "", "peer offline", "jetstream not enabled in cluster", "miscellaneous issue":
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // storeDirRace is nats-server's "could not create storage directory ... no such file or

@@ -14,10 +14,10 @@ func TestStoreDirRaceRetryable(t *testing.T) {
 		Description: "could not create storage directory - mkdir /s/jetstream/A/streams: no such file or directory"}
 	denied := &jetstream.APIError{Code: 500, ErrorCode: 10077,
 		Description: "could not create storage directory - mkdir /s/jetstream/A/streams: permission denied"}
-	if !retryableJS(fmt.Errorf("state: open KV bucket: %w", race)) {
+	if retry, _ := retryableJS(fmt.Errorf("state: open KV bucket: %w", race)); !retry {
 		t.Error("the storage directory race is not retried")
 	}
-	if retryableJS(fmt.Errorf("state: open KV bucket: %w", denied)) {
+	if retry, _ := retryableJS(fmt.Errorf("state: open KV bucket: %w", denied)); retry {
 		t.Error("a permission error is retried")
 	}
 }

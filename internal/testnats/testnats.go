@@ -3,11 +3,18 @@
 package testnats
 
 import (
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // Options tweak the server; the zero value gives a plain server with JetStream.
@@ -59,4 +66,93 @@ func Connect(t testing.TB, s *server.Server, opts ...nats.Option) *nats.Conn {
 	}
 	t.Cleanup(nc.Close)
 	return nc
+}
+
+// Cluster is n nats-servers routed to each other as one JetStream cluster over
+// loopback, each with its own store directory for the whole test. The route ports are
+// fixed beforehand (testkit.StablePort), so a server can be started late, or again, at
+// the address the others expect; client ports are :0, read back from Servers.
+type Cluster struct {
+	t       testing.TB
+	Name    string
+	ports   []int
+	dirs    []string
+	Servers []*server.Server // Servers[i] is nil until Start(i)
+}
+
+// NewCluster prepares a cluster of n servers without starting any: Start them one by
+// one, or StartCluster for all at once.
+func NewCluster(t testing.TB, n int) *Cluster {
+	t.Helper()
+	c := &Cluster{t: t, Name: "testnats", Servers: make([]*server.Server, n)}
+	for range n {
+		c.ports = append(c.ports, testkit.StablePort(t))
+		c.dirs = append(c.dirs, t.TempDir())
+	}
+	return c
+}
+
+// StartCluster starts all n servers of a new cluster and waits until its JetStream
+// meta leader knows every one of them.
+func StartCluster(t testing.TB, n int) *Cluster {
+	t.Helper()
+	c := NewCluster(t, n)
+	for i := range n {
+		c.Start(i)
+	}
+	c.WaitJetStreamPeers(n)
+	return c
+}
+
+// Start starts server i (again, after Stop), routed to all the others.
+func (c *Cluster) Start(i int) *server.Server {
+	c.t.Helper()
+	var routes []*url.URL
+	for j, p := range c.ports {
+		if j != i {
+			routes = append(routes, &url.URL{Scheme: "nats", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(p))})
+		}
+	}
+	c.Servers[i] = Start(c.t, Options{Configure: func(o *server.Options) {
+		o.ServerName = fmt.Sprintf("%s-%d", c.Name, i)
+		o.StoreDir = c.dirs[i]
+		o.Cluster.Name = c.Name
+		o.Cluster.Host = "127.0.0.1"
+		o.Cluster.Port = c.ports[i]
+		o.Routes = routes
+	}})
+	return c.Servers[i]
+}
+
+// Stop shuts server i down (its store directory stays for a later Start).
+func (c *Cluster) Stop(i int) {
+	c.Servers[i].Shutdown()
+	c.Servers[i].WaitForShutdown()
+	c.Servers[i] = nil
+}
+
+// URLs is the client URLs of the servers running now, comma-separated.
+func (c *Cluster) URLs() string {
+	var urls []string
+	for _, s := range c.Servers {
+		if s != nil {
+			urls = append(urls, s.ClientURL())
+		}
+	}
+	return strings.Join(urls, ",")
+}
+
+// WaitJetStreamPeers waits until a running server is the JetStream meta leader and
+// knows n JetStream peers that are online and have sent their stats (what placing a
+// stream with n replicas needs).
+func (c *Cluster) WaitJetStreamPeers(n int) {
+	c.t.Helper()
+	testkit.Eventually(c.t, fmt.Sprintf("a JetStream meta leader with %d peers", n), func() bool {
+		for _, s := range c.Servers {
+			if s != nil && s.JetStreamIsLeader() && len(s.JetStreamClusterPeers()) >= n {
+				return true
+			}
+		}
+		return false
+	})
 }
