@@ -119,11 +119,9 @@ type Minter interface {
 	// RevokeSuperseded revokes a workload's users older than its newest (after a
 	// renewal); ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeSuperseded(ctx context.Context, workloadID string) error
-	// RevokeAgentSuperseded revokes a nexlet's users but the newest (after it
-	// registered); ErrRevocationUnsupported where the minter cannot revoke.
-	RevokeAgentSuperseded(ctx context.Context, agentID string) error
 	// RevokeAgentBefore revokes the nexlet's users minted before userPub (after it
-	// switched to userPub); ErrRevocationUnsupported where the minter cannot revoke.
+	// switched to userPub, or registered and got userPub); ErrRevocationUnsupported
+	// where the minter cannot revoke.
 	RevokeAgentBefore(ctx context.Context, agentID, userPub string) error
 	// RevokeWorkload revokes every user of a workload that ended and forgets it;
 	// ErrRevocationUnsupported where the minter cannot revoke.

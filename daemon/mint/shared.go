@@ -150,16 +150,6 @@ func (m *NoAuthMinter) RevokeSuperseded(context.Context, string) error {
 	return ErrRevocationUnsupported
 }
 
-// RevokeAgentSuperseded cannot revoke a shared identity.
-func (m *NkeyMinter) RevokeAgentSuperseded(context.Context, string) error {
-	return ErrRevocationUnsupported
-}
-
-// RevokeAgentSuperseded has nothing to revoke.
-func (m *NoAuthMinter) RevokeAgentSuperseded(context.Context, string) error {
-	return ErrRevocationUnsupported
-}
-
 // RevokeAgentBefore cannot revoke a shared identity.
 func (m *NkeyMinter) RevokeAgentBefore(context.Context, string, string) error {
 	return ErrRevocationUnsupported

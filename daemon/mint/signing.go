@@ -154,35 +154,11 @@ func (m *SigningKeyMinter) rememberAgent(agentID, pub string) {
 	m.agents[agentID] = users
 }
 
-// RevokeAgentSuperseded revokes every user minted for agentID but the newest (the
-// nexlet user of its latest registration): its registration users, and the users of
-// its previous starts, whose process is gone. Without a Revoker they expire instead.
-func (m *SigningKeyMinter) RevokeAgentSuperseded(ctx context.Context, agentID string) error {
-	if m.opts.Revoker == nil {
-		return ErrRevocationUnsupported
-	}
-	m.mu.Lock()
-	users := m.agents[agentID]
-	var old []string
-	if len(users) > 1 {
-		old = append(old, users[:len(users)-1]...)
-		m.agents[agentID] = users[len(users)-1:]
-	}
-	m.mu.Unlock()
-	var errs []error
-	for _, u := range old {
-		if err := m.Revoke(ctx, u); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if len(errs) > 0 {
-		return fmt.Errorf("revoke superseded users of nexlet %s: %w", agentID, errors.Join(errs...))
-	}
-	return nil
-}
-
 // RevokeAgentBefore revokes the users minted for agentID before userPub (a renewed
-// nexlet switched to userPub). Unknown keys revoke nothing: they were revoked already.
+// nexlet switched to userPub; a registration handed it userPub: its registration
+// users and its previous starts' users, whose process is gone). Users minted after
+// userPub stay. Unknown keys revoke nothing: they were revoked already. Without a
+// Revoker they expire instead.
 func (m *SigningKeyMinter) RevokeAgentBefore(ctx context.Context, agentID, userPub string) error {
 	if m.opts.Revoker == nil {
 		return ErrRevocationUnsupported

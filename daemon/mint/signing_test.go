@@ -542,7 +542,8 @@ func TestAgentProgressRepliesGetThrough(t *testing.T) {
 }
 
 // TestSupersededUsersRevoked: after a renewal a workload's old user is revoked; after a
-// nexlet registered again its registration users and its previous start's user are.
+// nexlet registered again its registration users and its previous start's user are,
+// and a user minted after the registration's (a dropped registration's) is not.
 func TestSupersededUsersRevoked(t *testing.T) {
 	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
 	if err != nil {
@@ -587,13 +588,18 @@ func TestSupersededUsersRevoked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.RevokeAgentSuperseded(ctx, aid); err != nil {
+	// A registration dropped after it minted (the nexlet gave it up) leaves a later user.
+	dropped, _ := m.MintAgent(aid, node)
+	agent2KP, _ := nkeys.FromSeed([]byte(agent2.NatsUserSeed))
+	agent2Pub, _ := agent2KP.PublicKey()
+	if err := m.RevokeAgentBefore(ctx, aid, agent2Pub); err != nil {
 		t.Fatal(err)
 	}
 	refused("the first registration user", reg1)
 	refused("the previous start's nexlet user", agent1)
 	refused("the second registration user", reg2)
 	mustDial(t, e.s.ClientURL(), agent2).nc.Close()
+	mustDial(t, e.s.ClientURL(), dropped).nc.Close()
 
 	// The nexlet renews its own user for a key it made: the reply is a JWT for that
 	// key and no seed; a key used before is refused; once it switched, its older user

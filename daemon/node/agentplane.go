@@ -226,7 +226,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		}
 	}
 
-	defer n.revokeAgentSuperseded(agentID)
+	defer n.revokeAgentSuperseded(agentID, creds)
 	n.respondJSON(r, protocol.RegisterAgentResponse{
 		ConnectionData: creds,
 		ExistingState:  existing,

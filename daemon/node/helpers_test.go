@@ -54,9 +54,6 @@ func (m testMinter) RevokeAgentBefore(context.Context, string, string) error {
 func (m testMinter) RevokeSuperseded(context.Context, string) error {
 	return mint.ErrRevocationUnsupported
 }
-func (m testMinter) RevokeAgentSuperseded(context.Context, string) error {
-	return mint.ErrRevocationUnsupported
-}
 func (m testMinter) CanMint() bool        { return m.can }
 func (m testMinter) PrivateInboxes() bool { return false }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	"github.com/nats-io/nkeys"
 	"golang.org/x/sys/unix"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
@@ -469,5 +471,136 @@ func TestKeptLocalRegistrationOutlivesTheWindow(t *testing.T) {
 	n.mu.Unlock()
 	if reg == nil || reg.key != pub {
 		t.Fatalf("registration %+v, want native0 registered with its start's key", reg)
+	}
+}
+
+// holdFirstAgentMint holds the first nexlet user mint until release is closed
+// (entered is closed when it starts), and every revocation of nexlet users until that
+// mint is done: a test's hook into a registration between its checks and its mint.
+type holdFirstAgentMint struct {
+	*mint.SigningKeyMinter
+	held                     atomic.Bool
+	entered, release, minted chan struct{}
+}
+
+func (m *holdFirstAgentMint) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+	if !m.held.CompareAndSwap(false, true) {
+		return m.SigningKeyMinter.MintAgent(agentID, nodeID)
+	}
+	close(m.entered)
+	<-m.release
+	defer close(m.minted)
+	return m.SigningKeyMinter.MintAgent(agentID, nodeID)
+}
+
+func (m *holdFirstAgentMint) RevokeAgentBefore(ctx context.Context, agentID, userPub string) error {
+	<-m.minted
+	return m.SigningKeyMinter.RevokeAgentBefore(ctx, agentID, userPub)
+}
+
+// TestDroppedLocalRegistrationKeepsTheLiveUser: a nexlet gives up waiting on its channel
+// while the node serves its registration there and registers over NATS; the one over
+// NATS mints its user first, then the one on the channel mints its own and is dropped
+// (the nexlet is gone from the channel). Before, the registration's revocation of
+// superseded users revoked every user but the newest minted, the dropped one's, so it
+// cut the user the nexlet connects with. Now it revokes the users minted before the
+// registration's own: the nexlet's user stays valid, its registration user is revoked.
+// A real operator-mode server checks both.
+func TestDroppedLocalRegistrationKeepsTheLiveUser(t *testing.T) {
+	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
+	if err != nil {
+		t.Fatal(err)
+	}
+	op := testnats.StartOperator(t, res)
+	sysJWT, sysSeed := op.User(t, "sys", op.SystemKP)
+	sys := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(sysJWT, sysSeed))
+	sm, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mint.Options{Servers: []string{op.Server.ClientURL()},
+		Revoker: mint.NewSystemAccountRevoker(sys, op.OperatorKP, op.Account, 48*time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &holdFirstAgentMint{SigningKeyMinter: sm, entered: make(chan struct{}), release: make(chan struct{}), minted: make(chan struct{})}
+	kp, _ := nkeys.CreateServer()
+	xk, _ := nkeys.CreateCurveKeys()
+	n, err := New(Options{NC: op.Connect(t, "node"), NodeKey: kp, XKey: xk, Name: "local", Nexus: "testnexus",
+		Version: "0.1.0", Minter: m, Store: NewMemStore(), Logger: testLogger(t), RevokeGrace: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	t.Cleanup(func() {
+		if !released {
+			close(m.release)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = n.Stop(ctx)
+	})
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	regKey, _, s := nativeOnChannel(t, n)
+
+	// The registration on the channel reaches its mint; the nexlet gives up then.
+	ctx, cancel := context.WithCancel(context.Background())
+	gaveUp := make(chan error, 1)
+	go func() {
+		m := signedRegistration(t, n.ID(), "native0", regKey)
+		_, err := s.Call(ctx, m.Subject, m.Header, m.Data)
+		gaveUp <- err
+	}()
+	select {
+	case <-m.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the registration on the channel did not reach its mint")
+	}
+	cancel()
+	if err := <-gaveUp; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the nexlet's call on its channel: %v, want its give-up", err)
+	}
+
+	// It registers over NATS, with the registration user its node minted for it.
+	regCreds, err := sm.MintRegister("native0", n.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func(cd protocol.NatsConnectionData) (*nats.Conn, error) {
+		return nats.Connect(op.Server.ClientURL(), nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
+			nats.CustomInboxPrefix(cd.InboxPrefix), nats.NoReconnect())
+	}
+	rc, err := dial(regCreds)
+	if err != nil {
+		t.Fatalf("connect with the registration user: %v", err)
+	}
+	defer rc.Close()
+	r, err := rc.RequestMsg(signedRegistration(t, n.ID(), "native0", regKey), 10*time.Second)
+	if err != nil {
+		t.Fatalf("registration over NATS: %v", err)
+	}
+	var resp protocol.RegisterAgentResponse
+	if err := json.Unmarshal(r.Data, &resp); err != nil || !resp.Success {
+		t.Fatalf("registration over NATS: %v %q (%v)", r.Header, r.Data, err)
+	}
+	live, err := dial(resp.ConnectionData)
+	if err != nil {
+		t.Fatalf("the nexlet connects with its user: %v", err)
+	}
+	defer live.Close()
+
+	// The registration held on the channel mints now, and is dropped.
+	close(m.release)
+	released = true
+	n.inflight.Wait() // it was handled; the revocations after the grace ran
+	if c, err := dial(resp.ConnectionData); err != nil {
+		t.Fatalf("the nexlet's user was revoked: connect: %v", err)
+	} else {
+		c.Close()
+	}
+	if err := live.Flush(); err != nil || !live.IsConnected() {
+		t.Fatalf("the nexlet's connection was cut: %v", err)
+	}
+	if c, err := dial(regCreds); err == nil {
+		c.Close()
+		t.Fatal("the nexlet's registration user was not revoked")
 	}
 }

@@ -47,11 +47,8 @@ type Minter interface {
 	// RevokeSuperseded revokes a workload's users older than its newest, where the
 	// minter can revoke (an error wrapping an unsupported revocation otherwise).
 	RevokeSuperseded(ctx context.Context, workloadID string) error
-	// RevokeAgentSuperseded revokes a nexlet's registration users and its previous
-	// starts' users once it registered, where the minter can revoke.
-	RevokeAgentSuperseded(ctx context.Context, agentID string) error
-	// RevokeAgentBefore revokes a nexlet's users minted before userPub once it
-	// switched to userPub, where the minter can revoke.
+	// RevokeAgentBefore revokes a nexlet's users minted before userPub (once it
+	// switched to userPub, or registered and got userPub), where the minter can revoke.
 	RevokeAgentBefore(ctx context.Context, agentID, userPub string) error
 	// CanMint reports whether an issuer is configured. Without one, remote
 	// registration is refused: a remote nexlet would get no usable identity.

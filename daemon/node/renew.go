@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/micro"
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/daemon/mint"
 
@@ -154,11 +155,29 @@ func (n *Node) revokeSuperseded(workloadID string) {
 	})
 }
 
-// revokeAgentSuperseded revokes a nexlet's registration users and its previous starts'
-// users once it registered again (after RevokeGrace, so the registration reply is out).
-func (n *Node) revokeAgentSuperseded(agentID string) {
+// revokeAgentSuperseded revokes, once a nexlet registered again (after RevokeGrace, so
+// the registration reply is out), the users minted for it before creds, the user that
+// registration handed it: its registration users and its previous starts' users. Not
+// "all but the newest": a registration on the local channel that the nexlet gave up
+// and that is dropped may mint after the one over NATS the nexlet went on with, and its
+// unused user must not make the nexlet's own look superseded
+// (TestDroppedLocalRegistrationKeepsTheLiveUser). Creds without a user of their own
+// (no seed) have nothing to revoke.
+func (n *Node) revokeAgentSuperseded(agentID string, creds protocol.NatsConnectionData) {
+	if creds.NatsUserSeed == "" {
+		return
+	}
+	var user string
+	kp, err := nkeys.FromSeed([]byte(creds.NatsUserSeed))
+	if err == nil {
+		user, err = kp.PublicKey()
+	}
+	if err != nil {
+		n.log.Warn("not revoking a nexlet's superseded users: its minted seed is unreadable", "agent_id", agentID, "err", err)
+		return
+	}
 	n.afterGrace("agent_id", agentID, func(ctx context.Context) error {
-		return n.o.Minter.RevokeAgentSuperseded(ctx, agentID)
+		return n.o.Minter.RevokeAgentBefore(ctx, agentID, user)
 	})
 }
 
