@@ -155,6 +155,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if hooks.cgroups != nil {
 		nopts.Cgroups = hooks.cgroups()
 	}
+	// The cgroup root's lock goes across a re-exec as the dir locks do.
+	nopts.CgroupLockFD, _ = d.inheritedLock("cgroup_root")
+	nopts.KeepCgroupLock = func(l *dirlock.Lock) { d.keepAcrossExec("cgroup_root", l) }
 	s.metrics = metrics.New()
 	// The native nexlet starts as early as its credentials can be minted: with an
 	// external server the configuration names, before nexd's own connect, so that its
@@ -328,30 +331,17 @@ const (
 	runtimeLock = "nexd-runtime.lock"
 )
 
-// envDirLocks names the dir locks a re-executing nexd kept open across its execve for
-// its new image: "state_dir=<fd>,runtime_dir=<fd>".
+// envDirLocks names the locks a re-executing nexd kept open across its execve for its
+// new image: "state_dir=<fd>,runtime_dir=<fd>,cgroup_root=<fd>".
 const envDirLocks = "NEXD_DIRLOCK_FDS"
 
 // holdDir takes dir (config key key) for this nexd until the process ends or the
 // closers unwind; another nexd on it is a start-up error naming the dir and its pid.
 // The lock is close-on-exec, so the nexlets and workloads left running (live_restore)
-// never hold it; a re-exec keeps it across its execve (keepDirLocks) and the new
+// never hold it; a re-exec keeps it across its execve (keepAcrossExec) and the new
 // image takes it back, so no other nexd takes the dir in between.
 func (d *daemon) holdDir(key, dir, name string, perm os.FileMode) error {
-	if d.inheritedDirLocks == nil {
-		d.inheritedDirLocks = map[string]int{}
-		if v, ok := os.LookupEnv(envDirLocks); ok {
-			os.Unsetenv(envDirLocks) // no nexlet sees it
-			for kv := range strings.SplitSeq(v, ",") {
-				k, fd, _ := strings.Cut(kv, "=")
-				if n, err := strconv.Atoi(fd); err == nil && n > 2 {
-					d.inheritedDirLocks[k] = n
-				}
-			}
-		}
-	}
-	fd, inherited := d.inheritedDirLocks[key]
-	delete(d.inheritedDirLocks, key)
+	fd, inherited := d.inheritedLock(key)
 	if dir == "" {
 		if inherited {
 			dirlock.Forget(fd, name)
@@ -372,17 +362,51 @@ func (d *daemon) holdDir(key, dir, name string, perm os.FileMode) error {
 		return fmt.Errorf("%s: %w", key, err)
 	}
 	d.closers.push(key+" lock", func(context.Context) error {
-		if d.keepDirLocks.Load() {
-			if fd, err := l.KeepAcrossExec(); err != nil {
-				d.log.Warn("re-exec: a dir lock is let go before the exec", "dir", dir, "err", err)
-			} else {
-				d.keptDirLocks = append(d.keptDirLocks, key+"="+strconv.Itoa(fd))
-			}
-		}
+		d.keepAcrossExec(key, l)
 		l.Release()
 		return nil
 	})
 	return nil
+}
+
+// inheritedLock takes the descriptor of lock key (a config key: state_dir, runtime_dir,
+// cgroup_root) that the previous image kept across its re-exec (envDirLocks), once.
+func (d *daemon) inheritedLock(key string) (fd int, ok bool) {
+	d.lockMu.Lock()
+	defer d.lockMu.Unlock()
+	if d.inheritedDirLocks == nil {
+		d.inheritedDirLocks = map[string]int{}
+		if v, ok := os.LookupEnv(envDirLocks); ok {
+			os.Unsetenv(envDirLocks) // no nexlet sees it
+			for kv := range strings.SplitSeq(v, ",") {
+				k, fd, _ := strings.Cut(kv, "=")
+				if n, err := strconv.Atoi(fd); err == nil && n > 2 {
+					d.inheritedDirLocks[k] = n
+				}
+			}
+		}
+	}
+	fd, ok = d.inheritedDirLocks[key]
+	delete(d.inheritedDirLocks, key)
+	return fd, ok
+}
+
+// keepAcrossExec is called with lock key just before it is let go at a stop: during a
+// re-exec (keepDirLocks) it keeps a descriptor of l open across the execve and names it
+// in keptDirLocks for the new image (envDirLocks), so the lock is never free between
+// the two images. A nil l (nothing held) is skipped.
+func (d *daemon) keepAcrossExec(key string, l *dirlock.Lock) {
+	if l == nil || !d.keepDirLocks.Load() {
+		return
+	}
+	fd, err := l.KeepAcrossExec()
+	if err != nil {
+		d.log.Warn("re-exec: a lock is let go before the exec", "lock", key, "err", err)
+		return
+	}
+	d.lockMu.Lock()
+	d.keptDirLocks = append(d.keptDirLocks, key+"="+strconv.Itoa(fd))
+	d.lockMu.Unlock()
 }
 
 // runtimeDir holds fetched nexlet binaries and workload directories: runtime_dir (which

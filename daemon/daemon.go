@@ -45,10 +45,12 @@ type daemon struct {
 	// ctlListener is the control socket from systemd (nexd.socket); nil when nexd
 	// creates the socket itself.
 	ctlListener *net.UnixListener
-	// The state and runtime dirs' locks across a re-exec (holdDir): kept by the stop's
-	// closers once keepDirLocks is set, listed in keptDirLocks for the new image's
-	// environment (envDirLocks), which takes them back from inheritedDirLocks.
+	// The state and runtime dirs' locks (holdDir) and the cgroup root's (nexlets)
+	// across a re-exec: kept as they are let go at the stop once keepDirLocks is set
+	// (keepAcrossExec), listed in keptDirLocks for the new image's environment
+	// (envDirLocks), which takes them back from inheritedDirLocks (inheritedLock).
 	keepDirLocks      atomic.Bool
+	lockMu            sync.Mutex // keptDirLocks, inheritedDirLocks
 	keptDirLocks      []string
 	inheritedDirLocks map[string]int
 }
@@ -214,7 +216,10 @@ func (d *daemon) run(ctx context.Context) error {
 			fmt.Fprintf(d.stderr, "nexd: re-exec: no state handover: %v\n", err)
 			hfd = -1
 		}
-		return reexec(keep, hfd, strings.Join(d.keptDirLocks, ","))
+		d.lockMu.Lock()
+		kept := strings.Join(d.keptDirLocks, ",")
+		d.lockMu.Unlock()
+		return reexec(keep, hfd, kept)
 	}
 	return nil
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/dirlock"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/nexlet/localchan"
@@ -76,6 +77,12 @@ type Options struct {
 	// Cgroups, when set, is used instead of detecting the cgroup layout (and moving
 	// nexd into its supervisor cgroup): for tests that run a node in-process.
 	Cgroups *cgroup.Manager
+	// CgroupLockFD is the detected root's lock that a re-executing nexd kept open
+	// across its execve (0: none), taken back instead of taken anew.
+	CgroupLockFD int
+	// KeepCgroupLock, when set, is called by Stop with the root's lock just before it
+	// lets go (a re-exec keeps it across the execve: dirlock.Lock.KeepAcrossExec).
+	KeepCgroupLock func(*dirlock.Lock)
 	// Handed are the records of nexlets a re-executing nexd handed over in memory
 	// (nil: read them from the state directory).
 	Handed []supervise.Record
@@ -149,8 +156,15 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 		if derr != nil {
 			return nil, fmt.Errorf("cgroups: %w", derr)
 		}
-		if m.unlock, err = cg.Lock(); err != nil {
-			return nil, fmt.Errorf("cgroups: %w", err)
+		lock, lerr := cg.Lock(o.CgroupLockFD)
+		if lerr != nil {
+			return nil, fmt.Errorf("cgroups: %w", lerr)
+		}
+		m.unlock = func() {
+			if o.KeepCgroupLock != nil {
+				o.KeepCgroupLock(lock)
+			}
+			lock.Release()
 		}
 		detected := cg
 		defer func() {
@@ -163,7 +177,7 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 			if rerr := detected.RemoveOwnRoot(); rerr != nil {
 				m.log.Info("the node's cgroup root stays", "cgroup", detected.Path(), "reason", rerr.Error())
 			}
-			m.unlock()
+			lock.Release()
 		}()
 		if cfg.Node.CgroupDriver == native.DriverSystemd && cg.Mode() == cgroup.ModeV2 {
 			// Workloads get their limits from systemd, in scopes outside nexd.service.
@@ -778,12 +792,12 @@ func (m *Manager) endForeign(rec supervise.Record, other string) {
 	if err != nil || cg.Mode() != cgroup.ModeV1 || cg.Path() == m.cg.Path() {
 		return
 	}
-	release, err := cg.Lock()
+	lock, err := cg.Lock(0)
 	if err != nil {
 		m.log.Warn("the cgroup root of the other node id is held; left in place", "path", cg.Path(), "err", err)
 		return
 	}
-	defer release()
+	defer lock.Release()
 	// The killed process leaves the cgroup as it is reaped, by its parent (not nexd).
 	deadline := time.Now().Add(foreignEndWait)
 	for {

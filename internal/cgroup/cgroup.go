@@ -19,6 +19,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/dirlock"
 )
 
 // Mode says how limits are enforced.
@@ -442,25 +444,32 @@ func (m *Manager) RemoveOwnRoot() error {
 // ErrRootInUse is wrapped by Lock when another process holds the root.
 var ErrRootInUse = errors.New("cgroup root is in use by another nexd")
 
-// Lock takes an exclusive hold on the root (a flock on its directory, so it ends with
-// the process however it ends) and returns its release. Only the holder may treat what
-// is under the root as its own, kill it at start-up and remove it; a second node on the
-// same root gets ErrRootInUse. In none mode there is nothing to hold.
-func (m *Manager) Lock() (release func(), err error) {
+// Lock takes an exclusive hold on the root (a flock on its directory, dirlock's lock
+// on a directory itself: cgroupfs holds no lock file), so it ends with the process
+// however it ends. Only the holder may treat what is under the root as its own, kill
+// it at start-up and remove it; a second node on the same root gets ErrRootInUse.
+// inherited, when above 2, is the root's lock this process kept across its re-exec
+// (KeepAcrossExec), taken back (dirlock.Inherit), so no other process held the root
+// in between. In none mode there is nothing to hold: the Lock is nil (Release is a
+// no-op), and an inherited lock is let go.
+func (m *Manager) Lock(inherited int) (*dirlock.Lock, error) {
 	if m.mode == ModeNone || len(m.hiers) == 0 {
-		return func() {}, nil
+		dirlock.Forget(inherited, "")
+		return nil, nil
 	}
 	dir := m.Path()
-	f, err := os.Open(dir)
+	var l *dirlock.Lock
+	var err error
+	if inherited > 2 {
+		l, err = dirlock.Inherit(inherited, dir, "", 0o755)
+	} else {
+		l, err = dirlock.Hold(dir, "", 0o755)
+	}
+	if errors.Is(err, dirlock.ErrHeld) {
+		return nil, fmt.Errorf("%w: %s is held by another process; give each node its own cgroup_root", ErrRootInUse, dir)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("lock cgroup root %s: %w", dir, err)
+		return nil, fmt.Errorf("cgroup root: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%w: %s is held by another process; give each node its own cgroup_root", ErrRootInUse, dir)
-		}
-		return nil, fmt.Errorf("lock cgroup root %s: %w", dir, err)
-	}
-	return func() { f.Close() }, nil
+	return l, nil
 }

@@ -1,4 +1,5 @@
 // Package dirlock gives one process at a time a directory: a flock on a file in it,
+// or on the directory itself for one that cannot hold a file (a cgroup: name ""),
 // which the kernel releases when the holder dies however it dies, so a crashed holder
 // never blocks its successor. The file is opened close-on-exec; a holder that
 // re-executes itself (same pid, new image) keeps it across the execve instead
@@ -23,7 +24,12 @@ var ErrHeld = errors.New("held by another process")
 type Lock struct{ f *os.File }
 
 // Release lets go (closing the file); the kernel does the same when the process ends.
-func (l *Lock) Release() { l.f.Close() }
+// A nil Lock (nothing held) is fine.
+func (l *Lock) Release() {
+	if l != nil {
+		l.f.Close()
+	}
+}
 
 // KeepAcrossExec returns a descriptor of the lock, numbered above 3 (where socket
 // activation puts a listener), that an execve of this process keeps open: the lock
@@ -39,7 +45,16 @@ func (l *Lock) KeepAcrossExec() (int, error) {
 
 // Hold makes dir (mode perm when missing) and takes its lock file name exclusively,
 // without waiting. The file then says the holder's pid, which a refused Hold names.
+// With name "" the lock is on dir itself, which must exist, and nothing says the
+// holder.
 func Hold(dir, name string, perm os.FileMode) (*Lock, error) {
+	if name == "" {
+		f, err := os.Open(dir)
+		if err != nil {
+			return nil, fmt.Errorf("lock %s: %w", dir, err)
+		}
+		return take(f, dir, filepath.Clean(dir), false)
+	}
 	if err := os.MkdirAll(dir, perm); err != nil {
 		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
@@ -67,9 +82,17 @@ func Inherit(fd int, dir, name string, perm os.FileMode) (*Lock, error) {
 }
 
 // Forget closes fd, kept across an execve (KeepAcrossExec) but not taken back, when it
-// is a lock file called name; any other descriptor (a wrong number) is left alone.
+// is a lock file called name (with name "": a directory); any other descriptor (a
+// wrong number) is left alone.
 func Forget(fd int, name string) {
 	if fd < 3 {
+		return
+	}
+	if name == "" {
+		var st unix.Stat_t
+		if unix.Fstat(fd, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			unix.Close(fd)
+		}
 		return
 	}
 	if l, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd)); err == nil && filepath.Base(l) == name {
@@ -83,6 +106,9 @@ func take(f *os.File, dir, path string, say bool) (*Lock, error) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
+			if path == filepath.Clean(dir) { // the directory itself: no file says who
+				return nil, fmt.Errorf("%s is %w", dir, ErrHeld)
+			}
 			if pid := holder(path); pid > 0 {
 				return nil, fmt.Errorf("%s is %w, pid %d (lock file %s)", dir, ErrHeld, pid, path)
 			}

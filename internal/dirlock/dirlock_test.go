@@ -213,3 +213,59 @@ func TestInheritOtherDescriptor(t *testing.T) {
 		t.Fatalf("Hold after Inherit took it: %v, want ErrHeld", err)
 	}
 }
+
+// TestDirectoryItself: with no lock file name the directory itself is locked (a
+// cgroup, which holds no files); a kept descriptor of it is taken back by Inherit, and
+// Forget closes a directory but leaves any other descriptor alone.
+func TestDirectoryItself(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Hold(dir, "", 0o700)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Hold(dir, "", 0o700); !errors.Is(err, ErrHeld) || !strings.Contains(err.Error(), dir) {
+		t.Fatalf("second Hold of the directory: %v, want ErrHeld naming it", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Fatalf("locking the directory itself wrote %v into it", entries)
+	}
+	fd, err := l.KeepAcrossExec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Release() // the kept descriptor still holds it, as across an execve
+	if _, err := Hold(dir, "", 0o700); !errors.Is(err, ErrHeld) {
+		t.Fatalf("Hold with the lock kept: %v, want ErrHeld", err)
+	}
+	l, err = Inherit(fd, dir, "", 0o700)
+	if err != nil {
+		t.Fatalf("Inherit the kept directory lock: %v", err)
+	}
+	if _, err := Hold(dir, "", 0o700); !errors.Is(err, ErrHeld) {
+		t.Fatalf("Hold after Inherit: %v, want ErrHeld", err)
+	}
+	l.Release()
+	l, err = Hold(dir, "", 0o700)
+	if err != nil {
+		t.Fatalf("Hold after release: %v", err)
+	}
+	kept, _ := l.KeepAcrossExec()
+	l.Release()
+	Forget(kept, "")
+	if l, err := Hold(dir, "", 0o700); err != nil {
+		t.Fatalf("Hold after Forget: %v", err)
+	} else {
+		l.Release()
+	}
+	other, err := os.Create(t.TempDir() + "/other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	Forget(int(other.Fd()), "")
+	if err := syscall.Fstat(int(other.Fd()), &syscall.Stat_t{}); err != nil {
+		t.Errorf("Forget closed a descriptor that is no directory: %v", err)
+	}
+	var nilLock *Lock
+	nilLock.Release() // nothing held: no panic
+}
