@@ -4,6 +4,7 @@ import (
 	"context"
 	"runtime"
 	"runtime/metrics"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -55,5 +56,49 @@ func TestBusyProcessIsLeftAlone(t *testing.T) {
 	runtime.ReadMemStats(&st)
 	if st.NumForcedGC != forced {
 		t.Errorf("%d trims while busy, want none", st.NumForcedGC-forced)
+	}
+}
+
+// TestBurstSoonAfterATrimIsTrimmed: a second burst that comes right after a trim is
+// trimmed once the process is quiet again, however long Interval is (here an hour): a
+// burst of deploys soon after a trim kept its garbage and free pages until Interval
+// had passed.
+func TestBurstSoonAfterATrimIsTrimmed(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { Run(ctx, Options{Tick: 50 * time.Millisecond, Interval: time.Hour}) })
+	defer func() { cancel(); wg.Wait() }()
+	for burst := range 2 {
+		for range 64 {
+			sink = append(sink, make([]byte, 256<<10)) // 16 MiB, live for now
+		}
+		sink = nil
+		before := released()
+		testkit.EventuallyWithin(t, 10*time.Second, "burst "+strconv.Itoa(burst+1)+"'s 16 MiB released", func() bool {
+			return released() >= before+12<<20
+		})
+	}
+}
+
+// TestTrickleWaitsForInterval: growth with no busy tick (allocations below Quiet a
+// tick) is trimmed at most once an Interval.
+func TestTrickleWaitsForInterval(t *testing.T) {
+	var st runtime.MemStats
+	runtime.ReadMemStats(&st)
+	forced := st.NumForcedGC
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { Run(ctx, Options{Tick: 20 * time.Millisecond, Quiet: 64 << 20, Min: 1, Interval: time.Hour}) })
+	deadline := time.Now().Add(500 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		sink = append(sink, make([]byte, 64<<10)) // quiet by Quiet; the heap grows
+		time.Sleep(5 * time.Millisecond)
+	}
+	sink = nil
+	cancel()
+	wg.Wait()
+	runtime.ReadMemStats(&st)
+	if n := st.NumForcedGC - forced; n != 1 {
+		t.Errorf("%d trims of a trickle within an Interval, want 1 (the first)", n)
 	}
 }
