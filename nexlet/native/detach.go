@@ -1,7 +1,5 @@
 package native
 
-import "github.com/nexd-project/nexd/protocol"
-
 // A detaching nexlet (Detach: nexd hands its workloads to a new nexlet) still reaps
 // the workload processes that end until it exits, and it alone then knows their exit
 // statuses: the next nexlet finds them gone, with no exit record from nexd, and would
@@ -38,20 +36,42 @@ func (n *Nexlet) reaped(w *workload, p *proc) {
 	}
 }
 
-// detachedExit records the end of w's process p, reaped by this detached nexlet, as
-// its tombstone: the next nexlet reports it with its exit code and never runs it
-// again. A service its policy restarts needs none (the next nexlet starts it again),
-// nor does a process found ended on replay (its end is recorded already).
+// detachedExit records the end of w's process p, reaped by this detached nexlet, for
+// the next nexlet, which honours w's restart policy as this one would have: a restart
+// the policy and its budget allow is left due (detachedRestart); any other end is
+// recorded as its tombstone, reported with its exit code and never run again. A process
+// found ended on replay needs nothing (its end is recorded already).
 func (n *Nexlet) detachedExit(w *workload, p *proc) {
-	if p.final || (w.restartsAfter(p) && w.req.Request.WorkloadLifecycle != protocol.LifecycleJob) {
+	if p.final {
 		return
 	}
 	reason := p.reason
 	if p.code == 0 && reason == "" {
 		reason = "exited"
 	}
+	if w.restartsAfter(p) {
+		n.mu.Lock()
+		next, due := w.nextRestartLocked(p)
+		n.mu.Unlock()
+		if due {
+			n.detachedRestart(w, p, next)
+			return
+		}
+		reason = w.exhaustedReason(reason)
+	}
 	n.log.Info("workload process ended after the nexlet detached; recorded for the next nexlet", "workload_id", w.id, "code", p.code, "reason", reason)
 	n.writeTombstone(w.id, p.code, reason)
+}
+
+// detachedRestart records that w, whose process p ended, is due to run again by its
+// restart policy as its restart number restarts: the next nexlet starts it then
+// (endedMeanwhile), a job included. Before, a job waiting out its backoff at a detach
+// was reported with its exit code and never restarted, and a service's restarts began
+// afresh (TestRestartDueAtDetach).
+func (n *Nexlet) detachedRestart(w *workload, p *proc, restarts int) {
+	n.log.Info("workload due to restart when the nexlet detached; left for the next nexlet", "workload_id", w.id,
+		"restarts", restarts, "code", p.code, "reason", p.reason)
+	n.writeRestartDue(w.id, restarts, p.code, p.reason)
 }
 
 // exitedNow says whether p has exited, without waiting.

@@ -21,6 +21,9 @@ import (
 //	stderr  named FIFO: its standard error
 //	exit    "<code> <reason>" once it ended on its own (a tombstone: a replay after a
 //	        nexlet crash must report it, never start it again)
+//	restart "<restarts> <code> <reason>" once it ended while its nexlet detached and
+//	        its restart policy starts it again: the next nexlet does, as restart
+//	        <restarts> of its budget (the last run's code and reason, for the log)
 //
 // The workload holds its FIFOs open for reading and writing (O_RDWR), so a write never
 // meets a pipe without a reader (no EPIPE, no SIGPIPE) when the nexlet dies: it only
@@ -72,6 +75,36 @@ func (n *Nexlet) readTombstone(id string) (procid.Exit, bool) {
 		return procid.Exit{}, false
 	}
 	return procid.Exit{Code: code, Reason: reason}, true
+}
+
+// writeRestartDue records that a workload whose nexlet detached is due to run again by
+// its restart policy, as restart number restarts.
+func (n *Nexlet) writeRestartDue(id string, restarts, code int, reason string) {
+	if err := writeAtomic(filepath.Join(n.recordDir(id), "restart"), strconv.Itoa(restarts)+" "+strconv.Itoa(code)+" "+reason); err != nil {
+		n.log.Warn("cannot record a workload's due restart; the next nexlet does not know it", "workload_id", id, "err", err)
+	}
+}
+
+// readRestartDue returns the restart a detached nexlet left due, if any.
+func (n *Nexlet) readRestartDue(id string) (restarts int, last procid.Exit, ok bool) {
+	b, err := os.ReadFile(filepath.Join(n.recordDir(id), "restart"))
+	if err != nil {
+		return 0, procid.Exit{}, false
+	}
+	f := strings.SplitN(string(b), " ", 3)
+	if len(f) < 2 {
+		return 0, procid.Exit{}, false
+	}
+	restarts, err1 := strconv.Atoi(f[0])
+	code, err2 := strconv.Atoi(f[1])
+	if err1 != nil || err2 != nil {
+		return 0, procid.Exit{}, false
+	}
+	last = procid.Exit{Code: code}
+	if len(f) == 3 {
+		last.Reason = f[2]
+	}
+	return restarts, last, true
 }
 
 func (n *Nexlet) removeRecord(id string) {

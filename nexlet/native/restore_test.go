@@ -127,3 +127,54 @@ func TestExitAfterDetachIsReported(t *testing.T) {
 		t.Error("the job ran again")
 	}
 }
+
+// TestRestartDueAtDetach: a job with a restart policy whose run failed waits out its
+// backoff when its nexlet detaches (nexd hands the workloads to a new nexlet:
+// live_restore, an upgrade). The next nexlet honours the policy as the first would
+// have: it runs the job again, counting the restart the first one used, so a budget of
+// one restart means two runs in all, and the end says the budget is used up. Before,
+// the next nexlet reported the failed run's exit code and never ran the job again.
+func TestRestartDueAtDetach(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	runs := filepath.Join(sharedDir(t), "runs")
+	// Each run may have another dynamic uid: every one may append.
+	if err := os.WriteFile(runs, nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(runs, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	req := startReq(protocol.LifecycleJob, "retry", map[string]any{
+		"uri":     script(t, `echo run >> `+runs+`; exit 3`),
+		"restart": map[string]any{"policy": "on-failure", "max": 1, "backoff": "30s"}}, fn.creds())
+	fn.mustStart("retry", req)
+	testkit.Eventually(t, "the job's first run failed and its restart waits out the backoff", func() bool {
+		s, ok := fn.summary("retry")
+		return ok && s.WorkloadState == protocol.WorkloadStarting && s.Metadata["restarts"] == "1"
+	})
+	// As the nexlet's Main does on SignalDetach: let go, then stop the runner.
+	first.Detach()
+	_ = first.r.Shutdown()
+	first.watch.stop()
+
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"retry": req}
+	fn.mu.Unlock()
+	fn.startNexlet(Config{RuntimeDir: runtime})
+	ev := fn.stoppedEvent("retry")
+	if ev.Metadata["exit_code"] != "3" || !strings.Contains(ev.Metadata["reason"], "restart limit of 1 reached") {
+		t.Errorf("the job ended with %q (%s), want 3 with its restart limit of 1 reached", ev.Metadata["exit_code"], ev.Metadata["reason"])
+	}
+	b, err := os.ReadFile(runs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(b), "run\n"); n != 2 {
+		t.Errorf("the job ran %d times, want 2 (its run and its one restart)", n)
+	}
+	if n := fn.countEvents(protocol.EventWorkloadStopped, "retry"); n != 1 {
+		t.Errorf("%d WORKLOADSTOPPED events for the job, want 1", n)
+	}
+}

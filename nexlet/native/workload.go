@@ -556,11 +556,22 @@ const ExitRecordWait = 3 * time.Second
 // endedMeanwhile reports a replayed workload that is no longer running but ran before:
 // one that ended on its own (its tombstone), or one whose process ended while no nexlet
 // watched (nexd's exit record, or "lost" when even that is missing). A job is never
-// started twice; nil means the workload may be started (a service, or never launched).
+// started twice but by its restart policy; nil means the workload may be started (a
+// service, one never launched, or one its detached nexlet left due to restart).
 func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 	if ex, ok := n.readTombstone(w.id); ok {
 		n.log.Info("replayed workload had already ended", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
 		return ended(ex.Code, ex.Reason)
+	}
+	if restarts, last, ok := n.readRestartDue(w.id); ok {
+		// Its nexlet detached while its policy was about to start it again: this
+		// nexlet does, counting the restarts it used (TestRestartDueAtDetach).
+		n.log.Info("replayed workload was due to restart when its nexlet detached; starting it again",
+			"workload_id", w.id, "restarts", restarts, "max_restarts", w.plan.maxRestarts, "exit_code", last.Code, "reason", last.Reason)
+		n.mu.Lock()
+		w.restarts = restarts
+		n.mu.Unlock()
+		return nil
 	}
 	rec, launched := n.readPID(w.id)
 	if !launched {
@@ -720,21 +731,17 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 			n.ending.Done()
 			return
 		}
-		if time.Since(p.started) > 2*MaxBackoff {
-			// It ran long enough to count as healthy: start the budget afresh.
-			n.mu.Lock()
-			w.restarts = 0
-			n.mu.Unlock()
+		if ranHealthy(p) {
 			backoff = w.plan.backoff
 		}
 		n.mu.Lock()
-		exhausted := w.restarts >= w.plan.maxRestarts
-		if !exhausted {
-			w.restarts++
+		next, due := w.nextRestartLocked(p)
+		w.restarts = next
+		if due {
 			w.state = protocol.WorkloadStarting
 		}
 		n.mu.Unlock()
-		if exhausted {
+		if !due {
 			w.emptied = empty
 			n.finish(w, p, nil, true)
 			n.ending.Done()
@@ -745,7 +752,10 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 		select {
 		case <-n.abandon:
 			t.Stop()
-			n.detachedExit(w, p)
+			n.mu.Lock()
+			next := w.restarts
+			n.mu.Unlock()
+			n.detachedRestart(w, p, next)
 			return
 		case r := <-w.stop:
 			t.Stop()
@@ -770,6 +780,29 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 // process found ended on replay, never).
 func (w *workload) restartsAfter(p *proc) bool {
 	return !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
+}
+
+// ranHealthy says whether p ran long enough to start its workload's restart budget
+// afresh.
+func ranHealthy(p *proc) bool { return time.Since(p.started) > 2*MaxBackoff }
+
+// nextRestartLocked is w's restart count once its policy restarted it after p ended
+// (which restartsAfter says it does), and whether its budget allows that restart (due);
+// not due, the count its budget ended with. Called with Nexlet.mu held.
+func (w *workload) nextRestartLocked(p *proc) (restarts int, due bool) {
+	used := w.restarts
+	if ranHealthy(p) {
+		used = 0
+	}
+	if used >= w.plan.maxRestarts {
+		return used, false
+	}
+	return used + 1, true
+}
+
+// exhaustedReason is the reason of a workload's end whose restart budget is used up.
+func (w *workload) exhaustedReason(last string) string {
+	return fmt.Sprintf("restart limit of %d reached; last run: %s", w.plan.maxRestarts, last)
 }
 
 // terminate sends SIGTERM, waits up to grace for the main process, then kills the group.
@@ -890,7 +923,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		code, reason = -1, "stopped before the process exited"
 	}
 	if exhausted {
-		reason = fmt.Sprintf("restart limit of %d reached; last run: %s", w.plan.maxRestarts, reason)
+		reason = w.exhaustedReason(reason)
 	}
 	n.mu.Lock()
 	// In lame duck and at shutdown the leftovers go before the reply, as nexd stops
