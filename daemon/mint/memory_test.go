@@ -3,25 +3,12 @@ package mint
 import (
 	"context"
 	"slices"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
-
-// revocations records the users a minter revokes.
-type revocations struct {
-	mu    sync.Mutex
-	users []string
-}
-
-func (r *revocations) RevokeUser(_ context.Context, pub string, _ time.Time) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.users = append(r.users, pub)
-	return nil
-}
 
 func newKeyMinter(t *testing.T, rev Revoker) *SigningKeyMinter {
 	t.Helper()
@@ -41,7 +28,7 @@ func newKeyMinter(t *testing.T, rev Revoker) *SigningKeyMinter {
 // itself; they count as older, so a renewal's revocation of superseded users takes
 // them too. Without the hand-over the next minter revokes only its own.
 func TestUsersHandedOver(t *testing.T) {
-	oldRev := &revocations{}
+	oldRev := &testkit.Revocations{}
 	old := newKeyMinter(t, oldRev)
 	if _, err := old.MintWorkload("tenant", "W1"); err != nil {
 		t.Fatal(err)
@@ -55,7 +42,7 @@ func TestUsersHandedOver(t *testing.T) {
 	}
 	before := slices.Clone(handed.Workloads["W1"])
 
-	rev := &revocations{}
+	rev := &testkit.Revocations{}
 	m := newKeyMinter(t, rev)
 	if err := m.Remember(handed); err != nil {
 		t.Fatal(err)
@@ -75,25 +62,25 @@ func TestUsersHandedOver(t *testing.T) {
 	if err := m.RevokeWorkload(context.Background(), "W1"); err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(rev.users, users) {
-		t.Fatalf("revoked %v, want %v", rev.users, users)
+	if !slices.Equal(rev.Users(), users) {
+		t.Fatalf("revoked %v, want %v", rev.Users(), users)
 	}
 	if _, err := m.RenewWorkload("tenant", "W2"); err != nil {
 		t.Fatal(err)
 	}
-	rev.users = nil
+	rev.Reset()
 	if err := m.RevokeSuperseded(context.Background(), "W2"); err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(rev.users, handed.Workloads["W2"]) {
-		t.Fatalf("superseded revoked %v, want the handed-over %v", rev.users, handed.Workloads["W2"])
+	if !slices.Equal(rev.Users(), handed.Workloads["W2"]) {
+		t.Fatalf("superseded revoked %v, want the handed-over %v", rev.Users(), handed.Workloads["W2"])
 	}
 }
 
 // TestUsersRefused: a hand-over with something no minter makes is refused whole, and
 // a minter that cannot revoke hands over nothing.
 func TestUsersRefused(t *testing.T) {
-	m := newKeyMinter(t, &revocations{})
+	m := newKeyMinter(t, &testkit.Revocations{})
 	u, _ := nkeys.CreateUser()
 	pub, _ := u.PublicKey()
 	for name, bad := range map[string]Users{

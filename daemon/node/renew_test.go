@@ -3,10 +3,8 @@ package node
 import (
 	"context"
 	"encoding/base64"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -223,32 +221,6 @@ func TestRenewAgentCreds(t *testing.T) {
 	}
 }
 
-// revoked records the users the minter revokes (the account JWT update is the
-// AccountRevoker's business, tested in mint).
-type revoked struct {
-	mu   sync.Mutex
-	pubs []string
-}
-
-func (r *revoked) RevokeUser(_ context.Context, pub string, _ time.Time) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.pubs = append(r.pubs, pub)
-	return nil
-}
-
-func (r *revoked) count() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return len(r.pubs)
-}
-
-func (r *revoked) has(pub string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Contains(r.pubs, pub)
-}
-
 // TestReplayedRenewalRefused: whoever captured a nexlet's signed renewal on the bus
 // (an admin, any client of an open bus) publishes it again after the nexlet moved on
 // to a newer user. Before, the node took it (the key it names had left the minter's
@@ -261,7 +233,7 @@ func TestReplayedRenewalRefused(t *testing.T) {
 	seed, _ := sig.Seed()
 	acc, _ := nkeys.CreateAccount()
 	accPub, _ := acc.PublicKey()
-	rec := &revoked{}
+	rec := &testkit.Revocations{}
 	m, err := mint.NewSigningKeyMinter(string(seed), accPub, mint.Options{AgentTTL: time.Minute, Revoker: rec})
 	if err != nil {
 		t.Fatal(err)
@@ -311,9 +283,9 @@ func TestReplayedRenewalRefused(t *testing.T) {
 		return pub, captured
 	}
 	second, captured := renew()
-	testkit.Eventually(t, "the first user revoked once the nexlet switched", func() bool { return rec.count() > 0 })
+	testkit.Eventually(t, "the first user revoked once the nexlet switched", func() bool { return len(rec.Users()) > 0 })
 	current, _ := renew()
-	testkit.Eventually(t, "the second user revoked once the nexlet switched again", func() bool { return rec.has(second) })
+	testkit.Eventually(t, "the second user revoked once the nexlet switched again", func() bool { return rec.Has(second) })
 
 	for _, tc := range []struct {
 		name, want string
@@ -329,7 +301,7 @@ func TestReplayedRenewalRefused(t *testing.T) {
 	}
 	// The revocation a taken replay scheduled would have come after switchWait.
 	time.Sleep(10 * switchWait)
-	if rec.has(current) {
+	if rec.Has(current) {
 		t.Fatalf("the nexlet's current user %s was revoked after the replay", current)
 	}
 }
