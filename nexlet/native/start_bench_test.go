@@ -54,6 +54,10 @@ func benchNexletIn(b testing.TB, pool int, spec string) *Nexlet {
 // STARTWORKLOAD's work (parse, uid lease, directories, credentials file, digest, fork
 // and exec of /bin/sh) and the stop that follows, one workload at a time.
 // With a uid pool, the lease is taken from the uids leased ahead.
+//
+// walks/op counts the walks of /proc (the uid releases' and the pool's refills'), and
+// cpu-ms/op the nexlet's CPU time (this process's, all threads: the background work
+// after each stop and each take from the pool included; not the workloads').
 func BenchmarkStartStopWorkload(b *testing.B) {
 	for _, pool := range []int{0, DefaultUIDPool} {
 		b.Run(fmt.Sprintf("uidpool=%d", pool), func(b *testing.B) { benchStartStop(b, pool) })
@@ -64,6 +68,7 @@ func benchStartStop(b *testing.B, pool int) {
 	n := benchNexlet(b, pool)
 	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "exec sleep 600"}}
 	i := 0
+	walks, cpu := n.users.walks.Load(), cpuTime(b)
 	for b.Loop() {
 		id := fmt.Sprintf("bench%d", i)
 		i++
@@ -75,6 +80,18 @@ func benchStartStop(b *testing.B, pool int) {
 			b.Fatal(err)
 		}
 	}
+	n.waitTidied()
+	b.ReportMetric(float64(n.users.walks.Load()-walks)/float64(i), "walks/op")
+	b.ReportMetric(float64(cpuTime(b)-cpu)/float64(time.Millisecond)/float64(i), "cpu-ms/op")
+}
+
+// cpuTime is this process's CPU time so far, user and system.
+func cpuTime(b testing.TB) time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkStartWorkload is STARTWORKLOAD alone, the deploy path's share in the

@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -84,6 +85,48 @@ type users struct {
 	self ident
 	pool *uidPool // nil: every lease walks /proc on the deploy path
 	proc string   // where processes are listed: /proc (a test points it elsewhere)
+
+	// The uids of the latest whole walk of /proc (a release's or a lease's) and when
+	// it began: a lease within walkReuse of it need not walk again (leaseFreshN).
+	walkMu   sync.Mutex
+	lastBusy map[uint32]bool
+	lastWalk time.Time
+	walks    atomic.Int64 // walks of /proc begun, for tests and benchmarks
+}
+
+// walkReuse is how old a walk of /proc a lease may take its busy uids from instead of
+// walking again (see leaseFreshN).
+const walkReuse = time.Second
+
+// noteWalk keeps busy, the uids of a whole walk begun at, as the latest walk.
+func (u *users) noteWalk(busy map[uint32]bool, at time.Time) {
+	u.walkMu.Lock()
+	defer u.walkMu.Unlock()
+	if at.After(u.lastWalk) {
+		u.lastBusy, u.lastWalk = busy, at
+	}
+}
+
+// recentWalk is the busy uids of a walk begun within walkReuse; nil when there is none.
+// The map is shared: read only.
+func (u *users) recentWalk() map[uint32]bool {
+	u.walkMu.Lock()
+	defer u.walkMu.Unlock()
+	if u.lastBusy == nil || time.Since(u.lastWalk) > walkReuse {
+		return nil
+	}
+	return u.lastBusy
+}
+
+// walk is procUIDs, kept as the latest walk.
+func (u *users) walk() (map[uint32]bool, error) {
+	at := time.Now()
+	u.walks.Add(1)
+	busy, err := procUIDs(u.proc)
+	if err == nil {
+		u.noteWalk(busy, at)
+	}
+	return busy, err
 }
 
 // newUsers prepares the policy; fallbackLeaseDir is used when the default lease dir
@@ -211,15 +254,38 @@ func (u *users) leaseFresh(owner string) (ident, error) {
 // leaseFreshN leases up to n free uids to owner with one walk of /proc (the walk is
 // the cost: it reads every process's status, milliseconds with thousands of
 // processes). It fails only when it leased none.
+//
+// A walk begun within walkReuse (a uid release's, after every few stops; or an earlier
+// lease's) stands in for its own: the uid pool's refills then walk only when no stop
+// walked lately. Such a walk is as good as one made now for every uid that goes through
+// leases: a uid leased since has a lease, which the check under the lock sees, and one
+// released since had no process left (its release walked after its workload ended). So
+// with an earlier walk only uids with no lease at all are taken, never one whose lease
+// is stale (its owner gone: a nexlet that died between its workload's end and the
+// release's walk leaves such a lease, and survivors of that uid may have started after
+// the earlier walk); when that finds none, it walks afresh. What no lease covers (a
+// process of a uid in the range started by something else since the walk) a pooled uid
+// could meet just as well while it waits in the pool.
 func (u *users) leaseFreshN(owner string, n int) ([]ident, error) {
+	if busy := u.recentWalk(); busy != nil {
+		if out, err := u.leaseFrom(busy, false, owner, n); err == nil {
+			return out, nil
+		}
+	}
 	// The walk comes before the lock: held through it, the lock kept every deploy's
 	// claim of a pooled uid waiting for the walk (tens of milliseconds with thousands of
 	// processes). A uid leased meanwhile has a lease by then, which the check under the
 	// lock sees; a uid released meanwhile had no process left.
-	busy, err := procUIDs(u.proc)
+	busy, err := u.walk()
 	if err != nil {
 		return nil, fmt.Errorf("dynamic uids: %w", err)
 	}
+	return u.leaseFrom(busy, true, owner, n)
+}
+
+// leaseFrom leases up to n uids that busy (a walk's uids) does not hold to owner;
+// fresh: busy is a walk made for this lease, which may take a stale lease's uid.
+func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int) ([]ident, error) {
 	unlock, err := u.lock()
 	if err != nil {
 		return nil, err
@@ -230,7 +296,7 @@ func (u *users) leaseFreshN(owner string, n int) ([]ident, error) {
 	var out []ident
 	for i := uint32(0); i < span && len(out) < n; i++ {
 		uid := u.pol.UIDMin + (start+i)%span
-		if busy[uid] || !u.leaseFreeLocked(uid) || hostUses(uid) {
+		if busy[uid] || !u.leaseFreeLocked(uid, fresh) || hostUses(uid) {
 			continue
 		}
 		if err := writeLease(u.leasePath(uid), owner); err != nil {
@@ -307,7 +373,13 @@ func (u *users) releaseAll(ids []ident) error {
 	var survivors map[uint32][]int
 	for {
 		survivors = map[uint32][]int{}
+		busy := map[uint32]bool{} // every uid, for the leases that follow (leaseFreshN)
+		at := time.Now()
+		u.walks.Add(1)
 		err := walkProcs(u.proc, func(pid int, uids []uint32) {
+			for _, v := range uids {
+				busy[v] = true
+			}
 			for _, v := range uids {
 				if want[v] {
 					survivors[v] = append(survivors[v], pid)
@@ -318,6 +390,7 @@ func (u *users) releaseAll(ids []ident) error {
 		if err != nil {
 			return fmt.Errorf("%d dynamic uids stay leased: %w", len(want), err)
 		}
+		u.noteWalk(busy, at)
 		if len(survivors) == 0 || time.Now().After(deadline) {
 			break
 		}
@@ -400,14 +473,14 @@ func (u *users) leasePath(uid uint32) string {
 	return filepath.Join(u.pol.LeaseDir, strconv.FormatUint(uint64(uid), 10))
 }
 
-// leaseFreeLocked: no lease, or a stale one (its owner directory is gone; the caller
-// has already checked that nothing runs as the uid).
-func (u *users) leaseFreeLocked(uid uint32) bool {
+// leaseFreeLocked: no lease, or, when stale is set, a stale one (its owner directory is
+// gone; the caller walked /proc for this lease and found nothing running as the uid).
+func (u *users) leaseFreeLocked(uid uint32, stale bool) bool {
 	b, err := os.ReadFile(u.leasePath(uid))
 	if errors.Is(err, fs.ErrNotExist) {
 		return true
 	}
-	if err != nil {
+	if err != nil || !stale {
 		return false
 	}
 	owner := leaseOwner(b)

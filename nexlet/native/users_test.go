@@ -256,6 +256,7 @@ func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
 	defer func() { _ = cmd.Process.Kill(); <-waited }()
 
 	us.proc = filepath.Join(t.TempDir(), "no-proc")
+	us.lastBusy = nil // the lease below must walk, not take the walk of the leases above
 	if err := us.release(ids[0]); err == nil || !strings.Contains(err.Error(), "no-proc") {
 		t.Errorf("release with processes unlisted: %v; want an error naming the walk", err)
 	}
@@ -279,6 +280,74 @@ func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
 	us.proc = "/proc"
 	if err := us.releaseAll(ids); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLeaseTakesARecentReleaseWalk: a lease within walkReuse of a release's walk of
+// /proc takes its busy uids from that walk instead of walking again, and still never
+// takes a uid a process ran as in that walk (here one whose lease is gone while its
+// process runs on), nor, from a walk not made for it, a uid whose lease is stale (its
+// owner gone: survivors could have started after the walk). A walk made for the lease
+// takes the stale one; the running one never.
+func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
+	needRoot(t)
+	const lo, hi = 61600, 61605
+	for uid := uint32(lo); uid <= hi; uid++ {
+		if hostUses(uid) {
+			t.Skipf("uid %d is in use on this host", uid)
+		}
+	}
+	us, ids, cmd := twoLeasedOneRunning(t, lo, hi)
+	waited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(waited) }()
+	defer func() { _ = cmd.Process.Kill(); <-waited }()
+	running := ids[0].uid
+	if err := us.releaseAll(ids[1:]); err != nil { // a stop's release: one walk
+		t.Fatal(err)
+	}
+	if err := os.Remove(us.leasePath(running)); err != nil { // its process runs on
+		t.Fatal(err)
+	}
+	stale := uint32(lo)
+	for stale == running {
+		stale++
+	}
+	if err := writeLease(us.leasePath(stale), filepath.Join(t.TempDir(), "gone")); err != nil {
+		t.Fatal(err)
+	}
+
+	walks := us.walks.Load()
+	got, err := us.leaseFreshN(t.TempDir(), hi-lo+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := us.walks.Load() - walks; n != 0 {
+		t.Errorf("%d walks of /proc for a lease right after a release's walk, want 0", n)
+	}
+	for _, id := range got {
+		if id.uid == running || id.uid == stale {
+			t.Errorf("uid %d leased from a walk not made for it (running: %d, stale: %d)", id.uid, running, stale)
+		}
+	}
+	if len(got) != hi-lo+1-2 {
+		t.Errorf("leased %d uids, want the %d with no lease and no process", len(got), hi-lo+1-2)
+	}
+
+	us.lastWalk = us.lastWalk.Add(-walkReuse - time.Millisecond) // too old to take
+	got, err = us.leaseFreshN(t.TempDir(), hi-lo+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := us.walks.Load() - walks; n != 1 {
+		t.Errorf("%d walks for a lease with no recent walk, want 1", n)
+	}
+	if len(got) != 1 || got[0].uid != stale {
+		t.Errorf("leased %v with a walk of its own, want only the stale lease's uid %d", got, stale)
+	}
+	select {
+	case <-waited:
+		t.Fatal("the process running as the unleased uid ended")
+	default:
 	}
 }
 
@@ -314,7 +383,7 @@ func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 		t.Fatal(err)
 	}
 	b, rerr := os.ReadFile(tn.Nexlet.users.leasePath(uid))
-	free := tn.Nexlet.users.leaseFreeLocked(uid)
+	free := tn.Nexlet.users.leaseFreeLocked(uid, true)
 	unlock()
 	if rerr == nil && free {
 		t.Fatalf("uid %d: its lease (%q) is stale while its release is pending: another workload could be given the uid", uid, b)
