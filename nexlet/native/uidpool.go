@@ -183,7 +183,7 @@ func (p *uidPool) claim(e pooledUID, owner string) (made, ok bool, err error) {
 	switch {
 	case err != nil || leaseOwner(b) != p.owner:
 		err = nil
-	case hostUses(e.id.uid):
+	case p.u.hosts.uses(e.id.uid):
 		_ = os.Remove(path)
 	default:
 		if err = writeLease(path, owner); err != nil {

@@ -85,6 +85,8 @@ type users struct {
 	self ident
 	pool *uidPool // nil: every lease walks /proc on the deploy path
 	proc string   // where processes are listed: /proc (a test points it elsewhere)
+	// hosts: the host's users and groups, whose ids a dynamic uid must not have.
+	hosts *hostIDs
 
 	// The uids of the latest whole walk of /proc (a release's or a lease's) and when
 	// it began: a lease within walkReuse of it need not walk again (leaseFreshN).
@@ -141,7 +143,7 @@ func newUsers(pol UserPolicy, fallbackLeaseDir string) (*users, error) {
 			pol.LeaseDir = fallbackLeaseDir
 		}
 	}
-	u := &users{pol: pol, root: os.Geteuid() == 0, proc: "/proc"}
+	u := &users{pol: pol, root: os.Geteuid() == 0, proc: "/proc", hosts: newHostIDs()}
 	u.self = ident{uid: uint32(os.Geteuid()), gid: uint32(os.Getegid()), same: true, name: "uid " + strconv.Itoa(os.Geteuid())}
 	if cur, err := user.Current(); err == nil {
 		u.self.name = cur.Username
@@ -296,7 +298,7 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 	var out []ident
 	for i := uint32(0); i < span && len(out) < n; i++ {
 		uid := u.pol.UIDMin + (start+i)%span
-		if busy[uid] || !u.leaseFreeLocked(uid, fresh) || hostUses(uid) {
+		if busy[uid] || !u.leaseFreeLocked(uid, fresh) || u.hosts.uses(uid) {
 			continue
 		}
 		if err := writeLease(u.leasePath(uid), owner); err != nil {
@@ -559,22 +561,6 @@ func (u *users) lock() (func(), error) {
 		return nil, fmt.Errorf("dynamic uid lock: %w", err)
 	}
 	return func() { f.Close() }, nil
-}
-
-// hostUses reports whether uid (or the same gid) is a user or group of the host, or a
-// dynamic user systemd has handed out.
-func hostUses(uid uint32) bool {
-	s := strconv.FormatUint(uint64(uid), 10)
-	if _, err := user.LookupId(s); err == nil {
-		return true
-	}
-	if _, err := user.LookupGroupId(s); err == nil {
-		return true
-	}
-	if _, err := os.Lstat("/run/systemd/dynamic-uid/" + s); err == nil {
-		return true
-	}
-	return false
 }
 
 // procUIDs is the set of real and effective uids of every process on the host (in

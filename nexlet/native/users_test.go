@@ -166,7 +166,7 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if hostUses(lo) {
+	if newHostIDs().uses(lo) {
 		t.Skip("uid 2000100 is in use on this host")
 	}
 	fn := newFakeNode(t)
@@ -293,7 +293,7 @@ func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 	needRoot(t)
 	const lo, hi = 61600, 61605
 	for uid := uint32(lo); uid <= hi; uid++ {
-		if hostUses(uid) {
+		if newHostIDs().uses(uid) {
 			t.Skipf("uid %d is in use on this host", uid)
 		}
 	}
@@ -361,7 +361,7 @@ func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 	needRoot(t)
 	const uid = 2000102
-	if hostUses(uid) {
+	if newHostIDs().uses(uid) {
 		t.Skip("uid 2000102 is in use on this host")
 	}
 	leases := t.TempDir()
@@ -398,7 +398,7 @@ func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 func TestFreshLeaseHeldWhileItsDirectoryIsMade(t *testing.T) {
 	needRoot(t)
 	const uid = 2000103
-	if hostUses(uid) {
+	if newHostIDs().uses(uid) {
 		t.Skip("uid 2000103 is in use on this host")
 	}
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
@@ -454,7 +454,7 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 		t.Skip("needs /usr/bin/python3 to set a real uid alone")
 	}
 	const uid = 2000104
-	if hostUses(uid) {
+	if newHostIDs().uses(uid) {
 		t.Skip("uid 2000104 is in use on this host")
 	}
 	mixed := exec.Command("/usr/bin/python3", "-c", "import os, time; os.setresuid(2000104, 0, 0); print('set', flush=True); time.sleep(60)")
