@@ -110,6 +110,9 @@ type Nexlet struct {
 	// beforeTidy, when set (tests: a slow removal), runs before a stopped workload's
 	// leftovers are removed.
 	beforeTidy func(id string)
+	// beforeRelaunch, when set (tests: a detach at that moment), runs when a
+	// workload's restart backoff is over, right before its process is launched again.
+	beforeRelaunch func(id string)
 
 	mu        sync.Mutex
 	workloads map[string]*workload

@@ -7,8 +7,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nkeys"
 
@@ -138,18 +140,7 @@ func TestRestartDueAtDetach(t *testing.T) {
 	fn := newFakeNode(t)
 	runtime := t.TempDir()
 	first := fn.startNexlet(Config{RuntimeDir: runtime})
-	runs := filepath.Join(sharedDir(t), "runs")
-	// Each run may have another dynamic uid: every one may append.
-	if err := os.WriteFile(runs, nil, 0o666); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(runs, 0o666); err != nil {
-		t.Fatal(err)
-	}
-	req := startReq(protocol.LifecycleJob, "retry", map[string]any{
-		"uri":     script(t, `echo run >> `+runs+`; exit 3`),
-		"restart": map[string]any{"policy": "on-failure", "max": 1, "backoff": "30s"}}, fn.creds())
-	fn.mustStart("retry", req)
+	req, runs := fn.startFailingJob("retry", "30s")
 	testkit.Eventually(t, "the job's first run failed and its restart waits out the backoff", func() bool {
 		s, ok := fn.summary("retry")
 		return ok && s.WorkloadState == protocol.WorkloadStarting && s.Metadata["restarts"] == "1"
@@ -159,11 +150,39 @@ func TestRestartDueAtDetach(t *testing.T) {
 	_ = first.r.Shutdown()
 	first.watch.stop()
 
+	fn.replayRanOutItsRestart(runtime, "retry", req, runs)
+}
+
+// startFailingJob starts job id, which appends a line to runs (returned) and exits 3,
+// restarted on failure once after backoff.
+func (fn *fakeNode) startFailingJob(id, backoff string) (protocol.AgentStartWorkloadRequest, string) {
+	t := fn.t
+	t.Helper()
+	runs := filepath.Join(sharedDir(t), "runs")
+	// Each run may have another dynamic uid: every one may append.
+	if err := os.WriteFile(runs, nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(runs, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	req := startReq(protocol.LifecycleJob, id, map[string]any{
+		"uri":     script(t, `echo run >> `+runs+`; exit 3`),
+		"restart": map[string]any{"policy": "on-failure", "max": 1, "backoff": backoff}}, fn.creds())
+	fn.mustStart(id, req)
+	return req, runs
+}
+
+// replayRanOutItsRestart replays job id (startFailingJob) to a new nexlet on runtime
+// and checks that it ran twice in all and ended once, with its restart limit reached.
+func (fn *fakeNode) replayRanOutItsRestart(runtime, id string, req protocol.AgentStartWorkloadRequest, runs string) {
+	t := fn.t
+	t.Helper()
 	fn.mu.Lock()
-	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"retry": req}
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{id: req}
 	fn.mu.Unlock()
 	fn.startNexlet(Config{RuntimeDir: runtime})
-	ev := fn.stoppedEvent("retry")
+	ev := fn.stoppedEvent(id)
 	if ev.Metadata["exit_code"] != "3" || !strings.Contains(ev.Metadata["reason"], "restart limit of 1 reached") {
 		t.Errorf("the job ended with %q (%s), want 3 with its restart limit of 1 reached", ev.Metadata["exit_code"], ev.Metadata["reason"])
 	}
@@ -174,7 +193,64 @@ func TestRestartDueAtDetach(t *testing.T) {
 	if n := strings.Count(string(b), "run\n"); n != 2 {
 		t.Errorf("the job ran %d times, want 2 (its run and its one restart)", n)
 	}
-	if n := fn.countEvents(protocol.EventWorkloadStopped, "retry"); n != 1 {
+	if n := fn.countEvents(protocol.EventWorkloadStopped, id); n != 1 {
 		t.Errorf("%d WORKLOADSTOPPED events for the job, want 1", n)
 	}
+}
+
+// TestRestartLaunchedAtDetach: a job's restart backoff ends just as its nexlet detaches
+// (nexd hands the workloads to a new nexlet), and the restart's launch is under way.
+// Detach must wait for that launch, as it waits for the ends under way: the nexlet
+// exits once Detach returns, and a launch it has not made by then is lost (the next
+// nexlet finds no process, no record of a due restart and no exit record of nexd's, and
+// reports the job lost, never running its restart). Here the detach comes while the
+// launch is held; once let go, the job runs its restart, twice in all, and ends with
+// its restart limit reached.
+func TestRestartLaunchedAtDetach(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	relaunching, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	first.beforeRelaunch = func(string) {
+		once.Do(func() { close(relaunching) })
+		<-release
+	}
+	req, runs := fn.startFailingJob("relaunch", "10ms")
+	select {
+	case <-relaunching:
+	case <-time.After(waitLong):
+		t.Fatal("the job's restart was never launched")
+	}
+	detached := make(chan struct{})
+	go func() { first.Detach(); close(detached) }()
+	testkit.Eventually(t, "the nexlet detaches", func() bool {
+		select {
+		case <-first.abandon:
+			return true
+		default:
+			return false
+		}
+	})
+	select {
+	case <-detached:
+		t.Error("Detach returned while the job's restart was being launched: the nexlet exits then, and the restart is lost")
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(release)
+	select {
+	case <-detached:
+	case <-time.After(waitLong):
+		t.Fatal("Detach did not return once the launch was let go")
+	}
+	_ = first.r.Shutdown()
+	// The restart, launched by the detached nexlet, fails as the first run did: the
+	// detached nexlet reaps it and records its end before it exits.
+	testkit.Eventually(t, "the restart's end recorded by the detached nexlet", func() bool {
+		_, ok := first.readTombstone("relaunch")
+		return ok
+	})
+	first.watch.stop() // as the exiting nexlet's Close does: its reaps are done
+
+	fn.replayRanOutItsRestart(runtime, "relaunch", req, runs)
 }

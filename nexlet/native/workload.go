@@ -763,16 +763,32 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 			return
 		case <-t.C:
 		}
+		// The launch is counted as an end under way, which Detach waits for: the
+		// nexlet exits once Detach returns, and a launch not made by then was lost
+		// (the next nexlet found no process and no due restart, and reported a job
+		// lost; TestRestartLaunchedAtDetach). Detached already: left due, as above.
+		if !n.track() {
+			n.mu.Lock()
+			next := w.restarts
+			n.mu.Unlock()
+			n.detachedRestart(w, p, next)
+			return
+		}
+		if n.beforeRelaunch != nil {
+			n.beforeRelaunch(w.id)
+		}
 		backoff = min(2*backoff, MaxBackoff)
 		np, err := n.launch(w)
 		if err != nil {
 			n.log.Error("workload restart failed", "workload_id", w.id, "err", err)
 			p.code, p.reason = -1, err.Error()
 			n.finish(w, p, nil, true)
+			n.ending.Done()
 			return
 		}
 		p = np
 		n.setState(w, protocol.WorkloadRunning)
+		n.ending.Done()
 	}
 }
 
