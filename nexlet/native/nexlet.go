@@ -146,7 +146,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
-	n.releases = &releaser{u: us, log: n.log, wg: &n.bg, gate: &n.starts}
+	n.releases = &releaser{u: us, log: n.log, wg: &n.bg, gate: &n.starts, hurry: make(chan struct{}), batch: releaseBatch}
 	if n.cfg.PollInterval <= 0 {
 		n.cfg.PollInterval = 250 * time.Millisecond
 	}
@@ -198,6 +198,7 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 // Close ends the nexlet's process-starting thread; call it after Shutdown. Workloads
 // running without a cgroup die with it.
 func (n *Nexlet) Close() {
+	n.releases.flush() // a pending uid release goes now, not after its batch's wait
 	n.bg.Wait()
 	n.watch.stop()
 	n.iso.close()

@@ -2,12 +2,14 @@ package native
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -348,6 +350,28 @@ func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 	case <-waited:
 		t.Fatal("the process running as the unleased uid ended")
 	default:
+	}
+}
+
+// TestFlushedReleaseDoesNotWaitForItsBatch: a nexlet that closes releases the uids of
+// its last stops without waiting out the batch's wait (here an hour) for more stops to
+// share the walk; before and after the flush, a release walks once for all pending.
+func TestFlushedReleaseDoesNotWaitForItsBatch(t *testing.T) {
+	needRoot(t)
+	us, ids, cmd := twoLeasedOneRunning(t, 61610, 61619)
+	waited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(waited) }()
+	var wg sync.WaitGroup
+	r := &releaser{u: us, log: slog.New(slog.DiscardHandler), wg: &wg, gate: &startGate{}, hurry: make(chan struct{}), batch: time.Hour}
+	r.add(ids[0])
+	r.flush()
+	r.add(ids[1]) // after the flush: no wait either
+	wg.Wait()     // an hour, without the flush
+	<-waited      // the survivor running as ids[0] was killed
+	for _, id := range ids {
+		if _, err := os.Stat(us.leasePath(id.uid)); !os.IsNotExist(err) {
+			t.Errorf("lease of uid %d left after the flushed release: %v", id.uid, err)
+		}
 	}
 }
 
