@@ -223,10 +223,20 @@ func BenchmarkAcquireReleaseUID(b *testing.B) {
 
 // BenchmarkProcUIDs is the /proc walk alone; its cost grows with the host's processes.
 // status: every process's status read, as the walk did before it stat'ed /proc/<pid>.
+//
+// walk/pidfds=off: root's processes' uids from their status, as before the walk asked
+// their pidfds (walk: the walk as it is).
 func BenchmarkProcUIDs(b *testing.B) {
 	b.Run("walk", func(b *testing.B) {
 		for b.Loop() {
 			if _, err := procUIDs("/proc"); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("walk/pidfds=off", func(b *testing.B) {
+		for b.Loop() {
+			if err := walkProcsWith("/proc", false, func(int, []uint32) {}); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nkeys"
+	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 
@@ -538,6 +539,62 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 		default:
 			t.Errorf("pid %d: walk says uids %v, status says %v", pid, g, w)
 		}
+	}
+}
+
+// TestPidfdUIDsMatchStatus: what a pidfd says of a process's uids (the walk's source for
+// root's processes where the kernel has PIDFD_GET_INFO) is what its status says, here
+// for a process whose real uid differs from its effective and saved uids, and for an
+// exited, unreaped process (which still counts as running as its uid).
+func TestPidfdUIDsMatchStatus(t *testing.T) {
+	needRoot(t)
+	var uids [4]uint32
+	if ok, err := pidfdUIDs(os.Getpid(), &uids); !ok {
+		t.Skipf("no PIDFD_GET_INFO here: %v", err)
+	}
+	if _, err := os.Stat("/usr/bin/python3"); err != nil {
+		t.Skip("needs /usr/bin/python3 to set a real uid alone")
+	}
+	mixed := exec.Command("/usr/bin/python3", "-c", "import os, time; os.setresuid(2000105, 0, 0); print('set', flush=True); time.sleep(60)")
+	out, err := mixed.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mixed.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = mixed.Process.Kill(); _ = mixed.Wait() }()
+	buf := make([]byte, 16)
+	if n, _ := out.Read(buf); !strings.Contains(string(buf[:n]), "set") {
+		t.Fatalf("helper said %q", buf[:n])
+	}
+	for _, pid := range []int{os.Getpid(), mixed.Process.Pid} {
+		if ok, err := pidfdUIDs(pid, &uids); !ok {
+			t.Fatalf("pid %d: %v", pid, err)
+		}
+		if want := statusUIDs()[pid]; !slices.Equal(uids[:], want) {
+			t.Errorf("pid %d: pidfd says uids %v, status %v", pid, uids, want)
+		}
+	}
+	if uids[0] != 2000105 || uids[1] != 0 {
+		t.Errorf("the mixed process's uids %v, want real 2000105 and effective 0", uids)
+	}
+
+	zombie := exec.Command("/bin/true")
+	if err := zombie.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer zombie.Wait()
+	testkit.EventuallyWithin(t, 10*time.Second, "the child to exit", func() bool {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(zombie.Process.Pid) + "/stat")
+		return strings.Contains(string(b), ") Z ")
+	})
+	if ok, err := pidfdUIDs(zombie.Process.Pid, &uids); ok {
+		if want := statusUIDs()[zombie.Process.Pid]; !slices.Equal(uids[:], want) {
+			t.Errorf("exited, unreaped pid %d: pidfd says uids %v, status %v", zombie.Process.Pid, uids, want)
+		}
+	} else if err != unix.ESRCH {
+		t.Errorf("exited, unreaped pid %d: %v; want its uids, or ESRCH (the walk then reads its status)", zombie.Process.Pid, err)
 	}
 }
 
