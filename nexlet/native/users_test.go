@@ -468,6 +468,27 @@ func statusUIDs() map[int][]uint32 {
 	return out
 }
 
+// realUIDAlone starts a root process (python3, which the caller checked for) whose real
+// uid is uid and whose effective and saved uids stay root's, killed when the test ends.
+func realUIDAlone(t *testing.T, uid uint32) *exec.Cmd {
+	t.Helper()
+	mixed := exec.Command("/usr/bin/python3", "-c", "import os, sys, time; os.setresuid(int(sys.argv[1]), 0, 0); print('set', flush=True); time.sleep(60)", strconv.FormatUint(uint64(uid), 10))
+	mixed.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := mixed.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mixed.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = mixed.Process.Kill(); _ = mixed.Wait() })
+	buf := make([]byte, 16)
+	if n, _ := out.Read(buf); !strings.Contains(string(buf[:n]), "set") {
+		t.Fatalf("helper said %q", buf[:n])
+	}
+	return mixed
+}
+
 // TestWalkProcsFindsEveryUID: the /proc walk, which reads a process's status only when
 // its /proc directory belongs to root (the kernel gives it the effective uid), finds
 // every uid a process runs with: for every process on the host, its uids per the walk
@@ -482,20 +503,7 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 	if newHostIDs().uses(uid) {
 		t.Skip("uid 2000104 is in use on this host")
 	}
-	mixed := exec.Command("/usr/bin/python3", "-c", "import os, time; os.setresuid(2000104, 0, 0); print('set', flush=True); time.sleep(60)")
-	mixed.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := mixed.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mixed.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = mixed.Process.Kill(); _ = mixed.Wait() }()
-	buf := make([]byte, 16)
-	if n, _ := out.Read(buf); !strings.Contains(string(buf[:n]), "set") {
-		t.Fatalf("helper said %q", buf[:n])
-	}
+	mixed := realUIDAlone(t, uid)
 	if p, err := uidProcs("/proc", uid); err != nil || !slices.Contains(p, mixed.Process.Pid) {
 		t.Errorf("uid %d: walk found %v (%v), not process %d, whose real uid it is", uid, p, err, mixed.Process.Pid)
 	}
@@ -555,19 +563,7 @@ func TestPidfdUIDsMatchStatus(t *testing.T) {
 	if _, err := os.Stat("/usr/bin/python3"); err != nil {
 		t.Skip("needs /usr/bin/python3 to set a real uid alone")
 	}
-	mixed := exec.Command("/usr/bin/python3", "-c", "import os, time; os.setresuid(2000105, 0, 0); print('set', flush=True); time.sleep(60)")
-	out, err := mixed.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := mixed.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = mixed.Process.Kill(); _ = mixed.Wait() }()
-	buf := make([]byte, 16)
-	if n, _ := out.Read(buf); !strings.Contains(string(buf[:n]), "set") {
-		t.Fatalf("helper said %q", buf[:n])
-	}
+	mixed := realUIDAlone(t, 2000105)
 	for _, pid := range []int{os.Getpid(), mixed.Process.Pid} {
 		if ok, err := pidfdUIDs(pid, &uids); !ok {
 			t.Fatalf("pid %d: %v", pid, err)
