@@ -495,14 +495,16 @@ func TestTwoNodesOneHost(t *testing.T) {
 			removeNodeRoots(id)
 		}
 	})
-	a := startNode(t, nodeOpts{external: s.ClientURL(), autoCgroup: true})
+	// Each workload is placed on its node by a tag: both nodes bid in one auction, and b,
+	// just started, bid too late once at load 20, so on-b went to a.
+	a := startNode(t, nodeOpts{external: s.ClientURL(), autoCgroup: true, extra: []string{"--tags", "twonodes=a"}})
 	ida := a.waitReady(t).NodeID
 	ids = append(ids, ida)
-	wa := a.runWorkload(t, "--name", "on-a", "--", "/bin/sleep", "600")
-	b := startNode(t, nodeOpts{external: s.ClientURL(), autoCgroup: true})
+	wa := a.runWorkload(t, "--name", "on-a", "--tags", "twonodes=a", "--", "/bin/sleep", "600")
+	b := startNode(t, nodeOpts{external: s.ClientURL(), autoCgroup: true, extra: []string{"--tags", "twonodes=b"}})
 	idb := b.waitReady(t).NodeID
 	ids = append(ids, idb)
-	wb := b.runWorkload(t, "--name", "on-b", "--", "/bin/sleep", "600")
+	wb := b.runWorkload(t, "--name", "on-b", "--tags", "twonodes=b", "--", "/bin/sleep", "600")
 	for _, c := range []struct {
 		n  *node
 		id string
