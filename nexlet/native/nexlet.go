@@ -111,8 +111,12 @@ type Nexlet struct {
 	// leftovers are removed.
 	beforeTidy func(id string)
 	// beforeRelaunch, when set (tests: a detach at that moment), runs when a
-	// workload's restart backoff is over, right before its process is launched again.
-	beforeRelaunch func(id string)
+	// workload's restart backoff is over, right before its process is launched again;
+	// beforeEnd (tests: a supervisor that has not run yet) in a workload's supervisor
+	// once it saw the workload's process end, before it handles the end;
+	// beforeDetachedRecord (tests: a slow write) before a detached nexlet records an
+	// end it reaped for the next nexlet (detachedExit).
+	beforeRelaunch, beforeEnd, beforeDetachedRecord func(id string)
 
 	mu        sync.Mutex
 	workloads map[string]*workload
@@ -226,6 +230,7 @@ func (n *Nexlet) Detach() {
 	n.mu.Unlock()
 	// An end that began before is recorded before the nexlet exits.
 	n.ending.Wait()
+	n.recordUnhandledEnds()
 }
 
 // SetFeed connects the nexlet to its runner's log and event feeds.
@@ -416,6 +421,9 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 		close(w.done)
 		return nil, err
 	}
+	n.mu.Lock()
+	w.cur = p
+	n.mu.Unlock()
 	n.setState(w, protocol.WorkloadRunning)
 	if adopted {
 		n.log.Info("adopted live workload", "workload_id", id, "namespace", w.ns, "pid", p.pid)
@@ -534,10 +542,11 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 	st.Log(n.log, "stop steps", "workload_id", id)
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	code, reason := -1, w.reason
-	if w.exitCode != nil {
-		code = *w.exitCode
+	if w.exitCode == nil {
+		// Its supervisor let it go: the nexlet detached, and the next one reports its end.
+		return "", fmt.Errorf("workload %s: the nexlet handed its workloads over while it stopped; the next nexlet reports its end", id)
 	}
+	code, reason := *w.exitCode, w.reason
 	if strings.HasPrefix(reason, "killed after") {
 		return reason, nil
 	}

@@ -114,16 +114,9 @@ func TestExitAfterDetachIsReported(t *testing.T) {
 	})
 	first.watch.stop() // as the exiting nexlet's Close does: its reaps are done
 
-	fn.mu.Lock()
-	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"late": req}
-	fn.mu.Unlock()
-	fn.startNexlet(Config{RuntimeDir: runtime})
-	ev := fn.stoppedEvent("late")
-	if got := ev.Metadata["exit_code"]; got != "7" {
-		t.Fatalf("the job that ended during the detach was reported with exit code %s (%s), want 7", got, ev.Metadata["reason"])
-	}
-	if n := fn.countEvents(protocol.EventWorkloadStopped, "late"); n != 1 {
-		t.Errorf("%d WORKLOADSTOPPED events for the job, want 1", n)
+	fn.replayTo(runtime, "late", req)
+	if ev := fn.endedOnce("late"); ev.Metadata["exit_code"] != "7" {
+		t.Fatalf("the job that ended during the detach was reported with exit code %s (%s), want 7", ev.Metadata["exit_code"], ev.Metadata["reason"])
 	}
 	if len(fn.procsOf("late")) != 0 {
 		t.Error("the job ran again")
@@ -145,11 +138,7 @@ func TestRestartDueAtDetach(t *testing.T) {
 		s, ok := fn.summary("retry")
 		return ok && s.WorkloadState == protocol.WorkloadStarting && s.Metadata["restarts"] == "1"
 	})
-	// As the nexlet's Main does on SignalDetach: let go, then stop the runner.
-	first.Detach()
-	_ = first.r.Shutdown()
-	first.watch.stop()
-
+	first.detach()
 	fn.replayRanOutItsRestart(runtime, "retry", req, runs)
 }
 
@@ -178,11 +167,8 @@ func (fn *fakeNode) startFailingJob(id, backoff string) (protocol.AgentStartWork
 func (fn *fakeNode) replayRanOutItsRestart(runtime, id string, req protocol.AgentStartWorkloadRequest, runs string) {
 	t := fn.t
 	t.Helper()
-	fn.mu.Lock()
-	fn.existing = map[string]protocol.AgentStartWorkloadRequest{id: req}
-	fn.mu.Unlock()
-	fn.startNexlet(Config{RuntimeDir: runtime})
-	ev := fn.stoppedEvent(id)
+	fn.replayTo(runtime, id, req)
+	ev := fn.endedOnce(id)
 	if ev.Metadata["exit_code"] != "3" || !strings.Contains(ev.Metadata["reason"], "restart limit of 1 reached") {
 		t.Errorf("the job ended with %q (%s), want 3 with its restart limit of 1 reached", ev.Metadata["exit_code"], ev.Metadata["reason"])
 	}
@@ -192,9 +178,6 @@ func (fn *fakeNode) replayRanOutItsRestart(runtime, id string, req protocol.Agen
 	}
 	if n := strings.Count(string(b), "run\n"); n != 2 {
 		t.Errorf("the job ran %d times, want 2 (its run and its one restart)", n)
-	}
-	if n := fn.countEvents(protocol.EventWorkloadStopped, id); n != 1 {
-		t.Errorf("%d WORKLOADSTOPPED events for the job, want 1", n)
 	}
 }
 
@@ -224,14 +207,7 @@ func TestRestartLaunchedAtDetach(t *testing.T) {
 	}
 	detached := make(chan struct{})
 	go func() { first.Detach(); close(detached) }()
-	testkit.Eventually(t, "the nexlet detaches", func() bool {
-		select {
-		case <-first.abandon:
-			return true
-		default:
-			return false
-		}
-	})
+	testkit.Eventually(t, "the nexlet detaches", first.detached)
 	select {
 	case <-detached:
 		t.Error("Detach returned while the job's restart was being launched: the nexlet exits then, and the restart is lost")
@@ -253,4 +229,139 @@ func TestRestartLaunchedAtDetach(t *testing.T) {
 	first.watch.stop() // as the exiting nexlet's Close does: its reaps are done
 
 	fn.replayRanOutItsRestart(runtime, "relaunch", req, runs)
+}
+
+// TestEndBeforeDetachRecorded: a job's process ends and is reaped just before its
+// nexlet detaches, and its supervisor has not run since (a hook holds it). Detach
+// records the end for the next nexlet, which reports the job's exit code. Before,
+// nothing recorded it (Detach waited only for ends a supervisor had counted), and the
+// next nexlet reported the job lost (-1).
+func TestEndBeforeDetachRecorded(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	seen, hold := make(chan struct{}, 1), make(chan struct{})
+	first.beforeEnd = func(string) {
+		seen <- struct{}{}
+		<-hold
+	}
+	released := false
+	t.Cleanup(func() { // before the nexlet's own clean-up
+		if !released {
+			close(hold)
+		}
+	})
+	req := startReq(protocol.LifecycleJob, "early", map[string]any{"uri": script(t, `exit 5`)}, fn.creds())
+	fn.mustStart("early", req)
+	select {
+	case <-seen:
+	case <-time.After(waitLong):
+		t.Fatal("the job's end did not reach its supervisor")
+	}
+	first.detach()
+	fn.replayTo(runtime, "early", req)
+	ev := fn.stoppedEvent("early")
+	if got := ev.Metadata["exit_code"]; got != "5" {
+		t.Errorf("the job that ended before the detach was reported with exit code %s (%s), want 5", got, ev.Metadata["reason"])
+	}
+	close(hold) // the old supervisor runs now: it records nothing more
+	released = true
+	fn.endedOnce("early")
+}
+
+// TestStopAtDetachReportedOnce: a stop is under way (the workload takes its time to
+// exit on SIGTERM) when its nexlet detaches, and the process ends after the detach,
+// reaped by the detached nexlet, whose record of the end is slow (a hook). The stop
+// claims the end or leaves it to the detach: either way the end is recorded once, the
+// stop is answered that the next nexlet reports it, and the next nexlet does, once.
+// Before, the stop was answered as done and its tidy removed the record, and the
+// detached nexlet's record of the end, written after, made it again: a workload the
+// node no longer had was held by the next nexlet.
+func TestStopAtDetachReportedOnce(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	hold := make(chan struct{})
+	first.beforeDetachedRecord = func(string) { <-hold }
+	released := false
+	t.Cleanup(func() {
+		if !released {
+			close(hold)
+		}
+	})
+	marker := filepath.Join(sharedDir(t), "go")
+	req := startReq(protocol.LifecycleService, "slowstop", map[string]any{
+		"uri": script(t, `trap 'while [ ! -e `+marker+` ]; do sleep 0.01; done; exit 9' TERM; echo up; while :; do sleep 0.05; done`)}, fn.creds())
+	fn.mustStart("slowstop", req)
+	fn.waitLog("slowstop", "stdout", "up")
+	type answer struct {
+		r   reply
+		err error
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		r, err := fn.request(protocol.StopWorkloadSubject(testNode, "slowstop"), protocol.StopWorkloadRequest{Namespace: testNS}, waitLong)
+		answered <- answer{r, err}
+	}()
+	testkit.Eventually(t, "the stop under way", func() bool {
+		s, ok := fn.summary("slowstop")
+		return ok && s.WorkloadState == protocol.WorkloadStopping
+	})
+	first.Detach()
+	if err := os.WriteFile(marker, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a := <-answered
+	if a.err != nil {
+		t.Fatal(a.err)
+	}
+	first.waitTidied() // what the stop left for after its answer is done
+	close(hold)        // and then the detached nexlet's record of the end is written
+	released = true
+	first.watch.stop() // its reaps are done
+	_ = first.r.Shutdown()
+	_, err := os.Stat(first.recordDir("slowstop"))
+	var resp protocol.StopWorkloadResponse
+	_ = json.Unmarshal(a.r.data, &resp)
+	if resp.Stopped || a.r.code == "" {
+		t.Fatalf("the stop was answered as done (%q; its record made again after the stop removed it: %v), want an answer that the next nexlet reports the end", a.r.data, err == nil)
+	}
+	if _, ok := first.readTombstone("slowstop"); !ok {
+		t.Fatal("the end of the workload stopped at the detach is not recorded for the next nexlet")
+	}
+
+	// The node kept the workload (its stop failed) and replays it.
+	fn.replayTo(runtime, "slowstop", req)
+	if ev := fn.endedOnce("slowstop"); ev.Metadata["exit_code"] != "9" {
+		t.Errorf("the workload stopped at the detach was reported with exit code %s (%s), want 9", ev.Metadata["exit_code"], ev.Metadata["reason"])
+	}
+	if len(fn.procsOf("slowstop")) != 0 {
+		t.Error("the workload stopped at the detach runs again")
+	}
+}
+
+// detach lets tn go as the nexlet's Main does on SignalDetach (let go of the workloads,
+// stop the runner) and waits for the reaps it still does.
+func (tn *testNexlet) detach() {
+	tn.Detach()
+	_ = tn.r.Shutdown()
+	tn.watch.stop()
+}
+
+// replayTo starts the next nexlet on runtime, to which the node replays req as id.
+func (fn *fakeNode) replayTo(runtime, id string, req protocol.AgentStartWorkloadRequest) {
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{id: req}
+	fn.mu.Unlock()
+	fn.startNexlet(Config{RuntimeDir: runtime})
+}
+
+// endedOnce waits for the WORKLOADSTOPPED of id and fails unless it is the only one.
+func (fn *fakeNode) endedOnce(id string) *protocol.WorkloadStoppedEvent {
+	fn.t.Helper()
+	ev := fn.stoppedEvent(id)
+	if n := fn.countEvents(protocol.EventWorkloadStopped, id); n != 1 {
+		fn.t.Errorf("%d WORKLOADSTOPPED events for %s, want 1", n, id)
+	}
+	return ev
 }

@@ -57,6 +57,7 @@ type workload struct {
 	reason   string
 	finished bool // ended on its own; kept for QueryWorkloads until stopped or pruned
 	ended    time.Time
+	cur      *proc                       // its current run's process, once begun (Detach)
 	env      []string                    // replaced when credentials are renewed
 	creds    protocol.NatsConnectionData // the newest credentials
 	// renewTimer renews creds; renewStopped is set once the workload ended.
@@ -703,93 +704,109 @@ func (n *Nexlet) supervise(w *workload, p *proc, started bool) {
 	for {
 		select {
 		case <-n.abandon:
-			if exitedNow(p) && p.claimed.CompareAndSwap(false, true) {
-				n.detachedExit(w, p)
-			}
-			return
+			return // an end reaped meanwhile is the detach's to record (Detach, reaped)
 		case r := <-w.stop:
-			n.terminate(w, p, r.grace, r.steps)
-			n.finish(w, p, &r, false)
+			n.stopped(w, p, r)
 			return
 		case <-p.exited:
 		}
-		if !p.claimed.CompareAndSwap(false, true) {
-			return // reaped after a detach, and recorded then
+		if n.beforeEnd != nil {
+			n.beforeEnd(w.id)
 		}
-		if !n.track() {
-			n.detachedExit(w, p)
+		if p = n.ended(w, p, &backoff); p == nil {
 			return
 		}
-		empty := n.killAndWait(w) // leftovers of a main process that ended on its own
-		if p.code == 0 && p.reason == "" {
-			p.reason = "exited"
-		}
-		n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
-		if !w.restartsAfter(p) {
-			w.emptied = empty // nothing is launched in it again
-			n.finish(w, p, nil, false)
-			n.ending.Done()
-			return
-		}
-		if ranHealthy(p) {
-			backoff = w.plan.backoff
-		}
-		n.mu.Lock()
-		next, due := w.nextRestartLocked(p)
-		w.restarts = next
-		if due {
-			w.state = protocol.WorkloadStarting
-		}
-		n.mu.Unlock()
-		if !due {
-			w.emptied = empty
-			n.finish(w, p, nil, true)
-			n.ending.Done()
-			return
-		}
-		n.ending.Done() // a detach does not wait out the backoff
-		t := time.NewTimer(backoff)
-		select {
-		case <-n.abandon:
-			t.Stop()
-			n.mu.Lock()
-			next := w.restarts
-			n.mu.Unlock()
-			n.detachedRestart(w, p, next)
-			return
-		case r := <-w.stop:
-			t.Stop()
-			n.finish(w, p, &r, false)
-			return
-		case <-t.C:
-		}
-		// The launch is counted as an end under way, which Detach waits for: the
-		// nexlet exits once Detach returns, and a launch not made by then was lost
-		// (the next nexlet found no process and no due restart, and reported a job
-		// lost; TestRestartLaunchedAtDetach). Detached already: left due, as above.
-		if !n.track() {
-			n.mu.Lock()
-			next := w.restarts
-			n.mu.Unlock()
-			n.detachedRestart(w, p, next)
-			return
-		}
-		if n.beforeRelaunch != nil {
-			n.beforeRelaunch(w.id)
-		}
-		backoff = min(2*backoff, MaxBackoff)
-		np, err := n.launch(w)
-		if err != nil {
-			n.log.Error("workload restart failed", "workload_id", w.id, "err", err)
-			p.code, p.reason = -1, err.Error()
-			n.finish(w, p, nil, true)
-			n.ending.Done()
-			return
-		}
-		p = np
-		n.setState(w, protocol.WorkloadRunning)
-		n.ending.Done()
 	}
+}
+
+// ended handles the end of w's process p: it records it, or starts w again by its
+// policy after its backoff and returns the new run's process (nil: w is done here). An
+// end this counts (track) the detach waits for, cutting its backoff short; a nexlet
+// that detached before leaves the end to the detach (recordUnhandledEnds, reaped),
+// which records it for the next nexlet.
+func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
+	if !n.track() {
+		return nil
+	}
+	defer n.ending.Done()
+	if !p.claimed.CompareAndSwap(false, true) {
+		return nil // recorded by the detach
+	}
+	empty := n.killAndWait(w) // leftovers of a main process that ended on its own
+	if p.code == 0 && p.reason == "" {
+		p.reason = "exited"
+	}
+	n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
+	if !w.restartsAfter(p) {
+		w.emptied = empty // nothing is launched in it again
+		n.finish(w, p, nil, false)
+		return nil
+	}
+	if ranHealthy(p) {
+		*backoff = w.plan.backoff
+	}
+	n.mu.Lock()
+	next, due := w.nextRestartLocked(p)
+	w.restarts = next
+	if due {
+		w.state = protocol.WorkloadStarting
+	}
+	n.mu.Unlock()
+	if !due {
+		w.emptied = empty
+		n.finish(w, p, nil, true)
+		return nil
+	}
+	t := time.NewTimer(*backoff)
+	defer t.Stop()
+	select {
+	case <-n.abandon:
+		n.detachedRestart(w, p, next)
+		return nil
+	case r := <-w.stop:
+		n.finish(w, p, &r, false)
+		return nil
+	case <-t.C:
+	}
+	// Still counted as an end under way, which Detach waits for: the nexlet exits once
+	// Detach returns, and a launch not made by then was lost (the next nexlet found no
+	// process and no due restart, and reported a job lost; TestRestartLaunchedAtDetach).
+	if n.beforeRelaunch != nil {
+		n.beforeRelaunch(w.id)
+	}
+	*backoff = min(2**backoff, MaxBackoff)
+	np, err := n.launch(w)
+	if err != nil {
+		n.log.Error("workload restart failed", "workload_id", w.id, "err", err)
+		p.code, p.reason = -1, err.Error()
+		n.finish(w, p, nil, true)
+		return nil
+	}
+	n.mu.Lock()
+	w.cur = np
+	n.mu.Unlock()
+	n.setState(w, protocol.WorkloadRunning)
+	return np
+}
+
+// stopped stops w, whose process is p, as r asks. The stop claims p's end once
+// terminate is done (not before: a nexlet that detaches and exits mid-stop leaves the
+// end to the detach, which records it with its exit code), so that a detach meanwhile
+// records it at most once and never after the stop removed w's record (a write then
+// made the record again: the next nexlet held w, stopped, a second time). An end the
+// detach claimed first, or one the stop claims after the detach, is left recorded for
+// the next nexlet, and the stop is answered that the next nexlet reports it
+// (TestStopAtDetachReportedOnce).
+func (n *Nexlet) stopped(w *workload, p *proc, r stopRequest) {
+	n.terminate(w, p, r.grace, r.steps)
+	if !p.claimed.CompareAndSwap(false, true) {
+		return // recorded by the detach
+	}
+	if exitedNow(p) && n.detached() {
+		n.recordDetachedEnd(w, p.code, p.reason)
+		return
+	}
+	n.finish(w, p, &r, false)
 }
 
 // restartsAfter says whether w's policy starts it again after its process p ended (a
