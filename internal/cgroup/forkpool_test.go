@@ -205,8 +205,6 @@ func BenchmarkV1MoveThread(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
 	orig, err := os.ReadFile("/proc/thread-self/cgroup")
 	if err != nil {
 		b.Fatal(err)
@@ -214,6 +212,13 @@ func BenchmarkV1MoveThread(b *testing.B) {
 	_, origPaths := parseSelfCgroup(orig)
 	for _, how := range []string{"id", "self"} {
 		b.Run(how, func(b *testing.B) {
+			// b.Run runs this in a goroutine of its own: the lock must be taken here. Taken
+			// in the caller, it held the wrong goroutine, and "self" (the writing thread)
+			// could move one thread in and, after a syscall handed the goroutine to another
+			// thread, another out: the group kept a thread and its removal failed (EBUSY,
+			// in a benchmark run at load 20).
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
 			val := thisThread
 			if how == "id" {
 				val = itoa(unix.Gettid())
