@@ -70,8 +70,8 @@ func Connect(t testing.TB, s *server.Server, opts ...nats.Option) *nats.Conn {
 
 // Cluster is n nats-servers routed to each other as one JetStream cluster over
 // loopback, each with its own store directory for the whole test. The route ports are
-// fixed beforehand (testkit.StablePort), so a server can be started late, or again, at
-// the address the others expect; client ports are :0, read back from Servers.
+// fixed beforehand (testkit.StablePort), so a server can be started late at the
+// address the others expect; client ports are :0, read back from Servers.
 type Cluster struct {
 	t       testing.TB
 	Name    string
@@ -81,7 +81,7 @@ type Cluster struct {
 }
 
 // NewCluster prepares a cluster of n servers without starting any: Start them one by
-// one, or StartCluster for all at once.
+// one.
 func NewCluster(t testing.TB, n int) *Cluster {
 	t.Helper()
 	c := &Cluster{t: t, Name: "testnats", Servers: make([]*server.Server, n)}
@@ -92,19 +92,7 @@ func NewCluster(t testing.TB, n int) *Cluster {
 	return c
 }
 
-// StartCluster starts all n servers of a new cluster and waits until its JetStream
-// meta leader knows every one of them.
-func StartCluster(t testing.TB, n int) *Cluster {
-	t.Helper()
-	c := NewCluster(t, n)
-	for i := range n {
-		c.Start(i)
-	}
-	c.WaitJetStreamPeers(n)
-	return c
-}
-
-// Start starts server i (again, after Stop), routed to all the others.
+// Start starts server i, routed to all the others.
 func (c *Cluster) Start(i int) *server.Server {
 	c.t.Helper()
 	var routes []*url.URL
@@ -122,13 +110,6 @@ func (c *Cluster) Start(i int) *server.Server {
 		o.Routes = routes
 	}})
 	return c.Servers[i]
-}
-
-// Stop shuts server i down (its store directory stays for a later Start).
-func (c *Cluster) Stop(i int) {
-	c.Servers[i].Shutdown()
-	c.Servers[i].WaitForShutdown()
-	c.Servers[i] = nil
 }
 
 // URLs is the client URLs of the servers running now, comma-separated.
