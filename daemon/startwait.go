@@ -151,7 +151,8 @@ func (d *daemon) openKVPatiently(ctx context.Context, open func(context.Context)
 // replicas: the same error is a cluster still forming at boot or one that will never
 // have enough JetStream servers, and only the second is worth an operator's time.
 const placementHint = "the JetStream cluster may still be forming (servers starting, peers not yet known), " +
-	"or it has fewer JetStream servers than the bucket's replicas (state_replicas); nexd waits"
+	"or it has fewer JetStream servers than the bucket's replicas (state_replicas), " +
+	"or its servers are at their max_ha_assets (\"miscellaneous issue\"); nexd waits"
 
 // retryableJS says whether a state store error may heal by waiting: JetStream not
 // (yet) enabled or answering, a timeout, a connection that is reconnecting, any
@@ -187,8 +188,10 @@ const (
 // only reasons it gives are ones a forming cluster has: no peers known yet (no reason),
 // known peers offline or not yet heard from ("peer offline"), no JetStream peers yet
 // ("jetstream not enabled in cluster"), or a peer whose info has not arrived
-// ("miscellaneous issue"). Reasons of configuration (insufficient storage, placement
-// tags, unique tags) are not pending: waiting cannot fix them. Seen at machine boot
+// ("miscellaneous issue", which nats-server also gives for peers at their
+// max_ha_assets: a limit that lasts until assets are freed, so placementHint names
+// it). Reasons of configuration (insufficient storage, placement tags, unique tags)
+// are not pending: waiting cannot fix them. Seen at machine boot
 // (make fleet-test-ci): the meta leader was up before the third server was known, and
 // an R3 create failed.
 func placementPending(e *jetstream.APIError) bool {
