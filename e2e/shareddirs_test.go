@@ -149,7 +149,7 @@ func TestReexecKeepsDirLocks(t *testing.T) {
 			if err == nil {
 				l.Release()
 			} else if !errors.Is(err, dirlock.ErrHeld) || !strings.Contains(err.Error(), "pid "+strconv.Itoa(pid)) {
-				return fmt.Errorf("%w, want held by nexd (pid %d)", err, pid)
+				return fmt.Errorf("%v, want held by nexd (pid %d)", err, pid) // not ErrHeld: the check after the re-exec fails
 			}
 			return err
 		}})
