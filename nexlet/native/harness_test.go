@@ -356,29 +356,66 @@ func alive(pid int) bool {
 	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
 
-// procsOf lists live processes whose environment carries NEX_WORKLOAD_ID=id.
 // procsOf lists the live processes of workload id started through this fake node: the
 // NATS servers in the environment tell them from another test's (or another run's)
-// workloads of the same name.
+// workloads of the same name. A process in the middle of an exec (a script's `echo up;
+// exec sleep 1000` right after its line was read) shows an empty environ until the new
+// program's is set up: such processes are read again for up to a second, else a test
+// found [] now and then under load (TestStopRepliesBeforeTidyAndRestartWaits,
+// TestCrashDuringTidyLeavesNothing).
 func (fn *fakeNode) procsOf(id string) []int {
 	servers := "NEX_WORKLOAD_NATS_SERVERS=" + strings.Join(fn.creds().NatsServers, ",")
 	ents, _ := os.ReadDir("/proc")
-	var out []int
+	var out, empty []int
+	match := func(pid int) (ok, known bool) {
+		env, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+		if err != nil || !alive(pid) {
+			return false, true
+		}
+		if len(env) == 0 {
+			return false, kernelThread(pid)
+		}
+		vars := strings.Split(string(env), "\x00")
+		return slices.Contains(vars, "NEX_WORKLOAD_ID="+id) && slices.Contains(vars, servers), true
+	}
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
-		if err != nil {
-			continue
-		}
-		vars := strings.Split(string(env), "\x00")
-		if slices.Contains(vars, "NEX_WORKLOAD_ID="+id) && slices.Contains(vars, servers) && alive(pid) {
+		switch ok, known := match(pid); {
+		case ok:
 			out = append(out, pid)
+		case !known:
+			empty = append(empty, pid)
 		}
 	}
+	for deadline := time.Now().Add(time.Second); len(empty) > 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+		still := empty[:0]
+		for _, pid := range empty {
+			switch ok, known := match(pid); {
+			case ok:
+				out = append(out, pid)
+			case !known:
+				still = append(still, pid)
+			}
+		}
+		empty = still
+	}
+	slices.Sort(out)
 	return out
+}
+
+// kernelThread: pid is kthreadd or one of its children (their environ is always empty).
+func kernelThread(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	return pid == 2 || len(f) < 2 || f[1] == "2"
 }
 
 var _ secrets.Store = secrets.FileStore{}

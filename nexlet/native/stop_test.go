@@ -95,12 +95,10 @@ func TestStopRepliesBeforeTidyAndRestartWaits(t *testing.T) {
 			t.Errorf("the new run's %s: %v", p, err)
 		}
 	}
-	// "again" is written just before the shell execs sleep: a read of its environ while
-	// the exec swaps its memory finds none, so procsOf may miss it for that moment (it
-	// found [] once at load 20). Wait for the one process; a leftover of the old run
-	// would make two.
-	var p []int
-	testkit.Eventually(t, "the new run's one process", func() bool { p = fn.procsOf("tidy"); return len(p) == 1 })
+	p := fn.procsOf("tidy") // "again" comes right before the exec: procsOf waits it out
+	if len(p) != 1 {
+		t.Fatalf("new run's processes: %v", p)
+	}
 	if g := memoryCgroup(t, p[0]); filepath.Base(g) != "tidy" {
 		t.Errorf("new run's process in cgroup %s", g)
 	} else if _, err := os.Stat(filepath.Join("/sys/fs/cgroup/memory", g)); err != nil {
