@@ -117,6 +117,9 @@ type Nexlet struct {
 	// beforeDetachedRecord (tests: a slow write) before a detached nexlet records an
 	// end it reaped for the next nexlet (detachedExit).
 	beforeRelaunch, beforeEnd, beforeDetachedRecord func(id string)
+	// afterBegin, when set (tests: a detach at that moment), runs once a deploy began
+	// its workload's process p, before its supervisor starts.
+	afterBegin func(id string, p *proc)
 
 	mu        sync.Mutex
 	workloads map[string]*workload
@@ -421,9 +424,9 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 		close(w.done)
 		return nil, err
 	}
-	n.mu.Lock()
-	w.cur = p
-	n.mu.Unlock()
+	if n.afterBegin != nil {
+		n.afterBegin(id, p)
+	}
 	n.setState(w, protocol.WorkloadRunning)
 	if adopted {
 		n.log.Info("adopted live workload", "workload_id", id, "namespace", w.ns, "pid", p.pid)

@@ -269,6 +269,31 @@ func TestEndBeforeDetachRecorded(t *testing.T) {
 	fn.endedOnce("early")
 }
 
+// TestEndAtDeployDetachRecorded: a deploy's process ends, and is reaped, before its
+// deploy is done, and the nexlet detaches right then (a hook), before the workload's
+// supervisor starts. The detach records the end, and the next nexlet reports the job
+// with its exit code, once. Before, the process became the workload's current one
+// (w.cur) only after the deploy's launch returned, so the detach did not see it, nor did
+// its reaper, which ran before the detach: the next nexlet reported the job lost.
+func TestEndAtDeployDetachRecorded(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	first.afterBegin = func(_ string, p *proc) {
+		<-p.exited
+		first.Detach()
+	}
+	req := startReq(protocol.LifecycleJob, "quick", map[string]any{"uri": script(t, `exit 5`)}, fn.creds())
+	fn.mustStart("quick", req)
+	_ = first.r.Shutdown() // detached once, in the hook (a second Detach would record the end)
+	first.watch.stop()
+	fn.replayTo(runtime, "quick", req)
+	ev := fn.endedOnce("quick")
+	if got := ev.Metadata["exit_code"]; got != "5" {
+		t.Errorf("the job that ended as its deploy detached was reported with exit code %s (%s), want 5", got, ev.Metadata["reason"])
+	}
+}
+
 // TestStopAtDetachReportedOnce: a stop is under way (the workload takes its time to
 // exit on SIGTERM) when its nexlet detaches, and the process ends after the detach,
 // reaped by the detached nexlet, whose record of the end is slow (a hook). The stop

@@ -57,7 +57,7 @@ type workload struct {
 	reason   string
 	finished bool // ended on its own; kept for QueryWorkloads until stopped or pruned
 	ended    time.Time
-	cur      *proc                       // its current run's process, once begun (Detach)
+	cur      *proc                       // its current run's process, set before anything can reap it (Detach)
 	env      []string                    // replaced when credentials are renewed
 	creds    protocol.NatsConnectionData // the newest credentials
 	// renewTimer renews creds; renewStopped is set once the workload ended.
@@ -406,7 +406,9 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	w.steps.Step("pid") // its oom_score_adj, its pid and start time recorded
 	n.mu.Lock()
-	w.pid = p.pid
+	// Its current run from now on, before anything can reap it: an end the reaper
+	// leaves to the detach (reaped) is then seen by the detach (recordUnhandledEnds).
+	w.pid, w.cur = p.pid, p
 	n.mu.Unlock()
 	n.watchOutput(w, outR, "stdout")
 	n.watchOutput(w, errR, "stderr")
@@ -494,7 +496,7 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	sum, _ := n.digests.sum(w.exe)
 	p := &proc{pid: pid, started: time.Now(), exited: make(chan struct{})}
 	n.mu.Lock()
-	w.pid, w.sha256 = pid, sum
+	w.pid, w.sha256, w.cur = pid, sum, p // before anything can reap it (see launch)
 	n.mu.Unlock()
 	for _, stream := range []string{"stdout", "stderr"} {
 		r, err := openFIFOReader(filepath.Join(n.recordDir(w.id), stream))
@@ -782,9 +784,6 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 		n.finish(w, p, nil, true)
 		return nil
 	}
-	n.mu.Lock()
-	w.cur = np
-	n.mu.Unlock()
 	n.setState(w, protocol.WorkloadRunning)
 	return np
 }
