@@ -19,6 +19,11 @@ type Options struct {
 	Ticks    int           // quiet ticks in a row before a trim (2)
 	Min      uint64        // least growth of the heap since the last trim worth a new one (256 KiB)
 	Interval time.Duration // least time between two trims with no busy tick between them (10 s)
+
+	// Tests drive the ticks: tick, when set, replaces the ticker, and ticked, when set,
+	// is called once each tick has been handled, so a test knows the sample was taken.
+	tick   <-chan time.Time
+	ticked func()
 }
 
 func (o *Options) defaults() {
@@ -51,8 +56,12 @@ func (o *Options) defaults() {
 // by trickles, with no busy tick, of which a process could otherwise trim every few ticks.
 func Run(ctx context.Context, o Options) {
 	o.defaults()
-	t := time.NewTicker(o.Tick)
-	defer t.Stop()
+	tick := o.tick
+	if tick == nil {
+		t := time.NewTicker(o.Tick)
+		defer t.Stop()
+		tick = t.C
+	}
 	var last time.Time
 	var base uint64 // the heap right after the last trim
 	busy := false   // a tick since the last trim was not quiet
@@ -61,7 +70,7 @@ func Run(ctx context.Context, o Options) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-tick:
 		}
 		s := read()
 		if s.allocs-prev < o.Quiet {
@@ -75,6 +84,9 @@ func Run(ctx context.Context, o Options) {
 			last, busy = time.Now(), false
 			after := read()
 			prev, base = after.allocs, after.heap()
+		}
+		if o.ticked != nil {
+			o.ticked()
 		}
 	}
 }

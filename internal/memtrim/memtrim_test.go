@@ -38,18 +38,28 @@ func TestQuietProcessGivesMemoryBack(t *testing.T) {
 	})
 }
 
-// TestBusyProcessIsLeftAlone: while the process allocates faster than Quiet per tick,
-// no trim runs (a trim is a full collection).
+// TestBusyProcessIsLeftAlone: while the process allocates more than Quiet each tick,
+// no trim runs (a trim is a full collection). The test drives the ticks and allocates
+// 512 KiB (twice Quiet) before each one, so every tick is busy whatever the load: with
+// a real 20 ms ticker the allocating loop, off the CPU for two ticks at load 20, looked
+// quiet and was trimmed. Everything else would trim at once (Interval 1 ms, the heap
+// well above Min), so a trimmer that ignored a busy tick fails here.
 func TestBusyProcessIsLeftAlone(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
+	tick, handled := make(chan time.Time), make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Go(func() { Run(ctx, Options{Tick: 20 * time.Millisecond, Interval: time.Millisecond}) })
+	wg.Go(func() {
+		Run(ctx, Options{Interval: time.Millisecond, tick: tick, ticked: func() { handled <- struct{}{} }})
+	})
 	var st runtime.MemStats
 	runtime.ReadMemStats(&st)
 	forced := st.NumForcedGC
-	deadline := time.Now().Add(300 * time.Millisecond)
-	for time.Now().Before(deadline) {
-		sink = append(sink[:0], make([]byte, 64<<10))
+	for range 20 {
+		for range 8 {
+			sink = append(sink[:0], make([]byte, 64<<10)) // a large object: counted at once
+		}
+		tick <- time.Now()
+		<-handled
 	}
 	cancel()
 	wg.Wait()
