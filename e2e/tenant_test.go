@@ -708,10 +708,16 @@ func TestFakeBidderUnknownNode(t *testing.T) {
 		}
 	}
 	flush(t, nc)
-	deploy := func(env []string, extra ...string) (runResult, string) {
+	// deploy runs the sealed workload with the global flags extra; tags, when set, is
+	// its --tags.
+	deploy := func(env []string, tags string, extra ...string) (runResult, string) {
 		t.Helper()
 		args := append([]string{"--control-socket", n.socket, "--nats.servers", s.ClientURL(), "--namespace", "tenant", "--json"}, extra...)
-		out, errOut, code := run(t, env, nexctlBin(t), append(args, "workload", "run", "--name", "secret", "--env", "TOKEN=hunter2", "--", "/bin/sleep", "300")...)
+		args = append(args, "workload", "run", "--name", "secret", "--env", "TOKEN=hunter2")
+		if tags != "" {
+			args = append(args, "--tags", tags)
+		}
+		out, errOut, code := run(t, env, nexctlBin(t), append(args, "--", "/bin/sleep", "300")...)
 		if code != 0 {
 			t.Fatalf("nexctl workload run %v: exit %d\n%s\n%s", extra, code, out, errOut)
 		}
@@ -721,13 +727,15 @@ func TestFakeBidderUnknownNode(t *testing.T) {
 		}
 		return r, errOut
 	}
-	// Control: a valid signature by an unknown node passes.
-	if r, _ := deploy(nil); deploys.Load() != 1 || r.ID != "stolen" {
+	// Control: a valid signature by an unknown node passes. The run asks for a tag the
+	// real node does not have, so only the fake bids (it bids whatever the tags): with
+	// both bidding, the fake's bid came too late once at load 20 and the real node won.
+	if r, _ := deploy(nil, "fake=only"); deploys.Load() != 1 || r.ID != "stolen" {
 		t.Fatalf("control run: the self-signed fake did not get the deploy (%d deploys, placed %+v); the attack is not played", deploys.Load(), r)
 	}
 	for name, run := range map[string]func() (runResult, string){
-		"flag": func() (runResult, string) { return deploy(nil, "--trusted-node", st.NodeID) },
-		"env":  func() (runResult, string) { return deploy([]string{"NEX_TRUSTED_NODES=" + st.NodeID}) },
+		"flag": func() (runResult, string) { return deploy(nil, "", "--trusted-node", st.NodeID) },
+		"env":  func() (runResult, string) { return deploy([]string{"NEX_TRUSTED_NODES=" + st.NodeID}, "") },
 	} {
 		r, errOut := run()
 		if deploys.Load() != 1 || r.Node != st.NodeID || r.ID == "stolen" {
