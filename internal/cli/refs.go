@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -99,6 +100,9 @@ func (f *fleet) resolveNode(ctx context.Context, ref string) (string, error) {
 	}
 	return m[0].ID, nil
 }
+
+// workloadIDPattern is a whole workload id as nodes make them (a NUID).
+var workloadIDPattern = regexp.MustCompile(`^[0-9A-Za-z]{22}$`)
 
 func workloadCandidates(ws []protocol.WorkloadSummary, ns string) []candidate {
 	out := make([]candidate, 0, len(ws))

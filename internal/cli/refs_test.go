@@ -100,3 +100,47 @@ func TestMatchRef(t *testing.T) {
 		}
 	}
 }
+
+// TestStopIDTheListMissed: from system, a whole workload id that no list answer named
+// (a node's answer that came late under load, or its nexlet's) is still sent its stop,
+// and the node holding it answers; before, nexctl said "not found" without asking
+// (e2e TestSlowStopTruthfulAnswer at load 20: a second stop of a stopping workload). An
+// id no node holds, and a name no list names, are still reported not found.
+func TestStopIDTheListMissed(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	a := newFakeNode(t, nc, "NAAA1", nil) // lists nothing: its list answer missed the workload
+	a.stopOK = true
+	a.start()
+	const id = "aDqYSZ2aIvLTDISr3fAsgI"
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "stop", id)...)
+	if code != 0 || !strings.Contains(out, "Workload "+id+" successfully stopped") {
+		t.Errorf("stop of an id the list missed: exit %d, %q %q", code, out, errOut)
+	}
+	a.mu.Lock()
+	stops := strings.Join(a.stops, " ")
+	a.mu.Unlock()
+	if !strings.Contains(stops, ".system.control.UNDEPLOY."+id) {
+		t.Errorf("undeploys went to %q", stops)
+	}
+
+	s2 := testnats.Start(t, testnats.Options{NoJetStream: true})
+	url = s2.ClientURL()
+	b := newFakeNode(t, testnats.Connect(t, s2), "NBBB2", nil) // holds nothing, says so
+	b.start()
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "stop", "aDqYSZ2aIvLTDISr3fAsXX")...)
+	if code != 1 || !strings.Contains(errOut, "not found in namespace system") {
+		t.Errorf("stop of an id no node holds: exit %d, %q", code, errOut)
+	}
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "stop", "noname")...)
+	if code != 1 || !strings.Contains(errOut, "workload noname not found in namespace system") {
+		t.Errorf("stop of an unknown name: exit %d, %q", code, errOut)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if strings.Contains(strings.Join(b.stops, " "), "noname") {
+		t.Errorf("a name no list named was sent a stop: %v", b.stops)
+	}
+}
