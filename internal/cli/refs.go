@@ -140,19 +140,6 @@ func (f *fleet) resolveWorkload(ctx context.Context, ref string) (id, ns string,
 	return m[0].ID, m[0].Extra, true, nil
 }
 
-// workloadRef resolves ref for commands that must address the workload's own
-// namespace: from system, an unknown workload is an error.
-func (f *fleet) workloadRef(ctx context.Context, ref string) (string, string, error) {
-	id, ns, found, err := f.resolveWorkload(ctx, ref)
-	if err != nil {
-		return "", "", err
-	}
-	if !found && f.ns == protocol.SystemNamespace {
-		return "", "", fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", ref, f.ns)
-	}
-	return id, ns, nil
-}
-
 // completionTimeout bounds the live lookups behind shell completion.
 const completionTimeout = 1500 * time.Millisecond
 
