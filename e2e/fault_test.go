@@ -189,7 +189,9 @@ func TestSlowStopTruthfulAnswer(t *testing.T) {
 	loop := "while :; do sleep 0.1; done"
 	slow := run("slow", "trap 'sleep 3; exit 0' TERM; "+loop, "10s")
 	deaf := run("deaf", "trap '' TERM; "+loop, "2s")
-	bg := run("bg", "trap 'sleep 4; exit 0' TERM; "+loop, "10s")
+	// bg's stop takes 10 s: the second stop below must come while it stops, and at
+	// load 20 one nexctl took over 4 s (the workload had ended before it asked).
+	bg := run("bg", "trap 'sleep 10; exit 0' TERM; "+loop, "20s")
 	time.Sleep(500 * time.Millisecond) // the traps are set
 
 	start := time.Now()
