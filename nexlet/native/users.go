@@ -625,13 +625,22 @@ func uidProcs(proc string, uid uint32) ([]int, error) {
 // directory or of a root-owned process's status) returns an error: "no process runs as
 // this uid" from an incomplete walk would free a uid a survivor still holds.
 //
-// Where proc is the process's own /proc and the kernel has PIDFD_GET_INFO (6.13), a
+// Where proc is this process's own /proc (ownProc) and the kernel has PIDFD_GET_INFO (6.13), a
 // root-owned process's uids come from its pidfd (pidfd_open, one ioctl, close: about a
 // fifth of the status read's cost here, which formats some fifty lines); where that is
 // refused (an older kernel, a seccomp filter) or the process has exited (a zombie still
 // counts as running as its uid), from its status as before.
 func walkProcs(proc string, fn func(pid int, uids []uint32)) error {
-	return walkProcsWith(proc, proc == "/proc", fn)
+	return walkProcsWith(proc, ownProc(proc), fn)
+}
+
+// ownProc reports whether proc lists this process's pid namespace, so that a pid read
+// there is the one pidfd_open opens: its "self" names this process's pid. A /proc of
+// another pid namespace (mounted into a container, say) names another number or none,
+// and the walk then reads each status, which describes the process it lists.
+func ownProc(proc string) bool {
+	self, err := os.Readlink(filepath.Join(proc, "self"))
+	return err == nil && self == strconv.Itoa(os.Getpid())
 }
 
 // walkProcsWith is walkProcs; pidfds: ask pidfds first (proc must then be this

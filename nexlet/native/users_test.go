@@ -654,3 +654,22 @@ func FuzzParseStatusUIDs(f *testing.F) {
 		}
 	})
 }
+
+// TestOwnProc: the pidfd walk is taken only where proc lists this process's own pid
+// namespace; a proc whose "self" names another pid (another namespace's /proc) or none
+// (a test's directory) is read through each status.
+func TestOwnProc(t *testing.T) {
+	if !ownProc("/proc") {
+		t.Fatal("/proc is not this process's own")
+	}
+	other := t.TempDir()
+	if err := os.Symlink("1", filepath.Join(other, "self")); err != nil {
+		t.Fatal(err)
+	}
+	if ownProc(other) {
+		t.Error("a proc whose self names pid 1 taken as this process's own")
+	}
+	if ownProc(t.TempDir()) {
+		t.Error("a proc with no self taken as this process's own")
+	}
+}
