@@ -157,8 +157,9 @@ const placementHint = "the JetStream cluster may still be forming (servers start
 // retryableJS says whether a state store error may heal by waiting: JetStream not
 // (yet) enabled or answering, a timeout, a connection that is reconnecting, any
 // JetStream API error with code 503 (temporarily unavailable: 10008 cluster not
-// available, 10023 insufficient resources), the store directory race, a stream leader
-// not elected yet (10009), or replicas JetStream cannot place yet (10005, see
+// available, 10023 insufficient resources) but 10077, of which only the store
+// directory race heals (permission denied or a read-only file system do not), a stream
+// leader not elected yet (10009), or replicas JetStream cannot place yet (10005, see
 // placementPending). hint, when set, says what an operator should check if it lasts.
 func retryableJS(err error) (retry bool, hint string) {
 	var apiErr *jetstream.APIError
@@ -166,7 +167,12 @@ func retryableJS(err error) (retry bool, hint string) {
 		switch {
 		case placementPending(apiErr):
 			return true, placementHint
-		case apiErr.Code == 503, apiErr.ErrorCode == jsClusterNotLeader, storeDirRace(apiErr):
+		case apiErr.ErrorCode == jsStreamStoreFailed:
+			// Sent with code 503 whatever the cause, so it is decided before the 503s:
+			// a store that cannot be written for want of permission, or on a read-only
+			// file system, stays so.
+			return storeDirRace(apiErr), ""
+		case apiErr.Code == 503, apiErr.ErrorCode == jsClusterNotLeader:
 			return true, ""
 		}
 	}
@@ -182,6 +188,9 @@ func retryableJS(err error) (retry bool, hint string) {
 const (
 	jsClusterNoPeers   = 10005 // JSClusterNoPeersErrF: "no suitable peers for placement[, reasons]"
 	jsClusterNotLeader = 10009 // JSClusterNotLeaderErr: "JetStream cluster can not handle request"
+	// jsStreamStoreFailed is JSStreamStoreFailedF (10077, "{err}", code 503): the stream's
+	// store could not be made, for whatever reason the file system gave.
+	jsStreamStoreFailed = 10077
 )
 
 // placementPending is nats-server's "no suitable peers for placement" (10005) when the
@@ -215,6 +224,6 @@ func placementPending(e *jetstream.APIError) bool {
 // moment fails. Seen when the embedded server's leaf connection comes up during
 // start-up (make fleet-test); a retry a moment later succeeds.
 func storeDirRace(e *jetstream.APIError) bool {
-	return e.ErrorCode == 10077 && strings.Contains(e.Description, "could not create storage directory") &&
+	return e.ErrorCode == jsStreamStoreFailed && strings.Contains(e.Description, "could not create storage directory") &&
 		strings.Contains(e.Description, "no such file or directory")
 }
