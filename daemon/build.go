@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/identity"
@@ -381,6 +382,10 @@ func (d *daemon) inheritedLock(key string) (fd int, ok bool) {
 			for kv := range strings.SplitSeq(v, ",") {
 				k, fd, _ := strings.Cut(kv, "=")
 				if n, err := strconv.Atoi(fd); err == nil && n > 2 {
+					// Close-on-exec at once, whether this image knows the key or not:
+					// a lock an image of another version kept must not pass to the
+					// nexlets and workloads this one starts.
+					unix.CloseOnExec(n)
 					d.inheritedDirLocks[k] = n
 				}
 			}
