@@ -13,7 +13,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sys/unix"
 
@@ -244,12 +243,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		store = s.kv
 	}
 	if cfg.Node.LogStream {
-		if err := ensureLogStream(startCtx, s.conn.NC, s.conn.JSDomain(), cfg.Node.LogStreamMaxAge, cfg.Node.LogStreamMaxBytes); err != nil {
-			// Workload output still flows live; only its history is missing.
-			d.log.Error("log_stream is on but the stream cannot be created", "err", err)
-		} else {
-			d.log.Info("keeping workload output", "stream", logstream.Stream, "max_age", cfg.Node.LogStreamMaxAge, "max_bytes", cfg.Node.LogStreamMaxBytes)
-		}
+		s.keepLogStream(startCtx, cfg.Node.LogStreamMaxAge, cfg.Node.LogStreamMaxBytes)
 	}
 	s.node, err = node.New(node.Options{
 		NC:                      s.conn.NC,
@@ -560,21 +554,62 @@ func remoteNexlets(in []config.RemoteNexlet) []node.RemoteNexlet {
 	return out
 }
 
-// ensureLogStream creates (or updates) the bounded stream of workload output.
-func ensureLogStream(ctx context.Context, nc *nats.Conn, domain string, maxAge time.Duration, maxBytes int64) error {
+// keepLogStream creates (or updates) the bounded stream of workload output
+// (log_stream). Its first try is part of start-up, so output is kept from the first
+// workload on. When JetStream does not answer or cannot place the stream yet (a cluster
+// still forming: retryableJS), the stream is made in the background, retried until it
+// is or the node stops (patiently); workload output flows live meanwhile, only its
+// history is missing. Before, one failure was logged and the stream never made.
+func (s *server) keepLogStream(startCtx context.Context, maxAge time.Duration, maxBytes int64) {
 	var js jetstream.JetStream
 	var err error
-	if domain != "" {
-		js, err = jetstream.NewWithDomain(nc, domain)
+	if domain := s.conn.JSDomain(); domain != "" {
+		js, err = jetstream.NewWithDomain(s.conn.NC, domain)
 	} else {
-		js, err = jetstream.New(nc)
+		js, err = jetstream.New(s.conn.NC)
 	}
 	if err != nil {
-		return err
+		s.log.Error("log_stream is on but the stream cannot be created", "err", err)
+		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	return logstream.Ensure(ctx, js, maxAge, maxBytes)
+	ensure := func(ctx context.Context) error { return logstream.Ensure(ctx, js, maxAge, maxBytes) }
+	kept := func() {
+		s.log.Info("keeping workload output", "stream", logstream.Stream, "max_age", maxAge, "max_bytes", maxBytes)
+	}
+	tctx, cancel := context.WithTimeout(startCtx, 5*time.Second)
+	err = ensure(tctx)
+	cancel()
+	if err == nil {
+		kept()
+		return
+	}
+	if retry, _ := retryableJS(err); !retry {
+		s.log.Error("log_stream is on but the stream cannot be created", "err", err)
+		return
+	}
+	s.log.Warn("log_stream: JetStream cannot make the stream yet; retrying in the background (workload output flows live meanwhile, without a history)", "err", err)
+	ctx, cancel := context.WithCancel(s.ctx)
+	done := make(chan struct{})
+	if !s.own.goFn(func() {
+		defer close(done)
+		if err := s.patiently(ctx, "the log stream", ensure); err != nil {
+			if ctx.Err() == nil {
+				s.log.Error("log_stream is on but the stream cannot be created", "err", err)
+			}
+			return
+		}
+		kept()
+	}) {
+		cancel()
+		return
+	}
+	// Unwound before the NATS connection closes: the retries end with the node's stop,
+	// not on a closed connection.
+	s.closers.push("log stream retries", func(context.Context) error {
+		cancel()
+		<-done
+		return nil
+	})
 }
 
 // privateStateDir makes the state directory (seeds, the embedded server's keys,

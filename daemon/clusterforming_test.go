@@ -1,14 +1,17 @@
 package daemon
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
@@ -81,5 +84,42 @@ func TestPlacementPendingReasons(t *testing.T) {
 		if retry, hint := retryableJS(err); retry != want || (retry && hint != placementHint) {
 			t.Errorf("%q: retry %v hint %q, want retry %v", desc, retry, hint, want)
 		}
+	}
+}
+
+// TestLogStreamWaitsForClusterToForm: a node with log_stream on boots while its NATS
+// cluster has one of three servers up, so JetStream has no meta leader and cannot
+// create NEX_LOGS. The node starts anyway (output flows live), retries in the
+// background, and the stream exists once a second server gives the cluster a quorum;
+// before, nexd logged one error and never made the stream. The retries end with the
+// node's stop (the goroutine is owned and awaited).
+func TestLogStreamWaitsForClusterToForm(t *testing.T) {
+	c := testnats.NewCluster(t, 3)
+	c.Start(0)
+	p := startInProcess(t, "--nats.servers", c.URLs(), "--log-stream", "--startup-timeout", "5m")
+	p.status(t, control.StateRunning)
+	testkit.Eventually(t, "nexd's first try at the log stream failed", func() bool {
+		return strings.Contains(p.out.String(), "log_stream")
+	})
+	c.Start(1)
+	nc := testnats.Connect(t, c.Servers[1])
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "NEX_LOGS made once the cluster has a quorum", func() bool {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		defer cancel()
+		_, err := js.Stream(ctx, logstream.Stream)
+		return err == nil
+	})
+	testkit.Eventually(t, "nexd says it keeps workload output", func() bool {
+		return strings.Contains(p.out.String(), "keeping workload output")
+	})
+	if err := p.stop(t); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	if !strings.Contains(p.out.String(), "for the log stream, retrying") || strings.Contains(p.out.String(), "stream cannot be created") {
+		t.Fatalf("nexd did not retry the log stream, or gave up on it:\n%s", p.out.String())
 	}
 }

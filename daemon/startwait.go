@@ -106,41 +106,55 @@ func (s *server) bridgeWatchdog() {
 	})
 }
 
-// openKVPatiently opens the node's state bucket, retrying with backoff while
-// JetStream does not answer (not enabled yet, no responders, a timeout) or cannot place
-// the bucket yet (a cluster still forming), until ctx ends. Errors that waiting cannot
-// fix are returned at once.
+// openKVPatiently opens the node's state bucket, retrying while JetStream does not
+// answer or cannot place the bucket yet (patiently), until ctx ends. Start-up waits for
+// it: STATUS says so.
 func (d *daemon) openKVPatiently(ctx context.Context, open func(context.Context) (*state.KV, error)) (*state.KV, error) {
 	done := d.waitingFor("JetStream (workload state bucket)")
 	defer done()
+	var kv *state.KV
+	err := d.patiently(ctx, "the state bucket", func(ctx context.Context) error {
+		var err error
+		kv, err = open(ctx)
+		return err
+	})
+	return kv, err
+}
+
+// patiently runs try (5 s each) until it succeeds, retrying with jittered backoff (250 ms
+// doubling to 10 s) while JetStream does not answer (not enabled yet, no responders, a
+// timeout) or cannot place what is made yet (a cluster still forming: retryableJS),
+// until ctx ends. Errors that waiting cannot fix are returned at once. what names what
+// try makes, for the log lines.
+func (d *daemon) patiently(ctx context.Context, what string, try func(context.Context) error) error {
 	delay := 250 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		kv, err := open(actx)
+		err := try(actx)
 		cancel()
 		if err == nil {
 			if attempt > 1 {
-				d.log.Info("JetStream available; state bucket open", "attempts", attempt)
+				d.log.Info("JetStream available; "+what+" ready", "attempts", attempt)
 			}
-			return kv, nil
+			return nil
 		}
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
+			return fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
 		}
 		retry, hint := retryableJS(err)
 		if !retry {
-			return nil, err
+			return err
 		}
 		wait := delay/2 + rand.N(delay/2+1) // jitter, so a fleet does not retry in step
 		if hint != "" {
-			d.log.Warn("JetStream cannot place the state bucket yet, retrying", "err", err, "hint", hint,
+			d.log.Warn("JetStream cannot place "+what+" yet, retrying", "err", err, "hint", hint,
 				"attempt", attempt, "retry_in", wait.Round(time.Millisecond))
 		} else {
-			d.log.Warn("JetStream not available yet, retrying", "err", err, "attempt", attempt, "retry_in", wait.Round(time.Millisecond))
+			d.log.Warn("JetStream not available yet for "+what+", retrying", "err", err, "attempt", attempt, "retry_in", wait.Round(time.Millisecond))
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
+			return fmt.Errorf("%w (gave up waiting: %w)", err, ctx.Err())
 		case <-time.After(wait):
 		}
 		delay = min(2*delay, 10*time.Second)
