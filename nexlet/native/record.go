@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nexd-project/nexd/internal/fifo"
 	"github.com/nexd-project/nexd/internal/procid"
@@ -21,9 +22,17 @@ import (
 //	stderr  named FIFO: its standard error
 //	exit    "<code> <reason>" once it ended on its own (a tombstone: a replay after a
 //	        nexlet crash must report it, never start it again)
-//	restart "<restarts> <code> <reason>" once it ended while its nexlet detached and
-//	        its restart policy starts it again: the next nexlet does, as restart
-//	        <restarts> of its budget (the last run's code and reason, for the log)
+//	restart "<restarts> <code> run=<pid>-<start time> <reason>" once its process ended
+//	        and its restart policy starts it again, written before the backoff: restart
+//	        <restarts> of its budget is due after the run the pid record named then
+//	        (the last run's code and reason, for the log). It is due while the pid
+//	        record still names that run (a relaunch writes a new one), so a nexlet
+//	        that dies at any moment of the backoff or the relaunch leaves the next one
+//	        either a due restart or a launched run, never both (an older nexlet's
+//	        record without run= was written at a detach: due)
+//	restarts "<restarts>": the restart number of the newest launch, written before
+//	        its fork (none: 0), so that the next nexlet goes on counting against
+//	        the budget rather than from zero
 //
 // The workload holds its FIFOs open for reading and writing (O_RDWR), so a write never
 // meets a pipe without a reader (no EPIPE, no SIGPIPE) when the nexlet dies: it only
@@ -77,15 +86,33 @@ func (n *Nexlet) readTombstone(id string) (procid.Exit, bool) {
 	return procid.Exit{Code: code, Reason: reason}, true
 }
 
-// writeRestartDue records that a workload whose nexlet detached is due to run again by
-// its restart policy, as restart number restarts.
+// runOf names the run the pid record names now, for a due restart record: "-" when no
+// process was recorded.
+func (n *Nexlet) runOf(id string) string {
+	if p, ok := n.readPID(id); ok {
+		return p.String()
+	}
+	return "-"
+}
+
+// writeRestartDue records that restart number restarts of a workload is due by its
+// restart policy after the run the pid record names now ended with code and reason.
 func (n *Nexlet) writeRestartDue(id string, restarts, code int, reason string) {
-	if err := writeAtomic(filepath.Join(n.recordDir(id), "restart"), strconv.Itoa(restarts)+" "+strconv.Itoa(code)+" "+reason); err != nil {
+	text := strconv.Itoa(restarts) + " " + strconv.Itoa(code) + " run=" + n.runOf(id) + " " + reason
+	if err := writeAtomic(filepath.Join(n.recordDir(id), "restart"), text); err != nil {
 		n.log.Warn("cannot record a workload's due restart; the next nexlet does not know it", "workload_id", id, "err", err)
 	}
 }
 
-// readRestartDue returns the restart a detached nexlet left due, if any.
+// clearRestartDue removes a workload's due restart record (a stop during the backoff).
+func (n *Nexlet) clearRestartDue(id string) {
+	if err := os.Remove(filepath.Join(n.recordDir(id), "restart")); err != nil && !os.IsNotExist(err) {
+		n.log.Warn("cannot remove a stopped workload's due restart record", "workload_id", id, "err", err)
+	}
+}
+
+// readRestartDue returns the restart left due, if any: one whose run the pid record
+// still names (no relaunch was made after it; ok is false once one was).
 func (n *Nexlet) readRestartDue(id string) (restarts int, last procid.Exit, ok bool) {
 	b, err := os.ReadFile(filepath.Join(n.recordDir(id), "restart"))
 	if err != nil {
@@ -103,8 +130,44 @@ func (n *Nexlet) readRestartDue(id string) (restarts int, last procid.Exit, ok b
 	last = procid.Exit{Code: code}
 	if len(f) == 3 {
 		last.Reason = f[2]
+		if run, ok := strings.CutPrefix(f[2], "run="); ok {
+			run, last.Reason, _ = strings.Cut(run, " ")
+			if run != n.runOf(id) {
+				return 0, procid.Exit{}, false // relaunched since
+			}
+		}
 	}
 	return restarts, last, true
+}
+
+// writeRestarts records the restart number of a launch about to be made.
+func (n *Nexlet) writeRestarts(id string, restarts int) {
+	if err := writeAtomic(filepath.Join(n.recordDir(id), "restarts"), strconv.Itoa(restarts)); err != nil {
+		n.log.Warn("cannot record a workload's restart count; the next nexlet counts its restarts from zero", "workload_id", id, "err", err)
+	}
+}
+
+// readRestarts returns the restart number of the newest launch (0: its first, or none
+// recorded).
+func (n *Nexlet) readRestarts(id string) int {
+	b, err := os.ReadFile(filepath.Join(n.recordDir(id), "restarts"))
+	if err != nil {
+		return 0
+	}
+	r, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || r < 0 {
+		return 0
+	}
+	return r
+}
+
+// launchedAt is when the recorded process was launched (its pid record's time).
+func (n *Nexlet) launchedAt(id string) (time.Time, bool) {
+	st, err := os.Stat(filepath.Join(n.recordDir(id), "pid"))
+	if err != nil {
+		return time.Time{}, false
+	}
+	return st.ModTime(), true
 }
 
 func (n *Nexlet) removeRecord(id string) {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -389,4 +390,47 @@ func (fn *fakeNode) endedOnce(id string) *protocol.WorkloadStoppedEvent {
 		fn.t.Errorf("%d WORKLOADSTOPPED events for %s, want 1", n, id)
 	}
 	return ev
+}
+
+// TestDueRestartFollowsThePidRecord: a due restart record is due only while the pid
+// record names the run whose end it follows, so a nexlet killed after the relaunch
+// wrote its pid record (and before anything else) leaves a run, not a restart due as
+// well: the next nexlet never starts that restart a second time. A record without the
+// run (an older nexlet's, written at a detach) is due. The restarts of the newest
+// launch are read back as written (none: 0).
+func TestDueRestartFollowsThePidRecord(t *testing.T) {
+	fn := newFakeNode(t)
+	n := fn.startNexlet(Config{})
+	const id = "due"
+	if _, _, ok := n.readRestartDue(id); ok {
+		t.Fatal("a restart due without any record")
+	}
+	if r := n.readRestarts(id); r != 0 {
+		t.Fatalf("restarts without a record: %d", r)
+	}
+	ended, relaunched := procid.ID{PID: 4242, Start: 100}, procid.ID{PID: 4343, Start: 200}
+	if err := n.writePID(id, ended); err != nil {
+		t.Fatal(err)
+	}
+	n.writeRestartDue(id, 2, 3, "exited with code 3")
+	restarts, last, ok := n.readRestartDue(id)
+	if !ok || restarts != 2 || last.Code != 3 || last.Reason != "exited with code 3" {
+		t.Fatalf("due restart = %d %+v %v, want 2, code 3, its reason", restarts, last, ok)
+	}
+	n.writeRestarts(id, 2)
+	if err := n.writePID(id, relaunched); err != nil {
+		t.Fatal(err)
+	}
+	if restarts, _, ok := n.readRestartDue(id); ok {
+		t.Errorf("restart %d still due once the relaunch's pid was recorded", restarts)
+	}
+	if r := n.readRestarts(id); r != 2 {
+		t.Errorf("restarts of the relaunch = %d, want 2", r)
+	}
+	if err := os.WriteFile(filepath.Join(n.recordDir(id), "restart"), []byte("1 3 exited with code 3"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if restarts, last, ok := n.readRestartDue(id); !ok || restarts != 1 || last.Reason != "exited with code 3" {
+		t.Errorf("an older nexlet's record = %d %+v %v, want restart 1 due", restarts, last, ok)
+	}
 }

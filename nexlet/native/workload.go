@@ -189,6 +189,12 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 			if err := sb.readopt(); err != nil {
 				n.log.Warn("adopted workload: limits not applied again", "workload_id", w.id, "err", err)
 			}
+			// Its restarts go on counting against its budget (before, they started
+			// from zero: TestRestartCountSurvivesNexletKill).
+			used := n.readRestarts(w.id)
+			n.mu.Lock()
+			w.restarts = used
+			n.mu.Unlock()
 			return n.adopt(w, procs), true, nil
 		}
 		if p := n.endedMeanwhile(w); p != nil {
@@ -350,7 +356,13 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	n.mu.Lock()
 	cmd.Env = w.env
+	restarts := w.restarts
 	n.mu.Unlock()
+	if restarts > 0 {
+		// Before the fork: a nexlet that dies once it ran leaves the next one the count
+		// of what runs (a first launch has none: 0).
+		n.writeRestarts(w.id, restarts)
+	}
 	n.mu.Lock()
 	id := w.ident
 	n.mu.Unlock()
@@ -495,6 +507,9 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	}
 	sum, _ := n.digests.sum(w.exe)
 	p := &proc{pid: pid, started: time.Now(), exited: make(chan struct{})}
+	if at, ok := n.launchedAt(w.id); ok && known {
+		p.started = at // whether it ran long enough to start its budget afresh (ranHealthy)
+	}
 	n.mu.Lock()
 	w.pid, w.sha256, w.cur = pid, sum, p // before anything can reap it (see launch)
 	n.mu.Unlock()
@@ -560,41 +575,75 @@ const ExitRecordWait = 3 * time.Second
 // one that ended on its own (its tombstone), or one whose process ended while no nexlet
 // watched (nexd's exit record, or "lost" when even that is missing). A job is never
 // started twice but by its restart policy; nil means the workload may be started (a
-// service, one never launched, or one its detached nexlet left due to restart).
+// service, one never launched, or one its policy starts again: left due by its last
+// nexlet, or ended while none watched), as restart number w.restarts.
 func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 	if ex, ok := n.readTombstone(w.id); ok {
 		n.log.Info("replayed workload had already ended", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
 		return ended(ex.Code, ex.Reason)
 	}
 	if restarts, last, ok := n.readRestartDue(w.id); ok {
-		// Its nexlet detached while its policy was about to start it again: this
-		// nexlet does, counting the restarts it used (TestRestartDueAtDetach).
-		n.log.Info("replayed workload was due to restart when its nexlet detached; starting it again",
+		// Its last nexlet detached or died while its policy was about to start it
+		// again: this nexlet does, counting the restarts it used (TestRestartDueAtDetach,
+		// TestNexletKillDuringRestartBackoff).
+		n.log.Info("replayed workload was due to restart when its nexlet let go; starting it again",
 			"workload_id", w.id, "restarts", restarts, "max_restarts", w.plan.maxRestarts, "exit_code", last.Code, "reason", last.Reason)
 		n.mu.Lock()
 		w.restarts = restarts
 		n.mu.Unlock()
 		return nil
 	}
+	used := n.readRestarts(w.id) // carried: its budget goes on (TestRestartCountSurvivesNexletKill)
 	rec, launched := n.readPID(w.id)
 	if !launched {
 		return nil
 	}
 	ex, known := procid.Exit{}, false
+	end := time.Now()
 	if n.cfg.ExitsDir != "" {
 		if e, err := procid.ReadExit(n.cfg.ExitsDir, rec); err == nil {
 			ex, known = e, true
+			if st, err := os.Stat(filepath.Join(n.cfg.ExitsDir, rec.String())); err == nil {
+				end = st.ModTime() // nexd reaped it then
+			}
 			procid.RemoveExit(n.cfg.ExitsDir, rec)
 		}
 	}
-	if w.req.Request.WorkloadLifecycle != protocol.LifecycleJob {
-		if known {
-			n.log.Info("replayed service had exited while no nexlet watched; starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+	job := w.req.Request.WorkloadLifecycle == protocol.LifecycleJob
+	if !known && job {
+		ex = procid.Exit{Code: -1, Reason: "lost: the job's process ended while no nexlet watched it and its exit status is unknown (last known state: running)"}
+		n.log.Info("replayed job had already run; not starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+		return ended(ex.Code, ex.Reason)
+	}
+	code := -1 // a service's unknown end counts as a failure
+	if known {
+		code = ex.Code
+	}
+	if w.policyRestarts(code) {
+		// Its policy starts it again, as its nexlet would have: restart number used+1,
+		// if its budget allows (before, a service's was not counted, a job's not made).
+		if at, ok := n.launchedAt(w.id); ok && end.Sub(at) > 2*MaxBackoff {
+			used = 0 // it ran healthy (ranHealthy)
 		}
+		if used >= w.plan.maxRestarts {
+			reason := w.exhaustedReason(ex.Reason)
+			n.log.Info("replayed workload had ended while no nexlet watched and its restarts are used up; not starting it again",
+				"workload_id", w.id, "exit_code", code, "reason", reason)
+			return ended(code, reason)
+		}
+		n.log.Info("replayed workload had ended while no nexlet watched; its policy starts it again", "workload_id", w.id,
+			"restarts", used+1, "max_restarts", w.plan.maxRestarts, "exit_code", code, "reason", ex.Reason)
+		n.mu.Lock()
+		w.restarts = used + 1
+		n.mu.Unlock()
 		return nil
 	}
-	if !known {
-		ex = procid.Exit{Code: -1, Reason: "lost: the job's process ended while no nexlet watched it and its exit status is unknown (last known state: running)"}
+	if !job {
+		n.log.Info("replayed service had exited while no nexlet watched; starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+		n.mu.Lock()
+		w.restarts = used
+		n.mu.Unlock()
+		return nil
 	}
 	n.log.Info("replayed job had already run; not starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
 	return ended(ex.Code, ex.Reason)
@@ -734,29 +783,37 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 	if !p.claimed.CompareAndSwap(false, true) {
 		return nil // recorded by the detach
 	}
-	empty := n.killAndWait(w) // leftovers of a main process that ended on its own
 	if p.code == 0 && p.reason == "" {
 		p.reason = "exited"
 	}
-	n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
-	if !w.restartsAfter(p) {
-		w.emptied = empty // nothing is launched in it again
-		n.finish(w, p, nil, false)
-		return nil
-	}
-	if ranHealthy(p) {
+	restart := w.restartsAfter(p)
+	if restart && ranHealthy(p) {
 		*backoff = w.plan.backoff
 	}
-	n.mu.Lock()
-	next, due := w.nextRestartLocked(p)
-	w.restarts = next
-	if due {
-		w.state = protocol.WorkloadStarting
+	var next int
+	var due bool
+	if restart {
+		n.mu.Lock()
+		next, due = w.nextRestartLocked(p)
+		n.mu.Unlock()
+		if due {
+			// Recorded before anything else, the backoff above all, and before it is
+			// listed: a nexlet killed from here on leaves the next one this restart to
+			// make, or the relaunch that made it (TestNexletKillDuringRestartBackoff).
+			n.writeRestartDue(w.id, next, p.code, p.reason)
+		}
+		n.mu.Lock()
+		w.restarts = next
+		if due {
+			w.state = protocol.WorkloadStarting
+		}
+		n.mu.Unlock()
 	}
-	n.mu.Unlock()
+	empty := n.killAndWait(w) // leftovers of a main process that ended on its own
+	n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
 	if !due {
-		w.emptied = empty
-		n.finish(w, p, nil, true)
+		w.emptied = empty // nothing is launched in it again
+		n.finish(w, p, nil, restart)
 		return nil
 	}
 	t := time.NewTimer(*backoff)
@@ -766,6 +823,7 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 		n.detachedRestart(w, p, next)
 		return nil
 	case r := <-w.stop:
+		n.clearRestartDue(w.id) // stopped: due no more
 		n.finish(w, p, &r, false)
 		return nil
 	case <-t.C:
@@ -811,7 +869,12 @@ func (n *Nexlet) stopped(w *workload, p *proc, r stopRequest) {
 // restartsAfter says whether w's policy starts it again after its process p ended (a
 // process found ended on replay, never).
 func (w *workload) restartsAfter(p *proc) bool {
-	return !p.final && (w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && p.code != 0))
+	return !p.final && w.policyRestarts(p.code)
+}
+
+// policyRestarts says whether w's policy starts it again after a run that ended with code.
+func (w *workload) policyRestarts(code int) bool {
+	return w.plan.policy == RestartAlways || (w.plan.policy == RestartOnFailure && code != 0)
 }
 
 // ranHealthy says whether p ran long enough to start its workload's restart budget

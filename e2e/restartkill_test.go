@@ -1,0 +1,260 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// crashLoop is a workload whose every run appends a line to a file (its starts,
+// counted) and exits 3 once the test releases it: run k when the file release<k>
+// exists in dir.
+type crashLoop struct {
+	id, marker, runsFile, dir string
+}
+
+// startCrashLoop deploys a crashLoop of lifecycle lc with the restart policy restart
+// (the start request's "restart" object).
+func startCrashLoop(t *testing.T, n *node, lc, restart string) crashLoop {
+	t.Helper()
+	c := crashLoop{marker: fmt.Sprintf("nexd-e2e-crashloop-%d", time.Now().UnixNano()), dir: testkit.PublicDir(t)}
+	c.runsFile = testkit.WriteFile(t, filepath.Join(c.dir, "runs"), "")
+	if err := os.Chmod(c.runsFile, 0o666); err != nil { // each run may have another dynamic uid
+		t.Fatal(err)
+	}
+	c.id = n.runWorkload(t, "--name", "crashloop", "--lifecycle", lc, "--start-request", `{"restart":`+restart+`}`, "--",
+		"/bin/sh", "-c", `echo run >> "$1"; k=$(wc -l < "$1"); while [ ! -e "$2/release$k" ]; do sleep 0.05; done; exit 3`,
+		c.marker, c.runsFile, c.dir).ID
+	return c
+}
+
+// runs counts the workload's starts so far.
+func (c crashLoop) runs() int {
+	b, _ := os.ReadFile(c.runsFile)
+	return strings.Count(string(b), "run\n")
+}
+
+// release lets run k (and every later one, with all) exit 3.
+func (c crashLoop) release(t *testing.T, k int, all bool) {
+	t.Helper()
+	last := k
+	if all {
+		last = k + 20
+	}
+	for i := k; i <= last; i++ {
+		testkit.WriteFile(t, filepath.Join(c.dir, "release"+strconv.Itoa(i)), "")
+	}
+}
+
+// mains lists the workload's live main processes: its shells whose parent is not one
+// of them (a shell's fork before it execs sleep or wc is not another run).
+func (c crashLoop) mains() []int {
+	all := markerPIDs(c.marker)
+	var out []int
+	for _, p := range all {
+		ppid, err := strconv.Atoi(procStatus(p, "PPid"))
+		if err == nil && !slices.Contains(all, ppid) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// listed returns the node's listing of the workload.
+func (c crashLoop) listed(t *testing.T, n *node) (control.Workload, bool) {
+	for _, w := range n.workloads(t) {
+		if w.ID == c.id {
+			return w, true
+		}
+	}
+	return control.Workload{}, false
+}
+
+// endsAtLimit checks that the workload ended once, with exit code 3 and its restart
+// limit of max reached, after max+1 runs, and that none of its processes is left.
+func (c crashLoop) endsAtLimit(t *testing.T, stopped *nats.Subscription, max int) {
+	t.Helper()
+	ev := endedOnce(t, stopped, c.id)
+	limit := fmt.Sprintf("restart limit of %d reached", max)
+	if ev.Metadata["exit_code"] != "3" || !strings.Contains(ev.Metadata["reason"], limit) {
+		t.Errorf("it ended with %q (%s), want 3 with its %s", ev.Metadata["exit_code"], ev.Metadata["reason"], limit)
+	}
+	if r := c.runs(); r != max+1 {
+		t.Errorf("it ran %d times, want %d (its run and its %d restarts)", r, max+1, max)
+	}
+	if m := c.mains(); len(m) != 0 {
+		t.Errorf("processes once it ended: %v", m)
+	}
+}
+
+// killNexlet kills the native nexlet of n with SIGKILL, runs then (if not nil) and
+// waits for the next nexlet.
+func killNexlet(t *testing.T, n *node, then func()) {
+	t.Helper()
+	old := nexletPID(n.cmd.Process.Pid)
+	if old == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if then != nil {
+		then()
+	}
+	testkit.EventuallyWithin(t, 60*time.Second, "a new native nexlet", func() bool {
+		next := nexletPID(n.cmd.Process.Pid)
+		return next != 0 && next != old
+	})
+}
+
+// firstRunFailed starts a node (with its state in KV, as TestNexletCrashKeepsWorkloads)
+// and a subscription to its WORKLOADSTOPPED events, deploys a crashLoop (lc, restart:
+// startCrashLoop) and lets its first run fail.
+func firstRunFailed(t *testing.T, lc, restart string) (*node, *nats.Subscription, crashLoop) {
+	t.Helper()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	stopped, err := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flush(t, nc)
+	c := startCrashLoop(t, n, lc, restart)
+	testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return c.runs() == 1 })
+	c.release(t, 1, false)
+	return n, stopped, c
+}
+
+// endedOnce waits for the WORKLOADSTOPPED of id, then fails if another comes within a
+// second.
+func endedOnce(t *testing.T, stopped *nats.Subscription, id string) protocol.WorkloadStoppedEvent {
+	t.Helper()
+	var evs []protocol.WorkloadStoppedEvent
+	deadline := time.Now().Add(90 * time.Second)
+	for time.Now().Before(deadline) {
+		wait := time.Second
+		if len(evs) == 0 {
+			wait = time.Until(deadline)
+		}
+		m, err := stopped.NextMsg(wait)
+		if err != nil {
+			break
+		}
+		var e protocol.WorkloadStoppedEvent
+		if json.Unmarshal(m.Data, &e) == nil && e.ID == id {
+			evs = append(evs, e)
+		}
+	}
+	switch len(evs) {
+	case 0:
+		t.Fatalf("no WORKLOADSTOPPED of %s", id)
+	case 1:
+	default:
+		t.Errorf("%d WORKLOADSTOPPED of %s, want 1: %+v", len(evs), id, evs)
+	}
+	return evs[0]
+}
+
+// TestNexletKillDuringRestartBackoff: a job whose run failed waits out its restart
+// backoff (30 s) when its nexlet is killed (-9). The next nexlet makes the restart its
+// policy allows, at once, counting it: a budget of one restart means two runs in all,
+// one process at a time, and one end reported, with the limit reached. Before, the
+// restart died with the nexlet: the next one found no process, no exit record (the
+// dead nexlet had reaped it) and no record of the restart, and reported the job lost
+// (exit code -1) after one run.
+func TestNexletKillDuringRestartBackoff(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n, stopped, c := firstRunFailed(t, "job", `{"policy": "on-failure", "max": 1, "backoff": "30s"}`)
+	testkit.EventuallyWithin(t, 60*time.Second, "the job waits out its restart's backoff", func() bool {
+		w, ok := c.listed(t, n)
+		return ok && w.State == string(protocol.WorkloadStarting) && w.Restarts == 1 && len(c.mains()) == 0
+	})
+	killNexlet(t, n, nil)
+	testkit.EventuallyWithin(t, 60*time.Second, "the restart run by the next nexlet", func() bool {
+		if m, err := stopped.NextMsg(10 * time.Millisecond); err == nil {
+			t.Fatalf("the job ended before its restart ran (%d runs): %s", c.runs(), m.Data)
+		}
+		return c.runs() == 2
+	})
+	if m := c.mains(); len(m) != 1 {
+		t.Errorf("the restart runs as %d processes %v, want 1", len(m), m)
+	}
+	if w, ok := c.listed(t, n); !ok || w.Restarts != 1 {
+		t.Errorf("the restart listed as %+v, want restarts 1", w)
+	}
+	c.release(t, 2, true)
+	c.endsAtLimit(t, stopped, 1)
+}
+
+// TestRestartCountSurvivesNexletKill: a crash-looping service with a budget of two
+// restarts has its nexlet killed (-9) while its first restart runs. The next nexlet
+// adopts that run (the same process, listed with one restart), and its restarts go on
+// counting from there: two restarts in all, three runs, then the end with the limit
+// reached. Before, the adopted workload's restarts began again from zero, and it ran
+// four times (three restarts against a budget of two).
+func TestRestartCountSurvivesNexletKill(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n, stopped, c := firstRunFailed(t, "service", `{"policy": "on-failure", "max": 2}`)
+	var before []int
+	testkit.EventuallyWithin(t, 60*time.Second, "the service's first restart runs", func() bool {
+		w, ok := c.listed(t, n)
+		before = c.mains()
+		return c.runs() == 2 && len(before) == 1 && ok && w.State == string(protocol.WorkloadRunning) && w.Restarts == 1
+	})
+	killNexlet(t, n, nil)
+	testkit.EventuallyWithin(t, 60*time.Second, "the restart adopted by the next nexlet", func() bool {
+		w, ok := c.listed(t, n)
+		return ok && w.State == string(protocol.WorkloadRunning)
+	})
+	if m := c.mains(); !slices.Equal(m, before) || c.runs() != 2 {
+		t.Fatalf("after the kill: processes %v (before %v), %d runs, want the same process and 2 runs", m, before, c.runs())
+	}
+	if w, _ := c.listed(t, n); w.Restarts != 1 {
+		t.Errorf("the adopted run listed with %d restarts, want 1", w.Restarts)
+	}
+	c.release(t, 2, true)
+	c.endsAtLimit(t, stopped, 2)
+}
+
+// TestJobEndWhileNexletDeadRestartsByPolicy: a job with a budget of two restarts on
+// failure fails (exit 3) right after its nexlet was killed (-9), while its first
+// restart runs and before the next nexlet adopts it: nexd reaps it and records its exit.
+// The next nexlet honours the policy as the dead one would have: it makes the second
+// restart, counting the first, three runs in all, one end reported with the limit
+// reached. Before, it reported the failed run's exit code and never made the restart
+// the budget still allowed (and a service's start after such an end was not counted).
+func TestJobEndWhileNexletDeadRestartsByPolicy(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n, stopped, c := firstRunFailed(t, "job", `{"policy": "on-failure", "max": 2}`)
+	testkit.EventuallyWithin(t, 60*time.Second, "the job's first restart runs", func() bool {
+		return c.runs() == 2 && len(c.mains()) == 1
+	})
+	// It ends at once, before the next nexlet is even started.
+	killNexlet(t, n, func() { c.release(t, 2, true) })
+	c.endsAtLimit(t, stopped, 2)
+}
