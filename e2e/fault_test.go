@@ -212,13 +212,88 @@ func TestSlowStopTruthfulAnswer(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "is stopping") {
 		t.Fatalf("--no-wait: exit %d, %q %q", code, out, errOut)
 	}
-	// Asked again while it stops: stopping, then stopped, never "not found".
+	// Asked again while it stops: stopping, then stopped, never "not found" (a
+	// nexctl that asks only after bg ended is told when it stopped).
 	out, errOut, code = n.ctl(t, "workload", "stop", bg.ID)
-	if code != 0 || !strings.Contains(out, "successfully stopped") {
+	if code != 0 || !(strings.Contains(out, "successfully stopped") || strings.Contains(out, "already stopped at")) {
 		t.Fatalf("second stop of a stopping workload: exit %d, %q %q", code, out, errOut)
 	}
 	testkit.EventuallyWithin(t, 10*time.Second, "no workloads left", func() bool { return len(n.workloads(t)) == 0 })
 }
+
+// TestRepeatStopAlreadyStopped: a stop repeated after the workload stopped (an operator
+// retrying after a timeout) is told when it stopped and how, exit 0, not "not found"
+// (exit 1, as if the id never existed): nexctl, --json and an upstream-shaped UNDEPLOY
+// without nexd's headers all get stopped:true, "already stopped at T (...)"; another
+// namespace still hears "not found". After nexd restarts (live_restore: the native
+// nexlet runs on and is adopted) the new nexd remembers nothing and the nexlet answers
+// from its own memory.
+func TestRepeatStopAlreadyStopped(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	state := t.TempDir()
+	opts := nodeOpts{external: s.ClientURL(), stateDir: state, extra: []string{"--live-restore"}}
+	n := startNode(t, opts)
+	n.waitReady(t)
+	w1 := n.runWorkload(t, "--name", "once", "--", "/bin/sleep", "600")
+	w2 := n.runWorkload(t, "--name", "twice", "--", "/bin/sleep", "600")
+	if out := n.mustCtl(t, "workload", "stop", w1.ID); !strings.Contains(out, "successfully stopped") {
+		t.Fatalf("first stop: %q", out)
+	}
+	out, errOut, code := n.ctl(t, "workload", "stop", w1.ID)
+	if code != 0 || !strings.Contains(out, "Workload "+w1.ID+" already stopped at ") || !strings.Contains(out, "exited after SIGTERM") {
+		t.Fatalf("repeat stop: exit %d, %q %q; want exit 0 and when it stopped", code, out, errOut)
+	}
+	var js protocol.StopWorkloadResponse
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "--json", "workload", "stop", w1.ID)), &js); err != nil || !js.Stopped || js.AlreadyStoppedAt == "" {
+		t.Fatalf("repeat stop --json: %+v %v", js, err)
+	}
+	if _, err := time.Parse(time.RFC3339, js.AlreadyStoppedAt); err != nil {
+		t.Fatalf("nexd_already_stopped_at %q: %v", js.AlreadyStoppedAt, err)
+	}
+
+	// An upstream client: a plain request, its first reply is the answer, decoded with
+	// upstream's required keys.
+	nc := testnats.Connect(t, s)
+	ask := func(ns, id string) protocol.StopWorkloadResponse {
+		t.Helper()
+		body, _ := json.Marshal(protocol.StopWorkloadRequest{Namespace: ns})
+		m, err := nc.Request(protocol.UndeploySubject(ns, id), body, 10*time.Second)
+		if err != nil {
+			t.Fatalf("UNDEPLOY %s in %s: %v", id, ns, err)
+		}
+		var r protocol.StopWorkloadResponse
+		if err := protocol.Decode(m.Data, &r); err != nil {
+			t.Fatalf("UNDEPLOY %s in %s: reply %s: %v", id, ns, m.Data, err)
+		}
+		return r
+	}
+	if r := ask(protocol.SystemNamespace, w1.ID); !r.Stopped || !strings.HasPrefix(r.Message, "already stopped at ") || r.WorkloadType != "native" {
+		t.Fatalf("upstream-shaped repeat stop: %+v", r)
+	}
+	if r := ask("other", w1.ID); r.Stopped || r.Message != protocol.ErrTextWorkloadNotFound {
+		t.Fatalf("repeat stop from another namespace: %+v, want not found", r)
+	}
+
+	// The nexlet's memory: stop w2, restart nexd; the adopted nexlet answers.
+	n.mustCtl(t, "workload", "stop", w2.ID)
+	n2 := n.restart(t, opts)
+	n2.waitNative(t)
+	out, errOut, code = n2.ctl(t, "workload", "stop", w2.ID)
+	if code != 0 || !strings.Contains(out, "already stopped at ") || !strings.Contains(out, "exited after SIGTERM") {
+		t.Fatalf("repeat stop after a nexd restart: exit %d, %q %q", code, out, errOut)
+	}
+	out, errOut, code = n2.ctl(t, "workload", "stop", nuidLike)
+	if code != 1 || !strings.Contains(errOut, "not found") {
+		t.Fatalf("stop of an id never deployed: exit %d, %q %q", code, out, errOut)
+	}
+}
+
+// nuidLike is a whole workload id no node ever made.
+const nuidLike = "ZZZZZZZZZZZZZZZZZZZZZZ"
 
 // TestLameduckDrainLeavesKVEmpty: lame duck with workloads that stop at different
 // speeds (at once, after 1 s, after 3 s, and one that ignores SIGTERM and is killed

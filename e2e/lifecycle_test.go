@@ -184,6 +184,21 @@ func startNode(t *testing.T, o nodeOpts) *node {
 	return n
 }
 
+// restart stops nexd with SIGTERM (exit 0 wanted) and starts the same node again with
+// opts on the same cgroup root, waiting until it is ready: with live_restore, the next
+// nexd adopts what the first left running.
+func (n *node) restart(t *testing.T, opts nodeOpts) *node {
+	t.Helper()
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("nexd exited %d after SIGTERM\n%s", code, n.out.String())
+	}
+	opts.cgroup = n.cgroup // the same node: the same cgroup root
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	return n2
+}
+
 // waitReady waits until the control socket answers with state running. It asks
 // in-process, not through nexctl, so that polling does not start a process every
 // few milliseconds on a loaded machine.

@@ -45,13 +45,7 @@ func TestAdoptedNexletCrashKeepsExitCodes(t *testing.T) {
 	}
 
 	// A new nexd adopts the nexlet the first one left running: not its child.
-	n.signal(t, syscall.SIGTERM)
-	if code := n.wait(t, 60*time.Second); code != 0 {
-		t.Fatalf("exit %d after SIGTERM", code)
-	}
-	opts.cgroup = n.cgroup // the same node: the same cgroup root
-	n2 := startNode(t, opts)
-	n2.waitReady(t)
+	n2 := n.restart(t, opts)
 	testkit.EventuallyWithin(t, 60*time.Second, "both workloads listed running after the adoption", func() bool {
 		running := 0
 		for _, w := range n2.workloads(t) {
@@ -211,13 +205,7 @@ func TestUpgradeHandsOverAdoptedNexlet(t *testing.T) {
 	if old == 0 {
 		t.Fatal("native nexlet not found")
 	}
-	n.signal(t, syscall.SIGTERM)
-	if code := n.wait(t, 60*time.Second); code != 0 {
-		t.Fatalf("exit %d after SIGTERM", code)
-	}
-	opts.cgroup = n.cgroup
-	n2 := startNode(t, opts)
-	n2.waitReady(t)
+	n2 := n.restart(t, opts)
 	if nexletPID(n2.cmd.Process.Pid) != 0 || procStatus(old, "State") == "" {
 		t.Fatalf("the nexlet %d was not adopted", old)
 	}

@@ -42,6 +42,16 @@ type StopReporter interface {
 	StopWorkloadReport(workloadID string, req *protocol.StopWorkloadRequest) (string, error)
 }
 
+// StopRecaller is optionally implemented by an Agent that remembers the workloads it
+// stopped lately. When a stop finds no such workload, the Runner asks it, and for one
+// stopped at at (visible from namespace: system sees all) answers stopped with the
+// message "already stopped at <at> (<how>)" and nexd_already_stopped_at, instead of
+// "workload not found": a repeated stop (an operator retrying after a timeout) is told
+// the truth. Keep the memory bounded.
+type StopRecaller interface {
+	StoppedBefore(workloadID, namespace string) (at time.Time, how string, ok bool)
+}
+
 // ProgressStarter is optionally implemented by an Agent whose starts can take a while
 // (an artifact download). The Runner calls it instead of StartWorkload for new starts
 // (replays still go to StartWorkload) and passes each report to a node that asked for

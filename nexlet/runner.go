@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/steps"
+	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -1106,6 +1107,12 @@ func (r *Runner) handleStop(req micro.Request) {
 			resp.Message, err = sr.StopWorkloadReport(id, &in)
 		} else {
 			err = r.agent.StopWorkload(id, &in)
+		}
+	}
+	if sr, ok := r.agent.(StopRecaller); ok && err != nil && err.Error() == protocol.ErrTextWorkloadNotFound {
+		if at, how, ok := sr.StoppedBefore(id, in.Namespace); ok {
+			r.respondJSON(req, stopmemo.Entry{Type: resp.WorkloadType, How: how, At: at}.Answer(id))
+			return
 		}
 	}
 	if err != nil {

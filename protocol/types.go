@@ -261,6 +261,11 @@ type StopWorkloadResponse struct {
 	Message      string `json:"message"`
 	Stopped      bool   `json:"stopped"`
 	WorkloadType string `json:"workload_type"`
+
+	// nexd extension: set (RFC 3339) when the workload had stopped before this request,
+	// at that time (a repeated stop); upstream clients ignore it and read stopped and
+	// message ("already stopped at T ...").
+	AlreadyStoppedAt string `json:"nexd_already_stopped_at,omitempty"`
 }
 
 // CloneWorkloadRequest asks for a workload's start request.

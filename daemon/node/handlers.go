@@ -18,6 +18,7 @@ import (
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
 	"github.com/nexd-project/nexd/internal/steps"
+	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -271,15 +272,21 @@ func validateRunRequest(schema *jsonschema.Schema, runRequest string) error {
 // stopped:true reply, or upstream's "workload not found" answer. A nexlet answers once
 // the workload is gone (its grace, then a kill), so for a workload this node owns the
 // wait is StopTimeout; an owned workload no nexlet confirmed in that time is reported
-// as still stopping, never as not found.
+// as still stopping, never as not found. A workload whose stop a nexlet confirmed
+// lately is answered from memory: stopped, "already stopped at T" (nexd_already_stopped_at).
 func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (protocol.StopWorkloadResponse, error) {
+	if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok {
+		return e.Answer(workloadID), nil
+	}
 	defer n.changes.Add(1)
 	ret := protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}
 	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace})
 	if err != nil {
 		return ret, err
 	}
-	owned := n.owns(workloadID)
+	n.mu.Lock()
+	o, owned := n.owned[workloadID]
+	n.mu.Unlock()
 	wait := n.o.FanoutTimeout
 	if owned {
 		wait = n.o.StopTimeout
@@ -296,6 +303,20 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	})
 	if !ret.Stopped && owned && answered < agents && err == nil {
 		ret.Message = fmt.Sprintf("still stopping: no nexlet confirmed the stop within %s", wait)
+	}
+	if ret.Stopped && ret.AlreadyStoppedAt == "" {
+		// Remembered before the reply, so a repeat never finds neither the workload
+		// nor the memory. Its namespace: the one it was deployed in, else the
+		// caller's (a nexlet checks it), else unknown (then only system sees it).
+		ns := o.ns
+		if ns == "" && namespace != protocol.SystemNamespace {
+			ns = namespace
+		}
+		typ := ret.WorkloadType
+		if typ == "" {
+			typ = o.typ
+		}
+		n.stopped.Add(workloadID, stopmemo.Entry{Namespace: ns, Type: typ, How: ret.Message, At: time.Now()})
 	}
 	return ret, err
 }
@@ -339,6 +360,10 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	st.Step("nexlet") // to the nexlet and back: it answers once the workload is gone
 	n.respondJSON(r, resp)
 	st.Step("reply")
+	if resp.AlreadyStoppedAt != "" && !n.owns(workloadID) {
+		n.log.Info("workload already stopped", "workload_id", workloadID, "namespace", req.Namespace, "stopped_at", resp.AlreadyStoppedAt)
+		return // answered from memory: nothing was stopped or is left to forget
+	}
 	if n.o.Observer != nil {
 		n.o.Observer.Stop(resp.Stopped)
 	}

@@ -27,6 +27,7 @@ import (
 
 	"github.com/nexd-project/nexd/internal/nkeysign"
 	"github.com/nexd-project/nexd/internal/steps"
+	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -212,7 +213,10 @@ type Node struct {
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
 	owned map[string]ownership // workload id -> type and owning nexlet, for what this node stored
-	keys  map[string]string    // agent id -> public key of the nexlet's current start
+	// stopped remembers the workloads whose stop a nexlet confirmed lately (bounded), so
+	// a repeated stop is answered "already stopped at T", not "not found".
+	stopped *stopmemo.Memo
+	keys    map[string]string // agent id -> public key of the nexlet's current start
 	// signed remembers the signed registrations and renewals taken (replays refused).
 	signed seenSignatures
 	// locals are the channels to the local nexlets' current starts (SetAgentLocal).
@@ -285,6 +289,7 @@ type RemoteNexlet struct {
 // nexlet's restarts, so a restarted nexlet gets its own workloads back and no other.
 type ownership struct {
 	typ, owner string
+	ns         string // the workload's namespace
 }
 
 type procInfo struct {
@@ -340,6 +345,7 @@ func New(o Options) (*Node, error) {
 		bids:     newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
 		auctions: newAuctionQueue(),
 		owned:    map[string]ownership{},
+		stopped:  stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
 		keys:     map[string]string{},
 		locals:   map[string]localChannel{},
 		starting: map[string]bool{},

@@ -264,8 +264,9 @@ func (a *app) workloadStopCmd() *cobra.Command {
 		Short:   "Stop a workload (in the system namespace, its namespace is looked up first)",
 		Long: `Stop a workload. nexctl waits until the workload is gone: it exited on SIGTERM, or was
 killed at the end of its stop grace, and says which. A workload that is still stopping is
-reported as stopping, never as not found. With --no-wait nexctl returns as soon as the
-node holding the workload says it is stopping it. WORKLOAD is an id, a name or a unique
+reported as stopping, never as not found. A workload stopped within the last hour is
+reported as "already stopped at T (how)", exit 0. With --no-wait nexctl returns as soon
+as the node holding the workload says it is stopping it. WORKLOAD is an id, a name or a unique
 id prefix.`,
 		Args:              exactArgs(1, "WORKLOAD"),
 		ValidArgsFunction: a.completeWorkloads(),
@@ -298,6 +299,9 @@ id prefix.`,
 				if err := a.printJSON(r); err != nil {
 					return err
 				}
+			} else if r.Stopped && r.AlreadyStoppedAt != "" {
+				// A repeat: stopped before, which is what was asked (exit 0).
+				fmt.Fprintf(a.out(), "Workload %s %s\n", id, r.Message)
 			} else if r.Stopped {
 				how := ""
 				if r.Message != "" && r.Message != "stopped" {

@@ -25,6 +25,7 @@ import (
 
 	"github.com/nexd-project/nexd/internal/names"
 	"github.com/nexd-project/nexd/internal/steps"
+	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -124,8 +125,11 @@ type Nexlet struct {
 	mu        sync.Mutex
 	workloads map[string]*workload
 	tidying   map[string]chan struct{} // stopped workloads whose leftovers are being removed (finish)
-	lameduck  bool
-	lameTimer *time.Timer
+	// recentStops remembers the workloads stopped lately (bounded), written as each leaves
+	// the table, so a repeated stop is answered "already stopped at T" (StoppedBefore).
+	recentStops *stopmemo.Memo
+	lameduck    bool
+	lameTimer   *time.Timer
 }
 
 // validID says whether id can name a workload's directories: 1-128 letters, digits,
@@ -149,7 +153,8 @@ func New(cfg Config) (*Nexlet, error) {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
-		abandon: make(chan struct{}), users: us, wdir: wdir}
+		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
+		abandon:     make(chan struct{}), users: us, wdir: wdir}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
@@ -530,6 +535,7 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 	}
 	if w.finished {
 		delete(n.workloads, id)
+		n.recentStops.Add(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
 		n.mu.Unlock()
 		n.removeRecord(id)
 		return "had already ended", nil
@@ -549,14 +555,25 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 		// Its supervisor let it go: the nexlet detached, and the next one reports its end.
 		return "", fmt.Errorf("workload %s: the nexlet handed its workloads over while it stopped; the next nexlet reports its end", id)
 	}
-	code, reason := *w.exitCode, w.reason
+	return stopHow(*w.exitCode, w.reason), nil
+}
+
+// stopHow says how a stopped workload ended.
+func stopHow(code int, reason string) string {
 	if strings.HasPrefix(reason, "killed after") {
-		return reason, nil
+		return reason
 	}
 	if reason == "" || reason == "exited" {
-		return fmt.Sprintf("exited after SIGTERM (exit code %d)", code), nil
+		return fmt.Sprintf("exited after SIGTERM (exit code %d)", code)
 	}
-	return fmt.Sprintf("exited after SIGTERM (exit code %d: %s)", code, reason), nil
+	return fmt.Sprintf("exited after SIGTERM (exit code %d: %s)", code, reason)
+}
+
+// StoppedBefore implements nexlet.StopRecaller: a workload this nexlet stopped within
+// the last hour (the last 1024), if namespace may see it.
+func (n *Nexlet) StoppedBefore(id, namespace string) (time.Time, string, bool) {
+	e, ok := n.recentStops.Get(id, namespace, time.Now())
+	return e.At, e.How, ok
 }
 
 // stopAndWait asks w's supervisor to stop it and waits until it is gone; false if

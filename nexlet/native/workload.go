@@ -22,6 +22,7 @@ import (
 
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/steps"
+	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -1041,6 +1042,8 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		w.state = protocol.WorkloadStopped
 		if cur, ok := n.workloads[w.id]; ok && cur == w {
 			delete(n.workloads, w.id)
+			// Under the same lock: a repeated stop finds the workload or this.
+			n.recentStops.Add(w.id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: stopHow(code, reason), At: w.ended})
 		}
 		if later {
 			tidied = make(chan struct{})

@@ -1,0 +1,89 @@
+// Package stopmemo remembers recently stopped workloads, bounded in count and age, so
+// that a repeated stop (an operator retrying after a timeout) is answered "already
+// stopped at T" instead of "not found" as if the id never existed. nexd's node and the
+// native nexlet each keep one.
+package stopmemo
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// Defaults: an hour, at most 1024 ids (under 200 KB).
+const (
+	DefaultMax = 1024
+	DefaultAge = time.Hour
+)
+
+// Entry is one stopped workload.
+type Entry struct {
+	Namespace string // the workload's; "" when unknown (then only system sees it)
+	Type      string // its workload type
+	How       string // the stop's answer: how it ended
+	At        time.Time
+}
+
+// Memo is safe for concurrent use. The zero value is not; use New.
+type Memo struct {
+	mu    sync.Mutex
+	max   int
+	age   time.Duration
+	m     map[string]Entry
+	order []string // ids, oldest first
+}
+
+// New returns a memo that keeps at most max ids for at most age each.
+func New(max int, age time.Duration) *Memo {
+	return &Memo{max: max, age: age, m: map[string]Entry{}}
+}
+
+// Add remembers that id stopped.
+func (s *Memo) Add(id string, e Entry) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.m[id]; ok { // stopped again (rare): its old place goes
+		s.order = slices.DeleteFunc(s.order, func(o string) bool { return o == id })
+	}
+	s.m[id] = e
+	s.order = append(s.order, id)
+	drop := 0
+	for drop < len(s.order) && (len(s.order)-drop > s.max || e.At.Sub(s.m[s.order[drop]].At) > s.age) {
+		delete(s.m, s.order[drop])
+		drop++
+	}
+	s.order = append(s.order[:0], s.order[drop:]...)
+}
+
+// Get returns id's entry when it stopped within the memo's age and the caller in
+// namespace ns may see it: system sees every workload, another namespace only its own.
+func (s *Memo) Get(id, ns string, now time.Time) (Entry, bool) {
+	if s == nil {
+		return Entry{}, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.m[id]
+	if !ok || now.Sub(e.At) > s.age || (ns != protocol.SystemNamespace && ns != e.Namespace) {
+		return Entry{}, false
+	}
+	return e, true
+}
+
+// Answer is the stop answer for a repeat stop of a workload that stopped as e says:
+// stopped (the workload is gone, as the caller wants) and saying since when, with the
+// time in nexd's extension field, which upstream clients ignore.
+func (e Entry) Answer(id string) protocol.StopWorkloadResponse {
+	at := e.At.UTC().Format(time.RFC3339)
+	msg := "already stopped at " + at
+	if e.How != "" && e.How != "stopped" {
+		msg = fmt.Sprintf("%s (%s)", msg, e.How)
+	}
+	return protocol.StopWorkloadResponse{ID: id, Message: msg, Stopped: true, WorkloadType: e.Type, AlreadyStoppedAt: at}
+}
