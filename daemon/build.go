@@ -93,7 +93,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		return nil
 	})
 
-	d.own.goFn(warmSignatures)
+	d.own.goFn(warmUp)
 	d.notify.Status("starting: loading identity")
 	if err := privateStateDir(s.stateDir, d.log); err != nil {
 		return nil, err
