@@ -99,11 +99,13 @@ func (n *Nexlet) detachedExit(w *workload, p *proc) {
 	if w.restartsAfter(p) && !stopping {
 		if due {
 			n.detachedRestart(w, p, next)
+			n.dropExitAhead(p)
 			return
 		}
 		reason = w.exhaustedReason(reason)
 	}
 	n.recordDetachedEnd(w, p.code, reason)
+	n.dropExitAhead(p)
 }
 
 // recordDetachedEnd records, as its tombstone, the end of w that this detached nexlet

@@ -39,10 +39,17 @@ type sigchldInfo struct {
 // ended, as exitStatus does. Used when the os.Process was released, so that a workload
 // costs one pidfd, not two (Go's os.Process holds one of its own). It waits (polling the
 // non-blocking pidfd) while the child still runs.
-func reapPidfd(pidfd int) (int, string, error) {
+func reapPidfd(pidfd int) (int, string, error) { return waitPidfd(pidfd, unix.WEXITED) }
+
+// peekPidfd says how the exited child behind a pidfd ended, as reapPidfd does, and
+// leaves it unreaped (WNOWAIT): a nexlet that dies before the reap leaves the child to
+// nexd, which reaps it and records its exit.
+func peekPidfd(pidfd int) (int, string, error) { return waitPidfd(pidfd, unix.WEXITED|unix.WNOWAIT) }
+
+func waitPidfd(pidfd, options int) (int, string, error) {
 	var info sigchldInfo
 	for {
-		_, _, errno := unix.Syscall6(unix.SYS_WAITID, unix.P_PIDFD, uintptr(pidfd), uintptr(unsafe.Pointer(&info)), unix.WEXITED, 0, 0)
+		_, _, errno := unix.Syscall6(unix.SYS_WAITID, unix.P_PIDFD, uintptr(pidfd), uintptr(unsafe.Pointer(&info)), uintptr(options), 0, 0)
 		switch errno {
 		case 0:
 		case unix.EINTR:

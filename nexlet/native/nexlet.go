@@ -116,8 +116,10 @@ type Nexlet struct {
 	// beforeEnd (tests: a supervisor that has not run yet) in a workload's supervisor
 	// once it saw the workload's process end, before it handles the end;
 	// beforeDetachedRecord (tests: a slow write) before a detached nexlet records an
-	// end it reaped for the next nexlet (detachedExit).
-	beforeRelaunch, beforeEnd, beforeDetachedRecord func(id string)
+	// end it reaped for the next nexlet (detachedExit); afterReap (tests: a nexlet
+	// killed there) on the watcher's goroutine once it reaped a workload's process,
+	// before anything else knows its exit.
+	beforeRelaunch, beforeEnd, beforeDetachedRecord, afterReap func(id string)
 	// afterBegin, when set (tests: a detach at that moment), runs once a deploy began
 	// its workload's process p, before its supervisor starts.
 	afterBegin func(id string, p *proc)

@@ -3,8 +3,10 @@ package native
 import (
 	"encoding/base64"
 	"encoding/json"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -140,7 +142,7 @@ func TestRestartDueAtDetach(t *testing.T) {
 		return ok && s.WorkloadState == protocol.WorkloadStarting && s.Metadata["restarts"] == "1"
 	})
 	first.detach()
-	fn.replayRanOutItsRestart(runtime, "retry", req, runs)
+	fn.replayRanOutItsRestart(Config{RuntimeDir: runtime}, "retry", req, runs)
 }
 
 // startFailingJob starts job id, which appends a line to runs (returned) and exits 3,
@@ -163,12 +165,12 @@ func (fn *fakeNode) startFailingJob(id, backoff string) (protocol.AgentStartWork
 	return req, runs
 }
 
-// replayRanOutItsRestart replays job id (startFailingJob) to a new nexlet on runtime
-// and checks that it ran twice in all and ended once, with its restart limit reached.
-func (fn *fakeNode) replayRanOutItsRestart(runtime, id string, req protocol.AgentStartWorkloadRequest, runs string) {
+// replayRanOutItsRestart replays job id (startFailingJob) to a new nexlet of cfg and
+// checks that it ran twice in all and ended once, with its restart limit reached.
+func (fn *fakeNode) replayRanOutItsRestart(cfg Config, id string, req protocol.AgentStartWorkloadRequest, runs string) {
 	t := fn.t
 	t.Helper()
-	fn.replayTo(runtime, id, req)
+	fn.replayWith(cfg, id, req)
 	ev := fn.endedOnce(id)
 	if ev.Metadata["exit_code"] != "3" || !strings.Contains(ev.Metadata["reason"], "restart limit of 1 reached") {
 		t.Errorf("the job ended with %q (%s), want 3 with its restart limit of 1 reached", ev.Metadata["exit_code"], ev.Metadata["reason"])
@@ -229,7 +231,7 @@ func TestRestartLaunchedAtDetach(t *testing.T) {
 	})
 	first.watch.stop() // as the exiting nexlet's Close does: its reaps are done
 
-	fn.replayRanOutItsRestart(runtime, "relaunch", req, runs)
+	fn.replayRanOutItsRestart(Config{RuntimeDir: runtime}, "relaunch", req, runs)
 }
 
 // TestEndBeforeDetachRecorded: a job's process ends and is reaped just before its
@@ -376,10 +378,15 @@ func (tn *testNexlet) detach() {
 
 // replayTo starts the next nexlet on runtime, to which the node replays req as id.
 func (fn *fakeNode) replayTo(runtime, id string, req protocol.AgentStartWorkloadRequest) {
+	fn.replayWith(Config{RuntimeDir: runtime}, id, req)
+}
+
+// replayWith starts the next nexlet with cfg, to which the node replays req as id.
+func (fn *fakeNode) replayWith(cfg Config, id string, req protocol.AgentStartWorkloadRequest) {
 	fn.mu.Lock()
 	fn.existing = map[string]protocol.AgentStartWorkloadRequest{id: req}
 	fn.mu.Unlock()
-	fn.startNexlet(Config{RuntimeDir: runtime})
+	fn.startNexlet(cfg)
 }
 
 // endedOnce waits for the WORKLOADSTOPPED of id and fails unless it is the only one.
@@ -399,8 +406,8 @@ func (fn *fakeNode) endedOnce(id string) *protocol.WorkloadStoppedEvent {
 // run (an older nexlet's, written at a detach) is due. The restarts of the newest
 // launch are read back as written (none: 0).
 func TestDueRestartFollowsThePidRecord(t *testing.T) {
-	fn := newFakeNode(t)
-	n := fn.startNexlet(Config{})
+	// Records only: no nexlet runs on them (one would sweep a record it does not hold).
+	n := &Nexlet{cfg: Config{RuntimeDir: t.TempDir()}, log: slog.New(slog.NewTextHandler(testWriter{t}, nil))}
 	const id = "due"
 	if _, _, ok := n.readRestartDue(id); ok {
 		t.Fatal("a restart due without any record")
@@ -433,4 +440,36 @@ func TestDueRestartFollowsThePidRecord(t *testing.T) {
 	if restarts, last, ok := n.readRestartDue(id); !ok || restarts != 1 || last.Reason != "exited with code 3" {
 		t.Errorf("an older nexlet's record = %d %+v %v, want restart 1 due", restarts, last, ok)
 	}
+}
+
+// TestKillBetweenReapAndRecord: a job's failed run was reaped by its nexlet, which is
+// killed before anything records the end (here: a hook on the watcher's goroutine right
+// after the reap that never returns, the nexlet crashed meanwhile). The exit was recorded ahead of the reap, as
+// nexd records a process whose nexlet died, so the next nexlet honours the job's policy:
+// its one restart runs, two runs in all, one end with the limit reached. Before, only
+// the dead nexlet had known the exit status: the next one reported the job lost (-1)
+// after one run.
+func TestKillBetweenReapAndRecord(t *testing.T) {
+	fn := newFakeNode(t)
+	cfg := Config{RuntimeDir: t.TempDir(), ExitsDir: t.TempDir()}
+	first := fn.startNexlet(cfg)
+	seen, hold := make(chan struct{}), make(chan struct{})
+	first.afterReap = func(string) {
+		close(seen)
+		<-hold
+		runtime.Goexit() // the nexlet died here: no reap, no record of the end
+	}
+	t.Cleanup(func() { close(hold) }) // before the nexlet's own clean-up
+	req, runs := fn.startFailingJob("ahead", "10ms")
+	select {
+	case <-seen:
+	case <-time.After(waitLong):
+		t.Fatal("the job's process was not reaped")
+	}
+	first.crash()
+	fn.replayRanOutItsRestart(cfg, "ahead", req, runs)
+	testkit.Eventually(t, "no exit record left (each removed once its end was recorded)", func() bool {
+		ents, _ := os.ReadDir(cfg.ExitsDir)
+		return len(ents) == 0
+	})
 }

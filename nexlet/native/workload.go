@@ -120,6 +120,11 @@ type proc struct {
 	// claimed: the exit is being handled, by supervise or (after a detach) by
 	// detachedExit: exactly one of them records it.
 	claimed atomic.Bool
+	// rec is the process's identity (zero: unknown); ahead says its exit was recorded
+	// ahead of its reap (recordExitAhead), a record that goes once the end's own is
+	// written (dropExitAhead). ahead is set before exited is closed.
+	rec   procid.ID
+	ahead bool
 }
 
 // ended is a proc for a workload found finished on replay.
@@ -416,6 +421,8 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		n.log.Warn("workload start time unreadable; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
 	} else if err := n.writePID(w.id, id); err != nil {
 		n.log.Warn("workload pid not recorded; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
+	} else {
+		p.rec = id
 	}
 	w.steps.Step("pid") // its oom_score_adj, its pid and start time recorded
 	n.mu.Lock()
@@ -437,7 +444,11 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	pidfd, err := openPidfd(p.pid)
 	if err == nil {
 		err = n.watch.addChild(pidfd, func(pidfd int) {
+			n.recordExitAhead(w, p, pidfd)
 			code, reason, _ := reapPidfd(pidfd)
+			if n.afterReap != nil {
+				n.afterReap(w.id)
+			}
 			exited(code, reason)
 		})
 	}
@@ -453,6 +464,41 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	// workload (5,000 workloads ran out of a 20,000 limit).
 	_ = cmd.Process.Release()
 	return p, nil
+}
+
+// recordExitAhead writes, before the reap of w's process p (whose pidfd says it
+// exited), the exit record that nexd writes for a process whose nexlet died: from the
+// reap until the end's own record (a due restart, a tombstone) only this nexlet knew the
+// exit status, and a nexlet killed then left the next one a job lost and a restart not
+// made (TestKillBetweenReapAndRecord). Not without nexd's exits directory or p's
+// identity, nor for a stop's end (the stop waits for it and says how it ended).
+func (n *Nexlet) recordExitAhead(w *workload, p *proc, pidfd int) {
+	if n.cfg.ExitsDir == "" || p.rec.PID == 0 {
+		return
+	}
+	n.mu.Lock()
+	stopping := w.state == protocol.WorkloadStopping || w.state == protocol.WorkloadStopped
+	n.mu.Unlock()
+	if stopping {
+		return
+	}
+	code, reason, err := peekPidfd(pidfd)
+	if err != nil {
+		return // the reap says why
+	}
+	if err := procid.WriteExit(n.cfg.ExitsDir, p.rec, procid.Exit{Code: code, Reason: reason}); err != nil {
+		n.log.Warn("workload exit not recorded ahead of its reap; a nexlet killed before its end is recorded loses it", "workload_id", w.id, "err", err)
+		return
+	}
+	p.ahead = true
+}
+
+// dropExitAhead removes the exit record written ahead of p's reap, once the end's own
+// record is written (or its stop removed the workload's).
+func (n *Nexlet) dropExitAhead(p *proc) {
+	if p.ahead {
+		procid.RemoveExit(n.cfg.ExitsDir, p.rec)
+	}
 }
 
 // watchOutput hands a workload's output FIFO (its read end) to the watcher.
@@ -589,6 +635,9 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 		// TestNexletKillDuringRestartBackoff).
 		n.log.Info("replayed workload was due to restart when its nexlet let go; starting it again",
 			"workload_id", w.id, "restarts", restarts, "max_restarts", w.plan.maxRestarts, "exit_code", last.Code, "reason", last.Reason)
+		if rec, ok := n.readPID(w.id); ok && n.cfg.ExitsDir != "" {
+			procid.RemoveExit(n.cfg.ExitsDir, rec) // its end's, if recorded ahead of its reap
+		}
 		n.mu.Lock()
 		w.restarts = restarts
 		n.mu.Unlock()
@@ -802,6 +851,7 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 			// listed: a nexlet killed from here on leaves the next one this restart to
 			// make, or the relaunch that made it (TestNexletKillDuringRestartBackoff).
 			n.writeRestartDue(w.id, next, p.code, p.reason)
+			n.dropExitAhead(p)
 		}
 		n.mu.Lock()
 		w.restarts = next
@@ -813,8 +863,9 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 	empty := n.killAndWait(w) // leftovers of a main process that ended on its own
 	n.log.Info("workload process ended", "workload_id", w.id, "code", p.code, "reason", p.reason)
 	if !due {
-		w.emptied = empty // nothing is launched in it again
-		n.finish(w, p, nil, restart)
+		w.emptied = empty            // nothing is launched in it again
+		n.finish(w, p, nil, restart) // its tombstone
+		n.dropExitAhead(p)
 		return nil
 	}
 	t := time.NewTimer(*backoff)
@@ -860,11 +911,15 @@ func (n *Nexlet) stopped(w *workload, p *proc, r stopRequest) {
 	if !p.claimed.CompareAndSwap(false, true) {
 		return // recorded by the detach
 	}
-	if exitedNow(p) && n.detached() {
+	exited := exitedNow(p) // and p.ahead set: an end recorded before the stop came
+	if exited && n.detached() {
 		n.recordDetachedEnd(w, p.code, p.reason)
-		return
+	} else {
+		n.finish(w, p, &r, false)
 	}
-	n.finish(w, p, &r, false)
+	if exited {
+		n.dropExitAhead(p)
+	}
 }
 
 // restartsAfter says whether w's policy starts it again after its process p ended (a
