@@ -21,6 +21,12 @@ import (
 // native returns the native nexlet's entry in the node's status.
 func (n *node) native(t *testing.T) control.Nexlet {
 	t.Helper()
+	return n.nexlet(t, "native")
+}
+
+// nexlet returns the named nexlet's entry in the node's status.
+func (n *node) nexlet(t *testing.T, name string) control.Nexlet {
+	t.Helper()
 	c := control.NewClient(n.socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -30,11 +36,11 @@ func (n *node) native(t *testing.T) control.Nexlet {
 		t.Fatal(err)
 	}
 	for _, x := range st.Nexlets {
-		if x.Name == "native" {
+		if x.Name == name {
 			return x
 		}
 	}
-	t.Fatalf("no native nexlet in status: %+v", st.Nexlets)
+	t.Fatalf("no %s nexlet in status: %+v", name, st.Nexlets)
 	return control.Nexlet{}
 }
 

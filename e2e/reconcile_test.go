@@ -106,6 +106,18 @@ func startedBy(out string) map[string][]string {
 	return by
 }
 
+// echoNexlet builds the example echo nexlet where nexd may run it.
+func echoNexlet(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(testkit.PublicDir(t), "echo-nexlet")
+	build := exec.Command("go", "build", "-o", bin, "./contrib/examples/echo-nexlet")
+	build.Dir = ".."
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the echo nexlet: %v\n%s", err, out)
+	}
+	return bin
+}
+
 // TestTwoNexletsOfOneTypeKeepTheirWorkloads: two echo nexlets (one type, two
 // supervised instances) each run two services. After nexd stops and starts again (no
 // live_restore), each instance gets back exactly its own workloads from node state:
@@ -116,12 +128,7 @@ func TestTwoNexletsOfOneTypeKeepTheirWorkloads(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	bin := filepath.Join(testkit.PublicDir(t), "echo-nexlet")
-	build := exec.Command("go", "build", "-o", bin, "./contrib/examples/echo-nexlet")
-	build.Dir = ".."
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build the echo nexlet: %v\n%s", err, out)
-	}
+	bin := echoNexlet(t)
 	s := testnats.Start(t, testnats.Options{})
 	dir := t.TempDir()
 	opts := nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv", "--disable-native-start",

@@ -410,3 +410,71 @@ func waitOut(t *testing.T, n *node, pattern string, timeout time.Duration) strin
 	t.Fatalf("no line of nexd's output matches %q within %s:\n%.4000s", pattern, timeout, n.out.String())
 	return ""
 }
+
+// TestWorkloadListPartial: a node whose nexlet misses its 2 s fan-out (here frozen with
+// SIGSTOP, as a busy or restarting one would be) marks its WPING answer partial
+// (HeaderPartial, naming the nexlet; the body is upstream's array), and nexctl prints the
+// rows it got, warns naming the node and the nexlet, and exits 1. Before, the answer
+// was short with no sign of it, and nexctl exited 0 with the native row alone.
+func TestWorkloadListPartial(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	bin := echoNexlet(t)
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{
+		"--agents.uri", "file://" + bin, "--agents.argv", "--name", "--agents.argv", "echo-a"}})
+	n.waitReady(t)
+	n.waitNative(t)
+	w := n.runWorkload(t, "--name", "sleeper", "--", "/bin/sleep", "600")
+	n.mustCtl(t, "workload", "run", "--type", "echo", "--name", "echoer", "--start-request", `{"message":"hi","interval":"30s"}`)
+	if out := n.mustCtl(t, "workload", "list"); !strings.Contains(out, "sleeper") || !strings.Contains(out, "echoer") {
+		t.Fatalf("list before: %q", out)
+	}
+	echo := n.nexlet(t, "echo-nexlet") // its supervised name; it registers as echo-a
+	if err := syscall.Kill(echo.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(echo.PID, syscall.SIGCONT) })
+
+	out, errOut, code := n.ctl(t, "workload", "list")
+	if code != 1 || !strings.Contains(out, "sleeper") || strings.Contains(out, "echoer") {
+		t.Fatalf("list with echo-a frozen: exit %d, %q %q; want the native row and exit 1", code, out, errOut)
+	}
+	want := "nexlet echo-a (" + echo.AgentID + "): no answer within 2s"
+	if !strings.Contains(errOut, "warning: node e2e (") || !strings.Contains(errOut, want) || !strings.Contains(errOut, "the list is partial") {
+		t.Fatalf("list with echo-a frozen: stderr %q, want a warning naming the node and %q", errOut, want)
+	}
+	out, errOut, code = n.ctl(t, "--json", "workload", "list")
+	var rows []protocol.WorkloadSummary
+	if err := json.Unmarshal([]byte(out), &rows); err != nil || len(rows) != 1 || rows[0].ID != w.ID || code != 1 ||
+		!strings.Contains(errOut, `{"warning":"node e2e (`) {
+		t.Fatalf("list --json with echo-a frozen: exit %d, %q %q (%v)", code, out, errOut, err)
+	}
+
+	// An upstream client: the reply is the array it decodes; the header is extra.
+	nc := testnats.Connect(t, s)
+	body, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
+	m, err := nc.Request(protocol.WPingSubject(protocol.SystemNamespace), body, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list []protocol.WorkloadSummary
+	if err := json.Unmarshal(m.Data, &list); err != nil || len(list) != 1 {
+		t.Fatalf("WPING reply %s: %v", m.Data, err)
+	}
+	var p protocol.PartialList
+	if err := json.Unmarshal([]byte(m.Header.Get(protocol.HeaderPartial)), &p); err != nil || p.NodeName != "e2e" || p.Wait != "2s" ||
+		len(p.Missing) != 1 || p.Missing[0].ID != echo.AgentID || p.Missing[0].Name != "echo-a" || p.Missing[0].Maybe {
+		t.Fatalf("%s header %q: %+v %v", protocol.HeaderPartial, m.Header.Get(protocol.HeaderPartial), p, err)
+	}
+
+	if err := syscall.Kill(echo.PID, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "a whole list once echo-a answers again", func() bool {
+		out, errOut, code := n.ctl(t, "workload", "list")
+		return code == 0 && errOut == "" && strings.Contains(out, "sleeper") && strings.Contains(out, "echoer")
+	})
+}

@@ -953,12 +953,12 @@ func (d *detached) Headers() micro.Headers { return d.hdr }
 func (d *detached) Subject() string        { return d.subject }
 func (d *detached) Reply() string          { return d.reply }
 
-func (r *Runner) respondError(req micro.Request, err error, body any) {
+func (r *Runner) respondError(req micro.Request, err error, body any, opts ...micro.RespondOpt) {
 	var data []byte
 	if body != nil {
 		data, _ = json.Marshal(body)
 	}
-	if rerr := req.Error(ErrorCode, err.Error(), data); rerr != nil {
+	if rerr := req.Error(ErrorCode, err.Error(), data, opts...); rerr != nil {
 		r.log.Warn("nexlet reply failed", "subject", req.Subject(), "err", rerr)
 	}
 }
@@ -1153,21 +1153,24 @@ func (r *Runner) handleGet(req micro.Request) {
 	r.respondJSON(req, out)
 }
 
+// handleQuery answers QUERYWORKLOADS, naming this nexlet (HeaderAgentID) so the node
+// can tell which of its nexlets did not answer.
 func (r *Runner) handleQuery(req micro.Request) {
+	self := micro.WithHeaders(micro.Headers{protocol.HeaderAgentID: []string{r.AgentID()}})
 	var in protocol.AgentListWorkloadsRequest
 	if err := protocol.Decode(req.Data(), &in); err != nil {
-		r.respondError(req, err, nil)
+		r.respondError(req, err, nil, self)
 		return
 	}
 	out, err := r.agent.QueryWorkloads(in.Namespace, in.Filter)
 	if err != nil {
-		r.respondError(req, err, nil)
+		r.respondError(req, err, nil, self)
 		return
 	}
 	if out == nil {
 		out = []protocol.WorkloadSummary{}
 	}
-	r.respondJSON(req, out)
+	r.respondJSON(req, out, self)
 }
 
 func (r *Runner) handlePing(req micro.Request) {
@@ -1176,7 +1179,7 @@ func (r *Runner) handlePing(req micro.Request) {
 		r.respondError(req, err, nil)
 		return
 	}
-	r.respondJSON(req, out, micro.WithHeaders(micro.Headers{"agentId": []string{r.AgentID()}}))
+	r.respondJSON(req, out, micro.WithHeaders(micro.Headers{protocol.HeaderAgentID: []string{r.AgentID()}}))
 }
 
 func (r *Runner) handleLameduck(req micro.Request) {

@@ -66,6 +66,14 @@ const (
 	// for a few intervals knows the node became unreachable mid-request (the outcome is
 	// unknown: the workload may have started) instead of waiting out the deploy timeout.
 	HeaderAlive = "Nex-Alive"
+	// HeaderPartial on a WPING reply says the list is partial: a JSON PartialList
+	// naming the nexlets whose workloads are missing from it (they did not answer the
+	// node's fan-out in time, or answered with an error). Upstream clients ignore it.
+	HeaderPartial = "Nex-Partial"
+	// HeaderAgentID names the nexlet that sent a reply: upstream's PingAgent sets it,
+	// and nexd's nexlets set it on QUERYWORKLOADS replies too, so a node can tell which
+	// nexlet did not answer.
+	HeaderAgentID = "agentId"
 )
 
 // Control-plane subjects ($NEX.SVC.<ns>.control.…).

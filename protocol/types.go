@@ -304,6 +304,24 @@ type WorkloadSummary struct {
 	Resources *WorkloadResources `json:"resources,omitempty"`
 }
 
+// PartialList is the value of HeaderPartial on a node's WPING reply: which of its
+// nexlets' workloads the list lacks, and the fan-out's bound.
+type PartialList struct {
+	NodeName string          `json:"node_name"`
+	Wait     string          `json:"wait"` // how long the node waited for its nexlets
+	Missing  []MissingNexlet `json:"missing"`
+}
+
+// MissingNexlet is a nexlet whose workloads a node's list lacks.
+type MissingNexlet struct {
+	ID     string `json:"id"`
+	Name   string `json:"name"`
+	Reason string `json:"reason"` // "no answer within 2s", "answered with an error: ..."
+	// Maybe: one of several nexlets that do not name themselves in their replies
+	// (upstream's SDK), fewer of which answered than were asked; which is not known.
+	Maybe bool `json:"maybe,omitempty"`
+}
+
 // WorkloadResources is what a workload's cgroup says, read when the node answered.
 type WorkloadResources struct {
 	CPUUsageNsec uint64 `json:"cpu_usage_nsec"` // cumulative CPU time

@@ -436,19 +436,30 @@ func (n *Node) handleClone(r micro.Request) {
 	}
 }
 
-// queryWorkloads fans QUERYWORKLOADS out and concatenates the answers.
-func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloadsRequest) ([]protocol.WorkloadSummary, error) {
+// queryWorkloads fans QUERYWORKLOADS out and concatenates the answers. missing names
+// the nexlets whose workloads the list lacks: those that did not answer within the
+// fan-out's bound (busy, restarting) or answered with an error.
+func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloadsRequest) (out []protocol.WorkloadSummary, missing []protocol.MissingNexlet, err error) {
 	if req.Filter == nil {
 		req.Filter = []string{}
 	}
 	body, err := protocol.Marshal(req)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	out := []protocol.WorkloadSummary{}
-	err = gather(ctx, n.o.NC, protocol.QueryWorkloadsSubject(n.id), body, n.agentCount(), n.o.FanoutTimeout, func(m *nats.Msg) bool {
+	out = []protocol.WorkloadSummary{}
+	asked := n.agentNames()
+	ans := answers{failed: map[string]string{}, heard: map[string]bool{}}
+	err = gather(ctx, n.o.NC, protocol.QueryWorkloadsSubject(n.id), body, len(asked), n.o.FanoutTimeout, func(m *nats.Msg) bool {
 		var list []protocol.WorkloadSummary
-		if isErrorReply(m) || jsonArray(m.Data, &list) != nil {
+		failure := ""
+		if isErrorReply(m) {
+			failure = fmt.Sprintf("%s (code %s)", m.Header.Get(protocol.HeaderError), m.Header.Get(protocol.HeaderErrorCode))
+		} else if err := jsonArray(m.Data, &list); err != nil {
+			failure = "a list that does not decode: " + err.Error()
+		}
+		ans.add(m, asked, failure)
+		if failure != "" {
 			return true
 		}
 		for _, w := range list {
@@ -461,7 +472,63 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 		}
 		return true
 	})
-	return out, err
+	return out, ans.missing(asked, n.o.FanoutTimeout), err
+}
+
+// answers tells which nexlets answered a fan-out: nexd's name themselves
+// (HeaderAgentID), upstream SDK nexlets do not and are only counted (anonymous).
+type answers struct {
+	heard     map[string]bool   // by agent id
+	failed    map[string]string // agent id -> its error reply
+	anonymous int               // replies that name no nexlet asked
+	anonFail  []string          // their errors
+}
+
+func (a *answers) add(m *nats.Msg, asked map[string]string, failure string) {
+	id := m.Header.Get(protocol.HeaderAgentID)
+	if _, ok := asked[id]; !ok || a.heard[id] {
+		a.anonymous++
+		if failure != "" {
+			a.anonFail = append(a.anonFail, failure)
+		}
+		return
+	}
+	a.heard[id] = true
+	if failure != "" {
+		a.failed[id] = failure
+	}
+}
+
+// missing lists the nexlets asked whose workloads the answers lack, sorted by name.
+// A reply without a nexlet id (upstream's SDK, or a nexd nexlet older than the id)
+// may be any unheard nexlet's: when as many came as there are unheard nexlets, and
+// none was an error, nothing is missing; otherwise every unheard nexlet is listed, and
+// when some of those replies came it is not known which ones are missing (maybe).
+func (a *answers) missing(asked map[string]string, wait time.Duration) []protocol.MissingNexlet {
+	var out, unheard []protocol.MissingNexlet
+	for id, name := range asked {
+		switch reason, failed := a.failed[id]; {
+		case failed:
+			out = append(out, protocol.MissingNexlet{ID: id, Name: name, Reason: "answered with an error: " + reason})
+		case !a.heard[id]:
+			unheard = append(unheard, protocol.MissingNexlet{ID: id, Name: name})
+		}
+	}
+	if a.anonymous < len(unheard) || len(a.anonFail) > 0 {
+		reason := fmt.Sprintf("no answer within %s", wait)
+		if len(a.anonFail) > 0 {
+			reason = "answered with an error: " + strings.Join(a.anonFail, "; ")
+			if a.anonymous < len(unheard) {
+				reason = fmt.Sprintf("no answer within %s, or answered with an error: %s", wait, strings.Join(a.anonFail, "; "))
+			}
+		}
+		for i := range unheard {
+			unheard[i].Reason, unheard[i].Maybe = reason, len(unheard) > 1 && a.anonymous > 0
+		}
+		out = append(out, unheard...)
+	}
+	slices.SortFunc(out, func(x, y protocol.MissingNexlet) int { return strings.Compare(x.Name+x.ID, y.Name+y.ID) })
+	return out
 }
 
 func jsonArray(data []byte, list *[]protocol.WorkloadSummary) error {
@@ -495,10 +562,16 @@ func (n *Node) handleWPing(r micro.Request) {
 	if ns != protocol.SystemNamespace {
 		req.Namespace = ns
 	}
-	list, err := n.queryWorkloads(n.ctx, req)
+	list, missing, err := n.queryWorkloads(n.ctx, req)
 	if err != nil {
 		n.fail(r, 500, "failed to ask nexlets for workloads", err)
 		return
+	}
+	head := micro.Headers{protocol.HeaderNode: {n.id}}
+	if len(missing) > 0 {
+		p, _ := json.Marshal(protocol.PartialList{NodeName: n.o.Name, Wait: n.o.FanoutTimeout.String(), Missing: missing})
+		head[protocol.HeaderPartial] = []string{string(p)}
+		n.log.Warn("workload list partial: nexlets missing from it", "missing", string(p))
 	}
 	if want := r.Headers().Get(protocol.HeaderResources); (want == n.id || want == "*") && n.o.WorkloadResources != nil {
 		for i := range list {
@@ -507,7 +580,7 @@ func (n *Node) handleWPing(r micro.Request) {
 			}
 		}
 	}
-	if err := r.RespondJSON(list, micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}})); err != nil {
+	if err := r.RespondJSON(list, micro.WithHeaders(head)); err != nil {
 		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
 	}
 }
@@ -515,10 +588,11 @@ func (n *Node) handleWPing(r micro.Request) {
 // Workloads lists every workload on this node (for the local control socket).
 func (n *Node) Workloads(ctx context.Context) ([]protocol.WorkloadSummary, error) {
 	connected := n.o.NC.IsConnected()
-	list, err := n.queryWorkloads(ctx, protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace})
-	// Only an answer asked and received while connected throughout is kept: one sent
-	// into the reconnect buffer times out empty and would say the node runs nothing.
-	if err == nil && connected && n.o.NC.IsConnected() {
+	list, missing, err := n.queryWorkloads(ctx, protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace})
+	// Only a whole answer asked and received while connected throughout is kept: one
+	// sent into the reconnect buffer times out empty and would say the node runs
+	// nothing.
+	if err == nil && len(missing) == 0 && connected && n.o.NC.IsConnected() {
 		n.mu.Lock()
 		n.lastList, n.lastListAt = slices.Clone(list), time.Now()
 		n.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -362,7 +363,30 @@ func (f *fleet) silentNode(sent, heard time.Time) error {
 		"'nexctl workload list' shows it once the node is reachable again", errOutcomeUnknown, what, time.Since(sent).Round(100*time.Millisecond))
 }
 
+// partialList is a node's list answer that lacks some of its nexlets' workloads
+// (protocol.HeaderPartial): they did not answer the node in time, or answered with an
+// error.
+type partialList struct {
+	node string // the node's id (HeaderNode)
+	protocol.PartialList
+}
+
+func (e *partialList) Error() string {
+	var what []string
+	for _, m := range e.Missing {
+		s := fmt.Sprintf("nexlet %s (%s): %s", m.Name, m.ID, m.Reason)
+		if m.Maybe {
+			s += " (perhaps: some of its type answered, which is not known)"
+		}
+		what = append(what, s)
+	}
+	return fmt.Sprintf("node %s (%s) listed only part of its workloads; missing those of %s",
+		orDash(e.NodeName), orDash(e.node), strings.Join(what, "; "))
+}
+
 // listWorkloads gathers workload summaries in ns, optionally filtered by id or name.
+// bad holds the replies that could not be used and, as *partialList, the nodes whose
+// answer lacks some nexlets' workloads (their rows are in the list).
 func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) ([]protocol.WorkloadSummary, []error, error) {
 	if filter == nil {
 		filter = []string{}
@@ -381,6 +405,13 @@ func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) (
 		if err := replyError(m); err != nil {
 			bad = append(bad, err)
 			continue
+		}
+		if h := m.Header.Get(protocol.HeaderPartial); h != "" {
+			p := &partialList{node: m.Header.Get(protocol.HeaderNode)}
+			if err := json.Unmarshal([]byte(h), &p.PartialList); err != nil {
+				p.Missing = []protocol.MissingNexlet{{Name: "-", ID: "-", Reason: fmt.Sprintf("unreadable %s header %q: %v", protocol.HeaderPartial, h, err)}}
+			}
+			bad = append(bad, p)
 		}
 		if len(m.Data) == 0 || string(m.Data) == "null" {
 			continue

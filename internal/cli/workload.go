@@ -329,7 +329,10 @@ func (a *app) workloadListCmd() *cobra.Command {
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List workloads in the namespace (every namespace from system)",
-		Args:    noArgs,
+		Long: `List workloads in the namespace (every namespace from system). A node whose nexlet did not
+answer it in time (busy, restarting) or answered with an error says so: nexctl prints the
+rows that came, warns on stderr naming the node and the nexlet, and exits 1.`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
@@ -340,14 +343,28 @@ func (a *app) workloadListCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			a.warnAll(bad)
+			var partial []error
+			for _, e := range bad {
+				if p := (*partialList)(nil); errors.As(e, &p) {
+					a.warnf("%v", p)
+					partial = append(partial, p)
+				} else {
+					a.warnAll([]error{e})
+				}
+			}
 			if a.json {
 				if ws == nil {
 					ws = []protocol.WorkloadSummary{}
 				}
-				return a.printJSON(ws)
+				err = a.printJSON(ws)
+			} else {
+				err = renderWorkloadList(a.out(), a.namespace, ws, showMeta)
 			}
-			return renderWorkloadList(a.out(), a.namespace, ws, showMeta)
+			if err == nil && len(partial) > 0 {
+				// The rows above are all that came; a script must not take them for all.
+				return exitError{ExitFailed, fmt.Errorf("the list is partial: %d node(s) could not list every nexlet's workloads (see the warnings)", len(partial))}
+			}
+			return err
 		},
 	}
 	cmd.Flags().StringSliceVar(&filter, "filter", nil, "only workloads with this id or name (repeatable)")
