@@ -258,3 +258,81 @@ func TestJobEndWhileNexletDeadRestartsByPolicy(t *testing.T) {
 	killNexlet(t, n, func() { c.release(t, 2, true) })
 	c.endsAtLimit(t, stopped, 2)
 }
+
+// TestServiceEndWhileNexletDeadFollowsPolicy: services whose restart policy does not
+// start them again end while their nexlet is dead (killed -9), before the next one
+// adopts them: one with policy never fails (exit 3), one with on-failure exits 0.
+// nexd reaps each and records its exit; the next nexlet reports each end once, with
+// its exit code, and starts neither again, as their nexlet would have had it watched.
+// Before, the next nexlet started both again whatever their policy said.
+func TestServiceEndWhileNexletDeadFollowsPolicy(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	nc := testnats.Connect(t, s)
+	stopped, err := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flush(t, nc)
+	never := startCrashLoop(t, n, "service", `{"policy": "never"}`) // exits 3 once released
+	// clean runs like a crashLoop but exits 0 once released.
+	clean := crashLoop{marker: fmt.Sprintf("nexd-e2e-clean-%d", time.Now().UnixNano()), dir: testkit.PublicDir(t)}
+	clean.runsFile = testkit.WriteFile(t, filepath.Join(clean.dir, "runs"), "")
+	if err := os.Chmod(clean.runsFile, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	clean.id = n.runWorkload(t, "--name", "clean", "--lifecycle", "service", "--start-request", `{"restart":{"policy": "on-failure"}}`, "--",
+		"/bin/sh", "-c", `echo run >> "$1"; while [ ! -e "$2/release1" ]; do sleep 0.05; done; exit 0`,
+		clean.marker, clean.runsFile, clean.dir).ID
+	testkit.EventuallyWithin(t, 60*time.Second, "both first runs", func() bool {
+		return never.runs() == 1 && clean.runs() == 1 && len(never.mains()) == 1 && len(clean.mains()) == 1
+	})
+	killNexlet(t, n, func() {
+		never.release(t, 1, false)
+		clean.release(t, 1, false)
+	})
+	// Both ends, each once (a second one within a second of the last would be a
+	// second run's).
+	ends := map[string][]protocol.WorkloadStoppedEvent{}
+	deadline := time.Now().Add(90 * time.Second)
+	for time.Now().Before(deadline) {
+		wait := time.Until(deadline)
+		if len(ends[never.id]) > 0 && len(ends[clean.id]) > 0 {
+			wait = time.Second
+		}
+		m, err := stopped.NextMsg(wait)
+		if err != nil {
+			break
+		}
+		var e protocol.WorkloadStoppedEvent
+		if json.Unmarshal(m.Data, &e) == nil {
+			ends[e.ID] = append(ends[e.ID], e)
+		}
+	}
+	for _, c := range []struct {
+		loop crashLoop
+		code string
+	}{{never, "3"}, {clean, "0"}} {
+		evs := ends[c.loop.id]
+		if len(evs) != 1 {
+			t.Errorf("%s: %d WORKLOADSTOPPED, want 1: %+v", c.loop.id, len(evs), evs)
+			continue
+		}
+		if evs[0].Metadata["exit_code"] != c.code {
+			t.Errorf("%s ended with %q (%s), want %s", c.loop.id, evs[0].Metadata["exit_code"], evs[0].Metadata["reason"], c.code)
+		}
+	}
+	for _, c := range []crashLoop{never, clean} {
+		if r := c.runs(); r != 1 {
+			t.Errorf("%s ran %d times, want once: its policy does not start it again", c.id, r)
+		}
+		if m := c.mains(); len(m) != 0 {
+			t.Errorf("%s: processes after its end: %v", c.id, m)
+		}
+	}
+}

@@ -688,14 +688,14 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 		n.mu.Unlock()
 		return nil
 	}
-	if !job {
-		n.log.Info("replayed service had exited while no nexlet watched; starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
-		n.mu.Lock()
-		w.restarts = used
-		n.mu.Unlock()
-		return nil
+	// Its policy does not start it again (never; on-failure after a clean exit): it
+	// ended, as it would have with its nexlet watching. Before, a service was started
+	// again whatever its policy said (TestServiceEndWhileNexletDeadFollowsPolicy).
+	if !known { // a service whose policy restarts no failure
+		ex = procid.Exit{Code: -1, Reason: "lost: its process ended while no nexlet watched it and its exit status is unknown (last known state: running)"}
 	}
-	n.log.Info("replayed job had already run; not starting it again", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+	n.log.Info("replayed workload had ended while no nexlet watched; its restart policy does not start it again",
+		"workload_id", w.id, "policy", w.plan.policy, "exit_code", ex.Code, "reason", ex.Reason)
 	return ended(ex.Code, ex.Reason)
 }
 
