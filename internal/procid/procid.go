@@ -117,11 +117,24 @@ func WriteExit(dir string, id ID, e Exit) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, "."+id.String())
-	if err := os.WriteFile(tmp, []byte(strconv.Itoa(e.Code)+" "+e.Reason), 0o600); err != nil {
+	// A temporary file of this call's own: nexd's reaper, its orphan watcher and the
+	// nexlet may record the same end at once, and a shared name let one rename the
+	// other's file away ("no such file or directory").
+	f, err := os.CreateTemp(dir, "."+id.String()+".*")
+	if err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(dir, id.String()))
+	_, err = f.WriteString(strconv.Itoa(e.Code) + " " + e.Reason)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), filepath.Join(dir, id.String()))
+	}
+	if err != nil {
+		_ = os.Remove(f.Name())
+	}
+	return err
 }
 
 // ErrNoExit says no exit record exists (yet) for a process.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"sync"
 	"syscall"
 	"testing"
 )
@@ -70,5 +71,35 @@ func TestExitRecords(t *testing.T) {
 	RemoveExit(dir, id)
 	if _, err := ReadExit(dir, id); !errors.Is(err, ErrNoExit) {
 		t.Errorf("after RemoveExit: %v", err)
+	}
+}
+
+// TestWriteExitConcurrent: nexd's reaper, its orphan watcher and the nexlet may record
+// the same end at the same moment. Every writer succeeds, the record reads back, and
+// no temporary file is left; with one temporary name shared by all, a writer's rename
+// found its file renamed away by another ("no such file or directory").
+func TestWriteExitConcurrent(t *testing.T) {
+	dir := t.TempDir()
+	id := ID{PID: 4242, Start: 99}
+	for round := range 50 {
+		var wg sync.WaitGroup
+		errs := make(chan error, 4)
+		for range 4 {
+			wg.Go(func() { errs <- WriteExit(dir, id, Exit{Code: 3, Reason: "exited with code 3"}) })
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+		if e, err := ReadExit(dir, id); err != nil || e.Code != 3 {
+			t.Fatalf("round %d: read back %+v, %v", round, e, err)
+		}
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 1 {
+		t.Errorf("files left in the exits dir: %v", ents)
 	}
 }
