@@ -753,6 +753,42 @@ func TestLameduckMigrate(t *testing.T) {
 	}
 }
 
+// TestLameduckMigratePartial: `nexctl node lameduck --migrate` on a node whose echo
+// nexlet misses the listing (frozen with SIGSTOP, as a busy one would be) migrates the
+// services it can list and says which nexlet's services it could not (they stop with
+// the drain), exit 1; before, those services were skipped without a word and nexctl
+// exited 0.
+func TestLameduckMigratePartial(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	bin := echoNexlet(t)
+	s := testnats.Start(t, testnats.Options{})
+	a := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{
+		"--agents.uri", "file://" + bin, "--agents.argv", "--name", "--agents.argv", "echo-a"}})
+	ida := a.waitReady(t).NodeID
+	a.waitNative(t)
+	old := a.runWorkload(t, "--name", "svc", "--", "/bin/sleep", "600")
+	a.mustCtl(t, "workload", "run", "--type", "echo", "--name", "echoer", "--start-request", `{"message":"hi","interval":"30s"}`)
+	b := startNode(t, nodeOpts{external: s.ClientURL()})
+	b.waitReady(t)
+	b.waitNative(t)
+	echo := a.nexlet(t, "echo-nexlet")
+	if err := syscall.Kill(echo.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(echo.PID, syscall.SIGCONT) })
+
+	out, errOut, code := a.ctl(t, "node", "lameduck", ida, "--migrate", "--delay", "30s")
+	if code != 1 || !strings.Contains(out, "Migrated svc ["+old.ID+"]") {
+		t.Fatalf("lameduck --migrate with echo-a frozen: exit %d, %q %q; want svc migrated and exit 1", code, out, errOut)
+	}
+	if !strings.Contains(errOut, "nexlet echo-a ("+echo.AgentID+"): no answer within 2s; their services are not migrated") {
+		t.Fatalf("lameduck --migrate with echo-a frozen: stderr %q, want it to name echo-a", errOut)
+	}
+}
+
 // TestArtifactStoredOnDisk: a nats:// artifact from a real object store is fetched
 // into <state_dir>/nexlets/native/artifacts (named by its digest, shared by two
 // workloads, gone once both stopped), not into the workload's directory in the

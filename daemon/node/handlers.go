@@ -562,6 +562,15 @@ func (n *Node) handleWPing(r micro.Request) {
 	if ns != protocol.SystemNamespace {
 		req.Namespace = ns
 	}
+	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
+		// The client asked: say at once that this node answers (after up to its 2 s
+		// fan-out), so a gather across nodes waits for it and does not end with the
+		// faster nodes' answers.
+		m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {"listing"}, protocol.HeaderNode: {n.id}}}
+		if err := n.o.NC.PublishMsg(m); err != nil {
+			n.log.Warn("failed to acknowledge a workload list request", "err", err)
+		}
+	}
 	list, missing, err := n.queryWorkloads(n.ctx, req)
 	if err != nil {
 		n.fail(r, 500, "failed to ask nexlets for workloads", err)

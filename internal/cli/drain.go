@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -181,18 +182,16 @@ func bar(start, left int, done bool, width int) string {
 
 // workloadSummariesByNode lists every workload by the node that answered (nexd nodes
 // name themselves in a header; others are grouped under ""). With resourcesOf a nexd
-// node of that id adds its workloads' cgroup figures.
-func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string) (map[string][]protocol.WorkloadSummary, error) {
+// node of that id adds its workloads' cgroup figures. partial holds, by node, the
+// answers that lack some nexlets' workloads.
+func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string) (byNode map[string][]protocol.WorkloadSummary, partial map[string]*partialList, err error) {
 	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
-	o := f.gatherOpts(0)
-	if resourcesOf != "" {
-		o.head = nats.Header{protocol.HeaderResources: {resourcesOf}}
-	}
-	msgs, err := gather(ctx, f.nc, protocol.WPingSubject(protocol.SystemNamespace), data, o)
+	msgs, err := scatter.Gather(ctx, f.nc, protocol.WPingSubject(protocol.SystemNamespace), data, f.wpingOpts(resourcesOf))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	out := map[string][]protocol.WorkloadSummary{}
+	partial = map[string]*partialList{}
 	for _, m := range msgs {
 		var ws []protocol.WorkloadSummary
 		if replyError(m) != nil || json.Unmarshal(m.Data, &ws) != nil {
@@ -203,13 +202,16 @@ func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string)
 			node = m.Header.Get(protocol.HeaderNode)
 		}
 		out[node] = append(out[node], ws...)
+		if p := partialOf(m); p != nil {
+			partial[node] = p
+		}
 	}
-	return out, nil
+	return out, partial, nil
 }
 
 // workloadsByNode is workloadSummariesByNode's ids.
 func (f *fleet) workloadsByNode(ctx context.Context) (map[string][]string, error) {
-	byNode, err := f.workloadSummariesByNode(ctx, "")
+	byNode, _, err := f.workloadSummariesByNode(ctx, "")
 	if err != nil {
 		return nil, err
 	}

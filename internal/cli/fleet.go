@@ -384,6 +384,40 @@ func (e *partialList) Error() string {
 		orDash(e.NodeName), orDash(e.node), strings.Join(what, "; "))
 }
 
+// listWait bounds how long nexctl waits for a nexd node that acknowledged a WPING
+// (HeaderProgress) to answer: the node waits 2 s for its nexlets.
+const listWait = 5 * time.Second
+
+// wpingOpts gathers WPING answers: nexd nodes acknowledge at once when asked
+// (HeaderProgress), naming themselves (HeaderNode), and each such node's answer is
+// waited for, so a node whose nexlet is slow (its answer comes after its 2 s fan-out,
+// with Nex-Partial) is not cut off by faster nodes' answers. Upstream nodes do not
+// acknowledge and are gathered as before. resourcesOf asks that node for cgroup
+// figures (HeaderResources).
+func (f *fleet) wpingOpts(resourcesOf string) scatter.Options {
+	head := nats.Header{protocol.HeaderProgress: {"1"}}
+	if resourcesOf != "" {
+		head.Set(protocol.HeaderResources, resourcesOf)
+	}
+	return scatter.Options{First: f.first, Stall: f.stall, Header: head, Promised: listWait,
+		Promise: func(m *nats.Msg) (string, bool) {
+			return m.Header.Get(protocol.HeaderNode), len(m.Data) == 0 && m.Header.Get(protocol.HeaderProgress) != "" && replyError(m) == nil
+		}}
+}
+
+// partialOf is a WPING reply's HeaderPartial (nil when the reply is whole).
+func partialOf(m *nats.Msg) *partialList {
+	h := m.Header.Get(protocol.HeaderPartial)
+	if h == "" {
+		return nil
+	}
+	p := &partialList{node: m.Header.Get(protocol.HeaderNode)}
+	if err := json.Unmarshal([]byte(h), &p.PartialList); err != nil {
+		p.Missing = []protocol.MissingNexlet{{Name: "-", ID: "-", Reason: fmt.Sprintf("unreadable %s header %q: %v", protocol.HeaderPartial, h, err)}}
+	}
+	return p
+}
+
 // listWorkloads gathers workload summaries in ns, optionally filtered by id or name.
 // bad holds the replies that could not be used and, as *partialList, the nodes whose
 // answer lacks some nexlets' workloads (their rows are in the list).
@@ -395,7 +429,7 @@ func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) (
 	if err != nil {
 		return nil, nil, err
 	}
-	msgs, err := gather(ctx, f.nc, protocol.WPingSubject(ns), data, f.gatherOpts(0))
+	msgs, err := scatter.Gather(ctx, f.nc, protocol.WPingSubject(ns), data, f.wpingOpts(""))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -406,11 +440,7 @@ func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) (
 			bad = append(bad, err)
 			continue
 		}
-		if h := m.Header.Get(protocol.HeaderPartial); h != "" {
-			p := &partialList{node: m.Header.Get(protocol.HeaderNode)}
-			if err := json.Unmarshal([]byte(h), &p.PartialList); err != nil {
-				p.Missing = []protocol.MissingNexlet{{Name: "-", ID: "-", Reason: fmt.Sprintf("unreadable %s header %q: %v", protocol.HeaderPartial, h, err)}}
-			}
+		if p := partialOf(m); p != nil {
 			bad = append(bad, p)
 		}
 		if len(m.Data) == 0 || string(m.Data) == "null" {

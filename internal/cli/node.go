@@ -290,7 +290,7 @@ of --delay, which should leave time for the migration.`,
 				return exitError{ExitFailed, fmt.Errorf("%d workload(s) ignored SIGTERM and were killed at the end of their stop grace", killed)}
 			}
 			if migrateFailed > 0 {
-				return exitError{ExitFailed, fmt.Errorf("%d service(s) could not be migrated", migrateFailed)}
+				return exitError{ExitFailed, fmt.Errorf("%d service(s) could not be migrated (a nexlet whose services its node could not list counts as one)", migrateFailed)}
 			}
 			return nil
 		},
@@ -307,15 +307,20 @@ of --delay, which should leave time for the migration.`,
 
 // migrateServices re-places every service of the draining nodes (which no longer bid)
 // and stops each old copy once its new one runs, printing each step. It returns how
-// many could not be migrated.
+// many services could not be migrated, counting each nexlet of a draining node whose
+// workloads the node could not list (partial) as one: its services stop with the drain.
 func (a *app) migrateServices(ctx context.Context, f *fleet, nodes []*drainNode) int {
-	byNode, err := f.workloadSummariesByNode(ctx, "")
+	byNode, partial, err := f.workloadSummariesByNode(ctx, "")
 	if err != nil {
 		fmt.Fprintf(a.io.Stderr, "nexctl: migrate: listing workloads: %v\n", err)
 		return 1
 	}
 	failed := 0
 	for _, n := range nodes {
+		if p := partial[n.ID]; p != nil {
+			failed += len(p.Missing)
+			fmt.Fprintf(a.io.Stderr, "nexctl: migrate: %v; their services are not migrated and stop with the drain\n", p)
+		}
 		for _, w := range byNode[n.ID] {
 			if w.WorkloadLifecycle != string(protocol.LifecycleService) || w.WorkloadState != protocol.WorkloadRunning {
 				continue

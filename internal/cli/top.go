@@ -243,7 +243,7 @@ func (a *app) topSource(ctx context.Context, node string) (sample topSampler, ti
 	var last []protocol.WorkloadSummary
 	return func(ctx context.Context, _ []topRow, dt time.Duration) ([]topRow, time.Time, error) {
 		now := time.Now()
-		byNode, err := f.workloadSummariesByNode(ctx, id)
+		byNode, _, err := f.workloadSummariesByNode(ctx, id)
 		if err != nil {
 			return nil, now, err
 		}

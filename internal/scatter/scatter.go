@@ -18,11 +18,19 @@ type Options struct {
 	Max   int           // and stop once this many arrived (0: no limit)
 	// Header goes with the request (nexd's optional extensions; others ignore them).
 	Header nats.Header
+	// Promise, when set, tells a responder's acknowledgement (ack: a promise of its
+	// answer, not returned as a reply) from an answer, and names the responder (key).
+	// While promised answers are outstanding the gather does not end Stall after the
+	// latest reply: it waits for each up to Promised after its acknowledgement. So a
+	// responder that said it works on an answer is not cut off by faster ones.
+	Promise  func(m *nats.Msg) (key string, ack bool)
+	Promised time.Duration
 }
 
 // Gather publishes data on subject with a fresh reply inbox and returns the replies
-// that arrive: it ends Stall after the latest reply, after First without any, at Max
-// replies, or at once when the server says nobody listens.
+// that arrive: it ends Stall after the latest reply (or once promised answers came or
+// their wait ran out, see Options.Promise), after First without any, at Max replies, or
+// at once when the server says nobody listens.
 func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o Options) ([]*nats.Msg, error) {
 	inbox := nc.NewInbox()
 	sub, err := nc.SubscribeSync(inbox)
@@ -36,6 +44,7 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 		return nil, fmt.Errorf("request %s: %w", subject, err)
 	}
 	var out []*nats.Msg
+	promised := map[string]time.Time{} // responder -> until when its answer is awaited
 	deadline := time.Now().Add(o.First)
 	for {
 		wctx, cancel := context.WithDeadline(ctx, deadline)
@@ -50,12 +59,34 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 		if NoResponders(m) {
 			return out, nil
 		}
+		now := time.Now()
+		deadline = now.Add(o.Stall)
+		if o.Promise != nil {
+			key, ack := o.Promise(m)
+			if ack {
+				promised[key] = now.Add(o.Promised)
+			} else {
+				delete(promised, key)
+			}
+			for _, until := range promised {
+				deadline = latest(deadline, until)
+			}
+			if ack {
+				continue
+			}
+		}
 		out = append(out, m)
 		if o.Max > 0 && len(out) >= o.Max {
 			return out, nil
 		}
-		deadline = time.Now().Add(o.Stall)
 	}
+}
+
+func latest(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // NoResponders reports the server's "no responders" status reply.

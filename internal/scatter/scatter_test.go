@@ -53,3 +53,46 @@ func TestGather(t *testing.T) {
 		t.Fatal("cancelled context not reported")
 	}
 }
+
+// A responder that acknowledges at once (a promise) and answers a second later is
+// waited for, though a faster answer came and the stall is short; its acknowledgement
+// is not a reply. Without the promise the slow answer is cut off.
+func TestGatherWaitsForPromisedAnswers(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	slow, fast := testnats.Connect(t, s), testnats.Connect(t, s)
+	slow.Subscribe("list", func(m *nats.Msg) {
+		ack := nats.NewMsg(m.Reply)
+		ack.Header.Set("ack", "slow")
+		slow.PublishMsg(ack)
+		go func() {
+			time.Sleep(time.Second)
+			a := nats.NewMsg(m.Reply)
+			a.Header.Set("from", "slow")
+			a.Data = []byte("s")
+			slow.PublishMsg(a)
+		}()
+	})
+	fast.Subscribe("list", func(m *nats.Msg) {
+		a := nats.NewMsg(m.Reply)
+		a.Header.Set("from", "fast")
+		a.Data = []byte("f")
+		fast.PublishMsg(a)
+	})
+	slow.Flush()
+	fast.Flush()
+	promise := func(m *nats.Msg) (string, bool) {
+		if k := m.Header.Get("ack"); k != "" {
+			return k, true
+		}
+		return m.Header.Get("from"), false
+	}
+	got, err := Gather(t.Context(), nc, "list", nil, Options{First: 5 * time.Second, Stall: 50 * time.Millisecond, Promise: promise, Promised: 5 * time.Second})
+	if err != nil || len(got) != 2 || string(got[0].Data)+string(got[1].Data) != "fs" {
+		t.Fatalf("with the promise: %d replies, %v", len(got), err)
+	}
+	got, err = Gather(t.Context(), nc, "list", nil, Options{First: 5 * time.Second, Stall: 50 * time.Millisecond})
+	if err != nil || len(got) != 2 || string(got[0].Data)+string(got[1].Data) != "f" { // the ack and the fast answer
+		t.Fatalf("without: %d replies, %v", len(got), err)
+	}
+}
