@@ -114,6 +114,13 @@ type testNexlet struct {
 
 // startNexlet runs a native nexlet against fn; cfg.RuntimeDir defaults to a temp dir.
 func (fn *fakeNode) startNexlet(cfg Config) *testNexlet {
+	fn.t.Helper()
+	return fn.startNexletHooked(cfg, nil)
+}
+
+// startNexletHooked is startNexlet with hook (when set) called on the nexlet before it
+// registers: its test hooks are set before the node's replay reaches it.
+func (fn *fakeNode) startNexletHooked(cfg Config, hook func(*Nexlet)) *testNexlet {
 	t := fn.t
 	t.Helper()
 	if cfg.RuntimeDir == "" {
@@ -132,6 +139,9 @@ func (fn *fakeNode) startNexlet(cfg Config) *testNexlet {
 		t.Fatal(err)
 	}
 	n.SetFeed(r)
+	if hook != nil {
+		hook(n)
+	}
 	if err := r.Run(testAgent, fn.creds()); err != nil {
 		t.Fatal(err)
 	}

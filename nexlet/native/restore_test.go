@@ -145,6 +145,52 @@ func TestRestartDueAtDetach(t *testing.T) {
 	fn.replayRanOutItsRestart(Config{RuntimeDir: runtime}, "retry", req, runs)
 }
 
+// TestKillInReplayedRestartBeforeLaunch: a job's run failed and its nexlet was killed
+// during the backoff, leaving its one restart due. The next nexlet, replaying it, is
+// killed in turn while it prepares that restart (its directory and user made, before
+// the launch: for a nats:// artifact, the download). The nexlet after it must still
+// make the restart, as restart 1 of 1: two runs in all, one end with the limit reached,
+// and its registration must say it holds the job (nexd removes a stored job its nexlet
+// does not hold, never starting it again). Before, the replay removed the job's records
+// before the launch wrote new ones: the third nexlet found nothing, the job ran as a
+// fresh start with its budget from zero (three runs), and a real node would have
+// dropped it as not held, its restart never made.
+func TestKillInReplayedRestartBeforeLaunch(t *testing.T) {
+	fn := newFakeNode(t)
+	cfg := Config{RuntimeDir: t.TempDir()}
+	first := fn.startNexlet(cfg)
+	const id = "prep"
+	req, runs := fn.startFailingJob(id, "30s")
+	testkit.Eventually(t, "the job's first run failed and its restart waits out the backoff", func() bool {
+		s, ok := fn.summary(id)
+		return ok && s.WorkloadState == protocol.WorkloadStarting && s.Metadata["restarts"] == "1"
+	})
+	first.crash()
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{id: req}
+	fn.mu.Unlock()
+	preparing := make(chan struct{})
+	second := fn.startNexletHooked(cfg, func(n *Nexlet) {
+		n.beforeLaunch = func(string) {
+			close(preparing)
+			runtime.Goexit() // the nexlet died here
+		}
+	})
+	select {
+	case <-preparing:
+	case <-time.After(waitLong):
+		t.Fatal("the replayed restart was never prepared")
+	}
+	second.crash()
+	fn.replayRanOutItsRestart(cfg, id, req, runs)
+	fn.mu.Lock()
+	reg := fn.lastReg
+	fn.mu.Unlock()
+	if reg.Workloads == nil || !slices.Contains(*reg.Workloads, id) {
+		t.Errorf("the third nexlet registered holding %v, not the job %s: nexd would drop it unrestarted", reg.Workloads, id)
+	}
+}
+
 // startFailingJob starts job id, which appends a line to runs (returned) and exits 3,
 // restarted on failure once after backoff.
 func (fn *fakeNode) startFailingJob(id, backoff string) (protocol.AgentStartWorkloadRequest, string) {

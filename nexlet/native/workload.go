@@ -212,7 +212,18 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 			return p, true, nil
 		}
 	}
-	n.removeRecord(w.id) // a fresh start: no old record may describe it
+	n.mu.Lock()
+	restarting := w.restarts > 0 // a restart endedMeanwhile found due (its record says so)
+	n.mu.Unlock()
+	if !restarting {
+		n.removeRecord(w.id) // a fresh start: no old record may describe it
+	}
+	// A replayed restart keeps its records (the pid record of the run it follows and
+	// the due restart) until its launch writes the new run's, as a restart in one
+	// nexlet does: a nexlet killed before that launch leaves the next one the same
+	// restart due and its record held (before, the records went first: the next nexlet
+	// found nothing, and nexd dropped a job it no longer held, its restart never made;
+	// TestKillInReplayedRestartBeforeLaunch).
 	// Never two copies: whatever is left in the sandbox goes before a fresh start (a
 	// new fork pool group holds nothing).
 	if !sb.empty() {
@@ -223,6 +234,9 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	}
 	fail := func(err error) (*proc, bool, error) {
 		n.cleanup(w, nil, false)
+		if restarting {
+			n.removeRecord(w.id) // as a fresh start's failure leaves none
+		}
 		return nil, false, err
 	}
 	if err := os.RemoveAll(w.dir); err != nil {
@@ -241,6 +255,9 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		}
 	}
 	w.steps.Step("uid") // the lease, the directory
+	if n.beforeLaunch != nil {
+		n.beforeLaunch(w.id)
+	}
 	if err := writeCredsFile(n.credsPath(w.id), w.req.WorkloadCreds, id); err != nil {
 		return fail(fmt.Errorf("workload %s: %w", w.id, err))
 	}
@@ -270,8 +287,10 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	n.mu.Lock()
 	w.sha256 = sum
 	n.mu.Unlock()
-	w.steps.Step("files")                       // credentials file, artifact, access checks, digest
-	w.ready = n.records.take(n.recordDir(w.id)) // removed above: free for the rename
+	w.steps.Step("files") // credentials file, artifact, access checks, digest
+	if !restarting {
+		w.ready = n.records.take(n.recordDir(w.id)) // removed above: free for the rename
+	}
 	p, err := n.launch(w)
 	if w.ready != nil { // launch failed before it took them
 		w.ready.close()
@@ -635,6 +654,9 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 		// TestNexletKillDuringRestartBackoff).
 		n.log.Info("replayed workload was due to restart when its nexlet let go; starting it again",
 			"workload_id", w.id, "restarts", restarts, "max_restarts", w.plan.maxRestarts, "exit_code", last.Code, "reason", last.Reason)
+		// Written again naming its run: begin keeps it until the launch, and an older
+		// nexlet's record without the run would stay due after that launch too.
+		n.writeRestartDue(w.id, restarts, last.Code, last.Reason)
 		if rec, ok := n.readPID(w.id); ok && n.cfg.ExitsDir != "" {
 			procid.RemoveExit(n.cfg.ExitsDir, rec) // its end's, if recorded ahead of its reap
 		}
@@ -656,7 +678,9 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 			if st, err := os.Stat(filepath.Join(n.cfg.ExitsDir, rec.String())); err == nil {
 				end = st.ModTime() // nexd reaped it then
 			}
-			procid.RemoveExit(n.cfg.ExitsDir, rec)
+			// Removed once what it says is recorded in the workload's own records
+			// (below), so a nexlet killed meanwhile leaves the next one the exit.
+			defer procid.RemoveExit(n.cfg.ExitsDir, rec)
 		}
 	}
 	job := w.req.Request.WorkloadLifecycle == protocol.LifecycleJob
@@ -683,6 +707,9 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 		}
 		n.log.Info("replayed workload had ended while no nexlet watched; its policy starts it again", "workload_id", w.id,
 			"restarts", used+1, "max_restarts", w.plan.maxRestarts, "exit_code", code, "reason", ex.Reason)
+		// Due from here on, as a restart its nexlet saw: a nexlet killed before the
+		// launch leaves the next one this restart (begin keeps the records).
+		n.writeRestartDue(w.id, used+1, code, ex.Reason)
 		n.mu.Lock()
 		w.restarts = used + 1
 		n.mu.Unlock()
