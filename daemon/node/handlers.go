@@ -274,8 +274,14 @@ func validateRunRequest(schema *jsonschema.Schema, runRequest string) error {
 // wait is StopTimeout; an owned workload no nexlet confirmed in that time is reported
 // as still stopping, never as not found. A workload whose stop a nexlet confirmed
 // lately is answered from memory: stopped, "already stopped at T" (nexd_already_stopped_at).
+// Not while the node owns it again (its removal from state failed and a replay runs it
+// again): then its nexlets are asked, and the memory answers only when none holds it
+// (TestRepeatStopOfAWorkloadRunningAgain).
 func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (protocol.StopWorkloadResponse, error) {
-	if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok {
+	n.mu.Lock()
+	o, owned := n.owned[workloadID]
+	n.mu.Unlock()
+	if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok && !owned {
 		return e.Answer(workloadID), nil
 	}
 	defer n.changes.Add(1)
@@ -284,9 +290,6 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	if err != nil {
 		return ret, err
 	}
-	n.mu.Lock()
-	o, owned := n.owned[workloadID]
-	n.mu.Unlock()
 	wait := n.o.FanoutTimeout
 	if owned {
 		wait = n.o.StopTimeout
@@ -303,6 +306,13 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	})
 	if !ret.Stopped && owned && answered < agents && err == nil {
 		ret.Message = fmt.Sprintf("still stopping: no nexlet confirmed the stop within %s", wait)
+	}
+	if !ret.Stopped && owned && answered == agents && err == nil {
+		// Every nexlet said it holds none: a stop confirmed a moment ago, not yet
+		// forgotten (the memory is written before its reply, the state after).
+		if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok {
+			return e.Answer(workloadID), nil
+		}
 	}
 	if ret.Stopped && ret.AlreadyStoppedAt == "" {
 		// Remembered before the reply, so a repeat never finds neither the workload

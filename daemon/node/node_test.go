@@ -1140,3 +1140,69 @@ func TestHoldsNothing(t *testing.T) {
 		}
 	}
 }
+
+// TestRepeatStopOfAWorkloadRunningAgain: a stop a nexlet confirmed is remembered so a
+// repeat is answered "already stopped at T". But the workload can run again under its
+// id: its removal from node state failed (a JetStream timeout is only logged), and the
+// nexlet's next registration (a crash, a restart) had it replayed. A stop then must
+// reach the nexlet that runs it, and the node must not forget a workload that runs.
+// Before, the memory answered "already stopped" for an hour without asking a nexlet,
+// and the node then removed the running workload from its state.
+func TestRepeatStopOfAWorkloadRunningAgain(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	a := f.healthyAgent(n, "first", "go_exec", "native", nil)
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	req := startReq("tenant", "again", `{"cmd":"x"}`)
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), req)
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil || started.ID == "" {
+		t.Fatalf("deploy %q: %v", m.Data, err)
+	}
+	wid := started.ID
+	stored, _ := f.stores[0].ByType(t.Context(), "native")
+	rec := stored[wid]
+	stop := func() protocol.StopWorkloadResponse {
+		t.Helper()
+		var r protocol.StopWorkloadResponse
+		m := request(t, f.client, protocol.UndeploySubject("tenant", wid), protocol.StopWorkloadRequest{Namespace: "tenant"})
+		if err := protocol.Decode(m.Data, &r); err != nil {
+			t.Fatalf("stop reply %q: %v", m.Data, err)
+		}
+		return r
+	}
+	if r := stop(); !r.Stopped || r.AlreadyStoppedAt != "" {
+		t.Fatalf("first stop: %+v", r)
+	}
+	// Its removal from node state failed: the record is still there.
+	if err := f.stores[0].Put(t.Context(), "native", wid, rec); err != nil {
+		t.Fatal(err)
+	}
+	// The nexlet restarts; the replay runs the workload again.
+	a.kill()
+	n.RemoveAgent("first", "exited; replaced by its restart")
+	b := f.healthyAgent(n, "second", "go_exec", "native", nil)
+	ex, ok := b.resp.ExistingState[wid]
+	if !ok {
+		t.Fatalf("not replayed: %+v", b.resp.ExistingState)
+	}
+	b.mu.Lock()
+	b.workloads[wid] = ex.Request // it runs
+	b.mu.Unlock()
+
+	r := stop()
+	b.mu.Lock()
+	_, runs := b.workloads[wid]
+	b.mu.Unlock()
+	if runs || !r.Stopped || r.AlreadyStoppedAt != "" {
+		t.Errorf("stop of the running workload answered %+v; still running on its nexlet: %v", r, runs)
+	}
+	if runs { // the node removes what it stopped after the reply: give it that moment
+		for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+			if left, _ := f.stores[0].ByType(t.Context(), "native"); left[wid].Name == "" {
+				t.Error("the node forgot a workload that still runs")
+				break
+			}
+		}
+	}
+}
