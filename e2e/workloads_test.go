@@ -164,11 +164,12 @@ func TestWorkloadLifecycle(t *testing.T) {
 	}
 	testkit.EventuallyWithin(t, 30*time.Second, "two workloads", func() bool { return len(n.workloads(t)) == 2 })
 
-	// Stop both; a second stop of the same id fails with exit 1.
+	// Stop both; a second stop of the same id is answered as already stopped, exit 0
+	// (4b0f55d; TestRepeatStopAlreadyStopped covers the answer's shapes).
 	n.mustCtl(t, "workload", "stop", r.ID)
 	n.mustCtl(t, "workload", "stop", clone.ID)
-	if _, _, code := n.ctl(t, "workload", "stop", r.ID); code != 1 {
-		t.Fatalf("stopping a stopped workload: exit %d, want 1", code)
+	if out, errOut, code := n.ctl(t, "workload", "stop", r.ID); code != 0 || !strings.Contains(out, "Workload "+r.ID+" already stopped at ") {
+		t.Fatalf("stopping a stopped workload: exit %d, want 0 and 'already stopped at':\n%s%s", code, out, errOut)
 	}
 	testkit.EventuallyWithin(t, 30*time.Second, "no workloads", func() bool { return len(n.workloads(t)) == 0 })
 	if _, err := kv.Get(t.Context(), "native_"+r.ID); err == nil {
