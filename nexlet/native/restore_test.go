@@ -191,6 +191,37 @@ func TestKillInReplayedRestartBeforeLaunch(t *testing.T) {
 	}
 }
 
+// TestTombstoneReplayRemovesExitRecord: a job ended and its tombstone was written, and
+// its nexlet was killed before it removed the exit record it wrote ahead of the reap
+// (here: that record written again after the crash). The next nexlet reports the job
+// from its tombstone and removes the exit record too. Before, it was left in nexd's
+// exits directory, one per such kill, until a nexd start a day later pruned it.
+func TestTombstoneReplayRemovesExitRecord(t *testing.T) {
+	fn := newFakeNode(t)
+	cfg := Config{RuntimeDir: t.TempDir(), ExitsDir: t.TempDir()}
+	first := fn.startNexlet(cfg)
+	const id = "tomb"
+	req := startReq(protocol.LifecycleJob, id, map[string]any{"uri": script(t, "exit 3")}, fn.creds())
+	fn.mustStart(id, req)
+	fn.stoppedEvent(id)
+	first.crash()
+	rec, ok := first.readPID(id)
+	if !ok {
+		t.Fatal("no pid record")
+	}
+	if err := procid.WriteExit(cfg.ExitsDir, rec, procid.Exit{Code: 3, Reason: "exited with code 3"}); err != nil {
+		t.Fatal(err)
+	}
+	fn.replayWith(cfg, id, req)
+	testkit.Eventually(t, "the replayed job reported from its tombstone", func() bool {
+		return fn.countEvents(protocol.EventWorkloadStopped, id) == 2
+	})
+	testkit.Eventually(t, "no exit record left", func() bool {
+		ents, _ := os.ReadDir(cfg.ExitsDir)
+		return len(ents) == 0
+	})
+}
+
 // startFailingJob starts job id, which appends a line to runs (returned) and exits 3,
 // restarted on failure once after backoff.
 func (fn *fakeNode) startFailingJob(id, backoff string) (protocol.AgentStartWorkloadRequest, string) {

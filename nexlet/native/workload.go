@@ -646,6 +646,7 @@ const ExitRecordWait = 3 * time.Second
 func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 	if ex, ok := n.readTombstone(w.id); ok {
 		n.log.Info("replayed workload had already ended", "workload_id", w.id, "exit_code", ex.Code, "reason", ex.Reason)
+		n.removeRunExit(w.id) // TestTombstoneReplayRemovesExitRecord
 		return ended(ex.Code, ex.Reason)
 	}
 	if restarts, last, ok := n.readRestartDue(w.id); ok {
@@ -657,9 +658,7 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 		// Written again naming its run: begin keeps it until the launch, and an older
 		// nexlet's record without the run would stay due after that launch too.
 		n.writeRestartDue(w.id, restarts, last.Code, last.Reason)
-		if rec, ok := n.readPID(w.id); ok && n.cfg.ExitsDir != "" {
-			procid.RemoveExit(n.cfg.ExitsDir, rec) // its end's, if recorded ahead of its reap
-		}
+		n.removeRunExit(w.id)
 		n.mu.Lock()
 		w.restarts = restarts
 		n.mu.Unlock()
@@ -724,6 +723,15 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 	n.log.Info("replayed workload had ended while no nexlet watched; its restart policy does not start it again",
 		"workload_id", w.id, "policy", w.plan.policy, "exit_code", ex.Code, "reason", ex.Reason)
 	return ended(ex.Code, ex.Reason)
+}
+
+// removeRunExit removes the exit record of the run the pid record names, once its end
+// is recorded in the workload's own records (a due restart, a tombstone): one written
+// ahead of its reap (recordExitAhead) stays when its nexlet died before removing it.
+func (n *Nexlet) removeRunExit(id string) {
+	if rec, ok := n.readPID(id); ok && n.cfg.ExitsDir != "" {
+		procid.RemoveExit(n.cfg.ExitsDir, rec)
+	}
 }
 
 // pollAdopted polls an adopted workload's sandbox until it is empty.
