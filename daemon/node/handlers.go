@@ -307,7 +307,7 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	if !ret.Stopped && owned && answered < agents && err == nil {
 		ret.Message = fmt.Sprintf("still stopping: no nexlet confirmed the stop within %s", wait)
 	}
-	if !ret.Stopped && owned && answered == agents && err == nil {
+	if !ret.Stopped && owned && agents > 0 && answered == agents && err == nil {
 		// Every nexlet said it holds none: a stop confirmed a moment ago, not yet
 		// forgotten (the memory is written before its reply, the state after).
 		if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok {
