@@ -204,6 +204,10 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 
 // twoLeasedOneRunning leases two fresh uids of [lo, hi] and starts a sleep running as
 // the first.
+// The tests here lease from ranges above the default dynamic range (61184-65519): a
+// nexlet of another test run at the same time (make test runs the e2e nexds beside
+// this package) starts workloads as uids anywhere in that range, and a process running
+// as one of a test's uids makes it unleasable ("leased 2 uids, want 4").
 func twoLeasedOneRunning(t *testing.T, lo, hi uint32) (*users, []ident, *exec.Cmd) {
 	t.Helper()
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: hi}, t.TempDir())
@@ -227,7 +231,7 @@ func twoLeasedOneRunning(t *testing.T, lo, hi uint32) (*users, []ident, *exec.Cm
 // before its lease goes, and frees the others too.
 func TestReleaseAllKillsSurvivors(t *testing.T) {
 	needRoot(t)
-	us, ids, cmd := twoLeasedOneRunning(t, 61400, 61499)
+	us, ids, cmd := twoLeasedOneRunning(t, 1061400, 1061499)
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
 	if err := us.releaseAll(ids); err != nil {
@@ -253,7 +257,7 @@ func TestReleaseAllKillsSurvivors(t *testing.T) {
 // while the process ran on.
 func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
 	needRoot(t)
-	us, ids, cmd := twoLeasedOneRunning(t, 61500, 61599)
+	us, ids, cmd := twoLeasedOneRunning(t, 1061500, 1061599)
 	waited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(waited) }() // reaped as soon as it is killed
 	defer func() { _ = cmd.Process.Kill(); <-waited }()
@@ -294,7 +298,7 @@ func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
 // takes the stale one; the running one never.
 func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 	needRoot(t)
-	const lo, hi = 61600, 61605
+	const lo, hi = 1061600, 1061605
 	for uid := uint32(lo); uid <= hi; uid++ {
 		if newHostIDs().uses(uid) {
 			t.Skipf("uid %d is in use on this host", uid)
@@ -359,7 +363,7 @@ func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 // share the walk; before and after the flush, a release walks once for all pending.
 func TestFlushedReleaseDoesNotWaitForItsBatch(t *testing.T) {
 	needRoot(t)
-	us, ids, cmd := twoLeasedOneRunning(t, 61610, 61619)
+	us, ids, cmd := twoLeasedOneRunning(t, 1061610, 1061619)
 	waited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(waited) }()
 	var wg sync.WaitGroup
