@@ -132,11 +132,16 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	// before any nexlet starts: its descriptor is no child's business).
 	var handed []supervise.Record
 	var users *mint.Users
-	if h, err := takeHandover(d.log); err != nil {
+	h, err := takeHandover(d.log)
+	if err != nil {
 		d.log.Warn("re-exec: the state handed over in the memfd is unusable; rebuilding it from the state directory", "err", err)
 	} else if h != nil {
 		d.log.Info("re-exec: state handed over in a memfd", "nexlets", len(h.Nexlets), "workload_users", len(h.Users.Workloads))
 		handed, users = h.Nexlets, &h.Users
+	}
+	if h != nil || err != nil {
+		// A re-exec: systemd's watchdog runs on through it.
+		s.feedWatchdogUntilServed()
 	}
 	nopts := nexlets.Options{
 		Handed:           handed,

@@ -219,6 +219,9 @@ func (d *daemon) run(ctx context.Context) error {
 		d.lockMu.Lock()
 		kept := strings.Join(d.keptDirLocks, ",")
 		d.lockMu.Unlock()
+		// The watchdog stays armed across the exec: the new image's start-up begins
+		// with a full interval (it pings from its start, feedWatchdogUntilServed).
+		s.notify.Watchdog()
 		return reexec(keep, hfd, kept)
 	}
 	return nil

@@ -76,7 +76,23 @@ func (d *daemon) waitingFor(what string) (done func()) {
 // minute, so a start-up that hangs still ends in a watchdog abort. Build calls it from
 // its one goroutine, after each wait.
 func (s *server) bridgeWatchdog() {
-	if !s.degraded.Load() || s.bridging {
+	if !s.degraded.Load() {
+		return
+	}
+	s.feedWatchdogUntilServed()
+}
+
+// feedWatchdogUntilServed pings the watchdog from now until serve's health-gated
+// watchdog takes over, for at most twice startup_timeout plus a minute: after a
+// degraded READY (bridgeWatchdog), and from the start of an image that a re-exec
+// started. systemd keeps the watchdog armed across the re-exec (the same pid, a reload),
+// and the old image's last ping, its stop, the exec and this image's start-up up to
+// serve went unpinged: a slow guest (the qemu suite at host load 12-24: 10 s from the
+// exec to "nexd starting", 13 s more to the node serving) had the upgrade aborted by
+// the watchdog (30 s), and systemd 252 could not start nexd again (219/CGROUP, the
+// controllers still on). Build calls it from its one goroutine.
+func (s *server) feedWatchdogUntilServed() {
+	if s.bridging {
 		return
 	}
 	s.bridging = true

@@ -937,3 +937,57 @@ func TestDegradedStartKeepsWatchdogFed(t *testing.T) {
 	}
 	t.Logf("longest gap between pings after the degraded READY: %s", gap.Round(time.Millisecond))
 }
+
+// TestReexecKeepsWatchdogFed: systemd's watchdog stays armed through `nexctl node
+// reexec` (the same pid, a reload), so the old image's last ping, its stop, the exec
+// and the new image's start-up up to its serve loop must not leave a gap longer than
+// the watchdog. Here the new image's start-up waits startup_timeout (8 s) for a nexlet
+// that never registers, twice the watchdog (4 s). Before, nothing pinged from the old
+// serve loop's last ping until the new one's: the qemu suite's upgrade (a TCG guest at
+// host load 12-24, 30 s watchdog) was aborted by the watchdog, and systemd 252 could
+// not start nexd again.
+func TestReexecKeepsWatchdogFed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	const watchdog = 4 * time.Second
+	ns := newNotifySocket(t)
+	n := startNode(t, nodeOpts{notify: ns,
+		env: []string{fmt.Sprintf("WATCHDOG_USEC=%d", watchdog.Microseconds())},
+		extra: []string{"--startup-timeout", "8s",
+			"--agents.uri", "file:///bin/sleep", "--agents.argv", "600"}})
+	ns.waitFor(t, "READY=1", 90*time.Second)
+	n.mustCtl(t, "node", "reexec")
+	ns.waitFor(t, "RELOADING=1", 30*time.Second)
+	ns.waitFor(t, "READY=1", 90*time.Second) // the new image's
+	time.Sleep(watchdog)                     // the new serve loop's pings
+	select {
+	case <-n.done:
+		t.Fatalf("nexd exited instead of re-executing: %v", n.err)
+	default:
+	}
+	msgs, at := ns.timed()
+	var last time.Time
+	var gap time.Duration
+	ready := 0
+	for i, m := range msgs {
+		if strings.Contains(m, "READY=1") {
+			ready++
+		}
+		if ready == 0 || !strings.Contains(m, "WATCHDOG=1") {
+			continue
+		}
+		if !last.IsZero() && at[i].Sub(last) > gap {
+			gap = at[i].Sub(last)
+		}
+		last = at[i]
+	}
+	if ready < 2 {
+		t.Fatalf("READY=1 %d times, want 2: %q", ready, msgs)
+	}
+	if gap > watchdog {
+		t.Fatalf("a %s gap between watchdog pings across the re-exec (watchdog %s)", gap.Round(time.Millisecond), watchdog)
+	}
+	t.Logf("longest gap between pings across the re-exec: %s", gap.Round(time.Millisecond))
+}
