@@ -119,8 +119,10 @@ type Nexlet struct {
 	// end it reaped for the next nexlet (detachedExit); afterReap (tests: a nexlet
 	// killed there) on the watcher's goroutine once it reaped a workload's process,
 	// before anything else knows its exit; beforeLaunch (tests: a nexlet killed there)
-	// in a start, once the workload's directory and user are made, before its launch.
-	beforeRelaunch, beforeEnd, beforeDetachedRecord, afterReap, beforeLaunch func(id string)
+	// in a start, once the workload's directory and user are made, before its launch;
+	// afterRestartDue (tests: a nexlet killed there) once an end's due restart is
+	// recorded, before the ended run's leftovers are killed.
+	beforeRelaunch, beforeEnd, beforeDetachedRecord, afterReap, beforeLaunch, afterRestartDue func(id string)
 	// afterBegin, when set (tests: a detach at that moment), runs once a deploy began
 	// its workload's process p, before its supervisor starts.
 	afterBegin func(id string, p *proc)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -549,4 +550,56 @@ func TestKillBetweenReapAndRecord(t *testing.T) {
 		ents, _ := os.ReadDir(cfg.ExitsDir)
 		return len(ents) == 0
 	})
+}
+
+// TestLeftoversDoNotHoldOffADueRestart: a job's run fails (exit 3) and leaves a
+// process behind in its sandbox; its nexlet is killed once the due restart is recorded
+// and before it killed that leftover. The next nexlet kills the leftover and makes the
+// restart: two runs in all, one end with the limit reached. Before, it adopted the
+// leftover as the workload and the restart waited for it to end (here ten minutes).
+func TestLeftoversDoNotHoldOffADueRestart(t *testing.T) {
+	spec := cgroupSpec(t) // a sandbox that knows its processes after a crash
+	fn := newFakeNode(t)
+	cfg := Config{RuntimeDir: t.TempDir(), Cgroup: spec}
+	recorded := make(chan struct{})
+	var once sync.Once
+	first := fn.startNexletHooked(cfg, func(n *Nexlet) {
+		n.afterRestartDue = func(string) {
+			once.Do(func() { close(recorded) })
+			runtime.Goexit() // the nexlet died here
+		}
+	})
+	const id = "leftover"
+	dir := sharedDir(t)
+	runs, left := filepath.Join(dir, "runs"), filepath.Join(dir, "left")
+	for _, f := range []string{runs, left} {
+		if err := os.WriteFile(f, nil, 0o666); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(f, 0o666); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The first run leaves a sleep behind (its pid in left); the restart fails at once.
+	req := startReq(protocol.LifecycleJob, id, map[string]any{
+		"uri": script(t, `echo run >> `+runs+`; if [ "$(wc -l < `+runs+`)" -eq 1 ]; then sleep 600 & echo $! > `+left+`; fi; exit 3`),
+		"restart": map[string]any{"policy": "on-failure", "max": 1, "backoff": "30s"}}, fn.creds())
+	fn.mustStart(id, req)
+	select {
+	case <-recorded:
+	case <-time.After(waitLong):
+		t.Fatal("the job's restart was never recorded as due")
+	}
+	b, _ := os.ReadFile(left)
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || !alive(pid) {
+		t.Fatalf("no leftover process (%q)", b)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) })
+	first.crash()
+	if !alive(pid) {
+		t.Fatal("the leftover died with its nexlet")
+	}
+	fn.replayRanOutItsRestart(cfg, id, req, runs)
+	testkit.Eventually(t, "the leftover killed", func() bool { return !alive(pid) })
 }

@@ -173,7 +173,17 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	}
 	prev, known := readIdent(w.dir)
 	if existing {
-		if procs, err := sb.procs(); err == nil && len(procs) > 0 {
+		procs, err := sb.procs()
+		if _, _, due := n.readRestartDue(w.id); due && err == nil && len(procs) > 0 {
+			// A restart is due after the run the pid record names, so that run ended:
+			// what is left in its sandbox are its leftovers, which its nexlet died
+			// before killing. They go below, before the restart (adopted, they held
+			// the restart off until they all ended, a daemonized one for ever:
+			// TestLeftoversDoNotHoldOffADueRestart).
+			n.log.Info("replayed workload's restart is due; its ended run's leftover processes are killed first", "workload_id", w.id, "procs", len(procs))
+			procs = nil
+		}
+		if err == nil && len(procs) > 0 {
 			if !known {
 				// Started before workloads had users of their own: it keeps the
 				// nexlet's, also across restarts.
@@ -887,6 +897,9 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 			// make, or the relaunch that made it (TestNexletKillDuringRestartBackoff).
 			n.writeRestartDue(w.id, next, p.code, p.reason)
 			n.dropExitAhead(p)
+			if n.afterRestartDue != nil {
+				n.afterRestartDue(w.id)
+			}
 		}
 		n.mu.Lock()
 		w.restarts = next
