@@ -582,7 +582,7 @@ func TestLeftoversDoNotHoldOffADueRestart(t *testing.T) {
 	}
 	// The first run leaves a sleep behind (its pid in left); the restart fails at once.
 	req := startReq(protocol.LifecycleJob, id, map[string]any{
-		"uri": script(t, `echo run >> `+runs+`; if [ "$(wc -l < `+runs+`)" -eq 1 ]; then sleep 600 & echo $! > `+left+`; fi; exit 3`),
+		"uri":     script(t, `echo run >> `+runs+`; if [ "$(wc -l < `+runs+`)" -eq 1 ]; then sleep 600 & echo $! > `+left+`; fi; exit 3`),
 		"restart": map[string]any{"policy": "on-failure", "max": 1, "backoff": "30s"}}, fn.creds())
 	fn.mustStart(id, req)
 	select {
