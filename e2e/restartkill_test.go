@@ -31,13 +31,19 @@ type crashLoop struct {
 // (the start request's "restart" object).
 func startCrashLoop(t *testing.T, n *node, lc, restart string) crashLoop {
 	t.Helper()
+	return startLoop(t, n, lc, restart, 3)
+}
+
+// startLoop is startCrashLoop whose runs exit with code once released.
+func startLoop(t *testing.T, n *node, lc, restart string, code int) crashLoop {
+	t.Helper()
 	c := crashLoop{marker: fmt.Sprintf("nexd-e2e-crashloop-%d", time.Now().UnixNano()), dir: testkit.PublicDir(t)}
 	c.runsFile = testkit.WriteFile(t, filepath.Join(c.dir, "runs"), "")
 	if err := os.Chmod(c.runsFile, 0o666); err != nil { // each run may have another dynamic uid
 		t.Fatal(err)
 	}
 	c.id = n.runWorkload(t, "--name", "crashloop", "--lifecycle", lc, "--start-request", `{"restart":`+restart+`}`, "--",
-		"/bin/sh", "-c", `echo run >> "$1"; k=$(wc -l < "$1"); while [ ! -e "$2/release$k" ]; do sleep 0.05; done; exit 3`,
+		"/bin/sh", "-c", `echo run >> "$1"; k=$(wc -l < "$1"); while [ ! -e "$2/release$k" ]; do sleep 0.05; done; exit `+strconv.Itoa(code),
 		c.marker, c.runsFile, c.dir).ID
 	return c
 }
@@ -126,6 +132,17 @@ func killNexlet(t *testing.T, n *node, then func()) {
 // startCrashLoop) and lets its first run fail.
 func firstRunFailed(t *testing.T, lc, restart string) (*node, *nats.Subscription, crashLoop) {
 	t.Helper()
+	n, stopped := nodeWithStops(t)
+	c := startCrashLoop(t, n, lc, restart)
+	testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return c.runs() == 1 })
+	c.release(t, 1, false)
+	return n, stopped, c
+}
+
+// nodeWithStops starts a node (with its state in KV, as TestNexletCrashKeepsWorkloads)
+// and a subscription to its WORKLOADSTOPPED events.
+func nodeWithStops(t *testing.T) (*node, *nats.Subscription) {
+	t.Helper()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
 	n.waitReady(t)
@@ -135,10 +152,7 @@ func firstRunFailed(t *testing.T, lc, restart string) (*node, *nats.Subscription
 		t.Fatal(err)
 	}
 	flush(t, nc)
-	c := startCrashLoop(t, n, lc, restart)
-	testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return c.runs() == 1 })
-	c.release(t, 1, false)
-	return n, stopped, c
+	return n, stopped
 }
 
 // endedOnce waits for the WORKLOADSTOPPED of id, then fails if another comes within a
@@ -270,25 +284,9 @@ func TestServiceEndWhileNexletDeadFollowsPolicy(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	s := testnats.Start(t, testnats.Options{})
-	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
-	n.waitReady(t)
-	nc := testnats.Connect(t, s)
-	stopped, err := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
-	if err != nil {
-		t.Fatal(err)
-	}
-	flush(t, nc)
+	n, stopped := nodeWithStops(t)
 	never := startCrashLoop(t, n, "service", `{"policy": "never"}`) // exits 3 once released
-	// clean runs like a crashLoop but exits 0 once released.
-	clean := crashLoop{marker: fmt.Sprintf("nexd-e2e-clean-%d", time.Now().UnixNano()), dir: testkit.PublicDir(t)}
-	clean.runsFile = testkit.WriteFile(t, filepath.Join(clean.dir, "runs"), "")
-	if err := os.Chmod(clean.runsFile, 0o666); err != nil {
-		t.Fatal(err)
-	}
-	clean.id = n.runWorkload(t, "--name", "clean", "--lifecycle", "service", "--start-request", `{"restart":{"policy": "on-failure"}}`, "--",
-		"/bin/sh", "-c", `echo run >> "$1"; while [ ! -e "$2/release1" ]; do sleep 0.05; done; exit 0`,
-		clean.marker, clean.runsFile, clean.dir).ID
+	clean := startLoop(t, n, "service", `{"policy": "on-failure"}`, 0)
 	testkit.EventuallyWithin(t, 60*time.Second, "both first runs", func() bool {
 		return never.runs() == 1 && clean.runs() == 1 && len(never.mains()) == 1 && len(clean.mains()) == 1
 	})
