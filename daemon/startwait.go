@@ -114,7 +114,7 @@ func (s *server) feedWatchdogUntilServed() {
 			case <-s.ctx.Done():
 				return
 			case <-end.C:
-				s.log.Error("start-up did not finish after a degraded READY; no more watchdog pings", "waited", bound.String())
+				s.log.Error("start-up did not finish; no more watchdog pings until the node serves", "waited", bound.String())
 				return
 			case <-t.C:
 			}
