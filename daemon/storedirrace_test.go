@@ -2,7 +2,9 @@ package daemon
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -35,28 +37,45 @@ func TestStoreDirRaceRetryable(t *testing.T) {
 }
 
 // TestUnwritableStoreFailsStart: a NATS server whose JetStream store is on a read-only
-// file system cannot make the state bucket; nexd exits with nats-server's error
-// instead of waiting for a store that will not heal (systemd's Restart= retries).
+// or a full file system cannot make the state bucket (10049); nexd exits with
+// nats-server's error instead of waiting for a store that will not heal by itself
+// (systemd's Restart= retries).
 func TestUnwritableStoreFailsStart(t *testing.T) {
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a tmpfs (needs root): %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
-	// JetStream sizes its store from the free space unless told: an 8 MiB file system
-	// would refuse the bucket for size (10047) before it writes anything.
-	s := testnats.Start(t, testnats.Options{Configure: func(o *natsserver.Options) { o.StoreDir, o.JetStreamMaxStore = dir, 1<<30 }})
-	if out, err := exec.Command("mount", "-o", "remount,ro", dir).CombinedOutput(); err != nil {
-		t.Fatalf("remount read-only: %v: %s", err, out)
-	}
-	p := startInProcess(t, "--nats.servers", s.ClientURL(), "--state", "kv", "--startup-timeout", "5m")
-	select {
-	case err := <-p.done:
-		p.done <- err // for the cleanup
-		if err == nil || !strings.Contains(err.Error(), "error creating store for stream") {
-			t.Fatalf("nexd ended with %v, want nats-server's store error", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatalf("nexd still waits for a store on a read-only file system\n%s", p.out.String())
+	for _, fs := range []string{"read-only", "full"} {
+		t.Run(fs, func(t *testing.T) {
+			dir := t.TempDir()
+			if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", dir).CombinedOutput(); err != nil {
+				t.Skipf("cannot mount a tmpfs (needs root): %v: %s", err, out)
+			}
+			t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
+			// JetStream sizes its store from the free space unless told: an 8 MiB file
+			// system would refuse the bucket for size (10047) before it writes anything.
+			s := testnats.Start(t, testnats.Options{Configure: func(o *natsserver.Options) { o.StoreDir, o.JetStreamMaxStore = dir, 1<<30 }})
+			if fs == "read-only" {
+				if out, err := exec.Command("mount", "-o", "remount,ro", dir).CombinedOutput(); err != nil {
+					t.Fatalf("remount read-only: %v: %s", err, out)
+				}
+			} else {
+				fill, err := os.Create(filepath.Join(dir, "fill"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				buf := make([]byte, 1<<20)
+				for err == nil {
+					_, err = fill.Write(buf)
+				}
+				fill.Close()
+			}
+			p := startInProcess(t, "--nats.servers", s.ClientURL(), "--state", "kv", "--startup-timeout", "5m")
+			select {
+			case err := <-p.done:
+				p.done <- err // for the cleanup
+				if err == nil || !strings.Contains(err.Error(), "error creating store for stream") {
+					t.Fatalf("nexd ended with %v, want nats-server's store error", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatalf("nexd still waits for a store on a %s file system\n%s", fs, p.out.String())
+			}
+		})
 	}
 }
