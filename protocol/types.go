@@ -307,9 +307,14 @@ type WorkloadSummary struct {
 // PartialList is the value of HeaderPartial on a node's WPING reply: which of its
 // nexlets' workloads the list lacks, and the fan-out's bound.
 type PartialList struct {
-	NodeName string          `json:"node_name"`
-	Wait     string          `json:"wait"` // how long the node waited for its nexlets
-	Missing  []MissingNexlet `json:"missing"`
+	NodeName string `json:"node_name"`
+	Wait     string `json:"wait"` // how long the node waited for its nexlets
+	// Missing names the nexlets, for the system namespace only: a caller in another
+	// namespace gets MissingCount alone (the node's nexlets are its operator's).
+	Missing []MissingNexlet `json:"missing"`
+	// MissingCount is how many nexlets' workloads the list lacks (len(Missing) for
+	// system); 0 from nexd nodes before it was added.
+	MissingCount int `json:"missing_count,omitempty"`
 }
 
 // MissingNexlet is a nexlet whose workloads a node's list lacks.

@@ -433,7 +433,8 @@ func (a *fakeAgent) serve() {
 				WorkloadState: protocol.WorkloadRunning, WorkloadType: w.WorkloadType})
 		}
 		a.mu.Unlock()
-		_ = m.Respond(js(out))
+		// Named, as nexd's nexlets name their list answers.
+		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(out)})
 	})
 	sub(p+".SETLAMEDUCK", func(m *nats.Msg) {
 		a.mu.Lock()

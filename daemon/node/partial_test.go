@@ -1,6 +1,8 @@
 package node
 
 import (
+	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -53,6 +55,48 @@ func TestPartialListNamesMissingNexlets(t *testing.T) {
 				t.Errorf("%s: %+v, want %+v", c.name, got, c.want)
 				break
 			}
+		}
+	}
+}
+
+// TestPartialListTenantLearnsNoNexlets is the attack: a client in a tenant namespace
+// lists its workloads on a node one of whose nexlets does not answer, and reads the
+// reply's Nex-Partial header. It may learn that its list is partial and how many of the
+// node's nexlets did not answer, never their ids, names or error texts, which are the
+// node operator's (the system namespace hears them).
+func TestPartialListTenantLearnsNoNexlets(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) { o.FanoutTimeout = 300 * time.Millisecond })
+	n := f.nodes[0]
+	f.healthyAgent(n, "AGENTNATIVEVISIBLE", "native", "native", nil)
+	silent := f.healthyAgent(n, "AGENTSECRETSILENT", "secret-nexlet", "secretkind", nil)
+	silent.kill() // registered, silent: the node's fan-out misses it
+	for _, c := range []struct {
+		ns      string
+		names   bool
+		partial protocol.PartialList
+	}{{"tenant", false, protocol.PartialList{}}, {protocol.SystemNamespace, true, protocol.PartialList{}}} {
+		m := request(t, f.client, protocol.WPingSubject(c.ns), protocol.AgentListWorkloadsRequest{Namespace: c.ns, Filter: []string{}})
+		h := m.Header.Get(protocol.HeaderPartial)
+		if h == "" {
+			t.Fatalf("%s: no %s header on a partial list", c.ns, protocol.HeaderPartial)
+		}
+		var ws []protocol.WorkloadSummary
+		if err := json.Unmarshal(m.Data, &ws); err != nil {
+			t.Fatalf("%s: body %q is not upstream's array: %v", c.ns, m.Data, err)
+		}
+		p := c.partial
+		if err := json.Unmarshal([]byte(h), &p); err != nil {
+			t.Fatalf("%s: header %q: %v", c.ns, h, err)
+		}
+		if p.MissingCount != 1 || p.NodeName != "node-0" {
+			t.Errorf("%s: header %q: want missing_count 1 on node-0", c.ns, h)
+		}
+		leaks := strings.Contains(h, "AGENTSECRETSILENT") || strings.Contains(h, "secret-nexlet")
+		if c.names && (!leaks || len(p.Missing) != 1) {
+			t.Errorf("system: header %q does not name the silent nexlet", h)
+		}
+		if !c.names && (leaks || len(p.Missing) != 0 || strings.Contains(h, "AGENTNATIVEVISIBLE")) {
+			t.Errorf("tenant learns the node's nexlets: header %q", h)
 		}
 	}
 }

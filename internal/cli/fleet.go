@@ -380,6 +380,10 @@ func (e *partialList) Error() string {
 		}
 		what = append(what, s)
 	}
+	if len(what) == 0 {
+		// Outside the system namespace the node says how many, not which.
+		what = append(what, fmt.Sprintf("%d of its nexlets (the node names them to the system namespace only)", max(1, e.MissingCount)))
+	}
 	return fmt.Sprintf("node %s (%s) listed only part of its workloads; missing those of %s",
 		orDash(e.NodeName), orDash(e.node), strings.Join(what, "; "))
 }

@@ -500,3 +500,13 @@ func TestDeployProgressLine(t *testing.T) {
 	}
 	golden(t, "deploy_progress", b.Bytes())
 }
+
+// A partial answer to a tenant names no nexlets (the node tells their count only):
+// the warning says how many, and that system hears which.
+func TestPartialWarningWithoutNames(t *testing.T) {
+	p := &partialList{node: "NODE1", PartialList: protocol.PartialList{NodeName: "lab", Wait: "2s", MissingCount: 2}}
+	want := "node lab (NODE1) listed only part of its workloads; missing those of 2 of its nexlets (the node names them to the system namespace only)"
+	if got := p.Error(); got != want {
+		t.Errorf("got  %q\nwant %q", got, want)
+	}
+}
