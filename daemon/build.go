@@ -30,6 +30,7 @@ import (
 	"github.com/nexd-project/nexd/internal/dirlock"
 	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/profdump"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
@@ -154,6 +155,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		OnExit:           func(name string, oom bool) { s.metrics.NexletExit(name, oom) },
 		OnFailed:         func(string) { d.notify.Status(s.statusLine()) },
 		ProfileEnv:       profdump.PassOn(os.Getenv),
+		TestHold:         os.Getenv(testhold.Env),                   // e2e fault tests only
 		RegisterOverNATS: os.Getenv("NEXD_LOCAL_REGISTER") == "off", // nexbench ready A/B; TestStolenNexletUser
 		DefaultGOGC:      cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
 	}
@@ -263,6 +265,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		AuctionTTL:              cfg.Node.AuctionTTL,
 		DeployTimeout:           cfg.Node.DeployTimeout,
 		LocalStarts:             os.Getenv("NEXD_LOCAL_STARTS"), // a benchmark's A/B switch
+		TestHold:                os.Getenv(testhold.Env),        // e2e fault tests only
 		KnownSchemas:            []string{native.StartRequestSchema},
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),

@@ -30,6 +30,7 @@ import (
 	"github.com/nexd-project/nexd/internal/dirlock"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/sdscope"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
@@ -94,6 +95,9 @@ type Options struct {
 	DefaultGOGC string
 	// ProfileEnv is added to the native nexlet's environment (profdump.PassOn).
 	ProfileEnv map[string]string
+	// TestHold, when set (e2e fault tests only), is passed on to the native nexlet
+	// (testhold.Env).
+	TestHold string
 	// RegisterOverNATS: the native nexlet registers across the NATS server even with
 	// a local channel (NEXD_LOCAL_REGISTER=off: nexbench's ready A/B, and e2e's
 	// TestStolenNexletUser, which sniffs the registration reply on NATS).
@@ -709,6 +713,9 @@ func (m *Manager) env(name string) map[string]string {
 			env["GOMEMLIMIT"] = strconv.FormatInt(n.GoMemoryLimit, 10)
 		}
 		maps.Copy(env, m.o.ProfileEnv)
+		if m.o.TestHold != "" {
+			env[testhold.Env] = m.o.TestHold
+		}
 	}
 	return env
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -368,19 +369,32 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		return
 	}
 	st.Step("nexlet") // to the nexlet and back: it answers once the workload is gone
+	fromMemory := resp.AlreadyStoppedAt != "" && !n.owns(workloadID)
+	if resp.Stopped && !fromMemory {
+		// Out of node state before the answer: a stop that was answered stays
+		// stopped. Before, the state record went after the reply, and a nexd killed
+		// in between replayed the stopped service at its next start, which ran it
+		// again (TestAnsweredStopStaysStoppedAcrossKills).
+		n.unstore(workloadID, resp.WorkloadType)
+		st.Step("unstore")
+	}
 	n.respondJSON(r, resp)
 	st.Step("reply")
-	if resp.AlreadyStoppedAt != "" && !n.owns(workloadID) {
+	if fromMemory {
 		n.log.Info("workload already stopped", "workload_id", workloadID, "namespace", req.Namespace, "stopped_at", resp.AlreadyStoppedAt)
 		return // answered from memory: nothing was stopped or is left to forget
+	}
+	if testhold.Holds(n.o.TestHold, testhold.StopReplied) {
+		n.log.Warn("test hold: a stop answered, its workload not forgotten yet", "workload_id", workloadID, "hold", testhold.StopReplied)
+		<-n.ctx.Done()
 	}
 	if n.o.Observer != nil {
 		n.o.Observer.Stop(resp.Stopped)
 	}
 	if resp.Stopped {
 		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType, "how", resp.Message)
-		n.forget(workloadID, resp.WorkloadType)
-		st.Step("forget") // after the reply: node state, the workload's NATS user revoked
+		n.forgetStored(workloadID)
+		st.Step("forget") // after the reply: ownership, the workload's NATS user revoked
 		st.Log(n.log, "stop steps", "workload_id", workloadID)
 	}
 }
@@ -730,21 +744,34 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 
 // forget removes a workload that ended from the node state.
 func (n *Node) forget(workloadID, workloadType string) {
-	defer n.changes.Add(1)
+	n.unstore(workloadID, workloadType)
+	n.forgetStored(workloadID)
+}
+
+// unstore removes a workload from node state (its type: workloadType, else the one it
+// was deployed with; unknown, nothing is removed).
+func (n *Node) unstore(workloadID, workloadType string) {
 	n.mu.Lock()
 	if o, ok := n.owned[workloadID]; ok && workloadType == "" {
 		workloadType = o.typ
 	}
-	delete(n.owned, workloadID)
 	n.mu.Unlock()
-	if n.o.Observer != nil {
-		n.o.Observer.WorkloadEnded(workloadID)
-	}
 	if workloadType == "" {
 		return
 	}
 	if err := n.o.Store.Delete(n.ctx, workloadType, workloadID); err != nil {
 		n.log.Warn("failed to remove an ended workload from node state", "workload_id", workloadID, "err", err)
+	}
+}
+
+// forgetStored is the rest of forget once unstore removed the workload from node state.
+func (n *Node) forgetStored(workloadID string) {
+	defer n.changes.Add(1)
+	n.mu.Lock()
+	delete(n.owned, workloadID)
+	n.mu.Unlock()
+	if n.o.Observer != nil {
+		n.o.Observer.WorkloadEnded(workloadID)
 	}
 }
 

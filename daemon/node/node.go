@@ -133,6 +133,10 @@ type Options struct {
 	// asks for them (protocol.HeaderResources); ok is false for a workload it has no
 	// cgroup of (a remote nexlet's, or no cgroups).
 	WorkloadResources func(workloadID string) (res protocol.WorkloadResources, ok bool)
+
+	// TestHold lists the crash windows an e2e fault test holds this node in
+	// (testhold.Env; empty but in such a test).
+	TestHold string
 }
 
 // Observer is told what the node does, for metrics and clean-up. Calls must not block.

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/memtrim"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/nexlet/secrets"
@@ -109,6 +110,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 	// for it, on a machine whose cores this start may share with nexd's.
 	registered := make(chan struct{})
 	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir), ExitsDir: env(EnvExitsDir),
+		TestHold:     env(testhold.Env),
 		CgroupDriver: env(EnvCgroupDriver), PoolsAfter: registered}
 	if cfg.RuntimeDir == "" {
 		cfg.RuntimeDir = filepath.Join(os.TempDir(), "nexd-native")

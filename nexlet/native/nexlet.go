@@ -46,6 +46,9 @@ type Feed interface {
 
 // Config configures a native nexlet.
 type Config struct {
+	// TestHold lists the crash windows an e2e fault test holds this nexlet in
+	// (testhold.Env, passed on by nexd; empty but in such a test).
+	TestHold string
 	// RuntimeDir holds workloads/<id>, the per-workload directories (required). When
 	// the nexlet runs as root and workloads under other users could not reach it (an
 	// ancestor is not searchable by others), the workloads live under

@@ -23,6 +23,7 @@ import (
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -1185,6 +1186,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		if n.beforeTidy != nil {
 			n.beforeTidy(w.id)
 		}
+		n.testHold(testhold.StopTidy, w.id)
 		tt := steps.Start(n.log)
 		n.cleanup(w, tt, true)
 		n.starts.yield(tidyYield)
@@ -1231,4 +1233,13 @@ func resetOOMScore(pid int) {
 		v = min(own+100, 1000)
 	}
 	_ = os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte(strconv.Itoa(v)), 0)
+}
+
+// testHold holds the calling goroutine for ever at point when an e2e fault test asked
+// for it (Config.TestHold): the test kills the nexlet there. Never in production.
+func (n *Nexlet) testHold(point, id string) {
+	if testhold.Holds(n.cfg.TestHold, point) {
+		n.log.Warn("test hold: the nexlet waits here to be killed", "hold", point, "workload_id", id)
+		select {}
+	}
 }

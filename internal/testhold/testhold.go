@@ -1,0 +1,39 @@
+// Package testhold names the crash windows an end-to-end fault test can hold a real
+// nexd or native nexlet in, so that its kill -9 lands there and nowhere else: a window
+// of microseconds between two writes cannot be hit by a test from outside otherwise.
+//
+// Env (NEXD_TEST_HOLD) lists the holds, comma-separated; nexd reads it once and passes
+// it on to its native nexlets. Unset (every production start), nothing holds: each
+// hold point is one comparison of an empty string.
+package testhold
+
+import "strings"
+
+// Env is the environment variable that lists the holds.
+const Env = "NEXD_TEST_HOLD"
+
+// The hold points.
+const (
+	// StopReplied: nexd, once it answered a stop, before it forgets the workload (its
+	// state record, its ownership).
+	StopReplied = "stop-replied"
+	// StopTidy: the native nexlet, once it answered a stop, before it removes what the
+	// workload left behind (its record above all).
+	StopTidy = "stop-tidy"
+	// RelaunchForked: the native nexlet, once a restart's process is forked, before
+	// its pid record is written.
+	RelaunchForked = "relaunch-forked"
+)
+
+// Holds says whether list (Env's value) names point.
+func Holds(list, point string) bool {
+	if list == "" {
+		return false
+	}
+	for p := range strings.SplitSeq(list, ",") {
+		if strings.TrimSpace(p) == point {
+			return true
+		}
+	}
+	return false
+}
