@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -139,12 +140,12 @@ func firstRunFailed(t *testing.T, lc, restart string) (*node, *nats.Subscription
 	return n, stopped, c
 }
 
-// nodeWithStops starts a node (with its state in KV, as TestNexletCrashKeepsWorkloads)
-// and a subscription to its WORKLOADSTOPPED events.
-func nodeWithStops(t *testing.T) (*node, *nats.Subscription) {
+// nodeWithStops starts a node (with its state in KV, as TestNexletCrashKeepsWorkloads;
+// env added to its environment) and a subscription to its WORKLOADSTOPPED events.
+func nodeWithStops(t *testing.T, env ...string) (*node, *nats.Subscription) {
 	t.Helper()
 	s := testnats.Start(t, testnats.Options{})
-	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), env: env, extra: []string{"--state", "kv"}})
 	n.waitReady(t)
 	nc := testnats.Connect(t, s)
 	stopped, err := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
@@ -217,6 +218,33 @@ func TestNexletKillDuringRestartBackoff(t *testing.T) {
 	}
 	c.release(t, 2, true)
 	c.endsAtLimit(t, stopped, 1)
+}
+
+// TestRelaunchForkedBeforePidRecord: a job with a budget of two restarts on failure
+// fails; its nexlet forks the first restart and is killed (-9) before it records that
+// run's pid (held there by NEXD_TEST_HOLD), and the run fails too before the next
+// nexlet comes: nexd reaps it and records its end. The next nexlet must take that run
+// as the first restart (its launch record bounds the process: the job's dynamic uid,
+// started from the record's tick on) and make only the second: three runs in all, one
+// end with the limit reached. Before, the restart was still due by the records, and
+// the next nexlet made it a second time: four runs for a budget of two.
+func TestRelaunchForkedBeforePidRecord(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	n, stopped := nodeWithStops(t, testhold.Env+"="+testhold.RelaunchForked)
+	c := startCrashLoop(t, n, "job", `{"policy": "on-failure", "max": 2, "backoff": "10ms"}`)
+	testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return c.runs() == 1 })
+	c.release(t, 1, false)
+	testkit.EventuallyWithin(t, 60*time.Second, "the first restart forked, its nexlet held before the pid record", func() bool {
+		return c.runs() == 2 && strings.Contains(n.out.String(), "hold="+testhold.RelaunchForked)
+	})
+	c.release(t, 2, false)
+	testkit.EventuallyWithin(t, 60*time.Second, "the first restart's run ended", func() bool { return len(c.mains()) == 0 })
+	killNexlet(t, n, nil)
+	c.release(t, 3, true)
+	c.endsAtLimit(t, stopped, 2)
 }
 
 // TestRestartCountSurvivesNexletKill: a crash-looping service with a budget of two

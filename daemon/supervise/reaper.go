@@ -118,6 +118,7 @@ func (r *reaper) reapScan() {
 
 func (r *reaper) reapOne(pid int) {
 	id, idErr := procid.Of(pid) // a zombie's stat still holds its start time
+	uid, uidErr := procid.UID(pid)
 	var ws syscall.WaitStatus
 	got, err := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
 	if err != nil || got != pid {
@@ -127,6 +128,7 @@ func (r *reaper) reapOne(pid int) {
 		return
 	}
 	ex := procid.ExitOf(ws)
+	ex.UID, ex.HasUID = uid, uidErr == nil
 	if idErr != nil {
 		r.log.Warn("reaped an orphaned process without its start time; exit not recorded", "pid", pid, "err", idErr)
 		return

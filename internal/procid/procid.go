@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // ID names one process: pid plus start time.
@@ -99,6 +101,44 @@ func (id ID) Alive() bool {
 type Exit struct {
 	Code   int    // exit code, or 128+signal
 	Reason string // "exited with code 3", "killed by signal killed"
+	// UID is the process's real uid, when HasUID (nexd's reaper reads it from the
+	// zombie): the native nexlet matches a relaunch forked before its pid record was
+	// written to its end by it (a dynamic uid is its workload's alone).
+	UID    uint32
+	HasUID bool
+}
+
+// Ticks is the current time in the unit of a process's start time (clock ticks since
+// boot, CLOCK_BOOTTIME at USER_HZ 100): a process forked after it started at Ticks()
+// or later.
+func Ticks() (uint64, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0, fmt.Errorf("clock_gettime(CLOCK_BOOTTIME): %w", err)
+	}
+	return uint64(ts.Sec)*100 + uint64(ts.Nsec)/10_000_000, nil
+}
+
+// UID returns the real uid of a live or zombie process (/proc/<pid>/status).
+func UID(pid int) (uint32, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Uid:"); ok {
+			f := strings.Fields(v)
+			if len(f) == 0 {
+				break
+			}
+			u, err := strconv.ParseUint(f[0], 10, 32)
+			if err != nil {
+				return 0, fmt.Errorf("/proc/%d/status: uid %q: %w", pid, f[0], err)
+			}
+			return uint32(u), nil
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status: no Uid line", pid)
 }
 
 // ExitOf turns a wait status into an Exit, with the same wording the native nexlet uses.
@@ -124,7 +164,11 @@ func WriteExit(dir string, id ID, e Exit) error {
 	if err != nil {
 		return err
 	}
-	_, err = f.WriteString(strconv.Itoa(e.Code) + " " + e.Reason)
+	text := strconv.Itoa(e.Code) + " " + e.Reason
+	if e.HasUID {
+		text += "\nuid=" + strconv.FormatUint(uint64(e.UID), 10)
+	}
+	_, err = f.WriteString(text)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -149,12 +193,38 @@ func ReadExit(dir string, id ID) (Exit, error) {
 	if err != nil {
 		return Exit{}, err
 	}
-	code, reason, _ := strings.Cut(string(b), " ")
+	first, rest, _ := strings.Cut(string(b), "\n")
+	code, reason, _ := strings.Cut(first, " ")
 	c, err := strconv.Atoi(code)
 	if err != nil {
 		return Exit{}, fmt.Errorf("exit record %s: %q is not an exit code", id, code)
 	}
-	return Exit{Code: c, Reason: reason}, nil
+	e := Exit{Code: c, Reason: reason}
+	if v, ok := strings.CutPrefix(strings.TrimSpace(rest), "uid="); ok {
+		if u, err := strconv.ParseUint(v, 10, 32); err == nil {
+			e.UID, e.HasUID = uint32(u), true
+		}
+	}
+	return e, nil
+}
+
+// ListExits names the processes dir holds exit records of.
+func ListExits(dir string) ([]ID, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var ids []ID
+	for _, e := range ents {
+		pid, start, ok := strings.Cut(e.Name(), "-")
+		if !ok || strings.HasPrefix(e.Name(), ".") {
+			continue // a temporary file of WriteExit
+		}
+		if id, err := Parse(pid + " " + start); err == nil {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
 }
 
 // RemoveExit deletes the exit record of id, once consumed.

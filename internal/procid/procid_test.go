@@ -103,3 +103,55 @@ func TestWriteExitConcurrent(t *testing.T) {
 		t.Errorf("files left in the exits dir: %v", ents)
 	}
 }
+
+// TestTicksBoundChildStart: a child forked after Ticks() started at that tick or later,
+// and no later than Ticks() read after the fork (the bound the native nexlet puts on a
+// relaunch forked before its pid record); its real uid reads back, also as a zombie.
+func TestTicksBoundChildStart(t *testing.T) {
+	for range 20 {
+		before, err := Ticks()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command("/bin/true")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		id, idErr := Of(cmd.Process.Pid) // a zombie at worst: not yet waited for
+		uid, uidErr := UID(cmd.Process.Pid)
+		after, _ := Ticks()
+		_ = cmd.Wait()
+		if idErr != nil || uidErr != nil {
+			t.Fatal(idErr, uidErr)
+		}
+		if id.Start < before || id.Start > after {
+			t.Fatalf("child started at tick %d, outside [%d, %d]", id.Start, before, after)
+		}
+		if uid != uint32(os.Getuid()) {
+			t.Fatalf("child's uid %d, want %d", uid, os.Getuid())
+		}
+	}
+}
+
+// TestExitRecordUID: an exit record keeps the uid its writer knew, and lists by id; one
+// without (the nexlet's, an older nexd's) reads back without.
+func TestExitRecordUID(t *testing.T) {
+	dir := t.TempDir()
+	a, b := ID{PID: 100, Start: 7}, ID{PID: 101, Start: 8}
+	if err := WriteExit(dir, a, Exit{Code: 3, Reason: "exited with code 3", UID: 61234, HasUID: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteExit(dir, b, Exit{Code: 0, Reason: "exited"}); err != nil {
+		t.Fatal(err)
+	}
+	if e, err := ReadExit(dir, a); err != nil || e != (Exit{Code: 3, Reason: "exited with code 3", UID: 61234, HasUID: true}) {
+		t.Fatalf("read %+v, %v", e, err)
+	}
+	if e, err := ReadExit(dir, b); err != nil || e != (Exit{Code: 0, Reason: "exited"}) {
+		t.Fatalf("read %+v, %v", e, err)
+	}
+	ids, err := ListExits(dir)
+	if err != nil || len(ids) != 2 {
+		t.Fatalf("listed %v, %v", ids, err)
+	}
+}

@@ -33,6 +33,14 @@ import (
 //	restarts "<restarts>": the restart number of the newest launch, written before
 //	        its fork (none: 0), so that the next nexlet goes on counting against
 //	        the budget rather than from zero
+//	launch  "<restarts> run=<pid>-<start time> t0=<tick> uid=<uid>": a relaunch about
+//	        to fork, written before the fork (a workload with a dynamic uid): restart
+//	        <restarts> after the run named, forked at clock tick t0 (procid.Ticks) or
+//	        later as uid. A nexlet killed between that fork and the pid record leaves
+//	        the restart due; the next one looks for a process of that uid started from
+//	        t0 on, live or ended (nexd's exit record keeps the uid), and takes it as
+//	        the restart's run instead of making the restart a second time
+//	        (bindForkedRelaunch)
 //
 // The workload holds its FIFOs open for reading and writing (O_RDWR), so a write never
 // meets a pipe without a reader (no EPIPE, no SIGPIPE) when the nexlet dies: it only
@@ -159,6 +167,53 @@ func (n *Nexlet) readRestarts(id string) int {
 		return 0
 	}
 	return r
+}
+
+// launchRecord is a relaunch's launch record (see the top of this file).
+type launchRecord struct {
+	restarts int
+	run      string // the run the restart follows, as runOf names it
+	t0       uint64 // the relaunch forked at this clock tick or later
+	uid      uint32 // as this dynamic uid
+}
+
+// writeLaunch records a relaunch about to fork (restart restarts after the run the pid
+// record names now, as uid) with the clock tick before its fork.
+func (n *Nexlet) writeLaunch(id string, restarts int, uid uint32) {
+	t0, err := procid.Ticks()
+	if err == nil {
+		text := strconv.Itoa(restarts) + " run=" + n.runOf(id) + " t0=" + strconv.FormatUint(t0, 10) + " uid=" + strconv.FormatUint(uint64(uid), 10)
+		err = writeAtomic(filepath.Join(n.recordDir(id), "launch"), text)
+	}
+	if err != nil {
+		n.log.Warn("cannot record a workload's relaunch before its fork; a nexlet killed before its pid record makes the restart again", "workload_id", id, "err", err)
+	}
+}
+
+// readLaunch returns a workload's launch record, if any.
+func (n *Nexlet) readLaunch(id string) (launchRecord, bool) {
+	b, err := os.ReadFile(filepath.Join(n.recordDir(id), "launch"))
+	if err != nil {
+		return launchRecord{}, false
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 4 {
+		return launchRecord{}, false
+	}
+	var l launchRecord
+	var err1, err2, err3 error
+	var uid uint64
+	l.restarts, err1 = strconv.Atoi(f[0])
+	run, ok1 := strings.CutPrefix(f[1], "run=")
+	t0, ok2 := strings.CutPrefix(f[2], "t0=")
+	u, ok3 := strings.CutPrefix(f[3], "uid=")
+	l.t0, err2 = strconv.ParseUint(t0, 10, 64)
+	uid, err3 = strconv.ParseUint(u, 10, 32)
+	if err1 != nil || err2 != nil || err3 != nil || !ok1 || !ok2 || !ok3 {
+		return launchRecord{}, false
+	}
+	l.run, l.uid = run, uint32(uid)
+	return l, true
 }
 
 // launchedAt is when the recorded process was launched (its pid record's time).

@@ -150,6 +150,10 @@ func (n *Nexlet) limitsOf(w *workload) Limits {
 // begin prepares the sandbox and either adopts a live workload (replay) or launches it.
 func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress)) (*proc, bool, error) {
 	limits := n.limitsOf(w)
+	if existing {
+		// Before the sandbox, which a plain process group finds by the pid record.
+		n.bindForkedRelaunch(w)
+	}
 	mk := n.iso.sandbox
 	if !existing {
 		mk = n.iso.fresh // from the fork pool: no cgroup migration on the deploy path
@@ -393,15 +397,19 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	n.mu.Lock()
 	cmd.Env = w.env
 	restarts := w.restarts
+	id := w.ident
 	n.mu.Unlock()
 	if restarts > 0 {
 		// Before the fork: a nexlet that dies once it ran leaves the next one the count
-		// of what runs (a first launch has none: 0).
+		// of what runs (a first launch has none: 0), and the bounds of the process
+		// it forks, by which the next one finds that run when the nexlet died before
+		// its pid record (bindForkedRelaunch): only a dynamic uid is the workload's
+		// alone.
 		n.writeRestarts(w.id, restarts)
+		if id.dynamic {
+			n.writeLaunch(w.id, restarts, id.uid)
+		}
 	}
-	n.mu.Lock()
-	id := w.ident
-	n.mu.Unlock()
 	cmd.Dir = filepath.Join(w.dir, homeDirName)
 	if !id.same {
 		// Setgroups to the named user's groups (none for dynamic users) and drop to
@@ -435,6 +443,9 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		unix.Close(outR)
 		unix.Close(errR)
 		return nil, fmt.Errorf("workload %s: start %s: %w", w.id, w.exe, err)
+	}
+	if restarts > 0 {
+		n.testHold(testhold.RelaunchForked, w.id)
 	}
 	// Before anything slower: what the workload forks inherits its oom_score_adj.
 	resetOOMScore(cmd.Process.Pid)
@@ -734,6 +745,91 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 	n.log.Info("replayed workload had ended while no nexlet watched; its restart policy does not start it again",
 		"workload_id", w.id, "policy", w.plan.policy, "exit_code", ex.Code, "reason", ex.Reason)
 	return ended(ex.Code, ex.Reason)
+}
+
+// relaunchBound bounds, in clock ticks (10 ms), how long after its launch record a
+// relaunch's process may have started (the fork follows the record at once; this
+// leaves room for a loaded machine).
+const relaunchBound = 10 * 100
+
+// bindForkedRelaunch finds the run of a relaunch that its nexlet forked and died before
+// recording: the pid record still names the run the due restart follows, and the
+// launch record names that same run. The relaunch's process is the earliest one of the
+// launch's dynamic uid (the workload's alone) that started from the record's tick on,
+// live (or a zombie nexd has not reaped yet) or ended (nexd's exit record keeps the
+// uid). Found, it is recorded as the workload's run, so the restart is due no more:
+// begin adopts it, or endedMeanwhile gives its end the policy, counting the restart it
+// made. Before, the next nexlet made that restart a second time: a run too many and
+// its restarts counted one short (TestRelaunchForkedBeforePidRecord).
+func (n *Nexlet) bindForkedRelaunch(w *workload) {
+	restarts, _, due := n.readRestartDue(w.id)
+	if !due {
+		return
+	}
+	l, ok := n.readLaunch(w.id)
+	if !ok || l.restarts != restarts || l.run != n.runOf(w.id) {
+		return
+	}
+	run, zombie, found := n.findRelaunch(l)
+	if !found {
+		return // never forked: the restart is still due
+	}
+	if zombie && n.cfg.ExitsDir != "" {
+		// Reparented to nexd, which reaps it and records its end.
+		deadline := time.Now().Add(ExitRecordWait)
+		for time.Now().Before(deadline) {
+			if _, err := procid.ReadExit(n.cfg.ExitsDir, run); err == nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := n.writePID(w.id, run); err != nil {
+		n.log.Warn("a relaunch forked before its pid record was found but not recorded; its restart is made again", "workload_id", w.id, "err", err)
+		return
+	}
+	n.log.Info("replayed workload's restart was forked by its last nexlet before it recorded the run; that run is the restart",
+		"workload_id", w.id, "restarts", restarts, "pid", run.PID)
+}
+
+// findRelaunch returns the earliest process of l's uid started within relaunchBound of
+// l's tick: a live one or a zombie (zombie true when it has ended), or one nexd
+// recorded the end of.
+func (n *Nexlet) findRelaunch(l launchRecord) (run procid.ID, zombie, found bool) {
+	in := func(start uint64) bool { return start >= l.t0 && start <= l.t0+relaunchBound }
+	better := func(id procid.ID) bool {
+		return !found || id.Start < run.Start || (id.Start == run.Start && id.PID < run.PID)
+	}
+	if ents, err := os.ReadDir("/proc"); err == nil {
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil {
+				continue
+			}
+			st, err := procid.ReadStat(pid)
+			if err != nil || !in(st.Start) {
+				continue
+			}
+			if uid, err := procid.UID(pid); err != nil || uid != l.uid {
+				continue
+			}
+			if id := (procid.ID{PID: pid, Start: st.Start}); better(id) {
+				run, zombie, found = id, st.State == 'Z' || st.State == 'X', true
+			}
+		}
+	}
+	if n.cfg.ExitsDir != "" {
+		ids, _ := procid.ListExits(n.cfg.ExitsDir)
+		for _, id := range ids {
+			if !in(id.Start) || !better(id) {
+				continue
+			}
+			if ex, err := procid.ReadExit(n.cfg.ExitsDir, id); err == nil && ex.HasUID && ex.UID == l.uid {
+				run, zombie, found = id, false, true
+			}
+		}
+	}
+	return run, zombie, found
 }
 
 // removeRunExit removes the exit record of the run the pid record names, once its end
@@ -1237,9 +1333,16 @@ func resetOOMScore(pid int) {
 
 // testHold holds the calling goroutine for ever at point when an e2e fault test asked
 // for it (Config.TestHold): the test kills the nexlet there. Never in production.
+// Each point holds once per runtime directory (the nexlet after the killed one passes).
 func (n *Nexlet) testHold(point, id string) {
-	if testhold.Holds(n.cfg.TestHold, point) {
-		n.log.Warn("test hold: the nexlet waits here to be killed", "hold", point, "workload_id", id)
-		select {}
+	if !testhold.Holds(n.cfg.TestHold, point) {
+		return
 	}
+	f, err := os.OpenFile(filepath.Join(n.cfg.RuntimeDir, "test-held-"+point), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return // held before
+	}
+	f.Close()
+	n.log.Warn("test hold: the nexlet waits here to be killed", "hold", point, "workload_id", id)
+	select {}
 }
