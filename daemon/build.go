@@ -157,6 +157,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		ProfileEnv:       profdump.PassOn(os.Getenv),
 		TestHold:         os.Getenv(testhold.Env),                   // e2e fault tests only
 		RegisterOverNATS: os.Getenv("NEXD_LOCAL_REGISTER") == "off", // nexbench ready A/B; TestStolenNexletUser
+		Prestarted:       d.prestarted,
 		DefaultGOGC:      cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
 	}
 	if hooks.cgroups != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/logging"
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/daemon/sysd"
 )
 
@@ -42,6 +43,9 @@ type daemon struct {
 	own      goroutines
 	closers  closers
 	hooks    buildHooks // zero in production
+	// prestarted is the native nexlet's process started at main (prestartNexlet), for
+	// its first start; nil when none was.
+	prestarted *supervise.Prestarted
 	// ctlListener is the control socket from systemd (nexd.socket); nil when nexd
 	// creates the socket itself.
 	ctlListener *net.UnixListener

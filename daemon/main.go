@@ -10,6 +10,7 @@ import (
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsembed"
+	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/internal/version"
@@ -30,6 +31,13 @@ const (
 //	nexd nexlet native       the native nexlet (started by nexd itself)
 func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "nexlet" {
+		if _, pre := os.LookupEnv(supervise.EnvHandoff); pre {
+			// Pre-started at nexd's main: wait for the start's environment and
+			// descriptors (README, Ready).
+			if code, ok := supervise.AwaitHandoff(); !ok {
+				return code
+			}
+		}
 		return native.Command(ctx, args[1:], stderr)
 	}
 	if len(args) >= 2 && args[0] == "node" && args[1] == "up" {
@@ -100,6 +108,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nexd: %v\n", err)
 		return ExitFailure
 	}
+	d.prestartNexlet(loaded.Config)
 	pctx, stopProf := context.WithCancel(ctx)
 	defer stopProf()
 	waitProf := profdump.Start(pctx, os.Getenv, "nexd", d.log)

@@ -98,6 +98,9 @@ type Options struct {
 	// TestHold, when set (e2e fault tests only), is passed on to the native nexlet
 	// (testhold.Env).
 	TestHold string
+	// Prestarted, if set, is the native nexlet's process nexd started at its main
+	// (NativeCommand, supervise.Prestart): its first start takes it.
+	Prestarted *supervise.Prestarted
 	// RegisterOverNATS: the native nexlet registers across the NATS server even with
 	// a local channel (NEXD_LOCAL_REGISTER=off: nexbench's ready A/B, and e2e's
 	// TestStolenNexletUser, which sniffs the registration reply on NATS).
@@ -259,6 +262,7 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 		Logger:            m.log,
 		Env:               m.env,
 		Channel:           m.channel,
+		Prestarted:        o.Prestarted,
 		OnExit:            m.onExit,
 		OnFailed:          m.onFailed,
 	})
@@ -446,15 +450,15 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 		return fmt.Sprintf("%s-%d", base, used[base])
 	}
 	if !cfg.Node.DisableNativeStart {
-		exe, err := os.Executable()
+		exe, args, err := NativeCommand()
 		if err != nil {
-			return nil, fmt.Errorf("native nexlet: find own executable: %w", err)
+			return nil, err
 		}
 		n := name(NativeName)
 		out = append(out, Spec{Name: n, AgentID: nuid.Next(), Process: supervise.Spec{
 			Name:   n,
 			Path:   exe,
-			Args:   []string{"nexlet", "native"},
+			Args:   args,
 			Limits: toCgroupLimits(cfg.Node.NativeLimits),
 			// It stays the parent of its workloads while nexd is away.
 			Outlive: true,
@@ -489,6 +493,15 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 		}, Unsigned: a.UnsignedRegistration})
 	}
 	return out, nil
+}
+
+// NativeCommand is the native nexlet's executable (nexd's own) and arguments.
+func NativeCommand() (path string, args []string, err error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", nil, fmt.Errorf("native nexlet: find own executable: %w", err)
+	}
+	return exe, []string{"nexlet", "native"}, nil
 }
 
 func (m *Manager) jetstream(cfg *config.Config) (jetstream.JetStream, error) {

@@ -19,7 +19,15 @@ import (
 // need no external programs: "<test binary> fake-nexlet MODE ARGS...".
 func TestMain(m *testing.M) {
 	if len(os.Args) > 2 {
+		if _, pre := os.LookupEnv(EnvHandoff); pre && os.Args[1] == "fake-nexlet" {
+			// Pre-started (Prestart), as nexd's Main does before the native nexlet.
+			if code, ok := AwaitHandoff(); !ok {
+				os.Exit(code)
+			}
+		}
 		switch os.Args[1] {
+		case "fake-nexd-prestart":
+			os.Exit(fakeNexdPrestart(os.Args[2:]))
 		case "fake-nexlet":
 			os.Exit(fakeNexlet(os.Args[2], os.Args[3:]))
 		case "fake-nexd":
@@ -75,6 +83,9 @@ func fakeNexlet(mode string, args []string) int {
 		return 0
 	case "block":
 		return block()
+	case "block-hup": // an outliving nexlet: SignalReattach does not end it
+		signal.Notify(make(chan os.Signal, 1), SignalReattach)
+		return block()
 	case "ignore-term": // READY TERMFILE
 		c := make(chan os.Signal, 1)
 		signal.Notify(c, syscall.SIGTERM)
@@ -105,6 +116,20 @@ func fakeNexlet(mode string, args []string) int {
 		var r syscall.Rlimit
 		_ = syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r)
 		writeAtomic(args[0], fmt.Sprintf("%s\n--\nnofile=%d/%d\n", strings.Join(os.Environ(), "\n"), r.Cur, r.Max))
+		return block()
+	case "selfcheck": // FILE RECORD: what it runs with, first thing, then run
+		var b strings.Builder
+		for _, f := range []string{"/proc/self/cgroup", "/proc/self/oom_score_adj", args[1]} {
+			c, err := os.ReadFile(f)
+			fmt.Fprintf(&b, "== %s %v\n%s\n", f, err, c)
+		}
+		fmt.Fprintf(&b, "== env\n%s\n", strings.Join(os.Environ(), "\n"))
+		for fd := 0; fd < 4; fd++ {
+			l, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+			fmt.Fprintf(&b, "== fd%d %s\n", fd, l)
+		}
+		fmt.Println("selfcheck on stdout")
+		writeAtomic(args[0], b.String())
 		return block()
 	case "log": // N: classified lines, then N numbered lines, then exit
 		fmt.Println("hello out")
@@ -140,5 +165,18 @@ func fakeNexd(args []string) int {
 		return 2
 	}
 	writeAtomic(args[1], strconv.Itoa(s.Statuses()[0].PID))
+	return block()
+}
+
+// fakeNexdPrestart pre-starts a blocking fake nexlet, reports its pid and runs until
+// killed without ever handing it its start: "fake-nexd-prestart READY MARK" (MARK goes
+// into the pre-started process's environment, to find it by).
+func fakeNexdPrestart(args []string) int {
+	p, err := Prestart(os.Args[0], fakeArgs("block"), map[string]string{"GORACE": "atexit_sleep_ms=0", "NEXD_TEST_MARK": args[1]}, os.Stderr, nil)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	writeAtomic(args[0], strconv.Itoa(p.Pid()))
 	return block()
 }

@@ -221,6 +221,7 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		} else {
 			pid, signal, waited, outR, errR = adop.pid, adop.signal, adop.waited, adop.outR, adop.errR
 			log.Info("adopted the running nexlet", "pid", pid, "child", adop.child, "cgroup", top.Path())
+			n.s.dropPrestart(n.spec)
 			replaced := exeReplaced(pid, n.spec.Path)
 			if replaced && !adop.child && !n.s.watchesOrphans(orphanWatchWait) {
 				log.Warn("the adopted nexlet runs a replaced binary but is not nexd's child and process events are unavailable: it keeps running the old binary until it restarts", "pid", pid, "path", n.spec.Path)
@@ -262,7 +263,18 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 				cmd.Env = append(cmd.Env, localchan.EnvFD+"=3")
 			}
 		}
-		if r := n.s.reaper; r != nil {
+		pre := n.s.takePrestart(n.spec)
+		if pre != nil {
+			if err := n.handOff(pre, proc, cmd.Env, outW, errW, ch, log); err != nil {
+				log.Warn("pre-started nexlet not used; starting one anew", "pid", pre.Pid(), "err", err)
+				pre.release()
+				pre = nil
+			}
+		}
+		switch r := n.s.reaper; {
+		case pre != nil:
+			cmd = pre.cmd // placed, recorded, hardened and handed its start
+		case r != nil:
 			// The reaper must not take this child's exit from cmd.Wait.
 			r.forkMu.Lock()
 			err = proc.Start(cmd)
@@ -270,7 +282,7 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 				r.started(cmd.Process.Pid)
 			}
 			r.forkMu.Unlock()
-		} else {
+		default:
 			err = proc.Start(cmd)
 		}
 		outW.Close()
@@ -284,21 +296,23 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 			return n.startFailed(top, err)
 		}
 		pid, signal = cmd.Process.Pid, cmd.Process.Signal
-		n.record(pid)
 		w := make(chan error, 1)
 		waited = w
-		go func() {
-			err := cmd.Wait()
-			if r := n.s.reaper; r != nil {
-				r.waited(cmd.Process.Pid)
-			}
-			w <- err
-		}()
-		if adj := n.s.opts.NexletOOMScoreAdj; adj != 0 {
-			p := fmt.Sprintf("/proc/%d/oom_score_adj", pid)
-			if err := os.WriteFile(p, []byte(strconv.Itoa(adj)), 0); err != nil {
-				log.Debug("cannot lower the nexlet's oom_score_adj; its workloads get a higher one instead", "value", adj, "err", err)
-			}
+		if pre != nil {
+			go func() { // ends with the process, as cmd.Wait's below
+				<-pre.done
+				w <- pre.werr
+			}()
+		} else {
+			n.record(pid)
+			go func() {
+				err := cmd.Wait()
+				if r := n.s.reaper; r != nil {
+					r.waited(cmd.Process.Pid)
+				}
+				w <- err
+			}()
+			n.lowerOOMScore(pid, log)
 		}
 	}
 	started := time.Now()
@@ -399,6 +413,46 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		n.s.opts.OnExit(n.spec.Name, exit)
 	}
 	return exit, how
+}
+
+// lowerOOMScore writes the nexlet's oom_score_adj (Options.NexletOOMScoreAdj).
+func (n *nexlet) lowerOOMScore(pid int, log *slog.Logger) {
+	if adj := n.s.opts.NexletOOMScoreAdj; adj != 0 {
+		p := fmt.Sprintf("/proc/%d/oom_score_adj", pid)
+		if err := os.WriteFile(p, []byte(strconv.Itoa(adj)), 0); err != nil {
+			log.Debug("cannot lower the nexlet's oom_score_adj; its workloads get a higher one instead", "value", adj, "err", err)
+		}
+	}
+}
+
+// handOff makes the pre-started process this start's nexlet: it is placed in proc (the
+// group a fork would be born in), recorded and given its oom_score_adj, and only then
+// handed env and its descriptors, after which it runs the nexlet. An error leaves the
+// process waiting (the caller releases it): a runtime variable env sets otherwise than
+// its exec did, a CPU limit its runtime would have sized GOMAXPROCS by, a group that
+// refuses it (none mode too), a process that died.
+func (n *nexlet) handOff(p *Prestarted, proc *cgroup.Group, env []string, outW, errW, ch *os.File, log *slog.Logger) error {
+	if k := p.runtimeMismatch(env); k != "" {
+		return fmt.Errorf("its runtime read another %s at exec", k)
+	}
+	if n.spec.Limits.CPUMax > 0 || p.procsLimited {
+		// Its GOMAXPROCS follows the CPU limit of the group it was exec'd in.
+		return errors.New("its runtime sized GOMAXPROCS by the CPU limit of nexd's cgroup at exec, not its own")
+	}
+	pid := p.Pid()
+	if err := proc.Place(pid); err != nil {
+		return err
+	}
+	n.record(pid)
+	n.lowerOOMScore(pid, log)
+	if err := p.handOff(env, outW, errW, ch); err != nil {
+		if n.outlives() {
+			removeRecord(n.s.opts.RecordDir, n.spec.Name)
+		}
+		return err
+	}
+	log.Debug("pre-started nexlet handed its start", "pid", pid)
+	return nil
 }
 
 func (n *nexlet) reportFirst(err error) {

@@ -159,6 +159,10 @@ type Options struct {
 	// file it returns is the child's descriptor 3, named by localchan.EnvFD in its
 	// environment, and closed here once the child has it.
 	Channel func(name string) *os.File
+	// Prestarted, if set, is a process Prestart started ahead: the first start of the
+	// nexlet it matches (Spec.Path and Args) takes it instead of forking (see
+	// prestart.go); an adoption of that nexlet, or Stop, discards it.
+	Prestarted *Prestarted
 }
 
 // Supervisor runs and watches nexlet processes.
@@ -184,6 +188,8 @@ type Supervisor struct {
 	// leave: Stop leaves the workloads' cgroups alone (LeaveWorkloads)
 	leave   bool
 	nexlets map[string]*nexlet
+	// pre is Options.Prestarted until a start takes it or it is discarded.
+	pre *Prestarted
 }
 
 // New makes a Supervisor. It raises RLIMIT_NOFILE to its hard limit for this process,
@@ -222,7 +228,7 @@ func New(opts Options) *Supervisor {
 		cg = cgroup.Disabled("no cgroup manager given", opts.Logger)
 	}
 	s := &Supervisor{opts: opts, log: opts.Logger, cg: cg, limit: opts.RestartLimit,
-		hurry: make(chan struct{}), nexlets: map[string]*nexlet{}}
+		hurry: make(chan struct{}), nexlets: map[string]*nexlet{}, pre: opts.Prestarted}
 	raiseNofile(s.log)
 	closeInheritedOnExec(s.log)
 	if opts.ExitsDir != "" {
@@ -231,6 +237,16 @@ func New(opts Options) *Supervisor {
 			s.log.Warn("cannot become the child subreaper: workloads whose nexlet dies go to init and their exit codes are lost", "err", err)
 		} else {
 			pruneExits(opts.ExitsDir)
+			if p := opts.Prestarted; p != nil {
+				// Already our child: the reaper must leave its exit to its exec.Cmd.
+				pid := p.Pid()
+				r.forkMu.Lock()
+				r.started(pid)
+				r.forkMu.Unlock()
+				if !p.setOnWaited(func() { r.waited(pid) }) {
+					r.waited(pid)
+				}
+			}
 			ctx, cancel := context.WithCancel(context.Background())
 			s.reaper, s.reapCancel, s.reapDone = r, cancel, make(chan struct{})
 			if opts.Orphans != nil {
@@ -539,12 +555,15 @@ func (s *Supervisor) LeaveWorkloads() {
 func (s *Supervisor) Stop(ctx context.Context) error {
 	s.mu.Lock()
 	s.stopping = true
+	pre := s.pre
+	s.pre = nil
 	var all []*nexlet
 	for _, n := range s.nexlets {
 		all = append(all, n)
 		n.stopOnce.Do(func() { close(n.stop) })
 	}
 	s.mu.Unlock()
+	pre.Discard() // no start took it
 	var ctxErr error
 	for _, n := range all {
 		select {
@@ -584,6 +603,38 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 		<-s.reapDone
 	}
 	return errors.Join(ctxErr, err)
+}
+
+// takePrestart returns the pre-started process for the start of spec, once: the first
+// start of the nexlet it matches takes it (nil for every other start).
+func (s *Supervisor) takePrestart(spec Spec) *Prestarted {
+	s.mu.Lock()
+	p := s.pre
+	if p == nil || !p.matches(spec) {
+		s.mu.Unlock()
+		return nil
+	}
+	s.pre = nil
+	s.mu.Unlock()
+	if !p.take() {
+		return nil
+	}
+	return p
+}
+
+// dropPrestart discards the pre-started process of spec's nexlet, if any: it was
+// adopted from the previous nexd instead.
+func (s *Supervisor) dropPrestart(spec Spec) {
+	s.mu.Lock()
+	p := s.pre
+	if p == nil || !p.matches(spec) {
+		s.mu.Unlock()
+		return
+	}
+	s.pre = nil
+	s.mu.Unlock()
+	s.log.Info("pre-started nexlet discarded: the running one was adopted", "nexlet", spec.Name, "pid", p.Pid())
+	p.Discard()
 }
 
 // backoff is the delay before restart number n+1 (n from 0): min·2ⁿ capped at max, with

@@ -208,6 +208,29 @@ func (g *Group) Start(cmd *exec.Cmd) error {
 	}
 }
 
+// Place moves the running process pid, with all its threads, into the group in every
+// hierarchy (a write of its pid to each cgroup.procs): for a process started before its
+// group existed (supervise.Prestarted). Unlike Start it fails rather than leave the
+// process anywhere else: in none mode, and when a hierarchy refuses the move (the error
+// names it); the caller then starts the process anew. On v1 and v2 the move takes the
+// kernel's cgroup_threadgroup_rwsem, whose first writer waits for an RCU grace period
+// (about 10 ms here, BenchmarkV1MoveThread's "by id"): the caller pays it, not the
+// process, which keeps running meanwhile.
+func (g *Group) Place(pid int) error {
+	if g.m.mode == ModeNone || len(g.hiers) == 0 {
+		return fmt.Errorf("cgroup %s: no cgroups to place pid %d in", g.Path(), pid)
+	}
+	g.mu.Lock()
+	g.pooled = false
+	g.mu.Unlock()
+	for _, h := range g.hiers {
+		if err := g.m.ops.write(filepath.Join(h.Root, "cgroup.procs"), itoa(pid)); err != nil {
+			return fmt.Errorf("move pid %d into cgroup %s: %w", pid, h.Root, err)
+		}
+	}
+	return nil
+}
+
 // ForksOnSetupThread reports whether Start forks on a thread that ran the manager's
 // thread setup (v1 mode with SetThreadSetup), so the caller need not fork from a
 // prepared thread of its own.

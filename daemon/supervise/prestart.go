@@ -1,0 +1,299 @@
+package supervise
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// A nexlet may be pre-started: its process is exec'd at nexd's main, before nexd knows
+// its node id, cgroups, credentials or output FIFOs, so that the runtime start and
+// package init of its binary (26-32 ms on a PVM guest, README "Ready") overlap with
+// nexd's own set-up. It then waits in its main, before it runs anything of the nexlet,
+// reading a socket pair (descriptor 3, named by EnvHandoff) for its hand-off.
+//
+// The first start of the matching nexlet (Spec.Path and Args equal) takes it instead of
+// forking: the process is placed in its cgroup, recorded, given its oom_score_adj
+// (everything a fork does before the child runs), and only then handed its whole
+// environment and its stdout, stderr and local channel (descriptors 1, 2 and 3, as a
+// fork gives them) over the pair; it sets them up and runs as a freshly exec'd nexlet
+// would. Restarts fork as before. When nexd ends or fails before the hand-off, the
+// pair's other end closes and the waiting process exits; a pre-started process that is
+// not used (another path, a nexlet adopted from the previous nexd, a stop) is killed.
+
+// EnvHandoff names the descriptor on which a pre-started nexlet waits for its hand-off.
+const EnvHandoff = "NEXD_HANDOFF_FD"
+
+// handoffFD is the pre-started process's descriptor of its end of the pair.
+const handoffFD = 3
+
+// maxHandoff bounds the hand-off message (the environment, NUL-separated).
+const maxHandoff = 256 << 10
+
+// runtimeEnv are the variables the Go runtime reads before main: a pre-started process
+// read them at its exec, so a hand-off whose environment sets them otherwise is not
+// made (the nexlet is forked anew).
+func runtimeEnv() [6]string {
+	return [...]string{"GOGC", "GOMEMLIMIT", "GODEBUG", "GOMAXPROCS", "GOTRACEBACK", "GORACE"}
+}
+
+// Prestarted is a nexlet process started ahead of its first start (Prestart), until a
+// Supervisor takes it or it is discarded.
+type Prestarted struct {
+	path string
+	args []string
+	env  map[string]string // its exec environment (without EnvHandoff)
+	// procsLimited: this process's GOMAXPROCS was below the CPU count when it started
+	// p (a CPU limit on its cgroup, or $GOMAXPROCS): p's runtime sized its own by the
+	// CPU limit of that cgroup, read once at exec (Go reads its leaf group's limit only,
+	// and never again after a move).
+	procsLimited bool
+	cmd          *exec.Cmd
+	pair         *os.File // nexd's end of the hand-off pair
+
+	done chan struct{} // closed once cmd.Wait returned
+	werr error         // cmd.Wait's result, set before done closes
+
+	mu       sync.Mutex
+	state    int    // prestartWaiting, prestartTaken, prestartDiscarded
+	exited   bool   // cmd.Wait returned
+	onWaited func() // called after cmd.Wait returned (the reaper's release)
+}
+
+const (
+	prestartWaiting = iota
+	prestartTaken
+	prestartDiscarded
+)
+
+// Prestart execs path with args and env (the variables its runtime reads before main,
+// and any other that is no secret) as a nexlet that waits for its hand-off. Like New, it
+// first raises RLIMIT_NOFILE and marks inherited descriptors close-on-exec, so that the
+// process inherits what a supervised start gives it. Its stderr is stderr until the
+// hand-off (a runtime crash before it is seen); stdin and stdout are /dev/null.
+func Prestart(path string, args []string, env map[string]string, stderr *os.File, log *slog.Logger) (*Prestarted, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	raiseNofile(log)
+	closeInheritedOnExec(log)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("prestart %s: hand-off pair: %w", path, err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "handoff"), os.NewFile(uintptr(fds[1]), "handoff-child")
+	cmdEnv := make([]string, 0, len(env)+1)
+	for k, v := range env {
+		cmdEnv = append(cmdEnv, k+"="+v)
+	}
+	cmdEnv = append(cmdEnv, EnvHandoff+"="+strconv.Itoa(handoffFD))
+	sort.Strings(cmdEnv)
+	cmd := &exec.Cmd{
+		Path:        path,
+		Args:        append([]string{path}, args...),
+		Env:         cmdEnv,
+		Stderr:      stderr,
+		ExtraFiles:  []*os.File{theirs}, // descriptor 3
+		SysProcAttr: &syscall.SysProcAttr{Setpgid: true},
+	}
+	err = cmd.Start()
+	theirs.Close()
+	if err != nil {
+		ours.Close()
+		return nil, fmt.Errorf("prestart %s: %w", path, err)
+	}
+	p := &Prestarted{path: path, args: slices.Clone(args), env: maps.Clone(env), cmd: cmd, pair: ours,
+		procsLimited: runtime.GOMAXPROCS(0) != runtime.NumCPU(), done: make(chan struct{})}
+	go func() { // ends with the process: taken, it is the nexlet; discarded, it is killed
+		err := cmd.Wait()
+		p.mu.Lock()
+		p.exited = true
+		hook := p.onWaited
+		p.mu.Unlock()
+		if hook != nil {
+			hook()
+		}
+		p.werr = err
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// Pid is the pre-started process's pid.
+func (p *Prestarted) Pid() int { return p.cmd.Process.Pid }
+
+// Discard kills the pre-started process and waits for it, unless a Supervisor took it
+// (then it does nothing). It may be called more than once.
+func (p *Prestarted) Discard() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	if p.state != prestartWaiting {
+		p.mu.Unlock()
+		return
+	}
+	p.state = prestartDiscarded
+	p.mu.Unlock()
+	p.pair.Close() // a process that reached its main reads the end: it exits
+	_ = p.cmd.Process.Kill()
+	<-p.done
+}
+
+// matches says whether spec runs what p pre-started.
+func (p *Prestarted) matches(spec Spec) bool {
+	return p.path == spec.Path && slices.Equal(p.args, spec.Args)
+}
+
+// take makes p the caller's (a start of the nexlet it matches), unless it was discarded.
+func (p *Prestarted) take() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state != prestartWaiting {
+		return false
+	}
+	p.state = prestartTaken
+	return true
+}
+
+// release gives a taken p up: it is killed and waited for (a hand-off that failed).
+func (p *Prestarted) release() {
+	p.pair.Close()
+	_ = p.cmd.Process.Kill()
+	<-p.done
+}
+
+// setOnWaited makes hook run once cmd.Wait has returned; it reports false (and does
+// not keep hook) when it has already.
+func (p *Prestarted) setOnWaited(hook func()) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.exited {
+		return false
+	}
+	p.onWaited = hook
+	return true
+}
+
+// runtimeMismatch names a variable the Go runtime reads before main that env (a start's
+// whole environment, KEY=VALUE) sets otherwise than p's exec environment did.
+func (p *Prestarted) runtimeMismatch(env []string) string {
+	got := map[string]string{}
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			got[k] = v
+		}
+	}
+	for _, k := range runtimeEnv() {
+		if got[k] != p.env[k] {
+			return k
+		}
+	}
+	return ""
+}
+
+// handOff sends the process its environment and its stdout, stderr and (ch, when not
+// nil) local channel, and closes nexd's end of the pair. The process must be placed,
+// recorded and hardened before: it runs the nexlet as soon as it has read this.
+func (p *Prestarted) handOff(env []string, stdout, stderr, ch *os.File) error {
+	defer p.pair.Close()
+	var msg []byte
+	for _, kv := range env {
+		msg = append(msg, kv...)
+		msg = append(msg, 0)
+	}
+	if len(msg) > maxHandoff {
+		return fmt.Errorf("hand-off: environment of %d bytes, more than %d", len(msg), maxHandoff)
+	}
+	fds := []int{int(stdout.Fd()), int(stderr.Fd())}
+	if ch != nil {
+		fds = append(fds, int(ch.Fd()))
+	}
+	rc, err := p.pair.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("hand-off: %w", err)
+	}
+	var serr error
+	if err := rc.Write(func(fd uintptr) bool {
+		serr = unix.Sendmsg(int(fd), msg, unix.UnixRights(fds...), nil, 0)
+		return !errors.Is(serr, unix.EAGAIN)
+	}); err != nil {
+		return fmt.Errorf("hand-off: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("hand-off to pid %d: %w", p.Pid(), serr)
+	}
+	return nil
+}
+
+// AwaitHandoff is the pre-started nexlet's side (EnvHandoff set): it waits for the
+// hand-off, puts the descriptors it got at 1, 2 and 3 and replaces the environment with
+// the one it got, so that what runs next sees what a fork and exec would have given it.
+// ok false: no hand-off comes (nexd ended, or discarded this process); exit with code.
+func AwaitHandoff() (code int, ok bool) {
+	fd, err := strconv.Atoi(os.Getenv(EnvHandoff))
+	if err != nil || fd != handoffFD {
+		fmt.Fprintf(os.Stderr, "nexd nexlet: %s=%q is not the hand-off descriptor\n", EnvHandoff, os.Getenv(EnvHandoff))
+		return 2, false
+	}
+	buf := make([]byte, maxHandoff+1)
+	oob := make([]byte, unix.CmsgSpace(3*4))
+	var n, oobn, flags int
+	for {
+		n, oobn, flags, _, err = unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil || (n == 0 && oobn == 0) {
+		return 0, false // the other end closed: nothing to run
+	}
+	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > maxHandoff {
+		fmt.Fprintln(os.Stderr, "nexd nexlet: hand-off truncated")
+		return 1, false
+	}
+	var fds []int
+	if cms, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
+		for _, cm := range cms {
+			if rights, rerr := unix.ParseUnixRights(&cm); rerr == nil {
+				fds = append(fds, rights...)
+			}
+		}
+	}
+	if len(fds) != 2 && len(fds) != 3 {
+		fmt.Fprintf(os.Stderr, "nexd nexlet: hand-off with %d descriptors, want 2 or 3\n", len(fds))
+		return 1, false
+	}
+	// As a fork and exec gives them: not close-on-exec. Descriptor 3 is the local
+	// channel, or nothing (its dup3 closes the pair's end).
+	targets := []int{1, 2, handoffFD}
+	for i, f := range fds {
+		if err := unix.Dup3(f, targets[i], 0); err != nil {
+			fmt.Fprintf(os.Stderr, "nexd nexlet: hand-off: descriptor %d: %v\n", targets[i], err)
+			return 1, false
+		}
+		unix.Close(f)
+	}
+	if len(fds) == 2 {
+		unix.Close(handoffFD)
+	}
+	os.Clearenv()
+	for kv := range strings.SplitSeq(string(buf[:n]), "\x00") {
+		if k, v, ok := strings.Cut(kv, "="); ok && k != "" {
+			os.Setenv(k, v)
+		}
+	}
+	return 0, true
+}

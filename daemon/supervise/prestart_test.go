@@ -1,0 +1,269 @@
+package supervise
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+// prestartFake pre-starts the test binary as the fake nexlet of spec.
+func prestartFake(t *testing.T, spec Spec, env map[string]string) *Prestarted {
+	t.Helper()
+	p, err := Prestart(spec.Path, spec.Args, env, os.Stderr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Discard)
+	return p
+}
+
+// gone reports whether pid no longer exists, not even as a zombie: reaped.
+func gone(pid int) bool {
+	_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+	return os.IsNotExist(err)
+}
+
+// marked lists the processes whose environment holds NEXD_TEST_MARK=mark.
+func marked(mark string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if strings.Contains(string(env), "NEXD_TEST_MARK="+mark+"\x00") {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// TestPrestartedHandedOffInItsGroup: the first start of a nexlet takes the process
+// pre-started for it instead of forking. What that process sees first thing after the
+// hand-off (the fake nexlet's "selfcheck" reads it before anything else) is what a
+// fork gives: it is in its own cgroup in every hierarchy, with the spec's limits, its
+// oom_score_adj is set and its pid recorded; its environment is the start's (with the
+// Env hook's credentials, its cgroup spec, and no hand-off variable); descriptors 1 and
+// 2 are its output FIFOs and 3 its channel. The credentials never show in
+// /proc/<pid>/environ, which keeps what the process was exec'd with. A restart forks.
+func TestPrestartedHandedOffInItsGroup(t *testing.T) {
+	cg, _ := v1Nexlets(t, true)
+	dir := t.TempDir()
+	check, records := filepath.Join(dir, "check"), filepath.Join(dir, "records")
+	spec := fakeSpec("pre", "selfcheck", check, recordPath(records, "pre"))
+	spec.Outlive = true
+	spec.Limits = cgroup.Limits{MemoryMax: 256 << 20, PidsMax: 77}
+	p := prestartFake(t, spec, map[string]string{"GORACE": "atexit_sleep_ms=0"})
+	const secret = "SUAEXAMPLESECRETSEED"
+	ch, chPeer, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	s := New(Options{Cgroups: cg, RecordDir: records, FIFODir: filepath.Join(dir, "fifos"), Prestarted: p,
+		NexletOOMScoreAdj: 321, RestartLimit: 5, BackoffMin: time.Millisecond,
+		Env: func(string) map[string]string {
+			return map[string]string{"NEX_AGENT_NATS_USER_SEED": secret}
+		},
+		Channel: func(string) *os.File { return chPeer }})
+	defer stopAll(t, s)
+	if err := s.Start(context.Background(), spec); err != nil {
+		t.Fatal(err)
+	}
+	if got := status(s, "pre").PID; got != p.Pid() {
+		t.Fatalf("the nexlet runs as pid %d, not the pre-started %d", got, p.Pid())
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "the self-check", func() bool { _, err := os.Stat(check); return err == nil })
+	b, _ := os.ReadFile(check)
+	got := string(b)
+	// Without Options.Workloads: the limits on <name>, the process in <name>/nexlet.
+	group := strings.TrimPrefix(filepath.Join(cg.Path(), "pre"), "/sys/fs/cgroup/memory")
+	in := map[string]string{} // controller -> group, from /proc/self/cgroup
+	for l := range strings.SplitSeq(got, "\n") {
+		if f := strings.SplitN(l, ":", 3); len(f) == 3 {
+			for c := range strings.SplitSeq(f[1], ",") {
+				in[c] = f[2]
+			}
+		}
+	}
+	for _, h := range []string{"memory", "pids", "cpu"} {
+		if in[h] != group+"/nexlet" {
+			t.Errorf("in %s group %q first thing, want %s/nexlet:\n%s", h, in[h], group, got)
+		}
+	}
+	for _, want := range []string{"oom_score_adj <nil>\n321\n", fmt.Sprintf(`"pid":%d`, p.Pid()),
+		"NEX_AGENT_NATS_USER_SEED=" + secret + "\n", EnvCgroup + "=", "== fd1 " + filepath.Join(dir, "fifos", "pre.stdout"),
+		"== fd2 " + filepath.Join(dir, "fifos", "pre.stderr"), "== fd3 pipe:"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("self-check lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, EnvHandoff) {
+		t.Errorf("the hand-off variable is still in the environment:\n%s", got)
+	}
+	for file, want := range map[string]string{"memory.limit_in_bytes": strconv.Itoa(256 << 20), "pids.max": "77"} {
+		h := strings.Split(file, ".")[0]
+		v, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", h, group, file))
+		if err != nil || strings.TrimSpace(string(v)) != want {
+			t.Errorf("%s of its group: %q %v, want %s", file, v, err, want)
+		}
+	}
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.Pid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(environ), secret) {
+		t.Errorf("the credentials show in /proc/<pid>/environ: %q", environ)
+	}
+	// Its first output goes through the FIFO, as a forked nexlet's.
+	testkit.EventuallyWithin(t, 10*time.Second, "its stdout read", func() bool {
+		s.mu.Lock()
+		n := s.nexlets["pre"]
+		s.mu.Unlock()
+		return n.read.Load() > 0
+	})
+	// A restart forks: a new pid, the credentials in its exec environment.
+	os.Remove(check)
+	if err := s.Reset("pre"); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "the restarted nexlet's self-check", func() bool { _, err := os.Stat(check); return err == nil })
+	pid := status(s, "pre").PID
+	if pid == p.Pid() || pid == 0 {
+		t.Fatalf("the restart runs pid %d (pre-started %d)", pid, p.Pid())
+	}
+	environ, _ = os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if !strings.Contains(string(environ), secret) || strings.Contains(string(environ), EnvHandoff) {
+		t.Errorf("the restart was not a fork: environ %q", environ)
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the pre-started process reaped", func() bool { return gone(p.Pid()) })
+}
+
+// TestPrestartedDiesWithItsNexd: a nexd killed (kill -9) before it handed the
+// pre-started nexlet its start leaves no process behind: the hand-off pair's end
+// closes with nexd and the waiting process exits. Counted by the mark in its
+// environment, before (one) and after (none).
+func TestPrestartedDiesWithItsNexd(t *testing.T) {
+	mark := strconv.FormatUint(rand.Uint64(), 36)
+	ready := filepath.Join(t.TempDir(), "ready")
+	nexd := exec.Command(os.Args[0], "fake-nexd-prestart", ready, mark)
+	nexd.Stderr = os.Stderr
+	if err := nexd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := readPid(t, ready)
+	// Let it reach its main and wait there, as well as catching it still in its runtime
+	// start (the other half of the runs).
+	if rand.IntN(2) == 0 {
+		time.Sleep(500 * time.Millisecond)
+	}
+	if got := marked(mark); len(got) != 1 || got[0] != pid {
+		t.Fatalf("pre-started processes %v, want [%d]", got, pid)
+	}
+	if err := nexd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nexd.Wait()
+	testkit.EventuallyWithin(t, 30*time.Second, "the pre-started nexlet gone with its nexd", func() bool {
+		return len(marked(mark)) == 0 && !alive(pid)
+	})
+}
+
+// TestPrestartedDiscarded: a pre-started process that no start takes is killed and
+// reaped, whichever way it goes unused: a start of another nexlet (it forks; Stop
+// discards the process), a start whose environment sets a runtime variable otherwise,
+// or whose group has a CPU limit (its runtime sized GOMAXPROCS by nexd's group: it
+// forks at once), an adoption of the nexlet left running by the previous supervisor,
+// and Discard.
+func TestPrestartedDiscarded(t *testing.T) {
+	ctx := context.Background()
+	env := map[string]string{"GORACE": "atexit_sleep_ms=0"}
+	t.Run("another nexlet", func(t *testing.T) {
+		p := prestartFake(t, fakeSpec("x", "block"), env)
+		s := New(Options{Prestarted: p})
+		if err := s.Start(ctx, fakeSpec("y", "block", "other")); err != nil {
+			t.Fatal(err)
+		}
+		if status(s, "y").PID == p.Pid() {
+			t.Fatal("another nexlet took the pre-started process")
+		}
+		if !alive(p.Pid()) {
+			t.Fatal("the pre-started process died before Stop")
+		}
+		stopAll(t, s)
+		if !gone(p.Pid()) {
+			t.Fatal("Stop left the unused pre-started process")
+		}
+	})
+	for _, refused := range []struct {
+		name, why string
+		change    func(*Spec)
+	}{
+		{"runtime variable", "read another GOGC at exec", func(s *Spec) { s.Env["GOGC"] = "50" }},
+		{"CPU limit", "sized GOMAXPROCS outside its CPU limit", func(s *Spec) { s.Limits.CPUMax = 0.5 }},
+	} {
+		t.Run(refused.name, func(t *testing.T) {
+			cg, _ := v1Nexlets(t, false)
+			spec := fakeSpec("x", "block")
+			p := prestartFake(t, spec, env)
+			refused.change(&spec)
+			s := New(Options{Cgroups: cg, Prestarted: p})
+			defer stopAll(t, s)
+			if err := s.Start(ctx, spec); err != nil {
+				t.Fatal(err)
+			}
+			if pid := status(s, "x").PID; pid == p.Pid() || pid == 0 {
+				t.Fatalf("runs pid %d: the pre-started %d %s", pid, p.Pid(), refused.why)
+			}
+			if !gone(p.Pid()) {
+				t.Fatal("the refused pre-started process is left")
+			}
+		})
+	}
+	t.Run("adopted", func(t *testing.T) {
+		dir := t.TempDir()
+		spec := fakeSpec("keep", "block-hup")
+		spec.Outlive = true
+		opts := Options{RecordDir: filepath.Join(dir, "records"), FIFODir: filepath.Join(dir, "fifos"), Adopt: []string{"keep"}}
+		s1 := New(opts)
+		if err := s1.Start(ctx, spec); err != nil {
+			t.Fatal(err)
+		}
+		left := status(s1, "keep").PID
+		s1.Detach()
+		stopAll(t, s1)
+		p := prestartFake(t, spec, env)
+		opts.Prestarted = p
+		s2 := New(opts)
+		defer stopAll(t, s2)
+		if err := s2.Start(ctx, spec); err != nil {
+			t.Fatal(err)
+		}
+		if got := status(s2, "keep").PID; got != left {
+			t.Fatalf("runs pid %d, want the adopted %d", got, left)
+		}
+		if !gone(p.Pid()) {
+			t.Fatal("the pre-started process is left beside the adopted nexlet")
+		}
+	})
+	t.Run("Discard", func(t *testing.T) {
+		p := prestartFake(t, fakeSpec("x", "block"), env)
+		p.Discard()
+		if !gone(p.Pid()) {
+			t.Fatal("Discard left the process")
+		}
+		p.Discard()
+	})
+}
