@@ -40,7 +40,7 @@ const EnvHandoff = "NEXD_HANDOFF_FD"
 const handoffFD = 3
 
 // maxHandoff bounds the hand-off message (the environment, NUL-separated).
-const maxHandoff = 256 << 10
+const maxHandoff = 64 << 10
 
 // runtimeEnv are the variables the Go runtime reads before main: a pre-started process
 // read them at its exec, so a hand-off whose environment sets them otherwise is not
