@@ -15,6 +15,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // Client talks to a nexd control socket.
@@ -107,22 +109,28 @@ func (c *Client) dialError(err error) error {
 
 // call performs a request and decodes a 2xx JSON answer into out (when non-nil).
 func (c *Client) call(ctx context.Context, method, path string, body, out any) error {
+	_, err := c.callHeader(ctx, method, path, body, out)
+	return err
+}
+
+// callHeader is call that also returns the answer's headers.
+func (c *Client) callHeader(ctx context.Context, method, path string, body, out any) (http.Header, error) {
 	resp, err := c.do(ctx, method, path, body)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return readAPIError(resp)
+		return resp.Header, readAPIError(resp)
 	}
 	if out == nil {
 		_, _ = io.Copy(io.Discard, resp.Body)
-		return nil
+		return resp.Header, nil
 	}
 	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
-		return fmt.Errorf("decode answer to %s %s: %w", method, path, err)
+		return resp.Header, fmt.Errorf("decode answer to %s %s: %w", method, path, err)
 	}
-	return nil
+	return resp.Header, nil
 }
 
 func readAPIError(resp *http.Response) error {
@@ -196,10 +204,22 @@ func (c *Client) RestartNexlet(ctx context.Context, name string) error {
 	return c.call(ctx, "POST", "/v1/nexlets/"+url.PathEscape(name)+"/restart", nil, nil)
 }
 
-// Workloads lists what the node runs.
+// Workloads lists what the node runs. When some nexlets' workloads are missing from
+// the list (HeaderPartial) it returns the list and a *PartialList.
 func (c *Client) Workloads(ctx context.Context) ([]Workload, error) {
 	var ws []Workload
-	return ws, c.call(ctx, "GET", "/v1/workloads", nil, &ws)
+	head, err := c.callHeader(ctx, "GET", "/v1/workloads", nil, &ws)
+	if err != nil {
+		return nil, err
+	}
+	if h := head.Get(HeaderPartial); h != "" {
+		p := &PartialList{}
+		if err := json.Unmarshal([]byte(h), p); err != nil {
+			p.Missing = []protocol.MissingNexlet{{Name: "-", ID: "-", Reason: fmt.Sprintf("unreadable %s header %q: %v", HeaderPartial, h, err)}}
+		}
+		return ws, p
+	}
+	return ws, nil
 }
 
 func logsPath(q LogQuery, follow bool) string {

@@ -481,7 +481,11 @@ func (s *Server) handleRestartNexlet(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleWorkloads(w http.ResponseWriter, r *http.Request) {
 	ws, err := s.opts.Backend.Workloads(r.Context())
-	if err != nil {
+	var partial *PartialList
+	if errors.As(err, &partial) {
+		b, _ := json.Marshal(partial)
+		w.Header().Set(HeaderPartial, string(b))
+	} else if err != nil {
 		s.backendError(w, r, err)
 		return
 	}

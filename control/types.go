@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"strconv"
 	"time"
+
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // APIVersion is the path prefix every route lives under.
@@ -28,6 +30,7 @@ type Backend interface {
 	Nexlets(ctx context.Context) ([]Nexlet, error)
 	// RestartNexlet resets a nexlet; an unknown name should wrap ErrNotFound.
 	RestartNexlet(ctx context.Context, name string) error
+	// Workloads may return a *PartialList error beside the list it has.
 	Workloads(ctx context.Context) ([]Workload, error)
 	// Logs returns recent lines matching q.
 	Logs(ctx context.Context, q LogQuery) ([]LogLine, error)
@@ -223,6 +226,23 @@ type Workload struct {
 	MemoryMax uint64 `json:"memory_max,omitempty"`
 	Restarts  int    `json:"restarts"`
 	OOMKills  int    `json:"oom_kills,omitempty"`
+}
+
+// HeaderPartial on the answer to GET /v1/workloads says the list lacks some nexlets'
+// workloads (they did not answer the node in time, or answered with an error): a JSON
+// PartialList. The body is the list that came.
+const HeaderPartial = "Nex-Partial"
+
+// PartialList is what a Backend's Workloads returns as its error beside the list it
+// has when some nexlets' workloads are missing from it; Client.Workloads returns it
+// the same way.
+type PartialList struct {
+	Wait    string                   `json:"wait"` // how long the node waited for its nexlets
+	Missing []protocol.MissingNexlet `json:"missing"`
+}
+
+func (p *PartialList) Error() string {
+	return "the node listed only part of its workloads; missing those of " + protocol.MissingText(p.Missing)
 }
 
 // NATSAccess is the answer of GET /v1/nats (admins only): the node's NATS client URLs

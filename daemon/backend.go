@@ -134,7 +134,7 @@ func (b backend) RestartNexlet(ctx context.Context, name string) error {
 }
 
 func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
-	ws, err := b.s.node.Workloads(ctx)
+	ws, missing, err := b.s.node.WorkloadList(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -156,6 +156,9 @@ func (b backend) Workloads(ctx context.Context) ([]control.Workload, error) {
 		out = append(out, cw)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].StartTime.Before(out[j].StartTime) })
+	if len(missing) > 0 {
+		return out, &control.PartialList{Wait: b.s.node.FanoutWait().String(), Missing: missing}
+	}
 	return out, nil
 }
 

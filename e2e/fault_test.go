@@ -763,22 +763,14 @@ func TestLameduckMigratePartial(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	bin := echoNexlet(t)
 	s := testnats.Start(t, testnats.Options{})
-	a := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{
-		"--agents.uri", "file://" + bin, "--agents.argv", "--name", "--agents.argv", "echo-a"}})
-	ida := a.waitReady(t).NodeID
-	a.waitNative(t)
+	a, ida := echoNode(t, s)
 	old := a.runWorkload(t, "--name", "svc", "--", "/bin/sleep", "600")
 	a.mustCtl(t, "workload", "run", "--type", "echo", "--name", "echoer", "--start-request", `{"message":"hi","interval":"30s"}`)
 	b := startNode(t, nodeOpts{external: s.ClientURL()})
 	b.waitReady(t)
 	b.waitNative(t)
-	echo := a.nexlet(t, "echo-nexlet")
-	if err := syscall.Kill(echo.PID, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = syscall.Kill(echo.PID, syscall.SIGCONT) })
+	echo := a.freezeEcho(t)
 
 	out, errOut, code := a.ctl(t, "node", "lameduck", ida, "--migrate", "--delay", "30s")
 	if code != 1 || !strings.Contains(out, "Migrated svc ["+old.ID+"]") {

@@ -1,10 +1,12 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -412,6 +415,31 @@ func waitOut(t *testing.T, n *node, pattern string, timeout time.Duration) strin
 	return ""
 }
 
+// echoNode starts a node on s with an echo nexlet (supervised as echo-nexlet,
+// registered as echo-a) beside the native one, both registered; it returns the node
+// and its id.
+func echoNode(t *testing.T, s *server.Server) (*node, string) {
+	t.Helper()
+	bin := echoNexlet(t)
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{
+		"--agents.uri", "file://" + bin, "--agents.argv", "--name", "--agents.argv", "echo-a"}})
+	id := n.waitReady(t).NodeID
+	n.waitNative(t)
+	return n, id
+}
+
+// freezeEcho stops the node's echo nexlet with SIGSTOP, as a busy one would miss the
+// node's fan-out, until the test ends (or it is sent SIGCONT).
+func (n *node) freezeEcho(t *testing.T) control.Nexlet {
+	t.Helper()
+	echo := n.nexlet(t, "echo-nexlet")
+	if err := syscall.Kill(echo.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(echo.PID, syscall.SIGCONT) })
+	return echo
+}
+
 // TestWorkloadListPartial: a node whose nexlet misses its 2 s fan-out (here frozen with
 // SIGSTOP, as a busy or restarting one would be) marks its WPING answer partial
 // (HeaderPartial, naming the nexlet; the body is upstream's array), and nexctl prints the
@@ -422,22 +450,14 @@ func TestWorkloadListPartial(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	bin := echoNexlet(t)
 	s := testnats.Start(t, testnats.Options{})
-	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{
-		"--agents.uri", "file://" + bin, "--agents.argv", "--name", "--agents.argv", "echo-a"}})
-	n.waitReady(t)
-	n.waitNative(t)
+	n, _ := echoNode(t, s)
 	w := n.runWorkload(t, "--name", "sleeper", "--", "/bin/sleep", "600")
 	n.mustCtl(t, "workload", "run", "--type", "echo", "--name", "echoer", "--start-request", `{"message":"hi","interval":"30s"}`)
 	if out := n.mustCtl(t, "workload", "list"); !strings.Contains(out, "sleeper") || !strings.Contains(out, "echoer") {
 		t.Fatalf("list before: %q", out)
 	}
-	echo := n.nexlet(t, "echo-nexlet") // its supervised name; it registers as echo-a
-	if err := syscall.Kill(echo.PID, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = syscall.Kill(echo.PID, syscall.SIGCONT) })
+	echo := n.freezeEcho(t)
 
 	out, errOut, code := n.ctl(t, "workload", "list")
 	if code != 1 || !strings.Contains(out, "sleeper") || strings.Contains(out, "echoer") {
@@ -478,4 +498,75 @@ func TestWorkloadListPartial(t *testing.T) {
 		out, errOut, code := n.ctl(t, "workload", "list")
 		return code == 0 && errOut == "" && strings.Contains(out, "sleeper") && strings.Contains(out, "echoer")
 	})
+}
+
+// TestLocalListPartial: the local commands say when the node's list is partial (its
+// echo nexlet frozen with SIGSTOP misses the node's 2 s fan-out). `nexctl workloads`
+// prints the native row, warns naming echo-a and exits 1; `nexctl top` and `top --node`
+// mark their figures PARTIAL and exit 1; `nexctl lameduck --wait` does not report the
+// node drained while the list is partial (the native workload gone, echo-a's still
+// there) and ends once echo-a answers again. Before, workloads and top exited 0 with the
+// native row alone, and lameduck --wait reported "drained" with echo-a's workload live.
+func TestLocalListPartial(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n, id := echoNode(t, s)
+	n.runWorkload(t, "--name", "sleeper", "--", "/bin/sleep", "600")
+	n.mustCtl(t, "workload", "run", "--type", "echo", "--name", "echoer", "--start-request", `{"message":"hi","interval":"30s"}`)
+	if out := n.mustCtl(t, "workloads"); !strings.Contains(out, "sleeper") || !strings.Contains(out, "echoer") {
+		t.Fatalf("workloads before: %q", out)
+	}
+	echo := n.freezeEcho(t)
+	missing := "nexlet echo-a (" + echo.AgentID + "): no answer within 2s"
+
+	out, errOut, code := n.ctl(t, "workloads")
+	if code != 1 || !strings.Contains(out, "sleeper") || strings.Contains(out, "echoer") ||
+		!strings.Contains(errOut, "warning: the node listed only part of its workloads; missing those of "+missing) ||
+		!strings.Contains(errOut, "the list is partial") {
+		t.Fatalf("workloads with echo-a frozen: exit %d, %q %q; want the native row, a warning naming echo-a, exit 1", code, out, errOut)
+	}
+	out, errOut, code = n.ctl(t, "--json", "workloads")
+	var rows []control.Workload
+	if err := json.Unmarshal([]byte(out), &rows); err != nil || len(rows) != 1 || rows[0].Name != "sleeper" || code != 1 ||
+		!strings.Contains(errOut, `{"warning":"the node listed only part`) {
+		t.Fatalf("workloads --json with echo-a frozen: exit %d, %q %q (%v)", code, out, errOut, err)
+	}
+	for _, args := range [][]string{{"top", "-n", "1", "--interval", "100ms"}, {"top", "--node", id, "-n", "1", "--interval", "100ms"}} {
+		out, errOut, code = n.ctl(t, args...)
+		if code != 1 || !strings.Contains(out, "sleeper") || !strings.Contains(out, "PARTIAL: ") || !strings.Contains(out, missing) {
+			t.Fatalf("%v with echo-a frozen: exit %d, %q %q; want the figures marked PARTIAL naming echo-a, exit 1", args, code, out, errOut)
+		}
+	}
+
+	// The drain: the native workload stops at 1 s; echo-a's cannot while it is frozen.
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(nexctlBin(t), "--control-socket", n.socket, "lameduck", "--delay", "1s", "--wait")
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-exited })
+	select {
+	case err := <-exited:
+		exited <- err
+		t.Fatalf("lameduck --wait ended while echo-a's workload runs (%v)\nstdout: %s\nstderr: %s", err, stdout.String(), stderr.String())
+	case <-time.After(10 * time.Second):
+	}
+	if err := syscall.Kill(echo.PID, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		exited <- err
+		if err != nil || !strings.Contains(stdout.String(), "list partial ("+missing+"); waiting") || !strings.Contains(stdout.String(), "drained") {
+			t.Fatalf("lameduck --wait once echo-a answers: %v\nstdout: %s\nstderr: %s", err, stdout.String(), stderr.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("lameduck --wait did not end once echo-a answered\nstdout: %s\nstderr: %s", stdout.String(), stderr.String())
+	}
 }

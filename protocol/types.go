@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -325,6 +326,20 @@ type MissingNexlet struct {
 	// Maybe: one of several nexlets that do not name themselves in their replies
 	// (upstream's SDK), fewer of which answered than were asked; which is not known.
 	Maybe bool `json:"maybe,omitempty"`
+}
+
+// MissingText names missing nexlets for a message: "nexlet echo-a (AID): no answer
+// within 2s; nexlet …".
+func MissingText(missing []MissingNexlet) string {
+	var what []string
+	for _, m := range missing {
+		s := fmt.Sprintf("nexlet %s (%s): %s", m.Name, m.ID, m.Reason)
+		if m.Maybe {
+			s += " (perhaps: some of its type answered, which is not known)"
+		}
+		what = append(what, s)
+	}
+	return strings.Join(what, "; ")
 }
 
 // WorkloadResources is what a workload's cgroup says, read when the node answered.

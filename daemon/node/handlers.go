@@ -628,6 +628,13 @@ func (n *Node) handleWPing(r micro.Request) {
 
 // Workloads lists every workload on this node (for the local control socket).
 func (n *Node) Workloads(ctx context.Context) ([]protocol.WorkloadSummary, error) {
+	list, _, err := n.WorkloadList(ctx)
+	return list, err
+}
+
+// WorkloadList is Workloads with the nexlets whose workloads the list lacks: they did
+// not answer within the fan-out's wait (FanoutTimeout), or answered with an error.
+func (n *Node) WorkloadList(ctx context.Context) ([]protocol.WorkloadSummary, []protocol.MissingNexlet, error) {
 	connected := n.o.NC.IsConnected()
 	list, missing, err := n.queryWorkloads(ctx, protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace})
 	// Only a whole answer asked and received while connected throughout is kept: one
@@ -638,8 +645,11 @@ func (n *Node) Workloads(ctx context.Context) ([]protocol.WorkloadSummary, error
 		n.lastList, n.lastListAt = slices.Clone(list), time.Now()
 		n.mu.Unlock()
 	}
-	return list, err
+	return list, missing, err
 }
+
+// FanoutWait is how long the node waits for its nexlets' answers to a fan-out.
+func (n *Node) FanoutWait() time.Duration { return n.o.FanoutTimeout }
 
 // KnownWorkloads is Workloads for status and metrics: while the node's NATS
 // connection is down the nexlets cannot be asked (their workloads run on), so it
@@ -695,35 +705,63 @@ func (n *Node) StopAllWorkloads(ctx context.Context) error {
 // kill), and removes each from node state whatever the timing: whether the nexlet
 // stopped it first on its own lame duck timer, the node's stop did, or it was already
 // gone. A workload no nexlet confirmed stopping is removed too: the node is going away.
+// A partial list (a nexlet that did not answer) is asked again after the stops, which
+// may have waited for that nexlet, and its new rows stopped; a list still partial then
+// is one of the drain's errors, since workloads this node does not own may run on.
 func (n *Node) DrainWorkloads(ctx context.Context) error {
-	type target struct{ ns, typ string }
-	targets := map[string]target{}
+	targets := map[string]drainTarget{}
 	n.mu.Lock()
 	for id, o := range n.owned {
-		targets[id] = target{ns: protocol.SystemNamespace, typ: o.typ}
+		targets[id] = drainTarget{ns: protocol.SystemNamespace, typ: o.typ}
 	}
 	n.mu.Unlock()
-	list, listErr := n.Workloads(ctx)
-	for _, w := range list {
-		t := targets[w.ID]
-		t.ns = protocol.SystemNamespace
-		if w.Namespace != nil && *w.Namespace != "" {
-			t.ns = *w.Namespace
+	var errs []error
+	done := map[string]bool{}
+	for round := 0; ; round++ {
+		list, missing, listErr := n.WorkloadList(ctx)
+		for _, w := range list {
+			t := targets[w.ID]
+			t.ns = protocol.SystemNamespace
+			if w.Namespace != nil && *w.Namespace != "" {
+				t.ns = *w.Namespace
+			}
+			if t.typ == "" {
+				t.typ = w.WorkloadType
+			}
+			targets[w.ID] = t
 		}
-		if t.typ == "" {
-			t.typ = w.WorkloadType
+		errs = append(errs, n.drainStop(ctx, targets, done)...)
+		if listErr == nil && len(missing) > 0 {
+			if round == 0 {
+				continue
+			}
+			// Their workloads this node does not own are not among the targets.
+			listErr = errors.New("the list is partial; missing those of " + protocol.MissingText(missing))
 		}
-		targets[w.ID] = t
+		if listErr != nil {
+			errs = append(errs, fmt.Errorf("list workloads to drain: %w", listErr))
+		}
+		break
 	}
+	n.log.Info("lame duck drain done", "workloads", len(targets), "errors", len(errs))
+	return errors.Join(errs...)
+}
+
+// drainTarget is a workload DrainWorkloads stops.
+type drainTarget struct{ ns, typ string }
+
+// drainStop stops, all at once, each of targets not yet done, and marks it done.
+func (n *Node) drainStop(ctx context.Context, targets map[string]drainTarget, done map[string]bool) []error {
 	var (
 		mu   sync.Mutex
 		errs []error
 		wg   sync.WaitGroup
 	)
-	if listErr != nil {
-		errs = append(errs, fmt.Errorf("list workloads to drain: %w", listErr))
-	}
 	for id, t := range targets {
+		if done[id] {
+			continue
+		}
+		done[id] = true
 		wg.Go(func() {
 			resp, err := n.stopWorkload(ctx, t.ns, id)
 			if err == nil && !resp.Stopped && resp.Message != protocol.ErrTextWorkloadNotFound {
@@ -738,8 +776,7 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 		})
 	}
 	wg.Wait()
-	n.log.Info("lame duck drain done", "workloads", len(targets), "errors", len(errs))
-	return errors.Join(errs...)
+	return errs
 }
 
 // forget removes a workload that ended from the node state.

@@ -100,3 +100,20 @@ func TestPartialListTenantLearnsNoNexlets(t *testing.T) {
 		}
 	}
 }
+
+// TestDrainReportsPartialList: the end of lame duck mode on a node one of whose
+// nexlets does not answer its list stops what it can and says the drain is not whole
+// (the silent nexlet's workloads that the node does not own may run on), naming the
+// nexlet, in its error and its "lame duck drain done" count, which nexctl lameduck
+// --wait reads. Before, the drain ended without an error.
+func TestDrainReportsPartialList(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) { o.FanoutTimeout = 300 * time.Millisecond })
+	n := f.nodes[0]
+	f.healthyAgent(n, "AGENTNATIVE", "native", "native", nil)
+	silent := f.healthyAgent(n, "AGENTSILENT", "echo-a", "echo", nil)
+	silent.kill()
+	err := n.DrainWorkloads(t.Context())
+	if err == nil || !strings.Contains(err.Error(), "the list is partial; missing those of nexlet echo-a (AGENTSILENT)") {
+		t.Fatalf("drain with a silent nexlet: %v", err)
+	}
+}

@@ -44,7 +44,13 @@ type drainNode struct {
 	Killed   int
 	Gone     bool // the node stopped answering: it shut down
 	Done     bool
+	// Partial, when set, says which nexlets' workloads the node's last list lacked: a
+	// node is never counted drained on such a list (their workloads may run on).
+	Partial string
 }
+
+// drained is the outcome --wait reports: done, and not on a partial list.
+func (d *drainNode) drained() bool { return d.Done && d.Partial == "" }
 
 // drainView prints a drain: a bar per node redrawn in place on a terminal, a plain line
 // per change otherwise.
@@ -115,10 +121,14 @@ func shortID(id string) string {
 // status is a node's state in words.
 func (d *drainNode) status(now time.Time) string {
 	switch {
+	case d.Done && d.Gone && d.Partial != "":
+		return "node stopped; not known to be drained: its last list was partial (" + d.Partial + ")"
 	case d.Done && d.Gone:
 		return "drained; node stopped"
 	case d.Done:
 		return "drained"
+	case d.Partial != "" && !now.Before(d.Until):
+		return fmt.Sprintf("%d workload(s) listed, list partial (%s); waiting", d.Left, d.Partial)
 	case now.Before(d.Until):
 		return fmt.Sprintf("%d workload(s) left; they stop in %s", d.Left, d.Until.Sub(now).Round(time.Second))
 	}
@@ -157,7 +167,7 @@ func (v *drainView) render(nodes []*drainNode, now time.Time) string {
 	}
 	for _, n := range nodes {
 		// Plain mode says something when the count or the outcome changes, not each tick.
-		key := fmt.Sprint(n.Left, n.Done, n.Gone, n.Killed, !now.Before(n.Until))
+		key := fmt.Sprint(n.Left, n.Done, n.Gone, n.Killed, !now.Before(n.Until), n.Partial)
 		if v.last[n.ID] == key {
 			continue
 		}
@@ -252,6 +262,7 @@ func (a *app) watchDrain(ctx context.Context, f *fleet, nodes []*drainNode, owne
 	for {
 		now := time.Now()
 		all := true
+		var confirm []*drainNode
 		for _, n := range nodes {
 			if n.Done {
 				continue
@@ -280,7 +291,19 @@ func (a *app) watchDrain(ctx context.Context, f *fleet, nodes []*drainNode, owne
 					}
 				}
 			}
-			n.Done = n.Gone || (n.Left == 0 && !now.Before(n.Until))
+			if !n.Gone && n.Left == 0 && !now.Before(n.Until) {
+				confirm = append(confirm, n)
+			}
+		}
+		if len(confirm) > 0 {
+			// The nexlets' heartbeat counts say none are left: a listing confirms it,
+			// and a partial one (a nexlet that did not answer its node) is not drained.
+			a.confirmDrained(ctx, f, confirm)
+		}
+		for _, n := range nodes {
+			if !n.Done {
+				n.Done = n.Gone || (n.Left == 0 && !now.Before(n.Until) && n.Partial == "")
+			}
 			all = all && n.Done
 		}
 		if !a.json {
@@ -303,28 +326,54 @@ func (a *app) watchDrain(ctx context.Context, f *fleet, nodes []*drainNode, owne
 	}
 }
 
+// confirmDrained lists the workloads of nodes whose heartbeat counts reached 0: a node
+// whose answer is partial, or that still lists workloads, is not drained yet.
+func (a *app) confirmDrained(ctx context.Context, f *fleet, nodes []*drainNode) {
+	byNode, partial, err := f.workloadSummariesByNode(ctx, "")
+	if err != nil {
+		return // the next round asks again
+	}
+	for _, n := range nodes {
+		n.Partial = ""
+		if p := partial[n.ID]; p != nil {
+			n.Partial = protocol.MissingText(p.Missing)
+		}
+		n.Left = max(n.Left, len(byNode[n.ID]))
+	}
+}
+
 // watchLocalDrain follows the local node's drain over the control socket until its
 // workloads are gone after the deadline or nexd has stopped; kills are counted from
 // the native nexlet's "killing its group" log lines.
-func (a *app) watchLocalDrain(ctx context.Context, until time.Time) (killed int, err error) {
+// partial is the last list's partial marker when nexd stopped on one and did not log
+// its drain done without errors ("lame duck drain done", errors 0: every workload it
+// held or listed confirmed stopped, and a whole list; a partial list is one of its
+// errors) before it stopped.
+func (a *app) watchLocalDrain(ctx context.Context, until time.Time) (killed int, partial string, err error) {
 	c := a.client()
 	defer c.Close()
 	st, err := c.Status(ctx)
 	if err != nil {
-		return 0, err
+		return 0, "", err
 	}
 	n := &drainNode{ID: st.NodeID, Name: st.Name, Until: until, Start: -1}
 	fctx, cancel := context.WithCancel(ctx)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
+	drainOK := false // nexd logged its drain done without errors
+	followed := make(chan struct{})
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		defer close(followed)
 		_ = c.FollowLogs(fctx, control.LogQuery{Follow: true}, func(l control.LogLine) error {
-			if strings.Contains(l.Msg, "killing its group") {
-				mu.Lock()
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case strings.Contains(l.Msg, "killing its group"):
 				killed++
-				mu.Unlock()
+			case l.Msg == "lame duck drain done" && fmt.Sprint(l.Attrs["errors"]) == "0":
+				drainOK = true
 			}
 			return nil
 		})
@@ -337,18 +386,35 @@ func (a *app) watchLocalDrain(ctx context.Context, until time.Time) (killed int,
 		now := time.Now()
 		ws, err := c.Workloads(ctx)
 		var ae *control.APIError
+		var partial *control.PartialList
 		switch {
-		case err == nil:
-			n.Left = len(ws)
+		case err == nil || errors.As(err, &partial):
+			n.Left, n.Partial = len(ws), ""
+			if partial != nil {
+				n.Partial = protocol.MissingText(partial.Missing)
+			}
 			if n.Start < 0 {
 				n.Start = n.Left
 			}
 		case errors.As(err, &ae):
-			return 0, err
+			return 0, "", err
 		default:
 			n.Gone, n.Left = true, 0 // the socket is gone: nexd stopped
+			if n.Partial != "" {
+				// Its log feed ends with the socket: read to its end whether nexd
+				// confirmed the drain itself.
+				select {
+				case <-followed:
+				case <-time.After(2 * time.Second):
+				}
+				mu.Lock()
+				if drainOK {
+					n.Partial = ""
+				}
+				mu.Unlock()
+			}
 		}
-		n.Done = n.Gone || (n.Left == 0 && !now.Before(n.Until))
+		n.Done = n.Gone || (n.Left == 0 && !now.Before(n.Until) && n.Partial == "")
 		if !a.json {
 			view.show([]*drainNode{n}, now)
 		}
@@ -357,11 +423,11 @@ func (a *app) watchLocalDrain(ctx context.Context, until time.Time) (killed int,
 			wg.Wait()
 			mu.Lock()
 			defer mu.Unlock()
-			return killed, nil
+			return killed, n.Partial, nil
 		}
 		select {
 		case <-ctx.Done():
-			return 0, ctx.Err()
+			return 0, "", ctx.Err()
 		case <-t.C:
 		}
 	}

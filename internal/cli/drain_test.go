@@ -129,3 +129,64 @@ func TestLameduckWaitJSONKills(t *testing.T) {
 		t.Errorf("json error %v: %s", err, errOut)
 	}
 }
+
+// TestLameduckWaitPartialIsNotDrained: a draining node whose nexlets' counts reach 0
+// while its list is partial (a nexlet that does not answer the node: its workloads are
+// not in the counts) is not reported drained. --wait says the list is partial and keeps
+// waiting; when the nexlet answers again the node is drained (exit 0); when the node
+// stops while its list is still partial, --wait says it is not known to be drained and
+// exits 1 (--json: drained false). Before, the first count of 0 was "drained", exit 0.
+func TestLameduckWaitPartialIsNotDrained(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		end  func(n *fakeNode)
+		code int
+		want []string
+	}{
+		{"nexlet back", func(n *fakeNode) { n.setPartial(nil) }, 0, []string{"node npart (NPART): drained"}},
+		{"node stops", (*fakeNode).vanish, 1, []string{"node npart (NPART): node stopped; not known to be drained: its last list was partial"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s := testnats.Start(t, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(t, s)
+			def := "default"
+			n := newFakeNode(t, nc, "NPART", map[string]string{"zone": "p"})
+			n.drains, n.load = true, 1
+			n.workloads = []protocol.WorkloadSummary{{ID: "WP1", Name: "a", Namespace: &def, WorkloadType: "native"}}
+			n.partial = &protocol.PartialList{NodeName: "npart", Wait: "2s", MissingCount: 1,
+				Missing: []protocol.MissingNexlet{{ID: "AECHO", Name: "echo-a", Reason: "no answer within 2s"}}}
+			n.start()
+			ended := make(chan struct{})
+			go func() { // 1.5 s after the drain (the counts at 0), the end
+				defer close(ended)
+				for {
+					n.mu.Lock()
+					load := n.load
+					n.mu.Unlock()
+					if load == 0 {
+						break
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				time.Sleep(1500 * time.Millisecond)
+				tc.end(n)
+			}()
+			defer func() { <-ended }()
+			out, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "node", "lameduck", "NPART", "--delay", "300ms", "--wait")...)
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, out, errOut)
+			}
+			want := append([]string{"node npart (NPART): 0 workload(s) listed, list partial (nexlet echo-a (AECHO): no answer within 2s); waiting"}, tc.want...)
+			for _, w := range want {
+				if !strings.Contains(out, w) {
+					t.Errorf("no %q in\n%s", w, out)
+				}
+			}
+			if tc.code != 0 && !strings.Contains(errOut, "not known to be drained: their last list was partial") {
+				t.Errorf("stderr %q does not say why", errOut)
+			}
+		})
+	}
+}

@@ -38,6 +38,10 @@ type fakeNode struct {
 	// and its load drops to 0; its WPING replies name it (HeaderNode).
 	drains bool
 	kills  int
+	// partial, when set, goes on its WPING replies (Nex-Partial) while drains: a
+	// nexlet that does not answer the node, whose workloads the nexlets' counts miss.
+	partial *protocol.PartialList
+	subs    []*nats.Subscription
 
 	mu        sync.Mutex
 	deploys   []protocol.StartWorkloadRequest
@@ -89,7 +93,22 @@ func (n *fakeNode) sub(subject string, h nats.MsgHandler) {
 	if err != nil {
 		n.t.Fatal(err)
 	}
+	n.subs = append(n.subs, s)
 	n.t.Cleanup(func() { _ = s.Unsubscribe() })
+}
+
+// vanish plays the node shutting down: it answers nothing from now on.
+func (n *fakeNode) vanish() {
+	for _, s := range n.subs {
+		_ = s.Unsubscribe()
+	}
+}
+
+// setPartial changes what its WPING replies say in Nex-Partial (nil: whole).
+func (n *fakeNode) setPartial(p *protocol.PartialList) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.partial = p
 }
 
 // drain stops every workload as a lame duck nexd does at the end of its delay.
@@ -216,6 +235,10 @@ func (n *fakeNode) start() *fakeNode {
 		if n.drains {
 			r := nats.NewMsg(m.Reply)
 			r.Header.Set(protocol.HeaderNode, n.id)
+			if n.partial != nil {
+				b, _ := json.Marshal(n.partial)
+				r.Header.Set(protocol.HeaderPartial, string(b))
+			}
 			r.Data, _ = json.Marshal(out)
 			_ = m.RespondMsg(r)
 			return

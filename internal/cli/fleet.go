@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -372,20 +371,13 @@ type partialList struct {
 }
 
 func (e *partialList) Error() string {
-	var what []string
-	for _, m := range e.Missing {
-		s := fmt.Sprintf("nexlet %s (%s): %s", m.Name, m.ID, m.Reason)
-		if m.Maybe {
-			s += " (perhaps: some of its type answered, which is not known)"
-		}
-		what = append(what, s)
-	}
-	if len(what) == 0 {
+	what := protocol.MissingText(e.Missing)
+	if what == "" {
 		// Outside the system namespace the node says how many, not which.
-		what = append(what, fmt.Sprintf("%d of its nexlets (the node names them to the system namespace only)", max(1, e.MissingCount)))
+		what = fmt.Sprintf("%d of its nexlets (the node names them to the system namespace only)", max(1, e.MissingCount))
 	}
 	return fmt.Sprintf("node %s (%s) listed only part of its workloads; missing those of %s",
-		orDash(e.NodeName), orDash(e.node), strings.Join(what, "; "))
+		orDash(e.NodeName), orDash(e.node), what)
 }
 
 // listWait bounds how long nexctl waits for a nexd node that acknowledged a WPING

@@ -161,20 +161,23 @@ func (a *app) lameduckCmd() *cobra.Command {
 			if !a.json {
 				fmt.Fprintf(a.out(), "Node is in lame duck mode. Workloads will stop at %s\n", res.Until.Format(time.RFC3339))
 			}
-			killed := 0
+			killed, partial := 0, ""
 			if wait {
-				if killed, err = a.watchLocalDrain(cmd.Context(), res.Until); err != nil {
+				if killed, partial, err = a.watchLocalDrain(cmd.Context(), res.Until); err != nil {
 					return err
 				}
 			}
 			if a.json {
 				out := map[string]any{"until": res.Until}
 				if wait {
-					out["drained"], out["killed"] = true, killed
+					out["drained"], out["killed"] = partial == "", killed
 				}
 				if err := a.printJSON(out); err != nil {
 					return err
 				}
+			}
+			if partial != "" {
+				return exitError{ExitFailed, fmt.Errorf("nexd stopped, but its last list was partial (%s): their workloads may still run", partial)}
 			}
 			if killed > 0 {
 				return exitError{ExitFailed, fmt.Errorf("%d workload(s) ignored SIGTERM and were killed at the end of their stop grace", killed)}
@@ -268,13 +271,25 @@ func (a *app) workloadsCmd() *cobra.Command {
 			c := a.client()
 			defer c.Close()
 			ws, err := c.Workloads(cmd.Context())
-			if err != nil {
+			var partial *control.PartialList
+			if errors.As(err, &partial) {
+				a.warnf("%v", partial)
+			} else if err != nil {
 				return err
 			}
 			if a.json {
-				return a.printJSON(ws)
+				if ws == nil {
+					ws = []control.Workload{}
+				}
+				err = a.printJSON(ws)
+			} else {
+				err = renderLocalWorkloads(a.out(), ws, time.Now())
 			}
-			return renderLocalWorkloads(a.out(), ws, time.Now())
+			if err == nil && partial != nil {
+				// The rows above are all that came, as for workload list.
+				return exitError{ExitFailed, errors.New("the list is partial: some nexlets' workloads are missing (see the warning)")}
+			}
+			return err
 		},
 	}
 }

@@ -260,7 +260,7 @@ of --delay, which should leave time for the migration.`,
 			if migrate {
 				migrateFailed = a.migrateServices(cmd.Context(), f, drain)
 			}
-			killed := 0
+			killed, partial := 0, 0
 			if wait && len(drain) > 0 {
 				if err := a.watchDrain(cmd.Context(), f, drain, owners, a.out()); err != nil {
 					return err
@@ -268,10 +268,14 @@ of --delay, which should leave time for the migration.`,
 				for _, d := range drain {
 					for i := range results {
 						if results[i].NodeID == d.ID {
-							results[i].Drained, results[i].Killed = d.Done, d.Killed
+							results[i].Drained, results[i].Killed = d.drained(), d.Killed
 						}
 					}
 					killed += d.Killed
+					if d.Partial != "" {
+						partial++
+						fmt.Fprintf(a.io.Stderr, "nexctl: node %s stopped on a partial list: missing those of %s; their workloads may still run\n", d.label(), d.Partial)
+					}
 				}
 			}
 			if a.json {
@@ -288,6 +292,9 @@ of --delay, which should leave time for the migration.`,
 			}
 			if killed > 0 {
 				return exitError{ExitFailed, fmt.Errorf("%d workload(s) ignored SIGTERM and were killed at the end of their stop grace", killed)}
+			}
+			if partial > 0 {
+				return exitError{ExitFailed, fmt.Errorf("%d node(s) not known to be drained: their last list was partial", partial)}
 			}
 			if migrateFailed > 0 {
 				return exitError{ExitFailed, fmt.Errorf("%d service(s) could not be migrated (a nexlet whose services its node could not list counts as one)", migrateFailed)}

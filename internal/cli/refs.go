@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"sort"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -230,7 +232,7 @@ func (a *app) completeLocalWorkloads(cmd *cobra.Command, _ []string, toComplete 
 	c := a.client()
 	defer c.Close()
 	ws, err := c.Workloads(ctx)
-	if err != nil {
+	if p := (*control.PartialList)(nil); err != nil && !errors.As(err, &p) {
 		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
 	var out []cobra.Completion

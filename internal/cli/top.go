@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"sort"
@@ -96,7 +97,8 @@ func remoteTopRows(prev, cur []protocol.WorkloadSummary, dt time.Duration, now t
 }
 
 // renderTop prints rows sorted by key as an aligned plain table (no escape codes).
-func renderTop(w io.Writer, title string, rows []topRow, key string) error {
+// partial, when set, says which workloads the figures lack (a partial list).
+func renderTop(w io.Writer, title string, rows []topRow, key, partial string) error {
 	less := topSorts[key]
 	sort.SliceStable(rows, func(i, j int) bool {
 		if less(rows[i], rows[j]) != less(rows[j], rows[i]) {
@@ -106,6 +108,9 @@ func renderTop(w io.Writer, title string, rows []topRow, key string) error {
 	})
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s — %d workload(s), sorted by %s\n", title, len(rows), key)
+	if partial != "" {
+		fmt.Fprintf(&b, "PARTIAL: %s; their workloads are not in the figures\n", partial)
+	}
 	fmt.Fprintf(&b, "%-24s %-16s %-10s %-9s %6s %21s %8s %12s\n", "ID", "NAME", "NAMESPACE", "STATE", "CPU%", "MEMORY / LIMIT", "RESTARTS", "UPTIME")
 	for _, r := range rows {
 		cpu := "-"
@@ -164,7 +169,8 @@ not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 			}
 			defer closeSource()
 			ctx := cmd.Context()
-			prev, prevAt, err := sample(ctx, nil, 0)
+			partials := 0
+			prev, _, prevAt, err := sample(ctx, nil, 0)
 			if err != nil {
 				return err
 			}
@@ -175,11 +181,17 @@ not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 				case <-time.After(interval):
 				}
 				now := time.Now()
-				rows, at, err := sample(ctx, prev, now.Sub(prevAt))
+				rows, partial, at, err := sample(ctx, prev, now.Sub(prevAt))
 				if err != nil {
 					return err
 				}
+				if partial != "" {
+					partials++
+				}
 				if a.json {
+					if partial != "" {
+						a.warnf("%s", partial)
+					}
 					if err := a.printJSON(rows); err != nil {
 						return err
 					}
@@ -187,11 +199,14 @@ not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 					if tty {
 						fmt.Fprint(a.out(), "\x1b[H\x1b[2J")
 					}
-					if err := renderTop(a.out(), title, rows, sortKey); err != nil {
+					if err := renderTop(a.out(), title, rows, sortKey, partial); err != nil {
 						return err
 					}
 				}
 				prev, prevAt = rows, at
+			}
+			if partials > 0 {
+				return exitError{ExitFailed, fmt.Errorf("%d of %d snapshot(s) were partial: some nexlets' workloads are missing from them", partials, iterations)}
 			}
 			return nil
 		},
@@ -206,8 +221,9 @@ not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 	return cmd
 }
 
-// topSampler takes one sample; prev and dt (since prev) give CPU rates.
-type topSampler func(ctx context.Context, prev []topRow, dt time.Duration) ([]topRow, time.Time, error)
+// topSampler takes one sample; prev and dt (since prev) give CPU rates. partial says
+// which nexlets' workloads the sample lacks ("" when it is whole).
+type topSampler func(ctx context.Context, prev []topRow, dt time.Duration) (rows []topRow, partial string, at time.Time, err error)
 
 // topSource picks the local control socket or, with --node, the fleet; close releases
 // what it opened.
@@ -220,15 +236,18 @@ func (a *app) topSource(ctx context.Context, node string) (sample topSampler, ti
 			return nil, "", nil, err
 		}
 		var last []control.Workload
-		return func(ctx context.Context, _ []topRow, dt time.Duration) ([]topRow, time.Time, error) {
+		return func(ctx context.Context, _ []topRow, dt time.Duration) ([]topRow, string, time.Time, error) {
 			ws, err := c.Workloads(ctx)
 			now := time.Now()
-			if err != nil {
-				return nil, now, err
+			partial := ""
+			if p := (*control.PartialList)(nil); errors.As(err, &p) {
+				partial = "the node could not list those of " + protocol.MissingText(p.Missing)
+			} else if err != nil {
+				return nil, "", now, err
 			}
 			rows := localTopRows(last, ws, dt, now)
 			last = ws
-			return rows, now, nil
+			return rows, partial, now, nil
 		}, fmt.Sprintf("%s (%s)", st.Name, shortID(st.NodeID)), c.Close, nil
 	}
 	f, done, err := a.connectFleet(ctx)
@@ -241,14 +260,18 @@ func (a *app) topSource(ctx context.Context, node string) (sample topSampler, ti
 		return nil, "", nil, err
 	}
 	var last []protocol.WorkloadSummary
-	return func(ctx context.Context, _ []topRow, dt time.Duration) ([]topRow, time.Time, error) {
+	return func(ctx context.Context, _ []topRow, dt time.Duration) ([]topRow, string, time.Time, error) {
 		now := time.Now()
-		byNode, _, err := f.workloadSummariesByNode(ctx, id)
+		byNode, partial, err := f.workloadSummariesByNode(ctx, id)
 		if err != nil {
-			return nil, now, err
+			return nil, "", now, err
 		}
 		rows := remoteTopRows(last, byNode[id], dt, now)
 		last = byNode[id]
-		return rows, now, nil
+		what := ""
+		if p := partial[id]; p != nil {
+			what = p.Error()
+		}
+		return rows, what, now, nil
 	}, "node " + shortID(id), done, nil
 }

@@ -26,13 +26,13 @@ func TestTopPlainGolden(t *testing.T) {
 	rows := localTopRows(prev, cur, time.Second, now)
 	var b bytes.Buffer
 	for _, key := range []string{"cpu", "mem", "name", "restarts"} {
-		if err := renderTop(&b, "lab-node (NABCDEF)", append([]topRow(nil), rows...), key); err != nil {
+		if err := renderTop(&b, "lab-node (NABCDEF)", append([]topRow(nil), rows...), key, ""); err != nil {
 			t.Fatal(err)
 		}
 	}
 	remote := remoteTopRows(nil, []protocol.WorkloadSummary{{ID: "W9", Name: "far", WorkloadState: "running",
 		StartTime: now.Add(-time.Hour).Format(time.RFC3339), Metadata: map[string]string{"restarts": "1"}}}, 0, now)
-	if err := renderTop(&b, "node NREMOTE", remote, "cpu"); err != nil {
+	if err := renderTop(&b, "node NREMOTE", remote, "cpu", ""); err != nil {
 		t.Fatal(err)
 	}
 	if strings.Contains(b.String(), "\x1b") {
@@ -64,9 +64,15 @@ func TestTopNodePlainGolden(t *testing.T) {
 	}
 	var b bytes.Buffer
 	for _, key := range []string{"cpu", "mem"} {
-		if err := renderTop(&b, "node NREMOTE12345", remoteTopRows(prev, cur, time.Second, now), key); err != nil {
+		if err := renderTop(&b, "node NREMOTE12345", remoteTopRows(prev, cur, time.Second, now), key, ""); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// A partial listing says so under the title: the figures lack a nexlet's workloads.
+	p := &partialList{node: "NREMOTE12345", PartialList: protocol.PartialList{NodeName: "lab", Wait: "2s", MissingCount: 1,
+		Missing: []protocol.MissingNexlet{{ID: "AECHO", Name: "echo-a", Reason: "no answer within 2s"}}}}
+	if err := renderTop(&b, "node NREMOTE12345", remoteTopRows(prev, cur, time.Second, now), "cpu", p.Error()); err != nil {
+		t.Fatal(err)
 	}
 	golden(t, "top_node_plain", b.Bytes())
 }
