@@ -187,29 +187,41 @@ func endedOnce(t *testing.T, stopped *nats.Subscription, id string) protocol.Wor
 }
 
 // TestNexletKillDuringRestartBackoff: a job whose run failed waits out its restart
-// backoff (30 s) when its nexlet is killed (-9). The next nexlet makes the restart its
-// policy allows, at once, counting it: a budget of one restart means two runs in all,
-// one process at a time, and one end reported, with the limit reached. Before, the
-// restart died with the nexlet: the next one found no process, no exit record (the
+// backoff (10 s) when its nexlet is killed (-9). The next nexlet makes the restart its
+// policy allows, counting it, once the rest of the backoff is over, measured from the
+// recorded end: a budget of one restart means two runs in all, one process at a time,
+// and one end reported, with the limit reached; the restart runs no sooner than 10 s
+// after the first run was let go (its end came after that), nor long after. Before,
+// the restart died with the nexlet: the next one found no process, no exit record (the
 // dead nexlet had reaped it) and no record of the restart, and reported the job lost
-// (exit code -1) after one run.
+// (exit code -1) after one run; then it was made at once, 0.5 s after the end
+// (the backoff's remainder not waited out).
 func TestNexletKillDuringRestartBackoff(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	n, stopped, c := firstRunFailed(t, "job", `{"policy": "on-failure", "max": 1, "backoff": "30s"}`)
+	const backoff = 10 * time.Second
+	n, stopped, c := firstRunFailed(t, "job", `{"policy": "on-failure", "max": 1, "backoff": "10s"}`)
+	released := time.Now() // a moment after the release, before the end
 	testkit.EventuallyWithin(t, 60*time.Second, "the job waits out its restart's backoff", func() bool {
 		w, ok := c.listed(t, n)
 		return ok && w.State == string(protocol.WorkloadStarting) && w.Restarts == 1 && len(c.mains()) == 0
 	})
 	killNexlet(t, n, nil)
+	var restarted time.Time
 	testkit.EventuallyWithin(t, 60*time.Second, "the restart run by the next nexlet", func() bool {
 		if m, err := stopped.NextMsg(10 * time.Millisecond); err == nil {
 			t.Fatalf("the job ended before its restart ran (%d runs): %s", c.runs(), m.Data)
 		}
+		restarted = time.Now()
 		return c.runs() == 2
 	})
+	if after := restarted.Sub(released); after < backoff-time.Second {
+		t.Errorf("the restart ran %s after the first run was let go, before its %s backoff was over", after.Round(time.Millisecond), backoff)
+	} else if after > backoff+20*time.Second {
+		t.Errorf("the restart ran %s after the first run was let go: its %s backoff was waited out again after the kill", after.Round(time.Millisecond), backoff)
+	}
 	if m := c.mains(); len(m) != 1 {
 		t.Errorf("the restart runs as %d processes %v, want 1", len(m), m)
 	}

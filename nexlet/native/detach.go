@@ -1,6 +1,11 @@
 package native
 
-import "github.com/nexd-project/nexd/protocol"
+import (
+	"time"
+
+	"github.com/nexd-project/nexd/internal/procid"
+	"github.com/nexd-project/nexd/protocol"
+)
 
 // A detaching nexlet (Detach: nexd hands its workloads to a new nexlet) still reaps
 // the workload processes that end until it exits, and it alone then knows their exit
@@ -98,7 +103,7 @@ func (n *Nexlet) detachedExit(w *workload, p *proc) {
 	n.mu.Unlock()
 	if w.restartsAfter(p) && !stopping {
 		if due {
-			n.detachedRestart(w, p, next)
+			n.detachedRestart(w, p, restartDue{restarts: next, last: procid.Exit{Code: p.code, Reason: p.reason}, end: time.Now(), backoff: w.plan.backoff})
 			n.dropExitAhead(p)
 			return
 		}
@@ -120,10 +125,10 @@ func (n *Nexlet) recordDetachedEnd(w *workload, code int, reason string) {
 // (endedMeanwhile), a job included. Before, a job waiting out its backoff at a detach
 // was reported with its exit code and never restarted, and a service's restarts began
 // afresh (TestRestartDueAtDetach).
-func (n *Nexlet) detachedRestart(w *workload, p *proc, restarts int) {
+func (n *Nexlet) detachedRestart(w *workload, p *proc, d restartDue) {
 	n.log.Info("workload due to restart when the nexlet detached; left for the next nexlet", "workload_id", w.id,
-		"restarts", restarts, "code", p.code, "reason", p.reason)
-	n.writeRestartDue(w.id, restarts, p.code, p.reason)
+		"restarts", d.restarts, "code", p.code, "reason", p.reason)
+	n.writeRestartDue(w.id, d)
 }
 
 // exitedNow says whether p has exited, without waiting.

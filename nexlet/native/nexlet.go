@@ -440,8 +440,10 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	if n.afterBegin != nil {
 		n.afterBegin(id, p)
 	}
-	n.setState(w, protocol.WorkloadRunning)
-	if adopted {
+	if p.due == nil {
+		n.setState(w, protocol.WorkloadRunning)
+	}
+	if adopted && p.due == nil {
 		n.log.Info("adopted live workload", "workload_id", id, "namespace", w.ns, "pid", p.pid)
 	}
 	n.startRenewal(w)

@@ -22,14 +22,15 @@ import (
 //	stderr  named FIFO: its standard error
 //	exit    "<code> <reason>" once it ended on its own (a tombstone: a replay after a
 //	        nexlet crash must report it, never start it again)
-//	restart "<restarts> <code> run=<pid>-<start time> <reason>" once its process ended
-//	        and its restart policy starts it again, written before the backoff: restart
-//	        <restarts> of its budget is due after the run the pid record named then
-//	        (the last run's code and reason, for the log). It is due while the pid
+//	restart "<restarts> <code> run=<pid>-<start time> end=<unix ms> backoff=<ms> <reason>"
+//	        once its process ended and its restart policy starts it again, written
+//	        before the backoff: restart <restarts> of its budget is due backoff after
+//	        end (so a next nexlet waits only the rest) after the run the pid record
+//	        named then (the last run's code and reason, for the log). It is due while the pid
 //	        record still names that run (a relaunch writes a new one), so a nexlet
 //	        that dies at any moment of the backoff or the relaunch leaves the next one
 //	        either a due restart or a launched run, never both (an older nexlet's
-//	        record without run= was written at a detach: due)
+//	        record without run= was written at a detach: due; one without end=, at once)
 //	restarts "<restarts>": the restart number of the newest launch, written before
 //	        its fork (none: 0), so that the next nexlet goes on counting against
 //	        the budget rather than from zero
@@ -103,10 +104,34 @@ func (n *Nexlet) runOf(id string) string {
 	return "-"
 }
 
-// writeRestartDue records that restart number restarts of a workload is due by its
-// restart policy after the run the pid record names now ended with code and reason.
-func (n *Nexlet) writeRestartDue(id string, restarts, code int, reason string) {
-	text := strconv.Itoa(restarts) + " " + strconv.Itoa(code) + " run=" + n.runOf(id) + " " + reason
+// restartDue is a workload's due restart record: restart number restarts of its budget,
+// after the run that ended as last. end and backoff (zero in an older nexlet's record:
+// due at once) say when: backoff after end, measured from the recorded end, so a
+// nexlet killed during the backoff leaves the next one only the rest to wait
+// (TestBackoffRemainderAfterNexletKill).
+type restartDue struct {
+	restarts int
+	last     procid.Exit
+	end      time.Time
+	backoff  time.Duration
+}
+
+// left is how much of the backoff is still to wait.
+func (d restartDue) left() time.Duration {
+	if d.end.IsZero() {
+		return 0
+	}
+	return max(0, time.Until(d.end.Add(d.backoff)))
+}
+
+// writeRestartDue records that restart d.restarts of a workload is due by its restart
+// policy after the run the pid record names now ended as d.last, d.backoff after d.end.
+func (n *Nexlet) writeRestartDue(id string, d restartDue) {
+	text := strconv.Itoa(d.restarts) + " " + strconv.Itoa(d.last.Code) + " run=" + n.runOf(id)
+	if !d.end.IsZero() {
+		text += " end=" + strconv.FormatInt(d.end.UnixMilli(), 10) + " backoff=" + strconv.FormatInt(d.backoff.Milliseconds(), 10)
+	}
+	text += " " + d.last.Reason
 	if err := writeAtomic(filepath.Join(n.recordDir(id), "restart"), text); err != nil {
 		n.log.Warn("cannot record a workload's due restart; the next nexlet does not know it", "workload_id", id, "err", err)
 	}
@@ -121,31 +146,43 @@ func (n *Nexlet) clearRestartDue(id string) {
 
 // readRestartDue returns the restart left due, if any: one whose run the pid record
 // still names (no relaunch was made after it; ok is false once one was).
-func (n *Nexlet) readRestartDue(id string) (restarts int, last procid.Exit, ok bool) {
+func (n *Nexlet) readRestartDue(id string) (restartDue, bool) {
 	b, err := os.ReadFile(filepath.Join(n.recordDir(id), "restart"))
 	if err != nil {
-		return 0, procid.Exit{}, false
+		return restartDue{}, false
 	}
 	f := strings.SplitN(string(b), " ", 3)
 	if len(f) < 2 {
-		return 0, procid.Exit{}, false
+		return restartDue{}, false
 	}
 	restarts, err1 := strconv.Atoi(f[0])
 	code, err2 := strconv.Atoi(f[1])
 	if err1 != nil || err2 != nil {
-		return 0, procid.Exit{}, false
+		return restartDue{}, false
 	}
-	last = procid.Exit{Code: code}
+	d := restartDue{restarts: restarts, last: procid.Exit{Code: code}}
 	if len(f) == 3 {
-		last.Reason = f[2]
+		d.last.Reason = f[2]
 		if run, ok := strings.CutPrefix(f[2], "run="); ok {
-			run, last.Reason, _ = strings.Cut(run, " ")
+			run, d.last.Reason, _ = strings.Cut(run, " ")
 			if run != n.runOf(id) {
-				return 0, procid.Exit{}, false // relaunched since
+				return restartDue{}, false // relaunched since
+			}
+			if v, ok := strings.CutPrefix(d.last.Reason, "end="); ok {
+				var end, backoff string
+				end, d.last.Reason, _ = strings.Cut(v, " ")
+				if v, ok := strings.CutPrefix(d.last.Reason, "backoff="); ok {
+					backoff, d.last.Reason, _ = strings.Cut(v, " ")
+				}
+				e, err1 := strconv.ParseInt(end, 10, 64)
+				b, err2 := strconv.ParseInt(backoff, 10, 64)
+				if err1 == nil && err2 == nil {
+					d.end, d.backoff = time.UnixMilli(e), time.Duration(b)*time.Millisecond
+				}
 			}
 		}
 	}
-	return restarts, last, true
+	return d, true
 }
 
 // writeRestarts records the restart number of a launch about to be made.

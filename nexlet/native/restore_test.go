@@ -137,7 +137,7 @@ func TestRestartDueAtDetach(t *testing.T) {
 	fn := newFakeNode(t)
 	runtime := t.TempDir()
 	first := fn.startNexlet(Config{RuntimeDir: runtime})
-	req, runs := fn.startFailingJob("retry", "30s")
+	req, runs := fn.startFailingJob("retry", "3s")
 	testkit.Eventually(t, "the job's first run failed and its restart waits out the backoff", func() bool {
 		s, ok := fn.summary("retry")
 		return ok && s.WorkloadState == protocol.WorkloadStarting && s.Metadata["restarts"] == "1"
@@ -161,7 +161,7 @@ func TestKillInReplayedRestartBeforeLaunch(t *testing.T) {
 	cfg := Config{RuntimeDir: t.TempDir()}
 	first := fn.startNexlet(cfg)
 	const id = "prep"
-	req, runs := fn.startFailingJob(id, "30s")
+	req, runs := fn.startFailingJob(id, "3s")
 	testkit.Eventually(t, "the job's first run failed and its restart waits out the backoff", func() bool {
 		s, ok := fn.summary(id)
 		return ok && s.WorkloadState == protocol.WorkloadStarting && s.Metadata["restarts"] == "1"
@@ -481,13 +481,14 @@ func (fn *fakeNode) endedOnce(id string) *protocol.WorkloadStoppedEvent {
 // record names the run whose end it follows, so a nexlet killed after the relaunch
 // wrote its pid record (and before anything else) leaves a run, not a restart due as
 // well: the next nexlet never starts that restart a second time. A record without the
-// run (an older nexlet's, written at a detach) is due. The restarts of the newest
-// launch are read back as written (none: 0).
+// run (an older nexlet's, written at a detach) is due, at once. The end and backoff
+// read back (what is left of the backoff, measured from the end). The restarts of the
+// newest launch are read back as written (none: 0).
 func TestDueRestartFollowsThePidRecord(t *testing.T) {
 	// Records only: no nexlet runs on them (one would sweep a record it does not hold).
 	n := &Nexlet{cfg: Config{RuntimeDir: t.TempDir()}, log: slog.New(slog.NewTextHandler(testWriter{t}, nil))}
 	const id = "due"
-	if _, _, ok := n.readRestartDue(id); ok {
+	if _, ok := n.readRestartDue(id); ok {
 		t.Fatal("a restart due without any record")
 	}
 	if r := n.readRestarts(id); r != 0 {
@@ -497,17 +498,21 @@ func TestDueRestartFollowsThePidRecord(t *testing.T) {
 	if err := n.writePID(id, ended); err != nil {
 		t.Fatal(err)
 	}
-	n.writeRestartDue(id, 2, 3, "exited with code 3")
-	restarts, last, ok := n.readRestartDue(id)
-	if !ok || restarts != 2 || last.Code != 3 || last.Reason != "exited with code 3" {
-		t.Fatalf("due restart = %d %+v %v, want 2, code 3, its reason", restarts, last, ok)
+	end := time.Now().Add(-10 * time.Second).Truncate(time.Millisecond)
+	n.writeRestartDue(id, restartDue{restarts: 2, last: procid.Exit{Code: 3, Reason: "exited with code 3"}, end: end, backoff: 30 * time.Second})
+	d, ok := n.readRestartDue(id)
+	if !ok || d.restarts != 2 || d.last.Code != 3 || d.last.Reason != "exited with code 3" || !d.end.Equal(end) || d.backoff != 30*time.Second {
+		t.Fatalf("due restart = %+v %v, want 2, code 3, its reason, its end and 30s", d, ok)
+	}
+	if left := d.left(); left <= 15*time.Second || left > 20*time.Second {
+		t.Errorf("backoff left %s, want 20s less the moments since", left)
 	}
 	n.writeRestarts(id, 2)
 	if err := n.writePID(id, relaunched); err != nil {
 		t.Fatal(err)
 	}
-	if restarts, _, ok := n.readRestartDue(id); ok {
-		t.Errorf("restart %d still due once the relaunch's pid was recorded", restarts)
+	if d, ok := n.readRestartDue(id); ok {
+		t.Errorf("restart %d still due once the relaunch's pid was recorded", d.restarts)
 	}
 	if r := n.readRestarts(id); r != 2 {
 		t.Errorf("restarts of the relaunch = %d, want 2", r)
@@ -515,8 +520,8 @@ func TestDueRestartFollowsThePidRecord(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(n.recordDir(id), "restart"), []byte("1 3 exited with code 3"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if restarts, last, ok := n.readRestartDue(id); !ok || restarts != 1 || last.Reason != "exited with code 3" {
-		t.Errorf("an older nexlet's record = %d %+v %v, want restart 1 due", restarts, last, ok)
+	if d, ok := n.readRestartDue(id); !ok || d.restarts != 1 || d.last.Reason != "exited with code 3" || d.left() != 0 {
+		t.Errorf("an older nexlet's record = %+v %v, want restart 1 due at once", d, ok)
 	}
 }
 
@@ -583,7 +588,7 @@ func TestLeftoversDoNotHoldOffADueRestart(t *testing.T) {
 	// The first run leaves a sleep behind (its pid in left); the restart fails at once.
 	req := startReq(protocol.LifecycleJob, id, map[string]any{
 		"uri":     script(t, `echo run >> `+runs+`; if [ "$(wc -l < `+runs+`)" -eq 1 ]; then sleep 600 & echo $! > `+left+`; fi; exit 3`),
-		"restart": map[string]any{"policy": "on-failure", "max": 1, "backoff": "30s"}}, fn.creds())
+		"restart": map[string]any{"policy": "on-failure", "max": 1, "backoff": "3s"}}, fn.creds())
 	fn.mustStart(id, req)
 	select {
 	case <-recorded:

@@ -43,6 +43,9 @@ type workload struct {
 	output       outputLimit      // its stdout and stderr lines per second
 	ready        *readyRecord     // its record directory, made ahead, for its first launch
 	steps        *steps.Timer     // its start's steps (debug logging only)
+	// replayDue: the restart a replay owes it (endedMeanwhile), for begin to make
+	// once the rest of its backoff is over.
+	replayDue *restartDue
 	// emptied: its last end found its sandbox empty (terminate, supervise), so the removal
 	// of what it left behind need not list the sandbox's processes again: nothing
 	// joins an emptied group. Set and read by its supervisor and then its tidy.
@@ -126,6 +129,9 @@ type proc struct {
 	// written (dropExitAhead). ahead is set before exited is closed.
 	rec   procid.ID
 	ahead bool
+	// due: a replayed restart whose backoff is not over yet (begin): p stands for the
+	// run it follows, and its supervisor makes the restart once the rest is waited.
+	due *restartDue
 }
 
 // ended is a proc for a workload found finished on replay.
@@ -179,7 +185,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	prev, known := readIdent(w.dir)
 	if existing {
 		procs, err := sb.procs()
-		if _, _, due := n.readRestartDue(w.id); due && err == nil && len(procs) > 0 {
+		if _, due := n.readRestartDue(w.id); due && err == nil && len(procs) > 0 {
 			// A restart is due after the run the pid record names, so that run ended:
 			// what is left in its sandbox are its leftovers, which its nexlet died
 			// before killing. They go below, before the restart (adopted, they held
@@ -305,6 +311,17 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	w.steps.Step("files") // credentials file, artifact, access checks, digest
 	if !restarting {
 		w.ready = n.records.take(n.recordDir(w.id)) // removed above: free for the rename
+	} else if d := w.replayDue; d != nil && d.left() > 0 {
+		// The rest of its backoff first, measured from the recorded end: its
+		// supervisor waits it out and makes the restart, as for an end it saw.
+		// Before, a nexlet killed during a backoff had the next one restart at once
+		// (TestBackoffRemainderAfterNexletKill).
+		n.mu.Lock()
+		w.restarts = d.restarts - 1 // the end's handling counts it again
+		n.mu.Unlock()
+		p := &proc{started: time.Now(), exited: make(chan struct{}), code: d.last.Code, reason: d.last.Reason, due: d}
+		close(p.exited)
+		return p, true, nil
 	}
 	p, err := n.launch(w)
 	if w.ready != nil { // launch failed before it took them
@@ -671,19 +688,21 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 		n.removeRunExit(w.id) // TestTombstoneReplayRemovesExitRecord
 		return ended(ex.Code, ex.Reason)
 	}
-	if restarts, last, ok := n.readRestartDue(w.id); ok {
+	if d, ok := n.readRestartDue(w.id); ok {
 		// Its last nexlet detached or died while its policy was about to start it
 		// again: this nexlet does, counting the restarts it used (TestRestartDueAtDetach,
-		// TestNexletKillDuringRestartBackoff).
+		// TestNexletKillDuringRestartBackoff), once the rest of its backoff is over.
 		n.log.Info("replayed workload was due to restart when its nexlet let go; starting it again",
-			"workload_id", w.id, "restarts", restarts, "max_restarts", w.plan.maxRestarts, "exit_code", last.Code, "reason", last.Reason)
+			"workload_id", w.id, "restarts", d.restarts, "max_restarts", w.plan.maxRestarts, "exit_code", d.last.Code,
+			"reason", d.last.Reason, "backoff_left", d.left().Round(time.Millisecond).String())
 		// Written again naming its run: begin keeps it until the launch, and an older
 		// nexlet's record without the run would stay due after that launch too.
-		n.writeRestartDue(w.id, restarts, last.Code, last.Reason)
+		n.writeRestartDue(w.id, d)
 		n.removeRunExit(w.id)
 		n.mu.Lock()
-		w.restarts = restarts
+		w.restarts = d.restarts
 		n.mu.Unlock()
+		w.replayDue = &d
 		return nil
 	}
 	used := n.readRestarts(w.id) // carried: its budget goes on (TestRestartCountSurvivesNexletKill)
@@ -728,12 +747,15 @@ func (n *Nexlet) endedMeanwhile(w *workload) *proc {
 		}
 		n.log.Info("replayed workload had ended while no nexlet watched; its policy starts it again", "workload_id", w.id,
 			"restarts", used+1, "max_restarts", w.plan.maxRestarts, "exit_code", code, "reason", ex.Reason)
-		// Due from here on, as a restart its nexlet saw: a nexlet killed before the
-		// launch leaves the next one this restart (begin keeps the records).
-		n.writeRestartDue(w.id, used+1, code, ex.Reason)
+		// Due from here on, as a restart its nexlet saw, its backoff after the end
+		// nexd recorded: a nexlet killed before the launch leaves the next one this
+		// restart (begin keeps the records).
+		d := restartDue{restarts: used + 1, last: procid.Exit{Code: code, Reason: ex.Reason}, end: end, backoff: w.plan.backoff}
+		n.writeRestartDue(w.id, d)
 		n.mu.Lock()
 		w.restarts = used + 1
 		n.mu.Unlock()
+		w.replayDue = &d
 		return nil
 	}
 	// Its policy does not start it again (never; on-failure after a clean exit): it
@@ -762,10 +784,11 @@ const relaunchBound = 10 * 100
 // made. Before, the next nexlet made that restart a second time: a run too many and
 // its restarts counted one short (TestRelaunchForkedBeforePidRecord).
 func (n *Nexlet) bindForkedRelaunch(w *workload) {
-	restarts, _, due := n.readRestartDue(w.id)
+	d, due := n.readRestartDue(w.id)
 	if !due {
 		return
 	}
+	restarts := d.restarts
 	l, ok := n.readLaunch(w.id)
 	if !ok || l.restarts != restarts || l.run != n.runOf(w.id) {
 		return
@@ -982,6 +1005,11 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 	if restart && ranHealthy(p) {
 		*backoff = w.plan.backoff
 	}
+	end := time.Now()
+	if p.due != nil {
+		// A replayed restart: its backoff as recorded, after the recorded end.
+		end, *backoff = p.due.end, p.due.backoff
+	}
 	var next int
 	var due bool
 	if restart {
@@ -992,7 +1020,7 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 			// Recorded before anything else, the backoff above all, and before it is
 			// listed: a nexlet killed from here on leaves the next one this restart to
 			// make, or the relaunch that made it (TestNexletKillDuringRestartBackoff).
-			n.writeRestartDue(w.id, next, p.code, p.reason)
+			n.writeRestartDue(w.id, restartDue{restarts: next, last: procid.Exit{Code: p.code, Reason: p.reason}, end: end, backoff: *backoff})
 			n.dropExitAhead(p)
 			if n.afterRestartDue != nil {
 				n.afterRestartDue(w.id)
@@ -1013,11 +1041,11 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 		n.dropExitAhead(p)
 		return nil
 	}
-	t := time.NewTimer(*backoff)
+	t := time.NewTimer(time.Until(end.Add(*backoff)))
 	defer t.Stop()
 	select {
 	case <-n.abandon:
-		n.detachedRestart(w, p, next)
+		n.detachedRestart(w, p, restartDue{restarts: next, last: procid.Exit{Code: p.code, Reason: p.reason}, end: end, backoff: *backoff})
 		return nil
 	case r := <-w.stop:
 		n.clearRestartDue(w.id) // stopped: due no more
