@@ -133,7 +133,7 @@ func killNexlet(t *testing.T, n *node, then func()) {
 // startCrashLoop) and lets its first run fail.
 func firstRunFailed(t *testing.T, lc, restart string) (*node, *nats.Subscription, crashLoop) {
 	t.Helper()
-	n, stopped := nodeWithStops(t)
+	n, stopped := nodeWithStops(t, nodeOpts{})
 	c := startCrashLoop(t, n, lc, restart)
 	testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return c.runs() == 1 })
 	c.release(t, 1, false)
@@ -141,11 +141,12 @@ func firstRunFailed(t *testing.T, lc, restart string) (*node, *nats.Subscription
 }
 
 // nodeWithStops starts a node (with its state in KV, as TestNexletCrashKeepsWorkloads;
-// env added to its environment) and a subscription to its WORKLOADSTOPPED events.
-func nodeWithStops(t *testing.T, env ...string) (*node, *nats.Subscription) {
+// o's env and flags added) and a subscription to its WORKLOADSTOPPED events.
+func nodeWithStops(t *testing.T, o nodeOpts) (*node, *nats.Subscription) {
 	t.Helper()
 	s := testnats.Start(t, testnats.Options{})
-	n := startNode(t, nodeOpts{external: s.ClientURL(), env: env, extra: []string{"--state", "kv"}})
+	o.external, o.extra = s.ClientURL(), append([]string{"--state", "kv"}, o.extra...)
+	n := startNode(t, o)
 	n.waitReady(t)
 	nc := testnats.Connect(t, s)
 	stopped, err := nc.SubscribeSync("$NEX.FEED.*.events.WORKLOADSTOPPED")
@@ -245,7 +246,7 @@ func TestRelaunchForkedBeforePidRecord(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	n, stopped := nodeWithStops(t, testhold.Env+"="+testhold.RelaunchForked)
+	n, stopped := nodeWithStops(t, nodeOpts{env: []string{testhold.Env + "=" + testhold.RelaunchForked}})
 	c := startCrashLoop(t, n, "job", `{"policy": "on-failure", "max": 2, "backoff": "10ms"}`)
 	testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return c.runs() == 1 })
 	c.release(t, 1, false)
@@ -257,6 +258,30 @@ func TestRelaunchForkedBeforePidRecord(t *testing.T) {
 	killNexlet(t, n, nil)
 	c.release(t, 3, true)
 	c.endsAtLimit(t, stopped, 2)
+}
+
+// TestOOMKillRecordedAheadOfReap: a job without a restart policy outgrows its memory
+// limit (64M, tail /dev/zero) and the OOM killer kills it; its nexlet records the exit
+// ahead of the reap, reaps it, and is killed (-9) before it records the end itself (held
+// there by NEXD_TEST_HOLD). The next nexlet reports the end from that record: exit code
+// 137, killed by the OOM killer, as a nexlet that lived would have. Before, the record
+// ahead of the reap said only "killed by signal killed".
+func TestOOMKillRecordedAheadOfReap(t *testing.T) {
+	needCgroupV1(t, "memory (root)")
+	t.Parallel()
+	n, stopped := nodeWithStops(t, nodeOpts{env: []string{testhold.Env + "=" + testhold.ExitReaped},
+		extra: []string{"--workload-default-memory-max", "64M"}})
+	// tail keeps a line without newline in memory: /dev/zero has none.
+	hog := n.runWorkload(t, "--name", "hog", "--lifecycle", "job", "--start-request", `{"restart": {"policy": "never"}}`,
+		"--", "/usr/bin/tail", "/dev/zero")
+	testkit.EventuallyWithin(t, 60*time.Second, "the hog reaped, its nexlet held before it recorded the end", func() bool {
+		return strings.Contains(n.out.String(), "hold="+testhold.ExitReaped)
+	})
+	killNexlet(t, n, nil)
+	ev := endedOnce(t, stopped, hog.ID)
+	if ev.Metadata["exit_code"] != "137" || !strings.Contains(ev.Metadata["reason"], "OOM killer") {
+		t.Errorf("the hog was reported ending with %q (%s), want 137 by the OOM killer", ev.Metadata["exit_code"], ev.Metadata["reason"])
+	}
 }
 
 // TestRestartCountSurvivesNexletKill: a crash-looping service with a budget of two
@@ -324,7 +349,7 @@ func TestServiceEndWhileNexletDeadFollowsPolicy(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	n, stopped := nodeWithStops(t)
+	n, stopped := nodeWithStops(t, nodeOpts{})
 	never := startCrashLoop(t, n, "service", `{"policy": "never"}`) // exits 3 once released
 	clean := startLoop(t, n, "service", `{"policy": "on-failure"}`, 0)
 	testkit.EventuallyWithin(t, 60*time.Second, "both first runs", func() bool {

@@ -23,6 +23,9 @@ const (
 	// RelaunchForked: the native nexlet, once a restart's process is forked, before
 	// its pid record is written.
 	RelaunchForked = "relaunch-forked"
+	// ExitReaped: the native nexlet, once it recorded a workload's exit ahead of its
+	// reap and reaped it, before the end's own record.
+	ExitReaped = "exit-reaped"
 )
 
 // Holds says whether list (Env's value) names point.

@@ -490,11 +490,11 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	n.mu.Unlock()
 	n.watchOutput(w, outR, "stdout")
 	n.watchOutput(w, errR, "stderr")
-	exited := func(code int, reason string) {
-		if w.sb.oomKills() > oomBefore {
-			reason = "killed by the OOM killer (memory limit reached)"
-		}
-		p.code, p.reason = code, reason
+	// oom: its sandbox counted an OOM kill since the launch (the kill is counted as
+	// it is sent, so before the exit is seen).
+	oom := func() bool { return w.sb.oomKills() > oomBefore }
+	exited := func(code int, reason string, oom bool) {
+		p.code, p.reason = code, endReason(reason, oom)
 		close(p.exited)
 		n.reaped(w, p)
 	}
@@ -502,19 +502,24 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	pidfd, err := openPidfd(p.pid)
 	if err == nil {
 		err = n.watch.addChild(pidfd, func(pidfd int) {
-			n.recordExitAhead(w, p, pidfd)
+			oom := oom()
+			n.recordExitAhead(w, p, pidfd, oom)
 			code, reason, _ := reapPidfd(pidfd)
 			if n.afterReap != nil {
 				n.afterReap(w.id)
 			}
-			exited(code, reason)
+			if p.ahead {
+				n.testHold(testhold.ExitReaped, w.id)
+			}
+			exited(code, reason, oom)
 		})
 	}
 	if err != nil {
 		n.log.Warn("no pidfd: waiting for the workload holds an OS thread", "workload_id", w.id, "err", err)
 		go func() {
 			err := cmd.Wait()
-			exited(exitStatus(cmd.ProcessState, err))
+			code, reason := exitStatus(cmd.ProcessState, err)
+			exited(code, reason, oom())
 		}()
 		return p, nil
 	}
@@ -524,13 +529,22 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	return p, nil
 }
 
+// endReason is the reason of a run that ended as its reaper says (reason), or by the
+// OOM killer (oom: its sandbox counted a kill since the launch).
+func endReason(reason string, oom bool) string {
+	if oom {
+		return "killed by the OOM killer (memory limit reached)"
+	}
+	return reason
+}
+
 // recordExitAhead writes, before the reap of w's process p (whose pidfd says it
-// exited), the exit record that nexd writes for a process whose nexlet died: from the
+// exited; oom: by the OOM killer), the exit record that nexd writes for a process whose nexlet died: from the
 // reap until the end's own record (a due restart, a tombstone) only this nexlet knew the
 // exit status, and a nexlet killed then left the next one a job lost and a restart not
 // made (TestKillBetweenReapAndRecord). Not without nexd's exits directory or p's
 // identity, nor for a stop's end (the stop waits for it and says how it ended).
-func (n *Nexlet) recordExitAhead(w *workload, p *proc, pidfd int) {
+func (n *Nexlet) recordExitAhead(w *workload, p *proc, pidfd int, oom bool) {
 	if n.cfg.ExitsDir == "" || p.rec.PID == 0 {
 		return
 	}
@@ -544,7 +558,9 @@ func (n *Nexlet) recordExitAhead(w *workload, p *proc, pidfd int) {
 	if err != nil {
 		return // the reap says why
 	}
-	if err := procid.WriteExit(n.cfg.ExitsDir, p.rec, procid.Exit{Code: code, Reason: reason}); err != nil {
+	// The OOM killer's kill as the normal path says it, not its signal (before, a
+	// next nexlet reported "killed by signal killed": TestOOMKillRecordedAheadOfReap).
+	if err := procid.WriteExit(n.cfg.ExitsDir, p.rec, procid.Exit{Code: code, Reason: endReason(reason, oom)}); err != nil {
 		n.log.Warn("workload exit not recorded ahead of its reap; a nexlet killed before its end is recorded loses it", "workload_id", w.id, "err", err)
 		return
 	}
