@@ -1148,8 +1148,12 @@ func (w *workload) exhaustedReason(last string) string {
 // terminate sends SIGTERM, waits up to grace for the main process, then kills the group.
 func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.Timer) {
 	n.setState(w, protocol.WorkloadStopping)
-	if err := syscall.Kill(p.pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
-		n.log.Warn("SIGTERM failed", "workload_id", w.id, "pid", p.pid, "err", err)
+	// Not for a run that stands for an ended one (pid 0: a replayed end, a replayed
+	// restart waiting out its backoff): kill(0) would signal the nexlet's own group.
+	if p.pid > 0 {
+		if err := syscall.Kill(p.pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+			n.log.Warn("SIGTERM failed", "workload_id", w.id, "pid", p.pid, "err", err)
+		}
 	}
 	st.Step("signal")
 	t := time.NewTimer(grace)
