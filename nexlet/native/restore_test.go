@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -607,4 +608,24 @@ func TestLeftoversDoNotHoldOffADueRestart(t *testing.T) {
 	}
 	fn.replayRanOutItsRestart(cfg, id, req, runs)
 	testkit.Eventually(t, "the leftover killed", func() bool { return !alive(pid) })
+}
+
+// TestStopOfEndedRunSignalsNothing: a stop that reaches a workload whose run stands for
+// an ended one (pid 0: a replayed end, or a replayed restart waiting out its backoff)
+// signals no process. Before, terminate sent SIGTERM to pid 0, which is the nexlet's
+// own process group (here the test binary's: the SIGTERM arrives).
+func TestStopOfEndedRunSignalsNothing(t *testing.T) {
+	got := make(chan os.Signal, 1)
+	signal.Notify(got, syscall.SIGTERM)
+	defer signal.Stop(got)
+	n := &Nexlet{cfg: Config{RuntimeDir: t.TempDir()}, log: slog.New(slog.NewTextHandler(testWriter{t}, nil))}
+	w := &workload{id: "ended", sb: &pgroup{}}
+	p := ended(3, "exited with code 3")
+	p.final = false
+	n.terminate(w, p, time.Second, nil)
+	select {
+	case s := <-got:
+		t.Fatalf("the stop of an ended run sent %v to the nexlet's own process group", s)
+	case <-time.After(200 * time.Millisecond):
+	}
 }
