@@ -292,6 +292,55 @@ func TestRepeatStopAlreadyStopped(t *testing.T) {
 	}
 }
 
+// TestRepeatStopByNameAndPrefix: a stop repeated by the workload's name or a prefix of
+// its id (the running list no longer names it) is answered "already stopped at T",
+// exit 0, from the node's memory, and counted as nexd_stops_total{outcome=
+// "already_stopped"}; from another namespace the name is still not found (the memory
+// answers within the caller's namespace only); a name two stopped workloads had is
+// ambiguous and lists both. Before, both repeats said "not found", exit 1, and no
+// repeat was counted.
+func TestRepeatStopByNameAndPrefix(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	w := n.runWorkload(t, "--name", "web", "--", "/bin/sleep", "600")
+	n.mustCtl(t, "workload", "stop", w.ID)
+	for _, ref := range []string{"web", w.ID[:6]} {
+		out, errOut, code := n.ctl(t, "workload", "stop", ref)
+		if code != 0 || !strings.Contains(out, "Workload "+w.ID+" already stopped at ") {
+			t.Fatalf("repeat stop by %q: exit %d, %q %q; want exit 0, already stopped", ref, code, out, errOut)
+		}
+	}
+	if out, errOut, code := n.ctl(t, "--namespace", "other", "workload", "stop", "web"); code != 1 || strings.Contains(out, "already stopped") ||
+		!strings.Contains(errOut, "not found") {
+		t.Fatalf("repeat stop by name from another namespace: exit %d, %q %q; want not found", code, out, errOut)
+	}
+	if m := n.mustCtl(t, "metrics"); !strings.Contains(m, `nexd_stops_total{outcome="already_stopped"} 2`) {
+		t.Fatalf("metrics do not count the two repeats:\n%s", grepLines(m, "nexd_stops_total"))
+	}
+	w2 := n.runWorkload(t, "--name", "web", "--", "/bin/sleep", "600")
+	n.mustCtl(t, "workload", "stop", w2.ID)
+	if out, errOut, code := n.ctl(t, "workload", "stop", "web"); code == 0 || !strings.Contains(errOut, "among those stopped within the hour") ||
+		!strings.Contains(errOut, w.ID) || !strings.Contains(errOut, w2.ID) {
+		t.Fatalf("stop by a name two stopped workloads had: exit %d, %q %q; want ambiguous, listing both", code, out, errOut)
+	}
+}
+
+// grepLines is the lines of text that contain sub.
+func grepLines(text, sub string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
 // nuidLike is a whole workload id no node ever made.
 const nuidLike = "ZZZZZZZZZZZZZZZZZZZZZZ"
 

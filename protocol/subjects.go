@@ -70,6 +70,14 @@ const (
 	// naming the nexlets whose workloads are missing from it (they did not answer the
 	// node's fan-out in time, or answered with an error). Upstream clients ignore it.
 	HeaderPartial = "Nex-Partial"
+	// HeaderStoppedRef on a WPING asks a nexd node also for the workloads it stopped
+	// lately (its stop memory, an hour) that the value names: an id, a name or an id
+	// prefix, within the caller's namespace (every namespace from system). The node
+	// answers in HeaderStopped; upstream nodes ignore it. nexctl workload stop asks, so
+	// a repeat by name or prefix is answered "already stopped" too.
+	HeaderStoppedRef = "Nex-Stopped-Ref"
+	// HeaderStopped on a WPING reply: a JSON []RecentStop, newest first, at most 16.
+	HeaderStopped = "Nex-Stopped"
 	// HeaderAgentID names the nexlet that sent a reply: upstream's PingAgent sets it,
 	// and nexd's nexlets set it on QUERYWORKLOADS replies too, so a node can tell which
 	// nexlet did not answer.

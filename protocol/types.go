@@ -328,6 +328,14 @@ type MissingNexlet struct {
 	Maybe bool `json:"maybe,omitempty"`
 }
 
+// RecentStop is a workload a node stopped lately, in HeaderStopped.
+type RecentStop struct {
+	ID        string `json:"id"`
+	Name      string `json:"name,omitempty"`
+	Namespace string `json:"namespace,omitempty"` // "" when the node does not know it
+	StoppedAt string `json:"stopped_at"`          // RFC 3339
+}
+
 // MissingText names missing nexlets for a message: "nexlet echo-a (AID): no answer
 // within 2s; nexlet …".
 func MissingText(missing []MissingNexlet) string {

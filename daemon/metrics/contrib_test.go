@@ -36,7 +36,7 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 	m.NexletExit("native", true)
 	o := Observer{M: m}
 	o.Deploy(time.Millisecond, true)
-	o.Stop(true)
+	o.Stop("stopped")
 	o.Auction(time.Millisecond)
 
 	exported := map[string]bool{}

@@ -48,7 +48,8 @@ func TestServedOverTCP(t *testing.T) {
 	o := Observer{M: m}
 	o.Auction(time.Millisecond)
 	o.Deploy(time.Second, true)
-	o.Stop(false)
+	o.Stop(node.StopNotFound)
+	o.Stop(node.StopAlreadyStopped)
 	st := m.CountStore(node.NewMemStore())
 	if err := st.Put(context.Background(), "native", "W1", protocol.StartWorkloadRequest{Name: "w"}); err != nil {
 		t.Fatal(err)
@@ -83,6 +84,7 @@ func TestServedOverTCP(t *testing.T) {
 		`nexd_nexlet_oom_kills_total{nexlet="native"} 1`,
 		`nexd_deploys_total{outcome="ok"} 1`,
 		`nexd_stops_total{outcome="not_found"} 1`,
+		`nexd_stops_total{outcome="already_stopped"} 1`,
 		`nexd_state_workloads_stored_total 1`,
 		`nexd_state_workloads_removed_total 1`,
 		`nexd_state_errors_total 1`,

@@ -19,11 +19,6 @@ func (o Observer) Deploy(d time.Duration, ok bool) {
 	}
 }
 
-// Stop counts one UNDEPLOY by outcome.
-func (o Observer) Stop(stopped bool) {
-	if stopped {
-		o.M.stops.WithLabelValues("stopped").Inc()
-	} else {
-		o.M.stops.WithLabelValues("not_found").Inc()
-	}
-}
+// Stop counts one UNDEPLOY by outcome: "stopped", "not_found", or "already_stopped"
+// (a repeat answered from the stop memory; node.StopAlreadyStopped).
+func (o Observer) Stop(outcome string) { o.M.stops.WithLabelValues(outcome).Inc() }

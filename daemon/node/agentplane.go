@@ -190,7 +190,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	now := time.Now()
 	n.mu.Lock()
 	for wid, w := range existing {
-		n.owned[wid] = ownership{typ: w.Request.WorkloadType, owner: owner, ns: w.Request.Namespace}
+		n.owned[wid] = ownership{typ: w.Request.WorkloadType, owner: owner, ns: w.Request.Namespace, name: w.Request.Name}
 		n.replayed[wid] = struct{}{}
 	}
 	n.mu.Unlock()

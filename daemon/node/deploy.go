@@ -205,7 +205,7 @@ type reservation struct {
 	n        *Node
 	agent    *registration
 	id, typ  string
-	ns       string
+	ns, name string
 	recorded bool
 	done     bool
 }
@@ -234,7 +234,7 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 	a.startedSinceBeat++ // capacity held while the nexlet starts it
 	n.starting[workloadID] = false
 	n.changes.Add(1)
-	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType, ns: req.Namespace}, 0, nil
+	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType, ns: req.Namespace, name: req.Name}, 0, nil
 }
 
 // record writes the intent to node state, with the nexlet instance that runs it.
@@ -255,7 +255,7 @@ func (res *reservation) commit() (endedEarly bool) {
 	defer n.mu.Unlock()
 	res.done = true
 	n.changes.Add(1)
-	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns}
+	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name}
 	endedEarly = n.starting[res.id]
 	delete(n.starting, res.id)
 	return endedEarly

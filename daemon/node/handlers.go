@@ -327,7 +327,7 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 		if typ == "" {
 			typ = o.typ
 		}
-		n.stopped.Add(workloadID, stopmemo.Entry{Namespace: ns, Type: typ, How: ret.Message, At: time.Now()})
+		n.stopped.Add(workloadID, stopmemo.Entry{Namespace: ns, Name: o.name, Type: typ, How: ret.Message, At: time.Now()})
 	}
 	return ret, err
 }
@@ -382,6 +382,9 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	st.Step("reply")
 	if fromMemory {
 		n.log.Info("workload already stopped", "workload_id", workloadID, "namespace", req.Namespace, "stopped_at", resp.AlreadyStoppedAt)
+		if n.o.Observer != nil {
+			n.o.Observer.Stop(StopAlreadyStopped)
+		}
 		return // answered from memory: nothing was stopped or is left to forget
 	}
 	if testhold.Holds(n.o.TestHold, testhold.StopReplied) {
@@ -389,7 +392,11 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		<-n.ctx.Done()
 	}
 	if n.o.Observer != nil {
-		n.o.Observer.Stop(resp.Stopped)
+		outcome := StopNotFound
+		if resp.Stopped {
+			outcome = StopStopped
+		}
+		n.o.Observer.Stop(outcome)
 	}
 	if resp.Stopped {
 		n.log.Info("workload stopped", "workload_id", workloadID, "namespace", req.Namespace, "type", resp.WorkloadType, "how", resp.Message)
@@ -613,6 +620,18 @@ func (n *Node) handleWPing(r micro.Request) {
 			p, _ = json.Marshal(full)
 		}
 		head[protocol.HeaderPartial] = []string{string(p)}
+	}
+	if ref := r.Headers().Get(protocol.HeaderStoppedRef); ref != "" {
+		// The stop memory's rule: the caller's namespace only, every one from system
+		// (TestRecentStopsStayInTheirNamespace).
+		var rs []protocol.RecentStop
+		for _, m := range n.stopped.Find(ref, ns, time.Now(), 16) {
+			rs = append(rs, protocol.RecentStop{ID: m.ID, Name: m.Name, Namespace: m.Namespace, StoppedAt: m.At.UTC().Format(time.RFC3339)})
+		}
+		if len(rs) > 0 {
+			b, _ := json.Marshal(rs)
+			head[protocol.HeaderStopped] = []string{string(b)}
+		}
 	}
 	if want := r.Headers().Get(protocol.HeaderResources); (want == n.id || want == "*") && n.o.WorkloadResources != nil {
 		for i := range list {

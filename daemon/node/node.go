@@ -139,14 +139,25 @@ type Options struct {
 	TestHold string
 }
 
+// Outcomes of an UNDEPLOY, as Observer.Stop gets them (nexd_stops_total's labels).
+const (
+	StopStopped = "stopped"
+	// StopNotFound: no nexlet stopped it (none holds it, or it is still stopping).
+	StopNotFound = "not_found"
+	// StopAlreadyStopped: a repeat answered from the stop memory (the node's or a
+	// nexlet's): stopped before, nothing stopped now.
+	StopAlreadyStopped = "already_stopped"
+)
+
 // Observer is told what the node does, for metrics and clean-up. Calls must not block.
 type Observer interface {
 	// Auction is called after each bid, with the time it took to decide.
 	Auction(d time.Duration)
 	// Deploy is called for each deploy to one of this node's bids.
 	Deploy(d time.Duration, ok bool)
-	// Stop is called for each UNDEPLOY this node handled.
-	Stop(stopped bool)
+	// Stop is called for each UNDEPLOY this node handled, with its outcome:
+	// StopStopped, StopNotFound or StopAlreadyStopped.
+	Stop(outcome string)
 	// WorkloadEnded is called when a workload this node ran is gone for good.
 	WorkloadEnded(workloadID string)
 }
@@ -294,6 +305,7 @@ type RemoteNexlet struct {
 type ownership struct {
 	typ, owner string
 	ns         string // the workload's namespace
+	name       string // the workload's name (a repeated stop by name finds it)
 }
 
 type procInfo struct {

@@ -418,19 +418,33 @@ func partialOf(m *nats.Msg) *partialList {
 // bad holds the replies that could not be used and, as *partialList, the nodes whose
 // answer lacks some nexlets' workloads (their rows are in the list).
 func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) ([]protocol.WorkloadSummary, []error, error) {
+	out, _, bad, err := f.listWorkloadsAndStops(ctx, ns, filter, "")
+	return out, bad, err
+}
+
+// listWorkloadsAndStops is listWorkloads that, with stoppedRef, also asks nexd nodes
+// for the workloads they stopped lately that stoppedRef names (HeaderStoppedRef), in
+// the caller's namespace; each id once.
+func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []string, stoppedRef string) ([]protocol.WorkloadSummary, []protocol.RecentStop, []error, error) {
 	if filter == nil {
 		filter = []string{}
 	}
 	data, err := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: ns, Filter: filter})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	msgs, err := scatter.Gather(ctx, f.nc, protocol.WPingSubject(ns), data, f.wpingOpts(""))
+	opts := f.wpingOpts("")
+	if stoppedRef != "" {
+		opts.Header.Set(protocol.HeaderStoppedRef, stoppedRef)
+	}
+	msgs, err := scatter.Gather(ctx, f.nc, protocol.WPingSubject(ns), data, opts)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	var out []protocol.WorkloadSummary
+	var stopped []protocol.RecentStop
 	var bad []error
+	seen := map[string]bool{}
 	for _, m := range msgs {
 		if err := replyError(m); err != nil {
 			bad = append(bad, err)
@@ -438,6 +452,15 @@ func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) (
 		}
 		if p := partialOf(m); p != nil {
 			bad = append(bad, p)
+		}
+		var rs []protocol.RecentStop
+		if h := m.Header.Get(protocol.HeaderStopped); h != "" && json.Unmarshal([]byte(h), &rs) == nil {
+			for _, r := range rs {
+				if !seen[r.ID] {
+					seen[r.ID] = true
+					stopped = append(stopped, r)
+				}
+			}
 		}
 		if len(m.Data) == 0 || string(m.Data) == "null" {
 			continue
@@ -449,7 +472,7 @@ func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) (
 		}
 		out = append(out, ws...)
 	}
-	return out, bad, nil
+	return out, stopped, bad, nil
 }
 
 // workloadNamespace finds the summary and namespace of workload id (exact id).

@@ -173,7 +173,9 @@ drained.
 --wait follows the drain: the workloads left on each node (a bar per node on a terminal,
 a line per change otherwise) until each node has none left after its delay or has shut
 down. It exits 1 if a workload ignored SIGTERM and was killed at the end of its stop
-grace (seen in WORKLOADSTOPPED events: nodes need events = "nats").
+grace (seen in WORKLOADSTOPPED events: nodes need events = "nats"). A node whose list
+is partial (a nexlet did not answer it) is never counted drained: --wait keeps waiting,
+and exits 1 if the node stops while its last list was partial.
 
 --migrate first re-places each service of a drained node: a normal auction in its
 namespace (the draining node no longer bids), and the old copy is stopped only once the

@@ -127,12 +127,17 @@ func (f *fleet) resolveWorkload(ctx context.Context, ref string) (id, ns string,
 	if err != nil {
 		return "", "", false, err
 	}
-	m, err := matchRef("workload", ref, workloadCandidates(ws, f.ns))
+	return resolveAmong(ref, f.ns, workloadCandidates(ws, f.ns))
+}
+
+// resolveAmong is resolveWorkload's choice among cands (Extra: the namespace).
+func resolveAmong(ref, callerNS string, cands []candidate) (id, ns string, found bool, err error) {
+	m, err := matchRef("workload", ref, cands)
 	switch {
 	case err != nil:
 		return "", "", false, err
 	case len(m) == 0:
-		return ref, f.ns, false, nil
+		return ref, callerNS, false, nil
 	case len(m) > 1:
 		if m[0].ID == ref {
 			return "", "", false, fmt.Errorf("workload id %s matches workloads in %d namespaces; use --namespace to pick one", ref, len(m))
@@ -140,6 +145,35 @@ func (f *fleet) resolveWorkload(ctx context.Context, ref string) (id, ns string,
 		return "", "", false, ambiguous("workload", ref, m)
 	}
 	return m[0].ID, m[0].Extra, true, nil
+}
+
+// resolveWorkloadToStop is resolveWorkload for a stop: when nothing running matches,
+// the nodes' memory of the workloads they stopped within the hour (in the caller's
+// namespace) is asked too, so a repeated stop by name or id prefix finds the id the
+// first stop stopped, and its node answers "already stopped at T". A reference that
+// names several stopped workloads is ambiguous, as among running ones.
+func (f *fleet) resolveWorkloadToStop(ctx context.Context, ref string) (id, ns string, found bool, err error) {
+	ws, stopped, _, err := f.listWorkloadsAndStops(ctx, f.ns, nil, ref)
+	if err != nil {
+		return "", "", false, err
+	}
+	id, ns, found, err = resolveAmong(ref, f.ns, workloadCandidates(ws, f.ns))
+	if err != nil || found || len(stopped) == 0 {
+		return id, ns, found, err
+	}
+	cands := make([]candidate, 0, len(stopped))
+	for _, s := range stopped {
+		c := candidate{ID: s.ID, Name: s.Name, Extra: f.ns}
+		if f.ns == protocol.SystemNamespace && s.Namespace != "" {
+			c.Extra = s.Namespace
+		}
+		cands = append(cands, c)
+	}
+	id, ns, found, err = resolveAmong(ref, f.ns, cands)
+	if err != nil {
+		return "", "", false, fmt.Errorf("no running workload matches, and among those stopped within the hour %w", err)
+	}
+	return id, ns, found, nil
 }
 
 // completionTimeout bounds the live lookups behind shell completion.

@@ -267,7 +267,8 @@ killed at the end of its stop grace, and says which. A workload that is still st
 reported as stopping, never as not found. A workload stopped within the last hour is
 reported as "already stopped at T (how)", exit 0. With --no-wait nexctl returns as soon
 as the node holding the workload says it is stopping it. WORKLOAD is an id, a name or a unique
-id prefix.`,
+id prefix; when no running workload matches, the nodes' memory of the workloads stopped
+within the hour in this namespace is searched the same way.`,
 		Args:              exactArgs(1, "WORKLOAD"),
 		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -276,7 +277,7 @@ id prefix.`,
 				return err
 			}
 			defer done()
-			id, ns, found, err := f.resolveWorkload(cmd.Context(), args[0])
+			id, ns, found, err := f.resolveWorkloadToStop(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

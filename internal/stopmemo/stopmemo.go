@@ -7,6 +7,7 @@ package stopmemo
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +23,7 @@ const (
 // Entry is one stopped workload.
 type Entry struct {
 	Namespace string // the workload's; "" when unknown (then only system sees it)
+	Name      string // the workload's name; "" when unknown
 	Type      string // its workload type
 	How       string // the stop's answer: how it ended
 	At        time.Time
@@ -70,10 +72,40 @@ func (s *Memo) Get(id, ns string, now time.Time) (Entry, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e, ok := s.m[id]
-	if !ok || now.Sub(e.At) > s.age || (ns != protocol.SystemNamespace && ns != e.Namespace) {
+	if !ok || !e.visible(ns, now, s.age) {
 		return Entry{}, false
 	}
 	return e, true
+}
+
+func (e Entry) visible(ns string, now time.Time, age time.Duration) bool {
+	return now.Sub(e.At) <= age && (ns == protocol.SystemNamespace || ns == e.Namespace)
+}
+
+// Match is a remembered stop that a reference names.
+type Match struct {
+	ID string
+	Entry
+}
+
+// Find returns, newest first and at most max, the entries the caller in namespace ns
+// may see (as Get) whose id is ref, whose name is ref, or whose id starts with ref:
+// a repeated stop by name or id prefix.
+func (s *Memo) Find(ref, ns string, now time.Time, max int) []Match {
+	if s == nil || ref == "" {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Match
+	for i := len(s.order) - 1; i >= 0 && len(out) < max; i-- {
+		id := s.order[i]
+		e := s.m[id]
+		if e.visible(ns, now, s.age) && (id == ref || e.Name == ref || strings.HasPrefix(id, ref)) {
+			out = append(out, Match{ID: id, Entry: e})
+		}
+	}
+	return out
 }
 
 // Answer is the stop answer for a repeat stop of a workload that stopped as e says:

@@ -43,3 +43,41 @@ func TestBoundsAndNamespaces(t *testing.T) {
 		t.Fatalf("answer %+v", a)
 	}
 }
+
+// Find matches a reference by id, name or id prefix, newest first, within the caller's
+// namespace only (system sees all), and not past the memo's age.
+func TestFindByNameAndPrefix(t *testing.T) {
+	m := New(10, time.Minute)
+	t0 := time.Date(2026, 12, 2, 12, 0, 0, 0, time.UTC)
+	m.Add("AAA111", Entry{Namespace: "a", Name: "web", At: t0})
+	m.Add("AAB222", Entry{Namespace: "a", Name: "db", At: t0.Add(time.Second)})
+	m.Add("BBB333", Entry{Namespace: "b", Name: "web", At: t0.Add(2 * time.Second)})
+	ids := func(ms []Match) string {
+		var out []string
+		for _, x := range ms {
+			out = append(out, x.ID)
+		}
+		return fmt.Sprint(out)
+	}
+	now := t0.Add(3 * time.Second)
+	for _, c := range []struct{ ref, ns, want string }{
+		{"web", "a", "[AAA111]"},
+		{"web", "b", "[BBB333]"},
+		{"web", protocol.SystemNamespace, "[BBB333 AAA111]"},
+		{"AA", "a", "[AAB222 AAA111]"},
+		{"AA", "b", "[]"},
+		{"BBB333", "a", "[]"}, // another namespace's id
+		{"db", "c", "[]"},
+		{"", "a", "[]"},
+	} {
+		if got := ids(m.Find(c.ref, c.ns, now, 10)); got != c.want {
+			t.Errorf("Find(%q, %q) = %s, want %s", c.ref, c.ns, got, c.want)
+		}
+	}
+	if got := ids(m.Find("web", "a", t0.Add(2*time.Minute), 10)); got != "[]" {
+		t.Errorf("found past the age: %s", got)
+	}
+	if got := ids(m.Find("AA", "a", now, 1)); got != "[AAB222]" {
+		t.Errorf("max 1: %s", got)
+	}
+}
