@@ -108,7 +108,7 @@ func (n *Nexlet) runOf(id string) string {
 // after the run that ended as last. end and backoff (zero in an older nexlet's record:
 // due at once) say when: backoff after end, measured from the recorded end, so a
 // nexlet killed during the backoff leaves the next one only the rest to wait
-// (TestBackoffRemainderAfterNexletKill).
+// (TestNexletKillDuringRestartBackoff).
 type restartDue struct {
 	restarts int
 	last     procid.Exit

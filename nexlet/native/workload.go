@@ -315,7 +315,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		// The rest of its backoff first, measured from the recorded end: its
 		// supervisor waits it out and makes the restart, as for an end it saw.
 		// Before, a nexlet killed during a backoff had the next one restart at once
-		// (TestBackoffRemainderAfterNexletKill).
+		// (TestNexletKillDuringRestartBackoff).
 		n.mu.Lock()
 		w.restarts = d.restarts - 1 // the end's handling counts it again
 		n.mu.Unlock()
