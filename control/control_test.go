@@ -20,6 +20,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // testBackend is a small in-memory Backend; the real one is the daemon's.
@@ -33,6 +35,7 @@ type testBackend struct {
 	restarts []string
 	follow   chan LogLine
 	reg      *prometheus.Registry
+	partial  *PartialList // Workloads answers partial when set
 }
 
 func newTestBackend() *testBackend {
@@ -82,7 +85,14 @@ func (b *testBackend) RestartNexlet(ctx context.Context, name string) error {
 	return nil
 }
 
-func (b *testBackend) Workloads(ctx context.Context) ([]Workload, error) { return nil, nil }
+func (b *testBackend) Workloads(ctx context.Context) ([]Workload, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.partial != nil {
+		return []Workload{{ID: "W1", Name: "web"}}, b.partial
+	}
+	return nil, nil
+}
 
 func (b *testBackend) Logs(ctx context.Context, q LogQuery) ([]LogLine, error) {
 	return []LogLine{{Msg: "hello", Nexlet: q.Nexlet, WorkloadID: q.Workload, Attrs: map[string]any{"lines": q.Lines,
@@ -487,4 +497,27 @@ func (b *testBackend) Reexec(context.Context) error { return nil }
 
 func (b *testBackend) NATSAccess(context.Context, time.Duration) (NATSAccess, error) {
 	return NATSAccess{}, ErrNotFound
+}
+
+// TestWorkloadsPartial: a Backend's partial list reaches the client as the rows it has
+// and a *PartialList naming the missing nexlets (header Nex-Partial; the body stays
+// the list); a whole list has no header and no error.
+func TestWorkloadsPartial(t *testing.T) {
+	b := newTestBackend()
+	_, c := startServer(t, b, ServerOptions{})
+	ctx := t.Context()
+	if ws, err := c.Workloads(ctx); err != nil || len(ws) != 0 {
+		t.Fatalf("whole list: %+v %v", ws, err)
+	}
+	b.mu.Lock()
+	b.partial = &PartialList{Wait: "2s", Missing: []protocol.MissingNexlet{{ID: "AECHO", Name: "echo-a", Reason: "no answer within 2s"}}}
+	b.mu.Unlock()
+	ws, err := c.Workloads(ctx)
+	var p *PartialList
+	if !errors.As(err, &p) || len(ws) != 1 || ws[0].ID != "W1" || p.Wait != "2s" || len(p.Missing) != 1 || p.Missing[0].ID != "AECHO" {
+		t.Fatalf("partial list: %+v %v", ws, err)
+	}
+	if want := "the node listed only part of its workloads; missing those of nexlet echo-a (AECHO): no answer within 2s"; err.Error() != want {
+		t.Errorf("error %q, want %q", err, want)
+	}
 }
