@@ -240,24 +240,40 @@ func TestNexletKillDuringRestartBackoff(t *testing.T) {
 // as the first restart (its launch record bounds the process: the job's dynamic uid,
 // started from the record's tick on) and make only the second: three runs in all, one
 // end with the limit reached. Before, the restart was still due by the records, and
-// the next nexlet made it a second time: four runs for a budget of two.
+// the next nexlet made it a second time: four runs for a budget of two. The same
+// nexlet killed after the launch record and before the fork leaves no such process:
+// the next one makes the first restart, once, three runs in all again (none lost).
 func TestRelaunchForkedBeforePidRecord(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	n, stopped := nodeWithStops(t, nodeOpts{env: []string{testhold.Env + "=" + testhold.RelaunchForked}})
-	c := startCrashLoop(t, n, "job", `{"policy": "on-failure", "max": 2, "backoff": "10ms"}`)
-	testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return c.runs() == 1 })
-	c.release(t, 1, false)
-	testkit.EventuallyWithin(t, 60*time.Second, "the first restart forked, its nexlet held before the pid record", func() bool {
-		return c.runs() == 2 && strings.Contains(n.out.String(), "hold="+testhold.RelaunchForked)
-	})
-	c.release(t, 2, false)
-	testkit.EventuallyWithin(t, 60*time.Second, "the first restart's run ended", func() bool { return len(c.mains()) == 0 })
-	killNexlet(t, n, nil)
-	c.release(t, 3, true)
-	c.endsAtLimit(t, stopped, 2)
+	for _, c := range []struct {
+		hold   string
+		forked bool
+	}{{testhold.RelaunchForked, true}, {testhold.RelaunchRecorded, false}} {
+		t.Run(c.hold, func(t *testing.T) {
+			t.Parallel()
+			n, stopped := nodeWithStops(t, nodeOpts{env: []string{testhold.Env + "=" + c.hold}})
+			l := startCrashLoop(t, n, "job", `{"policy": "on-failure", "max": 2, "backoff": "10ms"}`)
+			testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return l.runs() == 1 })
+			l.release(t, 1, false)
+			runs := 1
+			if c.forked {
+				runs = 2
+			}
+			testkit.EventuallyWithin(t, 60*time.Second, "the first restart's nexlet held", func() bool {
+				return strings.Contains(n.out.String(), "hold="+c.hold) && l.runs() == runs
+			})
+			if c.forked {
+				l.release(t, 2, false)
+				testkit.EventuallyWithin(t, 60*time.Second, "the first restart's run ended", func() bool { return len(l.mains()) == 0 })
+			}
+			killNexlet(t, n, nil)
+			l.release(t, runs+1, true)
+			l.endsAtLimit(t, stopped, 2)
+		})
+	}
 }
 
 // TestOOMKillRecordedAheadOfReap: a job without a restart policy outgrows its memory

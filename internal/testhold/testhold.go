@@ -20,6 +20,9 @@ const (
 	// StopTidy: the native nexlet, once it answered a stop, before it removes what the
 	// workload left behind (its record above all).
 	StopTidy = "stop-tidy"
+	// RelaunchRecorded: the native nexlet, once a restart's launch is recorded,
+	// before its fork.
+	RelaunchRecorded = "relaunch-recorded"
 	// RelaunchForked: the native nexlet, once a restart's process is forked, before
 	// its pid record is written.
 	RelaunchForked = "relaunch-forked"

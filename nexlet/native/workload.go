@@ -426,6 +426,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		if id.dynamic {
 			n.writeLaunch(w.id, restarts, id.uid)
 		}
+		n.testHold(testhold.RelaunchRecorded, w.id)
 	}
 	cmd.Dir = filepath.Join(w.dir, homeDirName)
 	if !id.same {
