@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -1203,6 +1204,48 @@ func TestRepeatStopOfAWorkloadRunningAgain(t *testing.T) {
 				t.Error("the node forgot a workload that still runs")
 				break
 			}
+		}
+	}
+}
+
+// slowDelete is a node store whose removals take a while (a state store under load).
+type slowDelete struct {
+	Store
+	wait time.Duration
+}
+
+func (s slowDelete) Delete(ctx context.Context, typ, id string) error {
+	time.Sleep(s.wait)
+	return s.Store.Delete(ctx, typ, id)
+}
+
+// TestStopAnsweredOutOfState: when a stop's answer arrives, the workload is already
+// out of node state (here a removal takes 200 ms), so a nexd killed right after
+// answering does not replay (and run again) the workload it said it stopped (e2e
+// TestAnsweredStopStaysStoppedAcrossKills kills the real processes there). Before, the
+// record was removed after the answer: still there when the answer arrived.
+func TestStopAnsweredOutOfState(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Store = slowDelete{Store: o.Store, wait: 200 * time.Millisecond} })
+	n := f.nodes[0]
+	f.healthyAgent(n, "first", "go_exec", "native", nil)
+	for i := range 3 {
+		bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+		m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "w"+strconv.Itoa(i), `{"cmd":"x"}`))
+		var started protocol.StartWorkloadResponse
+		if err := protocol.Decode(m.Data, &started); err != nil || started.ID == "" {
+			t.Fatalf("deploy %q: %v", m.Data, err)
+		}
+		m = request(t, f.client, protocol.UndeploySubject("tenant", started.ID), protocol.StopWorkloadRequest{Namespace: "tenant"})
+		stored, err := f.stores[0].ByType(t.Context(), "native")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r protocol.StopWorkloadResponse
+		if err := protocol.Decode(m.Data, &r); err != nil || !r.Stopped {
+			t.Fatalf("stop reply %q: %v", m.Data, err)
+		}
+		if _, ok := stored[started.ID]; ok {
+			t.Fatalf("stop %d answered while the workload was still in node state", i)
 		}
 	}
 }
