@@ -439,12 +439,20 @@ func (n *nexlet) handOff(p *Prestarted, proc *cgroup.Group, env []string, outW, 
 		// Its GOMAXPROCS follows the CPU limit of the group it was exec'd in.
 		return errors.New("its runtime sized GOMAXPROCS by the CPU limit of nexd's cgroup at exec, not its own")
 	}
-	pid := p.Pid()
-	if err := proc.Place(pid); err != nil {
+	// Once the process ended and was reaped its pid may be any other process's,
+	// which must not be moved, recorded or hardened in its stead.
+	err := p.whileUnreaped(func(pid int) error {
+		if err := proc.Place(pid); err != nil {
+			return err
+		}
+		n.record(pid)
+		n.lowerOOMScore(pid, log)
+		return nil
+	})
+	if err != nil {
 		return err
 	}
-	n.record(pid)
-	n.lowerOOMScore(pid, log)
+	pid := p.Pid()
 	if err := p.handOff(env, outW, errW, ch); err != nil {
 		if n.outlives() {
 			removeRecord(n.s.opts.RecordDir, n.spec.Name)

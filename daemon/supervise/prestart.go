@@ -66,8 +66,11 @@ type Prestarted struct {
 	done chan struct{} // closed once cmd.Wait returned
 	werr error         // cmd.Wait's result, set before done closes
 
-	mu       sync.Mutex
-	state    int    // prestartWaiting, prestartTaken, prestartDiscarded
+	mu    sync.Mutex
+	state int // prestartWaiting, prestartTaken, prestartDiscarded
+	// ended: the process ended and is about to be reaped (set before cmd.Wait; while
+	// it is false under mu, the pid is this process's, alive or a zombie)
+	ended    bool
 	exited   bool   // cmd.Wait returned
 	onWaited func() // called after cmd.Wait returned (the reaper's release)
 }
@@ -117,6 +120,14 @@ func Prestart(path string, args []string, env map[string]string, stderr *os.File
 	p := &Prestarted{path: path, args: slices.Clone(args), env: maps.Clone(env), cmd: cmd, pair: ours,
 		procsLimited: runtime.GOMAXPROCS(0) != runtime.NumCPU(), done: make(chan struct{})}
 	go func() { // ends with the process: taken, it is the nexlet; discarded, it is killed
+		// Its end is seen before it is reaped, so that whileUnreaped never acts on a
+		// pid freed for another process.
+		var info unix.Siginfo
+		for errors.Is(unix.Waitid(unix.P_PID, p.Pid(), &info, unix.WEXITED|unix.WNOWAIT, nil), unix.EINTR) {
+		}
+		p.mu.Lock()
+		p.ended = true
+		p.mu.Unlock()
 		err := cmd.Wait()
 		p.mu.Lock()
 		p.exited = true
@@ -173,6 +184,19 @@ func (p *Prestarted) release() {
 	p.pair.Close()
 	_ = p.cmd.Process.Kill()
 	<-p.done
+}
+
+// whileUnreaped runs f on the process's pid while that pid cannot be another
+// process's: the process runs, or has ended but is not reaped (its reap waits for f).
+// A process that ended before is not given to f: once reaped, its pid may be any
+// other process's (TestPrestartedDeadPidReusedNotPlaced).
+func (p *Prestarted) whileUnreaped(f func(pid int) error) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ended {
+		return fmt.Errorf("pre-started pid %d ended before its hand-off", p.Pid())
+	}
+	return f(p.Pid())
 }
 
 // setOnWaited makes hook run once cmd.Wait has returned; it reports false (and does

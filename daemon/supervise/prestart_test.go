@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -266,4 +267,60 @@ func TestPrestartedDiscarded(t *testing.T) {
 		}
 		p.Discard()
 	})
+}
+
+// TestPrestartedDeadPidReusedNotPlaced: a pre-started process that ended before its
+// start took it (killed, crashed in its runtime start) is reaped by its exec.Cmd, and
+// its pid is free for any process. The start must not then move the process now holding
+// that pid into the nexlet's cgroup nor set its oom_score_adj (nor record it): it forks
+// the nexlet anew and leaves the stranger alone. The stranger is made to get the pid by
+// /proc/sys/kernel/ns_last_pid. Before the fix the stranger was moved into
+// <name>/nexlet and given oom_score_adj 321; the nexlet then forked.
+func TestPrestartedDeadPidReusedNotPlaced(t *testing.T) {
+	cg, _ := v1Nexlets(t, true)
+	dir := t.TempDir()
+	spec := fakeSpec("x", "block")
+	p := prestartFake(t, spec, map[string]string{"GORACE": "atexit_sleep_ms=0"})
+	target := p.Pid()
+	if err := syscall.Kill(target, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the killed pre-started process reaped", func() bool { return gone(target) })
+	var stranger *exec.Cmd
+	for i := 0; i < 50 && stranger == nil; i++ {
+		if err := os.WriteFile("/proc/sys/kernel/ns_last_pid", []byte(strconv.Itoa(target-1)), 0); err != nil {
+			t.Skipf("cannot choose the next pid: %v", err)
+		}
+		c := exec.Command("sleep", "60")
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if c.Process.Pid == target {
+			stranger = c
+			break
+		}
+		_ = c.Process.Kill()
+		_ = c.Wait()
+	}
+	if stranger == nil {
+		t.Skip("another process kept taking the pid")
+	}
+	defer func() { _ = stranger.Process.Kill(); _ = stranger.Wait() }()
+	cgBefore, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", target))
+	oomBefore, _ := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", target))
+	s := New(Options{Cgroups: cg, RecordDir: filepath.Join(dir, "records"), FIFODir: filepath.Join(dir, "fifos"),
+		Prestarted: p, NexletOOMScoreAdj: 321})
+	defer stopAll(t, s)
+	if err := s.Start(context.Background(), spec); err != nil {
+		t.Fatal(err)
+	}
+	if pid := status(s, "x").PID; pid == target || pid == 0 {
+		t.Fatalf("the nexlet runs as pid %d, the stranger's %d", pid, target)
+	}
+	if got, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", target)); string(got) != string(cgBefore) {
+		t.Errorf("the stranger holding the dead pre-started pid was moved:\nbefore %s\nafter %s", cgBefore, got)
+	}
+	if got, _ := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", target)); string(got) != string(oomBefore) {
+		t.Errorf("the stranger's oom_score_adj set: %q, was %q", got, oomBefore)
+	}
 }
