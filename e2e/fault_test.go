@@ -635,9 +635,8 @@ func TestTwoNodesOneHost(t *testing.T) {
 		n  *node
 		id string
 	}{{a, wa.ID}, {b, wb.ID}} {
-		out := c.n.mustCtl(t, "--json", "workloads")
-		if !strings.Contains(out, c.id) || !strings.Contains(out, "running") {
-			t.Fatalf("workload %s not running after the second node started: %s", c.id, out)
+		if ws := c.n.workloads(t); !slices.ContainsFunc(ws, func(w control.Workload) bool { return w.ID == c.id && w.State == "running" }) {
+			t.Fatalf("workload %s not running after the second node started: %+v", c.id, ws)
 		}
 	}
 	for _, id := range []string{ida, idb} {
@@ -654,8 +653,8 @@ func TestTwoNodesOneHost(t *testing.T) {
 	if out := c.out.String(); !strings.Contains(out, "in use by another nexd") {
 		t.Errorf("refusal does not say why:\n%s", out)
 	}
-	if out := a.mustCtl(t, "--json", "workloads"); !strings.Contains(out, wa.ID) || !strings.Contains(out, "running") {
-		t.Fatalf("node a lost its workload to the refused node: %s", out)
+	if ws := a.workloads(t); !slices.ContainsFunc(ws, func(w control.Workload) bool { return w.ID == wa.ID && w.State == "running" }) {
+		t.Fatalf("node a lost its workload to the refused node: %+v", ws)
 	}
 }
 
