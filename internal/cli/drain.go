@@ -336,7 +336,7 @@ func (a *app) confirmDrained(ctx context.Context, f *fleet, nodes []*drainNode) 
 	for _, n := range nodes {
 		n.Partial = ""
 		if p := partial[n.ID]; p != nil {
-			n.Partial = protocol.MissingText(p.Missing)
+			n.Partial = p.which() // never "": a partial list is never drained
 		}
 		n.Left = max(n.Left, len(byNode[n.ID]))
 	}

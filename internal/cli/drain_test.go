@@ -138,14 +138,20 @@ func TestLameduckWaitJSONKills(t *testing.T) {
 // exits 1 (--json: drained false). Before, the first count of 0 was "drained", exit 0.
 func TestLameduckWaitPartialIsNotDrained(t *testing.T) {
 	t.Parallel()
+	named := []protocol.MissingNexlet{{ID: "AECHO", Name: "echo-a", Reason: "no answer within 2s"}}
+	const namedText = "nexlet echo-a (AECHO): no answer within 2s"
 	for _, tc := range []struct {
-		name string
-		end  func(n *fakeNode)
-		code int
-		want []string
+		name    string
+		missing []protocol.MissingNexlet // nil: the count alone, as a tenant gets it
+		end     func(n *fakeNode)
+		code    int
+		want    []string
 	}{
-		{"nexlet back", func(n *fakeNode) { n.setPartial(nil) }, 0, []string{"node npart (NPART): drained"}},
-		{"node stops", (*fakeNode).vanish, 1, []string{"node npart (NPART): node stopped; not known to be drained: its last list was partial"}},
+		{"nexlet back", named, func(n *fakeNode) { n.setPartial(nil) }, 0, []string{"node npart (NPART): drained"}},
+		{"node stops", named, (*fakeNode).vanish, 1, []string{"node npart (NPART): node stopped; not known to be drained: its last list was partial"}},
+		// A partial list that counts its missing nexlets without naming them is
+		// partial too (before: its empty text counted as whole, drained at once).
+		{"count only", nil, func(n *fakeNode) { n.setPartial(nil) }, 0, []string{"node npart (NPART): drained"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -155,8 +161,7 @@ func TestLameduckWaitPartialIsNotDrained(t *testing.T) {
 			n := newFakeNode(t, nc, "NPART", map[string]string{"zone": "p"})
 			n.drains, n.load = true, 1
 			n.workloads = []protocol.WorkloadSummary{{ID: "WP1", Name: "a", Namespace: &def, WorkloadType: "native"}}
-			n.partial = &protocol.PartialList{NodeName: "npart", Wait: "2s", MissingCount: 1,
-				Missing: []protocol.MissingNexlet{{ID: "AECHO", Name: "echo-a", Reason: "no answer within 2s"}}}
+			n.partial = &protocol.PartialList{NodeName: "npart", Wait: "2s", MissingCount: 1, Missing: tc.missing}
 			n.start()
 			ended := make(chan struct{})
 			go func() { // 1.5 s after the drain (the counts at 0), the end
@@ -178,7 +183,11 @@ func TestLameduckWaitPartialIsNotDrained(t *testing.T) {
 			if code != tc.code {
 				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tc.code, out, errOut)
 			}
-			want := append([]string{"node npart (NPART): 0 workload(s) listed, list partial (nexlet echo-a (AECHO): no answer within 2s); waiting"}, tc.want...)
+			what := namedText
+			if tc.missing == nil {
+				what = "1 of its nexlets (the node names them to the system namespace only)"
+			}
+			want := append([]string{"node npart (NPART): 0 workload(s) listed, list partial (" + what + "); waiting"}, tc.want...)
 			for _, w := range want {
 				if !strings.Contains(out, w) {
 					t.Errorf("no %q in\n%s", w, out)

@@ -371,13 +371,17 @@ type partialList struct {
 }
 
 func (e *partialList) Error() string {
-	what := protocol.MissingText(e.Missing)
-	if what == "" {
-		// Outside the system namespace the node says how many, not which.
-		what = fmt.Sprintf("%d of its nexlets (the node names them to the system namespace only)", max(1, e.MissingCount))
-	}
 	return fmt.Sprintf("node %s (%s) listed only part of its workloads; missing those of %s",
-		orDash(e.NodeName), orDash(e.node), what)
+		orDash(e.NodeName), orDash(e.node), e.which())
+}
+
+// which names the nexlets the list lacks, never "": outside the system namespace the
+// node says how many, not which.
+func (e *partialList) which() string {
+	if what := protocol.MissingText(e.Missing); what != "" {
+		return what
+	}
+	return fmt.Sprintf("%d of its nexlets (the node names them to the system namespace only)", max(1, e.MissingCount))
 }
 
 // listWait bounds how long nexctl waits for a nexd node that acknowledged a WPING

@@ -327,7 +327,7 @@ func (a *app) migrateServices(ctx context.Context, f *fleet, nodes []*drainNode)
 	failed := 0
 	for _, n := range nodes {
 		if p := partial[n.ID]; p != nil {
-			failed += len(p.Missing)
+			failed += max(len(p.Missing), p.MissingCount, 1)
 			fmt.Fprintf(a.io.Stderr, "nexctl: migrate: %v; their services are not migrated and stop with the drain\n", p)
 		}
 		for _, w := range byNode[n.ID] {
