@@ -733,9 +733,14 @@ func TestFakeBidderUnknownNode(t *testing.T) {
 	if r, _ := deploy(nil, "fake=only"); deploys.Load() != 1 || r.ID != "stolen" {
 		t.Fatalf("control run: the self-signed fake did not get the deploy (%d deploys, placed %+v); the attack is not played", deploys.Load(), r)
 	}
+	// Both bid now; the fake answers at once, and nexctl's auction ends 250 ms after
+	// the latest bid. In make test (-race, load 9) the real node bid later than that in
+	// three auctions in a row once ("no bids"), so these runs wait up to 5 s for the
+	// second bid (the gather still ends as soon as both answering nodes bid).
+	wait := "--gather-stall=5s"
 	for name, run := range map[string]func() (runResult, string){
-		"flag": func() (runResult, string) { return deploy(nil, "", "--trusted-node", st.NodeID) },
-		"env":  func() (runResult, string) { return deploy([]string{"NEX_TRUSTED_NODES=" + st.NodeID}, "") },
+		"flag": func() (runResult, string) { return deploy(nil, "", wait, "--trusted-node", st.NodeID) },
+		"env":  func() (runResult, string) { return deploy([]string{"NEX_TRUSTED_NODES=" + st.NodeID}, "", wait) },
 	} {
 		r, errOut := run()
 		if deploys.Load() != 1 || r.Node != st.NodeID || r.ID == "stolen" {
