@@ -479,6 +479,16 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 		return nil, nil, err
 	}
 	out = []protocol.WorkloadSummary{}
+	n.mu.Lock()
+	drained := n.drained
+	n.mu.Unlock()
+	if drained {
+		// Deploys are refused in lame duck and the drain stopped every workload of a
+		// whole list: the answer is empty and whole. Asked of nexlets that are being
+		// stopped with the node, it would come back partial, and nexctl lameduck
+		// --wait would report the node not drained.
+		return out, nil, nil
+	}
 	asked := n.agentNames()
 	ans := answers{failed: map[string]string{}, heard: map[string]bool{}}
 	err = gather(ctx, n.o.NC, protocol.QueryWorkloadsSubject(n.id), body, len(asked), n.o.FanoutTimeout, func(m *nats.Msg) bool {
@@ -763,6 +773,11 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 		break
 	}
 	n.log.Info("lame duck drain done", "workloads", len(targets), "errors", len(errs))
+	if len(errs) == 0 {
+		n.mu.Lock()
+		n.drained = true
+		n.mu.Unlock()
+	}
 	return errors.Join(errs...)
 }
 

@@ -210,10 +210,14 @@ type Node struct {
 	xpub string
 	log  *slog.Logger
 
-	mu        sync.Mutex
-	state     protocol.NodeState
-	userTags  map[string]string
-	lameduck  time.Time // zero unless in lame duck mode: when workloads stop
+	mu       sync.Mutex
+	state    protocol.NodeState
+	userTags map[string]string
+	lameduck time.Time // zero unless in lame duck mode: when workloads stop
+	// drained: lame duck's drain ended without an error, so the node runs nothing and
+	// its lists say so without asking nexlets that are stopping with it
+	// (TestListAfterCleanDrainIsWhole).
+	drained   bool
 	startTime time.Time
 	agents    map[string]*registration // by agent id
 	// deaf is the last health sweep at which the node's own NATS connection was down:

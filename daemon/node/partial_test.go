@@ -117,3 +117,33 @@ func TestDrainReportsPartialList(t *testing.T) {
 		t.Fatalf("drain with a silent nexlet: %v", err)
 	}
 }
+
+// TestListAfterCleanDrainIsWhole: once lame duck's drain ended without an error, the
+// node's list is empty and whole even when its nexlets no longer answer (they are
+// stopped with the node). Before, a list asked while nexd stopped came back partial,
+// and nexctl lameduck --wait reported a cleanly drained node "not known to be
+// drained", exit 1 (e2e TestNexctlLameduckWaitJSON in CI). A drain that ended partial
+// keeps its lists partial.
+func TestListAfterCleanDrainIsWhole(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) { o.FanoutTimeout = 300 * time.Millisecond })
+	n := f.nodes[0]
+	native := f.healthyAgent(n, "AGENTNATIVE", "native", "native", nil)
+	if _, err := n.EnterLameduck(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.DrainWorkloads(t.Context()); err != nil {
+		t.Fatalf("drain: %v", err)
+	}
+	native.kill() // stopping with the node
+	m := request(t, f.client, protocol.WPingSubject(protocol.SystemNamespace), protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
+	if h := m.Header.Get(protocol.HeaderPartial); h != "" {
+		t.Fatalf("list after a clean drain is partial: %s", h)
+	}
+	var ws []protocol.WorkloadSummary
+	if err := json.Unmarshal(m.Data, &ws); err != nil || len(ws) != 0 {
+		t.Fatalf("list after a clean drain: %q (%v), want []", m.Data, err)
+	}
+	if _, missing, err := n.WorkloadList(t.Context()); err != nil || len(missing) != 0 {
+		t.Fatalf("local list after a clean drain: missing %v, err %v", missing, err)
+	}
+}
