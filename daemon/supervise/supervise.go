@@ -605,36 +605,35 @@ func (s *Supervisor) Stop(ctx context.Context) error {
 	return errors.Join(ctxErr, err)
 }
 
-// takePrestart returns the pre-started process for the start of spec, once: the first
-// start of the nexlet it matches takes it (nil for every other start).
-func (s *Supervisor) takePrestart(spec Spec) *Prestarted {
+// claimPrestart removes and returns the pre-started process if it is spec's nexlet's
+// (nil otherwise, and once it was claimed).
+func (s *Supervisor) claimPrestart(spec Spec) *Prestarted {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	p := s.pre
 	if p == nil || !p.matches(spec) {
-		s.mu.Unlock()
 		return nil
 	}
 	s.pre = nil
-	s.mu.Unlock()
-	if !p.take() {
-		return nil
-	}
 	return p
+}
+
+// takePrestart returns the pre-started process for the start of spec, once: the first
+// start of the nexlet it matches takes it (nil for every other start).
+func (s *Supervisor) takePrestart(spec Spec) *Prestarted {
+	if p := s.claimPrestart(spec); p != nil && p.take() {
+		return p
+	}
+	return nil
 }
 
 // dropPrestart discards the pre-started process of spec's nexlet, if any: it was
 // adopted from the previous nexd instead.
 func (s *Supervisor) dropPrestart(spec Spec) {
-	s.mu.Lock()
-	p := s.pre
-	if p == nil || !p.matches(spec) {
-		s.mu.Unlock()
-		return
+	if p := s.claimPrestart(spec); p != nil {
+		s.log.Info("pre-started nexlet discarded: the running one was adopted", "nexlet", spec.Name, "pid", p.Pid())
+		p.Discard()
 	}
-	s.pre = nil
-	s.mu.Unlock()
-	s.log.Info("pre-started nexlet discarded: the running one was adopted", "nexlet", spec.Name, "pid", p.Pid())
-	p.Discard()
 }
 
 // backoff is the delay before restart number n+1 (n from 0): min·2ⁿ capped at max, with
