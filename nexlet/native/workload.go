@@ -671,8 +671,18 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	return p
 }
 
-// awaitExitRecord waits briefly for nexd to reap an adopted process and record its exit.
+// awaitExitRecord waits briefly for nexd to reap an adopted process and record its
+// exit, and consumes the record.
 func (n *Nexlet) awaitExitRecord(id procid.ID) (procid.Exit, bool) {
+	ex, ok := n.waitExitRecord(id)
+	if ok {
+		procid.RemoveExit(n.cfg.ExitsDir, id)
+	}
+	return ex, ok
+}
+
+// waitExitRecord waits up to ExitRecordWait for nexd's exit record of id and leaves it.
+func (n *Nexlet) waitExitRecord(id procid.ID) (procid.Exit, bool) {
 	if n.cfg.ExitsDir == "" {
 		return procid.Exit{}, false
 	}
@@ -680,7 +690,6 @@ func (n *Nexlet) awaitExitRecord(id procid.ID) (procid.Exit, bool) {
 	for {
 		ex, err := procid.ReadExit(n.cfg.ExitsDir, id)
 		if err == nil {
-			procid.RemoveExit(n.cfg.ExitsDir, id)
 			return ex, true
 		}
 		if !errors.Is(err, procid.ErrNoExit) || time.Now().After(deadline) {
@@ -814,15 +823,10 @@ func (n *Nexlet) bindForkedRelaunch(w *workload) {
 	if !found {
 		return // never forked: the restart is still due
 	}
-	if zombie && n.cfg.ExitsDir != "" {
-		// Reparented to nexd, which reaps it and records its end.
-		deadline := time.Now().Add(ExitRecordWait)
-		for time.Now().Before(deadline) {
-			if _, err := procid.ReadExit(n.cfg.ExitsDir, run); err == nil {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+	if zombie {
+		// Reparented to nexd, which reaps it and records its end (left for
+		// endedMeanwhile to read).
+		n.waitExitRecord(run)
 	}
 	if err := n.writePID(w.id, run); err != nil {
 		n.log.Warn("a relaunch forked before its pid record was found but not recorded; its restart is made again", "workload_id", w.id, "err", err)
