@@ -243,6 +243,9 @@ func TestPrestartedDiscarded(t *testing.T) {
 			t.Fatal(err)
 		}
 		left := status(s1, "keep").PID
+		// The adoption signals SignalReattach: the fake must catch it by then, or the
+		// default action ends it (the test failed so in 2 of 10 package runs).
+		waitCaught(t, left, SignalReattach)
 		s1.Detach()
 		stopAll(t, s1)
 		p := prestartFake(t, spec, env)
@@ -323,4 +326,25 @@ func TestPrestartedDeadPidReusedNotPlaced(t *testing.T) {
 	if got, _ := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", target)); string(got) != string(oomBefore) {
 		t.Errorf("the stranger's oom_score_adj set: %q, was %q", got, oomBefore)
 	}
+}
+
+// waitCaught waits until pid catches sig (/proc/<pid>/status SigCgt).
+func waitCaught(t *testing.T, pid int, sig syscall.Signal) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			t.Fatalf("pid %d: %v", pid, err)
+		}
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "SigCgt:"); ok {
+				if m, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && m&(1<<(uint(sig)-1)) != 0 {
+					return
+				}
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("pid %d never caught %v", pid, sig)
 }
