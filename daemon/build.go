@@ -249,6 +249,16 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		}
 		s.bridgeWatchdog()
 		store = s.kv
+		if s.stateDir != "" {
+			// A stopped workload whose removal from the bucket fails stays stopped:
+			// a tombstone here keeps it out of every replay until a retry removes it.
+			ts, err := node.NewTombstones(s.kv, filepath.Join(s.stateDir, "tombstones"), d.log)
+			if err != nil {
+				return nil, err
+			}
+			d.closers.push("state removal retries", func(context.Context) error { ts.Close(); return nil })
+			store = ts
+		}
 	}
 	if cfg.Node.LogStream {
 		s.keepLogStream(startCtx, cfg.Node.LogStreamMaxAge, cfg.Node.LogStreamMaxBytes)

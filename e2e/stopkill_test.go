@@ -1,10 +1,15 @@
 package e2e
 
 import (
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -62,5 +67,85 @@ func TestAnsweredStopStaysStoppedAcrossKills(t *testing.T) {
 	}
 	if w, ok := c.listed(t, n2); ok {
 		t.Errorf("the stopped service is listed again: %+v", w)
+	}
+}
+
+// TestStopWithStateStoreDownStaysStopped: a service with a restart policy is stopped
+// while the node's state store is unreachable (JetStream disabled on the real
+// nats-server, core NATS still up, so the stop itself reaches the nexlet), and the
+// stop's removal from node state fails for real. nexd and its nexlet are then killed
+// (-9), JetStream comes back, and the next nexd starts on the same state: the stopped
+// service must not run again. Before, the failed removal was only logged, the record
+// stayed in the bucket, and the next nexd replayed the service (a second run). Now a
+// tombstone in the state directory keeps it out of the replay, the stop's answer says
+// the removal is pending, and the next nexd's retry removes the record and the
+// tombstone.
+func TestStopWithStateStoreDownStaysStopped(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	var storeDir string
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { storeDir = o.StoreDir }})
+	dir := t.TempDir()
+	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	c := startLoop(t, n, "service", `{"policy": "always", "max": 3}`, 3)
+	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool { return c.runs() == 1 && len(c.mains()) == 1 })
+
+	if err := s.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code := n.ctl(t, "workload", "stop", c.id)
+	if code != 0 || !strings.Contains(out, "successfully stopped") {
+		t.Fatalf("stop: exit %d: %s%s", code, out, errOut)
+	}
+	t.Logf("the stop's answer: %s", out)
+	if !strings.Contains(out, "removing it from node state failed") || !strings.Contains(out, "tombstone") {
+		t.Errorf("the stop's answer does not say its removal from node state is pending: %s", out)
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "the service's process gone", func() bool { return len(c.mains()) == 0 })
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	n.signal(t, syscall.SIGKILL)
+	n.wait(t, 30*time.Second)
+	// JetStream back: the same server's store, read again at a restart (a JetStream
+	// enabled again in the same process would not reload the bucket).
+	port := s.Addr().(*net.TCPAddr).Port
+	s.Shutdown()
+	s.WaitForShutdown()
+	s = testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = storeDir, port }})
+
+	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
+	n2.waitReady(t)
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if r := c.runs(); r != 1 {
+			t.Fatalf("the stopped service ran again after the restart: %d runs, processes %v", r, c.mains())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if w, ok := c.listed(t, n2); ok {
+		t.Errorf("the stopped service is listed again: %+v", w)
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "the retried removal drops the tombstone", func() bool {
+		ents, err := os.ReadDir(filepath.Join(dir, "tombstones"))
+		return err == nil && len(ents) == 0
+	})
+	// Out of the bucket too: a third nexd (without the tombstone) replays nothing.
+	n2.signal(t, syscall.SIGKILL)
+	n2.wait(t, 30*time.Second)
+	n3 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
+	n3.waitReady(t)
+	if r := c.runs(); r != 1 {
+		t.Fatalf("the stopped service ran again at the third start: %d runs", r)
+	}
+	if w, ok := c.listed(t, n3); ok {
+		t.Errorf("the stopped service is listed at the third start: %+v", w)
 	}
 }

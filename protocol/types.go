@@ -267,7 +267,18 @@ type StopWorkloadResponse struct {
 	// at that time (a repeated stop); upstream clients ignore it and read stopped and
 	// message ("already stopped at T ...").
 	AlreadyStoppedAt string `json:"nexd_already_stopped_at,omitempty"`
+	// nexd extension: set when the stopped workload could not be removed from node
+	// state (the state store unreachable): StateRemovalPending (a tombstone keeps it
+	// from being replayed until a retried removal succeeds) or StateRemovalFailed (no
+	// tombstone either: a restart of nexd or its nexlet may start it again).
+	StateRemoval string `json:"nexd_state_removal,omitempty"`
 }
+
+// StopWorkloadResponse.StateRemoval values.
+const (
+	StateRemovalPending = "pending"
+	StateRemovalFailed  = "failed"
+)
 
 // CloneWorkloadRequest asks for a workload's start request.
 type CloneWorkloadRequest struct {

@@ -375,7 +375,17 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		// stopped. Before, the state record went after the reply, and a nexd killed
 		// in between replayed the stopped service at its next start, which ran it
 		// again (TestAnsweredStopStaysStoppedAcrossKills).
-		n.unstore(workloadID, resp.WorkloadType)
+		if err := n.unstore(workloadID, resp.WorkloadType); err != nil {
+			// Stopped all the same; the caller is told whether it stays so.
+			resp.StateRemoval = protocol.StateRemovalFailed
+			how := "it may be started again when nexd or its nexlet restarts"
+			if errors.Is(err, ErrRemovalPending) {
+				resp.StateRemoval = protocol.StateRemovalPending
+				how = "a tombstone on this node keeps it from being started again until a retried removal succeeds"
+			}
+			cause := strings.TrimPrefix(err.Error(), ErrRemovalPending.Error()+": ")
+			resp.Message += fmt.Sprintf("; removing it from node state failed (%s): %s", cause, how)
+		}
 		st.Step("unstore")
 	}
 	n.respondJSON(r, resp)
@@ -815,24 +825,29 @@ func (n *Node) drainStop(ctx context.Context, targets map[string]drainTarget, do
 
 // forget removes a workload that ended from the node state.
 func (n *Node) forget(workloadID, workloadType string) {
-	n.unstore(workloadID, workloadType)
+	_ = n.unstore(workloadID, workloadType) // logged; a tombstone, if any, stands in
 	n.forgetStored(workloadID)
 }
 
 // unstore removes a workload from node state (its type: workloadType, else the one it
-// was deployed with; unknown, nothing is removed).
-func (n *Node) unstore(workloadID, workloadType string) {
+// was deployed with; unknown, nothing is removed). The error (logged here) wraps
+// ErrRemovalPending when a tombstone stands in for the removal.
+func (n *Node) unstore(workloadID, workloadType string) error {
 	n.mu.Lock()
 	if o, ok := n.owned[workloadID]; ok && workloadType == "" {
 		workloadType = o.typ
 	}
 	n.mu.Unlock()
 	if workloadType == "" {
-		return
+		return nil
 	}
-	if err := n.o.Store.Delete(n.ctx, workloadType, workloadID); err != nil {
-		n.log.Warn("failed to remove an ended workload from node state", "workload_id", workloadID, "err", err)
+	err := n.o.Store.Delete(n.ctx, workloadType, workloadID)
+	if errors.Is(err, ErrRemovalPending) {
+		n.log.Warn("failed to remove an ended workload from node state; a tombstone stands in for it", "workload_id", workloadID, "err", err)
+	} else if err != nil {
+		n.log.Error("failed to remove an ended workload from node state; it may be replayed", "workload_id", workloadID, "err", err)
 	}
+	return err
 }
 
 // forgetStored is the rest of forget once unstore removed the workload from node state.

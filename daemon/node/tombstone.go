@@ -1,0 +1,260 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// ErrRemovalPending says a workload's removal from node state failed, and a tombstone kept
+// on local disk stands in for it until a later removal succeeds. The workload is not
+// replayed meanwhile.
+var ErrRemovalPending = errors.New("removal from node state pending")
+
+// Tombstones wraps a Store whose removals can fail (a KV bucket whose JetStream is down
+// or cut off) so that a removed workload stays removed: a Delete that fails after a
+// bounded retry leaves a tombstone file in dir, ByType leaves tombstoned workloads out
+// (no replay brings them back), and an owned goroutine retries the removal until it
+// succeeds, then drops the tombstone. A Put of the same id drops its tombstone first.
+type Tombstones struct {
+	inner Store
+	dir   string
+	log   *slog.Logger
+	// Retry bounds a Delete's retries before it falls back to a tombstone; Every is the
+	// background retry's first interval (doubling up to 30 s).
+	retry, every time.Duration
+
+	mu     sync.Mutex // held over a tombstone's check, the store call and its change
+	kick   chan struct{}
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// NewTombstones keeps tombstones in dir (made 0700) and starts retrying any left there
+// by an earlier run. Close stops the retries.
+func NewTombstones(inner Store, dir string, log *slog.Logger) (*Tombstones, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("node state tombstones: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t := &Tombstones{inner: inner, dir: dir, log: log, retry: 2 * time.Second, every: time.Second,
+		kick: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{})}
+	go t.loop(ctx)
+	t.wake()
+	return t, nil
+}
+
+// Close stops the background retries and waits for them; tombstones left stay on disk
+// for the next start.
+func (t *Tombstones) Close() {
+	t.cancel()
+	<-t.done
+}
+
+// Put implements Store. A tombstone of the same workload goes first, so the retry does
+// not remove the new record.
+func (t *Tombstones) Put(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
+	t.mu.Lock()
+	if key, err := state.Key(workloadType, workloadID); err == nil {
+		if err := os.Remove(filepath.Join(t.dir, key)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.mu.Unlock()
+			return fmt.Errorf("node state: drop the tombstone of workload %s: %w", workloadID, err)
+		}
+	}
+	t.mu.Unlock()
+	return t.inner.Put(ctx, workloadType, workloadID, req)
+}
+
+// Delete implements Store. It retries a failing removal for up to t.retry (once while
+// other tombstones wait: the store is known to be failing); then it keeps a tombstone
+// and returns an error wrapping ErrRemovalPending, or, when no tombstone could be
+// written either, the removal's error alone: the workload may then be replayed.
+func (t *Tombstones) Delete(ctx context.Context, workloadType, workloadID string) error {
+	key, err := state.Key(workloadType, workloadID)
+	if err != nil {
+		return t.inner.Delete(ctx, workloadType, workloadID)
+	}
+	deadline := time.Now().Add(t.retry)
+	if t.pending() > 0 {
+		deadline = time.Now()
+	}
+	wait := 100 * time.Millisecond
+	for {
+		actx, cancel := context.WithTimeout(ctx, max(time.Until(deadline), time.Second))
+		err = t.inner.Delete(actx, workloadType, workloadID)
+		cancel()
+		if err == nil {
+			t.mu.Lock()
+			t.drop(key)
+			t.mu.Unlock()
+			return nil
+		}
+		if ctx.Err() != nil || time.Now().Add(wait).After(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+		wait *= 2
+	}
+	if terr := t.write(key); terr != nil {
+		return fmt.Errorf("%w; no tombstone kept either: %w", err, terr)
+	}
+	t.wake()
+	return fmt.Errorf("%w: %w", ErrRemovalPending, err)
+}
+
+// ByType implements Store: tombstoned workloads are left out.
+func (t *Tombstones) ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error) {
+	out, err := t.inner.ByType(ctx, workloadType)
+	if err != nil {
+		return out, err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, key := range t.keys() {
+		if typ, id, ok := state.SplitKey(key); ok && typ == workloadType {
+			if _, ok := out[id]; ok {
+				t.log.Info("not replaying a stopped workload whose removal from node state is pending", "workload_id", id, "type", typ)
+				delete(out, id)
+			}
+		}
+	}
+	return out, nil
+}
+
+// Pending returns the keys (<type>_<id>) of the tombstoned workloads.
+func (t *Tombstones) Pending() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.keys()
+}
+
+func (t *Tombstones) pending() int { return len(t.Pending()) }
+
+// keys lists the tombstones; t.mu held.
+func (t *Tombstones) keys() []string {
+	ents, err := os.ReadDir(t.dir)
+	if err != nil {
+		t.log.Warn("failed to read node state tombstones", "dir", t.dir, "err", err)
+		return nil
+	}
+	var out []string
+	for _, e := range ents {
+		if e.Type().IsRegular() && !strings.HasPrefix(e.Name(), ".") {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// write keeps a tombstone durably: the file, then its directory entry, synced.
+func (t *Tombstones) write(key string) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	tmp := filepath.Join(t.dir, "."+key)
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("node state tombstone: %w", err)
+	}
+	_, err = f.WriteString(time.Now().UTC().Format(time.RFC3339) + "\n")
+	err = errors.Join(err, f.Sync(), f.Close())
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(t.dir, key))
+	}
+	if err == nil {
+		err = syncDir(t.dir)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("node state tombstone %s: %w", key, err)
+	}
+	return nil
+}
+
+// drop removes a tombstone once its workload is out of the store; t.mu held.
+func (t *Tombstones) drop(key string) {
+	if err := os.Remove(filepath.Join(t.dir, key)); err == nil {
+		t.log.Info("workload removed from node state; its tombstone dropped", "key", key)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		t.log.Warn("failed to drop a node state tombstone", "key", key, "err", err)
+	}
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	return errors.Join(d.Sync(), d.Close())
+}
+
+func (t *Tombstones) wake() {
+	select {
+	case t.kick <- struct{}{}:
+	default:
+	}
+}
+
+// loop retries the tombstoned removals: at a wake, then after t.every, doubling up to
+// 30 s while some fail; with none left it sleeps until the next wake.
+func (t *Tombstones) loop(ctx context.Context) {
+	defer close(t.done)
+	every := t.every
+	var retry <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.kick:
+		case <-retry:
+		}
+		retry = nil
+		if t.retryAll(ctx) {
+			every = t.every
+			continue
+		}
+		retry = time.After(every)
+		every = min(2*every, 30*time.Second)
+	}
+}
+
+// retryAll tries each tombstoned removal once; it reports whether none is left.
+func (t *Tombstones) retryAll(ctx context.Context) bool {
+	left := 0
+	for _, key := range t.Pending() {
+		typ, id, ok := state.SplitKey(key)
+		if !ok {
+			continue
+		}
+		t.mu.Lock()
+		if _, err := os.Stat(filepath.Join(t.dir, key)); err != nil {
+			t.mu.Unlock() // dropped meanwhile (a Put, or a Delete that succeeded)
+			continue
+		}
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := t.inner.Delete(actx, typ, id)
+		cancel()
+		if err == nil {
+			t.drop(key)
+		} else {
+			left++
+			t.log.Debug("removal from node state still failing", "workload_id", id, "type", typ, "err", err)
+		}
+		t.mu.Unlock()
+		if ctx.Err() != nil {
+			return false
+		}
+	}
+	return left == 0
+}
