@@ -11,6 +11,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsembed"
 	"github.com/nexd-project/nexd/daemon/supervise"
+	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/internal/version"
@@ -24,12 +25,21 @@ const (
 	ExitUsage   = 2
 )
 
+// Early is what nexd's main package started before main: the native nexlet exec'd at
+// package init (internal/earlynexlet/atinit), or why it was not. Main owns it.
+type Early struct {
+	Nexlet *earlynexlet.Process
+	Err    error
+}
+
 // Main is nexd's entry point. args excludes the program name. It returns the exit code.
 //
 //	nexd [flags]             run the node
 //	nexd node up [flags]     the same, in upstream's words
 //	nexd nexlet native       the native nexlet (started by nexd itself)
-func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Early) int {
+	// Every return before prestartNexlet took it kills the process started at init.
+	defer func() { early.Nexlet.Discard() }()
 	if len(args) > 0 && args[0] == "nexlet" {
 		if _, pre := os.LookupEnv(supervise.EnvHandoff); pre {
 			// Pre-started at nexd's main: wait for the start's environment and
@@ -108,7 +118,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nexd: %v\n", err)
 		return ExitFailure
 	}
-	d.prestartNexlet(loaded.Config)
+	d.prestartNexlet(loaded.Config, early)
+	early = Early{}
 	pctx, stopProf := context.WithCancel(ctx)
 	defer stopProf()
 	waitProf := profdump.Start(pctx, os.Getenv, "nexd", d.log)

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,13 +12,15 @@ import (
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/supervise"
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
 
 // nativesOf lists the native nexlet processes of the node on state directory state,
-// found by what their exec environment says (a pre-started one's too).
+// found by what their exec environment says: forked ones and those pre-started at main,
+// not one exec'd at nexd's init (which cannot know the directory; see earlyNexlet).
 func nativesOf(state string) []int {
 	var out []int
 	for _, pid := range allPIDs() {
@@ -33,8 +34,36 @@ func nativesOf(state string) []int {
 	return out
 }
 
-// TestPrestartedNexletRegistersAndRuns: nexd execs its native nexlet at its main and
-// hands it its start later (supervise.Prestart). With an external NATS server, READY=1
+// earlyNexlet is nexd's (pid nexd) child native nexlet waiting for, or given, its
+// hand-off, as its process id (which tells it from a later process with its pid).
+func earlyNexlet(t *testing.T, nexd int) procid.ID {
+	t.Helper()
+	pid := nexletPID(nexd)
+	env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if pid == 0 || !strings.Contains(string(env), supervise.EnvHandoff+"=3\x00") {
+		t.Fatalf("nexd %d has no pre-started nexlet child (child %d, environ %q)", nexd, pid, env)
+	}
+	id, err := procid.Of(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// liveNativeNexlet says whether pid (a number) is a live "nexlet native" process.
+func liveNativeNexlet(pid string) bool {
+	cmd, _ := os.ReadFile("/proc/" + pid + "/cmdline")
+	st, _ := os.ReadFile("/proc/" + pid + "/stat")
+	return strings.Contains(string(cmd), "\x00nexlet\x00native\x00") && !strings.Contains(string(st), ") Z ")
+}
+
+// gone says whether the process id names no live process (gone, or a zombie).
+func gone(id procid.ID) bool {
+	return !id.Alive() || strings.HasPrefix(procStatus(id.PID, "State"), "Z")
+}
+
+// TestPrestartedNexletRegistersAndRuns: nexd execs its native nexlet at its package
+// init (internal/earlynexlet/atinit) and hands it its start later. With an external NATS server, READY=1
 // still comes once that nexlet registered, a workload deploys and runs, and the nexlet
 // that runs is the pre-started process (its exec environment names the hand-off
 // descriptor) whose credentials never showed in /proc/<pid>/environ. A restart of the
@@ -66,6 +95,10 @@ func TestPrestartedNexletRegistersAndRuns(t *testing.T) {
 	if !strings.Contains(string(env), supervise.EnvHandoff+"=3\x00") {
 		t.Fatalf("the running nexlet was not pre-started: environ %q", env)
 	}
+	if at := n.logAttr(t, "native nexlet pre-started; its start follows once nexd has built itself", "at"); at != "init" {
+		t.Errorf("the nexlet was pre-started at %q, want at nexd's init:\n%s", at, n.out.String())
+	}
+	early := earlyNexlet(t, n.cmd.Process.Pid)
 	if strings.Contains(string(env), "NEX_AGENT_") {
 		t.Errorf("credentials in the pre-started nexlet's /proc environ: %q", env)
 	}
@@ -93,16 +126,16 @@ func TestPrestartedNexletRegistersAndRuns(t *testing.T) {
 	if code := n.wait(t, 60*time.Second); code != 0 {
 		t.Fatalf("exit %d after SIGTERM", code)
 	}
-	if left := nativesOf(n.stateDir); len(left) > 0 {
-		t.Errorf("native nexlets left after the stop: %v", left)
+	if left := nativesOf(n.stateDir); len(left) > 0 || !gone(early) {
+		t.Errorf("native nexlets left after the stop: %v, the pre-started %s alive %v", left, early, !gone(early))
 	}
 }
 
 // TestPrestartedNexletNeverOrphaned: a pre-started native nexlet never outlives a nexd
-// that did not hand it its start. Counted by the state directory its exec environment
-// names: one while nexd waits for NATS before the hand-off (an object-store agent makes
-// the nexlets wait for the connection), none after a kill -9 of nexd; none after a nexd
-// that failed its start after the pre-start (an agent binary that does not exist).
+// that did not hand it its start: the one nexd's init exec'd, nexd's child while nexd
+// waits for NATS before the hand-off (an object-store agent makes the nexlets wait for
+// the connection), is gone after a kill -9 of nexd; none is left after a nexd that
+// failed its start after the pre-start (an agent binary that does not exist).
 func TestPrestartedNexletNeverOrphaned(t *testing.T) {
 	needCgroupV1(t, "hierarchies (root)")
 	t.Parallel()
@@ -115,18 +148,11 @@ func TestPrestartedNexletNeverOrphaned(t *testing.T) {
 		ns := newNotifySocket(t)
 		n := startNode(t, nodeOpts{external: "nats://127.0.0.1:1", notify: ns, dir: dir})
 		ns.waitFor(t, "waiting for NATS", 60*time.Second)
-		var pre []int
-		testkit.EventuallyWithin(t, 30*time.Second, "the pre-started nexlet", func() bool {
-			pre = nativesOf(n.stateDir)
-			return len(pre) == 1
-		})
-		if child := nexletPID(n.cmd.Process.Pid); child != pre[0] {
-			t.Fatalf("pre-started nexlet %d is not nexd's child (%d)", pre[0], child)
-		}
+		pre := earlyNexlet(t, n.cmd.Process.Pid)
 		n.cmd.Process.Kill()
 		n.wait(t, 30*time.Second)
 		testkit.EventuallyWithin(t, 30*time.Second, "no native nexlet left", func() bool {
-			return len(nativesOf(n.stateDir)) == 0
+			return gone(pre) && len(nativesOf(n.stateDir)) == 0
 		})
 	})
 	t.Run("start failed after the pre-start", func(t *testing.T) {
@@ -144,7 +170,7 @@ func TestPrestartedNexletNeverOrphaned(t *testing.T) {
 		if pid == "" {
 			t.Fatalf("no nexlet was pre-started:\n%s", n.out.String())
 		}
-		if left := nativesOf(n.stateDir); len(left) > 0 {
+		if left := nativesOf(n.stateDir); len(left) > 0 || liveNativeNexlet(pid) {
 			t.Errorf("native nexlets left by the failed start: %v (pre-started %s)", left, pid)
 		}
 	})
@@ -163,17 +189,17 @@ func TestLiveRestoreAdoptsWithoutPrestart(t *testing.T) {
 	n.waitReady(t)
 	w := n.runWorkload(t, "--name", "kept", "--", "/bin/sleep", "600")
 	testkit.EventuallyWithin(t, 60*time.Second, "the workload runs", func() bool { return len(n.groupProcs(w.ID)) > 0 })
-	before := nativesOf(n.stateDir)
-	if len(before) != 1 {
-		t.Fatalf("native nexlets %v, want one", before)
+	first := earlyNexlet(t, n.cmd.Process.Pid) // pre-started at init: no state dir in its environ
+	if forked := nativesOf(n.stateDir); len(forked) > 0 {
+		t.Fatalf("native nexlets %v beside the pre-started %s, want one", forked, first)
 	}
 	opts.stateDir = n.stateDir
 	n2 := n.restart(t, opts)
 	if !strings.Contains(n2.out.String(), "adopted the running nexlet") {
 		t.Fatalf("the running nexlet was not adopted:\n%s", n2.out.String())
 	}
-	if got := nativesOf(n.stateDir); !slices.Equal(got, before) {
-		t.Errorf("native nexlets after the restart %v, want only the adopted %v", got, before)
+	if got := nativesOf(n.stateDir); len(got) > 0 || gone(first) {
+		t.Errorf("native nexlets after the restart %v (the adopted %s alive %v), want only the adopted", got, first, !gone(first))
 	}
 	if child := nexletPID(n2.cmd.Process.Pid); child != 0 {
 		t.Errorf("the new nexd has a nexlet child %d beside the adopted one", child)
@@ -183,4 +209,55 @@ func TestLiveRestoreAdoptsWithoutPrestart(t *testing.T) {
 	}
 	n2.signal(t, syscall.SIGINT)
 	n2.wait(t, 60*time.Second)
+}
+
+// TestEarlyNexletFallsBack: the native nexlet nexd's init exec'd is used only when
+// the configuration agrees with what its runtime read at exec. With go_memory_limit set
+// (GOMEMLIMIT, read before main) it is killed and one is pre-started at main with the
+// limit, which registers and runs workloads; with disable_native_start it is killed and
+// none runs. Either way the init's process is gone, not left waiting.
+func TestEarlyNexletFallsBack(t *testing.T) {
+	needCgroupV1(t, "hierarchies (root), where the native nexlet runs in its group")
+	t.Parallel()
+	t.Run("go_memory_limit", func(t *testing.T) {
+		t.Parallel()
+		s := testnats.Start(t, testnats.Options{})
+		n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--go-memory-limit", "256M"}})
+		n.waitReady(t)
+		init := n.logAttr(t, "native nexlet started at init not used: the configuration sets a variable its runtime read otherwise", "pid")
+		if v := n.logAttr(t, "native nexlet started at init not used: the configuration sets a variable its runtime read otherwise", "var"); v != "GOMEMLIMIT" {
+			t.Fatalf("the init's nexlet was not set aside for GOMEMLIMIT (var %q):\n%s", v, n.out.String())
+		}
+		if at := n.logAttr(t, "native nexlet pre-started; its start follows once nexd has built itself", "at"); at != "main" {
+			t.Errorf("pre-started at %q, want main", at)
+		}
+		if liveNativeNexlet(init) {
+			t.Errorf("the init's nexlet %s is still alive", init)
+		}
+		pid := nexletPID(n.cmd.Process.Pid)
+		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if !strings.Contains(string(env), "GOMEMLIMIT=268435456\x00") || !strings.Contains(string(env), supervise.EnvHandoff+"=3\x00") {
+			t.Errorf("the running nexlet %d was not pre-started with the limit: environ %q", pid, env)
+		}
+		w := n.runWorkload(t, "--name", "limited", "--", "/bin/sleep", "600")
+		testkit.EventuallyWithin(t, 60*time.Second, "the workload runs", func() bool { return len(n.groupProcs(w.ID)) > 0 })
+	})
+	t.Run("disable_native_start", func(t *testing.T) {
+		t.Parallel()
+		s := testnats.Start(t, testnats.Options{})
+		n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--disable-native-start",
+			"--agents.uri", "file:///bin/sleep", "--agents.argv", "600"}})
+		testkit.EventuallyWithin(t, 60*time.Second, "the agent runs", func() bool {
+			return strings.Contains(n.out.String(), "nexlet started")
+		})
+		for _, pid := range allPIDs() {
+			if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); strings.Contains(string(st), fmt.Sprintf(") S %d ", n.cmd.Process.Pid)) || strings.Contains(string(st), fmt.Sprintf(") Z %d ", n.cmd.Process.Pid)) {
+				if liveNativeNexlet(fmt.Sprint(pid)) || strings.Contains(string(st), ") Z ") {
+					t.Errorf("nexd has a child %d: %s", pid, st)
+				}
+			}
+		}
+		n.signal(t, syscall.SIGTERM)
+		n.wait(t, 60*time.Second)
+	})
 }

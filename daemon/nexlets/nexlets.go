@@ -28,6 +28,7 @@ import (
 	"github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/dirlock"
+	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/internal/testhold"
@@ -497,11 +498,11 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 
 // NativeCommand is the native nexlet's executable (nexd's own) and arguments.
 func NativeCommand() (path string, args []string, err error) {
-	exe, err := os.Executable()
+	path, args, err = earlynexlet.NativeCommand()
 	if err != nil {
 		return "", nil, fmt.Errorf("native nexlet: find own executable: %w", err)
 	}
-	return exe, []string{"nexlet", "native"}, nil
+	return path, args, nil
 }
 
 func (m *Manager) jetstream(cfg *config.Config) (jetstream.JetStream, error) {

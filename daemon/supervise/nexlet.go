@@ -273,7 +273,7 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		}
 		switch r := n.s.reaper; {
 		case pre != nil:
-			cmd = pre.cmd // placed, recorded, hardened and handed its start
+			cmd.Process = pre.proc // placed, recorded, hardened and handed its start
 		case r != nil:
 			// The reaper must not take this child's exit from cmd.Wait.
 			r.forkMu.Lock()
@@ -301,6 +301,7 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		if pre != nil {
 			go func() { // ends with the process, as cmd.Wait's below
 				<-pre.done
+				cmd.ProcessState = pre.pstate // read once w is
 				w <- pre.werr
 			}()
 		} else {

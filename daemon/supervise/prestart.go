@@ -16,6 +16,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/earlynexlet"
 )
 
 // A nexlet may be pre-started: its process is exec'd at nexd's main, before nexd knows
@@ -34,10 +36,10 @@ import (
 // not used (another path, a nexlet adopted from the previous nexd, a stop) is killed.
 
 // EnvHandoff names the descriptor on which a pre-started nexlet waits for its hand-off.
-const EnvHandoff = "NEXD_HANDOFF_FD"
+const EnvHandoff = earlynexlet.EnvHandoff
 
 // handoffFD is the pre-started process's descriptor of its end of the pair.
-const handoffFD = 3
+const handoffFD = earlynexlet.HandoffFD
 
 // maxHandoff bounds the hand-off message (the environment, NUL-separated).
 const maxHandoff = 64 << 10
@@ -60,19 +62,20 @@ type Prestarted struct {
 	// CPU limit of that cgroup, read once at exec (Go reads its leaf group's limit only,
 	// and never again after a move).
 	procsLimited bool
-	cmd          *exec.Cmd
+	proc         *os.Process
 	pair         *os.File // nexd's end of the hand-off pair
 
-	done chan struct{} // closed once cmd.Wait returned
-	werr error         // cmd.Wait's result, set before done closes
+	done   chan struct{}    // closed once the process was reaped
+	werr   error            // proc.Wait's error, set before done closes
+	pstate *os.ProcessState // proc.Wait's state, set before done closes
 
 	mu    sync.Mutex
 	state int // prestartWaiting, prestartTaken, prestartDiscarded
-	// ended: the process ended and is about to be reaped (set before cmd.Wait; while
+	// ended: the process ended and is about to be reaped (set before proc.Wait; while
 	// it is false under mu, the pid is this process's, alive or a zombie)
 	ended    bool
-	exited   bool   // cmd.Wait returned
-	onWaited func() // called after cmd.Wait returned (the reaper's release)
+	exited   bool   // proc.Wait returned
+	onWaited func() // called after proc.Wait returned (the reaper's release)
 }
 
 const (
@@ -117,9 +120,35 @@ func Prestart(path string, args []string, env map[string]string, stderr *os.File
 		ours.Close()
 		return nil, fmt.Errorf("prestart %s: %w", path, err)
 	}
-	p := &Prestarted{path: path, args: slices.Clone(args), env: maps.Clone(env), cmd: cmd, pair: ours,
-		procsLimited: runtime.GOMAXPROCS(0) != runtime.NumCPU(), done: make(chan struct{})}
-	go func() { // ends with the process: taken, it is the nexlet; discarded, it is killed
+	// Every stream is a file or /dev/null: cmd has nothing to copy or close after
+	// the process ends, so waiting for cmd.Process is waiting for cmd.
+	return watchPrestarted(&Prestarted{path: path, args: slices.Clone(args), env: maps.Clone(env),
+		proc: cmd.Process, pair: ours, procsLimited: runtime.GOMAXPROCS(0) != runtime.NumCPU()}), nil
+}
+
+// PrestartedEarly takes over e, a native nexlet exec'd at nexd's package init
+// (earlynexlet), as a Prestarted, when what its runtime read at exec is what env (the
+// pre-start's environment at main) sets. Otherwise it returns the first variable that
+// differs, and e stays the caller's.
+func PrestartedEarly(e *earlynexlet.Process, env map[string]string) (*Prestarted, string, error) {
+	for _, k := range runtimeEnv() {
+		if e.Env[k] != env[k] {
+			return nil, k, nil
+		}
+	}
+	proc, err := os.FindProcess(e.Pid) // our child, unreaped: its pid is its own
+	if err != nil {
+		return nil, "", fmt.Errorf("pre-started pid %d: %w", e.Pid, err)
+	}
+	return watchPrestarted(&Prestarted{path: e.Path, args: slices.Clone(e.Args), env: maps.Clone(e.Env),
+		proc: proc, pair: e.Pair, procsLimited: e.ProcsLimited}), "", nil
+}
+
+// watchPrestarted starts p's waiter, which ends with the process: taken, it is the
+// nexlet; discarded, it is killed.
+func watchPrestarted(p *Prestarted) *Prestarted {
+	p.done = make(chan struct{})
+	go func() {
 		// Its end is seen before it is reaped, so that whileUnreaped never acts on a
 		// pid freed for another process.
 		var info unix.Siginfo
@@ -128,7 +157,7 @@ func Prestart(path string, args []string, env map[string]string, stderr *os.File
 		p.mu.Lock()
 		p.ended = true
 		p.mu.Unlock()
-		err := cmd.Wait()
+		ps, err := p.proc.Wait()
 		p.mu.Lock()
 		p.exited = true
 		hook := p.onWaited
@@ -136,14 +165,14 @@ func Prestart(path string, args []string, env map[string]string, stderr *os.File
 		if hook != nil {
 			hook()
 		}
-		p.werr = err
+		p.werr, p.pstate = err, ps
 		close(p.done)
 	}()
-	return p, nil
+	return p
 }
 
 // Pid is the pre-started process's pid.
-func (p *Prestarted) Pid() int { return p.cmd.Process.Pid }
+func (p *Prestarted) Pid() int { return p.proc.Pid }
 
 // Discard kills the pre-started process and waits for it, unless a Supervisor took it
 // (then it does nothing). It may be called more than once.
@@ -159,7 +188,7 @@ func (p *Prestarted) Discard() {
 	p.state = prestartDiscarded
 	p.mu.Unlock()
 	p.pair.Close() // a process that reached its main reads the end: it exits
-	_ = p.cmd.Process.Kill()
+	_ = p.proc.Kill()
 	<-p.done
 }
 
@@ -182,7 +211,7 @@ func (p *Prestarted) take() bool {
 // release gives a taken p up: it is killed and waited for (a hand-off that failed).
 func (p *Prestarted) release() {
 	p.pair.Close()
-	_ = p.cmd.Process.Kill()
+	_ = p.proc.Kill()
 	<-p.done
 }
 
@@ -199,7 +228,7 @@ func (p *Prestarted) whileUnreaped(f func(pid int) error) error {
 	return f(p.Pid())
 }
 
-// setOnWaited makes hook run once cmd.Wait has returned; it reports false (and does
+// setOnWaited makes hook run once proc.Wait has returned; it reports false (and does
 // not keep hook) when it has already.
 func (p *Prestarted) setOnWaited(hook func()) bool {
 	p.mu.Lock()

@@ -25,13 +25,11 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"math"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -39,9 +37,9 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"github.com/nexd-project/nexd/internal/names"
 	"github.com/nexd-project/nexd/internal/procid"
-	"golang.org/x/sys/unix"
 )
 
 // EnvCgroup is the environment variable carrying the nexlet's cgroup subtree (see
@@ -319,32 +317,13 @@ func (s *Supervisor) ExitsDir() string {
 // own files that way, but descriptors nexd inherited (from a shell, or a service
 // manager) would otherwise leak into every nexlet.
 func closeInheritedOnExec(log *slog.Logger) {
-	err := unix.CloseRange(3, math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC)
-	if err == nil {
-		return
-	}
-	ents, rerr := os.ReadDir("/proc/self/fd") // kernels before 5.11
-	if rerr != nil {
-		log.Warn("cannot mark inherited descriptors close-on-exec", "err", errors.Join(err, rerr))
-		return
-	}
-	for _, e := range ents {
-		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-			_, _ = unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
-		}
+	if err := earlynexlet.CloseInheritedOnExec(); err != nil {
+		log.Warn("cannot mark inherited descriptors close-on-exec", "err", err)
 	}
 }
 
 func raiseNofile(log *slog.Logger) {
-	var r syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r); err != nil {
-		log.Warn("cannot read RLIMIT_NOFILE", "err", err)
-		return
-	}
-	r.Cur = r.Max
-	// syscall.Setrlimit (even to the current values) also stops Go from restoring the
-	// original soft limit in exec'd children.
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &r); err != nil {
+	if err := earlynexlet.RaiseNofile(); err != nil {
 		log.Warn("cannot raise RLIMIT_NOFILE", "err", err)
 	}
 }
