@@ -712,31 +712,78 @@ func (n *Node) KnownWorkloads(ctx context.Context) ([]protocol.WorkloadSummary, 
 }
 
 // StopAllWorkloads stops every workload on this node through its nexlets (node
-// shutdown). Node state is left alone from here on, so the workloads come back when
-// the nexlets register again after a restart.
+// shutdown), all at once, each waited for. Node state is left alone from here on, so
+// the workloads come back when the nexlets register again after a restart. As in
+// DrainWorkloads, a partial list (a nexlet that missed the fan-out) is asked again
+// after the stops and its new rows stopped; a list still partial then is an error
+// naming the missing nexlets, whose workloads may run on (TestStopAllPartialList).
 func (n *Node) StopAllWorkloads(ctx context.Context) error {
 	n.mu.Lock()
 	n.keep = true
 	n.mu.Unlock()
-	list, err := n.Workloads(ctx)
-	if err != nil {
-		return fmt.Errorf("list workloads to stop: %w", err)
-	}
 	var errs []error
+	done := map[string]bool{}
+	stopped := 0
+	for round := 0; ; round++ {
+		list, missing, err := n.WorkloadList(ctx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list workloads to stop: %w", err))
+			break
+		}
+		var more []error
+		stopped, more = n.stopListed(ctx, list, done, stopped)
+		errs = append(errs, more...)
+		if len(missing) == 0 {
+			break
+		}
+		if round == 0 {
+			continue
+		}
+		errs = append(errs, errors.New("the list is partial; missing those of "+protocol.MissingText(missing)+": their workloads may run on"))
+		break
+	}
+	err := errors.Join(errs...)
+	if err != nil {
+		n.log.Error("stopping workloads at shutdown", "stopped", stopped, "errors", len(errs), "err", err)
+	} else {
+		n.log.Info("workloads stopped at shutdown", "stopped", stopped)
+	}
+	return err
+}
+
+// stopListed stops, all at once, each listed workload not yet done, and marks it done;
+// it returns stopped plus how many it stopped, and the failures.
+func (n *Node) stopListed(ctx context.Context, list []protocol.WorkloadSummary, done map[string]bool, stopped int) (int, []error) {
+	var (
+		mu   sync.Mutex
+		errs []error
+		wg   sync.WaitGroup
+	)
 	for _, w := range list {
+		if done[w.ID] {
+			continue
+		}
+		done[w.ID] = true
 		ns := protocol.SystemNamespace
 		if w.Namespace != nil && *w.Namespace != "" {
 			ns = *w.Namespace
 		}
-		resp, err := n.stopWorkload(ctx, ns, w.ID)
-		switch {
-		case err != nil:
-			errs = append(errs, fmt.Errorf("stop workload %s (%s): %w", w.ID, w.Name, err))
-		case !resp.Stopped:
-			errs = append(errs, fmt.Errorf("stop workload %s (%s): %s", w.ID, w.Name, resp.Message))
-		}
+		wg.Go(func() {
+			resp, err := n.stopWorkload(ctx, ns, w.ID)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil:
+				errs = append(errs, fmt.Errorf("stop workload %s (%s): %w", w.ID, w.Name, err))
+			case !resp.Stopped:
+				errs = append(errs, fmt.Errorf("stop workload %s (%s): %s", w.ID, w.Name, resp.Message))
+			default:
+				stopped++
+			}
+		})
 	}
-	return errors.Join(errs...)
+	wg.Wait()
+	return stopped, errs
 }
 
 // DrainWorkloads is the end of lame duck mode: it stops every workload this node runs

@@ -238,9 +238,13 @@ type fakeAgent struct {
 	// the start); with progress the fake reports progress as the node asks.
 	startDelay time.Duration
 	progress   bool
-	stopHB     chan struct{}
-	hbDone     chan struct{}
-	resp       protocol.RegisterAgentResponse
+	// firstListDelay holds the reply to the first QUERYWORKLOADS this long (a nexlet
+	// busy replaying as the node lists).
+	firstListDelay time.Duration
+	lists          int
+	stopHB         chan struct{}
+	hbDone         chan struct{}
+	resp           protocol.RegisterAgentResponse
 }
 
 func newFakeAgent(t testing.TB, srv *server.Server, nodeID, id, name, typ string) *fakeAgent {
@@ -418,6 +422,14 @@ func (a *fakeAgent) serve() {
 			respondErr(m, "100", err.Error(), nil)
 			return
 		}
+		a.mu.Lock()
+		a.lists++
+		delay := a.firstListDelay
+		if a.lists > 1 {
+			delay = 0
+		}
+		a.mu.Unlock()
+		time.Sleep(delay)
 		out := []protocol.WorkloadSummary{}
 		a.mu.Lock()
 		for id, w := range a.workloads {

@@ -147,3 +147,34 @@ func TestListAfterCleanDrainIsWhole(t *testing.T) {
 		t.Fatalf("local list after a clean drain: missing %v, err %v", missing, err)
 	}
 }
+
+// TestStopAllPartialList: the node's shutdown (SIGTERM without live_restore) stops
+// every workload its nexlets list. A nexlet that misses the first list (its answer held
+// past the fan-out) is asked again after the stops, and its workload is stopped too; a
+// nexlet that never answers makes the stop-all an error naming it. Before, the first
+// partial list was taken as whole: the slow nexlet's workload ran on, and the call
+// returned no error.
+func TestStopAllPartialList(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) { o.FanoutTimeout = 300 * time.Millisecond })
+	n := f.nodes[0]
+	withWorkload := func(id string, delay time.Duration) func(*fakeAgent) {
+		return func(a *fakeAgent) {
+			a.workloads[id] = startReq(protocol.SystemNamespace, id, "")
+			a.firstListDelay = delay
+		}
+	}
+	native := f.healthyAgent(n, "AGENTNATIVE", "native", "native", withWorkload("W1", 0))
+	slow := f.healthyAgent(n, "AGENTSLOW", "echo-slow", "echo", withWorkload("W2", 500*time.Millisecond))
+	silent := f.healthyAgent(n, "AGENTSILENT", "echo-a", "echo2", nil)
+	silent.kill()
+	err := n.StopAllWorkloads(t.Context())
+	if c := native.workloadCount() + slow.workloadCount(); c != 0 {
+		t.Errorf("%d workloads left running after the stop-all (native %d, slow %d)", c, native.workloadCount(), slow.workloadCount())
+	}
+	if err == nil || !strings.Contains(err.Error(), "the list is partial; missing those of nexlet echo-a (AGENTSILENT)") {
+		t.Fatalf("stop-all with a silent nexlet: %v", err)
+	}
+	if strings.Contains(err.Error(), "AGENTSLOW") {
+		t.Errorf("the slow nexlet answered the second list, yet: %v", err)
+	}
+}
