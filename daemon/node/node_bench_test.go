@@ -142,3 +142,35 @@ func (p placeBodies) placeAndStop(nc *nats.Conn, name string) error {
 	}
 	return nil
 }
+
+// BenchmarkList is one WPING in the system namespace answered by a node whose nexlets
+// (fake, on the same server) hold 10 workloads each: the node's fan-out to them, their
+// answers, the merge and the reply.
+func BenchmarkList(b *testing.B) {
+	for _, nexlets := range []int{1, 3} {
+		b.Run(fmt.Sprintf("nexlets=%d", nexlets), func(b *testing.B) {
+			f := newFixture(b, 1, nil)
+			n := f.nodes[0]
+			for i := range nexlets {
+				a := f.healthyAgent(n, fmt.Sprintf("agent%d", i), fmt.Sprintf("bench%d", i), "native", func(a *fakeAgent) { a.hbEvery = time.Second })
+				a.mu.Lock()
+				for w := range 10 {
+					a.workloads[fmt.Sprintf("a%dw%d", i, w)] = startReq("tenant", fmt.Sprintf("w%d", w), `{"cmd":"run"}`)
+				}
+				a.mu.Unlock()
+			}
+			body, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: "system", Filter: []string{}})
+			subj := protocol.WPingSubject("system")
+			b.ReportAllocs()
+			for b.Loop() {
+				m, err := f.client.Request(subj, body, 10*time.Second)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if m.Header.Get(protocol.HeaderPartial) != "" || m.Header.Get(protocol.HeaderErrorCode) != "" {
+					b.Fatalf("list: %v %s", m.Header, m.Data)
+				}
+			}
+		})
+	}
+}
