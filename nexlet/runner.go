@@ -365,6 +365,11 @@ func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgen
 		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), r.async(nc, busy, r.handleStop)},
 		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), counted(busy, r.handleGet)},
 		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), counted(busy, r.handleQuery)},
+		// The same, asked of this nexlet alone (AnswersDirect): a nexd node asks here;
+		// upstream's asks on the shared subjects above.
+		{"StopWorkloadDirect", protocol.StopWorkloadAgentSubject(r.nodeID, agentID, "*"), r.async(nc, busy, r.handleStop)},
+		{"GetWorkloadDirect", protocol.GetWorkloadAgentSubject(r.nodeID, agentID, "*"), counted(busy, r.handleGet)},
+		{"QueryWorkloadsDirect", protocol.QueryWorkloadsAgentSubject(r.nodeID, agentID), counted(busy, r.handleQuery)},
 		{"PingAgent", protocol.PingAgentSubject(r.nodeID, agentID), counted(busy, r.handlePing)},
 		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), counted(busy, r.handlePing)},
 		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), r.async(nc, busy, r.handleLameduck)},
@@ -440,6 +445,9 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 	// The runner reports ended workloads as acknowledged requests (EmitEvent), so the
 	// node may ignore the forgeable WORKLOADSTOPPED events for this nexlet.
 	reg.ReportsEnded = true
+	// It serves the node's fan-outs on its own agent id's subjects too (serve), where a
+	// nexd node asks it, so a rogue nexlet cannot answer for it.
+	reg.AnswersDirect = true
 	if h, ok := r.agent.(WorkloadHolder); ok {
 		ids := h.HeldWorkloads()
 		if ids == nil {

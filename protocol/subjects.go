@@ -79,8 +79,10 @@ const (
 	// HeaderStopped on a WPING reply: a JSON []RecentStop, newest first, at most 16.
 	HeaderStopped = "Nex-Stopped"
 	// HeaderAgentID names the nexlet that sent a reply: upstream's PingAgent sets it,
-	// and nexd's nexlets set it on QUERYWORKLOADS replies too, so a node can tell which
-	// nexlet did not answer.
+	// and nexd's nexlets set it on QUERYWORKLOADS replies too. Any nexlet can write any
+	// name here: a nexd node tells which nexlet answered by the reply subject it asked
+	// it on (QueryWorkloadsAgentSubject), and uses the header only to drop a nexd
+	// nexlet's second answer on the shared subject.
 	HeaderAgentID = "agentId"
 )
 
@@ -168,6 +170,27 @@ func GetWorkloadSubject(nodeID, workloadID string) string {
 
 // QueryWorkloadsSubject asks every agent of a node for its workloads.
 func QueryWorkloadsSubject(nodeID string) string { return AgentPrefix(nodeID) + ".QUERYWORKLOADS" }
+
+// QueryWorkloadsAgentSubject asks one nexlet for its workloads. It, StopWorkloadAgentSubject
+// and GetWorkloadAgentSubject are a nexd extension: the node asks each nexlet that registered with AnswersDirect on
+// subjects under its own agent id, which only that nexlet's user may subscribe to, and
+// gives each its own reply subject, which only the recipient may then publish to
+// (response permission): a reply there proves its sender. On the shared subjects every
+// nexlet hears every request, so a rogue one could answer in another's name.
+func QueryWorkloadsAgentSubject(nodeID, agentID string) string {
+	return AgentPrefix(nodeID) + "." + agentID + ".QUERYWORKLOADS"
+}
+
+// StopWorkloadAgentSubject asks one nexlet to stop a workload (see QueryWorkloadsAgentSubject).
+func StopWorkloadAgentSubject(nodeID, agentID, workloadID string) string {
+	return AgentPrefix(nodeID) + "." + agentID + ".STOPWORKLOAD." + workloadID
+}
+
+// GetWorkloadAgentSubject asks one nexlet for a workload's start request (see
+// QueryWorkloadsAgentSubject).
+func GetWorkloadAgentSubject(nodeID, agentID, workloadID string) string {
+	return AgentPrefix(nodeID) + "." + agentID + ".GETWORKLOAD." + workloadID
+}
 
 // PingAgentSubject pings one agent.
 func PingAgentSubject(nodeID, agentID string) string {

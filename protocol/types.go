@@ -387,6 +387,12 @@ type RegisterAgentRequest struct {
 	// workloads (anyone could publish those).
 	ReportsEnded bool `json:"nexd_reports_ended,omitempty"`
 
+	// AnswersDirect (nexd extension): the nexlet also serves QUERYWORKLOADS,
+	// STOPWORKLOAD and GETWORKLOAD on the subjects of its own agent id
+	// (QueryWorkloadsAgentSubject), where a nexd node asks it, so that its answers are
+	// known to be its own.
+	AnswersDirect bool `json:"nexd_answers_direct,omitempty"`
+
 	// Workloads (nexd extension) lists the workloads this nexlet instance holds when
 	// it registers: running, or ended with a record of how. The node reconciles its
 	// state against it: a stored job the nexlet does not hold ran before and is

@@ -6,7 +6,8 @@
 //
 //	registration (5 min)  pub $NEX.SVC.N.agent.REGISTER.A
 //	                      sub _INBOX_A.> (its own inbox, nats.CustomInboxPrefix)
-//	nexlet (AgentTTL)     sub $NEX.SVC.N.agent.A.>  (STARTWORKLOAD.*, PING)
+//	nexlet (AgentTTL)     sub $NEX.SVC.N.agent.A.>  (STARTWORKLOAD.*, PING; QUERYWORKLOADS,
+//	                          STOPWORKLOAD.*, GETWORKLOAD.* where a nexd node asks it alone)
 //	                          $NEX.SVC.N.agent.{STOPWORKLOAD.*,GETWORKLOAD.*,QUERYWORKLOADS,PING,SETLAMEDUCK}
 //	                          $NEX.SVC.<nexus>.agent.PINGWORKLOAD.* (when Nexus is set)
 //	                          $NEX.FEED.A.events, $SRV.>, _INBOX_A.>

@@ -33,7 +33,7 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 	var p jwt.Permissions
 	pre := protocol.AgentPrefix(nodeID)
 	p.Sub.Allow.Add(
-		pre+"."+agentID+".>", // STARTWORKLOAD.<id>, PING
+		pre+"."+agentID+".>", // STARTWORKLOAD.<id>, PING, and the fan-outs a nexd node asks it alone
 		pre+".STOPWORKLOAD.*",
 		pre+".GETWORKLOAD.*",
 		pre+".QUERYWORKLOADS",
