@@ -2,10 +2,14 @@ package node
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // gather publishes one request on subject and hands each reply to fn until max replies
@@ -49,4 +53,121 @@ func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, max
 
 func isNoResponders(m *nats.Msg) bool {
 	return len(m.Data) == 0 && m.Header != nil && m.Header.Get("Status") == "503"
+}
+
+// asked is who one askNexlets fan-out went to: the nexlets asked on their own subjects
+// (direct, by agent id) and those asked together on the shared subject (pool).
+type asked struct {
+	direct, pool map[string]*registration
+}
+
+// askNexlets sends one request to every registered nexlet and hands each reply to fn
+// with the nexlet it is known to come from. A nexlet that answers on its own subjects
+// (AnswersDirect) is asked on direct(its agent id) with a reply subject of its own: a
+// random token under one inbox, which only it receives and so only it may publish to
+// (the response permission of its minted user; a workload user, which may publish to
+// _INBOX.>, cannot guess the token). The others (upstream's SDK) are asked once on
+// shared, with a reply inbox of its own: a reply there comes with from nil, as any
+// nexlet may answer there, and at most as many count as nexlets were asked there. A
+// reply there that names (HeaderAgentID) a nexlet asked directly is dropped: it is
+// that nexlet answering the shared subject too, or a forgery. A nexlet's second reply
+// is dropped. It ends when every nexlet asked answered (a no-responders status counts
+// as silence), fn returns false, timeout passes or ctx ends.
+func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
+	timeout time.Duration, fn func(m *nats.Msg, from *registration) bool) (asked, error) {
+	a := asked{direct: map[string]*registration{}, pool: map[string]*registration{}}
+	n.mu.Lock()
+	for id, r := range n.agents {
+		if r.req.AnswersDirect {
+			a.direct[id] = r
+		} else {
+			a.pool[id] = r
+		}
+	}
+	n.mu.Unlock()
+	var directCh, poolCh chan *nats.Msg // nil: none asked that way
+	byToken := make(map[string]*registration, len(a.direct))
+	if len(a.direct) > 0 {
+		inbox := n.o.NC.NewInbox()
+		directCh = make(chan *nats.Msg, len(a.direct)+1)
+		sub, err := n.o.NC.ChanSubscribe(inbox+".*", directCh)
+		if err != nil {
+			return a, fmt.Errorf("subscribe reply inbox for %s: %w", shared, err)
+		}
+		defer func() { _ = sub.Unsubscribe() }()
+		for id, r := range a.direct {
+			tok, err := replyToken()
+			if err != nil {
+				return a, err
+			}
+			byToken[tok] = r
+			if err := n.o.NC.PublishRequest(direct(id), inbox+"."+tok, data); err != nil {
+				return a, fmt.Errorf("publish %s: %w", direct(id), err)
+			}
+		}
+	}
+	if len(a.pool) > 0 {
+		// An inbox of its own: whatever any nexlet sends here cannot crowd out the
+		// direct replies.
+		inbox := n.o.NC.NewInbox()
+		poolCh = make(chan *nats.Msg, 2*len(a.pool)+len(a.direct)+1)
+		sub, err := n.o.NC.ChanSubscribe(inbox, poolCh)
+		if err != nil {
+			return a, fmt.Errorf("subscribe reply inbox for %s: %w", shared, err)
+		}
+		defer func() { _ = sub.Unsubscribe() }()
+		if err := n.o.NC.PublishRequest(shared, inbox, data); err != nil {
+			return a, fmt.Errorf("publish %s: %w", shared, err)
+		}
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	pending, poolLeft := len(a.direct), len(a.pool)
+	for pending > 0 || poolLeft > 0 {
+		select {
+		case <-ctx.Done():
+			return a, ctx.Err()
+		case <-t.C:
+			return a, nil
+		case m := <-directCh:
+			tok := protocol.LastToken(m.Subject)
+			r, ok := byToken[tok]
+			if !ok {
+				continue // a second reply
+			}
+			delete(byToken, tok)
+			pending--
+			if isNoResponders(m) {
+				continue
+			}
+			if !fn(m, r) {
+				return a, nil
+			}
+		case m := <-poolCh:
+			if poolLeft == 0 {
+				continue
+			}
+			if isNoResponders(m) {
+				poolLeft = 0 // none of them holds the subject
+				continue
+			}
+			if _, ok := a.direct[m.Header.Get(protocol.HeaderAgentID)]; ok {
+				continue
+			}
+			poolLeft--
+			if !fn(m, nil) {
+				return a, nil
+			}
+		}
+	}
+	return a, nil
+}
+
+// replyToken is a reply subject token no one can guess: 128 random bits.
+func replyToken() (string, error) {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("reply token: %w", err)
+	}
+	return hex.EncodeToString(b[:]), nil
 }

@@ -295,16 +295,30 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	if owned {
 		wait = n.o.StopTimeout
 	}
-	agents, answered := n.agentCount(), 0
-	err = gather(ctx, n.o.NC, protocol.StopWorkloadSubject(n.id, workloadID), body, agents, wait, func(m *nats.Msg) bool {
+	answered := 0
+	asked, err := n.askNexlets(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
+		return protocol.StopWorkloadAgentSubject(n.id, id, workloadID)
+	}, body, wait, func(m *nats.Msg, from *registration) bool {
 		answered++
 		var resp protocol.StopWorkloadResponse
 		if isErrorReply(m) || protocol.Decode(m.Data, &resp) != nil || !resp.Stopped {
 			return true
 		}
+		n.mu.Lock()
+		speaks := n.speaksForLocked(workloadID, from)
+		n.mu.Unlock()
+		if !speaks {
+			n.log.Warn("ignored a stop confirmation: another nexlet runs the workload", "workload_id", workloadID, "agent_id", agentIDOf(from))
+			return true
+		}
+		if from != nil {
+			// The type its state is kept under: the nexlet's, not what it says.
+			resp.WorkloadType = from.req.RegisterType
+		}
 		ret = resp
 		return false
 	})
+	agents := len(asked.direct) + len(asked.pool)
 	if !ret.Stopped && owned && answered < agents && err == nil {
 		ret.Message = fmt.Sprintf("still stopping: no nexlet confirmed the stop within %s", wait)
 	}
@@ -452,10 +466,25 @@ func (n *Node) handleClone(r micro.Request) {
 		n.fail(r, 500, "failed to encode clone request", err)
 		return
 	}
+	if !n.owns(workloadID) {
+		// Only the nexlet this node gave the workload speaks for it: a clone's answer
+		// is a start request the client may deploy as its own. Upstream relayed any
+		// nexlet's, so a rogue one could answer for any workload on any node.
+		return
+	}
 	var found []byte
-	err = gather(n.ctx, n.o.NC, protocol.GetWorkloadSubject(n.id, workloadID), body, n.agentCount(), n.o.CloneTimeout, func(m *nats.Msg) bool {
+	_, err = n.askNexlets(n.ctx, protocol.GetWorkloadSubject(n.id, workloadID), func(id string) string {
+		return protocol.GetWorkloadAgentSubject(n.id, id, workloadID)
+	}, body, n.o.CloneTimeout, func(m *nats.Msg, from *registration) bool {
 		var swr protocol.StartWorkloadRequest
 		if isErrorReply(m) || protocol.Decode(m.Data, &swr) != nil {
+			return true
+		}
+		n.mu.Lock()
+		speaks := n.speaksForLocked(workloadID, from)
+		n.mu.Unlock()
+		if !speaks {
+			n.log.Warn("ignored a clone answer: another nexlet runs the workload", "workload_id", workloadID, "agent_id", agentIDOf(from))
 			return true
 		}
 		// A nexlet looks the id up in every namespace; only system may see
@@ -499,9 +528,10 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 		// --wait would report the node not drained.
 		return out, nil, nil
 	}
-	asked := n.agentNames()
 	ans := answers{failed: map[string]string{}, heard: map[string]bool{}}
-	err = gather(ctx, n.o.NC, protocol.QueryWorkloadsSubject(n.id), body, len(asked), n.o.FanoutTimeout, func(m *nats.Msg) bool {
+	asked, err := n.askNexlets(ctx, protocol.QueryWorkloadsSubject(n.id), func(id string) string {
+		return protocol.QueryWorkloadsAgentSubject(n.id, id)
+	}, body, n.o.FanoutTimeout, func(m *nats.Msg, from *registration) bool {
 		var list []protocol.WorkloadSummary
 		failure := ""
 		if isErrorReply(m) {
@@ -509,14 +539,20 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 		} else if err := jsonArray(m.Data, &list); err != nil {
 			failure = "a list that does not decode: " + err.Error()
 		}
-		ans.add(m, asked, failure)
+		ans.add(from, failure)
 		if failure != "" {
 			return true
 		}
+		n.mu.Lock()
+		defer n.mu.Unlock()
 		for _, w := range list {
 			// Defence in depth: never show another namespace's workload to a
 			// non-system caller, even if a nexlet would.
 			if req.Namespace != protocol.SystemNamespace && w.Namespace != nil && *w.Namespace != req.Namespace {
+				continue
+			}
+			if !n.speaksForLocked(w.ID, from) {
+				n.log.Warn("dropped a listed workload: another nexlet runs it", "workload_id", w.ID, "agent_id", agentIDOf(from))
 				continue
 			}
 			out = append(out, w)
@@ -526,57 +562,85 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 	return out, ans.missing(asked, n.o.FanoutTimeout), err
 }
 
-// answers tells which nexlets answered a fan-out: nexd's name themselves
-// (HeaderAgentID), upstream SDK nexlets do not and are only counted (anonymous).
-type answers struct {
-	heard     map[string]bool   // by agent id
-	failed    map[string]string // agent id -> its error reply
-	anonymous int               // replies that name no nexlet asked
-	anonFail  []string          // their errors
+// speaksForLocked reports whether a reply from `from` (nil: one on the shared subject)
+// may speak for workload wid. A workload this node gave a nexlet is spoken for by that
+// nexlet's answer on its own reply subject only, or, when that nexlet is asked on the
+// shared subject (upstream's SDK), by an answer there: a rogue nexlet neither lists
+// nor stops nor clones another's.
+func (n *Node) speaksForLocked(wid string, from *registration) bool {
+	o, ok := n.owned[wid]
+	if !ok {
+		return true
+	}
+	if from != nil {
+		return from.owner == o.owner
+	}
+	for _, r := range n.agents {
+		if r.owner == o.owner && r.req.AnswersDirect {
+			return false
+		}
+	}
+	return true
 }
 
-func (a *answers) add(m *nats.Msg, asked map[string]string, failure string) {
-	id := m.Header.Get(protocol.HeaderAgentID)
-	if _, ok := asked[id]; !ok || a.heard[id] {
-		a.anonymous++
+// agentIDOf is from's agent id, "" for a reply on the shared subject.
+func agentIDOf(from *registration) string {
+	if from == nil {
+		return ""
+	}
+	return from.id
+}
+
+// answers tells which nexlets answered a fan-out: those asked on their own subjects by
+// the reply subject they answered on; those asked on the shared subject (upstream's
+// SDK) only by count, since any nexlet may answer there under any name.
+type answers struct {
+	heard    map[string]bool   // direct nexlets that answered, by agent id
+	failed   map[string]string // direct nexlet's agent id -> its error reply
+	pool     int               // replies on the shared subject
+	poolFail []string          // their errors
+}
+
+func (a *answers) add(from *registration, failure string) {
+	if from == nil {
+		a.pool++
 		if failure != "" {
-			a.anonFail = append(a.anonFail, failure)
+			a.poolFail = append(a.poolFail, failure)
 		}
 		return
 	}
-	a.heard[id] = true
+	a.heard[from.id] = true
 	if failure != "" {
-		a.failed[id] = failure
+		a.failed[from.id] = failure
 	}
 }
 
-// missing lists the nexlets asked whose workloads the answers lack, sorted by name.
-// A reply without a nexlet id (upstream's SDK, or a nexd nexlet older than the id)
-// may be any unheard nexlet's: when as many came as there are unheard nexlets, and
-// none was an error, nothing is missing; otherwise every unheard nexlet is listed, and
-// when some of those replies came it is not known which ones are missing (maybe).
-func (a *answers) missing(asked map[string]string, wait time.Duration) []protocol.MissingNexlet {
-	var out, unheard []protocol.MissingNexlet
-	for id, name := range asked {
+// missing lists the nexlets asked whose workloads the answers lack, sorted by name. A
+// nexlet asked on its own subject is missing unless it answered there without an error.
+// Replies on the shared subject may be any of the nexlets asked there: when as many came
+// as were asked, and none was an error, none of those is missing; otherwise each is
+// listed, and when some replies came it is not known which ones are missing (maybe).
+func (a *answers) missing(asked asked, wait time.Duration) []protocol.MissingNexlet {
+	var out []protocol.MissingNexlet
+	for id, r := range asked.direct {
 		switch reason, failed := a.failed[id]; {
 		case failed:
-			out = append(out, protocol.MissingNexlet{ID: id, Name: name, Reason: "answered with an error: " + reason})
+			out = append(out, protocol.MissingNexlet{ID: id, Name: r.req.Name, Reason: "answered with an error: " + reason})
 		case !a.heard[id]:
-			unheard = append(unheard, protocol.MissingNexlet{ID: id, Name: name})
+			out = append(out, protocol.MissingNexlet{ID: id, Name: r.req.Name, Reason: fmt.Sprintf("no answer within %s", wait)})
 		}
 	}
-	if a.anonymous < len(unheard) || len(a.anonFail) > 0 {
+	if a.pool < len(asked.pool) || len(a.poolFail) > 0 {
 		reason := fmt.Sprintf("no answer within %s", wait)
-		if len(a.anonFail) > 0 {
-			reason = "answered with an error: " + strings.Join(a.anonFail, "; ")
-			if a.anonymous < len(unheard) {
-				reason = fmt.Sprintf("no answer within %s, or answered with an error: %s", wait, strings.Join(a.anonFail, "; "))
+		if len(a.poolFail) > 0 {
+			reason = "answered with an error: " + strings.Join(a.poolFail, "; ")
+			if a.pool < len(asked.pool) {
+				reason = fmt.Sprintf("no answer within %s, or answered with an error: %s", wait, strings.Join(a.poolFail, "; "))
 			}
 		}
-		for i := range unheard {
-			unheard[i].Reason, unheard[i].Maybe = reason, len(unheard) > 1 && a.anonymous > 0
+		for id, r := range asked.pool {
+			out = append(out, protocol.MissingNexlet{ID: id, Name: r.req.Name, Reason: reason, Maybe: len(asked.pool) > 1 && a.pool > 0})
 		}
-		out = append(out, unheard...)
 	}
 	slices.SortFunc(out, func(x, y protocol.MissingNexlet) int { return strings.Compare(x.Name+x.ID, y.Name+y.ID) })
 	return out

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -223,6 +224,11 @@ type fakeAgent struct {
 	req        protocol.RegisterAgentRequest
 	hbEvery    time.Duration
 	key        nkeys.KeyPair // signs the registration when set
+	// reconnect, when set, gives the connection the fake serves on once registered:
+	// the user the node minted for it (a real nexlet's switch from its registration user).
+	reconnect func(protocol.NatsConnectionData) *nats.Conn
+	// mute: no answer to QUERYWORKLOADS, STOPWORKLOAD or GETWORKLOAD (a hung nexlet).
+	mute atomic.Bool
 
 	mu        sync.Mutex
 	workloads map[string]protocol.StartWorkloadRequest
@@ -248,15 +254,21 @@ type fakeAgent struct {
 }
 
 func newFakeAgent(t testing.TB, srv *server.Server, nodeID, id, name, typ string) *fakeAgent {
+	return newFakeAgentOn(t, testnats.Connect(t, srv), nodeID, id, name, typ)
+}
+
+// newFakeAgentOn is newFakeAgent registering on nc.
+func newFakeAgentOn(t testing.TB, nc *nats.Conn, nodeID, id, name, typ string) *fakeAgent {
 	xk, _ := nkeys.CreateCurveKeys()
 	xpub, _ := xk.PublicKey()
 	return &fakeAgent{
-		t: t, nc: testnats.Connect(t, srv), nodeID: nodeID, id: id, hbEvery: 100 * time.Millisecond,
+		t: t, nc: nc, nodeID: nodeID, id: id, hbEvery: 100 * time.Millisecond,
 		req: protocol.RegisterAgentRequest{
 			Description: "fake", Name: name, PublicXKey: xpub, RegisterType: typ,
 			StartRequestSchema:  testSchema,
 			SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob},
 			Version:             "1.0.0",
+			AnswersDirect:       true,
 		},
 		workloads: map[string]protocol.StartWorkloadRequest{},
 		creds:     map[string]protocol.NatsConnectionData{},
@@ -281,6 +293,9 @@ func (a *fakeAgent) register() *nats.Msg {
 		a.creds[id] = w.WorkloadCreds
 	}
 	a.mu.Unlock()
+	if a.reconnect != nil {
+		a.nc = a.reconnect(a.resp.ConnectionData)
+	}
 	a.serve()
 	return m
 }
@@ -337,6 +352,14 @@ func (a *fakeAgent) serve() {
 			a.t.Fatal(err)
 		}
 	}
+	// As nexd's nexlets do: the shared subjects (an upstream node asks there) and, when
+	// registered with AnswersDirect, those of its own agent id (a nexd node asks there).
+	both := func(suffix string, h nats.MsgHandler) {
+		sub(p+suffix, h)
+		if a.req.AnswersDirect {
+			sub(p+"."+a.id+suffix, h)
+		}
+	}
 	sub(p+"."+a.id+".STARTWORKLOAD.*", func(m *nats.Msg) {
 		wid := protocol.LastToken(m.Subject)
 		var req protocol.AgentStartWorkloadRequest
@@ -390,7 +413,10 @@ func (a *fakeAgent) serve() {
 		}
 		_ = m.Respond(js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
 	})
-	sub(p+".STOPWORKLOAD.*", func(m *nats.Msg) {
+	both(".STOPWORKLOAD.*", func(m *nats.Msg) {
+		if a.mute.Load() {
+			return
+		}
 		wid := protocol.LastToken(m.Subject)
 		var req protocol.StopWorkloadRequest
 		_ = protocol.Decode(m.Data, &req)
@@ -408,7 +434,10 @@ func (a *fakeAgent) serve() {
 		_ = m.Respond(js(protocol.StopWorkloadResponse{ID: wid, Stopped: true, WorkloadType: a.req.RegisterType}))
 		a.emitStopped(wid, w.Namespace)
 	})
-	sub(p+".GETWORKLOAD.*", func(m *nats.Msg) {
+	both(".GETWORKLOAD.*", func(m *nats.Msg) {
+		if a.mute.Load() {
+			return
+		}
 		a.mu.Lock()
 		w, ok := a.workloads[protocol.LastToken(m.Subject)]
 		a.mu.Unlock()
@@ -416,7 +445,10 @@ func (a *fakeAgent) serve() {
 			_ = m.Respond(js(w))
 		}
 	})
-	sub(p+".QUERYWORKLOADS", func(m *nats.Msg) {
+	both(".QUERYWORKLOADS", func(m *nats.Msg) {
+		if a.mute.Load() {
+			return
+		}
 		var req protocol.AgentListWorkloadsRequest
 		if err := protocol.Decode(m.Data, &req); err != nil {
 			respondErr(m, "100", err.Error(), nil)

@@ -6,44 +6,46 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/nexd-project/nexd/protocol"
 )
 
-// Which nexlets a partial list names: nexd's nexlets by the id on their reply, replies
-// without one (upstream's SDK) by count: none missing when as many came as nexlets are
-// unheard, else each unheard one, with maybe when some such replies came and it is not
-// known which; and those whose reply was an error.
+// Which nexlets a partial list names: those asked on their own subjects by the
+// subject they answered on; those asked on the shared subject (upstream's SDK) by
+// count: none missing when as many replies came there as were asked there, else each
+// of them, with maybe when some such replies came and it is not known which; and
+// those whose reply was an error.
 func TestPartialListNamesMissingNexlets(t *testing.T) {
-	asked := map[string]string{"A": "native", "B": "echo", "U1": "up1", "U2": "up2"}
-	named := func(id string) *nats.Msg { return &nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {id}}} }
-	anon := &nats.Msg{}
+	reg := func(id, name string) *registration {
+		return &registration{id: id, req: protocol.RegisterAgentRequest{Name: name}}
+	}
+	A, B := reg("A", "native"), reg("B", "echo")
+	asked := asked{direct: map[string]*registration{"A": A, "B": B},
+		pool: map[string]*registration{"U1": reg("U1", "up1"), "U2": reg("U2", "up2")}}
+	var shared *registration
 	for _, c := range []struct {
 		name    string
-		replies []*nats.Msg
+		replies []*registration
 		fail    map[int]string // reply index -> error
 		want    []protocol.MissingNexlet
 	}{
-		{"all answered", []*nats.Msg{named("A"), named("B"), anon, anon}, nil, nil},
-		{"upstream one failed", []*nats.Msg{named("A"), named("B"), anon, anon}, map[int]string{3: "boom"}, []protocol.MissingNexlet{
+		{"all answered", []*registration{A, B, shared, shared}, nil, nil},
+		{"upstream one failed", []*registration{A, B, shared, shared}, map[int]string{3: "boom"}, []protocol.MissingNexlet{
 			{ID: "U1", Name: "up1", Reason: "answered with an error: boom", Maybe: true}, {ID: "U2", Name: "up2", Reason: "answered with an error: boom", Maybe: true}}},
-		{"A failed", []*nats.Msg{named("A"), named("B"), anon, anon}, map[int]string{0: "boom"},
+		{"A failed", []*registration{A, B, shared, shared}, map[int]string{0: "boom"},
 			[]protocol.MissingNexlet{{ID: "A", Name: "native", Reason: "answered with an error: boom"}}},
-		{"B silent, upstream ones answered", []*nats.Msg{named("A"), anon, anon}, nil, []protocol.MissingNexlet{
-			{ID: "B", Name: "echo", Reason: "no answer within 2s", Maybe: true}, {ID: "U1", Name: "up1", Reason: "no answer within 2s", Maybe: true},
-			{ID: "U2", Name: "up2", Reason: "no answer within 2s", Maybe: true}}},
-		{"only A answered", []*nats.Msg{named("A")}, nil, []protocol.MissingNexlet{
+		{"B silent, upstream ones answered", []*registration{A, shared, shared}, nil, []protocol.MissingNexlet{
+			{ID: "B", Name: "echo", Reason: "no answer within 2s"}}},
+		{"only A answered", []*registration{A}, nil, []protocol.MissingNexlet{
 			{ID: "B", Name: "echo", Reason: "no answer within 2s"}, {ID: "U1", Name: "up1", Reason: "no answer within 2s"},
 			{ID: "U2", Name: "up2", Reason: "no answer within 2s"}}},
-		{"one upstream silent", []*nats.Msg{named("A"), named("B"), anon}, nil, []protocol.MissingNexlet{
+		{"one upstream silent", []*registration{A, B, shared}, nil, []protocol.MissingNexlet{
 			{ID: "U1", Name: "up1", Reason: "no answer within 2s", Maybe: true}, {ID: "U2", Name: "up2", Reason: "no answer within 2s", Maybe: true}}},
-		{"both upstream silent", []*nats.Msg{named("A"), named("B")}, nil, []protocol.MissingNexlet{
+		{"both upstream silent", []*registration{A, B}, nil, []protocol.MissingNexlet{
 			{ID: "U1", Name: "up1", Reason: "no answer within 2s"}, {ID: "U2", Name: "up2", Reason: "no answer within 2s"}}},
 	} {
 		a := answers{failed: map[string]string{}, heard: map[string]bool{}}
-		for i, m := range c.replies {
-			a.add(m, asked, c.fail[i])
+		for i, from := range c.replies {
+			a.add(from, c.fail[i])
 		}
 		got := a.missing(asked, 2*time.Second)
 		if len(got) != len(c.want) {

@@ -175,17 +175,6 @@ func (n *Node) registrationsLocked() string {
 	return strings.Join(parts, ", ")
 }
 
-// agentNames is the registered nexlets' names by agent id.
-func (n *Node) agentNames() map[string]string {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	out := make(map[string]string, len(n.agents))
-	for id, a := range n.agents {
-		out[id] = a.req.Name
-	}
-	return out
-}
-
 func (n *Node) agentCount() int {
 	n.mu.Lock()
 	defer n.mu.Unlock()

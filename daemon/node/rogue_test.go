@@ -1,0 +1,311 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// The attacks of a rogue nexlet: a nexlet that holds the NATS user its node minted for
+// it (an operator-mode server enforces that user's permissions) and answers the node's
+// fan-outs in another nexlet's name. Each test fails as an attack before the node
+// named repliers by the subject they answer on instead of by their agentId header.
+
+// rogueFixture is one node on an operator-mode server with the signing-key minter:
+// every nexlet connects as the users the node minted for it.
+type rogueFixture struct {
+	*fixture
+	op    *testnats.Operator
+	m     *mint.SigningKeyMinter
+	rogue *fakeAgent // rogueSetup's
+}
+
+func newRogueFixture(t *testing.T) *rogueFixture {
+	t.Helper()
+	op := testnats.StartOperator(t, nil)
+	m, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mint.Options{Servers: []string{op.Server.ClientURL()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, _ := nkeys.CreateServer()
+	xk, _ := nkeys.CreateCurveKeys()
+	st := NewMemStore()
+	n, err := New(Options{NC: op.Connect(t, "node"), NodeKey: kp, XKey: xk, Name: "node-0", Nexus: "testnexus",
+		Version: "0.1.0", Minter: m, Store: st, Logger: testLogger(t),
+		HeartbeatInterval: 200 * time.Millisecond, HealthTick: 50 * time.Millisecond,
+		FanoutTimeout: time.Second, CloneTimeout: time.Second, StopTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	n.SetState(protocol.NodeRunning)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = n.Stop(ctx)
+	})
+	f := &fixture{t: t, srv: op.Server, client: op.Connect(t, "client"), nodes: []*Node{n}, stores: []*MemStore{st}}
+	return &rogueFixture{fixture: f, op: op, m: m}
+}
+
+// dial connects as the user cd holds, with its private inbox.
+func (rf *rogueFixture) dial(cd protocol.NatsConnectionData) *nats.Conn {
+	return testnats.Connect(rf.t, rf.op.Server, nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
+		nats.CustomInboxPrefix(cd.InboxPrefix))
+}
+
+// minted registers a fake nexlet as a local nexlet does: with the registration user
+// its node minted for id, then serving as the nexlet user the registration handed it.
+func (rf *rogueFixture) minted(id, name, typ string, tweak func(*fakeAgent)) *fakeAgent {
+	rf.t.Helper()
+	n := rf.nodes[0]
+	n.ExpectAgent(id, name)
+	rc, err := rf.m.MintRegister(id, n.ID())
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	a := newFakeAgentOn(rf.t, rf.dial(rc), n.ID(), id, name, typ)
+	a.reconnect = rf.dial
+	if tweak != nil {
+		tweak(a)
+	}
+	a.mustRegister()
+	testkit.Eventually(rf.t, "nexlet "+id+" healthy", func() bool {
+		for _, ai := range n.Agents() {
+			if ai.ID == id && ai.Health == protocol.HealthHealthy {
+				return true
+			}
+		}
+		return false
+	})
+	return a
+}
+
+// forgedRun is the run request a rogue's forged answers carry.
+const forgedRun = `{"cmd":"forged"}`
+
+// forge makes rogue answer, besides its own handlers, every QUERYWORKLOADS,
+// STOPWORKLOAD and GETWORKLOAD it may receive (the node's shared subjects and those
+// of its own agent id) in victim's name, about the workload wid: a list holding it, a
+// confirmed stop, and a start request of the rogue's making.
+func forge(t *testing.T, rogue *fakeAgent, victim, wid string) {
+	t.Helper()
+	named := nats.Header{protocol.HeaderAgentID: {victim}}
+	ns := "tenant"
+	list := js([]protocol.WorkloadSummary{{ID: wid, Name: "forged", Namespace: &ns, Runtime: "--",
+		StartTime: time.Now().UTC().Format(time.RFC3339), WorkloadLifecycle: string(protocol.LifecycleService),
+		WorkloadState: protocol.WorkloadRunning, WorkloadType: "native"}})
+	stop := js(protocol.StopWorkloadResponse{ID: wid, Stopped: true, Message: "forged", WorkloadType: "native"})
+	get := js(protocol.StartWorkloadRequest{Description: "forged", Name: "forged", Namespace: ns, RunRequest: forgedRun,
+		Tags: map[string]string{}, WorkloadLifecycle: protocol.LifecycleService, WorkloadType: "native"})
+	p := protocol.AgentPrefix(rogue.nodeID)
+	for _, s := range []struct {
+		subject string
+		body    []byte
+	}{
+		{p + ".QUERYWORKLOADS", list}, {p + "." + rogue.id + ".QUERYWORKLOADS", list},
+		{p + ".STOPWORKLOAD.*", stop}, {p + "." + rogue.id + ".STOPWORKLOAD.*", stop},
+		{p + ".GETWORKLOAD.*", get}, {p + "." + rogue.id + ".GETWORKLOAD.*", get},
+	} {
+		body := s.body
+		if _, err := rogue.nc.Subscribe(s.subject, func(m *nats.Msg) {
+			_ = m.RespondMsg(&nats.Msg{Header: named, Data: body})
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := rogue.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// rogueSetup: victim (agent0, native) runs workload wid in tenant and then hangs (it
+// answers nothing); rogue0 (type rogue) forges in agent0's name. shared: the rogue
+// registers without AnswersDirect, as upstream's SDK does, and is asked on the shared
+// subjects, where anyone's answer names no one.
+func rogueSetup(t *testing.T, shared bool) (rf *rogueFixture, victim *fakeAgent, wid string) {
+	rf = newRogueFixture(t)
+	victim = rf.minted("agent0", "native-nexlet", "native", nil)
+	rogue := rf.minted("rogue0", "rogue", "rogue", func(a *fakeAgent) { a.req.AnswersDirect = !shared })
+	rf.rogue = rogue
+	wid = rf.deployOne("tenant")
+	forge(t, rogue, victim.id, wid)
+	victim.mute.Store(true)
+	return rf, victim, wid
+}
+
+// TestRogueNexletListsInAnothersName: the rogue answers the list fan-out in the hung
+// victim's name, with the victim's workload. Before, the node counted the victim heard
+// (its agentId header) and called the list whole: a lame duck --wait or a drain would
+// trust a list that lacks what the victim runs. Now the victim is named missing and no
+// row of its workload comes from the rogue.
+func TestRogueNexletListsInAnothersName(t *testing.T) {
+	forEachRogue(t, func(t *testing.T, shared bool) {
+		rf, victim, wid := rogueSetup(t, shared)
+		out, missing, err := rf.nodes[0].queryWorkloads(context.Background(), protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.ContainsFunc(missing, func(m protocol.MissingNexlet) bool { return m.ID == victim.id }) {
+			t.Errorf("missing %+v: the hung %s is not named; the rogue answered in its name", missing, victim.id)
+		}
+		for _, w := range out {
+			if w.ID == wid {
+				t.Errorf("list has %s's workload %s (%q), which only the rogue answered", victim.id, wid, w.Name)
+			}
+		}
+	})
+}
+
+// TestRogueNexletStopsAnothersWorkload: the rogue confirms the stop of the hung
+// victim's workload. Before, the client was told it stopped and the node removed it
+// from node state while the victim still ran it: a workload the node lost. Now only
+// the owning nexlet's confirmation counts.
+func TestRogueNexletStopsAnothersWorkload(t *testing.T) {
+	forEachRogue(t, func(t *testing.T, shared bool) {
+		rf, victim, wid := rogueSetup(t, shared)
+		m := request(t, rf.client, protocol.UndeploySubject("tenant", wid), protocol.StopWorkloadRequest{Namespace: "tenant"})
+		var resp protocol.StopWorkloadResponse
+		if err := json.Unmarshal(m.Data, &resp); err != nil {
+			t.Fatalf("stop reply %q: %v", m.Data, err)
+		}
+		if resp.Stopped {
+			t.Errorf("stop answered %+v: the rogue's confirmation was taken", resp)
+		}
+		if victim.workloadCount() != 1 {
+			t.Fatal("the victim no longer runs the workload")
+		}
+		stored, err := rf.stores[0].ByType(context.Background(), "native")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := stored[wid]; !ok || !rf.nodes[0].owns(wid) {
+			t.Errorf("workload %s, still run by %s, left node state (stored %v, owned %v)", wid, victim.id, ok, rf.nodes[0].owns(wid))
+		}
+	})
+}
+
+// TestRogueNexletAnswersCloneForAnother: the rogue answers a clone of the victim's
+// workload with a start request of its own making. Before, the node relayed it, and the
+// client would deploy what the rogue chose under its own credentials. Now only the
+// owning nexlet's answer is relayed: with the victim hung, none; with it answering,
+// its own.
+func TestRogueNexletAnswersCloneForAnother(t *testing.T) {
+	forEachRogue(t, func(t *testing.T, shared bool) {
+		rf, victim, wid := rogueSetup(t, shared)
+		clone := func() *nats.Msg {
+			m, err := rf.client.Request(protocol.CloneSubject("tenant", wid), js(protocol.CloneWorkloadRequest{Namespace: "tenant"}), 3*time.Second)
+			if err != nil {
+				return nil
+			}
+			return m
+		}
+		check := func(what string, m *nats.Msg) {
+			if m == nil {
+				return
+			}
+			var swr protocol.StartWorkloadRequest
+			if err := json.Unmarshal(m.Data, &swr); err != nil {
+				t.Fatalf("%s: clone reply %q: %v", what, m.Data, err)
+			}
+			if swr.RunRequest == forgedRun {
+				t.Errorf("%s: clone answered with the rogue's start request %+v", what, swr)
+			}
+		}
+		check("victim hung", clone())
+		victim.mute.Store(false)
+		m := clone()
+		if m == nil {
+			t.Fatal("victim answering: no clone answer")
+		}
+		check("victim answering", m)
+	})
+}
+
+// forEachRogue runs an attack with the rogue asked on its own subjects (as nexd's
+// nexlets register) and on the shared ones (as upstream's SDK registers).
+func forEachRogue(t *testing.T, attack func(t *testing.T, shared bool)) {
+	for _, shared := range []bool{false, true} {
+		name := "direct"
+		if shared {
+			name = "shared"
+		}
+		t.Run(name, func(t *testing.T) { attack(t, shared) })
+	}
+}
+
+// TestRogueNexletCannotSpeakAsAnother: the rest of the agent plane, audited with the same
+// minted users. The rogue's user may publish only under its own agent id, so it can
+// neither register, heartbeat, end a workload, nor renew credentials as the victim; under
+// its own id the node refuses to end or renew the victim's workload (ownership is per
+// nexlet instance). Not a gap this change closed: a guard that it stays closed.
+func TestRogueNexletCannotSpeakAsAnother(t *testing.T) {
+	rf, victim, wid := rogueSetup(t, false)
+	n := rf.nodes[0]
+	victim.stopHeartbeats()
+	rogue := rf.rogue
+	beat := func() time.Time {
+		for _, a := range n.Agents() {
+			if a.ID == victim.id {
+				return a.LastHeartbeat
+			}
+		}
+		t.Fatal("victim not registered")
+		return time.Time{}
+	}
+	before := beat()
+	ask := func(subject string, body any) (*nats.Msg, error) {
+		return rogue.nc.Request(subject, js(body), time.Second)
+	}
+	for _, c := range []struct {
+		what    string
+		subject string
+		body    any
+	}{
+		{"register as the victim", protocol.RegisterSubject(n.ID(), victim.id), victim.req},
+		{"end the victim's workload as the victim", protocol.WorkloadEndedSubject(n.ID(), victim.id, wid), protocol.WorkloadStoppedEvent{ID: wid, Namespace: "tenant"}},
+		{"renew the victim's workload as the victim", protocol.RenewCredsSubject(n.ID(), victim.id, wid), protocol.RenewCredsRequest{Namespace: "tenant"}},
+		{"renew the victim's user", protocol.RenewAgentCredsSubject(n.ID(), victim.id), protocol.RenewAgentCredsRequest{}},
+	} {
+		if m, err := ask(c.subject, c.body); err == nil {
+			t.Errorf("%s: answered %v %q; the rogue's user may not publish there", c.what, m.Header, m.Data)
+		}
+	}
+	if err := rogue.nc.Publish(protocol.AgentHeartbeatSubject(n.ID(), victim.id), js(protocol.AgentHeartbeat{Data: "{}"})); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		what, subject, code string
+		body                any
+	}{
+		{"end the victim's workload as itself", protocol.WorkloadEndedSubject(n.ID(), "rogue0", wid), "403", protocol.WorkloadStoppedEvent{ID: wid, Namespace: "tenant"}},
+		{"renew the victim's workload as itself", protocol.RenewCredsSubject(n.ID(), "rogue0", wid), "404", protocol.RenewCredsRequest{Namespace: "tenant"}},
+	} {
+		m, err := ask(c.subject, c.body)
+		if err != nil {
+			t.Fatalf("%s: %v", c.what, err)
+		}
+		if code := m.Header.Get(protocol.HeaderErrorCode); code != c.code {
+			t.Errorf("%s: code %q (%q), want %s", c.what, code, m.Data, c.code)
+		}
+	}
+	time.Sleep(200 * time.Millisecond) // the forged heartbeat, had it passed, was handled
+	if !n.owns(wid) || victim.workloadCount() != 1 {
+		t.Errorf("workload %s: owned %v, the victim runs %d", wid, n.owns(wid), victim.workloadCount())
+	}
+	if after := beat(); !after.Equal(before) {
+		t.Errorf("the victim's last heartbeat moved from %v to %v: the rogue's heartbeat counted", before, after)
+	}
+}
