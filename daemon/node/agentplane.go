@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -159,8 +160,15 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.log.Warn("failed to read node state for a registering nexlet", "agent_id", agentID, "type", req.RegisterType, "err", err)
 	}
 	n.mu.Lock()
+	takeOver := map[string]protocol.StartWorkloadRequest{}
 	for wid := range n.starting {
-		// Recorded before its start: the deploy in flight starts it, not the replay.
+		// Recorded before its start: the deploy in flight starts it, not the replay;
+		// unless its nexlet's process ended before it answered and this is its
+		// successor, which takes it over (after reconcile: it is held, if at all, as
+		// a start, not as a job that ran).
+		if c := n.localStarts[wid]; c != nil && stored[wid].Owner == owner && c.agent.owner == owner && c.agent.local.Gone() {
+			takeOver[wid] = stored[wid]
+		}
 		delete(stored, wid)
 	}
 	for wid, swr := range stored {
@@ -177,6 +185,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	}
 	n.mu.Unlock()
 	n.reconcile(agentID, owner, req, stored)
+	maps.Copy(stored, takeOver)
 	for wid, swr := range stored {
 		swr.Owner = "" // node state only
 		wc, err := n.o.Minter.MintWorkload(swr.Namespace, wid)
@@ -234,9 +243,29 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		NodeID:         n.id,
 		Success:        true,
 	})
+	n.handOverStarts(takeOver, existing)
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,
 		"version", req.Version, "replayed", len(existing))
 	n.o.Emitter.Emit(n.id, protocol.EventAgentStarted, protocol.AgentStartedEvent{ID: agentID, Name: req.Name, RegisterType: req.RegisterType, Timestamp: now.UTC()})
+}
+
+// handOverStarts ends the deploys in flight that a registration took over as replays
+// (those in existing): their nexlet ended before it answered, so no answer comes, and
+// the successor adopts what the start forked or starts it. Before, such a deploy was
+// not replayed (in flight), the successor left its forked process running unmanaged,
+// and the deploy waited out its silence, found no nexlet holding it, and answered
+// "outcome unknown" (e2e TestDeployKilledBeforePidRecord).
+func (n *Node) handOverStarts(takeOver map[string]protocol.StartWorkloadRequest, existing map[string]protocol.AgentStartWorkloadRequest) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for wid := range takeOver {
+		c := n.localStarts[wid]
+		if _, replayed := existing[wid]; !replayed || c == nil {
+			continue
+		}
+		delete(n.localStarts, wid) // once: a second successor replays it from state
+		close(c.handed)
+	}
 }
 
 // reconcile compares the registering nexlet's stored workloads with those it says it

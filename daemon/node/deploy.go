@@ -112,6 +112,11 @@ func (n *Node) handleDeploy(r micro.Request) {
 		refuse(500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
 		return
 	}
+	if call.handed != nil {
+		n.mu.Lock()
+		n.localStarts[workloadID] = call // until commit or rollback
+		n.mu.Unlock()
+	}
 	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
 		// The client (nexctl workload run) shows how the start goes: relay the reports.
 		call.onProgress = func(h nats.Header) {
@@ -126,6 +131,17 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 	reply, waitErr := call.wait(n.ctx, n.o.StartTimeout, n.o.DeployTimeout)
 	call.onProgress = nil // an abandoned start's late reports are nobody's business
+	if errors.Is(waitErr, errHandedOver) {
+		call.close()
+		if res.commit() {
+			n.forget(workloadID, req.WorkloadType)
+		}
+		deployed = true
+		n.respondJSON(r, protocol.StartWorkloadResponse{ID: workloadID, Name: req.Name})
+		n.log.Warn("workload deployed: its nexlet ended before it answered the start, and the nexlet's successor took the start over as a replay",
+			"workload_id", workloadID, "name", req.Name, "namespace", req.Namespace, "type", req.WorkloadType, "agent_id", a.id)
+		return
+	}
 	if waitErr != nil {
 		n.abandonStart(r, res, call, waitErr)
 		return
@@ -258,6 +274,7 @@ func (res *reservation) commit() (endedEarly bool) {
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name}
 	endedEarly = n.starting[res.id]
 	delete(n.starting, res.id)
+	delete(n.localStarts, res.id)
 	return endedEarly
 }
 
@@ -289,6 +306,7 @@ func (res *reservation) rollback() error {
 		res.agent.startedSinceBeat--
 	}
 	delete(n.starting, res.id)
+	delete(n.localStarts, res.id)
 	n.mu.Unlock()
 	if !res.recorded {
 		return nil
@@ -312,6 +330,11 @@ type startCall struct {
 	cancel func() // ends the subscription or the call
 	ch     chan *nats.Msg
 	via    string // "local" (channel) or "nats"
+	// agent and handed, on the local channel only: the nexlet asked, and closed (by
+	// handOverStarts) once the nexlet's process ended before it answered and its
+	// successor took the start as a replay.
+	agent  *registration
+	handed chan struct{}
 	// onProgress passes the nexlet's progress reports on (to a client that asked).
 	onProgress func(nats.Header)
 }
@@ -326,7 +349,7 @@ func (n *Node) startOnNexlet(a *registration, workloadID string, body []byte) (*
 	if a.local != nil && n.localStart() && a.local.Serving() {
 		cancel, err := a.local.Request(subject, hdr, body, c.ch)
 		if err == nil {
-			c.cancel, c.via = cancel, "local"
+			c.cancel, c.via, c.agent, c.handed = cancel, "local", a, make(chan struct{})
 			return c, nil
 		}
 		n.log.Debug("local channel to the nexlet failed; starting over NATS", "agent_id", a.id, "err", err)
@@ -364,6 +387,7 @@ func (n *Node) localStart() bool {
 var (
 	errStartSilent  = errors.New("the nexlet did not answer")
 	errStartTooLong = errors.New("the nexlet was still starting it at deploy_timeout")
+	errHandedOver   = errors.New("the nexlet ended before it answered; its successor took the start over")
 )
 
 // wait returns the nexlet's answer. It waits while the nexlet reports progress, at
@@ -381,6 +405,8 @@ func (c *startCall) wait(ctx context.Context, silence, total time.Duration) (*na
 			return nil, fmt.Errorf("%w (%s)", errStartTooLong, total)
 		case <-quiet.C:
 			return nil, fmt.Errorf("%w within %s", errStartSilent, silence)
+		case <-c.handed: // nil over NATS: never
+			return nil, errHandedOver
 		case m := <-c.ch:
 			if isNoResponders(m) {
 				return nil, errors.New("no nexlet listens for the start request")

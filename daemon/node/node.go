@@ -243,14 +243,17 @@ type Node struct {
 	// starting holds workloads whose deploy is in flight; true once the nexlet said
 	// the workload already ended (a fast job), so the deploy removes it from state.
 	starting map[string]bool
-	keep     bool // StopAllWorkloads ran: keep state for the next start
-	ctx      context.Context
-	cancel   context.CancelFunc
-	loops    sync.WaitGroup      // heartbeat and health loops
-	inflight sync.WaitGroup      // handlers running on their own goroutine
-	slots    chan struct{}       // bounds those goroutines
-	probes   chan chan struct{}  // liveness probes, answered by the health loop
-	replayed map[string]struct{} // workload ids handed to nexlets to replay
+	// localStarts are the deploys in flight on a local channel, which a successor of
+	// a nexlet that ended before it answered takes over (handOverStarts).
+	localStarts map[string]*startCall
+	keep        bool // StopAllWorkloads ran: keep state for the next start
+	ctx         context.Context
+	cancel      context.CancelFunc
+	loops       sync.WaitGroup      // heartbeat and health loops
+	inflight    sync.WaitGroup      // handlers running on their own goroutine
+	slots       chan struct{}       // bounds those goroutines
+	probes      chan chan struct{}  // liveness probes, answered by the health loop
+	replayed    map[string]struct{} // workload ids handed to nexlets to replay
 	// lastList is the last complete system-namespace listing, taken while connected,
 	// and when: what status shows during a NATS outage instead of an empty answer.
 	lastList   []protocol.WorkloadSummary
@@ -353,26 +356,27 @@ func New(o Options) (*Node, error) {
 		}
 	}
 	n := &Node{
-		o:        o,
-		id:       id,
-		xpub:     xpub,
-		log:      o.Logger.With("node_id", id),
-		state:    protocol.NodeStarting,
-		userTags: maps.Clone(o.Tags),
-		agents:   map[string]*registration{},
-		expected: map[string]string{},
-		procInfo: map[string]procInfo{},
-		bids:     newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
-		auctions: newAuctionQueue(),
-		owned:    map[string]ownership{},
-		stopped:  stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
-		keys:     map[string]string{},
-		locals:   map[string]localChannel{},
-		starting: map[string]bool{},
-		changed:  make(chan struct{}),
-		slots:    make(chan struct{}, 64),
-		probes:   make(chan chan struct{}),
-		replayed: map[string]struct{}{},
+		o:           o,
+		id:          id,
+		xpub:        xpub,
+		log:         o.Logger.With("node_id", id),
+		state:       protocol.NodeStarting,
+		userTags:    maps.Clone(o.Tags),
+		agents:      map[string]*registration{},
+		expected:    map[string]string{},
+		procInfo:    map[string]procInfo{},
+		bids:        newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
+		auctions:    newAuctionQueue(),
+		owned:       map[string]ownership{},
+		stopped:     stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
+		keys:        map[string]string{},
+		locals:      map[string]localChannel{},
+		starting:    map[string]bool{},
+		localStarts: map[string]*startCall{},
+		changed:     make(chan struct{}),
+		slots:       make(chan struct{}, 64),
+		probes:      make(chan chan struct{}),
+		replayed:    map[string]struct{}{},
 	}
 	return n, nil
 }

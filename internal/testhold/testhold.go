@@ -20,6 +20,9 @@ const (
 	// StopTidy: the native nexlet, once it answered a stop, before it removes what the
 	// workload left behind (its record above all).
 	StopTidy = "stop-tidy"
+	// LaunchForked: the native nexlet, once a deploy's first process is forked, before
+	// its pid record is written.
+	LaunchForked = "launch-forked"
 	// RelaunchRecorded: the native nexlet, once a restart's launch is recorded,
 	// before its fork.
 	RelaunchRecorded = "relaunch-recorded"

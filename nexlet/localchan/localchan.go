@@ -361,8 +361,11 @@ func (c *Call) Reply(m *nats.Msg) error {
 // end (Server.Call, when its context ends), and then goes over NATS. The socket says
 // so as soon as that close returned, before the channel's reader may have seen it, so
 // a call kept until the node serves is known stale when it is served.
-func (c *Call) CallerGone() bool {
-	cl := c.cl
+func (c *Call) CallerGone() bool { return c.cl.Gone() }
+
+// Gone says whether the nexlet's end of the channel is closed: it closed it, or its
+// process ended (the kernel closes it then), even before the reader has seen it.
+func (cl *Client) Gone() bool {
 	cl.mu.Lock()
 	closed := cl.closed
 	cl.mu.Unlock()

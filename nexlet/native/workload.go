@@ -156,10 +156,6 @@ func (n *Nexlet) limitsOf(w *workload) Limits {
 // begin prepares the sandbox and either adopts a live workload (replay) or launches it.
 func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress)) (*proc, bool, error) {
 	limits := n.limitsOf(w)
-	if existing {
-		// Before the sandbox, which a plain process group finds by the pid record.
-		n.bindForkedRelaunch(w)
-	}
 	mk := n.iso.sandbox
 	if !existing {
 		mk = n.iso.fresh // from the fork pool: no cgroup migration on the deploy path
@@ -167,6 +163,11 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	sb, err := mk(w.id, limits)
 	if err != nil {
 		return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
+	}
+	if existing && (n.bindForkedRelaunch(w) || n.bindForkedLaunch(w, sb)) && n.iso.mode() == "none" {
+		if sb, err = mk(w.id, limits); err != nil { // a process group, found by the pid record now
+			return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
+		}
 	}
 	w.sb = sb
 	w.steps.Step("sandbox")
@@ -464,6 +465,8 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	}
 	if restarts > 0 {
 		n.testHold(testhold.RelaunchForked, w.id)
+	} else {
+		n.testHold(testhold.LaunchForked, w.id)
 	}
 	// Before anything slower: what the workload forks inherits its oom_score_adj.
 	resetOOMScore(cmd.Process.Pid)
@@ -808,20 +811,21 @@ const relaunchBound = 10 * 100
 // uid). Found, it is recorded as the workload's run, so the restart is due no more:
 // begin adopts it, or endedMeanwhile gives its end the policy, counting the restart it
 // made. Before, the next nexlet made that restart a second time: a run too many and
-// its restarts counted one short (TestRelaunchForkedBeforePidRecord).
-func (n *Nexlet) bindForkedRelaunch(w *workload) {
+// its restarts counted one short (TestRelaunchForkedBeforePidRecord). It reports
+// whether a run was recorded.
+func (n *Nexlet) bindForkedRelaunch(w *workload) bool {
 	d, due := n.readRestartDue(w.id)
 	if !due {
-		return
+		return false
 	}
 	restarts := d.restarts
 	l, ok := n.readLaunch(w.id)
 	if !ok || l.restarts != restarts || l.run != n.runOf(w.id) {
-		return
+		return false
 	}
-	run, zombie, found := n.findRelaunch(l)
+	run, zombie, found := n.findByUID(l.uid, l.t0, l.t0+relaunchBound)
 	if !found {
-		return // never forked: the restart is still due
+		return false // never forked: the restart is still due
 	}
 	if zombie {
 		// Reparented to nexd, which reaps it and records its end (left for
@@ -830,17 +834,81 @@ func (n *Nexlet) bindForkedRelaunch(w *workload) {
 	}
 	if err := n.writePID(w.id, run); err != nil {
 		n.log.Warn("a relaunch forked before its pid record was found but not recorded; its restart is made again", "workload_id", w.id, "err", err)
-		return
+		return false
 	}
 	n.log.Info("replayed workload's restart was forked by its last nexlet before it recorded the run; that run is the restart",
 		"workload_id", w.id, "restarts", restarts, "pid", run.PID)
+	return true
 }
 
-// findRelaunch returns the earliest process of l's uid started within relaunchBound of
-// l's tick: a live one or a zombie (zombie true when it has ended), or one nexd
-// recorded the end of.
-func (n *Nexlet) findRelaunch(l launchRecord) (run procid.ID, zombie, found bool) {
-	in := func(start uint64) bool { return start >= l.t0 && start <= l.t0+relaunchBound }
+// bindForkedLaunch finds the run of a first launch whose nexlet died between its fork
+// and its pid record: the record directory is there (renamed into place before the
+// fork) with no pid record, tombstone or due restart. Where the workload has a cgroup
+// (its own, named by its id, the fork pool's group the process was forked in), the
+// run is the earliest-started process in it; without one, or once that process ended,
+// the earliest process of the workload's dynamic uid (its alone) started since its
+// directory's user was recorded, live or ended (nexd's exit record keeps the uid).
+// Found, it is recorded as the workload's run: begin adopts it, or endedMeanwhile
+// gives its end the policy. The deploy's hot path writes nothing more for it. Before,
+// a replay found the process but no pid record, adopted it by its group alone and
+// reported its end as unknown; a process that had ended was started again
+// (TestDeployKilledBeforePidRecord). It reports whether a run
+// was recorded.
+func (n *Nexlet) bindForkedLaunch(w *workload, sb sandbox) bool {
+	if _, ok := n.readPID(w.id); ok {
+		return false
+	}
+	if _, ok := n.readTombstone(w.id); ok {
+		return false
+	}
+	if _, err := os.Stat(n.recordDir(w.id)); err != nil {
+		return false // never got as far as its fork
+	}
+	run, found, how := procid.ID{}, false, "cgroup"
+	if n.iso.mode() != "none" {
+		procs, _ := sb.procs()
+		for _, pid := range procs {
+			id, err := procid.Of(pid)
+			if err == nil && (!found || id.Start < run.Start || (id.Start == run.Start && id.PID < run.PID)) {
+				run, found = id, true
+			}
+		}
+	}
+	if !found {
+		id, known := readIdent(w.dir)
+		st, err := os.Stat(filepath.Join(w.dir, identFileName))
+		now, terr := procid.Ticks()
+		if !known || !id.dynamic || err != nil || terr != nil {
+			return false
+		}
+		// The tick its user was recorded at, a second early for the clocks' grain.
+		ago := uint64(max(0, time.Since(st.ModTime())/(10*time.Millisecond))) + 100
+		t0 := uint64(0)
+		if now > ago {
+			t0 = now - ago
+		}
+		var zombie bool
+		if run, zombie, found = n.findByUID(id.uid, t0, ^uint64(0)); !found {
+			return false
+		}
+		if zombie {
+			n.waitExitRecord(run)
+		}
+		how = "uid"
+	}
+	if err := n.writePID(w.id, run); err != nil {
+		n.log.Warn("a first launch forked before its pid record was found but not recorded", "workload_id", w.id, "err", err)
+		return false
+	}
+	n.log.Info("replayed workload's first launch was forked by its last nexlet before it recorded the run; that run is the workload's",
+		"workload_id", w.id, "pid", run.PID, "found_by", how)
+	return true
+}
+
+// findByUID returns the earliest process of uid started from tick lo to hi: a live one
+// or a zombie (zombie true when it has ended), or one nexd recorded the end of.
+func (n *Nexlet) findByUID(uid uint32, lo, hi uint64) (run procid.ID, zombie, found bool) {
+	in := func(start uint64) bool { return start >= lo && start <= hi }
 	better := func(id procid.ID) bool {
 		return !found || id.Start < run.Start || (id.Start == run.Start && id.PID < run.PID)
 	}
@@ -854,7 +922,7 @@ func (n *Nexlet) findRelaunch(l launchRecord) (run procid.ID, zombie, found bool
 			if err != nil || !in(st.Start) {
 				continue
 			}
-			if uid, err := procid.UID(pid); err != nil || uid != l.uid {
+			if u, err := procid.UID(pid); err != nil || u != uid {
 				continue
 			}
 			if id := (procid.ID{PID: pid, Start: st.Start}); better(id) {
@@ -868,7 +936,7 @@ func (n *Nexlet) findRelaunch(l launchRecord) (run procid.ID, zombie, found bool
 			if !in(id.Start) || !better(id) {
 				continue
 			}
-			if ex, err := procid.ReadExit(n.cfg.ExitsDir, id); err == nil && ex.HasUID && ex.UID == l.uid {
+			if ex, err := procid.ReadExit(n.cfg.ExitsDir, id); err == nil && ex.HasUID && ex.UID == uid {
 				run, zombie, found = id, false, true
 			}
 		}
