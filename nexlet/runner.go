@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -84,6 +86,9 @@ type Runner struct {
 	// regs counts registrations with a node process (Reregister adds one): a refusal
 	// of an ended report sent before the latest one does not count.
 	regs int
+	// replaying holds the node's stored workloads handed to the agent and not yet
+	// through its StartWorkload: a list lists them as starting (handleQuery).
+	replaying map[string]protocol.StartWorkloadRequest
 }
 
 // Option configures a Runner.
@@ -491,6 +496,14 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
 	if len(state) > 0 {
 		r.log.Info("replaying existing workloads", "count", len(state))
 	}
+	r.mu.Lock()
+	if r.replaying == nil {
+		r.replaying = map[string]protocol.StartWorkloadRequest{}
+	}
+	for id, req := range state {
+		r.replaying[id] = req.Request
+	}
+	r.mu.Unlock()
 	r.goFn(func() {
 		// A few at a time: recovery of many workloads should not be serial, nor
 		// start them all at once.
@@ -503,7 +516,11 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
 			wg.Add(1)
 			go func() {
 				defer func() { <-sem; wg.Done() }()
-				if _, err := r.agent.StartWorkload(id, &req, true); err != nil {
+				_, err := r.agent.StartWorkload(id, &req, true)
+				r.mu.Lock()
+				delete(r.replaying, id)
+				r.mu.Unlock()
+				if err != nil {
 					r.log.Error("replay of workload failed", "workload_id", id, "err", err)
 				}
 			}()
@@ -1170,6 +1187,11 @@ func (r *Runner) handleQuery(req micro.Request) {
 		r.respondError(req, err, nil, self)
 		return
 	}
+	// Taken before the agent's list: a workload whose replay ends in between is in
+	// both (the agent's row wins), never in neither.
+	r.mu.Lock()
+	replaying := maps.Clone(r.replaying)
+	r.mu.Unlock()
 	out, err := r.agent.QueryWorkloads(in.Namespace, in.Filter)
 	if err != nil {
 		r.respondError(req, err, nil, self)
@@ -1178,7 +1200,37 @@ func (r *Runner) handleQuery(req micro.Request) {
 	if out == nil {
 		out = []protocol.WorkloadSummary{}
 	}
-	r.respondJSON(req, out, self)
+	r.respondJSON(req, withReplaying(out, replaying, in), self)
+}
+
+// withReplaying adds to a list the workloads still replaying (state starting) that it
+// lacks, as in asks for them. A list asked while a restarted nexlet replays the node's
+// stored workloads lists them all: before, only those replayed so far (e2e
+// TestListDuringReplayIsWhole: 0 to 99 of 100 rows in lists the node took as whole).
+func withReplaying(out []protocol.WorkloadSummary, replaying map[string]protocol.StartWorkloadRequest, in protocol.AgentListWorkloadsRequest) []protocol.WorkloadSummary {
+	if len(replaying) == 0 {
+		return out
+	}
+	have := make(map[string]bool, len(out))
+	for _, w := range out {
+		have[w.ID] = true
+	}
+	for _, id := range slices.Sorted(maps.Keys(replaying)) {
+		w := replaying[id]
+		if have[id] || (in.Namespace != protocol.SystemNamespace && in.Namespace != w.Namespace) ||
+			(len(in.Filter) > 0 && !slices.Contains(in.Filter, id) && !slices.Contains(in.Filter, w.Name)) {
+			continue
+		}
+		ns := w.Namespace
+		tags := maps.Clone(w.Tags)
+		if tags == nil {
+			tags = map[string]string{}
+		}
+		out = append(out, protocol.WorkloadSummary{ID: id, Name: w.Name, Namespace: &ns, Runtime: "--",
+			Tags: tags, WorkloadLifecycle: string(w.WorkloadLifecycle), WorkloadState: protocol.WorkloadStarting,
+			WorkloadType: w.WorkloadType, Metadata: map[string]string{"replaying": "true"}})
+	}
+	return out
 }
 
 func (r *Runner) handlePing(req micro.Request) {

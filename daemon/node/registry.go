@@ -307,6 +307,9 @@ func (n *Node) onHeartbeat(m *nats.Msg) {
 	r, ok := n.agents[agentID]
 	var before, after string
 	if ok {
+		if r.lastBeat.IsZero() {
+			n.notifyLocked() // it serves now: a list waiting for it goes ahead (awaitServing)
+		}
 		r.lastSeen, r.lastBeat = now, now
 		if r.summary.WorkloadCount != hb.Summary.WorkloadCount || r.startedSinceBeat != 0 {
 			n.changes.Add(1)

@@ -1,0 +1,83 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestListDuringReplayIsWhole: the native nexlet holding 100 services is killed (-9)
+// and restarted by nexd; while the new nexlet replays them, the node's workload list
+// (WPING, the 2 s QUERYWORKLOADS fan-out) is asked again and again. Every answer must be
+// whole (no Nex-Partial): the replaying nexlet answers with what it holds so far.
+// Before, lists asked during the replay came back partial, the native nexlet named as
+// missing (no answer within 2s).
+func TestListDuringReplayIsWhole(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	const services = 100
+	marker := fmt.Sprintf("nexd-e2e-replaylist-%d", time.Now().UnixNano())
+	n.runWorkloads(t, services, func(i int) []string {
+		return []string{"--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker}
+	})
+	nc := testnats.Connect(t, s)
+	list := func() (rows int, partial string, took time.Duration) {
+		body, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
+		start := time.Now()
+		m, err := nc.RequestMsg(&nats.Msg{Subject: protocol.WPingSubject(protocol.SystemNamespace), Data: body}, 10*time.Second)
+		if err != nil {
+			t.Fatalf("list: %v", err)
+		}
+		var ws []protocol.WorkloadSummary
+		if err := json.Unmarshal(m.Data, &ws); err != nil {
+			t.Fatalf("list: %q: %v", m.Data, err)
+		}
+		return len(ws), m.Header.Get(protocol.HeaderPartial), time.Since(start)
+	}
+	testkit.EventuallyWithin(t, 120*time.Second, "every service listed", func() bool {
+		r, p, _ := list()
+		return r == services && p == ""
+	})
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
+	}
+	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// From the new nexlet's registration on (while it is dead the list is partial).
+	testkit.EventuallyWithin(t, 60*time.Second, "the new native nexlet registered", func() bool {
+		return strings.Contains(n.out.String(), fmt.Sprintf("replayed=%d", services))
+	})
+	// Lists for 1.5 s from the registration on: the replay of 100 takes 0.2-0.3 s here.
+	partials, short, asked := 0, 0, 0
+	since := time.Now()
+	for time.Since(since) < 1500*time.Millisecond {
+		r, p, took := list()
+		asked++
+		t.Logf("list %d at +%v: %d rows in %v, partial %t", asked, time.Since(since).Round(time.Millisecond), r, took.Round(time.Millisecond), p != "")
+		switch {
+		case p != "":
+			partials++
+		case r != services:
+			short++
+		}
+	}
+	if partials > 0 || short > 0 {
+		t.Errorf("of %d lists asked as the restarted nexlet replayed %d services, %d were partial and %d whole but short", asked, services, partials, short)
+	}
+}
