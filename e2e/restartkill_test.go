@@ -35,17 +35,18 @@ func startCrashLoop(t *testing.T, n *node, lc, restart string) crashLoop {
 	return startLoop(t, n, lc, restart, 3)
 }
 
-// startLoop is startCrashLoop whose runs exit with code once released.
-func startLoop(t *testing.T, n *node, lc, restart string, code int) crashLoop {
+// startLoop is startCrashLoop whose runs exit with code once released (extra: more
+// `workload run` flags).
+func startLoop(t *testing.T, n *node, lc, restart string, code int, extra ...string) crashLoop {
 	t.Helper()
 	c := crashLoop{marker: fmt.Sprintf("nexd-e2e-crashloop-%d", time.Now().UnixNano()), dir: testkit.PublicDir(t)}
 	c.runsFile = testkit.WriteFile(t, filepath.Join(c.dir, "runs"), "")
 	if err := os.Chmod(c.runsFile, 0o666); err != nil { // each run may have another dynamic uid
 		t.Fatal(err)
 	}
-	c.id = n.runWorkload(t, "--name", "crashloop", "--lifecycle", lc, "--start-request", `{"restart":`+restart+`}`, "--",
+	c.id = n.runWorkload(t, append(extra, "--name", "crashloop", "--lifecycle", lc, "--start-request", `{"restart":`+restart+`}`, "--",
 		"/bin/sh", "-c", `echo run >> "$1"; k=$(wc -l < "$1"); while [ ! -e "$2/release$k" ]; do sleep 0.05; done; exit `+strconv.Itoa(code),
-		c.marker, c.runsFile, c.dir).ID
+		c.marker, c.runsFile, c.dir)...).ID
 	return c
 }
 
@@ -243,19 +244,34 @@ func TestNexletKillDuringRestartBackoff(t *testing.T) {
 // the next nexlet made it a second time: four runs for a budget of two. The same
 // nexlet killed after the launch record and before the fork leaves no such process:
 // the next one makes the first restart, once, three runs in all again (none lost).
+// nameduser: the job runs as a named user (nobody: its uid is not the workload's
+// alone) and its forked restart still runs when the nexlet is killed: the next nexlet
+// finds it in the workload's cgroup (a process group leader started since the launch
+// record), adopts it as the first restart, three runs in all; before, it took that run
+// for a leftover of the failed one, killed it and made the restart again: four runs.
 func TestRelaunchForkedBeforePidRecord(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
 	t.Parallel()
 	for _, c := range []struct {
-		hold   string
-		forked bool
-	}{{testhold.RelaunchForked, true}, {testhold.RelaunchRecorded, false}} {
-		t.Run(c.hold, func(t *testing.T) {
+		name, hold string
+		forked     bool
+		user       string // a named user; its run stays alive across the kill
+	}{{testhold.RelaunchForked, testhold.RelaunchForked, true, ""}, {testhold.RelaunchRecorded, testhold.RelaunchRecorded, false, ""},
+		{"nameduser", testhold.RelaunchForked, true, "nobody"}} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.user != "" {
+				needCgroupV1(t, "memory (the workload's group finds its run)")
+			}
 			t.Parallel()
-			n, stopped := nodeWithStops(t, nodeOpts{env: []string{testhold.Env + "=" + c.hold}})
-			l := startCrashLoop(t, n, "job", `{"policy": "on-failure", "max": 2, "backoff": "10ms"}`)
+			o := nodeOpts{env: []string{testhold.Env + "=" + c.hold}}
+			var extra []string
+			if c.user != "" {
+				o.extra, extra = []string{"--workload-users", c.user}, []string{"--user", c.user}
+			}
+			n, stopped := nodeWithStops(t, o)
+			l := startLoop(t, n, "job", `{"policy": "on-failure", "max": 2, "backoff": "10ms"}`, 3, extra...)
 			testkit.EventuallyWithin(t, 60*time.Second, "the first run", func() bool { return l.runs() == 1 })
 			l.release(t, 1, false)
 			runs := 1
@@ -265,11 +281,18 @@ func TestRelaunchForkedBeforePidRecord(t *testing.T) {
 			testkit.EventuallyWithin(t, 60*time.Second, "the first restart's nexlet held", func() bool {
 				return strings.Contains(n.out.String(), "hold="+c.hold) && l.runs() == runs
 			})
-			if c.forked {
+			if c.forked && c.user == "" {
 				l.release(t, 2, false)
 				testkit.EventuallyWithin(t, 60*time.Second, "the first restart's run ended", func() bool { return len(l.mains()) == 0 })
 			}
 			killNexlet(t, n, nil)
+			if c.user != "" {
+				time.Sleep(2 * time.Second) // a restart made again would run by now
+				if r := l.runs(); r != 2 {
+					t.Errorf("%d runs after the kill, want 2: the forked restart adopted", r)
+				}
+				l.release(t, 2, false)
+			}
 			l.release(t, runs+1, true)
 			l.endsAtLimit(t, stopped, 2)
 		})

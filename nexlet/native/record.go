@@ -35,13 +35,16 @@ import (
 //	        its fork (none: 0), so that the next nexlet goes on counting against
 //	        the budget rather than from zero
 //	launch  "<restarts> run=<pid>-<start time> t0=<tick> uid=<uid>": a relaunch about
-//	        to fork, written before the fork (a workload with a dynamic uid): restart
-//	        <restarts> after the run named, forked at clock tick t0 (procid.Ticks) or
-//	        later as uid. A nexlet killed between that fork and the pid record leaves
-//	        the restart due; the next one looks for a process of that uid started from
-//	        t0 on, live or ended (nexd's exit record keeps the uid), and takes it as
-//	        the restart's run instead of making the restart a second time
-//	        (bindForkedRelaunch)
+//	        to fork, written before the fork: restart <restarts> after the run named,
+//	        forked at clock tick t0 (procid.Ticks) or later, as uid when it is a
+//	        dynamic one (the workload's alone; else uid=-). A nexlet killed between
+//	        that fork and the pid record leaves the restart due; the next one looks
+//	        for the process, the earliest started from t0 on: a process group leader
+//	        in the workload's cgroup, else one of that uid, live or ended (nexd's exit
+//	        record keeps the uid), and takes it as the restart's run instead of making
+//	        the restart a second time (bindForkedRelaunch). A first launch writes
+//	        nothing more: its run is found by its cgroup or its uid alone
+//	        (bindForkedLaunch)
 //
 // The workload holds its FIFOs open for reading and writing (O_RDWR), so a write never
 // meets a pipe without a reader (no EPIPE, no SIGPIPE) when the nexlet dies: it only
@@ -211,15 +214,20 @@ type launchRecord struct {
 	restarts int
 	run      string // the run the restart follows, as runOf names it
 	t0       uint64 // the relaunch forked at this clock tick or later
-	uid      uint32 // as this dynamic uid
+	uid      uint32 // as this dynamic uid, when hasUID
+	hasUID   bool
 }
 
 // writeLaunch records a relaunch about to fork (restart restarts after the run the pid
-// record names now, as uid) with the clock tick before its fork.
-func (n *Nexlet) writeLaunch(id string, restarts int, uid uint32) {
+// record names now, as u: its uid when dynamic) with the clock tick before its fork.
+func (n *Nexlet) writeLaunch(id string, restarts int, u ident) {
 	t0, err := procid.Ticks()
 	if err == nil {
-		text := strconv.Itoa(restarts) + " run=" + n.runOf(id) + " t0=" + strconv.FormatUint(t0, 10) + " uid=" + strconv.FormatUint(uint64(uid), 10)
+		uid := "-"
+		if u.dynamic {
+			uid = strconv.FormatUint(uint64(u.uid), 10)
+		}
+		text := strconv.Itoa(restarts) + " run=" + n.runOf(id) + " t0=" + strconv.FormatUint(t0, 10) + " uid=" + uid
 		err = writeAtomic(filepath.Join(n.recordDir(id), "launch"), text)
 	}
 	if err != nil {
@@ -245,7 +253,10 @@ func (n *Nexlet) readLaunch(id string) (launchRecord, bool) {
 	t0, ok2 := strings.CutPrefix(f[2], "t0=")
 	u, ok3 := strings.CutPrefix(f[3], "uid=")
 	l.t0, err2 = strconv.ParseUint(t0, 10, 64)
-	uid, err3 = strconv.ParseUint(u, 10, 32)
+	if u != "-" {
+		uid, err3 = strconv.ParseUint(u, 10, 32)
+		l.hasUID = true
+	}
 	if err1 != nil || err2 != nil || err3 != nil || !ok1 || !ok2 || !ok3 {
 		return launchRecord{}, false
 	}

@@ -164,7 +164,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	if err != nil {
 		return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
 	}
-	if existing && (n.bindForkedRelaunch(w) || n.bindForkedLaunch(w, sb)) && n.iso.mode() == "none" {
+	if existing && (n.bindForkedRelaunch(w, sb) || n.bindForkedLaunch(w, sb)) && n.iso.mode() == "none" {
 		if sb, err = mk(w.id, limits); err != nil { // a process group, found by the pid record now
 			return nil, false, fmt.Errorf("workload %s: sandbox: %w", w.id, err)
 		}
@@ -421,12 +421,10 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		// Before the fork: a nexlet that dies once it ran leaves the next one the count
 		// of what runs (a first launch has none: 0), and the bounds of the process
 		// it forks, by which the next one finds that run when the nexlet died before
-		// its pid record (bindForkedRelaunch): only a dynamic uid is the workload's
-		// alone.
+		// its pid record (bindForkedRelaunch): its cgroup, or its uid when dynamic
+		// (the workload's alone).
 		n.writeRestarts(w.id, restarts)
-		if id.dynamic {
-			n.writeLaunch(w.id, restarts, id.uid)
-		}
+		n.writeLaunch(w.id, restarts, id)
 		n.testHold(testhold.RelaunchRecorded, w.id)
 	}
 	cmd.Dir = filepath.Join(w.dir, homeDirName)
@@ -805,15 +803,18 @@ const relaunchBound = 10 * 100
 
 // bindForkedRelaunch finds the run of a relaunch that its nexlet forked and died before
 // recording: the pid record still names the run the due restart follows, and the
-// launch record names that same run. The relaunch's process is the earliest one of the
-// launch's dynamic uid (the workload's alone) that started from the record's tick on,
-// live (or a zombie nexd has not reaped yet) or ended (nexd's exit record keeps the
-// uid). Found, it is recorded as the workload's run, so the restart is due no more:
-// begin adopts it, or endedMeanwhile gives its end the policy, counting the restart it
-// made. Before, the next nexlet made that restart a second time: a run too many and
-// its restarts counted one short (TestRelaunchForkedBeforePidRecord). It reports
-// whether a run was recorded.
-func (n *Nexlet) bindForkedRelaunch(w *workload) bool {
+// launch record names that same run. The relaunch's process is the earliest that
+// started from the record's tick on: in the workload's cgroup, a process group leader
+// (every run is one; what the ended run left behind is in its group), live; else one
+// of the launch's dynamic uid (the workload's alone), live (or a zombie nexd has not
+// reaped yet) or ended (nexd's exit record keeps the uid). Found, it is recorded as
+// the workload's run, so the restart is due no more: begin adopts it, or
+// endedMeanwhile gives its end the policy, counting the restart it made. Before, the
+// next nexlet made that restart a second time: a run too many and its restarts
+// counted one short (TestRelaunchForkedBeforePidRecord; a named user's or the
+// nexlet's uid, found by the cgroup alone: its nameduser case). It reports whether a
+// run was recorded.
+func (n *Nexlet) bindForkedRelaunch(w *workload, sb sandbox) bool {
 	d, due := n.readRestartDue(w.id)
 	if !due {
 		return false
@@ -823,9 +824,27 @@ func (n *Nexlet) bindForkedRelaunch(w *workload) bool {
 	if !ok || l.restarts != restarts || l.run != n.runOf(w.id) {
 		return false
 	}
-	run, zombie, found := n.findByUID(l.uid, l.t0, l.t0+relaunchBound)
+	run, zombie, found := procid.ID{}, false, false
+	if n.iso.mode() != "none" {
+		procs, _ := sb.procs()
+		for _, pid := range procs {
+			id, err := procid.Of(pid)
+			if err != nil || id.Start < l.t0 || id.Start > l.t0+relaunchBound {
+				continue
+			}
+			if pg, err := syscall.Getpgid(pid); err != nil || pg != pid {
+				continue
+			}
+			if !found || id.Start < run.Start || (id.Start == run.Start && id.PID < run.PID) {
+				run, found = id, true
+			}
+		}
+	}
+	if !found && l.hasUID {
+		run, zombie, found = n.findByUID(l.uid, l.t0, l.t0+relaunchBound)
+	}
 	if !found {
-		return false // never forked: the restart is still due
+		return false // never forked (or, of a uid not its alone, ended): the restart is still due
 	}
 	if zombie {
 		// Reparented to nexd, which reaps it and records its end (left for
