@@ -629,3 +629,57 @@ func TestStopOfEndedRunSignalsNothing(t *testing.T) {
 	case <-time.After(200 * time.Millisecond):
 	}
 }
+
+// TestForkedLaunchFoundByUID: without cgroups (plain process groups), a deploy's first
+// launch is forked and its nexlet dies before the pid record (here: the record removed
+// after the crash, as if never written). The next nexlet, handed the start as a replay,
+// finds the run by the workload's dynamic uid (the earliest process of it since its
+// user was recorded) and adopts it: the same process, one run. Before, it found no pid
+// record and no process group, and started the service a second time beside the first.
+func TestForkedLaunchFoundByUID(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: dynamic uids")
+	}
+	fn := newFakeNode(t)
+	cfg := Config{RuntimeDir: t.TempDir()}
+	first := fn.startNexlet(cfg)
+	if first.iso.mode() != "none" {
+		t.Fatalf("isolation %s, want none", first.iso.mode())
+	}
+	const id = "forked"
+	runs := filepath.Join(sharedDir(t), "runs")
+	if err := os.WriteFile(runs, nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(runs, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	req := startReq(protocol.LifecycleService, id, map[string]any{"uri": script(t, `echo run >> `+runs+`; exec sleep 600`)}, fn.creds())
+	fn.mustStart(id, req)
+	count := func() int { b, _ := os.ReadFile(runs); return strings.Count(string(b), "run\n") }
+	testkit.Eventually(t, "the first run", func() bool { return count() == 1 })
+	rec, ok := first.readPID(id)
+	if !ok {
+		t.Fatal("no pid record")
+	}
+	first.crash()
+	if err := os.Remove(filepath.Join(first.recordDir(id), "pid")); err != nil {
+		t.Fatal(err)
+	}
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{id: req}
+	fn.mu.Unlock()
+	third := fn.startNexlet(cfg)
+	t.Cleanup(func() { _ = third.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}) })
+	testkit.Eventually(t, "the replayed service running", func() bool {
+		s, ok := fn.summary(id)
+		return ok && s.WorkloadState == protocol.WorkloadRunning
+	})
+	time.Sleep(time.Second) // a second run would have started by now
+	if got := count(); got != 1 {
+		t.Errorf("%d runs, want 1: the forked run adopted", got)
+	}
+	if now, ok := third.readPID(id); !ok || now != rec || !rec.Alive() {
+		t.Errorf("pid record %v (%v), want the forked run %v, alive", now, ok, rec)
+	}
+}

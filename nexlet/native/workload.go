@@ -871,7 +871,7 @@ func (n *Nexlet) bindForkedRelaunch(w *workload, sb sandbox) bool {
 // gives its end the policy. The deploy's hot path writes nothing more for it. Before,
 // a replay found the process but no pid record, adopted it by its group alone and
 // reported its end as unknown; a process that had ended was started again
-// (TestDeployKilledBeforePidRecord). It reports whether a run
+// (TestDeployKilledBeforePidRecord, TestForkedLaunchFoundByUID). It reports whether a run
 // was recorded.
 func (n *Nexlet) bindForkedLaunch(w *workload, sb sandbox) bool {
 	if _, ok := n.readPID(w.id); ok {
