@@ -600,3 +600,31 @@ func TestLocalListPartial(t *testing.T) {
 		t.Fatalf("lameduck --wait did not end once echo-a answered\nstdout: %s\nstderr: %s", stdout.String(), stderr.String())
 	}
 }
+
+// TestShutdownReportsPartialList: nexd stopped (SIGTERM, no live_restore) while its echo
+// nexlet is frozen: the shutdown's stop-all stops the native workload, asks the list
+// again after its stops, and logs an error naming echo-a, whose workload it could not
+// stop. Before, the first partial list was taken as whole and nothing said so.
+func TestShutdownReportsPartialList(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n, _ := echoNode(t, s)
+	marker := fmt.Sprintf("nexd-e2e-shutdown-partial-%d", time.Now().UnixNano())
+	n.runWorkload(t, "--name", "sleeper", "--", "/bin/sh", "-c", "sleep 600; :", marker)
+	n.mustCtl(t, "workload", "run", "--type", "echo", "--name", "echoer", "--start-request", `{"message":"hi","interval":"30s"}`)
+	testkit.EventuallyWithin(t, 30*time.Second, "the sleeper runs", func() bool { return len(markerPIDs(marker)) > 0 })
+	echo := n.freezeEcho(t)
+	n.signal(t, syscall.SIGTERM)
+	n.wait(t, 60*time.Second)
+	if p := markerPIDs(marker); len(p) != 0 {
+		t.Errorf("the native workload runs on after the shutdown: %v", p)
+	}
+	log := n.out.String()
+	want := "missing those of nexlet echo-a (" + echo.AgentID + ")"
+	if !strings.Contains(log, `msg="stopping workloads at shutdown"`) || !strings.Contains(log, want) {
+		t.Errorf("the shutdown's log does not say echo-a's workloads were not stopped (want %q):\n%s", want, log)
+	}
+}
