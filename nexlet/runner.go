@@ -367,13 +367,18 @@ func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgen
 		h             micro.HandlerFunc
 	}{
 		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", r.async(nc, busy, r.handleStart)},
-		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), r.async(nc, busy, r.handleStop)},
-		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), counted(busy, r.handleGet)},
-		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), counted(busy, r.handleQuery)},
+		// Named (HeaderAgentID), so a nexd node that asks this nexlet on its own
+		// subjects drops its answers here instead of counting them for the nexlets
+		// it asks here (upstream's SDK).
+		// A nexd node that asked this nexlet on its own subjects says so
+		// (HeaderAskedDirect): then the shared request is not for it.
+		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), notAskedDirect(r.async(nc, busy, r.named(r.handleStop)))},
+		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), notAskedDirect(counted(busy, r.named(r.handleGet)))},
+		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), notAskedDirect(counted(busy, r.handleQuery))},
 		// The same, asked of this nexlet alone (AnswersDirect): a nexd node asks here;
 		// upstream's asks on the shared subjects above.
-		{"StopWorkloadDirect", protocol.StopWorkloadAgentSubject(r.nodeID, agentID, "*"), r.async(nc, busy, r.handleStop)},
-		{"GetWorkloadDirect", protocol.GetWorkloadAgentSubject(r.nodeID, agentID, "*"), counted(busy, r.handleGet)},
+		{"StopWorkloadDirect", protocol.StopWorkloadAgentSubject(r.nodeID, agentID, "*"), r.async(nc, busy, r.named(r.handleStop))},
+		{"GetWorkloadDirect", protocol.GetWorkloadAgentSubject(r.nodeID, agentID, "*"), counted(busy, r.named(r.handleGet))},
 		{"QueryWorkloadsDirect", protocol.QueryWorkloadsAgentSubject(r.nodeID, agentID), counted(busy, r.handleQuery)},
 		{"PingAgent", protocol.PingAgentSubject(r.nodeID, agentID), counted(busy, r.handlePing)},
 		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), counted(busy, r.handlePing)},
@@ -392,6 +397,44 @@ func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgen
 		return nil, fmt.Errorf("nexlet endpoints: flush: %w", err)
 	}
 	return svc, nil
+}
+
+// notAskedDirect leaves a request on a shared subject unanswered when the node asked
+// this nexlet on its own subjects (HeaderAskedDirect).
+func notAskedDirect(h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) {
+		if req.Headers().Get(protocol.HeaderAskedDirect) != "" {
+			return
+		}
+		h(req)
+	}
+}
+
+// named answers every reply of h with this nexlet's HeaderAgentID.
+func (r *Runner) named(h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) { h(namedRequest{Request: req, id: r.AgentID()}) }
+}
+
+// namedRequest adds HeaderAgentID to each of its replies.
+type namedRequest struct {
+	micro.Request
+	id string
+}
+
+func (n namedRequest) self(opts []micro.RespondOpt) []micro.RespondOpt {
+	return append(slices.Clip(opts), micro.WithHeaders(micro.Headers{protocol.HeaderAgentID: []string{n.id}}))
+}
+
+func (n namedRequest) Respond(b []byte, opts ...micro.RespondOpt) error {
+	return n.Request.Respond(b, n.self(opts)...)
+}
+
+func (n namedRequest) RespondJSON(v any, opts ...micro.RespondOpt) error {
+	return n.Request.RespondJSON(v, n.self(opts)...)
+}
+
+func (n namedRequest) Error(code, desc string, data []byte, opts ...micro.RespondOpt) error {
+	return n.Request.Error(code, desc, data, n.self(opts)...)
 }
 
 // counted runs a quick handler, counted in busy while it answers.

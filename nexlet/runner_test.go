@@ -589,3 +589,72 @@ func TestStartProgressReports(t *testing.T) {
 		replies.Unsubscribe()
 	}
 }
+
+// TestRunnerAnswersDirect: the runner registers with AnswersDirect and answers the
+// node's fan-outs on its own agent id's subjects, naming itself; on the shared subjects
+// it answers an upstream node (naming itself) and leaves unanswered a request that says
+// the node asked it directly (HeaderAskedDirect), so it neither stops twice nor answers
+// where its answer could not be told from another nexlet's.
+func TestRunnerAnswersDirect(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	regs := make(chan protocol.RegisterAgentRequest, 1)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, regs)
+	r, err := NewRunner(context.Background(), node, newMemAgent(), WithHeartbeatInterval(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	if reg := <-regs; !reg.AnswersDirect {
+		t.Errorf("registration %+v: AnswersDirect not set", reg)
+	}
+	ask := func(subj, body string, direct bool) (*nats.Msg, error) {
+		m := &nats.Msg{Subject: subj, Data: []byte(body)}
+		if direct {
+			m.Header = nats.Header{protocol.HeaderAskedDirect: {"1"}}
+		}
+		return nc.RequestMsg(m, 2*time.Second)
+	}
+	named := func(what string, m *nats.Msg, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if m.Header.Get(protocol.HeaderAgentID) != agent {
+			t.Errorf("%s: answer not named %s: %v %s", what, agent, m.Header, m.Data)
+		}
+	}
+	start, _ := json.Marshal(protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "w1", Namespace: "ns",
+		Tags: map[string]string{}, WorkloadLifecycle: protocol.LifecycleService, WorkloadType: "mem", RunRequest: "{}"}})
+	for _, id := range []string{"W1", "W2"} {
+		if _, err := ask(protocol.StartWorkloadSubject(node, agent, id), string(start), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := ask(protocol.QueryWorkloadsAgentSubject(node, agent), `{"namespace":"ns","filter":[]}`, false)
+	named("direct query", m, err)
+	m, err = ask(protocol.QueryWorkloadsSubject(node), `{"namespace":"ns","filter":[]}`, false)
+	named("shared query", m, err)
+	m, err = ask(protocol.GetWorkloadAgentSubject(node, agent, "W1"), `{}`, false)
+	named("direct get", m, err)
+	m, err = ask(protocol.GetWorkloadSubject(node, "W1"), `{}`, false)
+	named("shared get", m, err)
+	for _, subj := range []string{protocol.QueryWorkloadsSubject(node), protocol.GetWorkloadSubject(node, "W1"), protocol.StopWorkloadSubject(node, "W1")} {
+		if m, err := ask(subj, `{"namespace":"ns","filter":[]}`, true); !errors.Is(err, nats.ErrTimeout) {
+			t.Errorf("%s with %s: answered (%v), want silence", subj, protocol.HeaderAskedDirect, m)
+		}
+	}
+	m, err = ask(protocol.StopWorkloadAgentSubject(node, agent, "W1"), `{"namespace":"ns"}`, false)
+	named("direct stop", m, err)
+	var stop protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &stop); err != nil || !stop.Stopped {
+		t.Errorf("direct stop of W1: %s %v (the shared one with %s must not have stopped it)", m.Data, err, protocol.HeaderAskedDirect)
+	}
+	m, err = ask(protocol.StopWorkloadSubject(node, "W2"), `{"namespace":"ns"}`, false)
+	named("shared stop", m, err)
+	m, err = ask(protocol.StopWorkloadSubject(node, "W2"), `{"namespace":"ns"}`, false)
+	named("shared stop of a stopped workload", m, err)
+}

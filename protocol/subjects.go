@@ -84,6 +84,11 @@ const (
 	// it on (QueryWorkloadsAgentSubject), and uses the header only to drop a nexd
 	// nexlet's second answer on the shared subject.
 	HeaderAgentID = "agentId"
+	// HeaderAskedDirect on a fan-out to a node's shared agent subjects (QUERYWORKLOADS,
+	// STOPWORKLOAD, GETWORKLOAD) says the node asked every nexlet that registered with
+	// AnswersDirect on its own subject: such a nexlet leaves this one unanswered, so it
+	// neither acts twice nor answers where its answer could not be told from another's.
+	HeaderAskedDirect = "Nex-Asked-Direct"
 )
 
 // Control-plane subjects ($NEX.SVC.<ns>.control.…).

@@ -67,10 +67,11 @@ type asked struct {
 // random token under one inbox, which only it receives and so only it may publish to
 // (the response permission of its minted user; a workload user, which may publish to
 // _INBOX.>, cannot guess the token). The others (upstream's SDK) are asked once on
-// shared, with a reply inbox of its own: a reply there comes with from nil, as any
-// nexlet may answer there, and at most as many count as nexlets were asked there. A
-// reply there that names (HeaderAgentID) a nexlet asked directly is dropped: it is
-// that nexlet answering the shared subject too, or a forgery. A nexlet's second reply
+// shared, with a reply inbox of its own and HeaderAskedDirect, which tells the others
+// to leave it: a reply there comes with from nil, as any nexlet may answer there, and
+// at most as many count as nexlets were asked there. A reply there that names
+// (HeaderAgentID) a nexlet asked directly is dropped: that nexlet answering the shared
+// subject too (one that missed the header), or a forgery. A nexlet's second reply
 // is dropped. It ends when every nexlet asked answered (a no-responders status counts
 // as silence), fn returns false, timeout passes or ctx ends.
 func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
@@ -116,7 +117,11 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 			return a, fmt.Errorf("subscribe reply inbox for %s: %w", shared, err)
 		}
 		defer func() { _ = sub.Unsubscribe() }()
-		if err := n.o.NC.PublishRequest(shared, inbox, data); err != nil {
+		m := &nats.Msg{Subject: shared, Reply: inbox, Data: data}
+		if len(a.direct) > 0 {
+			m.Header = nats.Header{protocol.HeaderAskedDirect: {"1"}}
+		}
+		if err := n.o.NC.PublishMsg(m); err != nil {
 			return a, fmt.Errorf("publish %s: %w", shared, err)
 		}
 	}

@@ -355,7 +355,12 @@ func (a *fakeAgent) serve() {
 	// As nexd's nexlets do: the shared subjects (an upstream node asks there) and, when
 	// registered with AnswersDirect, those of its own agent id (a nexd node asks there).
 	both := func(suffix string, h nats.MsgHandler) {
-		sub(p+suffix, h)
+		sub(p+suffix, func(m *nats.Msg) {
+			if a.req.AnswersDirect && m.Header.Get(protocol.HeaderAskedDirect) != "" {
+				return // asked on its own subject
+			}
+			h(m)
+		})
 		if a.req.AnswersDirect {
 			sub(p+"."+a.id+suffix, h)
 		}
@@ -427,11 +432,15 @@ func (a *fakeAgent) serve() {
 			delete(a.workloads, wid)
 		}
 		a.mu.Unlock()
+		// Named, as nexd's nexlets name their stop and clone answers.
+		self := nats.Header{protocol.HeaderAgentID: {a.id}}
 		if !ok {
-			respondErr(m, "100", "workload not found", js(protocol.StopWorkloadResponse{ID: wid, Message: "workload not found", WorkloadType: a.req.RegisterType}))
+			self.Set(protocol.HeaderErrorCode, "100")
+			self.Set(protocol.HeaderError, "workload not found")
+			_ = m.RespondMsg(&nats.Msg{Header: self, Data: js(protocol.StopWorkloadResponse{ID: wid, Message: "workload not found", WorkloadType: a.req.RegisterType})})
 			return
 		}
-		_ = m.Respond(js(protocol.StopWorkloadResponse{ID: wid, Stopped: true, WorkloadType: a.req.RegisterType}))
+		_ = m.RespondMsg(&nats.Msg{Header: self, Data: js(protocol.StopWorkloadResponse{ID: wid, Stopped: true, WorkloadType: a.req.RegisterType})})
 		a.emitStopped(wid, w.Namespace)
 	})
 	both(".GETWORKLOAD.*", func(m *nats.Msg) {
@@ -442,7 +451,7 @@ func (a *fakeAgent) serve() {
 		w, ok := a.workloads[protocol.LastToken(m.Subject)]
 		a.mu.Unlock()
 		if ok { // like upstream: any namespace, silent when absent
-			_ = m.Respond(js(w))
+			_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(w)})
 		}
 	})
 	both(".QUERYWORKLOADS", func(m *nats.Msg) {
