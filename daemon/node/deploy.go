@@ -248,9 +248,16 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 		return nil, 400, fmt.Errorf("node %s cannot run this workload: %s", n.id, why)
 	}
 	a.startedSinceBeat++ // capacity held while the nexlet starts it
-	n.starting[workloadID] = false
+	n.starting[workloadID] = inFlight{owner: a.owner}
 	n.changes.Add(1)
 	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType, ns: req.Namespace, name: req.Name}, 0, nil
+}
+
+// inFlight is a deploy in flight: the nexlet instance it went to (only that one may
+// say it ended) and whether it did.
+type inFlight struct {
+	owner string
+	ended bool
 }
 
 // record writes the intent to node state, with the nexlet instance that runs it.
@@ -272,7 +279,7 @@ func (res *reservation) commit() (endedEarly bool) {
 	res.done = true
 	n.changes.Add(1)
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name}
-	endedEarly = n.starting[res.id]
+	endedEarly = n.starting[res.id].ended
 	delete(n.starting, res.id)
 	delete(n.localStarts, res.id)
 	return endedEarly

@@ -1028,14 +1028,16 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 	keep := n.keep
 	// Anyone who may publish feeds can send this event: it counts only for workloads
 	// of a nexlet that does not report ends as requests (upstream's SDK).
+	st, starting := n.starting[ev.ID]
 	trusted := false
 	for _, a := range n.agents {
-		if (ok && a.owner == o.owner) || (!ok && a.req.RegisterType == ev.WorkloadType) {
+		if (ok && a.owner == o.owner) || (!ok && starting && a.owner == st.owner) || (!ok && !starting && a.req.RegisterType == ev.WorkloadType) {
 			trusted = trusted || !a.req.ReportsEnded
 		}
 	}
-	if _, inFlight := n.starting[ev.ID]; inFlight && !ok && trusted {
-		n.starting[ev.ID] = true // the deploy removes it once recorded
+	if starting && !ok && trusted {
+		st.ended = true // the deploy removes it once recorded
+		n.starting[ev.ID] = st
 	}
 	n.mu.Unlock()
 	if !ok || keep {
@@ -1068,7 +1070,7 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 	n.mu.Lock()
 	a := n.agents[agentID]
 	o, owned := n.owned[workloadID]
-	_, inFlight := n.starting[workloadID]
+	st, starting := n.starting[workloadID]
 	keep := n.keep
 	switch {
 	case a == nil:
@@ -1080,8 +1082,14 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 		n.log.Warn("workload ended refused: another nexlet runs it", "workload_id", workloadID, "agent_id", agentID, "owner", o.owner)
 		n.fail(r, 403, "workload ended refused", fmt.Errorf("workload ended: workload %s is not run by nexlet %s", workloadID, agentID))
 		return
-	case !owned && inFlight:
-		n.starting[workloadID] = true // the deploy removes it once recorded
+	case !owned && starting && st.owner != a.owner:
+		n.mu.Unlock()
+		n.log.Warn("workload ended refused: its start went to another nexlet", "workload_id", workloadID, "agent_id", agentID, "owner", st.owner)
+		n.fail(r, 403, "workload ended refused", fmt.Errorf("workload ended: workload %s is not run by nexlet %s", workloadID, agentID))
+		return
+	case !owned && starting:
+		st.ended = true // the deploy removes it once recorded
+		n.starting[workloadID] = st
 	}
 	n.mu.Unlock()
 	removed := owned && !keep

@@ -240,9 +240,10 @@ type Node struct {
 	signed seenSignatures
 	// locals are the channels to the local nexlets' current starts (SetAgentLocal).
 	locals map[string]localChannel
-	// starting holds workloads whose deploy is in flight; true once the nexlet said
-	// the workload already ended (a fast job), so the deploy removes it from state.
-	starting map[string]bool
+	// starting holds workloads whose deploy is in flight, with the nexlet instance it
+	// went to; ended once that nexlet said the workload already ended (a fast job), so
+	// the deploy removes it from state.
+	starting map[string]inFlight
 	// localStarts are the deploys in flight on a local channel, which a successor of
 	// a nexlet that ended before it answered takes over (handOverStarts).
 	localStarts map[string]*startCall
@@ -371,7 +372,7 @@ func New(o Options) (*Node, error) {
 		stopped:     stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
 		keys:        map[string]string{},
 		locals:      map[string]localChannel{},
-		starting:    map[string]bool{},
+		starting:    map[string]inFlight{},
 		localStarts: map[string]*startCall{},
 		changed:     make(chan struct{}),
 		slots:       make(chan struct{}, 64),

@@ -309,3 +309,50 @@ func TestRogueNexletCannotSpeakAsAnother(t *testing.T) {
 		t.Errorf("the victim's last heartbeat moved from %v to %v: the rogue's heartbeat counted", before, after)
 	}
 }
+
+// TestRogueNexletEndsAnothersStart: while the victim starts a workload (slowly), the
+// rogue reports that workload ended, under its own agent id (the only one its user may
+// use). Before, the node took the end of any deploy in flight from any registered
+// nexlet: the deploy then dropped the workload from node state as ended early while the
+// victim ran it. Now only the nexlet the deploy went to can end it.
+func TestRogueNexletEndsAnothersStart(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	victim := rf.minted("agent0", "native-nexlet", "native", func(a *fakeAgent) { a.startDelay = 1500 * time.Millisecond })
+	rogue := rf.minted("rogue0", "rogue", "rogue", nil)
+	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	deployed := make(chan *nats.Msg, 1)
+	go func() {
+		m, err := rf.client.Request(protocol.DeploySubject("tenant", bids[0].BidderID), js(startReq("tenant", "w", `{"cmd":"x"}`)), 10*time.Second)
+		if err != nil {
+			m = &nats.Msg{Data: []byte(err.Error())}
+		}
+		deployed <- m
+	}()
+	var wid string
+	testkit.Eventually(t, "the victim starting the workload", func() bool {
+		victim.mu.Lock()
+		defer victim.mu.Unlock()
+		for id := range victim.workloads {
+			wid = id
+		}
+		return wid != ""
+	})
+	m, err := rogue.nc.Request(protocol.WorkloadEndedSubject(n.ID(), rogue.id, wid), js(protocol.WorkloadStoppedEvent{ID: wid, Namespace: "tenant"}), 5*time.Second)
+	if err != nil {
+		t.Fatalf("the rogue's end report: %v", err)
+	}
+	t.Logf("the rogue's end report answered %v %s", m.Header, m.Data)
+	var started protocol.StartWorkloadResponse
+	if m := <-deployed; protocol.Decode(m.Data, &started) != nil || started.ID != wid {
+		t.Fatalf("deploy: %s", m.Data)
+	}
+	time.Sleep(200 * time.Millisecond) // the deploy's end-early handling, had it run
+	stored, err := rf.stores[0].ByType(context.Background(), "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stored[wid]; !ok || !n.owns(wid) || victim.workloadCount() != 1 {
+		t.Errorf("workload %s, which %s runs (%d), left node state on the rogue's word (stored %v, owned %v)", wid, victim.id, victim.workloadCount(), ok, n.owns(wid))
+	}
+}
