@@ -1,0 +1,73 @@
+package node
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// TestTombstoneRetriedWhileRunning: a removal from a real KV bucket fails (JetStream
+// disabled on the nats-server): Delete says it is pending and keeps a tombstone, and
+// the bucket, once its server is back on the same store, is never read with the
+// workload in it; the background retry removes the record and drops the tombstone
+// without a restart of the store's user.
+func TestTombstoneRetriedWhileRunning(t *testing.T) {
+	var storeDir string
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { storeDir = o.StoreDir }})
+	nc := testnats.Connect(t, s, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	kv, err := state.OpenKV(t.Context(), nc, "TOMBNODE", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, err := NewTombstones(kv, t.TempDir(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	for _, id := range []string{"W1", "W2"} {
+		if err := ts.Put(t.Context(), "native", id, startReq("system", id, "")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Delete(t.Context(), "native", "W1"); !errors.Is(err, ErrRemovalPending) {
+		t.Fatalf("delete with JetStream down: %v, want ErrRemovalPending", err)
+	}
+	if p := ts.Pending(); !slices.Equal(p, []string{"native_W1"}) {
+		t.Fatalf("tombstones %v, want [native_W1]", p)
+	}
+	port := s.Addr().(*net.TCPAddr).Port
+	s.Shutdown()
+	s.WaitForShutdown()
+	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = storeDir, port }})
+	testkit.EventuallyWithin(t, 30*time.Second, "the bucket readable again", func() bool {
+		stored, err := ts.ByType(t.Context(), "native")
+		if err != nil {
+			return false
+		}
+		if _, ok := stored["W1"]; ok {
+			t.Fatalf("the tombstoned workload is read from the bucket: %v", stored)
+		}
+		return true
+	})
+	testkit.EventuallyWithin(t, 30*time.Second, "the retried removal drops the tombstone", func() bool { return len(ts.Pending()) == 0 })
+	stored, err := kv.ByType(t.Context(), "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stored["W1"]; ok || len(stored) != 1 {
+		t.Errorf("bucket after the retry: %v, want W2 alone", stored)
+	}
+}
