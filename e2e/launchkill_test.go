@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"encoding/json"
-	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -33,11 +32,7 @@ func TestDeployKilledBeforePidRecord(t *testing.T) {
 			t.Parallel()
 			n, stopped := nodeWithStops(t, nodeOpts{env: []string{testhold.Env + "=" + testhold.LaunchForked}})
 			n.waitNative(t)
-			c := crashLoop{marker: fmt.Sprintf("nexd-e2e-launchkill-%d", time.Now().UnixNano()), dir: testkit.PublicDir(t)}
-			c.runsFile = testkit.WriteFile(t, filepath.Join(c.dir, "runs"), "")
-			if err := os.Chmod(c.runsFile, 0o666); err != nil {
-				t.Fatal(err)
-			}
+			c := newCrashLoop(t, "launchkill")
 			type answer struct {
 				out, errOut string
 				code        int

@@ -39,14 +39,22 @@ func startCrashLoop(t *testing.T, n *node, lc, restart string) crashLoop {
 // `workload run` flags).
 func startLoop(t *testing.T, n *node, lc, restart string, code int, extra ...string) crashLoop {
 	t.Helper()
-	c := crashLoop{marker: fmt.Sprintf("nexd-e2e-crashloop-%d", time.Now().UnixNano()), dir: testkit.PublicDir(t)}
+	c := newCrashLoop(t, "crashloop")
+	c.id = n.runWorkload(t, append(extra, "--name", "crashloop", "--lifecycle", lc, "--start-request", `{"restart":`+restart+`}`, "--",
+		"/bin/sh", "-c", `echo run >> "$1"; k=$(wc -l < "$1"); while [ ! -e "$2/release$k" ]; do sleep 0.05; done; exit `+strconv.Itoa(code),
+		c.marker, c.runsFile, c.dir)...).ID
+	return c
+}
+
+// newCrashLoop makes a crashLoop's marker (named after kind), directory and runs file,
+// for a workload yet to deploy.
+func newCrashLoop(t *testing.T, kind string) crashLoop {
+	t.Helper()
+	c := crashLoop{marker: fmt.Sprintf("nexd-e2e-%s-%d", kind, time.Now().UnixNano()), dir: testkit.PublicDir(t)}
 	c.runsFile = testkit.WriteFile(t, filepath.Join(c.dir, "runs"), "")
 	if err := os.Chmod(c.runsFile, 0o666); err != nil { // each run may have another dynamic uid
 		t.Fatal(err)
 	}
-	c.id = n.runWorkload(t, append(extra, "--name", "crashloop", "--lifecycle", lc, "--start-request", `{"restart":`+restart+`}`, "--",
-		"/bin/sh", "-c", `echo run >> "$1"; k=$(wc -l < "$1"); while [ ! -e "$2/release$k" ]; do sleep 0.05; done; exit `+strconv.Itoa(code),
-		c.marker, c.runsFile, c.dir)...).ID
 	return c
 }
 

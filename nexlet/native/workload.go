@@ -835,7 +835,7 @@ func (n *Nexlet) bindForkedRelaunch(w *workload, sb sandbox) bool {
 			if pg, err := syscall.Getpgid(pid); err != nil || pg != pid {
 				continue
 			}
-			if !found || id.Start < run.Start || (id.Start == run.Start && id.PID < run.PID) {
+			if !found || startedBefore(id, run) {
 				run, found = id, true
 			}
 		}
@@ -888,7 +888,7 @@ func (n *Nexlet) bindForkedLaunch(w *workload, sb sandbox) bool {
 		procs, _ := sb.procs()
 		for _, pid := range procs {
 			id, err := procid.Of(pid)
-			if err == nil && (!found || id.Start < run.Start || (id.Start == run.Start && id.PID < run.PID)) {
+			if err == nil && (!found || startedBefore(id, run)) {
 				run, found = id, true
 			}
 		}
@@ -924,12 +924,18 @@ func (n *Nexlet) bindForkedLaunch(w *workload, sb sandbox) bool {
 	return true
 }
 
+// startedBefore orders processes by start: the earlier tick, then (within one tick)
+// the lower pid.
+func startedBefore(a, b procid.ID) bool {
+	return a.Start < b.Start || (a.Start == b.Start && a.PID < b.PID)
+}
+
 // findByUID returns the earliest process of uid started from tick lo to hi: a live one
 // or a zombie (zombie true when it has ended), or one nexd recorded the end of.
 func (n *Nexlet) findByUID(uid uint32, lo, hi uint64) (run procid.ID, zombie, found bool) {
 	in := func(start uint64) bool { return start >= lo && start <= hi }
 	better := func(id procid.ID) bool {
-		return !found || id.Start < run.Start || (id.Start == run.Start && id.PID < run.PID)
+		return !found || startedBefore(id, run)
 	}
 	if ents, err := os.ReadDir("/proc"); err == nil {
 		for _, e := range ents {
