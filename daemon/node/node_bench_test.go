@@ -174,3 +174,44 @@ func BenchmarkList(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkFanout is the node's QUERYWORKLOADS fan-out alone, to nexlets holding 10
+// workloads each: askNexlets (each nexlet asked on its own subject with its own reply
+// subject) against gather (one request on the shared subject, replies counted), the
+// fan-out the list used before a reply's subject named its sender.
+func BenchmarkFanout(b *testing.B) {
+	for _, nexlets := range []int{1, 3} {
+		f := newFixture(b, 1, nil)
+		n := f.nodes[0]
+		for i := range nexlets {
+			a := f.healthyAgent(n, fmt.Sprintf("agent%d", i), fmt.Sprintf("bench%d", i), "native", func(a *fakeAgent) { a.hbEvery = time.Second })
+			a.mu.Lock()
+			for w := range 10 {
+				a.workloads[fmt.Sprintf("a%dw%d", i, w)] = startReq("tenant", fmt.Sprintf("w%d", w), `{"cmd":"run"}`)
+			}
+			a.mu.Unlock()
+		}
+		body, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: "system", Filter: []string{}})
+		b.Run(fmt.Sprintf("askNexlets/nexlets=%d", nexlets), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				got := 0
+				if _, err := n.askNexlets(b.Context(), protocol.QueryWorkloadsSubject(n.id), func(id string) string {
+					return protocol.QueryWorkloadsAgentSubject(n.id, id)
+				}, body, 10*time.Second, func(*nats.Msg, *registration) bool { got++; return true }); err != nil || got != nexlets {
+					b.Fatalf("%d replies: %v", got, err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("gather/nexlets=%d", nexlets), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				got := 0
+				if err := gather(b.Context(), n.o.NC, protocol.QueryWorkloadsSubject(n.id), body, nexlets, 10*time.Second,
+					func(*nats.Msg) bool { got++; return true }); err != nil || got != nexlets {
+					b.Fatalf("%d replies: %v", got, err)
+				}
+			}
+		})
+	}
+}
