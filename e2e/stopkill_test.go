@@ -43,31 +43,11 @@ func TestAnsweredStopStaysStoppedAcrossKills(t *testing.T) {
 		log := n.out.String()
 		return strings.Contains(log, "hold="+testhold.StopReplied) && strings.Contains(log, "hold="+testhold.StopTidy)
 	})
-	nexlet := nexletPID(n.cmd.Process.Pid)
-	if nexlet == 0 {
-		t.Fatal("native nexlet not found")
-	}
-	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	n.signal(t, syscall.SIGKILL)
-	n.wait(t, 30*time.Second)
+	killNexdAndNexlet(t, n)
 
 	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
 	n2.waitReady(t) // once the replayed workloads run again
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		if r := c.runs(); r != 1 {
-			t.Fatalf("the stopped service ran again after the kills: %d runs, processes %v", r, c.mains())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if m := c.mains(); len(m) != 0 {
-		t.Errorf("processes of the stopped service: %v", m)
-	}
-	if w, ok := c.listed(t, n2); ok {
-		t.Errorf("the stopped service is listed again: %+v", w)
-	}
+	stoppedOnce(t, c, n2)
 }
 
 // TestStopWithStateStoreDownStaysStopped: a service with a restart policy is stopped
@@ -105,15 +85,7 @@ func TestStopWithStateStoreDownStaysStopped(t *testing.T) {
 		t.Errorf("the stop's answer does not say its removal from node state is pending: %s", out)
 	}
 	testkit.EventuallyWithin(t, 30*time.Second, "the service's process gone", func() bool { return len(c.mains()) == 0 })
-	nexlet := nexletPID(n.cmd.Process.Pid)
-	if nexlet == 0 {
-		t.Fatal("native nexlet not found")
-	}
-	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	n.signal(t, syscall.SIGKILL)
-	n.wait(t, 30*time.Second)
+	killNexdAndNexlet(t, n)
 	// JetStream back: the same server's store, read again at a restart (a JetStream
 	// enabled again in the same process would not reload the bucket).
 	port := s.Addr().(*net.TCPAddr).Port
@@ -123,16 +95,7 @@ func TestStopWithStateStoreDownStaysStopped(t *testing.T) {
 
 	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
 	n2.waitReady(t)
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		if r := c.runs(); r != 1 {
-			t.Fatalf("the stopped service ran again after the restart: %d runs, processes %v", r, c.mains())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if w, ok := c.listed(t, n2); ok {
-		t.Errorf("the stopped service is listed again: %+v", w)
-	}
+	stoppedOnce(t, c, n2)
 	testkit.EventuallyWithin(t, 30*time.Second, "the retried removal drops the tombstone", func() bool {
 		ents, err := os.ReadDir(filepath.Join(dir, "tombstones"))
 		return err == nil && len(ents) == 0
@@ -142,10 +105,38 @@ func TestStopWithStateStoreDownStaysStopped(t *testing.T) {
 	n2.wait(t, 30*time.Second)
 	n3 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
 	n3.waitReady(t)
-	if r := c.runs(); r != 1 {
-		t.Fatalf("the stopped service ran again at the third start: %d runs", r)
+	stoppedOnce(t, c, n3)
+}
+
+// killNexdAndNexlet kills (-9) n's native nexlet, then n, and waits for n's end.
+func killNexdAndNexlet(t *testing.T, n *node) {
+	t.Helper()
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	if nexlet == 0 {
+		t.Fatal("native nexlet not found")
 	}
-	if w, ok := c.listed(t, n3); ok {
-		t.Errorf("the stopped service is listed at the third start: %+v", w)
+	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	n.signal(t, syscall.SIGKILL)
+	n.wait(t, 30*time.Second)
+}
+
+// stoppedOnce checks, on the next node n2 (ready), that the stopped service c ran once
+// in all for 5 s, runs no process and is not listed.
+func stoppedOnce(t *testing.T, c crashLoop, n2 *node) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if r := c.runs(); r != 1 {
+			t.Fatalf("the stopped service ran again after the restart: %d runs, processes %v", r, c.mains())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if m := c.mains(); len(m) != 0 {
+		t.Errorf("processes of the stopped service: %v", m)
+	}
+	if w, ok := c.listed(t, n2); ok {
+		t.Errorf("the stopped service is listed again: %+v", w)
 	}
 }
