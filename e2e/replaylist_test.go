@@ -16,11 +16,12 @@ import (
 )
 
 // TestListDuringReplayIsWhole: the native nexlet holding 100 services is killed (-9)
-// and restarted by nexd; while the new nexlet replays them, the node's workload list
-// (WPING, the 2 s QUERYWORKLOADS fan-out) is asked again and again. Every answer must be
-// whole (no Nex-Partial): the replaying nexlet answers with what it holds so far.
-// Before, lists asked during the replay came back partial, the native nexlet named as
-// missing (no answer within 2s).
+// and restarted by nexd; from its registration on, for 1.5 s (its replay takes 0.2-0.3
+// s), the node's workload list (WPING, the 2 s QUERYWORKLOADS fan-out) is asked again
+// and again. Every answer must be whole (no Nex-Partial) and list all 100: the node
+// waits for a nexlet that registered and does not serve yet, and the nexlet lists the
+// workloads it has not replayed yet as starting. Before, the first lists came back
+// partial within milliseconds (no subscriber yet), then whole but short.
 func TestListDuringReplayIsWhole(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
