@@ -304,11 +304,7 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 		if isErrorReply(m) || protocol.Decode(m.Data, &resp) != nil || !resp.Stopped {
 			return true
 		}
-		n.mu.Lock()
-		speaks := n.speaksForLocked(workloadID, from)
-		n.mu.Unlock()
-		if !speaks {
-			n.log.Warn("ignored a stop confirmation: another nexlet runs the workload", "workload_id", workloadID, "agent_id", agentIDOf(from))
+		if !n.speaksFor(workloadID, from, "stop confirmation") {
 			return true
 		}
 		if from != nil {
@@ -480,11 +476,7 @@ func (n *Node) handleClone(r micro.Request) {
 		if isErrorReply(m) || protocol.Decode(m.Data, &swr) != nil {
 			return true
 		}
-		n.mu.Lock()
-		speaks := n.speaksForLocked(workloadID, from)
-		n.mu.Unlock()
-		if !speaks {
-			n.log.Warn("ignored a clone answer: another nexlet runs the workload", "workload_id", workloadID, "agent_id", agentIDOf(from))
+		if !n.speaksFor(workloadID, from, "clone answer") {
 			return true
 		}
 		// A nexlet looks the id up in every namespace; only system may see
@@ -622,6 +614,17 @@ func (n *Node) awaitServing(ctx context.Context, bound time.Duration) time.Durat
 		}
 		return time.Since(start)
 	}
+}
+
+// speaksFor is speaksForLocked, logging a refused answer (what it was).
+func (n *Node) speaksFor(wid string, from *registration, what string) bool {
+	n.mu.Lock()
+	ok := n.speaksForLocked(wid, from)
+	n.mu.Unlock()
+	if !ok {
+		n.log.Warn("ignored a nexlet's answer: another nexlet runs the workload", "answer", what, "workload_id", wid, "agent_id", agentIDOf(from))
+	}
+	return ok
 }
 
 // agentIDOf is from's agent id, "" for a reply on the shared subject.

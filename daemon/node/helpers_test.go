@@ -577,7 +577,14 @@ func (f *fixture) healthyAgent(n *Node, id, name, typ string, tweak func(*fakeAg
 		tweak(a)
 	}
 	a.mustRegister()
-	testkit.Eventually(f.t, "agent "+id+" healthy", func() bool {
+	waitHealthy(f.t, n, id)
+	return a
+}
+
+// waitHealthy waits until n counts nexlet id healthy.
+func waitHealthy(t testing.TB, n *Node, id string) {
+	t.Helper()
+	testkit.Eventually(t, "agent "+id+" healthy", func() bool {
 		for _, ai := range n.Agents() {
 			if ai.ID == id && ai.Health == protocol.HealthHealthy {
 				return true
@@ -585,7 +592,6 @@ func (f *fixture) healthyAgent(n *Node, id, name, typ string, tweak func(*fakeAg
 		}
 		return false
 	})
-	return a
 }
 
 func startReq(ns, name string, run string) protocol.StartWorkloadRequest {

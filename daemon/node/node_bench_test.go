@@ -149,16 +149,7 @@ func (p placeBodies) placeAndStop(nc *nats.Conn, name string) error {
 func BenchmarkList(b *testing.B) {
 	for _, nexlets := range []int{1, 3} {
 		b.Run(fmt.Sprintf("nexlets=%d", nexlets), func(b *testing.B) {
-			f := newFixture(b, 1, nil)
-			n := f.nodes[0]
-			for i := range nexlets {
-				a := f.healthyAgent(n, fmt.Sprintf("agent%d", i), fmt.Sprintf("bench%d", i), "native", func(a *fakeAgent) { a.hbEvery = time.Second })
-				a.mu.Lock()
-				for w := range 10 {
-					a.workloads[fmt.Sprintf("a%dw%d", i, w)] = startReq("tenant", fmt.Sprintf("w%d", w), `{"cmd":"run"}`)
-				}
-				a.mu.Unlock()
-			}
+			f, _ := listNode(b, nexlets)
 			body, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: "system", Filter: []string{}})
 			subj := protocol.WPingSubject("system")
 			b.ReportAllocs()
@@ -181,16 +172,7 @@ func BenchmarkList(b *testing.B) {
 // fan-out the list used before a reply's subject named its sender.
 func BenchmarkFanout(b *testing.B) {
 	for _, nexlets := range []int{1, 3} {
-		f := newFixture(b, 1, nil)
-		n := f.nodes[0]
-		for i := range nexlets {
-			a := f.healthyAgent(n, fmt.Sprintf("agent%d", i), fmt.Sprintf("bench%d", i), "native", func(a *fakeAgent) { a.hbEvery = time.Second })
-			a.mu.Lock()
-			for w := range 10 {
-				a.workloads[fmt.Sprintf("a%dw%d", i, w)] = startReq("tenant", fmt.Sprintf("w%d", w), `{"cmd":"run"}`)
-			}
-			a.mu.Unlock()
-		}
+		_, n := listNode(b, nexlets)
 		body, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: "system", Filter: []string{}})
 		b.Run(fmt.Sprintf("askNexlets/nexlets=%d", nexlets), func(b *testing.B) {
 			b.ReportAllocs()
@@ -214,4 +196,19 @@ func BenchmarkFanout(b *testing.B) {
 			}
 		})
 	}
+}
+
+// listNode is one node with nexlets fake nexlets that hold 10 workloads each.
+func listNode(b *testing.B, nexlets int) (*fixture, *Node) {
+	f := newFixture(b, 1, nil)
+	n := f.nodes[0]
+	for i := range nexlets {
+		a := f.healthyAgent(n, fmt.Sprintf("agent%d", i), fmt.Sprintf("bench%d", i), "native", func(a *fakeAgent) { a.hbEvery = time.Second })
+		a.mu.Lock()
+		for w := range 10 {
+			a.workloads[fmt.Sprintf("a%dw%d", i, w)] = startReq("tenant", fmt.Sprintf("w%d", w), `{"cmd":"run"}`)
+		}
+		a.mu.Unlock()
+	}
+	return f, n
 }

@@ -82,14 +82,7 @@ func (rf *rogueFixture) minted(id, name, typ string, tweak func(*fakeAgent)) *fa
 		tweak(a)
 	}
 	a.mustRegister()
-	testkit.Eventually(rf.t, "nexlet "+id+" healthy", func() bool {
-		for _, ai := range n.Agents() {
-			if ai.ID == id && ai.Health == protocol.HealthHealthy {
-				return true
-			}
-		}
-		return false
-	})
+	waitHealthy(rf.t, n, id)
 	return a
 }
 
