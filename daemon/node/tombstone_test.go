@@ -4,7 +4,10 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -69,5 +72,36 @@ func TestTombstoneRetriedWhileRunning(t *testing.T) {
 	}
 	if _, ok := stored["W1"]; ok || len(stored) != 1 {
 		t.Errorf("bucket after the retry: %v, want W2 alone", stored)
+	}
+}
+
+// TestTombstoneUnwritable: with the removal failing (JetStream disabled) and no
+// tombstone possible either (its directory replaced by a file), Delete says so: the
+// error is not ErrRemovalPending, and it names both failures.
+func TestTombstoneUnwritable(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, s), "TOMBNODE", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "tombstones")
+	ts, err := NewTombstones(kv, dir, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	if err := ts.Put(t.Context(), "native", "W1", startReq("system", "W1", "")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WriteFile(t, dir, "not a directory")
+	if err := s.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	err = ts.Delete(t.Context(), "native", "W1")
+	if err == nil || errors.Is(err, ErrRemovalPending) || !strings.Contains(err.Error(), "no tombstone kept either") {
+		t.Fatalf("delete with neither the store nor a tombstone: %v", err)
 	}
 }
