@@ -557,9 +557,9 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 
 // speaksForLocked reports whether a reply from `from` (nil: one on the shared subject)
 // may speak for workload wid. A workload this node gave a nexlet is spoken for by that
-// nexlet's answer on its own reply subject only, or, when that nexlet is asked on the
-// shared subject (upstream's SDK), by an answer there: a rogue nexlet neither lists
-// nor stops nor clones another's.
+// nexlet's answer on its own reply subject only, or, when that nexlet is registered and
+// asked on the shared subject (upstream's SDK), by an answer there: a rogue nexlet
+// neither lists nor stops nor clones another's.
 func (n *Node) speaksForLocked(wid string, from *registration) bool {
 	o, ok := n.owned[wid]
 	if !ok {
@@ -568,12 +568,15 @@ func (n *Node) speaksForLocked(wid string, from *registration) bool {
 	if from != nil {
 		return from.owner == o.owner
 	}
+	// An answer on the shared subject may be any nexlet's there: it speaks for the
+	// workload only while a nexlet of its owner is asked there. With none registered
+	// (its nexlet crashed, and its successor takes the workload back), nobody does.
 	for _, r := range n.agents {
-		if r.owner == o.owner && r.req.AnswersDirect {
-			return false
+		if r.owner == o.owner && !r.req.AnswersDirect {
+			return true
 		}
 	}
-	return true
+	return false
 }
 
 // servingAfter bounds how long after its registration a nexlet that has not sent a

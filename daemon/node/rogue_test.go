@@ -349,3 +349,32 @@ func TestRogueNexletEndsAnothersStart(t *testing.T) {
 		t.Errorf("workload %s, which %s runs (%d), left node state on the rogue's word (stored %v, owned %v)", wid, victim.id, victim.workloadCount(), ok, n.owns(wid))
 	}
 }
+
+// TestRogueNexletStopsWhileOwnerIsGone: the victim's nexlet is gone (it crashed; its
+// workload may outlive it, as the native nexlet's do, and its successor takes it back)
+// and a rogue asked on the shared subjects confirms the stop of its workload. Before,
+// with no nexlet of that owner registered, an answer there was taken: the node dropped
+// the workload from node state, so the successor was never handed it. Now a workload is
+// spoken for only by a registered nexlet of its owner.
+func TestRogueNexletStopsWhileOwnerIsGone(t *testing.T) {
+	rf, victim, wid := rogueSetup(t, true)
+	n := rf.nodes[0]
+	victim.kill()
+	n.RemoveAgent(victim.id, "killed by the test")
+	rf.rogue.mute.Store(true) // its forgeries alone, not its own "not found" first
+	m := request(t, rf.client, protocol.UndeploySubject("tenant", wid), protocol.StopWorkloadRequest{Namespace: "tenant"})
+	var resp protocol.StopWorkloadResponse
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		t.Fatalf("stop reply %q: %v", m.Data, err)
+	}
+	if resp.Stopped {
+		t.Errorf("stop answered %+v: the rogue's confirmation was taken", resp)
+	}
+	stored, err := rf.stores[0].ByType(context.Background(), "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stored[wid]; !ok {
+		t.Errorf("workload %s left node state on the rogue's word", wid)
+	}
+}
