@@ -87,8 +87,15 @@ type Runner struct {
 	// of an ended report sent before the latest one does not count.
 	regs int
 	// replaying holds the node's stored workloads handed to the agent and not yet
-	// through its StartWorkload: a list lists them as starting (handleQuery).
-	replaying map[string]protocol.StartWorkloadRequest
+	// through its StartWorkload: a list lists them as starting (handleQuery), a stop
+	// waits for them (handleStop).
+	replaying map[string]replayingWorkload
+}
+
+// replayingWorkload is a stored workload whose replay is not through yet.
+type replayingWorkload struct {
+	req  protocol.StartWorkloadRequest
+	done chan struct{} // closed once its replay's StartWorkload returned
 }
 
 // Option configures a Runner.
@@ -541,10 +548,12 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
 	}
 	r.mu.Lock()
 	if r.replaying == nil {
-		r.replaying = map[string]protocol.StartWorkloadRequest{}
+		r.replaying = map[string]replayingWorkload{}
 	}
+	mine := make(map[string]replayingWorkload, len(state))
 	for id, req := range state {
-		r.replaying[id] = req.Request
+		rw := replayingWorkload{req: req.Request, done: make(chan struct{})}
+		r.replaying[id], mine[id] = rw, rw
 	}
 	r.mu.Unlock()
 	r.goFn(func() {
@@ -561,8 +570,11 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
 				defer func() { <-sem; wg.Done() }()
 				_, err := r.agent.StartWorkload(id, &req, true)
 				r.mu.Lock()
-				delete(r.replaying, id)
+				if r.replaying[id].done == mine[id].done { // not a later replay's
+					delete(r.replaying, id)
+				}
 				r.mu.Unlock()
+				close(mine[id].done)
 				if err != nil {
 					r.log.Error("replay of workload failed", "workload_id", id, "err", err)
 				}
@@ -1170,6 +1182,14 @@ func (r *Runner) handleStop(req micro.Request) {
 	resp := protocol.StopWorkloadResponse{ID: id, WorkloadType: r.registerType(), Stopped: true}
 	var in protocol.StopWorkloadRequest
 	err := protocol.Decode(req.Data(), &in)
+	r.mu.Lock()
+	rw, replaying := r.replaying[id]
+	r.mu.Unlock()
+	if replaying {
+		// Its replay adopts (or starts) it: stopped now, the agent would not find it
+		// and the replay would then run it on (TestStopWhileReplaying).
+		<-rw.done
+	}
 	if err == nil {
 		if sr, ok := r.agent.(StopReporter); ok {
 			resp.Message, err = sr.StopWorkloadReport(id, &in)
@@ -1233,7 +1253,10 @@ func (r *Runner) handleQuery(req micro.Request) {
 	// Taken before the agent's list: a workload whose replay ends in between is in
 	// both (the agent's row wins), never in neither.
 	r.mu.Lock()
-	replaying := maps.Clone(r.replaying)
+	replaying := make(map[string]protocol.StartWorkloadRequest, len(r.replaying))
+	for id, rw := range r.replaying {
+		replaying[id] = rw.req
+	}
 	r.mu.Unlock()
 	out, err := r.agent.QueryWorkloads(in.Namespace, in.Filter)
 	if err != nil {

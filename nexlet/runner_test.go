@@ -658,3 +658,59 @@ func TestRunnerAnswersDirect(t *testing.T) {
 	m, err = ask(protocol.StopWorkloadSubject(node, "W2"), `{"namespace":"ns"}`, false)
 	named("shared stop of a stopped workload", m, err)
 }
+
+// TestStopWhileReplaying: a stop of a workload handed to the nexlet to replay, asked
+// before its replay is through (a list shows it, state starting), waits for that
+// replay and then stops it. Before, the agent did not hold it yet: the stop answered
+// "workload not found", and the replay then ran it on.
+func TestStopWhileReplaying(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	replay := protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "old", Namespace: "ns"}}
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node,
+		ExistingState: map[string]protocol.AgentStartWorkloadRequest{"W0": replay}}, make(chan protocol.RegisterAgentRequest, 1))
+	a := &blockingAgent{memAgent: newMemAgent(), entered: make(chan string, 4), release: make(chan struct{})}
+	released := false
+	releaseOnce := func() {
+		if !released {
+			released = true
+			close(a.release)
+		}
+	}
+	t.Cleanup(releaseOnce)
+	r, err := NewRunner(context.Background(), node, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		t.Fatal(err)
+	}
+	if id := <-a.entered; id != "W0" {
+		t.Fatalf("replay started %s", id)
+	}
+	inbox := nats.NewInbox()
+	replies, _ := nc.SubscribeSync(inbox)
+	body, _ := json.Marshal(protocol.StopWorkloadRequest{Namespace: "ns"})
+	if err := nc.PublishRequest(protocol.StopWorkloadAgentSubject(node, agent, "W0"), inbox, body); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := replies.NextMsg(300 * time.Millisecond); err == nil {
+		t.Errorf("stop answered while its workload's replay was still running: %v %s", m.Header, m.Data)
+	}
+	releaseOnce()
+	m, err := replies.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatalf("no stop answer once the replay was through: %v", err)
+	}
+	var resp protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &resp); err != nil || !resp.Stopped {
+		t.Errorf("stop answer %v %s (%v), want stopped", m.Header, m.Data, err)
+	}
+	testkit.Eventually(t, "the replay through", func() bool { a.mu.Lock(); defer a.mu.Unlock(); return a.replayed["W0"] })
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.workloads["W0"]; ok {
+		t.Errorf("W0 runs after its stop was asked: the replay started it")
+	}
+}
