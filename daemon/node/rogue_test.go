@@ -169,23 +169,12 @@ func TestRogueNexletListsInAnothersName(t *testing.T) {
 func TestRogueNexletStopsAnothersWorkload(t *testing.T) {
 	forEachRogue(t, func(t *testing.T, shared bool) {
 		rf, victim, wid := rogueSetup(t, shared)
-		m := request(t, rf.client, protocol.UndeploySubject("tenant", wid), protocol.StopWorkloadRequest{Namespace: "tenant"})
-		var resp protocol.StopWorkloadResponse
-		if err := json.Unmarshal(m.Data, &resp); err != nil {
-			t.Fatalf("stop reply %q: %v", m.Data, err)
-		}
-		if resp.Stopped {
-			t.Errorf("stop answered %+v: the rogue's confirmation was taken", resp)
-		}
+		stored := rf.stopKept(wid)
 		if victim.workloadCount() != 1 {
 			t.Fatal("the victim no longer runs the workload")
 		}
-		stored, err := rf.stores[0].ByType(context.Background(), "native")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, ok := stored[wid]; !ok || !rf.nodes[0].owns(wid) {
-			t.Errorf("workload %s, still run by %s, left node state (stored %v, owned %v)", wid, victim.id, ok, rf.nodes[0].owns(wid))
+		if !stored || !rf.nodes[0].owns(wid) {
+			t.Errorf("workload %s, still run by %s, left node state (stored %v, owned %v)", wid, victim.id, stored, rf.nodes[0].owns(wid))
 		}
 	})
 }
@@ -362,19 +351,28 @@ func TestRogueNexletStopsWhileOwnerIsGone(t *testing.T) {
 	victim.kill()
 	n.RemoveAgent(victim.id, "killed by the test")
 	rf.rogue.mute.Store(true) // its forgeries alone, not its own "not found" first
-	m := request(t, rf.client, protocol.UndeploySubject("tenant", wid), protocol.StopWorkloadRequest{Namespace: "tenant"})
+	if !rf.stopKept(wid) {
+		t.Errorf("workload %s left node state on the rogue's word", wid)
+	}
+}
+
+// stopKept asks the node to stop workload wid of tenant, fails the test when the
+// answer says stopped (only the rogue could have confirmed it), and reports whether
+// wid is still in node state.
+func (rf *rogueFixture) stopKept(wid string) bool {
+	rf.t.Helper()
+	m := request(rf.t, rf.client, protocol.UndeploySubject("tenant", wid), protocol.StopWorkloadRequest{Namespace: "tenant"})
 	var resp protocol.StopWorkloadResponse
 	if err := json.Unmarshal(m.Data, &resp); err != nil {
-		t.Fatalf("stop reply %q: %v", m.Data, err)
+		rf.t.Fatalf("stop reply %q: %v", m.Data, err)
 	}
 	if resp.Stopped {
-		t.Errorf("stop answered %+v: the rogue's confirmation was taken", resp)
+		rf.t.Errorf("stop answered %+v: the rogue's confirmation was taken", resp)
 	}
 	stored, err := rf.stores[0].ByType(context.Background(), "native")
 	if err != nil {
-		t.Fatal(err)
+		rf.t.Fatal(err)
 	}
-	if _, ok := stored[wid]; !ok {
-		t.Errorf("workload %s left node state on the rogue's word", wid)
-	}
+	_, ok := stored[wid]
+	return ok
 }
