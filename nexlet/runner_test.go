@@ -410,6 +410,26 @@ func (a *blockingAgent) StartWorkload(id string, req *protocol.AgentStartWorkloa
 	return a.memAgent.StartWorkload(id, req, existing)
 }
 
+// replayingW0 is a server, a node that hands its nexlet workload W0 to replay, and a
+// blockingAgent whose starts wait for releaseOnce (called at the test's end too).
+func replayingW0(t *testing.T) (srv *server.Server, nc *nats.Conn, a *blockingAgent, releaseOnce func()) {
+	srv = testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc = testnats.Connect(t, srv)
+	replay := protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "old", Namespace: "ns"}}
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node,
+		ExistingState: map[string]protocol.AgentStartWorkloadRequest{"W0": replay}}, make(chan protocol.RegisterAgentRequest, 1))
+	a = &blockingAgent{memAgent: newMemAgent(), entered: make(chan string, 4), release: make(chan struct{})}
+	released := false
+	releaseOnce = func() {
+		if !released {
+			released = true
+			close(a.release)
+		}
+	}
+	t.Cleanup(releaseOnce)
+	return srv, nc, a, releaseOnce
+}
+
 // TestShutdownAwaitsRequestsAndReplay: a start in flight and a replay still running
 // hold Shutdown until they finish (and the start's reply still reaches the node);
 // with a shorter shutdown wait, Shutdown gives up after it and says so.
@@ -423,20 +443,7 @@ func TestShutdownAwaitsRequestsAndReplay(t *testing.T) {
 		{"bounded", 200 * time.Millisecond, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			srv := testnats.Start(t, testnats.Options{NoJetStream: true})
-			nc := testnats.Connect(t, srv)
-			replay := protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "old", Namespace: "ns"}}
-			fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node,
-				ExistingState: map[string]protocol.AgentStartWorkloadRequest{"W0": replay}}, make(chan protocol.RegisterAgentRequest, 1))
-			a := &blockingAgent{memAgent: newMemAgent(), entered: make(chan string, 4), release: make(chan struct{})}
-			released := false
-			releaseOnce := func() {
-				if !released {
-					released = true
-					close(a.release)
-				}
-			}
-			t.Cleanup(releaseOnce)
+			srv, nc, a, releaseOnce := replayingW0(t)
 			r, err := NewRunner(context.Background(), node, a, WithShutdownWait(tc.wait))
 			if err != nil {
 				t.Fatal(err)
@@ -664,20 +671,7 @@ func TestRunnerAnswersDirect(t *testing.T) {
 // replay and then stops it. Before, the agent did not hold it yet: the stop answered
 // "workload not found", and the replay then ran it on.
 func TestStopWhileReplaying(t *testing.T) {
-	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
-	nc := testnats.Connect(t, srv)
-	replay := protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: "old", Namespace: "ns"}}
-	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node,
-		ExistingState: map[string]protocol.AgentStartWorkloadRequest{"W0": replay}}, make(chan protocol.RegisterAgentRequest, 1))
-	a := &blockingAgent{memAgent: newMemAgent(), entered: make(chan string, 4), release: make(chan struct{})}
-	released := false
-	releaseOnce := func() {
-		if !released {
-			released = true
-			close(a.release)
-		}
-	}
-	t.Cleanup(releaseOnce)
+	srv, nc, a, releaseOnce := replayingW0(t)
 	r, err := NewRunner(context.Background(), node, a)
 	if err != nil {
 		t.Fatal(err)
