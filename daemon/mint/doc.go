@@ -25,6 +25,11 @@
 //	                          create/delete, flow control (what a nats:// fetch needs)
 //	                      deny pub $NEX.>, deny sub $NEX.SVC.>
 //
+// A tenant of namespace ns (a user the operator makes; TenantPermissions):
+//
+//	pub $NEX.SVC.ns.control.> (auction, deploy, list, stop, clone), ns.>
+//	sub $NEX.FEED.ns.> (logs, metrics, events), _INBOX_tenant-ns.> only, ns.>
+//
 // Other namespaces' subjects and feeds are simply not allowed. Configured workload
 // subjects that start with a wildcard, $NEX or $SYS are refused at mint time.
 //

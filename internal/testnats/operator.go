@@ -77,12 +77,21 @@ func StartOperator(t testing.TB, res server.AccountResolver) *Operator {
 // when nil) and returns its JWT and seed.
 func (o *Operator) User(t testing.TB, name string, accKP nkeys.KeyPair) (string, string) {
 	t.Helper()
+	return o.UserWith(t, name, accKP, jwt.Permissions{})
+}
+
+// UserWith issues a user of the account of accKP (the application account when nil)
+// restricted to p, as an operator would (nsc add user --allow-pub …), and returns its
+// JWT and seed.
+func (o *Operator) UserWith(t testing.TB, name string, accKP nkeys.KeyPair, p jwt.Permissions) (string, string) {
+	t.Helper()
 	if accKP == nil {
 		accKP = o.AccountKP
 	}
 	ukp, upub := newKey(t, nkeys.CreateUser)
 	uc := jwt.NewUserClaims(upub)
 	uc.Name = name
+	uc.Permissions = p
 	tok, err := uc.Encode(accKP)
 	if err != nil {
 		t.Fatal(err)
