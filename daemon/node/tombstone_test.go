@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestTombstoneRetriedWhileRunning: a removal from a real KV bucket fails (JetStream
@@ -103,5 +106,65 @@ func TestTombstoneUnwritable(t *testing.T) {
 	err = ts.Delete(t.Context(), "native", "W1")
 	if err == nil || errors.Is(err, ErrRemovalPending) || !strings.Contains(err.Error(), "no tombstone kept either") {
 		t.Fatalf("delete with neither the store nor a tombstone: %v", err)
+	}
+}
+
+// slowReadStore is a MemStore whose removals fail while down, and whose ByType, once
+// read, waits on hold (when set) before it returns what it read.
+type slowReadStore struct {
+	*MemStore
+	down atomic.Bool
+	hold chan chan struct{} // ByType sends a channel here and waits until it closes
+}
+
+func (s *slowReadStore) Delete(ctx context.Context, typ, id string) error {
+	if s.down.Load() {
+		return errors.New("store down")
+	}
+	return s.MemStore.Delete(ctx, typ, id)
+}
+
+func (s *slowReadStore) ByType(ctx context.Context, typ string) (map[string]protocol.StartWorkloadRequest, error) {
+	out, err := s.MemStore.ByType(ctx, typ)
+	if s.hold != nil {
+		wait := make(chan struct{})
+		s.hold <- wait
+		<-wait
+	}
+	return out, err
+}
+
+// TestTombstoneReadWhileRetried: a read of the store (a nexlet registering) that got
+// the tombstoned workload from the store just before the background retry removed it
+// and dropped its tombstone still leaves it out. Before, ByType filtered by the
+// tombstones left after its read: none, and the stopped workload was replayed.
+func TestTombstoneReadWhileRetried(t *testing.T) {
+	st := &slowReadStore{MemStore: NewMemStore()}
+	ts, err := NewTombstones(st, t.TempDir(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	ts.retry = 10 * time.Millisecond
+	if err := ts.Put(t.Context(), "native", "W1", startReq("system", "W1", "")); err != nil {
+		t.Fatal(err)
+	}
+	st.down.Store(true)
+	if err := ts.Delete(t.Context(), "native", "W1"); !errors.Is(err, ErrRemovalPending) {
+		t.Fatalf("delete with the store down: %v, want ErrRemovalPending", err)
+	}
+	st.hold = make(chan chan struct{})
+	read := make(chan map[string]protocol.StartWorkloadRequest, 1)
+	go func() {
+		out, _ := ts.ByType(context.Background(), "native")
+		read <- out
+	}()
+	wait := <-st.hold // the store was read with W1 in it
+	st.down.Store(false)
+	ts.wake()
+	testkit.Eventually(t, "the retried removal drops the tombstone", func() bool { return len(ts.Pending()) == 0 })
+	close(wait)
+	if out := <-read; len(out) != 0 {
+		t.Errorf("ByType read during the retry returned %v: the stopped workload would be replayed", out)
 	}
 }
