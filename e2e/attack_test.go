@@ -373,26 +373,37 @@ func TestAttackSlowBodyFloodLeavesSocketServing(t *testing.T) {
 	}
 }
 
-// TestAttackControlCharactersInNames: a tenant names a workload "\x1b[31m…" to drive
-// the operator's terminal. Before issue 12 the name was accepted and printed raw by
-// nexctl. Now the node refuses it at deploy, and nexctl never prints control
-// characters it got from the network.
+// TestAttackControlCharactersInNames: a tenant, as the NATS user an operator gives it
+// (mint.TenantPermissions, through a NATS context with its inbox prefix, no control
+// socket), names a workload "\x1b[31m…" to drive the operator's terminal. Before issue
+// 12 the name was accepted and printed raw by nexctl. Now the node refuses it at
+// deploy, and nexctl never prints control characters it got from the network. The
+// same user runs and lists a plainly named workload.
 func TestAttackControlCharactersInNames(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	n := startNode(t, nodeOpts{})
+	op := testnats.StartOperator(t, nil)
+	n := startNode(t, nodeOpts{external: op.Server.ClientURL(), extra: []string{"--nats.creds-file", op.CredsFile(t, "nexd-node"),
+		"--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account}})
 	n.waitReady(t)
-	out, errOut, code := n.ctl(t, "workload", "run", "--name", "\x1b[31mred\x1b[0m", "--", "/bin/true")
+	tenant := tenantNexctl(t, op, "tenant-a")
+	if out, errOut, code := tenant("--json", "workload", "run", "--name", "plain", "--", "/bin/sleep", "600"); code != 0 {
+		t.Fatalf("the tenant's own deploy: exit %d\nstdout: %s\nstderr: %s\nnexd:\n%s", code, out, errOut, n.out.String())
+	}
+	if out, errOut, code := tenant("workload", "list"); code != 0 || !strings.Contains(out, "plain") {
+		t.Fatalf("the tenant's own list: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	out, errOut, code := tenant("workload", "run", "--name", "\x1b[31mred\x1b[0m", "--", "/bin/true")
 	if code == 0 || !strings.Contains(errOut, "workload name") {
 		t.Errorf("control characters in a name: exit %d\nstdout: %q\nstderr: %q", code, out, errOut)
 	}
 	if strings.ContainsRune(out+errOut, 0x1b) {
 		t.Errorf("nexctl printed a raw ESC: %q %q", out, errOut)
 	}
-	if len(n.workloads(t)) != 0 {
-		t.Errorf("the workload was started")
+	if ws := n.workloads(t); len(ws) != 1 {
+		t.Errorf("workloads %+v, want only the plain one", ws)
 	}
 }
 

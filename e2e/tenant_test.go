@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -113,6 +114,34 @@ func signingNode(t *testing.T, extra ...string) (*node, string, *nats.Conn) {
 	}
 	t.Cleanup(nc.Close)
 	return n, creds, nc
+}
+
+// tenantNexctl runs nexctl as the tenant of ns: a user of op's application account with
+// mint.TenantPermissions, through a NATS context carrying its inbox prefix, and no
+// control socket (a tenant has none).
+func tenantNexctl(t *testing.T, op *testnats.Operator, ns string) func(args ...string) (string, string, int) {
+	t.Helper()
+	p, err := mint.TenantPermissions(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, seed := op.UserWith(t, "tenant-"+ns, nil, p)
+	creds, err := jwt.FormatUserConfig(tok, []byte(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	ctx, err := json.Marshal(map[string]string{"url": op.Server.ClientURL(), "inbox_prefix": mint.TenantInboxPrefix(ns),
+		"creds": testkit.WriteFile(t, filepath.Join(dir, ns+".creds"), string(creds))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctxFile := testkit.WriteFile(t, filepath.Join(dir, ns+".json"), string(ctx))
+	return func(args ...string) (string, string, int) {
+		t.Helper()
+		return run(t, nil, nexctlBin(t), append([]string{"--control-socket", filepath.Join(dir, "no.sock"),
+			"--nats.context", ctxFile, "--namespace", ns}, args...)...)
+	}
 }
 
 // natsRun deploys through NATS (an auction, as a tenant would) with nexctl.
