@@ -54,19 +54,20 @@ func TestRepeatStopCounted(t *testing.T) {
 // workload stop by name or id prefix) gets the node's remembered stops that the
 // reference names in the caller's namespace; system gets every namespace's. The
 // attack: another namespace asks by the workload's name, a prefix of its id and its
-// whole id, and learns nothing (no Nex-Stopped header).
+// whole id, and learns nothing (no Nex-Stopped header). Each tenant asks as the NATS
+// user an operator gives it (mint.TenantPermissions, an operator-mode server).
 func TestRecentStopsStayInTheirNamespace(t *testing.T) {
-	f := newFixture(t, 1, nil)
-	n := f.nodes[0]
-	f.healthyAgent(n, "first", "go_exec", "native", nil)
-	wid := f.deployIn(t, "alpha", "web")
-	request(t, f.client, protocol.UndeploySubject("alpha", wid), protocol.StopWorkloadRequest{Namespace: "alpha"})
+	rf := newRogueFixture(t)
+	rf.minted("first", "go_exec", "native", nil)
+	wid := rf.deployIn(t, "alpha", "web")
+	conns := map[string]*nats.Conn{"alpha": rf.tenant("alpha").nc, "beta": rf.tenant("beta").nc, protocol.SystemNamespace: rf.client}
+	request(t, conns["alpha"], protocol.UndeploySubject("alpha", wid), protocol.StopWorkloadRequest{Namespace: "alpha"})
 	ask := func(ns, ref string) []protocol.RecentStop {
 		t.Helper()
 		m := nats.NewMsg(protocol.WPingSubject(ns))
 		m.Header.Set(protocol.HeaderStoppedRef, ref)
 		m.Data = mustJSON(t, protocol.AgentListWorkloadsRequest{Namespace: ns, Filter: []string{}})
-		r, err := f.client.RequestMsg(m, 10*time.Second)
+		r, err := conns[ns].RequestMsg(m, 10*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
