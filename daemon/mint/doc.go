@@ -31,7 +31,8 @@
 //	sub $NEX.FEED.ns.> (logs, metrics, events), _INBOX_tenant-ns.> only, ns.>
 //
 // Other namespaces' subjects and feeds are simply not allowed. Configured workload
-// subjects that start with a wildcard, $NEX or $SYS are refused at mint time.
+// subjects that start with a wildcard, $NEX, $SYS or an inbox
+// (_INBOX, _INBOX_…: a namespace named so) are refused at mint time.
 //
 // Expiry bounds every user. Nexlets get AgentTTL (nexlet_creds_ttl, 1 h) and renew
 // their own user before it expires (RenewAgent: the nexlet makes the nkey, the node

@@ -122,7 +122,7 @@ func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxP
 }
 
 // checkWorkloadSubject refuses configured workload subjects that would open nex's own
-// subjects, the system account's, or everything.
+// subjects, the system account's, other clients' inboxes, or everything.
 func checkWorkloadSubject(s string) error {
 	if s == "" || strings.ContainsAny(s, " \t\r\n") {
 		return fmt.Errorf("invalid subject %q", s)
@@ -133,6 +133,9 @@ func checkWorkloadSubject(s string) error {
 		return fmt.Errorf("subject %q starts with a wildcard and would reach nex's own subjects", s)
 	case first == "$NEX" || first == "$SYS":
 		return fmt.Errorf("subject %q is reserved for nex and the system account", s)
+	case first == "_INBOX" || strings.HasPrefix(first, "_INBOX_"):
+		// A namespace named so (ns.>) would read other clients' replies.
+		return fmt.Errorf("subject %q is an inbox: it would read other clients' replies", s)
 	}
 	return nil
 }
