@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -86,22 +87,40 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 		}
 	}
 	n.mu.Unlock()
-	var directCh, poolCh chan *nats.Msg // nil: none asked that way
-	byToken := make(map[string]*registration, len(a.direct))
+	var directCh, poolCh chan *nats.Msg                      // nil: none asked that way
+	byToken := make(map[string]*registration, len(a.direct)) // read-only once subscribed
 	if len(a.direct) > 0 {
 		inbox := n.o.NC.NewInbox()
-		directCh = make(chan *nats.Msg, len(a.direct)+1)
-		sub, err := n.o.NC.ChanSubscribe(inbox+".*", directCh)
-		if err != nil {
-			return a, fmt.Errorf("subscribe reply inbox for %s: %w", shared, err)
-		}
-		defer func() { _ = sub.Unsubscribe() }()
+		tokens := make(map[string]string, len(a.direct)) // agent id -> its token
 		for id, r := range a.direct {
 			tok, err := replyToken()
 			if err != nil {
 				return a, err
 			}
-			byToken[tok] = r
+			byToken[tok], tokens[id] = r, tok
+		}
+		// Only each token's first reply goes on, so the channel never fills: a nexlet
+		// may send many to its own reply subject (its response permission allows it),
+		// and a full channel would drop the others' answers (slow consumer):
+		// TestRogueNexletFloodsItsReplies.
+		directCh = make(chan *nats.Msg, len(a.direct))
+		var seenMu sync.Mutex
+		seen := make(map[string]bool, len(a.direct))
+		sub, err := n.o.NC.Subscribe(inbox+".*", func(m *nats.Msg) {
+			tok := protocol.LastToken(m.Subject)
+			seenMu.Lock()
+			first := byToken[tok] != nil && !seen[tok]
+			seen[tok] = true
+			seenMu.Unlock()
+			if first {
+				directCh <- m
+			}
+		})
+		if err != nil {
+			return a, fmt.Errorf("subscribe reply inbox for %s: %w", shared, err)
+		}
+		defer func() { _ = sub.Unsubscribe() }()
+		for id, tok := range tokens {
 			if err := n.o.NC.PublishRequest(direct(id), inbox+"."+tok, data); err != nil {
 				return a, fmt.Errorf("publish %s: %w", direct(id), err)
 			}
@@ -135,12 +154,7 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 		case <-t.C:
 			return a, nil
 		case m := <-directCh:
-			tok := protocol.LastToken(m.Subject)
-			r, ok := byToken[tok]
-			if !ok {
-				continue // a second reply
-			}
-			delete(byToken, tok)
+			r := byToken[protocol.LastToken(m.Subject)] // its token's first reply: the subscription drops the rest
 			pending--
 			if isNoResponders(m) {
 				continue
