@@ -846,3 +846,39 @@ func TestCloneResealOnlyToTrustedNode(t *testing.T) {
 		t.Errorf("nexd did not log why it refused the re-seal")
 	}
 }
+
+// TestTenantNexctlOtherNamespace: tenant A runs the real nexctl as its own user
+// (tenantNexctl) with --namespace tenant-b, to list, stop and clone B's workload. The
+// server refuses B's subjects: nexctl fails or shows nothing of B's, and B's workload
+// runs on; A's own stop through the same user works.
+func TestTenantNexctlOtherNamespace(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	creds := op.CredsFile(t, "nexd-node")
+	n := startNode(t, nodeOpts{external: op.Server.ClientURL(), extra: []string{"--nats.creds-file", creds,
+		"--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account}})
+	n.waitReady(t)
+	b := n.natsRun(t, creds, "tenant-b", "--name", "b-secret", "--", "/bin/sleep", "600")
+	tenant := tenantNexctl(t, op, "tenant-a")
+	// A list hears no node (its request never reaches one) and is empty; nexctl does
+	// not tell that from an empty namespace.
+	for i, args := range [][]string{{"--json", "workload", "list"}, {"workload", "stop", b.ID}, {"workload", "stop", "b-secret"},
+		{"--json", "workload", "clone", b.ID}} {
+		out, errOut, code := tenant(append([]string{"--namespace", "tenant-b", "--nats.timeout", "2s"}, args...)...)
+		if strings.Contains(out, b.ID) || strings.Contains(out, "b-secret") || (code == 0 && i > 0) {
+			t.Errorf("tenant-a's nexctl %v in tenant-b: exit %d\nstdout: %s\nstderr: %s", args, code, out, errOut)
+		}
+	}
+	if ws := n.workloads(t); len(ws) != 1 || ws[0].ID != b.ID {
+		t.Fatalf("workloads %+v, want tenant-b's %s running", ws, b.ID)
+	}
+	if out, errOut, code := tenant("--json", "workload", "run", "--name", "mine", "--", "/bin/sleep", "600"); code != 0 {
+		t.Fatalf("tenant-a's own run: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	if out, errOut, code := tenant("workload", "stop", "mine"); code != 0 {
+		t.Fatalf("tenant-a's own stop: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+}
