@@ -138,8 +138,8 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.refuseRegistration(r, 403, agentID, req, fmt.Errorf("registration on the local channel of nexlet %s is not signed with the key of the start that holds the channel", agentID))
 		return
 	}
-	if err := n.nameFree(agentID, req.Name); err != nil {
-		n.refuseRegistration(r, 409, agentID, req, err)
+	if code, err := n.nameFree(agentID, req.Name); err != nil {
+		n.refuseRegistration(r, code, agentID, req, err)
 		return
 	}
 	schema := &startSchema{agentID: agentID, text: req.StartRequestSchema}
@@ -211,6 +211,15 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.mu.Unlock()
 		n.dropAbandoned(agentID, lr)
 		return
+	}
+	if err := n.boundLocked(agentID, req.Name); err != nil {
+		// Bound since nameFree by a registration of its holder that ran alongside.
+		n.mu.Unlock()
+		n.refuseRegistration(r, 403, agentID, req, err)
+		return
+	}
+	if sup, ok := n.expected[agentID]; ok && req.Name != "" {
+		n.bound[req.Name] = sup
 	}
 	if l, ok := n.locals[agentID]; ok && key != "" && l.key == key {
 		// Signed with the key of the start that holds the channel's other end: the
@@ -334,21 +343,37 @@ func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterA
 	return "", "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
 }
 
-// nameFree refuses a name held by another live nexlet. A restart of the same nexlet
-// (same agent id) or a successor of an offline one may take it.
-func (n *Node) nameFree(agentID, name string) error {
+// nameFree refuses a name bound to another supervised nexlet (403) or held by another
+// live nexlet (409). A restart of the same nexlet (same agent id) or a successor of an
+// offline one may take it.
+func (n *Node) nameFree(agentID, name string) (int, error) {
 	if name == "" {
-		return nil
+		return 0, nil
 	}
 	now := time.Now()
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if err := n.boundLocked(agentID, name); err != nil {
+		return 403, err
+	}
 	for id, old := range n.agents {
 		if id != agentID && old.req.Name == name && n.health(old, now) != protocol.HealthOffline {
-			return fmt.Errorf("nexlet name %q is taken by live nexlet %s [%s]", name, id, old.req.RegisterType)
+			return 409, fmt.Errorf("nexlet name %q is taken by live nexlet %s [%s]", name, id, old.req.RegisterType)
 		}
 	}
-	return nil
+	return 0, nil
+}
+
+// boundLocked refuses a name bound to a supervised nexlet (see Node.bound) to any agent
+// id but the one nexd minted for that nexlet's current run, live or not: else a rogue
+// could take it while that one restarts, and the name being live would refuse that
+// one's return.
+func (n *Node) boundLocked(agentID, name string) error {
+	sup, ok := n.bound[name]
+	if !ok || n.current[sup] == agentID {
+		return nil
+	}
+	return fmt.Errorf("nexlet name %q is reserved for supervised nexlet %q (agent id %s); agent id %s may not register under it", name, sup, n.current[sup], agentID)
 }
 
 // refuseRegistration answers a refused registration and logs it with the reason.

@@ -223,7 +223,12 @@ type Node struct {
 	// deaf is the last health sweep at which the node's own NATS connection was down:
 	// a nexlet's silence until then says nothing about the nexlet.
 	deaf     time.Time
-	expected map[string]string   // agent id -> name, pre-assigned by the daemon
+	expected map[string]string // agent id -> name, pre-assigned by the daemon
+	// bound maps each name a supervised nexlet registered under, and the name it is
+	// supervised as, to the latter, for the run: no other nexlet may take it while that
+	// one restarts (see boundLocked). current maps the latter to its agent id.
+	bound    map[string]string
+	current  map[string]string
 	procInfo map[string]procInfo // by agent id, from the supervisor
 	bids     *bidBook            // bidder id -> bid, bounded
 	auctions *auctionQueue       // auctions waiting for a worker
@@ -365,6 +370,8 @@ func New(o Options) (*Node, error) {
 		userTags:    maps.Clone(o.Tags),
 		agents:      map[string]*registration{},
 		expected:    map[string]string{},
+		bound:       map[string]string{},
+		current:     map[string]string{},
 		procInfo:    map[string]procInfo{},
 		bids:        newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
 		auctions:    newAuctionQueue(),

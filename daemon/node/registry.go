@@ -218,11 +218,16 @@ func (n *Node) totalWorkloadsLocked() int {
 
 // ExpectAgent tells the node that the daemon started (or restarts) a local nexlet
 // under agentID with this name. Without remote registration, only expected ids may
-// register.
+// register. The name is reserved for it (see boundLocked), as is each name it
+// registers under; a later agentID for the same name takes them over.
 func (n *Node) ExpectAgent(agentID, name string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.expected[agentID] = name
+	n.current[name] = agentID
+	if _, ok := n.bound[name]; !ok {
+		n.bound[name] = name
+	}
 }
 
 // SetAgentProcessInfo records what the supervisor knows about the local nexlet with

@@ -3,7 +3,9 @@ package node
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -70,6 +72,19 @@ func (rf *rogueFixture) dial(cd protocol.NatsConnectionData) *nats.Conn {
 // its node minted for id, then serving as the nexlet user the registration handed it.
 func (rf *rogueFixture) minted(id, name, typ string, tweak func(*fakeAgent)) *fakeAgent {
 	rf.t.Helper()
+	a := rf.expected(id, name, typ)
+	if tweak != nil {
+		tweak(a)
+	}
+	a.mustRegister()
+	waitHealthy(rf.t, rf.nodes[0], id)
+	return a
+}
+
+// expected is a fake nexlet the node supervises as name under id, on the registration
+// user minted for id, not registered yet.
+func (rf *rogueFixture) expected(id, name, typ string) *fakeAgent {
+	rf.t.Helper()
 	n := rf.nodes[0]
 	n.ExpectAgent(id, name)
 	rc, err := rf.m.MintRegister(id, n.ID())
@@ -78,11 +93,6 @@ func (rf *rogueFixture) minted(id, name, typ string, tweak func(*fakeAgent)) *fa
 	}
 	a := newFakeAgentOn(rf.t, rf.dial(rc), n.ID(), id, name, typ)
 	a.reconnect = rf.dial
-	if tweak != nil {
-		tweak(a)
-	}
-	a.mustRegister()
-	waitHealthy(rf.t, n, id)
 	return a
 }
 
@@ -375,4 +385,50 @@ func (rf *rogueFixture) stopKept(wid string) bool {
 	}
 	_, ok := stored[wid]
 	return ok
+}
+
+// TestRogueNexletSquatsAnothersName: supervised rogues, with the credentials their
+// node minted for them, register under another supervised nexlet's names while that
+// one is down (the name it registered under, as the native nexlet's go_exec, and the
+// name nexd supervises it as), then the victim comes back. Before, the rogues got the
+// names and the victim's registration was refused (409, the name is live) for as long
+// as the rogue lived. Now both names are bound to the victim's agent id for the run:
+// the rogues are refused and the victim registers.
+func TestRogueNexletSquatsAnothersName(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	asNative := func(a *fakeAgent) { a.req.Name = "go_exec" }
+	victim := rf.minted("victim0", "victim", "native", asNative)
+	victim.kill()
+	n.RemoveAgent(victim.id, "killed by the test")
+
+	var squats []*nats.Msg
+	for i, name := range []string{"go_exec", "victim"} {
+		rogue := rf.expected(fmt.Sprintf("rogue%d", i), fmt.Sprintf("rogue-%d", i), "native")
+		rogue.req.Name = name
+		m := rogue.register()
+		if m.Header.Get(protocol.HeaderErrorCode) == "" {
+			defer rogue.kill()
+		}
+		squats = append(squats, m)
+	}
+	back := rf.expected(victim.id, "victim", "native")
+	asNative(back)
+	if m := back.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Errorf("the victim's registration was refused: %s %s", m.Header.Get(protocol.HeaderErrorCode), m.Data)
+	} else {
+		defer back.kill()
+	}
+	for i, m := range squats {
+		if m.Header.Get(protocol.HeaderErrorCode) == "" {
+			t.Errorf("rogue%d registered under the victim's name", i)
+		} else if code, body := errorReply(t, m); code != "403" || !strings.Contains(body.Error, "reserved") {
+			t.Errorf("rogue%d answered %s %+v, want 403 naming the reservation", i, code, body)
+		}
+	}
+	for _, a := range n.Agents() {
+		if a.ID != victim.id && (a.Name == "go_exec" || a.Name == "victim") {
+			t.Errorf("%q registered by %s", a.Name, a.ID)
+		}
+	}
 }
