@@ -31,7 +31,7 @@
 //	sub $NEX.FEED.ns.> (logs, metrics, events), _INBOX_tenant-ns.> only, ns.>
 //
 // Other namespaces' subjects and feeds are simply not allowed. Configured workload
-// subjects that start with a wildcard, $NEX, $SYS or an inbox
+// subjects that start with a wildcard, $ ($NEX, $SYS, $KV, $JS…) or an inbox
 // (_INBOX, _INBOX_…: a namespace named so) are refused at mint time.
 //
 // Expiry bounds every user. Nexlets get AgentTTL (nexlet_creds_ttl, 1 h) and renew

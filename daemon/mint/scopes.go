@@ -131,8 +131,9 @@ func checkWorkloadSubject(s string) error {
 	switch {
 	case first == ">" || first == "*":
 		return fmt.Errorf("subject %q starts with a wildcard and would reach nex's own subjects", s)
-	case first == "$NEX" || first == "$SYS":
-		return fmt.Errorf("subject %q is reserved for nex and the system account", s)
+	case strings.HasPrefix(first, "$"):
+		// $NEX, $SYS, and $KV, $JS, $O…: the node-state bucket and JetStream's API.
+		return fmt.Errorf("subject %q is reserved for nex, the system account and JetStream", s)
 	case first == "_INBOX" || strings.HasPrefix(first, "_INBOX_"):
 		// A namespace named so (ns.>) would read other clients' replies.
 		return fmt.Errorf("subject %q is an inbox: it would read other clients' replies", s)

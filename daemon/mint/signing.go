@@ -190,6 +190,9 @@ func (m *SigningKeyMinter) MintWorkload(namespace, workloadID string) (protocol.
 	if err := checkToken("namespace", namespace); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: %w", err)
 	}
+	if !protocol.IsToken(namespace) { // as the deploy checks: no $KV, $JS…
+		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: namespace %q is not letters, digits, - or _", namespace)
+	}
 	if err := checkToken("workload id", workloadID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -61,5 +62,51 @@ func TestWorkloadInInboxNamespace(t *testing.T) {
 		} else {
 			t.Errorf("a workload of namespace %s was minted", ns)
 		}
+	}
+}
+
+// TestWorkloadInDollarNamespace is the attack: a workload of a namespace named $KV
+// (or $JS, $O, …) got pub+sub $KV.>, so it could write records into the node-state
+// bucket, which the node replays as workloads to start. Such a namespace's workload
+// user is now refused at mint, as the deploy and TenantPermissions refuse the name.
+func TestWorkloadInDollarNamespace(t *testing.T) {
+	e := startOperator(t)
+	admin := e.admin(t)
+	js, err := jetstream.New(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.CreateKeyValue(t.Context(), jetstream.KeyValueConfig{Bucket: "nex-node"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newSigning(t, e, Options{})
+	for _, ns := range []string{"$KV", "$JS", "$O"} {
+		cd, err := m.MintWorkload(ns, nuid.Next())
+		if err != nil {
+			continue
+		}
+		if ns == "$KV" {
+			w := mustDial(t, e.s.ClientURL(), cd)
+			if _, err := jetstream.New(w.nc); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.nc.Publish("$KV.nex-node.planted", []byte(`{"namespace":"system"}`)); err != nil || w.nc.Flush() != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 150; i++ { // stored in moments; the check below says whether
+				if _, err := kv.Get(t.Context(), "planted"); err == nil {
+					break
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+		t.Errorf("a workload of namespace %s was minted", ns)
+	}
+	if _, err := kv.Get(t.Context(), "planted"); err == nil {
+		t.Errorf("a workload of namespace $KV wrote into the node-state bucket")
+	}
+	if _, err := TenantPermissions("$KV"); err == nil {
+		t.Errorf("TenantPermissions($KV) accepted")
 	}
 }
