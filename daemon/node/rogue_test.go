@@ -145,6 +145,10 @@ func rogueSetup(t *testing.T, shared bool) (rf *rogueFixture, victim *fakeAgent,
 	rf.rogue = rogue
 	wid = rf.deployOne("tenant")
 	forge(t, rogue, victim.id, wid)
+	// Only forged answers from the rogue: asked on its own subject, its honest answer
+	// would come first and pass for its token, and the forged one would be dropped
+	// before the ownership check it is here to try.
+	rogue.mute.Store(true)
 	victim.mute.Store(true)
 	return rf, victim, wid
 }
