@@ -448,7 +448,11 @@ func echoNode(t *testing.T, s *server.Server) (*node, string) {
 }
 
 // freezeEcho stops the node's echo nexlet with SIGSTOP, as a busy one would miss the
-// node's fan-out, until the test ends (or it is sent SIGCONT).
+// node's fan-out, until the test ends (or it is sent SIGCONT). It returns once every
+// thread of it is stopped: kill returns when the signal is queued and wakes one
+// thread, which stops the others when it next runs; on a loaded machine the rest
+// answered a fan-out sent right after (TestShutdownReportsPartialList listed the echo
+// workload, 1 of 5 runs under -race with other packages).
 func (n *node) freezeEcho(t *testing.T) control.Nexlet {
 	t.Helper()
 	echo := n.nexlet(t, "echo-nexlet")
@@ -456,7 +460,24 @@ func (n *node) freezeEcho(t *testing.T) control.Nexlet {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = syscall.Kill(echo.PID, syscall.SIGCONT) })
+	testkit.EventuallyWithin(t, 10*time.Second, "every thread of the echo nexlet stopped", func() bool { return allStopped(echo.PID) })
 	return echo
+}
+
+// allStopped reports whether every thread of process pid is in the stopped state (T).
+func allStopped(pid int) bool {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil || len(tasks) == 0 {
+		return false
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+		i := strings.LastIndexByte(string(b), ')')
+		if err != nil || i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
 }
 
 // TestWorkloadListPartial: a node whose nexlet misses its 2 s fan-out (here frozen with
