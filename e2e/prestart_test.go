@@ -177,9 +177,10 @@ func TestPrestartedNexletNeverOrphaned(t *testing.T) {
 }
 
 // TestLiveRestoreAdoptsWithoutPrestart: with live_restore, the nexd after a restart
-// adopts the native nexlet the first one left running (itself pre-started) and starts
-// no second one: the same single native nexlet runs for the state directory, before
-// and after, the new nexd has no nexlet child, and the workload runs on.
+// adopts the native nexlet the first one left running (itself pre-started) and keeps
+// no second one (the one its init exec'd is killed at main): the same single native
+// nexlet runs for the state directory, before and after, the new nexd has no nexlet
+// child, and the workload runs on.
 func TestLiveRestoreAdoptsWithoutPrestart(t *testing.T) {
 	needCgroupV1(t, "hierarchies (root), to find the workload's processes")
 	t.Parallel()
