@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -834,16 +835,27 @@ func (n *Node) StopAllWorkloads(ctx context.Context) error {
 	n.mu.Unlock()
 	var errs []error
 	done := map[string]bool{}
-	stopped := 0
+	var stopped atomic.Int64
 	for round := 0; ; round++ {
 		list, missing, err := n.WorkloadList(ctx)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("list workloads to stop: %w", err))
 			break
 		}
-		var more []error
-		stopped, more = n.stopListed(ctx, list, done, stopped)
-		errs = append(errs, more...)
+		targets, names := make(map[string]string, len(list)), make(map[string]string, len(list))
+		for _, w := range list {
+			targets[w.ID], names[w.ID] = listedNamespace(w), w.Name
+		}
+		errs = append(errs, n.stopEach(ctx, targets, done, func(id string, resp protocol.StopWorkloadResponse, err error) error {
+			switch {
+			case err != nil:
+				return fmt.Errorf("stop workload %s (%s): %w", id, names[id], err)
+			case !resp.Stopped:
+				return fmt.Errorf("stop workload %s (%s): %s", id, names[id], resp.Message)
+			}
+			stopped.Add(1)
+			return nil
+		})...)
 		if len(missing) == 0 {
 			break
 		}
@@ -855,46 +867,47 @@ func (n *Node) StopAllWorkloads(ctx context.Context) error {
 	}
 	err := errors.Join(errs...)
 	if err != nil {
-		n.log.Error("stopping workloads at shutdown", "stopped", stopped, "errors", len(errs), "err", err)
+		n.log.Error("stopping workloads at shutdown", "stopped", stopped.Load(), "errors", len(errs), "err", err)
 	} else {
-		n.log.Info("workloads stopped at shutdown", "stopped", stopped)
+		n.log.Info("workloads stopped at shutdown", "stopped", stopped.Load())
 	}
 	return err
 }
 
-// stopListed stops, all at once, each listed workload not yet done, and marks it done;
-// it returns stopped plus how many it stopped, and the failures.
-func (n *Node) stopListed(ctx context.Context, list []protocol.WorkloadSummary, done map[string]bool, stopped int) (int, []error) {
+// listedNamespace is the namespace a listed workload is stopped in.
+func listedNamespace(w protocol.WorkloadSummary) string {
+	if w.Namespace != nil && *w.Namespace != "" {
+		return *w.Namespace
+	}
+	return protocol.SystemNamespace
+}
+
+// stopEach stops, all at once, each workload of targets (id → namespace) not yet done,
+// and marks it done. after is called (concurrently) with each stop's outcome; the
+// errors it returns are returned.
+func (n *Node) stopEach(ctx context.Context, targets map[string]string, done map[string]bool,
+	after func(id string, resp protocol.StopWorkloadResponse, err error) error) []error {
 	var (
 		mu   sync.Mutex
 		errs []error
 		wg   sync.WaitGroup
 	)
-	for _, w := range list {
-		if done[w.ID] {
+	for id, ns := range targets {
+		if done[id] {
 			continue
 		}
-		done[w.ID] = true
-		ns := protocol.SystemNamespace
-		if w.Namespace != nil && *w.Namespace != "" {
-			ns = *w.Namespace
-		}
+		done[id] = true
 		wg.Go(func() {
-			resp, err := n.stopWorkload(ctx, ns, w.ID)
-			mu.Lock()
-			defer mu.Unlock()
-			switch {
-			case err != nil:
-				errs = append(errs, fmt.Errorf("stop workload %s (%s): %w", w.ID, w.Name, err))
-			case !resp.Stopped:
-				errs = append(errs, fmt.Errorf("stop workload %s (%s): %s", w.ID, w.Name, resp.Message))
-			default:
-				stopped++
+			resp, err := n.stopWorkload(ctx, ns, id)
+			if err := after(id, resp, err); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
 			}
 		})
 	}
 	wg.Wait()
-	return stopped, errs
+	return errs
 }
 
 // DrainWorkloads is the end of lame duck mode: it stops every workload this node runs
@@ -918,16 +931,26 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 		list, missing, listErr := n.WorkloadList(ctx)
 		for _, w := range list {
 			t := targets[w.ID]
-			t.ns = protocol.SystemNamespace
-			if w.Namespace != nil && *w.Namespace != "" {
-				t.ns = *w.Namespace
-			}
+			t.ns = listedNamespace(w)
 			if t.typ == "" {
 				t.typ = w.WorkloadType
 			}
 			targets[w.ID] = t
 		}
-		errs = append(errs, n.drainStop(ctx, targets, done)...)
+		nss := make(map[string]string, len(targets))
+		for id, t := range targets {
+			nss[id] = t.ns
+		}
+		errs = append(errs, n.stopEach(ctx, nss, done, func(id string, resp protocol.StopWorkloadResponse, err error) error {
+			if err == nil && !resp.Stopped && resp.Message != protocol.ErrTextWorkloadNotFound {
+				err = errors.New(resp.Message)
+			}
+			n.forget(id, targets[id].typ)
+			if err != nil {
+				return fmt.Errorf("drain workload %s: %w", id, err)
+			}
+			return nil
+		})...)
 		if listErr == nil && len(missing) > 0 {
 			if round == 0 {
 				continue
@@ -951,35 +974,6 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 
 // drainTarget is a workload DrainWorkloads stops.
 type drainTarget struct{ ns, typ string }
-
-// drainStop stops, all at once, each of targets not yet done, and marks it done.
-func (n *Node) drainStop(ctx context.Context, targets map[string]drainTarget, done map[string]bool) []error {
-	var (
-		mu   sync.Mutex
-		errs []error
-		wg   sync.WaitGroup
-	)
-	for id, t := range targets {
-		if done[id] {
-			continue
-		}
-		done[id] = true
-		wg.Go(func() {
-			resp, err := n.stopWorkload(ctx, t.ns, id)
-			if err == nil && !resp.Stopped && resp.Message != protocol.ErrTextWorkloadNotFound {
-				err = errors.New(resp.Message)
-			}
-			if err != nil {
-				mu.Lock()
-				errs = append(errs, fmt.Errorf("drain workload %s: %w", id, err))
-				mu.Unlock()
-			}
-			n.forget(id, t.typ)
-		})
-	}
-	wg.Wait()
-	return errs
-}
 
 // forget removes a workload that ended from the node state.
 func (n *Node) forget(workloadID, workloadType string) {
