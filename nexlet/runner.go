@@ -374,11 +374,11 @@ func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgen
 		h             micro.HandlerFunc
 	}{
 		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", r.async(nc, busy, r.handleStart)},
-		// Named (HeaderAgentID), so a nexd node that asks this nexlet on its own
-		// subjects drops its answers here instead of counting them for the nexlets
-		// it asks here (upstream's SDK).
-		// A nexd node that asked this nexlet on its own subjects says so
-		// (HeaderAskedDirect): then the shared request is not for it.
+		// The shared subjects, where upstream's node asks. A nexd node that asked this
+		// nexlet on its own subjects says so (HeaderAskedDirect): then the shared
+		// request is not for it. Answers are named (HeaderAgentID), so a nexd node
+		// drops one that comes here anyway instead of counting it for the nexlets it
+		// asks here (upstream's SDK).
 		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), notAskedDirect(r.async(nc, busy, r.named(r.handleStop)))},
 		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), notAskedDirect(counted(busy, r.named(r.handleGet)))},
 		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), notAskedDirect(counted(busy, r.handleQuery))},
