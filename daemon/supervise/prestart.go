@@ -6,14 +6,10 @@ import (
 	"log/slog"
 	"maps"
 	"os"
-	"os/exec"
-	"runtime"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -85,45 +81,27 @@ const (
 )
 
 // Prestart execs path with args and env (the variables its runtime reads before main,
-// and any other that is no secret) as a nexlet that waits for its hand-off. Like New, it
-// first raises RLIMIT_NOFILE and marks inherited descriptors close-on-exec, so that the
-// process inherits what a supervised start gives it. Its stderr is stderr until the
-// hand-off (a runtime crash before it is seen); stdin and stdout are /dev/null.
+// and any other that is no secret) as a nexlet that waits for its hand-off
+// (earlynexlet.Fork). Like New, it first raises RLIMIT_NOFILE and marks inherited
+// descriptors close-on-exec, and goes on when it cannot, so that the process inherits
+// what a supervised start gives it. Its stderr is stderr until the hand-off (a runtime
+// crash before it is seen); stdin and stdout are /dev/null.
 func Prestart(path string, args []string, env map[string]string, stderr *os.File, log *slog.Logger) (*Prestarted, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	raiseNofile(log)
 	closeInheritedOnExec(log)
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	e, err := earlynexlet.Fork(path, args, env, stderr)
 	if err != nil {
-		return nil, fmt.Errorf("prestart %s: hand-off pair: %w", path, err)
-	}
-	ours, theirs := os.NewFile(uintptr(fds[0]), "handoff"), os.NewFile(uintptr(fds[1]), "handoff-child")
-	cmdEnv := make([]string, 0, len(env)+1)
-	for k, v := range env {
-		cmdEnv = append(cmdEnv, k+"="+v)
-	}
-	cmdEnv = append(cmdEnv, EnvHandoff+"="+strconv.Itoa(handoffFD))
-	sort.Strings(cmdEnv)
-	cmd := &exec.Cmd{
-		Path:        path,
-		Args:        append([]string{path}, args...),
-		Env:         cmdEnv,
-		Stderr:      stderr,
-		ExtraFiles:  []*os.File{theirs}, // descriptor 3
-		SysProcAttr: &syscall.SysProcAttr{Setpgid: true},
-	}
-	err = cmd.Start()
-	theirs.Close()
-	if err != nil {
-		ours.Close()
 		return nil, fmt.Errorf("prestart %s: %w", path, err)
 	}
-	// Every stream is a file or /dev/null: cmd has nothing to copy or close after
-	// the process ends, so waiting for cmd.Process is waiting for cmd.
-	return watchPrestarted(&Prestarted{path: path, args: slices.Clone(args), env: maps.Clone(env),
-		proc: cmd.Process, pair: ours, procsLimited: runtime.GOMAXPROCS(0) != runtime.NumCPU()}), nil
+	p, err := watchEarly(e)
+	if err != nil {
+		e.Discard()
+		return nil, err
+	}
+	return p, nil
 }
 
 // PrestartedEarly takes over e, a native nexlet exec'd at nexd's package init
@@ -136,12 +114,18 @@ func PrestartedEarly(e *earlynexlet.Process, env map[string]string) (*Prestarted
 			return nil, k, nil
 		}
 	}
+	p, err := watchEarly(e)
+	return p, "", err
+}
+
+// watchEarly makes e a Prestarted and watches it; on an error e stays the caller's.
+func watchEarly(e *earlynexlet.Process) (*Prestarted, error) {
 	proc, err := os.FindProcess(e.Pid) // our child, unreaped: its pid is its own
 	if err != nil {
-		return nil, "", fmt.Errorf("pre-started pid %d: %w", e.Pid, err)
+		return nil, fmt.Errorf("pre-started pid %d: %w", e.Pid, err)
 	}
 	return watchPrestarted(&Prestarted{path: e.Path, args: slices.Clone(e.Args), env: maps.Clone(e.Env),
-		proc: proc, pair: e.Pair, procsLimited: e.ProcsLimited}), "", nil
+		proc: proc, pair: e.Pair, procsLimited: e.ProcsLimited}), nil
 }
 
 // watchPrestarted starts p's waiter, which ends with the process: taken, it is the

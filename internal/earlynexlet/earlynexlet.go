@@ -124,8 +124,7 @@ func RuntimeEnv(getenv func(string) string) map[string]string {
 // Start execs path with args and env (plus EnvHandoff) as a nexlet that waits for its
 // hand-off on descriptor 3, the other end of a SOCK_SEQPACKET pair. Like a supervised
 // start, it first raises RLIMIT_NOFILE and marks inherited descriptors close-on-exec.
-// stdin and stdout are /dev/null, stderr nexd's until the hand-off; it runs in a
-// process group of its own.
+// Its stderr is nexd's until the hand-off.
 func Start(path string, args []string, env map[string]string) (*Process, error) {
 	if err := RaiseNofile(); err != nil {
 		return nil, err
@@ -133,6 +132,13 @@ func Start(path string, args []string, env map[string]string) (*Process, error) 
 	if err := CloseInheritedOnExec(); err != nil {
 		return nil, err
 	}
+	return Fork(path, args, env, os.Stderr)
+}
+
+// Fork is Start's exec alone, for callers that raised the limit and marked the
+// descriptors themselves: stdin and stdout are /dev/null, stderr is stderr (/dev/null
+// when nil) until the hand-off, and the process runs in a process group of its own.
+func Fork(path string, args []string, env map[string]string, stderr *os.File) (*Process, error) {
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_SEQPACKET|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, &os.SyscallError{Syscall: "socketpair", Err: err}
@@ -144,6 +150,10 @@ func Start(path string, args []string, env map[string]string) (*Process, error) 
 		return nil, &os.PathError{Op: "open", Path: os.DevNull, Err: err}
 	}
 	defer syscall.Close(null)
+	errFD := uintptr(null)
+	if stderr != nil {
+		errFD = stderr.Fd()
+	}
 	cmdEnv := make([]string, 0, len(env)+1)
 	for k, v := range env {
 		cmdEnv = append(cmdEnv, k+"="+v)
@@ -152,9 +162,12 @@ func Start(path string, args []string, env map[string]string) (*Process, error) 
 	slices.Sort(cmdEnv)
 	pid, err := syscall.ForkExec(path, append([]string{path}, args...), &syscall.ProcAttr{
 		Env:   cmdEnv,
-		Files: []uintptr{uintptr(null), uintptr(null), 2, uintptr(fds[1])},
+		Files: []uintptr{uintptr(null), uintptr(null), errFD, uintptr(fds[1])},
 		Sys:   &syscall.SysProcAttr{Setpgid: true},
 	})
+	if stderr != nil {
+		runtime.KeepAlive(stderr)
+	}
 	if err != nil {
 		syscall.Close(fds[0])
 		return nil, &os.PathError{Op: "fork/exec", Path: path, Err: err}
