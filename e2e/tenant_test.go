@@ -848,9 +848,11 @@ func TestCloneResealOnlyToTrustedNode(t *testing.T) {
 }
 
 // TestTenantNexctlOtherNamespace: tenant A runs the real nexctl as its own user
-// (tenantNexctl) with --namespace tenant-b, to list, stop and clone B's workload. The
-// server refuses B's subjects: nexctl fails or shows nothing of B's, and B's workload
-// runs on; A's own stop through the same user works.
+// (tenantNexctl) with --namespace tenant-b, to list, stop and clone B's workload and
+// follow B's events. The server refuses B's subjects: nexctl fails, exit 1, naming the
+// refused subject (before, the list printed [] and exited 0, and events waited and
+// showed nothing), and B's workload runs on; A's own stop through the same user works.
+// The same user without its inbox prefix is told so (before: [] and exit 0).
 func TestTenantNexctlOtherNamespace(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -863,14 +865,28 @@ func TestTenantNexctlOtherNamespace(t *testing.T) {
 	n.waitReady(t)
 	b := n.natsRun(t, creds, "tenant-b", "--name", "b-secret", "--", "/bin/sleep", "600")
 	tenant := tenantNexctl(t, op, "tenant-a")
-	// A list hears no node (its request never reaches one) and is empty; nexctl does
-	// not tell that from an empty namespace.
-	for i, args := range [][]string{{"--json", "workload", "list"}, {"workload", "stop", b.ID}, {"workload", "stop", "b-secret"},
-		{"--json", "workload", "clone", b.ID}} {
+	for _, args := range [][]string{{"--json", "workload", "list"}, {"workload", "list"}, {"workload", "stop", b.ID},
+		{"workload", "stop", "b-secret"}, {"--json", "workload", "clone", b.ID}, {"events", "--wait", "1s"}} {
 		out, errOut, code := tenant(append([]string{"--namespace", "tenant-b", "--nats.timeout", "2s"}, args...)...)
-		if strings.Contains(out, b.ID) || strings.Contains(out, "b-secret") || (code == 0 && i > 0) {
-			t.Errorf("tenant-a's nexctl %v in tenant-b: exit %d\nstdout: %s\nstderr: %s", args, code, out, errOut)
+		if strings.Contains(out, b.ID) || strings.Contains(out, "b-secret") || code != 1 ||
+			!strings.Contains(errOut, "Permissions Violation for") || !strings.Contains(errOut, "tenant-b.") {
+			t.Errorf("tenant-a's nexctl %v in tenant-b: exit %d, want 1 and the refused subject\nstdout: %s\nstderr: %s", args, code, out, errOut)
 		}
+	}
+	p, err := mint.TenantPermissions("tenant-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, seed := op.UserWith(t, "tenant-a-noprefix", nil, p)
+	plain, err := jwt.FormatUserConfig(tok, []byte(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	plainCreds := testkit.WriteFile(t, filepath.Join(t.TempDir(), "a.creds"), string(plain))
+	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", filepath.Join(t.TempDir(), "no.sock"),
+		"--nats.servers", op.Server.ClientURL(), "--nats.creds-file", plainCreds, "--namespace", "tenant-a", "--nats.timeout", "2s", "workload", "list")
+	if code != 1 || !strings.Contains(errOut, `Subscription to "_INBOX.`) || !strings.Contains(errOut, "inbox_prefix") {
+		t.Errorf("tenant-a's nexctl without its inbox prefix: exit %d, want 1 and the inbox named\nstdout: %s\nstderr: %s", code, out, errOut)
 	}
 	if ws := n.workloads(t); len(ws) != 1 || ws[0].ID != b.ID {
 		t.Fatalf("workloads %+v, want tenant-b's %s running", ws, b.ID)

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
@@ -129,6 +130,9 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	// A usage error may stop parsing before --json is seen.
 	asJSON := a.json || slices.Contains(args, "--json") || slices.Contains(args, "--json=true")
 	code, kind, msg := ExitFailed, "failed", err.Error()
+	if errors.Is(err, nats.ErrPermissionViolation) {
+		msg += refusedHint(msg)
+	}
 	var ue usageError
 	var ee exitError
 	switch {
@@ -361,3 +365,11 @@ func (f *envFlag) Set(s string) error {
 	return nil
 }
 func (f *envFlag) Type() string { return "KEY=VALUE" }
+
+// refusedHint says what to do about a request the NATS server refused.
+func refusedHint(msg string) string {
+	if strings.Contains(msg, `Subscription to "_INBOX.`) {
+		return " (this user may not receive replies on _INBOX.>: connect with its own inbox prefix, inbox_prefix in its NATS context, e.g. _INBOX_tenant-<namespace>)"
+	}
+	return " (this user's NATS permissions do not allow it; a tenant's user has only its own namespace: --namespace; 'nexctl doctor' shows what it may use)"
+}

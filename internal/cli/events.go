@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
 
+	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -119,6 +120,7 @@ Types: ` + strings.Join(eventTypes, ", "),
 				}
 			}
 			subject := eventsSubject(node, a.namespace, typ)
+			before := f.nc.LastError()
 			sub, err := f.nc.SubscribeSync(subject)
 			if err != nil {
 				return fmt.Errorf("subscribe to %s: %w", subject, err)
@@ -126,6 +128,9 @@ Types: ` + strings.Join(eventTypes, ", "),
 			defer sub.Unsubscribe()
 			if err := f.nc.Flush(); err != nil {
 				return fmt.Errorf("subscribe to %s: %w", subject, err)
+			}
+			if err := scatter.Refused(f.nc, before, subject); err != nil {
+				return err
 			}
 			if follow {
 				// Said once the subscription is in place, so a script can act on it.

@@ -107,11 +107,15 @@ func (f *fleet) request(ctx context.Context, subject string, v any, timeout time
 	}
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	before := f.nc.LastError()
 	m, err := f.nc.RequestWithContext(rctx, subject, data)
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
 		return nil, false, nil
 	case err != nil:
+		if refused := scatter.Refused(f.nc, before, subject, f.inboxPrefix()); refused != nil {
+			return nil, true, fmt.Errorf("request %s: %w", subject, refused)
+		}
 		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 			return nil, true, fmt.Errorf("no reply on %s within %s: %w", subject, timeout, nats.ErrTimeout)
 		}
@@ -278,6 +282,7 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 		return r, err
 	}
 	subject := protocol.DeploySubject(req.Namespace, bidderID)
+	before := f.nc.LastError()
 	inbox := f.nc.NewInbox()
 	sub, err := f.nc.SubscribeSync(inbox)
 	if err != nil {
@@ -293,6 +298,9 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	sent := time.Now()
 	if err := f.nc.PublishMsg(msg); err != nil {
 		return r, fmt.Errorf("publish %s: %w", subject, err)
+	}
+	if err := scatter.FlushRefused(ctx, f.nc, before, f.first, subject, inbox); err != nil {
+		return r, err
 	}
 	deadline := sent.Add(f.deployTimeout)
 	if f.progress != nil {
@@ -524,6 +532,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 	if err != nil {
 		return ret, false, err
 	}
+	before := f.nc.LastError()
 	inbox := f.nc.NewInbox()
 	sub, err := f.nc.SubscribeSync(inbox)
 	if err != nil {
@@ -534,6 +543,9 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 		Header: nats.Header{protocol.HeaderProgress: {"1"}}}
 	if err := f.nc.PublishMsg(m); err != nil {
 		return ret, false, fmt.Errorf("publish stop request: %w", err)
+	}
+	if err := scatter.FlushRefused(ctx, f.nc, before, f.first, m.Subject, inbox); err != nil {
+		return ret, false, err
 	}
 	var errs []error
 	deadline := time.Now().Add(f.first)
@@ -632,6 +644,14 @@ func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkload
 		return out, fmt.Errorf("workload %s: %w", id, errors.Join(errs...))
 	}
 	return out, fmt.Errorf("workload %s not found in namespace %s", id, f.ns)
+}
+
+// inboxPrefix is the prefix of every reply inbox of the connection, with its dot.
+func (f *fleet) inboxPrefix() string {
+	if p := f.nc.Opts.InboxPrefix; p != "" {
+		return p + "."
+	}
+	return nats.InboxPrefix
 }
 
 func nextID() string { return nuid.Next() }

@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/nexd-project/nexd/internal/logstream"
+	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -574,6 +575,7 @@ or with -f until interrupted.`,
 				}
 				ns = "*" // a finished workload: its history may still be kept
 			}
+			before := f.nc.LastError()
 			sub, err := f.nc.SubscribeSync(protocol.LogsWildcard(ns, id))
 			if err != nil {
 				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
@@ -582,6 +584,9 @@ or with -f until interrupted.`,
 			// The wait starts once the server has the subscription, not before.
 			if err := f.nc.Flush(); err != nil {
 				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
+			}
+			if err := scatter.Refused(f.nc, before, protocol.LogsWildcard(ns, id)); err != nil {
+				return err
 			}
 			if history {
 				lines, from, err := a.workloadHistory(cmd.Context(), f, ns, id, since, tail)

@@ -5,7 +5,10 @@ package scatter
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -30,8 +33,11 @@ type Options struct {
 // Gather publishes data on subject with a fresh reply inbox and returns the replies
 // that arrive: it ends Stall after the latest reply (or once promised answers came or
 // their wait ran out, see Options.Promise), after First without any, at Max replies, or
-// at once when the server says nobody listens.
+// at once when the server says nobody listens. A request the server refuses (the user
+// may not publish on subject or receive on its inbox) is an error naming it, not an
+// empty answer.
 func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o Options) ([]*nats.Msg, error) {
+	before := nc.LastError()
 	inbox := nc.NewInbox()
 	sub, err := nc.SubscribeSync(inbox)
 	if err != nil {
@@ -42,6 +48,9 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 	_ = sub.SetPendingLimits(-1, -1)
 	if err := nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: o.Header}); err != nil {
 		return nil, fmt.Errorf("request %s: %w", subject, err)
+	}
+	if err := FlushRefused(ctx, nc, before, o.First, subject, inbox); err != nil {
+		return nil, err
 	}
 	var out []*nats.Msg
 	promised := map[string]time.Time{} // responder -> until when its answer is awaited
@@ -92,4 +101,37 @@ func latest(a, b time.Time) time.Time {
 // NoResponders reports the server's "no responders" status reply.
 func NoResponders(m *nats.Msg) bool {
 	return len(m.Data) == 0 && m.Header.Get("Status") == "503"
+}
+
+// FlushRefused flushes nc (for at most wait) and returns the permissions violation the
+// server reported since before (nc.LastError() read before publishing or subscribing)
+// for one of subjects; a subject ending in "." stands for every subject under it. The
+// server sends a violation ahead of the flush's PONG, and nats.go only keeps it as the
+// connection's last error (and hands it to the error handler): without this a refused
+// request hears nothing, which looked like an empty answer. A flush that fails is not
+// an error here: the caller's wait for replies will tell.
+func FlushRefused(ctx context.Context, nc *nats.Conn, before error, wait time.Duration, subjects ...string) error {
+	fctx, cancel := context.WithTimeout(ctx, wait)
+	_ = nc.FlushWithContext(fctx)
+	cancel()
+	return Refused(nc, before, subjects...)
+}
+
+// Refused is FlushRefused without the flush, for a caller whose wait is over.
+func Refused(nc *nats.Conn, before error, subjects ...string) error {
+	last := nc.LastError()
+	if last == nil || last == before || !errors.Is(last, nats.ErrPermissionViolation) {
+		return nil
+	}
+	msg := last.Error()
+	for _, s := range subjects {
+		quoted := strconv.Quote(s)
+		if strings.HasSuffix(s, ".") {
+			quoted = strings.TrimSuffix(quoted, `"`)
+		}
+		if s != "" && strings.Contains(msg, quoted) {
+			return fmt.Errorf("the NATS server refused this user: %w", last)
+		}
+	}
+	return nil
 }

@@ -2,9 +2,12 @@ package scatter
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -94,5 +97,49 @@ func TestGatherWaitsForPromisedAnswers(t *testing.T) {
 	got, err = Gather(t.Context(), nc, "list", nil, Options{First: 5 * time.Second, Stall: 50 * time.Millisecond})
 	if err != nil || len(got) != 2 || string(got[0].Data)+string(got[1].Data) != "f" { // the ack and the fast answer
 		t.Fatalf("without: %d replies, %v", len(got), err)
+	}
+}
+
+// A request the server refuses is an error naming the subject, not an empty answer
+// (before, Gather returned no replies and no error, and nexctl printed []): publishing
+// where the user may not, and asking with an inbox it may not subscribe to.
+func TestGatherRefused(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) {
+		o.Users = []*server.User{{Username: "t", Password: "pw", Permissions: &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: []string{"mine.>"}},
+			Subscribe: &server.SubjectPermission{Allow: []string{"_INBOX_t.>"}},
+		}}}
+	}})
+	url := strings.Replace(s.ClientURL(), "nats://", "nats://t:pw@", 1)
+	o := Options{First: 5 * time.Second, Stall: 50 * time.Millisecond}
+	for _, tc := range []struct {
+		name, subject, want string
+		opts                []nats.Option
+	}{
+		{"publish", "theirs.list", `Publish to "theirs.list"`, []nats.Option{nats.CustomInboxPrefix("_INBOX_t")}},
+		{"inbox", "mine.list", `Subscription to "_INBOX.`, nil},
+	} {
+		nc, err := nats.Connect(url, tc.opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		got, err := Gather(t.Context(), nc, tc.subject, nil, o)
+		if !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %d replies, err %v; want the violation %s", tc.name, len(got), err, tc.want)
+		}
+		if d := time.Since(start); d > o.First/2 {
+			t.Errorf("%s: the refusal took %s: waited for replies", tc.name, d)
+		}
+		nc.Close()
+	}
+	// Allowed, nobody answers: no error, as before.
+	nc, err := nats.Connect(url, nats.CustomInboxPrefix("_INBOX_t"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	if got, err := Gather(t.Context(), nc, "mine.list", nil, o); err != nil || len(got) != 0 {
+		t.Fatalf("allowed request: %d replies, %v", len(got), err)
 	}
 }
