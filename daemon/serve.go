@@ -9,6 +9,7 @@ import (
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/coldpages"
 	"github.com/nexd-project/nexd/internal/memtrim"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -92,8 +93,14 @@ func (s *server) serve(startCtx context.Context) error {
 		return err
 	}
 	s.goBase.apply(cfg.Node, s.log) // see newDaemon
-	// The native nexlet's schema, left for after READY (node.startSchema).
-	s.own.goFn(s.node.CompileSchemas)
+	// The native nexlet's schema, left for after READY (node.startSchema); then start-up
+	// is over and the binary's pages it alone used are unmapped (coldpages).
+	s.own.goFn(func() {
+		s.node.CompileSchemas()
+		if !cfg.Node.KeepStartupPages {
+			coldpages.DropLogged(s.log)
+		}
+	})
 	close(s.watchdogTaken)
 	s.own.goFn(func() { s.notify.RunWatchdog(s.ctx, s.healthy) })
 	s.own.goFn(func() { s.statusLoop(s.ctx) })

@@ -69,6 +69,7 @@ type NodeConfig struct {
 	CgroupDriver                 string            // cgroup_driver: "cgroupfs" or "systemd" (transient scopes)
 	GoGCPercent                  int               // go_gc_percent: GOGC of nexd and the native nexlet; 0 = DefaultGoGCPercent or $GOGC
 	GoMemoryLimit                int64             // go_memory_limit: GOMEMLIMIT of each; 0 = Go's
+	KeepStartupPages             bool              // keep_startup_pages: do not unmap the binary's start-up pages once ready
 	StopGrace                    time.Duration     // stop_grace
 	WorkloadCredsTTL             time.Duration     // workload_creds_ttl: lifetime of minted workload users
 	NexletCredsTTL               time.Duration     // nexlet_creds_ttl: lifetime of minted nexlet users

@@ -723,6 +723,9 @@ func (m *Manager) env(name string) map[string]string {
 		case m.o.DefaultGOGC != "":
 			env[native.EnvGOGC] = m.o.DefaultGOGC
 		}
+		if n.KeepStartupPages {
+			env[native.EnvKeepStartupPages] = "true"
+		}
 		if n.GoMemoryLimit > 0 {
 			env["GOMEMLIMIT"] = strconv.FormatInt(n.GoMemoryLimit, 10)
 		}

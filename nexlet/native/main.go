@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/coldpages"
 	"github.com/nexd-project/nexd/internal/memtrim"
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/nexlet"
@@ -42,6 +43,9 @@ const (
 	// EnvGOGC is GOGC ("off" or a percentage) for after the registration: the start
 	// runs with Go's default, collecting less while the node waits for it.
 	EnvGOGC = "NEX_NATIVE_GOGC"
+	// EnvKeepStartupPages "true" keeps the binary's pages start-up faulted in resident
+	// (keep_startup_pages); by default they are unmapped once registered (coldpages).
+	EnvKeepStartupPages = "NEX_NATIVE_KEEP_STARTUP_PAGES"
 	// EnvLogLevel is the lowest level nexd logs (slog's name: DEBUG, INFO, WARN,
 	// ERROR), which the nexlet logs at too: nexd drops every line below it, and each
 	// line wakes nexd to read and parse it, on the deploy's path ("workload started",
@@ -228,6 +232,9 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 	// Start-up's garbage and free heap go back once the nexlet is quiet, as a burst's do.
 	tctx, stopTrim := context.WithCancel(ctx)
 	again.Go(func() { memtrim.Run(tctx, memtrim.Options{}) })
+	if env(EnvKeepStartupPages) != "true" {
+		again.Go(func() { coldpages.DropLogged(log) })
+	}
 	defer stopTrim()
 wait:
 	for {
