@@ -131,7 +131,7 @@ func tenantNexctl(t *testing.T, op *testnats.Operator, ns string) func(args ...s
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	ctx, err := json.Marshal(map[string]string{"url": op.Server.ClientURL(), "inbox_prefix": mint.TenantInboxPrefix(ns),
+	ctx, err := json.Marshal(map[string]string{"url": op.Server.ClientURL(), "inbox_prefix": protocol.TenantInboxPrefix(ns),
 		"creds": testkit.WriteFile(t, filepath.Join(dir, ns+".creds"), string(creds))})
 	if err != nil {
 		t.Fatal(err)

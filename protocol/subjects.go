@@ -291,6 +291,23 @@ func RenewCredsSubject(nodeID, agentID, workloadID string) string {
 // sees another's replies (nats.CustomInboxPrefix). A nexd extension.
 func InboxPrefix(id string) string { return "_INBOX_" + id }
 
+// TenantInboxPrefix is the private inbox prefix of namespace ns's tenant user,
+// _INBOX_tenant-<ns>: an _INBOX_ prefix, so nodes answer requests made with it, and
+// never one nexd mints for a child (_INBOX_<nuid>, and a nuid has no dash). The tenant
+// connects with it (nats.CustomInboxPrefix, or inbox_prefix in its NATS context).
+func TenantInboxPrefix(ns string) string { return InboxPrefix("tenant-" + ns) }
+
+// TenantSubjects are what the NATS user of a tenant with deploy rights in namespace ns
+// may publish and subscribe to: what nexctl needs to run, list, stop and clone there
+// and follow its logs, metrics and events, and its application subjects. Never
+// _INBOX.> (every client's replies), never $NEX.SVC.> (start requests carry workload
+// credentials), never another namespace or JetStream. mint.TenantPermissions checks ns
+// and makes them a user's permissions; nexctl doctor suggests them.
+func TenantSubjects(ns string) (pub, sub []string) {
+	return []string{ControlPrefix(ns) + ".>", ns + ".>"},
+		[]string{"$NEX.FEED." + ns + ".>", TenantInboxPrefix(ns) + ".>", ns + ".>"}
+}
+
 // EnvAgentInboxPrefix and EnvWorkloadInboxPrefix hand a child its inbox prefix.
 const (
 	EnvAgentInboxPrefix    = "NEX_AGENT_NATS_INBOX_PREFIX"

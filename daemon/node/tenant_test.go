@@ -38,7 +38,7 @@ func (rf *rogueFixture) tenant(ns string) *tenantConn {
 	tok, seed := rf.op.UserWith(rf.t, "tenant-"+ns, nil, p)
 	tc := &tenantConn{}
 	tc.nc = testnats.Connect(rf.t, rf.op.Server, nats.UserJWTAndSeed(tok, seed),
-		nats.CustomInboxPrefix(mint.TenantInboxPrefix(ns)),
+		nats.CustomInboxPrefix(protocol.TenantInboxPrefix(ns)),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			tc.mu.Lock()
 			tc.errs = append(tc.errs, strings.ToLower(err.Error()))
@@ -130,7 +130,7 @@ func TestTenantUserAttacks(t *testing.T) {
 	// its nexlets (start requests carry workload credentials), B's subjects, JetStream.
 	var subs []*nats.Subscription
 	for _, subj := range []string{"$NEX.FEED.tenant-b.>", "$NEX.FEED.tenant-b.logs.>", "$NEX.FEED.>", "$NEX.FEED.*.events.>",
-		"_INBOX.>", "_INBOX_*.>", "_INBOX_AGENTVICTIM.>", mint.TenantInboxPrefix("tenant-b") + ".>", "$NEX.SVC.>",
+		"_INBOX.>", "_INBOX_*.>", "_INBOX_AGENTVICTIM.>", protocol.TenantInboxPrefix("tenant-b") + ".>", "$NEX.SVC.>",
 		protocol.AgentPrefix(n.ID()) + ".>", "tenant-b.>", ">", "$JS.API.>", "$KV.>"} {
 		s, err := a.nc.SubscribeSync(subj)
 		if err != nil {

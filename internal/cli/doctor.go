@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -132,6 +133,11 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 
 	// Permissions: the server answers a violation with an error before the flush's PONG.
 	ns := d.a.namespace
+	// A user that may not publish on $NEX.SVC beyond a namespace's own subjects is a
+	// tenant's: it is shown the tenant grants, never the admin's $NEX.SVC.> and _INBOX.>.
+	before := f.nc.LastError()
+	tenant := f.nc.Publish(doctorProbe, nil) == nil && scatter.FlushRefused(ctx, f.nc, before, 3*time.Second, doctorProbe) != nil
+	fix := permissionFix(ns, tenant)
 	perm := func(what string, op func() error) {
 		before := f.nc.LastError()
 		err := op()
@@ -146,8 +152,7 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 			if !errors.Is(err, nats.ErrPermissionViolation) && !strings.Contains(strings.ToLower(err.Error()), "permissions violation") {
 				status = checkWarn
 			}
-			d.add("permission: "+what, status, err.Error(),
-				"allow the user to publish $NEX.SVC.> and subscribe $NEX.FEED.> and _INBOX.> (its account or JWT permissions)")
+			d.add("permission: "+what, status, err.Error(), fix)
 			return
 		}
 		d.add("permission: "+what, checkOK, "allowed", "")
@@ -169,6 +174,21 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 		}
 		return err
 	})
+	perm("subscribe replies ("+f.inboxPrefix()+">)", func() error {
+		before := f.nc.LastError()
+		inbox := f.nc.NewInbox()
+		sub, err := f.nc.SubscribeSync(inbox)
+		if err != nil {
+			return err
+		}
+		defer sub.Unsubscribe()
+		return scatter.FlushRefused(ctx, f.nc, before, 3*time.Second, inbox)
+	})
+	if tenant {
+		// The node keeps its state with its own user; a tenant's needs no JetStream.
+		d.add("JetStream", checkOK, "not checked: a tenant's user needs none (a nats:// artifact in bucket "+ns+" needs JetStream grants for OBJ_"+ns+")", "")
+		return
+	}
 
 	js, err := f.jetstream()
 	if err != nil {
@@ -204,6 +224,25 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 		}
 	}
 	d.clockSkew(jctx, js)
+}
+
+// doctorProbe is a $NEX.SVC subject outside every namespace that nothing serves:
+// publishing there tells an admin's user (allowed) from a tenant's (refused).
+const doctorProbe = "$NEX.SVC.nexctl-doctor.probe"
+
+// permissionFix is the permissions to give: the tenant grants of namespace ns
+// (protocol.TenantSubjects, mint.TenantPermissions) to a tenant's user, the admin's to
+// others.
+func permissionFix(ns string, tenant bool) string {
+	switch {
+	case tenant && ns == protocol.SystemNamespace:
+		return "this user may not publish on $NEX.SVC.>: an admin's user needs publish $NEX.SVC.>, subscribe $NEX.FEED.> and _INBOX.>; a tenant's has only its namespace: give nexctl that (--namespace, NEX_NAMESPACE or namespace in the config) and doctor shows its grants"
+	case tenant:
+		pub, sub := protocol.TenantSubjects(ns)
+		return fmt.Sprintf("a tenant's user of namespace %s may publish %s and subscribe %s, with inbox_prefix %s in its NATS context (nats.CustomInboxPrefix); never _INBOX.> or $NEX.SVC.> (README, Credentials)",
+			ns, strings.Join(pub, ", "), strings.Join(sub, ", "), protocol.TenantInboxPrefix(ns))
+	}
+	return "allow the user to publish $NEX.SVC.> and subscribe $NEX.FEED.> and _INBOX.> (its account or JWT permissions); a tenant's user gets only its namespace's (--namespace)"
 }
 
 // clockSkew compares this host's clock with the server's, read from a JetStream API

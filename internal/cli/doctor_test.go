@@ -2,13 +2,17 @@ package cli
 
 import (
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 type doctorOut struct {
@@ -69,5 +73,70 @@ func TestDoctor(t *testing.T) {
 	}
 	if c := findCheck(d, "NATS connection"); c.Status != checkOK || strings.Contains(c.Detail, "pw") {
 		t.Errorf("connection check shows the password or failed: %+v", c)
+	}
+}
+
+// TestDoctorTenant: a tenant's user (mint.TenantPermissions on an operator-mode server)
+// gets the tenant grants of its namespace as the fix, never the admin's $NEX.SVC.> and
+// _INBOX.>; with its grants and inbox prefix it passes (no JetStream asked of it); without
+// its inbox prefix, or missing a grant, the fix names the tenant's subjects. Before, the
+// fix was the admin's, and a well-configured tenant failed the JetStream check.
+func TestDoctorTenant(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	dir := t.TempDir()
+	user := func(name string, p jwt.Permissions, prefix string) string {
+		tok, seed := op.UserWith(t, name, nil, p)
+		creds, err := jwt.FormatUserConfig(tok, []byte(seed))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := map[string]string{"url": op.Server.ClientURL(), "creds": filepath.Join(dir, name+".creds")}
+		if prefix != "" {
+			ctx["inbox_prefix"] = prefix
+		}
+		if err := os.WriteFile(ctx["creds"], creds, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := json.Marshal(ctx)
+		file := filepath.Join(dir, name+".json")
+		if err := os.WriteFile(file, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return file
+	}
+	doctor := func(ctxFile string) (doctorOut, int, string) {
+		t.Helper()
+		out, errOut, code := runCLI(t, nil, "--json", "--control-socket", filepath.Join(dir, "none.sock"),
+			"--nats.context", ctxFile, "--namespace", "shop", "--nats.timeout", "2s", "doctor")
+		var d doctorOut
+		if err := json.Unmarshal([]byte(out), &d); err != nil {
+			t.Fatalf("doctor --json: %v: %q %q", err, out, errOut)
+		}
+		return d, code, errOut
+	}
+	adminFix := "subscribe $NEX.FEED.> and _INBOX.>"
+	p, err := mint.TenantPermissions("shop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, code, errOut := doctor(user("good", p, protocol.TenantInboxPrefix("shop")))
+	if code != 0 || d.Failed != 0 {
+		t.Errorf("a tenant with its grants: exit %d %+v %s", code, d, errOut)
+	}
+
+	d, code, _ = doctor(user("noprefix", p, ""))
+	c := findCheck(d, "permission: subscribe replies")
+	if code != 1 || c.Status != checkFail || !strings.Contains(c.Fix, "inbox_prefix _INBOX_tenant-shop") || strings.Contains(c.Fix, adminFix) {
+		t.Errorf("a tenant without its inbox prefix: exit %d, %+v", code, c)
+	}
+
+	var nofeed jwt.Permissions
+	nofeed.Pub.Allow = p.Pub.Allow
+	nofeed.Sub.Allow.Add(protocol.TenantInboxPrefix("shop")+".>", "shop.>")
+	d, code, _ = doctor(user("nofeed", nofeed, protocol.TenantInboxPrefix("shop")))
+	c = findCheck(d, "permission: subscribe $NEX.FEED")
+	if code != 1 || c.Status != checkFail || !strings.Contains(c.Fix, "$NEX.FEED.shop.>") || strings.Contains(c.Fix, adminFix) {
+		t.Errorf("a tenant missing its feed grant: exit %d, %+v", code, c)
 	}
 }
