@@ -7,9 +7,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -27,11 +29,35 @@ import (
 func TestDeployKilledBeforePidRecord(t *testing.T) {
 	needCgroupV1(t, "memory (the workload's group finds its run)")
 	t.Parallel()
-	for _, lc := range []string{"service", "job"} {
-		t.Run(lc, func(t *testing.T) {
+	// The start on the local channel, over NATS, or over NATS to a nexlet a restarted
+	// nexd adopted (live_restore), which has no channel: before, one over NATS was not
+	// handed over: the client waited out the silence and the forked run was left
+	// running unlisted.
+	for _, tc := range []struct{ lc, via string }{{"service", "local"}, {"job", "local"},
+		{"service", "nats"}, {"job", "nats"}, {"service", "adopted"}} {
+		lc := tc.lc
+		t.Run(tc.lc+"/"+tc.via, func(t *testing.T) {
 			t.Parallel()
-			n, stopped := nodeWithStops(t, nodeOpts{env: []string{testhold.Env + "=" + testhold.LaunchForked}})
+			o := nodeOpts{env: []string{testhold.Env + "=" + testhold.LaunchForked}}
+			switch tc.via {
+			case "nats":
+				o.env = append(o.env, "NEXD_LOCAL_STARTS=off")
+			case "adopted":
+				o.extra = []string{"--live-restore"}
+			}
+			n, stopped := nodeWithStops(t, o)
 			n.waitNative(t)
+			kill := func() { killNexlet(t, n, nil) }
+			if tc.via == "adopted" {
+				o.external, o.stateDir = n.natsURL, n.stateDir
+				o.extra = []string{"--state", "kv", "--live-restore"}
+				n = n.restart(t, o)
+				if !strings.Contains(n.out.String(), "adopted the running nexlet") {
+					t.Fatalf("the running nexlet was not adopted:\n%s", n.out.String())
+				}
+				n.waitNative(t)
+				kill = func() { killAdoptedNexlet(t, n) }
+			}
 			c := newCrashLoop(t, "launchkill")
 			type answer struct {
 				out, errOut string
@@ -63,7 +89,7 @@ func TestDeployKilledBeforePidRecord(t *testing.T) {
 				testkit.EventuallyWithin(t, 60*time.Second, "the job's run ended", func() bool { return len(workloadMains(c)) == 0 })
 			}
 			killed := time.Now()
-			killNexlet(t, n, nil)
+			kill()
 			var a answer
 			select {
 			case a = <-answered:
@@ -117,6 +143,20 @@ func TestDeployKilledBeforePidRecord(t *testing.T) {
 			}
 		})
 	}
+}
+
+// killAdoptedNexlet kills (-9) the native nexlet n adopted (not its child: the one its
+// record names) and waits for n's own.
+func killAdoptedNexlet(t *testing.T, n *node) {
+	t.Helper()
+	rec, ok := supervise.ReadRecord(filepath.Join(n.stateDir, "nexlets"), "native")
+	if !ok || nexletPID(n.cmd.Process.Pid) != 0 {
+		t.Fatalf("no adopted native nexlet (record %+v, %v; nexd's own nexlet %d)", rec, ok, nexletPID(n.cmd.Process.Pid))
+	}
+	if err := syscall.Kill(rec.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 60*time.Second, "a new native nexlet", func() bool { return nexletPID(n.cmd.Process.Pid) != 0 })
 }
 
 // workloadMains is c.mains() without the deploying nexctl, whose arguments hold the

@@ -166,7 +166,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		// unless its nexlet's process ended before it answered and this is its
 		// successor, which takes it over (after reconcile: it is held, if at all, as
 		// a start, not as a job that ran).
-		if c := n.localStarts[wid]; c != nil && stored[wid].Owner == owner && c.agent.owner == owner && c.agent.local.Gone() {
+		if c := n.handableStarts[wid]; c != nil && stored[wid].Owner == owner && c.agent.owner == owner && c.nexletGoneLocked() {
 			takeOver[wid] = stored[wid]
 		}
 		delete(stored, wid)
@@ -268,11 +268,11 @@ func (n *Node) handOverStarts(takeOver map[string]protocol.StartWorkloadRequest,
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	for wid := range takeOver {
-		c := n.localStarts[wid]
+		c := n.handableStarts[wid]
 		if _, replayed := existing[wid]; !replayed || c == nil {
 			continue
 		}
-		delete(n.localStarts, wid) // once: a second successor replays it from state
+		delete(n.handableStarts, wid) // once: a second successor replays it from state
 		close(c.handed)
 	}
 }

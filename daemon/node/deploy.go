@@ -114,7 +114,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 	if call.handed != nil {
 		n.mu.Lock()
-		n.localStarts[workloadID] = call // until commit or rollback
+		n.handableStarts[workloadID] = call // until commit or rollback
 		n.mu.Unlock()
 	}
 	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
@@ -281,7 +281,7 @@ func (res *reservation) commit() (endedEarly bool) {
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name}
 	endedEarly = n.starting[res.id].ended
 	delete(n.starting, res.id)
-	delete(n.localStarts, res.id)
+	delete(n.handableStarts, res.id)
 	return endedEarly
 }
 
@@ -313,7 +313,7 @@ func (res *reservation) rollback() error {
 		res.agent.startedSinceBeat--
 	}
 	delete(n.starting, res.id)
-	delete(n.localStarts, res.id)
+	delete(n.handableStarts, res.id)
 	n.mu.Unlock()
 	if !res.recorded {
 		return nil
@@ -337,11 +337,14 @@ type startCall struct {
 	cancel func() // ends the subscription or the call
 	ch     chan *nats.Msg
 	via    string // "local" (channel) or "nats"
-	// agent and handed, on the local channel only: the nexlet asked, and closed (by
-	// handOverStarts) once the nexlet's process ended before it answered and its
-	// successor took the start as a replay.
+	// agent and handed, for a nexd nexlet (one that finds a start's launch record
+	// again): the nexlet asked, and closed (by handOverStarts) once the nexlet's
+	// process ended before it answered and its successor took the start as a replay.
 	agent  *registration
 	handed chan struct{}
+	// ended (under the node's lock): the supervisor saw the process of the nexlet
+	// asked over NATS end (RemoveAgent); a local channel says so itself.
+	ended bool
 	// onProgress passes the nexlet's progress reports on (to a client that asked).
 	onProgress func(nats.Header)
 }
@@ -367,6 +370,11 @@ func (n *Node) startOnNexlet(a *registration, workloadID string, body []byte) (*
 		return nil, fmt.Errorf("subscribe reply inbox: %w", err)
 	}
 	c.cancel, c.via = func() { _ = sub.Unsubscribe() }, "nats"
+	if a.req.AnswersDirect {
+		// Its successor finds what the start forked (the launch record), as on the
+		// local channel; an upstream SDK nexlet's would start it a second time.
+		c.agent, c.handed = a, make(chan struct{})
+	}
 	m := &nats.Msg{Subject: subject, Reply: inbox, Data: body, Header: hdr}
 	if err := n.o.NC.PublishMsg(m); err != nil {
 		c.close()
@@ -376,6 +384,13 @@ func (n *Node) startOnNexlet(a *registration, workloadID string, body []byte) (*
 }
 
 func (c *startCall) close() { c.cancel() }
+
+// nexletGoneLocked says whether the process of the nexlet asked has ended: its local
+// channel's end, or for a start over NATS the supervisor's word. Call it with the
+// node's lock held.
+func (c *startCall) nexletGoneLocked() bool {
+	return c.ended || c.via == "local" && c.agent.local.Gone()
+}
 
 // localStart says whether this start may go over a local channel (Options.LocalStarts).
 func (n *Node) localStart() bool {

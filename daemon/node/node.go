@@ -249,9 +249,10 @@ type Node struct {
 	// went to; ended once that nexlet said the workload already ended (a fast job), so
 	// the deploy removes it from state.
 	starting map[string]inFlight
-	// localStarts are the deploys in flight on a local channel, which a successor of
-	// a nexlet that ended before it answered takes over (handOverStarts).
-	localStarts map[string]*startCall
+	// handableStarts are the deploys in flight to a nexd nexlet (on its local channel
+	// or over NATS), which a successor of a nexlet that ended before it answered takes
+	// over (handOverStarts).
+	handableStarts map[string]*startCall
 	keep        bool // StopAllWorkloads ran: keep state for the next start
 	ctx         context.Context
 	cancel      context.CancelFunc
@@ -380,7 +381,7 @@ func New(o Options) (*Node, error) {
 		keys:        map[string]string{},
 		locals:      map[string]localChannel{},
 		starting:    map[string]inFlight{},
-		localStarts: map[string]*startCall{},
+		handableStarts: map[string]*startCall{},
 		changed:     make(chan struct{}),
 		slots:       make(chan struct{}, 64),
 		probes:      make(chan chan struct{}),

@@ -247,6 +247,13 @@ func (n *Node) RemoveAgent(agentID, reason string) {
 	if ok {
 		n.removeLocked(agentID)
 	}
+	for _, c := range n.handableStarts {
+		// Its process is gone: no answer comes to a start sent to it over NATS, and
+		// its successor may take the start over.
+		if c.agent != nil && c.agent.id == agentID {
+			c.ended = true
+		}
+	}
 	n.mu.Unlock()
 	if ok {
 		n.agentStopped(r, reason)
