@@ -253,14 +253,14 @@ type Node struct {
 	// or over NATS), which a successor of a nexlet that ended before it answered takes
 	// over (handOverStarts).
 	handableStarts map[string]*startCall
-	keep        bool // StopAllWorkloads ran: keep state for the next start
-	ctx         context.Context
-	cancel      context.CancelFunc
-	loops       sync.WaitGroup      // heartbeat and health loops
-	inflight    sync.WaitGroup      // handlers running on their own goroutine
-	slots       chan struct{}       // bounds those goroutines
-	probes      chan chan struct{}  // liveness probes, answered by the health loop
-	replayed    map[string]struct{} // workload ids handed to nexlets to replay
+	keep           bool // StopAllWorkloads ran: keep state for the next start
+	ctx            context.Context
+	cancel         context.CancelFunc
+	loops          sync.WaitGroup      // heartbeat and health loops
+	inflight       sync.WaitGroup      // handlers running on their own goroutine
+	slots          chan struct{}       // bounds those goroutines
+	probes         chan chan struct{}  // liveness probes, answered by the health loop
+	replayed       map[string]struct{} // workload ids handed to nexlets to replay
 	// lastList is the last complete system-namespace listing, taken while connected,
 	// and when: what status shows during a NATS outage instead of an empty answer.
 	lastList   []protocol.WorkloadSummary
@@ -363,29 +363,29 @@ func New(o Options) (*Node, error) {
 		}
 	}
 	n := &Node{
-		o:           o,
-		id:          id,
-		xpub:        xpub,
-		log:         o.Logger.With("node_id", id),
-		state:       protocol.NodeStarting,
-		userTags:    maps.Clone(o.Tags),
-		agents:      map[string]*registration{},
-		expected:    map[string]string{},
-		bound:       map[string]string{},
-		current:     map[string]string{},
-		procInfo:    map[string]procInfo{},
-		bids:        newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
-		auctions:    newAuctionQueue(),
-		owned:       map[string]ownership{},
-		stopped:     stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
-		keys:        map[string]string{},
-		locals:      map[string]localChannel{},
-		starting:    map[string]inFlight{},
+		o:              o,
+		id:             id,
+		xpub:           xpub,
+		log:            o.Logger.With("node_id", id),
+		state:          protocol.NodeStarting,
+		userTags:       maps.Clone(o.Tags),
+		agents:         map[string]*registration{},
+		expected:       map[string]string{},
+		bound:          map[string]string{},
+		current:        map[string]string{},
+		procInfo:       map[string]procInfo{},
+		bids:           newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
+		auctions:       newAuctionQueue(),
+		owned:          map[string]ownership{},
+		stopped:        stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
+		keys:           map[string]string{},
+		locals:         map[string]localChannel{},
+		starting:       map[string]inFlight{},
 		handableStarts: map[string]*startCall{},
-		changed:     make(chan struct{}),
-		slots:       make(chan struct{}, 64),
-		probes:      make(chan chan struct{}),
-		replayed:    map[string]struct{}{},
+		changed:        make(chan struct{}),
+		slots:          make(chan struct{}, 64),
+		probes:         make(chan chan struct{}),
+		replayed:       map[string]struct{}{},
 	}
 	return n, nil
 }
