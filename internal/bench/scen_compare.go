@@ -137,6 +137,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	// Latencies: two rounds, each side in turn, the order swapped between rounds.
 	type lat struct{ auction, deploy, start, place, list, stop []time.Duration }
 	var lats [2]lat
+	var first [2]time.Duration // each side's first deploy request, the first work after idle
 	w := workloadSpec{Kind: "sh"}
 	for round := range 2 {
 		for _, upstreamTurn := range alternate(round) {
@@ -153,6 +154,9 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 				t := time.Now()
 				if err := s.c.list(ctx); err != nil {
 					return fmt.Errorf("%s: list: %w", s.name, err)
+				}
+				if round == 0 && k == 0 {
+					first[i] = p.Deploy
 				}
 				dl := time.Since(t)
 				t = time.Now()
@@ -177,9 +181,28 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 		msFigure("placement's auction p50", Summarize(lats[0].auction).P50, Summarize(lats[1].auction).P50),
 		msFigure("placement's announcement after the reply p50", Summarize(lats[0].start).P50, Summarize(lats[1].start).P50),
 		msFigure("list p50", Summarize(lats[0].list).P50, Summarize(lats[1].list).P50),
-		msFigure("stop p50", Summarize(lats[0].stop).P50, Summarize(lats[1].stop).P50))
+		msFigure("stop p50", Summarize(lats[0].stop).P50, Summarize(lats[1].stop).P50),
+		msFigure("first deploy request (after idle)", first[0], first[1]))
 
-	// Memory with workloads running: deploy up to each count on both, then sample.
+	// Idle memory again, the workloads of the latency phases stopped: what a node that
+	// has worked keeps, beside the fresh start's above.
+	time.Sleep(settle)
+	var worked [2][2]float64
+	for i, s := range sides {
+		rss, pss, _, err := s.sample()
+		if err != nil {
+			return fmt.Errorf("%s: %w", s.name, err)
+		}
+		worked[i] = [2]float64{float64(rss), float64(pss)}
+	}
+	figs = append(figs,
+		cmpFigure{name: "idle RSS after the latency phases", unit: "MB", up: worked[0][0] / (1 << 20), nx: worked[1][0] / (1 << 20)},
+		cmpFigure{name: "idle PSS after the latency phases", unit: "MB", up: worked[0][1] / (1 << 20), nx: worked[1][1] / (1 << 20)})
+
+	// Memory with workloads running: deploy up to each count on both, then sample. What
+	// a workload adds is counted from the idle memory after the latency phases: from the
+	// fresh start's, it would include the code and heap the first deploys bring in once
+	// (nexd unmaps its start-up pages at READY, and they come back with the first deploys).
 	running := 0
 	for _, want := range h.o.CompareWorkloads {
 		if want <= running {
@@ -198,8 +221,8 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 			if err != nil {
 				return fmt.Errorf("%s: %w", s.name, err)
 			}
-			per[i] = [3]float64{(float64(rss) - idle[i][0]) / float64(running) / 1024,
-				(float64(pss) - idle[i][1]) / float64(running) / 1024, float64(th)}
+			per[i] = [3]float64{(float64(rss) - worked[i][0]) / float64(running) / 1024,
+				(float64(pss) - worked[i][1]) / float64(running) / 1024, float64(th)}
 		}
 		figs = append(figs,
 			cmpFigure{name: fmt.Sprintf("RSS added per workload, %d running", running), unit: "KB", up: per[0][0], nx: per[1][0]},
@@ -210,6 +233,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	r.notef("each node on its own in-process NATS server on loopback; nexd's figures are nexd + its nexlet, upstream's its single process (its native agent runs inside it)")
 	r.notef("workload: /bin/sh -c 'echo %s; exec sleep 86400', seen on the $NEX log feed; %d placements per side per round (after 5 warm-up), 2 rounds, order swapped", readyLine, h.o.Placements)
 	r.notef("the measured nodes run private copies of both binaries, read afresh: no other process (another run, the exec → ready nodes) shares their pages, which would halve their PSS, and neither's text is mapped in the 2 MiB pages a fresh write leaves in the page cache (they count whole in RSS)")
+	r.notef("idle memory twice: fresh (%s after ready), and again %s after the latency phases' last stop; memory added per workload counts from the second", settle, settle)
 	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, h.o.ReadyStarts)
 	return nil
 }
