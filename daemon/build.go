@@ -288,7 +288,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		Emitter:                 s.emitter(cfg),
 		Logger:                  d.log,
 		OnLameduck:              s.onLameduck,
-		Observer:                observer{Observer: metrics.Observer{M: s.metrics}, s: s},
+		// s.nexlets is there before any nexlet registers.
+		OnNameBound: func(sup, name string) { s.nexlets.RecordName(sup, name) },
+		Observer:    observer{Observer: metrics.Observer{M: s.metrics}, s: s},
 		// s.nexlets is built next, before the node serves.
 		WorkloadResources: func(id string) (protocol.WorkloadResources, bool) {
 			st, ok := s.nexlets.WorkloadStats(id)

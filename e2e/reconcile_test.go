@@ -185,3 +185,30 @@ func TestTwoNexletsOfOneTypeKeepTheirWorkloads(t *testing.T) {
 		t.Logf("nexd:\n%s", n2.out.String())
 	}
 }
+
+// TestNexletNameKeptForNextRun: a supervised echo nexlet registers as echo-a; nexd keeps
+// that name beside its record, which the next run reserves for it from its start
+// (daemon/nexlets TestRecordedNamesReservedNextRun, daemon/node
+// TestRogueNexletSquatsNameAtStart). The native nexlet's go_exec is reserved always and
+// not kept.
+func TestNexletNameKeptForNextRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	bin := echoNexlet(t)
+	s := testnats.Start(t, testnats.Options{})
+	dir := t.TempDir()
+	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{
+		"--agents.uri", "file://" + bin, "--agents.argv", "--name", "--agents.argv", "echo-a"}})
+	n.waitReady(t)
+	var kept []string
+	testkit.Eventually(t, "the echo nexlet's name kept", func() bool {
+		kept, _ = filepath.Glob(filepath.Join(dir, "nexlets", "*.names"))
+		return len(kept) == 1
+	})
+	b, err := os.ReadFile(kept[0])
+	if err != nil || string(b) != "echo-a\n" || filepath.Base(kept[0]) == "native.names" {
+		t.Fatalf("%s: %q, %v; want echo-a for the echo nexlet only", kept[0], b, err)
+	}
+}

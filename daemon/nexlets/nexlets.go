@@ -13,6 +13,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -46,7 +47,9 @@ const NexletOOMScoreAdj = -500
 
 // Registry is the part of the node that tracks nexlet registrations (*node.Node).
 type Registry interface {
-	ExpectAgent(agentID, name string)
+	// ExpectAgent reserves name and names (registration names known before the
+	// nexlet registers, Spec.Names) for agentID.
+	ExpectAgent(agentID, name string, names ...string)
 	SetAgentKey(agentID, pub string)
 	RemoveAgent(agentID, reason string)
 	SetAgentProcessInfo(agentID string, restarts int, lastExit string, failed bool)
@@ -116,6 +119,10 @@ type Spec struct {
 	// Unsigned: the nexlet cannot sign its registration (upstream's SDK), so it gets
 	// no per-start key and the node accepts it by its agent id alone.
 	Unsigned bool
+	// Names are the names it registers under as far as nexd knows before it does: the
+	// native nexlet's, and those it registered under in earlier runs (RecordName).
+	// The node reserves them for it from the start, so no other nexlet takes one first.
+	Names []string
 }
 
 // Manager runs the local nexlets.
@@ -214,6 +221,9 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 		recordDir = filepath.Join(cfg.Node.StateDir, "nexlets")
 	}
 	m.adoptKeys, m.lastKey, m.recordDir = map[string]string{}, map[string]string{}, recordDir
+	for i, sp := range m.specs {
+		m.specs[i].Names = append(m.specs[i].Names, readNames(recordDir, sp.Name)...)
+	}
 	var handed map[string]supervise.Record
 	if o.Handed != nil {
 		handed = map[string]supervise.Record{}
@@ -327,7 +337,7 @@ func (m *Manager) Attach(reg Registry) {
 func (m *Manager) announceLocked() {
 	m.announced = true
 	for _, s := range m.specs {
-		m.reg.ExpectAgent(s.AgentID, s.Name)
+		m.reg.ExpectAgent(s.AgentID, s.Name, s.Names...)
 		key := m.lastKey[s.Name]
 		if key == "" {
 			// If the adoption fails after all, the new start sets a new key.
@@ -463,7 +473,7 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 			Limits: toCgroupLimits(cfg.Node.NativeLimits),
 			// It stays the parent of its workloads while nexd is away.
 			Outlive: true,
-		}})
+		}, Names: []string{native.Name}})
 	}
 	var js jetstream.JetStream
 	for i, a := range cfg.Node.Agents {
@@ -494,6 +504,48 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 		}, Unsigned: a.UnsignedRegistration})
 	}
 	return out, nil
+}
+
+// RecordName keeps that the supervised nexlet registered under name, so that the next
+// run reserves it for that nexlet from its start (Spec.Names): before, a name was
+// reserved only once registered in the run, and another nexlet that registered under
+// it first took it. A failed write is logged; the name is then reserved for this run only.
+func (m *Manager) RecordName(supervised, name string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	names := readNames(m.recordDir, supervised)
+	if slices.Contains(names, name) {
+		return
+	}
+	path := namesPath(m.recordDir, supervised)
+	tmp := path + ".new"
+	err := os.MkdirAll(m.recordDir, 0o700)
+	if err == nil {
+		err = os.WriteFile(tmp, []byte(strings.Join(append(names, name), "\n")+"\n"), 0o600)
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		m.log.Warn("cannot keep a nexlet's registration name for the next run", "nexlet", supervised, "name", name, "err", err)
+	}
+}
+
+func namesPath(dir, supervised string) string { return filepath.Join(dir, supervised+".names") }
+
+// readNames are the registration names RecordName kept for the supervised nexlet.
+func readNames(dir, supervised string) []string {
+	b, err := os.ReadFile(namesPath(dir, supervised))
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if l = strings.TrimSpace(l); l != "" && !slices.Contains(out, l) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // NativeCommand is the native nexlet's executable (nexd's own) and arguments.

@@ -25,13 +25,19 @@ import (
 // registry records what the manager tells the node.
 type registry struct {
 	mu       sync.Mutex
-	expected map[string]string // agent id -> name
-	keys     map[string]string // agent id -> registration public key
+	expected map[string]string   // agent id -> name
+	names    map[string][]string // agent id -> names reserved for it besides
+	keys     map[string]string   // agent id -> registration public key
 	removed  []string
 	failed   []string
 }
 
-func (r *registry) ExpectAgent(id, name string) { r.mu.Lock(); r.expected[id] = name; r.mu.Unlock() }
+func (r *registry) ExpectAgent(id, name string, names ...string) {
+	r.mu.Lock()
+	r.expected[id] = name
+	r.names[id] = names
+	r.mu.Unlock()
+}
 func (r *registry) RemoveAgent(id, _ string) {
 	r.mu.Lock()
 	r.removed = append(r.removed, id)
@@ -63,7 +69,7 @@ func TestManagerStartsNexletsWithTheirEnvironment(t *testing.T) {
 	cfg := &config.Config{Node: config.NodeConfig{DisableNativeStart: true, StopGrace: time.Second,
 		Agents: []config.Agent{{URI: prog, Env: map[string]string{"OUT_DIR": dir, "MODE": "first"}},
 			{URI: prog, Env: map[string]string{"OUT_DIR": dir}}}}}
-	reg := &registry{expected: map[string]string{}, keys: map[string]string{}}
+	reg := &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}}
 	log := slog.New(slog.DiscardHandler)
 	var mu sync.Mutex
 	var exits, fails []string
@@ -122,6 +128,44 @@ func TestManagerStartsNexletsWithTheirEnvironment(t *testing.T) {
 	}
 }
 
+// TestRecordedNamesReservedNextRun: a name a supervised nexlet registered under
+// (RecordName, from the node's OnNameBound) is announced with it in the next run,
+// before it registers, and the native nexlet's registration name always is: the node
+// reserves them from the start (daemon/node TestRogueNexletSquatsNameAtStart).
+func TestRecordedNamesReservedNextRun(t *testing.T) {
+	dir := t.TempDir()
+	prog := testkit.WriteExecutable(t, filepath.Join(dir, "wasm"), "#!/bin/sh\nexec sleep 600\n")
+	cfg := &config.Config{Node: config.NodeConfig{StateDir: filepath.Join(dir, "state"), StopGrace: time.Second,
+		Agents: []config.Agent{{URI: prog}}}}
+	log := slog.New(slog.DiscardHandler)
+	run := func() (*Manager, *registry) {
+		reg := &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}}
+		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Minter: minter{},
+			RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Attach(reg)
+		return m, reg
+	}
+	m, _ := run()
+	m.RecordName("wasm", "wasmtime")
+	m.RecordName("wasm", "wasmtime") // kept once
+	if err := m.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	m, reg := run()
+	t.Cleanup(func() { _ = m.Stop(context.Background()) })
+	want := map[string][]string{NativeName: {native.Name}, "wasm": {"wasmtime"}}
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for _, s := range m.Specs() {
+		if !slices.Equal(s.Names, want[s.Name]) || !slices.Equal(reg.names[s.AgentID], want[s.Name]) {
+			t.Errorf("%s: spec names %q, announced %q; want %q", s.Name, s.Names, reg.names[s.AgentID], want[s.Name])
+		}
+	}
+}
+
 func TestSanitizeName(t *testing.T) {
 	for in, want := range map[string]string{"echo-nexlet": "echo-nexlet", "a.b c/d": "a_b_c_d", "": "nexlet", "ü": "_"} {
 		if got := sanitizeName(in); got != want {
@@ -153,7 +197,7 @@ func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
 // bareManager is a Manager with no nexlets, for what it would give the native one.
 func bareManager(t *testing.T, cfg *config.Config, log *slog.Logger, defaultGOGC string) *Manager {
 	t.Helper()
-	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, keys: map[string]string{}},
+	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Registry: &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}},
 		Minter: minter{}, RuntimeDir: filepath.Join(t.TempDir(), "run"), Logger: log, Cgroups: cgroup.Disabled("test", log), DefaultGOGC: defaultGOGC})
 	if err != nil {
 		t.Fatal(err)

@@ -218,7 +218,11 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.refuseRegistration(r, 403, agentID, req, err)
 		return
 	}
+	newlyBound := ""
 	if sup, ok := n.expected[agentID]; ok && req.Name != "" {
+		if _, was := n.bound[req.Name]; !was {
+			newlyBound = sup
+		}
 		n.bound[req.Name] = sup
 	}
 	if l, ok := n.locals[agentID]; ok && key != "" && l.key == key {
@@ -238,6 +242,9 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	n.regChanges, counted = n.changes.Add(1), true
 	n.notifyLocked()
 	n.mu.Unlock()
+	if newlyBound != "" && n.o.OnNameBound != nil {
+		n.o.OnNameBound(newlyBound, req.Name)
+	}
 	for _, old := range replaced {
 		if old.id != agentID {
 			n.agentStopped(old, fmt.Sprintf("replaced by a new registration of %q as %s", req.Name, agentID))

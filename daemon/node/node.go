@@ -126,6 +126,12 @@ type Options struct {
 	// and must not block.
 	OnLameduck func(delay time.Duration)
 
+	// OnNameBound, when set, hears that the supervised nexlet supervised registered
+	// under name for the first time this run, so the daemon can reserve the name for it
+	// from the start of the next run (ExpectAgent's names). It runs on the
+	// registration's goroutine.
+	OnNameBound func(supervised, name string)
+
 	// Observer, when set, receives measurements for metrics and workload endings.
 	Observer Observer
 

@@ -218,15 +218,20 @@ func (n *Node) totalWorkloadsLocked() int {
 
 // ExpectAgent tells the node that the daemon started (or restarts) a local nexlet
 // under agentID with this name. Without remote registration, only expected ids may
-// register. The name is reserved for it (see boundLocked), as is each name it
-// registers under; a later agentID for the same name takes them over.
-func (n *Node) ExpectAgent(agentID, name string) {
+// register. The name is reserved for it (see boundLocked), and so are names, those it
+// will register under as far as the daemon knows (the native nexlet's, those it
+// registered under in earlier runs), from now on, and each name it registers under;
+// a later agentID for the same name takes them over. A name reserved already stays
+// its first holder's.
+func (n *Node) ExpectAgent(agentID, name string, names ...string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.expected[agentID] = name
 	n.current[name] = agentID
-	if _, ok := n.bound[name]; !ok {
-		n.bound[name] = name
+	for _, b := range append([]string{name}, names...) {
+		if _, ok := n.bound[b]; !ok && b != "" {
+			n.bound[b] = name
+		}
 	}
 }
 

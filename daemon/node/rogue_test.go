@@ -436,3 +436,40 @@ func TestRogueNexletSquatsAnothersName(t *testing.T) {
 		}
 	}
 }
+
+// TestRogueNexletSquatsNameAtStart: at nexd's start, before the native nexlet registers,
+// another supervised nexlet (a rogue, with its minted user) registers under the native
+// nexlet's registration name go_exec, and a third under a name the victim registered
+// under in an earlier run (the daemon passes both to ExpectAgent). Both are refused
+// (403, reserved), and the victim then registers under go_exec. Before, names were
+// reserved only once registered in the run: both rogues registered, and the victim's
+// registration was refused (403: go_exec was reserved for the rogue) while they lived.
+func TestRogueNexletSquatsNameAtStart(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	n.ExpectAgent("victim0", "native", "go_exec", "wasmtime")
+	var squats []*nats.Msg
+	for i, name := range []string{"go_exec", "wasmtime"} {
+		rogue := rf.expected(fmt.Sprintf("rogue%d", i), fmt.Sprintf("rogue-%d", i), "native")
+		rogue.req.Name = name
+		m := rogue.register()
+		if m.Header.Get(protocol.HeaderErrorCode) == "" {
+			defer rogue.kill()
+		}
+		squats = append(squats, m)
+	}
+	victim := rf.expected("victim0", "native", "native")
+	victim.req.Name = "go_exec"
+	if m := victim.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Errorf("the victim's registration was refused: %s %s", m.Header.Get(protocol.HeaderErrorCode), m.Data)
+	} else {
+		defer victim.kill()
+	}
+	for i, m := range squats {
+		if m.Header.Get(protocol.HeaderErrorCode) == "" {
+			t.Errorf("rogue%d registered under a name reserved for the native nexlet", i)
+		} else if code, body := errorReply(t, m); code != "403" || !strings.Contains(body.Error, "reserved") {
+			t.Errorf("rogue%d answered %s %+v, want 403 naming the reservation", i, code, body)
+		}
+	}
+}
