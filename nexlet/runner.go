@@ -78,6 +78,9 @@ type Runner struct {
 	svc     micro.Service
 	agentID string
 	regType string
+	// relay: the node passes on this nexlet's feeds (NexdFeedRelay), whose user may
+	// not publish on $NEX.FEED itself.
+	relay   bool
 	stop    context.CancelFunc
 	done    chan struct{}
 	runCtx  context.Context // ends at Shutdown: the ended-workload reports' lifetime
@@ -293,7 +296,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	hbCtx, stop := context.WithCancel(r.ctx)
 	r.mu.Lock()
 	r.nc, r.svc, r.agentID, r.regType, r.stop, r.done = nc, svc, agentID, reg.RegisterType, stop, make(chan struct{})
-	r.runCtx, r.busy, r.cd, r.reg = hbCtx, busy, resp.ConnectionData, reg
+	r.runCtx, r.busy, r.cd, r.reg, r.relay = hbCtx, busy, resp.ConnectionData, reg, resp.NexdFeedRelay
 	r.mu.Unlock()
 	if r.local != nil && r.localDone == nil {
 		r.localDone = make(chan struct{})
@@ -616,6 +619,7 @@ func (r *Runner) Reregister() error {
 		if err == nil {
 			r.mu.Lock()
 			r.regs++
+			r.relay = resp.NexdFeedRelay
 			r.mu.Unlock()
 			r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
 				"attempts", attempt, "replayed", len(resp.ExistingState))
@@ -768,7 +772,7 @@ func (w *feedWriter) Write(p []byte) (int, error) {
 	if nc == nil {
 		return 0, errors.New("nexlet log feed: runner is not connected")
 	}
-	m := nats.NewMsg(w.subject)
+	m := nats.NewMsg(w.r.feedSubject(w.subject))
 	m.Header.Set(FeedHeader(protocol.HeaderNamespace), w.ns)
 	m.Header.Set(FeedHeader(protocol.HeaderGroup), "")
 	m.Data = append([]byte(nil), p...)
@@ -799,10 +803,23 @@ func (r *Runner) EmitEvent(from, typ string, v any) error {
 			r.reportEnded(ev.ID, b)
 		}
 	}
-	if err := nc.Publish(protocol.EventSubject(from, typ), b); err != nil {
+	if err := nc.Publish(r.feedSubject(protocol.EventSubject(from, typ)), b); err != nil {
 		return fmt.Errorf("nexlet event %s: %w", typ, err)
 	}
 	return nil
+}
+
+// feedSubject is where a feed message on subject goes: the node's relay under this
+// nexlet's agent id when the node relays its feeds, else subject itself (a node that
+// does not relay: upstream's, or nexd's for a nexlet that does not sign).
+func (r *Runner) feedSubject(subject string) string {
+	r.mu.Lock()
+	relay, id := r.relay, r.agentID
+	r.mu.Unlock()
+	if relay {
+		return protocol.FeedRelaySubject(r.nodeID, id, subject)
+	}
+	return subject
 }
 
 // Bounds of the retries of an ended-workload report.

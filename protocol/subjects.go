@@ -230,6 +230,15 @@ func MetricsSubject(ns, workloadID string) string {
 	return "$NEX.FEED." + ns + ".metrics." + workloadID
 }
 
+// FeedRelaySubject is where nexlet agentID publishes the feed message of subject
+// feed ($NEX.FEED.<rest>) for its node to pass on: <agent prefix>.FEED.<agentID>.<rest>.
+// Only that nexlet's user may publish there, and the node passes on only the feeds of
+// workloads it placed on it, so no nexlet speaks in another's workloads' feeds. A nexd
+// extension (RegisterAgentResponse.NexdFeedRelay); feed ">" gives the nexlet's grant.
+func FeedRelaySubject(nodeID, agentID, feed string) string {
+	return AgentPrefix(nodeID) + ".FEED." + agentID + "." + strings.TrimPrefix(feed, "$NEX.FEED.")
+}
+
 // EventSubject is where events of type typ from `from` (node id or namespace) go.
 func EventSubject(from, typ string) string { return "$NEX.FEED." + from + ".events." + typ }
 

@@ -409,6 +409,9 @@ type RegisterAgentResponse struct {
 	Message        string                               `json:"message"`
 	NodeID         string                               `json:"node_id"`
 	Success        bool                                 `json:"success"`
+	// NexdFeedRelay (a nexd extension): publish the feeds on FeedRelaySubject, not on
+	// $NEX.FEED; the nexlet's user may not publish there. Said to nexlets that sign.
+	NexdFeedRelay bool `json:"nexd_feed_relay,omitempty"`
 }
 
 // RegisterRemoteAgentRequest is free-form ({} on the wire).

@@ -13,9 +13,11 @@
 //	                          $NEX.FEED.A.events, $SRV.>, _INBOX_A.>
 //	                      pub $NEX.SVC.N.agent.HEARTBEAT.A, $NEX.SVC.N.agent.REGISTER.A,
 //	                          $NEX.SVC.N.agent.{RENEWCREDS.A.*,RENEWAGENT.A,WORKLOADENDED.A.*},
-//	                          $NEX.FEED.*.logs.>, $NEX.FEED.*.metrics.>, $NEX.FEED.*.events.>
-//	                          (the feeds of workloads in any namespace; upstream forgot
-//	                          them); replies to requests (no other inbox)
+//	                          $NEX.SVC.N.agent.FEED.A.> (its feeds, which the node passes
+//	                          on for its own workloads); only a nexlet that does not sign
+//	                          (upstream's SDK) also $NEX.FEED.*.logs.>, .metrics.>,
+//	                          .events.> (any namespace; upstream forgot them);
+//	                          replies to requests (no other inbox)
 //	                      no JetStream, no control plane, no application subjects
 //	workload (WorkloadTTL) pub+sub WorkloadSubjects(ns), default ns.>
 //	                      sub $NEX.FEED.ns.logs.> (its namespace's logs, as upstream)

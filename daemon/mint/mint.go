@@ -107,7 +107,7 @@ func DefaultArtifactBuckets(ns string) []string { return []string{ns} }
 // Minter is what every minter here implements (the node defines the same interface).
 type Minter interface {
 	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
-	MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error)
+	MintAgent(agentID, nodeID string, relayed bool) (protocol.NatsConnectionData, error)
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
 	// RenewWorkload mints fresh credentials for a running workload, refusing a
 	// namespace other than the one its first credentials were minted for.

@@ -26,10 +26,13 @@ func registerPermissions(agentID, nodeID string) jwt.Permissions {
 
 // agentPermissions: a nexlet serves its agent-plane endpoints on its node, heartbeats,
 // asks its node to renew its workloads' credentials (only under its own agent id),
-// and publishes the feeds of the workloads it runs. Workloads may be in any namespace,
-// so the feeds are granted across namespaces (upstream keyed them by agent id, which the
-// SDK never uses). It gets no JetStream: artifacts are fetched with workload creds.
-func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
+// and publishes the feeds of the workloads it runs. relayed (a nexlet that signs, so
+// nexd's SDK): it publishes them only under its own agent id on the node's relay,
+// which passes on those of its own workloads; else (upstream's SDK) the feeds are
+// granted across namespaces, as its workloads may be in any (upstream keyed them by
+// agent id, which its SDK never uses). It gets no JetStream: artifacts are fetched
+// with workload creds.
+func agentPermissions(agentID, nodeID, nexus string, relayed bool) jwt.Permissions {
 	var p jwt.Permissions
 	pre := protocol.AgentPrefix(nodeID)
 	p.Sub.Allow.Add(
@@ -52,10 +55,11 @@ func agentPermissions(agentID, nodeID, nexus string) jwt.Permissions {
 		protocol.RenewCredsSubject(nodeID, agentID, "*"),    // renew its workloads' creds
 		protocol.RenewAgentCredsSubject(nodeID, agentID),    // and its own
 		protocol.WorkloadEndedSubject(nodeID, agentID, "*"), // its workloads' ends, as requests
-		"$NEX.FEED.*.logs.>",
-		"$NEX.FEED.*.metrics.>",
-		"$NEX.FEED.*.events.>",
+		protocol.FeedRelaySubject(nodeID, agentID, ">"),
 	)
+	if !relayed {
+		p.Pub.Allow.Add("$NEX.FEED.*.logs.>", "$NEX.FEED.*.metrics.>", "$NEX.FEED.*.events.>")
+	}
 	// Replies to the node's requests go out under the response permission: no
 	// publishing into other clients' inboxes (a forged reply to nexctl, say). A slow
 	// start sends progress reports to the same reply subject before its answer, so

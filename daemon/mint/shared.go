@@ -72,7 +72,7 @@ func (m *NkeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsConnecti
 }
 
 // MintAgent returns the shared identity.
-func (m *NkeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+func (m *NkeyMinter) MintAgent(agentID, nodeID string, _ bool) (protocol.NatsConnectionData, error) {
 	return m.data(agentConnName(agentID), agentID), nil
 }
 
@@ -128,7 +128,7 @@ func (m *NoAuthMinter) MintRegister(agentID, nodeID string) (protocol.NatsConnec
 }
 
 // MintAgent returns only the servers.
-func (m *NoAuthMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+func (m *NoAuthMinter) MintAgent(agentID, nodeID string, _ bool) (protocol.NatsConnectionData, error) {
 	return m.data(agentConnName(agentID), agentID), nil
 }
 

@@ -25,7 +25,7 @@ func TestNkeyMinterSharedIdentity(t *testing.T) {
 	if !m.CanMint() || !strings.Contains(m.Warning(), upub) || !strings.Contains(m.Describe(), "shared") {
 		t.Fatalf("can mint %v, warning %q, describe %q", m.CanMint(), m.Warning(), m.Describe())
 	}
-	agent, err := m.MintAgent("a1", "node1")
+	agent, err := m.MintAgent("a1", "node1", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestSigningMintRefusesBadInput(t *testing.T) {
 		{"namespace with dot", func() error { _, err := m.MintWorkload("a.b", "w"); return err }, "not a single NATS subject token"},
 		{"namespace wildcard", func() error { _, err := m.MintWorkload(">", "w"); return err }, "not a single NATS subject token"},
 		{"empty workload id", func() error { _, err := m.MintWorkload("ns", ""); return err }, "workload id is empty"},
-		{"agent id wildcard", func() error { _, err := m.MintAgent("*", "n"); return err }, "agent id"},
+		{"agent id wildcard", func() error { _, err := m.MintAgent("*", "n", false); return err }, "agent id"},
 		{"node id with dot", func() error { _, err := m.MintRegister("a", "n.x"); return err }, "node id"},
 		{"workload subjects >", func() error { _, err := wide.MintWorkload("ns", "w"); return err }, "starts with a wildcard"},
 		{"workload subjects $NEX", func() error { _, err := nexSubj.MintWorkload("ns", "w"); return err }, "reserved"},
@@ -142,7 +142,7 @@ func TestSigningMintRefusesBadInput(t *testing.T) {
 	}
 	// Signing with the account identity key itself: no issuer_account.
 	self, _ := NewSigningKeyMinter(string(seed), sigPub, Options{})
-	cd, _ = self.MintAgent("a1", "n1")
+	cd, _ = self.MintAgent("a1", "n1", false)
 	uc, _ = jwt.DecodeUserClaims(cd.NatsUserJWT)
 	if uc.IssuerAccount != "" {
 		t.Fatalf("issuer account %q set for the account's own key", uc.IssuerAccount)
@@ -158,7 +158,7 @@ func TestServersHandedToChildrenCarryNoUserinfo(t *testing.T) {
 			return strings.Join(cd.NatsServers, ","), err
 		},
 		func() (string, error) {
-			cd, err := m.MintAgent("a1", "node1")
+			cd, err := m.MintAgent("a1", "node1", false)
 			return strings.Join(cd.NatsServers, ","), err
 		},
 		func() (string, error) {

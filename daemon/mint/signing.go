@@ -100,13 +100,14 @@ func (m *SigningKeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsCo
 	return cd, nil
 }
 
-// MintAgent gives a registered nexlet its agent-plane and feed subjects.
-func (m *SigningKeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+// MintAgent gives a registered nexlet its agent-plane subjects and, unless relayed
+// (its feeds go through the node, see agentPermissions), the feeds.
+func (m *SigningKeyMinter) MintAgent(agentID, nodeID string, relayed bool) (protocol.NatsConnectionData, error) {
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint nexlet credentials: %w", err)
 	}
 	cd, pub, err := m.mint(agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
-		agentPermissions(agentID, nodeID, m.opts.Nexus), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
+		agentPermissions(agentID, nodeID, m.opts.Nexus, relayed), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
 	if err != nil {
 		return cd, fmt.Errorf("mint credentials for nexlet %s: %w", agentID, err)
 	}
@@ -115,7 +116,8 @@ func (m *SigningKeyMinter) MintAgent(agentID, nodeID string) (protocol.NatsConne
 }
 
 // RenewAgent signs a fresh nexlet user (AgentTTL) for userPub, a user nkey the nexlet
-// made itself: the reply holds no seed, so whoever reads it cannot connect. A key
+// made itself: the reply holds no seed, so whoever reads it cannot connect. Only a
+// nexlet that signs renews, and one that signs has its feeds relayed. A key
 // already minted for is refused (a replayed request must not make the node revoke the
 // nexlet's current user as superseded).
 func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string) (protocol.NatsConnectionData, error) {
@@ -132,7 +134,7 @@ func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string) (protocol
 		return protocol.NatsConnectionData{}, fmt.Errorf("renew credentials for nexlet %s: key %s was used before; make a fresh one", agentID, userPub)
 	}
 	cd, err := m.sign(userPub, agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
-		agentPermissions(agentID, nodeID, m.opts.Nexus), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
+		agentPermissions(agentID, nodeID, m.opts.Nexus, true), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
 	if err != nil {
 		return cd, fmt.Errorf("renew credentials for nexlet %s: %w", agentID, err)
 	}

@@ -105,7 +105,7 @@ func TestAgentScope(t *testing.T) {
 	node, other := nodeID(t), nodeID(t)
 	m := newSigning(t, e, Options{Nexus: "nexus1"})
 	agent := nuid.Next()
-	cd, err := m.MintAgent(agent, node)
+	cd, err := m.MintAgent(agent, node, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -503,7 +503,7 @@ func TestAgentProgressRepliesGetThrough(t *testing.T) {
 	node := nodeID(t)
 	m := newSigning(t, e, Options{})
 	agent := nuid.Next()
-	cd, err := m.MintAgent(agent, node)
+	cd, err := m.MintAgent(agent, node, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -582,14 +582,14 @@ func TestSupersededUsersRevoked(t *testing.T) {
 
 	aid, node := nuid.Next(), "N"+strings.Repeat("A", 55)
 	reg1, _ := m.MintRegister(aid, node)
-	agent1, _ := m.MintAgent(aid, node)
+	agent1, _ := m.MintAgent(aid, node, false)
 	reg2, _ := m.MintRegister(aid, node)
-	agent2, err := m.MintAgent(aid, node)
+	agent2, err := m.MintAgent(aid, node, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A registration dropped after it minted (the nexlet gave it up) leaves a later user.
-	dropped, _ := m.MintAgent(aid, node)
+	dropped, _ := m.MintAgent(aid, node, false)
 	agent2KP, _ := nkeys.FromSeed([]byte(agent2.NatsUserSeed))
 	agent2Pub, _ := agent2KP.PublicKey()
 	if err := m.RevokeAgentBefore(ctx, aid, agent2Pub); err != nil {

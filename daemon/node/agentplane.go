@@ -149,7 +149,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 			return
 		}
 	}
-	creds, err := n.o.Minter.MintAgent(agentID, n.id)
+	creds, err := n.o.Minter.MintAgent(agentID, n.id, key != "")
 	if err != nil {
 		n.fail(r, 500, "failed to mint nexlet credentials", fmt.Errorf("mint agent %s: %w", agentID, err))
 		return
@@ -258,6 +258,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		Message:        fmt.Sprintf("registered %s [%s] as %s", req.Name, req.RegisterType, agentID),
 		NodeID:         n.id,
 		Success:        true,
+		NexdFeedRelay:  key != "", // its user may not publish on $NEX.FEED (MintAgent)
 	})
 	n.handOverStarts(takeOver, existing)
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,

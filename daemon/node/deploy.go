@@ -248,7 +248,7 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 		return nil, 400, fmt.Errorf("node %s cannot run this workload: %s", n.id, why)
 	}
 	a.startedSinceBeat++ // capacity held while the nexlet starts it
-	n.starting[workloadID] = inFlight{owner: a.owner}
+	n.starting[workloadID] = inFlight{owner: a.owner, ns: req.Namespace}
 	n.changes.Add(1)
 	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType, ns: req.Namespace, name: req.Name}, 0, nil
 }
@@ -257,6 +257,7 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 // say it ended) and whether it did.
 type inFlight struct {
 	owner string
+	ns    string // the workload's namespace, whose feeds the nexlet may speak in
 	ended bool
 }
 

@@ -1006,6 +1006,9 @@ func (n *Node) unstore(workloadID, workloadType string) error {
 func (n *Node) forgetStored(workloadID string) {
 	defer n.changes.Add(1)
 	n.mu.Lock()
+	if o, ok := n.owned[workloadID]; ok {
+		n.feeds.ended(workloadID, o.owner, o.ns, time.Now())
+	}
 	delete(n.owned, workloadID)
 	n.mu.Unlock()
 	if n.o.Observer != nil {

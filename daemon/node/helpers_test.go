@@ -37,7 +37,7 @@ func (m testMinter) cd(name string) protocol.NatsConnectionData {
 func (m testMinter) MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error) {
 	return m.cd("register-" + agentID), nil
 }
-func (m testMinter) MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error) {
+func (m testMinter) MintAgent(agentID, nodeID string, _ bool) (protocol.NatsConnectionData, error) {
 	return m.cd("agent-" + agentID), nil
 }
 func (m testMinter) MintWorkload(ns, id string) (protocol.NatsConnectionData, error) {

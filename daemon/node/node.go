@@ -36,7 +36,7 @@ type Minter interface {
 	// MintRegister returns the credentials a nexlet uses to register.
 	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
 	// MintAgent returns a registered nexlet's own credentials.
-	MintAgent(agentID, nodeID string) (protocol.NatsConnectionData, error)
+	MintAgent(agentID, nodeID string, relayed bool) (protocol.NatsConnectionData, error)
 	// MintWorkload returns a workload's credentials, scoped to its namespace.
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
 	// RenewWorkload returns fresh credentials of a running workload, in its namespace.
@@ -255,6 +255,9 @@ type Node struct {
 	// went to; ended once that nexlet said the workload already ended (a fast job), so
 	// the deploy removes it from state.
 	starting map[string]inFlight
+	// feeds are the workloads that ended lately, whose nexlet may still relay their
+	// last lines (feedrelay.go).
+	feeds feedGrace
 	// handableStarts are the deploys in flight to a nexd nexlet (on its local channel
 	// or over NATS), which a successor of a nexlet that ended before it answered takes
 	// over (handOverStarts).
@@ -387,6 +390,7 @@ func New(o Options) (*Node, error) {
 		keys:           map[string]string{},
 		locals:         map[string]localChannel{},
 		starting:       map[string]inFlight{},
+		feeds:          feedGrace{byID: map[string]feedOwner{}},
 		handableStarts: map[string]*startCall{},
 		changed:        make(chan struct{}),
 		slots:          make(chan struct{}, 64),
@@ -522,6 +526,7 @@ func (n *Node) Start(ctx context.Context) error {
 	for subj, h := range map[string]nats.MsgHandler{
 		protocol.AgentHeartbeatSubject(n.id, "*"):                 n.onHeartbeat,
 		protocol.EventSubject("*", protocol.EventWorkloadStopped): n.onWorkloadStopped,
+		protocol.FeedRelaySubject(n.id, "*", ">"):                 n.onFeedRelay,
 	} {
 		sub, err := n.o.NC.Subscribe(subj, h)
 		if err != nil {

@@ -473,3 +473,73 @@ func TestRogueNexletSquatsNameAtStart(t *testing.T) {
 		}
 	}
 }
+
+// TestRogueNexletForgesAnothersFeeds: a rogue nexlet that signs (nexd's SDK), with the
+// user its node minted, writes into the feeds of the victim's workload: a log line and
+// a WORKLOADSTARTED event on $NEX.FEED directly, and through the node's relay under its
+// own agent id and under the victim's. None reaches $NEX.FEED (the first is refused by
+// the server, the second dropped by the node, the third refused), while the victim's
+// own line through the relay does, with its headers. A nexlet that does not sign
+// (upstream's SDK) is not told to relay and still publishes on $NEX.FEED. Before, the
+// rogue's direct line and event reached every subscriber of the tenant's feeds.
+func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	signed := func(a *fakeAgent) {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		a.key = kp
+		n.SetAgentKey(a.id, pub)
+	}
+	victim := rf.minted("agent0", "native-nexlet", "native", signed)
+	rogue := rf.minted("rogue0", "rogue", "rogue", signed)
+	plain := rf.minted("plain0", "plain", "plain", nil)
+	if !victim.resp.NexdFeedRelay || !rogue.resp.NexdFeedRelay || plain.resp.NexdFeedRelay {
+		t.Fatalf("relay said to victim %v, rogue %v, unsigned %v; want true, true, false",
+			victim.resp.NexdFeedRelay, rogue.resp.NexdFeedRelay, plain.resp.NexdFeedRelay)
+	}
+	wid := rf.deployOne("tenant")
+	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	logSubj := protocol.LogSubject("tenant", wid, "stdout")
+	started := js(protocol.WorkloadStartedEvent{ID: wid, Namespace: "tenant"})
+	pub := func(a *fakeAgent, subj string, data []byte) {
+		t.Helper()
+		m := nats.NewMsg(subj)
+		m.Header.Set("synadia.com-namespace", "tenant")
+		m.Data = data
+		if err := a.nc.PublishMsg(m); err != nil {
+			t.Fatal(err)
+		}
+		_ = a.nc.Flush()
+	}
+	pub(rogue, logSubj, []byte("forged direct"))
+	pub(rogue, protocol.EventSubject("tenant", protocol.EventWorkloadStarted), started)
+	pub(rogue, protocol.FeedRelaySubject(n.ID(), rogue.id, logSubj), []byte("forged own relay"))
+	pub(rogue, protocol.FeedRelaySubject(n.ID(), rogue.id, protocol.EventSubject("tenant", protocol.EventWorkloadStarted)), started)
+	pub(rogue, protocol.FeedRelaySubject(n.ID(), victim.id, logSubj), []byte("forged victim relay"))
+	pub(plain, protocol.LogSubject("tenant", "plainwid", "stdout"), []byte("unsigned direct"))
+	pub(victim, protocol.FeedRelaySubject(n.ID(), victim.id, logSubj), []byte("honest"))
+	var got []string
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+		m, err := feed.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		got = append(got, m.Subject+" "+string(m.Data))
+		if string(m.Data) == "honest" && m.Header.Get("synadia.com-namespace") != "tenant" {
+			t.Errorf("the relayed line lost its headers: %v", m.Header)
+		}
+	}
+	want := []string{"$NEX.FEED.tenant.logs.plainwid.stdout unsigned direct", logSubj + " honest"}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Errorf("the tenant's feeds carried %q, want only %q", got, want)
+	}
+}

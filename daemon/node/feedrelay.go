@@ -1,0 +1,107 @@
+package node
+
+import (
+	"encoding/json"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// A nexlet that signs (nexd's SDK) may not publish on $NEX.FEED: its user may publish
+// feeds only under its own agent id on FeedRelaySubject, and the node passes a message
+// on to $NEX.FEED only when it is about a workload the node placed on that nexlet
+// instance, in that workload's namespace. Before, every nexlet's user could publish in
+// every namespace's feeds: a rogue forged another's workloads' logs and events.
+
+// feedGraceAge is how long after a workload's end its nexlet's relayed lines still
+// pass (its last lines may trail the end report), and feedGraceMax bounds the entries.
+const (
+	feedGraceAge = time.Minute
+	feedGraceMax = 4096
+)
+
+// feedOwner is an ended workload's nexlet instance and namespace.
+type feedOwner struct {
+	owner, ns string
+	at        time.Time
+}
+
+// feedGrace remembers the workloads that ended lately; guarded by Node.mu.
+type feedGrace struct {
+	byID map[string]feedOwner
+}
+
+func (g *feedGrace) ended(id, owner, ns string, now time.Time) {
+	if len(g.byID) >= feedGraceMax {
+		for k, v := range g.byID {
+			if now.Sub(v.at) > feedGraceAge || len(g.byID) >= feedGraceMax {
+				delete(g.byID, k)
+			}
+		}
+	}
+	g.byID[id] = feedOwner{owner: owner, ns: ns, at: now}
+}
+
+func (g *feedGrace) of(id string, now time.Time) (feedOwner, bool) {
+	o, ok := g.byID[id]
+	if ok && now.Sub(o.at) > feedGraceAge {
+		delete(g.byID, id)
+		return feedOwner{}, false
+	}
+	return o, ok
+}
+
+// onFeedRelay handles <agent prefix>.FEED.<agent id>.<ns>.<logs|metrics|events>.…: the
+// nexlet's feed message, passed on to $NEX.FEED.<ns>.… with its headers when the
+// workload it is about is that nexlet's, in ns. Others are dropped (logged at debug:
+// a rogue could flood the log otherwise).
+func (n *Node) onFeedRelay(m *nats.Msg) {
+	rest, ok := strings.CutPrefix(m.Subject, protocol.AgentPrefix(n.id)+".FEED.")
+	if !ok {
+		return
+	}
+	agentID, feed, _ := strings.Cut(rest, ".")
+	tok := strings.Split(feed, ".")
+	var wid string
+	switch {
+	case len(tok) == 4 && tok[1] == "logs" && (tok[3] == "stdout" || tok[3] == "stderr"):
+		wid = tok[2]
+	case len(tok) == 3 && tok[1] == "metrics":
+		wid = tok[2]
+	case len(tok) == 3 && tok[1] == "events":
+		var ev struct {
+			ID string `json:"id"`
+		}
+		if json.Unmarshal(m.Data, &ev) == nil {
+			wid = ev.ID
+		}
+	}
+	if !protocol.IsToken(agentID) || !protocol.IsToken(wid) || !protocol.IsToken(tok[0]) {
+		n.log.Debug("dropping a relayed feed message: not a workload's feed", "subject", m.Subject)
+		return
+	}
+	ns := tok[0]
+	now := time.Now()
+	n.mu.Lock()
+	a := n.agents[agentID]
+	owner, wns := "", ""
+	if o, ok := n.owned[wid]; ok {
+		owner, wns = o.owner, o.ns
+	} else if st, ok := n.starting[wid]; ok {
+		owner, wns = st.owner, st.ns
+	} else if e, ok := n.feeds.of(wid, now); ok {
+		owner, wns = e.owner, e.ns
+	}
+	n.mu.Unlock()
+	if a == nil || owner == "" || a.owner != owner || wns != ns {
+		n.log.Debug("dropping a relayed feed message: the workload is not that nexlet's in that namespace", "agent_id", agentID, "workload_id", wid, "namespace", ns)
+		return
+	}
+	out := &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: m.Header}
+	if err := n.o.NC.PublishMsg(out); err != nil {
+		n.log.Debug("relaying a feed message failed", "subject", out.Subject, "err", err)
+	}
+}
