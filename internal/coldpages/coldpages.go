@@ -99,7 +99,7 @@ func readMaps(exe string) ([]region, int, error) {
 }
 
 // pick returns the mappings of exe in smaps that are read-only and hold no private
-// (anonymous) page, and how many read-only ones it kept because they do. exe is
+// (anonymous, resident or swapped) page, and how many read-only ones it kept because they do. exe is
 // /proc/self/exe's target, which ends in " (deleted)" as the mapping's path does once
 // an upgrade replaced the file.
 func pick(smaps io.Reader, exe string) ([]region, int, error) {
@@ -129,8 +129,10 @@ func pick(smaps io.Reader, exe string) ([]region, int, error) {
 			switch first {
 			case "Rss:":
 				cur.rss = v << 10
-			case "Anonymous:":
-				private = v != 0
+			case "Anonymous:", "Swap:":
+				// A written page swapped out counts under Swap, not Anonymous:
+				// MADV_DONTNEED would discard it as well.
+				private = private || v != 0
 			}
 			continue
 		}

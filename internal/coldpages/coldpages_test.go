@@ -201,7 +201,8 @@ func copyFile(t *testing.T, from, to string) {
 
 // TestPick: only read-only mappings of the executable with no private page are taken,
 // whatever the path's spaces or " (deleted)"; a written read-only mapping (a PIE
-// binary's relocated data) is kept and counted.
+// binary's relocated data) is kept and counted, also when its written pages are
+// swapped out (Anonymous 0, Swap not).
 func TestPick(t *testing.T) {
 	exe := "/opt/my nexd (deleted)"
 	smaps := `00400000-00800000 r-xp 00000000 08:01 1234 /opt/my nexd (deleted)
@@ -215,6 +216,10 @@ Anonymous:             0 kB
 00a00000-00a10000 r--p 00600000 08:01 1234 /opt/my nexd (deleted)
 Rss:                  64 kB
 Anonymous:             4 kB
+00a20000-00a30000 r--p 00620000 08:01 1234 /opt/my nexd (deleted)
+Rss:                  60 kB
+Anonymous:             0 kB
+Swap:                  4 kB
 00a10000-00a20000 rw-p 00610000 08:01 1234 /opt/my nexd (deleted)
 Rss:                  64 kB
 Anonymous:             0 kB
@@ -230,8 +235,8 @@ Anonymous:             4 kB
 		t.Fatal(err)
 	}
 	want := []region{{0x400000, 0x800000, 2048 << 10}, {0x800000, 0xa00000, 1024 << 10}}
-	if !slices.Equal(got, want) || kept != 1 {
-		t.Errorf("pick = %+v, kept %d; want %+v, kept 1", got, kept, want)
+	if !slices.Equal(got, want) || kept != 2 {
+		t.Errorf("pick = %+v, kept %d; want %+v, kept 2", got, kept, want)
 	}
 }
 
