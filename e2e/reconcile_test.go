@@ -162,6 +162,19 @@ func TestTwoNexletsOfOneTypeKeepTheirWorkloads(t *testing.T) {
 		t.Fatalf("the deploys did not go to both nexlets: %v", per)
 	}
 
+	// Each kept the name it registered under for the next run, which reserves it for
+	// that nexlet from its start (daemon/node TestRogueNexletSquatsNameAtStart).
+	var kept []string
+	files, _ := filepath.Glob(filepath.Join(dir, "nexlets", "*.names"))
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		kept = append(kept, string(b))
+	}
+	slices.Sort(kept)
+	if !slices.Equal(kept, []string{"echo-a\n", "echo-b\n"}) {
+		t.Errorf("names kept for the next run: %q in %v, want echo-a and echo-b", kept, files)
+	}
+
 	n.signal(t, syscall.SIGTERM)
 	if code := n.wait(t, 60*time.Second); code != 0 {
 		t.Fatalf("nexd exited %d\n%s", code, n.out.String())
@@ -183,32 +196,5 @@ func TestTwoNexletsOfOneTypeKeepTheirWorkloads(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Logf("nexd:\n%s", n2.out.String())
-	}
-}
-
-// TestNexletNameKeptForNextRun: a supervised echo nexlet registers as echo-a; nexd keeps
-// that name beside its record, which the next run reserves for it from its start
-// (daemon/nexlets TestRecordedNamesReservedNextRun, daemon/node
-// TestRogueNexletSquatsNameAtStart). The native nexlet's go_exec is reserved always and
-// not kept.
-func TestNexletNameKeptForNextRun(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	t.Parallel()
-	bin := echoNexlet(t)
-	s := testnats.Start(t, testnats.Options{})
-	dir := t.TempDir()
-	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{
-		"--agents.uri", "file://" + bin, "--agents.argv", "--name", "--agents.argv", "echo-a"}})
-	n.waitReady(t)
-	var kept []string
-	testkit.Eventually(t, "the echo nexlet's name kept", func() bool {
-		kept, _ = filepath.Glob(filepath.Join(dir, "nexlets", "*.names"))
-		return len(kept) == 1
-	})
-	b, err := os.ReadFile(kept[0])
-	if err != nil || string(b) != "echo-a\n" || filepath.Base(kept[0]) == "native.names" {
-		t.Fatalf("%s: %q, %v; want echo-a for the echo nexlet only", kept[0], b, err)
 	}
 }

@@ -406,30 +406,7 @@ func TestRogueNexletSquatsAnothersName(t *testing.T) {
 	victim.kill()
 	n.RemoveAgent(victim.id, "killed by the test")
 
-	var squats []*nats.Msg
-	for i, name := range []string{"go_exec", "victim"} {
-		rogue := rf.expected(fmt.Sprintf("rogue%d", i), fmt.Sprintf("rogue-%d", i), "native")
-		rogue.req.Name = name
-		m := rogue.register()
-		if m.Header.Get(protocol.HeaderErrorCode) == "" {
-			defer rogue.kill()
-		}
-		squats = append(squats, m)
-	}
-	back := rf.expected(victim.id, "victim", "native")
-	asNative(back)
-	if m := back.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
-		t.Errorf("the victim's registration was refused: %s %s", m.Header.Get(protocol.HeaderErrorCode), m.Data)
-	} else {
-		defer back.kill()
-	}
-	for i, m := range squats {
-		if m.Header.Get(protocol.HeaderErrorCode) == "" {
-			t.Errorf("rogue%d registered under the victim's name", i)
-		} else if code, body := errorReply(t, m); code != "403" || !strings.Contains(body.Error, "reserved") {
-			t.Errorf("rogue%d answered %s %+v, want 403 naming the reservation", i, code, body)
-		}
-	}
+	squatBeforeReturn(t, rf, []string{"go_exec", "victim"}, victim.id, "victim")
 	for _, a := range n.Agents() {
 		if a.ID != victim.id && (a.Name == "go_exec" || a.Name == "victim") {
 			t.Errorf("%q registered by %s", a.Name, a.ID)
@@ -446,28 +423,35 @@ func TestRogueNexletSquatsAnothersName(t *testing.T) {
 // registration was refused (403: go_exec was reserved for the rogue) while they lived.
 func TestRogueNexletSquatsNameAtStart(t *testing.T) {
 	rf := newRogueFixture(t)
-	n := rf.nodes[0]
-	n.ExpectAgent("victim0", "native", "go_exec", "wasmtime")
+	rf.nodes[0].ExpectAgent("victim0", "native", "go_exec", "wasmtime")
+	squatBeforeReturn(t, rf, []string{"go_exec", "wasmtime"}, "victim0", "native")
+}
+
+// squatBeforeReturn has rogues (supervised nexlets with their minted users) register
+// under names, then the victim (agent id id, supervised as sup) under go_exec: each
+// rogue must be refused (403, reserved) and the victim taken.
+func squatBeforeReturn(t *testing.T, rf *rogueFixture, names []string, id, sup string) {
+	t.Helper()
 	var squats []*nats.Msg
-	for i, name := range []string{"go_exec", "wasmtime"} {
+	for i, name := range names {
 		rogue := rf.expected(fmt.Sprintf("rogue%d", i), fmt.Sprintf("rogue-%d", i), "native")
 		rogue.req.Name = name
 		m := rogue.register()
 		if m.Header.Get(protocol.HeaderErrorCode) == "" {
-			defer rogue.kill()
+			t.Cleanup(rogue.kill)
 		}
 		squats = append(squats, m)
 	}
-	victim := rf.expected("victim0", "native", "native")
-	victim.req.Name = "go_exec"
-	if m := victim.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
+	back := rf.expected(id, sup, "native")
+	back.req.Name = "go_exec"
+	if m := back.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
 		t.Errorf("the victim's registration was refused: %s %s", m.Header.Get(protocol.HeaderErrorCode), m.Data)
 	} else {
-		defer victim.kill()
+		t.Cleanup(back.kill)
 	}
 	for i, m := range squats {
 		if m.Header.Get(protocol.HeaderErrorCode) == "" {
-			t.Errorf("rogue%d registered under a name reserved for the native nexlet", i)
+			t.Errorf("rogue%d registered under the victim's name %q", i, names[i])
 		} else if code, body := errorReply(t, m); code != "403" || !strings.Contains(body.Error, "reserved") {
 			t.Errorf("rogue%d answered %s %+v, want 403 naming the reservation", i, code, body)
 		}
