@@ -119,15 +119,23 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 		sides[i].c = c
 	}
 
-	// Idle memory, before any workload ran.
-	time.Sleep(settle)
-	var idle [2][3]float64
-	for i, s := range sides {
-		rss, pss, th, err := s.sample()
-		if err != nil {
-			return fmt.Errorf("%s: %w", s.name, err)
+	// sampleAll waits settle, then samples each side's RSS, PSS and threads.
+	sampleAll := func() (m [2][3]float64, err error) {
+		time.Sleep(settle)
+		for i, s := range sides {
+			rss, pss, th, err := s.sample()
+			if err != nil {
+				return m, fmt.Errorf("%s: %w", s.name, err)
+			}
+			m[i] = [3]float64{float64(rss), float64(pss), float64(th)}
 		}
-		idle[i] = [3]float64{float64(rss), float64(pss), float64(th)}
+		return m, nil
+	}
+
+	// Idle memory, before any workload ran.
+	idle, err := sampleAll()
+	if err != nil {
+		return err
 	}
 	figs = append(figs,
 		cmpFigure{name: "idle RSS", unit: "MB", up: idle[0][0] / (1 << 20), nx: idle[1][0] / (1 << 20)},
@@ -186,14 +194,9 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 
 	// Idle memory again, the workloads of the latency phases stopped: what a node that
 	// has worked keeps, beside the fresh start's above.
-	time.Sleep(settle)
-	var worked [2][2]float64
-	for i, s := range sides {
-		rss, pss, _, err := s.sample()
-		if err != nil {
-			return fmt.Errorf("%s: %w", s.name, err)
-		}
-		worked[i] = [2]float64{float64(rss), float64(pss)}
+	worked, err := sampleAll()
+	if err != nil {
+		return err
 	}
 	figs = append(figs,
 		cmpFigure{name: "idle RSS after the latency phases", unit: "MB", up: worked[0][0] / (1 << 20), nx: worked[1][0] / (1 << 20)},
@@ -208,21 +211,19 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 		if want <= running {
 			continue
 		}
-		var per [2][3]float64
 		for _, s := range sides {
 			if _, _, err := deployN(ctx, s.c, w, 1, want-running, 8, fmt.Sprintf("cmpw%d", want)); err != nil {
 				return fmt.Errorf("%s: %d workloads: %w", s.name, want, err)
 			}
 		}
 		running = want
-		time.Sleep(settle)
-		for i, s := range sides {
-			rss, pss, th, err := s.sample()
-			if err != nil {
-				return fmt.Errorf("%s: %w", s.name, err)
-			}
-			per[i] = [3]float64{(float64(rss) - worked[i][0]) / float64(running) / 1024,
-				(float64(pss) - worked[i][1]) / float64(running) / 1024, float64(th)}
+		per, err := sampleAll()
+		if err != nil {
+			return err
+		}
+		for i := range per {
+			per[i][0] = (per[i][0] - worked[i][0]) / float64(running) / 1024
+			per[i][1] = (per[i][1] - worked[i][1]) / float64(running) / 1024
 		}
 		figs = append(figs,
 			cmpFigure{name: fmt.Sprintf("RSS added per workload, %d running", running), unit: "KB", up: per[0][0], nx: per[1][0]},
