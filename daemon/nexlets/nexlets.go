@@ -151,6 +151,8 @@ type Manager struct {
 	keep, leave bool
 	// announced: the registry knows every nexlet (Attach, else Start).
 	announced bool
+	// named: the supervised nexlets RecordName kept a name for in this run.
+	named map[string]bool
 	// early holds the first start's result of each nexlet StartEarly started; Start
 	// waits for it. earlyWG owns the goroutines that wait for them.
 	early   map[string]chan error
@@ -509,14 +511,25 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 // RecordName keeps that the supervised nexlet registered under name, so that the next
 // run reserves it for that nexlet from its start (Spec.Names): before, a name was
 // reserved only once registered in the run, and another nexlet that registered under
-// it first took it. A failed write is logged; the name is then reserved for this run only.
+// it first took it. The first name a run records replaces those of earlier runs: a
+// nexlet that now registers under another name (its configuration changed) gives the
+// old one up from the next run, where before it was reserved for it in every run
+// after, refusing the nexlet that now uses it until the file was removed by hand. A
+// failed write is logged; the name is then reserved for this run only.
 func (m *Manager) RecordName(supervised, name string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	names := readNames(m.recordDir, supervised)
+	var names []string
+	if m.named[supervised] {
+		names = readNames(m.recordDir, supervised)
+	}
 	if slices.Contains(names, name) {
 		return
 	}
+	if m.named == nil {
+		m.named = map[string]bool{}
+	}
+	m.named[supervised] = true
 	path := namesPath(m.recordDir, supervised)
 	tmp := path + ".new"
 	err := os.MkdirAll(m.recordDir, 0o700)

@@ -154,9 +154,18 @@ func TestRecordedNamesReservedNextRun(t *testing.T) {
 	if err := m.Stop(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	m, _ = run()
+	// This run registers under another name (its configuration changed): the one
+	// before is no longer reserved from the next run on. Before, it stayed reserved
+	// for it in every run, refusing the nexlet that now registers under it.
+	m.RecordName("wasm", "wasmtime2")
+	m.RecordName("wasm", "wasmtime3") // a second name in the same run is kept too
+	if err := m.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	m, reg := run()
 	t.Cleanup(func() { _ = m.Stop(context.Background()) })
-	want := map[string][]string{NativeName: {native.Name}, "wasm": {"wasmtime"}}
+	want := map[string][]string{NativeName: {native.Name}, "wasm": {"wasmtime2", "wasmtime3"}}
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
 	for _, s := range m.Specs() {
