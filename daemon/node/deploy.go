@@ -390,7 +390,7 @@ func (c *startCall) close() { c.cancel() }
 // channel's end, or for a start over NATS the supervisor's word. Call it with the
 // node's lock held.
 func (c *startCall) nexletGoneLocked() bool {
-	return c.ended || c.via == "local" && c.agent.local.Gone()
+	return c.ended || c.agent.exited || c.via == "local" && c.agent.local.Gone()
 }
 
 // localStart says whether this start may go over a local channel (Options.LocalStarts).
@@ -428,7 +428,7 @@ func (c *startCall) wait(ctx context.Context, silence, total time.Duration) (*na
 			return nil, fmt.Errorf("%w (%s)", errStartTooLong, total)
 		case <-quiet.C:
 			return nil, fmt.Errorf("%w within %s", errStartSilent, silence)
-		case <-c.handed: // nil over NATS: never
+		case <-c.handed: // nil for an upstream SDK nexlet: never
 			return nil, errHandedOver
 		case m := <-c.ch:
 			if isNoResponders(m) {

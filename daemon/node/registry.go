@@ -31,6 +31,9 @@ type registration struct {
 	reported         string // health last logged, so each change is logged once
 	// local is the direct channel to this registration's nexlet process (nil: NATS).
 	local *localchan.Client
+	// exited (under the node's lock): the supervisor saw this nexlet's process end
+	// (RemoveAgent), so a start a deploy sends it afterwards gets no answer either.
+	exited bool
 }
 
 func (r *registration) workloadCount() int { return r.summary.WorkloadCount + r.startedSinceBeat }
@@ -250,6 +253,7 @@ func (n *Node) RemoveAgent(agentID, reason string) {
 	n.mu.Lock()
 	r, ok := n.agents[agentID]
 	if ok {
+		r.exited = true // for a deploy that chose it and has not sent its start yet
 		n.removeLocked(agentID)
 	}
 	for _, c := range n.handableStarts {
