@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"encoding/json"
 	"strings"
 	"time"
@@ -72,12 +73,7 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 	case len(tok) == 3 && tok[1] == "metrics":
 		wid = tok[2]
 	case len(tok) == 3 && tok[1] == "events":
-		var ev struct {
-			ID string `json:"id"`
-		}
-		if json.Unmarshal(m.Data, &ev) == nil {
-			wid = ev.ID
-		}
+		wid = eventWorkloadID(m.Data)
 	}
 	if !protocol.IsToken(agentID) || !protocol.IsToken(wid) || !protocol.IsToken(tok[0]) {
 		n.log.Debug("dropping a relayed feed message: not a workload's feed", "subject", m.Subject)
@@ -104,4 +100,40 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 	if err := n.o.NC.PublishMsg(out); err != nil {
 		n.log.Debug("relaying a feed message failed", "subject", out.Subject, "err", err)
 	}
+}
+
+// eventWorkloadID is the "id" of an event's body, the workload it is about, or "" when
+// the body is not an object with exactly one key that case-folds to "id", spelled
+// "id", holding a string. Go's decoder folds case and keeps a duplicate key's last
+// value, where a case-sensitive reader of the feed (jq, most languages) takes "id"
+// alone: {"id":<another's>,"ID":<its own>} passed the check as its own and reached
+// such a reader as the other's.
+func eventWorkloadID(data []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return ""
+	}
+	id, ids := "", 0
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		key, _ := t.(string)
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return ""
+		}
+		if !strings.EqualFold(key, "id") {
+			continue
+		}
+		ids++
+		if key != "id" || json.Unmarshal(v, &id) != nil {
+			return ""
+		}
+	}
+	if ids != 1 {
+		return ""
+	}
+	return id
 }

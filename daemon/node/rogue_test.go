@@ -527,3 +527,65 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 		t.Errorf("the tenant's feeds carried %q, want only %q", got, want)
 	}
 }
+
+// TestRogueNexletForgesEventIDByCase: a rogue nexlet that signs, with a workload of its
+// own in the namespace, relays a WORKLOADSTARTED event whose body names another
+// nexlet's workload as "id" and its own as "ID" (or as a second "id"). Go's decoder
+// folds case and keeps the last, so the relay read its own workload's id; a
+// case-sensitive reader of the feed (jq, most languages), or one that keeps the first,
+// reads the other's. The relay drops an event with more than one key that folds to
+// "id", or one that is not exactly "id". Before, all three were passed on.
+func TestRogueNexletForgesEventIDByCase(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	signed := func(a *fakeAgent) {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		a.key = kp
+		n.SetAgentKey(a.id, pub)
+	}
+	rf.minted("agent0", "native-nexlet", "native", signed)
+	rogue := rf.minted("rogue0", "rogue", "rogue", signed)
+	victimWID := rf.deployOne("tenant")
+	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid from the rogue")
+	}
+	req := startReq("tenant", "r", `{"cmd":"x"}`)
+	req.WorkloadType = "rogue"
+	var own protocol.StartWorkloadResponse
+	if m := request(t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), req); protocol.Decode(m.Data, &own) != nil || own.ID == "" {
+		t.Fatalf("deploy on the rogue: %q", m.Data)
+	}
+	feed, err := rf.client.SubscribeSync(protocol.EventSubject("tenant", ">"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	subj := protocol.FeedRelaySubject(n.ID(), rogue.id, protocol.EventSubject("tenant", protocol.EventWorkloadStarted))
+	for _, body := range []string{
+		fmt.Sprintf(`{"id":%q,"ID":%q,"namespace":"tenant"}`, victimWID, own.ID),
+		fmt.Sprintf(`{"Id":%q,"namespace":"tenant","x":%q}`, own.ID, victimWID),
+		fmt.Sprintf(`{"id":%q,"id":%q,"namespace":"tenant"}`, victimWID, own.ID), // a first-wins reader
+		fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID),    // its own: passes
+	} {
+		if err := rogue.nc.Publish(subj, []byte(body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = rogue.nc.Flush()
+	var got []string
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+		m, err := feed.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		got = append(got, string(m.Data))
+	}
+	want := []string{fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID)}
+	if !slices.Equal(got, want) {
+		t.Errorf("the tenant's events carried %q, want only %q", got, want)
+	}
+}
