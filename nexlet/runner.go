@@ -506,6 +506,9 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 	// It serves the node's fan-outs on its own agent id's subjects too (serve), where a
 	// nexd node asks it, so a rogue nexlet cannot answer for it.
 	reg.AnswersDirect = true
+	// It publishes feeds through the node when told (feedSubject); a signed
+	// registration without this is taken for an older nexlet's.
+	reg.FeedRelay = true
 	if h, ok := r.agent.(WorkloadHolder); ok {
 		ids := h.HeldWorkloads()
 		if ids == nil {

@@ -399,6 +399,12 @@ type RegisterAgentRequest struct {
 	// removed, not started again; a stored service it does not hold is started again.
 	// Absent (upstream nexlets), every stored workload is replayed.
 	Workloads *[]string `json:"nexd_workloads,omitempty"`
+
+	// FeedRelay (nexd extension): the nexlet publishes its feeds on FeedRelaySubject
+	// when the reply says NexdFeedRelay. A signed registration without it (a nexlet on
+	// an SDK older than the relay) keeps the direct $NEX.FEED grant only if it is the
+	// supervised nexlet signed with its start's key; any other is relayed regardless.
+	FeedRelay bool `json:"nexd_feed_relay,omitempty"`
 }
 
 // RegisterAgentResponse answers a registration: the nexlet's real credentials and the
@@ -410,7 +416,8 @@ type RegisterAgentResponse struct {
 	NodeID         string                               `json:"node_id"`
 	Success        bool                                 `json:"success"`
 	// NexdFeedRelay (a nexd extension): publish the feeds on FeedRelaySubject, not on
-	// $NEX.FEED; the nexlet's user may not publish there. Said to nexlets that sign.
+	// $NEX.FEED; the nexlet's user may not publish there. Said to nexlets that sign,
+	// but to an older supervised one (RegisterAgentRequest.FeedRelay).
 	NexdFeedRelay bool `json:"nexd_feed_relay,omitempty"`
 }
 

@@ -15,7 +15,8 @@
 //	                          $NEX.SVC.N.agent.{RENEWCREDS.A.*,RENEWAGENT.A,WORKLOADENDED.A.*},
 //	                          $NEX.SVC.N.agent.FEED.A.> (its feeds, which the node passes
 //	                          on for its own workloads); only a nexlet that does not sign
-//	                          (upstream's SDK) also $NEX.FEED.*.logs.>, .metrics.>,
+//	                          (upstream's SDK), or a supervised one older than the relay,
+//	                          also $NEX.FEED.*.logs.>, .metrics.>,
 //	                          .events.> (any namespace; upstream forgot them);
 //	                          replies to requests (no other inbox)
 //	                      no JetStream, no control plane, no application subjects

@@ -115,7 +115,7 @@ type Minter interface {
 	// RenewAgent signs a fresh nexlet user for userPub, a public user nkey the nexlet
 	// made (its seed stays with the nexlet); ErrRenewalUnsupported where users do not
 	// expire.
-	RenewAgent(agentID, nodeID, userPub string) (protocol.NatsConnectionData, error)
+	RenewAgent(agentID, nodeID, userPub string, relayed bool) (protocol.NatsConnectionData, error)
 	// RevokeSuperseded revokes a workload's users older than its newest (after a
 	// renewal); ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeSuperseded(ctx context.Context, workloadID string) error

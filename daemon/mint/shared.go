@@ -161,11 +161,11 @@ func (m *NoAuthMinter) RevokeAgentBefore(context.Context, string, string) error 
 }
 
 // RenewAgent refuses: the shared identity does not expire.
-func (m *NkeyMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
+func (m *NkeyMinter) RenewAgent(string, string, string, bool) (protocol.NatsConnectionData, error) {
 	return protocol.NatsConnectionData{}, ErrRenewalUnsupported
 }
 
 // RenewAgent refuses: there are no users to renew.
-func (m *NoAuthMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
+func (m *NoAuthMinter) RenewAgent(string, string, string, bool) (protocol.NatsConnectionData, error) {
 	return protocol.NatsConnectionData{}, ErrRenewalUnsupported
 }

@@ -116,11 +116,12 @@ func (m *SigningKeyMinter) MintAgent(agentID, nodeID string, relayed bool) (prot
 }
 
 // RenewAgent signs a fresh nexlet user (AgentTTL) for userPub, a user nkey the nexlet
-// made itself: the reply holds no seed, so whoever reads it cannot connect. Only a
-// nexlet that signs renews, and one that signs has its feeds relayed. A key
+// made itself: the reply holds no seed, so whoever reads it cannot connect. relayed
+// as its registration was minted (MintAgent), so a renewal neither takes an older
+// supervised nexlet's feeds away nor grants them to a relayed one. A key
 // already minted for is refused (a replayed request must not make the node revoke the
 // nexlet's current user as superseded).
-func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string) (protocol.NatsConnectionData, error) {
+func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string, relayed bool) (protocol.NatsConnectionData, error) {
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("renew nexlet credentials: %w", err)
 	}
@@ -134,7 +135,7 @@ func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string) (protocol
 		return protocol.NatsConnectionData{}, fmt.Errorf("renew credentials for nexlet %s: key %s was used before; make a fresh one", agentID, userPub)
 	}
 	cd, err := m.sign(userPub, agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
-		agentPermissions(agentID, nodeID, m.opts.Nexus, true), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
+		agentPermissions(agentID, nodeID, m.opts.Nexus, relayed), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
 	if err != nil {
 		return cd, fmt.Errorf("renew credentials for nexlet %s: %w", agentID, err)
 	}

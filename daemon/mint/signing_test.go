@@ -606,14 +606,14 @@ func TestSupersededUsersRevoked(t *testing.T) {
 	// is revoked and the new one (with the nexlet's seed) connects.
 	kp, _ := nkeys.CreateUser()
 	pub, _ := kp.PublicKey()
-	own, err := m.RenewAgent(aid, node, pub)
+	own, err := m.RenewAgent(aid, node, pub, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if own.NatsUserSeed != "" {
 		t.Fatal("a renewed nexlet user came with a seed")
 	}
-	if _, err := m.RenewAgent(aid, node, pub); err == nil {
+	if _, err := m.RenewAgent(aid, node, pub, true); err == nil {
 		t.Fatal("a key used before was renewed again")
 	}
 	if err := m.RevokeAgentBefore(ctx, aid, pub); err != nil {

@@ -149,7 +149,12 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 			return
 		}
 	}
-	creds, err := n.o.Minter.MintAgent(agentID, n.id, key != "")
+	relayed := feedRelayed(owner, key, req)
+	if key != "" && !relayed {
+		n.log.Warn("an older nexlet (no nexd_feed_relay) keeps the direct feed grant until it restarts: it is the supervised nexlet, signed with its start's key",
+			"agent_id", agentID, "name", req.Name, "version", req.Version)
+	}
+	creds, err := n.o.Minter.MintAgent(agentID, n.id, relayed)
 	if err != nil {
 		n.fail(r, 500, "failed to mint nexlet credentials", fmt.Errorf("mint agent %s: %w", agentID, err))
 		return
@@ -203,7 +208,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.replayed[wid] = struct{}{}
 	}
 	n.mu.Unlock()
-	reg := &registration{id: agentID, owner: owner, key: key, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
+	reg := &registration{id: agentID, owner: owner, key: key, relayed: relayed, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
 	var replaced []*registration
 	n.mu.Lock()
 	if lr, ok := r.(*localRequest); ok && lr.c.CallerGone() {
@@ -258,7 +263,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		Message:        fmt.Sprintf("registered %s [%s] as %s", req.Name, req.RegisterType, agentID),
 		NodeID:         n.id,
 		Success:        true,
-		NexdFeedRelay:  key != "", // its user may not publish on $NEX.FEED (MintAgent)
+		NexdFeedRelay:  relayed, // its user may not publish on $NEX.FEED (MintAgent)
 	})
 	n.handOverStarts(takeOver, existing)
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,
@@ -349,6 +354,19 @@ func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterA
 		return "", "", fmt.Errorf("remote nexlet %q sent no %s header: it must sign its registration with the key listed in remote_nexlets", req.Name, protocol.HeaderRegistrationKey)
 	}
 	return "", "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
+}
+
+// feedRelayed reports whether a nexlet's feeds go through the node's relay (its user
+// gets no $NEX.FEED grant). An unsigned one (upstream's SDK) cannot relay. A signed
+// one relays unless it does not say it can (an SDK older than the relay: an adopted
+// native nexlet of the nexd before an upgrade) and it is the supervised nexlet signed
+// with its start's key, which nexd or its predecessor started: any other signer (a
+// remote nexlet) is relayed whatever it says, so a rogue cannot claim to be old.
+func feedRelayed(owner, key string, req protocol.RegisterAgentRequest) bool {
+	if key == "" {
+		return false
+	}
+	return req.FeedRelay || !strings.HasPrefix(owner, "local:")
 }
 
 // nameFree refuses a name bound to another supervised nexlet (403) or held by another

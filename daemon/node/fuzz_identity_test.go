@@ -154,6 +154,6 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 // sees what the node grants, not what a minter refuses.
 type renewingMinter struct{ testMinter }
 
-func (m renewingMinter) RenewAgent(agentID, _, userPub string) (protocol.NatsConnectionData, error) {
+func (m renewingMinter) RenewAgent(agentID, _, userPub string, _ bool) (protocol.NatsConnectionData, error) {
 	return protocol.NatsConnectionData{ConnName: "agent-" + agentID, NatsUserJWT: "jwt-for-" + userPub}, nil
 }

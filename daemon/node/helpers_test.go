@@ -46,7 +46,7 @@ func (m testMinter) MintWorkload(ns, id string) (protocol.NatsConnectionData, er
 func (m testMinter) RenewWorkload(ns, id string) (protocol.NatsConnectionData, error) {
 	return m.MintWorkload(ns, id)
 }
-func (m testMinter) RenewAgent(string, string, string) (protocol.NatsConnectionData, error) {
+func (m testMinter) RenewAgent(string, string, string, bool) (protocol.NatsConnectionData, error) {
 	return protocol.NatsConnectionData{}, mint.ErrRenewalUnsupported
 }
 func (m testMinter) RevokeAgentBefore(context.Context, string, string) error {

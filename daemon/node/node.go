@@ -44,7 +44,7 @@ type Minter interface {
 	// RenewAgent signs a fresh user of nexlet agentID for userPub, a public user nkey
 	// the nexlet made (the reply carries no seed); an error wrapping
 	// mint.ErrRenewalUnsupported where nexlet users do not expire.
-	RenewAgent(agentID, nodeID, userPub string) (protocol.NatsConnectionData, error)
+	RenewAgent(agentID, nodeID, userPub string, relayed bool) (protocol.NatsConnectionData, error)
 	// RevokeSuperseded revokes a workload's users older than its newest, where the
 	// minter can revoke (an error wrapping an unsupported revocation otherwise).
 	RevokeSuperseded(ctx context.Context, workloadID string) error

@@ -32,7 +32,7 @@ type rogueFixture struct {
 	rogue *fakeAgent // rogueSetup's
 }
 
-func newRogueFixture(t *testing.T) *rogueFixture {
+func newRogueFixture(t *testing.T, tweaks ...func(*Options)) *rogueFixture {
 	t.Helper()
 	op := testnats.StartOperator(t, nil)
 	m, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mint.Options{Servers: []string{op.Server.ClientURL()}})
@@ -42,10 +42,14 @@ func newRogueFixture(t *testing.T) *rogueFixture {
 	kp, _ := nkeys.CreateServer()
 	xk, _ := nkeys.CreateCurveKeys()
 	st := NewMemStore()
-	n, err := New(Options{NC: op.Connect(t, "node"), NodeKey: kp, XKey: xk, Name: "node-0", Nexus: "testnexus",
+	o := Options{NC: op.Connect(t, "node"), NodeKey: kp, XKey: xk, Name: "node-0", Nexus: "testnexus",
 		Version: "0.1.0", Minter: m, Store: st, Logger: testLogger(t),
 		HeartbeatInterval: 200 * time.Millisecond, HealthTick: 50 * time.Millisecond,
-		FanoutTimeout: time.Second, CloneTimeout: time.Second, StopTimeout: 2 * time.Second})
+		FanoutTimeout: time.Second, CloneTimeout: time.Second, StopTimeout: 2 * time.Second}
+	for _, tw := range tweaks {
+		tw(&o)
+	}
+	n, err := New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -473,6 +477,7 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 		kp, _ := nkeys.CreateUser()
 		pub, _ := kp.PublicKey()
 		a.key = kp
+		a.req.FeedRelay = true // nexd's SDK since the relay
 		n.SetAgentKey(a.id, pub)
 	}
 	victim := rf.minted("agent0", "native-nexlet", "native", signed)
@@ -542,6 +547,7 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 		kp, _ := nkeys.CreateUser()
 		pub, _ := kp.PublicKey()
 		a.key = kp
+		a.req.FeedRelay = true // nexd's SDK since the relay
 		n.SetAgentKey(a.id, pub)
 	}
 	rf.minted("agent0", "native-nexlet", "native", signed)
@@ -587,5 +593,118 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 	want := []string{fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID)}
 	if !slices.Equal(got, want) {
 		t.Errorf("the tenant's events carried %q, want only %q", got, want)
+	}
+}
+
+// feedCarried publishes a log line of workload wid in namespace tenant on $NEX.FEED
+// directly from nc and reports whether a subscriber of the tenant's feeds got it.
+func (rf *rogueFixture) feedCarried(nc *nats.Conn, wid, line string) bool {
+	rf.t.Helper()
+	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	defer func() { _ = feed.Unsubscribe() }()
+	if err := rf.client.Flush(); err != nil {
+		rf.t.Fatal(err)
+	}
+	if err := nc.Publish(protocol.LogSubject("tenant", wid, "stdout"), []byte(line)); err != nil {
+		rf.t.Fatal(err)
+	}
+	_ = nc.Flush()
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); {
+		m, err := feed.NextMsg(time.Until(deadline))
+		if err != nil {
+			return false
+		}
+		if string(m.Data) == line {
+			return true
+		}
+	}
+	return false
+}
+
+// renewed renews a's nexlet user as nexd's SDK does (a fresh nkey, the request signed
+// with a's registration key, from its own user) and connects as the new user.
+func (rf *rogueFixture) renewed(a *fakeAgent) *nats.Conn {
+	rf.t.Helper()
+	kp, _ := nkeys.CreateUser()
+	pub, _ := kp.PublicKey()
+	msg := nats.NewMsg(protocol.RenewAgentCredsSubject(a.nodeID, a.id))
+	msg.Data = mustJSON(rf.t, protocol.RenewAgentCredsRequest{PublicKey: pub})
+	signAt(rf.t, msg, a.key, time.Now())
+	m, err := a.nc.RequestMsg(msg, 5*time.Second)
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "" {
+		rf.t.Fatalf("renewal of %s refused: %s %s", a.id, code, m.Data)
+	}
+	var cd protocol.NatsConnectionData
+	if err := protocol.Decode(m.Data, &cd); err != nil {
+		rf.t.Fatal(err)
+	}
+	seed, _ := kp.Seed()
+	return testnats.Connect(rf.t, rf.op.Server, nats.UserJWTAndSeed(cd.NatsUserJWT, string(seed)),
+		nats.CustomInboxPrefix(cd.InboxPrefix))
+}
+
+// TestOlderSupervisedNexletKeepsDirectFeeds: after an upgrade of nexd, the supervised
+// native nexlet of the older binary (adopted: signed with its start's key, but its SDK
+// predates the relay and says nothing of it) publishes its workloads' feeds on
+// $NEX.FEED. They arrive, before and after it renews its user. Before, it was minted
+// without the feed grant (at its registration with the new nexd, and at every renewal):
+// its lines were refused by the server until it restarted.
+func TestOlderSupervisedNexletKeepsDirectFeeds(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	old := rf.minted("native0", "native-nexlet", "native", func(a *fakeAgent) {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		a.key = kp
+		n.SetAgentKey(a.id, pub) // its start's key, as the adopting nexd has it
+	})
+	if old.resp.NexdFeedRelay {
+		t.Error("the older nexlet was told to relay, which its SDK does not know")
+	}
+	wid := rf.deployOne("tenant")
+	if !rf.feedCarried(old.nc, wid, "line before renewal") {
+		t.Error("the older nexlet's direct log line did not arrive")
+	}
+	if !rf.feedCarried(rf.renewed(old), wid, "line after renewal") {
+		t.Error("the older nexlet's direct log line did not arrive after it renewed its user")
+	}
+}
+
+// TestRogueNexletClaimsToBeOlder: a rogue remote nexlet (signed with its key listed in
+// remote_nexlets) registers without nexd_feed_relay, as a nexlet older than the relay
+// would, to get the direct $NEX.FEED grant back. It is told to relay and its direct
+// log line, with the registration's user and with a renewed one, is refused by the
+// server: only the supervised nexlet signed with its start's key is taken for older.
+func TestRogueNexletClaimsToBeOlder(t *testing.T) {
+	key, _ := nkeys.CreateUser()
+	pub, _ := key.PublicKey()
+	rf := newRogueFixture(t, func(o *Options) {
+		o.AllowRemoteRegistration = true
+		o.RemoteNexlets = []RemoteNexlet{{Name: "remote", Type: "native", PublicKey: pub}}
+	})
+	n := rf.nodes[0]
+	rc, err := rf.m.MintRegister("remote0", n.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rogue := newFakeAgentOn(t, rf.dial(rc), n.ID(), "remote0", "remote", "native")
+	rogue.reconnect, rogue.key = rf.dial, key
+	rogue.mustRegister()
+	waitHealthy(t, n, rogue.id)
+	if !rogue.resp.NexdFeedRelay {
+		t.Error("the remote nexlet that did not ask to relay was not told to")
+	}
+	wid := rf.deployOne("tenant")
+	if rf.feedCarried(rogue.nc, wid, "forged direct") {
+		t.Error("the rogue's direct log line reached the tenant's feed")
+	}
+	if rf.feedCarried(rf.renewed(rogue), wid, "forged after renewal") {
+		t.Error("the rogue's direct log line reached the tenant's feed after it renewed its user")
 	}
 }
