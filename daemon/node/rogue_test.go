@@ -471,17 +471,8 @@ func squatBeforeReturn(t *testing.T, rf *rogueFixture, names []string, id, sup s
 // (upstream's SDK) is not told to relay and still publishes on $NEX.FEED. Before, the
 // rogue's direct line and event reached every subscriber of the tenant's feeds.
 func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
-	rf := newRogueFixture(t)
+	rf, victim, rogue := newSignedRogueFixture(t)
 	n := rf.nodes[0]
-	signed := func(a *fakeAgent) {
-		kp, _ := nkeys.CreateUser()
-		pub, _ := kp.PublicKey()
-		a.key = kp
-		a.req.FeedRelay = true // nexd's SDK since the relay
-		n.SetAgentKey(a.id, pub)
-	}
-	victim := rf.minted("agent0", "native-nexlet", "native", signed)
-	rogue := rf.minted("rogue0", "rogue", "rogue", signed)
 	plain := rf.minted("plain0", "plain", "plain", nil)
 	if !victim.resp.NexdFeedRelay || !rogue.resp.NexdFeedRelay || plain.resp.NexdFeedRelay {
 		t.Fatalf("relay said to victim %v, rogue %v, unsigned %v; want true, true, false",
@@ -533,6 +524,21 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 	}
 }
 
+// newSignedRogueFixture is a rogue fixture with two nexlets that sign their
+// registrations (so relay their feeds): a victim of type native and a rogue.
+func newSignedRogueFixture(t *testing.T) (rf *rogueFixture, victim, rogue *fakeAgent) {
+	t.Helper()
+	rf = newRogueFixture(t)
+	signed := func(a *fakeAgent) {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		a.key = kp
+		a.req.FeedRelay = true // nexd's SDK since the relay
+		rf.nodes[0].SetAgentKey(a.id, pub)
+	}
+	return rf, rf.minted("agent0", "native-nexlet", "native", signed), rf.minted("rogue0", "rogue", "rogue", signed)
+}
+
 // TestRogueNexletForgesEventIDByCase: a rogue nexlet that signs, with a workload of its
 // own in the namespace, relays a WORKLOADSTARTED event whose body names another
 // nexlet's workload as "id" and its own as "ID" (or as a second "id"). Go's decoder
@@ -541,17 +547,8 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 // reads the other's. The relay drops an event with more than one key that folds to
 // "id", or one that is not exactly "id". Before, all three were passed on.
 func TestRogueNexletForgesEventIDByCase(t *testing.T) {
-	rf := newRogueFixture(t)
+	rf, _, rogue := newSignedRogueFixture(t)
 	n := rf.nodes[0]
-	signed := func(a *fakeAgent) {
-		kp, _ := nkeys.CreateUser()
-		pub, _ := kp.PublicKey()
-		a.key = kp
-		a.req.FeedRelay = true // nexd's SDK since the relay
-		n.SetAgentKey(a.id, pub)
-	}
-	rf.minted("agent0", "native-nexlet", "native", signed)
-	rogue := rf.minted("rogue0", "rogue", "rogue", signed)
 	victimWID := rf.deployOne("tenant")
 	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
 	if len(bids) != 1 {
