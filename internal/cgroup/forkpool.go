@@ -27,7 +27,10 @@ import (
 // its next pool group, off the deploy path. In v2 mode (clone3 into the group) and none
 // mode Create is the manager's.
 type ForkPool struct {
-	m     *Manager
+	m *Manager
+	// ready holds the threads waiting in fresh groups (each once, so never more than
+	// the pool's size): a Create takes one without waking it, and its job is then its
+	// only wake-up.
 	ready chan *forker
 	stop  chan struct{}
 	wg    sync.WaitGroup
@@ -46,9 +49,12 @@ const forkPoolPrefix = ".forkpool-"
 
 // forker is one pool thread, parked in its group until a Create takes it.
 type forker struct {
-	rel  string // its group below the root while it waits in ready
-	jobs chan forkJob
-	gone chan struct{} // closed once the thread has left every pool group and stopped
+	// state is forkerOffered while it waits in ready, then forkerTaken by a Create or
+	// forkerStopped by the thread on Close: whichever swaps first.
+	state atomic.Int32
+	rel   string // its group below the root while it waits in ready
+	jobs  chan forkJob
+	gone  chan struct{} // closed once the thread has left every pool group and stopped
 }
 
 // forkJob is what a taken forker does once: start cmd (nil: nothing), then leave the
@@ -76,7 +82,7 @@ func (m *Manager) NewForkPool(size int) *ForkPool { return m.NewForkPoolAfter(si
 // begin is closed (nil: at once), so that a process can keep its start-up's CPU for
 // what it must do first; Create migrates until then.
 func (m *Manager) NewForkPoolAfter(size int, begin <-chan struct{}) *ForkPool {
-	p := &ForkPool{m: m, ready: make(chan *forker), stop: make(chan struct{}), begin: begin}
+	p := &ForkPool{m: m, ready: make(chan *forker, max(size, 0)), stop: make(chan struct{}), begin: begin}
 	if m.mode != ModeV1 || size <= 0 {
 		return p
 	}
@@ -112,11 +118,17 @@ func (p *ForkPool) Create(rel string, l Limits) (*Group, error) {
 		return nil, fmt.Errorf("cgroup %s: %w", rel, err)
 	}
 	var f *forker
-	select {
-	case f = <-p.ready:
-	default:
-		return p.m.Create(rel, l)
+	for f == nil {
+		select {
+		case f = <-p.ready:
+		default:
+			return p.m.Create(rel, l)
+		}
+		if !f.state.CompareAndSwap(forkerOffered, forkerTaken) {
+			f = nil // its thread stopped
+		}
 	}
+	p.waiting.Add(-1)
 	g := p.m.group(rel)
 	from := p.m.group(f.rel)
 	for i, h := range g.hiers {
@@ -147,10 +159,21 @@ func (f *forker) send(j forkJob) (err error, ok bool) {
 		j.left = make(chan struct{})
 	}
 	select {
-	case f.jobs <- j:
-		return <-j.out, true
+	case f.jobs <- j: // never waits: jobs holds the one job
 	case <-f.gone:
 		return nil, false
+	}
+	select {
+	case err := <-j.out:
+		return err, true
+	case <-f.gone:
+		// Gone after it answered (out holds the answer) or before it took the job.
+		select {
+		case err := <-j.out:
+			return err, true
+		default:
+			return nil, false
+		}
 	}
 }
 
@@ -175,7 +198,7 @@ func (p *ForkPool) run() {
 
 // serve is a pool thread's work, on its locked thread, once begin allowed it.
 func (p *ForkPool) serve() {
-	f := &forker{jobs: make(chan forkJob), gone: make(chan struct{})}
+	f := &forker{jobs: make(chan forkJob, 1), gone: make(chan struct{})}
 	defer close(f.gone)
 	if setup := p.m.threadSetup; setup != nil {
 		if err := setup(); err != nil {
@@ -225,18 +248,17 @@ func (p *ForkPool) serve() {
 			return
 		}
 		f.rel = cur
+		f.state.Store(forkerOffered)
 		p.waiting.Add(1)
-		select {
-		case p.ready <- f:
-			p.waiting.Add(-1)
-		case <-p.stop:
-			p.waiting.Add(-1)
-			return
-		}
+		p.ready <- f // never waits (see ready)
 		var j forkJob
 		select {
 		case j = <-f.jobs:
 		case <-p.stop:
+			if f.state.CompareAndSwap(forkerOffered, forkerStopped) {
+				p.waiting.Add(-1)
+				return
+			}
 			// Taken but never given its job: the group is the taker's.
 			cur = ""
 			return
@@ -267,6 +289,12 @@ func (p *ForkPool) serve() {
 		cur, left = "", j.left
 	}
 }
+
+const (
+	forkerOffered int32 = iota + 1
+	forkerTaken
+	forkerStopped
+)
 
 // enter creates the pool group rel and moves this thread into it in every hierarchy,
 // off every deploy's path.

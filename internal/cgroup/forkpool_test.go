@@ -121,6 +121,40 @@ func TestV1ForkPool(t *testing.T) {
 	}
 }
 
+// TestV1ForkPoolCloseWhileTaken: a Create takes a pool thread without waking it, so
+// Close must tell taken threads from offered ones: the offered one's group goes, the
+// taken one's stays its taker's, and a start there after Close still has the child
+// born in it (by a migration, the thread being gone). Ready counts the offered alone.
+func TestV1ForkPoolCloseWhileTaken(t *testing.T) {
+	m := v1Root(t)
+	m.SetThreadSetup(func() error { return unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+	p := m.NewForkPool(2)
+	testkit.Eventually(t, "two ready pool threads", func() bool { return p.Ready() == 2 })
+	g, err := p.Create("held", Limits{})
+	must(t, err)
+	if got := p.Ready(); got != 1 {
+		t.Errorf("Ready after a take: %d, want 1", got)
+	}
+	p.Close()
+	if left := poolGroups(m); len(left) > 0 {
+		t.Errorf("pool groups left after Close: %v", left)
+	}
+	if _, err := os.Stat(filepath.Join(m.hierDir("memory"), "held")); err != nil {
+		t.Fatalf("the taken group went with Close: %v", err)
+	}
+	if _, err := p.Create("after", Limits{}); err != nil { // the usual group now
+		t.Fatal(err)
+	}
+	cmd := exec.Command("/bin/sleep", "3600")
+	must(t, g.Start(cmd))
+	b, err := os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/cgroup")
+	must(t, err)
+	wantBornIn(t, m, b, "held", "child started after Close")
+	must(t, g.Remove())
+	_ = cmd.Wait()
+	must(t, m.group("after").Remove())
+}
+
 // BenchmarkV1CreateStart is a deploy's cgroup share in v1 mode: create the group with
 // limits and start a process in it, with the fork pool (size 2) and without (the
 // starting thread migrates into the group and back). Removal and the pool's refill
