@@ -529,13 +529,7 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 func newSignedRogueFixture(t *testing.T) (rf *rogueFixture, victim, rogue *fakeAgent) {
 	t.Helper()
 	rf = newRogueFixture(t)
-	signed := func(a *fakeAgent) {
-		kp, _ := nkeys.CreateUser()
-		pub, _ := kp.PublicKey()
-		a.key = kp
-		a.req.FeedRelay = true // nexd's SDK since the relay
-		rf.nodes[0].SetAgentKey(a.id, pub)
-	}
+	signed := signedStart(rf.nodes[0], true)
 	return rf, rf.minted("agent0", "native-nexlet", "native", signed), rf.minted("rogue0", "rogue", "rogue", signed)
 }
 
@@ -590,6 +584,19 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 	want := []string{fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID)}
 	if !slices.Equal(got, want) {
 		t.Errorf("the tenant's events carried %q, want only %q", got, want)
+	}
+}
+
+// signedStart makes a fake nexlet sign its registration with the key of its supervised
+// start, as n has it (SetAgentKey; the adopting nexd has it from the start's record);
+// relay: it says it publishes feeds through the node (nexd's SDK since the relay).
+func signedStart(n *Node, relay bool) func(*fakeAgent) {
+	return func(a *fakeAgent) {
+		kp, _ := nkeys.CreateUser()
+		pub, _ := kp.PublicKey()
+		a.key = kp
+		a.req.FeedRelay = relay
+		n.SetAgentKey(a.id, pub)
 	}
 }
 
@@ -655,12 +662,7 @@ func (rf *rogueFixture) renewed(a *fakeAgent) *nats.Conn {
 func TestOlderSupervisedNexletKeepsDirectFeeds(t *testing.T) {
 	rf := newRogueFixture(t)
 	n := rf.nodes[0]
-	old := rf.minted("native0", "native-nexlet", "native", func(a *fakeAgent) {
-		kp, _ := nkeys.CreateUser()
-		pub, _ := kp.PublicKey()
-		a.key = kp
-		n.SetAgentKey(a.id, pub) // its start's key, as the adopting nexd has it
-	})
+	old := rf.minted("native0", "native-nexlet", "native", signedStart(n, false))
 	if old.resp.NexdFeedRelay {
 		t.Error("the older nexlet was told to relay, which its SDK does not know")
 	}
