@@ -120,6 +120,12 @@ wait "$LOOP"
 check "no nexctl status failed during the restart ($(grep -cx ok /root/during-restart.log) calls)" \
 	not grep FAIL /root/during-restart.log
 check "active (running) after restart" wait_until 90 running
+# Started at level debug (config.good): its unmapping of the binary's start-up pages
+# after READY (coldpages) logs what it did, and would warn if the unit's sandbox refused it.
+check "nexd dropped its start-up pages under the unit's sandbox (journal, debug)" \
+	wait_until 30 sh -c "journalctl -u nexd -o cat --no-pager | grep -q 'start-up pages dropped'"
+check "no 'start-up pages not dropped' warning in the journal" \
+	not sh -c "journalctl -u nexd -o cat --no-pager | grep -q 'start-up pages not dropped'"
 check "socket mode 0660 after restart with control_allow_others=none" test "$(stat -c %a /run/nex/nexd.sock)" = 660
 check "node id kept across restart (state dir)" test "$(node_id)" = "$NODE"
 check "workload x back exactly once after restart" wait_until 60 running_once x sleep
