@@ -345,13 +345,21 @@ func TestLiveRestore(t *testing.T) {
 		testkit.EventuallyWithin(t, 30*time.Second, "job "+name+" runs", func() bool { return len(n.groupProcs(job.ID)) > 0 })
 		return job.ID, release
 	}
-	// endWhileDown releases a job while no nexd runs and waits for the nexlet's
-	// WORKLOADSTOPPED with its exit code.
-	endWhileDown := func(id, release string, code int) {
+	// endWhileDown releases a job while no nexd runs and waits until it ended (reaped by
+	// the nexlet, which outlives nexd).
+	endWhileDown := func(n *node, id, release string) {
 		t.Helper()
 		if err := os.WriteFile(release, nil, 0o644); err != nil {
 			t.Fatal(err)
 		}
+		testkit.EventuallyWithin(t, 60*time.Second, "the job released while nexd was down ended", func() bool { return len(n.groupProcs(id)) == 0 })
+	}
+	// stoppedOnce waits for the WORKLOADSTOPPED of a job that ended while nexd was down,
+	// with its exit code, and sees no second one. The nexlet's relayed event went nowhere
+	// (its feeds pass through the node); the next nexd publishes it from the nexlet's
+	// ended report, retried until a node acknowledges it.
+	stoppedOnce := func(id string, code int) {
+		t.Helper()
 		var ev protocol.WorkloadStoppedEvent
 		testkit.EventuallyWithin(t, 60*time.Second, "WORKLOADSTOPPED of a job that ended while nexd was down", func() bool {
 			m, err := stopped.NextMsg(time.Second)
@@ -363,6 +371,16 @@ func TestLiveRestore(t *testing.T) {
 		})
 		if ev.Metadata["exit_code"] != strconv.Itoa(code) {
 			t.Errorf("job ended while nexd was down with %+v, want exit code %d", ev, code)
+		}
+		for {
+			m, err := stopped.NextMsg(2 * time.Second)
+			if err != nil {
+				return
+			}
+			var again protocol.WorkloadStoppedEvent
+			if json.Unmarshal(m.Data, &again) == nil && again.ID == id {
+				t.Errorf("a second WORKLOADSTOPPED for %s: %s", id, m.Data)
+			}
 		}
 	}
 	runs := func(name string) int {
@@ -419,9 +437,10 @@ func TestLiveRestore(t *testing.T) {
 		}
 	}
 	nexletAlive("after SIGTERM of nexd")
-	endWhileDown(job7, release7, 7)
+	endWhileDown(n, job7, release7)
 	n2 := startNode(t, opts(n.cgroup, true))
 	n2.waitReady(t)
+	stoppedOnce(job7, 7)
 	check(n2, "after SIGTERM and a new nexd")
 	adopted(n2, "after SIGTERM and a new nexd")
 
@@ -430,9 +449,10 @@ func TestLiveRestore(t *testing.T) {
 	n2.cmd.Process.Kill()
 	n2.wait(t, 30*time.Second)
 	nexletAlive("after kill -9 of nexd")
-	endWhileDown(job8, release8, 8)
+	endWhileDown(n2, job8, release8)
 	n3 := startNode(t, opts(n.cgroup, true))
 	n3.waitReady(t)
+	stoppedOnce(job8, 8)
 	check(n3, "after kill -9 and a new nexd")
 	adopted(n3, "after kill -9 and a new nexd")
 	// The node heard of both ends (acknowledged reports), so neither job is in its

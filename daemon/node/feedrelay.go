@@ -30,9 +30,29 @@ type feedOwner struct {
 	at        time.Time
 }
 
-// feedGrace remembers the workloads that ended lately; guarded by Node.mu.
+// feedGrace remembers the workloads that ended lately, and those whose WORKLOADSTOPPED
+// event the node published lately; guarded by Node.mu.
 type feedGrace struct {
-	byID map[string]feedOwner
+	byID  map[string]feedOwner
+	stops map[string]time.Time
+}
+
+// firstStop reports whether the node has not yet published id's WORKLOADSTOPPED
+// (within feedGraceAge), and records that it now does: the event comes both relayed
+// and with the nexlet's ended report, and subscribers get it once.
+func (g *feedGrace) firstStop(id string, now time.Time) bool {
+	if at, ok := g.stops[id]; ok && now.Sub(at) <= feedGraceAge {
+		return false
+	}
+	if len(g.stops) >= feedGraceMax {
+		for k, at := range g.stops {
+			if now.Sub(at) > feedGraceAge || len(g.stops) >= feedGraceMax {
+				delete(g.stops, k)
+			}
+		}
+	}
+	g.stops[id] = now
+	return true
 }
 
 func (g *feedGrace) ended(id, owner, ns string, now time.Time) {
@@ -91,9 +111,15 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 	} else if e, ok := n.feeds.of(wid, now); ok {
 		owner, wns = e.owner, e.ns
 	}
+	pass := a != nil && owner != "" && a.owner == owner && wns == ns
+	dup := pass && len(tok) == 3 && tok[1] == "events" && tok[2] == protocol.EventWorkloadStopped && !n.feeds.firstStop(wid, now)
 	n.mu.Unlock()
-	if a == nil || owner == "" || a.owner != owner || wns != ns {
+	if !pass {
 		n.log.Debug("dropping a relayed feed message: the workload is not that nexlet's in that namespace", "agent_id", agentID, "workload_id", wid, "namespace", ns)
+		return
+	}
+	if dup {
+		n.log.Debug("dropping a relayed WORKLOADSTOPPED: the node published it from the ended report", "agent_id", agentID, "workload_id", wid)
 		return
 	}
 	out := &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: m.Header}
@@ -136,4 +162,25 @@ func eventWorkloadID(data []byte) string {
 		return ""
 	}
 	return id
+}
+
+// publishReportedStop publishes a relaying nexlet's WORKLOADSTOPPED from its ended
+// report (body, the event), in the workload's namespace ns, unless the relay passed it
+// already. The event the nexlet relays goes nowhere while no nexd runs; the report is
+// retried until a node acknowledges it: without this, subscribers never heard of a job
+// that ended while nexd was down (e2e TestLiveRestore).
+func (n *Node) publishReportedStop(workloadID, ns string, body []byte) {
+	if !protocol.IsToken(ns) || eventWorkloadID(body) != workloadID {
+		n.log.Debug("not publishing a reported end: not that workload's event", "workload_id", workloadID)
+		return
+	}
+	n.mu.Lock()
+	first := n.feeds.firstStop(workloadID, time.Now())
+	n.mu.Unlock()
+	if !first {
+		return
+	}
+	if err := n.o.NC.Publish(protocol.EventSubject(ns, protocol.EventWorkloadStopped), body); err != nil {
+		n.log.Debug("publishing a reported end failed", "workload_id", workloadID, "err", err)
+	}
 }

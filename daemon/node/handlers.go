@@ -1094,7 +1094,20 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 		st.ended = true // the deploy removes it once recorded
 		n.starting[workloadID] = st
 	}
+	ns := ""
+	switch g, ended := n.feeds.of(workloadID, time.Now()); {
+	case owned:
+		ns = o.ns
+	case starting:
+		ns = st.ns
+	case ended && g.owner == a.owner:
+		ns = g.ns
+	}
+	relayed := a.relayed
 	n.mu.Unlock()
+	if relayed && ns != "" {
+		n.publishReportedStop(workloadID, ns, r.Data())
+	}
 	removed := owned && !keep
 	if removed {
 		n.log.Info("workload ended; removed from node state", "workload_id", workloadID, "type", o.typ, "agent_id", agentID)

@@ -390,7 +390,7 @@ func New(o Options) (*Node, error) {
 		keys:           map[string]string{},
 		locals:         map[string]localChannel{},
 		starting:       map[string]inFlight{},
-		feeds:          feedGrace{byID: map[string]feedOwner{}},
+		feeds:          feedGrace{byID: map[string]feedOwner{}, stops: map[string]time.Time{}},
 		handableStarts: map[string]*startCall{},
 		changed:        make(chan struct{}),
 		slots:          make(chan struct{}, 64),

@@ -707,3 +707,64 @@ func TestRogueNexletClaimsToBeOlder(t *testing.T) {
 		t.Error("the rogue's direct log line reached the tenant's feed after it renewed its user")
 	}
 }
+
+// TestReportedStopReachesFeedOnce: a relaying nexlet's WORKLOADSTOPPED reaches the
+// namespace's feed exactly once, whether the relayed event or the ended report (retried
+// until a node acknowledges it) reaches the node first, or only the report does: the
+// event the nexlet relays while no nexd runs goes nowhere. Before, a job that ended
+// while nexd was down was never heard of on the feed (e2e TestLiveRestore). The report
+// publishes only its own workload's event.
+func TestReportedStopReachesFeedOnce(t *testing.T) {
+	rf, victim, _ := newSignedRogueFixture(t)
+	n := rf.nodes[0]
+	down, relayed, forged := rf.deployOne("tenant"), rf.deployOne("tenant"), rf.deployOne("tenant")
+	feed, err := rf.client.SubscribeSync(protocol.EventSubject("tenant", protocol.EventWorkloadStopped))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := func(id string) []byte {
+		return js(protocol.WorkloadStoppedEvent{ID: id, Namespace: "tenant", WorkloadType: "native", Metadata: map[string]string{"exit_code": "7"}})
+	}
+	report := func(id string, body []byte) {
+		t.Helper()
+		m := request(t, victim.nc, protocol.WorkloadEndedSubject(n.ID(), victim.id, id), body)
+		if code := m.Header.Get(protocol.HeaderErrorCode); code != "" {
+			t.Fatalf("ended report for %s refused: %s %s", id, code, m.Header.Get(protocol.HeaderError))
+		}
+	}
+	// Only the report: its relayed event went out while no node listened. Then a retry
+	// (its acknowledgement lost).
+	report(down, stopped(down))
+	report(down, stopped(down))
+	// Relayed first, then reported.
+	if err := victim.nc.Publish(protocol.FeedRelaySubject(n.ID(), victim.id, protocol.EventSubject("tenant", protocol.EventWorkloadStopped)), stopped(relayed)); err != nil {
+		t.Fatal(err)
+	}
+	_ = victim.nc.Flush()
+	testkit.EventuallyWithin(t, 10*time.Second, "the relayed stop passed", func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		_, ok := n.feeds.stops[relayed]
+		return ok
+	})
+	report(relayed, stopped(relayed))
+	// Its own workload's report, another's event in the body.
+	report(forged, stopped("another"))
+	var got []string
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+		m, err := feed.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		got = append(got, string(m.Data))
+	}
+	want := []string{string(stopped(down)), string(stopped(relayed))}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Errorf("the tenant's WORKLOADSTOPPED feed carried %q, want each once: %q", got, want)
+	}
+}
