@@ -573,14 +573,7 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 		}
 	}
 	_ = rogue.nc.Flush()
-	var got []string
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
-		m, err := feed.NextMsg(time.Until(deadline))
-		if err != nil {
-			break
-		}
-		got = append(got, string(m.Data))
-	}
+	got := feedBodies(feed)
 	want := []string{fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID)}
 	if !slices.Equal(got, want) {
 		t.Errorf("the tenant's events carried %q, want only %q", got, want)
@@ -753,18 +746,24 @@ func TestReportedStopReachesFeedOnce(t *testing.T) {
 	report(relayed, stopped(relayed))
 	// Its own workload's report, another's event in the body.
 	report(forged, stopped("another"))
-	var got []string
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
-		m, err := feed.NextMsg(time.Until(deadline))
-		if err != nil {
-			break
-		}
-		got = append(got, string(m.Data))
-	}
+	got := feedBodies(feed)
 	want := []string{string(stopped(down)), string(stopped(relayed))}
 	slices.Sort(got)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
 		t.Errorf("the tenant's WORKLOADSTOPPED feed carried %q, want each once: %q", got, want)
 	}
+}
+
+// feedBodies is what sub received within 2 s: the messages' bodies.
+func feedBodies(sub *nats.Subscription) []string {
+	var got []string
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+		m, err := sub.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		got = append(got, string(m.Data))
+	}
+	return got
 }
