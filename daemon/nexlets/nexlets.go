@@ -30,6 +30,7 @@ import (
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/dirlock"
 	"github.com/nexd-project/nexd/internal/earlynexlet"
+	"github.com/nexd-project/nexd/internal/privfile"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/internal/testhold"
@@ -530,14 +531,9 @@ func (m *Manager) RecordName(supervised, name string) {
 		m.named = map[string]bool{}
 	}
 	m.named[supervised] = true
-	path := namesPath(m.recordDir, supervised)
-	tmp := path + ".new"
 	err := os.MkdirAll(m.recordDir, 0o700)
 	if err == nil {
-		err = os.WriteFile(tmp, []byte(strings.Join(append(names, name), "\n")+"\n"), 0o600)
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
+		err = privfile.Write(namesPath(m.recordDir, supervised), []byte(strings.Join(append(names, name), "\n")+"\n"))
 	}
 	if err != nil {
 		m.log.Warn("cannot keep a nexlet's registration name for the next run", "nexlet", supervised, "name", name, "err", err)
