@@ -3,6 +3,7 @@ package node
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"strings"
 	"time"
 
@@ -129,7 +130,7 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 }
 
 // eventWorkloadID is the "id" of an event's body, the workload it is about, or "" when
-// the body is not an object with exactly one key that case-folds to "id", spelled
+// the body is not one object, and nothing after it, with exactly one key that case-folds to "id", spelled
 // "id", holding a string. Go's decoder folds case and keeps a duplicate key's last
 // value, where a case-sensitive reader of the feed (jq, most languages) takes "id"
 // alone: {"id":<another's>,"ID":<its own>} passed the check as its own and reached
@@ -159,6 +160,14 @@ func eventWorkloadID(data []byte) string {
 		}
 	}
 	if ids != 1 {
+		return ""
+	}
+	// Nothing after the object: a reader of a stream of JSON values (jq, a JSON-lines
+	// reader) took a second object's "id" as another event's, the other workload's.
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return ""
+	}
+	if _, err := dec.Token(); err != io.EOF {
 		return ""
 	}
 	return id

@@ -566,7 +566,10 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 		fmt.Sprintf(`{"id":%q,"ID":%q,"namespace":"tenant"}`, victimWID, own.ID),
 		fmt.Sprintf(`{"Id":%q,"namespace":"tenant","x":%q}`, own.ID, victimWID),
 		fmt.Sprintf(`{"id":%q,"id":%q,"namespace":"tenant"}`, victimWID, own.ID), // a first-wins reader
-		fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID),    // its own: passes
+		// A reader of a stream of JSON values (jq, a JSON-lines reader) takes the second.
+		fmt.Sprintf(`{"id":%q,"namespace":"tenant"} {"id":%q,"namespace":"tenant"}`, own.ID, victimWID),
+		fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`+"\n"+`{"id":%q,"namespace":"tenant"}`, own.ID, victimWID),
+		fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID), // its own: passes
 	} {
 		if err := rogue.nc.Publish(subj, []byte(body)); err != nil {
 			t.Fatal(err)
