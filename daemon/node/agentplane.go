@@ -369,8 +369,8 @@ func feedRelayed(owner, key string, req protocol.RegisterAgentRequest) bool {
 	return req.FeedRelay || !strings.HasPrefix(owner, "local:")
 }
 
-// nameFree refuses a name bound to another supervised nexlet (403) or held by another
-// live nexlet (409). A restart of the same nexlet (same agent id) or a successor of an
+// nameFree refuses a name bound to another supervised nexlet or, to a supervised one,
+// listed for a remote nexlet (403), or held by another live nexlet (409). A restart of the same nexlet (same agent id) or a successor of an
 // offline one may take it.
 func (n *Node) nameFree(agentID, name string) (int, error) {
 	if name == "" {
@@ -381,6 +381,11 @@ func (n *Node) nameFree(agentID, name string) (int, error) {
 	defer n.mu.Unlock()
 	if err := n.boundLocked(agentID, name); err != nil {
 		return 403, err
+	}
+	if sup, ok := n.expected[agentID]; ok && name != sup && n.listedRemote(name) {
+		// A supervised nexlet binds each name it registers under (register): a rogue
+		// one took a listed remote nexlet's name while it was away, and kept it.
+		return 403, fmt.Errorf("nexlet name %q is listed for a remote nexlet in remote_nexlets; supervised nexlet %q (agent id %s) may not register under it", name, sup, agentID)
 	}
 	for id, old := range n.agents {
 		if id != agentID && old.req.Name == name && n.health(old, now) != protocol.HealthOffline {

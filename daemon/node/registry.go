@@ -226,17 +226,23 @@ func (n *Node) totalWorkloadsLocked() int {
 // will register under as far as the daemon knows (the native nexlet's, those it
 // registered under in earlier runs), from now on, and each name it registers under;
 // a later agentID for the same name takes them over. A name reserved already stays
-// its first holder's.
+// its first holder's, and one listed in remote_nexlets is that remote nexlet's (a
+// record kept before nameFree refused it).
 func (n *Node) ExpectAgent(agentID, name string, names ...string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.expected[agentID] = name
 	n.current[name] = agentID
-	for _, b := range append([]string{name}, names...) {
-		if _, ok := n.bound[b]; !ok && b != "" {
+	for i, b := range append([]string{name}, names...) {
+		if _, ok := n.bound[b]; !ok && b != "" && (i == 0 || !n.listedRemote(b)) {
 			n.bound[b] = name
 		}
 	}
+}
+
+// listedRemote reports whether name is listed for a remote nexlet (remote_nexlets).
+func (n *Node) listedRemote(name string) bool {
+	return slices.ContainsFunc(n.o.RemoteNexlets, func(rn RemoteNexlet) bool { return rn.Name == name })
 }
 
 // SetAgentProcessInfo records what the supervisor knows about the local nexlet with

@@ -770,3 +770,52 @@ func feedBodies(sub *nats.Subscription) []string {
 	}
 	return got
 }
+
+// TestRogueNexletSquatsRemoteName: a supervised nexlet (a rogue, with its minted user)
+// registers under the name listed for a remote nexlet in remote_nexlets while that one
+// is not connected, then under its own name again; and one whose kept names (a record
+// of an earlier run, passed to ExpectAgent) hold that name. The remote nexlet then
+// registers with its listed key and is taken; the rogue's registration under its name
+// is refused (403). Before, a supervised nexlet's registration bound the name to it
+// for the run (and the daemon kept it for every later run), and the remote nexlet was
+// refused (403 reserved for supervised nexlet) although listed for it.
+func TestRogueNexletSquatsRemoteName(t *testing.T) {
+	for _, kept := range []bool{false, true} {
+		t.Run(fmt.Sprintf("kept=%v", kept), func(t *testing.T) {
+			key, _ := nkeys.CreateUser()
+			pub, _ := key.PublicKey()
+			rf := newRogueFixture(t, func(o *Options) {
+				o.AllowRemoteRegistration = true
+				o.RemoteNexlets = []RemoteNexlet{{Name: "remote", Type: "native", PublicKey: pub}}
+			})
+			n := rf.nodes[0]
+			if kept {
+				n.ExpectAgent("rogue0", "rogue", "remote")
+			} else {
+				rogue := rf.expected("rogue0", "rogue", "native")
+				rogue.req.Name = "remote"
+				if m := rogue.register(); m.Header.Get(protocol.HeaderErrorCode) == "" {
+					t.Cleanup(rogue.kill)
+					t.Error("the supervised rogue registered under the remote nexlet's name")
+				} else if code, body := errorReply(t, m); code != "403" {
+					t.Errorf("the rogue's squat answered %s %+v, want 403", code, body)
+				}
+				rogue.req.Name = "rogue"
+				if m := rogue.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
+					t.Fatalf("the rogue's registration under its own name: %s", m.Data)
+				}
+				t.Cleanup(rogue.kill)
+			}
+			rc, err := rf.m.MintRegister("remote0", n.ID())
+			if err != nil {
+				t.Fatal(err)
+			}
+			remote := newFakeAgentOn(t, rf.dial(rc), n.ID(), "remote0", "remote", "native")
+			remote.reconnect, remote.key = rf.dial, key
+			if m := remote.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
+				t.Fatalf("the listed remote nexlet was refused its name: %s %s", m.Header.Get(protocol.HeaderErrorCode), m.Data)
+			}
+			t.Cleanup(remote.kill)
+		})
+	}
+}
