@@ -225,7 +225,13 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 	}
 	m.adoptKeys, m.lastKey, m.recordDir = map[string]string{}, map[string]string{}, recordDir
 	for i, sp := range m.specs {
-		m.specs[i].Names = append(m.specs[i].Names, readNames(recordDir, sp.Name)...)
+		for _, name := range readNames(recordDir, sp.Name) {
+			// Another's own name now (the configuration changed) is that one's: the node
+			// binds a name to the first nexlet announced with it.
+			if !slices.ContainsFunc(m.specs, func(o Spec) bool { return o.Name == name && o.Name != sp.Name }) {
+				m.specs[i].Names = append(m.specs[i].Names, name)
+			}
+		}
 	}
 	var handed map[string]supervise.Record
 	if o.Handed != nil {

@@ -175,6 +175,48 @@ func TestRecordedNamesReservedNextRun(t *testing.T) {
 	}
 }
 
+// TestKeptNameOfAnotherIsNoSupervisedName: a name nexlet x registered under in an
+// earlier run is the name another nexlet is now supervised as (the configuration
+// changed: x registered as "echo", and a nexlet echo was added). It is not announced
+// as x's: the node binds a name to the first nexlet announced with it, and x, announced
+// first, held echo's own name, so echo's registration was refused (403 reserved for
+// supervised nexlet "x") for the whole run, until x's registration under another name
+// rewrote its record for the next.
+func TestKeptNameOfAnotherIsNoSupervisedName(t *testing.T) {
+	dir := t.TempDir()
+	x := testkit.WriteExecutable(t, filepath.Join(dir, "x"), "#!/bin/sh\nexec sleep 600\n")
+	echo := testkit.WriteExecutable(t, filepath.Join(dir, "echo"), "#!/bin/sh\nexec sleep 600\n")
+	log := slog.New(slog.DiscardHandler)
+	run := func(agents ...config.Agent) (*Manager, *registry) {
+		cfg := &config.Config{Node: config.NodeConfig{StateDir: filepath.Join(dir, "state"), StopGrace: time.Second,
+			Agents: agents}}
+		reg := &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}}
+		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Minter: minter{},
+			RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Attach(reg)
+		return m, reg
+	}
+	m, _ := run(config.Agent{URI: x})
+	m.RecordName("x", "echo")
+	m.RecordName("x", "xtra")
+	if err := m.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	m, reg := run(config.Agent{URI: x}, config.Agent{URI: echo})
+	t.Cleanup(func() { _ = m.Stop(context.Background()) })
+	want := map[string][]string{NativeName: {native.Name}, "x": {"xtra"}, "echo": nil}
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for _, s := range m.Specs() {
+		if !slices.Equal(s.Names, want[s.Name]) || !slices.Equal(reg.names[s.AgentID], want[s.Name]) {
+			t.Errorf("%s: spec names %q, announced %q; want %q", s.Name, s.Names, reg.names[s.AgentID], want[s.Name])
+		}
+	}
+}
+
 func TestSanitizeName(t *testing.T) {
 	for in, want := range map[string]string{"echo-nexlet": "echo-nexlet", "a.b c/d": "a_b_c_d", "": "nexlet", "ü": "_"} {
 		if got := sanitizeName(in); got != want {
