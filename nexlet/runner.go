@@ -61,6 +61,13 @@ type Runner struct {
 	local     *localchan.Server
 	localDone chan struct{}
 	localReg  bool // WithLocalRegistration
+	// localFeeds: the workloads' feeds go on the local channel (WithLocalFeeds).
+	localFeeds bool
+	// feedq orders and keeps the feed messages; feedLoop (stopped by feedStop,
+	// waited for by feeding) sends them.
+	feedq    *feedQueue
+	feedStop context.CancelFunc
+	feeding  sync.WaitGroup
 
 	// work owns the goroutines handling requests and replaying state: Shutdown stops
 	// taking new ones and waits (bounded) for them.
@@ -206,7 +213,7 @@ func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Ru
 		return nil, errors.New("nexlet runner: agent is nil")
 	}
 	r := &Runner{ctx: ctx, nodeID: nodeID, agent: a, hbEvery: DefaultHeartbeatInterval, regWait: DefaultRegisterTimeout,
-		sdWait: DefaultShutdownWait, inFlight: make(chan struct{}, maxInFlight)}
+		sdWait: DefaultShutdownWait, inFlight: make(chan struct{}, maxInFlight), feedq: newFeedQueue()}
 	for _, o := range opts {
 		o(r)
 	}
@@ -298,10 +305,21 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	r.nc, r.svc, r.agentID, r.regType, r.stop, r.done = nc, svc, agentID, reg.RegisterType, stop, make(chan struct{})
 	r.runCtx, r.busy, r.cd, r.reg, r.relay = hbCtx, busy, resp.ConnectionData, reg, resp.NexdFeedRelay
 	r.mu.Unlock()
+	mode := feedNATS
 	if r.local != nil && r.localDone == nil {
+		if r.localFeeds {
+			r.local.OnFeedAck = r.feedAck
+			mode = feedLocal
+		}
 		r.localDone = make(chan struct{})
 		go r.serveLocal(agentID)
 	}
+	if r.feedStop == nil {
+		fctx, stopFeeds := context.WithCancel(context.Background())
+		r.feedStop = stopFeeds
+		r.feeding.Go(func() { r.feedLoop(fctx) })
+	}
+	r.setFeedMode(mode)
 	r.heartbeat()
 	go r.heartbeatLoop(hbCtx)
 	if live != nil {
@@ -624,6 +642,9 @@ func (r *Runner) Reregister() error {
 			r.regs++
 			r.relay = resp.NexdFeedRelay
 			r.mu.Unlock()
+			// The feeds kept while no node took them go now, in order, before
+			// any new one.
+			r.setFeedMode(feedNATS)
 			r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
 				"attempts", attempt, "replayed", len(resp.ExistingState))
 			r.heartbeat()
@@ -686,6 +707,11 @@ func (r *Runner) Shutdown() error {
 	}
 	stop()
 	<-done
+	// The workloads' last lines (a stop forwards what their pipes hold) go out
+	// before the channel stops being read: the node's acknowledgements come on it.
+	r.drainFeeds(feedDrainWait)
+	r.feedStop()
+	r.feeding.Wait()
 	if r.localDone != nil {
 		_ = r.local.StopServing()
 		<-r.localDone
@@ -771,16 +797,15 @@ type feedWriter struct {
 }
 
 func (w *feedWriter) Write(p []byte) (int, error) {
-	nc := w.r.NC()
-	if nc == nil {
+	if w.r.NC() == nil {
 		return 0, errors.New("nexlet log feed: runner is not connected")
 	}
-	m := nats.NewMsg(w.r.feedSubject(w.subject))
+	m := nats.NewMsg(w.subject)
 	m.Header.Set(FeedHeader(protocol.HeaderNamespace), w.ns)
 	m.Header.Set(FeedHeader(protocol.HeaderGroup), "")
 	m.Data = append([]byte(nil), p...)
-	if err := nc.PublishMsg(m); err != nil {
-		return 0, fmt.Errorf("nexlet log feed %s: %w", w.subject, err)
+	if err := w.r.feedOut(m); err != nil {
+		return 0, err
 	}
 	return len(p), nil
 }
@@ -806,10 +831,7 @@ func (r *Runner) EmitEvent(from, typ string, v any) error {
 			r.reportEnded(ev.ID, b)
 		}
 	}
-	if err := nc.Publish(r.feedSubject(protocol.EventSubject(from, typ)), b); err != nil {
-		return fmt.Errorf("nexlet event %s: %w", typ, err)
-	}
-	return nil
+	return r.feedOut(&nats.Msg{Subject: protocol.EventSubject(from, typ), Data: b})
 }
 
 // feedSubject is where a feed message on subject goes: the node's relay under this
@@ -824,6 +846,9 @@ func (r *Runner) feedSubject(subject string) string {
 	}
 	return subject
 }
+
+// feedDrainWait bounds Shutdown's wait for the queued feed messages.
+const feedDrainWait = 2 * time.Second
 
 // Bounds of the retries of an ended-workload report.
 const (
@@ -977,6 +1002,7 @@ func (r *Runner) async(nc *nats.Conn, busy *atomic.Int64, h micro.HandlerFunc) m
 // Each is handled as one from NATS is (async), and answered on the channel.
 func (r *Runner) serveLocal(agentID string) {
 	defer close(r.localDone)
+	defer r.localFeedsGone()
 	prefix := protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD."
 	err := r.local.Serve(func(lr *localchan.Request) {
 		d := &detached{subject: lr.Subject, reply: "local", data: lr.Data, hdr: micro.Headers(lr.Header), local: lr, at: time.Now()}

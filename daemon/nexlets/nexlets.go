@@ -757,6 +757,9 @@ func (m *Manager) env(name string) map[string]string {
 		if !m.o.RegisterOverNATS {
 			env[localchan.EnvCalls] = localchan.CallRegister
 		}
+		// Its workloads' feeds come on the channel too (the node checks and publishes
+		// them), and wait in the nexlet while no node takes them.
+		env[localchan.EnvFeeds] = "1"
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
 		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
 		env[native.EnvAllowRoot] = strconv.FormatBool(m.o.Config.Node.AllowRootWorkloads)

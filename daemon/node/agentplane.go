@@ -445,6 +445,7 @@ func (n *Node) SetAgentLocal(agentID, key string, c *localchan.Client) {
 	n.mu.Unlock()
 	if serving {
 		c.OnCall(n.localCalls(agentID, l))
+		c.OnFeed(n.localFeeds(agentID, c))
 	}
 }
 

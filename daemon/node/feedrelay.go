@@ -3,12 +3,15 @@ package node
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -86,6 +89,61 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 		return
 	}
 	agentID, feed, _ := strings.Cut(rest, ".")
+	out, ok := n.feedOf(agentID, feed, m, nil)
+	if !ok {
+		return
+	}
+	if err := n.o.NC.PublishMsg(out); err != nil {
+		n.log.Debug("relaying a feed message failed", "subject", out.Subject, "err", err)
+	}
+}
+
+// localFeeds takes the feed batches of the local nexlet agentID on its channel c (the
+// native nexlet's, see localchan.Client.OnFeed): each message passes the relay's check,
+// with the registration that holds c as the only sender, and the batch is
+// acknowledged once the NATS server has what passed (a flush), so the nexlet may
+// forget it: a kill -9 of nexd loses none of it.
+func (n *Node) localFeeds(agentID string, c *localchan.Client) func([]*nats.Msg) error {
+	return func(batch []*nats.Msg) error {
+		if !n.o.NC.IsConnected() {
+			// Kept by the nexlet and sent again: what nats.go buffers while it
+			// reconnects would come twice.
+			return errors.New("node: not connected to NATS")
+		}
+		sent := 0
+		for _, m := range batch {
+			feed, ok := strings.CutPrefix(m.Subject, "$NEX.FEED.")
+			if !ok {
+				n.log.Debug("dropping a local feed message: not a feed subject", "agent_id", agentID, "subject", m.Subject)
+				continue
+			}
+			out, ok := n.feedOf(agentID, feed, m, c)
+			if !ok {
+				continue
+			}
+			if err := n.o.NC.PublishMsg(out); err != nil {
+				return fmt.Errorf("node: publish a local feed message: %w", err)
+			}
+			sent++
+		}
+		if sent == 0 {
+			return nil
+		}
+		if err := n.o.NC.FlushTimeout(localFeedFlushWait); err != nil {
+			return fmt.Errorf("node: flush local feed messages: %w", err)
+		}
+		return nil
+	}
+}
+
+// localFeedFlushWait bounds the wait for the NATS server to have a local feed batch.
+const localFeedFlushWait = 5 * time.Second
+
+// feedOf checks a nexlet's feed message (feed: its subject after "$NEX.FEED.") and
+// returns what to publish: only when the workload it is about is that nexlet's, in its
+// namespace, and (local set) the nexlet's registration holds that channel. Others are
+// dropped, logged at debug (a rogue could flood the log otherwise).
+func (n *Node) feedOf(agentID, feed string, m *nats.Msg, local *localchan.Client) (*nats.Msg, bool) {
 	tok := strings.Split(feed, ".")
 	var wid string
 	switch {
@@ -97,8 +155,8 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 		wid = eventWorkloadID(m.Data)
 	}
 	if !protocol.IsToken(agentID) || !protocol.IsToken(wid) || !protocol.IsToken(tok[0]) {
-		n.log.Debug("dropping a relayed feed message: not a workload's feed", "subject", m.Subject)
-		return
+		n.log.Debug("dropping a relayed feed message: not a workload's feed", "agent_id", agentID, "feed", feed)
+		return nil, false
 	}
 	ns := tok[0]
 	now := time.Now()
@@ -112,21 +170,18 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 	} else if e, ok := n.feeds.of(wid, now); ok {
 		owner, wns = e.owner, e.ns
 	}
-	pass := a != nil && owner != "" && a.owner == owner && wns == ns
+	pass := a != nil && owner != "" && a.owner == owner && wns == ns && (local == nil || a.local == local)
 	dup := pass && len(tok) == 3 && tok[1] == "events" && tok[2] == protocol.EventWorkloadStopped && !n.feeds.firstStop(wid, now)
 	n.mu.Unlock()
 	if !pass {
 		n.log.Debug("dropping a relayed feed message: the workload is not that nexlet's in that namespace", "agent_id", agentID, "workload_id", wid, "namespace", ns)
-		return
+		return nil, false
 	}
 	if dup {
 		n.log.Debug("dropping a relayed WORKLOADSTOPPED: the node published it from the ended report", "agent_id", agentID, "workload_id", wid)
-		return
+		return nil, false
 	}
-	out := &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: m.Header}
-	if err := n.o.NC.PublishMsg(out); err != nil {
-		n.log.Debug("relaying a feed message failed", "subject", out.Subject, "err", err)
-	}
+	return &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: m.Header}, true
 }
 
 // eventWorkloadID is the "id" of an event's body, the workload it is about, or "" when

@@ -548,6 +548,7 @@ func (n *Node) Start(ctx context.Context) error {
 	// already: it starts before the node) is served from here on, as over NATS.
 	for id, l := range locals {
 		l.c.OnCall(n.localCalls(id, l))
+		l.c.OnFeed(n.localFeeds(id, l.c))
 	}
 	if n.o.AllowRemoteRegistration {
 		n.log.Warn("remote registration enabled: nexlets elsewhere may register with this node", "nexus", n.o.Nexus)

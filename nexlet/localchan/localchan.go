@@ -66,7 +66,26 @@ const (
 	// The level nexd logs at from now on (a reload changed it); an older nexlet
 	// ignores it.
 	kindLogLevel byte = 6
+	// A batch of the nexlet's feed messages (logs, metrics, events) for the node to
+	// pass on to $NEX.FEED, and the node's acknowledgement of it (same id; the body
+	// is an error text when it did not take them). Sent only to a node that said it
+	// takes them (EnvFeeds).
+	kindFeed    byte = 7
+	kindFeedAck byte = 8
 )
+
+// EnvFeeds names the environment variable by which the node says ("1") that it takes
+// the nexlet's feed messages on the channel (Server.SendFeeds).
+const EnvFeeds = "NEX_AGENT_LOCAL_FEEDS"
+
+// TakesFeeds says whether the node that spawned this nexlet takes its feeds on the
+// channel (EnvFeeds).
+func TakesFeeds(env func(string) string) bool { return env(EnvFeeds) == "1" }
+
+// MaxFeedBatch bounds the bytes of one feed batch (its encoding): the nexlet keeps at
+// most one batch unacknowledged, so no more than this of feed bytes is ever ahead of a
+// start's reply in the socket.
+const MaxFeedBatch = 64 << 10
 
 // maxQueuedCalls bounds the calls a Client keeps until the node serves them (OnCall):
 // a nexlet makes one (its registration); more are answered with an error at once.
@@ -223,6 +242,13 @@ type Client struct {
 	closed  bool
 	onCall  func(*Call) // nil until OnCall
 	queued  []*Call     // calls that came before OnCall
+	onFeed  func([]*nats.Msg) error
+
+	// feeds hands the nexlet's feed batches from the reader to feedLoop, so that
+	// publishing them never holds up a start's reply behind them; feedDone is closed
+	// when feedLoop returned.
+	feeds    chan msg
+	feedDone chan struct{}
 }
 
 // NewClient serves the node's end f (taken over: closed with the client).
@@ -231,8 +257,10 @@ func NewClient(f *os.File) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	cl := &Client{c: c, done: make(chan struct{}), calls: map[uint64]chan<- *nats.Msg{}}
+	cl := &Client{c: c, done: make(chan struct{}), calls: map[uint64]chan<- *nats.Msg{},
+		feeds: make(chan msg, 2), feedDone: make(chan struct{})}
 	go cl.readLoop()
+	go cl.feedLoop()
 	return cl, nil
 }
 
@@ -277,11 +305,21 @@ func (cl *Client) Request(subject string, header nats.Header, data []byte, ch ch
 
 func (cl *Client) readLoop() {
 	defer close(cl.done)
+	defer close(cl.feeds)
 	defer cl.markClosed()
 	for {
 		m, err := cl.c.read()
 		if err != nil {
 			return
+		}
+		if m.kind == kindFeed {
+			select {
+			case cl.feeds <- m:
+			default:
+				// The nexlet keeps one batch unacknowledged; more is its error.
+				_ = cl.c.write(msg{kind: kindFeedAck, id: m.id, data: []byte("local channel: feed batches not acknowledged yet")})
+			}
+			continue
 		}
 		if m.kind == kindServing {
 			cl.mu.Lock()
@@ -306,6 +344,38 @@ func (cl *Client) readLoop() {
 		case ch <- &nats.Msg{Header: m.header, Data: m.data}:
 		default:
 		}
+	}
+}
+
+// OnFeed makes h the handler of the nexlet's feed batches: it passes each message
+// (its subject a $NEX.FEED one) on, or drops it, and returns nil once the batch is
+// taken (then acknowledged to the nexlet), an error to have the nexlet send it again
+// later. h runs on the channel's one feed goroutine, one batch at a time. Batches that
+// come before OnFeed are refused so.
+func (cl *Client) OnFeed(h func([]*nats.Msg) error) {
+	cl.mu.Lock()
+	cl.onFeed = h
+	cl.mu.Unlock()
+}
+
+func (cl *Client) feedLoop() {
+	defer close(cl.feedDone)
+	for m := range cl.feeds {
+		cl.mu.Lock()
+		h := cl.onFeed
+		cl.mu.Unlock()
+		batch, err := decodeFeeds(m.data)
+		if err == nil && h == nil {
+			err = errors.New("local channel: the node does not take feeds yet")
+		}
+		if err == nil {
+			err = h(batch)
+		}
+		ack := msg{kind: kindFeedAck, id: m.id}
+		if err != nil {
+			ack.data = []byte(err.Error())
+		}
+		_ = cl.c.write(ack)
 	}
 }
 
@@ -400,11 +470,12 @@ func (cl *Client) markClosed() {
 	cl.mu.Unlock()
 }
 
-// Close closes the node's end and waits for the reader.
+// Close closes the node's end and waits for the reader and the feed goroutine.
 func (cl *Client) Close() error {
 	cl.markClosed()
 	err := cl.c.c.Close()
 	<-cl.done
+	<-cl.feedDone
 	return err
 }
 
@@ -428,6 +499,10 @@ type Server struct {
 	// OnLogLevel, when set (before the channel is read), gets each level the node
 	// says it logs at from now on (slog's name, e.g. "WARN").
 	OnLogLevel func(level string)
+	// OnFeedAck, when set (before Serve), gets the node's acknowledgement of each
+	// feed batch (SendFeeds): err nil when the node took it. It runs on Serve's
+	// goroutine and must not block.
+	OnFeedAck func(id uint64, err error)
 	// Before Serve, Call reads the channel itself: the requests it reads meanwhile
 	// wait here for Serve, and nextCall numbers its calls.
 	early    []*Request
@@ -530,6 +605,13 @@ func (s *Server) Serve(handle func(*Request)) error {
 		if m.kind == kindLogLevel {
 			s.logLevel(m)
 		}
+		if m.kind == kindFeedAck && s.OnFeedAck != nil {
+			var err error
+			if len(m.data) > 0 {
+				err = errors.New(string(m.data))
+			}
+			s.OnFeedAck(m.id, err)
+		}
 		if m.kind != kindRequest {
 			continue
 		}
@@ -541,6 +623,99 @@ func (s *Server) logLevel(m msg) {
 	if s.OnLogLevel != nil {
 		s.OnLogLevel(string(m.data))
 	}
+}
+
+// SendFeeds sends a batch of feed messages (each with its $NEX.FEED subject, headers
+// and body) under id; the node acknowledges it to OnFeedAck. Keep the batch within
+// MaxFeedBatch (FeedSize), one message at least, and send the next only once this one
+// is acknowledged.
+func (s *Server) SendFeeds(id uint64, batch []*nats.Msg) error {
+	return s.c.write(msg{kind: kindFeed, id: id, data: encodeFeeds(batch)})
+}
+
+// FeedSize is what m takes in a feed batch.
+func FeedSize(m *nats.Msg) int {
+	n := 3*binary.MaxVarintLen32 + len(m.Subject) + len(m.Data)
+	for k, vs := range m.Header {
+		for _, v := range vs {
+			n += 2*binary.MaxVarintLen32 + len(k) + len(v)
+		}
+	}
+	return n
+}
+
+// encodeFeeds encodes a batch: per message its subject, its header pairs (a count,
+// then key and value each) and its body, each length-prefixed (uvarint).
+func encodeFeeds(batch []*nats.Msg) []byte {
+	n := 0
+	for _, m := range batch {
+		n += FeedSize(m)
+	}
+	b := make([]byte, 0, n)
+	str := func(v string) { b = binary.AppendUvarint(b, uint64(len(v))); b = append(b, v...) }
+	for _, m := range batch {
+		str(m.Subject)
+		pairs := 0
+		for _, vs := range m.Header {
+			pairs += len(vs)
+		}
+		b = binary.AppendUvarint(b, uint64(pairs))
+		for k, vs := range m.Header {
+			for _, v := range vs {
+				str(k)
+				str(v)
+			}
+		}
+		b = binary.AppendUvarint(b, uint64(len(m.Data)))
+		b = append(b, m.Data...)
+	}
+	return b
+}
+
+var errBadFeeds = errors.New("local channel: malformed feed batch")
+
+func decodeFeeds(b []byte) ([]*nats.Msg, error) {
+	next := func() ([]byte, error) {
+		l, k := binary.Uvarint(b)
+		if k <= 0 || l > uint64(len(b)-k) {
+			return nil, errBadFeeds
+		}
+		v := b[k : k+int(l)]
+		b = b[k+int(l):]
+		return v, nil
+	}
+	var out []*nats.Msg
+	for len(b) > 0 {
+		subj, err := next()
+		if err != nil {
+			return nil, err
+		}
+		pairs, k := binary.Uvarint(b)
+		if k <= 0 || pairs > uint64(len(b)) {
+			return nil, errBadFeeds
+		}
+		b = b[k:]
+		m := &nats.Msg{Subject: string(subj)}
+		if pairs > 0 {
+			m.Header = make(nats.Header, pairs)
+		}
+		for range pairs {
+			key, err := next()
+			if err != nil {
+				return nil, err
+			}
+			val, err := next()
+			if err != nil {
+				return nil, err
+			}
+			m.Header[string(key)] = append(m.Header[string(key)], string(val))
+		}
+		if m.Data, err = next(); err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
 }
 
 // StopServing ends Serve (its read returns); replies can still be sent.

@@ -200,6 +200,9 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 	}
 	if local != nil {
 		opts = append(opts, nexlet.WithLocalChannel(local))
+		if localchan.TakesFeeds(env) {
+			opts = append(opts, nexlet.WithLocalFeeds())
+		}
 	}
 	if localReg {
 		opts = append(opts, nexlet.WithLocalRegistration())

@@ -1,0 +1,127 @@
+package node
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/nexlet/localchan"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// withChannel is signedStart plus a local channel for that start, as the nexlets
+// manager makes one for the native nexlet: its registration, signed with the start's
+// key, gets the channel. s receives the nexlet's end, serving (acknowledgements to acks).
+func withChannel(t *testing.T, n *Node, s **localchan.Server, acks chan error) func(*fakeAgent) {
+	return func(a *fakeAgent) {
+		signedStart(n, true)(a)
+		pub, _ := a.key.PublicKey()
+		_, *s = localPair(t, n, a.id, pub)
+		serveAcks(t, *s, acks)
+	}
+}
+
+// serveAcks reads s's acknowledgements into acks.
+func serveAcks(t *testing.T, s *localchan.Server, acks chan error) {
+	s.OnFeedAck = func(_ uint64, err error) { acks <- err }
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Serve(func(*localchan.Request) {}) }()
+	t.Cleanup(func() { _ = s.StopServing(); <-done })
+}
+
+// sendFeeds sends batch on s and waits for the node's acknowledgement.
+func sendFeeds(t *testing.T, s *localchan.Server, acks chan error, id uint64, batch ...*nats.Msg) {
+	t.Helper()
+	if err := s.SendFeeds(id, batch); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-acks:
+		if err != nil {
+			t.Fatalf("feed batch refused: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("feed batch not acknowledged")
+	}
+}
+
+func feedMsg(subj, data string) *nats.Msg {
+	m := nats.NewMsg(subj)
+	m.Header.Set("synadia.com-namespace", "tenant")
+	m.Data = []byte(data)
+	return m
+}
+
+// TestRogueNexletForgesFeedsOnLocalChannel: a native nexlet's local channel carries
+// its feeds to the node, which passes on only its own workloads', as the relay does. A
+// rogue nexlet whose registration holds a channel sends on it a line and an event of
+// another nexlet's workload (dropped) and a line of its own (passed, headers and all);
+// a channel of a start that never registered, and one handed to the victim's agent id
+// for a start whose key the victim's registration was not signed with (a stale one),
+// carry nothing, not even the victim's own workload's lines.
+func TestRogueNexletForgesFeedsOnLocalChannel(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	rf.minted("agent0", "native-nexlet", "native", signedStart(n, true))
+	var rogueEnd *localchan.Server
+	acks := make(chan error, 4)
+	rf.minted("rogue0", "rogue", "rogue", withChannel(t, n, &rogueEnd, acks))
+	victimWID := rf.deployOne("tenant")
+	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid from the rogue")
+	}
+	req := startReq("tenant", "r", `{"cmd":"x"}`)
+	req.WorkloadType = "rogue"
+	var own protocol.StartWorkloadResponse
+	if m := request(t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), req); protocol.Decode(m.Data, &own) != nil || own.ID == "" {
+		t.Fatalf("deploy on the rogue: %q", m.Data)
+	}
+	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	victimLog := protocol.LogSubject("tenant", victimWID, "stdout")
+	started := protocol.EventSubject("tenant", protocol.EventWorkloadStarted)
+	sendFeeds(t, rogueEnd, acks, 1,
+		feedMsg(victimLog, "forged on its channel"),
+		feedMsg(started, fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, victimWID)),
+		feedMsg(protocol.LogSubject("other", own.ID, "stdout"), "own line, another namespace"),
+		feedMsg(protocol.FeedRelaySubject(n.ID(), "rogue0", protocol.LogSubject("tenant", own.ID, "stdout")), "not a feed subject"),
+		feedMsg(protocol.LogSubject("tenant", own.ID, "stdout"), "honest"))
+
+	ghostAcks := make(chan error, 4)
+	_, pub := newKey(t)
+	n.ExpectAgent("ghost0", "ghost")
+	_, ghost := localPair(t, n, "ghost0", pub)
+	serveAcks(t, ghost, ghostAcks)
+	sendFeeds(t, ghost, ghostAcks, 1, feedMsg(victimLog, "forged by a start that never registered"))
+
+	staleAcks := make(chan error, 4)
+	_, stalePub := newKey(t)
+	_, stale := localPair(t, n, "agent0", stalePub)
+	serveAcks(t, stale, staleAcks)
+	sendFeeds(t, stale, staleAcks, 1, feedMsg(victimLog, "forged on a channel the victim's registration does not hold"))
+
+	var got []string
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+		m, err := feed.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		got = append(got, m.Subject+" "+string(m.Data))
+		if m.Header.Get("synadia.com-namespace") != "tenant" {
+			t.Errorf("the line from the channel lost its headers: %v", m.Header)
+		}
+	}
+	want := []string{protocol.LogSubject("tenant", own.ID, "stdout") + " honest"}
+	if !slices.Equal(got, want) {
+		t.Errorf("the tenant's feeds carried %q, want only %q", got, want)
+	}
+}

@@ -1,0 +1,197 @@
+package nexlet
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/nexlet/localchan"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// feedNode is a node's end that takes feed batches on the channel, recording their
+// bodies in order.
+type feedNode struct {
+	mu   sync.Mutex
+	got  []string
+	fail bool // refuse batches
+}
+
+func (f *feedNode) take(batch []*nats.Msg) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fail {
+		return fmt.Errorf("refused")
+	}
+	for _, m := range batch {
+		f.got = append(f.got, m.Subject+" "+string(m.Data))
+	}
+	return nil
+}
+
+func (f *feedNode) lines() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.got...)
+}
+
+// feedRunner is a runner registered on its local channel, its feeds going there; the
+// node's end c and the NATS connection of the test are returned.
+func feedRunner(t *testing.T) (*Runner, *localchan.Client, *feedNode, *nats.Conn) {
+	t.Helper()
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, make(chan protocol.RegisterAgentRequest, 8))
+	c, s := localPair(t)
+	localNode(c, srv.ClientURL(), "", make(chan *localchan.Call, 8))
+	fn := &feedNode{}
+	c.OnFeed(fn.take)
+	r, err := NewRunner(context.Background(), node, newMemAgent(), WithLocalChannel(s), WithLocalRegistration(), WithLocalFeeds(),
+		WithHeartbeatInterval(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	return r, c, fn, nc
+}
+
+func writeLines(t *testing.T, w interface{ Write([]byte) (int, error) }, from, to int) {
+	t.Helper()
+	for i := from; i < to; i++ {
+		if _, err := w.Write([]byte(strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestFeedsHeldWhileNodeGone: a runner's log lines go on its local channel, in order;
+// once the node's end closed (nexd exited) they are kept, not published, and once the
+// nexlet registered again (with the next nexd, over NATS) they go out there, in order,
+// before the lines written after. Before, they were published at once on a relay
+// subject nobody subscribed to while nexd was down: lost.
+func TestFeedsHeldWhileNodeGone(t *testing.T) {
+	r, c, fn, nc := feedRunner(t)
+	subj := protocol.LogSubject("ns", "W1", "stdout")
+	sub, err := nc.SubscribeSync(subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.Flush()
+	w := r.Logger("W1", "ns", "stdout")
+	writeLines(t, w, 0, 100)
+	testkit.EventuallyWithin(t, 10*time.Second, "100 lines on the channel", func() bool { return len(fn.lines()) == 100 })
+	for i, l := range fn.lines() {
+		if l != subj+" "+strconv.Itoa(i) {
+			t.Fatalf("line %d on the channel is %q", i, l)
+		}
+	}
+	_ = c.Close() // nexd exits
+	testkit.EventuallyWithin(t, 10*time.Second, "the runner saw the channel close", func() bool {
+		select {
+		case <-r.localDone:
+			return true
+		default:
+			return false
+		}
+	})
+	writeLines(t, w, 100, 200)
+	if n := r.feedCount(); n != 100 {
+		t.Fatalf("%d lines kept while no node takes them, want 100", n)
+	}
+	if m, err := sub.NextMsg(300 * time.Millisecond); err == nil {
+		t.Fatalf("a line published while no node took them: %q", m.Data)
+	}
+	if err := r.Reregister(); err != nil {
+		t.Fatal(err)
+	}
+	writeLines(t, w, 200, 250)
+	for i := 100; i < 250; i++ {
+		m, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("line %d: %v", i, err)
+		}
+		if string(m.Data) != strconv.Itoa(i) {
+			t.Fatalf("got line %q, want %d", m.Data, i)
+		}
+		if m.Header.Get(FeedHeader(protocol.HeaderNamespace)) != "ns" {
+			t.Fatalf("line %d lost its headers: %v", i, m.Header)
+		}
+	}
+}
+
+// TestFeedBufferDropsOldest: while no node takes them, the kept lines are bounded
+// (FeedBufferMessages); the oldest go first, and the first line sent after says how
+// many of its subject were dropped (HeaderFeedDropped).
+func TestFeedBufferDropsOldest(t *testing.T) {
+	r, c, _, nc := feedRunner(t)
+	subj := protocol.LogSubject("ns", "W1", "stdout")
+	sub, err := nc.SubscribeSync(subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = sub.SetPendingLimits(-1, -1)
+	_ = nc.Flush()
+	_ = c.Close()
+	<-r.localDone
+	w := r.Logger("W1", "ns", "stdout")
+	const over = 7
+	writeLines(t, w, 0, FeedBufferMessages+over)
+	if n := r.feedCount(); n != FeedBufferMessages {
+		t.Fatalf("%d lines kept, want %d", n, FeedBufferMessages)
+	}
+	if err := r.Reregister(); err != nil {
+		t.Fatal(err)
+	}
+	m, err := sub.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(m.Data) != strconv.Itoa(over) || m.Header.Get(HeaderFeedDropped) != strconv.Itoa(over) {
+		t.Fatalf("first line after the drop %q with %s %q, want %d with %d", m.Data, HeaderFeedDropped, m.Header.Get(HeaderFeedDropped), over, over)
+	}
+	for i := over + 1; i < FeedBufferMessages+over; i++ {
+		m, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("line %d: %v", i, err)
+		}
+		if string(m.Data) != strconv.Itoa(i) || m.Header.Get(HeaderFeedDropped) != "" {
+			t.Fatalf("got line %q (%v), want %d", m.Data, m.Header, i)
+		}
+	}
+}
+
+// TestRefusedFeedBatchSentAgain: a batch the node does not take (its NATS connection
+// is down) is kept and sent again, the lines in order and none twice.
+func TestRefusedFeedBatchSentAgain(t *testing.T) {
+	r, _, fn, _ := feedRunner(t)
+	fn.mu.Lock()
+	fn.fail = true
+	fn.mu.Unlock()
+	w := r.Logger("W1", "ns", "stdout")
+	writeLines(t, w, 0, 10)
+	time.Sleep(3 * feedRetry)
+	fn.mu.Lock()
+	fn.fail = false
+	fn.mu.Unlock()
+	writeLines(t, w, 10, 20)
+	testkit.EventuallyWithin(t, 10*time.Second, "20 lines on the channel", func() bool { return len(fn.lines()) >= 20 })
+	got := fn.lines()
+	if len(got) != 20 {
+		t.Fatalf("%d lines, want 20: %q", len(got), got)
+	}
+	for i, l := range got {
+		if l != protocol.LogSubject("ns", "W1", "stdout")+" "+strconv.Itoa(i) {
+			t.Fatalf("line %d is %q", i, l)
+		}
+	}
+}
