@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -21,14 +22,19 @@ import (
 // and again. Every answer must be whole (no Nex-Partial) and list all 100: the node
 // waits for a nexlet that registered and does not serve yet, and the nexlet lists the
 // workloads it has not replayed yet as starting. Before, the first lists came back
-// partial within milliseconds (no subscriber yet), then whole but short.
+// partial within milliseconds (no subscriber yet), then whole but short. The nexlet
+// takes its replay set late (NEXD_TEST_HOLD=replay-late, 0.3 s): before, it served and
+// sent its first heartbeat, which lets the node's lists go ahead, before it took the
+// set, and lists in that window came back whole with 0 rows (once in a fresh-clone CI
+// run, under load, without the hold; with it, every run).
 func TestListDuringReplayIsWhole(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
-	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"},
+		env: []string{testhold.Env + "=" + testhold.ReplayLate}})
 	n.waitReady(t)
 	const services = 100
 	marker := fmt.Sprintf("nexd-e2e-replaylist-%d", time.Now().UnixNano())

@@ -24,6 +24,7 @@ import (
 
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -68,6 +69,7 @@ type Runner struct {
 	feedq    *feedQueue
 	feedStop context.CancelFunc
 	feeding  sync.WaitGroup
+	hold     string // WithTestHold
 
 	// work owns the goroutines handling requests and replaying state: Shutdown stops
 	// taking new ones and waits (bounded) for them.
@@ -204,6 +206,10 @@ func WithLocalChannel(s *localchan.Server) Option { return func(r *Runner) { r.l
 // there (localchan.ServesRegistration); over NATS if the channel fails.
 func WithLocalRegistration() Option { return func(r *Runner) { r.localReg = true } }
 
+// WithTestHold names the windows (testhold.Env's list) an e2e fault test holds the
+// runner in; empty (every production start), none.
+func WithTestHold(list string) Option { return func(r *Runner) { r.hold = list } }
+
 // NewRunner prepares a runner for agent a on node nodeID; ctx bounds its lifetime.
 func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Runner, error) {
 	if nodeID == "" {
@@ -294,9 +300,15 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet connect with the node's credentials: %w", err)
 	}
+	// The replay set is taken before the endpoints serve and the first heartbeat (which
+	// lets the node's lists ask this nexlet) goes out: a list then names every stored
+	// workload, as starting until replayed. Before, taken after both: lists in between
+	// came back whole with none of them (e2e TestListDuringReplayIsWhole, 0 of 100).
+	replay := r.takeReplay(resp.ExistingState)
 	busy := new(atomic.Int64)
 	svc, err := r.serve(nc, agentID, reg, busy)
 	if err != nil {
+		r.dropReplay(replay)
 		nc.Close()
 		return err
 	}
@@ -326,7 +338,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		r.renewing.Go(func() { r.renewLoop(hbCtx, live) })
 	}
 
-	r.replay(resp.ExistingState)
+	r.replay(resp.ExistingState, replay)
 	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
 	return nil
 }
@@ -564,13 +576,19 @@ func registered(subj string, msg *nats.Msg) (*protocol.RegisterAgentResponse, er
 	return &resp, nil
 }
 
-// replay hands the node's stored workloads to the agent in the background (existing:
-// it adopts what still runs), then tells a ReplayAware agent which ones they were.
-func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
-	if len(state) > 0 {
-		r.log.Info("replaying existing workloads", "count", len(state))
+// takeReplay records the node's stored workloads as replaying (listed as starting,
+// their stops held) until replay's StartWorkload of each returns, and returns them.
+func (r *Runner) takeReplay(state map[string]protocol.AgentStartWorkloadRequest) map[string]replayingWorkload {
+	if len(state) == 0 {
+		return nil
 	}
+	if testhold.Holds(r.hold, testhold.ReplayLate) {
+		r.log.Warn("test hold: the replay set is taken late", "hold", testhold.ReplayLate, "delay", testhold.ReplayLateBy)
+		time.Sleep(testhold.ReplayLateBy)
+	}
+	r.log.Info("replaying existing workloads", "count", len(state))
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.replaying == nil {
 		r.replaying = map[string]replayingWorkload{}
 	}
@@ -579,8 +597,26 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
 		rw := replayingWorkload{req: req.Request, done: make(chan struct{})}
 		r.replaying[id], mine[id] = rw, rw
 	}
-	r.mu.Unlock()
-	r.goFn(func() {
+	return mine
+}
+
+// dropReplay lets go of a replay set taken for a start that failed before its replay.
+func (r *Runner) dropReplay(mine map[string]replayingWorkload) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for id, rw := range mine {
+		if r.replaying[id].done == rw.done {
+			delete(r.replaying, id)
+		}
+		close(rw.done)
+	}
+}
+
+// replay hands the node's stored workloads (taken by takeReplay as mine) to the agent
+// in the background (existing: it adopts what still runs), then tells a ReplayAware
+// agent which ones they were.
+func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest, mine map[string]replayingWorkload) {
+	started := r.goFn(func() {
 		// A few at a time: recovery of many workloads should not be serial, nor
 		// start them all at once.
 		ids := make([]string, 0, len(state))
@@ -609,6 +645,9 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest) {
 			ra.ReplayDone(ids)
 		}
 	})
+	if !started {
+		r.dropReplay(mine) // shutting down: a stop waiting for one goes ahead
+	}
 }
 
 // Bounds of the retries of Reregister.
@@ -647,8 +686,9 @@ func (r *Runner) Reregister() error {
 			r.setFeedMode(feedNATS)
 			r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
 				"attempts", attempt, "replayed", len(resp.ExistingState))
+			replay := r.takeReplay(resp.ExistingState) // before the heartbeat, as in Run
 			r.heartbeat()
-			r.replay(resp.ExistingState)
+			r.replay(resp.ExistingState, replay)
 			r.resendEnded()
 			return nil
 		}

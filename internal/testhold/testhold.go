@@ -7,7 +7,10 @@
 // hold point is one comparison of an empty string.
 package testhold
 
-import "strings"
+import (
+	"strings"
+	"time"
+)
 
 // Env is the environment variable that lists the holds.
 const Env = "NEXD_TEST_HOLD"
@@ -32,7 +35,16 @@ const (
 	// ExitReaped: the native nexlet, once it recorded a workload's exit ahead of its
 	// reap and reaped it, before the end's own record.
 	ExitReaped = "exit-reaped"
+	// ReplayLate: a nexlet runner (nexlet.WithTestHold), once the node accepted its
+	// registration with stored workloads, waits ReplayLateBy before it takes them to
+	// replay: a list asked meanwhile shows whether the nexlet answers before it knows
+	// what it replays. A delay, not a hold for ever.
+	ReplayLate = "replay-late"
 )
+
+// ReplayLateBy is ReplayLate's delay: under the half of the node's 2 s list fan-out
+// that a list waits for a nexlet registered and not serving yet.
+const ReplayLateBy = 300 * time.Millisecond
 
 // Holds says whether list (Env's value) names point.
 func Holds(list, point string) bool {

@@ -194,7 +194,8 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 		return regKeyErr
 	}
 	// nexd starts it while connecting itself, and decides how long it lives.
-	opts := []nexlet.Option{nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart()}
+	opts := []nexlet.Option{nexlet.WithLogger(log), nexlet.WithRegistrationKey(regKey), nexlet.WithPatientStart(),
+		nexlet.WithTestHold(cfg.TestHold)}
 	if dial != nil {
 		opts = append(opts, nexlet.WithRegistrationDial(dial))
 	}
