@@ -239,6 +239,15 @@ func FeedRelaySubject(nodeID, agentID, feed string) string {
 	return AgentPrefix(nodeID) + ".FEED." + agentID + "." + strings.TrimPrefix(feed, "$NEX.FEED.")
 }
 
+// FeedWildcard matches namespace ns's feeds of kind ("logs", "metrics", "events"),
+// or all of them when kind is "": $NEX.FEED.<ns>[.<kind>].>. ns may be "*".
+func FeedWildcard(ns, kind string) string {
+	if kind == "" {
+		return "$NEX.FEED." + ns + ".>"
+	}
+	return "$NEX.FEED." + ns + "." + kind + ".>"
+}
+
 // EventSubject is where events of type typ from `from` (node id or namespace) go.
 func EventSubject(from, typ string) string { return "$NEX.FEED." + from + ".events." + typ }
 
@@ -314,7 +323,7 @@ func TenantInboxPrefix(ns string) string { return InboxPrefix("tenant-" + ns) }
 // and makes them a user's permissions; nexctl doctor suggests them.
 func TenantSubjects(ns string) (pub, sub []string) {
 	return []string{ControlPrefix(ns) + ".>", ns + ".>"},
-		[]string{"$NEX.FEED." + ns + ".>", TenantInboxPrefix(ns) + ".>", ns + ".>"}
+		[]string{FeedWildcard(ns, ""), TenantInboxPrefix(ns) + ".>", ns + ".>"}
 }
 
 // EnvAgentInboxPrefix and EnvWorkloadInboxPrefix hand a child its inbox prefix.

@@ -58,7 +58,7 @@ func agentPermissions(agentID, nodeID, nexus string, relayed bool) jwt.Permissio
 		protocol.FeedRelaySubject(nodeID, agentID, ">"),
 	)
 	if !relayed {
-		p.Pub.Allow.Add("$NEX.FEED.*.logs.>", "$NEX.FEED.*.metrics.>", "$NEX.FEED.*.events.>")
+		p.Pub.Allow.Add(protocol.FeedWildcard("*", "logs"), protocol.FeedWildcard("*", "metrics"), protocol.FeedWildcard("*", "events"))
 	}
 	// Replies to the node's requests go out under the response permission: no
 	// publishing into other clients' inboxes (a forged reply to nexctl, say). A slow
@@ -92,7 +92,7 @@ func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxP
 		p.Sub.Allow.Add(s)
 	}
 	p.Pub.Allow.Add(inbox) // replies to clients using the default inbox
-	p.Sub.Allow.Add(wbox, "$NEX.FEED."+ns+".logs.>")
+	p.Sub.Allow.Add(wbox, protocol.FeedWildcard(ns, "logs"))
 
 	apis := []string{"$JS.API"}
 	if jsDomain != "" {

@@ -25,7 +25,8 @@ func TestTenantPermissionsRefuseWideNamespaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(p.Pub.Allow) != 2 || !p.Pub.Allow.Contains("$NEX.SVC.team-a.control.>") ||
-		len(p.Sub.Allow) != 3 || !p.Sub.Allow.Contains("_INBOX_tenant-team-a.>") || p.Sub.Allow.Contains("_INBOX.>") {
+		len(p.Sub.Allow) != 3 || !p.Sub.Allow.Contains("_INBOX_tenant-team-a.>") || p.Sub.Allow.Contains("_INBOX.>") ||
+		!p.Sub.Allow.Contains("$NEX.FEED.team-a.>") {
 		t.Errorf("team-a: %+v", p)
 	}
 }

@@ -160,8 +160,8 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 	perm("publish "+protocol.ControlPrefix(ns)+".>", func() error {
 		return f.nc.Publish(protocol.ControlPrefix(ns)+".WPING", []byte(`{"namespace":"`+ns+`","filter":[]}`))
 	})
-	perm("subscribe $NEX.FEED."+ns+".>", func() error {
-		sub, err := f.nc.SubscribeSync("$NEX.FEED." + ns + ".>")
+	perm("subscribe "+protocol.FeedWildcard(ns, ""), func() error {
+		sub, err := f.nc.SubscribeSync(protocol.FeedWildcard(ns, ""))
 		if err == nil {
 			defer sub.Unsubscribe()
 			err = f.nc.FlushTimeout(3 * time.Second)
