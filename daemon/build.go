@@ -279,6 +279,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		TestHold:                os.Getenv(testhold.Env),        // e2e fault tests only
 		KnownSchemas:            []string{native.StartRequestSchema},
 		AllowRemoteRegistration: cfg.Node.AllowRemoteAgentRegistration,
+		AllowDirectFeeds:        cfg.Node.AllowNexletDirectFeeds,
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		TrustedNodes:            cfg.TrustedNodes,
 		Minter:                  s.minter,

@@ -26,6 +26,9 @@ func (s *server) serve(startCtx context.Context) error {
 	if cfg.Node.AllowRemoteAgentRegistration {
 		s.log.Warn("remote nexlet registration is enabled", "nexus", cfg.Node.Nexus)
 	}
+	if cfg.Node.AllowNexletDirectFeeds {
+		s.log.Warn("allow_nexlet_direct_feeds is set: nexlets on upstream's SDK (and nexd's older than the feed relay) may publish in every namespace's logs, metrics and events")
+	}
 
 	s.notify.Status("starting: nexlets")
 	// Pushed first: a nexlet that failed to start must not leave its siblings behind.

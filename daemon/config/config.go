@@ -37,6 +37,7 @@ type NodeConfig struct {
 	Nexus                        string            // nexus
 	Tags                         map[string]string // tags
 	AllowRemoteAgentRegistration bool              // allow_remote_agent_registration
+	AllowNexletDirectFeeds       bool              // allow_nexlet_direct_feeds: $NEX.FEED grant for nexlets that cannot relay
 	AgentRestartLimit            int               // agent_restart_limit
 	DisableNativeStart           bool              // disable_native_start
 	WorkloadUsers                []string          // workload_users: named users start requests may ask for

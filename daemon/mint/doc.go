@@ -14,10 +14,10 @@
 //	                      pub $NEX.SVC.N.agent.HEARTBEAT.A, $NEX.SVC.N.agent.REGISTER.A,
 //	                          $NEX.SVC.N.agent.{RENEWCREDS.A.*,RENEWAGENT.A,WORKLOADENDED.A.*},
 //	                          $NEX.SVC.N.agent.FEED.A.> (its feeds, which the node passes
-//	                          on for its own workloads); only a nexlet that does not sign
-//	                          (upstream's SDK), or a supervised one older than the relay,
-//	                          also $NEX.FEED.*.logs.>, .metrics.>,
-//	                          .events.> (any namespace; upstream forgot them);
+//	                          on for its own workloads); with allow_nexlet_direct_feeds
+//	                          only, a nexlet that does not sign (upstream's SDK) or a
+//	                          supervised one older than the relay also
+//	                          $NEX.FEED.*.logs.>, .metrics.>, .events.> (any namespace);
 //	                          replies to requests (no other inbox)
 //	                      no JetStream, no control plane, no application subjects
 //	workload (WorkloadTTL) pub+sub WorkloadSubjects(ns), default ns.>

@@ -107,7 +107,7 @@ func DefaultArtifactBuckets(ns string) []string { return []string{ns} }
 // Minter is what every minter here implements (the node defines the same interface).
 type Minter interface {
 	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
-	MintAgent(agentID, nodeID string, relayed bool) (protocol.NatsConnectionData, error)
+	MintAgent(agentID, nodeID string, direct bool) (protocol.NatsConnectionData, error)
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
 	// RenewWorkload mints fresh credentials for a running workload, refusing a
 	// namespace other than the one its first credentials were minted for.
@@ -115,7 +115,7 @@ type Minter interface {
 	// RenewAgent signs a fresh nexlet user for userPub, a public user nkey the nexlet
 	// made (its seed stays with the nexlet); ErrRenewalUnsupported where users do not
 	// expire.
-	RenewAgent(agentID, nodeID, userPub string, relayed bool) (protocol.NatsConnectionData, error)
+	RenewAgent(agentID, nodeID, userPub string, direct bool) (protocol.NatsConnectionData, error)
 	// RevokeSuperseded revokes a workload's users older than its newest (after a
 	// renewal); ErrRevocationUnsupported where the minter cannot revoke.
 	RevokeSuperseded(ctx context.Context, workloadID string) error

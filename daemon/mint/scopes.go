@@ -26,13 +26,13 @@ func registerPermissions(agentID, nodeID string) jwt.Permissions {
 
 // agentPermissions: a nexlet serves its agent-plane endpoints on its node, heartbeats,
 // asks its node to renew its workloads' credentials (only under its own agent id),
-// and publishes the feeds of the workloads it runs. relayed (a nexlet that signs, so
-// nexd's SDK): it publishes them only under its own agent id on the node's relay,
-// which passes on those of its own workloads; else (upstream's SDK) the feeds are
-// granted across namespaces, as its workloads may be in any (upstream keyed them by
-// agent id, which its SDK never uses). It gets no JetStream: artifacts are fetched
-// with workload creds.
-func agentPermissions(agentID, nodeID, nexus string, relayed bool) jwt.Permissions {
+// and publishes the feeds of the workloads it runs under its own agent id on the
+// node's relay, which passes on those of its own workloads. direct (upstream's SDK,
+// which cannot relay, or nexd's older than the relay, and only where the operator set
+// allow_nexlet_direct_feeds): also every namespace's feeds on $NEX.FEED, as its
+// workloads may be in any (upstream keyed them by agent id, which its SDK never
+// uses). It gets no JetStream: artifacts are fetched with workload creds.
+func agentPermissions(agentID, nodeID, nexus string, direct bool) jwt.Permissions {
 	var p jwt.Permissions
 	pre := protocol.AgentPrefix(nodeID)
 	p.Sub.Allow.Add(
@@ -57,7 +57,7 @@ func agentPermissions(agentID, nodeID, nexus string, relayed bool) jwt.Permissio
 		protocol.WorkloadEndedSubject(nodeID, agentID, "*"), // its workloads' ends, as requests
 		protocol.FeedRelaySubject(nodeID, agentID, ">"),
 	)
-	if !relayed {
+	if direct {
 		p.Pub.Allow.Add(protocol.FeedWildcard("*", "logs"), protocol.FeedWildcard("*", "metrics"), protocol.FeedWildcard("*", "events"))
 	}
 	// Replies to the node's requests go out under the response permission: no

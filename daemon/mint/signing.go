@@ -100,14 +100,14 @@ func (m *SigningKeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsCo
 	return cd, nil
 }
 
-// MintAgent gives a registered nexlet its agent-plane subjects and, unless relayed
-// (its feeds go through the node, see agentPermissions), the feeds.
-func (m *SigningKeyMinter) MintAgent(agentID, nodeID string, relayed bool) (protocol.NatsConnectionData, error) {
+// MintAgent gives a registered nexlet its agent-plane subjects, its feeds through the
+// node's relay and, when direct, every namespace's feeds too (see agentPermissions).
+func (m *SigningKeyMinter) MintAgent(agentID, nodeID string, direct bool) (protocol.NatsConnectionData, error) {
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("mint nexlet credentials: %w", err)
 	}
 	cd, pub, err := m.mint(agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
-		agentPermissions(agentID, nodeID, m.opts.Nexus, relayed), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
+		agentPermissions(agentID, nodeID, m.opts.Nexus, direct), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
 	if err != nil {
 		return cd, fmt.Errorf("mint credentials for nexlet %s: %w", agentID, err)
 	}
@@ -116,12 +116,12 @@ func (m *SigningKeyMinter) MintAgent(agentID, nodeID string, relayed bool) (prot
 }
 
 // RenewAgent signs a fresh nexlet user (AgentTTL) for userPub, a user nkey the nexlet
-// made itself: the reply holds no seed, so whoever reads it cannot connect. relayed
+// made itself: the reply holds no seed, so whoever reads it cannot connect. direct
 // as its registration was minted (MintAgent), so a renewal neither takes an older
-// supervised nexlet's feeds away nor grants them to a relayed one. A key
+// supervised nexlet's feeds away nor grants them to one minted without. A key
 // already minted for is refused (a replayed request must not make the node revoke the
 // nexlet's current user as superseded).
-func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string, relayed bool) (protocol.NatsConnectionData, error) {
+func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string, direct bool) (protocol.NatsConnectionData, error) {
 	if err := checkIDs(agentID, nodeID); err != nil {
 		return protocol.NatsConnectionData{}, fmt.Errorf("renew nexlet credentials: %w", err)
 	}
@@ -135,7 +135,7 @@ func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string, relayed b
 		return protocol.NatsConnectionData{}, fmt.Errorf("renew credentials for nexlet %s: key %s was used before; make a fresh one", agentID, userPub)
 	}
 	cd, err := m.sign(userPub, agentID, agentConnName(agentID), protocol.InboxPrefix(agentID), m.opts.AgentTTL,
-		agentPermissions(agentID, nodeID, m.opts.Nexus, relayed), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
+		agentPermissions(agentID, nodeID, m.opts.Nexus, direct), []string{"nex-node:" + nodeID, "nex-role:nexlet"})
 	if err != nil {
 		return cd, fmt.Errorf("renew credentials for nexlet %s: %w", agentID, err)
 	}

@@ -105,7 +105,7 @@ func TestAgentScope(t *testing.T) {
 	node, other := nodeID(t), nodeID(t)
 	m := newSigning(t, e, Options{Nexus: "nexus1"})
 	agent := nuid.Next()
-	cd, err := m.MintAgent(agent, node, false)
+	cd, err := m.MintAgent(agent, node, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,6 +148,21 @@ func TestAgentScope(t *testing.T) {
 		cannotPublish(t, a, protocol.DeploySubject("ns1", "bidder"))
 		cannotPublish(t, a, "ns1.orders")
 		cannotPublish(t, a, "$JS.API.STREAM.INFO.OBJ_ns1")
+	})
+	// Without direct (the default: allow_nexlet_direct_feeds off, or a nexlet that
+	// relays), its feeds go only through its node's relay, under its own agent id.
+	t.Run("relayed feeds only", func(t *testing.T) {
+		cd, err := m.MintAgent(agent, node, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := mustDial(t, e.s.ClientURL(), cd)
+		canPublish(t, admin, r, protocol.FeedRelaySubject(node, agent, protocol.LogSubject("ns1", "w1", "stdout")))
+		canPublish(t, admin, r, protocol.AgentHeartbeatSubject(node, agent))
+		cannotPublish(t, r, protocol.FeedRelaySubject(node, "otheragent", protocol.LogSubject("ns1", "w1", "stdout")))
+		cannotPublish(t, r, protocol.LogSubject("ns1", "w1", "stdout"))
+		cannotPublish(t, r, protocol.MetricsSubject("ns1", "w1"))
+		cannotPublish(t, r, protocol.EventSubject("ns1", "WORKLOADSTOPPED"))
 	})
 }
 
@@ -503,7 +518,7 @@ func TestAgentProgressRepliesGetThrough(t *testing.T) {
 	node := nodeID(t)
 	m := newSigning(t, e, Options{})
 	agent := nuid.Next()
-	cd, err := m.MintAgent(agent, node, false)
+	cd, err := m.MintAgent(agent, node, true)
 	if err != nil {
 		t.Fatal(err)
 	}

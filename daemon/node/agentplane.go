@@ -150,11 +150,8 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		}
 	}
 	relayed := feedRelayed(owner, key, req)
-	if key != "" && !relayed {
-		n.log.Warn("an older nexlet (no nexd_feed_relay) keeps the direct feed grant until it restarts: it is the supervised nexlet, signed with its start's key",
-			"agent_id", agentID, "name", req.Name, "version", req.Version)
-	}
-	creds, err := n.o.Minter.MintAgent(agentID, n.id, relayed)
+	direct := n.directFeeds(agentID, owner, key, relayed, req)
+	creds, err := n.o.Minter.MintAgent(agentID, n.id, direct)
 	if err != nil {
 		n.fail(r, 500, "failed to mint nexlet credentials", fmt.Errorf("mint agent %s: %w", agentID, err))
 		return
@@ -208,7 +205,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.replayed[wid] = struct{}{}
 	}
 	n.mu.Unlock()
-	reg := &registration{id: agentID, owner: owner, key: key, relayed: relayed, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
+	reg := &registration{id: agentID, owner: owner, key: key, direct: direct, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown}
 	var replaced []*registration
 	n.mu.Lock()
 	if lr, ok := r.(*localRequest); ok && lr.c.CallerGone() {
@@ -367,6 +364,35 @@ func feedRelayed(owner, key string, req protocol.RegisterAgentRequest) bool {
 		return false
 	}
 	return req.FeedRelay || !strings.HasPrefix(owner, "local:")
+}
+
+// directFeeds reports whether a nexlet that does not relay its feeds gets the direct
+// grant on every namespace's $NEX.FEED: only with allow_nexlet_direct_feeds, as any
+// nexlet holding it can write in any workload's logs, metrics and events. Without,
+// the nexlet is warned of once (per instance, not per restart): its feeds are
+// refused by the server, and the key that lets them through is named.
+func (n *Node) directFeeds(agentID, owner, key string, relayed bool, req protocol.RegisterAgentRequest) bool {
+	switch {
+	case relayed:
+		return false
+	case n.o.AllowDirectFeeds && key != "":
+		n.log.Warn("an older nexlet (no nexd_feed_relay) keeps the direct feed grant until it restarts: it is the supervised nexlet, signed with its start's key",
+			"agent_id", agentID, "name", req.Name, "version", req.Version)
+		return true
+	case n.o.AllowDirectFeeds:
+		return true
+	case !n.o.Minter.PrivateInboxes():
+		return false // a shared or no user: nothing is refused, nothing to warn of
+	}
+	n.mu.Lock()
+	warned := n.feedsWarned[owner]
+	n.feedsWarned[owner] = true
+	n.mu.Unlock()
+	if !warned {
+		n.log.Warn("nexlet may not publish its workloads' logs, metrics and events: it publishes them on $NEX.FEED (upstream's SDK, or nexd's older than the feed relay) and the server refuses them; set allow_nexlet_direct_feeds to grant every such nexlet every namespace's feeds",
+			"agent_id", agentID, "name", req.Name, "version", req.Version, "signed", key != "", "ends_unheard", !req.ReportsEnded)
+	}
+	return false
 }
 
 // nameFree refuses a name bound to another supervised nexlet or, to a supervised one,

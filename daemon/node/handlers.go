@@ -1103,9 +1103,11 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 	case ended && g.owner == a.owner:
 		ns = g.ns
 	}
-	relayed := a.relayed
+	// A nexlet without the direct grant (relaying, or refused it) cannot put its own
+	// WORKLOADSTOPPED on the feed: the node does, from the report.
+	direct := a.direct
 	n.mu.Unlock()
-	if relayed && ns != "" {
+	if !direct && ns != "" {
 		n.publishReportedStop(workloadID, ns, r.Data())
 	}
 	removed := owned && !keep

@@ -483,14 +483,14 @@ type holdFirstAgentMint struct {
 	entered, release, minted chan struct{}
 }
 
-func (m *holdFirstAgentMint) MintAgent(agentID, nodeID string, relayed bool) (protocol.NatsConnectionData, error) {
+func (m *holdFirstAgentMint) MintAgent(agentID, nodeID string, direct bool) (protocol.NatsConnectionData, error) {
 	if !m.held.CompareAndSwap(false, true) {
-		return m.SigningKeyMinter.MintAgent(agentID, nodeID, relayed)
+		return m.SigningKeyMinter.MintAgent(agentID, nodeID, direct)
 	}
 	close(m.entered)
 	<-m.release
 	defer close(m.minted)
-	return m.SigningKeyMinter.MintAgent(agentID, nodeID, relayed)
+	return m.SigningKeyMinter.MintAgent(agentID, nodeID, direct)
 }
 
 func (m *holdFirstAgentMint) RevokeAgentBefore(ctx context.Context, agentID, userPub string) error {

@@ -35,8 +35,9 @@ import (
 type Minter interface {
 	// MintRegister returns the credentials a nexlet uses to register.
 	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
-	// MintAgent returns a registered nexlet's own credentials.
-	MintAgent(agentID, nodeID string, relayed bool) (protocol.NatsConnectionData, error)
+	// MintAgent returns a registered nexlet's own credentials; direct: with a publish
+	// grant on every namespace's $NEX.FEED (allow_nexlet_direct_feeds).
+	MintAgent(agentID, nodeID string, direct bool) (protocol.NatsConnectionData, error)
 	// MintWorkload returns a workload's credentials, scoped to its namespace.
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
 	// RenewWorkload returns fresh credentials of a running workload, in its namespace.
@@ -44,7 +45,7 @@ type Minter interface {
 	// RenewAgent signs a fresh user of nexlet agentID for userPub, a public user nkey
 	// the nexlet made (the reply carries no seed); an error wrapping
 	// mint.ErrRenewalUnsupported where nexlet users do not expire.
-	RenewAgent(agentID, nodeID, userPub string, relayed bool) (protocol.NatsConnectionData, error)
+	RenewAgent(agentID, nodeID, userPub string, direct bool) (protocol.NatsConnectionData, error)
 	// RevokeSuperseded revokes a workload's users older than its newest, where the
 	// minter can revoke (an error wrapping an unsupported revocation otherwise).
 	RevokeSuperseded(ctx context.Context, workloadID string) error
@@ -75,6 +76,11 @@ type Options struct {
 	// and DefaultMaxBidsPerNamespace); the oldest is evicted first.
 	MaxBids, MaxBidsPerNamespace int
 	AllowRemoteRegistration      bool
+	// AllowDirectFeeds (allow_nexlet_direct_feeds) grants the nexlets that cannot
+	// relay their feeds (upstream's SDK; a supervised nexlet older than the relay) a
+	// publish grant on every namespace's $NEX.FEED, as before the relay. Off, their
+	// feeds are refused by the server: any of them could forge another's.
+	AllowDirectFeeds bool
 	// RemoteNexlets are the only remote nexlets that may register: each signs its
 	// registration with the key listed here, under the name and type listed here.
 	RemoteNexlets []RemoteNexlet
@@ -270,6 +276,9 @@ type Node struct {
 	slots          chan struct{}       // bounds those goroutines
 	probes         chan chan struct{}  // liveness probes, answered by the health loop
 	replayed       map[string]struct{} // workload ids handed to nexlets to replay
+	// feedsWarned: the nexlet instances (owners) already warned that their direct
+	// feeds are refused, so a restarting nexlet does not repeat it.
+	feedsWarned map[string]bool
 	// lastList is the last complete system-namespace listing, taken while connected,
 	// and when: what status shows during a NATS outage instead of an empty answer.
 	lastList   []protocol.WorkloadSummary
@@ -396,6 +405,7 @@ func New(o Options) (*Node, error) {
 		slots:          make(chan struct{}, 64),
 		probes:         make(chan chan struct{}),
 		replayed:       map[string]struct{}{},
+		feedsWarned:    map[string]bool{},
 	}
 	return n, nil
 }

@@ -19,7 +19,7 @@ type registration struct {
 	id           string
 	owner        string // stable identity: "local:<supervised name>" or "remote:<name>"
 	key          string // public key its registration was signed with ("" unsigned); signs its renewals
-	relayed      bool   // its feeds go through the node's relay (feedRelayed); renewals keep that
+	direct       bool   // its user may publish on every $NEX.FEED (directFeeds); renewals keep that
 	req          protocol.RegisterAgentRequest
 	schema       *startSchema
 	registeredAt time.Time

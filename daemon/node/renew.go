@@ -69,7 +69,7 @@ func (n *Node) handleRenewAgent(r micro.Request) {
 		n.revokeAgentBefore(agentID, req.PublicKey, 0)
 		return
 	}
-	creds, err := n.o.Minter.RenewAgent(agentID, n.id, req.PublicKey, a.relayed)
+	creds, err := n.o.Minter.RenewAgent(agentID, n.id, req.PublicKey, a.direct)
 	if err != nil {
 		code := 400
 		if errors.Is(err, mint.ErrRenewalUnsupported) {

@@ -468,7 +468,8 @@ func squatBeforeReturn(t *testing.T, rf *rogueFixture, names []string, id, sup s
 // own agent id and under the victim's. None reaches $NEX.FEED (the first is refused by
 // the server, the second dropped by the node, the third refused), while the victim's
 // own line through the relay does, with its headers. A nexlet that does not sign
-// (upstream's SDK) is not told to relay and still publishes on $NEX.FEED. Before, the
+// (upstream's SDK) is not told to relay, and its direct line is refused too (without
+// allow_nexlet_direct_feeds: TestRogueUpstreamNexletForgesFeeds). Before, the
 // rogue's direct line and event reached every subscriber of the tenant's feeds.
 func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 	rf, victim, rogue := newSignedRogueFixture(t)
@@ -516,7 +517,7 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 			t.Errorf("the relayed line lost its headers: %v", m.Header)
 		}
 	}
-	want := []string{"$NEX.FEED.tenant.logs.plainwid.stdout unsigned direct", logSubj + " honest"}
+	want := []string{logSubj + " honest"} // the unsigned one's too with allow_nexlet_direct_feeds
 	slices.Sort(got)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
@@ -652,11 +653,12 @@ func (rf *rogueFixture) renewed(a *fakeAgent) *nats.Conn {
 // TestOlderSupervisedNexletKeepsDirectFeeds: after an upgrade of nexd, the supervised
 // native nexlet of the older binary (adopted: signed with its start's key, but its SDK
 // predates the relay and says nothing of it) publishes its workloads' feeds on
-// $NEX.FEED. They arrive, before and after it renews its user. Before, it was minted
+// $NEX.FEED. With allow_nexlet_direct_feeds they arrive, before and after it renews its
+// user (without, TestOlderLocalNexletRefusedDirectFeeds). Before, it was minted
 // without the feed grant (at its registration with the new nexd, and at every renewal):
 // its lines were refused by the server until it restarted.
 func TestOlderSupervisedNexletKeepsDirectFeeds(t *testing.T) {
-	rf := newRogueFixture(t)
+	rf := newRogueFixture(t, func(o *Options) { o.AllowDirectFeeds = true })
 	n := rf.nodes[0]
 	old := rf.minted("native0", "native-nexlet", "native", signedStart(n, false))
 	if old.resp.NexdFeedRelay {

@@ -252,7 +252,7 @@ func TestRenewKeepsWorkloadConnectedPastExpiry(t *testing.T) {
 	const ttl = 5 * time.Second
 	srv, admin, m := operatorServer(t, mint.Options{WorkloadTTL: ttl})
 	fn := newFakeNodeOn(t, srv, admin, func() protocol.NatsConnectionData {
-		cd, err := m.MintAgent(testAgent, testNode, false)
+		cd, err := m.MintAgent(testAgent, testNode, true)
 		if err != nil {
 			t.Fatal(err)
 		}
