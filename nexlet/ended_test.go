@@ -2,6 +2,7 @@ package nexlet
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sync/atomic"
 	"testing"
@@ -79,5 +80,61 @@ func TestEndedReportRefusedThenReregistered(t *testing.T) {
 	case <-acked:
 	case <-time.After(10 * time.Second):
 		t.Fatalf("the refused report was not sent again after the nexlet registered again (%d reports, %d registrations)", reports.Load(), 1+len(regs))
+	}
+}
+
+// TestEndedReportDuringShutdown: workloads that end while the runner shuts down (a
+// nexlet stopping its workloads on its way out) start no report sender that Shutdown
+// does not wait for. make test's race detector caught reportEnded's reports.Add racing
+// Shutdown's reports.Wait (nexlet/native TestRootWorkloadWhenAllowed): a sender started
+// after the Wait outlived the runner, on a drained connection.
+func TestEndedReportDuringShutdown(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	regs := make(chan protocol.RegisterAgentRequest, 100)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, regs)
+	if _, err := nc.Subscribe(protocol.WorkloadEndedSubject(node, agent, "*"), func(m *nats.Msg) {
+		_ = m.Respond([]byte(`{"removed":true}`))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.Flush()
+	for round := range 20 {
+		r, err := NewRunner(context.Background(), node, newMemAgent(), WithLogger(slog.New(slog.DiscardHandler)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+			t.Fatal(err)
+		}
+		<-regs
+		stop, emitted := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(emitted)
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				id := fmt.Sprintf("W%d-%d", round, i)
+				_ = r.EmitEvent("ns", protocol.EventWorkloadStopped, protocol.WorkloadStoppedEvent{ID: id, Namespace: "ns", WorkloadType: "mem"})
+			}
+		}()
+		time.Sleep(time.Millisecond) // some reports in flight as the shutdown begins
+		if err := r.Shutdown(); err != nil {
+			t.Errorf("round %d: shutdown: %v", round, err)
+		}
+		// After Shutdown returned, a report must not start a sender at all.
+		_ = r.EmitEvent("ns", protocol.EventWorkloadStopped, protocol.WorkloadStoppedEvent{ID: "late", Namespace: "ns", WorkloadType: "mem"})
+		r.mu.Lock()
+		late := r.unacked["late"]
+		sending := late != nil && late.sending
+		r.mu.Unlock()
+		close(stop)
+		<-emitted
+		if sending {
+			t.Fatalf("round %d: a workload-ended report after Shutdown started a sender", round)
+		}
 	}
 }

@@ -920,10 +920,17 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 		r.mu.Unlock()
 		return // the retrying goroutine sends the newest body
 	}
+	if r.stop == nil {
+		// Shut down, or shutting down: its reports.Wait may have returned. The report
+		// stays unacknowledged, as one the node refused.
+		r.mu.Unlock()
+		return
+	}
 	rep.sending = true
+	// Under r.mu with the check above: Shutdown clears r.stop under it before waiting.
+	r.reports.Add(1)
 	r.mu.Unlock()
 	subj := protocol.WorkloadEndedSubject(r.nodeID, agentID, workloadID)
-	r.reports.Add(1)
 	go func() {
 		defer r.reports.Done()
 		acked, parked := false, false
