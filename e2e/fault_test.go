@@ -846,7 +846,9 @@ func TestArtifactStoredOnDisk(t *testing.T) {
 	}
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
-	js, err := jetstream.New(testnats.Connect(t, s))
+	// Acks of a few MB stored by a race-built server on a loaded machine can take more
+	// than the client's default 5 s per publish (a put failed so in make test).
+	js, err := jetstream.New(testnats.Connect(t, s), jetstream.WithDefaultTimeout(time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}

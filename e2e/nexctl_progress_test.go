@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -24,7 +25,9 @@ func TestNexctlRunArtifactProgress(t *testing.T) {
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	n.waitReady(t)
 	n.waitNative(t)
-	js, err := jetstream.New(testnats.Connect(t, s))
+	// Acks of a few MB stored by a race-built server on a loaded machine can take more
+	// than the client's default 5 s per publish (a put failed so in make test).
+	js, err := jetstream.New(testnats.Connect(t, s), jetstream.WithDefaultTimeout(time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -20,7 +21,9 @@ import (
 // putObjects makes the bucket "artifacts" with the given objects.
 func putObjects(t *testing.T, fn *fakeNode, objs map[string][]byte) {
 	t.Helper()
-	js, err := jetstream.New(fn.nc)
+	// Acks of a few MB stored by a race-built server on a loaded machine can take more
+	// than the client's default 5 s per publish (a put failed so in make test).
+	js, err := jetstream.New(fn.nc, jetstream.WithDefaultTimeout(time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}
