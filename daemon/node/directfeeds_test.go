@@ -13,19 +13,26 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
+// tenantFeed subscribes the client to every feed of namespace tenant, flushed.
+func (rf *rogueFixture) tenantFeed() *nats.Subscription {
+	rf.t.Helper()
+	feed, err := rf.client.SubscribeSync(protocol.FeedWildcard("tenant", ""))
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		rf.t.Fatal(err)
+	}
+	return feed
+}
+
 // directForgeries publishes, from nc straight on $NEX.FEED (as upstream's SDK does), a
 // log line, a metrics sample and a WORKLOADSTARTED event about workload wid in
 // namespace tenant, and returns what a subscriber of the tenant's feeds got of them.
 func (rf *rogueFixture) directForgeries(nc *nats.Conn, wid string) []string {
 	rf.t.Helper()
-	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
-	if err != nil {
-		rf.t.Fatal(err)
-	}
+	feed := rf.tenantFeed()
 	defer func() { _ = feed.Unsubscribe() }()
-	if err := rf.client.Flush(); err != nil {
-		rf.t.Fatal(err)
-	}
 	for _, m := range []struct {
 		subj string
 		data []byte

@@ -480,13 +480,7 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 			victim.resp.NexdFeedRelay, rogue.resp.NexdFeedRelay, plain.resp.NexdFeedRelay)
 	}
 	wid := rf.deployOne("tenant")
-	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rf.client.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	feed := rf.tenantFeed()
 	logSubj := protocol.LogSubject("tenant", wid, "stdout")
 	started := js(protocol.WorkloadStartedEvent{ID: wid, Namespace: "tenant"})
 	pub := func(a *fakeAgent, subj string, data []byte) {
@@ -601,14 +595,8 @@ func signedStart(n *Node, relay bool) func(*fakeAgent) {
 // directly from nc and reports whether a subscriber of the tenant's feeds got it.
 func (rf *rogueFixture) feedCarried(nc *nats.Conn, wid, line string) bool {
 	rf.t.Helper()
-	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
-	if err != nil {
-		rf.t.Fatal(err)
-	}
+	feed := rf.tenantFeed()
 	defer func() { _ = feed.Unsubscribe() }()
-	if err := rf.client.Flush(); err != nil {
-		rf.t.Fatal(err)
-	}
 	if err := nc.Publish(protocol.LogSubject("tenant", wid, "stdout"), []byte(line)); err != nil {
 		rf.t.Fatal(err)
 	}
