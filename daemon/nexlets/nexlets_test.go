@@ -128,6 +128,23 @@ func TestManagerStartsNexletsWithTheirEnvironment(t *testing.T) {
 	}
 }
 
+// attachedRun is a manager of agents (and the native nexlet) on dir's state directory,
+// not started, attached to a registry that records what it is told: one run of nexd.
+func attachedRun(t *testing.T, dir string, agents ...config.Agent) (*Manager, *registry) {
+	t.Helper()
+	cfg := &config.Config{Node: config.NodeConfig{StateDir: filepath.Join(dir, "state"), StopGrace: time.Second,
+		Agents: agents}}
+	log := slog.New(slog.DiscardHandler)
+	reg := &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}}
+	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Minter: minter{},
+		RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Attach(reg)
+	return m, reg
+}
+
 // TestRecordedNamesReservedNextRun: a name a supervised nexlet registered under
 // (RecordName, from the node's OnNameBound) is announced with it in the next run,
 // before it registers, and the native nexlet's registration name always is: the node
@@ -135,19 +152,7 @@ func TestManagerStartsNexletsWithTheirEnvironment(t *testing.T) {
 func TestRecordedNamesReservedNextRun(t *testing.T) {
 	dir := t.TempDir()
 	prog := testkit.WriteExecutable(t, filepath.Join(dir, "wasm"), "#!/bin/sh\nexec sleep 600\n")
-	cfg := &config.Config{Node: config.NodeConfig{StateDir: filepath.Join(dir, "state"), StopGrace: time.Second,
-		Agents: []config.Agent{{URI: prog}}}}
-	log := slog.New(slog.DiscardHandler)
-	run := func() (*Manager, *registry) {
-		reg := &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}}
-		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Minter: minter{},
-			RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.Attach(reg)
-		return m, reg
-	}
+	run := func() (*Manager, *registry) { return attachedRun(t, dir, config.Agent{URI: prog}) }
 	m, _ := run()
 	m.RecordName("wasm", "wasmtime")
 	m.RecordName("wasm", "wasmtime") // kept once
@@ -186,26 +191,13 @@ func TestKeptNameOfAnotherIsNoSupervisedName(t *testing.T) {
 	dir := t.TempDir()
 	x := testkit.WriteExecutable(t, filepath.Join(dir, "x"), "#!/bin/sh\nexec sleep 600\n")
 	echo := testkit.WriteExecutable(t, filepath.Join(dir, "echo"), "#!/bin/sh\nexec sleep 600\n")
-	log := slog.New(slog.DiscardHandler)
-	run := func(agents ...config.Agent) (*Manager, *registry) {
-		cfg := &config.Config{Node: config.NodeConfig{StateDir: filepath.Join(dir, "state"), StopGrace: time.Second,
-			Agents: agents}}
-		reg := &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}}
-		m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Minter: minter{},
-			RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.Attach(reg)
-		return m, reg
-	}
-	m, _ := run(config.Agent{URI: x})
+	m, _ := attachedRun(t, dir, config.Agent{URI: x})
 	m.RecordName("x", "echo")
 	m.RecordName("x", "xtra")
 	if err := m.Stop(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	m, reg := run(config.Agent{URI: x}, config.Agent{URI: echo})
+	m, reg := attachedRun(t, dir, config.Agent{URI: x}, config.Agent{URI: echo})
 	t.Cleanup(func() { _ = m.Stop(context.Background()) })
 	want := map[string][]string{NativeName: {native.Name}, "x": {"xtra"}, "echo": nil}
 	reg.mu.Lock()

@@ -667,19 +667,8 @@ func TestOlderSupervisedNexletKeepsDirectFeeds(t *testing.T) {
 // log line, with the registration's user and with a renewed one, is refused by the
 // server: only the supervised nexlet signed with its start's key is taken for older.
 func TestRogueNexletClaimsToBeOlder(t *testing.T) {
-	key, _ := nkeys.CreateUser()
-	pub, _ := key.PublicKey()
-	rf := newRogueFixture(t, func(o *Options) {
-		o.AllowRemoteRegistration = true
-		o.RemoteNexlets = []RemoteNexlet{{Name: "remote", Type: "native", PublicKey: pub}}
-	})
+	rf, rogue := newRemoteFixture(t)
 	n := rf.nodes[0]
-	rc, err := rf.m.MintRegister("remote0", n.ID())
-	if err != nil {
-		t.Fatal(err)
-	}
-	rogue := newFakeAgentOn(t, rf.dial(rc), n.ID(), "remote0", "remote", "native")
-	rogue.reconnect, rogue.key = rf.dial, key
 	rogue.mustRegister()
 	waitHealthy(t, n, rogue.id)
 	if !rogue.resp.NexdFeedRelay {
@@ -772,12 +761,7 @@ func feedBodies(sub *nats.Subscription) []string {
 func TestRogueNexletSquatsRemoteName(t *testing.T) {
 	for _, kept := range []bool{false, true} {
 		t.Run(fmt.Sprintf("kept=%v", kept), func(t *testing.T) {
-			key, _ := nkeys.CreateUser()
-			pub, _ := key.PublicKey()
-			rf := newRogueFixture(t, func(o *Options) {
-				o.AllowRemoteRegistration = true
-				o.RemoteNexlets = []RemoteNexlet{{Name: "remote", Type: "native", PublicKey: pub}}
-			})
+			rf, remote := newRemoteFixture(t)
 			n := rf.nodes[0]
 			if kept {
 				n.ExpectAgent("rogue0", "rogue", "remote")
@@ -796,16 +780,31 @@ func TestRogueNexletSquatsRemoteName(t *testing.T) {
 				}
 				t.Cleanup(rogue.kill)
 			}
-			rc, err := rf.m.MintRegister("remote0", n.ID())
-			if err != nil {
-				t.Fatal(err)
-			}
-			remote := newFakeAgentOn(t, rf.dial(rc), n.ID(), "remote0", "remote", "native")
-			remote.reconnect, remote.key = rf.dial, key
 			if m := remote.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
 				t.Fatalf("the listed remote nexlet was refused its name: %s %s", m.Header.Get(protocol.HeaderErrorCode), m.Data)
 			}
 			t.Cleanup(remote.kill)
 		})
 	}
+}
+
+// newRemoteFixture is a rogue fixture whose node lists one remote nexlet, "remote" of
+// type native, and that nexlet (agent id remote0) on its registration user, signing
+// with its listed key, not registered yet.
+func newRemoteFixture(t *testing.T) (*rogueFixture, *fakeAgent) {
+	t.Helper()
+	key, _ := nkeys.CreateUser()
+	pub, _ := key.PublicKey()
+	rf := newRogueFixture(t, func(o *Options) {
+		o.AllowRemoteRegistration = true
+		o.RemoteNexlets = []RemoteNexlet{{Name: "remote", Type: "native", PublicKey: pub}}
+	})
+	n := rf.nodes[0]
+	rc, err := rf.m.MintRegister("remote0", n.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	remote := newFakeAgentOn(t, rf.dial(rc), n.ID(), "remote0", "remote", "native")
+	remote.reconnect, remote.key = rf.dial, key
+	return rf, remote
 }
