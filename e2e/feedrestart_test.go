@@ -89,7 +89,11 @@ func TestFeedLinesSurviveNexdKill(t *testing.T) {
 	n.cmd.Process.Kill()
 	n.wait(t, 30*time.Second)
 	killedAt := printed()
-	time.Sleep(time.Second) // the workload goes on printing: about 100 lines while no nexd runs
+	// The workload goes on printing while no nexd runs: 100 lines, however slowly a
+	// loaded host runs it (a second's sleep gave 49 at load 15, too few to tell).
+	for deadline := time.Now().Add(30 * time.Second); printed() < killedAt+100 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	n2 := startNode(t, opts(n.cgroup))
 	n2.waitReady(t)
 	readyAt := printed()
