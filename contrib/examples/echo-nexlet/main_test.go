@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"strings"
 	"testing"
@@ -56,8 +57,11 @@ func TestRemoteRegistrationAndJob(t *testing.T) {
 	var m *nats.Msg
 	var err error
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
-		// The endpoints are up once Run returns; retry until then.
-		if m, err = nc.Request(protocol.StartWorkloadSubject("NODE1", "ECHO1", "W1"), start, time.Second); err == nil {
+		// The endpoints are up once Run returns: until then the request finds no
+		// responder. Only that is retried: a start that was delivered but answered
+		// late (under load) and sent again would be refused as already running.
+		m, err = nc.Request(protocol.StartWorkloadSubject("NODE1", "ECHO1", "W1"), start, 30*time.Second)
+		if !errors.Is(err, nats.ErrNoResponders) {
 			break
 		}
 		time.Sleep(50 * time.Millisecond)
