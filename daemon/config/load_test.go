@@ -1089,6 +1089,22 @@ func TestLiveRestoreNeedsState(t *testing.T) {
 	}
 }
 
+// TestUnsignedNexletWithoutDirectFeeds: a nexlet on upstream's SDK (unsigned_registration)
+// on a node that mints scoped users (here the zero-config embedded server's) is warned
+// about unless allow_nexlet_direct_feeds is set: its feeds would be refused.
+func TestUnsignedNexletWithoutDirectFeeds(t *testing.T) {
+	o := hermetic()
+	o.Env = []string{`NEX_AGENTS=[{"uri": "/opt/up", "unsigned_registration": true}, {"uri": "/opt/nexd-sdk"}]`}
+	w := strings.Join(mustLoad(t, o).Warnings, "\n")
+	if !strings.Contains(w, "agents[0] (/opt/up): unsigned_registration (upstream's SDK) without allow_nexlet_direct_feeds") || strings.Contains(w, "agents[1]") {
+		t.Errorf("warnings %q: want one for agents[0] alone", w)
+	}
+	o.Args = []string{"--allow-nexlet-direct-feeds"}
+	if w := strings.Join(mustLoad(t, o).Warnings, "\n"); strings.Contains(w, "allow_nexlet_direct_feeds") {
+		t.Errorf("with the key: warnings %q", w)
+	}
+}
+
 // TestCgroupDriver: cgroup_driver is cgroupfs by default; systemd is refused with the
 // key and the host's reason where the host cannot give scopes (this test host has no
 // systemd as init, so the real check refuses it); an unknown driver names the choices.

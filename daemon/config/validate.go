@@ -187,6 +187,24 @@ func (v *validator) validate() {
 	if n.LiveRestore && (n.State != "kv" || n.StateDir == "") {
 		v.warnings = append(v.warnings, "live_restore without state kv and a state_dir: workloads keep running when nexd stops, but the next nexd has no record of them and leaves them unmanaged")
 	}
+	v.directFeeds()
+}
+
+// directFeeds warns of each nexlet on upstream's SDK whose feeds the server will refuse:
+// nexd mints scoped users (a signing key, given or the zero-config embedded server's)
+// and allow_nexlet_direct_feeds is off.
+func (v *validator) directFeeds() {
+	n := &v.cfg.Node
+	issuer := n.IssuerSigningKey != "" || n.IssuerSigningKeyRootAccount != "" || n.IssuerNkey != "" || n.IssuerNkeySeed != ""
+	scoped := n.IssuerSigningKey != "" || (!issuer && n.InatsConfig == "" && !v.cfg.NATS.Configured())
+	if !scoped || n.AllowNexletDirectFeeds {
+		return
+	}
+	for i, a := range n.Agents {
+		if a.UnsignedRegistration {
+			v.warnings = append(v.warnings, fmt.Sprintf("agents[%d] (%s): unsigned_registration (upstream's SDK) without allow_nexlet_direct_feeds: the server refuses its workloads' logs, metrics and events, and the node does not hear them end", i, a.URI))
+		}
+	}
 }
 
 // subjectToken checks a value used as one token of NATS subjects.
