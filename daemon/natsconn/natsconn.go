@@ -94,8 +94,12 @@ type Conn struct {
 	disconnects    atomic.Uint64
 	disconnectedAt atomic.Int64 // unix nanos, 0 while connected
 	lastErr        atomic.Pointer[string]
-	closed         chan struct{}
-	closeOnce      sync.Once
+	// violated is closed at the next permissions violation the server reports, then
+	// replaced (NextViolation).
+	violMu    sync.Mutex
+	violated  chan struct{}
+	closed    chan struct{}
+	closeOnce sync.Once
 }
 
 // Connect opens the connection to the external servers o describes (nats.DefaultURL
@@ -134,7 +138,7 @@ func newConn(o Options, log *slog.Logger) *Conn {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Conn{log: log, jsDomain: o.JSDomain, grace: o.HealthGrace, closed: make(chan struct{})}
+	c := &Conn{log: log, jsDomain: o.JSDomain, grace: o.HealthGrace, closed: make(chan struct{}), violated: make(chan struct{})}
 	if c.grace <= 0 {
 		c.grace = DefaultHealthGrace
 	}
@@ -309,6 +313,12 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			c.setLastErr(err)
+			if errors.Is(err, nats.ErrPermissionViolation) {
+				c.violMu.Lock()
+				close(c.violated)
+				c.violated = make(chan struct{})
+				c.violMu.Unlock()
+			}
 			subject := ""
 			if sub != nil {
 				subject = sub.Subject
@@ -418,6 +428,15 @@ func nkeyOption(pub, seed string) (nats.Option, error) {
 func (c *Conn) setLastErr(err error) {
 	s := err.Error()
 	c.lastErr.Store(&s)
+}
+
+// NextViolation is closed when the server next reports a permissions violation on the
+// connection (nats.ErrPermissionViolation, then the connection's LastError): nats.go
+// tells only the error handler, and a refused request waits out its timeout.
+func (c *Conn) NextViolation() <-chan struct{} {
+	c.violMu.Lock()
+	defer c.violMu.Unlock()
+	return c.violated
 }
 
 // Connected reports whether the connection is up, without Info's round trip to the

@@ -86,24 +86,7 @@ func TestDoctorTenant(t *testing.T) {
 	op := testnats.StartOperator(t, nil)
 	dir := t.TempDir()
 	user := func(name string, p jwt.Permissions, prefix string) string {
-		tok, seed := op.UserWith(t, name, nil, p)
-		creds, err := jwt.FormatUserConfig(tok, []byte(seed))
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx := map[string]string{"url": op.Server.ClientURL(), "creds": filepath.Join(dir, name+".creds")}
-		if prefix != "" {
-			ctx["inbox_prefix"] = prefix
-		}
-		if err := os.WriteFile(ctx["creds"], creds, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		b, _ := json.Marshal(ctx)
-		file := filepath.Join(dir, name+".json")
-		if err := os.WriteFile(file, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return file
+		return userContext(t, op, dir, name, p, prefix)
 	}
 	doctor := func(ctxFile string) (doctorOut, int, string) {
 		t.Helper()
@@ -139,4 +122,28 @@ func TestDoctorTenant(t *testing.T) {
 	if code != 1 || c.Status != checkFail || !strings.Contains(c.Fix, "$NEX.FEED.shop.>") || strings.Contains(c.Fix, adminFix) {
 		t.Errorf("a tenant missing its feed grant: exit %d, %+v", code, c)
 	}
+}
+
+// userContext writes a NATS context (in dir) for a new user name of op's application
+// account restricted to p, with inbox prefix prefix unless empty, and returns its file.
+func userContext(t *testing.T, op *testnats.Operator, dir, name string, p jwt.Permissions, prefix string) string {
+	t.Helper()
+	tok, seed := op.UserWith(t, name, nil, p)
+	creds, err := jwt.FormatUserConfig(tok, []byte(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := map[string]string{"url": op.Server.ClientURL(), "creds": filepath.Join(dir, name+".creds")}
+	if prefix != "" {
+		ctx["inbox_prefix"] = prefix
+	}
+	if err := os.WriteFile(ctx["creds"], creds, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(ctx)
+	file := filepath.Join(dir, name+".json")
+	if err := os.WriteFile(file, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return file
 }

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -40,6 +42,62 @@ type fleet struct {
 	// allowUnsigned (--allow-unsigned-bids, for upstream nodes).
 	trusted       map[string]bool
 	allowUnsigned bool
+	// violation is closed at the server's next permissions violation on nc
+	// (natsconn.Conn.NextViolation; nil: not watched).
+	violation func() <-chan struct{}
+}
+
+// jsGrant is what reading or changing the nodes' KV state needs, for refusals.
+const jsGrant = "publish on $JS.API.> (the JetStream API; $JS.<domain>.API.> with a JetStream domain) in the account whose JetStream the nodes use (their KV state, the log stream): a node admin's credentials, such as those nexd connects with; a tenant's user has no JetStream grants"
+
+// refusable derives from ctx a context that ends as soon as the server refuses this
+// user one of subjects (a subject ending in "." stands for every subject under it) or
+// a reply inbox: a JetStream request refused for permissions otherwise hears nothing
+// and waits out its timeout. stop releases the context and returns the refusal, if any
+// (it wraps nats.ErrPermissionViolation).
+func (f *fleet) refusable(ctx context.Context, subjects ...string) (context.Context, func() error) {
+	rctx, cancel := context.WithCancelCause(ctx)
+	if f.violation == nil {
+		return rctx, func() error { cancel(nil); return nil }
+	}
+	subjects = append(slices.Clip(subjects), f.inboxPrefix())
+	next := f.violation() // before before: a violation in between closes it
+	before := f.nc.LastError()
+	var refused error
+	var watch sync.WaitGroup
+	watch.Go(func() {
+		for {
+			select {
+			case <-rctx.Done():
+				return
+			case <-next:
+			}
+			next = f.violation()
+			if err := scatter.Refused(f.nc, before, subjects...); err != nil {
+				refused = err
+				cancel(err)
+				return
+			}
+		}
+	})
+	return rctx, func() error {
+		cancel(nil)
+		watch.Wait()
+		return refused
+	}
+}
+
+// jsAPIPrefix is the JetStream API's subject prefix of f's domain.
+func (f *fleet) jsAPIPrefix() string {
+	if f.jsDomain != "" {
+		return "$JS." + f.jsDomain + ".API."
+	}
+	return jetstream.DefaultAPIPrefix
+}
+
+// jsRefused names a JetStream refusal for what and the grant it needs.
+func jsRefused(what string, refused error) error {
+	return fmt.Errorf("%s: %w; it needs %s", what, refused, jsGrant)
 }
 
 func (f *fleet) jetstream() (jetstream.JetStream, error) {

@@ -109,7 +109,11 @@ func (a *app) workloadHistory(ctx context.Context, f *fleet, ns, id string, sinc
 	if err != nil {
 		return nil, "", err
 	}
-	ls, err := logstream.Read(ctx, js, ns, id, since, tail)
+	rctx, stop := f.refusable(ctx, f.jsAPIPrefix())
+	ls, err := logstream.Read(rctx, js, ns, id, since, tail)
+	if refused := stop(); refused != nil {
+		return nil, "", jsRefused("read the log stream "+logstream.Stream, refused)
+	}
 	switch {
 	case errors.Is(err, logstream.ErrNoStream):
 		return nil, "", fmt.Errorf("no history for workload %s: it left no lines in this host's journal or node, and no node keeps a log stream; set log_stream = true in the nodes' config (or follow the live output with -f)", id)

@@ -47,7 +47,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 		return nil, nil, err
 	}
 	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
-		progress: a.newDeployProgress()}
+		progress: a.newDeployProgress(), violation: c.NextViolation}
 	if len(r.TrustedNodes) > 0 {
 		f.trusted, f.allowUnsigned = map[string]bool{}, a.allowUnsigned
 		for _, id := range r.TrustedNodes {
@@ -473,6 +473,18 @@ func listStateEntries(ctx context.Context, f *fleet, nodeID string) ([]stateEntr
 		return nil, err
 	}
 	bucket := "nex-" + nodeID
+	// A user without JetStream grants (a tenant's) is told so at once, not after
+	// the API's timeout (e2e TestTenantNodeStateRefused).
+	ctx, stop := f.refusable(ctx, f.jsAPIPrefix())
+	entries, err := readStateEntries(ctx, js, bucket, nodeID)
+	if refused := stop(); refused != nil {
+		return nil, jsRefused("read the state bucket "+bucket, refused)
+	}
+	return entries, err
+}
+
+// readStateEntries is listStateEntries' reading of bucket.
+func readStateEntries(ctx context.Context, js jetstream.JetStream, bucket, nodeID string) ([]stateEntry, error) {
 	kv, err := js.KeyValue(ctx, bucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
 		return nil, fmt.Errorf("node %s has no state bucket %s (is its state kept in KV?)", nodeID, bucket)
@@ -507,12 +519,16 @@ func staleStateBuckets(ctx context.Context, f *fleet) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	names := js.KeyValueStoreNames(ctx)
+	lctx, stop := f.refusable(ctx, f.jsAPIPrefix())
+	names := js.KeyValueStoreNames(lctx)
 	var buckets []string
 	for n := range names.Name() {
 		if id, ok := strings.CutPrefix(n, "nex-"); ok && nodeIDPattern.MatchString(id) {
 			buckets = append(buckets, n)
 		}
+	}
+	if refused := stop(); refused != nil {
+		return nil, jsRefused("list the KV buckets", refused)
 	}
 	if err := names.Error(); err != nil {
 		return nil, fmt.Errorf("list KV buckets: %w", err)
