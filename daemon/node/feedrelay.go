@@ -151,7 +151,9 @@ func (n *Node) feedOf(agentID, feed string, m *nats.Msg, local *localchan.Client
 		wid = tok[2]
 	case len(tok) == 3 && tok[1] == "metrics":
 		wid = tok[2]
-	case len(tok) == 3 && tok[1] == "events":
+	case len(tok) == 3 && tok[1] == "events" && protocol.IsToken(tok[2]):
+		// The type a token: the server takes a published subject with wildcard
+		// tokens, and the node republished events.> and events.* under its own user.
 		wid = eventWorkloadID(m.Data)
 	}
 	if !protocol.IsToken(agentID) || !protocol.IsToken(wid) || !protocol.IsToken(tok[0]) {

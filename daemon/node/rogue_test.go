@@ -808,3 +808,48 @@ func newRemoteFixture(t *testing.T) (*rogueFixture, *fakeAgent) {
 	remote.reconnect, remote.key = rf.dial, key
 	return rf, remote
 }
+
+// TestRelayedEventTypeIsAToken: a rogue nexlet that signs relays events about its own
+// workload under the types ">" and "*": the node republished them as
+// $NEX.FEED.tenant.events.> and .* (the server takes a published subject with
+// wildcard tokens), subjects no event has, under the node's own user. Now only an
+// event type of letters, digits, - and _ passes.
+func TestRelayedEventTypeIsAToken(t *testing.T) {
+	rf, _, rogue := newSignedRogueFixture(t)
+	n := rf.nodes[0]
+	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid from the rogue")
+	}
+	req := startReq("tenant", "r", `{"cmd":"x"}`)
+	req.WorkloadType = "rogue"
+	var own protocol.StartWorkloadResponse
+	if m := request(t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), req); protocol.Decode(m.Data, &own) != nil || own.ID == "" {
+		t.Fatalf("deploy on the rogue: %q", m.Data)
+	}
+	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	body := []byte(fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, own.ID))
+	for _, typ := range []string{">", "*", protocol.EventWorkloadStarted} {
+		if err := rogue.nc.Publish(protocol.FeedRelaySubject(n.ID(), rogue.id, protocol.EventSubject("tenant", typ)), body); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = rogue.nc.Flush()
+	var got []string
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
+		m, err := feed.NextMsg(time.Until(deadline))
+		if err != nil {
+			break
+		}
+		got = append(got, m.Subject)
+	}
+	if want := []string{protocol.EventSubject("tenant", protocol.EventWorkloadStarted)}; !slices.Equal(got, want) {
+		t.Errorf("the tenant's feed carried %q, want only %q", got, want)
+	}
+}
