@@ -42,9 +42,15 @@ func TestFeedLinesSurviveNexdKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	printed := func() int {
-		b, _ := os.ReadFile(at)
-		k, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-		return k
+		for range 1000 { // the shell truncates the file before it writes the number
+			b, _ := os.ReadFile(at)
+			if k, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				return k
+			}
+			time.Sleep(time.Millisecond)
+		}
+		t.Fatal("the workload's number is not in its file")
+		return 0
 	}
 	w := n.runWorkload(t, "--nats.creds-file", creds, "--bids", "1", "--name", "counter", "--",
 		"/bin/sh", "-c", `i=0; while :; do i=$((i+1)); echo "line $i"; echo $i > "$0"; sleep 0.01; done`, at)
@@ -142,8 +148,9 @@ func TestFeedLinesSurviveNexdKill(t *testing.T) {
 	if outOfOrder > 0 {
 		t.Errorf("%d lines out of order", outOfOrder)
 	}
-	// At most the batch the killed nexd had published and not acknowledged: at this
-	// rate one or two lines.
+	// At most the batches the killed nexd had published and not acknowledged: the
+	// kill comes just after the subscriber got a line, usually before nexd's flush and
+	// acknowledgement of it, so that line comes twice.
 	if dup > 10 {
 		t.Errorf("%d lines duplicated, want at most the one unacknowledged batch", dup)
 	}

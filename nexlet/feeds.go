@@ -59,15 +59,18 @@ type feedQueue struct {
 	msgs  []*nats.Msg // msgs[head:] are queued, oldest first
 	head  int
 	bytes int
-	// inflight messages at the front went in batch id and are not yet acknowledged.
-	inflight int
-	id       uint64
-	mode     feedMode
-	heldAt   time.Time // when the channel closed (feedHeld after feedLocal)
-	retryAt  time.Time // a batch was refused: not before then
-	dropped  map[string]int
-	lost     int // dropped since last logged
-	wake     chan struct{}
+	// inflight messages at the front went in batches (oldest first) not yet
+	// acknowledged, inflightBytes of them; id numbers the batches.
+	inflight      int
+	inflightBytes int
+	batches       []sentBatch
+	id            uint64
+	mode          feedMode
+	heldAt        time.Time // when the channel closed (feedHeld after feedLocal)
+	retryAt       time.Time // a batch was refused: not before then
+	dropped       map[string]int
+	lost          int // dropped since last logged
+	wake          chan struct{}
 }
 
 func newFeedQueue() *feedQueue {
@@ -122,13 +125,18 @@ func (q *feedQueue) pop(n int) {
 	}
 }
 
-// marked sets HeaderFeedDropped on m when messages of its subject were dropped.
-func (q *feedQueue) marked(m *nats.Msg) *nats.Msg {
+// marked sets HeaderFeedDropped on m when messages of its subject were dropped;
+// queued: m is in the queue, whose byte count follows.
+func (q *feedQueue) marked(m *nats.Msg, queued bool) *nats.Msg {
 	n := q.dropped[m.Subject]
 	if n == 0 {
 		return m
 	}
 	delete(q.dropped, m.Subject)
+	if queued {
+		q.bytes -= msgSize(m)
+		defer func() { q.bytes += msgSize(m) }()
+	}
 	h := make(nats.Header, len(m.Header)+1)
 	for k, v := range m.Header {
 		h[k] = v
@@ -149,9 +157,15 @@ func (r *Runner) feedOut(m *nats.Msg) error {
 	defer q.mu.Unlock()
 	if q.mode == feedNATS && q.len() == 0 {
 		// Under the lock, so that nothing queued earlier goes out after it.
-		return r.publishFeed(m)
+		return r.publishFeed(q.marked(m, false))
 	}
 	q.push(m)
+	if q.mode == feedLocal {
+		if r.sendBatchLocked() > 0 {
+			q.signal() // the feed goroutine retries
+		}
+		return nil
+	}
 	q.signal()
 	return nil
 }
@@ -173,7 +187,7 @@ func (r *Runner) publishFeed(m *nats.Msg) error {
 func (r *Runner) setFeedMode(mode feedMode) {
 	q := r.feedq
 	q.mu.Lock()
-	q.inflight = 0 // an unacknowledged batch is sent again
+	q.unsent() // unacknowledged batches are sent again
 	q.mode = mode
 	q.mu.Unlock()
 	q.signal()
@@ -184,7 +198,8 @@ func (r *Runner) localFeedsGone() {
 	q := r.feedq
 	q.mu.Lock()
 	if q.mode == feedLocal {
-		q.mode, q.heldAt, q.inflight = feedHeld, time.Now(), 0
+		q.mode, q.heldAt = feedHeld, time.Now()
+		q.unsent()
 	}
 	q.mu.Unlock()
 	q.signal()
@@ -194,14 +209,24 @@ func (r *Runner) localFeedsGone() {
 func (r *Runner) feedAck(id uint64, err error) {
 	q := r.feedq
 	q.mu.Lock()
-	if q.mode == feedLocal && q.inflight > 0 && id == q.id {
+	// Acknowledgements come in the order the batches went; one of a batch sent
+	// before a refusal (or a closed channel) is stale.
+	if q.mode == feedLocal && len(q.batches) > 0 && id == q.batches[0].id {
 		if err != nil {
 			q.retryAt = time.Now().Add(feedRetry)
 			r.log.Debug("node did not take a feed batch; sending it again", "messages", q.inflight, "err", err)
+			q.unsent() // and those after it, in order
 		} else {
-			q.pop(q.inflight)
+			b := q.batches[0]
+			q.batches = q.batches[1:]
+			if len(q.batches) == 0 {
+				q.batches = q.batches[:0:0]
+			}
+			q.pop(b.n)
+			q.inflight -= b.n
+			q.inflightBytes -= b.size
+			r.sendBatchLocked() // what came meanwhile
 		}
-		q.inflight = 0
 	}
 	q.mu.Unlock()
 	q.signal()
@@ -256,40 +281,73 @@ func (r *Runner) feedStep(ppid int) (wait time.Duration) {
 		fallthrough
 	case feedNATS:
 		for q.len() > 0 {
-			if err := r.publishFeed(q.marked(q.msgs[q.head])); err != nil {
+			if err := r.publishFeed(q.marked(q.msgs[q.head], true)); err != nil {
 				r.log.Debug("feed message not published", "err", err)
 			}
 			q.pop(1)
 		}
 		return 0
 	}
-	if q.inflight > 0 || q.len() == 0 {
-		return 0
-	}
-	if d := time.Until(q.retryAt); d > 0 {
-		return d
-	}
-	n, size := 0, 0
-	for q.head+n < len(q.msgs) {
-		s := msgSize(q.msgs[q.head+n])
-		if n > 0 && size+s > localchan.MaxFeedBatch {
-			break
+	return r.sendBatchLocked()
+}
+
+// What is sent on the local channel and not yet acknowledged is bounded by
+// localchan.MaxFeedBatches batches (a line need not wait for the node's flush of the
+// one before) and MaxFeedBatch bytes in all (what may be ahead of a start's reply in
+// the socket).
+
+// sentBatch is a batch sent on the local channel and not yet acknowledged.
+type sentBatch struct {
+	id      uint64
+	n, size int
+}
+
+// unsent takes every unacknowledged batch back: they are sent again, in order.
+func (q *feedQueue) unsent() {
+	q.inflight, q.inflightBytes, q.batches = 0, 0, nil
+}
+
+// sendBatchLocked sends what is queued on the local channel, within the bounds of
+// what may be unacknowledged; a positive wait asks to be called again after it (a
+// refused batch's retry). Called with q.mu held: from feedOut and the node's
+// acknowledgement at once, so a line does not wait for the feed goroutine to wake (a
+// placement's announcement is a workload's first line); from the feed goroutine for
+// a retry.
+func (r *Runner) sendBatchLocked() (wait time.Duration) {
+	q := r.feedq
+	for q.mode == feedLocal && q.len() > q.inflight && len(q.batches) < localchan.MaxFeedBatches && q.inflightBytes < localchan.MaxFeedBatch {
+		if d := time.Until(q.retryAt); d > 0 {
+			return d
 		}
-		q.marked(q.msgs[q.head+n])
-		size += s
-		n++
-	}
-	q.id++
-	q.inflight = n
-	// Written under the lock: the batch is small (MaxFeedBatch), and the socket
-	// has room for it (one batch in flight), so this does not block.
-	if err := r.local.SendFeeds(q.id, q.msgs[q.head:q.head+n]); err != nil {
-		// The write closed the channel: serveLocal sees it and holds the feeds.
-		r.log.Debug("feed batch not sent on the local channel", "err", err)
-		q.inflight = 0
-		q.mode = feedHeld
-		q.heldAt = time.Now()
-		return 0
+		n, size := 0, 0
+		start := q.head + q.inflight
+		for start+n < len(q.msgs) {
+			s := msgSize(q.msgs[start+n])
+			if (n > 0 || q.inflight > 0) && q.inflightBytes+size+s > localchan.MaxFeedBatch {
+				break
+			}
+			q.marked(q.msgs[start+n], true)
+			s = msgSize(q.msgs[start+n])
+			size += s
+			n++
+		}
+		if n == 0 {
+			return 0
+		}
+		q.id++
+		// Written under the lock: the socket has room for it (at most
+		// MaxFeedBatch unacknowledged), so this does not block.
+		if err := r.local.SendFeeds(q.id, q.msgs[start:start+n]); err != nil {
+			// The write closed the channel: serveLocal sees it and holds the feeds.
+			r.log.Debug("feed batch not sent on the local channel", "err", err)
+			q.unsent()
+			q.mode = feedHeld
+			q.heldAt = time.Now()
+			return 0
+		}
+		q.batches = append(q.batches, sentBatch{id: q.id, n: n, size: size})
+		q.inflight += n
+		q.inflightBytes += size
 	}
 	return 0
 }

@@ -52,7 +52,7 @@ func feedRunner(t *testing.T) (*Runner, *localchan.Client, *feedNode, *nats.Conn
 	c, s := localPair(t)
 	localNode(c, srv.ClientURL(), "", make(chan *localchan.Call, 8))
 	fn := &feedNode{}
-	c.OnFeed(fn.take)
+	c.OnFeed(fn.take, nil)
 	r, err := NewRunner(context.Background(), node, newMemAgent(), WithLocalChannel(s), WithLocalRegistration(), WithLocalFeeds(),
 		WithHeartbeatInterval(time.Minute))
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -62,5 +63,87 @@ func BenchmarkLogForward(b *testing.B) {
 	}
 	if got.Load() < n {
 		b.Fatalf("subscriber got %d of %d lines", got.Load(), n)
+	}
+}
+
+// BenchmarkFeedLineLatency: one workload line per op, from Runner.Logger's Write to a
+// subscriber of its $NEX.FEED subject (the workload's announcement leg of a
+// placement), by the way the line goes: direct (the nexlet publishes on $NEX.FEED, as
+// before the relay), relay (on the node's relay subject; a stand-in node publishes it
+// again on $NEX.FEED) and local (on the local channel; the node's end publishes it and
+// flushes before acknowledging, as nexd does).
+func BenchmarkFeedLineLatency(b *testing.B) {
+	for _, way := range []string{"direct", "relay", "local"} {
+		b.Run(way, func(b *testing.B) {
+			srv := testnats.Start(b, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(b, srv)
+			resp := protocol.RegisterAgentResponse{Success: true, NodeID: node, NexdFeedRelay: way == "relay",
+				ConnectionData: protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}}
+			body, _ := json.Marshal(resp)
+			if _, err := nc.Subscribe(protocol.RegisterSubject(node, agent), func(m *nats.Msg) { _ = m.Respond(body) }); err != nil {
+				b.Fatal(err)
+			}
+			// The stand-in node's relay, on its own connection as nexd's.
+			relay := testnats.Connect(b, srv)
+			prefix := protocol.FeedRelaySubject(node, agent, "")
+			if _, err := relay.Subscribe(prefix+">", func(m *nats.Msg) {
+				_ = relay.PublishMsg(&nats.Msg{Subject: "$NEX.FEED." + m.Subject[len(prefix):], Header: m.Header, Data: m.Data})
+			}); err != nil {
+				b.Fatal(err)
+			}
+			got := make(chan struct{}, 1)
+			sub, err := nc.Subscribe(protocol.LogsWildcard("ns", "W1"), func(*nats.Msg) { got <- struct{}{} })
+			if err != nil {
+				b.Fatal(err)
+			}
+			_ = sub.SetPendingLimits(-1, -1)
+			_ = nc.Flush()
+			_ = relay.Flush()
+			opts := []Option{WithHeartbeatInterval(time.Minute)}
+			if way == "local" {
+				nodeEnd, nexletEnd, err := localchan.Pair()
+				if err != nil {
+					b.Fatal(err)
+				}
+				s, err := localchan.NewServer(nexletEnd)
+				if err != nil {
+					b.Fatal(err)
+				}
+				c, err := localchan.NewClient(nodeEnd)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { c.Close() })
+				c.OnFeed(func(batch []*nats.Msg) error {
+					for _, m := range batch {
+						if err := relay.PublishMsg(m); err != nil {
+							return err
+						}
+					}
+					return nil
+				}, func() error { return relay.FlushTimeout(5 * time.Second) })
+				opts = append(opts, WithLocalChannel(s), WithLocalFeeds())
+			}
+			r, err := NewRunner(context.Background(), node, newMemAgent(), opts...)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := r.Run(agent, resp.ConnectionData); err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { _ = r.Shutdown() })
+			w := r.Logger("W1", "ns", "stdout")
+			line := []byte("ready")
+			for b.Loop() {
+				if _, err := w.Write(line); err != nil {
+					b.Fatal(err)
+				}
+				select {
+				case <-got:
+				case <-time.After(10 * time.Second):
+					b.Fatal("line not received")
+				}
+			}
+		})
 	}
 }

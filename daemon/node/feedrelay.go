@@ -100,17 +100,16 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 
 // localFeeds takes the feed batches of the local nexlet agentID on its channel c (the
 // native nexlet's, see localchan.Client.OnFeed): each message passes the relay's check,
-// with the registration that holds c as the only sender, and the batch is
-// acknowledged once the NATS server has what passed (a flush), so the nexlet may
-// forget it: a kill -9 of nexd loses none of it.
-func (n *Node) localFeeds(agentID string, c *localchan.Client) func([]*nats.Msg) error {
-	return func(batch []*nats.Msg) error {
+// with the registration that holds c as the only sender. The batch is acknowledged once
+// the NATS server has what passed (flush), so the nexlet may forget it: a kill -9 of
+// nexd loses none of it.
+func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nats.Msg) error, flush func() error) {
+	take = func(batch []*nats.Msg) error {
 		if !n.o.NC.IsConnected() {
 			// Kept by the nexlet and sent again: what nats.go buffers while it
 			// reconnects would come twice.
 			return errors.New("node: not connected to NATS")
 		}
-		sent := 0
 		for _, m := range batch {
 			feed, ok := strings.CutPrefix(m.Subject, "$NEX.FEED.")
 			if !ok {
@@ -124,16 +123,16 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) func([]*nats.Msg)
 			if err := n.o.NC.PublishMsg(out); err != nil {
 				return fmt.Errorf("node: publish a local feed message: %w", err)
 			}
-			sent++
 		}
-		if sent == 0 {
-			return nil
-		}
+		return nil
+	}
+	flush = func() error {
 		if err := n.o.NC.FlushTimeout(localFeedFlushWait); err != nil {
 			return fmt.Errorf("node: flush local feed messages: %w", err)
 		}
 		return nil
 	}
+	return take, flush
 }
 
 // localFeedFlushWait bounds the wait for the NATS server to have a local feed batch.

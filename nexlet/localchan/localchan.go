@@ -2,7 +2,9 @@
 // of a Unix socket pair that the nexlet inherits, carrying the start requests a node
 // would otherwise send through the NATS server, and their replies. A deploy to such a
 // nexlet then crosses NATS only client → node → client, as upstream's in-process agent
-// does; registration, heartbeats, events, logs, stops and every other nexlet stay on NATS.
+// does; heartbeats, stops and every other nexlet stay on NATS. The nexlet's workload
+// feeds (logs, metrics, events) come this way too when the node says it takes them
+// (EnvFeeds), acknowledged batch by batch (Server.SendFeeds, Client.OnFeed).
 //
 // Each message is one frame on a stream socket (a start request can be larger than a
 // datagram the kernel would take): a 4-byte big-endian length, then a kind byte, an
@@ -82,10 +84,13 @@ const EnvFeeds = "NEX_AGENT_LOCAL_FEEDS"
 // channel (EnvFeeds).
 func TakesFeeds(env func(string) string) bool { return env(EnvFeeds) == "1" }
 
-// MaxFeedBatch bounds the bytes of one feed batch (its encoding): the nexlet keeps at
-// most one batch unacknowledged, so no more than this of feed bytes is ever ahead of a
-// start's reply in the socket.
-const MaxFeedBatch = 64 << 10
+// MaxFeedBatch bounds the bytes of feed batches (their encoding) the nexlet keeps
+// unacknowledged, in at most MaxFeedBatches batches: no more than this of feed bytes
+// is ever ahead of a start's reply in the socket.
+const (
+	MaxFeedBatch   = 64 << 10
+	MaxFeedBatches = 8
+)
 
 // maxQueuedCalls bounds the calls a Client keeps until the node serves them (OnCall):
 // a nexlet makes one (its registration); more are answered with an error at once.
@@ -240,14 +245,15 @@ type Client struct {
 	calls   map[uint64]chan<- *nats.Msg
 	serving bool // the nexlet said it serves requests
 	closed  bool
-	onCall  func(*Call) // nil until OnCall
-	queued  []*Call     // calls that came before OnCall
-	onFeed  func([]*nats.Msg) error
+	onCall  func(*Call)             // nil until OnCall
+	queued  []*Call                 // calls that came before OnCall
+	onFeed  func([]*nats.Msg) error // nil until OnFeed
+	flush   func() error
 
-	// feeds hands the nexlet's feed batches from the reader to feedLoop, so that
-	// publishing them never holds up a start's reply behind them; feedDone is closed
-	// when feedLoop returned.
-	feeds    chan msg
+	// feeds hands the nexlet's feed batches the reader took to feedLoop, which
+	// flushes and acknowledges them, so that a flush's round trip never holds up a
+	// start's reply behind them; feedDone is closed when feedLoop returned.
+	feeds    chan takenFeeds
 	feedDone chan struct{}
 }
 
@@ -258,7 +264,7 @@ func NewClient(f *os.File) (*Client, error) {
 		return nil, err
 	}
 	cl := &Client{c: c, done: make(chan struct{}), calls: map[uint64]chan<- *nats.Msg{},
-		feeds: make(chan msg, 2), feedDone: make(chan struct{})}
+		feeds: make(chan takenFeeds, MaxFeedBatches), feedDone: make(chan struct{})}
 	go cl.readLoop()
 	go cl.feedLoop()
 	return cl, nil
@@ -313,10 +319,20 @@ func (cl *Client) readLoop() {
 			return
 		}
 		if m.kind == kindFeed {
+			cl.mu.Lock()
+			take := cl.onFeed
+			cl.mu.Unlock()
+			batch, err := decodeFeeds(m.data)
+			if err == nil && take == nil {
+				err = errors.New("local channel: the node does not take feeds yet")
+			}
+			if err == nil {
+				err = take(batch)
+			}
 			select {
-			case cl.feeds <- m:
+			case cl.feeds <- takenFeeds{id: m.id, err: err}:
 			default:
-				// The nexlet keeps one batch unacknowledged; more is its error.
+				// The nexlet keeps MaxFeedBatches unacknowledged; more is its error.
 				_ = cl.c.write(msg{kind: kindFeedAck, id: m.id, data: []byte("local channel: feed batches not acknowledged yet")})
 			}
 			continue
@@ -347,31 +363,36 @@ func (cl *Client) readLoop() {
 	}
 }
 
-// OnFeed makes h the handler of the nexlet's feed batches: it passes each message
-// (its subject a $NEX.FEED one) on, or drops it, and returns nil once the batch is
-// taken (then acknowledged to the nexlet), an error to have the nexlet send it again
-// later. h runs on the channel's one feed goroutine, one batch at a time. Batches that
-// come before OnFeed are refused so.
-func (cl *Client) OnFeed(h func([]*nats.Msg) error) {
+// OnFeed makes take the handler of the nexlet's feed batches and flush what makes the
+// batches take passed on durable. take passes each message (its subject a $NEX.FEED
+// one) on, or drops it; it runs on the channel's reader, so it must not block (publish,
+// do not flush), and an error has the nexlet send the batch again later. flush (nil:
+// none) runs on the channel's one feed goroutine, after each batch take took and before
+// the nexlet is told it was: a kill of the node after the acknowledgement must not lose
+// the batch. Batches that come before OnFeed are refused so.
+func (cl *Client) OnFeed(take func([]*nats.Msg) error, flush func() error) {
 	cl.mu.Lock()
-	cl.onFeed = h
+	cl.onFeed, cl.flush = take, flush
 	cl.mu.Unlock()
+}
+
+// takenFeeds is a feed batch the reader handed to take, and what take said.
+type takenFeeds struct {
+	id  uint64
+	err error
 }
 
 func (cl *Client) feedLoop() {
 	defer close(cl.feedDone)
-	for m := range cl.feeds {
+	for f := range cl.feeds {
 		cl.mu.Lock()
-		h := cl.onFeed
+		flush := cl.flush
 		cl.mu.Unlock()
-		batch, err := decodeFeeds(m.data)
-		if err == nil && h == nil {
-			err = errors.New("local channel: the node does not take feeds yet")
+		err := f.err
+		if err == nil && flush != nil {
+			err = flush()
 		}
-		if err == nil {
-			err = h(batch)
-		}
-		ack := msg{kind: kindFeedAck, id: m.id}
+		ack := msg{kind: kindFeedAck, id: f.id}
 		if err != nil {
 			ack.data = []byte(err.Error())
 		}
@@ -626,9 +647,9 @@ func (s *Server) logLevel(m msg) {
 }
 
 // SendFeeds sends a batch of feed messages (each with its $NEX.FEED subject, headers
-// and body) under id; the node acknowledges it to OnFeedAck. Keep the batch within
-// MaxFeedBatch (FeedSize), one message at least, and send the next only once this one
-// is acknowledged.
+// and body) under id; the node acknowledges it to OnFeedAck, batches in the order they
+// were sent. Keep the unacknowledged batches within MaxFeedBatches and MaxFeedBatch
+// bytes (FeedSize) in all, but for a single message.
 func (s *Server) SendFeeds(id uint64, batch []*nats.Msg) error {
 	return s.c.write(msg{kind: kindFeed, id: id, data: encodeFeeds(batch)})
 }

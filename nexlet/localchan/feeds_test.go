@@ -1,0 +1,109 @@
+package localchan
+
+import (
+	"errors"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+// TestFeedBatches: a batch of feed messages crosses the channel whole (subjects,
+// multi-valued headers, bodies, an empty one), is taken on the node's end and flushed
+// before it is acknowledged, in order; one before OnFeed, or one take refuses, is
+// acknowledged with an error; a truncated encoding is refused, never half read.
+func TestFeedBatches(t *testing.T) {
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := NewServer(nexletEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	type ack struct {
+		id  uint64
+		err error
+	}
+	acks := make(chan ack, 8)
+	s.OnFeedAck = func(id uint64, err error) { acks <- ack{id, err} }
+	served := make(chan struct{})
+	go func() { defer close(served); _ = s.Serve(func(*Request) {}) }()
+	defer func() { _ = s.StopServing(); <-served }()
+	next := func() ack {
+		t.Helper()
+		select {
+		case a := <-acks:
+			return a
+		case <-time.After(10 * time.Second):
+			t.Fatal("no acknowledgement")
+			return ack{}
+		}
+	}
+	batch := []*nats.Msg{
+		{Subject: "$NEX.FEED.ns.logs.W1.stdout", Header: nats.Header{"a": {"1", "2"}, "b": {""}}, Data: []byte("one")},
+		{Subject: "$NEX.FEED.ns.events.WORKLOADSTARTED", Data: []byte(`{"id":"W1"}`)},
+		{Subject: "$NEX.FEED.ns.logs.W1.stderr"},
+	}
+	if err := s.SendFeeds(1, batch); err != nil {
+		t.Fatal(err)
+	}
+	if a := next(); a.id != 1 || a.err == nil {
+		t.Fatalf("a batch before OnFeed: %+v, want refused", a)
+	}
+	var (
+		mu     sync.Mutex // the node's end calls take and flush on its goroutines
+		got    []*nats.Msg
+		order  []string
+		refuse bool
+	)
+	c.OnFeed(func(b []*nats.Msg) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if refuse {
+			return errors.New("not now")
+		}
+		got = append(got, b...)
+		order = append(order, "take")
+		return nil
+	}, func() error { mu.Lock(); defer mu.Unlock(); order = append(order, "flush"); return nil })
+	if err := s.SendFeeds(2, batch); err != nil {
+		t.Fatal(err)
+	}
+	if a := next(); a.id != 2 || a.err != nil {
+		t.Fatalf("ack %+v, want batch 2 taken", a)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(order, []string{"take", "flush"}) {
+		t.Fatalf("the node did %v, want take then flush before the acknowledgement", order)
+	}
+	if len(got) != 3 || got[0].Subject != batch[0].Subject || !slices.Equal(got[0].Header["a"], []string{"1", "2"}) ||
+		got[0].Header.Get("b") != "" || len(got[0].Header["b"]) != 1 || string(got[0].Data) != "one" ||
+		string(got[1].Data) != string(batch[1].Data) || got[1].Header != nil || got[2].Subject != batch[2].Subject || len(got[2].Data) != 0 {
+		t.Fatalf("batch crossed as %+v", got)
+	}
+	refuse = true
+	mu.Unlock()
+	if err := s.SendFeeds(3, batch[:1]); err != nil {
+		t.Fatal(err)
+	}
+	if a := next(); a.id != 3 || a.err == nil || a.err.Error() != "not now" {
+		t.Fatalf("ack %+v, want refused with take's error", a)
+	}
+	mu.Lock()
+	enc := encodeFeeds(batch)
+	for i := 1; i < len(enc); i++ {
+		if b, err := decodeFeeds(enc[:i]); err == nil && len(b) == len(batch) {
+			t.Fatalf("a batch truncated to %d of %d bytes decoded whole", i, len(enc))
+		}
+	}
+}
