@@ -328,8 +328,8 @@ func (s *server) onLameduck(delay time.Duration) {
 		case <-t.C:
 			s.log.Info("lame duck delay ended; draining workloads")
 			s.notify.Status("lameduck: draining workloads")
-			if err := s.node.DrainWorkloads(s.ctx); err != nil {
-				s.log.Warn("lame duck drain", "err", err)
+			if res, err := s.node.DrainWorkloads(s.ctx); err != nil {
+				s.log.Warn("lame duck drain", "workloads", res.Workloads, "removal_failures", len(res.RemovalFailures), "err", err)
 			}
 			s.requestShutdown("lame duck drain done")
 		case <-s.ctx.Done():

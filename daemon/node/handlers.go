@@ -917,8 +917,12 @@ func (n *Node) stopEach(ctx context.Context, targets map[string]string, done map
 // gone. A workload no nexlet confirmed stopping is removed too: the node is going away.
 // A partial list (a nexlet that did not answer) is asked again after the stops, which
 // may have waited for that nexlet, and its new rows stopped; a list still partial then
-// is one of the drain's errors, since workloads this node does not own may run on.
-func (n *Node) DrainWorkloads(ctx context.Context) error {
+// is one of the drain's errors, since workloads this node does not own may run on. A
+// stopped workload whose removal from node state failed is one too, and is named in
+// the result's RemovalFailures.
+func (n *Node) DrainWorkloads(ctx context.Context) (DrainResult, error) {
+	var res DrainResult
+	var resMu sync.Mutex // the stops' callbacks run concurrently
 	targets := map[string]drainTarget{}
 	n.mu.Lock()
 	for id, o := range n.owned {
@@ -945,9 +949,20 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 			if err == nil && !resp.Stopped && resp.Message != protocol.ErrTextWorkloadNotFound {
 				err = errors.New(resp.Message)
 			}
-			n.forget(id, targets[id].typ)
-			if err != nil {
+			rerr := n.unstore(id, targets[id].typ) // logged
+			n.forgetStored(id)
+			if rerr != nil {
+				resMu.Lock()
+				res.RemovalFailures = append(res.RemovalFailures, RemovalFailure{WorkloadID: id, Pending: errors.Is(rerr, ErrRemovalPending), Err: rerr})
+				resMu.Unlock()
+			}
+			switch {
+			case err != nil && rerr != nil:
+				return fmt.Errorf("drain workload %s: %w; removing it from node state failed: %w", id, err, rerr)
+			case err != nil:
 				return fmt.Errorf("drain workload %s: %w", id, err)
+			case rerr != nil:
+				return fmt.Errorf("drain workload %s: stopped, but removing it from node state failed: %w", id, rerr)
 			}
 			return nil
 		})...)
@@ -963,13 +978,46 @@ func (n *Node) DrainWorkloads(ctx context.Context) error {
 		}
 		break
 	}
-	n.log.Info("lame duck drain done", "workloads", len(targets), "errors", len(errs))
+	res.Workloads = len(targets)
+	slices.SortFunc(res.RemovalFailures, func(a, b RemovalFailure) int { return strings.Compare(a.WorkloadID, b.WorkloadID) })
+	if len(res.RemovalFailures) > 0 {
+		ids := make([]string, 0, len(res.RemovalFailures))
+		pending := 0
+		for _, f := range res.RemovalFailures {
+			ids = append(ids, f.WorkloadID)
+			if f.Pending {
+				pending++
+			}
+		}
+		n.log.Warn("lame duck drain: stopped workloads not removed from node state", "count", len(ids), "workload_ids", ids,
+			"tombstoned", pending)
+	}
+	n.log.Info("lame duck drain done", "workloads", len(targets), "errors", len(errs), "removal_failures", len(res.RemovalFailures))
 	if len(errs) == 0 {
 		n.mu.Lock()
 		n.drained = true
 		n.mu.Unlock()
 	}
-	return errors.Join(errs...)
+	return res, errors.Join(errs...)
+}
+
+// DrainResult is what DrainWorkloads did.
+type DrainResult struct {
+	// Workloads counts those it stopped (or found gone): held in state or listed.
+	Workloads int
+	// RemovalFailures are the stopped workloads whose removal from node state failed,
+	// by id.
+	RemovalFailures []RemovalFailure
+}
+
+// RemovalFailure is a drained workload whose removal from node state failed.
+type RemovalFailure struct {
+	WorkloadID string
+	// Pending: a tombstone stands in (ErrRemovalPending): no replay starts the workload
+	// again, and a retry removes it. Else it may be started again when nexd or its
+	// nexlet restarts.
+	Pending bool
+	Err     error
 }
 
 // drainTarget is a workload DrainWorkloads stops.

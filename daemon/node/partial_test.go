@@ -112,7 +112,7 @@ func TestDrainReportsPartialList(t *testing.T) {
 	f.healthyAgent(n, "AGENTNATIVE", "native", "native", nil)
 	silent := f.healthyAgent(n, "AGENTSILENT", "echo-a", "echo", nil)
 	silent.kill()
-	err := n.DrainWorkloads(t.Context())
+	_, err := n.DrainWorkloads(t.Context())
 	if err == nil || !strings.Contains(err.Error(), "the list is partial; missing those of nexlet echo-a (AGENTSILENT)") {
 		t.Fatalf("drain with a silent nexlet: %v", err)
 	}
@@ -131,7 +131,7 @@ func TestListAfterCleanDrainIsWhole(t *testing.T) {
 	if _, err := n.EnterLameduck(0); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.DrainWorkloads(t.Context()); err != nil {
+	if _, err := n.DrainWorkloads(t.Context()); err != nil {
 		t.Fatalf("drain: %v", err)
 	}
 	native.kill() // stopping with the node

@@ -1,0 +1,73 @@
+package node
+
+import (
+	"log/slog"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// TestDrainCountsRemovalFailures: the end of lame duck mode stops every workload and
+// removes each from node state; with the state store's JetStream disabled on the real
+// nats-server the removals fail. The drain names each such workload (id, tombstone kept,
+// why) in its result, its error and its log ("removal_failures" on "lame duck drain
+// done"). Before, the failures were only logged one by one by the removal, and the
+// drain reported no error: 0 of 3 counted.
+func TestDrainCountsRemovalFailures(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{})
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, srv), "DRAINNODE", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs testkit.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	ts, err := NewTombstones(kv, t.TempDir(), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	f := newFixtureOn(t, srv, 1, func(_ int, o *Options) { o.Store, o.Logger = ts, log })
+	n := f.nodes[0]
+	f.healthyAgent(n, "AGENTNATIVE", "native", "native", nil)
+	var ids []string
+	for _, name := range []string{"a", "b", "c"} {
+		ids = append(ids, f.deployIn(t, "default", name))
+	}
+	slices.Sort(ids)
+	if err := srv.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.EnterLameduck(0); err != nil {
+		t.Fatal(err)
+	}
+	res, err := n.DrainWorkloads(t.Context())
+	var failed []string
+	for _, rf := range res.RemovalFailures {
+		failed = append(failed, rf.WorkloadID)
+		if !rf.Pending || rf.Err == nil {
+			t.Errorf("removal failure %+v: want a tombstone kept (pending) and its cause", rf)
+		}
+	}
+	if res.Workloads != 3 || !slices.Equal(failed, ids) {
+		t.Fatalf("drain result: %d workloads, removal failures %v, want 3 and %v", res.Workloads, failed, ids)
+	}
+	for _, id := range ids {
+		if err == nil || !strings.Contains(err.Error(), "drain workload "+id+": stopped, but removing it from node state failed: "+ErrRemovalPending.Error()) {
+			t.Errorf("drain error %v does not name %s's failed removal", err, id)
+		}
+	}
+	for _, want := range []string{`msg="lame duck drain done"`, `workloads=3 errors=3 removal_failures=3`,
+		`msg="lame duck drain: stopped workloads not removed from node state"`,
+		`count=3 workload_ids="[` + strings.Join(ids, " ") + `]" tombstoned=3`} {
+		if !logs.Contains(want) {
+			t.Errorf("log lacks %q:\n%s", want, logs.String())
+		}
+	}
+	if p := ts.Pending(); len(p) != 3 {
+		t.Errorf("tombstones %v, want one per drained workload", p)
+	}
+}
