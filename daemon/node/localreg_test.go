@@ -481,6 +481,7 @@ type holdFirstAgentMint struct {
 	*mint.SigningKeyMinter
 	held                     atomic.Bool
 	entered, release, minted chan struct{}
+	revoking                 chan struct{} // a revocation began (buffered)
 }
 
 func (m *holdFirstAgentMint) MintAgent(agentID, nodeID string, direct bool) (protocol.NatsConnectionData, error) {
@@ -494,6 +495,10 @@ func (m *holdFirstAgentMint) MintAgent(agentID, nodeID string, direct bool) (pro
 }
 
 func (m *holdFirstAgentMint) RevokeAgentBefore(ctx context.Context, agentID, userPub string) error {
+	select {
+	case m.revoking <- struct{}{}:
+	default:
+	}
 	<-m.minted
 	return m.SigningKeyMinter.RevokeAgentBefore(ctx, agentID, userPub)
 }
@@ -519,7 +524,8 @@ func TestDroppedLocalRegistrationKeepsTheLiveUser(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := &holdFirstAgentMint{SigningKeyMinter: sm, entered: make(chan struct{}), release: make(chan struct{}), minted: make(chan struct{})}
+	m := &holdFirstAgentMint{SigningKeyMinter: sm, entered: make(chan struct{}), release: make(chan struct{}), minted: make(chan struct{}),
+		revoking: make(chan struct{}, 4)}
 	kp, _ := nkeys.CreateServer()
 	xk, _ := nkeys.CreateCurveKeys()
 	n, err := New(Options{NC: op.Connect(t, "node"), NodeKey: kp, XKey: xk, Name: "local", Nexus: "testnexus",
@@ -587,6 +593,15 @@ func TestDroppedLocalRegistrationKeepsTheLiveUser(t *testing.T) {
 	}
 	defer live.Close()
 
+	// The registration over NATS schedules its revocation after its reply: wait until
+	// it runs (held until the mint below), so its goroutine is counted before the
+	// Wait below. Before, under -race the deferred call came after the channel's
+	// handler had ended, and its inflight.Add raced the Wait at zero.
+	select {
+	case <-m.revoking:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the registration over NATS did not revoke its superseded users")
+	}
 	// The registration held on the channel mints now, and is dropped.
 	close(m.release)
 	released = true
