@@ -949,8 +949,7 @@ func (n *Node) DrainWorkloads(ctx context.Context) (DrainResult, error) {
 			if err == nil && !resp.Stopped && resp.Message != protocol.ErrTextWorkloadNotFound {
 				err = errors.New(resp.Message)
 			}
-			rerr := n.unstore(id, targets[id].typ) // logged
-			n.forgetStored(id)
+			rerr := n.forget(id, targets[id].typ)
 			if rerr != nil {
 				resMu.Lock()
 				res.RemovalFailures = append(res.RemovalFailures, RemovalFailure{WorkloadID: id, Pending: errors.Is(rerr, ErrRemovalPending), Err: rerr})
@@ -1023,10 +1022,12 @@ type RemovalFailure struct {
 // drainTarget is a workload DrainWorkloads stops.
 type drainTarget struct{ ns, typ string }
 
-// forget removes a workload that ended from the node state.
-func (n *Node) forget(workloadID, workloadType string) {
-	_ = n.unstore(workloadID, workloadType) // logged; a tombstone, if any, stands in
+// forget removes a workload that ended from the node state, and returns unstore's
+// error (logged there; a tombstone, if any, stands in).
+func (n *Node) forget(workloadID, workloadType string) error {
+	err := n.unstore(workloadID, workloadType)
 	n.forgetStored(workloadID)
+	return err
 }
 
 // unstore removes a workload from node state (its type: workloadType, else the one it
@@ -1101,8 +1102,10 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 	if ev.WorkloadType != "" && ev.WorkloadType != typ {
 		return
 	}
-	n.log.Info("workload ended; removed from node state", "workload_id", ev.ID, "namespace", ev.Namespace, "type", typ)
-	n.forget(ev.ID, typ)
+	// Said once it is so: a removal that failed is logged as such by unstore.
+	if n.forget(ev.ID, typ) == nil {
+		n.log.Info("workload ended; removed from node state", "workload_id", ev.ID, "namespace", ev.Namespace, "type", typ)
+	}
 }
 
 // handleWorkloadEnded serves $NEX.SVC.<node>.agent.WORKLOADENDED.<agentId>.<workloadId>:
@@ -1160,8 +1163,9 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 	}
 	removed := owned && !keep
 	if removed {
-		n.log.Info("workload ended; removed from node state", "workload_id", workloadID, "type", o.typ, "agent_id", agentID)
-		n.forget(workloadID, o.typ)
+		if n.forget(workloadID, o.typ) == nil { // a failed removal is logged by unstore
+			n.log.Info("workload ended; removed from node state", "workload_id", workloadID, "type", o.typ, "agent_id", agentID)
+		}
 	}
 	n.respondJSON(r, protocol.WorkloadEndedAck{Removed: removed})
 }
