@@ -70,31 +70,16 @@ func TestRogueNexletForgesFeedsOnLocalChannel(t *testing.T) {
 	acks := make(chan error, 4)
 	rf.minted("rogue0", "rogue", "rogue", withChannel(t, n, &rogueEnd, acks))
 	victimWID := rf.deployOne("tenant")
-	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
-	if len(bids) != 1 {
-		t.Fatal("no bid from the rogue")
-	}
-	req := startReq("tenant", "r", `{"cmd":"x"}`)
-	req.WorkloadType = "rogue"
-	var own protocol.StartWorkloadResponse
-	if m := request(t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), req); protocol.Decode(m.Data, &own) != nil || own.ID == "" {
-		t.Fatalf("deploy on the rogue: %q", m.Data)
-	}
-	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rf.client.Flush(); err != nil {
-		t.Fatal(err)
-	}
+	own := rf.deployOnRogue()
+	feed := rf.tenantFeed()
 	victimLog := protocol.LogSubject("tenant", victimWID, "stdout")
 	started := protocol.EventSubject("tenant", protocol.EventWorkloadStarted)
 	sendFeeds(t, rogueEnd, acks, 1,
 		feedMsg(victimLog, "forged on its channel"),
 		feedMsg(started, fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, victimWID)),
-		feedMsg(protocol.LogSubject("other", own.ID, "stdout"), "own line, another namespace"),
-		feedMsg(protocol.FeedRelaySubject(n.ID(), "rogue0", protocol.LogSubject("tenant", own.ID, "stdout")), "not a feed subject"),
-		feedMsg(protocol.LogSubject("tenant", own.ID, "stdout"), "honest"))
+		feedMsg(protocol.LogSubject("other", own, "stdout"), "own line, another namespace"),
+		feedMsg(protocol.FeedRelaySubject(n.ID(), "rogue0", protocol.LogSubject("tenant", own, "stdout")), "not a feed subject"),
+		feedMsg(protocol.LogSubject("tenant", own, "stdout"), "honest"))
 
 	ghostAcks := make(chan error, 4)
 	_, pub := newKey(t)
@@ -120,7 +105,7 @@ func TestRogueNexletForgesFeedsOnLocalChannel(t *testing.T) {
 			t.Errorf("the line from the channel lost its headers: %v", m.Header)
 		}
 	}
-	want := []string{protocol.LogSubject("tenant", own.ID, "stdout") + " honest"}
+	want := []string{protocol.LogSubject("tenant", own, "stdout") + " honest"}
 	if !slices.Equal(got, want) {
 		t.Errorf("the tenant's feeds carried %q, want only %q", got, want)
 	}

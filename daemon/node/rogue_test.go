@@ -539,16 +539,7 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 	rf, _, rogue := newSignedRogueFixture(t)
 	n := rf.nodes[0]
 	victimWID := rf.deployOne("tenant")
-	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
-	if len(bids) != 1 {
-		t.Fatal("no bid from the rogue")
-	}
-	req := startReq("tenant", "r", `{"cmd":"x"}`)
-	req.WorkloadType = "rogue"
-	var own protocol.StartWorkloadResponse
-	if m := request(t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), req); protocol.Decode(m.Data, &own) != nil || own.ID == "" {
-		t.Fatalf("deploy on the rogue: %q", m.Data)
-	}
+	own := rf.deployOnRogue()
 	feed, err := rf.client.SubscribeSync(protocol.EventSubject("tenant", ">"))
 	if err != nil {
 		t.Fatal(err)
@@ -558,13 +549,13 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 	}
 	subj := protocol.FeedRelaySubject(n.ID(), rogue.id, protocol.EventSubject("tenant", protocol.EventWorkloadStarted))
 	for _, body := range []string{
-		fmt.Sprintf(`{"id":%q,"ID":%q,"namespace":"tenant"}`, victimWID, own.ID),
-		fmt.Sprintf(`{"Id":%q,"namespace":"tenant","x":%q}`, own.ID, victimWID),
-		fmt.Sprintf(`{"id":%q,"id":%q,"namespace":"tenant"}`, victimWID, own.ID), // a first-wins reader
+		fmt.Sprintf(`{"id":%q,"ID":%q,"namespace":"tenant"}`, victimWID, own),
+		fmt.Sprintf(`{"Id":%q,"namespace":"tenant","x":%q}`, own, victimWID),
+		fmt.Sprintf(`{"id":%q,"id":%q,"namespace":"tenant"}`, victimWID, own), // a first-wins reader
 		// A reader of a stream of JSON values (jq, a JSON-lines reader) takes the second.
-		fmt.Sprintf(`{"id":%q,"namespace":"tenant"} {"id":%q,"namespace":"tenant"}`, own.ID, victimWID),
-		fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`+"\n"+`{"id":%q,"namespace":"tenant"}`, own.ID, victimWID),
-		fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID), // its own: passes
+		fmt.Sprintf(`{"id":%q,"namespace":"tenant"} {"id":%q,"namespace":"tenant"}`, own, victimWID),
+		fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`+"\n"+`{"id":%q,"namespace":"tenant"}`, own, victimWID),
+		fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own), // its own: passes
 	} {
 		if err := rogue.nc.Publish(subj, []byte(body)); err != nil {
 			t.Fatal(err)
@@ -572,7 +563,7 @@ func TestRogueNexletForgesEventIDByCase(t *testing.T) {
 	}
 	_ = rogue.nc.Flush()
 	got := feedBodies(feed)
-	want := []string{fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own.ID)}
+	want := []string{fmt.Sprintf(`{"id":%q,"namespace":"tenant","note":"honest"}`, own)}
 	if !slices.Equal(got, want) {
 		t.Errorf("the tenant's events carried %q, want only %q", got, want)
 	}
@@ -817,24 +808,9 @@ func newRemoteFixture(t *testing.T) (*rogueFixture, *fakeAgent) {
 func TestRelayedEventTypeIsAToken(t *testing.T) {
 	rf, _, rogue := newSignedRogueFixture(t)
 	n := rf.nodes[0]
-	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
-	if len(bids) != 1 {
-		t.Fatal("no bid from the rogue")
-	}
-	req := startReq("tenant", "r", `{"cmd":"x"}`)
-	req.WorkloadType = "rogue"
-	var own protocol.StartWorkloadResponse
-	if m := request(t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), req); protocol.Decode(m.Data, &own) != nil || own.ID == "" {
-		t.Fatalf("deploy on the rogue: %q", m.Data)
-	}
-	feed, err := rf.client.SubscribeSync("$NEX.FEED.tenant.>")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rf.client.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	body := []byte(fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, own.ID))
+	own := rf.deployOnRogue()
+	feed := rf.tenantFeed()
+	body := []byte(fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, own))
 	for _, typ := range []string{">", "*", protocol.EventWorkloadStarted} {
 		if err := rogue.nc.Publish(protocol.FeedRelaySubject(n.ID(), rogue.id, protocol.EventSubject("tenant", typ)), body); err != nil {
 			t.Fatal(err)
@@ -852,4 +828,21 @@ func TestRelayedEventTypeIsAToken(t *testing.T) {
 	if want := []string{protocol.EventSubject("tenant", protocol.EventWorkloadStarted)}; !slices.Equal(got, want) {
 		t.Errorf("the tenant's feed carried %q, want only %q", got, want)
 	}
+}
+
+// deployOnRogue deploys a workload in namespace tenant on the nexlet of type rogue (a
+// rogue that runs a workload of its own) and returns its id.
+func (rf *rogueFixture) deployOnRogue() string {
+	rf.t.Helper()
+	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "rogue"}, 1)
+	if len(bids) != 1 {
+		rf.t.Fatal("no bid from the rogue")
+	}
+	req := startReq("tenant", "r", `{"cmd":"x"}`)
+	req.WorkloadType = "rogue"
+	var own protocol.StartWorkloadResponse
+	if m := request(rf.t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), req); protocol.Decode(m.Data, &own) != nil || own.ID == "" {
+		rf.t.Fatalf("deploy on the rogue: %q", m.Data)
+	}
+	return own.ID
 }
