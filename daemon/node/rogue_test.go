@@ -501,11 +501,7 @@ func TestRogueNexletForgesAnothersFeeds(t *testing.T) {
 	pub(plain, protocol.LogSubject("tenant", "plainwid", "stdout"), []byte("unsigned direct"))
 	pub(victim, protocol.FeedRelaySubject(n.ID(), victim.id, logSubj), []byte("honest"))
 	var got []string
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
-		m, err := feed.NextMsg(time.Until(deadline))
-		if err != nil {
-			break
-		}
+	for _, m := range feedMsgs(feed) {
 		got = append(got, m.Subject+" "+string(m.Data))
 		if string(m.Data) == "honest" && m.Header.Get("synadia.com-namespace") != "tenant" {
 			t.Errorf("the relayed line lost its headers: %v", m.Header)
@@ -731,12 +727,21 @@ func TestReportedStopReachesFeedOnce(t *testing.T) {
 // feedBodies is what sub received within 2 s: the messages' bodies.
 func feedBodies(sub *nats.Subscription) []string {
 	var got []string
+	for _, m := range feedMsgs(sub) {
+		got = append(got, string(m.Data))
+	}
+	return got
+}
+
+// feedMsgs is what sub gets within 2 s.
+func feedMsgs(sub *nats.Subscription) []*nats.Msg {
+	var got []*nats.Msg
 	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); {
 		m, err := sub.NextMsg(time.Until(deadline))
 		if err != nil {
 			break
 		}
-		got = append(got, string(m.Data))
+		got = append(got, m)
 	}
 	return got
 }
