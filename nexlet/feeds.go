@@ -66,15 +66,16 @@ type feedQueue struct {
 	batches       []sentBatch
 	id            uint64
 	mode          feedMode
-	heldAt        time.Time // when the channel closed (feedHeld after feedLocal)
-	retryAt       time.Time // a batch was refused: not before then
+	heldAt        time.Time     // when the channel closed (feedHeld after feedLocal)
+	heldMax       time.Duration // feedHeldMax (tests shorten it)
+	retryAt       time.Time     // a batch was refused: not before then
 	dropped       map[string]int
 	lost          int // dropped since last logged
 	wake          chan struct{}
 }
 
 func newFeedQueue() *feedQueue {
-	return &feedQueue{wake: make(chan struct{}, 1), dropped: map[string]int{}}
+	return &feedQueue{wake: make(chan struct{}, 1), dropped: map[string]int{}, heldMax: feedHeldMax}
 }
 
 func (q *feedQueue) signal() {
@@ -269,7 +270,7 @@ func (r *Runner) feedStep(ppid int) (wait time.Duration) {
 		if q.heldAt.IsZero() {
 			return 0
 		}
-		if d := time.Until(q.heldAt.Add(feedHeldMax)); d > 0 {
+		if d := time.Until(q.heldAt.Add(q.heldMax)); d > 0 {
 			return d
 		}
 		if os.Getppid() != ppid {

@@ -195,3 +195,43 @@ func TestRefusedFeedBatchSentAgain(t *testing.T) {
 		}
 	}
 }
+
+// TestFeedsGoOverNATSWhenChannelBreaksUnderALiveNode: the channel closes while the
+// process that spawned the nexlet still runs (it stopped reading; no new nexd will
+// adopt the nexlet and have it register again): the kept lines go over NATS once the
+// wait for a re-registration is over (feedHeldMax, shortened here), in order, and so
+// do the later ones.
+func TestFeedsGoOverNATSWhenChannelBreaksUnderALiveNode(t *testing.T) {
+	r, c, _, nc := feedRunner(t)
+	r.feedq.mu.Lock()
+	r.feedq.heldMax = 300 * time.Millisecond
+	r.feedq.mu.Unlock()
+	subj := protocol.LogSubject("ns", "W1", "stdout")
+	sub, err := nc.SubscribeSync(subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.Flush()
+	_ = c.Close()
+	<-r.localDone
+	w := r.Logger("W1", "ns", "stdout")
+	writeLines(t, w, 0, 10)
+	if m, err := sub.NextMsg(100 * time.Millisecond); err == nil {
+		t.Fatalf("a line published at once: %q", m.Data)
+	}
+	for i := range 10 {
+		m, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("line %d: %v", i, err)
+		}
+		if string(m.Data) != strconv.Itoa(i) {
+			t.Fatalf("got line %q, want %d", m.Data, i)
+		}
+	}
+	writeLines(t, w, 10, 12)
+	for i := 10; i < 12; i++ {
+		if m, err := sub.NextMsg(5 * time.Second); err != nil || string(m.Data) != strconv.Itoa(i) {
+			t.Fatalf("line %d after: %v %v", i, m, err)
+		}
+	}
+}
