@@ -486,11 +486,10 @@ func (n *Node) localCalls(agentID string, l localChannel) func(*localchan.Call) 
 				fmt.Errorf("nexlet %s called on its local channel before its last call was answered", agentID))
 			return
 		}
-		n.inflight.Add(1)
-		go func() {
-			defer n.inflight.Done()
-			n.handleLocalCall(agentID, l, &localRequest{c: c, answering: func() { busy.Store(false) }})
-		}()
+		r := &localRequest{c: c, answering: func() { busy.Store(false) }}
+		if !n.own(func() { n.handleLocalCall(agentID, l, r) }) {
+			n.fail(r, 503, "node stopping", errors.New("the node is stopping"))
+		}
 	}
 }
 

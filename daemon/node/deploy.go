@@ -467,9 +467,7 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 	n.log.Warn("gave up waiting for a workload start; it stays tracked and is stopped if it starts",
 		"workload_id", res.id, "agent_id", res.agent.id, "err", why)
 	n.fail(r, 408, "outcome of the start unknown", fmt.Errorf("workload %s: %w; it may still start, and the node will stop it if it does (check 'nexctl workload list')", res.id, why))
-	n.inflight.Add(1)
-	go func() {
-		defer n.inflight.Done()
+	late := n.own(func() {
 		defer call.close()
 		reply, err := call.wait(n.ctx, n.o.DeployTimeout, n.o.DeployTimeout)
 		switch {
@@ -485,5 +483,8 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 				n.log.Error("a workload started after the node gave up on it and did not stop; it stays tracked", "workload_id", res.id, "err", err, "message", resp.Message)
 			}
 		}
-	}()
+	})
+	if !late {
+		call.close() // the node is stopping: its record is kept, as above
+	}
 }

@@ -271,11 +271,13 @@ type Node struct {
 	keep           bool // StopAllWorkloads ran: keep state for the next start
 	ctx            context.Context
 	cancel         context.CancelFunc
-	loops          sync.WaitGroup      // heartbeat and health loops
-	inflight       sync.WaitGroup      // handlers running on their own goroutine
-	slots          chan struct{}       // bounds those goroutines
-	probes         chan chan struct{}  // liveness probes, answered by the health loop
-	replayed       map[string]struct{} // workload ids handed to nexlets to replay
+	loops          sync.WaitGroup // heartbeat and health loops
+	inflight       sync.WaitGroup // handlers running on their own goroutine (own)
+	// halted (under mu): Stop is waiting for inflight or has; own starts nothing more.
+	halted   bool
+	slots    chan struct{}       // bounds those goroutines
+	probes   chan chan struct{}  // liveness probes, answered by the health loop
+	replayed map[string]struct{} // workload ids handed to nexlets to replay
 	// feedsWarned: the nexlet instances (owners) already warned that their direct
 	// feeds are refused, so a restarting nexlet does not repeat it.
 	feedsWarned map[string]bool
@@ -590,6 +592,7 @@ func (n *Node) Stop(ctx context.Context) error {
 	svc, subs := n.svc, n.subs
 	n.svc, n.subs = nil, nil
 	n.state = protocol.NodeStopping
+	n.halted = svc != nil
 	n.mu.Unlock()
 	if svc == nil {
 		return nil
@@ -652,12 +655,32 @@ func (n *Node) async(h func(micro.Request)) func(micro.Request) {
 		// micro's request must not be touched once the callback returns (it reads
 		// its fields for stats), so the goroutine answers through a copy.
 		d := &detachedRequest{nc: n.o.NC, subject: r.Subject(), reply: r.Reply(), data: r.Data(), headers: r.Headers()}
-		n.inflight.Add(1)
-		go func() {
-			defer func() { <-n.slots; n.inflight.Done() }()
-			h(d)
-		}()
+		if !n.own(func() { defer func() { <-n.slots }(); h(d) }) {
+			<-n.slots
+			h(r)
+		}
 	}
+}
+
+// own runs f on a goroutine Stop waits for (inflight), and reports whether it did:
+// not once Stop began. A handler NATS was still running when Stop unsubscribed (it does
+// not wait for them) started one anyway: an inflight.Add at zero concurrent with Stop's
+// Wait (WaitGroup misuse: the Wait may return first, or panic), and the goroutine ran
+// on after Stop returned (TestNoGoroutineAfterStop). Stop sets halted under the lock
+// before it waits, so every Add here happens before that Wait.
+func (n *Node) own(f func()) bool {
+	n.mu.Lock()
+	if n.halted {
+		n.mu.Unlock()
+		return false
+	}
+	n.inflight.Add(1)
+	n.mu.Unlock()
+	go func() {
+		defer n.inflight.Done()
+		f()
+	}()
+	return true
 }
 
 // detachedRequest is a micro.Request that replies on the node's connection.
@@ -842,11 +865,7 @@ func (n *Node) EnterLameduck(delay time.Duration) (time.Time, error) {
 	if ctx != nil {
 		// A nexlet may hold its reply until its workloads are down, so the node does
 		// not wait for it here.
-		n.inflight.Add(1)
-		go func() {
-			defer n.inflight.Done()
-			n.forwardLameduck(ctx, delay)
-		}()
+		n.own(func() { n.forwardLameduck(ctx, delay) })
 	}
 	if n.o.OnLameduck != nil {
 		n.o.OnLameduck(delay)

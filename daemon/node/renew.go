@@ -194,9 +194,7 @@ func (n *Node) after(wait time.Duration, key, id string, revoke func(context.Con
 	if ctx == nil {
 		return
 	}
-	n.inflight.Add(1)
-	go func() {
-		defer n.inflight.Done()
+	n.own(func() {
 		select {
 		case <-ctx.Done():
 			return
@@ -207,5 +205,5 @@ func (n *Node) after(wait time.Duration, key, id string, revoke func(context.Con
 		if err := revoke(rctx); err != nil && !errors.Is(err, mint.ErrRevocationUnsupported) {
 			n.log.Warn("could not revoke superseded credentials; they expire with their TTL", key, id, "err", err)
 		}
-	}()
+	})
 }
