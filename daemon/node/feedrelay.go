@@ -121,6 +121,13 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 				continue
 			}
 			if err := n.o.NC.PublishMsg(out); err != nil {
+				if errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadSubject) {
+					// Never publishable: refused, the batch would come again with
+					// it, and every later one of this nexlet's feeds behind it.
+					n.log.Warn("dropping a local feed message the NATS server cannot take", "agent_id", agentID,
+						"subject", out.Subject, "bytes", len(out.Data), "err", err)
+					continue
+				}
 				return fmt.Errorf("node: publish a local feed message: %w", err)
 			}
 		}

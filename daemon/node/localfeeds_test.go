@@ -3,6 +3,7 @@ package node
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -104,5 +105,45 @@ func TestRogueNexletForgesFeedsOnLocalChannel(t *testing.T) {
 	want := []string{protocol.LogSubject("tenant", own, "stdout") + " honest"}
 	if !slices.Equal(got, want) {
 		t.Errorf("the tenant's feeds carried %q, want only %q", got, want)
+	}
+}
+
+// TestLocalFeedBatchOutlivesUnpublishableMessage: a batch on the native nexlet's pair
+// holds, between two lines of its workload, one the NATS server cannot take (larger
+// than its max_payload: a server configured below a 64 KiB line). The node drops that
+// one and passes the others on, and the batch is acknowledged. Before, the publish
+// error refused the whole batch, which the nexlet sends again every 250 ms with all
+// after it: that nexlet's feeds stopped for every workload until its buffer overflowed.
+func TestLocalFeedBatchOutlivesUnpublishableMessage(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	var end *localchan.Server
+	acks := make(chan error, 4)
+	rf.minted("rogue0", "rogue", "rogue", withChannel(t, n, &end, acks))
+	own := rf.deployOnRogue()
+	feed := rf.tenantFeed()
+	subj := protocol.LogSubject("tenant", own, "stdout")
+	huge := strings.Repeat("x", int(rf.client.MaxPayload())+1)
+	if err := end.SendFeeds(1, []*nats.Msg{feedMsg(subj, "before"), feedMsg(subj, huge), feedMsg(subj, "after")}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-acks:
+		if err != nil {
+			t.Errorf("the batch was refused: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("feed batch not acknowledged")
+	}
+	var got []string
+	for _, m := range feedMsgs(feed) {
+		if len(m.Data) > 16 {
+			t.Errorf("a line of %d bytes reached the feed", len(m.Data))
+			continue
+		}
+		got = append(got, string(m.Data))
+	}
+	if want := []string{"before", "after"}; !slices.Equal(got, want) {
+		t.Errorf("the tenant's feed carried %q, want %q", got, want)
 	}
 }
