@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -59,6 +61,15 @@ func (g *feedGrace) firstStop(id string, now time.Time) bool {
 	return true
 }
 
+// unmark forgets that id's WORKLOADSTOPPED was published at at (firstStop's now): the
+// publish may never have reached the server, and the event must pass when it comes
+// again (a re-sent batch, the ended report).
+func (g *feedGrace) unmark(id string, at time.Time) {
+	if g.stops[id].Equal(at) {
+		delete(g.stops, id)
+	}
+}
+
 func (g *feedGrace) ended(id, owner, ns string, now time.Time) {
 	if len(g.byID) >= feedGraceMax {
 		for k, v := range g.byID {
@@ -89,7 +100,7 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 		return
 	}
 	agentID, feed, _ := strings.Cut(rest, ".")
-	out, ok := n.feedOf(agentID, feed, m, nil)
+	out, _, ok := n.feedOf(agentID, feed, m, nil)
 	if !ok {
 		return
 	}
@@ -102,9 +113,33 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 // native nexlet's, see localchan.Client.OnFeed): each message passes the relay's check,
 // with the registration that holds c as the only sender. The batch is acknowledged once
 // the NATS server has what passed (flush), so the nexlet may forget it: a kill -9 of
-// nexd loses none of it.
+// nexd loses none of it. A WORKLOADSTOPPED it passed counts as published (the
+// nexlet's ended report and a re-sent batch then leave it out) only once a flush that
+// began after it succeeded: a failed batch or flush forgets it, so that the event
+// sent again passes (it may then come twice, never not at all).
 func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nats.Msg) error, flush func() error) {
-	take = func(batch []*nats.Msg) error {
+	var (
+		mu      sync.Mutex
+		pending []stopMark // stops passed since the last successful flush
+	)
+	forget := func(marks []stopMark) {
+		n.mu.Lock()
+		for _, sm := range marks {
+			n.feeds.unmark(sm.id, sm.at)
+		}
+		n.mu.Unlock()
+	}
+	take = func(batch []*nats.Msg) (err error) {
+		var marks []stopMark
+		defer func() {
+			if err != nil {
+				forget(marks)
+				return
+			}
+			mu.Lock()
+			pending = append(pending, marks...)
+			mu.Unlock()
+		}()
 		if !n.o.NC.IsConnected() {
 			// Kept by the nexlet and sent again: what nats.go buffers while it
 			// reconnects would come twice.
@@ -116,9 +151,12 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 				n.log.Debug("dropping a local feed message: not a feed subject", "agent_id", agentID, "subject", m.Subject)
 				continue
 			}
-			out, ok := n.feedOf(agentID, feed, m, c)
+			out, mark, ok := n.feedOf(agentID, feed, m, c)
 			if !ok {
 				continue
+			}
+			if mark.id != "" {
+				marks = append(marks, mark)
 			}
 			if err := n.o.NC.PublishMsg(out); err != nil {
 				if errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadSubject) {
@@ -134,7 +172,20 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 		return nil
 	}
 	flush = func() error {
-		if err := n.o.NC.FlushTimeout(localFeedFlushWait); err != nil {
+		mu.Lock()
+		covered := len(pending)
+		mu.Unlock()
+		err := n.o.NC.FlushTimeout(localFeedFlushWait)
+		mu.Lock()
+		var lost []stopMark
+		if err != nil {
+			lost, pending = pending, nil
+		} else {
+			pending = slices.Delete(pending, 0, covered)
+		}
+		mu.Unlock()
+		if err != nil {
+			forget(lost)
 			return fmt.Errorf("node: flush local feed messages: %w", err)
 		}
 		return nil
@@ -145,11 +196,18 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 // localFeedFlushWait bounds the wait for the NATS server to have a local feed batch.
 const localFeedFlushWait = 5 * time.Second
 
+// stopMark is a WORKLOADSTOPPED the relay passed, as feedGrace.firstStop recorded it.
+type stopMark struct {
+	id string
+	at time.Time
+}
+
 // feedOf checks a nexlet's feed message (feed: its subject after "$NEX.FEED.") and
 // returns what to publish: only when the workload it is about is that nexlet's, in its
 // namespace, and (local set) the nexlet's registration holds that channel. Others are
-// dropped, logged at debug (a rogue could flood the log otherwise).
-func (n *Node) feedOf(agentID, feed string, m *nats.Msg, local *localchan.Client) (*nats.Msg, bool) {
+// dropped, logged at debug (a rogue could flood the log otherwise). mark names the
+// WORKLOADSTOPPED it passed as the first, if it did.
+func (n *Node) feedOf(agentID, feed string, m *nats.Msg, local *localchan.Client) (out *nats.Msg, mark stopMark, ok bool) {
 	tok := strings.Split(feed, ".")
 	var wid string
 	switch {
@@ -164,7 +222,7 @@ func (n *Node) feedOf(agentID, feed string, m *nats.Msg, local *localchan.Client
 	}
 	if !protocol.IsToken(agentID) || !protocol.IsToken(wid) || !protocol.IsToken(tok[0]) {
 		n.log.Debug("dropping a relayed feed message: not a workload's feed", "agent_id", agentID, "feed", feed)
-		return nil, false
+		return nil, stopMark{}, false
 	}
 	ns := tok[0]
 	now := time.Now()
@@ -179,17 +237,22 @@ func (n *Node) feedOf(agentID, feed string, m *nats.Msg, local *localchan.Client
 		owner, wns = e.owner, e.ns
 	}
 	pass := a != nil && owner != "" && a.owner == owner && wns == ns && (local == nil || a.local == local)
-	dup := pass && len(tok) == 3 && tok[1] == "events" && tok[2] == protocol.EventWorkloadStopped && !n.feeds.firstStop(wid, now)
+	dup := false
+	if pass && len(tok) == 3 && tok[1] == "events" && tok[2] == protocol.EventWorkloadStopped {
+		if dup = !n.feeds.firstStop(wid, now); !dup {
+			mark = stopMark{id: wid, at: now}
+		}
+	}
 	n.mu.Unlock()
 	if !pass {
 		n.log.Debug("dropping a relayed feed message: the workload is not that nexlet's in that namespace", "agent_id", agentID, "workload_id", wid, "namespace", ns)
-		return nil, false
+		return nil, stopMark{}, false
 	}
 	if dup {
 		n.log.Debug("dropping a relayed WORKLOADSTOPPED: the node published it from the ended report", "agent_id", agentID, "workload_id", wid)
-		return nil, false
+		return nil, stopMark{}, false
 	}
-	return &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: m.Header}, true
+	return &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: m.Header}, mark, true
 }
 
 // eventWorkloadID is the "id" of an event's body, the workload it is about, or "" when

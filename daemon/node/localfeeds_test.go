@@ -2,8 +2,11 @@ package node
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -145,5 +148,145 @@ func TestLocalFeedBatchOutlivesUnpublishableMessage(t *testing.T) {
 	}
 	if want := []string{"before", "after"}; !slices.Equal(got, want) {
 		t.Errorf("the tenant's feed carried %q, want %q", got, want)
+	}
+}
+
+// TestLocalFeedStopSurvivesFailedFlush: the native nexlet's batch carrying its
+// workload's WORKLOADSTOPPED reaches a node whose link to the NATS server loses what
+// it sends (a proxy drops the node's bytes): the publish goes nowhere and the flush
+// fails, so the batch is refused; the link is cut, the node reconnects, and the nexlet
+// sends the batch again. The tenant gets the event once. Before, the node counted the
+// event as published at the first try and dropped the re-sent one as a duplicate (and
+// would have skipped the ended report's too): the tenant never heard of the end.
+func TestLocalFeedStopSurvivesFailedFlush(t *testing.T) {
+	var bp *blackholeProxy
+	reconnected := make(chan struct{}, 1)
+	rf := newRogueFixture(t, func(o *Options) {
+		bp = startBlackholeProxy(t, o.NC.ConnectedAddr())
+		opts := o.NC.Opts // the node's user, through the proxy
+		opts.Url, opts.Servers = "nats://"+bp.addr(), nil
+		opts.AllowReconnect, opts.MaxReconnect, opts.ReconnectWait, opts.ReconnectJitter = true, -1, 20*time.Millisecond, 0
+		opts.ReconnectedCB = func(*nats.Conn) {
+			select {
+			case reconnected <- struct{}{}:
+			default:
+			}
+		}
+		nc, err := opts.Connect()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		o.NC = nc
+	})
+	n := rf.nodes[0]
+	var end *localchan.Server
+	acks := make(chan error, 4)
+	rf.minted("rogue0", "rogue", "rogue", withChannel(t, n, &end, acks))
+	own := rf.deployOnRogue()
+	stops, err := rf.client.SubscribeSync(protocol.EventSubject("tenant", protocol.EventWorkloadStopped))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := feedMsg(protocol.EventSubject("tenant", protocol.EventWorkloadStopped), fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, own))
+
+	bp.drop(true)
+	if err := end.SendFeeds(1, []*nats.Msg{stopped}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-acks:
+		if err == nil {
+			t.Fatal("the batch was acknowledged though its flush had nowhere to go")
+		}
+		t.Logf("first batch refused: %v", err)
+	case <-time.After(3 * localFeedFlushWait):
+		t.Fatal("feed batch not answered")
+	}
+	bp.cut()
+	select {
+	case <-reconnected:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the node did not reconnect")
+	}
+	sendFeeds(t, end, acks, 2, stopped)
+	if got := feedBodies(stops); len(got) != 1 {
+		t.Errorf("the tenant got %d WORKLOADSTOPPED events for its workload, want 1: %q", len(got), got)
+	}
+}
+
+// blackholeProxy forwards TCP connections to a NATS server; while dropping, it
+// discards what clients send (the server never sees it, the client's socket takes it).
+type blackholeProxy struct {
+	ln       net.Listener
+	dropping atomic.Bool
+	mu       sync.Mutex
+	conns    []net.Conn
+	wg       sync.WaitGroup
+}
+
+func startBlackholeProxy(t *testing.T, target string) *blackholeProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &blackholeProxy{ln: ln}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, s)
+			p.mu.Unlock()
+			p.wg.Add(2)
+			go func() { defer p.wg.Done(); p.pipe(s, c, true) }()
+			go func() { defer p.wg.Done(); p.pipe(c, s, false) }()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); p.cut(); p.wg.Wait() })
+	return p
+}
+
+func (p *blackholeProxy) addr() string { return p.ln.Addr().String() }
+
+func (p *blackholeProxy) drop(on bool) { p.dropping.Store(on) }
+
+// cut closes every connection and stops dropping: clients reconnect afresh.
+func (p *blackholeProxy) cut() {
+	p.mu.Lock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+	p.dropping.Store(false)
+	p.mu.Unlock()
+}
+
+func (p *blackholeProxy) pipe(dst, src net.Conn, fromClient bool) {
+	defer dst.Close()
+	defer src.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		k, err := src.Read(buf)
+		if k > 0 && !(fromClient && p.dropping.Load()) {
+			if _, werr := dst.Write(buf[:k]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
 	}
 }
