@@ -215,6 +215,7 @@ func (r *Runner) feedAck(id uint64, err error) {
 	if q.mode == feedLocal && len(q.batches) > 0 && id == q.batches[0].id {
 		if err != nil {
 			q.retryAt = time.Now().Add(feedRetry)
+			q.id = localchan.FeedRefused(id, q.id) // the node refuses those sent behind it
 			r.log.Debug("node did not take a feed batch; sending it again", "messages", q.inflight, "err", err)
 			q.unsent() // and those after it, in order
 		} else {

@@ -21,13 +21,15 @@ import (
 type feedNode struct {
 	mu   sync.Mutex
 	got  []string
-	fail bool // refuse batches
+	fail  bool // refuse batches
+	failN int  // refuse the next failN batches
 }
 
 func (f *feedNode) take(batch []*nats.Msg) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.fail {
+	if f.fail || f.failN > 0 {
+		f.failN--
 		return fmt.Errorf("refused")
 	}
 	for _, m := range batch {
@@ -188,6 +190,31 @@ func TestRefusedFeedBatchSentAgain(t *testing.T) {
 	got := fn.lines()
 	if len(got) != 20 {
 		t.Fatalf("%d lines, want 20: %q", len(got), got)
+	}
+	for i, l := range got {
+		if l != protocol.LogSubject("ns", "W1", "stdout")+" "+strconv.Itoa(i) {
+			t.Fatalf("line %d is %q", i, l)
+		}
+	}
+}
+
+// TestRefusedFeedBatchKeepsOrder: the node refuses one batch while later ones are on
+// their way (the nexlet keeps up to localchan.MaxFeedBatches unacknowledged): those are
+// refused too and sent again after it, so the lines reach the node in order, none
+// twice. Before, the node took the later batches, and the nexlet sent them again
+// behind the refused one: the lines came out of order, and twice.
+func TestRefusedFeedBatchKeepsOrder(t *testing.T) {
+	r, _, fn, _ := feedRunner(t)
+	fn.mu.Lock()
+	fn.failN = 1
+	fn.mu.Unlock()
+	w := r.Logger("W1", "ns", "stdout")
+	writeLines(t, w, 0, 40)
+	testkit.EventuallyWithin(t, 10*time.Second, "40 lines on the channel", func() bool { return len(fn.lines()) >= 40 })
+	time.Sleep(3 * feedRetry) // what a wrong re-send would add
+	got := fn.lines()
+	if len(got) != 40 {
+		t.Fatalf("%d lines, want 40: %q", len(got), got)
 	}
 	for i, l := range got {
 		if l != protocol.LogSubject("ns", "W1", "stdout")+" "+strconv.Itoa(i) {

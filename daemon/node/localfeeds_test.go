@@ -212,7 +212,7 @@ func TestLocalFeedStopSurvivesFailedFlush(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the node did not reconnect")
 	}
-	sendFeeds(t, end, acks, 2, stopped)
+	sendFeeds(t, end, acks, localchan.FeedRefused(1, 1)+1, stopped) // numbered as the nexlet does after a refusal
 	if got := feedBodies(stops); len(got) != 1 {
 		t.Errorf("the tenant got %d WORKLOADSTOPPED events for its workload, want 1: %q", len(got), got)
 	}

@@ -13,7 +13,8 @@ import (
 // TestFeedBatches: a batch of feed messages crosses the channel whole (subjects,
 // multi-valued headers, bodies, an empty one), is taken on the node's end and flushed
 // before it is acknowledged, in order; one before OnFeed, or one take refuses, is
-// acknowledged with an error; a truncated encoding is refused, never half read.
+// acknowledged with an error, and so is one sent behind it before its re-send; a
+// truncated encoding is refused, never half read.
 func TestFeedBatches(t *testing.T) {
 	nodeEnd, nexletEnd, err := Pair()
 	if err != nil {
@@ -75,11 +76,20 @@ func TestFeedBatches(t *testing.T) {
 		order = append(order, "take")
 		return nil
 	}, func() error { mu.Lock(); defer mu.Unlock(); order = append(order, "flush"); return nil })
+	// Sent behind the refused batch 1 (as a nexlet that had not seen the refusal):
+	// refused too, never taken; the re-send after the refusal is numbered after them.
 	if err := s.SendFeeds(2, batch); err != nil {
 		t.Fatal(err)
 	}
-	if a := next(); a.id != 2 || a.err != nil {
-		t.Fatalf("ack %+v, want batch 2 taken", a)
+	if a := next(); a.id != 2 || a.err == nil {
+		t.Fatalf("a batch behind a refused one: %+v, want refused", a)
+	}
+	id := FeedRefused(1, 2) + 1
+	if err := s.SendFeeds(id, batch); err != nil {
+		t.Fatal(err)
+	}
+	if a := next(); a.id != id || a.err != nil {
+		t.Fatalf("ack %+v, want batch %d taken", a, id)
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -93,10 +103,10 @@ func TestFeedBatches(t *testing.T) {
 	}
 	refuse = true
 	mu.Unlock()
-	if err := s.SendFeeds(3, batch[:1]); err != nil {
+	if err := s.SendFeeds(id+1, batch[:1]); err != nil {
 		t.Fatal(err)
 	}
-	if a := next(); a.id != 3 || a.err == nil || a.err.Error() != "not now" {
+	if a := next(); a.id != id+1 || a.err == nil || a.err.Error() != "not now" {
 		t.Fatalf("ack %+v, want refused with take's error", a)
 	}
 	mu.Lock()

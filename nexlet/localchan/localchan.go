@@ -255,6 +255,24 @@ type Client struct {
 	// start's reply behind them; feedDone is closed when feedLoop returned.
 	feeds    chan takenFeeds
 	feedDone chan struct{}
+	// refused is the last feed batch the node refused (0: none): the batches the
+	// nexlet sent after it before it saw the refusal (ids up to refused +
+	// MaxFeedBatches - 1) are refused too, so that nothing of them is published
+	// ahead of the refused one, which the nexlet sends again first (with a later
+	// id: Server.FeedRefused). Guarded by mu.
+	refused uint64
+}
+
+// refusedLocked says whether batch id was sent behind a refused one; else, when
+// refuse, it is the refused one from now on. Called with mu held.
+func (cl *Client) refusedLocked(id uint64, refuse bool) bool {
+	if cl.refused != 0 && id > cl.refused && id-cl.refused < MaxFeedBatches {
+		return true
+	}
+	if refuse {
+		cl.refused = id
+	}
+	return false
 }
 
 // NewClient serves the node's end f (taken over: closed with the client).
@@ -319,22 +337,32 @@ func (cl *Client) readLoop() {
 			return
 		}
 		if m.kind == kindFeed {
+			if len(cl.feeds) == cap(cl.feeds) {
+				// The nexlet keeps MaxFeedBatches unacknowledged; more is its
+				// error, refused before anything of it is published (only this
+				// goroutine sends on feeds, so it has room below).
+				_ = cl.c.write(msg{kind: kindFeedAck, id: m.id, data: []byte("local channel: feed batches not acknowledged yet")})
+				continue
+			}
 			cl.mu.Lock()
 			take := cl.onFeed
+			behind := cl.refusedLocked(m.id, false)
 			cl.mu.Unlock()
 			batch, err := decodeFeeds(m.data)
-			if err == nil && take == nil {
+			switch {
+			case behind:
+				err = errors.New("local channel: an earlier feed batch was refused")
+			case err == nil && take == nil:
 				err = errors.New("local channel: the node does not take feeds yet")
-			}
-			if err == nil {
+			case err == nil:
 				err = take(batch)
 			}
-			select {
-			case cl.feeds <- takenFeeds{id: m.id, err: err}:
-			default:
-				// The nexlet keeps MaxFeedBatches unacknowledged; more is its error.
-				_ = cl.c.write(msg{kind: kindFeedAck, id: m.id, data: []byte("local channel: feed batches not acknowledged yet")})
+			if err != nil && !behind {
+				cl.mu.Lock()
+				cl.refusedLocked(m.id, true)
+				cl.mu.Unlock()
 			}
+			cl.feeds <- takenFeeds{id: m.id, err: err}
 			continue
 		}
 		if m.kind == kindServing {
@@ -390,7 +418,11 @@ func (cl *Client) feedLoop() {
 		cl.mu.Unlock()
 		err := f.err
 		if err == nil && flush != nil {
-			err = flush()
+			if err = flush(); err != nil {
+				cl.mu.Lock()
+				cl.refusedLocked(f.id, true)
+				cl.mu.Unlock()
+			}
 		}
 		ack := msg{kind: kindFeedAck, id: f.id}
 		if err != nil {
@@ -653,6 +685,11 @@ func (s *Server) logLevel(m msg) {
 func (s *Server) SendFeeds(id uint64, batch []*nats.Msg) error {
 	return s.c.write(msg{kind: kindFeed, id: id, data: encodeFeeds(batch)})
 }
+
+// FeedRefused is the id after which the nexlet numbers its batches once the node
+// refused batch id, lastID the last it sent: the node refuses those it sent before it
+// saw the refusal (within MaxFeedBatches after id), and takes the re-sent ones.
+func FeedRefused(id, lastID uint64) uint64 { return max(lastID, id+MaxFeedBatches-1) }
 
 // FeedSize is what m takes in a feed batch.
 func FeedSize(m *nats.Msg) int {
