@@ -19,8 +19,8 @@ import (
 // feedNode is a node's end that takes feed batches on the channel, recording their
 // bodies in order.
 type feedNode struct {
-	mu   sync.Mutex
-	got  []string
+	mu    sync.Mutex
+	got   []string
 	fail  bool // refuse batches
 	failN int  // refuse the next failN batches
 }
