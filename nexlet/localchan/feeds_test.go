@@ -1,7 +1,9 @@
 package localchan
 
 import (
+	"encoding/binary"
 	"errors"
+	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -115,5 +117,34 @@ func TestFeedBatches(t *testing.T) {
 		if b, err := decodeFeeds(enc[:i]); err == nil && len(b) == len(batch) {
 			t.Fatalf("a batch truncated to %d of %d bytes decoded whole", i, len(enc))
 		}
+	}
+}
+
+// TestFeedBatchCostBoundedBySize: a rogue nexlet's feed batch costs the node a small
+// multiple of its size to decode, whatever it claims: 1 MiB claiming as many header
+// pairs as it has bytes, or of empty messages, is refused. Before, the first made nexd
+// allocate 145 MB and the second tens of MB (a 128 MiB frame: gigabytes).
+func TestFeedBatchCostBoundedBySize(t *testing.T) {
+	const size = 1 << 20
+	pairs := []byte{0} // an empty subject
+	pairs = binary.AppendUvarint(pairs, size)
+	pairs = append(pairs, make([]byte, size)...) // empty keys and values
+	empty := make([]byte, size)                  // empty messages: no subject, headers or body
+	for name, b := range map[string][]byte{"header pairs": pairs, "empty messages": empty} {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		_, err := decodeFeeds(b)
+		runtime.ReadMemStats(&after)
+		if err == nil {
+			t.Errorf("%s: a %d-byte batch decoded", name, len(b))
+		}
+		if got := after.TotalAlloc - before.TotalAlloc; got > 4*size {
+			t.Errorf("%s: decoding a %d-byte batch allocated %d bytes", name, len(b), got)
+		}
+	}
+	// One large message still crosses.
+	big := []*nats.Msg{{Subject: "$NEX.FEED.ns.metrics.W1", Header: nats.Header{"a": {"1"}}, Data: make([]byte, 4*MaxFeedBatch)}}
+	if got, err := decodeFeeds(encodeFeeds(big)); err != nil || len(got) != 1 || len(got[0].Data) != 4*MaxFeedBatch {
+		t.Fatalf("one large message: %d messages, %v", len(got), err)
 	}
 }
