@@ -187,15 +187,7 @@ func TestRefusedFeedBatchSentAgain(t *testing.T) {
 	fn.mu.Unlock()
 	writeLines(t, w, 10, 20)
 	testkit.EventuallyWithin(t, 10*time.Second, "20 lines on the channel", func() bool { return len(fn.lines()) >= 20 })
-	got := fn.lines()
-	if len(got) != 20 {
-		t.Fatalf("%d lines, want 20: %q", len(got), got)
-	}
-	for i, l := range got {
-		if l != protocol.LogSubject("ns", "W1", "stdout")+" "+strconv.Itoa(i) {
-			t.Fatalf("line %d is %q", i, l)
-		}
-	}
+	wantLines(t, fn.lines(), 20)
 }
 
 // TestRefusedFeedBatchKeepsOrder: the node refuses one batch while later ones are on
@@ -212,9 +204,14 @@ func TestRefusedFeedBatchKeepsOrder(t *testing.T) {
 	writeLines(t, w, 0, 40)
 	testkit.EventuallyWithin(t, 10*time.Second, "40 lines on the channel", func() bool { return len(fn.lines()) >= 40 })
 	time.Sleep(3 * feedRetry) // what a wrong re-send would add
-	got := fn.lines()
-	if len(got) != 40 {
-		t.Fatalf("%d lines, want 40: %q", len(got), got)
+	wantLines(t, fn.lines(), 40)
+}
+
+// wantLines checks that got is W1's stdout lines 0 to n-1, in order, each once.
+func wantLines(t *testing.T, got []string, n int) {
+	t.Helper()
+	if len(got) != n {
+		t.Fatalf("%d lines, want %d: %q", len(got), n, got)
 	}
 	for i, l := range got {
 		if l != protocol.LogSubject("ns", "W1", "stdout")+" "+strconv.Itoa(i) {
