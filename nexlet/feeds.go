@@ -17,8 +17,9 @@ import (
 // A runner's feed messages (its workloads' log lines, metrics and events) leave in the
 // order they were written, through one queue:
 //   - on the local channel to the nexd that spawned it (WithLocalFeeds): in batches,
-//     one unacknowledged at a time; the node acknowledges a batch once the NATS server
-//     has it, and only then is it forgotten here;
+//     up to localchan.MaxFeedBatches unacknowledged; the node acknowledges a batch once
+//     the NATS server has it, and only then is it forgotten here; after a refusal the
+//     batches from the refused one on are sent again, in order;
 //   - else on NATS at once (the node's relay subject, or $NEX.FEED itself).
 //
 // While no node takes them (the channel's peer closed: nexd exited, was killed or
