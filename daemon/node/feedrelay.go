@@ -121,6 +121,9 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 	var (
 		mu      sync.Mutex
 		pending []stopMark // stops passed since the last successful flush
+		// taken holds, per batch taken and not yet flushed (flushes pair with
+		// successful takes, in order), the connection's reconnect count at its take.
+		taken []uint64
 	)
 	forget := func(marks []stopMark) {
 		n.mu.Lock()
@@ -138,6 +141,7 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 			}
 			mu.Lock()
 			pending = append(pending, marks...)
+			taken = append(taken, n.o.NC.Stats().Reconnects)
 			mu.Unlock()
 		}()
 		if !n.o.NC.IsConnected() {
@@ -174,8 +178,17 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 	flush = func() error {
 		mu.Lock()
 		covered := len(pending)
+		since, ok := uint64(0), len(taken) > 0
+		if ok {
+			since, taken = taken[0], taken[1:]
+		}
 		mu.Unlock()
 		err := n.o.NC.FlushTimeout(localFeedFlushWait)
+		if err == nil && ok && n.o.NC.Stats().Reconnects != since {
+			// A connection that died after the batch's publish lost it, and the
+			// flush's PING went on the next one: its PONG says nothing of the batch.
+			err = errors.New("node: the NATS connection was replaced after the batch was published")
+		}
 		mu.Lock()
 		var lost []stopMark
 		if err != nil {

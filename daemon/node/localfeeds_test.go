@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -152,39 +153,8 @@ func TestLocalFeedBatchOutlivesUnpublishableMessage(t *testing.T) {
 // event as published at the first try and dropped the re-sent one as a duplicate (and
 // would have skipped the ended report's too): the tenant never heard of the end.
 func TestLocalFeedStopSurvivesFailedFlush(t *testing.T) {
-	var bp *blackholeProxy
-	reconnected := make(chan struct{}, 1)
-	rf := newRogueFixture(t, func(o *Options) {
-		bp = startBlackholeProxy(t, o.NC.ConnectedAddr())
-		opts := o.NC.Opts // the node's user, through the proxy
-		opts.Url, opts.Servers = "nats://"+bp.addr(), nil
-		opts.AllowReconnect, opts.MaxReconnect, opts.ReconnectWait, opts.ReconnectJitter = true, -1, 20*time.Millisecond, 0
-		opts.ReconnectedCB = func(*nats.Conn) {
-			select {
-			case reconnected <- struct{}{}:
-			default:
-			}
-		}
-		nc, err := opts.Connect()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(nc.Close)
-		o.NC = nc
-	})
-	n := rf.nodes[0]
-	var end *localchan.Server
-	acks := make(chan error, 4)
-	rf.minted("rogue0", "rogue", "rogue", withChannel(t, n, &end, acks))
-	own := rf.deployOnRogue()
-	stops, err := rf.client.SubscribeSync(protocol.EventSubject("tenant", protocol.EventWorkloadStopped))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rf.client.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	stopped := feedMsg(protocol.EventSubject("tenant", protocol.EventWorkloadStopped), fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, own))
+	f := newStopOnPair(t)
+	bp, reconnected, end, acks, stops, stopped := f.bp, f.reconnected, f.end, f.acks, f.stops, f.stopped
 
 	bp.drop(true)
 	if err := end.SendFeeds(1, []*nats.Msg{stopped}); err != nil {
@@ -211,11 +181,115 @@ func TestLocalFeedStopSurvivesFailedFlush(t *testing.T) {
 	}
 }
 
+// TestLocalFeedBatchLostToReconnectIsRefused: a batch carrying the workload's
+// WORKLOADSTOPPED is published on a NATS connection that then dies with it (a proxy
+// drops the node's bytes, then cuts the connection); the node reconnects and only then
+// flushes. The flush's PING and PONG go over the new connection and succeed, but the
+// batch never reached the server: the flush must refuse the batch, so that the nexlet
+// sends it again. Before, the batch was acknowledged and lost, and its stop event
+// with it.
+func TestLocalFeedBatchLostToReconnectIsRefused(t *testing.T) {
+	f := newStopOnPair(t)
+	n, bp, reconnected, stops, stopped := f.rf.nodes[0], f.bp, f.reconnected, f.stops, f.stopped
+	n.mu.Lock()
+	c := n.agents["rogue0"].local
+	n.mu.Unlock()
+	take, flush := n.localFeeds("rogue0", c)
+
+	bp.drop(true)
+	if err := take([]*nats.Msg{stopped}); err != nil {
+		t.Fatalf("take: %v", err)
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the batch's bytes went into the dropping proxy", func() bool { return bp.dropped.Load() > 0 })
+	bp.cut()
+	select {
+	case <-reconnected:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the node did not reconnect")
+	}
+	if err := flush(); err == nil {
+		t.Error("the flush after a reconnect acknowledged a batch the dead connection lost")
+	} else {
+		t.Logf("flush: %v", err)
+		if err := take([]*nats.Msg{stopped}); err != nil { // the nexlet's re-send
+			t.Fatalf("take again: %v", err)
+		}
+		if err := flush(); err != nil {
+			t.Fatalf("flush again: %v", err)
+		}
+	}
+	if got := feedBodies(stops); len(got) != 1 {
+		t.Errorf("the tenant got %d WORKLOADSTOPPED events for its workload, want 1: %q", len(got), got)
+	}
+}
+
+// stopOnPair is a proxied rogue fixture whose rogue nexlet holds a local channel (end,
+// acknowledgements to acks) and runs a workload in tenant; stopped is that workload's
+// WORKLOADSTOPPED, and stops a tenant client's subscription to such events.
+type stopOnPair struct {
+	rf          *rogueFixture
+	bp          *blackholeProxy
+	reconnected chan struct{}
+	end         *localchan.Server
+	acks        chan error
+	stops       *nats.Subscription
+	stopped     *nats.Msg
+}
+
+func newStopOnPair(t *testing.T) *stopOnPair {
+	f := &stopOnPair{acks: make(chan error, 4)}
+	f.rf, f.bp, f.reconnected = newProxiedRogueFixture(t)
+	f.rf.minted("rogue0", "rogue", "rogue", withChannel(t, f.rf.nodes[0], &f.end, f.acks))
+	own := f.rf.deployOnRogue()
+	f.stops = f.rf.subscribeStops()
+	f.stopped = feedMsg(protocol.EventSubject("tenant", protocol.EventWorkloadStopped), fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, own))
+	return f
+}
+
+// newProxiedRogueFixture is newRogueFixture whose node reaches the NATS server through
+// a blackholeProxy, reconnecting at once; reconnected gets a value at each reconnect.
+func newProxiedRogueFixture(t *testing.T) (rf *rogueFixture, bp *blackholeProxy, reconnected chan struct{}) {
+	reconnected = make(chan struct{}, 1)
+	rf = newRogueFixture(t, func(o *Options) {
+		bp = startBlackholeProxy(t, o.NC.ConnectedAddr())
+		opts := o.NC.Opts // the node's user, through the proxy
+		opts.Url, opts.Servers = "nats://"+bp.addr(), nil
+		opts.AllowReconnect, opts.MaxReconnect, opts.ReconnectWait, opts.ReconnectJitter = true, -1, 20*time.Millisecond, 0
+		opts.ReconnectedCB = func(*nats.Conn) {
+			select {
+			case reconnected <- struct{}{}:
+			default:
+			}
+		}
+		nc, err := opts.Connect()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		o.NC = nc
+	})
+	return rf, bp, reconnected
+}
+
+// subscribeStops subscribes the client to namespace tenant's WORKLOADSTOPPED events.
+func (rf *rogueFixture) subscribeStops() *nats.Subscription {
+	rf.t.Helper()
+	sub, err := rf.client.SubscribeSync(protocol.EventSubject("tenant", protocol.EventWorkloadStopped))
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	if err := rf.client.Flush(); err != nil {
+		rf.t.Fatal(err)
+	}
+	return sub
+}
+
 // blackholeProxy forwards TCP connections to a NATS server; while dropping, it
 // discards what clients send (the server never sees it, the client's socket takes it).
 type blackholeProxy struct {
 	ln       net.Listener
 	dropping atomic.Bool
+	dropped  atomic.Int64 // bytes discarded
 	mu       sync.Mutex
 	conns    []net.Conn
 	wg       sync.WaitGroup
@@ -273,7 +347,11 @@ func (p *blackholeProxy) pipe(dst, src net.Conn, fromClient bool) {
 	buf := make([]byte, 32<<10)
 	for {
 		k, err := src.Read(buf)
-		if k > 0 && !(fromClient && p.dropping.Load()) {
+		if k > 0 && fromClient && p.dropping.Load() {
+			p.dropped.Add(int64(k))
+			k = 0
+		}
+		if k > 0 {
 			if _, werr := dst.Write(buf[:k]); werr != nil {
 				return
 			}
