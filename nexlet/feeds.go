@@ -97,9 +97,16 @@ func (q *feedQueue) push(m *nats.Msg) {
 	for (q.bytes > FeedBufferBytes || q.len() > FeedBufferMessages) && q.len() > q.inflight+1 {
 		i := q.head + q.inflight
 		old := q.msgs[i]
-		copy(q.msgs[i:], q.msgs[i+1:]) // rare: only while the buffer is full
-		q.msgs[len(q.msgs)-1] = nil
-		q.msgs = q.msgs[:len(q.msgs)-1]
+		if q.inflight == 0 {
+			// The oldest is the head (always so while held): the queue moves on.
+			q.msgs[i] = nil
+			q.head++
+			q.compact()
+		} else {
+			copy(q.msgs[i:], q.msgs[i+1:]) // only while full with batches in flight
+			q.msgs[len(q.msgs)-1] = nil
+			q.msgs = q.msgs[:len(q.msgs)-1]
+		}
 		q.bytes -= msgSize(old)
 		if len(q.dropped) >= 4096 {
 			clear(q.dropped) // many workloads: the log still counts them
@@ -121,7 +128,14 @@ func (q *feedQueue) pop(n int) {
 		if cap(q.msgs) > 1024 {
 			q.msgs = nil // a burst's buffer is not kept
 		}
-	} else if q.head > len(q.msgs)/2 {
+	} else {
+		q.compact()
+	}
+}
+
+// compact moves the queued messages to the front once the forgotten ones are half.
+func (q *feedQueue) compact() {
+	if q.head > len(q.msgs)/2 {
 		q.msgs = append(q.msgs[:0], q.msgs[q.head:]...)
 		q.head = 0
 	}

@@ -3,6 +3,7 @@ package nexlet
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -145,5 +146,28 @@ func BenchmarkFeedLineLatency(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkFeedQueueFullPush: a line queued while no node takes the feeds and the
+// buffer is full (nexd down, workloads still printing): the oldest line is dropped
+// for it.
+func BenchmarkFeedQueueFullPush(b *testing.B) {
+	q := newFeedQueue()
+	q.mode = feedHeld
+	line := func(i int) *nats.Msg {
+		return &nats.Msg{Subject: "$NEX.FEED.ns.logs.w.stdout", Data: []byte(fmt.Sprintf("line %08d of a workload's output", i))}
+	}
+	for i := 0; q.lost == 0; i++ {
+		q.push(line(i))
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		q.push(line(i))
+	}
+	b.StopTimer()
+	if q.len() > FeedBufferMessages || q.bytes > FeedBufferBytes {
+		b.Fatalf("queue over its bounds: %d messages, %d bytes", q.len(), q.bytes)
 	}
 }
