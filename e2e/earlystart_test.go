@@ -33,8 +33,7 @@ func TestLiveRestoreStopDuringEarlyStartKeepsWorkloads(t *testing.T) {
 	state := t.TempDir()
 	opts := func(cg string, ns *notifySocket) nodeOpts {
 		return nodeOpts{external: srv.ClientURL(), stateDir: state, cgroup: cg, notify: ns,
-			extra: []string{"--nats.creds-file", creds, "--issuer-signing-key", sigSeed,
-				"--issuer-signing-key-root-account", acct, "--state", "kv", "--live-restore"}}
+			extra: signingFlags(creds, sigSeed, acct, "--state", "kv", "--live-restore")}
 	}
 	n := startNode(t, opts("", nil))
 	if n.cgroup == "" {

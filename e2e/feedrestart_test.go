@@ -31,8 +31,7 @@ func TestFeedLinesSurviveNexdKill(t *testing.T) {
 	url := srv.ClientURL()
 	state := t.TempDir()
 	opts := func(cg string) nodeOpts {
-		return nodeOpts{external: url, stateDir: state, cgroup: cg, extra: []string{"--nats.creds-file", creds,
-			"--issuer-signing-key", sigSeed, "--issuer-signing-key-root-account", acct, "--state", "kv", "--live-restore"}}
+		return nodeOpts{external: url, stateDir: state, cgroup: cg, extra: signingFlags(creds, sigSeed, acct, "--state", "kv", "--live-restore")}
 	}
 	n := startNode(t, opts(""))
 	n.waitReady(t)

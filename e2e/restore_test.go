@@ -268,8 +268,7 @@ func TestLiveRestore(t *testing.T) {
 	url := srv.ClientURL()
 	state := t.TempDir()
 	opts := func(cg string, live bool) nodeOpts {
-		extra := []string{"--nats.creds-file", creds, "--issuer-signing-key", sigSeed,
-			"--issuer-signing-key-root-account", acct, "--workload-creds-ttl", ttl.String(), "--state", "kv"}
+		extra := signingFlags(creds, sigSeed, acct, "--workload-creds-ttl", ttl.String(), "--state", "kv")
 		if live {
 			extra = append(extra, "--live-restore")
 		}

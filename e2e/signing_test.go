@@ -88,6 +88,13 @@ func operatorNATS(t *testing.T) (srv *server.Server, acct, signingSeed, nodeCred
 	return op.Server, op.Account, op.SigningSeed, op.CredsFile(t, "nexd-node")
 }
 
+// signingFlags are nexd's flags for operatorNATS's node user (creds) and its signing
+// key (seed) of account acct, then more.
+func signingFlags(creds, seed, acct string, more ...string) []string {
+	return append([]string{"--nats.creds-file", creds, "--issuer-signing-key", seed,
+		"--issuer-signing-key-root-account", acct}, more...)
+}
+
 // TestSigningKeyEndToEnd runs the real nexd against an operator-mode NATS with
 // issuer_signing_key: a workload gets its own minted user, scoped to its namespace
 // (nex's $NEX.SVC subjects are denied), and keeps working past its short
@@ -110,12 +117,7 @@ func TestSigningKeyEndToEnd(t *testing.T) {
 
 	srv, acct, sigSeed, creds := operatorNATS(t)
 	url := srv.ClientURL()
-	n := startNode(t, nodeOpts{external: url, extra: []string{
-		"--nats.creds-file", creds,
-		"--issuer-signing-key", sigSeed,
-		"--issuer-signing-key-root-account", acct,
-		"--workload-creds-ttl", ttl.String(),
-	}})
+	n := startNode(t, nodeOpts{external: url, extra: signingFlags(creds, sigSeed, acct, "--workload-creds-ttl", ttl.String())})
 	n.waitReady(t)
 
 	nc, err := nats.Connect(url, nats.UserCredentials(creds))

@@ -102,11 +102,7 @@ func signingNode(t *testing.T, extra ...string) (*node, string, *nats.Conn) {
 	t.Helper()
 	srv, acct, sigSeed, creds := operatorNATS(t)
 	url := srv.ClientURL()
-	n := startNode(t, nodeOpts{external: url, extra: append([]string{
-		"--nats.creds-file", creds,
-		"--issuer-signing-key", sigSeed,
-		"--issuer-signing-key-root-account", acct,
-	}, extra...)})
+	n := startNode(t, nodeOpts{external: url, extra: signingFlags(creds, sigSeed, acct, extra...)})
 	n.waitReady(t)
 	nc, err := nats.Connect(url, nats.UserCredentials(creds))
 	if err != nil {
