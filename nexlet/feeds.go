@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/nexlet/localchan"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // A runner's feed messages (its workloads' log lines, metrics and events) leave in the
@@ -35,7 +36,7 @@ const (
 
 // HeaderFeedDropped is set on a feed message when the nexlet dropped that many earlier
 // messages of the same subject from its full buffer.
-const HeaderFeedDropped = "Nexd-Feed-Dropped"
+const HeaderFeedDropped = protocol.HeaderFeedDropped
 
 // feedHeldMax is how long the feeds wait after the channel closed while the nexd that
 // spawned this nexlet still runs (its parent is the same): a channel that broke on its

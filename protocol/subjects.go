@@ -29,6 +29,15 @@ const (
 	HeaderGroup     = "synadia.com/group"
 )
 
+// The log feed headers as nexd sends them: nats.go refuses '/' in header keys, so
+// upstream's names go out with '-'. HeaderFeedDropped (nexd's) on a feed message says
+// how many earlier messages of its subject the nexlet dropped from its full buffer.
+const (
+	FeedHeaderNamespace = "synadia.com-namespace"
+	FeedHeaderGroup     = "synadia.com-group"
+	HeaderFeedDropped   = "Nexd-Feed-Dropped"
+)
+
 // Micro error headers.
 const (
 	HeaderErrorCode = "Nats-Service-Error-Code"

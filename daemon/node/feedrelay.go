@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -265,7 +266,34 @@ func (n *Node) feedOf(agentID, feed string, m *nats.Msg, local *localchan.Client
 		n.log.Debug("dropping a relayed WORKLOADSTOPPED: the node published it from the ended report", "agent_id", agentID, "workload_id", wid)
 		return nil, stopMark{}, false
 	}
-	return &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: m.Header}, mark, true
+	return &nats.Msg{Subject: "$NEX.FEED." + feed, Data: m.Data, Header: feedHeader(m.Header, tok[1], ns)}, mark, true
+}
+
+// feedHeader is what the node publishes as the headers of a nexlet's checked feed
+// message of kind (logs, metrics, events) in namespace ns: on logs and metrics
+// upstream's namespace header, set from the checked subject, and its group header (the
+// nexlet's when it is a name, else empty); on any, the nexlet's dropped count when it
+// is a number. Nothing else the nexlet set passes: before, its headers were published
+// as they came, so a rogue put another namespace in the namespace header of its own
+// line (or JetStream's control headers on the log stream's messages).
+func feedHeader(in nats.Header, kind, ns string) nats.Header {
+	var h nats.Header
+	if kind == "logs" || kind == "metrics" {
+		group := in.Get(protocol.FeedHeaderGroup)
+		if group != "" && protocol.CheckName("group", group) != nil {
+			group = ""
+		}
+		h = nats.Header{protocol.FeedHeaderNamespace: {ns}, protocol.FeedHeaderGroup: {group}}
+	}
+	if d := in.Get(protocol.HeaderFeedDropped); d != "" {
+		if v, err := strconv.ParseUint(d, 10, 31); err == nil && v > 0 {
+			if h == nil {
+				h = nats.Header{}
+			}
+			h[protocol.HeaderFeedDropped] = []string{strconv.FormatUint(v, 10)}
+		}
+	}
+	return h
 }
 
 // eventWorkloadID is the "id" of an event's body, the workload it is about, or "" when

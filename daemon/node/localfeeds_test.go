@@ -361,3 +361,80 @@ func (p *blackholeProxy) pipe(dst, src net.Conn, fromClient bool) {
 		}
 	}
 }
+
+// TestRogueNexletForgesFeedHeaders: a rogue nexlet sends a line, a metrics sample and
+// an event of its own workload (namespace tenant), on its socket pair and through the
+// relay, with forged headers: upstream's namespace header naming another namespace
+// (twice; and in upstream's spelling with '/', on the pair), a group that is no name, JetStream's
+// rollup header and a dropped count that is no number. Each arrives with the checked
+// namespace alone, an empty group, and none of the rest; an honest dropped count
+// passes. Before, the headers were published as the nexlet set them: the tenant's
+// subscribers (and a log stream keyed on the header) read the line as another
+// namespace's.
+func TestRogueNexletForgesFeedHeaders(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	var end *localchan.Server
+	acks := make(chan error, 4)
+	rogue := rf.minted("rogue0", "rogue", "rogue", withChannel(t, n, &end, acks))
+	own := rf.deployOnRogue()
+	feed := rf.tenantFeed()
+	forged := func(subj, data string) *nats.Msg {
+		m := nats.NewMsg(subj)
+		m.Header["synadia.com-namespace"] = []string{"victim", "victim"}
+		m.Header["synadia.com-group"] = []string{"victim group"}
+		m.Header["Nats-Rollup"] = []string{"all"}
+		m.Header[protocol.HeaderFeedDropped] = []string{"lots"}
+		m.Data = []byte(data)
+		return m
+	}
+	logSubj := protocol.LogSubject("tenant", own, "stdout")
+	event := fmt.Sprintf(`{"id":%q,"namespace":"tenant"}`, own)
+	sendFeeds(t, end, acks, 1,
+		forged(logSubj, "pair line"),
+		forged(protocol.MetricsSubject("tenant", own), "pair metrics"),
+		forged(protocol.EventSubject("tenant", protocol.EventWorkloadStarted), event))
+	honest := feedMsg(logSubj, "pair counted")
+	honest.Header.Set(protocol.HeaderFeedDropped, "3")
+	sendFeeds(t, end, acks, 2, honest)
+	// Upstream's spelling, which nats.go refuses in a key it publishes: before, the
+	// batch was refused at every re-send.
+	slash := forged(logSubj, "pair slash")
+	slash.Header["synadia.com/namespace"] = []string{"victim"}
+	if err := end.SendFeeds(3, []*nats.Msg{slash}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-acks; err != nil {
+		t.Errorf("the batch with upstream's spelling was refused: %v", err)
+	}
+	relay := forged(protocol.FeedRelaySubject(n.ID(), rogue.id, logSubj), "relay line")
+	if err := rogue.nc.PublishMsg(relay); err != nil {
+		t.Fatal(err)
+	}
+	_ = rogue.nc.Flush()
+
+	got := map[string]nats.Header{}
+	for _, m := range feedMsgs(feed) {
+		got[string(m.Data)] = m.Header
+	}
+	for _, c := range []struct {
+		data string
+		want nats.Header
+	}{
+		{"pair line", nats.Header{"synadia.com-namespace": {"tenant"}, "synadia.com-group": {""}}},
+		{"pair metrics", nats.Header{"synadia.com-namespace": {"tenant"}, "synadia.com-group": {""}}},
+		{event, nil},
+		{"pair counted", nats.Header{"synadia.com-namespace": {"tenant"}, "synadia.com-group": {""}, protocol.HeaderFeedDropped: {"3"}}},
+		{"pair slash", nats.Header{"synadia.com-namespace": {"tenant"}, "synadia.com-group": {""}}},
+		{"relay line", nats.Header{"synadia.com-namespace": {"tenant"}, "synadia.com-group": {""}}},
+	} {
+		h, ok := got[c.data]
+		if !ok {
+			t.Errorf("%q did not arrive", c.data)
+			continue
+		}
+		if fmt.Sprint(h) != fmt.Sprint(c.want) {
+			t.Errorf("%q arrived with headers %v, want %v", c.data, h, c.want)
+		}
+	}
+}
