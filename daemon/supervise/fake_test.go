@@ -79,8 +79,6 @@ func fakeNexlet(mode string, args []string) int {
 		time.Sleep(50 * time.Millisecond)
 		fmt.Fprintln(os.Stderr, "crashing")
 		return 1
-	case "exit0":
-		return 0
 	case "block":
 		return block()
 	case "block-hup": // an outliving nexlet: SignalReattach does not end it
