@@ -1002,7 +1002,12 @@ func TestReexecKeepsWatchdogFed(t *testing.T) {
 		t.Fatalf("READY=1 %d times, want 2: %q", ready, ns.all())
 	}
 	if gap > watchdog {
-		t.Fatalf("a %s gap between watchdog pings across the re-exec (watchdog %s)", gap.Round(time.Millisecond), watchdog)
+		msgs, at := ns.timed()
+		var b strings.Builder
+		for i, m := range msgs {
+			fmt.Fprintf(&b, "\n  %s %q", at[i].Format("15:04:05.000"), m)
+		}
+		t.Fatalf("a %s gap between watchdog pings across the re-exec (watchdog %s); notifications:%s", gap.Round(time.Millisecond), watchdog, b.String())
 	}
 	t.Logf("longest gap between pings across the re-exec: %s", gap.Round(time.Millisecond))
 }
