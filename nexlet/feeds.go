@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,7 +26,10 @@ import (
 //
 // While no node takes them (the channel's peer closed: nexd exited, was killed or
 // re-executes; until this nexlet registered again with the next one), they are kept,
-// at most FeedBufferBytes and FeedBufferMessages, the oldest dropped first; the next
+// at most FeedBufferBytes and FeedBufferMessages. Over that, the oldest unsent line of
+// the workload holding the most goes (bytes plus feedEntryCost per message): one
+// flooding workload loses its own lines, not the others'; events (WORKLOADSTOPPED:
+// without it the node never hears of the end) go only when no line is left. The next
 // message sent on a subject that lost some says how many (HeaderFeedDropped).
 
 // Bounds of the feed buffer.
@@ -33,6 +37,11 @@ const (
 	FeedBufferBytes    = 4 << 20
 	FeedBufferMessages = 32768
 )
+
+// feedEntryCost is what a message counts towards its workload's share besides its
+// bytes: the byte bound's share of one message, so that a workload of many short lines
+// and one of few long ones compare by how much of either bound they take.
+const feedEntryCost = FeedBufferBytes / FeedBufferMessages
 
 // HeaderFeedDropped is set on a feed message when the nexlet dropped that many earlier
 // messages of the same subject from its full buffer.
@@ -55,29 +64,63 @@ const (
 	feedNATS                  // on NATS
 )
 
-// feedQueue is the runner's queue of feed messages.
+// feedQueue is the runner's queue of feed messages: a list, oldest first, whose first
+// inflight entries went in batches not yet acknowledged; each workload's unsent lines
+// are also a list of their own (feedHolder), so that a drop takes the oldest of the
+// workload holding the most, found at the top of a heap, in O(log workloads).
 type feedQueue struct {
-	mu    sync.Mutex
-	msgs  []*nats.Msg // msgs[head:] are queued, oldest first
-	head  int
-	bytes int
-	// inflight messages at the front went in batches (oldest first) not yet
+	mu          sync.Mutex
+	first, last *feedEntry
+	unsentHead  *feedEntry // the first entry not in flight; nil: none
+	n           int        // entries
+	bytes       int
+	// inflight entries at the front went in batches (oldest first) not yet
 	// acknowledged, inflightBytes of them; id numbers the batches.
 	inflight      int
 	inflightBytes int
 	batches       []sentBatch
 	id            uint64
-	mode          feedMode
-	heldAt        time.Time     // when the channel closed (feedHeld after feedLocal)
-	heldMax       time.Duration // feedHeldMax (tests shorten it)
-	retryAt       time.Time     // a batch was refused: not before then
-	dropped       map[string]int
-	lost          int // dropped since last logged
-	wake          chan struct{}
+	holders       map[string]*feedHolder // by workload id, those with unsent lines
+	heap          []*feedHolder          // the same, the one holding the most first
+	scratch       []*nats.Msg            // a batch being sent
+	free          *feedEntry             // entries to reuse (linked by next), nfree of them
+	// The last line's subject, workload id and holder: a flood's lines need no
+	// parse and no lookup.
+	lastSubject, lastKey string
+	lastHolder           *feedHolder
+	nfree                int
+	mode                 feedMode
+	heldAt               time.Time     // when the channel closed (feedHeld after feedLocal)
+	heldMax              time.Duration // feedHeldMax (tests shorten it)
+	retryAt              time.Time     // a batch was refused: not before then
+	dropped              map[string]int
+	lost                 int // dropped since last logged
+	wake                 chan struct{}
+}
+
+// feedEntry is a queued message.
+type feedEntry struct {
+	m          *nats.Msg
+	size       int    // msgSize(m), as counted in bytes
+	key        string // its workload id when it is a log line or metrics; "" (an event): never dropped for a line
+	prev, next *feedEntry
+	// w is the holder whose unsent lines it is among (nil: in flight, or an event);
+	// wnext the holder's next; cost what it counts in the holder's.
+	w     *feedHolder
+	wnext *feedEntry
+	cost  int
+}
+
+// feedHolder is a workload's unsent lines, oldest first.
+type feedHolder struct {
+	key         string
+	first, last *feedEntry
+	cost        int
+	idx         int // in feedQueue.heap
 }
 
 func newFeedQueue() *feedQueue {
-	return &feedQueue{wake: make(chan struct{}, 1), dropped: map[string]int{}, heldMax: feedHeldMax}
+	return &feedQueue{wake: make(chan struct{}, 1), dropped: map[string]int{}, holders: map[string]*feedHolder{}, heldMax: feedHeldMax}
 }
 
 func (q *feedQueue) signal() {
@@ -87,80 +130,232 @@ func (q *feedQueue) signal() {
 	}
 }
 
-func (q *feedQueue) len() int { return len(q.msgs) - q.head }
+func (q *feedQueue) len() int { return q.n }
 
 func msgSize(m *nats.Msg) int { return localchan.FeedSize(m) }
 
-// push queues m, dropping the oldest messages not in flight while over the bounds.
+// feedKey is the workload id of a log or metrics subject ($NEX.FEED.<ns>.logs.<id>.<stream>,
+// $NEX.FEED.<ns>.metrics.<id>), else "".
+func feedKey(subject string) string {
+	rest, ok := strings.CutPrefix(subject, "$NEX.FEED.")
+	if !ok {
+		return ""
+	}
+	_, rest, _ = strings.Cut(rest, ".") // the namespace
+	kind, rest, _ := strings.Cut(rest, ".")
+	if kind != "logs" && kind != "metrics" {
+		return ""
+	}
+	id, _, _ := strings.Cut(rest, ".")
+	return id
+}
+
+// push queues m; over the bounds, it drops unsent messages (see the top of this file),
+// never the last one unsent.
 func (q *feedQueue) push(m *nats.Msg) {
-	q.msgs = append(q.msgs, m)
-	q.bytes += msgSize(m)
-	for (q.bytes > FeedBufferBytes || q.len() > FeedBufferMessages) && q.len() > q.inflight+1 {
-		i := q.head + q.inflight
-		old := q.msgs[i]
-		if q.inflight == 0 {
-			// The oldest is the head (always so while held): the queue moves on.
-			q.msgs[i] = nil
-			q.head++
-			q.compact()
-		} else {
-			copy(q.msgs[i:], q.msgs[i+1:]) // only while full with batches in flight
-			q.msgs[len(q.msgs)-1] = nil
-			q.msgs = q.msgs[:len(q.msgs)-1]
+	e := q.free
+	if e != nil {
+		// Field by field: a struct copy costs a bulk write barrier while the GC runs.
+		q.free, q.nfree = e.next, q.nfree-1
+		e.m, e.size, e.prev, e.next = m, msgSize(m), q.last, nil
+	} else {
+		e = &feedEntry{m: m, size: msgSize(m), prev: q.last}
+	}
+	if m.Subject != q.lastSubject { // a writer's lines share their subject's string: compared in O(1)
+		q.lastSubject, q.lastKey = m.Subject, feedKey(m.Subject)
+	}
+	e.key = q.lastKey
+	if q.last != nil {
+		q.last.next = e
+	} else {
+		q.first = e
+	}
+	q.last = e
+	if q.unsentHead == nil {
+		q.unsentHead = e
+	}
+	q.n++
+	q.bytes += e.size
+	q.attach(e, false)
+	for (q.bytes > FeedBufferBytes || q.n > FeedBufferMessages) && q.n > q.inflight+1 {
+		victim := q.unsentHead // only events are unsent: the oldest goes
+		if len(q.heap) > 0 {
+			victim = q.heap[0].first
 		}
-		q.bytes -= msgSize(old)
 		if len(q.dropped) >= 4096 {
 			clear(q.dropped) // many workloads: the log still counts them
 		}
-		q.dropped[old.Subject]++
+		// A count it carries (its batch was refused) passes to the next one.
+		q.dropped[victim.m.Subject] += 1 + droppedCount(victim.m)
 		q.lost++
+		q.detach(victim)
+		q.unlink(victim)
 	}
 }
 
-// pop forgets the n oldest messages.
-func (q *feedQueue) pop(n int) {
-	for i := range n {
-		q.bytes -= msgSize(q.msgs[q.head+i])
-		q.msgs[q.head+i] = nil
-	}
-	q.head += n
-	if q.head == len(q.msgs) {
-		q.msgs, q.head = q.msgs[:0], 0
-		if cap(q.msgs) > 1024 {
-			q.msgs = nil // a burst's buffer is not kept
-		}
+// unlink takes e out of the queue.
+func (q *feedQueue) unlink(e *feedEntry) {
+	if e.prev != nil {
+		e.prev.next = e.next
 	} else {
-		q.compact()
+		q.first = e.next
+	}
+	if e.next != nil {
+		e.next.prev = e.prev
+	} else {
+		q.last = e.prev
+	}
+	if q.unsentHead == e {
+		q.unsentHead = e.next
+	}
+	q.n--
+	q.bytes -= e.size
+	e.m, e.prev, e.next = nil, nil, nil // e.w, e.wnext: nil since detach
+	if q.nfree < feedFreeMax {
+		e.next, q.free, q.nfree = q.free, e, q.nfree+1
 	}
 }
 
-// compact moves the queued messages to the front once the forgotten ones are half.
-func (q *feedQueue) compact() {
-	if q.head > len(q.msgs)/2 {
-		q.msgs = append(q.msgs[:0], q.msgs[q.head:]...)
-		q.head = 0
+// feedFreeMax bounds the entries kept for reuse: a full buffer drops one for each it
+// takes, and needs no allocation then.
+const feedFreeMax = 256
+
+// attach adds line e to its workload's unsent lines: last (queued), or first (taken
+// back from flight, newest first).
+func (q *feedQueue) attach(e *feedEntry, front bool) {
+	if e.key == "" {
+		return
+	}
+	h := q.lastHolder
+	if h == nil || h.key != e.key {
+		h = q.holders[e.key]
+	}
+	if h == nil {
+		h = &feedHolder{key: e.key, idx: len(q.heap)}
+		q.holders[e.key] = h
+		q.heap = append(q.heap, h)
+	}
+	q.lastHolder = h
+	e.w, e.cost = h, e.size+feedEntryCost
+	switch {
+	case h.first == nil:
+		h.first, h.last = e, e
+	case front:
+		e.wnext, h.first = h.first, e
+	default:
+		h.last.wnext, h.last = e, e
+	}
+	h.cost += e.cost
+	q.heapUp(h.idx)
+}
+
+// detach takes e, its workload's oldest unsent line (sent or dropped), out of its
+// workload's lines.
+func (q *feedQueue) detach(e *feedEntry) {
+	h := e.w
+	if h == nil {
+		return
+	}
+	h.first, e.w, e.wnext = e.wnext, nil, nil
+	h.cost -= e.cost
+	if h.first != nil {
+		q.heapDown(h.idx)
+		return
+	}
+	h.last = nil
+	delete(q.holders, h.key)
+	if q.lastHolder == h {
+		q.lastHolder = nil
+	}
+	i, last := h.idx, len(q.heap)-1
+	if i != last {
+		q.heapSwap(i, last)
+	}
+	q.heap[last] = nil
+	q.heap = q.heap[:last]
+	if i < last {
+		q.heapDown(i)
+		q.heapUp(i)
 	}
 }
 
-// marked sets HeaderFeedDropped on m when messages of its subject were dropped;
-// queued: m is in the queue, whose byte count follows.
-func (q *feedQueue) marked(m *nats.Msg, queued bool) *nats.Msg {
+func (q *feedQueue) heapSwap(i, j int) {
+	q.heap[i], q.heap[j] = q.heap[j], q.heap[i]
+	q.heap[i].idx, q.heap[j].idx = i, j
+}
+
+func (q *feedQueue) heapUp(i int) {
+	for i > 0 {
+		p := (i - 1) / 2
+		if q.heap[p].cost >= q.heap[i].cost {
+			return
+		}
+		q.heapSwap(i, p)
+		i = p
+	}
+}
+
+func (q *feedQueue) heapDown(i int) {
+	for {
+		c := 2*i + 1
+		if c >= len(q.heap) {
+			return
+		}
+		if c+1 < len(q.heap) && q.heap[c+1].cost > q.heap[c].cost {
+			c++
+		}
+		if q.heap[i].cost >= q.heap[c].cost {
+			return
+		}
+		q.heapSwap(i, c)
+		i = c
+	}
+}
+
+// pop forgets the n oldest entries, which were sent.
+func (q *feedQueue) pop(n int) {
+	for range n {
+		e := q.first
+		q.detach(e) // unsent when published at once on NATS
+		q.unlink(e)
+	}
+}
+
+// mark sets HeaderFeedDropped on m when messages of its subject were dropped, adding to
+// a count it has (set before its batch was refused), and reports whether it did.
+func (q *feedQueue) mark(m *nats.Msg) bool {
 	n := q.dropped[m.Subject]
 	if n == 0 {
-		return m
+		return false
 	}
 	delete(q.dropped, m.Subject)
-	if queued {
-		q.bytes -= msgSize(m)
-		defer func() { q.bytes += msgSize(m) }()
-	}
 	h := make(nats.Header, len(m.Header)+1)
 	for k, v := range m.Header {
 		h[k] = v
 	}
-	h.Set(HeaderFeedDropped, strconv.Itoa(n))
+	h.Set(HeaderFeedDropped, strconv.Itoa(n+droppedCount(m)))
 	m.Header = h
-	return m
+	return true
+}
+
+// droppedCount is the HeaderFeedDropped count m carries.
+func droppedCount(m *nats.Msg) int {
+	v := m.Header.Get(HeaderFeedDropped)
+	if v == "" {
+		return 0 // most: Atoi would allocate its error
+	}
+	n, _ := strconv.Atoi(v)
+	return max(n, 0)
+}
+
+// marked is mark for a queued entry, whose size follows.
+func (q *feedQueue) marked(e *feedEntry) *nats.Msg {
+	if q.mark(e.m) {
+		q.bytes -= e.size
+		e.size = msgSize(e.m)
+		q.bytes += e.size
+	}
+	return e.m
 }
 
 // WithLocalFeeds sends the workloads' feeds on the local channel (WithLocalChannel),
@@ -174,7 +369,8 @@ func (r *Runner) feedOut(m *nats.Msg) error {
 	defer q.mu.Unlock()
 	if q.mode == feedNATS && q.len() == 0 {
 		// Under the lock, so that nothing queued earlier goes out after it.
-		return r.publishFeed(q.marked(m, false))
+		q.mark(m)
+		return r.publishFeed(m)
 	}
 	q.push(m)
 	if q.mode == feedLocal {
@@ -235,19 +431,24 @@ func (r *Runner) feedAck(id uint64, err error) {
 			r.log.Debug("node did not take a feed batch; sending it again", "messages", q.inflight, "err", err)
 			q.unsent() // and those after it, in order
 		} else {
-			b := q.batches[0]
-			q.batches = q.batches[1:]
-			if len(q.batches) == 0 {
-				q.batches = q.batches[:0:0]
-			}
-			q.pop(b.n)
-			q.inflight -= b.n
-			q.inflightBytes -= b.size
+			q.acked()
 			r.sendBatchLocked() // what came meanwhile
 		}
 	}
 	q.mu.Unlock()
 	q.signal()
+}
+
+// acked forgets the oldest batch in flight, which the node took.
+func (q *feedQueue) acked() {
+	b := q.batches[0]
+	q.batches = q.batches[1:]
+	if len(q.batches) == 0 {
+		q.batches = q.batches[:0:0]
+	}
+	q.pop(b.n)
+	q.inflight -= b.n
+	q.inflightBytes -= b.size
 }
 
 // feedLoop sends what is queued until ctx ends; the runner waits for it (Shutdown).
@@ -298,8 +499,8 @@ func (r *Runner) feedStep(ppid int) (wait time.Duration) {
 		q.mode = feedNATS
 		fallthrough
 	case feedNATS:
-		for q.len() > 0 {
-			if err := r.publishFeed(q.marked(q.msgs[q.head], true)); err != nil {
+		for q.first != nil {
+			if err := r.publishFeed(q.marked(q.first)); err != nil {
 				r.log.Debug("feed message not published", "err", err)
 			}
 			q.pop(1)
@@ -322,6 +523,14 @@ type sentBatch struct {
 
 // unsent takes every unacknowledged batch back: they are sent again, in order.
 func (q *feedQueue) unsent() {
+	e := q.last
+	if q.unsentHead != nil {
+		e = q.unsentHead.prev
+	}
+	for ; e != nil; e = e.prev { // the entries in flight, newest first
+		q.attach(e, true)
+	}
+	q.unsentHead = q.first
 	q.inflight, q.inflightBytes, q.batches = 0, 0, nil
 }
 
@@ -333,29 +542,18 @@ func (q *feedQueue) unsent() {
 // a retry.
 func (r *Runner) sendBatchLocked() (wait time.Duration) {
 	q := r.feedq
-	for q.mode == feedLocal && q.len() > q.inflight && len(q.batches) < localchan.MaxFeedBatches && q.inflightBytes < localchan.MaxFeedBatch {
+	for q.mode == feedLocal && q.unsentHead != nil && len(q.batches) < localchan.MaxFeedBatches && q.inflightBytes < localchan.MaxFeedBatch {
 		if d := time.Until(q.retryAt); d > 0 {
 			return d
 		}
-		n, size := 0, 0
-		start := q.head + q.inflight
-		for start+n < len(q.msgs) {
-			s := msgSize(q.msgs[start+n])
-			if (n > 0 || q.inflight > 0) && q.inflightBytes+size+s > localchan.MaxFeedBatch {
-				break
-			}
-			q.marked(q.msgs[start+n], true)
-			s = msgSize(q.msgs[start+n])
-			size += s
-			n++
-		}
-		if n == 0 {
-			return 0
-		}
+		batch, size, end := q.nextBatch()
 		q.id++
 		// Written under the lock: the socket has room for it (at most
 		// MaxFeedBatch unacknowledged), so this does not block.
-		if err := r.local.SendFeeds(q.id, q.msgs[start:start+n]); err != nil {
+		err := r.local.SendFeeds(q.id, batch)
+		clear(batch)
+		q.scratch = batch[:0]
+		if err != nil {
 			// The write closed the channel: serveLocal sees it and holds the feeds.
 			r.log.Debug("feed batch not sent on the local channel", "err", err)
 			q.unsent()
@@ -363,11 +561,36 @@ func (r *Runner) sendBatchLocked() (wait time.Duration) {
 			q.heldAt = time.Now()
 			return 0
 		}
-		q.batches = append(q.batches, sentBatch{id: q.id, n: n, size: size})
-		q.inflight += n
-		q.inflightBytes += size
+		q.batchSent(end, len(batch), size)
 	}
 	return 0
+}
+
+// nextBatch is the next batch of unsent messages (marked), within what may be
+// unacknowledged, size bytes of them, and the first entry after it.
+func (q *feedQueue) nextBatch() (batch []*nats.Msg, size int, end *feedEntry) {
+	batch = q.scratch[:0]
+	end = q.unsentHead
+	for ; end != nil; end = end.next {
+		if (len(batch) > 0 || q.inflight > 0) && q.inflightBytes+size+end.size > localchan.MaxFeedBatch {
+			break
+		}
+		batch = append(batch, q.marked(end))
+		size += end.size
+	}
+	return batch, size, end
+}
+
+// batchSent records the batch nextBatch made (n messages, size bytes, end after it) as
+// sent, numbered q.id.
+func (q *feedQueue) batchSent(end *feedEntry, n, size int) {
+	for e := q.unsentHead; e != end; e = e.next {
+		q.detach(e) // in flight: no longer dropped for a line
+	}
+	q.unsentHead = end
+	q.batches = append(q.batches, sentBatch{id: q.id, n: n, size: size})
+	q.inflight += n
+	q.inflightBytes += size
 }
 
 // drainFeeds waits (at most wait) until every queued feed message is sent (and, on

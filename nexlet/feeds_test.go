@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -257,5 +258,97 @@ func TestFeedsGoOverNATSWhenChannelBreaksUnderALiveNode(t *testing.T) {
 		if m, err := sub.NextMsg(5 * time.Second); err != nil || string(m.Data) != strconv.Itoa(i) {
 			t.Fatalf("line %d after: %v %v", i, m, err)
 		}
+	}
+}
+
+// TestFeedBufferDropsFromTheLargest: while no node takes them, workload W1 floods
+// (past the message bound, then past the byte bound with long lines) and W2 writes a
+// line now and then; W3's WORKLOADSTOPPED was queued first of all. The drops fall on
+// W1 alone: all of W2's lines and the event come out once a node takes the feeds, W1's
+// in order, its first line counting the dropped ones. Before, the oldest went whoever
+// they were: W2's early lines and the stop event were pushed out by W1's flood.
+func TestFeedBufferDropsFromTheLargest(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		lines int
+		long  int // bytes added to each of W1's lines
+	}{
+		{"messages", FeedBufferMessages + 5000, 0},
+		{"bytes", 2000, 4096},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r, ch, _, nc := feedRunner(t)
+			sub, err := nc.SubscribeSync("$NEX.FEED.ns.>")
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = sub.SetPendingLimits(-1, -1)
+			_ = nc.Flush()
+			_ = ch.Close()
+			<-r.localDone
+			stop := `{"id":"W3","namespace":"ns"}`
+			if err := r.feedOut(&nats.Msg{Subject: protocol.EventSubject("ns", protocol.EventWorkloadStopped), Data: []byte(stop)}); err != nil {
+				t.Fatal(err)
+			}
+			w1, w2 := r.Logger("W1", "ns", "stdout"), r.Logger("W2", "ns", "stderr")
+			pad := strings.Repeat("x", c.long)
+			quiet := 0
+			for i := range c.lines {
+				if _, err := w1.Write([]byte(strconv.Itoa(i) + " " + pad)); err != nil {
+					t.Fatal(err)
+				}
+				if i%(c.lines/100) == 0 {
+					writeLines(t, w2, quiet, quiet+1)
+					quiet++
+				}
+			}
+			if err := r.Reregister(); err != nil {
+				t.Fatal(err)
+			}
+			events, w2got, w1got, counted := 0, 0, 0, 0
+			prev := -1
+			for {
+				m, err := sub.NextMsg(2 * time.Second)
+				if err != nil {
+					break
+				}
+				switch m.Subject {
+				case protocol.EventSubject("ns", protocol.EventWorkloadStopped):
+					events++
+				case protocol.LogSubject("ns", "W2", "stderr"):
+					if d := m.Header.Get(HeaderFeedDropped); d != "" || string(m.Data) != strconv.Itoa(w2got) {
+						t.Errorf("W2's line %d is %q, its count of the dropped %q", w2got, m.Data, d)
+					}
+					w2got++
+				case protocol.LogSubject("ns", "W1", "stdout"):
+					num, _, _ := strings.Cut(string(m.Data), " ")
+					k, _ := strconv.Atoi(num)
+					if k <= prev {
+						t.Fatalf("W1's line %d after %d", k, prev)
+					}
+					if d := m.Header.Get(HeaderFeedDropped); d != "" {
+						n, _ := strconv.Atoi(d)
+						if n != k-prev-1 {
+							t.Errorf("W1's line %d says %d dropped, %d were", k, n, k-prev-1)
+						}
+						counted += n
+					} else if k != prev+1 {
+						t.Errorf("W1's line %d follows %d without a count of the dropped", k, prev)
+					}
+					prev = k
+					w1got++
+				}
+			}
+			t.Logf("kept: W1 %d of %d (%d counted dropped), W2 %d of %d, events %d of 1", w1got, c.lines, counted, w2got, quiet, events)
+			if events != 1 {
+				t.Errorf("%d of W3's WORKLOADSTOPPED events came, want 1", events)
+			}
+			if w2got != quiet {
+				t.Errorf("W2 kept %d of its %d lines, want all", w2got, quiet)
+			}
+			if prev != c.lines-1 || w1got+counted != c.lines {
+				t.Errorf("W1: last line %d, %d came and %d counted dropped, want %d in all", prev, w1got, counted, c.lines)
+			}
+		})
 	}
 }

@@ -171,3 +171,30 @@ func BenchmarkFeedQueueFullPush(b *testing.B) {
 		b.Fatalf("queue over its bounds: %d messages, %d bytes", q.len(), q.bytes)
 	}
 }
+
+// BenchmarkFeedQueueFullPushManyWorkloads: as BenchmarkFeedQueueFullPush, with the
+// buffer shared by 1,000 workloads that each hold lines too (a third of it) and one
+// flooding: each flooded line drops the flood's oldest, found at the top of the heap
+// of workloads.
+func BenchmarkFeedQueueFullPushManyWorkloads(b *testing.B) {
+	q := newFeedQueue()
+	q.mode = feedHeld
+	line := func(w string, i int) *nats.Msg {
+		return &nats.Msg{Subject: "$NEX.FEED.ns.logs." + w + ".stdout", Data: []byte(fmt.Sprintf("line %08d of a workload's output", i))}
+	}
+	for i := range FeedBufferMessages / 3 {
+		q.push(line(fmt.Sprintf("w%d", i%1000), i))
+	}
+	for i := 0; q.lost == 0; i++ {
+		q.push(line("flood", i))
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		q.push(line("flood", i))
+	}
+	b.StopTimer()
+	if q.len() > FeedBufferMessages || q.bytes > FeedBufferBytes || len(q.holders) != 1001 {
+		b.Fatalf("queue over its bounds or lost a workload: %d messages, %d bytes, %d workloads", q.len(), q.bytes, len(q.holders))
+	}
+}
