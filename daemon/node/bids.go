@@ -1,13 +1,18 @@
 package node
 
 import (
+	"context"
+	"log/slog"
+	"maps"
+	"runtime"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/nexd-project/nexd/internal/steps"
-	"github.com/nexd-project/nexd/protocol"
 )
 
 // Default bounds on pending bids. A bid costs about 200 bytes (its id twice, its agent
@@ -15,12 +20,17 @@ import (
 const (
 	DefaultMaxBids             = 10_000
 	DefaultMaxBidsPerNamespace = 1_000
-	// AuctionPendingMsgs and AuctionPendingBytes bound what the AUCTION subscription
-	// queues: a flood beyond them is dropped by the client library (slow consumer on
-	// that subscription only), never queued without bound or charged to other
-	// subscriptions.
-	AuctionPendingMsgs  = 4096
-	AuctionPendingBytes = 4 << 20
+	// AuctionPendingMsgs and AuctionPendingBytes bound nats.go's list in front of the
+	// AUCTION callback. The callback keeps that list near empty (it is several times
+	// cheaper than the reader filling it), so the list only rides out the moments the
+	// callback is off the CPU (16,384 was too few on this 2-core host under load: a
+	// sixth of a flood dropped blind); beyond it nats.go drops, blind to namespace
+	// (counted as AuctionDropsUnsorted). A message costs its body (bounded in sum
+	// here), about 112 bytes and its subject and reply, which the body bound does not
+	// count: some 16 MiB full of auctions as nexctl sends them, at most about 280 MiB
+	// when each subject and reply fill the server's 4 KiB control line.
+	AuctionPendingMsgs  = 64 << 10
+	AuctionPendingBytes = 8 << 20
 )
 
 type bid struct {
@@ -130,7 +140,24 @@ const (
 	// few hundred bytes); auctionQueueMaxBytes bounds all queued bodies together.
 	auctionMaxBytes      = 64 << 10
 	auctionQueueMaxBytes = 8 << 20
+	// auctionDropNamespaces bounds the namespaces whose drops are counted by name; the
+	// drops of any further namespace are counted under AuctionDropsOther.
+	auctionDropNamespaces = 256
 )
+
+// AuctionDropsOther counts the drops of the namespaces past the first 256 that
+// dropped, AuctionDropsUnsorted those of any namespace nats.go dropped before the node
+// saw them: neither is a valid namespace, so neither names a real one.
+const (
+	AuctionDropsOther    = "*"
+	AuctionDropsUnsorted = "?"
+)
+
+// queuedAuction is an auction as the subscription delivered it.
+type queuedAuction struct {
+	m  *nats.Msg
+	st *steps.Timer // from its arrival (debug logging only)
+}
 
 // auctionQueue takes auctions off the subscription at once (no JSON, no signature) and
 // serves the namespaces round robin: a namespace flooding auctions overflows its own
@@ -138,33 +165,41 @@ const (
 // turn per waiting namespace. Anyone may publish auctions, so nothing here grows
 // without bound.
 type auctionQueue struct {
-	mu      sync.Mutex
-	queues  map[string][]micro.Request
-	ring    []string // namespaces with queued auctions, in turn order
-	bytes   int      // queued bodies
-	wake    chan struct{}
-	dropped uint64
+	mu     sync.Mutex
+	queues map[string][]queuedAuction
+	ring   []string // namespaces with queued auctions, in turn order
+	bytes  int      // queued bodies
+	wake   chan struct{}
+	// drops counts the auctions dropped by namespace (at most auctionDropNamespaces
+	// names, then AuctionDropsOther); warned is what the last warning had reported.
+	drops, warned map[string]uint64
+	warnedBlind   uint64 // nats.go's drops the last warning reported (health loop only)
 }
 
 func newAuctionQueue() *auctionQueue {
-	return &auctionQueue{queues: map[string][]micro.Request{}, wake: make(chan struct{}, 1)}
+	return &auctionQueue{queues: map[string][]queuedAuction{}, wake: make(chan struct{}, 1),
+		drops: map[string]uint64{}, warned: map[string]uint64{}}
 }
 
-// push queues r for ns; false when ns's queue (or the namespace table) is full.
-func (q *auctionQueue) push(ns string, r micro.Request) bool {
+// push queues a for ns; false (and counted against ns) when ns's queue, the namespace
+// table or the byte bound is full.
+func (q *auctionQueue) push(ns string, a queuedAuction) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	cur, waiting := q.queues[ns]
-	size := len(r.Data())
+	size := len(a.m.Data)
 	if len(cur) >= auctionQueuePerNS || (!waiting && len(q.queues) >= auctionQueueMaxNS) ||
 		size > auctionMaxBytes || q.bytes+size > auctionQueueMaxBytes {
-		q.dropped++
+		if _, known := q.drops[ns]; !known && len(q.drops) >= auctionDropNamespaces {
+			ns = AuctionDropsOther
+		}
+		q.drops[ns]++
 		return false
 	}
 	if !waiting {
 		q.ring = append(q.ring, ns)
 	}
-	q.queues[ns] = append(cur, r)
+	q.queues[ns] = append(cur, a)
 	q.bytes += size
 	select {
 	case q.wake <- struct{}{}:
@@ -174,33 +209,103 @@ func (q *auctionQueue) push(ns string, r micro.Request) bool {
 }
 
 // pop takes the next auction, one namespace at a time.
-func (q *auctionQueue) pop() (micro.Request, bool) {
+func (q *auctionQueue) pop() (queuedAuction, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if len(q.ring) == 0 {
-		return nil, false
+		return queuedAuction{}, false
 	}
 	ns := q.ring[0]
 	q.ring = q.ring[1:]
 	list := q.queues[ns]
-	r := list[0]
-	list[0] = nil
-	q.bytes -= len(r.Data())
+	a := list[0]
+	list[0] = queuedAuction{}
+	q.bytes -= len(a.m.Data)
 	if list = list[1:]; len(list) == 0 {
 		delete(q.queues, ns)
 	} else {
 		q.queues[ns] = list
 		q.ring = append(q.ring, ns) // its next turn comes after the others
 	}
-	return r, true
+	return a, true
 }
 
-// enqueueAuction is the AUCTION endpoint's handler: it only queues a detached copy.
-func (n *Node) enqueueAuction(r micro.Request) {
-	d := &detachedRequest{nc: n.o.NC, subject: r.Subject(), reply: r.Reply(), data: r.Data(), headers: r.Headers(),
-		steps: steps.Start(n.log)}
-	if !n.auctions.push(protocol.NamespaceOf(r.Subject()), d) {
-		n.log.Debug("auction dropped: its namespace's queue is full", "subject", r.Subject())
+// Drops returns the auctions dropped so far, by namespace.
+func (q *auctionQueue) Drops() map[string]uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return maps.Clone(q.drops)
+}
+
+// newDrops returns the namespaces that dropped auctions since the last call, with how
+// many, and marks them reported.
+func (q *auctionQueue) newDrops() map[string]uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var out map[string]uint64
+	for ns, d := range q.drops {
+		if d != q.warned[ns] {
+			if out == nil {
+				out = map[string]uint64{}
+			}
+			out[ns] = d - q.warned[ns]
+			q.warned[ns] = d
+		}
+	}
+	return out
+}
+
+// onAuction is the AUCTION subscription's callback. It runs on the subscription's one
+// delivery goroutine, behind nats.go's pending list, which drops whatever arrives
+// while it is full, of any namespace: so it does no more than split the namespace out
+// of the subject and queue the message, several times faster than nats.go's reader
+// fills that list (BenchmarkAuctionIntake), and the drops fall in the flooding
+// namespace's own queue.
+func (n *Node) onAuction(m *nats.Msg) {
+	if m.Reply != "" && !isInbox(m.Reply) {
+		if n.log.Enabled(context.Background(), slog.LevelDebug) {
+			n.log.Debug("request dropped: its reply subject is not an inbox", "subject", m.Subject, "reply", m.Reply)
+		}
+		return
+	}
+	n.auctions.push(auctionNamespace(m.Subject), queuedAuction{m: m, st: steps.Start(n.log)})
+}
+
+// auctionNamespace is the namespace token of $NEX.SVC.<namespace>.control.AUCTION,
+// without protocol.NamespaceOf's split (an allocation per flooded message).
+func auctionNamespace(subject string) string {
+	rest := subject
+	for range 2 {
+		i := strings.IndexByte(rest, '.')
+		if i < 0 {
+			return ""
+		}
+		rest = rest[i+1:]
+	}
+	if i := strings.IndexByte(rest, '.'); i >= 0 {
+		return rest[:i]
+	}
+	return rest
+}
+
+// warnAuctionDrops logs, once a health tick, each namespace whose auctions were
+// dropped since the last tick (at most a line a namespace a tick however fast the
+// flood), and the auctions nats.go dropped unsorted, if any.
+func (n *Node) warnAuctionDrops() {
+	for ns, d := range n.auctions.newDrops() {
+		n.log.Warn("auctions dropped: the namespace sends more than the node can answer; other namespaces' auctions are still served",
+			"namespace", ns, "dropped", d)
+	}
+	n.mu.Lock()
+	sub := n.auctionSub
+	n.mu.Unlock()
+	if sub == nil {
+		return
+	}
+	if blind, err := sub.Dropped(); err == nil && uint64(blind) != n.auctions.warnedBlind {
+		n.log.Warn("auctions dropped before the node could sort them by namespace: it could not take them off its connection fast enough",
+			"dropped", uint64(blind)-n.auctions.warnedBlind)
+		n.auctions.warnedBlind = uint64(blind)
 	}
 }
 
@@ -214,14 +319,19 @@ func (n *Node) auctionWorker() {
 		case <-n.auctions.wake:
 		}
 		for {
-			r, ok := n.auctions.pop()
+			a, ok := n.auctions.pop()
 			if !ok {
 				break
 			}
-			n.handleAuction(r)
+			n.handleAuction(&detachedRequest{nc: n.o.NC, subject: a.m.Subject, reply: a.m.Reply, data: a.m.Data,
+				headers: micro.Headers(a.m.Header), steps: a.st})
 			if n.ctx.Err() != nil {
 				return
 			}
+			// Let the subscription's goroutine in: under a flood both workers are busy,
+			// and each turn it waits for a processor lets nats.go's reader queue
+			// thousands of auctions it drops blind once its list is full.
+			runtime.Gosched()
 		}
 	}
 }

@@ -28,10 +28,12 @@ type endpoint struct {
 	name, subject, queue string // queue "" = the node id
 	handle               func(micro.Request)
 	async                bool // may wait on nexlets: runs on its own goroutine
-	pending              bool // bounded pending queue (AuctionPending*): anyone may flood it
 }
 
-// endpoints lists the nexnode service, names and subjects as upstream registers them.
+// endpoints lists the nexnode service, names and subjects as upstream registers them,
+// but for AuctionRequest: the AUCTION subject is a plain subscription (Start,
+// onAuction), which keeps micro's per-request work off the one goroutine a flood of
+// auctions must not outpace.
 func (n *Node) endpoints() []endpoint {
 	all := protocol.ControlPrefix("*")
 	eps := []endpoint{
@@ -42,7 +44,6 @@ func (n *Node) endpoints() []endpoint {
 		{name: "SetLameduck", subject: protocol.LameduckSubject(n.id), handle: n.handleLameduck},
 		{name: "GetAgentIdByName", subject: protocol.AgentIDSubject(n.id), handle: n.handleAgentID},
 		{name: "RegisterAgent", subject: protocol.RegisterSubject(n.id, "*"), handle: n.handleRegister},
-		{name: "AuctionRequest", subject: all + ".AUCTION", handle: n.enqueueAuction, pending: true},
 		{name: "StopWorkload", subject: all + ".UNDEPLOY.*", handle: n.handleUndeploy, async: true},
 		{name: "AuctionDeployWorkload", subject: all + ".ADEPLOY.*", handle: n.handleDeploy, async: true},
 		{name: "CloneWorkload", subject: all + ".CLONE.*", handle: n.handleClone, async: true},

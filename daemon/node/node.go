@@ -239,12 +239,13 @@ type Node struct {
 	// bound maps each name a supervised nexlet registered under, and the name it is
 	// supervised as, to the latter, for the run: no other nexlet may take it while that
 	// one restarts (see boundLocked). current maps the latter to its agent id.
-	bound    map[string]string
-	current  map[string]string
-	procInfo map[string]procInfo // by agent id, from the supervisor
-	bids     *bidBook            // bidder id -> bid, bounded
-	auctions *auctionQueue       // auctions waiting for a worker
-	changed  chan struct{}       // closed and replaced whenever agents change
+	bound      map[string]string
+	current    map[string]string
+	procInfo   map[string]procInfo // by agent id, from the supervisor
+	bids       *bidBook            // bidder id -> bid, bounded
+	auctions   *auctionQueue       // auctions waiting for a worker
+	auctionSub *nats.Subscription  // the AUCTION subscription, from Start on
+	changed    chan struct{}       // closed and replaced whenever agents change
 
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
@@ -513,11 +514,8 @@ func (n *Node) Start(ctx context.Context) error {
 			h = n.async(h)
 		}
 		h = n.inboxOnly(h)
-		opts := []micro.EndpointOpt{micro.WithEndpointSubject(e.subject), micro.WithEndpointQueueGroup(qg)}
-		if e.pending {
-			opts = append(opts, micro.WithEndpointPendingLimits(AuctionPendingMsgs, AuctionPendingBytes))
-		}
-		errs = append(errs, svc.AddEndpoint(e.name, micro.HandlerFunc(h), opts...))
+		errs = append(errs, svc.AddEndpoint(e.name, micro.HandlerFunc(h),
+			micro.WithEndpointSubject(e.subject), micro.WithEndpointQueueGroup(qg)))
 	}
 	if err := errors.Join(errs...); err != nil {
 		_ = svc.Stop()
@@ -534,6 +532,16 @@ func (n *Node) Start(ctx context.Context) error {
 		}
 		_ = svc.Stop()
 		n.cancel()
+	}
+	// Auctions: upstream's endpoint subject and queue group (the node id), bounded.
+	auctions, err := n.o.NC.QueueSubscribe(protocol.AuctionSubject("*"), n.id, n.onAuction)
+	if err == nil {
+		subs = append(subs, auctions)
+		err = auctions.SetPendingLimits(AuctionPendingMsgs, AuctionPendingBytes)
+	}
+	if err != nil {
+		undo()
+		return fmt.Errorf("node: subscribe to auctions: %w", err)
 	}
 	for subj, h := range map[string]nats.MsgHandler{
 		protocol.AgentHeartbeatSubject(n.id, "*"):                 n.onHeartbeat,
@@ -552,7 +560,7 @@ func (n *Node) Start(ctx context.Context) error {
 		return fmt.Errorf("node: flush subscriptions: %w", err)
 	}
 	n.mu.Lock()
-	n.svc, n.subs = svc, subs
+	n.svc, n.subs, n.auctionSub = svc, subs, auctions
 	tags := n.tagsLocked()
 	locals := maps.Clone(n.locals)
 	n.mu.Unlock()
@@ -766,6 +774,7 @@ func (n *Node) healthLoop() {
 			return
 		case now := <-t.C:
 			n.sweep(now)
+			n.warnAuctionDrops()
 		case answer := <-n.probes:
 			// Through the node's lock too: a loop stuck on it does not answer.
 			n.mu.Lock()
@@ -776,6 +785,23 @@ func (n *Node) healthLoop() {
 			}
 		}
 	}
+}
+
+// AuctionDrops returns how many auctions the node dropped since it was built, by
+// namespace: the namespaces past the first 256 that dropped under AuctionDropsOther,
+// and those nats.go dropped before the node saw their namespace (its subscription's
+// pending list full) under AuctionDropsUnsorted.
+func (n *Node) AuctionDrops() map[string]uint64 {
+	d := n.auctions.Drops()
+	n.mu.Lock()
+	sub := n.auctionSub
+	n.mu.Unlock()
+	if sub != nil {
+		if blind, err := sub.Dropped(); err == nil && blind > 0 {
+			d[AuctionDropsUnsorted] = uint64(blind)
+		}
+	}
+	return d
 }
 
 // Replayed returns the ids of the workloads the node handed its nexlets to replay
