@@ -590,7 +590,11 @@ type WorkloadTriggeredEvent struct {
 func Marshal(v any) ([]byte, error) { return json.Marshal(v) }
 
 // WorkloadEndedAck acknowledges a WORKLOADENDED report; Removed says whether the node
-// removed the workload from its state (false: it was not there, or kept for a restart).
+// removed the workload from its state (false: it was not there, kept for a restart, or
+// the removal failed). StateRemoval (nexd's) says why a removal it tried failed, as
+// StopWorkloadResponse's does: StateRemovalPending (a tombstone keeps it from being
+// replayed) or StateRemovalFailed.
 type WorkloadEndedAck struct {
-	Removed bool `json:"removed"`
+	Removed      bool   `json:"removed"`
+	StateRemoval string `json:"nexd_state_removal,omitempty"`
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestDrainCountsRemovalFailures: the end of lame duck mode stops every workload and
@@ -75,5 +76,47 @@ func TestDrainCountsRemovalFailures(t *testing.T) {
 	}
 	if p := ts.Pending(); len(p) != 3 {
 		t.Errorf("tombstones %v, want one per drained workload", p)
+	}
+}
+
+// TestWorkloadEndedAckSaysWhenRemovalFailed: the owning nexlet reports two workloads
+// ended; the first while the state store works (acknowledged removed), the second with
+// the store's JetStream disabled on the real nats-server: acknowledged not removed,
+// its removal pending (a tombstone kept). Before, both were acknowledged removed.
+func TestWorkloadEndedAckSaysWhenRemovalFailed(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{})
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, srv), "ENDEDNODE", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, err := NewTombstones(kv, t.TempDir(), testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	f := newFixtureOn(t, srv, 1, func(_ int, o *Options) { o.Store = ts })
+	n := f.nodes[0]
+	a := f.healthyAgent(n, "AGENTNATIVE", "native", "native", nil)
+	up, down := f.deployIn(t, "default", "up"), f.deployIn(t, "default", "down")
+	ended := func(id string) protocol.WorkloadEndedAck {
+		t.Helper()
+		m := request(t, a.nc, protocol.WorkloadEndedSubject(n.ID(), a.id, id), protocol.WorkloadStoppedEvent{ID: id, Namespace: "default", WorkloadType: "native"})
+		var ack protocol.WorkloadEndedAck
+		if code := m.Header.Get(protocol.HeaderErrorCode); code != "" || protocol.Decode(m.Data, &ack) != nil {
+			t.Fatalf("ended report for %s: %s %q", id, code, m.Data)
+		}
+		return ack
+	}
+	if ack := ended(up); !ack.Removed || ack.StateRemoval != "" {
+		t.Errorf("ended with the store up: %+v, want removed", ack)
+	}
+	if err := srv.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	if ack := ended(down); ack.Removed || ack.StateRemoval != protocol.StateRemovalPending {
+		t.Errorf("ended with the store down: %+v, want not removed, removal pending", ack)
+	}
+	if p := ts.Pending(); len(p) != 1 {
+		t.Errorf("tombstones %v, want the one workload whose removal failed", p)
 	}
 }

@@ -1162,11 +1162,19 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 	if !direct && ns != "" {
 		n.publishReportedStop(workloadID, ns, r.Data())
 	}
-	removed := owned && !keep
-	if removed {
-		if n.forget(workloadID, o.typ) == nil { // a failed removal is logged by unstore
+	var ack protocol.WorkloadEndedAck
+	if owned && !keep {
+		// Removed only when it is: before, a failed removal (a tombstone kept) was
+		// acknowledged as removed too.
+		switch err := n.forget(workloadID, o.typ); { // a failed removal is logged by unstore
+		case err == nil:
+			ack.Removed = true
 			n.log.Info("workload ended; removed from node state", "workload_id", workloadID, "type", o.typ, "agent_id", agentID)
+		case errors.Is(err, ErrRemovalPending):
+			ack.StateRemoval = protocol.StateRemovalPending
+		default:
+			ack.StateRemoval = protocol.StateRemovalFailed
 		}
 	}
-	n.respondJSON(r, protocol.WorkloadEndedAck{Removed: removed})
+	n.respondJSON(r, ack)
 }
