@@ -154,6 +154,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		Logger:           d.log,
 		OnExit:           func(name string, oom bool) { s.metrics.NexletExit(name, oom) },
 		OnFailed:         func(string) { d.notify.Status(s.statusLine()) },
+		OnSocketRefused:  func() { s.metrics.NexletSocketRefused() },
 		ProfileEnv:       profdump.PassOn(os.Getenv),
 		TestHold:         os.Getenv(testhold.Env),                   // e2e fault tests only
 		RegisterOverNATS: os.Getenv("NEXD_LOCAL_REGISTER") == "off", // nexbench ready A/B; TestStolenNexletUser

@@ -23,7 +23,15 @@ import (
 // published but had not acknowledged comes twice. Before, the nexlet published them on
 // the node's relay subject, to which no nexd subscribed: the down window's ~100 lines
 // were lost.
-func TestFeedLinesSurviveNexdKill(t *testing.T) {
+func TestFeedLinesSurviveNexdKill(t *testing.T) { feedLinesAcrossKill(t, false) }
+
+// TestFeedLinesOfAdoptedNexletSurviveNexdKill is the same with a nexlet nexd adopted:
+// nexd is restarted once (SIGTERM, live_restore) before the kill, so the nexlet that
+// reads the workload is no longer the child of the nexd that is killed, and has no
+// socket pair with it.
+func TestFeedLinesOfAdoptedNexletSurviveNexdKill(t *testing.T) { feedLinesAcrossKill(t, true) }
+
+func feedLinesAcrossKill(t *testing.T, adoptFirst bool) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
@@ -91,6 +99,13 @@ func TestFeedLinesSurviveNexdKill(t *testing.T) {
 	}
 	count := 0
 	next("lines before the kill", 60*time.Second, func(int) bool { count++; return count >= 50 })
+	if adoptFirst {
+		n = n.restart(t, opts(""))
+		// The adopted nexlet's lines flow: well past the restart.
+		restartedAt := printed()
+		next("lines after the first restart", 90*time.Second, func(k int) bool { return k >= restartedAt+50 })
+	}
+	lastBefore := got[len(got)-1]
 	n.cmd.Process.Kill()
 	n.wait(t, 30*time.Second)
 	killedAt := printed()
@@ -116,11 +131,16 @@ func TestFeedLinesSurviveNexdKill(t *testing.T) {
 		}
 	}
 
+	// Counted from the last line received before the kill: with adoptFirst, the
+	// first restart's gap is not what this test is about.
 	seen := map[int]int{}
 	lost, dup, outOfOrder := 0, 0, 0
 	high := 0
 	for _, k := range got {
 		seen[k]++
+		if k < lastBefore {
+			continue
+		}
 		if seen[k] > 1 {
 			dup++
 			continue
@@ -130,14 +150,18 @@ func TestFeedLinesSurviveNexdKill(t *testing.T) {
 		}
 		high = max(high, k)
 	}
-	first, last := got[0], high
-	for k := first; k <= last; k++ {
+	for k := lastBefore; k <= high; k++ {
 		if seen[k] == 0 {
 			lost++
 		}
 	}
-	t.Logf("lines %d..%d (%d..%d printed while no nexd was ready): %d received, %d lost, %d duplicated, %d out of order",
-		first, last, killedAt, readyAt, len(got), lost, dup, outOfOrder)
+	t.Logf("lines %d..%d (%d..%d printed while no nexd was ready): %d received in all, %d lost, %d duplicated, %d out of order",
+		lastBefore, high, killedAt, readyAt, len(got), lost, dup, outOfOrder)
+	if adoptFirst && !testkit.WaitFor(10*time.Second, func() bool {
+		return strings.Contains(n2.out.String(), "adopted nexlet connected on its socket")
+	}) {
+		t.Errorf("the adopted nexlet did not take its channel on nexd's socket:\n%s", n2.out.String())
+	}
 	if readyAt-killedAt < 50 {
 		t.Errorf("only %d lines printed while nexd was down: the window is too short to tell", readyAt-killedAt)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -92,10 +93,14 @@ type feedQueue struct {
 	mode                 feedMode
 	heldAt               time.Time     // when the channel closed (feedHeld after feedLocal)
 	heldMax              time.Duration // feedHeldMax (tests shorten it)
-	retryAt              time.Time     // a batch was refused: not before then
-	dropped              map[string]int
-	lost                 int // dropped since last logged
-	wake                 chan struct{}
+	// node is the adopting node's process when the channel is its socket (zero: the
+	// pair, whose node is this nexlet's parent): whether it still runs tells a
+	// channel that broke under a live node from one whose node went away.
+	node    procid.ID
+	retryAt time.Time // a batch was refused: not before then
+	dropped map[string]int
+	lost    int // dropped since last logged
+	wake    chan struct{}
 }
 
 // feedEntry is a queued message.
@@ -407,10 +412,10 @@ func (r *Runner) setFeedMode(mode feedMode) {
 }
 
 // localFeedsGone holds the feeds that went on the local channel, which closed.
-func (r *Runner) localFeedsGone() {
+func (r *Runner) localFeedsGone(local *localchan.Server) {
 	q := r.feedq
 	q.mu.Lock()
-	if q.mode == feedLocal {
+	if q.mode == feedLocal && r.local == local {
 		q.mode, q.heldAt = feedHeld, time.Now()
 		q.unsent()
 	}
@@ -491,7 +496,11 @@ func (r *Runner) feedStep(ppid int) (wait time.Duration) {
 		if d := time.Until(q.heldAt.Add(q.heldMax)); d > 0 {
 			return d
 		}
-		if os.Getppid() != ppid {
+		gone := os.Getppid() != ppid
+		if q.node.PID != 0 {
+			gone = !q.node.Alive() // an adopting node's socket: its process
+		}
+		if gone {
 			q.heldAt = time.Time{} // nexd exited: wait for the next one's adoption
 			return 0
 		}

@@ -3,6 +3,8 @@ package nexlet
 import (
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet/localchan"
@@ -348,6 +351,51 @@ func TestFeedBufferDropsFromTheLargest(t *testing.T) {
 			}
 			if prev != c.lines-1 || w1got+counted != c.lines {
 				t.Errorf("W1: last line %d, %d came and %d counted dropped, want %d in all", prev, w1got, counted, c.lines)
+			}
+		})
+	}
+}
+
+// TestFeedsOfAdoptingNodeSocketFollowItsProcess: the channel is the socket of a nexd
+// that adopted the nexlet (the feed queue names that nexd's process), and it closes.
+// While that process runs (it stopped reading: the channel broke under it), the feeds
+// go over NATS after the wait, as for a pair under a live parent; once it ended (killed),
+// they are held for the next nexd, however long. The nexlet's parent says nothing here:
+// an adopted nexlet's is not nexd.
+func TestFeedsOfAdoptingNodeSocketFollowItsProcess(t *testing.T) {
+	for _, live := range []bool{true, false} {
+		t.Run(map[bool]string{true: "live", false: "ended"}[live], func(t *testing.T) {
+			r, c, _, nc := feedRunner(t)
+			node, err := procid.Of(os.Getpid())
+			if !live {
+				cmd := exec.Command("/bin/true")
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
+				}
+				node, err = procid.Of(cmd.Process.Pid)
+				_ = cmd.Wait()
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.feedq.mu.Lock()
+			r.feedq.heldMax, r.feedq.node = 300*time.Millisecond, node
+			r.feedq.mu.Unlock()
+			subj := protocol.LogSubject("ns", "W1", "stdout")
+			sub, err := nc.SubscribeSync(subj)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = nc.Flush()
+			_ = c.Close()
+			<-r.localDone
+			writeLines(t, r.Logger("W1", "ns", "stdout"), 0, 3)
+			m, err := sub.NextMsg(3 * time.Second)
+			switch {
+			case live && err != nil:
+				t.Fatalf("the feeds of a live node's broken socket did not go over NATS: %v", err)
+			case !live && err == nil:
+				t.Fatalf("a line went over NATS while its node was gone: %q", m.Data)
 			}
 		})
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/internal/testhold"
@@ -57,11 +58,14 @@ type Runner struct {
 	sdWait  time.Duration
 	patient bool  // WithPatientStart
 	dial    *Dial // WithRegistrationDial
-	// local is the channel to the node that spawned this nexlet (WithLocalChannel);
-	// localDone is closed when its reader returned.
+	// local is the channel to the node that spawned this nexlet (WithLocalChannel),
+	// or to the node that adopted it (its socket, sockPath); localDone is closed when
+	// its reader returned. A channel to an adopting node replaces a closed one
+	// (Reregister) under both mu and feedq.mu; read under either.
 	local     *localchan.Server
 	localDone chan struct{}
-	localReg  bool // WithLocalRegistration
+	localReg  bool   // WithLocalRegistration
+	sockPath  string // WithLocalSocket
 	// localFeeds: the workloads' feeds go on the local channel (WithLocalFeeds).
 	localFeeds bool
 	// feedq orders and keeps the feed messages; feedLoop (stopped by feedStop,
@@ -206,6 +210,12 @@ func WithLocalChannel(s *localchan.Server) Option { return func(r *Runner) { r.l
 // there (localchan.ServesRegistration); over NATS if the channel fails.
 func WithLocalRegistration() Option { return func(r *Runner) { r.localReg = true } }
 
+// WithLocalSocket names the socket (localchan.EnvSocket) on which a nexd that adopts
+// this nexlet takes its channel: told to register again (Reregister) with no channel
+// open, the nexlet dials it and registers, gets its starts and sends its feeds there as
+// on the pair it was spawned with; over NATS when it cannot (an older nexd).
+func WithLocalSocket(path string) Option { return func(r *Runner) { r.sockPath = path } }
+
 // WithTestHold names the windows (testhold.Env's list) an e2e fault test holds the
 // runner in; empty (every production start), none.
 func WithTestHold(list string) Option { return func(r *Runner) { r.hold = list } }
@@ -324,7 +334,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 			mode = feedLocal
 		}
 		r.localDone = make(chan struct{})
-		go r.serveLocal(agentID)
+		go r.serveLocal(r.local, r.localDone, agentID)
 	}
 	if r.feedStop == nil {
 		fctx, stopFeeds := context.WithCancel(context.Background())
@@ -669,6 +679,9 @@ func (r *Runner) Reregister() error {
 	if nc == nil || ctx == nil {
 		return errors.New("nexlet register again: not running")
 	}
+	if done, err := r.reregisterOnSocket(ctx, agentID); done || err != nil {
+		return err
+	}
 	wait := reregisterRetryMin
 	for attempt := 1; ; attempt++ {
 		reg, err := r.agent.Register()
@@ -677,19 +690,7 @@ func (r *Runner) Reregister() error {
 		}
 		resp, err := r.register(r.NC(), agentID, reg) // the current one: a renewal replaces it
 		if err == nil {
-			r.mu.Lock()
-			r.regs++
-			r.relay = resp.NexdFeedRelay
-			r.mu.Unlock()
-			// The feeds kept while no node took them go now, in order, before
-			// any new one.
-			r.setFeedMode(feedNATS)
-			r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
-				"attempts", attempt, "replayed", len(resp.ExistingState))
-			replay := r.takeReplay(resp.ExistingState) // before the heartbeat, as in Run
-			r.heartbeat()
-			r.replay(resp.ExistingState, replay)
-			r.resendEnded()
+			r.registeredAgain(agentID, resp, feedNATS, attempt, "nats")
 			return nil
 		}
 		r.log.Debug("registering again failed; retrying", "attempt", attempt, "err", err)
@@ -700,6 +701,132 @@ func (r *Runner) Reregister() error {
 		}
 		wait = min(wait*2, reregisterRetryMax)
 	}
+}
+
+// registeredAgain takes a new node process's acceptance of the registration sent
+// again: the feeds kept while no node took them go now (in mode, on the channel or over
+// NATS), in order, before any new one; the node's stored workloads are replayed and the
+// unacknowledged ended reports sent again.
+func (r *Runner) registeredAgain(agentID string, resp *protocol.RegisterAgentResponse, mode feedMode, attempt int, via string) {
+	r.mu.Lock()
+	r.regs++
+	r.relay = resp.NexdFeedRelay
+	r.mu.Unlock()
+	r.setFeedMode(mode)
+	r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
+		"attempts", attempt, "replayed", len(resp.ExistingState), "via", via)
+	replay := r.takeReplay(resp.ExistingState) // before the heartbeat, as in Run
+	r.heartbeat()
+	r.replay(resp.ExistingState, replay)
+	r.resendEnded()
+}
+
+// Bounds of the registration on an adopting node's socket (reregisterOnSocket): the
+// wait for the closed channel's reader to see the close (a node that re-executed or
+// exited closed its end just before it, or its successor, told this nexlet to register
+// again), and for the node's answer; the node replaces an adopted nexlet that did not
+// register within 15 s.
+const (
+	channelGoneWait    = 2 * time.Second
+	socketRegisterWait = 5 * time.Second
+)
+
+// reregisterOnSocket registers again on the adopting node's socket (WithLocalSocket),
+// which then carries this nexlet's starts and feeds as the pair did. done false: it
+// did not (no socket named or reachable, a channel still open, a refusal there), and
+// the registration goes over NATS; err: the runner ended.
+func (r *Runner) reregisterOnSocket(ctx context.Context, agentID string) (done bool, err error) {
+	if r.sockPath == "" {
+		return false, nil
+	}
+	r.mu.Lock()
+	old, oldDone := r.local, r.localDone
+	r.mu.Unlock()
+	if oldDone != nil {
+		select {
+		case <-oldDone:
+		case <-time.After(channelGoneWait):
+			// The node at its other end did not go away: nothing adopted this nexlet.
+			r.log.Warn("told to register again while the local channel to the node is open; registering over NATS")
+			return false, nil
+		}
+	}
+	sctx, cancel := context.WithTimeout(ctx, socketRegisterWait)
+	defer cancel()
+	f, node, err := localchan.Dial(sctx, r.sockPath)
+	if err != nil {
+		r.log.Info("no socket of the adopting node; registering again over NATS (feeds go over NATS)", "err", err)
+		return false, nil
+	}
+	nodeID, err := procid.Of(node.PID)
+	if err != nil {
+		f.Close()
+		r.log.Info("the adopting node's process cannot be read; registering again over NATS", "pid", node.PID, "err", err)
+		return false, nil
+	}
+	s, err := localchan.NewServer(f)
+	if err != nil {
+		r.log.Info("the adopting node's socket failed; registering again over NATS", "err", err)
+		return false, nil
+	}
+	if old != nil {
+		s.OnLogLevel = old.OnLogLevel
+	}
+	fail := func(what string, err error) (bool, error) {
+		_ = s.Close()
+		if ctx.Err() != nil {
+			return true, fmt.Errorf("nexlet register again: %w", ctx.Err())
+		}
+		r.log.Warn(what+"; registering again over NATS", "err", err)
+		return false, nil
+	}
+	if err := s.Announce(); err != nil {
+		return fail("announcing on the adopting node's socket failed", err)
+	}
+	reg, err := r.agent.Register()
+	if err != nil {
+		_ = s.Close()
+		return true, fmt.Errorf("nexlet register again: %w", err)
+	}
+	req, err := r.registration(agentID, reg)
+	if err != nil {
+		_ = s.Close()
+		return true, err
+	}
+	msg, err := s.Call(sctx, req.Subject, req.Header, req.Data)
+	if err != nil {
+		return fail("registering on the adopting node's socket failed", err)
+	}
+	resp, err := registered(req.Subject+" (node socket)", msg)
+	if err != nil {
+		return fail("the adopting node refused the registration on its socket", err)
+	}
+	mode := feedNATS
+	if r.localFeeds {
+		s.OnFeedAck = r.feedAck
+		mode = feedLocal
+	}
+	done2 := make(chan struct{})
+	q := r.feedq
+	q.mu.Lock()
+	r.mu.Lock()
+	if r.stop == nil { // Shutdown began: it closes the channel it read
+		r.mu.Unlock()
+		q.mu.Unlock()
+		_ = s.Close()
+		return true, errors.New("nexlet register again: shutting down")
+	}
+	prev := r.local // old, whose node closed it; or a concurrent call's
+	r.local, r.localDone = s, done2
+	q.node = nodeID
+	r.mu.Unlock()
+	q.mu.Unlock()
+	go r.serveLocal(s, done2, agentID)
+	if prev != nil {
+		_ = prev.Close()
+	}
+	r.registeredAgain(agentID, resp, mode, 1, "socket")
+	return true, nil
 }
 
 // signRegistration adds the key, the time and the signature over subject, time and
@@ -752,9 +879,12 @@ func (r *Runner) Shutdown() error {
 	r.drainFeeds(feedDrainWait)
 	r.feedStop()
 	r.feeding.Wait()
-	if r.localDone != nil {
-		_ = r.local.StopServing()
-		<-r.localDone
+	r.mu.Lock()
+	local, localDone := r.local, r.localDone // no channel replaces it now: stop is nil
+	r.mu.Unlock()
+	if localDone != nil {
+		_ = local.StopServing()
+		<-localDone
 	}
 	r.reports.Wait()
 	r.renewing.Wait()
@@ -782,8 +912,8 @@ func (r *Runner) Shutdown() error {
 	if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
 		errs = errors.Join(errs, fmt.Errorf("drain connection: %w", err))
 	}
-	if r.local != nil {
-		_ = r.local.Close() // after the requests' replies
+	if local != nil {
+		_ = local.Close() // after the requests' replies
 	}
 	return errs
 }
@@ -1047,11 +1177,11 @@ func (r *Runner) async(nc *nats.Conn, busy *atomic.Int64, h micro.HandlerFunc) m
 // serveLocal takes start requests from the local channel until the node's end closes
 // (that nexd exited: a nexd that adopts this nexlet sends them over NATS) or Shutdown.
 // Each is handled as one from NATS is (async), and answered on the channel.
-func (r *Runner) serveLocal(agentID string) {
-	defer close(r.localDone)
-	defer r.localFeedsGone()
+func (r *Runner) serveLocal(local *localchan.Server, done chan struct{}, agentID string) {
+	defer close(done)
+	defer r.localFeedsGone(local)
 	prefix := protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD."
-	err := r.local.Serve(func(lr *localchan.Request) {
+	err := local.Serve(func(lr *localchan.Request) {
 		d := &detached{subject: lr.Subject, reply: "local", data: lr.Data, hdr: micro.Headers(lr.Header), local: lr, at: time.Now()}
 		if !strings.HasPrefix(lr.Subject, prefix) || protocol.LastToken(lr.Subject) == "" {
 			r.respondError(d, fmt.Errorf("local channel: no endpoint for %q", lr.Subject), nil)

@@ -21,6 +21,7 @@ type Metrics struct {
 	reloads        *counterVec
 	nexletRestarts *counterVec
 	oomKills       *counterVec
+	sockRefused    *counter
 	stored         *counter
 	removed        *counter
 	kvErrors       *counter
@@ -37,6 +38,7 @@ func New() *Metrics {
 		reloads:        r.newCounterVec("nexd_reloads_total", "Configuration reloads by outcome (applied, rejected).", "outcome"),
 		nexletRestarts: r.newCounterVec("nexd_nexlet_exits_total", "Nexlet process exits (each followed by a restart unless the limit is reached).", "nexlet"),
 		oomKills:       r.newCounterVec("nexd_nexlet_oom_kills_total", "Nexlet exits caused by the kernel OOM killer in the nexlet's cgroup.", "nexlet"),
+		sockRefused:    r.newCounter("nexd_nexlet_socket_refused_total", "Connections refused on the adopted nexlets' socket: the peer was not a nexlet this nexd adopted."),
 		stored:         r.newCounter("nexd_state_workloads_stored_total", "Workloads recorded in the state store after a successful deploy."),
 		removed:        r.newCounter("nexd_state_workloads_removed_total", "Workloads removed from the state store (stopped, finished or given up)."),
 		kvErrors:       r.newCounter("nexd_state_errors_total", "Failed state store operations."),
@@ -212,6 +214,9 @@ func (m *Metrics) Reload(applied bool) {
 		m.reloads.WithLabelValues("rejected").Inc()
 	}
 }
+
+// NexletSocketRefused counts one connection refused on the adopted nexlets' socket.
+func (m *Metrics) NexletSocketRefused() { m.sockRefused.Inc() }
 
 // NexletExit counts one nexlet exit, and an OOM kill when it was one.
 func (m *Metrics) NexletExit(name string, oom bool) {

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -57,6 +58,9 @@ type Registry interface {
 	// SetAgentLocal gives the channel to the start of agentID registering with key
 	// (nil: that start ended).
 	SetAgentLocal(agentID, key string, c *localchan.Client)
+	// SetAdoptedLocal gives the channel an adopted nexlet agentID opened on nexd's
+	// socket, for a registration on it signed with key (its start's).
+	SetAdoptedLocal(agentID, key string, c *localchan.Client)
 }
 
 // Minter mints the registration credentials a nexlet starts with.
@@ -95,6 +99,9 @@ type Options struct {
 	// OnExit is called after every nexlet exit (metrics); OnFailed when one is given up.
 	OnExit   func(name string, oom bool)
 	OnFailed func(name string)
+	// OnSocketRefused is called for each connection refused on the adopted nexlets'
+	// socket (metrics).
+	OnSocketRefused func()
 	// DefaultGOGC is the native nexlet's $GOGC while go_gc_percent is 0 (nexd's own
 	// default, or its $GOGC); empty: Go's.
 	DefaultGOGC string
@@ -143,7 +150,8 @@ type Manager struct {
 	mu      sync.Mutex
 	lastKey map[string]string // registration public key of each nexlet's newest start
 	// locals are the node's ends of the channels to the native nexlets' current
-	// starts (this nexd spawned them; an adopted one has none), by name.
+	// starts, by name: the pair of one this nexd spawned, the socket connection of
+	// one it adopted (adoptsock.go).
 	locals map[string]*localchan.Client
 	reg    Registry // nil until Attach when started early
 	// keep: Stop leaves processes under the cgroup root (Detach), so the root stays
@@ -158,6 +166,12 @@ type Manager struct {
 	// waits for it. earlyWG owns the goroutines that wait for them.
 	early   map[string]chan error
 	earlyWG sync.WaitGroup
+	// adopted are the processes of the nexlets left running by the previous nexd,
+	// by name, until they end: the only peers admitted on sock (adoptsock.go), whose
+	// goroutine sockWG owns.
+	adopted map[string]procid.ID
+	sock    *net.UnixListener
+	sockWG  sync.WaitGroup
 }
 
 // New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
@@ -165,7 +179,7 @@ type Manager struct {
 func New(ctx context.Context, o Options) (_ *Manager, err error) {
 	cfg := o.Config
 	m := &Manager{o: o, log: o.Logger, cg: o.Cgroups, reg: o.Registry, early: map[string]chan error{},
-		locals: map[string]*localchan.Client{}}
+		locals: map[string]*localchan.Client{}, adopted: map[string]procid.ID{}}
 	if m.cg == nil {
 		// A detected root is this node's own (nexd/<node id> on v1), and whichever root
 		// is used is held for the node's lifetime: start-up cleans up only what is
@@ -256,6 +270,7 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 		if ok && rec.Meta["agent_id"] != "" {
 			m.specs[i].AgentID = rec.Meta["agent_id"]
 			m.adoptKeys[sp.Name] = rec.Meta["registration_key"]
+			m.adopted[sp.Name] = rec.ID()
 			m.log.Info("a nexlet left running by the previous nexd will be adopted", "nexlet", sp.Name, "pid", rec.PID, "agent_id", rec.Meta["agent_id"])
 		}
 	}
@@ -376,6 +391,7 @@ func (m *Manager) Start(ctx context.Context) error {
 		m.announceLocked()
 	}
 	m.mu.Unlock()
+	m.listenAdopted() // before the supervisor tells them to register again
 	for _, s := range m.specs {
 		if ch, ok := m.early[s.Name]; ok {
 			var err error
@@ -400,6 +416,7 @@ func (m *Manager) Start(ctx context.Context) error {
 // a stop that left nothing running, the node's own cgroup root (one detection made for
 // it, nexd/<node id> on v1) is removed: stopped nodes leave no empty groups behind.
 func (m *Manager) Stop(ctx context.Context) error {
+	m.stopAdoptedSocket()
 	err := m.sup.Stop(ctx)
 	m.earlyWG.Wait()
 	for _, s := range m.specs {
@@ -760,6 +777,8 @@ func (m *Manager) env(name string) map[string]string {
 		// Its workloads' feeds come on the channel too (the node checks and publishes
 		// them), and wait in the nexlet while no node takes them.
 		env[localchan.EnvFeeds] = "1"
+		// A later nexd that adopts it takes its channel on this socket (adoptsock.go).
+		env[localchan.EnvSocket] = AdoptedSocketPath(m.o.RuntimeDir)
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
 		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
 		env[native.EnvAllowRoot] = strconv.FormatBool(m.o.Config.Node.AllowRootWorkloads)
@@ -953,6 +972,9 @@ func (m *Manager) onExit(name string, exit supervise.ExitInfo) {
 	if !ok {
 		return
 	}
+	m.mu.Lock()
+	delete(m.adopted, name) // a later start is this nexd's child, with a pair
+	m.mu.Unlock()
 	m.closeLocal(name)
 	if m.o.OnExit != nil {
 		m.o.OnExit(name, exit.OOM)
@@ -1019,10 +1041,10 @@ func recordedWorkloads(runtimeDir string, nexlets []string) []procid.ID {
 	return out
 }
 
-// SetLogLevel tells the native nexlets this nexd started the level it logs at now (a
-// reload changed it), over their local channels: they log nothing below it. One
-// started later gets it in its environment; one adopted from an earlier nexd (no
-// channel) keeps the level it was started with.
+// SetLogLevel tells the native nexlets the level nexd logs at now (a reload changed
+// it), over their local channels (the pair of one it started, the socket of one it
+// adopted): they log nothing below it. One started later gets it in its environment;
+// one adopted without a channel (an older nexlet) keeps the level it was started with.
 func (m *Manager) SetLogLevel() {
 	level := lowestLevel(m.log).String()
 	m.mu.Lock()

@@ -43,8 +43,9 @@ func (r *registry) RemoveAgent(id, _ string) {
 	r.removed = append(r.removed, id)
 	r.mu.Unlock()
 }
-func (r *registry) SetAgentKey(id, pub string)                      { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
-func (r *registry) SetAgentLocal(string, string, *localchan.Client) {}
+func (r *registry) SetAgentKey(id, pub string)                        { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
+func (r *registry) SetAgentLocal(string, string, *localchan.Client)   {}
+func (r *registry) SetAdoptedLocal(string, string, *localchan.Client) {}
 func (r *registry) SetAgentProcessInfo(id string, _ int, _ string, failed bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -227,7 +227,12 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		}
 		n.bound[req.Name] = sup
 	}
-	if l, ok := n.locals[agentID]; ok && key != "" && l.key == key {
+	if pair != nil {
+		// It came on the channel, signed with the key of the start that holds it
+		// (checked above): that one, not whichever the node last took for the nexlet
+		// (an adopted nexlet's connections all hold its start's key).
+		reg.local = pair.c
+	} else if l, ok := n.locals[agentID]; ok && !l.adopted && key != "" && l.key == key {
 		// Signed with the key of the start that holds the channel's other end: the
 		// same process (a later start of the nexlet gets a new key and channel).
 		reg.local = l.c
@@ -451,6 +456,9 @@ func (n *Node) SetAgentKey(agentID, pub string) {
 type localChannel struct {
 	key string
 	c   *localchan.Client
+	// adopted: opened on nexd's socket by a nexlet nexd adopted (SetAdoptedLocal),
+	// not the pair of a start.
+	adopted bool
 }
 
 // SetAgentLocal records the channel to the start of the local nexlet agentID whose
@@ -459,13 +467,26 @@ type localChannel struct {
 // The nexlet's calls on the channel (its registration) are served once the node
 // serves (Start), as they would be over NATS.
 func (n *Node) SetAgentLocal(agentID, key string, c *localchan.Client) {
+	n.setLocal(agentID, localChannel{key: key, c: c})
+}
+
+// SetAdoptedLocal is SetAgentLocal for the channel that the nexlet agentID, which this
+// nexd adopted, opened on nexd's socket (the nexlets manager admitted its process). It
+// serves only a registration that comes on it signed with key, the adopted start's: a
+// registration over NATS never takes it, as every connection of that nexlet holds the
+// same key.
+func (n *Node) SetAdoptedLocal(agentID, key string, c *localchan.Client) {
+	n.setLocal(agentID, localChannel{key: key, c: c, adopted: true})
+}
+
+func (n *Node) setLocal(agentID string, l localChannel) {
+	c := l.c
 	n.mu.Lock()
 	if c == nil {
 		delete(n.locals, agentID)
 		n.mu.Unlock()
 		return
 	}
-	l := localChannel{key: key, c: c}
 	n.locals[agentID] = l
 	serving := n.svc != nil
 	n.mu.Unlock()

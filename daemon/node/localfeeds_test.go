@@ -438,3 +438,53 @@ func TestRogueNexletForgesFeedHeaders(t *testing.T) {
 		}
 	}
 }
+
+// TestNATSRegistrationTakesNoAdoptedChannel: a channel an adopted nexlet opens on
+// nexd's socket serves only a registration that comes on it. Here such a channel is
+// held by a rogue end (as one the nexlets manager's peer check had let through would
+// be), handed to the victim's agent id with its start's key, and says it serves
+// starts; the victim then registers over NATS, signed with that key, as an adopted
+// nexlet that does not dial the socket (an older one) does. The victim's deploy goes to
+// it over NATS, none to the rogue end, and the rogue end's line in the victim's
+// workload's log is dropped. Before, the registration took the channel as its start's
+// pair: the start request, workload credentials and all, went to the rogue end (the
+// deploy never answered) and its forged lines passed as the victim's.
+func TestNATSRegistrationTakesNoAdoptedChannel(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	var rogueEnd *localchan.Server
+	acks := make(chan error, 4)
+	var starts atomic.Int32
+	rf.minted("agent0", "native-nexlet", "native", func(a *fakeAgent) {
+		signedStart(n, true)(a)
+		pub, _ := a.key.PublicKey()
+		nodeEnd, nexletEnd, err := localchan.Pair()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := localchan.NewClient(nodeEnd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rogueEnd, err = localchan.NewServer(nexletEnd); err != nil {
+			t.Fatal(err)
+		}
+		if err := rogueEnd.Announce(); err != nil {
+			t.Fatal(err)
+		}
+		n.SetAdoptedLocal(a.id, pub, c)
+		rogueEnd.OnFeedAck = func(_ uint64, err error) { acks <- err }
+		done := make(chan struct{})
+		go func() { defer close(done); _ = rogueEnd.Serve(func(*localchan.Request) { starts.Add(1) }) }()
+		t.Cleanup(func() { _ = rogueEnd.StopServing(); <-done; c.Close(); rogueEnd.Close() })
+	})
+	wid := rf.deployOne("tenant")
+	if k := starts.Load(); k > 0 {
+		t.Fatalf("%d start requests went to the rogue end of the adopted channel", k)
+	}
+	feed := rf.tenantFeed()
+	sendFeeds(t, rogueEnd, acks, 1, feedMsg(protocol.LogSubject("tenant", wid, "stdout"), "forged on an adopted channel"))
+	if got := feedMsgs(feed); len(got) > 0 {
+		t.Errorf("the rogue end's line reached the tenant: %q", got[0].Data)
+	}
+}

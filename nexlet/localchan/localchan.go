@@ -15,7 +15,10 @@
 // node does not wait for a NATS round trip either; and the node tells the nexlet the
 // log level a reload set (Client.LogLevel). The pair is made per spawn with SOCK_CLOEXEC, and
 // the nexlet marks its end close-on-exec before anything forks, so no other process (a
-// workload, another nexlet, a re-executed nexd) ever holds either end.
+// workload, another nexlet, a re-executed nexd) ever holds either end. A nexlet that a
+// later nexd adopted (live_restore, a re-exec) has no pair with it: it dials that nexd's
+// socket (EnvSocket, Dial), which admits only the adopted process (PeerOf), and the
+// same protocol runs on that connection.
 package localchan
 
 import (
@@ -130,6 +133,59 @@ func FromEnv(env func(string) string) (*os.File, error) {
 		return nil, fmt.Errorf("%s=%d: not a Unix socket (%v)", EnvFD, fd, err)
 	}
 	return os.NewFile(uintptr(fd), "nexlet-local"), nil
+}
+
+// EnvSocket names the environment variable that gives a native nexlet the path of the
+// socket on which a later nexd that adopts it (live_restore, a re-exec) takes its
+// channel: such a nexlet has no pair with that nexd, so it dials this (Dial) and speaks
+// the same protocol on it. The node admits only the process it adopted (PeerOf).
+const EnvSocket = "NEX_AGENT_LOCAL_SOCKET"
+
+// Dial connects to the node's socket at path (EnvSocket), bounded by ctx: the file
+// (close-on-exec, for NewServer) and the process listening there.
+func Dial(ctx context.Context, path string) (*os.File, Peer, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, Peer{}, fmt.Errorf("local channel: dial %s: %w", path, err)
+	}
+	defer c.Close()
+	uc := c.(*net.UnixConn)
+	peer, err := PeerOf(uc)
+	if err != nil {
+		return nil, Peer{}, err
+	}
+	f, err := uc.File() // a duplicate, close-on-exec
+	if err != nil {
+		return nil, Peer{}, fmt.Errorf("local channel: dial %s: %w", path, err)
+	}
+	return f, peer, nil
+}
+
+// Peer is the process at the other end of a Unix socket, as the kernel recorded it at
+// connect() or listen() (SO_PEERCRED): no process can make it name another.
+type Peer struct {
+	PID      int
+	UID, GID uint32
+}
+
+// PeerOf reads the peer of a connected Unix socket.
+func PeerOf(c *net.UnixConn) (Peer, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return Peer{}, fmt.Errorf("local channel: peer: %w", err)
+	}
+	var (
+		cred *unix.Ucred
+		cerr error
+	)
+	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return Peer{}, fmt.Errorf("local channel: peer: %w", err)
+	}
+	if cerr != nil {
+		return Peer{}, fmt.Errorf("local channel: peer: SO_PEERCRED: %w", cerr)
+	}
+	return Peer{PID: int(cred.Pid), UID: cred.Uid, GID: cred.Gid}, nil
 }
 
 // msg is one frame.

@@ -204,6 +204,10 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 		if localchan.TakesFeeds(env) {
 			opts = append(opts, nexlet.WithLocalFeeds())
 		}
+		if p := env(localchan.EnvSocket); p != "" {
+			// A later nexd that adopts it (no pair with it) takes its channel there.
+			opts = append(opts, nexlet.WithLocalSocket(p))
+		}
 	}
 	if localReg {
 		opts = append(opts, nexlet.WithLocalRegistration())
