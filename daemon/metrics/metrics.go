@@ -65,6 +65,8 @@ type Live struct {
 	State func() string
 	// Nexlets are the node's nexlets with their process state and health.
 	Nexlets func(context.Context) ([]NexletHealth, error)
+	// AuctionDrops are the auctions the node dropped, by namespace (node.AuctionDrops).
+	AuctionDrops func() map[string]uint64
 }
 
 // NexletHealth is one nexlet as the health metrics see it.
@@ -119,6 +121,13 @@ func (m *Metrics) WatchLive(l Live) {
 			r.gaugeFunc("nexd_node_state", "1 for the node's current state (starting, running, lameduck, stopping), else 0.", "gauge",
 				labels("state", st), func() float64 { return b2f(l.State() == st) })
 		}
+	}
+	if l.AuctionDrops != nil {
+		r.add("nexd_auctions_dropped_total", "Auctions the node dropped unanswered, by the namespace that sent more than the node answers (\"*\": namespaces past the first 256 that dropped; \"?\": dropped by the client library before the node saw their namespace).", "counter", func(add func(sample)) {
+			for ns, n := range l.AuctionDrops() {
+				add(sample{labels: labels("namespace", ns), value: float64(n)})
+			}
+		})
 	}
 	if l.Nexlets != nil {
 		nl := func() []NexletHealth {

@@ -41,6 +41,7 @@ func TestServedOverTCP(t *testing.T) {
 		Workloads: func(context.Context) ([]protocol.WorkloadSummary, error) {
 			return []protocol.WorkloadSummary{{Namespace: &ns, WorkloadType: "native"}, {Namespace: &ns, WorkloadType: "native"}}, nil
 		},
+		AuctionDrops: func() map[string]uint64 { return map[string]uint64{"flood": 12345} },
 	})
 	m.Reload(true)
 	m.Reload(false)
@@ -89,6 +90,7 @@ func TestServedOverTCP(t *testing.T) {
 		`nexd_state_workloads_removed_total 1`,
 		`nexd_state_errors_total 1`,
 		`nexd_auction_seconds_count 1`,
+		`nexd_auctions_dropped_total{namespace="flood"} 12345`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("scrape lacks %s", want)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -30,8 +31,10 @@ import (
 func TestAuctionFloodSparesOtherNamespaces(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
 	slow := &slowSubs{m: map[*nats.Subscription]bool{}}
+	warns := &dropWarns{ns: map[string]int{}}
 	f := newFixtureOn(t, srv, 1, func(_ int, o *Options) {
 		o.NC = testnats.Connect(t, srv, nats.ErrorHandler(slow.note))
+		o.Logger = slog.New(warns)
 	})
 	n := f.nodes[0]
 	f.healthyAgent(n, "agent0", "native", "native", nil)
@@ -113,6 +116,11 @@ func TestAuctionFloodSparesOtherNamespaces(t *testing.T) {
 	if drops["tenant"] != 0 {
 		t.Errorf("the node dropped %d of tenant's auctions", drops["tenant"])
 	}
+	warns.mu.Lock()
+	if warns.ns["flood"] == 0 || warns.ns["tenant"] != 0 {
+		t.Errorf("drop warnings by namespace %v, want flood's and not tenant's", warns.ns)
+	}
+	warns.mu.Unlock()
 	if asked != honest || lost > 0 {
 		t.Fatalf("%d of %d honest auctions in another namespace got no bid in three asks during the flood", lost+honest-asked, honest)
 	}
@@ -123,6 +131,30 @@ func TestAuctionFloodSparesOtherNamespaces(t *testing.T) {
 	if firstMissed > 0 && drops[AuctionDropsUnsorted] == 0 {
 		t.Fatalf("%d of %d honest auctions got no bid at the first ask, with no drop outside the flooding namespace", firstMissed, honest)
 	}
+}
+
+// dropWarns is a log handler that counts the node's drop warnings by namespace.
+type dropWarns struct {
+	mu sync.Mutex
+	ns map[string]int
+}
+
+func (w *dropWarns) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (w *dropWarns) WithAttrs([]slog.Attr) slog.Handler           { return w }
+func (w *dropWarns) WithGroup(string) slog.Handler                { return w }
+func (w *dropWarns) Handle(_ context.Context, r slog.Record) error {
+	if !strings.HasPrefix(r.Message, "auctions dropped") {
+		return nil
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "namespace" {
+			w.mu.Lock()
+			w.ns[a.Value.String()]++
+			w.mu.Unlock()
+		}
+		return true
+	})
+	return nil
 }
 
 // slowSubs is a connection's error handler that remembers the subscriptions nats.go
