@@ -101,6 +101,9 @@ func TestFeedsHeldWhileNodeGone(t *testing.T) {
 			t.Fatalf("line %d on the channel is %q", i, l)
 		}
 	}
+	// The node's end took them; the runner forgets them only on the acknowledgement,
+	// which may still be on its way (a close before it keeps them: 186 were kept).
+	testkit.EventuallyWithin(t, 10*time.Second, "the 100 lines acknowledged", func() bool { return r.feedCount() == 0 })
 	_ = c.Close() // nexd exits
 	testkit.EventuallyWithin(t, 10*time.Second, "the runner saw the channel close", func() bool {
 		select {
