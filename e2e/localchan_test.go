@@ -120,18 +120,25 @@ func TestDeployOverLocalChannel(t *testing.T) {
 		}
 	}
 
-	id, fds := deploy(n, "first")
-	if got := overNATS(); len(got) != 0 {
-		t.Fatalf("the start crossed NATS: %v", got)
+	// deployOnChannel deploys on n and checks that the start did not cross NATS, that
+	// the workload holds no socket and that the nexlet's are close-on-exec.
+	deployOnChannel := func(n *node, name string, nexlet int, what string) {
+		t.Helper()
+		id, fds := deploy(n, name)
+		if got := overNATS(); len(got) != 0 {
+			t.Fatalf("%s: the start crossed NATS: %v", what, got)
+		}
+		if strings.Contains(fds, "socket:") {
+			t.Fatalf("%s: workload %s inherited a socket: %s", what, id, fds)
+		}
+		checkNexlet(nexlet, what)
 	}
-	if strings.Contains(fds, "socket:") {
-		t.Fatalf("workload %s inherited a socket: %s", id, fds)
-	}
+
 	nexlet := nexletPID(n.cmd.Process.Pid)
 	if nexlet == 0 {
 		t.Fatal("native nexlet not found")
 	}
-	checkNexlet(nexlet, "first start")
+	deployOnChannel(n, "first", nexlet, "first start")
 
 	// A crash: the next nexlet has a new pair.
 	if err := syscall.Kill(nexlet, syscall.SIGKILL); err != nil {
@@ -166,14 +173,7 @@ func TestDeployOverLocalChannel(t *testing.T) {
 			t.Fatalf("a nexlet connected with its registration user: %q", c.Name)
 		}
 	}
-	id, fds = deploy(n, "after-crash")
-	if got := overNATS(); len(got) != 0 {
-		t.Fatalf("after a nexlet crash the start crossed NATS: %v", got)
-	}
-	if strings.Contains(fds, "socket:") {
-		t.Fatalf("workload %s inherited a socket: %s", id, fds)
-	}
-	checkNexlet(nexlet, "after a crash")
+	deployOnChannel(n, "after-crash", nexlet, "after a nexlet crash")
 
 	// live_restore: the next nexd adopts the nexlet, which connects to its socket.
 	n.signal(t, syscall.SIGTERM)
@@ -185,14 +185,7 @@ func TestDeployOverLocalChannel(t *testing.T) {
 	if got := registrations(); len(got) != 0 {
 		t.Fatalf("the adopted nexlet registered %v over NATS, want on nexd's socket", got)
 	}
-	id, fds = deploy(n2, "after-adoption")
-	if got := overNATS(); len(got) != 0 {
-		t.Fatalf("after an adoption the start went %v over NATS, want on nexd's socket", got)
-	}
-	if strings.Contains(fds, "socket:") {
-		t.Fatalf("workload %s inherited a socket: %s", id, fds)
-	}
-	checkNexlet(nexlet, "adopted")
+	deployOnChannel(n2, "after-adoption", nexlet, "adopted, on nexd's socket")
 	if p := nexletPID(n2.cmd.Process.Pid); p != 0 {
 		t.Fatalf("the new nexd started a nexlet (%d) instead of adopting %d", p, nexlet)
 	}

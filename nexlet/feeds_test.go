@@ -234,17 +234,7 @@ func wantLines(t *testing.T, got []string, n int) {
 // do the later ones.
 func TestFeedsGoOverNATSWhenChannelBreaksUnderALiveNode(t *testing.T) {
 	r, c, _, nc := feedRunner(t)
-	r.feedq.mu.Lock()
-	r.feedq.heldMax = 300 * time.Millisecond
-	r.feedq.mu.Unlock()
-	subj := protocol.LogSubject("ns", "W1", "stdout")
-	sub, err := nc.SubscribeSync(subj)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = nc.Flush()
-	_ = c.Close()
-	<-r.localDone
+	sub := breakChannel(t, r, c, nc, procid.ID{})
 	w := r.Logger("W1", "ns", "stdout")
 	writeLines(t, w, 0, 10)
 	if m, err := sub.NextMsg(100 * time.Millisecond); err == nil {
@@ -359,6 +349,24 @@ func TestFeedBufferDropsFromTheLargest(t *testing.T) {
 	}
 }
 
+// breakChannel shortens r's wait for a re-registration, names node as the channel's
+// (zero: the pair's, the parent), subscribes W1's stdout on nc and closes the node's
+// end c, returning once r saw it.
+func breakChannel(t *testing.T, r *Runner, c *localchan.Client, nc *nats.Conn, node procid.ID) *nats.Subscription {
+	t.Helper()
+	r.feedq.mu.Lock()
+	r.feedq.heldMax, r.feedq.node = 300*time.Millisecond, node
+	r.feedq.mu.Unlock()
+	sub, err := nc.SubscribeSync(protocol.LogSubject("ns", "W1", "stdout"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.Flush()
+	_ = c.Close()
+	<-r.localDone
+	return sub
+}
+
 // TestFeedsOfAdoptingNodeSocketFollowItsProcess: the channel is the socket of a nexd
 // that adopted the nexlet (the feed queue names that nexd's process), and it closes.
 // While that process runs (it stopped reading: the channel broke under it), the feeds
@@ -381,17 +389,7 @@ func TestFeedsOfAdoptingNodeSocketFollowItsProcess(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			r.feedq.mu.Lock()
-			r.feedq.heldMax, r.feedq.node = 300*time.Millisecond, node
-			r.feedq.mu.Unlock()
-			subj := protocol.LogSubject("ns", "W1", "stdout")
-			sub, err := nc.SubscribeSync(subj)
-			if err != nil {
-				t.Fatal(err)
-			}
-			_ = nc.Flush()
-			_ = c.Close()
-			<-r.localDone
+			sub := breakChannel(t, r, c, nc, node)
 			writeLines(t, r.Logger("W1", "ns", "stdout"), 0, 3)
 			m, err := sub.NextMsg(3 * time.Second)
 			switch {

@@ -458,17 +458,8 @@ func TestNATSRegistrationTakesNoAdoptedChannel(t *testing.T) {
 	rf.minted("agent0", "native-nexlet", "native", func(a *fakeAgent) {
 		signedStart(n, true)(a)
 		pub, _ := a.key.PublicKey()
-		nodeEnd, nexletEnd, err := localchan.Pair()
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := localchan.NewClient(nodeEnd)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if rogueEnd, err = localchan.NewServer(nexletEnd); err != nil {
-			t.Fatal(err)
-		}
+		var c *localchan.Client
+		c, rogueEnd = localEnds(t)
 		if err := rogueEnd.Announce(); err != nil {
 			t.Fatal(err)
 		}
@@ -476,7 +467,7 @@ func TestNATSRegistrationTakesNoAdoptedChannel(t *testing.T) {
 		rogueEnd.OnFeedAck = func(_ uint64, err error) { acks <- err }
 		done := make(chan struct{})
 		go func() { defer close(done); _ = rogueEnd.Serve(func(*localchan.Request) { starts.Add(1) }) }()
-		t.Cleanup(func() { _ = rogueEnd.StopServing(); <-done; c.Close(); rogueEnd.Close() })
+		t.Cleanup(func() { _ = rogueEnd.StopServing(); <-done })
 	})
 	wid := rf.deployOne("tenant")
 	if k := starts.Load(); k > 0 {

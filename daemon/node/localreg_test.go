@@ -45,6 +45,14 @@ func unstartedNode(t testing.TB, srv *server.Server) *Node {
 // returned.
 func localPair(t testing.TB, n *Node, agentID, key string) (*localchan.Client, *localchan.Server) {
 	t.Helper()
+	c, s := localEnds(t)
+	n.SetAgentLocal(agentID, key, c)
+	return c, s
+}
+
+// localEnds is a connected channel: the node's end and the nexlet's, closed when t ends.
+func localEnds(t testing.TB) (*localchan.Client, *localchan.Server) {
+	t.Helper()
 	nodeEnd, nexletEnd, err := localchan.Pair()
 	if err != nil {
 		t.Fatal(err)
@@ -58,7 +66,6 @@ func localPair(t testing.TB, n *Node, agentID, key string) (*localchan.Client, *
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close(); s.Close() })
-	n.SetAgentLocal(agentID, key, c)
 	return c, s
 }
 
