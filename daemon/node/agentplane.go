@@ -214,8 +214,9 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.dropAbandoned(agentID, lr)
 		return
 	}
-	if err := n.boundLocked(agentID, req.Name); err != nil {
-		// Bound since nameFree by a registration of its holder that ran alongside.
+	if err := errors.Join(n.boundLocked(agentID, req.Name), n.bindsLocked(agentID, req.Name)); err != nil {
+		// Bound since nameFree by a registration of its holder that ran alongside,
+		// or its other registrations bound names meanwhile.
 		n.mu.Unlock()
 		n.refuseRegistration(r, 403, agentID, req, err)
 		return
@@ -224,6 +225,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	if sup, ok := n.expected[agentID]; ok && req.Name != "" {
 		if _, was := n.bound[req.Name]; !was {
 			newlyBound = sup
+			n.bindings[sup]++
 		}
 		n.bound[req.Name] = sup
 	}
@@ -410,7 +412,7 @@ func (n *Node) nameFree(agentID, name string) (int, error) {
 	now := time.Now()
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if err := n.boundLocked(agentID, name); err != nil {
+	if err := errors.Join(n.boundLocked(agentID, name), n.bindsLocked(agentID, name)); err != nil {
 		return 403, err
 	}
 	if sup, ok := n.expected[agentID]; ok && name != sup && n.listedRemote(name) {
@@ -436,6 +438,24 @@ func (n *Node) boundLocked(agentID, name string) error {
 		return nil
 	}
 	return fmt.Errorf("nexlet name %q is reserved for supervised nexlet %q (agent id %s); agent id %s may not register under it", name, sup, n.current[sup], agentID)
+}
+
+// MaxBoundNames bounds the names a supervised nexlet's registrations may bind in a
+// run (each is reserved for it and kept in <state_dir>/nexlets/<name>.names): a rogue
+// one registering under ever new names grew that file, and the node's map, without end.
+const MaxBoundNames = 16
+
+// bindsLocked refuses a supervised nexlet's registration under a name not yet bound
+// when its registrations bound MaxBoundNames in this run.
+func (n *Node) bindsLocked(agentID, name string) error {
+	sup, ok := n.expected[agentID]
+	if !ok || name == "" || n.bindings[sup] < MaxBoundNames {
+		return nil
+	}
+	if _, was := n.bound[name]; was {
+		return nil
+	}
+	return fmt.Errorf("supervised nexlet %q (agent id %s) registered under %d names in this run, the most it may; it may not register under another, %q", sup, agentID, MaxBoundNames, name)
 }
 
 // refuseRegistration answers a refused registration and logs it with the reason.

@@ -1,8 +1,11 @@
 package node
 
 import (
+	"fmt"
 	"maps"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/nats-io/nkeys"
@@ -152,5 +155,44 @@ func TestReconcileOnRegistration(t *testing.T) {
 	a.mu.Unlock()
 	if sent != "" {
 		t.Fatalf("the nexlet got the owner %q in its start request", sent)
+	}
+}
+
+// TestRogueNexletBindsNamesWithoutEnd: a rogue supervised nexlet, with its minted user,
+// registers under ever new names. Each name it registers under is reserved for it,
+// and kept for the next run (OnNameBound: <state_dir>/nexlets/<name>.names); the
+// first MaxBoundNames are taken, every later new name is refused (403, saying so), a
+// name it bound already is still taken, and the names kept are MaxBoundNames. Before,
+// all 40 were taken and kept: the file (rewritten whole at each) and the node's map
+// grew without end.
+func TestRogueNexletBindsNamesWithoutEnd(t *testing.T) {
+	var kept []string
+	var mu sync.Mutex
+	rf := newRogueFixture(t, func(o *Options) {
+		o.OnNameBound = func(_, name string) { mu.Lock(); kept = append(kept, name); mu.Unlock() }
+	})
+	rogue := rf.expected("rogue0", "rogue", "rogue")
+	taken, refused := 0, 0
+	for i := range 40 {
+		rogue.req.Name = fmt.Sprintf("name-%d", i)
+		m := rogue.register()
+		switch code := m.Header.Get(protocol.HeaderErrorCode); {
+		case code == "":
+			taken++
+		case code == "403" && strings.Contains(m.Header.Get(protocol.HeaderError)+string(m.Data), "the most it may"):
+			refused++
+		default:
+			t.Fatalf("registration %d answered %s %s %s", i, code, m.Header.Get(protocol.HeaderError), m.Data)
+		}
+	}
+	rogue.req.Name = "name-3"
+	if m := rogue.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Errorf("registration under a name it bound already refused: %s %s", m.Header.Get(protocol.HeaderError), m.Data)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("%d of 40 names taken, %d refused, %d kept for the next run", taken, refused, len(kept))
+	if taken != MaxBoundNames || refused != 40-MaxBoundNames || len(kept) != MaxBoundNames {
+		t.Errorf("%d names taken, %d refused, %d kept; want %d, %d, %d", taken, refused, len(kept), MaxBoundNames, 40-MaxBoundNames, MaxBoundNames)
 	}
 }

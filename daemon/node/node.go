@@ -239,8 +239,11 @@ type Node struct {
 	// bound maps each name a supervised nexlet registered under, and the name it is
 	// supervised as, to the latter, for the run: no other nexlet may take it while that
 	// one restarts (see boundLocked). current maps the latter to its agent id.
-	bound      map[string]string
-	current    map[string]string
+	bound   map[string]string
+	current map[string]string
+	// bindings counts, per supervised nexlet, the names its registrations bound in
+	// this run (at most MaxBoundNames).
+	bindings   map[string]int
 	procInfo   map[string]procInfo // by agent id, from the supervisor
 	bids       *bidBook            // bidder id -> bid, bounded
 	auctions   *auctionQueue       // auctions waiting for a worker
@@ -393,6 +396,7 @@ func New(o Options) (*Node, error) {
 		agents:         map[string]*registration{},
 		expected:       map[string]string{},
 		bound:          map[string]string{},
+		bindings:       map[string]int{},
 		current:        map[string]string{},
 		procInfo:       map[string]procInfo{},
 		bids:           newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
