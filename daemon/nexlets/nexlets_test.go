@@ -30,6 +30,17 @@ type registry struct {
 	keys     map[string]string   // agent id -> registration public key
 	removed  []string
 	failed   []string
+	adopted  map[string]string // agent id -> key of the adopted nexlet's socket connection
+}
+
+func newRegistry() *registry {
+	return &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}, adopted: map[string]string{}}
+}
+
+func (r *registry) adoptedLocal(id string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.adopted[id]
 }
 
 func (r *registry) ExpectAgent(id, name string, names ...string) {
@@ -43,9 +54,13 @@ func (r *registry) RemoveAgent(id, _ string) {
 	r.removed = append(r.removed, id)
 	r.mu.Unlock()
 }
-func (r *registry) SetAgentKey(id, pub string)                        { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
-func (r *registry) SetAgentLocal(string, string, *localchan.Client)   {}
-func (r *registry) SetAdoptedLocal(string, string, *localchan.Client) {}
+func (r *registry) SetAgentKey(id, pub string)                      { r.mu.Lock(); r.keys[id] = pub; r.mu.Unlock() }
+func (r *registry) SetAgentLocal(string, string, *localchan.Client) {}
+func (r *registry) SetAdoptedLocal(id, key string, _ *localchan.Client) {
+	r.mu.Lock()
+	r.adopted[id] = key
+	r.mu.Unlock()
+}
 func (r *registry) SetAgentProcessInfo(id string, _ int, _ string, failed bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
