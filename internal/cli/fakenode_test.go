@@ -16,14 +16,17 @@ import (
 // fakeNode plays a Nex node with raw NATS subscriptions, answering as upstream's
 // node does (silence for "not mine"), so the fleet commands are tested on the wire.
 type fakeNode struct {
-	t          *testing.T
-	nc         *nats.Conn
-	id         string
-	tags       map[string]string
-	xkey       nkeys.KeyPair // the nexlet's curve key, used in bids
-	bid        bool          // whether it bids at all (a healthy native nexlet)
-	load       int           // nexd_workload_count in its bids
-	failDeploy string        // when set, ADEPLOY answers with this micro error
+	t    *testing.T
+	nc   *nats.Conn
+	id   string
+	tags map[string]string
+	xkey nkeys.KeyPair // the nexlet's curve key, used in bids
+	bid  bool          // whether it bids at all (a healthy native nexlet)
+	// dropAuctions is how many auctions it drops before bidding, as a node shedding
+	// an auction flood drops some of any namespace's (nexd before per-namespace intake).
+	dropAuctions int
+	load         int    // nexd_workload_count in its bids
+	failDeploy   string // when set, ADEPLOY answers with this micro error
 	// unknownOutcome leaves HeaderDeployOutcome off failDeploy's error (a node that
 	// cannot say the workload did not start).
 	unknownOutcome bool
@@ -45,6 +48,7 @@ type fakeNode struct {
 
 	mu        sync.Mutex
 	deploys   []protocol.StartWorkloadRequest
+	auctions  int // auctions it would bid in, dropped ones included
 	lameducks []protocol.LameduckRequest
 	stops     []string // subjects
 	pings     int
@@ -149,8 +153,12 @@ func (n *fakeNode) start() *fakeNode {
 	n.sub(protocol.InfoSubject(n.id), func(m *nats.Msg) {
 		n.mu.Lock()
 		defer n.mu.Unlock()
+		health := protocol.HealthHealthy
+		if !n.bid {
+			health = protocol.HealthOffline
+		}
 		n.respond(m, protocol.NodeInfoResponse{NodeID: n.id, Tags: n.tags, Uptime: "1h0m0s", Version: "0.0.1", XKey: "XNODE",
-			NodeAgentSummaries: []protocol.NodeAgentSummary{{AgentID: "A1", AgentHealth: protocol.HealthHealthy,
+			NodeAgentSummaries: []protocol.NodeAgentSummary{{AgentID: "A1", AgentHealth: health,
 				AgentSummary: protocol.AgentSummary{Name: "go_exec", Type: "native", Version: "0.0.1", WorkloadCount: n.load}}}})
 	})
 	n.sub(protocol.LameduckSubject(n.id), func(m *nats.Msg) {
@@ -178,6 +186,13 @@ func (n *fakeNode) start() *fakeNode {
 			return
 		}
 		if !n.bid || req.AgentType != "native" || !n.matches(req.Tags) {
+			return
+		}
+		n.mu.Lock()
+		n.auctions++
+		drop := n.auctions <= n.dropAuctions
+		n.mu.Unlock()
+		if drop {
 			return
 		}
 		n.respond(m, protocol.AuctionResponse{BidderID: "bid-" + n.id, StartRequestSchema: n.schema,

@@ -228,6 +228,42 @@ func (f *fleet) nodeInfo(ctx context.Context, id string) (protocol.NodeInfoRespo
 	return r, nil
 }
 
+// healthyHolder returns the id of one of nodes (ping answers; at most three asked)
+// that offers tags, is not in lame duck mode and says it has a healthy nexlet of typ,
+// or "" when none does: its missing bid was then lost, not withheld.
+func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResponse, typ string, tags map[string]string) string {
+	asked := 0
+	for _, n := range nodes {
+		if asked == 3 {
+			break
+		}
+		if n.Tags[protocol.TagLameduck] == "true" || !offers(n.Tags, tags) {
+			continue
+		}
+		asked++
+		info, err := f.nodeInfo(ctx, n.NodeID)
+		if err != nil {
+			continue
+		}
+		for _, s := range info.NodeAgentSummaries {
+			if s.AgentSummary.Type == typ && s.AgentHealth == protocol.HealthHealthy {
+				return n.NodeID
+			}
+		}
+	}
+	return ""
+}
+
+// offers reports whether have holds every tag of want.
+func offers(have, want map[string]string) bool {
+	for k, v := range want {
+		if hv, ok := have[k]; !ok || hv != v {
+			return false
+		}
+	}
+	return true
+}
+
 // lameduck commands one node into lame duck mode.
 func (f *fleet) lameduck(ctx context.Context, id string, delay time.Duration, tag map[string]string) (protocol.LameduckResponse, error) {
 	var r protocol.LameduckResponse

@@ -206,9 +206,39 @@ func TestWorkloadRunNoBids(t *testing.T) {
 	if code != 1 || !strings.Contains(errOut, "no node offers tag(s) region=moon") {
 		t.Fatalf("missing tag: %d %q", code, errOut)
 	}
+	start := time.Now()
 	_, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "run", "--name", "x", "--tags", "region=lab", "--", "/bin/true")...)
-	if code != 1 || !strings.Contains(errOut, `has a healthy nexlet of type "native"`) {
+	if code != 1 || !strings.Contains(errOut, `has a healthy nexlet of type "native"`) || strings.Contains(errOut, "asking again") {
 		t.Fatalf("no nexlet: %d %q", code, errOut)
+	}
+	// Three auctions and their waits for a first bid (--nats.timeout 3s), not the
+	// deploy timeout: the node's info says it has no healthy nexlet to bid with.
+	if took := time.Since(start); took > 40*time.Second {
+		t.Fatalf("no nexlet: the error took %v", took)
+	}
+}
+
+// TestWorkloadRunAsksUntilBid: a node that has a healthy nexlet of the type but drops
+// auctions (as one under an auction flood did) gets asked again, with backoff, past
+// the two quick retries, and the workload is placed (before, nexctl gave up after
+// three auctions: "no node has a healthy nexlet of type").
+func TestWorkloadRunAsksUntilBid(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	n := newFakeNode(t, nc, "BUSY", nil)
+	n.dropAuctions = 4
+	n.start()
+	args := append([]string{"-s", url, "--nats.timeout", "500ms", "--gather-stall", "100ms"}, "workload", "run", "--name", "x", "--", "/bin/true")
+	out, errOut, code := runCLI(t, nil, args...)
+	if code != 0 || !strings.Contains(out, "successfully started") || !strings.Contains(errOut, "no bid yet, though node BUSY has a healthy native nexlet") {
+		t.Fatalf("exit %d, out %q, err %q", code, out, errOut)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.auctions != 5 || len(n.deploys) != 1 {
+		t.Fatalf("%d auctions, %d deploys; want 5 and 1", n.auctions, len(n.deploys))
 	}
 }
 

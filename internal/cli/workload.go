@@ -56,25 +56,48 @@ func bidLabel(b protocol.AuctionResponse) string {
 // place auctions spec in ns and deploys it to the least-loaded bidder, falling back to
 // the next bid when a deploy definitely failed.
 func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expectBids int) (placement, error) {
+	var nodes []protocol.NodePingResponse
 	if expectBids <= 0 {
 		// A quick ping tells how many bids can come, so the auction can end as soon as
 		// all are in; nodes in other accounts or without ping permission just mean we
 		// wait for the stall.
-		if nodes, _, err := f.pingNodes(ctx, nil, f.gatherOpts(0)); err == nil {
+		var err error
+		if nodes, _, err = f.pingNodes(ctx, nil, f.gatherOpts(0)); err == nil {
 			expectBids = len(nodes)
 		}
 	}
-	bids, signed, auctionID, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+	opts := gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids}
+	bids, signed, auctionID, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, opts)
 	// Nodes answered the ping but nobody bid: a node shedding an auction flood drops
-	// auctions it cannot keep up with, so ask again, twice.
-	for retry := 0; err == nil && len(bids) == 0 && expectBids > 0 && retry < 2; retry++ {
+	// auctions it cannot keep up with, so ask again, twice; then on, with backoff until
+	// the deploy timeout, while a node says it has a healthy nexlet of the type (it
+	// should have bid).
+	deadline, wait, asked := time.Now().Add(f.deployTimeout), 300*time.Millisecond, false
+	for retry := 0; err == nil && len(bids) == 0 && expectBids > 0; retry++ {
+		if retry >= 2 {
+			if !asked {
+				asked = true
+				holder := f.healthyHolder(ctx, nodes, spec.Type, spec.Tags)
+				if holder == "" {
+					break
+				}
+				a.warnf("no bid yet, though node %s has a healthy %s nexlet (a node under an auction flood drops auctions): asking again until %s",
+					holder, spec.Type, deadline.Format(time.TimeOnly))
+			}
+			if time.Now().Add(wait).After(deadline) {
+				break
+			}
+		}
 		select {
 		case <-ctx.Done():
 			return placement{}, ctx.Err()
-		case <-time.After(300 * time.Millisecond):
+		case <-time.After(wait):
+		}
+		if retry >= 2 {
+			wait = min(2*wait, 5*time.Second)
 		}
 		var more []error
-		bids, signed, auctionID, more, err = f.auction(ctx, ns, spec.Type, spec.Tags, gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids})
+		bids, signed, auctionID, more, err = f.auction(ctx, ns, spec.Type, spec.Tags, opts)
 		bad = append(bad, more...)
 	}
 	if err != nil {
