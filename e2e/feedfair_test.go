@@ -27,51 +27,18 @@ func TestFeedFloodSparesQuietWorkloadAcrossNexdKill(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
-	srv, acct, sigSeed, creds := operatorNATS(t)
-	url := srv.ClientURL()
-	state := t.TempDir()
-	opts := func(cg string) nodeOpts {
-		return nodeOpts{external: url, stateDir: state, cgroup: cg, extra: signingFlags(creds, sigSeed, acct, "--state", "kv", "--live-restore")}
-	}
-	n := startNode(t, opts(""))
-	n.waitReady(t)
-	at := testkit.WriteFile(t, filepath.Join(testkit.PublicDir(t), "counter"), "")
-	if err := os.Chmod(at, 0o666); err != nil {
-		t.Fatal(err)
-	}
-	printed := func() int {
-		for range 1000 { // the shell truncates the file before it writes the number
-			b, _ := os.ReadFile(at)
-			if k, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-				return k
-			}
-			time.Sleep(time.Millisecond)
-		}
-		t.Fatal("the workload's number is not in its file")
-		return 0
-	}
-	quiet := n.runWorkload(t, "--nats.creds-file", creds, "--bids", "1", "--name", "quiet", "--",
-		"/bin/sh", "-c", `i=0; while :; do i=$((i+1)); echo "line $i"; echo $i > "$0"; sleep 0.02; done`, at)
-	flood := n.runWorkload(t, "--nats.creds-file", creds, "--bids", "1", "--name", "flood", "--",
+	f := newFeedKill(t)
+	n := f.start(t, "")
+	quiet := n.runWorkload(t, "--nats.creds-file", f.creds, "--bids", "1", "--name", "quiet", "--",
+		"/bin/sh", "-c", `i=0; while :; do i=$((i+1)); echo "line $i"; echo $i > "$0"; sleep 0.02; done`, f.counter)
+	flood := n.runWorkload(t, "--nats.creds-file", f.creds, "--bids", "1", "--name", "flood", "--",
 		"/bin/sh", "-c", `s=$(printf '%16000s' | tr ' ' x); while :; do echo "$s"; done`)
-
-	nc, err := nats.Connect(url, nats.UserCredentials(creds))
+	lt := f.lines(t, quiet.ID)
+	nc, err := nats.Connect(f.url, nats.UserCredentials(f.creds))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	lines := make(chan int, 1<<16)
-	sub, err := nc.Subscribe("$NEX.FEED.*.logs."+quiet.ID+".stdout", func(m *nats.Msg) {
-		if v, ok := strings.CutPrefix(string(m.Data), "line "); ok {
-			if k, err := strconv.Atoi(v); err == nil {
-				lines <- k
-			}
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = sub.SetPendingLimits(-1, -1)
 	var floodLines, floodDropped atomic.Int64
 	fsub, err := nc.Subscribe("$NEX.FEED.*.logs."+flood.ID+".stdout", func(m *nats.Msg) {
 		floodLines.Add(1)
@@ -85,46 +52,19 @@ func TestFeedFloodSparesQuietWorkloadAcrossNexdKill(t *testing.T) {
 	_ = fsub.SetPendingLimits(-1, -1)
 	flush(t, nc)
 
-	var got []int
-	next := func(what string, timeout time.Duration, stop func(k int) bool) {
-		t.Helper()
-		deadline := time.After(timeout)
-		for {
-			select {
-			case k := <-lines:
-				got = append(got, k)
-				if stop(k) {
-					return
-				}
-			case <-deadline:
-				t.Fatalf("%s: %d lines so far, the last %v", what, len(got), got[max(0, len(got)-5):])
-			}
-		}
-	}
 	count := 0
-	next("lines before the kill", 60*time.Second, func(int) bool { count++; return count >= 25 })
+	lt.next(t, "lines before the kill", 60*time.Second, func(int) bool { count++; return count >= 25 })
 	testkit.EventuallyWithin(t, 30*time.Second, "the flood's lines reach the feed", func() bool { return floodLines.Load() > 0 })
 	n.cmd.Process.Kill()
 	n.wait(t, 30*time.Second)
-	killedAt := printed()
+	killedAt := f.printed(t)
 	// 100 quiet lines (2 s or more) while no nexd runs: the flood's 3 MB/s and its
 	// burst fill the 4 MiB many times over.
-	for deadline := time.Now().Add(30 * time.Second); printed() < killedAt+100 && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
-	n2 := startNode(t, opts(n.cgroup))
-	n2.waitReady(t)
-	readyAt := printed()
-	next("lines after the restart", 90*time.Second, func(k int) bool { return k >= readyAt+50 })
-	time.Sleep(500 * time.Millisecond)
-	for drained := false; !drained; {
-		select {
-		case k := <-lines:
-			got = append(got, k)
-		default:
-			drained = true
-		}
-	}
+	f.waitPrinted(t, killedAt+100)
+	f.start(t, n.cgroup)
+	readyAt := f.printed(t)
+	lt.next(t, "lines after the restart", 90*time.Second, func(k int) bool { return k >= readyAt+50 })
+	got := lt.drain()
 	seen := map[int]bool{}
 	high := 0
 	for _, k := range got {
@@ -147,5 +87,121 @@ func TestFeedFloodSparesQuietWorkloadAcrossNexdKill(t *testing.T) {
 	}
 	if floodDropped.Load() == 0 {
 		t.Error("no flood line counted dropped ones: the buffer never filled, the test tells nothing")
+	}
+}
+
+// feedKill is an operator-mode NATS server and the options of a node on it with
+// live_restore, to kill and start again, and a file a workload writes its line count
+// to (counter, writable by any uid): what it printed by a given moment.
+type feedKill struct {
+	opts    func(cg string) nodeOpts
+	creds   string
+	url     string
+	counter string
+}
+
+func newFeedKill(t *testing.T) *feedKill {
+	t.Helper()
+	srv, acct, sigSeed, creds := operatorNATS(t)
+	url := srv.ClientURL()
+	state := t.TempDir()
+	f := &feedKill{creds: creds, url: url, opts: func(cg string) nodeOpts {
+		return nodeOpts{external: url, stateDir: state, cgroup: cg, extra: signingFlags(creds, sigSeed, acct, "--state", "kv", "--live-restore")}
+	}}
+	f.counter = testkit.WriteFile(t, filepath.Join(testkit.PublicDir(t), "counter"), "")
+	if err := os.Chmod(f.counter, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// start starts a node in cgroup cg ("": a new one) and waits until it is ready.
+func (f *feedKill) start(t *testing.T, cg string) *node {
+	t.Helper()
+	n := startNode(t, f.opts(cg))
+	n.waitReady(t)
+	return n
+}
+
+// printed is the workload's count: what it printed by now.
+func (f *feedKill) printed(t *testing.T) int {
+	t.Helper()
+	for range 1000 { // the shell truncates the file before it writes the number
+		b, _ := os.ReadFile(f.counter)
+		if k, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			return k
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatal("the workload's number is not in its file")
+	return 0
+}
+
+// waitPrinted waits (at most 30 s, however slowly a loaded host runs the workload)
+// until the workload printed k lines.
+func (f *feedKill) waitPrinted(t *testing.T, k int) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); f.printed(t) < k && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// lineTaker takes the numbers of a workload's "line N" log lines from its feed.
+type lineTaker struct {
+	lines chan int
+	got   []int
+}
+
+// lines subscribes to workload id's stdout feed.
+func (f *feedKill) lines(t *testing.T, id string) *lineTaker {
+	t.Helper()
+	nc, err := nats.Connect(f.url, nats.UserCredentials(f.creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	lt := &lineTaker{lines: make(chan int, 1<<16)}
+	sub, err := nc.Subscribe("$NEX.FEED.*.logs."+id+".stdout", func(m *nats.Msg) {
+		if v, ok := strings.CutPrefix(string(m.Data), "line "); ok {
+			if k, err := strconv.Atoi(v); err == nil {
+				lt.lines <- k
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = sub.SetPendingLimits(-1, -1)
+	flush(t, nc)
+	return lt
+}
+
+// next takes lines until stop says so, failing after timeout.
+func (lt *lineTaker) next(t *testing.T, what string, timeout time.Duration, stop func(k int) bool) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case k := <-lt.lines:
+			lt.got = append(lt.got, k)
+			if stop(k) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("%s: %d lines so far, the last %v", what, len(lt.got), lt.got[max(0, len(lt.got)-5):])
+		}
+	}
+}
+
+// drain takes the lines still in flight (for half a second) and returns all taken.
+func (lt *lineTaker) drain() []int {
+	time.Sleep(500 * time.Millisecond)
+	for {
+		select {
+		case k := <-lt.lines:
+			lt.got = append(lt.got, k)
+		default:
+			return lt.got
+		}
 	}
 }

@@ -1,14 +1,9 @@
 package e2e
 
 import (
-	"os"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -35,101 +30,32 @@ func feedLinesAcrossKill(t *testing.T, adoptFirst bool) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
-	srv, acct, sigSeed, creds := operatorNATS(t)
-	url := srv.ClientURL()
-	state := t.TempDir()
-	opts := func(cg string) nodeOpts {
-		return nodeOpts{external: url, stateDir: state, cgroup: cg, extra: signingFlags(creds, sigSeed, acct, "--state", "kv", "--live-restore")}
-	}
-	n := startNode(t, opts(""))
-	n.waitReady(t)
-	// It also writes its number to a file: what it printed by a given moment.
-	at := testkit.WriteFile(t, filepath.Join(testkit.PublicDir(t), "counter"), "")
-	if err := os.Chmod(at, 0o666); err != nil {
-		t.Fatal(err)
-	}
-	printed := func() int {
-		for range 1000 { // the shell truncates the file before it writes the number
-			b, _ := os.ReadFile(at)
-			if k, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-				return k
-			}
-			time.Sleep(time.Millisecond)
-		}
-		t.Fatal("the workload's number is not in its file")
-		return 0
-	}
-	w := n.runWorkload(t, "--nats.creds-file", creds, "--bids", "1", "--name", "counter", "--",
-		"/bin/sh", "-c", `i=0; while :; do i=$((i+1)); echo "line $i"; echo $i > "$0"; sleep 0.01; done`, at)
-	nc, err := nats.Connect(url, nats.UserCredentials(creds))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	lines := make(chan int, 1<<16)
-	sub, err := nc.Subscribe("$NEX.FEED.*.logs."+w.ID+".stdout", func(m *nats.Msg) {
-		if v, ok := strings.CutPrefix(string(m.Data), "line "); ok {
-			if k, err := strconv.Atoi(v); err == nil {
-				lines <- k
-			}
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = sub.SetPendingLimits(-1, -1)
-	flush(t, nc)
-
-	var got []int
-	// next takes lines until want says stop, failing after timeout.
-	next := func(what string, timeout time.Duration, stop func(k int) bool) {
-		t.Helper()
-		deadline := time.After(timeout)
-		for {
-			select {
-			case k := <-lines:
-				got = append(got, k)
-				if stop(k) {
-					return
-				}
-			case <-deadline:
-				t.Fatalf("%s: %d lines so far, the last %v", what, len(got), got[max(0, len(got)-5):])
-			}
-		}
-	}
+	f := newFeedKill(t)
+	n := f.start(t, "")
+	w := n.runWorkload(t, "--nats.creds-file", f.creds, "--bids", "1", "--name", "counter", "--",
+		"/bin/sh", "-c", `i=0; while :; do i=$((i+1)); echo "line $i"; echo $i > "$0"; sleep 0.01; done`, f.counter)
+	lt := f.lines(t, w.ID)
 	count := 0
-	next("lines before the kill", 60*time.Second, func(int) bool { count++; return count >= 50 })
+	lt.next(t, "lines before the kill", 60*time.Second, func(int) bool { count++; return count >= 50 })
 	if adoptFirst {
-		n = n.restart(t, opts(""))
+		n = n.restart(t, f.opts(""))
 		// The adopted nexlet's lines flow: well past the restart.
-		restartedAt := printed()
-		next("lines after the first restart", 90*time.Second, func(k int) bool { return k >= restartedAt+50 })
+		restartedAt := f.printed(t)
+		lt.next(t, "lines after the first restart", 90*time.Second, func(k int) bool { return k >= restartedAt+50 })
 	}
-	lastBefore := got[len(got)-1]
+	lastBefore := lt.got[len(lt.got)-1]
 	n.cmd.Process.Kill()
 	n.wait(t, 30*time.Second)
-	killedAt := printed()
+	killedAt := f.printed(t)
 	// The workload goes on printing while no nexd runs: 100 lines, however slowly a
 	// loaded host runs it (a second's sleep gave 49 at load 15, too few to tell).
-	for deadline := time.Now().Add(30 * time.Second); printed() < killedAt+100 && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
-	n2 := startNode(t, opts(n.cgroup))
-	n2.waitReady(t)
-	readyAt := printed()
+	f.waitPrinted(t, killedAt+100)
+	n2 := f.start(t, n.cgroup)
+	readyAt := f.printed(t)
 	// The workload's number when the new nexd was ready is at least the one read
 	// now from the feed; lines well past it show the down window is over.
-	next("lines after the restart", 90*time.Second, func(k int) bool { return k >= killedAt+300 })
-	// Lines still in flight behind the last one counted.
-	time.Sleep(500 * time.Millisecond)
-	for drained := false; !drained; {
-		select {
-		case k := <-lines:
-			got = append(got, k)
-		default:
-			drained = true
-		}
-	}
+	lt.next(t, "lines after the restart", 90*time.Second, func(k int) bool { return k >= killedAt+300 })
+	got := lt.drain() // with the lines still in flight behind the last one counted
 
 	// Counted from the last line received before the kill: with adoptFirst, the
 	// first restart's gap is not what this test is about.
