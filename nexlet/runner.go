@@ -66,6 +66,9 @@ type Runner struct {
 	localDone chan struct{}
 	localReg  bool   // WithLocalRegistration
 	sockPath  string // WithLocalSocket
+	// serving owns every channel's reader (serveLocal): Shutdown waits for them, also
+	// for one a concurrent registration on a socket replaced.
+	serving sync.WaitGroup
 	// localFeeds: the workloads' feeds go on the local channel (WithLocalFeeds).
 	localFeeds bool
 	// feedq orders and keeps the feed messages; feedLoop (stopped by feedStop,
@@ -334,7 +337,8 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 			mode = feedLocal
 		}
 		r.localDone = make(chan struct{})
-		go r.serveLocal(r.local, r.localDone, agentID)
+		local, done := r.local, r.localDone
+		r.serving.Go(func() { r.serveLocal(local, done, agentID) })
 	}
 	if r.feedStop == nil {
 		fctx, stopFeeds := context.WithCancel(context.Background())
@@ -821,7 +825,7 @@ func (r *Runner) reregisterOnSocket(ctx context.Context, agentID string) (done b
 	q.node = nodeID
 	r.mu.Unlock()
 	q.mu.Unlock()
-	go r.serveLocal(s, done2, agentID)
+	r.serving.Go(func() { r.serveLocal(s, done2, agentID) })
 	if prev != nil {
 		_ = prev.Close()
 	}
@@ -886,6 +890,7 @@ func (r *Runner) Shutdown() error {
 		_ = local.StopServing()
 		<-localDone
 	}
+	r.serving.Wait() // a replaced channel's reader, closed with it
 	r.reports.Wait()
 	r.renewing.Wait()
 	// A renewal may have moved the nexlet to a new connection meanwhile.
