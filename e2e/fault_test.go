@@ -975,7 +975,9 @@ func TestDegradedStartKeepsWatchdogFed(t *testing.T) {
 // that never registers, twice the watchdog (4 s). Before, nothing pinged from the old
 // serve loop's last ping until the new one's: the qemu suite's upgrade (a TCG guest at
 // host load 12-24, 30 s watchdog) was aborted by the watchdog, and systemd 252 could
-// not start nexd again.
+// not start nexd again. The exec itself (the kernel's, the Go runtime's start: no code
+// of nexd's runs there to ping) is left out of the gap and bounded by the shipped
+// unit's WatchdogSec: under make test's load it took 5.8 s of the race-built binary.
 func TestReexecKeepsWatchdogFed(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -997,19 +999,72 @@ func TestReexecKeepsWatchdogFed(t *testing.T) {
 		t.Fatalf("nexd exited instead of re-executing: %v", n.err)
 	default:
 	}
-	gap, ready := ns.longestPingGap()
+	gap, execTook, ready, err := ns.reexecPings()
+	if err != nil {
+		t.Fatalf("%v; notifications:%s", err, ns.timeline())
+	}
 	if ready < 2 {
 		t.Fatalf("READY=1 %d times, want 2: %q", ready, ns.all())
 	}
 	if gap > watchdog {
-		msgs, at := ns.timed()
-		var b strings.Builder
-		for i, m := range msgs {
-			fmt.Fprintf(&b, "\n  %s %q", at[i].Format("15:04:05.000"), m)
-		}
-		t.Fatalf("a %s gap between watchdog pings across the re-exec (watchdog %s); notifications:%s", gap.Round(time.Millisecond), watchdog, b.String())
+		t.Fatalf("a %s gap between watchdog pings across the re-exec, the exec's %s left out (watchdog %s); notifications:%s",
+			gap.Round(time.Millisecond), execTook.Round(time.Millisecond), watchdog, ns.timeline())
 	}
-	t.Logf("longest gap between pings across the re-exec: %s", gap.Round(time.Millisecond))
+	const unitWatchdog = 30 * time.Second // contrib/systemd/nexd.service
+	if execTook > unitWatchdog {
+		t.Fatalf("the exec took %s, more than the unit's WatchdogSec %s; notifications:%s", execTook.Round(time.Millisecond), unitWatchdog, ns.timeline())
+	}
+	t.Logf("longest gap between pings across the re-exec: %s, and the exec %s", gap.Round(time.Millisecond), execTook.Round(time.Millisecond))
+}
+
+// reexecPings splits the notifications at the re-exec: the old image's last one must
+// be its ping right before the execve, and the new image's first is its first start-up
+// step's STATUS. It returns the longest gap between pings from the first READY=1 on,
+// with the exec's time (that ping to that STATUS) left out of the gap across it, the
+// exec's time, and how many READY=1 came.
+func (n *notifySocket) reexecPings() (gap, execTook time.Duration, ready int, err error) {
+	msgs, at := n.timed()
+	reload := slices.IndexFunc(msgs, func(m string) bool { return strings.Contains(m, "RELOADING=1") })
+	if reload < 0 {
+		return 0, 0, 0, errors.New("no RELOADING=1")
+	}
+	first := slices.IndexFunc(msgs[reload:], func(m string) bool { return strings.Contains(m, "STATUS=starting: loading identity") })
+	if first < 0 {
+		return 0, 0, 0, errors.New("no STATUS=starting: loading identity from the new image")
+	}
+	first += reload
+	if !strings.Contains(msgs[first-1], "WATCHDOG=1") {
+		return 0, 0, 0, fmt.Errorf("the old image's last notification is %q, not a ping right before the exec", msgs[first-1])
+	}
+	execTook = at[first].Sub(at[first-1])
+	last := -1
+	for i, m := range msgs {
+		if strings.Contains(m, "READY=1") {
+			ready++
+		}
+		if ready == 0 || !strings.Contains(m, "WATCHDOG=1") {
+			continue
+		}
+		if last >= 0 {
+			d := at[i].Sub(at[last])
+			if last < first && i > first {
+				d -= execTook
+			}
+			gap = max(gap, d)
+		}
+		last = i
+	}
+	return gap, execTook, ready, nil
+}
+
+// timeline is every notification so far with when it came, one a line.
+func (n *notifySocket) timeline() string {
+	msgs, at := n.timed()
+	var b strings.Builder
+	for i, m := range msgs {
+		fmt.Fprintf(&b, "\n  %s %q", at[i].Format("15:04:05.000"), m)
+	}
+	return b.String()
 }
 
 // longestPingGap is the longest time between two WATCHDOG=1 from the first READY=1 on,
