@@ -477,8 +477,10 @@ func rssKB(pid int) int {
 
 // TestAuctionFlood: one client sends a million auctions (valid ones, in its own
 // namespace) as fast as it can, the issue's attack, while a tenant deploys in another
-// namespace: the deploy gets its bid and runs, and nexd's RSS stays within the bound the
-// README states (64 MiB above idle).
+// namespace: the deploy gets its bid and runs, nexd dropped auctions of the flooding
+// namespace only (nexd_auctions_dropped_total: none of tenant's, none unsorted by
+// namespace), and nexd's RSS stays within the bound the README states (64 MiB above
+// idle).
 func TestAuctionFlood(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -529,15 +531,31 @@ func TestAuctionFlood(t *testing.T) {
 		}
 	}()
 	time.Sleep(500 * time.Millisecond)
+	t0 := time.Now()
 	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", s.ClientURL(),
 		"--namespace", "tenant", "--json", "workload", "run", "--name", "honest", "--", "/bin/sleep", "300")
-	during := sent.Load()
+	took, during := time.Since(t0), sent.Load()
 	time.Sleep(2 * time.Second)
 	close(stop)
 	wg.Wait()
-	t.Logf("flood: %d auctions sent (%d when the honest deploy returned); nexd RSS %d kB idle, %d kB peak", sent.Load(), during, base, peak.Load())
+	var drops []string
+	for _, l := range strings.Split(n.mustCtl(t, "metrics"), "\n") {
+		if strings.HasPrefix(l, "nexd_auctions_dropped_total{") {
+			drops = append(drops, l)
+		}
+	}
+	t.Logf("flood: %d auctions sent (%d when the honest deploy returned, in %v); nexd RSS %d kB idle, %d kB peak; dropped: %v; nexctl said: %q",
+		sent.Load(), during, took.Round(time.Millisecond), base, peak.Load(), drops, strings.TrimSpace(errOut))
 	if code != 0 {
 		t.Fatalf("honest deploy during the flood: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if len(drops) == 0 || !strings.Contains(drops[0], `namespace="flood"`) {
+		t.Errorf("no drops counted for the flooding namespace: %v", drops)
+	}
+	for _, d := range drops {
+		if !strings.Contains(d, `namespace="flood"`) {
+			t.Errorf("nexd dropped auctions outside the flooding namespace: %s", d)
+		}
 	}
 	if grew := int(peak.Load()) - base; grew > 64<<10 {
 		t.Fatalf("nexd RSS grew by %d kB during the flood (bound 65536 kB)", grew)
