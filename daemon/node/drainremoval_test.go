@@ -116,7 +116,9 @@ func TestWorkloadEndedAckSaysWhenRemovalFailed(t *testing.T) {
 	if ack := ended(down); ack.Removed || ack.StateRemoval != protocol.StateRemovalPending {
 		t.Errorf("ended with the store down: %+v, want not removed, removal pending", ack)
 	}
-	if p := ts.Pending(); len(p) != 1 {
-		t.Errorf("tombstones %v, want the one workload whose removal failed", p)
+	// The first may be tombstoned too: the node's own WORKLOADSTOPPED of it (from
+	// the report) can come back after JetStream is gone, and removes it again.
+	if p := ts.Pending(); !slices.Contains(p, "native_"+down) {
+		t.Errorf("tombstones %v, want one for %s, whose removal failed", p, down)
 	}
 }
