@@ -294,6 +294,7 @@ func (a *fakeAgent) register() *nats.Msg {
 	}
 	a.mu.Unlock()
 	if a.reconnect != nil {
+		a.stopHeartbeats() // of an earlier registration: they publish on a.nc
 		a.nc = a.reconnect(a.resp.ConnectionData)
 	}
 	a.serve()
@@ -504,9 +505,13 @@ func (a *fakeAgent) serve() {
 }
 
 func (a *fakeAgent) startHeartbeats() {
-	a.stopHB, a.hbDone = make(chan struct{}), make(chan struct{})
+	// A registration again (register called once more) replaces the heartbeats: the
+	// goroutine keeps its own channels, which the next start replaces.
+	a.stopHeartbeats()
+	stop, done := make(chan struct{}), make(chan struct{})
+	a.stopHB, a.hbDone = stop, done
 	go func() {
-		defer close(a.hbDone)
+		defer close(done)
 		t := time.NewTicker(a.hbEvery)
 		defer t.Stop()
 		for {
@@ -519,7 +524,7 @@ func (a *fakeAgent) startHeartbeats() {
 			b, _ := json.Marshal(hb)
 			_ = a.nc.Publish(protocol.AgentHeartbeatSubject(a.nodeID, a.id), b)
 			select {
-			case <-a.stopHB:
+			case <-stop:
 				return
 			case <-t.C:
 			}

@@ -174,7 +174,9 @@ func TestRogueNexletBindsNamesWithoutEnd(t *testing.T) {
 	rogue := rf.expected("rogue0", "rogue", "rogue")
 	taken, refused := 0, 0
 	for i := range 40 {
+		rogue.mu.Lock() // its heartbeats read it
 		rogue.req.Name = fmt.Sprintf("name-%d", i)
+		rogue.mu.Unlock()
 		m := rogue.register()
 		switch code := m.Header.Get(protocol.HeaderErrorCode); {
 		case code == "":
@@ -185,7 +187,9 @@ func TestRogueNexletBindsNamesWithoutEnd(t *testing.T) {
 			t.Fatalf("registration %d answered %s %s %s", i, code, m.Header.Get(protocol.HeaderError), m.Data)
 		}
 	}
+	rogue.mu.Lock()
 	rogue.req.Name = "name-3"
+	rogue.mu.Unlock()
 	if m := rogue.register(); m.Header.Get(protocol.HeaderErrorCode) != "" {
 		t.Errorf("registration under a name it bound already refused: %s %s", m.Header.Get(protocol.HeaderError), m.Data)
 	}
