@@ -23,13 +23,14 @@ const (
 	// AuctionPendingMsgs and AuctionPendingBytes bound nats.go's list in front of the
 	// AUCTION callback. The callback keeps that list near empty (it is several times
 	// cheaper than the reader filling it), so the list only rides out the moments the
-	// callback is off the CPU (16,384 was too few on this 2-core host under load: a
-	// sixth of a flood dropped blind); beyond it nats.go drops, blind to namespace
-	// (counted as AuctionDropsUnsorted). A message costs its body (bounded in sum
-	// here), about 112 bytes and its subject and reply, which the body bound does not
-	// count: some 16 MiB full of auctions as nexctl sends them, at most about 280 MiB
-	// when each subject and reply fill the server's 4 KiB control line.
-	AuctionPendingMsgs  = 64 << 10
+	// callback is off the CPU; beyond it nats.go drops, blind to namespace (counted as
+	// AuctionDropsUnsorted). nats.go's byte bound counts bodies, not subject and reply,
+	// so the message bound is what bounds memory: a message with both at the server's
+	// 4 KiB control line costs about 4.5 KiB, 36 MiB for 8,192 (TestAuctionPendingMemory;
+	// 65,536 held 273 MiB). Under load on a 2-core host 8,192 is too few to ride out
+	// every stall (a quarter of a flood dropped blind at load 15), which nexctl's
+	// asking again covers.
+	AuctionPendingMsgs  = 8 << 10
 	AuctionPendingBytes = 8 << 20
 )
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -229,9 +230,10 @@ func (f *fleet) nodeInfo(ctx context.Context, id string) (protocol.NodeInfoRespo
 }
 
 // healthyHolder returns the id of one of nodes (ping answers; at most three asked)
-// that offers tags, is not in lame duck mode and says it has a healthy nexlet of typ,
-// or "" when none does: its missing bid was then lost, not withheld.
-func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResponse, typ string, tags map[string]string) string {
+// that offers tags, is not in lame duck mode and says it has a healthy nexlet of typ
+// supporting lifecycle, or "" when none does: its missing bid was then likely lost,
+// not withheld.
+func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResponse, typ string, lifecycle protocol.Lifecycle, tags map[string]string) string {
 	asked := 0
 	for _, n := range nodes {
 		if asked == 3 {
@@ -246,7 +248,9 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 			continue
 		}
 		for _, s := range info.NodeAgentSummaries {
-			if s.AgentSummary.Type == typ && s.AgentHealth == protocol.HealthHealthy {
+			lcs := s.AgentSummary.SupportedLifecycles
+			if s.AgentSummary.Type == typ && s.AgentHealth == protocol.HealthHealthy &&
+				(lcs == "" || slices.Contains(strings.Split(lcs, ","), string(lifecycle))) {
 				return n.NodeID
 			}
 		}

@@ -23,6 +23,9 @@ import (
 // longer) unless every expected bid is in.
 const auctionStall = 250 * time.Millisecond
 
+// lostBidWait bounds how long nexctl keeps asking for a bid it believes was lost.
+const lostBidWait = 30 * time.Second
+
 func (a *app) workloadCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:     "workload",
@@ -69,15 +72,16 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 	opts := gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids}
 	bids, signed, auctionID, bad, err := f.auction(ctx, ns, spec.Type, spec.Tags, opts)
 	// Nodes answered the ping but nobody bid: a node shedding an auction flood drops
-	// auctions it cannot keep up with, so ask again, twice; then on, with backoff until
-	// the deploy timeout, while a node says it has a healthy nexlet of the type (it
-	// should have bid).
-	deadline, wait, asked := time.Now().Add(f.deployTimeout), 300*time.Millisecond, false
+	// auctions it cannot keep up with, so ask again, twice; then on, with backoff for
+	// up to lostBidWait more, while a node says it has a healthy nexlet of the type and
+	// lifecycle (it may still withhold its bid, e.g. at max_workloads: hence a bound
+	// well below the deploy timeout).
+	deadline, wait, asked := time.Now().Add(min(f.deployTimeout, lostBidWait)), 300*time.Millisecond, false
 	for retry := 0; err == nil && len(bids) == 0 && expectBids > 0; retry++ {
 		if retry >= 2 {
 			if !asked {
 				asked = true
-				holder := f.healthyHolder(ctx, nodes, spec.Type, spec.Tags)
+				holder := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags)
 				if holder == "" {
 					break
 				}
