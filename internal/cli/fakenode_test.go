@@ -25,8 +25,11 @@ type fakeNode struct {
 	// dropAuctions is how many auctions it drops before bidding, as a node shedding
 	// an auction flood drops some of any namespace's (nexd before per-namespace intake).
 	dropAuctions int
-	load         int    // nexd_workload_count in its bids
-	failDeploy   string // when set, ADEPLOY answers with this micro error
+	// full withholds every bid though its info lists a healthy native nexlet (a node
+	// whose nexlet is at max_workloads).
+	full       bool
+	load       int    // nexd_workload_count in its bids
+	failDeploy string // when set, ADEPLOY answers with this micro error
 	// unknownOutcome leaves HeaderDeployOutcome off failDeploy's error (a node that
 	// cannot say the workload did not start).
 	unknownOutcome bool
@@ -189,6 +192,11 @@ func (n *fakeNode) start() *fakeNode {
 			return
 		}
 		n.mu.Lock()
+		if n.full {
+			n.auctions++
+			n.mu.Unlock()
+			return
+		}
 		n.auctions++
 		drop := n.auctions <= n.dropAuctions
 		n.mu.Unlock()

@@ -242,6 +242,24 @@ func TestWorkloadRunAsksUntilBid(t *testing.T) {
 	}
 }
 
+// TestWorkloadRunFullNodeGivesUp: a node whose healthy nexlet is full withholds its
+// bid; nexctl asks again for at most lostBidWait, not its 5 min 30 s deploy timeout,
+// and says there was no bid.
+func TestWorkloadRunFullNodeGivesUp(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	n := newFakeNode(t, nc, "FULL", nil)
+	n.full = true
+	n.start()
+	start := time.Now()
+	_, errOut, code := runCLI(t, nil, "-s", s.ClientURL(), "--nats.timeout", "500ms", "--gather-stall", "100ms", "workload", "run", "--name", "x", "--", "/bin/true")
+	took := time.Since(start)
+	if code != 1 || !strings.Contains(errOut, "no bids for a native workload") || took > lostBidWait+15*time.Second {
+		t.Fatalf("exit %d after %v: %q", code, took, errOut)
+	}
+}
+
 func TestWorkloadRunInputs(t *testing.T) {
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{NoJetStream: true})

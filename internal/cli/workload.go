@@ -24,7 +24,7 @@ import (
 const auctionStall = 250 * time.Millisecond
 
 // lostBidWait bounds how long nexctl keeps asking for a bid it believes was lost.
-const lostBidWait = 30 * time.Second
+const lostBidWait = 20 * time.Second
 
 func (a *app) workloadCommand() *cobra.Command {
 	cmd := &cobra.Command{
