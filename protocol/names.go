@@ -27,3 +27,15 @@ func CheckName(what, name string) error {
 	}
 	return nil
 }
+
+// TagsMatch reports whether have holds every tag of want with the same value: a node's
+// tags against an auction's, a ping's filter or a lame duck command's (the node), and
+// against a deploy's when nexctl asks which node withheld its bid.
+func TagsMatch(want, have map[string]string) bool {
+	for k, v := range want {
+		if hv, ok := have[k]; !ok || hv != v {
+			return false
+		}
+	}
+	return true
+}

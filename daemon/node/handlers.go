@@ -70,15 +70,6 @@ func (n *Node) checkNamespace(r micro.Request, bodyNS string) (string, bool) {
 	return ns, true
 }
 
-func tagsMatch(want, have map[string]string) bool {
-	for k, v := range want {
-		if hv, ok := have[k]; !ok || hv != v {
-			return false
-		}
-	}
-	return true
-}
-
 func (n *Node) handlePTags(r micro.Request) {
 	n.respondJSON(r, n.Tags())
 }
@@ -93,7 +84,7 @@ func (n *Node) handlePing(r micro.Request) {
 		}
 	}
 	resp := n.Ping()
-	if !tagsMatch(req.Filter, resp.Tags) {
+	if !protocol.TagsMatch(req.Filter, resp.Tags) {
 		return
 	}
 	n.respondJSON(r, resp)
@@ -118,7 +109,7 @@ func (n *Node) handleLameduck(r micro.Request) {
 		n.fail(r, 400, "bad lameduck request", err)
 		return
 	}
-	if !tagsMatch(req.Tag, n.Tags()) {
+	if !protocol.TagsMatch(req.Tag, n.Tags()) {
 		return
 	}
 	delay, err := req.ParseDelay()
@@ -215,7 +206,7 @@ func (n *Node) bidLocked(r micro.Request, req protocol.AuctionRequest, now time.
 		n.log.Debug("not bidding: node is draining", "auction_id", req.AuctionID, "state", n.state)
 		return resp, false
 	}
-	if !tagsMatch(req.Tags, n.tagsLocked()) {
+	if !protocol.TagsMatch(req.Tags, n.tagsLocked()) {
 		n.log.Debug("not bidding: tags do not match", "auction_id", req.AuctionID, "tags", req.Tags)
 		return resp, false
 	}

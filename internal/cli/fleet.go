@@ -239,7 +239,7 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 		if asked == 3 {
 			break
 		}
-		if n.Tags[protocol.TagLameduck] == "true" || !offers(n.Tags, tags) {
+		if n.Tags[protocol.TagLameduck] == "true" || !protocol.TagsMatch(tags, n.Tags) {
 			continue
 		}
 		asked++
@@ -256,16 +256,6 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 		}
 	}
 	return ""
-}
-
-// offers reports whether have holds every tag of want.
-func offers(have, want map[string]string) bool {
-	for k, v := range want {
-		if hv, ok := have[k]; !ok || hv != v {
-			return false
-		}
-	}
-	return true
 }
 
 // lameduck commands one node into lame duck mode.
