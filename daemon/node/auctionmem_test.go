@@ -15,7 +15,7 @@ import (
 // the server's 4 KiB control line) while the AUCTION callback is off the CPU (held
 // here by n.auctions.mu): nats.go's pending bytes count neither subject nor reply, so
 // only the message bound holds them. With 65,536 (c31a123): heap +273 MiB (the
-// review's measure); with 8,192 it stays within 64 MiB.
+// review's measure); with 8,192 about 36 MiB (bound 96, which 65,536 fails by far).
 func TestAuctionPendingMemory(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
 	f := newFixtureOn(t, srv, 1, nil)
@@ -48,12 +48,19 @@ func TestAuctionPendingMemory(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	m, b, _ := n.auctionSub.Pending()
+	// The publisher's grown write buffer and the server's pooled outbound buffers are
+	// not the node's: close the one, and two collections empty the sync.Pools of the
+	// other (66 MiB counted once under make test's load with one collection).
+	pc.Close()
+	runtime.GC()
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
 	grew := (int64(ms.HeapAlloc) - int64(before)) >> 20
 	t.Logf("pending %d msgs %d bytes counted; heap grew %d MiB", m, b, grew)
 	n.auctions.mu.Unlock()
-	if grew > 64 {
-		t.Errorf("auction intake holds %d MiB for one tenant's auctions; want at most 64", grew)
+	// 36 MiB estimated for 8,192; 65,536 held 273. The margin is for what the heap
+	// counts besides (the server's and the test's own), not for the intake.
+	if grew > 96 {
+		t.Errorf("auction intake holds %d MiB for one tenant's auctions; want at most 96", grew)
 	}
 }
