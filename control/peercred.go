@@ -13,6 +13,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/peercred"
 )
 
 // Peer is the process on the other end of a control connection.
@@ -32,25 +34,19 @@ func PeerFromContext(ctx context.Context) (Peer, bool) {
 	return p, ok
 }
 
-// readPeer reads SO_PEERCRED of a Unix connection and the peer's supplementary groups.
+// readPeer reads SO_PEERCRED of a Unix connection (internal/peercred) and the peer's supplementary groups.
 func readPeer(c net.Conn, procRoot string) Peer {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		return Peer{Err: fmt.Errorf("connection is %T, not a Unix socket", c)}
 	}
+	cred, err := peercred.Of(uc)
+	if err != nil {
+		return Peer{Err: err}
+	}
 	raw, err := uc.SyscallConn()
 	if err != nil {
 		return Peer{Err: fmt.Errorf("peer credentials: %w", err)}
-	}
-	var cred *unix.Ucred
-	var credErr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return Peer{Err: fmt.Errorf("peer credentials: %w", err)}
-	}
-	if credErr != nil {
-		return Peer{Err: fmt.Errorf("SO_PEERCRED: %w", credErr)}
 	}
 	p := Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}
 	// Supplementary groups as of connect(), from SO_PEERGROUPS (Linux 4.13): /proc at

@@ -39,6 +39,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/peercred"
 )
 
 // EnvFD names the environment variable that gives the nexlet the number of its end.
@@ -171,19 +173,9 @@ type Peer struct {
 
 // PeerOf reads the peer of a connected Unix socket.
 func PeerOf(c *net.UnixConn) (Peer, error) {
-	rc, err := c.SyscallConn()
+	cred, err := peercred.Of(c)
 	if err != nil {
 		return Peer{}, fmt.Errorf("local channel: peer: %w", err)
-	}
-	var (
-		cred *unix.Ucred
-		cerr error
-	)
-	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
-		return Peer{}, fmt.Errorf("local channel: peer: %w", err)
-	}
-	if cerr != nil {
-		return Peer{}, fmt.Errorf("local channel: peer: SO_PEERCRED: %w", cerr)
 	}
 	return Peer{PID: int(cred.Pid), UID: cred.Uid, GID: cred.Gid}, nil
 }
