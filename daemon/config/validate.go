@@ -202,7 +202,7 @@ func (v *validator) directFeeds() {
 	}
 	for i, a := range n.Agents {
 		if a.UnsignedRegistration {
-			v.warnings = append(v.warnings, fmt.Sprintf("agents[%d] (%s): unsigned_registration (upstream's SDK) without allow_nexlet_direct_feeds: the server refuses its workloads' logs, metrics and events, and the node does not hear them end (an ended job runs again when the nexlet registers again)", i, a.URI))
+			v.warnings = append(v.warnings, fmt.Sprintf("agents[%d] (%s): unsigned_registration (upstream's SDK) without allow_nexlet_direct_feeds: the server refuses its workloads' logs, metrics and events, and the node hears its workloads end only by listing it (a job that ends within a list period of the nexlet's crash runs again when it registers again)", i, a.URI))
 		}
 	}
 }

@@ -396,8 +396,8 @@ func (n *Node) directFeeds(agentID, owner, key string, relayed bool, req protoco
 	n.feedsWarned[owner] = true
 	n.mu.Unlock()
 	if !warned {
-		n.log.Warn("nexlet may not publish its workloads' logs, metrics and events: it publishes them on $NEX.FEED (upstream's SDK, or nexd's older than the feed relay) and the server refuses them; an upstream-SDK nexlet's ended jobs then go unheard and run again when it registers again; set allow_nexlet_direct_feeds to grant every such nexlet every namespace's feeds",
-			"agent_id", agentID, "name", req.Name, "version", req.Version, "signed", key != "", "ends_unheard", !req.ReportsEnded)
+		n.log.Warn("nexlet may not publish its workloads' logs, metrics and events: it publishes them on $NEX.FEED (upstream's SDK, or nexd's older than the feed relay) and the server refuses them; the node hears an upstream-SDK nexlet's workload ends only by listing it (a job that ends within a list period of the nexlet's crash runs again when it registers again); set allow_nexlet_direct_feeds to grant every such nexlet every namespace's feeds",
+			"agent_id", agentID, "name", req.Name, "version", req.Version, "signed", key != "", "ends_listed", !req.ReportsEnded)
 	}
 	return false
 }

@@ -280,6 +280,11 @@ func (res *reservation) commit() (endedEarly bool) {
 	res.done = true
 	n.changes.Add(1)
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name}
+	if upstreamSDK(res.agent) {
+		// Its answer to the start, on its own subject, says it runs it: a list that no
+		// longer has it then says it ended (listends.go).
+		res.agent.confirmLocked(res.id, n.listRound)
+	}
 	endedEarly = n.starting[res.id].ended
 	delete(n.starting, res.id)
 	delete(n.handableStarts, res.id)

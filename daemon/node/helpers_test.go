@@ -229,12 +229,17 @@ type fakeAgent struct {
 	reconnect func(protocol.NatsConnectionData) *nats.Conn
 	// mute: no answer to QUERYWORKLOADS, STOPWORKLOAD or GETWORKLOAD (a hung nexlet).
 	mute atomic.Bool
+	// noList: no answer to QUERYWORKLOADS only (a nexlet busy listing; its PING answers).
+	noList atomic.Bool
 
 	mu        sync.Mutex
 	workloads map[string]protocol.StartWorkloadRequest
 	creds     map[string]protocol.NatsConnectionData
 	hbState   string
 	failStart string
+	// listErr: QUERYWORKLOADS is answered with this error (code 100), as upstream's SDK
+	// answers a failed QueryWorkloads.
+	listErr string
 	// endFirst plays a job so quick that its WORKLOADSTOPPED event is published
 	// before the reply to STARTWORKLOAD.
 	endFirst  bool
@@ -456,7 +461,14 @@ func (a *fakeAgent) serve() {
 		}
 	})
 	both(".QUERYWORKLOADS", func(m *nats.Msg) {
-		if a.mute.Load() {
+		if a.mute.Load() || a.noList.Load() {
+			return
+		}
+		a.mu.Lock()
+		listErr := a.listErr
+		a.mu.Unlock()
+		if listErr != "" {
+			respondErr(m, "100", listErr, nil)
 			return
 		}
 		var req protocol.AgentListWorkloadsRequest
@@ -489,6 +501,18 @@ func (a *fakeAgent) serve() {
 		a.mu.Unlock()
 		// Named, as nexd's nexlets name their list answers.
 		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(out)})
+	})
+	// PingAgent on its own subject, as both SDKs serve it: its summary, with how many
+	// workloads it holds.
+	sub(p+"."+a.id+".PING", func(m *nats.Msg) {
+		if a.mute.Load() {
+			return
+		}
+		a.mu.Lock()
+		s := protocol.AgentSummary{Name: a.req.Name, Type: a.req.RegisterType, State: a.hbState, Version: a.req.Version,
+			SupportedLifecycles: "service,job", WorkloadCount: len(a.workloads), StartTime: time.Now().UTC()}
+		a.mu.Unlock()
+		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(s)})
 	})
 	sub(p+".SETLAMEDUCK", func(m *nats.Msg) {
 		a.mu.Lock()

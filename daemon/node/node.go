@@ -107,10 +107,13 @@ type Options struct {
 	RemoveOfflineAfter time.Duration // offline this long: registration removed (default 60s; <0 never)
 	FanoutTimeout      time.Duration // bound on STOPWORKLOAD/QUERYWORKLOADS/SETLAMEDUCK fan-outs (default 2s)
 	CloneTimeout       time.Duration // bound on the GETWORKLOAD fan-out (default 3s)
-	StartTimeout       time.Duration // how long a starting nexlet may stay silent (default 1m)
-	RevokeGrace        time.Duration // after a renewal, until the old users are revoked (default 5s)
-	DeployTimeout      time.Duration // how long a start may take while the nexlet reports progress (default 5m)
-	ProgressInterval   time.Duration // how often a starting nexlet is asked to report progress (default 5s)
+	// EndsListInterval is how often the nexlets on upstream's SDK that hold workloads
+	// in node state are listed to hear their workloads' ends (default 5s; listends.go).
+	EndsListInterval time.Duration
+	StartTimeout     time.Duration // how long a starting nexlet may stay silent (default 1m)
+	RevokeGrace      time.Duration // after a renewal, until the old users are revoked (default 5s)
+	DeployTimeout    time.Duration // how long a start may take while the nexlet reports progress (default 5m)
+	ProgressInterval time.Duration // how often a starting nexlet is asked to report progress (default 5s)
 	// LocalStarts says which starts go over a nexlet's local channel when it has one:
 	// "" (all), "off" (none: NATS), "half" (each one at random with even odds, so that
 	// a benchmark compares both transports under the same load; NEXD_LOCAL_STARTS).
@@ -191,6 +194,7 @@ func (o *Options) defaults() {
 	def(&o.RemoveOfflineAfter, 60*time.Second)
 	def(&o.FanoutTimeout, 2*time.Second)
 	def(&o.CloneTimeout, 3*time.Second)
+	def(&o.EndsListInterval, 5*time.Second)
 	def(&o.StartTimeout, time.Minute)
 	def(&o.RevokeGrace, 5*time.Second)
 	def(&o.AgentSwitchWait, 2*time.Minute)
@@ -295,6 +299,10 @@ type Node struct {
 	changes atomic.Uint64
 	// regChanges is changes as the last registration left it (HoldsNothing).
 	regChanges uint64
+	// listRound (under mu) numbers the rounds listing nexlets for ended workloads;
+	// endRounds counts those done (tests wait on it).
+	listRound uint64
+	endRounds atomic.Uint64
 }
 
 // WorkloadChanges is a counter that moves whenever the node's workload listing may
@@ -578,9 +586,10 @@ func (n *Node) Start(ctx context.Context) error {
 		n.log.Warn("remote registration enabled: nexlets elsewhere may register with this node", "nexus", n.o.Nexus)
 	}
 
-	n.loops.Add(2 + auctionWorkers)
+	n.loops.Add(3 + auctionWorkers)
 	go n.heartbeatLoop()
 	go n.healthLoop()
+	go n.endsLoop()
 	for range auctionWorkers {
 		go n.auctionWorker()
 	}

@@ -35,6 +35,10 @@ type registration struct {
 	// exited (under the node's lock): the supervisor saw this nexlet's process end
 	// (RemoveAgent), so a start a deploy sends it afterwards gets no answer either.
 	exited bool
+	// confirmed (under the node's lock; upstream's SDK only, see listends.go): the
+	// workloads this registration itself said it runs, by its answer to their start or
+	// a list, with the list round they were confirmed in.
+	confirmed map[string]uint64
 }
 
 func (r *registration) workloadCount() int { return r.summary.WorkloadCount + r.startedSinceBeat }

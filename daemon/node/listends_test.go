@@ -1,0 +1,201 @@
+package node
+
+import (
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// newEndsFixture is a rogueFixture (operator mode, minted users, no
+// allow_nexlet_direct_feeds: an upstream-SDK nexlet's WORKLOADSTOPPED is refused by
+// the server) listing for ended workloads every 50 ms, each round waiting 300 ms.
+func newEndsFixture(t *testing.T) *rogueFixture {
+	return newRogueFixture(t, func(o *Options) {
+		o.EndsListInterval = 50 * time.Millisecond
+		o.FanoutTimeout = 300 * time.Millisecond
+	})
+}
+
+// upstreamNexlet registers a fake nexlet on upstream's SDK: unsigned, asked on the
+// shared subjects only, reporting ends only with WORKLOADSTOPPED on $NEX.FEED.
+func (rf *rogueFixture) upstreamNexlet(id, name, typ string) *fakeAgent {
+	rf.t.Helper()
+	return rf.minted(id, name, typ, func(a *fakeAgent) { a.req.AnswersDirect = false })
+}
+
+// restarted registers a as a restarted process of the same nexlet would: a new
+// connection under the same agent id, holding nothing but what the registration hands
+// it to replay (upstream's SDK starts each of them).
+func (rf *rogueFixture) restarted(a *fakeAgent) *fakeAgent {
+	rf.t.Helper()
+	a.kill()
+	b := rf.expected(a.id, a.req.Name, a.req.RegisterType)
+	b.req.AnswersDirect = false
+	b.mustRegister()
+	waitHealthy(rf.t, rf.nodes[0], a.id)
+	return b
+}
+
+// deployJob deploys a job of type typ in namespace ns and returns its id.
+func (rf *rogueFixture) deployJob(typ, ns string) string {
+	rf.t.Helper()
+	bids := rf.auction(ns, protocol.AuctionRequest{AgentType: typ}, 1)
+	if len(bids) != 1 {
+		rf.t.Fatalf("no bid for type %s", typ)
+	}
+	req := startReq(ns, "job", `{"cmd":"x"}`)
+	req.WorkloadType, req.WorkloadLifecycle = typ, protocol.LifecycleJob
+	var started protocol.StartWorkloadResponse
+	if m := request(rf.t, rf.client, protocol.DeploySubject(ns, bids[0].BidderID), req); protocol.Decode(m.Data, &started) != nil || started.ID == "" {
+		rf.t.Fatalf("deploy job: %q", m.Data)
+	}
+	return started.ID
+}
+
+// stored says whether node state holds workload id of type typ.
+func (rf *rogueFixture) stored(typ, id string) bool {
+	m, _ := rf.stores[0].ByType(rf.t.Context(), typ)
+	_, ok := m[id]
+	return ok
+}
+
+// rounds waits until the node finished k more rounds of listing for ends.
+func (rf *rogueFixture) rounds(k uint64) {
+	rf.t.Helper()
+	n := rf.nodes[0]
+	from := n.endRounds.Load()
+	testkit.Eventually(rf.t, "list rounds", func() bool { return n.endRounds.Load() >= from+k })
+}
+
+// TestUpstreamNexletJobEndNotRunAgain (fault: an upstream-SDK nexlet's job ends, the
+// nexlet restarts): the job's end, refused on $NEX.FEED, never reached the node, so its
+// restarted nexlet got the job back to replay and ran it a second time (1 start again
+// of 1 job before; the node now hears the end by listing the nexlet: 0).
+func TestUpstreamNexletJobEndNotRunAgain(t *testing.T) {
+	rf := newEndsFixture(t)
+	up := rf.upstreamNexlet("up0", "up", "native")
+	wid := rf.deployJob("native", "tenant")
+	up.finish(wid) // ends on its own; its WORKLOADSTOPPED is refused by the server
+	// Bounded, not failing here: the count below is the test.
+	testkit.WaitFor(5*time.Second, func() bool { return !rf.stored("native", wid) })
+	again := rf.restarted(up)
+	runs := 0
+	if _, ok := again.resp.ExistingState[wid]; ok {
+		runs++
+	}
+	if runs != 0 {
+		t.Errorf("the ended job was handed to the restarted nexlet to start again %d time(s), want 0", runs)
+	}
+}
+
+// TestUpstreamNexletEndsOnlyFromWholeLists: a workload still listed is never removed;
+// a list round that is partial (another nexlet on the shared subject silent) or failed
+// (the nexlet answers with an error) removes nothing; a workload confirmed by one
+// registration and missing after the nexlet registered again (its replay not started
+// yet) is not taken as ended; once the new registration lists it and then does not,
+// it is.
+func TestUpstreamNexletEndsOnlyFromWholeLists(t *testing.T) {
+	rf := newEndsFixture(t)
+	up := rf.upstreamNexlet("up0", "up", "native")
+	other := rf.upstreamNexlet("other0", "other", "other")
+	svc := rf.deployOne("tenant")
+	job := rf.deployJob("native", "tenant")
+	rf.rounds(3)
+	if !rf.stored("native", svc) || !rf.stored("native", job) {
+		t.Fatal("a workload its nexlet still lists left node state")
+	}
+
+	// Partial: the other nexlet on the shared subject does not answer its list.
+	other.noList.Store(true)
+	up.mu.Lock()
+	delete(up.workloads, job) // ended; its event refused
+	up.mu.Unlock()
+	rf.rounds(3)
+	if !rf.stored("native", job) {
+		t.Fatal("a partial list round removed the job")
+	}
+	// Failed: the nexlet itself answers with an error.
+	other.noList.Store(false)
+	up.mu.Lock()
+	up.listErr = "state unavailable"
+	up.mu.Unlock()
+	rf.rounds(3)
+	if !rf.stored("native", job) {
+		t.Fatal("a failed list round removed the job")
+	}
+	up.mu.Lock()
+	up.listErr = ""
+	up.mu.Unlock()
+	testkit.Eventually(t, "the ended job removed by a whole list", func() bool { return !rf.stored("native", job) })
+	if !rf.stored("native", svc) {
+		t.Fatal("the service still listed was removed")
+	}
+
+	// Registered again: the service, confirmed by the earlier registration, is missing
+	// from the new one's lists until its replay starts. Killed by the restart, not ended.
+	again := rf.restarted(up)
+	again.mu.Lock()
+	held := again.workloads[svc]
+	delete(again.workloads, svc)
+	again.mu.Unlock()
+	rf.rounds(3)
+	if !rf.stored("native", svc) {
+		t.Fatal("a workload missing after the nexlet registered again was taken as ended")
+	}
+	again.mu.Lock()
+	again.workloads[svc] = held // the replay started
+	again.mu.Unlock()
+	rf.rounds(2)
+	again.mu.Lock()
+	delete(again.workloads, svc) // given up (upstream's SDK: after its restarts)
+	again.mu.Unlock()
+	testkit.Eventually(t, "the given-up service removed", func() bool { return !rf.stored("native", svc) })
+}
+
+// TestRogueUpstreamNexletHidesAnothersWorkload (attack): a rogue nexlet on upstream's
+// SDK answers the shared list without the victim's workload, once, and then, while the
+// victim is busy and does not answer its list, twice (so the answers number the
+// nexlets asked). Neither removes the victim's workload: the victim's own answer lists
+// it, and without that answer the victim's own count (its ping, on a subject only it
+// may answer) still holds it. Checked without the count check: the flood removed it.
+func TestRogueUpstreamNexletHidesAnothersWorkload(t *testing.T) {
+	rf := newEndsFixture(t)
+	victim := rf.upstreamNexlet("up0", "up", "native")
+	rogue := rf.upstreamNexlet("rogue0", "rogue", "rogue")
+	wid := rf.deployJob("native", "tenant")
+	rogue.noList.Store(true) // only its forged answers below
+	var times atomic.Int32   // forged answers per list
+	times.Store(1)
+	sub, err := rogue.nc.Subscribe(protocol.QueryWorkloadsSubject(rogue.nodeID), func(m *nats.Msg) {
+		for range times.Load() {
+			_ = m.Respond([]byte("[]"))
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := rogue.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	rf.rounds(3)
+	if !rf.stored("native", wid) {
+		t.Fatal("the rogue's list without the victim's workload removed it")
+	}
+	times.Store(2)
+	victim.noList.Store(true)
+	rf.rounds(3)
+	if !rf.stored("native", wid) {
+		t.Fatal("the rogue's two answers, standing in for the busy victim's, removed its workload")
+	}
+	// Control: the victim's job does end; the rogue cannot keep it either.
+	times.Store(1)
+	victim.noList.Store(false)
+	victim.finish(wid)
+	testkit.Eventually(t, "the victim's ended job removed", func() bool { return !rf.stored("native", wid) })
+}
