@@ -1,6 +1,7 @@
 package nexlet
 
 import (
+	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -82,7 +83,7 @@ type feedQueue struct {
 	batches       []sentBatch
 	id            uint64
 	holders       map[string]*feedHolder // by workload id, those with unsent lines
-	heap          []*feedHolder          // the same, the one holding the most first
+	heap          holderHeap             // the same, the one holding the most first
 	scratch       []*nats.Msg            // a batch being sent
 	free          *feedEntry             // entries to reuse (linked by next), nfree of them
 	// The last line's subject, workload id and holder: a flood's lines need no
@@ -235,10 +236,10 @@ func (q *feedQueue) attach(e *feedEntry, front bool) {
 	if h == nil || h.key != e.key {
 		h = q.holders[e.key]
 	}
-	if h == nil {
-		h = &feedHolder{key: e.key, idx: len(q.heap)}
+	fresh := h == nil
+	if fresh {
+		h = &feedHolder{key: e.key}
 		q.holders[e.key] = h
-		q.heap = append(q.heap, h)
 	}
 	q.lastHolder = h
 	e.w, e.cost = h, e.size+feedEntryCost
@@ -251,7 +252,11 @@ func (q *feedQueue) attach(e *feedEntry, front bool) {
 		h.last.wnext, h.last = e, e
 	}
 	h.cost += e.cost
-	q.heapUp(h.idx)
+	if fresh {
+		heap.Push(&q.heap, h)
+	} else {
+		heap.Fix(&q.heap, h.idx)
+	}
 }
 
 // detach takes e, its workload's oldest unsent line (sent or dropped), out of its
@@ -264,7 +269,7 @@ func (q *feedQueue) detach(e *feedEntry) {
 	h.first, e.w, e.wnext = e.wnext, nil, nil
 	h.cost -= e.cost
 	if h.first != nil {
-		q.heapDown(h.idx)
+		heap.Fix(&q.heap, h.idx)
 		return
 	}
 	h.last = nil
@@ -272,49 +277,30 @@ func (q *feedQueue) detach(e *feedEntry) {
 	if q.lastHolder == h {
 		q.lastHolder = nil
 	}
-	i, last := h.idx, len(q.heap)-1
-	if i != last {
-		q.heapSwap(i, last)
-	}
-	q.heap[last] = nil
-	q.heap = q.heap[:last]
-	if i < last {
-		q.heapDown(i)
-		q.heapUp(i)
-	}
+	heap.Remove(&q.heap, h.idx)
 }
 
-func (q *feedQueue) heapSwap(i, j int) {
-	q.heap[i], q.heap[j] = q.heap[j], q.heap[i]
-	q.heap[i].idx, q.heap[j].idx = i, j
-}
+// holderHeap orders the workloads with unsent lines by what they hold, the most
+// first (container/heap); each holder knows its index, for heap.Fix and heap.Remove.
+type holderHeap []*feedHolder
 
-func (q *feedQueue) heapUp(i int) {
-	for i > 0 {
-		p := (i - 1) / 2
-		if q.heap[p].cost >= q.heap[i].cost {
-			return
-		}
-		q.heapSwap(i, p)
-		i = p
-	}
+func (hh holderHeap) Len() int           { return len(hh) }
+func (hh holderHeap) Less(i, j int) bool { return hh[i].cost > hh[j].cost }
+func (hh holderHeap) Swap(i, j int) {
+	hh[i], hh[j] = hh[j], hh[i]
+	hh[i].idx, hh[j].idx = i, j
 }
-
-func (q *feedQueue) heapDown(i int) {
-	for {
-		c := 2*i + 1
-		if c >= len(q.heap) {
-			return
-		}
-		if c+1 < len(q.heap) && q.heap[c+1].cost > q.heap[c].cost {
-			c++
-		}
-		if q.heap[i].cost >= q.heap[c].cost {
-			return
-		}
-		q.heapSwap(i, c)
-		i = c
-	}
+func (hh *holderHeap) Push(x any) {
+	h := x.(*feedHolder)
+	h.idx = len(*hh)
+	*hh = append(*hh, h)
+}
+func (hh *holderHeap) Pop() any {
+	old := *hh
+	h := old[len(old)-1]
+	old[len(old)-1] = nil // the holder is garbage once its workload's lines are gone
+	*hh = old[:len(old)-1]
+	return h
 }
 
 // pop forgets the n oldest entries, which were sent.
