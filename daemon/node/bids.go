@@ -132,15 +132,23 @@ func (bk *bidBook) compact() {
 	bk.order = live
 }
 
-// Bounds of the auction queue: per namespace, and how many namespaces may wait at once.
+// Bounds of the auction queue: per namespace and in all (auctions, and bytes).
 const (
 	auctionQueuePerNS = 64
-	auctionQueueMaxNS = 1024
-	auctionWorkers    = 2
+	// auctionQueueMax bounds the queued auctions, so also how many namespaces wait at
+	// once: a flood must spread over as many namespaces at once, each holding a single
+	// auction, before a newcomer's auction can be the one dropped to make room.
+	auctionQueueMax = 8 << 10
+	auctionWorkers  = 2
 	// auctionMaxBytes refuses an auction body no honest client sends (a request is a
-	// few hundred bytes); auctionQueueMaxBytes bounds all queued bodies together.
+	// few hundred bytes); auctionQueueMaxBytes bounds what the queued auctions hold
+	// together, subject, reply and headers included (auctionCost).
 	auctionMaxBytes      = 64 << 10
 	auctionQueueMaxBytes = 8 << 20
+	// auctionEntryBytes is what a queued auction holds besides its subject, reply, body
+	// and headers (its nats.Msg, its slot in its namespace's queue, a share of the
+	// namespace's own): charged so that a flood of empty auctions is bounded in bytes.
+	auctionEntryBytes = 256
 	// auctionDropNamespaces bounds the namespaces whose drops are counted by name; the
 	// drops of any further namespace are counted under AuctionDropsOther.
 	auctionDropNamespaces = 256
@@ -156,21 +164,71 @@ const (
 
 // queuedAuction is an auction as the subscription delivered it.
 type queuedAuction struct {
-	m  *nats.Msg
-	st *steps.Timer // from its arrival (debug logging only)
+	m    *nats.Msg
+	st   *steps.Timer // from its arrival (debug logging only)
+	cost int          // auctionCost, as charged to the queue
 }
+
+// auctionCost is what a queued auction holds: nats.go copies subject, reply and the
+// payload (headers too) out of its read buffer for each message.
+func auctionCost(m *nats.Msg) int {
+	c := auctionEntryBytes + len(m.Subject) + len(m.Reply) + len(m.Data)
+	for k, vs := range m.Header {
+		c += len(k)
+		for _, v := range vs {
+			c += len(v) + 16
+		}
+	}
+	return c
+}
+
+// auctionUnit is the grain in which the queue weighs what a namespace holds: an
+// auction as clients send it is one unit, a larger one weighs by its bytes.
+const auctionUnit = 1 << 10
+
+// nsQueue is one namespace's queued auctions, oldest first (list[head:]).
+type nsQueue struct {
+	ns         string
+	list       []queuedAuction
+	head       int
+	units      int      // sum of its auctions' units: its bucket
+	prev, next *nsQueue // in its bucket
+	gone       bool     // emptied: skipped where it is still in a ring
+	// lost: it lost an auction (its own queue full, or to make room) since it began
+	// waiting, so it takes its turns after those that did not.
+	lost bool
+}
+
+func (v *nsQueue) len() int { return len(v.list) - v.head }
+
+// bucket is the namespaces holding the same units, in the order they came to hold them.
+type bucket struct{ first, last *nsQueue }
 
 // auctionQueue takes auctions off the subscription at once (no JSON, no signature) and
 // serves the namespaces round robin: a namespace flooding auctions overflows its own
 // queue and loses its own messages, while another namespace's auction waits at most one
-// turn per waiting namespace. Anyone may publish auctions, so nothing here grows
-// without bound.
+// turn per waiting namespace. Anyone may publish auctions, in any namespaces, so the
+// queue is bounded in auctions and bytes, and when full it makes room by dropping the
+// oldest auction of the namespace holding the most (in units): no set of namespaces
+// keeps a new one out, and a namespace with one auction waiting loses it only once
+// every waiting namespace holds no more (auctionQueueMax namespaces at once). The
+// namespaces that lost an auction since they began waiting take their turns after
+// the others: a flood spread over many namespaces loses auctions in all of them, so a
+// newcomer waits for the flood's namespaces that did not, not for all of them.
+// Namespaces sit in buckets by units, so finding the one holding the most costs O(1)
+// amortised (the pointer to the fullest bucket falls at most as far as pushes raised it).
 type auctionQueue struct {
-	mu     sync.Mutex
-	queues map[string][]queuedAuction
-	ring   []string // namespaces with queued auctions, in turn order
-	bytes  int      // queued bodies
-	wake   chan struct{}
+	mu      sync.Mutex
+	queues  map[string]*nsQueue
+	buckets []bucket // by units held
+	top     int      // the fullest non-empty bucket, when any auction is queued
+	// ring holds the namespaces with queued auctions in turn order, those that lost
+	// none first ([0]) and those that lost some ([1]); gone ones are skipped.
+	ring  [2][]*nsQueue
+	gone  int // gone namespaces still in a ring
+	n     int // queued auctions
+	bytes int // their auctionCost
+	wake  chan struct{}
 	// drops counts the auctions dropped by namespace (at most auctionDropNamespaces
 	// names, then AuctionDropsOther); warned is what the last warning had reported.
 	drops, warned map[string]uint64
@@ -178,30 +236,85 @@ type auctionQueue struct {
 }
 
 func newAuctionQueue() *auctionQueue {
-	return &auctionQueue{queues: map[string][]queuedAuction{}, wake: make(chan struct{}, 1),
+	return &auctionQueue{queues: map[string]*nsQueue{}, wake: make(chan struct{}, 1),
 		drops: map[string]uint64{}, warned: map[string]uint64{}}
 }
 
-// push queues a for ns; false (and counted against ns) when ns's queue, the namespace
-// table or the byte bound is full.
+func auctionUnits(cost int) int { return (cost + auctionUnit - 1) / auctionUnit }
+
+// dropLocked counts a dropped auction against ns.
+func (q *auctionQueue) dropLocked(ns string) {
+	if _, known := q.drops[ns]; !known && len(q.drops) >= auctionDropNamespaces {
+		ns = AuctionDropsOther
+	}
+	q.drops[ns]++
+}
+
+func (q *auctionQueue) unlinkLocked(v *nsQueue) {
+	b := &q.buckets[v.units]
+	if v.prev != nil {
+		v.prev.next = v.next
+	} else {
+		b.first = v.next
+	}
+	if v.next != nil {
+		v.next.prev = v.prev
+	} else {
+		b.last = v.prev
+	}
+	v.prev, v.next = nil, nil
+}
+
+func (q *auctionQueue) linkLocked(v *nsQueue) {
+	for len(q.buckets) <= v.units {
+		q.buckets = append(q.buckets, bucket{})
+	}
+	b := &q.buckets[v.units]
+	v.prev = b.last
+	if b.last != nil {
+		b.last.next = v
+	} else {
+		b.first = v
+	}
+	b.last = v
+	q.top = max(q.top, v.units)
+}
+
+// push queues a for ns; false (and counted against ns) when ns's queue is full or the
+// body too large. When the queue is full in all, the oldest auctions of the namespaces
+// holding the most are dropped (and counted against them) to make room.
 func (q *auctionQueue) push(ns string, a queuedAuction) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	cur, waiting := q.queues[ns]
-	size := len(a.m.Data)
-	if len(cur) >= auctionQueuePerNS || (!waiting && len(q.queues) >= auctionQueueMaxNS) ||
-		size > auctionMaxBytes || q.bytes+size > auctionQueueMaxBytes {
-		if _, known := q.drops[ns]; !known && len(q.drops) >= auctionDropNamespaces {
-			ns = AuctionDropsOther
+	cur := q.queues[ns]
+	if (cur != nil && cur.len() >= auctionQueuePerNS) || len(a.m.Data) > auctionMaxBytes {
+		if cur != nil {
+			cur.lost = true
 		}
-		q.drops[ns]++
+		q.dropLocked(ns)
 		return false
 	}
-	if !waiting {
-		q.ring = append(q.ring, ns)
+	a.cost = auctionCost(a.m)
+	for q.n > 0 && (q.n >= auctionQueueMax || q.bytes+a.cost > auctionQueueMaxBytes) {
+		q.evictLocked(cur)
 	}
-	q.queues[ns] = append(cur, a)
-	q.bytes += size
+	if cur == nil || cur.gone { // gone: evicting emptied it
+		cur = &nsQueue{ns: ns}
+		q.queues[ns] = cur
+		q.ring[0] = append(q.ring[0], cur)
+	} else {
+		q.unlinkLocked(cur)
+	}
+	if len(cur.list) == cap(cur.list) && cur.head > 0 {
+		k := copy(cur.list, cur.list[cur.head:])
+		clear(cur.list[k:])
+		cur.list, cur.head = cur.list[:k], 0
+	}
+	cur.list = append(cur.list, a)
+	cur.units += auctionUnits(a.cost)
+	q.linkLocked(cur)
+	q.n++
+	q.bytes += a.cost
 	select {
 	case q.wake <- struct{}{}:
 	default:
@@ -209,26 +322,92 @@ func (q *auctionQueue) push(ns string, a queuedAuction) bool {
 	return true
 }
 
+// evictLocked drops the oldest auction of the namespace holding the most: pusher's
+// own when it holds as much as any (so a flood of namespaces that each hold one
+// auction churns itself), else that of the one that came to hold the most first.
+func (q *auctionQueue) evictLocked(pusher *nsQueue) {
+	for q.buckets[q.top].first == nil {
+		q.top--
+	}
+	v := q.buckets[q.top].first
+	if pusher != nil && !pusher.gone && pusher.units >= q.top {
+		v = pusher
+	}
+	q.takeLocked(v)
+	v.lost = true
+	q.dropLocked(v.ns)
+	if v.gone {
+		q.gone++
+		q.compactLocked()
+	}
+}
+
+// takeLocked removes v's oldest auction; v is gone from the queue once empty (its
+// place in a ring is then skipped).
+func (q *auctionQueue) takeLocked(v *nsQueue) queuedAuction {
+	a := v.list[v.head]
+	v.list[v.head] = queuedAuction{}
+	v.head++
+	q.n--
+	q.bytes -= a.cost
+	q.unlinkLocked(v)
+	v.units -= auctionUnits(a.cost)
+	if v.len() == 0 {
+		delete(q.queues, v.ns)
+		v.gone = true
+	} else {
+		q.linkLocked(v)
+	}
+	return a
+}
+
+// compactLocked drops gone namespaces from the rings once they are most of them, so
+// the rings stay within twice the waiting namespaces.
+func (q *auctionQueue) compactLocked() {
+	if q.gone <= len(q.queues)+64 {
+		return
+	}
+	for i, r := range q.ring {
+		live := r[:0]
+		for _, v := range r {
+			if !v.gone {
+				live = append(live, v)
+			}
+		}
+		clear(r[len(live):])
+		q.ring[i] = live
+	}
+	q.gone = 0
+}
+
 // pop takes the next auction, one namespace at a time.
 func (q *auctionQueue) pop() (queuedAuction, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if len(q.ring) == 0 {
-		return queuedAuction{}, false
+	for i := 0; i < len(q.ring); {
+		r := q.ring[i]
+		if len(r) == 0 {
+			i++
+			continue
+		}
+		v := r[0]
+		r[0] = nil
+		q.ring[i] = r[1:]
+		switch {
+		case v.gone:
+			q.gone--
+			continue
+		case i == 0 && v.lost: // it lost one since its last turn
+			q.ring[1] = append(q.ring[1], v)
+			continue
+		}
+		a := q.takeLocked(v)
+		if !v.gone {
+			q.ring[i] = append(q.ring[i], v) // its next turn comes after the others
+		}
+		return a, true
 	}
-	ns := q.ring[0]
-	q.ring = q.ring[1:]
-	list := q.queues[ns]
-	a := list[0]
-	list[0] = queuedAuction{}
-	q.bytes -= len(a.m.Data)
-	if list = list[1:]; len(list) == 0 {
-		delete(q.queues, ns)
-	} else {
-		q.queues[ns] = list
-		q.ring = append(q.ring, ns) // its next turn comes after the others
-	}
-	return a, true
+	return queuedAuction{}, false
 }
 
 // Drops returns the auctions dropped so far, by namespace.

@@ -1,0 +1,78 @@
+package node
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestAuctionQueueMakesRoomForANewNamespace: a flood spread over 2,000 namespaces
+// fills the queue, pushing a hundred auctions for each one a worker takes; a tenant
+// then queues one auction. It must get in, never be the one dropped to make room, and
+// be taken within one turn per namespace waiting when it came that had lost no
+// auction (the flood's all had); the queue stays within its bounds throughout. Before,
+// past 1,024 waiting namespaces a new one's auctions were all dropped.
+func TestAuctionQueueMakesRoomForANewNamespace(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		nss  int
+		body int
+	}{
+		{"small auctions", 2000, 60},
+		{"large bodies", 2000, 60 << 10},
+		{"one namespace each", auctionQueueMax - 1, 60},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q := newAuctionQueue()
+			body := []byte(strings.Repeat("x", tc.body))
+			msgs := make([]*nats.Msg, tc.nss)
+			for i := range msgs {
+				msgs[i] = &nats.Msg{Subject: protocol.AuctionSubject(fmt.Sprintf("flood%d", i)), Reply: "_INBOX.x", Data: body}
+			}
+			i := 0
+			flood := func(k int) {
+				for range k {
+					m := msgs[i%len(msgs)]
+					q.push(auctionNamespace(m.Subject), queuedAuction{m: m})
+					i++
+					if r := len(q.ring[0]) + len(q.ring[1]); q.n > auctionQueueMax || q.bytes > auctionQueueMaxBytes || r > 2*len(q.queues)+65 {
+						t.Fatalf("queue past its bounds: %d auctions, %d bytes, rings %d for %d namespaces", q.n, q.bytes, len(q.ring[0])+len(q.ring[1]), len(q.queues))
+					}
+				}
+			}
+			flood(64 * tc.nss)
+			honest := &nats.Msg{Subject: protocol.AuctionSubject("tenant"), Reply: "_INBOX.abcdefghijklmnopqrstuv.1",
+				Data: []byte(`{"agent_type":"native","auction_id":"honest","tags":{}}`)}
+			waiting, ahead := len(q.queues), 0
+			for _, v := range q.queues {
+				if !v.lost {
+					ahead++
+				}
+			}
+			if !q.push("tenant", queuedAuction{m: honest}) {
+				t.Fatal("the tenant's auction was refused")
+			}
+			for turn := 1; ; turn++ {
+				flood(100)
+				if q.queues["tenant"] == nil { // its drop is counted under "*"
+					t.Fatalf("the tenant's auction was dropped at turn %d", turn)
+				}
+				a, ok := q.pop()
+				if !ok {
+					t.Fatal("queue empty")
+				}
+				if a.m == honest {
+					t.Logf("%d namespaces waiting (%d had lost none), %d auctions, %d bytes; the tenant's auction taken at turn %d", waiting, ahead, q.n, q.bytes, turn)
+					break
+				}
+				if turn > ahead+1 {
+					t.Fatalf("the tenant's auction not taken in %d turns, %d namespaces waiting when it came, %d of them had lost none", turn, waiting, ahead)
+				}
+			}
+		})
+	}
+}
