@@ -123,7 +123,7 @@ func (m *Metrics) WatchLive(l Live) {
 		}
 	}
 	if l.AuctionDrops != nil {
-		r.add("nexd_auctions_dropped_total", "Auctions the node dropped unanswered, by the namespace that sent more than the node answers (\"*\": namespaces past the first 256 that dropped; \"?\": dropped by the client library before the node saw their namespace).", "counter", func(add func(sample)) {
+		r.add("nexd_auctions_dropped_total", "Auctions the node dropped unanswered, by the namespace that sent more than the node answers (\"*\": namespaces past the first 256 that dropped; \"?\": dropped by the client library before the node saw their namespace; \"!\": refused because their subject names no valid namespace).", "counter", func(add func(sample)) {
 			for ns, n := range l.AuctionDrops() {
 				add(sample{labels: labels("namespace", ns), value: float64(n)})
 			}

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/nexd-project/nexd/internal/steps"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // Default bounds on pending bids. A bid costs about 200 bytes (its id twice, its agent
@@ -156,10 +157,14 @@ const (
 
 // AuctionDropsOther counts the drops of the namespaces past the first 256 that
 // dropped, AuctionDropsUnsorted those of any namespace nats.go dropped before the node
-// saw them: neither is a valid namespace, so neither names a real one.
+// saw them, AuctionDropsInvalid the auctions refused at intake because their subject's
+// namespace token is no valid namespace (protocol.IsToken: a publish to a literal
+// "*" reaches the node's wildcard subscription). None is a valid namespace, and only
+// valid ones are counted by name, so none names a real one or can be imitated.
 const (
 	AuctionDropsOther    = "*"
 	AuctionDropsUnsorted = "?"
+	AuctionDropsInvalid  = "!"
 )
 
 // queuedAuction is an auction as the subscription delivered it.
@@ -410,6 +415,13 @@ func (q *auctionQueue) pop() (queuedAuction, bool) {
 	return queuedAuction{}, false
 }
 
+// refuse counts an auction whose namespace is not valid.
+func (q *auctionQueue) refuse() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.drops[AuctionDropsInvalid]++
+}
+
 // Drops returns the auctions dropped so far, by namespace.
 func (q *auctionQueue) Drops() map[string]uint64 {
 	q.mu.Lock()
@@ -448,7 +460,12 @@ func (n *Node) onAuction(m *nats.Msg) {
 		}
 		return
 	}
-	n.auctions.push(auctionNamespace(m.Subject), queuedAuction{m: m, st: steps.Start(n.log)})
+	ns := auctionNamespace(m.Subject)
+	if !protocol.IsToken(ns) { // no deploy could follow; nor may it pose as a drop label
+		n.auctions.refuse()
+		return
+	}
+	n.auctions.push(ns, queuedAuction{m: m, st: steps.Start(n.log)})
 }
 
 // auctionNamespace is the namespace token of $NEX.SVC.<namespace>.control.AUCTION,
@@ -473,6 +490,10 @@ func auctionNamespace(subject string) string {
 // flood), and the auctions nats.go dropped unsorted, if any.
 func (n *Node) warnAuctionDrops() {
 	for ns, d := range n.auctions.newDrops() {
+		if ns == AuctionDropsInvalid {
+			n.log.Warn("auctions refused: their subject's namespace is not a valid namespace", "dropped", d)
+			continue
+		}
 		n.log.Warn("auctions dropped: the namespace sends more than the node can answer; other namespaces' auctions are still served",
 			"namespace", ns, "dropped", d)
 	}

@@ -803,7 +803,8 @@ func (n *Node) healthLoop() {
 // AuctionDrops returns how many auctions the node dropped since it was built, by
 // namespace: the namespaces past the first 256 that dropped under AuctionDropsOther,
 // and those nats.go dropped before the node saw their namespace (its subscription's
-// pending list full) under AuctionDropsUnsorted.
+// pending list full) under AuctionDropsUnsorted, and those refused for a namespace
+// that is not valid under AuctionDropsInvalid.
 func (n *Node) AuctionDrops() map[string]uint64 {
 	d := n.auctions.Drops()
 	n.mu.Lock()
