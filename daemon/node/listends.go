@@ -39,16 +39,37 @@ func (r *registration) confirmLocked(id string, round uint64) {
 	}
 }
 
+// replayListDelay is how long after a kick (kickEnds) a round starts: the SDK starts
+// its replays right after its first heartbeat.
+const replayListDelay = 500 * time.Millisecond
+
+// kickEnds asks for a round soon: a nexlet on upstream's SDK that was handed workloads
+// to replay sent its first heartbeat. A replayed job confirmed by no list before it
+// ends would stay in node state and run again at the next registration.
+func (n *Node) kickEnds() {
+	select {
+	case n.endsKick <- struct{}{}:
+	default:
+	}
+}
+
 // endsLoop lists the nexlets on upstream's SDK that hold workloads in node state, one
-// round each EndsListInterval; a round takes at most FanoutTimeout.
+// round each EndsListInterval and one replayListDelay after a kick; a round takes at
+// most FanoutTimeout.
 func (n *Node) endsLoop() {
 	defer n.loops.Done()
 	t := time.NewTicker(n.o.EndsListInterval)
 	defer t.Stop()
+	var soon <-chan time.Time
 	for {
 		select {
 		case <-n.ctx.Done():
 			return
+		case <-n.endsKick:
+			soon = time.After(replayListDelay)
+		case <-soon:
+			soon = nil
+			n.listEnds(n.ctx)
 		case <-t.C:
 			n.listEnds(n.ctx)
 		}

@@ -199,3 +199,35 @@ func TestRogueUpstreamNexletHidesAnothersWorkload(t *testing.T) {
 	victim.finish(wid)
 	testkit.Eventually(t, "the victim's ended job removed", func() bool { return !rf.stored("native", wid) })
 }
+
+// TestUpstreamNexletReplayedJobEndHeard (fault): an upstream-SDK nexlet is killed while
+// its job runs, so the job is handed back to its restarted process (killed, not
+// ended); the replayed job then ends before any periodic list (none come here). A
+// round right after the restarted nexlet's first heartbeat confirms it, so the next
+// list hears its end and a second restart does not hand it back: 1 start again
+// without that round (checked), 0 with it.
+func TestUpstreamNexletReplayedJobEndHeard(t *testing.T) {
+	rf := newRogueFixture(t, func(o *Options) {
+		o.EndsListInterval = time.Hour
+		o.FanoutTimeout = 300 * time.Millisecond
+	})
+	n := rf.nodes[0]
+	up := rf.upstreamNexlet("up0", "up", "native")
+	wid := rf.deployJob("native", "tenant")
+	again := rf.restarted(up)
+	if _, ok := again.resp.ExistingState[wid]; !ok {
+		t.Fatal("the job killed with its nexlet was not handed back to replay")
+	}
+	// Bounded, not failing here: the count below is the test.
+	testkit.WaitFor(5*time.Second, func() bool { return n.endRounds.Load() > 0 })
+	again.finish(wid)
+	n.listEnds(t.Context())
+	third := rf.restarted(again)
+	runs := 0
+	if _, ok := third.resp.ExistingState[wid]; ok {
+		runs++
+	}
+	if runs != 0 {
+		t.Errorf("the replayed job that ended was handed back again %d time(s), want 0", runs)
+	}
+}

@@ -303,6 +303,7 @@ type Node struct {
 	// endRounds counts those done (tests wait on it).
 	listRound uint64
 	endRounds atomic.Uint64
+	endsKick  chan struct{} // a round soon (kickEnds)
 }
 
 // WorkloadChanges is a counter that moves whenever the node's workload listing may
@@ -421,6 +422,7 @@ func New(o Options) (*Node, error) {
 		probes:         make(chan chan struct{}),
 		replayed:       map[string]struct{}{},
 		feedsWarned:    map[string]bool{},
+		endsKick:       make(chan struct{}, 1),
 	}
 	return n, nil
 }

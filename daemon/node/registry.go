@@ -39,6 +39,8 @@ type registration struct {
 	// workloads this registration itself said it runs, by its answer to their start or
 	// a list, with the list round they were confirmed in.
 	confirmed map[string]uint64
+	// replays counts the workloads its registration handed it to start again.
+	replays int
 }
 
 func (r *registration) workloadCount() int { return r.summary.WorkloadCount + r.startedSinceBeat }
@@ -341,6 +343,9 @@ func (n *Node) onHeartbeat(m *nats.Msg) {
 	if ok {
 		if r.lastBeat.IsZero() {
 			n.notifyLocked() // it serves now: a list waiting for it goes ahead (awaitServing)
+			if upstreamSDK(r) && r.replays > 0 {
+				n.kickEnds() // confirm its replays before a short job among them ends
+			}
 		}
 		r.lastSeen, r.lastBeat = now, now
 		if r.summary.WorkloadCount != hb.Summary.WorkloadCount || r.startedSinceBeat != 0 {
