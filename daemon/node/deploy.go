@@ -133,7 +133,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 	call.onProgress = nil // an abandoned start's late reports are nobody's business
 	if errors.Is(waitErr, errHandedOver) {
 		call.close()
-		if res.commit() {
+		if res.commit(true) {
 			n.forget(workloadID, req.WorkloadType)
 		}
 		deployed = true
@@ -159,7 +159,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.relay(r, reply)
 		return
 	}
-	if res.commit() {
+	if res.commit(true) {
 		// The workload (a quick job) ended before it was committed: drop it again.
 		n.forget(workloadID, req.WorkloadType)
 	}
@@ -272,20 +272,21 @@ func (res *reservation) record(ctx context.Context, req protocol.StartWorkloadRe
 }
 
 // commit keeps the workload: it is owned from now on. It reports whether the nexlet
-// already said the workload ended while it was starting.
-func (res *reservation) commit() (endedEarly bool) {
+// already said the workload ended while it was starting; forgetting: the caller then
+// removes it, so a WORKLOADSTOPPED of it meanwhile removes nothing (ownership.ended).
+func (res *reservation) commit(forgetting bool) (endedEarly bool) {
 	n := res.n
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	res.done = true
 	n.changes.Add(1)
-	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name}
+	endedEarly = n.starting[res.id].ended
+	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name, ended: endedEarly && forgetting}
 	if upstreamSDK(res.agent) {
 		// Its answer to the start, on its own subject, says it runs it: a list that no
 		// longer has it then says it ended (listends.go).
 		res.agent.confirmLocked(res.id, n.listRound)
 	}
-	endedEarly = n.starting[res.id].ended
 	delete(n.starting, res.id)
 	delete(n.handableStarts, res.id)
 	return endedEarly
@@ -468,7 +469,7 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 		n.refuse(r, 408, "nexlet did not start the workload in time", fmt.Errorf("workload %s not started: %w; the node stopped it again", res.id, why))
 		return
 	}
-	res.commit()
+	res.commit(false)
 	n.log.Warn("gave up waiting for a workload start; it stays tracked and is stopped if it starts",
 		"workload_id", res.id, "agent_id", res.agent.id, "err", why)
 	n.fail(r, 408, "outcome of the start unknown", fmt.Errorf("workload %s: %w; it may still start, and the node will stop it if it does (check 'nexctl workload list')", res.id, why))

@@ -1068,6 +1068,11 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 	}
 	n.mu.Lock()
 	o, ok := n.owned[ev.ID]
+	if ok && o.ended {
+		n.mu.Unlock()
+		n.log.Debug("ignoring a WORKLOADSTOPPED event: the workload's end is handled already", "workload_id", ev.ID)
+		return
+	}
 	typ := o.typ
 	keep := n.keep
 	// Anyone who may publish feeds can send this event: it counts only for workloads
@@ -1136,6 +1141,9 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 	case !owned && starting:
 		st.ended = true // the deploy removes it once recorded
 		n.starting[workloadID] = st
+	case owned:
+		o.ended = true // removed below: the WORKLOADSTOPPED published from this report is not heard as another end
+		n.owned[workloadID] = o
 	}
 	ns := ""
 	switch g, ended := n.feeds.of(workloadID, time.Now()); {

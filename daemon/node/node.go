@@ -353,6 +353,10 @@ type ownership struct {
 	typ, owner string
 	ns         string // the workload's namespace
 	name       string // the workload's name (a repeated stop by name finds it)
+	// ended: its end was heard already (its nexlet's ended report, or an end while it
+	// started) and is being handled there; a WORKLOADSTOPPED of it now (the node's own,
+	// published from the report) must not remove it a second time.
+	ended bool
 }
 
 type procInfo struct {
