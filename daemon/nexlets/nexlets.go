@@ -6,9 +6,11 @@
 package nexlets
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
@@ -26,6 +28,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/daemon/config"
+	"github.com/nexd-project/nexd/daemon/node"
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
@@ -239,7 +242,7 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 	}
 	m.adoptKeys, m.lastKey, m.recordDir = map[string]string{}, map[string]string{}, recordDir
 	for i, sp := range m.specs {
-		for _, name := range readNames(recordDir, sp.Name) {
+		for _, name := range readNames(recordDir, sp.Name, m.log) {
 			// Another's own name now (the configuration changed) is that one's: the node
 			// binds a name to the first nexlet announced with it.
 			if !slices.ContainsFunc(m.specs, func(o Spec) bool { return o.Name == name && o.Name != sp.Name }) {
@@ -545,7 +548,7 @@ func (m *Manager) RecordName(supervised, name string) {
 	defer m.mu.Unlock()
 	var names []string
 	if m.named[supervised] {
-		names = readNames(m.recordDir, supervised)
+		names = readNames(m.recordDir, supervised, m.log)
 	}
 	if slices.Contains(names, name) {
 		return
@@ -565,17 +568,46 @@ func (m *Manager) RecordName(supervised, name string) {
 
 func namesPath(dir, supervised string) string { return filepath.Join(dir, supervised+".names") }
 
-// readNames are the registration names RecordName kept for the supervised nexlet.
-func readNames(dir, supervised string) []string {
-	b, err := os.ReadFile(namesPath(dir, supervised))
+// namesFileMax is the most a names file of this version holds: node.MaxBoundNames
+// names (a run binds no more) of at most protocol.MaxNameLen bytes, a line each.
+const namesFileMax = node.MaxBoundNames * (protocol.MaxNameLen + 1)
+
+// readNames are the registration names RecordName kept for the supervised nexlet. It
+// reads at most namesFileMax bytes and node.MaxBoundNames names: an older nexd bound
+// neither, so a nexlet that registered under ever new names grew the file without end,
+// and reading it whole at start could take any amount of nexd's memory. A larger file
+// is logged as an error naming it; the names in its first namesFileMax bytes are
+// reserved, and the nexlet's first registration of the run rewrites it.
+func readNames(dir, supervised string, log *slog.Logger) []string {
+	path := namesPath(dir, supervised)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil
 	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, namesFileMax+1))
+	if err != nil {
+		return nil
+	}
+	over := len(b) > namesFileMax
+	if over {
+		b = b[:namesFileMax]
+		b = b[:bytes.LastIndexByte(b, '\n')+1] // whole lines only
+	}
 	var out []string
 	for _, l := range strings.Split(string(b), "\n") {
-		if l = strings.TrimSpace(l); l != "" && !slices.Contains(out, l) {
-			out = append(out, l)
+		if l = strings.TrimSpace(l); l == "" || slices.Contains(out, l) {
+			continue
 		}
+		if len(out) == node.MaxBoundNames {
+			over = true
+			break
+		}
+		out = append(out, l)
+	}
+	if over {
+		log.Error("nexlet names file is larger than this version writes; reserving only its first names, and the nexlet's next registration rewrites it",
+			"file", path, "names", len(out), "max_names", node.MaxBoundNames, "max_bytes", namesFileMax)
 	}
 	return out
 }

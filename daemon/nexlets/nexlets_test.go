@@ -2,10 +2,12 @@ package nexlets
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -148,9 +150,14 @@ func TestManagerStartsNexletsWithTheirEnvironment(t *testing.T) {
 // not started, attached to a registry that records what it is told: one run of nexd.
 func attachedRun(t *testing.T, dir string, agents ...config.Agent) (*Manager, *registry) {
 	t.Helper()
+	return attachedRunLog(t, dir, slog.New(slog.DiscardHandler), agents...)
+}
+
+// attachedRunLog is attachedRun logging to log.
+func attachedRunLog(t *testing.T, dir string, log *slog.Logger, agents ...config.Agent) (*Manager, *registry) {
+	t.Helper()
 	cfg := &config.Config{Node: config.NodeConfig{StateDir: filepath.Join(dir, "state"), StopGrace: time.Second,
 		Agents: agents}}
-	log := slog.New(slog.DiscardHandler)
 	reg := &registry{expected: map[string]string{}, names: map[string][]string{}, keys: map[string]string{}}
 	m, err := New(context.Background(), Options{Config: cfg, NodeID: "NODE1", Minter: minter{},
 		RuntimeDir: filepath.Join(dir, "run"), Logger: log, Cgroups: cgroup.Disabled("test", log)})
@@ -222,6 +229,81 @@ func TestKeptNameOfAnotherIsNoSupervisedName(t *testing.T) {
 		if !slices.Equal(s.Names, want[s.Name]) || !slices.Equal(reg.names[s.AgentID], want[s.Name]) {
 			t.Errorf("%s: spec names %q, announced %q; want %q", s.Name, s.Names, reg.names[s.AgentID], want[s.Name])
 		}
+	}
+}
+
+// TestOversizedNamesFileReadBounded: a names file an older nexd grew without bound (a
+// nexlet that registered under ever new names; here 64 MiB: 20 names, then one
+// repeated) is read at start only as far as this version writes (node.MaxBoundNames
+// names of protocol.MaxNameLen bytes, 1,040 bytes): its first 16 names are reserved and
+// an error names the file; the start allocated 25 KiB. Before, it was read whole: 172
+// MiB allocated (the file, its string, its lines), all 21 names reserved, nothing
+// logged. A file as large as this version writes is read whole, silently.
+func TestOversizedNamesFileReadBounded(t *testing.T) {
+	dir := t.TempDir()
+	prog := testkit.WriteExecutable(t, filepath.Join(dir, "wasm"), "#!/bin/sh\nexec sleep 600\n")
+	file := filepath.Join(dir, "state", "nexlets", "wasm.names")
+	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var first []string
+	var b strings.Builder
+	for i := range 20 {
+		first = append(first, fmt.Sprintf("old%02d", i))
+		b.WriteString(first[i] + "\n")
+	}
+	filler := strings.Repeat("grown-by-an-older-nexd\n", 4096)
+	for b.Len() < 64<<20 {
+		b.WriteString(filler)
+	}
+	if err := os.WriteFile(file, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b = strings.Builder{}
+	var logs testkit.Buffer
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	m, reg := attachedRunLog(t, dir, slog.New(slog.NewTextHandler(&logs, nil)), config.Agent{URI: prog})
+	runtime.ReadMemStats(&after)
+	t.Cleanup(func() { _ = m.Stop(context.Background()) })
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 1<<20 {
+		t.Errorf("the start allocated %d KiB reading a 64 MiB names file, want under 1 MiB", alloc>>10)
+	}
+	reg.mu.Lock()
+	for _, s := range m.Specs() {
+		if s.Name == "wasm" && (!slices.Equal(s.Names, first[:16]) || !slices.Equal(reg.names[s.AgentID], first[:16])) {
+			t.Errorf("wasm: spec names %q, announced %q; want the file's first 16, %q", s.Names, reg.names[s.AgentID], first[:16])
+		}
+	}
+	reg.mu.Unlock()
+	if got := logs.String(); !strings.Contains(got, "level=ERROR") || !strings.Contains(got, "names file is larger") || !strings.Contains(got, file) {
+		t.Errorf("log %q, want an error naming %s", got, file)
+	}
+	if err := m.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	// As large as this version writes: 16 names of the longest length.
+	var full []string
+	for i := range 16 {
+		full = append(full, fmt.Sprintf("%02d", i)+strings.Repeat("n", protocol.MaxNameLen-2))
+	}
+	if err := os.WriteFile(file, []byte(strings.Join(full, "\n")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var logs2 testkit.Buffer
+	m, reg = attachedRunLog(t, dir, slog.New(slog.NewTextHandler(&logs2, nil)), config.Agent{URI: prog})
+	t.Cleanup(func() { _ = m.Stop(context.Background()) })
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for _, s := range m.Specs() {
+		if s.Name == "wasm" && !slices.Equal(reg.names[s.AgentID], full) {
+			t.Errorf("wasm announced %q, want the file's 16 names", reg.names[s.AgentID])
+		}
+	}
+	if got := logs2.String(); strings.Contains(got, "names file") {
+		t.Errorf("a names file of this version's size logged %q", got)
 	}
 }
 
