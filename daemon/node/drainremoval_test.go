@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nats-io/nats-server/v2/server"
+
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -85,15 +87,7 @@ func TestDrainCountsRemovalFailures(t *testing.T) {
 // its removal pending (a tombstone kept). Before, both were acknowledged removed.
 func TestWorkloadEndedAckSaysWhenRemovalFailed(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{})
-	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, srv), "ENDEDNODE", "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ts, err := NewTombstones(kv, t.TempDir(), testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Close)
+	ts := kvTombstones(t, srv, "ENDEDNODE")
 	f := newFixtureOn(t, srv, 1, func(_ int, o *Options) { o.Store = ts })
 	n := f.nodes[0]
 	a := f.healthyAgent(n, "AGENTNATIVE", "native", "native", nil)
@@ -122,4 +116,20 @@ func TestWorkloadEndedAckSaysWhenRemovalFailed(t *testing.T) {
 	if p := ts.Pending(); !slices.Equal(p, []string{"native_" + down}) {
 		t.Errorf("tombstones %v, want one for %s alone, whose removal failed", p, down)
 	}
+}
+
+// kvTombstones is node state as nexd keeps it: a JetStream KV bucket of srv under
+// Tombstones, closed at the test's end.
+func kvTombstones(t *testing.T, srv *server.Server, bucket string) *Tombstones {
+	t.Helper()
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, srv), bucket, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, err := NewTombstones(kv, t.TempDir(), testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	return ts
 }

@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -53,16 +52,7 @@ func TestOwnWorkloadStoppedRemovesOnce(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			srv := testnats.Start(t, testnats.Options{})
-			kv, err := state.OpenKV(t.Context(), testnats.Connect(t, srv), "OWNSTOP", "", nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ts, err := NewTombstones(kv, t.TempDir(), testLogger(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(ts.Close)
-			cs := &countingStore{Store: ts, dels: map[string]int{}}
+			cs := &countingStore{Store: kvTombstones(t, srv, "OWNSTOP"), dels: map[string]int{}}
 			if !down {
 				cs.delay = 300 * time.Millisecond
 			}
