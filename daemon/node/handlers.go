@@ -1088,6 +1088,10 @@ func (n *Node) onWorkloadStopped(m *nats.Msg) {
 		st.ended = true // the deploy removes it once recorded
 		n.starting[ev.ID] = st
 	}
+	if ok && !keep && trusted && (ev.WorkloadType == "" || ev.WorkloadType == typ) {
+		o.ended = true // removed below: a list round that no longer finds it leaves it (listends.go)
+		n.owned[ev.ID] = o
+	}
 	n.mu.Unlock()
 	if !ok || keep {
 		return

@@ -278,7 +278,7 @@ func (n *Node) settleEnds(round uint64, asked int, watched []*registration, ans 
 		}
 		for id, at := range r.confirmed {
 			o, ok := n.owned[id]
-			if !ok || o.owner != r.owner {
+			if !ok || o.owner != r.owner || o.ended {
 				delete(r.confirmed, id) // stopped, ended or taken over otherwise
 				continue
 			}
@@ -289,6 +289,8 @@ func (n *Node) settleEnds(round uint64, asked int, watched []*registration, ans 
 				continue // a stop ended it: the stop removes it
 			}
 			delete(r.confirmed, id)
+			o.ended = true // its WORKLOADSTOPPED, if the server lets it through, removes nothing more
+			n.owned[id] = o
 			ends = append(ends, end{id: id, typ: o.typ, ns: o.ns, r: r})
 		}
 	}

@@ -231,3 +231,27 @@ func TestUpstreamNexletReplayedJobEndHeard(t *testing.T) {
 		t.Errorf("the replayed job that ended was handed back again %d time(s), want 0", runs)
 	}
 }
+
+// TestUpstreamNexletEndRemovedOnce: with allow_nexlet_direct_feeds an upstream-SDK
+// nexlet's WORKLOADSTOPPED reaches the node, and its lists say the same end. While
+// the event's removal runs (a store whose removals take a second), the list rounds
+// that no longer find the job must not remove it a second time (a second tombstone
+// with the store down), nor the event after a round's removal: 1 removal, checked 2
+// without the event's mark.
+func TestUpstreamNexletEndRemovedOnce(t *testing.T) {
+	cs := &countingStore{Store: NewMemStore(), delay: time.Second, dels: map[string]int{}}
+	rf := newRogueFixture(t, func(o *Options) {
+		o.AllowDirectFeeds = true
+		o.Store = cs
+		o.EndsListInterval = 50 * time.Millisecond
+		o.FanoutTimeout = 100 * time.Millisecond
+	})
+	up := rf.upstreamNexlet("up0", "up", "native")
+	wid := rf.deployJob("native", "tenant")
+	up.finish(wid) // its event, which the server lets through now
+	testkit.Eventually(t, "the job's removal begun", func() bool { return cs.deletes(wid) > 0 })
+	rf.rounds(4)
+	if got := cs.deletes(wid); got != 1 {
+		t.Errorf("the ended job: %d removals from node state, want 1", got)
+	}
+}
