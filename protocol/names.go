@@ -28,6 +28,33 @@ func CheckName(what, name string) error {
 	return nil
 }
 
+// MaxNamespaceLen is the longest namespace a nexd node deploys into or bids in. A
+// workload's minted user names its namespace in a dozen subjects, so its JWT grows by
+// about 16 bytes a character (26 with a JetStream domain), and nats-server's default
+// max_control_line (4 KiB) also bounds the CONNECT line carrying it: the longest
+// namespace whose workload could still connect was 145 characters, 80 with a
+// three-letter domain, 70 with a 32-letter one (daemon/mint TestWorkloadNamespaceBound).
+// Upstream has no bound.
+const MaxNamespaceLen = 64
+
+// IsNamespace reports whether ns is a namespace a node serves: one subject token
+// (IsToken) of at most MaxNamespaceLen characters. Allocation-free, for the auction
+// intake.
+func IsNamespace(ns string) bool { return len(ns) <= MaxNamespaceLen && IsToken(ns) }
+
+// CheckNamespace is IsNamespace with the reason. A too long value is quoted cut short:
+// it may be kilobytes.
+func CheckNamespace(ns string) error {
+	switch {
+	case len(ns) > MaxNamespaceLen:
+		return fmt.Errorf("namespace %q… is %d characters long, more than %d: its workloads' NATS credentials would not fit nats-server's default 4 KiB control line, so they could not connect",
+			ns[:MaxNamespaceLen], len(ns), MaxNamespaceLen)
+	case !IsToken(ns):
+		return fmt.Errorf("namespace %+q must be one subject token of letters, digits, - or _", ns)
+	}
+	return nil
+}
+
 // TagsMatch reports whether have holds every tag of want with the same value: a node's
 // tags against an auction's, a ping's filter or a lame duck command's (the node), and
 // against a deploy's when nexctl asks which node withheld its bid.

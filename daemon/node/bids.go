@@ -158,8 +158,9 @@ const (
 // AuctionDropsOther counts the drops of the namespaces past the first 256 that
 // dropped, AuctionDropsUnsorted those of any namespace nats.go dropped before the node
 // saw them, AuctionDropsInvalid the auctions refused at intake because their subject's
-// namespace token is no valid namespace (protocol.IsToken: a publish to a literal
-// "*" reaches the node's wildcard subscription). None is a valid namespace, and only
+// namespace token is no valid namespace (protocol.IsNamespace: a publish to a literal
+// "*" reaches the node's wildcard subscription; a namespace too long for its
+// workloads' credentials gets no bid, as it would get no deploy). None is a valid namespace, and only
 // valid ones are counted by name, so none names a real one or can be imitated.
 const (
 	AuctionDropsOther    = "*"
@@ -461,7 +462,7 @@ func (n *Node) onAuction(m *nats.Msg) {
 		return
 	}
 	ns := auctionNamespace(m.Subject)
-	if !protocol.IsToken(ns) { // no deploy could follow; nor may it pose as a drop label
+	if !protocol.IsNamespace(ns) { // no deploy could follow; nor may it pose as a drop label
 		n.auctions.refuse()
 		return
 	}

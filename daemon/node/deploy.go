@@ -44,8 +44,8 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 403, "namespace mismatch", fmt.Errorf("namespace mismatch: subject namespace %q, request namespace %q", ns, req.Namespace))
 		return
 	}
-	if req.Namespace == "" || !protocol.IsToken(req.Namespace) {
-		n.refuse(r, 400, "bad start workload request", fmt.Errorf("invalid StartWorkloadRequest: field \"namespace\": %q must be one subject token of letters, digits, - or _", req.Namespace))
+	if err := protocol.CheckNamespace(req.Namespace); err != nil {
+		n.refuse(r, 400, "bad start workload request", fmt.Errorf("invalid StartWorkloadRequest: field \"namespace\": %w", err))
 		return
 	}
 	if err := protocol.CheckName("workload name", req.Name); err != nil {

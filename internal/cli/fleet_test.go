@@ -218,6 +218,41 @@ func TestWorkloadRunNoBids(t *testing.T) {
 	}
 }
 
+// TestWorkloadRunLongNamespace: a namespace longer than protocol.MaxNamespaceLen, from
+// the flag or from NEX_NAMESPACE, is refused before anything is sent, naming where it
+// came from and the bound (before, the auction went out and a nexd node deployed a
+// workload whose credentials could not connect).
+func TestWorkloadRunLongNamespace(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	n := newFakeNode(t, nc, "LAB", nil)
+	n.start()
+	long := strings.Repeat("n", protocol.MaxNamespaceLen+1)
+	for _, c := range []struct {
+		environ []string
+		flags   []string
+		origin  string
+	}{
+		{nil, []string{"--namespace", long}, "flag --namespace: "},
+		{[]string{"NEX_NAMESPACE=" + long}, nil, "env NEX_NAMESPACE: "},
+	} {
+		args := append(append([]string{"-s", s.ClientURL()}, c.flags...), "workload", "run", "--name", "x", "--", "/bin/true")
+		var errb bytes.Buffer
+		code := Main(context.Background(), args, IO{Stdout: &bytes.Buffer{}, Stderr: &errb, Environ: c.environ, Env: func(string) string { return "" }})
+		errOut := errb.String()
+		if code != ExitUsage || !strings.Contains(errOut, c.origin+`namespace "`+long[:8]) ||
+			!strings.Contains(errOut, "65 characters long, more than 64") {
+			t.Fatalf("%s: exit %d %q", c.origin, code, errOut)
+		}
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.auctions != 0 || n.pings != 0 {
+		t.Fatalf("nexctl sent %d auctions and %d pings", n.auctions, n.pings)
+	}
+}
+
 // TestWorkloadRunAsksUntilBid: a node that has a healthy nexlet of the type but drops
 // auctions (as one under an auction flood did) gets asked again, with backoff, past
 // the two quick retries, and the workload is placed (before, nexctl gave up after

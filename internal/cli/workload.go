@@ -59,6 +59,9 @@ func bidLabel(b protocol.AuctionResponse) string {
 // place auctions spec in ns and deploys it to the least-loaded bidder, falling back to
 // the next bid when a deploy definitely failed.
 func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expectBids int) (placement, error) {
+	if err := protocol.CheckNamespace(ns); err != nil { // no node would bid
+		return placement{}, usageError{err}
+	}
 	var nodes []protocol.NodePingResponse
 	if expectBids <= 0 {
 		// A quick ping tells how many bids can come, so the auction can end as soon as
@@ -253,6 +256,10 @@ healthy nexlet of the type.
 				spec.Start["user"] = runAs
 			}
 
+			// Before anything is sent: a node refuses the deploy anyway, and says less.
+			if err := protocol.CheckNamespace(a.resolved().Namespace); err != nil {
+				return usagef("%s: %w", a.res.Origins["namespace"], err)
+			}
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
 				return err

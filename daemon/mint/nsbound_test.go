@@ -1,0 +1,57 @@
+package mint
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestWorkloadNamespaceBound measures, on a real operator-mode server with the default
+// max_control_line (4 KiB, which also bounds the CONNECT line carrying the JWT), the
+// longest namespace whose minted workload user still connects, without and with a
+// JetStream domain (each bucket grant is then written twice), and checks that
+// protocol.MaxNamespaceLen stays below it. Measured: 145 without a domain, 80 with
+// "hub", 70 with a 32-character domain.
+func TestWorkloadNamespaceBound(t *testing.T) {
+	e := startOperator(t)
+	for _, dom := range []string{"", "hub", strings.Repeat("d", 32)} {
+		m, err := NewSigningKeyMinter(e.sigSeed, e.accPub, Options{Servers: []string{e.s.ClientURL()}, JSDomain: dom})
+		if err != nil {
+			t.Fatal(err)
+		}
+		connects := func(n int) (int, error) {
+			cd, err := m.MintWorkload(strings.Repeat("n", n), nuid.Next())
+			if err != nil {
+				t.Fatal(err)
+			}
+			// As the nexlet SDK connects: the minted name and inbox prefix.
+			nc, err := nats.Connect(e.s.ClientURL(), nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
+				nats.Name(cd.ConnName), nats.CustomInboxPrefix(cd.InboxPrefix))
+			if err == nil {
+				err = nc.Flush()
+				nc.Close()
+			}
+			return len(cd.NatsUserJWT), err
+		}
+		if size, err := connects(protocol.MaxNamespaceLen); err != nil {
+			t.Fatalf("domain %q: a workload of a %d-character namespace (JWT %d bytes) cannot connect: %v", dom, protocol.MaxNamespaceLen, size, err)
+		}
+		lo, hi := protocol.MaxNamespaceLen, 1024 // lo connects, hi does not
+		if _, err := connects(hi); err == nil || !strings.Contains(err.Error(), "maximum control line") {
+			t.Fatalf("domain %q: a %d-character namespace: %v, want the control line exceeded", dom, hi, err)
+		}
+		for lo+1 < hi {
+			if mid := (lo + hi) / 2; func() bool { _, err := connects(mid); return err == nil }() {
+				lo = mid
+			} else {
+				hi = mid
+			}
+		}
+		size, _ := connects(lo)
+		t.Logf("domain %q: the longest namespace whose workload connects has %d characters (JWT %d bytes)", dom, lo, size)
+	}
+}
