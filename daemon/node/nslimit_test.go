@@ -26,19 +26,14 @@ func TestLongNamespaceRefused(t *testing.T) {
 	a.mu.Lock()
 	cd := a.creds[wid]
 	a.mu.Unlock()
-	nc, err := nats.Connect(rf.op.Server.ClientURL(), nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
-		nats.Name(cd.ConnName), nats.CustomInboxPrefix(cd.InboxPrefix))
-	if err != nil {
+	if err := connectAs(rf, cd); err != nil {
 		t.Fatalf("workload of a %d-character namespace (JWT %d bytes) cannot connect: %v", len(atBound), len(cd.NatsUserJWT), err)
 	}
-	nc.Close()
 
 	long := strings.Repeat("L", 256)
 	// What the refusal spares the workload: its user, as the node would mint it.
 	if lcd, err := rf.m.MintWorkload(long, "WLONG"); err == nil {
-		if nc, err := nats.Connect(rf.op.Server.ClientURL(), nats.UserJWTAndSeed(lcd.NatsUserJWT, lcd.NatsUserSeed),
-			nats.Name(lcd.ConnName), nats.CustomInboxPrefix(lcd.InboxPrefix)); err == nil {
-			nc.Close()
+		if err := connectAs(rf, lcd); err == nil {
 			t.Fatalf("a %d-character namespace's workload connects: the bound has no reason", len(long))
 		} else if !strings.Contains(strings.ToLower(err.Error()), "maximum control line") {
 			t.Fatalf("a %d-character namespace's workload fails with %v, want the control line", len(long), err)
@@ -77,4 +72,16 @@ func TestLongNamespaceRefused(t *testing.T) {
 	if a.starts != starts {
 		t.Fatalf("the nexlet was asked to start %d workload(s) in the long namespace", a.starts-starts)
 	}
+}
+
+// connectAs connects once as a workload holding cd would (the SDK's name and inbox
+// prefix), without testnats.Connect's t.Fatal: the failure is what is tested.
+func connectAs(rf *rogueFixture, cd protocol.NatsConnectionData) error {
+	nc, err := nats.Connect(rf.op.Server.ClientURL(), nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
+		nats.Name(cd.ConnName), nats.CustomInboxPrefix(cd.InboxPrefix))
+	if err != nil {
+		return err
+	}
+	nc.Close()
+	return nil
 }
