@@ -272,19 +272,24 @@ func (res *reservation) record(ctx context.Context, req protocol.StartWorkloadRe
 }
 
 // commit keeps the workload: it is owned from now on. It reports whether the nexlet
-// already said the workload ended while it was starting; forgetting: the caller then
-// removes it, so a WORKLOADSTOPPED of it meanwhile removes nothing (ownership.ended).
-func (res *reservation) commit(forgetting bool) (endedEarly bool) {
+// already said the workload ended while it was starting. answered: the nexlet answered
+// the start (not a start the node gave up waiting for); the caller then removes a
+// workload that ended early, so a WORKLOADSTOPPED of it meanwhile removes nothing
+// (ownership.ended).
+func (res *reservation) commit(answered bool) (endedEarly bool) {
 	n := res.n
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	res.done = true
 	n.changes.Add(1)
 	endedEarly = n.starting[res.id].ended
-	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name, ended: endedEarly && forgetting}
-	if upstreamSDK(res.agent) {
+	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name, ended: endedEarly && answered}
+	if answered && upstreamSDK(res.agent) {
 		// Its answer to the start, on its own subject, says it runs it: a list that no
-		// longer has it then says it ended (listends.go).
+		// longer has it then says it ended (listends.go). A start given up on is
+		// confirmed only by a list that has it: until then the nexlet may still be
+		// starting it, and lists without it say nothing
+		// (TestAbandonedUpstreamStartNotTakenAsEnded).
 		res.agent.confirmLocked(res.id, n.listRound)
 	}
 	delete(n.starting, res.id)

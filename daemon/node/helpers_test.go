@@ -249,6 +249,9 @@ type fakeAgent struct {
 	// the start); with progress the fake reports progress as the node asks.
 	startDelay time.Duration
 	progress   bool
+	// heldUntilAnswer: with startDelay, the workload is listed only from the answer on
+	// (a nexlet that holds a workload once it started it, not while it starts).
+	heldUntilAnswer bool
 	// firstListDelay holds the reply to the first QUERYWORKLOADS this long (a nexlet
 	// busy replaying as the node lists).
 	firstListDelay time.Duration
@@ -381,7 +384,7 @@ func (a *fakeAgent) serve() {
 		a.mu.Lock()
 		a.starts++
 		fail := a.failStart
-		if fail == "" && !a.endFirst {
+		if fail == "" && !a.endFirst && !(a.heldUntilAnswer && a.startDelay > 0) {
 			a.workloads[wid] = req.Request
 			a.creds[wid] = req.WorkloadCreds
 		}
@@ -411,6 +414,12 @@ func (a *fakeAgent) serve() {
 				for done := int64(1); ; done++ {
 					select {
 					case <-end:
+						a.mu.Lock()
+						if a.heldUntilAnswer {
+							a.workloads[wid] = req.Request
+							a.creds[wid] = req.WorkloadCreds
+						}
+						a.mu.Unlock()
 						_ = m.Respond(js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
 						return
 					case <-tick:

@@ -255,3 +255,62 @@ func TestUpstreamNexletEndRemovedOnce(t *testing.T) {
 		t.Errorf("the ended job: %d removals from node state, want 1", got)
 	}
 }
+
+// TestAbandonedUpstreamStartNotTakenAsEnded (fault: an upstream-SDK nexlet is silent
+// past StartTimeout while it starts a service, and holds the workload only once it
+// started it). The node gives up waiting, the nexlet's stop finds nothing, and the
+// workload stays tracked, to be stopped if it starts late. The nexlet never said it
+// runs it, so its lists without it say nothing: before, the node counted the give-up
+// as the nexlet's confirmation, and the next list round took the service as ended and
+// removed it from node state while its start was still under way (then the late
+// start's stop removed it a second time: 2 removals). Now it stays in node state until
+// the late start is stopped: 1 removal.
+func TestAbandonedUpstreamStartNotTakenAsEnded(t *testing.T) {
+	cs := &countingStore{Store: NewMemStore(), dels: map[string]int{}}
+	rf := newRogueFixture(t, func(o *Options) {
+		o.Store = cs
+		o.EndsListInterval = 50 * time.Millisecond
+		o.FanoutTimeout = 300 * time.Millisecond
+		o.StartTimeout = 500 * time.Millisecond
+	})
+	up := rf.upstreamNexlet("up0", "up", "native")
+	up.mu.Lock()
+	up.startDelay, up.heldUntilAnswer = 4*time.Second, true
+	up.mu.Unlock()
+	bids := rf.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		t.Fatal("no bid")
+	}
+	m := request(t, rf.client, protocol.DeploySubject("tenant", bids[0].BidderID), startReq("tenant", "slow", `{"cmd":"x"}`))
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "408" {
+		t.Fatalf("deploy of a start the nexlet is silent about: %q %q, want 408", code, m.Header.Get(protocol.HeaderError))
+	}
+	var wid string
+	rf.nodes[0].mu.Lock()
+	for id := range rf.nodes[0].owned {
+		wid = id
+	}
+	rf.nodes[0].mu.Unlock()
+	if wid == "" {
+		t.Fatal("the abandoned start is not tracked")
+	}
+	rf.rounds(5) // whole rounds, the start still under way
+	if got := cs.deletes(wid); got != 0 {
+		t.Errorf("the abandoned start, still under way, was removed from node state %d time(s) by list rounds, want 0", got)
+	}
+	n := rf.nodes[0]
+	testkit.Eventually(t, "the late start stopped", func() bool {
+		_, ok := n.stopped.Get(wid, protocol.SystemNamespace, time.Now())
+		return ok && !n.owns(wid)
+	})
+	rf.rounds(3)
+	if got := cs.deletes(wid); got != 1 {
+		t.Errorf("the abandoned start: %d removals from node state, want 1", got)
+	}
+	up.mu.Lock()
+	_, runs := up.workloads[wid]
+	up.mu.Unlock()
+	if runs {
+		t.Error("the late start was not stopped")
+	}
+}
