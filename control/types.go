@@ -147,6 +147,9 @@ type Status struct {
 	// WorkloadsAsOf is set while NATS is down: the nexlets cannot be asked, so
 	// Workloads is the last listing taken while connected, from this time.
 	WorkloadsAsOf *time.Time `json:"workloads_as_of,omitempty"`
+	// AuctionsNotBid counts the auctions the node did not bid on since it started, by
+	// reason (nexd_auctions_not_bid_total).
+	AuctionsNotBid map[string]uint64 `json:"auctions_not_bid,omitempty"`
 }
 
 // NATSStatus is the node's NATS connection.

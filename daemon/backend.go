@@ -64,6 +64,7 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 		t := asOf.UTC()
 		st.WorkloadsAsOf = &t
 	}
+	st.AuctionsNotBid = b.s.node.NotBid()
 	return st, nil
 }
 

@@ -329,8 +329,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 			ws, _, err := s.node.KnownWorkloads(ctx)
 			return ws, err
 		},
-		State:        func() string { return string(s.view().phase) },
-		AuctionDrops: s.node.AuctionDrops,
+		State:          func() string { return string(s.view().phase) },
+		AuctionDrops:   s.node.AuctionDrops,
+		AuctionsNotBid: s.node.NotBid,
 		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {
 			ns, err := backend{s}.Nexlets(ctx)
 			out := make([]metrics.NexletHealth, 0, len(ns))

@@ -109,6 +109,10 @@ type NodeInfoResponse struct {
 	Uptime             string             `json:"uptime"`
 	Version            string             `json:"version"`
 	XKey               string             `json:"xkey"`
+
+	// nexd extension: the auctions the node did not bid on since it started, by reason
+	// (draining, tags, no_nexlet, …; see nexd_auctions_not_bid_total).
+	AuctionsNotBid map[string]uint64 `json:"nexd_auctions_not_bid,omitempty"`
 }
 
 // Agent health values and their stoplights.

@@ -67,6 +67,8 @@ type Live struct {
 	Nexlets func(context.Context) ([]NexletHealth, error)
 	// AuctionDrops are the auctions the node dropped, by namespace (node.AuctionDrops).
 	AuctionDrops func() map[string]uint64
+	// AuctionsNotBid are the auctions the node did not bid on, by reason (node.NotBid).
+	AuctionsNotBid func() map[string]uint64
 }
 
 // NexletHealth is one nexlet as the health metrics see it.
@@ -126,6 +128,13 @@ func (m *Metrics) WatchLive(l Live) {
 		r.add("nexd_auctions_dropped_total", "Auctions the node dropped unanswered, by the namespace that sent more than the node answers (\"*\": namespaces past the first 256 that dropped; \"?\": dropped by the client library before the node saw their namespace; \"!\": refused because their subject names no valid namespace).", "counter", func(add func(sample)) {
 			for ns, n := range l.AuctionDrops() {
 				add(sample{labels: labels("namespace", ns), value: float64(n)})
+			}
+		})
+	}
+	if l.AuctionsNotBid != nil {
+		r.add("nexd_auctions_not_bid_total", "Auctions the node did not bid on, by reason: draining (lame duck, stopping), tags (the auction's tags do not match the node's), no_nexlet (no healthy nexlet of the type), lifecycle (its nexlets of the type do not run it), max_workloads (they are full), state_store (the state store cannot be written: JetStream cut off), bad_request, namespace (no valid namespace in the subject) and dropped (dropped unanswered: the node could not keep up; by namespace in nexd_auctions_dropped_total).", "counter", func(add func(sample)) {
+			for reason, n := range l.AuctionsNotBid() {
+				add(sample{labels: labels("reason", reason), value: float64(n)})
 			}
 		})
 	}

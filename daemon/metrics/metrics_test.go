@@ -41,7 +41,8 @@ func TestServedOverTCP(t *testing.T) {
 		Workloads: func(context.Context) ([]protocol.WorkloadSummary, error) {
 			return []protocol.WorkloadSummary{{Namespace: &ns, WorkloadType: "native"}, {Namespace: &ns, WorkloadType: "native"}}, nil
 		},
-		AuctionDrops: func() map[string]uint64 { return map[string]uint64{"flood": 12345} },
+		AuctionDrops:   func() map[string]uint64 { return map[string]uint64{"flood": 12345} },
+		AuctionsNotBid: func() map[string]uint64 { return map[string]uint64{"tags": 3, "draining": 0} },
 	})
 	m.Reload(true)
 	m.Reload(false)
@@ -91,6 +92,8 @@ func TestServedOverTCP(t *testing.T) {
 		`nexd_state_errors_total 1`,
 		`nexd_auction_seconds_count 1`,
 		`nexd_auctions_dropped_total{namespace="flood"} 12345`,
+		`nexd_auctions_not_bid_total{reason="tags"} 3`,
+		`nexd_auctions_not_bid_total{reason="draining"} 0`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("scrape lacks %s", want)

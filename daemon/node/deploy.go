@@ -243,9 +243,9 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 	if a == nil {
 		_, why := n.pickAgentLocked(req.WorkloadType, req.WorkloadLifecycle, now)
 		if other, _ := n.pickAgentLocked(req.WorkloadType, "", now); other == nil {
-			return nil, 404, fmt.Errorf("workload type not found: %s on node %s", why, n.id)
+			return nil, 404, fmt.Errorf("workload type not found: %s on node %s", why.String(), n.id)
 		}
-		return nil, 400, fmt.Errorf("node %s cannot run this workload: %s", n.id, why)
+		return nil, 400, fmt.Errorf("node %s cannot run this workload: %s", n.id, why.String())
 	}
 	a.startedSinceBeat++ // capacity held while the nexlet starts it
 	n.starting[workloadID] = inFlight{owner: a.owner, ns: req.Namespace}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -161,15 +162,18 @@ func (n *Node) handleAuction(r micro.Request) {
 	st.Step("queue") // from the subscription to an auction worker
 	var req protocol.AuctionRequest
 	if err := protocol.Decode(r.Data(), &req); err != nil {
+		n.notBid(noBidBadRequest)
 		n.fail(r, 400, "bad auction request", err)
 		return
 	}
 	if req.Lifecycle != "" && !req.Lifecycle.Valid() {
+		n.notBid(noBidBadRequest)
 		n.fail(r, 400, "bad auction request", fmt.Errorf("invalid AuctionRequest: field \"nexd_workload_lifecycle\": %q is not one of service, job, function", req.Lifecycle))
 		return
 	}
 	if n.o.CanBid != nil {
 		if err := n.o.CanBid(); err != nil {
+			n.notBid(noBidStateStore)
 			n.log.Debug("not bidding", "auction_id", req.AuctionID, "err", err)
 			return
 		}
@@ -203,16 +207,21 @@ func (n *Node) bidLocked(r micro.Request, req protocol.AuctionRequest, now time.
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if !n.lameduck.IsZero() || n.state == protocol.NodeStopping {
+		n.notBid(noBidDraining)
 		n.log.Debug("not bidding: node is draining", "auction_id", req.AuctionID, "state", n.state)
 		return resp, false
 	}
 	if !protocol.TagsMatch(req.Tags, n.tagsLocked()) {
+		n.notBid(noBidTags)
 		n.log.Debug("not bidding: tags do not match", "auction_id", req.AuctionID, "tags", req.Tags)
 		return resp, false
 	}
 	a, why := n.pickAgentLocked(req.AgentType, req.Lifecycle, now)
 	if a == nil {
-		n.log.Debug("not bidding", "auction_id", req.AuctionID, "reason", why)
+		n.notBid(why.reason)
+		if n.log.Enabled(context.Background(), slog.LevelDebug) {
+			n.log.Debug("not bidding", "auction_id", req.AuctionID, "reason", why.String())
+		}
 		return resp, false
 	}
 	bidderID := nuid.Next()

@@ -248,11 +248,12 @@ type Node struct {
 	// bindings counts, per supervised nexlet, the names its registrations bound in
 	// this run (at most MaxBoundNames).
 	bindings   map[string]int
-	procInfo   map[string]procInfo // by agent id, from the supervisor
-	bids       *bidBook            // bidder id -> bid, bounded
-	auctions   *auctionQueue       // auctions waiting for a worker
-	auctionSub *nats.Subscription  // the AUCTION subscription, from Start on
-	changed    chan struct{}       // closed and replaced whenever agents change
+	procInfo   map[string]procInfo         // by agent id, from the supervisor
+	bids       *bidBook                    // bidder id -> bid, bounded
+	auctions   *auctionQueue               // auctions waiting for a worker
+	noBids     [noBidReasons]atomic.Uint64 // auctions not bid on, by reason (NotBid)
+	auctionSub *nats.Subscription          // the AUCTION subscription, from Start on
+	changed    chan struct{}               // closed and replaced whenever agents change
 
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
@@ -867,9 +868,11 @@ func (n *Node) Ping() protocol.NodePingResponse {
 
 // Info answers like an INFO request.
 func (n *Node) Info() protocol.NodeInfoResponse {
+	notBid := n.NotBid() // takes the lock itself
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return protocol.NodeInfoResponse{
+		AuctionsNotBid:     notBid,
 		NodeAgentSummaries: n.summariesLocked(time.Now()),
 		NodeID:             n.id,
 		Tags:               n.tagsLocked(),

@@ -192,30 +192,47 @@ func (n *Node) agentCount() int {
 }
 
 // pickAgent returns the healthy nexlet of workloadType with the fewest workloads that
-// can take one more of lifecycle l ("" = any), or why there is none.
-func (n *Node) pickAgentLocked(workloadType string, l protocol.Lifecycle, now time.Time) (*registration, string) {
+// can take one more of lifecycle l ("" = any), or why there is none: the reason and the
+// nexlet it is about (pickRefusal words them). Nothing is formatted here: an auction
+// the node does not bid on costs no allocation.
+func (n *Node) pickAgentLocked(workloadType string, l protocol.Lifecycle, now time.Time) (*registration, pickRefusal) {
 	var best *registration
-	why := fmt.Sprintf("no healthy nexlet of type %q", workloadType)
+	why := pickRefusal{reason: noBidNoNexlet, typ: workloadType, l: l}
 	for _, r := range n.agents {
 		if r.req.RegisterType != workloadType || n.health(r, now) != protocol.HealthHealthy {
 			continue
 		}
 		if l != "" && !r.supports(l) {
-			why = fmt.Sprintf("nexlet %q of type %q does not support lifecycle %q (supports %v)", r.req.Name, workloadType, l, r.req.SupportedLifecycles)
+			why.reason, why.r = noBidLifecycle, r
 			continue
 		}
 		if r.full() {
-			why = fmt.Sprintf("nexlet %q of type %q is at its max_workloads (%d)", r.req.Name, workloadType, int(r.req.MaxWorkloads))
+			why.reason, why.r = noBidMaxWorkloads, r
 			continue
 		}
 		if best == nil || r.workloadCount() < best.workloadCount() || (r.workloadCount() == best.workloadCount() && r.id < best.id) {
 			best = r
 		}
 	}
-	if best != nil {
-		return best, ""
+	return best, why
+}
+
+// pickRefusal is why pickAgentLocked found no nexlet.
+type pickRefusal struct {
+	reason noBid
+	r      *registration // the last nexlet of the type that could not take it
+	typ    string
+	l      protocol.Lifecycle
+}
+
+func (p pickRefusal) String() string {
+	switch p.reason {
+	case noBidLifecycle:
+		return fmt.Sprintf("nexlet %q of type %q does not support lifecycle %q (supports %v)", p.r.req.Name, p.typ, p.l, p.r.req.SupportedLifecycles)
+	case noBidMaxWorkloads:
+		return fmt.Sprintf("nexlet %q of type %q is at its max_workloads (%d)", p.r.req.Name, p.typ, int(p.r.req.MaxWorkloads))
 	}
-	return nil, why
+	return fmt.Sprintf("no healthy nexlet of type %q", p.typ)
 }
 
 func (n *Node) totalWorkloadsLocked() int {

@@ -150,14 +150,18 @@ func userTags(tags map[string]string) string {
 
 // renderNodeInfo prints upstream's node info with its short or --full agent table.
 func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool) error {
-	if err := kvTable(w, "Information about Node "+info.NodeID, [][2]string{
+	kv := [][2]string{
 		{"Nexus", info.Tags[protocol.TagNexus]},
 		{"Node Name", info.Tags[protocol.TagNode]},
 		{"Tags", strings.Join(sortedTags(info.Tags), ", ")},
 		{"XKey", info.XKey},
 		{"Uptime", info.Uptime},
 		{"Version", info.Version},
-	}); err != nil {
+	}
+	if info.AuctionsNotBid != nil { // a nexd node
+		kv = append(kv, [2]string{"Not bid on", notBidText(info.AuctionsNotBid)})
+	}
+	if err := kvTable(w, "Information about Node "+info.NodeID, kv); err != nil {
 		return err
 	}
 	if len(info.NodeAgentSummaries) == 0 {
@@ -184,6 +188,56 @@ func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool) erro
 		}
 	}
 	return table(w, "Running Agents", header, rows)
+}
+
+// notBidText says how many auctions a node did not bid on since it started and why,
+// the most frequent reason first: "12 auctions: 10 tags do not match, 2 draining".
+func notBidText(byReason map[string]uint64) string {
+	total := uint64(0)
+	reasons := make([]string, 0, len(byReason))
+	for r, n := range byReason {
+		if n > 0 {
+			total += n
+			reasons = append(reasons, r)
+		}
+	}
+	if total == 0 {
+		return "no auction since start"
+	}
+	sort.Slice(reasons, func(i, j int) bool {
+		a, b := byReason[reasons[i]], byReason[reasons[j]]
+		return a > b || (a == b && reasons[i] < reasons[j])
+	})
+	parts := make([]string, len(reasons))
+	for i, r := range reasons {
+		parts[i] = fmt.Sprintf("%d %s", byReason[r], notBidReason(r))
+	}
+	return fmt.Sprintf("%d auction(s) since start: %s", total, strings.Join(parts, ", "))
+}
+
+// notBidReason words a reason of nexd_auctions_not_bid_total.
+func notBidReason(r string) string {
+	switch r {
+	case "draining":
+		return "draining (lame duck)"
+	case "tags":
+		return "tags do not match"
+	case "no_nexlet":
+		return "no healthy nexlet of the type"
+	case "lifecycle":
+		return "lifecycle not supported by its nexlets"
+	case "max_workloads":
+		return "nexlets at max_workloads"
+	case "state_store":
+		return "state store cannot be written"
+	case "bad_request":
+		return "bad request"
+	case "namespace":
+		return "invalid namespace"
+	case "dropped":
+		return "dropped unanswered (node could not keep up)"
+	}
+	return r
 }
 
 func stoplight(a protocol.NodeAgentSummary) string {
@@ -350,6 +404,9 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		{"Cgroups", cg},
 		{"Workloads", wl},
 	}...)
+	if st.AuctionsNotBid != nil {
+		rows = append(rows, [2]string{"Not bid on", notBidText(st.AuctionsNotBid)})
+	}
 	if st.WorkloadUsers != "" {
 		rows = append(rows, [2]string{"Workloads run as", st.WorkloadUsers})
 	}

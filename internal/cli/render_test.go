@@ -123,9 +123,10 @@ func TestRenderLocal(t *testing.T) {
 	until := now.Add(2 * time.Minute)
 	st := control.Status{NodeID: "NAAA", Name: "alpha", Nexus: "west", Version: "0.3.0", Commit: "abc123",
 		Uptime: control.Duration(3 * time.Hour), State: control.StateLameduck, LameduckUntil: &until,
-		NATS:      control.NATSStatus{Server: "nats://127.0.0.1:4222", RTT: control.Duration(1500 * time.Microsecond), Reconnects: 1, Connected: true},
-		Cgroup:    control.CgroupStatus{Mode: "v1", Enforced: []string{"memory", "pids"}, Reason: "cgroup v2 not delegated"},
-		Workloads: map[string]int{"running": 2, "error": 1},
+		NATS:           control.NATSStatus{Server: "nats://127.0.0.1:4222", RTT: control.Duration(1500 * time.Microsecond), Reconnects: 1, Connected: true},
+		Cgroup:         control.CgroupStatus{Mode: "v1", Enforced: []string{"memory", "pids"}, Reason: "cgroup v2 not delegated"},
+		Workloads:      map[string]int{"running": 2, "error": 1},
+		AuctionsNotBid: map[string]uint64{"tags": 40, "draining": 2, "no_nexlet": 0},
 	}
 	var b bytes.Buffer
 	if err := renderStatus(&b, st, now); err != nil {
