@@ -37,6 +37,14 @@ func CheckName(what, name string) error {
 // Upstream has no bound.
 const MaxNamespaceLen = 64
 
+// MaxWorkloadCredentials bounds a workload's user JWT and connection name together, as
+// a node checks them at deploy: the CONNECT line carrying them must fit nats-server's
+// default max_control_line (4 KiB), and the rest of that line takes about 250 bytes
+// from nats.go (320 are left, for clients that send more). MaxNamespaceLen keeps a
+// workload within it only with a JetStream domain of up to about 45 characters, since
+// each artifact grant names the domain too (daemon/node TestLongDomainNamespaceRefused).
+const MaxWorkloadCredentials = 4096 - 320
+
 // IsNamespace reports whether ns is a namespace a node serves: one subject token
 // (IsToken) of at most MaxNamespaceLen characters. Allocation-free, for the auction
 // intake.

@@ -14,8 +14,9 @@ import (
 // max_control_line (4 KiB, which also bounds the CONNECT line carrying the JWT), the
 // longest namespace whose minted workload user still connects, without and with a
 // JetStream domain (each bucket grant is then written twice), and checks that
-// protocol.MaxNamespaceLen stays below it. Measured: 145 without a domain, 80 with
-// "hub", 70 with a 32-character domain.
+// protocol.MaxNamespaceLen stays below it, and that the deploy's size check
+// (protocol.MaxWorkloadCredentials) refuses every namespace past it. Measured: 145
+// without a domain, 80 with "hub", 70 with a 32-character domain.
 func TestWorkloadNamespaceBound(t *testing.T) {
 	e := startOperator(t)
 	for _, dom := range []string{"", "hub", strings.Repeat("d", 32)} {
@@ -35,10 +36,13 @@ func TestWorkloadNamespaceBound(t *testing.T) {
 				err = nc.Flush()
 				nc.Close()
 			}
-			return len(cd.NatsUserJWT), err
+			return len(cd.NatsUserJWT) + len(cd.ConnName), err
 		}
 		if size, err := connects(protocol.MaxNamespaceLen); err != nil {
-			t.Fatalf("domain %q: a workload of a %d-character namespace (JWT %d bytes) cannot connect: %v", dom, protocol.MaxNamespaceLen, size, err)
+			t.Fatalf("domain %q: a workload of a %d-character namespace (JWT and name %d bytes) cannot connect: %v", dom, protocol.MaxNamespaceLen, size, err)
+		} else if size > protocol.MaxWorkloadCredentials {
+			t.Fatalf("domain %q: a workload of a %d-character namespace (JWT and name %d bytes) would be refused at deploy (protocol.MaxWorkloadCredentials %d)",
+				dom, protocol.MaxNamespaceLen, size, protocol.MaxWorkloadCredentials)
 		}
 		lo, hi := protocol.MaxNamespaceLen, 1024 // lo connects, hi does not
 		if _, err := connects(hi); err == nil || !strings.Contains(err.Error(), "maximum control line") {
@@ -51,7 +55,13 @@ func TestWorkloadNamespaceBound(t *testing.T) {
 				hi = mid
 			}
 		}
+		// The deploy's check (protocol.MaxWorkloadCredentials) refuses the shortest
+		// namespace whose workload cannot connect.
+		if size, _ := connects(hi); size <= protocol.MaxWorkloadCredentials {
+			t.Fatalf("domain %q: a %d-character namespace's workload cannot connect, yet its JWT and name (%d bytes) are within protocol.MaxWorkloadCredentials (%d)",
+				dom, hi, size, protocol.MaxWorkloadCredentials)
+		}
 		size, _ := connects(lo)
-		t.Logf("domain %q: the longest namespace whose workload connects has %d characters (JWT %d bytes)", dom, lo, size)
+		t.Logf("domain %q: the longest namespace whose workload connects has %d characters (JWT and name %d bytes)", dom, lo, size)
 	}
 }

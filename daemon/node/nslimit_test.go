@@ -6,6 +6,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -58,11 +59,18 @@ func TestLongNamespaceRefused(t *testing.T) {
 	starts := a.starts
 	a.mu.Unlock()
 	m := request(t, rf.client, protocol.DeploySubject(long, bids[0].BidderID), startReq(long, "too-long", `{"cmd":"x"}`))
+	wantRefusedUnstarted(t, a, starts, m, `field \"namespace\"`, "256 characters long, more than 64", "control line")
+}
+
+// wantRefusedUnstarted checks that m refuses a deploy (400, not started) saying each of
+// wants, and that nexlet a was asked no start since it had received starts.
+func wantRefusedUnstarted(t *testing.T, a *fakeAgent, starts int, m *nats.Msg, wants ...string) {
+	t.Helper()
 	if code, desc := m.Header.Get(protocol.HeaderErrorCode), m.Header.Get(protocol.HeaderError); code != "400" ||
 		m.Header.Get(protocol.HeaderDeployOutcome) != protocol.DeployNotStarted {
-		t.Fatalf("deploy into a %d-character namespace: code %q %q body %q, want 400 not started", len(long), code, desc, m.Data)
+		t.Fatalf("deploy: code %q %q body %q, want 400 not started", code, desc, m.Data)
 	}
-	for _, want := range []string{`field \"namespace\"`, "256 characters long, more than 64", "control line"} {
+	for _, want := range wants {
 		if !strings.Contains(string(m.Data), want) {
 			t.Fatalf("refusal %s does not say %q", m.Data, want)
 		}
@@ -70,7 +78,7 @@ func TestLongNamespaceRefused(t *testing.T) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.starts != starts {
-		t.Fatalf("the nexlet was asked to start %d workload(s) in the long namespace", a.starts-starts)
+		t.Fatalf("the nexlet was asked to start %d workload(s) the node refused", a.starts-starts)
 	}
 }
 
@@ -84,4 +92,45 @@ func connectAs(rf *rogueFixture, cd protocol.NatsConnectionData) error {
 	}
 	nc.Close()
 	return nil
+}
+
+// TestLongDomainNamespaceRefused: protocol.MaxNamespaceLen keeps a workload's JWT
+// within nats-server's default control line only for a JetStream domain of up to about
+// 48 characters (each artifact grant names the domain too). With a 64-character
+// nats.jsdomain, a deploy into a 64-character namespace answered "started" and its
+// workload's user then could not connect ("maximum control line exceeded"), the failure
+// the namespace bound was to prevent. Now the node refuses such a deploy with a 400
+// naming the size and the control line, before the nexlet is asked; a shorter namespace
+// on the same node deploys and its workload connects.
+func TestLongDomainNamespaceRefused(t *testing.T) {
+	rf := newRogueFixtureMinting(t, mint.Options{JSDomain: strings.Repeat("d", 64)})
+	a := rf.minted("AGENTLONGDOM", "native", "native", nil)
+
+	wid := deployAs(t, rf.client, "short", "fits")
+	a.mu.Lock()
+	cd := a.creds[wid]
+	a.mu.Unlock()
+	if err := connectAs(rf, cd); err != nil {
+		t.Fatalf("workload of namespace short (JWT %d bytes) cannot connect: %v", len(cd.NatsUserJWT), err)
+	}
+
+	ns := strings.Repeat("n", protocol.MaxNamespaceLen)
+	bids := rf.auction(ns, protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		t.Fatalf("%d bids in a %d-character namespace", len(bids), len(ns))
+	}
+	a.mu.Lock()
+	starts := a.starts
+	a.mu.Unlock()
+	m := request(t, rf.client, protocol.DeploySubject(ns, bids[0].BidderID), startReq(ns, "too-large", `{"cmd":"x"}`))
+	if m.Header.Get(protocol.HeaderErrorCode) == "" {
+		var started protocol.StartWorkloadResponse
+		_ = protocol.Decode(m.Data, &started)
+		a.mu.Lock()
+		cd := a.creds[started.ID]
+		a.mu.Unlock()
+		t.Fatalf("deploy into a %d-character namespace with a 64-character JetStream domain answered started (%q); its workload connects: %v",
+			len(ns), m.Data, connectAs(rf, cd))
+	}
+	wantRefusedUnstarted(t, a, starts, m, "credentials", "control line", "nats.jsdomain")
 }

@@ -34,8 +34,16 @@ type rogueFixture struct {
 
 func newRogueFixture(t *testing.T, tweaks ...func(*Options)) *rogueFixture {
 	t.Helper()
+	return newRogueFixtureMinting(t, mint.Options{}, tweaks...)
+}
+
+// newRogueFixtureMinting is newRogueFixture with a minter made with mo (its Servers
+// set to the fixture's server).
+func newRogueFixtureMinting(t *testing.T, mo mint.Options, tweaks ...func(*Options)) *rogueFixture {
+	t.Helper()
 	op := testnats.StartOperator(t, nil)
-	m, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mint.Options{Servers: []string{op.Server.ClientURL()}})
+	mo.Servers = []string{op.Server.ClientURL()}
+	m, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mo)
 	if err != nil {
 		t.Fatal(err)
 	}
