@@ -76,3 +76,35 @@ func TestAuctionQueueMakesRoomForANewNamespace(t *testing.T) {
 		})
 	}
 }
+
+// TestAuctionQueueRefusesLargeHeaders (attack): an auction whose body is small but
+// whose headers are large. Only bodies were bounded (64 KiB), and nats-server bounds
+// body and headers only together, by max_payload, which an operator may raise past the
+// queue's 8 MiB: one 9 MiB auction made the queue drop every other namespace's auction
+// to make room and then held more than its bound. Now body and headers together are
+// bounded as the body was: both such auctions are refused, counted against their
+// namespace, and the tenant's auction stays queued.
+func TestAuctionQueueRefusesLargeHeaders(t *testing.T) {
+	q := newAuctionQueue()
+	honest := &nats.Msg{Subject: protocol.AuctionSubject("tenant"), Reply: "_INBOX.abcdefghijklmnopqrstuv.1",
+		Data: []byte(`{"agent_type":"native","auction_id":"honest","tags":{}}`)}
+	if !q.push("tenant", queuedAuction{m: honest}) {
+		t.Fatal("the tenant's auction was refused")
+	}
+	for _, size := range []int{auctionMaxBytes + 1, auctionQueueMaxBytes + 1<<20} {
+		m := &nats.Msg{Subject: protocol.AuctionSubject("flood"), Reply: "_INBOX.x", Data: []byte(`{}`),
+			Header: nats.Header{"X-Pad": {strings.Repeat("h", size)}}}
+		if q.push("flood", queuedAuction{m: m}) {
+			t.Errorf("an auction with %d bytes of headers was queued", size)
+		}
+		if q.bytes > auctionQueueMaxBytes {
+			t.Errorf("after an auction with %d bytes of headers the queue holds %d bytes, more than %d", size, q.bytes, auctionQueueMaxBytes)
+		}
+		if q.queues["tenant"] == nil {
+			t.Fatalf("an auction with %d bytes of headers had the tenant's auction dropped", size)
+		}
+	}
+	if d := q.Drops(); d["flood"] != 2 || d["tenant"] != 0 {
+		t.Errorf("drops %v, want 2 of flood and none of tenant", d)
+	}
+}

@@ -141,8 +141,8 @@ const (
 	// auction, before a newcomer's auction can be the one dropped to make room.
 	auctionQueueMax = 8 << 10
 	auctionWorkers  = 2
-	// auctionMaxBytes refuses an auction body no honest client sends (a request is a
-	// few hundred bytes); auctionQueueMaxBytes bounds what the queued auctions hold
+	// auctionMaxBytes refuses an auction body and headers no honest client sends (a
+	// request is a few hundred bytes); auctionQueueMaxBytes bounds what the queued auctions hold
 	// together, subject, reply and headers included (auctionCost).
 	auctionMaxBytes      = 64 << 10
 	auctionQueueMaxBytes = 8 << 20
@@ -293,14 +293,19 @@ func (q *auctionQueue) push(ns string, a queuedAuction) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	cur := q.queues[ns]
-	if (cur != nil && cur.len() >= auctionQueuePerNS) || len(a.m.Data) > auctionMaxBytes {
+	full := cur != nil && cur.len() >= auctionQueuePerNS
+	if !full {
+		a.cost = auctionCost(a.m)
+	}
+	// Body and headers: nats-server bounds them only together, by max_payload, which
+	// an operator may set past the whole queue's bound.
+	if full || a.cost-auctionEntryBytes-len(a.m.Subject)-len(a.m.Reply) > auctionMaxBytes {
 		if cur != nil {
 			cur.lost = true
 		}
 		q.dropLocked(ns)
 		return false
 	}
-	a.cost = auctionCost(a.m)
 	for q.n > 0 && (q.n >= auctionQueueMax || q.bytes+a.cost > auctionQueueMaxBytes) {
 		q.evictLocked(cur)
 	}
