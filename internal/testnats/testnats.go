@@ -137,3 +137,42 @@ func (c *Cluster) WaitJetStreamPeers(n int) {
 		return false
 	})
 }
+
+// RefusedForControlLine calls connect, which makes one client connection to s, and
+// reports whether s closed a client connection for exceeding its max_control_line
+// meanwhile, as the server recorded it (Connz of closed connections, saved by a
+// goroutine of the server's, so waited for up to 10 s), and connect's error. The
+// client's error cannot tell: the server answers a CONNECT line past the bound with
+// -ERR 'Maximum Control Line Exceeded' and closes with the rest of the line unread, so
+// the reset can reach the client before it writes its PING, whose write then fails
+// with "connection reset by peer" and the -ERR is never read (26 of 40 runs of
+// TestWorkloadNamespaceBound under -race on a loaded host).
+func RefusedForControlLine(t testing.TB, s *server.Server, connect func() error) (bool, error) {
+	t.Helper()
+	refusals := func() int {
+		cz, err := s.Connz(&server.ConnzOptions{State: server.ConnClosed, Limit: 1 << 20})
+		if err != nil {
+			t.Fatalf("testnats: closed connections: %v", err)
+		}
+		n := 0
+		for _, c := range cz.Conns {
+			if c.Reason == server.MaxControlLineExceeded.String() {
+				n++
+			}
+		}
+		return n
+	}
+	before := refusals()
+	err := connect()
+	if err == nil {
+		return false, nil
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if refusals() > before {
+			return true, err
+		}
+		if time.Now().After(deadline) {
+			return false, err
+		}
+	}
+}
