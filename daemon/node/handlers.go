@@ -287,6 +287,18 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok && !owned {
 		return e.Answer(workloadID), nil
 	}
+	// While the nexlet stops it, a list round that no longer finds it leaves it to this
+	// stop (listends.go), which removes it once answered; remembered before this returns.
+	n.mu.Lock()
+	n.stopsInFlight[workloadID]++
+	n.mu.Unlock()
+	defer func() {
+		n.mu.Lock()
+		if n.stopsInFlight[workloadID]--; n.stopsInFlight[workloadID] <= 0 {
+			delete(n.stopsInFlight, workloadID)
+		}
+		n.mu.Unlock()
+	}()
 	defer n.changes.Add(1)
 	ret := protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}
 	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace})

@@ -252,6 +252,9 @@ type fakeAgent struct {
 	// heldUntilAnswer: with startDelay, the workload is listed only from the answer on
 	// (a nexlet that holds a workload once it started it, not while it starts).
 	heldUntilAnswer bool
+	// stopDelay holds the answer to a stop this long after the workload left the
+	// fake's list (a nexlet that drops a workload, then waits out its grace).
+	stopDelay time.Duration
 	// firstListDelay holds the reply to the first QUERYWORKLOADS this long (a nexlet
 	// busy replaying as the node lists).
 	firstListDelay time.Duration
@@ -446,7 +449,11 @@ func (a *fakeAgent) serve() {
 		if ok {
 			delete(a.workloads, wid)
 		}
+		delay := a.stopDelay
 		a.mu.Unlock()
+		if ok {
+			time.Sleep(delay)
+		}
 		// Named, as nexd's nexlets name their stop and clone answers.
 		self := nats.Header{protocol.HeaderAgentID: {a.id}}
 		if !ok {

@@ -285,8 +285,11 @@ func (n *Node) settleEnds(round uint64, asked int, watched []*registration, ans 
 			if at >= round || listed[id] > 0 {
 				continue
 			}
-			if _, ok := n.stopped.Get(id, protocol.SystemNamespace, now); ok {
-				continue // a stop ended it: the stop removes it
+			if _, ok := n.stopped.Get(id, protocol.SystemNamespace, now); ok || n.stopsInFlight[id] > 0 {
+				// A stop ended it, or is ending it (a nexlet may drop a workload from
+				// its list before it answers the stop): the stop removes it
+				// (TestUpstreamStopInFlightRemovedOnce).
+				continue
 			}
 			delete(r.confirmed, id)
 			o.ended = true // its WORKLOADSTOPPED, if the server lets it through, removes nothing more

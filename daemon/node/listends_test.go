@@ -314,3 +314,34 @@ func TestAbandonedUpstreamStartNotTakenAsEnded(t *testing.T) {
 		t.Error("the late start was not stopped")
 	}
 }
+
+// TestUpstreamStopInFlightRemovedOnce: a client stops a service of an upstream-SDK
+// nexlet that drops a workload from its list as its stop begins and answers once the
+// grace is over (1 s here). List rounds during the stop no longer find the service;
+// the stop itself removes it once answered. Before, a round took it as ended and
+// removed it from node state, and the answered stop removed it again (2 removals; with
+// the store down, a second tombstone). Now a workload whose stop is in flight is left
+// to the stop: 1 removal, and the stop is answered stopped.
+func TestUpstreamStopInFlightRemovedOnce(t *testing.T) {
+	cs := &countingStore{Store: NewMemStore(), dels: map[string]int{}}
+	rf := newRogueFixture(t, func(o *Options) {
+		o.Store = cs
+		o.EndsListInterval = 50 * time.Millisecond
+		o.FanoutTimeout = 300 * time.Millisecond
+	})
+	up := rf.upstreamNexlet("up0", "up", "native")
+	wid := rf.deployOne("tenant")
+	rf.rounds(3) // confirmed by its lists
+	up.mu.Lock()
+	up.stopDelay = time.Second
+	up.mu.Unlock()
+	m := request(t, rf.client, protocol.UndeploySubject("tenant", wid), protocol.StopWorkloadRequest{Namespace: "tenant"})
+	var resp protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &resp); err != nil || !resp.Stopped {
+		t.Fatalf("stop: %q %v", m.Data, err)
+	}
+	rf.rounds(2)
+	if got := cs.deletes(wid); got != 1 {
+		t.Errorf("the stopped service: %d removals from node state, want 1", got)
+	}
+}

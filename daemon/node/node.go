@@ -305,6 +305,9 @@ type Node struct {
 	listRound uint64
 	endRounds atomic.Uint64
 	endsKick  chan struct{} // a round soon (kickEnds)
+	// stopsInFlight (under mu) counts the stops under way by workload id: a list round
+	// leaves those workloads to their stop.
+	stopsInFlight map[string]int
 }
 
 // WorkloadChanges is a counter that moves whenever the node's workload listing may
@@ -428,6 +431,7 @@ func New(o Options) (*Node, error) {
 		replayed:       map[string]struct{}{},
 		feedsWarned:    map[string]bool{},
 		endsKick:       make(chan struct{}, 1),
+		stopsInFlight:  map[string]int{},
 	}
 	return n, nil
 }
