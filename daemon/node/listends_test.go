@@ -21,6 +21,17 @@ func newEndsFixture(t *testing.T) *rogueFixture {
 	})
 }
 
+// newCountedEndsFixture is newEndsFixture on a store that counts removals, tweaked.
+func newCountedEndsFixture(t *testing.T, tweak func(*Options)) (*rogueFixture, *countingStore) {
+	cs := &countingStore{Store: NewMemStore(), dels: map[string]int{}}
+	return newRogueFixture(t, func(o *Options) {
+		o.Store = cs
+		o.EndsListInterval = 50 * time.Millisecond
+		o.FanoutTimeout = 300 * time.Millisecond
+		tweak(o)
+	}), cs
+}
+
 // upstreamNexlet registers a fake nexlet on upstream's SDK: unsigned, asked on the
 // shared subjects only, reporting ends only with WORKLOADSTOPPED on $NEX.FEED.
 func (rf *rogueFixture) upstreamNexlet(id, name, typ string) *fakeAgent {
@@ -266,13 +277,7 @@ func TestUpstreamNexletEndRemovedOnce(t *testing.T) {
 // start's stop removed it a second time: 2 removals). Now it stays in node state until
 // the late start is stopped: 1 removal.
 func TestAbandonedUpstreamStartNotTakenAsEnded(t *testing.T) {
-	cs := &countingStore{Store: NewMemStore(), dels: map[string]int{}}
-	rf := newRogueFixture(t, func(o *Options) {
-		o.Store = cs
-		o.EndsListInterval = 50 * time.Millisecond
-		o.FanoutTimeout = 300 * time.Millisecond
-		o.StartTimeout = 500 * time.Millisecond
-	})
+	rf, cs := newCountedEndsFixture(t, func(o *Options) { o.StartTimeout = 500 * time.Millisecond })
 	up := rf.upstreamNexlet("up0", "up", "native")
 	up.mu.Lock()
 	up.startDelay, up.heldUntilAnswer = 4*time.Second, true
@@ -323,12 +328,7 @@ func TestAbandonedUpstreamStartNotTakenAsEnded(t *testing.T) {
 // the store down, a second tombstone). Now a workload whose stop is in flight is left
 // to the stop: 1 removal, and the stop is answered stopped.
 func TestUpstreamStopInFlightRemovedOnce(t *testing.T) {
-	cs := &countingStore{Store: NewMemStore(), dels: map[string]int{}}
-	rf := newRogueFixture(t, func(o *Options) {
-		o.Store = cs
-		o.EndsListInterval = 50 * time.Millisecond
-		o.FanoutTimeout = 300 * time.Millisecond
-	})
+	rf, cs := newCountedEndsFixture(t, func(*Options) {})
 	up := rf.upstreamNexlet("up0", "up", "native")
 	wid := rf.deployOne("tenant")
 	rf.rounds(3) // confirmed by its lists
