@@ -211,6 +211,9 @@ type Nexlet struct {
 	LastExit      string      `json:"last_exit,omitempty"`
 	MemoryBytes   uint64      `json:"memory_bytes"`
 	CPU           Duration    `json:"cpu"` // CPU time consumed
+	// EndsUnheard is set while the node does not hear the nexlet's workload ends (a
+	// nexlet on upstream's SDK whose list rounds are not whole).
+	EndsUnheard *protocol.EndsUnheard `json:"ends_unheard,omitempty"`
 }
 
 // Workload is one workload the node runs.

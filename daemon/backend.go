@@ -114,6 +114,7 @@ func (b backend) Nexlets(ctx context.Context) ([]control.Nexlet, error) {
 		}
 		n.Type = a.Type
 		n.Health = a.Health
+		n.EndsUnheard = a.EndsUnheard
 		if !a.LastHeartbeat.IsZero() {
 			t := a.LastHeartbeat.UTC()
 			n.LastHeartbeat = &t

@@ -329,14 +329,16 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 			ws, _, err := s.node.KnownWorkloads(ctx)
 			return ws, err
 		},
-		State:          func() string { return string(s.view().phase) },
-		AuctionDrops:   s.node.AuctionDrops,
-		AuctionsNotBid: s.node.NotBid,
+		State:            func() string { return string(s.view().phase) },
+		AuctionDrops:     s.node.AuctionDrops,
+		AuctionsNotBid:   s.node.NotBid,
+		ListChecksFailed: s.node.ListChecksFailed,
 		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {
 			ns, err := backend{s}.Nexlets(ctx)
 			out := make([]metrics.NexletHealth, 0, len(ns))
 			for _, n := range ns {
-				out = append(out, metrics.NexletHealth{Name: n.Name, State: string(n.State), Health: string(n.Health)})
+				out = append(out, metrics.NexletHealth{Name: n.Name, State: string(n.State), Health: string(n.Health),
+					EndsUnheard: n.EndsUnheard != nil})
 			}
 			return out, err
 		},

@@ -152,6 +152,19 @@ type NodeAgentSummary struct {
 	// nexd extensions.
 	Restarts int    `json:"nexd_restarts,omitempty"`
 	LastExit string `json:"nexd_last_exit,omitempty"`
+	// EndsUnheard is set while the node does not hear the nexlet's workload ends: a
+	// nexlet on upstream's SDK whose list rounds are not whole.
+	EndsUnheard *EndsUnheard `json:"nexd_ends_unheard,omitempty"`
+}
+
+// EndsUnheard says since when a node has not heard a nexlet's workload ends: its list
+// rounds were not whole Rounds times in a row, the last failing Checks (comma-separated:
+// answers_missing, answers_extra, answer_failed, listed_twice, no_ping_answer,
+// count_mismatch, ask_failed).
+type EndsUnheard struct {
+	Since  time.Time `json:"since"`
+	Rounds int       `json:"rounds"`
+	Checks string    `json:"checks"`
 }
 
 // AgentSummary is a nexlet's view of itself.

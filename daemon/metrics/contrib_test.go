@@ -30,6 +30,7 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 		Nexlets: func(context.Context) ([]NexletHealth, error) {
 			return []NexletHealth{{Name: "native", State: "running", Health: "healthy"}}, nil
 		},
+		ListChecksFailed: func() map[string]uint64 { return map[string]uint64{"answers_extra": 0} },
 	})
 	// Labelled series exist once something happened.
 	m.Reload(true)

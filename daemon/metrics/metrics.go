@@ -69,11 +69,16 @@ type Live struct {
 	AuctionDrops func() map[string]uint64
 	// AuctionsNotBid are the auctions the node did not bid on, by reason (node.NotBid).
 	AuctionsNotBid func() map[string]uint64
+	// ListChecksFailed are the failed checks of the list rounds for upstream-SDK
+	// nexlets' ended workloads, by check (node.ListChecksFailed).
+	ListChecksFailed func() map[string]uint64
 }
 
 // NexletHealth is one nexlet as the health metrics see it.
 type NexletHealth struct {
 	Name, State, Health string
+	// EndsUnheard: the node does not hear its workload ends (its list rounds are not whole).
+	EndsUnheard bool
 }
 
 // nodeStates and nexletHealths are every label value the state gauges report, so a
@@ -138,6 +143,13 @@ func (m *Metrics) WatchLive(l Live) {
 			}
 		})
 	}
+	if l.ListChecksFailed != nil {
+		r.add("nexd_nexlet_list_checks_failed_total", "Checks failed by the node's list rounds that hear upstream-SDK nexlets' workload ends (a round hears none unless all pass), by check: answers_missing, answers_extra (a nexlet answered in another's name), answer_failed, listed_twice, no_ping_answer, count_mismatch, ask_failed.", "counter", func(add func(sample)) {
+			for check, n := range l.ListChecksFailed() {
+				add(sample{labels: labels("check", check), value: float64(n)})
+			}
+		})
+	}
 	if l.Nexlets != nil {
 		nl := func() []NexletHealth {
 			ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
@@ -155,6 +167,11 @@ func (m *Metrics) WatchLive(l Live) {
 		r.add("nexd_nexlet_failed", "1 when a nexlet gave up after its restart limit.", "gauge", func(add func(sample)) {
 			for _, n := range nl() {
 				add(sample{labels: labels("nexlet", n.Name), value: b2f(n.State == "failed")})
+			}
+		})
+		r.add("nexd_nexlet_ends_unheard", "1 while the node does not hear a nexlet's workload ends: a nexlet on upstream's SDK whose list rounds were not whole 3 times in a row (its jobs that end meanwhile run again at its next registration).", "gauge", func(add func(sample)) {
+			for _, n := range nl() {
+				add(sample{labels: labels("nexlet", n.Name), value: b2f(n.EndsUnheard)})
 			}
 		})
 	}

@@ -36,13 +36,15 @@ func TestServedOverTCP(t *testing.T) {
 		NATSConnected:  func() bool { return true },
 		State:          func() string { return "running" },
 		Nexlets: func(context.Context) ([]NexletHealth, error) {
-			return []NexletHealth{{Name: "native", State: "running", Health: protocol.HealthHealthy}}, nil
+			return []NexletHealth{{Name: "native", State: "running", Health: protocol.HealthHealthy},
+				{Name: "upstream", State: "remote", Health: protocol.HealthHealthy, EndsUnheard: true}}, nil
 		},
 		Workloads: func(context.Context) ([]protocol.WorkloadSummary, error) {
 			return []protocol.WorkloadSummary{{Namespace: &ns, WorkloadType: "native"}, {Namespace: &ns, WorkloadType: "native"}}, nil
 		},
-		AuctionDrops:   func() map[string]uint64 { return map[string]uint64{"flood": 12345} },
-		AuctionsNotBid: func() map[string]uint64 { return map[string]uint64{"tags": 3, "draining": 0} },
+		AuctionDrops:     func() map[string]uint64 { return map[string]uint64{"flood": 12345} },
+		AuctionsNotBid:   func() map[string]uint64 { return map[string]uint64{"tags": 3, "draining": 0} },
+		ListChecksFailed: func() map[string]uint64 { return map[string]uint64{"answers_extra": 5} },
 	})
 	m.Reload(true)
 	m.Reload(false)
@@ -94,6 +96,9 @@ func TestServedOverTCP(t *testing.T) {
 		`nexd_auctions_dropped_total{namespace="flood"} 12345`,
 		`nexd_auctions_not_bid_total{reason="tags"} 3`,
 		`nexd_auctions_not_bid_total{reason="draining"} 0`,
+		`nexd_nexlet_list_checks_failed_total{check="answers_extra"} 5`,
+		`nexd_nexlet_ends_unheard{nexlet="native"} 0`,
+		`nexd_nexlet_ends_unheard{nexlet="upstream"} 1`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("scrape lacks %s", want)

@@ -97,6 +97,7 @@ func (n *Node) listEnds(ctx context.Context) {
 	}
 	pool := map[string]*registration{}
 	var watched []*registration
+	now := time.Now()
 	for id, r := range n.agents {
 		if r.req.AnswersDirect {
 			continue
@@ -106,8 +107,11 @@ func (n *Node) listEnds(ctx context.Context) {
 			return // not serving yet: its answer would be missing
 		}
 		pool[id] = r
-		if upstreamSDK(r) && holding[r.owner] {
+		switch {
+		case upstreamSDK(r) && holding[r.owner]:
 			watched = append(watched, r)
+		case !r.stall.since.IsZero():
+			n.roundWholeLocked(r, now, false) // nothing of it to hear
 		}
 	}
 	if len(watched) == 0 {
@@ -120,6 +124,9 @@ func (n *Node) listEnds(ctx context.Context) {
 	ans, err := n.askPool(ctx, pool)
 	if err != nil {
 		n.log.Debug("listing nexlets for ended workloads failed", "err", err)
+		if ctx.Err() == nil {
+			n.roundNotWhole(watched, checkAskFailed, err.Error())
+		}
 		return
 	}
 	n.settleEnds(round, len(pool), watched, ans)
@@ -222,6 +229,20 @@ func (n *Node) askPool(ctx context.Context, pool map[string]*registration) (pool
 	return ans, nil
 }
 
+// roundNotWhole records a round that failed the shared subject's checks (or was not
+// asked) for the nexlets it watched that are still registered so.
+func (n *Node) roundNotWhole(watched []*registration, failed listCheck, detail string) {
+	n.countChecks(failed)
+	now := time.Now()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, r := range watched {
+		if n.agents[r.id] == r {
+			n.roundNotWholeLocked(r, failed, detail, now)
+		}
+	}
+}
+
 // settleEnds applies one round's answer to the nexlets it watched (see listEnds).
 func (n *Node) settleEnds(round uint64, asked int, watched []*registration, ans poolAnswer) {
 	listed := map[string]int{}
@@ -236,10 +257,25 @@ func (n *Node) settleEnds(round uint64, asked int, watched []*registration, ans 
 			twice++
 		}
 	}
-	if ans.replies != asked || ans.bad > 0 || twice > 0 {
+	var failed listCheck
+	switch {
+	case ans.replies < asked:
+		failed |= checkAnswersMissing
+	case ans.replies > asked:
+		failed |= checkAnswersExtra
+	}
+	if ans.bad > 0 {
+		failed |= checkAnswerFailed
+	}
+	if twice > 0 {
+		failed |= checkListedTwice
+	}
+	if failed != 0 {
 		// Partial, failed or not its nexlets' own: nothing is confirmed or ended.
 		n.log.Debug("nexlet list for ended workloads not whole; nothing taken from it",
 			"asked", asked, "answers", ans.replies, "failed", ans.bad, "listed_twice", twice)
+		n.roundNotWhole(watched, failed, fmt.Sprintf("%d nexlet(s) asked on the shared subject, %d answer(s), %d failed, %d workload(s) listed twice",
+			asked, ans.replies, ans.bad, twice))
 		return
 	}
 	type end struct {
@@ -260,6 +296,8 @@ func (n *Node) settleEnds(round uint64, asked int, watched []*registration, ans 
 		count, ok := ans.counts[r.id]
 		if !ok {
 			n.log.Debug("nexlet did not answer its ping; its ends wait for the next list", "agent_id", r.id)
+			n.countChecks(checkNoPing)
+			n.roundNotWholeLocked(r, checkNoPing, "no answer to its own ping", now)
 			continue
 		}
 		var mine []string
@@ -271,8 +309,11 @@ func (n *Node) settleEnds(round uint64, asked int, watched []*registration, ans 
 		if count != len(mine) {
 			n.log.Debug("nexlet's own count differs from its workloads listed; its ends wait for the next list",
 				"agent_id", r.id, "count", count, "listed", len(mine))
+			n.countChecks(checkCount)
+			n.roundNotWholeLocked(r, checkCount, fmt.Sprintf("its own count %d, %d of its workloads listed", count, len(mine)), now)
 			continue
 		}
+		n.roundWholeLocked(r, now, true)
 		for _, id := range mine {
 			r.confirmLocked(id, round)
 		}

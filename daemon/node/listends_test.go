@@ -1,6 +1,8 @@
 package node
 
 import (
+	"log/slog"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -344,4 +346,129 @@ func TestUpstreamStopInFlightRemovedOnce(t *testing.T) {
 	if got := cs.deletes(wid); got != 1 {
 		t.Errorf("the stopped service: %d removals from node state, want 1", got)
 	}
+}
+
+// TestRogueKeepsListRoundsIncompleteReported (attack): a rogue nexlet on upstream's SDK
+// keeps the victim's list rounds from being whole (an extra answer; the victim's
+// workload listed twice; two answers standing in for the busy victim's, so that its
+// own count does not match), and the victim's job that ends meanwhile is not heard.
+// The node now says so: a warning naming the victim, its type and the check that
+// failed; the victim marked in Agents (nexctl status) and INFO (nexctl node info);
+// the check counted (nexd_nexlet_list_checks_failed_total). When the rogue goes
+// away, the next whole round hears the end, clears the mark and logs that rounds are
+// whole again. Before, nothing told the operator (debug lines only).
+func TestRogueKeepsListRoundsIncompleteReported(t *testing.T) {
+	for _, tc := range []struct {
+		check  string
+		forged func(wid string) (answers int, body []byte, victimBusy bool)
+	}{
+		{"answers_extra", func(string) (int, []byte, bool) { return 2, []byte("[]"), false }},
+		{"listed_twice", func(wid string) (int, []byte, bool) {
+			ns := "tenant"
+			return 1, js([]protocol.WorkloadSummary{{ID: wid, Name: "forged", Namespace: &ns, Runtime: "--",
+				StartTime: time.Now().UTC().Format(time.RFC3339), WorkloadLifecycle: string(protocol.LifecycleJob),
+				WorkloadState: protocol.WorkloadRunning, WorkloadType: "native"}}), false
+		}},
+		{"count_mismatch", func(string) (int, []byte, bool) { return 2, []byte("[]"), true }},
+	} {
+		t.Run(tc.check, func(t *testing.T) {
+			var logs testkit.Buffer
+			rf := newRogueFixture(t, func(o *Options) {
+				o.EndsListInterval = 50 * time.Millisecond
+				o.FanoutTimeout = 300 * time.Millisecond
+				o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			})
+			n := rf.nodes[0]
+			victim := rf.upstreamNexlet("up0", "up", "native")
+			rogue := rf.upstreamNexlet("rogue0", "rogue", "rogue")
+			wid := rf.deployJob("native", "tenant")
+			rf.rounds(3)
+			if u := endsUnheard(n, "up0"); u != nil {
+				t.Fatalf("marked while its rounds are whole: %+v", u)
+			}
+
+			answers, body, busy := tc.forged(wid)
+			rogue.noList.Store(true) // only its forged answers
+			victim.noList.Store(busy)
+			sub, err := rogue.nc.Subscribe(protocol.QueryWorkloadsSubject(rogue.nodeID), func(m *nats.Msg) {
+				for range answers {
+					_ = m.Respond(body)
+				}
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := rogue.nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			testkit.Eventually(t, "the victim marked: its ends unheard", func() bool { return endsUnheard(n, "up0") != nil })
+			u := endsUnheard(n, "up0")
+			if u.Checks != tc.check || u.Rounds < listStallRounds {
+				t.Errorf("mark %+v, want check %s after at least %d rounds", u, tc.check, listStallRounds)
+			}
+			if endsUnheard(n, "rogue0") != nil {
+				t.Error("the rogue, which holds no workloads, is marked")
+			}
+			if c := n.ListChecksFailed()[tc.check]; c < listStallRounds {
+				t.Errorf("%s counted %d times, want at least %d", tc.check, c, listStallRounds)
+			}
+			var info protocol.NodeInfoResponse
+			if err := protocol.Decode(request(t, rf.client, protocol.InfoSubject(n.ID()), struct{}{}).Data, &info); err != nil {
+				t.Fatal(err)
+			}
+			for _, s := range info.NodeAgentSummaries {
+				if (s.AgentID == "up0") != (s.EndsUnheard != nil) {
+					t.Errorf("INFO: %s nexd_ends_unheard %+v", s.AgentID, s.EndsUnheard)
+				}
+			}
+			warn := `level=WARN msg="nexlet's workload ends are not heard`
+			testkit.Eventually(t, "the warning", func() bool { return strings.Contains(logs.String(), warn) })
+			for _, want := range []string{"agent_id=up0", "name=up", "type=native", "failed=" + tc.check} {
+				if line := lineWith(logs.String(), warn); !strings.Contains(line, want) {
+					t.Errorf("the warning lacks %s: %s", want, line)
+				}
+			}
+			victim.noList.Store(false)
+			victim.finish(wid) // ends; heard only from a whole round
+			rf.rounds(listStallRounds)
+			if !rf.stored("native", wid) {
+				t.Fatal("a round that was not whole heard the job's end")
+			}
+			if c := strings.Count(logs.String(), warn); c != 1 {
+				t.Errorf("warned %d times within a minute, want 1 (rate-limited)", c)
+			}
+
+			// The rogue goes away (its process exits, the supervisor drops it).
+			_ = sub.Unsubscribe()
+			rogue.kill()
+			n.RemoveAgent("rogue0", "exited")
+			testkit.Eventually(t, "the ended job heard and removed", func() bool { return !rf.stored("native", wid) })
+			if u := endsUnheard(n, "up0"); u != nil {
+				t.Errorf("still marked after a whole round: %+v", u)
+			}
+			if line := lineWith(logs.String(), "list rounds are whole again"); !strings.Contains(line, "agent_id=up0") || !strings.Contains(line, "level=INFO") {
+				t.Errorf("no info line that the rounds are whole again: %q", line)
+			}
+		})
+	}
+}
+
+// endsUnheard is nexlet id's mark in n.Agents().
+func endsUnheard(n *Node, id string) *protocol.EndsUnheard {
+	for _, a := range n.Agents() {
+		if a.ID == id {
+			return a.EndsUnheard
+		}
+	}
+	return nil
+}
+
+// lineWith is the first line of logs holding s.
+func lineWith(logs, s string) string {
+	for l := range strings.SplitSeq(logs, "\n") {
+		if strings.Contains(l, s) {
+			return l
+		}
+	}
+	return ""
 }

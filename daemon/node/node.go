@@ -304,7 +304,8 @@ type Node struct {
 	// endRounds counts those done (tests wait on it).
 	listRound uint64
 	endRounds atomic.Uint64
-	endsKick  chan struct{} // a round soon (kickEnds)
+	listFails [listChecks]atomic.Uint64 // failed checks of those rounds (ListChecksFailed)
+	endsKick  chan struct{}             // a round soon (kickEnds)
 	// stopsInFlight (under mu) counts the stops under way by workload id: a list round
 	// leaves those workloads to their stop.
 	stopsInFlight map[string]int

@@ -41,6 +41,9 @@ type registration struct {
 	confirmed map[string]uint64
 	// replays counts the workloads its registration handed it to start again.
 	replays int
+	// stall (under the node's lock; upstream's SDK only): its list rounds since the
+	// last whole one (listhealth.go).
+	stall listStall
 }
 
 func (r *registration) workloadCount() int { return r.summary.WorkloadCount + r.startedSinceBeat }
@@ -90,6 +93,9 @@ type AgentInfo struct {
 	WorkloadCount       int
 	MaxWorkloads        int
 	SupportedLifecycles []protocol.Lifecycle
+	// EndsUnheard is set while the node does not hear the nexlet's workload ends (an
+	// upstream-SDK nexlet whose list rounds are not whole; listhealth.go).
+	EndsUnheard *protocol.EndsUnheard
 }
 
 // Agents lists the registered nexlets, sorted by name then id.
@@ -104,6 +110,7 @@ func (n *Node) Agents() []AgentInfo {
 			Health: n.health(r, now), RegisteredAt: r.registeredAt, LastHeartbeat: r.lastBeat,
 			Summary: n.summaryOf(r), WorkloadCount: r.workloadCount(),
 			MaxWorkloads: int(r.req.MaxWorkloads), SupportedLifecycles: slices.Clone(r.req.SupportedLifecycles),
+			EndsUnheard: r.endsUnheardLocked(),
 		})
 	}
 	sort.Slice(out, func(i, j int) bool {
@@ -153,6 +160,7 @@ func (n *Node) summariesLocked(now time.Time) []protocol.NodeAgentSummary {
 		if p, ok := n.procInfo[r.id]; ok {
 			s.Restarts, s.LastExit = p.restarts, p.lastExit
 		}
+		s.EndsUnheard = r.endsUnheardLocked()
 		out = append(out, s)
 	}
 	// A local nexlet the supervisor gave up on has no registration; show it offline.

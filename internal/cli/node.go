@@ -149,7 +149,7 @@ func (a *app) nodeInfoCmd() *cobra.Command {
 			if a.json {
 				return a.printJSON(info)
 			}
-			return renderNodeInfo(a.out(), info, full)
+			return renderNodeInfo(a.out(), info, full, time.Now())
 		},
 	}
 	cmd.Flags().BoolVar(&full, "full", false, "show every detail of each nexlet")

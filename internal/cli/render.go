@@ -149,7 +149,7 @@ func userTags(tags map[string]string) string {
 }
 
 // renderNodeInfo prints upstream's node info with its short or --full agent table.
-func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool) error {
+func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool, now time.Time) error {
 	kv := [][2]string{
 		{"Nexus", info.Tags[protocol.TagNexus]},
 		{"Node Name", info.Tags[protocol.TagNode]},
@@ -175,19 +175,28 @@ func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool) erro
 	if !full {
 		header = []string{"", "Name", "Workload Type", "Running Workloads"}
 		for _, a := range agents {
-			rows = append(rows, []string{stoplight(a), fmt.Sprintf("%s [%s]", a.AgentSummary.Name, a.AgentSummary.Version),
+			rows = append(rows, []string{stoplight(a) + endsUnheardText(" ", a.EndsUnheard, now), fmt.Sprintf("%s [%s]", a.AgentSummary.Name, a.AgentSummary.Version),
 				a.AgentSummary.Type, strconv.Itoa(a.AgentSummary.WorkloadCount)})
 		}
 	} else {
 		header = []string{"Health", "Id", "Name", "Workload Type", "Start Time", "State", "Supported Lifecycles", "Running Workloads", "Last Heartbeat"}
 		for _, a := range agents {
-			rows = append(rows, []string{fmt.Sprintf("%s [%s]", stoplight(a), a.AgentHealth), a.AgentID,
+			rows = append(rows, []string{fmt.Sprintf("%s [%s]", stoplight(a), a.AgentHealth) + endsUnheardText(", ", a.EndsUnheard, now), a.AgentID,
 				fmt.Sprintf("%s [%s]", a.AgentSummary.Name, a.AgentSummary.Version), a.AgentSummary.Type,
 				a.AgentSummary.StartTime.Format(time.RFC3339), a.AgentSummary.State, a.AgentSummary.SupportedLifecycles,
 				strconv.Itoa(a.AgentSummary.WorkloadCount), a.AgentLastHeartbeatTime.Format(time.RFC3339)})
 		}
 	}
 	return table(w, "Running Agents", header, rows)
+}
+
+// endsUnheardText marks a nexlet whose workload ends its node does not hear (its list
+// rounds are not whole), after sep: "ENDS UNHEARD for 2m (answers_extra)".
+func endsUnheardText(sep string, u *protocol.EndsUnheard, now time.Time) string {
+	if u == nil {
+		return ""
+	}
+	return fmt.Sprintf("%sENDS UNHEARD for %s (%s)", sep, friendlyDuration(now.Sub(u.Since)), u.Checks)
 }
 
 // notBidText says how many auctions a node did not bid on since it started and why,
@@ -446,7 +455,7 @@ func renderNexlets(w io.Writer, ns []control.Nexlet, now time.Time) error {
 			pid = strconv.Itoa(n.PID)
 		}
 		rows = append(rows, []string{n.Name, n.Type, pid, string(n.State), strconv.Itoa(n.Restarts),
-			protocol.Stoplight(n.Health) + " " + orDash(n.Health), hb, orDash(n.LastExit), humanBytes(n.MemoryBytes), n.CPU.Std().Round(time.Millisecond).String()})
+			protocol.Stoplight(n.Health) + " " + orDash(n.Health) + endsUnheardText(", ", n.EndsUnheard, now), hb, orDash(n.LastExit), humanBytes(n.MemoryBytes), n.CPU.Std().Round(time.Millisecond).String()})
 	}
 	return table(w, "Nexlets", []string{"Name", "Type", "PID", "State", "Restarts", "Health", "Last Heartbeat", "Last Exit", "Memory", "CPU"}, rows)
 }

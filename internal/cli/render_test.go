@@ -101,13 +101,14 @@ func TestRenderNodeInfo(t *testing.T) {
 		Tags: map[string]string{protocol.TagNexus: "west", protocol.TagNode: "alpha", "region": "lab"},
 		NodeAgentSummaries: []protocol.NodeAgentSummary{
 			{AgentID: "A2", AgentHealth: protocol.HealthDegraded, AgentLastHeartbeatTime: now,
+				EndsUnheard:  &protocol.EndsUnheard{Since: now.Add(-90 * time.Second), Rounds: 18, Checks: "listed_twice,answers_extra"},
 				AgentSummary: protocol.AgentSummary{Name: "wasm", Version: "0.1", Type: "wasm", StartTime: now.Add(-time.Hour), State: "running", SupportedLifecycles: "function", WorkloadCount: 0}},
 			{AgentID: "A1", AgentHealth: protocol.HealthHealthy, AgentHealthStoplight: protocol.Stoplight(protocol.HealthHealthy), AgentLastHeartbeatTime: now,
 				AgentSummary: protocol.AgentSummary{Name: "go_exec", Version: "0.3.0", Type: "native", StartTime: now.Add(-time.Hour), State: "running", SupportedLifecycles: "job,service", WorkloadCount: 3}},
 		}}
 	for _, full := range []bool{false, true} {
 		var b bytes.Buffer
-		if err := renderNodeInfo(&b, info, full); err != nil {
+		if err := renderNodeInfo(&b, info, full, now); err != nil {
 			t.Fatal(err)
 		}
 		name := "node_info"
@@ -133,7 +134,9 @@ func TestRenderLocal(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := renderNexlets(&b, []control.Nexlet{{Name: "native", Type: "native", PID: 4242, State: "running", Restarts: 1, Health: "healthy",
-		LastHeartbeat: &hb, LastExit: "exit status 1", MemoryBytes: 12 << 20, CPU: control.Duration(1500 * time.Millisecond)}}, now); err != nil {
+		LastHeartbeat: &hb, LastExit: "exit status 1", MemoryBytes: 12 << 20, CPU: control.Duration(1500 * time.Millisecond)},
+		{Name: "upstream", Type: "wasm", State: "remote", Health: "healthy", LastHeartbeat: &hb,
+			EndsUnheard: &protocol.EndsUnheard{Since: now.Add(-2 * time.Minute), Rounds: 24, Checks: "answers_extra"}}}, now); err != nil {
 		t.Fatal(err)
 	}
 	if err := renderLocalWorkloads(&b, []control.Workload{{ID: "W1", Name: "web", Namespace: "default", Type: "native", Lifecycle: "service",
