@@ -113,10 +113,14 @@ func TestNexletOfAnotherNodeIDNotAdopted(t *testing.T) {
 	n1 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true,
 		extra: []string{"--node-seed", string(seed)}})
 	var old supervise.Record
-	testkit.EventuallyWithin(t, 60*time.Second, "the first nexd's native nexlet recorded and running", func() bool {
+	// Recorded is not yet handed its start: the record is written before the hand-off
+	// (supervise's handOff), and a pre-started process whose nexd dies before handing it
+	// its start reads the pair's close and exits, leaving nothing to adopt. nexd says
+	// "nexlet started" once the hand-off was sent.
+	testkit.EventuallyWithin(t, 60*time.Second, "the first nexd's native nexlet recorded and handed its start", func() bool {
 		var ok bool
 		old, ok = supervise.ReadRecord(records, "native")
-		return ok
+		return ok && strings.Contains(n1.out.String(), `msg="nexlet started"`)
 	})
 	n1.cmd.Process.Kill()
 	n1.wait(t, 30*time.Second)
