@@ -36,6 +36,9 @@ func TestNexctlLameduckWait(t *testing.T) {
 			if !strings.Contains(out, "1 workload(s) left") || !strings.Contains(out, "drained") {
 				t.Errorf("progress lacks the count or the end:\n%s", out)
 			}
+			if tc.code == 0 && !strings.Contains(out, "drained (the node reports its drain done)") {
+				t.Errorf("the end is not the node's word:\n%s", out)
+			}
 			if tc.killed > 0 && !strings.Contains(errOut, "killed at the end of their stop grace") {
 				t.Errorf("no kill reported: %s", errOut)
 			}
@@ -46,7 +49,9 @@ func TestNexctlLameduckWait(t *testing.T) {
 	}
 }
 
-// TestNexctlLameduckWaitJSON: --wait --json prints one result with drained and killed.
+// TestNexctlLameduckWaitJSON: --wait --json prints one result with drained and killed,
+// and the outcome the node told (here through its own embedded server, which stops with
+// it: the word arrives before).
 func TestNexctlLameduckWaitJSON(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -60,8 +65,9 @@ func TestNexctlLameduckWaitJSON(t *testing.T) {
 		Success bool   `json:"success"`
 		Drained bool   `json:"drained"`
 		Killed  int    `json:"killed"`
+		Outcome string `json:"outcome"`
 	}
-	if code != 0 || json.Unmarshal([]byte(out), &res) != nil || !res.Success || !res.Drained || res.NodeID != st.NodeID {
+	if code != 0 || json.Unmarshal([]byte(out), &res) != nil || !res.Success || !res.Drained || res.NodeID != st.NodeID || res.Outcome != "drained" {
 		t.Fatalf("exit %d, stdout %s, stderr %s", code, out, errOut)
 	}
 }

@@ -64,6 +64,9 @@ const (
 	// HeaderNode on a WPING reply names the node that sent it, so a client can tell
 	// which workloads run where (nexctl node lameduck --wait).
 	HeaderNode = "Nex-Node"
+	// HeaderDrainWait on a LAMEDUCK request asks a nexd node to tell its drain's
+	// outcome, signed over the header's value (a nonce): see DrainOutcome.
+	HeaderDrainWait = "Nex-Drain-Wait"
 	// HeaderResources on a WPING asks the nexd node it names (a node id, or "*" for
 	// every node) to add each local workload's cgroup figures
 	// (WorkloadSummary.Resources), which nexctl top --node shows; reading them costs a

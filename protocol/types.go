@@ -200,6 +200,9 @@ func (r LameduckRequest) ParseDelay() (time.Duration, error) {
 type LameduckResponse struct {
 	Message string `json:"message"`
 	Success bool   `json:"success"`
+
+	// Drain (nexd extension) answers HeaderDrainWait: see DrainOutcome.
+	Drain *DrainOutcome `json:"nexd_drain,omitempty"`
 }
 
 // AuctionRequest asks every node that can run agent_type with the given tags to bid.

@@ -118,6 +118,13 @@ func (n *Node) handleLameduck(r micro.Request) {
 		n.fail(r, 400, "bad lameduck delay", fmt.Errorf("invalid LameduckRequest: field \"delay\": %w", err))
 		return
 	}
+	nonce := r.Headers().Get(protocol.HeaderDrainWait)
+	if nonce != "" {
+		if err := protocol.CheckDrainNonce(nonce); err != nil {
+			n.fail(r, 400, "bad lameduck request", err)
+			return
+		}
+	}
 	already, _ := n.Lameduck()
 	until, err := n.EnterLameduck(delay)
 	if err != nil {
@@ -128,7 +135,11 @@ func (n *Node) handleLameduck(r micro.Request) {
 	if already {
 		msg = "node already in lameduck mode, will shutdown at " + until.UTC().Format(time.RFC3339)
 	}
-	n.respondJSON(r, protocol.LameduckResponse{Message: msg, Success: true})
+	resp := protocol.LameduckResponse{Message: msg, Success: true}
+	if nonce != "" && r.Reply() != "" {
+		resp.Drain = n.waitDrain(r.Reply(), nonce)
+	}
+	n.respondJSON(r, resp)
 }
 
 func (n *Node) handleAgentID(r micro.Request) {
@@ -310,12 +321,24 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 		wait = n.o.StopTimeout
 	}
 	answered := 0
+	failure := "" // a nexlet that holds the workload could not stop it
 	asked, err := n.askNexlets(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
 		return protocol.StopWorkloadAgentSubject(n.id, id, workloadID)
 	}, body, wait, func(m *nats.Msg, from *registration) bool {
 		answered++
 		var resp protocol.StopWorkloadResponse
-		if isErrorReply(m) || protocol.Decode(m.Data, &resp) != nil || !resp.Stopped {
+		decodeErr := protocol.Decode(m.Data, &resp)
+		if isErrorReply(m) || decodeErr != nil || !resp.Stopped {
+			// "Not found" is every other nexlet's answer; anything else from one that
+			// may speak for the workload is its stop's failure, which must not read as
+			// "not found" (a drain then took the workload for gone and ended clean).
+			msg := resp.Message
+			if decodeErr != nil || msg == "" {
+				msg = m.Header.Get(protocol.HeaderError)
+			}
+			if msg != "" && msg != protocol.ErrTextWorkloadNotFound && failure == "" && n.speaksFor(workloadID, from, "stop failure") {
+				failure = msg
+			}
 			return true
 		}
 		if !n.speaksFor(workloadID, from, "stop confirmation") {
@@ -329,6 +352,9 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 		return false
 	})
 	agents := len(asked.direct) + len(asked.pool)
+	if !ret.Stopped && failure != "" {
+		ret.Message = failure
+	}
 	if !ret.Stopped && owned && answered < agents && err == nil {
 		ret.Message = fmt.Sprintf("still stopping: no nexlet confirmed the stop within %s", wait)
 	}
@@ -1005,12 +1031,16 @@ func (n *Node) DrainWorkloads(ctx context.Context) (DrainResult, error) {
 			"tombstoned", pending)
 	}
 	n.log.Info("lame duck drain done", "workloads", len(targets), "errors", len(errs), "removal_failures", len(res.RemovalFailures))
-	if len(errs) == 0 {
+	err := errors.Join(errs...)
+	if err == nil {
 		n.mu.Lock()
 		n.drained = true
 		n.mu.Unlock()
+		n.tellDrain(protocol.DrainDrained, "")
+	} else {
+		n.tellDrain(protocol.DrainFailed, err.Error())
 	}
-	return res, errors.Join(errs...)
+	return res, err
 }
 
 // DrainResult is what DrainWorkloads did.

@@ -237,6 +237,9 @@ type fakeAgent struct {
 	creds     map[string]protocol.NatsConnectionData
 	hbState   string
 	failStart string
+	// failStop: STOPWORKLOAD is answered not stopped, with this message (a nexlet that
+	// could not stop the workload); the workload runs on.
+	failStop string
 	// listErr: QUERYWORKLOADS is answered with this error (code 100), as upstream's SDK
 	// answers a failed QueryWorkloads.
 	listErr string
@@ -446,7 +449,8 @@ func (a *fakeAgent) serve() {
 		a.mu.Lock()
 		w, ok := a.workloads[wid]
 		ok = ok && (w.Namespace == req.Namespace)
-		if ok {
+		failStop := a.failStop
+		if ok && failStop == "" {
 			delete(a.workloads, wid)
 		}
 		delay := a.stopDelay
@@ -456,6 +460,10 @@ func (a *fakeAgent) serve() {
 		}
 		// Named, as nexd's nexlets name their stop and clone answers.
 		self := nats.Header{protocol.HeaderAgentID: {a.id}}
+		if ok && failStop != "" {
+			_ = m.RespondMsg(&nats.Msg{Header: self, Data: js(protocol.StopWorkloadResponse{ID: wid, Message: failStop, WorkloadType: a.req.RegisterType})})
+			return
+		}
 		if !ok {
 			self.Set(protocol.HeaderErrorCode, "100")
 			self.Set(protocol.HeaderError, "workload not found")

@@ -233,9 +233,13 @@ type Node struct {
 	// drained: lame duck's drain ended without an error, so the node runs nothing and
 	// its lists say so without asking nexlets that are stopping with it
 	// (TestListAfterCleanDrainIsWhole).
-	drained   bool
-	startTime time.Time
-	agents    map[string]*registration // by agent id
+	drained bool
+	// drainState and drainReason are the drain's outcome once it ended (protocol.Drain*,
+	// "" before); drainWaiters the clients to tell it (HeaderDrainWait).
+	drainState, drainReason string
+	drainWaiters            []drainWaiter
+	startTime               time.Time
+	agents                  map[string]*registration // by agent id
 	// deaf is the last health sweep at which the node's own NATS connection was down:
 	// a nexlet's silence until then says nothing about the nexlet.
 	deaf     time.Time
@@ -651,6 +655,9 @@ func (n *Node) Stop(ctx context.Context) error {
 	case <-ctx.Done():
 		errs = append(errs, fmt.Errorf("node: waiting for handlers in flight: %w", ctx.Err()))
 	}
+	// A client waiting for a drain that never ran (nexd stopped during the delay) is
+	// told so rather than left to guess from the node's silence.
+	n.tellDrain(protocol.DrainFailed, "the node stopped before its lame duck drain ran")
 	n.o.Emitter.Emit(n.id, protocol.EventNodeStopped, protocol.NodeStoppedEvent{ID: n.id})
 	return errors.Join(errs...)
 }

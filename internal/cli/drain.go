@@ -47,10 +47,33 @@ type drainNode struct {
 	// Partial, when set, says which nexlets' workloads the node's last list lacked: a
 	// node is never counted drained on such a list (their workloads may run on).
 	Partial string
+	// Told: the node (nexd) promised to tell its drain's outcome, and Outcome and
+	// Reason are what it told (protocol.DrainDrained or DrainFailed; "" if it stopped
+	// without a word). Such a node is done when it tells, not when its counts reach 0.
+	Told            bool
+	Outcome, Reason string
+	// goneAt is when the node was first seen gone: a told node's outcome may still be
+	// on its way for a moment.
+	goneAt time.Time
+	tell   *drainTell
 }
 
-// drained is the outcome --wait reports: done, and not on a partial list.
-func (d *drainNode) drained() bool { return d.Done && d.Partial == "" }
+// drained is the outcome --wait reports: the node's own word when it gave one, else
+// done and not on a partial list (a node that does not tell: upstream).
+func (d *drainNode) drained() bool {
+	if d.Told {
+		return d.Done && d.Outcome == protocol.DrainDrained
+	}
+	return d.Done && d.Partial == ""
+}
+
+// unknown says the node promised its outcome and stopped without telling it.
+func (d *drainNode) unknown() bool { return d.Done && d.Told && d.Outcome == "" }
+
+// tellWait is how long after a node that promised its drain's outcome was seen gone
+// --wait still waits for it: the node sends it before it stops, so only a route slower
+// than the node's going away delays it.
+const tellWait = 2 * time.Second
 
 // drainView prints a drain: a bar per node redrawn in place on a terminal, a plain line
 // per change otherwise.
@@ -121,6 +144,12 @@ func shortID(id string) string {
 // status is a node's state in words.
 func (d *drainNode) status(now time.Time) string {
 	switch {
+	case d.Done && d.Told && d.Outcome == protocol.DrainDrained:
+		return "drained (the node reports its drain done)"
+	case d.Done && d.Told && d.Outcome == protocol.DrainFailed:
+		return "drain failed: " + d.Reason
+	case d.Done && d.Told:
+		return "node stopped; not known to be drained: it stopped without telling its drain's outcome"
 	case d.Done && d.Gone && d.Partial != "":
 		return "node stopped; not known to be drained: its last list was partial (" + d.Partial + ")"
 	case d.Done && d.Gone:
@@ -167,7 +196,7 @@ func (v *drainView) render(nodes []*drainNode, now time.Time) string {
 	}
 	for _, n := range nodes {
 		// Plain mode says something when the count or the outcome changes, not each tick.
-		key := fmt.Sprint(n.Left, n.Done, n.Gone, n.Killed, !now.Before(n.Until), n.Partial)
+		key := fmt.Sprint(n.Left, n.Done, n.Gone, n.Killed, !now.Before(n.Until), n.Partial, n.Outcome)
 		if v.last[n.ID] == key {
 			continue
 		}
@@ -303,6 +332,7 @@ func (a *app) watchDrain(ctx context.Context, f *fleet, nodes []*drainNode, owne
 		for _, n := range nodes {
 			if !n.Done {
 				n.Done = n.Gone || (n.Left == 0 && !now.Before(n.Until) && n.Partial == "")
+				n.settleTold(now)
 			}
 			all = all && n.Done
 		}
@@ -323,6 +353,30 @@ func (a *app) watchDrain(ctx context.Context, f *fleet, nodes []*drainNode, owne
 			return ctx.Err()
 		case <-t.C:
 		}
+	}
+}
+
+// settleTold makes a node that promised to tell its drain's outcome done when it told
+// it, and not before: its counts at 0 do not end the wait (its own drain may still
+// fail), and when it is gone its outcome is waited for tellWait, then not known.
+func (d *drainNode) settleTold(now time.Time) {
+	told, state, reason := d.tell.outcome()
+	if !told {
+		return
+	}
+	d.Told, d.Outcome, d.Reason = true, state, reason
+	switch {
+	case state != "":
+		d.Done, d.Partial = true, "" // the node's drain listed whole, or says why not
+		if state == protocol.DrainDrained {
+			d.Left = 0
+		}
+	case d.Gone && d.goneAt.IsZero():
+		d.goneAt, d.Done = now, false
+	case d.Gone:
+		d.Done = now.Sub(d.goneAt) >= tellWait
+	default:
+		d.Done = false
 	}
 }
 

@@ -277,6 +277,130 @@ func (f *fleet) lameduck(ctx context.Context, id string, delay time.Duration, ta
 	return r, nil
 }
 
+// drainTell is what a nexd node tells a client that asked for its drain's outcome
+// (HeaderDrainWait): only its own signed word over the nonce counts.
+type drainTell struct {
+	nodeID, nonce string
+	sub           *nats.Subscription
+	first         chan *nats.Msg // the first reply: the LAMEDUCK answer
+
+	mu            sync.Mutex
+	told          bool   // the node promised (or gave) its outcome
+	state, reason string // its outcome (protocol.DrainDrained or DrainFailed), "" before
+	forged        int    // claims refused: not signed by the node, or for another nonce
+	forgedErr     error  // the first refusal's reason
+}
+
+// take reads one reply on the drain inbox: the node's answer, its later outcome, or a
+// claim by someone else, refused.
+func (t *drainTell) take(m *nats.Msg) {
+	select {
+	case t.first <- m:
+	default:
+	}
+	var r protocol.LameduckResponse
+	if replyError(m) != nil || len(m.Data) == 0 || json.Unmarshal(m.Data, &r) != nil || r.Drain == nil {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	err := protocol.VerifyDrain(t.nodeID, t.nonce, *r.Drain)
+	if err == nil && r.Drain.State != protocol.DrainDraining && r.Drain.State != protocol.DrainDrained && r.Drain.State != protocol.DrainFailed {
+		err = fmt.Errorf("unknown drain state %q", r.Drain.State)
+	}
+	if err != nil {
+		t.forged++
+		if t.forgedErr == nil {
+			t.forgedErr = err
+		}
+		return
+	}
+	t.told = true
+	if r.Drain.State != protocol.DrainDraining && t.state == "" {
+		t.state, t.reason = r.Drain.State, r.Drain.Reason
+	}
+}
+
+// outcome is what the node told so far: whether it promised to, and its outcome.
+func (t *drainTell) outcome() (told bool, state, reason string) {
+	if t == nil {
+		return false, "", ""
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.told, t.state, t.reason
+}
+
+// refused is how many claims were refused and why the first was.
+func (t *drainTell) refused() (int, error) {
+	if t == nil {
+		return 0, nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.forged, t.forgedErr
+}
+
+func (t *drainTell) close() {
+	if t != nil {
+		_ = t.sub.Unsubscribe()
+	}
+}
+
+// lameduckTold is lameduck asking the node to tell its drain's outcome on an inbox of
+// its own (HeaderDrainWait): a nexd node answers with its signed promise and later
+// sends the outcome there; others answer as to lameduck. The caller closes tell.
+func (f *fleet) lameduckTold(ctx context.Context, id string, delay time.Duration, tag map[string]string) (r protocol.LameduckResponse, tell *drainTell, err error) {
+	subject := protocol.LameduckSubject(id)
+	data, err := json.Marshal(protocol.LameduckRequest{Delay: delay.String(), Tag: tag})
+	if err != nil {
+		return r, nil, err
+	}
+	tell = &drainTell{nodeID: id, nonce: nextID(), first: make(chan *nats.Msg, 1)}
+	before := f.nc.LastError()
+	inbox := f.nc.NewInbox()
+	if tell.sub, err = f.nc.Subscribe(inbox, tell.take); err != nil {
+		return r, nil, fmt.Errorf("subscribe for the lameduck reply: %w", err)
+	}
+	m := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderDrainWait: {tell.nonce}}}
+	if err := f.nc.PublishMsg(m); err != nil {
+		tell.close()
+		return r, nil, fmt.Errorf("lameduck node %s: %w", id, err)
+	}
+	if err := scatter.FlushRefused(ctx, f.nc, before, f.first, subject, inbox); err != nil {
+		tell.close()
+		return r, nil, err
+	}
+	rctx, cancel := context.WithTimeout(ctx, f.first)
+	defer cancel()
+	var reply *nats.Msg
+	select {
+	case reply = <-tell.first:
+	case <-rctx.Done():
+		tell.close()
+		switch {
+		case ctx.Err() != nil:
+			return r, nil, ctx.Err()
+		case len(tag) > 0:
+			return r, nil, fmt.Errorf("node %s did not answer; its tags may not match --tag %v", id, tag)
+		}
+		return r, nil, fmt.Errorf("lameduck node %s: no reply on %s within %s: %w", id, subject, f.first, nats.ErrTimeout)
+	}
+	if len(reply.Data) == 0 && reply.Header.Get("Status") == "503" {
+		tell.close()
+		return r, nil, fmt.Errorf("node %s not found: no node answers on %s", id, subject)
+	}
+	if err := replyError(reply); err != nil {
+		tell.close()
+		return r, nil, fmt.Errorf("lameduck node %s: %w", id, err)
+	}
+	if err := protocol.Decode(reply.Data, &r); err != nil {
+		tell.close()
+		return r, nil, fmt.Errorf("lameduck node %s: %w", id, err)
+	}
+	return r, tell, nil
+}
+
 // placementTags returns every answering node's tags.
 func (f *fleet) placementTags(ctx context.Context) ([]map[string]string, error) {
 	msgs, err := gather(ctx, f.nc, protocol.PTagsSubject(), []byte("{}"), f.gatherOpts(0))

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -70,6 +71,13 @@ func (a *app) warnf(format string, args ...any) {
 		return
 	}
 	fmt.Fprintf(a.io.Stderr, "nexctl: warning: %s\n", msg)
+}
+
+// note prints a line for people on stderr, not under --json (whose result says it).
+func (a *app) note(format string, args ...any) {
+	if !a.json {
+		fmt.Fprintf(a.io.Stderr, format, args...)
+	}
 }
 
 // warnAll prints replies that could not be used, so a bad node does not pass unseen.
@@ -173,9 +181,12 @@ drained.
 --wait follows the drain: the workloads left on each node (a bar per node on a terminal,
 a line per change otherwise) until each node has none left after its delay or has shut
 down. It exits 1 if a workload ignored SIGTERM and was killed at the end of its stop
-grace (seen in WORKLOADSTOPPED events: nodes need events = "nats"). A node whose list
-is partial (a nexlet did not answer it) is never counted drained: --wait keeps waiting,
-and exits 1 if the node stops while its last list was partial.
+grace (seen in WORKLOADSTOPPED events: nodes need events = "nats"). A nexd node tells
+--wait its drain's outcome, signed with its node key: drained (exit 0), or failed with
+its reason (exit 1); a node that stops without telling it (killed, or its NATS link
+lost) is not known to be drained (exit 1). For other (upstream) nodes, a node whose
+list is partial (a nexlet did not answer it) is never counted drained: --wait keeps
+waiting, and exits 1 if the node stops while its last list was partial.
 
 --migrate first re-places each service of a drained node: a normal auction in its
 namespace (the draining node no longer bids), and the old copy is stopped only once the
@@ -218,6 +229,10 @@ of --delay, which should leave time for the migration.`,
 				Until   string `json:"until,omitempty"`
 				Drained bool   `json:"drained,omitempty"` // --wait
 				Killed  int    `json:"killed,omitempty"`  // --wait
+				// --wait, from a node that tells its drain's outcome (nexd): drained,
+				// failed (with the node's reason) or unknown (it stopped without a word).
+				Outcome string `json:"outcome,omitempty"`
+				Reason  string `json:"reason,omitempty"`
 			}
 			var results []result
 			var owners map[string]string // workload id -> node id, for --wait
@@ -238,14 +253,22 @@ of --delay, which should leave time for the migration.`,
 			for _, id := range ids {
 				untilT := time.Now().Add(delay)
 				until := untilT.Format(time.RFC3339)
-				r, err := f.lameduck(cmd.Context(), id, delay, tag.m)
+				var r protocol.LameduckResponse
+				var tell *drainTell
+				if wait {
+					// A nexd node tells its drain's outcome on the inbox this opens.
+					r, tell, err = f.lameduckTold(cmd.Context(), id, delay, tag.m)
+					defer tell.close()
+				} else {
+					r, err = f.lameduck(cmd.Context(), id, delay, tag.m)
+				}
 				res := result{NodeID: id, Success: err == nil && r.Success, Message: r.Message}
 				if err != nil {
 					res.Message = err.Error()
 				}
 				if res.Success {
 					res.Until = until
-					drain = append(drain, &drainNode{ID: id, Until: untilT, Start: -1})
+					drain = append(drain, &drainNode{ID: id, Until: untilT, Start: -1, tell: tell})
 				} else {
 					failed++
 				}
@@ -262,7 +285,7 @@ of --delay, which should leave time for the migration.`,
 			if migrate {
 				migrateFailed = a.migrateServices(cmd.Context(), f, drain)
 			}
-			killed, partial := 0, 0
+			killed, partial, drainFailed, unknown := 0, 0, 0, 0
 			if wait && len(drain) > 0 {
 				if err := a.watchDrain(cmd.Context(), f, drain, owners, a.out()); err != nil {
 					return err
@@ -271,12 +294,25 @@ of --delay, which should leave time for the migration.`,
 					for i := range results {
 						if results[i].NodeID == d.ID {
 							results[i].Drained, results[i].Killed = d.drained(), d.Killed
+							if d.Told {
+								results[i].Outcome, results[i].Reason = cmp.Or(d.Outcome, "unknown"), d.Reason
+							}
 						}
 					}
 					killed += d.Killed
-					if d.Partial != "" {
+					if n, err := d.tell.refused(); n > 0 {
+						a.warnf("ignored %d drain outcome(s) for node %s that it did not sign: %v", n, d.label(), err)
+					}
+					switch {
+					case d.Told && d.Outcome == protocol.DrainFailed:
+						drainFailed++
+						a.note("nexctl: node %s: drain failed: %s\n", d.label(), d.Reason)
+					case d.unknown():
+						unknown++
+						a.note("nexctl: node %s stopped without telling its drain's outcome (killed, or its NATS connection lost); its workloads may still run\n", d.label())
+					case d.Partial != "":
 						partial++
-						fmt.Fprintf(a.io.Stderr, "nexctl: node %s stopped on a partial list: missing those of %s; their workloads may still run\n", d.label(), d.Partial)
+						a.note("nexctl: node %s stopped on a partial list: missing those of %s; their workloads may still run\n", d.label(), d.Partial)
 					}
 				}
 			}
@@ -295,8 +331,18 @@ of --delay, which should leave time for the migration.`,
 			if killed > 0 {
 				return exitError{ExitFailed, fmt.Errorf("%d workload(s) ignored SIGTERM and were killed at the end of their stop grace", killed)}
 			}
-			if partial > 0 {
-				return exitError{ExitFailed, fmt.Errorf("%d node(s) not known to be drained: their last list was partial", partial)}
+			if drainFailed > 0 {
+				return exitError{ExitFailed, fmt.Errorf("%d node(s) failed their drain", drainFailed)}
+			}
+			if unknown+partial > 0 {
+				var why []string
+				if partial > 0 {
+					why = append(why, fmt.Sprintf("%d node(s) not known to be drained: their last list was partial", partial))
+				}
+				if unknown > 0 {
+					why = append(why, fmt.Sprintf("%d node(s) not known to be drained: they stopped without telling their drain's outcome", unknown))
+				}
+				return exitError{ExitFailed, errors.New(strings.Join(why, "; "))}
 			}
 			if migrateFailed > 0 {
 				return exitError{ExitFailed, fmt.Errorf("%d service(s) could not be migrated (a nexlet whose services its node could not list counts as one)", migrateFailed)}
@@ -305,7 +351,7 @@ of --delay, which should leave time for the migration.`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.BoolVar(&wait, "wait", false, "follow the drain until every node is drained; exit 1 if a workload had to be killed")
+	fl.BoolVar(&wait, "wait", false, "follow the drain until every node is drained; exit 1 if a workload had to be killed or a drain failed or is not known")
 	fl.BoolVar(&migrate, "migrate", false, "first re-place each service elsewhere through a new auction, stopping the old copy once the new one runs")
 	fl.StringVar(&nodeID, "node-id", "", "the node to drain (same as the positional NODE_ID)")
 	_ = cmd.RegisterFlagCompletionFunc("node-id", a.completeNodes())
