@@ -138,3 +138,37 @@ func TestLongDomainNamespaceRefused(t *testing.T) {
 	}
 	wantRefusedUnstarted(t, a, starts, m, "credentials", "control line", "nats.jsdomain")
 }
+
+// TestLongNamespaceWorkloadKeptAfterUpgrade (upgrade fault): node state holds a
+// service an older nexd deployed in a 100-character namespace (its workload connected:
+// up to 145 did without a JetStream domain). The bound refuses new deploys there only:
+// the nexlet's registration gets it back to replay with credentials it connects with,
+// and its renewal is answered with credentials that connect too.
+func TestLongNamespaceWorkloadKeptAfterUpgrade(t *testing.T) {
+	rf := newRogueFixture(t)
+	n := rf.nodes[0]
+	long := strings.Repeat("L", 100)
+	req := startReq(long, "old", `{"cmd":"x"}`)
+	if err := rf.stores[0].Put(t.Context(), "native", "WOLDLONGNS", req); err != nil {
+		t.Fatal(err)
+	}
+	a := rf.minted("AGENTOLDNS", "native", "native", nil)
+	w, ok := a.resp.ExistingState["WOLDLONGNS"]
+	if !ok {
+		t.Fatalf("the stored workload of a %d-character namespace was not handed back to replay", len(long))
+	}
+	if err := connectAs(rf, w.WorkloadCreds); err != nil {
+		t.Fatalf("its replayed credentials do not connect: %v", err)
+	}
+	m := request(t, a.nc, protocol.RenewCredsSubject(n.ID(), a.id, "WOLDLONGNS"), protocol.RenewCredsRequest{Namespace: long})
+	var renewed protocol.NatsConnectionData
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "" || protocol.Decode(m.Data, &renewed) != nil {
+		t.Fatalf("renewal: %s %q", code, m.Data)
+	}
+	if err := connectAs(rf, renewed); err != nil {
+		t.Fatalf("its renewed credentials do not connect: %v", err)
+	}
+	if !rf.stored("native", "WOLDLONGNS") {
+		t.Fatal("the workload left node state")
+	}
+}
