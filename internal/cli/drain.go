@@ -25,9 +25,10 @@ const drainPoll = 500 * time.Millisecond
 // killedPrefix starts the stop reason of a workload that outlived its stop grace.
 const killedPrefix = "killed after"
 
-// isTTY reports whether w is a terminal (progress bars redraw in place there).
+// isTTY reports whether w (under its sanitizer) is a terminal (progress bars redraw in
+// place there).
 func isTTY(w io.Writer) bool {
-	f, ok := w.(*os.File)
+	f, ok := terminal(w).(*os.File)
 	if !ok {
 		return false
 	}
@@ -95,7 +96,7 @@ func newDrainView(w io.Writer, tty bool) *drainView {
 
 // termWidth is the terminal's width in columns, 0 when w is none or it is unknown.
 func termWidth(w io.Writer) int {
-	f, ok := w.(*os.File)
+	f, ok := terminal(w).(*os.File)
 	if !ok {
 		return 0
 	}
@@ -165,6 +166,12 @@ func (d *drainNode) status(now time.Time) string {
 }
 
 func (v *drainView) show(nodes []*drainNode, now time.Time) {
+	if v.tty {
+		// Its own cursor moves go to the terminal as they are; render escaped what
+		// came from the network.
+		fmt.Fprint(terminal(v.w), v.render(nodes, now))
+		return
+	}
 	fmt.Fprint(v.w, v.render(nodes, now))
 }
 
@@ -188,7 +195,7 @@ func (v *drainView) render(nodes []*drainNode, now time.Time) string {
 			barW = max(5, min(barW, v.cols-1-labelW-statusW-4))
 		}
 		for _, n := range nodes {
-			line := fmt.Sprintf("%-*s %s %s", labelW, n.shortLabel(), bar(n.Start, n.Left, n.Done, barW), n.status(now))
+			line := escapeControls(fmt.Sprintf("%-*s %s %s", labelW, n.shortLabel(), bar(n.Start, n.Left, n.Done, barW), n.status(now)))
 			fmt.Fprintf(&b, "\x1b[2K%s\n", fit(line, v.cols))
 		}
 		v.drawn = len(nodes)
@@ -530,7 +537,7 @@ func (p *deployProgress) show(r protocol.Progress) {
 		b, _ := json.Marshal(out)
 		fmt.Fprintln(w, string(b))
 	case p.tty:
-		fmt.Fprintf(w, "\r\x1b[2K%s", progressLine(r, true, p.cols))
+		fmt.Fprint(terminal(w), "\r\x1b[2K"+escapeControls(progressLine(r, true, p.cols)))
 	default:
 		fmt.Fprintln(w, progressLine(r, false, 0))
 	}

@@ -199,3 +199,27 @@ func TestLameduckWaitPartialIsNotDrained(t *testing.T) {
 		})
 	}
 }
+
+// TestDrainBarsEscapeNetworkText: on a terminal the bars' own cursor moves reach it as
+// they are, while a node's name and its drain's reason (from the network) are shown
+// escaped, through the sanitizer every nexctl output passes.
+func TestDrainBarsEscapeNetworkText(t *testing.T) {
+	var buf bytes.Buffer
+	now := time.Now()
+	v := newDrainView(sanitizer{&buf}, true)
+	n := &drainNode{ID: "N1", Name: "evil\x1b[31m", Until: now, Start: 1, Left: 1}
+	v.show([]*drainNode{n}, now)
+	n.Done, n.Told, n.Outcome, n.Reason = true, true, "failed", "nexlet \x1b]0;title\x07 hung"
+	v.show([]*drainNode{n}, now)
+	out := buf.String()
+	for _, want := range []string{"\x1b[2K", "\x1b[1A", `evil\x1b[31m`, `drain failed: nexlet \x1b]0;title\x07 hung`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("no %q in %q", want, out)
+		}
+	}
+	for _, raw := range []string{"\x1b[31m", "\x1b]0;", "\x07"} {
+		if strings.Contains(out, raw) {
+			t.Errorf("network text %q reached the terminal raw: %q", raw, out)
+		}
+	}
+}

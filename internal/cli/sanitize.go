@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"io"
+	"strings"
 )
 
 // sanitizer is how nexctl writes everything it prints: names, log lines and error
@@ -53,4 +54,21 @@ func isControl(p []byte, i int) bool {
 		return true
 	}
 	return false
+}
+
+// terminal is the writer under w's sanitizer: for the control sequences nexctl itself
+// writes to a terminal (a redraw in place), never for text from the network, which
+// goes through the sanitizer or escapeControls.
+func terminal(w io.Writer) io.Writer {
+	if s, ok := w.(sanitizer); ok {
+		return s.w
+	}
+	return w
+}
+
+// escapeControls is s as the sanitizer writes it.
+func escapeControls(s string) string {
+	var b strings.Builder
+	_, _ = sanitizer{&b}.Write([]byte(s))
+	return b.String()
 }

@@ -150,7 +150,11 @@ func (a *app) topCmd() *cobra.Command {
 --interval like systemd-cgtop: state, CPU (percent of one CPU over the interval), memory
 against its limit, restarts and uptime, sorted by --sort. A remote nexd node reads its
 workloads' cgroups when asked (upstream nodes report no CPU or memory). When stdout is
-not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
+not a terminal, top prints plain snapshots (-n of them, default 1) and exits.
+
+A snapshot that lacks some nexlets' workloads (the node's list was partial) is marked
+PARTIAL; top then exits 1 however it ends (its -n snapshots, or interrupted with
+Ctrl-C), else 0.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, ok := topSorts[sortKey]; !ok {
@@ -169,22 +173,27 @@ not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 			}
 			defer closeSource()
 			ctx := cmd.Context()
-			partials := 0
+			partials, taken := 0, 0
 			prev, _, prevAt, err := sample(ctx, nil, 0)
 			if err != nil {
 				return err
 			}
-			for i := 0; iterations <= 0 || i < iterations; i++ {
+		loop:
+			for iterations <= 0 || taken < iterations {
 				select {
 				case <-ctx.Done():
-					return nil
+					break loop // interrupted (Ctrl-C): the end of an interactive top
 				case <-time.After(interval):
 				}
 				now := time.Now()
 				rows, partial, at, err := sample(ctx, prev, now.Sub(prevAt))
+				if err != nil && ctx.Err() != nil {
+					break loop // interrupted while sampling: that snapshot was never shown
+				}
 				if err != nil {
 					return err
 				}
+				taken++
 				if partial != "" {
 					partials++
 				}
@@ -197,7 +206,7 @@ not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 					}
 				} else {
 					if tty {
-						fmt.Fprint(a.out(), "\x1b[H\x1b[2J")
+						fmt.Fprint(terminal(a.out()), "\x1b[H\x1b[2J") // its own: not escaped
 					}
 					if err := renderTop(a.out(), title, rows, sortKey, partial); err != nil {
 						return err
@@ -205,8 +214,11 @@ not a terminal, top prints plain snapshots (-n of them, default 1) and exits.`,
 				}
 				prev, prevAt = rows, at
 			}
+			// However it ended (its count, or interrupted), a run that showed a partial
+			// snapshot exits 1, as workload list does for a partial fleet: a script or
+			// an operator must not take its figures for the whole.
 			if partials > 0 {
-				return exitError{ExitFailed, fmt.Errorf("%d of %d snapshot(s) were partial: some nexlets' workloads are missing from them", partials, iterations)}
+				return exitError{ExitFailed, fmt.Errorf("%d of %d snapshot(s) were partial: some nexlets' workloads are missing from them", partials, taken)}
 			}
 			return nil
 		},
