@@ -150,6 +150,17 @@ type Status struct {
 	// AuctionsNotBid counts the auctions the node did not bid on since it started, by
 	// reason (nexd_auctions_not_bid_total).
 	AuctionsNotBid map[string]uint64 `json:"auctions_not_bid,omitempty"`
+	// Tombstones are the stopped workloads whose removal from node state failed and is
+	// retried: a tombstone on local disk keeps each out of every replay meanwhile.
+	Tombstones []Tombstone `json:"tombstones,omitempty"`
+}
+
+// Tombstone is a stopped workload whose removal from node state is pending.
+type Tombstone struct {
+	ID        string    `json:"id"`
+	Type      string    `json:"type"`
+	Namespace string    `json:"namespace,omitempty"` // "" when not known (an older nexd's tombstone)
+	Since     time.Time `json:"since"`               // when its removal first failed
 }
 
 // NATSStatus is the node's NATS connection.

@@ -58,6 +58,8 @@ type server struct {
 	revokes    goroutines     // credential revocations, awaited before NATS closes
 	kv         *state.KV      // the state bucket (state "kv"), else nil
 	jetstream  jsWatch        // what JetStream last said about kv
+	// tombstones stand in for kv's removals that failed (with a state_dir), else nil.
+	tombstones *node.Tombstones
 
 	reloadMu       sync.Mutex // one reload at a time (SIGHUP and the socket)
 	nexletsStopped sync.Once  // stopNexlets
@@ -258,7 +260,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 				return nil, err
 			}
 			d.closers.push("state removal retries", func(context.Context) error { ts.Close(); return nil })
-			store = ts
+			store, s.tombstones = ts, ts
 		}
 	}
 	if cfg.Node.LogStream {
@@ -333,6 +335,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		AuctionDrops:     s.node.AuctionDrops,
 		AuctionsNotBid:   s.node.NotBid,
 		ListChecksFailed: s.node.ListChecksFailed,
+		Tombstones:       func() int { return len(s.tombstoneList()) },
 		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {
 			ns, err := backend{s}.Nexlets(ctx)
 			out := make([]metrics.NexletHealth, 0, len(ns))
@@ -660,4 +663,12 @@ func privateStateDir(dir string, log *slog.Logger) error {
 		log.Warn("state_dir was readable by others; made it 0700", "dir", dir, "was", fmt.Sprintf("%04o", mode))
 	}
 	return nil
+}
+
+// tombstoneList lists the stopped workloads whose removal from node state is pending.
+func (s *server) tombstoneList() []node.Tombstone {
+	if s.tombstones == nil {
+		return nil
+	}
+	return s.tombstones.List()
 }

@@ -72,6 +72,8 @@ type Live struct {
 	// ListChecksFailed are the failed checks of the list rounds for upstream-SDK
 	// nexlets' ended workloads, by check (node.ListChecksFailed).
 	ListChecksFailed func() map[string]uint64
+	// Tombstones is how many stopped workloads' removals from node state are pending.
+	Tombstones func() int
 }
 
 // NexletHealth is one nexlet as the health metrics see it.
@@ -142,6 +144,10 @@ func (m *Metrics) WatchLive(l Live) {
 				add(sample{labels: labels("reason", reason), value: float64(n)})
 			}
 		})
+	}
+	if l.Tombstones != nil {
+		r.gaugeFunc("nexd_state_tombstones", "Stopped workloads whose removal from node state failed and is retried; a tombstone on local disk keeps each out of every replay meanwhile (nexctl status lists them).", "gauge", "",
+			func() float64 { return float64(l.Tombstones()) })
 	}
 	if l.ListChecksFailed != nil {
 		r.add("nexd_nexlet_list_checks_failed_total", "Checks failed by the node's list rounds that hear upstream-SDK nexlets' workload ends (a round hears none unless all pass), by check: answers_missing, answers_extra (a nexlet answered in another's name), answer_failed, listed_twice, no_ping_answer, count_mismatch, ask_failed.", "counter", func(add func(sample)) {

@@ -45,6 +45,7 @@ func TestServedOverTCP(t *testing.T) {
 		AuctionDrops:     func() map[string]uint64 { return map[string]uint64{"flood": 12345} },
 		AuctionsNotBid:   func() map[string]uint64 { return map[string]uint64{"tags": 3, "draining": 0} },
 		ListChecksFailed: func() map[string]uint64 { return map[string]uint64{"answers_extra": 5} },
+		Tombstones:       func() int { return 2 },
 	})
 	m.Reload(true)
 	m.Reload(false)
@@ -97,6 +98,7 @@ func TestServedOverTCP(t *testing.T) {
 		`nexd_auctions_not_bid_total{reason="tags"} 3`,
 		`nexd_auctions_not_bid_total{reason="draining"} 0`,
 		`nexd_nexlet_list_checks_failed_total{check="answers_extra"} 5`,
+		`nexd_state_tombstones 2`,
 		`nexd_nexlet_ends_unheard{nexlet="native"} 0`,
 		`nexd_nexlet_ends_unheard{nexlet="upstream"} 1`,
 	} {

@@ -341,7 +341,7 @@ func (res *reservation) rollback() error {
 		if try > 0 {
 			time.Sleep(time.Duration(try) * 100 * time.Millisecond)
 		}
-		if err = n.o.Store.Delete(n.ctx, res.typ, res.id); err == nil {
+		if err = n.o.Store.Delete(withNamespace(n.ctx, res.ns), res.typ, res.id); err == nil {
 			return nil
 		}
 	}

@@ -1078,14 +1078,15 @@ func (n *Node) forget(workloadID, workloadType string) error {
 // ErrRemovalPending when a tombstone stands in for the removal.
 func (n *Node) unstore(workloadID, workloadType string) error {
 	n.mu.Lock()
-	if o, ok := n.owned[workloadID]; ok && workloadType == "" {
+	o, ok := n.owned[workloadID]
+	if ok && workloadType == "" {
 		workloadType = o.typ
 	}
 	n.mu.Unlock()
 	if workloadType == "" {
 		return nil
 	}
-	err := n.o.Store.Delete(n.ctx, workloadType, workloadID)
+	err := n.o.Store.Delete(withNamespace(n.ctx, o.ns), workloadType, workloadID)
 	if errors.Is(err, ErrRemovalPending) {
 		n.log.Warn("failed to remove an ended workload from node state; a tombstone stands in for it", "workload_id", workloadID, "err", err)
 	} else if err != nil {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -107,7 +108,7 @@ func (t *Tombstones) Delete(ctx context.Context, workloadType, workloadID string
 		}
 		wait *= 2
 	}
-	if terr := t.write(key); terr != nil {
+	if terr := t.write(key, namespaceOf(ctx)); terr != nil {
 		return fmt.Errorf("%w; no tombstone kept either: %w", err, terr)
 	}
 	t.wake()
@@ -146,6 +147,55 @@ func (t *Tombstones) Pending() []string {
 
 func (t *Tombstones) pending() int { return len(t.Pending()) }
 
+// Tombstone is a stopped workload whose removal from node state is pending.
+type Tombstone struct {
+	ID, Type string
+	// Namespace is the workload's, "" when unknown (a tombstone an older nexd wrote).
+	Namespace string
+	Since     time.Time // when its removal first failed
+}
+
+// List returns the tombstones, oldest first.
+func (t *Tombstones) List() []Tombstone {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []Tombstone
+	for _, key := range t.keys() {
+		typ, id, ok := state.SplitKey(key)
+		if !ok {
+			continue
+		}
+		ts := Tombstone{ID: id, Type: typ}
+		path := filepath.Join(t.dir, key)
+		// Small: a time and a namespace (older files: the time only).
+		if b, err := os.ReadFile(path); err == nil {
+			at, ns, _ := strings.Cut(string(b), "\n")
+			ts.Since, _ = time.Parse(time.RFC3339, at)
+			ts.Namespace = strings.TrimSpace(ns)
+		}
+		if fi, err := os.Stat(path); ts.Since.IsZero() && err == nil {
+			ts.Since = fi.ModTime().UTC()
+		}
+		out = append(out, ts)
+	}
+	slices.SortFunc(out, func(a, b Tombstone) int { return a.Since.Compare(b.Since) })
+	return out
+}
+
+// nsKey carries a removal's workload namespace to the tombstone it may leave (the
+// Store interface has no place for it).
+type nsKey struct{}
+
+// withNamespace says which namespace the workload ctx's removal is about is in.
+func withNamespace(ctx context.Context, ns string) context.Context {
+	return context.WithValue(ctx, nsKey{}, ns)
+}
+
+func namespaceOf(ctx context.Context) string {
+	ns, _ := ctx.Value(nsKey{}).(string)
+	return ns
+}
+
 // keys lists the tombstones; t.mu held.
 func (t *Tombstones) keys() []string {
 	ents, err := os.ReadDir(t.dir)
@@ -162,8 +212,9 @@ func (t *Tombstones) keys() []string {
 	return out
 }
 
-// write keeps a tombstone durably: the file, then its directory entry, synced.
-func (t *Tombstones) write(key string) error {
+// write keeps a tombstone durably: the file (when it was written and the workload's
+// namespace, a line each), then its directory entry, synced.
+func (t *Tombstones) write(key, ns string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	tmp := filepath.Join(t.dir, "."+key)
@@ -171,7 +222,7 @@ func (t *Tombstones) write(key string) error {
 	if err != nil {
 		return fmt.Errorf("node state tombstone: %w", err)
 	}
-	_, err = f.WriteString(time.Now().UTC().Format(time.RFC3339) + "\n")
+	_, err = f.WriteString(time.Now().UTC().Format(time.RFC3339) + "\n" + ns + "\n")
 	err = errors.Join(err, f.Sync(), f.Close())
 	if err == nil {
 		err = os.Rename(tmp, filepath.Join(t.dir, key))

@@ -168,3 +168,64 @@ func TestTombstoneReadWhileRetried(t *testing.T) {
 		t.Errorf("ByType read during the retry returned %v: the stopped workload would be replayed", out)
 	}
 }
+
+// TestTombstonesListed: two workloads stopped (over NATS, in two namespaces) while the
+// state store's JetStream is disabled on the real nats-server each leave a tombstone,
+// and List names them: id, type, namespace and since when (what nexctl status, its
+// --json and nexd_state_tombstones show); a tombstone an older nexd wrote (its time
+// only) is listed with no namespace. Once the server is back on its store, the retried
+// removals drop them and List is empty. Before, only the log said a tombstone was kept.
+func TestTombstonesListed(t *testing.T) {
+	var storeDir string
+	srv := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { storeDir = o.StoreDir }})
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, srv, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond)), "LISTNODE", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	ts, err := NewTombstones(kv, dir, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	f := newFixtureOn(t, srv, 1, func(_ int, o *Options) { o.Store = ts })
+	f.healthyAgent(f.nodes[0], "AGENTNATIVE", "native", "native", nil)
+	ids := map[string]string{"tenant": f.deployIn(t, "tenant", "a"), "other": f.deployIn(t, "other", "b")}
+	if l := ts.List(); len(l) != 0 {
+		t.Fatalf("tombstones before any removal failed: %+v", l)
+	}
+	if err := srv.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now().Truncate(time.Second) // RFC 3339: whole seconds
+	for ns, id := range ids {
+		m := request(t, f.client, protocol.UndeploySubject(ns, id), protocol.StopWorkloadRequest{Namespace: ns})
+		var resp protocol.StopWorkloadResponse
+		if err := protocol.Decode(m.Data, &resp); err != nil || !resp.Stopped || resp.StateRemoval != protocol.StateRemovalPending {
+			t.Fatalf("stop %s in %s: %q", id, ns, m.Data)
+		}
+	}
+	testkit.WriteFile(t, filepath.Join(dir, "native_WOLDER"), before.UTC().Format(time.RFC3339)+"\n")
+	got := map[string]Tombstone{}
+	for _, tb := range ts.List() {
+		got[tb.ID] = tb
+	}
+	if len(got) != 3 {
+		t.Fatalf("tombstones %+v, want the two stopped workloads and the older one", got)
+	}
+	for ns, id := range ids {
+		tb := got[id]
+		if tb.Type != "native" || tb.Namespace != ns || tb.Since.Before(before) || tb.Since.After(time.Now()) {
+			t.Errorf("tombstone of %s: %+v, want type native, namespace %s, since the stop", id, tb, ns)
+		}
+	}
+	if tb := got["WOLDER"]; tb.Namespace != "" || tb.Since.Before(before) {
+		t.Errorf("older tombstone %+v, want no namespace and its time", tb)
+	}
+
+	port := srv.Addr().(*net.TCPAddr).Port
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = storeDir, port }})
+	testkit.EventuallyWithin(t, 60*time.Second, "the retried removals drop the tombstones", func() bool { return len(ts.List()) == 0 })
+}

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
+	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -409,16 +410,17 @@ or unique id prefix; without it the local node's id is read from the control soc
 		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id := ""
+			// The local node's status, when it answers: its tombstones mark entries.
+			c := a.client()
+			local, lerr := c.Status(cmd.Context())
+			c.Close()
 			if len(args) == 1 {
 				id = args[0]
 			} else {
-				c := a.client()
-				st, err := c.Status(cmd.Context())
-				c.Close()
-				if err != nil {
-					return fmt.Errorf("no NODE_ID given and the local node's id is unknown: %w", err)
+				if lerr != nil {
+					return fmt.Errorf("no NODE_ID given and the local node's id is unknown: %w", lerr)
 				}
-				id = st.NodeID
+				id = local.NodeID
 			}
 			f, done, err := a.connectFleet(cmd.Context())
 			if err != nil {
@@ -432,6 +434,9 @@ or unique id prefix; without it the local node's id is read from the control soc
 			if err != nil {
 				return err
 			}
+			if lerr == nil && local.NodeID == id {
+				markTombstoned(entries, local.Tombstones)
+			}
 			if a.json {
 				return a.printJSON(entries)
 			}
@@ -440,10 +445,15 @@ or unique id prefix; without it the local node's id is read from the control soc
 				return nil
 			}
 			rows := make([][]string, 0, len(entries))
+			now := time.Now()
 			for _, e := range entries {
-				rows = append(rows, []string{e.Key, fmt.Sprint(e.Revision), e.Created.Format(time.RFC3339), humanBytes(uint64(e.Size))})
+				removal := "--"
+				if e.TombstonedSince != nil {
+					removal = "STOPPED, removal pending for " + friendlyDuration(now.Sub(*e.TombstonedSince)) + " (tombstone)"
+				}
+				rows = append(rows, []string{e.Key, fmt.Sprint(e.Revision), e.Created.Format(time.RFC3339), humanBytes(uint64(e.Size)), removal})
 			}
-			return table(a.out(), "State of node "+id, []string{"Key", "Revision", "Created", "Size"}, rows)
+			return table(a.out(), "State of node "+id, []string{"Key", "Revision", "Created", "Size", "Removal"}, rows)
 		},
 	}
 	var dryRun bool
@@ -511,6 +521,23 @@ type stateEntry struct {
 	Revision uint64    `json:"revision"`
 	Created  time.Time `json:"created"`
 	Size     int       `json:"size"`
+	// TombstonedSince: the workload was stopped and its removal from the bucket failed
+	// at this time; a tombstone on its node keeps it out of replays until a retried
+	// removal succeeds (known for the local node only).
+	TombstonedSince *time.Time `json:"tombstoned_since,omitempty"`
+}
+
+// markTombstoned marks the entries (keys <type>_<id>) that a tombstone stands in for.
+func markTombstoned(entries []stateEntry, ts []control.Tombstone) {
+	since := make(map[string]time.Time, len(ts))
+	for _, t := range ts {
+		since[t.Type+"_"+t.ID] = t.Since
+	}
+	for i := range entries {
+		if at, ok := since[entries[i].Key]; ok {
+			entries[i].TombstonedSince = &at
+		}
+	}
 }
 
 func listStateEntries(ctx context.Context, f *fleet, nodeID string) ([]stateEntry, error) {

@@ -416,10 +416,22 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	if st.AuctionsNotBid != nil {
 		rows = append(rows, [2]string{"Not bid on", notBidText(st.AuctionsNotBid)})
 	}
+	if n := len(st.Tombstones); n > 0 {
+		oldest := st.Tombstones[0].Since
+		for _, t := range st.Tombstones {
+			if t.Since.Before(oldest) {
+				oldest = t.Since
+			}
+		}
+		rows = append(rows, [2]string{"Tombstones", fmt.Sprintf("%d stopped workload(s) kept out of replays; removal from node state pending (oldest %s ago, retried)", n, friendlyDuration(now.Sub(oldest)))})
+	}
 	if st.WorkloadUsers != "" {
 		rows = append(rows, [2]string{"Workloads run as", st.WorkloadUsers})
 	}
 	if err := kvTable(w, "", rows); err != nil {
+		return err
+	}
+	if err := renderTombstones(w, st.Tombstones, now); err != nil {
 		return err
 	}
 	if len(st.Nexlets) == 0 {
@@ -427,6 +439,21 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		return err
 	}
 	return renderNexlets(w, st.Nexlets, now)
+}
+
+// renderTombstones lists the stopped workloads whose removal from node state is
+// pending, oldest first; nothing when there are none.
+func renderTombstones(w io.Writer, ts []control.Tombstone, now time.Time) error {
+	if len(ts) == 0 {
+		return nil
+	}
+	ts = append([]control.Tombstone(nil), ts...)
+	sort.SliceStable(ts, func(i, j int) bool { return ts[i].Since.Before(ts[j].Since) })
+	rows := make([][]string, 0, len(ts))
+	for _, t := range ts {
+		rows = append(rows, []string{t.ID, orDash(t.Namespace), t.Type, t.Since.Format(time.RFC3339), friendlyDuration(now.Sub(t.Since))})
+	}
+	return table(w, "Tombstones (stopped; removal from node state pending)", []string{"Id", "Namespace", "Type", "Since", "Age"}, rows)
 }
 
 func sortedKeys(m map[string]int) []string {
