@@ -225,8 +225,9 @@ the $NEX NATS API (node and workload commands), which also works against upstrea
 Nex nodes.
 
 Output is a table for people; --json prints JSON for scripts. Errors go to stderr.
-Exit codes: 0 success, 1 failure, 2 usage error, 3 outcome unknown (a deploy whose
-node went silent mid-request: the workload may be running there).`,
+Exit codes: 0 success, 1 failure (also a partial result: a list, top or drain that may
+lack some nexlets' workloads), 2 usage error, 3 outcome unknown (a deploy whose node
+went silent mid-request: the workload may be running there).`,
 		Version:       version,
 		SilenceErrors: true,
 		SilenceUsage:  true,
@@ -352,7 +353,13 @@ var _ pflag.Value = (*kvFlag)(nil)
 // envFlag is like kvFlag but never splits on commas: values are arbitrary.
 type envFlag struct{ m map[string]string }
 
-func (f *envFlag) String() string { return fmt.Sprint(len(f.m), " variables") }
+// String is "" when none is set, so help shows no default ("0 variables" before).
+func (f *envFlag) String() string {
+	if len(f.m) == 0 {
+		return ""
+	}
+	return fmt.Sprint(len(f.m), " variables")
+}
 func (f *envFlag) Set(s string) error {
 	k, v, ok := strings.Cut(s, "=")
 	if !ok || k == "" {

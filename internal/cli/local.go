@@ -186,7 +186,7 @@ func (a *app) lameduckCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().DurationVar(&delay, "delay", time.Minute, "how long workloads keep running before they are stopped")
-	cmd.Flags().BoolVar(&wait, "wait", false, "follow the drain until the node has stopped; exit 1 if a workload had to be killed")
+	cmd.Flags().BoolVar(&wait, "wait", false, "follow the drain until the node has stopped; exit 1 if a workload had to be killed, or nexd stopped on a partial list without logging its drain done")
 	return cmd
 }
 
@@ -266,7 +266,10 @@ func (a *app) workloadsCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "workloads",
 		Short: "List what the local node runs, with cgroup stats",
-		Args:  noArgs,
+		Long: `List what the local node runs, with cgroup stats. When a nexlet missed the node's
+fan-out (busy, restarting) or answered with an error, nexctl prints the rows that came,
+warns on stderr naming the nexlet, and exits 1.`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c := a.client()
 			defer c.Close()

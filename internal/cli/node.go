@@ -138,7 +138,7 @@ func (a *app) nodeInfoCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:               "info NODE",
 		Short:             "Show one node's tags, xkey, uptime, version and nexlets",
-		Long:              "Show one node's tags, xkey, uptime, version and nexlets. NODE is its id, name or a unique prefix of its id.",
+		Long:              "Show one node's tags, xkey, uptime, version and nexlets, and for a nexd node the auctions it did not bid on since it started, by reason. NODE is its id, name or a unique prefix of its id.",
 		Args:              exactArgs(1, "NODE"),
 		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -303,7 +303,8 @@ reported as stopping, never as not found. A workload stopped within the last hou
 reported as "already stopped at T (how)", exit 0. With --no-wait nexctl returns as soon
 as the node holding the workload says it is stopping it. WORKLOAD is an id, a name or a unique
 id prefix; when no running workload matches, the nodes' memory of the workloads stopped
-within the hour in this namespace is searched the same way.`,
+within the hour in this namespace is searched the same way. Exit 1 when nothing was
+stopped (not found, or the node could not stop it).`,
 		Args:              exactArgs(1, "WORKLOAD"),
 		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
