@@ -31,6 +31,8 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 			return []NexletHealth{{Name: "native", State: "running", Health: "healthy"}}, nil
 		},
 		ListChecksFailed: func() map[string]uint64 { return map[string]uint64{"answers_extra": 0} },
+		AuctionsNotBid:   func() map[string]uint64 { return map[string]uint64{"tags": 0} },
+		Tombstones:       func() int { return 0 },
 	})
 	// Labelled series exist once something happened.
 	m.Reload(true)
