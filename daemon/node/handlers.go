@@ -217,20 +217,26 @@ func (n *Node) handleAuction(r micro.Request) {
 func (n *Node) bidLocked(r micro.Request, req protocol.AuctionRequest, now time.Time) (resp protocol.AuctionResponse, ok bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	// The debug lines only when enabled: their arguments alone allocate.
+	debug := n.log.Enabled(context.Background(), slog.LevelDebug)
 	if !n.lameduck.IsZero() || n.state == protocol.NodeStopping {
 		n.notBid(noBidDraining)
-		n.log.Debug("not bidding: node is draining", "auction_id", req.AuctionID, "state", n.state)
+		if debug {
+			n.log.Debug("not bidding: node is draining", "auction_id", req.AuctionID, "state", n.state)
+		}
 		return resp, false
 	}
-	if !protocol.TagsMatch(req.Tags, n.tagsLocked()) {
+	if !n.tagsMatchLocked(req.Tags) {
 		n.notBid(noBidTags)
-		n.log.Debug("not bidding: tags do not match", "auction_id", req.AuctionID, "tags", req.Tags)
+		if debug {
+			n.log.Debug("not bidding: tags do not match", "auction_id", req.AuctionID, "tags", req.Tags)
+		}
 		return resp, false
 	}
 	a, why := n.pickAgentLocked(req.AgentType, req.Lifecycle, now)
 	if a == nil {
 		n.notBid(why.reason)
-		if n.log.Enabled(context.Background(), slog.LevelDebug) {
+		if debug {
 			n.log.Debug("not bidding", "auction_id", req.AuctionID, "reason", why.String())
 		}
 		return resp, false

@@ -90,3 +90,45 @@ func TestNotBidCountedByReason(t *testing.T) {
 		t.Fatalf("INFO nexd_auctions_not_bid = %v, want %v", info.AuctionsNotBid, want)
 	}
 }
+
+// TestTagsMatchWithoutMap: the auction path's tag match (no map built) answers as
+// protocol.TagsMatch against the node's whole tag map, for user tags, every built-in,
+// and in and out of lame duck (user tags may not use the built-ins' nex. prefix).
+func TestTagsMatchWithoutMap(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		o.Tags = map[string]string{"zone": "a", "empty": ""}
+	})
+	n := f.nodes[0]
+	var wants []map[string]string
+	add := func(w map[string]string) { wants = append(wants, w) }
+	add(nil)
+	add(map[string]string{})
+	add(map[string]string{"zone": "a"})
+	add(map[string]string{"zone": "b"})
+	add(map[string]string{"empty": ""})
+	add(map[string]string{"missing": ""})
+	add(map[string]string{protocol.TagOS: "plan9"})
+	for k, v := range n.Tags() {
+		add(map[string]string{k: v})
+		add(map[string]string{k: v + "x", "zone": "a"})
+		add(map[string]string{k: v, "zone": "a"})
+	}
+	check := func() {
+		t.Helper()
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		have := n.tagsLocked()
+		for _, w := range wants {
+			if got, want := n.tagsMatchLocked(w), protocol.TagsMatch(w, have); got != want {
+				t.Errorf("tags %v against %v: %v, want %v", w, have, got, want)
+			}
+		}
+	}
+	check()
+	if _, err := n.EnterLameduck(time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	add(map[string]string{protocol.TagLameduck: "true"})
+	add(map[string]string{protocol.TagLameduck: "false"})
+	check()
+}

@@ -491,6 +491,37 @@ func (n *Node) Tags() map[string]string {
 	return n.tagsLocked()
 }
 
+// tagsMatchLocked is protocol.TagsMatch(want, n.tagsLocked()) without building the
+// map: every auction asks it.
+func (n *Node) tagsMatchLocked(want map[string]string) bool {
+	for k, v := range want {
+		if have, ok := n.tagLocked(k); !ok || have != v {
+			return false
+		}
+	}
+	return true
+}
+
+// tagLocked is the node's tag k as tagsLocked has it (a built-in over a user tag).
+func (n *Node) tagLocked(k string) (string, bool) {
+	switch k {
+	case protocol.TagOS:
+		return runtime.GOOS, true
+	case protocol.TagArch:
+		return runtime.GOARCH, true
+	case protocol.TagCPUCount:
+		return strconv.Itoa(runtime.GOMAXPROCS(0)), true
+	case protocol.TagLameduck:
+		return strconv.FormatBool(!n.lameduck.IsZero()), true
+	case protocol.TagNexus:
+		return n.o.Nexus, true
+	case protocol.TagNode:
+		return n.o.Name, true
+	}
+	v, ok := n.userTags[k]
+	return v, ok
+}
+
 func (n *Node) tagsLocked() map[string]string {
 	t := make(map[string]string, len(n.userTags)+6)
 	maps.Copy(t, n.userTags)

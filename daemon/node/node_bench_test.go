@@ -212,3 +212,27 @@ func listNode(b *testing.B, nexlets int) (*fixture, *Node) {
 	}
 	return f, n
 }
+
+// BenchmarkAuctionNotBid is the node's decision on an auction it does not bid on (taken
+// off the queue: tags that do not match, a type it has no nexlet of), without NATS:
+// what such an auction costs besides its delivery, its count included.
+func BenchmarkAuctionNotBid(b *testing.B) {
+	f, _ := benchNode(b)
+	n := f.nodes[0]
+	for _, c := range []struct {
+		name string
+		req  protocol.AuctionRequest
+	}{
+		{"tags", protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{"zone": "elsewhere"}}},
+		{"no_nexlet", protocol.AuctionRequest{AgentType: "wasm", AuctionID: "a", Tags: map[string]string{}}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, ok := n.bidLocked(nil, c.req, time.Now()); ok {
+					b.Fatal("bid")
+				}
+			}
+		})
+	}
+}
