@@ -2,11 +2,13 @@ package node
 
 import (
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -106,5 +108,66 @@ func TestAuctionQueueRefusesLargeHeaders(t *testing.T) {
 	}
 	if d := q.Drops(); d["flood"] != 2 || d["tenant"] != 0 {
 		t.Errorf("drops %v, want 2 of flood and none of tenant", d)
+	}
+}
+
+// TestAuctionQueueHeaderMemory (attack): auctions carrying headers, as nats.go delivers
+// them over a real connection, fill the queue; what the heap holds for them must stay
+// near the queue's 8 MiB bound. Headers were charged once, by their bytes: nats.go
+// holds each twice (the payload it copied, and the string the parsed map slices) and a
+// key costs a map entry besides, so 3,000 one-letter headers an auction held 38 MiB
+// for 8 MiB charged (4.8 times), one 60 KB header 18 MiB (2.2 times).
+func TestAuctionQueueHeaderMemory(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	pc := testnats.Connect(t, srv)
+	ch := make(chan *nats.Msg, 64)
+	sub, err := nc.ChanSubscribe(protocol.AuctionSubject("*"), ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	many := nats.Header{}
+	for i := 0; len(many) < 400; i++ {
+		many[fmt.Sprintf("k%d", i)] = []string{"v"}
+	}
+	for _, c := range []struct {
+		name string
+		h    nats.Header
+	}{
+		{"many small headers", many},
+		{"one large header", nats.Header{"X-Pad": {strings.Repeat("h", 30000)}}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			q := newAuctionQueue()
+			var ms runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			before := ms.HeapAlloc
+			queued := 0
+			for i := range 1000 {
+				ns := fmt.Sprintf("ns%d", i)
+				if err := pc.PublishMsg(&nats.Msg{Subject: protocol.AuctionSubject(ns), Reply: "_INBOX.x", Data: []byte(`{}`), Header: c.h}); err != nil {
+					t.Fatal(err)
+				}
+				if q.push(ns, queuedAuction{m: <-ch}) {
+					queued++
+				}
+			}
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			grew := int64(ms.HeapAlloc) - int64(before)
+			t.Logf("%d auctions queued (of 1000), %d held, charged %d KiB; heap grew %d KiB", queued, q.n, q.bytes>>10, grew>>10)
+			if q.n == 0 {
+				t.Fatal("nothing queued: the attack did not fill the queue")
+			}
+			// A quarter for the allocator's size classes (a 30 KB header is held in two
+			// 32 KiB blocks), 2 MiB for what the heap counts besides (the connections'
+			// buffers): 9 MiB measured with the fix.
+			if limit := int64(auctionQueueMaxBytes)*5/4 + 2<<20; grew > limit {
+				t.Errorf("the queue holds %d KiB of the heap for auctions charged %d KiB; want at most %d KiB", grew>>10, q.bytes>>10, limit>>10)
+			}
+			runtime.KeepAlive(q)
+		})
 	}
 }
