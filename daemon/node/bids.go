@@ -249,6 +249,9 @@ type auctionQueue struct {
 	// names, then AuctionDropsOther); warned is what the last warning had reported.
 	drops, warned map[string]uint64
 	warnedBlind   uint64 // nats.go's drops the last warning reported (health loop only)
+	// tooLarge counts those of the drops refused for their size (auctionMaxBytes): no
+	// honest client sends them, so they are not the node failing to keep up.
+	tooLarge uint64
 }
 
 func newAuctionQueue() *auctionQueue {
@@ -312,6 +315,9 @@ func (q *auctionQueue) push(ns string, a queuedAuction) bool {
 	if full || a.cost-auctionEntryBytes-len(a.m.Subject)-len(a.m.Reply) > auctionMaxBytes {
 		if cur != nil {
 			cur.lost = true
+		}
+		if !full {
+			q.tooLarge++
 		}
 		q.dropLocked(ns)
 		return false
@@ -440,9 +446,16 @@ func (q *auctionQueue) refuse() {
 
 // Drops returns the auctions dropped so far, by namespace.
 func (q *auctionQueue) Drops() map[string]uint64 {
+	d, _ := q.dropsTooLarge()
+	return d
+}
+
+// dropsTooLarge is Drops and how many of them were refused for their size, read
+// together (so that what NotBid subtracts is in what it subtracts from).
+func (q *auctionQueue) dropsTooLarge() (map[string]uint64, uint64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return maps.Clone(q.drops)
+	return maps.Clone(q.drops), q.tooLarge
 }
 
 // newDrops returns the namespaces that dropped auctions since the last call, with how

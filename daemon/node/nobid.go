@@ -20,6 +20,7 @@ const (
 const (
 	NotBidNamespace = "namespace" // the subject's namespace is not valid (AuctionDropsInvalid)
 	NotBidDropped   = "dropped"   // dropped unanswered: the node could not keep up (every other AuctionDrops key)
+	NotBidTooLarge  = "too_large" // body and headers over auctionMaxBytes (counted in AuctionDrops too)
 )
 
 // String is the reason's label in nexd_auctions_not_bid_total and nexctl.
@@ -49,17 +50,23 @@ func (n *Node) notBid(r noBid) { n.noBids[r].Add(1) }
 // NotBid returns how many auctions the node did not bid on since it was built, by
 // reason: every reason, 0 included, so that a dashboard sees each series.
 func (n *Node) NotBid() map[string]uint64 {
-	out := make(map[string]uint64, int(noBidReasons)+2)
+	out := make(map[string]uint64, int(noBidReasons)+3)
 	for r := range noBidReasons {
 		out[r.String()] = n.noBids[r].Load()
 	}
 	out[NotBidNamespace], out[NotBidDropped] = 0, 0
-	for ns, d := range n.AuctionDrops() {
+	drops, tooLarge := n.auctionDrops()
+	out[NotBidTooLarge] = tooLarge
+	for ns, d := range drops {
 		if ns == AuctionDropsInvalid {
 			out[NotBidNamespace] += d
 		} else {
 			out[NotBidDropped] += d
 		}
 	}
+	// An auction too large is refused, not dropped for want of time (before, it was
+	// counted as dropped: a tenant's oversized auctions read as a node that cannot keep
+	// up, TestNotBidCountedByReason).
+	out[NotBidDropped] -= tooLarge
 	return out
 }

@@ -36,7 +36,7 @@ func TestNotBidCountedByReason(t *testing.T) {
 			t.Fatalf("a new node counts %d auctions not bid on for %s", c, r)
 		}
 	}
-	if len(want) != int(noBidReasons)+2 {
+	if len(want) != int(noBidReasons)+3 {
 		t.Fatalf("NotBid lists %d reasons, want every one: %v", len(want), want)
 	}
 	refused := func(reason string) {
@@ -60,6 +60,11 @@ func TestNotBidCountedByReason(t *testing.T) {
 	collect(t, f.client, protocol.AuctionSubject(strings.Repeat("n", protocol.MaxNamespaceLen+1)),
 		mustJSON(t, protocol.AuctionRequest{AuctionID: "a", AgentType: "native", Tags: map[string]string{}}), 0, time.Second, 0)
 	refused("namespace")
+	// Too large (attack): refused by the queue, and not "dropped", which tells the
+	// operator the node could not keep up (before, it was counted so).
+	collect(t, f.client, protocol.AuctionSubject("tenant"),
+		mustJSON(t, protocol.AuctionRequest{AuctionID: strings.Repeat("a", auctionMaxBytes), AgentType: "native", Tags: map[string]string{}}), 0, time.Second, 0)
+	refused("too_large")
 	storeDown.Store(true)
 	none(protocol.AuctionRequest{AgentType: "native"}, "state_store")
 	storeDown.Store(false)

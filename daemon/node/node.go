@@ -856,7 +856,13 @@ func (n *Node) healthLoop() {
 // pending list full) under AuctionDropsUnsorted, and those refused for a namespace
 // that is not valid under AuctionDropsInvalid.
 func (n *Node) AuctionDrops() map[string]uint64 {
-	d := n.auctions.Drops()
+	d, _ := n.auctionDrops()
+	return d
+}
+
+// auctionDrops is AuctionDrops and how many of the queue's were refused for their size.
+func (n *Node) auctionDrops() (map[string]uint64, uint64) {
+	d, tooLarge := n.auctions.dropsTooLarge()
 	n.mu.Lock()
 	sub := n.auctionSub
 	n.mu.Unlock()
@@ -865,7 +871,7 @@ func (n *Node) AuctionDrops() map[string]uint64 {
 			d[AuctionDropsUnsorted] = uint64(blind)
 		}
 	}
-	return d
+	return d, tooLarge
 }
 
 // Replayed returns the ids of the workloads the node handed its nexlets to replay

@@ -243,6 +243,8 @@ func notBidReason(r string) string {
 		return "bad request"
 	case "namespace":
 		return "invalid namespace"
+	case "too_large":
+		return "too large (body and headers over 64 KiB)"
 	case "dropped":
 		return "dropped unanswered (node could not keep up)"
 	}
