@@ -440,6 +440,8 @@ func (n *nexlet) handOff(p *Prestarted, proc *cgroup.Group, env []string, outW, 
 		// Its GOMAXPROCS follows the CPU limit of the group it was exec'd in.
 		return errors.New("its runtime sized GOMAXPROCS by the CPU limit of nexd's cgroup at exec, not its own")
 	}
+	// Its warm-up move (a no-op, Prestarted.warmAttach) must not come after this one.
+	<-p.warmed
 	// Once the process ended and was reaped its pid may be any other process's,
 	// which must not be moved, recorded or hardened in its stead.
 	err := p.whileUnreaped(func(pid int) error {

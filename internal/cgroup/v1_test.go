@@ -423,3 +423,37 @@ func BenchmarkV1CleanupStaleEmpty(b *testing.B) {
 		}
 	}
 }
+
+// WarmAttach's move is one to where the process is already: a child placed in a group
+// stays in that group in every hierarchy, and nothing else moves.
+func TestWarmAttachMovesNothing(t *testing.T) {
+	m := v1Root(t)
+	g, err := m.Create("n/warm", Limits{PidsMax: 20})
+	must(t, err)
+	cmd := exec.Command("/bin/sleep", "3600")
+	must(t, g.Start(cmd))
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	where := func() string {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", cmd.Process.Pid))
+		must(t, err)
+		return string(b)
+	}
+	self, err := os.ReadFile("/proc/self/cgroup")
+	must(t, err)
+	before := where()
+	must(t, WarmAttach(cmd.Process.Pid))
+	if after := where(); after != before {
+		t.Fatalf("moved:\n%s\nwas:\n%s", after, before)
+	}
+	if now, _ := os.ReadFile("/proc/self/cgroup"); string(now) != string(self) {
+		t.Fatalf("the test process moved:\n%s\nwas:\n%s", now, self)
+	}
+	pids, err := g.Procs()
+	must(t, err)
+	if !slices.Equal(pids, []int{cmd.Process.Pid}) {
+		t.Fatalf("group procs %v, want [%d]", pids, cmd.Process.Pid)
+	}
+	if err := WarmAttach(1 << 30); err == nil {
+		t.Fatal("no error for a pid that does not exist")
+	}
+}
