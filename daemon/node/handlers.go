@@ -306,16 +306,21 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	}
 	// While the nexlet stops it, a list round that no longer finds it leaves it to this
 	// stop (listends.go), which removes it once answered; remembered before this returns.
-	n.mu.Lock()
-	n.stopsInFlight[workloadID]++
-	n.mu.Unlock()
-	defer func() {
+	// Only a stop that can end it: one from another namespace, which its nexlet answers
+	// "not found", must not hide its end (a tenant flooding such stops delayed a job's
+	// end by seconds, TestStopsFromAnotherNamespaceDoNotHideAnEnd).
+	if owned && (namespace == o.ns || namespace == protocol.SystemNamespace) {
 		n.mu.Lock()
-		if n.stopsInFlight[workloadID]--; n.stopsInFlight[workloadID] <= 0 {
-			delete(n.stopsInFlight, workloadID)
-		}
+		n.stopsInFlight[workloadID]++
 		n.mu.Unlock()
-	}()
+		defer func() {
+			n.mu.Lock()
+			if n.stopsInFlight[workloadID]--; n.stopsInFlight[workloadID] <= 0 {
+				delete(n.stopsInFlight, workloadID)
+			}
+			n.mu.Unlock()
+		}()
+	}
 	defer n.changes.Add(1)
 	ret := protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}
 	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace})

@@ -540,3 +540,59 @@ func TestRogueNexletPadsBusyUpstreamNexletsList(t *testing.T) {
 		})
 	}
 }
+
+// TestStopsFromAnotherNamespaceDoNotHideAnEnd (attack): a tenant of another namespace
+// that knows the id of an upstream-SDK nexlet's job stops it from its own namespace
+// while the job ends. Its stop cannot touch the job (the nexlet answers "not found"),
+// but it counted as a stop in flight, which a list round leaves to the stop (f3deab4):
+// while it lasted (here 4 s: a hung nexlet of another type keeps it waiting its
+// StopTimeout; with 32 loops of quick stops, 1.3-4.3 s) the job's end was not heard
+// (in node state, to run again at its nexlet's next registration; its credentials not
+// revoked). Now only a stop in the workload's namespace (or the system namespace) is
+// in flight for it: the end is heard while the other stop waits.
+func TestStopsFromAnotherNamespaceDoNotHideAnEnd(t *testing.T) {
+	rf, cs := newCountedEndsFixture(t, func(o *Options) { o.StopTimeout = 4 * time.Second })
+	up := rf.upstreamNexlet("up0", "up", "native")
+	hung := rf.minted("hung0", "hung", "other", nil)
+	wid := rf.deployJob("native", "tenant")
+	rf.rounds(3) // confirmed by its lists
+	hung.mute.Store(true)
+	n := rf.nodes[0]
+	asked := make(chan struct{}, 1)
+	sub, err := rf.client.Subscribe(protocol.StopWorkloadAgentSubject(n.ID(), hung.id, wid), func(*nats.Msg) {
+		select {
+		case asked <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := rf.client.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	answered := make(chan *nats.Msg, 1)
+	go func() {
+		m, err := rf.client.Request(protocol.UndeploySubject("other", wid), js(protocol.StopWorkloadRequest{Namespace: "other"}), 10*time.Second)
+		if err != nil {
+			m = &nats.Msg{Data: []byte(err.Error())}
+		}
+		answered <- m
+	}()
+	select { // the other namespace's stop under way: the hung nexlet was asked
+	case <-asked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the hung nexlet was not asked to stop the job")
+	}
+	up.finish(wid) // ends on its own; heard only from a list round
+	heard := testkit.WaitFor(3*time.Second, func() bool { return cs.deletes(wid) > 0 })
+	m := <-answered
+	var resp protocol.StopWorkloadResponse
+	if protocol.Decode(m.Data, &resp) == nil && resp.Stopped {
+		t.Errorf("the stop from another namespace answered stopped: %s", m.Data)
+	}
+	if !heard {
+		t.Errorf("the job's end was not heard in 3 s (rounds every 50 ms) while a stop from another namespace waited: it stays in node state")
+	}
+}
