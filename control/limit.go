@@ -8,13 +8,16 @@ import (
 )
 
 // Connection limits: a local user who may connect (status) must not be able to pin
-// the socket. Admins (root, nexd's own uid, group nex) are only held to the total.
+// the socket, nor, with the uids of many workloads (one each), crowd out the admins:
+// admins (root, nexd's own uid, group nex) are bounded apart from everyone else.
 const (
 	// MaxConnsPerUser bounds the open connections of one non-admin uid.
 	MaxConnsPerUser = 16
-	// MaxConns bounds all open connections.
+	// MaxConns bounds the open connections of non-admins together, and those of admins
+	// together.
 	MaxConns = 1024
-	// ReadTimeout bounds reading one request, body included (a slow body).
+	// ReadTimeout bounds reading one request, body included (a slow body), and, for a
+	// non-admin, writing each piece of an answer (a client that never reads).
 	ReadTimeout = 15 * time.Second
 )
 
@@ -23,9 +26,9 @@ type limitListener struct {
 	net.Listener
 	s *Server
 
-	mu    sync.Mutex
-	total int
-	per   map[uint32]int
+	mu             sync.Mutex
+	admins, others int
+	per            map[uint32]int // non-admins' connections by uid
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -37,16 +40,20 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		p := readPeer(c, l.s.opts.ProcRoot)
 		admin := p.Err == nil && l.s.isAdmin(p)
 		l.mu.Lock()
-		if l.total >= l.s.maxConns || (!admin && l.per[p.UID] >= l.s.maxPerUser) {
+		if (admin && l.admins >= l.s.maxConns) || (!admin && (l.others >= l.s.maxConns || l.per[p.UID] >= l.s.maxPerUser)) {
 			l.mu.Unlock()
 			l.s.log.Warn("control connection refused: too many open connections", "uid", p.UID, "pid", p.PID)
 			c.Close()
 			continue
 		}
-		l.total++
-		l.per[p.UID]++
+		if admin {
+			l.admins++
+		} else {
+			l.others++
+			l.per[p.UID]++
+		}
 		l.mu.Unlock()
-		return &peerConn{Conn: c, peer: p, l: l}, nil
+		return &peerConn{Conn: c, peer: p, admin: admin, write: l.s.readTimeout, l: l}, nil
 	}
 }
 
@@ -55,7 +62,7 @@ func (l *limitListener) drain(ctx context.Context) bool {
 	wait := time.Millisecond
 	for {
 		l.mu.Lock()
-		open := l.total
+		open := l.admins + l.others
 		l.mu.Unlock()
 		if open == 0 {
 			return true
@@ -69,11 +76,15 @@ func (l *limitListener) drain(ctx context.Context) bool {
 	}
 }
 
-func (l *limitListener) release(uid uint32) {
+func (l *limitListener) release(c *peerConn) {
 	l.mu.Lock()
-	l.total--
-	if l.per[uid]--; l.per[uid] <= 0 {
-		delete(l.per, uid)
+	if c.admin {
+		l.admins--
+	} else {
+		l.others--
+		if l.per[c.peer.UID]--; l.per[c.peer.UID] <= 0 {
+			delete(l.per, c.peer.UID)
+		}
 	}
 	l.mu.Unlock()
 }
@@ -81,13 +92,25 @@ func (l *limitListener) release(uid uint32) {
 // peerConn is an admitted connection with the credentials its peer had at connect().
 type peerConn struct {
 	net.Conn
-	peer Peer
-	l    *limitListener
-	once sync.Once
+	peer  Peer
+	admin bool
+	write time.Duration // a non-admin's bound on each write
+	l     *limitListener
+	once  sync.Once
+}
+
+// Write bounds a non-admin's writes: net/http sets no write deadline (a server-wide
+// one would end admins' log follows), so a client that sent requests and never read
+// the answers held its connection for good. An admin's follow may wait on its reader.
+func (c *peerConn) Write(b []byte) (int, error) {
+	if !c.admin {
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(c.write))
+	}
+	return c.Conn.Write(b)
 }
 
 func (c *peerConn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(func() { c.l.release(c.peer.UID) })
+	c.once.Do(func() { c.l.release(c) })
 	return err
 }

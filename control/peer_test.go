@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,6 +21,7 @@ import (
 const (
 	helperEnvOp     = "NEXD_CONTROL_TEST_OP"
 	helperEnvSocket = "NEXD_CONTROL_TEST_SOCKET"
+	helperEnvConns  = "NEXD_CONTROL_TEST_CONNS"
 )
 
 func TestMain(m *testing.M) {
@@ -41,6 +45,8 @@ func runHelper(op, socket string) int {
 		_, err = c.Reload(ctx)
 	case "secrets":
 		_, err = c.ListSecrets(ctx, "default")
+	case "hold", "pin":
+		return holdConns(op, socket)
 	default:
 		err = fmt.Errorf("unknown op %q", op)
 	}
@@ -53,6 +59,36 @@ func runHelper(op, socket string) int {
 	default:
 		fmt.Printf("error %v\n", err)
 	}
+	return 0
+}
+
+// holdConns plays a local user (or a workload's dynamic uid) that keeps control
+// connections open: "hold" opens them and sends nothing, "pin" sends status requests on
+// them without end and never reads an answer. It prints "held N" once N are open and
+// stays until its stdin closes.
+func holdConns(op, socket string) int {
+	n, _ := strconv.Atoi(os.Getenv(helperEnvConns))
+	var conns []net.Conn
+	for range n {
+		c, err := net.Dial("unix", socket)
+		if err != nil {
+			fmt.Printf("error %v\n", err)
+			return 1
+		}
+		conns = append(conns, c)
+		if op == "pin" {
+			go func() {
+				req := []byte("GET /v1/status HTTP/1.1\r\nHost: nexd\r\n\r\n")
+				for {
+					if _, err := c.Write(req); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}
+	fmt.Printf("held %d\n", len(conns))
+	_, _ = io.Copy(io.Discard, os.Stdin)
 	return 0
 }
 
@@ -140,5 +176,97 @@ func TestPeerCredentials(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	if got := call(socket, "status", nil); !strings.Contains(got, "status 403") {
 		t.Errorf("status as %s with AllowNone on a 0666 socket = %q, want 403", uname, got)
+	}
+}
+
+// holders starts, as each of users, a helper that keeps conns control connections to
+// socket open (op "hold" or "pin", see holdConns) and waits until each says so. They end
+// with the test.
+func holders(t *testing.T, bin, socket, op string, conns int, users ...*testkit.User) {
+	t.Helper()
+	for _, u := range users {
+		cmd := u.Command(bin)
+		cmd.Env = []string{helperEnvOp + "=" + op, helperEnvSocket + "=" + socket, helperEnvConns + "=" + strconv.Itoa(conns)}
+		stdin, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out testkit.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { stdin.Close(); _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		want := fmt.Sprintf("held %d", conns)
+		testkit.EventuallyWithin(t, 30*time.Second, u.Name+" holds its connections", func() bool { return out.Contains(want) || out.Contains("error") })
+		if !out.Contains(want) {
+			t.Fatalf("%s as %s: %s", op, u.Name, out.String())
+		}
+	}
+}
+
+// publicServer serves a status-only socket (mode 0666, as packaged) in a directory every
+// test user can reach, with a copy of this test binary there for them to run.
+func publicServer(t *testing.T, opts ServerOptions) (s *Server, bin string) {
+	t.Helper()
+	dir := testkit.PublicDir(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin = testkit.CopyFile(t, self, filepath.Join(dir, "helper.test"), 0o755)
+	opts.Backend, opts.AllowOthers = newTestBackend(), AllowStatus
+	s, err = Listen(filepath.Join(dir, "nexd.sock"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return s, bin
+}
+
+// TestAttackManyUsersLockOutAdmins: the socket is open to every local uid (status), and
+// a tenant gets one dynamic uid per workload, each allowed 16 connections. Uids that
+// each stay within their own bound filled the bound on all connections, which admins
+// counted against too: 64 workloads held 1024 connections and root's nexctl was refused.
+// Here the bounds are shrunk (2 a uid, 4 in all) and two real users fill them; root is
+// still served, and a third user gets nothing past the shared bound.
+func TestAttackManyUsersLockOutAdmins(t *testing.T) {
+	testkit.RequireUsers(t)
+	t.Parallel()
+	s, bin := publicServer(t, ServerOptions{MaxConns: 4, MaxConnsPerUser: 2})
+	holders(t, bin, s.Path(), "hold", 2, testkit.NewUser(t), testkit.NewUser(t))
+	c := NewClient(s.Path())
+	defer c.Close()
+	for i := range 3 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := c.Status(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("root's status %d while other uids hold every connection: %v", i, err)
+		}
+	}
+}
+
+// TestAttackClientThatNeverReadsIsDropped: a local user sends status requests without
+// end and reads no answer. The server's writes then block; with no write deadline they
+// blocked for good and held the connections (and their goroutines) until nexd stopped.
+// Now a non-admin connection whose answer cannot be written within the request timeout
+// is closed.
+func TestAttackClientThatNeverReadsIsDropped(t *testing.T) {
+	testkit.RequireUsers(t)
+	t.Parallel()
+	s, bin := publicServer(t, ServerOptions{ReadTimeout: time.Second, MaxConnsPerUser: 4})
+	u := testkit.NewUser(t)
+	holders(t, bin, s.Path(), "pin", 4, u)
+	open := func() int {
+		s.lim.mu.Lock()
+		defer s.lim.mu.Unlock()
+		return s.lim.per[u.UID]
+	}
+	if !testkit.WaitFor(30*time.Second, func() bool { return open() == 0 }) {
+		t.Fatalf("%d connections of a client that never reads still open after 30 s", open())
 	}
 }

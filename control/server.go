@@ -48,6 +48,9 @@ type ServerOptions struct {
 	// MaxConnsPerUser bounds a non-admin uid's open connections (default
 	// MaxConnsPerUser).
 	MaxConnsPerUser int
+	// MaxConns bounds the open connections of non-admins together (default MaxConns);
+	// tests shrink it.
+	MaxConns int
 }
 
 // Server serves the control API on a Unix socket.
@@ -65,6 +68,7 @@ type Server struct {
 	log      *slog.Logger
 
 	maxConns, maxPerUser int
+	readTimeout          time.Duration
 
 	baseCtx    context.Context
 	baseCancel context.CancelFunc
@@ -137,6 +141,9 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 	if opts.MaxConnsPerUser > 0 {
 		s.maxPerUser = opts.MaxConnsPerUser
 	}
+	if opts.MaxConns > 0 {
+		s.maxConns = opts.MaxConns
+	}
 	s.lim = &limitListener{Listener: s.ln, s: s, per: map[uint32]int{}}
 	s.ln = s.lim
 	s.serveDone = make(chan struct{})
@@ -144,6 +151,7 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 	if opts.ReadTimeout > 0 {
 		readTimeout = opts.ReadTimeout
 	}
+	s.readTimeout = readTimeout
 	s.routes()
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 	s.follows, s.endFollows = context.WithCancel(context.Background())
