@@ -45,6 +45,12 @@ const MaxNamespaceLen = 64
 // each artifact grant names the domain too (daemon/node TestLongDomainNamespaceRefused).
 const MaxWorkloadCredentials = 4096 - 320
 
+// WorkloadCredentialsSize is what MaxWorkloadCredentials bounds: the user JWT and the
+// connection name.
+func WorkloadCredentialsSize(cd NatsConnectionData) int {
+	return len(cd.NatsUserJWT) + len(cd.ConnName)
+}
+
 // IsNamespace reports whether ns is a namespace a node serves: one subject token
 // (IsToken) of at most MaxNamespaceLen characters. Allocation-free, for the auction
 // intake.

@@ -139,7 +139,7 @@ func (m *Metrics) WatchLive(l Live) {
 		})
 	}
 	if l.AuctionsNotBid != nil {
-		r.add("nexd_auctions_not_bid_total", "Auctions the node did not bid on, by reason: draining (lame duck, stopping), tags (the auction's tags do not match the node's), no_nexlet (no healthy nexlet of the type), lifecycle (its nexlets of the type do not run it), max_workloads (they are full), state_store (the state store cannot be written: JetStream cut off), bad_request, namespace (no valid namespace in the subject), too_large (body and headers over 64 KiB; in nexd_auctions_dropped_total too) and dropped (dropped unanswered: the node could not keep up; by namespace in nexd_auctions_dropped_total).", "counter", func(add func(sample)) {
+		r.add("nexd_auctions_not_bid_total", "Auctions the node did not bid on, by reason: draining (lame duck, stopping), tags (the auction's tags do not match the node's), no_nexlet (no healthy nexlet of the type), lifecycle (its nexlets of the type do not run it), max_workloads (they are full), credentials (a workload's NATS credentials in the auction's namespace would not fit nats-server's 4 KiB control line: a long nats.jsdomain), state_store (the state store cannot be written: JetStream cut off), bad_request, namespace (no valid namespace in the subject), too_large (body and headers over 64 KiB; in nexd_auctions_dropped_total too) and dropped (dropped unanswered: the node could not keep up; by namespace in nexd_auctions_dropped_total).", "counter", func(add func(sample)) {
 			for reason, n := range l.AuctionsNotBid() {
 				add(sample{labels: labels("reason", reason), value: float64(n)})
 			}

@@ -109,6 +109,10 @@ type Minter interface {
 	MintRegister(agentID, nodeID string) (protocol.NatsConnectionData, error)
 	MintAgent(agentID, nodeID string, direct bool) (protocol.NatsConnectionData, error)
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// WorkloadNamespaceFits reports whether a workload minted in namespace gets
+	// credentials within protocol.MaxWorkloadCredentials; allocation-free, for the
+	// auction path.
+	WorkloadNamespaceFits(namespace string) bool
 	// RenewWorkload mints fresh credentials for a running workload, refusing a
 	// namespace other than the one its first credentials were minted for.
 	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)

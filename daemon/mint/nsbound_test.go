@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -37,7 +38,7 @@ func TestWorkloadNamespaceBound(t *testing.T) {
 				err = nc.Flush()
 				nc.Close()
 			}
-			return len(cd.NatsUserJWT) + len(cd.ConnName), err
+			return protocol.WorkloadCredentialsSize(cd), err
 		}
 		if size, err := connects(protocol.MaxNamespaceLen); err != nil {
 			t.Fatalf("domain %q: a workload of a %d-character namespace (JWT and name %d bytes) cannot connect: %v", dom, protocol.MaxNamespaceLen, size, err)
@@ -66,5 +67,74 @@ func TestWorkloadNamespaceBound(t *testing.T) {
 		}
 		size, _ := connects(lo)
 		t.Logf("domain %q: the longest namespace whose workload connects has %d characters (JWT and name %d bytes)", dom, lo, size)
+	}
+}
+
+// TestWorkloadNamespaceFitsAsMinted: the auction's check (WorkloadNamespaceFits, the
+// longest namespace found once by minting) answers, for every namespace length up to
+// protocol.MaxNamespaceLen and every kind of namespace character, as the deploy's
+// check of the credentials MintWorkload makes, with and without a JetStream domain
+// long enough that namespaces under the bound do not fit; finding it remembers no user.
+func TestWorkloadNamespaceFitsAsMinted(t *testing.T) {
+	e := startOperator(t)
+	for _, dom := range []string{"", "hub", strings.Repeat("d", 48), strings.Repeat("d", 64), strings.Repeat("d", 200)} {
+		m, err := NewSigningKeyMinter(e.sigSeed, e.accPub, Options{Servers: []string{e.s.ClientURL()}, JSDomain: dom})
+		if err != nil {
+			t.Fatal(err)
+		}
+		refused := 0
+		for n := 1; n <= protocol.MaxNamespaceLen; n++ {
+			// One character, and every kind of character (the probe uses one).
+			for _, ns := range []string{strings.Repeat("Z", n), strings.Repeat("a9_-Q", n)[:n]} {
+				fits := m.WorkloadNamespaceFits(ns)
+				m.mu.Lock()
+				minted := len(m.workloads)
+				m.mu.Unlock()
+				if minted != 0 {
+					t.Fatalf("domain of %d characters: WorkloadNamespaceFits remembered %d workload users", len(dom), minted)
+				}
+				cd, err := m.MintWorkload(ns, nuid.Next())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if size := protocol.WorkloadCredentialsSize(cd); fits != (size <= protocol.MaxWorkloadCredentials) {
+					t.Fatalf("domain of %d characters, namespace %q: credentials of %d bytes (bound %d), WorkloadNamespaceFits %v",
+						len(dom), ns, size, protocol.MaxWorkloadCredentials, fits)
+				}
+				if !fits {
+					refused++
+				}
+				m.mu.Lock()
+				clear(m.workloads)
+				m.mu.Unlock()
+			}
+		}
+		t.Logf("domain of %d characters: %d of %d namespace lengths do not fit", len(dom), refused/2, protocol.MaxNamespaceLen)
+		if len(dom) >= 64 && refused == 0 {
+			t.Fatalf("domain of %d characters: every namespace fits; the test checks nothing", len(dom))
+		}
+	}
+}
+
+// BenchmarkWorkloadNamespaceFitsFirst is the first WorkloadNamespaceFits of a minter
+// (the auction that makes it waits for it): one mint where every namespace fits, a
+// search of about seven where some do not (a 64-character JetStream domain).
+func BenchmarkWorkloadNamespaceFitsFirst(b *testing.B) {
+	acct, _ := nkeys.CreateAccount()
+	seed, _ := acct.Seed()
+	pub, _ := acct.PublicKey()
+	for _, c := range []struct{ name, dom string }{{"new_only", "-"}, {"all_fit", ""}, {"domain64", strings.Repeat("d", 64)}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				m, err := NewSigningKeyMinter(string(seed), pub, Options{JSDomain: strings.TrimPrefix(c.dom, "-")})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if c.dom != "-" {
+					m.WorkloadNamespaceFits("ns")
+				}
+			}
+		})
 	}
 }

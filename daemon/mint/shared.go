@@ -81,6 +81,10 @@ func (m *NkeyMinter) MintWorkload(namespace, workloadID string) (protocol.NatsCo
 	return m.data(workloadConnName(namespace, workloadID), workloadID), nil
 }
 
+// WorkloadNamespaceFits is true: the shared identity is no JWT, and the connection name
+// of a namespace of up to protocol.MaxNamespaceLen characters is under 100 bytes.
+func (m *NkeyMinter) WorkloadNamespaceFits(string) bool { return true }
+
 // RenewWorkload returns the shared identity (it does not expire).
 func (m *NkeyMinter) RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {
 	return m.MintWorkload(namespace, workloadID)
@@ -136,6 +140,9 @@ func (m *NoAuthMinter) MintAgent(agentID, nodeID string, _ bool) (protocol.NatsC
 func (m *NoAuthMinter) MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {
 	return m.data(workloadConnName(namespace, workloadID), workloadID), nil
 }
+
+// WorkloadNamespaceFits is true: there are no credentials, only a connection name.
+func (m *NoAuthMinter) WorkloadNamespaceFits(string) bool { return true }
 
 // RenewWorkload returns only the servers.
 func (m *NoAuthMinter) RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
+	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/internal/nkeysign"
 	"github.com/nexd-project/nexd/protocol"
@@ -27,6 +28,8 @@ type SigningKeyMinter struct {
 	workloads  map[string][]string // workload id -> user public keys minted for it
 	agents     map[string][]string // agent id -> registration and nexlet users, oldest first
 	namespaces map[string]string   // workload id -> namespace, for renewal checks
+	// longestNamespace is longestWorkloadNamespace, found at its first use.
+	longestNamespace func() int
 }
 
 // NewSigningKeyMinter checks the signing seed (SA…) and the account public key (A…) the
@@ -50,7 +53,7 @@ func NewSigningKeyMinter(signingSeed, rootAccount string, opts Options) (*Signin
 	if err != nil {
 		return nil, fmt.Errorf("issuer signing key: %w", err)
 	}
-	return &SigningKeyMinter{
+	m := &SigningKeyMinter{
 		signer:     signer,
 		signerPub:  pub,
 		account:    rootAccount,
@@ -58,7 +61,9 @@ func NewSigningKeyMinter(signingSeed, rootAccount string, opts Options) (*Signin
 		workloads:  map[string][]string{},
 		agents:     map[string][]string{},
 		namespaces: map[string]string{},
-	}, nil
+	}
+	m.longestNamespace = sync.OnceValue(m.longestWorkloadNamespace)
+	return m, nil
 }
 
 // CanMint is true: every child gets its own user.
@@ -190,14 +195,60 @@ func (m *SigningKeyMinter) RevokeAgentBefore(ctx context.Context, agentID, userP
 // MintWorkload gives a workload its namespace's subjects. The user is remembered so it
 // can be revoked when the workload stops.
 func (m *SigningKeyMinter) MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error) {
+	cd, pub, err := m.mintWorkload(namespace, workloadID)
+	if err != nil {
+		return cd, err
+	}
+	m.mu.Lock()
+	m.workloads[workloadID] = append(m.workloads[workloadID], pub)
+	m.namespaces[workloadID] = namespace
+	m.mu.Unlock()
+	return cd, nil
+}
+
+// WorkloadNamespaceFits reports whether a workload deployed into namespace gets
+// credentials within protocol.MaxWorkloadCredentials, as the node checks them at
+// deploy. Allocation-free after the first call, for the auction path.
+func (m *SigningKeyMinter) WorkloadNamespaceFits(namespace string) bool {
+	return len(namespace) <= m.longestNamespace()
+}
+
+// longestWorkloadNamespace finds, by minting (nothing is remembered), the longest
+// namespace up to protocol.MaxNamespaceLen whose workload credentials fit. Their size
+// depends on the namespace's length only: its characters (letters, digits, '-', '_')
+// need no escaping in the JWT's JSON, and the other variable parts (the user key, the
+// workload id, the times) have fixed lengths (TestWorkloadNamespaceFitsAsMinted). A
+// mint that fails counts as fitting: the deploy then says why.
+func (m *SigningKeyMinter) longestWorkloadNamespace() int {
+	probe := strings.Repeat("n", protocol.MaxNamespaceLen)
+	fits := func(n int) bool {
+		cd, _, err := m.mintWorkload(probe[:n], nuid.Next())
+		return err != nil || protocol.WorkloadCredentialsSize(cd) <= protocol.MaxWorkloadCredentials
+	}
+	if fits(len(probe)) {
+		return len(probe) // the usual case: one mint
+	}
+	lo, hi := 0, len(probe) // lo fits (or is 0), hi does not
+	for hi-lo > 1 {
+		if mid := (lo + hi) / 2; fits(mid) {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	return lo
+}
+
+// mintWorkload is MintWorkload without remembering the user.
+func (m *SigningKeyMinter) mintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, string, error) {
 	if err := checkToken("namespace", namespace); err != nil {
-		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: %w", err)
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint workload credentials: %w", err)
 	}
 	if !protocol.IsToken(namespace) { // as the deploy checks: no $KV, $JS…
-		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: namespace %q is not letters, digits, - or _", namespace)
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint workload credentials: namespace %q is not letters, digits, - or _", namespace)
 	}
 	if err := checkToken("workload id", workloadID); err != nil {
-		return protocol.NatsConnectionData{}, fmt.Errorf("mint workload credentials: %w", err)
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint workload credentials: %w", err)
 	}
 	inboxPrefix := protocol.InboxPrefix(workloadID)
 	if m.opts.WorkloadInboxPrefix != nil {
@@ -205,18 +256,14 @@ func (m *SigningKeyMinter) MintWorkload(namespace, workloadID string) (protocol.
 	}
 	perms, err := workloadPermissions(namespace, m.opts.WorkloadSubjects(namespace), m.opts.ArtifactBuckets(namespace), m.opts.JSDomain, inboxPrefix)
 	if err != nil {
-		return protocol.NatsConnectionData{}, fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
 	}
 	cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), inboxPrefix, m.opts.WorkloadTTL,
 		perms, []string{"nex-namespace:" + namespace, "nex-role:workload"})
 	if err != nil {
-		return cd, fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
+		return cd, "", fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
 	}
-	m.mu.Lock()
-	m.workloads[workloadID] = append(m.workloads[workloadID], pub)
-	m.namespaces[workloadID] = namespace
-	m.mu.Unlock()
-	return cd, nil
+	return cd, pub, nil
 }
 
 // RenewWorkload mints fresh credentials for a running workload (call it before the

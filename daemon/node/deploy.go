@@ -89,8 +89,10 @@ func (n *Node) handleDeploy(r micro.Request) {
 		refuse(500, "failed to mint workload credentials", fmt.Errorf("mint workload %s in %s: %w", workloadID, req.Namespace, err))
 		return
 	}
-	if size := len(creds.NatsUserJWT) + len(creds.ConnName); size > protocol.MaxWorkloadCredentials {
-		// The namespace bound keeps within it, except with a long nats.jsdomain.
+	if size := protocol.WorkloadCredentialsSize(creds); size > protocol.MaxWorkloadCredentials {
+		// The namespace bound keeps within it, except with a long nats.jsdomain. The
+		// node bids in no such namespace (WorkloadNamespaceFits); a deploy from an
+		// auction of the system namespace may still name one.
 		refuse(400, "workload credentials too large", fmt.Errorf("workload not started: its NATS credentials in namespace %q would be %d bytes (user JWT and connection name), more than %d: the CONNECT line carrying them would not fit nats-server's default 4 KiB control line, so it could not connect; every artifact grant names nats.jsdomain too: use a shorter namespace or JetStream domain",
 			req.Namespace, size, protocol.MaxWorkloadCredentials))
 		return

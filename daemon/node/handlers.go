@@ -190,7 +190,8 @@ func (n *Node) handleAuction(r micro.Request) {
 		}
 	}
 	now := time.Now()
-	resp, ok := n.bidLocked(r, req, now)
+	ns := auctionNamespace(r.Subject())
+	resp, ok := n.bidLocked(r, ns, req, now)
 	if !ok {
 		return
 	}
@@ -200,7 +201,7 @@ func (n *Node) handleAuction(r micro.Request) {
 	}
 	// Signed with the node's key: nobody else on the bus can pose as this node, nor
 	// put another xkey into its bid.
-	if sig, err := n.o.NodeKey.Sign(protocol.BidPayload(protocol.NamespaceOf(r.Subject()), req.AuctionID, resp)); err == nil {
+	if sig, err := n.o.NodeKey.Sign(protocol.BidPayload(ns, req.AuctionID, resp)); err == nil {
 		resp.Sig = base64.StdEncoding.EncodeToString(sig)
 	} else {
 		n.log.Warn("bid not signed", "auction_id", req.AuctionID, "err", err)
@@ -211,10 +212,11 @@ func (n *Node) handleAuction(r micro.Request) {
 	st.Log(n.log, "auction steps", "auction_id", req.AuctionID)
 }
 
-// bidLocked decides under the node's lock whether to bid and records the bid; ok is
-// false when the node does not bid. The signature and the reply come after, outside
-// the lock, which deploys, registrations and heartbeats take too.
-func (n *Node) bidLocked(r micro.Request, req protocol.AuctionRequest, now time.Time) (resp protocol.AuctionResponse, ok bool) {
+// bidLocked decides under the node's lock whether to bid in namespace ns (the
+// auction subject's) and records the bid; ok is false when the node does not bid. The
+// signature and the reply come after, outside the lock, which deploys, registrations
+// and heartbeats take too.
+func (n *Node) bidLocked(r micro.Request, ns string, req protocol.AuctionRequest, now time.Time) (resp protocol.AuctionResponse, ok bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	// The debug lines only when enabled: their arguments alone allocate.
@@ -233,6 +235,16 @@ func (n *Node) bidLocked(r micro.Request, req protocol.AuctionRequest, now time.
 		}
 		return resp, false
 	}
+	// A deploy following an auction in ns is into ns (one of the system namespace may
+	// name any): where its workload's credentials would not fit the control line (a
+	// long nats.jsdomain), the deploy would refuse it.
+	if ns != protocol.SystemNamespace && !n.o.Minter.WorkloadNamespaceFits(ns) {
+		n.notBid(noBidCredentials)
+		if debug {
+			n.log.Debug("not bidding: the namespace's workload credentials would not fit nats-server's control line", "auction_id", req.AuctionID, "namespace", ns)
+		}
+		return resp, false
+	}
 	a, why := n.pickAgentLocked(req.AgentType, req.Lifecycle, now)
 	if a == nil {
 		n.notBid(why.reason)
@@ -242,7 +254,7 @@ func (n *Node) bidLocked(r micro.Request, req protocol.AuctionRequest, now time.
 		return resp, false
 	}
 	bidderID := nuid.Next()
-	n.bids.add(bidderID, bid{agentID: a.id, ns: protocol.NamespaceOf(r.Subject()), expires: now.Add(n.o.AuctionTTL)})
+	n.bids.add(bidderID, bid{agentID: a.id, ns: ns, expires: now.Add(n.o.AuctionTTL)})
 	lifecycles := a.req.SupportedLifecycles
 	if len(lifecycles) == 0 {
 		lifecycles = []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob, protocol.LifecycleFunction}

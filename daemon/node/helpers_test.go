@@ -43,6 +43,7 @@ func (m testMinter) MintAgent(agentID, nodeID string, _ bool) (protocol.NatsConn
 func (m testMinter) MintWorkload(ns, id string) (protocol.NatsConnectionData, error) {
 	return m.cd("workload-" + ns + "-" + id), nil
 }
+func (m testMinter) WorkloadNamespaceFits(string) bool { return true }
 func (m testMinter) RenewWorkload(ns, id string) (protocol.NatsConnectionData, error) {
 	return m.MintWorkload(ns, id)
 }

@@ -12,6 +12,7 @@ const (
 	noBidNoNexlet                  // no healthy nexlet of the type
 	noBidLifecycle                 // its nexlets of the type do not run the lifecycle
 	noBidMaxWorkloads              // its nexlets of the type are at their max_workloads
+	noBidCredentials               // the namespace's workload credentials would not fit the control line
 	noBidReasons                   // how many
 )
 
@@ -40,6 +41,8 @@ func (r noBid) String() string {
 		return "lifecycle"
 	case noBidMaxWorkloads:
 		return "max_workloads"
+	case noBidCredentials:
+		return "credentials"
 	}
 	return "unknown"
 }

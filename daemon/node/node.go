@@ -40,6 +40,10 @@ type Minter interface {
 	MintAgent(agentID, nodeID string, direct bool) (protocol.NatsConnectionData, error)
 	// MintWorkload returns a workload's credentials, scoped to its namespace.
 	MintWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
+	// WorkloadNamespaceFits reports whether a workload minted in namespace gets
+	// credentials within protocol.MaxWorkloadCredentials (the deploy refuses it
+	// otherwise): the node does not bid where it does not. Allocation-free.
+	WorkloadNamespaceFits(namespace string) bool
 	// RenewWorkload returns fresh credentials of a running workload, in its namespace.
 	RenewWorkload(namespace, workloadID string) (protocol.NatsConnectionData, error)
 	// RenewAgent signs a fresh user of nexlet agentID for userPub, a public user nkey

@@ -3,12 +3,15 @@ package node
 import (
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -216,20 +219,47 @@ func listNode(b *testing.B, nexlets int) (*fixture, *Node) {
 // BenchmarkAuctionNotBid is the node's decision on an auction it does not bid on (taken
 // off the queue: tags that do not match, a type it has no nexlet of), without NATS:
 // what such an auction costs besides its delivery, its count included.
+// fitsOf is a testMinter that answers WorkloadNamespaceFits as m does.
+type fitsOf struct {
+	testMinter
+	m *mint.SigningKeyMinter
+}
+
+func (f fitsOf) WorkloadNamespaceFits(ns string) bool { return f.m.WorkloadNamespaceFits(ns) }
+
 func BenchmarkAuctionNotBid(b *testing.B) {
 	f, _ := benchNode(b)
-	n := f.nodes[0]
+	// A node whose workloads' credentials in a 64-character namespace would not fit the
+	// control line (a 64-character nats.jsdomain).
+	acct, _ := nkeys.CreateAccount()
+	seed, _ := acct.Seed()
+	pub, _ := acct.PublicKey()
+	m, err := mint.NewSigningKeyMinter(string(seed), pub, mint.Options{JSDomain: strings.Repeat("d", 64)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	long := newFixture(b, 1, func(_ int, o *Options) {
+		// The fixture's connections carry no credentials: only the bound is m's.
+		o.Minter = fitsOf{o.Minter.(testMinter), m}
+	})
+	long.healthyAgent(long.nodes[0], "agent0", "bench", "native", func(a *fakeAgent) { a.hbEvery = time.Second })
 	for _, c := range []struct {
 		name string
+		n    *Node
+		ns   string
 		req  protocol.AuctionRequest
 	}{
-		{"tags", protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{"zone": "elsewhere"}}},
-		{"no_nexlet", protocol.AuctionRequest{AgentType: "wasm", AuctionID: "a", Tags: map[string]string{}}},
+		{"tags", f.nodes[0], "tenant", protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{"zone": "elsewhere"}}},
+		{"no_nexlet", f.nodes[0], "tenant", protocol.AuctionRequest{AgentType: "wasm", AuctionID: "a", Tags: map[string]string{}}},
+		{"credentials", long.nodes[0], strings.Repeat("n", protocol.MaxNamespaceLen), protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{}}},
 	} {
 		b.Run(c.name, func(b *testing.B) {
+			if _, ok := c.n.bidLocked(nil, c.ns, c.req, time.Now()); ok { // and the minter's first look
+				b.Fatal("bid")
+			}
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, ok := n.bidLocked(nil, c.req, time.Now()); ok {
+				if _, ok := c.n.bidLocked(nil, c.ns, c.req, time.Now()); ok {
 					b.Fatal("bid")
 				}
 			}

@@ -7,6 +7,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -103,9 +104,11 @@ func connectAs(rf *rogueFixture, cd protocol.NatsConnectionData) error {
 // 48 characters (each artifact grant names the domain too). With a 64-character
 // nats.jsdomain, a deploy into a 64-character namespace answered "started" and its
 // workload's user then could not connect ("maximum control line exceeded"), the failure
-// the namespace bound was to prevent. Now the node refuses such a deploy with a 400
-// naming the size and the control line, before the nexlet is asked; a shorter namespace
-// on the same node deploys and its workload connects.
+// the namespace bound was to prevent. Now the node does not bid in such a namespace
+// (TestLongDomainNodeDoesNotBid), and a deploy into it on a bid from the system
+// namespace (whose deploys may name any namespace) is refused with a 400 naming the
+// size and the control line, before the nexlet is asked; a shorter namespace on the
+// same node deploys and its workload connects.
 func TestLongDomainNamespaceRefused(t *testing.T) {
 	rf := newRogueFixtureMinting(t, mint.Options{JSDomain: strings.Repeat("d", 64)})
 	a := rf.minted("AGENTLONGDOM", "native", "native", nil)
@@ -119,14 +122,18 @@ func TestLongDomainNamespaceRefused(t *testing.T) {
 	}
 
 	ns := strings.Repeat("n", protocol.MaxNamespaceLen)
-	bids := rf.auction(ns, protocol.AuctionRequest{AgentType: "native"}, 1)
+	if bids := rf.auction(ns, protocol.AuctionRequest{AgentType: "native"}, 0); len(bids) != 0 {
+		t.Fatalf("%d bids in a %d-character namespace whose workloads' credentials would not fit", len(bids), len(ns))
+	}
+	testkit.Eventually(t, "the auction counted as not bid on for credentials", func() bool { return rf.nodes[0].NotBid()["credentials"] == 1 })
+	bids := rf.auction(protocol.SystemNamespace, protocol.AuctionRequest{AgentType: "native"}, 1)
 	if len(bids) != 1 {
-		t.Fatalf("%d bids in a %d-character namespace", len(bids), len(ns))
+		t.Fatalf("%d bids in the system namespace", len(bids))
 	}
 	a.mu.Lock()
 	starts := a.starts
 	a.mu.Unlock()
-	m := request(t, rf.client, protocol.DeploySubject(ns, bids[0].BidderID), startReq(ns, "too-large", `{"cmd":"x"}`))
+	m := request(t, rf.client, protocol.DeploySubject(protocol.SystemNamespace, bids[0].BidderID), startReq(ns, "too-large", `{"cmd":"x"}`))
 	if m.Header.Get(protocol.HeaderErrorCode) == "" {
 		var started protocol.StartWorkloadResponse
 		_ = protocol.Decode(m.Data, &started)
@@ -137,6 +144,60 @@ func TestLongDomainNamespaceRefused(t *testing.T) {
 			len(ns), m.Data, connectAs(rf, cd))
 	}
 	wantRefusedUnstarted(t, a, starts, m, "credentials", "control line", "nats.jsdomain")
+}
+
+// TestLongDomainNodeDoesNotBid: of two nodes on one server, one with a 64-character
+// nats.jsdomain, an auction in a 64-character namespace got both bids, and the client
+// picking the long-domain node's was refused at deploy (400, the credentials' size).
+// Now that node does not bid there (counted as reason "credentials", in its INFO too):
+// the auction gets only the other node's bid, the deploy lands on it, and its workload
+// connects. In a short namespace both still bid.
+func TestLongDomainNodeDoesNotBid(t *testing.T) {
+	rf := newRogueFixtureMinting(t, mint.Options{JSDomain: strings.Repeat("d", 64)})
+	longNode := rf.nodes[0]
+	longAgent := rf.minted("AGENTLONGDOM", "native", "native", nil)
+	node, _, m := startMintingNode(t, rf.op, mint.Options{JSDomain: "hub"}, "node-1")
+	agent := rf.mintedOn(node, m, "AGENTHUB", "native", "native", nil)
+
+	if bids := rf.auction("short", protocol.AuctionRequest{AgentType: "native"}, 2); len(bids) != 2 {
+		t.Fatalf("%d bids in namespace short, want both nodes'", len(bids))
+	}
+	ns := strings.Repeat("n", protocol.MaxNamespaceLen)
+	bids := rf.auction(ns, protocol.AuctionRequest{AgentType: "native", AuctionID: "long"}, 1)
+	if len(bids) != 1 || bids[0].NodeID != node.ID() {
+		t.Fatalf("bids in a %d-character namespace: %+v, want only node-1's (%s)", len(ns), bids, node.ID())
+	}
+	testkit.Eventually(t, "the long-domain node's auction counted as not bid on for credentials", func() bool { return longNode.NotBid()["credentials"] == 1 })
+	if got := node.NotBid()["credentials"]; got != 0 {
+		t.Fatalf("node-1 (domain hub) counts %d auctions not bid on for credentials", got)
+	}
+	msg := request(t, rf.client, protocol.DeploySubject(ns, bids[0].BidderID), startReq(ns, "lands", `{"cmd":"x"}`))
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(msg.Data, &started); err != nil || msg.Header.Get(protocol.HeaderErrorCode) != "" || started.ID == "" {
+		t.Fatalf("deploy: %s %q %v", msg.Header.Get(protocol.HeaderErrorCode), msg.Data, err)
+	}
+	agent.mu.Lock()
+	cd, ok := agent.creds[started.ID]
+	agent.mu.Unlock()
+	if !ok {
+		t.Fatalf("workload %s is not on node-1's nexlet", started.ID)
+	}
+	if err := connectAs(rf, cd); err != nil {
+		t.Fatalf("its workload (credentials %d bytes) cannot connect: %v", protocol.WorkloadCredentialsSize(cd), err)
+	}
+	longAgent.mu.Lock()
+	defer longAgent.mu.Unlock()
+	if len(longAgent.creds) != 0 {
+		t.Fatalf("the long-domain node's nexlet was asked to start %d workload(s)", len(longAgent.creds))
+	}
+
+	var info protocol.NodeInfoResponse
+	if err := protocol.Decode(request(t, rf.client, protocol.InfoSubject(longNode.ID()), struct{}{}).Data, &info); err != nil {
+		t.Fatal(err)
+	}
+	if info.AuctionsNotBid["credentials"] != 1 {
+		t.Fatalf("INFO nexd_auctions_not_bid = %v, want credentials 1", info.AuctionsNotBid)
+	}
 }
 
 // TestLongNamespaceWorkloadKeptAfterUpgrade (upgrade fault): node state holds a

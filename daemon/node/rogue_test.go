@@ -42,6 +42,15 @@ func newRogueFixture(t *testing.T, tweaks ...func(*Options)) *rogueFixture {
 func newRogueFixtureMinting(t *testing.T, mo mint.Options, tweaks ...func(*Options)) *rogueFixture {
 	t.Helper()
 	op := testnats.StartOperator(t, nil)
+	n, st, m := startMintingNode(t, op, mo, "node-0", tweaks...)
+	f := &fixture{t: t, srv: op.Server, client: op.Connect(t, "client"), nodes: []*Node{n}, stores: []*MemStore{st}}
+	return &rogueFixture{fixture: f, op: op, m: m}
+}
+
+// startMintingNode starts a running node on op's server with a signing-key minter made
+// with mo (its Servers set to the server), stopped at the test's end.
+func startMintingNode(t *testing.T, op *testnats.Operator, mo mint.Options, name string, tweaks ...func(*Options)) (*Node, *MemStore, *mint.SigningKeyMinter) {
+	t.Helper()
 	mo.Servers = []string{op.Server.ClientURL()}
 	m, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mo)
 	if err != nil {
@@ -50,7 +59,7 @@ func newRogueFixtureMinting(t *testing.T, mo mint.Options, tweaks ...func(*Optio
 	kp, _ := nkeys.CreateServer()
 	xk, _ := nkeys.CreateCurveKeys()
 	st := NewMemStore()
-	o := Options{NC: op.Connect(t, "node"), NodeKey: kp, XKey: xk, Name: "node-0", Nexus: "testnexus",
+	o := Options{NC: op.Connect(t, name), NodeKey: kp, XKey: xk, Name: name, Nexus: "testnexus",
 		Version: "0.1.0", Minter: m, Store: st, Logger: testLogger(t),
 		HeartbeatInterval: 200 * time.Millisecond, HealthTick: 50 * time.Millisecond,
 		FanoutTimeout: time.Second, CloneTimeout: time.Second, StopTimeout: 2 * time.Second}
@@ -70,8 +79,7 @@ func newRogueFixtureMinting(t *testing.T, mo mint.Options, tweaks ...func(*Optio
 		defer cancel()
 		_ = n.Stop(ctx)
 	})
-	f := &fixture{t: t, srv: op.Server, client: op.Connect(t, "client"), nodes: []*Node{n}, stores: []*MemStore{st}}
-	return &rogueFixture{fixture: f, op: op, m: m}
+	return n, st, m
 }
 
 // dial connects as the user cd holds, with its private inbox.
@@ -84,12 +92,18 @@ func (rf *rogueFixture) dial(cd protocol.NatsConnectionData) *nats.Conn {
 // its node minted for id, then serving as the nexlet user the registration handed it.
 func (rf *rogueFixture) minted(id, name, typ string, tweak func(*fakeAgent)) *fakeAgent {
 	rf.t.Helper()
-	a := rf.expected(id, name, typ)
+	return rf.mintedOn(rf.nodes[0], rf.m, id, name, typ, tweak)
+}
+
+// mintedOn is minted on node n, whose minter is m.
+func (rf *rogueFixture) mintedOn(n *Node, m *mint.SigningKeyMinter, id, name, typ string, tweak func(*fakeAgent)) *fakeAgent {
+	rf.t.Helper()
+	a := rf.expectedOn(n, m, id, name, typ)
 	if tweak != nil {
 		tweak(a)
 	}
 	a.mustRegister()
-	waitHealthy(rf.t, rf.nodes[0], id)
+	waitHealthy(rf.t, n, id)
 	return a
 }
 
@@ -97,9 +111,13 @@ func (rf *rogueFixture) minted(id, name, typ string, tweak func(*fakeAgent)) *fa
 // user minted for id, not registered yet.
 func (rf *rogueFixture) expected(id, name, typ string) *fakeAgent {
 	rf.t.Helper()
-	n := rf.nodes[0]
+	return rf.expectedOn(rf.nodes[0], rf.m, id, name, typ)
+}
+
+func (rf *rogueFixture) expectedOn(n *Node, m *mint.SigningKeyMinter, id, name, typ string) *fakeAgent {
+	rf.t.Helper()
 	n.ExpectAgent(id, name)
-	rc, err := rf.m.MintRegister(id, n.ID())
+	rc, err := m.MintRegister(id, n.ID())
 	if err != nil {
 		rf.t.Fatal(err)
 	}

@@ -237,6 +237,8 @@ func notBidReason(r string) string {
 		return "lifecycle not supported by its nexlets"
 	case "max_workloads":
 		return "nexlets at max_workloads"
+	case "credentials":
+		return "workload credentials would not fit the control line (long nats.jsdomain)"
 	case "state_store":
 		return "state store cannot be written"
 	case "bad_request":
