@@ -78,6 +78,9 @@ type Server struct {
 	trust     *Trust // the zero-config server's operator setup; nil for --inats-config
 	leafs     int    // leaf node remotes it was configured with
 	once      sync.Once
+	// The store's watch (storeheal.go): stopWatch ends it, watch waits for it.
+	stopWatch chan struct{}
+	watch     sync.WaitGroup
 }
 
 // Leafs is how many leaf node remotes the server was configured with and how many
@@ -97,6 +100,10 @@ func (s *Server) NATS() *server.Server { return s.s }
 // Shutdown stops the server, waits for it and removes a temporary store.
 func (s *Server) Shutdown() {
 	s.once.Do(func() {
+		if s.stopWatch != nil {
+			close(s.stopWatch)
+			s.watch.Wait()
+		}
 		s.s.Shutdown()
 		s.s.WaitForShutdown()
 		s.log.Info("embedded NATS server stopped")
@@ -296,6 +303,7 @@ func start(ctx context.Context, sopts *server.Options, what string, log *slog.Lo
 			return nil, err
 		}
 	}
+	srv.watchStore()
 	return srv, nil
 }
 

@@ -34,7 +34,11 @@ type Tombstones struct {
 	// background retry's first interval (doubling up to 30 s).
 	retry, every time.Duration
 
-	mu     sync.Mutex // held over a tombstone's check, the store call and its change
+	mu sync.Mutex // held over a tombstone's check, the store call and its change
+	// mem stands in for the tombstones that could not be written (the state directory's
+	// file system full too), keyed like the files: retried the same way while this
+	// nexd runs, but not kept across its restart.
+	mem    map[string]Tombstone
 	kick   chan struct{}
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -48,7 +52,7 @@ func NewTombstones(inner Store, dir string, log *slog.Logger) (*Tombstones, erro
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t := &Tombstones{inner: inner, dir: dir, log: log, retry: 2 * time.Second, every: time.Second,
-		kick: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{})}
+		mem: map[string]Tombstone{}, kick: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{})}
 	go t.loop(ctx)
 	t.wake()
 	return t, nil
@@ -66,6 +70,7 @@ func (t *Tombstones) Close() {
 func (t *Tombstones) Put(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
 	t.mu.Lock()
 	if key, err := state.Key(workloadType, workloadID); err == nil {
+		delete(t.mem, key)
 		if err := os.Remove(filepath.Join(t.dir, key)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			t.mu.Unlock()
 			return fmt.Errorf("node state: drop the tombstone of workload %s: %w", workloadID, err)
@@ -78,7 +83,8 @@ func (t *Tombstones) Put(ctx context.Context, workloadType, workloadID string, r
 // Delete implements Store. It retries a failing removal for up to t.retry (once while
 // other tombstones wait: the store is known to be failing); then it keeps a tombstone
 // and returns an error wrapping ErrRemovalPending, or, when no tombstone could be
-// written either, the removal's error alone: the workload may then be replayed.
+// written either, the removal's error alone: the workload may then be replayed by the
+// next nexd; this one keeps it out of its replays and retries its removal.
 func (t *Tombstones) Delete(ctx context.Context, workloadType, workloadID string) error {
 	key, err := state.Key(workloadType, workloadID)
 	if err != nil {
@@ -109,7 +115,11 @@ func (t *Tombstones) Delete(ctx context.Context, workloadType, workloadID string
 		wait *= 2
 	}
 	if terr := t.write(key, namespaceOf(ctx)); terr != nil {
-		return fmt.Errorf("%w; no tombstone kept either: %w", err, terr)
+		t.mu.Lock()
+		t.mem[key] = Tombstone{Type: workloadType, ID: workloadID, Namespace: namespaceOf(ctx), Since: time.Now().UTC()}
+		t.mu.Unlock()
+		t.wake()
+		return fmt.Errorf("%w; no tombstone kept either (its removal is retried while this nexd runs): %w", err, terr)
 	}
 	t.wake()
 	return fmt.Errorf("%w: %w", ErrRemovalPending, err)
@@ -165,6 +175,10 @@ func (t *Tombstones) List() []Tombstone {
 		if !ok {
 			continue
 		}
+		if m, ok := t.mem[key]; ok {
+			out = append(out, m)
+			continue
+		}
 		ts := Tombstone{ID: id, Type: typ}
 		path := filepath.Join(t.dir, key)
 		// Small: a time and a namespace (older files: the time only).
@@ -196,20 +210,33 @@ func namespaceOf(ctx context.Context) string {
 	return ns
 }
 
-// keys lists the tombstones; t.mu held.
+// keys lists the tombstones, those in memory too; t.mu held.
 func (t *Tombstones) keys() []string {
+	var out []string
 	ents, err := os.ReadDir(t.dir)
 	if err != nil {
 		t.log.Warn("failed to read node state tombstones", "dir", t.dir, "err", err)
-		return nil
 	}
-	var out []string
 	for _, e := range ents {
 		if e.Type().IsRegular() && !strings.HasPrefix(e.Name(), ".") {
 			out = append(out, e.Name())
 		}
 	}
+	for key := range t.mem {
+		if !slices.Contains(out, key) {
+			out = append(out, key)
+		}
+	}
 	return out
+}
+
+// has says whether key is tombstoned, on disk or in memory; t.mu held.
+func (t *Tombstones) has(key string) bool {
+	if _, ok := t.mem[key]; ok {
+		return true
+	}
+	_, err := os.Stat(filepath.Join(t.dir, key))
+	return err == nil
 }
 
 // write keeps a tombstone durably: the file (when it was written and the workload's
@@ -239,6 +266,10 @@ func (t *Tombstones) write(key, ns string) error {
 
 // drop removes a tombstone once its workload is out of the store; t.mu held.
 func (t *Tombstones) drop(key string) {
+	if _, ok := t.mem[key]; ok {
+		delete(t.mem, key)
+		t.log.Info("workload removed from node state; its removal was retried from memory", "key", key)
+	}
 	if err := os.Remove(filepath.Join(t.dir, key)); err == nil {
 		t.log.Info("workload removed from node state; its tombstone dropped", "key", key)
 	} else if !errors.Is(err, os.ErrNotExist) {
@@ -293,7 +324,7 @@ func (t *Tombstones) retryAll(ctx context.Context) bool {
 			continue
 		}
 		t.mu.Lock()
-		if _, err := os.Stat(filepath.Join(t.dir, key)); err != nil {
+		if !t.has(key) {
 			t.mu.Unlock() // dropped meanwhile (a Put, or a Delete that succeeded)
 			continue
 		}

@@ -79,11 +79,17 @@ func TestTombstoneRetriedWhileRunning(t *testing.T) {
 }
 
 // TestTombstoneUnwritable: with the removal failing (JetStream disabled) and no
-// tombstone possible either (its directory replaced by a file), Delete says so: the
-// error is not ErrRemovalPending, and it names both failures.
+// tombstone possible either (its directory replaced by a file: a full file system, as
+// the store's own), Delete says so: the error is not ErrRemovalPending, and it names
+// both failures. The removal is still retried from memory while the node runs: once
+// the store is back, the workload leaves the bucket (a next nexd does not replay it)
+// and is not read from it meanwhile. Before, nothing retried it: it stayed in the
+// bucket (1 of 1) until a next nexd replayed it.
 func TestTombstoneUnwritable(t *testing.T) {
-	s := testnats.Start(t, testnats.Options{})
-	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, s), "TOMBNODE", "", nil)
+	var storeDir string
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { storeDir = o.StoreDir }})
+	nc := testnats.Connect(t, s, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	kv, err := state.OpenKV(t.Context(), nc, "TOMBNODE", "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,8 +99,10 @@ func TestTombstoneUnwritable(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(ts.Close)
-	if err := ts.Put(t.Context(), "native", "W1", startReq("system", "W1", "")); err != nil {
-		t.Fatal(err)
+	for _, id := range []string{"W1", "W2"} {
+		if err := ts.Put(t.Context(), "native", id, startReq("system", id, "")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := os.Remove(dir); err != nil {
 		t.Fatal(err)
@@ -106,6 +114,29 @@ func TestTombstoneUnwritable(t *testing.T) {
 	err = ts.Delete(t.Context(), "native", "W1")
 	if err == nil || errors.Is(err, ErrRemovalPending) || !strings.Contains(err.Error(), "no tombstone kept either") {
 		t.Fatalf("delete with neither the store nor a tombstone: %v", err)
+	}
+	if p := ts.Pending(); !slices.Equal(p, []string{"native_W1"}) {
+		t.Fatalf("pending removals %v, want [native_W1] (in memory)", p)
+	}
+	port := s.Addr().(*net.TCPAddr).Port
+	s.Shutdown()
+	s.WaitForShutdown()
+	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = storeDir, port }})
+	testkit.EventuallyWithin(t, 30*time.Second, "the retried removal", func() bool {
+		stored, err := ts.ByType(t.Context(), "native")
+		if err == nil {
+			if _, ok := stored["W1"]; ok {
+				t.Fatalf("the stopped workload is read from the bucket: %v", stored)
+			}
+		}
+		return err == nil && len(ts.Pending()) == 0
+	})
+	stored, err := kv.ByType(t.Context(), "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stored["W1"]; ok || len(stored) != 1 {
+		t.Errorf("bucket after the retry: %v, want W2 alone", stored)
 	}
 }
 

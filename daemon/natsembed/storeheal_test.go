@@ -1,0 +1,61 @@
+package natsembed
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+// TestStoreFullHealsInPlace: the zero-config server's store (the state directory, here
+// a small tmpfs) fills up under a KV bucket sized like the node's; its writes fail with
+// ENOSPC, and nats-server keeps refusing them after the space is freed, until its
+// JetStream restarts. The server restarts it in place once the store has room: the
+// bucket takes writes again and kept what it had. Before, every write failed until
+// nexd restarted (TestEmbeddedStoreDiskFullHeals in e2e shows what that cost).
+func TestStoreFullHealsInPlace(t *testing.T) {
+	// JetStream reserves the bucket's 100 MB from 75 % of the free space.
+	dir := testkit.SmallFS(t, "160m")
+	c := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: dir})
+	js, err := jetstream.New(c.NC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := ctxT(t)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-full", MaxBytes: 100_000_000, History: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(k string) error {
+		cx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		_, err := kv.Put(cx, k, make([]byte, 1000))
+		return err
+	}
+	if err := put("before"); err != nil {
+		t.Fatal(err)
+	}
+	fill := testkit.FillFS(t, dir)
+	failed := false
+	for i := 0; i < 20 && !failed; i++ {
+		failed = put("full") != nil // the first few may still fit in a written page
+	}
+	if !failed {
+		t.Fatal("writes on a full store did not fail")
+	}
+	if err := os.Remove(fill); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 4*storeCheckEvery, "the bucket takes writes again", func() bool { return put("after") == nil })
+	if e, err := kv.Get(ctx, "before"); err != nil || len(e.Value()) != 1000 {
+		t.Errorf("the value written before the disk filled up: %v", err)
+	}
+	if s := c.InProcess().(*Server).storeBroken(); s != "" {
+		t.Errorf("store still broken: %s", s)
+	}
+}
