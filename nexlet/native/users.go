@@ -348,6 +348,9 @@ func (u *users) release(id ident) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	if failed := removeLeftovers(u.proc, map[uint32]bool{id.uid: true}); failed[id.uid] != nil {
+		return fmt.Errorf("dynamic uid %d stays leased: %w", id.uid, failed[id.uid])
+	}
 	unlock, err := u.lock()
 	if err != nil {
 		return err
@@ -403,6 +406,14 @@ func (u *users) releaseAll(ids []ident) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// What the uids without survivors left behind goes before their leases.
+	gone := map[uint32]bool{}
+	for uid := range want {
+		if _, ok := survivors[uid]; !ok {
+			gone[uid] = true
+		}
+	}
+	failed := removeLeftovers(u.proc, gone)
 	unlock, err := u.lock()
 	if err != nil {
 		return err
@@ -412,6 +423,10 @@ func (u *users) releaseAll(ids []ident) error {
 	for uid := range want {
 		if pids, ok := survivors[uid]; ok {
 			errs = append(errs, fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", uid, pids))
+			continue
+		}
+		if err := failed[uid]; err != nil {
+			errs = append(errs, fmt.Errorf("dynamic uid %d stays leased: %w", uid, err))
 			continue
 		}
 		if err := os.Remove(u.leasePath(uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {

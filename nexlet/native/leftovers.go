@@ -1,0 +1,130 @@
+package native
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// removeLeftovers removes what the dynamic uids in want still own once none of their
+// processes runs: System V shared memory segments, message queues and semaphore sets
+// (by owner or creator), and the entries they own in the shared directories where a
+// workload leaves files that outlive it: POSIX shared memory and message queues (what
+// systemd's RemoveIPC= cleans for a DynamicUser=), /tmp and /var/tmp (the unit's
+// TemporaryFileSystem= gives them to all of its workloads together), so that the next
+// workload given one of these uids, another tenant's maybe, cannot read them as their
+// owner. It returns the uids whose leftovers could not all be removed (they must stay
+// leased), each with its error.
+func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
+	failed := map[uint32]error{}
+	fail := func(uid uint32, err error) { failed[uid] = errors.Join(failed[uid], err) }
+	for _, t := range [...]struct{ table, id string }{{"shm", "shmid"}, {"msg", "msqid"}, {"sem", "semid"}} {
+		rows, err := sysvOwned(filepath.Join(proc, "sysvipc", t.table), t.id, want)
+		if err != nil {
+			for uid := range want {
+				fail(uid, err)
+			}
+			continue
+		}
+		for id, uid := range rows {
+			if err := sysvRemove(t.table, id); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.EIDRM) {
+				fail(uid, fmt.Errorf("dynamic uid %d: System V %s %d: %w", uid, t.table, id, err))
+			}
+		}
+	}
+	for _, dir := range [...]string{"/dev/shm", "/dev/mqueue", "/tmp", "/var/tmp"} {
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue // absent here (no /dev/mqueue mounted, say): nothing can be left in it
+		}
+		for _, e := range ents {
+			p := filepath.Join(dir, e.Name())
+			fi, err := os.Lstat(p)
+			if err != nil {
+				continue
+			}
+			st, ok := fi.Sys().(*syscall.Stat_t)
+			if !ok || !want[st.Uid] {
+				continue
+			}
+			// RemoveAll opens nothing through a symlink, so a planted link takes
+			// nothing else with it.
+			if err := os.RemoveAll(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				fail(st.Uid, fmt.Errorf("dynamic uid %d: leftover %s: %w", st.Uid, p, err))
+			}
+		}
+	}
+	return failed
+}
+
+// sysvOwned reads a /proc/sysvipc table and returns the ids of the objects owned or
+// created by a uid in want, with that uid. A table that does not exist (no System V
+// IPC in this kernel) holds nothing.
+func sysvOwned(table, idCol string, want map[uint32]bool) (map[int]uint32, error) {
+	f, err := os.Open(table)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sysvipc: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	if !sc.Scan() {
+		return nil, sc.Err()
+	}
+	col := map[string]int{}
+	for i, h := range strings.Fields(sc.Text()) {
+		col[h] = i
+	}
+	ic, okI := col[idCol]
+	uc, okU := col["uid"]
+	cc, okC := col["cuid"]
+	if !okI || !okU || !okC {
+		return nil, fmt.Errorf("sysvipc: %s: no %s, uid and cuid columns", table, idCol)
+	}
+	out := map[int]uint32{}
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) <= max(ic, uc, cc) {
+			continue
+		}
+		id, err := strconv.Atoi(f[ic])
+		if err != nil {
+			continue
+		}
+		for _, c := range [...]int{uc, cc} {
+			if v, err := strconv.ParseUint(f[c], 10, 32); err == nil && want[uint32(v)] {
+				out[id] = uint32(v)
+				break
+			}
+		}
+	}
+	return out, sc.Err()
+}
+
+// sysvRemove removes a System V IPC object of the kind table names.
+func sysvRemove(table string, id int) error {
+	var errno syscall.Errno
+	switch table {
+	case "shm":
+		_, err := unix.SysvShmCtl(id, unix.IPC_RMID, nil)
+		return err
+	case "msg":
+		_, _, errno = unix.Syscall(unix.SYS_MSGCTL, uintptr(id), unix.IPC_RMID, 0)
+	case "sem":
+		_, _, errno = unix.Syscall6(unix.SYS_SEMCTL, uintptr(id), 0, unix.IPC_RMID, 0, 0, 0)
+	}
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
