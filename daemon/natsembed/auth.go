@@ -40,6 +40,7 @@ type Trust struct {
 
 	mu         sync.Mutex
 	accountJWT string
+	unsaved    bool // accountJWT is applied but not yet in accountFile (saveAccount retries)
 	resolver   *server.MemAccResolver
 	srv        *server.Server // set once the server runs
 }
@@ -185,7 +186,9 @@ func (t *Trust) LoadAccount(context.Context) (string, error) {
 }
 
 // PushAccount stores an updated nex account JWT, applies it to the running server
-// (revoked users are disconnected at once) and saves it.
+// (revoked users are disconnected at once) and saves it. A save that fails (the state
+// directory's file system full) leaves it applied and is retried by the server's store
+// watch (saveAccount): failing the push would call a revocation in force not done.
 func (t *Trust) PushAccount(_ context.Context, token string) error {
 	ac, err := jwt.DecodeAccountClaims(token)
 	if err != nil {
@@ -207,12 +210,28 @@ func (t *Trust) PushAccount(_ context.Context, token string) error {
 		}
 		t.srv.UpdateAccountClaims(acc, ac)
 	}
-	if t.dir != "" {
-		if err := writePrivate(filepath.Join(t.dir, accountFile), []byte(token)); err != nil {
-			return err
-		}
-	}
+	t.unsaved = t.dir != ""
+	_, _ = t.saveLocked() // a failure is retried, and logged, by the store watch
 	return nil
+}
+
+// saveAccount saves an applied account JWT that could not be saved yet; it says
+// whether one still waits, and why.
+func (t *Trust) saveAccount() (waiting bool, err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.saveLocked()
+}
+
+func (t *Trust) saveLocked() (waiting bool, err error) {
+	if !t.unsaved {
+		return false, nil
+	}
+	if err := writePrivate(filepath.Join(t.dir, accountFile), []byte(t.accountJWT)); err != nil {
+		return true, err
+	}
+	t.unsaved = false
+	return false, nil
 }
 
 // User mints a user of the nex account, signed by the signing key: full permissions,

@@ -131,6 +131,7 @@ func connectInats(ctx context.Context, client natsconn.Options, o Options, log *
 	if err != nil {
 		return nil, err
 	}
+	srv.watchStore()
 	urls := []string{}
 	if u := srv.realClientURL(); u != "" {
 		urls = append(urls, u)
@@ -209,6 +210,7 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	}
 	srv.tempStore = tempStore
 	srv.trust = trust
+	srv.watchStore()
 	if o.Port == -1 && o.StateDir != "" {
 		if addr, ok := srv.s.Addr().(*net.TCPAddr); ok {
 			_ = os.WriteFile(filepath.Join(o.StateDir, portFile), []byte(strconv.Itoa(addr.Port)), 0o600)
@@ -303,7 +305,6 @@ func start(ctx context.Context, sopts *server.Options, what string, log *slog.Lo
 			return nil, err
 		}
 	}
-	srv.watchStore()
 	return srv, nil
 }
 

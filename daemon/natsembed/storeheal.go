@@ -24,27 +24,47 @@ const (
 )
 
 // watchStore starts the store's watch when the server runs JetStream on its own (a
-// clustered JetStream's streams are the cluster's to recover). Shutdown ends it.
+// clustered JetStream's streams are the cluster's to recover) or keeps the nex account
+// JWT (zero-config). Shutdown ends it. Call it once the server is set up (s.trust).
 func (s *Server) watchStore() {
 	cfg := s.s.JetStreamConfig()
-	if cfg == nil || s.s.JetStreamIsClustered() {
+	if cfg != nil && s.s.JetStreamIsClustered() {
+		cfg = nil
+	}
+	if cfg == nil && s.trust == nil {
 		return
 	}
 	s.stopWatch = make(chan struct{})
-	s.watch.Go(func() { s.healStore(*cfg) })
+	s.watch.Go(func() { s.healStore(cfg) })
 }
 
-// healStore checks the store every storeCheckEvery and restarts JetStream when it
-// found a write error (or JetStream shut down) and the store has storeMinFree again.
-func (s *Server) healStore(cfg server.JetStreamConfig) {
+// healStore checks every storeCheckEvery: a JetStream store (cfg, when not nil) with a
+// write error (or JetStream shut down) gets JetStream restarted once it has
+// storeMinFree again; an account JWT not saved yet (revocations) is saved.
+func (s *Server) healStore(cfg *server.JetStreamConfig) {
 	t := time.NewTicker(storeCheckEvery)
 	defer t.Stop()
 	waiting := false // said that the store waits for room
+	unsaved := false // said that the account JWT waits to be saved
 	for {
 		select {
 		case <-s.stopWatch:
 			return
 		case <-t.C:
+		}
+		if s.trust != nil {
+			switch w, err := s.trust.saveAccount(); {
+			case w && !unsaved:
+				s.log.Warn("the nex account JWT (its user revocations) could not be saved; they are in force, and saving is retried: a restart before then forgets them",
+					"err", err)
+				unsaved = true
+			case !w && unsaved:
+				s.log.Info("the nex account JWT (its user revocations) is saved")
+				unsaved = false
+			}
+		}
+		if cfg == nil {
+			continue
 		}
 		broken := s.storeBroken()
 		if broken == "" {
@@ -63,7 +83,7 @@ func (s *Server) healStore(cfg server.JetStreamConfig) {
 		waiting = false
 		s.log.Warn("JetStream store could not be written; it has room again: restarting JetStream",
 			"store", cfg.StoreDir, "free_bytes", free, "err", broken)
-		if err := s.restartJetStream(cfg); err != nil {
+		if err := s.restartJetStream(*cfg); err != nil {
 			s.log.Error("restarting JetStream failed; retrying", "err", err)
 			continue
 		}

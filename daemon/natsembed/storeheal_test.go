@@ -6,8 +6,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -57,5 +60,53 @@ func TestStoreFullHealsInPlace(t *testing.T) {
 	}
 	if s := c.InProcess().(*Server).storeBroken(); s != "" {
 		t.Errorf("store still broken: %s", s)
+	}
+}
+
+// TestRevocationSavedAfterDiskFull: a user is revoked while the state directory's file
+// system is full. The revocation is in force at once (the user is cut off); the nex
+// account JWT that holds it is saved once there is room, so that the server of the
+// next start refuses the user too. Before, the failed save was the revocation's error,
+// and nothing saved it later: after a restart the revoked user connected (1 of 1).
+func TestRevocationSavedAfterDiskFull(t *testing.T) {
+	state := testkit.SmallFS(t, "16m")
+	c := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	trust := c.InProcess().(*Server).Trust()
+	userJWT, seed, err := trust.User("victim", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	nc, err := nats.Connect(c.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed), nats.NoReconnect(),
+		nats.ClosedHandler(func(*nats.Conn) { close(closed) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	fill := testkit.FillFS(t, state)
+	uc, _ := jwt.DecodeUserClaims(userJWT)
+	r := &mint.AccountRevoker{OperatorSigner: trust.OperatorSigner(), Load: trust.LoadAccount, Push: trust.PushAccount}
+	if err := r.RevokeUser(ctxT(t), uc.Subject, time.Now()); err != nil {
+		t.Errorf("revoke on a full disk: %v", err)
+	}
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("revoked user still connected")
+	}
+	if err := os.Remove(fill); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 4*storeCheckEvery, "the store watch saves the account JWT", func() bool {
+		trust.mu.Lock()
+		defer trust.mu.Unlock()
+		return !trust.unsaved
+	})
+	c.Close(ctxT(t))
+
+	c2 := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	if nc, err := nats.Connect(c2.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed)); err == nil {
+		nc.Close()
+		t.Error("a user revoked on a full disk connected after the restart")
 	}
 }
