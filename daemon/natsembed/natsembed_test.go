@@ -226,6 +226,24 @@ func TestZeroConfigPortInUse(t *testing.T) {
 func TestZeroConfigRevocationAndRestart(t *testing.T) {
 	state := t.TempDir()
 	c := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	userJWT, seed := revokeVictim(t, c, func() {})
+	account := c.InProcess().(*Server).Trust().AccountPub()
+	c.Close(ctxT(t))
+
+	c2 := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	if got := c2.InProcess().(*Server).Trust().AccountPub(); got != account {
+		t.Errorf("account after restart %s, want %s", got, account)
+	}
+	if nc, err := nats.Connect(c2.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed)); err == nil {
+		nc.Close()
+		t.Error("a revoked user connected after the restart")
+	}
+}
+
+// revokeVictim connects a user of c's server and revokes it (between the two, it calls
+// before), then waits until the server cut the user off; it returns the user.
+func revokeVictim(t *testing.T, c *natsconn.Conn, before func()) (userJWT, seed string) {
+	t.Helper()
 	trust := c.InProcess().(*Server).Trust()
 	userJWT, seed, err := trust.User("victim", time.Hour)
 	if err != nil {
@@ -238,27 +256,18 @@ func TestZeroConfigRevocationAndRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer nc.Close()
+	before()
 	uc, _ := jwt.DecodeUserClaims(userJWT)
 	r := &mint.AccountRevoker{OperatorSigner: trust.OperatorSigner(), Load: trust.LoadAccount, Push: trust.PushAccount}
 	if err := r.RevokeUser(ctxT(t), uc.Subject, time.Now()); err != nil {
-		t.Fatal(err)
+		t.Errorf("revoke: %v", err)
 	}
 	select {
 	case <-closed:
 	case <-time.After(10 * time.Second):
 		t.Fatal("revoked user still connected")
 	}
-	account := trust.AccountPub()
-	c.Close(ctxT(t))
-
-	c2 := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
-	if got := c2.InProcess().(*Server).Trust().AccountPub(); got != account {
-		t.Errorf("account after restart %s, want %s", got, account)
-	}
-	if nc, err := nats.Connect(c2.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed)); err == nil {
-		nc.Close()
-		t.Error("a revoked user connected after the restart")
-	}
+	return userJWT, seed
 }
 
 func TestCheckServerConfigWarnsWithoutAuth(t *testing.T) {

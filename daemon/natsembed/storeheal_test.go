@@ -6,11 +6,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/natsconn"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -72,28 +70,8 @@ func TestRevocationSavedAfterDiskFull(t *testing.T) {
 	state := testkit.SmallFS(t, "16m")
 	c := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
 	trust := c.InProcess().(*Server).Trust()
-	userJWT, seed, err := trust.User("victim", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed := make(chan struct{})
-	nc, err := nats.Connect(c.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed), nats.NoReconnect(),
-		nats.ClosedHandler(func(*nats.Conn) { close(closed) }))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	fill := testkit.FillFS(t, state)
-	uc, _ := jwt.DecodeUserClaims(userJWT)
-	r := &mint.AccountRevoker{OperatorSigner: trust.OperatorSigner(), Load: trust.LoadAccount, Push: trust.PushAccount}
-	if err := r.RevokeUser(ctxT(t), uc.Subject, time.Now()); err != nil {
-		t.Errorf("revoke on a full disk: %v", err)
-	}
-	select {
-	case <-closed:
-	case <-time.After(10 * time.Second):
-		t.Fatal("revoked user still connected")
-	}
+	var fill string
+	userJWT, seed := revokeVictim(t, c, func() { fill = testkit.FillFS(t, state) })
 	if err := os.Remove(fill); err != nil {
 		t.Fatal(err)
 	}
