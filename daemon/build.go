@@ -123,6 +123,13 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if err := d.holdDir("runtime_dir", s.runtimeDir, runtimeLock, 0o711); err != nil {
 		return nil, err
 	}
+	if p := d.prestarted; p != nil {
+		// Both directories are this nexd's now: the pre-started native nexlet reads or
+		// stores its xkey's seed there while nexd builds itself (README, Ready).
+		if err := p.Preview(nexlets.NativePreview(cfg, s.runtimeDir)); err != nil {
+			d.log.Debug("pre-started native nexlet not told its directories", "err", err)
+		}
+	}
 	if err := d.logger.Reconfigure(d.logOptions(cfg, id.ID())); err != nil {
 		return nil, fmt.Errorf("logger: %w", err)
 	}

@@ -41,14 +41,17 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 	// Every return before prestartNexlet took it kills the process started at init.
 	defer func() { early.Nexlet.Discard() }()
 	if len(args) > 0 && args[0] == "nexlet" {
+		var ahead *native.Ahead
 		if _, pre := os.LookupEnv(supervise.EnvHandoff); pre {
 			// Pre-started at nexd's main: wait for the start's environment and
-			// descriptors (README, Ready).
-			if code, ok := supervise.AwaitHandoff(); !ok {
+			// descriptors (README, Ready), building meanwhile what needs neither.
+			ahead = native.BuildAhead()
+			if code, ok := supervise.AwaitHandoff(ahead.Preview); !ok {
+				ahead.Wait()
 				return code
 			}
 		}
-		return native.Command(ctx, args[1:], stderr)
+		return native.Command(ctx, args[1:], stderr, ahead)
 	}
 	if len(args) >= 2 && args[0] == "node" && args[1] == "up" {
 		args = args[2:]

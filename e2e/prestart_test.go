@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -10,11 +11,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nkeys"
+
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -261,4 +265,48 @@ func TestEarlyNexletFallsBack(t *testing.T) {
 		n.signal(t, syscall.SIGTERM)
 		n.wait(t, 60*time.Second)
 	})
+}
+
+// TestPrestartedNexletKeepsItsXKey: the pre-started native nexlet makes a curve key
+// while it waits for its hand-off (native.Ahead). A first start stores that key's seed
+// and announces the key it stored; a later nexd's pre-started nexlet, which made a key
+// ahead too, finds the stored seed and announces that one (environments sealed to it
+// must still open), and the stored seed stays as it was.
+func TestPrestartedNexletKeepsItsXKey(t *testing.T) {
+	needCgroupV1(t, "hierarchies (root), where the native nexlet runs in its group")
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	seedPath := filepath.Join(n.stateDir, "nexlets", "native", native.XKeySeedFile)
+	stored := func() (seed []byte, pub string) {
+		t.Helper()
+		seed, err := os.ReadFile(seedPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kp, err := nkeys.FromCurveSeed(bytes.TrimSpace(seed))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pub, err = kp.PublicKey(); err != nil {
+			t.Fatal(err)
+		}
+		return seed, pub
+	}
+	seed, pub := stored()
+	early := earlyNexlet(t, n.cmd.Process.Pid)
+	if got := n.logAttr(t, "native nexlet starting", "xkey"); got != pub {
+		t.Fatalf("the first start announces xkey %s, stores %s", got, pub)
+	}
+	n2 := n.restart(t, nodeOpts{external: s.ClientURL(), stateDir: n.stateDir})
+	if again := earlyNexlet(t, n2.cmd.Process.Pid); again == early {
+		t.Fatalf("the second nexd runs the first one's nexlet %s, not one pre-started anew", again)
+	}
+	if got := n2.logAttr(t, "native nexlet starting", "xkey"); got != pub {
+		t.Fatalf("a pre-started nexlet with a stored seed announces xkey %s, not the stored %s", got, pub)
+	}
+	if seed2, _ := stored(); !bytes.Equal(seed2, seed) {
+		t.Fatal("the stored seed changed on the second start")
+	}
 }

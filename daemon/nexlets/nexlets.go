@@ -811,7 +811,7 @@ func (m *Manager) env(name string) map[string]string {
 		env[localchan.EnvFeeds] = "1"
 		// A later nexd that adopts it takes its channel on this socket (adoptsock.go).
 		env[localchan.EnvSocket] = AdoptedSocketPath(m.o.RuntimeDir)
-		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name)
+		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name) // previewed: NativePreview
 		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
 		env[native.EnvAllowRoot] = strconv.FormatBool(m.o.Config.Node.AllowRootWorkloads)
 		env[native.EnvUIDRange] = m.o.Config.Node.WorkloadUIDRange
@@ -854,6 +854,18 @@ func (m *Manager) env(name string) map[string]string {
 		if m.o.TestHold != "" {
 			env[testhold.Env] = m.o.TestHold
 		}
+	}
+	return env
+}
+
+// NativePreview is what the native nexlet's start will set of its directories, for a
+// pre-started one (supervise's Prestarted.Preview), with runtimeDir Options.RuntimeDir
+// and cfg the configuration: what env sets for it, which the nexlet checks at its
+// hand-off (native.Ahead).
+func NativePreview(cfg *config.Config, runtimeDir string) []string {
+	env := []string{native.EnvRuntimeDir + "=" + filepath.Join(runtimeDir, NativeName)}
+	if d := cfg.Node.StateDir; d != "" {
+		env = append(env, native.EnvStateDir+"="+d)
 	}
 	return env
 }

@@ -20,9 +20,15 @@ import (
 func TestMain(m *testing.M) {
 	if len(os.Args) > 2 {
 		if _, pre := os.LookupEnv(EnvHandoff); pre && os.Args[1] == "fake-nexlet" {
-			// Pre-started (Prestart), as nexd's Main does before the native nexlet.
-			if code, ok := AwaitHandoff(); !ok {
+			// Pre-started (Prestart), as nexd's Main does before the native nexlet. A
+			// preview shows in the environment after the hand-off as PREVIEW_<key>.
+			var preview map[string]string
+			code, ok := AwaitHandoff(func(env map[string]string) { preview = env })
+			if !ok {
 				os.Exit(code)
+			}
+			for k, v := range preview {
+				os.Setenv("PREVIEW_"+k, v)
 			}
 		}
 		switch os.Args[1] {

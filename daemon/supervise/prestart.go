@@ -61,6 +61,10 @@ type Prestarted struct {
 	procsLimited bool
 	proc         *os.Process
 	pair         *os.File // nexd's end of the hand-off pair
+	// pairMu orders what goes on the pair: a preview, then the hand-off, or the
+	// close. Not mu, which warmAttach holds through a grace period.
+	pairMu     sync.Mutex
+	pairClosed bool // the hand-off was sent or the pair closed: no preview
 	// warmed is closed once warmAttach is done: the hand-off's cgroup move waits for it
 	// (its no-op move must not follow the real one).
 	warmed chan struct{}
@@ -187,10 +191,18 @@ func (p *Prestarted) Discard() {
 	}
 	p.state = prestartDiscarded
 	p.mu.Unlock()
-	p.pair.Close() // a process that reached its main reads the end: it exits
+	p.closePair() // a process that reached its main reads the end: it exits
 	_ = p.proc.Kill()
 	<-p.done
 	<-p.warmed
+}
+
+// closePair closes nexd's end of the pair: no preview follows.
+func (p *Prestarted) closePair() {
+	p.pairMu.Lock()
+	defer p.pairMu.Unlock()
+	p.pairClosed = true
+	p.pair.Close()
 }
 
 // matches says whether spec runs what p pre-started.
@@ -211,7 +223,7 @@ func (p *Prestarted) take() bool {
 
 // release gives a taken p up: it is killed and waited for (a hand-off that failed).
 func (p *Prestarted) release() {
-	p.pair.Close()
+	p.closePair()
 	_ = p.proc.Kill()
 	<-p.done
 	<-p.warmed
@@ -263,12 +275,11 @@ func (p *Prestarted) runtimeMismatch(env []string) string {
 // nil) local channel, and closes nexd's end of the pair. The process must be placed,
 // recorded and hardened before: it runs the nexlet as soon as it has read this.
 func (p *Prestarted) handOff(env []string, stdout, stderr, ch *os.File) error {
+	p.pairMu.Lock()
+	defer p.pairMu.Unlock()
+	p.pairClosed = true
 	defer p.pair.Close()
-	var msg []byte
-	for _, kv := range env {
-		msg = append(msg, kv...)
-		msg = append(msg, 0)
-	}
+	msg := nulJoined(env)
 	if len(msg) > maxHandoff {
 		return fmt.Errorf("hand-off: environment of %d bytes, more than %d", len(msg), maxHandoff)
 	}
@@ -276,28 +287,77 @@ func (p *Prestarted) handOff(env []string, stdout, stderr, ch *os.File) error {
 	if ch != nil {
 		fds = append(fds, int(ch.Fd()))
 	}
+	if err := p.send(msg, unix.UnixRights(fds...)); err != nil {
+		return fmt.Errorf("hand-off to pid %d: %w", p.Pid(), err)
+	}
+	return nil
+}
+
+// send writes one message on the pair (pairMu held).
+func (p *Prestarted) send(msg, oob []byte) error {
 	rc, err := p.pair.SyscallConn()
 	if err != nil {
-		return fmt.Errorf("hand-off: %w", err)
+		return err
 	}
 	var serr error
 	if err := rc.Write(func(fd uintptr) bool {
-		serr = unix.Sendmsg(int(fd), msg, unix.UnixRights(fds...), nil, 0)
+		serr = unix.Sendmsg(int(fd), msg, oob, nil, 0)
 		return !errors.Is(serr, unix.EAGAIN)
 	}); err != nil {
-		return fmt.Errorf("hand-off: %w", err)
+		return err
 	}
-	if serr != nil {
-		return fmt.Errorf("hand-off to pid %d: %w", p.Pid(), serr)
+	return serr
+}
+
+// Preview tells the process, while it waits, what its start's environment will set of
+// env's variables (KEY=VALUE; nothing secret): it may build ahead what depends on them,
+// and checks them against its hand-off's (native.Ahead). Only before the hand-off
+// was sent or the process discarded: an error says nothing was sent.
+func (p *Prestarted) Preview(env []string) error {
+	msg := nulJoined(env)
+	if len(msg) == 0 || len(msg) > maxHandoff {
+		return fmt.Errorf("preview of %d bytes", len(msg))
+	}
+	// The hand-off, or a close, comes after this.
+	p.pairMu.Lock()
+	defer p.pairMu.Unlock()
+	if p.pairClosed {
+		return errors.New("preview: the pre-started process was handed its start or discarded")
+	}
+	if err := p.send(msg, nil); err != nil {
+		return fmt.Errorf("preview to pid %d: %w", p.Pid(), err)
 	}
 	return nil
+}
+
+// nulJoined is env as the pair carries it: each KEY=VALUE followed by a NUL.
+func nulJoined(env []string) []byte {
+	var msg []byte
+	for _, kv := range env {
+		msg = append(msg, kv...)
+		msg = append(msg, 0)
+	}
+	return msg
+}
+
+// nulSplit is nulJoined's inverse.
+func nulSplit(msg []byte) map[string]string {
+	env := map[string]string{}
+	for kv := range strings.SplitSeq(string(msg), "\x00") {
+		if k, v, ok := strings.Cut(kv, "="); ok && k != "" {
+			env[k] = v
+		}
+	}
+	return env
 }
 
 // AwaitHandoff is the pre-started nexlet's side (EnvHandoff set): it waits for the
 // hand-off, puts the descriptors it got at 1, 2 and 3 and replaces the environment with
 // the one it got, so that what runs next sees what a fork and exec would have given it.
+// A preview (Prestarted.Preview: a message without descriptors) that comes first goes
+// to preview, when not nil, which must not block.
 // ok false: no hand-off comes (nexd ended, or discarded this process); exit with code.
-func AwaitHandoff() (code int, ok bool) {
+func AwaitHandoff(preview func(env map[string]string)) (code int, ok bool) {
 	fd, err := strconv.Atoi(os.Getenv(EnvHandoff))
 	if err != nil || fd != handoffFD {
 		fmt.Fprintf(os.Stderr, "nexd nexlet: %s=%q is not the hand-off descriptor\n", EnvHandoff, os.Getenv(EnvHandoff))
@@ -306,18 +366,28 @@ func AwaitHandoff() (code int, ok bool) {
 	buf := make([]byte, maxHandoff+1)
 	oob := make([]byte, unix.CmsgSpace(3*4))
 	var n, oobn, flags int
-	for {
+	for previews := 0; ; {
 		n, oobn, flags, _, err = unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
-		if !errors.Is(err, unix.EINTR) {
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil || (n == 0 && oobn == 0) {
+			return 0, false // the other end closed: nothing to run
+		}
+		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > maxHandoff {
+			fmt.Fprintln(os.Stderr, "nexd nexlet: hand-off truncated")
+			return 1, false
+		}
+		if oobn > 0 {
 			break
 		}
-	}
-	if err != nil || (n == 0 && oobn == 0) {
-		return 0, false // the other end closed: nothing to run
-	}
-	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > maxHandoff {
-		fmt.Fprintln(os.Stderr, "nexd nexlet: hand-off truncated")
-		return 1, false
+		if previews++; previews > 1 {
+			fmt.Fprintln(os.Stderr, "nexd nexlet: hand-off: more than one preview")
+			return 1, false
+		}
+		if preview != nil {
+			preview(nulSplit(buf[:n]))
+		}
 	}
 	var fds []int
 	if cms, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
@@ -345,10 +415,8 @@ func AwaitHandoff() (code int, ok bool) {
 		unix.Close(handoffFD)
 	}
 	os.Clearenv()
-	for kv := range strings.SplitSeq(string(buf[:n]), "\x00") {
-		if k, v, ok := strings.Cut(kv, "="); ok && k != "" {
-			os.Setenv(k, v)
-		}
+	for k, v := range nulSplit(buf[:n]) {
+		os.Setenv(k, v)
 	}
 	return 0, true
 }

@@ -58,7 +58,9 @@ func marked(mark string) []int {
 // oom_score_adj is set and its pid recorded; its environment is the start's (with the
 // Env hook's credentials, its cgroup spec, and no hand-off variable); descriptors 1 and
 // 2 are its output FIFOs and 3 its channel. The credentials never show in
-// /proc/<pid>/environ, which keeps what the process was exec'd with. A restart forks.
+// /proc/<pid>/environ, which keeps what the process was exec'd with. A preview sent
+// while it waits reaches it before its hand-off; none is sent once the start took it.
+// A restart forks.
 func TestPrestartedHandedOffInItsGroup(t *testing.T) {
 	cg, _ := v1Nexlets(t, true)
 	dir := t.TempDir()
@@ -67,6 +69,9 @@ func TestPrestartedHandedOffInItsGroup(t *testing.T) {
 	spec.Outlive = true
 	spec.Limits = cgroup.Limits{MemoryMax: 256 << 20, PidsMax: 77}
 	p := prestartFake(t, spec, map[string]string{"GORACE": "atexit_sleep_ms=0"})
+	if err := p.Preview([]string{"NEX_NATIVE_STATE_DIR=/previewed"}); err != nil {
+		t.Fatal(err)
+	}
 	const secret = "SUAEXAMPLESECRETSEED"
 	ch, chPeer, err := os.Pipe()
 	if err != nil {
@@ -106,10 +111,13 @@ func TestPrestartedHandedOffInItsGroup(t *testing.T) {
 	}
 	for _, want := range []string{"oom_score_adj <nil>\n321\n", fmt.Sprintf(`"pid":%d`, p.Pid()),
 		"NEX_AGENT_NATS_USER_SEED=" + secret + "\n", EnvCgroup + "=", "== fd1 " + filepath.Join(dir, "fifos", "pre.stdout"),
-		"== fd2 " + filepath.Join(dir, "fifos", "pre.stderr"), "== fd3 pipe:"} {
+		"== fd2 " + filepath.Join(dir, "fifos", "pre.stderr"), "== fd3 pipe:", "PREVIEW_NEX_NATIVE_STATE_DIR=/previewed\n"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("self-check lacks %q:\n%s", want, got)
 		}
+	}
+	if err := p.Preview([]string{"K=V"}); err == nil {
+		t.Error("a preview was sent after the start took the process")
 	}
 	if strings.Contains(got, EnvHandoff) {
 		t.Errorf("the hand-off variable is still in the environment:\n%s", got)

@@ -20,8 +20,10 @@ import (
 // Command runs the native nexlet as a child process of nexd (`nexd nexlet native`; args
 // are what follows "nexlet") and returns the exit code: a crash in it never takes the
 // node down. It logs JSON lines to stderr, which the supervisor turns into journal
-// entries tagged with the nexlet's name, level and attributes kept.
-func Command(ctx context.Context, args []string, stderr io.Writer) int {
+// entries tagged with the nexlet's name, level and attributes kept. ahead is what a
+// pre-started process built before its hand-off (nil when none), for Main.
+func Command(ctx context.Context, args []string, stderr io.Writer, ahead *Ahead) int {
+	defer ahead.Wait()
 	if len(args) != 1 || args[0] != "native" {
 		fmt.Fprintln(stderr, "usage: nexd nexlet native")
 		return 2
@@ -64,7 +66,7 @@ func Command(ctx context.Context, args []string, stderr io.Writer) int {
 	waitProf := profdump.Start(pctx, os.Getenv, "nexlet-native", log)
 	defer waitProf()
 	defer stopProf()
-	if err := Main(ctx, os.Getenv, log, level, detach, reattach); err != nil {
+	if err := Main(ctx, os.Getenv, log, level, detach, reattach, ahead); err != nil {
 		log.Error("native nexlet failed", "err", err)
 		return 1
 	}

@@ -57,7 +57,7 @@ func TestMainRegistersAndStopsWorkloadsOnExit(t *testing.T) {
 	defer cancel()
 	done := make(chan error, 1)
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	go func() { done <- Main(ctx, func(k string) string { return env[k] }, log, nil, nil, nil) }()
+	go func() { done <- Main(ctx, func(k string) string { return env[k] }, log, nil, nil, nil, nil) }()
 	testkit.Eventually(t, "registration", func() bool {
 		_, err := fn.request(protocol.PingAgentSubject(testNode, testAgent), nil, 200*time.Millisecond)
 		return err == nil
@@ -79,7 +79,7 @@ func TestMainRegistersAndStopsWorkloadsOnExit(t *testing.T) {
 	fn.stoppedEvent("m1")
 
 	delete(env, nexlet.EnvNatsServers)
-	if err := Main(context.Background(), func(k string) string { return env[k] }, log, nil, nil, nil); err == nil || !strings.Contains(err.Error(), nexlet.EnvNatsServers) {
+	if err := Main(context.Background(), func(k string) string { return env[k] }, log, nil, nil, nil, nil); err == nil || !strings.Contains(err.Error(), nexlet.EnvNatsServers) {
 		t.Errorf("Main without servers = %v", err)
 	}
 }

@@ -61,8 +61,10 @@ const ShutdownTimeout = 2 * time.Minute
 // its identity and registration credentials from env, registers, serves until ctx ends,
 // then stops every workload with its grace. When detach fires first it exits and leaves
 // every workload running instead. level, when not nil, is log's level: nexd changes it
-// over the local channel when a reload changed its own.
-func Main(ctx context.Context, env func(string) string, log *slog.Logger, level *slog.LevelVar, detach, reattach <-chan os.Signal) error {
+// over the local channel when a reload changed its own. ahead, when not nil, is what a
+// pre-started process built before its hand-off (BuildAhead); Main waits for it.
+func Main(ctx context.Context, env func(string) string, log *slog.Logger, level *slog.LevelVar, detach, reattach <-chan os.Signal, ahead *Ahead) error {
+	defer ahead.Wait()
 	// The registration key is read while the nexlet builds itself: a process's first
 	// ed25519 key builds the curve's tables (about 1 ms here), on the way to the
 	// registration nexd's start waits for.
@@ -116,12 +118,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 	cfg := Config{Cgroup: env(EnvCgroup), Logger: log, RuntimeDir: env(EnvRuntimeDir), ExitsDir: env(EnvExitsDir),
 		TestHold:     env(testhold.Env),
 		CgroupDriver: env(EnvCgroupDriver), PoolsAfter: registered}
-	if cfg.RuntimeDir == "" {
-		cfg.RuntimeDir = filepath.Join(os.TempDir(), "nexd-native")
-		if d := env("RUNTIME_DIRECTORY"); d != "" {
-			cfg.RuntimeDir = filepath.Join(d, "nexlets", "native")
-		}
-	}
+	cfg.RuntimeDir = runtimeDir(env)
 	xkeyDurable := func() error { return nil }
 	stateDir := env(EnvStateDir)
 	if stateDir == "" {
@@ -130,8 +127,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 	if stateDir != "" {
 		// Environments are sealed to this key and kept sealed in the node's state:
 		// it must outlive this process, or a replay could not open them.
-		path := filepath.Join(stateDir, "nexlets", filepath.Base(cfg.RuntimeDir), XKeySeedFile)
-		if cfg.XKey, xkeyDurable, err = BeginXKey(path); err != nil {
+		if cfg.XKey, xkeyDurable, err = ahead.XKeyFor(XKeySeedPath(env)); err != nil {
 			return err
 		}
 		// A first start's seed is written and synced while the nexlet builds itself;
@@ -141,6 +137,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 		cfg.ArtifactDir = filepath.Join(stateDir, "nexlets", filepath.Base(cfg.RuntimeDir), "artifacts")
 	} else {
 		stateDir = "/var/lib/nexd"
+		cfg.XKey, _, _ = ahead.XKeyFor("")
 		log.Warn("no state directory: the xkey is new on every start, so sealed environments cannot be replayed after a restart")
 	}
 	cfg.Secrets = secrets.FileStore{Dir: filepath.Join(stateDir, "secrets")}

@@ -38,25 +38,34 @@ func LoadXKey(path string) (nkeys.KeyPair, error) {
 // before durable returned nil: an environment sealed to a key a crash takes back could
 // never be opened again.
 func BeginXKey(path string) (kp nkeys.KeyPair, durable func() error, err error) {
+	kp, durable, _, err = beginXKey(path, nil)
+	return kp, durable, err
+}
+
+// beginXKey is BeginXKey that, when path holds no seed, stores fresh (made ahead, see
+// Ahead) instead of a key it makes, and says so (created); a seed found at path wins
+// over fresh.
+func beginXKey(path string, fresh nkeys.KeyPair) (kp nkeys.KeyPair, durable func() error, created bool, err error) {
 	none := func() error { return nil }
 	b, err := os.ReadFile(path)
 	if err == nil {
 		kp, err := nkeys.FromCurveSeed(bytes.TrimSpace(b))
 		if err != nil {
-			return nil, nil, fmt.Errorf("native nexlet xkey %s: not a curve key seed: %w", path, err)
+			return nil, nil, false, fmt.Errorf("native nexlet xkey %s: not a curve key seed: %w", path, err)
 		}
-		return kp, none, nil
+		return kp, none, false, nil
 	}
 	if !errors.Is(err, fs.ErrNotExist) {
-		return nil, nil, fmt.Errorf("native nexlet xkey: %w", err)
+		return nil, nil, false, fmt.Errorf("native nexlet xkey: %w", err)
 	}
-	kp, err = nkeys.CreateCurveKeys()
-	if err != nil {
-		return nil, nil, fmt.Errorf("native nexlet xkey: %w", err)
+	if kp = fresh; kp == nil {
+		if kp, err = nkeys.CreateCurveKeys(); err != nil {
+			return nil, nil, false, fmt.Errorf("native nexlet xkey: %w", err)
+		}
 	}
 	seed, err := kp.Seed()
 	if err != nil {
-		return nil, nil, fmt.Errorf("native nexlet xkey: %w", err)
+		return nil, nil, false, fmt.Errorf("native nexlet xkey: %w", err)
 	}
 	done := make(chan error, 1)
 	go func() {
@@ -70,5 +79,5 @@ func BeginXKey(path string) (kp nkeys.KeyPair, durable func() error, err error) 
 		}
 		done <- nil
 	}()
-	return kp, sync.OnceValue(func() error { return <-done }), nil
+	return kp, sync.OnceValue(func() error { return <-done }), true, nil
 }
