@@ -124,7 +124,15 @@ func (d restartDue) left() time.Duration {
 	if d.end.IsZero() {
 		return 0
 	}
-	return max(0, time.Until(d.end.Add(d.backoff)))
+	return backoffLeft(d.end, d.backoff)
+}
+
+// backoffLeft is what is left to wait of a backoff after end: never more than the
+// backoff itself. A recorded end is wall-clock time; a clock stepped back since it was
+// recorded (an NTP step, a VM resumed) would otherwise add the step to the wait: a
+// service down for an hour after its nexlet's restart (TestBackoffLeftAfterClockStep).
+func backoffLeft(end time.Time, backoff time.Duration) time.Duration {
+	return min(backoff, max(0, time.Until(end.Add(backoff))))
 }
 
 // writeRestartDue records that restart d.restarts of a workload is due by its restart

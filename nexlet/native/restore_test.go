@@ -526,6 +526,24 @@ func TestDueRestartFollowsThePidRecord(t *testing.T) {
 	}
 }
 
+// TestBackoffLeftAfterClockStep: a due restart's recorded end read back after the wall
+// clock stepped back an hour (the end is then an hour ahead of now) leaves at most the
+// backoff to wait, and one after the clock stepped forward nothing. Before, the step was
+// added to the wait: a nexlet killed during a 30 s backoff had the next one restart
+// the service after 1 h 0 m 30 s.
+func TestBackoffLeftAfterClockStep(t *testing.T) {
+	const backoff = 30 * time.Second
+	for _, c := range []struct {
+		step     time.Duration // the clock's step since the end was recorded
+		min, max time.Duration
+	}{{-time.Hour, backoff - time.Second, backoff}, {time.Hour, 0, 0}, {0, backoff - 5*time.Second, backoff}} {
+		d := restartDue{restarts: 1, end: time.Now().Add(-c.step), backoff: backoff}
+		if left := d.left(); left < c.min || left > c.max {
+			t.Errorf("clock stepped %v: backoff left %v, want %v to %v", c.step, left, c.min, c.max)
+		}
+	}
+}
+
 // TestKillBetweenReapAndRecord: a job's failed run was reaped by its nexlet, which is
 // killed before anything records the end (here: a hook on the watcher's goroutine right
 // after the reap that never returns, the nexlet crashed meanwhile). The exit was recorded ahead of the reap, as

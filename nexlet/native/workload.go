@@ -1155,7 +1155,7 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 		n.dropExitAhead(p)
 		return nil
 	}
-	t := time.NewTimer(time.Until(end.Add(*backoff)))
+	t := time.NewTimer(backoffLeft(end, *backoff))
 	defer t.Stop()
 	select {
 	case <-n.abandon:
