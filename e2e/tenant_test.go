@@ -451,7 +451,13 @@ func TestFakeBidder(t *testing.T) {
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", s.ClientURL(),
+	// The fakes answer the ping and the auction at once. nexctl counts the ping's
+	// answers (its gather ends 25 ms after the latest by default) and ends the auction
+	// once that many bids are in: in make test (-race, e2e and the VM suite at load
+	// 11-16) the real node answered the ping later than 25 ms after the fakes, so the
+	// auction ended with the two fakes' bids and no signed one. --gather-stall=5s
+	// waits for the real node's answers (the auction still ends once all three bid).
+	out, errOut, code := run(t, nil, nexctlBin(t), "--control-socket", n.socket, "--nats.servers", s.ClientURL(), "--gather-stall=5s",
 		"--namespace", "tenant", "--json", "workload", "run", "--name", "secret", "--env", "TOKEN=hunter2", "--", "/bin/sleep", "300")
 	if code != 0 {
 		t.Fatalf("nexctl workload run: exit %d\n%s\n%s", code, out, errOut)
