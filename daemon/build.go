@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -120,6 +121,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.runtimeDir, tempRuntimeDir = runtimeDir(cfg, id.ID())
 	// 0711: the native nexlet's workloads, under other uids, reach their directories
 	// through it (it makes it so itself when missing).
+	if err := ownDir("runtime_dir", s.runtimeDir, 0o711); err != nil {
+		return nil, err
+	}
 	if err := d.holdDir("runtime_dir", s.runtimeDir, runtimeLock, 0o711); err != nil {
 		return nil, err
 	}
@@ -649,6 +653,37 @@ func (s *server) keepLogStream(startCtx context.Context, maxAge time.Duration, m
 	})
 }
 
+// ownDir makes dir (mode perm) when missing and refuses it unless nexd's user or root
+// owns it, and the symlink to it if it is one, and not every user may write in it: a
+// directory a local user made first (under a parent anyone may write to, or the temp
+// runtime dir a configured node_seed names in advance) is theirs to swap files in,
+// seeds, secrets, a fetched nexlet binary nexd runs as root.
+func ownDir(key, dir string, perm os.FileMode) error {
+	if err := os.MkdirAll(dir, perm); err != nil {
+		return fmt.Errorf("%s %s: %w", key, dir, err)
+	}
+	trusted := func(uid uint32) bool { return uid == 0 || int(uid) == os.Geteuid() }
+	var lst, st syscall.Stat_t
+	if err := syscall.Lstat(dir, &lst); err != nil {
+		return fmt.Errorf("%s %s: %w", key, dir, err)
+	}
+	if lst.Mode&syscall.S_IFMT == syscall.S_IFLNK && !trusted(lst.Uid) {
+		return fmt.Errorf("%s %s is a symlink owned by uid %d: another user may point it elsewhere; use a directory of nexd's own", key, dir, lst.Uid)
+	}
+	if err := syscall.Stat(dir, &st); err != nil {
+		return fmt.Errorf("%s %s: %w", key, dir, err)
+	}
+	switch {
+	case st.Mode&syscall.S_IFMT != syscall.S_IFDIR:
+		return fmt.Errorf("%s %s is not a directory", key, dir)
+	case !trusted(st.Uid):
+		return fmt.Errorf("%s %s is owned by uid %d, not by nexd's uid %d or root: that user could replace what nexd keeps there; fix: remove it, or chown it to uid %d", key, dir, st.Uid, os.Geteuid(), os.Geteuid())
+	case st.Mode&0o002 != 0:
+		return fmt.Errorf("%s %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, st.Mode&0o7777, dir)
+	}
+	return nil
+}
+
 // privateStateDir makes the state directory (seeds, the embedded server's keys,
 // secrets, JetStream) nexd's alone: 0700, also when it already existed with a looser
 // mode (`mkdir -p` under umask 022), so no other user or workload can list or read it.
@@ -656,8 +691,8 @@ func privateStateDir(dir string, log *slog.Logger) error {
 	if dir == "" {
 		return nil
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("state_dir %s: %w", dir, err)
+	if err := ownDir("state_dir", dir, 0o700); err != nil {
+		return err
 	}
 	fi, err := os.Stat(dir)
 	if err != nil {

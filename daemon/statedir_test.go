@@ -4,7 +4,11 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 func TestPrivateStateDirTightensALooseDir(t *testing.T) {
@@ -20,5 +24,61 @@ func TestPrivateStateDirTightensALooseDir(t *testing.T) {
 	}
 	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Fatalf("state dir %v %v, want mode 0700", fi, err)
+	}
+}
+
+// TestAttackDirOfAnotherUser: a local user creates, before nexd starts, the directory
+// nexd is to use as its state or runtime directory: a state_dir not made yet under a
+// directory anyone may write to, or the runtime directory nexd picks without
+// runtime_dir and state_dir, /tmp/nexd-<node id>, which a configured node_seed makes
+// known in advance. Owning it, the user may swap anything in it: plant the secrets of
+// other tenants' workloads or a symlink where nexd writes its log, or replace a nexlet
+// binary nexd fetched before nexd runs it as root. Before, nexd took it (and made the
+// state dir 0700, still the user's). Now both are refused, naming the owner, as is a
+// directory anyone may write to or a symlink another user owns.
+func TestAttackDirOfAnotherUser(t *testing.T) {
+	mallory := testkit.NewUser(t)
+	pub := testkit.PublicDir(t)
+	if err := os.Chmod(pub, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	asMallory := func(args ...string) {
+		t.Helper()
+		if out, err := mallory.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v as %s: %v: %s", args, mallory.Name, err, out)
+		}
+	}
+	state, runtime := filepath.Join(pub, "state"), filepath.Join(pub, "nexd-0123456789ab")
+	asMallory("/bin/mkdir", "-m", "0777", state, runtime)
+	log := slog.New(slog.DiscardHandler)
+	if err := privateStateDir(state, log); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
+		t.Errorf("state_dir made by another user: %v, want refused naming its owner", err)
+	}
+	if err := ownDir("runtime_dir", runtime, 0o711); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
+		t.Errorf("runtime_dir made by another user: %v, want refused naming its owner", err)
+	}
+	// Root's own, but anyone may write in it; and root's directory behind another's symlink.
+	open := filepath.Join(t.TempDir(), "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := ownDir("runtime_dir", open, 0o711); err == nil || !strings.Contains(err.Error(), "writable by every user") {
+		t.Errorf("world-writable runtime_dir: %v, want refused", err)
+	}
+	mine := testkit.PublicDir(t)
+	link := filepath.Join(pub, "link")
+	asMallory("/bin/ln", "-s", mine, link)
+	if err := ownDir("runtime_dir", link, 0o711); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+strconv.Itoa(int(mallory.UID))) {
+		t.Errorf("runtime_dir through another user's symlink: %v, want refused", err)
+	}
+	// nexd's own are taken, made or not.
+	if err := ownDir("runtime_dir", filepath.Join(t.TempDir(), "new"), 0o711); err != nil {
+		t.Errorf("a new runtime_dir: %v", err)
+	}
+	if err := privateStateDir(mine, log); err != nil {
+		t.Errorf("nexd's own state_dir: %v", err)
 	}
 }
