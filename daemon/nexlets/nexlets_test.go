@@ -395,3 +395,28 @@ func TestReloadedLevelReachesNativeNexlet(t *testing.T) {
 		t.Fatal("the nexlet was never told the reloaded level")
 	}
 }
+
+// TestNativePreviewIsTheStartsEnvironment: what nexd previews to the pre-started
+// native nexlet (NativePreview) is what its start's environment sets, with and without
+// a state directory; a preview that differs would make the nexlet redo its xkey seed
+// at its start (native.Ahead), on READY's path.
+func TestNativePreviewIsTheStartsEnvironment(t *testing.T) {
+	for _, stateDir := range []string{"", t.TempDir()} {
+		cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second, StateDir: stateDir}}
+		m := bareManager(t, cfg, slog.New(slog.DiscardHandler), "")
+		env := m.env(NativeName)
+		preview := NativePreview(cfg, m.o.RuntimeDir)
+		if len(preview) == 0 {
+			t.Fatal("empty preview")
+		}
+		for _, kv := range preview {
+			k, v, _ := strings.Cut(kv, "=")
+			if env[k] != v {
+				t.Errorf("state dir %q: previewed %s=%q, the start sets %q", stateDir, k, v, env[k])
+			}
+		}
+		if native.XKeySeedPath(func(k string) string { return env[k] }) == "" && stateDir != "" {
+			t.Errorf("state dir %q: the start names no xkey seed", stateDir)
+		}
+	}
+}
