@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nkeys"
 )
@@ -21,6 +22,15 @@ const (
 	DrainDrained  = "drained"  // its drain ended without an error: nothing of it runs
 	DrainFailed   = "failed"   // its drain ended with an error (Reason), or it stopped before its drain
 )
+
+// DrainTellFor bounds how long a node whose drain ended keeps sending its outcome to
+// clients that acknowledge it (HeaderDrainAck) and have not yet: the node stops only
+// after. A client waits for a told outcome at least this long after the node went
+// quiet.
+const DrainTellFor = 10 * time.Second
+
+// DrainResend is how often a node sends an unacknowledged outcome again.
+const DrainResend = time.Second
 
 // MaxDrainNonce bounds HeaderDrainWait's value.
 const MaxDrainNonce = 64

@@ -67,6 +67,11 @@ const (
 	// HeaderDrainWait on a LAMEDUCK request asks a nexd node to tell its drain's
 	// outcome, signed over the header's value (a nonce): see DrainOutcome.
 	HeaderDrainWait = "Nex-Drain-Wait"
+	// HeaderDrainAck beside HeaderDrainWait says the client acknowledges the drain's
+	// outcome (an empty reply to the outcome's reply subject): the node then sends it
+	// again, every second, until it is acknowledged or DrainTellFor passed, so a NATS
+	// link down as the drain ends does not lose it.
+	HeaderDrainAck = "Nex-Drain-Ack"
 	// HeaderResources on a WPING asks the nexd node it names (a node id, or "*" for
 	// every node) to add each local workload's cgroup figures
 	// (WorkloadSummary.Resources), which nexctl top --node shows; reading them costs a

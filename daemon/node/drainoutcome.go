@@ -2,6 +2,8 @@ package node
 
 import (
 	"encoding/base64"
+	"strconv"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -14,8 +16,12 @@ import (
 const maxDrainWaiters = 64
 
 // drainWaiter is a client waiting for this node's drain outcome: its LAMEDUCK request's
-// reply subject (an inbox: the node's endpoints take no other) and nonce.
-type drainWaiter struct{ reply, nonce string }
+// reply subject (an inbox: the node's endpoints take no other) and nonce; acks: it
+// acknowledges the outcome (HeaderDrainAck).
+type drainWaiter struct {
+	reply, nonce string
+	acks         bool
+}
 
 // signDrain is the node's signed word on its drain for the client that sent nonce.
 func (n *Node) signDrain(nonce, state, reason string) *protocol.DrainOutcome {
@@ -32,7 +38,7 @@ func (n *Node) signDrain(nonce, state, reason string) *protocol.DrainOutcome {
 // waitDrain registers a client for the drain's outcome: the draining promise its
 // LAMEDUCK answer carries, or the outcome when the drain already ended; nil when too
 // many wait.
-func (n *Node) waitDrain(reply, nonce string) *protocol.DrainOutcome {
+func (n *Node) waitDrain(reply, nonce string, acks bool) *protocol.DrainOutcome {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	switch {
@@ -41,12 +47,16 @@ func (n *Node) waitDrain(reply, nonce string) *protocol.DrainOutcome {
 	case len(n.drainWaiters) >= maxDrainWaiters:
 		return nil
 	}
-	n.drainWaiters = append(n.drainWaiters, drainWaiter{reply: reply, nonce: nonce})
+	n.drainWaiters = append(n.drainWaiters, drainWaiter{reply: reply, nonce: nonce, acks: acks})
 	return n.signDrain(nonce, protocol.DrainDraining, "")
 }
 
 // tellDrain records the drain's outcome and sends it to every client waiting for it,
-// flushed: the node stops right after. Only the first outcome counts.
+// flushed: the node stops right after. Only the first outcome counts. A client that
+// acknowledges (HeaderDrainAck) is sent it again every DrainResend while the node is
+// connected, until it acknowledged or DrainTellFor passed: an outcome sent while the
+// node's link (or a leaf link, or the client's) was down would otherwise be lost with
+// the node (TestLameduckWaitOutcomeAcrossOutage).
 func (n *Node) tellDrain(state, reason string) {
 	n.mu.Lock()
 	if n.drainState != "" {
@@ -64,17 +74,121 @@ func (n *Node) tellDrain(state, reason string) {
 	if state != protocol.DrainDrained {
 		msg = "lame duck drain failed: " + reason
 	}
-	for _, w := range waiters {
+	bodies := make([][]byte, len(waiters))
+	for i, w := range waiters {
 		b, err := protocol.Marshal(protocol.LameduckResponse{Message: msg, Success: state == protocol.DrainDrained,
 			Drain: n.signDrain(w.nonce, state, reason)})
-		if err == nil {
-			err = n.o.NC.PublishMsg(&nats.Msg{Subject: w.reply, Data: b})
-		}
 		if err != nil {
 			n.log.Warn("telling a client the drain's outcome", "reply", w.reply, "err", err)
 		}
+		bodies[i] = b
 	}
+	acks := n.drainAcks(waiters)
+	defer acks.close()
+	send := func(again bool) {
+		for i, w := range waiters {
+			if bodies[i] == nil || (again && !acks.pending(i)) {
+				continue
+			}
+			m := &nats.Msg{Subject: w.reply, Data: bodies[i]}
+			if w.acks && acks.sub != nil {
+				m.Reply = acks.inbox + "." + strconv.Itoa(i)
+			}
+			if err := n.o.NC.PublishMsg(m); err != nil {
+				n.log.Warn("telling a client the drain's outcome", "reply", w.reply, "err", err)
+			}
+		}
+	}
+	send(false)
 	if err := n.o.NC.FlushTimeout(2 * time.Second); err != nil {
 		n.log.Warn("telling clients the drain's outcome: flush", "clients", len(waiters), "err", err)
+	}
+	if acks.sub == nil || acks.all() {
+		return
+	}
+	deadline := time.NewTimer(protocol.DrainTellFor)
+	defer deadline.Stop()
+	resend := time.NewTicker(protocol.DrainResend)
+	defer resend.Stop()
+	for !acks.all() {
+		select {
+		case <-acks.ch:
+		case <-resend.C:
+			if n.o.NC.IsConnected() {
+				send(true)
+			}
+		case <-deadline.C:
+			n.log.Warn("drain outcome not acknowledged by every client waiting for it", "clients", acks.waiting(),
+				"within", protocol.DrainTellFor)
+			return
+		}
+	}
+}
+
+// drainAckSet collects the acknowledgements of a drain's outcome: waiter i acks with a
+// reply to inbox.<i>. A forged ack only ends the re-sending to that client, whose
+// --wait then reports the outcome not known: no worse than before.
+type drainAckSet struct {
+	inbox string
+	sub   *nats.Subscription
+	ch    chan struct{} // a new ack came in
+	mu    sync.Mutex
+	want  map[int]bool // waiters that acknowledge, not yet heard
+}
+
+// drainAcks subscribes for the acks of the waiters that send them (none: no
+// subscription).
+func (n *Node) drainAcks(waiters []drainWaiter) *drainAckSet {
+	a := &drainAckSet{ch: make(chan struct{}, 1), want: map[int]bool{}}
+	for i, w := range waiters {
+		if w.acks {
+			a.want[i] = true
+		}
+	}
+	if len(a.want) == 0 {
+		return a
+	}
+	a.inbox = n.o.NC.NewInbox()
+	sub, err := n.o.NC.Subscribe(a.inbox+".*", func(m *nats.Msg) {
+		i, err := strconv.Atoi(protocol.LastToken(m.Subject))
+		if err != nil || m.Header.Get("Status") != "" {
+			// The server's "no responders" (503) to an outcome sent while the client's
+			// inbox had no subscriber (its connection not back yet) is no ack.
+			return
+		}
+		a.mu.Lock()
+		delete(a.want, i)
+		a.mu.Unlock()
+		select {
+		case a.ch <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil {
+		n.log.Warn("drain outcome: cannot hear acknowledgements; telling once", "err", err)
+		return a
+	}
+	a.sub = sub
+	return a
+}
+
+// pending says waiter i acknowledges and has not yet.
+func (a *drainAckSet) pending(i int) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.want[i]
+}
+
+func (a *drainAckSet) all() bool { return a.waiting() == 0 }
+
+func (a *drainAckSet) waiting() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.want)
+}
+
+func (a *drainAckSet) close() {
+	if a.sub != nil {
+		_ = a.sub.Unsubscribe()
 	}
 }

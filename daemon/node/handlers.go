@@ -137,7 +137,7 @@ func (n *Node) handleLameduck(r micro.Request) {
 	}
 	resp := protocol.LameduckResponse{Message: msg, Success: true}
 	if nonce != "" && r.Reply() != "" {
-		resp.Drain = n.waitDrain(r.Reply(), nonce)
+		resp.Drain = n.waitDrain(r.Reply(), nonce, r.Headers().Get(protocol.HeaderDrainAck) != "")
 	}
 	n.respondJSON(r, resp)
 }

@@ -72,9 +72,11 @@ func (d *drainNode) drained() bool {
 func (d *drainNode) unknown() bool { return d.Done && d.Told && d.Outcome == "" }
 
 // tellWait is how long after a node that promised its drain's outcome was seen gone
-// --wait still waits for it: the node sends it before it stops, so only a route slower
-// than the node's going away delays it.
-const tellWait = 2 * time.Second
+// --wait still waits for it: the node sends it before it stops, and again until this
+// client acknowledged it or protocol.DrainTellFor passed, so a node whose NATS link
+// (or this client's) was down as its drain ended tells it once the link is back.
+// Before, 2 s: such an outcome was lost and reported not known.
+const tellWait = protocol.DrainTellFor + 2*time.Second
 
 // drainView prints a drain: a bar per node redrawn in place on a terminal, a plain line
 // per change otherwise.

@@ -319,6 +319,12 @@ func (t *drainTell) take(m *nats.Msg) {
 	if r.Drain.State != protocol.DrainDraining && t.state == "" {
 		t.state, t.reason = r.Drain.State, r.Drain.Reason
 	}
+	if r.Drain.State != protocol.DrainDraining && strings.HasPrefix(m.Reply, "_INBOX") {
+		// Acknowledged (HeaderDrainAck): the node stops sending it again. Only to an
+		// inbox: a copy of the node's word with a reply subject of someone else's
+		// choosing must not make this client publish elsewhere.
+		_ = m.Respond(nil)
+	}
 }
 
 // outcome is what the node told so far: whether it promised to, and its outcome.
@@ -362,7 +368,7 @@ func (f *fleet) lameduckTold(ctx context.Context, id string, delay time.Duration
 	if tell.sub, err = f.nc.Subscribe(inbox, tell.take); err != nil {
 		return r, nil, fmt.Errorf("subscribe for the lameduck reply: %w", err)
 	}
-	m := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderDrainWait: {tell.nonce}}}
+	m := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderDrainWait: {tell.nonce}, protocol.HeaderDrainAck: {"1"}}}
 	if err := f.nc.PublishMsg(m); err != nil {
 		tell.close()
 		return r, nil, fmt.Errorf("lameduck node %s: %w", id, err)

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"log/slog"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -21,20 +22,25 @@ import (
 // `nexctl node info` says how many and why, the most frequent reason first; --json
 // carries nexd_auctions_not_bid. Before, an operator whose node never won a placement
 // could not tell why without debug logging.
-func TestNodeInfoShowsAuctionsNotBid(t *testing.T) {
-	t.Parallel()
-	s := testnats.Start(t, testnats.Options{NoJetStream: true})
-	kp, err := nkeys.CreateServer()
-	if err != nil {
+// startRealNode starts a running node.Node made with o, to which it adds what o lacks:
+// keys, a NoAuthMinter naming url, a MemStore, a silent logger; it stops at the test's end.
+func startRealNode(t *testing.T, url string, o node.Options) *node.Node {
+	t.Helper()
+	var err error
+	if o.NodeKey == nil {
+		if o.NodeKey, err = nkeys.CreateServer(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if o.XKey, err = nkeys.CreateCurveKeys(); err != nil {
 		t.Fatal(err)
 	}
-	xk, err := nkeys.CreateCurveKeys()
-	if err != nil {
-		t.Fatal(err)
+	o.Version, o.Minter, o.Store = "0.1.0", mint.NewNoAuthMinter(mint.Options{Servers: []string{url}}), node.NewMemStore()
+	o.Logger, o.FanoutTimeout = slog.New(slog.DiscardHandler), time.Second
+	if os.Getenv("NODE_TEST_LOG") != "" {
+		o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	n, err := node.New(node.Options{NC: testnats.Connect(t, s), NodeKey: kp, XKey: xk, Name: "lab", Nexus: "west", Version: "0.1.0",
-		Tags: map[string]string{"zone": "a"}, Minter: mint.NewNoAuthMinter(mint.Options{Servers: []string{s.ClientURL()}}),
-		Store: node.NewMemStore(), Logger: slog.New(slog.DiscardHandler), FanoutTimeout: time.Second})
+	n, err := node.New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,11 +48,19 @@ func TestNodeInfoShowsAuctionsNotBid(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
 		_ = n.Stop(ctx)
 	})
 	n.SetState(protocol.NodeRunning)
+	return n
+}
+
+func TestNodeInfoShowsAuctionsNotBid(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	n := startRealNode(t, s.ClientURL(), node.Options{NC: testnats.Connect(t, s), Name: "lab", Nexus: "west",
+		Tags: map[string]string{"zone": "a"}})
 
 	nc := testnats.Connect(t, s)
 	auction := func(ns string, req protocol.AuctionRequest) {
