@@ -57,3 +57,37 @@ func TestAttackLeftoversOfAReusedUID(t *testing.T) {
 		}
 	}
 }
+
+// TestAttackLeftoversOfAStaleLease: a uid whose lease outlived its holder (the lease
+// names a workload directory that is gone: a nexlet that died between the two, a
+// runtime directory wiped) is leased again once nothing runs as it, without the
+// release that removes its leftovers. Before, a file its last workload left in /tmp
+// was there for the next one to read; now taking over such a lease removes them first.
+func TestAttackLeftoversOfAStaleLease(t *testing.T) {
+	needRoot(t)
+	const uid = 1061700
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeLease(us.leasePath(uid), filepath.Join(t.TempDir(), "gone")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	left := filepath.Join("/tmp", "nexd-stale-"+hex.EncodeToString(b))
+	t.Cleanup(func() { _ = os.Remove(left) })
+	if err := os.WriteFile(left, []byte("secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(left, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := us.leaseFreshN(t.TempDir(), 1)
+	if err != nil || len(ids) != 1 || ids[0].uid != uid {
+		t.Fatalf("leased %v: %v, want uid %d (its stale lease taken over)", ids, err, uid)
+	}
+	if _, err := os.Lstat(left); !os.IsNotExist(err) {
+		t.Errorf("the stale lease's uid was leased again with its leftover %s still there (%v)", left, err)
+	}
+}

@@ -298,7 +298,13 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 	var out []ident
 	for i := uint32(0); i < span && len(out) < n; i++ {
 		uid := u.pol.UIDMin + (start+i)%span
-		if busy[uid] || !u.leaseFreeLocked(uid, fresh) || u.hosts.uses(uid) {
+		if busy[uid] || u.hosts.uses(uid) {
+			continue
+		}
+		if free, stale := u.leaseFreeLocked(uid, fresh); !free ||
+			stale && removeLeftovers(u.proc, map[uint32]bool{uid: true})[uid] != nil {
+			// A stale lease (its holder gone unreleased): its uid's leftovers go before
+			// anyone else runs as it, or the uid is not taken.
 			continue
 		}
 		if err := writeLease(u.leasePath(uid), owner); err != nil {
@@ -514,21 +520,23 @@ func (u *users) leasePath(uid uint32) string {
 }
 
 // leaseFreeLocked: no lease, or, when stale is set, a stale one (its owner directory is
-// gone; the caller walked /proc for this lease and found nothing running as the uid).
-func (u *users) leaseFreeLocked(uid uint32, stale bool) bool {
+// gone; the caller walked /proc for this lease and found nothing running as the uid);
+// wasStale says it was such a stale one, whose uid may have leftovers.
+func (u *users) leaseFreeLocked(uid uint32, stale bool) (free, wasStale bool) {
 	b, err := os.ReadFile(u.leasePath(uid))
 	if errors.Is(err, fs.ErrNotExist) {
-		return true
+		return true, false
 	}
 	if err != nil || !stale {
-		return false
+		return false, false
 	}
 	owner := leaseOwner(b)
 	if owner == "" || !filepath.IsAbs(owner) {
-		return false
+		return false, false
 	}
 	_, err = os.Lstat(owner)
-	return errors.Is(err, fs.ErrNotExist)
+	gone := errors.Is(err, fs.ErrNotExist)
+	return gone, gone
 }
 
 // leaseOwner is the owner a lease file names: its first line. A nexlet killed while

@@ -412,7 +412,7 @@ func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 		t.Fatal(err)
 	}
 	b, rerr := os.ReadFile(tn.Nexlet.users.leasePath(uid))
-	free := tn.Nexlet.users.leaseFreeLocked(uid, true)
+	free, _ := tn.Nexlet.users.leaseFreeLocked(uid, true)
 	unlock()
 	if rerr == nil && free {
 		t.Fatalf("uid %d: its lease (%q) is stale while its release is pending: another workload could be given the uid", uid, b)
