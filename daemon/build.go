@@ -654,32 +654,77 @@ func (s *server) keepLogStream(startCtx context.Context, maxAge time.Duration, m
 }
 
 // ownDir makes dir (mode perm) when missing and refuses it unless nexd's user or root
-// owns it, and the symlink to it if it is one, and not every user may write in it: a
-// directory a local user made first (under a parent anyone may write to, or the temp
-// runtime dir a configured node_seed names in advance) is theirs to swap files in,
-// seeds, secrets, a fetched nexlet binary nexd runs as root.
+// owns it, every directory on the way to it and every symlink followed to reach it,
+// and no other user may write in it or, without the sticky bit, in a directory on the
+// way: a directory a local user made first (under a parent anyone may write to, or the
+// temp runtime dir a configured node_seed names in advance), or one under a directory
+// or symlink of hers, is hers to swap (rename nexd's away, also while nexd runs, and put
+// her own or a symlink in its place): seeds, secrets, a fetched nexlet binary nexd runs
+// as root. The way is checked before anything is made on it.
 func ownDir(key, dir string, perm os.FileMode) error {
+	if err := safePath(key, dir, true); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(dir, perm); err != nil {
 		return fmt.Errorf("%s %s: %w", key, dir, err)
 	}
+	return safePath(key, dir, false)
+}
+
+// safePath resolves dir name by name as the kernel does, checking what ownDir
+// requires; with missingOK a missing name ends the walk (ownDir makes the rest under a
+// directory that passed).
+func safePath(key, dir string, missingOK bool) error {
 	trusted := func(uid uint32) bool { return uid == 0 || int(uid) == os.Geteuid() }
-	var lst, st syscall.Stat_t
-	if err := syscall.Lstat(dir, &lst); err != nil {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
 		return fmt.Errorf("%s %s: %w", key, dir, err)
 	}
-	if lst.Mode&syscall.S_IFMT == syscall.S_IFLNK && !trusted(lst.Uid) {
-		return fmt.Errorf("%s %s is a symlink owned by uid %d: another user may point it elsewhere; use a directory of nexd's own", key, dir, lst.Uid)
-	}
-	if err := syscall.Stat(dir, &st); err != nil {
-		return fmt.Errorf("%s %s: %w", key, dir, err)
-	}
-	switch {
-	case st.Mode&syscall.S_IFMT != syscall.S_IFDIR:
-		return fmt.Errorf("%s %s is not a directory", key, dir)
-	case !trusted(st.Uid):
-		return fmt.Errorf("%s %s is owned by uid %d, not by nexd's uid %d or root: that user could replace what nexd keeps there; fix: remove it, or chown it to uid %d", key, dir, st.Uid, os.Geteuid(), os.Geteuid())
-	case st.Mode&0o002 != 0:
-		return fmt.Errorf("%s %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, st.Mode&0o7777, dir)
+	cur, pending, links := "/", strings.Split(abs, "/"), 0
+	for len(pending) > 0 {
+		name := pending[0]
+		pending = pending[1:]
+		switch name {
+		case "", ".":
+			continue
+		case "..":
+			cur = filepath.Dir(cur)
+			continue
+		}
+		next := filepath.Join(cur, name)
+		var st syscall.Stat_t
+		if err := syscall.Lstat(next, &st); err != nil {
+			if missingOK && errors.Is(err, syscall.ENOENT) {
+				return nil
+			}
+			return fmt.Errorf("%s %s: %w", key, dir, err)
+		}
+		if st.Mode&syscall.S_IFMT == syscall.S_IFLNK {
+			if !trusted(st.Uid) {
+				return fmt.Errorf("%s %s: %s is a symlink owned by uid %d: another user may point it elsewhere; use a directory of nexd's own", key, dir, next, st.Uid)
+			}
+			if links++; links > 40 {
+				return fmt.Errorf("%s %s: too many symlinks", key, dir)
+			}
+			target, err := os.Readlink(next)
+			if err != nil {
+				return fmt.Errorf("%s %s: %w", key, dir, err)
+			}
+			if filepath.IsAbs(target) {
+				cur = "/"
+			}
+			pending = append(strings.Split(target, "/"), pending...)
+			continue
+		}
+		switch last := len(strings.Join(pending, "")) == 0; {
+		case st.Mode&syscall.S_IFMT != syscall.S_IFDIR:
+			return fmt.Errorf("%s %s: %s is not a directory", key, dir, next)
+		case !trusted(st.Uid):
+			return fmt.Errorf("%s %s: %s is owned by uid %d, not by nexd's uid %d or root: that user could replace what nexd keeps there; fix: remove it, or chown it to uid %d, or use another directory", key, dir, next, st.Uid, os.Geteuid(), os.Geteuid())
+		case st.Mode&0o002 != 0 && (last || st.Mode&syscall.S_ISVTX == 0):
+			return fmt.Errorf("%s %s: %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, next, st.Mode&0o7777, next)
+		}
+		cur = next
 	}
 	return nil
 }

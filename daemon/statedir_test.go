@@ -39,7 +39,7 @@ func TestPrivateStateDirTightensALooseDir(t *testing.T) {
 func TestAttackDirOfAnotherUser(t *testing.T) {
 	mallory := testkit.NewUser(t)
 	pub := testkit.PublicDir(t)
-	if err := os.Chmod(pub, 0o1777); err != nil {
+	if err := os.Chmod(pub, 0o777|os.ModeSticky); err != nil {
 		t.Fatal(err)
 	}
 	asMallory := func(args ...string) {
@@ -80,5 +80,60 @@ func TestAttackDirOfAnotherUser(t *testing.T) {
 	}
 	if err := privateStateDir(mine, log); err != nil {
 		t.Errorf("nexd's own state_dir: %v", err)
+	}
+}
+
+// TestAttackDirUnderAnotherUsersDir: the directory nexd makes is its own, but a
+// directory on the way to it is not: another user's directory (she may rename nexd's
+// away at any time, while nexd runs too, and put her own or a symlink in its place), a
+// symlink of hers midway (she may point it elsewhere), or a directory everyone may
+// write in without the sticky bit. Before, ownDir looked at the last name only and took
+// all three; /tmp itself (sticky) stays fine.
+func TestAttackDirUnderAnotherUsersDir(t *testing.T) {
+	mallory := testkit.NewUser(t)
+	pub := testkit.PublicDir(t)
+	if err := os.Chmod(pub, 0o777|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	asMallory := func(args ...string) {
+		t.Helper()
+		if out, err := mallory.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v as %s: %v: %s", args, mallory.Name, err, out)
+		}
+	}
+	uid := strconv.Itoa(int(mallory.UID))
+	hers := filepath.Join(pub, "hers")
+	asMallory("/bin/mkdir", "-m", "0755", hers)
+	if err := privateStateDir(filepath.Join(hers, "state"), slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), hers+" is owned by uid "+uid) {
+		t.Errorf("state_dir in another user's directory: %v, want refused naming that directory and its owner", err)
+	}
+	if _, err := os.Lstat(filepath.Join(hers, "state")); err == nil {
+		t.Errorf("state_dir made in another user's directory before it was refused")
+	}
+	mine := testkit.PublicDir(t)
+	link := filepath.Join(pub, "midlink")
+	asMallory("/bin/ln", "-s", mine, link)
+	if err := ownDir("runtime_dir", filepath.Join(link, "run"), 0o711); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+uid) {
+		t.Errorf("runtime_dir reached through another user's symlink midway: %v, want refused", err)
+	}
+	open := filepath.Join(mine, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := ownDir("runtime_dir", filepath.Join(open, "run"), 0o711); err == nil || !strings.Contains(err.Error(), "writable by every user") {
+		t.Errorf("runtime_dir in a directory everyone may write in: %v, want refused", err)
+	}
+	// A root symlink midway to a directory of nexd's, and a sticky public parent, are fine.
+	if err := os.Symlink(mine, filepath.Join(pub, "rootlink")); err != nil {
+		t.Fatal(err)
+	}
+	if err := ownDir("runtime_dir", filepath.Join(pub, "rootlink", "run"), 0o711); err != nil {
+		t.Errorf("runtime_dir through root's symlink: %v", err)
+	}
+	if err := ownDir("runtime_dir", filepath.Join(pub, "nexd-0123456789ab"), 0o711); err != nil {
+		t.Errorf("runtime_dir in a sticky public directory: %v", err)
 	}
 }
