@@ -155,13 +155,9 @@ type Status struct {
 	Tombstones []Tombstone `json:"tombstones,omitempty"`
 }
 
-// Tombstone is a stopped workload whose removal from node state is pending.
-type Tombstone struct {
-	ID        string    `json:"id"`
-	Type      string    `json:"type"`
-	Namespace string    `json:"namespace,omitempty"` // "" when not known (an older nexd's tombstone)
-	Since     time.Time `json:"since"`               // when its removal first failed
-}
+// Tombstone is a stopped workload whose removal from node state is pending; INFO
+// carries the same (protocol.NodeInfoResponse.Tombstones).
+type Tombstone = protocol.Tombstone
 
 // NATSStatus is the node's NATS connection.
 type NATSStatus struct {

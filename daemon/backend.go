@@ -65,9 +65,7 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 		st.WorkloadsAsOf = &t
 	}
 	st.AuctionsNotBid = b.s.node.NotBid()
-	for _, t := range b.s.tombstoneList() {
-		st.Tombstones = append(st.Tombstones, control.Tombstone{ID: t.ID, Type: t.Type, Namespace: t.Namespace, Since: t.Since})
-	}
+	st.Tombstones = b.s.tombstoneList()
 	return st, nil
 }
 

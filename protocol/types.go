@@ -113,6 +113,23 @@ type NodeInfoResponse struct {
 	// nexd extension: the auctions the node did not bid on since it started, by reason
 	// (draining, tags, no_nexlet, …; see nexd_auctions_not_bid_total).
 	AuctionsNotBid map[string]uint64 `json:"nexd_auctions_not_bid,omitempty"`
+	// nexd extension: the stopped workloads whose removal from node state is pending
+	// (a tombstone on the node keeps each out of replays until a retry removes it),
+	// oldest first, at most MaxInfoTombstones; TombstoneCount counts them all. Both
+	// absent when there are none.
+	Tombstones     []Tombstone `json:"nexd_tombstones,omitempty"`
+	TombstoneCount int         `json:"nexd_tombstone_count,omitempty"`
+}
+
+// MaxInfoTombstones bounds the tombstones a node lists in its INFO answer.
+const MaxInfoTombstones = 100
+
+// Tombstone is a stopped workload whose removal from node state is pending.
+type Tombstone struct {
+	ID        string    `json:"id"`
+	Type      string    `json:"type"`
+	Namespace string    `json:"namespace,omitempty"` // "" when not known (an older nexd's tombstone)
+	Since     time.Time `json:"since"`               // when its removal first failed
 }
 
 // Agent health values and their stoplights.

@@ -922,9 +922,15 @@ func (n *Node) Ping() protocol.NodePingResponse {
 // Info answers like an INFO request.
 func (n *Node) Info() protocol.NodeInfoResponse {
 	notBid := n.NotBid() // takes the lock itself
+	var tombs []Tombstone
+	if ts, ok := n.o.Store.(*Tombstones); ok {
+		tombs = ts.List()
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return protocol.NodeInfoResponse{
+		Tombstones:         tombs[:min(len(tombs), protocol.MaxInfoTombstones)],
+		TombstoneCount:     len(tombs),
 		AuctionsNotBid:     notBid,
 		NodeAgentSummaries: n.summariesLocked(time.Now()),
 		NodeID:             n.id,

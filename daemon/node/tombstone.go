@@ -157,13 +157,9 @@ func (t *Tombstones) Pending() []string {
 
 func (t *Tombstones) pending() int { return len(t.Pending()) }
 
-// Tombstone is a stopped workload whose removal from node state is pending.
-type Tombstone struct {
-	ID, Type string
-	// Namespace is the workload's, "" when unknown (a tombstone an older nexd wrote).
-	Namespace string
-	Since     time.Time // when its removal first failed
-}
+// Tombstone is a stopped workload whose removal from node state is pending (INFO's
+// nexd_tombstones).
+type Tombstone = protocol.Tombstone
 
 // List returns the tombstones, oldest first.
 func (t *Tombstones) List() []Tombstone {

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"net"
@@ -206,6 +207,10 @@ func TestTombstoneReadWhileRetried(t *testing.T) {
 // --json and nexd_state_tombstones show); a tombstone an older nexd wrote (its time
 // only) is listed with no namespace. Once the server is back on its store, the retried
 // removals drop them and List is empty. Before, only the log said a tombstone was kept.
+// The node's INFO over NATS lists them too (nexd_tombstones, nexd_tombstone_count:
+// nexctl node info; before, only the node's own host showed them), and its answer still
+// decodes as upstream's NodeInfoResponse: upstream's keys all there, every other key a
+// nexd_ one; without tombstones the two keys are absent.
 func TestTombstonesListed(t *testing.T) {
 	var storeDir string
 	srv := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { storeDir = o.StoreDir }})
@@ -253,10 +258,60 @@ func TestTombstonesListed(t *testing.T) {
 	if tb := got["WOLDER"]; tb.Namespace != "" || tb.Since.Before(before) {
 		t.Errorf("older tombstone %+v, want no namespace and its time", tb)
 	}
+	info := infoOverNATS(t, f)
+	if info.TombstoneCount != 3 || len(info.Tombstones) != 3 {
+		t.Fatalf("INFO tombstones %+v (count %d), want the 3 of List", info.Tombstones, info.TombstoneCount)
+	}
+	for _, tb := range info.Tombstones {
+		if want := got[tb.ID]; !tb.Since.Equal(want.Since) || tb.Namespace != want.Namespace || tb.Type != want.Type {
+			t.Errorf("INFO tombstone %+v, List has %+v", tb, want)
+		}
+	}
 
 	port := srv.Addr().(*net.TCPAddr).Port
 	srv.Shutdown()
 	srv.WaitForShutdown()
 	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = storeDir, port }})
 	testkit.EventuallyWithin(t, 60*time.Second, "the retried removals drop the tombstones", func() bool { return len(ts.List()) == 0 })
+	if info := infoOverNATS(t, f); info.TombstoneCount != 0 || info.Tombstones != nil {
+		t.Fatalf("INFO after the removals: tombstones %+v (count %d)", info.Tombstones, info.TombstoneCount)
+	}
+}
+
+// infoOverNATS asks f's node for INFO and checks the answer is upstream's
+// NodeInfoResponse plus nexd_ keys only.
+func infoOverNATS(t *testing.T, f *fixture) protocol.NodeInfoResponse {
+	t.Helper()
+	m := request(t, f.client, protocol.InfoSubject(f.nodes[0].ID()), struct{}{})
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(m.Data, &obj); err != nil {
+		t.Fatalf("INFO %q: %v", m.Data, err)
+	}
+	upstream := []string{"node_agent_summaries", "node_id", "tags", "uptime", "version", "xkey"}
+	for k := range obj {
+		if !slices.Contains(upstream, k) && !strings.HasPrefix(k, "nexd_") {
+			t.Errorf("INFO key %q is neither upstream's nor a nexd_ extension", k)
+		}
+	}
+	// Upstream's decoder: its required keys, then the fields it knows.
+	var up struct {
+		NodeID  string            `json:"node_id"`
+		Tags    map[string]string `json:"tags"`
+		Uptime  string            `json:"uptime"`
+		Version string            `json:"version"`
+		XKey    string            `json:"xkey"`
+	}
+	for _, k := range upstream[1:] {
+		if _, ok := obj[k]; !ok {
+			t.Errorf("INFO lacks upstream's required key %q", k)
+		}
+	}
+	if err := json.Unmarshal(m.Data, &up); err != nil || up.NodeID != f.nodes[0].ID() {
+		t.Fatalf("INFO as upstream's NodeInfoResponse: %+v, %v", up, err)
+	}
+	var info protocol.NodeInfoResponse
+	if err := protocol.Decode(m.Data, &info); err != nil {
+		t.Fatal(err)
+	}
+	return info
 }

@@ -161,8 +161,19 @@ func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool, now 
 	if info.AuctionsNotBid != nil { // a nexd node
 		kv = append(kv, [2]string{"Not bid on", notBidText(info.AuctionsNotBid)})
 	}
+	if count := max(info.TombstoneCount, len(info.Tombstones)); count > 0 { // a nexd node
+		kv = append(kv, [2]string{"Tombstones", tombstonesText(info.Tombstones, count, now)})
+	}
 	if err := kvTable(w, "Information about Node "+info.NodeID, kv); err != nil {
 		return err
+	}
+	if err := renderTombstones(w, info.Tombstones, now); err != nil {
+		return err
+	}
+	if more := info.TombstoneCount - len(info.Tombstones); more > 0 {
+		if _, err := fmt.Fprintf(w, "(%d more not listed: nexctl status on the node lists every one)\n", more); err != nil {
+			return err
+		}
 	}
 	if len(info.NodeAgentSummaries) == 0 {
 		_, err := fmt.Fprintln(w, "No agents running")
@@ -420,14 +431,8 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	if st.AuctionsNotBid != nil {
 		rows = append(rows, [2]string{"Not bid on", notBidText(st.AuctionsNotBid)})
 	}
-	if n := len(st.Tombstones); n > 0 {
-		oldest := st.Tombstones[0].Since
-		for _, t := range st.Tombstones {
-			if t.Since.Before(oldest) {
-				oldest = t.Since
-			}
-		}
-		rows = append(rows, [2]string{"Tombstones", fmt.Sprintf("%d stopped workload(s) kept out of replays; removal from node state pending (oldest %s ago, retried)", n, friendlyDuration(now.Sub(oldest)))})
+	if len(st.Tombstones) > 0 {
+		rows = append(rows, [2]string{"Tombstones", tombstonesText(st.Tombstones, len(st.Tombstones), now)})
 	}
 	if st.WorkloadUsers != "" {
 		rows = append(rows, [2]string{"Workloads run as", st.WorkloadUsers})
@@ -443,6 +448,18 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		return err
 	}
 	return renderNexlets(w, st.Nexlets, now)
+}
+
+// tombstonesText says how many of a node's stopped workloads wait for their removal
+// from node state (count, of which ts lists some or all) and the oldest's age.
+func tombstonesText(ts []control.Tombstone, count int, now time.Time) string {
+	oldest := now
+	for _, t := range ts {
+		if t.Since.Before(oldest) {
+			oldest = t.Since
+		}
+	}
+	return fmt.Sprintf("%d stopped workload(s) kept out of replays; removal from node state pending (oldest %s ago, retried)", count, friendlyDuration(now.Sub(oldest)))
 }
 
 // renderTombstones lists the stopped workloads whose removal from node state is

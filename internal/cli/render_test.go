@@ -117,6 +117,16 @@ func TestRenderNodeInfo(t *testing.T) {
 		}
 		golden(t, name, b.Bytes())
 	}
+	// A nexd node with tombstones: the row, the table (the oldest 2 of 3 it has).
+	info.AuctionsNotBid = map[string]uint64{"tags": 4}
+	info.Tombstones = []protocol.Tombstone{{ID: "W0", Type: "native", Since: now.Add(-time.Hour)},
+		{ID: "W2", Type: "native", Namespace: "default", Since: now.Add(-3 * time.Minute)}}
+	info.TombstoneCount = 3
+	var b bytes.Buffer
+	if err := renderNodeInfo(&b, info, false, now); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "node_info_tombstones", b.Bytes())
 }
 
 func TestRenderLocal(t *testing.T) {
