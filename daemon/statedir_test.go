@@ -37,17 +37,7 @@ func TestPrivateStateDirTightensALooseDir(t *testing.T) {
 // state dir 0700, still the user's). Now both are refused, naming the owner, as is a
 // directory anyone may write to or a symlink another user owns.
 func TestAttackDirOfAnotherUser(t *testing.T) {
-	mallory := testkit.NewUser(t)
-	pub := testkit.PublicDir(t)
-	if err := os.Chmod(pub, 0o777|os.ModeSticky); err != nil {
-		t.Fatal(err)
-	}
-	asMallory := func(args ...string) {
-		t.Helper()
-		if out, err := mallory.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%v as %s: %v: %s", args, mallory.Name, err, out)
-		}
-	}
+	mallory, pub, asMallory := malloryInPublicDir(t)
 	state, runtime := filepath.Join(pub, "state"), filepath.Join(pub, "nexd-0123456789ab")
 	asMallory("/bin/mkdir", "-m", "0777", state, runtime)
 	log := slog.New(slog.DiscardHandler)
@@ -90,17 +80,7 @@ func TestAttackDirOfAnotherUser(t *testing.T) {
 // write in without the sticky bit. Before, ownDir looked at the last name only and took
 // all three; /tmp itself (sticky) stays fine.
 func TestAttackDirUnderAnotherUsersDir(t *testing.T) {
-	mallory := testkit.NewUser(t)
-	pub := testkit.PublicDir(t)
-	if err := os.Chmod(pub, 0o777|os.ModeSticky); err != nil {
-		t.Fatal(err)
-	}
-	asMallory := func(args ...string) {
-		t.Helper()
-		if out, err := mallory.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%v as %s: %v: %s", args, mallory.Name, err, out)
-		}
-	}
+	mallory, pub, asMallory := malloryInPublicDir(t)
 	uid := strconv.Itoa(int(mallory.UID))
 	hers := filepath.Join(pub, "hers")
 	asMallory("/bin/mkdir", "-m", "0755", hers)
@@ -136,4 +116,22 @@ func TestAttackDirUnderAnotherUsersDir(t *testing.T) {
 	if err := ownDir("runtime_dir", filepath.Join(pub, "nexd-0123456789ab"), 0o711); err != nil {
 		t.Errorf("runtime_dir in a sticky public directory: %v", err)
 	}
+}
+
+// malloryInPublicDir makes a real user and a sticky directory everyone may write in,
+// and returns a runner of commands as that user.
+func malloryInPublicDir(t *testing.T) (*testkit.User, string, func(args ...string)) {
+	t.Helper()
+	mallory := testkit.NewUser(t)
+	pub := testkit.PublicDir(t)
+	if err := os.Chmod(pub, 0o777|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	asMallory := func(args ...string) {
+		t.Helper()
+		if out, err := mallory.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v as %s: %v: %s", args, mallory.Name, err, out)
+		}
+	}
+	return mallory, pub, asMallory
 }
