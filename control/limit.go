@@ -19,6 +19,9 @@ const (
 	// ReadTimeout bounds reading one request, body included (a slow body), and, for a
 	// non-admin, writing each piece of an answer (a client that never reads).
 	ReadTimeout = 15 * time.Second
+	// MaxHeaderBytes bounds a request's headers (nexctl sends a few hundred bytes;
+	// net/http allows 4 KiB more).
+	MaxHeaderBytes = 16 << 10
 )
 
 // limitListener admits connections within the limits and tags each with its peer.

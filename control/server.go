@@ -161,8 +161,11 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 		// The whole request, body included: a client that sends a Content-Length and
 		// no body is dropped instead of holding its connection.
 		ReadTimeout: readTimeout,
-		IdleTimeout: time.Minute,
-		BaseContext: func(net.Listener) context.Context { return s.baseCtx },
+		// Headers are read before the peer is authorized: net/http's default, 1 MiB a
+		// connection, would let the uids of many workloads hold about 1 GiB.
+		MaxHeaderBytes: MaxHeaderBytes,
+		IdleTimeout:    time.Minute,
+		BaseContext:    func(net.Listener) context.Context { return s.baseCtx },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			if pc, ok := c.(*peerConn); ok {
 				return context.WithValue(ctx, peerKey{}, pc.peer)
