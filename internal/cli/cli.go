@@ -123,7 +123,7 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	stdio.Stdout, stdio.Stderr = sanitizer{stdio.Stdout}, sanitizer{stdio.Stderr}
 	root, a := newRoot(stdio)
 	root.SetArgs(args)
-	err := root.ExecuteContext(ctx)
+	failed, err := root.ExecuteContextC(ctx)
 	if err == nil || errors.Is(err, errCheckDone) {
 		return ExitOK
 	}
@@ -159,7 +159,12 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	switch {
 	case msg == "":
 	case kind == "usage" && ee.err == nil:
-		fmt.Fprintf(stdio.Stderr, "nexctl: %s\nRun 'nexctl --help' for usage.\n", msg)
+		// The help of the command that failed: its flags and arguments.
+		help := "nexctl"
+		if failed != nil {
+			help = failed.CommandPath()
+		}
+		fmt.Fprintf(stdio.Stderr, "nexctl: %s\nRun '%s --help' for usage.\n", msg, help)
 	default:
 		fmt.Fprintf(stdio.Stderr, "nexctl: %s\n", msg)
 	}

@@ -154,7 +154,8 @@ func TestBinaryExitCodes(t *testing.T) {
 	}{
 		{name: "unknown command", args: []string{"bogus"}, code: 2, stderr: "unknown command", noStdout: true},
 		{name: "unknown flag", args: []string{"status", "--bogus"}, code: 2, stderr: "unknown flag", noStdout: true},
-		{name: "missing argument", args: []string{"nexlet", "restart"}, code: 2, stderr: "needs 1 argument", noStdout: true},
+		{name: "missing argument", args: []string{"nexlet", "restart"}, code: 2, stderr: "needs 1 argument(s) (NAME), got 0\nRun 'nexctl nexlet restart --help' for usage.", noStdout: true},
+		{name: "unknown command help", args: []string{"bogus"}, code: 2, stderr: "Run 'nexctl --help' for usage.", noStdout: true},
 		{name: "bad duration", env: env, args: []string{"lameduck", "--delay", "soon"}, code: 2, stderr: "invalid argument", noStdout: true},
 		{name: "no daemon", args: []string{"status", "--control-socket", filepath.Join(t.TempDir(), "none.sock")}, code: 1, stderr: "cannot reach nexd", noStdout: true},
 		{name: "status", env: env, args: []string{"status"}, stdout: "NLOCAL"},
@@ -177,7 +178,7 @@ func TestBinaryExitCodes(t *testing.T) {
 		{name: "secret rm again", env: env, args: []string{"secret", "rm", "default", "PW"}, code: 1, stderr: "not found"},
 		{name: "node list", args: []string{"node", "list", "-s", ns.ClientURL(), "--nats.timeout", "1s"}, stdout: "No nodes found"},
 		{name: "node list json", args: []string{"--json", "node", "list", "-s", ns.ClientURL(), "--nats.timeout", "1s"}, stdout: "[]"},
-		{name: "nats unreachable", args: []string{"node", "list", "-s", "nats://127.0.0.1:1", "--nats.timeout", "1s"}, code: 1, stderr: "connect to NATS", noStdout: true},
+		{name: "nats unreachable", args: []string{"node", "list", "-s", "nats://127.0.0.1:1", "--nats.timeout", "1s"}, code: 1, stderr: "connect to NATS: no server answered at nats://127.0.0.1:1 within 1s (--nats.timeout): is it running?", noStdout: true},
 		{name: "metrics disabled", env: env, args: []string{"metrics"}, code: 1, stderr: "metrics are not enabled"},
 		{name: "version", args: []string{"--version"}, stdout: "nexctl version dev"},
 	}

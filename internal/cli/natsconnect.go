@@ -2,13 +2,16 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
 
 	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/internal/natsurl"
 )
 
 // defaultNATSURL is used when nothing names a NATS system and no local node answers:
@@ -88,6 +91,13 @@ func connectNATS(ctx context.Context, o natsconn.Options) (*natsconn.Conn, error
 	cctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
 	c, err := natsconn.Connect(cctx, o, slog.New(slog.DiscardHandler))
+	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		where := "NATS context " + o.Context
+		if len(o.Servers) > 0 {
+			where = strings.Join(natsurl.RedactAll(o.Servers), ", ")
+		}
+		return nil, fmt.Errorf("connect to NATS: no server answered at %s within %s (--nats.timeout): is it running? name it with -s/--nats.servers, NATS_URL or --nats.context: %w", where, o.Timeout, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("connect to NATS: %w", err)
 	}
