@@ -104,6 +104,13 @@ func (s *Server) Shutdown() {
 			close(s.stopWatch)
 			s.watch.Wait()
 		}
+		// The watch saves an unsaved account JWT every 5 s only: room may have come
+		// since its last look, and the next start would forget its revocations.
+		if s.trust != nil {
+			if waiting, err := s.trust.saveAccount(); waiting {
+				s.log.Error("the nex account JWT could not be saved at shutdown: the user revocations made since it was last saved are forgotten at the next start (until the users' credentials expire)", "err", err)
+			}
+		}
 		s.s.Shutdown()
 		s.s.WaitForShutdown()
 		s.log.Info("embedded NATS server stopped")

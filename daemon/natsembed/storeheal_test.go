@@ -88,3 +88,23 @@ func TestRevocationSavedAfterDiskFull(t *testing.T) {
 		t.Error("a user revoked on a full disk connected after the restart")
 	}
 }
+
+// TestRevocationSavedAtShutdown: the disk has room again but the store watch has not
+// ticked yet when nexd stops (the operator frees space and restarts nexd at once).
+// Before, the revocation in force was not saved and the next start forgot it.
+func TestRevocationSavedAtShutdown(t *testing.T) {
+	state := testkit.SmallFS(t, "16m")
+	c := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	var fill string
+	userJWT, seed := revokeVictim(t, c, func() { fill = testkit.FillFS(t, state) })
+	if err := os.Remove(fill); err != nil {
+		t.Fatal(err)
+	}
+	c.Close(ctxT(t))
+
+	c2 := connect(t, natsconn.Options{}, Options{Port: -1, StateDir: state})
+	if nc, err := nats.Connect(c2.ClientURLs()[0], nats.UserJWTAndSeed(userJWT, seed)); err == nil {
+		nc.Close()
+		t.Error("a user revoked on a full disk connected after a restart made once there was room")
+	}
+}
