@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -102,6 +103,19 @@ func buildNexctl(t *testing.T) string {
 	return bins.Path(t, "github.com/nexd-project/nexd/cmd/nexctl")
 }
 
+// serveControl serves a control socket at sock over b until the test ends.
+func serveControl(t *testing.T, sock string, b control.Backend) {
+	t.Helper()
+	srv, err := control.Listen(sock, control.ServerOptions{Backend: b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
 type result struct {
 	out, err string
 	code     int
@@ -131,14 +145,7 @@ func TestBinaryExitCodes(t *testing.T) {
 	bin := buildNexctl(t)
 	b := &localBackend{secrets: map[string]string{}, reload: control.ReloadResult{OK: true, Applied: []string{"tags"}}}
 	sock := filepath.Join(t.TempDir(), "nexd.sock")
-	srv, err := control.Listen(sock, control.ServerOptions{Backend: b})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
+	serveControl(t, sock, b)
 	env := []string{"NEX_CONTROL_SOCKET=" + sock}
 	ns := testnats.Start(t, testnats.Options{NoJetStream: true})
 
@@ -292,4 +299,47 @@ func (b *localBackend) Reexec(context.Context) error { return nil }
 
 func (b *localBackend) NATSAccess(context.Context, time.Duration) (control.NATSAccess, error) {
 	return control.NATSAccess{}, control.ErrNotFound
+}
+
+// TestBinarySocketPermissionDenied: nexctl run by a user who may not open the control
+// socket (uid 65534, not in group nex, a 0600 root socket) says so and what to do, exit
+// 1, rather than "cannot reach nexd", which would send the operator looking for a
+// stopped daemon. Needs root (a real second uid).
+func TestBinarySocketPermissionDenied(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: runs nexctl as uid 65534")
+	}
+	dir, err := os.MkdirTemp("", "nexctl-perm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	// The binary and the socket's directory reachable by uid 65534; the socket not.
+	bin := filepath.Join(dir, "nexctl")
+	data, err := os.ReadFile(buildNexctl(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.WriteFile(t, bin, string(data))
+	for _, p := range []string{dir, bin} {
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(dir, "nexd.sock")
+	serveControl(t, sock, &localBackend{secrets: map[string]string{}})
+	if err := os.Chmod(sock, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "status", "--control-socket", sock)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=/"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err = cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || out.Len() != 0 ||
+		!strings.Contains(errb.String(), "permission denied on "+sock+": run as root or as a member of group nex") {
+		t.Fatalf("nexctl status as uid 65534 on a 0600 root socket: %v, stdout %q, stderr %q", err, out.String(), errb.String())
+	}
 }

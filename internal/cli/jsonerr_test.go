@@ -18,14 +18,7 @@ import (
 func TestJSONErrorsGolden(t *testing.T) {
 	b := &localBackend{secrets: map[string]string{}, reload: control.ReloadResult{OK: true}}
 	sock := filepath.Join(t.TempDir(), "nexd.sock")
-	srv, err := control.Listen(sock, control.ServerOptions{Backend: b})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
+	serveControl(t, sock, b)
 	ns := testnats.Start(t, testnats.Options{NoJetStream: true})
 	nats := []string{"-s", ns.ClientURL(), "--nats.timeout", "300ms"}
 
