@@ -63,6 +63,28 @@ func NewTombstones(inner Store, dir string, log *slog.Logger) (*Tombstones, erro
 func (t *Tombstones) Close() {
 	t.cancel()
 	<-t.done
+	// Removals kept in memory die with this nexd, and the next would replay their
+	// workloads: room for their tombstones may have come since (space freed, then a
+	// restart), so they are written now.
+	t.mu.Lock()
+	mem := make([]Tombstone, 0, len(t.mem))
+	for _, m := range t.mem {
+		mem = append(mem, m)
+	}
+	t.mu.Unlock()
+	for _, m := range mem {
+		key, err := state.Key(m.Type, m.ID)
+		if err != nil {
+			continue
+		}
+		if err := t.write(key, m.Namespace); err != nil {
+			t.log.Error("a stopped workload's removal from node state is lost with this nexd: the next one may run it again", "workload_id", m.ID, "err", err)
+			continue
+		}
+		t.mu.Lock()
+		delete(t.mem, key)
+		t.mu.Unlock()
+	}
 }
 
 // Put implements Store. A tombstone of the same workload goes first, so the retry does

@@ -90,29 +90,15 @@ func TestTombstoneUnwritable(t *testing.T) {
 	var storeDir string
 	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { storeDir = o.StoreDir }})
 	nc := testnats.Connect(t, s, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
-	kv, err := state.OpenKV(t.Context(), nc, "TOMBNODE", "", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(t.TempDir(), "tombstones")
-	ts, err := NewTombstones(kv, dir, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv, dir, ts := kvTombstonesIn(t, nc, "TOMBNODE")
 	t.Cleanup(ts.Close)
 	for _, id := range []string{"W1", "W2"} {
 		if err := ts.Put(t.Context(), "native", id, startReq("system", id, "")); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := os.Remove(dir); err != nil {
-		t.Fatal(err)
-	}
-	testkit.WriteFile(t, dir, "not a directory")
-	if err := s.DisableJetStream(); err != nil {
-		t.Fatal(err)
-	}
-	err = ts.Delete(t.Context(), "native", "W1")
+	noRoomAnywhere(t, s, dir)
+	err := ts.Delete(t.Context(), "native", "W1")
 	if err == nil || errors.Is(err, ErrRemovalPending) || !strings.Contains(err.Error(), "no tombstone kept either") {
 		t.Fatalf("delete with neither the store nor a tombstone: %v", err)
 	}
@@ -314,4 +300,64 @@ func infoOverNATS(t *testing.T, f *fixture) protocol.NodeInfoResponse {
 		t.Fatal(err)
 	}
 	return info
+}
+
+// TestTombstoneInMemoryWrittenAtClose: a removal kept in memory (no room for its
+// tombstone) is written as a tombstone when nexd stops, if there is room by then: the
+// operator frees space and restarts nexd before the bucket takes the removal. Before,
+// it was dropped with the process and the next nexd replayed the stopped workload.
+func TestTombstoneInMemoryWrittenAtClose(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	kv, dir, ts := kvTombstonesIn(t, nc, "TOMBCLOSE")
+	if err := ts.Put(t.Context(), "native", "W1", startReq("system", "W1", "")); err != nil {
+		t.Fatal(err)
+	}
+	noRoomAnywhere(t, s, dir)
+	if err := ts.Delete(t.Context(), "native", "W1"); err == nil || errors.Is(err, ErrRemovalPending) {
+		t.Fatalf("delete with neither the store nor a tombstone: %v", err)
+	}
+	if err := os.Remove(dir); err != nil { // room again
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ts.Close()
+	next, err := NewTombstones(kv, dir, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+	if p := next.Pending(); !slices.Equal(p, []string{"native_W1"}) {
+		t.Errorf("pending removals after a restart with room again: %v, want [native_W1]", p)
+	}
+}
+
+// kvTombstonesIn opens bucket on nc and tombstones over it in a new directory.
+func kvTombstonesIn(t *testing.T, nc *nats.Conn, bucket string) (*state.KV, string, *Tombstones) {
+	t.Helper()
+	kv, err := state.OpenKV(t.Context(), nc, bucket, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "tombstones")
+	ts, err := NewTombstones(kv, dir, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv, dir, ts
+}
+
+// noRoomAnywhere makes the tombstones' directory a file and takes s's JetStream away:
+// neither a removal nor a tombstone can be written.
+func noRoomAnywhere(t *testing.T, s *server.Server, dir string) {
+	t.Helper()
+	if err := os.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WriteFile(t, dir, "not a directory")
+	if err := s.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
 }
