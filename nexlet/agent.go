@@ -79,3 +79,11 @@ type ReplayAware interface {
 type WorkloadHolder interface {
 	HeldWorkloads() []string
 }
+
+// StopRememberer is optionally implemented by an Agent that remembers the workloads
+// it stopped at the node's request (RegisterAgentRequest.Stopped): the node removes a
+// stored one instead of starting it again when the node that asked for the stop died
+// before it removed it.
+type StopRememberer interface {
+	RecentlyStopped() []string
+}

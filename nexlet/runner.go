@@ -560,6 +560,9 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 		}
 		reg.Workloads = &ids
 	}
+	if s, ok := r.agent.(StopRememberer); ok {
+		reg.Stopped = s.RecentlyStopped()
+	}
 	body, err := protocol.Marshal(reg)
 	if err != nil {
 		return nil, fmt.Errorf("nexlet register: encode request: %w", err)

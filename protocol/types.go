@@ -437,6 +437,12 @@ type RegisterAgentRequest struct {
 	// Absent (upstream nexlets), every stored workload is replayed.
 	Workloads *[]string `json:"nexd_workloads,omitempty"`
 
+	// Stopped (nexd extension) lists the workloads this nexlet instance stopped at a
+	// node's request lately (its memory of stops, an hour). A stored one is removed
+	// from node state, not started again: the node that asked may have died before it
+	// removed it (TestNexdKilledDuringDrain).
+	Stopped []string `json:"nexd_stopped,omitempty"`
+
 	// FeedRelay (nexd extension): the nexlet publishes its feeds on FeedRelaySubject
 	// when the reply says NexdFeedRelay. A signed registration without it (a nexlet on
 	// an SDK older than the relay) keeps the direct $NEX.FEED grant only if it is the

@@ -298,7 +298,10 @@ func (n *Node) handOverStarts(takeOver map[string]protocol.StartWorkloadRequest,
 // holds (RegisterAgentRequest.Workloads; nothing to do when it does not say): a job it
 // does not hold ran before (its end was never acknowledged, or its nexlet lost the
 // record), so it leaves node state and stored instead of being started a second time.
-// A service it does not hold stays in stored and is started again.
+// A service it does not hold stays in stored and is started again, unless the nexlet
+// says it stopped it at a request (RegisterAgentRequest.Stopped): the node that asked
+// died before it removed it from state (a drain or a stop cut short by a kill), and
+// starting it again would undo the stop.
 func (n *Node) reconcile(agentID, owner string, req protocol.RegisterAgentRequest, stored map[string]protocol.StartWorkloadRequest) {
 	if req.Workloads == nil {
 		return
@@ -307,8 +310,22 @@ func (n *Node) reconcile(agentID, owner string, req protocol.RegisterAgentReques
 	for _, id := range *req.Workloads {
 		held[id] = true
 	}
+	stopped := make(map[string]bool, len(req.Stopped))
+	for _, id := range req.Stopped {
+		stopped[id] = true
+	}
 	for wid, swr := range stored {
-		if held[wid] || swr.WorkloadLifecycle != protocol.LifecycleJob {
+		if held[wid] {
+			continue
+		}
+		if stopped[wid] {
+			delete(stored, wid)
+			n.log.Info("workload its nexlet stopped at a request is still in node state: removed, not started again",
+				"workload_id", wid, "agent_id", agentID, "owner", owner)
+			n.forget(wid, req.RegisterType)
+			continue
+		}
+		if swr.WorkloadLifecycle != protocol.LifecycleJob {
 			continue
 		}
 		delete(stored, wid)

@@ -63,6 +63,22 @@ func (s *Memo) Add(id string, e Entry) {
 	s.order = append(s.order[:0], s.order[drop:]...)
 }
 
+// IDs lists the ids remembered as stopped within the memo's age, oldest first.
+func (s *Memo) IDs(now time.Time) []string {
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, id := range s.order {
+		if now.Sub(s.m[id].At) <= s.age {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
 // Get returns id's entry when it stopped within the memo's age and the caller in
 // namespace ns may see it: system sees every workload, another namespace only its own.
 func (s *Memo) Get(id, ns string, now time.Time) (Entry, bool) {
