@@ -315,14 +315,14 @@ func newFIFO(dir, name string) (r int, w *os.File, err error) {
 // openFIFOReader opens an existing FIFO for reading without blocking.
 func openFIFOReader(path string) (int, error) { return fifo.OpenReaderFd(path) }
 
-// HeldWorkloads implements nexlet.WorkloadHolder: the workloads in the table and those
-// with a record left by an earlier nexlet process (running, or ended with a tombstone).
-// A stored job missing from it ran before and is not started again.
 // RecentlyStopped implements nexlet.StopRememberer: the workloads this nexlet stopped
 // at a request within the last hour (recentStops; not those a restart of the nexlet
 // itself forgot).
 func (n *Nexlet) RecentlyStopped() []string { return n.recentStops.IDs(time.Now()) }
 
+// HeldWorkloads implements nexlet.WorkloadHolder: the workloads in the table and those
+// with a record left by an earlier nexlet process (running, or ended with a tombstone).
+// A stored job missing from it ran before and is not started again.
 func (n *Nexlet) HeldWorkloads() []string {
 	held := map[string]bool{}
 	n.mu.Lock()
