@@ -676,9 +676,13 @@ func ownDir(key, dir string, perm os.FileMode) error {
 // directory that passed).
 func safePath(key, dir string, missingOK bool) error {
 	trusted := func(uid uint32) bool { return uid == 0 || int(uid) == os.Geteuid() }
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return fmt.Errorf("%s %s: %w", key, dir, err)
+	abs := dir
+	if !filepath.IsAbs(dir) { // not filepath.Abs: its Clean takes "l/.." away, which the kernel resolves through l
+		wd, err := os.Getwd()
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", key, dir, err)
+		}
+		abs = wd + "/" + dir
 	}
 	cur, pending, links := "/", strings.Split(abs, "/"), 0
 	for len(pending) > 0 {
@@ -716,15 +720,23 @@ func safePath(key, dir string, missingOK bool) error {
 			pending = append(strings.Split(target, "/"), pending...)
 			continue
 		}
-		switch last := len(strings.Join(pending, "")) == 0; {
+		switch {
 		case st.Mode&syscall.S_IFMT != syscall.S_IFDIR:
 			return fmt.Errorf("%s %s: %s is not a directory", key, dir, next)
 		case !trusted(st.Uid):
 			return fmt.Errorf("%s %s: %s is owned by uid %d, not by nexd's uid %d or root: that user could replace what nexd keeps there; fix: remove it, or chown it to uid %d, or use another directory", key, dir, next, st.Uid, os.Geteuid(), os.Geteuid())
-		case st.Mode&0o002 != 0 && (last || st.Mode&syscall.S_ISVTX == 0):
+		case st.Mode&0o002 != 0 && st.Mode&syscall.S_ISVTX == 0:
 			return fmt.Errorf("%s %s: %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, next, st.Mode&0o7777, next)
 		}
 		cur = next
+	}
+	// The directory itself: no other user may write in it, sticky or not.
+	var st syscall.Stat_t
+	if err := syscall.Stat(cur, &st); err != nil {
+		return fmt.Errorf("%s %s: %w", key, dir, err)
+	}
+	if st.Mode&0o002 != 0 {
+		return fmt.Errorf("%s %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, st.Mode&0o7777, dir)
 	}
 	return nil
 }
