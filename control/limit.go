@@ -8,13 +8,14 @@ import (
 )
 
 // Connection limits: a local user who may connect (status) must not be able to pin
-// the socket, nor, with the uids of many workloads (one each), crowd out the admins:
-// admins (root, nexd's own uid, group nex) are bounded apart from everyone else.
+// the socket, nor, with the uids of many workloads (one each), crowd out the admins or
+// the other local users: admins (root, nexd's own uid, group nex), workloads' dynamic
+// uids and other local users are each bounded apart.
 const (
 	// MaxConnsPerUser bounds the open connections of one non-admin uid.
 	MaxConnsPerUser = 16
-	// MaxConns bounds the open connections of non-admins together, and those of admins
-	// together.
+	// MaxConns bounds the open connections of each class together: admins, workloads'
+	// dynamic uids, other local users.
 	MaxConns = 1024
 	// ReadTimeout bounds reading one request, body included (a slow body), and, for a
 	// non-admin, writing each piece of an answer (a client that never reads).
@@ -29,9 +30,29 @@ type limitListener struct {
 	net.Listener
 	s *Server
 
-	mu             sync.Mutex
-	admins, others int
-	per            map[uint32]int // non-admins' connections by uid
+	mu    sync.Mutex
+	class [numClasses]int // open connections by class
+	per   map[uint32]int  // non-admins' connections by uid
+}
+
+// A connection's class: each has its own bound of MaxConns.
+type connClass int
+
+const (
+	classAdmin    connClass = iota
+	classWorkload           // a uid in ServerOptions.WorkloadUIDs
+	classOther              // any other local user
+	numClasses
+)
+
+func (l *limitListener) classOf(p Peer) connClass {
+	switch {
+	case p.Err == nil && l.s.isAdmin(p):
+		return classAdmin
+	case l.s.isWorkloadUID(p.UID):
+		return classWorkload
+	}
+	return classOther
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -41,22 +62,21 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		p := readPeer(c, l.s.opts.ProcRoot)
-		admin := p.Err == nil && l.s.isAdmin(p)
+		class := l.classOf(p)
+		admin := class == classAdmin
 		l.mu.Lock()
-		if (admin && l.admins >= l.s.maxConns) || (!admin && (l.others >= l.s.maxConns || l.per[p.UID] >= l.s.maxPerUser)) {
+		if l.class[class] >= l.s.maxConns || (!admin && l.per[p.UID] >= l.s.maxPerUser) {
 			l.mu.Unlock()
-			l.s.log.Warn("control connection refused: too many open connections", "uid", p.UID, "pid", p.PID)
+			l.s.log.Warn("control connection refused: too many open connections", "uid", p.UID, "pid", p.PID, "workload_uid", class == classWorkload)
 			c.Close()
 			continue
 		}
-		if admin {
-			l.admins++
-		} else {
-			l.others++
+		l.class[class]++
+		if !admin {
 			l.per[p.UID]++
 		}
 		l.mu.Unlock()
-		return &peerConn{Conn: c, peer: p, admin: admin, write: l.s.readTimeout, l: l}, nil
+		return &peerConn{Conn: c, peer: p, class: class, write: l.s.readTimeout, l: l}, nil
 	}
 }
 
@@ -65,7 +85,10 @@ func (l *limitListener) drain(ctx context.Context) bool {
 	wait := time.Millisecond
 	for {
 		l.mu.Lock()
-		open := l.admins + l.others
+		open := 0
+		for _, n := range l.class {
+			open += n
+		}
 		l.mu.Unlock()
 		if open == 0 {
 			return true
@@ -81,10 +104,8 @@ func (l *limitListener) drain(ctx context.Context) bool {
 
 func (l *limitListener) release(c *peerConn) {
 	l.mu.Lock()
-	if c.admin {
-		l.admins--
-	} else {
-		l.others--
+	l.class[c.class]--
+	if c.class != classAdmin {
 		if l.per[c.peer.UID]--; l.per[c.peer.UID] <= 0 {
 			delete(l.per, c.peer.UID)
 		}
@@ -96,7 +117,7 @@ func (l *limitListener) release(c *peerConn) {
 type peerConn struct {
 	net.Conn
 	peer  Peer
-	admin bool
+	class connClass
 	write time.Duration // a non-admin's bound on each write
 	l     *limitListener
 	once  sync.Once
@@ -106,7 +127,7 @@ type peerConn struct {
 // one would end admins' log follows), so a client that sent requests and never read
 // the answers held its connection for good. An admin's follow may wait on its reader.
 func (c *peerConn) Write(b []byte) (int, error) {
-	if !c.admin {
+	if c.class != classAdmin {
 		_ = c.Conn.SetWriteDeadline(time.Now().Add(c.write))
 	}
 	return c.Conn.Write(b)

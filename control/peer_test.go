@@ -315,3 +315,39 @@ func TestAttackLargeHeadersRefused(t *testing.T) {
 		t.Errorf("status with 512 KiB of headers from another user: %q, want 431", got)
 	}
 }
+
+// TestAttackWorkloadsLockOutLocalUsers: a tenant's workloads each run as a dynamic uid of
+// their own, and each uid may hold 16 connections, so 64 workloads held all 1024 that
+// non-admins shared and another local user's `nexctl status` was refused. Workloads'
+// uids (ServerOptions.WorkloadUIDs) now have a bound of their own. Here the bounds are
+// shrunk (2 a uid, 4 a class): two uids of the range (no passwd entry, as a dynamic
+// uid has none) fill theirs, a real local user is still served; a third uid of the
+// range is not (its class stays bounded).
+func TestAttackWorkloadsLockOutLocalUsers(t *testing.T) {
+	testkit.RequireUsers(t)
+	t.Parallel()
+	const lo = 1_900_000_000 // far from useradd's and systemd's ranges
+	rng := [2]uint32{lo, lo + 999}
+	s, bin := publicServer(t, ServerOptions{MaxConns: 4, MaxConnsPerUser: 2, WorkloadUIDs: rng})
+	workload := func(i uint32) *testkit.User {
+		uid := lo + uint32(os.Getpid()%900) + i
+		return &testkit.User{Name: fmt.Sprintf("dynamic uid %d", uid), UID: uid, GID: uid}
+	}
+	holders(t, bin, s.Path(), "hold", 2, workload(0), workload(1))
+	status := func(u *testkit.User) string {
+		t.Helper()
+		cmd := u.Command(bin)
+		cmd.Env = []string{helperEnvOp + "=status", helperEnvSocket + "=" + s.Path()}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("status as %s: %v: %s", u.Name, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	if got := status(testkit.NewUser(t)); got != "ok" {
+		t.Errorf("a local user's status while workloads' uids hold their every connection: %q, want ok", got)
+	}
+	if got := status(workload(2)); got == "ok" {
+		t.Errorf("a third workload uid's status past the workloads' bound: ok, want refused")
+	}
+}

@@ -48,9 +48,13 @@ type ServerOptions struct {
 	// MaxConnsPerUser bounds a non-admin uid's open connections (default
 	// MaxConnsPerUser).
 	MaxConnsPerUser int
-	// MaxConns bounds the open connections of non-admins together (default MaxConns);
-	// tests shrink it.
+	// MaxConns bounds the open connections of each class together: admins, workloads
+	// (WorkloadUIDs), other local users (default MaxConns); tests shrink it.
 	MaxConns int
+	// WorkloadUIDs is the dynamic uid range workloads run as (workload_uid_range,
+	// MIN and MAX), zero when none: their connections share a bound of their own, so
+	// a tenant's many workloads cannot keep other local users out.
+	WorkloadUIDs [2]uint32
 }
 
 // Server serves the control API on a Unix socket.
@@ -340,6 +344,12 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, public bool) 
 	s.log.Info("control request refused", "path", r.URL.Path, "uid", p.UID, "pid", p.PID)
 	writeError(w, http.StatusForbidden, fmt.Sprintf("permission denied: uid %d is neither root nor a member of group %s", p.UID, s.opts.Group))
 	return false
+}
+
+// isWorkloadUID says whether uid is in the workloads' dynamic uid range.
+func (s *Server) isWorkloadUID(uid uint32) bool {
+	r := s.opts.WorkloadUIDs
+	return r[1] != 0 && uid >= r[0] && uid <= r[1]
 }
 
 // isAdmin: root, nexd's own uid (without root, as under make run, the user who started

@@ -11,6 +11,7 @@ import (
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/coldpages"
 	"github.com/nexd-project/nexd/internal/memtrim"
+	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -124,11 +125,17 @@ const adoptedRegisterWait = 15 * time.Second
 func (s *server) openControl(first control.Backend) error {
 	cfg := s.cfg()
 	s.ctl = newSwitchBackend(first)
+	// Validated at load: workloads' dynamic uids get a connection bound of their own.
+	lo, hi, err := native.ParseUIDRange(cfg.Node.WorkloadUIDRange)
+	if err != nil {
+		return fmt.Errorf("workload_uid_range: %w", err)
+	}
 	ctl, err := control.Listen(cfg.Node.ControlSocket, control.ServerOptions{
-		Backend:     s.ctl,
-		AllowOthers: cfg.Node.ControlAllowOthers,
-		Logger:      s.log,
-		Listener:    s.ctlListener,
+		Backend:      s.ctl,
+		AllowOthers:  cfg.Node.ControlAllowOthers,
+		Logger:       s.log,
+		Listener:     s.ctlListener,
+		WorkloadUIDs: [2]uint32{lo, hi},
 	})
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
