@@ -326,6 +326,13 @@ func RenewCredsSubject(nodeID, agentID, workloadID string) string {
 // sees another's replies (nats.CustomInboxPrefix). A nexd extension.
 func InboxPrefix(id string) string { return "_INBOX_" + id }
 
+// WorkloadInboxPrefix is the private inbox prefix of the workload with this id under a
+// signing key, _INBOX.<id>: its user may subscribe there only, and another workload
+// answers its requests under its plain _INBOX.> grant. Workloads get no response
+// permission: it let a workload publish anywhere (a reply subject is the requester's
+// to choose, and the grant outranks every deny).
+func WorkloadInboxPrefix(id string) string { return "_INBOX." + id }
+
 // TenantInboxPrefix is the private inbox prefix of namespace ns's tenant user,
 // _INBOX_tenant-<ns>: an _INBOX_ prefix, so nodes answer requests made with it, and
 // never one nexd mints for a child (_INBOX_<nuid>, and a nuid has no dash). The tenant

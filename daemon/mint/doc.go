@@ -22,7 +22,9 @@
 //	                      no JetStream, no control plane, no application subjects
 //	workload (WorkloadTTL) pub+sub WorkloadSubjects(ns), default ns.>
 //	                      sub $NEX.FEED.ns.logs.> (its namespace's logs, as upstream)
-//	                      sub _INBOX_<workload id>.> only, pub _INBOX.>; replies
+//	                      sub _INBOX.<workload id>.> only; pub _INBOX.>,
+//	                          _INBOX_tenant-ns.> (replies; no response permission,
+//	                          which nats-server ranks above the denies below)
 //	                      read-only object stores ArtifactBuckets(ns), default the bucket
 //	                          named ns: stream info, message/direct get, ordered consumer
 //	                          create/delete, flow control (what a nats:// fetch needs)

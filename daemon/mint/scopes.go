@@ -77,6 +77,12 @@ const (
 // workloadPermissions: a workload uses its namespace's application subjects, answers
 // requests, reads its namespace's log feed (as upstream allowed), and reads the object
 // stores listed for its namespace. It never reaches $NEX.SVC (nor publishes any feed).
+// It answers requests on the subjects it may publish to: its namespace's, _INBOX.>
+// (clients' default inboxes and other workloads', see protocol.WorkloadInboxPrefix)
+// and its tenant's inbox. No response permission: nats-server lets a reply subject
+// outrank every deny, and the requester (the workload itself, from a second
+// connection) chooses it, so a workload published anywhere: another namespace's
+// subjects, the node's LAMEDUCK, $KV and $JS.API.
 func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxPrefix string) (jwt.Permissions, error) {
 	var p jwt.Permissions
 	if inboxPrefix == "" || inboxPrefix == "_INBOX" || strings.ContainsAny(inboxPrefix, "*> \t\r\n") ||
@@ -91,7 +97,7 @@ func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxP
 		p.Pub.Allow.Add(s)
 		p.Sub.Allow.Add(s)
 	}
-	p.Pub.Allow.Add(inbox) // replies to clients using the default inbox
+	p.Pub.Allow.Add(inbox, protocol.TenantInboxPrefix(ns)+".>") // replies
 	p.Sub.Allow.Add(wbox, protocol.FeedWildcard(ns, "logs"))
 
 	apis := []string{"$JS.API"}
@@ -121,7 +127,6 @@ func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxP
 	}
 	p.Pub.Deny.Add("$NEX.>")
 	p.Sub.Deny.Add("$NEX.SVC.>")
-	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1}
 	return p, nil
 }
 

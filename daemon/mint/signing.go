@@ -250,7 +250,7 @@ func (m *SigningKeyMinter) mintWorkload(namespace, workloadID string) (protocol.
 	if err := checkToken("workload id", workloadID); err != nil {
 		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint workload credentials: %w", err)
 	}
-	inboxPrefix := protocol.InboxPrefix(workloadID)
+	inboxPrefix := protocol.WorkloadInboxPrefix(workloadID)
 	if m.opts.WorkloadInboxPrefix != nil {
 		inboxPrefix = m.opts.WorkloadInboxPrefix(namespace, workloadID)
 	}
