@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"slices"
 	"strings"
 	"sync"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -84,6 +86,54 @@ func TestAttackWorkloadRepliesOutsideItsNamespace(t *testing.T) {
 		m, err := nc.Request("tenant-a.echo", []byte("ping"), 10*time.Second)
 		if err != nil || string(m.Data) != "ping" {
 			t.Errorf("%s asked the workload: %v", who, err)
+		}
+	}
+}
+
+// TestWorkloadJetStreamAnswersGoAnywhere shows what remains (README, Known
+// limitations): a workload's user may call JetStream's API on its artifact bucket (the
+// native nexlet fetches nats:// artifacts with it), and JetStream answers on the
+// reply subject the caller chose, or delivers a push consumer's messages to the deliver
+// subject it chose, with the account's rights. So a workload of tenant-a puts a stored
+// object's bytes (its tenant writes the bucket) or JetStream's JSON into tenant-b's
+// subjects. It fails once that no longer works: then update the README.
+func TestWorkloadJetStreamAnswersGoAnywhere(t *testing.T) {
+	rf := newRogueFixture(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	js, err := jetstream.New(rf.client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obs, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "tenant-a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := obs.PutBytes(ctx, "bin", []byte(`{"order":"forged by tenant-a"}`)); err != nil {
+		t.Fatal(err)
+	}
+	cd, err := rf.m.MintWorkload("tenant-a", nuid.Next())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := rf.dial(cd)
+	watch, err := rf.client.SubscribeSync("tenant-b.orders")
+	if err != nil || rf.client.Flush() != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []*nats.Msg{
+		{Subject: "$JS.API.DIRECT.GET.OBJ_tenant-a", Reply: "tenant-b.orders", Data: []byte(`{"seq":1}`)},
+		{Subject: "$JS.API.STREAM.INFO.OBJ_tenant-a", Reply: "tenant-b.orders"},
+		{Subject: "$JS.API.CONSUMER.CREATE.OBJ_tenant-a", Reply: w.NewInbox(), Data: []byte(`{"stream_name":"OBJ_tenant-a",` +
+			`"config":{"deliver_subject":"tenant-b.orders","ack_policy":"none","deliver_policy":"all"}}`)},
+	} {
+		if err := w.PublishMsg(m); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := watch.NextMsg(10 * time.Second); err != nil {
+			t.Errorf("%s with tenant-b.orders as its answer's subject: nothing arrived there (%v); if that is fixed, update README's Known limitations", m.Subject, err)
+		} else {
+			t.Logf("%s: tenant-b.orders got %.60q", m.Subject, got.Data)
 		}
 	}
 }
