@@ -15,13 +15,7 @@ import (
 // same state: systemd's restart) must not start the drained service again, nor the
 // fast one the drain had already stopped.
 func TestNexdKilledDuringDrain(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	t.Parallel()
-	dir := t.TempDir()
-	n := startNode(t, nodeOpts{stateDir: dir, extra: []string{"--state", "kv"}})
-	n.waitReady(t)
+	n, dir := startKVNode(t)
 	deaf := newCrashLoop(t, "draindeaf")
 	fast := newCrashLoop(t, "drainfast")
 	for _, c := range []*crashLoop{&deaf, &fast} {

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"net"
 	"os"
 	"path/filepath"
@@ -139,4 +140,61 @@ func stoppedOnce(t *testing.T, c crashLoop, n2 *node) {
 	if w, ok := c.listed(t, n2); ok {
 		t.Errorf("the stopped service is listed again: %+v", w)
 	}
+}
+
+// TestStopCutShortByKillsStaysStopped: a service with a restart policy that ignores
+// SIGTERM (a 4 s grace) is stopped (`--no-wait`: the node said "stopping"); while it
+// waits out its grace, nexd and its native nexlet are both killed (-9). The stop was
+// asked for and under way (its SIGTERM went out), so the service must not run on nor
+// run again: the next nexlet finishes the stop (the rest of the grace, then a kill),
+// and the next nexd removes it from node state. Before, the next nexd replayed it and
+// the nexlet adopted the live process: it ran on, listed.
+func TestStopCutShortByKillsStaysStopped(t *testing.T) {
+	n, dir := startKVNode(t)
+	c := newCrashLoop(t, "stopcut")
+	script := `echo run >> "$1"; trap 'echo term >> "$1"' TERM; while :; do sleep 0.05; done`
+	req, _ := json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script, c.marker, c.runsFile},
+		"stop_grace": "4s", "restart": map[string]any{"policy": "always", "max": 3}})
+	c.id = n.runWorkload(t, "--name", "stopcut", "--lifecycle", "service", "--start-request", string(req)).ID
+	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool { return c.runs() == 1 && len(c.mains()) == 1 })
+	time.Sleep(300 * time.Millisecond) // the trap is set
+	out, errOut, code := n.ctl(t, "workload", "stop", "--no-wait", c.id)
+	if code != 0 {
+		t.Fatalf("stop --no-wait: exit %d: %s%s", code, out, errOut)
+	}
+	terms := func() int { b, _ := os.ReadFile(c.runsFile); return strings.Count(string(b), "term\n") }
+	testkit.EventuallyWithin(t, 30*time.Second, "the SIGTERM reached the service", func() bool { return terms() >= 1 })
+	killNexdAndNexlet(t, n)
+	if m := c.mains(); len(m) != 1 {
+		t.Fatalf("the SIGTERM-deaf service is not running after the kills: %v", m)
+	}
+
+	n2 := startNode(t, nodeOpts{stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
+	n2.waitReady(t)
+	// Its grace (4 s from the SIGTERM) is over well within this.
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) && len(c.mains()) != 0 {
+		time.Sleep(100 * time.Millisecond)
+	}
+	runningOn := len(c.mains())
+	_, listed := c.listed(t, n2)
+	t.Logf("after the kills and the next start: %d process(es) of the stopped service running, %d run(s), listed %v", runningOn, c.runs(), listed)
+	if runningOn != 0 {
+		t.Fatalf("the stopped service runs on after nexd and its nexlet were killed mid-stop: %v (listed: %v)", c.mains(), listed)
+	}
+	stoppedOnce(t, c, n2)
+}
+
+// startKVNode starts a parallel e2e test's node (its own embedded NATS) keeping its
+// state in KV, ready, and returns the state directory for the next node after a kill.
+func startKVNode(t *testing.T) (*node, string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	dir := t.TempDir()
+	n := startNode(t, nodeOpts{stateDir: dir, extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	return n, dir
 }

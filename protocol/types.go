@@ -291,6 +291,11 @@ type AgentStartWorkloadRequest struct {
 // StopWorkloadRequest stops a workload in a namespace.
 type StopWorkloadRequest struct {
 	Namespace string `json:"namespace"`
+	// Keep (nexd extension, node to nexlet): a stop at nexd's shutdown, after which the
+	// workload stays in node state and is started again at the next start; the nexlet
+	// keeps no record of it as a stop asked for (a recorded one is reported in
+	// RegisterAgentRequest.Stopped and removed from node state).
+	Keep bool `json:"nexd_keep,omitempty"`
 }
 
 // StopWorkloadResponse reports the outcome of a stop.

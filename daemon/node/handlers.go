@@ -335,7 +335,10 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	}
 	defer n.changes.Add(1)
 	ret := protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}
-	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace})
+	n.mu.Lock()
+	keep := n.keep // a stop at shutdown: the workload stays in node state
+	n.mu.Unlock()
+	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace, Keep: keep})
 	if err != nil {
 		return ret, err
 	}

@@ -43,10 +43,11 @@ func New(max int, age time.Duration) *Memo {
 	return &Memo{max: max, age: age, m: map[string]Entry{}}
 }
 
-// Add remembers that id stopped.
-func (s *Memo) Add(id string, e Entry) {
+// Add remembers that id stopped and returns the ids it forgot to make room (past the
+// memo's count or age), for a caller that keeps a copy elsewhere.
+func (s *Memo) Add(id string, e Entry) (dropped []string) {
 	if s == nil {
-		return
+		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -60,7 +61,11 @@ func (s *Memo) Add(id string, e Entry) {
 		delete(s.m, s.order[drop])
 		drop++
 	}
+	if drop > 0 {
+		dropped = slices.Clone(s.order[:drop])
+	}
 	s.order = append(s.order[:0], s.order[drop:]...)
+	return dropped
 }
 
 // IDs lists the ids remembered as stopped within the memo's age, oldest first.

@@ -205,6 +205,7 @@ func New(cfg Config) (*Nexlet, error) {
 	}
 	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, cfg.PoolsAfter, n.log)
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
+	n.resumeStops()
 	return n, nil
 }
 
@@ -545,16 +546,17 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 	}
 	if w.finished {
 		delete(n.workloads, id)
-		n.recentStops.Add(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
+		forgot := n.recentStops.Add(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
 		n.mu.Unlock()
 		n.removeRecord(id)
+		n.forgetStops(forgot)
 		return "had already ended", nil
 	}
 	n.mu.Unlock()
 	st := steps.Start(n.log) // nil unless the nexlet logs at debug level
 	answered := make(chan struct{})
 	defer close(answered)
-	if !n.stopAndWait(w, stopRequest{grace: w.plan.grace, steps: st, answered: answered}) {
+	if !n.stopAndWait(w, stopRequest{grace: w.plan.grace, steps: st, answered: answered, record: !req.Keep}) {
 		st = nil // another stop was pending: its supervisor timed that one
 	}
 	st.Step("wake")

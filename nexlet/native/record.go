@@ -46,6 +46,10 @@ import (
 //	        nothing more: its run is found by its cgroup or its uid alone
 //	        (bindForkedLaunch)
 //
+// and, apart from the record, <runtime>/stops/<id>, "<unix ms> <grace ms> <namespace>
+// <type>": a stop the node asked for, written before its SIGTERM and kept while the
+// nexlet remembers the stop (stopmark.go).
+//
 // The workload holds its FIFOs open for reading and writing (O_RDWR), so a write never
 // meets a pipe without a reader (no EPIPE, no SIGPIPE) when the nexlet dies: it only
 // blocks once the pipe buffer is full, until the next nexlet opens the FIFO again.
@@ -322,22 +326,24 @@ func (n *Nexlet) RecentlyStopped() []string { return n.recentStops.IDs(time.Now(
 
 // HeldWorkloads implements nexlet.WorkloadHolder: the workloads in the table and those
 // with a record left by an earlier nexlet process (running, or ended with a tombstone).
-// A stored job missing from it ran before and is not started again.
+// A stored job missing from it ran before and is not started again. Not those stopped
+// whose record is still being removed (n.tidying: a stop's tidy, or a stop an earlier
+// nexlet process did not finish): RecentlyStopped lists them.
 func (n *Nexlet) HeldWorkloads() []string {
 	held := map[string]bool{}
-	n.mu.Lock()
-	for id := range n.workloads {
-		held[id] = true
-	}
-	n.mu.Unlock()
 	entries, err := os.ReadDir(filepath.Join(n.cfg.RuntimeDir, "procs"))
 	if err != nil && !os.IsNotExist(err) {
 		n.log.Warn("workload records unreadable; reporting only the workloads in the table", "err", err)
 	}
+	n.mu.Lock()
 	for _, e := range entries {
-		if e.IsDir() && validID(e.Name()) { // not a ready one (recordPool)
+		if _, stopped := n.tidying[e.Name()]; !stopped && e.IsDir() && validID(e.Name()) { // not a ready one (recordPool)
 			held[e.Name()] = true
 		}
 	}
+	for id := range n.workloads {
+		held[id] = true
+	}
+	n.mu.Unlock()
 	return slices.Sorted(maps.Keys(held))
 }

@@ -2,9 +2,11 @@ package native
 
 import (
 	"encoding/json"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -209,5 +211,62 @@ func TestLameduckStopRepliesAfterTidy(t *testing.T) {
 		if _, err := os.Stat(p); !os.IsNotExist(err) {
 			t.Errorf("%s still there at the reply in lame duck: %v", p, err)
 		}
+	}
+}
+
+// TestAskedStopRememberedAcrossNexletKill: the nexlet is killed after stops: one the
+// node asked for, one at the node's shutdown (nexd_keep: the node keeps the workload
+// to start it again). The next nexlet on the runtime directory must list the first
+// among the workloads it stopped at a request (nexd_stopped: the node removes it from
+// its state instead of starting it again, should the node have died before it did) and
+// not the second, whose start again is wanted. Before, a killed nexlet's stops were
+// forgotten: 0 of 1 listed.
+func TestAskedStopRememberedAcrossNexletKill(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	for _, id := range []string{"asked", "kept"} {
+		fn.mustStart(id, startReq(protocol.LifecycleService, id, map[string]any{"uri": script(t, `echo up; while :; do sleep 0.05; done`)}, fn.creds()))
+		fn.waitLog(id, "stdout", "up")
+	}
+	if resp := fn.stop("asked", testNS); !resp.Stopped {
+		t.Fatalf("stop: %+v", resp)
+	}
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "kept"), protocol.StopWorkloadRequest{Namespace: testNS, Keep: true}, waitLong)
+	if err != nil || r.code != "" {
+		t.Fatalf("stop at shutdown: %v %s %s", err, r.code, r.errText)
+	}
+	first.waitTidied()
+	first.crash()
+
+	second := fn.startNexlet(Config{RuntimeDir: runtime})
+	got := second.RecentlyStopped()
+	t.Logf("stops the next nexlet remembers: %v", got)
+	if !slices.Contains(got, "asked") {
+		t.Error("the stop the node asked for is forgotten by the next nexlet")
+	}
+	if slices.Contains(got, "kept") {
+		t.Error("a stop at the node's shutdown is listed as asked for: the node would drop the workload it keeps")
+	}
+	if held := second.HeldWorkloads(); len(held) != 0 {
+		t.Errorf("the next nexlet holds %v", held)
+	}
+}
+
+// BenchmarkMarkStopping is what a requested stop adds before its SIGTERM: the write of
+// its stop record (on tmpfs where there is one, as the runtime directory is under
+// systemd).
+func BenchmarkMarkStopping(b *testing.B) {
+	dir := b.TempDir()
+	if st, err := os.Stat("/dev/shm"); err == nil && st.IsDir() {
+		if dir, err = os.MkdirTemp("/dev/shm", "markstop"); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { os.RemoveAll(dir) })
+	}
+	n := &Nexlet{cfg: Config{RuntimeDir: dir}, log: slog.New(slog.DiscardHandler)}
+	w := &workload{id: "bench", ns: testNS}
+	for b.Loop() {
+		n.markStopping(w, 10*time.Second)
 	}
 }

@@ -109,6 +109,9 @@ type stopRequest struct {
 	// answered, when not nil, is closed once the stopper has its answer: the removal
 	// of what the workload left behind waits for it (see finish).
 	answered chan struct{}
+	// record: a stop the node asked for, recorded before its signal (markStopping);
+	// not one at the node's shutdown, which keeps the workload to start it again.
+	record bool
 }
 
 // proc is one run of a workload's main process.
@@ -1194,6 +1197,9 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 // the next nexlet, and the stop is answered that the next nexlet reports it
 // (TestStopAtDetachReportedOnce).
 func (n *Nexlet) stopped(w *workload, p *proc, r stopRequest) {
+	if r.record {
+		n.markStopping(w, r.grace)
+	}
 	n.terminate(w, p, r.grace, r.steps)
 	if !p.claimed.CompareAndSwap(false, true) {
 		return // recorded by the detach
@@ -1382,6 +1388,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		st.Step("record")
 	}
 	var tidied chan struct{}
+	var forgot []string // stops the memory forgot: their records go with the tidy
 	n.mu.Lock()
 	w.exitCode, w.reason, w.pid, w.ended = &code, reason, 0, time.Now()
 	if requested {
@@ -1389,7 +1396,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		if cur, ok := n.workloads[w.id]; ok && cur == w {
 			delete(n.workloads, w.id)
 			// Under the same lock: a repeated stop finds the workload or this.
-			n.recentStops.Add(w.id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: stopHow(code, reason), At: w.ended})
+			forgot = n.recentStops.Add(w.id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: stopHow(code, reason), At: w.ended})
 		}
 		if later {
 			tidied = make(chan struct{})
@@ -1418,6 +1425,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 	}
 	if !later {
 		announce()
+		n.forgetStops(forgot)
 		st.Step("event") // the log line, WORKLOADSTOPPED and the ended report sent
 		return
 	}
@@ -1433,6 +1441,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		n.cleanup(w, tt, true)
 		n.starts.yield(tidyYield)
 		n.removeRecord(w.id)
+		n.forgetStops(forgot)
 		tt.Step("record")
 		announce() // before the tidy counts as done: a shutdown waits for its event
 		tt.Step("event")
