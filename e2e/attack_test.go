@@ -145,6 +145,19 @@ func TestAttackWorkloadReachesNoSecret(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(n.stateDir, "node.seed")); err != nil {
 		t.Fatalf("the node seed the attack targets is not there: %v", err)
 	}
+	// Its own cgroup: raise its memory limit, move into the parent (out of its limits,
+	// into what nexd counts as its nexlet's or the node's), make a group below it. The
+	// files are root's (nexd delegates nothing to a workload's uid).
+	if g := workloadCgroup(victimPID); g != "" {
+		own := `g=$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup); d=/sys/fs/cgroup/memory$g; ` +
+			`[ -n "$g" ] || { g=$(sed -n 's/^0:://p' /proc/self/cgroup); d=/sys/fs/cgroup$g; }; `
+		attacks = append(attacks,
+			[2]string{"cgroup-raise-own-memory-limit", own + `if [ -f $d/memory.max ]; then echo max > $d/memory.max; else echo -1 > $d/memory.limit_in_bytes; fi`},
+			[2]string{"cgroup-move-to-parent", own + `echo $$ > $(dirname $d)/cgroup.procs`},
+			[2]string{"cgroup-make-child", own + `mkdir $d/escape && rmdir $d/escape`})
+	} else {
+		t.Logf("the victim workload runs in no cgroup of its own here (%s): cgroup attacks left out", victimPID)
+	}
 
 	lines := attackLines(t, n, nc, "tenant", ctlArgs, attacks)
 	for _, a := range attacks {
@@ -161,6 +174,33 @@ func TestAttackWorkloadReachesNoSecret(t *testing.T) {
 			t.Errorf("control run as root: %s did not succeed: %q", a[0], lines)
 		}
 	}
+}
+
+// workloadCgroup is the directory of the memory (v1) or unified (v2) cgroup of the
+// workload with pid, or "" when it runs in none of its own (no cgroups here).
+func workloadCgroup(pid string) string {
+	b, err := os.ReadFile("/proc/" + pid + "/cgroup")
+	if err != nil {
+		return ""
+	}
+	dir := ""
+	for _, l := range strings.Split(string(b), "\n") {
+		parts := strings.SplitN(l, ":", 3)
+		switch {
+		case len(parts) < 3:
+		case parts[1] == "memory":
+			dir = "/sys/fs/cgroup/memory" + parts[2]
+		case parts[0] == "0" && parts[2] != "/" && dir == "":
+			dir = "/sys/fs/cgroup" + parts[2]
+		}
+	}
+	if !strings.Contains(dir, "/workloads/") {
+		return ""
+	}
+	if _, err := os.Stat(dir); err != nil {
+		return ""
+	}
+	return dir
 }
 
 // TestAttackNodePasswordNeverReachesChildren: nexd's own NATS user:password given in
