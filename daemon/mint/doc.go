@@ -22,7 +22,8 @@
 //	                      no JetStream, no control plane, no application subjects
 //	workload (WorkloadTTL) pub+sub WorkloadSubjects(ns), default ns.>
 //	                      sub $NEX.FEED.ns.logs.> (its namespace's logs, as upstream)
-//	                      sub _INBOX.<workload id>.> only; pub _INBOX.>,
+//	                      sub _INBOX.<workload id>.> only (and _INBOX_<workload id>.>,
+//	                          the prefix of one an older nexd started); pub _INBOX.>,
 //	                          _INBOX_tenant-ns.> (replies; no response permission,
 //	                          which nats-server ranks above the denies below)
 //	                      read-only object stores ArtifactBuckets(ns), default the bucket

@@ -63,6 +63,7 @@ type Options struct {
 	ArtifactBuckets func(ns string) []string
 
 	// WorkloadInboxPrefix overrides a workload's private inbox prefix (default
+	// protocol.WorkloadInboxPrefix(workloadID), and then also the older
 	// protocol.InboxPrefix(workloadID)); the workload may subscribe to <prefix>.> and to
 	// no other inbox, and connects with nats.CustomInboxPrefix(prefix) (the nexlet
 	// passes it on in NEX_WORKLOAD_NATS_INBOX_PREFIX). _INBOX.> is never granted: it

@@ -258,8 +258,24 @@ func (m *SigningKeyMinter) mintWorkload(namespace, workloadID string) (protocol.
 	if err != nil {
 		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
 	}
-	cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), inboxPrefix, m.opts.WorkloadTTL,
-		perms, []string{"nex-namespace:" + namespace, "nex-role:workload"})
+	tags := []string{"nex-namespace:" + namespace, "nex-role:workload"}
+	if m.opts.WorkloadInboxPrefix == nil {
+		// A workload an older nexd started keeps the prefix its environment gave it,
+		// _INBOX_<id>, while it runs across upgrades, and this nexd renews its users. It
+		// is its own: agent ids, the only other _INBOX_<nuid>, are never a workload's id.
+		// Granted where the user still fits (a long namespace with a JetStream domain
+		// leaves no room; such a workload of an older nexd loses its replies).
+		legacy := perms
+		legacy.Sub.Allow = append(slices.Clone(perms.Sub.Allow), protocol.InboxPrefix(workloadID)+".>")
+		cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), inboxPrefix, m.opts.WorkloadTTL, legacy, tags)
+		if err != nil {
+			return cd, "", fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
+		}
+		if protocol.WorkloadCredentialsSize(cd) <= protocol.MaxWorkloadCredentials {
+			return cd, pub, nil
+		}
+	}
+	cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), inboxPrefix, m.opts.WorkloadTTL, perms, tags)
 	if err != nil {
 		return cd, "", fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
 	}

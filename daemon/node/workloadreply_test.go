@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,14 +33,7 @@ func TestAttackWorkloadRepliesOutsideItsNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var mu sync.Mutex
-	var refused []string
-	responder := testnats.Connect(t, rf.op.Server, nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
-		nats.CustomInboxPrefix(cd.InboxPrefix), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-			mu.Lock()
-			refused = append(refused, err.Error())
-			mu.Unlock()
-		}))
+	responder, refused := rf.dialRefusals(cd)
 	if _, err := responder.Subscribe("tenant-a.echo", func(m *nats.Msg) { _ = m.Respond(m.Data) }); err != nil || responder.Flush() != nil {
 		t.Fatal(err)
 	}
@@ -56,13 +50,8 @@ func TestAttackWorkloadRepliesOutsideItsNamespace(t *testing.T) {
 		if err := requester.PublishMsg(&nats.Msg{Subject: "tenant-a.echo", Reply: c.reply, Data: []byte(c.body)}); err != nil {
 			t.Fatal(err)
 		}
-		want := `Permissions Violation for Publish to "` + c.reply + `"`
-		if !testkit.WaitFor(10*time.Second, func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			return slices.ContainsFunc(refused, func(e string) bool { return strings.Contains(e, want) })
-		}) {
-			t.Errorf("the workload's answer on %s was not refused (errors %v)", c.reply, refused)
+		if !refused(`Permissions Violation for Publish to "` + c.reply + `"`) {
+			t.Errorf("the workload's answer on %s was not refused", c.reply)
 		}
 	}
 	if m, err := watch.NextMsg(500 * time.Millisecond); err == nil {
@@ -135,5 +124,109 @@ func TestWorkloadJetStreamAnswersGoAnywhere(t *testing.T) {
 		} else {
 			t.Logf("%s: tenant-b.orders got %.60q", m.Subject, got.Data)
 		}
+	}
+}
+
+// TestWorkloadOfAnOlderNexdKeepsItsInbox: a workload started by a nexd from before
+// workloads' inboxes moved to _INBOX.<id> connects with _INBOX_<id>, from the
+// environment it was started with, for as long as it runs. Upgrades keep it running
+// (README, Restarts and upgrades), and the new nexd's replay and renewals hand it users
+// minted now: with _INBOX.<id>.> alone, its next connection's replies were refused (a
+// request to a client of its namespace timed out). Its own old prefix is granted too,
+// and stays its own: a sibling workload may subscribe there no more than before.
+func TestWorkloadOfAnOlderNexdKeepsItsInbox(t *testing.T) {
+	rf := newRogueFixture(t)
+	wid := nuid.Next()
+	cd, err := rf.m.RenewWorkload("tenant-a", wid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rf.client.Subscribe("tenant-a.svc", func(m *nats.Msg) { _ = m.Respond([]byte("pong")) }); err != nil || rf.client.Flush() != nil {
+		t.Fatal(err)
+	}
+	old := testnats.Connect(t, rf.op.Server, nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
+		nats.CustomInboxPrefix(protocol.InboxPrefix(wid)))
+	if m, err := old.Request("tenant-a.svc", []byte("ping"), 10*time.Second); err != nil || string(m.Data) != "pong" {
+		t.Errorf("a workload of an older nexd (inbox %s), renewed by this one, asked a client of its namespace: %v", protocol.InboxPrefix(wid), err)
+	}
+
+	sibling, err := rf.m.MintWorkload("tenant-a", nuid.Next())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sn, refused := rf.dialRefusals(sibling)
+	if _, err := sn.SubscribeSync(protocol.InboxPrefix(wid) + ".>"); err != nil {
+		t.Fatal(err)
+	}
+	if !refused(`Permissions Violation for Subscription to "` + protocol.InboxPrefix(wid) + `.>"`) {
+		t.Errorf("a sibling workload subscribed to %s.> (another workload's inbox)", protocol.InboxPrefix(wid))
+	}
+}
+
+// TestAttackWorkloadSubscribesToOthersInboxes: workloads may publish to _INBOX.> (to
+// answer) and their private inboxes moved under it, _INBOX.<id>; subscribing is as
+// before: a workload, as the user its node minted, is refused every inbox but its own
+// (every client's, any workload's by wildcard or by id, its tenant's, a nexlet's), and
+// while it tries, the requests of a sibling, the tenant and a default-inbox client are
+// answered with nothing reaching it.
+func TestAttackWorkloadSubscribesToOthersInboxes(t *testing.T) {
+	rf := newRogueFixture(t)
+	cd, err := rf.m.MintWorkload("tenant-a", nuid.Next())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sib := nuid.Next()
+	sibling, err := rf.m.MintWorkload("tenant-a", sib)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, refused := rf.dialRefusals(cd)
+	var captured atomic.Int64
+	sniffs := []string{">", "_INBOX.>", "_INBOX.*.>", "_INBOX.*.*.*", "_INBOX." + sib + ".>", protocol.InboxPrefix(sib) + ".>",
+		protocol.TenantInboxPrefix("tenant-a") + ".>", "_INBOX_*.>", protocol.InboxPrefix(nuid.Next()) + ".>"}
+	for _, s := range sniffs {
+		if _, err := w.Subscribe(s, func(*nats.Msg) { captured.Add(1) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := rf.client.Subscribe("tenant-a.svc", func(m *nats.Msg) { _ = m.Respond([]byte("pong")) }); err != nil || rf.client.Flush() != nil {
+		t.Fatal(err)
+	}
+	for who, nc := range map[string]*nats.Conn{
+		"a sibling workload": rf.dial(sibling),
+		"the tenant":         rf.tenant("tenant-a").nc,
+		"a client (_INBOX.)": rf.client,
+	} {
+		if m, err := nc.Request("tenant-a.svc", []byte("ping"), 10*time.Second); err != nil || string(m.Data) != "pong" {
+			t.Errorf("%s asked: %v", who, err)
+		}
+	}
+	for _, s := range sniffs {
+		if !refused(`Permissions Violation for Subscription to "` + s + `"`) {
+			t.Errorf("the workload's subscription to %s was not refused", s)
+		}
+	}
+	if n := captured.Load(); n > 0 {
+		t.Errorf("the workload read %d messages on inboxes not its own", n)
+	}
+}
+
+// dialRefusals is dial with the server's asynchronous errors kept: refused(want) waits
+// (10 s at most) for one whose text holds want.
+func (rf *rogueFixture) dialRefusals(cd protocol.NatsConnectionData) (nc *nats.Conn, refused func(want string) bool) {
+	var mu sync.Mutex
+	var errs []string
+	nc = testnats.Connect(rf.t, rf.op.Server, nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
+		nats.CustomInboxPrefix(cd.InboxPrefix), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			mu.Lock()
+			errs = append(errs, err.Error())
+			mu.Unlock()
+		}))
+	return nc, func(want string) bool {
+		return testkit.WaitFor(10*time.Second, func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return slices.ContainsFunc(errs, func(e string) bool { return strings.Contains(e, want) })
+		})
 	}
 }
