@@ -2,13 +2,23 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
+	"net"
 	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
 )
 
 // TestEmbeddedStoreDiskFullHeals: the zero-config node keeps its embedded server's
@@ -27,18 +37,7 @@ func TestEmbeddedStoreDiskFullHeals(t *testing.T) {
 	dir := testkit.SmallFS(t, "160m")
 	n := startNode(t, nodeOpts{stateDir: dir, extra: []string{"--state", "kv"}})
 	n.waitReady(t)
-	var cs []crashLoop
-	for range 6 {
-		cs = append(cs, startLoop(t, n, "service", `{"policy": "always", "max": 3}`, 3))
-	}
-	testkit.EventuallyWithin(t, 60*time.Second, "the services run", func() bool {
-		for _, c := range cs {
-			if c.runs() != 1 {
-				return false
-			}
-		}
-		return true
-	})
+	cs := startServices(t, n, 6)
 	c2 := cs[5]
 
 	fill := testkit.FillFS(t, dir)
@@ -97,4 +96,132 @@ func TestEmbeddedStoreDiskFullHeals(t *testing.T) {
 	if again != 0 {
 		t.Errorf("%d of 5 stopped services ran again after the restart", again)
 	}
+}
+
+// TestExternalStoreDiskFull: the node's state is on an external nats-server whose
+// JetStream store (a small tmpfs) fills up while eight services run. Six are stopped
+// and two deploys are made while it is full; nexd and its nexlet are then killed (-9)
+// and started again on the full store; then the space is freed and the server
+// restarted on its store (nexd cannot restart another server's JetStream), and nexd and
+// its nexlet are killed once more. Counted: stopped services that run again, deploys
+// answered as started that do not run or are not listed, runs of the services left
+// running.
+func TestExternalStoreDiskFull(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	store := testkit.SmallFS(t, "160m")
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir = store }})
+	port := s.Addr().(*net.TCPAddr).Port
+	dir := t.TempDir()
+	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	cs := startServices(t, n, 8)
+	stopped, kept := cs[:6], cs[6:]
+	fill := testkit.FillFS(t, store)
+	var late []crashLoop
+	refused := 0 // deploys until the store refuses one: writes first fill the slack of its files' last pages
+	for i := 0; i < 40 && refused == 0; i++ {
+		c := newCrashLoop(t, "latedeploy")
+		full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
+		full = append(full, "--json", "workload", "run", "--name", "late"+strconv.Itoa(i), "--", "/bin/sh", "-c", `echo run >> "$1"; sleep 600`, c.marker, c.runsFile)
+		out, errOut, code := run(t, nil, nexctlBin(t), full...)
+		if code != 0 {
+			t.Logf("deploy on a full store: exit %d: %s%s", code, out, errOut)
+		}
+		var r runResult
+		if code == 0 && json.Unmarshal([]byte(out), &r) == nil {
+			c.id = r.ID
+			late = append(late, c)
+		} else {
+			refused++
+			// Said as such, not "internal server error" (before).
+			if !strings.Contains(out+errOut, "state store (JetStream) did not take the workload's record") {
+				t.Errorf("the refused deploy does not say the state store did not take it: %s%s", out, errOut)
+			}
+			if c.runs() != 0 {
+				t.Errorf("a deploy refused on a full store ran: %d runs", c.runs())
+			}
+		}
+	}
+	var pending atomic.Int32
+	var wg sync.WaitGroup
+	for _, c := range stopped { // at once: each removal waits out its retries
+		wg.Go(func() {
+			out, errOut, code := n.ctl(t, "workload", "stop", c.id)
+			t.Logf("stop on a full store: exit %d: %s%s", code, out, errOut)
+			if code != 0 || !strings.Contains(out, "successfully stopped") {
+				t.Errorf("stop: exit %d: %s%s", code, out, errOut)
+			}
+			if strings.Contains(out, "removing it from node state failed") {
+				pending.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	t.Logf("on the full store: %d deploys started before one was refused (refused: %d), then %d of 6 stops answered with their removal pending", len(late), refused, pending.Load())
+
+	killNexdAndNexlet(t, n)
+	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
+	n2.waitReady(t)
+	if err := os.Remove(fill); err != nil {
+		t.Fatal(err)
+	}
+	s.Shutdown()
+	s.WaitForShutdown()
+	s = testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = store, port }})
+	testkit.EventuallyWithin(t, 60*time.Second, "the removals retried once the server is back", func() bool {
+		ents, err := os.ReadDir(filepath.Join(dir, "tombstones"))
+		return err == nil && len(ents) == 0 || os.IsNotExist(err)
+	})
+	killNexdAndNexlet(t, n2)
+	n3 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
+	n3.waitReady(t)
+	time.Sleep(3 * time.Second)
+	again, lost, twice := 0, 0, 0
+	for _, c := range stopped {
+		if c.runs() != 1 || len(c.mains()) != 0 {
+			again++
+			t.Logf("stopped %s: %d runs, processes %v", c.id, c.runs(), c.mains())
+		}
+	}
+	for _, c := range append(slices.Clone(kept), late...) {
+		_, listed := c.listed(t, n3)
+		if !listed || len(c.mains()) != 1 {
+			lost++
+			t.Logf("running %s: listed %v, processes %v", c.id, listed, c.mains())
+		}
+		if c.runs() != 1 {
+			twice++
+			t.Logf("running %s: %d runs", c.id, c.runs())
+		}
+	}
+	t.Logf("after the store filled, both kills and the server's restart: stopped services run again %d of 6; running ones lost or unlisted %d of %d, run again %d",
+		again, lost, len(kept)+len(late), twice)
+	if again+lost+twice != 0 {
+		t.Errorf("work lost or duplicated: %d stopped services ran again, %d running ones lost or unlisted, %d ran twice", again, lost, twice)
+	}
+}
+
+// startServices starts count services (startLoop, restart policy always) on n and waits
+// until each ran once.
+func startServices(t *testing.T, n *node, count int) []crashLoop {
+	t.Helper()
+	var cs []crashLoop
+	for range count {
+		cs = append(cs, startLoop(t, n, "service", `{"policy": "always", "max": 3}`, 3))
+	}
+	testkit.EventuallyWithin(t, 60*time.Second, "the services run", func() bool {
+		for _, c := range cs {
+			if c.runs() != 1 {
+				return false
+			}
+		}
+		return true
+	})
+	return cs
 }

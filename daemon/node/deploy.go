@@ -109,7 +109,11 @@ func (n *Node) handleDeploy(r micro.Request) {
 		if errors.Is(err, state.ErrValueTooLarge) {
 			refuse(400, "workload not stored", fmt.Errorf("workload not started: its start request cannot be recorded in node state: %w", err))
 		} else {
-			refuse(500, "workload not stored", fmt.Errorf("record workload %s before starting it: %w", workloadID, err))
+			// Said as such (before, "internal server error"): the operator looks at
+			// JetStream (a full store, a cut-off server), a client tries another node.
+			refuse(503, "workload not stored", &publicError{
+				public: "the node's state store (JetStream) did not take the workload's record: it is full, failing or unreachable",
+				err:    fmt.Errorf("record workload %s before starting it: %w", workloadID, err)})
 		}
 		return
 	}

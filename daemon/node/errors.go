@@ -2,6 +2,7 @@ package node
 
 import (
 	"encoding/json"
+	"errors"
 	"strconv"
 	"strings"
 
@@ -25,6 +26,10 @@ func (n *Node) fail(r micro.Request, code int, what string, err error, opts ...m
 	if code >= 500 {
 		n.log.Error(what, "err", err, "error_id", id, "subject", r.Subject())
 		text = internalErrorText
+		var pe *publicError
+		if errors.As(err, &pe) {
+			text = pe.public + " (error_id " + id + " in the node's log)"
+		}
 	} else {
 		n.log.Debug(what, "err", err, "error_id", id, "subject", r.Subject(), "code", code)
 	}
@@ -37,6 +42,16 @@ func (n *Node) fail(r micro.Request, code int, what string, err error, opts ...m
 		n.log.Warn("failed to send error reply", "err", rerr, "error_id", id)
 	}
 }
+
+// publicError is a 5xx cause whose public text may be shown to any caller: it says
+// what failed, not the details (those are logged).
+type publicError struct {
+	public string
+	err    error
+}
+
+func (e *publicError) Error() string { return e.err.Error() }
+func (e *publicError) Unwrap() error { return e.err }
 
 // headerSafe keeps a header value on one line and of modest size (validation errors
 // are multi-line and a raw newline would break the NATS protocol).
