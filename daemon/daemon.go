@@ -43,6 +43,9 @@ type daemon struct {
 	own      goroutines
 	closers  closers
 	hooks    buildHooks // zero in production
+	// sigs: the signals run acts on when Main caught them before the pre-start
+	// (catchSignals); else run catches them.
+	sigs *signals
 	// prestarted is the native nexlet's process started at main (prestartNexlet), for
 	// its first start; nil when none was.
 	prestarted *supervise.Prestarted
@@ -140,6 +143,35 @@ func (d *daemon) logOptions(cfg *config.Config, nodeID string) logging.Options {
 	}
 }
 
+// signals are the channels run acts on: SIGTERM and SIGINT stop, SIGHUP reloads,
+// SIGUSR2 re-executes nexd in place (caught from the start so that an early one does
+// not kill the node; acted on once start-up is done).
+type signals struct {
+	term, hup, usr2 chan os.Signal
+}
+
+// catchSignals starts catching them. Main does so before the pre-started native
+// nexlet's cgroup warm-up begins (warmEarly): the first signal.Notify makes os/signal's
+// watcher and its locked thread, and a thread made while that warm-up's no-op move
+// waits out an RCU grace period (3-15 ms here) waits for it (README, Ready).
+func catchSignals() *signals {
+	sg := &signals{term: make(chan os.Signal, 2), hup: make(chan os.Signal, 2), usr2: make(chan os.Signal, 1)}
+	signal.Notify(sg.term, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sg.hup, syscall.SIGHUP)
+	signal.Notify(sg.usr2, syscall.SIGUSR2)
+	return sg
+}
+
+// stop stops catching them (nothing when sg is nil).
+func (sg *signals) stop() {
+	if sg == nil {
+		return
+	}
+	signal.Stop(sg.usr2)
+	signal.Stop(sg.hup)
+	signal.Stop(sg.term)
+}
+
 // run builds the node, serves until a stop is asked for (signal, lame duck, ctx), then
 // drains and unwinds everything start brought up. Every goroutine it started has ended
 // when it returns.
@@ -147,17 +179,12 @@ func (d *daemon) run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	term := make(chan os.Signal, 2)
-	hup := make(chan os.Signal, 2)
-	signal.Notify(term, syscall.SIGTERM, syscall.SIGINT)
-	signal.Notify(hup, syscall.SIGHUP)
-	// SIGUSR2 re-executes nexd in place; caught from the start so that an early one
-	// does not kill the node (it is acted on once start-up is done).
-	usr2 := make(chan os.Signal, 1)
-	signal.Notify(usr2, syscall.SIGUSR2)
-	defer signal.Stop(usr2)
-	defer signal.Stop(hup)
-	defer signal.Stop(term)
+	sg := d.sigs
+	if sg == nil {
+		sg = catchSignals()
+	}
+	defer sg.stop()
+	term, hup, usr2 := sg.term, sg.hup, sg.usr2
 
 	s, stopped, err := d.start(ctx, term)
 	if err != nil || stopped {

@@ -64,6 +64,14 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 		fmt.Fprint(stdout, config.Usage())
 		return ExitOK
 	}
+	// A node's start: its signals are caught, and the nexlet exec'd at init has its
+	// cgroup warm-up begun, before the configuration is read (warmEarly).
+	var sigs *signals
+	if early.Nexlet != nil {
+		sigs = catchSignals()
+		warmEarly(early.Nexlet)
+	}
+	defer sigs.stop()
 	lo := config.DefaultLoadOptions(args)
 	lo.CheckInats = natsembed.CheckServerConfig
 	lo.CheckCgroupDriver = sdscope.CheckDriver
@@ -121,6 +129,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 		fmt.Fprintf(stderr, "nexd: %v\n", err)
 		return ExitFailure
 	}
+	d.sigs = sigs
 	d.prestartNexlet(loaded.Config, early)
 	early = Early{}
 	pctx, stopProf := context.WithCancel(ctx)

@@ -65,9 +65,10 @@ type Prestarted struct {
 	// close. Not mu, which warmAttach holds through a grace period.
 	pairMu     sync.Mutex
 	pairClosed bool // the hand-off was sent or the pair closed: no preview
-	// warmed is closed once warmAttach is done: the hand-off's cgroup move waits for it
+	// warmed is closed once warmAttach (or the warm-up begun at nexd's main) is done:
+	// the hand-off's cgroup move waits for it
 	// (its no-op move must not follow the real one).
-	warmed chan struct{}
+	warmed <-chan struct{}
 
 	done   chan struct{}    // closed once the process was reaped
 	werr   error            // proc.Wait's error, set before done closes
@@ -132,16 +133,23 @@ func watchEarly(e *earlynexlet.Process) (*Prestarted, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pre-started pid %d: %w", e.Pid, err)
 	}
-	return watchPrestarted(&Prestarted{path: e.Path, args: slices.Clone(e.Args), env: maps.Clone(e.Env),
-		proc: proc, pair: e.Pair, procsLimited: e.ProcsLimited}), nil
+	p := &Prestarted{path: e.Path, args: slices.Clone(e.Args), env: maps.Clone(e.Env),
+		proc: proc, pair: e.Pair, procsLimited: e.ProcsLimited}
+	if w := e.Warmed(); w != nil {
+		p.warmed = w // its warm-up began at nexd's main (earlynexlet.Process.Warm)
+	}
+	return watchPrestarted(p), nil
 }
 
 // watchPrestarted starts p's waiter, which ends with the process: taken, it is the
 // nexlet; discarded, it is killed.
 func watchPrestarted(p *Prestarted) *Prestarted {
 	p.done = make(chan struct{})
-	p.warmed = make(chan struct{})
-	go p.warmAttach()
+	if p.warmed == nil {
+		w := make(chan struct{})
+		p.warmed = w
+		go p.warmAttach(w)
+	}
 	go func() {
 		// Its end is seen before it is reaped, so that whileUnreaped never acts on a
 		// pid freed for another process.
@@ -151,6 +159,9 @@ func watchPrestarted(p *Prestarted) *Prestarted {
 		p.mu.Lock()
 		p.ended = true
 		p.mu.Unlock()
+		// A warm-up begun before p was watched (earlynexlet's) does not look at ended:
+		// the pid stays p's until it is done.
+		<-p.warmed
 		ps, err := p.proc.Wait()
 		p.mu.Lock()
 		p.exited = true
@@ -170,8 +181,8 @@ func watchPrestarted(p *Prestarted) *Prestarted {
 // move was the first after a quiet while and waited for an RCU grace period, 5–15 ms
 // of READY on a loaded 2-vCPU PVM guest. A failure (no cgroups, no right to move) only
 // leaves the wait where it was. Done under whileUnreaped: the pid is this process's.
-func (p *Prestarted) warmAttach() {
-	defer close(p.warmed)
+func (p *Prestarted) warmAttach(done chan<- struct{}) {
+	defer close(done)
 	_ = p.whileUnreaped(cgroup.WarmAttach)
 }
 

@@ -9,11 +9,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
 
@@ -355,4 +357,51 @@ func waitCaught(t *testing.T, pid int, sig syscall.Signal) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatalf("pid %d never caught %v", pid, sig)
+}
+
+// TestPrestartedEarlyWarmHoldsReap: a process exec'd at nexd's init whose cgroup
+// warm-up began before it was watched (earlynexlet's Warm, daemon's warmEarly) is not
+// reaped while that warm-up runs, even when it dies meanwhile: the warm-up does not
+// look at the watcher's state, so only the wait keeps its pid from being another
+// process's. Its hand-off waits for the warm-up as for its own.
+func TestPrestartedEarlyWarmHoldsReap(t *testing.T) {
+	spec := fakeSpec("x", "block")
+	e, err := earlynexlet.Fork(spec.Path, spec.Args, map[string]string{"GORACE": "atexit_sleep_ms=0"}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	var releaseOnce sync.Once
+	free := func() { releaseOnce.Do(func() { close(release) }) }
+	e.Warm(func(int) error { close(entered); <-release; return nil })
+	<-entered
+	p, differs, err := PrestartedEarly(e, map[string]string{"GORACE": "atexit_sleep_ms=0"})
+	if err != nil || p == nil {
+		free()
+		e.Discard()
+		t.Fatalf("PrestartedEarly: %v (differs %q)", err, differs)
+	}
+	defer p.Discard()
+	defer free() // before Discard, which waits for the warm-up
+	if err := syscall.Kill(p.Pid(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the killed process's end seen", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.ended
+	})
+	if gone(p.Pid()) {
+		t.Fatal("reaped while its warm-up ran: its pid may be another process's")
+	}
+	select {
+	case <-p.done:
+		t.Fatal("reaped while its warm-up ran")
+	default:
+	}
+	free()
+	<-p.done
+	if !gone(p.Pid()) {
+		t.Fatal("not reaped once its warm-up ended")
+	}
 }

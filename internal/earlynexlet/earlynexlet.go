@@ -50,7 +50,25 @@ type Process struct {
 	ProcsLimited bool
 
 	discarded bool
+	warmed    chan struct{} // closed once Warm's f returned; nil without Warm
 }
+
+// Warm runs f(p.Pid) in a goroutine (daemon's cgroup warm-up, README Ready), once.
+// Discard waits for it before it reaps p, and so must whoever else reaps p (Warmed):
+// until then the pid f is given is p's, alive or a zombie.
+func (p *Process) Warm(f func(pid int) error) {
+	if p == nil || p.warmed != nil || p.discarded {
+		return
+	}
+	p.warmed = make(chan struct{})
+	go func() {
+		defer close(p.warmed)
+		_ = f(p.Pid)
+	}()
+}
+
+// Warmed is closed once Warm's f returned; nil when Warm was not called.
+func (p *Process) Warmed() <-chan struct{} { return p.warmed }
 
 // Discard kills the process and reaps it, for a nexd that does not use it. Once: a
 // second kill could hit another process given the reaped pid.
@@ -61,6 +79,9 @@ func (p *Process) Discard() {
 	p.discarded = true
 	p.Pair.Close()
 	_ = syscall.Kill(p.Pid, syscall.SIGKILL)
+	if p.warmed != nil {
+		<-p.warmed // its pid is p's until reaped below
+	}
 	var ws syscall.WaitStatus
 	for {
 		if _, err := syscall.Wait4(p.Pid, &ws, 0, nil); !errors.Is(err, syscall.EINTR) {

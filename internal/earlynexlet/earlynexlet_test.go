@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -123,4 +124,60 @@ func fcntlClearCloexec(fd int) (int, error) {
 		return 0, errno
 	}
 	return int(r), nil
+}
+
+// TestDiscardWaitsForWarm: while Warm's function runs, the pid it was given stays the
+// process's: Discard kills the process but reaps it only once the function returned,
+// so the function never acts on a pid freed for another process (daemon's cgroup
+// warm-up moves it). Without the wait Discard reaped it at once.
+func TestDiscardWaitsForWarm(t *testing.T) {
+	p, err := Start("/bin/sleep", []string{"60"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	p.Warm(func(pid int) error {
+		if pid != p.Pid {
+			t.Errorf("warm-up given pid %d, want %d", pid, p.Pid)
+		}
+		close(entered)
+		<-release
+		return nil
+	})
+	<-entered
+	var releaseOnce sync.Once
+	free := func() { releaseOnce.Do(func() { close(release) }) }
+	defer free()
+	discarded := make(chan struct{})
+	go func() { defer close(discarded); p.Discard() }()
+	// Killed: a zombie, not reaped while the warm-up runs.
+	for deadline := time.Now().Add(10 * time.Second); procState(p.Pid) != "Z"; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d state %q after Discard's kill, want a zombie kept for the warm-up", p.Pid, procState(p.Pid))
+		}
+	}
+	select {
+	case <-discarded:
+		t.Fatal("Discard returned while the warm-up ran")
+	default:
+	}
+	free()
+	<-discarded
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", p.Pid)); !os.IsNotExist(err) {
+		t.Errorf("after Discard /proc/%d: %v, want it reaped", p.Pid, err)
+	}
+	<-p.Warmed()
+}
+
+// procState is the state letter of /proc/<pid>/stat ("" when pid is gone).
+func procState(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	_, rest, ok := strings.Cut(string(b), ") ")
+	if !ok || rest == "" {
+		return ""
+	}
+	return rest[:1]
 }
