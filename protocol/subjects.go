@@ -333,6 +333,10 @@ func InboxPrefix(id string) string { return "_INBOX_" + id }
 // to choose, and the grant outranks every deny).
 func WorkloadInboxPrefix(id string) string { return "_INBOX." + id }
 
+// ArtifactInboxPrefix is the inbox prefix of the user a nexlet fetches workload id's
+// artifact with, _INBOX_<id>-artifact (a nuid has no dash).
+func ArtifactInboxPrefix(id string) string { return InboxPrefix(id + "-artifact") }
+
 // TenantInboxPrefix is the private inbox prefix of namespace ns's tenant user,
 // _INBOX_tenant-<ns>: an _INBOX_ prefix, so nodes answer requests made with it, and
 // never one nexd mints for a child (_INBOX_<nuid>, and a nuid has no dash). The tenant

@@ -286,6 +286,9 @@ type StartWorkloadResponse struct {
 type AgentStartWorkloadRequest struct {
 	Request       StartWorkloadRequest `json:"request"`
 	WorkloadCreds NatsConnectionData   `json:"workload_creds"`
+	// ArtifactCreds, when set, is the user the nexlet fetches a nats:// artifact with
+	// (nexd extension): the workload's own user has no JetStream grant.
+	ArtifactCreds *NatsConnectionData `json:"nexd_artifact_creds,omitempty"`
 }
 
 // StopWorkloadRequest stops a workload in a namespace.

@@ -26,8 +26,11 @@
 //	                          the prefix of one an older nexd started); pub _INBOX.>,
 //	                          _INBOX_tenant-ns.> (replies; no response permission,
 //	                          which nats-server ranks above the denies below)
-//	                      read-only object stores ArtifactBuckets(ns), default the bucket
-//	                          named ns: stream info, message/direct get, ordered consumer
+//	                      no JetStream (it answers on any reply subject its caller sets)
+//	artifact reader       the nexlet's, for a nats:// fetch, never the workload's:
+//	  (WorkloadTTL)           sub _INBOX_<workload id>-artifact.> only; read-only object
+//	                          stores ArtifactBuckets(ns), default the bucket named ns:
+//	                          stream info, message/direct get, ordered consumer
 //	                          create/delete, flow control (what a nats:// fetch needs)
 //	                      deny pub $NEX.>, deny sub $NEX.SVC.>
 //

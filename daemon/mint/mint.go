@@ -57,8 +57,9 @@ type Options struct {
 	// publish and subscribe to. Default: DefaultWorkloadSubjects (<ns>.>). Subjects that
 	// would reach nex itself ($NEX…, $SYS…, or a leading wildcard) are refused at mint.
 	WorkloadSubjects func(ns string) []string
-	// ArtifactBuckets lists the object-store buckets a workload of namespace ns may read
-	// (nats://<bucket>/<object> artifacts are fetched with the workload's creds).
+	// ArtifactBuckets lists the object-store buckets the nexlet may read a workload of
+	// namespace ns's nats://<bucket>/<object> artifact from (MintArtifactReader; the
+	// workload's own user has no JetStream grant).
 	// Default: DefaultArtifactBuckets (the bucket named like the namespace).
 	ArtifactBuckets func(ns string) []string
 

@@ -75,19 +75,22 @@ const (
 )
 
 // workloadPermissions: a workload uses its namespace's application subjects, answers
-// requests, reads its namespace's log feed (as upstream allowed), and reads the object
-// stores listed for its namespace. It never reaches $NEX.SVC (nor publishes any feed).
+// requests and reads its namespace's log feed (as upstream allowed). It never reaches
+// $NEX.SVC (nor publishes any feed), nor JetStream: JetStream answers on the reply
+// subject its caller sets, and delivers a push consumer to the deliver subject its
+// creator sets, with the account's rights, so any API grant let a workload publish
+// anywhere; its nexlet fetches its artifact with a user of its own
+// (artifactPermissions).
 // It answers requests on the subjects it may publish to: its namespace's, _INBOX.>
 // (clients' default inboxes and other workloads', see protocol.WorkloadInboxPrefix)
 // and its tenant's inbox. No response permission: nats-server lets a reply subject
 // outrank every deny, and the requester (the workload itself, from a second
 // connection) chooses it, so a workload published anywhere: another namespace's
 // subjects, the node's LAMEDUCK, $KV and $JS.API.
-func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxPrefix string) (jwt.Permissions, error) {
+func workloadPermissions(ns string, subjects []string, inboxPrefix string) (jwt.Permissions, error) {
 	var p jwt.Permissions
-	if inboxPrefix == "" || inboxPrefix == "_INBOX" || strings.ContainsAny(inboxPrefix, "*> \t\r\n") ||
-		strings.HasSuffix(inboxPrefix, ".") || strings.HasPrefix(inboxPrefix, "$NEX") {
-		return p, fmt.Errorf("workload inbox prefix %q is not a private plain subject prefix", inboxPrefix)
+	if err := checkInboxPrefix(inboxPrefix); err != nil {
+		return p, err
 	}
 	wbox := inboxPrefix + ".>"
 	for _, s := range subjects {
@@ -99,7 +102,29 @@ func workloadPermissions(ns string, subjects, buckets []string, jsDomain, inboxP
 	}
 	p.Pub.Allow.Add(inbox, protocol.TenantInboxPrefix(ns)+".>") // replies
 	p.Sub.Allow.Add(wbox, protocol.FeedWildcard(ns, "logs"))
+	p.Pub.Deny.Add("$NEX.>")
+	p.Sub.Deny.Add("$NEX.SVC.>")
+	return p, nil
+}
 
+// checkInboxPrefix refuses an inbox prefix that is not a private plain subject prefix.
+func checkInboxPrefix(inboxPrefix string) error {
+	if inboxPrefix == "" || inboxPrefix == "_INBOX" || strings.ContainsAny(inboxPrefix, "*> \t\r\n") ||
+		strings.HasSuffix(inboxPrefix, ".") || strings.HasPrefix(inboxPrefix, "$NEX") {
+		return fmt.Errorf("workload inbox prefix %q is not a private plain subject prefix", inboxPrefix)
+	}
+	return nil
+}
+
+// artifactPermissions: the user a nexlet fetches a workload's nats:// artifact with
+// reads the object stores listed for its namespace and receives on its own inbox;
+// nothing else. The workload never gets it.
+func artifactPermissions(ns string, buckets []string, jsDomain, inboxPrefix string) (jwt.Permissions, error) {
+	var p jwt.Permissions
+	if err := checkInboxPrefix(inboxPrefix); err != nil {
+		return p, err
+	}
+	p.Sub.Allow.Add(inboxPrefix + ".>")
 	apis := []string{"$JS.API"}
 	if jsDomain != "" {
 		apis = append(apis, "$JS."+jsDomain+".API")

@@ -223,6 +223,11 @@ func (m *SigningKeyMinter) longestWorkloadNamespace() int {
 	probe := strings.Repeat("n", protocol.MaxNamespaceLen)
 	fits := func(n int) bool {
 		cd, _, err := m.mintWorkload(probe[:n], nuid.Next())
+		if err != nil || protocol.WorkloadCredentialsSize(cd) > protocol.MaxWorkloadCredentials {
+			return err != nil
+		}
+		// Its artifact reader names the JetStream domain in each grant.
+		cd, _, err = m.mintArtifactReader(probe[:n], nuid.Next())
 		return err != nil || protocol.WorkloadCredentialsSize(cd) <= protocol.MaxWorkloadCredentials
 	}
 	if fits(len(probe)) {
@@ -254,7 +259,7 @@ func (m *SigningKeyMinter) mintWorkload(namespace, workloadID string) (protocol.
 	if m.opts.WorkloadInboxPrefix != nil {
 		inboxPrefix = m.opts.WorkloadInboxPrefix(namespace, workloadID)
 	}
-	perms, err := workloadPermissions(namespace, m.opts.WorkloadSubjects(namespace), m.opts.ArtifactBuckets(namespace), m.opts.JSDomain, inboxPrefix)
+	perms, err := workloadPermissions(namespace, m.opts.WorkloadSubjects(namespace), inboxPrefix)
 	if err != nil {
 		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
 	}
@@ -278,6 +283,43 @@ func (m *SigningKeyMinter) mintWorkload(namespace, workloadID string) (protocol.
 	cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), inboxPrefix, m.opts.WorkloadTTL, perms, tags)
 	if err != nil {
 		return cd, "", fmt.Errorf("mint credentials for workload %s: %w", workloadID, err)
+	}
+	return cd, pub, nil
+}
+
+// MintArtifactReader mints the user a nexlet fetches a workload's nats:// artifact
+// with: read-only JetStream on ArtifactBuckets(namespace) and its own inbox
+// (protocol.ArtifactInboxPrefix), for the nexlet alone (the start request's
+// nexd_artifact_creds). It is revoked with the workload's users, and at their first
+// renewal (it is kept as the oldest).
+func (m *SigningKeyMinter) MintArtifactReader(namespace, workloadID string) (protocol.NatsConnectionData, error) {
+	cd, pub, err := m.mintArtifactReader(namespace, workloadID)
+	if err != nil {
+		return cd, err
+	}
+	m.mu.Lock()
+	m.workloads[workloadID] = append([]string{pub}, m.workloads[workloadID]...)
+	m.mu.Unlock()
+	return cd, nil
+}
+
+// mintArtifactReader is MintArtifactReader without remembering the user.
+func (m *SigningKeyMinter) mintArtifactReader(namespace, workloadID string) (protocol.NatsConnectionData, string, error) {
+	if err := checkToken("namespace", namespace); err != nil || !protocol.IsToken(namespace) {
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint artifact reader: namespace %q is not letters, digits, - or _", namespace)
+	}
+	if err := checkToken("workload id", workloadID); err != nil {
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint artifact reader: %w", err)
+	}
+	inboxPrefix := protocol.ArtifactInboxPrefix(workloadID)
+	perms, err := artifactPermissions(namespace, m.opts.ArtifactBuckets(namespace), m.opts.JSDomain, inboxPrefix)
+	if err != nil {
+		return protocol.NatsConnectionData{}, "", fmt.Errorf("mint artifact reader for workload %s: %w", workloadID, err)
+	}
+	cd, pub, err := m.mint(workloadID, "artifact:"+namespace+":"+workloadID, inboxPrefix, m.opts.WorkloadTTL,
+		perms, []string{"nex-namespace:" + namespace, "nex-role:artifact"})
+	if err != nil {
+		return cd, "", fmt.Errorf("mint artifact reader for workload %s: %w", workloadID, err)
 	}
 	return cd, pub, nil
 }

@@ -264,20 +264,31 @@ func TestWorkloadArtifactFetch(t *testing.T) {
 	}
 
 	t.Run("default namespace bucket", func(t *testing.T) {
-		cd, err := newSigning(t, e, Options{}).MintWorkload("ns1", nuid.Next())
+		m := newSigning(t, e, Options{})
+		wid := nuid.Next()
+		cd, err := m.MintArtifactReader("ns1", wid)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if err := fetch(t, cd, "ns1"); err != nil {
-			t.Fatalf("nats://ns1/echo with workload creds: %v", err)
+			t.Fatalf("nats://ns1/echo with the artifact reader: %v", err)
 		}
 		if err := denied(t, cd, "secret"); err == nil {
 			t.Fatal("read a bucket not listed for the namespace")
 		}
+		// The workload's own user has no JetStream at all (JetStream answers where
+		// its caller says: TestAttackWorkloadJetStreamAnswersGoAnywhere).
+		wcd, err := m.MintWorkload("ns1", wid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := denied(t, wcd, "ns1"); err == nil {
+			t.Fatal("the workload's own user read its namespace's bucket")
+		}
 	})
 	t.Run("configured buckets", func(t *testing.T) {
 		m := newSigning(t, e, Options{ArtifactBuckets: func(ns string) []string { return []string{"shared"} }})
-		cd, err := m.MintWorkload("ns2", nuid.Next())
+		cd, err := m.MintArtifactReader("ns2", nuid.Next())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -289,7 +300,7 @@ func TestWorkloadArtifactFetch(t *testing.T) {
 		}
 	})
 	t.Run("read only, no state", func(t *testing.T) {
-		cd, err := newSigning(t, e, Options{}).MintWorkload("ns1", nuid.Next())
+		cd, err := newSigning(t, e, Options{}).MintArtifactReader("ns1", nuid.Next())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -440,14 +451,6 @@ func TestWorkloadInboxPrefix(t *testing.T) {
 	admin.Flush()
 	if _, err := w.nc.Request("ns1.svc", nil, waitLong); err != nil {
 		t.Fatalf("request with the workload inbox: %v", err)
-	}
-	js, _ := jetstream.New(w.nc)
-	wobs, err := js.ObjectStore(ctx, "ns1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, err := wobs.GetBytes(ctx, "echo"); err != nil || string(got) != "artifact" {
-		t.Fatalf("artifact fetch with the workload inbox: %q %v", got, err)
 	}
 	cannotSubscribe(t, w, "_INBOX.>")
 	cannotSubscribe(t, w, "_INBOX_ns1.>")

@@ -195,7 +195,12 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 			n.log.Warn("not replaying workload: minting its credentials failed", "workload_id", wid, "namespace", swr.Namespace, "err", err)
 			continue
 		}
-		existing[wid] = protocol.AgentStartWorkloadRequest{Request: swr, WorkloadCreds: wc}
+		ac, err := n.mintArtifactReader(swr, wid)
+		if err != nil {
+			n.log.Warn("not replaying workload: minting its artifact reader failed", "workload_id", wid, "namespace", swr.Namespace, "err", err)
+			continue
+		}
+		existing[wid] = protocol.AgentStartWorkloadRequest{Request: swr, WorkloadCreds: wc, ArtifactCreds: ac}
 	}
 
 	now := time.Now()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -97,7 +98,17 @@ func (n *Node) handleDeploy(r micro.Request) {
 			req.Namespace, size, protocol.MaxWorkloadCredentials))
 		return
 	}
-	body, err := protocol.Marshal(protocol.AgentStartWorkloadRequest{Request: req, WorkloadCreds: creds})
+	artifactCreds, err := n.mintArtifactReader(req, workloadID)
+	if err != nil {
+		refuse(500, "failed to mint artifact credentials", fmt.Errorf("mint artifact reader %s in %s: %w", workloadID, req.Namespace, err))
+		return
+	}
+	if artifactCreds != nil && protocol.WorkloadCredentialsSize(*artifactCreds) > protocol.MaxWorkloadCredentials {
+		refuse(400, "artifact credentials too large", fmt.Errorf("workload not started: the NATS credentials its nexlet fetches its artifact with in namespace %q would be %d bytes, more than %d (nats-server's default 4 KiB control line); every artifact grant names nats.jsdomain: use a shorter namespace or JetStream domain",
+			req.Namespace, protocol.WorkloadCredentialsSize(*artifactCreds), protocol.MaxWorkloadCredentials))
+		return
+	}
+	body, err := protocol.Marshal(protocol.AgentStartWorkloadRequest{Request: req, WorkloadCreds: creds, ArtifactCreds: artifactCreds})
 	if err != nil {
 		refuse(500, "failed to encode start request", err)
 		return
@@ -510,4 +521,25 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 	if !late {
 		call.close() // the node is stopping: its record is kept, as above
 	}
+}
+
+// artifactMinter is a Minter whose workload users have no JetStream grant
+// (mint.SigningKeyMinter): a start that names a nats:// artifact gets a user of its
+// own for the nexlet's fetch. The others' workload users fetch as before.
+type artifactMinter interface {
+	MintArtifactReader(namespace, workloadID string) (protocol.NatsConnectionData, error)
+}
+
+// mintArtifactReader mints the fetch user of a start whose run request names a
+// nats:// artifact, or returns nil. Only such starts pay for the second user.
+func (n *Node) mintArtifactReader(req protocol.StartWorkloadRequest, workloadID string) (*protocol.NatsConnectionData, error) {
+	am, ok := n.o.Minter.(artifactMinter)
+	if !ok || !strings.Contains(req.RunRequest, "nats://") {
+		return nil, nil
+	}
+	cd, err := am.MintArtifactReader(req.Namespace, workloadID)
+	if err != nil {
+		return nil, err
+	}
+	return &cd, nil
 }

@@ -33,7 +33,7 @@ func TestLongNamespaceRefused(t *testing.T) {
 		t.Fatalf("workload of a %d-character namespace (JWT %d bytes) cannot connect: %v", len(atBound), len(cd.NatsUserJWT), err)
 	}
 
-	long := strings.Repeat("L", 256)
+	long := strings.Repeat("L", 400) // 364 connected (TestWorkloadNamespaceBound)
 	// What the refusal spares the workload: its user, as the node would mint it.
 	if lcd, err := rf.m.MintWorkload(long, "WLONG"); err == nil {
 		// The server's reason for closing, not the client's error: that can be only the
@@ -64,7 +64,7 @@ func TestLongNamespaceRefused(t *testing.T) {
 	starts := a.starts
 	a.mu.Unlock()
 	m := request(t, rf.client, protocol.DeploySubject(long, bids[0].BidderID), startReq(long, "too-long", `{"cmd":"x"}`))
-	wantRefusedUnstarted(t, a, starts, m, `field \"namespace\"`, "256 characters long, more than 64", "control line")
+	wantRefusedUnstarted(t, a, starts, m, `field \"namespace\"`, "400 characters long, more than 64", "control line")
 }
 
 // wantRefusedUnstarted checks that m refuses a deploy (400, not started) saying each of
@@ -99,9 +99,11 @@ func connectAs(rf *rogueFixture, cd protocol.NatsConnectionData) error {
 	return nil
 }
 
-// TestLongDomainNamespaceRefused: protocol.MaxNamespaceLen keeps a workload's JWT
-// within nats-server's default control line only for a JetStream domain of up to about
-// 48 characters (each artifact grant names the domain too). With a 64-character
+// TestLongDomainNamespaceRefused: protocol.MaxNamespaceLen keeps a workload's artifact
+// reader's JWT within nats-server's default control line only for a JetStream domain
+// short enough (each artifact grant names the domain; the workload's own user has none
+// since TestAttackWorkloadJetStreamAnswersGoAnywhere, so the test's domain grew from
+// 64 to 200 characters). With a 64-character
 // nats.jsdomain, a deploy into a 64-character namespace answered "started" and its
 // workload's user then could not connect ("maximum control line exceeded"), the failure
 // the namespace bound was to prevent. Now the node does not bid in such a namespace
@@ -110,7 +112,7 @@ func connectAs(rf *rogueFixture, cd protocol.NatsConnectionData) error {
 // size and the control line, before the nexlet is asked; a shorter namespace on the
 // same node deploys and its workload connects.
 func TestLongDomainNamespaceRefused(t *testing.T) {
-	rf := newRogueFixtureMinting(t, mint.Options{JSDomain: strings.Repeat("d", 64)})
+	rf := newRogueFixtureMinting(t, mint.Options{JSDomain: strings.Repeat("d", 200)})
 	a := rf.minted("AGENTLONGDOM", "native", "native", nil)
 
 	wid := deployAs(t, rf.client, "short", "fits")
@@ -133,14 +135,14 @@ func TestLongDomainNamespaceRefused(t *testing.T) {
 	a.mu.Lock()
 	starts := a.starts
 	a.mu.Unlock()
-	m := request(t, rf.client, protocol.DeploySubject(protocol.SystemNamespace, bids[0].BidderID), startReq(ns, "too-large", `{"cmd":"x"}`))
+	m := request(t, rf.client, protocol.DeploySubject(protocol.SystemNamespace, bids[0].BidderID), startReq(ns, "too-large", `{"cmd":"nats://`+ns+`/x"}`))
 	if m.Header.Get(protocol.HeaderErrorCode) == "" {
 		var started protocol.StartWorkloadResponse
 		_ = protocol.Decode(m.Data, &started)
 		a.mu.Lock()
 		cd := a.creds[started.ID]
 		a.mu.Unlock()
-		t.Fatalf("deploy into a %d-character namespace with a 64-character JetStream domain answered started (%q); its workload connects: %v",
+		t.Fatalf("deploy into a %d-character namespace with a 200-character JetStream domain answered started (%q); its workload connects: %v",
 			len(ns), m.Data, connectAs(rf, cd))
 	}
 	wantRefusedUnstarted(t, a, starts, m, "credentials", "control line", "nats.jsdomain")
@@ -153,7 +155,7 @@ func TestLongDomainNamespaceRefused(t *testing.T) {
 // the auction gets only the other node's bid, the deploy lands on it, and its workload
 // connects. In a short namespace both still bid.
 func TestLongDomainNodeDoesNotBid(t *testing.T) {
-	rf := newRogueFixtureMinting(t, mint.Options{JSDomain: strings.Repeat("d", 64)})
+	rf := newRogueFixtureMinting(t, mint.Options{JSDomain: strings.Repeat("d", 200)})
 	longNode := rf.nodes[0]
 	longAgent := rf.minted("AGENTLONGDOM", "native", "native", nil)
 	node, _, m := startMintingNode(t, rf.op, mint.Options{JSDomain: "hub"}, "node-1")

@@ -79,14 +79,15 @@ func TestAttackWorkloadRepliesOutsideItsNamespace(t *testing.T) {
 	}
 }
 
-// TestWorkloadJetStreamAnswersGoAnywhere shows what remains (README, Known
-// limitations): a workload's user may call JetStream's API on its artifact bucket (the
-// native nexlet fetches nats:// artifacts with it), and JetStream answers on the
-// reply subject the caller chose, or delivers a push consumer's messages to the deliver
-// subject it chose, with the account's rights. So a workload of tenant-a puts a stored
-// object's bytes (its tenant writes the bucket) or JetStream's JSON into tenant-b's
-// subjects. It fails once that no longer works: then update the README.
-func TestWorkloadJetStreamAnswersGoAnywhere(t *testing.T) {
+// TestAttackWorkloadJetStreamAnswersGoAnywhere: JetStream answers on the reply subject
+// its caller sets, and delivers a push consumer to the deliver subject its creator sets,
+// with the account's rights. A workload's user had read grants on its artifact bucket
+// (the native nexlet fetched with it), so a workload of tenant-a put a stored object's
+// bytes (its tenant writes the bucket) or JetStream's JSON on tenant-b.orders, or on
+// the node's LAMEDUCK. Now its user has no JetStream grant: its nexlet fetches with an
+// artifact reader of its own (MintArtifactReader), which reads the bucket. The
+// workload still subscribes to no inbox but its own.
+func TestAttackWorkloadJetStreamAnswersGoAnywhere(t *testing.T) {
 	rf := newRogueFixture(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -101,11 +102,27 @@ func TestWorkloadJetStreamAnswersGoAnywhere(t *testing.T) {
 	if _, err := obs.PutBytes(ctx, "bin", []byte(`{"order":"forged by tenant-a"}`)); err != nil {
 		t.Fatal(err)
 	}
-	cd, err := rf.m.MintWorkload("tenant-a", nuid.Next())
+	wid := nuid.Next()
+	cd, err := rf.m.MintWorkload("tenant-a", wid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := rf.dial(cd)
+	var mu sync.Mutex
+	var refused []string
+	w := testnats.Connect(t, rf.op.Server, nats.UserJWTAndSeed(cd.NatsUserJWT, cd.NatsUserSeed),
+		nats.CustomInboxPrefix(cd.InboxPrefix), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			mu.Lock()
+			refused = append(refused, err.Error())
+			mu.Unlock()
+		}))
+	isRefused := func(op, subject string) bool {
+		want := `Permissions Violation for ` + op + ` to "` + subject + `"`
+		return testkit.WaitFor(10*time.Second, func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return slices.ContainsFunc(refused, func(e string) bool { return strings.Contains(e, want) })
+		})
+	}
 	watch, err := rf.client.SubscribeSync("tenant-b.orders")
 	if err != nil || rf.client.Flush() != nil {
 		t.Fatal(err)
@@ -119,11 +136,41 @@ func TestWorkloadJetStreamAnswersGoAnywhere(t *testing.T) {
 		if err := w.PublishMsg(m); err != nil {
 			t.Fatal(err)
 		}
-		if got, err := watch.NextMsg(10 * time.Second); err != nil {
-			t.Errorf("%s with tenant-b.orders as its answer's subject: nothing arrived there (%v); if that is fixed, update README's Known limitations", m.Subject, err)
-		} else {
-			t.Logf("%s: tenant-b.orders got %.60q", m.Subject, got.Data)
+		if !isRefused("Publish", m.Subject) {
+			t.Errorf("the workload's %s was not refused (errors %v)", m.Subject, refused)
 		}
+	}
+	if got, err := watch.NextMsg(500 * time.Millisecond); err == nil {
+		t.Errorf("tenant-a's workload had JetStream publish into tenant-b.orders: %.60q", got.Data)
+	}
+
+	// Its inbox is its own: not every client's, not a sibling's, not its artifact reader's.
+	sibling := nuid.Next()
+	for _, subj := range []string{"_INBOX.>", "_INBOX.*.>", protocol.WorkloadInboxPrefix(sibling) + ".>",
+		protocol.ArtifactInboxPrefix(wid) + ".>", protocol.TenantInboxPrefix("tenant-a") + ".>"} {
+		if _, err := w.SubscribeSync(subj); err != nil {
+			t.Fatal(err)
+		}
+		if !isRefused("Subscription", subj) {
+			t.Errorf("the workload may subscribe to %s", subj)
+		}
+	}
+
+	// The artifact reader its nexlet fetches with reads the object.
+	ar, err := rf.m.MintArtifactReader("tenant-a", wid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ajs, err := jetstream.New(rf.dial(ar))
+	if err != nil {
+		t.Fatal(err)
+	}
+	aobs, err := ajs.ObjectStore(ctx, "tenant-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := aobs.GetBytes(ctx, "bin"); err != nil || !strings.Contains(string(got), "forged") {
+		t.Fatalf("the artifact reader's fetch: %q %v", got, err)
 	}
 }
 

@@ -239,12 +239,13 @@ func objectDigest(d string) (string, error) {
 	return hex.EncodeToString(b), nil
 }
 
-// fetchArtifact connects with the workload's own credentials (so it reads only what
-// its namespace may) and fetches the artifact into the store.
+// fetchArtifact connects with creds, the fetch user the node minted for the workload
+// or else the workload's own (either reads only what its namespace may), and fetches
+// the artifact into the store.
 func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, ns string, art artifact, wdir string, maxSize int64, report func(protocol.Progress)) (string, string, error) {
 	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
 	if err != nil {
-		return "", "", fmt.Errorf("with the workload's credentials: %w", err)
+		return "", "", fmt.Errorf("with the workload's artifact credentials: %w", err)
 	}
 	defer nc.Close()
 	js, err := jetstream.New(nc)

@@ -290,8 +290,14 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	if w.plan.art.scheme == "nats" {
 		// Into the store, not reachable by the workload's user by path: it gets the
 		// file as an open descriptor (execArtifact), so no access check by path.
+		// With the fetch user the node minted for it when there is one: the workload's
+		// own has no JetStream grant then (see mint.artifactPermissions).
+		fetchCreds := w.req.WorkloadCreds
+		if w.req.ArtifactCreds != nil {
+			fetchCreds = *w.req.ArtifactCreds
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		w.exe, sum, err = n.arts.fetchArtifact(ctx, w.req.WorkloadCreds, w.ns, w.plan.art, w.dir, n.cfg.ArtifactMax, report)
+		w.exe, sum, err = n.arts.fetchArtifact(ctx, fetchCreds, w.ns, w.plan.art, w.dir, n.cfg.ArtifactMax, report)
 		cancel()
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
