@@ -710,11 +710,15 @@ func (n *Nexlet) SetLameduck(before time.Duration) error {
 	}
 	n.lameduck = true
 	n.log.Info("lameduck: stopping workloads after delay", "delay", before)
-	n.lameTimer = time.AfterFunc(before, func() { n.stopAll() })
+	n.lameTimer = time.AfterFunc(before, func() { n.stopAll(true) })
 	return nil
 }
 
-func (n *Nexlet) stopAll() {
+// stopAll stops every workload; record: the stops are recorded as asked for (a lame
+// duck drain, after which the node removes them from its state; not a shutdown's, whose
+// workloads start again), as the node's own drain stops, which find one of these
+// pending and wait for it instead.
+func (n *Nexlet) stopAll(record bool) {
 	n.mu.Lock()
 	var ws []*workload
 	for _, w := range n.workloads {
@@ -725,7 +729,7 @@ func (n *Nexlet) stopAll() {
 	n.mu.Unlock()
 	var wg sync.WaitGroup
 	for _, w := range ws {
-		wg.Go(func() { n.stopAndWait(w, stopRequest{grace: w.plan.grace}) })
+		wg.Go(func() { n.stopAndWait(w, stopRequest{grace: w.plan.grace, record: record}) })
 	}
 	wg.Wait()
 	n.waitTidied()  // nexd removes the workloads' cgroup root once they are all gone
@@ -741,7 +745,7 @@ func (n *Nexlet) Shutdown(ctx context.Context) error {
 	}
 	n.mu.Unlock()
 	done := make(chan struct{})
-	go func() { n.stopAll(); close(done) }()
+	go func() { n.stopAll(false); close(done) }()
 	select {
 	case <-done:
 		return nil

@@ -253,6 +253,27 @@ func TestAskedStopRememberedAcrossNexletKill(t *testing.T) {
 	}
 }
 
+// TestLameduckStopRememberedAcrossNexletKill: the nexlet's own lame duck timer stops a
+// workload (the node's drain stop then finds it stopping and waits), and the nexlet is
+// killed: the next one must list it as stopped at a request, as the node removes the
+// drained workloads from its state. Before, only the node's stops were recorded.
+func TestLameduckStopRememberedAcrossNexletKill(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	fn.mustStart("drained", startReq(protocol.LifecycleService, "drained", map[string]any{"uri": script(t, `echo up; while :; do sleep 0.05; done`)}, fn.creds()))
+	fn.waitLog("drained", "stdout", "up")
+	if err := first.SetLameduck(0); err != nil {
+		t.Fatal(err)
+	}
+	fn.stoppedEvent("drained")
+	first.crash()
+	second := fn.startNexlet(Config{RuntimeDir: runtime})
+	if got := second.RecentlyStopped(); !slices.Contains(got, "drained") {
+		t.Errorf("the workload the lame duck drain stopped is forgotten by the next nexlet: %v", got)
+	}
+}
+
 // BenchmarkMarkStopping is what a requested stop adds before its SIGTERM: the write of
 // its stop record (on tmpfs where there is one, as the runtime directory is under
 // systemd).
