@@ -44,6 +44,7 @@ func TestAttackAdoptedNexletSocket(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	probe := bins.Path(t, "./testdata/sockprobe") // in a directory every uid may read
 	srv, acct, sigSeed, creds := operatorNATS(t)
 	url := srv.ClientURL()

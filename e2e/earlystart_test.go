@@ -29,6 +29,7 @@ func TestLiveRestoreStopDuringEarlyStartKeepsWorkloads(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	srv, acct, sigSeed, creds := operatorNATS(t)
 	state := t.TempDir()
 	opts := func(cg string, ns *notifySocket) nodeOpts {

@@ -27,6 +27,7 @@ func TestFeedFloodSparesQuietWorkloadAcrossNexdKill(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	f := newFeedKill(t)
 	n := f.start(t, "")
 	quiet := n.runWorkload(t, "--nats.creds-file", f.creds, "--bids", "1", "--name", "quiet", "--",

@@ -30,6 +30,7 @@ func feedLinesAcrossKill(t *testing.T, adoptFirst bool) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	f := newFeedKill(t)
 	n := f.start(t, "")
 	w := n.runWorkload(t, "--nats.creds-file", f.creds, "--bids", "1", "--name", "counter", "--",

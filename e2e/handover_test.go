@@ -115,6 +115,7 @@ func TestReexecHandover(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("corrupting nexd's memfd through /proc/<pid>/fd needs root")
 	}
+	t.Parallel()
 	n := startNode(t, nodeOpts{extra: []string{"--state", "kv"}})
 	n.waitReady(t)
 	pid := n.cmd.Process.Pid

@@ -29,6 +29,7 @@ func TestAdoptedNexletCrashKeepsExitCodes(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("process events need root")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	state := t.TempDir()
 	opts := nodeOpts{external: s.ClientURL(), stateDir: state, extra: []string{"--live-restore", "--state", "kv"}}
@@ -98,6 +99,7 @@ func TestRestartedNexletOutlivesNexd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	opts := nodeOpts{external: s.ClientURL(), stateDir: t.TempDir(), extra: []string{"--live-restore", "--state", "kv"}}
 	n := startNode(t, opts)
@@ -191,6 +193,7 @@ func TestUpgradeHandsOverAdoptedNexlet(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("process events need root")
 	}
+	t.Parallel()
 	bin := filepath.Join(t.TempDir(), "nexd")
 	installNexd(t, bin)
 	s := testnats.Start(t, testnats.Options{})
@@ -256,6 +259,7 @@ func TestEmbeddedJobEndsWhileDown(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	opts := nodeOpts{stateDir: t.TempDir(), extra: []string{"--live-restore", "--state", "kv"}}
 	n := startNode(t, opts)
 	st := n.waitReady(t)

@@ -263,6 +263,7 @@ func TestLiveRestore(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	const ttl = 8 * time.Second
 	srv, acct, sigSeed, creds := operatorNATS(t)
 	url := srv.ClientURL()

@@ -406,6 +406,7 @@ func TestFakeBidder(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
@@ -491,6 +492,7 @@ func TestAuctionFlood(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	const auctions = 1_000_000
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
@@ -602,6 +604,7 @@ func TestStolenWorkloadUser(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	const ttl = 60 * time.Second
 	n := startNode(t, nodeOpts{extra: []string{"--workload-creds-ttl", ttl.String()}})
 	n.waitReady(t)
@@ -653,6 +656,7 @@ func TestCloneResealOnlyToSignedBid(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
