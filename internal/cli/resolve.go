@@ -281,6 +281,12 @@ func selectedContext(env func(string) string) string {
 	return strings.TrimSpace(name)
 }
 
+// localNodeWait bounds the wait for the local node's answer to where its NATS is. No
+// node costs nothing (the socket refuses at once); a node that is there answers, but a
+// loaded one slowly: 2 s fell back to nats://127.0.0.1:4222 while a node reloading
+// every 20 ms at load ~30 answered later (e2e TestReloadDuringDeploysAndStops).
+const localNodeWait = 10 * time.Second
+
 // useLocalNode asks the node on this host how to reach its NATS system. Without a
 // node it falls back to nats://127.0.0.1:4222.
 func (r *resolution) useLocalNode(ctx context.Context) error {
@@ -290,7 +296,7 @@ func (r *resolution) useLocalNode(ctx context.Context) error {
 	r.local = false
 	c := control.NewClient(r.ControlSocket)
 	defer c.Close()
-	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	cctx, cancel := context.WithTimeout(ctx, localNodeWait)
 	defer cancel()
 	acc, err := c.NATSAccess(cctx)
 	if err != nil || len(acc.Servers) == 0 {

@@ -1,13 +1,17 @@
 package cli
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/pflag"
 
+	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
 )
 
@@ -125,5 +129,44 @@ func TestCheckRedactsSecrets(t *testing.T) {
 	}
 	if !strings.Contains(b.String(), "env NEX_NATS_JWT") {
 		t.Errorf("origin of nats.jwt missing:\n%s", b.String())
+	}
+}
+
+// slowNATSBackend is a node that says where its NATS is only after a delay.
+type slowNATSBackend struct {
+	*localBackend
+	delay time.Duration
+	url   string
+}
+
+func (b slowNATSBackend) NATSAccess(ctx context.Context, _ time.Duration) (control.NATSAccess, error) {
+	select {
+	case <-time.After(b.delay):
+	case <-ctx.Done():
+		return control.NATSAccess{}, ctx.Err()
+	}
+	return control.NATSAccess{Servers: []string{b.url}}, nil
+}
+
+// TestLocalNodeSlowToAnswerIsWaitedFor: with no NATS configured, nexctl takes the local
+// node's NATS even when the node takes 3 s to say where it is (a loaded node amid
+// reloads). Before, nexctl gave up after 2 s and used nats://127.0.0.1:4222, where no
+// server ran (e2e TestReloadDuringDeploysAndStops at load ~30).
+func TestLocalNodeSlowToAnswerIsWaitedFor(t *testing.T) {
+	t.Parallel()
+	const url = "nats://127.0.0.1:14999"
+	sock := filepath.Join(t.TempDir(), "nexd.sock")
+	serveControl(t, sock, slowNATSBackend{&localBackend{secrets: map[string]string{}}, 3 * time.Second, url})
+	xdg := t.TempDir()
+	env := func(k string) string {
+		if k == "XDG_CONFIG_HOME" {
+			return xdg
+		}
+		return ""
+	}
+	var out, errb bytes.Buffer
+	code := Main(context.Background(), []string{"--control-socket", sock, "--check"}, IO{Stdout: &out, Stderr: &errb, Env: env})
+	if code != 0 || !strings.Contains(out.String(), url) || !strings.Contains(out.String(), originLocalNode) {
+		t.Fatalf("nexctl --check with a node 3 s slow to answer: exit %d, want %s from the %s\n%s%s", code, url, originLocalNode, out.String(), errb.String())
 	}
 }
