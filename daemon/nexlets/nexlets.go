@@ -25,7 +25,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
-	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/node"
@@ -36,6 +35,7 @@ import (
 	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"github.com/nexd-project/nexd/internal/privfile"
 	"github.com/nexd-project/nexd/internal/procid"
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/internal/sdscope"
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/nexlet/localchan"
@@ -495,7 +495,7 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 			return nil, err
 		}
 		n := name(NativeName)
-		out = append(out, Spec{Name: n, AgentID: nuid.Next(), Process: supervise.Spec{
+		out = append(out, Spec{Name: n, AgentID: randid.New(), Process: supervise.Spec{
 			Name:   n,
 			Path:   exe,
 			Args:   args,
@@ -524,7 +524,7 @@ func (m *Manager) resolve(ctx context.Context, cfg *config.Config) ([]Spec, erro
 			base = strings.SplitN(ref.Object, "_", 2)[0]
 		}
 		n := name(sanitizeName(base))
-		out = append(out, Spec{Name: n, AgentID: nuid.Next(), Process: supervise.Spec{
+		out = append(out, Spec{Name: n, AgentID: randid.New(), Process: supervise.Spec{
 			Name:   n,
 			Path:   path,
 			Args:   a.Argv,

@@ -13,9 +13,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
-	"github.com/nats-io/nuid"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -652,7 +652,7 @@ func (n *Node) handleRemoteRegister(r micro.Request) {
 		n.fail(r, 403, "node cannot mint credentials", fmt.Errorf("node %s cannot mint credentials for a remote nexlet: configure issuer_signing_key and issuer_signing_key_root_account (or issuer_nkey and issuer_nkey_seed)", n.id))
 		return
 	}
-	agentID := nuid.Next()
+	agentID := randid.New()
 	creds, err := n.o.Minter.MintRegister(agentID, n.id)
 	if err != nil {
 		n.fail(r, 500, "failed to mint registration credentials", fmt.Errorf("mint register %s: %w", agentID, err))

@@ -10,9 +10,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
-	"github.com/nats-io/nuid"
 
 	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -59,7 +59,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 			return
 		}
 	}
-	workloadID := nuid.Next()
+	workloadID := randid.New()
 	res, code, err := n.reserve(b, req, workloadID)
 	if err != nil {
 		n.refuse(r, code, "workload cannot be placed", err)
@@ -399,7 +399,7 @@ func (n *Node) startOnNexlet(a *registration, workloadID string, body []byte) (*
 		}
 		n.log.Debug("local channel to the nexlet failed; starting over NATS", "agent_id", a.id, "err", err)
 	}
-	inbox := n.o.NC.NewInbox()
+	inbox := newInbox(n.o.NC)
 	sub, err := n.o.NC.ChanSubscribe(inbox, c.ch)
 	if err != nil {
 		return nil, fmt.Errorf("subscribe reply inbox: %w", err)

@@ -148,7 +148,7 @@ func (n *Node) drainAcks(waiters []drainWaiter) *drainAckSet {
 	if len(a.want) == 0 {
 		return a
 	}
-	a.inbox = n.o.NC.NewInbox()
+	a.inbox = newInbox(n.o.NC)
 	sub, err := n.o.NC.Subscribe(a.inbox+".*", func(m *nats.Msg) {
 		i, err := strconv.Atoi(protocol.LastToken(m.Subject))
 		if err != nil || m.Header.Get("Status") != "" {

@@ -8,8 +8,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
-	"github.com/nats-io/nuid"
 
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -21,7 +21,7 @@ const internalErrorText = "internal server error"
 // Nats-Service-Error, body {"error_id","error"}. what is a short description that is
 // safe to show; for 4xx the body carries err's full text, for 5xx it is redacted.
 func (n *Node) fail(r micro.Request, code int, what string, err error, opts ...micro.RespondOpt) {
-	id := nuid.Next()
+	id := randid.New()
 	text := err.Error()
 	if code >= 500 {
 		n.log.Error(what, "err", err, "error_id", id, "subject", r.Subject())

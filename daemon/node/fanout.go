@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -21,7 +22,7 @@ func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, max
 	if max <= 0 {
 		return nil
 	}
-	inbox := nc.NewInbox()
+	inbox := newInbox(nc)
 	ch := make(chan *nats.Msg, max+1)
 	sub, err := nc.ChanSubscribe(inbox, ch)
 	if err != nil {
@@ -51,6 +52,13 @@ func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, max
 	}
 	return nil
 }
+
+// newInbox names a reply inbox of the node: nats.go's, which a nuid names (one
+// generator per process, one prefix, a fixed increment, so the inboxes nexlets see
+// tell the next ones), ended by a random token, so that no one who may publish to
+// _INBOX.> (a workload) knows where the node waits for an answer
+// (TestAttackWorkloadForgesStartAnswer).
+func newInbox(nc *nats.Conn) string { return nc.NewInbox() + "." + randid.New() }
 
 func isNoResponders(m *nats.Msg) bool {
 	return len(m.Data) == 0 && m.Header != nil && m.Header.Get("Status") == "503"
@@ -90,7 +98,7 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 	var directCh, poolCh chan *nats.Msg                      // nil: none asked that way
 	byToken := make(map[string]*registration, len(a.direct)) // read-only once subscribed
 	if len(a.direct) > 0 {
-		inbox := n.o.NC.NewInbox()
+		inbox := newInbox(n.o.NC)
 		tokens := make(map[string]string, len(a.direct)) // agent id -> its token
 		for id, r := range a.direct {
 			tok, err := replyToken()
@@ -129,7 +137,7 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 	if len(a.pool) > 0 {
 		// An inbox of its own: whatever any nexlet sends here cannot crowd out the
 		// direct replies.
-		inbox := n.o.NC.NewInbox()
+		inbox := newInbox(n.o.NC)
 		poolCh = make(chan *nats.Msg, 2*len(a.pool)+len(a.direct)+1)
 		sub, err := n.o.NC.ChanSubscribe(inbox, poolCh)
 		if err != nil {

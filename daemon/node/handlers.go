@@ -16,9 +16,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
-	"github.com/nats-io/nuid"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/internal/testhold"
@@ -253,7 +253,7 @@ func (n *Node) bidLocked(r micro.Request, ns string, req protocol.AuctionRequest
 		}
 		return resp, false
 	}
-	bidderID := nuid.Next()
+	bidderID := randid.New()
 	n.bids.add(bidderID, bid{agentID: a.id, ns: ns, expires: now.Add(n.o.AuctionTTL)})
 	lifecycles := a.req.SupportedLifecycles
 	if len(lifecycles) == 0 {

@@ -155,7 +155,7 @@ func (n *Node) askPool(ctx context.Context, pool map[string]*registration) (pool
 		pinged = map[string]bool{} // first ping answer only
 	)
 	maxKept := 2*len(pool) + 1
-	listInbox := n.o.NC.NewInbox()
+	listInbox := newInbox(n.o.NC)
 	lsub, err := n.o.NC.Subscribe(listInbox, func(m *nats.Msg) {
 		var list []protocol.WorkloadSummary
 		bad := isErrorReply(m) || isNoResponders(m) || jsonArray(m.Data, &list) != nil
@@ -176,7 +176,7 @@ func (n *Node) askPool(ctx context.Context, pool map[string]*registration) (pool
 		return poolAnswer{}, fmt.Errorf("subscribe list inbox: %w", err)
 	}
 	defer func() { _ = lsub.Unsubscribe() }()
-	pingInbox := n.o.NC.NewInbox()
+	pingInbox := newInbox(n.o.NC)
 	byToken := make(map[string]string, len(pool)) // read-only once subscribed
 	for id := range pool {
 		tok, err := replyToken()
