@@ -268,8 +268,8 @@ func (m *SigningKeyMinter) mintWorkload(namespace, workloadID string) (protocol.
 		// A workload an older nexd started keeps the prefix its environment gave it,
 		// _INBOX_<id>, while it runs across upgrades, and this nexd renews its users. It
 		// is its own: agent ids, the only other _INBOX_<nuid>, are never a workload's id.
-		// Granted where the user still fits (a long namespace with a JetStream domain
-		// leaves no room; such a workload of an older nexd loses its replies).
+		// Granted where the user still fits (only many configured WorkloadSubjects
+		// leave no room: a 64-character namespace's user is far within the bound).
 		legacy := perms
 		legacy.Sub.Allow = append(slices.Clone(perms.Sub.Allow), protocol.InboxPrefix(workloadID)+".>")
 		cd, pub, err := m.mint(workloadID, workloadConnName(namespace, workloadID), inboxPrefix, m.opts.WorkloadTTL, legacy, tags)
