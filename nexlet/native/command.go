@@ -74,12 +74,26 @@ func Command(ctx context.Context, args []string, stderr io.Writer, ahead *Ahead)
 }
 
 // droppingWriter writes to a non-blocking descriptor and drops what does not fit
-// (counted, and reported with the next line that does).
+// (counted, and reported with the next line that does). A line of at most PIPE_BUF
+// bytes is written whole or not at all; a longer one (a workload's output line, up to
+// pumpMaxLine, in the nexlet's log) only when the pipe has room for all of it: begun
+// and not finished, it would hold the writer until a reader came, and with it the
+// watcher that logs every workload's lines (while no nexd ran, the flood of one
+// workload stopped the reading of all; the quiet one's lines waited in its pipe and
+// most went over its output limit when nexd came back).
 type droppingWriter struct {
 	fd      int
 	mu      sync.Mutex
 	dropped int
+	broken  bool // a line begun was left unfinished: the next starts on a line of its own
 }
+
+// finishLineMax bounds the wait for a reader to take the rest of a line begun: only a
+// pipe written by another as well, or not a pipe, may take part of a line.
+const finishLineMax = 100 * time.Millisecond
+
+// pipeBuf is Linux's PIPE_BUF: a write of at most this many bytes to a pipe is whole.
+const pipeBuf = 4096
 
 func newDroppingWriter(fd int) (*droppingWriter, error) {
 	if err := unix.SetNonblock(fd, true); err != nil {
@@ -91,15 +105,25 @@ func newDroppingWriter(fd int) (*droppingWriter, error) {
 func (w *droppingWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.broken {
+		if n, err := unix.Write(w.fd, []byte{'\n'}); err != nil || n != 1 {
+			w.dropped++
+			return len(p), nil
+		}
+		w.broken = false
+	}
 	if w.dropped > 0 {
 		note := fmt.Appendf(nil, `{"level":"WARN","msg":"native nexlet log lines dropped while nobody read them","dropped":%d}`+"\n", w.dropped)
 		if n, err := unix.Write(w.fd, note); err == nil && n == len(note) {
 			w.dropped = 0
 		}
 	}
-	// A line of the JSON handler is one write, far below PIPE_BUF... or not: a
-	// partial write is completed, a refused one dropped.
+	if len(p) > pipeBuf && !w.fits(len(p)) {
+		w.dropped++
+		return len(p), nil
+	}
 	off := 0
+	var giveUp time.Time
 	for off < len(p) {
 		n, err := unix.Write(w.fd, p[off:])
 		if errors.Is(err, unix.EINTR) {
@@ -111,14 +135,35 @@ func (w *droppingWriter) Write(p []byte) (int, error) {
 				return len(p), nil
 			}
 			if errors.Is(err, unix.EAGAIN) {
-				time.Sleep(time.Millisecond) // finish the line begun
-				continue
+				if giveUp.IsZero() {
+					giveUp = time.Now().Add(finishLineMax)
+				}
+				if time.Now().Before(giveUp) {
+					time.Sleep(time.Millisecond) // finish the line begun
+					continue
+				}
+				w.broken, w.dropped = true, w.dropped+1
+				return len(p), nil
 			}
 			return off, err
 		}
 		off += n
 	}
 	return len(p), nil
+}
+
+// fits reports whether the pipe has room for n bytes now (only this writer fills it,
+// so the room only grows until the write); true when the descriptor is no pipe.
+func (w *droppingWriter) fits(n int) bool {
+	size, err := unix.FcntlInt(uintptr(w.fd), unix.F_GETPIPE_SZ, 0)
+	if err != nil {
+		return true
+	}
+	queued, err := unix.IoctlGetInt(w.fd, unix.TIOCINQ)
+	if err != nil {
+		return true
+	}
+	return size-queued >= n
 }
 
 // logLevel is the level EnvLogLevel names; INFO when it names none.

@@ -264,3 +264,55 @@ func TestWatcherFlushForwardsWhatThePipesHold(t *testing.T) {
 		t.Errorf("after the flush: open stream's lines %q, want %q", got, want)
 	}
 }
+
+// TestFloodIntoUnreadLogSparesQuietWorkload: the nexlet's log is a pipe nobody reads
+// (its FIFO while no nexd runs), written through the droppingWriter as in `nexd nexlet
+// native`; one workload prints 16 KB lines as fast as it may, another a numbered line
+// every 20 ms. Every line of the quiet one reaches its feed, and the flood's keep
+// coming past what the pipe holds. Before, the flood's first log line that fit only in
+// part held the watcher (finishing the line) until a reader came: no workload's output
+// was read any more, 0 of the quiet workload's 100 lines came.
+func TestFloodIntoUnreadLogSparesQuietWorkload(t *testing.T) {
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pr.Close(); pw.Close() })
+	dw, err := newDroppingWriter(int(pw.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{Logger: slog.New(slog.NewJSONHandler(dw, nil))})
+	const quiet = 100
+	fn.mustStart("quiet1", startReq(protocol.LifecycleJob, "quiet1", map[string]any{"uri": "file:///bin/sh",
+		"argv": []string{"-c", fmt.Sprintf(`i=0; while [ $i -lt %d ]; do i=$((i+1)); echo "line $i"; sleep 0.02; done`, quiet)}},
+		protocol.NatsConnectionData{}))
+	fn.mustStart("flood1", startReq(protocol.LifecycleJob, "flood1", map[string]any{"uri": "file:///bin/sh",
+		"argv": []string{"-c", `s=$(printf '%16000s' | tr ' ' x); i=0; while [ $i -lt 3000 ]; do echo "$s"; i=$((i+1)); done`}},
+		protocol.NatsConnectionData{}))
+	// However slowly a loaded host runs the quiet workload: its last line, or a minute.
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) && !slices.Contains(fn.logLines("quiet1", "stdout"), fmt.Sprintf("line %d", quiet)) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	seen := map[string]bool{}
+	for _, l := range fn.logLines("quiet1", "stdout") {
+		seen[l] = true
+	}
+	lost := 0
+	for i := 1; i <= quiet; i++ {
+		if !seen[fmt.Sprintf("line %d", i)] {
+			lost++
+		}
+	}
+	// The pipe holds 4 of the flood's log lines; its burst alone is OutputBurst.
+	floodLines := len(fn.logLines("flood1", "stdout"))
+	t.Logf("quiet workload: %d of %d lines lost; flood: %d lines forwarded", lost, quiet, floodLines)
+	if lost > 0 {
+		t.Errorf("the quiet workload lost %d of %d lines while the nexlet's log was full (want 0)", lost, quiet)
+	}
+	if floodLines < 100 {
+		t.Errorf("only %d flood lines forwarded: its output was not read past a full log", floodLines)
+	}
+}
