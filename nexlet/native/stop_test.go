@@ -2,6 +2,7 @@ package native
 
 import (
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -290,4 +291,38 @@ func BenchmarkMarkStopping(b *testing.B) {
 	for b.Loop() {
 		n.markStopping(w, 10*time.Second)
 	}
+}
+
+// TestResumedStopAfterClockStepBack: a nexlet killed in a stop's grace leaves the stop
+// to the next one, which kills what is left once the grace, counted from the stop's
+// recorded wall-clock time, is over. The clock was stepped back an hour since (an NTP
+// step, a VM resumed): the grace left is bounded by the grace itself, as a restart's
+// backoff is (backoffLeft). Before, the workload that ignores SIGTERM ran on for the
+// hour of the step.
+func TestResumedStopAfterClockStepBack(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	fn.mustStart("stepped", startReq(protocol.LifecycleService, "stepped", map[string]any{"uri": script(t, `trap '' TERM; echo up; while :; do sleep 0.05; done`)}, fn.creds()))
+	fn.waitLog("stepped", "stdout", "up")
+	s, _ := fn.summary("stepped")
+	pid, _ := strconv.Atoi(s.Metadata["pid"])
+	if pid == 0 || !alive(pid) {
+		t.Fatalf("no live pid in %+v", s)
+	}
+	first.crash()
+	// The stop as the killed nexlet recorded it before its SIGTERM, an hour ahead of the
+	// clock now, with a grace of 1 s.
+	at := time.Now().Add(time.Hour)
+	if err := os.MkdirAll(first.stopsDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	mark := fmt.Sprintf("%d %d %s %s", at.UnixMilli(), time.Second.Milliseconds(), testNS, RegisterType)
+	if err := os.WriteFile(filepath.Join(first.stopsDir(), "stepped"), []byte(mark), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fn.startNexlet(Config{RuntimeDir: runtime})
+	testkit.EventuallyWithin(t, 30*time.Second, "the resumed stop kills the SIGTERM ignorer within its grace", func() bool {
+		return !alive(pid)
+	})
 }

@@ -169,7 +169,9 @@ func (n *Nexlet) finishResumedStop(m stopMark) {
 	dir := filepath.Join(n.wdir, m.id)
 	prev, _ := readIdent(dir)
 	w := &workload{id: m.id, sb: sb, dir: dir, ident: prev}
-	deadline := m.at.Add(m.grace)
+	// The mark's time is the wall clock's: a clock stepped back since must not add the
+	// step to the grace (backoffLeft bounds it by the grace, as for restart backoffs).
+	deadline := time.Now().Add(backoffLeft(m.at, m.grace))
 	reason := "exited after SIGTERM"
 	for {
 		procs, err := sb.procs()
