@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/wallclock"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -112,7 +113,8 @@ func (r *Runner) renewLoop(ctx context.Context, live *liveCreds) {
 		if at.IsZero() {
 			return
 		}
-		if !untilWall(ctx, at, max(time.Second, exp.Sub(at)/4), time.Now) {
+		// By the wall clock, by which the server expires the user (a paused host).
+		if !wallclock.Until(ctx, at, wallclock.Slice(exp.Sub(at)), time.Now) {
 			return
 		}
 		err := r.renewSelf(ctx, live)
@@ -136,29 +138,6 @@ func (r *Runner) renewLoop(ctx context.Context, live *liveCreds) {
 		case <-time.After(wait):
 		}
 		wait = min(wait*2, selfRenewRetryMax)
-	}
-}
-
-// untilWall waits until the wall clock (now) reads at, or ctx ends (false). The user
-// expires by the server's wall clock, but a timer runs on the monotonic clock, which
-// stands still while the host or its VM is suspended or paused: after the resume the
-// wall clock is stepped ahead, and one timer set for the whole wait would fire past
-// the expiry (a paused CI VM's clock jumped 32 s: the nexlet's user expired with 18 s
-// of its timer to go). So the wait is cut into slices of at most slice and the wall
-// clock read after each; a step costs at most one slice of the margin.
-func untilWall(ctx context.Context, at time.Time, slice time.Duration, now func() time.Time) bool {
-	for {
-		d := at.Sub(now())
-		if d <= 0 {
-			return true
-		}
-		t := time.NewTimer(min(d, slice))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return false
-		case <-t.C:
-		}
 	}
 }
 

@@ -5,6 +5,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/wallclock"
 )
 
 // TestRenewalWaitFollowsWallClockStep: the wait for the nexlet's self-renewal follows
@@ -18,7 +20,7 @@ func TestRenewalWaitFollowsWallClockStep(t *testing.T) {
 	var step atomic.Int64
 	now := func() time.Time { return time.Now().Add(time.Duration(step.Load())) }
 	done := make(chan bool, 1)
-	go func() { done <- untilWall(t.Context(), now().Add(time.Hour), 100*time.Millisecond, now) }()
+	go func() { done <- wallclock.Until(t.Context(), now().Add(time.Hour), 100*time.Millisecond, now) }()
 	select {
 	case <-done:
 		t.Fatal("the wait ended an hour before its time")
@@ -34,12 +36,12 @@ func TestRenewalWaitFollowsWallClockStep(t *testing.T) {
 		t.Fatal("still waiting 10 s after the wall clock stepped past the renewal time")
 	}
 
-	if !untilWall(t.Context(), now().Add(-time.Second), time.Minute, now) {
+	if !wallclock.Until(t.Context(), now().Add(-time.Second), time.Minute, now) {
 		t.Fatal("a renewal time already past is not due")
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	if untilWall(ctx, now().Add(time.Hour), time.Minute, now) {
+	if wallclock.Until(ctx, now().Add(time.Hour), time.Minute, now) {
 		t.Fatal("the wait ended with its context but reports the renewal due")
 	}
 }

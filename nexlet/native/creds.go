@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/jwt/v2"
 
+	"github.com/nexd-project/nexd/internal/wallclock"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -89,30 +90,33 @@ func credsEnv(env []string, cd protocol.NatsConnectionData) []string {
 	return out
 }
 
-// renewAfter is when credentials should be renewed: at 80% of the JWT's lifetime. ok is
-// false when they do not expire (no JWT, or no expiry).
-func renewAfter(cd protocol.NatsConnectionData, now time.Time) (d, life time.Duration, ok bool) {
+// renewAt is when credentials should be renewed, by the wall clock: at 80% of the
+// JWT's lifetime. ok is false when they do not expire (no JWT, or no expiry).
+func renewAt(cd protocol.NatsConnectionData) (at time.Time, life time.Duration, ok bool) {
 	if cd.NatsUserJWT == "" {
-		return 0, 0, false
+		return time.Time{}, 0, false
 	}
 	uc, err := jwt.DecodeUserClaims(cd.NatsUserJWT)
 	if err != nil || uc.Expires == 0 {
-		return 0, 0, false
+		return time.Time{}, 0, false
 	}
 	iat, exp := time.Unix(uc.IssuedAt, 0), time.Unix(uc.Expires, 0)
 	life = exp.Sub(iat)
-	return max(iat.Add(life*8/10).Sub(now), 0), life, true
+	return iat.Add(life * 8 / 10), life, true
 }
 
-// scheduleRenewalLocked arms the renewal of w's current credentials; n.mu is held.
-func (n *Nexlet) scheduleRenewalLocked(w *workload, d time.Duration) {
+// scheduleRenewalLocked arms the renewal of w's current credentials at at, by the wall
+// clock (n.now), by which the server expires them: a wall clock stepped ahead by a
+// pause of the host or its VM delays the renewal by at most one slice of the fifth
+// of life left after at (wallclock). n.mu is held.
+func (n *Nexlet) scheduleRenewalLocked(w *workload, at time.Time, life time.Duration) {
 	if w.renewStopped {
 		return
 	}
 	if w.renewTimer != nil {
 		w.renewTimer.Stop()
 	}
-	w.renewTimer = time.AfterFunc(d, func() { n.renew(w) })
+	w.renewTimer = wallclock.AfterFunc(at, wallclock.Slice(life/5), n.now, func() { n.renew(w) })
 }
 
 // startRenewal starts renewing w's credentials while it runs (no-op without a JWT with
@@ -120,7 +124,7 @@ func (n *Nexlet) scheduleRenewalLocked(w *workload, d time.Duration) {
 func (n *Nexlet) startRenewal(w *workload) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	d, _, ok := renewAfter(w.creds, time.Now())
+	at, life, ok := renewAt(w.creds)
 	if !ok {
 		return
 	}
@@ -128,7 +132,7 @@ func (n *Nexlet) startRenewal(w *workload) {
 		n.log.Warn("workload credentials expire and cannot be renewed by this nexlet", "workload_id", w.id)
 		return
 	}
-	n.scheduleRenewalLocked(w, d)
+	n.scheduleRenewalLocked(w, at, life)
 }
 
 // stopRenewal ends renewal for good; no creds file is written after it returns.
@@ -161,9 +165,10 @@ func (n *Nexlet) renew(w *workload) {
 	if w.renewStopped {
 		return
 	}
-	var next, life time.Duration
+	var next time.Time
+	var life time.Duration
 	if err == nil {
-		if next, life, ok = renewAfter(cd, time.Now()); !ok {
+		if next, life, ok = renewAt(cd); !ok {
 			err = fmt.Errorf("the renewed credentials of workload %s carry no JWT expiry", w.id)
 		}
 	}
@@ -172,14 +177,14 @@ func (n *Nexlet) renew(w *workload) {
 		err = writeCredsFile(n.credsPath(w.id), cd, w.ident)
 	}
 	if err != nil {
-		_, life, _ := renewAfter(w.creds, time.Now())
+		_, life, _ := renewAt(w.creds)
 		retry := min(max(life/10, time.Second), 30*time.Second)
 		n.log.Warn("workload credentials not renewed; retrying", "workload_id", w.id, "namespace", w.ns, "retry_in", retry, "err", err)
-		n.scheduleRenewalLocked(w, retry)
+		n.scheduleRenewalLocked(w, n.now().Add(retry), life)
 		return
 	}
 	w.creds = cd
 	w.env = credsEnv(w.env, cd)
-	n.log.Info("workload credentials renewed", "workload_id", w.id, "namespace", w.ns, "lifetime", life, "next_renewal_in", next.Round(time.Millisecond))
-	n.scheduleRenewalLocked(w, next)
+	n.log.Info("workload credentials renewed", "workload_id", w.id, "namespace", w.ns, "lifetime", life, "next_renewal_in", next.Sub(n.now()).Round(time.Millisecond))
+	n.scheduleRenewalLocked(w, next, life)
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -43,7 +44,7 @@ func jwtCreds(t *testing.T, acc nkeys.KeyPair, ttl time.Duration, servers ...str
 	return protocol.NatsConnectionData{NatsServers: servers, NatsUserJWT: tok, NatsUserSeed: string(seed)}
 }
 
-func TestRenewAfter(t *testing.T) {
+func TestRenewAt(t *testing.T) {
 	acc, _ := nkeys.CreateAccount()
 	now := time.Now()
 	for _, tc := range []struct {
@@ -60,9 +61,10 @@ func TestRenewAfter(t *testing.T) {
 		{name: "already late", cd: jwtCreds(t, acc, -time.Minute), ok: true, lo: 0, hi: 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d, _, ok := renewAfter(tc.cd, now)
+			at, _, ok := renewAt(tc.cd)
+			d := max(at.Sub(now), 0)
 			if ok != tc.ok || d < tc.lo || d > tc.hi {
-				t.Errorf("renewAfter = %v, %v; want %v in [%v, %v]", d, ok, tc.ok, tc.lo, tc.hi)
+				t.Errorf("renewAt = %v (in %v), %v; want %v in [%v, %v]", at, d, ok, tc.ok, tc.lo, tc.hi)
 			}
 		})
 	}
@@ -176,6 +178,50 @@ func TestRenewRewritesCredsFileWhileRunning(t *testing.T) {
 	if rn.count() != n {
 		t.Errorf("renewals went on after the workload stopped: %d, then %d", n, rn.count())
 	}
+}
+
+// TestWorkloadRenewalFollowsWallClockStep: a workload's user is renewed within a slice
+// of its renewal time by the wall clock (by which nats-server expires it), also when the
+// wall clock steps ahead as after a pause of the host or its VM, during which the
+// monotonic clock of timers stood still. The step is made in the clock the nexlet's
+// renewals read (the host's is shared). Before, one timer ran for the whole wait (32 s
+// of a 40 s user): the renewal came 30 s after the step, 3 s after the user expired by
+// the stepped clock.
+func TestWorkloadRenewalFollowsWallClockStep(t *testing.T) {
+	fn := newFakeNode(t)
+	acc, _ := nkeys.CreateAccount()
+	rn := &renewals{}
+	rn.serve(t, fn.nc, func(string, string) (protocol.NatsConnectionData, error) {
+		return jwtCreds(t, acc, time.Hour, fn.srv.ClientURL()), nil
+	})
+	var step atomic.Int64
+	tn := fn.startNexletHooked(Config{}, func(n *Nexlet) {
+		n.now = func() time.Time { return time.Now().Add(time.Duration(step.Load())) }
+	})
+	const ttl = 40 * time.Second // renewed at 32 s; slices of 2 s
+	first := jwtCreds(t, acc, ttl, fn.srv.ClientURL())
+	fn.mustStart("wc1", startReq(protocol.LifecycleService, "wc", map[string]any{"uri": script(t, "exec sleep 1000")}, first))
+	path := filepath.Join(tn.WorkloadsDir(), "wc1", "nats.creds")
+	time.Sleep(500 * time.Millisecond)
+	if n := rn.count(); n != 0 {
+		t.Fatalf("%d renewals before the renewal time", n)
+	}
+	// A pause of 35 s: the user has 5 s left by the wall clock.
+	step.Store(int64(35 * time.Second))
+	stepped := time.Now()
+	deadline := stepped.Add(5 * time.Second)
+	for rn.count() == 0 || readCredsJWT(t, path) == first.NatsUserJWT {
+		if time.Now().After(deadline) {
+			t.Fatalf("no renewal written %v after the wall clock stepped to 5 s before the user's expiry (%d renewals)", time.Since(stepped).Round(time.Millisecond), rn.count())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("renewed %v after the step", time.Since(stepped).Round(time.Millisecond))
+	time.Sleep(time.Second)
+	if n := rn.count(); n != 1 {
+		t.Errorf("%d renewals, want 1 (the renewed user lives an hour)", n)
+	}
+	fn.stop("wc1", testNS)
 }
 
 // A process restarted by its policy starts with the newest credentials in its env.

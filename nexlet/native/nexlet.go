@@ -129,6 +129,9 @@ type Nexlet struct {
 	// afterBegin, when set (tests: a detach at that moment), runs once a deploy began
 	// its workload's process p, before its supervisor starts.
 	afterBegin func(id string, p *proc)
+	// now is the wall clock the workloads' credential renewals wait by (time.Now; tests
+	// step it as a host resumed from a pause sees it).
+	now func() time.Time
 
 	mu        sync.Mutex
 	workloads map[string]*workload
@@ -162,7 +165,7 @@ func New(cfg Config) (*Nexlet, error) {
 	}
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
 		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
-		abandon:     make(chan struct{}), users: us, wdir: wdir}
+		abandon:     make(chan struct{}), users: us, wdir: wdir, now: time.Now}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}

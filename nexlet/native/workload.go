@@ -24,6 +24,7 @@ import (
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/internal/testhold"
+	"github.com/nexd-project/nexd/internal/wallclock"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -66,7 +67,7 @@ type workload struct {
 	env      []string                    // replaced when credentials are renewed
 	creds    protocol.NatsConnectionData // the newest credentials
 	// renewTimer renews creds; renewStopped is set once the workload ended.
-	renewTimer   *time.Timer
+	renewTimer   *wallclock.Timer
 	renewStopped bool
 }
 
