@@ -31,6 +31,7 @@ import (
 	"github.com/nexd-project/nexd/internal/dirlock"
 	"github.com/nexd-project/nexd/internal/logstream"
 	"github.com/nexd-project/nexd/internal/profdump"
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/version"
 	"github.com/nexd-project/nexd/nexlet/native"
@@ -480,6 +481,9 @@ func natsOptions(cfg *config.Config) (natsconn.Options, natsembed.Options) {
 			ConnName:  cfg.NATS.ConnName,
 			Timeout:   cfg.NATS.Timeout,
 			JSDomain:  cfg.NATS.JSDomain,
+			// The node's inboxes, where nothing it mints may publish: see
+			// protocol.NodeInboxRoot (TestAttackNexletForgesIntoNodeWatcher).
+			InboxPrefix: protocol.NodeInboxPrefix(randid.New()),
 		}, natsembed.Options{
 			InatsConfig: cfg.Node.InatsConfig,
 			StateDir:    cfg.Node.StateDir,

@@ -9,6 +9,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/identity"
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestCheckStateReplicas: --check says how many state bucket replicas nexd asks for
@@ -50,5 +51,16 @@ func TestCheckStateReplicas(t *testing.T) {
 	cfg.NATS.Servers = nil
 	if _, problem := checkStateReplicas(ctx, cfg); problem == nil || !strings.Contains(problem.Error(), "embedded server is one server") {
 		t.Fatalf("state_replicas 3 with the zero-config embedded server: %v", problem)
+	}
+}
+
+// TestNodeConnectionInboxPrefix: the node's connection names its inboxes under
+// protocol.NodeInboxRoot, a fresh token each (daemon/node
+// TestAttackNexletForgesIntoNodeWatcher shows why).
+func TestNodeConnectionInboxPrefix(t *testing.T) {
+	a, _ := natsOptions(&config.Config{})
+	b, _ := natsOptions(&config.Config{})
+	if !strings.HasPrefix(a.InboxPrefix, protocol.NodeInboxRoot+".") || a.InboxPrefix == b.InboxPrefix {
+		t.Errorf("inbox prefixes %q and %q, want distinct ones under %s", a.InboxPrefix, b.InboxPrefix, protocol.NodeInboxRoot)
 	}
 }

@@ -326,6 +326,20 @@ func RenewCredsSubject(nodeID, agentID, workloadID string) string {
 // sees another's replies (nats.CustomInboxPrefix). A nexd extension.
 func InboxPrefix(id string) string { return "_INBOX_" + id }
 
+// NodeInboxRoot heads the inbox prefix of a nexd node's own connection,
+// NodeInboxPrefix(token): an _INBOX_ name (nodes answer requests made with it, and no
+// namespace may start with _INBOX) that no user nexd mints may publish to (workloads
+// publish to _INBOX.> and their tenant's _INBOX_tenant-<ns>.>; nexlets answer only
+// under their response permission), and no nexlet's (agent id "nexd" is refused). The
+// node's connection names nats.go's inboxes under it, and those inboxes, a JetStream
+// watcher's deliver subject among them, follow one nuid generator that every nexlet
+// sees in the node's requests.
+const NodeInboxRoot = "_INBOX_nexd"
+
+// NodeInboxPrefix is the inbox prefix of a node's connection: NodeInboxRoot and a
+// token (random, so that it names one connection).
+func NodeInboxPrefix(token string) string { return NodeInboxRoot + "." + token }
+
 // WorkloadInboxPrefix is the private inbox prefix of the workload with this id under a
 // signing key, _INBOX.<id>: its user may subscribe there only, and another workload
 // answers its requests under its plain _INBOX.> grant. Workloads get no response

@@ -471,5 +471,9 @@ func checkIDs(agentID, nodeID string) error {
 	if err := checkToken("agent id", agentID); err != nil {
 		return err
 	}
+	if protocol.InboxPrefix(agentID) == protocol.NodeInboxRoot {
+		// Its user would read every answer to the node (protocol.NodeInboxRoot).
+		return fmt.Errorf("agent id %q names the node's own inboxes (%s.>)", agentID, protocol.NodeInboxRoot)
+	}
 	return checkToken("node id", nodeID)
 }

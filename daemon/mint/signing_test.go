@@ -642,3 +642,23 @@ func TestSupersededUsersRevoked(t *testing.T) {
 	own.NatsUserSeed = string(seed)
 	mustDial(t, e.s.ClientURL(), own).nc.Close()
 }
+
+// TestAgentIDOfTheNodesInboxes: no nexlet user may subscribe to the node's inboxes
+// (protocol.NodeInboxRoot): agent id "nexd", which a remote nexlet may choose, is
+// refused; its user had read every answer to the node.
+func TestAgentIDOfTheNodesInboxes(t *testing.T) {
+	e := startOperator(t)
+	m := newSigning(t, e, Options{})
+	node := nodeID(t)
+	for name, mint := range map[string]func() error{
+		"register": func() error { _, err := m.MintRegister("nexd", node); return err },
+		"nexlet":   func() error { _, err := m.MintAgent("nexd", node, false); return err },
+	} {
+		if err := mint(); err == nil || !strings.Contains(err.Error(), protocol.NodeInboxRoot) {
+			t.Errorf("%s user for agent id nexd: error %v, want one naming %s", name, err, protocol.NodeInboxRoot)
+		}
+	}
+	if _, err := m.MintAgent("nexd-1", node, false); err != nil {
+		t.Errorf("agent id nexd-1: %v", err)
+	}
+}

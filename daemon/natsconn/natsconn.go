@@ -47,6 +47,11 @@ type Options struct {
 	ConnName  string
 	JSDomain  string
 	Timeout   time.Duration // per-attempt connect timeout (0 = nats.go default)
+	// InboxPrefix names the connection's inboxes (nats.CustomInboxPrefix) unless its
+	// NATS context sets inbox_prefix; "" keeps nats.go's _INBOX. nexd's node sets
+	// protocol.NodeInboxPrefix: workloads may publish to _INBOX.> (to answer), and
+	// nats.go's inboxes there are guessable from one the node sent a nexlet.
+	InboxPrefix string
 
 	// HealthGrace bounds how long Healthy tolerates reconnecting (0 = 2 min).
 	HealthGrace time.Duration
@@ -278,6 +283,18 @@ func backoff(attempt int) time.Duration {
 // pingInterval is how often an idle connection is checked (see commonOptions).
 const pingInterval = 5 * time.Second
 
+// inboxPrefix sets the connection's inbox prefix to p, unless p is "" or a NATS
+// context set one already (its options come first): an operator who chose a prefix
+// for nexd's user granted that one.
+func inboxPrefix(p string) nats.Option {
+	return func(o *nats.Options) error {
+		if p == "" || o.InboxPrefix != "" {
+			return nil
+		}
+		return nats.CustomInboxPrefix(p)(o)
+	}
+}
+
 // commonOptions: identity, timeouts, reconnect-forever and the state callbacks.
 func (c *Conn) commonOptions(o Options) []nats.Option {
 	opts := []nats.Option{
@@ -292,6 +309,7 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 		// pick its server (nats.go shuffles by default). The rest are the fallbacks.
 		nats.DontRandomize(),
 		nats.CustomReconnectDelay(func(attempts int) time.Duration { return backoff(attempts - 1) }),
+		inboxPrefix(o.InboxPrefix),
 		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
 			if nc.IsClosed() {
 				return // our own Close, not an outage

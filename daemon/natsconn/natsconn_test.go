@@ -374,3 +374,26 @@ func BenchmarkConnected(b *testing.B) {
 		}
 	})
 }
+
+// TestInboxPrefix: InboxPrefix names the connection's inboxes, unless its NATS
+// context sets inbox_prefix (the operator granted nexd's user that one).
+func TestInboxPrefix(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	c := connect(t, Options{Servers: []string{s.ClientURL()}, InboxPrefix: "_INBOX_nexd.abc"})
+	if got := c.NC.NewInbox(); !strings.HasPrefix(got, "_INBOX_nexd.abc.") {
+		t.Errorf("inbox %q, want one under _INBOX_nexd.abc", got)
+	}
+	roundTrip(t, c.NC)
+	if got := connect(t, Options{Servers: []string{s.ClientURL()}}).NC.NewInbox(); !strings.HasPrefix(got, "_INBOX.") {
+		t.Errorf("inbox %q without InboxPrefix, want nats.go's _INBOX.", got)
+	}
+	dir := t.TempDir()
+	ctxFile := filepath.Join(dir, "ops.json")
+	body := fmt.Sprintf(`{"url": %q, "inbox_prefix": "_INBOX_ops"}`, s.ClientURL())
+	if err := os.WriteFile(ctxFile, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := connect(t, Options{Context: ctxFile, InboxPrefix: "_INBOX_nexd.abc"}).NC.NewInbox(); !strings.HasPrefix(got, "_INBOX_ops.") {
+		t.Errorf("inbox %q, want the context's _INBOX_ops", got)
+	}
+}

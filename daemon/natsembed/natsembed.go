@@ -236,7 +236,7 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	}
 	// Only the connection's own knobs apply: nothing else is configured here.
 	inproc := natsconn.Options{ConnName: client.ConnName, JSDomain: client.JSDomain,
-		Timeout: client.Timeout, HealthGrace: client.HealthGrace, JWT: nodeJWT, Seed: nodeSeed}
+		Timeout: client.Timeout, HealthGrace: client.HealthGrace, InboxPrefix: client.InboxPrefix, JWT: nodeJWT, Seed: nodeSeed}
 	c, err := natsconn.ConnectInProcess(ctx, inproc, srv, []string{url}, log)
 	if err != nil {
 		return nil, err

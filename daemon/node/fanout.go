@@ -57,7 +57,9 @@ func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, max
 // generator per process, one prefix, a fixed increment, so the inboxes nexlets see
 // tell the next ones), ended by a random token, so that no one who may publish to
 // _INBOX.> (a workload) knows where the node waits for an answer
-// (TestAttackWorkloadForgesStartAnswer).
+// (TestAttackWorkloadForgesStartAnswer) should the connection name its inboxes there
+// (nexd's is under protocol.NodeInboxRoot, out of their reach, since nats.go's own
+// inboxes have no such token: TestAttackNexletForgesIntoNodeWatcher).
 func newInbox(nc *nats.Conn) string { return nc.NewInbox() + "." + randid.New() }
 
 func isNoResponders(m *nats.Msg) bool {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/daemon/mint"
@@ -80,6 +81,23 @@ func startMintingNode(t *testing.T, op *testnats.Operator, mo mint.Options, name
 		_ = n.Stop(ctx)
 	})
 	return n, st, m
+}
+
+// putObject stores data as object name in a new object store bucket, as its tenant
+// would, through the fixture's unrestricted client.
+func (rf *rogueFixture) putObject(ctx context.Context, bucket, name string, data []byte) {
+	rf.t.Helper()
+	js, err := jetstream.New(rf.client)
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	obs, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: bucket})
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	if _, err := obs.PutBytes(ctx, name, data); err != nil {
+		rf.t.Fatal(err)
+	}
 }
 
 // dial connects as the user cd holds, with its private inbox.

@@ -91,17 +91,7 @@ func TestAttackWorkloadJetStreamAnswersGoAnywhere(t *testing.T) {
 	rf := newRogueFixture(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	js, err := jetstream.New(rf.client)
-	if err != nil {
-		t.Fatal(err)
-	}
-	obs, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "tenant-a"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := obs.PutBytes(ctx, "bin", []byte(`{"order":"forged by tenant-a"}`)); err != nil {
-		t.Fatal(err)
-	}
+	rf.putObject(ctx, "tenant-a", "bin", []byte(`{"order":"forged by tenant-a"}`))
 	wid := nuid.Next()
 	cd, err := rf.m.MintWorkload("tenant-a", wid)
 	if err != nil {
