@@ -2,9 +2,11 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"time"
 
@@ -531,10 +533,11 @@ type artifactMinter interface {
 }
 
 // mintArtifactReader mints the fetch user of a start whose run request names a
-// nats:// artifact, or returns nil. Only such starts pay for the second user.
+// nats:// artifact, or returns nil. Only such starts pay for the second user. Its
+// grants are its namespace's buckets whatever the run request names.
 func (n *Node) mintArtifactReader(req protocol.StartWorkloadRequest, workloadID string) (*protocol.NatsConnectionData, error) {
 	am, ok := n.o.Minter.(artifactMinter)
-	if !ok || !strings.Contains(req.RunRequest, "nats://") {
+	if !ok || !namesNATSArtifact(req.RunRequest) {
 		return nil, nil
 	}
 	cd, err := am.MintArtifactReader(req.Namespace, workloadID)
@@ -542,4 +545,40 @@ func (n *Node) mintArtifactReader(req protocol.StartWorkloadRequest, workloadID 
 		return nil, err
 	}
 	return &cd, nil
+}
+
+// namesNATSArtifact says whether a run request names a nats:// URI: as written, or
+// as a string of its JSON once decoded (a client may escape it, "nats:\/\/b\/o" or
+// "\u006eats://b/o", which its nexlet reads as nats://; before, such a start got
+// no reader and its fetch was refused). Only a request with a backslash is decoded:
+// without one no JSON string decodes to what the text does not hold.
+func namesNATSArtifact(run string) bool {
+	const scheme = "nats://"
+	if strings.Contains(run, scheme) {
+		return true
+	}
+	if !strings.Contains(run, `\`) {
+		return false
+	}
+	var v any
+	if json.Unmarshal([]byte(run), &v) != nil {
+		return false
+	}
+	var walk func(any) bool
+	walk = func(v any) bool {
+		switch v := v.(type) {
+		case string:
+			return strings.Contains(v, scheme)
+		case []any:
+			return slices.ContainsFunc(v, walk)
+		case map[string]any:
+			for k, e := range v {
+				if strings.Contains(k, scheme) || walk(e) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	return walk(v)
 }
