@@ -264,6 +264,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		}
 		s.bridgeWatchdog()
 		store = s.kv
+		s.jetstream.writes, s.jetstream.kick = s.kv, make(chan struct{}, 1)
 		if s.stateDir != "" {
 			// A stopped workload whose removal from the bucket fails stays stopped:
 			// a tombstone here keeps it out of every replay until a retry removes it.
@@ -299,7 +300,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		TrustedNodes:            cfg.TrustedNodes,
 		Minter:                  s.minter,
 		CanPlace:                canPlace(s.jetstream.refusal, diskSpace(d.log, map[string]string{"state directory": cfg.Node.StateDir, "runtime directory": s.runtimeDir})),
-		CanBid:                  s.jetstream.refusal,
+		CanBid:                  s.jetstream.bidRefusal,
 		Store:                   s.metrics.CountStore(store),
 		Emitter:                 s.emitter(cfg),
 		Logger:                  d.log,

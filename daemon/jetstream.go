@@ -23,8 +23,16 @@ const (
 
 // jsWatch holds the last answer.
 type jsWatch struct {
-	mu   sync.Mutex
-	last *control.JetStreamStatus
+	mu       sync.Mutex
+	last     *control.JetStreamStatus
+	byWrites bool // last is unavailable only because the bucket refused writes
+
+	// writes is the state bucket's last write outcome (nil without a KV bucket); kick
+	// asks jetStreamLoop for a probe now (a bid refused for a failed write).
+	writes interface {
+		WriteFailure() (since time.Time, err error)
+	}
+	kick chan struct{}
 }
 
 // status is the last answer (nil before the first, or without a KV bucket).
@@ -47,9 +55,10 @@ func (w *jsWatch) metric() string {
 }
 
 // set records a probe's answer and returns the previous state.
-func (w *jsWatch) set(st control.JetStreamStatus) (prev string) {
+func (w *jsWatch) set(st control.JetStreamStatus, byWrites bool) (prev string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	w.byWrites = byWrites
 	if w.last != nil {
 		prev = w.last.State
 		st.Since = w.last.Since
@@ -63,13 +72,51 @@ func (w *jsWatch) set(st control.JetStreamStatus) (prev string) {
 
 // refusal is why no workload can be placed now: the state bucket's JetStream is
 // unavailable, so a deploy could not be recorded (nil otherwise, also before the first
-// answer).
+// answer). Unavailable only because the bucket refused writes, it refuses until a
+// write succeeds (a workload's or a probe's), not until the next probe.
 func (w *jsWatch) refusal() error {
-	st := w.status()
-	if st == nil || st.State != "unavailable" {
+	w.mu.Lock() // not status(): no copy, asked before every bid
+	if w.last == nil || w.last.State != "unavailable" {
+		w.mu.Unlock()
 		return nil
 	}
-	return fmt.Errorf("the node's state store is unavailable since %s: %s", st.Since.Format(time.RFC3339), st.Detail)
+	since, detail, byWrites := w.last.Since, w.last.Detail, w.byWrites
+	w.mu.Unlock()
+	if byWrites {
+		if _, err := w.writeFailure(); err == nil {
+			return nil
+		}
+	}
+	return fmt.Errorf("the node's state store is unavailable since %s: %s", since.Format(time.RFC3339), detail)
+}
+
+// bidRefusal is why the node does not bid now: refusal's, or the state bucket's last
+// write failed. A full or failing store still answers JetStream's health (stream info)
+// while it refuses every write, and a node that bid then refused the deploys it won
+// (503, not started). Asked before every bid: the status's mutex and one atomic load
+// (BenchmarkBidRefusal). A refusal for a failed write asks jetStreamLoop for a probe write, so
+// bidding resumes within about a second of the store taking writes again, also when
+// nothing else writes.
+func (w *jsWatch) bidRefusal() error {
+	if err := w.refusal(); err != nil {
+		return err
+	}
+	since, err := w.writeFailure()
+	if err == nil {
+		return nil
+	}
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+	return fmt.Errorf("the node's state store refuses writes (since %s): %w", since.UTC().Format(time.RFC3339), err)
+}
+
+func (w *jsWatch) writeFailure() (time.Time, error) {
+	if w.writes == nil {
+		return time.Time{}, nil
+	}
+	return w.writes.WriteFailure()
 }
 
 // canPlace is every check, in order.
@@ -84,9 +131,16 @@ func canPlace(checks ...func() error) func() error {
 	}
 }
 
-// jsStatus turns a bucket's health into what STATUS shows.
-func jsStatus(bucket string, h state.Health, at time.Time) control.JetStreamStatus {
-	st := control.JetStreamStatus{Bucket: bucket, Replicas: h.Replicas, Current: h.Current, Leader: h.Leader, Checked: at.UTC()}
+// jsStatus turns a bucket's health into what STATUS shows; byWrites when it is
+// unavailable only because the bucket refuses writes.
+func jsStatus(bucket string, h state.Health, at time.Time) (st control.JetStreamStatus, byWrites bool) {
+	st = control.JetStreamStatus{Bucket: bucket, Replicas: h.Replicas, Current: h.Current, Leader: h.Leader, Checked: at.UTC()}
+	defer func() {
+		if h.WriteErr != nil && st.State != "unavailable" {
+			st.State, byWrites = "unavailable", true
+			st.Detail = fmt.Sprintf("state bucket %s refuses writes since %s (%v): its store is full or failing; the node does not bid, and deploys and stops cannot be recorded", bucket, h.WriteSince.UTC().Format(time.RFC3339), h.WriteErr)
+		}
+	}()
 	switch {
 	case h.Err != nil:
 		st.State = "unavailable"
@@ -100,7 +154,7 @@ func jsStatus(bucket string, h state.Health, at time.Time) control.JetStreamStat
 	default:
 		st.State = "ok"
 	}
-	return st
+	return st, byWrites
 }
 
 // probeJetStream asks once and logs a change.
@@ -111,8 +165,8 @@ func (s *server) probeJetStream(ctx context.Context) {
 	if ctx.Err() != nil {
 		return
 	}
-	st := jsStatus(s.kv.Bucket(), h, time.Now())
-	prev := s.jetstream.set(st)
+	st, byWrites := jsStatus(s.kv.Bucket(), h, time.Now())
+	prev := s.jetstream.set(st, byWrites)
 	switch {
 	case prev == st.State:
 	case st.State == "ok" && prev != "":
@@ -133,6 +187,14 @@ func (s *server) jetStreamLoop(ctx context.Context) {
 			return
 		case <-t.C:
 			s.probeJetStream(ctx)
+		case <-s.jetstream.kick:
+			// A bid refused for a failed write: probe now, at most once a second.
+			s.probeJetStream(ctx)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
 		}
 	}
 }

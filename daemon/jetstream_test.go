@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/testnats"
 )
 
 // TestJetStreamStatus: what STATUS shows for the state bucket's health, and that
@@ -22,9 +23,10 @@ func TestJetStreamStatus(t *testing.T) {
 		{state.Health{Replicas: 3, Current: 2, Leader: "h1", Lost: []string{"h3"}}, "degraded", "2 of 3 replicas current, lost: h3"},
 		{state.Health{Replicas: 3, Current: 1}, "unavailable", "no leader"},
 		{state.Health{Replicas: 3, Err: errors.New("context deadline exceeded")}, "unavailable", "no JetStream quorum"},
+		{state.Health{Replicas: 1, Current: 1, WriteErr: errors.New("insufficient resources"), WriteSince: t0}, "unavailable", "refuses writes since 2026-01-01T00:00:00Z (insufficient resources)"},
 	}
 	for _, c := range cases {
-		st := jsStatus("nex-N1", c.h, t0)
+		st, _ := jsStatus("nex-N1", c.h, t0)
 		if st.State != c.state || !strings.Contains(st.Detail, c.want) {
 			t.Errorf("%+v: %s %q, want %s with %q", c.h, st.State, st.Detail, c.state, c.want)
 		}
@@ -49,4 +51,77 @@ func TestJetStreamStatus(t *testing.T) {
 	if err := w.refusal(); err != nil {
 		t.Fatalf("degraded (still writable) JetStream refuses placements: %v", err)
 	}
+}
+
+// writeOutcome is a state bucket's last write outcome for jsWatch (state.KV's in the
+// daemon; TestWriteFailureOnFullStore in daemon/state has the real one).
+type writeOutcome struct {
+	since time.Time
+	err   error
+}
+
+func (o *writeOutcome) WriteFailure() (time.Time, error) { return o.since, o.err }
+
+// TestBidRefusedWhileWritesFail: the node bids while its bucket takes writes, not once
+// a write failed (each refused bid asks for a probe); deploys are refused too once a
+// probe confirmed it (unavailable), and neither is once a write succeeded again, before
+// the next probe.
+func TestBidRefusedWhileWritesFail(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	wo := &writeOutcome{}
+	w := jsWatch{writes: wo, kick: make(chan struct{}, 1)}
+	w.set(jsStatus("b", state.Health{Replicas: 1, Current: 1}, t0))
+	if err := w.bidRefusal(); err != nil {
+		t.Fatalf("a bucket taking writes refuses bids: %v", err)
+	}
+	wo.since, wo.err = t0, errors.New("insufficient resources")
+	if err := w.bidRefusal(); err == nil || !strings.Contains(err.Error(), "refuses writes") {
+		t.Fatalf("a failed write does not stop the bids: %v", err)
+	}
+	select {
+	case <-w.kick:
+	default:
+		t.Fatal("a bid refused for a failed write asked for no probe")
+	}
+	if err := w.refusal(); err != nil {
+		t.Fatalf("a deploy is refused before a probe confirmed the failure (it tries its own write): %v", err)
+	}
+	w.set(jsStatus("b", state.Health{Replicas: 1, Current: 1, WriteErr: wo.err, WriteSince: t0}, t0.Add(5*time.Second)))
+	if err := w.refusal(); err == nil || !strings.Contains(err.Error(), "refuses writes") {
+		t.Fatalf("a probe's failed write does not refuse deploys: %v", err)
+	}
+	wo.err = nil // a write took (a retried removal)
+	if err := w.refusal(); err != nil {
+		t.Fatalf("a deploy is refused after a write succeeded: %v", err)
+	}
+	if err := w.bidRefusal(); err != nil {
+		t.Fatalf("no bid after a write succeeded: %v", err)
+	}
+}
+
+// BenchmarkBidRefusal is what every auction pays for the state store check (CanBid):
+// the status and a real bucket's last write outcome; refusal is the status alone (a
+// deploy's CanPlace).
+func BenchmarkBidRefusal(b *testing.B) {
+	s := testnats.Start(b, testnats.Options{})
+	kv, err := state.OpenKV(b.Context(), testnats.Connect(b, s), "BENCH", "", nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	w := jsWatch{writes: kv, kick: make(chan struct{}, 1)}
+	w.set(jsStatus("b", state.Health{Replicas: 1, Current: 1}, time.Now()))
+	b.Run("bidRefusal", func(b *testing.B) {
+		for b.Loop() {
+			if w.bidRefusal() != nil {
+				b.Fatal("refused")
+			}
+		}
+	})
+	b.Run("refusal", func(b *testing.B) {
+		for b.Loop() {
+			if w.refusal() != nil {
+				b.Fatal("refused")
+			}
+		}
+	})
 }

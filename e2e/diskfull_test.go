@@ -121,29 +121,52 @@ func TestExternalStoreDiskFull(t *testing.T) {
 	stopped, kept := cs[:6], cs[6:]
 	fill := testkit.FillFS(t, store)
 	var late []crashLoop
-	refused := 0 // deploys until the store refuses one: writes first fill the slack of its files' last pages
-	for i := 0; i < 40 && refused == 0; i++ {
+	// deploy runs a service through an auction: "ran", "refused" by the node it went to
+	// (503, not started: it bid and then could not record it), or "no bid".
+	deploy := func(name string) string {
 		c := newCrashLoop(t, "latedeploy")
 		full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
-		full = append(full, "--json", "workload", "run", "--name", "late"+strconv.Itoa(i), "--", "/bin/sh", "-c", `echo run >> "$1"; sleep 600`, c.marker, c.runsFile)
+		full = append(full, "--json", "workload", "run", "--name", name, "--", "/bin/sh", "-c", `echo run >> "$1"; sleep 600`, c.marker, c.runsFile)
 		out, errOut, code := run(t, nil, nexctlBin(t), full...)
-		if code != 0 {
-			t.Logf("deploy on a full store: exit %d: %s%s", code, out, errOut)
-		}
 		var r runResult
-		if code == 0 && json.Unmarshal([]byte(out), &r) == nil {
+		switch {
+		case code == 0 && json.Unmarshal([]byte(out), &r) == nil:
 			c.id = r.ID
 			late = append(late, c)
-		} else {
-			refused++
-			// Said as such, not "internal server error" (before).
-			if !strings.Contains(out+errOut, "state store (JetStream) did not take the workload's record") {
-				t.Errorf("the refused deploy does not say the state store did not take it: %s%s", out, errOut)
-			}
-			if c.runs() != 0 {
-				t.Errorf("a deploy refused on a full store ran: %d runs", c.runs())
-			}
+			return "ran"
+		case c.runs() != 0:
+			t.Errorf("deploy %s refused on a full store ran: %d runs: %s%s", name, c.runs(), out, errOut)
+		case strings.Contains(out+errOut, "state store (JetStream) did not take the workload's record"):
+			// Said as such, not "internal server error" (before 673826d).
+			return "refused"
+		case strings.Contains(out+errOut, "no bids for"):
+			return "no bid"
+		default:
+			t.Errorf("deploy %s on a full store: exit %d: %s%s", name, code, out, errOut)
 		}
+		return "?"
+	}
+	refused := 0 // deploys until the store refuses one: writes first fill the slack of its files' last pages
+	for i := 0; i < 40 && refused == 0; i++ {
+		if deploy("late"+strconv.Itoa(i)) == "refused" {
+			refused++
+		}
+	}
+	if refused == 0 {
+		t.Fatal("no deploy refused on the full store")
+	}
+	// Once a write failed the node does not bid while its store refuses writes: no
+	// deploy goes to it to be refused (before, each won the auction and was refused).
+	outcomes := map[string]int{}
+	for i := range 5 {
+		outcomes[deploy("refused"+strconv.Itoa(i))]++
+	}
+	t.Logf("5 deploys after the first refusal on the full store: %v", outcomes)
+	if outcomes["refused"] != 0 || outcomes["ran"] != 0 {
+		t.Errorf("after the store refused a write, %d of 5 deploys went to the node and were refused, %d ran; want none (no bid)", outcomes["refused"], outcomes["ran"])
+	}
+	if out, errOut, _ := n.ctl(t, "status"); !strings.Contains(out, "state store cannot be written") {
+		t.Errorf("nexctl status does not say the auctions not bid on were for the state store: %s%s", out, errOut)
 	}
 	var pending atomic.Int32
 	var wg sync.WaitGroup
@@ -178,6 +201,11 @@ func TestExternalStoreDiskFull(t *testing.T) {
 		ents, err := os.ReadDir(filepath.Join(dir, "tombstones"))
 		return err == nil && len(ents) == 0 || os.IsNotExist(err)
 	})
+	// The store takes writes again: the node bids again, and the deploy runs.
+	n = n2
+	if got := deploy("after"); got != "ran" {
+		t.Errorf("a deploy once the server is back on a store with room: %s, want ran", got)
+	}
 	killNexdAndNexlet(t, n2)
 	n3 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
 	n3.waitReady(t)

@@ -11,6 +11,8 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -63,6 +65,58 @@ type KV struct {
 	maxValue int
 	replicas int
 	log      *slog.Logger
+	// failed is the last write's failure, nil once a write succeeded after it: a
+	// store that is full or failing answers JetStream's health (stream info) while it
+	// refuses every write, so only a write tells.
+	failed atomic.Pointer[writeFailure]
+}
+
+// writeFailure is why writes to the bucket fail, since the first of them.
+type writeFailure struct {
+	err   error
+	since time.Time
+}
+
+// noteWrite records a write's outcome (a caller's cancellation says nothing of the store).
+func (s *KV) noteWrite(err error) {
+	switch {
+	case err == nil:
+		if s.failed.Load() != nil {
+			s.failed.Store(nil)
+		}
+	case errors.Is(err, context.Canceled):
+	default:
+		since := time.Now()
+		if f := s.failed.Load(); f != nil {
+			since = f.since
+		}
+		s.failed.Store(&writeFailure{err: err, since: since})
+	}
+}
+
+// WriteFailure is why the bucket's last write failed and since when writes fail; nil
+// once a write (a workload's, or ProbeWrite) succeeded after it. An atomic load: it is
+// asked before every bid.
+func (s *KV) WriteFailure() (since time.Time, err error) {
+	if f := s.failed.Load(); f != nil {
+		return f.since, f.err
+	}
+	return time.Time{}, nil
+}
+
+// probeKey is written by ProbeWrite: the "." keeps it apart from every workload's key
+// (Key), and it is only ever purged, so no read of the bucket returns it.
+const probeKey = "nexd.write-probe"
+
+// ProbeWrite writes to the bucket (a purge marker of probeKey, one small message that
+// replaces the last probe's) and records the outcome as a write's.
+func (s *KV) ProbeWrite(ctx context.Context) error {
+	err := s.kv.Purge(ctx, probeKey)
+	s.noteWrite(err)
+	if err != nil {
+		return fmt.Errorf("state: write probe to bucket %s: %w", s.bucket, err)
+	}
+	return nil
 }
 
 func newJS(nc *nats.Conn, jsDomain string) (jetstream.JetStream, error) {
@@ -201,10 +255,25 @@ type Health struct {
 	Leader   string   // server holding the leader ("" when none)
 	Lost     []string // replicas offline or not current
 	Err      error
+	// WriteErr is set while writes fail (a full or failing store, which still answers
+	// stream info): the last write failed, and so did a probe write just now.
+	WriteErr   error
+	WriteSince time.Time // since when writes fail
 }
 
-// Health asks JetStream for the bucket's stream info (bounded by ctx).
+// Health asks JetStream for the bucket's stream info (bounded by ctx) and, when the last
+// write failed, writes a probe (ProbeWrite) to see whether the bucket takes writes again.
 func (s *KV) Health(ctx context.Context) Health {
+	h := s.streamHealth(ctx)
+	if h.Err == nil {
+		if _, err := s.WriteFailure(); err != nil && s.ProbeWrite(ctx) != nil {
+			h.WriteSince, h.WriteErr = s.WriteFailure()
+		}
+	}
+	return h
+}
+
+func (s *KV) streamHealth(ctx context.Context) Health {
 	st, err := s.kv.Status(ctx)
 	if err != nil {
 		return Health{Replicas: s.replicas, Err: err}
@@ -271,7 +340,9 @@ func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req proto
 	if s.maxValue > 0 && len(value) > s.maxValue {
 		return &ValueTooLargeError{Size: len(value), Limit: s.maxValue, Bucket: s.bucket}
 	}
-	if _, err := s.kv.Put(ctx, key, value); err != nil {
+	_, err = s.kv.Put(ctx, key, value)
+	s.noteWrite(err)
+	if err != nil {
 		return fmt.Errorf("state: store workload %s in bucket %s: %w", workloadID, s.bucket, err)
 	}
 	return nil
@@ -289,7 +360,9 @@ func (s *KV) Delete(ctx context.Context, workloadType, workloadID string) error 
 	} else if err != nil {
 		return fmt.Errorf("state: look up workload %s in bucket %s: %w", workloadID, s.bucket, err)
 	}
-	if err := s.kv.Purge(ctx, key); err != nil {
+	err = s.kv.Purge(ctx, key)
+	s.noteWrite(err)
+	if err != nil {
 		return fmt.Errorf("state: remove workload %s from bucket %s: %w", workloadID, s.bucket, err)
 	}
 	return nil

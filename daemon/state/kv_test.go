@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -15,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -447,5 +450,85 @@ func TestHealth(t *testing.T) {
 	defer cancel()
 	if h := kv.Health(ctx); h.Err == nil {
 		t.Fatalf("JetStream disabled, yet the bucket is healthy: %+v", h)
+	}
+}
+
+// TestWriteFailureOnFullStore: on a real full store (the server's store directory a
+// filled tmpfs) the bucket's stream info still answers, so Health's stream check says
+// nothing; the failed write is kept (WriteFailure) and a probe write confirms it
+// (Health's WriteErr), until the server restarts on a store with room: a probe write
+// then clears it. The probe is never read back as a workload.
+func TestWriteFailureOnFullStore(t *testing.T) {
+	store := testkit.SmallFS(t, "160m") // JetStream reserves the bucket's 100 MB from 75 % of the free space
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir = store }})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	kv := open(t, nc, "FULL", "")
+	put := func(i int) error {
+		cx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		return kv.Put(cx, "native", fmt.Sprintf("w%d", i), request("w", "ns1", "native", `{"uri":"file:///bin/true"}`))
+	}
+	if err := put(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.ProbeWrite(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.WriteFailure(); err != nil {
+		t.Fatalf("a write failure before the store filled: %v", err)
+	}
+	fill := testkit.FillFS(t, store)
+	t0 := time.Now()
+	failed := 0
+	for i := 1; i < 40 && failed == 0; i++ {
+		if put(i) != nil { // the first may still fit in a written page
+			failed = i
+		}
+	}
+	if failed == 0 {
+		t.Fatal("writes on a full store did not fail")
+	}
+	t.Logf("write %d failed after %v", failed, time.Since(t0))
+	since, err := kv.WriteFailure()
+	if err == nil || since.IsZero() {
+		t.Fatalf("the failed write %d is not kept: %v, since %v", failed, err, since)
+	}
+	hctx, cancel := context.WithTimeout(ctx, 3*time.Second) // a write to a full store may time out rather than fail
+	h := kv.Health(hctx)
+	cancel()
+	if h.Err != nil {
+		t.Fatalf("stream info on a full store: %v (expected to answer; the write probe is what tells)", h.Err)
+	}
+	if h.WriteErr == nil || !h.WriteSince.Equal(since) {
+		t.Fatalf("health on a full store: %+v, want the write failure since %v", h, since)
+	}
+	if err := os.Remove(fill); err != nil {
+		t.Fatal(err)
+	}
+	port := s.Addr().(*net.TCPAddr).Port
+	s.Shutdown()
+	s.WaitForShutdown()
+	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = store, port }})
+	testkit.EventuallyWithin(t, 30*time.Second, "a probe write takes once the server restarted with room", func() bool {
+		cx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		h := kv.Health(cx)
+		return h.Err == nil && h.WriteErr == nil
+	})
+	if _, err := kv.WriteFailure(); err != nil {
+		t.Fatalf("a write failure kept after a probe took: %v", err)
+	}
+	all, err := kv.All(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range all {
+		if _, _, ok := SplitKey(k); !ok || strings.Contains(k, "probe") {
+			t.Errorf("the bucket reads back %q, not a workload", k)
+		}
+	}
+	if len(all) != failed {
+		t.Errorf("%d workloads read back, want the %d written before the failure", len(all), failed)
 	}
 }
