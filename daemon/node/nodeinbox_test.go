@@ -154,6 +154,7 @@ func TestAttackNexletForgesIntoNodeWatcher(t *testing.T) {
 				}
 			}
 			_ = w.Flush()
+			time.Sleep(time.Millisecond) // a spray, not a flood: the node must keep up on a busy host
 		}
 	})
 	gone := func() []string {
