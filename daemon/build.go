@@ -264,7 +264,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		}
 		s.bridgeWatchdog()
 		store = s.kv
-		s.jetstream.writes, s.jetstream.kick = s.kv, make(chan struct{}, 1)
+		s.jetstream.writes = s.kv
 		if s.stateDir != "" {
 			// A stopped workload whose removal from the bucket fails stays stopped:
 			// a tombstone here keeps it out of every replay until a retry removes it.

@@ -16,9 +16,13 @@ import (
 // its cluster: a partition leaves it without routes, and JetStream on its side without
 // a quorum, so state cannot be written. The node asks JetStream about its state bucket
 // every jsProbeEvery and shows the answer in STATUS, nexctl status and the metrics.
+// While the bucket's writes fail, the probe (with its write) runs every
+// jsWriteProbeEvery instead, so the node bids again within about a second of the store
+// taking writes, also when nothing else writes.
 const (
-	jsProbeEvery   = 5 * time.Second
-	jsProbeTimeout = 3 * time.Second
+	jsProbeEvery      = 5 * time.Second
+	jsWriteProbeEvery = time.Second
+	jsProbeTimeout    = 3 * time.Second
 )
 
 // jsWatch holds the last answer.
@@ -27,12 +31,10 @@ type jsWatch struct {
 	last     *control.JetStreamStatus
 	byWrites bool // last is unavailable only because the bucket refused writes
 
-	// writes is the state bucket's last write outcome (nil without a KV bucket); kick
-	// asks jetStreamLoop for a probe now (a bid refused for a failed write).
+	// writes is the state bucket's last write outcome (nil without a KV bucket).
 	writes interface {
 		WriteFailure() (since time.Time, err error)
 	}
-	kick chan struct{}
 }
 
 // status is the last answer (nil before the first, or without a KV bucket).
@@ -94,9 +96,8 @@ func (w *jsWatch) refusal() error {
 // write failed. A full or failing store still answers JetStream's health (stream info)
 // while it refuses every write, and a node that bid then refused the deploys it won
 // (503, not started). Asked before every bid: the status's mutex and one atomic load
-// (BenchmarkBidRefusal). A refusal for a failed write asks jetStreamLoop for a probe write, so
-// bidding resumes within about a second of the store taking writes again, also when
-// nothing else writes.
+// (BenchmarkBidRefusal). Meanwhile jetStreamLoop probes every second with a write,
+// which ends the refusal once one takes.
 func (w *jsWatch) bidRefusal() error {
 	if err := w.refusal(); err != nil {
 		return err
@@ -104,10 +105,6 @@ func (w *jsWatch) bidRefusal() error {
 	since, err := w.writeFailure()
 	if err == nil {
 		return nil
-	}
-	select {
-	case w.kick <- struct{}{}:
-	default:
 	}
 	return fmt.Errorf("the node's state store refuses writes (since %s): %w", since.UTC().Format(time.RFC3339), err)
 }
@@ -176,25 +173,21 @@ func (s *server) probeJetStream(ctx context.Context) {
 	}
 }
 
-// jetStreamLoop probes until ctx ends (only with a KV bucket).
+// jetStreamLoop probes until ctx ends (only with a KV bucket): every jsProbeEvery, every
+// jsWriteProbeEvery while the bucket's writes fail.
 func (s *server) jetStreamLoop(ctx context.Context) {
-	s.probeJetStream(ctx)
-	t := time.NewTicker(jsProbeEvery)
-	defer t.Stop()
 	for {
+		s.probeJetStream(ctx)
+		every := jsProbeEvery
+		if _, err := s.jetstream.writeFailure(); err != nil {
+			every = jsWriteProbeEvery
+		}
+		t := time.NewTimer(every)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return
 		case <-t.C:
-			s.probeJetStream(ctx)
-		case <-s.jetstream.kick:
-			// A bid refused for a failed write: probe now, at most once a second.
-			s.probeJetStream(ctx)
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(time.Second):
-			}
 		}
 	}
 }
