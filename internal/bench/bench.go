@@ -48,7 +48,10 @@ type Options struct {
 	// NexdArgs are added to every nexd the tool starts (e.g. a wider
 	// --workload-uid-range for more workloads than the default range has uids).
 	NexdArgs []string
-	Log      *slog.Logger
+	// SamplesOut, when set, is a file each placement is appended to as a line: the
+	// variant, its start (Unix ns) and its legs in µs, to read against node-side traces.
+	SamplesOut string
+	Log        *slog.Logger
 }
 
 // Defaults fills unset options: the full run, or the quick smoke run.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -141,7 +142,8 @@ func TestSmoke(t *testing.T) {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build nexd: %v\n%s", err, out)
 	}
-	h, err := NewHarness(Options{Nexd: nexd, Quick: true, Placements: 3, Nodes: 2})
+	samples := filepath.Join(t.TempDir(), "samples.tsv")
+	h, err := NewHarness(Options{Nexd: nexd, Quick: true, Placements: 3, Nodes: 2, SamplesOut: samples})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,6 +164,29 @@ func TestSmoke(t *testing.T) {
 		}
 		if r.Scenario == "placement" && (len(r.Metrics) == 0 || r.Metrics[0].Value != 3) {
 			t.Errorf("%s: placements = %+v", r.Variant, r.Metrics)
+		}
+	}
+	// --samples-out: one line a placement, 3 in each of the 4 placement variants, each
+	// with a start and four legs, the total the largest.
+	b, err := os.ReadFile(samples)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 12 {
+		t.Errorf("%d sample lines, want 12:\n%s", len(lines), b)
+	}
+	for _, l := range lines {
+		f := strings.Split(l, "\t")
+		if len(f) != 6 || !strings.HasPrefix(f[0], "1 node(s)") && !strings.HasPrefix(f[0], "2 node(s)") {
+			t.Errorf("sample line %q: want variant, start and four legs", l)
+			continue
+		}
+		total, _ := strconv.ParseFloat(f[5], 64)
+		for _, leg := range f[2:5] {
+			if v, err := strconv.ParseFloat(leg, 64); err != nil || v < 0 || v > total {
+				t.Errorf("sample line %q: leg %q not within the total", l, leg)
+			}
 		}
 	}
 	if _, err := os.Stat(runDir); !os.IsNotExist(err) {

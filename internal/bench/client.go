@@ -332,6 +332,7 @@ func (w workloadSpec) request(ns, name string) protocol.StartWorkloadRequest {
 // phases of one placement.
 type placement struct {
 	ID                     string
+	At                     time.Time // the auction's start
 	Auction, Deploy, Start time.Duration
 	Total                  time.Duration
 	Bids                   int
@@ -341,6 +342,7 @@ type placement struct {
 func (c *client) place(ctx context.Context, ao gatherOpts, w workloadSpec, name string, deployTimeout time.Duration) (placement, error) {
 	var p placement
 	t0 := time.Now()
+	p.At = t0
 	bids, err := c.auction(ctx, ao)
 	if err != nil {
 		return p, err

@@ -67,6 +67,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringArrayVar(&o.EnvB, "ab-env", nil, "with ready: K=V in the environment of the B starts only (repeat; B is --nexd unless --ab-nexd)")
 	fs.IntSliceVar(&o.CompareWorkloads, "compare-workloads", nil, "running-workload counts compare samples memory at (default 100)")
 	fs.StringArrayVar(&o.NexdArgs, "nexd-arg", nil, "an argument added to every nexd started (repeat; e.g. --nexd-arg=--workload-uid-range=100000-199999)")
+	fs.StringVar(&o.SamplesOut, "samples-out", "", "append each placement to this file: variant, start (Unix ns), auction, deploy request, process start and total (µs), tab-separated")
 	fs.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	fs.StringVar(&jsonOut, "json-out", "", "also write the JSON report to this file")
 	fs.BoolVarP(&verbose, "verbose", "v", false, "log progress to stderr")

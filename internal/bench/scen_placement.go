@@ -1,9 +1,11 @@
 package bench
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 )
@@ -115,6 +117,7 @@ func (h *Harness) placeMany(ctx context.Context, c *client, count int, early boo
 	w := h.workload()
 	const warmup = 5
 	var auc, dep, st, tot []time.Duration
+	var samples []placement
 	short := 0
 	deadline := time.Now().Add(time.Duration(h.o.Placements+warmup) * 2 * time.Second)
 	for i := range h.o.Placements + warmup {
@@ -136,6 +139,10 @@ func (h *Harness) placeMany(ctx context.Context, c *client, count int, early boo
 			short++
 		}
 		auc, dep, st, tot = append(auc, p.Auction), append(dep, p.Deploy), append(st, p.Start), append(tot, p.Total)
+		samples = append(samples, p)
+	}
+	if err := h.writeSamples(r.Variant, samples); err != nil {
+		return r, err
 	}
 	r.add("placements", float64(len(tot)), "")
 	sTot := Summarize(tot)
@@ -158,4 +165,28 @@ func (h *Harness) placeMany(ctx context.Context, c *client, count int, early boo
 	}
 	r.notef("workload %q; process start = deploy reply to the workload's announcement (0 when it came first); each workload is stopped before the next placement", w.Kind)
 	return r, nil
+}
+
+// writeSamples appends placements to --samples-out, one tab-separated line each.
+func (h *Harness) writeSamples(variant string, ps []placement) error {
+	if h.o.SamplesOut == "" || len(ps) == 0 {
+		return nil
+	}
+	f, err := os.OpenFile(h.o.SamplesOut, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("samples: %w", err)
+	}
+	w := bufio.NewWriter(f)
+	us := func(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+	for _, p := range ps {
+		fmt.Fprintf(w, "%s\t%d\t%.1f\t%.1f\t%.1f\t%.1f\n", variant, p.At.UnixNano(), us(p.Auction), us(p.Deploy), us(p.Start), us(p.Total))
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return fmt.Errorf("samples %s: %w", h.o.SamplesOut, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("samples %s: %w", h.o.SamplesOut, err)
+	}
+	return nil
 }
