@@ -283,7 +283,7 @@ func TestBadStartRequestsStartNothing(t *testing.T) {
 	fn := newFakeNode(t)
 	tn := fn.startNexlet(Config{Secrets: secrets.FileStore{Dir: t.TempDir()}})
 	good := script(t, "exit 0")
-	notExec := filepath.Join(t.TempDir(), "plain")
+	notExec := filepath.Join(publicDir(t), "plain") // where the workload's user may look
 	_ = os.WriteFile(notExec, []byte("x"), 0o644)
 	marker := filepath.Join(sharedDir(t), "ran")
 	runs := script(t, `touch `+marker)

@@ -923,13 +923,23 @@ func canAccess(id ident, path string, want uint32) error {
 	slices.Reverse(dirs)
 	for _, d := range dirs {
 		if !permits(id, d, 1) {
-			return fmt.Errorf("%s: directory %s cannot be searched by %s", path, d, id)
+			return missingOr(d, fmt.Errorf("%s: directory %s cannot be searched by %s", path, d, id))
 		}
 	}
 	if !permits(id, clean, want) {
-		return fmt.Errorf("%s cannot be %s by %s", path, wantText(want), id)
+		return missingOr(clean, fmt.Errorf("%s cannot be %s by %s", path, wantText(want), id))
 	}
 	return nil
+}
+
+// missingOr is the error that path does not exist, when it does not, else err. Only
+// for a path whose directory the user may search (it could look itself): the
+// nexlet's stat is root's, and told a tenant what lies where it may not look.
+func missingOr(path string, err error) error {
+	if _, serr := os.Stat(path); errors.Is(serr, fs.ErrNotExist) {
+		return serr
+	}
+	return err
 }
 
 func wantText(want uint32) string {

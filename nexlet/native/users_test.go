@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -675,5 +676,54 @@ func TestOwnProc(t *testing.T) {
 	}
 	if ownProc(t.TempDir()) {
 		t.Error("a proc with no self taken as this process's own")
+	}
+}
+
+// TestAttackTenantProbesRootOnlyFiles: a tenant names, as its workload's uri or
+// workdir, paths in a directory only root may search. The nexlet looked at them as
+// root before the start, and its answer said what each was: "no such file",
+// "is not executable", "is not a regular file", "is not a directory". So a tenant
+// (a NATS user, perhaps not even on the host) learnt which files exist in /root or
+// the state directory. Now a path is looked at only once the workload's user may
+// reach it: every probe gets the same answer, that its user cannot reach it. A
+// probe where its user may look is answered precisely, as before.
+func TestAttackTenantProbesRootOnlyFiles(t *testing.T) {
+	needRoot(t)
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{})
+	private := t.TempDir() // root's alone, 0700
+	if err := os.WriteFile(filepath.Join(private, "secret"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(private, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	runs := script(t, `exit 0`)
+	digits := regexp.MustCompile(`[0-9]+`)
+	answer := func(id string, run map[string]any, probe string) string {
+		r := fn.start(id, startReq(protocol.LifecycleJob, id, run, fn.creds()))
+		if r.code == "" {
+			t.Fatalf("%s: started", probe)
+		}
+		// The answer with the probed path and numbers (the dynamic uid) left out.
+		return digits.ReplaceAllString(strings.ReplaceAll(r.errText, probe, "P"), "N")
+	}
+	for _, field := range []string{"uri", "workdir"} {
+		got := map[string]string{}
+		for i, name := range []string{"secret", "sub", "missing"} {
+			probe := filepath.Join(private, name)
+			run := map[string]any{"uri": "file://" + probe}
+			if field == "workdir" {
+				run = map[string]any{"uri": runs, "workdir": probe}
+			}
+			got[name] = answer(fmt.Sprintf("p%s%d", field, i), run, probe)
+		}
+		if got["secret"] != got["missing"] || got["sub"] != got["missing"] {
+			t.Errorf("%s: a root-only directory's file, directory and missing name answered apart:\n%q\n%q\n%q", field, got["secret"], got["sub"], got["missing"])
+		}
+	}
+	// Where the workload's user may look, the answer still says what is wrong.
+	if got := answer("pub", map[string]any{"uri": "file:///nonexistent/prog"}, "/nonexistent/prog"); !strings.Contains(got, "no such file") {
+		t.Errorf("a missing file where the user may look: %q", got)
 	}
 }

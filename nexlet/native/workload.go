@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	artifacts "github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
@@ -303,12 +304,21 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
 		}
+	} else if err := canAccess(id, filepath.Dir(w.exe), 1); err != nil {
+		return fail(fmt.Errorf("run_request: uri %q: the workload's user cannot run it: %w", w.plan.req.URI, err))
+	} else if err := artifacts.CheckExecutable(w.exe); err != nil {
+		// Only once the user may reach it: the nexlet's stat is root's, and told a
+		// tenant what lies where its user may not look (TestAttackTenantProbesRootOnlyFiles).
+		return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
 	} else if err := canAccess(id, w.exe, 4|1); err != nil {
 		return fail(fmt.Errorf("run_request: uri %q: the workload's user cannot run it: %w", w.plan.req.URI, err))
 	}
 	if wd := w.plan.req.Workdir; wd != "" {
 		if err := canAccess(id, wd, 1); err != nil {
 			return fail(fmt.Errorf("run_request: workdir %q: the workload's user cannot enter it: %w", wd, err))
+		}
+		if fi, err := os.Stat(wd); err != nil || !fi.IsDir() { // it may look: canAccess
+			return fail(fmt.Errorf("run_request: workdir %q is not a directory", wd))
 		}
 	}
 	if sum == "" {
