@@ -912,34 +912,64 @@ func canAccess(id ident, path string, want uint32) error {
 	if id.uid == 0 {
 		return nil
 	}
-	clean := filepath.Clean(path)
-	dirs := []string{}
-	for d := filepath.Dir(clean); ; d = filepath.Dir(d) {
-		dirs = append(dirs, d)
-		if d == "/" || d == "." {
-			break
-		}
+	real, err := resolveAs(id, path)
+	if err != nil {
+		return err
 	}
-	slices.Reverse(dirs)
-	for _, d := range dirs {
-		if !permits(id, d, 1) {
-			return missingOr(d, fmt.Errorf("%s: directory %s cannot be searched by %s", path, d, id))
-		}
-	}
-	if !permits(id, clean, want) {
-		return missingOr(clean, fmt.Errorf("%s cannot be %s by %s", path, wantText(want), id))
+	if !permits(id, real, want) {
+		return fmt.Errorf("%s cannot be %s by %s", path, wantText(want), id)
 	}
 	return nil
 }
 
-// missingOr is the error that path does not exist, when it does not, else err. Only
-// for a path whose directory the user may search (it could look itself): the
-// nexlet's stat is root's, and told a tenant what lies where it may not look.
-func missingOr(path string, err error) error {
-	if _, serr := os.Stat(path); errors.Is(serr, fs.ErrNotExist) {
-		return serr
+// resolveAs resolves path as the kernel would for id, name by name, and returns
+// where it leads: every directory it passes must be searchable by id, and a symlink
+// is followed from where it points (at most 40), so that what lies beyond a
+// directory id may not search is never looked at. Only what id could learn itself
+// is said: that a name is missing in a directory it may search. The nexlet's stat is
+// root's: judging a symlink by its target's own bits (before) told a tenant whether a
+// target beyond a root-only directory existed (TestAttackTenantProbesRootOnlyFiles).
+func resolveAs(id ident, path string) (string, error) {
+	if !filepath.IsAbs(path) {
+		return "", fmt.Errorf("%s: not an absolute path", path)
 	}
-	return err
+	todo := strings.Split(path, "/")
+	cur, links := "/", 0
+	for len(todo) > 0 {
+		name := todo[0]
+		todo = todo[1:]
+		if name == "" || name == "." {
+			continue
+		}
+		if !permits(id, cur, 1) {
+			return "", fmt.Errorf("%s: directory %s cannot be searched by %s", path, cur, id)
+		}
+		if name == ".." {
+			cur = filepath.Dir(cur)
+			continue
+		}
+		next := filepath.Join(cur, name)
+		fi, err := os.Lstat(next)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", path, err) // cur is searchable: id could look
+		}
+		if fi.Mode()&fs.ModeSymlink == 0 {
+			cur = next
+			continue
+		}
+		if links++; links > 40 {
+			return "", fmt.Errorf("%s: %w", path, syscall.ELOOP)
+		}
+		target, err := os.Readlink(next)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", path, err)
+		}
+		if filepath.IsAbs(target) {
+			cur = "/"
+		}
+		todo = append(strings.Split(target, "/"), todo...)
+	}
+	return cur, nil
 }
 
 func wantText(want uint32) string {

@@ -708,18 +708,28 @@ func TestAttackTenantProbesRootOnlyFiles(t *testing.T) {
 		// The answer with the probed path and numbers (the dynamic uid) left out.
 		return digits.ReplaceAllString(strings.ReplaceAll(r.errText, probe, "P"), "N")
 	}
-	for _, field := range []string{"uri", "workdir"} {
-		got := map[string]string{}
-		for i, name := range []string{"secret", "sub", "missing"} {
-			probe := filepath.Join(private, name)
-			run := map[string]any{"uri": "file://" + probe}
-			if field == "workdir" {
-				run = map[string]any{"uri": runs, "workdir": probe}
-			}
-			got[name] = answer(fmt.Sprintf("p%s%d", field, i), run, probe)
+	// The same names through a symlink a workload could make where it may write.
+	public := publicDir(t)
+	for _, name := range []string{"secret", "sub", "missing"} {
+		if err := os.Symlink(filepath.Join(private, name), filepath.Join(public, name)); err != nil {
+			t.Fatal(err)
 		}
-		if got["secret"] != got["missing"] || got["sub"] != got["missing"] {
-			t.Errorf("%s: a root-only directory's file, directory and missing name answered apart:\n%q\n%q\n%q", field, got["secret"], got["sub"], got["missing"])
+	}
+	for _, dir := range []string{private, public} {
+		for _, field := range []string{"uri", "workdir"} {
+			got := map[string]string{}
+			for i, name := range []string{"secret", "sub", "missing"} {
+				probe := filepath.Join(dir, name)
+				run := map[string]any{"uri": "file://" + probe}
+				if field == "workdir" {
+					run = map[string]any{"uri": runs, "workdir": probe}
+				}
+				got[name] = answer(fmt.Sprintf("p%s%d", field, i), run, probe)
+				got[name] = strings.ReplaceAll(got[name], private, "D")
+			}
+			if got["secret"] != got["missing"] || got["sub"] != got["missing"] {
+				t.Errorf("%s in %s: a root-only directory's file, directory and missing name answered apart:\n%q\n%q\n%q", field, dir, got["secret"], got["sub"], got["missing"])
+			}
 		}
 	}
 	// Where the workload's user may look, the answer still says what is wrong.

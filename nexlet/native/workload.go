@@ -304,7 +304,7 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
 		}
-	} else if err := canAccess(id, filepath.Dir(w.exe), 1); err != nil {
+	} else if err := canAccess(id, w.exe, 0); err != nil { // reached, every directory on the way searched
 		return fail(fmt.Errorf("run_request: uri %q: the workload's user cannot run it: %w", w.plan.req.URI, err))
 	} else if err := artifacts.CheckExecutable(w.exe); err != nil {
 		// Only once the user may reach it: the nexlet's stat is root's, and told a
