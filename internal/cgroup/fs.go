@@ -34,17 +34,65 @@ func writeFile(path, val string) error {
 }
 
 func readPids(path string) ([]int, error) {
-	b, err := os.ReadFile(path)
+	// A workload's group lists a few pids: read them into a buffer on the stack rather
+	// than os.ReadFile's file, stat and buffer (a stop reads every hierarchy's list, more
+	// than once); a longer list is read whole.
+	var small [512]byte
+	b, err := readInto(path, small[:])
 	if err != nil {
 		return nil, err
 	}
+	// Fields of decimal digits; any other field (none in cgroup.procs) is skipped. Not
+	// bytes.FieldsSeq: its closure would move the buffer to the heap.
 	var out []int
-	for f := range strings.FieldsSeq(string(b)) {
-		if n, err := strconv.Atoi(f); err == nil && n > 0 {
-			out = append(out, n)
+	n, ok := 0, true
+	for i := 0; i <= len(b); i++ {
+		if i == len(b) || b[i] == ' ' || b[i] == '\n' || b[i] == '\t' {
+			if ok && n > 0 {
+				out = append(out, n)
+			}
+			n, ok = 0, true
+			continue
+		}
+		if c := b[i]; c < '0' || c > '9' || n > (1<<31)/10 {
+			ok = false
+		} else {
+			n = n*10 + int(c-'0')
 		}
 	}
 	return out, nil
+}
+
+// readInto reads the file at path to its end into buf, or, when it does not fit, the
+// whole file into a new buffer. It reads until a read returns nothing: a seq_file
+// (cgroup.procs) returns whole lines a read, not always a full buffer.
+func readInto(path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	for err == unix.EINTR {
+		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	n := 0
+	for n < len(buf) {
+		k, err := unix.Read(fd, buf[n:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			unix.Close(fd)
+			return nil, &os.PathError{Op: "read", Path: path, Err: err}
+		}
+		if k == 0 {
+			unix.Close(fd)
+			return buf[:n], nil
+		}
+		n += k
+	}
+	unix.Close(fd)
+	// Full: read again from the start, whole (cgroup files are generated on each open).
+	return os.ReadFile(path)
 }
 
 // readUint reads a file holding one unsigned number.
@@ -63,19 +111,22 @@ func readUint(path string) (uint64, error) {
 
 // readKey reads "key value" lines (memory.events, cpu.stat, memory.oom_control).
 func readKey(path, key string) (uint64, error) {
-	b, err := os.ReadFile(path)
+	var small [512]byte
+	b, err := readInto(path, small[:])
 	if err != nil {
 		return 0, err
 	}
 	// Line by line in place: a bufio.Scanner's 4 KB buffer a call was most of what an
 	// exit's OOM check (memory.oom_control of each group) allocated.
-	for line := range bytes.Lines(b) {
+	for len(b) > 0 {
+		var line []byte
+		line, b, _ = bytes.Cut(b, []byte{'\n'})
 		k, v, ok := bytes.Cut(bytes.TrimSpace(line), []byte(" "))
 		if ok && string(k) == key {
 			v = bytes.TrimSpace(v)
 			n, err := strconv.ParseUint(string(v), 10, 64)
 			if err != nil {
-				return 0, fmt.Errorf("%s: %s %q is not a number", path, key, v)
+				return 0, fmt.Errorf("%s: %s %q is not a number", path, key, string(v))
 			}
 			return n, nil
 		}

@@ -204,3 +204,80 @@ func BenchmarkReadKey(b *testing.B) {
 		}
 	}
 }
+
+// TestReadPids: the pids of a cgroup.procs, short or longer than the stack buffer (read
+// whole), junk skipped; a missing file is not-exist. And on the busiest real list at
+// hand (a v1 or v2 root group's, a seq_file that returns whole lines a read) the same
+// as os.ReadFile's text, compared until a read of each sees the same processes.
+func TestReadPids(t *testing.T) {
+	dir := t.TempDir()
+	var long []byte
+	var want []int
+	for i := 1; i <= 1000; i++ {
+		long = fmt.Appendf(long, "%d\n", 4000000+i)
+		want = append(want, 4000000+i)
+	}
+	for name, c := range map[string]struct {
+		text string
+		want []int
+	}{
+		"empty": {"", nil},
+		"short": {"12\n345\n", []int{12, 345}},
+		"junk":  {"7\n-1\n0\nx9\n99999999999999999999\n8", []int{7, 8}},
+		"long":  {string(long), want},
+	} {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(c.text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := readPids(p); err != nil || !slices.Equal(got, c.want) {
+			t.Errorf("%s: readPids = %v, %v; want %v", name, got, err, c.want)
+		}
+	}
+	if _, err := readPids(filepath.Join(dir, "missing")); !os.IsNotExist(err) {
+		t.Errorf("missing: err %v, want not-exist", err)
+	}
+
+	for _, p := range []string{"/sys/fs/cgroup/pids/cgroup.procs", "/sys/fs/cgroup/memory/cgroup.procs", "/sys/fs/cgroup/cgroup.procs"} {
+		if _, err := os.Stat(p); err != nil {
+			continue
+		}
+		var got, ref []int
+		for range 20 {
+			got, _ = readPids(p)
+			b, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ref = ref[:0]
+			for f := range strings.FieldsSeq(string(b)) {
+				var n int
+				if _, err := fmt.Sscan(f, &n); err == nil {
+					ref = append(ref, n)
+				}
+			}
+			if slices.Equal(got, ref) {
+				break
+			}
+		}
+		if !slices.Equal(got, ref) {
+			t.Errorf("%s: readPids %d pids, os.ReadFile %d: they never agreed", p, len(got), len(ref))
+		}
+		t.Logf("%s: %d pids", p, len(got))
+		return
+	}
+}
+
+// BenchmarkReadPids reads a workload group's cgroup.procs of three pids.
+func BenchmarkReadPids(b *testing.B) {
+	p := filepath.Join(b.TempDir(), "cgroup.procs")
+	if err := os.WriteFile(p, []byte("123456\n123460\n123461\n"), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := readPids(p); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
