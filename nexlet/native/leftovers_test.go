@@ -91,3 +91,15 @@ func TestAttackLeftoversOfAStaleLease(t *testing.T) {
 		t.Errorf("the stale lease's uid was leased again with its leftover %s still there (%v)", left, err)
 	}
 }
+
+// BenchmarkRemoveLeftovers is a release batch's leftover check on this host's shared
+// directories (/tmp's entries, mostly) for a uid that owns nothing there.
+func BenchmarkRemoveLeftovers(b *testing.B) {
+	want := map[uint32]bool{3999999999: true}
+	b.ReportAllocs()
+	for b.Loop() {
+		if failed := removeLeftovers("/proc", want); len(failed) > 0 {
+			b.Fatal(failed)
+		}
+	}
+}
