@@ -164,6 +164,38 @@ func connectInats(ctx context.Context, client natsconn.Options, o Options, log *
 // connectZeroConfig runs a local server on 127.0.0.1 with JetStream, so a node
 // with no NATS configured works on its own (KV state, events, agent health).
 func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, log *slog.Logger) (*natsconn.Conn, error) {
+	srv, store, tempStore, err := startZeroConfig(ctx, o, log)
+	if err != nil {
+		return nil, err
+	}
+	trust := srv.trust
+	url := srv.realClientURL()
+	// The node's own user: every subject, no expiry, in-process connections only (it
+	// is useless to anyone who might read it).
+	nodeJWT, nodeSeed, err := trust.User("nexd-node", 0, jwt.ConnectionTypeInProcess)
+	if err != nil {
+		srv.Shutdown()
+		return nil, err
+	}
+	// Only the connection's own knobs apply: nothing else is configured here.
+	inproc := natsconn.Options{ConnName: client.ConnName, JSDomain: client.JSDomain,
+		Timeout: client.Timeout, HealthGrace: client.HealthGrace, InboxPrefix: client.InboxPrefix, JWT: nodeJWT, Seed: nodeSeed}
+	c, err := natsconn.ConnectInProcess(ctx, inproc, srv, []string{url}, log)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("no NATS configured: using an embedded NATS server (operator mode: every client needs a user JWT signed by nexd)",
+		"client_url", url, "account", trust.AccountPub(), "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
+		"persistent", tempStore == "")
+	if o.LeafRemote != "" {
+		log.Info("embedded NATS server is a leaf node", "hub", redactURL(o.LeafRemote), "js_domain", o.JSDomain, "creds", o.LeafCreds)
+	}
+	return c, nil
+}
+
+// startZeroConfig runs the zero-config server (operator mode, the node's own keys)
+// and returns it with its store directory and, when the store is temporary, that.
+func startZeroConfig(ctx context.Context, o Options, log *slog.Logger) (*Server, string, string, error) {
 	port := o.Port
 	if port == 0 {
 		port = DefaultPort
@@ -176,12 +208,12 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	store, tempStore := o.StateDir, ""
 	if store != "" {
 		if err := os.MkdirAll(filepath.Join(store, server.JetStreamStoreDir), 0o700); err != nil {
-			return nil, fmt.Errorf("natsembed: JetStream store in state directory: %w", err)
+			return nil, "", "", fmt.Errorf("natsembed: JetStream store in state directory: %w", err)
 		}
 	} else {
 		tmp, err := os.MkdirTemp("", "nexd-nats-")
 		if err != nil {
-			return nil, fmt.Errorf("natsembed: temporary JetStream store: %w", err)
+			return nil, "", "", fmt.Errorf("natsembed: temporary JetStream store: %w", err)
 		}
 		store, tempStore = tmp, tmp
 	}
@@ -206,14 +238,20 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 		if tempStore != "" {
 			os.RemoveAll(tempStore)
 		}
-		return nil, err
+		return nil, "", "", err
 	}
-	srv, err := start(ctx, sopts, "embedded NATS on 127.0.0.1:"+portString(port), log)
+	// The nex account is registered before the server starts, which then sets up its
+	// JetStream before it accepts a connection. Looked up lazily, its JetStream was set
+	// up by the first connection to name it, and nats-server publishes an account's
+	// JetStream before it removes the empty streams directory its check made: a leaf
+	// connection and nexd's own looking it up at once lost nexd's first KV create
+	// ("could not create storage directory", TestAccountJetStreamReadyBeforeAnyConnection).
+	srv, err := start(ctx, sopts, "embedded NATS on 127.0.0.1:"+portString(port), log, trust.AccountPub())
 	if err != nil {
 		if tempStore != "" {
 			os.RemoveAll(tempStore)
 		}
-		return nil, fmt.Errorf("%w (no NATS is configured, so nexd starts its own server; if one already runs here, point nexd at it with --nats.servers)", err)
+		return nil, "", "", fmt.Errorf("%w (no NATS is configured, so nexd starts its own server; if one already runs here, point nexd at it with --nats.servers)", err)
 	}
 	srv.tempStore = tempStore
 	srv.trust = trust
@@ -226,28 +264,7 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	trust.mu.Lock()
 	trust.srv = srv.s
 	trust.mu.Unlock()
-	url := srv.realClientURL()
-	// The node's own user: every subject, no expiry, in-process connections only (it
-	// is useless to anyone who might read it).
-	nodeJWT, nodeSeed, err := trust.User("nexd-node", 0, jwt.ConnectionTypeInProcess)
-	if err != nil {
-		srv.Shutdown()
-		return nil, err
-	}
-	// Only the connection's own knobs apply: nothing else is configured here.
-	inproc := natsconn.Options{ConnName: client.ConnName, JSDomain: client.JSDomain,
-		Timeout: client.Timeout, HealthGrace: client.HealthGrace, InboxPrefix: client.InboxPrefix, JWT: nodeJWT, Seed: nodeSeed}
-	c, err := natsconn.ConnectInProcess(ctx, inproc, srv, []string{url}, log)
-	if err != nil {
-		return nil, err
-	}
-	log.Info("no NATS configured: using an embedded NATS server (operator mode: every client needs a user JWT signed by nexd)",
-		"client_url", url, "account", trust.AccountPub(), "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
-		"persistent", tempStore == "")
-	if o.LeafRemote != "" {
-		log.Info("embedded NATS server is a leaf node", "hub", redactURL(o.LeafRemote), "js_domain", o.JSDomain, "creds", o.LeafCreds)
-	}
-	return c, nil
+	return srv, store, tempStore, nil
 }
 
 // Ping settings of a leaf site's embedded server (they apply to its local clients too,
@@ -285,11 +302,18 @@ func leafRemote(sopts *server.Options, o Options, account string) error {
 }
 
 // start runs a server and waits until it accepts clients; on failure the server
-// is shut down.
-func start(ctx context.Context, sopts *server.Options, what string, log *slog.Logger) (*Server, error) {
+// is shut down. The accounts are registered before it starts, so their JetStream is
+// set up before any connection (see startZeroConfig).
+func start(ctx context.Context, sopts *server.Options, what string, log *slog.Logger, accounts ...string) (*Server, error) {
 	s, err := server.NewServer(sopts)
 	if err != nil {
 		return nil, fmt.Errorf("natsembed: %s: %w", what, err)
+	}
+	for _, a := range accounts {
+		if _, err := s.LookupAccount(a); err != nil {
+			s.Shutdown()
+			return nil, fmt.Errorf("natsembed: %s: account %s: %w", what, a, err)
+		}
 	}
 	logger := &serverLogger{log: log.With("component", "nats-server")}
 	s.SetLoggerV2(logger, false, false, false)
