@@ -175,9 +175,6 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		Prestarted:       d.prestarted,
 		DefaultGOGC:      cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),
 	}
-	if hooks.cgroups != nil {
-		nopts.Cgroups = hooks.cgroups()
-	}
 	// The cgroup root's lock goes across a re-exec as the dir locks do.
 	nopts.CgroupLockFD, _ = d.inheritedLock("cgroup_root")
 	nopts.KeepCgroupLock = func(l *dirlock.Lock) { d.keepAcrossExec("cgroup_root", l) }
@@ -186,22 +183,13 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	// external server the configuration names, before nexd's own connect, so that its
 	// exec, runtime start and cgroup placement overlap with the connect, the state
 	// bucket and the building of the node. It registers once the node API serves.
+	var early *earlyNexlets
 	if urls, ok := natsembed.ExternalClientURLs(client, embed); ok && !cfg.Node.DisableNativeStart && !nexlets.NeedsNATS(cfg) {
 		if err := s.newMinter(urls, users); err != nil {
 			return nil, err
 		}
 		nopts.Minter = s.minter
-		if s.nexlets, err = nexlets.New(startCtx, nopts); err != nil {
-			return nil, err
-		}
-		// Should the start be abandoned before serve takes over the stop (below it). What
-		// runs in the workloads' cgroups then is an earlier nexd's, which this one never
-		// got to know: left for the nexd that adopts it (live_restore) or replays it.
-		d.closers.push("nexlets started early", func(ctx context.Context) error {
-			s.nexlets.LeaveWorkloads()
-			return s.stopNexlets(ctx)
-		})
-		s.nexlets.StartEarly(startCtx)
+		early = s.startNexletsEarly(startCtx, nopts, hooks)
 	}
 
 	// Nothing shows the node id beyond this process and its nexlet until it is durable.
@@ -214,6 +202,12 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	// the node is built (startupBackend); serve swaps in the full API once everything
 	// runs.
 	if err := s.openControl(startupBackend{d: d, nodeID: id.ID()}); err != nil {
+		return nil, err
+	}
+	// The nexlets' manager is built before NATS is asked for: a start that cannot have
+	// it (a cgroup root another node holds, a nexlet binary missing) ends here, as
+	// before it was built beside the steps above.
+	if err := early.wait(); err != nil {
 		return nil, err
 	}
 
@@ -323,6 +317,9 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		s.nexlets.Attach(s.node)
 	} else {
 		nopts.Registry, nopts.Minter, nopts.NC = s.node, s.minter, s.conn.NC
+		if hooks.cgroups != nil {
+			nopts.Cgroups = hooks.cgroups()
+		}
 		if s.nexlets, err = nexlets.New(startCtx, nopts); err != nil {
 			return nil, err
 		}
@@ -360,6 +357,58 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		},
 	})
 	return s, nil
+}
+
+// earlyNexlets is the native nexlet's early start (startNexletsEarly), which runs
+// beside nexd's build until build waits for it.
+type earlyNexlets struct {
+	done chan struct{} // closed once the manager is built, or failed (err)
+	err  error
+}
+
+// wait waits for the early start's manager (none: nil) and says why there is none.
+// Build waits for it, and so does its closer, so the goroutine always has an owner.
+func (e *earlyNexlets) wait() error {
+	if e == nil {
+		return nil
+	}
+	<-e.done
+	return e.err
+}
+
+// startNexletsEarly builds the nexlets' manager and starts the native nexlet in a
+// goroutine, beside nexd's own steps up to its NATS connect (the identity's
+// durability, the control socket): the manager's first cgroup change (the node's
+// root) waits for the kernel's cgroup_mutex, which the pre-started nexlet's cgroup
+// warm-up holds through an RCU grace period (3-15 ms here), and nexd's start no longer
+// waits with it (README, Ready). s.nexlets is set before e.done closes.
+func (s *server) startNexletsEarly(startCtx context.Context, o nexlets.Options, hooks buildHooks) *earlyNexlets {
+	e := &earlyNexlets{done: make(chan struct{})}
+	// Pushed before the start, where the closer was pushed when the start ran inline.
+	// Should the start be abandoned before serve takes over the stop (below it): what
+	// runs in the workloads' cgroups then is an earlier nexd's, which this one never
+	// got to know: left for the nexd that adopts it (live_restore) or replays it.
+	s.closers.push("nexlets started early", func(ctx context.Context) error {
+		if e.wait() != nil {
+			return nil // no manager, nothing started
+		}
+		s.nexlets.LeaveWorkloads()
+		return s.stopNexlets(ctx)
+	})
+	go func() {
+		defer close(e.done)
+		if hooks.cgroups != nil {
+			o.Cgroups = hooks.cgroups()
+		}
+		m, err := nexlets.New(startCtx, o)
+		if err != nil {
+			e.err = err
+			return
+		}
+		s.nexlets = m
+		m.StartEarly(startCtx)
+	}()
+	return e
 }
 
 // The lock files of the state and runtime dirs: two names, so that one directory given

@@ -150,10 +150,9 @@ type signals struct {
 	term, hup, usr2 chan os.Signal
 }
 
-// catchSignals starts catching them. Main does so before the pre-started native
-// nexlet's cgroup warm-up begins (warmEarly): the first signal.Notify makes os/signal's
-// watcher and its locked thread, and a thread made while that warm-up's no-op move
-// waits out an RCU grace period (3-15 ms here) waits for it (README, Ready).
+// catchSignals starts catching them. Main does so first of a node's start, so that an
+// early SIGTERM stops it cleanly (README, Ready, on its timing beside the pre-started
+// nexlet's cgroup warm-up).
 func catchSignals() *signals {
 	sg := &signals{term: make(chan os.Signal, 2), hup: make(chan os.Signal, 2), usr2: make(chan os.Signal, 1)}
 	signal.Notify(sg.term, syscall.SIGTERM, syscall.SIGINT)

@@ -64,12 +64,11 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 		fmt.Fprint(stdout, config.Usage())
 		return ExitOK
 	}
-	// A node's start: its signals are caught, and the nexlet exec'd at init has its
-	// cgroup warm-up begun, before the configuration is read (warmEarly).
+	// A node's start: its signals are caught before the configuration is read (the
+	// nexlet exec'd at init began its cgroup warm-up there: earlynexlet.WarmAttach).
 	var sigs *signals
 	if early.Nexlet != nil {
 		sigs = catchSignals()
-		warmEarly(early.Nexlet)
 	}
 	defer sigs.stop()
 	lo := config.DefaultLoadOptions(args)

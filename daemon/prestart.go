@@ -10,7 +10,6 @@ import (
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/nexlets"
 	"github.com/nexd-project/nexd/daemon/supervise"
-	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"github.com/nexd-project/nexd/internal/profdump"
 	"github.com/nexd-project/nexd/nexlet/native"
@@ -19,16 +18,6 @@ import (
 // envPrestart set to "off" makes nexd fork its native nexlet when it starts it, as
 // before the pre-start: nexbench ready's A/B switch.
 const envPrestart = earlynexlet.EnvPrestart
-
-// warmEarly begins the cgroup warm-up of the native nexlet exec'd at init (see
-// supervise's warmAttach) as soon as nexd's main runs, not once the configuration is
-// read: the warm-up's move waits out an RCU grace period (3-15 ms here) holding the
-// kernel's cgroup_mutex, and so does every cgroup change meanwhile, nexd's own groups'
-// included; begun earlier, it is over before nexd makes them (README, Ready). The
-// hand-off's move follows within about one more grace period and is quick.
-func warmEarly(e *earlynexlet.Process) {
-	e.Warm(cgroup.WarmAttach)
-}
 
 // prestartNexlet makes the native nexlet's process ahead of its first start, when cfg
 // runs one: its runtime start and package init then overlap with nexd's set-up, and its

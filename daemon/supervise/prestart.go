@@ -13,7 +13,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/earlynexlet"
 )
 
@@ -177,13 +176,13 @@ func watchPrestarted(p *Prestarted) *Prestarted {
 }
 
 // warmAttach readies the kernel's cgroup attach lock for the hand-off's move of the
-// process into its group (cgroup.WarmAttach), while nexd still builds itself: that
+// process into its group (earlynexlet.WarmAttach), while nexd still builds itself: that
 // move was the first after a quiet while and waited for an RCU grace period, 5–15 ms
 // of READY on a loaded 2-vCPU PVM guest. A failure (no cgroups, no right to move) only
 // leaves the wait where it was. Done under whileUnreaped: the pid is this process's.
 func (p *Prestarted) warmAttach(done chan<- struct{}) {
 	defer close(done)
-	_ = p.whileUnreaped(cgroup.WarmAttach)
+	_ = p.whileUnreaped(earlynexlet.WarmAttach)
 }
 
 // Pid is the pre-started process's pid.

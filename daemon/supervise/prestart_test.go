@@ -360,7 +360,7 @@ func waitCaught(t *testing.T, pid int, sig syscall.Signal) {
 }
 
 // TestPrestartedEarlyWarmHoldsReap: a process exec'd at nexd's init whose cgroup
-// warm-up began before it was watched (earlynexlet's Warm, daemon's warmEarly) is not
+// warm-up began before it was watched (earlynexlet's Warm, begun at nexd's package init) is not
 // reaped while that warm-up runs, even when it dies meanwhile: the warm-up does not
 // look at the watcher's state, so only the wait keeps its pid from being another
 // process's. Its hand-off waits for the warm-up as for its own.

@@ -3,6 +3,7 @@ package cgroup
 import (
 	"errors"
 	"fmt"
+	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -424,8 +425,9 @@ func BenchmarkV1CleanupStaleEmpty(b *testing.B) {
 	}
 }
 
-// WarmAttach's move is one to where the process is already: a child placed in a group
-// stays in that group in every hierarchy, and nothing else moves.
+// earlynexlet.WarmAttach's move (the pre-started nexlet's cgroup warm-up) is one to
+// where the process is already: a child placed in a group of this package's stays in
+// that group in every hierarchy, and nothing else moves.
 func TestWarmAttachMovesNothing(t *testing.T) {
 	m := v1Root(t)
 	g, err := m.Create("n/warm", Limits{PidsMax: 20})
@@ -441,7 +443,7 @@ func TestWarmAttachMovesNothing(t *testing.T) {
 	self, err := os.ReadFile("/proc/self/cgroup")
 	must(t, err)
 	before := where()
-	must(t, WarmAttach(cmd.Process.Pid))
+	must(t, earlynexlet.WarmAttach(cmd.Process.Pid))
 	if after := where(); after != before {
 		t.Fatalf("moved:\n%s\nwas:\n%s", after, before)
 	}
@@ -453,7 +455,7 @@ func TestWarmAttachMovesNothing(t *testing.T) {
 	if !slices.Equal(pids, []int{cmd.Process.Pid}) {
 		t.Fatalf("group procs %v, want [%d]", pids, cmd.Process.Pid)
 	}
-	if err := WarmAttach(1 << 30); err == nil {
+	if err := earlynexlet.WarmAttach(1 << 30); err == nil {
 		t.Fatal("no error for a pid that does not exist")
 	}
 }

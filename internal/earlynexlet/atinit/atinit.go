@@ -30,6 +30,10 @@ func init() {
 		var p *earlynexlet.Process
 		p, err = earlynexlet.Start(path, args, earlynexlet.RuntimeEnv(os.Getenv))
 		if err == nil {
+			// Its cgroup warm-up (README, Ready) begins at once: the RCU grace period
+			// it waits out passes while nexd's init and build run, so that neither
+			// nexd's first cgroup change nor the hand-off's move waits for it.
+			p.Warm(earlynexlet.WarmAttach)
 			early.Store(&result{p: p})
 			return
 		}
