@@ -941,6 +941,10 @@ func resolveAs(id ident, path string) (string, error) {
 		if name == "" || name == "." {
 			continue
 		}
+		if onProc(cur) {
+			// Before anything in it is looked at: see onProc.
+			return "", fmt.Errorf("%s: a path through %s is not followed for a workload", path, cur)
+		}
 		if !permits(id, cur, 1) {
 			return "", fmt.Errorf("%s: directory %s cannot be searched by %s", path, cur, id)
 		}
@@ -970,6 +974,16 @@ func resolveAs(id ident, path string) (string, error) {
 		todo = append(strings.Split(target, "/"), todo...)
 	}
 	return cur, nil
+}
+
+// onProc reports whether dir is on a proc file system. Its magic links
+// (/proc/<pid>/cwd, root, exe) the kernel lets a uid follow only into processes it may
+// trace, and its <pid> directories hide from it (hidepid), while the nexlet reads them as
+// root: followed, they told a tenant where a root process works and what lies there
+// (TestAttackTenantProbesProcLinks). No workload's program or workdir is found there.
+func onProc(dir string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(dir, &st) == nil && st.Type == unix.PROC_SUPER_MAGIC
 }
 
 func wantText(want uint32) string {

@@ -737,3 +737,70 @@ func TestAttackTenantProbesRootOnlyFiles(t *testing.T) {
 		t.Errorf("a missing file where the user may look: %q", got)
 	}
 }
+
+// TestAttackTenantProbesProcLinks: a tenant names, as its workload's workdir or uri,
+// a path through another process's /proc/<pid>/cwd or /proc/<pid>/root. The kernel
+// lets a uid follow those links only into processes it may trace; the nexlet read
+// them as root and went on from where they point, so its answer told the tenant
+// where a root process works ("directory /root/... cannot be searched", or a start
+// where the link led somewhere searchable) and whether a name exists there. Now a
+// path through /proc is refused before anything in it is looked at: one answer for
+// every process, wherever it works.
+func TestAttackTenantProbesProcLinks(t *testing.T) {
+	needRoot(t)
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{})
+	private := t.TempDir() // root's alone, 0700
+	if err := os.WriteFile(filepath.Join(private, "secret"), []byte("x"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(private, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Root processes working in the root-only directory, below it, and in /.
+	pids := map[string]string{}
+	for name, dir := range map[string]string{"private": private, "sub": filepath.Join(private, "sub"), "root": "/"} {
+		cmd := exec.Command("sleep", "120")
+		cmd.Dir = dir
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		pids[name] = strconv.Itoa(cmd.Process.Pid)
+	}
+	runs := script(t, `sleep 30`)
+	digits := regexp.MustCompile(`[0-9]+`)
+	n := 0
+	answer := func(run map[string]any, probe string) (raw, norm string) {
+		n++
+		id := fmt.Sprintf("proc%d", n)
+		r := fn.start(id, startReq(protocol.LifecycleService, id, run, fn.creds()))
+		if r.code == "" {
+			fn.stop(id, testNS)
+			return "started", "started"
+		}
+		return r.errText, digits.ReplaceAllString(strings.ReplaceAll(r.errText, probe, "P"), "N")
+	}
+	for _, probe := range []struct{ field, tail string }{
+		{"workdir", "cwd"}, {"workdir", "cwd/sub"}, {"uri", "cwd/secret"}, {"uri", "cwd/missing"},
+		{"workdir", "root/tmp"}, {"uri", "root" + strings.TrimPrefix(runs, "file://")},
+	} {
+		got := map[string]string{}
+		for name, pid := range pids {
+			p := "/proc/" + pid + "/" + probe.tail
+			run := map[string]any{"uri": "file://" + p}
+			if probe.field == "workdir" {
+				run = map[string]any{"uri": runs, "workdir": p}
+			}
+			raw, norm := answer(run, p)
+			if strings.Contains(raw, filepath.Dir(private)) { // t.TempDir: its parent is root-only too
+				t.Errorf("%s %s of the process in %s: the answer names where it works: %q", probe.field, probe.tail, name, raw)
+			}
+			got[name] = norm
+		}
+		if got["private"] != got["sub"] || got["private"] != got["root"] {
+			t.Errorf("%s /proc/<pid>/%s: processes working in different places answered apart:\nprivate %q\nsub     %q\nroot    %q",
+				probe.field, probe.tail, got["private"], got["sub"], got["root"])
+		}
+	}
+}
