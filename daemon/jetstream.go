@@ -34,6 +34,7 @@ type jsWatch struct {
 	// writes is the state bucket's last write outcome (nil without a KV bucket).
 	writes interface {
 		WriteFailure() (since time.Time, err error)
+		WriteFailing() <-chan struct{}
 	}
 }
 
@@ -183,6 +184,19 @@ func (s *server) jetStreamLoop(ctx context.Context) {
 			every = jsWriteProbeEvery
 		}
 		t := time.NewTimer(every)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+			continue
+		case <-s.kv.WriteFailing():
+			// A write failed since this probe: bids stopped at once (bidRefusal), so the
+			// probe that ends the refusal comes within a second, not at the next round
+			// (TestSingleWriteFailureStopsBidsBriefly).
+			t.Stop()
+		}
+		t = time.NewTimer(jsWriteProbeEvery)
 		select {
 		case <-ctx.Done():
 			t.Stop()

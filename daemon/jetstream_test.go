@@ -1,13 +1,17 @@
 package daemon
 
 import (
+	"context"
 	"errors"
+	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestJetStreamStatus: what STATUS shows for the state bucket's health, and that
@@ -61,6 +65,52 @@ type writeOutcome struct {
 }
 
 func (o *writeOutcome) WriteFailure() (time.Time, error) { return o.since, o.err }
+
+func (o *writeOutcome) WriteFailing() <-chan struct{} { return nil }
+
+// TestSingleWriteFailureStopsBidsBriefly: one failed write to the state bucket (a put
+// that timed out; the store takes the next) stops the node's bids until a probe write
+// takes. The check ran every 5 s, so that was up to 5 s with the store fine (an auction
+// then gets no bid from the node); now the probe comes within a second of the failure.
+// Real server and bucket, the check's own loop.
+func TestSingleWriteFailureStopsBidsBriefly(t *testing.T) {
+	ns := testnats.Start(t, testnats.Options{})
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, ns), "SINGLE", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &server{daemon: &daemon{log: slog.New(slog.DiscardHandler)}, kv: kv}
+	s.jetstream.writes = kv
+	ctx, cancel := context.WithCancel(t.Context())
+	var loop sync.WaitGroup
+	loop.Go(func() { s.jetStreamLoop(ctx) })
+	defer func() { cancel(); loop.Wait() }()
+	for s.jetstream.status() == nil { // the loop's first check is done
+		time.Sleep(10 * time.Millisecond)
+	}
+	expired, stop := context.WithDeadline(t.Context(), time.Now().Add(-time.Second))
+	defer stop()
+	failedAt := time.Now()
+	if err := kv.Put(expired, "native", "W1", protocol.StartWorkloadRequest{Name: "w"}); err == nil {
+		t.Fatal("a put with an expired deadline succeeded")
+	}
+	if s.jetstream.bidRefusal() == nil {
+		t.Fatal("the node bids right after a failed write")
+	}
+	refused := 0
+	for s.jetstream.bidRefusal() != nil {
+		if time.Since(failedAt) > 2*jsProbeEvery {
+			t.Fatalf("still no bid %s after one failed write", time.Since(failedAt))
+		}
+		refused++
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Before: ~5 s (the next round); now jsWriteProbeEvery and one probe write. The
+	// bound leaves the rest of the round for a loaded host.
+	if took := time.Since(failedAt); took >= jsProbeEvery-time.Second {
+		t.Errorf("bids stopped for %s (%d refusals polled) after one failed write with the store taking writes; want about %s", took, refused, jsWriteProbeEvery)
+	}
+}
 
 // TestBidRefusedWhileWritesFail: the node bids while its bucket takes writes, not once
 // a write failed; deploys are refused too once a

@@ -69,6 +69,8 @@ type KV struct {
 	// store that is full or failing answers JetStream's health (stream info) while it
 	// refuses every write, so only a write tells.
 	failed atomic.Pointer[writeFailure]
+	// failing gets a token when writes begin to fail (WriteFailing).
+	failing chan struct{}
 }
 
 // writeFailure is why writes to the bucket fail, since the first of them.
@@ -87,12 +89,25 @@ func (s *KV) noteWrite(err error) {
 	case errors.Is(err, context.Canceled):
 	default:
 		since := time.Now()
-		if f := s.failed.Load(); f != nil {
+		f := s.failed.Load()
+		if f != nil {
 			since = f.since
 		}
 		s.failed.Store(&writeFailure{err: err, since: since})
+		if f == nil {
+			select {
+			case s.failing <- struct{}{}:
+			default:
+			}
+		}
 	}
 }
+
+// WriteFailing gets a token when the bucket's writes begin to fail (the first failure
+// after a success): the node's bids stop at once (WriteFailure), and its JetStream
+// check probes within a second rather than at its next round, so a single failed
+// write (a timeout) stops them for about a second, not up to five.
+func (s *KV) WriteFailing() <-chan struct{} { return s.failing }
 
 // WriteFailure is why the bucket's last write failed and since when writes fail; nil
 // once a write (a workload's, or ProbeWrite) succeeded after it. An atomic load: it is
@@ -237,7 +252,7 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 			log.Warn("could not compact delete markers of the state bucket", "bucket", bucket, "err", err)
 		}
 	}
-	return &KV{kv: kv, bucket: bucket, maxValue: maxValue, replicas: got, log: log}, nil
+	return &KV{kv: kv, bucket: bucket, maxValue: maxValue, replicas: got, log: log, failing: make(chan struct{}, 1)}, nil
 }
 
 // Replicas is the bucket's replica count when it was opened (0: unknown).
