@@ -325,3 +325,30 @@ func TestLeafRemote(t *testing.T) {
 	hub.WaitForShutdown()
 	roundTrip(t, c.NC)
 }
+
+// TestNodeInboxPrefixKept: the node's connection to an embedded server, the
+// zero-config one and an --inats-config one, names its inboxes under the prefix nexd
+// gives it (protocol.NodeInboxPrefix, out of every minted user's reach:
+// daemon/node TestAttackNexletForgesIntoNodeWatcher), and JetStream works through
+// them. The zero-config connection builds its options afresh, and the default node
+// runs on it: a prefix dropped there is the watcher attack again, with nothing else
+// failing.
+func TestNodeInboxPrefixKept(t *testing.T) {
+	const prefix = "_INBOX_nexd.tok"
+	check := func(what string, c *natsconn.Conn) {
+		t.Helper()
+		if got := c.NC.NewInbox(); !strings.HasPrefix(got, prefix+".") {
+			t.Errorf("%s: the node's inbox %q, want one under %s", what, got, prefix)
+		}
+		kvWorks(t, c.NC) // its replies come to that prefix
+	}
+	check("zero-config", connect(t, natsconn.Options{InboxPrefix: prefix}, Options{Port: -1, StateDir: t.TempDir()}))
+
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "inats.conf")
+	body := fmt.Sprintf("listen: 127.0.0.1:-1\njetstream { store_dir: %q }\n", filepath.Join(dir, "js"))
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	check("--inats-config", connect(t, natsconn.Options{InboxPrefix: prefix}, Options{InatsConfig: conf}))
+}
