@@ -933,6 +933,12 @@ func resolveAs(id ident, path string) (string, error) {
 	if !filepath.IsAbs(path) {
 		return "", fmt.Errorf("%s: not an absolute path", path)
 	}
+	if len(path) >= unix.PathMax {
+		// The kernel refuses it at the exec or chdir; walked here name by name first, a
+		// request's megabyte of "/.." cost the nexlet over a second of syscalls
+		// (TestResolveAsLongPath).
+		return "", fmt.Errorf("%s...: %w", path[:64], syscall.ENAMETOOLONG)
+	}
 	todo := strings.Split(path, "/")
 	cur, links := "/", 0
 	for len(todo) > 0 {
