@@ -655,3 +655,63 @@ func TestAttackWorkloadInheritsNoDescriptor(t *testing.T) {
 		}
 	}
 }
+
+// tokenAuth admits a client with the node's token, and the node's children (which get
+// the server's URL without it) anonymously; a wrong token is refused, so the token is
+// what makes a client the node.
+type tokenAuth struct {
+	token string
+	seen  atomic.Int64 // clients admitted with the token
+}
+
+func (a *tokenAuth) Check(c server.ClientAuthentication) bool {
+	switch c.GetOpts().Token {
+	case a.token:
+		a.seen.Add(1)
+		return true
+	case "":
+		return true
+	}
+	return false
+}
+
+// TestAttackLocalUserReadsNodeNATSToken: nats.go takes the user name of a URL without a
+// password as a token (nats://TOKEN@host). A local user outside group nex (and so a
+// workload: the socket admits its uids to status too) asks the public `nexctl status`,
+// which named the node's server with Go's url.Redacted: it hides a password only, so
+// the token was printed in full. The same URL went to nexd's log ("connected to NATS").
+func TestAttackLocalUserReadsNodeNATSToken(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	testkit.RequireUsers(t)
+	t.Parallel()
+	const token = "n0de-t0ken-s3cret"
+	auth := &tokenAuth{token: token}
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) {
+		o.CustomClientAuthentication = auth
+	}})
+	u := strings.Replace(s.ClientURL(), "nats://", "nats://"+token+"@", 1)
+	n := startNode(t, nodeOpts{external: u, publicSocket: true})
+	st := n.waitReady(t)
+	if auth.seen.Load() == 0 {
+		t.Fatalf("the node did not connect with its token")
+	}
+	if !st.NATS.Connected || !strings.Contains(st.NATS.Server, strings.TrimPrefix(s.ClientURL(), "nats://")) {
+		t.Fatalf("status names no server: %+v", st.NATS)
+	}
+	mallory := testkit.NewUser(t)
+	out, err := mallory.Command(nexctlBin(t), "--control-socket", n.socket, "--json", "status").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nexctl status as %s (a public route): %v\n%s", mallory.Name, err, out)
+	}
+	if !strings.Contains(string(out), strings.TrimPrefix(s.ClientURL(), "nats://")) {
+		t.Fatalf("nexctl status as %s names no server:\n%s", mallory.Name, out)
+	}
+	if strings.Contains(string(out), token) {
+		t.Errorf("nexctl status as %s (outside group nex) shows the node's NATS token:\n%s", mallory.Name, out)
+	}
+	if strings.Contains(n.out.String(), token) {
+		t.Errorf("nexd's log shows the node's NATS token")
+	}
+}

@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -25,6 +24,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 	"github.com/synadia-io/orbit.go/natscontext"
+
+	"github.com/nexd-project/nexd/internal/natsurl"
 )
 
 // DefaultHealthGrace is how long a reconnecting connection still counts as healthy.
@@ -181,7 +182,7 @@ func (c *Conn) connectExternal(ctx context.Context, o Options) error {
 		return err
 	}
 	c.NC = nc
-	c.log.Info("connected to NATS", "server", nc.ConnectedUrlRedacted(), "servers", redactAll(servers))
+	c.log.Info("connected to NATS", "server", natsurl.Redact(nc.ConnectedUrl()), "servers", natsurl.RedactAll(servers))
 	return nil
 }
 
@@ -216,7 +217,7 @@ func (c *Conn) connectContext(ctx context.Context, o Options) error {
 		c.jsDomain = settings.JSDomain
 	}
 	c.log.Info("connected to NATS using a NATS context", "context", o.Context,
-		"server", nc.ConnectedUrlRedacted(), "servers", redactAll(c.clientURLs))
+		"server", natsurl.Redact(nc.ConnectedUrl()), "servers", natsurl.RedactAll(c.clientURLs))
 	return nil
 }
 
@@ -319,7 +320,7 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 			if err != nil {
 				c.setLastErr(err)
 			}
-			c.log.Warn("NATS disconnected", "server", nc.ConnectedUrlRedacted(), "err", err)
+			c.log.Warn("NATS disconnected", "server", natsurl.Redact(nc.ConnectedUrl()), "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			c.reconnects.Add(1)
@@ -327,7 +328,7 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 			if at := c.disconnectedAt.Swap(0); at != 0 {
 				down = time.Since(time.Unix(0, at))
 			}
-			c.log.Info("NATS reconnected", "server", nc.ConnectedUrlRedacted(), "down_for", down.Round(time.Millisecond), "reconnects", c.reconnects.Load())
+			c.log.Info("NATS reconnected", "server", natsurl.Redact(nc.ConnectedUrl()), "down_for", down.Round(time.Millisecond), "reconnects", c.reconnects.Load())
 		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			c.setLastErr(err)
@@ -478,11 +479,11 @@ func (c *Conn) Info() ConnInfo {
 	ci.State = strings.ToLower(c.NC.Status().String())
 	ci.Connected = c.NC.IsConnected()
 	if ci.Connected {
-		ci.Server = c.NC.ConnectedUrlRedacted()
+		ci.Server = natsurl.Redact(c.NC.ConnectedUrl())
 		if c.server != nil && len(c.clientURLs) > 0 {
 			// The node talks to its own server in-process; the pool's URL is a
 			// placeholder, so name the server by the URL children use.
-			ci.Server = redactURL(c.clientURLs[0])
+			ci.Server = natsurl.Redact(c.clientURLs[0])
 		}
 		start := time.Now()
 		if err := c.NC.FlushTimeout(time.Second); err == nil {
@@ -555,22 +556,6 @@ func SplitServers(in []string) []string {
 	return out
 }
 
-func redactAll(urls []string) []string {
-	out := make([]string, len(urls))
-	for i, u := range urls {
-		out[i] = redactURL(u)
-	}
-	return out
-}
-
 func redactList(list string) string {
-	return strings.Join(redactAll(strings.Split(list, ",")), ",")
-}
-
-func redactURL(s string) string {
-	u, err := url.Parse(s)
-	if err != nil || u.User == nil {
-		return s
-	}
-	return u.Redacted()
+	return strings.Join(natsurl.RedactAll(strings.Split(list, ",")), ",")
 }

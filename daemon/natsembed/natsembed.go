@@ -23,6 +23,7 @@ import (
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/internal/natsurl"
 )
 
 // DefaultPort is where the zero-config embedded server listens.
@@ -188,7 +189,7 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 		"client_url", url, "account", trust.AccountPub(), "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
 		"persistent", tempStore == "")
 	if o.LeafRemote != "" {
-		log.Info("embedded NATS server is a leaf node", "hub", redactURL(o.LeafRemote), "js_domain", o.JSDomain, "creds", o.LeafCreds)
+		log.Info("embedded NATS server is a leaf node", "hub", natsurl.Redact(o.LeafRemote), "js_domain", o.JSDomain, "creds", o.LeafCreds)
 	}
 	return c, nil
 }
@@ -426,15 +427,6 @@ func authWarning(o *server.Options) string {
 		return ""
 	}
 	return "it configures no authentication: anyone who can reach the server can deploy workloads and stop the node (add authorization, accounts or an operator, or drop inats_config for nexd's authenticated zero-config server)"
-}
-
-// redactURL hides a password in a URL for the log.
-func redactURL(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	return u.Redacted()
 }
 
 // portFile keeps the port the zero-config server got when any free one was asked for.

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/natsurl"
 	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -129,7 +130,7 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 		return
 	}
 	defer done()
-	d.add("NATS connection", checkOK, "connected to "+f.nc.ConnectedUrlRedacted(), "")
+	d.add("NATS connection", checkOK, "connected to "+natsurl.Redact(f.nc.ConnectedUrl()), "")
 
 	// Permissions: the server answers a violation with an error before the flush's PONG.
 	ns := d.a.namespace
