@@ -42,6 +42,17 @@ type StopReporter interface {
 	StopWorkloadReport(workloadID string, req *protocol.StopWorkloadRequest) (string, error)
 }
 
+// StopRecorder is optionally implemented by an Agent that records a stop durably before
+// it begins it (a StopRememberer whose memory outlives its crash). The Runner calls it
+// instead of StopWorkloadReport when the node asks to hear that the stop is recorded
+// (StopWorkloadRequest.RecordAck; the Runner registers with StopAck), and tells the node
+// when the agent calls recorded (at most once, from any goroutine, only once the record
+// is written: a node's "stopping" to a client that does not wait rests on it). Like
+// StopWorkloadReport it returns once the workload is gone.
+type StopRecorder interface {
+	StopWorkloadRecorded(workloadID string, req *protocol.StopWorkloadRequest, recorded func()) (string, error)
+}
+
 // StopRecaller is optionally implemented by an Agent that remembers the workloads it
 // stopped lately. When a stop finds no such workload, the Runner asks it, and for one
 // stopped at at (visible from namespace: system sees all) answers stopped with the

@@ -563,6 +563,7 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 	if s, ok := r.agent.(StopRememberer); ok {
 		reg.Stopped = s.RecentlyStopped()
 	}
+	_, reg.StopAck = r.agent.(StopRecorder)
 	body, err := protocol.Marshal(reg)
 	if err != nil {
 		return nil, fmt.Errorf("nexlet register: encode request: %w", err)
@@ -1422,7 +1423,9 @@ func (r *Runner) handleStop(req micro.Request) {
 		<-rw.done
 	}
 	if err == nil {
-		if sr, ok := r.agent.(StopReporter); ok {
+		if sr, ok := r.agent.(StopRecorder); ok && in.RecordAck {
+			resp.Message, err = sr.StopWorkloadRecorded(id, &in, r.stopRecorded(req))
+		} else if sr, ok := r.agent.(StopReporter); ok {
 			resp.Message, err = sr.StopWorkloadReport(id, &in)
 		} else {
 			err = r.agent.StopWorkload(id, &in)
@@ -1440,6 +1443,24 @@ func (r *Runner) handleStop(req micro.Request) {
 		return
 	}
 	r.respondJSON(req, resp)
+}
+
+// stopRecorded returns what tells the node, once, that the stop req asked for is
+// recorded: a body-less reply carrying HeaderStopRecorded, on the request's reply
+// subject (the nexlet's own, on its direct subject), ahead of the answer.
+func (r *Runner) stopRecorded(req micro.Request) func() {
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			if req.Reply() == "" {
+				return
+			}
+			h := micro.Headers{protocol.HeaderStopRecorded: {r.AgentID()}}
+			if err := req.Respond(nil, micro.WithHeaders(h)); err != nil {
+				r.log.Warn("could not tell the node a stop is recorded", "subject", req.Subject(), "err", err)
+			}
+		})
+	}
 }
 
 // getRequest is what GETWORKLOAD may carry: a clone's namespace and target xkey. Any

@@ -106,6 +106,16 @@ const (
 	// AnswersDirect on its own subject: such a nexlet leaves this one unanswered, so it
 	// neither acts twice nor answers where its answer could not be told from another's.
 	HeaderAskedDirect = "Nex-Asked-Direct"
+	// HeaderStopRecorded on a nexlet's body-less reply to a STOPWORKLOAD that asked
+	// for it (StopWorkloadRequest.RecordAck) says the stop is durably recorded; the
+	// answer follows once the workload is gone. On a node's "stopping" reply to a
+	// client's UNDEPLOY (HeaderProgress) it names the nexlet that recorded the stop.
+	HeaderStopRecorded = "Nexd-Stop-Recorded"
+	// HeaderStopUnrecorded on a node's "stopping" reply to a client's UNDEPLOY says why
+	// the owning nexlet did not confirm that it recorded the stop in time (it names
+	// the nexlet): the stop was sent and may still complete, but a crash of nexd or of
+	// that nexlet now may leave the workload running or start it again.
+	HeaderStopUnrecorded = "Nexd-Stop-Unrecorded"
 )
 
 // Control-plane subjects ($NEX.SVC.<ns>.control.…).

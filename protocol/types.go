@@ -299,6 +299,12 @@ type StopWorkloadRequest struct {
 	// keeps no record of it as a stop asked for (a recorded one is reported in
 	// RegisterAgentRequest.Stopped and removed from node state).
 	Keep bool `json:"nexd_keep,omitempty"`
+	// RecordAck (nexd extension, node to nexlet): say once the stop is durably
+	// recorded (a body-less reply carrying HeaderStopRecorded, before the answer), so
+	// the node can tell a client that does not wait (nexctl workload stop --no-wait)
+	// that the stop survives a crash of the nexlet or of nexd from then on. Sent only to
+	// a nexlet that registered with StopAck; others ignore it.
+	RecordAck bool `json:"nexd_record_ack,omitempty"`
 }
 
 // StopWorkloadResponse reports the outcome of a stop.
@@ -456,6 +462,11 @@ type RegisterAgentRequest struct {
 	// an SDK older than the relay) keeps the direct $NEX.FEED grant only if it is the
 	// supervised nexlet signed with its start's key; any other is relayed regardless.
 	FeedRelay bool `json:"nexd_feed_relay,omitempty"`
+
+	// StopAck (nexd extension): asked with StopWorkloadRequest.RecordAck, the nexlet
+	// says on its own reply subject once it durably recorded the stop (its memory of
+	// stops outlives its crash), before it answers.
+	StopAck bool `json:"nexd_stop_ack,omitempty"`
 }
 
 // RegisterAgentResponse answers a registration: the nexlet's real credentials and the

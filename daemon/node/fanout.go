@@ -62,6 +62,11 @@ func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, max
 // inboxes have no such token: TestAttackNexletForgesIntoNodeWatcher).
 func newInbox(nc *nats.Conn) string { return nc.NewInbox() + "." + randid.New() }
 
+// isStopRecorded says m is a nexlet's word that it recorded a stop, not its answer.
+func isStopRecorded(m *nats.Msg) bool {
+	return len(m.Data) == 0 && m.Header.Get(protocol.HeaderStopRecorded) != ""
+}
+
 func isNoResponders(m *nats.Msg) bool {
 	return len(m.Data) == 0 && m.Header != nil && m.Header.Get("Status") == "503"
 }
@@ -87,6 +92,16 @@ type asked struct {
 // as silence), fn returns false, timeout passes or ctx ends.
 func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
 	timeout time.Duration, fn func(m *nats.Msg, from *registration) bool) (asked, error) {
+	return n.askNexletsAcked(ctx, shared, direct, data, timeout, nil, fn)
+}
+
+// askNexletsAcked is askNexlets that also hands each body-less reply carrying
+// HeaderStopRecorded from a nexlet asked directly to ack (on the subscription's
+// goroutine), with the nexlet whose reply subject it came on, and does not take it
+// for that nexlet's answer. Only such a reply is attributable: one on the shared
+// subject is dropped.
+func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
+	timeout time.Duration, ack func(from *registration), fn func(m *nats.Msg, from *registration) bool) (asked, error) {
 	a := asked{direct: map[string]*registration{}, pool: map[string]*registration{}}
 	n.mu.Lock()
 	for id, r := range n.agents {
@@ -118,6 +133,12 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 		seen := make(map[string]bool, len(a.direct))
 		sub, err := n.o.NC.Subscribe(inbox+".*", func(m *nats.Msg) {
 			tok := protocol.LastToken(m.Subject)
+			if isStopRecorded(m) {
+				if r := byToken[tok]; r != nil && ack != nil {
+					ack(r)
+				}
+				return
+			}
 			seenMu.Lock()
 			first := byToken[tok] != nil && !seen[tok]
 			seen[tok] = true
@@ -179,6 +200,9 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 			if isNoResponders(m) {
 				poolLeft = 0 // none of them holds the subject
 				continue
+			}
+			if isStopRecorded(m) {
+				continue // not an answer, and not anyone's in particular
 			}
 			if _, ok := a.direct[m.Header.Get(protocol.HeaderAgentID)]; ok {
 				continue

@@ -310,6 +310,13 @@ func validateRunRequest(schema *jsonschema.Schema, runRequest string) error {
 // again): then its nexlets are asked, and the memory answers only when none holds it
 // (TestRepeatStopOfAWorkloadRunningAgain).
 func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (protocol.StopWorkloadResponse, error) {
+	return n.stopWorkloadSaying(ctx, namespace, workloadID, nil)
+}
+
+// stopWorkloadSaying is stopWorkload that, for a workload this node owns, calls
+// stopping (at most once, before it returns, unless the answer came first) with the
+// headers of the node's "stopping" word to a client that does not wait: see stopAck.
+func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID string, stopping func(nats.Header)) (protocol.StopWorkloadResponse, error) {
 	n.mu.Lock()
 	o, owned := n.owned[workloadID]
 	n.mu.Unlock()
@@ -338,7 +345,15 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	n.mu.Lock()
 	keep := n.keep // a stop at shutdown: the workload stays in node state
 	n.mu.Unlock()
-	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace, Keep: keep})
+	var ack func(*registration)
+	if owned && stopping != nil && keep {
+		stopping(nil) // at nexd's shutdown: the workload starts again anyway
+	} else if owned && stopping != nil {
+		var settle func()
+		ack, settle = n.stopAck(workloadID, o, stopping)
+		defer settle() // before the answer: no "stopping" after it
+	}
+	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace, Keep: keep, RecordAck: ack != nil})
 	if err != nil {
 		return ret, err
 	}
@@ -348,9 +363,9 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	}
 	answered := 0
 	failure := "" // a nexlet that holds the workload could not stop it
-	asked, err := n.askNexlets(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
+	asked, err := n.askNexletsAcked(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
 		return protocol.StopWorkloadAgentSubject(n.id, id, workloadID)
-	}, body, wait, func(m *nats.Msg, from *registration) bool {
+	}, body, wait, ack, func(m *nats.Msg, from *registration) bool {
 		answered++
 		var resp protocol.StopWorkloadResponse
 		decodeErr := protocol.Decode(m.Data, &resp)
@@ -408,6 +423,57 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 	return ret, err
 }
 
+// stopAck arranges the node's "stopping" word (stopping, called once) for a stop of
+// workload wid, owned as o, whose client does not wait for its end (nexctl workload
+// stop --no-wait). It is said once the owning nexlet durably recorded the stop, so a
+// kill of nexd or of the nexlet after the word neither leaves the workload running nor
+// starts it again (e2e TestNoWaitStopSurvivesKillRightAfterAnswer; before, the word
+// went out before the stop was even forwarded). ack takes a nexlet's word that it
+// recorded it (askNexletsAcked): only the owner's counts, known by its own reply
+// subject, so no other nexlet can say it for it. The owner's silence is bounded
+// (StopRecordTimeout): then the word says, naming the nexlet, that the stop is not
+// confirmed recorded (HeaderStopUnrecorded), as it does at once when no nexlet of the
+// owner is registered. A nexlet that cannot say it (upstream's SDK, which records no
+// stop; a nexd SDK nexlet without nexlet.StopRecorder) gets the word as before, at
+// once. settle ends the arrangement: after it nothing more is said.
+func (n *Node) stopAck(wid string, o ownership, stopping func(nats.Header)) (ack func(*registration), settle func()) {
+	var once sync.Once
+	say := func(h nats.Header) { once.Do(func() { stopping(h) }) }
+	hush := func() { once.Do(func() {}) }
+	n.mu.Lock()
+	var holder *registration
+	for _, r := range n.agents {
+		if r.owner == o.owner {
+			holder = r
+			break
+		}
+	}
+	n.mu.Unlock()
+	switch {
+	case holder == nil:
+		say(nats.Header{protocol.HeaderStopUnrecorded: {fmt.Sprintf("nexlet %s is not registered (restarting?): it did not record the stop", o.owner)}})
+		return nil, hush
+	case !holder.req.AnswersDirect || !holder.req.StopAck:
+		say(nil)
+		return nil, hush
+	}
+	bound := n.o.StopRecordTimeout
+	t := time.AfterFunc(bound, func() {
+		n.log.Warn("a nexlet did not confirm it recorded a stop in time", "workload_id", wid, "nexlet", o.owner, "agent_id", holder.id, "wait", bound)
+		say(nats.Header{protocol.HeaderStopUnrecorded: {fmt.Sprintf("nexlet %s (agent %s) did not confirm within %s that it recorded the stop", o.owner, holder.id, bound)}})
+	})
+	ack = func(from *registration) {
+		if from.owner != o.owner {
+			return // another nexlet's word for a workload it does not hold
+		}
+		say(nats.Header{protocol.HeaderStopRecorded: {o.owner}})
+	}
+	return ack, func() {
+		t.Stop()
+		hush() // waits for a word being said: it goes before the answer
+	}
+}
+
 // owns says whether the workload was deployed or replayed through this node.
 func (n *Node) owns(workloadID string) bool {
 	n.mu.Lock()
@@ -432,14 +498,20 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	if _, ok := n.checkNamespace(r, req.Namespace); !ok {
 		return
 	}
-	if n.owns(workloadID) && r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
-		m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {"stopping"}}}
-		if err := n.o.NC.PublishMsg(m); err != nil {
-			n.log.Warn("failed to say a workload is stopping", "workload_id", workloadID, "err", err)
+	var stopping func(nats.Header)
+	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
+		stopping = func(h nats.Header) {
+			m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {"stopping"}}}
+			for k, v := range h {
+				m.Header[k] = v
+			}
+			if err := n.o.NC.PublishMsg(m); err != nil {
+				n.log.Warn("failed to say a workload is stopping", "workload_id", workloadID, "err", err)
+			}
 		}
 	}
-	st.Step("check") // decode, namespace, the progress reply
-	resp, err := n.stopWorkload(n.ctx, req.Namespace, workloadID)
+	st.Step("check") // decode, namespace
+	resp, err := n.stopWorkloadSaying(n.ctx, req.Namespace, workloadID, stopping)
 	if err != nil {
 		n.fail(r, 500, "failed to ask nexlets to stop a workload", err)
 		return

@@ -456,6 +456,10 @@ func (a *fakeAgent) serve() {
 		}
 		delay := a.stopDelay
 		a.mu.Unlock()
+		if ok && req.RecordAck && a.req.StopAck {
+			// Recorded (as the native nexlet writes its stop record), before the grace.
+			_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderStopRecorded: {a.id}}})
+		}
 		if ok {
 			time.Sleep(delay)
 		}

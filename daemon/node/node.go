@@ -129,6 +129,10 @@ type Options struct {
 	// owns (default 5m). A nexlet answers once the workload is gone, after at most its
 	// grace plus a kill, so this only bounds a nexlet that never answers.
 	StopTimeout time.Duration
+	// StopRecordTimeout bounds the wait for the owning nexlet's word that it recorded
+	// a stop, before the node tells a client that does not wait (default 2s): see
+	// stopAck.
+	StopRecordTimeout time.Duration
 	// AgentSwitchWait bounds how long a renewed nexlet may keep its old user: it says
 	// when it switched (and the old one is revoked then); without that word the old one
 	// is revoked after this (default 2m).
@@ -205,6 +209,7 @@ func (o *Options) defaults() {
 	def(&o.DeployTimeout, 5*time.Minute)
 	def(&o.ProgressInterval, 5*time.Second)
 	def(&o.StopTimeout, 5*time.Minute)
+	def(&o.StopRecordTimeout, 2*time.Second)
 	o.StartTimeout = min(o.StartTimeout, o.DeployTimeout)
 	if o.Name == "" {
 		o.Name = "nexnode"

@@ -736,6 +736,12 @@ func (f *fleet) workloadNamespace(ctx context.Context, id string) (protocol.Work
 	return protocol.WorkloadSummary{}, fmt.Errorf("workload id %s matches workloads in %d namespaces; use --namespace to pick one", id, len(found))
 }
 
+// stopUnrecorded is a node's word that it is stopping a workload whose nexlet did not
+// confirm in time that it recorded the stop (protocol.HeaderStopUnrecorded).
+type stopUnrecorded string
+
+func (e stopUnrecorded) Error() string { return string(e) }
+
 // stopWait bounds the wait for a node that said it is stopping a workload: the node
 // answers once the workload is gone (its grace, then a kill) or after its own bound.
 const stopWait = 5*time.Minute + 30*time.Second
@@ -788,6 +794,9 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 			stopping = true
 			if !wait {
 				ret.Message = "stopping"
+				if why := m.Header.Get(protocol.HeaderStopUnrecorded); why != "" {
+					return ret, true, stopUnrecorded(why)
+				}
 				return ret, true, nil
 			}
 			deadline = time.Now().Add(stopWait)

@@ -301,7 +301,10 @@ func (a *app) workloadStopCmd() *cobra.Command {
 killed at the end of its stop grace, and says which. A workload that is still stopping is
 reported as stopping, never as not found. A workload stopped within the last hour is
 reported as "already stopped at T (how)", exit 0. With --no-wait nexctl returns as soon
-as the node holding the workload says it is stopping it. WORKLOAD is an id, a name or a unique
+as the node holding the workload says it is stopping it: for a nexlet that records its
+stops (the native nexlet), once the nexlet recorded the stop, so a crash of nexd or of
+the nexlet from then on does not undo it; exit 1 when the nexlet did not confirm that
+within 2s (the stop was sent and may still complete). WORKLOAD is an id, a name or a unique
 id prefix; when no running workload matches, the nodes' memory of the workloads stopped
 within the hour in this namespace is searched the same way. Exit 1 when nothing was
 stopped (not found, or the node could not stop it).`,
@@ -326,6 +329,11 @@ stopped (not found, or the node could not stop it).`,
 				return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", args[0], f.ns)
 			}
 			r, stopping, err := f.stopWorkload(cmd.Context(), ns, id, !noWait)
+			var unrecorded stopUnrecorded
+			if stopping && noWait && errors.As(err, &unrecorded) {
+				// Sent, and maybe under way, but not known to survive a crash.
+				return exitError{ExitFailed, fmt.Errorf("workload %s: the node is stopping it, but the stop is not confirmed recorded: %s; a restart of nexd or of that nexlet now may leave it running or start it again (check 'nexctl workload list', or stop it again)", id, unrecorded)}
+			}
 			if guessed && err == nil && !r.Stopped && !stopping && r.Message == protocol.ErrTextWorkloadNotFound {
 				return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches, and no node holds it)", args[0], f.ns)
 			}
@@ -355,7 +363,7 @@ stopped (not found, or the node could not stop it).`,
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the node says it is stopping the workload")
+	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the node says it is stopping the workload (its nexlet recorded the stop)")
 	return cmd
 }
 

@@ -541,6 +541,14 @@ func (n *Nexlet) StopWorkload(id string, req *protocol.StopWorkloadRequest) erro
 // gone, saying whether it exited on SIGTERM or was killed at the end of its grace. A
 // workload already stopping is waited for, never reported as not found.
 func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest) (string, error) {
+	return n.StopWorkloadRecorded(id, req, nil)
+}
+
+// StopWorkloadRecorded implements nexlet.StopRecorder: StopWorkloadReport, calling
+// recorded once the stop is in <runtime>/stops (before its SIGTERM). Not for a workload
+// that had already ended (answered at once), nor when another stop of it was pending
+// (that one's record is not waited for: the node then says the stop is not confirmed).
+func (n *Nexlet) StopWorkloadRecorded(id string, req *protocol.StopWorkloadRequest, recorded func()) (string, error) {
 	n.mu.Lock()
 	w := n.workloads[id]
 	if w == nil || (req.Namespace != protocol.SystemNamespace && req.Namespace != w.ns) {
@@ -559,7 +567,7 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 	st := steps.Start(n.log) // nil unless the nexlet logs at debug level
 	answered := make(chan struct{})
 	defer close(answered)
-	if !n.stopAndWait(w, stopRequest{grace: w.plan.grace, steps: st, answered: answered, record: !req.Keep}) {
+	if !n.stopAndWait(w, stopRequest{grace: w.plan.grace, steps: st, answered: answered, record: !req.Keep, recorded: recorded}) {
 		st = nil // another stop was pending: its supervisor timed that one
 	}
 	st.Step("wake")

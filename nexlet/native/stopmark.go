@@ -28,8 +28,9 @@ import (
 func (n *Nexlet) stopsDir() string { return filepath.Join(n.cfg.RuntimeDir, "stops") }
 
 // markStopping records that w is being stopped with grace: one small tmpfs write,
-// before the signal, so a stop whose SIGTERM went out is always on record.
-func (n *Nexlet) markStopping(w *workload, grace time.Duration) {
+// before the signal, so a stop whose SIGTERM went out is always on record. An error
+// says it is not on record.
+func (n *Nexlet) markStopping(w *workload, grace time.Duration) error {
 	text := fmt.Sprintf("%d %d %s %s", time.Now().UnixMilli(), grace.Milliseconds(), w.ns, w.req.Request.WorkloadType)
 	path := filepath.Join(n.stopsDir(), w.id)
 	err := os.WriteFile(path, []byte(text), 0o600)
@@ -41,6 +42,7 @@ func (n *Nexlet) markStopping(w *workload, grace time.Duration) {
 	if err != nil {
 		n.log.Warn("cannot record a stop; a nexlet killed before the node removed the workload leaves it to be started again", "workload_id", w.id, "err", err)
 	}
+	return err
 }
 
 // forgetStops removes the stop records of stops the memory forgot.

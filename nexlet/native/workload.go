@@ -114,6 +114,16 @@ type stopRequest struct {
 	// record: a stop the node asked for, recorded before its signal (markStopping);
 	// not one at the node's shutdown, which keeps the workload to start it again.
 	record bool
+	// recorded, when not nil, is called once the stop is recorded (record), before its
+	// signal: the node's "stopping" to a client that does not wait rests on it.
+	recorded func()
+}
+
+// markRecorded records the stop r asks for (when it is one to record) and says so.
+func (n *Nexlet) markRecorded(w *workload, r stopRequest) {
+	if r.record && n.markStopping(w, r.grace) == nil && r.recorded != nil {
+		r.recorded()
+	}
 }
 
 // proc is one run of a workload's main process.
@@ -1182,6 +1192,9 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 		n.detachedRestart(w, p, restartDue{restarts: next, last: procid.Exit{Code: p.code, Reason: p.reason}, end: end, backoff: *backoff})
 		return nil
 	case r := <-w.stop:
+		// Recorded too: a nexlet killed before the finish leaves the stop to the next
+		// one, which would otherwise restart the workload by its due restart.
+		n.markRecorded(w, r)
 		n.clearRestartDue(w.id) // stopped: due no more
 		n.finish(w, p, &r, false)
 		return nil
@@ -1214,9 +1227,7 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 // the next nexlet, and the stop is answered that the next nexlet reports it
 // (TestStopAtDetachReportedOnce).
 func (n *Nexlet) stopped(w *workload, p *proc, r stopRequest) {
-	if r.record {
-		n.markStopping(w, r.grace)
-	}
+	n.markRecorded(w, r)
 	n.terminate(w, p, r.grace, r.steps)
 	if !p.claimed.CompareAndSwap(false, true) {
 		return // recorded by the detach
