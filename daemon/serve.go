@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -129,6 +130,14 @@ func (s *server) openControl(first control.Backend) error {
 	lo, hi, err := native.ParseUIDRange(cfg.Node.WorkloadUIDRange)
 	if err != nil {
 		return fmt.Errorf("workload_uid_range: %w", err)
+	}
+	if s.ctlListener == nil && cfg.Node.ControlSocket != "" {
+		// A directory another user may rename in (hers, or one on the way) lets her move
+		// nexd's socket away and listen at its path: admins' nexctl then sends her its
+		// requests (secrets, reloads) and takes her answers (a NATS server of hers).
+		if err := ownDir("control_socket", filepath.Dir(cfg.Node.ControlSocket), 0o755); err != nil {
+			return err
+		}
 	}
 	ctl, err := control.Listen(cfg.Node.ControlSocket, control.ServerOptions{
 		Backend:      s.ctl,

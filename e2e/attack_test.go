@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -713,5 +714,98 @@ func TestAttackLocalUserReadsNodeNATSToken(t *testing.T) {
 	}
 	if strings.Contains(n.out.String(), token) {
 		t.Errorf("nexd's log shows the node's NATS token")
+	}
+}
+
+// snoopSocket is a local user's stand-in for nexd's control socket: it takes over the
+// path, records what each client sends and answers 503 (perl: on every host, and any
+// user may run it).
+const snoopSocket = `use IO::Socket::UNIX; $| = 1;
+my ($path, $log) = @ARGV;
+my $l = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => $path, Listen => 8) or die "listen: $!";
+print "LISTENING\n";
+while (my $c = $l->accept) {
+	open(my $f, ">>", $log) or die; my $buf = "";
+	$c->blocking(0);
+	for (1 .. 20) { my $n = sysread($c, my $b, 65536); $buf .= $b if $n; select(undef, undef, undef, 0.05); }
+	print $f $buf; close $f;
+	print $c "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"; close $c;
+}`
+
+// TestAttackControlSocketInAnotherUsersDir: control_socket names a path in a directory
+// another local user made (mallory's, say, under a public directory) and so may rename
+// in. nexd took it (checking the state and runtime directories' way, not the socket's),
+// so she moved nexd's socket away and listened at its path herself: an admin's nexctl
+// then sent her what it sends nexd (here `nexctl secret set`, a tenant's secret in the
+// body; she could also answer GET /v1/nats with a server of hers). Now nexd refuses such
+// a control_socket at start, naming the directory and its owner.
+func TestAttackControlSocketInAnotherUsersDir(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	testkit.RequireUsers(t)
+	t.Parallel()
+	mallory := testkit.NewUser(t)
+	pub := testkit.PublicDir(t)
+	if err := os.Chmod(pub, 0o777|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	hers := filepath.Join(pub, "nex")
+	if out, err := mallory.Command("/bin/mkdir", "-m", "0755", hers).CombinedOutput(); err != nil {
+		t.Fatalf("mkdir as %s: %v: %s", mallory.Name, err, out)
+	}
+	sock := filepath.Join(hers, "nexd.sock")
+	n := startNode(t, nodeOpts{extra: []string{"--control-socket", sock}})
+	n.socket = sock // the later flag wins
+	up := testkit.WaitFor(60*time.Second, func() bool {
+		select {
+		case <-n.done:
+			return true
+		default:
+		}
+		st, err := os.Stat(sock)
+		return err == nil && st.Mode()&os.ModeSocket != 0
+	})
+	select {
+	case <-n.done:
+		out := n.out.String()
+		if !strings.Contains(out, hers+" is owned by uid "+strconv.Itoa(int(mallory.UID))) {
+			t.Fatalf("nexd exited without naming %s and its owner:\n%s", hers, out)
+		}
+		if _, err := os.Lstat(sock); err == nil {
+			t.Errorf("nexd made its socket in %s before it refused it", hers)
+		}
+		return
+	default:
+	}
+	if !up {
+		t.Fatalf("no control socket at %s", sock)
+	}
+	n.waitReady(t)
+	// The attack: her directory, her names.
+	logf := filepath.Join(hers, "seen")
+	if out, err := mallory.Command("/bin/mv", sock, filepath.Join(hers, "away.sock")).CombinedOutput(); err != nil {
+		t.Fatalf("mv as %s: %v: %s", mallory.Name, err, out)
+	}
+	snoop := mallory.Command("/usr/bin/perl", "-e", snoopSocket, sock, logf)
+	stdout, err := snoop.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := snoop.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = snoop.Process.Kill(); _ = snoop.Wait() })
+	line := make([]byte, 10)
+	if _, err := io.ReadFull(stdout, line); err != nil || string(line) != "LISTENING\n" {
+		t.Fatalf("%s's listener: %q %v", mallory.Name, line, err)
+	}
+	const secret = "tenant-s3cret-value"
+	_, _, _ = n.ctl(t, "secret", "set", "system", "DB_PASS", secret)
+	seen, _ := os.ReadFile(logf)
+	if strings.Contains(string(seen), secret) {
+		t.Errorf("nexd took a control socket in %s's directory: she moved it away and read an admin's secret set:\n%s", mallory.Name, seen)
+	} else {
+		t.Errorf("nexd took a control socket in %s's directory (her listener read %q)", mallory.Name, seen)
 	}
 }
