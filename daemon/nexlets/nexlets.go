@@ -221,7 +221,16 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 			// kill -9): systemd 252 would fail every restart with 219/CGROUP.
 			cg.WithoutControllers("cgroup_driver systemd: workloads are limited in their scopes; nexlet limits are not enforced (no controllers in nexd.service, so that systemd can always start the next nexd)")
 		}
-		if err := cg.EnterSupervisor(); err != nil {
+		// On v2 the pre-started nexlet's cgroup warm-up (begun at nexd's package init)
+		// may still write its pid into the root it read: EnterSupervisor waits for it
+		// before it empties the root, or that late write would put the nexlet back and
+		// the enabling of the controllers fail (README, Ready). By now it is normally over:
+		// its write began tens of milliseconds ago, and the kernel would hold this
+		// first cgroup change behind it anyway (cgroup_mutex).
+		if err := cg.EnterSupervisor(ctx, o.Prestarted.AwaitWarm); err != nil {
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("cgroups: %w", err)
+			}
 			m.log.Warn("could not move nexd into its supervisor cgroup; running nexlets without limits", "err", err)
 			cg = cgroup.Disabled("entering the supervisor cgroup failed: "+err.Error(), m.log)
 		}

@@ -1,6 +1,7 @@
 package supervise
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -183,6 +184,23 @@ func watchPrestarted(p *Prestarted) *Prestarted {
 func (p *Prestarted) warmAttach(done chan<- struct{}) {
 	defer close(done)
 	_ = p.whileUnreaped(earlynexlet.WarmAttach)
+}
+
+// AwaitWarm returns once p's cgroup warm-up (warmAttach, or earlynexlet's begun at
+// nexd's package init) is done, or with an error naming it once ctx ends; at once for
+// a nil p. The warm-up writes p's pid into the cgroup it read before: on v2 that is the
+// node's cgroup root, which the nexlets' manager empties before it enables controllers
+// there (cgroup.Manager.EnterSupervisor waits for this).
+func (p *Prestarted) AwaitWarm(ctx context.Context) error {
+	if p == nil {
+		return nil
+	}
+	select {
+	case <-p.warmed:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the pre-started nexlet's (pid %d) cgroup warm-up: %w", p.Pid(), ctx.Err())
+	}
 }
 
 // Pid is the pre-started process's pid.

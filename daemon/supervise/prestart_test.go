@@ -359,30 +359,40 @@ func waitCaught(t *testing.T, pid int, sig syscall.Signal) {
 	t.Fatalf("pid %d never caught %v", pid, sig)
 }
 
+// prestartedEarlyWarming is a fake nexlet exec'd as at nexd's init, whose cgroup
+// warm-up began (earlynexlet's Warm) and is held until free, taken over as a
+// Prestarted. Discarded when the test ends (after free).
+func prestartedEarlyWarming(t *testing.T) (p *Prestarted, free func()) {
+	t.Helper()
+	spec := fakeSpec("x", "block")
+	env := map[string]string{"GORACE": "atexit_sleep_ms=0"}
+	e, err := earlynexlet.Fork(spec.Path, spec.Args, env, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	var releaseOnce sync.Once
+	free = func() { releaseOnce.Do(func() { close(release) }) }
+	e.Warm(func(int) error { close(entered); <-release; return nil })
+	<-entered
+	p, differs, err := PrestartedEarly(e, env)
+	if err != nil || p == nil {
+		free()
+		e.Discard()
+		t.Fatalf("PrestartedEarly: %v (differs %q)", err, differs)
+	}
+	t.Cleanup(p.Discard)
+	t.Cleanup(free) // before Discard, which waits for the warm-up
+	return p, free
+}
+
 // TestPrestartedEarlyWarmHoldsReap: a process exec'd at nexd's init whose cgroup
 // warm-up began before it was watched (earlynexlet's Warm, begun at nexd's package init) is not
 // reaped while that warm-up runs, even when it dies meanwhile: the warm-up does not
 // look at the watcher's state, so only the wait keeps its pid from being another
 // process's. Its hand-off waits for the warm-up as for its own.
 func TestPrestartedEarlyWarmHoldsReap(t *testing.T) {
-	spec := fakeSpec("x", "block")
-	e, err := earlynexlet.Fork(spec.Path, spec.Args, map[string]string{"GORACE": "atexit_sleep_ms=0"}, os.Stderr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	entered, release := make(chan struct{}), make(chan struct{})
-	var releaseOnce sync.Once
-	free := func() { releaseOnce.Do(func() { close(release) }) }
-	e.Warm(func(int) error { close(entered); <-release; return nil })
-	<-entered
-	p, differs, err := PrestartedEarly(e, map[string]string{"GORACE": "atexit_sleep_ms=0"})
-	if err != nil || p == nil {
-		free()
-		e.Discard()
-		t.Fatalf("PrestartedEarly: %v (differs %q)", err, differs)
-	}
-	defer p.Discard()
-	defer free() // before Discard, which waits for the warm-up
+	p, free := prestartedEarlyWarming(t)
 	if err := syscall.Kill(p.Pid(), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -403,5 +413,27 @@ func TestPrestartedEarlyWarmHoldsReap(t *testing.T) {
 	<-p.done
 	if !gone(p.Pid()) {
 		t.Fatal("not reaped once its warm-up ended")
+	}
+}
+
+// TestPrestartedAwaitWarm: AwaitWarm returns only once the warm-up begun before the
+// process was watched (earlynexlet's, at nexd's package init) is done, and with an
+// error naming that wait when its context ends first; a nil Prestarted has nothing to
+// wait for. The nexlets' manager waits so before it empties the v2 cgroup root
+// (cgroup's TestV2EnterSupervisorWaitsForSettle).
+func TestPrestartedAwaitWarm(t *testing.T) {
+	if err := (*Prestarted)(nil).AwaitWarm(context.Background()); err != nil {
+		t.Fatalf("nil: %v", err)
+	}
+	p, free := prestartedEarlyWarming(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := p.AwaitWarm(ctx)
+	if err == nil || !strings.Contains(err.Error(), "cgroup warm-up") || !strings.Contains(err.Error(), strconv.Itoa(p.Pid())) {
+		t.Fatalf("AwaitWarm with an ended context while the warm-up is held: %v", err)
+	}
+	free()
+	if err := p.AwaitWarm(context.Background()); err != nil {
+		t.Fatalf("AwaitWarm after the warm-up: %v", err)
 	}
 }

@@ -8,6 +8,7 @@
 package cgroup
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -275,9 +276,21 @@ func joinRel(root, rel string) string {
 // cgroup.subtree_control: the kernel allows controllers only on cgroups without
 // processes of their own. It is a no-op in v1 and none mode. On error the manager stays
 // usable, with the controllers that could not be enabled no longer enforced.
-func (m *Manager) EnterSupervisor() error {
+//
+// In v2 mode it first calls settle (when not nil), which returns once no other writer
+// can still put a process into the root: one whose write lands between the moves and
+// the enabling puts its process back, and the enabling fails (EBUSY). The pre-started
+// nexlet's cgroup warm-up is such a writer (README, Ready;
+// TestV2EnterSupervisorWaitsForSettle). A settle error is returned, wrapped, with
+// nothing done.
+func (m *Manager) EnterSupervisor(ctx context.Context, settle func(context.Context) error) error {
 	if m.mode != ModeV2 {
 		return nil
+	}
+	if settle != nil {
+		if err := settle(ctx); err != nil {
+			return fmt.Errorf("before entering the supervisor cgroup: %w", err)
+		}
 	}
 	h := m.hiers[0]
 	sup := filepath.Join(h.Root, SupervisorGroup)

@@ -1,6 +1,7 @@
 package cgroup
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -147,7 +149,7 @@ func TestV2EnterSupervisorAndCreate(t *testing.T) {
 	if _, err := m.Create("nexlets/early", Limits{}); err == nil || !errors.Is(err, syscall.EBUSY) {
 		t.Fatalf("create before EnterSupervisor: %v", err)
 	}
-	must(t, m.EnterSupervisor())
+	must(t, m.EnterSupervisor(context.Background(), nil))
 	if got := readTrim(t, filepath.Join(root, "cgroup.procs")); got != "" {
 		t.Fatalf("root still holds processes %q", got)
 	}
@@ -206,6 +208,109 @@ func TestV2EnterSupervisorAndCreate(t *testing.T) {
 	}
 }
 
+// TestV2EnterSupervisorWaitsForSettle: another process in the root whose own write into
+// the cgroup it read (the pre-started nexlet's warm-up, earlynexlet.WarmAttach) is still
+// to come is not moved before that write: EnterSupervisor waits for settle. Without the
+// wait the move came first, the held write (released here at the enabling, the worst
+// moment) put the process back in the root, and the enabling failed with EBUSY: the node
+// without limits.
+func TestV2EnterSupervisorWaitsForSettle(t *testing.T) {
+	m, f, root := fakeV2(t)
+	nexlet := startSleep(t)
+	pid := strconv.Itoa(nexlet.Process.Pid)
+	must(t, os.WriteFile(filepath.Join(root, "cgroup.procs"),
+		fmt.Appendf(nil, "%d\n%s\n", os.Getpid(), pid), 0o644))
+
+	// The warm-up has read its cgroup (the root) and is held before its write, starved
+	// for as long as it takes: until EnterSupervisor waits for it, or, without that
+	// wait, until the enabling, the worst moment for it to land.
+	release, warmed := make(chan struct{}), make(chan struct{})
+	var releaseOnce sync.Once
+	free := func() { releaseOnce.Do(func() { close(release) }) }
+	go func() {
+		defer close(warmed)
+		<-release
+		_ = f.write(filepath.Join(root, "cgroup.procs"), pid)
+	}()
+	t.Cleanup(func() { free(); <-warmed })
+	var pendingAtEnable bool
+	write := m.ops.write
+	m.ops.write = func(p, val string) error {
+		if p == filepath.Join(root, "cgroup.subtree_control") {
+			select {
+			case <-warmed:
+			default:
+				pendingAtEnable = true
+				free()
+				<-warmed
+			}
+		}
+		return write(p, val)
+	}
+
+	settled := func(ctx context.Context) error {
+		free() // the warm-up goes on once EnterSupervisor waits for it
+		select {
+		case <-warmed:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if err := m.EnterSupervisor(context.Background(), settled); err != nil {
+		t.Fatalf("EnterSupervisor: %v (warm-up pending at the enabling: %v; writes %v)", err, pendingAtEnable, f.log())
+	}
+	if pendingAtEnable {
+		t.Fatalf("the controllers were enabled while the warm-up's write was pending: %v", f.log())
+	}
+	log := f.log()
+	warm := slices.Index(log, "system.slice/nexd.service/cgroup.procs="+pid)
+	move := slices.IndexFunc(log, func(s string) bool { return strings.HasPrefix(s, "system.slice/nexd.service/supervisor/cgroup.procs=") })
+	if warm < 0 || move < 0 || warm > move {
+		t.Fatalf("the warm-up's write (%d) not before the first move (%d): %v", warm, move, log)
+	}
+	if got := readTrim(t, filepath.Join(root, "cgroup.procs")); got != "" {
+		t.Fatalf("root still holds processes %q", got)
+	}
+	if got := readTrim(t, filepath.Join(root, "supervisor/cgroup.procs")); got != fmt.Sprintf("%d\n%s", os.Getpid(), pid) {
+		t.Fatalf("supervisor/cgroup.procs %q", got)
+	}
+	if !slices.Equal(m.Enforced(), []string{"memory", "cpu", "pids"}) || m.Reason() != "" {
+		t.Fatalf("enforced %v reason %q", m.Enforced(), m.Reason())
+	}
+
+	// v1 and none mode move nothing and wait for nothing.
+	for _, other := range []*Manager{Disabled("test", testLogger(t)), {mode: ModeV1, log: testLogger(t), ops: f.ops()}} {
+		if err := other.EnterSupervisor(context.Background(), func(context.Context) error {
+			t.Errorf("%s mode waited", other.Mode())
+			return nil
+		}); err != nil {
+			t.Errorf("%s mode: %v", other.Mode(), err)
+		}
+	}
+}
+
+// TestV2EnterSupervisorSettleEnds: a settle that ends only with its context makes
+// EnterSupervisor's error, naming the wait, with nothing written and nothing degraded.
+func TestV2EnterSupervisorSettleEnds(t *testing.T) {
+	m, f, _ := fakeV2(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := m.EnterSupervisor(ctx, func(ctx context.Context) error {
+		<-ctx.Done()
+		return fmt.Errorf("waiting for the warm-up: %w", ctx.Err())
+	})
+	if err == nil || !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "waiting for the warm-up") {
+		t.Fatalf("EnterSupervisor with an ended context: %v", err)
+	}
+	if log := f.log(); len(log) != 0 {
+		t.Fatalf("writes before the wait ended: %v", log)
+	}
+	if !slices.Equal(m.Enforced(), []string{"memory", "cpu", "pids"}) || m.Reason() != "" {
+		t.Fatalf("enforced %v reason %q", m.Enforced(), m.Reason())
+	}
+}
+
 func sameSet(a, b []string) bool {
 	a, b = slices.Clone(a), slices.Clone(b)
 	slices.Sort(a)
@@ -216,7 +321,7 @@ func sameSet(a, b []string) bool {
 func TestV2StatsAndOOMKills(t *testing.T) {
 	m, _, root := fakeV2(t)
 	must(t, os.WriteFile(filepath.Join(root, "cgroup.procs"), nil, 0o644))
-	must(t, m.EnterSupervisor())
+	must(t, m.EnterSupervisor(context.Background(), nil))
 	g, err := m.Create("nexlets/x", Limits{MemoryMax: 1 << 20})
 	must(t, err)
 	d := g.Path()
@@ -243,7 +348,7 @@ func TestV2StatsAndOOMKills(t *testing.T) {
 func TestV2StartFallbackKillRemove(t *testing.T) {
 	m, _, root := fakeV2(t)
 	must(t, os.WriteFile(filepath.Join(root, "cgroup.procs"), nil, 0o644))
-	must(t, m.EnterSupervisor())
+	must(t, m.EnterSupervisor(context.Background(), nil))
 	g, err := m.Create("nexlets/y/nexlet", Limits{})
 	must(t, err)
 	// clone3 into a directory that is no cgroup fails (EBADF): the fallback moves the pid.
@@ -280,7 +385,7 @@ func TestV2StartFallbackKillRemove(t *testing.T) {
 func TestV2CleanupStale(t *testing.T) {
 	m, f, root := fakeV2(t)
 	must(t, os.WriteFile(filepath.Join(root, "cgroup.procs"), nil, 0o644))
-	must(t, m.EnterSupervisor())
+	must(t, m.EnterSupervisor(context.Background(), nil))
 	nexlets := m.Sub("nexlets")
 	var cmds []*exec.Cmd
 	for _, rel := range []string{"old/nexlet", "old/workloads/w1", "other/nexlet"} {
@@ -327,7 +432,7 @@ func TestV2CleanupStale(t *testing.T) {
 func TestSpecAttach(t *testing.T) {
 	m, _, root := fakeV2(t)
 	must(t, os.WriteFile(filepath.Join(root, "cgroup.procs"), nil, 0o644))
-	must(t, m.EnterSupervisor())
+	must(t, m.EnterSupervisor(context.Background(), nil))
 	_, err := m.Create("nexlets/n/nexlet", Limits{})
 	must(t, err)
 	sub := m.Sub("nexlets/n")
