@@ -809,3 +809,74 @@ func TestAttackControlSocketInAnotherUsersDir(t *testing.T) {
 		t.Errorf("nexd took a control socket in %s's directory (her listener read %q)", mallory.Name, seen)
 	}
 }
+
+// TestAttackRootWorkloadsAfterRestartWithoutThem: an operator takes allow_root_workloads
+// away and restarts nexd, as a reload that names it says to (`systemctl restart nexd`).
+// With live_restore the native nexlet, started by the first nexd with the old policy in
+// its environment, ran on and was adopted: nexd's status said root was no longer
+// allowed while the nexlet still ran a start request's `user: root` as root, for every
+// tenant that may deploy. Now a native nexlet started with another workload policy than
+// the configuration's is ended at start and a new one started (its workloads are
+// adopted by the new one, as after its crash).
+func TestAttackRootWorkloadsAfterRestartWithoutThem(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	state := t.TempDir()
+	out := t.TempDir() // root's 0700: only a root workload writes here
+	base := nodeOpts{external: s.ClientURL(), stateDir: state, extra: []string{"--state", "kv", "--live-restore"}}
+	withRoot := base
+	withRoot.extra = append([]string{"--allow-root-workloads"}, base.extra...)
+	n := startNode(t, withRoot)
+	st := n.waitReady(t)
+	idAs := func(n *node, file string) (string, int) {
+		n.waitNative(t)
+		o, e, code := n.ctl(t, "workload", "run", "--lifecycle", "job", "--user", "root", "--name", "whoami",
+			"--", "/bin/sh", "-c", "id -u > "+file)
+		return o + e, code
+	}
+	// Control: allowed, it runs as root.
+	before := filepath.Join(out, "before")
+	if o, code := idAs(n, before); code != 0 {
+		t.Fatalf("root workload with allow_root_workloads: exit %d: %s", code, o)
+	}
+	testkit.Eventually(t, "the root job's output", func() bool {
+		b, err := os.ReadFile(before)
+		return err == nil && strings.TrimSpace(string(b)) == "0"
+	})
+	nativePID := 0
+	for _, x := range st.Nexlets {
+		if x.Name == "native" {
+			nativePID = x.PID
+		}
+	}
+	running := n.runWorkload(t, "--name", "keeps", "--", "/bin/sleep", "600")
+
+	n2 := n.restart(t, base)
+	st2 := n2.waitReady(t)
+	if !strings.Contains(st2.WorkloadUsers, "dynamic uids") || strings.Contains(st2.WorkloadUsers, "root") {
+		t.Fatalf("status after the restart: workload users %q", st2.WorkloadUsers)
+	}
+	after := filepath.Join(out, "after")
+	o, code := idAs(n2, after)
+	time.Sleep(2 * time.Second) // a job that was started has written by now
+	if b, err := os.ReadFile(after); err == nil {
+		adopted := ""
+		for _, x := range st2.Nexlets {
+			if x.Name == "native" && x.PID == nativePID {
+				adopted = " (the native nexlet adopted, same pid)"
+			}
+		}
+		t.Fatalf("allow_root_workloads off after a restart, but a start request ran as uid %s%s: nexctl exit %d: %s",
+			strings.TrimSpace(string(b)), adopted, code, o)
+	}
+	if code == 0 || !strings.Contains(o, "allow_root_workloads") {
+		t.Errorf("root workload without allow_root_workloads: exit %d, %q; want refused naming allow_root_workloads", code, o)
+	}
+	// The workload the first nexd started runs on, under the new nexlet.
+	if ws := n2.workloads(t); !slices.ContainsFunc(ws, func(w control.Workload) bool { return w.ID == running.ID }) {
+		t.Errorf("workload %s not running after the restart: %+v", running.ID, ws)
+	}
+}

@@ -8,7 +8,9 @@ package nexlets
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
@@ -277,6 +279,10 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 			rec, ok = r, r.PID > 1 && r.ID().Alive()
 		} else if other := rec.Meta["node_id"]; ok && other != "" && other != o.NodeID {
 			m.endForeign(rec, other)
+			ok = false
+		}
+		if was := rec.Meta[metaWorkloadPolicy]; ok && isNative(sp.Name) && was != "" && was != workloadPolicy(cfg, sp) {
+			m.endOtherPolicy(rec)
 			ok = false
 		}
 		if ok && rec.Meta["agent_id"] != "" {
@@ -934,7 +940,42 @@ func (m *Manager) meta(name string) map[string]string {
 	s, _ := m.ByName(name)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return map[string]string{"agent_id": s.AgentID, "registration_key": m.lastKey[name], "node_id": m.o.NodeID}
+	meta := map[string]string{"agent_id": s.AgentID, "registration_key": m.lastKey[name], "node_id": m.o.NodeID}
+	if isNative(name) {
+		meta[metaWorkloadPolicy] = workloadPolicy(m.o.Config, s)
+	}
+	return meta
+}
+
+// metaWorkloadPolicy keys a native nexlet's workloadPolicy in its record.
+const metaWorkloadPolicy = "workload_policy"
+
+// workloadPolicy digests what a native nexlet takes from the configuration at its
+// start (its environment) and keeps for its life: whom workloads may run as and what
+// they may take by default. A nexlet left running with another is not adopted.
+func workloadPolicy(cfg *config.Config, s Spec) string {
+	n := cfg.Node
+	h := sha256.New()
+	fmt.Fprintf(h, "users=%q root=%t uids=%q memory=%d pids=%d artifact=%d driver=%q",
+		n.WorkloadUsers, n.AllowRootWorkloads, n.WorkloadUIDRange, n.WorkloadDefaults.MemoryMax,
+		n.WorkloadDefaults.PidsMax, n.ArtifactMaxSize, n.CgroupDriver)
+	for _, k := range slices.Sorted(maps.Keys(s.Process.Env)) {
+		fmt.Fprintf(h, " %q=%q", k, s.Process.Env[k])
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+// endOtherPolicy ends a native nexlet the previous nexd left running with a workload
+// policy this configuration no longer has (allow_root_workloads or workload_users taken
+// away, say, and nexd restarted to apply it): adopted, it would go on running start
+// requests by the old one. A new nexlet starts instead and adopts its workloads, as
+// after its crash; those keep running as they were started.
+func (m *Manager) endOtherPolicy(rec supervise.Record) {
+	m.log.Warn("the native nexlet left running was started with another workload policy (workload_users, allow_root_workloads, workload_uid_range, workload limits, artifact_max_size or cgroup_driver); ending it so that a new one takes this configuration's",
+		"nexlet", rec.Name, "pid", rec.PID)
+	if err := supervise.EndRecorded(m.recordDir, rec, foreignEndWait); err != nil {
+		m.log.Error("cannot end the native nexlet left with another workload policy", "nexlet", rec.Name, "pid", rec.PID, "err", err)
+	}
 }
 
 // endForeign ends a nexlet left running for another node id instead of adopting it:
