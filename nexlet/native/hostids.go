@@ -22,13 +22,19 @@ import (
 // build with cgo asks the system's user database (NSS) as well (nssLookups).
 type hostIDs struct {
 	passwd, group string // the files (a test points them elsewhere)
+	// sdDir is systemd's dynamic uid lock directory, whose files name the uids systemd
+	// holds; "" when the nexlet takes systemd's locks itself (sdLocks), which tells
+	// exactly which uids another process holds.
+	sdDir string
 
 	mu    sync.Mutex
 	stamp [2]fileStamp // of passwd and group when ids was read
 	ids   map[uint32]bool
 }
 
-func newHostIDs() *hostIDs { return &hostIDs{passwd: "/etc/passwd", group: "/etc/group"} }
+func newHostIDs() *hostIDs {
+	return &hostIDs{passwd: "/etc/passwd", group: "/etc/group", sdDir: DefaultSystemdUIDDir}
+}
 
 // fileStamp tells whether a file changed: a rewrite (useradd writes a new file and
 // renames it) changes its inode, an edit in place its size or times.
@@ -62,8 +68,11 @@ func (h *hostIDs) uses(uid uint32) bool {
 			return true
 		}
 	}
+	if h.sdDir == "" {
+		return false
+	}
 	var st unix.Stat_t
-	return unix.Lstat("/run/systemd/dynamic-uid/"+s, &st) == nil
+	return unix.Lstat(h.sdDir+"/"+s, &st) == nil
 }
 
 // listed reports whether /etc/passwd names uid as a user's uid or /etc/group as a

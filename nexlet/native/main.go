@@ -33,8 +33,11 @@ const (
 	EnvAllowRoot    = "NEX_NATIVE_ALLOW_ROOT"     // "true": start requests may ask for root
 	EnvUIDRange     = "NEX_NATIVE_UID_RANGE"      // dynamic uid range MIN-MAX
 	EnvUIDLeaseDir  = "NEX_NATIVE_UID_LEASE_DIR"  // where dynamic uids are leased (default DefaultLeaseDir)
-	EnvExitsDir     = "NEX_NATIVE_EXITS_DIR"      // nexd's exit records of orphaned workloads
-	EnvCgroupDriver = "NEX_NATIVE_CGROUP_DRIVER"  // "cgroupfs" (default) or "systemd"
+	// EnvSystemdUIDDir is systemd's dynamic uid lock directory, whose locks on the
+	// leased uids the nexlet holds (default DefaultSystemdUIDDir; "-": none).
+	EnvSystemdUIDDir = "NEX_NATIVE_SYSTEMD_UID_DIR"
+	EnvExitsDir      = "NEX_NATIVE_EXITS_DIR"     // nexd's exit records of orphaned workloads
+	EnvCgroupDriver  = "NEX_NATIVE_CGROUP_DRIVER" // "cgroupfs" (default) or "systemd"
 	// Defaults for workloads whose start request names no limit, and the artifact cap
 	// (bytes; 0 or absent: none, a negative size means "max": none either).
 	EnvDefaultMemoryMax = "NEX_NATIVE_DEFAULT_MEMORY_MAX"
@@ -170,6 +173,12 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 		}
 	}
 	cfg.Users.LeaseDir = env(EnvUIDLeaseDir)
+	switch cfg.Users.SystemdUIDDir = env(EnvSystemdUIDDir); cfg.Users.SystemdUIDDir {
+	case "":
+		cfg.Users.SystemdUIDDir = DefaultSystemdUIDDir
+	case "-":
+		cfg.Users.SystemdUIDDir = ""
+	}
 	cfg.Users.Pool = DefaultUIDPool
 	if v := env(EnvUIDRange); v != "" {
 		if cfg.Users.UIDMin, cfg.Users.UIDMax, err = ParseUIDRange(v); err != nil {

@@ -169,6 +169,9 @@ func New(cfg Config) (*Nexlet, error) {
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
+	if us.sdWarn != "" {
+		n.log.Warn(us.sdWarn)
+	}
 	n.releases = &releaser{u: us, log: n.log, wg: &n.bg, gate: &n.starts, hurry: make(chan struct{}), batch: releaseBatch}
 	if n.cfg.PollInterval <= 0 {
 		n.cfg.PollInterval = 250 * time.Millisecond
@@ -228,6 +231,7 @@ func (n *Nexlet) Close() {
 	n.iso.close()
 	n.spawn.close()
 	n.users.stopPool()
+	n.users.sd.closeAll()
 	n.records.stopRecordPool()
 	if si, ok := n.iso.(*scopeIsolation); ok {
 		si.sd.Close()

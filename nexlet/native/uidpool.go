@@ -181,10 +181,14 @@ func (p *uidPool) claim(e pooledUID, owner string) (made, ok bool, err error) {
 	path := p.u.leasePath(e.id.uid)
 	b, err := os.ReadFile(path)
 	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		p.u.sd.drop(e.id.uid) // nobody leases it now
+		err = nil
 	case err != nil || leaseOwner(b) != p.owner:
 		err = nil
 	case p.u.hosts.uses(e.id.uid):
 		_ = os.Remove(path)
+		p.u.sd.drop(e.id.uid)
 	default:
 		if err = writeLease(path, owner); err != nil {
 			break
@@ -194,6 +198,7 @@ func (p *uidPool) claim(e pooledUID, owner string) (made, ok bool, err error) {
 		}
 		if merr := os.Mkdir(owner, 0o700); merr != nil && !errors.Is(merr, fs.ErrExist) {
 			_ = os.Remove(path)
+			p.u.sd.drop(e.id.uid)
 			err = fmt.Errorf("directory: %w", merr)
 			break
 		}
@@ -242,6 +247,7 @@ func (p *uidPool) drain() {
 			if unlock, err := p.u.lock(); err == nil {
 				if b, err := os.ReadFile(p.u.leasePath(id.uid)); err == nil && leaseOwner(b) == p.owner {
 					_ = os.Remove(p.u.leasePath(id.uid))
+					p.u.sd.drop(id.uid)
 				}
 				unlock()
 			}

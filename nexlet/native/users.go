@@ -48,6 +48,10 @@ type UserPolicy struct {
 	LeaseDir string
 	// Pool is how many dynamic uids are leased ahead, off the deploy path (0: none).
 	Pool int
+	// SystemdUIDDir is systemd's dynamic uid lock directory (DefaultSystemdUIDDir, as
+	// Main sets it), whose lock on each leased uid the nexlet holds (sdLocks); "": the
+	// nexlet takes none.
+	SystemdUIDDir string
 }
 
 // ParseUIDRange parses "MIN-MAX".
@@ -87,6 +91,10 @@ type users struct {
 	proc string   // where processes are listed: /proc (a test points it elsewhere)
 	// hosts: the host's users and groups, whose ids a dynamic uid must not have.
 	hosts *hostIDs
+	// sd holds systemd's locks on the leased uids; nil: none are taken (sdWarn says
+	// why, when it matters).
+	sd     *sdLocks
+	sdWarn string
 
 	// The uids of the latest whole walk of /proc (a release's or a lease's) and when
 	// it began: a lease within walkReuse of it need not walk again (leaseFreshN).
@@ -157,6 +165,12 @@ func newUsers(pol UserPolicy, fallbackLeaseDir string) (*users, error) {
 		}
 		if err := checkPrivateDir(pol.LeaseDir); err != nil {
 			return nil, fmt.Errorf("dynamic uid lease dir: %w", err)
+		}
+		u.sd, u.sdWarn = openSDLocks(pol.SystemdUIDDir)
+		if u.sd != nil {
+			u.hosts.sdDir = ""
+		} else if pol.SystemdUIDDir != "" {
+			u.hosts.sdDir = pol.SystemdUIDDir
 		}
 	}
 	return u, nil
@@ -296,18 +310,32 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 	span := u.pol.UIDMax - u.pol.UIDMin + 1
 	start := rand.Uint32N(span) // not predictable, and few collisions between nodes
 	var out []ident
+	var sdErr error
 	for i := uint32(0); i < span && len(out) < n; i++ {
 		uid := u.pol.UIDMin + (start+i)%span
 		if busy[uid] || u.hosts.uses(uid) {
 			continue
 		}
-		if free, stale := u.leaseFreeLocked(uid, fresh); !free ||
-			stale && removeLeftovers(u.proc, map[uint32]bool{uid: true})[uid] != nil {
+		free, stale := u.leaseFreeLocked(uid, fresh)
+		if !free {
+			continue
+		}
+		// systemd's lock on the uid: a uid whose lock another process holds is
+		// systemd's (a DynamicUser= service's) or another nexlet's.
+		if ok, err := u.sd.take(uid); err != nil || !ok {
+			if err != nil {
+				sdErr = err
+			}
+			continue
+		}
+		if stale && removeLeftovers(u.proc, map[uint32]bool{uid: true})[uid] != nil {
 			// A stale lease (its holder gone unreleased): its uid's leftovers go before
 			// anyone else runs as it, or the uid is not taken.
+			u.sd.drop(uid)
 			continue
 		}
 		if err := writeLease(u.leasePath(uid), owner); err != nil {
+			u.sd.drop(uid)
 			if len(out) > 0 {
 				return out, nil
 			}
@@ -315,20 +343,32 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 		}
 		out = append(out, ident{uid: uid, gid: uid, groups: []uint32{}, name: "dynamic", dynamic: true})
 	}
+	if len(out) == 0 && sdErr != nil {
+		return nil, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range): %w", u.pol.UIDMin, u.pol.UIDMax, sdErr)
+	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range)", u.pol.UIDMin, u.pol.UIDMax)
 	}
 	return out, nil
 }
 
-// hold re-leases uid for owner (a workload adopted after a nexlet restart).
+// hold re-leases uid for owner (a workload adopted after a nexlet restart) and takes
+// systemd's lock on it again, which the nexlet that died dropped. The lease is written
+// even when the lock is another's: the workload runs as the uid either way.
 func (u *users) hold(uid uint32, owner string) error {
 	unlock, err := u.lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	return writeLease(u.leasePath(uid), owner)
+	if err := writeLease(u.leasePath(uid), owner); err != nil {
+		return err
+	}
+	ok, err := u.sd.take(uid)
+	if err == nil && !ok {
+		err = fmt.Errorf("systemd's lock on uid %d (%s) is another process's: a DynamicUser= service started while no nexlet held it may share the workload's uid", uid, u.sd.path(uid))
+	}
+	return err
 }
 
 // release kills whatever still runs as a dynamic uid (a process that left the
@@ -365,6 +405,7 @@ func (u *users) release(id ident) error {
 	if err := os.Remove(u.leasePath(id.uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("dynamic uid %d: %w", id.uid, err)
 	}
+	u.sd.drop(id.uid)
 	return nil
 }
 
@@ -437,7 +478,9 @@ func (u *users) releaseAll(ids []ident) error {
 		}
 		if err := os.Remove(u.leasePath(uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("dynamic uid %d: %w", uid, err))
+			continue
 		}
+		u.sd.drop(uid)
 	}
 	return errors.Join(errs...)
 }

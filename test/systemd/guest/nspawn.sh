@@ -273,6 +273,49 @@ check "purge left no enablement symlink or mask" \
 	sh -c '! test -L /etc/systemd/system/multi-user.target.wants/nexd.service && ! test -L /etc/systemd/system/nexd.service &&
 		! test -L /etc/systemd/system/sockets.target.wants/nexd.socket && ! test -L /etc/systemd/system/nexd.socket'
 
+# --- systemd's DynamicUser= allocator skips a running workload's uid: the native nexlet
+# holds systemd's lock on it, /run/systemd/dynamic-uid/<uid>. systemd tries the hash of
+# the unit's user name first, so the probe service gets the same uid each time unless
+# that uid is locked; nexd is given that one uid as its whole range. Before, the probe
+# got the workload's uid. ---
+probe_uid() { ps -o uid= -p "$(systemctl show -P MainPID nexuidprobe)" 2>/dev/null | tr -d ' '; }
+other_uid() { local u; u=$(probe_uid); [ -n "$u" ] && [ "$u" != "$DUID" ]; }
+probe_up() { # the DynamicUser= service nexuidprobe runs
+	systemctl reset-failed nexuidprobe 2>/dev/null
+	systemd-run -q -p DynamicUser=yes --unit=nexuidprobe /usr/bin/tail -f /dev/null &&
+		wait_until 30 sh -c 'test "$(systemctl show -P MainPID nexuidprobe)" -gt 0'
+}
+check "a DynamicUser= service (nexuidprobe) runs" probe_up
+DUID=$(probe_uid)
+info "systemd gives nexuidprobe uid $DUID"
+systemctl stop nexuidprobe
+mkdir -p /etc/systemd/system/nexd.service.d
+printf '[Service]\nEnvironment=NEX_WORKLOAD_UID_RANGE=%s-%s\n' "$DUID" "$DUID" >/etc/systemd/system/nexd.service.d/uid.conf
+systemctl daemon-reload
+check "dpkg -i with workload_uid_range $DUID-$DUID (a drop-in)" dpkg -i "$DEB"
+check "active (running) with that range" wait_until 90 running
+check "tmpfiles made /run/systemd/dynamic-uid" test -d /run/systemd/dynamic-uid
+check "nexctl workload run --name u -- /bin/sleep 600" run_workload --name u -- /bin/sleep 600
+check "workload u runs" wait_until 30 running_once u sleep
+UPID=$(pgrep -x sleep | head -1)
+check "workload u runs as uid $DUID" test "$(ps -o uid= -p "$UPID" | tr -d ' ')" = "$DUID"
+check "nexd holds systemd's lock on uid $DUID (the file exists under the unit's sandbox)" test -f "/run/systemd/dynamic-uid/$DUID"
+check "no warning that systemd's dynamic uid locks cannot be taken" \
+	sh -c "! journalctl -u nexd --no-pager | grep -q \"systemd's dynamic uid locks\""
+check "the DynamicUser= service starts again while workload u runs" probe_up
+info "nexuidprobe now has uid $(probe_uid); workload u has $DUID"
+check "systemd gave it another uid than workload u's $DUID (before: the same)" other_uid
+systemctl stop nexuidprobe
+check "nexctl lameduck --delay 0s (workload u stops, its uid released)" nexctl lameduck --delay 0s
+check "lameduck: service exits" wait_until 90 inactive
+check "the release unlinked systemd's lock file of uid $DUID" wait_until 30 not test -e "/run/systemd/dynamic-uid/$DUID"
+check "the DynamicUser= service starts once more" probe_up
+check "after the release, systemd gives it uid $DUID again" test "$(probe_uid)" = "$DUID"
+systemctl stop nexuidprobe
+rm -rf /etc/systemd/system/nexd.service.d
+systemctl daemon-reload
+check "apt-get purge nexd after the dynamic uid checks" apt-get purge -y -q nexd
+
 # --- faults (issue 15) under real systemd, with an external nats-server: JetStream
 # unavailable at start (degraded READY, no restart), then NATS gone for four watchdog
 # intervals while a workload runs (no watchdog kill, the same workload process) ---

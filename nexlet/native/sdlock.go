@@ -1,0 +1,130 @@
+package native
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultSystemdUIDDir is where systemd locks the uids it gives DynamicUser= services:
+// one file per uid, /run/systemd/dynamic-uid/<uid>, held under a BSD lock (flock) for as
+// long as the uid is in use.
+const DefaultSystemdUIDDir = "/run/systemd/dynamic-uid"
+
+// sdLocks holds systemd's lock on each dynamic uid this nexlet leases, as systemd's
+// own allocator takes it (src/core/dynamic-user.c, pick_uid): open the uid's file with
+// O_CREAT|O_NOFOLLOW, flock(LOCK_EX|LOCK_NB), and start over when the file was
+// unlinked meanwhile (st_nlink 0). systemd skips a uid whose lock it cannot take
+// (EAGAIN) and looks at nothing else nexd owns (processes, nexd's leases), so without
+// this a DynamicUser= service started later could be given a running workload's uid.
+// A release unlinks the file and then closes it, as systemd does: an allocator that
+// opened the file before the unlink gets the lock of an unlinked file, sees st_nlink 0
+// and opens afresh. The files stay empty: systemd reads a lock file's first line as its
+// dynamic user's name only to check it against its own table of users, which has no
+// nexd user, so nss-systemd knows no name for a workload's uid.
+//
+// flock belongs to the open file, so the locks live as long as this nexlet's
+// descriptors: a nexlet that dies drops them, and the next one takes them again as it
+// adopts the workloads that outlived it (users.hold).
+type sdLocks struct {
+	dir string
+	mu  sync.Mutex
+	fds map[uint32]*os.File
+}
+
+// take takes systemd's lock on uid; false when another process holds it (a systemd
+// dynamic user, or another nexlet's workload). A lock this nexlet holds already is
+// taken. Without locks to take (nil) every uid is taken.
+func (s *sdLocks) take(uid uint32) (bool, error) {
+	if s == nil {
+		return true, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.fds[uid]; ok {
+		return true, nil
+	}
+	path := s.path(uid)
+	for {
+		fd, err := unix.Open(path, unix.O_CREAT|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOCTTY, 0o600)
+		if err != nil {
+			return false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
+		}
+		f := os.NewFile(uintptr(fd), path)
+		if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) || errors.Is(err, unix.EBUSY) {
+				return false, nil
+			}
+			return false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			f.Close()
+			return false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
+		}
+		if st.Nlink > 0 {
+			s.fds[uid] = f
+			return true, nil
+		}
+		f.Close() // unlinked by its holder's release before we locked it
+	}
+}
+
+// drop gives systemd's lock on uid back: the file is unlinked, then closed.
+func (s *sdLocks) drop(uid uint32) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f, ok := s.fds[uid]
+	if !ok {
+		return
+	}
+	_ = os.Remove(s.path(uid))
+	f.Close()
+	delete(s.fds, uid)
+}
+
+// closeAll lets every lock go as the nexlet's exit would: the files stay, and the next
+// nexlet takes their locks again as it adopts the workloads still running.
+func (s *sdLocks) closeAll() {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for uid, f := range s.fds {
+		f.Close()
+		delete(s.fds, uid)
+	}
+}
+
+func (s *sdLocks) path(uid uint32) string {
+	return filepath.Join(s.dir, strconv.FormatUint(uint64(uid), 10))
+}
+
+// openSDLocks prepares systemd's lock directory dir. Where systemd runs (dir's parent,
+// /run/systemd, exists) the directory is made as systemd makes it (0755) when missing;
+// a host without systemd has no DynamicUser= to share uids with (nil, ""). A directory
+// nexd cannot write (nexd.service without ReadWritePaths=-/run/systemd/dynamic-uid)
+// gives nil and a warning: nexd then only avoids uids systemd holds, as before.
+func openSDLocks(dir string) (*sdLocks, string) {
+	if dir == "" {
+		return nil, ""
+	}
+	if _, err := os.Stat(filepath.Dir(dir)); err != nil {
+		return nil, ""
+	}
+	_ = os.Mkdir(dir, 0o755)
+	if err := unix.Access(dir, unix.W_OK); err != nil {
+		return nil, fmt.Sprintf("systemd's dynamic uid locks in %s cannot be taken (%v): nexd avoids the uids systemd gave DynamicUser= services, but a DynamicUser= service started after a workload may be given the workload's uid; let nexd write there (nexd.service: ReadWritePaths=-%s) or set workload_uid_range outside systemd's 61184-65519", dir, err, dir)
+	}
+	return &sdLocks{dir: dir, fds: map[uint32]*os.File{}}, ""
+}

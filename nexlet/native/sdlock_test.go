@@ -1,0 +1,145 @@
+package native
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+	"golang.org/x/sys/unix"
+)
+
+// envSDProbe makes the test binary a probe that tries systemd's lock on a uid (the
+// file it names) exactly as systemd's allocator does (src/core/dynamic-user.c,
+// pick_uid) and says "locked" or "busy".
+const envSDProbe = "NEXD_TEST_SYSTEMD_UID_PROBE"
+
+// TestSystemdUIDProbe is the probe's body, run in a process of its own: flock belongs
+// to the open file, so the nexlet's own process would not show what another sees.
+func TestSystemdUIDProbe(t *testing.T) {
+	path := os.Getenv(envSDProbe)
+	if path == "" {
+		t.Skip("the probe process of TestAttackSystemdDynamicUserGetsAWorkloadsUID")
+	}
+	_ = os.Mkdir(filepath.Dir(path), 0o755) // as pick_uid does
+	for {
+		fd, err := unix.Open(path, unix.O_CREAT|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOCTTY, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EBUSY) {
+				fmt.Println("PROBE busy")
+				return
+			}
+			t.Fatal(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Nlink > 0 {
+			// systemd would now check the uid against NSS and keep the lock; the probe
+			// lets it go (and the empty file it may have made stays, as systemd's
+			// would after a crash: a lock nobody holds).
+			fmt.Println("PROBE locked")
+			return
+		}
+		unix.Close(fd)
+	}
+}
+
+// probeSystemdLock runs the probe in a process of its own against path.
+func probeSystemdLock(t *testing.T, path string) string {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSystemdUIDProbe$", "-test.count=1")
+	cmd.Env = append(os.Environ(), envSDProbe+"="+path)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("probe: %v: %s", err, out)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if v, ok := strings.CutPrefix(l, "PROBE "); ok {
+			return v
+		}
+	}
+	t.Fatalf("probe said nothing: %s", out)
+	return ""
+}
+
+// TestAttackSystemdDynamicUserGetsAWorkloadsUID: systemd gives a DynamicUser= service
+// a uid of its range (61184-65519, nexd's default workload_uid_range too) whose lock
+// file /run/systemd/dynamic-uid/<uid> it can flock, and looks at no process and at no
+// lease of nexd's. Before, nothing held that lock for a running workload's uid: a
+// process doing systemd's check (open O_CREAT, flock LOCK_EX|LOCK_NB, st_nlink) got it,
+// so a service started later could run as the workload's uid (signal, ptrace, read its
+// files and credentials). Now the nexlet holds the lock while it leases the uid (the
+// probe gets EAGAIN), unlinks and drops it on release (the probe gets it again), and
+// a uid whose lock another process holds is not leased.
+func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
+	needRoot(t)
+	const uid = 2000400
+	if newHostIDs().uses(uid) {
+		t.Skip("uid 2000400 is in use on this host")
+	}
+	sd := filepath.Join(t.TempDir(), "dynamic-uid") // made as under /run/systemd
+	leases := t.TempDir()
+	lockPath := filepath.Join(sd, strconv.Itoa(uid))
+	fn := newFakeNode(t)
+	first := fn.startNexlet(Config{Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases, SystemdUIDDir: sd}})
+	run := startReq(protocol.LifecycleService, "w", map[string]any{"uri": script(t, "echo up; exec sleep 1000")}, fn.creds())
+	fn.mustStart("w", run)
+	fn.waitLog("w", "stdout", "up")
+	if got := probeSystemdLock(t, lockPath); got != "busy" {
+		t.Fatalf("systemd's check on a running workload's uid %d: %s, want busy (EAGAIN)", uid, got)
+	}
+
+	// A nexlet that dies drops the locks with its descriptors (here: closed as its
+	// exit would); until the next one adopts the workload, systemd could take the uid.
+	first.crash()
+	first.users.sd.closeAll()
+	if got := probeSystemdLock(t, lockPath); got != "locked" {
+		t.Fatalf("systemd's check with no nexlet running: %s, want locked", got)
+	}
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"w": run}
+	fn.mu.Unlock()
+	second := fn.startNexlet(Config{RuntimeDir: first.cfg.RuntimeDir, Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases, SystemdUIDDir: sd}})
+	testkit.Eventually(t, "the adopting nexlet holds systemd's lock again", func() bool {
+		return probeSystemdLock(t, lockPath) == "busy"
+	})
+
+	// With the lock another process's, the uid is not leased (the only one of the
+	// range is taken by the running workload anyway: a second workload must not get it).
+	fn.stop("w", testNS)
+	testkit.Eventually(t, "the uid released", func() bool {
+		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(uid)))
+		return os.IsNotExist(err)
+	})
+	if _, err := os.Lstat(lockPath); !os.IsNotExist(err) {
+		t.Errorf("systemd's lock file outlived the release: %v", err)
+	}
+	if got := probeSystemdLock(t, lockPath); got != "locked" {
+		t.Fatalf("systemd's check after the release: %s, want locked", got)
+	}
+
+	// A uid whose systemd lock another process holds (a DynamicUser= service's) is
+	// skipped: with it the only uid of the range, no workload starts.
+	holder, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close()
+	if err := unix.Flock(int(holder.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := second.users.leaseFreshN("/proc/"+strconv.Itoa(os.Getpid()), 1); err == nil {
+		t.Fatalf("leased %v, whose systemd lock another process holds", ids)
+	}
+}
