@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -879,4 +880,114 @@ func TestAttackRootWorkloadsAfterRestartWithoutThem(t *testing.T) {
 	if ws := n2.workloads(t); !slices.ContainsFunc(ws, func(w control.Workload) bool { return w.ID == running.ID }) {
 		t.Errorf("workload %s not running after the restart: %+v", running.ID, ws)
 	}
+}
+
+// TestAttackLocalUserReadsArgvSecret: a start request names secret://KEY in its argv.
+// The native nexlet resolved it into the workload's command line, which every local user
+// reads in /proc/<pid>/cmdline (mode 0444; only a hidepid mount of /proc hides it, and
+// nexd.service's ProtectProc= changes nexd's own view of /proc, not other users'): mallory,
+// a local user outside group nex, found the tenant's secret there. Now such a start is
+// refused, naming the argument and the environment as the place for secrets. The same
+// secret in the environment is in /proc/<pid>/environ, mode 0400 and owned by the
+// workload's own dynamic uid: neither mallory nor a workload of another namespace (another
+// dynamic uid) reads it; root does (the control: the value is there to find).
+func TestAttackLocalUserReadsArgvSecret(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: workloads switch to dynamic uids only under a root nexd")
+	}
+	testkit.RequireUsers(t)
+	t.Parallel()
+	const secret = "argv-s3cret-4f9c2e"
+	// The pattern every scan looks for: a regular expression that matches the secret but
+	// is not the secret, so that the scanning grep's own command line never matches.
+	const pattern = "argv-s3cret-4f9c2[e]"
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	n.waitNative(t)
+	nc := testnats.Connect(t, s)
+	mallory := testkit.NewUser(t)
+	// Set in-process: `nexctl secret set NS KEY VALUE` would put the value in nexctl's own
+	// command line (`-` reads it from stdin).
+	c := control.NewClient(n.socket)
+	defer c.Close()
+	if err := c.SetSecret(t.Context(), "tenant", "DB_PASS", []byte(secret)); err != nil {
+		t.Fatal(err)
+	}
+	// scan is mallory's attack: every process's command line and environment.
+	scan := func() string {
+		out, _ := mallory.Command("/bin/sh", "-c",
+			"grep -l -a -e '"+pattern+"' /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null").Output()
+		return strings.TrimSpace(string(out))
+	}
+
+	// In argv: refused, naming the argument.
+	out, errOut, code := n.ctl(t, "--namespace", "tenant", "--json", "workload", "run", "--name", "argv",
+		"--", "/bin/sh", "-c", "sleep 600; :", "sh", "--password", "secret://DB_PASS")
+	if found := scan(); found != "" {
+		t.Errorf("%s (outside group nex) read the tenant's secret in %s", mallory.Name, found)
+	}
+	if code == 0 || !strings.Contains(errOut, "argv[4]") || !strings.Contains(errOut, "environment") {
+		t.Errorf("secret:// in argv: exit %d, %s%s; want refused, naming argv[4] and the environment", code, out, errOut)
+	}
+
+	// In the environment (sealed, as nexctl sends it): only the workload's uid and root.
+	env := n.runWorkload(t, "--namespace", "tenant", "--name", "env", "--env", "DB_PASS=secret://DB_PASS",
+		"--", "/bin/sh", "-c", "sleep 600; :")
+	var pid int
+	testkit.Eventually(t, "the workload's process", func() bool {
+		p := workloadPIDs(t, env.ID)
+		if len(p) > 0 {
+			pid = slices.Min(p)
+		}
+		return pid != 0
+	})
+	environ := "/proc/" + strconv.Itoa(pid) + "/environ"
+	b, err := os.ReadFile(environ)
+	if err != nil || !strings.Contains(string(b), "DB_PASS="+secret) {
+		t.Fatalf("control: root reads no DB_PASS=%s in %s: %v", secret, environ, err)
+	}
+	var uid int
+	for l := range strings.SplitSeq(string(mustRead(t, "/proc/"+strconv.Itoa(pid)+"/status")), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && f[0] == "Uid:" {
+			uid, _ = strconv.Atoi(f[1])
+		}
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(environ, &st); err != nil {
+		t.Fatal(err)
+	}
+	if uid == 0 || int(st.Uid) != uid || st.Mode&0o777 != 0o400 {
+		t.Errorf("%s: owner %d mode %o; want the workload's own uid %d (not root), mode 400", environ, st.Uid, st.Mode&0o777, uid)
+	}
+	if found := scan(); found != "" {
+		t.Errorf("%s (outside group nex) read the tenant's secret in %s", mallory.Name, found)
+	}
+	attacks := [][2]string{
+		{"read-victim-cmdline", "grep -q -a -e '" + pattern + "' /proc/" + strconv.Itoa(pid) + "/cmdline"},
+		{"read-victim-environ", "grep -q -a -e '" + pattern + "' /proc/" + strconv.Itoa(pid) + "/environ"},
+		{"read-own-environ", "grep -q -a NEX_WORKLOAD_ID /proc/self/environ"},
+	}
+	lines := attackLines(t, n, nc, "other", nil, attacks)
+	for _, a := range attacks[:2] {
+		if !contains(lines, "DENIED "+a[0]) {
+			t.Errorf("a workload of another namespace: %s not denied: %q", a[0], lines)
+		}
+	}
+	// Control: the script does read an environment it may read.
+	if !contains(lines, "ATTACK-OK read-own-environ") {
+		t.Errorf("the attacking workload cannot read its own environment: %q", lines)
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

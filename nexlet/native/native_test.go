@@ -174,12 +174,12 @@ func TestSealedEnvironmentAndSecrets(t *testing.T) {
 	}
 	uri := script(t, `echo "sealed=$SEALED_V plain=$PLAIN secret=$FROM_STORE arg=$1"; env | cut -d= -f1 | sort | tr '\n' ' '; echo`)
 	req := startReq(protocol.LifecycleJob, "sealed", map[string]any{
-		"uri": uri, "argv": []string{"secret://DB_PASS"},
+		"uri": uri, "argv": []string{"plain-arg"},
 		"environment":           map[string]string{"PLAIN": "p", "FROM_STORE": "secret://DB_PASS"},
 		"encrypted_environment": protocol.EncEnv{Base64EncryptedEnv: base64.StdEncoding.EncodeToString(sealed), EncryptedBy: clientPub},
 	}, fn.creds())
 	fn.mustStart("sealed", req)
-	fn.waitLog("sealed", "stdout", "sealed=s3cret-value plain=p secret=from-secret-store arg=from-secret-store")
+	fn.waitLog("sealed", "stdout", "sealed=s3cret-value plain=p secret=from-secret-store arg=plain-arg")
 	fn.stoppedEvent("sealed")
 	var names string
 	for _, l := range fn.logLines("sealed", "stdout") {
@@ -194,6 +194,20 @@ func TestSealedEnvironmentAndSecrets(t *testing.T) {
 	}
 	if strings.Contains(names, "NEXD_TEST_LEAK") {
 		t.Errorf("the nexlet's environment leaked into the workload: %q", names)
+	}
+
+	// A secret:// argument is refused, naming it (every local user reads a process's
+	// arguments in /proc/<pid>/cmdline; e2e TestAttackLocalUserReadsArgvSecret), also
+	// for a key the store does not hold; nothing starts.
+	for i, key := range []string{"DB_PASS", "MISSING"} {
+		id := "argvsecret" + strconv.Itoa(i)
+		r := fn.start(id, startReq(protocol.LifecycleJob, id, map[string]any{"uri": uri, "argv": []string{"--password", "secret://" + key}}, fn.creds()))
+		if r.code == "" || !strings.Contains(r.errText, "argv[1] is a secret:// reference") || !strings.Contains(r.errText, "environment") {
+			t.Errorf("secret://%s in argv: %s %q; want refused naming argv[1] and the environment", key, r.code, r.errText)
+		}
+		if _, ok := fn.summary(id); ok || len(fn.procsOf(id)) != 0 {
+			t.Errorf("secret://%s in argv: the workload started anyway", key)
+		}
 	}
 
 	// GETWORKLOAD returns the request with the environment still sealed.
@@ -426,5 +440,27 @@ func TestReplayAdoptsLiveAndStartsDead(t *testing.T) {
 	}
 	if alive(livePid) {
 		t.Errorf("adopted workload survived its stop")
+	}
+}
+
+// TestReplayedArgvSecretKeepsRunning: a workload deployed before secret:// arguments were
+// refused, with one in its argv, is replayed to the nexlet (a restart of nexd or of its
+// host): it runs on (refused, it would be listed as failed and left unmanaged), with a
+// warning logged; new starts of it are refused (TestSealedEnvironmentAndSecrets).
+func TestReplayedArgvSecretKeepsRunning(t *testing.T) {
+	fn := newFakeNode(t)
+	st := secrets.FileStore{Dir: t.TempDir()}
+	if err := st.Set(testNS, "DB_PASS", "from-secret-store"); err != nil {
+		t.Fatal(err)
+	}
+	req := startReq(protocol.LifecycleService, "oldargv", map[string]any{
+		"uri": script(t, `echo "arg=$1"; exec sleep 1000`), "argv": []string{"secret://DB_PASS"}}, fn.creds())
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"oldargv": req}
+	fn.mu.Unlock()
+	fn.startNexlet(Config{Secrets: st})
+	fn.waitLog("oldargv", "stdout", "arg=from-secret-store")
+	if s, ok := fn.summary("oldargv"); !ok || s.WorkloadState != protocol.WorkloadRunning {
+		t.Errorf("replayed workload: %+v %v; want running", s, ok)
 	}
 }

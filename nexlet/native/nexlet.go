@@ -388,6 +388,15 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	if err != nil {
 		return nil, err
 	}
+	if i := argvSecret(pl.req.Argv); i >= 0 {
+		if !existing {
+			return nil, fmt.Errorf("run_request: argv[%d] is a %s reference: a process's arguments are readable by every local user (/proc/<pid>/cmdline), so secrets are not resolved there; pass it in the environment instead (environment {\"NAME\": \"%s<key>\"}, readable by the workload's own uid only)", i, secrets.Scheme, secrets.Scheme)
+		}
+		// Deployed by a nexlet that still resolved it: a replay keeps what runs
+		// (refused, the workload would be left unmanaged), and says so.
+		n.log.Warn("replayed workload resolves a secret in its argv, which every local user can read; redeploy it with the secret in its environment",
+			"workload_id", id, "namespace", req.Request.Namespace, "argv_index", i)
+	}
 	want, err := n.users.resolve(pl.req.User)
 	if err != nil {
 		return nil, err
@@ -508,6 +517,7 @@ func (n *Nexlet) buildEnv(id string, req *protocol.AgentStartWorkloadRequest, pl
 	for _, k := range slices.Sorted(maps.Keys(vars)) {
 		env = append(env, k+"="+vars[k])
 	}
+	// Only a replay gets here with a secret:// argument (see startWorkload).
 	argv := make([]string, len(pl.req.Argv))
 	for i, a := range pl.req.Argv {
 		r, err := secrets.Resolve(n.cfg.Secrets, ns, a)

@@ -16,6 +16,7 @@ import (
 
 	artifacts "github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/nexlet/secrets"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -297,4 +298,15 @@ func (p *plan) parseRestart(lc protocol.Lifecycle) error {
 		p.backoff = min(b, MaxBackoff)
 	}
 	return nil
+}
+
+// argvSecret is the index of the first secret:// argument in argv, or -1. New starts
+// with one are refused: every local user reads a process's arguments in /proc.
+func argvSecret(argv []string) int {
+	for i, a := range argv {
+		if strings.HasPrefix(a, secrets.Scheme) {
+			return i
+		}
+	}
+	return -1
 }
