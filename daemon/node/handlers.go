@@ -349,9 +349,9 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 	if owned && stopping != nil && keep {
 		stopping(nil) // at nexd's shutdown: the workload starts again anyway
 	} else if owned && stopping != nil {
-		var settle func()
+		var settle func(stopped bool)
 		ack, settle = n.stopAck(workloadID, o, stopping)
-		defer settle() // before the answer: no "stopping" after it
+		defer func() { settle(ret.Stopped) }() // before the answer: no "stopping" after it
 	}
 	body, err := protocol.Marshal(protocol.StopWorkloadRequest{Namespace: namespace, Keep: keep, RecordAck: ack != nil})
 	if err != nil {
@@ -435,11 +435,16 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 // confirmed recorded (HeaderStopUnrecorded), as it does at once when no nexlet of the
 // owner is registered. A nexlet that cannot say it (upstream's SDK, which records no
 // stop; a nexd SDK nexlet without nexlet.StopRecorder) gets the word as before, at
-// once. settle ends the arrangement: after it nothing more is said.
-func (n *Node) stopAck(wid string, o ownership, stopping func(nats.Header)) (ack func(*registration), settle func()) {
+// once. settle ends the arrangement: after it nothing more is said. A stop the nexlet
+// confirmed (stopped) before its word came (it could not write its record: a full
+// runtime directory) is said then, plainly: the workload is gone, and the node's
+// removal from its state, which may take seconds on a failing store, comes before the
+// answer (TestEmbeddedStoreDiskFullHeals: before, a waiting nexctl heard nothing for
+// 9 s and gave up with "not found").
+func (n *Node) stopAck(wid string, o ownership, stopping func(nats.Header)) (ack func(*registration), settle func(stopped bool)) {
 	var once sync.Once
 	say := func(h nats.Header) { once.Do(func() { stopping(h) }) }
-	hush := func() { once.Do(func() {}) }
+	hush := func(bool) { once.Do(func() {}) }
 	n.mu.Lock()
 	var holder *registration
 	for _, r := range n.agents {
@@ -468,9 +473,12 @@ func (n *Node) stopAck(wid string, o ownership, stopping func(nats.Header)) (ack
 		}
 		say(nats.Header{protocol.HeaderStopRecorded: {o.owner}})
 	}
-	return ack, func() {
+	return ack, func(stopped bool) {
 		t.Stop()
-		hush() // waits for a word being said: it goes before the answer
+		if stopped {
+			say(nil)
+		}
+		hush(stopped) // waits for a word being said: it goes before the answer
 	}
 }
 
