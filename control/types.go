@@ -153,6 +153,17 @@ type Status struct {
 	// Tombstones are the stopped workloads whose removal from node state failed and is
 	// retried: a tombstone on local disk keeps each out of every replay meanwhile.
 	Tombstones []Tombstone `json:"tombstones,omitempty"`
+	// LocalState is whether the node's state and runtime directories can be written
+	// (each has 4 MiB free and takes a write): the node does not bid while they cannot.
+	LocalState *LocalStateStatus `json:"local_state,omitempty"`
+}
+
+// LocalStateStatus is whether the node's local state can be written.
+type LocalStateStatus struct {
+	State   string    `json:"state"` // "ok" or "unwritable"
+	Detail  string    `json:"detail,omitempty"`
+	Since   time.Time `json:"since,omitzero"` // when it became unwritable
+	Checked time.Time `json:"checked"`        // when it was last looked at
 }
 
 // Tombstone is a stopped workload whose removal from node state is pending; INFO

@@ -60,6 +60,7 @@ type server struct {
 	revokes    goroutines     // credential revocations, awaited before NATS closes
 	kv         *state.KV      // the state bucket (state "kv"), else nil
 	jetstream  jsWatch        // what JetStream last said about kv
+	disk       *diskWatch     // whether the state and runtime directories can be written
 	// tombstones stand in for kv's removals that failed (with a state_dir), else nil.
 	tombstones *node.Tombstones
 
@@ -273,6 +274,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	if cfg.Node.LogStream {
 		s.keepLogStream(startCtx, cfg.Node.LogStreamMaxAge, cfg.Node.LogStreamMaxBytes)
 	}
+	s.disk = newDiskWatch(d.log, map[string]string{"state directory": cfg.Node.StateDir, "runtime directory": s.runtimeDir})
 	s.node, err = node.New(node.Options{
 		NC:                      s.conn.NC,
 		NodeKey:                 id.Node,
@@ -293,8 +295,8 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		TrustedNodes:            cfg.TrustedNodes,
 		Minter:                  s.minter,
-		CanPlace:                canPlace(s.jetstream.refusal, diskSpace(d.log, map[string]string{"state directory": cfg.Node.StateDir, "runtime directory": s.runtimeDir})),
-		CanBid:                  s.jetstream.bidRefusal,
+		CanPlace:                canPlace(s.jetstream.refusal, s.disk.placeCheck),
+		CanBid:                  canPlace(s.jetstream.bidRefusal, s.disk.bidRefusal),
 		Store:                   s.metrics.CountStore(store),
 		Emitter:                 s.emitter(cfg),
 		Logger:                  d.log,

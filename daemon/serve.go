@@ -114,6 +114,7 @@ func (s *server) serve(startCtx context.Context) error {
 	if s.kv != nil {
 		s.own.goFn(func() { s.jetStreamLoop(s.ctx) })
 	}
+	s.own.goFn(func() { s.disk.loop(s.ctx) })
 	return nil
 }
 
@@ -321,6 +322,9 @@ func (s *server) statusLine() string {
 	}
 	if js := s.jetstream.status(); js != nil && js.State != "ok" {
 		line += ", jetstream " + js.State + ": " + js.Detail
+	}
+	if err := s.disk.bidRefusal(); err != nil {
+		line += ", local state unwritable " + err.Error()
 	}
 	if v.phase == control.StateLameduck {
 		line += ", workloads stop at " + v.lameduckUntil.UTC().Format(time.RFC3339)

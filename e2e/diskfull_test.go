@@ -122,29 +122,14 @@ func TestExternalStoreDiskFull(t *testing.T) {
 	fill := testkit.FillFS(t, store)
 	var late []crashLoop
 	// deploy runs a service through an auction: "ran", "refused" by the node it went to
-	// (503, not started: it bid and then could not record it), or "no bid".
+	// (503, not started: it bid and then could not record it; said as such, not
+	// "internal server error" as before 673826d), or "no bid".
 	deploy := func(name string) string {
-		c := newCrashLoop(t, "latedeploy")
-		full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
-		full = append(full, "--json", "workload", "run", "--name", name, "--", "/bin/sh", "-c", `echo run >> "$1"; sleep 600`, c.marker, c.runsFile)
-		out, errOut, code := run(t, nil, nexctlBin(t), full...)
-		var r runResult
-		switch {
-		case code == 0 && json.Unmarshal([]byte(out), &r) == nil:
-			c.id = r.ID
+		c, got := auctionDeploy(t, n, name, "state store (JetStream) did not take the workload's record")
+		if got == "ran" {
 			late = append(late, c)
-			return "ran"
-		case c.runs() != 0:
-			t.Errorf("deploy %s refused on a full store ran: %d runs: %s%s", name, c.runs(), out, errOut)
-		case strings.Contains(out+errOut, "state store (JetStream) did not take the workload's record"):
-			// Said as such, not "internal server error" (before 673826d).
-			return "refused"
-		case strings.Contains(out+errOut, "no bids for"):
-			return "no bid"
-		default:
-			t.Errorf("deploy %s on a full store: exit %d: %s%s", name, code, out, errOut)
 		}
-		return "?"
+		return got
 	}
 	refused := 0 // deploys until the store refuses one: writes first fill the slack of its files' last pages
 	for i := 0; i < 40 && refused == 0; i++ {
@@ -252,4 +237,94 @@ func startServices(t *testing.T, n *node, count int) []crashLoop {
 		return true
 	})
 	return cs
+}
+
+// TestStateDirFullNoBid: with an external NATS server (whose store has room), the
+// node's own state directory is a small tmpfs, filled while four services run. The node
+// must stop bidding within about a second (a deploy sent to it would be refused: its
+// records cannot be written), keep what it runs, show it in nexctl status, and bid again
+// once the space is back. Counted: of 3 deploys while full, how many went to the node
+// (0: no bid); running services lost (0). Before, the node kept bidding, won each auction
+// and refused the deploy (disk full).
+func TestStateDirFullNoBid(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	dir := testkit.SmallFS(t, "16m")
+	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv"}})
+	n.waitReady(t)
+	running := startServices(t, n, 4)
+	deploy := func(name string) string {
+		c, got := auctionDeploy(t, n, name, "disk full")
+		if got == "ran" {
+			running = append(running, c)
+		}
+		return got
+	}
+	fill := testkit.FillFS(t, dir)
+	full := time.Now()
+	testkit.EventuallyWithin(t, 30*time.Second, "nexctl status says the local state cannot be written", func() bool {
+		out, _, _ := n.ctl(t, "status")
+		return strings.Contains(out, "UNWRITABLE") && strings.Contains(out, "disk full") // its runtime directory is on it too
+	})
+	t.Logf("status says so %s after the fill", time.Since(full).Round(time.Millisecond))
+	outcomes := map[string]int{}
+	for i := range 3 {
+		outcomes[deploy("onfull"+strconv.Itoa(i))]++
+	}
+	t.Logf("3 deploys while the state directory is full: %v", outcomes)
+	if outcomes["refused"]+outcomes["ran"] != 0 {
+		t.Errorf("%d of 3 deploys went to the node with a full state directory (%d refused, %d ran); want none: no bid", outcomes["refused"]+outcomes["ran"], outcomes["refused"], outcomes["ran"])
+	}
+	if out, errOut, _ := n.ctl(t, "status"); !strings.Contains(out, "state store cannot be written") {
+		t.Errorf("nexctl status does not count the auctions not bid on: %s%s", out, errOut)
+	}
+	if err := os.Remove(fill); err != nil {
+		t.Fatal(err)
+	}
+	freed := time.Now()
+	var got string
+	testkit.EventuallyWithin(t, 30*time.Second, "a deploy runs once the space is back", func() bool {
+		got = deploy("afterfree")
+		return got == "ran"
+	})
+	t.Logf("a deploy ran %s after the space was freed", time.Since(freed).Round(time.Millisecond))
+	lost := 0
+	for _, c := range running {
+		if _, listed := c.listed(t, n); !listed || len(c.mains()) != 1 || c.runs() != 1 {
+			lost++
+			t.Logf("running %s: listed %v, processes %v, runs %d", c.id, listed, c.mains(), c.runs())
+		}
+	}
+	t.Logf("running services lost, unlisted or run twice: %d of %d", lost, len(running))
+	if lost != 0 {
+		t.Errorf("%d running services lost while the state directory was full", lost)
+	}
+}
+
+// auctionDeploy runs a service through an auction on n's NATS and says how it went:
+// "ran", "refused" (by the node it went to, with refusedText), or "no bid".
+func auctionDeploy(t *testing.T, n *node, name, refusedText string) (crashLoop, string) {
+	t.Helper()
+	c := newCrashLoop(t, "auctiondeploy")
+	full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
+	full = append(full, "--json", "workload", "run", "--name", name, "--", "/bin/sh", "-c", `echo run >> "$1"; sleep 600`, c.marker, c.runsFile)
+	out, errOut, code := run(t, nil, nexctlBin(t), full...)
+	var r runResult
+	switch {
+	case code == 0 && json.Unmarshal([]byte(out), &r) == nil:
+		c.id = r.ID
+		return c, "ran"
+	case c.runs() != 0:
+		t.Errorf("deploy %s refused ran: %d runs: %s%s", name, c.runs(), out, errOut)
+	case strings.Contains(out+errOut, refusedText):
+		return c, "refused"
+	case strings.Contains(out+errOut, "no bids for"):
+		return c, "no bid"
+	default:
+		t.Errorf("deploy %s: exit %d: %s%s", name, code, out, errOut)
+	}
+	return c, "?"
 }

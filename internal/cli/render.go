@@ -251,7 +251,7 @@ func notBidReason(r string) string {
 	case "credentials":
 		return "workload credentials would not fit the control line (long nats.jsdomain)"
 	case "state_store":
-		return "state store cannot be written"
+		return "state store cannot be written (JetStream, or the local state or runtime directory)"
 	case "bad_request":
 		return "bad request"
 	case "namespace":
@@ -416,6 +416,9 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 			text = fmt.Sprintf("%s since %s (%s ago): %s", strings.ToUpper(js.State), js.Since.Format(time.RFC3339), friendlyDuration(now.Sub(js.Since)), js.Detail)
 		}
 		rows = append(rows, [2]string{"JetStream", text})
+	}
+	if ls := st.LocalState; ls != nil && ls.State != "ok" {
+		rows = append(rows, [2]string{"Local state", fmt.Sprintf("%s since %s (%s ago): %s", strings.ToUpper(ls.State), ls.Since.Format(time.RFC3339), friendlyDuration(now.Sub(ls.Since)), ls.Detail)})
 	}
 	if l := st.NATS.Leaf; l != nil {
 		text := fmt.Sprintf("%d of %d remotes connected", l.Connected, l.Remotes)
