@@ -156,6 +156,9 @@ type Status struct {
 	// LocalState is whether the node's state and runtime directories can be written
 	// (each has 4 MiB free and takes a write): the node does not bid while they cannot.
 	LocalState *LocalStateStatus `json:"local_state,omitempty"`
+	// LastDrain is how the node's last lame duck drain ended, kept in its state
+	// directory until its next lame duck (INFO's nexd_last_drain).
+	LastDrain *protocol.LastDrain `json:"last_drain,omitempty"`
 }
 
 // LocalStateStatus is whether the node's local state can be written.

@@ -295,6 +295,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		RemoteNexlets:           remoteNexlets(cfg.Node.RemoteNexlets),
 		TrustedNodes:            cfg.TrustedNodes,
 		Minter:                  s.minter,
+		DrainOutcomeFile:        drainOutcomeFile(s.stateDir),
 		CanPlace:                canPlace(s.jetstream.refusal, s.disk.placeCheck),
 		CanBid:                  canPlace(s.jetstream.bidRefusal, s.disk.bidRefusal),
 		Store:                   s.metrics.CountStore(store),
@@ -826,4 +827,13 @@ func (s *server) tombstoneList() []node.Tombstone {
 		return nil
 	}
 	return s.tombstones.List()
+}
+
+// drainOutcomeFile is where the node keeps its last lame duck drain's outcome ("" for
+// an ephemeral node, which keeps nothing).
+func drainOutcomeFile(stateDir string) string {
+	if stateDir == "" {
+		return ""
+	}
+	return filepath.Join(stateDir, "last-drain.json")
 }

@@ -396,6 +396,21 @@ func TestLameduckDrainLeavesKVEmpty(t *testing.T) {
 	if k := keys(); len(k) != 0 {
 		t.Fatalf("lame duck left %d workloads in KV: %v", len(k), k)
 	}
+	// The drain's outcome outlives the node: a client that missed it (it asks after the
+	// node stopped, and later than the 10 s the node tells it for) finds it once the
+	// node runs again, on the control socket and over NATS, until the next lame duck.
+	time.Sleep(protocol.DrainTellFor + time.Second)
+	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: n.stateDir, cgroup: n.cgroup, extra: []string{"--state", "kv"}})
+	n2.waitReady(t)
+	for _, args := range [][]string{{"status"}, {"node", "info", st.NodeID}} {
+		if out := n2.mustCtl(t, args...); !strings.Contains(out, "Last drain") || !strings.Contains(out, "drained at") {
+			t.Errorf("nexctl %v on the next start does not show the last drain: %s", args, out)
+		}
+	}
+	n2.mustCtl(t, "lameduck", "--delay", "1h")
+	if out := n2.mustCtl(t, "status"); strings.Contains(out, "Last drain") {
+		t.Errorf("a new lame duck still shows the last drain: %s", out)
+	}
 }
 
 // TestSIGTERMDuringStartupWaits: SIGTERM while nexd waits for NATS, for JetStream, and

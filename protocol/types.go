@@ -119,6 +119,17 @@ type NodeInfoResponse struct {
 	// absent when there are none.
 	Tombstones     []Tombstone `json:"nexd_tombstones,omitempty"`
 	TombstoneCount int         `json:"nexd_tombstone_count,omitempty"`
+	// nexd extension: the outcome of the node's last lame duck drain, kept in its state
+	// directory until its next lame duck (absent before any, and while one is under way).
+	LastDrain *LastDrain `json:"nexd_last_drain,omitempty"`
+}
+
+// LastDrain is how a node's last lame duck drain ended (DrainDrained or DrainFailed,
+// with the reason), and when.
+type LastDrain struct {
+	State  string    `json:"state"`
+	Reason string    `json:"reason,omitempty"`
+	At     time.Time `json:"at"`
 }
 
 // MaxInfoTombstones bounds the tombstones a node lists in its INFO answer.

@@ -2,12 +2,17 @@ package node
 
 import (
 	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"os"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/privfile"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -66,7 +71,15 @@ func (n *Node) tellDrain(state, reason string) {
 	n.drainState, n.drainReason = state, reason
 	waiters := n.drainWaiters
 	n.drainWaiters = nil
+	var last *protocol.LastDrain
+	if !n.lameduck.IsZero() { // not a stop without a lame duck: there was no drain
+		last = &protocol.LastDrain{State: state, Reason: reason, At: time.Now().UTC()}
+		n.lastDrain = last
+	}
 	n.mu.Unlock()
+	if last != nil {
+		n.keepDrainOutcome(last) // before the clients are told: the node stops right after
+	}
 	if len(waiters) == 0 {
 		return
 	}
@@ -190,5 +203,74 @@ func (a *drainAckSet) waiting() int {
 func (a *drainAckSet) close() {
 	if a.sub != nil {
 		_ = a.sub.Unsubscribe()
+	}
+}
+
+// The last drain's outcome outlives the node, which stops right after its drain: the
+// clients waiting for it are told for DrainTellFor at most, and a client that lost it
+// (its link down longer, a script that asks later) finds it in the node's INFO
+// (nexd_last_drain) and STATUS once the node runs again. One file, replaced by the next
+// drain's outcome and removed when the next lame duck begins, so it never grows.
+// Before, the outcome lived only in the draining process.
+
+// lastDrainLocked is a copy of the last drain's outcome (nil: none kept).
+func (n *Node) lastDrainLocked() *protocol.LastDrain {
+	if n.lastDrain == nil {
+		return nil
+	}
+	c := *n.lastDrain
+	return &c
+}
+
+// LastDrain is the outcome of the node's last lame duck drain (nil: none kept).
+func (n *Node) LastDrain() *protocol.LastDrain {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.lastDrainLocked()
+}
+
+// readDrainOutcome reads the outcome an earlier run kept (nil: none, or unreadable).
+func (n *Node) readDrainOutcome() *protocol.LastDrain {
+	if n.o.DrainOutcomeFile == "" {
+		return nil
+	}
+	b, err := os.ReadFile(n.o.DrainOutcomeFile)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	var d protocol.LastDrain
+	if err == nil {
+		err = json.Unmarshal(b, &d)
+	}
+	if err != nil || d.State == "" {
+		n.log.Warn("the last lame duck drain's outcome is unreadable; ignored", "file", n.o.DrainOutcomeFile, "err", err)
+		return nil
+	}
+	return &d
+}
+
+// keepDrainOutcome writes d to the outcome file (a new file renamed over the old one,
+// synced: the node stops right after).
+func (n *Node) keepDrainOutcome(d *protocol.LastDrain) {
+	path := n.o.DrainOutcomeFile
+	if path == "" {
+		return
+	}
+	b, err := json.Marshal(d)
+	if err == nil {
+		err = privfile.Write(path, b)
+	}
+	if err != nil {
+		n.log.Warn("cannot keep the lame duck drain's outcome for after the node's stop", "file", path, "err", err)
+	}
+}
+
+// forgetDrainOutcome removes the kept outcome: a new lame duck began.
+func (n *Node) forgetDrainOutcome() {
+	if n.o.DrainOutcomeFile == "" {
+		return
+	}
+	if err := os.Remove(n.o.DrainOutcomeFile); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		n.log.Warn("cannot remove the last lame duck drain's outcome", "file", n.o.DrainOutcomeFile, "err", err)
 	}
 }

@@ -2,6 +2,8 @@ package node
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -136,4 +138,78 @@ func mustLameduck(t *testing.T, f *fixture, n *Node, nonce string) protocol.Lame
 	t.Helper()
 	r, _ := drainClient(t, f, n, "1h", nonce)
 	return r
+}
+
+// TestLastDrainKeptUntilNextLameduck: the drain's outcome outlives the node that drained
+// (it stops right after, and its clients are told for DrainTellFor at most): the next
+// node on the same state directory answers it in INFO (nexd_last_drain), with no expiry,
+// until its own lame duck begins, which forgets it; that drain's outcome replaces it,
+// one file in all. A stop without a lame duck keeps none. Before, the outcome lived
+// only in the draining process: a client that missed those 10 s never learnt it.
+func TestLastDrainKeptUntilNextLameduck(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "last-drain.json")
+	keep := func(_ int, o *Options) { o.DrainOutcomeFile = file }
+	f := newFixture(t, 1, keep)
+	n := f.nodes[0]
+	if d := n.Info().LastDrain; d != nil {
+		t.Fatalf("a fresh node has a last drain: %+v", d)
+	}
+	f.healthyAgent(n, "AGENTNATIVE", "native", "native", func(a *fakeAgent) {
+		a.workloads["WSTUCK"] = startReq(protocol.SystemNamespace, "stuck", "")
+		a.failStop = "cannot stop: device busy"
+	})
+	mustLameduck(t, f, n, "n1")
+	if _, err := n.DrainWorkloads(t.Context()); err == nil {
+		t.Fatal("drain with a failed stop: no error")
+	}
+	if err := n.Stop(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+
+	// The next run: a client that lost the outcome asks after the node stopped.
+	f2 := newFixture(t, 1, keep)
+	n2 := f2.nodes[0]
+	d := n2.Info().LastDrain
+	if d == nil || d.State != protocol.DrainFailed || !strings.Contains(d.Reason, "cannot stop: device busy") || time.Since(d.At) > time.Minute {
+		t.Fatalf("the next node's INFO last drain %+v, want the failed drain naming its stop's failure", d)
+	}
+	reply := request(t, f2.client, protocol.InfoSubject(n2.ID()), map[string]any{})
+	var info protocol.NodeInfoResponse
+	if err := json.Unmarshal(reply.Data, &info); err != nil || info.LastDrain == nil || info.LastDrain.State != protocol.DrainFailed {
+		t.Fatalf("INFO over NATS: %s (%v), want nexd_last_drain failed", reply.Data, err)
+	}
+	if _, err := n2.EnterLameduck(time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if d := n2.Info().LastDrain; d != nil {
+		t.Errorf("a new lame duck still shows the last drain: %+v", d)
+	}
+	if _, err := os.Stat(file); !os.IsNotExist(err) {
+		t.Errorf("the kept outcome is still there once a new lame duck began: %v", err)
+	}
+	if _, err := n2.DrainWorkloads(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if d := n2.LastDrain(); d == nil || d.State != protocol.DrainDrained {
+		t.Errorf("after the second drain: %+v, want drained", d)
+	}
+	if err := n2.Stop(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 1 {
+		t.Errorf("%d files kept for the drains, want 1: %v", len(ents), ents)
+	}
+
+	// A stop without a lame duck keeps nothing new: the last drain stays as it was.
+	f3 := newFixture(t, 1, keep)
+	if err := f3.nodes[0].Stop(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	f4 := newFixture(t, 1, keep)
+	if d := f4.nodes[0].Info().LastDrain; d == nil || d.State != protocol.DrainDrained {
+		t.Errorf("after a plain stop: %+v, want the drained outcome kept", d)
+	}
 }

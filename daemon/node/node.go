@@ -133,6 +133,9 @@ type Options struct {
 	// a stop, before the node tells a client that does not wait (default 2s): see
 	// stopAck.
 	StopRecordTimeout time.Duration
+	// DrainOutcomeFile, when set, keeps the last lame duck drain's outcome (LastDrain)
+	// across the node's exit, until its next lame duck: see drainoutcome.go.
+	DrainOutcomeFile string
 	// AgentSwitchWait bounds how long a renewed nexlet may keep its old user: it says
 	// when it switched (and the old one is revoked then); without that word the old one
 	// is revoked after this (default 2m).
@@ -247,8 +250,11 @@ type Node struct {
 	// "" before); drainWaiters the clients to tell it (HeaderDrainWait).
 	drainState, drainReason string
 	drainWaiters            []drainWaiter
-	startTime               time.Time
-	agents                  map[string]*registration // by agent id
+	// lastDrain is the last drain's outcome (nil: none, or a drain under way), as read
+	// from and written to Options.DrainOutcomeFile.
+	lastDrain *protocol.LastDrain
+	startTime time.Time
+	agents    map[string]*registration // by agent id
 	// deaf is the last health sweep at which the node's own NATS connection was down:
 	// a nexlet's silence until then says nothing about the nexlet.
 	deaf     time.Time
@@ -447,6 +453,7 @@ func New(o Options) (*Node, error) {
 		endsKick:       make(chan struct{}, 1),
 		stopsInFlight:  map[string]int{},
 	}
+	n.lastDrain = n.readDrainOutcome()
 	return n, nil
 }
 
@@ -934,6 +941,7 @@ func (n *Node) Info() protocol.NodeInfoResponse {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return protocol.NodeInfoResponse{
+		LastDrain:          n.lastDrainLocked(),
 		Tombstones:         tombs[:min(len(tombs), protocol.MaxInfoTombstones)],
 		TombstoneCount:     len(tombs),
 		AuctionsNotBid:     notBid,
@@ -971,7 +979,9 @@ func (n *Node) EnterLameduck(delay time.Duration) (time.Time, error) {
 	n.lameduck = until
 	n.state = protocol.NodeLameduck
 	ctx := n.ctx
+	n.lastDrain = nil // a new drain: the last one's outcome is kept until now
 	n.mu.Unlock()
+	n.forgetDrainOutcome()
 
 	n.log.Info("node entering lameduck mode", "delay", delay.String(), "until", until.Format(time.RFC3339))
 	n.o.Emitter.Emit(n.id, protocol.EventNodeLameduckSet, protocol.NodeLameduckSetEvent{ID: n.id, Time: until.UTC()})

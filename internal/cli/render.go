@@ -164,6 +164,9 @@ func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool, now 
 	if count := max(info.TombstoneCount, len(info.Tombstones)); count > 0 { // a nexd node
 		kv = append(kv, [2]string{"Tombstones", tombstonesText(info.Tombstones, count, now)})
 	}
+	if d := info.LastDrain; d != nil {
+		kv = append(kv, [2]string{"Last drain", lastDrainText(d, now)})
+	}
 	if err := kvTable(w, "Information about Node "+info.NodeID, kv); err != nil {
 		return err
 	}
@@ -233,6 +236,15 @@ func notBidText(byReason map[string]uint64) string {
 		parts[i] = fmt.Sprintf("%d %s", byReason[r], notBidReason(r))
 	}
 	return fmt.Sprintf("%d auction(s) since start: %s", total, strings.Join(parts, ", "))
+}
+
+// lastDrainText words a node's last lame duck drain, kept until its next lame duck.
+func lastDrainText(d *protocol.LastDrain, now time.Time) string {
+	when := fmt.Sprintf("%s (%s ago)", d.At.Format(time.RFC3339), friendlyDuration(now.Sub(d.At)))
+	if d.State == protocol.DrainDrained {
+		return "drained at " + when
+	}
+	return fmt.Sprintf("%s at %s: %s", strings.ToUpper(d.State), when, d.Reason)
 }
 
 // notBidReason words a reason of nexd_auctions_not_bid_total.
@@ -439,6 +451,9 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	}
 	if st.WorkloadUsers != "" {
 		rows = append(rows, [2]string{"Workloads run as", st.WorkloadUsers})
+	}
+	if d := st.LastDrain; d != nil {
+		rows = append(rows, [2]string{"Last drain", lastDrainText(d, now)})
 	}
 	if err := kvTable(w, "", rows); err != nil {
 		return err
