@@ -37,6 +37,11 @@ type fakeNode struct {
 	workloads      []protocol.WorkloadSummary
 	stored         map[string]protocol.StartWorkloadRequest // for CLONE
 	stopOK         bool
+	// stopWord, when set, is the "stopping" word (a body-less Nex-Progress reply with
+	// these headers too) it sends a stop that asks for progress before its answer,
+	// which then comes only when wordOnly is false.
+	stopWord nats.Header
+	wordOnly bool
 	// progress are reports sent before a deploy's answer when the client asks.
 	progress []protocol.Progress
 	// drains makes it act as a nexd node on LAMEDUCK: after the delay its workloads
@@ -273,6 +278,16 @@ func (n *fakeNode) start() *fakeNode {
 		n.stops = append(n.stops, m.Subject)
 		n.mu.Unlock()
 		id := protocol.LastToken(m.Subject)
+		if n.stopWord != nil && m.Header.Get(protocol.HeaderProgress) != "" {
+			h := nats.Header{protocol.HeaderProgress: {"stopping"}}
+			for k, v := range n.stopWord {
+				h[k] = v
+			}
+			_ = m.RespondMsg(&nats.Msg{Header: h})
+			if n.wordOnly {
+				return
+			}
+		}
 		n.respond(m, protocol.StopWorkloadResponse{ID: id, Stopped: n.stopOK, Message: map[bool]string{true: "stopped", false: "workload not found"}[n.stopOK], WorkloadType: "native"})
 	})
 	n.sub("$NEX.SVC.*.control.CLONE.*", func(m *nats.Msg) {
