@@ -49,34 +49,52 @@ func (s *sdLocks) take(uid uint32) (bool, error) {
 	if _, ok := s.fds[uid]; ok {
 		return true, nil
 	}
+	f, ok, err := s.lockLocked(uid, unix.O_CREAT)
+	if ok {
+		s.fds[uid] = f
+	}
+	return ok, err
+}
+
+// lockLocked takes systemd's lock on uid's file as pick_uid does (s.mu held): the
+// file, open, when the lock was free; false when another process holds it, or (flags
+// without O_CREAT) there is no file.
+func (s *sdLocks) lockLocked(uid uint32, flags int) (*os.File, bool, error) {
 	path := s.path(uid)
 	for {
-		fd, err := unix.Open(path, unix.O_CREAT|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOCTTY, 0o600)
+		fd, err := unix.Open(path, flags|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOCTTY, 0o600)
+		if flags&unix.O_CREAT == 0 && errors.Is(err, unix.ENOENT) {
+			return nil, false, nil
+		}
 		if err != nil {
-			return false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
+			return nil, false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
 		}
 		f := os.NewFile(uintptr(fd), path)
 		if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 			f.Close()
 			if errors.Is(err, unix.EWOULDBLOCK) || errors.Is(err, unix.EBUSY) {
-				return false, nil
+				return nil, false, nil
 			}
-			return false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
+			return nil, false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
 		}
 		var st unix.Stat_t
 		if err := unix.Fstat(fd, &st); err != nil {
 			f.Close()
-			return false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
+			return nil, false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)
 		}
 		if st.Nlink > 0 {
-			s.fds[uid] = f
-			return true, nil
+			return f, true, nil
 		}
 		f.Close() // unlinked by its holder's release before we locked it
 	}
 }
 
-// drop gives systemd's lock on uid back: the file is unlinked, then closed.
+// drop gives systemd's lock on uid back: the file is unlinked, then closed. A lock
+// this nexlet does not hold is one a dead nexlet left (its workload ended while no
+// nexlet ran, so none took it again): its file goes too when nobody holds it, as
+// systemd's own release would leave none; one another process holds (systemd gave the
+// uid to a DynamicUser= service meanwhile) stays
+// (TestSystemdUIDLockFileGoesWithAnUnwatchedEnd).
 func (s *sdLocks) drop(uid uint32) {
 	if s == nil {
 		return
@@ -85,7 +103,9 @@ func (s *sdLocks) drop(uid uint32) {
 	defer s.mu.Unlock()
 	f, ok := s.fds[uid]
 	if !ok {
-		return
+		if f, ok, _ = s.lockLocked(uid, 0); !ok {
+			return
+		}
 	}
 	_ = os.Remove(s.path(uid))
 	f.Close()

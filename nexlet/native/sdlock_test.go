@@ -143,3 +143,73 @@ func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
 		t.Fatalf("leased %v, whose systemd lock another process holds", ids)
 	}
 }
+
+// TestSystemdUIDLockFileGoesWithAnUnwatchedEnd: a workload whose nexlet died ends
+// before the next nexlet starts; that one finds it ended and releases its uid. Before,
+// the release dropped only a lock it held, and it held none (it takes a lock again only
+// for a workload still running), so /run/systemd/dynamic-uid/<uid> stayed for every
+// such end, an empty lock file in systemd's directory until reboot. Now a release also
+// removes a lock file nobody holds, and leaves one another process holds (systemd's).
+func TestSystemdUIDLockFileGoesWithAnUnwatchedEnd(t *testing.T) {
+	needRoot(t)
+	const uid = 2000401
+	if newHostIDs().uses(uid) {
+		t.Skip("uid 2000401 is in use on this host")
+	}
+	sd := filepath.Join(t.TempDir(), "dynamic-uid")
+	leases := t.TempDir()
+	lockPath := filepath.Join(sd, strconv.Itoa(uid))
+	pol := UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases, SystemdUIDDir: sd}
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime, Users: pol})
+	marker := filepath.Join(sharedDir(t), "go")
+	req := startReq(protocol.LifecycleJob, "w", map[string]any{
+		"uri": script(t, `echo up; while [ ! -e `+marker+` ]; do sleep 0.01; done; exit 0`)}, fn.creds())
+	fn.mustStart("w", req)
+	fn.waitLog("w", "stdout", "up")
+	pids := fn.procsOf("w")
+	if len(pids) == 0 {
+		t.Fatal("the job's process is not found")
+	}
+	// The nexlet dies (its descriptors, the lock among them, go with it); the job ends
+	// while no nexlet runs.
+	first.crash()
+	first.users.sd.closeAll()
+	if err := os.WriteFile(marker, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the job ended", func() bool {
+		for _, p := range pids {
+			if alive(p) {
+				return false
+			}
+		}
+		return true
+	})
+	first.watch.stop()
+	fn.replayWith(Config{RuntimeDir: runtime, Users: pol}, "w", req)
+	fn.endedOnce("w")
+	testkit.Eventually(t, "the uid released", func() bool {
+		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(uid)))
+		return os.IsNotExist(err)
+	})
+	if _, err := os.Lstat(lockPath); !os.IsNotExist(err) {
+		t.Errorf("systemd's lock file of released uid %d stayed: %v", uid, err)
+	}
+
+	// One another process holds is not touched.
+	holder, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close()
+	if err := unix.Flock(int(holder.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := openSDLocks(sd)
+	s.drop(uid)
+	if _, err := os.Lstat(lockPath); err != nil {
+		t.Errorf("a lock file another process holds went: %v", err)
+	}
+}
