@@ -8,7 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -68,33 +68,93 @@ func execedChild(pid int) bool {
 	return false
 }
 
-// corruptHandover watches nexd (pid) for the memfd of its re-exec hand-over and, the
-// moment it appears (between the old image writing it and the new one reading it),
-// overwrites it with garbage through /proc/<pid>/fd, as a bug or a bit flip would.
-// It returns once that was done (true) or after timeout (false).
-func corruptHandover(pid int, timeout time.Duration) bool {
+// handoverCatch is what corruptHandover did with a re-exec's hand-over memfd.
+type handoverCatch int
+
+const (
+	handoverMissed    handoverCatch = iota // not seen before the new image read it
+	handoverCorrupted                      // overwritten before the new image read it
+)
+
+// corruptHandover watches nexd (pid) for the memfd of its re-exec hand-over and, once it
+// holds the old image's state and the new image has not read it, overwrites it with
+// garbage through /proc/<pid>/fd, as a bug or a bit flip would. nexd is stopped
+// (SIGSTOP) while the memfd's size and nexd's file offset in it are checked and the
+// garbage written, so the new image cannot read it meanwhile: a write that lands after
+// the read (a starved poller) is never counted as a corruption. It returns
+// handoverCorrupted once done, handoverMissed when it saw the memfd already read or
+// when stop is closed first (the poller never saw it while it was there).
+func corruptHandover(t *testing.T, pid int, stop <-chan struct{}) handoverCatch {
 	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
+	for {
+		select {
+		case <-stop:
+			return handoverMissed
+		default:
+		}
 		entries, _ := os.ReadDir(dir)
 		for _, e := range entries {
-			link, err := os.Readlink(filepath.Join(dir, e.Name()))
-			if err != nil || !strings.HasPrefix(link, "/memfd:nexd-handover") {
+			if link, err := os.Readlink(filepath.Join(dir, e.Name())); err != nil || !strings.HasPrefix(link, "/memfd:nexd-handover") {
 				continue
 			}
-			f, err := os.OpenFile(filepath.Join(dir, e.Name()), os.O_WRONLY|os.O_TRUNC, 0)
-			if err != nil {
-				continue
-			}
-			_, err = f.WriteString("\x00garbage{not the hand-over")
-			f.Close()
-			if err == nil {
-				return true
+			if c, ok := corruptStopped(t, pid, e.Name()); ok {
+				return c
 			}
 		}
 		time.Sleep(time.Millisecond)
 	}
-	return false
+}
+
+// corruptStopped stops pid and, if its descriptor fd is still the hand-over memfd,
+// written (not empty) and unread (offset 0), overwrites it; ok false: look again (the
+// memfd was gone or not written yet).
+func corruptStopped(t *testing.T, pid int, fd string) (handoverCatch, bool) {
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		return handoverMissed, false
+	}
+	defer func() {
+		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+			t.Errorf("SIGCONT nexd %d: %v", pid, err)
+		}
+	}()
+	// Every thread stopped: none is inside a read of the memfd any more.
+	if !testkit.WaitFor(30*time.Second, func() bool { return allStopped(pid) }) {
+		t.Errorf("nexd %d did not stop on SIGSTOP within 30 s", pid)
+		return handoverMissed, true
+	}
+	path := fmt.Sprintf("/proc/%d/fd/%s", pid, fd)
+	if link, err := os.Readlink(path); err != nil || !strings.HasPrefix(link, "/memfd:nexd-handover") {
+		return handoverMissed, false // closed meanwhile: read, or the number reused
+	}
+	info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd))
+	if err != nil {
+		return handoverMissed, false
+	}
+	var pos int64 = -1
+	for _, l := range strings.Split(string(info), "\n") {
+		if v, ok := strings.CutPrefix(l, "pos:"); ok {
+			pos, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	switch st, err := os.Stat(path); {
+	case err != nil:
+		return handoverMissed, false
+	case pos != 0:
+		return handoverMissed, true // the new image has read (some of) it
+	case st.Size() == 0:
+		return handoverMissed, false // the old image has not written it yet
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		t.Errorf("open nexd's hand-over memfd: %v", err)
+		return handoverMissed, true
+	}
+	defer f.Close()
+	if _, err := f.WriteString("\x00garbage{not the hand-over"); err != nil {
+		t.Errorf("write nexd's hand-over memfd: %v", err)
+		return handoverMissed, true
+	}
+	return handoverCorrupted, true
 }
 
 // TestReexecHandover: `nexctl node reexec` hands the new image the native nexlet's record
@@ -205,19 +265,35 @@ func TestReexecHandover(t *testing.T) {
 	testkit.EventuallyWithin(t, 30*time.Second, "the job runs", func() bool {
 		return len(markerPIDs(release)) > 0
 	})
-	var corrupted atomic.Bool
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		corrupted.Store(corruptHandover(pid, 60*time.Second))
-	}()
-	reexec("corrupt hand-over")
-	<-done
-	if !corrupted.Load() {
-		t.Fatal("the test did not catch the hand-over memfd to corrupt it")
-	}
-	if !strings.Contains(n.out.String(), "the state handed over in the memfd is unusable; rebuilding it from the state directory") {
-		t.Fatalf("the new image did not report the corrupt hand-over:\n%s", n.out.String())
+	// The poller may be too late on a loaded host (it saw the memfd only once read, or
+	// not at all): then that re-exec had a good hand-over, and another is tried.
+	const attempts = 5
+	for attempt := 1; ; attempt++ {
+		from := len(n.out.String())
+		var c handoverCatch
+		func() {
+			stop := make(chan struct{})
+			caught := make(chan handoverCatch, 1)
+			go func() { caught <- corruptHandover(t, pid, stop) }()
+			defer func() { close(stop); c = <-caught }() // also when reexec fails the test
+			reexec(fmt.Sprintf("corrupt hand-over (attempt %d)", attempt))
+		}()
+		out := n.out.String()[from:]
+		unusable := strings.Contains(out, "the state handed over in the memfd is unusable; rebuilding it from the state directory")
+		good := strings.Contains(out, "re-exec: state handed over in a memfd")
+		if c == handoverCorrupted {
+			if !unusable || good {
+				t.Fatalf("the new image did not report the corrupt hand-over (attempt %d):\n%s", attempt, out)
+			}
+			break
+		}
+		if !good || unusable {
+			t.Fatalf("attempt %d: the hand-over was not corrupted, yet the new image did not read it:\n%s", attempt, out)
+		}
+		if attempt == attempts {
+			t.Fatalf("the test did not catch the hand-over memfd unread in %d re-execs", attempts)
+		}
+		t.Logf("attempt %d: the hand-over memfd was read before the test caught it; re-executing again", attempt)
 	}
 	same("corrupt hand-over")
 	if err := os.WriteFile(release, nil, 0o644); err != nil {
