@@ -57,10 +57,16 @@ func Start(t testing.TB, o Options) *server.Server {
 	return s
 }
 
+// connectTimeout bounds a connection's handshake (the caller's nats.Timeout wins).
+// nats.go's default, 2 s, is too short for a -race test on a loaded 2-core host: at
+// load 16, daemon/node TestAttackNexletForgesIntoNodeWatcher's new client did not have
+// the server's answer to its CONNECT within it.
+const connectTimeout = 30 * time.Second
+
 // Connect opens a client connection to s, closed when the test ends.
 func Connect(t testing.TB, s *server.Server, opts ...nats.Option) *nats.Conn {
 	t.Helper()
-	nc, err := nats.Connect(s.ClientURL(), opts...)
+	nc, err := nats.Connect(s.ClientURL(), append([]nats.Option{nats.Timeout(connectTimeout)}, opts...)...)
 	if err != nil {
 		t.Fatalf("testnats: connect: %v", err)
 	}
