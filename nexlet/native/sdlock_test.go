@@ -131,14 +131,7 @@ func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
 
 	// A uid whose systemd lock another process holds (a DynamicUser= service's) is
 	// skipped: with it the only uid of the range, no workload starts.
-	holder, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer holder.Close()
-	if err := unix.Flock(int(holder.Fd()), unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
+	holdSystemdLock(t, lockPath)
 	if ids, err := second.users.leaseFreshN("/proc/"+strconv.Itoa(os.Getpid()), 1); err == nil {
 		t.Fatalf("leased %v, whose systemd lock another process holds", ids)
 	}
@@ -199,17 +192,24 @@ func TestSystemdUIDLockFileGoesWithAnUnwatchedEnd(t *testing.T) {
 	}
 
 	// One another process holds is not touched.
-	holder, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer holder.Close()
-	if err := unix.Flock(int(holder.Fd()), unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
+	holdSystemdLock(t, lockPath)
 	s, _ := openSDLocks(sd)
 	s.drop(uid)
 	if _, err := os.Lstat(lockPath); err != nil {
 		t.Errorf("a lock file another process holds went: %v", err)
+	}
+}
+
+// holdSystemdLock holds path's flock on an open file of its own until the test ends,
+// as another process (systemd) would: flock conflicts between open files.
+func holdSystemdLock(t *testing.T, path string) {
+	t.Helper()
+	holder, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { holder.Close() })
+	if err := unix.Flock(int(holder.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
 	}
 }
