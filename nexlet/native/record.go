@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nexd-project/nexd/internal/fifo"
@@ -65,6 +66,32 @@ func (n *Nexlet) recordDir(id string) string {
 // writePID records the main process of a launch.
 func (n *Nexlet) writePID(id string, p procid.ID) error {
 	return writeAtomic(filepath.Join(n.recordDir(id), "pid"), p.Format())
+}
+
+// writeReadyPID records the main process of a first launch whose record directory
+// came from the record pool, into the empty pid.tmp the pool made there: no inode is
+// allocated on the deploy's path (ext4 without a journal scans past every inode
+// deleted in the last seconds for a new one, 0.1 ms and more per file under a
+// deploy loop's churn), and the file is neither truncated nor renamed over another,
+// so ext4 starts no writeback at its close (auto_da_alloc). Otherwise as writePID.
+func (n *Nexlet) writeReadyPID(id string, p procid.ID) error {
+	path := filepath.Join(n.recordDir(id), "pid")
+	f, err := os.OpenFile(path+".tmp", os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return writeAtomic(path, p.Format())
+	}
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Size() != 0 {
+		f.Close()
+		return writeAtomic(path, p.Format())
+	}
+	_, err = f.WriteString(p.Format())
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return os.Rename(path+".tmp", path)
 }
 
 // readPID returns the recorded main process; ok is false when nothing was launched.

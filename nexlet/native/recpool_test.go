@@ -57,6 +57,21 @@ func TestRecordPool(t *testing.T) {
 			t.Fatalf("rp1 %s: %v, %v: want a FIFO", s, fi, err)
 		}
 	}
+	// The pid record went into the pool's pid.tmp (writeReadyPID).
+	if _, err := os.Lstat(filepath.Join(procs, "rp1", "pid.tmp")); !os.IsNotExist(err) {
+		t.Errorf("rp1 pid.tmp after the launch: %v, want it renamed to pid", err)
+	}
+	n.mu.Lock()
+	pid := n.workloads["rp1"].pid
+	n.mu.Unlock()
+	if p, ok := n.readPID("rp1"); !ok || p.PID != pid {
+		t.Errorf("rp1 pid record %v %v, want the workload's pid", p, ok)
+	}
+	for _, d := range readyDirs(t, procs) {
+		if fi, err := os.Lstat(filepath.Join(procs, d, "pid.tmp")); err != nil || !fi.Mode().IsRegular() || fi.Size() != 0 {
+			t.Errorf("ready directory %s pid.tmp: %v, %v: want an empty file", d, fi, err)
+		}
+	}
 	left := readyDirs(t, procs)
 	if gone := slices.DeleteFunc(slices.Clone(before), func(d string) bool { return slices.Contains(left, d) }); len(gone) != 1 {
 		t.Errorf("ready directories after a deploy %v, want one of %v renamed away", left, before)
@@ -169,5 +184,51 @@ func TestPoolsWaitForRegistration(t *testing.T) {
 	testkit.Eventually(t, "record pool filled", func() bool { return len(readyDirs(t, procs)) == DefaultRecordPool })
 	if n.users.root {
 		testkit.Eventually(t, "uids leased ahead", func() bool { return leases() == 1+DefaultUIDPool })
+	}
+}
+
+// TestReadyPIDRecord: a first launch's pid record is whole whatever its record
+// directory holds: written into the pool's empty pid.tmp, and the old way when pid.tmp
+// is missing or holds something; a directory there is an error, not a record.
+func TestReadyPIDRecord(t *testing.T) {
+	n := &Nexlet{cfg: Config{RuntimeDir: t.TempDir()}}
+	p, err := procid.Of(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		make func(tmp string) error
+	}{
+		{"empty", func(tmp string) error { return os.WriteFile(tmp, nil, 0o600) }},
+		{"missing", func(string) error { return nil }},
+		{"partial", func(tmp string) error { return os.WriteFile(tmp, []byte("12345678901234567890 99"), 0o600) }},
+		{"directory", func(tmp string) error { return os.Mkdir(tmp, 0o700) }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := n.recordDir(c.name)
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.make(filepath.Join(dir, "pid.tmp")); err != nil {
+				t.Fatal(err)
+			}
+			err := n.writeReadyPID(c.name, p)
+			if c.name == "directory" {
+				if err == nil {
+					t.Fatal("pid record written over a directory pid.tmp")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, ok := n.readPID(c.name); !ok || got != p {
+				t.Fatalf("pid record %v %v, want %v", got, ok, p)
+			}
+			if _, err := os.Lstat(filepath.Join(dir, "pid.tmp")); !os.IsNotExist(err) {
+				t.Errorf("pid.tmp left: %v", err)
+			}
+		})
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -523,5 +524,69 @@ func BenchmarkPruneScan(b *testing.B) {
 		n.mu.Lock()
 		n.pruneLocked()
 		n.mu.Unlock()
+	}
+}
+
+// BenchmarkWritePID is a first launch's pid record alone, in a record directory made
+// ahead as the record pool makes them (with pid.tmp for "ready"), one directory made
+// and removed per op off the clock, as a deploy loop churns them. "atomic" is the
+// record made as before (a new pid.tmp, then its rename).
+func BenchmarkWritePID(b *testing.B) {
+	for _, ready := range []bool{false, true} {
+		name := "atomic"
+		if ready {
+			name = "ready"
+		}
+		b.Run(name, func(b *testing.B) {
+			n := &Nexlet{cfg: Config{RuntimeDir: b.TempDir()}}
+			p, err := procid.Of(os.Getpid())
+			if err != nil {
+				b.Fatal(err)
+			}
+			write := n.writePID
+			if ready {
+				write = n.writeReadyPID
+			}
+			var took []time.Duration
+			i := 0
+			for b.Loop() {
+				b.StopTimer()
+				id := fmt.Sprintf("w%d", i)
+				i++
+				dir := n.recordDir(id)
+				if err := os.MkdirAll(dir, 0o700); err != nil {
+					b.Fatal(err)
+				}
+				for _, f := range []string{"stdout", "stderr"} {
+					if err := unix.Mkfifo(filepath.Join(dir, f), 0o600); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if ready {
+					if err := os.WriteFile(filepath.Join(dir, "pid.tmp"), nil, 0o600); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StartTimer()
+				t0 := time.Now()
+				if err := write(id, p); err != nil {
+					b.Fatal(err)
+				}
+				took = append(took, time.Since(t0))
+				b.StopTimer()
+				if got, ok := n.readPID(id); !ok || got != p {
+					b.Fatalf("pid record %v %v, want %v", got, ok, p)
+				}
+				if _, err := os.Stat(filepath.Join(dir, "pid.tmp")); !os.IsNotExist(err) {
+					b.Fatalf("pid.tmp left: %v", err)
+				}
+				if i > 200 { // the record of a stop some deploys back goes
+					n.removeRecord(fmt.Sprintf("w%d", i-200))
+				}
+				b.StartTimer()
+			}
+			b.StopTimer()
+			reportP50(b, took)
+		})
 	}
 }

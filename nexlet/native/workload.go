@@ -469,6 +469,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	// Own FIFOs (not io.Writers) so that Wait returns when the main process exits even
 	// if a grandchild still holds them, and so that the output outlives this nexlet
 	// (see record.go).
+	ready := w.ready != nil // its record directory from the pool: pid.tmp made there
 	outR, outW, errR, errW, err := n.outputFIFOs(w)
 	if err != nil {
 		return nil, err
@@ -506,10 +507,14 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		return nil, fmt.Errorf("workload %s: place %s: %w", w.id, w.exe, err)
 	}
 	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
+	writePID := n.writePID
+	if ready {
+		writePID = n.writeReadyPID
+	}
 	// Our child, not yet waited for: the pid cannot have been reused.
 	if id, err := procid.Of(p.pid); err != nil {
 		n.log.Warn("workload start time unreadable; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
-	} else if err := n.writePID(w.id, id); err != nil {
+	} else if err := writePID(w.id, id); err != nil {
 		n.log.Warn("workload pid not recorded; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
 	} else {
 		p.rec = id
