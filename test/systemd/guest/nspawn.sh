@@ -306,12 +306,31 @@ check "the DynamicUser= service starts again while workload u runs" probe_up
 info "nexuidprobe now has uid $(probe_uid); workload u has $DUID"
 check "systemd gave it another uid than workload u's $DUID (before: the same)" other_uid
 systemctl stop nexuidprobe
+info "under nexd.service, /run is $(nsenter -t "$(mainpid)" -m -- sh -c 'touch /run/.nexd-rw-probe 2>/dev/null && rm -f /run/.nexd-rw-probe && echo writable || echo read-only' 2>&1)"
 check "nexctl lameduck --delay 0s (workload u stops, its uid released)" nexctl lameduck --delay 0s
 check "lameduck: service exits" wait_until 90 inactive
 check "the release unlinked systemd's lock file of uid $DUID" wait_until 30 not test -e "/run/systemd/dynamic-uid/$DUID"
 check "the DynamicUser= service starts once more" probe_up
 check "after the release, systemd gives it uid $DUID again" test "$(probe_uid)" = "$DUID"
 systemctl stop nexuidprobe
+# The control: a unit that may not write /run/systemd/dynamic-uid (read-only for it;
+# under ProtectSystem=strict, /run itself was writable in this guest, per the INFO line
+# above) makes nexd warn, and systemd hands the running workload's uid out again: the
+# attack the lock stops.
+printf '[Service]\nReadWritePaths=\nReadWritePaths=/sys/fs/cgroup\nReadOnlyPaths=/run/systemd/dynamic-uid\n' >/etc/systemd/system/nexd.service.d/nolock.conf
+systemctl daemon-reload
+check "control: systemctl start nexd with /run/systemd/dynamic-uid read-only for it (a drop-in)" systemctl start nexd
+check "control: active (running)" wait_until 90 running
+check "control: nexd warns that systemd's dynamic uid locks cannot be taken" \
+	wait_until 30 sh -c "journalctl -u nexd --no-pager | grep -q \"systemd's dynamic uid locks\""
+check "control: nexctl workload run --name v -- /bin/sleep 600" run_workload --name v -- /bin/sleep 600
+check "control: workload v runs" wait_until 30 running_once v sleep
+check "control: workload v runs as uid $DUID" test "$(ps -o uid= -p "$(pgrep -x sleep | head -1)" | tr -d ' ')" = "$DUID"
+check "control: the DynamicUser= service starts while workload v runs" probe_up
+check "control: without the lock, systemd gives it workload v's uid $DUID" test "$(probe_uid)" = "$DUID"
+systemctl stop nexuidprobe
+check "control: nexctl lameduck --delay 0s" nexctl lameduck --delay 0s
+check "control: lameduck: service exits" wait_until 90 inactive
 rm -rf /etc/systemd/system/nexd.service.d
 systemctl daemon-reload
 check "apt-get purge nexd after the dynamic uid checks" apt-get purge -y -q nexd
