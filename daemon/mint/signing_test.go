@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -660,5 +661,64 @@ func TestAgentIDOfTheNodesInboxes(t *testing.T) {
 	}
 	if _, err := m.MintAgent("nexd-1", node, false); err != nil {
 		t.Errorf("agent id nexd-1: %v", err)
+	}
+}
+
+// BenchmarkMintWorkload is a deploy's mint of its workload's user with a signing key:
+// a new user nkey and its signed JWT.
+func BenchmarkMintWorkload(b *testing.B) {
+	acc, _ := nkeys.CreateAccount()
+	accPub, _ := acc.PublicKey()
+	sk, _ := nkeys.CreateAccount()
+	seed, _ := sk.Seed()
+	m, err := NewSigningKeyMinter(string(seed), accPub, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	i := 0
+	b.ReportAllocs()
+	for b.Loop() {
+		i++
+		if _, _, err := m.mintWorkload("system", "w"+strconv.Itoa(i)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestMintedUserKeyIsItsSeeds: a minted workload user's JWT names the public key of the
+// seed it comes with, a user key, and the seed signs what the key verifies.
+func TestMintedUserKeyIsItsSeeds(t *testing.T) {
+	m := newKeyMinter(t, nil)
+	for i := range 20 {
+		cd, err := m.MintWorkload("tenant", "w"+strconv.Itoa(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		kp, err := nkeys.FromSeed([]byte(cd.NatsUserSeed))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, err := kp.PublicKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		uc, err := jwt.DecodeUserClaims(cd.NatsUserJWT)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if uc.Subject != pub || !nkeys.IsValidPublicUserKey(pub) {
+			t.Fatalf("JWT subject %s, seed's key %s: want the same user key", uc.Subject, pub)
+		}
+		sig, err := kp.Sign([]byte("nonce"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		vk, err := nkeys.FromPublicKey(uc.Subject)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := vk.Verify([]byte("nonce"), sig); err != nil {
+			t.Fatalf("the seed's signature does not verify under the JWT's key: %v", err)
+		}
 	}
 }
