@@ -61,10 +61,19 @@ func (s *sdLocks) take(uid uint32) (bool, error) {
 // without O_CREAT) there is no file.
 func (s *sdLocks) lockLocked(uid uint32, flags int) (*os.File, bool, error) {
 	path := s.path(uid)
+	made := false
 	for {
 		fd, err := unix.Open(path, flags|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NOCTTY, 0o600)
 		if flags&unix.O_CREAT == 0 && errors.Is(err, unix.ENOENT) {
 			return nil, false, nil
+		}
+		if errors.Is(err, unix.ENOENT) && !made {
+			// The directory went after the nexlet started (removed by hand or by a
+			// test's clean-up; systemd never removes it): made again as pick_uid makes
+			// it, or every lease would fail.
+			made = true
+			_ = os.Mkdir(s.dir, 0o755)
+			continue
 		}
 		if err != nil {
 			return nil, false, fmt.Errorf("systemd's dynamic uid lock %s: %w", path, err)

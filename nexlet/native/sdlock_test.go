@@ -83,12 +83,8 @@ func probeSystemdLock(t *testing.T, path string) string {
 // probe gets EAGAIN), unlinks and drops it on release (the probe gets it again), and
 // a uid whose lock another process holds is not leased.
 func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
-	needRoot(t)
 	const uid = 2000400
-	if newHostIDs().uses(uid) {
-		t.Skip("uid 2000400 is in use on this host")
-	}
-	sd := filepath.Join(t.TempDir(), "dynamic-uid") // made as under /run/systemd
+	sd := sdTestDir(t, uid)
 	leases := t.TempDir()
 	lockPath := filepath.Join(sd, strconv.Itoa(uid))
 	fn := newFakeNode(t)
@@ -144,12 +140,8 @@ func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
 // such end, an empty lock file in systemd's directory until reboot. Now a release also
 // removes a lock file nobody holds, and leaves one another process holds (systemd's).
 func TestSystemdUIDLockFileGoesWithAnUnwatchedEnd(t *testing.T) {
-	needRoot(t)
 	const uid = 2000401
-	if newHostIDs().uses(uid) {
-		t.Skip("uid 2000401 is in use on this host")
-	}
-	sd := filepath.Join(t.TempDir(), "dynamic-uid")
+	sd := sdTestDir(t, uid)
 	leases := t.TempDir()
 	lockPath := filepath.Join(sd, strconv.Itoa(uid))
 	pol := UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases, SystemdUIDDir: sd}
@@ -212,4 +204,43 @@ func holdSystemdLock(t *testing.T, path string) {
 	if err := unix.Flock(int(holder.Fd()), unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestSystemdUIDLockDirMadeAgain: a lock directory removed after the nexlet started
+// (systemd never removes it; a host's clean-up or a test may) is made again at the next
+// lease, as systemd's pick_uid makes it; before, every lease failed with ENOENT.
+func TestSystemdUIDLockDirMadeAgain(t *testing.T) {
+	const uid = 2000410
+	sd := sdTestDir(t, uid)
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid, SystemdUIDDir: sd}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if us.sd == nil {
+		t.Fatalf("no systemd locks: %s", us.sdWarn)
+	}
+	if err := os.Remove(sd); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := us.leaseFreshN("/proc/"+strconv.Itoa(os.Getpid()), 1)
+	if err != nil || len(ids) != 1 {
+		t.Fatalf("lease with the lock directory gone: %v %v", ids, err)
+	}
+	if _, err := os.Stat(filepath.Join(sd, strconv.Itoa(uid))); err != nil {
+		t.Errorf("lock file: %v", err)
+	}
+	if err := us.release(ids[0]); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sdTestDir skips the test unless it runs as root and uid is free on this host, and
+// names a systemd lock directory of its own, not yet made (as under /run/systemd).
+func sdTestDir(t *testing.T, uid uint32) string {
+	t.Helper()
+	needRoot(t)
+	if newHostIDs().uses(uid) {
+		t.Skipf("uid %d is in use on this host", uid)
+	}
+	return filepath.Join(t.TempDir(), "dynamic-uid")
 }
