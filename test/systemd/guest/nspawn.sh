@@ -283,11 +283,15 @@ other_uid() { local u; u=$(probe_uid); [ -n "$u" ] && [ "$u" != "$DUID" ]; }
 probe_up() { # the DynamicUser= service nexuidprobe runs
 	systemctl reset-failed nexuidprobe 2>/dev/null
 	systemd-run -q -p DynamicUser=yes --unit=nexuidprobe /usr/bin/tail -f /dev/null &&
-		wait_until 30 sh -c 'test "$(systemctl show -P MainPID nexuidprobe)" -gt 0'
+		wait_until 30 sh -c 'p=$(systemctl show -P MainPID nexuidprobe); test "$p" -gt 0 &&
+			u=$(ps -o uid= -p "$p" | tr -d " ") && test -n "$u" && test "$u" -ne 0'
+	# (its main pid exists before systemd's child has switched to the dynamic user: a
+	# uid read right after MainPID appears can still be root's)
 }
 check "a DynamicUser= service (nexuidprobe) runs" probe_up
 DUID=$(probe_uid)
 info "systemd gives nexuidprobe uid $DUID"
+check "that uid is in systemd's DynamicUser= range (61184-65519)" test "${DUID:-0}" -ge 61184 -a "${DUID:-0}" -le 65519
 systemctl stop nexuidprobe
 mkdir -p /etc/systemd/system/nexd.service.d
 printf '[Service]\nEnvironment=NEX_WORKLOAD_UID_RANGE=%s-%s\n' "$DUID" "$DUID" >/etc/systemd/system/nexd.service.d/uid.conf
