@@ -62,3 +62,33 @@ func TestDiskWatch(t *testing.T) {
 		t.Errorf("status %+v once space is back, want ok", st)
 	}
 }
+
+// A directory with space that refuses writes (a read-only remount): the loop's write
+// finds it, and a deploy's check, which looks only at the space, keeps the refusal
+// rather than ending it.
+func TestDiskWatchDeployKeepsWriteFailure(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	w := newDiskWatch(slog.New(slog.DiscardHandler), map[string]string{"state directory": dir})
+	if err := w.check(); err != nil {
+		t.Fatalf("writable tmpfs: %v", err)
+	}
+	if out, err := exec.Command("mount", "-o", "remount,ro", dir).CombinedOutput(); err != nil {
+		t.Fatalf("remount ro: %v: %s", err, out)
+	}
+	if err := w.check(); err == nil || !strings.Contains(err.Error(), "cannot be written") {
+		t.Fatalf("read-only tmpfs: %v, want cannot be written", err)
+	}
+	if err := w.placeCheck(); err == nil || !strings.Contains(err.Error(), "cannot be written") {
+		t.Fatalf("a deploy's check on the read-only tmpfs: %v, want the write's refusal kept", err)
+	}
+	if err := w.bidRefusal(); err == nil {
+		t.Fatal("bids allowed again after a deploy's check of a directory that refuses writes")
+	}
+}

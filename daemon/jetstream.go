@@ -196,12 +196,8 @@ func (s *server) jetStreamLoop(ctx context.Context) {
 			// (TestSingleWriteFailureStopsBidsBriefly).
 			t.Stop()
 		}
-		t = time.NewTimer(jsWriteProbeEvery)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, jsWriteProbeEvery) {
 			return
-		case <-t.C:
 		}
 	}
 }
