@@ -20,14 +20,7 @@ func TestDiskWatch(t *testing.T) {
 	if err := newDiskWatch(quiet, map[string]string{"state directory": "", "temp dir": t.TempDir()}).placeCheck(); err != nil {
 		t.Fatalf("temp dir: %v", err)
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a tmpfs needs root")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "nexd-test", dir).CombinedOutput(); err != nil {
-		t.Skipf("mount tmpfs: %v: %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	dir := smallTmpfs(t)
 	w := newDiskWatch(quiet, map[string]string{"state directory": dir})
 	if err := w.placeCheck(); err != nil {
 		t.Fatalf("empty 8 MiB tmpfs: %v", err)
@@ -67,14 +60,7 @@ func TestDiskWatch(t *testing.T) {
 // finds it, and a deploy's check, which looks only at the space, keeps the refusal
 // rather than ending it.
 func TestDiskWatchDeployKeepsWriteFailure(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a tmpfs needs root")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("mount tmpfs: %v: %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	dir := smallTmpfs(t)
 	w := newDiskWatch(slog.New(slog.DiscardHandler), map[string]string{"state directory": dir})
 	if err := w.check(); err != nil {
 		t.Fatalf("writable tmpfs: %v", err)
@@ -91,4 +77,18 @@ func TestDiskWatchDeployKeepsWriteFailure(t *testing.T) {
 	if err := w.bidRefusal(); err == nil {
 		t.Fatal("bids allowed again after a deploy's check of a directory that refuses writes")
 	}
+}
+
+// smallTmpfs mounts an 8 MiB tmpfs for the test (skipped without root).
+func smallTmpfs(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "nexd-test", dir).CombinedOutput(); err != nil {
+		t.Skipf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return dir
 }
