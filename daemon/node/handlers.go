@@ -463,9 +463,13 @@ func (n *Node) stopAck(wid string, o ownership, stopping func(nats.Header)) (ack
 		return nil, hush
 	}
 	bound := n.o.StopRecordTimeout
+	// The timer's function says and logs under once: after settle it does nothing, and
+	// settle waits for one under way, so nothing of it outlives the stop.
 	t := time.AfterFunc(bound, func() {
-		n.log.Warn("a nexlet did not confirm it recorded a stop in time", "workload_id", wid, "nexlet", o.owner, "agent_id", holder.id, "wait", bound)
-		say(nats.Header{protocol.HeaderStopUnrecorded: {fmt.Sprintf("nexlet %s (agent %s) did not confirm within %s that it recorded the stop", o.owner, holder.id, bound)}})
+		once.Do(func() {
+			n.log.Warn("a nexlet did not confirm it recorded a stop in time", "workload_id", wid, "nexlet", o.owner, "agent_id", holder.id, "wait", bound)
+			stopping(nats.Header{protocol.HeaderStopUnrecorded: {fmt.Sprintf("nexlet %s (agent %s) did not confirm within %s that it recorded the stop", o.owner, holder.id, bound)}})
+		})
 	})
 	ack = func(from *registration) {
 		if from.owner != o.owner {
