@@ -88,6 +88,9 @@ type Server struct {
 	serveDone chan struct{} // closed when that loop has returned
 }
 
+// DefaultGroup is the group whose members are the control socket's admins.
+const DefaultGroup = "nex"
+
 // Listen creates the socket at path (see DefaultSocketPath) and prepares the server.
 func Listen(path string, opts ServerOptions) (*Server, error) {
 	if opts.Backend == nil {
@@ -97,7 +100,7 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.Group == "" {
-		opts.Group = "nex"
+		opts.Group = DefaultGroup
 	}
 	if opts.ProcRoot == "" {
 		opts.ProcRoot = "/proc"

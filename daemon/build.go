@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sys/unix"
 
+	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/identity"
 	"github.com/nexd-project/nexd/daemon/metrics"
@@ -123,7 +125,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.runtimeDir, tempRuntimeDir = runtimeDir(cfg, id.ID())
 	// 0711: the native nexlet's workloads, under other uids, reach their directories
 	// through it (it makes it so itself when missing).
-	if err := ownDir("runtime_dir", s.runtimeDir, 0o711); err != nil {
+	if err := ownDir("runtime_dir", s.runtimeDir, 0o711, stateDirGroups()); err != nil {
 		return nil, err
 	}
 	if err := d.holdDir("runtime_dir", s.runtimeDir, runtimeLock, 0o711); err != nil {
@@ -717,22 +719,74 @@ func (s *server) keepLogStream(startCtx context.Context, maxAge time.Duration, m
 // temp runtime dir a configured node_seed names in advance), or one under a directory
 // or symlink of hers, is hers to swap (rename nexd's away, also while nexd runs, and put
 // her own or a symlink in its place): seeds, secrets, a fetched nexlet binary nexd runs
-// as root. The way is checked before anything is made on it.
-func ownDir(key, dir string, perm os.FileMode) error {
-	if err := safePath(key, dir, true); err != nil {
+// as root. A group's write permission counts as others' unless trusted says its members
+// gain nothing by it (see dirGroups). The way is checked before anything is made on it.
+func ownDir(key, dir string, perm os.FileMode, trusted dirGroups) error {
+	if err := safePath(key, dir, true, trusted); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(dir, perm); err != nil {
 		return fmt.Errorf("%s %s: %w", key, dir, err)
 	}
-	return safePath(key, dir, false)
+	return safePath(key, dir, false, trusted)
+}
+
+// dirGroups says which groups may have write permission on nexd's directories: those
+// whose members could already do what renaming in them gives (replace seeds, secrets or
+// a nexlet binary nexd runs as root, or move the control socket away and read admins'
+// requests). Root's group 0 always; nexd's own primary group when nexd is not root (as
+// its own uid is: `make run` in a checkout made under umask 002, a user's private
+// group); for the control socket's directory also the control group (`nex`), whose
+// members are the socket's admins and may deploy into any namespace anyway. Not group
+// nex for the state and runtime directories: its members are not root.
+type dirGroups struct {
+	controlGID uint32 // the control group's gid, trusted when hasControl
+	hasControl bool
+}
+
+func stateDirGroups() dirGroups { return dirGroups{} }
+
+// controlDirGroups looks the control group up (as control.Listen does).
+func controlDirGroups() dirGroups {
+	var g dirGroups
+	if gr, err := user.LookupGroup(control.DefaultGroup); err == nil {
+		if gid, err := strconv.ParseUint(gr.Gid, 10, 32); err == nil {
+			g.controlGID, g.hasControl = uint32(gid), true
+		}
+	}
+	return g
+}
+
+func (g dirGroups) trusts(gid uint32) bool {
+	switch {
+	case gid == 0:
+		return true
+	case os.Geteuid() != 0 && int(gid) == os.Getegid():
+		return true
+	}
+	return g.hasControl && gid == g.controlGID
+}
+
+// groupName names gid for an error ("staff (gid 50)", or the number alone).
+func groupName(gid uint32) string {
+	if g, err := user.LookupGroupId(strconv.FormatUint(uint64(gid), 10)); err == nil {
+		return fmt.Sprintf("%s (gid %d)", g.Name, gid)
+	}
+	return fmt.Sprintf("gid %d", gid)
 }
 
 // safePath resolves dir name by name as the kernel does, checking what ownDir
 // requires; with missingOK a missing name ends the walk (ownDir makes the rest under a
 // directory that passed).
-func safePath(key, dir string, missingOK bool) error {
+func safePath(key, dir string, missingOK bool, groups dirGroups) error {
 	trusted := func(uid uint32) bool { return uid == 0 || int(uid) == os.Geteuid() }
+	groupWrite := func(path string, st *syscall.Stat_t) error {
+		if st.Mode&0o020 == 0 || groups.trusts(st.Gid) {
+			return nil
+		}
+		g := groupName(st.Gid)
+		return fmt.Errorf("%s %s: %s (mode %04o, group %s) is writable by its group: the group's members could replace what nexd keeps there; fix: chmod g-w %s, or chgrp root %s", key, dir, path, st.Mode&0o7777, g, path, path)
+	}
 	abs := dir
 	if !filepath.IsAbs(dir) { // not filepath.Abs: its Clean takes "l/.." away, which the kernel resolves through l
 		wd, err := os.Getwd()
@@ -784,6 +838,10 @@ func safePath(key, dir string, missingOK bool) error {
 			return fmt.Errorf("%s %s: %s is owned by uid %d, not by nexd's uid %d or root: that user could replace what nexd keeps there; fix: remove it, or chown it to uid %d, or use another directory", key, dir, next, st.Uid, os.Geteuid(), os.Geteuid())
 		case st.Mode&0o002 != 0 && st.Mode&syscall.S_ISVTX == 0:
 			return fmt.Errorf("%s %s: %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, next, st.Mode&0o7777, next)
+		case st.Mode&syscall.S_ISVTX == 0:
+			if err := groupWrite(next, &st); err != nil {
+				return err
+			}
 		}
 		cur = next
 	}
@@ -795,7 +853,7 @@ func safePath(key, dir string, missingOK bool) error {
 	if st.Mode&0o002 != 0 {
 		return fmt.Errorf("%s %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, st.Mode&0o7777, dir)
 	}
-	return nil
+	return groupWrite(cur, &st)
 }
 
 // privateStateDir makes the state directory (seeds, the embedded server's keys,
@@ -805,7 +863,7 @@ func privateStateDir(dir string, log *slog.Logger) error {
 	if dir == "" {
 		return nil
 	}
-	if err := ownDir("state_dir", dir, 0o700); err != nil {
+	if err := ownDir("state_dir", dir, 0o700, stateDirGroups()); err != nil {
 		return err
 	}
 	fi, err := os.Stat(dir)

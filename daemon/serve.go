@@ -136,7 +136,7 @@ func (s *server) openControl(first control.Backend) error {
 		// A directory another user may rename in (hers, or one on the way) lets her move
 		// nexd's socket away and listen at its path: admins' nexctl then sends her its
 		// requests (secrets, reloads) and takes her answers (a NATS server of hers).
-		if err := ownDir("control_socket", filepath.Dir(cfg.Node.ControlSocket), 0o755); err != nil {
+		if err := ownDir("control_socket", filepath.Dir(cfg.Node.ControlSocket), 0o755, controlDirGroups()); err != nil {
 			return err
 		}
 	}

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -44,7 +45,7 @@ func TestAttackDirOfAnotherUser(t *testing.T) {
 	if err := privateStateDir(state, log); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
 		t.Errorf("state_dir made by another user: %v, want refused naming its owner", err)
 	}
-	if err := ownDir("runtime_dir", runtime, 0o711); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
+	if err := ownDir("runtime_dir", runtime, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
 		t.Errorf("runtime_dir made by another user: %v, want refused naming its owner", err)
 	}
 	// Root's own, but anyone may write in it; and root's directory behind another's symlink.
@@ -55,17 +56,17 @@ func TestAttackDirOfAnotherUser(t *testing.T) {
 	if err := os.Chmod(open, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", open, 0o711); err == nil || !strings.Contains(err.Error(), "writable by every user") {
+	if err := ownDir("runtime_dir", open, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "writable by every user") {
 		t.Errorf("world-writable runtime_dir: %v, want refused", err)
 	}
 	mine := testkit.PublicDir(t)
 	link := filepath.Join(pub, "link")
 	asMallory("/bin/ln", "-s", mine, link)
-	if err := ownDir("runtime_dir", link, 0o711); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+strconv.Itoa(int(mallory.UID))) {
+	if err := ownDir("runtime_dir", link, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+strconv.Itoa(int(mallory.UID))) {
 		t.Errorf("runtime_dir through another user's symlink: %v, want refused", err)
 	}
 	// nexd's own are taken, made or not.
-	if err := ownDir("runtime_dir", filepath.Join(t.TempDir(), "new"), 0o711); err != nil {
+	if err := ownDir("runtime_dir", filepath.Join(t.TempDir(), "new"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("a new runtime_dir: %v", err)
 	}
 	if err := privateStateDir(mine, log); err != nil {
@@ -93,7 +94,7 @@ func TestAttackDirUnderAnotherUsersDir(t *testing.T) {
 	mine := testkit.PublicDir(t)
 	link := filepath.Join(pub, "midlink")
 	asMallory("/bin/ln", "-s", mine, link)
-	if err := ownDir("runtime_dir", filepath.Join(link, "run"), 0o711); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+uid) {
+	if err := ownDir("runtime_dir", filepath.Join(link, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+uid) {
 		t.Errorf("runtime_dir reached through another user's symlink midway: %v, want refused", err)
 	}
 	open := filepath.Join(mine, "open")
@@ -103,17 +104,17 @@ func TestAttackDirUnderAnotherUsersDir(t *testing.T) {
 	if err := os.Chmod(open, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(open, "run"), 0o711); err == nil || !strings.Contains(err.Error(), "writable by every user") {
+	if err := ownDir("runtime_dir", filepath.Join(open, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "writable by every user") {
 		t.Errorf("runtime_dir in a directory everyone may write in: %v, want refused", err)
 	}
 	// A root symlink midway to a directory of nexd's, and a sticky public parent, are fine.
 	if err := os.Symlink(mine, filepath.Join(pub, "rootlink")); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(pub, "rootlink", "run"), 0o711); err != nil {
+	if err := ownDir("runtime_dir", filepath.Join(pub, "rootlink", "run"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("runtime_dir through root's symlink: %v", err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(pub, "nexd-0123456789ab"), 0o711); err != nil {
+	if err := ownDir("runtime_dir", filepath.Join(pub, "nexd-0123456789ab"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("runtime_dir in a sticky public directory: %v", err)
 	}
 }
@@ -134,4 +135,103 @@ func malloryInPublicDir(t *testing.T) (*testkit.User, string, func(args ...strin
 		}
 	}
 	return mallory, pub, asMallory
+}
+
+// TestGroupWritableDirs: a directory of root's that a group may write in is, for that
+// group's members, as good as their own: they may rename nexd's files away and put
+// theirs in place. Before, only a directory every user may write in was refused; a
+// group's (root:staff 0775) passed. Now it is refused, as the way to nexd's directory
+// (unless sticky) or the directory itself, naming it, its mode and group and the fix,
+// except for a group whose members gain nothing by it: root's, the control group for
+// the control socket's directory (its members are the socket's admins), and nexd's own
+// primary group when nexd is not root (`make run` in a checkout made under umask 002),
+// played by a real user.
+func TestGroupWritableDirs(t *testing.T) {
+	if os.Getenv("NEXD_TEST_OWNDIR_OK") != "" {
+		ownDirAsUser(t)
+		return
+	}
+	staff := testkit.NewGroup(t)
+	mallory := testkit.NewUser(t, staff)
+	base := testkit.PublicDir(t)
+	dirOf := func(name string, gid int, mode os.FileMode) string {
+		t.Helper()
+		d := filepath.Join(base, name)
+		if err := os.Mkdir(d, mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(d, 0, gid); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(d, mode); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	shared := dirOf("shared", int(staff.GID), 0o775)
+	refusal := fmt.Sprintf("%s (mode 0775, group %s (gid %d)) is writable by its group: the group's members could replace what nexd keeps there; fix: chmod g-w %s, or chgrp root %s",
+		shared, staff.Name, staff.GID, shared, shared)
+	if err := privateStateDir(shared, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "state_dir "+shared+": "+refusal) {
+		t.Errorf("group-writable state_dir: %v, want refused with %q", err, refusal)
+	}
+	if err := ownDir("runtime_dir", filepath.Join(shared, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), refusal) {
+		t.Errorf("runtime_dir in a group-writable directory: %v, want refused with %q", err, refusal)
+	}
+	if _, err := os.Lstat(filepath.Join(shared, "run")); err == nil {
+		t.Errorf("runtime_dir made in a group-writable directory before it was refused")
+	}
+	// The attack the check stops: mallory, in group staff, renames root's directory away.
+	if err := os.Mkdir(filepath.Join(shared, "state"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := mallory.Command("/bin/mv", filepath.Join(shared, "state"), filepath.Join(shared, "hers")).CombinedOutput(); err != nil {
+		t.Fatalf("the group's member could not rename in it (the test's premise): %v: %s", err, out)
+	}
+	// The control group's members are the control socket's admins: its directory may be theirs.
+	if err := ownDir("control_socket", shared, 0o755, dirGroups{controlGID: staff.GID, hasControl: true}); err != nil {
+		t.Errorf("control socket directory writable by the control group: %v", err)
+	}
+	if err := ownDir("control_socket", shared, 0o755, dirGroups{controlGID: staff.GID + 1, hasControl: true}); err == nil {
+		t.Errorf("control socket directory writable by another group than the control group: taken")
+	}
+	// Sticky on the way: members may rename only their own entries there.
+	if err := os.Chmod(shared, 0o775|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	if err := ownDir("runtime_dir", filepath.Join(shared, "run"), 0o711, stateDirGroups()); err != nil {
+		t.Errorf("runtime_dir in a sticky group-writable directory: %v", err)
+	}
+	if err := ownDir("runtime_dir", shared, 0o711, stateDirGroups()); err == nil {
+		t.Errorf("a sticky group-writable runtime_dir itself: taken")
+	}
+	// Root's group.
+	if err := ownDir("state_dir", dirOf("rootgroup", 0, 0o775), 0o700, stateDirGroups()); err != nil {
+		t.Errorf("state_dir writable by root's group: %v", err)
+	}
+	// nexd not root: its own group, as for make run under umask 002, and not another of its groups.
+	bin := testkit.CopyFile(t, os.Args[0], filepath.Join(base, "daemon.test"), 0o755)
+	mine := dirOf("mine", int(mallory.GID), 0o775)
+	if err := os.Chown(mine, int(mallory.UID), int(mallory.GID)); err != nil {
+		t.Fatal(err)
+	}
+	noSticky := dirOf("shared2", int(staff.GID), 0o775)
+	cmd := mallory.Command(bin, "-test.run=^TestGroupWritableDirs$", "-test.count=1", "-test.v")
+	cmd.Env = append(cmd.Env, "NEXD_TEST_OWNDIR_OK="+filepath.Join(mine, "state"), "NEXD_TEST_OWNDIR_REFUSED="+filepath.Join(noSticky, "state"))
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "--- PASS: TestGroupWritableDirs") {
+		t.Errorf("as %s: %v\n%s", mallory.Name, err, out)
+	}
+}
+
+// ownDirAsUser is TestGroupWritableDirs's part run as a user: a state dir in a directory
+// of its own group may be writable by is taken; one in a directory of another of its
+// groups is not.
+func ownDirAsUser(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	if err := privateStateDir(os.Getenv("NEXD_TEST_OWNDIR_OK"), log); err != nil {
+		t.Errorf("nexd as uid %d: state_dir in a directory its own group may write in: %v", os.Geteuid(), err)
+	}
+	refused := os.Getenv("NEXD_TEST_OWNDIR_REFUSED")
+	if err := privateStateDir(refused, log); err == nil || !strings.Contains(err.Error(), "is writable by its group") {
+		t.Errorf("nexd as uid %d: state_dir in a directory another of its groups may write in: %v, want refused", os.Geteuid(), err)
+	}
 }

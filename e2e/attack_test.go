@@ -741,13 +741,7 @@ while (my $c = $l->accept) {
 // body; she could also answer GET /v1/nats with a server of hers). Now nexd refuses such
 // a control_socket at start, naming the directory and its owner.
 func TestAttackControlSocketInAnotherUsersDir(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	testkit.RequireUsers(t)
-	t.Parallel()
-	mallory := testkit.NewUser(t)
-	pub := testkit.PublicDir(t)
+	mallory, pub := socketAttacker(t)
 	if err := os.Chmod(pub, 0o777|os.ModeSticky); err != nil {
 		t.Fatal(err)
 	}
@@ -755,6 +749,51 @@ func TestAttackControlSocketInAnotherUsersDir(t *testing.T) {
 	if out, err := mallory.Command("/bin/mkdir", "-m", "0755", hers).CombinedOutput(); err != nil {
 		t.Fatalf("mkdir as %s: %v: %s", mallory.Name, err, out)
 	}
+	moveControlSocket(t, mallory, hers, hers+" is owned by uid "+strconv.Itoa(int(mallory.UID)))
+}
+
+// TestAttackControlSocketInGroupWritableDir: control_socket names a path in root's
+// directory, but one a group may write in (`root:staff 0775`, as /var/local is on
+// Debian), and mallory is in that group: she may rename in it as in her own, moved
+// nexd's socket away and read an admin's `nexctl secret set`. Before, nexd's check
+// refused a directory others may write in only when every user could; now it refuses a
+// group-writable one too, naming the directory, its group and mode (unless the group is
+// root's, nexd's own when it is not root, or the control group nex: daemon
+// TestGroupWritableDirs).
+func TestAttackControlSocketInGroupWritableDir(t *testing.T) {
+	staff := testkit.NewGroup(t)
+	mallory, pub := socketAttacker(t, staff)
+	shared := filepath.Join(pub, "nex")
+	if err := os.Mkdir(shared, 0o775); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(shared, 0, int(staff.GID)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(shared, 0o775); err != nil {
+		t.Fatal(err)
+	}
+	moveControlSocket(t, mallory, shared, fmt.Sprintf("%s (mode 0775, group %s (gid %d)) is writable by its group", shared, staff.Name, staff.GID))
+}
+
+// socketAttacker makes mallory, in groups, and a public directory for the control
+// socket attacks.
+func socketAttacker(t *testing.T, groups ...*testkit.Group) (*testkit.User, string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	testkit.RequireUsers(t)
+	t.Parallel()
+	return testkit.NewUser(t, groups...), testkit.PublicDir(t)
+}
+
+// moveControlSocket starts a node with its control socket in dir and plays mallory's
+// attack: move the socket away, listen at its path, read an admin's secret set. It
+// passes when nexd refuses to start with refusal in its output.
+func moveControlSocket(t *testing.T, mallory *testkit.User, dir, refusal string) {
+	t.Helper()
+	hers := dir
 	sock := filepath.Join(hers, "nexd.sock")
 	n := startNode(t, nodeOpts{extra: []string{"--control-socket", sock}})
 	n.socket = sock // the later flag wins
@@ -770,8 +809,8 @@ func TestAttackControlSocketInAnotherUsersDir(t *testing.T) {
 	select {
 	case <-n.done:
 		out := n.out.String()
-		if !strings.Contains(out, hers+" is owned by uid "+strconv.Itoa(int(mallory.UID))) {
-			t.Fatalf("nexd exited without naming %s and its owner:\n%s", hers, out)
+		if !strings.Contains(out, refusal) {
+			t.Fatalf("nexd exited without %q:\n%s", refusal, out)
 		}
 		if _, err := os.Lstat(sock); err == nil {
 			t.Errorf("nexd made its socket in %s before it refused it", hers)
@@ -805,9 +844,9 @@ func TestAttackControlSocketInAnotherUsersDir(t *testing.T) {
 	_, _, _ = n.ctl(t, "secret", "set", "system", "DB_PASS", secret)
 	seen, _ := os.ReadFile(logf)
 	if strings.Contains(string(seen), secret) {
-		t.Errorf("nexd took a control socket in %s's directory: she moved it away and read an admin's secret set:\n%s", mallory.Name, seen)
+		t.Errorf("nexd took a control socket in %s, where %s may rename: she moved it away and read an admin's secret set:\n%s", hers, mallory.Name, seen)
 	} else {
-		t.Errorf("nexd took a control socket in %s's directory (her listener read %q)", mallory.Name, seen)
+		t.Errorf("nexd took a control socket in %s, where %s may rename (her listener read %q)", hers, mallory.Name, seen)
 	}
 }
 
