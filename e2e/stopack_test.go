@@ -3,7 +3,10 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -166,4 +169,86 @@ func noWaitStop(t *testing.T, nc *nats.Conn, id string, victim int) bool {
 		t.Logf("stop %s: answered %q %v, not stopping", id, r.Data, r.Header)
 	}
 	return stopping
+}
+
+// TestConcurrentNoWaitStopsRecordedOnce: two `nexctl workload stop --no-wait` of the
+// same workload sent at once are both told "stopping", recorded, and the workload is
+// stopped once. Before, the native nexlet said it recorded only the stop its workload's
+// supervisor took; the other (pending behind it, or sent while the first one's grace
+// ran) was never said recorded, so the node told its client after its 2 s bound that
+// the stop was not confirmed (Nexd-Stop-Unrecorded), and nexctl exited 1.
+func TestConcurrentNoWaitStopsRecordedOnce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	n := startNode(t, nodeOpts{external: s.ClientURL()})
+	n.waitReady(t)
+	c := newCrashLoop(t, "twostops")
+	terms := testkit.WriteFile(t, filepath.Join(c.dir, "terms"), "")
+	if err := os.Chmod(terms, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	// It takes its SIGTERM (counted) and runs on: its stop lasts the 3 s grace, so the
+	// second stop comes while the first one is under way.
+	c.id = n.runWorkload(t, "--name", "twostops", "--lifecycle", "service", "--start-request", `{"stop_grace": "3s"}`, "--",
+		"/bin/sh", "-c", `echo run >> "$1"; trap 'echo term >> "$2"' TERM; while :; do sleep 0.05; done`,
+		c.marker, c.runsFile, terms).ID
+	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool { return c.runs() == 1 && len(c.mains()) == 1 })
+
+	data, err := json.Marshal(protocol.StopWorkloadRequest{Namespace: protocol.SystemNamespace})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const stops = 2
+	subs := make([]*nats.Subscription, stops)
+	for i := range subs {
+		inbox := nc.NewInbox()
+		if subs[i], err = nc.SubscribeSync(inbox); err != nil {
+			t.Fatal(err)
+		}
+		if err := nc.PublishMsg(&nats.Msg{Subject: protocol.UndeploySubject(protocol.SystemNamespace, c.id), Reply: inbox, Data: data,
+			Header: nats.Header{protocol.HeaderProgress: {"1"}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	recorded, unrecorded, stopped := 0, 0, 0
+	for i, sub := range subs {
+		for {
+			m, err := sub.NextMsg(30 * time.Second)
+			if err != nil {
+				t.Fatalf("stop %d: no answer: %v", i, err)
+			}
+			if m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 {
+				switch {
+				case m.Header.Get(protocol.HeaderStopUnrecorded) != "":
+					unrecorded++
+					t.Logf("stop %d: stopping, unrecorded: %s", i, m.Header.Get(protocol.HeaderStopUnrecorded))
+				case m.Header.Get(protocol.HeaderStopRecorded) != "":
+					recorded++
+				}
+				continue
+			}
+			var resp protocol.StopWorkloadResponse
+			if err := json.Unmarshal(m.Data, &resp); err != nil {
+				t.Fatalf("stop %d: answer %q: %v", i, m.Data, err)
+			}
+			if resp.Stopped {
+				stopped++
+			}
+			t.Logf("stop %d answered: stopped=%v %s", i, resp.Stopped, resp.Message)
+			break
+		}
+	}
+	b, _ := os.ReadFile(terms)
+	sigterms := strings.Count(string(b), "term\n")
+	t.Logf("%d concurrent no-wait stops: %d told stopping (recorded), %d unrecorded, %d answered stopped; the service had %d SIGTERM(s), %d run(s), %d main(s) left",
+		stops, recorded, unrecorded, stopped, sigterms, c.runs(), len(c.mains()))
+	if recorded != stops || unrecorded != 0 {
+		t.Errorf("%d of %d stops told stopping recorded, %d unrecorded", recorded, stops, unrecorded)
+	}
+	if stopped != stops || sigterms != 1 || c.runs() != 1 || len(c.mains()) != 0 {
+		t.Errorf("want both stops answered stopped, the service stopped once (1 SIGTERM, 1 run, gone)")
+	}
 }

@@ -560,8 +560,8 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 
 // StopWorkloadRecorded implements nexlet.StopRecorder: StopWorkloadReport, calling
 // recorded once the stop is in <runtime>/stops (before its SIGTERM). Not for a workload
-// that had already ended (answered at once), nor when another stop of it was pending
-// (that one's record is not waited for: the node then says the stop is not confirmed).
+// that had already ended (answered at once). A stop that comes while another stops it
+// is told once that one's record is written (stopAndWait).
 func (n *Nexlet) StopWorkloadRecorded(id string, req *protocol.StopWorkloadRequest, recorded func()) (string, error) {
 	n.mu.Lock()
 	w := n.workloads[id]
@@ -614,13 +614,43 @@ func (n *Nexlet) StoppedBefore(id, namespace string) (time.Time, string, bool) {
 }
 
 // stopAndWait asks w's supervisor to stop it and waits until it is gone; false if
-// another stop was pending already (r then went nowhere).
+// another stop was pending already (r then went nowhere). A stop that asks to be told
+// when it is recorded (r.recorded) is told once w's stop is recorded, whichever stop's
+// record that is: a stop that comes while another is pending, or while its supervisor
+// already stops w (r then waits in w.stop unread), is the same stop. Before, such a
+// second stop was never told, and the node answered a second concurrent `nexctl
+// workload stop --no-wait` with Nexd-Stop-Unrecorded after its bound
+// (e2e TestConcurrentNoWaitStopsRecordedOnce).
 func (n *Nexlet) stopAndWait(w *workload, r stopRequest) bool {
+	if r.recorded != nil {
+		var once sync.Once
+		said := r.recorded
+		r.recorded = func() { once.Do(said) }
+	}
 	sent := true
 	select {
 	case w.stop <- r:
 	default: // a stop is already pending
 		sent = false
+	}
+	if r.record && r.recorded != nil {
+		n.mu.Lock()
+		marked := w.stopMarked
+		if !marked && w.marked == nil {
+			w.marked = make(chan struct{})
+		}
+		ch := w.marked
+		n.mu.Unlock()
+		if !marked {
+			select {
+			case <-ch:
+				marked = true
+			case <-w.done: // ended without a record (none could be written)
+			}
+		}
+		if marked {
+			r.recorded()
+		}
 	}
 	<-w.done
 	return sent

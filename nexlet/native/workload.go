@@ -70,6 +70,10 @@ type workload struct {
 	// renewTimer renews creds; renewStopped is set once the workload ended.
 	renewTimer   *wallclock.Timer
 	renewStopped bool
+	// stopMarked: a stop of it is recorded (markStopping); marked, made by a stop
+	// waiting for that (stopAndWait), is closed then.
+	stopMarked bool
+	marked     chan struct{}
 }
 
 // FinishedRetention is how long a workload that ended on its own stays listed (with its
@@ -119,9 +123,20 @@ type stopRequest struct {
 	recorded func()
 }
 
-// markRecorded records the stop r asks for (when it is one to record) and says so.
+// markRecorded records the stop r asks for (when it is one to record) and says so, to
+// r and to the other stops that wait for it (stopAndWait).
 func (n *Nexlet) markRecorded(w *workload, r stopRequest) {
-	if r.record && n.markStopping(w, r.grace) == nil && r.recorded != nil {
+	if !r.record || n.markStopping(w, r.grace) != nil {
+		return
+	}
+	n.mu.Lock()
+	w.stopMarked = true
+	if w.marked != nil {
+		close(w.marked)
+		w.marked = nil
+	}
+	n.mu.Unlock()
+	if r.recorded != nil {
 		r.recorded()
 	}
 }
