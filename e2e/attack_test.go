@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -24,6 +25,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -859,6 +861,49 @@ func moveControlSocket(t *testing.T, mallory *testkit.User, dir, refusal string)
 // the configuration's is ended at start and a new one started (its workloads are
 // adopted by the new one, as after its crash).
 func TestAttackRootWorkloadsAfterRestartWithoutThem(t *testing.T) {
+	rootWorkloadsAfterRestart(t, nil)
+}
+
+// TestAttackRootWorkloadsAfterUpgradeFromUndigestedRecord: as
+// TestAttackRootWorkloadsAfterRestartWithoutThem, but the native nexlet's record is as a
+// nexd older than the workload policy digest wrote it (no workload_policy). Such a record
+// was adopted unchecked, at this restart and every later one (a record is written when a
+// nexlet starts, not when it is adopted): the nexlet kept running `user: root` as root.
+// Now a record without the digest counts as another policy: the nexlet is replaced. Its
+// environment cannot stand in for the digest: a pre-started nexlet gets its policy over
+// the hand-off pair, not in /proc/<pid>/environ (logged below).
+func TestAttackRootWorkloadsAfterUpgradeFromUndigestedRecord(t *testing.T) {
+	rootWorkloadsAfterRestart(t, func(t *testing.T, state string, nativePID int) {
+		if env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", nativePID)); err == nil {
+			t.Logf("the native nexlet's /proc/%d/environ holds %s: %t", nativePID, native.EnvAllowRoot, bytes.Contains(env, []byte(native.EnvAllowRoot+"=")))
+		}
+		path := filepath.Join(state, "nexlets", "native", "process.json")
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rec map[string]any
+		if err := json.Unmarshal(b, &rec); err != nil {
+			t.Fatal(err)
+		}
+		meta, _ := rec["meta"].(map[string]any)
+		if _, ok := meta["workload_policy"]; !ok {
+			t.Fatalf("record %s has no workload_policy to take away: %s", path, b)
+		}
+		delete(meta, "workload_policy")
+		if b, err = json.Marshal(rec); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// rootWorkloadsAfterRestart plays the root workload attack across a restart that takes
+// allow_root_workloads away; edit, when not nil, changes the state directory while no
+// nexd runs (the first nexd's native nexlet, pid nativePID, still does).
+func rootWorkloadsAfterRestart(t *testing.T, edit func(t *testing.T, state string, nativePID int)) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
@@ -894,7 +939,15 @@ func TestAttackRootWorkloadsAfterRestartWithoutThem(t *testing.T) {
 	}
 	running := n.runWorkload(t, "--name", "keeps", "--", "/bin/sleep", "600")
 
-	n2 := n.restart(t, base)
+	n.signal(t, syscall.SIGTERM)
+	if code := n.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("nexd exited %d after SIGTERM\n%s", code, n.out.String())
+	}
+	if edit != nil {
+		edit(t, state, nativePID)
+	}
+	base.cgroup = n.cgroup // the same node: the same cgroup root
+	n2 := startNode(t, base)
 	st2 := n2.waitReady(t)
 	if !strings.Contains(st2.WorkloadUsers, "dynamic uids") || strings.Contains(st2.WorkloadUsers, "root") {
 		t.Fatalf("status after the restart: workload users %q", st2.WorkloadUsers)

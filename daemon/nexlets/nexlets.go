@@ -281,8 +281,12 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 			m.endForeign(rec, other)
 			ok = false
 		}
-		if was := rec.Meta[metaWorkloadPolicy]; ok && isNative(sp.Name) && was != "" && was != workloadPolicy(cfg, sp) {
-			m.endOtherPolicy(rec)
+		// A record without the digest (an older nexd's) counts as another policy: the
+		// nexlet's environment cannot tell it (a pre-started one got its policy over the
+		// hand-off pair, not in /proc/<pid>/environ), and adopted, it would be adopted
+		// unchecked at every later restart too.
+		if was := rec.Meta[metaWorkloadPolicy]; ok && isNative(sp.Name) && was != workloadPolicy(cfg, sp) {
+			m.endOtherPolicy(rec, was == "")
 			ok = false
 		}
 		if ok && rec.Meta["agent_id"] != "" {
@@ -967,12 +971,16 @@ func workloadPolicy(cfg *config.Config, s Spec) string {
 
 // endOtherPolicy ends a native nexlet the previous nexd left running with a workload
 // policy this configuration no longer has (allow_root_workloads or workload_users taken
-// away, say, and nexd restarted to apply it): adopted, it would go on running start
-// requests by the old one. A new nexlet starts instead and adopts its workloads, as
+// away, say, and nexd restarted to apply it), or with none recorded (unrecorded: an
+// older nexd's record): adopted, it would go on running start requests by the old one. A new nexlet starts instead and adopts its workloads, as
 // after its crash; those keep running as they were started.
-func (m *Manager) endOtherPolicy(rec supervise.Record) {
-	m.log.Warn("the native nexlet left running was started with another workload policy (workload_users, allow_root_workloads, workload_uid_range, workload limits, artifact_max_size or cgroup_driver); ending it so that a new one takes this configuration's",
-		"nexlet", rec.Name, "pid", rec.PID)
+func (m *Manager) endOtherPolicy(rec supervise.Record, unrecorded bool) {
+	recorded := "another"
+	if unrecorded {
+		recorded = "none (recorded by an older nexd)"
+	}
+	m.log.Warn("the native nexlet left running was started with another workload policy (workload_users, allow_root_workloads, workload_uid_range, workload limits, artifact_max_size or cgroup_driver), or one not recorded; ending it so that a new one takes this configuration's",
+		"nexlet", rec.Name, "pid", rec.PID, "recorded_policy", recorded)
 	if err := supervise.EndRecorded(m.recordDir, rec, foreignEndWait); err != nil {
 		m.log.Error("cannot end the native nexlet left with another workload policy", "nexlet", rec.Name, "pid", rec.PID, "err", err)
 	}
