@@ -121,6 +121,31 @@ func (s *sdLocks) drop(uid uint32) {
 	delete(s.fds, uid)
 }
 
+// sweepFree removes uid's lock file when it is empty and nobody holds its lock, as drop
+// does for a lock this nexlet does not hold; a lock this nexlet holds stays. The caller
+// (users.sweepStale, under the lease lock) checked that no lease names uid. true: the
+// file went.
+func (s *sdLocks) sweepFree(uid uint32) bool {
+	if s == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.fds[uid]; ok {
+		return false
+	}
+	f, ok, _ := s.lockLocked(uid, 0)
+	if !ok {
+		return false
+	}
+	defer f.Close()
+	// Empty under the lock: systemd writes its user's name while it holds it.
+	if fi, err := f.Stat(); err != nil || fi.Size() != 0 {
+		return false
+	}
+	return os.Remove(s.path(uid)) == nil
+}
+
 // closeAll lets every lock go as the nexlet's exit would: the files stay, and the next
 // nexlet takes their locks again as it adopts the workloads still running.
 func (s *sdLocks) closeAll() {

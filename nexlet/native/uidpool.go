@@ -104,6 +104,13 @@ func (p *uidPool) run(begin <-chan struct{}) {
 		}
 	}
 	p.begun.Store(true)
+	// What nexlets killed before this one left (leases of their pooled uids, lock
+	// files): its walk of /proc serves the first refill too (walkReuse).
+	if leases, locks, err := p.u.sweepStale(); err != nil {
+		p.log.Warn("stale dynamic uid leases not all removed", "leases", leases, "lock_files", locks, "err", err)
+	} else if leases+locks > 0 {
+		p.log.Info("removed what nexlets that are gone left of their dynamic uids", "leases", leases, "lock_files", locks)
+	}
 	for {
 		// Refilled only once half is taken, all at once: one walk of /proc per
 		// want/2 deploys rather than one per deploy.

@@ -402,11 +402,7 @@ func (u *users) release(id ident) error {
 		return err
 	}
 	defer unlock()
-	if err := os.Remove(u.leasePath(id.uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("dynamic uid %d: %w", id.uid, err)
-	}
-	u.sd.drop(id.uid)
-	return nil
+	return u.freeLocked(id.uid, nil)
 }
 
 // releaseAll is release for several uids with one walk of /proc per round: stops that
@@ -472,17 +468,95 @@ func (u *users) releaseAll(ids []ident) error {
 			errs = append(errs, fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", uid, pids))
 			continue
 		}
-		if err := failed[uid]; err != nil {
-			errs = append(errs, fmt.Errorf("dynamic uid %d stays leased: %w", uid, err))
-			continue
+		if err := u.freeLocked(uid, failed[uid]); err != nil {
+			errs = append(errs, err)
 		}
-		if err := os.Remove(u.leasePath(uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("dynamic uid %d: %w", uid, err))
-			continue
-		}
-		u.sd.drop(uid)
 	}
 	return errors.Join(errs...)
+}
+
+// freeLocked removes uid's lease and gives systemd's lock on it back (the lease lock
+// held), unless left, the error of the removal of its leftovers, says it must stay
+// leased.
+func (u *users) freeLocked(uid uint32, left error) error {
+	if left != nil {
+		return fmt.Errorf("dynamic uid %d stays leased: %w", uid, left)
+	}
+	if err := os.Remove(u.leasePath(uid)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("dynamic uid %d: %w", uid, err)
+	}
+	u.sd.drop(uid)
+	return nil
+}
+
+// sweepStale removes what nexlets that are gone left in the lease directory, with
+// one walk of /proc: leases whose owner is gone (a pooled uid's /proc/<pid> of a nexlet
+// killed, a workload directory that no longer exists) while no process runs as their
+// uid, after their uid's leftovers (removeLeftovers, as a stale lease's reuse removes
+// them), each with systemd's lock file of its uid when nobody holds that lock; and
+// systemd's lock files of this range that no lease names, that nobody holds and that are
+// empty (systemd writes its dynamic user's name into its own; nexd's stay empty). A
+// lease whose owner is there (a live nexlet's pool or retired uid, a workload's
+// directory, running or not) stays, as does a lock someone holds. Before, such leases
+// were reclaimed only when a later lease happened to pick their uid, and their lock
+// files stayed as long (TestKilledNexletsLeaveNoLeases).
+func (u *users) sweepStale() (leases, locks int, err error) {
+	busy, err := u.walk()
+	if err != nil {
+		return 0, 0, fmt.Errorf("stale leases: %w", err)
+	}
+	unlock, err := u.lock()
+	if err != nil {
+		return 0, 0, err
+	}
+	defer unlock()
+	ents, err := os.ReadDir(u.pol.LeaseDir)
+	if err != nil {
+		return 0, 0, fmt.Errorf("stale leases: %w", err)
+	}
+	leased := map[uint32]bool{}
+	stale := map[uint32]bool{}
+	for _, e := range ents {
+		v, perr := strconv.ParseUint(e.Name(), 10, 32)
+		if perr != nil || !e.Type().IsRegular() {
+			continue
+		}
+		uid := uint32(v)
+		leased[uid] = true
+		if busy[uid] {
+			continue
+		}
+		if free, wasStale := u.leaseFreeLocked(uid, true); free && wasStale {
+			stale[uid] = true
+		}
+	}
+	failed := removeLeftovers(u.proc, stale)
+	var errs []error
+	for uid := range stale {
+		if err := u.freeLocked(uid, failed[uid]); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		leases++
+		delete(leased, uid)
+	}
+	if u.sd != nil {
+		ents, _ := os.ReadDir(u.sd.dir)
+		for _, e := range ents {
+			v, perr := strconv.ParseUint(e.Name(), 10, 32)
+			if perr != nil || !e.Type().IsRegular() {
+				continue
+			}
+			uid := uint32(v)
+			if uid < u.pol.UIDMin || uid > u.pol.UIDMax || leased[uid] {
+				continue
+			}
+			if u.sd.sweepFree(uid) {
+				locks++
+			}
+		}
+	}
+	return leases, locks, errors.Join(errs...)
 }
 
 // releaser batches the releases of stopped workloads' uids off the stops' path: one
