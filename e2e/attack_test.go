@@ -209,11 +209,21 @@ func workloadCgroup(pid string) string {
 
 // TestAttackNodePasswordNeverReachesChildren: nexd's own NATS user:password given in
 // --nats.servers (the workload could log in as the node with it). Before issue 12 it
-// was in every nexlet's and workload's environment (NEX_WORKLOAD_NATS_SERVERS).
+// was in every nexlet's and workload's environment (NEX_WORKLOAD_NATS_SERVERS). The
+// same URL without its scheme (nats.go adds nats://, and so connects with it): net/url
+// read "admin:PASSWORD@host:port" as the scheme "admin" with no user, so it was handed
+// to every child whole, and shown whole in `nexctl status`, readable by every local
+// user; now every server URL loses its userinfo however it is spelled.
 func TestAttackNodePasswordNeverReachesChildren(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
+	t.Parallel()
+	t.Run("with scheme", func(t *testing.T) { nodePasswordNeverReachesChildren(t, "nats://admin:") })
+	t.Run("without scheme", func(t *testing.T) { nodePasswordNeverReachesChildren(t, "admin:") })
+}
+
+func nodePasswordNeverReachesChildren(t *testing.T, userPrefix string) {
 	t.Parallel()
 	const password = "n0de-s3cret-pw"
 	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) {
@@ -221,7 +231,7 @@ func TestAttackNodePasswordNeverReachesChildren(t *testing.T) {
 		o.Users = []*server.User{{Username: "admin", Password: password}, {Username: "anon"}}
 		o.NoAuthUser = "anon"
 	}})
-	u := strings.Replace(s.ClientURL(), "nats://", "nats://admin:"+password+"@", 1)
+	u := strings.Replace(s.ClientURL(), "nats://", userPrefix+password+"@", 1)
 	n := startNode(t, nodeOpts{external: u})
 	st := n.waitReady(t)
 	nc, err := nats.Connect(u)
@@ -258,10 +268,13 @@ func TestAttackNodePasswordNeverReachesChildren(t *testing.T) {
 			t.Errorf("the node's NATS password is in nexlet %s's environment", x.Name)
 		}
 	}
-	// Nor does --check or nexctl config show it.
+	// Nor does --check, nexctl config or the public status show it.
 	cfg := n.mustCtl(t, "--json", "config")
 	if strings.Contains(cfg, password) {
 		t.Errorf("nexctl config shows the password")
+	}
+	if status := n.mustCtl(t, "--json", "status"); strings.Contains(status, password) {
+		t.Errorf("nexctl status shows the password:\n%s", status)
 	}
 	var raw map[string]any
 	if err := json.Unmarshal([]byte(cfg), &raw); err != nil {

@@ -179,7 +179,8 @@ func jsonRemoteNexlets(v any) (any, []problem) {
 				rn.Type = str
 			case "public_key":
 				if !nkeys.IsValidPublicKey(str) {
-					ps = append(ps, problem{at + ".public_key", fmt.Sprintf("%q is not an nkey public key", str)})
+					// describeKey: a seed pasted here by mistake is not shown.
+					ps = append(ps, problem{at + ".public_key", fmt.Sprintf("expected an nkey public key, got %s", describeKey(str))})
 				}
 				rn.PublicKey = str
 			}

@@ -1155,3 +1155,46 @@ func TestGoRuntimeKeys(t *testing.T) {
 		t.Errorf("go_gc_percent -2: %v, want an error naming the key", err)
 	}
 }
+
+// TestConfigErrorsHideCredentials: a NATS URL with a password or token that
+// nexd cannot use is refused naming its key, and neither the error nor the rendered
+// configuration (`nexctl config`, `nexd --check`) shows the secret. Before, the
+// nats.leaf_remote error quoted the URL whole (in the journal at every failed start),
+// nats.servers was not checked at all (nats.go's parse error quoted it whole at every
+// connect attempt, retried for good), and `nexctl config` showed nats.leaf_remote whole.
+func TestConfigErrorsHideCredentials(t *testing.T) {
+	const secret = "hub-s3cret"
+	for _, tc := range []struct {
+		args []string
+		key  string
+	}{
+		{[]string{"--nats.leaf-remote", "nats-leaf://site:" + secret + "%zz@hub:7422", "--nats.jsdomain", "s"}, "nats.leaf_remote"},
+		{[]string{"--nats.leaf-remote", "http://site:" + secret + "@hub:7422", "--nats.jsdomain", "s"}, "nats.leaf_remote"},
+		{[]string{"--nats.leaf-remote", "site:" + secret + "@hub:7422", "--nats.jsdomain", "s"}, "nats.leaf_remote"},
+		{[]string{"--nats.servers", "nats://admin:" + secret + "%zz@127.0.0.1:4222"}, "nats.servers[0]"},
+		{[]string{"--nats.servers", "nats://h:4222,admin:" + secret + "%zz@127.0.0.1:4222"}, "nats.servers[1]"},
+		{[]string{"--nats.servers", "nats://" + secret + "@[::1"}, "nats.servers[0]"},
+	} {
+		_, err := Load(hermetic(tc.args...))
+		if err == nil || !strings.Contains(err.Error(), tc.key) {
+			t.Errorf("%q: %v, want an error naming %s", tc.args, err, tc.key)
+		} else if strings.Contains(err.Error(), secret) {
+			t.Errorf("%q: the error shows the secret: %v", tc.args, err)
+		}
+	}
+	l := mustLoad(t, hermetic("--nats.leaf-remote", "nats-leaf://site:"+secret+"@hub:7422", "--nats.jsdomain", "s"))
+	js, err := l.RenderJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := l.Render() + string(js); strings.Contains(out, secret) || !strings.Contains(out, "nats-leaf://[redacted]@hub:7422") {
+		t.Errorf("rendered configuration shows the leaf remote's password, or no leaf remote:\n%s", out)
+	}
+	mustLoad(t, hermetic("--nats.servers", "nats://a:4222, b:4222,tls://u:p@c:4443"))
+	// A nexlet's seed pasted as its public key: refused, not shown (before, quoted whole).
+	seed, _ := testKey(t, nkeys.PrefixByteUser, 7)
+	_, err = Load(hermetic("--remote-nexlets", `[{"name":"edge","type":"wasm","public_key":"`+seed+`"}]`))
+	if err == nil || !strings.Contains(err.Error(), "public_key") || strings.Contains(err.Error(), seed) {
+		t.Errorf("a seed as a remote nexlet's public_key: %v, want refused without the seed", err)
+	}
+}

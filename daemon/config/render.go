@@ -118,6 +118,9 @@ func redactedValue(s *keySpec, c *Config) any {
 	if list, ok := v.([]string); ok && s.key == "nats.servers" {
 		return natsurl.RedactAll(list)
 	}
+	if str, ok := v.(string); ok && s.key == "nats.leaf_remote" {
+		return natsurl.Redact(str)
+	}
 	return v
 }
 

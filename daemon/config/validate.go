@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/natsurl"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -105,11 +106,16 @@ func (v *validator) validate() {
 			}
 		}
 	}
+	for i, list := range c.NATS.Servers {
+		for _, s := range strings.Split(list, ",") {
+			v.serverURL(fmt.Sprintf("[%d]", i), strings.TrimSpace(s))
+		}
+	}
 	if r := c.NATS.LeafRemote; r != "" {
 		u, err := url.Parse(r)
 		switch {
 		case err != nil || u.Host == "" || !slices.Contains([]string{"nats", "nats-leaf", "tls", "ws", "wss"}, u.Scheme):
-			v.fail("nats.leaf_remote", "", fmt.Sprintf("want a URL like nats-leaf://hub.example.com:7422 (schemes nats, nats-leaf, tls, ws, wss), got %q", r))
+			v.fail("nats.leaf_remote", "", fmt.Sprintf("want a URL like nats-leaf://hub.example.com:7422 (schemes nats, nats-leaf, tls, ws, wss), got %q", natsurl.Redact(r)))
 		case len(c.NATS.Servers) > 0 || c.NATS.Context != "" || n.InatsConfig != "":
 			v.fail("nats.leaf_remote", "", "makes nexd's own embedded server a leaf node, so it cannot go with nats.servers, nats.context or inats_config (with inats_config, put leafnodes.remotes in that file)")
 		case c.NATS.JSDomain == "":
@@ -328,6 +334,29 @@ func pubName(p nkeys.PrefixByte) string {
 }
 
 // describeKey names what kind of nkey s is, never echoing it (it may be a secret).
+// serverURL checks a nats.servers URL as nats.go reads it (no scheme: nats://), so
+// that a bad one is named here, redacted: nats.go's own error quotes it whole, userinfo
+// and all, at every connect attempt.
+func (v *validator) serverURL(at, s string) {
+	if s == "" {
+		return
+	}
+	full := s
+	if !strings.Contains(s, "://") {
+		full = "nats://" + s
+	}
+	u, err := url.Parse(full)
+	if ue := (*url.Error)(nil); errors.As(err, &ue) {
+		err = ue.Err // not the URL
+	}
+	switch {
+	case err != nil:
+		v.fail("nats.servers", at, fmt.Sprintf("want a server URL like nats://host:4222, got %q: %v", natsurl.Redact(s), err))
+	case u.Host == "":
+		v.fail("nats.servers", at, fmt.Sprintf("want a server URL like nats://host:4222, got %q: no host", natsurl.Redact(s)))
+	}
+}
+
 func describeKey(s string) string {
 	if p, _, err := nkeys.DecodeSeed([]byte(s)); err == nil {
 		if _, ok := keyKinds[p]; ok {

@@ -13,9 +13,11 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -229,6 +231,7 @@ func (c *Conn) dialRetrying(ctx context.Context, what string, dial func() (*nats
 		if err == nil {
 			return nc, nil
 		}
+		err = redactURLError(err)
 		if !retryable(err) {
 			return nil, fmt.Errorf("natsconn: connect to %s: %w", what, err)
 		}
@@ -243,9 +246,24 @@ func (c *Conn) dialRetrying(ctx context.Context, what string, dial func() (*nats
 	}
 }
 
+// redactURLError hides the userinfo of the server URL a parse error quotes: nats.go
+// returns net/url's *url.Error, `parse "nats://user:password@host": invalid URL escape`,
+// with the URL whole (TestUnparsableServerURLErrorHidesCredentials).
+func redactURLError(err error) error {
+	var ue *url.Error
+	if !errors.As(err, &ue) {
+		return err
+	}
+	return &url.Error{Op: ue.Op, URL: natsurl.Redact(ue.URL), Err: ue.Err}
+}
+
 // retryable errors mean "nobody answered"; anything else (auth, TLS, bad URL)
 // will not fix itself by waiting.
 func retryable(err error) bool {
+	// A server URL nats.go cannot parse (*url.Error is a net.Error too).
+	if ue := (*url.Error)(nil); errors.As(err, &ue) {
+		return false
+	}
 	var (
 		alert tls.AlertError
 		verr  *tls.CertificateVerificationError
@@ -428,7 +446,7 @@ func nkeyOption(pub, seed string) (nats.Option, error) {
 			}
 			return opt, nil
 		}
-		return nil, fmt.Errorf("natsconn: --nats.nkey %q needs --nats.seed (or must name a seed file)", pub)
+		return nil, fmt.Errorf("natsconn: --nats.nkey %s needs --nats.seed (or must name a seed file)", shownKey(pub))
 	}
 	kp, err := userKey(seed)
 	if err != nil {
@@ -439,9 +457,18 @@ func nkeyOption(pub, seed string) (nats.Option, error) {
 		return nil, fmt.Errorf("natsconn: --nats.seed: %w", err)
 	}
 	if pub != "" && pub != derived {
-		return nil, fmt.Errorf("natsconn: --nats.nkey %s does not belong to --nats.seed (its public key is %s)", pub, derived)
+		return nil, fmt.Errorf("natsconn: --nats.nkey %s does not belong to --nats.seed (its public key is %s)", shownKey(pub), derived)
 	}
 	return nats.Nkey(derived, func(nonce []byte) ([]byte, error) { return kp.Sign(nonce) }), nil
+}
+
+// shownKey is an --nats.nkey value fit for an error: a public key or a file name as
+// given, never a seed put there by mistake.
+func shownKey(s string) string {
+	if _, _, err := nkeys.DecodeSeed([]byte(strings.TrimSpace(s))); err == nil {
+		return "(a seed, which belongs in --nats.seed)"
+	}
+	return strconv.Quote(s)
 }
 
 func (c *Conn) setLastErr(err error) {

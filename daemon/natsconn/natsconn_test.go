@@ -174,6 +174,15 @@ func TestAuthOptionErrors(t *testing.T) {
 			t.Errorf("%+v: error %v, want %q", c.o, err, c.want)
 		}
 	}
+	// A seed given as --nats.nkey by mistake is refused without being shown (before, both
+	// errors quoted it whole).
+	_, _, otherSeed := userSeed(t)
+	for _, o := range []Options{{Nkey: otherSeed}, {Nkey: otherSeed, Seed: useed}} {
+		_, err := authOptions(o)
+		if err == nil || !strings.Contains(err.Error(), "--nats.nkey (a seed, which belongs in --nats.seed)") || strings.Contains(err.Error(), otherSeed) {
+			t.Errorf("a seed as --nats.nkey: %v, want refused without the seed", err)
+		}
+	}
 }
 
 // operatorSetup builds an operator, an account and a user, as nsc would.
@@ -341,6 +350,28 @@ func TestConnectWaitsForServer(t *testing.T) {
 	_, err := Connect(ctx, Options{Servers: []string{"nats://127.0.0.1:" + strconv.Itoa(testkit.StablePort(t))}}, nil)
 	if err == nil || !errors.Is(err, context.Canceled) {
 		t.Fatalf("error %v, want context canceled", err)
+	}
+}
+
+// TestUnparsableServerURLErrorHidesCredentials: a server URL nats.go cannot parse
+// fails at once, and neither the error nor the log shows its userinfo. Before, nats.go's
+// parse error (a *url.Error, which is a net.Error) was taken for an unreachable server:
+// retried until the context ended, each retry logged with the URL whole.
+func TestUnparsableServerURLErrorHidesCredentials(t *testing.T) {
+	const secret = "s3cret"
+	for _, u := range []string{"nats://admin:" + secret + "%zz@127.0.0.1:4222", "admin:" + secret + "%zz@127.0.0.1:4222", "nats://" + secret + "@[::1"} {
+		var logs strings.Builder
+		log := slog.New(slog.NewTextHandler(&logs, nil))
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		start := time.Now()
+		_, err := Connect(ctx, Options{Servers: []string{u}}, log)
+		cancel()
+		if err == nil || strings.Contains(err.Error(), secret) || strings.Contains(logs.String(), secret) {
+			t.Errorf("%s: %v\nlog:\n%s\nwant an error without the secret, and no log line with it", u, err, logs.String())
+		}
+		if took := time.Since(start); took > 10*time.Second {
+			t.Errorf("%s: gave up after %s: retried a URL that cannot be parsed", u, took)
+		}
 	}
 }
 

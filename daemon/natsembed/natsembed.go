@@ -6,6 +6,7 @@ package natsembed
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -281,7 +282,11 @@ const (
 func leafRemote(sopts *server.Options, o Options, account string) error {
 	u, err := url.Parse(o.LeafRemote)
 	if err != nil {
-		return fmt.Errorf("natsembed: nats.leaf_remote %q: %w", o.LeafRemote, err)
+		// Not err itself: net/url's error quotes the URL whole, userinfo and all.
+		if ue := (*url.Error)(nil); errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return fmt.Errorf("natsembed: nats.leaf_remote %s is not a URL: %w", natsurl.Redact(o.LeafRemote), err)
 	}
 	if o.JSDomain == "" {
 		return fmt.Errorf("natsembed: nats.leaf_remote needs nats.jsdomain, the site's own JetStream domain")

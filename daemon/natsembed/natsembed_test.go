@@ -326,6 +326,22 @@ func TestLeafRemote(t *testing.T) {
 	roundTrip(t, c.NC)
 }
 
+// TestUnparsableLeafRemoteHidesCredentials: a nats.leaf_remote net/url cannot parse is
+// refused at start naming the key, with its userinfo hidden. Before, the error (in the
+// journal at every failed start) quoted the URL whole, the hub password with it.
+func TestUnparsableLeafRemoteHidesCredentials(t *testing.T) {
+	const secret = "hub-s3cret"
+	_, err := Connect(ctxT(t), natsconn.Options{JSDomain: "site1"}, Options{Port: -1, StateDir: t.TempDir(),
+		LeafRemote: "nats-leaf://site:" + secret + "%zz@127.0.0.1:7422", JSDomain: "site1"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "nats.leaf_remote nats-leaf://[redacted]@127.0.0.1:7422") ||
+		!strings.Contains(err.Error(), "%zz") {
+		t.Fatalf("unparsable leaf remote: %v, want refused naming the key, the redacted URL and the bad escape", err)
+	}
+	if strings.Contains(err.Error(), secret) {
+		t.Errorf("the start-up error shows the hub password: %v", err)
+	}
+}
+
 // TestNodeInboxPrefixKept: the node's connection to an embedded server, the
 // zero-config one and an --inats-config one, names its inboxes under the prefix nexd
 // gives it (protocol.NodeInboxPrefix, out of every minted user's reach:

@@ -18,6 +18,7 @@ import (
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsconn"
+	"github.com/nexd-project/nexd/internal/natsurl"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -323,7 +324,7 @@ func (r *resolution) useLocalNode(ctx context.Context) error {
 func (r *resolution) render(w io.Writer) {
 	o := r.NATS
 	vals := map[string]string{
-		"nats.context": o.Context, "nats.servers": strings.Join(redactURLs(o.Servers), ","), "nats.creds_file": o.CredsFile,
+		"nats.context": o.Context, "nats.servers": strings.Join(natsurl.RedactAll(o.Servers), ","), "nats.creds_file": o.CredsFile,
 		"nats.nkey": o.Nkey, "nats.seed": o.Seed, "nats.jwt": o.JWT, "nats.user": o.User, "nats.password": o.Password,
 		"nats.tlscert": o.TLSCert, "nats.tlskey": o.TLSKey, "nats.tlsca": o.TLSCA, "nats.tlsfirst": fmt.Sprint(o.TLSFirst),
 		"nats.conn_name": o.ConnName, "nats.timeout": o.Timeout.String(), "nats.jsdomain": o.JSDomain,
@@ -372,7 +373,7 @@ func (r *resolution) checkJSON() map[string]any {
 	}
 	settings := map[string]any{
 		"namespace": r.Namespace, "control_socket": r.ControlSocket, "trusted_nodes": nonNil(r.TrustedNodes),
-		"nats.context": o.Context, "nats.servers": redactURLs(o.Servers), "nats.creds_file": o.CredsFile,
+		"nats.context": o.Context, "nats.servers": natsurl.RedactAll(o.Servers), "nats.creds_file": o.CredsFile,
 		"nats.nkey": o.Nkey, "nats.seed": red(o.Seed), "nats.jwt": red(o.JWT), "nats.user": o.User,
 		"nats.password": red(o.Password), "nats.tlscert": o.TLSCert, "nats.tlskey": o.TLSKey, "nats.tlsca": o.TLSCA,
 		"nats.tlsfirst": o.TLSFirst, "nats.conn_name": o.ConnName, "nats.timeout": o.Timeout.String(), "nats.jsdomain": o.JSDomain,
@@ -389,30 +390,6 @@ func nonNil(s []string) []string {
 		return []string{}
 	}
 	return s
-}
-
-// redactURLs hides passwords in server URLs.
-func redactURLs(in []string) []string {
-	out := make([]string, len(in))
-	for i, s := range in {
-		out[i] = redactURL(s)
-	}
-	return out
-}
-
-func redactURL(s string) string {
-	scheme, rest, ok := strings.Cut(s, "://")
-	if !ok {
-		return s
-	}
-	userinfo, host, ok := strings.Cut(rest, "@")
-	if !ok {
-		return s
-	}
-	if u, _, hasPw := strings.Cut(userinfo, ":"); hasPw {
-		return scheme + "://" + u + ":[redacted]@" + host
-	}
-	return scheme + "://[redacted]@" + host
 }
 
 // defaultLoadOptions are nexd's file locations and the process environment, with
