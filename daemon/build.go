@@ -174,6 +174,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		OnSocketRefused:  func() { s.metrics.NexletSocketRefused() },
 		ProfileEnv:       profdump.PassOn(os.Getenv),
 		TestHold:         os.Getenv(testhold.Env),                   // e2e fault tests only
+		SystemdUIDDir:    os.Getenv(native.EnvSystemdUIDDir),        // tests: their own lock directory
 		RegisterOverNATS: os.Getenv("NEXD_LOCAL_REGISTER") == "off", // nexbench ready A/B; TestStolenNexletUser
 		Prestarted:       d.prestarted,
 		DefaultGOGC:      cmp.Or(os.Getenv("GOGC"), strconv.Itoa(config.DefaultGoGCPercent)),

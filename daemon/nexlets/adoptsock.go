@@ -46,7 +46,7 @@ func (m *Manager) listenAdopted() {
 		return
 	}
 	path := AdoptedSocketPath(m.o.RuntimeDir)
-	ln, err := listenPrivate(path)
+	ln, err := listenPrivate(path, "unix")
 	if err != nil {
 		m.log.Warn("no socket for adopted nexlets; they relay their feeds and get their starts over NATS", "path", path, "err", err)
 		return
@@ -57,8 +57,9 @@ func (m *Manager) listenAdopted() {
 	m.sockWG.Go(func() { m.acceptAdopted(ln) })
 }
 
-// listenPrivate listens on path in a directory of nexd's that no other uid may enter.
-func listenPrivate(path string) (*net.UnixListener, error) {
+// listenPrivate listens on path (network "unix" or "unixpacket") in a directory of
+// nexd's that no other uid may enter.
+func listenPrivate(path, network string) (*net.UnixListener, error) {
 	if len(path) > maxSocketPath {
 		return nil, fmt.Errorf("socket path of %d bytes is over %d", len(path), maxSocketPath)
 	}
@@ -78,7 +79,7 @@ func listenPrivate(path string) (*net.UnixListener, error) {
 		return nil, err
 	}
 	_ = os.Remove(path) // a killed nexd's; the runtime dir is this nexd's alone (its lock)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	ln, err := net.ListenUnix(network, &net.UnixAddr{Name: path, Net: network})
 	if err != nil {
 		return nil, err
 	}

@@ -108,7 +108,7 @@ func TestAdoptedSocketAdmitsOnlyTheAdoptedProcess(t *testing.T) {
 // TestAdoptedSocketPathTooLong: a runtime directory whose socket path does not fit
 // sun_path gets no socket (the adopted nexlet then goes over NATS), not a truncated one.
 func TestAdoptedSocketPathTooLong(t *testing.T) {
-	if _, err := listenPrivate(filepath.Join(t.TempDir(), strings.Repeat("d", 100), "s.sock")); err == nil {
+	if _, err := listenPrivate(filepath.Join(t.TempDir(), strings.Repeat("d", 100), "s.sock"), "unix"); err == nil {
 		t.Fatal("listened on a path over sun_path's size")
 	}
 }

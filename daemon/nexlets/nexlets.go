@@ -112,6 +112,10 @@ type Options struct {
 	DefaultGOGC string
 	// ProfileEnv is added to the native nexlet's environment (profdump.PassOn).
 	ProfileEnv map[string]string
+	// SystemdUIDDir, when set, is the native nexlet's systemd dynamic uid lock
+	// directory (native.EnvSystemdUIDDir: nexd's own $NEX_NATIVE_SYSTEMD_UID_DIR,
+	// passed on; tests keep their locks out of the host's /run/systemd/dynamic-uid).
+	SystemdUIDDir string
 	// TestHold, when set (e2e fault tests only), is passed on to the native nexlet
 	// (testhold.Env).
 	TestHold string
@@ -177,6 +181,9 @@ type Manager struct {
 	adopted map[string]procid.ID
 	sock    *net.UnixListener
 	sockWG  sync.WaitGroup
+	// locks keeps copies of the native nexlets' systemd uid locks (uidlocks.go); nil
+	// until listenUIDLocks, or without a socket.
+	locks *uidKeeper
 }
 
 // New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
@@ -348,6 +355,7 @@ func (m *Manager) StartEarly(ctx context.Context) {
 	if m.Adopting() {
 		return
 	}
+	m.listenUIDLocks()
 	for _, s := range m.specs {
 		if !s.Process.Outlive {
 			continue
@@ -414,6 +422,7 @@ func (m *Manager) Start(ctx context.Context) error {
 	}
 	m.mu.Unlock()
 	m.listenAdopted() // before the supervisor tells them to register again
+	m.listenUIDLocks()
 	for _, s := range m.specs {
 		if ch, ok := m.early[s.Name]; ok {
 			var err error
@@ -441,6 +450,10 @@ func (m *Manager) Stop(ctx context.Context) error {
 	m.stopAdoptedSocket()
 	err := m.sup.Stop(ctx)
 	m.earlyWG.Wait()
+	m.mu.Lock()
+	locks := m.locks
+	m.mu.Unlock()
+	locks.stop()
 	for _, s := range m.specs {
 		m.closeLocal(s.Name) // those of nexlets left running (live_restore)
 	}
@@ -830,6 +843,15 @@ func (m *Manager) env(name string) map[string]string {
 		env[localchan.EnvFeeds] = "1"
 		// A later nexd that adopts it takes its channel on this socket (adoptsock.go).
 		env[localchan.EnvSocket] = AdoptedSocketPath(m.o.RuntimeDir)
+		m.mu.Lock()
+		if m.locks != nil {
+			// nexd keeps copies of its systemd uid locks there (uidlocks.go).
+			env[native.EnvUIDLockSocket] = UIDLockSocketPath(m.o.RuntimeDir)
+		}
+		m.mu.Unlock()
+		if m.o.SystemdUIDDir != "" {
+			env[native.EnvSystemdUIDDir] = m.o.SystemdUIDDir
+		}
 		env[native.EnvRuntimeDir] = filepath.Join(m.o.RuntimeDir, name) // previewed: NativePreview
 		env[native.EnvUsers] = strings.Join(m.o.Config.Node.WorkloadUsers, ",")
 		env[native.EnvAllowRoot] = strconv.FormatBool(m.o.Config.Node.AllowRootWorkloads)

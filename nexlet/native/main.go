@@ -173,6 +173,7 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 		}
 	}
 	cfg.Users.LeaseDir = env(EnvUIDLeaseDir)
+	cfg.UIDLockSocket = env(EnvUIDLockSocket)
 	switch cfg.Users.SystemdUIDDir = env(EnvSystemdUIDDir); cfg.Users.SystemdUIDDir {
 	case "":
 		cfg.Users.SystemdUIDDir = DefaultSystemdUIDDir

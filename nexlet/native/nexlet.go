@@ -82,6 +82,9 @@ type Config struct {
 	// ExitsDir is where nexd, the child subreaper, records the exits of workloads whose
 	// nexlet had died (procid.WriteExit); "" when nobody records them.
 	ExitsDir string
+	// UIDLockSocket is nexd's socket that keeps copies of the nexlet's systemd uid
+	// locks (EnvUIDLockSocket, sdkeep.go); "": none kept.
+	UIDLockSocket string
 	// PoolsAfter, when not nil, holds back what is made ahead for deploys (pooled
 	// uids, record directories, fork pool groups) until it is closed: Main closes it
 	// once the nexlet registered, which the node's start waits for. Deploys before
@@ -172,6 +175,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if us.sdWarn != "" {
 		n.log.Warn(us.sdWarn)
 	}
+	us.sd.keepAt(cfg.UIDLockSocket, n.log)
 	n.releases = &releaser{u: us, log: n.log, wg: &n.bg, gate: &n.starts, hurry: make(chan struct{}), batch: releaseBatch}
 	if n.cfg.PollInterval <= 0 {
 		n.cfg.PollInterval = 250 * time.Millisecond
@@ -231,6 +235,7 @@ func (n *Nexlet) Close() {
 	n.iso.close()
 	n.spawn.close()
 	n.users.stopPool()
+	n.users.sd.stopKeeping()
 	n.users.sd.closeAll()
 	n.records.stopRecordPool()
 	if si, ok := n.iso.(*scopeIsolation); ok {

@@ -29,12 +29,14 @@ const DefaultSystemdUIDDir = "/run/systemd/dynamic-uid"
 // nexd user, so nss-systemd knows no name for a workload's uid.
 //
 // flock belongs to the open file, so the locks live as long as this nexlet's
-// descriptors: a nexlet that dies drops them, and the next one takes them again as it
-// adopts the workloads that outlived it (users.hold).
+// descriptors or nexd's copies of them (sdkeep.go): a nexlet that dies leaves them to
+// nexd's copies, which the next one takes over as it adopts the workloads that outlived
+// it (users.hold).
 type sdLocks struct {
-	dir string
-	mu  sync.Mutex
-	fds map[uint32]*os.File
+	dir  string
+	keep *sdKeeper // nexd's copies; nil: none kept
+	mu   sync.Mutex
+	fds  map[uint32]*os.File
 }
 
 // take takes systemd's lock on uid; false when another process holds it (a systemd
@@ -52,6 +54,7 @@ func (s *sdLocks) take(uid uint32) (bool, error) {
 	f, ok, err := s.lockLocked(uid, unix.O_CREAT)
 	if ok {
 		s.fds[uid] = f
+		s.tell(UIDLockHold, uid, f)
 	}
 	return ok, err
 }
@@ -108,6 +111,7 @@ func (s *sdLocks) drop(uid uint32) {
 	if s == nil {
 		return
 	}
+	s.waitSynced() // a dead nexlet's lock is nexd's copy until handed over
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	f, ok := s.fds[uid]
@@ -119,6 +123,7 @@ func (s *sdLocks) drop(uid uint32) {
 	_ = os.Remove(s.path(uid))
 	f.Close()
 	delete(s.fds, uid)
+	s.tell(UIDLockDrop, uid, nil) // after the unlink: nexd's copy is worthless now
 }
 
 // sweepFree removes uid's lock file when it is empty and nobody holds its lock, as drop
@@ -146,8 +151,9 @@ func (s *sdLocks) sweepFree(uid uint32) bool {
 	return os.Remove(s.path(uid)) == nil
 }
 
-// closeAll lets every lock go as the nexlet's exit would: the files stay, and the next
-// nexlet takes their locks again as it adopts the workloads still running.
+// closeAll lets this nexlet's descriptors go as its exit would: the files stay, locked
+// by nexd's copies where it keeps them, and the next nexlet takes them over (or their
+// locks again) as it adopts the workloads still running.
 func (s *sdLocks) closeAll() {
 	if s == nil {
 		return

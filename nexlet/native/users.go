@@ -352,10 +352,12 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 	return out, nil
 }
 
-// hold re-leases uid for owner (a workload adopted after a nexlet restart) and takes
-// systemd's lock on it again, which the nexlet that died dropped. The lease is written
-// even when the lock is another's: the workload runs as the uid either way.
+// hold re-leases uid for owner (a workload adopted after a nexlet restart) and holds
+// systemd's lock on it again: nexd's copy of the dead nexlet's lock, taken over, or
+// (nexd kept none) the lock taken anew. The lease is written even when the lock is
+// another's: the workload runs as the uid either way.
 func (u *users) hold(uid uint32, owner string) error {
+	u.sd.waitSynced() // nexd's copy of the dead nexlet's lock is handed over first
 	unlock, err := u.lock()
 	if err != nil {
 		return err

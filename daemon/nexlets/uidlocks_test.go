@@ -1,0 +1,171 @@
+package nexlets
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/nexlet/native"
+)
+
+// startUIDKeeper serves a uid lock socket of its own, admitting the processes nameOf
+// names; stopped when the test ends.
+func startUIDKeeper(t *testing.T, nameOf func(pid int) string) (*uidKeeper, string) {
+	t.Helper()
+	path := UIDLockSocketPath(t.TempDir())
+	ln, err := listenPrivate(path, "unixpacket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := newUIDKeeper(ln, nameOf, slog.New(slog.DiscardHandler))
+	t.Cleanup(k.stop)
+	return k, path
+}
+
+// dialKeeper connects as a nexlet and reads nexd's hand-over: the uids and copies it
+// gave, up to its END.
+func dialKeeper(t *testing.T, path string) (*net.UnixConn, []uint32, []*os.File) {
+	t.Helper()
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var uids []uint32
+	var files []*os.File
+	for {
+		op, u, f, err := native.ReadUIDLocks(c)
+		if err != nil {
+			t.Fatalf("hand-over: %v", err)
+		}
+		if op == native.UIDLockEnd {
+			return c, uids, files
+		}
+		uids, files = append(uids, u...), append(files, f...)
+	}
+}
+
+// lockBusy does systemd's check on path's file, open as f: whether another open file
+// holds its lock (flock conflicts between open files, in one process too).
+func lockBusy(t *testing.T, f *os.File) bool {
+	t.Helper()
+	err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return true
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_UN); err != nil {
+		t.Fatal(err)
+	}
+	return false
+}
+
+// TestUIDKeeperHoldsADeadNexletsLocks: on a real socket, with the test process playing
+// the native nexlet. Its lock on a uid's file, sent to nexd (HOLD), stays held by nexd's
+// copy once the nexlet's own descriptor and connection are gone (its kill): another
+// open file of the lock file cannot take it. The next nexlet gets the copy at its
+// connection (the same file), unlinks the file, closes it and says DROP: nexd's copy
+// goes, and the lock is free. A copy whose file was unlinked without a DROP (a nexlet
+// killed between the two) is not handed over, and is forgotten.
+func TestUIDKeeperHoldsADeadNexletsLocks(t *testing.T) {
+	self := os.Getpid()
+	k, path := startUIDKeeper(t, func(pid int) string {
+		if pid == self {
+			return "native"
+		}
+		return ""
+	})
+	sd := t.TempDir()
+	lockFile := func(uid uint32) (string, *os.File) {
+		p := filepath.Join(sd, strconv.Itoa(int(uid)))
+		f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			t.Fatal(err)
+		}
+		return p, f
+	}
+	const uid, other = 2000500, 2000501
+	p, mine := lockFile(uid)
+	p2, mine2 := lockFile(other)
+	c, uids, _ := dialKeeper(t, path)
+	if len(uids) != 0 {
+		t.Fatalf("a first nexlet was handed %v", uids)
+	}
+	if err := native.SendUIDLocks(c, native.UIDLockHold, []uint32{uid, other}, []*os.File{mine, mine2}); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "nexd keeps the copies", func() bool { return k.count() == 2 })
+	// The nexlet dies: its descriptors close.
+	c.Close()
+	mine.Close()
+	mine2.Close()
+	probe, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	if !lockBusy(t, probe) {
+		t.Fatal("the dead nexlet's lock is free: nexd's copy does not hold it")
+	}
+	// other's file is released (unlinked) without a DROP: a nexlet killed in between.
+	if err := os.Remove(p2); err != nil {
+		t.Fatal(err)
+	}
+
+	c2, uids, files := dialKeeper(t, path)
+	defer c2.Close()
+	if len(uids) != 1 || uids[0] != uid || !native.SameFile(files[0], probe) {
+		t.Fatalf("the next nexlet was handed %v, want only %d's lock file", uids, uid)
+	}
+	if k.count() != 1 {
+		t.Errorf("nexd keeps %d copies, want 1 (the unlinked one forgotten)", k.count())
+	}
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	files[0].Close()
+	if !lockBusy(t, probe) {
+		t.Fatal("the lock is free before the DROP")
+	}
+	if err := native.SendUIDLocks(c2, native.UIDLockDrop, []uint32{uid}, nil); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "nexd's copy closed at the DROP", func() bool { return k.count() == 0 && !lockBusy(t, probe) })
+}
+
+// TestAttackUIDLockSocketRefusesOtherProcesses: a process that is not a native nexlet
+// of this nexd (here the test process, which nameOf does not know: a root workload, or
+// another root process) connects to the uid lock socket. It is handed no copy of the
+// locks nexd keeps (with one, it could let a running workload's uid lock go with
+// LOCK_UN, for systemd to give the uid away), and its connection is closed.
+func TestAttackUIDLockSocketRefusesOtherProcesses(t *testing.T) {
+	k, path := startUIDKeeper(t, func(int) string { return "" })
+	f, err := os.OpenFile(filepath.Join(t.TempDir(), "2000502"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.apply("native", native.UIDLockHold, []uint32{2000502}, []*os.File{f})
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	op, uids, files, err := native.ReadUIDLocks(c)
+	if err == nil {
+		t.Fatalf("a process not a nexlet was sent %q %v with %d descriptors", op, uids, len(files))
+	}
+	if k.count() != 1 {
+		t.Errorf("nexd keeps %d copies, want its 1", k.count())
+	}
+}
