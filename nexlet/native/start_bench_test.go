@@ -1,6 +1,7 @@
 package native
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nkeys"
 
+	artifacts "github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
@@ -30,6 +32,11 @@ func benchNexlet(b testing.TB, pool int) *Nexlet { return benchNexletIn(b, pool,
 // benchNexletIn is benchNexlet with workloads in the cgroup subtree spec ("": process
 // groups), as nexd hands it one.
 func benchNexletIn(b testing.TB, pool int, spec string) *Nexlet {
+	return benchNexletLog(b, pool, spec, slog.New(slog.DiscardHandler))
+}
+
+// benchNexletLog is benchNexletIn logging to log.
+func benchNexletLog(b testing.TB, pool int, spec string, log *slog.Logger) *Nexlet {
 	b.Helper()
 	dir, err := os.MkdirTemp("", "nexlet-bench-")
 	if err != nil {
@@ -43,7 +50,7 @@ func benchNexletIn(b testing.TB, pool int, spec string) *Nexlet {
 	if err := os.Mkdir(lease, 0o700); err != nil {
 		b.Fatal(err)
 	}
-	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Cgroup: spec, Users: UserPolicy{LeaseDir: lease, Pool: pool}, Logger: slog.New(slog.DiscardHandler)})
+	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Cgroup: spec, Users: UserPolicy{LeaseDir: lease, Pool: pool}, Logger: log})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -115,7 +122,18 @@ func BenchmarkStartWorkload(b *testing.B) {
 			if v.cgroup {
 				spec = cgroupSpec(b)
 			}
-			n := benchNexletIn(b, v.pool, spec)
+			// NEXD_BENCH_STEPS=1: each start's "start steps" line is kept and every step's
+			// p50 reported (the timers then run, as under --logger.level debug).
+			var stepLog *stepsHandler
+			log := slog.New(slog.DiscardHandler)
+			if os.Getenv("NEXD_BENCH_STEPS") == "1" {
+				if v.held > 0 {
+					b.Skip("NEXD_BENCH_STEPS: the steps of the variants without held descriptors")
+				}
+				stepLog = &stepsHandler{}
+				log = slog.New(stepLog)
+			}
+			n := benchNexletLog(b, v.pool, spec, log)
 			forkPool := func() int { return 0 }
 			if c, ok := n.iso.(cgIsolation); ok {
 				forkPool = c.pool.Ready
@@ -161,6 +179,7 @@ func BenchmarkStartWorkload(b *testing.B) {
 			}
 			b.StopTimer()
 			reportP50(b, took)
+			stepLog.report(b)
 			_ = n.StopWorkload(fmt.Sprintf("bench%d", i-1), &protocol.StopWorkloadRequest{Namespace: testNS})
 		})
 	}
@@ -472,6 +491,65 @@ func BenchmarkClaimDuringRefill(b *testing.B) {
 
 // reportP50 adds the median of the timed operations: on a shared, loaded machine the
 // mean (ns/op) follows a few stalls, the median what a deploy usually costs.
+// stepsHandler keeps the steps of the nexlet's "start steps" lines and drops every
+// other record.
+type stepsHandler struct {
+	mu    sync.Mutex
+	steps map[string][]time.Duration
+	order []string
+}
+
+func (h *stepsHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *stepsHandler) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *stepsHandler) WithGroup(string) slog.Handler            { return h }
+
+func (h *stepsHandler) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "start steps" {
+		return nil
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.steps == nil {
+		h.steps = map[string][]time.Duration{}
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key != "steps" && a.Key != "total" {
+			return true
+		}
+		fields := strings.Fields(a.Value.String())
+		if a.Key == "total" {
+			fields = []string{"total=" + a.Value.String()}
+		}
+		for _, f := range fields {
+			name, v, _ := strings.Cut(f, "=")
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				continue
+			}
+			if _, ok := h.steps[name]; !ok {
+				h.order = append(h.order, name)
+			}
+			h.steps[name] = append(h.steps[name], d)
+		}
+		return true
+	})
+	return nil
+}
+
+// report adds each step's p50 (µs) to b's metrics; nothing for a nil handler.
+func (h *stepsHandler) report(b *testing.B) {
+	if h == nil {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, name := range h.order {
+		d := h.steps[name]
+		slices.Sort(d)
+		b.ReportMetric(float64(d[len(d)/2].Nanoseconds())/1e3, name+"-p50-µs")
+	}
+}
+
 func reportP50(b *testing.B, took []time.Duration) {
 	if len(took) == 0 {
 		return
@@ -589,4 +667,44 @@ func BenchmarkWritePID(b *testing.B) {
 			reportP50(b, took)
 		})
 	}
+}
+
+// BenchmarkCanRun is a start's check of its local program as a dynamic user, with
+// the digest cache's look-up: once, as the start does it now (canRun: the path
+// resolved once), against the three checks it did before (the path resolved, stat'ed
+// and resolved again, and stat'ed once more for the digest).
+func BenchmarkCanRun(b *testing.B) {
+	id := ident{uid: 300123, gid: 300123, name: "dynamic", dynamic: true}
+	const exe = "/bin/sh"
+	var c digestCache
+	if _, err := c.sum(exe); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("once", func(b *testing.B) {
+		for b.Loop() {
+			st, err := canRun(id, exe)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if c.sumStat(exe, &st) == "" {
+				b.Fatal("no digest")
+			}
+		}
+	})
+	b.Run("three", func(b *testing.B) {
+		for b.Loop() {
+			if err := canAccess(id, exe, 0); err != nil {
+				b.Fatal(err)
+			}
+			if err := artifacts.CheckExecutable(exe); err != nil {
+				b.Fatal(err)
+			}
+			if err := canAccess(id, exe, 4|1); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.sum(exe); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

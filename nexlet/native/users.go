@@ -1041,6 +1041,43 @@ func canAccess(id ident, path string, want uint32) error {
 	return nil
 }
 
+// canRun is begin's check of a local program: id reaches path (every directory on the
+// way searchable by it), path is a regular file with an execute bit, and id may read
+// and execute it; in that order, so that what lies at path is said only once id may
+// reach it (TestAttackTenantProbesRootOnlyFiles). The path is resolved once: it was
+// resolved by canAccess, stat'ed by artifact.CheckExecutable and resolved by canAccess
+// again (for /bin/sh about 17 system calls each). st is the program's, for its digest.
+func canRun(id ident, path string) (st unix.Stat_t, err error) {
+	denied := func(err error) error { return fmt.Errorf("the workload's user cannot run it: %w", err) }
+	real := path
+	if id.same {
+		if err := canAccess(id, path, 0); err != nil {
+			return st, denied(err)
+		}
+	} else if id.uid != 0 {
+		if real, err = resolveAs(id, path); err != nil {
+			return st, denied(err)
+		}
+	}
+	if err := unix.Stat(real, &st); err != nil {
+		return st, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFREG:
+		return st, fmt.Errorf("%s is not a regular file", path)
+	case st.Mode&0o111 == 0:
+		return st, fmt.Errorf("%s is not executable", path)
+	}
+	if id.same {
+		if err := canAccess(id, path, 4|1); err != nil {
+			return st, denied(err)
+		}
+	} else if id.uid != 0 && !permitsStat(id, &st, 4|1) {
+		return st, denied(fmt.Errorf("%s cannot be %s by %s", path, wantText(4|1), id))
+	}
+	return st, nil
+}
+
 // resolveAs resolves path as the kernel would for id, name by name, and returns
 // where it leads: every directory it passes must be searchable by id, and a symlink
 // is followed from where it points (at most 40), so that what lies beyond a
@@ -1130,6 +1167,11 @@ func permits(id ident, path string, want uint32) bool {
 	if err := unix.Stat(path, &st); err != nil {
 		return false
 	}
+	return permitsStat(id, &st, want)
+}
+
+// permitsStat is permits for a file already stat'ed.
+func permitsStat(id ident, st *unix.Stat_t, want uint32) bool {
 	mode := st.Mode & 0o777
 	var bits uint32
 	switch {

@@ -20,7 +20,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	artifacts "github.com/nexd-project/nexd/internal/artifact"
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
@@ -329,14 +328,10 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 		if err != nil {
 			return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
 		}
-	} else if err := canAccess(id, w.exe, 0); err != nil { // reached, every directory on the way searched
-		return fail(fmt.Errorf("run_request: uri %q: the workload's user cannot run it: %w", w.plan.req.URI, err))
-	} else if err := artifacts.CheckExecutable(w.exe); err != nil {
-		// Only once the user may reach it: the nexlet's stat is root's, and told a
-		// tenant what lies where its user may not look (TestAttackTenantProbesRootOnlyFiles).
+	} else if st, err := canRun(id, w.exe); err != nil {
 		return fail(fmt.Errorf("run_request: uri %q: %w", w.plan.req.URI, err))
-	} else if err := canAccess(id, w.exe, 4|1); err != nil {
-		return fail(fmt.Errorf("run_request: uri %q: the workload's user cannot run it: %w", w.plan.req.URI, err))
+	} else {
+		sum = n.digests.sumStat(w.exe, &st)
 	}
 	if wd := w.plan.req.Workdir; wd != "" {
 		if err := canAccess(id, wd, 1); err != nil {
@@ -409,11 +404,22 @@ type digestKey struct {
 }
 
 func (c *digestCache) sum(path string) (string, error) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
 		return "", &os.PathError{Op: "stat", Path: path, Err: err}
 	}
-	key := digestKey{path: path, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
+	return c.sumOf(path, &st)
+}
+
+// sumStat is sum for a path stat'ed just before (st): "" when the digest cannot be
+// made, for sum to try again and say why.
+func (c *digestCache) sumStat(path string, st *unix.Stat_t) string {
+	sum, _ := c.sumOf(path, st)
+	return sum
+}
+
+func (c *digestCache) sumOf(path string, st *unix.Stat_t) (string, error) {
+	key := digestKey{path: path, dev: st.Dev, ino: st.Ino, size: st.Size,
 		nsec: st.Mtim.Sec*1e9 + st.Mtim.Nsec}
 	c.mu.Lock()
 	sum, ok := c.sums[key]
