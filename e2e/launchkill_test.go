@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/supervise"
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
 )
 
 // TestDeployKilledBeforePidRecord: a deploy's first launch is forked and its nexlet is
@@ -166,4 +168,60 @@ func workloadMains(c crashLoop) []int {
 		b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(p), "comm"))
 		return strings.TrimSpace(string(b)) == "nexctl"
 	})
+}
+
+// TestFirstLineBeforePidRecord: a workload's first line reaches its log feed while its
+// nexlet is still between the fork and the run's pid record (held there by
+// NEXD_TEST_HOLD): the nexlet watches the output FIFOs from before the fork. Before, it
+// took them only after the fork's hand-back, the oom score and the pid record, and no
+// line came while it was held (a placement's announcement waited out those steps: 0.8-2
+// ms at load 5).
+func TestFirstLineBeforePidRecord(t *testing.T) {
+	needCgroupV1(t, "memory (the held run's successor finds it)")
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), env: []string{testhold.Env + "=" + testhold.LaunchForked}})
+	n.waitReady(t)
+	n.waitNative(t)
+	nc := testnats.Connect(t, s)
+	logs, err := nc.SubscribeSync("$NEX.FEED.system.logs.*.stdout")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flush(t, nc)
+	answered := make(chan error, 1)
+	args := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
+	args = append(args, "workload", "run", "--name", "firstline", "--", "/bin/sh", "-c", "echo first-line; exec sleep 600")
+	bin, home := nexctlBin(t), t.TempDir()
+	go func() {
+		_, errOut, code, err := runIn(home, nil, bin, args...)
+		if err == nil && code != 0 {
+			err = fmt.Errorf("exit %d: %s", code, errOut)
+		}
+		answered <- err
+	}()
+	testkit.EventuallyWithin(t, 60*time.Second, "the launch forked, its nexlet held", func() bool {
+		_, err := os.Stat(filepath.Join(n.stateDir, "run", "native", "test-held-"+testhold.LaunchForked))
+		return err == nil
+	})
+	m, err := logs.NextMsg(30 * time.Second)
+	if err != nil {
+		t.Fatalf("no line on the log feed while the nexlet is held after the fork: %v", err)
+	}
+	if string(m.Data) != "first-line" {
+		t.Fatalf("line %q on %s, want first-line", m.Data, m.Subject)
+	}
+	if _, err := os.Stat(filepath.Join(n.stateDir, "run", "native", "test-held-"+testhold.LaunchForked)); err != nil {
+		t.Fatalf("the hold's mark is gone: %v", err)
+	}
+	// The successor takes the held start over; the deploy is answered.
+	killNexlet(t, n, nil)
+	select {
+	case err := <-answered:
+		if err != nil {
+			t.Fatalf("deploy after the held nexlet's kill: %v", err)
+		}
+	case <-time.After(90 * time.Second):
+		t.Fatal("the deploy never returned")
+	}
 }

@@ -496,6 +496,13 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		return nil, err
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
+	// The read ends go to the watcher before the fork, which then owns them: the
+	// workload's first line (a placement's announcement) is read once it is written,
+	// not after the fork's hand-back and the pid record below (0.8-2 ms later under
+	// load; the shell's echo comes about 0.9 ms after its exec here). Should the start
+	// fail, the write ends close with it and the watcher ends the streams.
+	n.watchOutput(w, outR, "stdout")
+	n.watchOutput(w, errR, "stderr")
 	oomBefore := 0 // a new, empty group has seen no OOM kill
 	if !w.sb.empty() {
 		oomBefore = w.sb.oomKills()
@@ -509,8 +516,6 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	errW.Close()
 	w.steps.Step("fork") // to the child's execve (vfork), on the fork pool's thread in v1
 	if err != nil {
-		unix.Close(outR)
-		unix.Close(errR)
 		return nil, fmt.Errorf("workload %s: start %s: %w", w.id, w.exe, err)
 	}
 	if restarts > 0 {
@@ -523,8 +528,6 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	if err := w.sb.placed(cmd.Process.Pid); err != nil {
 		_ = w.sb.kill()
 		_ = cmd.Wait()
-		unix.Close(outR)
-		unix.Close(errR)
 		return nil, fmt.Errorf("workload %s: place %s: %w", w.id, w.exe, err)
 	}
 	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
@@ -546,8 +549,6 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	// leaves to the detach (reaped) is then seen by the detach (recordUnhandledEnds).
 	w.pid, w.cur = p.pid, p
 	n.mu.Unlock()
-	n.watchOutput(w, outR, "stdout")
-	n.watchOutput(w, errR, "stderr")
 	// oom: its sandbox counted an OOM kill since the launch (the kill is counted as
 	// it is sent, so before the exit is seen).
 	oom := func() bool { return w.sb.oomKills() > oomBefore }
