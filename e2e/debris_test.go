@@ -20,7 +20,8 @@ import (
 // nexlet nexd starts on the same runtime directory has settled (its own pool filled),
 // none of the dead ones' is left, after each of three kills; the service running
 // throughout keeps its directory, its lease and its process. Then the service's
-// normal end and a clean stop of nexd leave nothing of theirs either. Before, the
+// normal end and a clean stop of nexd leave nothing of theirs either, nor the node's
+// workloads directory in /run/nex-workloads. Before, the
 // leases and lock files stayed until a later lease happened to pick their uid: 700
 // leases and 692 lock files after a day of test runs here.
 func TestKilledNexletsLeaveNoLeases(t *testing.T) {
@@ -97,6 +98,11 @@ func TestKilledNexletsLeaveNoLeases(t *testing.T) {
 	testkit.EventuallyWithin(t, 30*time.Second, "the nexlet's exit", func() bool { return syscall.Kill(last, 0) != nil })
 	if got := leftOf(wdir, last, pooled); got.total() != 0 {
 		t.Errorf("after a clean stop, left of nexlet %d: %s", last, got)
+	}
+	// Its directory in /run/nex-workloads (the test's runtime directory is under a 0700
+	// temp dir) goes with it: nothing is left in it.
+	if _, err := os.Stat(wdir); filepath.Dir(wdir) == "/run/nex-workloads" && !os.IsNotExist(err) {
+		t.Errorf("after a clean stop, the node's workloads directory %s: %v, want removed", wdir, err)
 	}
 }
 

@@ -155,6 +155,8 @@ func startNode(t *testing.T, o nodeOpts) *node {
 	if n.stateDir == "" {
 		n.stateDir = t.TempDir()
 	}
+	// After the node's stop and its cgroup's removal (registered below).
+	testkit.CleanNexletDirs(t, filepath.Join(n.stateDir, "run", "native"))
 	n.socket = filepath.Join(t.TempDir(), "nexd.sock")
 	if o.publicSocket {
 		n.socket = filepath.Join(testkit.PublicDir(t), "nexd.sock")

@@ -29,6 +29,7 @@ func startOnDirs(t *testing.T, runtimeDir, stateDir string) *node {
 	if stateDir != "" {
 		args = append(args, "--state-dir", stateDir)
 	}
+	testkit.CleanNexletDirs(t, filepath.Join(runtimeDir, "native"))
 	if n.cgroup = cgroupRoot(t); n.cgroup != "" {
 		args = append(args, "--cgroup-root", n.cgroup)
 	}

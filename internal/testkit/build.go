@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -36,12 +37,36 @@ type build struct {
 }
 
 // Run runs the tests and then removes the built binaries; it returns m.Run's code.
+// Tests that passed fail (code 1) when they left native nexlets' entries in the
+// host's shared directories (hostDebris: a /run/nex-workloads directory of a temp dir
+// of one of its tests, with the uid leases naming what is in it); entries left there
+// that it cannot tie to this binary are reported on stderr.
 func (b *Binaries) Run(m *testing.M) int {
+	listing := os.Getenv(envListing) != ""
+	var before hostEntries
+	if !listing {
+		before = readHostEntries()
+	}
 	code := m.Run()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.dir != "" {
 		os.RemoveAll(b.dir)
+	}
+	if listing || code != 0 {
+		return code
+	}
+	ours, others := hostDebris(before, testNames())
+	if testing.Verbose() {
+		fmt.Fprintf(os.Stderr, "testkit: host nexlet directories (%s): %s entries before the tests, %s after; %d left by these tests, %d left that cannot be tied to them\n",
+			strings.Join([]string{hostWorkloadsBase, hostLeaseDir, hostSystemdUIDDir}, ", "), before.counts(), readHostEntries().counts(), len(ours), len(others))
+	}
+	if len(others) > 0 {
+		fmt.Fprintf(os.Stderr, "testkit: left in the host's native nexlet directories during this run, not tied to these tests (binaries run beside them share the directories):\n  %s\n", strings.Join(others, "\n  "))
+	}
+	if len(ours) > 0 {
+		fmt.Fprintf(os.Stderr, "FAIL: testkit: these tests left %d entries in the host's native nexlet directories (stop or clean up their nodes):\n  %s\n", len(ours), strings.Join(ours, "\n  "))
+		return 1
 	}
 	return code
 }

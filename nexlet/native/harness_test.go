@@ -126,6 +126,7 @@ func (fn *fakeNode) startNexletHooked(cfg Config, hook func(*Nexlet)) *testNexle
 	if cfg.RuntimeDir == "" {
 		cfg.RuntimeDir = t.TempDir()
 	}
+	testkit.CleanNexletDirs(t, cfg.RuntimeDir) // after the nexlet's shutdown (below)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}

@@ -101,7 +101,8 @@ type Nexlet struct {
 	iso     isolation
 	users   *users
 	spawn   *spawner
-	wdir    string // where workloads/<id> live
+	wdir    string   // where workloads/<id> live
+	whold   *os.File // wdir's shared lock when it is in /run/nex-workloads, else nil (wdirs.go)
 	started time.Time
 	feed    Feed
 	digests digestCache
@@ -162,13 +163,13 @@ func New(cfg Config) (*Nexlet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
-	wdir, err := workloadsDir(cfg.RuntimeDir, us.root)
+	wdir, whold, err := workloadsDir(cfg.RuntimeDir, us.root)
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
 		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
-		abandon:     make(chan struct{}), users: us, wdir: wdir, now: time.Now}
+		abandon:     make(chan struct{}), users: us, wdir: wdir, whold: whold, now: time.Now}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
@@ -211,7 +212,7 @@ func New(cfg Config) (*Nexlet, error) {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	if us.root && cfg.Users.Pool > 0 {
-		us.startPool(cfg.Users.Pool, wdir, cfg.PoolsAfter, n.log)
+		us.startPool(cfg.Users.Pool, wdir, whold != nil, cfg.PoolsAfter, n.log)
 	}
 	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, cfg.PoolsAfter, n.log)
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
@@ -238,6 +239,9 @@ func (n *Nexlet) Close() {
 	n.users.sd.stopKeeping()
 	n.users.sd.closeAll()
 	n.records.stopRecordPool()
+	if n.whold != nil && removeWorkloadsDir(n.whold, n.wdir) {
+		n.log.Debug("workloads directory removed: nothing was left in it", "dir", n.wdir)
+	}
 	if si, ok := n.iso.(*scopeIsolation); ok {
 		si.sd.Close()
 	}

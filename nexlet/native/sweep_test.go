@@ -1,12 +1,18 @@
 package native
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // TestSweepStaleKeepsWhatIsHeld: the sweep of a nexlet's start (sweepStale) removes
@@ -82,5 +88,158 @@ func TestSweepStaleKeepsWhatIsHeld(t *testing.T) {
 	}
 	if nl != 2 || nk != 1 {
 		t.Errorf("sweep counted %d leases and %d lock files, want 2 and 1 (the lease's own lock file goes with it)", nl, nk)
+	}
+}
+
+// TestWorkloadsDirsOfGoneNexletsSwept: a nexlet's sweep of /run/nex-workloads removes
+// the directories no nexlet holds that are empty once what dead nexlets made ahead is
+// gone, and keeps the one a live nexlet holds (even empty), one with a workload's
+// directory and one with a live nexlet's directory made ahead. Where the runtime
+// directory a directory names is gone, the directories of workloads whose dynamic uid
+// no process runs as go too, with their lease; one whose uid still runs stays. A nexlet
+// that waited for its lock while a sweep removed its directory makes it again; a clean
+// stop removes its own directory when it is empty and nobody else holds it. Before,
+// every runtime directory no nexlet came back to left its directory there: 38,678 after
+// a day of test runs here.
+func TestWorkloadsDirsOfGoneNexletsSwept(t *testing.T) {
+	const uid = 2000530
+	needRoot(t)
+	base := filepath.Join(t.TempDir(), "nex-workloads")
+	dir := func(name string) string { return filepath.Join(base, name) }
+	rt := t.TempDir()
+	goneRT := filepath.Join(t.TempDir(), "gone")
+	held, err := holdWorkloadsDir(base, dir("held"), rt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	live := exec.Command("sleep", "60")
+	live.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid + 1, Gid: uid + 1}}
+	if err := live.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = live.Process.Kill(); _ = live.Wait() })
+	liveID, err := procid.Of(live.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	mk := func(p string) {
+		t.Helper()
+		if err := os.MkdirAll(p, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	record := func(d, rt string) {
+		t.Helper()
+		if err := os.WriteFile(d+runtimeDirRecord, []byte(rt+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadReady := fmt.Sprintf(".ready-%d-1-61200", gone.Process.Pid)
+	mk(filepath.Join(dir("dead"), deadReady, "home"))
+	record(dir("dead"), rt)
+	mk(filepath.Join(dir("workload"), "w1", "home"))
+	mk(filepath.Join(dir("workload"), deadReady))
+	record(dir("workload"), rt)
+	mk(filepath.Join(dir("live"), ".ready-"+liveID.String()+"-61201"))
+	mk(dir("empty"))
+	mk(dir("own"))
+	record(dir("orphan"), rt) // a record beside no directory
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid + 1}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two directories of a runtime directory that is gone: one workload ended, one runs.
+	for i, name := range []string{"gone1", "gone2"} {
+		wd := filepath.Join(dir(name), "w"+strconv.Itoa(i))
+		mk(dir(name))
+		record(dir(name), goneRT)
+		id := ident{uid: uid + uint32(i), gid: uid + uint32(i), name: "dynamic", dynamic: true}
+		if err := makeWorkloadDirs(wd, id); err != nil {
+			t.Fatal(err)
+		}
+		if err := writeLease(us.leasePath(id.uid), wd); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	if n := sweepWorkloadDirs(base, dir("own"), us); n != 3 {
+		t.Errorf("swept %d directories, want 3 (dead, empty, gone1)", n)
+	}
+	exists := func(p string) bool { _, err := os.Lstat(p); return err == nil }
+	for name, want := range map[string]bool{"held": true, "dead": false, "workload": true, "live": true, "empty": false, "own": true, "gone1": false, "gone2": true} {
+		if got := exists(dir(name)); got != want {
+			t.Errorf("%s there after the sweep: %v, want %v", name, got, want)
+		}
+	}
+	for _, name := range []string{"dead", "empty", "gone1", "orphan"} {
+		if exists(dir(name) + runtimeDirRecord) {
+			t.Errorf("the record of %s stays", name)
+		}
+	}
+	if !exists(dir("gone2") + runtimeDirRecord) {
+		t.Error("the record of a directory kept went")
+	}
+	if exists(filepath.Join(dir("workload"), deadReady)) || !exists(filepath.Join(dir("workload"), "w1")) {
+		t.Error("in a directory with a workload's: the dead nexlet's ready directory stays or the workload's went")
+	}
+	if exists(us.leasePath(uid)) || !exists(us.leasePath(uid+1)) || !exists(filepath.Join(dir("gone2"), "w1")) {
+		t.Error("of a gone runtime directory: the ended workload's lease stays, or the running one's lease or directory went")
+	}
+
+	// A nexlet waiting for its lock while a sweep removes its directory.
+	sweeper, err := os.Open(dir("own"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(int(sweeper.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *os.File, 1)
+	go func() {
+		f, err := holdWorkloadsDir(base, dir("own"), rt)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- f
+	}()
+	time.Sleep(50 * time.Millisecond) // the nexlet waits for the lock (or has not begun: the same)
+	if err := unix.Rmdir(dir("own")); err != nil {
+		t.Fatal(err)
+	}
+	sweeper.Close()
+	f := <-got
+	if f == nil {
+		return
+	}
+	if !sameDir(f, dir("own")) {
+		t.Fatal("the nexlet holds a directory that is no longer its path's")
+	}
+
+	// A clean stop: kept while another holds it or something is in it, removed else.
+	other, err := holdWorkloadsDir(base, dir("own"), rt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if removeWorkloadsDir(f, dir("own")) || !exists(dir("own")) {
+		t.Error("removed while another nexlet held it")
+	}
+	mk(filepath.Join(dir("own"), "w2"))
+	if removeWorkloadsDir(other, dir("own")) || !exists(dir("own")) {
+		t.Error("removed with a workload's directory in it")
+	}
+	if err := os.Remove(filepath.Join(dir("own"), "w2")); err != nil {
+		t.Fatal(err)
+	}
+	last, err := holdWorkloadsDir(base, dir("own"), rt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !removeWorkloadsDir(last, dir("own")) || exists(dir("own")) {
+		t.Error("an empty directory nobody else holds stays at a clean stop")
 	}
 }

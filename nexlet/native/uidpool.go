@@ -37,6 +37,8 @@ type uidPool struct {
 	kick  chan struct{}
 	stop  chan struct{}
 	done  chan struct{}
+	// shared: wdir is a directory of /run/nex-workloads (see startPool)
+	shared bool
 
 	// want is how many it keeps leased ahead: its size, doubled (up to cap(ch)) each
 	// time a deploy found it empty, so that concurrent deploys share the filler's
@@ -61,7 +63,11 @@ type pooledUID struct {
 
 // startPool starts the pool's filler goroutine; stopPool waits for it. Directories
 // made ahead by a nexlet that is gone are removed first.
-func (u *users) startPool(size int, wdir string, begin <-chan struct{}, log *slog.Logger) {
+//
+// shared says wdir is one of /run/nex-workloads/<hash>: once the nexlet registered, the
+// filler also removes those of that base that no live nexlet holds and that hold
+// nothing but what dead nexlets left (sweepWorkloadDirs).
+func (u *users) startPool(size int, wdir string, shared bool, begin <-chan struct{}, log *slog.Logger) {
 	self, err := readyPrefix()
 	if err != nil && wdir != "" {
 		log.Warn("no workload directories made ahead", "err", err)
@@ -70,7 +76,7 @@ func (u *users) startPool(size int, wdir string, begin <-chan struct{}, log *slo
 	if wdir != "" {
 		removeStaleReady(wdir)
 	}
-	p := &uidPool{u: u, log: log, owner: "/proc/" + strconv.Itoa(os.Getpid()), wdir: wdir, self: self,
+	p := &uidPool{u: u, log: log, owner: "/proc/" + strconv.Itoa(os.Getpid()), wdir: wdir, shared: shared, self: self,
 		ch: make(chan pooledUID, poolGrowth*size), kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	p.want.Store(int32(size))
 	u.pool = p
@@ -110,6 +116,11 @@ func (p *uidPool) run(begin <-chan struct{}) {
 		p.log.Warn("stale dynamic uid leases not all removed", "leases", leases, "lock_files", locks, "err", err)
 	} else if leases+locks > 0 {
 		p.log.Info("removed what nexlets that are gone left of their dynamic uids", "leases", leases, "lock_files", locks)
+	}
+	if p.shared && p.wdir != "" {
+		if n := sweepWorkloadDirs(filepath.Dir(p.wdir), p.wdir, p.u); n > 0 {
+			p.log.Info("removed workloads directories that nexlets that are gone left", "base", filepath.Dir(p.wdir), "dirs", n)
+		}
 	}
 	for {
 		// Refilled only once half is taken, all at once: one walk of /proc per

@@ -1189,18 +1189,19 @@ func permitsStat(id ident, st *unix.Stat_t, want uint32) bool {
 // switches users and some ancestor of runtimeDir cannot be searched by others (a
 // workload must be able to reach its own directory: chdir happens after setuid). Then
 // a directory under /run (or the temp dir) keyed by runtimeDir, so that a restarted
-// nexlet finds its workloads again.
-func workloadsDir(runtimeDir string, switching bool) (string, error) {
-	dir := filepath.Join(runtimeDir, "workloads")
+// nexlet finds its workloads again; hold is that directory open with its shared lock
+// (holdWorkloadsDir), nil for one under runtimeDir.
+func workloadsDir(runtimeDir string, switching bool) (dir string, hold *os.File, err error) {
+	dir = filepath.Join(runtimeDir, "workloads")
 	mode := os.FileMode(0o700)
 	if switching {
 		mode = 0o711
 	}
 	if !switching || searchableByOthers(runtimeDir) {
 		if err := os.MkdirAll(dir, mode); err != nil {
-			return "", fmt.Errorf("workloads dir: %w", err)
+			return "", nil, fmt.Errorf("workloads dir: %w", err)
 		}
-		return dir, os.Chmod(dir, mode)
+		return dir, nil, os.Chmod(dir, mode)
 	}
 	base := "/run/nex-workloads"
 	if err := os.MkdirAll(base, 0o711); err != nil {
@@ -1208,20 +1209,12 @@ func workloadsDir(runtimeDir string, switching bool) (string, error) {
 	}
 	sum := sha256.Sum256([]byte(filepath.Clean(runtimeDir)))
 	dir = filepath.Join(base, hex.EncodeToString(sum[:8]))
-	for _, d := range []string{base, dir} {
-		if err := os.Mkdir(d, 0o711); err != nil && !errors.Is(err, fs.ErrExist) {
-			return "", fmt.Errorf("workloads dir: %w", err)
-		}
-		if err := checkPrivateDir(d); err != nil {
-			return "", fmt.Errorf("workloads dir: %w", err)
-		}
-		if err := os.Chmod(d, 0o711); err != nil {
-			return "", fmt.Errorf("workloads dir: %w", err)
-		}
+	if hold, err = holdWorkloadsDir(base, dir, filepath.Clean(runtimeDir)); err != nil {
+		return "", nil, fmt.Errorf("workloads dir: %w", err)
 	}
 	// Left for whoever looks in the runtime dir.
 	_ = os.WriteFile(filepath.Join(runtimeDir, "workloads-dir"), []byte(dir+"\n"), 0o600)
-	return dir, nil
+	return dir, hold, nil
 }
 
 // searchableByOthers reports whether every directory from / down to dir (which is

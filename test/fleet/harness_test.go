@@ -234,10 +234,14 @@ func (f *Fleet) cleanup() {
 		p.Stop(10 * time.Second)
 	}
 	for _, h := range f.Hosts {
+		if h.Cgroup != "" {
+			killTree(h.Cgroup) // whatever outlived its nexd (a nexd killed after its grace)
+		}
+		// What its nexlets left in the host's /run (read before its state dir's unmount).
+		testkit.RemoveNexletDirs(filepath.Join(h.StateDir, "run", "native"))
 		exec.Command("umount", "-l", h.StateDir).Run()
 		exec.Command("ip", "netns", "del", h.NS).Run()
 		if h.Cgroup != "" {
-			killTree(h.Cgroup) // whatever outlived its nexd (a nexd killed after its grace)
 			for _, c := range []string{"memory", "cpu", "pids", "cpuacct", "cpu,cpuacct"} {
 				removeTree(filepath.Join("/sys/fs/cgroup", c, filepath.Base(h.Cgroup)))
 			}
