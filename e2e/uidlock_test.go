@@ -61,7 +61,9 @@ func systemdTakes(t *testing.T, path string) bool {
 // says the lock is another's. Once the services are stopped, their lock files are
 // unlinked (0 left), as systemd's own release leaves none. "adopted": the same with a
 // nexlet that a restarted nexd adopted (live_restore): the new nexd, whose process
-// never had the copies, gets them again when the nexlet connects to it.
+// never had the copies, gets them again when the nexlet connects to it. "reexec": the
+// same after nexd re-executed itself (its copies, close-on-exec, went with the old
+// image): the nexlet connects again and sends them.
 func TestNexletKillKeepsSystemdUIDLocks(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -69,14 +71,12 @@ func TestNexletKillKeepsSystemdUIDLocks(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("dynamic uids need root")
 	}
-	for _, adopted := range []bool{false, true} {
-		t.Run(map[bool]string{false: "spawned", true: "adopted"}[adopted], func(t *testing.T) {
-			nexletKillKeepsSystemdUIDLocks(t, adopted)
-		})
+	for _, how := range []string{"spawned", "adopted", "reexec"} {
+		t.Run(how, func(t *testing.T) { nexletKillKeepsSystemdUIDLocks(t, how) })
 	}
 }
 
-func nexletKillKeepsSystemdUIDLocks(t *testing.T, adopted bool) {
+func nexletKillKeepsSystemdUIDLocks(t *testing.T, how string) {
 	const services = 6
 	sd := filepath.Join(t.TempDir(), "dynamic-uid") // not the host's /run/systemd/dynamic-uid
 	s := testnats.Start(t, testnats.Options{})
@@ -116,13 +116,22 @@ func nexletKillKeepsSystemdUIDLocks(t *testing.T, adopted bool) {
 	}
 
 	nexlet := nexletPID(n.cmd.Process.Pid)
-	if adopted {
+	const connected = "nexlet connected on the uid lock socket"
+	switch how {
+	case "adopted":
 		n = n.restart(t, o)
 		// The adopted nexlet connects to the new nexd's socket and sends its locks.
-		pid, err := strconv.Atoi(n.logAttr(t, "nexlet connected on the uid lock socket", "pid"))
+		pid, err := strconv.Atoi(n.logAttr(t, connected, "pid"))
 		if err != nil || pid != nexlet {
 			t.Fatalf("the uid lock socket's nexlet is pid %d (%v), want the adopted %d", pid, err, nexlet)
 		}
+	case "reexec":
+		readies := strings.Count(n.out.String(), "nex node ready")
+		n.mustCtl(t, "node", "reexec")
+		testkit.EventuallyWithin(t, 60*time.Second, "the re-executed nexd ready, its nexlet connected again", func() bool {
+			out := n.out.String()
+			return strings.Count(out, "nex node ready") > readies && strings.Count(out, connected) >= 2
+		})
 	}
 	if nexlet == 0 {
 		t.Fatal("native nexlet not found")
@@ -174,10 +183,19 @@ func nexletKillKeepsSystemdUIDLocks(t *testing.T, adopted bool) {
 	afterAdoption := taken()
 	notOurs := strings.Count(n.out.String(), "is another process's")
 	handed := strings.Contains(n.out.String(), "handed the nexlet the systemd uid locks kept for it")
+	inherited := 0
 	for _, c := range loops {
-		if len(c.mains()) != 1 || c.runs() != 1 {
-			t.Errorf("service %s: %d mains, %d runs after the nexlet's kill", c.id, len(c.mains()), c.runs())
+		mains := c.mains()
+		if len(mains) != 1 || c.runs() != 1 {
+			t.Errorf("service %s: %d mains, %d runs after the nexlet's kill", c.id, len(mains), c.runs())
 		}
+		for _, p := range mains {
+			// A workload with a lock's descriptor could let it go (LOCK_UN).
+			inherited += len(openedBy(p, sd))
+		}
+	}
+	if inherited != 0 {
+		t.Errorf("the services hold %d descriptors of systemd's lock files", inherited)
 	}
 
 	body, err := json.Marshal(protocol.StopWorkloadRequest{Namespace: protocol.SystemNamespace})

@@ -169,3 +169,45 @@ func TestAttackUIDLockSocketRefusesOtherProcesses(t *testing.T) {
 		t.Errorf("nexd keeps %d copies, want its 1", k.count())
 	}
 }
+
+// BenchmarkUIDKeeperHoldDrop: what a leased uid's lock costs on nexd's socket, a HOLD
+// as the nexlet takes it and a DROP at its release (the nexlet's two sends; nexd's reads
+// run beside them), for one lock file.
+func BenchmarkUIDKeeperHoldDrop(b *testing.B) {
+	self := os.Getpid()
+	dir := b.TempDir()
+	path := UIDLockSocketPath(dir)
+	ln, err := listenPrivate(path, "unixpacket")
+	if err != nil {
+		b.Fatal(err)
+	}
+	k := newUIDKeeper(ln, func(pid int) string {
+		if pid == self {
+			return "native"
+		}
+		return ""
+	}, slog.New(slog.DiscardHandler))
+	defer k.stop()
+	f, err := os.OpenFile(filepath.Join(dir, "2000503"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	if op, _, _, err := native.ReadUIDLocks(c); err != nil || op != native.UIDLockEnd {
+		b.Fatalf("hand-over: %q %v", op, err)
+	}
+	uid := []uint32{2000503}
+	for b.Loop() {
+		if err := native.SendUIDLocks(c, native.UIDLockHold, uid, []*os.File{f}); err != nil {
+			b.Fatal(err)
+		}
+		if err := native.SendUIDLocks(c, native.UIDLockDrop, uid, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
