@@ -48,6 +48,10 @@ type Options struct {
 	// NexdArgs are added to every nexd the tool starts (e.g. a wider
 	// --workload-uid-range for more workloads than the default range has uids).
 	NexdArgs []string
+	// RuntimeOnHost keeps compare's measured nexd's runtime paths on the host's file
+	// systems; by default they are tmpfs in a mount namespace of its own, as /run is on
+	// a systemd host (see runtimeTmpfs).
+	RuntimeOnHost bool
 	// SamplesOut, when set, is a file each placement is appended to as a line: the
 	// variant, its start (Unix ns) and its legs in µs, to read against node-side traces.
 	SamplesOut string

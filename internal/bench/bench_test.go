@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -272,6 +274,45 @@ func TestCompareWorkloadsRun(t *testing.T) {
 		}
 		defer h.stopNode(n)
 		place(t, ns.URL())
+	})
+	// compare's measured nexd: its runtime paths on tmpfs in a mount namespace of its
+	// own, none of it seen by the host.
+	t.Run("nexd-runtime-tmpfs", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("mounts need root")
+		}
+		before, err := os.ReadFile("/proc/self/mountinfo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns, err := h.natsServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _, err := h.readyNode(ctx, nodeSpec{Servers: []string{ns.URL()}, RuntimeTmpfs: self})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.stopNode(n)
+		place(t, ns.URL())
+		mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", n.Pid()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []string{filepath.Join(n.spec.Dir, "state", "run"), "/run/nex-workloads", "/run/nex-dynamic-uid", "/run/systemd/dynamic-uid"} {
+			if !slices.ContainsFunc(strings.Split(string(mi), "\n"), func(l string) bool {
+				return strings.Contains(l, " "+p+" ") && strings.Contains(l, " - tmpfs ")
+			}) {
+				t.Errorf("nexd's mounts have no tmpfs on %s:\n%s", p, mi)
+			}
+		}
+		after, err := os.ReadFile("/proc/self/mountinfo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(after) != string(before) {
+			t.Errorf("the host's mounts changed:\n%s\nbefore:\n%s", after, before)
+		}
 	})
 	t.Run("upstream", func(t *testing.T) {
 		if upstream == "" {

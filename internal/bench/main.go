@@ -31,6 +31,9 @@ Flags:
 
 // Main is nexbench's command line; it returns the exit code.
 func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == runtimeTmpfsCmd {
+		return runtimeTmpfs(args[1:], stderr)
+	}
 	if len(args) > 0 && args[0] == "workload" {
 		if err := RunWorkload(ctx, os.Getenv); err != nil {
 			fmt.Fprintln(stderr, "nexbench:", err)
@@ -67,6 +70,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringArrayVar(&o.EnvB, "ab-env", nil, "with ready: K=V in the environment of the B starts only (repeat; B is --nexd unless --ab-nexd)")
 	fs.IntSliceVar(&o.CompareWorkloads, "compare-workloads", nil, "running-workload counts compare samples memory at (default 100)")
 	fs.StringArrayVar(&o.NexdArgs, "nexd-arg", nil, "an argument added to every nexd started (repeat; e.g. --nexd-arg=--workload-uid-range=100000-199999)")
+	fs.BoolVar(&o.RuntimeOnHost, "runtime-on-host", false, "compare: the measured nexd's runtime dir, /run/nex-workloads, /run/nex-dynamic-uid and /run/systemd/dynamic-uid stay on the host's file systems (default: tmpfs in a mount namespace of its own, as /run is on a systemd host; needs root)")
 	fs.StringVar(&o.SamplesOut, "samples-out", "", "append each placement to this file: variant, start (Unix ns), auction, deploy request, process start and total (µs), tab-separated")
 	fs.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	fs.StringVar(&jsonOut, "json-out", "", "also write the JSON report to this file")

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -33,6 +34,9 @@ type nodeSpec struct {
 	LogLevel string
 	Extra    []string
 	Env      []string // added to nexd's environment
+	// RuntimeTmpfs, the nexbench binary: nexd starts through it (runtimeTmpfs) with
+	// its runtime paths on tmpfs in a mount namespace of its own.
+	RuntimeTmpfs string
 }
 
 // nodeProc is a running nexd started by the tool.
@@ -101,6 +105,18 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 		return nil, fmt.Errorf("node %s: log file: %w", spec.Name, err)
 	}
 	cmd := exec.Command(spec.Nexd, args...)
+	var unshare uintptr
+	if spec.RuntimeTmpfs != "" {
+		// nexd's default runtime dir, <state_dir>/run, made here as the mount point.
+		run := filepath.Join(spec.Dir, "state", "run")
+		if err := os.MkdirAll(run, 0o700); err != nil {
+			conn.Close()
+			logf.Close()
+			return nil, fmt.Errorf("node %s: %w", spec.Name, err)
+		}
+		cmd = exec.Command(spec.RuntimeTmpfs, append([]string{runtimeTmpfsCmd, run, "--", spec.Nexd}, args...)...)
+		unshare = syscall.CLONE_NEWNS
+	}
 	extra := []string{"NOTIFY_SOCKET=" + sockPath}
 	if len(spec.Servers) == 0 && spec.Embedded != 0 {
 		extra = append(extra, "NEXD_EMBEDDED_NATS_PORT="+strconv.Itoa(spec.Embedded))
@@ -109,7 +125,7 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group, so a Ctrl+C of the tool reaches only the tool, which then
 	// stops nodes in order; Pdeathsig kills nexd should the tool itself be killed.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM, Unshareflags: unshare}
 	n := &nodeProc{spec: spec, cmd: cmd, ready: make(chan struct{}), exited: make(chan struct{}), notify: conn}
 	n.started = time.Now()
 	// The node's own timestamps read against the exec (nexbench --keep).
@@ -379,4 +395,45 @@ func dropCached(paths ...string) {
 			f.Close()
 		}
 	}
+}
+
+// runtimeTmpfsCmd is nexbench's hidden command that starts nexd with its runtime paths on
+// tmpfs: nexbench runtime-tmpfs RUNDIR -- NEXD ARGS...
+const runtimeTmpfsCmd = "runtime-tmpfs"
+
+// runtimeTmpfs runs in a mount namespace of its own (startNode unshares it): it makes
+// its mounts private, so that nothing it mounts reaches the host, puts a tmpfs on
+// nexd's runtime dir and on the host-wide paths under /run the native nexlet uses, and
+// execs nexd, which keeps the process (its pid, its parent's death signal). On a
+// systemd host /run is a tmpfs, so that is where a packaged nexd's runtime dir
+// (/run/nex), workload directories and uid leases are; on a host whose /run is on disk
+// (this project's test machines: journal-less ext4) each file a deploy cycle makes and
+// removes there costs more the more were removed just before. The leases and systemd's
+// uid locks are then seen by this nexd's nexlet alone: another nexlet on the host may
+// lease the same uid (its /proc walk still sees running processes), so a run beside
+// other nodes is best given a uid range of its own (--nexd-arg=--workload-uid-range=...).
+func runtimeTmpfs(args []string, stderr io.Writer) int {
+	if len(args) < 3 || args[1] != "--" {
+		fmt.Fprintln(stderr, "nexbench runtime-tmpfs: want RUNDIR -- NEXD ARGS...")
+		return 2
+	}
+	fail := func(err error) int {
+		fmt.Fprintln(stderr, "nexbench runtime-tmpfs:", err)
+		return 1
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fail(fmt.Errorf("private mounts: %w", err))
+	}
+	for _, m := range []struct {
+		path string
+		mode os.FileMode
+	}{{args[0], 0o700}, {"/run/nex-workloads", 0o711}, {"/run/nex-dynamic-uid", 0o700}, {"/run/systemd/dynamic-uid", 0o755}} {
+		if err := os.MkdirAll(m.path, m.mode); err != nil {
+			return fail(err)
+		}
+		if err := unix.Mount("tmpfs", m.path, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, fmt.Sprintf("mode=%o", m.mode)); err != nil {
+			return fail(fmt.Errorf("tmpfs on %s: %w", m.path, err))
+		}
+	}
+	return fail(unix.Exec(args[2], args[2:], os.Environ()))
 }

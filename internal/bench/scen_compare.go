@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -90,7 +91,15 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	if _, err := up.waitReady(ctx, time.Minute); err != nil {
 		return err
 	}
-	nx, _, err := h.readyNode(ctx, nodeSpec{Name: "nexd-main", Servers: []string{nsNx.URL()}, Nexd: nxBin})
+	spec := nodeSpec{Name: "nexd-main", Servers: []string{nsNx.URL()}, Nexd: nxBin}
+	runtime := "on the host's file systems (--runtime-on-host)"
+	if !h.o.RuntimeOnHost && h.o.Self != "" && os.Geteuid() == 0 {
+		spec.RuntimeTmpfs = h.o.Self
+		runtime = "on tmpfs in a mount namespace of its own, as /run is on a systemd host (--runtime-on-host: the host's)"
+	} else if !h.o.RuntimeOnHost {
+		runtime = "on the host's file systems (tmpfs needs root)"
+	}
+	nx, _, err := h.readyNode(ctx, spec)
 	if err != nil {
 		return err
 	}
@@ -235,6 +244,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	r.notef("workload: /bin/sh -c 'echo %s; exec sleep 86400', seen on the $NEX log feed; %d placements per side per round (after 5 warm-up), 2 rounds, order swapped", readyLine, h.o.Placements)
 	r.notef("the measured nodes run private copies of both binaries, read afresh: no other process (another run, the exec → ready nodes) shares their pages, which would halve their PSS, and neither's text is mapped in the 2 MiB pages a fresh write leaves in the page cache (they count whole in RSS)")
 	r.notef("idle memory twice: fresh (%s after ready), and again %s after the latency phases' last stop; memory added per workload counts from the second", settle, settle)
+	r.notef("the measured nexd's runtime dir, /run/nex-workloads, /run/nex-dynamic-uid and /run/systemd/dynamic-uid are %s; its state dir is in the run's temp dir; the exec → ready nodes use the host's", runtime)
 	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, h.o.ReadyStarts)
 	return nil
 }
