@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -856,7 +857,7 @@ func moveControlSocket(t *testing.T, mallory *testkit.User, dir, refusal string)
 		t.Fatalf("%s's listener: %q %v", mallory.Name, line, err)
 	}
 	const secret = "tenant-s3cret-value"
-	_, _, _ = n.ctl(t, "secret", "set", "system", "DB_PASS", secret)
+	_, _, _ = n.ctl(t, "secret", "set", "--insecure-argv", "system", "DB_PASS", secret)
 	seen, _ := os.ReadFile(logf)
 	if strings.Contains(string(seen), secret) {
 		t.Errorf("nexd took a control socket in %s, where %s may rename: she moved it away and read an admin's secret set:\n%s", hers, mallory.Name, seen)
@@ -1015,8 +1016,8 @@ func TestAttackLocalUserReadsArgvSecret(t *testing.T) {
 	n.waitNative(t)
 	nc := testnats.Connect(t, s)
 	mallory := testkit.NewUser(t)
-	// Set in-process: `nexctl secret set NS KEY VALUE` would put the value in nexctl's own
-	// command line (`-` reads it from stdin).
+	// Set in-process: `nexctl secret set --insecure-argv NS KEY VALUE` would put the value
+	// in nexctl's own command line (TestAttackLocalUserReadsSecretSetArgv).
 	c := control.NewClient(n.socket)
 	defer c.Close()
 	if err := c.SetSecret(t.Context(), "tenant", "DB_PASS", []byte(secret)); err != nil {
@@ -1095,4 +1096,94 @@ func mustRead(t *testing.T, path string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestAttackLocalUserReadsSecretSetArgv: an admin sets a tenant's secret as nexctl's
+// usage said, `nexctl secret set NS KEY VALUE`, while the node is slow to answer (here a
+// control socket that takes the connection and says nothing). Every local user may read
+// a process's command line (/proc/<pid>/cmdline, 0444): mallory, outside group nex, read
+// the value there for as long as nexctl waited. Now a value in the command line is
+// refused before nexctl connects (unless --insecure-argv), and the value comes from
+// stdin, where she finds it in neither the command line nor the environment while
+// nexctl waits. (The refused command line itself lived for the moment nexctl took to
+// refuse it.)
+func TestAttackLocalUserReadsSecretSetArgv(t *testing.T) {
+	const secret = "setargv-s3cret-7d1a"
+	const pattern = "setargv-s3cret-7d1[a]" // matches the secret, not the grep's own command line
+	mallory, _ := socketAttacker(t)
+	sock := filepath.Join(t.TempDir(), "nexd.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var connected atomic.Int32
+	held := make(chan net.Conn, 16)
+	accepted := make(chan struct{})
+	go func() {
+		defer close(accepted)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			connected.Add(1)
+			held <- c // kept open, unanswered, until the test ends
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-accepted
+		close(held)
+		for c := range held {
+			c.Close()
+		}
+	})
+	// set runs nexctl's secret set against the silent node while mallory looks at every
+	// process's command line and environment for 3 s; it returns what she found, and
+	// nexctl's exit code and stderr (-1: still waiting on the node, killed).
+	set := func(stdin string, args ...string) (found string, code int, stderr string) {
+		t.Helper()
+		connected.Store(0)
+		cmd := exec.Command(nexctlBin(t), append([]string{"--control-socket", sock, "secret", "set", "tenant", "DB_PASS"}, args...)...)
+		cmd.Stdin = strings.NewReader(stdin)
+		var errOut bytes.Buffer
+		cmd.Stderr = &errOut
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan int, 1)
+		go func() {
+			_ = cmd.Wait()
+			exited <- cmd.ProcessState.ExitCode()
+		}()
+		out, _ := mallory.Command("/bin/sh", "-c", `end=$(($(date +%s) + 3)); while [ "$(date +%s)" -lt "$end" ]; do
+grep -l -a -e '`+pattern+`' /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null && exit 0; done; exit 1`).Output()
+		select {
+		case code = <-exited:
+		default:
+			_ = cmd.Process.Kill()
+			<-exited
+			code = -1
+		}
+		return strings.TrimSpace(string(out)), code, errOut.String()
+	}
+
+	// As the usage said before: the value as the third argument.
+	found, code, stderr := set("", secret)
+	if code == -1 || connected.Load() > 0 {
+		t.Errorf("nexctl waited on the node with the secret in its command line (connected %d times, exit %d): %s (outside group nex) read it in %q",
+			connected.Load(), code, mallory.Name, found)
+	} else if code != 2 || !strings.Contains(stderr, "--insecure-argv") || !strings.Contains(stderr, "/proc/<pid>/cmdline") {
+		t.Errorf("a value in the command line: exit %d, %q; want refused (2) naming /proc/<pid>/cmdline and --insecure-argv", code, stderr)
+	}
+	// The way now: stdin (or a prompt on a terminal), with '-' or without a third argument.
+	for _, args := range [][]string{{"-"}, nil} {
+		found, code, stderr := set(secret+"\n", args...)
+		if found != "" {
+			t.Errorf("secret set %q with the value on stdin: %s read it in %s", args, mallory.Name, found)
+		}
+		if code != -1 || connected.Load() == 0 {
+			t.Errorf("secret set %q with the value on stdin: exit %d (%s), connected %d times; want it waiting on the node", args, code, stderr, connected.Load())
+		}
+	}
 }

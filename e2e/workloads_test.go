@@ -263,7 +263,7 @@ func TestLocalEndpoints(t *testing.T) {
 	if out := n.mustCtl(t, "reload"); !strings.Contains(strings.ToLower(out), "reload") {
 		t.Fatalf("reload: %s", out)
 	}
-	n.mustCtl(t, "secret", "set", "system", "TOKEN", "v1")
+	n.mustCtl(t, "secret", "set", "--insecure-argv", "system", "TOKEN", "v1")
 	if out := n.mustCtl(t, "secret", "list", "system"); !strings.Contains(out, "TOKEN") {
 		t.Fatalf("secret list: %s", out)
 	}

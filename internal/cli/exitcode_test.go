@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -180,6 +181,9 @@ func TestBinaryExitCodes(t *testing.T) {
 		{name: "logs both filters", env: env, args: []string{"logs", "--nexlet", "a", "--workload", "b"}, code: 2, stderr: "mutually exclusive"},
 		{name: "config", env: env, args: []string{"config"}, stdout: `"nexus": "nexus"`},
 		{name: "secret set stdin", env: env, stdin: "hunter2\n", args: []string{"secret", "set", "default", "PW", "-"}, stdout: "Secret default/PW set"},
+		{name: "secret set argv refused", env: env, args: []string{"secret", "set", "default", "ARGV", "v"}, code: 2, stderr: "--insecure-argv", noStdout: true},
+		{name: "secret set no value stdin", env: env, stdin: "s2\n", args: []string{"secret", "set", "default", "PW2"}, stdout: "Secret default/PW2 set"},
+		{name: "secret set insecure argv", env: env, args: []string{"secret", "set", "--insecure-argv", "default", "PW3", "v3"}, stdout: "Secret default/PW3 set"},
 		{name: "secret list", env: env, args: []string{"secret", "list", "default"}, stdout: "PW"},
 		{name: "secret rm", env: env, args: []string{"secret", "rm", "default", "PW"}, stdout: "removed"},
 		{name: "secret rm again", env: env, args: []string{"secret", "rm", "default", "PW"}, code: 1, stderr: "not found"},
@@ -197,13 +201,16 @@ func TestBinaryExitCodes(t *testing.T) {
 					tt.args, r.code, r.out, r.err, tt.code, tt.stdout, tt.stderr)
 			}
 		})
-		if tt.name == "secret set stdin" {
+		if tt.name == "secret set insecure argv" {
 			// The control server's handler goroutines may still be finishing the request.
 			b.mu.Lock()
-			got := b.secrets["default/PW"]
+			got := maps.Clone(b.secrets)
 			b.mu.Unlock()
-			if got != "hunter2" {
-				t.Fatalf("secret from stdin stored as %q", got)
+			if got["default/PW"] != "hunter2" || got["default/PW2"] != "s2" || got["default/PW3"] != "v3" {
+				t.Fatalf("secrets from stdin, stdin without '-' and --insecure-argv stored as %q", got)
+			}
+			if _, ok := got["default/ARGV"]; ok {
+				t.Fatalf("a refused value in the command line was stored")
 			}
 		}
 	}

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -388,18 +387,20 @@ func (a *app) secretCmd() *cobra.Command {
 		Args:  cobra.ArbitraryArgs,
 		RunE:  groupRun,
 	}
-	cmd.AddCommand(&cobra.Command{
-		Use:   "set NAMESPACE KEY VALUE|-",
-		Short: "Set a secret; '-' reads the value from stdin (one trailing newline is dropped)",
-		Args:  exactArgs(3, "NAMESPACE", "KEY", "VALUE|-"),
+	var inArgv bool
+	set := &cobra.Command{
+		Use:   "set NAMESPACE KEY [-]",
+		Short: "Set a secret; its value is asked for (no echo) on a terminal, else read from stdin (one trailing newline is dropped)",
+		Long: `Set a secret. The value is read from stdin: at a prompt without echo when stdin is a
+terminal, else all of it, one trailing newline dropped ('-' as the third argument says the
+same). A value given as the third argument is refused unless --insecure-argv: every local
+user can read a process's command line in /proc/PID/cmdline, and the shell keeps it in its
+history.`,
+		Args: rangeArgs(2, 3, "NAMESPACE", "KEY", "[-]"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			value := []byte(args[2])
-			if args[2] == "-" {
-				b, err := io.ReadAll(io.LimitReader(bufio.NewReader(a.io.Stdin), control.MaxBodyBytes/2))
-				if err != nil {
-					return fmt.Errorf("read secret value from stdin: %w", err)
-				}
-				value = bytes.TrimSuffix(bytes.TrimSuffix(b, []byte("\n")), []byte("\r"))
+			value, err := a.secretValue(cmd.Context(), args[0], args[1], args, inArgv)
+			if err != nil {
+				return err
 			}
 			c := a.client()
 			defer c.Close()
@@ -412,7 +413,9 @@ func (a *app) secretCmd() *cobra.Command {
 			fmt.Fprintf(a.out(), "Secret %s/%s set\n", args[0], args[1])
 			return nil
 		},
-	})
+	}
+	set.Flags().BoolVar(&inArgv, "insecure-argv", false, "take the value from the third argument, where every local user can read it (/proc/PID/cmdline) while nexctl runs")
+	cmd.AddCommand(set)
 	cmd.AddCommand(&cobra.Command{
 		Use:     "list NAMESPACE",
 		Aliases: []string{"ls"},
