@@ -191,7 +191,7 @@ func (n *Node) handleAuction(r micro.Request) {
 	}
 	now := time.Now()
 	ns := auctionNamespace(r.Subject())
-	resp, ok := n.bidLocked(r, ns, req, now)
+	resp, static, ok := n.bidLocked(r, ns, req, now)
 	if !ok {
 		return
 	}
@@ -207,16 +207,26 @@ func (n *Node) handleAuction(r micro.Request) {
 		n.log.Warn("bid not signed", "auction_id", req.AuctionID, "err", err)
 	}
 	st.Step("sign")
-	n.respondJSON(r, resp)
+	// nats.go copies what it publishes: the buffer serves the next bid.
+	buf, _ := n.bidBufs.Get().(*[]byte)
+	if buf == nil {
+		buf = new([]byte)
+	}
+	*buf = appendBid((*buf)[:0], resp.BidderID, static, resp.WorkloadCount, resp.Sig)
+	if err := r.Respond(*buf); err != nil {
+		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
+	}
+	n.bidBufs.Put(buf)
 	st.Step("reply") // encoded and published
 	st.Log(n.log, "auction steps", "auction_id", req.AuctionID)
 }
 
 // bidLocked decides under the node's lock whether to bid in namespace ns (the
-// auction subject's) and records the bid; ok is false when the node does not bid. The
-// signature and the reply come after, outside the lock, which deploys, registrations
-// and heartbeats take too.
-func (n *Node) bidLocked(r micro.Request, ns string, req protocol.AuctionRequest, now time.Time) (resp protocol.AuctionResponse, ok bool) {
+// auction subject's) and records the bid; ok is false when the node does not bid.
+// static is the encoding of the bid's fixed fields (bidStatic). The signature and the
+// reply come after, outside the lock, which deploys, registrations and heartbeats take
+// too.
+func (n *Node) bidLocked(r micro.Request, ns string, req protocol.AuctionRequest, now time.Time) (resp protocol.AuctionResponse, static []byte, ok bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	// The debug lines only when enabled: their arguments alone allocate.
@@ -226,14 +236,14 @@ func (n *Node) bidLocked(r micro.Request, ns string, req protocol.AuctionRequest
 		if debug {
 			n.log.Debug("not bidding: node is draining", "auction_id", req.AuctionID, "state", n.state)
 		}
-		return resp, false
+		return resp, nil, false
 	}
 	if !n.tagsMatchLocked(req.Tags) {
 		n.notBid(noBidTags)
 		if debug {
 			n.log.Debug("not bidding: tags do not match", "auction_id", req.AuctionID, "tags", req.Tags)
 		}
-		return resp, false
+		return resp, nil, false
 	}
 	// A deploy following an auction in ns is into ns (one of the system namespace may
 	// name any): where its workload's credentials would not fit the control line (a
@@ -243,7 +253,7 @@ func (n *Node) bidLocked(r micro.Request, ns string, req protocol.AuctionRequest
 		if debug {
 			n.log.Debug("not bidding: the namespace's workload credentials would not fit nats-server's control line", "auction_id", req.AuctionID, "namespace", ns)
 		}
-		return resp, false
+		return resp, nil, false
 	}
 	a, why := n.pickAgentLocked(req.AgentType, req.Lifecycle, now)
 	if a == nil {
@@ -251,23 +261,24 @@ func (n *Node) bidLocked(r micro.Request, ns string, req protocol.AuctionRequest
 		if debug {
 			n.log.Debug("not bidding", "auction_id", req.AuctionID, "reason", why.String())
 		}
-		return resp, false
+		return resp, nil, false
 	}
 	bidderID := randid.New()
 	n.bids.add(bidderID, bid{agentID: a.id, ns: ns, expires: now.Add(n.o.AuctionTTL)})
-	lifecycles := a.req.SupportedLifecycles
-	if len(lifecycles) == 0 {
-		lifecycles = []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob, protocol.LifecycleFunction}
+	if a.bid == nil {
+		lifecycles := a.req.SupportedLifecycles
+		if len(lifecycles) == 0 {
+			lifecycles = []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob, protocol.LifecycleFunction}
+		}
+		a.bid = bidStatic(a.req.StartRequestSchema, lifecycles, a.req.PublicXKey, n.id, n.o.Name)
 	}
+	// What the signature covers (BidPayload) and what the encoding adds to a.bid.
 	return protocol.AuctionResponse{
-		BidderID:            bidderID,
-		StartRequestSchema:  a.req.StartRequestSchema,
-		SupportedLifecycles: lifecycles,
-		XKey:                a.req.PublicXKey,
-		NodeID:              n.id,
-		NodeName:            n.o.Name,
-		WorkloadCount:       n.totalWorkloadsLocked(),
-	}, true
+		BidderID:      bidderID,
+		XKey:          a.req.PublicXKey,
+		NodeID:        n.id,
+		WorkloadCount: n.totalWorkloadsLocked(),
+	}, a.bid, true
 }
 
 // takeBid removes and returns a live bid: a bidder id deploys at most once.

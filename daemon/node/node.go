@@ -270,6 +270,7 @@ type Node struct {
 	procInfo   map[string]procInfo         // by agent id, from the supervisor
 	bids       *bidBook                    // bidder id -> bid, bounded
 	auctions   *auctionQueue               // auctions waiting for a worker
+	bidBufs    sync.Pool                   // *[]byte: a bid's encoding, reused once published
 	noBids     [noBidReasons]atomic.Uint64 // auctions not bid on, by reason (NotBid)
 	auctionSub *nats.Subscription          // the AUCTION subscription, from Start on
 	changed    chan struct{}               // closed and replaced whenever agents change

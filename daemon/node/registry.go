@@ -22,6 +22,7 @@ type registration struct {
 	direct       bool   // its user may publish on every $NEX.FEED (directFeeds); renewals keep that
 	req          protocol.RegisterAgentRequest
 	schema       *startSchema
+	bid          []byte // bidStatic of its bids, made at its first (under the node's lock)
 	registeredAt time.Time
 	lastSeen     time.Time // registration or last heartbeat: the age health counts from
 	lastBeat     time.Time // zero until the first heartbeat
