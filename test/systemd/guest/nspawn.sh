@@ -310,6 +310,30 @@ check "the DynamicUser= service starts again while workload u runs" probe_up
 info "nexuidprobe now has uid $(probe_uid); workload u has $DUID"
 check "systemd gave it another uid than workload u's $DUID (before: the same)" other_uid
 systemctl stop nexuidprobe
+# The native nexlet killed (-9) while nexd is held stopped (SIGSTOP), so that no next
+# nexlet can come: nexd's copy of the lock (passed to it over its uid lock socket) keeps
+# systemd off workload u's uid. Before, nobody held the lock in that window, and the
+# probe got the workload's uid. nexd resumed, the next nexlet takes the copy over as it
+# adopts workload u.
+NEXLET=$(pgrep -f 'nexd nexlet native' | head -1)
+check "the native nexlet runs (${NEXLET:-none})" test -n "$NEXLET"
+check "nexd holds a copy of systemd's lock on uid $DUID" \
+	wait_until 30 sh -c "ls -l /proc/$(mainpid)/fd | grep -q '/run/systemd/dynamic-uid/$DUID\$'"
+NEXD=$(mainpid)
+kill -STOP "$NEXD"
+kill -9 "$NEXLET"
+check "the nexlet is dead, nexd stopped" wait_until 10 sh -c "! test -d /proc/$NEXLET || grep -q '^State:.Z' /proc/$NEXLET/status"
+check "the DynamicUser= service starts with the nexlet killed" probe_up
+info "nexuidprobe now has uid $(probe_uid); workload u has $DUID"
+check "systemd gave it another uid than workload u's $DUID (before: the same)" other_uid
+systemctl stop nexuidprobe
+kill -CONT "$NEXD"
+check "a next native nexlet runs" wait_until 60 sh -c "p=\$(pgrep -f 'nexd nexlet native' | head -1); test -n \"\$p\" && test \"\$p\" != $NEXLET"
+check "nexd handed it the lock kept for it" \
+	wait_until 30 sh -c "journalctl -u nexd --no-pager | grep -q 'handed the nexlet the systemd uid locks kept for it'"
+check "workload u kept its process ($UPID)" test "$(pgrep -x sleep | head -1)" = "$UPID"
+check "the adoption found systemd's lock its own" \
+	sh -c "! journalctl -u nexd --no-pager | grep -q \"is another process's\""
 info "under nexd.service, /run is $(nsenter -t "$(mainpid)" -m -- sh -c 'touch /run/.nexd-rw-probe 2>/dev/null && rm -f /run/.nexd-rw-probe && echo writable || echo read-only' 2>&1)"
 check "nexctl lameduck --delay 0s (workload u stops, its uid released)" nexctl lameduck --delay 0s
 check "lameduck: service exits" wait_until 90 inactive
