@@ -3,6 +3,7 @@ package daemon
 import (
 	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -782,7 +783,29 @@ func groupName(gid uint32) string {
 func safePath(key, dir string, missingOK bool, groups dirGroups) error {
 	trusted := func(uid uint32) bool { return uid == 0 || int(uid) == os.Geteuid() }
 	groupWrite := func(path string, st *syscall.Stat_t) error {
-		if st.Mode&0o020 == 0 || groups.trusts(st.Gid) {
+		// The group class's write bit is the ACL mask when the directory has named
+		// entries: without it, no group and no named user may write in it.
+		if st.Mode&0o020 == 0 {
+			return nil
+		}
+		acl, err := accessACL(path)
+		if err != nil {
+			return fmt.Errorf("%s %s: %s: %w", key, dir, path, err)
+		}
+		groupObjWrites := acl == nil
+		for _, e := range acl {
+			switch {
+			case e.perm&0o2 == 0:
+			case e.tag == aclGroupObj:
+				groupObjWrites = true
+			case e.tag == aclUser && !trusted(e.id):
+				return fmt.Errorf("%s %s: %s has an ACL entry that lets uid %d write in it: that user could replace what nexd keeps there; fix: setfacl -x u:%d %s", key, dir, path, e.id, e.id, path)
+			case e.tag == aclGroup && !groups.trusts(e.id):
+				g := groupName(e.id)
+				return fmt.Errorf("%s %s: %s has an ACL entry that lets group %s write in it: the group's members could replace what nexd keeps there; fix: setfacl -x g:%d %s", key, dir, path, g, e.id, path)
+			}
+		}
+		if !groupObjWrites || groups.trusts(st.Gid) {
 			return nil
 		}
 		g := groupName(st.Gid)
@@ -855,6 +878,47 @@ func safePath(key, dir string, missingOK bool, groups dirGroups) error {
 		return fmt.Errorf("%s %s (mode %04o) is writable by every user: any of them could replace what nexd keeps there; fix: chmod o-w %s", key, dir, st.Mode&0o7777, dir)
 	}
 	return groupWrite(cur, &st)
+}
+
+// The tags of a POSIX ACL's entries (linux/posix_acl.h) that may let others write.
+const (
+	aclUser     = 0x02
+	aclGroupObj = 0x04
+	aclGroup    = 0x08
+)
+
+// aclEntry is one entry of a POSIX access ACL as the kernel stores it in the
+// system.posix_acl_access attribute (linux/posix_acl_xattr.h).
+type aclEntry struct {
+	tag, perm uint16
+	id        uint32
+}
+
+// accessACL reads path's POSIX access ACL: nil when it has none (its mode says all) or
+// its file system keeps none. A named user or group with write permission there is
+// counted in the mode only as the group class's write bit (the mask), under the
+// directory's group: it must be read to know who may write.
+func accessACL(path string) ([]aclEntry, error) {
+	buf := make([]byte, 4+8*64)
+	for {
+		n, err := unix.Lgetxattr(path, "system.posix_acl_access", buf)
+		switch {
+		case errors.Is(err, unix.ENODATA) || errors.Is(err, unix.EOPNOTSUPP):
+			return nil, nil
+		case errors.Is(err, unix.ERANGE):
+			buf = make([]byte, 2*len(buf))
+			continue
+		case err != nil:
+			return nil, fmt.Errorf("its ACL: %w", err)
+		case n < 4 || (n-4)%8 != 0 || binary.LittleEndian.Uint32(buf) != 2:
+			return nil, fmt.Errorf("its ACL (%d bytes) is not one this nexd reads", n)
+		}
+		var acl []aclEntry
+		for b := buf[4:n]; len(b) >= 8; b = b[8:] {
+			acl = append(acl, aclEntry{tag: binary.LittleEndian.Uint16(b), perm: binary.LittleEndian.Uint16(b[2:]), id: binary.LittleEndian.Uint32(b[4:])})
+		}
+		return acl, nil
+	}
 }
 
 // privateStateDir makes the state directory (seeds, the embedded server's keys,

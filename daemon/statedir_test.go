@@ -1,13 +1,19 @@
 package daemon
 
 import (
+	"cmp"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -233,5 +239,87 @@ func ownDirAsUser(t *testing.T) {
 	refused := os.Getenv("NEXD_TEST_OWNDIR_REFUSED")
 	if err := privateStateDir(refused, log); err == nil || !strings.Contains(err.Error(), "is writable by its group") {
 		t.Errorf("nexd as uid %d: state_dir in a directory another of its groups may write in: %v, want refused", os.Geteuid(), err)
+	}
+}
+
+// TestAttackACLWritableDirs: a POSIX ACL entry gives a named user or group write
+// permission that the mode shows only as the group class's write bit (the ACL's mask)
+// under the directory's group, root's here: such a directory was taken, and the named
+// user renamed nexd's directory in it away. Refused now, the error naming the entry.
+func TestAttackACLWritableDirs(t *testing.T) {
+	staff := testkit.NewGroup(t)
+	mallory := testkit.NewUser(t)
+	base := testkit.PublicDir(t)
+	// setACL gives d (root:root) the access ACL user::rwx, [named], group::r-x,
+	// mask::<mask>, other::r-x, as setfacl would (entries sorted by tag, then id).
+	setACL := func(d string, tag uint16, id uint32, mask uint16) {
+		t.Helper()
+		b := binary.LittleEndian.AppendUint32(nil, 2)
+		acl := []aclEntry{{0x01, 7, ^uint32(0)}, {tag, 7, id}, {aclGroupObj, 5, ^uint32(0)}, {0x10, mask, ^uint32(0)}, {0x20, 5, ^uint32(0)}}
+		slices.SortFunc(acl, func(a, b aclEntry) int { return cmp.Compare(a.tag, b.tag) })
+		for _, e := range acl {
+			b = binary.LittleEndian.AppendUint16(b, e.tag)
+			b = binary.LittleEndian.AppendUint16(b, e.perm)
+			b = binary.LittleEndian.AppendUint32(b, e.id)
+		}
+		if err := unix.Setxattr(d, "system.posix_acl_access", b, 0); err != nil {
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				t.Skipf("no POSIX ACLs on %s: %v", d, err)
+			}
+			t.Fatalf("setting the ACL of %s: %v", d, err)
+		}
+	}
+	mk := func(name string) string {
+		t.Helper()
+		d := filepath.Join(base, name)
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	log := slog.New(slog.DiscardHandler)
+
+	userDir := mk("user")
+	setACL(userDir, aclUser, mallory.UID, 7)
+	// The attack: mallory renames root's directory in it away (the test's premise).
+	if err := os.Mkdir(filepath.Join(userDir, "state"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := mallory.Command("/bin/mv", filepath.Join(userDir, "state"), filepath.Join(userDir, "hers")).CombinedOutput(); err != nil {
+		t.Fatalf("the ACL's user could not rename in it (the test's premise): %v: %s", err, out)
+	}
+	want := fmt.Sprintf("has an ACL entry that lets uid %d write in it", mallory.UID)
+	if err := privateStateDir(userDir, log); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("state_dir a named user may write in: %v, want refused with %q", err, want)
+	}
+	if err := ownDir("runtime_dir", filepath.Join(userDir, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("runtime_dir in a directory a named user may write in: %v, want refused with %q", err, want)
+	}
+
+	groupDir := mk("group")
+	setACL(groupDir, aclGroup, staff.GID, 7)
+	want = fmt.Sprintf("has an ACL entry that lets group %s (gid %d) write in it", staff.Name, staff.GID)
+	if err := ownDir("state_dir", groupDir, 0o700, stateDirGroups()); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("state_dir a named group may write in: %v, want refused with %q", err, want)
+	}
+	// The control group's members are the control socket's admins.
+	if err := ownDir("control_socket", groupDir, 0o755, dirGroups{controlGID: staff.GID, hasControl: true}); err != nil {
+		t.Errorf("control socket directory the control group may write in by its ACL: %v", err)
+	}
+
+	// A mask without write leaves the named entry read-only: taken.
+	masked := mk("masked")
+	setACL(masked, aclUser, mallory.UID, 5)
+	if err := ownDir("state_dir", masked, 0o700, stateDirGroups()); err != nil {
+		t.Errorf("state_dir whose ACL mask takes write away: %v", err)
+	}
+	// On the way with the sticky bit: members may rename only their own entries there.
+	sticky := mk("sticky")
+	setACL(sticky, aclUser, mallory.UID, 7)
+	if err := os.Chmod(sticky, 0o775|os.ModeSticky); err != nil {
+		t.Fatal(err)
+	}
+	if err := ownDir("runtime_dir", filepath.Join(sticky, "run"), 0o711, stateDirGroups()); err != nil {
+		t.Errorf("runtime_dir in a sticky directory a named user may write in: %v", err)
 	}
 }
