@@ -118,7 +118,7 @@ func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
 		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(uid)))
 		return os.IsNotExist(err)
 	})
-	if _, err := os.Lstat(lockPath); !os.IsNotExist(err) {
+	if err := lstatReleased(t, leases, lockPath); !os.IsNotExist(err) {
 		t.Errorf("systemd's lock file outlived the release: %v", err)
 	}
 	if got := probeSystemdLock(t, lockPath); got != "locked" {
@@ -179,16 +179,7 @@ func TestSystemdUIDLockFileGoesWithAnUnwatchedEnd(t *testing.T) {
 		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(uid)))
 		return os.IsNotExist(err)
 	})
-	// A release removes the lease and then the lock file, both under the lease lock:
-	// once the test has that lock, the release is done (before, a release preempted
-	// between the two was seen as a lock file that stayed: CI of d2827e5, load 15).
-	unlock, err := (&users{pol: pol}).lock()
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = os.Lstat(lockPath)
-	unlock()
-	if !os.IsNotExist(err) {
+	if err := lstatReleased(t, leases, lockPath); !os.IsNotExist(err) {
 		t.Errorf("systemd's lock file of released uid %d stayed: %v", uid, err)
 	}
 
@@ -199,6 +190,21 @@ func TestSystemdUIDLockFileGoesWithAnUnwatchedEnd(t *testing.T) {
 	if _, err := os.Lstat(lockPath); err != nil {
 		t.Errorf("a lock file another process holds went: %v", err)
 	}
+}
+
+// lstatReleased is os.Lstat of a released uid's lock file, looked at under the lease
+// lock of leaseDir: a release removes the lease and then the lock file, both under that
+// lock, so once the test has it the release whose lease went is done (before, a release
+// preempted between the two was seen as a lock file that stayed: CI of d2827e5, load 15).
+func lstatReleased(t *testing.T, leaseDir, path string) error {
+	t.Helper()
+	unlock, err := (&users{pol: UserPolicy{LeaseDir: leaseDir}}).lock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	_, err = os.Lstat(path)
+	return err
 }
 
 // holdSystemdLock holds path's flock on an open file of its own until the test ends,
