@@ -183,6 +183,9 @@ func TestBinaryExitCodes(t *testing.T) {
 		{name: "secret set stdin", env: env, stdin: "hunter2\n", args: []string{"secret", "set", "default", "PW", "-"}, stdout: "Secret default/PW set"},
 		{name: "secret set argv refused", env: env, args: []string{"secret", "set", "default", "ARGV", "v"}, code: 2, stderr: "--insecure-argv", noStdout: true},
 		{name: "secret set no value stdin", env: env, stdin: "s2\n", args: []string{"secret", "set", "default", "PW2"}, stdout: "Secret default/PW2 set"},
+		{name: "secret set empty stdin refused", env: env, stdin: "", args: []string{"secret", "set", "default", "PW"}, code: 1, stderr: "no value on stdin; nothing was set", noStdout: true},
+		{name: "secret set empty stdin with dash", env: env, stdin: "", args: []string{"secret", "set", "default", "EMPTY", "-"}, stdout: "Secret default/EMPTY set"},
+		{name: "secret set oversize stdin refused", env: env, stdin: strings.Repeat("x", maxSecretValue+1), args: []string{"secret", "set", "default", "PW", "-"}, code: 1, stderr: "more than 524288 bytes; nothing was set", noStdout: true},
 		{name: "secret set insecure argv", env: env, args: []string{"secret", "set", "--insecure-argv", "default", "PW3", "v3"}, stdout: "Secret default/PW3 set"},
 		{name: "secret list", env: env, args: []string{"secret", "list", "default"}, stdout: "PW"},
 		{name: "secret rm", env: env, args: []string{"secret", "rm", "default", "PW"}, stdout: "removed"},
@@ -206,8 +209,13 @@ func TestBinaryExitCodes(t *testing.T) {
 			b.mu.Lock()
 			got := maps.Clone(b.secrets)
 			b.mu.Unlock()
-			if got["default/PW"] != "hunter2" || got["default/PW2"] != "s2" || got["default/PW3"] != "v3" {
-				t.Fatalf("secrets from stdin, stdin without '-' and --insecure-argv stored as %q", got)
+			if empty, ok := got["default/EMPTY"]; got["default/PW"] != "hunter2" || got["default/PW2"] != "s2" || got["default/PW3"] != "v3" || !ok || empty != "" {
+				for k, v := range got {
+					if len(v) > 20 {
+						got[k] = fmt.Sprintf("%s... (%d bytes)", v[:20], len(v))
+					}
+				}
+				t.Fatalf("secrets from stdin, stdin without '-' and --insecure-argv stored as %q (the refused empty and oversize values must leave PW as it was)", got)
 			}
 			if _, ok := got["default/ARGV"]; ok {
 				t.Fatalf("a refused value in the command line was stored")

@@ -21,7 +21,8 @@ const maxSecretValue = control.MaxBodyBytes / 2
 // command line is refused unless inArgv: /proc/<pid>/cmdline is readable by every
 // local user while nexctl runs (TestAttackLocalUserReadsSecretSetArgv), and shells keep
 // it in their history. Without one (or with "-") it is read from stdin: at a prompt
-// without echo on a terminal, else all of stdin with one trailing newline dropped.
+// without echo on a terminal, else all of stdin with one trailing newline dropped; a
+// value over the bound is refused, not cut short, and an empty one needs "-".
 func (a *app) secretValue(ctx context.Context, ns, key string, args []string, inArgv bool) ([]byte, error) {
 	if len(args) == 3 && args[2] != "-" {
 		if !inArgv {
@@ -35,11 +36,23 @@ func (a *app) secretValue(ctx context.Context, ns, key string, args []string, in
 			return promptHidden(ctx, int(f.Fd()), a.io.Stderr, fmt.Sprintf("Value of secret %s/%s (not shown): ", ns, key))
 		}
 	}
-	b, err := io.ReadAll(io.LimitReader(bufio.NewReader(a.io.Stdin), maxSecretValue))
+	// One byte over the bound tells a value that is too long from one that fits: cut
+	// short, it would be set as it is, a different secret.
+	b, err := io.ReadAll(io.LimitReader(bufio.NewReader(a.io.Stdin), maxSecretValue+1))
 	if err != nil {
 		return nil, fmt.Errorf("read secret value from stdin: %w", err)
 	}
-	return bytes.TrimSuffix(bytes.TrimSuffix(b, []byte("\n")), []byte("\r")), nil
+	if len(b) > maxSecretValue {
+		return nil, fmt.Errorf("secret set %s %s: the value on stdin is more than %d bytes; nothing was set", ns, key, maxSecretValue)
+	}
+	b = bytes.TrimSuffix(bytes.TrimSuffix(b, []byte("\n")), []byte("\r"))
+	// Without '-', an empty stdin is more likely a value that went missing (a script's
+	// unquoted empty variable, once VALUE, now left out; stdin /dev/null under cron or a
+	// unit) than an empty secret meant to replace the one set.
+	if len(b) == 0 && len(args) < 3 {
+		return nil, fmt.Errorf("secret set %s %s: no value on stdin; nothing was set (give '-' as the third argument to set an empty value)", ns, key)
+	}
+	return b, nil
 }
 
 // promptHidden asks on w and reads one line from the terminal fd with its echo off,
