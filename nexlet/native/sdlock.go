@@ -127,17 +127,27 @@ func (s *sdLocks) drop(uid uint32) {
 }
 
 // sweepFree removes uid's lock file when it is empty and nobody holds its lock, as drop
-// does for a lock this nexlet does not hold; a lock this nexlet holds stays. The caller
-// (users.sweepStale, under the lease lock) checked that no lease names uid. true: the
+// does for a lock this nexlet does not hold. The caller (users.sweepStale, under the
+// lease lock) checked that no lease names uid; busy: a process runs as uid. A lock this
+// nexlet holds for no lease is a copy nexd handed over of a nexlet killed in a release,
+// after the lease went and before the file did (nexd keeps it, so every next nexlet was
+// handed it again): given back as drop does, unless a process runs as uid. true: the
 // file went.
-func (s *sdLocks) sweepFree(uid uint32) bool {
+func (s *sdLocks) sweepFree(uid uint32, busy bool) bool {
 	if s == nil {
 		return false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.fds[uid]; ok {
-		return false
+	if f, ok := s.fds[uid]; ok {
+		if busy {
+			return false
+		}
+		_ = os.Remove(s.path(uid))
+		f.Close()
+		delete(s.fds, uid)
+		s.tell(UIDLockDrop, uid, nil)
+		return true
 	}
 	f, ok, _ := s.lockLocked(uid, 0)
 	if !ok {

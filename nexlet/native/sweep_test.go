@@ -2,6 +2,7 @@ package native
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -241,5 +242,61 @@ func TestWorkloadsDirsOfGoneNexletsSwept(t *testing.T) {
 	}
 	if !removeWorkloadsDir(last, dir("own")) || exists(dir("own")) {
 		t.Error("an empty directory nobody else holds stays at a clean stop")
+	}
+}
+
+// TestSweepStaleGivesBackHandedOverLockWithoutLease: a nexlet killed in a release, after
+// its lease went and before its lock file did, leaves nexd a copy of a lock no lease
+// names; nexd hands it to every next nexlet (adoptCopies), which kept it for good: no
+// lease to release, and the sweep skipped locks the nexlet holds, so systemd could never
+// give that uid out again. The sweep now gives it back, unless a process runs as it.
+func TestSweepStaleGivesBackHandedOverLockWithoutLease(t *testing.T) {
+	const lo = 2000530
+	sd := sdTestDir(t, lo)
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1, SystemdUIDDir: sd}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if us.sd == nil {
+		t.Fatalf("no systemd locks: %s", us.sdWarn)
+	}
+	runs := exec.Command("sleep", "60")
+	runs.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: lo + 1, Gid: lo + 1}}
+	if err := runs.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = runs.Process.Kill(); _ = runs.Wait() })
+	// The dead nexlet's locks, as nexd keeps them: the files linked, locked, empty.
+	var copies []*os.File
+	for _, uid := range []uint32{lo, lo + 1} {
+		f, err := os.OpenFile(us.sd.path(uid), os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+			t.Fatal(err)
+		}
+		copies = append(copies, f)
+	}
+	us.sd.adoptCopies([]uint32{lo, lo + 1}, copies, slog.New(slog.DiscardHandler))
+	t.Cleanup(us.sd.closeAll)
+
+	if _, _, err := us.sweepStale(); err != nil {
+		t.Fatal(err)
+	}
+	// What systemd's allocator would do: open (creating) and lock without waiting.
+	takes := func(uid uint32) bool {
+		f, err := os.OpenFile(us.sd.path(uid), os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil
+	}
+	if !takes(lo) {
+		t.Errorf("uid %d: a lock handed over for no lease, nothing running as it, still held after the sweep", lo)
+	}
+	if takes(lo + 1) {
+		t.Errorf("uid %d: a process runs as it, and its lock was given back", lo+1)
 	}
 }

@@ -503,6 +503,7 @@ func (u *users) freeLocked(uid uint32, left error) error {
 // were reclaimed only when a later lease happened to pick their uid, and their lock
 // files stayed as long (TestKilledNexletsLeaveNoLeases).
 func (u *users) sweepStale() (leases, locks int, err error) {
+	u.sd.waitSynced() // nexd's copies of dead nexlets' locks are this nexlet's first
 	busy, err := u.walk()
 	if err != nil {
 		return 0, 0, fmt.Errorf("stale leases: %w", err)
@@ -553,7 +554,7 @@ func (u *users) sweepStale() (leases, locks int, err error) {
 			if uid < u.pol.UIDMin || uid > u.pol.UIDMax || leased[uid] {
 				continue
 			}
-			if u.sd.sweepFree(uid) {
+			if u.sd.sweepFree(uid, busy[uid]) {
 				locks++
 			}
 		}
