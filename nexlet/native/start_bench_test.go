@@ -489,8 +489,6 @@ func BenchmarkClaimDuringRefill(b *testing.B) {
 	wg.Wait()
 }
 
-// reportP50 adds the median of the timed operations: on a shared, loaded machine the
-// mean (ns/op) follows a few stalls, the median what a deploy usually costs.
 // stepsHandler keeps the steps of the nexlet's "start steps" lines and drops every
 // other record.
 type stepsHandler struct {
@@ -550,6 +548,8 @@ func (h *stepsHandler) report(b *testing.B) {
 	}
 }
 
+// reportP50 adds the median of the timed operations: on a shared, loaded machine the
+// mean (ns/op) follows a few stalls, the median what a deploy usually costs.
 func reportP50(b *testing.B, took []time.Duration) {
 	if len(took) == 0 {
 		return
