@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/nexlet/native"
 )
@@ -137,6 +139,9 @@ func (k *uidKeeper) serve(c *net.UnixConn) {
 	}
 	uids, files := k.copies(name)
 	err = native.SendUIDLocks(c, native.UIDLockHold, uids, files)
+	for _, f := range files {
+		f.Close()
+	}
 	if err == nil {
 		err = native.SendUIDLocks(c, native.UIDLockEnd, nil, nil)
 	}
@@ -165,7 +170,9 @@ func (k *uidKeeper) isClosed() bool {
 }
 
 // copies lists the copies kept for name, those of released locks (unlinked) closed and
-// forgotten first. The files stay the keeper's.
+// forgotten first: duplicates, the caller's to close, since another connection of the
+// nexlet's (the one before, its last messages still read) may close the keeper's own by
+// a DROP while the hand-over sends them (TestUIDKeeperHandOverBesideADrop).
 func (k *uidKeeper) copies(name string) ([]uint32, []*os.File) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -177,8 +184,13 @@ func (k *uidKeeper) copies(name string) ([]uint32, []*os.File) {
 			delete(k.held[name], uid)
 			continue
 		}
+		fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			k.log.Warn("uid lock socket: a copy not handed over", "uid", uid, "err", err)
+			continue // out of descriptors: the copy still holds the lock
+		}
 		uids = append(uids, uid)
-		files = append(files, f)
+		files = append(files, os.NewFile(uintptr(fd), f.Name()))
 	}
 	return uids, files
 }

@@ -211,3 +211,58 @@ func BenchmarkUIDKeeperHoldDrop(b *testing.B) {
 		}
 	}
 }
+
+// TestUIDKeeperHandOverBesideADrop: a nexlet that connects again while nexd still reads
+// its last connection's messages has its hand-over sent beside them: a DROP read there
+// closes nexd's copy of that lock. The hand-over sent that very descriptor, closed
+// under it (EBADF: the hand-over failed and the connection was dropped; or, its number
+// reused by then, another of nexd's files sent to the nexlet). It sends duplicates now.
+func TestUIDKeeperHandOverBesideADrop(t *testing.T) {
+	k := &uidKeeper{log: slog.New(slog.DiscardHandler), held: map[string]map[uint32]*os.File{}, conns: map[*net.UnixConn]bool{}}
+	lock, err := os.Create(filepath.Join(t.TempDir(), "2000600"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	k.apply("native", native.UIDLockHold, []uint32{2000600}, []*os.File{lock})
+	uids, files := k.copies("native")
+	t.Cleanup(func() {
+		for _, f := range files {
+			f.Close()
+		}
+	})
+	// The earlier connection's DROP, read between the hand-over's copies and its send.
+	k.apply("native", native.UIDLockDrop, []uint32{2000600}, nil)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) *net.UnixConn {
+		f := os.NewFile(uintptr(fd), "pair")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c.(*net.UnixConn)
+	}
+	nexd, nexlet := conn(fds[0]), conn(fds[1])
+	if err := native.SendUIDLocks(nexd, native.UIDLockHold, uids, files); err != nil {
+		t.Fatalf("hand-over beside a DROP: %v", err)
+	}
+	_, got, sent, err := native.ReadUIDLocks(nexlet)
+	if err != nil || len(got) != 1 || len(sent) != 1 {
+		t.Fatalf("the nexlet got %v %v (%v), want the lock's file", got, sent, err)
+	}
+	defer sent[0].Close()
+	want, err := os.Stat(lock.Name()) // nexd's own copy (lock) is closed by the DROP
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := sent[0].Stat(); err != nil || !os.SameFile(st, want) {
+		t.Fatalf("the nexlet got another file than the lock's: %v", err)
+	}
+}
