@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/nexlet/native"
 )
@@ -122,9 +123,13 @@ func (k *uidKeeper) serve(c *net.UnixConn) {
 		k.log.Warn("uid lock socket: peer unknown", "err", err)
 		return
 	}
+	// The process that connected, as of now: a pid named a native nexlet later must
+	// still be this process (one that connected and exited may have its pid reused by
+	// the next nexlet while the connection waits).
+	id, err := procid.Of(peer.PID)
 	name := ""
 	deadline := time.Now().Add(admitWait)
-	for name == "" {
+	for err == nil && name == "" {
 		if peer.UID == uint32(os.Geteuid()) {
 			name = k.nameOf(peer.PID)
 		}
@@ -132,6 +137,9 @@ func (k *uidKeeper) serve(c *net.UnixConn) {
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+	if name != "" && !id.Alive() {
+		name = ""
 	}
 	if name == "" {
 		k.log.Warn("connection on the uid lock socket refused: not a native nexlet of this nexd", "pid", peer.PID, "uid", peer.UID)

@@ -5,8 +5,10 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -264,5 +266,88 @@ func TestUIDKeeperHandOverBesideADrop(t *testing.T) {
 	}
 	if st, err := sent[0].Stat(); err != nil || !os.SameFile(st, want) {
 		t.Fatalf("the nexlet got another file than the lock's: %v", err)
+	}
+}
+
+// envDialPass makes the test binary a process that connects to the uid lock socket it
+// names, passes the connection to its parent (descriptor 3, a Unix socket) and exits.
+const envDialPass = "NEXD_TEST_UIDLOCK_DIAL_AND_PASS"
+
+// TestUIDLockDialAndPass is that process's body (TestAttackUIDLockSocketPIDReused).
+func TestUIDLockDialAndPass(t *testing.T) {
+	path := os.Getenv(envDialPass)
+	if path == "" {
+		t.Skip("the connecting process of TestAttackUIDLockSocketPIDReused")
+	}
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := c.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Sendmsg(3, []byte{1}, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAttackUIDLockSocketPIDReused: a root process connects to the uid lock socket,
+// hands the connection to another process and exits; its pid then names a native
+// nexlet (here nameOf names it once it exited, as a nexlet spawned with the reused pid
+// would be named) while the connection waits to be admitted. Before, the pid alone was
+// checked: the connection was handed nexd's copies of the locks, with which its holder
+// could let a running workload's uid lock go (LOCK_UN). Now the process that connected
+// must still be the one at that pid (its start time): refused, nothing handed.
+func TestAttackUIDLockSocketPIDReused(t *testing.T) {
+	var exited atomic.Int64
+	k, path := startUIDKeeper(t, func(pid int) string {
+		if int64(pid) == exited.Load() {
+			return "native"
+		}
+		return ""
+	})
+	f, err := os.OpenFile(filepath.Join(t.TempDir(), "2000504"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.apply("native", native.UIDLockHold, []uint32{2000504}, []*os.File{f})
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine, theirs := os.NewFile(uintptr(fds[0]), "parent"), os.NewFile(uintptr(fds[1]), "child")
+	defer mine.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestUIDLockDialAndPass$", "-test.count=1")
+	cmd.Env = append(os.Environ(), envDialPass+"="+path)
+	cmd.ExtraFiles = []*os.File{theirs}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("connecting process: %v: %s", err, out)
+	}
+	theirs.Close()
+	oob := make([]byte, unix.CmsgSpace(4))
+	_, oobn, _, _, err := unix.Recvmsg(int(mine.Fd()), make([]byte, 1), oob, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cms, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(cms) != 1 {
+		t.Fatalf("no connection passed: %v", err)
+	}
+	passed, err := unix.ParseUnixRights(&cms[0])
+	if err != nil || len(passed) != 1 {
+		t.Fatalf("no connection passed: %v", err)
+	}
+	cf := os.NewFile(uintptr(passed[0]), "passed")
+	fc, err := net.FileConn(cf)
+	cf.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Close()
+	exited.Store(int64(cmd.Process.Pid)) // its pid now "names a nexlet"
+	op, uids, files, err := native.ReadUIDLocks(fc.(*net.UnixConn))
+	if err == nil {
+		t.Fatalf("a connection whose process exited was sent %q %v with %d descriptors", op, uids, len(files))
 	}
 }
