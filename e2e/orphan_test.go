@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -168,13 +169,12 @@ func TestRestartedNexletOutlivesNexd(t *testing.T) {
 // a package manager installs it: a new file (inode) at the same path.
 func installNexd(t *testing.T, path string) {
 	t.Helper()
-	b, err := os.ReadFile(nexdBin(t))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// cp writes the copy, not this process: a child another parallel test forks
+	// would inherit a write descriptor held here until its exec, and the node's exec
+	// of the copy would fail with "text file busy" (seen in CI).
 	tmp := path + ".new"
-	if err := os.WriteFile(tmp, b, 0o755); err != nil {
-		t.Fatal(err)
+	if out, err := exec.Command("cp", nexdBin(t), tmp).CombinedOutput(); err != nil {
+		t.Fatalf("copy nexd: %v: %s", err, out)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)

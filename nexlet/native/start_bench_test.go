@@ -440,7 +440,13 @@ func TestDescriptorsPerWorkload(t *testing.T) {
 	const k = 20
 	before := count()
 	startServices(t, n, "fd", k, run)
-	if per := float64(count()-before) / k; per > 3 {
+	// The pools refill after the starts and hold a descriptor or two while they do
+	// (a CI run at load counted 61 for 20): the count is read once they settle.
+	per := 0.0
+	if !testkit.WaitFor(testkit.DefaultWait, func() bool {
+		per = float64(count()-before) / k
+		return per <= 3 && len(n.records.pool) == cap(n.records.pool)
+	}) {
 		t.Errorf("%.2f descriptors per running workload, want at most 3", per)
 	}
 }
