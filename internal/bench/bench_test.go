@@ -314,6 +314,45 @@ func TestCompareWorkloadsRun(t *testing.T) {
 			t.Errorf("the host's mounts changed:\n%s\nbefore:\n%s", after, before)
 		}
 	})
+	// compare's floor: the client's own auction, deploy, announcement, list and stop
+	// against the floor node, and no process of it left after the stop.
+	t.Run("floor", func(t *testing.T) {
+		ns, err := h.natsServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fl, err := startFloor(ctx, self, ns.URL(), "system")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fl.stop()
+		c, err := newClient(ns.URL(), "system")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		for i := range 3 {
+			p, err := c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, workloadSpec{Kind: "sh"}, fmt.Sprintf("floor-%d", i), time.Minute)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if kids := children(t, fl.cmd.Process.Pid); len(kids) != 1 {
+				t.Errorf("floor node's children with one workload: %v", kids)
+			}
+			if err := c.list(ctx); err != nil {
+				t.Errorf("list: %v", err)
+			}
+			if err := c.undeploy(ctx, p.ID, gatherOpts{first: 30 * time.Second, stall: time.Second, max: 1}); err != nil {
+				t.Fatal(err)
+			}
+			if kids := children(t, fl.cmd.Process.Pid); len(kids) != 0 {
+				t.Errorf("floor node's children after the stop: %v", kids)
+			}
+		}
+		if err := c.undeploy(ctx, "nosuch", gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}); err == nil {
+			t.Error("stop of an unknown workload: no error")
+		}
+	})
 	t.Run("upstream", func(t *testing.T) {
 		if upstream == "" {
 			t.Skip("NEXBENCH_UPSTREAM_NEX (upstream's nex binary) not set")
@@ -387,4 +426,22 @@ func TestABEnvMustBeKeyValue(t *testing.T) {
 		!strings.Contains(errs.String(), `--ab-env "NOVALUE": want KEY=VALUE`) {
 		t.Fatalf("exit %d, stderr %q", code, errs.String())
 	}
+}
+
+// children lists the pids of pid's children (every thread's).
+func children(t *testing.T, pid int) []string {
+	t.Helper()
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	if err != nil || len(tasks) == 0 {
+		t.Fatalf("tasks of %d: %v", pid, err)
+	}
+	var out []string
+	for _, f := range tasks {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, strings.Fields(string(b))...)
+	}
+	return out
 }

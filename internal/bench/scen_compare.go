@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/nexd-project/nexd/protocol"
@@ -32,13 +33,21 @@ type cmpFigure struct {
 // memory, memory added per running workload, threads.
 func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 	r := Result{Scenario: "compare", Variant: "upstream nex vs nexd, same machine, one run"}
-	var figs []cmpFigure
-	err := h.compareInto(ctx, &r, &figs)
+	var figs, floor []cmpFigure
+	err := h.compareInto(ctx, &r, &figs, &floor)
 	for _, f := range figs {
 		r.add(f.name+": upstream", f.up, f.unit)
 		r.add(f.name+": nexd", f.nx, f.unit)
 		if f.up > 0 {
 			r.add(f.name+": nexd / upstream", f.nx/f.up, "×")
+		}
+	}
+	// The floor's figures (nx holds the floor's): beside upstream's, as the ratio a
+	// target's "× upstream" is read against.
+	for _, f := range floor {
+		r.add(f.name+": floor", f.nx, f.unit)
+		if f.up > 0 {
+			r.add(f.name+": floor / upstream", f.nx/f.up, "×")
 		}
 	}
 	if err != nil {
@@ -47,8 +56,9 @@ func (h *Harness) compare(ctx context.Context) ([]Result, error) {
 	return []Result{r}, nil
 }
 
-// compareInto measures into figs (kept when a later step fails) and notes into r.
-func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) error {
+// compareInto measures into out and floorOut (kept when a later step fails) and notes
+// into r. floorOut's figures hold upstream's in up and the floor's in nx.
+func (h *Harness) compareInto(ctx context.Context, r *Result, out, floorOut *[]cmpFigure) error {
 	if len(h.o.Servers) > 0 {
 		return errNoServers
 	}
@@ -63,8 +73,8 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	if err != nil {
 		return err
 	}
-	figs := *out
-	defer func() { *out = figs }()
+	figs, floorFigs := *out, *floorOut
+	defer func() { *out, *floorOut = figs, floorFigs }()
 
 	// Exec to ready: a fresh node each time, upstream first in even runs.
 	upReady, nxReady, err := h.alternateReady(ctx, nsUp.URL(), nsNx.URL(), "cmpready", h.o.ReadyStarts)
@@ -151,18 +161,38 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 		cmpFigure{name: "idle PSS", unit: "MB", up: idle[0][1] / (1 << 20), nx: idle[1][1] / (1 << 20)},
 		cmpFigure{name: "idle threads", unit: "", up: idle[0][2], nx: idle[1][2]})
 
+	// The floor (floor.go), a third side in the latency rounds: the least any node can
+	// take to answer this client, on its own NATS server. It needs this tool's binary.
+	var floor *cmpSide
+	if h.o.Self != "" {
+		nsFl, err := h.natsServer()
+		if err != nil {
+			return err
+		}
+		fl, err := startFloor(ctx, h.o.Self, nsFl.URL(), h.o.Namespace)
+		if err != nil {
+			return err
+		}
+		defer fl.stop()
+		c, err := newClient(nsFl.URL(), h.o.Namespace)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		floor = &cmpSide{name: "floor", c: c}
+	}
+
 	// Latencies: two rounds, each side in turn, the order swapped between rounds.
 	type lat struct{ auction, deploy, start, place, list, stop []time.Duration }
-	var lats [2]lat
+	var lats [3]lat
 	var first [2]time.Duration // each side's first deploy request, the first work after idle
 	w := workloadSpec{Kind: "sh"}
 	for round := range 2 {
-		for _, upstreamTurn := range alternate(round) {
-			i := 1
-			if upstreamTurn {
-				i = 0
+		for _, i := range turns(round, floor != nil) {
+			s := floor
+			if i < 2 {
+				s = sides[i]
 			}
-			s := sides[i]
 			for k := range h.o.Placements + 5 {
 				p, err := s.c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, w, fmt.Sprintf("cmp%d-%d", round, k), time.Minute)
 				if err != nil {
@@ -172,7 +202,7 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 				if err := s.c.list(ctx); err != nil {
 					return fmt.Errorf("%s: list: %w", s.name, err)
 				}
-				if round == 0 && k == 0 {
+				if round == 0 && k == 0 && i < 2 {
 					first[i] = p.Deploy
 				}
 				dl := time.Since(t)
@@ -200,6 +230,25 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 		msFigure("list p50", Summarize(lats[0].list).P50, Summarize(lats[1].list).P50),
 		msFigure("stop p50", Summarize(lats[0].stop).P50, Summarize(lats[1].stop).P50),
 		msFigure("first deploy request (after idle)", first[0], first[1]))
+	if floor != nil {
+		for _, f := range []struct {
+			name string
+			d    []time.Duration
+			up   []time.Duration
+			p99  bool
+		}{
+			{"deploy request p50", lats[2].deploy, lats[0].deploy, false},
+			{"placement end to end p50", lats[2].place, lats[0].place, false},
+			{"placement end to end p99", lats[2].place, lats[0].place, true},
+			{"placement's auction p50", lats[2].auction, lats[0].auction, false},
+		} {
+			fl, up := Summarize(f.d).P50, Summarize(f.up).P50
+			if f.p99 {
+				fl, up = Summarize(f.d).P99, Summarize(f.up).P99
+			}
+			floorFigs = append(floorFigs, cmpFigure{name: f.name, unit: "ms", up: float64(up) / float64(time.Millisecond), nx: float64(fl) / float64(time.Millisecond)})
+		}
+	}
 
 	// Idle memory again, the workloads of the latency phases stopped: what a node that
 	// has worked keeps, beside the fresh start's above.
@@ -245,6 +294,9 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out *[]cmpFigure) 
 	r.notef("the measured nodes run private copies of both binaries, read afresh: no other process (another run, the exec → ready nodes) shares their pages, which would halve their PSS, and neither's text is mapped in the 2 MiB pages a fresh write leaves in the page cache (they count whole in RSS)")
 	r.notef("idle memory twice: fresh (%s after ready), and again %s after the latency phases' last stop; memory added per workload counts from the second", settle, settle)
 	r.notef("the measured nexd's runtime dir, /run/nex-workloads, /run/nex-dynamic-uid and /run/systemd/dynamic-uid are %s; its state dir is in the run's temp dir; the exec → ready nodes use the host's", runtime)
+	if floor != nil {
+		r.notef("floor: %s floor-node, on a NATS server of its own, in the latency rounds' turns: the same client, auction, deploy, list and stop, answered by a Go process that decodes, starts the process in a group of its own with stdout on a pipe, replies, and forwards the output lines to the log feed; no identity, signature, uid, cgroup, limits, record or nexlet. No node can be faster than it here with this client: a target below the floor is out of reach on this machine", filepath.Base(h.o.Self))
+	}
 	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, h.o.ReadyStarts)
 	return nil
 }
@@ -269,6 +321,19 @@ func alternate(i int) []bool {
 		return []bool{true, false}
 	}
 	return []bool{false, true}
+}
+
+// turns gives round i's order of the sides (0 upstream, 1 nexd, 2 the floor when
+// withFloor), reversed every other round so that each side goes first as often.
+func turns(i int, withFloor bool) []int {
+	t := []int{0, 1}
+	if withFloor {
+		t = append(t, 2)
+	}
+	if i%2 == 1 {
+		slices.Reverse(t)
+	}
+	return t
 }
 
 func msFigure(name string, up, nx time.Duration) cmpFigure {

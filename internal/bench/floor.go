@@ -1,0 +1,258 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// floorNodeCmd is nexbench's hidden command for compare's third side, the floor:
+// nexbench floor-node URL NAMESPACE. It answers the client's auction, deploy, list and
+// stop with the least a node must do to answer them as nexd and upstream do (decode
+// the request, start the process, reply, forward its output to the log feed) and
+// nothing else: no identity or signature, no uid, cgroup or limits, no record, no
+// nexlet. Its figures are what no node can beat on this machine with this client,
+// which says how far below a target lies.
+const floorNodeCmd = "floor-node"
+
+// floorBidder is the floor node's bidder id.
+const floorBidder = "floor"
+
+// floorNode holds the floor node's running processes by workload id.
+type floorNode struct {
+	nc *nats.Conn
+	ns string
+	mu sync.Mutex
+	ws map[string]*floorProc
+}
+
+type floorProc struct {
+	cmd  *exec.Cmd
+	read chan struct{} // closed when the output reader has ended
+}
+
+// runFloorNode serves until ctx ends, then ends every process it started.
+func runFloorNode(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) != 2 {
+		fmt.Fprintln(stderr, "nexbench floor-node: want URL NAMESPACE")
+		return 2
+	}
+	nc, err := dial(args[0], "nexbench-floor")
+	if err != nil {
+		fmt.Fprintln(stderr, "nexbench floor-node:", err)
+		return 1
+	}
+	defer nc.Close()
+	f := &floorNode{nc: nc, ns: args[1], ws: map[string]*floorProc{}}
+	defer f.stopAll()
+	for _, s := range []struct {
+		subject string
+		fn      nats.MsgHandler
+	}{
+		{protocol.AuctionSubject(f.ns), f.auction},
+		{protocol.DeploySubject(f.ns, floorBidder), f.deploy},
+		{protocol.WPingSubject(f.ns), f.list},
+		{protocol.UndeploySubject(f.ns, "*"), f.undeploy},
+	} {
+		if _, err := nc.Subscribe(s.subject, s.fn); err != nil {
+			fmt.Fprintln(stderr, "nexbench floor-node: subscribe:", err)
+			return 1
+		}
+	}
+	if err := nc.Flush(); err != nil {
+		fmt.Fprintln(stderr, "nexbench floor-node: flush:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, "ready")
+	<-ctx.Done()
+	return 0
+}
+
+func (f *floorNode) respond(m *nats.Msg, v any) {
+	b, _ := json.Marshal(v)
+	_ = m.Respond(b)
+}
+
+func (f *floorNode) fail(m *nats.Msg, err error) {
+	r := nats.NewMsg(m.Reply)
+	r.Header.Set(protocol.HeaderErrorCode, "500")
+	r.Header.Set(protocol.HeaderError, err.Error())
+	_ = f.nc.PublishMsg(r)
+}
+
+func (f *floorNode) auction(m *nats.Msg) {
+	var req protocol.AuctionRequest
+	if err := json.Unmarshal(m.Data, &req); err != nil {
+		f.fail(m, err)
+		return
+	}
+	f.respond(m, protocol.AuctionResponse{BidderID: floorBidder, StartRequestSchema: "", SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService}})
+}
+
+func (f *floorNode) list(m *nats.Msg) { _ = m.Respond([]byte("[]")) }
+
+// deploy starts the run_request's process in a process group of its own (as both nodes
+// do), with its stdout on a pipe, and replies once it is started (exec.Cmd.Start returns
+// after the child's execve). Its output lines go to the log feed.
+func (f *floorNode) deploy(m *nats.Msg) {
+	var req protocol.StartWorkloadRequest
+	if err := json.Unmarshal(m.Data, &req); err != nil {
+		f.fail(m, err)
+		return
+	}
+	var rr struct {
+		URI  string   `json:"uri"`
+		Argv []string `json:"argv"`
+	}
+	if err := json.Unmarshal([]byte(req.RunRequest), &rr); err != nil {
+		f.fail(m, fmt.Errorf("run_request: %w", err))
+		return
+	}
+	path, ok := strings.CutPrefix(rr.URI, "file://")
+	if !ok {
+		f.fail(m, fmt.Errorf("run_request: uri %q: only file:// here", rr.URI))
+		return
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		f.fail(m, err)
+		return
+	}
+	cmd := exec.Command(path, rr.Argv...)
+	cmd.Stdout = pw
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	err = cmd.Start()
+	pw.Close()
+	if err != nil {
+		pr.Close()
+		f.fail(m, err)
+		return
+	}
+	id := nuid.Next()
+	p := &floorProc{cmd: cmd, read: make(chan struct{})}
+	f.mu.Lock()
+	f.ws[id] = p
+	f.mu.Unlock()
+	f.respond(m, protocol.StartWorkloadResponse{ID: id, Name: req.Name})
+	subject := strings.TrimSuffix(protocol.LogsWildcard(f.ns, id), "*") + "stdout"
+	// Ends at EOF, when the process is gone (undeploy and stopAll wait for it).
+	go func() {
+		defer close(p.read)
+		defer pr.Close()
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			_ = f.nc.Publish(subject, sc.Bytes())
+		}
+	}()
+}
+
+func (f *floorNode) undeploy(m *nats.Msg) {
+	id := protocol.Token(m.Subject, 5)
+	f.mu.Lock()
+	p := f.ws[id]
+	delete(f.ws, id)
+	f.mu.Unlock()
+	if p == nil {
+		f.fail(m, errors.New("workload not found"))
+		return
+	}
+	p.end()
+	f.respond(m, protocol.StopWorkloadResponse{ID: id, Stopped: true, Message: "stopped", WorkloadType: "native"})
+}
+
+// end terminates the process group and waits for the process and its reader.
+func (p *floorProc) end() {
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+	}
+	<-p.read
+}
+
+func (f *floorNode) stopAll() {
+	f.mu.Lock()
+	ws := f.ws
+	f.ws = map[string]*floorProc{}
+	f.mu.Unlock()
+	for _, p := range ws {
+		p.end()
+	}
+}
+
+// floorProcess is a running floor node.
+type floorProcess struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// startFloor starts `self floor-node url ns` and waits for it to serve.
+func startFloor(ctx context.Context, self, url, ns string) (*floorProcess, error) {
+	cmd := exec.Command(self, floorNodeCmd, url, ns)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("floor node: %w", err)
+	}
+	f := &floorProcess{cmd: cmd, done: make(chan struct{})}
+	line := make(chan error, 1)
+	go func() {
+		// The "ready" line, then the rest is drained until the process ends.
+		r := bufio.NewReader(out)
+		s, err := r.ReadString('\n')
+		if err == nil && s != "ready\n" {
+			err = fmt.Errorf("floor node said %q", s)
+		}
+		line <- err
+		_, _ = io.Copy(io.Discard, r)
+		_ = cmd.Wait()
+		close(f.done)
+	}()
+	select {
+	case err := <-line:
+		if err != nil {
+			f.stop()
+			return nil, fmt.Errorf("floor node: %w", err)
+		}
+		return f, nil
+	case <-ctx.Done():
+		f.stop()
+		return nil, ctx.Err()
+	case <-time.After(30 * time.Second):
+		f.stop()
+		return nil, errors.New("floor node: not serving after 30s")
+	}
+}
+
+// stop ends the floor node (which ends its processes) and waits for it.
+func (f *floorProcess) stop() {
+	_ = f.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-f.done:
+	case <-time.After(10 * time.Second):
+		_ = f.cmd.Process.Kill()
+		<-f.done
+	}
+}
