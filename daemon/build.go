@@ -134,7 +134,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	}
 	if p := d.prestarted; p != nil {
 		// Both directories are this nexd's now: the pre-started native nexlet reads or
-		// stores its xkey's seed there while nexd builds itself (README, Ready).
+		// stores its xkey's seed there while nexd builds itself (docs/performance-notes.md, Ready).
 		if err := p.Preview(nexlets.NativePreview(cfg, s.runtimeDir)); err != nil {
 			d.log.Debug("pre-started native nexlet not told its directories", "err", err)
 		}
@@ -388,7 +388,7 @@ func (e *earlyNexlets) wait() error {
 // durability, the control socket): the manager's first cgroup change (the node's
 // root) waits for the kernel's cgroup_mutex, which the pre-started nexlet's cgroup
 // warm-up holds through an RCU grace period (3-15 ms here), and nexd's start no longer
-// waits with it (README, Ready). s.nexlets is set before e.done closes.
+// waits with it (docs/performance-notes.md, Ready). s.nexlets is set before e.done closes.
 func (s *server) startNexletsEarly(startCtx context.Context, o nexlets.Options, hooks buildHooks) *earlyNexlets {
 	e := &earlyNexlets{done: make(chan struct{})}
 	// Pushed before the start, where the closer was pushed when the start ran inline.

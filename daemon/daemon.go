@@ -151,7 +151,7 @@ type signals struct {
 }
 
 // catchSignals starts catching them. Main does so first of a node's start, so that an
-// early SIGTERM stops it cleanly (README, Ready, on its timing beside the pre-started
+// early SIGTERM stops it cleanly (docs/performance-notes.md, Ready, on its timing beside the pre-started
 // nexlet's cgroup warm-up).
 func catchSignals() *signals {
 	sg := &signals{term: make(chan os.Signal, 2), hup: make(chan os.Signal, 2), usr2: make(chan os.Signal, 1)}

@@ -127,7 +127,7 @@ func (w *diskWatch) record(err error) {
 // placeCheck is a deploy's check: the free space now (a deploy's records are about to
 // be written; a failure it finds stops the bids at once too), and the loop's last
 // write. The write itself stays off the deploy's path: a file made and removed there
-// costs 0.05–1 ms on ext4 after many deletions (README, Deploy and placement), and a
+// costs 0.05–1 ms on ext4 after many deletions (docs/performance-notes.md, Deploy and placement), and a
 // passing statfs must not end a failure only a write finds.
 func (w *diskWatch) placeCheck() error {
 	err := w.look(false)

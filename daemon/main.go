@@ -44,7 +44,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 		var ahead *native.Ahead
 		if _, pre := os.LookupEnv(supervise.EnvHandoff); pre {
 			// Pre-started at nexd's main: wait for the start's environment and
-			// descriptors (README, Ready), building meanwhile what needs neither.
+			// descriptors (docs/performance-notes.md, Ready), building meanwhile what needs neither.
 			ahead = native.BuildAhead()
 			if code, ok := supervise.AwaitHandoff(ahead.Preview); !ok {
 				ahead.Wait()

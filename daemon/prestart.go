@@ -21,7 +21,7 @@ const envPrestart = earlynexlet.EnvPrestart
 
 // prestartNexlet makes the native nexlet's process ahead of its first start, when cfg
 // runs one: its runtime start and package init then overlap with nexd's set-up, and its
-// first start hands it what it needs (supervise.Prestart; README, Ready). The process
+// first start hands it what it needs (supervise.Prestart; docs/performance-notes.md, Ready). The process
 // nexd's package init exec'd (early) is used when its runtime variables are what cfg
 // asks for; else one is exec'd now. Not after a re-exec, nor when the state directory
 // records a running one: the running nexlet is adopted (early is killed). What else

@@ -59,7 +59,7 @@ func TestInitAllocations(t *testing.T) {
 
 // Modules kept out of the binary for memory: every linked package's init runs in nexd
 // and again in the native nexlet, and each maps its 64 KB blocks of text, tables and
-// pclntab in both processes (README, Memory).
+// pclntab in both processes (docs/performance-notes.md, Memory).
 var unwantedModules = map[string]string{
 	"golang.org/x/text":                   "jsonschema's localized messages (third_party/jsonschema prints with fmt): 0.7 MB of idle RSS",
 	"github.com/prometheus/client_golang": "daemon/metrics writes the text format itself",
@@ -82,7 +82,7 @@ func TestNoUnwantedModules(t *testing.T) {
 
 // nexdOnlyWithoutInit are packages only nexd runs (of daemon, the nexlet runs Main alone)
 // whose part of the binary the native nexlet (the same binary) mapped for their init
-// alone: a 64 KB block of text each (README, Memory). Without an init, the nexlet leaves
+// alone: a 64 KB block of text each (docs/performance-notes.md, Memory). Without an init, the nexlet leaves
 // them unmapped (about 0.4 MB of its RSS).
 var nexdOnlyWithoutInit = []string{
 	"github.com/nexd-project/nexd/control",

@@ -25,7 +25,7 @@ const (
 
 // reservedField reports the journal fields nexd sets itself. A switch, like wellKnown, not
 // a package-level map: a map is built by the package's init, which runs in the native
-// nexlet too and maps that part of the binary there (README, Memory).
+// nexlet too and maps that part of the binary there (docs/performance-notes.md, Memory).
 func reservedField(name string) bool {
 	switch name {
 	case "MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "SYSLOG_PID", "CODE_FILE", "CODE_LINE", "CODE_FUNC",

@@ -105,7 +105,7 @@ func labels(kv ...string) string {
 
 // escapeLabel and escapeHelp escape as the text format asks (a label value also its
 // quotes). Written out rather than package-level strings.Replacers, which the package's
-// init would build in the native nexlet too (README, Memory).
+// init would build in the native nexlet too (docs/performance-notes.md, Memory).
 func escapeLabel(s string) string { return escape(s, true) }
 func escapeHelp(s string) string  { return escape(s, false) }
 

@@ -233,7 +233,7 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 		// On v2 the pre-started nexlet's cgroup warm-up (begun at nexd's package init)
 		// may still write its pid into the root it read: EnterSupervisor waits for it
 		// before it empties the root, or that late write would put the nexlet back and
-		// the enabling of the controllers fail (README, Ready). By now it is normally over:
+		// the enabling of the controllers fail (docs/performance-notes.md, Ready). By now it is normally over:
 		// its write began tens of milliseconds ago, and the kernel would hold this
 		// first cgroup change behind it anyway (cgroup_mutex).
 		if err := cg.EnterSupervisor(ctx, o.Prestarted.AwaitWarm); err != nil {

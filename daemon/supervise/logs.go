@@ -158,7 +158,7 @@ func parseLine(line []byte, def slog.Level) (slog.Level, string, []any) {
 // childKey renames the attributes nexd puts on a nexlet's lines itself (nexlet, stream,
 // and pid when logger.with_pid is on) to nexlet_<key>, so a record never carries a key
 // twice. A switch, not a package-level map, which the package's init would build in the
-// native nexlet too (README, Memory).
+// native nexlet too (docs/performance-notes.md, Memory).
 func childKey(k string) string {
 	switch k {
 	case "nexlet", "stream", "pid":

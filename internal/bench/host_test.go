@@ -8,7 +8,7 @@ import (
 )
 
 // The host's price of a page's first touch, which a process's start pays for every
-// page of code, data and heap it uses (README, Ready: on a PVM guest it is 10-30 µs,
+// page of code, data and heap it uses (docs/performance-notes.md, Ready: on a PVM guest it is 10-30 µs,
 // 100 times bare metal, and most of a Go process's start before main). Each reports
 // ns/page over 4 MB of fresh anonymous memory.
 func BenchmarkPageFirstTouch(b *testing.B) { benchFirstTouch(b, false) }

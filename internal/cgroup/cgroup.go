@@ -280,7 +280,7 @@ func joinRel(root, rel string) string {
 // In v2 mode it first calls settle (when not nil), which returns once no other writer
 // can still put a process into the root: one whose write lands between the moves and
 // the enabling puts its process back, and the enabling fails (EBUSY). The pre-started
-// nexlet's cgroup warm-up is such a writer (README, Ready;
+// nexlet's cgroup warm-up is such a writer (docs/performance-notes.md, Ready;
 // TestV2EnterSupervisorWaitsForSettle). A settle error is returned, wrapped, with
 // nothing done.
 func (m *Manager) EnterSupervisor(ctx context.Context, settle func(context.Context) error) error {

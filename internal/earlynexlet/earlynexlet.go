@@ -1,6 +1,6 @@
 // Package earlynexlet execs nexd's native nexlet from nexd's package initialisation,
 // before nexd's main and most of its packages' init have run, so that the second Go
-// runtime's start (page faults, mostly, on a PVM guest: README, Ready) overlaps with
+// runtime's start (page faults, mostly, on a PVM guest: docs/performance-notes.md, Ready) overlaps with
 // nexd's own. The process waits for its hand-off exactly as one daemon/supervise's
 // Prestart makes at main does; daemon turns it into a supervise.Prestarted, or discards
 // it when the configuration says it is not wanted.

@@ -10,7 +10,7 @@ import (
 )
 
 // Ahead is what a pre-started native nexlet builds while it waits for its hand-off
-// (README, Ready). Before anything is known of its start: a fresh curve key, used by a
+// (docs/performance-notes.md, Ready). Before anything is known of its start: a fresh curve key, used by a
 // start whose state directory holds no seed yet (a first start) and dropped when one
 // is there; and the ed25519 tables, which the registration key's first use would
 // otherwise build on the way to the registration. Once nexd, holding its state and

@@ -1,7 +1,7 @@
 // Package atinit execs the native nexlet (earlynexlet.Start) from its init, when
 // imported by nexd's main package: init runs before main and before the packages that
 // import more than this one, so the nexlet's runtime starts about 20 ms earlier than at
-// main on a PVM guest (README, Ready). Only cmd/nexd imports it; a test binary that
+// main on a PVM guest (docs/performance-notes.md, Ready). Only cmd/nexd imports it; a test binary that
 // linked it would exec itself as a nexlet.
 package atinit
 
@@ -30,7 +30,7 @@ func init() {
 		var p *earlynexlet.Process
 		p, err = earlynexlet.Start(path, args, earlynexlet.RuntimeEnv(os.Getenv))
 		if err == nil {
-			// Its cgroup warm-up (README, Ready) begins at once: the RCU grace period
+			// Its cgroup warm-up (docs/performance-notes.md, Ready) begins at once: the RCU grace period
 			// it waits out passes while nexd's init and build run, so that neither
 			// nexd's first cgroup change nor the hand-off's move waits for it.
 			p.Warm(earlynexlet.WarmAttach)
