@@ -552,6 +552,9 @@ func (g *Group) Stats() (Stats, error) {
 // hierarchy. A group that does not exist is not an error.
 func (g *Group) Remove() error {
 	g.releaseForker()
+	if g.removeEmpty() {
+		return nil
+	}
 	if err := g.Kill(); err != nil {
 		return err
 	}
@@ -560,6 +563,30 @@ func (g *Group) Remove() error {
 		errs = append(errs, g.m.removeTree(h.Root))
 	}
 	return errors.Join(errs...)
+}
+
+// removeEmpty removes the group with one rmdir a hierarchy, true when each is gone.
+// The kernel removes a cgroup only while it holds no process and no child group (EBUSY
+// otherwise), so a removal is proof of what Kill and removeTree would have found by
+// listing it (the group in each hierarchy, its cgroup.procs, its subdirectories): a
+// stopped workload's group is empty by the time it is removed, and those listings were
+// most of a removal's cost. At the first rmdir that fails (a process or a child group in
+// it, a group still busy just after its last process died), Remove goes on as before:
+// Kill lists the hierarchies left and removeTree retries. A group with processes outside
+// any cgroup (pgids) is never removed this way.
+func (g *Group) removeEmpty() bool {
+	g.mu.Lock()
+	outside := len(g.pgids) > 0
+	g.mu.Unlock()
+	if outside || len(g.hiers) == 0 {
+		return false
+	}
+	for _, h := range g.hiers {
+		if err := g.m.ops.rmdir(h.Root); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false
+		}
+	}
+	return true
 }
 
 // removeTree removes dir and every cgroup below it, children first. A cgroup stays busy

@@ -410,6 +410,33 @@ func BenchmarkV1Create(b *testing.B) {
 	}
 }
 
+// BenchmarkV1Remove is a stopped workload's group removed by its tidy: a process ran in
+// it and exited (made, started and waited for off the clock), then Remove on the clock.
+func BenchmarkV1Remove(b *testing.B) {
+	m := v1Root(b)
+	i := 0
+	for b.Loop() {
+		b.StopTimer()
+		name := "r" + strconv.Itoa(i)
+		i++
+		g, err := m.Create(name, Limits{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		cmd := exec.Command("/bin/true")
+		if err := g.Start(cmd); err != nil {
+			b.Fatal(err)
+		}
+		if err := cmd.Wait(); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := g.Remove(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkV1CleanupStaleEmpty is nexd's start on a node root nothing was left in: the
 // nexlets' root (here with no group below it) read for leftovers of a crash.
 func BenchmarkV1CleanupStaleEmpty(b *testing.B) {
