@@ -11,8 +11,9 @@ import (
 	"github.com/nats-io/nkeys"
 )
 
-// Cached wraps kp so that Sign uses the private key derived once here; every other
-// method is kp's.
+// Cached wraps kp so that Sign uses the private key derived once here, and PublicKey
+// the public key (nkeys derives it from the seed, a scalar multiplication, on every
+// call: every user JWT's encoding asks for its issuer's); every other method is kp's.
 func Cached(kp nkeys.KeyPair) (nkeys.KeyPair, error) {
 	seed, err := kp.Seed()
 	if err != nil {
@@ -26,7 +27,12 @@ func Cached(kp nkeys.KeyPair) (nkeys.KeyPair, error) {
 		// Its seed is an X25519 key: nkeys refuses to sign with it, and so must we.
 		return nil, fmt.Errorf("nkey signer: %w", nkeys.ErrInvalidCurveKeyOperation)
 	}
-	c := &cached{KeyPair: kp, priv: ed25519.NewKeyFromSeed(raw)}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		clear(raw)
+		return nil, fmt.Errorf("nkey signer: %w", err)
+	}
+	c := &cached{KeyPair: kp, priv: ed25519.NewKeyFromSeed(raw), pub: pub}
 	clear(raw) // the decoded seed; the private key holds it now
 	return c, nil
 }
@@ -34,6 +40,15 @@ func Cached(kp nkeys.KeyPair) (nkeys.KeyPair, error) {
 type cached struct {
 	nkeys.KeyPair
 	priv ed25519.PrivateKey
+	pub  string
+}
+
+// PublicKey is kp's public key, as kp says it. Once wiped it is kp's PublicKey.
+func (c *cached) PublicKey() (string, error) {
+	if c.priv == nil {
+		return c.KeyPair.PublicKey()
+	}
+	return c.pub, nil
 }
 
 // Sign signs input with the cached key: the same signature kp.Sign makes. Once wiped

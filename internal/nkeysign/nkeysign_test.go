@@ -29,8 +29,9 @@ func TestCachedSignsAsTheKeyPair(t *testing.T) {
 		if err := kp.Verify(msg, got); err != nil {
 			t.Errorf("key pair does not verify it: %v", err)
 		}
-		if p1, _ := c.PublicKey(); p1 == "" {
-			t.Errorf("no public key")
+		p1, err := c.PublicKey()
+		if p0, _ := kp.PublicKey(); err != nil || p1 != p0 {
+			t.Errorf("public key %q, %v; the key pair's is %q", p1, err, p0)
 		}
 	}
 }
@@ -61,6 +62,23 @@ func BenchmarkSign(b *testing.B) {
 	b.Run("cached", func(b *testing.B) {
 		for b.Loop() {
 			_, _ = c.Sign(msg)
+		}
+	})
+}
+
+// BenchmarkPublicKey: the signer's public key, which every user JWT's encoding asks
+// for, from nkeys (derived from the seed) and from the cached key.
+func BenchmarkPublicKey(b *testing.B) {
+	kp, _ := nkeys.CreateAccount()
+	c, _ := Cached(kp)
+	b.Run("nkeys", func(b *testing.B) {
+		for b.Loop() {
+			_, _ = kp.PublicKey()
+		}
+	})
+	b.Run("cached", func(b *testing.B) {
+		for b.Loop() {
+			_, _ = c.PublicKey()
 		}
 	})
 }
