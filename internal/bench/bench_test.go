@@ -353,6 +353,59 @@ func TestCompareWorkloadsRun(t *testing.T) {
 			t.Error("stop of an unknown workload: no error")
 		}
 	})
+	// The floor with nexd's parts added (NEXBENCH_FLOOR): the workload runs under a
+	// uid of its own, in a cgroup of its own, started by the floor's second process,
+	// and nothing of it is left after the stop.
+	t.Run("floor-variants", func(t *testing.T) {
+		ns, err := h.natsServer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fl, err := startFloor(ctx, self, ns.URL(), "system", floorVariantEnv+"=uid,cgroup,hop,jwt")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fl.stop()
+		starter := children(t, fl.cmd.Process.Pid)
+		if len(starter) != 1 {
+			t.Fatalf("floor node's children: %v, want its starter", starter)
+		}
+		c, err := newClient(ns.URL(), "system")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		for i := range 2 {
+			p, err := c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, workloadSpec{Kind: "sh"}, fmt.Sprintf("floorv-%d", i), time.Minute)
+			if err != nil {
+				t.Fatal(err)
+			}
+			kids := children(t, atoi(t, starter[0]))
+			if len(kids) != 1 {
+				t.Fatalf("starter's children with one workload: %v", kids)
+			}
+			status, err := os.ReadFile("/proc/" + kids[0] + "/status")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(string(status), "\nUid:\t610") {
+				t.Errorf("workload's uid is not one of the floor's:\n%s", status)
+			}
+			cg, err := os.ReadFile("/proc/" + kids[0] + "/cgroup")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(string(cg), "nexbench-floor-") {
+				t.Errorf("workload is not in a floor group:\n%s", cg)
+			}
+			if err := c.undeploy(ctx, p.ID, gatherOpts{first: 30 * time.Second, stall: time.Second, max: 1}); err != nil {
+				t.Fatal(err)
+			}
+			if kids := children(t, atoi(t, starter[0])); len(kids) != 0 {
+				t.Errorf("starter's children after the stop: %v", kids)
+			}
+		}
+	})
 	t.Run("upstream", func(t *testing.T) {
 		if upstream == "" {
 			t.Skip("NEXBENCH_UPSTREAM_NEX (upstream's nex binary) not set")
@@ -429,6 +482,15 @@ func TestABEnvMustBeKeyValue(t *testing.T) {
 }
 
 // children lists the pids of pid's children (every thread's).
+func atoi(t *testing.T, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 func children(t *testing.T, pid int) []string {
 	t.Helper()
 	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))

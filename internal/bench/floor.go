@@ -38,11 +38,17 @@ type floorNode struct {
 	ns string
 	mu sync.Mutex
 	ws map[string]*floorProc
+	// The parts of nexd's path added by NEXBENCH_FLOOR (floor_variants.go).
+	v      floorVariant
+	st     *floorStarter // nil with hop
+	hop    *floorHop     // hop only
+	minter *floorMinter  // jwt only
 }
 
 type floorProc struct {
-	cmd  *exec.Cmd
-	read chan struct{} // closed when the output reader has ended
+	pid    int
+	reaped chan struct{} // nil with hop (the starter reaps)
+	read   chan struct{} // closed when the output reader has ended
 }
 
 // runFloorNode serves until ctx ends, then ends every process it started.
@@ -57,7 +63,31 @@ func runFloorNode(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return 1
 	}
 	defer nc.Close()
-	f := &floorNode{nc: nc, ns: args[1], ws: map[string]*floorProc{}}
+	v, err := parseFloorVariant(os.Getenv(floorVariantEnv))
+	if err != nil {
+		fmt.Fprintln(stderr, "nexbench floor-node:", err)
+		return 2
+	}
+	f := &floorNode{nc: nc, ns: args[1], ws: map[string]*floorProc{}, v: v}
+	if v.hop {
+		if f.hop, err = startFloorHop(); err != nil {
+			fmt.Fprintln(stderr, "nexbench floor-node:", err)
+			return 1
+		}
+		defer f.hop.close()
+	} else {
+		if f.st, err = newFloorStarter(v); err != nil {
+			fmt.Fprintln(stderr, "nexbench floor-node:", err)
+			return 1
+		}
+		defer f.st.close()
+	}
+	if v.jwt {
+		if f.minter, err = newFloorMinter(); err != nil {
+			fmt.Fprintln(stderr, "nexbench floor-node:", err)
+			return 1
+		}
+	}
 	defer f.stopAll()
 	for _, s := range []struct {
 		subject string
@@ -132,18 +162,27 @@ func (f *floorNode) deploy(m *nats.Msg) {
 		f.fail(m, err)
 		return
 	}
-	cmd := exec.Command(path, rr.Argv...)
-	cmd.Stdout = pw
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	err = cmd.Start()
+	id := nuid.Next()
+	if f.minter != nil {
+		if err := f.minter.mint(f.ns, id); err != nil {
+			pw.Close()
+			pr.Close()
+			f.fail(m, err)
+			return
+		}
+	}
+	p := &floorProc{read: make(chan struct{})}
+	if f.hop != nil {
+		p.pid, err = f.hop.start(path, rr.Argv, pw)
+	} else {
+		p.pid, p.reaped, err = f.st.start(path, rr.Argv, pw)
+	}
 	pw.Close()
 	if err != nil {
 		pr.Close()
 		f.fail(m, err)
 		return
 	}
-	id := nuid.Next()
-	p := &floorProc{cmd: cmd, read: make(chan struct{})}
 	f.mu.Lock()
 	f.ws[id] = p
 	f.mu.Unlock()
@@ -175,14 +214,17 @@ func (f *floorNode) undeploy(m *nats.Msg) {
 }
 
 // end terminates the process group and waits for the process and its reader.
+// (With hop the starter reaps it: the end of its output says it is gone.)
 func (p *floorProc) end() {
-	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = p.cmd.Wait(); close(done) }()
+	_ = syscall.Kill(-p.pid, syscall.SIGTERM)
+	done := p.reaped
+	if done == nil {
+		done = p.read
+	}
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		_ = syscall.Kill(-p.pid, syscall.SIGKILL)
 		<-done
 	}
 	<-p.read
@@ -204,9 +246,13 @@ type floorProcess struct {
 	done chan struct{}
 }
 
-// startFloor starts `self floor-node url ns` and waits for it to serve.
-func startFloor(ctx context.Context, self, url, ns string) (*floorProcess, error) {
+// startFloor starts `self floor-node url ns` and waits for it to serve; env is added to
+// nexbench's environment (NEXBENCH_FLOOR=..., see floor_variants.go).
+func startFloor(ctx context.Context, self, url, ns string, env ...string) (*floorProcess, error) {
 	cmd := exec.Command(self, floorNodeCmd, url, ns)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err

@@ -34,6 +34,9 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == runtimeTmpfsCmd {
 		return runtimeTmpfs(args[1:], stderr)
 	}
+	if len(args) > 0 && args[0] == floorStarterCmd {
+		return runFloorStarter(stderr)
+	}
 	if len(args) > 0 && args[0] == floorNodeCmd {
 		return runFloorNode(ctx, args[1:], stdout, stderr)
 	}

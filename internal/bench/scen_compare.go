@@ -296,6 +296,9 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out, floorOut *[]c
 	r.notef("the measured nexd's runtime dir, /run/nex-workloads, /run/nex-dynamic-uid and /run/systemd/dynamic-uid are %s; its state dir is in the run's temp dir; the exec → ready nodes use the host's", runtime)
 	if floor != nil {
 		r.notef("floor: %s floor-node, on a NATS server of its own, in the latency rounds' turns: the same client, auction, deploy, list and stop, answered by a Go process that decodes, starts the process in a group of its own with stdout on a pipe, replies, and forwards the output lines to the log feed; no identity, signature, uid, cgroup, limits, record or nexlet. No node can be faster than it here with this client: a target below the floor is out of reach on this machine", filepath.Base(h.o.Self))
+		if v := os.Getenv(floorVariantEnv); v != "" {
+			r.notef("floor: with %s=%s, parts of nexd's path added to the floor (see floor_variants.go)", floorVariantEnv, v)
+		}
 	}
 	r.notef("auction returns at the first bid; list and stop return at the first reply; exec → ready is READY=1 for nexd, the %q log line for upstream; %d starts each", upstreamReadyLog, h.o.ReadyStarts)
 	return nil

@@ -1,0 +1,306 @@
+package bench
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/nats-io/nkeys"
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/internal/cgroup"
+)
+
+// floorVariantEnv adds parts of nexd's deploy path to the floor, one by one, to find
+// where nexd's time beyond the floor goes: NEXBENCH_FLOOR=uid,cgroup,hop,jwt (any
+// subset, comma-separated) in nexbench's environment, which its floor-node inherits.
+//   - uid: the child switches to a uid and gid of its own (one of 64, above 61000)
+//     with no supplementary groups, as a workload's dynamic user;
+//   - cgroup: the child is forked from a thread of a cgroup.ForkPool already in a
+//     fresh v1 group, renamed to the workload's (v2: clone3 into a new group);
+//   - hop: the start is made by a second Go process (floor-starter) on a socket
+//     pair, the stdout pipe's write end passed with the request, as nexd hands a
+//     start to its native nexlet;
+//   - jwt: a NATS user with its own nkey is minted and signed per deploy.
+const floorVariantEnv = "NEXBENCH_FLOOR"
+
+// floorStarterCmd is the hidden command of the hop variant's second process: it reads
+// start requests on descriptor 3 (a socket pair) and answers each with the pid.
+const floorStarterCmd = "floor-starter"
+
+type floorVariant struct {
+	uid, cgroup, hop, jwt bool
+}
+
+func (v floorVariant) String() string {
+	var s []string
+	for _, p := range []struct {
+		on   bool
+		name string
+	}{{v.uid, "uid"}, {v.cgroup, "cgroup"}, {v.hop, "hop"}, {v.jwt, "jwt"}} {
+		if p.on {
+			s = append(s, p.name)
+		}
+	}
+	return strings.Join(s, ",")
+}
+
+func parseFloorVariant(s string) (floorVariant, error) {
+	var v floorVariant
+	for _, p := range strings.Split(s, ",") {
+		switch strings.TrimSpace(p) {
+		case "":
+		case "uid":
+			v.uid = true
+		case "cgroup":
+			v.cgroup = true
+		case "hop":
+			v.hop = true
+		case "jwt":
+			v.jwt = true
+		default:
+			return v, fmt.Errorf("%s: unknown part %q (uid, cgroup, hop, jwt)", floorVariantEnv, p)
+		}
+	}
+	return v, nil
+}
+
+// floorStarter starts processes the floor's way plus the variant's uid and cgroup.
+type floorStarter struct {
+	v    floorVariant
+	m    *cgroup.Manager
+	pool *cgroup.ForkPool
+	seq  atomic.Uint64
+	wg   sync.WaitGroup // the reapers
+}
+
+func newFloorStarter(v floorVariant) (*floorStarter, error) {
+	s := &floorStarter{v: v}
+	if v.cgroup {
+		m, err := cgroup.DetectFor("", fmt.Sprintf("nexbench-floor-%d", os.Getpid()), slog.New(slog.DiscardHandler))
+		if err != nil {
+			return nil, fmt.Errorf("cgroup: %w", err)
+		}
+		s.m, s.pool = m, m.NewForkPool(2)
+	}
+	return s, nil
+}
+
+// start starts path with argv, its stdout on out, and reaps it (removing its group)
+// once it ends; done is closed then.
+func (s *floorStarter) start(path string, argv []string, out *os.File) (pid int, done chan struct{}, err error) {
+	n := s.seq.Add(1)
+	cmd := exec.Command(path, argv...)
+	cmd.Stdout = out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if s.v.uid {
+		u := uint32(61000 + n%64)
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: u, Gid: u, Groups: []uint32{}}
+	}
+	var g *cgroup.Group
+	if s.pool != nil {
+		if g, err = s.pool.Create(fmt.Sprintf("w%d", n), cgroup.Limits{}); err != nil {
+			return 0, nil, err
+		}
+		err = g.Start(cmd)
+	} else {
+		err = cmd.Start()
+	}
+	if err != nil {
+		if g != nil {
+			_ = g.Remove()
+		}
+		return 0, nil, err
+	}
+	done = make(chan struct{})
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer close(done)
+		_ = cmd.Wait()
+		if g != nil {
+			_ = g.Remove()
+		}
+	}()
+	return cmd.Process.Pid, done, nil
+}
+
+// close waits for the reapers (the processes are ended by then) and removes the groups.
+func (s *floorStarter) close() {
+	s.wg.Wait()
+	if s.pool != nil {
+		s.pool.Close()
+		_ = s.m.RemoveOwnRoot()
+	}
+}
+
+// floorHop is the floor node's end of the socket pair to its floor-starter.
+type floorHop struct {
+	mu   sync.Mutex // one request at a time
+	conn *net.UnixConn
+	cmd  *exec.Cmd
+}
+
+type floorHopReq struct {
+	Path string   `json:"path"`
+	Argv []string `json:"argv"`
+}
+
+type floorHopResp struct {
+	PID int    `json:"pid"`
+	Err string `json:"err,omitempty"`
+}
+
+func startFloorHop() (*floorHop, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socketpair: %w", err)
+	}
+	mine, theirs := os.NewFile(uintptr(fds[0]), "hop"), os.NewFile(uintptr(fds[1]), "hop-starter")
+	defer theirs.Close()
+	self, err := os.Executable()
+	if err != nil {
+		mine.Close()
+		return nil, err
+	}
+	cmd := exec.Command(self, floorStarterCmd)
+	cmd.ExtraFiles = []*os.File{theirs}
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("floor starter: %w", err)
+	}
+	c, err := net.FileConn(mine)
+	mine.Close()
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return nil, err
+	}
+	return &floorHop{conn: c.(*net.UnixConn), cmd: cmd}, nil
+}
+
+// start asks the starter to start path with out as its stdout.
+func (h *floorHop) start(path string, argv []string, out *os.File) (int, error) {
+	b, _ := json.Marshal(floorHopReq{Path: path, Argv: argv})
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if _, _, err := h.conn.WriteMsgUnix(b, unix.UnixRights(int(out.Fd())), nil); err != nil {
+		return 0, fmt.Errorf("hop: %w", err)
+	}
+	buf := make([]byte, 4096)
+	k, err := h.conn.Read(buf)
+	if err != nil {
+		return 0, fmt.Errorf("hop: %w", err)
+	}
+	var r floorHopResp
+	if err := json.Unmarshal(buf[:k], &r); err != nil {
+		return 0, fmt.Errorf("hop: %w", err)
+	}
+	if r.Err != "" {
+		return 0, errors.New(r.Err)
+	}
+	return r.PID, nil
+}
+
+// close ends the starter: it reaps what it started first (the floor node ended them).
+func (h *floorHop) close() {
+	h.conn.Close()
+	_ = h.cmd.Wait()
+}
+
+// runFloorStarter serves start requests on descriptor 3 until it closes.
+func runFloorStarter(stderr io.Writer) int {
+	v, err := parseFloorVariant(os.Getenv(floorVariantEnv))
+	if err != nil {
+		fmt.Fprintln(stderr, "nexbench floor-starter:", err)
+		return 2
+	}
+	s, err := newFloorStarter(v)
+	if err != nil {
+		fmt.Fprintln(stderr, "nexbench floor-starter:", err)
+		return 1
+	}
+	defer s.close()
+	f := os.NewFile(3, "hop")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		fmt.Fprintln(stderr, "nexbench floor-starter:", err)
+		return 1
+	}
+	conn := c.(*net.UnixConn)
+	defer conn.Close()
+	buf, oob := make([]byte, 64<<10), make([]byte, unix.CmsgSpace(4))
+	for {
+		k, ok, _, _, err := conn.ReadMsgUnix(buf, oob)
+		if err != nil || k == 0 {
+			return 0
+		}
+		resp := func() floorHopResp {
+			var out *os.File
+			if msgs, err := unix.ParseSocketControlMessage(oob[:ok]); err == nil && len(msgs) == 1 {
+				if fds, err := unix.ParseUnixRights(&msgs[0]); err == nil && len(fds) == 1 {
+					out = os.NewFile(uintptr(fds[0]), "stdout")
+				}
+			}
+			if out == nil {
+				return floorHopResp{Err: "no stdout descriptor"}
+			}
+			defer out.Close()
+			var req floorHopReq
+			if err := json.Unmarshal(buf[:k], &req); err != nil {
+				return floorHopResp{Err: err.Error()}
+			}
+			pid, _, err := s.start(req.Path, req.Argv, out)
+			if err != nil {
+				return floorHopResp{Err: err.Error()}
+			}
+			return floorHopResp{PID: pid}
+		}()
+		b, _ := json.Marshal(resp)
+		if _, err := conn.Write(b); err != nil {
+			return 0
+		}
+	}
+}
+
+// floorMinter mints a workload's NATS user per deploy with nexd's own signing-key
+// minter (daemon/mint), as nexd does in its deploy handler.
+type floorMinter struct {
+	m *mint.SigningKeyMinter
+}
+
+func newFloorMinter() (*floorMinter, error) {
+	acc, err := nkeys.CreateAccount()
+	if err != nil {
+		return nil, err
+	}
+	accPub, _ := acc.PublicKey()
+	sk, err := nkeys.CreateAccount()
+	if err != nil {
+		return nil, err
+	}
+	seed, _ := sk.Seed()
+	m, err := mint.NewSigningKeyMinter(string(seed), accPub, mint.Options{})
+	if err != nil {
+		return nil, err
+	}
+	return &floorMinter{m: m}, nil
+}
+
+func (m *floorMinter) mint(ns, id string) error {
+	_, err := m.m.MintWorkload(ns, id)
+	return err
+}
