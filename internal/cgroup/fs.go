@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,19 +17,35 @@ import (
 func itoa(n int) string { return strconv.Itoa(n) }
 
 // writeFile writes one value to a cgroup interface file (which must exist: cgroupfs
-// creates them, and creating a stray file would hide a missing controller).
+// creates them, and creating a stray file would hide a missing controller). Raw system
+// calls, as readInto: an os.File of a cgroupfs file (kernfs supports poll) is added to
+// the runtime's poller and removed at its close, two epoll_ctl calls a write (a fork
+// pool group's entry writes one file a hierarchy, and a start its limits).
 func writeFile(path, val string) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_TRUNC|unix.O_CLOEXEC, 0)
+	for err == unix.EINTR {
+		fd, err = unix.Open(path, unix.O_WRONLY|unix.O_TRUNC|unix.O_CLOEXEC, 0)
+	}
 	if err != nil {
-		return err
+		return &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	_, werr := f.WriteString(val)
-	cerr := f.Close()
-	if werr != nil {
-		return fmt.Errorf("write %q to %s: %w", val, path, werr)
+	b := []byte(val)
+	for len(b) > 0 {
+		k, err := unix.Write(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == nil && k == 0 {
+			err = io.ErrShortWrite
+		}
+		if err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("write %q to %s: %w", val, path, err)
+		}
+		b = b[k:]
 	}
-	if cerr != nil {
-		return fmt.Errorf("write %q to %s: %w", val, path, cerr)
+	if err := unix.Close(fd); err != nil && err != unix.EINTR {
+		return fmt.Errorf("write %q to %s: %w", val, path, err)
 	}
 	return nil
 }

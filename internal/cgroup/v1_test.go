@@ -437,6 +437,31 @@ func BenchmarkV1Remove(b *testing.B) {
 	}
 }
 
+// BenchmarkV1WriteFile writes a limit to a real v1 group's interface file, as a pool
+// group's entry (its thread's id into tasks) and a start's limits do.
+func BenchmarkV1WriteFile(b *testing.B) {
+	m := v1Root(b)
+	g, err := m.Create("w", Limits{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var p string
+	for _, h := range g.hiers {
+		if h.has("pids") {
+			p = filepath.Join(h.Root, "pids.max")
+		}
+	}
+	if p == "" {
+		b.Skip("no v1 pids hierarchy")
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := writeFile(p, "100"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkV1CleanupStaleEmpty is nexd's start on a node root nothing was left in: the
 // nexlets' root (here with no group below it) read for leftovers of a crash.
 func BenchmarkV1CleanupStaleEmpty(b *testing.B) {
