@@ -38,6 +38,11 @@ type floorNode struct {
 	ns string
 	mu sync.Mutex
 	ws map[string]*floorProc
+	// closed once stopAll began: its NATS handlers run until the connection closes
+	// after it, so a deploy then is refused; deploying counts those under way, which
+	// stopAll waits for (their processes are then in ws).
+	closed    bool
+	deploying sync.WaitGroup
 	// The parts of nexd's path added by NEXBENCH_FLOOR (floor_variants.go).
 	v      floorVariant
 	st     *floorStarter // nil with hop
@@ -139,6 +144,15 @@ func (f *floorNode) list(m *nats.Msg) { _ = m.Respond([]byte("[]")) }
 // do), with its stdout on a pipe, and replies once it is started (exec.Cmd.Start returns
 // after the child's execve). Its output lines go to the log feed.
 func (f *floorNode) deploy(m *nats.Msg) {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		f.fail(m, errors.New("floor node stopping"))
+		return
+	}
+	f.deploying.Add(1)
+	f.mu.Unlock()
+	defer f.deploying.Done()
 	var req protocol.StartWorkloadRequest
 	if err := json.Unmarshal(m.Data, &req); err != nil {
 		f.fail(m, err)
@@ -230,7 +244,13 @@ func (p *floorProc) end() {
 	<-p.read
 }
 
+// stopAll ends every process: those of the deploys under way too, and no deploy
+// starts one after it began.
 func (f *floorNode) stopAll() {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	f.deploying.Wait() // no Add after closed, so none races this Wait
 	f.mu.Lock()
 	ws := f.ws
 	f.ws = map[string]*floorProc{}
