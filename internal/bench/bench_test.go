@@ -481,7 +481,6 @@ func TestABEnvMustBeKeyValue(t *testing.T) {
 	}
 }
 
-// children lists the pids of pid's children (every thread's).
 func atoi(t *testing.T, s string) int {
 	t.Helper()
 	n, err := strconv.Atoi(s)
@@ -491,6 +490,7 @@ func atoi(t *testing.T, s string) int {
 	return n
 }
 
+// children lists the pids of pid's children (every thread's).
 func children(t *testing.T, pid int) []string {
 	t.Helper()
 	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
