@@ -11,7 +11,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 )
@@ -177,6 +179,67 @@ func TestV1StartProcsKill(t *testing.T) {
 }
 
 func sorted(p ...int) []int { slices.Sort(p); return p }
+
+// Remove's rmdir first (removeEmpty) must not cost a group its kill: a group with a
+// process and a child group holding another is killed and removed in every
+// hierarchy; and so is one whose first rmdirs succeed and a later one fails (its
+// process was moved out of the first hierarchy's group: removed there, busy in the
+// next), the fallback's listing and removal taking a hierarchy whose group is gone.
+func TestV1RemoveKillsWhatIsLeft(t *testing.T) {
+	m := v1Root(t)
+	start := func(g *Group) *exec.Cmd {
+		t.Helper()
+		cmd := exec.Command("sleep", "3600")
+		must(t, g.Start(cmd))
+		return cmd
+	}
+	gone := func(cmds ...*exec.Cmd) {
+		t.Helper()
+		for _, c := range cmds {
+			done := make(chan struct{})
+			go func() { _ = c.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Errorf("pid %d survived Remove", c.Process.Pid)
+				_ = c.Process.Kill()
+				<-done
+				continue
+			}
+			if c.ProcessState.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+				t.Errorf("pid %d: %v, want killed", c.Process.Pid, c.ProcessState)
+			}
+		}
+	}
+	removed := func(rel string) {
+		t.Helper()
+		for _, h := range m.hiers {
+			if _, err := os.Stat(filepath.Join(h.Root, rel)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s group %s not removed: %v", h.Name, rel, err)
+			}
+		}
+	}
+
+	g, err := m.Create("live", Limits{})
+	must(t, err)
+	c, err := m.Create("live/child", Limits{})
+	must(t, err)
+	p1, p2 := start(g), start(c)
+	must(t, g.Remove())
+	gone(p1, p2)
+	removed("live")
+
+	if len(m.hiers) < 2 {
+		t.Skip("one v1 hierarchy: no partial removal")
+	}
+	g, err = m.Create("partial", Limits{})
+	must(t, err)
+	p := start(g)
+	must(t, writeFile(filepath.Join(m.hiers[0].Root, "cgroup.procs"), itoa(p.Process.Pid)))
+	must(t, g.Remove())
+	gone(p)
+	removed("partial")
+}
 
 func TestV1OOMAndStats(t *testing.T) {
 	m := v1Root(t)
