@@ -97,6 +97,14 @@ func TestWipedKeyNoLongerSigns(t *testing.T) {
 	if _, err := kp.Sign(msg); err == nil {
 		t.Fatalf("the wrapped key pair was not wiped")
 	}
+	// Nor does it answer its public key any more, as nkeys' own (the cached one stays
+	// unread).
+	if _, err := kp.PublicKey(); err == nil {
+		t.Fatalf("nkeys answers a wiped key's public key: the test's premise is gone")
+	}
+	if pub, err := c.PublicKey(); err == nil {
+		t.Fatalf("a wiped key answered its public key %q", pub)
+	}
 }
 
 // A curve key signs nothing in nkeys; a cached one must not sign with its seed as an
