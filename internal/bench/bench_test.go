@@ -316,21 +316,27 @@ func TestCompareWorkloadsRun(t *testing.T) {
 	})
 	// compare's floor: the client's own auction, deploy, announcement, list and stop
 	// against the floor node, and no process of it left after the stop.
-	t.Run("floor", func(t *testing.T) {
+	// floorOn starts a floor node (with env) on a server of its own and a client there;
+	// both end with the subtest.
+	floorOn := func(t *testing.T, env ...string) (*floorProcess, *client) {
 		ns, err := h.natsServer()
 		if err != nil {
 			t.Fatal(err)
 		}
-		fl, err := startFloor(ctx, self, ns.URL(), "system")
+		fl, err := startFloor(ctx, self, ns.URL(), "system", env...)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer fl.stop()
+		t.Cleanup(fl.stop)
 		c, err := newClient(ns.URL(), "system")
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		t.Cleanup(c.Close)
+		return fl, c
+	}
+	t.Run("floor", func(t *testing.T) {
+		fl, c := floorOn(t)
 		for i := range 3 {
 			p, err := c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, workloadSpec{Kind: "sh"}, fmt.Sprintf("floor-%d", i), time.Minute)
 			if err != nil {
@@ -357,24 +363,11 @@ func TestCompareWorkloadsRun(t *testing.T) {
 	// uid of its own, in a cgroup of its own, started by the floor's second process,
 	// and nothing of it is left after the stop.
 	t.Run("floor-variants", func(t *testing.T) {
-		ns, err := h.natsServer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		fl, err := startFloor(ctx, self, ns.URL(), "system", floorVariantEnv+"=uid,cgroup,hop,jwt")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer fl.stop()
+		fl, c := floorOn(t, floorVariantEnv+"=uid,cgroup,hop,jwt")
 		starter := children(t, fl.cmd.Process.Pid)
 		if len(starter) != 1 {
 			t.Fatalf("floor node's children: %v, want its starter", starter)
 		}
-		c, err := newClient(ns.URL(), "system")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
 		for i := range 2 {
 			p, err := c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, workloadSpec{Kind: "sh"}, fmt.Sprintf("floorv-%d", i), time.Minute)
 			if err != nil {

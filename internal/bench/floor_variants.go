@@ -285,17 +285,17 @@ type floorMinter struct {
 func newFloorMinter() (*floorMinter, error) {
 	acc, err := nkeys.CreateAccount()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("floor minter: account key: %w", err)
 	}
 	accPub, _ := acc.PublicKey()
 	sk, err := nkeys.CreateAccount()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("floor minter: signing key: %w", err)
 	}
 	seed, _ := sk.Seed()
 	m, err := mint.NewSigningKeyMinter(string(seed), accPub, mint.Options{})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("floor minter: %w", err)
 	}
 	return &floorMinter{m: m}, nil
 }
