@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"os/user"
 	"strings"
 	"syscall"
 	"time"
@@ -159,7 +160,7 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 		d.add("permission: "+what, checkOK, "allowed", "")
 	}
 	perm("publish "+protocol.ControlPrefix(ns)+".>", func() error {
-		return f.nc.Publish(protocol.ControlPrefix(ns)+".WPING", []byte(`{"namespace":"`+ns+`","filter":[]}`))
+		return f.nc.Publish(protocol.ControlPrefix(ns)+"."+doctorControlProbe, nil)
 	})
 	perm("subscribe "+protocol.FeedWildcard(ns, ""), func() error {
 		sub, err := f.nc.SubscribeSync(protocol.FeedWildcard(ns, ""))
@@ -230,6 +231,12 @@ func (d *doctor) natsChecks(ctx context.Context, st control.Status, local bool) 
 // doctorProbe is a $NEX.SVC subject outside every namespace that nothing serves:
 // publishing there tells an admin's user (allowed) from a tenant's (refused).
 const doctorProbe = "$NEX.SVC.nexctl-doctor.probe"
+
+// doctorControlProbe is the last token of the subject in the namespace's control
+// prefix that the publish check uses: no node serves it. Before, the check published a
+// WPING without a reply subject, which every node on the bus answered into nowhere,
+// logging "failed to send reply … request has no reply subject".
+const doctorControlProbe = "nexctl-doctor-probe"
 
 // permissionFix is the permissions to give: the tenant grants of namespace ns
 // (protocol.TenantSubjects, mint.TenantPermissions) to a tenant's user, the admin's to
@@ -306,6 +313,10 @@ func (d *doctor) nodeChecks(ctx context.Context, st control.Status) {
 	switch {
 	case err != nil:
 		d.add("credential minter", checkWarn, "the node's config is unreadable: "+err.Error(), "")
+	case st.NATS.Embedded && val("inats_config") == "":
+		// The zero-config embedded server: nexd mints with its own account's signing
+		// key whatever issuer_* say (daemon newMinter).
+		d.add("credential minter", checkOK, "the embedded NATS server's own account signing key: workloads and nexlets get scoped, expiring user JWTs, revoked when they stop", "")
 	case val("issuer_signing_key") != "":
 		d.add("credential minter", checkOK, "account signing key: workloads and nexlets get scoped, expiring user JWTs", "")
 	case val("issuer_nkey") != "":
@@ -335,11 +346,30 @@ func (d *doctor) nodeChecks(ctx context.Context, st control.Status) {
 		d.add("cgroup driver", checkOK, "cgroupfs: workloads in nexd's delegated subtree (workloads/<id> under nexd.service)", "")
 	}
 
-	d.pathMode("control socket", d.a.socket, 0o660, "the socket should be 0660, group nex (control_allow_others widens it deliberately)")
+	// control_allow_others = "status" (the default) makes the socket 0666 on purpose:
+	// others may read the status and nothing else (control.Server authorises each
+	// call from SO_PEERCRED).
+	sockMode, sockFix := fs.FileMode(0o660), "the socket should be 0660, group nex"
+	if others := val("control_allow_others"); others == "" || others == "status" {
+		sockMode, sockFix = 0o666, "the socket should be at most 0666 (control_allow_others = \"status\": others may read the status only)"
+	}
+	d.pathMode("control socket", d.a.socket, sockMode, sockFix)
+	d.nexGroup()
 	if dir := val("state_dir"); dir != "" {
 		d.pathMode("state directory", dir, 0o750, "chmod 0700 (or 0750) the state directory: it holds the node's seeds")
 	}
 	d.unit()
+}
+
+// nexGroup warns when group nex, whose members may use every control command, does not
+// exist: only root can then operate the node.
+func (d *doctor) nexGroup() {
+	if _, err := user.LookupGroup("nex"); err != nil {
+		d.add("group nex", checkWarn, "no group nex on this host: only root may use the control socket's admin commands ("+err.Error()+")",
+			"groupadd --system nex, then add operators to it (usermod -aG nex NAME); the packages create it")
+		return
+	}
+	d.add("group nex", checkOK, "exists: its members may use every control command", "")
 }
 
 // pathMode warns when path grants more than allowed to others.
