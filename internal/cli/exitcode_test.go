@@ -358,3 +358,61 @@ func TestBinarySocketPermissionDenied(t *testing.T) {
 		t.Fatalf("nexctl status as uid 65534 on a 0600 root socket: %v, stdout %q, stderr %q", err, out.String(), errb.String())
 	}
 }
+
+// TestBinaryFleetCommandNotAdmin: a fleet command with no NATS settings, by a user the
+// local node does not lend its NATS to (uid 65534: neither root nor in group nex), whether
+// the socket refuses the connection (0600) or the node refuses the request (0666, the
+// default control_allow_others = status), fails saying why it had nothing but the default
+// URL without credentials and what to do. Before, it said only `nats: Authorization
+// Violation` (the README's first node) or that no server answered.
+func TestBinaryFleetCommandNotAdmin(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: runs nexctl as uid 65534")
+	}
+	t.Parallel()
+	dir, err := os.MkdirTemp("", "nexctl-notadmin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	bin := filepath.Join(dir, "nexctl")
+	data, err := os.ReadFile(buildNexctl(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.WriteFile(t, bin, string(data))
+	for _, p := range []string{dir, bin} {
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(dir, "nexd.sock")
+	serveControl(t, sock, &localBackend{secrets: map[string]string{}})
+	for _, tc := range []struct {
+		mode   os.FileMode
+		denied string
+	}{
+		{0o666, "permission denied: uid 65534 is neither root nor a member of group nex"},
+		{0o600, "permission denied on " + sock},
+	} {
+		if err := os.Chmod(sock, tc.mode); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "node", "list", "--control-socket", sock, "--nats.timeout", "300ms")
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=/"}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err = cmd.Run()
+		if err == nil {
+			t.Skipf("a NATS server on %s admitted a user without credentials", defaultNATSURL)
+		}
+		var ee *exec.ExitError
+		msg := errb.String()
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(msg, "connect to NATS") ||
+			!strings.Contains(msg, "lends a credential only to root and members of group nex") ||
+			!strings.Contains(msg, tc.denied) || !strings.Contains(msg, "--nats.creds-file") {
+			t.Errorf("nexctl node list as uid 65534, socket %#o: %v, stderr %q", tc.mode, err, msg)
+		}
+	}
+}

@@ -46,7 +46,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	}
 	c, err := connectNATS(ctx, r.NATS)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, r.explainDenied(err)
 	}
 	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
 		progress: a.newDeployProgress(), violation: c.NextViolation}

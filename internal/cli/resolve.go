@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"net/http"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -67,6 +69,10 @@ type resolution struct {
 	Err error
 	// local is set when nothing selects a NATS system: ask the node on this host.
 	local bool
+	// localDenied is the local node's refusal to tell this user its NATS (not root
+	// nor in group nex): a failed connection then says why nexctl had nothing better
+	// than the default URL without credentials.
+	localDenied error
 }
 
 // resolveInputs are what resolve reads, injectable for tests.
@@ -304,6 +310,9 @@ func (r *resolution) useLocalNode(ctx context.Context) error {
 		r.NATS.Servers, r.Origins["nats.servers"] = []string{defaultNATSURL}, originDefault
 		if err != nil {
 			r.Notes = append(r.Notes, fmt.Sprintf("no NATS configured and the local node did not say where its NATS is (%v)", err))
+			if deniedByNode(err) {
+				r.localDenied = err
+			}
 		}
 		return nil
 	}
@@ -318,6 +327,22 @@ func (r *resolution) useLocalNode(ctx context.Context) error {
 		r.Origins["nats.jwt"], r.Origins["nats.seed"] = src, src
 	}
 	return nil
+}
+
+// deniedByNode: the control socket, or the node behind it, refused this user.
+func deniedByNode(err error) bool {
+	var ae *control.APIError
+	return errors.Is(err, fs.ErrPermission) || errors.As(err, &ae) && ae.Status == http.StatusForbidden
+}
+
+// explainDenied adds to a failed NATS connection why nexctl had no settings but the
+// default ones: the local node tells its server and lends an admin credential only to
+// its admins.
+func (r *resolution) explainDenied(err error) error {
+	if r.localDenied == nil {
+		return err
+	}
+	return fmt.Errorf("%w; nexctl has no NATS settings and the local node tells its NATS server and lends a credential only to root and members of group nex (%v): run nexctl as one of them, or name the server and a credential (-s/--nats.servers, --nats.creds-file; an admin makes one with 'nexctl creds issue --admin')", err, r.localDenied)
 }
 
 // render prints the resolution like nexd --check: key, value, origin; secrets hidden.
