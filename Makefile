@@ -26,9 +26,11 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 
 # A single node on this machine: embedded NATS on 127.0.0.1:4222, the native nexlet,
-# state and control socket under ./run/. Stop with Ctrl+C.
+# state and control socket under ./run/. Stop with Ctrl+C. The state directory is made
+# 0700 (it holds the node's seeds): a 0755 one is fixed by nexd with a warning, which a
+# first `make run` showed.
 run: build
-	mkdir -p $(RUN)/state
+	mkdir -p -m 0700 $(RUN)/state
 	$(BIN)/nexd --state-dir $(RUN)/state --control-socket $(RUN)/nexd.sock \
 		--node-name $$(hostname) $(ARGS)
 
