@@ -146,11 +146,12 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 }
 
 // isNexctlCommand says whether s is one of nexctl's top-level commands, for the hint
-// when one is typed to nexd.
+// when one is typed to nexd. Kept by hand (nexd does not link nexctl's command tree);
+// TestNexctlHintCoversNexctl checks it against that tree.
 func isNexctlCommand(s string) bool {
 	switch s {
-	case "node", "workload", "workloads", "status", "reload", "lameduck", "nexlet",
-		"nexlets", "logs", "config", "secret", "metrics":
+	case "node", "nodes", "workload", "workloads", "status", "reload", "lameduck", "nexlet",
+		"nexlets", "logs", "config", "secret", "metrics", "creds", "doctor", "events", "top":
 		return true
 	}
 	return false
