@@ -60,6 +60,7 @@ type fakeNode struct {
 	lameducks []protocol.LameduckRequest
 	stops     []string // subjects
 	pings     int
+	clones    []protocol.CloneWorkloadRequest
 }
 
 func newFakeNode(t *testing.T, nc *nats.Conn, id string, tags map[string]string) *fakeNode {
@@ -291,6 +292,11 @@ func (n *fakeNode) start() *fakeNode {
 		n.respond(m, protocol.StopWorkloadResponse{ID: id, Stopped: n.stopOK, Message: map[bool]string{true: "stopped", false: "workload not found"}[n.stopOK], WorkloadType: "native"})
 	})
 	n.sub("$NEX.SVC.*.control.CLONE.*", func(m *nats.Msg) {
+		var cr protocol.CloneWorkloadRequest
+		_ = json.Unmarshal(m.Data, &cr)
+		n.mu.Lock()
+		n.clones = append(n.clones, cr)
+		n.mu.Unlock()
 		req, ok := n.stored[protocol.LastToken(m.Subject)]
 		if !ok {
 			return

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -367,6 +368,15 @@ func TestWorkloadListStopInfoClone(t *testing.T) {
 	out, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "info", "W1")...)
 	if code != 0 || !strings.Contains(out, "file:///bin/true") || !strings.Contains(out, "│ Namespace   │ default") {
 		t.Fatalf("info: %d\n%s%s", code, out, errOut)
+	}
+	// info shows a sealed environment as "(sealed)": it asks for no re-seal (before, it
+	// named a throwaway key of its own, which a nexd node refused and logged and an
+	// upstream node re-sealed the workload's secrets to).
+	n.mu.Lock()
+	clones := slices.Clone(n.clones)
+	n.mu.Unlock()
+	if len(clones) != 1 || clones[0].NewTargetXKey != "" || clones[0].Bid != nil {
+		t.Fatalf("info's clone requests: %+v", clones)
 	}
 
 	// Stop from system: the namespace is discovered first, the undeploy goes to it.

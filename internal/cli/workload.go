@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nkeys"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
@@ -449,14 +448,12 @@ func (a *app) workloadInfoCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			kp, err := nkeys.CreateCurveKeys()
-			if err != nil {
-				return err
-			}
-			pub, _ := kp.PublicKey()
+			// No re-seal asked: the environment is shown "(sealed)" whatever key it is
+			// sealed to, so naming one only made nexd nodes log a refusal and upstream
+			// nodes re-seal the workload's secrets to a key nexctl then threw away.
 			var start any
 			var desc string
-			swr, cerr := f.cloneRequest(cmd.Context(), id, pub)
+			swr, cerr := f.cloneRequest(cmd.Context(), id, "")
 			if cerr == nil {
 				start, desc = redactRunRequest(swr.RunRequest), swr.Description
 			} else {
