@@ -115,11 +115,13 @@ func (m *Manager) admit(c *net.UnixConn) {
 		name, err = m.adoptedPeer(peer)
 	}
 	if err != nil {
-		c.Close()
+		// Logged and counted before the close, so that a peer that sees its refusal
+		// finds it counted.
 		m.log.Warn("connection on the adopted nexlets' socket refused", "pid", peer.PID, "uid", peer.UID, "err", err)
 		if m.o.OnSocketRefused != nil {
 			m.o.OnSocketRefused()
 		}
+		c.Close()
 		return
 	}
 	f, err := c.File()

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/internal/procid"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 )
 
@@ -62,7 +63,9 @@ func TestAdoptedSocketAdmitsOnlyTheAdoptedProcess(t *testing.T) {
 		t.Fatalf("the socket's directory: %v %v, want 0700", st.Mode(), err)
 	}
 
-	closedAtOnce := func() bool {
+	// dial connects as the test process; closed reports whether nexd closed the
+	// connection within wait (a refusal), and not merely whether it had by then.
+	dial := func() net.Conn {
 		t.Helper()
 		f, _, err := localchan.Dial(t.Context(), path)
 		if err != nil {
@@ -73,26 +76,36 @@ func TestAdoptedSocketAdmitsOnlyTheAdoptedProcess(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
-		_ = c.SetReadDeadline(time.Now().Add(time.Second))
-		_, err = c.Read(make([]byte, 1))
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	closed := func(c net.Conn, wait time.Duration) bool {
+		_ = c.SetReadDeadline(time.Now().Add(wait))
+		_, err := c.Read(make([]byte, 1))
 		return errors.Is(err, io.EOF) || err != nil && strings.Contains(err.Error(), "reset")
 	}
 
-	if closedAtOnce() {
-		t.Fatal("the adopted process was refused")
+	// Admitted: handed to the node (waited for: the accepting goroutine may not have
+	// run yet on a loaded machine), and then left open.
+	c := dial()
+	if !testkit.WaitFor(testkit.DefaultWait, func() bool { return reg.adoptedLocal("A1") != "" }) {
+		t.Fatalf("the adopted process's connection was not handed to the node within %v", testkit.DefaultWait)
 	}
 	if got := reg.adoptedLocal("A1"); got != "UKEY" {
 		t.Fatalf("the node was handed the adopted nexlet's connection with key %q, want UKEY", got)
+	}
+	if closed(c, 200*time.Millisecond) {
+		t.Fatal("the adopted process was refused")
 	}
 	for _, rec := range []procid.ID{{PID: self.PID, Start: self.Start + 1}, otherID} {
 		m.mu.Lock()
 		m.adopted[NativeName] = rec
 		m.mu.Unlock()
-		if !closedAtOnce() {
+		if !closed(dial(), testkit.DefaultWait) {
 			t.Errorf("recorded as %s, the test process (%s) was admitted", rec, self)
 		}
 	}
+	// Counted before the close that the test has seen.
 	if k := refused.Load(); k != 2 {
 		t.Errorf("%d refusals counted, want 2", k)
 	}
