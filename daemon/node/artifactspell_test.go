@@ -30,8 +30,9 @@ func TestAttackArtifactReaderBySpelling(t *testing.T) {
 	if err != nil || a.nc.Flush() != nil {
 		t.Fatal(err)
 	}
-	// read says what the reader the nexlet got reads of bucket's object "app".
-	read := func(cd protocol.NatsConnectionData, bucket string) string {
+	// read says what the reader the nexlet got reads of bucket's object "app" within
+	// wait. A denied read is a request nothing answers: it ends only at the bound.
+	read := func(cd protocol.NatsConnectionData, bucket string, wait time.Duration) string {
 		t.Helper()
 		nc := rf.dial(cd)
 		defer nc.Close()
@@ -39,7 +40,7 @@ func TestAttackArtifactReaderBySpelling(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		rctx, cancel := context.WithTimeout(ctx, wait)
 		defer cancel()
 		obs, err := rjs.ObjectStore(rctx, bucket)
 		if err != nil {
@@ -62,7 +63,7 @@ func TestAttackArtifactReaderBySpelling(t *testing.T) {
 			if m := request(t, rf.client, protocol.DeploySubject("tenant-a", bids[0].BidderID), startReq("tenant-a", "w", run)); protocol.Decode(m.Data, &started) != nil || started.ID == "" {
 				t.Fatalf("deploy %s: %q", run, m.Data)
 			}
-			m, err := starts.NextMsg(5 * time.Second)
+			m, err := starts.NextMsg(30 * time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -74,7 +75,13 @@ func TestAttackArtifactReaderBySpelling(t *testing.T) {
 				t.Errorf("run request %s: no artifact reader for its nexlet", run)
 				continue
 			}
-			got := read(*req.ArtifactCreds, target)
+			// Its own bucket's read has the time a loaded machine needs; the other's
+			// is refused (the server's permissions violation), waited for 2 s.
+			wait := 2 * time.Second
+			if target == "tenant-a" {
+				wait = 30 * time.Second
+			}
+			got := read(*req.ArtifactCreds, target, wait)
 			if target == "tenant-b" && got != "" {
 				t.Errorf("run request %s of tenant-a: its reader read %q", run, got)
 			}
