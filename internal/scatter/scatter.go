@@ -39,12 +39,35 @@ type Options struct {
 func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o Options) ([]*nats.Msg, error) {
 	before := nc.LastError()
 	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
+	// Replies wait in the subscription's own list, which grows with the burst and is
+	// unbounded (pending limits off: a large fleet's burst is never dropped for a slow
+	// reader); its handler hands them over one at a time. A sync subscription instead
+	// allocated a channel of 64Ki slots (512 KB) on every call, and dropped replies
+	// past them.
+	next := make(chan *nats.Msg)
+	stop := make(chan struct{})
+	sub, err := nc.Subscribe(inbox, func(m *nats.Msg) {
+		select {
+		case next <- m:
+		case <-stop:
+		}
+	})
 	if err != nil {
 		return nil, fmt.Errorf("subscribe for replies to %s: %w", subject, err)
 	}
-	defer sub.Unsubscribe()
-	// A large fleet answers in a burst; never drop replies for a slow reader.
+	// nats.go's delivery goroutine calls the closed handler as it ends: waiting for it
+	// leaves no handler running past Gather. Had the subscription already closed (the
+	// connection closed under us), that goroutine may be gone without calling it.
+	ended := make(chan struct{})
+	sub.SetClosedHandler(func(string) { close(ended) })
+	waitEnd := sub.IsValid()
+	defer func() {
+		close(stop)
+		_ = sub.Unsubscribe()
+		if waitEnd {
+			<-ended
+		}
+	}()
 	_ = sub.SetPendingLimits(-1, -1)
 	if err := nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: o.Header}); err != nil {
 		return nil, fmt.Errorf("request %s: %w", subject, err)
@@ -54,24 +77,26 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 	}
 	var out []*nats.Msg
 	promised := map[string]time.Time{} // responder -> until when its answer is awaited
-	deadline := time.Now().Add(o.First)
+	timer := time.NewTimer(o.First)
+	defer timer.Stop()
 	for {
-		wctx, cancel := context.WithDeadline(ctx, deadline)
-		m, err := sub.NextMsgWithContext(wctx)
-		cancel()
-		if err != nil {
-			if ctx.Err() != nil {
-				return out, ctx.Err()
-			}
+		var m *nats.Msg
+		select {
+		case m = <-next:
+		case <-timer.C:
 			return out, nil // quiet long enough: done
+		case <-ctx.Done():
+			return out, ctx.Err()
 		}
 		if NoResponders(m) {
 			return out, nil
 		}
 		now := time.Now()
-		deadline = now.Add(o.Stall)
+		deadline := now.Add(o.Stall)
+		ack := false
 		if o.Promise != nil {
-			key, ack := o.Promise(m)
+			var key string
+			key, ack = o.Promise(m)
 			if ack {
 				promised[key] = now.Add(o.Promised)
 			} else {
@@ -80,9 +105,11 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 			for _, until := range promised {
 				deadline = latest(deadline, until)
 			}
-			if ack {
-				continue
-			}
+		}
+		// Go 1.23's timers: Reset drops a firing not yet received.
+		timer.Reset(deadline.Sub(now))
+		if ack {
+			continue
 		}
 		out = append(out, m)
 		if o.Max > 0 && len(out) >= o.Max {

@@ -143,3 +143,56 @@ func TestGatherRefused(t *testing.T) {
 		t.Fatalf("allowed request: %d replies, %v", len(got), err)
 	}
 }
+
+// A burst is never lost: 200 responders (10 connections of 20 subscriptions) answer at
+// once, and one responder's 70,000 replies arrive while the reader is held up on the
+// first. The sync subscription Gather used before allocated 64Ki slots on every call
+// and dropped the replies past them (a slow consumer); every one arrives now.
+func TestGatherBurstLosesNoReply(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	const conns, subs = 10, 20
+	for range conns {
+		resp := testnats.Connect(t, s)
+		for range subs {
+			if _, err := resp.Subscribe("fleet", func(m *nats.Msg) { _ = m.Respond([]byte("x")) }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := resp.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := Gather(t.Context(), nc, "fleet", nil, Options{First: 5 * time.Second, Stall: time.Second})
+	if err != nil || len(got) != conns*subs {
+		t.Errorf("fleet: %d replies, %v; want %d", len(got), err, conns*subs)
+	}
+
+	const flood = 70_000
+	resp := testnats.Connect(t, s)
+	if _, err := resp.Subscribe("flood", func(m *nats.Msg) {
+		for range flood {
+			if err := resp.Publish(m.Reply, []byte("x")); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := resp.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	held := false
+	hold := func(m *nats.Msg) (string, bool) {
+		if !held { // the reader is slow while the flood comes in
+			held = true
+			time.Sleep(time.Second)
+		}
+		return "", false
+	}
+	got, err = Gather(t.Context(), nc, "flood", nil, Options{First: 5 * time.Second, Stall: 2 * time.Second, Promise: hold})
+	if err != nil || len(got) != flood {
+		t.Errorf("flood: %d replies, %v; want %d", len(got), err, flood)
+	}
+}
