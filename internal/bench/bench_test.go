@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -327,7 +329,7 @@ func TestCompareWorkloadsRun(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(fl.stop)
+		t.Cleanup(func() { _ = fl.stop() })
 		c, err := newClient(ns.URL(), "system")
 		if err != nil {
 			t.Fatal(err)
@@ -357,6 +359,9 @@ func TestCompareWorkloadsRun(t *testing.T) {
 		}
 		if err := c.undeploy(ctx, "nosuch", gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}); err == nil {
 			t.Error("stop of an unknown workload: no error")
+		}
+		if err := fl.stop(); err != nil {
+			t.Errorf("floor node's stop: %v", err)
 		}
 	})
 	// The floor with nexd's parts added (NEXBENCH_FLOOR): the workload runs under a
@@ -405,6 +410,59 @@ func TestCompareWorkloadsRun(t *testing.T) {
 			if len(left) != 0 {
 				t.Errorf("starter's children 5 s after the stop: %v", left)
 			}
+		}
+		if err := fl.stop(); err != nil { // it removed its own group: nothing left
+			t.Errorf("floor node's stop: %v", err)
+		}
+	})
+	// A floor node killed with a workload running (compare's SIGKILL after its stop's
+	// wait, or anyone's kill -9) could neither end it nor remove its cgroup root, and
+	// with hop its starter dies with it (its parent-death signal): compare, its parent,
+	// knows its pid, hence the group, and kills what is in it and removes it once the
+	// floor node ended. Before, both the group and the workload stayed.
+	t.Run("floor-killed", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("the cgroup variant needs root")
+		}
+		for _, variant := range []string{"cgroup", "cgroup,hop"} {
+			t.Run(variant, func(t *testing.T) {
+				fl, c := floorOn(t, floorVariantEnv+"="+variant)
+				pid := fl.cmd.Process.Pid
+				if _, err := c.place(ctx, gatherOpts{first: 5 * time.Second, stall: time.Second, max: 1}, workloadSpec{Kind: "sh"}, "floor-killed", time.Minute); err != nil {
+					t.Fatal(err)
+				}
+				groups, err := filepath.Glob(fmt.Sprintf("/sys/fs/cgroup/*/nexd/%s", floorGroup(pid)))
+				if err != nil || len(groups) == 0 {
+					t.Fatalf("the floor node's groups: %v, %v", groups, err)
+				}
+				var workload string
+				for kids := children(t, pid); len(kids) > 0 && workload == ""; {
+					k := kids[0]
+					if cg, err := os.ReadFile("/proc/" + k + "/cgroup"); err == nil && strings.Contains(string(cg), floorGroup(pid)+"/") {
+						workload = k
+					}
+					kids = append(kids[1:], children(t, atoi(t, k))...)
+				}
+				if workload == "" {
+					t.Fatal("no workload in the floor node's group among its descendants")
+				}
+				if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+					t.Fatal(err)
+				}
+				<-fl.done
+				if err := fl.left(); err == nil || !strings.Contains(err.Error(), "processes in its cgroup: killed") {
+					t.Errorf("what the killed floor node left: %v, want its workload killed", err)
+				}
+				for _, g := range groups {
+					if _, err := os.Stat(g); !errors.Is(err, os.ErrNotExist) {
+						t.Errorf("group %s left (%v)", g, err)
+					}
+				}
+				// Gone, or a zombie its new parent has not reaped yet: not running.
+				if st, err := os.ReadFile("/proc/" + workload + "/stat"); err == nil && !strings.Contains(string(st), ") Z ") {
+					t.Errorf("workload %s still runs: %s", workload, st)
+				}
+			})
 		}
 	})
 	t.Run("upstream", func(t *testing.T) {

@@ -81,7 +81,7 @@ func runFloorNode(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		}
 		defer f.hop.close()
 	} else {
-		if f.st, err = newFloorStarter(v); err != nil {
+		if f.st, err = newFloorStarter(v, os.Getpid()); err != nil {
 			fmt.Fprintln(stderr, "nexbench floor-node:", err)
 			return 1
 		}
@@ -264,6 +264,9 @@ func (f *floorNode) stopAll() {
 type floorProcess struct {
 	cmd  *exec.Cmd
 	done chan struct{}
+	// Set before done closes: what removeFloorGroup did once the floor node ended.
+	leftKilled int
+	leftErr    error
 }
 
 // startFloor starts `self floor-node url ns` and waits for it to serve; env is added to
@@ -272,6 +275,15 @@ func startFloor(ctx context.Context, self, url, ns string, env ...string) (*floo
 	cmd := exec.Command(self, floorNodeCmd, url, ns)
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...)
+	}
+	// The floor node's variant, as it will read it (the last setting wins), says
+	// whether it makes cgroups that a kill would leave behind.
+	var withGroups bool
+	for _, e := range cmd.Environ() {
+		if val, ok := strings.CutPrefix(e, floorVariantEnv+"="); ok {
+			v, _ := parseFloorVariant(val) // a wrong value is the floor node's to refuse
+			withGroups = v.cgroup
+		}
 	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -294,26 +306,27 @@ func startFloor(ctx context.Context, self, url, ns string, env ...string) (*floo
 		line <- err
 		_, _ = io.Copy(io.Discard, r)
 		_ = cmd.Wait()
+		if withGroups {
+			f.leftKilled, f.leftErr = removeFloorGroup(cmd.Process.Pid)
+		}
 		close(f.done)
 	}()
 	select {
 	case err := <-line:
 		if err != nil {
-			f.stop()
-			return nil, fmt.Errorf("floor node: %w", err)
+			return nil, errors.Join(fmt.Errorf("floor node: %w", err), f.stop())
 		}
 		return f, nil
 	case <-ctx.Done():
-		f.stop()
-		return nil, ctx.Err()
+		return nil, errors.Join(ctx.Err(), f.stop())
 	case <-time.After(30 * time.Second):
-		f.stop()
-		return nil, errors.New("floor node: not serving after 30s")
+		return nil, errors.Join(errors.New("floor node: not serving after 30s"), f.stop())
 	}
 }
 
-// stop ends the floor node (which ends its processes) and waits for it.
-func (f *floorProcess) stop() {
+// stop ends the floor node (which ends its processes) and waits for it; killed, it
+// left processes and cgroups, which are removed then: the error names what was left.
+func (f *floorProcess) stop() error {
 	_ = f.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-f.done:
@@ -321,4 +334,17 @@ func (f *floorProcess) stop() {
 		_ = f.cmd.Process.Kill()
 		<-f.done
 	}
+	return f.left()
+}
+
+// left says what the ended floor node left behind: the processes removeFloorGroup
+// killed, or what it could not remove.
+func (f *floorProcess) left() error {
+	if f.leftErr != nil {
+		return f.leftErr
+	}
+	if f.leftKilled > 0 {
+		return fmt.Errorf("floor node (pid %d) ended leaving %d processes in its cgroup: killed", f.cmd.Process.Pid, f.leftKilled)
+	}
+	return nil
 }

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"encoding/json"
+	"os"
 	"syscall"
 	"testing"
 
@@ -26,7 +27,7 @@ func TestFloorDeployAfterStopStartsNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	st, err := newFloorStarter(floorVariant{})
+	st, err := newFloorStarter(floorVariant{}, os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}

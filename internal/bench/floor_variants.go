@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -84,10 +85,16 @@ type floorStarter struct {
 	wg   sync.WaitGroup // the reapers
 }
 
-func newFloorStarter(v floorVariant) (*floorStarter, error) {
+// floorGroup names the cgroup root of the floor node with pid floorPid (nexd/<name> in
+// each v1 hierarchy): its starter's too with hop, so that the parent, which knows the
+// pid, can remove what a killed floor node left (removeFloorGroup).
+func floorGroup(floorPid int) string { return fmt.Sprintf("nexbench-floor-%d", floorPid) }
+
+// newFloorStarter starts processes for the floor node with pid floorPid.
+func newFloorStarter(v floorVariant, floorPid int) (*floorStarter, error) {
 	s := &floorStarter{v: v}
 	if v.cgroup {
-		m, err := cgroup.DetectFor("", fmt.Sprintf("nexbench-floor-%d", os.Getpid()), slog.New(slog.DiscardHandler))
+		m, err := cgroup.DetectFor("", floorGroup(floorPid), slog.New(slog.DiscardHandler))
 		if err != nil {
 			return nil, fmt.Errorf("cgroup: %w", err)
 		}
@@ -173,7 +180,7 @@ func startFloorHop() (*floorHop, error) {
 		mine.Close()
 		return nil, err
 	}
-	cmd := exec.Command(self, floorStarterCmd)
+	cmd := exec.Command(self, floorStarterCmd, strconv.Itoa(os.Getpid()))
 	cmd.ExtraFiles = []*os.File{theirs}
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -220,14 +227,23 @@ func (h *floorHop) close() {
 	_ = h.cmd.Wait()
 }
 
-// runFloorStarter serves start requests on descriptor 3 until it closes.
-func runFloorStarter(stderr io.Writer) int {
+// runFloorStarter serves start requests on descriptor 3 until it closes; args hold the
+// floor node's pid.
+func runFloorStarter(args []string, stderr io.Writer) int {
 	v, err := parseFloorVariant(os.Getenv(floorVariantEnv))
 	if err != nil {
 		fmt.Fprintln(stderr, "nexbench floor-starter:", err)
 		return 2
 	}
-	s, err := newFloorStarter(v)
+	var floorPid int
+	if len(args) == 1 {
+		floorPid, err = strconv.Atoi(args[0])
+	}
+	if len(args) != 1 || err != nil || floorPid <= 0 {
+		fmt.Fprintf(stderr, "nexbench floor-starter: want the floor node's pid, not %q\n", args)
+		return 2
+	}
+	s, err := newFloorStarter(v, floorPid)
 	if err != nil {
 		fmt.Fprintln(stderr, "nexbench floor-starter:", err)
 		return 1
@@ -303,4 +319,27 @@ func newFloorMinter() (*floorMinter, error) {
 func (m *floorMinter) mint(ns, id string) error {
 	_, err := m.m.MintWorkload(ns, id)
 	return err
+}
+
+// removeFloorGroup kills what is left in the v1 cgroup root of the floor node with pid
+// floorPid and removes it: once the floor node ended, killed or not, so that a floor node
+// killed before it could end its workloads and remove its groups (compare's SIGKILL
+// after its stop's wait, a kill -9) leaves neither. It returns how many processes it
+// killed. On v2 the floor's groups are below its own cgroup, which is its parent's:
+// nothing of it is the floor's alone to remove, and nothing is done.
+func removeFloorGroup(floorPid int) (killed int, err error) {
+	m, err := cgroup.DetectFor("", floorGroup(floorPid), slog.New(slog.DiscardHandler))
+	if err != nil {
+		return 0, fmt.Errorf("floor node's cgroup: %w", err)
+	}
+	if m.Mode() != cgroup.ModeV1 {
+		return 0, nil
+	}
+	if killed, err = m.CleanupStale(""); err != nil {
+		return killed, fmt.Errorf("floor node's cgroup %s: %w", m.Path(), err)
+	}
+	if err := m.RemoveOwnRoot(); err != nil {
+		return killed, fmt.Errorf("floor node's cgroup %s: %w", m.Path(), err)
+	}
+	return killed, nil
 }

@@ -35,7 +35,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runtimeTmpfs(args[1:], stderr)
 	}
 	if len(args) > 0 && args[0] == floorStarterCmd {
-		return runFloorStarter(stderr)
+		return runFloorStarter(args[1:], stderr)
 	}
 	if len(args) > 0 && args[0] == floorNodeCmd {
 		return runFloorNode(ctx, args[1:], stdout, stderr)

@@ -173,7 +173,11 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out, floorOut *[]c
 		if err != nil {
 			return err
 		}
-		defer fl.stop()
+		defer func() {
+			if err := fl.stop(); err != nil {
+				r.notef("floor: %v", err)
+			}
+		}()
 		c, err := newClient(nsFl.URL(), h.o.Namespace)
 		if err != nil {
 			return err
