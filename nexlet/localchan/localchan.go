@@ -128,11 +128,18 @@ func FromEnv(env func(string) string) (*os.File, error) {
 	}
 	unix.CloseOnExec(fd)
 	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
-	if err != nil || typ != unix.SOCK_STREAM {
-		return nil, fmt.Errorf("%s=%d: not a stream socket (%v)", EnvFD, fd, err)
+	if err != nil {
+		return nil, fmt.Errorf("%s=%d: not a socket: %w", EnvFD, fd, err)
 	}
-	if dom, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN); err != nil || dom != unix.AF_UNIX {
-		return nil, fmt.Errorf("%s=%d: not a Unix socket (%v)", EnvFD, fd, err)
+	if typ != unix.SOCK_STREAM {
+		return nil, fmt.Errorf("%s=%d: not a stream socket (type %d)", EnvFD, fd, typ)
+	}
+	dom, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+	if err != nil {
+		return nil, fmt.Errorf("%s=%d: %w", EnvFD, fd, err)
+	}
+	if dom != unix.AF_UNIX {
+		return nil, fmt.Errorf("%s=%d: not a Unix socket (domain %d)", EnvFD, fd, dom)
 	}
 	return os.NewFile(uintptr(fd), "nexlet-local"), nil
 }

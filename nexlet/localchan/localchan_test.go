@@ -260,7 +260,9 @@ func TestNotServingUntilAnnounced(t *testing.T) {
 }
 
 // TestFromEnvRefusesWhatIsNotAUnixStreamSocket: a descriptor that is not a Unix stream
-// socket (a file, a datagram socket) or a bad number is refused, naming the variable.
+// socket (a file, a datagram socket, a TCP socket) or a bad number is refused, naming
+// the variable and what is wrong (before, the datagram and TCP sockets' refusals ended
+// in "(<nil>)", the getsockopt error of a call that had succeeded).
 func TestFromEnvRefusesWhatIsNotAUnixStreamSocket(t *testing.T) {
 	f, err := os.CreateTemp(t.TempDir(), "x")
 	if err != nil {
@@ -273,11 +275,24 @@ func TestFromEnvRefusesWhatIsNotAUnixStreamSocket(t *testing.T) {
 	}
 	defer unix.Close(fds[0])
 	defer unix.Close(fds[1])
-	for _, v := range []string{"x", "1", fmt.Sprint(f.Fd()), fmt.Sprint(fds[0])} {
-		_, err := FromEnv(func(string) string { return v })
-		if err == nil || !strings.Contains(err.Error(), EnvFD) {
-			t.Errorf("%s=%s: %v, want a refusal naming the variable", EnvFD, v, err)
+	tcp, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(tcp)
+	for _, c := range []struct{ v, want string }{
+		{"x", "want a file descriptor"}, {"1", "want a file descriptor"},
+		{fmt.Sprint(f.Fd()), "not a socket: socket operation on non-socket"},
+		{fmt.Sprint(fds[0]), "not a stream socket (type 2)"},
+		{fmt.Sprint(tcp), "not a Unix socket (domain 2)"},
+	} {
+		_, err := FromEnv(func(string) string { return c.v })
+		if err == nil || !strings.Contains(err.Error(), EnvFD) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s=%s: %v, want a refusal naming the variable and %q", EnvFD, c.v, err, c.want)
 		}
+	}
+	if _, err := FromEnv(func(string) string { return fmt.Sprint(f.Fd()) }); !errors.Is(err, unix.ENOTSOCK) {
+		t.Errorf("a file: %v, want ENOTSOCK wrapped", err)
 	}
 	if f, err := FromEnv(func(string) string { return "" }); f != nil || err != nil {
 		t.Errorf("without the variable: %v %v", f, err)
