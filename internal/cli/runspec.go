@@ -129,8 +129,11 @@ func cloneSpec(swr protocol.StartWorkloadRequest, tags map[string]string, open f
 	}
 	dec := json.NewDecoder(bytes.NewReader([]byte(swr.RunRequest)))
 	dec.UseNumber()
-	if err := dec.Decode(&spec.Start); err != nil || spec.Start == nil {
-		return runSpec{}, "", fmt.Errorf("it has an unreadable start request: %v", err)
+	if err := dec.Decode(&spec.Start); err != nil {
+		return runSpec{}, "", fmt.Errorf("it has an unreadable start request: %w", err)
+	}
+	if spec.Start == nil {
+		return runSpec{}, "", fmt.Errorf("it has no start request (%q)", swr.RunRequest)
 	}
 	raw, ok := spec.Start["encrypted_environment"]
 	if !ok {

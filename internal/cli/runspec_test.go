@@ -189,4 +189,11 @@ func TestCloneSpec(t *testing.T) {
 	if _, _, err := cloneSpec(swr, nil, opened); err == nil || !strings.Contains(err.Error(), "unreadable start request") {
 		t.Errorf("bad run request: %v", err)
 	}
+	// JSON null decodes without an error: before, "unreadable start request: <nil>".
+	for _, rr := range []string{"null", ""} {
+		swr.RunRequest = rr
+		if _, _, err := cloneSpec(swr, nil, opened); err == nil || strings.Contains(err.Error(), "<nil>") {
+			t.Errorf("run request %q: %v", rr, err)
+		}
+	}
 }
