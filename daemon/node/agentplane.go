@@ -610,7 +610,7 @@ func (l *localRequest) Respond(b []byte, opts ...micro.RespondOpt) error {
 func (l *localRequest) RespondJSON(v any, opts ...micro.RespondOpt) error {
 	b, err := json.Marshal(v)
 	if err != nil {
-		return fmt.Errorf("%w: %v", micro.ErrMarshalResponse, err)
+		return fmt.Errorf("%w: %w", micro.ErrMarshalResponse, err)
 	}
 	return l.Respond(b, opts...)
 }

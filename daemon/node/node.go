@@ -403,15 +403,21 @@ func New(o Options) (*Node, error) {
 		return nil, errors.New("node: options: Minter is required")
 	}
 	id, err := o.NodeKey.PublicKey()
-	if err != nil || !nkeys.IsValidPublicServerKey(id) {
-		return nil, fmt.Errorf("node: options: NodeKey must be a server nkey (N…): %q: %v", id, err)
+	if err != nil {
+		return nil, fmt.Errorf("node: options: NodeKey: %w", err)
+	}
+	if !nkeys.IsValidPublicServerKey(id) {
+		return nil, fmt.Errorf("node: options: NodeKey must be a server nkey (N…): %q", id)
 	}
 	if o.NodeKey, err = nkeysign.Cached(o.NodeKey); err != nil { // it signs every bid
 		return nil, fmt.Errorf("node: options: NodeKey: %w", err)
 	}
 	xpub, err := o.XKey.PublicKey()
-	if err != nil || !nkeys.IsValidPublicCurveKey(xpub) {
-		return nil, fmt.Errorf("node: options: XKey must be a curve key (X…): %q: %v", xpub, err)
+	if err != nil {
+		return nil, fmt.Errorf("node: options: XKey: %w", err)
+	}
+	if !nkeys.IsValidPublicCurveKey(xpub) {
+		return nil, fmt.Errorf("node: options: XKey must be a curve key (X…): %q", xpub)
 	}
 	if !protocol.IsToken(o.Nexus) {
 		return nil, fmt.Errorf("node: options: nexus %q must be one subject token of letters, digits, - or _", o.Nexus)
@@ -794,7 +800,7 @@ func (d *detachedRequest) Respond(b []byte, opts ...micro.RespondOpt) error {
 func (d *detachedRequest) RespondJSON(v any, opts ...micro.RespondOpt) error {
 	b, err := json.Marshal(v)
 	if err != nil {
-		return fmt.Errorf("%w: %v", micro.ErrMarshalResponse, err)
+		return fmt.Errorf("%w: %w", micro.ErrMarshalResponse, err)
 	}
 	return d.Respond(b, opts...)
 }
