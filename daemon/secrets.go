@@ -33,7 +33,7 @@ func (s *secretStore) List(ns string) ([]string, error) { return s.fs.List(ns) }
 func (s *secretStore) Delete(ns, key string) error {
 	err := s.fs.Delete(ns, key)
 	if errors.Is(err, secrets.ErrNotFound) {
-		return fmt.Errorf("%w: %v", control.ErrNotFound, err)
+		return fmt.Errorf("%w: %w", control.ErrNotFound, err)
 	}
 	return err
 }

@@ -138,7 +138,7 @@ func validateEnums(v any, name string) error {
 func jsonErr(err error) error {
 	var se *json.SyntaxError
 	if errors.As(err, &se) {
-		return fmt.Errorf("malformed JSON at byte %d: %v", se.Offset, err)
+		return fmt.Errorf("malformed JSON at byte %d: %w", se.Offset, err)
 	}
 	return err
 }

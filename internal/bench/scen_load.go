@@ -306,8 +306,11 @@ func (h *Harness) recovery(ctx context.Context) ([]Result, error) {
 	defer c.Close()
 	n := nodes[0]
 	pings, err := c.ping(ctx, gatherOpts{first: 5 * time.Second, stall: 100 * time.Millisecond, max: 1})
-	if err != nil || len(pings) == 0 {
-		return nil, fmt.Errorf("recovery: node id: %v", err)
+	if err != nil {
+		return nil, fmt.Errorf("recovery: node id: %w", err)
+	}
+	if len(pings) == 0 {
+		return nil, errors.New("recovery: node id: the node did not answer a ping")
 	}
 	nodeID := pings[0].NodeID
 	ids, _, err := deployN(ctx, c, h.workload(), 1, h.o.Recovery, 32, "rec")

@@ -182,7 +182,7 @@ func (s *artifactStore) write(p string, r io.Reader, size, maxSize int64, progre
 // spaceErr names a full file system as such, with how far the download got.
 func (s *artifactStore) spaceErr(err error, written, size int64) error {
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		return fmt.Errorf("%w: the artifact store %s filled up after %d of %d bytes: %v", errNoSpace, s.dir, written, size, err)
+		return fmt.Errorf("%w: the artifact store %s filled up after %d of %d bytes: %w", errNoSpace, s.dir, written, size, err)
 	}
 	return err
 }
