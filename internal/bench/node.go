@@ -136,11 +136,18 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 		return nil, fmt.Errorf("node %s: exec %s: %w", spec.Name, spec.Nexd, err)
 	}
 	logf.Close()
-	go n.readNotify()
+	// The notify reader ends when its socket closes, after nexd ended; exited waits
+	// for it too, so that nothing of the node is still running once exited closed.
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		n.readNotify()
+	}()
 	go func() {
 		_ = cmd.Wait()
-		close(n.exited)
 		conn.Close()
+		<-read
+		close(n.exited)
 	}()
 	return n, nil
 }
