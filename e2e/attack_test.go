@@ -1187,3 +1187,71 @@ grep -l -a -e '`+pattern+`' /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/nul
 		}
 	}
 }
+
+// TestAttackWorkloadForksPastTheNode: a tenant (its own minted NATS user) deploys a
+// workload whose start request asks for a pids_max of its choosing, 100,000, and that
+// forks 300 processes. Each workload's limits are its request's, and nothing bounded
+// the workloads together (the package's unit has TasksMax=infinity), so one workload
+// could take every pid of the host: nexd, its nexlets and every other workload then
+// fail to fork. workloads_pids_max bounds them together (here 64; by default three
+// quarters of the kernel's): the fork bomb is held there, the nexlet runs on under the
+// same pid, and once the bomb is stopped a tenant's next workload starts.
+func TestAttackWorkloadForksPastTheNode(t *testing.T) {
+	needCgroupV1(t, "pids (root)")
+	if _, err := os.Stat("/sys/fs/cgroup/pids"); err != nil {
+		t.Skip("no cgroup v1 pids hierarchy")
+	}
+	t.Parallel()
+	const bound, forks = 64, 300
+	op := testnats.StartOperator(t, nil)
+	creds := op.CredsFile(t, "nexd-node")
+	n := startNode(t, nodeOpts{external: op.Server.ClientURL(), extra: []string{"--nats.creds-file", creds,
+		"--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account,
+		"--workloads-pids-max", strconv.Itoa(bound)}})
+	n.waitReady(t)
+	nexlet := nexletPID(n.cmd.Process.Pid)
+	tenant := tenantNexctl(t, op, "tenant-a")
+	req, err := json.Marshal(map[string]any{"uri": "file:///bin/sh",
+		"argv":   []string{"-c", fmt.Sprintf("i=0; while [ $i -lt %d ]; do /bin/sleep 600 & i=$((i+1)); done; wait", forks)},
+		"limits": map[string]any{"pids_max": 100000}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code := tenant("--json", "workload", "run", "--name", "bomb", "--start-request", string(req))
+	var bomb runResult
+	if code != 0 || json.Unmarshal([]byte(out), &bomb) != nil || bomb.ID == "" {
+		t.Fatalf("tenant-a's run: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	root := filepath.Join("/sys/fs/cgroup/pids", filepath.Base(n.cgroup), "workloads")
+	count := func(file string) int {
+		b, _ := os.ReadFile(filepath.Join(root, file))
+		f := strings.Fields(string(b))
+		if len(f) == 0 {
+			return 0
+		}
+		v, _ := strconv.Atoi(f[len(f)-1]) // pids.current: "N"; pids.events: "max N"
+		return v
+	}
+	// Either the bomb holds all it forked (the attack worked) or the kernel refused a
+	// fork at the workloads' bound (pids.events counts those).
+	testkit.EventuallyWithin(t, 90*time.Second, "the bomb forked all or was refused", func() bool {
+		// cgroup v1 counts a refused fork in the forking task's group, v2 in the group
+		// whose limit refused it.
+		return count(filepath.Join(bomb.ID, "pids.current")) > forks || count(filepath.Join(bomb.ID, "pids.events")) > 0 || count("pids.events") > 0
+	})
+	if got := count(filepath.Join(bomb.ID, "pids.current")); got > bound {
+		t.Fatalf("the tenant's workload holds %d processes, past the node's bound of %d for all workloads", got, bound)
+	}
+	if got := count("pids.current"); got > bound {
+		t.Fatalf("workloads hold %d processes together, past the bound of %d", got, bound)
+	}
+	if got := nexletPID(n.cmd.Process.Pid); got != nexlet || got == 0 {
+		t.Fatalf("the native nexlet changed from pid %d to %d under the fork bomb", nexlet, got)
+	}
+	if out, errOut, code := tenant("workload", "stop", bomb.ID); code != 0 {
+		t.Fatalf("tenant-a's stop of the bomb: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	if out, errOut, code := tenant("--json", "workload", "run", "--name", "after", "--", "/bin/sleep", "600"); code != 0 {
+		t.Fatalf("tenant-a's run after the bomb: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+}

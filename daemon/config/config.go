@@ -47,6 +47,7 @@ type NodeConfig struct {
 	RemoteNexlets                []RemoteNexlet    // remote_nexlets
 	NativeLimits                 Limits            // native_limits
 	WorkloadDefaults             Limits            // workload_default_memory_max, workload_default_pids_max
+	WorkloadsPidsMax             int64             // workloads_pids_max: 0 auto, -1 none
 	ArtifactMaxSize              int64             // artifact_max_size: largest nats:// artifact fetched
 	State                        string            // state: "" or "kv"
 	StateReplicas                int               // state_replicas: 0 = by cluster size

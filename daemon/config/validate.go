@@ -95,6 +95,9 @@ func (v *validator) validate() {
 		v.limits("agents", at+".limits", a.Limits)
 	}
 	v.limits("native_limits", "", n.NativeLimits)
+	if n.WorkloadsPidsMax < -1 {
+		v.fail("workloads_pids_max", "", "must be -1 (no limit), 0 (auto) or more")
+	}
 	if f := c.NATS.CredsFile; f != "" {
 		if fi, err := os.Stat(f); err == nil {
 			problem, warning := checkSecretFile(f, "NATS credentials (nats.creds_file)", fi)

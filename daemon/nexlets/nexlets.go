@@ -313,6 +313,7 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 	m.sup = supervise.New(supervise.Options{
 		Cgroups:           cg.Sub("nexlets"),
 		Workloads:         cg.Sub("workloads"),
+		WorkloadsLimits:   cgroup.Limits{PidsMax: WorkloadsPidsMax(cfg.Node.WorkloadsPidsMax, m.log)},
 		ExitsDir:          filepath.Join(o.RuntimeDir, "exits"),
 		RecordDir:         recordDir,
 		FIFODir:           filepath.Join(o.RuntimeDir, "supervise"),
@@ -1123,6 +1124,34 @@ func (m *Manager) onFailed(name string, last supervise.ExitInfo) {
 	if m.o.OnFailed != nil {
 		m.o.OnFailed(name)
 	}
+}
+
+// WorkloadsPidsMax is the pids limit of all workloads together that workloads_pids_max
+// asks for (0 or less: none): -1 none, 0 three quarters of what the kernel allows
+// (the lesser of kernel.pid_max and kernel.threads-max), so that workloads that fork
+// without end leave nexd, its nexlets and the host a quarter to fork in; a
+// workload's own pids_max is its start request's, which a tenant chooses.
+func WorkloadsPidsMax(v int64, log *slog.Logger) int64 {
+	if v != 0 {
+		return max(v, 0)
+	}
+	lim := int64(0)
+	for _, f := range []string{"/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			log.Warn("workloads_pids_max: cannot read the kernel's limit; workloads are not bounded together", "file", f, "err", err)
+			return 0
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil || n <= 0 {
+			log.Warn("workloads_pids_max: cannot read the kernel's limit; workloads are not bounded together", "file", f, "err", fmt.Errorf("%q: not a positive number", b))
+			return 0
+		}
+		if lim == 0 || n < lim {
+			lim = n
+		}
+	}
+	return max(lim*3/4, 1)
 }
 
 func toCgroupLimits(l config.Limits) cgroup.Limits {

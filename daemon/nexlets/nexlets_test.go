@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -418,5 +419,33 @@ func TestNativePreviewIsTheStartsEnvironment(t *testing.T) {
 		if native.XKeySeedPath(func(k string) string { return env[k] }) == "" && stateDir != "" {
 			t.Errorf("state dir %q: the start names no xkey seed", stateDir)
 		}
+	}
+}
+
+// TestWorkloadsPidsMax: workloads_pids_max -1 is no bound, a number is itself, and 0
+// is three quarters of the lesser of the kernel's pid_max and threads-max as this host
+// has them.
+func TestWorkloadsPidsMax(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	if got := WorkloadsPidsMax(-1, log); got != 0 {
+		t.Errorf("-1: %d, want 0 (none)", got)
+	}
+	if got := WorkloadsPidsMax(64, log); got != 64 {
+		t.Errorf("64: %d", got)
+	}
+	read := func(f string) int64 {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Skip(err)
+		}
+		v, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	want := min(read("/proc/sys/kernel/pid_max"), read("/proc/sys/kernel/threads-max")) * 3 / 4
+	if got := WorkloadsPidsMax(0, log); got != want || got <= 0 {
+		t.Errorf("auto: %d, want %d", got, want)
 	}
 }

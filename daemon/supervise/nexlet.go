@@ -171,7 +171,7 @@ func (n *nexlet) groups() (top, proc *cgroup.Group, wl *cgroup.Manager) {
 		var perr error
 		if w := n.s.opts.Workloads; w != nil {
 			proc, wl = top, w
-			_, perr = w.Create("", cgroup.Limits{})
+			_, perr = w.Create("", n.s.opts.WorkloadsLimits)
 		} else {
 			sub := cg.Sub(n.spec.Name)
 			proc, perr = sub.Create("nexlet", cgroup.Limits{})

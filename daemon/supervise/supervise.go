@@ -127,6 +127,10 @@ type Options struct {
 	// Workloads, if set, is the root of the workloads' cgroups, outside every nexlet's
 	// subtree (see the package comment).
 	Workloads *cgroup.Manager
+	// WorkloadsLimits are the limits of the workloads' root itself, all workloads
+	// together: each workload's own limits are its start request's, so only these
+	// bound what many of them (or one that asked for much) take from the host.
+	WorkloadsLimits cgroup.Limits
 	// ExitsDir, if set, makes this process the child subreaper and is where the exit
 	// records of reaped orphans go (procid.WriteExit).
 	ExitsDir string
