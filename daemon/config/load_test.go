@@ -503,6 +503,8 @@ func TestErrors(t *testing.T) {
 				`FILE: native_limits.cpu_max: must be a number of CPUs of 0 (no limit) or more, got -0.5`,
 				`FILE: native_limits.pids_max: must be 0 (no limit) or more`,
 			}},
+		{name: "workloads pids below -1", args: []string{"--workloads-pids-max=-2"},
+			want: []string{`flag --workloads-pids-max: workloads_pids_max: must be -1 (no limit), 0 (auto) or more`}},
 		{name: "limits from flags", args: []string{"--agents.uri", "/a", "--agents.limits", "memory_max=1G,memory_high=2G"},
 			want: []string{`flag --agents.uri: agents[0].limits.memory_high: 2G is above memory_max 1G`}},
 		{name: "bad size", env: []string{"NEX_NATIVE_LIMITS_MEMORY_MAX=lots"},
