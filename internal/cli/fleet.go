@@ -266,7 +266,7 @@ func (f *fleet) lameduck(ctx context.Context, id string, delay time.Duration, ta
 		return r, fmt.Errorf("node %s not found: no node answers on %s", id, protocol.LameduckSubject(id))
 	}
 	if errors.Is(err, nats.ErrTimeout) && len(tag) > 0 {
-		return r, fmt.Errorf("node %s did not answer; its tags may not match --tag %v", id, tag)
+		return r, fmt.Errorf("node %s did not answer; its tags may not match --tag %s", id, strings.Join(sortedTags(tag), ","))
 	}
 	if err != nil {
 		return r, fmt.Errorf("lameduck node %s: %w", id, err)
@@ -388,7 +388,7 @@ func (f *fleet) lameduckTold(ctx context.Context, id string, delay time.Duration
 		case ctx.Err() != nil:
 			return r, nil, ctx.Err()
 		case len(tag) > 0:
-			return r, nil, fmt.Errorf("node %s did not answer; its tags may not match --tag %v", id, tag)
+			return r, nil, fmt.Errorf("node %s did not answer; its tags may not match --tag %s", id, strings.Join(sortedTags(tag), ","))
 		}
 		return r, nil, fmt.Errorf("lameduck node %s: no reply on %s within %s: %w", id, subject, f.first, nats.ErrTimeout)
 	}

@@ -119,6 +119,12 @@ func TestNodeCommands(t *testing.T) {
 	if code != 1 || !strings.Contains(errOut, "not found") {
 		t.Fatalf("lameduck unknown node: %d %q", code, errOut)
 	}
+	// A named node whose tags do not match stays silent; the error names the tags as
+	// given (before, Go's map[pool:blue zone:a]).
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "--nats.timeout", "500ms", "node", "lameduck", "NODEC", "--tag", "zone=a", "--tag", "pool=blue")...)
+	if code != 1 || !strings.Contains(errOut, "its tags may not match --tag pool=blue,zone=a\n") {
+		t.Fatalf("lameduck named node, tags not matching: %d %q", code, errOut)
+	}
 }
 
 func TestWorkloadRunPicksLeastLoadedAndFallsBack(t *testing.T) {
