@@ -85,6 +85,8 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 		case m = <-next:
 		case <-timer.C:
 			return out, nil // quiet long enough: done
+		case <-ended:
+			return out, nil // the connection closed: nothing more comes
 		case <-ctx.Done():
 			return out, ctx.Err()
 		}

@@ -163,7 +163,8 @@ func TestGatherBurstLosesNoReply(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	got, err := Gather(t.Context(), nc, "fleet", nil, Options{First: 5 * time.Second, Stall: time.Second})
+	// Max ends a gather that got them all at once; the stall is long for a loaded machine.
+	got, err := Gather(t.Context(), nc, "fleet", nil, Options{First: 10 * time.Second, Stall: 10 * time.Second, Max: conns * subs})
 	if err != nil || len(got) != conns*subs {
 		t.Errorf("fleet: %d replies, %v; want %d", len(got), err, conns*subs)
 	}
@@ -191,8 +192,41 @@ func TestGatherBurstLosesNoReply(t *testing.T) {
 		}
 		return "", false
 	}
-	got, err = Gather(t.Context(), nc, "flood", nil, Options{First: 5 * time.Second, Stall: 2 * time.Second, Promise: hold})
+	got, err = Gather(t.Context(), nc, "flood", nil, Options{First: 10 * time.Second, Stall: 10 * time.Second, Max: flood, Promise: hold})
 	if err != nil || len(got) != flood {
 		t.Errorf("flood: %d replies, %v; want %d", len(got), err, flood)
+	}
+}
+
+// A connection closed under a gather ends it at once with what came (its delivery
+// goroutine ends with the connection, and Gather's wait for it does not hang), as the
+// sync subscription's NextMsg error did, not a stall later; a gather on a closed
+// connection is an error.
+func TestGatherConnectionClosed(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	resp := testnats.Connect(t, s)
+	if _, err := resp.Subscribe("svc", func(m *nats.Msg) { _ = m.Respond([]byte("x")) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := resp.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(200*time.Millisecond, nc.Close)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		got, err := Gather(t.Context(), nc, "svc", nil, Options{First: 5 * time.Second, Stall: 2 * time.Second})
+		if err != nil || len(got) != 1 {
+			t.Errorf("closed under the gather: %d replies, %v; want the one that came", len(got), err)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+		t.Fatal("Gather still runs 800 ms after its connection closed (its stall is 2 s)")
+	}
+	if _, err := Gather(t.Context(), nc, "svc", nil, Options{First: time.Second, Stall: time.Second}); err == nil {
+		t.Error("gather on a closed connection: no error")
 	}
 }
