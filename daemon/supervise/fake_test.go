@@ -135,7 +135,7 @@ func fakeNexlet(mode string, args []string) int {
 		fmt.Println("selfcheck on stdout")
 		writeAtomic(args[0], b.String())
 		return block()
-	case "log": // N: classified lines, then N numbered lines, then exit
+	case "log": // N GO: classified lines, then (once file GO exists) N numbered lines, then exit
 		fmt.Println("hello out")
 		fmt.Fprintln(os.Stderr, "plain err")
 		fmt.Fprintln(os.Stderr, "<3>bad thing")
@@ -143,9 +143,14 @@ func fakeNexlet(mode string, args []string) int {
 		fmt.Println("[ERROR] bracketed")
 		fmt.Println(strings.Repeat("x", maxLine+100))
 		n, _ := strconv.Atoi(args[0])
-		// Let the supervisor read the classified lines (stdout and stderr are read by
-		// separate goroutines) before the flood uses up the rate limiter's burst.
-		time.Sleep(300 * time.Millisecond)
+		// The test says when the supervisor has logged the classified lines (stdout and
+		// stderr are read by separate goroutines), so that the flood cannot use up the
+		// rate limiter's burst before stderr's lines come through.
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			if _, err := os.Stat(args[1]); err == nil {
+				break
+			}
+		}
 		for i := range n {
 			fmt.Println("line", i)
 		}

@@ -536,7 +536,17 @@ func TestLogsLevelsAndRateLimit(t *testing.T) {
 	s := New(Options{Cgroups: cgroup.Disabled("test", nil), RestartLimit: 0, Logger: log, LogRate: 5, LogBurst: 20})
 	defer stopAll(t, s)
 	const lines = 3000
-	if err := s.Start(context.Background(), fakeSpec("chatty", "log", strconv.Itoa(lines))); err != nil {
+	flood := filepath.Join(t.TempDir(), "flood")
+	if err := s.Start(context.Background(), fakeSpec("chatty", "log", strconv.Itoa(lines), flood)); err != nil {
+		t.Fatal(err)
+	}
+	classified := []string{"hello out", "plain err", "bad thing", "bracketed", "dbg"}
+	testkit.Eventually(t, "the classified lines logged", func() bool {
+		return len(r.find(func(x rec) bool {
+			return slices.Contains(classified, x.msg) || strings.HasPrefix(x.msg, "xxxx")
+		})) >= len(classified)+1
+	})
+	if err := os.WriteFile(flood, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	waitState(t, s, "chatty", StateFailed)
