@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -164,18 +165,15 @@ func TestLameduckWaitPartialIsNotDrained(t *testing.T) {
 			n.partial = &protocol.PartialList{NodeName: "npart", Wait: "2s", MissingCount: 1, Missing: tc.missing}
 			n.start()
 			ended := make(chan struct{})
-			go func() { // 1.5 s after the drain (the counts at 0), the end
+			go func() { // once nexctl has had a partial list after the drain, the end
 				defer close(ended)
-				for {
+				// Its round shows that list's "waiting" before it asks again; a fixed
+				// pause (1.5 s) could end before a loaded nexctl asked at all.
+				testkit.WaitFor(testkit.DefaultWait, func() bool {
 					n.mu.Lock()
-					load := n.load
-					n.mu.Unlock()
-					if load == 0 {
-						break
-					}
-					time.Sleep(20 * time.Millisecond)
-				}
-				time.Sleep(1500 * time.Millisecond)
+					defer n.mu.Unlock()
+					return n.partialDrained > 0
+				})
 				tc.end(n)
 			}()
 			defer func() { <-ended }()

@@ -61,6 +61,9 @@ type fakeNode struct {
 	stops     []string // subjects
 	pings     int
 	clones    []protocol.CloneWorkloadRequest
+	// partialDrained counts the WPING replies it sent with Nex-Partial once its load
+	// was 0 (after a drain).
+	partialDrained int
 }
 
 func newFakeNode(t *testing.T, nc *nats.Conn, id string, tags map[string]string) *fakeNode {
@@ -267,6 +270,9 @@ func (n *fakeNode) start() *fakeNode {
 			if n.partial != nil {
 				b, _ := json.Marshal(n.partial)
 				r.Header.Set(protocol.HeaderPartial, string(b))
+				if n.load == 0 {
+					n.partialDrained++
+				}
 			}
 			r.Data, _ = json.Marshal(out)
 			_ = m.RespondMsg(r)
