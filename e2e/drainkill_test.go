@@ -29,7 +29,7 @@ func TestNexdKilledDuringDrain(t *testing.T) {
 	testkit.EventuallyWithin(t, 60*time.Second, "both run", func() bool {
 		return deaf.runs() == 1 && fast.runs() == 1 && len(deaf.mains()) == 1 && len(fast.mains()) == 1
 	})
-	time.Sleep(300 * time.Millisecond) // the trap is set
+	waitTrapped(t, "the deaf service", deaf.mains)
 	n.mustCtl(t, "lameduck", "--delay", "0s")
 	testkit.EventuallyWithin(t, 30*time.Second, "the drain under way: the fast one stopped", func() bool {
 		return len(fast.mains()) == 0

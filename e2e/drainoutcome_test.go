@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -53,7 +54,9 @@ func drainToKill(t *testing.T, meddle func(nc *nats.Conn, nodeID string)) (strin
 	s := testnats.Start(t, testnats.Options{})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--stop-grace", "60s"}})
 	id := n.waitReady(t).NodeID
-	n.runWorkload(t, "--name", "stubborn", "--", "/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done")
+	marker := fmt.Sprintf("nexd-e2e-stubborn-%d", time.Now().UnixNano())
+	n.runWorkload(t, "--name", "stubborn", "--", "/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done", marker)
+	waitTrapped(t, "the stubborn workload", func() []int { return markerPIDs(marker) })
 	if meddle != nil {
 		meddle(testnats.Connect(t, s), id)
 	}

@@ -186,8 +186,11 @@ func TestSlowStopTruthfulAnswer(t *testing.T) {
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	n.waitReady(t)
 	run := func(name, script, grace string) runResult {
-		req, _ := json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script}, "stop_grace": grace})
-		return n.runWorkload(t, "--name", name, "--start-request", string(req))
+		marker := fmt.Sprintf("nexd-e2e-slowstop-%s-%d", name, time.Now().UnixNano())
+		req, _ := json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script, marker}, "stop_grace": grace})
+		r := n.runWorkload(t, "--name", name, "--start-request", string(req))
+		waitTrapped(t, name, func() []int { return markerPIDs(marker) })
+		return r
 	}
 	loop := "while :; do sleep 0.1; done"
 	slow := run("slow", "trap 'sleep 3; exit 0' TERM; "+loop, "10s")
@@ -195,7 +198,6 @@ func TestSlowStopTruthfulAnswer(t *testing.T) {
 	// bg's stop takes 10 s: the second stop below must come while it stops, and at
 	// load 20 one nexctl took over 4 s (the workload had ended before it asked).
 	bg := run("bg", "trap 'sleep 10; exit 0' TERM; "+loop, "20s")
-	time.Sleep(500 * time.Millisecond) // the traps are set
 
 	start := time.Now()
 	out, errOut, code := n.ctl(t, "workload", "stop", slow.ID)
@@ -366,11 +368,16 @@ func TestLameduckDrainLeavesKVEmpty(t *testing.T) {
 		"three": "trap 'sleep 3; exit 0' TERM; " + loop,
 		"deaf":  "trap '' TERM; " + loop,
 	} {
-		req, _ := json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script}, "stop_grace": "2s"})
+		marker := fmt.Sprintf("nexd-e2e-drainkv-%s-%d", name, time.Now().UnixNano())
+		grace := "2s"
 		if name == "three" {
-			req, _ = json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script}, "stop_grace": "10s"})
+			grace = "10s"
 		}
+		req, _ := json.Marshal(map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", script, marker}, "stop_grace": grace})
 		n.runWorkload(t, "--name", name, "--start-request", string(req))
+		if name != "fast" {
+			waitTrapped(t, name, func() []int { return markerPIDs(marker) })
+		}
 	}
 	nc := testnats.Connect(t, s)
 	js, _ := jetstream.New(nc)
@@ -388,7 +395,6 @@ func TestLameduckDrainLeavesKVEmpty(t *testing.T) {
 	if k := keys(); len(k) != 4 {
 		t.Fatalf("before lame duck: %d keys in KV, want 4: %v", len(k), k)
 	}
-	time.Sleep(500 * time.Millisecond) // the traps are set
 	n.mustCtl(t, "lameduck", "--delay", "1s")
 	if code := n.wait(t, 60*time.Second); code != 0 {
 		t.Fatalf("nexd exited %d after lame duck", code)

@@ -2,8 +2,11 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestNexctlLameduckWait drains real nodes with `nexctl node lameduck --wait`: exit 0
@@ -27,7 +30,15 @@ func TestNexctlLameduckWait(t *testing.T) {
 			t.Parallel()
 			n := startNode(t, nodeOpts{extra: []string{"--events", "nats", "--stop-grace", "1s"}})
 			st := n.waitReady(t)
-			n.runWorkload(t, append([]string{"--name", "svc", "--"}, tc.command...)...)
+			marker := fmt.Sprintf("nexd-e2e-lameduck-%d", time.Now().UnixNano())
+			command := tc.command
+			if tc.killed > 0 { // the shell's $0, to find it by
+				command = append(slices.Clip(command), marker)
+			}
+			n.runWorkload(t, append([]string{"--name", "svc", "--"}, command...)...)
+			if tc.killed > 0 {
+				waitTrapped(t, "the workload", func() []int { return markerPIDs(marker) })
+			}
 
 			out, errOut, code := n.ctl(t, "node", "lameduck", st.NodeID[:10], "--delay", "1s", "--wait")
 			if code != tc.code {
@@ -81,7 +92,9 @@ func TestNexctlLocalLameduckWait(t *testing.T) {
 	t.Parallel()
 	n := startNode(t, nodeOpts{extra: []string{"--stop-grace", "1s"}})
 	n.waitReady(t)
-	n.runWorkload(t, "--name", "stubborn", "--", "/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done")
+	marker := fmt.Sprintf("nexd-e2e-locallameduck-%d", time.Now().UnixNano())
+	n.runWorkload(t, "--name", "stubborn", "--", "/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done", marker)
+	waitTrapped(t, "the stubborn workload", func() []int { return markerPIDs(marker) })
 	out, errOut, code := n.ctl(t, "lameduck", "--delay", "1s", "--wait")
 	if code != 1 || !strings.Contains(out, "1 workload(s) left") || !strings.Contains(out, "drained") ||
 		!strings.Contains(errOut, "killed at the end of their stop grace") {

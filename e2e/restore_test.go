@@ -47,6 +47,25 @@ func (n *node) groupProcs(id string) []int {
 	return out
 }
 
+// waitTrapped waits until one of the processes procs lists has set its SIGTERM
+// trap (caught or ignored, /proc/<pid>/status): a shell that has not yet run its
+// `trap` dies of the SIGTERM a test sends to exercise it, and on a loaded machine no
+// fixed pause after the start is sure to be enough.
+func waitTrapped(t *testing.T, what string, procs func() []int) {
+	t.Helper()
+	term := uint64(1) << (uint(syscall.SIGTERM) - 1)
+	testkit.Eventually(t, what+"'s SIGTERM trap set", func() bool {
+		for _, pid := range procs() {
+			for _, field := range []string{"SigCgt", "SigIgn"} {
+				if m, err := strconv.ParseUint(procStatus(pid, field), 16, 64); err == nil && m&term != 0 {
+					return true
+				}
+			}
+		}
+		return false
+	})
+}
+
 // followLogs runs `nexctl workload logs -f` and returns the first line matching want.
 func (n *node) followLogs(t *testing.T, id string, want func(string) bool, timeout time.Duration) string {
 	t.Helper()

@@ -196,6 +196,7 @@ func TestConcurrentNoWaitStopsRecordedOnce(t *testing.T) {
 		"/bin/sh", "-c", `echo run >> "$1"; trap 'echo term >> "$2"' TERM; while :; do sleep 0.05; done`,
 		c.marker, c.runsFile, terms).ID
 	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool { return c.runs() == 1 && len(c.mains()) == 1 })
+	waitTrapped(t, "the service", c.mains)
 
 	data, err := json.Marshal(protocol.StopWorkloadRequest{Namespace: protocol.SystemNamespace})
 	if err != nil {

@@ -157,7 +157,7 @@ func TestStopCutShortByKillsStaysStopped(t *testing.T) {
 		"stop_grace": "4s", "restart": map[string]any{"policy": "always", "max": 3}})
 	c.id = n.runWorkload(t, "--name", "stopcut", "--lifecycle", "service", "--start-request", string(req)).ID
 	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool { return c.runs() == 1 && len(c.mains()) == 1 })
-	time.Sleep(300 * time.Millisecond) // the trap is set
+	waitTrapped(t, "the service", c.mains)
 	out, errOut, code := n.ctl(t, "workload", "stop", "--no-wait", c.id)
 	if code != 0 {
 		t.Fatalf("stop --no-wait: exit %d: %s%s", code, out, errOut)
