@@ -724,6 +724,12 @@ func TestYesFloodKeepsNexletLines(t *testing.T) {
 	mark := len(n.out.String())
 	quiet := n.runWorkload(t, "--name", "quiet", "--", "/bin/sleep", "600")
 	time.Sleep(window - time.Since(start))
+	// On a loaded machine the lines may come later than the window: waited for, and
+	// the notes' bound follows the time taken.
+	testkit.WaitFor(time.Minute, func() bool {
+		out := n.out.String()[mark:]
+		return strings.Contains(out, "workload started") && strings.Contains(out, quiet.ID) && strings.Contains(out, "rate-limited")
+	})
 	n1, l1, took := cpuTicks(t, n.cmd.Process.Pid), cpuTicks(t, nexlet), time.Since(start)
 	out := n.out.String()[mark:]
 	if !strings.Contains(out, "workload started") || !strings.Contains(out, quiet.ID) {
@@ -731,7 +737,7 @@ func TestYesFloodKeepsNexletLines(t *testing.T) {
 	}
 	notes := strings.Count(out, "rate-limited")
 	// One note per source per 10 s interval: the nexlet's (native) and nexd's at most.
-	if notes < 1 || notes > 4 {
+	if most := 2 * (int(took/(10*time.Second)) + 1); notes < 1 || notes > most {
 		t.Fatalf("%d rate-limit notes in %s; want one per interval per source:\n%.4000s", notes, took.Round(time.Second), out)
 	}
 	pct := func(ticks int) float64 { return float64(ticks) / took.Seconds() } // ticks/s at 100 Hz = % of a core
