@@ -101,7 +101,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 		}
 		var errs config.Errors
 		if errors.As(err, &errs) {
-			fmt.Fprintf(stderr, "nexd: configuration is invalid (%d errors):\n", len(errs))
+			fmt.Fprintf(stderr, "nexd: configuration is invalid (%s):\n", countErrors(len(errs)))
 			for _, e := range errs {
 				fmt.Fprintf(stderr, "  %s\n", e.Error())
 			}
@@ -117,7 +117,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 			fmt.Fprintln(stdout, l)
 		}
 		if problem != nil {
-			fmt.Fprintf(stderr, "nexd: configuration is invalid (1 errors):\n  %v\n", problem)
+			fmt.Fprintf(stderr, "nexd: configuration is invalid (%s):\n  %v\n", countErrors(1), problem)
 			return ExitUsage
 		}
 		fmt.Fprintln(stdout, "configuration is valid")
@@ -143,6 +143,14 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 		return ExitFailure
 	}
 	return ExitOK
+}
+
+// countErrors is "1 error" or "N errors".
+func countErrors(n int) string {
+	if n == 1 {
+		return "1 error"
+	}
+	return fmt.Sprintf("%d errors", n)
 }
 
 // isNexctlCommand says whether s is one of nexctl's top-level commands, for the hint

@@ -34,3 +34,21 @@ func TestNexctlHintCoversNexctl(t *testing.T) {
 		}
 	}
 }
+
+// TestInvalidConfigHeader: the heading of nexd's configuration errors counts them in
+// English ("1 error", "2 errors"; before, "1 errors") and each error names its source.
+func TestInvalidConfigHeader(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--bogus"}, "nexd: configuration is invalid (1 error):\n  command line: unknown flag --bogus\n"},
+		{[]string{"--auction-ttl", "5", "--logger.level", "loud"}, "nexd: configuration is invalid (2 errors):\n"},
+	} {
+		var out, errb strings.Builder
+		code := Main(t.Context(), tc.args, &out, &errb, Early{})
+		if code != ExitUsage || !strings.HasPrefix(errb.String(), tc.want) {
+			t.Errorf("nexd %v: exit %d, stderr %q, want it to begin %q", tc.args, code, errb.String(), tc.want)
+		}
+	}
+}
