@@ -241,8 +241,12 @@ func (a *app) nexletCmd() *cobra.Command {
 		RunE:  groupRun,
 	}
 	cmd.AddCommand(&cobra.Command{
-		Use:               "restart NAME",
-		Short:             "Reset a nexlet's restart count and restart it (also one that gave up)",
+		Use:   "restart NAME",
+		Short: "Reset a nexlet's restart count and restart it (also one that gave up)",
+		Long: `Reset a nexlet's restart count and restart it: a failed nexlet (one that gave up
+after agent_restart_limit restarts) is started again. A running one is stopped first
+(SIGTERM, then SIGKILL after stop_grace), and its workloads stop with it; the node starts
+them again, with the same ids, once the nexlet has registered again.`,
 		Args:              exactArgs(1, "NAME"),
 		ValidArgsFunction: a.completeNexlets,
 		RunE: func(cmd *cobra.Command, args []string) error {
