@@ -455,6 +455,9 @@ func (d *daemon) holdDir(key, dir, name string, perm os.FileMode) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", key, err)
 	}
+	if n := l.Note(); n != "" {
+		d.log.Warn("a local user held nexd's lock", "key", key, "detail", n)
+	}
 	d.closers.push(key+" lock", func(context.Context) error {
 		d.keepAcrossExec(key, l)
 		l.Release()

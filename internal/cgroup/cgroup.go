@@ -484,5 +484,8 @@ func (m *Manager) Lock(inherited int) (*dirlock.Lock, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cgroup root: %w", err)
 	}
+	if n := l.Note(); n != "" {
+		m.log.Warn("a local user held the cgroup root's lock", "detail", n)
+	}
 	return l, nil
 }

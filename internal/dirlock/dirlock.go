@@ -21,7 +21,19 @@ import (
 var ErrHeld = errors.New("held by another process")
 
 // Lock is a held directory.
-type Lock struct{ f *os.File }
+type Lock struct {
+	f    *os.File
+	note string
+}
+
+// Note says, when not empty, what Hold found in the way and went past: a local user's
+// process (not root's, not this uid's: no nexd) holding the lock. The holder logs it.
+func (l *Lock) Note() string {
+	if l == nil {
+		return ""
+	}
+	return l.note
+}
 
 // Release lets go (closing the file); the kernel does the same when the process ends.
 // A nil Lock (nothing held) is fine.
@@ -59,10 +71,14 @@ func Hold(dir, name string, perm os.FileMode) (*Lock, error) {
 		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
 	path := filepath.Join(dir, name)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	// 0600: a file others may open, they may flock (a read-only descriptor will do)
+	// and so keep every nexd from the directory. One made 0644 by an older nexd is
+	// narrowed; a holder that opened it before is gone past in take.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", dir, err)
 	}
+	_ = f.Chmod(0o600)
 	return take(f, dir, path, true)
 }
 
@@ -104,6 +120,11 @@ func Forget(fd int, name string) {
 // closed when it cannot.
 func take(f *os.File, dir, path string, say bool) (*Lock, error) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			if sq := squatters(f); sq != "" {
+				return pastSquatters(f, dir, path, sq)
+			}
+		}
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			if path == filepath.Clean(dir) { // the directory itself: no file says who
@@ -137,4 +158,83 @@ func holder(path string) int {
 		return 0
 	}
 	return pid
+}
+
+// pastSquatters goes past holders that are no nexd (squatters): a lock file is
+// replaced by a fresh one, 0600, which this process holds (their descriptors keep the
+// old one, unlinked, which no nexd opens again); a directory, which cannot be
+// replaced, is taken without its lock. f (the lock's descriptor) is closed or kept.
+func pastSquatters(f *os.File, dir, path, sq string) (*Lock, error) {
+	if path == filepath.Clean(dir) {
+		return &Lock{f: f, note: fmt.Sprintf("%s is flocked by %s, no nexd (another user's): taken without its lock", dir, sq)}, nil
+	}
+	f.Close()
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("lock %s: held by %s, no nexd, and cannot be replaced: %w", path, sq, err)
+	}
+	nf, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		// Another process made it meanwhile: whoever it is, it is not to be gone past.
+		return nil, fmt.Errorf("%s is %w (lock file %s, made again meanwhile): %w", dir, ErrHeld, path, err)
+	}
+	l, err := take(nf, dir, path, true)
+	if err != nil {
+		return nil, err
+	}
+	l.note = fmt.Sprintf("lock file %s was flocked by %s, no nexd (another user's): replaced", path, sq)
+	return l, nil
+}
+
+// squatters names the processes holding the flock of f's file when none of them can
+// be a nexd: each runs as a uid other than root and this process's own (a local user
+// who opened a lock file or directory others may read, and flocked it). It is "" when
+// any holder could be a nexd, or cannot be told (gone, or /proc/locks unreadable).
+func squatters(f *os.File) string {
+	var st unix.Stat_t
+	if unix.Fstat(int(f.Fd()), &st) != nil {
+		return ""
+	}
+	b, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		return ""
+	}
+	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	me := os.Geteuid()
+	var who []string
+	for line := range strings.Lines(string(b)) {
+		// "1: FLOCK  ADVISORY  WRITE 6615 fe:00:811643 0 EOF"; waiters have "->" second.
+		fs := strings.Fields(line)
+		if len(fs) < 6 || fs[1] != "FLOCK" || fs[5] != id {
+			continue
+		}
+		pid, err := strconv.Atoi(fs[4])
+		if err != nil || pid <= 0 {
+			return ""
+		}
+		uid, ok := procUID(pid)
+		if !ok || uid == 0 || uid == me {
+			return ""
+		}
+		who = append(who, fmt.Sprintf("pid %d (uid %d)", pid, uid))
+	}
+	return strings.Join(who, ", ")
+}
+
+// procUID is pid's effective uid, from its status.
+func procUID(pid int) (int, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, false
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
+			fs := strings.Fields(rest)
+			if len(fs) < 2 {
+				return 0, false
+			}
+			uid, err := strconv.Atoi(fs[1])
+			return uid, err == nil
+		}
+	}
+	return 0, false
 }

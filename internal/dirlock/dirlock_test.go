@@ -5,16 +5,33 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // A helper process: holds the lock given in the environment, says so, then either
 // waits to be killed or execs sleep (the re-exec of a holder).
 func TestMain(m *testing.M) {
+	if p := os.Getenv("DIRLOCK_TEST_SQUAT"); p != "" {
+		// A local user's process: opens what it may read (no write needed) and flocks it.
+		f, err := os.Open(p)
+		if err == nil {
+			err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		}
+		if err != nil {
+			os.Stdout.WriteString("error: " + err.Error() + "\n")
+			os.Exit(1)
+		}
+		os.Stdout.WriteString("held\n")
+		time.Sleep(10 * time.Minute)
+		os.Exit(0)
+	}
 	if fd := os.Getenv("DIRLOCK_TEST_INHERIT"); fd != "" {
 		n, _ := strconv.Atoi(fd)
 		if _, err := Inherit(n, os.Getenv("DIRLOCK_TEST_HOLD"), "test.lock", 0o700); err != nil {
@@ -268,4 +285,79 @@ func TestDirectoryItself(t *testing.T) {
 	}
 	var nilLock *Lock
 	nilLock.Release() // nothing held: no panic
+}
+
+// TestAttackLocalUserHoldsTheLock: nexd's runtime directory (/run/nex, 0755 as
+// packaged) held nexd-runtime.lock 0644, and its cgroup root is a directory others may
+// read: a local user outside group nex opened either read-only, flocked it, and every
+// nexd start after that failed ("held by another process ... another nexd runs on
+// it"), for as long as she liked. A holder that is no nexd (another uid than root's
+// and this process's) is now gone past: the lock file is made again, 0600, and held;
+// the directory is taken without its lock; Note says so. A holder of root's uid still
+// refuses (TestHeldByAnotherProcessUntilItDies).
+func TestAttackLocalUserHoldsTheLock(t *testing.T) {
+	u := testkit.NewUser(t)
+	pub := testkit.PublicDir(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := testkit.CopyFile(t, self, filepath.Join(pub, "dirlock.test"), 0o755)
+	squat := func(p string) {
+		t.Helper()
+		cmd := u.Command(bin, "-test.run=^$")
+		cmd.Env = append(cmd.Env, "DIRLOCK_TEST_SQUAT="+p)
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		if line, err := bufio.NewReader(out).ReadString('\n'); line != "held\n" {
+			t.Fatalf("%s's flock of %s: %q %v", u.Name, p, line, err)
+		}
+	}
+
+	// The lock file as an older nexd left it: 0644 in a directory others may enter.
+	dir := filepath.Join(pub, "run")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	lockFile := filepath.Join(dir, "test.lock")
+	if err := os.WriteFile(lockFile, []byte("1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	squat(lockFile)
+	l, err := Hold(dir, "test.lock", 0o755)
+	if err != nil {
+		t.Fatalf("Hold with %s (uid %d) flocking the lock file: %v", u.Name, u.UID, err)
+	}
+	if n := l.Note(); !strings.Contains(n, "uid "+strconv.Itoa(int(u.UID))) || !strings.Contains(n, "replaced") {
+		t.Errorf("note %q: want her uid and that the file was replaced", n)
+	}
+	if fi, err := os.Stat(lockFile); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("lock file after Hold: %v %v, want 0600", fi.Mode(), err)
+	}
+	// The new file is held: a second Hold (as a second nexd would) is refused.
+	if _, err := Hold(dir, "test.lock", 0o755); !errors.Is(err, ErrHeld) {
+		t.Errorf("second Hold after the replacement: %v, want ErrHeld", err)
+	}
+	l.Release()
+
+	// The directory itself (a cgroup root, which holds no file).
+	cg := filepath.Join(pub, "cgroup")
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	squat(cg)
+	l, err = Hold(cg, "", 0o755)
+	if err != nil {
+		t.Fatalf("Hold of a directory %s flocks: %v", u.Name, err)
+	}
+	if n := l.Note(); !strings.Contains(n, "uid "+strconv.Itoa(int(u.UID))) || !strings.Contains(n, "without its lock") {
+		t.Errorf("note %q: want her uid and that the lock was not taken", n)
+	}
+	l.Release()
 }
