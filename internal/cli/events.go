@@ -162,7 +162,7 @@ Types: ` + strings.Join(eventTypes, ", "),
 				}
 			}
 			if !follow && n == 0 {
-				a.warnf("no events arrived within %s on %s; the feed is live, use -f to follow it", wait, subject)
+				a.warnf("no events arrived within %s on %s; the feed is live, use -f to follow it (a node publishes events only with events = \"nats\" in its config)", wait, subject)
 			}
 			return nil
 		},

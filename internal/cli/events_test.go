@@ -4,8 +4,21 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
+
+// TestEventsNoneArrivedSaysWhy: with no event in the wait, the warning says how a node
+// is made to publish them (the README's first node has events off, and `nexctl events`
+// there only said that none arrived).
+func TestEventsNoneArrivedSaysWhy(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	_, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "events", "--wait", "100ms")...)
+	if code != 0 || !strings.Contains(errOut, "no events arrived within 100ms") || !strings.Contains(errOut, `events = "nats"`) {
+		t.Fatalf("events with none: exit %d, stderr %q", code, errOut)
+	}
+}
 
 func TestEventsSubjectAndDescription(t *testing.T) {
 	for _, tc := range []struct{ node, ns, typ, want string }{
