@@ -375,9 +375,13 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 		nats += ", embedded"
 	}
 	cg := st.Cgroup.Mode
-	if len(st.Cgroup.Enforced) > 0 {
+	switch {
+	case cg == "":
+		// A node still starting (waiting for NATS) has not set its cgroups up yet.
+		cg = "not set up yet"
+	case len(st.Cgroup.Enforced) > 0:
 		cg += ", enforcing " + strings.Join(st.Cgroup.Enforced, ", ")
-	} else {
+	default:
 		cg += ", no limits enforced"
 	}
 	if st.Cgroup.Reason != "" {

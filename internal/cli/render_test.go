@@ -5,6 +5,8 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -156,6 +158,20 @@ func TestRenderLocal(t *testing.T) {
 		t.Fatal(err)
 	}
 	golden(t, "local", b.Bytes())
+}
+
+// TestRenderStatusStarting: a node still waiting for NATS has no cgroup mode yet; its
+// status says so (before, the row read ", no limits enforced").
+func TestRenderStatusStarting(t *testing.T) {
+	st := control.Status{NodeID: "NAAA", Name: "alpha", State: control.StateStarting,
+		Detail: "degraded: waiting for NATS (8s); not bidding yet"}
+	var b bytes.Buffer
+	if err := renderStatus(&b, st, now); err != nil {
+		t.Fatal(err)
+	}
+	if out := b.String(); !regexp.MustCompile(`│ Cgroups +│ not set up yet +│`).MatchString(out) || strings.Contains(out, ", no limits") {
+		t.Fatalf("starting node's status:\n%s", out)
+	}
 }
 
 func TestFriendlyDuration(t *testing.T) {
