@@ -72,7 +72,7 @@ func TestGoroutinesPerWorkload(t *testing.T) {
 	startServices(t, n, "g", k, run)
 	// Short-lived helpers of the starts end; what stays is the steady state.
 	per := func() float64 { return float64(runtime.NumGoroutine()-before) / k }
-	if !testkit.WaitFor(5*time.Second, func() bool { return per() <= 1.2 }) {
+	if !testkit.WaitFor(testkit.DefaultWait, func() bool { return per() <= 1.2 }) {
 		t.Errorf("%.2f goroutines per running workload, want 1", per())
 	}
 }
@@ -96,7 +96,7 @@ func TestStackPerWorkload(t *testing.T) {
 	before := stackBytes()
 	g0 := runtime.NumGoroutine()
 	startServices(t, n, "s", k, run)
-	testkit.WaitFor(5*time.Second, func() bool { return runtime.NumGoroutine()-g0 <= k+k/5 })
+	testkit.WaitFor(testkit.DefaultWait, func() bool { return runtime.NumGoroutine()-g0 <= k+k/5 })
 	per := float64(stackBytes()-before) / k
 	t.Logf("%.0f bytes of goroutine stack per running workload", per)
 	if per > 7<<10 {
