@@ -280,6 +280,14 @@ went silent mid-request: the workload may be running there).`,
 // arguments, a usage error for an unknown subcommand.
 func groupRun(cmd *cobra.Command, args []string) error {
 	if len(args) > 0 {
+		// As cobra's own unknown-command error would (this RunE takes its place), at
+		// cobra's default distance.
+		if cmd.SuggestionsMinimumDistance <= 0 {
+			cmd.SuggestionsMinimumDistance = 2
+		}
+		if sug := cmd.SuggestionsFor(args[0]); len(sug) > 0 {
+			return usagef("unknown command %q for %q; did you mean %s?", args[0], cmd.CommandPath(), strings.Join(sug, " or "))
+		}
 		return usagef("unknown command %q for %q", args[0], cmd.CommandPath())
 	}
 	return cmd.Help()

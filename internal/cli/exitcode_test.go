@@ -164,6 +164,8 @@ func TestBinaryExitCodes(t *testing.T) {
 		{name: "unknown flag", args: []string{"status", "--bogus"}, code: 2, stderr: "unknown flag", noStdout: true},
 		{name: "missing argument", args: []string{"nexlet", "restart"}, code: 2, stderr: "needs 1 argument(s) (NAME), got 0\nRun 'nexctl nexlet restart --help' for usage.", noStdout: true},
 		{name: "unknown command help", args: []string{"bogus"}, code: 2, stderr: "Run 'nexctl --help' for usage.", noStdout: true},
+		{name: "mistyped command", args: []string{"stauts"}, code: 2, stderr: `unknown command "stauts" for "nexctl"; did you mean status?`, noStdout: true},
+		{name: "mistyped subcommand", args: []string{"workload", "lsit"}, code: 2, stderr: `unknown command "lsit" for "nexctl workload"; did you mean list?`, noStdout: true},
 		{name: "bad duration", env: env, args: []string{"lameduck", "--delay", "soon"}, code: 2, stderr: "invalid argument", noStdout: true},
 		{name: "no daemon", args: []string{"status", "--control-socket", filepath.Join(t.TempDir(), "none.sock")}, code: 1, stderr: "cannot reach nexd", noStdout: true},
 		{name: "status", env: env, args: []string{"status"}, stdout: "NLOCAL"},
