@@ -22,6 +22,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -444,7 +445,7 @@ func TestAttackControlCharactersInNames(t *testing.T) {
 	t.Parallel()
 	op := testnats.StartOperator(t, nil)
 	n := startNode(t, nodeOpts{external: op.Server.ClientURL(), extra: []string{"--nats.creds-file", op.CredsFile(t, "nexd-node"),
-		"--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account}})
+		"--insecure-argv", "--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account}})
 	n.waitReady(t)
 	tenant := tenantNexctl(t, op, "tenant-a")
 	if out, errOut, code := tenant("--json", "workload", "run", "--name", "plain", "--", "/bin/sleep", "600"); code != 0 {
@@ -1206,7 +1207,7 @@ func TestAttackWorkloadForksPastTheNode(t *testing.T) {
 	op := testnats.StartOperator(t, nil)
 	creds := op.CredsFile(t, "nexd-node")
 	n := startNode(t, nodeOpts{external: op.Server.ClientURL(), extra: []string{"--nats.creds-file", creds,
-		"--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account,
+		"--insecure-argv", "--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account,
 		"--workloads-pids-max", strconv.Itoa(bound)}})
 	n.waitReady(t)
 	nexlet := nexletPID(n.cmd.Process.Pid)
@@ -1253,5 +1254,66 @@ func TestAttackWorkloadForksPastTheNode(t *testing.T) {
 	}
 	if out, errOut, code := tenant("--json", "workload", "run", "--name", "after", "--", "/bin/sleep", "600"); code != 0 {
 		t.Fatalf("tenant-a's run after the bomb: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+}
+
+// TestAttackLocalUserReadsNodeSeedArgv: nexd took its secrets as flags too (the node's
+// seed, the issuer signing key, NATS passwords; README Every key lists a flag for
+// each), and every local user may read a process's command line (/proc/<pid>/cmdline,
+// 0444) for as long as it runs: mallory, outside group nex, read the node's seed there
+// while the node ran. A secret flag is now refused at start, naming the flag, the
+// environment variable to use and --insecure-argv; given in the environment (0400,
+// nexd's own uid) she finds it nowhere while the node runs under that identity.
+func TestAttackLocalUserReadsNodeSeedArgv(t *testing.T) {
+	mallory, _ := socketAttacker(t)
+	kp, err := nkeys.CreateServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, _ := kp.Seed()
+	pub, _ := kp.PublicKey()
+	// A regular expression that matches the seed and not the scanning grep's own
+	// command line.
+	pattern := string(seed[:len(seed)-1]) + "[" + string(seed[len(seed)-1:]) + "]"
+	scan := func() string {
+		out, _ := mallory.Command("/bin/sh", "-c",
+			"grep -l -a -e '"+pattern+"' /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null").Output()
+		return strings.TrimSpace(string(out))
+	}
+
+	n := startNode(t, nodeOpts{extra: []string{"--node-seed", string(seed)}})
+	up := testkit.WaitFor(60*time.Second, func() bool {
+		select {
+		case <-n.done:
+			return true
+		default:
+		}
+		_, err := os.Stat(n.socket)
+		return err == nil
+	})
+	select {
+	case <-n.done:
+		if out := n.out.String(); !strings.Contains(out, "--node-seed") || !strings.Contains(out, "NEX_NODE_SEED") ||
+			!strings.Contains(out, "/proc/<pid>/cmdline") || !strings.Contains(out, "--insecure-argv") {
+			t.Errorf("nexd with --node-seed exited without naming the flag, NEX_NODE_SEED, /proc/<pid>/cmdline and --insecure-argv:\n%s", out)
+		}
+	default:
+		if !up {
+			t.Fatalf("nexd with --node-seed neither served nor exited:\n%s", n.out.String())
+		}
+		if found := scan(); found != "" {
+			t.Errorf("the node ran with its seed on its command line: %s (outside group nex) read it in %s", mallory.Name, found)
+		} else {
+			t.Errorf("the node ran with its seed on its command line (%s did not find it)", mallory.Name)
+		}
+	}
+
+	// The way that keeps it: the environment.
+	n = startNode(t, nodeOpts{env: []string{"NEX_NODE_SEED=" + string(seed)}})
+	if id := n.waitReady(t).NodeID; id != pub {
+		t.Fatalf("node id %s, want %s from NEX_NODE_SEED", id, pub)
+	}
+	if found := scan(); found != "" {
+		t.Errorf("with NEX_NODE_SEED, %s (outside group nex) read the node's seed in %s", mallory.Name, found)
 	}
 }

@@ -179,7 +179,7 @@ func TestFailedStartRemovesOwnCgroupRoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	n := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true, dir: dir,
-		extra: []string{"--node-seed", string(seed)}})
+		env: []string{"NEX_NODE_SEED=" + string(seed)}})
 	if code := n.wait(t, 60*time.Second); code != 1 {
 		t.Fatalf("exit %d with a nexlet binary that does not exist, want 1:\n%s", code, n.out.String())
 	}

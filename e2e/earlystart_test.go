@@ -112,7 +112,7 @@ func TestNexletOfAnotherNodeIDNotAdopted(t *testing.T) {
 	})
 	records := filepath.Join(state, "nexlets")
 	n1 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: state, autoCgroup: true,
-		extra: []string{"--node-seed", string(seed)}})
+		env: []string{"NEX_NODE_SEED=" + string(seed)}})
 	var old supervise.Record
 	// Recorded is not yet handed its start: the record is written before the hand-off
 	// (supervise's handOff), and a pre-started process whose nexd dies before handing it

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/internal/natsurl"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -166,7 +167,12 @@ func startNode(t *testing.T, o nodeOpts) *node {
 	env := append([]string{}, o.env...)
 	if o.external != "" {
 		n.natsURL = o.external
-		args = append(args, "--nats.servers", o.external)
+		if natsurl.Strip(o.external) != o.external {
+			// A password or token: in the environment, as nexd takes it (a flag is refused).
+			env = append(env, "NEX_NATS_SERVERS="+o.external)
+		} else {
+			args = append(args, "--nats.servers", o.external)
+		}
 	} else {
 		// The embedded server binds a port of the kernel's choosing (-1: random), so
 		// parallel tests never race for one; waitReady reads it back from status.
@@ -464,7 +470,7 @@ func TestCheckAndUsage(t *testing.T) {
 	t.Parallel()
 	kp, _ := nkeys.CreateServer()
 	seed, _ := kp.Seed()
-	out, _, code := run(t, nil, nexdBin(t), "--check", "--node-seed", string(seed), "--tags", "a=b")
+	out, _, code := run(t, []string{"NEX_NODE_SEED=" + string(seed)}, nexdBin(t), "--check", "--tags", "a=b")
 	if code != 0 || !strings.Contains(out, "[redacted]") || strings.Contains(out, string(seed)) ||
 		!strings.Contains(out, "configuration is valid") {
 		t.Fatalf("--check: exit %d\n%s", code, out)

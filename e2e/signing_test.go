@@ -89,9 +89,10 @@ func operatorNATS(t *testing.T) (srv *server.Server, acct, signingSeed, nodeCred
 }
 
 // signingFlags are nexd's flags for operatorNATS's node user (creds) and its signing
-// key (seed) of account acct, then more.
+// key (seed) of account acct, then more. The test's throwaway key goes on the command
+// line (--insecure-argv); TestAttackLocalUserReadsNodeSeedArgv is why a node's must not.
 func signingFlags(creds, seed, acct string, more ...string) []string {
-	return append([]string{"--nats.creds-file", creds, "--issuer-signing-key", seed,
+	return append([]string{"--insecure-argv", "--nats.creds-file", creds, "--issuer-signing-key", seed,
 		"--issuer-signing-key-root-account", acct}, more...)
 }
 

@@ -826,7 +826,7 @@ func TestCloneResealOnlyToTrustedNode(t *testing.T) {
 	nodeSeed, _ := nodeKey.Seed()
 	nodeID, _ := nodeKey.PublicKey()
 	s := testnats.Start(t, testnats.Options{})
-	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--node-seed", string(nodeSeed), "--trusted-nodes", nodeID}})
+	n := startNode(t, nodeOpts{external: s.ClientURL(), env: []string{"NEX_NODE_SEED=" + string(nodeSeed)}, extra: []string{"--trusted-nodes", nodeID}})
 	if st := n.waitReady(t); st.NodeID != nodeID {
 		t.Fatalf("node id %s, want %s", st.NodeID, nodeID)
 	}
@@ -887,7 +887,7 @@ func TestTenantNexctlOtherNamespace(t *testing.T) {
 	op := testnats.StartOperator(t, nil)
 	creds := op.CredsFile(t, "nexd-node")
 	n := startNode(t, nodeOpts{external: op.Server.ClientURL(), extra: []string{"--nats.creds-file", creds,
-		"--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account}})
+		"--insecure-argv", "--issuer-signing-key", op.SigningSeed, "--issuer-signing-key-root-account", op.Account}})
 	n.waitReady(t)
 	b := n.natsRun(t, creds, "tenant-b", "--name", "b-secret", "--", "/bin/sleep", "600")
 	tenant := tenantNexctl(t, op, "tenant-a")

@@ -116,6 +116,8 @@ type flagState struct {
 	check   *bool
 	help    *bool
 	version *bool
+	// insecureArgv lets secret keys come as flags (see secretFlags).
+	insecureArgv *bool
 }
 
 // NewFlagSet returns a FlagSet holding every nexd flag, for shell completion and
@@ -145,6 +147,7 @@ func newFlagState(r *registry) *flagState {
 	st.config = &rawValue{}
 	fs.Var(st.config, "config", "read this JSON config file after the default ones")
 	st.check = fs.Bool("check", false, "print the resolved configuration with its origins, validate it, and exit")
+	st.insecureArgv = fs.Bool("insecure-argv", false, insecureArgvHelp)
 	st.help = fs.BoolP("help", "h", false, "show this help")
 	st.version = fs.Bool("version", false, "print version, commit and build date")
 	addUpstreamFlags(fs)
@@ -255,6 +258,7 @@ func Usage() string {
 	groups[gGeneral] = append(groups[gGeneral],
 		row{"    --config string", "read this JSON config file after the default ones"},
 		row{"    --check", "print the resolved configuration with its origins, validate it, and exit"},
+		row{"    --insecure-argv", insecureArgvHelp},
 		row{"-h, --help", "show this help"},
 		row{"    --version", "print version, commit and build date"},
 	)

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/knadh/koanf/providers/confmap"
@@ -17,6 +18,8 @@ import (
 	"github.com/spf13/pflag"
 
 	kjson "github.com/knadh/koanf/parsers/json"
+
+	"github.com/nexd-project/nexd/internal/natsurl"
 )
 
 // FieldError is one problem with one setting: Source is where the bad value came from
@@ -201,6 +204,9 @@ func Load(opts LoadOptions) (*Loaded, error) {
 		}
 		for key := range fl.values {
 			origins[key], paths[key] = fl.sources[key], fl.paths[key]
+		}
+		if !*st.insecureArgv {
+			ld.errs = append(ld.errs, secretFlags(ld.r, fl)...)
 		}
 	}
 
@@ -573,4 +579,40 @@ func (ld *loader) flags(st *flagState) *layer {
 		l.put("agents", "flag --agents.uri", "agents", cloneAgents(st.agents.agents))
 	}
 	return l
+}
+
+const insecureArgvHelp = "take secrets (seeds, keys, passwords, a password in a server URL) as flags, where every local user reads them in /proc/<pid>/cmdline"
+
+// secretFlags refuses the secret keys given as flags, and server URLs with userinfo
+// (nats.servers, nats.leaf_remote):
+// a process's command line is world-readable (/proc/<pid>/cmdline) for as long as it
+// runs, and nexd runs for good, so every local user and workload read the node's
+// seed, issuer signing key or NATS password there. The environment (0400, the
+// process's own uid) and a config file (checked at start) keep them.
+func secretFlags(r *registry, fl *layer) []FieldError {
+	var errs []FieldError
+	for _, key := range sortedKeys(fl.values) {
+		s := r.byKey[key]
+		if s == nil {
+			continue
+		}
+		secret := s.secret
+		switch v := fl.values[key].(type) {
+		case []string: // nats.servers
+			secret = secret || key == "nats.servers" && slices.ContainsFunc(v, func(u string) bool { return natsurl.Strip(u) != u })
+		case string: // nats.leaf_remote
+			secret = secret || key == "nats.leaf_remote" && natsurl.Strip(v) != v
+		}
+		if !secret {
+			continue
+		}
+		what := "a secret"
+		if !s.secret {
+			what = "a server URL with a user or password"
+		}
+		errs = append(errs, FieldError{Key: key, Source: fl.sources[key], Msg: fmt.Sprintf(
+			"%s on the command line is read by every local user in /proc/<pid>/cmdline while nexd runs: set $%s or %s in a config file (0600), or give --insecure-argv",
+			what, s.envName(), key)})
+	}
+	return errs
 }

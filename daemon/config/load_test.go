@@ -444,7 +444,7 @@ func TestErrors(t *testing.T) {
 			want: []string{`flag --control-allow-others: control_allow_others: invalid value "all": expected one of "status", "none"`}},
 		{name: "node seed of the wrong kind", file: fmt.Sprintf(`{"node": {"up": {"node_seed": %q}}}`, userSeed),
 			want: []string{`FILE: node.up.node_seed: expected a server seed (SN…), got a user seed (SU…)`}},
-		{name: "node seed public key", args: []string{"--node-seed", serverPub},
+		{name: "node seed public key", args: []string{"--insecure-argv", "--node-seed", serverPub},
 			want: []string{`flag --node-seed: node_seed: expected a server seed (SN…), got a public server key (N…)`}},
 		{name: "node seed garbage", env: []string{"NEX_NODE_SEED=SNhunter2"},
 			want: []string{`env NEX_NODE_SEED: node_seed: expected a server seed (SN…), got a value that is not a valid nkey`}},
@@ -605,7 +605,7 @@ func goldenInputs(t *testing.T) (LoadOptions, string) {
 }`, nodeSeed, xSeed, skSeed, rootPub)
 	dir := t.TempDir()
 	o := LoadOptions{
-		Args:       []string{"--check", "--node-name", "golden", "-s", "nats://127.0.0.1:4222", "--nats.password", "s3cret", "--nats.user", "nex"},
+		Args:       []string{"--check", "--insecure-argv", "--node-name", "golden", "-s", "nats://127.0.0.1:4222", "--nats.password", "s3cret", "--nats.user", "nex"},
 		Env:        []string{"NEX_LOGGER_LEVEL=debug", "NEX_NATS_JWT=eyJhbGciOi.secret.jwt", "NEX_NATS_SEED=" + userSeed, "STATE_DIRECTORY=/var/lib/nex", "RUNTIME_DIRECTORY=/run/nex"},
 		SystemFile: testkit.WriteFile(t, filepath.Join(dir, "system.json"), sys),
 		UserFile:   testkit.WriteFile(t, filepath.Join(dir, "user.json"), fmt.Sprintf(`{"nats": {"nkey": %q}, "show_workload_logs": true}`, userPub)),
@@ -986,7 +986,7 @@ func TestUpstreamGlobalsAccepted(t *testing.T) {
 
 // A password in a server URL is a secret too: --check and nexctl config hide it.
 func TestServerURLPasswordRedacted(t *testing.T) {
-	l := mustLoad(t, hermetic("--check", "--nats.servers", "nats://admin:s3cret@127.0.0.1:4222,nats://tok3n@h:4222"))
+	l := mustLoad(t, hermetic("--check", "--insecure-argv", "--nats.servers", "nats://admin:s3cret@127.0.0.1:4222,nats://tok3n@h:4222"))
 	js, err := l.RenderJSON()
 	if err != nil {
 		t.Fatal(err)
@@ -1184,7 +1184,7 @@ func TestConfigErrorsHideCredentials(t *testing.T) {
 			t.Errorf("%q: the error shows the secret: %v", tc.args, err)
 		}
 	}
-	l := mustLoad(t, hermetic("--nats.leaf-remote", "nats-leaf://site:"+secret+"@hub:7422", "--nats.jsdomain", "s"))
+	l := mustLoad(t, hermetic("--insecure-argv", "--nats.leaf-remote", "nats-leaf://site:"+secret+"@hub:7422", "--nats.jsdomain", "s"))
 	js, err := l.RenderJSON()
 	if err != nil {
 		t.Fatal(err)
@@ -1192,7 +1192,7 @@ func TestConfigErrorsHideCredentials(t *testing.T) {
 	if out := l.Render() + string(js); strings.Contains(out, secret) || !strings.Contains(out, "nats-leaf://[redacted]@hub:7422") {
 		t.Errorf("rendered configuration shows the leaf remote's password, or no leaf remote:\n%s", out)
 	}
-	mustLoad(t, hermetic("--nats.servers", "nats://a:4222, b:4222,tls://u:p@c:4443"))
+	mustLoad(t, hermetic("--insecure-argv", "--nats.servers", "nats://a:4222, b:4222,tls://u:p@c:4443"))
 	// A nexlet's seed pasted as its public key: refused, not shown (before, quoted whole).
 	seed, _ := testKey(t, nkeys.PrefixByteUser, 7)
 	_, err = Load(hermetic("--remote-nexlets", `[{"name":"edge","type":"wasm","public_key":"`+seed+`"}]`))

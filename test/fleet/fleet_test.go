@@ -789,7 +789,7 @@ func TestFleetLeafLatency(t *testing.T) {
 		}
 		proxies = append(proxies, testkit.StartLagProxy(t, ln, func() (net.Conn, error) { return dialIn(f.hub, hubLeaf, 5*time.Second) },
 			testkit.Lag{Delay: delay, Loss: loss}))
-		h.StartNexd("", "--nats.leaf-remote", "nats-leaf://leaf:leafpw@"+addr, "--nats.jsdomain", "site"+strconv.Itoa(h.N),
+		h.StartNexd("", "--insecure-argv", "--nats.leaf-remote", "nats-leaf://leaf:leafpw@"+addr, "--nats.jsdomain", "site"+strconv.Itoa(h.N),
 			"--embedded-nats-port", "4222")
 	}
 	hub := f.Hub()
