@@ -150,12 +150,18 @@ func userTags(tags map[string]string) string {
 
 // renderNodeInfo prints upstream's node info with its short or --full agent table.
 func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool, now time.Time) error {
+	// Nodes send Go's duration text ("26.646s"); shown as node list and status show
+	// uptimes ("27s", "1h 2m 3s"). Anything else is shown as sent.
+	uptime := info.Uptime
+	if d, err := time.ParseDuration(uptime); err == nil {
+		uptime = friendlyDuration(d)
+	}
 	kv := [][2]string{
 		{"Nexus", info.Tags[protocol.TagNexus]},
 		{"Node Name", info.Tags[protocol.TagNode]},
 		{"Tags", strings.Join(sortedTags(info.Tags), ", ")},
 		{"XKey", info.XKey},
-		{"Uptime", info.Uptime},
+		{"Uptime", uptime},
 		{"Version", info.Version},
 	}
 	if info.AuctionsNotBid != nil { // a nexd node
