@@ -536,6 +536,12 @@ func renderNexlets(w io.Writer, ns []control.Nexlet, now time.Time) error {
 	return table(w, "Nexlets", []string{"Name", "Type", "PID", "State", "Restarts", "Health", "Last Heartbeat", "Last Exit", "Memory", "CPU"}, rows)
 }
 
+// ended: a workload in this state no longer runs, so it has no uptime (its start time
+// is when it began; before, a job that ran a second showed an uptime growing for ever).
+func ended(state string) bool {
+	return state == string(protocol.WorkloadStopped) || state == string(protocol.WorkloadError)
+}
+
 // renderLocalWorkloads prints nexctl workloads.
 func renderLocalWorkloads(w io.Writer, ws []control.Workload, now time.Time) error {
 	if len(ws) == 0 {
@@ -552,7 +558,7 @@ func renderLocalWorkloads(w io.Writer, ws []control.Workload, now time.Time) err
 	rows := make([][]string, 0, len(ws))
 	for _, wl := range ws {
 		up := "--"
-		if !wl.StartTime.IsZero() {
+		if !wl.StartTime.IsZero() && !ended(wl.State) {
 			up = friendlyDuration(now.Sub(wl.StartTime))
 		}
 		rows = append(rows, []string{wl.ID, wl.Name, wl.Namespace, wl.Type, wl.Lifecycle, wl.State, up,

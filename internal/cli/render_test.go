@@ -205,3 +205,25 @@ func TestRenderConfigTable(t *testing.T) {
 	}
 	golden(t, "config_table", b.Bytes())
 }
+
+// TestEndedWorkloadHasNoUptime: a job that ended (or a workload in error) shows no
+// uptime in nexctl workloads and top; before, its uptime grew from its start for ever
+// (a job of `echo hi` read "14m 4s" fourteen minutes later).
+func TestEndedWorkloadHasNoUptime(t *testing.T) {
+	started := now.Add(-14 * time.Minute)
+	var b bytes.Buffer
+	if err := renderLocalWorkloads(&b, []control.Workload{
+		{ID: "W1", Name: "job1", Namespace: "system", Type: "native", Lifecycle: "job", State: "stopped", StartTime: started},
+		{ID: "W2", Name: "web", Namespace: "system", Type: "native", Lifecycle: "service", State: "running", StartTime: started},
+	}, now); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	if !regexp.MustCompile(`│ W1 +│ job1 .*│ stopped │ -- +│`).MatchString(out) || !regexp.MustCompile(`│ W2 +│ web .*│ running │ 14m +│`).MatchString(out) {
+		t.Errorf("nexctl workloads:\n%s", out)
+	}
+	rows := localTopRows(nil, []control.Workload{{ID: "W1", Name: "job1", State: "stopped", StartTime: started}}, 0, now)
+	if len(rows) != 1 || rows[0].Uptime != 0 || uptimeText(rows[0]) != "-" {
+		t.Errorf("top row of an ended job: %+v", rows)
+	}
+}

@@ -55,7 +55,7 @@ func localTopRows(prev, cur []control.Workload, dt time.Duration, now time.Time)
 	for _, w := range cur {
 		r := topRow{ID: w.ID, Name: w.Name, Namespace: w.Namespace, State: w.State, CPU: -1,
 			Memory: w.MemoryBytes, MemoryMax: w.MemoryMax, HasMemory: true, Restarts: w.Restarts}
-		if !w.StartTime.IsZero() {
+		if !w.StartTime.IsZero() && !ended(w.State) {
 			r.Uptime = now.Sub(w.StartTime)
 		}
 		if b, ok := before[w.ID]; ok && dt > 0 {
@@ -82,7 +82,7 @@ func remoteTopRows(prev, cur []protocol.WorkloadSummary, dt time.Duration, now t
 	for _, w := range cur {
 		r := topRow{ID: w.ID, Name: w.Name, Namespace: deref(w.Namespace), State: string(w.WorkloadState), CPU: -1}
 		r.Restarts, _ = strconv.Atoi(w.Metadata["restarts"])
-		if t, err := time.Parse(time.RFC3339, w.StartTime); err == nil {
+		if t, err := time.Parse(time.RFC3339, w.StartTime); err == nil && !ended(r.State) {
 			r.Uptime = now.Sub(t)
 		}
 		if res := w.Resources; res != nil {
@@ -126,7 +126,7 @@ func renderTop(w io.Writer, title string, rows []topRow, key, partial string) er
 			mem = humanBytes(r.Memory) + " / " + lim
 		}
 		fmt.Fprintf(&b, "%-24s %-16s %-10s %-9s %6s %21s %8d %12s\n", clip(r.ID, 24), clip(r.Name, 16), clip(orDash(r.Namespace), 10),
-			clip(r.State, 9), cpu, mem, r.Restarts, friendlyDuration(r.Uptime))
+			clip(r.State, 9), cpu, mem, r.Restarts, uptimeText(r))
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
@@ -286,4 +286,12 @@ func (a *app) topSource(ctx context.Context, node string) (sample topSampler, ti
 		}
 		return rows, what, now, nil
 	}, "node " + shortID(id), done, nil
+}
+
+// uptimeText is a row's uptime, "-" for a workload that no longer runs.
+func uptimeText(r topRow) string {
+	if ended(r.State) {
+		return "-"
+	}
+	return friendlyDuration(r.Uptime)
 }
