@@ -87,6 +87,13 @@ func startHolderEnv(t *testing.T, dir, env string) (*exec.Cmd, *bufio.Reader) {
 		cmd.Env = append(cmd.Env, env)
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd, waitHeld(t, cmd)
+}
+
+// waitHeld starts cmd (this binary as a TestMain helper), ends it with the test, and
+// waits for its "held" line; it returns the rest of its output.
+func waitHeld(t *testing.T, cmd *exec.Cmd) *bufio.Reader {
+	t.Helper()
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -96,11 +103,10 @@ func startHolderEnv(t *testing.T, dir, env string) (*exec.Cmd, *bufio.Reader) {
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	r := bufio.NewReader(out)
-	line, err := r.ReadString('\n')
-	if line != "held\n" {
-		t.Fatalf("helper: %q %v", line, err)
+	if line, err := r.ReadString('\n'); line != "held\n" {
+		t.Fatalf("helper %v: %q %v", cmd.Args, line, err)
 	}
-	return cmd, r
+	return r
 }
 
 func TestHeldByAnotherProcessUntilItDies(t *testing.T) {
@@ -307,17 +313,7 @@ func TestAttackLocalUserHoldsTheLock(t *testing.T) {
 		t.Helper()
 		cmd := u.Command(bin, "-test.run=^$")
 		cmd.Env = append(cmd.Env, "DIRLOCK_TEST_SQUAT="+p)
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		if line, err := bufio.NewReader(out).ReadString('\n'); line != "held\n" {
-			t.Fatalf("%s's flock of %s: %q %v", u.Name, p, line, err)
-		}
+		waitHeld(t, cmd)
 	}
 
 	// The lock file as an older nexd left it: 0644 in a directory others may enter.
