@@ -194,7 +194,7 @@ func TestBinaryExitCodes(t *testing.T) {
 		{name: "secret rm again", env: env, args: []string{"secret", "rm", "default", "PW"}, code: 1, stderr: "not found"},
 		{name: "node list", args: []string{"node", "list", "-s", ns.ClientURL(), "--nats.timeout", "1s"}, stdout: "No nodes found"},
 		{name: "node list json", args: []string{"--json", "node", "list", "-s", ns.ClientURL(), "--nats.timeout", "1s"}, stdout: "[]"},
-		{name: "nats unreachable", args: []string{"node", "list", "-s", "nats://127.0.0.1:1", "--nats.timeout", "1s"}, code: 1, stderr: "connect to NATS: no server answered at nats://127.0.0.1:1 within 1s (--nats.timeout): is it running?", noStdout: true},
+		{name: "nats unreachable", args: []string{"node", "list", "-s", "nats://127.0.0.1:1", "--nats.timeout", "1s"}, code: 1, stderr: "connect to NATS: no server answered at nats://127.0.0.1:1 within 1s (--nats.timeout; connection refused): is it running?", noStdout: true},
 		{name: "metrics disabled", env: env, args: []string{"metrics"}, code: 1, stderr: "metrics are not enabled"},
 		{name: "version", args: []string{"--version"}, stdout: "nexctl version dev"},
 	}

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -96,10 +99,40 @@ func connectNATS(ctx context.Context, o natsconn.Options) (*natsconn.Conn, error
 		if len(o.Servers) > 0 {
 			where = strings.Join(natsurl.RedactAll(o.Servers), ", ")
 		}
-		return nil, fmt.Errorf("connect to NATS: no server answered at %s within %s (--nats.timeout): is it running? name it with -s/--nats.servers, NATS_URL or --nats.context: %w", where, o.Timeout, err)
+		return nil, fmt.Errorf("connect to NATS: no server answered at %s within %s (--nats.timeout%s): is it running? name it with -s/--nats.servers, NATS_URL or --nats.context: %w", where, o.Timeout, dialReason(ctx, o.Servers), err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("connect to NATS: %w", err)
 	}
 	return c, nil
+}
+
+// dialReason is why the first server's address refuses a TCP connection ("; connection
+// refused"), "" when it accepts one or is not a host:port: nats.go reports every failed
+// dial as "no servers available".
+func dialReason(ctx context.Context, servers []string) string {
+	if len(servers) == 0 {
+		return ""
+	}
+	first, _, _ := strings.Cut(servers[0], ",")
+	u, err := url.Parse(strings.TrimSpace(first))
+	if err != nil || u.Host == "" || (u.Scheme != "nats" && u.Scheme != "tls") {
+		return ""
+	}
+	host := u.Host
+	if u.Port() == "" {
+		host = net.JoinHostPort(u.Hostname(), "4222")
+	}
+	dctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	c, err := (&net.Dialer{}).DialContext(dctx, "tcp", host)
+	if err != nil {
+		var errno syscall.Errno
+		if errors.As(err, &errno) {
+			return "; " + errno.Error()
+		}
+		return "; " + err.Error()
+	}
+	c.Close()
+	return ""
 }
