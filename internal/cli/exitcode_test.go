@@ -318,21 +318,17 @@ func (b *localBackend) NATSAccess(context.Context, time.Duration) (control.NATSA
 	return control.NATSAccess{}, control.ErrNotFound
 }
 
-// TestBinarySocketPermissionDenied: nexctl run by a user who may not open the control
-// socket (uid 65534, not in group nex, a 0600 root socket) says so and what to do, exit
-// 1, rather than "cannot reach nexd", which would send the operator looking for a
-// stopped daemon. Needs root (a real second uid).
-func TestBinarySocketPermissionDenied(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: runs nexctl as uid 65534")
-	}
-	dir, err := os.MkdirTemp("", "nexctl-perm-")
+// publicNexctl copies nexctl into a new directory that every uid may enter (outside
+// the test's 0700 temp dirs) and serves a control socket there: the binary and socket
+// for tests that run nexctl as another uid.
+func publicNexctl(t *testing.T, prefix string) (bin, sock string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	// The binary and the socket's directory reachable by uid 65534; the socket not.
-	bin := filepath.Join(dir, "nexctl")
+	bin = filepath.Join(dir, "nexctl")
 	data, err := os.ReadFile(buildNexctl(t))
 	if err != nil {
 		t.Fatal(err)
@@ -343,8 +339,21 @@ func TestBinarySocketPermissionDenied(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	sock := filepath.Join(dir, "nexd.sock")
+	sock = filepath.Join(dir, "nexd.sock")
 	serveControl(t, sock, &localBackend{secrets: map[string]string{}})
+	return bin, sock
+}
+
+// TestBinarySocketPermissionDenied: nexctl run by a user who may not open the control
+// socket (uid 65534, not in group nex, a 0600 root socket) says so and what to do, exit
+// 1, rather than "cannot reach nexd", which would send the operator looking for a
+// stopped daemon. Needs root (a real second uid).
+func TestBinarySocketPermissionDenied(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: runs nexctl as uid 65534")
+	}
+	// The binary and the socket's directory reachable by uid 65534; the socket not.
+	bin, sock := publicNexctl(t, "nexctl-perm-")
 	if err := os.Chmod(sock, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -353,7 +362,7 @@ func TestBinarySocketPermissionDenied(t *testing.T) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
-	err = cmd.Run()
+	err := cmd.Run()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 || out.Len() != 0 ||
 		!strings.Contains(errb.String(), "permission denied on "+sock+": run as root or as a member of group nex") {
@@ -372,24 +381,7 @@ func TestBinaryFleetCommandNotAdmin(t *testing.T) {
 		t.Skip("needs root: runs nexctl as uid 65534")
 	}
 	t.Parallel()
-	dir, err := os.MkdirTemp("", "nexctl-notadmin-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	bin := filepath.Join(dir, "nexctl")
-	data, err := os.ReadFile(buildNexctl(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	testkit.WriteFile(t, bin, string(data))
-	for _, p := range []string{dir, bin} {
-		if err := os.Chmod(p, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	sock := filepath.Join(dir, "nexd.sock")
-	serveControl(t, sock, &localBackend{secrets: map[string]string{}})
+	bin, sock := publicNexctl(t, "nexctl-notadmin-")
 	for _, tc := range []struct {
 		mode   os.FileMode
 		denied string
@@ -405,7 +397,7 @@ func TestBinaryFleetCommandNotAdmin(t *testing.T) {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 		var out, errb bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &errb
-		err = cmd.Run()
+		err := cmd.Run()
 		if err == nil {
 			t.Skipf("a NATS server on %s admitted a user without credentials", defaultNATSURL)
 		}
