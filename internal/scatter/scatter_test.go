@@ -57,44 +57,45 @@ func TestGather(t *testing.T) {
 	}
 }
 
-// A responder that acknowledges at once (a promise) and answers a second later is
+// A responder that acknowledges at once (a promise) and answers two seconds later is
 // waited for, though a faster answer came and the stall is short; its acknowledgement
 // is not a reply. Without the promise the slow answer is cut off.
 func TestGatherWaitsForPromisedAnswers(t *testing.T) {
 	s := testnats.Start(t, testnats.Options{NoJetStream: true})
 	nc := testnats.Connect(t, s)
-	slow, fast := testnats.Connect(t, s), testnats.Connect(t, s)
-	slow.Subscribe("list", func(m *nats.Msg) {
+	// One connection sends the slow responder's acknowledgement and the fast one's
+	// answer together, so that they come within the stall however loaded the machine
+	// (from two connections, 50 ms apart at load 40 was enough to end the gather
+	// before the second).
+	r := testnats.Connect(t, s)
+	r.Subscribe("list", func(m *nats.Msg) {
 		ack := nats.NewMsg(m.Reply)
 		ack.Header.Set("ack", "slow")
-		slow.PublishMsg(ack)
-		go func() {
-			time.Sleep(time.Second)
-			a := nats.NewMsg(m.Reply)
-			a.Header.Set("from", "slow")
-			a.Data = []byte("s")
-			slow.PublishMsg(a)
-		}()
-	})
-	fast.Subscribe("list", func(m *nats.Msg) {
+		r.PublishMsg(ack)
 		a := nats.NewMsg(m.Reply)
 		a.Header.Set("from", "fast")
 		a.Data = []byte("f")
-		fast.PublishMsg(a)
+		r.PublishMsg(a)
+		go func() {
+			time.Sleep(2 * time.Second)
+			a := nats.NewMsg(m.Reply)
+			a.Header.Set("from", "slow")
+			a.Data = []byte("s")
+			r.PublishMsg(a)
+		}()
 	})
-	slow.Flush()
-	fast.Flush()
+	r.Flush()
 	promise := func(m *nats.Msg) (string, bool) {
 		if k := m.Header.Get("ack"); k != "" {
 			return k, true
 		}
 		return m.Header.Get("from"), false
 	}
-	got, err := Gather(t.Context(), nc, "list", nil, Options{First: 5 * time.Second, Stall: 50 * time.Millisecond, Promise: promise, Promised: 5 * time.Second})
+	got, err := Gather(t.Context(), nc, "list", nil, Options{First: 5 * time.Second, Stall: 300 * time.Millisecond, Promise: promise, Promised: 30 * time.Second})
 	if err != nil || len(got) != 2 || string(got[0].Data)+string(got[1].Data) != "fs" {
 		t.Fatalf("with the promise: %d replies, %v", len(got), err)
 	}
-	got, err = Gather(t.Context(), nc, "list", nil, Options{First: 5 * time.Second, Stall: 50 * time.Millisecond})
+	got, err = Gather(t.Context(), nc, "list", nil, Options{First: 5 * time.Second, Stall: 300 * time.Millisecond})
 	if err != nil || len(got) != 2 || string(got[0].Data)+string(got[1].Data) != "f" { // the ack and the fast answer
 		t.Fatalf("without: %d replies, %v", len(got), err)
 	}
