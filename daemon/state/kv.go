@@ -71,6 +71,15 @@ type KV struct {
 	failed atomic.Pointer[writeFailure]
 	// failing gets a token when writes begin to fail (WriteFailing).
 	failing chan struct{}
+	// writes numbers the writes in the order they begin (beginWrite); noted is the
+	// number of the write whose outcome failed reflects. An outcome counts only if its
+	// write began after that one: a slow write's late failure must not undo a later
+	// write's success (a write probe that timed out across the server's restart, after
+	// removals had taken, kept the node refusing deploys on a store that took writes),
+	// nor a slow write's late success a later write's failure.
+	writes  atomic.Uint64
+	notedMu sync.Mutex
+	noted   uint64
 }
 
 // writeFailure is why writes to the bucket fail, since the first of them.
@@ -79,14 +88,26 @@ type writeFailure struct {
 	since time.Time
 }
 
-// noteWrite records a write's outcome (a caller's cancellation says nothing of the store).
-func (s *KV) noteWrite(err error) {
+// beginWrite numbers a write about to begin, for noteWrite.
+func (s *KV) beginWrite() uint64 { return s.writes.Add(1) }
+
+// noteWrite records the outcome of write n (beginWrite's), unless a write begun after
+// it was recorded already (a caller's cancellation says nothing of the store).
+func (s *KV) noteWrite(n uint64, err error) {
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	s.notedMu.Lock()
+	defer s.notedMu.Unlock()
+	if n < s.noted {
+		return
+	}
+	s.noted = n
 	switch {
 	case err == nil:
 		if s.failed.Load() != nil {
 			s.failed.Store(nil)
 		}
-	case errors.Is(err, context.Canceled):
 	default:
 		since := time.Now()
 		f := s.failed.Load()
@@ -126,8 +147,9 @@ const probeKey = "nexd.write-probe"
 // ProbeWrite writes to the bucket (a purge marker of probeKey, one small message that
 // replaces the last probe's) and records the outcome as a write's.
 func (s *KV) ProbeWrite(ctx context.Context) error {
+	n := s.beginWrite()
 	err := s.kv.Purge(ctx, probeKey)
-	s.noteWrite(err)
+	s.noteWrite(n, err)
 	if err != nil {
 		return fmt.Errorf("state: write probe to bucket %s: %w", s.bucket, err)
 	}
@@ -355,8 +377,9 @@ func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req proto
 	if s.maxValue > 0 && len(value) > s.maxValue {
 		return &ValueTooLargeError{Size: len(value), Limit: s.maxValue, Bucket: s.bucket}
 	}
+	n := s.beginWrite()
 	_, err = s.kv.Put(ctx, key, value)
-	s.noteWrite(err)
+	s.noteWrite(n, err)
 	if err != nil {
 		return fmt.Errorf("state: store workload %s in bucket %s: %w", workloadID, s.bucket, err)
 	}
@@ -375,8 +398,9 @@ func (s *KV) Delete(ctx context.Context, workloadType, workloadID string) error 
 	} else if err != nil {
 		return fmt.Errorf("state: look up workload %s in bucket %s: %w", workloadID, s.bucket, err)
 	}
+	n := s.beginWrite()
 	err = s.kv.Purge(ctx, key)
-	s.noteWrite(err)
+	s.noteWrite(n, err)
 	if err != nil {
 		return fmt.Errorf("state: remove workload %s from bucket %s: %w", workloadID, s.bucket, err)
 	}

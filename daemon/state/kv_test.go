@@ -532,3 +532,39 @@ func TestWriteFailureOnFullStore(t *testing.T) {
 		t.Errorf("%d workloads read back, want the %d written before the failure", len(all), failed)
 	}
 }
+
+// TestWriteOutcomesInOrderBegun: WriteFailure follows the writes in the order they
+// began, not the order they ended. A slow write that fails after a later write took (a
+// write probe timing out across the server's restart, after removals had succeeded:
+// e2e TestExternalStoreDiskFull's node then refused a deploy on a store that took
+// writes) says nothing new; nor does a slow write that succeeds after a later one
+// failed. Before, the last write to end decided.
+func TestWriteOutcomesInOrderBegun(t *testing.T) {
+	s := &KV{failing: make(chan struct{}, 1)}
+	full := errors.New("insufficient storage")
+
+	slow, later := s.beginWrite(), s.beginWrite()
+	s.noteWrite(later, nil)
+	s.noteWrite(slow, context.DeadlineExceeded)
+	if _, err := s.WriteFailure(); err != nil {
+		t.Fatalf("a failure of a write begun before one that took: %v", err)
+	}
+
+	slow, later = s.beginWrite(), s.beginWrite()
+	s.noteWrite(later, full)
+	s.noteWrite(slow, nil)
+	since, err := s.WriteFailure()
+	if !errors.Is(err, full) || since.IsZero() {
+		t.Fatalf("after a later write failed, an earlier one's success cleared it: %v, since %v", err, since)
+	}
+	select {
+	case <-s.WriteFailing():
+	default:
+		t.Error("no WriteFailing token when writes began to fail")
+	}
+
+	s.noteWrite(s.beginWrite(), nil)
+	if _, err := s.WriteFailure(); err != nil {
+		t.Fatalf("a write begun after the failure took, and the failure is kept: %v", err)
+	}
+}
