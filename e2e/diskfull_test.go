@@ -186,7 +186,14 @@ func TestExternalStoreDiskFull(t *testing.T) {
 		ents, err := os.ReadDir(filepath.Join(dir, "tombstones"))
 		return err == nil && len(ents) == 0 || os.IsNotExist(err)
 	})
-	// The store takes writes again: the node bids again, and the deploy runs.
+	// The store takes writes again: the node bids again once its JetStream check says
+	// so (a check across the server's restart may have found it unavailable), and the
+	// deploy runs.
+	testkit.EventuallyWithin(t, 60*time.Second, "the node's state store ok again", func() bool {
+		var st control.Status
+		out, _, code := n2.ctl(t, "--json", "status")
+		return code == 0 && json.Unmarshal([]byte(out), &st) == nil && st.NATS.JetStream != nil && st.NATS.JetStream.State == "ok"
+	})
 	n = n2
 	if got := deploy("after"); got != "ran" {
 		t.Errorf("a deploy once the server is back on a store with room: %s, want ran", got)
