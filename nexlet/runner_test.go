@@ -515,16 +515,22 @@ func TestShutdownAwaitsRequestsAndReplay(t *testing.T) {
 	}
 }
 
-// progressAgent downloads "1000 bytes" on each start, reporting every byte.
+// progressAgent downloads "1000 bytes" on each start, reporting every byte, and
+// finishes when the test says (next; a minute at most): the ticker repeats the last
+// report meanwhile.
 type progressAgent struct {
 	*memAgent
+	next chan struct{}
 }
 
 func (a *progressAgent) StartWorkloadProgress(id string, req *protocol.AgentStartWorkloadRequest, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
 	for done := int64(0); done <= 1000; done++ {
 		report(protocol.Progress{Text: "downloading", Done: done, Total: 1000})
 	}
-	time.Sleep(300 * time.Millisecond) // the ticker repeats the last report meanwhile
+	select {
+	case <-a.next:
+	case <-time.After(time.Minute):
+	}
 	return a.memAgent.StartWorkload(id, req, false)
 }
 
@@ -536,7 +542,8 @@ func TestStartProgressReports(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
 	nc := testnats.Connect(t, srv)
 	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, make(chan protocol.RegisterAgentRequest, 1))
-	r, err := NewRunner(context.Background(), node, &progressAgent{memAgent: newMemAgent()})
+	pa := &progressAgent{memAgent: newMemAgent(), next: make(chan struct{}, 1)}
+	r, err := NewRunner(context.Background(), node, pa)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -553,11 +560,14 @@ func TestStartProgressReports(t *testing.T) {
 		m := &nats.Msg{Subject: protocol.StartWorkloadSubject(node, agent, "P1"), Reply: inbox, Data: start, Header: nats.Header{}}
 		if ask {
 			m.Header.Set(protocol.HeaderProgress, "100ms")
+		} else {
+			pa.next <- struct{}{} // no reports to wait for
 		}
 		if err := nc.PublishMsg(m); err != nil {
 			t.Fatal(err)
 		}
 		var counts []int64
+		released := false
 		for {
 			m, err := replies.NextMsg(10 * time.Second)
 			if err != nil {
@@ -571,6 +581,12 @@ func TestStartProgressReports(t *testing.T) {
 				t.Fatalf("report %v", m.Header)
 			}
 			counts = append(counts, done)
+			if !released && len(counts) >= 3 && done == 1000 {
+				// The finished count and a repeat or one between: the start may end
+				// (waited for, not a fixed 300 ms a loaded machine's ticker could miss).
+				released = true
+				pa.next <- struct{}{}
+			}
 		}
 		if !ask {
 			if len(counts) > 0 {
