@@ -115,6 +115,7 @@ type Nexlet struct {
 	ending   sync.WaitGroup // workload ends under way (track); Detach waits for them
 	releases *releaser      // batches those releases
 	starts   startGate      // starts in flight, which that later work lets go first
+	quiet    *quietGate     // holds a stop's tidy until starts and stops pause (quiet.go)
 	// beforeTidy, when set (tests: a slow removal), runs before a stopped workload's
 	// leftovers are removed.
 	beforeTidy func(id string)
@@ -169,7 +170,8 @@ func New(cfg Config) (*Nexlet, error) {
 	}
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
 		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
-		abandon:     make(chan struct{}), users: us, wdir: wdir, whold: whold, now: time.Now}
+		abandon:     make(chan struct{}), users: us, wdir: wdir, whold: whold, now: time.Now,
+		quiet: newQuietGate(quietWindow, quietMax, quietBacklog)}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
@@ -177,6 +179,7 @@ func New(cfg Config) (*Nexlet, error) {
 		n.log.Warn(us.sdWarn)
 	}
 	us.sd.keepAt(cfg.UIDLockSocket, n.log)
+	us.short = func() { n.quiet.hurry() } // a start short of pooled uids: the tidies go now
 	n.releases = &releaser{u: us, log: n.log, wg: &n.bg, gate: &n.starts, hurry: make(chan struct{}), batch: releaseBatch}
 	if n.cfg.PollInterval <= 0 {
 		n.cfg.PollInterval = 250 * time.Millisecond
@@ -230,7 +233,8 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 // Close ends the nexlet's process-starting thread; call it after Shutdown. Workloads
 // running without a cgroup die with it.
 func (n *Nexlet) Close() {
-	n.releases.flush() // a pending uid release goes now, not after its batch's wait
+	n.quiet.stopDeferring() // a pending tidy goes now, not at the end of its quiet wait
+	n.releases.flush()      // a pending uid release goes now, not after its batch's wait
 	n.bg.Wait()
 	n.watch.stop()
 	n.iso.close()
@@ -385,6 +389,8 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
 	st := steps.Start(n.log) // nil unless the nexlet logs at debug level
 	n.starts.enter()
+	n.quiet.touch()
+	defer n.quiet.touch() // the window runs from the start's end (its first line follows)
 	defer n.starts.leave()
 	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
 	if !validID(id) {
@@ -418,8 +424,10 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	n.mu.Lock()
 	for ch := n.tidying[id]; ch != nil; ch = n.tidying[id] {
 		// Stopped a moment ago: its cgroup, directory and record go first (and the
-		// removal need not let this start go first meanwhile).
+		// removal need not let this start go first meanwhile, nor wait for a quiet
+		// moment).
 		n.mu.Unlock()
+		n.quiet.hurry()
 		n.starts.leave()
 		<-ch
 		n.starts.enter()
@@ -572,6 +580,7 @@ func (n *Nexlet) StopWorkloadReport(id string, req *protocol.StopWorkloadRequest
 // that had already ended (answered at once). A stop that comes while another stops it
 // is told once that one's record is written (stopAndWait).
 func (n *Nexlet) StopWorkloadRecorded(id string, req *protocol.StopWorkloadRequest, recorded func()) (string, error) {
+	n.quiet.touch()
 	n.mu.Lock()
 	w := n.workloads[id]
 	if w == nil || (req.Namespace != protocol.SystemNamespace && req.Namespace != w.ns) {
@@ -773,6 +782,7 @@ func (n *Nexlet) SetLameduck(before time.Duration) error {
 		return nil
 	}
 	n.lameduck = true
+	n.quiet.stopDeferring() // its drain waits for the tidies (stopAll)
 	n.log.Info("lameduck: stopping workloads after delay", "delay", before)
 	n.lameTimer = time.AfterFunc(before, func() { n.stopAll(true) })
 	return nil
@@ -808,6 +818,7 @@ func (n *Nexlet) Shutdown(ctx context.Context) error {
 		n.lameTimer.Stop()
 	}
 	n.mu.Unlock()
+	n.quiet.stopDeferring()
 	done := make(chan struct{})
 	go func() { n.stopAll(false); close(done) }()
 	select {

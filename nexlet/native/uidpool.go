@@ -165,6 +165,9 @@ func (p *uidPool) take(owner string) (id ident, made, ok bool) {
 		select {
 		case e = <-p.ch:
 		default:
+			if p.u.short != nil {
+				p.u.short()
+			}
 			if e, ok = p.await(); !ok {
 				return ident{}, false, false
 			}

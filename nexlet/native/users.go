@@ -102,6 +102,11 @@ type users struct {
 	lastBusy map[uint32]bool
 	lastWalk time.Time
 	walks    atomic.Int64 // walks of /proc begun, for tests and benchmarks
+
+	// short, when set, is told that a deploy found no uid leased ahead: the stopped
+	// workloads' tidies held for a quiet moment (quietGate) go now, so that their
+	// uids' releases are not what keeps the range short.
+	short func()
 }
 
 // walkReuse is how old a walk of /proc a lease may take its busy uids from instead of
@@ -253,6 +258,9 @@ func (u *users) acquire(id ident, owner string) (got ident, made bool, err error
 	got, err = u.leaseFresh(owner)
 	if err != nil {
 		_ = os.Remove(owner)
+		if u.short != nil {
+			u.short() // the next deploy finds their uids on their way back
+		}
 	}
 	return got, false, err
 }

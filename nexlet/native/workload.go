@@ -1443,7 +1443,8 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		st.Step("record")
 	}
 	var tidied chan struct{}
-	var forgot []string // stops the memory forgot: their records go with the tidy
+	var forgot []string  // stops the memory forgot: their records go with the tidy
+	queued := time.Now() // before a start can find it in n.tidying and hurry it
 	n.mu.Lock()
 	w.exitCode, w.reason, w.pid, w.ended = &code, reason, 0, time.Now()
 	if requested {
@@ -1488,6 +1489,8 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		if r.answered != nil {
 			<-r.answered // the stopper has its answer: the reply goes first
 		}
+		n.quiet.touch()
+		n.quiet.wait(queued) // until starts and stops pause (quietGate)
 		if n.beforeTidy != nil {
 			n.beforeTidy(w.id)
 		}

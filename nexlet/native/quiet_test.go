@@ -1,0 +1,268 @@
+package native
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// waitAsync runs q.wait(since) in a goroutine the test owns; the channel closes when it
+// returns.
+func waitAsync(t *testing.T, q *quietGate, since time.Time) <-chan struct{} {
+	t.Helper()
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait)
+	wg.Go(func() { q.wait(since); close(done) })
+	return done
+}
+
+// TestQuietGate: a wait ends once no touch came for the window, not while touches keep
+// coming; by its cap under a steady stream; at once beyond the backlog, when hurried
+// (tidies queued before the hurry, also those not yet waiting) and once deferring
+// stopped.
+func TestQuietGate(t *testing.T) {
+	t.Run("quiet window", func(t *testing.T) {
+		q := newQuietGate(60*time.Millisecond, time.Hour, 64)
+		q.touch()
+		done := waitAsync(t, q, time.Now())
+		var last time.Time
+		for range 12 { // 25 ms apart for 300 ms: never quiet for 60 ms
+			select {
+			case <-done:
+				t.Fatal("the wait ended while touches kept coming")
+			case <-time.After(25 * time.Millisecond):
+			}
+			q.touch()
+			last = time.Now()
+		}
+		select {
+		case <-done:
+		case <-time.After(waitLong):
+			t.Fatal("the wait did not end once quiet")
+		}
+		if d := time.Since(last); d < 60*time.Millisecond {
+			t.Errorf("the wait ended %v after the last touch, before the window", d)
+		}
+	})
+	t.Run("cap", func(t *testing.T) {
+		q := newQuietGate(time.Hour, 150*time.Millisecond, 64)
+		since := time.Now()
+		done := waitAsync(t, q, since)
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() { // requests keep coming, never quiet
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(5 * time.Millisecond):
+					q.touch()
+				}
+			}
+		})
+		defer func() { close(stop); wg.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(waitLong):
+			t.Fatal("the wait outlived its cap under a steady stream of touches")
+		}
+		if d := time.Since(since); d < 150*time.Millisecond {
+			t.Errorf("the wait ended after %v, before its cap, while touches kept coming", d)
+		}
+	})
+	t.Run("backlog", func(t *testing.T) {
+		q := newQuietGate(time.Hour, time.Hour, 2)
+		q.touch()
+		a, b := waitAsync(t, q, time.Now()), waitAsync(t, q, time.Now())
+		testkit.Eventually(t, "two waiting", func() bool { q.mu.Lock(); defer q.mu.Unlock(); return q.waiting == 2 })
+		q.wait(time.Now()) // the third goes at once
+		select {
+		case <-a:
+			t.Fatal("a wait within the backlog ended")
+		case <-b:
+			t.Fatal("a wait within the backlog ended")
+		default:
+		}
+		q.stopDeferring()
+		<-a
+		<-b
+	})
+	t.Run("hurry", func(t *testing.T) {
+		q := newQuietGate(time.Hour, time.Hour, 64)
+		q.touch()
+		early := time.Now()
+		waiting := waitAsync(t, q, early)
+		testkit.Eventually(t, "one waiting", func() bool { q.mu.Lock(); defer q.mu.Unlock(); return q.waiting == 1 })
+		q.hurry()
+		<-waiting
+		q.wait(early) // queued before the hurry, waiting only after it: at once
+		later := waitAsync(t, q, time.Now())
+		select {
+		case <-later:
+			t.Fatal("a tidy queued after the hurry did not wait")
+		case <-time.After(50 * time.Millisecond):
+		}
+		q.stopDeferring()
+		<-later
+		q.wait(time.Now()) // no more waits
+	})
+}
+
+// quietNexlet runs a native nexlet whose stop tidies wait by q.
+func quietNexlet(fn *fakeNode, q *quietGate) *testNexlet {
+	return fn.startNexletHooked(Config{}, func(n *Nexlet) { n.quiet = q })
+}
+
+// stopReplied sends a stop for id and waits for its reply only (not its tidy).
+func stopReplied(t *testing.T, fn *fakeNode, id string) {
+	t.Helper()
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, id), protocol.StopWorkloadRequest{Namespace: testNS}, waitLong)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var resp protocol.StopWorkloadResponse
+	if err := json.Unmarshal(r.data, &resp); err != nil || !resp.Stopped {
+		t.Fatalf("stop %s: %v %q", id, err, r.data)
+	}
+}
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// TestTidyWaitsWhileRequestsCome: a stopped workload's leftovers stay while starts
+// keep coming to the nexlet, and go by the cap though they still come. Before, the
+// tidy ran right after the stop's reply.
+func TestTidyWaitsWhileRequestsCome(t *testing.T) {
+	fn := newFakeNode(t)
+	tn := quietNexlet(fn, newQuietGate(time.Hour, 1500*time.Millisecond, 64))
+	fn.mustStart("held", startReq(protocol.LifecycleService, "held", map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds()))
+	fn.waitLog("held", "stdout", "up")
+	dir, rec := filepath.Join(tn.WorkloadsDir(), "held"), tn.recordDir("held")
+	stopReplied(t, fn, "held")
+	stopped := time.Now()
+	job := startReq(protocol.LifecycleJob, "tick", map[string]any{"uri": script(t, `exit 0`)}, fn.creds())
+	var gone time.Duration
+	for i := 0; time.Since(stopped) < 3*time.Second; i++ {
+		fn.mustStart("tick-"+strconv.Itoa(i), job)
+		if el := time.Since(stopped); el < 700*time.Millisecond && (!exists(dir) || !exists(rec)) {
+			t.Fatalf("tidied %v after the stop while starts kept coming, before its cap", el)
+		}
+		if gone == 0 && !exists(dir) && !exists(rec) && fn.hasStoppedEvent("held") {
+			gone = time.Since(stopped)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if gone == 0 {
+		t.Fatal("not tidied by its cap while starts kept coming")
+	}
+	if gone < 1500*time.Millisecond {
+		t.Errorf("tidied %v after the stop, before its cap", gone)
+	}
+	t.Logf("tidied %v after the stop", gone)
+}
+
+// TestTidyRunsWhenQuiet: with no request after the stop, its leftovers go once the
+// window passed, long before the cap.
+func TestTidyRunsWhenQuiet(t *testing.T) {
+	fn := newFakeNode(t)
+	tn := quietNexlet(fn, newQuietGate(400*time.Millisecond, time.Hour, 64))
+	fn.mustStart("q", startReq(protocol.LifecycleService, "q", map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds()))
+	fn.waitLog("q", "stdout", "up")
+	dir := filepath.Join(tn.WorkloadsDir(), "q")
+	stopReplied(t, fn, "q")
+	time.Sleep(100 * time.Millisecond)
+	if !exists(dir) || fn.hasStoppedEvent("q") {
+		t.Fatal("tidied within the quiet window")
+	}
+	fn.stoppedEvent("q") // waits up to waitLong
+	if exists(dir) || exists(tn.recordDir("q")) {
+		t.Error("WORKLOADSTOPPED before the leftovers went")
+	}
+}
+
+// TestShutdownRunsHeldTidies: a tidy waiting for a quiet moment runs at the nexlet's
+// shutdown, which then returns (its drain waits for the tidies) with nothing left.
+func TestShutdownRunsHeldTidies(t *testing.T) {
+	spec := cgroupSpec(t)
+	fn := newFakeNode(t)
+	tn := fn.startNexletHooked(Config{Cgroup: spec}, func(n *Nexlet) { n.quiet = newQuietGate(time.Hour, time.Hour, 64) })
+	fn.mustStart("sd", startReq(protocol.LifecycleService, "sd", map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds()))
+	fn.waitLog("sd", "stdout", "up")
+	pids := fn.procsOf("sd")
+	if len(pids) != 1 {
+		t.Fatalf("processes: %v", pids)
+	}
+	group := filepath.Join("/sys/fs/cgroup/memory", memoryCgroup(t, pids[0]))
+	tn.mu.Lock()
+	id := tn.workloads["sd"].ident
+	tn.mu.Unlock()
+	dir, rec := filepath.Join(tn.WorkloadsDir(), "sd"), tn.recordDir("sd")
+	stopReplied(t, fn, "sd")
+	time.Sleep(50 * time.Millisecond)
+	if !exists(dir) {
+		t.Fatal("tidied before the shutdown: the test's window did not hold it")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := tn.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown with a held tidy: %v", err)
+	}
+	for _, p := range []string{dir, rec, group} {
+		if exists(p) {
+			t.Errorf("%s left after the shutdown", p)
+		}
+	}
+	fn.stoppedEvent("sd") // sent before the tidy counted as done; on its way over NATS
+	if id.dynamic {       // its release follows in its batch
+		testkit.Eventually(t, "the uid's lease released", func() bool { return !exists(tn.users.leasePath(id.uid)) })
+	}
+}
+
+// TestShortOfUIDsRunsHeldTidies: a deploy that finds no uid leased ahead ends the
+// held tidies' waits, so a stopped workload's uid goes back to the range (its tidy, then
+// its release) instead of staying held for a quiet moment that a stream of deploys
+// never leaves. With one uid in the range the next deploys get it back within the
+// release's batch; before, never while the tidy waited.
+func TestShortOfUIDsRunsHeldTidies(t *testing.T) {
+	needRoot(t)
+	const uid = 2000104
+	if newHostIDs().uses(uid) {
+		t.Skip("uid 2000104 is in use on this host")
+	}
+	fn := newFakeNode(t)
+	tn := fn.startNexletHooked(Config{Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: t.TempDir(), Pool: 1}},
+		func(n *Nexlet) { n.quiet = newQuietGate(time.Hour, time.Hour, 64) })
+	run := map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}
+	testkit.Eventually(t, "the pool's filler leased the one uid", func() bool { return exists(tn.users.leasePath(uid)) })
+	fn.mustStart("one", startReq(protocol.LifecycleService, "one", run, fn.creds()))
+	fn.waitLog("one", "stdout", "up")
+	dir := filepath.Join(tn.WorkloadsDir(), "one")
+	stopReplied(t, fn, "one")
+	if !exists(dir) {
+		t.Fatal("tidied at once: the test's window did not hold it")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; ; i++ {
+		id := "two-" + strconv.Itoa(i)
+		r := fn.start(id, startReq(protocol.LifecycleService, id, run, fn.creds()))
+		if r.code == "" {
+			fn.waitLog(id, "stdout", "up")
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no deploy got the stopped workload's uid back: %s %s (its directory still there: %v)", r.code, r.errText, exists(dir))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if exists(dir) {
+		t.Error("the stopped workload's directory is still there")
+	}
+}
