@@ -55,6 +55,7 @@ func TestQuietGate(t *testing.T) {
 	})
 	t.Run("cap", func(t *testing.T) {
 		q := newQuietGate(time.Hour, 150*time.Millisecond, 64)
+		q.touch()
 		since := time.Now()
 		done := waitAsync(t, q, since)
 		stop := make(chan struct{})
