@@ -31,10 +31,10 @@ type quietGate struct {
 	backlog    int
 }
 
-// The window covers a start's hops and fork and its workload's first line (the
-// announcement after the reply is 0.6-0.9 ms p50 in compare), and the time from a
-// stop's reply to the next deploy's start in a placement loop (an auction and a
-// deploy's hop, about 1.5 ms p50, more under load); compare's list stalls 20 ms.
+// The window covers a start's workload's first line (the announcement after the reply
+// is 0.6-0.9 ms p50 in compare) and the time from a stop's reply to the next deploy's
+// start in a placement loop (an auction, 0.6-1.0 ms p50 in compare, and a deploy's
+// hop; more under load), and fits in compare's list stall of 20 ms.
 const (
 	quietWindow  = 8 * time.Millisecond
 	quietMax     = 200 * time.Millisecond // the longest a tidy waits after its stop's reply
