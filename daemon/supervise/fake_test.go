@@ -87,8 +87,11 @@ func fakeNexlet(mode string, args []string) int {
 		return 1
 	case "block":
 		return block()
-	case "block-hup": // an outliving nexlet: SignalReattach does not end it
+	case "block-hup": // [READY]: an outliving nexlet: SignalReattach does not end it
 		signal.Notify(make(chan os.Signal, 1), SignalReattach)
+		if len(args) > 0 { // from now on
+			writeAtomic(args[0], "notified")
+		}
 		return block()
 	case "ignore-term": // READY TERMFILE
 		c := make(chan os.Signal, 1)
