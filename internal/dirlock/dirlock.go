@@ -188,7 +188,13 @@ func pastSquatters(f *os.File, dir, path, sq string) (*Lock, error) {
 // squatters names the processes holding the flock of f's file when none of them can
 // be a nexd: each runs as a uid other than root and this process's own (a local user
 // who opened a lock file or directory others may read, and flocked it). It is "" when
-// any holder could be a nexd, or cannot be told (gone, or /proc/locks unreadable).
+// any holder could be a nexd, or cannot be told (gone, or /proc unreadable).
+//
+// The holders are every process with a descriptor open on the file (but f), not only
+// the pid /proc/locks names: that is the pid that flocked, which may have handed its
+// descriptor to a child and exited (a squatter nexd would refuse for ever), and a
+// nexd that went past a squatted directory holds no flock there, only its descriptor
+// (a second nexd on the same directory must see it and refuse).
 func squatters(f *os.File) string {
 	var st unix.Stat_t
 	if unix.Fstat(int(f.Fd()), &st) != nil {
@@ -200,19 +206,78 @@ func squatters(f *os.File) string {
 	}
 	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
 	me := os.Geteuid()
-	var who []string
+	locked := false
 	for line := range strings.Lines(string(b)) {
 		// "1: FLOCK  ADVISORY  WRITE 6615 fe:00:811643 0 EOF"; waiters have "->" second.
 		fs := strings.Fields(line)
 		if len(fs) < 6 || fs[1] != "FLOCK" || fs[5] != id {
 			continue
 		}
+		locked = true
 		pid, err := strconv.Atoi(fs[4])
 		if err != nil || pid <= 0 {
 			return ""
 		}
+		if uid, ok := procUID(pid); ok && (uid == 0 || uid == me) {
+			return "" // a live holder that could be a nexd (a gone one: see openers)
+		}
+	}
+	if !locked {
+		return ""
+	}
+	return openers(f, me)
+}
+
+// openers names the processes, this one's f aside, with a descriptor open on f's file
+// (its /proc/<pid>/fd link names the same path), when none runs as root or me; "" if
+// any does, none is found, or a process's descriptors cannot be read. Links are
+// compared, not stat'ed: a stat follows the link into the file system (a local user's
+// FUSE mount could hold it for ever).
+func openers(f *os.File, me int) string {
+	self := strconv.Itoa(os.Getpid())
+	fd := strconv.Itoa(int(f.Fd()))
+	target, err := os.Readlink("/proc/self/fd/" + fd)
+	if err != nil || strings.HasSuffix(target, " (deleted)") {
+		return ""
+	}
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return ""
+	}
+	var who []string
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || pid <= 0 {
+			continue
+		}
+		fds, err := os.ReadDir("/proc/" + p.Name() + "/fd")
+		if errors.Is(err, os.ErrNotExist) {
+			continue // gone meanwhile
+		}
 		uid, ok := procUID(pid)
-		if !ok || uid == 0 || uid == me {
+		if !ok {
+			continue // gone meanwhile
+		}
+		if err != nil {
+			if uid == 0 || uid == me {
+				return "" // its descriptors cannot be told: it may hold the file
+			}
+			continue
+		}
+		holds := false
+		for _, e := range fds {
+			if p.Name() == self && e.Name() == fd {
+				continue
+			}
+			if l, err := os.Readlink("/proc/" + p.Name() + "/fd/" + e.Name()); err == nil && l == target {
+				holds = true
+				break
+			}
+		}
+		if !holds {
+			continue
+		}
+		if uid == 0 || uid == me {
 			return ""
 		}
 		who = append(who, fmt.Sprintf("pid %d (uid %d)", pid, uid))

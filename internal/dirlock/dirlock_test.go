@@ -28,6 +28,19 @@ func TestMain(m *testing.M) {
 			os.Stdout.WriteString("error: " + err.Error() + "\n")
 			os.Exit(1)
 		}
+		if os.Getenv("DIRLOCK_TEST_SQUAT_HANDOFF") != "" {
+			// Hands the flocked descriptor to a child and exits: /proc/locks still
+			// names this pid, which is gone (or, later, another process's).
+			c := exec.Command("/bin/sleep", "600")
+			c.ExtraFiles = []*os.File{f}
+			if err := c.Start(); err != nil {
+				os.Stdout.WriteString("error: " + err.Error() + "\n")
+				os.Exit(1)
+			}
+			os.Stdout.WriteString("held\n")
+			os.Stdout.WriteString(strconv.Itoa(c.Process.Pid) + "\n")
+			os.Exit(0)
+		}
 		os.Stdout.WriteString("held\n")
 		time.Sleep(10 * time.Minute)
 		os.Exit(0)
@@ -354,6 +367,73 @@ func TestAttackLocalUserHoldsTheLock(t *testing.T) {
 	}
 	if n := l.Note(); !strings.Contains(n, "uid "+strconv.Itoa(int(u.UID))) || !strings.Contains(n, "without its lock") {
 		t.Errorf("note %q: want her uid and that the lock was not taken", n)
+	}
+	l.Release()
+}
+
+// TestSquattedDirectoryStillExcludes: a directory a local user flocks is gone past
+// without its lock; a second Hold (a second nexd on the same cgroup root) is still
+// refused, as the first holds the directory open. Before, it went past the same
+// squatter too, and two nexds ran on one cgroup root.
+func TestSquattedDirectoryStillExcludes(t *testing.T) {
+	u := testkit.NewUser(t)
+	pub := testkit.PublicDir(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := testkit.CopyFile(t, self, filepath.Join(pub, "dirlock.test"), 0o755)
+	cg := filepath.Join(pub, "cgroup")
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := u.Command(bin, "-test.run=^$")
+	cmd.Env = append(cmd.Env, "DIRLOCK_TEST_SQUAT="+cg)
+	waitHeld(t, cmd)
+	l, err := Hold(cg, "", 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	if l2, err := Hold(cg, "", 0o755); !errors.Is(err, ErrHeld) {
+		l2.Release()
+		t.Errorf("second Hold of a squatted directory: %v, want ErrHeld", err)
+	}
+}
+
+// TestAttackSquatterHandsOffItsLock: the local user flocks a directory, hands the
+// descriptor to a child and exits, so the pid /proc/locks names is gone (or, later,
+// another process's). The child is found by its open descriptor and gone past; before,
+// the gone pid could not be told and every Hold was refused for as long as she liked.
+func TestAttackSquatterHandsOffItsLock(t *testing.T) {
+	u := testkit.NewUser(t)
+	pub := testkit.PublicDir(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := testkit.CopyFile(t, self, filepath.Join(pub, "dirlock.test"), 0o755)
+	cg := filepath.Join(pub, "cgroup")
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := u.Command(bin, "-test.run=^$")
+	cmd.Env = append(cmd.Env, "DIRLOCK_TEST_SQUAT="+cg, "DIRLOCK_TEST_SQUAT_HANDOFF=1")
+	r := waitHeld(t, cmd)
+	line, _ := r.ReadString('\n')
+	child, _ := strconv.Atoi(strings.TrimSpace(line))
+	t.Cleanup(func() {
+		if child > 0 {
+			syscall.Kill(child, syscall.SIGKILL)
+		}
+	})
+	cmd.Wait()
+	l, err := Hold(cg, "", 0o755)
+	if err != nil {
+		t.Fatalf("Hold of a directory whose squatter handed its lock to a child: %v", err)
+	}
+	if n := l.Note(); !strings.Contains(n, "pid "+strconv.Itoa(child)+" (uid "+strconv.Itoa(int(u.UID))+")") {
+		t.Errorf("note %q: want the child, pid %d, uid %d", n, child, u.UID)
 	}
 	l.Release()
 }
