@@ -505,6 +505,8 @@ func TestErrors(t *testing.T) {
 			}},
 		{name: "workloads pids below -1", args: []string{"--workloads-pids-max=-2"},
 			want: []string{`flag --workloads-pids-max: workloads_pids_max: must be -1 (no limit), 0 (auto) or more`}},
+		{name: "workloads pids above the kernel's limit", args: []string{"--workloads-pids-max=4194305"},
+			want: []string{`flag --workloads-pids-max: workloads_pids_max: must be at most 4194304 (the kernel's largest pid limit), got 4194305`}},
 		{name: "limits from flags", args: []string{"--agents.uri", "/a", "--agents.limits", "memory_max=1G,memory_high=2G"},
 			want: []string{`flag --agents.uri: agents[0].limits.memory_high: 2G is above memory_max 1G`}},
 		{name: "bad size", env: []string{"NEX_NATIVE_LIMITS_MEMORY_MAX=lots"},

@@ -97,6 +97,10 @@ func (v *validator) validate() {
 	v.limits("native_limits", "", n.NativeLimits)
 	if n.WorkloadsPidsMax < -1 {
 		v.fail("workloads_pids_max", "", "must be -1 (no limit), 0 (auto) or more")
+	} else if n.WorkloadsPidsMax > pidMaxLimit {
+		// The kernel refuses a pids.max above its PID_MAX_LIMIT (EINVAL), which would
+		// leave the workloads with no common bound and only a log line to say so.
+		v.fail("workloads_pids_max", "", fmt.Sprintf("must be at most %d (the kernel's largest pid limit), got %d", pidMaxLimit, n.WorkloadsPidsMax))
 	}
 	if f := c.NATS.CredsFile; f != "" {
 		if fi, err := os.Stat(f); err == nil {
@@ -477,3 +481,7 @@ func (v *validator) natsAuth() {
 		v.warnings = append(v.warnings, "no NATS configured (nats.context, nats.servers or inats_config): nexd runs an embedded NATS server on 127.0.0.1")
 	}
 }
+
+// pidMaxLimit is the kernel's PID_MAX_LIMIT on 64-bit Linux (4 M): no pid_max or
+// pids.max can be above it.
+const pidMaxLimit = 4 * 1024 * 1024

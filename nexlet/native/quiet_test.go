@@ -161,8 +161,15 @@ func TestTidyWaitsWhileRequestsCome(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// Under load the loop may end before the tidy it saw coming; with an hour's
+	// window only the cap can run it now, so a bounded wait still proves the cap.
+	for wait := time.Now().Add(waitLong); gone == 0 && time.Now().Before(wait); time.Sleep(20 * time.Millisecond) {
+		if !exists(dir) && !exists(rec) && fn.hasStoppedEvent("held") {
+			gone = time.Since(stopped)
+		}
+	}
 	if gone == 0 {
-		t.Fatal("not tidied by its cap while starts kept coming")
+		t.Fatal("not tidied by its cap")
 	}
 	if gone < 1500*time.Millisecond {
 		t.Errorf("tidied %v after the stop, before its cap", gone)
@@ -174,13 +181,16 @@ func TestTidyWaitsWhileRequestsCome(t *testing.T) {
 // window passed, long before the cap.
 func TestTidyRunsWhenQuiet(t *testing.T) {
 	fn := newFakeNode(t)
-	tn := quietNexlet(fn, newQuietGate(400*time.Millisecond, time.Hour, 64))
+	tn := quietNexlet(fn, newQuietGate(2*time.Second, time.Hour, 64))
 	fn.mustStart("q", startReq(protocol.LifecycleService, "q", map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds()))
 	fn.waitLog("q", "stdout", "up")
 	dir := filepath.Join(tn.WorkloadsDir(), "q")
+	asked := time.Now()
 	stopReplied(t, fn, "q")
 	time.Sleep(100 * time.Millisecond)
-	if !exists(dir) || fn.hasStoppedEvent("q") {
+	// The window began at the stop's arrival, after asked: a tidy seen less than 2 s
+	// after asked ran inside it (later, a loaded machine's delay says nothing).
+	if (!exists(dir) || fn.hasStoppedEvent("q")) && time.Since(asked) < 2*time.Second {
 		t.Fatal("tidied within the quiet window")
 	}
 	fn.stoppedEvent("q") // waits up to waitLong
