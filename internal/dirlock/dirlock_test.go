@@ -306,6 +306,26 @@ func TestDirectoryItself(t *testing.T) {
 	nilLock.Release() // nothing held: no panic
 }
 
+// newSquatter makes a real local user and a directory she may enter, with this test
+// binary copied there; squat has her flock path (env added to hers) and returns once
+// she holds it, with her process and its output.
+func newSquatter(t *testing.T) (u *testkit.User, pub string, squat func(path string, env ...string) (*exec.Cmd, *bufio.Reader)) {
+	t.Helper()
+	u = testkit.NewUser(t)
+	pub = testkit.PublicDir(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := testkit.CopyFile(t, self, filepath.Join(pub, "dirlock.test"), 0o755)
+	return u, pub, func(path string, env ...string) (*exec.Cmd, *bufio.Reader) {
+		t.Helper()
+		cmd := u.Command(bin, "-test.run=^$")
+		cmd.Env = append(cmd.Env, append([]string{"DIRLOCK_TEST_SQUAT=" + path}, env...)...)
+		return cmd, waitHeld(t, cmd)
+	}
+}
+
 // TestAttackLocalUserHoldsTheLock: nexd's runtime directory (/run/nex, 0755 as
 // packaged) held nexd-runtime.lock 0644, and its cgroup root is a directory others may
 // read: a local user outside group nex opened either read-only, flocked it, and every
@@ -315,19 +335,7 @@ func TestDirectoryItself(t *testing.T) {
 // the directory is taken without its lock; Note says so. A holder of root's uid still
 // refuses (TestHeldByAnotherProcessUntilItDies).
 func TestAttackLocalUserHoldsTheLock(t *testing.T) {
-	u := testkit.NewUser(t)
-	pub := testkit.PublicDir(t)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := testkit.CopyFile(t, self, filepath.Join(pub, "dirlock.test"), 0o755)
-	squat := func(p string) {
-		t.Helper()
-		cmd := u.Command(bin, "-test.run=^$")
-		cmd.Env = append(cmd.Env, "DIRLOCK_TEST_SQUAT="+p)
-		waitHeld(t, cmd)
-	}
+	u, pub, squat := newSquatter(t)
 
 	// The lock file as an older nexd left it: 0644 in a directory others may enter.
 	dir := filepath.Join(pub, "run")
@@ -376,20 +384,12 @@ func TestAttackLocalUserHoldsTheLock(t *testing.T) {
 // refused, as the first holds the directory open. Before, it went past the same
 // squatter too, and two nexds ran on one cgroup root.
 func TestSquattedDirectoryStillExcludes(t *testing.T) {
-	u := testkit.NewUser(t)
-	pub := testkit.PublicDir(t)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := testkit.CopyFile(t, self, filepath.Join(pub, "dirlock.test"), 0o755)
+	_, pub, squat := newSquatter(t)
 	cg := filepath.Join(pub, "cgroup")
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cmd := u.Command(bin, "-test.run=^$")
-	cmd.Env = append(cmd.Env, "DIRLOCK_TEST_SQUAT="+cg)
-	waitHeld(t, cmd)
+	squat(cg)
 	l, err := Hold(cg, "", 0o755)
 	if err != nil {
 		t.Fatal(err)
@@ -406,20 +406,12 @@ func TestSquattedDirectoryStillExcludes(t *testing.T) {
 // another process's). The child is found by its open descriptor and gone past; before,
 // the gone pid could not be told and every Hold was refused for as long as she liked.
 func TestAttackSquatterHandsOffItsLock(t *testing.T) {
-	u := testkit.NewUser(t)
-	pub := testkit.PublicDir(t)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := testkit.CopyFile(t, self, filepath.Join(pub, "dirlock.test"), 0o755)
+	u, pub, squat := newSquatter(t)
 	cg := filepath.Join(pub, "cgroup")
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cmd := u.Command(bin, "-test.run=^$")
-	cmd.Env = append(cmd.Env, "DIRLOCK_TEST_SQUAT="+cg, "DIRLOCK_TEST_SQUAT_HANDOFF=1")
-	r := waitHeld(t, cmd)
+	cmd, r := squat(cg, "DIRLOCK_TEST_SQUAT_HANDOFF=1")
 	line, _ := r.ReadString('\n')
 	child, _ := strconv.Atoi(strings.TrimSpace(line))
 	t.Cleanup(func() {
