@@ -699,7 +699,12 @@ func TestFleetLeafWANOutage(t *testing.T) {
 		leafSeen = time.Since(cutAt)
 	}
 	fg.Add("site 2 STATUS showed its leaf link down", fmt.Sprintf("+%v", leafSeen.Round(100*time.Millisecond)))
-	time.Sleep(6 * time.Second) // one status line round (5 s) for STATUS=
+	// STATUS= says so at the status loop's next round (every 5 s, later on a loaded
+	// machine): the outage lasts until it has, at most 60 s more.
+	testkit.WaitFor(60*time.Second, func() bool {
+		n, _ := h2.NotifyStatusSince(cutAt, "leaf to hub down")
+		return n != ""
+	})
 	if left := outage - time.Since(cutAt); left > 0 {
 		time.Sleep(left)
 	}
