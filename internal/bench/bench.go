@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nuid"
+
+	"github.com/nexd-project/nexd/internal/dirlock"
 )
 
 // Options configure a run; zero values take the defaults of Defaults.
@@ -129,6 +131,7 @@ type Harness struct {
 	dir   string
 	runID string
 	cg    string
+	hold  *dirlock.Lock // the run's cgroup directory, held while it runs (reap.go)
 	mu    sync.Mutex
 	nodes []*nodeProc
 	nats  []*natsServer
@@ -159,19 +162,35 @@ func NewHarness(o Options) (*Harness, error) {
 	if o.Workload != "sh" && o.Workload != "nats" {
 		return nil, fmt.Errorf("workload %q: want sh or nats", o.Workload)
 	}
-	dir, err := os.MkdirTemp("", "nexbench-")
+	runID := strconv.Itoa(os.Getpid()) + "-" + strings.ToLower(nuid.Next()[:6])
+	// What a killed run left (its nexd, nexlets, workloads, upstream node) would run
+	// beside this one's and skew it: reaped first.
+	reapDead(runID, o.Log)
+	hold, err := holdRun(runID)
 	if err != nil {
+		return nil, err
+	}
+	// The temp dir is named for the run, so that a killed run's is reaped with the rest;
+	// one kept (--keep) is not.
+	pattern := runPrefix + runID + "-"
+	if o.Keep {
+		pattern = runPrefix + "keep-"
+	}
+	dir, err := os.MkdirTemp("", pattern)
+	if err != nil {
+		hold.Release()
 		return nil, fmt.Errorf("temp dir: %w", err)
 	}
-	runID := strconv.Itoa(os.Getpid()) + "-" + strings.ToLower(nuid.Next()[:6])
-	return &Harness{o: o, dir: dir, runID: runID, cg: cgroupV1Root(runID)}, nil
+	return &Harness{o: o, dir: dir, runID: runID, cg: cgroupV1Root(runID), hold: hold}, nil
 }
 
 // Dir is the run's temp directory (node logs are under it).
 func (h *Harness) Dir() string { return h.dir }
 
-// Close stops every node (SIGTERM, so each removes its cgroups) and server, then
-// removes the cgroup tree and, unless Keep, the temp dir.
+// Close stops every node (SIGTERM, so each removes its cgroups) and server, then kills
+// whatever is left in the run's cgroups (a node that did not stop in time, or its
+// nexlet and workloads), removes the cgroup tree and, unless Keep, the temp dir. nexbench
+// calls it on SIGINT and SIGTERM too.
 func (h *Harness) Close() {
 	h.stopAllNodes()
 	h.mu.Lock()
@@ -181,7 +200,10 @@ func (h *Harness) Close() {
 	for _, s := range servers {
 		s.Shutdown()
 	}
-	removeCgroupTrees(h.runID)
+	if killed, err := reapRun(h.runID, true); killed > 0 || err != nil {
+		h.o.Log.Warn("killed what the run's nodes left", "killed", killed, "err", err)
+	}
+	h.hold.Release()
 	if !h.o.Keep {
 		_ = os.RemoveAll(h.dir)
 	}

@@ -19,7 +19,8 @@ const usage = `Usage: nexbench [flags] SCENARIO... | all
 Scenarios: ready, control, placement, throughput, footprint, recovery, fleet.
 nexbench starts nexd processes (--nexd) and in-process NATS servers on loopback, speaks
 only the $NEX protocol to the nodes (the control scenario uses the control socket) and
-removes everything it started when done. With --nats.servers it measures the nodes
+removes everything it started when done, or on SIGINT and SIGTERM; what a run killed
+with SIGKILL left running (found by its cgroups, nexbench-<pid>-<id>) the next run reaps. With --nats.servers it measures the nodes
 already behind that server instead (placement and throughput only), nexd or upstream.
 "nexbench compare" starts an upstream node (--upstream-nex, upstream's nex binary) and a
 nexd, each on its own NATS server, and runs the same scenarios against both, alternating:

@@ -332,25 +332,6 @@ func cgroupV1Root(runID string) string {
 	return filepath.Join(base, "nexbench-"+runID)
 }
 
-// removeCgroupTrees removes what is left of the per-run cgroup directories in every v1
-// hierarchy, deepest first. Nodes remove their own on SIGTERM; a killed node may leave
-// empty directories behind.
-func removeCgroupTrees(runID string) {
-	hs, _ := filepath.Glob("/sys/fs/cgroup/*/nexbench-" + runID)
-	for _, h := range hs {
-		var dirs []string
-		_ = filepath.WalkDir(h, func(p string, d fs.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				dirs = append(dirs, p)
-			}
-			return nil
-		})
-		for i := len(dirs) - 1; i >= 0; i-- {
-			_ = os.Remove(dirs[i])
-		}
-	}
-}
-
 func execOutput(name string, args ...string) (string, error) {
 	cmd := exec.Command(name, args...)
 	cmd.Env = childEnv()

@@ -101,6 +101,11 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out, floorOut *[]c
 	if _, err := up.waitReady(ctx, time.Minute); err != nil {
 		return err
 	}
+	// Into the run's cgroup, with the workloads it forks from now on: they outlive
+	// upstream's death, and a killed run's next run finds them there (reap.go).
+	if err := adopt(h.runID, "upstream-main", up.Pid()); err != nil {
+		return err
+	}
 	spec := nodeSpec{Name: "nexd-main", Servers: []string{nsNx.URL()}, Nexd: nxBin}
 	runtime := "on the host's file systems (--runtime-on-host)"
 	if !h.o.RuntimeOnHost && h.o.Self != "" && os.Geteuid() == 0 {
@@ -178,6 +183,9 @@ func (h *Harness) compareInto(ctx context.Context, r *Result, out, floorOut *[]c
 				r.notef("floor: %v", err)
 			}
 		}()
+		if err := adopt(h.runID, "floor", fl.cmd.Process.Pid); err != nil {
+			return err
+		}
 		c, err := newClient(nsFl.URL(), h.o.Namespace)
 		if err != nil {
 			return err

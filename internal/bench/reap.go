@@ -1,0 +1,260 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/dirlock"
+)
+
+// A run's leftovers are found by its names, which only nexbench makes: the cgroup
+// directory nexbench-<pid>-<6 of [0-9a-z]> in each v1 hierarchy (every node's
+// --cgroup-root is below it, so its nexlets and workloads are too; upstream and floor
+// nodes are moved into it once ready), nexd processes whose --cgroup-root is below it,
+// and the temp dir nexbench-<pid>-<6>-*. The run holds a flock on its cgroup directory
+// while it lives; a run whose pid is gone and whose directory nobody holds was killed
+// (kill -9) and is reaped by the next run. A kill -9'd run's nexd gets SIGTERM from its
+// parent-death signal but cannot drain: its NATS server was inside nexbench.
+
+const runPrefix = "nexbench-"
+
+// isRunName says whether name is a run's cgroup directory name, and its pid.
+func isRunName(name string) (pid int, ok bool) {
+	rest, ok := strings.CutPrefix(name, runPrefix)
+	if !ok {
+		return 0, false
+	}
+	p, id, ok := strings.Cut(rest, "-")
+	if !ok || len(id) != 6 || strings.Trim(id, "0123456789abcdefghijklmnopqrstuvwxyz") != "" {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(p)
+	if err != nil || pid <= 0 || strconv.Itoa(pid) != p {
+		return 0, false
+	}
+	return pid, true
+}
+
+// runGroups lists the run's cgroup directories, one per v1 hierarchy that has it.
+func runGroups(runID string) []string {
+	dirs, _ := filepath.Glob("/sys/fs/cgroup/*/" + runPrefix + runID)
+	return dirs
+}
+
+// procsHierarchy is the v1 hierarchy that started upstream and floor nodes are moved
+// into (the run's group there, <name>/): pids, which limits nothing here and costs
+// least, else memory; "" when neither is writable.
+func procsHierarchy() string {
+	for _, h := range []string{"/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory"} {
+		if unix.Access(filepath.Join(h, "cgroup.procs"), unix.W_OK) == nil {
+			return h
+		}
+	}
+	return ""
+}
+
+// holdRun makes the run's cgroup directory in the procs hierarchy and holds it for the
+// run's life (the kernel lets go when nexbench dies, however it dies); nil when there
+// is no writable v1 hierarchy.
+func holdRun(runID string) (*dirlock.Lock, error) {
+	h := procsHierarchy()
+	if h == "" {
+		return nil, nil
+	}
+	dir := filepath.Join(h, runPrefix+runID)
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return nil, fmt.Errorf("run cgroup: %w", err)
+	}
+	l, err := dirlock.Hold(dir, "", 0)
+	if err != nil {
+		return nil, fmt.Errorf("run cgroup: %w", err)
+	}
+	return l, nil
+}
+
+// adopt moves pid (a started upstream or floor node, once ready: its workloads come
+// later and are forked into the group) into the run's group name in the procs
+// hierarchy, so that a killed run's next run finds it and what it started.
+func adopt(runID, name string, pid int) error {
+	h := procsHierarchy()
+	if h == "" {
+		return nil
+	}
+	dir := filepath.Join(h, runPrefix+runID, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("adopt %s: %w", name, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+		return fmt.Errorf("adopt %s (pid %d): %w", name, pid, err)
+	}
+	return nil
+}
+
+// reapDead reaps every run of nexbench that is gone without cleaning up (its pid is
+// not running and no process holds its cgroup directory): the nexd processes, nexlets,
+// workloads, upstream nodes and their workloads it started, its cgroup directories and
+// its temp dir. Runs still going (any other nexbench's) and anything not named as a
+// run's are left alone.
+func reapDead(self string, log *slog.Logger) {
+	all, _ := filepath.Glob("/sys/fs/cgroup/*/" + runPrefix + "*")
+	seen := map[string]bool{}
+	for _, d := range all {
+		name := filepath.Base(d)
+		pid, ok := isRunName(name)
+		if !ok || seen[name] || name == runPrefix+self {
+			continue
+		}
+		seen[name] = true
+		if err := unix.Kill(pid, 0); err == nil || errors.Is(err, unix.EPERM) {
+			continue // its nexbench runs (or the pid is another's now: left alone)
+		}
+		runID := strings.TrimPrefix(name, runPrefix)
+		var locks []*dirlock.Lock
+		held := false
+		for _, g := range runGroups(runID) {
+			l, err := dirlock.Hold(g, "", 0)
+			if err != nil {
+				held = errors.Is(err, dirlock.ErrHeld)
+				if held {
+					break
+				}
+				continue
+			}
+			locks = append(locks, l)
+		}
+		if !held {
+			killed, err := reapRun(runID, false)
+			log.Warn("reaped what a killed nexbench run left", "run", runID, "killed", killed, "err", err)
+		}
+		for _, l := range locks {
+			l.Release()
+		}
+	}
+}
+
+// reapRun kills what is left of run runID and removes its cgroup directories and,
+// unless ownRun (Close removes its own, or keeps it: --keep), its temp dir. It returns
+// how many processes it killed.
+func reapRun(runID string, ownRun bool) (killed int, err error) {
+	groups := runGroups(runID)
+	me := os.Getpid()
+	// nexd first, so that none restarts a nexlet while they go.
+	for _, pid := range nexdsBelow(groups) {
+		if pid != me && unix.Kill(pid, unix.SIGKILL) == nil {
+			killed++
+		}
+	}
+	// Then every process in the run's groups, again until none is left (a process may
+	// fork while its group is killed), for 10 s at most.
+	deadline := time.Now().Add(10 * time.Second)
+	var left []int
+	for {
+		left = procsBelow(groups)
+		left = slices.DeleteFunc(left, func(p int) bool { return p == me })
+		if len(left) == 0 || time.Now().After(deadline) {
+			break
+		}
+		for _, p := range left {
+			if unix.Kill(p, unix.SIGKILL) == nil {
+				killed++
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var errs []error
+	if len(left) > 0 {
+		errs = append(errs, fmt.Errorf("processes %v of run %s survive SIGKILL", left, runID))
+	}
+	for _, g := range groups {
+		errs = append(errs, removeTree(g))
+	}
+	if !ownRun {
+		tmps, _ := filepath.Glob(filepath.Join(os.TempDir(), runPrefix+runID+"-*"))
+		for _, t := range tmps {
+			errs = append(errs, os.RemoveAll(t))
+		}
+	}
+	return killed, errors.Join(errs...)
+}
+
+// procsBelow lists the processes in the groups and their descendants.
+func procsBelow(groups []string) []int {
+	var out []int
+	for _, g := range groups {
+		_ = filepath.WalkDir(g, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || !d.IsDir() {
+				return nil
+			}
+			b, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+			if err != nil {
+				return nil
+			}
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil && !slices.Contains(out, pid) {
+					out = append(out, pid)
+				}
+			}
+			return nil
+		})
+	}
+	return out
+}
+
+// nexdsBelow lists the processes started with a --cgroup-root inside one of the groups:
+// the run's nexd processes, which live outside the run's groups.
+func nexdsBelow(groups []string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		for i, a := range args {
+			root, ok := strings.CutPrefix(a, "--cgroup-root=")
+			if !ok && a == "--cgroup-root" && i+1 < len(args) {
+				root, ok = args[i+1], true
+			}
+			if ok && slices.ContainsFunc(groups, func(g string) bool {
+				return root == g || strings.HasPrefix(root, g+"/")
+			}) {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// removeTree removes dir's cgroup directories, deepest first.
+func removeTree(dir string) error {
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	var errs []error
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if err := os.Remove(dirs[i]); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

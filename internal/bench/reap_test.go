@@ -1,0 +1,170 @@
+package bench
+
+import (
+	"bytes"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestStoppedRunLeavesNothing runs nexbench (the binary) with a node and 60 workloads,
+// stops it mid-run with a real signal and counts what of it still runs: with SIGINT and
+// SIGTERM it stops all itself; killed with SIGKILL its nexd, nexlet and workloads
+// outlive it (the fault: 95 processes were found so before this run's reaper existed),
+// and the next run's harness reaps them, its cgroups and its temp dir.
+func TestStoppedRunLeavesNothing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs nexd and nexbench")
+	}
+	if os.Geteuid() != 0 || procsHierarchy() == "" || cgroupV1Root("probe") == "" {
+		t.Skip("needs root and writable cgroup v1 hierarchies (the nodes' cgroups find what a run left)")
+	}
+	dir, err := os.MkdirTemp("", "benchbins-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	nexd, self := filepath.Join(dir, "nexd"), filepath.Join(dir, "nexbench")
+	for bin, pkg := range map[string]string{nexd: "github.com/nexd-project/nexd/cmd/nexd", self: "github.com/nexd-project/nexd/cmd/nexbench"} {
+		if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", pkg, err, out)
+		}
+	}
+	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGKILL} {
+		t.Run(sig.String(), func(t *testing.T) {
+			outf, err := os.Create(filepath.Join(t.TempDir(), "nexbench.out"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer outf.Close()
+			out := func() string { b, _ := os.ReadFile(outf.Name()); return string(b) }
+			cmd := exec.Command(self, "--nexd", nexd, "footprint", "--footprint", "60", "--idle", "1s", "-v")
+			cmd.Stdout, cmd.Stderr = outf, outf
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan struct{})
+			var waitErr error
+			go func() {
+				waitErr = cmd.Wait()
+				close(exited)
+			}()
+			defer func() {
+				_ = cmd.Process.Kill()
+				<-exited
+			}()
+			// The run's cgroups, once 20 of its workloads run.
+			var runID string
+			var procs []int
+			deadline := time.Now().Add(3 * time.Minute)
+			for {
+				if time.Now().After(deadline) {
+					t.Fatalf("no run with 20 workloads within 3 min; nexbench says:\n%s", out())
+				}
+				select {
+				case <-exited:
+					t.Fatalf("nexbench ended (%v) before 20 workloads ran:\n%s", waitErr, out())
+				case <-time.After(100 * time.Millisecond):
+				}
+				gs, _ := filepath.Glob(filepath.Join(procsHierarchy(), runPrefix+strconv.Itoa(cmd.Process.Pid)+"-*"))
+				if len(gs) != 1 {
+					continue
+				}
+				runID = strings.TrimPrefix(filepath.Base(gs[0]), runPrefix)
+				// Its nexlet and 20 workloads in its groups (a workload's group is made
+				// before its process joins it).
+				groups := runGroups(runID)
+				if below := procsBelow(groups); len(below) >= 21 {
+					procs = append(nexdsBelow(groups), below...)
+					break
+				}
+			}
+			if len(procs) < 22 {
+				t.Fatalf("the run's processes: %v; want its nexd, nexlet and 20 workloads at least", procs)
+			}
+			if err := cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-exited:
+			case <-time.After(3 * time.Minute):
+				t.Fatalf("nexbench still runs 3 min after %s:\n%s", sig, out())
+			}
+			if sig == syscall.SIGKILL {
+				time.Sleep(time.Second)
+				left := running(procs)
+				t.Logf("killed with SIGKILL: %d of the run's %d processes still run", len(left), len(procs))
+				if len(left) == 0 {
+					t.Fatal("nothing of the killed run outlived it: the reaper below is not tested")
+				}
+				// The next run reaps it on its start.
+				h, err := NewHarness(Options{Nexd: nexd, Log: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+				if err != nil {
+					t.Fatal(err)
+				}
+				h.Close()
+			}
+			if left := running(procs); len(left) > 0 {
+				t.Errorf("after %s, %d of the run's %d processes still run: %v\nnexbench says:\n%s", sig, len(left), len(procs), left, out())
+			}
+			if gs := runGroups(runID); len(gs) > 0 {
+				t.Errorf("after %s, the run's cgroups are left: %v", sig, gs)
+			}
+			if tmps, _ := filepath.Glob(filepath.Join(os.TempDir(), runPrefix+runID+"-*")); len(tmps) > 0 {
+				t.Errorf("after %s, the run's temp dir is left: %v", sig, tmps)
+			}
+		})
+	}
+}
+
+// running lists those of pids that still run (a zombie has ended).
+func running(pids []int) []int {
+	var out []int
+	for _, p := range pids {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(p), "stat"))
+		if err != nil {
+			continue
+		}
+		if i := bytes.LastIndexByte(b, ')'); i > 0 && len(b) > i+2 && b[i+2] == 'Z' {
+			continue
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// TestRunNames: only nexbench's own run names are taken for runs.
+func TestRunNames(t *testing.T) {
+	for name, want := range map[string]int{
+		"nexbench-123-ab12cd":      123,
+		"nexbench-123-AB12CD":      0,
+		"nexbench-123-ab12c":       0,
+		"nexbench-floor-123":       0,
+		"nexbench-0123-ab12cd":     0,
+		"nexbench--ab12cd":         0,
+		"nexd":                     0,
+		"nexbench-123-ab12cd-x":    0,
+		"nexd-e2e-27109-826104243": 0,
+	} {
+		pid, ok := isRunName(name)
+		if ok != (want != 0) || pid != want {
+			t.Errorf("isRunName(%q) = %d, %v; want %d", name, pid, ok, want)
+		}
+	}
+}
