@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -635,6 +636,52 @@ func TestRingAndFollow(t *testing.T) {
 	if !strings.Contains(string(b), `"level":"INFO"`) {
 		t.Errorf("Record JSON %s", b)
 	}
+}
+
+// TestFollowWatcherEnds: a follower's watcher goroutine ends with its follower, whether
+// its context ends or the logger closes first; before, a follower the logger closed
+// left its watcher parked on a context that might never end (a 100 such: 100 parked).
+func TestFollowWatcherEnds(t *testing.T) {
+	l, err := New(Options{Targets: []string{TargetStd}, Stderr: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel() // the followers outlive the test's checks: only Close ends them
+	var chs []<-chan Record
+	for range 100 {
+		chs = append(chs, l.Follow(ctx))
+	}
+	ended, cancelOne := context.WithCancel(context.Background())
+	one := l.Follow(ended)
+	if n := followWatchers(); n != 101 {
+		t.Fatalf("%d follow watchers running, want 101", n)
+	}
+	cancelOne()
+	waitClosed(t, one)
+	testkit.Eventually(t, "the ended follower's watcher to end", func() bool { return followWatchers() == 100 })
+	l.Close()
+	for _, ch := range chs {
+		waitClosed(t, ch)
+	}
+	// Close returns once the watchers are gone: no wait here.
+	if n := followWatchers(); n != 0 {
+		t.Fatalf("%d follow watchers still running after Close, with their context alive", n)
+	}
+}
+
+// followWatchers counts the goroutines running a follow watcher.
+func followWatchers() int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	return strings.Count(string(buf), "logging.(*ring).follow.func")
 }
 
 func waitClosed(t *testing.T, ch <-chan Record) {

@@ -21,16 +21,19 @@ type Record struct {
 const followBuffer = 256
 
 type ring struct {
-	mu        sync.Mutex
-	buf       []Record
-	next      int
-	full      bool
-	followers map[chan Record]struct{}
+	mu   sync.Mutex
+	buf  []Record
+	next int
+	full bool
+	// followers maps each follower's channel to the channel that lets its watcher go
+	// (closeFollowers); watchers waits for those goroutines.
+	followers map[chan Record]chan struct{}
+	watchers  sync.WaitGroup
 	closed    bool
 }
 
 func newRing(n int) *ring {
-	return &ring{buf: make([]Record, n), followers: map[chan Record]struct{}{}}
+	return &ring{buf: make([]Record, n), followers: map[chan Record]chan struct{}{}}
 }
 
 func (r *ring) add(rec Record) {
@@ -72,27 +75,42 @@ func (r *ring) follow(ctx context.Context) <-chan Record {
 		close(ch)
 		return ch
 	}
-	r.followers[ch] = struct{}{}
-	go func() {
-		<-ctx.Done()
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		if _, ok := r.followers[ch]; ok {
-			delete(r.followers, ch)
-			close(ch)
+	// The watcher ends the follower at ctx's end, or ends itself when the ring let the
+	// follower go first (closeFollowers, which waits for it): never parked past both.
+	done := make(chan struct{})
+	r.followers[ch] = done
+	r.watchers.Go(func() {
+		select {
+		case <-ctx.Done():
+			r.unfollow(ch)
+		case <-done:
 		}
-	}()
+	})
 	return ch
 }
 
-func (r *ring) closeFollowers() {
+// unfollow closes ch unless closeFollowers did.
+func (r *ring) unfollow(ch chan Record) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.closed = true
-	for ch := range r.followers {
+	if _, ok := r.followers[ch]; ok {
 		delete(r.followers, ch)
 		close(ch)
 	}
+}
+
+// closeFollowers closes every follower's channel and returns once their watchers have
+// ended; follow starts none afterwards.
+func (r *ring) closeFollowers() {
+	r.mu.Lock()
+	r.closed = true
+	for ch, done := range r.followers {
+		delete(r.followers, ch)
+		close(ch)
+		close(done)
+	}
+	r.mu.Unlock()
+	r.watchers.Wait()
 }
 
 // Recent returns the kept records, oldest first, that filter accepts (nil = all).
