@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -30,7 +31,10 @@ func GenDocs(root *cobra.Command, manDir, complDir string) error {
 	}
 	root.DisableAutoGenTag = true
 	hdr := &doc.GenManHeader{Title: "NEXCTL", Section: "1", Source: "nexd", Manual: "nexd manual", Date: &date}
-	if err := doc.GenManTree(root, hdr, manDir); err != nil {
+	restore := forMan(root)
+	err := doc.GenManTree(root, hdr, manDir)
+	restore()
+	if err != nil {
 		return fmt.Errorf("man pages into %s: %w", manDir, err)
 	}
 	name := root.Name()
@@ -48,6 +52,49 @@ func GenDocs(root *cobra.Command, manDir, complDir string) error {
 		}
 	}
 	return nil
+}
+
+// forMan gives every command's Long its man page form (manLong) until the returned
+// func puts --help's back.
+func forMan(c *cobra.Command) (restore func()) {
+	long := c.Long
+	c.Long = manLong(long)
+	var subs []func()
+	for _, sub := range c.Commands() {
+		subs = append(subs, forMan(sub))
+	}
+	return func() {
+		c.Long = long
+		for _, r := range subs {
+			r()
+		}
+	}
+}
+
+// manLong fences each block of indented lines that starts a paragraph (examples, as
+// --help shows them) as code, so that the man page keeps them as written (.EX): read
+// as Markdown they were a paragraph, whose first line lost its indent and the next
+// kept theirs, so the second example line stood out by two columns.
+func manLong(long string) string {
+	lines := strings.Split(long, "\n")
+	out := make([]string, 0, len(lines)+2)
+	in := false
+	for i, l := range lines {
+		indented := strings.HasPrefix(l, "  ") || strings.HasPrefix(l, "\t")
+		switch {
+		case in && !indented:
+			out = append(out, "```")
+			in = false
+		case !in && indented && (i == 0 || strings.TrimSpace(lines[i-1]) == ""):
+			out = append(out, "```")
+			in = true
+		}
+		out = append(out, l)
+	}
+	if in {
+		out = append(out, "```")
+	}
+	return strings.Join(out, "\n")
 }
 
 // genDocsCommand is the hidden "__gen-docs DIR" used by packaging: DIR/man and
