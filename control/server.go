@@ -440,6 +440,11 @@ func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
 		s.backendError(w, r, err)
 		return
 	}
+	if p, ok := PeerFromContext(r.Context()); !ok || p.Err != nil || !s.isAdmin(p) {
+		// Any local user may ask (control_allow_others = status): counts and health,
+		// not the tenants' workloads (TestAttackPublicStatusShowsNoWorkloads).
+		st = st.PublicView()
+	}
 	writeJSON(w, http.StatusOK, st)
 }
 

@@ -159,6 +159,44 @@ type Status struct {
 	// LastDrain is how the node's last lame duck drain ended, kept in its state
 	// directory until its next lame duck (INFO's nexd_last_drain).
 	LastDrain *protocol.LastDrain `json:"last_drain,omitempty"`
+	// TombstoneCount is how many tombstones there are: the public view has the count
+	// and not the list.
+	TombstoneCount int `json:"tombstone_count,omitempty"`
+	// Public marks the answer given to a local user outside group nex
+	// (control_allow_others = status): see PublicView.
+	Public bool `json:"public,omitempty"`
+}
+
+// PublicView is what a local user outside group nex may see of st: counts and the
+// node's health, never a workload's or a tenant's name, id or namespace, nor the
+// node's paths, pids or error texts. It copies an allow-list, so a field added to
+// Status later stays out of it until it is added here (TestPublicViewAllowList).
+func (st Status) PublicView() Status {
+	p := Status{
+		NodeID: st.NodeID, Name: st.Name, Nexus: st.Nexus, Version: st.Version, Commit: st.Commit,
+		StartTime: st.StartTime, Uptime: st.Uptime, State: st.State, Detail: st.Detail,
+		LameduckUntil: st.LameduckUntil, WorkloadsAsOf: st.WorkloadsAsOf,
+		Workloads: st.Workloads, AuctionsNotBid: st.AuctionsNotBid,
+		TombstoneCount: max(st.TombstoneCount, len(st.Tombstones)),
+		Public:         true,
+	}
+	p.NATS = NATSStatus{Server: st.NATS.Server, RTT: st.NATS.RTT, Reconnects: st.NATS.Reconnects,
+		Embedded: st.NATS.Embedded, Connected: st.NATS.Connected, Leaf: st.NATS.Leaf}
+	if js := st.NATS.JetStream; js != nil {
+		p.NATS.JetStream = &JetStreamStatus{State: js.State, Replicas: js.Replicas, Current: js.Current, Since: js.Since, Checked: js.Checked}
+	}
+	p.Cgroup = CgroupStatus{Driver: st.Cgroup.Driver, Mode: st.Cgroup.Mode, Enforced: st.Cgroup.Enforced}
+	if ls := st.LocalState; ls != nil {
+		p.LocalState = &LocalStateStatus{State: ls.State, Since: ls.Since, Checked: ls.Checked}
+	}
+	if d := st.LastDrain; d != nil {
+		p.LastDrain = &protocol.LastDrain{State: d.State, At: d.At}
+	}
+	p.Nexlets = make([]Nexlet, 0, len(st.Nexlets))
+	for _, n := range st.Nexlets {
+		p.Nexlets = append(p.Nexlets, Nexlet{Name: n.Name, Type: n.Type, State: n.State, Restarts: n.Restarts, Health: n.Health})
+	}
+	return p
 }
 
 // LocalStateStatus is whether the node's local state can be written.

@@ -66,6 +66,7 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 	}
 	st.AuctionsNotBid = b.s.node.NotBid()
 	st.Tombstones = b.s.tombstoneList()
+	st.TombstoneCount = len(st.Tombstones)
 	st.LocalState = b.s.disk.status()
 	st.LastDrain = b.s.node.LastDrain()
 	return st, nil

@@ -458,12 +458,17 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	}
 	if len(st.Tombstones) > 0 {
 		rows = append(rows, [2]string{"Tombstones", tombstonesText(st.Tombstones, len(st.Tombstones), now)})
+	} else if st.TombstoneCount > 0 {
+		rows = append(rows, [2]string{"Tombstones", fmt.Sprintf("%d stopped workload(s) kept out of replays; removal from node state pending", st.TombstoneCount)})
 	}
 	if st.WorkloadUsers != "" {
 		rows = append(rows, [2]string{"Workloads run as", st.WorkloadUsers})
 	}
 	if d := st.LastDrain; d != nil {
 		rows = append(rows, [2]string{"Last drain", lastDrainText(d, now)})
+	}
+	if st.Public {
+		rows = append(rows, [2]string{"View", "public: counts and health only (root and members of group nex see the rest)"})
 	}
 	if err := kvTable(w, "", rows); err != nil {
 		return err
