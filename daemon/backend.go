@@ -54,14 +54,13 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 	st.Cgroup = control.CgroupStatus{Driver: cfg.Node.CgroupDriver, Mode: string(cg.Mode()), Enforced: cg.Enforced(), Reason: cg.Reason()}
 	st.WorkloadUsers = workloadUsers(cfg)
 	st.Nexlets, _ = b.Nexlets(ctx)
-	ws, asOf, err := b.s.node.KnownWorkloads(ctx)
+	// Shared and kept (statusCount): any local user may ask for status.
+	wc, err := b.s.status.count(ctx, b.s, statusMaxAge)
 	if err == nil {
-		for _, w := range ws {
-			st.Workloads[string(w.WorkloadState)]++
-		}
+		st.Workloads = wc.byState
 	}
-	if !asOf.IsZero() {
-		t := asOf.UTC()
+	if !wc.asOf.IsZero() {
+		t := wc.asOf.UTC()
 		st.WorkloadsAsOf = &t
 	}
 	st.AuctionsNotBid = b.s.node.NotBid()

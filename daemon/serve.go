@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -265,42 +266,105 @@ func (s *server) statusLoop(ctx context.Context) {
 // saw nothing that would change it (node.WorkloadChanges).
 const statusRefresh = time.Minute
 
-// statusCount is the status line's workload count, kept while it cannot have changed:
-// counting means listing every workload of every nexlet (thousands of records to
-// encode in the nexlets and decode in nexd), every 5 s.
+// statusCount is the node's workload count by state, as the status line and the
+// control socket's status show it, kept while it cannot have changed: counting means
+// listing every workload of every nexlet (thousands of records to encode in the
+// nexlets and decode in nexd). It is asked again only when the node saw something
+// that may change it (node.WorkloadChanges), its NATS connection came or went, or it
+// is older than the caller allows; callers that come while a listing is under way
+// share its answer, so any number of concurrent status calls (any local user may
+// make them, control_allow_others = status) costs at most one listing at a time
+// (TestPublicStatusSharesListings).
 type statusCount struct {
 	mu        sync.Mutex
-	ok        bool
+	ok        bool // last holds a listing's answer
 	changes   uint64
 	connected bool
 	at        time.Time
-	running   int
-	known     string
+	last      workloadCount
+	lastErr   error
+	flight    chan struct{} // while a listing is under way; closed when it ends
 }
 
-func (c *statusCount) workloads(s *server) (int, string) {
+// workloadCount is one counting: by state, in all, and when the listing was taken if
+// it is not fresh (NATS down: the last listing taken while connected).
+type workloadCount struct {
+	byState map[string]int
+	total   int
+	asOf    time.Time
+}
+
+// statusMaxAge bounds how old the workload count in a control status may be while
+// the node saw nothing that would change it: a state a nexlet changes on its own
+// (starting to running) shows within it.
+const statusMaxAge = 2 * time.Second
+
+// count returns the workload count, listing the nexlets only when the kept one is
+// older than maxAge or may have changed; a caller that joins a listing under way takes
+// its answer. The listing runs on the node's context, not ctx (others may wait for
+// it); ctx bounds only this caller's wait.
+func (c *statusCount) count(ctx context.Context, s *server, maxAge time.Duration) (workloadCount, error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	changes, connected := s.node.WorkloadChanges(), s.conn.Connected()
-	if c.ok && changes == c.changes && connected == c.connected && time.Since(c.at) < statusRefresh {
-		return c.running, c.known
+	if c.ok && c.lastErr == nil && changes == c.changes && connected == c.connected && time.Since(c.at) < maxAge {
+		defer c.mu.Unlock()
+		return c.last.clone(), nil
 	}
+	if ch := c.flight; ch != nil {
+		c.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return workloadCount{}, ctx.Err()
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.last.clone(), c.lastErr
+	}
+	ch := make(chan struct{})
+	c.flight = ch
+	c.mu.Unlock()
+
+	var wc workloadCount
+	var err error
 	if connected && s.node.HoldsNothing(changes) {
-		c.ok, c.running, c.known, c.changes, c.connected, c.at = true, 0, "", changes, connected, time.Now()
-		return 0, ""
+		wc.byState = map[string]int{}
+	} else {
+		var ws []protocol.WorkloadSummary
+		ws, wc.asOf, err = s.node.KnownWorkloads(s.ctx)
+		wc.byState = make(map[string]int, 4)
+		for _, w := range ws {
+			wc.byState[string(w.WorkloadState)]++
+		}
+		wc.total = len(ws)
 	}
-	ws, asOf, err := s.node.KnownWorkloads(s.ctx)
+	c.mu.Lock()
+	// changes and connected as read before the listing: a change during it makes the
+	// next caller list again.
+	c.ok, c.last, c.lastErr, c.changes, c.connected, c.at = true, wc, err, changes, connected, time.Now()
+	c.flight = nil
+	close(ch)
+	c.mu.Unlock()
+	return wc.clone(), err
+}
+
+func (w workloadCount) clone() workloadCount {
+	w.byState = maps.Clone(w.byState)
+	return w
+}
+
+// workloads is the status line's count and what it says when the count is the last
+// known one.
+func (c *statusCount) workloads(s *server) (int, string) {
+	wc, err := c.count(s.ctx, s, statusRefresh)
 	if err != nil {
-		c.ok = false
 		return 0, ""
 	}
-	c.running, c.known = len(ws), ""
-	if !asOf.IsZero() {
+	if !wc.asOf.IsZero() {
 		// The nexlets cannot be asked; their workloads run on, so 0 would mislead.
-		c.known = " (last known " + asOf.UTC().Format(time.TimeOnly) + " UTC, NATS down)"
+		return wc.total, " (last known " + wc.asOf.UTC().Format(time.TimeOnly) + " UTC, NATS down)"
 	}
-	c.ok, c.changes, c.connected, c.at = true, changes, connected, time.Now()
-	return c.running, c.known
+	return wc.total, ""
 }
 
 // statusLine says in one line what the node is doing.

@@ -138,7 +138,7 @@ type nexdOpts struct {
 
 // startNexd runs the real nexd binary with a clean environment (no config files from
 // the host: HOME and the working directory are temp dirs).
-func startNexd(t *testing.T, o nexdOpts) *proc {
+func startNexd(t testing.TB, o nexdOpts) *proc {
 	t.Helper()
 	dir := o.dir
 	if dir == "" {
@@ -160,7 +160,7 @@ func startNexd(t *testing.T, o nexdOpts) *proc {
 // startProc starts a prepared nexd command (its Dir is the node's working directory),
 // captures its output, and on cleanup stops it with SIGTERM (SIGKILL after 30 s),
 // logging the output when the test failed.
-func startProc(t *testing.T, cmd *exec.Cmd) *proc {
+func startProc(t testing.TB, cmd *exec.Cmd) *proc {
 	t.Helper()
 	p := &proc{out: &testkit.Buffer{}, done: make(chan struct{}), dir: cmd.Dir}
 	cmd.Stdout, cmd.Stderr = p.out, p.out
@@ -218,7 +218,7 @@ func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 }
 
 // run executes a binary to completion and returns stdout, stderr and the exit code.
-func run(t *testing.T, env []string, bin string, args ...string) (string, string, int) {
+func run(t testing.TB, env []string, bin string, args ...string) (string, string, int) {
 	t.Helper()
 	so, se, code, err := runIn(t.TempDir(), env, bin, args...)
 	if err != nil {

@@ -55,7 +55,7 @@ type nodeOpts struct {
 
 // cgroupRoot gives each test its own v1 subtree (when this host has writable v1
 // memory cgroups), so tests never clean up each other's nexlets.
-func cgroupRoot(t *testing.T) string {
+func cgroupRoot(t testing.TB) string {
 	t.Helper()
 	base := "/sys/fs/cgroup/memory"
 	if !cgroupV1Writable() {
@@ -150,7 +150,7 @@ func removeTree(dir string) {
 	syscall.Rmdir(dir)
 }
 
-func startNode(t *testing.T, o nodeOpts) *node {
+func startNode(t testing.TB, o nodeOpts) *node {
 	t.Helper()
 	n := &node{stateDir: o.stateDir}
 	if n.stateDir == "" {
@@ -210,7 +210,7 @@ func (n *node) restart(t *testing.T, opts nodeOpts) *node {
 // waitReady waits until the control socket answers with state running. It asks
 // in-process, not through nexctl, so that polling does not start a process every
 // few milliseconds on a loaded machine.
-func (n *node) waitReady(t *testing.T) control.Status {
+func (n *node) waitReady(t testing.TB) control.Status {
 	t.Helper()
 	c := control.NewClient(n.socket)
 	defer c.Close()
@@ -261,7 +261,7 @@ func (n *node) natsArgs() []string {
 
 // waitNative waits, once per node, until the native nexlet is healthy: ready means
 // registered, and healthy (which a bid needs) follows with its first heartbeat.
-func (n *node) waitNative(t *testing.T) {
+func (n *node) waitNative(t testing.TB) {
 	t.Helper()
 	if n.nativeSeen {
 		return
@@ -286,14 +286,14 @@ func (n *node) waitNative(t *testing.T) {
 }
 
 // ctl runs nexctl against this node (socket and NATS).
-func (n *node) ctl(t *testing.T, args ...string) (string, string, int) {
+func (n *node) ctl(t testing.TB, args ...string) (string, string, int) {
 	t.Helper()
 	full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
 	full = append(full, args...)
 	return run(t, nil, nexctlBin(t), full...)
 }
 
-func (n *node) mustCtl(t *testing.T, args ...string) string {
+func (n *node) mustCtl(t testing.TB, args ...string) string {
 	t.Helper()
 	out, errOut, code := n.ctl(t, args...)
 	if code != 0 {

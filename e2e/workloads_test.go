@@ -31,7 +31,7 @@ type runResult struct {
 	Node string `json:"node"`
 }
 
-func (n *node) runWorkload(t *testing.T, args ...string) runResult {
+func (n *node) runWorkload(t testing.TB, args ...string) runResult {
 	t.Helper()
 	n.waitNative(t)
 	out := n.mustCtl(t, append([]string{"--json", "workload", "run"}, args...)...)
