@@ -353,7 +353,14 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	}
 
 	r.replay(resp.ExistingState, replay)
-	r.log.Info("nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
+	// A nexlet its node spawned (a local channel from it, or its socket to adopt it)
+	// logs to that node's log, where the node logs the registration itself: at Info
+	// each start showed "nexlet registered" twice.
+	level := slog.LevelInfo
+	if r.local != nil || r.sockPath != "" {
+		level = slog.LevelDebug
+	}
+	r.log.Log(context.Background(), level, "nexlet registered", "node_id", r.nodeID, "agent_id", agentID, "name", reg.Name, "type", reg.RegisterType)
 	return nil
 }
 

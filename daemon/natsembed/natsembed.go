@@ -186,7 +186,9 @@ func connectZeroConfig(ctx context.Context, client natsconn.Options, o Options, 
 	if err != nil {
 		return nil, err
 	}
-	log.Info("no NATS configured: using an embedded NATS server (operator mode: every client needs a user JWT signed by nexd)",
+	// Why there is no other server is the configuration's warning, logged before: this
+	// says where this one is, not again that none was configured.
+	log.Info("embedded NATS server serving (operator mode: every client needs a user JWT signed by nexd)",
 		"client_url", url, "account", trust.AccountPub(), "jetstream_store", filepath.Join(store, server.JetStreamStoreDir),
 		"persistent", tempStore == "")
 	if o.LeafRemote != "" {

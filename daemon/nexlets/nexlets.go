@@ -246,7 +246,7 @@ func New(ctx context.Context, o Options) (_ *Manager, err error) {
 		m.cg = cg
 	}
 	cg := m.cg
-	m.log.Info("cgroups", "mode", string(cg.Mode()), "enforced", strings.Join(cg.Enforced(), ","), "reason", cg.Reason())
+	m.log.Info("cgroups", "mode", string(cg.Mode()), "root", cg.Path(), "enforced", strings.Join(cg.Enforced(), ","), "reason", cg.Reason())
 
 	if m.specs, err = m.resolve(ctx, cfg); err != nil {
 		return nil, err

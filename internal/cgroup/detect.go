@@ -68,7 +68,9 @@ func detect(hst host, root, instance string, log *slog.Logger) (*Manager, error)
 		m = autoDetect(hst, mounts, instance, log)
 	}
 	reason := m.Reason()
-	log.Info("cgroup mode", "mode", m.mode, "root", m.Path(), "enforced", m.Enforced())
+	// Debug: the caller logs the mode it ends up with (nexd's "cgroups", after entering
+	// its supervisor cgroup), which an Info here repeated on every start.
+	log.Debug("cgroup mode", "mode", m.mode, "root", m.Path(), "enforced", m.Enforced())
 	if reason != "" {
 		log.Warn("resource limits not (all) enforced", "mode", m.mode, "reason", reason)
 	}
