@@ -71,8 +71,20 @@ func TestDeployNodeSilentMidRequest(t *testing.T) {
 		t.Fatalf("slow node saying it is alive: %+v %v", r, err)
 	}
 
-	// A signed bidder (nexd) that never acknowledges: silent from the start.
+	// A deploy subject nobody serves (the bidder is gone): the server's no-responders
+	// status says the request reached no node, so nothing started and the next bid may
+	// be tried. Before (a sync subscription, whose read turned that status into an
+	// error) it was reported at once as a node that "never acknowledged the request in
+	// 400ms", an unknown outcome.
 	_, err = f.deploy(ctx, "nobody-nexd", req, true)
+	if !errors.Is(err, errNotStarted) || !strings.Contains(err.Error(), "bid nobody-nexd expired") {
+		t.Fatalf("bidder gone: %v, want %v", err, errNotStarted)
+	}
+	// A signed bidder (nexd) that takes the request and never acknowledges: silent from
+	// the start.
+	silent, _ := nc.Subscribe(protocol.DeploySubject("default", "silent-nexd"), func(*nats.Msg) {})
+	defer silent.Unsubscribe()
+	_, err = f.deploy(ctx, "silent-nexd", req, true)
 	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "never acknowledged") {
 		t.Fatalf("silent nexd: %v", err)
 	}

@@ -502,11 +502,13 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	subject := protocol.DeploySubject(req.Namespace, bidderID)
 	before := f.nc.LastError()
 	inbox := f.nc.NewInbox()
-	sub, err := f.nc.SubscribeSync(inbox)
+	// The node's answer, keep-alives and progress wait in a list sized to them, not a
+	// sync subscription's 512 KB channel (scatter.Replies).
+	sub, err := scatter.Subscribe(f.nc, inbox)
 	if err != nil {
 		return r, fmt.Errorf("subscribe for the deploy reply: %w", err)
 	}
-	defer sub.Unsubscribe()
+	defer sub.Close()
 	// HeaderProgress asks a node that can to report how the start goes (an artifact
 	// download) with body-less replies before its answer; others ignore it.
 	msg := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderProgress: {"1"}}}
@@ -539,7 +541,7 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 			}
 		}
 		rctx, cancel := context.WithDeadline(ctx, until)
-		m, err = sub.NextMsgWithContext(rctx)
+		m, err = sub.Next(rctx)
 		cancel()
 		switch {
 		case err != nil && ctx.Err() != nil:
@@ -758,11 +760,11 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 	}
 	before := f.nc.LastError()
 	inbox := f.nc.NewInbox()
-	sub, err := f.nc.SubscribeSync(inbox)
+	sub, err := scatter.Subscribe(f.nc, inbox)
 	if err != nil {
 		return ret, false, fmt.Errorf("subscribe for stop replies: %w", err)
 	}
-	defer sub.Unsubscribe()
+	defer sub.Close()
 	m := &nats.Msg{Subject: protocol.UndeploySubject(ns, id), Reply: inbox, Data: data,
 		Header: nats.Header{protocol.HeaderProgress: {"1"}}}
 	if err := f.nc.PublishMsg(m); err != nil {
@@ -779,7 +781,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 			break
 		}
 		rctx, cancel := context.WithTimeout(ctx, left)
-		m, err := sub.NextMsgWithContext(rctx)
+		m, err := sub.Next(rctx)
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {

@@ -37,3 +37,52 @@ func BenchmarkGather(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkOneShotReply is one request and its one reply read from a subscription of
+// its own, as nexctl's deploy and stop read theirs: sub=sync is the sync subscription
+// they used (its 64Ki-slot channel allocated on every call), sub=replies Subscribe.
+func BenchmarkOneShotReply(b *testing.B) {
+	s := testnats.Start(b, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(b, s)
+	resp := testnats.Connect(b, s)
+	if _, err := resp.Subscribe("svc", func(m *nats.Msg) { _ = m.Respond([]byte("x")) }); err != nil {
+		b.Fatal(err)
+	}
+	if err := resp.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("sub=sync", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			inbox := nc.NewInbox()
+			sub, err := nc.SubscribeSync(inbox)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := nc.PublishRequest("svc", inbox, nil); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := sub.NextMsgWithContext(b.Context()); err != nil {
+				b.Fatal(err)
+			}
+			_ = sub.Unsubscribe()
+		}
+	})
+	b.Run("sub=replies", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			inbox := nc.NewInbox()
+			r, err := Subscribe(nc, inbox)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := nc.PublishRequest("svc", inbox, nil); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := r.Next(b.Context()); err != nil {
+				b.Fatal(err)
+			}
+			r.Close()
+		}
+	})
+}

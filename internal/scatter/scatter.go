@@ -39,36 +39,11 @@ type Options struct {
 func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o Options) ([]*nats.Msg, error) {
 	before := nc.LastError()
 	inbox := nc.NewInbox()
-	// Replies wait in the subscription's own list, which grows with the burst and is
-	// unbounded (pending limits off: a large fleet's burst is never dropped for a slow
-	// reader); its handler hands them over one at a time. A sync subscription instead
-	// allocated a channel of 64Ki slots (512 KB) on every call, and dropped replies
-	// past them.
-	next := make(chan *nats.Msg)
-	stop := make(chan struct{})
-	sub, err := nc.Subscribe(inbox, func(m *nats.Msg) {
-		select {
-		case next <- m:
-		case <-stop:
-		}
-	})
+	r, err := Subscribe(nc, inbox)
 	if err != nil {
 		return nil, fmt.Errorf("subscribe for replies to %s: %w", subject, err)
 	}
-	// nats.go's delivery goroutine calls the closed handler as it ends: waiting for it
-	// leaves no handler running past Gather. Had the subscription already closed (the
-	// connection closed under us), that goroutine may be gone without calling it.
-	ended := make(chan struct{})
-	sub.SetClosedHandler(func(string) { close(ended) })
-	waitEnd := sub.IsValid()
-	defer func() {
-		close(stop)
-		_ = sub.Unsubscribe()
-		if waitEnd {
-			<-ended
-		}
-	}()
-	_ = sub.SetPendingLimits(-1, -1)
+	defer r.Close()
 	if err := nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: o.Header}); err != nil {
 		return nil, fmt.Errorf("request %s: %w", subject, err)
 	}
@@ -82,10 +57,10 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 	for {
 		var m *nats.Msg
 		select {
-		case m = <-next:
+		case m = <-r.next:
 		case <-timer.C:
 			return out, nil // quiet long enough: done
-		case <-ended:
+		case <-r.ended:
 			return out, nil // the connection closed: nothing more comes
 		case <-ctx.Done():
 			return out, ctx.Err()
@@ -117,6 +92,69 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 		if o.Max > 0 && len(out) >= o.Max {
 			return out, nil
 		}
+	}
+}
+
+// Replies is a subscription for the replies to one request, read with Next. They wait
+// in the subscription's own list, which grows with them and is unbounded (pending
+// limits off: a large fleet's burst is never dropped for a slow reader); its handler
+// hands them over one at a time. A sync subscription (nc.SubscribeSync) instead
+// allocates a channel of 64Ki slots (512 KB) on every call, and drops replies past
+// them, its first overflow (ErrSlowConsumer) read as the end.
+type Replies struct {
+	sub     *nats.Subscription
+	next    chan *nats.Msg
+	stop    chan struct{}
+	ended   chan struct{}
+	waitEnd bool
+}
+
+// ErrClosed is Next's error once the subscription ended (the connection closed).
+var ErrClosed = errors.New("reply subscription closed")
+
+// Subscribe subscribes to subject (a reply inbox) for Next; Close ends it.
+func Subscribe(nc *nats.Conn, subject string) (*Replies, error) {
+	r := &Replies{next: make(chan *nats.Msg), stop: make(chan struct{}), ended: make(chan struct{})}
+	sub, err := nc.Subscribe(subject, func(m *nats.Msg) {
+		select {
+		case r.next <- m:
+		case <-r.stop:
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	// nats.go's delivery goroutine calls the closed handler as it ends: waiting for it
+	// (Close) leaves no handler running past the subscription. Had the subscription
+	// already closed (the connection closed under us), that goroutine may be gone
+	// without calling it.
+	sub.SetClosedHandler(func(string) { close(r.ended) })
+	r.waitEnd = sub.IsValid()
+	_ = sub.SetPendingLimits(-1, -1)
+	r.sub = sub
+	return r, nil
+}
+
+// Next returns the next reply, waiting until ctx ends (its error) or the subscription
+// ends (ErrClosed).
+func (r *Replies) Next(ctx context.Context) (*nats.Msg, error) {
+	select {
+	case m := <-r.next:
+		return m, nil
+	case <-r.ended:
+		return nil, ErrClosed
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Close unsubscribes and returns once the subscription's handler is gone; replies not
+// read are dropped.
+func (r *Replies) Close() {
+	close(r.stop)
+	_ = r.sub.Unsubscribe()
+	if r.waitEnd {
+		<-r.ended
 	}
 }
 

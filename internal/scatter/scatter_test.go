@@ -3,6 +3,7 @@ package scatter
 import (
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -196,6 +197,66 @@ func TestGatherBurstLosesNoReply(t *testing.T) {
 	got, err = Gather(t.Context(), nc, "flood", nil, Options{First: 10 * time.Second, Stall: 10 * time.Second, Max: flood, Promise: hold})
 	if err != nil || len(got) != flood {
 		t.Errorf("flood: %d replies, %v; want %d", len(got), err, flood)
+	}
+}
+
+// TestRepliesBurstLosesNoReply is TestGatherBurstLosesNoReply for a one-shot reply
+// subscription read with Next (nexctl's deploy and stop): 70,000 replies that arrive
+// while the reader is held up for a second are all read, in order. nexctl used a sync
+// subscription there, a 64Ki-slot channel (512 KB) allocated on every call whose
+// overflow dropped replies: the first read after it returned ErrSlowConsumer, which
+// nexctl took for the end, so none of the 70,000 was read (the same flood, 15:55 UTC).
+func TestRepliesBurstLosesNoReply(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	resp := testnats.Connect(t, s)
+	const flood = 70_000
+	if _, err := resp.Subscribe("flood", func(m *nats.Msg) {
+		for i := range flood {
+			if err := resp.Publish(m.Reply, []byte(strconv.Itoa(i))); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+		if err := resp.Flush(); err != nil {
+			t.Error(err)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := resp.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	inbox := nc.NewInbox()
+	r, err := Subscribe(nc, inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := nc.PublishRequest("flood", inbox, nil); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // the reader is slow while the flood comes in
+	got := 0
+	for got < flood {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		m, err := r.Next(ctx)
+		cancel()
+		if err != nil {
+			break
+		}
+		if string(m.Data) != strconv.Itoa(got) {
+			t.Fatalf("reply %d says %q", got, m.Data)
+		}
+		got++
+	}
+	if got != flood {
+		t.Errorf("%d replies read; want %d", got, flood)
+	}
+	// Closed, it reads nothing more and Next says so.
+	nc.Close()
+	if _, err := r.Next(t.Context()); !errors.Is(err, ErrClosed) {
+		t.Errorf("Next after the connection closed: %v, want ErrClosed", err)
 	}
 }
 
