@@ -259,7 +259,8 @@ func (d *doctor) clockSkew(ctx context.Context, js jetstream.JetStream) {
 		break
 	}
 	if name == "" {
-		d.add("clock skew", checkWarn, "no stream to read the server's clock from", "")
+		d.add("clock skew", checkWarn, "no stream to read the server's clock from",
+			"run nexctl doctor again once a node with state kv ran: its KV bucket is a stream whose info says the server's time")
 		return
 	}
 	before := time.Now()
@@ -271,20 +272,35 @@ func (d *doctor) clockSkew(ctx context.Context, js jetstream.JetStream) {
 	info := s.CachedInfo()
 	after := time.Now()
 	if info == nil || info.TimeStamp.IsZero() {
-		d.add("clock skew", checkWarn, "the server does not report its time (nats-server before 2.10)", "")
+		d.add("clock skew", checkWarn, "the server does not report its time (nats-server before 2.10)",
+			"upgrade nats-server to 2.10 or later for this check")
 		return
 	}
 	mid := before.Add(after.Sub(before) / 2)
-	skew := info.TimeStamp.Sub(mid)
+	d.add(skewFinding(info.TimeStamp.Sub(mid), after.Sub(before)))
+}
+
+// skewFinding judges the server's clock minus this host's, read within rtt: a skew
+// beyond maxSkew (and the read's own uncertainty) warns, saying which clock is ahead
+// and how to keep both synchronised.
+func skewFinding(skew, rtt time.Duration) (check, status, detail, fix string) {
+	abs := skew
+	if abs < 0 {
+		abs = -abs
+	}
+	if abs <= maxSkew+rtt {
+		return "clock skew", checkOK, abs.Round(time.Millisecond).String(), ""
+	}
+	side := "behind"
 	if skew < 0 {
-		skew = -skew
+		side = "ahead of"
 	}
-	if skew > maxSkew+after.Sub(before) {
-		d.add("clock skew", checkWarn, fmt.Sprintf("this host and the NATS server differ by %s", skew.Round(time.Millisecond)),
-			"synchronise clocks (systemd-timesyncd or chrony); credential expiry and heartbeats depend on them")
-		return
-	}
-	d.add("clock skew", checkOK, skew.Round(time.Millisecond).String(), "")
+	return "clock skew", checkWarn,
+		fmt.Sprintf("this host's clock is %s %s the NATS server's (tolerated: %s)", abs.Round(time.Millisecond), side, maxSkew),
+		"synchronise both clocks with NTP: on this host `timedatectl set-ntp true` (systemd-timesyncd; " +
+			"or install chrony and `systemctl enable --now chronyd`), until `timedatectl status` says " +
+			"'System clock synchronized: yes'; the same on the NATS server's host. " +
+			"Credential expiry and nexlet heartbeats are judged by these clocks"
 }
 
 // nodeChecks look at the node on this host.

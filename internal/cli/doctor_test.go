@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
@@ -146,4 +147,41 @@ func userContext(t *testing.T, op *testnats.Operator, dir, name string, p jwt.Pe
 		t.Fatal(err)
 	}
 	return file
+}
+
+// TestClockSkewNamesTheFix: a skew beyond the tolerance warns with which clock is
+// ahead and the commands that fix it (NTP through systemd-timesyncd or chrony,
+// timedatectl to check), on this host and the server's; before, the fix said only
+// "synchronise clocks (systemd-timesyncd or chrony)".
+func TestClockSkewNamesTheFix(t *testing.T) {
+	rtt := 2 * time.Millisecond
+	for _, tc := range []struct {
+		skew   time.Duration
+		status string
+		side   string
+	}{
+		{5 * time.Second, checkWarn, "behind"},
+		{-90 * time.Second, checkWarn, "ahead of"},
+		{time.Second, checkOK, ""},
+		{-maxSkew, checkOK, ""},
+	} {
+		check, status, detail, fix := skewFinding(tc.skew, rtt)
+		if check != "clock skew" || status != tc.status {
+			t.Errorf("skew %s: %s %s, want clock skew %s", tc.skew, check, status, tc.status)
+		}
+		if status == checkOK {
+			if fix != "" {
+				t.Errorf("skew %s: ok with a fix %q", tc.skew, fix)
+			}
+			continue
+		}
+		if !strings.Contains(detail, tc.side+" the NATS server's") {
+			t.Errorf("skew %s: detail %q does not say this host's clock is %s the server's", tc.skew, detail, tc.side)
+		}
+		for _, want := range []string{"timedatectl set-ntp true", "systemd-timesyncd", "chrony", "systemctl enable --now chronyd", "timedatectl status", "the NATS server's host"} {
+			if !strings.Contains(fix, want) {
+				t.Errorf("skew %s: fix %q does not name %q", tc.skew, fix, want)
+			}
+		}
+	}
 }
