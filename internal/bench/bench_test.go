@@ -219,22 +219,7 @@ func TestCompareWorkloadsRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs nexd")
 	}
-	// Workloads run under dynamic uids when nexd is root: the binaries' directory must
-	// be searchable by anyone, which t.TempDir's is not.
-	dir, err := os.MkdirTemp("", "benchbins-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	nexd, self := filepath.Join(dir, "nexd"), filepath.Join(dir, "nexbench")
-	for bin, pkg := range map[string]string{nexd: "github.com/nexd-project/nexd/cmd/nexd", self: "github.com/nexd-project/nexd/cmd/nexbench"} {
-		if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v\n%s", pkg, err, out)
-		}
-	}
+	nexd, self := buildBins(t)
 	upstream := os.Getenv("NEXBENCH_UPSTREAM_NEX")
 	h, err := NewHarness(Options{Nexd: nexd, Self: self, Upstream: upstream, Quick: true, Placements: 3, CompareWorkloads: []int{5}})
 	if err != nil {
@@ -538,6 +523,28 @@ func TestABEnvMustBeKeyValue(t *testing.T) {
 		!strings.Contains(errs.String(), `--ab-env "NOVALUE": want KEY=VALUE`) {
 		t.Fatalf("exit %d, stderr %q", code, errs.String())
 	}
+}
+
+// buildBins builds nexd and nexbench into a directory of their own, removed after t.
+// Workloads run under dynamic uids when nexd is root: the directory must be searchable
+// by anyone, which t.TempDir's is not.
+func buildBins(t *testing.T) (nexd, self string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "benchbins-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	nexd, self = filepath.Join(dir, "nexd"), filepath.Join(dir, "nexbench")
+	for bin, pkg := range map[string]string{nexd: "github.com/nexd-project/nexd/cmd/nexd", self: "github.com/nexd-project/nexd/cmd/nexbench"} {
+		if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", pkg, err, out)
+		}
+	}
+	return nexd, self
 }
 
 func atoi(t *testing.T, s string) int {

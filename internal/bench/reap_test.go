@@ -25,20 +25,7 @@ func TestStoppedRunLeavesNothing(t *testing.T) {
 	if os.Geteuid() != 0 || procsHierarchy() == "" || cgroupV1Root("probe") == "" {
 		t.Skip("needs root and writable cgroup v1 hierarchies (the nodes' cgroups find what a run left)")
 	}
-	dir, err := os.MkdirTemp("", "benchbins-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	nexd, self := filepath.Join(dir, "nexd"), filepath.Join(dir, "nexbench")
-	for bin, pkg := range map[string]string{nexd: "github.com/nexd-project/nexd/cmd/nexd", self: "github.com/nexd-project/nexd/cmd/nexbench"} {
-		if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v\n%s", pkg, err, out)
-		}
-	}
+	nexd, self := buildBins(t)
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGKILL} {
 		t.Run(sig.String(), func(t *testing.T) {
 			outf, err := os.Create(filepath.Join(t.TempDir(), "nexbench.out"))
