@@ -483,7 +483,12 @@ func (q *auctionQueue) newDrops() map[string]uint64 {
 // fills that list (BenchmarkAuctionIntake), and the drops fall in the flooding
 // namespace's own queue.
 func (n *Node) onAuction(m *nats.Msg) {
-	if m.Reply != "" && !isInbox(m.Reply) {
+	if m.Reply == "" {
+		// A bid nobody can receive would still be recorded and kept until it expires.
+		n.dropReplyless(m.Subject)
+		return
+	}
+	if !isInbox(m.Reply) {
 		if n.log.Enabled(context.Background(), slog.LevelDebug) {
 			n.log.Debug("request dropped: its reply subject is not an inbox", "subject", m.Subject, "reply", m.Reply)
 		}

@@ -318,6 +318,10 @@ type Node struct {
 	// registrations, a nexlet's count in its heartbeat), so that a caller polling the
 	// listing (the status line) asks the nexlets again only when it may differ.
 	changes atomic.Uint64
+	// replyless counts the requests dropped for having no reply subject; replylessLog
+	// rate-limits the warning about them.
+	replyless    atomic.Uint64
+	replylessLog rateLog
 	// regChanges is changes as the last registration left it (HoldsNothing).
 	regChanges uint64
 	// listRound (under mu) numbers the rounds listing nexlets for ended workloads;
@@ -724,14 +728,61 @@ func (n *Node) Stop(ctx context.Context) error {
 // tenant make the node publish where the tenant may not (another namespace's subjects,
 // $NEX.FEED events): requests must come from an inbox, as every NATS client's do
 // ("_INBOX." by default, "_INBOX_<id>." for nexd's children).
+//
+// A request with no reply subject at all is dropped too, before any work: no client
+// of the node sends one (upstream's and nexctl's all wait for an answer), the node
+// could tell no one the outcome, and each answer's failure was a warning in the
+// journal, so that anyone on the bus filled it at the rate they published (and a
+// reply-less LAMEDUCK or UNDEPLOY was still carried out). The drops are counted and
+// warned of at most once a minute (TestAttackReplylessRequests).
 func (n *Node) inboxOnly(h func(micro.Request)) func(micro.Request) {
 	return func(r micro.Request) {
-		if rep := r.Reply(); rep != "" && !isInbox(rep) {
+		if r.Reply() == "" {
+			n.dropReplyless(r.Subject())
+			return
+		}
+		if rep := r.Reply(); !isInbox(rep) {
 			n.log.Debug("request dropped: its reply subject is not an inbox", "subject", r.Subject(), "reply", rep)
 			return
 		}
 		h(r)
 	}
+}
+
+// replylessWarnEvery bounds how often dropped reply-less requests are warned of.
+const replylessWarnEvery = time.Minute
+
+// dropReplyless counts a request dropped for having no reply subject and warns of the
+// drops at most once per replylessWarnEvery: anyone on the bus may send them.
+func (n *Node) dropReplyless(subject string) {
+	total := n.replyless.Add(1)
+	if ok, held := n.replylessLog.allow(time.Now(), replylessWarnEvery); ok {
+		n.log.Warn("requests without a reply subject dropped unanswered and not carried out",
+			"subject", subject, "dropped", held+1, "dropped_total", total, "next_warning_in", replylessWarnEvery.String())
+	}
+}
+
+// ReplylessDropped counts the requests dropped for having no reply subject.
+func (n *Node) ReplylessDropped() uint64 { return n.replyless.Load() }
+
+// rateLog lets a warning through at most once per interval; the times it was held
+// back are counted and said with the next one.
+type rateLog struct {
+	mu   sync.Mutex
+	next time.Time
+	held uint64
+}
+
+// allow says whether to log now and, when it does, how many were held back since.
+func (l *rateLog) allow(now time.Time, every time.Duration) (ok bool, held uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now.Before(l.next) {
+		l.held++
+		return false, 0
+	}
+	held, l.held, l.next = l.held, 0, now.Add(every)
+	return true, held
 }
 
 func isInbox(subject string) bool {

@@ -70,7 +70,7 @@ func TestNodeInfoShowsAuctionsNotBid(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := nc.Publish(protocol.AuctionSubject(ns), body); err != nil {
+		if err := nc.PublishRequest(protocol.AuctionSubject(ns), nc.NewRespInbox(), body); err != nil {
 			t.Fatal(err)
 		}
 	}
