@@ -36,7 +36,8 @@ func indexByte(s string, c byte) int {
 	return -1
 }
 
-// listenUnix creates the socket safely: parent directory 0755 when missing, a stale
+// listenUnix creates the socket safely: its directory 0755 when missing (not those
+// above it), a stale
 // socket removed only when nothing answers on it, then the socket is bound in a private
 // (0700) directory next to path, given group gid (when >= 0) and mode there, and
 // renamed into place, so it never exists at path with looser permissions. (A umask
@@ -44,7 +45,9 @@ func indexByte(s string, c byte) int {
 // files.)
 func listenUnix(path string, mode fs.FileMode, gid int, warn func(string)) (*net.UnixListener, error) {
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	// The socket's own directory only (as /run/nex): a missing one above it is an
+	// error, not a chain of directories made silently.
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 		return nil, fmt.Errorf("control socket directory %s: %w", dir, err)
 	}
 	if err := removeStale(path); err != nil {

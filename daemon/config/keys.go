@@ -292,7 +292,7 @@ func keySpecs() []*keySpec {
 			help:  "directory for fetched nexlet binaries and workload working directories",
 			field: func(c *Config) any { return &c.Node.RuntimeDir }},
 		{key: "control_socket", kind: kString, scope: scopeNode, group: gDaemon, defText: "$RUNTIME_DIRECTORY/nexd.sock, else /run/nex/nexd.sock",
-			help:  "Unix socket of the local control API (nexctl)",
+			help:  "Unix socket of the local control API (nexctl); nexd makes its directory when missing, not the ones above",
 			field: func(c *Config) any { return &c.Node.ControlSocket }},
 		{key: "control_allow_others", kind: kString, scope: scopeNode, group: gDaemon, def: "status",
 			enum:  []string{"status", "none"},
