@@ -259,6 +259,12 @@ func TestTombstonesListed(t *testing.T) {
 	srv.WaitForShutdown()
 	testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.StoreDir, o.Port = storeDir, port }})
 	testkit.EventuallyWithin(t, 60*time.Second, "the retried removals drop the tombstones", func() bool { return len(ts.List()) == 0 })
+	// The test's client can be reconnected before the node has resubscribed:
+	// until then INFO has no responders.
+	testkit.EventuallyWithin(t, 60*time.Second, "the node answers INFO again", func() bool {
+		_, err := f.client.Request(protocol.InfoSubject(f.nodes[0].ID()), []byte("{}"), 2*time.Second)
+		return err == nil
+	})
 	if info := infoOverNATS(t, f); info.TombstoneCount != 0 || info.Tombstones != nil {
 		t.Fatalf("INFO after the removals: tombstones %+v (count %d)", info.Tombstones, info.TombstoneCount)
 	}
