@@ -508,13 +508,19 @@ func TestAttackArtifactOfAnotherNamespace(t *testing.T) {
 			"--nats.creds-file", creds, "--namespace", "tenant-a", "--json",
 			"workload", "run", "--name", name, "--start-request", `{"uri":"`+uri+`"}`)
 	}
-	// Control (in the background: the refusal takes nexctl's whole deploy timeout): A's
-	// workloads cannot read B's bucket.
+	// Control (in the background): A's workloads cannot read B's bucket, and the deploy
+	// says so with the server's refusal. Before, the nexlet's fetch heard no answer and
+	// the deploy failed on its deadline only, after nexctl's whole deploy timeout.
 	control := make(chan string, 1)
 	go func() {
+		start := time.Now()
 		out, errOut, code := deployA("direct", "nats://tenant-b/secret:v1")
-		if code == 0 {
+		t.Logf("tenant-a's deploy from tenant-b's bucket: exit %d after %v: %s", code, time.Since(start).Round(time.Millisecond), strings.TrimSpace(errOut))
+		switch {
+		case code == 0:
 			control <- fmt.Sprintf("tenant-a deployed tenant-b's artifact from tenant-b's bucket:\n%s\n%s", out, errOut)
+		case !strings.Contains(out+errOut, "Permissions Violation"):
+			control <- fmt.Sprintf("tenant-a's deploy from tenant-b's bucket failed without the server's refusal:\n%s\n%s", out, errOut)
 		}
 		close(control)
 	}()

@@ -73,14 +73,14 @@ func IdentityFromEnv(env func(string) string) (nodeID, agentID string, err error
 
 // Connect opens a NATS connection from connection data: JWT+seed, nkey+seed or
 // user/password, TLS (file paths or inline PEM) and the private inbox prefix. Empty
-// servers mean nats.DefaultURL.
-func Connect(cd protocol.NatsConnectionData, name string) (*nats.Conn, error) {
-	return connect(cd, name, nil)
+// servers mean nats.DefaultURL. extra options come last.
+func Connect(cd protocol.NatsConnectionData, name string, extra ...nats.Option) (*nats.Conn, error) {
+	return connect(cd, name, nil, extra...)
 }
 
 // connect is Connect; with live set, a JWT user is read from live at every (re)connect,
 // so renewed credentials take over the connection when it reconnects.
-func connect(cd protocol.NatsConnectionData, name string, live *liveCreds) (*nats.Conn, error) {
+func connect(cd protocol.NatsConnectionData, name string, live *liveCreds, extra ...nats.Option) (*nats.Conn, error) {
 	if cd.ConnName != "" {
 		name = cd.ConnName
 	}
@@ -116,6 +116,7 @@ func connect(cd protocol.NatsConnectionData, name string, live *liveCreds) (*nat
 	// In nexd's order (its own server first, see natsconn): a nexlet must not end up
 	// on another host's server and be cut off by that host's partition.
 	opts = append(opts, nats.DontRandomize())
+	opts = append(opts, extra...)
 	nc, err := nats.Connect(strings.Join(servers, ","), opts...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to NATS %s as %q: %w", strings.Join(servers, ","), name, err)

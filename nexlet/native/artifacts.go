@@ -16,6 +16,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sys/unix"
 
@@ -242,8 +243,21 @@ func objectDigest(d string) (string, error) {
 // fetchArtifact connects with creds, the fetch user the node minted for the workload
 // or else the workload's own (either reads only what its namespace may), and fetches
 // the artifact into the store.
+//
+// A request the server refuses this user (a bucket outside its namespace's grant)
+// gets no answer, only a permissions violation on the connection, which nats.go hands
+// to the error handler alone: the fetch then waited out its whole bound (minutes) and
+// reported a deadline. The connection is the fetch's own, so any violation on it ends
+// the fetch at once with that error (TestArtifactFetchRefusedPromptly).
 func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, ns string, art artifact, wdir string, maxSize int64, report func(protocol.Progress)) (string, string, error) {
-	nc, err := nexlet.Connect(creds, "nexlet-native-artifact")
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	refused := nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		if errors.Is(err, nats.ErrPermissionViolation) {
+			cancel(fmt.Errorf("the NATS server refused the artifact's reader: %w", err))
+		}
+	})
+	nc, err := nexlet.Connect(creds, "nexlet-native-artifact", refused)
 	if err != nil {
 		return "", "", fmt.Errorf("with the workload's artifact credentials: %w", err)
 	}
@@ -252,11 +266,23 @@ func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsCo
 	if err != nil {
 		return "", "", fmt.Errorf("jetstream: %w", err)
 	}
+	// cause is the refusal, when the server refused a request, rather than what the
+	// cancelled request made of it.
+	cause := func(err error) error {
+		if c := context.Cause(ctx); c != nil && ctx.Err() != nil && !errors.Is(c, ctx.Err()) {
+			return c
+		}
+		return err
+	}
 	obs, err := js.ObjectStore(ctx, art.bucket)
 	if err != nil {
-		return "", "", fmt.Errorf("object store bucket %q: %w", art.bucket, err)
+		return "", "", fmt.Errorf("object store bucket %q: %w", art.bucket, cause(err))
 	}
-	return s.fetch(ctx, obs, ns, art, wdir, maxSize, report)
+	path, sum, err := s.fetch(ctx, obs, ns, art, wdir, maxSize, report)
+	if err != nil {
+		return "", "", cause(err)
+	}
+	return path, sum, nil
 }
 
 // artifactFD is the descriptor a workload's artifact has in the workload.
