@@ -483,6 +483,9 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	n.startRenewal(w)
 	w.steps = nil // a restart's launch is not timed
 	go n.supervise(w, p, !adopted)
+	// What it wrote by now goes out ahead of this reply (watcher.readNow): a
+	// placement's client waits for both.
+	n.watch.readNow(p.outs[:]...)
 	st.Step("rest")
 	st.Log(n.log, "start steps", "workload_id", id, "adopted", adopted)
 	return resp, nil

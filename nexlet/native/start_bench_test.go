@@ -152,24 +152,7 @@ func BenchmarkStartWorkload(b *testing.B) {
 			var took []time.Duration
 			for b.Loop() {
 				b.StopTimer()
-				if i > 0 {
-					if err := n.StopWorkload(fmt.Sprintf("bench%d", i-1), &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
-						b.Fatal(err)
-					}
-				}
-				for n.users.pool != nil && len(n.users.pool.ch) <= int(n.users.pool.want.Load())/2 {
-					time.Sleep(time.Millisecond)
-				}
-				n.bg.Wait() // the stop's uid release
-				for len(n.records.pool) < cap(n.records.pool) {
-					time.Sleep(time.Millisecond)
-				}
-				for v.cgroup && forkPool() < DefaultForkPool {
-					time.Sleep(time.Millisecond)
-				}
-				id := fmt.Sprintf("bench%d", i)
-				i++
-				req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+				id, req := nextBenchStart(b, n, "bench", &i, run, v.cgroup, forkPool)
 				b.StartTimer()
 				t0 := time.Now()
 				if _, err := n.StartWorkload(id, &req, false); err != nil {
@@ -182,6 +165,36 @@ func BenchmarkStartWorkload(b *testing.B) {
 			stepLog.report(b)
 			_ = n.StopWorkload(fmt.Sprintf("bench%d", i-1), &protocol.StopWorkloadRequest{Namespace: testNS})
 		})
+	}
+}
+
+// nextBenchStart settles what the last start (number *i - 1) left (settleBench) and
+// returns the next one's id and request, counting it in *i.
+func nextBenchStart(b *testing.B, n *Nexlet, prefix string, i *int, run map[string]any, cgroup bool, forkPool func() int) (string, protocol.AgentStartWorkloadRequest) {
+	if *i > 0 {
+		settleBench(b, n, fmt.Sprintf("%s%d", prefix, *i-1), cgroup, forkPool)
+	}
+	id := fmt.Sprintf("%s%d", prefix, *i)
+	*i++
+	return id, startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
+}
+
+// settleBench stops workload prev and waits for what follows it and the last start
+// (the uid release, the pools' refills; with cgroup, the fork pool's, whose ready
+// count forkPool says), off a benchmark's clock.
+func settleBench(b *testing.B, n *Nexlet, prev string, cgroup bool, forkPool func() int) {
+	if err := n.StopWorkload(prev, &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
+		b.Fatal(err)
+	}
+	for n.users.pool != nil && len(n.users.pool.ch) <= int(n.users.pool.want.Load())/2 {
+		time.Sleep(time.Millisecond)
+	}
+	n.bg.Wait() // the stop's uid release
+	for len(n.records.pool) < cap(n.records.pool) {
+		time.Sleep(time.Millisecond)
+	}
+	for cgroup && forkPool() < DefaultForkPool {
+		time.Sleep(time.Millisecond)
 	}
 }
 

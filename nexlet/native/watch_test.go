@@ -155,6 +155,13 @@ func (lr *lineRecorder) of(name string) []string {
 // outputPipe is a pipe watched as stream name: the test writes to the returned end.
 func outputPipe(t *testing.T, wt *watcher, name string) *os.File {
 	t.Helper()
+	w, _ := outputPipeTok(t, wt, name)
+	return w
+}
+
+// outputPipeTok is outputPipe with the stream's token in the watcher.
+func outputPipeTok(t *testing.T, wt *watcher, name string) (*os.File, uint64) {
+	t.Helper()
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
 		t.Fatal(err)
@@ -164,10 +171,68 @@ func outputPipe(t *testing.T, wt *watcher, name string) *os.File {
 	}
 	w := os.NewFile(uintptr(p[1]), name)
 	t.Cleanup(func() { w.Close() })
-	if err := wt.addOutput(&workload{id: name}, p[0], name); err != nil {
+	tok, err := wt.addOutput(&workload{id: name}, p[0], name)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return w
+	return w, tok
+}
+
+// TestReadNowForwardsWithoutTheLoop: readNow reads the streams it is given and
+// forwards their lines before it returns, on the caller's goroutine (a start's,
+// before its reply), with no loop running: complete lines go, the start of a line
+// waits for its end, another stream is not touched, and a stream whose writer closed
+// ends with its last piece (one read a stream a call, as the loop's). With readNow doing nothing, no line came.
+func TestReadNowForwardsWithoutTheLoop(t *testing.T) {
+	lr := newLineRecorder("")
+	wt, err := makeWatcher(slog.New(slog.DiscardHandler), lr.line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		wt.rmu.Lock()
+		wt.closeAll()
+		wt.rmu.Unlock()
+	})
+	a, ta := outputPipeTok(t, wt, "a")
+	b, _ := outputPipeTok(t, wt, "b")
+	for _, w := range []struct {
+		f    *os.File
+		text string
+	}{{a, "a1\na2 st"}, {b, "b1\n"}} {
+		if _, err := w.f.WriteString(w.text); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wt.readNow(0, ta)
+	if got, want := lr.of("a"), []string{"a1"}; !slices.Equal(got, want) {
+		t.Fatalf("after readNow: a's lines %q, want %q", got, want)
+	}
+	if got := lr.of("b"); len(got) > 0 {
+		t.Errorf("after readNow of a: b's lines %q, want none (not asked for)", got)
+	}
+	if _, err := a.WriteString("art\na3 last"); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	wt.readNow(ta) // one read each call: the rest of a2, and a3's start
+	if got, want := lr.of("a"), []string{"a1", "a2 start"}; !slices.Equal(got, want) {
+		t.Errorf("after a second readNow: a's lines %q, want %q", got, want)
+	}
+	wt.readNow(ta) // the end of the stream: a3 goes as it is
+	if got, want := lr.of("a"), []string{"a1", "a2 start", "a3 last"}; !slices.Equal(got, want) {
+		t.Errorf("after its writer closed: a's lines %q, want %q", got, want)
+	}
+	wt.mu.Lock()
+	_, held := wt.watches[ta]
+	wt.mu.Unlock()
+	if held {
+		t.Error("a's stream ended, yet the watcher still holds it")
+	}
+	wt.readNow(ta) // ended: nothing more, no read of a closed descriptor
+	if got := lr.of("a"); len(got) != 3 {
+		t.Errorf("a readNow of an ended stream: lines %q", got)
+	}
 }
 
 // TestWatcherStopForwardsWhatIsLeft: output the watcher has not read when it stops
@@ -314,5 +379,63 @@ func TestFloodIntoUnreadLogSparesQuietWorkload(t *testing.T) {
 	}
 	if floodLines < 100 {
 		t.Errorf("only %d flood lines forwarded: its output was not read past a full log", floodLines)
+	}
+}
+
+// recordingFeed is a Feed that keeps the lines written to it.
+type recordingFeed struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (f *recordingFeed) Logger(id, _, stream string) io.Writer {
+	return feedWriter(func(p []byte) {
+		f.mu.Lock()
+		f.lines = append(f.lines, id+" "+stream+" "+string(p))
+		f.mu.Unlock()
+	})
+}
+
+func (f *recordingFeed) EmitEvent(string, string, any) error { return nil }
+
+func (f *recordingFeed) all() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.lines)
+}
+
+type feedWriter func([]byte)
+
+func (w feedWriter) Write(p []byte) (int, error) { w(p); return len(p), nil }
+
+// TestStartForwardsOutputBeforeItsReply: a line the workload wrote before its start
+// replies is on the feed when the start returns (a placement's client waits for both
+// the reply and the workload's announcement; the start reads its streams itself just
+// before the reply rather than leaving the line to the watcher's goroutine). The
+// start is held after its fork until the workload's shell has written its line and
+// exec'd sleep.
+func TestStartForwardsOutputBeforeItsReply(t *testing.T) {
+	n := benchNexletLog(t, 0, "", slog.New(slog.DiscardHandler))
+	feed := &recordingFeed{}
+	n.SetFeed(feed)
+	n.afterBegin = func(id string, p *proc) {
+		testkit.EventuallyWithin(t, waitLong, "the workload's echo done (it exec'd sleep)", func() bool {
+			comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", p.pid))
+			return err == nil && strings.TrimSpace(string(comm)) == "sleep"
+		})
+	}
+	for i := range 5 {
+		id := fmt.Sprintf("first%d", i)
+		req := startReq(protocol.LifecycleService, id, map[string]any{"uri": "file:///bin/sh",
+			"argv": []string{"-c", "echo announce " + id + "; exec sleep 600"}}, protocol.NatsConnectionData{})
+		if _, err := n.StartWorkload(id, &req, false); err != nil {
+			t.Fatal(err)
+		}
+		if want := id + " stdout announce " + id; !slices.Contains(feed.all(), want) {
+			t.Errorf("start of %s returned; feed lines %q lack %q", id, feed.all(), want)
+		}
+		if err := n.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

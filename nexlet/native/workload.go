@@ -161,6 +161,9 @@ type proc struct {
 	// due: a replayed restart whose backoff is not over yet (begin): p stands for the
 	// run it follows, and its supervisor makes the restart once the rest is waited.
 	due *restartDue
+	// outs are its output streams' tokens in the watcher (launch; zero: none), for the
+	// start's readNow before its reply.
+	outs [2]uint64
 }
 
 // ended is a proc for a workload found finished on replay.
@@ -501,8 +504,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	// not after the fork's hand-back and the pid record below (0.8-2 ms later under
 	// load; the shell's echo comes about 0.9 ms after its exec here). Should the start
 	// fail, the write ends close with it and the watcher ends the streams.
-	n.watchOutput(w, outR, "stdout")
-	n.watchOutput(w, errR, "stderr")
+	outs := [2]uint64{n.watchOutput(w, outR, "stdout"), n.watchOutput(w, errR, "stderr")}
 	oomBefore := 0 // a new, empty group has seen no OOM kill
 	if !w.sb.empty() {
 		oomBefore = w.sb.oomKills()
@@ -530,7 +532,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		_ = cmd.Wait()
 		return nil, fmt.Errorf("workload %s: place %s: %w", w.id, w.exe, err)
 	}
-	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{})}
+	p := &proc{pid: cmd.Process.Pid, started: time.Now(), exited: make(chan struct{}), outs: outs}
 	writePID := n.writePID
 	if ready {
 		writePID = n.writeReadyPID
@@ -634,11 +636,14 @@ func (n *Nexlet) dropExitAhead(p *proc) {
 	}
 }
 
-// watchOutput hands a workload's output FIFO (its read end) to the watcher.
-func (n *Nexlet) watchOutput(w *workload, fd int, stream string) {
-	if err := n.watch.addOutput(w, fd, stream); err != nil {
+// watchOutput hands a workload's output FIFO (its read end) to the watcher, and
+// returns its token there (0: not watched).
+func (n *Nexlet) watchOutput(w *workload, fd int, stream string) uint64 {
+	tok, err := n.watch.addOutput(w, fd, stream)
+	if err != nil {
 		n.log.Warn("workload output not forwarded", "workload_id", w.id, "stream", stream, "err", err)
 	}
+	return tok
 }
 
 // outputFIFOs are the workload's new stdout and stderr FIFOs in its record directory:
