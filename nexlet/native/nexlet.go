@@ -423,6 +423,13 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	st.Step("parse") // the run_request, its user, the environment
 	n.mu.Lock()
 	for ch := n.tidying[id]; ch != nil; ch = n.tidying[id] {
+		if existing {
+			// Stopped a moment ago: a replay was made before the stop's end reached
+			// the node, which the tidy's WORKLOADSTOPPED tells; started again after
+			// the tidy, the stopped service ran on (TestReplayDuringStopTidyStartsNothing).
+			n.mu.Unlock()
+			return resp, nil
+		}
 		// Stopped a moment ago: its cgroup, directory and record go first (and the
 		// removal need not let this start go first meanwhile, nor wait for a quiet
 		// moment).

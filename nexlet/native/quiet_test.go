@@ -305,3 +305,35 @@ func TestShortOfUIDsRunsHeldTidies(t *testing.T) {
 		t.Error("the stopped workload's directory is still there")
 	}
 }
+
+// TestReplayDuringStopTidyStartsNothing: a replayed start (the node's registration
+// answer, made before the stop's end reached it) of a service whose stop is finished
+// and whose tidy is under way starts nothing: the tidy's WORKLOADSTOPPED tells the node.
+// Before, the replay waited for the tidy and then started the stopped service again
+// (e2e TestNoWaitStopSurvivesKillRightAfterAnswer/nexd: nexd killed right after a
+// no-wait stop's answer, the next nexd adopted the nexlet while the stop ended, and the
+// service ran on with a new uid).
+func TestReplayDuringStopTidyStartsNothing(t *testing.T) {
+	fn := newFakeNode(t)
+	tn := quietNexlet(fn, newQuietGate(time.Hour, time.Second, 64)) // the tidy waits its cap
+	req := startReq(protocol.LifecycleService, "svc", map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds())
+	fn.mustStart("svc", req)
+	fn.waitLog("svc", "stdout", "up")
+	stopReplied(t, fn, "svc")
+	tn.mu.Lock()
+	_, tidying := tn.tidying["svc"]
+	tn.mu.Unlock()
+	if !tidying {
+		t.Fatal("the stop's tidy is not under way")
+	}
+	if _, err := tn.StartWorkload("svc", &req, true); err != nil {
+		t.Fatalf("replayed start during the tidy: %v", err)
+	}
+	fn.stoppedEvent("svc") // waits up to waitLong
+	if n := fn.countEvents(protocol.EventWorkloadStarted, "svc"); n != 1 {
+		t.Errorf("%d WORKLOADSTARTED events, want 1 (the replay started the stopped service again)", n)
+	}
+	if p := fn.procsOf("svc"); len(p) != 0 {
+		t.Errorf("the stopped service runs again after the replay: %v", p)
+	}
+}
