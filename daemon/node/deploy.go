@@ -272,7 +272,7 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 		}
 		return nil, 400, fmt.Errorf("node %s cannot run this workload: %s", n.id, why.String())
 	}
-	a.startedSinceBeat++ // capacity held while the nexlet starts it
+	a.startsInFlight++ // capacity held while the nexlet starts it
 	n.starting[workloadID] = inFlight{owner: a.owner, ns: req.Namespace}
 	n.changes.Add(1)
 	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType, ns: req.Namespace, name: req.Name}, 0, nil
@@ -307,6 +307,8 @@ func (res *reservation) commit(answered bool) (endedEarly bool) {
 	defer n.mu.Unlock()
 	res.done = true
 	n.changes.Add(1)
+	res.agent.startsInFlight--
+	res.agent.startedSinceBeat++ // until a heartbeat counts it
 	endedEarly = n.starting[res.id].ended
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name, ended: endedEarly && answered}
 	if answered && upstreamSDK(res.agent) {
@@ -346,9 +348,7 @@ func (res *reservation) rollback() error {
 	n := res.n
 	n.changes.Add(1)
 	n.mu.Lock()
-	if res.agent.startedSinceBeat > 0 {
-		res.agent.startedSinceBeat--
-	}
+	res.agent.startsInFlight--
 	delete(n.starting, res.id)
 	delete(n.handableStarts, res.id)
 	n.mu.Unlock()

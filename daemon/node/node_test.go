@@ -1249,3 +1249,41 @@ func TestStopAnsweredOutOfState(t *testing.T) {
 		}
 	}
 }
+
+// A heartbeat the nexlet took before it had a start does not free the start's place:
+// before, a heartbeat during a slow start reset the count, and a full nexlet bid.
+func TestHeartbeatKeepsStartInFlight(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", func(a *fakeAgent) {
+		a.req.MaxWorkloads = 1
+		a.hbEvery = 20 * time.Millisecond
+		a.startDelay, a.heldUntilAnswer = 2*time.Second, true
+	})
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		t.Fatalf("bids = %+v", bids)
+	}
+	deployed := make(chan *nats.Msg, 1)
+	go func() {
+		m, _ := f.client.Request(protocol.DeploySubject("tenant", bids[0].BidderID), mustJSON(t, startReq("tenant", "w1", `{"cmd":"x"}`)), 10*time.Second)
+		deployed <- m
+	}()
+	testkit.Eventually(t, "the nexlet to have the start", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.starts == 1
+	})
+	had := time.Now()
+	testkit.Eventually(t, "a heartbeat while the start is held", func() bool {
+		return f.nodes[0].Agents()[0].LastHeartbeat.After(had)
+	})
+	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
+		t.Fatalf("a nexlet full with a start in flight bid after a heartbeat: %+v", got)
+	}
+	if m := <-deployed; m == nil || m.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Fatalf("deploy: %v", m)
+	}
+	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
+		t.Fatalf("a full nexlet bid after its start: %+v", got)
+	}
+}

@@ -27,9 +27,12 @@ type registration struct {
 	lastSeen     time.Time // registration or last heartbeat: the age health counts from
 	lastBeat     time.Time // zero until the first heartbeat
 	summary      protocol.AgentSummary
-	// startedSinceBeat counts deploys since the last heartbeat, so capacity checks
-	// do not wait 10 s for the nexlet to report them.
+	// startedSinceBeat counts deploys kept since the last heartbeat, so capacity
+	// checks do not wait 10 s for the nexlet to report them; startsInFlight counts
+	// the deploys sent and not yet kept or rolled back, which no heartbeat clears: a
+	// heartbeat taken before the nexlet had the start does not count it.
 	startedSinceBeat int
+	startsInFlight   int
 	reported         string // health last logged, so each change is logged once
 	// local is the direct channel to this registration's nexlet process (nil: NATS).
 	local *localchan.Client
@@ -47,7 +50,9 @@ type registration struct {
 	stall listStall
 }
 
-func (r *registration) workloadCount() int { return r.summary.WorkloadCount + r.startedSinceBeat }
+func (r *registration) workloadCount() int {
+	return r.summary.WorkloadCount + r.startedSinceBeat + r.startsInFlight
+}
 
 func (r *registration) supports(l protocol.Lifecycle) bool {
 	// A nexlet that declares no lifecycles is taken to accept any.
