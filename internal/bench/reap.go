@@ -10,11 +10,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/dirlock"
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // A run's leftovers are found by its names, which only nexbench makes: the cgroup
@@ -150,7 +152,7 @@ func reapRun(runID string, ownRun bool) (killed int, err error) {
 	me := os.Getpid()
 	// nexd first, so that none restarts a nexlet while they go.
 	for _, pid := range nexdsBelow(groups) {
-		if pid != me && unix.Kill(pid, unix.SIGKILL) == nil {
+		if pid != me && killIf(pid, func(pid int) bool { return nexdBelow(pid, groups) }) {
 			killed++
 		}
 	}
@@ -165,7 +167,7 @@ func reapRun(runID string, ownRun bool) (killed int, err error) {
 			break
 		}
 		for _, p := range left {
-			if unix.Kill(p, unix.SIGKILL) == nil {
+			if killIf(p, func(pid int) bool { return inRun(pid, runID) }) {
 				killed++
 			}
 		}
@@ -181,10 +183,60 @@ func reapRun(runID string, ownRun bool) (killed int, err error) {
 	if !ownRun {
 		tmps, _ := filepath.Glob(filepath.Join(os.TempDir(), runPrefix+runID+"-*"))
 		for _, t := range tmps {
-			errs = append(errs, os.RemoveAll(t))
+			// Only a directory of this user's: anyone may make a name that matches in
+			// /tmp (a symlink, another user's directory), and the run made neither.
+			if ownedDir(t) {
+				errs = append(errs, os.RemoveAll(t))
+			}
 		}
 	}
 	return killed, errors.Join(errs...)
+}
+
+// ownedDir says whether path is a directory (not a symlink) of this process's user.
+func ownedDir(path string) bool {
+	fi, err := os.Lstat(path)
+	if err != nil || !fi.IsDir() {
+		return false
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && int(st.Uid) == os.Geteuid()
+}
+
+// killIf sends SIGKILL to pid if it is (still) what member says, through a pidfd: the
+// pid was listed a moment ago (cgroup.procs, /proc), and the process it named may have
+// ended and its pid gone to another process since. member is asked once the pidfd
+// pins the listed process (its start time checked), so a reused pid is never killed.
+func killIf(pid int, member func(pid int) bool) bool {
+	id, err := procid.Of(pid)
+	if err != nil {
+		return false
+	}
+	f, err := procid.OpenPidfd(id)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if !member(pid) {
+		return false
+	}
+	return procid.SignalPidfd(f, unix.SIGKILL) == nil
+}
+
+// inRun says whether pid is in one of run runID's cgroups (in any v1 hierarchy).
+func inRun(pid int, runID string) bool {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cgroup"))
+	if err != nil {
+		return false
+	}
+	top := "/" + runPrefix + runID
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.SplitN(line, ":", 3)
+		if len(f) == 3 && (f[2] == top || strings.HasPrefix(f[2], top+"/")) {
+			return true
+		}
+	}
+	return false
 }
 
 // procsBelow lists the processes in the groups and their descendants.
@@ -216,29 +268,32 @@ func nexdsBelow(groups []string) []int {
 	ents, _ := os.ReadDir("/proc")
 	var out []int
 	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(string(b), "\x00")
-		for i, a := range args {
-			root, ok := strings.CutPrefix(a, "--cgroup-root=")
-			if !ok && a == "--cgroup-root" && i+1 < len(args) {
-				root, ok = args[i+1], true
-			}
-			if ok && slices.ContainsFunc(groups, func(g string) bool {
-				return root == g || strings.HasPrefix(root, g+"/")
-			}) {
-				out = append(out, pid)
-				break
-			}
+		if pid, err := strconv.Atoi(e.Name()); err == nil && nexdBelow(pid, groups) {
+			out = append(out, pid)
 		}
 	}
 	return out
+}
+
+// nexdBelow says whether pid was started with a --cgroup-root inside one of groups.
+func nexdBelow(pid int, groups []string) bool {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+	if err != nil {
+		return false
+	}
+	args := strings.Split(string(b), "\x00")
+	for i, a := range args {
+		root, ok := strings.CutPrefix(a, "--cgroup-root=")
+		if !ok && a == "--cgroup-root" && i+1 < len(args) {
+			root, ok = args[i+1], true
+		}
+		if ok && slices.ContainsFunc(groups, func(g string) bool {
+			return root == g || strings.HasPrefix(root, g+"/")
+		}) {
+			return true
+		}
+	}
+	return false
 }
 
 // removeTree removes dir's cgroup directories, deepest first.

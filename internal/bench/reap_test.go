@@ -155,3 +155,82 @@ func TestRunNames(t *testing.T) {
 		}
 	}
 }
+
+// TestReapSparesWhatItDidNotMake: a killed run's temp dir is found by name in /tmp,
+// where anyone may make a name that matches: only a directory of nexbench's own user
+// is removed, not another user's directory nor a symlink (before, both went: RemoveAll
+// of every match).
+func TestReapSparesWhatItDidNotMake(t *testing.T) {
+	if os.Geteuid() != 0 || procsHierarchy() == "" {
+		t.Skip("needs root and a writable cgroup v1 hierarchy (a dead run is found by its cgroup)")
+	}
+	// A dead run: a pid that ran and ended, and its cgroup directory.
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	runID := strconv.Itoa(dead.Process.Pid) + "-zz9zz9"
+	group := filepath.Join(procsHierarchy(), runPrefix+runID)
+	if err := os.Mkdir(group, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(group) })
+	base := filepath.Join(os.TempDir(), runPrefix+runID+"-")
+	own, other, link := base+"own", base+"other", base+"link"
+	target := t.TempDir()
+	for _, d := range []string{own, other} {
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = os.RemoveAll(d) })
+	}
+	if err := os.Chown(other, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(other, "hers"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(link) })
+
+	reapDead("self-"+runID, slog.New(slog.DiscardHandler))
+
+	if _, err := os.Stat(own); err == nil {
+		t.Errorf("the run's own temp dir %s was not removed", own)
+	}
+	if _, err := os.Stat(filepath.Join(other, "hers")); err != nil {
+		t.Errorf("another user's directory %s was touched: %v", other, err)
+	}
+	if _, err := os.Lstat(link); err != nil {
+		t.Errorf("a symlink %s the run did not make was removed: %v", link, err)
+	}
+	if _, err := os.Stat(group); err == nil {
+		t.Errorf("the dead run's cgroup %s was not removed", group)
+	}
+}
+
+// TestKillIfSparesAnotherProcess: the reaper lists pids (cgroup.procs, /proc) and kills
+// them a moment later, when a listed pid may name another process: killIf kills only a
+// process still in the run. A process outside it is spared; one inside is killed.
+func TestKillIfSparesAnotherProcess(t *testing.T) {
+	outside := exec.Command("sleep", "60")
+	if err := outside.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = outside.Process.Kill(); _ = outside.Wait() })
+	pid := outside.Process.Pid
+	if killIf(pid, func(pid int) bool { return inRun(pid, "1-zz9zz9") }) {
+		t.Fatalf("killIf killed pid %d, which is in no cgroup of the run", pid)
+	}
+	if err := syscall.Kill(pid, 0); err != nil {
+		t.Fatalf("pid %d outside the run is gone: %v", pid, err)
+	}
+	if !killIf(pid, func(int) bool { return true }) {
+		t.Fatalf("killIf did not kill pid %d, a member", pid)
+	}
+	if err := outside.Wait(); err == nil {
+		t.Fatalf("pid %d was not killed", pid)
+	}
+}
