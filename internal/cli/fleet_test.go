@@ -366,12 +366,12 @@ func TestWorkloadListStopInfoClone(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "Running Workloads - system") || !strings.Contains(out, "│ default ") {
 		t.Fatalf("list: %d\n%s", code, out)
 	}
-	out, _, code = runCLI(t, nil, natsArgs(url, "--namespace", "other", "workload", "list")...)
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "--namespace", "other", "workload", "list")...)
 	if code != 0 || out != "No workloads found\n" {
-		t.Fatalf("list other ns: %d %q", code, out)
+		t.Fatalf("list other ns: %d %q %q", code, out, errOut)
 	}
 
-	out, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "info", "W1")...)
+	out, errOut, code = runCLI(t, nil, natsArgs(url, "workload", "info", "W1")...)
 	if code != 0 || !strings.Contains(out, "file:///bin/true") || !strings.Contains(out, "│ Namespace   │ default") {
 		t.Fatalf("info: %d\n%s%s", code, out, errOut)
 	}
