@@ -64,6 +64,9 @@ func (c *closers) push(name string, fn func(context.Context) error) {
 	c.mu.Unlock()
 }
 
+// slowCloser is how long a closer may take before unwind says it is waiting on it.
+const slowCloser = 3 * time.Second
+
 // unwind pops and runs every closer, newest first, logging failures.
 func (c *closers) unwind(ctx context.Context, log *slog.Logger) {
 	for {
@@ -75,7 +78,13 @@ func (c *closers) unwind(ctx context.Context, log *slog.Logger) {
 		cl := c.stack[len(c.stack)-1]
 		c.stack = c.stack[:len(c.stack)-1]
 		c.mu.Unlock()
-		if err := cl.fn(ctx); err != nil {
+		// A stop that waits says on what (a NATS that is gone is the usual cause).
+		slow := time.AfterFunc(slowCloser, func() {
+			log.Warn("stopping: still waiting", "on", cl.name, "after", slowCloser)
+		})
+		err := cl.fn(ctx)
+		slow.Stop()
+		if err != nil {
 			log.Warn("stopping "+cl.name, "err", err)
 		}
 	}

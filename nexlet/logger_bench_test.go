@@ -122,7 +122,7 @@ func BenchmarkFeedLineLatency(b *testing.B) {
 						}
 					}
 					return nil
-				}, func() error { return relay.FlushTimeout(5 * time.Second) })
+				}, func(context.Context) error { return relay.FlushTimeout(5 * time.Second) })
 				opts = append(opts, WithLocalChannel(s), WithLocalFeeds())
 			}
 			r, err := NewRunner(context.Background(), node, newMemAgent(), opts...)

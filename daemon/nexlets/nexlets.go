@@ -959,6 +959,10 @@ func (m *Manager) closeLocal(name string) {
 		reg.SetAgentLocal(s.AgentID, "", nil)
 	}
 	_ = c.Close()
+	if n := c.Cut(); n > 0 {
+		m.log.Warn("gave up flushing the nexlet's feed batches to NATS on the channel's close; the nexlet keeps them and sends them again to the next nexd",
+			"nexlet", name, "batches", n)
+	}
 }
 
 // meta is what the record of an outliving nexlet keeps for the next nexd: the agent id

@@ -2,6 +2,7 @@ package node
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -118,7 +119,7 @@ func (n *Node) onFeedRelay(m *nats.Msg) {
 // nexlet's ended report and a re-sent batch then leave it out) only once a flush that
 // began after it succeeded: a failed batch or flush forgets it, so that the event
 // sent again passes (it may then come twice, never not at all).
-func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nats.Msg) error, flush func() error) {
+func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nats.Msg) error, flush func(context.Context) error) {
 	var (
 		mu      sync.Mutex
 		pending []stopMark // stops passed since the last successful flush
@@ -176,7 +177,7 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 		}
 		return nil
 	}
-	flush = func() error {
+	flush = func(ctx context.Context) error {
 		mu.Lock()
 		covered := len(pending)
 		since, ok := uint64(0), len(taken) > 0
@@ -184,7 +185,9 @@ func (n *Node) localFeeds(agentID string, c *localchan.Client) (take func([]*nat
 			since, taken = taken[0], taken[1:]
 		}
 		mu.Unlock()
-		err := n.o.NC.FlushTimeout(localFeedFlushWait)
+		fctx, cancel := context.WithTimeout(ctx, localFeedFlushWait)
+		err := n.o.NC.FlushWithContext(fctx)
+		cancel()
 		if err == nil && ok && n.o.NC.Stats().Reconnects != since {
 			// A connection that died after the batch's publish lost it, and the
 			// flush's PING went on the next one: its PONG says nothing of the batch.

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"slices"
@@ -207,14 +208,14 @@ func TestLocalFeedBatchLostToReconnectIsRefused(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the node did not reconnect")
 	}
-	if err := flush(); err == nil {
+	if err := flush(context.Background()); err == nil {
 		t.Error("the flush after a reconnect acknowledged a batch the dead connection lost")
 	} else {
 		t.Logf("flush: %v", err)
 		if err := take([]*nats.Msg{stopped}); err != nil { // the nexlet's re-send
 			t.Fatalf("take again: %v", err)
 		}
-		if err := flush(); err != nil {
+		if err := flush(context.Background()); err != nil {
 			t.Fatalf("flush again: %v", err)
 		}
 	}

@@ -22,6 +22,8 @@ type LagProxy struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]bool
 	closed bool
+	hole   chan struct{} // closed by Blackhole
+	end    chan struct{} // closed by Close
 	rng    *rand.Rand
 	lost   int
 	chunks int
@@ -40,7 +42,7 @@ func StartLagProxy(t testing.TB, ln net.Listener, dial func() (net.Conn, error),
 	if o.RTO == 0 {
 		o.RTO = 200 * time.Millisecond
 	}
-	p := &LagProxy{o: o, ln: ln, dial: dial,
+	p := &LagProxy{o: o, ln: ln, dial: dial, hole: make(chan struct{}), end: make(chan struct{}),
 		conns: map[net.Conn]bool{}, rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))}
 	p.wg.Add(1)
 	go p.accept()
@@ -48,9 +50,35 @@ func StartLagProxy(t testing.TB, ln net.Listener, dial func() (net.Conn, error),
 	return p
 }
 
+// Blackhole makes the link a server that stopped answering without closing anything
+// (SIGSTOPped, its host cut off): from now on nothing is forwarded or read, every
+// connection stays open, and a new one is accepted (the kernel's backlog) and then
+// never answered. Only Close ends them.
+func (p *LagProxy) Blackhole() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.hole:
+	default:
+		close(p.hole)
+	}
+}
+
+func (p *LagProxy) blackholed() bool {
+	select {
+	case <-p.hole:
+		return true
+	default:
+		return false
+	}
+}
+
 // Close stops the proxy and cuts every connection.
 func (p *LagProxy) Close() {
 	p.mu.Lock()
+	if !p.closed {
+		close(p.end)
+	}
 	p.closed = true
 	for c := range p.conns {
 		c.Close()
@@ -85,6 +113,12 @@ func (p *LagProxy) accept() {
 		if err != nil {
 			return
 		}
+		if p.blackholed() {
+			if !p.track(in) {
+				return
+			}
+			continue // held open, never answered; Close closes it
+		}
 		out, err := p.dial()
 		if err != nil {
 			in.Close()
@@ -115,6 +149,9 @@ func (p *LagProxy) pipe(dst, src net.Conn) {
 	writer.Go(func() {
 		for c := range q {
 			time.Sleep(time.Until(c.due))
+			if p.blackholed() {
+				continue
+			}
 			if _, err := dst.Write(c.data); err != nil {
 				break
 			}
@@ -126,6 +163,10 @@ func (p *LagProxy) pipe(dst, src net.Conn) {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
+		if p.blackholed() {
+			<-p.end // read no more: the sender's buffers fill as a stopped peer's would
+			break
+		}
 		if n > 0 {
 			due := time.Now().Add(p.o.Delay)
 			p.mu.Lock()

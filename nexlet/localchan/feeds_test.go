@@ -1,6 +1,7 @@
 package localchan
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"runtime"
@@ -77,7 +78,7 @@ func TestFeedBatches(t *testing.T) {
 		got = append(got, b...)
 		order = append(order, "take")
 		return nil
-	}, func() error { mu.Lock(); defer mu.Unlock(); order = append(order, "flush"); return nil })
+	}, func(context.Context) error { mu.Lock(); defer mu.Unlock(); order = append(order, "flush"); return nil })
 	// Sent behind the refused batch 1 (as a nexlet that had not seen the refusal):
 	// refused too, never taken; the re-send after the refusal is numbered after them.
 	if err := s.SendFeeds(2, batch); err != nil {
@@ -146,5 +147,54 @@ func TestFeedBatchCostBoundedBySize(t *testing.T) {
 	big := []*nats.Msg{{Subject: "$NEX.FEED.ns.metrics.W1", Header: nats.Header{"a": {"1"}}, Data: make([]byte, 4*MaxFeedBatch)}}
 	if got, err := decodeFeeds(encodeFeeds(big)); err != nil || len(got) != 1 || len(got[0].Data) != 4*MaxFeedBatch {
 		t.Fatalf("one large message: %d messages, %v", len(got), err)
+	}
+}
+
+// TestCloseCutsFlush: Close does not wait for flushes that cannot end (NATS gone): the
+// flush in progress gets its context ended, the ones queued behind it are not waited
+// for either, and Cut counts them (their batches stay the nexlet's, sent again later).
+func TestCloseCutsFlush(t *testing.T) {
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewServer(nexletEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	served := make(chan struct{})
+	go func() { defer close(served); _ = s.Serve(func(*Request) {}) }()
+	defer func() { _ = s.StopServing(); <-served }()
+	flushing := make(chan struct{}, MaxFeedBatches)
+	c.OnFeed(func([]*nats.Msg) error { return nil }, func(ctx context.Context) error {
+		flushing <- struct{}{}
+		<-ctx.Done() // a flush to a NATS that never answers
+		return ctx.Err()
+	})
+	const batches = 3
+	for i := range batches {
+		if err := s.SendFeeds(uint64(i+1), []*nats.Msg{{Subject: "$NEX.FEED.ns.logs.W1.stdout", Data: []byte("x")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case <-flushing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no flush began")
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for a flush that cannot end")
+	}
+	if n := c.Cut(); n < 1 || n > batches {
+		t.Fatalf("Cut = %d, want 1..%d", n, batches)
 	}
 }

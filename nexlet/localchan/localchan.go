@@ -303,7 +303,14 @@ type Client struct {
 	onCall  func(*Call)             // nil until OnCall
 	queued  []*Call                 // calls that came before OnCall
 	onFeed  func([]*nats.Msg) error // nil until OnFeed
-	flush   func() error
+	flush   func(context.Context) error
+	// stop ends a flush in progress once Close is called: its batch can no longer be
+	// acknowledged (the channel is closed), so the nexlet keeps it and sends it again
+	// to the next nexd; waiting for NATS would only hold up the stop. cut counts the
+	// batches whose flush was so given up (read after Close).
+	stop       context.Context
+	cancelStop context.CancelFunc
+	cut        int // guarded by mu
 
 	// feeds hands the nexlet's feed batches the reader took to feedLoop, which
 	// flushes and acknowledges them, so that a flush's round trip never holds up a
@@ -338,6 +345,7 @@ func NewClient(f *os.File) (*Client, error) {
 	}
 	cl := &Client{c: c, done: make(chan struct{}), calls: map[uint64]chan<- *nats.Msg{},
 		feeds: make(chan takenFeeds, MaxFeedBatches), feedDone: make(chan struct{})}
+	cl.stop, cl.cancelStop = context.WithCancel(context.Background())
 	go cl.readLoop()
 	go cl.feedLoop()
 	return cl, nil
@@ -453,7 +461,7 @@ func (cl *Client) readLoop() {
 // none) runs on the channel's one feed goroutine, after each batch take took and before
 // the nexlet is told it was: a kill of the node after the acknowledgement must not lose
 // the batch. Batches that come before OnFeed are refused so.
-func (cl *Client) OnFeed(take func([]*nats.Msg) error, flush func() error) {
+func (cl *Client) OnFeed(take func([]*nats.Msg) error, flush func(context.Context) error) {
 	cl.mu.Lock()
 	cl.onFeed, cl.flush = take, flush
 	cl.mu.Unlock()
@@ -473,9 +481,12 @@ func (cl *Client) feedLoop() {
 		cl.mu.Unlock()
 		err := f.err
 		if err == nil && flush != nil {
-			if err = flush(); err != nil {
+			if err = flush(cl.stop); err != nil {
 				cl.mu.Lock()
 				cl.refusedLocked(f.id, true)
+				if cl.stop.Err() != nil {
+					cl.cut++
+				}
 				cl.mu.Unlock()
 			}
 		}
@@ -578,13 +589,25 @@ func (cl *Client) markClosed() {
 	cl.mu.Unlock()
 }
 
-// Close closes the node's end and waits for the reader and the feed goroutine.
+// Close closes the node's end and waits for the reader and the feed goroutine. A
+// flush in progress or queued is given up (its context ends): the batch could not be
+// acknowledged on the closed channel anyway, and the nexlet sends it again to the
+// next node (see Cut).
 func (cl *Client) Close() error {
 	cl.markClosed()
+	cl.cancelStop()
 	err := cl.c.c.Close()
 	<-cl.done
 	<-cl.feedDone
 	return err
+}
+
+// Cut is how many feed batches Close gave up flushing: the nexlet still holds them
+// and sends them again once it has a channel to a node.
+func (cl *Client) Cut() int {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.cut
 }
 
 // Request is one request on the nexlet's end.
