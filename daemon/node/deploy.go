@@ -308,7 +308,7 @@ func (res *reservation) commit(answered bool) (endedEarly bool) {
 	res.done = true
 	n.changes.Add(1)
 	res.agent.startsInFlight--
-	res.agent.startedSinceBeat++ // until a heartbeat counts it
+	res.agent.kept = append(res.agent.kept, time.Now()) // until a heartbeat counts it
 	endedEarly = n.starting[res.id].ended
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name, ended: endedEarly && answered}
 	if answered && upstreamSDK(res.agent) {

@@ -1287,3 +1287,38 @@ func TestHeartbeatKeepsStartInFlight(t *testing.T) {
 		t.Fatalf("a full nexlet bid after its start: %+v", got)
 	}
 }
+
+// TestStaleHeartbeatAfterStart: a nexlet's heartbeat and its answer to a start travel
+// apart (NATS subjects the node reads on separate goroutines), so a heartbeat taken
+// before the nexlet had the start may be handled after the node kept it. Such a
+// heartbeat does not count the start, and the node must not forget it: a nexlet at
+// max_workloads then bid again and could be given more than its max.
+func TestStaleHeartbeatAfterStart(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	a := f.healthyAgent(f.nodes[0], "agent0", "go_exec", "native", func(a *fakeAgent) {
+		a.req.MaxWorkloads = 1
+		a.hbEvery = time.Hour // the test sends the heartbeat that matters
+	})
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	if len(bids) != 1 {
+		t.Fatalf("bids = %+v", bids)
+	}
+	m, err := f.client.Request(protocol.DeploySubject("tenant", bids[0].BidderID), mustJSON(t, startReq("tenant", "w1", `{"cmd":"x"}`)), 10*time.Second)
+	if err != nil || m.Header.Get(protocol.HeaderErrorCode) != "" {
+		t.Fatalf("deploy: %v %v", m, err)
+	}
+	// The heartbeat the nexlet took before the start (no workloads), handled now.
+	had := time.Now()
+	b, _ := json.Marshal(protocol.AgentHeartbeat{Data: "{}", Summary: protocol.AgentSummary{
+		Name: a.req.Name, Type: a.req.RegisterType, State: "running", Version: a.req.Version,
+		SupportedLifecycles: "service,job", StartTime: time.Now().UTC()}})
+	if err := f.client.Publish(protocol.AgentHeartbeatSubject(f.nodes[0].ID(), a.id), b); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the stale heartbeat handled", func() bool {
+		return f.nodes[0].Agents()[0].LastHeartbeat.After(had)
+	})
+	if got := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 0); len(got) != 0 {
+		t.Fatalf("a full nexlet bid after a heartbeat taken before its start: %+v", got)
+	}
+}

@@ -27,13 +27,14 @@ type registration struct {
 	lastSeen     time.Time // registration or last heartbeat: the age health counts from
 	lastBeat     time.Time // zero until the first heartbeat
 	summary      protocol.AgentSummary
-	// startedSinceBeat counts deploys kept since the last heartbeat, so capacity
+	// kept holds when each deploy kept since the last heartbeat was kept, so capacity
 	// checks do not wait 10 s for the nexlet to report them; startsInFlight counts
 	// the deploys sent and not yet kept or rolled back, which no heartbeat clears: a
-	// heartbeat taken before the nexlet had the start does not count it.
-	startedSinceBeat int
-	startsInFlight   int
-	reported         string // health last logged, so each change is logged once
+	// heartbeat taken before the nexlet had the start does not count it. Nor does one
+	// taken before and handled after the start was kept (beat).
+	kept           []time.Time
+	startsInFlight int
+	reported       string // health last logged, so each change is logged once
 	// local is the direct channel to this registration's nexlet process (nil: NATS).
 	local *localchan.Client
 	// exited (under the node's lock): the supervisor saw this nexlet's process end
@@ -51,7 +52,7 @@ type registration struct {
 }
 
 func (r *registration) workloadCount() int {
-	return r.summary.WorkloadCount + r.startedSinceBeat + r.startsInFlight
+	return r.summary.WorkloadCount + len(r.kept) + r.startsInFlight
 }
 
 func (r *registration) supports(l protocol.Lifecycle) bool {
@@ -379,11 +380,11 @@ func (n *Node) onHeartbeat(m *nats.Msg) {
 			}
 		}
 		r.lastSeen, r.lastBeat = now, now
-		if r.summary.WorkloadCount != hb.Summary.WorkloadCount || r.startedSinceBeat != 0 {
+		if r.summary.WorkloadCount != hb.Summary.WorkloadCount || len(r.kept) != 0 {
 			n.changes.Add(1)
 		}
+		r.kept = keptAfterBeat(r.kept, r.summary.WorkloadCount, hb.Summary.WorkloadCount, now)
 		r.summary = hb.Summary
-		r.startedSinceBeat = 0
 		before, after = r.reported, n.health(r, now)
 		r.reported = after
 	}
@@ -445,4 +446,30 @@ func (n *Node) sweep(now time.Time) {
 	for _, r := range gone {
 		n.agentStopped(r, fmt.Sprintf("offline: no heartbeat since %s", r.lastSeen.UTC().Format(time.RFC3339)))
 	}
+}
+
+// staleBeatLag bounds how long after a deploy was kept a heartbeat may come that the
+// nexlet took before it had the start.
+const staleBeatLag = 5 * time.Second
+
+// keptAfterBeat is what of kept (the deploys kept since the last heartbeat, when) a
+// heartbeat counting count workloads leaves to count, the last one having counted
+// before. A heartbeat and a start's answer travel apart (NATS subjects the node reads
+// on separate goroutines; TestStaleHeartbeatAfterStart): one that counts fewer than
+// before plus kept may have been taken before a start the node kept a moment ago,
+// and a nexlet at its max would then bid again. The deploys kept within staleBeatLag
+// stay counted, as many as the heartbeat lacks (workloads that ended meanwhile make
+// it lack them too: over-counted until the next heartbeat, the safe side).
+func keptAfterBeat(kept []time.Time, before, count int, now time.Time) []time.Time {
+	lacks := before + len(kept) - count
+	if lacks <= 0 {
+		return nil
+	}
+	var recent []time.Time
+	for _, t := range kept {
+		if now.Sub(t) < staleBeatLag {
+			recent = append(recent, t)
+		}
+	}
+	return recent[max(0, len(recent)-lacks):]
 }
