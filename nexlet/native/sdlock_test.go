@@ -237,9 +237,13 @@ func TestSystemdUIDLockDirMadeAgain(t *testing.T) {
 	if err := os.Remove(sd); err != nil {
 		t.Fatal(err)
 	}
-	ids, err := us.leaseFreshN("/proc/"+strconv.Itoa(os.Getpid()), 1)
+	owner := t.TempDir()
+	ids, err := us.leaseFreshN(owner, 1)
 	if err != nil || len(ids) != 1 {
 		t.Fatalf("lease with the lock directory gone: %v %v", ids, err)
+	}
+	if !us.retire(ids[0].uid, owner) {
+		t.Fatalf("uid %d not retired", ids[0].uid)
 	}
 	if _, err := os.Stat(filepath.Join(sd, strconv.Itoa(uid))); err != nil {
 		t.Errorf("lock file: %v", err)

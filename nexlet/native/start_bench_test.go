@@ -248,6 +248,9 @@ func BenchmarkAcquireReleaseUID(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
+		if !n.users.retire(id.uid, owner) {
+			b.Fatalf("uid %d not retired", id.uid)
+		}
 		if err := n.users.release(id); err != nil {
 			b.Fatal(err)
 		}

@@ -205,7 +205,7 @@ func (p *uidPool) claim(e pooledUID, owner string) (made, ok bool, err error) {
 	case errors.Is(err, fs.ErrNotExist):
 		p.u.sd.drop(e.id.uid) // nobody leases it now
 		err = nil
-	case err != nil || leaseOwner(b) != p.owner:
+	case err != nil || leaseOwner(b) != p.owner || p.u.retiredBySelf(b): // a retired lease is a workload's
 		err = nil
 	case p.u.hosts.uses(e.id.uid):
 		_ = os.Remove(path)
@@ -266,7 +266,7 @@ func (p *uidPool) drain() {
 				_ = os.RemoveAll(e.dir)
 			}
 			if unlock, err := p.u.lock(); err == nil {
-				if b, err := os.ReadFile(p.u.leasePath(id.uid)); err == nil && leaseOwner(b) == p.owner {
+				if b, err := os.ReadFile(p.u.leasePath(id.uid)); err == nil && leaseOwner(b) == p.owner && !p.u.retiredBySelf(b) {
 					_ = os.Remove(p.u.leasePath(id.uid))
 					p.u.sd.drop(id.uid)
 				}

@@ -103,6 +103,13 @@ type users struct {
 	lastWalk time.Time
 	walks    atomic.Int64 // walks of /proc begun, for tests and benchmarks
 
+	// releasing: the uids a release is killing by and freeing now; another release
+	// of one of them (a start's and a stop's of the same workload) leaves it to that
+	// one: done after it freed the uid and the uid was leased again, its kill would
+	// reach the new holder's processes.
+	relMu     sync.Mutex
+	releasing map[uint32]bool
+
 	// short, when set, is told that a deploy found no uid leased ahead: the stopped
 	// workloads' tidies held for a quiet moment (quietGate) go now, so that their
 	// uids' releases are not what keeps the range short.
@@ -381,43 +388,26 @@ func (u *users) hold(uid uint32, owner string) error {
 	return err
 }
 
-// release kills whatever still runs as a dynamic uid (a process that left the
-// workload's group or cgroup) and then frees the uid. A uid with survivors stays leased.
+// release is releaseAll for one uid.
 func (u *users) release(id ident) error {
-	if !id.dynamic || id.uid == 0 {
-		return nil
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		pids, err := uidProcs(u.proc, id.uid)
-		if err != nil {
-			return fmt.Errorf("dynamic uid %d stays leased: %w", id.uid, err)
-		}
-		if len(pids) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", id.uid, pids)
-		}
-		for _, p := range pids {
-			_ = syscall.Kill(p, syscall.SIGKILL)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if failed := removeLeftovers(u.proc, map[uint32]bool{id.uid: true}); failed[id.uid] != nil {
-		return fmt.Errorf("dynamic uid %d stays leased: %w", id.uid, failed[id.uid])
-	}
-	unlock, err := u.lock()
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	return u.freeLocked(id.uid, nil)
+	_, err := u.releaseCounted([]ident{id})
+	return err
 }
 
-// releaseAll is release for several uids with one walk of /proc per round: stops that
-// come together (a drain, a busy node) share the walks.
+// releaseAll kills whatever still runs as the given dynamic uids (processes that left
+// their workload's group or cgroup) and then frees them, with one walk of /proc per
+// round: stops that come together (a drain, a busy node) share the walks. A uid with
+// survivors stays leased. Only uids this nexlet retired (retire) are released: a kill by
+// uid reaches every process of the host running as it, so a uid whose lease is not
+// this nexlet's retired one (another workload's, a pooled one, no lease) is left
+// alone, nothing killed, with an error naming it.
 func (u *users) releaseAll(ids []ident) error {
+	_, err := u.releaseCounted(ids)
+	return err
+}
+
+// releaseCounted is releaseAll that also says how many processes it killed.
+func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 	want := map[uint32]bool{}
 	for _, id := range ids {
 		if id.dynamic && id.uid != 0 {
@@ -425,7 +415,15 @@ func (u *users) releaseAll(ids []ident) error {
 		}
 	}
 	if len(want) == 0 {
-		return nil
+		return 0, nil
+	}
+	var errs []error
+	if err := u.keepRetired(want); err != nil {
+		errs = append(errs, err)
+	}
+	defer u.doneReleasing(want)
+	if len(want) == 0 {
+		return 0, errors.Join(errs...)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	var survivors map[uint32][]int
@@ -446,7 +444,7 @@ func (u *users) releaseAll(ids []ident) error {
 			}
 		})
 		if err != nil {
-			return fmt.Errorf("%d dynamic uids stay leased: %w", len(want), err)
+			return killed, errors.Join(append(errs, fmt.Errorf("%d dynamic uids stay leased: %w", len(want), err))...)
 		}
 		u.noteWalk(busy, at)
 		if len(survivors) == 0 || time.Now().After(deadline) {
@@ -454,7 +452,9 @@ func (u *users) releaseAll(ids []ident) error {
 		}
 		for _, pids := range survivors {
 			for _, p := range pids {
-				_ = syscall.Kill(p, syscall.SIGKILL)
+				if syscall.Kill(p, syscall.SIGKILL) == nil {
+					killed++
+				}
 			}
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -469,10 +469,9 @@ func (u *users) releaseAll(ids []ident) error {
 	failed := removeLeftovers(u.proc, gone)
 	unlock, err := u.lock()
 	if err != nil {
-		return err
+		return killed, errors.Join(append(errs, err)...)
 	}
 	defer unlock()
-	var errs []error
 	for uid := range want {
 		if pids, ok := survivors[uid]; ok {
 			errs = append(errs, fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", uid, pids))
@@ -482,7 +481,58 @@ func (u *users) releaseAll(ids []ident) error {
 			errs = append(errs, err)
 		}
 	}
+	return killed, errors.Join(errs...)
+}
+
+// keepRetired removes from want the uids whose lease is not this nexlet's retired one
+// (retire): they are not its to kill by or free; the error names them. It also removes
+// those another release is under way for, and marks the rest as being released
+// (doneReleasing unmarks them).
+func (u *users) keepRetired(want map[uint32]bool) error {
+	unlock, err := u.lock()
+	if err != nil {
+		clear(want)
+		return err
+	}
+	defer unlock()
+	u.relMu.Lock()
+	defer u.relMu.Unlock()
+	if u.releasing == nil {
+		u.releasing = map[uint32]bool{}
+	}
+	var errs []error
+	for uid := range want {
+		if u.releasing[uid] {
+			delete(want, uid)
+			continue
+		}
+		b, err := os.ReadFile(u.leasePath(uid))
+		if err == nil && u.retiredBySelf(b) {
+			continue
+		}
+		delete(want, uid)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // released already: nothing of it is this nexlet's
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("dynamic uid %d: not released, nothing killed: %w", uid, err))
+			continue
+		}
+		errs = append(errs, fmt.Errorf("dynamic uid %d: not released, nothing killed: its lease names %q, not this nexlet's retirement", uid, leaseOwner(b)))
+	}
+	for uid := range want {
+		u.releasing[uid] = true
+	}
 	return errors.Join(errs...)
+}
+
+// doneReleasing unmarks the uids keepRetired marked.
+func (u *users) doneReleasing(uids map[uint32]bool) {
+	u.relMu.Lock()
+	defer u.relMu.Unlock()
+	for uid := range uids {
+		delete(u.releasing, uid)
+	}
 }
 
 // freeLocked removes uid's lease and gives systemd's lock on it back (the lease lock
@@ -630,7 +680,11 @@ func (r *releaser) loop() {
 		}
 		r.mu.Unlock()
 		r.gate.yield(tidyYield)
-		if err := r.u.releaseAll(batch); err != nil {
+		killed, err := r.u.releaseCounted(batch)
+		if killed > 0 {
+			r.log.Info("killed processes left running as stopped workloads' uids", "killed", killed, "uids", len(batch))
+		}
+		if err != nil {
 			r.log.Warn("workload uids not released", "err", err)
 		}
 	}
@@ -680,7 +734,12 @@ func leaseOwner(b []byte) string {
 // directory that is gone is stale, so the uid could be leased again (by the pool's
 // filler, by another nexlet) while its release is still pending, a release that would
 // then kill the new holder's processes and remove its lease. false: the lease is not
-// owner's (never written, or someone else's): there is nothing to release.
+// owner's (never written, or someone else's): there is nothing to release, and its
+// uid's processes are not owner's to kill.
+//
+// The retired lease names this nexlet as its owner (while it lives the lease is held)
+// and says it is retired on its second line: a pooled uid's lease names this nexlet
+// too, and is not a workload's to release.
 func (u *users) retire(uid uint32, owner string) bool {
 	unlock, err := u.lock()
 	if err != nil {
@@ -692,14 +751,24 @@ func (u *users) retire(uid uint32, owner string) bool {
 	if err != nil {
 		return false
 	}
-	self := "/proc/" + strconv.Itoa(os.Getpid())
-	switch leaseOwner(b) {
-	case self:
+	if u.retiredBySelf(b) {
 		return true
-	case owner:
-		return writeLease(path, self) == nil
 	}
-	return false
+	if leaseOwner(b) != owner || owner == u.selfOwner() {
+		return false
+	}
+	return writeLease(path, u.selfOwner()+"\n"+retiredMark) == nil
+}
+
+// retiredMark is a retired lease's second line (retire).
+const retiredMark = "retired"
+
+// selfOwner is the owner this nexlet's own leases (pooled, retired) name.
+func (u *users) selfOwner() string { return "/proc/" + strconv.Itoa(os.Getpid()) }
+
+// retiredBySelf says whether lease (a lease file's content) is one this nexlet retired.
+func (u *users) retiredBySelf(lease []byte) bool {
+	return string(lease) == u.selfOwner()+"\n"+retiredMark+"\n"
 }
 
 // writeLease writes the lease file path naming owner. An existing lease is rewritten

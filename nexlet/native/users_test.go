@@ -204,8 +204,8 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 	}
 }
 
-// twoLeasedOneRunning leases two fresh uids of [lo, hi] and starts a sleep running as
-// the first.
+// twoLeasedOneRunning leases two fresh uids of [lo, hi], retires them (as a stop's
+// tidy does) and starts a sleep running as the first.
 // The tests here lease from ranges above the default dynamic range (61184-65519): a
 // nexlet of another test run at the same time (make test runs the e2e nexds beside
 // this package) starts workloads as uids anywhere in that range, and a process running
@@ -216,9 +216,15 @@ func twoLeasedOneRunning(t *testing.T, lo, hi uint32) (*users, []ident, *exec.Cm
 	if err != nil {
 		t.Fatal(err)
 	}
-	ids, err := us.leaseFreshN(t.TempDir(), 2)
+	owner := t.TempDir()
+	ids, err := us.leaseFreshN(owner, 2)
 	if err != nil || len(ids) != 2 {
 		t.Fatalf("leased %v: %v", ids, err)
+	}
+	for _, id := range ids { // as a stop's tidy does: only a retired uid is released
+		if !us.retire(id.uid, owner) {
+			t.Fatalf("uid %d not retired", id.uid)
+		}
 	}
 	cmd := exec.Command("/bin/sleep", "600")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: ids[0].uid, Gid: ids[0].gid}}

@@ -283,8 +283,16 @@ func (n *Nexlet) begin(w *workload, existing bool, report func(protocol.Progress
 	if !sb.empty() {
 		n.killAndWait(w)
 	}
-	if err := n.users.release(prev); err != nil {
-		n.log.Warn("previous uid of the workload not released", "workload_id", w.id, "err", err)
+	// Its previous uid's processes are killed only while the uid is still leased to its
+	// directory (retire): a directory a nexlet killed mid-tidy left names a uid whose
+	// lease went stale, which another workload may hold by now, and a kill by uid
+	// killed that workload's processes (TestReplayKillsNoOtherWorkloadsUID).
+	if prev.dynamic && !n.users.retire(prev.uid, w.dir) {
+		n.log.Info("the workload's previous uid is not leased to it any more; nothing of it killed", "workload_id", w.id, "uid", prev.uid)
+	} else if killed, err := n.users.releaseCounted([]ident{prev}); err != nil {
+		n.log.Warn("previous uid of the workload not released", "workload_id", w.id, "killed", killed, "err", err)
+	} else if killed > 0 {
+		n.log.Info("killed processes left running as the workload's previous uid", "workload_id", w.id, "uid", prev.uid, "killed", killed)
 	}
 	fail := func(err error) (*proc, bool, error) {
 		n.cleanup(w, nil, false)

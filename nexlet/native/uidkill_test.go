@@ -1,0 +1,147 @@
+package native
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestReplayKillsNoOtherWorkloadsUID: a start kills what still runs as its workload's
+// previous uid only while that uid's lease is the workload's. A nexlet killed between
+// its tidy's retirement of a uid and the removal of the workload's directory leaves the
+// directory naming the uid and the lease stale (its owner, the nexlet, gone); the uid
+// is then free and another workload is given it. When the first workload is replayed
+// (its stop lost with the nexlet, or a restart due), its start read the old uid from the
+// directory and SIGKILLed every process running as it: the other workload's. Before,
+// the other workload's process was killed here (and its lease removed, so that a third
+// workload could be given the uid too); now it runs on, the replayed workload gets
+// another uid, and nothing is killed.
+func TestReplayKillsNoOtherWorkloadsUID(t *testing.T) {
+	needRoot(t)
+	const lo, hi = 2000600, 2000601
+	for uid := uint32(lo); uid <= hi; uid++ {
+		if newHostIDs().uses(uid) {
+			t.Skipf("uid %d is in use on this host", uid)
+		}
+	}
+	leases := t.TempDir()
+	pol := UserPolicy{UIDMin: lo, UIDMax: hi, LeaseDir: leases}
+	fn := newFakeNode(t)
+	first := fn.startNexlet(Config{Users: pol})
+	other := startReq(protocol.LifecycleService, "other", map[string]any{"uri": script(t, "echo up; exec sleep 1000")}, fn.creds())
+	fn.mustStart("other", other)
+	fn.waitLog("other", "stdout", "up")
+	s, _ := fn.summary("other")
+	uid, err := strconv.ParseUint(s.Metadata["uid"], 10, 32)
+	if err != nil {
+		t.Fatalf("other's uid %q: %v", s.Metadata["uid"], err)
+	}
+	pids := fn.procsOf("other")
+	if len(pids) == 0 {
+		t.Fatal("other's process not found")
+	}
+
+	// The nexlet dies; what an earlier nexlet killed mid-tidy left: the directory of
+	// workload "stale" naming other's uid, which no lease gives it.
+	first.crash()
+	stale := filepath.Join(first.WorkloadsDir(), "stale")
+	if err := makeWorkloadDirs(stale, ident{uid: uint32(uid), gid: uint32(uid), groups: []uint32{}, name: "dynamic", dynamic: true}); err != nil {
+		t.Fatal(err)
+	}
+	replayed := startReq(protocol.LifecycleService, "stale", map[string]any{"uri": script(t, "echo up; exec sleep 1000")}, fn.creds())
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"other": other, "stale": replayed}
+	fn.mu.Unlock()
+	fn.startNexlet(Config{RuntimeDir: first.cfg.RuntimeDir, Users: pol})
+	fn.waitLog("stale", "stdout", "up")
+
+	killed := 0
+	for _, p := range pids {
+		if !alive(p) {
+			killed++
+		}
+	}
+	r, _ := fn.summary("stale")
+	lease, _ := os.ReadFile(filepath.Join(leases, strconv.FormatUint(uid, 10)))
+	t.Logf("replayed start of a workload whose directory named another's uid %d: %d of %d of the other's processes killed; replayed one runs as uid %s; lease of %d: %q",
+		uid, killed, len(pids), r.Metadata["uid"], uid, lease)
+	if killed != 0 {
+		t.Errorf("%d of %d processes of workload other (uid %d) killed by the replayed start of another workload", killed, len(pids), uid)
+	}
+	if r.Metadata["uid"] == s.Metadata["uid"] {
+		t.Errorf("the replayed workload runs as uid %s, the other workload's", r.Metadata["uid"])
+	}
+	if got := leaseOwner(lease); got != filepath.Join(first.WorkloadsDir(), "other") {
+		t.Errorf("lease of uid %d names %q, want other's directory", uid, got)
+	}
+	testkit.Eventually(t, "other still listed", func() bool {
+		_, ok := fn.summary("other")
+		return ok
+	})
+}
+
+// TestPendingReleaseKillsNoNewHolder: a stopped workload's uid release (batched, after
+// the stop's reply) kills and frees only a uid whose lease is still this nexlet's
+// retirement of it. Here the lease went to another workload before the release ran (as
+// a start's release of the same uid, then a lease by the pool, left it), and that
+// workload's process runs as the uid: it runs on, its lease stays, and the release
+// says why it did nothing. Before, the pending release SIGKILLed it and removed its
+// lease.
+func TestPendingReleaseKillsNoNewHolder(t *testing.T) {
+	needRoot(t)
+	const uid = 2000610
+	if newHostIDs().uses(uid) {
+		t.Skipf("uid %d is in use on this host", uid)
+	}
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := t.TempDir()
+	ids, err := us.leaseFreshN(stopped, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !us.retire(uid, stopped) {
+		t.Fatal("not retired")
+	}
+	// The uid passes to another workload before the release runs.
+	holder := t.TempDir()
+	if err := writeLease(us.leasePath(uid), holder); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("/bin/sleep", "600")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(waited) }()
+	defer func() { _ = cmd.Process.Kill(); <-waited }()
+
+	killed, err := us.releaseCounted(ids)
+	b, _ := os.ReadFile(us.leasePath(uid))
+	t.Logf("pending release of uid %d leased again meanwhile: %d killed; err %v; lease %q", uid, killed, err, b)
+	if killed != 0 {
+		t.Errorf("the pending release killed %d processes of the uid's new holder", killed)
+	}
+	select {
+	case <-waited:
+		t.Error("the new holder's process was killed")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if leaseOwner(b) != holder {
+		t.Errorf("lease names %q, want the new holder %s", leaseOwner(b), holder)
+	}
+	if err == nil || !strings.Contains(err.Error(), "nothing killed") {
+		t.Errorf("release error %v; want one saying it killed nothing", err)
+	}
+}
