@@ -550,7 +550,7 @@ func (n *Node) localCalls(agentID string, l localChannel) func(*localchan.Call) 
 			return
 		}
 		r := &localRequest{c: c, answering: func() { busy.Store(false) }}
-		if !n.own(func() { n.handleLocalCall(agentID, l, r) }) {
+		if !n.own("local call of nexlet "+agentID, func() { n.handleLocalCall(agentID, l, r) }) {
 			n.fail(r, 503, "node stopping", errors.New("the node is stopping"))
 		}
 	}

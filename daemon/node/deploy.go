@@ -132,6 +132,11 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 
 	st.Step("record")
+	if err := n.ctx.Err(); err != nil {
+		// Stopping (the record took that long): the start is not sent.
+		n.leftAtStop(r, res, req, "before it sent the start to the nexlet", err)
+		return
+	}
 	call, err := n.startOnNexlet(a, workloadID, body)
 	if err != nil {
 		refuse(500, "nexlet did not start the workload", fmt.Errorf("start workload %s on nexlet %s (%s): %w", workloadID, a.id, a.req.Name, err))
@@ -489,6 +494,11 @@ func (c *startCall) wait(ctx context.Context, silence, total time.Duration) (*na
 func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, why error) {
 	var req protocol.StartWorkloadRequest
 	_ = protocol.Decode(r.Data(), &req)
+	if n.ctx.Err() != nil {
+		call.close()
+		n.leftAtStop(r, res, req, "before its nexlet answered the start", why)
+		return
+	}
 	stop, err := n.stopWorkload(n.ctx, req.Namespace, res.id)
 	if err == nil && stop.Stopped {
 		call.close()
@@ -503,7 +513,7 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 	n.log.Warn("gave up waiting for a workload start; it stays tracked and is stopped if it starts",
 		"workload_id", res.id, "agent_id", res.agent.id, "err", why)
 	n.fail(r, 408, "outcome of the start unknown", fmt.Errorf("workload %s: %w; it may still start, and the node will stop it if it does (check 'nexctl workload list')", res.id, why))
-	late := n.own(func() {
+	late := n.own("abandoned start of workload "+res.id, func() {
 		defer call.close()
 		reply, err := call.wait(n.ctx, n.o.DeployTimeout, n.o.DeployTimeout)
 		switch {
@@ -523,6 +533,18 @@ func (n *Node) abandonStart(r micro.Request, res *reservation, call *startCall, 
 	if !late {
 		call.close() // the node is stopping: its record is kept, as above
 	}
+}
+
+// leftAtStop answers a deploy the stopping node gives up on after it recorded the
+// workload: it can neither stop the start nor wait for it. The record stays, so the
+// next start on this state adopts the workload (its nexlet ran it) or starts it; the
+// client hears that the outcome is unknown, never "not started".
+func (n *Node) leftAtStop(r micro.Request, res *reservation, req protocol.StartWorkloadRequest, when string, why error) {
+	res.commit(false)
+	n.fail(r, 503, "node stopping: outcome of the start unknown", &publicError{
+		public: fmt.Sprintf("node stopping: outcome of the start of workload %s unknown: the node stopped %s; the workload is recorded, so it may run, and this node adopts or starts it when it next starts (check 'nexctl workload list')", res.id, when),
+		err: fmt.Errorf("workload %s (%s in %s, nexlet %s): node stopping %s; its record is kept for the next start: %w",
+			res.id, req.Name, req.Namespace, res.agent.id, when, why)})
 }
 
 // artifactMinter is a Minter whose workload users have no JetStream grant

@@ -111,6 +111,9 @@ type Options struct {
 	RemoveOfflineAfter time.Duration // offline this long: registration removed (default 60s; <0 never)
 	FanoutTimeout      time.Duration // bound on STOPWORKLOAD/QUERYWORKLOADS/SETLAMEDUCK fan-outs (default 2s)
 	CloneTimeout       time.Duration // bound on the GETWORKLOAD fan-out (default 3s)
+	// StopWait bounds how long Stop waits, once it cancelled them, for the handlers
+	// still running (default 10s): one stuck past its context must not hold the stop.
+	StopWait time.Duration
 	// EndsListInterval is how often the nexlets on upstream's SDK that hold workloads
 	// in node state are listed to hear their workloads' ends (default 5s; listends.go).
 	EndsListInterval time.Duration
@@ -205,6 +208,7 @@ func (o *Options) defaults() {
 	def(&o.RemoveOfflineAfter, 60*time.Second)
 	def(&o.FanoutTimeout, 2*time.Second)
 	def(&o.CloneTimeout, 3*time.Second)
+	def(&o.StopWait, 10*time.Second)
 	def(&o.EndsListInterval, 5*time.Second)
 	def(&o.StartTimeout, time.Minute)
 	def(&o.RevokeGrace, 5*time.Second)
@@ -302,6 +306,8 @@ type Node struct {
 	cancel         context.CancelFunc
 	loops          sync.WaitGroup // heartbeat and health loops
 	inflight       sync.WaitGroup // handlers running on their own goroutine (own)
+	running        map[uint64]string // (under mu) what each of them is, for Stop's log
+	runSeq         uint64
 	// halted (under mu): Stop is waiting for inflight or has; own starts nothing more.
 	halted   bool
 	slots    chan struct{}       // bounds those goroutines
@@ -708,10 +714,19 @@ func (n *Node) Stop(ctx context.Context) error {
 		n.inflight.Wait()
 		close(done)
 	}()
+	// Bounded: the stop runs under a context without cancellation (daemon), and a
+	// handler that does not heed n.ctx would otherwise hold it for as long as it runs.
+	bound := time.NewTimer(n.o.StopWait)
+	defer bound.Stop()
 	select {
 	case <-done:
 	case <-ctx.Done():
 		errs = append(errs, fmt.Errorf("node: waiting for handlers in flight: %w", ctx.Err()))
+	case <-bound.C:
+		left := n.runningNow()
+		n.log.Error("stopping: gave up waiting for request handlers still running", "after", n.o.StopWait, "count", len(left), "handlers", left)
+		errs = append(errs, fmt.Errorf("node: %d request handler(s) still running %s after the stop cancelled them, left behind: %s",
+			len(left), n.o.StopWait, strings.Join(left, ", ")))
 	}
 	// A client waiting for a drain that never ran (nexd stopped during the delay) is
 	// told so rather than left to guess from the node's silence.
@@ -800,7 +815,7 @@ func (n *Node) async(h func(micro.Request)) func(micro.Request) {
 		// micro's request must not be touched once the callback returns (it reads
 		// its fields for stats), so the goroutine answers through a copy.
 		d := &detachedRequest{nc: n.o.NC, subject: r.Subject(), reply: r.Reply(), data: r.Data(), headers: r.Headers()}
-		if !n.own(func() { defer func() { <-n.slots }(); h(d) }) {
+		if !n.own(d.subject, func() { defer func() { <-n.slots }(); h(d) }) {
 			<-n.slots
 			h(r)
 		}
@@ -813,19 +828,43 @@ func (n *Node) async(h func(micro.Request)) func(micro.Request) {
 // Wait (WaitGroup misuse: the Wait may return first, or panic), and the goroutine ran
 // on after Stop returned (TestNoGoroutineAfterStop). Stop sets halted under the lock
 // before it waits, so every Add here happens before that Wait.
-func (n *Node) own(f func()) bool {
+// what names it in Stop's log should Stop give up waiting for it.
+func (n *Node) own(what string, f func()) bool {
 	n.mu.Lock()
 	if n.halted {
 		n.mu.Unlock()
 		return false
 	}
 	n.inflight.Add(1)
+	n.runSeq++
+	seq := n.runSeq
+	if n.running == nil {
+		n.running = map[uint64]string{}
+	}
+	n.running[seq] = what
 	n.mu.Unlock()
 	go func() {
 		defer n.inflight.Done()
+		defer func() {
+			n.mu.Lock()
+			delete(n.running, seq)
+			n.mu.Unlock()
+		}()
 		f()
 	}()
 	return true
+}
+
+// runningNow lists what the goroutines of own still running are, oldest first.
+func (n *Node) runningNow() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	seqs := slices.Sorted(maps.Keys(n.running))
+	out := make([]string, len(seqs))
+	for i, q := range seqs {
+		out[i] = n.running[q]
+	}
+	return out
 }
 
 // detachedRequest is a micro.Request that replies on the node's connection.
@@ -1046,7 +1085,7 @@ func (n *Node) EnterLameduck(delay time.Duration) (time.Time, error) {
 	if ctx != nil {
 		// A nexlet may hold its reply until its workloads are down, so the node does
 		// not wait for it here.
-		n.own(func() { n.forwardLameduck(ctx, delay) })
+		n.own("lame duck forward to the nexlets", func() { n.forwardLameduck(ctx, delay) })
 	}
 	if n.o.OnLameduck != nil {
 		n.o.OnLameduck(delay)

@@ -194,7 +194,7 @@ func (n *Node) after(wait time.Duration, key, id string, revoke func(context.Con
 	if ctx == nil {
 		return
 	}
-	n.own(func() {
+	n.own("revocation after renewal of "+id, func() {
 		select {
 		case <-ctx.Done():
 			return

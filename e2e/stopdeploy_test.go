@@ -1,0 +1,133 @@
+package e2e
+
+import (
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// TestStopWithDeployInFlight: nexd gets SIGTERM (live_restore) while a deploy waits on
+// a native nexlet that never answers its start (frozen with SIGSTOP). The stop must end
+// within its bound, tell the deploy's client that its outcome is unknown, keep the
+// running workload, and the next nexd must hold the pending deploy exactly once (its
+// intent was recorded) once the nexlet runs again.
+func TestStopWithDeployInFlight(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	extra := []string{"--live-restore", "--state", "kv"}
+	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: extra})
+	st := n.waitReady(t)
+	if n.cgroup == "" {
+		t.Skip("needs a writable cgroup root to find each workload's processes")
+	}
+	kept := n.runWorkload(t, "--name", "kept", "--", "/bin/sleep", "600").ID
+	var before []int
+	testkit.EventuallyWithin(t, 30*time.Second, "the workload runs", func() bool {
+		before = n.groupProcs(kept)
+		return len(before) > 0
+	})
+	native := n.native(t)
+	if err := syscall.Kill(native.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	thawed := false
+	thaw := func() {
+		if !thawed {
+			thawed = true
+			_ = syscall.Kill(native.PID, syscall.SIGCONT)
+		}
+	}
+	t.Cleanup(thaw)
+	testkit.EventuallyWithin(t, 10*time.Second, "every thread of the native nexlet stopped", func() bool { return allStopped(native.PID) })
+
+	type result struct {
+		out  string
+		code int
+	}
+	pending := make(chan result, 1)
+	go func() {
+		args := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
+		args = append(args, "workload", "run", "--name", "pending", "--", "/bin/sleep", "600")
+		cmd := exec.Command(nexctlBin(t), args...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			code = -1
+		}
+		pending <- result{string(out), code}
+	}()
+	// The deploy is in flight once the node recorded it: its start waits on the nexlet.
+	js, _ := jetstream.New(testnats.Connect(t, s))
+	kv, err := js.KeyValue(t.Context(), "nex-"+st.NodeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "the pending deploy recorded", func() bool {
+		ks, _ := kv.Keys(t.Context())
+		return len(ks) == 2
+	})
+
+	n.signal(t, syscall.SIGTERM)
+	start := time.Now()
+	const bound = 60 * time.Second
+	select {
+	case <-n.done:
+	case <-time.After(bound):
+		n.signal(t, syscall.SIGQUIT)
+		<-n.done
+		t.Fatalf("nexd did not exit within %v of SIGTERM with a deploy in flight:\n%s", bound, n.out.String())
+	}
+	t.Logf("exit %v after SIGTERM", time.Since(start))
+	if n.err != nil {
+		t.Fatalf("nexd: %v\n%s", n.err, n.out.String())
+	}
+	var r result
+	select {
+	case r = <-pending:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the pending deploy's client had no answer 30 s after nexd exited")
+	}
+	t.Logf("pending deploy: exit %d: %s", r.code, r.out)
+	if r.code == 0 || !strings.Contains(r.out, "node stopping: outcome of the start") || strings.Contains(r.out, "will stop it") {
+		t.Errorf("pending deploy: exit %d %q; want a failure saying the node stops and its outcome is unknown", r.code, r.out)
+	}
+
+	thaw()
+	n2 := startNode(t, nodeOpts{external: s.ClientURL(), stateDir: n.stateDir, cgroup: n.cgroup, extra: extra})
+	n2.waitReady(t)
+	var list string
+	testkit.EventuallyWithin(t, 60*time.Second, "the next nexd lists both workloads", func() bool {
+		out, _, code := n2.ctl(t, "workload", "list")
+		list = out
+		return code == 0 && strings.Contains(out, kept) && strings.Contains(out, "pending")
+	})
+	if c := strings.Count(list, "pending"); c != 1 {
+		t.Errorf("the pending deploy is listed %d times, want once:\n%s", c, list)
+	}
+	lost, restarted := 0, 0
+	switch now := n2.groupProcs(kept); {
+	case len(now) == 0:
+		lost++
+	case !slices.Contains(now, slices.Min(before)):
+		restarted++
+	}
+	t.Logf("kept workload: %d lost, %d restarted", lost, restarted)
+	if lost+restarted > 0 {
+		t.Errorf("the running workload: %d lost, %d restarted across the stop", lost, restarted)
+	}
+	n2.signal(t, syscall.SIGTERM)
+	n2.wait(t, 60*time.Second)
+}
