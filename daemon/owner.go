@@ -49,8 +49,9 @@ func (g *goroutines) wait(timeout time.Duration) bool {
 // and unwind closes them in reverse order (as containerd's Server.Stop), so whatever
 // start managed to bring up is released, and nothing else.
 type closers struct {
-	mu    sync.Mutex
-	stack []closer
+	mu      sync.Mutex
+	stack   []closer
+	running string // the closer unwind runs now ("" between them)
 }
 
 type closer struct {
@@ -77,6 +78,7 @@ func (c *closers) unwind(ctx context.Context, log *slog.Logger) {
 		}
 		cl := c.stack[len(c.stack)-1]
 		c.stack = c.stack[:len(c.stack)-1]
+		c.running = cl.name
 		c.mu.Unlock()
 		// A stop that waits says on what (a NATS that is gone is the usual cause).
 		slow := time.AfterFunc(slowCloser, func() {
@@ -84,10 +86,20 @@ func (c *closers) unwind(ctx context.Context, log *slog.Logger) {
 		})
 		err := cl.fn(ctx)
 		slow.Stop()
+		c.mu.Lock()
+		c.running = ""
+		c.mu.Unlock()
 		if err != nil {
 			log.Warn("stopping "+cl.name, "err", err)
 		}
 	}
+}
+
+// current names the closer unwind runs now, "" when none.
+func (c *closers) current() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.running
 }
 
 // names lists the stack bottom to top (tests check the order).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"maps"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/sysd"
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/coldpages"
 	"github.com/nexd-project/nexd/internal/memtrim"
@@ -473,23 +475,14 @@ func (s *server) stop(mode stopMode) {
 	} else {
 		s.notify.Stopping("stopping: draining workloads and nexlets")
 	}
-	// Keep systemd from killing us while the drain is making progress.
+	// Keep systemd from killing us while the drain is making progress, up to the
+	// stop's bound.
 	extend := grace + 15*time.Second
 	s.notify.ExtendTimeout(extend)
 	done := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Go(func() {
-		tick := time.NewTicker(extend / 2)
-		defer tick.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-				s.notify.ExtendTimeout(extend)
-			}
-		}
-	})
+	bound := stopBound(grace)
+	wg.Go(func() { extendStop(s.notify, s.log, &s.closers, done, extend, bound) })
 	defer func() { close(done); wg.Wait() }()
 
 	// The drain runs to its own bounds even when the daemon's context has ended.
@@ -509,6 +502,36 @@ func (s *server) stop(mode stopMode) {
 	s.closers.unwind(ctx, s.log)
 	if mode == keepAll {
 		s.releaseCgroup()
+	}
+}
+
+// stopBound is the longest a stop is given: the sum of its steps' own bounds (the
+// workload drain and the nexlets' stop, stop_grace+10s each; request handlers 10 s, the
+// NATS drain 10 s, the control socket 5 s, owned goroutines 15 s, metrics 2 s) and
+// slack. 100 s with the default stop_grace, below the unit's TimeoutStopSec=150s.
+func stopBound(grace time.Duration) time.Duration { return 2*grace + 80*time.Second }
+
+// extendStop renews systemd's stop timeout (EXTEND_TIMEOUT_USEC, every extend/2) until
+// done is closed, but not past bound: a step stuck beyond its own bound is then logged
+// by name and left to TimeoutStopSec's SIGKILL. Before, the stop was extended for as
+// long as it ran, so a stuck step held nexd (and systemctl stop) without end.
+func extendStop(n *sysd.Notifier, log *slog.Logger, c *closers, done <-chan struct{}, extend, bound time.Duration) {
+	deadline := time.Now().Add(bound)
+	tick := time.NewTicker(extend / 2)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-tick.C:
+			left := time.Until(deadline)
+			if left <= 0 {
+				log.Error("stopping: past the stop's bound; systemd's stop timeout is no longer extended (TimeoutStopSec ends the stop)",
+					"bound", bound, "on", c.current())
+				return
+			}
+			n.ExtendTimeout(min(extend, left))
+		}
 	}
 }
 

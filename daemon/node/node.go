@@ -304,8 +304,8 @@ type Node struct {
 	keep           bool // StopAllWorkloads ran: keep state for the next start
 	ctx            context.Context
 	cancel         context.CancelFunc
-	loops          sync.WaitGroup // heartbeat and health loops
-	inflight       sync.WaitGroup // handlers running on their own goroutine (own)
+	loops          sync.WaitGroup    // heartbeat and health loops
+	inflight       sync.WaitGroup    // handlers running on their own goroutine (own)
 	running        map[uint64]string // (under mu) what each of them is, for Stop's log
 	runSeq         uint64
 	// halted (under mu): Stop is waiting for inflight or has; own starts nothing more.
