@@ -526,8 +526,12 @@ func extendStop(n *sysd.Notifier, log *slog.Logger, c *closers, done <-chan stru
 		case <-tick.C:
 			left := time.Until(deadline)
 			if left <= 0 {
+				on := c.current()
+				if on == "" {
+					on = "the workload drain" // the step before the closers
+				}
 				log.Error("stopping: past the stop's bound; systemd's stop timeout is no longer extended (TimeoutStopSec ends the stop)",
-					"bound", bound, "on", c.current())
+					"bound", bound, "on", on)
 				return
 			}
 			n.ExtendTimeout(min(extend, left))
