@@ -92,18 +92,18 @@ func TestStopBoundBelowTimeoutStopSec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var stopSec time.Duration
+	var timeoutStop time.Duration
 	for line := range strings.Lines(string(unit)) {
 		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "TimeoutStopSec="); ok {
-			if stopSec, err = time.ParseDuration(v); err != nil {
+			if timeoutStop, err = time.ParseDuration(v); err != nil {
 				t.Fatalf("TimeoutStopSec=%s: %v", v, err)
 			}
 		}
 	}
-	if stopSec == 0 {
+	if timeoutStop == 0 {
 		t.Fatal("no TimeoutStopSec in the unit")
 	}
-	if b := stopBound(10 * time.Second); b >= stopSec {
-		t.Errorf("stopBound(10s) = %v, not below the unit's TimeoutStopSec=%v", b, stopSec)
+	if b := stopBound(10 * time.Second); b >= timeoutStop {
+		t.Errorf("stopBound(10s) = %v, not below the unit's TimeoutStopSec=%v", b, timeoutStop)
 	}
 }
