@@ -199,6 +199,22 @@ func (p *proc) signal(t *testing.T, sig syscall.Signal) {
 	}
 }
 
+// termWithin sends SIGTERM and returns how long nexd took to exit; past bound it
+// fails the test with nexd's goroutine dump (SIGQUIT) and output, saying while what.
+func (p *proc) termWithin(t *testing.T, bound time.Duration, while string) time.Duration {
+	t.Helper()
+	p.signal(t, syscall.SIGTERM)
+	start := time.Now()
+	select {
+	case <-p.done:
+	case <-time.After(bound):
+		p.signal(t, syscall.SIGQUIT)
+		<-p.done
+		t.Fatalf("nexd did not exit within %v of SIGTERM %s:\n%s", bound, while, p.out.String())
+	}
+	return time.Since(start)
+}
+
 // wait returns the exit code, failing the test if nexd does not exit in time.
 func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 	t.Helper()

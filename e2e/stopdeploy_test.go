@@ -80,17 +80,7 @@ func TestStopWithDeployInFlight(t *testing.T) {
 		return len(ks) == 2
 	})
 
-	n.signal(t, syscall.SIGTERM)
-	start := time.Now()
-	const bound = 60 * time.Second
-	select {
-	case <-n.done:
-	case <-time.After(bound):
-		n.signal(t, syscall.SIGQUIT)
-		<-n.done
-		t.Fatalf("nexd did not exit within %v of SIGTERM with a deploy in flight:\n%s", bound, n.out.String())
-	}
-	t.Logf("exit %v after SIGTERM", time.Since(start))
+	t.Logf("exit %v after SIGTERM", n.termWithin(t, 60*time.Second, "with a deploy in flight"))
 	if n.err != nil {
 		t.Fatalf("nexd: %v\n%s", n.err, n.out.String())
 	}
