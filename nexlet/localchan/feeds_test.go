@@ -19,20 +19,7 @@ import (
 // acknowledged with an error, and so is one sent behind it before its re-send; a
 // truncated encoding is refused, never half read.
 func TestFeedBatches(t *testing.T) {
-	nodeEnd, nexletEnd, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := NewClient(nodeEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	s, err := NewServer(nexletEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	c, s := pairInProcess(t)
 	type ack struct {
 		id  uint64
 		err error
@@ -154,19 +141,7 @@ func TestFeedBatchCostBoundedBySize(t *testing.T) {
 // flush in progress gets its context ended, the ones queued behind it are not waited
 // for either, and Cut counts them (their batches stay the nexlet's, sent again later).
 func TestCloseCutsFlush(t *testing.T) {
-	nodeEnd, nexletEnd, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := NewClient(nodeEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := NewServer(nexletEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	c, s := pairInProcess(t)
 	served := make(chan struct{})
 	go func() { defer close(served); _ = s.Serve(func(*Request) {}) }()
 	defer func() { _ = s.StopServing(); <-served }()
