@@ -247,13 +247,16 @@ func objectDigest(d string) (string, error) {
 // A request the server refuses this user (a bucket outside its namespace's grant)
 // gets no answer, only a permissions violation on the connection, which nats.go hands
 // to the error handler alone: the fetch then waited out its whole bound (minutes) and
-// reported a deadline. The connection is the fetch's own, so any violation on it ends
-// the fetch at once with that error (TestArtifactFetchRefusedPromptly).
+// reported a deadline. The connection is the fetch's own, so a violation on it of
+// something the fetch needs ends the fetch at once with that error
+// (TestArtifactFetchRefusedPromptly); one it can do without (the client library's
+// delete of its spent consumer, which the workload's own credentials may not allow)
+// does not (TestArtifactFetchSparesUnneededRefusal).
 func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsConnectionData, ns string, art artifact, wdir string, maxSize int64, report func(protocol.Progress)) (string, string, error) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	refused := nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-		if errors.Is(err, nats.ErrPermissionViolation) {
+		if errors.Is(err, nats.ErrPermissionViolation) && fetchNeeds(err) {
 			cancel(fmt.Errorf("the NATS server refused the artifact's reader: %w", err))
 		}
 	})
@@ -283,6 +286,48 @@ func (s *artifactStore) fetchArtifact(ctx context.Context, creds protocol.NatsCo
 		return "", "", cause(err)
 	}
 	return path, sum, nil
+}
+
+// fetchNeeds reports whether the permissions violation err refuses something an
+// object fetch cannot do without: a subscription (its inbox, the chunks' delivery), the
+// bucket's stream info, the object's meta lookup (direct or message get), the
+// chunks' consumer and its flow-control replies. Anything else (the consumer's delete
+// once the last chunk is in: the server drops the ephemeral consumer once it is idle)
+// is not. A violation whose subject cannot be read counts as needed.
+func fetchNeeds(err error) bool {
+	_, what, ok := strings.Cut(err.Error(), "Permissions Violation for ")
+	if !ok {
+		return true
+	}
+	kind, rest, _ := strings.Cut(what, " to \"")
+	subject, _, ok := strings.Cut(rest, "\"")
+	if !ok {
+		return true
+	}
+	if kind != "Publish" {
+		return true // Subscription
+	}
+	if strings.HasPrefix(subject, "$JS.FC.") {
+		return true
+	}
+	// $JS.API.<op> or, in a JetStream domain, $JS.<domain>.API.<op>.
+	rest, ok = strings.CutPrefix(subject, "$JS.")
+	if !ok {
+		return false
+	}
+	if !strings.HasPrefix(rest, "API.") {
+		_, rest, _ = strings.Cut(rest, ".") // the domain
+	}
+	op, ok := strings.CutPrefix(rest, "API.")
+	if !ok {
+		return false
+	}
+	for _, need := range []string{"STREAM.INFO.", "STREAM.MSG.GET.", "DIRECT.GET.", "CONSUMER.CREATE."} {
+		if strings.HasPrefix(op, need) {
+			return true
+		}
+	}
+	return false
 }
 
 // artifactFD is the descriptor a workload's artifact has in the workload.
