@@ -42,6 +42,9 @@ type fakeNode struct {
 	// which then comes only when wordOnly is false.
 	stopWord nats.Header
 	wordOnly bool
+	// heldDeploy, when set, hears each deploy, which is never answered (a start
+	// still under way).
+	heldDeploy chan<- struct{}
 	// progress are reports sent before a deploy's answer when the client asks.
 	progress []protocol.Progress
 	// drains makes it act as a nexd node on LAMEDUCK: after the delay its workloads
@@ -224,6 +227,10 @@ func (n *fakeNode) start() *fakeNode {
 		n.mu.Lock()
 		n.deploys = append(n.deploys, req)
 		n.mu.Unlock()
+		if n.heldDeploy != nil {
+			n.heldDeploy <- struct{}{}
+			return
+		}
 		if n.failDeploy != "" {
 			r := nats.NewMsg(m.Reply)
 			r.Header.Set(protocol.HeaderErrorCode, "500")

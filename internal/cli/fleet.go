@@ -486,6 +486,11 @@ var errNotStarted = errors.New("not started")
 // have started there, so nothing is tried elsewhere and the exit code says "unknown".
 var errOutcomeUnknown = errors.New("unknown: the node did not answer")
 
+// errLinkClosed marks a deploy whose answer nexctl could no longer hear: its own NATS
+// connection closed after the request went out (credentials revoked or expired), so
+// the outcome is unknown as with errOutcomeUnknown.
+var errLinkClosed = errors.New("unknown: nexctl's NATS connection closed")
+
 // deploy sends the start request to the node holding bidderID. A node that says it is
 // alive (nexd does when asked: HeaderAlive) and then goes silent for f.silence is
 // reported as errOutcomeUnknown; expectAlive (a signed bid: a nexd) makes silence from
@@ -546,6 +551,10 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 		switch {
 		case err != nil && ctx.Err() != nil:
 			return r, ctx.Err()
+		case errors.Is(err, scatter.ErrClosed):
+			// Not the node's silence nor the deploy bound: nexctl's own link is gone.
+			return r, fmt.Errorf("%w: the workload may have started there, so no other node is tried; "+
+				"'nexctl workload list' shows it once nexctl can connect again", f.closedLink("the node's answer", sent))
 		case err != nil && watch && time.Now().Before(deadline):
 			return r, f.silentNode(sent, heard)
 		case err != nil:
@@ -588,6 +597,16 @@ func (f *fleet) silentNode(sent, heard time.Time) error {
 	}
 	return fmt.Errorf("%w (%s; %s since the request): the workload may have started there, so no other node is tried; "+
 		"'nexctl workload list' shows it once the node is reachable again", errOutcomeUnknown, what, time.Since(sent).Round(100*time.Millisecond))
+}
+
+// closedLink is the error for a request whose answer (what) nexctl can no longer
+// hear: its connection closed (why, as nats.go last heard it from the server).
+func (f *fleet) closedLink(what string, sent time.Time) error {
+	why := ""
+	if err := f.nc.LastError(); err != nil {
+		why = "; last error: " + err.Error()
+	}
+	return fmt.Errorf("%w while it waited for %s (%s since the request%s)", errLinkClosed, what, time.Since(sent).Round(100*time.Millisecond), why)
 }
 
 // partialList is a node's list answer that lacks some of its nexlets' workloads
@@ -767,6 +786,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 	defer sub.Close()
 	m := &nats.Msg{Subject: protocol.UndeploySubject(ns, id), Reply: inbox, Data: data,
 		Header: nats.Header{protocol.HeaderProgress: {"1"}}}
+	sent := time.Now()
 	if err := f.nc.PublishMsg(m); err != nil {
 		return ret, false, fmt.Errorf("publish stop request: %w", err)
 	}
@@ -786,6 +806,11 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 		if err != nil {
 			if ctx.Err() != nil {
 				return ret, stopping, ctx.Err()
+			}
+			if errors.Is(err, scatter.ErrClosed) {
+				// Neither "not found" nor the node's silence: nexctl's own link is gone.
+				return ret, stopping, fmt.Errorf("%w: whether it stopped is unknown; 'nexctl workload list' shows it once nexctl can connect again",
+					f.closedLink("the stop's answer", sent))
 			}
 			break
 		}

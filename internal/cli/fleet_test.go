@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
@@ -607,5 +608,81 @@ func TestPartialWarningWithoutNames(t *testing.T) {
 	want := "node lab (NODE1) listed only part of its workloads; missing those of 2 of its nexlets (the node names them to the system namespace only)"
 	if got := p.Error(); got != want {
 		t.Errorf("got  %q\nwant %q", got, want)
+	}
+}
+
+// cliResult is what an in-process nexctl run printed and its exit code.
+type cliResult struct {
+	out, errOut string
+	code        int
+}
+
+// runRevocable runs nexctl with args in the background as a new user of op's account,
+// and returns its result to come and a revoke that cuts that user off.
+func runRevocable(t *testing.T, op *testnats.Operator, args ...string) (<-chan cliResult, func()) {
+	t.Helper()
+	tok, seed := op.User(t, "nexctl", nil)
+	uc, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan cliResult, 1)
+	go func() {
+		out, errOut, code := runCLI(t, nil, natsArgs(op.Server.ClientURL(), append([]string{"--nats.jwt", tok, "--nats.seed", seed}, args...)...)...)
+		done <- cliResult{out, errOut, code}
+	}()
+	return done, func() { op.Revoke(t, uc.Subject) }
+}
+
+// TestWorkloadRunConnectionClosed: nexctl's own NATS connection closes under a deploy
+// (its user revoked once the node has the request: the server drops it and refuses it
+// when it reconnects). nexctl says so at once, outcome unknown (exit 3): the node may
+// have started the workload. Before, it said the deploy timed out after its whole
+// deploy bound, at once.
+func TestWorkloadRunConnectionClosed(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	n := newFakeNode(t, op.Connect(t, "node"), "HELD", nil)
+	held := make(chan struct{}, 1)
+	n.heldDeploy = held
+	n.start()
+	done, revoke := runRevocable(t, op, "--namespace", "default", "--allow-unsigned-bids", "workload", "run", "--name", "web", "--", "/bin/sh", "-c", "sleep 1")
+	select {
+	case <-held:
+	case r := <-done:
+		t.Fatalf("nexctl ended before its deploy reached the node: exit %d\n%s\n%s", r.code, r.out, r.errOut)
+	}
+	revoked := time.Now()
+	revoke()
+	r := <-done
+	t.Logf("exit %d %v after the revocation: %s", r.code, time.Since(revoked).Round(time.Millisecond), strings.TrimSpace(r.errOut))
+	if r.code != ExitUnknown || strings.Contains(r.errOut, "timed out") ||
+		!strings.Contains(r.errOut, "nexctl's NATS connection closed") || !strings.Contains(r.errOut, "may have started there") {
+		t.Errorf("deploy whose nexctl connection closed: exit %d\n%s\n%s\nwant exit %d saying nexctl's connection closed", r.code, r.out, r.errOut, ExitUnknown)
+	}
+}
+
+// TestWorkloadStopConnectionClosed: nexctl's own NATS connection closes while it waits
+// for a stop's answer (the node said "stopping"; its user then revoked). nexctl says so,
+// outcome unknown (exit 3). Before, it said the workload was not stopped because the
+// node did not answer within its stop bound, at once.
+func TestWorkloadStopConnectionClosed(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	n := newFakeNode(t, op.Connect(t, "node"), "NAAA1", nil)
+	n.stopOK, n.stopWord, n.wordOnly = true, nats.Header{}, true
+	n.start()
+	done, revoke := runRevocable(t, op, "workload", "stop", "aDqYSZ2aIvLTDISr3fAsgI")
+	testkit.Eventually(t, "the stop reaching the node", func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		return len(n.stops) > 0
+	})
+	revoke()
+	r := <-done
+	t.Logf("exit %d: %s", r.code, strings.TrimSpace(r.errOut))
+	if r.code != ExitUnknown || strings.Contains(r.errOut, "did not answer") ||
+		!strings.Contains(r.errOut, "nexctl's NATS connection closed") || !strings.Contains(r.errOut, "whether it stopped is unknown") {
+		t.Errorf("stop whose nexctl connection closed: exit %d\n%s\n%s\nwant exit %d saying nexctl's connection closed", r.code, r.out, r.errOut, ExitUnknown)
 	}
 }

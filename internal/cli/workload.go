@@ -157,7 +157,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 			if err == nil {
 				return placement{ID: resp.ID, Name: resp.Name, Node: bid.NodeID}, nil
 			}
-			if errors.Is(err, errOutcomeUnknown) {
+			if errors.Is(err, errOutcomeUnknown) || errors.Is(err, errLinkClosed) {
 				return placement{}, exitError{ExitUnknown, fmt.Errorf("deploy to %s: %w", bidLabel(bid), err)}
 			}
 			if !errors.Is(err, errNotStarted) {
@@ -328,6 +328,9 @@ stopped (not found, or the node could not stop it).`,
 				return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", args[0], f.ns)
 			}
 			r, stopping, err := f.stopWorkload(cmd.Context(), ns, id, !noWait)
+			if errors.Is(err, errLinkClosed) {
+				return exitError{ExitUnknown, fmt.Errorf("stop workload %s: %w", id, err)}
+			}
 			var unrecorded stopUnrecorded
 			if stopping && noWait && errors.As(err, &unrecorded) {
 				// Sent, and maybe under way, but not known to survive a crash.

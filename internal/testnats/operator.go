@@ -137,3 +137,33 @@ func newKey(t testing.TB, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, 
 	}
 	return kp, pub
 }
+
+// Revoke revokes the application account's user pub from now on, as an operator would
+// (nsc revocations add-user, then a push): the server closes its connections and
+// refuses it from then on.
+func (o *Operator) Revoke(t testing.TB, pub string) {
+	t.Helper()
+	tok, err := o.Resolver.Fetch(o.Account)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ac, err := jwt.DecodeAccountClaims(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ac.Revoke(pub)
+	if tok, err = ac.Encode(o.OperatorKP); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Resolver.Store(o.Account, tok); err != nil {
+		t.Fatal(err)
+	}
+	if ac, err = jwt.DecodeAccountClaims(tok); err != nil {
+		t.Fatal(err)
+	}
+	acc, err := o.Server.LookupAccount(o.Account)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Server.UpdateAccountClaims(acc, ac)
+}
