@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/user"
@@ -126,8 +127,10 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	s.runtimeDir, tempRuntimeDir = runtimeDir(cfg, id.ID())
 	// 0711: the native nexlet's workloads, under other uids, reach their directories
 	// through it (it makes it so itself when missing).
-	if err := ownDir("runtime_dir", s.runtimeDir, 0o711, stateDirGroups()); err != nil {
+	if made, err := ownDir("runtime_dir", s.runtimeDir, 0o711, stateDirGroups()); err != nil {
 		return nil, err
+	} else if made {
+		d.log.Info("made the runtime directory", "dir", s.runtimeDir, "mode", "0711")
 	}
 	if err := d.holdDir("runtime_dir", s.runtimeDir, runtimeLock, 0o711); err != nil {
 		return nil, err
@@ -726,14 +729,25 @@ func (s *server) keepLogStream(startCtx context.Context, maxAge time.Duration, m
 // her own or a symlink in its place): seeds, secrets, a fetched nexlet binary nexd runs
 // as root. A group's write permission counts as others' unless trusted says its members
 // gain nothing by it (see dirGroups). The way is checked before anything is made on it.
-func ownDir(key, dir string, perm os.FileMode, trusted dirGroups) error {
+//
+// Of dir only the last name is made (made says so), as systemd's StateDirectory= and
+// RuntimeDirectory= make theirs: a missing directory above it is refused, naming it (a
+// path with a typo, or a file system not mounted yet: nexd made the whole chain and
+// started afresh there, a new identity and no state; TestOwnDirMakesItsOwnNameOnly).
+func ownDir(key, dir string, perm os.FileMode, trusted dirGroups) (made bool, err error) {
 	if err := safePath(key, dir, true, trusted); err != nil {
-		return err
+		return false, err
 	}
-	if err := os.MkdirAll(dir, perm); err != nil {
-		return fmt.Errorf("%s %s: %w", key, dir, err)
+	switch err := os.Mkdir(dir, perm); {
+	case err == nil:
+		made = true
+	case errors.Is(err, fs.ErrNotExist):
+		parent := filepath.Dir(filepath.Clean(dir))
+		return false, fmt.Errorf("%s %s: directory %s does not exist: nexd makes %s when missing, but no directory above it; create it or correct the path", key, dir, parent, filepath.Base(dir))
+	case !errors.Is(err, fs.ErrExist):
+		return false, fmt.Errorf("%s %s: %w", key, dir, err)
 	}
-	return safePath(key, dir, false, trusted)
+	return made, safePath(key, dir, false, trusted)
 }
 
 // dirGroups says which groups may have write permission on nexd's directories: those
@@ -931,8 +945,12 @@ func privateStateDir(dir string, log *slog.Logger) error {
 	if dir == "" {
 		return nil
 	}
-	if err := ownDir("state_dir", dir, 0o700, stateDirGroups()); err != nil {
+	made, err := ownDir("state_dir", dir, 0o700, stateDirGroups())
+	if err != nil {
 		return err
+	}
+	if made {
+		log.Info("made the state directory", "dir", dir, "mode", "0700")
 	}
 	fi, err := os.Stat(dir)
 	if err != nil {

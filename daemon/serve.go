@@ -2,12 +2,9 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"maps"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -128,22 +125,6 @@ func (s *server) serve(startCtx context.Context) error {
 // register again before they are replaced.
 const adoptedRegisterWait = 15 * time.Second
 
-// socketDirMissing says whether the control socket's directory is missing, for nexd
-// to make, as systemd's RuntimeDirectory= makes /run/nex: its own directory only. A
-// missing directory above it is an error: a path with a typo, or a mount not there
-// yet, and nexd made the whole chain with whatever mode (TestControlSocketDirs).
-func socketDirMissing(socket string) (bool, error) {
-	dir := filepath.Dir(socket)
-	if _, err := os.Lstat(dir); err == nil || !errors.Is(err, fs.ErrNotExist) {
-		return false, nil // there, or an error ownDir reports
-	}
-	parent := filepath.Dir(dir)
-	if _, err := os.Stat(parent); errors.Is(err, fs.ErrNotExist) {
-		return false, fmt.Errorf("control_socket %s: directory %s does not exist: nexd makes the socket's own directory (%s) when missing, but no directory above it; create it or correct the path", socket, parent, dir)
-	}
-	return true, nil
-}
-
 // openControl binds the control socket (or takes systemd's) and serves first; the
 // socket stays open through the drain, so status says "stopping" until the end.
 func (s *server) openControl(first control.Backend) error {
@@ -155,15 +136,14 @@ func (s *server) openControl(first control.Backend) error {
 		return fmt.Errorf("workload_uid_range: %w", err)
 	}
 	if s.ctlListener == nil && cfg.Node.ControlSocket != "" {
-		dir := filepath.Dir(cfg.Node.ControlSocket)
-		made, err := socketDirMissing(cfg.Node.ControlSocket)
-		if err != nil {
-			return err
-		}
 		// A directory another user may rename in (hers, or one on the way) lets her move
 		// nexd's socket away and listen at its path: admins' nexctl then sends her its
-		// requests (secrets, reloads) and takes her answers (a NATS server of hers).
-		if err := ownDir("control_socket", dir, 0o755, controlDirGroups()); err != nil {
+		// requests (secrets, reloads) and takes her answers (a NATS server of hers). Its
+		// own directory only is made, as RuntimeDirectory= makes /run/nex
+		// (TestControlSocketDirs).
+		dir := filepath.Dir(cfg.Node.ControlSocket)
+		made, err := ownDir("control_socket", dir, 0o755, controlDirGroups())
+		if err != nil {
 			return err
 		}
 		if made {

@@ -51,7 +51,7 @@ func TestAttackDirOfAnotherUser(t *testing.T) {
 	if err := privateStateDir(state, log); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
 		t.Errorf("state_dir made by another user: %v, want refused naming its owner", err)
 	}
-	if err := ownDir("runtime_dir", runtime, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
+	if _, err := ownDir("runtime_dir", runtime, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "owned by uid "+strconv.Itoa(int(mallory.UID))) {
 		t.Errorf("runtime_dir made by another user: %v, want refused naming its owner", err)
 	}
 	// Root's own, but anyone may write in it; and root's directory behind another's symlink.
@@ -62,17 +62,17 @@ func TestAttackDirOfAnotherUser(t *testing.T) {
 	if err := os.Chmod(open, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", open, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "writable by every user") {
+	if _, err := ownDir("runtime_dir", open, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "writable by every user") {
 		t.Errorf("world-writable runtime_dir: %v, want refused", err)
 	}
 	mine := testkit.PublicDir(t)
 	link := filepath.Join(pub, "link")
 	asMallory("/bin/ln", "-s", mine, link)
-	if err := ownDir("runtime_dir", link, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+strconv.Itoa(int(mallory.UID))) {
+	if _, err := ownDir("runtime_dir", link, 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+strconv.Itoa(int(mallory.UID))) {
 		t.Errorf("runtime_dir through another user's symlink: %v, want refused", err)
 	}
 	// nexd's own are taken, made or not.
-	if err := ownDir("runtime_dir", filepath.Join(t.TempDir(), "new"), 0o711, stateDirGroups()); err != nil {
+	if _, err := ownDir("runtime_dir", filepath.Join(t.TempDir(), "new"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("a new runtime_dir: %v", err)
 	}
 	if err := privateStateDir(mine, log); err != nil {
@@ -100,7 +100,7 @@ func TestAttackDirUnderAnotherUsersDir(t *testing.T) {
 	mine := testkit.PublicDir(t)
 	link := filepath.Join(pub, "midlink")
 	asMallory("/bin/ln", "-s", mine, link)
-	if err := ownDir("runtime_dir", filepath.Join(link, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+uid) {
+	if _, err := ownDir("runtime_dir", filepath.Join(link, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "symlink owned by uid "+uid) {
 		t.Errorf("runtime_dir reached through another user's symlink midway: %v, want refused", err)
 	}
 	open := filepath.Join(mine, "open")
@@ -110,17 +110,17 @@ func TestAttackDirUnderAnotherUsersDir(t *testing.T) {
 	if err := os.Chmod(open, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(open, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "writable by every user") {
+	if _, err := ownDir("runtime_dir", filepath.Join(open, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), "writable by every user") {
 		t.Errorf("runtime_dir in a directory everyone may write in: %v, want refused", err)
 	}
 	// A root symlink midway to a directory of nexd's, and a sticky public parent, are fine.
 	if err := os.Symlink(mine, filepath.Join(pub, "rootlink")); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(pub, "rootlink", "run"), 0o711, stateDirGroups()); err != nil {
+	if _, err := ownDir("runtime_dir", filepath.Join(pub, "rootlink", "run"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("runtime_dir through root's symlink: %v", err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(pub, "nexd-0123456789ab"), 0o711, stateDirGroups()); err != nil {
+	if _, err := ownDir("runtime_dir", filepath.Join(pub, "nexd-0123456789ab"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("runtime_dir in a sticky public directory: %v", err)
 	}
 }
@@ -136,9 +136,7 @@ func malloryInPublicDir(t *testing.T) (*testkit.User, string, func(args ...strin
 	}
 	asMallory := func(args ...string) {
 		t.Helper()
-		if out, err := mallory.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%v as %s: %v: %s", args, mallory.Name, err, out)
-		}
+		mallory.Run(t, args[0], args[1:]...)
 	}
 	return mallory, pub, asMallory
 }
@@ -180,7 +178,7 @@ func TestGroupWritableDirs(t *testing.T) {
 	if err := privateStateDir(shared, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "state_dir "+shared+": "+refusal) {
 		t.Errorf("group-writable state_dir: %v, want refused with %q", err, refusal)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(shared, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), refusal) {
+	if _, err := ownDir("runtime_dir", filepath.Join(shared, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), refusal) {
 		t.Errorf("runtime_dir in a group-writable directory: %v, want refused with %q", err, refusal)
 	}
 	if _, err := os.Lstat(filepath.Join(shared, "run")); err == nil {
@@ -194,24 +192,24 @@ func TestGroupWritableDirs(t *testing.T) {
 		t.Fatalf("the group's member could not rename in it (the test's premise): %v: %s", err, out)
 	}
 	// The control group's members are the control socket's admins: its directory may be theirs.
-	if err := ownDir("control_socket", shared, 0o755, dirGroups{controlGID: staff.GID, hasControl: true}); err != nil {
+	if _, err := ownDir("control_socket", shared, 0o755, dirGroups{controlGID: staff.GID, hasControl: true}); err != nil {
 		t.Errorf("control socket directory writable by the control group: %v", err)
 	}
-	if err := ownDir("control_socket", shared, 0o755, dirGroups{controlGID: staff.GID + 1, hasControl: true}); err == nil {
+	if _, err := ownDir("control_socket", shared, 0o755, dirGroups{controlGID: staff.GID + 1, hasControl: true}); err == nil {
 		t.Errorf("control socket directory writable by another group than the control group: taken")
 	}
 	// Sticky on the way: members may rename only their own entries there.
 	if err := os.Chmod(shared, 0o775|os.ModeSticky); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(shared, "run"), 0o711, stateDirGroups()); err != nil {
+	if _, err := ownDir("runtime_dir", filepath.Join(shared, "run"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("runtime_dir in a sticky group-writable directory: %v", err)
 	}
-	if err := ownDir("runtime_dir", shared, 0o711, stateDirGroups()); err == nil {
+	if _, err := ownDir("runtime_dir", shared, 0o711, stateDirGroups()); err == nil {
 		t.Errorf("a sticky group-writable runtime_dir itself: taken")
 	}
 	// Root's group.
-	if err := ownDir("state_dir", dirOf("rootgroup", 0, 0o775), 0o700, stateDirGroups()); err != nil {
+	if _, err := ownDir("state_dir", dirOf("rootgroup", 0, 0o775), 0o700, stateDirGroups()); err != nil {
 		t.Errorf("state_dir writable by root's group: %v", err)
 	}
 	// nexd not root: its own group, as for make run under umask 002, and not another of its groups.
@@ -292,25 +290,25 @@ func TestAttackACLWritableDirs(t *testing.T) {
 	if err := privateStateDir(userDir, log); err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("state_dir a named user may write in: %v, want refused with %q", err, want)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(userDir, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), want) {
+	if _, err := ownDir("runtime_dir", filepath.Join(userDir, "run"), 0o711, stateDirGroups()); err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("runtime_dir in a directory a named user may write in: %v, want refused with %q", err, want)
 	}
 
 	groupDir := mk("group")
 	setACL(groupDir, aclGroup, staff.GID, 7)
 	want = fmt.Sprintf("has an ACL entry that lets group %s (gid %d) write in it", staff.Name, staff.GID)
-	if err := ownDir("state_dir", groupDir, 0o700, stateDirGroups()); err == nil || !strings.Contains(err.Error(), want) {
+	if _, err := ownDir("state_dir", groupDir, 0o700, stateDirGroups()); err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("state_dir a named group may write in: %v, want refused with %q", err, want)
 	}
 	// The control group's members are the control socket's admins.
-	if err := ownDir("control_socket", groupDir, 0o755, dirGroups{controlGID: staff.GID, hasControl: true}); err != nil {
+	if _, err := ownDir("control_socket", groupDir, 0o755, dirGroups{controlGID: staff.GID, hasControl: true}); err != nil {
 		t.Errorf("control socket directory the control group may write in by its ACL: %v", err)
 	}
 
 	// A mask without write leaves the named entry read-only: taken.
 	masked := mk("masked")
 	setACL(masked, aclUser, mallory.UID, 5)
-	if err := ownDir("state_dir", masked, 0o700, stateDirGroups()); err != nil {
+	if _, err := ownDir("state_dir", masked, 0o700, stateDirGroups()); err != nil {
 		t.Errorf("state_dir whose ACL mask takes write away: %v", err)
 	}
 	// On the way with the sticky bit: members may rename only their own entries there.
@@ -319,7 +317,40 @@ func TestAttackACLWritableDirs(t *testing.T) {
 	if err := os.Chmod(sticky, 0o775|os.ModeSticky); err != nil {
 		t.Fatal(err)
 	}
-	if err := ownDir("runtime_dir", filepath.Join(sticky, "run"), 0o711, stateDirGroups()); err != nil {
+	if _, err := ownDir("runtime_dir", filepath.Join(sticky, "run"), 0o711, stateDirGroups()); err != nil {
 		t.Errorf("runtime_dir in a sticky directory a named user may write in: %v", err)
+	}
+}
+
+// TestOwnDirMakesItsOwnNameOnly: of a state, runtime or control socket directory that
+// is missing, nexd makes the last name only, as systemd's StateDirectory= does. A
+// missing directory above it (a typo, a file system not mounted yet) is refused, naming
+// it, and nothing is made: before, nexd made the whole chain (mkdir -p) and started
+// afresh there, with a new identity and none of its state.
+func TestOwnDirMakesItsOwnNameOnly(t *testing.T) {
+	base := t.TempDir()
+	missing := filepath.Join(base, "mnt")
+	log := slog.New(slog.DiscardHandler)
+	want := "directory " + missing + " does not exist"
+	if err := privateStateDir(filepath.Join(missing, "nex"), log); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("state_dir under a missing directory: %v, want refused saying %q", err, want)
+	}
+	if _, err := ownDir("runtime_dir", filepath.Join(missing, "nex", "run"), 0o711, stateDirGroups()); err == nil ||
+		!strings.Contains(err.Error(), "directory "+filepath.Join(missing, "nex")+" does not exist") {
+		t.Errorf("runtime_dir under missing directories: %v, want refused naming its parent", err)
+	}
+	if _, err := os.Lstat(missing); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("%s made (%v)", missing, err)
+	}
+	own := filepath.Join(base, "nex")
+	if err := privateStateDir(own, log); err != nil {
+		t.Fatalf("state_dir whose parent exists: %v", err)
+	}
+	made, err := ownDir("runtime_dir", filepath.Join(own, "run"), 0o711, stateDirGroups())
+	if err != nil || !made {
+		t.Fatalf("runtime_dir in the state dir: made %v, %v", made, err)
+	}
+	if made, err := ownDir("runtime_dir", filepath.Join(own, "run"), 0o711, stateDirGroups()); err != nil || made {
+		t.Errorf("runtime_dir there already: made %v, %v", made, err)
 	}
 }

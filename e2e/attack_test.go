@@ -800,7 +800,7 @@ func TestAttackControlSocketInGroupWritableDir(t *testing.T) {
 }
 
 // socketAttacker makes mallory, in groups, and a public directory for the control
-// socket attacks.
+// socket and state directory attacks.
 func socketAttacker(t *testing.T, groups ...*testkit.Group) (*testkit.User, string) {
 	t.Helper()
 	if testing.Short() {

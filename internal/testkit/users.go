@@ -105,6 +105,14 @@ func (u *User) Command(name string, args ...string) *exec.Cmd {
 	return cmd
 }
 
+// Run runs name as u (Command) and fails t, with what it printed, unless it succeeds.
+func (u *User) Run(t testing.TB, name string, args ...string) {
+	t.Helper()
+	if out, err := u.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s as %s: %v: %s", name, strings.Join(args, " "), u.Name, err, out)
+	}
+}
+
 // shadowTool runs useradd & co. one at a time across all test processes on the
 // machine: they lock /etc/passwd and fail ("cannot lock /etc/passwd; try again
 // later") rather than wait when test binaries run in parallel.
