@@ -356,6 +356,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 		AuctionsNotBid:   s.node.NotBid,
 		ListChecksFailed: s.node.ListChecksFailed,
 		Tombstones:       func() int { return len(s.tombstoneList()) },
+		ReplylessDropped: s.node.ReplylessDropped,
 		Nexlets: func(ctx context.Context) ([]metrics.NexletHealth, error) {
 			ns, err := backend{s}.Nexlets(ctx)
 			out := make([]metrics.NexletHealth, 0, len(ns))

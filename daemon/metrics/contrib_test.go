@@ -33,6 +33,7 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 		ListChecksFailed: func() map[string]uint64 { return map[string]uint64{"answers_extra": 0} },
 		AuctionsNotBid:   func() map[string]uint64 { return map[string]uint64{"tags": 0} },
 		Tombstones:       func() int { return 0 },
+		ReplylessDropped: func() uint64 { return 0 },
 	})
 	// Labelled series exist once something happened.
 	m.Reload(true)

@@ -74,6 +74,9 @@ type Live struct {
 	ListChecksFailed func() map[string]uint64
 	// Tombstones is how many stopped workloads' removals from node state are pending.
 	Tombstones func() int
+	// ReplylessDropped counts the requests the node dropped for having no reply
+	// subject (node.ReplylessDropped).
+	ReplylessDropped func() uint64
 }
 
 // NexletHealth is one nexlet as the health metrics see it.
@@ -148,6 +151,10 @@ func (m *Metrics) WatchLive(l Live) {
 	if l.Tombstones != nil {
 		r.gaugeFunc("nexd_state_tombstones", "Stopped workloads whose removal from node state failed and is retried; a tombstone on local disk keeps each out of every replay meanwhile (nexctl status lists them).", "gauge", "",
 			func() float64 { return float64(l.Tombstones()) })
+	}
+	if l.ReplylessDropped != nil {
+		r.gaugeFunc("nexd_requests_replyless_dropped_total", "Requests to the node (any endpoint, auctions too) dropped unanswered and not carried out because they had no reply subject: no client sends one; anyone on the bus can (the log warns of them once a minute).", "counter", "",
+			func() float64 { return float64(l.ReplylessDropped()) })
 	}
 	if l.ListChecksFailed != nil {
 		r.add("nexd_nexlet_list_checks_failed_total", "Checks failed by the node's list rounds that hear upstream-SDK nexlets' workload ends (a round hears none unless all pass), by check: answers_missing, answers_extra (a nexlet answered in another's name), answer_failed, listed_twice, no_ping_answer, count_mismatch, ask_failed.", "counter", func(add func(sample)) {

@@ -46,6 +46,7 @@ func TestServedOverTCP(t *testing.T) {
 		AuctionsNotBid:   func() map[string]uint64 { return map[string]uint64{"tags": 3, "draining": 0} },
 		ListChecksFailed: func() map[string]uint64 { return map[string]uint64{"answers_extra": 5} },
 		Tombstones:       func() int { return 2 },
+		ReplylessDropped: func() uint64 { return 1200 },
 	})
 	m.Reload(true)
 	m.Reload(false)
@@ -99,6 +100,7 @@ func TestServedOverTCP(t *testing.T) {
 		`nexd_auctions_not_bid_total{reason="draining"} 0`,
 		`nexd_nexlet_list_checks_failed_total{check="answers_extra"} 5`,
 		`nexd_state_tombstones 2`,
+		`nexd_requests_replyless_dropped_total 1200`,
 		`nexd_nexlet_ends_unheard{nexlet="native"} 0`,
 		`nexd_nexlet_ends_unheard{nexlet="upstream"} 1`,
 	} {
