@@ -121,11 +121,11 @@ Types: ` + strings.Join(eventTypes, ", "),
 			}
 			subject := eventsSubject(node, a.namespace, typ)
 			before := f.nc.LastError()
-			sub, err := f.nc.SubscribeSync(subject)
+			sub, err := scatter.Stream(f.nc, subject)
 			if err != nil {
 				return fmt.Errorf("subscribe to %s: %w", subject, err)
 			}
-			defer sub.Unsubscribe()
+			defer sub.Close()
 			if err := f.nc.Flush(); err != nil {
 				return fmt.Errorf("subscribe to %s: %w", subject, err)
 			}
@@ -147,19 +147,9 @@ Types: ` + strings.Join(eventTypes, ", "),
 				ctx, cancel = context.WithTimeout(ctx, wait)
 				defer cancel()
 			}
-			n := 0
-			for {
-				m, err := sub.NextMsgWithContext(ctx)
-				if err != nil {
-					if errors.Is(err, nats.ErrConnectionClosed) {
-						return err
-					}
-					break
-				}
-				n++
-				if err := a.printEvent(a.out(), m, time.Now()); err != nil {
-					return err
-				}
+			n, err := a.readStream(ctx, sub, "events", func(m *nats.Msg) error { return a.printEvent(a.out(), m, time.Now()) })
+			if err != nil {
+				return err
 			}
 			if !follow && n == 0 {
 				a.warnf("no events arrived within %s on %s; the feed is live, use -f to follow it (a node publishes events only with events = \"nats\" in its config)", wait, subject)
@@ -175,6 +165,31 @@ Types: ` + strings.Join(eventTypes, ", "),
 	_ = cmd.RegisterFlagCompletionFunc("type", cobra.FixedCompletions(eventTypes, cobra.ShellCompDirectiveNoFileComp))
 	_ = cmd.RegisterFlagCompletionFunc("node", a.completeNodes())
 	return cmd
+}
+
+// readStream prints what stream brings with print until ctx ends, and returns how many
+// it printed. Messages dropped for being past the stream's bound (the output fell that
+// far behind) are warned of as they are noticed, and the stream goes on; a closed
+// connection ends it with an error. what names the messages.
+func (a *app) readStream(ctx context.Context, stream *scatter.Replies, what string, print func(*nats.Msg) error) (int, error) {
+	n, lost := 0, 0
+	for {
+		m, err := stream.Next(ctx)
+		switch {
+		case errors.Is(err, scatter.ErrClosed):
+			return n, fmt.Errorf("%s: nexctl's NATS connection closed: %w", what, nats.ErrConnectionClosed)
+		case err != nil:
+			return n, nil // the wait is over, or interrupted
+		}
+		if d := stream.Dropped(); d > lost {
+			a.warnf("%d %s dropped: their output fell %d MiB behind", d-lost, what, scatter.StreamPendingBytes>>20)
+			lost = d
+		}
+		n++
+		if err := print(m); err != nil {
+			return n, err
+		}
+	}
 }
 
 func (a *app) printEvent(w io.Writer, m *nats.Msg, now time.Time) error {

@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -684,5 +686,105 @@ func TestWorkloadStopConnectionClosed(t *testing.T) {
 	if r.code != ExitUnknown || strings.Contains(r.errOut, "did not answer") ||
 		!strings.Contains(r.errOut, "nexctl's NATS connection closed") || !strings.Contains(r.errOut, "whether it stopped is unknown") {
 		t.Errorf("stop whose nexctl connection closed: exit %d\n%s\n%s\nwant exit %d saying nexctl's connection closed", r.code, r.out, r.errOut, ExitUnknown)
+	}
+}
+
+// heldWriter holds its first Write until release is closed, as a paused pager holds
+// nexctl's output, and counts the lines written other than "first".
+type heldWriter struct {
+	entered, release chan struct{}
+	once             sync.Once
+	mu               sync.Mutex
+	lines            int
+}
+
+func (w *heldWriter) Write(p []byte) (int, error) {
+	w.once.Do(func() {
+		close(w.entered)
+		<-w.release
+	})
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.lines += bytes.Count(p, []byte("\n")) - bytes.Count(p, []byte("first\n"))
+	return len(p), nil
+}
+
+func (w *heldWriter) count() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.lines
+}
+
+// TestLogsFollowBurst: `workload logs -f` whose output is held up (a paused pager)
+// while 70,000 lines come in prints every one of them once it goes on, and follows
+// on. Before, the lines waited in a sync subscription's 64Ki-slot channel (512 KB
+// allocated per stream); past it, the read said 'slow consumer', which nexctl took for
+// the end: it exited 0 having printed one line.
+func TestLogsFollowBurst(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	w := &heldWriter{entered: make(chan struct{}), release: make(chan struct{})}
+	var errb testkit.Buffer
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	exited := make(chan int, 1)
+	go func() {
+		exited <- Main(ctx, natsArgs(s.ClientURL(), "--namespace", "default", "workload", "logs", "W1", "-f"),
+			IO{Stdout: w, Stderr: &errb, Env: func(string) string { return "" }})
+	}()
+	subject := protocol.LogSubject("default", "W1", "stdout")
+	// "first" until nexctl printed one: its subscription is in place.
+	for held := false; !held; {
+		if err := nc.Publish(subject, []byte("first")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-w.entered:
+			held = true
+		case code := <-exited:
+			t.Fatalf("nexctl exited %d before printing a line: %s", code, errb.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	const burst = 70_000
+	for i := range burst {
+		if err := nc.Publish(subject, []byte(strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // the burst reaches nexctl while its output is held
+	close(w.release)
+	const want = burst
+	ok := testkit.WaitFor(time.Minute, func() bool {
+		select {
+		case code := <-exited:
+			exited <- code
+			return true
+		default:
+		}
+		return w.count() >= want
+	})
+	got := w.count()
+	t.Logf("%d lines sent in the burst, %d printed", want, got)
+	select {
+	case code := <-exited:
+		t.Fatalf("nexctl logs -f exited %d after printing %d of %d lines: %s", code, got, want, errb.String())
+	default:
+	}
+	if !ok || got != want {
+		t.Fatalf("%d of %d lines printed", got, want)
+	}
+	// It follows on.
+	if err := nc.Publish(subject, []byte("later")); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the line after the burst printed", func() bool { return w.count() == want+1 })
+	cancel()
+	if code := <-exited; code != 0 {
+		t.Errorf("nexctl logs -f interrupted: exit %d: %s", code, errb.String())
 	}
 }

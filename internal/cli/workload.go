@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
@@ -619,11 +620,11 @@ or with -f until interrupted.`,
 				ns = "*" // a finished workload: its history may still be kept
 			}
 			before := f.nc.LastError()
-			sub, err := f.nc.SubscribeSync(protocol.LogsWildcard(ns, id))
+			sub, err := scatter.Stream(f.nc, protocol.LogsWildcard(ns, id))
 			if err != nil {
 				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
 			}
-			defer sub.Unsubscribe()
+			defer sub.Close()
 			// The wait starts once the server has the subscription, not before.
 			if err := f.nc.Flush(); err != nil {
 				return fmt.Errorf("subscribe to logs of %s: %w", id, err)
@@ -654,16 +655,11 @@ or with -f until interrupted.`,
 				ctx, cancel = context.WithTimeout(ctx, wait)
 				defer cancel()
 			}
-			n := 0
-			for {
-				m, err := sub.NextMsgWithContext(ctx)
-				if err != nil {
-					break
-				}
-				n++
-				if err := a.printLogLine(logstream.Line{Time: time.Now().UTC(), Stream: protocol.LastToken(m.Subject), Line: string(m.Data)}); err != nil {
-					return err
-				}
+			n, err := a.readStream(ctx, sub, "log lines", func(m *nats.Msg) error {
+				return a.printLogLine(logstream.Line{Time: time.Now().UTC(), Stream: protocol.LastToken(m.Subject), Line: string(m.Data)})
+			})
+			if err != nil {
+				return err
 			}
 			if !follow && n == 0 {
 				a.warnf("no log lines arrived within %s; use --tail or --since for past output, -f to follow", wait)

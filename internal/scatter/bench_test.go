@@ -1,6 +1,7 @@
 package scatter
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -84,5 +85,48 @@ func BenchmarkOneShotReply(b *testing.B) {
 			}
 			r.Close()
 		}
+	})
+}
+
+// BenchmarkStreamOpen: a stream opened, one message read, closed (nexctl's logs -f and
+// events open one per run): a sync subscription (the old way) beside Stream.
+func BenchmarkStreamOpen(b *testing.B) {
+	s := testnats.Start(b, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(b, s)
+	pub := testnats.Connect(b, s)
+	read := func(b *testing.B, open func(string) (func(context.Context) error, func())) {
+		b.ReportAllocs()
+		for b.Loop() {
+			subject := nc.NewInbox()
+			next, closeFn := open(subject)
+			if err := nc.Flush(); err != nil {
+				b.Fatal(err)
+			}
+			if err := pub.Publish(subject, []byte("line")); err != nil {
+				b.Fatal(err)
+			}
+			if err := next(b.Context()); err != nil {
+				b.Fatal(err)
+			}
+			closeFn()
+		}
+	}
+	b.Run("sub=sync", func(b *testing.B) {
+		read(b, func(subject string) (func(context.Context) error, func()) {
+			sub, err := nc.SubscribeSync(subject)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return func(ctx context.Context) error { _, err := sub.NextMsgWithContext(ctx); return err }, func() { _ = sub.Unsubscribe() }
+		})
+	})
+	b.Run("sub=stream", func(b *testing.B) {
+		read(b, func(subject string) (func(context.Context) error, func()) {
+			r, err := Stream(nc, subject)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return func(ctx context.Context) error { _, err := r.Next(ctx); return err }, r.Close
+		})
 	})
 }

@@ -114,6 +114,30 @@ var ErrClosed = errors.New("reply subscription closed")
 
 // Subscribe subscribes to subject (a reply inbox) for Next; Close ends it.
 func Subscribe(nc *nats.Conn, subject string) (*Replies, error) {
+	return subscribe(nc, subject, -1)
+}
+
+// StreamPendingBytes bounds what a Stream holds unread: past it the newest messages are
+// dropped (Dropped counts them) and the stream goes on.
+const StreamPendingBytes = 64 << 20
+
+// Stream subscribes to subject, a feed read for as long as the caller likes (nexctl's
+// logs -f and events), for Next; Close ends it. As with Subscribe, what waits goes in
+// the subscription's own list, nothing allocated ahead; unlike it, the list is bounded
+// (StreamPendingBytes), since a feed has no end and its reader may stall (a paused
+// pager) for good. A sync subscription allocated a 64Ki-slot channel (512 KB) per stream
+// and, once it overflowed, its read said ErrSlowConsumer, which ended the stream.
+func Stream(nc *nats.Conn, subject string) (*Replies, error) {
+	return subscribe(nc, subject, StreamPendingBytes)
+}
+
+// Dropped is how many messages were dropped for being past the stream's bound.
+func (r *Replies) Dropped() int {
+	n, _ := r.sub.Dropped()
+	return n
+}
+
+func subscribe(nc *nats.Conn, subject string, pendingBytes int) (*Replies, error) {
 	r := &Replies{next: make(chan *nats.Msg), stop: make(chan struct{}), ended: make(chan struct{})}
 	sub, err := nc.Subscribe(subject, func(m *nats.Msg) {
 		select {
@@ -130,7 +154,7 @@ func Subscribe(nc *nats.Conn, subject string) (*Replies, error) {
 	// without calling it.
 	sub.SetClosedHandler(func(string) { close(r.ended) })
 	r.waitEnd = sub.IsValid()
-	_ = sub.SetPendingLimits(-1, -1)
+	_ = sub.SetPendingLimits(-1, pendingBytes)
 	r.sub = sub
 	return r, nil
 }

@@ -292,3 +292,55 @@ func TestGatherConnectionClosed(t *testing.T) {
 		t.Error("gather on a closed connection: no error")
 	}
 }
+
+// TestStreamBoundDropsAndGoesOn: a stream whose reader stalls holds what arrives up to
+// its bound, drops the rest (counted), and once read again goes on with what comes
+// next. A bound of 100 KB here stands for StreamPendingBytes.
+func TestStreamBoundDropsAndGoesOn(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	pub := testnats.Connect(t, s)
+	r, err := subscribe(nc, "feed", 100<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	line := make([]byte, 1<<10)
+	for range 1000 {
+		if err := pub.Publish("feed", line); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := pub.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// The server has pub's messages and queues nc's PONG behind them: all 1000 are
+	// delivered or dropped once nc's flush returns.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	read := 0
+	for {
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		_, err := r.Next(ctx)
+		cancel()
+		if err != nil {
+			break
+		}
+		read++
+	}
+	t.Logf("1000 messages of 1 KiB while the reader stalled: %d read, %d dropped", read, r.Dropped())
+	if read == 0 || read+r.Dropped() != 1000 || read > 101 {
+		t.Errorf("%d read, %d dropped of 1000 past a 100 KiB bound", read, r.Dropped())
+	}
+	if err := pub.Publish("feed", []byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	m, err := r.Next(t.Context())
+	if err != nil || string(m.Data) != "after" {
+		t.Fatalf("after the drops: %v, %v", m, err)
+	}
+}
