@@ -336,7 +336,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	}
 	s.secrets = newSecretStore(s.stateDir)
 	s.metrics.WatchLive(metrics.Live{
-		NATSReconnects: func() uint64 { return s.conn.Info().Reconnects },
+		NATSReconnects: s.conn.Reconnects,
 		NATSConnected:  s.conn.Connected,
 		JetStream:      s.jetstream.metric,
 		Leafs: func() (int, int) {

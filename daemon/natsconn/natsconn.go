@@ -108,6 +108,11 @@ type Conn struct {
 	violated  chan struct{}
 	closed    chan struct{}
 	closeOnce sync.Once
+
+	// The last RTT probe, which stands for rttFor (probeRTT).
+	rttMu sync.Mutex
+	rtt   time.Duration
+	rttAt time.Time
 }
 
 // Connect opens the connection to the external servers o describes (nats.DefaultURL
@@ -489,7 +494,8 @@ func (c *Conn) NextViolation() <-chan struct{} {
 // server (its RTT): the status line, which READY=1 carries, needs only this.
 func (c *Conn) Connected() bool { return c.NC != nil && c.NC.IsConnected() }
 
-// Info snapshots the connection state, with a round trip to the server for its RTT.
+// Info snapshots the connection state, with the RTT of a round trip to the server at
+// most rttFor old.
 func (c *Conn) Info() ConnInfo {
 	ci := ConnInfo{
 		Embedded:    c.server != nil,
@@ -512,13 +518,35 @@ func (c *Conn) Info() ConnInfo {
 			// placeholder, so name the server by the URL children use.
 			ci.Server = natsurl.Redact(c.clientURLs[0])
 		}
-		start := time.Now()
-		if err := c.NC.FlushTimeout(time.Second); err == nil {
-			ci.RTT = time.Since(start)
-		}
+		ci.RTT = c.probeRTT()
 	}
 	return ci
 }
+
+// rttFor is how long an RTT probe's result stands for the callers after it.
+const rttFor = time.Second
+
+// probeRTT measures the round trip to the server (0 when the probe fails), at most once
+// per rttFor: a local user may call the public status as often as she likes, and each
+// call made a round trip (TestInfoProbesRTTOncePerWindow). Callers meanwhile get the
+// last result, and those that come while a probe is under way wait for it.
+func (c *Conn) probeRTT() time.Duration {
+	c.rttMu.Lock()
+	defer c.rttMu.Unlock()
+	if !c.rttAt.IsZero() && time.Since(c.rttAt) < rttFor {
+		return c.rtt
+	}
+	start := time.Now()
+	c.rtt = 0
+	if err := c.NC.FlushTimeout(time.Second); err == nil {
+		c.rtt = time.Since(start)
+	}
+	c.rttAt = time.Now()
+	return c.rtt
+}
+
+// Reconnects is how many times the connection reconnected (Info without its probe).
+func (c *Conn) Reconnects() uint64 { return c.reconnects.Load() }
 
 // Healthy reports whether the connection is up, or reconnecting for less than the
 // grace period.

@@ -1,15 +1,19 @@
 package natsconn
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -426,5 +430,62 @@ func TestInboxPrefix(t *testing.T) {
 	}
 	if got := connect(t, Options{Context: ctxFile, InboxPrefix: "_INBOX_nexd.abc"}).NC.NewInbox(); !strings.HasPrefix(got, "_INBOX_ops.") {
 		t.Errorf("inbox %q, want the context's _INBOX_ops", got)
+	}
+}
+
+// pingCounter is a real server, in-process, whose connections count the PINGs the
+// client sends (a flush is one).
+type pingCounter struct {
+	*server.Server
+	pings atomic.Int64
+}
+
+func (s *pingCounter) InProcessConn() (net.Conn, error) {
+	c, err := s.Server.InProcessConn()
+	if err != nil {
+		return nil, err
+	}
+	return &countingConn{Conn: c, pings: &s.pings}, nil
+}
+
+type countingConn struct {
+	net.Conn
+	pings *atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.pings.Add(int64(bytes.Count(p, []byte("PING\r\n"))))
+	return c.Conn.Write(p)
+}
+
+// TestInfoProbesRTTOncePerWindow: Info (what every control socket status shows, which
+// any local user may call as often as she likes) measures the RTT with a round trip to
+// the server at most once per rttFor, whatever the callers: 400 calls from 8 goroutines
+// at once cost one PING, each sees an RTT. Before, each call was a round trip: 400.
+func TestInfoProbesRTTOncePerWindow(t *testing.T) {
+	srv := &pingCounter{Server: testnats.Start(t, testnats.Options{NoJetStream: true})}
+	c, err := ConnectInProcess(ctxT(t), Options{}, srv, []string{srv.ClientURL()}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	roundTrip(t, c.NC)
+	before := srv.pings.Load()
+	var wg sync.WaitGroup
+	var zero atomic.Int64
+	for range 8 {
+		wg.Go(func() {
+			for range 50 {
+				if c.Info().RTT <= 0 {
+					zero.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	pings := srv.pings.Load() - before
+	t.Logf("400 Info calls: %d PINGs, %d without an RTT", pings, zero.Load())
+	if pings > 2 || zero.Load() > 0 {
+		t.Errorf("400 Info calls: %d PINGs, %d without an RTT; want at most one PING a second, an RTT each", pings, zero.Load())
 	}
 }
