@@ -65,12 +65,17 @@ func TestRefsByPrefixAndName(t *testing.T) {
 		t.Errorf("undeploys went to %s", stops)
 	}
 
-	// Completion offers ids (with names) and names, live.
-	out, _, code = runCLI(t, nil, natsArgs(url, "__complete", "node", "info", "NA")...)
+	// Completion offers ids (with names) and names, live. Within its own 1.5 s
+	// (completionTimeout): natsArgs' 1 s gather stall left half a second for the
+	// connection and the first answers, which -race at load 7 overran (no candidates).
+	complete := func(args ...string) []string {
+		return append([]string{"-s", url, "--gather-stall", "200ms", "__complete"}, args...)
+	}
+	out, _, code = runCLI(t, nil, complete("node", "info", "NA")...)
 	if code != 0 || !strings.Contains(out, "NAAA1\tnaaa1") || !strings.Contains(out, "NAAB2\tnaab2") || strings.Contains(out, "NZZZ3") {
 		t.Errorf("node completion: %q", out)
 	}
-	out, _, _ = runCLI(t, nil, natsArgs(url, "__complete", "workload", "logs", "")...)
+	out, _, _ = runCLI(t, nil, complete("workload", "logs", "")...)
 	for _, w := range []string{"WEB111\tweb", "DB333\tdb", "web\tWEB111"} {
 		if !strings.Contains(out, w) {
 			t.Errorf("workload completion lacks %q: %q", w, out)
