@@ -10,6 +10,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -26,7 +27,7 @@ const (
 	ExitFailed = 1
 	ExitUsage  = 2
 	// ExitUnknown: the outcome is unknown (a deploy whose node went silent mid-request:
-	// the workload may be running there).
+	// the workload may be running there; a gather cut short by nexctl's connection).
 	ExitUnknown = 3
 	// defaultStop ends a scatter-gather once answers stop: nodes on one NATS system
 	// answer within a few ms of each other; raise --gather-stall across slow links.
@@ -76,6 +77,36 @@ type app struct {
 	allowUnsigned bool
 	pflags        *pflag.FlagSet
 	res           *resolution // resolved once, on first use
+	// cut is the first gather this run's NATS connection cut short by closing
+	// (fleet.scatterGather): the command printed what came, and ends outcome unknown.
+	cutMu sync.Mutex
+	cut   error
+}
+
+// noteCut keeps the first gather cut short by the connection's close.
+func (a *app) noteCut(err error) {
+	a.cutMu.Lock()
+	defer a.cutMu.Unlock()
+	if a.cut == nil {
+		a.cut = err
+	}
+}
+
+// withCut is the run's error once a gather was cut short: outcome unknown (exit 3),
+// whatever the command made of the answers that came (a lookup that found nothing
+// among them failed for want of the others). An error that already says the link
+// closed stands.
+func (a *app) withCut(err error) error {
+	a.cutMu.Lock()
+	cut := a.cut
+	a.cutMu.Unlock()
+	switch {
+	case cut == nil || errors.Is(err, errLinkClosed) || errors.Is(err, errCheckDone):
+		return err
+	case err == nil:
+		return exitError{ExitUnknown, cut}
+	}
+	return exitError{ExitUnknown, fmt.Errorf("%w; then: %w", cut, err)}
 }
 
 // errCheckDone ends a run after --check printed the resolution.
@@ -124,6 +155,7 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	root, a := newRoot(stdio)
 	root.SetArgs(args)
 	failed, err := root.ExecuteContextC(ctx)
+	err = a.withCut(err)
 	if err == nil || errors.Is(err, errCheckDone) {
 		return ExitOK
 	}
@@ -232,7 +264,8 @@ Nex nodes.
 Output is a table for people; --json prints JSON for scripts. Errors go to stderr.
 Exit codes: 0 success, 1 failure (also a partial result: a list, top or drain that may
 lack some nexlets' workloads), 2 usage error, 3 outcome unknown (a deploy whose node
-went silent mid-request: the workload may be running there).`,
+went silent mid-request: the workload may be running there; a list or lookup cut short
+by nexctl's own NATS connection closing: what came is printed, the rest is unknown).`,
 		Version:       version,
 		SilenceErrors: true,
 		SilenceUsage:  true,

@@ -15,7 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/control"
-	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -234,7 +233,7 @@ func bar(start, left int, done bool, width int) string {
 // answers that lack some nexlets' workloads.
 func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string) (byNode map[string][]protocol.WorkloadSummary, partial map[string]*partialList, err error) {
 	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
-	msgs, err := scatter.Gather(ctx, f.nc, protocol.WPingSubject(protocol.SystemNamespace), data, f.wpingOpts(resourcesOf))
+	msgs, err := f.scatterGather(ctx, protocol.WPingSubject(protocol.SystemNamespace), data, f.wpingOpts(resourcesOf))
 	if err != nil {
 		return nil, nil, err
 	}

@@ -46,6 +46,9 @@ type fleet struct {
 	// violation is closed at the server's next permissions violation on nc
 	// (natsconn.Conn.NextViolation; nil: not watched).
 	violation func() <-chan struct{}
+	// cut hears that a gather was cut short by nexctl's connection closing (scatterGather);
+	// nil: the gather's error is returned instead.
+	cut func(error)
 }
 
 // jsGrant is what reading or changing the nodes' KV state needs, for refusals.
@@ -150,8 +153,23 @@ type gatherOpts struct {
 }
 
 // gather is scatter.Gather with nexctl's options.
-func gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
-	return scatter.Gather(ctx, nc, subject, data, scatter.Options{First: o.first, Stall: o.stall, Max: o.max, Header: o.head})
+func (f *fleet) gather(ctx context.Context, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
+	return f.scatterGather(ctx, subject, data, scatter.Options{First: o.first, Stall: o.stall, Max: o.max, Header: o.head})
+}
+
+// scatterGather is scatter.Gather on nexctl's connection. A gather cut short by that
+// connection's close returns what came, as if the answers had stopped, so the command
+// shows it; the close is told to f.cut, which ends the command "outcome unknown"
+// (exit 3) once it printed that: what did not arrive is unknown, not absent, and a
+// list that ended quietly read as "nothing more found".
+func (f *fleet) scatterGather(ctx context.Context, subject string, data []byte, o scatter.Options) ([]*nats.Msg, error) {
+	sent := time.Now()
+	msgs, err := scatter.Gather(ctx, f.nc, subject, data, o)
+	if errors.Is(err, scatter.ErrClosed) && f.cut != nil {
+		f.cut(fmt.Errorf("%w: %d answer(s) came and are shown, others may not have", f.closedLink("the answers to "+subject, sent), len(msgs)))
+		return msgs, nil
+	}
+	return msgs, err
 }
 
 func (f *fleet) gatherOpts(max int) gatherOpts {
@@ -192,7 +210,7 @@ func (f *fleet) pingNodes(ctx context.Context, filter map[string]string, o gathe
 	if err != nil {
 		return nil, nil, err
 	}
-	msgs, err := gather(ctx, f.nc, protocol.PingSubject(), data, o)
+	msgs, err := f.gather(ctx, protocol.PingSubject(), data, o)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -409,7 +427,7 @@ func (f *fleet) lameduckTold(ctx context.Context, id string, delay time.Duration
 
 // placementTags returns every answering node's tags.
 func (f *fleet) placementTags(ctx context.Context) ([]map[string]string, error) {
-	msgs, err := gather(ctx, f.nc, protocol.PTagsSubject(), []byte("{}"), f.gatherOpts(0))
+	msgs, err := f.gather(ctx, protocol.PTagsSubject(), []byte("{}"), f.gatherOpts(0))
 	if err != nil {
 		return nil, err
 	}
@@ -440,7 +458,7 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 	if err != nil {
 		return nil, nil, "", nil, err
 	}
-	msgs, err := gather(ctx, f.nc, protocol.AuctionSubject(ns), data, o)
+	msgs, err := f.gather(ctx, protocol.AuctionSubject(ns), data, o)
 	if err != nil {
 		return nil, nil, "", nil, err
 	}
@@ -688,7 +706,7 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 	if stoppedRef != "" {
 		opts.Header.Set(protocol.HeaderStoppedRef, stoppedRef)
 	}
-	msgs, err := scatter.Gather(ctx, f.nc, protocol.WPingSubject(ns), data, opts)
+	msgs, err := f.scatterGather(ctx, protocol.WPingSubject(ns), data, opts)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -875,7 +893,7 @@ func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkload
 	if err != nil {
 		return out, err
 	}
-	msgs, err := gather(ctx, f.nc, protocol.CloneSubject(f.ns, id), data, gatherOpts{first: f.first, stall: f.stall, max: 1})
+	msgs, err := f.gather(ctx, protocol.CloneSubject(f.ns, id), data, gatherOpts{first: f.first, stall: f.stall, max: 1})
 	if err != nil {
 		return out, err
 	}

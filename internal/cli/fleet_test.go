@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
@@ -50,23 +51,24 @@ func TestGatherEndsWhenRepliesStop(t *testing.T) {
 		defer sub.Unsubscribe()
 	}
 	ctx := context.Background()
+	f := &fleet{nc: nc}
 	// A very long first-reply bound: returning well before it proves the gather ended
 	// on the stall after the last reply, not on the bound.
 	const bound = time.Minute
 	start := time.Now()
-	msgs, err := gather(ctx, nc, "svc.x", nil, gatherOpts{first: bound, stall: 100 * time.Millisecond})
+	msgs, err := f.gather(ctx, "svc.x", nil, gatherOpts{first: bound, stall: 100 * time.Millisecond})
 	if err != nil || len(msgs) != 3 {
 		t.Fatalf("gather = %d msgs, %v", len(msgs), err)
 	}
 	if time.Since(start) >= bound/2 {
 		t.Fatalf("gather waited for its bound instead of ending after the last reply")
 	}
-	msgs, err = gather(ctx, nc, "svc.x", nil, gatherOpts{first: bound, stall: bound, max: 2})
+	msgs, err = f.gather(ctx, "svc.x", nil, gatherOpts{first: bound, stall: bound, max: 2})
 	if err != nil || len(msgs) != 2 {
 		t.Fatalf("gather max 2 = %d msgs, %v", len(msgs), err)
 	}
 	start = time.Now()
-	msgs, err = gather(ctx, nc, "svc.nobody", nil, gatherOpts{first: bound, stall: bound})
+	msgs, err = f.gather(ctx, "svc.nobody", nil, gatherOpts{first: bound, stall: bound})
 	if err != nil || len(msgs) != 0 || time.Since(start) >= bound/2 {
 		t.Fatalf("gather without responders = %d msgs, %v (should end at once)", len(msgs), err)
 	}
@@ -620,8 +622,9 @@ type cliResult struct {
 }
 
 // runRevocable runs nexctl with args in the background as a new user of op's account,
-// and returns its result to come and a revoke that cuts that user off.
-func runRevocable(t *testing.T, op *testnats.Operator, args ...string) (<-chan cliResult, func()) {
+// and returns its result to come, a revoke that cuts that user off, and the user's
+// public key.
+func runRevocable(t *testing.T, op *testnats.Operator, args ...string) (<-chan cliResult, func(), string) {
 	t.Helper()
 	tok, seed := op.User(t, "nexctl", nil)
 	uc, err := jwt.DecodeUserClaims(tok)
@@ -633,7 +636,7 @@ func runRevocable(t *testing.T, op *testnats.Operator, args ...string) (<-chan c
 		out, errOut, code := runCLI(t, nil, natsArgs(op.Server.ClientURL(), append([]string{"--nats.jwt", tok, "--nats.seed", seed}, args...)...)...)
 		done <- cliResult{out, errOut, code}
 	}()
-	return done, func() { op.Revoke(t, uc.Subject) }
+	return done, func() { op.Revoke(t, uc.Subject) }, uc.Subject
 }
 
 // TestWorkloadRunConnectionClosed: nexctl's own NATS connection closes under a deploy
@@ -648,7 +651,7 @@ func TestWorkloadRunConnectionClosed(t *testing.T) {
 	held := make(chan struct{}, 1)
 	n.heldDeploy = held
 	n.start()
-	done, revoke := runRevocable(t, op, "--namespace", "default", "--allow-unsigned-bids", "workload", "run", "--name", "web", "--", "/bin/sh", "-c", "sleep 1")
+	done, revoke, _ := runRevocable(t, op, "--namespace", "default", "--allow-unsigned-bids", "workload", "run", "--name", "web", "--", "/bin/sh", "-c", "sleep 1")
 	select {
 	case <-held:
 	case r := <-done:
@@ -674,7 +677,7 @@ func TestWorkloadStopConnectionClosed(t *testing.T) {
 	n := newFakeNode(t, op.Connect(t, "node"), "NAAA1", nil)
 	n.stopOK, n.stopWord, n.wordOnly = true, nats.Header{}, true
 	n.start()
-	done, revoke := runRevocable(t, op, "workload", "stop", "aDqYSZ2aIvLTDISr3fAsgI")
+	done, revoke, _ := runRevocable(t, op, "workload", "stop", "aDqYSZ2aIvLTDISr3fAsgI")
 	testkit.Eventually(t, "the stop reaching the node", func() bool {
 		n.mu.Lock()
 		defer n.mu.Unlock()
@@ -786,5 +789,77 @@ func TestLogsFollowBurst(t *testing.T) {
 	cancel()
 	if code := <-exited; code != 0 {
 		t.Errorf("nexctl logs -f interrupted: exit %d: %s", code, errb.String())
+	}
+}
+
+// TestGatherConnectionClosedReported: nexctl's own NATS connection closes under a list
+// (its user revoked while one node answered and another still works on its answer).
+// nexctl prints what came and says the list may lack the rest, outcome unknown (exit 3):
+// before, the gather ended quietly with what came, and a partial list printed with
+// exit 0 read as "nothing more found".
+func TestGatherConnectionClosedReported(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name    string
+		subject string
+		args    []string
+		want    string // what the node that answered shows
+	}{
+		{"node list", protocol.PingSubject(), []string{"node", "list"}, "ANSWERED"},
+		{"workload list", protocol.WPingSubject("default"), []string{"--namespace", "default", "workload", "list"}, "W1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			op := testnats.StartOperator(t, nil)
+			n := newFakeNode(t, op.Connect(t, "node"), "ANSWERED", nil)
+			ns := "default"
+			n.workloads = []protocol.WorkloadSummary{{ID: "W1", Name: "web", Namespace: &ns, WorkloadType: "native", WorkloadState: "running"}}
+			n.start()
+			// A node still working on its answer: it has the request and never answers.
+			held := make(chan struct{}, 1)
+			slow := op.Connect(t, "slow")
+			if _, err := slow.Subscribe(c.subject, func(*nats.Msg) {
+				select {
+				case held <- struct{}{}:
+				default:
+				}
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if err := slow.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			// A long stall: only the close ends the gather.
+			done, revoke, user := runRevocable(t, op, append([]string{"--gather-stall", "1m"}, c.args...)...)
+			select {
+			case <-held:
+			case r := <-done:
+				t.Fatalf("nexctl ended before its request reached the slow node: exit %d\n%s\n%s", r.code, r.out, r.errOut)
+			}
+			// The answer that came reached nexctl before its connection closes.
+			testkit.Eventually(t, "the server sent nexctl the answer", func() bool {
+				cz, err := op.Server.Connz(&server.ConnzOptions{Username: true})
+				if err != nil {
+					return false
+				}
+				for _, ci := range cz.Conns {
+					if ci.AuthorizedUser == user && ci.OutMsgs > 0 {
+						return true
+					}
+				}
+				return false
+			})
+			time.Sleep(300 * time.Millisecond) // for nexctl to read it off loopback (late, only the stdout check below fails)
+			revoke()
+			r := <-done
+			t.Logf("exit %d: %s", r.code, strings.TrimSpace(r.errOut))
+			if r.code != ExitUnknown || !strings.Contains(r.errOut, "nexctl's NATS connection closed while it waited for the answers to "+c.subject) ||
+				!strings.Contains(r.errOut, "others may not have") {
+				t.Errorf("list whose nexctl connection closed: exit %d\n%s\n%s\nwant exit %d saying nexctl's connection closed", r.code, r.out, r.errOut, ExitUnknown)
+			}
+			if !strings.Contains(r.out, c.want) {
+				t.Errorf("what came is not shown:\n%s", r.out)
+			}
+		})
 	}
 }

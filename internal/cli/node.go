@@ -49,7 +49,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 		return nil, nil, r.explainDenied(err)
 	}
 	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
-		progress: a.newDeployProgress(), violation: c.NextViolation}
+		progress: a.newDeployProgress(), violation: c.NextViolation, cut: a.noteCut}
 	if len(r.TrustedNodes) > 0 {
 		f.trusted, f.allowUnsigned = map[string]bool{}, a.allowUnsigned
 		for _, id := range r.TrustedNodes {

@@ -35,7 +35,8 @@ type Options struct {
 // their wait ran out, see Options.Promise), after First without any, at Max replies, or
 // at once when the server says nobody listens. A request the server refuses (the user
 // may not publish on subject or receive on its inbox) is an error naming it, not an
-// empty answer.
+// empty answer. A connection that closes under the gather ends it at once with what
+// came and an error wrapping ErrClosed.
 func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o Options) ([]*nats.Msg, error) {
 	before := nc.LastError()
 	inbox := nc.NewInbox()
@@ -61,7 +62,9 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 		case <-timer.C:
 			return out, nil // quiet long enough: done
 		case <-r.ended:
-			return out, nil // the connection closed: nothing more comes
+			// The connection closed: nothing more comes, but what did not come is
+			// unknown, not absent (a list that ended here read as "nothing more").
+			return out, fmt.Errorf("gather %s: %d answer(s) came before the connection closed: %w", subject, len(out), ErrClosed)
 		case <-ctx.Done():
 			return out, ctx.Err()
 		}
