@@ -98,3 +98,20 @@ type WorkloadHolder interface {
 type StopRememberer interface {
 	RecentlyStopped() []string
 }
+
+// ReplayGuard is optionally implemented by a StopRememberer that numbers its stops. A
+// replay answers a registration, and the node made it from its state as it was then:
+// a workload whose stop was under way when the nexlet registered (the node that asked
+// for it died before it removed it), or that was stopped since, is in the replay, and
+// a replay that reaches the agent once that stop is over must not start it again. The
+// Runner takes StopsMark as the registration's Stopped list and hands each replay of
+// the node's answer to StartReplayed with that mark instead of StartWorkload.
+type ReplayGuard interface {
+	// StopsMark is RecentlyStopped and, taken at once with it, a mark of the stops so
+	// far.
+	StopsMark() (stopped []string, mark uint64)
+	// StartReplayed is StartWorkload(workloadID, req, true) for a replay answering a
+	// registration made at mark: a workload stopped at a request after mark is not
+	// started again.
+	StartReplayed(workloadID string, req *protocol.AgentStartWorkloadRequest, mark uint64) (*protocol.StartWorkloadResponse, error)
+}

@@ -274,13 +274,14 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
 	var resp *protocol.RegisterAgentResponse
+	var mark uint64 // the agent's stops when it registered (ReplayGuard)
 	if r.local != nil && r.localDone == nil {
 		if err := r.local.Announce(); err != nil {
 			r.log.Warn("local channel to the node failed; start requests come over NATS", "err", err)
 		}
 		if r.localReg {
 			var failed error
-			if resp, failed, err = r.registerLocal(agentID, reg); err != nil {
+			if resp, mark, failed, err = r.registerLocal(agentID, reg); err != nil {
 				return err
 			}
 			if failed != nil {
@@ -298,7 +299,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		if err != nil {
 			return fmt.Errorf("nexlet register: %w", err)
 		}
-		resp, err = r.registerPatiently(rnc, agentID, reg)
+		resp, mark, err = r.registerPatiently(rnc, agentID, reg)
 		rnc.Close()
 		if err != nil {
 			return err
@@ -352,7 +353,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		r.renewing.Go(func() { r.renewLoop(hbCtx, live) })
 	}
 
-	r.replay(resp.ExistingState, replay)
+	r.replay(resp.ExistingState, replay, mark)
 	// A nexlet its node spawned (a local channel from it, or its socket to adopt it)
 	// logs to that node's log, where the node logs the registration itself: at Info
 	// each start showed "nexlet registered" twice.
@@ -398,16 +399,16 @@ func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, na
 
 // registerPatiently is register; with a patient start it is retried while nothing
 // answers the registration subject (the node API does not serve yet).
-func (r *Runner) registerPatiently(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest) (*protocol.RegisterAgentResponse, error) {
+func (r *Runner) registerPatiently(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest) (*protocol.RegisterAgentResponse, uint64, error) {
 	wait := patientRetryMin
 	for {
-		resp, err := r.register(nc, agentID, reg)
+		resp, mark, err := r.register(nc, agentID, reg)
 		if err == nil || !r.patient || !errors.Is(err, nats.ErrNoResponders) {
-			return resp, err
+			return resp, mark, err
 		}
 		select {
 		case <-r.ctx.Done():
-			return nil, fmt.Errorf("%w (gave up: %w)", err, r.ctx.Err())
+			return nil, 0, fmt.Errorf("%w (gave up: %w)", err, r.ctx.Err())
 		case <-time.After(wait):
 		}
 		wait = min(wait*2, patientRetryMax)
@@ -508,19 +509,21 @@ func counted(busy *atomic.Int64, h micro.HandlerFunc) micro.HandlerFunc {
 }
 
 // register sends the registration on nc (the registration user's connection, or the
-// nexlet's own when it registers again) and returns the node's accepting reply.
-func (r *Runner) register(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest) (*protocol.RegisterAgentResponse, error) {
-	req, err := r.registration(agentID, reg)
+// nexlet's own when it registers again) and returns the node's accepting reply and the
+// agent's stop mark taken with it (registration).
+func (r *Runner) register(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest) (*protocol.RegisterAgentResponse, uint64, error) {
+	req, mark, err := r.registration(agentID, reg)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	ctx, cancel := context.WithTimeout(r.ctx, r.regWait)
 	msg, err := nc.RequestMsgWithContext(ctx, req)
 	cancel()
 	if err != nil {
-		return nil, fmt.Errorf("nexlet register on %s: %w", req.Subject, err)
+		return nil, 0, fmt.Errorf("nexlet register on %s: %w", req.Subject, err)
 	}
-	return registered(req.Subject, msg)
+	resp, err := registered(req.Subject, msg)
+	return resp, mark, err
 }
 
 // registerLocal sends the registration on the local channel and returns the node's
@@ -528,10 +531,10 @@ func (r *Runner) register(nc *nats.Conn, agentID string, reg *protocol.RegisterA
 // when the channel did not carry it: then it goes over NATS. A patient start waits
 // for as long as the runner lives (the node answers once it serves), else for the
 // register timeout.
-func (r *Runner) registerLocal(agentID string, reg *protocol.RegisterAgentRequest) (resp *protocol.RegisterAgentResponse, failed, err error) {
-	req, err := r.registration(agentID, reg)
+func (r *Runner) registerLocal(agentID string, reg *protocol.RegisterAgentRequest) (resp *protocol.RegisterAgentResponse, mark uint64, failed, err error) {
+	req, mark, err := r.registration(agentID, reg)
 	if err != nil {
-		return nil, nil, err
+		return nil, 0, nil, err
 	}
 	ctx, cancel := r.ctx, context.CancelFunc(func() {})
 	if !r.patient {
@@ -541,16 +544,17 @@ func (r *Runner) registerLocal(agentID string, reg *protocol.RegisterAgentReques
 	cancel()
 	if cerr != nil {
 		if r.ctx.Err() != nil {
-			return nil, nil, fmt.Errorf("nexlet register on the local channel: %w", r.ctx.Err())
+			return nil, 0, nil, fmt.Errorf("nexlet register on the local channel: %w", r.ctx.Err())
 		}
-		return nil, cerr, nil
+		return nil, 0, cerr, nil
 	}
 	resp, err = registered(req.Subject+" (local channel)", msg)
-	return resp, nil, err
+	return resp, mark, nil, err
 }
 
-// registration is the registration message, signed with the start's key if any.
-func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest) (*nats.Msg, error) {
+// registration is the registration message, signed with the start's key if any, and
+// a ReplayGuard's stop mark taken with its Stopped list (0 for another agent).
+func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest) (*nats.Msg, uint64, error) {
 	// The runner reports ended workloads as acknowledged requests (EmitEvent), so the
 	// node may ignore the forgeable WORKLOADSTOPPED events for this nexlet.
 	reg.ReportsEnded = true
@@ -567,23 +571,26 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 		}
 		reg.Workloads = &ids
 	}
-	if s, ok := r.agent.(StopRememberer); ok {
+	var mark uint64
+	if g, ok := r.agent.(ReplayGuard); ok {
+		reg.Stopped, mark = g.StopsMark()
+	} else if s, ok := r.agent.(StopRememberer); ok {
 		reg.Stopped = s.RecentlyStopped()
 	}
 	_, reg.StopAck = r.agent.(StopRecorder)
 	body, err := protocol.Marshal(reg)
 	if err != nil {
-		return nil, fmt.Errorf("nexlet register: encode request: %w", err)
+		return nil, 0, fmt.Errorf("nexlet register: encode request: %w", err)
 	}
 	subj := protocol.RegisterSubject(r.nodeID, agentID)
 	req := nats.NewMsg(subj)
 	req.Data = body
 	if r.regKey != nil {
 		if err := signRegistration(req, r.regKey); err != nil {
-			return nil, fmt.Errorf("nexlet register: %w", err)
+			return nil, 0, fmt.Errorf("nexlet register: %w", err)
 		}
 	}
-	return req, nil
+	return req, mark, nil
 }
 
 // registered reads the node's reply to a registration sent on subj.
@@ -638,9 +645,11 @@ func (r *Runner) dropReplay(mine map[string]replayingWorkload) {
 }
 
 // replay hands the node's stored workloads (taken by takeReplay as mine) to the agent
-// in the background (existing: it adopts what still runs), then tells a ReplayAware
-// agent which ones they were.
-func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest, mine map[string]replayingWorkload) {
+// in the background (existing: it adopts what still runs; a ReplayGuard with mark, its
+// stops when it made the registration they answer), then tells a ReplayAware agent
+// which ones they were.
+func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest, mine map[string]replayingWorkload, mark uint64) {
+	guard, _ := r.agent.(ReplayGuard)
 	started := r.goFn(func() {
 		// A few at a time: recovery of many workloads should not be serial, nor
 		// start them all at once.
@@ -653,7 +662,12 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest, min
 			wg.Add(1)
 			go func() {
 				defer func() { <-sem; wg.Done() }()
-				_, err := r.agent.StartWorkload(id, &req, true)
+				var err error
+				if guard != nil {
+					_, err = guard.StartReplayed(id, &req, mark)
+				} else {
+					_, err = r.agent.StartWorkload(id, &req, true)
+				}
 				r.mu.Lock()
 				if r.replaying[id].done == mine[id].done { // not a later replay's
 					delete(r.replaying, id)
@@ -703,9 +717,9 @@ func (r *Runner) Reregister() error {
 		if err != nil {
 			return fmt.Errorf("nexlet register again: %w", err)
 		}
-		resp, err := r.register(r.NC(), agentID, reg) // the current one: a renewal replaces it
+		resp, mark, err := r.register(r.NC(), agentID, reg) // the current one: a renewal replaces it
 		if err == nil {
-			r.registeredAgain(agentID, resp, feedNATS, attempt, "nats")
+			r.registeredAgain(agentID, resp, mark, feedNATS, attempt, "nats")
 			return nil
 		}
 		r.log.Debug("registering again failed; retrying", "attempt", attempt, "err", err)
@@ -722,7 +736,7 @@ func (r *Runner) Reregister() error {
 // again: the feeds kept while no node took them go now (in mode, on the channel or over
 // NATS), in order, before any new one; the node's stored workloads are replayed and the
 // unacknowledged ended reports sent again.
-func (r *Runner) registeredAgain(agentID string, resp *protocol.RegisterAgentResponse, mode feedMode, attempt int, via string) {
+func (r *Runner) registeredAgain(agentID string, resp *protocol.RegisterAgentResponse, mark uint64, mode feedMode, attempt int, via string) {
 	r.mu.Lock()
 	r.regs++
 	r.relay = resp.NexdFeedRelay
@@ -732,7 +746,7 @@ func (r *Runner) registeredAgain(agentID string, resp *protocol.RegisterAgentRes
 		"attempts", attempt, "replayed", len(resp.ExistingState), "via", via)
 	replay := r.takeReplay(resp.ExistingState) // before the heartbeat, as in Run
 	r.heartbeat()
-	r.replay(resp.ExistingState, replay)
+	r.replay(resp.ExistingState, replay, mark)
 	r.resendEnded()
 }
 
@@ -803,7 +817,7 @@ func (r *Runner) reregisterOnSocket(ctx context.Context, agentID string) (done b
 		_ = s.Close()
 		return true, fmt.Errorf("nexlet register again: %w", err)
 	}
-	req, err := r.registration(agentID, reg)
+	req, mark, err := r.registration(agentID, reg)
 	if err != nil {
 		_ = s.Close()
 		return true, err
@@ -840,7 +854,7 @@ func (r *Runner) reregisterOnSocket(ctx context.Context, agentID string) (done b
 	if prev != nil {
 		_ = prev.Close()
 	}
-	r.registeredAgain(agentID, resp, mode, 1, "socket")
+	r.registeredAgain(agentID, resp, mark, mode, 1, "socket")
 	return true, nil
 }
 

@@ -27,6 +27,9 @@ type Entry struct {
 	Type      string // its workload type
 	How       string // the stop's answer: how it ended
 	At        time.Time
+	// Seq orders the stop among those of its memo's owner when it numbers them (the
+	// native nexlet: nexlet.ReplayGuard); 0 otherwise.
+	Seq uint64
 }
 
 // Memo is safe for concurrent use. The zero value is not; use New.

@@ -40,7 +40,16 @@ const (
 	// replay: a list asked meanwhile shows whether the nexlet answers before it knows
 	// what it replays. A delay, not a hold for ever.
 	ReplayLate = "replay-late"
+	// ReplayAfterTidy: the native nexlet, given a replay of a workload whose stop it
+	// recorded and has not finished, takes the replay only once that stop ended and
+	// its tidy is over (at most ReplayAfterTidyMax): a loaded nexlet that reaches the
+	// replay of a workload it was stopping when it registered that late. A delay, not
+	// a hold for ever.
+	ReplayAfterTidy = "replay-after-tidy"
 )
+
+// ReplayAfterTidyMax bounds ReplayAfterTidy's wait.
+const ReplayAfterTidyMax = time.Minute
 
 // ReplayLateBy is ReplayLate's delay: under the half of the node's 2 s list fan-out
 // that a list waits for a nexlet registered and not serving yet.

@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -26,6 +27,7 @@ import (
 	"github.com/nexd-project/nexd/internal/names"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -144,8 +146,11 @@ type Nexlet struct {
 	// recentStops remembers the workloads stopped lately (bounded), written as each leaves
 	// the table, so a repeated stop is answered "already stopped at T" (StoppedBefore).
 	recentStops *stopmemo.Memo
-	lameduck    bool
-	lameTimer   *time.Timer
+	// stopSeq numbers the stops recentStops takes (Entry.Seq): a replay answering a
+	// registration made before one of them does not start its workload (StartReplayed).
+	stopSeq   uint64
+	lameduck  bool
+	lameTimer *time.Timer
 }
 
 // validID says whether id can name a workload's directories: 1-128 letters, digits,
@@ -345,7 +350,40 @@ func (n *Nexlet) limitAgain(w *workload) {
 
 // StartWorkload implements nexlet.Agent. Every check happens before anything starts.
 func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool) (*protocol.StartWorkloadResponse, error) {
-	resp, err := n.startWorkload(id, req, existing, func(protocol.Progress) {})
+	return n.start(id, req, existing, noMark)
+}
+
+// noMark is the mark of a start that answers no registration known to the nexlet (a
+// start, or a replay through StartWorkload): above every stop's number.
+const noMark = math.MaxUint64
+
+// StartReplayed implements nexlet.ReplayGuard: a replay answering a registration made
+// at mark (StopsMark) starts nothing for a workload stopped at a request since.
+func (n *Nexlet) StartReplayed(id string, req *protocol.AgentStartWorkloadRequest, mark uint64) (*protocol.StartWorkloadResponse, error) {
+	return n.start(id, req, true, mark)
+}
+
+// StopsMark implements nexlet.ReplayGuard: RecentlyStopped and the number of the last
+// stop it counts, under the lock that numbers them.
+func (n *Nexlet) StopsMark() ([]string, uint64) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.recentStops.IDs(time.Now()), n.stopSeq
+}
+
+// rememberStopLocked numbers a stop and remembers it in recentStops, returning the
+// stops the memory forgot. n.mu is held.
+func (n *Nexlet) rememberStopLocked(id string, e stopmemo.Entry) []string {
+	n.stopSeq++
+	e.Seq = n.stopSeq
+	return n.recentStops.Add(id, e)
+}
+
+func (n *Nexlet) start(id string, req *protocol.AgentStartWorkloadRequest, existing bool, mark uint64) (*protocol.StartWorkloadResponse, error) {
+	if existing {
+		n.holdReplay(id)
+	}
+	resp, err := n.startWorkload(id, req, existing, mark, func(protocol.Progress) {})
 	if err != nil && existing && validID(id) && req.Request.Namespace != "" {
 		// A replay that fails must not leave the node's state entry silent: the
 		// workload is listed as failed with the reason until it is stopped.
@@ -355,10 +393,37 @@ func (n *Nexlet) StartWorkload(id string, req *protocol.AgentStartWorkloadReques
 	return resp, err
 }
 
+// holdReplay is testhold.ReplayAfterTidy (Config.TestHold): a replay of a workload
+// whose stop is recorded and under way waits until the stop ended and its tidy is over.
+// Never in production.
+func (n *Nexlet) holdReplay(id string) {
+	if !testhold.Holds(n.cfg.TestHold, testhold.ReplayAfterTidy) {
+		return
+	}
+	n.mu.Lock()
+	w := n.workloads[id]
+	stopping := w != nil && w.stopMarked
+	n.mu.Unlock()
+	if !stopping {
+		return
+	}
+	n.log.Warn("test hold: the replay waits for the stop's end and tidy", "hold", testhold.ReplayAfterTidy, "workload_id", id)
+	for deadline := time.Now().Add(testhold.ReplayAfterTidyMax); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		n.mu.Lock()
+		_, tidying := n.tidying[id]
+		over := n.workloads[id] != w && !tidying
+		n.mu.Unlock()
+		if over {
+			break
+		}
+	}
+	n.log.Warn("test hold: the replay goes on", "hold", testhold.ReplayAfterTidy, "workload_id", id)
+}
+
 // StartWorkloadProgress is a new start that reports how the download of a nats://
 // artifact goes (nexlet.ProgressStarter).
 func (n *Nexlet) StartWorkloadProgress(id string, req *protocol.AgentStartWorkloadRequest, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
-	return n.startWorkload(id, req, false, report)
+	return n.startWorkload(id, req, false, noMark, report)
 }
 
 // replayFailed lists a workload the node replayed but this nexlet could not start or
@@ -386,7 +451,9 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 	n.log.Error("replayed workload failed; listed as failed until stopped", "workload_id", id, "namespace", w.ns, "name", w.name, "err", cause)
 }
 
-func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
+// startWorkload starts id; existing: a replay, answering a registration made at mark
+// (noMark when unknown).
+func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadRequest, existing bool, mark uint64, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error) {
 	st := steps.Start(n.log) // nil unless the nexlet logs at debug level
 	n.starts.enter()
 	n.quiet.touch()
@@ -443,6 +510,18 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	if n.lameduck && !existing {
 		n.mu.Unlock()
 		return nil, errors.New("the native nexlet is in lameduck mode and starts no new workloads")
+	}
+	if _, held := n.workloads[id]; existing && !held {
+		if e, ok := n.recentStops.Get(id, protocol.SystemNamespace, time.Now()); ok && e.Seq > mark {
+			// Stopped at a request after the registration this replay answers: the
+			// node's state had it still (its stop under way then, the node that asked
+			// killed before it removed it); the stop's end tells the node. Before, the
+			// stopped workload ran again (TestReplayAfterStopTidyStartsNothing).
+			n.mu.Unlock()
+			n.log.Info("replay of a workload stopped after the registration it answers: not started again",
+				"workload_id", id, "namespace", req.Request.Namespace, "stopped_at", e.At)
+			return resp, nil
+		}
 	}
 	if old, ok := n.workloads[id]; ok {
 		if existing {
@@ -599,7 +678,7 @@ func (n *Nexlet) StopWorkloadRecorded(id string, req *protocol.StopWorkloadReque
 	}
 	if w.finished {
 		delete(n.workloads, id)
-		forgot := n.recentStops.Add(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
+		forgot := n.rememberStopLocked(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
 		n.mu.Unlock()
 		n.removeRecord(id)
 		n.forgetStops(forgot)

@@ -138,7 +138,10 @@ func (n *Nexlet) resumeStops() {
 			// replay reports it, and a service ended so is not started again.
 			continue
 		}
-		n.forgetStops(n.recentStops.Add(m.id, stopmemo.Entry{Namespace: m.ns, Type: m.typ, How: "stopped; an earlier nexlet process began the stop", At: m.at}))
+		n.mu.Lock()
+		forgot := n.rememberStopLocked(m.id, stopmemo.Entry{Namespace: m.ns, Type: m.typ, How: "stopped; an earlier nexlet process began the stop", At: m.at})
+		n.mu.Unlock()
+		n.forgetStops(forgot)
 		if finished {
 			continue
 		}

@@ -1465,7 +1465,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		if cur, ok := n.workloads[w.id]; ok && cur == w {
 			delete(n.workloads, w.id)
 			// Under the same lock: a repeated stop finds the workload or this.
-			forgot = n.recentStops.Add(w.id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: stopHow(code, reason), At: w.ended})
+			forgot = n.rememberStopLocked(w.id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: stopHow(code, reason), At: w.ended})
 		}
 		if later {
 			tidied = make(chan struct{})
