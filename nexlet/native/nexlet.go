@@ -678,7 +678,10 @@ func (n *Nexlet) StopWorkloadRecorded(id string, req *protocol.StopWorkloadReque
 	}
 	if w.finished {
 		delete(n.workloads, id)
-		forgot := n.rememberStopLocked(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
+		var forgot []string
+		if !req.Keep { // as finish: a stop at nexd's shutdown is not one asked for
+			forgot = n.rememberStopLocked(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
+		}
 		n.mu.Unlock()
 		n.removeRecord(id)
 		n.forgetStops(forgot)

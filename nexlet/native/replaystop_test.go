@@ -1,6 +1,7 @@
 package native
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -113,5 +114,40 @@ func TestReplayOfStopBeforeRegistrationStarts(t *testing.T) {
 	t.Logf("deployed again after its stop and replayed: %d WORKLOADSTARTED (3 starts), processes %v then %v", started, procs, after)
 	if started != 3 || len(after) != 1 || after[0] != procs[0] {
 		t.Errorf("want the deploy after the stop adopted by the replay: 3 WORKLOADSTARTED, its one process %v kept; got %d, %v", procs, started, after)
+	}
+}
+
+// TestKeptStopNotListedAsStopped: a stop at nexd's shutdown (nexd_keep), after which
+// the same nexlet process registers again (nexd killed after its shutdown's stops and
+// before it stopped its nexlets, or past its stop's bound: the next nexd adopts the
+// nexlet), is not listed as a stop asked for (nexd_stopped), and the replay starts the
+// workload again. Before, the nexlet remembered it as any stop and listed it, and the
+// node removed from its state the workload it meant to keep.
+func TestKeptStopNotListedAsStopped(t *testing.T) {
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{})
+	req := startReq(protocol.LifecycleService, "kept", map[string]any{"uri": script(t, `echo up; exec sleep 1000`)}, fn.creds())
+	fn.mustStart("kept", req)
+	fn.waitLog("kept", "stdout", "up")
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "kept"), protocol.StopWorkloadRequest{Namespace: testNS, Keep: true}, waitLong)
+	if err != nil || r.code != "" {
+		t.Fatalf("stop at shutdown: %v %s %s", err, r.code, r.errText)
+	}
+	tn.waitTidied()
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"kept": req}
+	fn.mu.Unlock()
+	if err := tn.r.Reregister(); err != nil {
+		t.Fatal(err)
+	}
+	fn.mu.Lock()
+	stopped := fn.lastReg.Stopped
+	fn.mu.Unlock()
+	replayOver(t, fn, "kept")
+	var procs []int
+	testkit.EventuallyWithin(t, waitLong, "the kept service runs again", func() bool { procs = fn.procsOf("kept"); return len(procs) > 0 })
+	t.Logf("registration after a stop at nexd's shutdown: nexd_stopped %v; the replay runs %v", stopped, procs)
+	if slices.Contains(stopped, "kept") {
+		t.Errorf("a stop at nexd's shutdown is listed as asked for (%v): the node drops the workload it keeps", stopped)
 	}
 }

@@ -1464,8 +1464,13 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		w.state = protocol.WorkloadStopped
 		if cur, ok := n.workloads[w.id]; ok && cur == w {
 			delete(n.workloads, w.id)
-			// Under the same lock: a repeated stop finds the workload or this.
-			forgot = n.rememberStopLocked(w.id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: stopHow(code, reason), At: w.ended})
+			if r.record {
+				// Under the same lock: a repeated stop finds the workload or this. Not
+				// a stop at nexd's or the nexlet's shutdown: those workloads start
+				// again, and a registration listing them (nexd_stopped) would have
+				// the node drop them (TestKeptStopNotListedAsStopped).
+				forgot = n.rememberStopLocked(w.id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: stopHow(code, reason), At: w.ended})
+			}
 		}
 		if later {
 			tidied = make(chan struct{})
