@@ -31,6 +31,8 @@ type daemon struct {
 	goBase  goRuntime // the Go runtime's settings before go_gc_percent / go_memory_limit
 	stderr  io.Writer
 	started time.Time
+	// exit ends the process (os.Exit; tests: a stop past its bound, exitOverdue).
+	exit func(code int)
 
 	logger *logging.Logger
 	log    *slog.Logger
@@ -78,6 +80,7 @@ func newDaemon(loaded *config.Loaded, args []string, stderr io.Writer) (*daemon,
 		args:     args,
 		stderr:   stderr,
 		started:  time.Now(),
+		exit:     os.Exit,
 		shutdown: make(chan string, 1),
 		probes:   make(chan chan struct{}),
 	}

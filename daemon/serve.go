@@ -3,9 +3,10 @@ package daemon
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"maps"
+	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/internal/coldpages"
 	"github.com/nexd-project/nexd/internal/memtrim"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -462,7 +464,15 @@ func (s *server) stop(mode stopMode) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	bound := stopBound(grace)
-	wg.Go(func() { extendStop(s.notify, s.log, &s.closers, done, extend, bound) })
+	if testhold.Holds(os.Getenv(testhold.Env), testhold.StopBoundShort) {
+		bound = testhold.StopBoundShortBy // e2e TestStopPastItsBoundExits
+	}
+	wg.Go(func() { extendStop(s.notify, &s.closers, done, extend, bound) })
+	wg.Go(func() {
+		if on, over := stopOverdue(&s.closers, done, bound); over {
+			s.exitOverdue(on, bound)
+		}
+	})
 	defer func() { close(done); wg.Wait() }()
 
 	// The drain runs to its own bounds even when the daemon's context has ended.
@@ -492,10 +502,10 @@ func (s *server) stop(mode stopMode) {
 func stopBound(grace time.Duration) time.Duration { return 2*grace + 80*time.Second }
 
 // extendStop renews systemd's stop timeout (EXTEND_TIMEOUT_USEC, every extend/2) until
-// done is closed, but not past bound: a step stuck beyond its own bound is then logged
-// by name and left to TimeoutStopSec's SIGKILL. Before, the stop was extended for as
-// long as it ran, so a stuck step held nexd (and systemctl stop) without end.
-func extendStop(n *sysd.Notifier, log *slog.Logger, c *closers, done <-chan struct{}, extend, bound time.Duration) {
+// done is closed, but not past bound, where stopOverdue ends the stop. Before, the stop
+// was extended for as long as it ran, so a stuck step held nexd (and systemctl stop)
+// without end.
+func extendStop(n *sysd.Notifier, c *closers, done <-chan struct{}, extend, bound time.Duration) {
 	deadline := time.Now().Add(bound)
 	tick := time.NewTicker(extend / 2)
 	defer tick.Stop()
@@ -506,17 +516,49 @@ func extendStop(n *sysd.Notifier, log *slog.Logger, c *closers, done <-chan stru
 		case <-tick.C:
 			left := time.Until(deadline)
 			if left <= 0 {
-				on := c.current()
-				if on == "" {
-					on = "the workload drain" // the step before the closers
-				}
-				log.Error("stopping: past the stop's bound; systemd's stop timeout is no longer extended (TimeoutStopSec ends the stop)",
-					"bound", bound, "on", on)
 				return
 			}
 			n.ExtendTimeout(min(extend, left))
 		}
 	}
+}
+
+// stopOverdue waits until done is closed or bound has passed; then (over) it names the
+// step still running.
+func stopOverdue(c *closers, done <-chan struct{}, bound time.Duration) (on string, over bool) {
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case <-done:
+		return "", false
+	case <-t.C:
+	}
+	if on = c.current(); on == "" {
+		on = "the workload drain" // the step before the closers
+	}
+	return on, true
+}
+
+// exitOverdue ends a stop still running at its bound, foreground or under systemd
+// alike: it logs the step it is stuck on and every goroutine's stack, and exits 1
+// without the rest of the stop. What the stop had not stopped runs on: the nexlets and
+// their workloads, which the next nexd adopts (as after a kill -9 of nexd). Before, a
+// foreground nexd had no bound (a stuck step held it for ever), and under systemd only
+// TimeoutStopSec's SIGKILL, 50 s later and saying nothing, ended it.
+func (s *server) exitOverdue(on string, bound time.Duration) {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) || len(buf) >= 64<<20 {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	s.log.Error("stopping: past the stop's bound; exiting with the stop unfinished: the nexlets and workloads it had not stopped run on for the next nexd to adopt",
+		"bound", bound, "on", on, "goroutines", string(buf))
+	_ = s.logger.Close()
+	s.exit(ExitFailure)
 }
 
 // releaseCgroup disables the cgroup v2 controllers of nexd's subtree once nexd leaves

@@ -25,34 +25,9 @@ func TestStopWithNATSGone(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	s := testnats.Start(t, testnats.Options{})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := strings.TrimPrefix(s.ClientURL(), "nats://")
-	p := testkit.StartLagProxy(t, ln, func() (net.Conn, error) { return net.Dial("tcp", addr) }, testkit.Lag{})
-	extra := []string{"--live-restore", "--state", "kv"}
-	n := startNode(t, nodeOpts{external: "nats://" + ln.Addr().String(), extra: extra})
-	n.waitReady(t)
-	if n.cgroup == "" {
-		t.Skip("needs a writable cgroup root to find each workload's processes")
-	}
-	ids := []string{
-		n.runWorkload(t, "--name", "quiet", "--", "/bin/sleep", "600").ID,
-		n.runWorkload(t, "--name", "chatty", "--", "/bin/sh", "-c", "while :; do echo tick; sleep 0.02; done").ID,
-	}
-	before := map[string][]int{}
-	testkit.EventuallyWithin(t, 30*time.Second, "both workloads run", func() bool {
-		for _, id := range ids {
-			if before[id] = n.groupProcs(id); len(before[id]) == 0 {
-				return false
-			}
-		}
-		return true
-	})
-
-	p.Blackhole()
+	c := startNATSGoneCase(t, nodeOpts{extra: []string{"--live-restore", "--state", "kv"}})
+	n := c.n
+	c.p.Blackhole()
 	time.Sleep(2 * time.Second) // the chatty workload's batches queue behind flushes that cannot end
 	// The NATS drain's own bound is 10 s; the rest must not wait on NATS.
 	took := n.termWithin(t, 25*time.Second, "with NATS gone")
@@ -65,34 +40,88 @@ func TestStopWithNATSGone(t *testing.T) {
 		t.Errorf("nothing logged about what the stop gave up on:\n%s", out)
 	}
 
-	// NATS back on the same address (the nexlet left running knows only that one): the
-	// next nexd adopts both.
-	p.Close()
-	ln2, err := net.Listen("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	testkit.StartLagProxy(t, ln2, func() (net.Conn, error) { return net.Dial("tcp", addr) }, testkit.Lag{})
-	n2 := startNode(t, nodeOpts{external: "nats://" + ln.Addr().String(), stateDir: n.stateDir, cgroup: n.cgroup, extra: extra})
-	n2.waitReady(t)
-	lost, restarted := 0, 0
-	testkit.EventuallyWithin(t, 60*time.Second, "the next nexd lists both workloads", func() bool {
-		out, _, code := n2.ctl(t, "workload", "list")
-		return code == 0 && strings.Contains(out, ids[0]) && strings.Contains(out, ids[1])
-	})
-	for _, id := range ids {
-		now := n2.groupProcs(id)
-		switch {
-		case len(now) == 0:
-			lost++
-		case !slices.Contains(now, slices.Min(before[id])): // the workload's first process (the chatty one's sh)
-			restarted++
-		}
-	}
-	t.Logf("workloads: %d kept, %d lost, %d restarted", len(ids)-lost-restarted, lost, restarted)
+	// NATS back: the next nexd adopts both.
+	n2, lost, restarted := c.adoptAfterNATSBack(t, c.o)
+	t.Logf("workloads: %d kept, %d lost, %d restarted", len(c.ids)-lost-restarted, lost, restarted)
 	if lost+restarted > 0 {
 		t.Errorf("%d lost, %d restarted across the stop", lost, restarted)
 	}
 	n2.signal(t, syscall.SIGTERM)
 	n2.wait(t, 60*time.Second)
+}
+
+// natsGoneCase is a node on an external NATS server behind a proxy the test can
+// black-hole (p), running a quiet and a logging workload.
+type natsGoneCase struct {
+	n      *node
+	o      nodeOpts // the node's, with its state dir and cgroup root: the next nexd's
+	p      *testkit.LagProxy
+	ln     net.Listener // p's
+	addr   string       // the NATS server's
+	ids    []string
+	before map[string][]int // each workload's processes once running
+}
+
+// startNATSGoneCase starts a natsGoneCase's node with o (its NATS and state dir set
+// here) and its workloads; it skips without a writable cgroup root.
+func startNATSGoneCase(t *testing.T, o nodeOpts) *natsGoneCase {
+	t.Helper()
+	s := testnats.Start(t, testnats.Options{})
+	c := &natsGoneCase{addr: strings.TrimPrefix(s.ClientURL(), "nats://"), before: map[string][]int{}}
+	var err error
+	if c.ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	c.p = testkit.StartLagProxy(t, c.ln, func() (net.Conn, error) { return net.Dial("tcp", c.addr) }, testkit.Lag{})
+	o.external, o.stateDir = "nats://"+c.ln.Addr().String(), t.TempDir()
+	c.n = startNode(t, o)
+	c.n.waitReady(t)
+	if c.n.cgroup == "" {
+		t.Skip("needs a writable cgroup root to find each workload's processes")
+	}
+	o.cgroup = c.n.cgroup
+	c.o = o
+	c.ids = []string{
+		c.n.runWorkload(t, "--name", "quiet", "--", "/bin/sleep", "600").ID,
+		c.n.runWorkload(t, "--name", "chatty", "--", "/bin/sh", "-c", "while :; do echo tick; sleep 0.02; done").ID,
+	}
+	testkit.EventuallyWithin(t, 30*time.Second, "both workloads run", func() bool {
+		for _, id := range c.ids {
+			if c.before[id] = c.n.groupProcs(id); len(c.before[id]) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	return c
+}
+
+// adoptAfterNATSBack puts NATS back behind a new proxy on the black-holed one's
+// address (a nexlet left running knows only that one), starts the next nexd with o and,
+// once it lists every workload, counts those it did not keep: gone (lost), or without
+// its first process (restarted).
+func (c *natsGoneCase) adoptAfterNATSBack(t *testing.T, o nodeOpts) (n2 *node, lost, restarted int) {
+	t.Helper()
+	c.p.Close()
+	ln2, err := net.Listen("tcp", c.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.StartLagProxy(t, ln2, func() (net.Conn, error) { return net.Dial("tcp", c.addr) }, testkit.Lag{})
+	n2 = startNode(t, o)
+	n2.waitReady(t)
+	testkit.EventuallyWithin(t, 60*time.Second, "the next nexd lists every workload", func() bool {
+		out, _, code := n2.ctl(t, "workload", "list")
+		return code == 0 && !slices.ContainsFunc(c.ids, func(id string) bool { return !strings.Contains(out, id) })
+	})
+	for _, id := range c.ids {
+		now := n2.groupProcs(id)
+		switch {
+		case len(now) == 0:
+			lost++
+		case !slices.Contains(now, slices.Min(c.before[id])): // the workload's first process (a shell's)
+			restarted++
+		}
+	}
+	return n2, lost, restarted
 }

@@ -51,6 +51,14 @@ const (
 // ReplayAfterTidyMax bounds ReplayAfterTidy's wait.
 const ReplayAfterTidyMax = time.Minute
 
+// StopBoundShort: nexd's stop is given StopBoundShortBy, not its bound of
+// 2×stop_grace+80 s, before it exits past it: a test's stuck step meets the bound in
+// seconds. Not a hold.
+const (
+	StopBoundShort   = "stop-bound-short"
+	StopBoundShortBy = 3 * time.Second
+)
+
 // ReplayLateBy is ReplayLate's delay: under the half of the node's 2 s list fan-out
 // that a list waits for a nexlet registered and not serving yet.
 const ReplayLateBy = 300 * time.Millisecond
