@@ -988,11 +988,19 @@ func (n *Node) auctionDrops() (map[string]uint64, uint64) {
 }
 
 // Replayed returns the ids of the workloads the node handed its nexlets to replay
-// (from node state, when they registered).
+// (from node state, when they registered) that it still holds: not one that ended
+// since and left node state (a stop under way at its nexlet's registration that ended
+// then), which nothing will list again (TestReplayedEndedNotWaitedFor).
 func (n *Node) Replayed() []string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	return slices.Collect(maps.Keys(n.replayed))
+	out := make([]string, 0, len(n.replayed))
+	for id := range n.replayed {
+		if _, held := n.owned[id]; held {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // Alive is the node's liveness probe: it returns nil once the health loop answered
