@@ -172,7 +172,8 @@ type Manager struct {
 	// named: the supervised nexlets RecordName kept a name for in this run.
 	named map[string]bool
 	// early holds the first start's result of each nexlet StartEarly started; Start
-	// waits for it. earlyWG owns the goroutines that wait for them.
+	// waits for it. earlyWG owns the goroutines that wait for them, and the one making
+	// the uid lock socket (locksMade).
 	early   map[string]chan error
 	earlyWG sync.WaitGroup
 	// adopted are the processes of the nexlets left running by the previous nexd,
@@ -184,6 +185,10 @@ type Manager struct {
 	// locks keeps copies of the native nexlets' systemd uid locks (uidlocks.go); nil
 	// until listenUIDLocks, or without a socket.
 	locks *uidKeeper
+	// locksMade is closed once StartEarly's listenUIDLocks, which runs beside the
+	// native nexlet's early start (its cgroups and FIFOs), returned: env waits for it
+	// before it names the socket. nil without StartEarly (Start listens inline).
+	locksMade chan struct{}
 }
 
 // New detects cgroups (moving nexd into its supervisor cgroup), resolves every nexlet
@@ -356,7 +361,14 @@ func (m *Manager) StartEarly(ctx context.Context) {
 	if m.Adopting() {
 		return
 	}
-	m.listenUIDLocks()
+	// The uid lock socket (a directory, a bind and two chmods: 1.2 ms of a start here)
+	// is made while the supervisor cleans up and makes the nexlet's cgroups and FIFOs;
+	// the start's environment, which names it, waits for it (docs/performance-notes.md, Ready).
+	m.locksMade = make(chan struct{})
+	m.earlyWG.Go(func() {
+		defer close(m.locksMade)
+		m.listenUIDLocks()
+	})
 	for _, s := range m.specs {
 		if !s.Process.Outlive {
 			continue
@@ -844,6 +856,9 @@ func (m *Manager) env(name string) map[string]string {
 		env[localchan.EnvFeeds] = "1"
 		// A later nexd that adopts it takes its channel on this socket (adoptsock.go).
 		env[localchan.EnvSocket] = AdoptedSocketPath(m.o.RuntimeDir)
+		if m.locksMade != nil {
+			<-m.locksMade // StartEarly's, begun before this start
+		}
 		m.mu.Lock()
 		if m.locks != nil {
 			// nexd keeps copies of its systemd uid locks there (uidlocks.go).
