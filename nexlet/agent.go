@@ -72,6 +72,14 @@ type ProgressStarter interface {
 	StartWorkloadProgress(workloadID string, req *protocol.AgentStartWorkloadRequest, report func(protocol.Progress)) (*protocol.StartWorkloadResponse, error)
 }
 
+// StartReplier is optionally implemented by an Agent with work for right after a new
+// start's reply is sent (the Runner calls it then, on the start's goroutine, for a start
+// that succeeded; not for replays, which have no reply): work the client need not wait
+// for, but that should not wait for another goroutine's wake-up either.
+type StartReplier interface {
+	StartReplied(workloadID string)
+}
+
 // ProgressEvery is the least time between two byte-count reports of one start.
 const ProgressEvery = 100 * time.Millisecond
 

@@ -1334,6 +1334,10 @@ func (r *Runner) handleStart(req micro.Request) {
 	}
 	r.respondJSON(req, out)
 	st.Step("reply")
+	if sr, ok := r.agent.(StartReplier); ok {
+		sr.StartReplied(id)
+		st.Step("replied")
+	}
 	st.Log(r.log, "runner steps", "workload_id", id, "local", local)
 }
 

@@ -613,6 +613,65 @@ func TestStartProgressReports(t *testing.T) {
 	}
 }
 
+// repliedAgent notes each StartReplied, which it holds until the test has the start's
+// reply (at most 10 s: a call made before the reply never sees it, and says so).
+type repliedAgent struct {
+	*memAgent
+	seen    chan struct{} // the test got the reply
+	replied chan string
+}
+
+func (a *repliedAgent) StartReplied(id string) {
+	select {
+	case <-a.seen:
+		a.replied <- id
+	case <-time.After(10 * time.Second):
+		a.replied <- "before its reply: " + id
+	}
+}
+
+// TestStartRepliedAfterTheReply: a StartReplier hears of a new start once its reply
+// is sent (the native nexlet forwards its workload's first line then), and not of a
+// start that failed.
+func TestStartRepliedAfterTheReply(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, make(chan protocol.RegisterAgentRequest, 1))
+	ra := &repliedAgent{memAgent: newMemAgent(), replied: make(chan string, 4)}
+	r, err := NewRunner(context.Background(), node, ra)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	for _, name := range []string{"w1", "fail"} {
+		ra.seen = make(chan struct{})
+		start, _ := json.Marshal(protocol.AgentStartWorkloadRequest{Request: protocol.StartWorkloadRequest{Name: name, Namespace: "ns",
+			WorkloadLifecycle: protocol.LifecycleJob, WorkloadType: "mem", RunRequest: "{}"}})
+		m, err := nc.Request(protocol.StartWorkloadSubject(node, agent, "P"+name), start, 10*time.Second)
+		if err != nil {
+			t.Fatalf("start %s: %v", name, err)
+		}
+		close(ra.seen)
+		failed := m.Header.Get(protocol.HeaderErrorCode) != ""
+		if failed != (name == "fail") {
+			t.Fatalf("start %s: reply %q %v", name, m.Data, m.Header)
+		}
+		select {
+		case id := <-ra.replied:
+			if failed || id != "P"+name {
+				t.Errorf("start %s: StartReplied(%q)", name, id)
+			}
+		case <-time.After(500 * time.Millisecond):
+			if !failed {
+				t.Errorf("start %s replied; no StartReplied", name)
+			}
+		}
+	}
+}
+
 // TestRunnerAnswersDirect: the runner registers with AnswersDirect and answers the
 // node's fan-outs on its own agent id's subjects, naming itself; on the shared subjects
 // it answers an upstream node (naming itself) and leaves unanswered a request that says

@@ -44,9 +44,9 @@ func (w feedFunc) Write(p []byte) (int, error) { w(); return len(p), nil }
 // /bin/sh that echoes a line and execs sleep, from the start's call to its return (the
 // reply) and to the line's arrival on the feed, as the cgroup variant of
 // BenchmarkStartWorkload meets it (the pools refilled and the previous workload
-// stopped off the clock). Reported: p50 of the reply, of the line, of the line after
-// the reply (0 when it came first, as nexbench counts it), and the share of lines
-// that came before the reply.
+// stopped off the clock), with the runner's StartReplied right after the return.
+// Reported: p50 of the reply, of the line, of the line after the reply (0 when it came
+// first, as nexbench counts it), and the share of lines that came before the reply.
 func BenchmarkStartAnnouncement(b *testing.B) {
 	n := benchNexletLog(b, DefaultUIDPool, cgroupSpec(b), slog.New(slog.DiscardHandler))
 	forkPool := func() int { return DefaultForkPool }
@@ -68,6 +68,7 @@ func BenchmarkStartAnnouncement(b *testing.B) {
 			b.Fatal(err)
 		}
 		tr := time.Now()
+		n.StartReplied(id) // as the runner does once the reply is written
 		<-feed.came
 		feed.mu.Lock()
 		tl := feed.first[id]

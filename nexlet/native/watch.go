@@ -112,12 +112,12 @@ func (wt *watcher) addOutput(w *workload, fd int, name string) (uint64, error) {
 }
 
 // readNow reads the output streams toks (addOutput's tokens; 0 is skipped) and
-// forwards their lines now, on the caller's goroutine: a start calls it just before
-// its reply, so that what the workload wrote meanwhile (a placement's announcement)
-// goes out ahead of the reply instead of waiting for the loop's goroutine, which the
-// Go scheduler runs only once one of the nexlet's Ps polls the netpoller (0.4 ms p50,
-// 1.3 ms p75 after the write at load 9). Lines stay in order: a stream is read under
-// rmu, by the loop or here.
+// forwards their lines now, on the caller's goroutine: a start calls it right after
+// its reply (Nexlet.StartReplied), so that what the workload wrote meanwhile (a
+// placement's announcement) follows the reply at once instead of waiting for the loop's
+// goroutine, which the Go scheduler runs only once one of the nexlet's Ps polls the
+// netpoller (0.4 ms p50, 1.3 ms p75 after the write at load 9). Lines stay in order: a
+// stream is read under rmu, by the loop or here.
 func (wt *watcher) readNow(toks ...uint64) {
 	wt.rmu.Lock()
 	defer wt.rmu.Unlock()

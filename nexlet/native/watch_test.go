@@ -180,7 +180,7 @@ func outputPipeTok(t *testing.T, wt *watcher, name string) (*os.File, uint64) {
 
 // TestReadNowForwardsWithoutTheLoop: readNow reads the streams it is given and
 // forwards their lines before it returns, on the caller's goroutine (a start's,
-// before its reply), with no loop running: complete lines go, the start of a line
+// right after its reply), with no loop running: complete lines go, the start of a line
 // waits for its end, another stream is not touched, and a stream whose writer closed
 // ends with its last piece (one read a stream a call, as the loop's). With readNow doing nothing, no line came.
 func TestReadNowForwardsWithoutTheLoop(t *testing.T) {
@@ -408,13 +408,13 @@ type feedWriter func([]byte)
 
 func (w feedWriter) Write(p []byte) (int, error) { w(p); return len(p), nil }
 
-// TestStartForwardsOutputBeforeItsReply: a line the workload wrote before its start
-// replies is on the feed when the start returns (a placement's client waits for both
-// the reply and the workload's announcement; the start reads its streams itself just
-// before the reply rather than leaving the line to the watcher's goroutine). The
-// start is held after its fork until the workload's shell has written its line and
-// exec'd sleep.
-func TestStartForwardsOutputBeforeItsReply(t *testing.T) {
+// TestStartForwardsOutputRightAfterItsReply: a line the workload wrote before its start
+// replies is on the feed when the runner's StartReplied, which follows the reply,
+// returns (a placement's client waits for both the reply and the workload's
+// announcement; the start reads its streams itself right after the reply rather than
+// leaving the line to the watcher's goroutine). The start is held after its fork until the workload's
+// shell has written its line and exec'd sleep.
+func TestStartForwardsOutputRightAfterItsReply(t *testing.T) {
 	n := benchNexletLog(t, 0, "", slog.New(slog.DiscardHandler))
 	feed := &recordingFeed{}
 	n.SetFeed(feed)
@@ -431,8 +431,10 @@ func TestStartForwardsOutputBeforeItsReply(t *testing.T) {
 		if _, err := n.StartWorkload(id, &req, false); err != nil {
 			t.Fatal(err)
 		}
-		if want := id + " stdout announce " + id; !slices.Contains(feed.all(), want) {
-			t.Errorf("start of %s returned; feed lines %q lack %q", id, feed.all(), want)
+		want := id + " stdout announce " + id
+		n.StartReplied(id)
+		if !slices.Contains(feed.all(), want) {
+			t.Errorf("start of %s replied; feed lines %q lack %q", id, feed.all(), want)
 		}
 		if err := n.StopWorkload(id, &protocol.StopWorkloadRequest{Namespace: testNS}); err != nil {
 			t.Fatal(err)

@@ -162,7 +162,7 @@ type proc struct {
 	// run it follows, and its supervisor makes the restart once the rest is waited.
 	due *restartDue
 	// outs are its output streams' tokens in the watcher (launch; zero: none), for the
-	// start's readNow before its reply.
+	// start's readNow right after its reply (StartReplied).
 	outs [2]uint64
 }
 
