@@ -957,26 +957,61 @@ func (r *Runner) heartbeatLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			if testhold.Holds(r.hold, testhold.HeartbeatLate) {
+				r.lateHeartbeat(ctx)
+				continue
+			}
 			r.heartbeat()
 		}
 	}
 }
 
 func (r *Runner) heartbeat() {
+	if hb, b := r.takeHeartbeat(); hb != nil {
+		r.publishHeartbeat(b)
+	}
+}
+
+// takeHeartbeat asks the agent for its heartbeat and encodes it (nil: logged).
+func (r *Runner) takeHeartbeat() (*protocol.AgentHeartbeat, []byte) {
 	hb, err := r.agent.Heartbeat()
 	if err != nil {
 		r.log.Warn("nexlet heartbeat", "err", err)
-		return
+		return nil, nil
 	}
 	b, err := protocol.Marshal(hb)
 	if err != nil {
 		r.log.Warn("nexlet heartbeat: encode", "err", err)
-		return
+		return nil, nil
 	}
+	return hb, b
+}
+
+func (r *Runner) publishHeartbeat(b []byte) {
 	nc, id := r.NC(), r.AgentID()
 	if err := nc.Publish(protocol.AgentHeartbeatSubject(r.nodeID, id), b); err != nil {
 		r.log.Warn("nexlet heartbeat: publish", "err", err)
 	}
+}
+
+// lateHeartbeat is a periodic heartbeat under testhold.HeartbeatLate: taken, then
+// published HeartbeatLateBy later and flushed, each step logged for the test.
+func (r *Runner) lateHeartbeat(ctx context.Context) {
+	hb, b := r.takeHeartbeat()
+	if hb == nil {
+		return
+	}
+	r.log.Warn("test hold: heartbeat taken, published late", "hold", testhold.HeartbeatLate,
+		"workload_count", hb.Summary.WorkloadCount, "delay", testhold.HeartbeatLateBy)
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(testhold.HeartbeatLateBy):
+	}
+	r.publishHeartbeat(b)
+	err := r.NC().FlushTimeout(5 * time.Second)
+	r.log.Warn("test hold: late heartbeat published", "hold", testhold.HeartbeatLate,
+		"workload_count", hb.Summary.WorkloadCount, "err", err)
 }
 
 // Logger returns a writer that publishes each write as one message on the workload's

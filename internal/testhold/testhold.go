@@ -46,6 +46,11 @@ const (
 	// replay of a workload it was stopping when it registered that late. A delay, not
 	// a hold for ever.
 	ReplayAfterTidy = "replay-after-tidy"
+	// HeartbeatLate: a nexlet runner, at each periodic heartbeat, publishes it
+	// HeartbeatLateBy after it took it: a start the nexlet gets meanwhile is kept by
+	// the node before a heartbeat that does not count it arrives, as a heartbeat and a
+	// start's answer may pass each other on a loaded node. A delay, not a hold for ever.
+	HeartbeatLate = "heartbeat-late"
 )
 
 // ReplayAfterTidyMax bounds ReplayAfterTidy's wait.
@@ -58,6 +63,10 @@ const (
 	StopBoundShort   = "stop-bound-short"
 	StopBoundShortBy = 3 * time.Second
 )
+
+// HeartbeatLateBy is HeartbeatLate's delay: time for a deploy to be kept in it, and
+// under the node's 5 s allowance for such a heartbeat (node.staleBeatLag).
+const HeartbeatLateBy = 4 * time.Second
 
 // ReplayLateBy is ReplayLate's delay: under the half of the node's 2 s list fan-out
 // that a list waits for a nexlet registered and not serving yet.
