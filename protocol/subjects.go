@@ -62,7 +62,9 @@ const (
 	// FormatProgressBytes. Clients that do not know it show the text alone.
 	HeaderProgressBytes = "Nex-Progress-Bytes"
 	// HeaderNode on a WPING reply names the node that sent it, so a client can tell
-	// which workloads run where (nexctl node lameduck --wait).
+	// which workloads run where (nexctl node lameduck --wait); on an UNDEPLOY reply
+	// (the "stopping" word and the answer) and a CLONE reply too, so a client that
+	// knows which node holds a workload waits for that node's answer.
 	HeaderNode = "Nex-Node"
 	// HeaderDrainWait on a LAMEDUCK request asks a nexd node to tell its drain's
 	// outcome, signed over the header's value (a nonce): see DrainOutcome.

@@ -524,7 +524,7 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	var stopping func(nats.Header)
 	if r.Reply() != "" && r.Headers().Get(protocol.HeaderProgress) != "" {
 		stopping = func(h nats.Header) {
-			m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {"stopping"}}}
+			m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {"stopping"}, protocol.HeaderNode: {n.id}}}
 			for k, v := range h {
 				m.Header[k] = v
 			}
@@ -534,6 +534,13 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		}
 	}
 	st.Step("check") // decode, namespace
+	if testhold.Holds(n.o.TestHold, testhold.StopLate) && n.owns(workloadID) {
+		// A loaded node: its word comes after the other nodes' "not found".
+		select {
+		case <-time.After(testhold.StopLateBy):
+		case <-n.ctx.Done():
+		}
+	}
 	resp, err := n.stopWorkloadSaying(n.ctx, req.Namespace, workloadID, stopping)
 	if err != nil {
 		n.fail(r, 500, "failed to ask nexlets to stop a workload", err)
@@ -559,7 +566,11 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		}
 		st.Step("unstore")
 	}
-	n.respondJSON(r, resp)
+	// Named, so a client that knows which node holds the workload waits for its
+	// answer and not only for the first "not found" of the others (nexctl's migrate).
+	if err := r.RespondJSON(resp, micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}})); err != nil {
+		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
+	}
 	st.Step("reply")
 	if fromMemory {
 		n.log.Info("workload already stopped", "workload_id", workloadID, "namespace", req.Namespace, "stopped_at", resp.AlreadyStoppedAt)
@@ -654,7 +665,8 @@ func (n *Node) handleClone(r micro.Request) {
 	if found == nil {
 		return
 	}
-	if err := r.Respond(found); err != nil {
+	// Named: the node holding the workload, whose stop answer a clone --stop waits for.
+	if err := r.Respond(found, micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}})); err != nil {
 		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
 	}
 }

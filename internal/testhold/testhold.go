@@ -53,6 +53,14 @@ const (
 	HeartbeatLate = "heartbeat-late"
 )
 
+// StopLate: nexd, given a stop of a workload it owns, waits StopLateBy before it
+// stops it, so the "not found" of every other node comes well before its word (a
+// loaded node; its nexlet's record of the stop that late). A delay, not a hold.
+const (
+	StopLate   = "stop-late"
+	StopLateBy = 300 * time.Millisecond
+)
+
 // ReplayAfterTidyMax bounds ReplayAfterTidy's wait.
 const ReplayAfterTidyMax = time.Minute
 
