@@ -687,20 +687,21 @@ func partialOf(m *nats.Msg) *partialList {
 // bad holds the replies that could not be used and, as *partialList, the nodes whose
 // answer lacks some nexlets' workloads (their rows are in the list).
 func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) ([]protocol.WorkloadSummary, []error, error) {
-	out, _, bad, err := f.listWorkloadsAndStops(ctx, ns, filter, "")
+	out, _, _, bad, err := f.listWorkloadsAndStops(ctx, ns, filter, "")
 	return out, bad, err
 }
 
 // listWorkloadsAndStops is listWorkloads that, with stoppedRef, also asks nexd nodes
 // for the workloads they stopped lately that stoppedRef names (HeaderStoppedRef), in
-// the caller's namespace; each id once.
-func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []string, stoppedRef string) ([]protocol.WorkloadSummary, []protocol.RecentStop, []error, error) {
+// the caller's namespace; each id once. holders names the node that listed each
+// workload (HeaderNode; nodes that do not name themselves are left out).
+func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []string, stoppedRef string) (out []protocol.WorkloadSummary, stopped []protocol.RecentStop, holders map[string]string, bad []error, err error) {
 	if filter == nil {
 		filter = []string{}
 	}
 	data, err := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: ns, Filter: filter})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 	opts := f.wpingOpts("")
 	if stoppedRef != "" {
@@ -708,11 +709,9 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 	}
 	msgs, err := f.scatterGather(ctx, protocol.WPingSubject(ns), data, opts)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
-	var out []protocol.WorkloadSummary
-	var stopped []protocol.RecentStop
-	var bad []error
+	holders = map[string]string{}
 	seen := map[string]bool{}
 	for _, m := range msgs {
 		if err := replyError(m); err != nil {
@@ -740,8 +739,13 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 			continue
 		}
 		out = append(out, ws...)
+		if node := m.Header.Get(protocol.HeaderNode); node != "" {
+			for _, w := range ws {
+				holders[w.ID] = node
+			}
+		}
 	}
-	return out, stopped, bad, nil
+	return out, stopped, holders, bad, nil
 }
 
 // workloadNamespace finds the summary and namespace of workload id (exact id).
@@ -788,8 +792,13 @@ const stopWait = 5*time.Minute + 30*time.Second
 // stopWorkload asks every node in ns to stop id. The node holding it says "stopping"
 // at once (nexd; upstream nodes do not) and answers when the workload is gone; with
 // wait false the "stopping" is the answer (stopping true). Replies of nodes that do not
-// hold the workload ("not found") end the wait only when no node said "stopping".
-func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (resp protocol.StopWorkloadResponse, stopping bool, err error) {
+// hold the workload ("not found") end the wait only when no node said "stopping". With
+// holder (the node a listing or a clone answer named as holding it; "" when unknown),
+// they do not end it at all: the holder's word or answer does (it names itself,
+// HeaderNode), else the wait's first bound. Before, a loaded holder whose word came
+// more than --gather-stall after the others' "not found" had its stop reported as
+// "not found" while it stopped the workload (CI, e2e TestLameduckMigrate).
+func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, holder string) (resp protocol.StopWorkloadResponse, stopping bool, err error) {
 	ret := protocol.StopWorkloadResponse{ID: id, Message: protocol.ErrTextWorkloadNotFound}
 	data, err := json.Marshal(protocol.StopWorkloadRequest{Namespace: ns})
 	if err != nil {
@@ -812,6 +821,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 		return ret, false, err
 	}
 	var errs []error
+	heardHolder, anonymous := false, false
 	deadline := time.Now().Add(f.first)
 	for {
 		left := time.Until(deadline)
@@ -835,6 +845,10 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 		if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
 			break // nobody listens
 		}
+		from := m.Header.Get(protocol.HeaderNode)
+		fromHolder := holder != "" && from == holder
+		heardHolder = heardHolder || fromHolder
+		anonymous = anonymous || from == "" // upstream's, or a nexd's before it named itself
 		if m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && replyError(m) == nil {
 			stopping = true
 			if !wait {
@@ -847,7 +861,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 			deadline = time.Now().Add(stopWait)
 			continue
 		}
-		if !stopping {
+		if !stopping && (holder == "" || fromHolder) {
 			deadline = time.Now().Add(f.stall)
 		}
 		if err := replyError(m); err != nil {
@@ -864,38 +878,51 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool) (res
 		}
 		if r.Message != "" && r.Message != protocol.ErrTextWorkloadNotFound {
 			ret.Message = r.Message
-			if stopping {
-				return ret, true, nil // the holding node's answer
+			if stopping || fromHolder {
+				return ret, stopping, nil // the holding node's answer
 			}
+		}
+		if fromHolder {
+			return ret, stopping, nil // the holder holds it no more: not found
 		}
 	}
 	if stopping && ret.Message == protocol.ErrTextWorkloadNotFound {
 		ret.Message = fmt.Sprintf("still stopping: the node did not answer within %s", stopWait)
+	}
+	if !stopping && holder != "" && !heardHolder && !anonymous && ret.Message == protocol.ErrTextWorkloadNotFound {
+		ret.Message = fmt.Sprintf("node %s, which held it, did not answer the stop within %s (nor did any other node stop it)", holder, f.first)
 	}
 	return ret, stopping, errors.Join(errs...)
 }
 
 // cloneRequest fetches a workload's start request.
 func (f *fleet) cloneRequest(ctx context.Context, id, xkeyPub string) (protocol.StartWorkloadRequest, error) {
-	return f.clone(ctx, id, protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: xkeyPub})
+	swr, _, err := f.clone(ctx, id, protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: xkeyPub})
+	return swr, err
+}
+
+// cloneRequestHeld is cloneRequest that also names the node that answered, the one
+// holding the workload (HeaderNode; "" for a node that does not name itself).
+func (f *fleet) cloneRequestHeld(ctx context.Context, id string) (protocol.StartWorkloadRequest, string, error) {
+	return f.clone(ctx, id, protocol.CloneWorkloadRequest{Namespace: f.ns})
 }
 
 // cloneFor fetches a workload's start request with its sealed environment re-sealed
 // for the nexlet of bid, which a node signed in auction auctionID in ns.
 func (f *fleet) cloneFor(ctx context.Context, id string, bid protocol.AuctionResponse, ns, auctionID string) (protocol.StartWorkloadRequest, error) {
-	return f.clone(ctx, id, protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: bid.XKey,
+	swr, _, err := f.clone(ctx, id, protocol.CloneWorkloadRequest{Namespace: f.ns, NewTargetXKey: bid.XKey,
 		Bid: &bid, BidAuctionID: auctionID, BidNamespace: ns})
+	return swr, err
 }
 
-func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkloadRequest) (protocol.StartWorkloadRequest, error) {
-	var out protocol.StartWorkloadRequest
+func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkloadRequest) (out protocol.StartWorkloadRequest, node string, err error) {
 	data, err := json.Marshal(req)
 	if err != nil {
-		return out, err
+		return out, "", err
 	}
 	msgs, err := f.gather(ctx, protocol.CloneSubject(f.ns, id), data, gatherOpts{first: f.first, stall: f.stall, max: 1})
 	if err != nil {
-		return out, err
+		return out, "", err
 	}
 	var errs []error
 	for _, m := range msgs {
@@ -910,12 +937,12 @@ func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkload
 			errs = append(errs, fmt.Errorf("clone reply: %w", err))
 			continue
 		}
-		return out, nil
+		return out, m.Header.Get(protocol.HeaderNode), nil
 	}
 	if len(errs) > 0 {
-		return out, fmt.Errorf("workload %s: %w", id, errors.Join(errs...))
+		return out, "", fmt.Errorf("workload %s: %w", id, errors.Join(errs...))
 	}
-	return out, fmt.Errorf("workload %s not found in namespace %s", id, f.ns)
+	return out, "", fmt.Errorf("workload %s not found in namespace %s", id, f.ns)
 }
 
 // inboxPrefix is the prefix of every reply inbox of the connection, with its dot.

@@ -152,14 +152,17 @@ func resolveAmong(ref, callerNS string, cands []candidate) (id, ns string, found
 // namespace) is asked too, so a repeated stop by name or id prefix finds the id the
 // first stop stopped, and its node answers "already stopped at T". A reference that
 // names several stopped workloads is ambiguous, as among running ones.
-func (f *fleet) resolveWorkloadToStop(ctx context.Context, ref string) (id, ns string, found bool, err error) {
-	ws, stopped, _, err := f.listWorkloadsAndStops(ctx, f.ns, nil, ref)
+func (f *fleet) resolveWorkloadToStop(ctx context.Context, ref string) (id, ns, holder string, found bool, err error) {
+	ws, stopped, holders, _, err := f.listWorkloadsAndStops(ctx, f.ns, nil, ref)
 	if err != nil {
-		return "", "", false, err
+		return "", "", "", false, err
 	}
 	id, ns, found, err = resolveAmong(ref, f.ns, workloadCandidates(ws, f.ns))
+	if found {
+		holder = holders[id]
+	}
 	if err != nil || found || len(stopped) == 0 {
-		return id, ns, found, err
+		return id, ns, holder, found, err
 	}
 	cands := make([]candidate, 0, len(stopped))
 	for _, s := range stopped {
@@ -171,9 +174,9 @@ func (f *fleet) resolveWorkloadToStop(ctx context.Context, ref string) (id, ns s
 	}
 	id, ns, found, err = resolveAmong(ref, f.ns, cands)
 	if err != nil {
-		return "", "", false, fmt.Errorf("no running workload matches, and among those stopped within the hour %w", err)
+		return "", "", "", false, fmt.Errorf("no running workload matches, and among those stopped within the hour %w", err)
 	}
-	return id, ns, found, nil
+	return id, ns, "", found, nil
 }
 
 // completionTimeout bounds the live lookups behind shell completion.

@@ -316,7 +316,7 @@ stopped (not found, or the node could not stop it).`,
 				return err
 			}
 			defer done()
-			id, ns, found, err := f.resolveWorkloadToStop(cmd.Context(), args[0])
+			id, ns, holder, found, err := f.resolveWorkloadToStop(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}
@@ -328,7 +328,7 @@ stopped (not found, or the node could not stop it).`,
 			if guessed && !workloadIDPattern.MatchString(args[0]) {
 				return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", args[0], f.ns)
 			}
-			r, stopping, err := f.stopWorkload(cmd.Context(), ns, id, !noWait)
+			r, stopping, err := f.stopWorkload(cmd.Context(), ns, id, !noWait, holder)
 			if errors.Is(err, errLinkClosed) {
 				return exitError{ExitUnknown, fmt.Errorf("stop workload %s: %w", id, err)}
 			}
@@ -501,7 +501,7 @@ func sortedStringKeys(m map[string]string) []string {
 // replace its tags) and, with stop, stops the original once the copy runs. err means
 // no copy started; stopErr that the copy runs but the original was not stopped.
 func (a *app) cloneWorkload(ctx context.Context, f *fleet, id string, tags map[string]string, stop bool) (p placement, stopped bool, stopErr, err error) {
-	swr, err := f.cloneRequest(ctx, id, "")
+	swr, holder, err := f.cloneRequestHeld(ctx, id)
 	if err != nil {
 		return p, false, nil, err
 	}
@@ -518,7 +518,9 @@ func (a *app) cloneWorkload(ctx context.Context, f *fleet, id string, tags map[s
 		return p, false, nil, err
 	}
 	if stop {
-		r, _, err := f.stopWorkload(ctx, swr.Namespace, id, true)
+		// Its holder's answer, not the first "not found" of the others (the copy's
+		// node among them): a holder loaded enough to answer after them stopped it.
+		r, _, err := f.stopWorkload(ctx, swr.Namespace, id, true, holder)
 		switch {
 		case err != nil:
 			stopErr = fmt.Errorf("clone %s started, but stopping the original %s failed: %w", p.ID, id, err)
