@@ -367,3 +367,33 @@ func noRoomAnywhere(t *testing.T, s *server.Server, dir string) {
 		t.Fatal(err)
 	}
 }
+
+// TestTombstoneWriteLeftoverRemoved: the temporary file of a tombstone write cut short
+// (".<key>": nexd killed before its rename) is removed when the next nexd opens the
+// tombstones; a tombstone beside it stays and is retried. Before, the leftover stayed
+// in the directory for good.
+func TestTombstoneWriteLeftoverRemoved(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, s), "TOMBLEFT", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	testkit.WriteFile(t, filepath.Join(dir, ".native_W1"), "2026-01-01T00:00:00Z\nsystem\n")
+	testkit.WriteFile(t, filepath.Join(dir, "native_W2"), "2026-01-01T00:00:00Z\nsystem\n")
+	if err := kv.Put(t.Context(), "native", "W2", startReq("system", "W2", "")); err != nil {
+		t.Fatal(err)
+	}
+	ts, err := NewTombstones(kv, dir, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	if _, err := os.Stat(filepath.Join(dir, ".native_W1")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the unfinished write is still there: %v", err)
+	}
+	testkit.Eventually(t, "the tombstone beside it retried and dropped", func() bool {
+		ents, err := os.ReadDir(dir)
+		return err == nil && len(ents) == 0
+	})
+}
