@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -112,5 +113,49 @@ func TestFullNexletStaleHeartbeat(t *testing.T) {
 	}
 	if running > 1 {
 		t.Errorf("%d workloads running on a nexlet whose max is 1", running)
+	}
+}
+
+// TestFullNexletNoBidSaysMaxWorkloads: a deploy that gets no bid because the node's
+// only native nexlet is at its max_workloads says so, naming the node, the nexlet and
+// its count, from the node's info (nexd_max_workloads); before, nexctl said the bid
+// was likely lost to an auction flood, asked again for 20 s, and then that no node had
+// a healthy native nexlet.
+func TestFullNexletNoBidSaysMaxWorkloads(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	bin := filepath.Join(t.TempDir(), "native")
+	if err := os.Symlink(nexdBin(t), bin); err != nil {
+		t.Fatal(err)
+	}
+	n := startNode(t, nodeOpts{extra: []string{"--disable-native-start", "--agents.uri", "file://" + bin,
+		"--agents.argv", "nexlet", "--agents.argv", "native", "--agents.env", native.EnvMaxWorkloads + "=1"}})
+	id := n.waitReady(t).NodeID
+	n.waitNative(t)
+	n.runWorkload(t, "--name", "first", "--", "/bin/sleep", "600")
+
+	var info struct {
+		Summaries []struct {
+			MaxWorkloads int `json:"nexd_max_workloads"`
+		} `json:"node_agent_summaries"`
+	}
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "node", "info", id, "--json")), &info); err != nil ||
+		len(info.Summaries) != 1 || info.Summaries[0].MaxWorkloads != 1 {
+		t.Fatalf("node info: %v, %+v; want one nexlet with nexd_max_workloads 1", err, info)
+	}
+	start := time.Now()
+	out, errOut, code := n.ctl(t, "workload", "run", "--name", "second", "--", "/bin/sleep", "600")
+	took := time.Since(start)
+	t.Logf("second deploy: exit %d after %v: %s", code, took.Round(time.Millisecond), strings.TrimSpace(errOut))
+	want := `no bids for a native workload in namespace system: node ` + id + `'s native nexlet "go_exec" is at its max_workloads (1 of 1 workloads)`
+	if code == 0 || !strings.Contains(errOut, want) {
+		t.Errorf("a deploy to the full nexlet: exit %d\n%s%s\nwant %q", code, out, errOut, want)
+	}
+	for _, wrong := range []string{"auction flood", "asking again", "no node has a healthy nexlet"} {
+		if strings.Contains(errOut, wrong) {
+			t.Errorf("the no-bid message says %q:\n%s", wrong, errOut)
+		}
 	}
 }

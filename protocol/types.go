@@ -180,6 +180,9 @@ type NodeAgentSummary struct {
 	// nexd extensions.
 	Restarts int    `json:"nexd_restarts,omitempty"`
 	LastExit string `json:"nexd_last_exit,omitempty"`
+	// MaxWorkloads is the nexlet's max_workloads (absent: no bound); with
+	// AgentSummary.WorkloadCount it tells a client why the node withholds its bids.
+	MaxWorkloads int `json:"nexd_max_workloads,omitempty"`
 	// EndsUnheard is set while the node does not hear the nexlet's workload ends: a
 	// nexlet on upstream's SDK whose list rounds are not whole.
 	EndsUnheard *EndsUnheard `json:"nexd_ends_unheard,omitempty"`

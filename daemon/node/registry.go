@@ -163,6 +163,7 @@ func (n *Node) summariesLocked(now time.Time) []protocol.NodeAgentSummary {
 		s := protocol.NodeAgentSummary{
 			AgentHealth: h, AgentHealthStoplight: protocol.Stoplight(h), AgentID: r.id,
 			AgentLastHeartbeatTime: r.lastBeat.UTC(), AgentSummary: n.summaryOf(r),
+			MaxWorkloads: int(r.req.MaxWorkloads),
 		}
 		if p, ok := n.procInfo[r.id]; ok {
 			s.Restarts, s.LastExit = p.restarts, p.lastExit

@@ -25,8 +25,8 @@ type fakeNode struct {
 	// dropAuctions is how many auctions it drops before bidding, as a node shedding
 	// an auction flood drops some of any namespace's (nexd before per-namespace intake).
 	dropAuctions int
-	// full withholds every bid though its info lists a healthy native nexlet (a node
-	// whose nexlet is at max_workloads).
+	// full withholds every bid though its info lists a healthy native nexlet (an
+	// upstream node whose nexlet is at max_workloads: its info does not say so).
 	full       bool
 	load       int    // nexd_workload_count in its bids
 	failDeploy string // when set, ADEPLOY answers with this micro error

@@ -249,9 +249,11 @@ func (f *fleet) nodeInfo(ctx context.Context, id string) (protocol.NodeInfoRespo
 
 // healthyHolder returns the id of one of nodes (ping answers; at most three asked)
 // that offers tags, is not in lame duck mode and says it has a healthy nexlet of typ
-// supporting lifecycle, or "" when none does: its missing bid was then likely lost,
-// not withheld.
-func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResponse, typ string, lifecycle protocol.Lifecycle, tags map[string]string) string {
+// supporting lifecycle with room for a workload, or "" when none does: its missing bid
+// was then likely lost, not withheld. full names the healthy nexlets a nexd node says
+// are at their max_workloads (it withholds its bid for them); other nodes do not say,
+// and their nexlets count as having room.
+func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResponse, typ string, lifecycle protocol.Lifecycle, tags map[string]string) (holder string, full []string) {
 	asked := 0
 	for _, n := range nodes {
 		if asked == 3 {
@@ -267,13 +269,19 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 		}
 		for _, s := range info.NodeAgentSummaries {
 			lcs := s.AgentSummary.SupportedLifecycles
-			if s.AgentSummary.Type == typ && s.AgentHealth == protocol.HealthHealthy &&
-				(lcs == "" || slices.Contains(strings.Split(lcs, ","), string(lifecycle))) {
-				return n.NodeID
+			if s.AgentSummary.Type != typ || s.AgentHealth != protocol.HealthHealthy ||
+				(lcs != "" && !slices.Contains(strings.Split(lcs, ","), string(lifecycle))) {
+				continue
 			}
+			if s.MaxWorkloads > 0 && s.AgentSummary.WorkloadCount >= s.MaxWorkloads {
+				full = append(full, fmt.Sprintf("node %s's %s nexlet %q is at its max_workloads (%d of %d workloads)",
+					n.NodeID, typ, s.AgentSummary.Name, s.AgentSummary.WorkloadCount, s.MaxWorkloads))
+				continue
+			}
+			return n.NodeID, full
 		}
 	}
-	return ""
+	return "", full
 }
 
 // lameduck commands one node into lame duck mode.

@@ -290,7 +290,8 @@ func TestWorkloadRunAsksUntilBid(t *testing.T) {
 }
 
 // TestWorkloadRunFullNodeGivesUp: a node whose healthy nexlet is full withholds its
-// bid; nexctl asks again for at most lostBidWait, not its 5 min 30 s deploy timeout,
+// bid without saying why (upstream's info has no max_workloads; nexd's does, e2e
+// TestFullNexletNoBidSaysMaxWorkloads); nexctl asks again for at most lostBidWait, not its 5 min 30 s deploy timeout,
 // and says there was no bid.
 func TestWorkloadRunFullNodeGivesUp(t *testing.T) {
 	t.Parallel()

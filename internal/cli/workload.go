@@ -77,15 +77,25 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 	// Nodes answered the ping but nobody bid: a node shedding an auction flood drops
 	// auctions it cannot keep up with, so ask again, twice; then on, with backoff for
 	// up to lostBidWait more, while a node says it has a healthy nexlet of the type and
-	// lifecycle (it may still withhold its bid, e.g. at max_workloads: hence a bound
-	// well below the deploy timeout).
+	// lifecycle with room. A nexd node says when its nexlets are at max_workloads, and
+	// that is the error; an upstream node does not, and withholds its bid all the same:
+	// hence a bound well below the deploy timeout.
 	deadline, wait, asked := time.Now().Add(min(f.deployTimeout, lostBidWait)), 300*time.Millisecond, false
+	var full []string // healthy nexlets of the type a node says are at max_workloads
 	for retry := 0; err == nil && len(bids) == 0 && expectBids > 0; retry++ {
+		if retry == 0 {
+			// Full nexlets are known at once: no retry would get their bids.
+			if holder, fullNow := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags); holder == "" && len(fullNow) > 0 {
+				full = fullNow
+				break
+			}
+		}
 		if retry >= 2 {
 			if !asked {
 				asked = true
-				holder := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags)
+				holder, fullNow := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags)
 				if holder == "" {
+					full = fullNow
 					break
 				}
 				a.warnf("no bid yet, though node %s has a healthy %s nexlet (a node under an auction flood drops auctions): asking again until %s",
@@ -111,6 +121,10 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		return placement{}, err
 	}
 	a.warnAll(bad)
+	if len(bids) == 0 && len(full) > 0 {
+		return placement{}, fmt.Errorf("no bids for a %s workload in namespace %s: %s (stop a workload there, or raise its max_workloads)",
+			spec.Type, ns, strings.Join(full, "; "))
+	}
 	if len(bids) == 0 {
 		tags, err := f.placementTags(ctx)
 		if err != nil {
