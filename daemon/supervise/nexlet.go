@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nexd-project/nexd/internal/cgroup"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 )
@@ -307,6 +309,14 @@ func (n *nexlet) runOnce() (ExitInfo, outcome) {
 		} else {
 			n.record(pid)
 			go func() {
+				// Exited, not reaped yet: a group outside cgroups (none mode)
+				// notes what the nexlet left in its process group while its
+				// zombie holds the group's number, so that the kill after the
+				// reap still finds it (cgroup.Group.NoteMembers).
+				var info unix.Siginfo
+				for errors.Is(unix.Waitid(unix.P_PID, cmd.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil), unix.EINTR) {
+				}
+				proc.NoteMembers()
 				err := cmd.Wait()
 				if r := n.s.reaper; r != nil {
 					r.waited(cmd.Process.Pid)

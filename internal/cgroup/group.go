@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // killTimeout bounds how long Kill keeps signalling a group that does not empty.
@@ -27,9 +29,11 @@ type Group struct {
 	hiers []hier // Root is the group's directory in each hierarchy
 
 	mu sync.Mutex
-	// pgids of processes that run outside the cgroup (none mode, or a failed move);
-	// Kill and Procs reach them through their process group.
-	pgids []int
+	// pgrps: process groups of processes that run outside the cgroup (none mode, or
+	// a failed move); Kill and Procs reach them through their group, while it can be
+	// shown to be theirs (procid.Pgrp), and drop it once it ended: its number is then
+	// free, and may name a stranger's group.
+	pgrps []*procid.Pgrp
 	// forker is the pool thread waiting in the group (ForkPool.Create) until Start;
 	// left is closed once it has left the group, forkerGone when its thread ended.
 	forker     *forker
@@ -236,10 +240,42 @@ func (g *Group) Place(pid int) error {
 // prepared thread of its own.
 func (g *Group) ForksOnSetupThread() bool { return g.m.mode == ModeV1 && g.m.threadSetup != nil }
 
+// addPgid tracks the process group of pid, a child just started (not reaped: its pid
+// cannot have been reused).
 func (g *Group) addPgid(pid int) {
+	id, err := procid.Of(pid)
+	if err != nil {
+		// Without its start time the group could not be told from a stranger's
+		// by the same number later: it is not reached by Kill.
+		g.m.log.Warn("process outside its cgroup not tracked", "pid", pid, "cgroup", g.Path(), "err", err)
+		return
+	}
 	g.mu.Lock()
-	g.pgids = append(g.pgids, pid)
+	g.pgrps = append(g.pgrps, procid.NewPgrp(id))
 	g.mu.Unlock()
+}
+
+// pgrpList is the process groups tracked, those known to have ended dropped.
+func (g *Group) pgrpList() []*procid.Pgrp {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.pgrps) == 0 {
+		return nil // the usual case: everything in cgroups
+	}
+	g.pgrps = slices.DeleteFunc(g.pgrps, (*procid.Pgrp).Gone)
+	return slices.Clone(g.pgrps)
+}
+
+// NoteMembers lists the members of the process groups the group tracks (processes
+// outside any cgroup), so that they are still known once their leader is reaped.
+// Call it while a started process that exited is not reaped yet: its zombie holds its
+// group's number, so what it left in its group is found as the group's; after the
+// reap, leftovers never listed cannot be told from a stranger's group that got the
+// number, and are left alone. Nothing to do for processes in cgroups.
+func (g *Group) NoteMembers() {
+	for _, pg := range g.pgrpList() {
+		_, _ = pg.Members()
+	}
 }
 
 func (g *Group) startV2(cmd *exec.Cmd, a *syscall.SysProcAttr) error {
@@ -295,6 +331,7 @@ func (g *Group) moveProcess(pid int, hs []hier) {
 			g.addPgid(pid)
 			continue
 		}
+		// Its own child, not reaped: its group's number cannot name another's.
 		for _, p := range pgrpMembers([]int{pid}) {
 			if p != pid {
 				_ = g.m.ops.write(procs, itoa(p)) // best effort: it may have exited
@@ -400,9 +437,33 @@ func (g *Group) startV1(cmd *exec.Cmd) error {
 }
 
 // Procs lists the live processes in the group and its descendants (and, for processes
-// that could not be placed in it, their process groups). It never lists the caller.
+// that could not be placed in it, their process groups while they are theirs). It
+// never lists the caller.
 func (g *Group) Procs() ([]int, error) {
+	out, err := g.cgroupProcs()
+	if err != nil {
+		return nil, err
+	}
+	for _, pg := range g.pgrpList() {
+		ps, err := pg.Members()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ps...)
+	}
+	return g.clean(out), nil
+}
+
+// clean sorts pids, without duplicates, the caller and processes that ended.
+func (g *Group) clean(pids []int) []int {
 	self := os.Getpid()
+	slices.Sort(pids)
+	pids = slices.Compact(pids)
+	return slices.DeleteFunc(pids, func(p int) bool { return p == self || !alive(p) })
+}
+
+// cgroupProcs lists the processes in the group's cgroups (and below), unsorted.
+func (g *Group) cgroupProcs() ([]int, error) {
 	var out []int
 	for _, h := range g.hiers {
 		dirs, err := subtreeDirs(h.Root)
@@ -420,18 +481,13 @@ func (g *Group) Procs() ([]int, error) {
 			out = append(out, pids...)
 		}
 	}
-	g.mu.Lock()
-	pg := slices.Clone(g.pgids)
-	g.mu.Unlock()
-	out = append(out, pgrpMembers(pg)...)
-	slices.Sort(out)
-	out = slices.Compact(out)
-	return slices.DeleteFunc(out, func(p int) bool { return p == self || !alive(p) }), nil
+	return out, nil
 }
 
 // Kill kills every process in the group and its descendants and waits until none is
 // left: v2 through cgroup.kill, otherwise (and as a fallback) by sending SIGKILL to
-// every listed process until the group is empty.
+// every listed process until the group is empty. A process group outside the cgroups
+// is killed only while it can be shown to be the one started (procid.Pgrp.Kill).
 func (g *Group) Kill() error {
 	if g.m.mode == ModeV2 {
 		for _, h := range g.hiers {
@@ -443,18 +499,26 @@ func (g *Group) Kill() error {
 	}
 	deadline := time.Now().Add(killTimeout)
 	for {
-		pids, err := g.Procs()
+		pids, err := g.cgroupProcs()
 		if err != nil {
 			return err
+		}
+		pids = g.clean(pids)
+		for _, p := range pids {
+			_ = unix.Kill(p, unix.SIGKILL)
+		}
+		for _, pg := range g.pgrpList() {
+			ps, err := pg.Kill()
+			if err != nil {
+				return fmt.Errorf("cgroup %s: %w", g.Path(), err)
+			}
+			pids = append(pids, ps...)
 		}
 		if len(pids) == 0 {
 			return nil
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("cgroup %s: processes %v survive SIGKILL", g.Path(), pids)
-		}
-		for _, p := range pids {
-			_ = unix.Kill(p, unix.SIGKILL)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -573,12 +637,9 @@ func (g *Group) Remove() error {
 // most of a removal's cost. At the first rmdir that fails (a process or a child group in
 // it, a group still busy just after its last process died), Remove goes on as before:
 // Kill lists the hierarchies left and removeTree retries. A group with processes outside
-// any cgroup (pgids) is never removed this way.
+// any cgroup (pgrps) is never removed this way.
 func (g *Group) removeEmpty() bool {
-	g.mu.Lock()
-	outside := len(g.pgids) > 0
-	g.mu.Unlock()
-	if outside || len(g.hiers) == 0 {
+	if len(g.pgrpList()) > 0 || len(g.hiers) == 0 {
 		return false
 	}
 	for _, h := range g.hiers {

@@ -52,6 +52,7 @@ func (id ID) Format() string {
 type Stat struct {
 	State byte // R, S, D, Z, ...
 	PPID  int
+	PGRP  int // its process group
 	Start uint64
 }
 
@@ -74,11 +75,15 @@ func ReadStat(pid int) (Stat, error) {
 	if err != nil {
 		return Stat{}, fmt.Errorf("/proc/%d/stat: ppid: %w", pid, err)
 	}
+	pgrp, err := strconv.Atoi(f[2])
+	if err != nil {
+		return Stat{}, fmt.Errorf("/proc/%d/stat: process group: %w", pid, err)
+	}
 	st, err := strconv.ParseUint(f[19], 10, 64)
 	if err != nil {
 		return Stat{}, fmt.Errorf("/proc/%d/stat: start time: %w", pid, err)
 	}
-	return Stat{State: f[0][0], PPID: ppid, Start: st}, nil
+	return Stat{State: f[0][0], PPID: ppid, PGRP: pgrp, Start: st}, nil
 }
 
 // Of returns the identity of a live (or zombie) pid.

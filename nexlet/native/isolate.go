@@ -1,11 +1,12 @@
 package native
 
 import (
-	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/nexd-project/nexd/internal/procid"
@@ -37,6 +38,11 @@ type sandbox interface {
 	procs() ([]int, error)
 	// kill SIGKILLs every process of the sandbox.
 	kill() error
+	// exiting: the main process exited and is not reaped yet. A sandbox that reaches
+	// processes by their process group lists its members now, while the exited
+	// leader still holds the group's number, so that what it left there is still
+	// found (and killed) as the workload's once the leader is reaped.
+	exiting()
 	remove() error
 	// oomKills counts OOM kills so far (0 where unknown).
 	oomKills() int
@@ -58,6 +64,8 @@ func (noIsolation) close()                                         {}
 
 // sandbox finds a live group of the workload from its pid record, so replay can adopt
 // it; the process must still have the recorded start time, ruling out a reused pid.
+// The group is known by that identity from then on (procid.Pgrp): once it ended, its
+// number, free again, may name a stranger's group, which is never listed or killed.
 func (iso noIsolation) sandbox(id string, _ Limits) (sandbox, error) {
 	b, err := os.ReadFile(filepath.Join(iso.dir, id, "pid"))
 	if err != nil {
@@ -67,10 +75,17 @@ func (iso noIsolation) sandbox(id string, _ Limits) (sandbox, error) {
 	if err != nil || !rec.Alive() {
 		return &pgroup{}, nil
 	}
-	return &pgroup{pgid: rec.PID}, nil
+	return &pgroup{pg: procid.NewPgrp(rec)}, nil
 }
 
-type pgroup struct{ pgid int }
+// pgroup is a workload's process group, known by its leader (the current run's main
+// process), never by the bare number: that is free for reuse once the group is empty,
+// and a stop, tidy or restart killed whatever group had it then (another workload's,
+// any process of the host's).
+type pgroup struct {
+	mu sync.Mutex
+	pg *procid.Pgrp // nil: no run known
+}
 
 func (g *pgroup) start(cmd *exec.Cmd) error {
 	if cmd.SysProcAttr == nil {
@@ -80,29 +95,43 @@ func (g *pgroup) start(cmd *exec.Cmd) error {
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	g.pgid = cmd.Process.Pid
+	// Our child, not yet reaped: its pid and start time name it.
+	id, err := procid.Of(cmd.Process.Pid)
+	if err != nil {
+		// Unnamed, its group could not be told from a stranger's later, nor
+		// stopped: it does not run.
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return fmt.Errorf("process group of pid %d: %w", cmd.Process.Pid, err)
+	}
+	g.mu.Lock()
+	g.pg = procid.NewPgrp(id)
+	g.mu.Unlock()
 	return nil
 }
 
+func (g *pgroup) group() *procid.Pgrp {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.pg
+}
+
 func (g *pgroup) procs() ([]int, error) {
-	if g.pgid == 0 {
-		return nil, nil
+	if pg := g.group(); pg != nil {
+		return pg.Members()
 	}
-	if err := syscall.Kill(-g.pgid, 0); errors.Is(err, syscall.ESRCH) {
-		return nil, nil
-	}
-	return []int{g.pgid}, nil
+	return nil, nil
 }
 
 func (g *pgroup) kill() error {
-	if g.pgid == 0 {
-		return nil
-	}
-	if err := syscall.Kill(-g.pgid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+	if pg := g.group(); pg != nil {
+		_, err := pg.Kill()
 		return err
 	}
 	return nil
 }
+
+func (g *pgroup) exiting() { _, _ = g.procs() }
 
 func (g *pgroup) placed(int) error  { return nil }
 func (g *pgroup) readopt() error    { return nil }

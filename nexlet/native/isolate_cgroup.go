@@ -137,6 +137,7 @@ type cgSandbox struct{ g *cgroup.Group }
 func (s cgSandbox) start(cmd *exec.Cmd) error { return s.g.Start(cmd) }
 func (s cgSandbox) procs() ([]int, error)     { return s.g.Procs() }
 func (s cgSandbox) kill() error               { return s.g.Kill() }
+func (s cgSandbox) exiting()                  { s.g.NoteMembers() }
 func (s cgSandbox) remove() error             { return s.g.Remove() }
 func (s cgSandbox) placed(int) error          { return nil }
 func (s cgSandbox) empty() bool               { return s.g.Empty() }

@@ -52,7 +52,7 @@ type scopeSandbox struct {
 	id     string
 	limits Limits
 	scope  *cgroup.Group // the scope's cgroup, read only
-	pgid   int           // the process group when there is no holding group
+	pg     *pgroup       // the process group when there is no holding group
 	// sliceOOM is nex-workloads.slice's OOM kill count when the workload was placed
 	// (placedOK): a scope whose last process died is removed by systemd at once, and
 	// its count with it.
@@ -92,7 +92,7 @@ func (b *scopeSandbox) start(cmd *exec.Cmd) error {
 	if err := pg.start(cmd); err != nil {
 		return err
 	}
-	b.pgid = pg.pgid
+	b.pg = pg
 	return nil
 }
 
@@ -160,9 +160,8 @@ func (b *scopeSandbox) procs() ([]int, error) {
 		}
 		out = append(out, ps...)
 	}
-	if b.pgid != 0 {
-		pg := pgroup{pgid: b.pgid}
-		ps, _ := pg.procs()
+	if b.pg != nil {
+		ps, _ := b.pg.procs()
 		out = append(out, ps...)
 	}
 	slices.Sort(out)
@@ -178,11 +177,18 @@ func (b *scopeSandbox) kill() error {
 	if hg, ok := b.holdGroup(); ok {
 		errs = append(errs, hg.Kill())
 	}
-	if b.pgid != 0 {
-		pg := pgroup{pgid: b.pgid}
-		errs = append(errs, pg.kill())
+	if b.pg != nil {
+		errs = append(errs, b.pg.kill())
 	}
 	return errors.Join(errs...)
+}
+
+// exiting: a process group notes its members (see sandbox.exiting); the scope's
+// cgroup holds its processes by itself.
+func (b *scopeSandbox) exiting() {
+	if b.pg != nil {
+		b.pg.exiting()
+	}
 }
 
 func (b *scopeSandbox) remove() error {

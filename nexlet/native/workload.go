@@ -573,6 +573,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		err = n.watch.addChild(pidfd, func(pidfd int) {
 			oom := oom()
 			n.recordExitAhead(w, p, pidfd, oom)
+			w.sb.exiting() // while its zombie holds its process group's number
 			code, reason, _ := reapPidfd(pidfd)
 			if n.afterReap != nil {
 				n.afterReap(w.id)
@@ -586,6 +587,10 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	if err != nil {
 		n.log.Warn("no pidfd: waiting for the workload holds an OS thread", "workload_id", w.id, "err", err)
 		go func() {
+			var info unix.Siginfo
+			for errors.Is(unix.Waitid(unix.P_PID, p.pid, &info, unix.WEXITED|unix.WNOWAIT, nil), unix.EINTR) {
+			}
+			w.sb.exiting() // exited, not reaped: see the pidfd's path
 			err := cmd.Wait()
 			code, reason := exitStatus(cmd.ProcessState, err)
 			exited(code, reason, oom())
@@ -715,6 +720,9 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 		n.watchOutput(w, r, stream)
 	}
 	exited := func() {
+		// Not our child: nexd reaps it, perhaps already. Its process group's members
+		// are noted while its number may still be held (see sandbox.exiting).
+		w.sb.exiting()
 		p.code, p.reason = -1, "adopted workload exited (exit code unknown)"
 		if known {
 			if ex, ok := n.awaitExitRecord(rec); ok {

@@ -1,0 +1,105 @@
+package cgroup
+
+import (
+	"fmt"
+	"os/exec"
+	"syscall"
+	"testing"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"golang.org/x/sys/unix"
+)
+
+// strangerGroup starts, at pid n of the test's pid namespace, a process group leader
+// with a child in its group (a stranger's group with the number of an ended one), and
+// returns the two pids.
+func strangerGroup(t *testing.T, n int) (leader, child int) {
+	t.Helper()
+	cmd := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!; wait")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.StartAtPid(t, n, cmd)
+	var c int
+	if _, err := fmt.Fscan(out, &c); err != nil {
+		t.Fatal(err)
+	}
+	return n, c
+}
+
+// TestKillSparesRecycledProcessGroup: a group without cgroups (none mode) reaches its
+// processes through their process group. Once the group's run ended (its leader killed
+// and reaped, the group empty), the kernel hands the number out again; here a stranger's
+// group leader and its child get it. Before, the group kept the number for ever, and
+// its Kill (a stop, a restart, a tidy) SIGKILLed both strangers and Procs listed them:
+// 2 processes of another owner killed. Now the group is known gone and nothing of the
+// stranger is listed or killed.
+func TestKillSparesRecycledProcessGroup(t *testing.T) {
+	if !testkit.InPidNamespace(t) {
+		return
+	}
+	m := Disabled("no cgroups in this test", testLogger(t))
+	g, err := m.Create("w", Limits{})
+	must(t, err)
+	run := exec.Command("/bin/sleep", "3600")
+	must(t, g.Start(run))
+	n := run.Process.Pid
+	if pids, err := g.Procs(); err != nil || len(pids) != 1 || pids[0] != n {
+		t.Fatalf("procs of the running group: %v, %v", pids, err)
+	}
+	_ = run.Process.Kill()
+	_ = run.Wait()
+
+	sl, sc := strangerGroup(t, n)
+	pids, err := g.Procs()
+	must(t, err)
+	must(t, g.Kill())
+	killed := 0
+	for _, p := range []int{sl, sc} {
+		if !alive(p) {
+			killed++
+		}
+	}
+	if len(pids) != 0 || killed != 0 {
+		t.Fatalf("the ended group listed %v and killed %d of 2 processes of a stranger's group with its old number %d", pids, killed, n)
+	}
+	must(t, g.Remove())
+	if !alive(sl) || !alive(sc) {
+		t.Fatal("Remove killed the stranger")
+	}
+}
+
+// TestKillReachesLeftoversOfReapedLeader: what a run left in its process group is
+// still killed after its leader was reaped, when the group noted its members while
+// the leader waited to be reaped (NoteMembers): the group's number was never free.
+func TestKillReachesLeftoversOfReapedLeader(t *testing.T) {
+	m := Disabled("no cgroups in this test", testLogger(t))
+	g, err := m.Create("w", Limits{})
+	must(t, err)
+	run := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!")
+	out, err := run.StdoutPipe()
+	must(t, err)
+	must(t, g.Start(run))
+	var left int
+	if _, err := fmt.Fscan(out, &left); err != nil {
+		t.Fatal(err)
+	}
+	var info unix.Siginfo // the leader exited, not reaped yet
+	must(t, unix.Waitid(unix.P_PID, run.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil))
+	g.NoteMembers()
+	_ = run.Wait()
+	pids, err := g.Procs()
+	must(t, err)
+	if len(pids) != 1 || pids[0] != left {
+		t.Fatalf("procs after the leader's reap: %v, want the leftover %d", pids, left)
+	}
+	must(t, g.Kill())
+	if alive(left) {
+		t.Fatal("the leftover survived the group's Kill")
+	}
+	if pids, _ := g.Procs(); len(pids) != 0 {
+		t.Fatalf("procs after the kill: %v", pids)
+	}
+}

@@ -1,0 +1,102 @@
+package native
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/procid"
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+// TestProcessGroupSandboxSparesRecycledNumber: without cgroups a workload's sandbox is
+// its process group, named by its main process's pid. Once the run ended (killed and
+// reaped, its group empty) the kernel hands that number out again; here a stranger's
+// group leader (another workload, any process of the host) and its child get it. Before,
+// the sandbox kept the bare number: its procs listed the stranger (an adopted workload
+// was never seen to end) and its kill (the stop, the tidy, a restart's leftovers)
+// SIGKILLed both strangers, 2 processes of another owner. The sandbox of a replayed
+// workload, named by its pid record reread after a nexlet restart, did the same. Now
+// neither lists nor kills anything of the stranger.
+func TestProcessGroupSandboxSparesRecycledNumber(t *testing.T) {
+	for _, how := range []string{"started", "replayed"} {
+		t.Run(how, func(t *testing.T) {
+			if !testkit.InPidNamespace(t) {
+				return
+			}
+			iso := noIsolation{dir: t.TempDir()}
+			sb, err := iso.sandbox("w1", Limits{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			run := exec.Command("/bin/sleep", "3600")
+			if how == "started" {
+				if err := sb.start(run); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				// Started by the nexlet before this one, recorded; this nexlet
+				// finds it by the record.
+				run.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+				if err := run.Start(); err != nil {
+					t.Fatal(err)
+				}
+				id, err := procid.Of(run.Process.Pid)
+				if err != nil {
+					t.Fatal(err)
+				}
+				testkit.WriteFile(t, filepath.Join(iso.dir, "w1", "pid"), id.Format())
+				if sb, err = iso.sandbox("w1", Limits{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			n := run.Process.Pid
+			if ps, err := sb.procs(); err != nil || len(ps) == 0 {
+				t.Fatalf("procs of the running workload: %v, %v", ps, err)
+			}
+			_ = run.Process.Kill()
+			_ = run.Wait()
+
+			stranger := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!; wait")
+			stranger.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			out, err := stranger.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			testkit.StartAtPid(t, n, stranger)
+			var child int
+			if _, err := fmt.Fscan(out, &child); err != nil {
+				t.Fatal(err)
+			}
+			ps, err := sb.procs()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := sb.kill(); err != nil {
+				t.Fatal(err)
+			}
+			// A SIGKILL takes a moment to land: wait (bounded) for all of it.
+			killed := 0
+			testkit.WaitFor(time.Second, func() bool {
+				killed = 0
+				for _, p := range []int{n, child} {
+					if !running(p) {
+						killed++
+					}
+				}
+				return killed == 2
+			})
+			if len(ps) != 0 || killed != 0 {
+				t.Fatalf("the ended workload's sandbox listed %v and killed %d of 2 processes of a stranger's group with its old number %d", ps, killed, n)
+			}
+			if err := sb.remove(); err != nil || !running(n) || !running(child) {
+				t.Fatalf("remove: %v; the stranger runs: %v %v", err, running(n), running(child))
+			}
+			_ = os.Remove(filepath.Join(iso.dir, "w1", "pid"))
+		})
+	}
+}
