@@ -6,8 +6,9 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/nexd-project/nexd/internal/testkit"
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // strangerGroup starts, at pid n of the test's pid namespace, a process group leader

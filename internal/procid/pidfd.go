@@ -69,3 +69,22 @@ func SignalPidfd(f *os.File, sig unix.Signal) error {
 	}
 	return serr
 }
+
+// Signal sends sig to id's process through a pidfd opened and then checked to be still
+// that process (its start time), never by the bare pid: a process that ended, whose
+// pid went to another process since, is not signalled (an error wrapping unix.ESRCH).
+// Raw descriptors: nothing to wait for on it, so it is not put in the netpoller.
+func Signal(id ID, sig unix.Signal) error {
+	fd, err := unix.PidfdOpen(id.PID, 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_open %d: %w", id.PID, err)
+	}
+	defer unix.Close(fd)
+	if !id.Alive() {
+		return fmt.Errorf("process %s: %w", id, unix.ESRCH)
+	}
+	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
+		return fmt.Errorf("signal %s: %w", id, err)
+	}
+	return nil
+}

@@ -9,8 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestProcessGroupSandboxSparesRecycledNumber: without cgroups a workload's sandbox is
@@ -98,5 +101,96 @@ func TestProcessGroupSandboxSparesRecycledNumber(t *testing.T) {
 			}
 			_ = os.Remove(filepath.Join(iso.dir, "w1", "pid"))
 		})
+	}
+}
+
+// TestProcessGroupSandboxKillsLeftovers: what a run left in its process group is still
+// the workload's once its main process is reaped, since the sandbox noted its members
+// while the exited main process waited to be reaped (exiting): the stop's or the end's
+// kill finds and kills it.
+func TestProcessGroupSandboxKillsLeftovers(t *testing.T) {
+	sb, err := noIsolation{dir: t.TempDir()}.sandbox("w1", Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!")
+	out, err := run.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.start(run); err != nil {
+		t.Fatal(err)
+	}
+	var left int
+	if _, err := fmt.Fscan(out, &left); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(left, syscall.SIGKILL) })
+	var info unix.Siginfo
+	if err := unix.Waitid(unix.P_PID, run.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil); err != nil {
+		t.Fatal(err)
+	}
+	sb.exiting()
+	_ = run.Wait()
+	if ps, err := sb.procs(); err != nil || len(ps) != 1 || ps[0] != left {
+		t.Fatalf("procs after the main process's reap: %v, %v; want the leftover %d", ps, err, left)
+	}
+	if err := sb.kill(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.EventuallyWithin(t, 5*time.Second, "the leftover killed", func() bool { return !running(left) })
+	if ps, _ := sb.procs(); len(ps) != 0 {
+		t.Fatalf("procs after the kill: %v", ps)
+	}
+}
+
+// TestStopInBackoffSparesRecycledProcessGroup: a service without cgroups whose run
+// ended waits out its restart backoff; meanwhile its run's process group number goes to
+// a stranger's group leader and its child (another workload, any process of the host).
+// The stop in the backoff kills what is left of the workload before its tidy. Before,
+// that kill was kill(-pgid) of the ended run's number: it SIGKILLed 2 of 2 stranger
+// processes; now it finds the group gone and kills none.
+func TestStopInBackoffSparesRecycledProcessGroup(t *testing.T) {
+	if !testkit.InPidNamespace(t) {
+		return
+	}
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{}) // no cgroup subtree: workloads in process groups
+	if tn.iso.mode() != "none" {
+		t.Fatalf("isolation %s, want none", tn.iso.mode())
+	}
+	fn.mustStart("svc", startReq(protocol.LifecycleService, "svc", map[string]any{
+		"uri": script(t, "exit 3"), "restart": map[string]any{"policy": "always", "max": 5, "backoff": "30s"}}, fn.creds()))
+	testkit.Eventually(t, "the service's first run ended and its restart waits out the backoff", func() bool {
+		_, due := tn.readRestartDue("svc")
+		return due
+	})
+	rec, ok := tn.readPID("svc")
+	if !ok {
+		t.Fatal("no pid record of the ended run")
+	}
+	stranger := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!; wait")
+	stranger.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := stranger.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	testkit.StartAtPid(t, rec.PID, stranger)
+	var child int
+	if _, err := fmt.Fscan(out, &child); err != nil {
+		t.Fatal(err)
+	}
+	if resp := fn.stop("svc", testNS); !resp.Stopped {
+		t.Fatalf("stop: %+v", resp)
+	}
+	fn.stoppedEvent("svc") // its tidy done
+	killed := 0
+	for _, p := range []int{rec.PID, child} {
+		if !running(p) {
+			killed++
+		}
+	}
+	if killed != 0 {
+		t.Fatalf("the stop of the service in its backoff killed %d of 2 processes of a stranger's group with its ended run's number %d", killed, rec.PID)
 	}
 }

@@ -142,7 +142,10 @@ func (n *Nexlet) markRecorded(w *workload, r stopRequest) {
 
 // proc is one run of a workload's main process.
 type proc struct {
-	pid     int
+	pid int
+	// self is the main process's identity (zero: unknown), by which a stop signals it:
+	// its pid may name a stranger once it ended (see sigterm).
+	self    procid.ID
 	started time.Time
 	exited  chan struct{}
 	code    int    // valid after exited
@@ -546,13 +549,15 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 		writePID = n.writeReadyPID
 	}
 	// Our child, not yet waited for: the pid cannot have been reused.
-	if id, err := procid.Of(p.pid); err != nil {
+	self, err := procid.Of(p.pid)
+	if err != nil {
 		n.log.Warn("workload start time unreadable; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
-	} else if err := writePID(w.id, id); err != nil {
+	} else if err := writePID(w.id, self); err != nil {
 		n.log.Warn("workload pid not recorded; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
 	} else {
-		p.rec = id
+		p.rec = self
 	}
+	p.self = self // zero when unreadable
 	w.steps.Step("pid") // its oom_score_adj, its pid and start time recorded
 	n.mu.Lock()
 	// Its current run from now on, before anything can reap it: an end the reaper
@@ -705,6 +710,11 @@ func (n *Nexlet) adopt(w *workload, procs []int) *proc {
 	}
 	sum, _ := n.digests.sum(w.exe)
 	p := &proc{pid: pid, started: time.Now(), exited: make(chan struct{})}
+	if known {
+		p.self = rec
+	} else if id, err := procid.Of(pid); err == nil {
+		p.self = id // listed in its sandbox a moment ago
+	}
 	if at, ok := n.launchedAt(w.id); ok && known {
 		p.started = at // whether it ran long enough to start its budget afresh (ranHealthy)
 	}
@@ -1329,9 +1339,12 @@ func (w *workload) exhaustedReason(last string) string {
 func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.Timer) {
 	n.setState(w, protocol.WorkloadStopping)
 	// Not for a run that stands for an ended one (pid 0: a replayed end, a replayed
-	// restart waiting out its backoff): kill(0) would signal the nexlet's own group.
-	if p.pid > 0 {
-		if err := syscall.Kill(p.pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+	// restart waiting out its backoff). By its identity, never by the bare pid: the
+	// process may have ended (an adopted one nexd reaped, a run whose end the stop
+	// raced) and its pid gone to a stranger, which a SIGTERM by number stopped. One
+	// whose identity is unknown gets none: the grace's kill of its sandbox stops it.
+	if p.pid > 0 && p.self.PID != 0 {
+		if err := procid.Signal(p.self, unix.SIGTERM); err != nil && !errors.Is(err, unix.ESRCH) {
 			n.log.Warn("SIGTERM failed", "workload_id", w.id, "pid", p.pid, "err", err)
 		}
 	}
