@@ -3,32 +3,12 @@ package cgroup
 import (
 	"fmt"
 	"os/exec"
-	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 )
-
-// strangerGroup starts, at pid n of the test's pid namespace, a process group leader
-// with a child in its group (a stranger's group with the number of an ended one), and
-// returns the two pids.
-func strangerGroup(t *testing.T, n int) (leader, child int) {
-	t.Helper()
-	cmd := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!; wait")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	testkit.StartAtPid(t, n, cmd)
-	var c int
-	if _, err := fmt.Fscan(out, &c); err != nil {
-		t.Fatal(err)
-	}
-	return n, c
-}
 
 // TestKillSparesRecycledProcessGroup: a group without cgroups (none mode) reaches its
 // processes through their process group. Once the group's run ended (its leader killed
@@ -53,7 +33,7 @@ func TestKillSparesRecycledProcessGroup(t *testing.T) {
 	_ = run.Process.Kill()
 	_ = run.Wait()
 
-	sl, sc := strangerGroup(t, n)
+	sl, sc := n, testkit.StrangerGroupAt(t, n)
 	pids, err := g.Procs()
 	must(t, err)
 	must(t, g.Kill())

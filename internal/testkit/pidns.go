@@ -2,11 +2,13 @@ package testkit
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -79,4 +81,23 @@ func StartAtPid(t testing.TB, pid int, cmd *exec.Cmd) {
 	if cmd.Process.Pid != pid {
 		t.Fatalf("started as pid %d, not the %d asked for (another fork came first)", cmd.Process.Pid, pid)
 	}
+}
+
+// StrangerGroupAt starts, as pid of the test's pid namespace (StartAtPid), a process
+// group leader with a child in its group: a stranger's group with the number of an
+// ended one. It returns the child's pid; both are killed when t ends.
+func StrangerGroupAt(t testing.TB, pid int) (child int) {
+	t.Helper()
+	cmd := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!; wait")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	StartAtPid(t, pid, cmd)
+	if _, err := fmt.Fscan(out, &child); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(child, syscall.SIGKILL) })
+	return child
 }

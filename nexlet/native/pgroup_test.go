@@ -64,17 +64,7 @@ func TestProcessGroupSandboxSparesRecycledNumber(t *testing.T) {
 			_ = run.Process.Kill()
 			_ = run.Wait()
 
-			stranger := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!; wait")
-			stranger.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-			out, err := stranger.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			testkit.StartAtPid(t, n, stranger)
-			var child int
-			if _, err := fmt.Fscan(out, &child); err != nil {
-				t.Fatal(err)
-			}
+			child := testkit.StrangerGroupAt(t, n)
 			ps, err := sb.procs()
 			if err != nil {
 				t.Fatal(err)
@@ -169,17 +159,7 @@ func TestStopInBackoffSparesRecycledProcessGroup(t *testing.T) {
 	if !ok {
 		t.Fatal("no pid record of the ended run")
 	}
-	stranger := exec.Command("/bin/sh", "-c", "sleep 3600 & echo $!; wait")
-	stranger.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := stranger.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	testkit.StartAtPid(t, rec.PID, stranger)
-	var child int
-	if _, err := fmt.Fscan(out, &child); err != nil {
-		t.Fatal(err)
-	}
+	child := testkit.StrangerGroupAt(t, rec.PID)
 	if resp := fn.stop("svc", testNS); !resp.Stopped {
 		t.Fatalf("stop: %+v", resp)
 	}

@@ -557,7 +557,7 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	} else {
 		p.rec = self
 	}
-	p.self = self // zero when unreadable
+	p.self = self       // zero when unreadable
 	w.steps.Step("pid") // its oom_score_adj, its pid and start time recorded
 	n.mu.Lock()
 	// Its current run from now on, before anything can reap it: an end the reaper
