@@ -144,7 +144,7 @@ func (n *Nexlet) markRecorded(w *workload, r stopRequest) {
 type proc struct {
 	pid int
 	// self is the main process's identity (zero: unknown), by which a stop signals it:
-	// its pid may name a stranger once it ended (see sigterm).
+	// its pid may name a stranger once it ended (see terminate).
 	self    procid.ID
 	started time.Time
 	exited  chan struct{}
