@@ -508,8 +508,14 @@ func (g *Group) Kill() error {
 			_ = unix.Kill(p, unix.SIGKILL)
 		}
 		for _, pg := range g.pgrpList() {
-			ps, err := pg.Kill()
+			ps, err := pg.Members()
 			if err != nil {
+				return fmt.Errorf("cgroup %s: %w", g.Path(), err)
+			}
+			if len(ps) == 0 {
+				continue // ended, or no longer this group
+			}
+			if _, err := pg.Kill(); err != nil {
 				return fmt.Errorf("cgroup %s: %w", g.Path(), err)
 			}
 			pids = append(pids, ps...)

@@ -58,32 +58,113 @@ type Stat struct {
 
 // ReadStat parses /proc/<pid>/stat after the last ')' (comm may hold anything).
 func ReadStat(pid int) (Stat, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	var buf [statBuf]byte
+	b, err := readProcFile(unix.AT_FDCWD, "/proc/"+strconv.Itoa(pid)+"/stat", buf[:])
 	if err != nil {
 		return Stat{}, err
 	}
+	st, err := parseStat(b)
+	if err != nil {
+		return Stat{}, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+	}
+	return st, nil
+}
+
+// statBuf holds a /proc/<pid>/stat (about 300 bytes; comm is at most 64).
+const statBuf = 1024
+
+// readProcFile reads a small /proc file (path relative to dirfd) into buf, without the
+// os.File, its stat and its heap buffer: a process group's listing reads one of every
+// process of the host. A file that fills buf is read whole.
+func readProcFile(dirfd int, path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Openat(dirfd, path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	for err == unix.EINTR {
+		fd, err = unix.Openat(dirfd, path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	n := 0
+	for n < len(buf) {
+		k, err := unix.Read(fd, buf[n:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, &os.PathError{Op: "read", Path: path, Err: err}
+		}
+		if k == 0 {
+			return buf[:n], nil
+		}
+		n += k
+	}
+	if dirfd != unix.AT_FDCWD {
+		path = "/proc/" + path
+	}
+	return os.ReadFile(path)
+}
+
+// parseStat reads the fields of a /proc/<pid>/stat after the last ')': state (field
+// 3), ppid (4), process group (5) and start time (22), without allocating.
+func parseStat(b []byte) (Stat, error) {
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
-		return Stat{}, fmt.Errorf("/proc/%d/stat: malformed", pid)
+		return Stat{}, errors.New("malformed")
 	}
-	f := strings.Fields(string(b[i+1:]))
-	// f[0] is field 3 (state); start time is field 22, f[19].
-	if len(f) < 20 || len(f[0]) == 0 {
-		return Stat{}, fmt.Errorf("/proc/%d/stat: malformed", pid)
+	var st Stat
+	field := 2 // the one before the first after ')'
+	for b = b[i+1:]; len(b) > 0 && field < 22; {
+		for len(b) > 0 && b[0] == ' ' {
+			b = b[1:]
+		}
+		j := 0
+		for j < len(b) && b[j] != ' ' && b[j] != '\n' {
+			j++
+		}
+		if j == 0 {
+			break
+		}
+		v := b[:j]
+		b = b[j:]
+		field++
+		switch field {
+		case 3:
+			st.State = v[0]
+		case 4, 5, 22:
+			n, ok := atou(v)
+			if !ok {
+				return Stat{}, fmt.Errorf("field %d: %q is not a number", field, v)
+			}
+			switch field {
+			case 4:
+				st.PPID = int(n)
+			case 5:
+				st.PGRP = int(n)
+			default:
+				st.Start = n
+			}
+		}
 	}
-	ppid, err := strconv.Atoi(f[1])
-	if err != nil {
-		return Stat{}, fmt.Errorf("/proc/%d/stat: ppid: %w", pid, err)
+	if field < 22 {
+		return Stat{}, errors.New("malformed")
 	}
-	pgrp, err := strconv.Atoi(f[2])
-	if err != nil {
-		return Stat{}, fmt.Errorf("/proc/%d/stat: process group: %w", pid, err)
+	return st, nil
+}
+
+// atou parses a decimal number of at most 19 digits.
+func atou(b []byte) (uint64, bool) {
+	if len(b) == 0 || len(b) > 19 {
+		return 0, false
 	}
-	st, err := strconv.ParseUint(f[19], 10, 64)
-	if err != nil {
-		return Stat{}, fmt.Errorf("/proc/%d/stat: start time: %w", pid, err)
+	var n uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + uint64(c-'0')
 	}
-	return Stat{State: f[0][0], PPID: ppid, PGRP: pgrp, Start: st}, nil
+	return n, true
 }
 
 // Of returns the identity of a live (or zombie) pid.

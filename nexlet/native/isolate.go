@@ -75,7 +75,11 @@ func (iso noIsolation) sandbox(id string, _ Limits) (sandbox, error) {
 	if err != nil || !rec.Alive() {
 		return &pgroup{}, nil
 	}
-	return &pgroup{pg: procid.NewPgrp(rec)}, nil
+	pg := procid.NewPgrp(rec)
+	// Its members now, while its leader is known alive: what it leaves in its group
+	// is then found after nexd reaped it (see procid.Pgrp).
+	_, _ = pg.Members()
+	return &pgroup{pg: pg}, nil
 }
 
 // pgroup is a workload's process group, known by its leader (the current run's main
@@ -116,9 +120,12 @@ func (g *pgroup) group() *procid.Pgrp {
 	return g.pg
 }
 
+// procs is the group's number while the group is still the workload's and holds a
+// process (a zombie too, for the moment before its reap), without a walk of /proc; the
+// stop's and the end's loops ask it every 20 ms.
 func (g *pgroup) procs() ([]int, error) {
-	if pg := g.group(); pg != nil {
-		return pg.Members()
+	if pg := g.group(); pg != nil && pg.Alive() {
+		return []int{pg.PGID()}, nil
 	}
 	return nil, nil
 }
@@ -131,7 +138,13 @@ func (g *pgroup) kill() error {
 	return nil
 }
 
-func (g *pgroup) exiting() { _, _ = g.procs() }
+// exiting lists the group's members (one walk of /proc) while the exited leader's
+// zombie still holds its number.
+func (g *pgroup) exiting() {
+	if pg := g.group(); pg != nil {
+		_, _ = pg.Members()
+	}
+}
 
 func (g *pgroup) placed(int) error  { return nil }
 func (g *pgroup) readopt() error    { return nil }
