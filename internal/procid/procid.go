@@ -59,7 +59,7 @@ type Stat struct {
 // ReadStat parses /proc/<pid>/stat after the last ')' (comm may hold anything).
 func ReadStat(pid int) (Stat, error) {
 	var buf [statBuf]byte
-	b, err := readProcFile(unix.AT_FDCWD, "/proc/"+strconv.Itoa(pid)+"/stat", buf[:])
+	b, err := readProcFile("/proc/"+strconv.Itoa(pid)+"/stat", buf[:])
 	if err != nil {
 		return Stat{}, err
 	}
@@ -73,13 +73,13 @@ func ReadStat(pid int) (Stat, error) {
 // statBuf holds a /proc/<pid>/stat (about 300 bytes; comm is at most 64).
 const statBuf = 1024
 
-// readProcFile reads a small /proc file (path relative to dirfd) into buf, without the
-// os.File, its stat and its heap buffer: a process group's listing reads one of every
-// process of the host. A file that fills buf is read whole.
-func readProcFile(dirfd int, path string, buf []byte) ([]byte, error) {
-	fd, err := unix.Openat(dirfd, path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+// readProcFile reads a small /proc file into buf, without the os.File, its stat and its
+// heap buffer (a process group's checks read a few a call, a stop's loop every 20 ms).
+// A file that fills buf is read whole.
+func readProcFile(path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	for err == unix.EINTR {
-		fd, err = unix.Openat(dirfd, path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	}
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
@@ -98,9 +98,6 @@ func readProcFile(dirfd int, path string, buf []byte) ([]byte, error) {
 			return buf[:n], nil
 		}
 		n += k
-	}
-	if dirfd != unix.AT_FDCWD {
-		path = "/proc/" + path
 	}
 	return os.ReadFile(path)
 }
