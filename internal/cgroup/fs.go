@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 func itoa(n int) string { return strconv.Itoa(n) }
@@ -55,7 +57,7 @@ func readPids(path string) ([]int, error) {
 	// than os.ReadFile's file, stat and buffer (a stop reads every hierarchy's list, more
 	// than once); a longer list is read whole.
 	var small [512]byte
-	b, err := readInto(path, small[:])
+	b, err := procid.ReadInto(path, small[:])
 	if err != nil {
 		return nil, err
 	}
@@ -80,38 +82,6 @@ func readPids(path string) ([]int, error) {
 	return out, nil
 }
 
-// readInto reads the file at path to its end into buf, or, when it does not fit, the
-// whole file into a new buffer. It reads until a read returns nothing: a seq_file
-// (cgroup.procs) returns whole lines a read, not always a full buffer.
-func readInto(path string, buf []byte) ([]byte, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	for err == unix.EINTR {
-		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	}
-	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
-	}
-	n := 0
-	for n < len(buf) {
-		k, err := unix.Read(fd, buf[n:])
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			unix.Close(fd)
-			return nil, &os.PathError{Op: "read", Path: path, Err: err}
-		}
-		if k == 0 {
-			unix.Close(fd)
-			return buf[:n], nil
-		}
-		n += k
-	}
-	unix.Close(fd)
-	// Full: read again from the start, whole (cgroup files are generated on each open).
-	return os.ReadFile(path)
-}
-
 // readUint reads a file holding one unsigned number.
 func readUint(path string) (uint64, error) {
 	b, err := os.ReadFile(path)
@@ -129,7 +99,7 @@ func readUint(path string) (uint64, error) {
 // readKey reads "key value" lines (memory.events, cpu.stat, memory.oom_control).
 func readKey(path, key string) (uint64, error) {
 	var small [512]byte
-	b, err := readInto(path, small[:])
+	b, err := procid.ReadInto(path, small[:])
 	if err != nil {
 		return 0, err
 	}

@@ -59,7 +59,7 @@ type Stat struct {
 // ReadStat parses /proc/<pid>/stat after the last ')' (comm may hold anything).
 func ReadStat(pid int) (Stat, error) {
 	var buf [statBuf]byte
-	b, err := readProcFile("/proc/"+strconv.Itoa(pid)+"/stat", buf[:])
+	b, err := ReadInto("/proc/"+strconv.Itoa(pid)+"/stat", buf[:])
 	if err != nil {
 		return Stat{}, err
 	}
@@ -73,10 +73,11 @@ func ReadStat(pid int) (Stat, error) {
 // statBuf holds a /proc/<pid>/stat (about 300 bytes; comm is at most 64).
 const statBuf = 1024
 
-// readProcFile reads a small /proc file into buf, without the os.File, its stat and its
-// heap buffer (a process group's checks read a few a call, a stop's loop every 20 ms).
-// A file that fills buf is read whole.
-func readProcFile(path string, buf []byte) ([]byte, error) {
+// ReadInto reads a small file the kernel generates (/proc, cgroupfs) to its end into
+// buf, without an os.File, its stat and its heap buffer, or, when it does not fit, the
+// whole file into a new buffer. It reads until a read returns nothing: a seq_file
+// (cgroup.procs) returns whole lines a read, not always a full buffer.
+func ReadInto(path string, buf []byte) ([]byte, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	for err == unix.EINTR {
 		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -84,7 +85,6 @@ func readProcFile(path string, buf []byte) ([]byte, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	defer unix.Close(fd)
 	n := 0
 	for n < len(buf) {
 		k, err := unix.Read(fd, buf[n:])
@@ -92,13 +92,17 @@ func readProcFile(path string, buf []byte) ([]byte, error) {
 			continue
 		}
 		if err != nil {
+			unix.Close(fd)
 			return nil, &os.PathError{Op: "read", Path: path, Err: err}
 		}
 		if k == 0 {
+			unix.Close(fd)
 			return buf[:n], nil
 		}
 		n += k
 	}
+	unix.Close(fd)
+	// Full: read again from the start, whole (such files are generated on each open).
 	return os.ReadFile(path)
 }
 
