@@ -32,7 +32,8 @@ func TestFullNexletStaleHeartbeat(t *testing.T) {
 	}
 	t.Parallel()
 	// The native nexlet started from agents (named "native": nexd gives it what it gives
-	// its own, local channel included) with a max the built-in one has no setting for.
+	// its own, local channel included) with its max in its own environment (the
+	// agents route; TestFullNexletNoBidSaysMaxWorkloads takes native_max_workloads).
 	bin := filepath.Join(t.TempDir(), "native")
 	if err := os.Symlink(nexdBin(t), bin); err != nil {
 		t.Fatal(err)
@@ -117,7 +118,7 @@ func TestFullNexletStaleHeartbeat(t *testing.T) {
 }
 
 // TestFullNexletNoBidSaysMaxWorkloads: a deploy that gets no bid because the node's
-// only native nexlet is at its max_workloads says so, naming the node, the nexlet and
+// built-in native nexlet is at its max_workloads (native_max_workloads 1) says so, naming the node, the nexlet and
 // its count, from the node's info (nexd_max_workloads); before, nexctl said the bid
 // was likely lost to an auction flood, asked again for 20 s, and then that no node had
 // a healthy native nexlet.
@@ -126,12 +127,7 @@ func TestFullNexletNoBidSaysMaxWorkloads(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	bin := filepath.Join(t.TempDir(), "native")
-	if err := os.Symlink(nexdBin(t), bin); err != nil {
-		t.Fatal(err)
-	}
-	n := startNode(t, nodeOpts{extra: []string{"--disable-native-start", "--agents.uri", "file://" + bin,
-		"--agents.argv", "nexlet", "--agents.argv", "native", "--agents.env", native.EnvMaxWorkloads + "=1"}})
+	n := startNode(t, nodeOpts{extra: []string{"--native-max-workloads", "1"}})
 	id := n.waitReady(t).NodeID
 	n.waitNative(t)
 	n.runWorkload(t, "--name", "first", "--", "/bin/sleep", "600")

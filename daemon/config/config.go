@@ -49,6 +49,7 @@ type NodeConfig struct {
 	WorkloadDefaults             Limits            // workload_default_memory_max, workload_default_pids_max
 	WorkloadsPidsMax             int64             // workloads_pids_max: 0 auto, -1 none
 	ArtifactMaxSize              int64             // artifact_max_size: largest nats:// artifact fetched
+	NativeMaxWorkloads           int               // native_max_workloads: 0 = no bound
 	State                        string            // state: "" or "kv"
 	StateReplicas                int               // state_replicas: 0 = by cluster size
 	LogStream                    bool              // log_stream: keep workload output in NEX_LOGS

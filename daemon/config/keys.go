@@ -163,6 +163,9 @@ func keySpecs() []*keySpec {
 		{key: "artifact_max_size", kind: kSize, scope: scopeNode, group: gNexlets, def: int64(256 << 20),
 			help:  "largest nats:// artifact the native nexlet fetches; a larger one refuses the start (max = none)",
 			field: func(c *Config) any { return &c.Node.ArtifactMaxSize }},
+		{key: "native_max_workloads", kind: kInt, scope: scopeNode, group: gNexlets, defText: "0: no bound",
+			help:  "most workloads the built-in native nexlet runs at once; the node bids on no auction past it (0 = no bound)",
+			field: func(c *Config) any { return &c.Node.NativeMaxWorkloads }},
 
 		// Credentials
 		{key: "issuer_signing_key", kind: kString, scope: scopeNode, group: gCreds, secret: true,

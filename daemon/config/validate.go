@@ -102,6 +102,9 @@ func (v *validator) validate() {
 		// leave the workloads with no common bound and only a log line to say so.
 		v.fail("workloads_pids_max", "", fmt.Sprintf("must be at most %d (the kernel's largest pid limit), got %d", pidMaxLimit, n.WorkloadsPidsMax))
 	}
+	if n.NativeMaxWorkloads < 0 {
+		v.fail("native_max_workloads", "", fmt.Sprintf("must be 0 (no bound) or more, got %d", n.NativeMaxWorkloads))
+	}
 	if f := c.NATS.CredsFile; f != "" {
 		if fi, err := os.Stat(f); err == nil {
 			problem, warning := checkSecretFile(f, "NATS credentials (nats.creds_file)", fi)

@@ -887,6 +887,10 @@ func (m *Manager) env(name string) map[string]string {
 		if n.CgroupDriver != "" {
 			env[native.EnvCgroupDriver] = n.CgroupDriver
 		}
+		// Unset, an agents entry's own NEX_NATIVE_MAX_WORKLOADS stays.
+		if n.NativeMaxWorkloads > 0 {
+			env[native.EnvMaxWorkloads] = strconv.Itoa(n.NativeMaxWorkloads)
+		}
 		// Nothing below nexd's level: nexd would wake to parse such a line and drop it.
 		// A reload's new level goes over the local channel (SetLogLevel).
 		env[native.EnvLogLevel] = lowestLevel(m.log).String()

@@ -336,6 +336,23 @@ func TestNativeNexletGetsGoRuntimeSettings(t *testing.T) {
 	}
 }
 
+// TestNativeNexletGetsMaxWorkloads: native_max_workloads reaches the built-in native
+// nexlet as the variable it reads; unset, nothing is set (an agents entry named native
+// keeps its own; e2e TestFullNexletStaleHeartbeat).
+func TestNativeNexletGetsMaxWorkloads(t *testing.T) {
+	for _, c := range []struct {
+		max int
+		set bool
+	}{{0, false}, {3, true}} {
+		cfg := &config.Config{Node: config.NodeConfig{StopGrace: time.Second, NativeMaxWorkloads: c.max}}
+		env := bareManager(t, cfg, slog.New(slog.DiscardHandler), "").env(NativeName)
+		v, set := env[native.EnvMaxWorkloads]
+		if set != c.set || (set && v != strconv.Itoa(c.max)) {
+			t.Errorf("native_max_workloads %d: %s=%q (set %v)", c.max, native.EnvMaxWorkloads, v, set)
+		}
+	}
+}
+
 // bareManager is a Manager with no nexlets, for what it would give the native one.
 func bareManager(t *testing.T, cfg *config.Config, log *slog.Logger, defaultGOGC string) *Manager {
 	t.Helper()
