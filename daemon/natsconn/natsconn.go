@@ -307,6 +307,9 @@ func backoff(attempt int) time.Duration {
 // pingInterval is how often an idle connection is checked (see commonOptions).
 const pingInterval = 5 * time.Second
 
+// flusherTimeout bounds one socket write to the server (see commonOptions).
+const flusherTimeout = 10 * time.Second
+
 // inboxPrefix sets the connection's inbox prefix to p, unless p is "" or a NATS
 // context set one already (its options come first): an operator who chose a prefix
 // for nexd's user granted that one.
@@ -328,6 +331,12 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 		// partitioned node "connected" for minutes; this notices within about 15 s.
 		nats.PingInterval(pingInterval),
 		nats.MaxPingsOutstanding(2),
+		// A write to a server that stopped reading holds the connection's lock, and
+		// with it every publish, request and the ping that would notice, until its
+		// deadline: nats.go's 1 min froze the node that long. A write cut short closes
+		// the socket (a partial protocol op) and reconnects; a write that sent nothing
+		// fails its publish, and the pings, no longer starved, find the link stale.
+		nats.FlusherTimeout(flusherTimeout),
 		// Servers in the order configured: a fleet lists each host's own server first,
 		// so a partition of one host does not cut off the others that happened to
 		// pick its server (nats.go shuffles by default). The rest are the fallbacks.

@@ -489,3 +489,62 @@ func TestInfoProbesRTTOncePerWindow(t *testing.T) {
 		t.Errorf("400 Info calls: %d PINGs, %d without an RTT; want at most one PING a second, an RTT each", pings, zero.Load())
 	}
 }
+
+// TestBlockedWriteRecovers: a server that stops reading (its link black-holed: nothing
+// forwarded, nothing closed) while the connection has more to send than the kernel's
+// buffers hold blocks a socket write, and nats.go holds the connection's lock over it.
+// With flusherTimeout the write gives up, the connection reconnects to the next server
+// and answers a round trip within the bound; before, with nats.go's 1 min default, the
+// connection (publishes, requests, the pings that would find it stale) stayed frozen.
+func TestBlockedWriteRecovers(t *testing.T) {
+	t.Parallel()
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := strings.TrimPrefix(srv.ClientURL(), "nats://")
+	p := testkit.StartLagProxy(t, ln, func() (net.Conn, error) { return net.Dial("tcp", addr) }, testkit.Lag{})
+	// The black-holed link first; the server itself is where the connection recovers.
+	c := connect(t, Options{Servers: []string{"nats://" + ln.Addr().String(), srv.ClientURL()}, Timeout: time.Second})
+	roundTrip(t, c.NC)
+
+	p.Blackhole()
+	var lastDone atomic.Int64
+	filled := make(chan struct{})
+	go func() {
+		defer close(filled)
+		junk := make([]byte, 64<<10)
+		for range 1 << 10 { // 64 MiB at most
+			lastDone.Store(time.Now().UnixNano())
+			if c.NC.Publish("junk", junk) != nil {
+				return
+			}
+		}
+	}()
+	defer func() {
+		if t.Failed() {
+			c.NC.Close() // ends the filler's blocked publish
+		}
+		<-filled
+	}()
+	if !testkit.WaitFor(30*time.Second, func() bool {
+		last := lastDone.Load()
+		return last != 0 && time.Since(time.Unix(0, last)) > 300*time.Millisecond
+	}) {
+		t.Fatal("no write blocked")
+	}
+	blockedAt := time.Unix(0, lastDone.Load())
+	// The bound: the write's deadline, then at worst three ping intervals for a link
+	// found stale (a write that sent nothing closes nothing), and a reconnect.
+	bound := flusherTimeout + 3*pingInterval + 10*time.Second
+	recovered := testkit.WaitFor(bound, func() bool {
+		return c.NC.ConnectedUrl() == srv.ClientURL() && c.NC.FlushTimeout(time.Second) == nil
+	})
+	took := time.Since(blockedAt)
+	t.Logf("recovered %v, %s after the write blocked (flusher timeout %s), %d reconnects", recovered, took.Round(10*time.Millisecond), flusherTimeout, c.Reconnects())
+	if !recovered {
+		t.Fatalf("the connection did not recover within %s of a blocked write", bound)
+	}
+	roundTrip(t, c.NC)
+}

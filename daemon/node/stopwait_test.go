@@ -120,7 +120,7 @@ func (s *kvHookStore) Put(ctx context.Context, typ, id string, req protocol.Star
 // node's NATS server stops reading (a proxy black-holes the link: nothing closes,
 // nothing answers) while the node's connection has megabytes to send, so a socket write
 // blocks, and nats.go holds the connection's lock over it until the write's deadline
-// (FlusherTimeout: 1 min by default, which natsconn keeps; 3 s here). A deploy's record
+// (FlusherTimeout: natsconn's 10 s, nats.go's default 1 min; 3 s here). A deploy's record
 // (a real KV Put) waits for that lock whatever its context says. Stop waits for it too,
 // and before its cancellation and StopWait (1 s here): its first step, the micro
 // service's stop, needs the same lock. So it is the write's deadline, not StopWait,
