@@ -124,7 +124,7 @@ func fakeNexlet(mode string, args []string) int {
 		_ = syscall.Getrlimit(syscall.RLIMIT_NOFILE, &r)
 		writeAtomic(args[0], fmt.Sprintf("%s\n--\nnofile=%d/%d\n", strings.Join(os.Environ(), "\n"), r.Cur, r.Max))
 		return block()
-	case "selfcheck": // FILE RECORD: what it runs with, first thing, then run
+	case "selfcheck": // FILE RECORD: what it runs with and its pid, first thing, then run
 		var b strings.Builder
 		for _, f := range []string{"/proc/self/cgroup", "/proc/self/oom_score_adj", args[1]} {
 			c, err := os.ReadFile(f)
@@ -135,6 +135,7 @@ func fakeNexlet(mode string, args []string) int {
 			l, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
 			fmt.Fprintf(&b, "== fd%d %s\n", fd, l)
 		}
+		fmt.Fprintf(&b, "== self %d\n", os.Getpid())
 		fmt.Println("selfcheck on stdout")
 		writeAtomic(args[0], b.String())
 		return block()

@@ -151,10 +151,20 @@ func TestPrestartedHandedOffInItsGroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	testkit.EventuallyWithin(t, 30*time.Second, "the restarted nexlet's self-check", func() bool { _, err := os.Stat(check); return err == nil })
-	pid := status(s, "pre").PID
+	// The pid it found itself running as: a forked child can write its check before
+	// the supervisor has noted the pid (its status shows none until then).
+	b, _ = os.ReadFile(check)
+	var pid int
+	if _, self, ok := strings.Cut(string(b), "\n== self "); ok {
+		pid, _ = strconv.Atoi(strings.TrimSpace(self))
+	}
 	if pid == p.Pid() || pid == 0 {
 		t.Fatalf("the restart runs pid %d (pre-started %d)", pid, p.Pid())
 	}
+	testkit.EventuallyWithin(t, 10*time.Second, "the restarted nexlet's pid in its status", func() bool {
+		st := status(s, "pre")
+		return st.PID == pid && st.State == StateRunning
+	})
 	environ, _ = os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
 	if !strings.Contains(string(environ), secret) || strings.Contains(string(environ), EnvHandoff) {
 		t.Errorf("the restart was not a fork: environ %q", environ)
