@@ -619,6 +619,10 @@ type WorkloadStoppedEvent struct {
 	WorkloadType string            `json:"workload_type"`
 	Metadata     map[string]string `json:"metadata,omitempty"`
 	Error        *EventError       `json:"error,omitempty"`
+	// Kept (nexd extension): the workload was stopped at nexd's or its nexlet's
+	// shutdown (StopWorkloadRequest.Keep); the node keeps it in its state to start it
+	// again, and its end report does not remove it.
+	Kept bool `json:"nexd_kept,omitempty"`
 }
 
 // EventError describes why a workload stopped. On the wire code is a JSON string

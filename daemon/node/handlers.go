@@ -1307,6 +1307,12 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 	if !n.ownInbox(r, agentID) {
 		return
 	}
+	// The end of a stop at nexd's or the nexlet's shutdown: the workload stays in node
+	// state, to be started again (the nexlet starts it once a replay of it comes). A
+	// nexd killed in its shutdown's drain left such a stop running, and the next nexd
+	// removed the workload on its end report (TestStopPastItsBoundAdoptedMidStop).
+	var ended protocol.WorkloadStoppedEvent
+	kept := protocol.Decode(r.Data(), &ended) == nil && ended.Kept
 	n.mu.Lock()
 	a := n.agents[agentID]
 	o, owned := n.owned[workloadID]
@@ -1330,7 +1336,7 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 	case !owned && starting:
 		st.ended = true // the deploy removes it once recorded
 		n.starting[workloadID] = st
-	case owned:
+	case owned && !kept:
 		o.ended = true // removed below: the WORKLOADSTOPPED published from this report is not heard as another end
 		n.owned[workloadID] = o
 	}
@@ -1351,7 +1357,7 @@ func (n *Node) handleWorkloadEnded(r micro.Request) {
 		n.publishReportedStop(workloadID, ns, r.Data())
 	}
 	var ack protocol.WorkloadEndedAck
-	if owned && !keep {
+	if owned && !keep && !kept {
 		// Removed only when it is: before, a failed removal (a tombstone kept) was
 		// acknowledged as removed too.
 		switch err := n.forget(workloadID, o.typ); { // a failed removal is logged by unstore

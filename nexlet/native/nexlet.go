@@ -143,6 +143,10 @@ type Nexlet struct {
 	mu        sync.Mutex
 	workloads map[string]*workload
 	tidying   map[string]chan struct{} // stopped workloads whose leftovers are being removed (finish)
+	// keptTidying: those of tidying stopped at nexd's or the nexlet's shutdown (a stop
+	// whose workload the node keeps to start again): a replay waits for their tidy and
+	// starts them, as it would once the tidy is over.
+	keptTidying map[string]bool
 	// recentStops remembers the workloads stopped lately (bounded), written as each leaves
 	// the table, so a repeated stop is answered "already stopped at T" (StoppedBefore).
 	recentStops *stopmemo.Memo
@@ -174,6 +178,7 @@ func New(cfg Config) (*Nexlet, error) {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
+		keptTidying: map[string]bool{},
 		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
 		abandon:     make(chan struct{}), users: us, wdir: wdir, whold: whold, now: time.Now,
 		quiet: newQuietGate(quietWindow, quietMax, quietBacklog)}
@@ -489,8 +494,24 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	}
 	st.Step("parse") // the run_request, its user, the environment
 	n.mu.Lock()
+	kept := false
+	if old := n.workloads[id]; existing && old != nil && old.keptStop && !old.finished {
+		// A stop at the previous nexd's shutdown is under way (that nexd died in its
+		// drain, and this one adopted the nexlet): the node kept the workload to start
+		// it again, and this is that start. Before, the replay took the stopping
+		// workload as held, and once its stop ended it ran nowhere while its end
+		// report had the node remove it from its state (TestStopPastItsBoundAdoptedMidStop).
+		kept = true
+		n.mu.Unlock()
+		n.quiet.hurry()
+		n.starts.leave()
+		<-old.done
+		n.starts.enter()
+		n.mu.Lock()
+	}
+	kept = existing && (kept || n.keptTidying[id])
 	for ch := n.tidying[id]; ch != nil; ch = n.tidying[id] {
-		if existing {
+		if existing && !kept {
 			// Stopped a moment ago: a replay was made before the stop's end reached
 			// the node, which the tidy's WORKLOADSTOPPED tells; started again after
 			// the tidy, the stopped service ran on (TestReplayDuringStopTidyStartsNothing).
@@ -700,6 +721,9 @@ func (n *Nexlet) StopWorkloadRecorded(id string, req *protocol.StopWorkloadReque
 		n.removeRecord(id)
 		n.forgetStops(forgot)
 		return "had already ended", nil
+	}
+	if req.Keep {
+		w.keptStop = true // a replay meanwhile waits for it and starts the workload again
 	}
 	n.mu.Unlock()
 	st := steps.Start(n.log) // nil unless the nexlet logs at debug level

@@ -1,6 +1,7 @@
 package native
 
 import (
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -149,5 +150,49 @@ func TestKeptStopNotListedAsStopped(t *testing.T) {
 	t.Logf("registration after a stop at nexd's shutdown: nexd_stopped %v; the replay runs %v", stopped, procs)
 	if slices.Contains(stopped, "kept") {
 		t.Errorf("a stop at nexd's shutdown is listed as asked for (%v): the node drops the workload it keeps", stopped)
+	}
+}
+
+// TestReplayDuringKeptStopStartsAgain: a replay that comes while a stop at nexd's
+// shutdown (nexd_keep) is under way (that nexd died in its drain, and the next one
+// adopted the nexlet) starts the workload again once that stop is over, and the stop's
+// WORKLOADSTOPPED says it was kept (nexd_kept), so the node does not remove the
+// workload from its state on the end report. Before, the replay took the stopping
+// workload as held, and once its grace was over it ran nowhere.
+func TestReplayDuringKeptStopStartsAgain(t *testing.T) {
+	fn := newFakeNode(t)
+	tn := fn.startNexlet(Config{})
+	req := startReq(protocol.LifecycleService, "kept", map[string]any{"uri": script(t, `trap 'echo term' TERM; echo up; while :; do sleep 0.05; done`),
+		"stop_grace": "1s"}, fn.creds())
+	fn.mustStart("kept", req)
+	fn.waitLog("kept", "stdout", "up")
+	first := fn.procsOf("kept")
+	stopped := make(chan error, 1)
+	go func() {
+		r, err := fn.request(protocol.StopWorkloadSubject(testNode, "kept"), protocol.StopWorkloadRequest{Namespace: testNS, Keep: true}, waitLong)
+		if err == nil && r.code != "" {
+			err = fmt.Errorf("%s %s", r.code, r.errText)
+		}
+		stopped <- err
+	}()
+	fn.waitLog("kept", "stdout", "term") // in its grace
+	fn.mu.Lock()
+	fn.existing = map[string]protocol.AgentStartWorkloadRequest{"kept": req}
+	fn.mu.Unlock()
+	if err := tn.r.Reregister(); err != nil { // a new nexd adopted the nexlet
+		t.Fatal(err)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("stop at shutdown: %v", err)
+	}
+	var procs []int
+	testkit.EventuallyWithin(t, waitLong, "the kept service runs again after its stop", func() bool {
+		procs = fn.procsOf("kept")
+		return len(procs) > 0 && !slices.ContainsFunc(procs, func(p int) bool { return slices.Contains(first, p) })
+	})
+	ev := fn.stoppedEvent("kept")
+	t.Logf("replay during a stop at nexd's shutdown: processes %v, then %v; WORKLOADSTOPPED kept %v", first, procs, ev.Kept)
+	if !ev.Kept {
+		t.Errorf("the WORKLOADSTOPPED of a stop at nexd's shutdown does not say so: %+v", ev)
 	}
 }

@@ -73,6 +73,9 @@ type workload struct {
 	// waiting for that (stopAndWait), is closed then.
 	stopMarked bool
 	marked     chan struct{}
+	// keptStop: a stop at nexd's shutdown (nexd_keep) was asked for; a replay that
+	// finds it stopping waits for its end and starts it again.
+	keptStop bool
 }
 
 // FinishedRetention is how long a workload that ended on its own stays listed (with its
@@ -1496,6 +1499,9 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		if later {
 			tidied = make(chan struct{})
 			n.tidying[w.id] = tidied
+			if !r.record {
+				n.keptTidying[w.id] = true
+			}
 		}
 	} else {
 		// Only an end of its own adds to what is pruned (a scan of every workload,
@@ -1510,7 +1516,9 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 	n.mu.Unlock()
 	st.Step("state")
 	ev := protocol.WorkloadStoppedEvent{ID: w.id, Namespace: w.ns, WorkloadType: w.req.Request.WorkloadType,
-		Metadata: map[string]string{"exit_code": strconv.Itoa(code), "reason": reason}}
+		Metadata: map[string]string{"exit_code": strconv.Itoa(code), "reason": reason},
+		// A stop at nexd's or the nexlet's shutdown: the node keeps the workload.
+		Kept: requested && !r.record}
 	if (!requested && code != 0) || exhausted || strings.HasPrefix(reason, "killed after") {
 		ev.Error = &protocol.EventError{Code: strconv.Itoa(code), Message: reason}
 	}
@@ -1544,6 +1552,7 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 		tt.Step("event")
 		n.mu.Lock()
 		delete(n.tidying, w.id)
+		delete(n.keptTidying, w.id)
 		n.mu.Unlock()
 		close(tidied)
 		tt.Log(n.log, "stop tidy steps", "workload_id", w.id)
