@@ -436,12 +436,12 @@ func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgen
 		// asks here (upstream's SDK).
 		{"StopWorkload", protocol.StopWorkloadSubject(r.nodeID, "*"), notAskedDirect(r.async(nc, busy, r.named(r.handleStop)))},
 		{"GetWorkload", protocol.GetWorkloadSubject(r.nodeID, "*"), notAskedDirect(counted(busy, r.named(r.handleGet)))},
-		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), notAskedDirect(counted(busy, r.handleQuery))},
+		{"QueryWorkloads", protocol.QueryWorkloadsSubject(r.nodeID), notAskedDirect(counted(busy, r.queryOn(nc)))},
 		// The same, asked of this nexlet alone (AnswersDirect): a nexd node asks here;
 		// upstream's asks on the shared subjects above.
 		{"StopWorkloadDirect", protocol.StopWorkloadAgentSubject(r.nodeID, agentID, "*"), r.async(nc, busy, r.named(r.handleStop))},
 		{"GetWorkloadDirect", protocol.GetWorkloadAgentSubject(r.nodeID, agentID, "*"), counted(busy, r.named(r.handleGet))},
-		{"QueryWorkloadsDirect", protocol.QueryWorkloadsAgentSubject(r.nodeID, agentID), counted(busy, r.handleQuery)},
+		{"QueryWorkloadsDirect", protocol.QueryWorkloadsAgentSubject(r.nodeID, agentID), counted(busy, r.queryOn(nc))},
 		{"PingAgent", protocol.PingAgentSubject(r.nodeID, agentID), counted(busy, r.handlePing)},
 		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), counted(busy, r.handlePing)},
 		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), r.async(nc, busy, r.handleLameduck)},
@@ -1331,6 +1331,12 @@ func (r *Runner) respondError(req micro.Request, err error, body any, opts ...mi
 	}
 }
 
+func (r *Runner) respond(req micro.Request, body []byte, opts ...micro.RespondOpt) {
+	if err := req.Respond(body, opts...); err != nil {
+		r.log.Warn("nexlet reply failed", "subject", req.Subject(), "err", err)
+	}
+}
+
 func (r *Runner) respondJSON(req micro.Request, v any, opts ...micro.RespondOpt) {
 	if err := req.RespondJSON(v, opts...); err != nil {
 		r.log.Warn("nexlet reply failed", "subject", req.Subject(), "err", err)
@@ -1553,9 +1559,24 @@ func (r *Runner) handleGet(req micro.Request) {
 	r.respondJSON(req, out)
 }
 
+// queryOn answers QUERYWORKLOADS taken on nc (handleQuery), whose server's max_payload
+// bounds each message of the answer.
+func (r *Runner) queryOn(nc *nats.Conn) micro.HandlerFunc {
+	return func(req micro.Request) { r.handleQuery(nc.MaxPayload()-listHeadroom, req) }
+}
+
+// listHeadroom is what an answer to QUERYWORKLOADS leaves of the server's max_payload
+// for its headers (this nexlet's id, the part's number, the status line): nats-server
+// bounds body and headers only together.
+const listHeadroom = 4096
+
 // handleQuery answers QUERYWORKLOADS, naming this nexlet (HeaderAgentID) so the node
-// can tell which of its nexlets did not answer.
-func (r *Runner) handleQuery(req micro.Request) {
+// can tell which of its nexlets did not answer. A list of more than budget bytes goes
+// in parts (HeaderListPart) when the node takes them (HeaderListParts): in one
+// message, a list of 2,000-3,000 workloads exceeded the default 1 MB, the publish
+// failed, and the node's list lacked every workload of this nexlet (and its shutdown
+// stopped none of them).
+func (r *Runner) handleQuery(budget int64, req micro.Request) {
 	self := micro.WithHeaders(micro.Headers{protocol.HeaderAgentID: []string{r.AgentID()}})
 	var in protocol.AgentListWorkloadsRequest
 	if err := protocol.Decode(req.Data(), &in); err != nil {
@@ -1578,7 +1599,57 @@ func (r *Runner) handleQuery(req micro.Request) {
 	if out == nil {
 		out = []protocol.WorkloadSummary{}
 	}
-	r.respondJSON(req, withReplaying(out, replaying, in), self)
+	list := withReplaying(out, replaying, in)
+	body, err := json.Marshal(list)
+	if err != nil {
+		r.respondError(req, fmt.Errorf("encode the workload list: %w", err), nil, self)
+		return
+	}
+	if int64(len(body)) <= budget {
+		r.respond(req, body, self)
+		return
+	}
+	if req.Headers().Get(protocol.HeaderListParts) == "" {
+		r.respondError(req, fmt.Errorf("the list of %d workloads is %d bytes, over the %d one message may carry here (NATS max_payload), and the node does not take it in parts",
+			len(list), len(body), budget), nil, self)
+		return
+	}
+	parts, err := splitList(list, budget)
+	if err != nil {
+		r.respondError(req, err, nil, self)
+		return
+	}
+	for i, p := range parts {
+		part := micro.WithHeaders(micro.Headers{protocol.HeaderListPart: {strconv.Itoa(i+1) + "/" + strconv.Itoa(len(parts))}})
+		if err := req.Respond(p, self, part); err != nil {
+			r.log.Warn("nexlet reply failed", "subject", req.Subject(), "part", i+1, "parts", len(parts), "err", err)
+			return
+		}
+	}
+}
+
+// splitList encodes list as JSON arrays of at most budget bytes each, rows in order.
+func splitList(list []protocol.WorkloadSummary, budget int64) ([][]byte, error) {
+	var parts [][]byte
+	cur := []byte{'['}
+	for _, w := range list {
+		row, err := json.Marshal(w)
+		if err != nil {
+			return nil, fmt.Errorf("encode the list row of workload %s: %w", w.ID, err)
+		}
+		if int64(len(row))+2 > budget {
+			return nil, fmt.Errorf("the list row of workload %s alone is %d bytes, over the %d one message may carry here (NATS max_payload)", w.ID, len(row), budget)
+		}
+		if len(cur) > 1 && int64(len(cur)+len(row)+2) > budget {
+			parts = append(parts, append(cur, ']'))
+			cur = []byte{'['}
+		}
+		if len(cur) > 1 {
+			cur = append(cur, ',')
+		}
+		cur = append(cur, row...)
+	}
+	return append(parts, append(cur, ']')), nil
 }
 
 // withReplaying adds to a list the workloads still replaying (state starting) that it

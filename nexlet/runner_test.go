@@ -783,3 +783,92 @@ func TestStopWhileReplaying(t *testing.T) {
 		t.Errorf("W0 runs after its stop was asked: the replay started it")
 	}
 }
+
+// TestRunnerListInParts: a nexlet holding a list larger than one message the server
+// takes (max_payload 16 KB here) answers a QUERYWORKLOADS that takes parts
+// (HeaderListParts) in several messages, each within max_payload, numbered i/n, whose
+// rows are every workload once; asked without it (upstream's node, an older nexd), it
+// answers an error naming max_payload. Before, both got nothing: the publish failed
+// ("maximum payload exceeded") and the node counted the nexlet as silent.
+func TestRunnerListInParts(t *testing.T) {
+	const maxPayload = 16 << 10
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { o.MaxPayload = maxPayload }})
+	nc := testnats.Connect(t, srv)
+	regs := make(chan protocol.RegisterAgentRequest, 1)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, regs)
+	a := newMemAgent()
+	const count = 500
+	for i := range count {
+		a.workloads[fmt.Sprintf("W%03d", i)] = protocol.StartWorkloadRequest{Name: fmt.Sprintf("service-%03d", i), Namespace: "ns"}
+	}
+	r, err := NewRunner(context.Background(), node, a, WithHeartbeatInterval(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	<-regs
+
+	inbox := nc.NewInbox()
+	replies, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ask := func(h nats.Header) {
+		t.Helper()
+		if err := nc.PublishMsg(&nats.Msg{Subject: protocol.QueryWorkloadsAgentSubject(node, agent), Reply: inbox, Header: h,
+			Data: []byte(`{"namespace":"system","filter":[]}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ask(nats.Header{protocol.HeaderListParts: {"1"}})
+	seen := map[string]int{}
+	parts := 0
+	for {
+		m, err := replies.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("after %d parts: %v", parts, err)
+		}
+		parts++
+		if size := len(m.Data); size > maxPayload {
+			t.Errorf("part %d: %d bytes, over max_payload", parts, size)
+		}
+		want := fmt.Sprintf("%d/", parts)
+		h := m.Header.Get(protocol.HeaderListPart)
+		if !strings.HasPrefix(h, want) || m.Header.Get(protocol.HeaderAgentID) != agent {
+			t.Fatalf("part %d: headers %v, want %s %s… and the nexlet's id", parts, m.Header, protocol.HeaderListPart, want)
+		}
+		var rows []protocol.WorkloadSummary
+		if err := json.Unmarshal(m.Data, &rows); err != nil {
+			t.Fatalf("part %d: %v", parts, err)
+		}
+		for _, w := range rows {
+			seen[w.ID]++
+		}
+		if h == fmt.Sprintf("%d/%d", parts, parts) {
+			break
+		}
+	}
+	if parts < 2 {
+		t.Errorf("the list came in %d part(s): it fits one message, so this tests nothing", parts)
+	}
+	if len(seen) != count {
+		t.Errorf("the parts list %d workloads, want %d", len(seen), count)
+	}
+	for id, k := range seen {
+		if k != 1 {
+			t.Errorf("workload %s listed %d times", id, k)
+		}
+	}
+
+	ask(nil)
+	m, err := replies.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatalf("asked without %s: %v", protocol.HeaderListParts, err)
+	}
+	if m.Header.Get(protocol.HeaderErrorCode) == "" || !strings.Contains(m.Header.Get(protocol.HeaderError), "max_payload") {
+		t.Errorf("asked without %s: answer %v %.80s, want an error naming max_payload", protocol.HeaderListParts, m.Header, m.Data)
+	}
+}

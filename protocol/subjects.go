@@ -108,6 +108,17 @@ const (
 	// AnswersDirect on its own subject: such a nexlet leaves this one unanswered, so it
 	// neither acts twice nor answers where its answer could not be told from another's.
 	HeaderAskedDirect = "Nex-Asked-Direct"
+	// HeaderListParts on a nexd node's QUERYWORKLOADS asked of one nexlet
+	// (QueryWorkloadsAgentSubject) says the node takes the answer in parts: a list
+	// larger than one message the server takes (max_payload) comes as several JSON
+	// arrays on the reply subject, each with HeaderListPart. A list that fits is one
+	// message without it, as upstream's nexlets send; asked without HeaderListParts
+	// (upstream's node, an older nexd), a nexd nexlet answers a list too large with an
+	// error instead of nothing.
+	HeaderListParts = "Nexd-List-Parts"
+	// HeaderListPart numbers one part of an answer in parts: "i/n", i from 1 to n, in
+	// order; the answer is the n arrays' rows, in order.
+	HeaderListPart = "Nexd-List-Part"
 	// HeaderStopRecorded on a nexlet's body-less reply to a STOPWORKLOAD that asked
 	// for it (StopWorkloadRequest.RecordAck) says the stop is durably recorded; the
 	// answer follows once the workload is gone. On a node's "stopping" reply to a

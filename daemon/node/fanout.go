@@ -92,15 +92,17 @@ type asked struct {
 // as silence), fn returns false, timeout passes or ctx ends.
 func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
 	timeout time.Duration, fn func(m *nats.Msg, from *registration) bool) (asked, error) {
-	return n.askNexletsAcked(ctx, shared, direct, data, timeout, nil, fn)
+	return n.askNexletsAcked(ctx, shared, direct, data, nil, timeout, nil, fn)
 }
 
 // askNexletsAcked is askNexlets that also hands each body-less reply carrying
 // HeaderStopRecorded from a nexlet asked directly to ack (on the subscription's
 // goroutine), with the nexlet whose reply subject it came on, and does not take it
 // for that nexlet's answer. Only such a reply is attributable: one on the shared
-// subject is dropped.
-func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
+// subject is dropped. hdr goes with the requests to the nexlets asked directly; when it
+// says the node takes an answer in parts (HeaderListParts), a nexlet's parts are joined
+// into the one answer fn gets (listParts).
+func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(agentID string) string, data []byte, hdr nats.Header,
 	timeout time.Duration, ack func(from *registration), fn func(m *nats.Msg, from *registration) bool) (asked, error) {
 	a := asked{direct: map[string]*registration{}, pool: map[string]*registration{}}
 	n.mu.Lock()
@@ -131,6 +133,10 @@ func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(a
 		directCh = make(chan *nats.Msg, len(a.direct))
 		var seenMu sync.Mutex
 		seen := make(map[string]bool, len(a.direct))
+		var parts *listParts // nil: an answer is its token's first reply
+		if hdr.Get(protocol.HeaderListParts) != "" {
+			parts = &listParts{byToken: map[string]*partialList{}}
+		}
 		sub, err := n.o.NC.Subscribe(inbox+".*", func(m *nats.Msg) {
 			tok := protocol.LastToken(m.Subject)
 			if isStopRecorded(m) {
@@ -141,7 +147,12 @@ func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(a
 			}
 			seenMu.Lock()
 			first := byToken[tok] != nil && !seen[tok]
-			seen[tok] = true
+			if first && parts != nil {
+				m, first = parts.add(tok, m)
+			}
+			if first {
+				seen[tok] = true
+			}
 			seenMu.Unlock()
 			if first {
 				directCh <- m
@@ -152,7 +163,7 @@ func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(a
 		}
 		defer func() { _ = sub.Unsubscribe() }()
 		for id, tok := range tokens {
-			if err := n.o.NC.PublishRequest(direct(id), inbox+"."+tok, data); err != nil {
+			if err := n.o.NC.PublishMsg(&nats.Msg{Subject: direct(id), Reply: inbox + "." + tok, Data: data, Header: hdr}); err != nil {
 				return a, fmt.Errorf("publish %s: %w", direct(id), err)
 			}
 		}

@@ -376,7 +376,7 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 	failure := "" // a nexlet that holds the workload could not stop it
 	asked, err := n.askNexletsAcked(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
 		return protocol.StopWorkloadAgentSubject(n.id, id, workloadID)
-	}, body, wait, ack, func(m *nats.Msg, from *registration) bool {
+	}, body, nil, wait, ack, func(m *nats.Msg, from *registration) bool {
 		answered++
 		var resp protocol.StopWorkloadResponse
 		decodeErr := protocol.Decode(m.Data, &resp)
@@ -695,9 +695,9 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 	}
 	waited := n.awaitServing(ctx, n.o.FanoutTimeout/2)
 	ans := answers{failed: map[string]string{}, heard: map[string]bool{}}
-	asked, err := n.askNexlets(ctx, protocol.QueryWorkloadsSubject(n.id), func(id string) string {
+	asked, err := n.askNexletsAcked(ctx, protocol.QueryWorkloadsSubject(n.id), func(id string) string {
 		return protocol.QueryWorkloadsAgentSubject(n.id, id)
-	}, body, n.o.FanoutTimeout-waited, func(m *nats.Msg, from *registration) bool {
+	}, body, nats.Header{protocol.HeaderListParts: {"1"}}, n.o.FanoutTimeout-waited, nil, func(m *nats.Msg, from *registration) bool {
 		var list []protocol.WorkloadSummary
 		failure := ""
 		if isErrorReply(m) {
