@@ -67,6 +67,14 @@ func TestListLargerThanMaxPayload(t *testing.T) {
 		t.Errorf("the list is %d bytes: not over the server's max_payload of %d, so this tests nothing", len(b), maxPayload)
 	}
 
+	// A client's list over NATS (WPING) is one message a node, as upstream has it: one
+	// that does not fit is an error naming max_payload (nexctl warns of a node's error
+	// reply). Before, the client heard nothing from the node: "No workloads found",
+	// exit 0, and no word why.
+	if out, errOut, code := n.ctl(t, "workload", "list"); !strings.Contains(errOut, "max_payload") {
+		t.Errorf("nexctl workload list over NATS: exit %d, want a word naming max_payload\nstdout: %.200s\nstderr: %s", code, out, errOut)
+	}
+
 	n.signal(t, syscall.SIGTERM)
 	n.wait(t, 120*time.Second)
 	if p := markerPIDs(marker); len(p) != 0 {

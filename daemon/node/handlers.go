@@ -944,9 +944,37 @@ func (n *Node) handleWPing(r micro.Request) {
 			}
 		}
 	}
-	if err := r.RespondJSON(list, micro.WithHeaders(head)); err != nil {
+	body, err := json.Marshal(list)
+	if err != nil {
+		n.fail(r, 500, "failed to encode the workload list", err)
+		return
+	}
+	// Upstream's WPING answer is one array a node. One over max_payload cannot be sent:
+	// the client heard nothing from this node and nexctl printed "No workloads found",
+	// exit 0. An error says what happened instead.
+	if limit := n.o.NC.MaxPayload() - headerBytes(head) - wpingHeadroom; int64(len(body)) > limit {
+		n.fail(r, 413, "workload list too large", fmt.Errorf("this node's list of %d workloads is %d bytes, over the %d one NATS message may carry (max_payload); list them on the node: nexctl workloads",
+			len(list), len(body), limit), micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}}))
+		return
+	}
+	if err := r.Respond(body, micro.WithHeaders(head)); err != nil {
 		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
 	}
+}
+
+// wpingHeadroom is what a WPING answer leaves of max_payload for the status line and
+// the headers' framing, beyond their keys and values (headerBytes).
+const wpingHeadroom = 1024
+
+// headerBytes is the size of h's keys and values.
+func headerBytes(h micro.Headers) int64 {
+	var size int64
+	for k, vs := range h {
+		for _, v := range vs {
+			size += int64(len(k) + len(v) + 4)
+		}
+	}
+	return size
 }
 
 // Workloads lists every workload on this node (for the local control socket).
