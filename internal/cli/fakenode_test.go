@@ -27,9 +27,14 @@ type fakeNode struct {
 	dropAuctions int
 	// full withholds every bid though its info lists a healthy native nexlet (an
 	// upstream node whose nexlet is at max_workloads: its info does not say so).
-	full       bool
-	load       int    // nexd_workload_count in its bids
-	failDeploy string // when set, ADEPLOY answers with this micro error
+	full bool
+	// infoRefused answers INFO with an error, as the server refuses a tenant's INFO
+	// (the system namespace's subject); infoHealth, when set, is its nexlet's health
+	// in INFO (unknown: registered, its first heartbeat not yet in).
+	infoRefused bool
+	infoHealth  string
+	load        int    // nexd_workload_count in its bids
+	failDeploy  string // when set, ADEPLOY answers with this micro error
 	// unknownOutcome leaves HeaderDeployOutcome off failDeploy's error (a node that
 	// cannot say the workload did not start).
 	unknownOutcome bool
@@ -168,9 +173,16 @@ func (n *fakeNode) start() *fakeNode {
 	n.sub(protocol.InfoSubject(n.id), func(m *nats.Msg) {
 		n.mu.Lock()
 		defer n.mu.Unlock()
+		if n.infoRefused {
+			n.respondError(m, "403", "permissions violation")
+			return
+		}
 		health := protocol.HealthHealthy
 		if !n.bid {
 			health = protocol.HealthOffline
+		}
+		if n.infoHealth != "" {
+			health = n.infoHealth
 		}
 		n.respond(m, protocol.NodeInfoResponse{NodeID: n.id, Tags: n.tags, Uptime: "1h0m0s", Version: "0.0.1", XKey: "XNODE",
 			NodeAgentSummaries: []protocol.NodeAgentSummary{{AgentID: "A1", AgentHealth: health,

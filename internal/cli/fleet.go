@@ -252,9 +252,10 @@ func (f *fleet) nodeInfo(ctx context.Context, id string) (protocol.NodeInfoRespo
 // supporting lifecycle with room for a workload, or "" when none does: its missing bid
 // was then likely lost, not withheld. full names the healthy nexlets a nexd node says
 // are at their max_workloads (it withholds its bid for them); other nodes do not say,
-// and their nexlets count as having room.
-func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResponse, typ string, lifecycle protocol.Lifecycle, tags map[string]string) (holder string, full []string) {
-	asked := 0
+// and their nexlets count as having room. unasked is the INFO error when none of the
+// nodes asked answered (a tenant may not ask the system namespace): nothing is known.
+func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResponse, typ string, lifecycle protocol.Lifecycle, tags map[string]string) (holder string, full []string, unasked error) {
+	asked, answered := 0, 0
 	for _, n := range nodes {
 		if asked == 3 {
 			break
@@ -265,11 +266,15 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 		asked++
 		info, err := f.nodeInfo(ctx, n.NodeID)
 		if err != nil {
+			unasked = err
 			continue
 		}
+		answered++
 		for _, s := range info.NodeAgentSummaries {
 			lcs := s.AgentSummary.SupportedLifecycles
-			if s.AgentSummary.Type != typ || s.AgentHealth != protocol.HealthHealthy ||
+			// Unknown: registered, its first heartbeat not in yet (a node just READY);
+			// it bids once that comes.
+			if s.AgentSummary.Type != typ || (s.AgentHealth != protocol.HealthHealthy && s.AgentHealth != protocol.HealthUnknown) ||
 				(lcs != "" && !slices.Contains(strings.Split(lcs, ","), string(lifecycle))) {
 				continue
 			}
@@ -278,10 +283,13 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 					n.NodeID, typ, s.AgentSummary.Name, s.AgentSummary.WorkloadCount, s.MaxWorkloads))
 				continue
 			}
-			return n.NodeID, full
+			return n.NodeID, full, nil
 		}
 	}
-	return "", full
+	if answered > 0 {
+		return "", full, nil
+	}
+	return "", full, unasked
 }
 
 // lameduck commands one node into lame duck mode.

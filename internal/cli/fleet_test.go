@@ -864,3 +864,39 @@ func TestGatherConnectionClosedReported(t *testing.T) {
 		})
 	}
 }
+
+// TestWorkloadRunAsksAgainWhenNothingKnown: no bid yet from a node whose nexlets
+// nexctl cannot learn of (its INFO refused, as a tenant's is) or whose nexlet has not
+// sent its first heartbeat (health unknown, a node just READY): nexctl asks again
+// until the bid comes, where it gave up after three auctions before (CI saw a
+// tenant's first deploy fail so, e2e TestAttackControlCharactersInNames).
+func TestWorkloadRunAsksAgainWhenNothingKnown(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		refused bool
+		health  string
+		warn    string
+	}{
+		{"info refused", true, "", "no node could be asked about its nexlets"},
+		{"health unknown", false, protocol.HealthUnknown, "no bid yet, though node SLOW has a healthy native nexlet"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s := testnats.Start(t, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(t, s)
+			n := newFakeNode(t, nc, "SLOW", nil)
+			n.dropAuctions, n.infoRefused, n.infoHealth = 4, tc.refused, tc.health
+			n.start()
+			out, errOut, code := runCLI(t, nil, "-s", s.ClientURL(), "--nats.timeout", "500ms", "--gather-stall", "100ms", "workload", "run", "--name", "x", "--", "/bin/true")
+			if code != 0 || !strings.Contains(out, "successfully started") || !strings.Contains(errOut, tc.warn) {
+				t.Fatalf("exit %d, out %q, err %q", code, out, errOut)
+			}
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			if n.auctions != 5 || len(n.deploys) != 1 {
+				t.Fatalf("%d auctions, %d deploys; want 5 and 1", n.auctions, len(n.deploys))
+			}
+		})
+	}
+}

@@ -85,7 +85,7 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 	for retry := 0; err == nil && len(bids) == 0 && expectBids > 0; retry++ {
 		if retry == 0 {
 			// Full nexlets are known at once: no retry would get their bids.
-			if holder, fullNow := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags); holder == "" && len(fullNow) > 0 {
+			if holder, fullNow, _ := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags); holder == "" && len(fullNow) > 0 {
 				full = fullNow
 				break
 			}
@@ -93,13 +93,22 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		if retry >= 2 {
 			if !asked {
 				asked = true
-				holder, fullNow := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags)
-				if holder == "" {
+				holder, fullNow, unasked := f.healthyHolder(ctx, nodes, spec.Type, spec.Lifecycle, spec.Tags)
+				switch {
+				case unasked != nil:
+					// Nothing to tell a lost bid from none (a tenant may not ask the
+					// system namespace's INFO): ask again, as for a lost one.
+					a.warnf("no bid yet, and no node could be asked about its nexlets (%v): asking again until %s",
+						unasked, deadline.Format(time.TimeOnly))
+				case holder == "":
 					full = fullNow
+				default:
+					a.warnf("no bid yet, though node %s has a healthy %s nexlet (a node under an auction flood drops auctions): asking again until %s",
+						holder, spec.Type, deadline.Format(time.TimeOnly))
+				}
+				if unasked == nil && holder == "" {
 					break
 				}
-				a.warnf("no bid yet, though node %s has a healthy %s nexlet (a node under an auction flood drops auctions): asking again until %s",
-					holder, spec.Type, deadline.Format(time.TimeOnly))
 			}
 			if time.Now().Add(wait).After(deadline) {
 				break
