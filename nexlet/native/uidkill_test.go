@@ -145,3 +145,78 @@ func TestPendingReleaseKillsNoNewHolder(t *testing.T) {
 		t.Errorf("release error %v; want one saying it killed nothing", err)
 	}
 }
+
+// TestReleaseKillsNoLeaseChangedMidRelease: a release checks that its uid's lease is
+// still this nexlet's retirement (keepRetired), then walks /proc and kills what runs as
+// the uid. Here the lease changes hands in between (the nexlet adopts a workload of that
+// uid, hold; a nexlet that cannot see this one's /proc entry takes the lease as stale
+// does the same) and the new holder's process runs as the uid. The kill and the free
+// check the lease again under the lease lock: the process runs on, its lease stays, and
+// the release says why. Before, the release SIGKILLed it (1 killed) and removed its
+// lease, so the uid could be handed out again while the holder ran as it.
+func TestReleaseKillsNoLeaseChangedMidRelease(t *testing.T) {
+	needRoot(t)
+	const uid = 2000611
+	if newHostIDs().uses(uid) {
+		t.Skipf("uid %d is in use on this host", uid)
+	}
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := t.TempDir()
+	ids, err := us.leaseFreshN(stopped, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !us.retire(uid, stopped) {
+		t.Fatal("not retired")
+	}
+	holder := t.TempDir()
+	cmd := exec.Command("/bin/sleep", "600")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	waited := make(chan struct{})
+	us.releaseChecked = func() {
+		// The uid passes to another holder after the release checked its lease.
+		if err := us.hold(uid, holder); err != nil {
+			t.Error(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Error(err)
+			close(waited)
+			return
+		}
+		go func() { _ = cmd.Wait(); close(waited) }()
+	}
+	defer func() {
+		if cmd.Process != nil {
+			_ = cmd.Process.Kill()
+		}
+		<-waited
+	}()
+
+	killed, err := us.releaseCounted(ids)
+	b, _ := os.ReadFile(us.leasePath(uid))
+	t.Logf("uid %d's lease changed hands mid-release: %d killed; err %v; lease %q", uid, killed, err, b)
+	if killed != 0 {
+		t.Errorf("the release killed %d processes of the uid's new holder", killed)
+	}
+	select {
+	case <-waited:
+		t.Error("the new holder's process was killed")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if leaseOwner(b) != holder {
+		t.Errorf("lease names %q, want the new holder %s", leaseOwner(b), holder)
+	}
+	if err == nil || !strings.Contains(err.Error(), "stopped being this nexlet's retirement") {
+		t.Errorf("release error %v; want one saying the lease changed hands", err)
+	}
+	// The uid is not left marked as being released: a later release of it is not skipped.
+	us.relMu.Lock()
+	marked := us.releasing[uid]
+	us.relMu.Unlock()
+	if marked {
+		t.Error("uid left marked as being released")
+	}
+}

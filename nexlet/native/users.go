@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"os/user"
@@ -114,6 +115,10 @@ type users struct {
 	// workloads' tidies held for a quiet moment (quietGate) go now, so that their
 	// uids' releases are not what keeps the range short.
 	short func()
+
+	// releaseChecked, when set (tests), is called by a release once keepRetired
+	// checked its uids' leases, before it walks /proc and kills.
+	releaseChecked func()
 }
 
 // walkReuse is how old a walk of /proc a lease may take its busy uids from instead of
@@ -421,9 +426,12 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 	if err := u.keepRetired(want); err != nil {
 		errs = append(errs, err)
 	}
-	defer u.doneReleasing(want)
+	defer u.doneReleasing(maps.Clone(want)) // killRetired may drop some from want
 	if len(want) == 0 {
 		return 0, errors.Join(errs...)
+	}
+	if u.releaseChecked != nil {
+		u.releaseChecked()
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	var survivors map[uint32][]int
@@ -450,12 +458,13 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 		if len(survivors) == 0 || time.Now().After(deadline) {
 			break
 		}
-		for _, pids := range survivors {
-			for _, p := range pids {
-				if syscall.Kill(p, syscall.SIGKILL) == nil {
-					killed++
-				}
-			}
+		n, err := u.killRetired(want, survivors)
+		killed += n
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if len(want) == 0 {
+			return killed, errors.Join(errs...)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -477,8 +486,45 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 			errs = append(errs, fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", uid, pids))
 			continue
 		}
+		if b, err := os.ReadFile(u.leasePath(uid)); err != nil || !u.retiredBySelf(b) {
+			// Its lease changed hands during the release (see killRetired): not ours
+			// to remove, or the uid would be handed out while its holder runs as it.
+			errs = append(errs, fmt.Errorf("dynamic uid %d: not freed: its lease stopped being this nexlet's retirement during the release", uid))
+			continue
+		}
 		if err := u.freeLocked(uid, failed[uid]); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	return killed, errors.Join(errs...)
+}
+
+// killRetired SIGKILLs survivors (a walk's processes of the uids of want) under the
+// lease lock, each uid's only while its lease is still this nexlet's retirement of it:
+// keepRetired checked that before the walk, but a lease that changed hands since (the
+// nexlet's own adoption of a workload of that uid rewrote it, a nexlet that cannot see
+// this one's /proc entry took it as stale, a test's clean-up removed it) is another
+// holder's, whose processes run as the uid too. Under the lock no lease changes, so a
+// lease still retired means every process of the uid is the retired workload's. A uid
+// whose lease changed leaves want with an error, nothing of it killed.
+func (u *users) killRetired(want map[uint32]bool, survivors map[uint32][]int) (killed int, err error) {
+	unlock, err := u.lock()
+	if err != nil {
+		clear(want)
+		return 0, fmt.Errorf("dynamic uids stay leased, nothing killed: %w", err)
+	}
+	defer unlock()
+	var errs []error
+	for uid, pids := range survivors {
+		if b, err := os.ReadFile(u.leasePath(uid)); err != nil || !u.retiredBySelf(b) {
+			delete(want, uid)
+			errs = append(errs, fmt.Errorf("dynamic uid %d: not released, its processes %v not killed: its lease stopped being this nexlet's retirement during the release", uid, pids))
+			continue
+		}
+		for _, p := range pids {
+			if syscall.Kill(p, syscall.SIGKILL) == nil {
+				killed++
+			}
 		}
 	}
 	return killed, errors.Join(errs...)
