@@ -220,3 +220,52 @@ func TestReleaseKillsNoLeaseChangedMidRelease(t *testing.T) {
 		t.Error("uid left marked as being released")
 	}
 }
+
+// TestReleaseCountsEachKillOnce: a process the release killed stays listed under its
+// uid until its parent reaps it (a zombie keeps its uid in /proc); the release walks
+// again every 20 ms until none is left and signals it again each time. Here one zombie of
+// the uid is reaped 300 ms into the release: the release says it killed 1. Before, it
+// counted every signal (about 10 here; "killed=31 uids=1" in a CI log was one such
+// count, not 31 processes).
+func TestReleaseCountsEachKillOnce(t *testing.T) {
+	needRoot(t)
+	const uid = 2000612
+	if newHostIDs().uses(uid) {
+		t.Skipf("uid %d is in use on this host", uid)
+	}
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := t.TempDir()
+	ids, err := us.leaseFreshN(stopped, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !us.retire(uid, stopped) {
+		t.Fatal("not retired")
+	}
+	cmd := exec.Command("/bin/true")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the process is a zombie of the uid", func() bool {
+		return strings.Contains(statusField(t, cmd.Process.Pid, "State"), "Z")
+	})
+	reaped := make(chan struct{})
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		_ = cmd.Wait()
+		close(reaped)
+	}()
+	killed, err := us.releaseCounted(ids)
+	<-reaped
+	t.Logf("release of uid %d with a zombie reaped 300 ms in: killed %d, err %v", uid, killed, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if killed != 1 {
+		t.Errorf("killed %d, want 1: one process, signalled in each round until reaped", killed)
+	}
+}

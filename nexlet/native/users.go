@@ -435,6 +435,11 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	var survivors map[uint32][]int
+	// sent: the processes SIGKILLed so far, each counted once. A killed process stays
+	// listed until its parent reaps it (a zombie keeps its uid in /proc), which the
+	// kernel's init may do only a second later, and every round of the walk signals it
+	// again: counted per signal, one zombie made "killed=31" in the log.
+	sent := map[int]bool{}
 	for {
 		survivors = map[uint32][]int{}
 		busy := map[uint32]bool{} // every uid, for the leases that follow (leaseFreshN)
@@ -458,7 +463,7 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 		if len(survivors) == 0 || time.Now().After(deadline) {
 			break
 		}
-		n, err := u.killRetired(want, survivors)
+		n, err := u.killRetired(want, survivors, sent)
 		killed += n
 		if err != nil {
 			errs = append(errs, err)
@@ -506,8 +511,9 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 // this one's /proc entry took it as stale, a test's clean-up removed it) is another
 // holder's, whose processes run as the uid too. Under the lock no lease changes, so a
 // lease still retired means every process of the uid is the retired workload's. A uid
-// whose lease changed leaves want with an error, nothing of it killed.
-func (u *users) killRetired(want map[uint32]bool, survivors map[uint32][]int) (killed int, err error) {
+// whose lease changed leaves want with an error, nothing of it killed. killed counts
+// the processes not in sent (signalled by an earlier round), which it adds.
+func (u *users) killRetired(want map[uint32]bool, survivors map[uint32][]int, sent map[int]bool) (killed int, err error) {
 	unlock, err := u.lock()
 	if err != nil {
 		clear(want)
@@ -522,7 +528,8 @@ func (u *users) killRetired(want map[uint32]bool, survivors map[uint32][]int) (k
 			continue
 		}
 		for _, p := range pids {
-			if syscall.Kill(p, syscall.SIGKILL) == nil {
+			if syscall.Kill(p, syscall.SIGKILL) == nil && !sent[p] {
+				sent[p] = true
 				killed++
 			}
 		}
