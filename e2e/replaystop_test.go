@@ -31,9 +31,7 @@ func TestReplayAfterStopTidyStartsNothing(t *testing.T) {
 	n := startNode(t, o)
 	n.waitReady(t)
 	o.cgroup = n.cgroup
-	c := newCrashLoop(t, "replaystop")
-	c.id = n.runWorkload(t, "--name", "replaystop", "--lifecycle", "service", "--start-request", `{"stop_grace": "4s"}`, "--",
-		"/bin/sh", "-c", `echo run >> "$1"; trap '' TERM; while :; do sleep 0.05; done`, c.marker, c.runsFile).ID
+	c := startDeafService(t, n, "replaystop", "4s")
 	keep := startLoop(t, n, "service", `{"policy": "always", "max": 3}`, 3)
 	testkit.EventuallyWithin(t, 60*time.Second, "the services run", func() bool {
 		return c.runs() == 1 && len(c.mains()) == 1 && keep.runs() == 1 && len(keep.mains()) == 1

@@ -46,6 +46,16 @@ func startLoop(t *testing.T, n *node, lc, restart string, code int, extra ...str
 	return c
 }
 
+// startDeafService deploys a service named name that ignores SIGTERM, with stop grace
+// grace: a stop ends it only by the kill at the grace's end.
+func startDeafService(t *testing.T, n *node, name, grace string) crashLoop {
+	t.Helper()
+	c := newCrashLoop(t, name)
+	c.id = n.runWorkload(t, "--name", name, "--lifecycle", "service", "--start-request", `{"stop_grace": "`+grace+`"}`, "--",
+		"/bin/sh", "-c", `echo run >> "$1"; trap '' TERM; while :; do sleep 0.05; done`, c.marker, c.runsFile).ID
+	return c
+}
+
 // newCrashLoop makes a crashLoop's marker (named after kind), directory and runs file,
 // for a workload yet to deploy.
 func newCrashLoop(t *testing.T, kind string) crashLoop {

@@ -32,9 +32,7 @@ func TestStopPastItsBoundAdoptedMidStop(t *testing.T) {
 	n := startNode(t, o)
 	n.waitReady(t)
 	o.cgroup = n.cgroup
-	deaf := newCrashLoop(t, "deafmid")
-	deaf.id = n.runWorkload(t, "--name", "deafmid", "--lifecycle", "service", "--start-request", `{"stop_grace": "8s"}`, "--",
-		"/bin/sh", "-c", `echo run >> "$1"; trap '' TERM; while :; do sleep 0.05; done`, deaf.marker, deaf.runsFile).ID
+	deaf := startDeafService(t, n, "deafmid", "8s")
 	testkit.EventuallyWithin(t, 60*time.Second, "the service runs", func() bool {
 		return deaf.runs() == 1 && len(deaf.mains()) == 1
 	})

@@ -87,9 +87,7 @@ func TestStopPastItsBoundInDrainKeepsWorkloads(t *testing.T) {
 	n.waitReady(t)
 	o.cgroup = n.cgroup
 	quick := startLoop(t, n, "service", `{"policy": "always", "max": 3}`, 3)
-	deaf := newCrashLoop(t, "deafdrain")
-	deaf.id = n.runWorkload(t, "--name", "deafdrain", "--lifecycle", "service", "--start-request", `{"stop_grace": "6s"}`, "--",
-		"/bin/sh", "-c", `echo run >> "$1"; trap '' TERM; while :; do sleep 0.05; done`, deaf.marker, deaf.runsFile).ID
+	deaf := startDeafService(t, n, "deafdrain", "6s")
 	loops := []crashLoop{quick, deaf}
 	testkit.EventuallyWithin(t, 60*time.Second, "the services run", func() bool {
 		return quick.runs() == 1 && len(quick.mains()) == 1 && deaf.runs() == 1 && len(deaf.mains()) == 1

@@ -96,23 +96,8 @@ func TestReplayKillsNoOtherWorkloadsUID(t *testing.T) {
 // says why it did nothing. Before, the pending release SIGKILLed it and removed its
 // lease.
 func TestPendingReleaseKillsNoNewHolder(t *testing.T) {
-	needRoot(t)
 	const uid = 2000610
-	if newHostIDs().uses(uid) {
-		t.Skipf("uid %d is in use on this host", uid)
-	}
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	stopped := t.TempDir()
-	ids, err := us.leaseFreshN(stopped, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !us.retire(uid, stopped) {
-		t.Fatal("not retired")
-	}
+	us, ids := retiredUID(t, uid)
 	// The uid passes to another workload before the release runs.
 	holder := t.TempDir()
 	if err := writeLease(us.leasePath(uid), holder); err != nil {
@@ -155,23 +140,8 @@ func TestPendingReleaseKillsNoNewHolder(t *testing.T) {
 // the release says why. Before, the release SIGKILLed it (1 killed) and removed its
 // lease, so the uid could be handed out again while the holder ran as it.
 func TestReleaseKillsNoLeaseChangedMidRelease(t *testing.T) {
-	needRoot(t)
 	const uid = 2000611
-	if newHostIDs().uses(uid) {
-		t.Skipf("uid %d is in use on this host", uid)
-	}
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	stopped := t.TempDir()
-	ids, err := us.leaseFreshN(stopped, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !us.retire(uid, stopped) {
-		t.Fatal("not retired")
-	}
+	us, ids := retiredUID(t, uid)
 	holder := t.TempDir()
 	cmd := exec.Command("/bin/sleep", "600")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
@@ -228,23 +198,8 @@ func TestReleaseKillsNoLeaseChangedMidRelease(t *testing.T) {
 // counted every signal (about 10 here; "killed=31 uids=1" in a CI log was one such
 // count, not 31 processes).
 func TestReleaseCountsEachKillOnce(t *testing.T) {
-	needRoot(t)
 	const uid = 2000612
-	if newHostIDs().uses(uid) {
-		t.Skipf("uid %d is in use on this host", uid)
-	}
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	stopped := t.TempDir()
-	ids, err := us.leaseFreshN(stopped, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !us.retire(uid, stopped) {
-		t.Fatal("not retired")
-	}
+	us, ids := retiredUID(t, uid)
 	cmd := exec.Command("/bin/true")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
 	if err := cmd.Start(); err != nil {
@@ -268,4 +223,28 @@ func TestReleaseCountsEachKillOnce(t *testing.T) {
 	if killed != 1 {
 		t.Errorf("killed %d, want 1: one process, signalled in each round until reaped", killed)
 	}
+}
+
+// retiredUID makes a users of uid alone (skipped without root or when the host uses
+// uid), leases it to a stopped workload's directory and retires it there: what a stop's
+// release then frees.
+func retiredUID(t *testing.T, uid uint32) (*users, []ident) {
+	t.Helper()
+	needRoot(t)
+	if newHostIDs().uses(uid) {
+		t.Skipf("uid %d is in use on this host", uid)
+	}
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := t.TempDir()
+	ids, err := us.leaseFreshN(stopped, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !us.retire(uid, stopped) {
+		t.Fatal("not retired")
+	}
+	return us, ids
 }
