@@ -30,7 +30,7 @@ func TestListLargerThanMaxPayload(t *testing.T) {
 	const maxPayload = 64 << 10
 	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) { o.MaxPayload = maxPayload }})
 	n := startNode(t, nodeOpts{external: s.ClientURL(), extra: []string{"--state", "kv"}})
-	n.waitReady(t)
+	nodeID := n.waitReady(t).NodeID
 	const count = 300
 	marker := fmt.Sprintf("nexd-e2e-biglist-%d", time.Now().UnixNano())
 	n.runWorkloads(t, count, func(i int) []string {
@@ -68,11 +68,14 @@ func TestListLargerThanMaxPayload(t *testing.T) {
 	}
 
 	// A client's list over NATS (WPING) is one message a node, as upstream has it: one
-	// that does not fit is an error naming max_payload (nexctl warns of a node's error
-	// reply). Before, the client heard nothing from the node: "No workloads found",
-	// exit 0, and no word why.
-	if out, errOut, code := n.ctl(t, "workload", "list"); !strings.Contains(errOut, "max_payload") {
-		t.Errorf("nexctl workload list over NATS: exit %d, want a word naming max_payload\nstdout: %.200s\nstderr: %s", code, out, errOut)
+	// that does not fit is an error naming max_payload, and nexctl names the node and
+	// its error and exits 1, never "No workloads found". Before caaa126 the client heard
+	// nothing from the node: "No workloads found", exit 0, and no word why; before
+	// 'nexctl workload list' took a node's error for a failure, it warned and still
+	// said "No workloads found", exit 0.
+	if out, errOut, code := n.ctl(t, "workload", "list"); code != 1 || strings.Contains(out, "No workloads found") ||
+		!strings.Contains(errOut, "node "+nodeID+" did not list its workloads") || !strings.Contains(errOut, "max_payload") {
+		t.Errorf("nexctl workload list over NATS: exit %d, want 1 naming node %s and max_payload\nstdout: %.200s\nstderr: %s", code, nodeID, out, errOut)
 	}
 
 	n.signal(t, syscall.SIGTERM)

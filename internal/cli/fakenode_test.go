@@ -60,7 +60,12 @@ type fakeNode struct {
 	// partial, when set, goes on its WPING replies (Nex-Partial) while drains: a
 	// nexlet that does not answer the node, whose workloads the nexlets' counts miss.
 	partial *protocol.PartialList
-	subs    []*nats.Subscription
+	// listError, when set, answers WPING with this error (code 413, as a nexd node
+	// whose list is over max_payload), naming the node (HeaderNode) unless
+	// listErrorUnnamed.
+	listError        string
+	listErrorUnnamed bool
+	subs             []*nats.Subscription
 
 	mu        sync.Mutex
 	deploys   []protocol.StartWorkloadRequest
@@ -274,6 +279,17 @@ func (n *fakeNode) start() *fakeNode {
 		out := []protocol.WorkloadSummary{}
 		n.mu.Lock()
 		defer n.mu.Unlock()
+		if n.listError != "" {
+			r := nats.NewMsg(m.Reply)
+			r.Header.Set(protocol.HeaderErrorCode, "413")
+			r.Header.Set(protocol.HeaderError, n.listError)
+			if !n.listErrorUnnamed {
+				r.Header.Set(protocol.HeaderNode, n.id)
+			}
+			r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: n.listError})
+			_ = m.RespondMsg(r)
+			return
+		}
 		for _, w := range n.workloads {
 			if req.Namespace != protocol.SystemNamespace && deref(w.Namespace) != req.Namespace {
 				continue

@@ -665,6 +665,23 @@ func (e *partialList) which() string {
 	return fmt.Sprintf("%d of its nexlets (the node names them to the system namespace only)", max(1, e.MissingCount))
 }
 
+// listFailed is a node's list answer that carries none of its workloads: an error
+// reply (a list over max_payload, 413; a node that could not ask its nexlets, 500) or
+// one that cannot be read. The node may run workloads all the same.
+type listFailed struct {
+	node string // the node's id (HeaderNode); "" for a node that does not name itself
+	err  error
+}
+
+func (e *listFailed) Error() string {
+	if e.node == "" {
+		return fmt.Sprintf("a node that does not name itself (not a nexd node) did not list its workloads: %v", e.err)
+	}
+	return fmt.Sprintf("node %s did not list its workloads: %v", e.node, e.err)
+}
+
+func (e *listFailed) Unwrap() error { return e.err }
+
 // listWait bounds how long nexctl waits for a nexd node that acknowledged a WPING
 // (HeaderProgress) to answer: the node waits 2 s for its nexlets.
 const listWait = 5 * time.Second
@@ -731,7 +748,7 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 	seen := map[string]bool{}
 	for _, m := range msgs {
 		if err := replyError(m); err != nil {
-			bad = append(bad, err)
+			bad = append(bad, &listFailed{node: m.Header.Get(protocol.HeaderNode), err: err})
 			continue
 		}
 		if p := partialOf(m); p != nil {
@@ -751,7 +768,7 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		}
 		var ws []protocol.WorkloadSummary
 		if err := json.Unmarshal(m.Data, &ws); err != nil {
-			bad = append(bad, fmt.Errorf("workload list reply: %w", err))
+			bad = append(bad, &listFailed{node: m.Header.Get(protocol.HeaderNode), err: fmt.Errorf("unreadable workload list: %w", err)})
 			continue
 		}
 		out = append(out, ws...)

@@ -417,6 +417,55 @@ func TestWorkloadListStopInfoClone(t *testing.T) {
 	}
 }
 
+// TestWorkloadListNodeErrorIsNotEmpty: a node answers the list with an error (a nexd
+// node whose list is over the server's max_payload: 413, naming itself), another with
+// its rows. nexctl prints the rows that came, names the node that failed with its
+// error and exits 1; with no rows at all it does not say "No workloads found". Before,
+// the error was a warning ("ignoring a reply") and nexctl exited 0, printing "No
+// workloads found" when the failing node was the only one with workloads.
+func TestWorkloadListNodeErrorIsNotEmpty(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	url := s.ClientURL()
+	def := "default"
+	good := newFakeNode(t, nc, "GOOD", nil)
+	good.workloads = []protocol.WorkloadSummary{{ID: "W1", Name: "web", Namespace: &def, StartTime: "2026-11-27T11:00:00Z", WorkloadType: "native",
+		WorkloadLifecycle: "service", WorkloadState: protocol.WorkloadRunning, Tags: map[string]string{}}}
+	good.start()
+	const tooBig = "this node's list of 300 workloads is 120001 bytes, over the 64444 one NATS message may carry (max_payload); list them on the node: nexctl workloads"
+	big := newFakeNode(t, nc, "BIG", nil)
+	big.listError = tooBig
+	big.start()
+
+	out, errOut, code := runCLI(t, nil, natsArgs(url, "workload", "list")...)
+	if code != ExitFailed || !strings.Contains(out, "│ W1 ") || !strings.Contains(errOut, "node BIG did not list its workloads: "+tooBig+" (code 413)") ||
+		strings.Contains(errOut, "ignoring") {
+		t.Errorf("list with one node failing: exit %d, want 1, W1's row and BIG named with its error\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	// Only the failing node could hold workloads in namespace other: no "No workloads found".
+	out, errOut, code = runCLI(t, nil, natsArgs(url, "--namespace", "other", "workload", "list")...)
+	if code != ExitFailed || out != "" || !strings.Contains(errOut, "node BIG did not list its workloads") {
+		t.Errorf("list where only the failing node answers: exit %d, want 1, nothing on stdout and BIG named\nstdout: %q\nstderr: %s", code, out, errOut)
+	}
+	out, errOut, code = runCLI(t, nil, natsArgs(url, "--json", "--namespace", "other", "workload", "list")...)
+	var je jsonError
+	if code != ExitFailed || strings.TrimSpace(out) != "[]" || json.Unmarshal([]byte(errOut), &je) != nil || je.Error.ExitCode != ExitFailed ||
+		!strings.Contains(je.Error.Message, "node BIG") {
+		t.Errorf("--json list: exit %d, want 1, [] and a JSON error naming BIG\nstdout: %q\nstderr: %s", code, out, errOut)
+	}
+
+	// A node that does not name itself (an upstream node) is said to be one.
+	anon := newFakeNode(t, nc, "ANON", nil)
+	anon.listError, anon.listErrorUnnamed = "internal error", true
+	anon.start()
+	_, errOut, code = runCLI(t, nil, natsArgs(url, "--namespace", "other", "workload", "list")...)
+	if code != ExitFailed || !strings.Contains(errOut, "2 nodes did not list their workloads") || !strings.Contains(errOut, "\n  node BIG did not") ||
+		!strings.Contains(errOut, "\n  a node that does not name itself (not a nexd node) did not list its workloads: internal error (code 413)") {
+		t.Errorf("list with two nodes failing: exit %d, want 1 naming both\nstderr: %s", code, errOut)
+	}
+}
+
 func TestWorkloadCloneResealsEnvironment(t *testing.T) {
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{NoJetStream: true})

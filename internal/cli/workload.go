@@ -402,7 +402,10 @@ func (a *app) workloadListCmd() *cobra.Command {
 		Short:   "List workloads in the namespace (every namespace from system)",
 		Long: `List workloads in the namespace (every namespace from system). A node whose nexlet did not
 answer it in time (busy, restarting) or answered with an error says so: nexctl prints the
-rows that came, warns on stderr naming the node and the nexlet, and exits 1.`,
+rows that came, warns on stderr naming the node and the nexlet, and exits 1. A node that
+answered the list itself with an error (its list over the NATS server's max_payload, or
+its nexlets could not be asked) is named with its error, after the rows that came, and
+nexctl exits 1: its workloads are unknown, not absent.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			f, done, err := a.connectFleet(cmd.Context())
@@ -414,28 +417,49 @@ rows that came, warns on stderr naming the node and the nexlet, and exits 1.`,
 			if err != nil {
 				return err
 			}
-			var partial []error
+			var partial, failed []error
 			for _, e := range bad {
-				if p := (*partialList)(nil); errors.As(e, &p) {
+				p, lf := (*partialList)(nil), (*listFailed)(nil)
+				switch {
+				case errors.As(e, &p):
 					a.warnf("%v", p)
 					partial = append(partial, p)
-				} else {
+				case errors.As(e, &lf):
+					failed = append(failed, lf)
+				default:
 					a.warnAll([]error{e})
 				}
 			}
-			if a.json {
+			switch {
+			case a.json:
 				if ws == nil {
 					ws = []protocol.WorkloadSummary{}
 				}
 				err = a.printJSON(ws)
-			} else {
+			case len(ws) == 0 && len(failed) > 0:
+				// Not "No workloads found": a node that failed to answer may run some.
+			default:
 				err = renderWorkloadList(a.out(), a.namespace, ws, showMeta)
 			}
-			if err == nil && len(partial) > 0 {
-				// The rows above are all that came; a script must not take them for all.
-				return exitError{ExitFailed, fmt.Errorf("the list is partial: %d node(s) could not list every nexlet's workloads (see the warnings)", len(partial))}
+			if err != nil {
+				return err
 			}
-			return err
+			// The rows above are all that came; a script must not take them for all.
+			var why []string
+			switch {
+			case len(failed) == 1:
+				why = append(why, fmt.Sprintf("%v; its workloads are not among the rows shown", failed[0]))
+			case len(failed) > 1:
+				why = append(why, fmt.Sprintf("%d nodes did not list their workloads, which are not among the rows shown:\n  %s",
+					len(failed), strings.ReplaceAll(errors.Join(failed...).Error(), "\n", "\n  ")))
+			}
+			if len(partial) > 0 {
+				why = append(why, fmt.Sprintf("the list is partial: %d node(s) could not list every nexlet's workloads (see the warnings)", len(partial)))
+			}
+			if len(why) > 0 {
+				return exitError{ExitFailed, errors.New(strings.Join(why, "; and "))}
+			}
+			return nil
 		},
 	}
 	cmd.Flags().StringSliceVar(&filter, "filter", nil, "only workloads with this id or name (repeatable)")
