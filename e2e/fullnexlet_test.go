@@ -141,6 +141,10 @@ func TestFullNexletNoBidSaysMaxWorkloads(t *testing.T) {
 		len(info.Summaries) != 1 || info.Summaries[0].MaxWorkloads != 1 {
 		t.Fatalf("node info: %v, %+v; want one nexlet with nexd_max_workloads 1", err, info)
 	}
+	// The table says it too (before, only --json did).
+	if out := n.mustCtl(t, "node", "info", id); !strings.Contains(out, "│ 1 (max 1: full) ") {
+		t.Errorf("node info's table does not show the nexlet full at its max_workloads:\n%s", out)
+	}
 	start := time.Now()
 	out, errOut, code := n.ctl(t, "workload", "run", "--name", "second", "--", "/bin/sleep", "600")
 	took := time.Since(start)

@@ -196,7 +196,7 @@ func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool, now 
 		header = []string{"", "Name", "Workload Type", "Running Workloads"}
 		for _, a := range agents {
 			rows = append(rows, []string{stoplight(a) + endsUnheardText(" ", a.EndsUnheard, now), fmt.Sprintf("%s [%s]", a.AgentSummary.Name, a.AgentSummary.Version),
-				a.AgentSummary.Type, strconv.Itoa(a.AgentSummary.WorkloadCount)})
+				a.AgentSummary.Type, workloadCountText(a)})
 		}
 	} else {
 		header = []string{"Health", "Id", "Name", "Workload Type", "Start Time", "State", "Supported Lifecycles", "Running Workloads", "Last Heartbeat"}
@@ -204,10 +204,24 @@ func renderNodeInfo(w io.Writer, info protocol.NodeInfoResponse, full bool, now 
 			rows = append(rows, []string{fmt.Sprintf("%s [%s]", stoplight(a), a.AgentHealth) + endsUnheardText(", ", a.EndsUnheard, now), a.AgentID,
 				fmt.Sprintf("%s [%s]", a.AgentSummary.Name, a.AgentSummary.Version), a.AgentSummary.Type,
 				a.AgentSummary.StartTime.Format(time.RFC3339), a.AgentSummary.State, a.AgentSummary.SupportedLifecycles,
-				strconv.Itoa(a.AgentSummary.WorkloadCount), a.AgentLastHeartbeatTime.Format(time.RFC3339)})
+				workloadCountText(a), a.AgentLastHeartbeatTime.Format(time.RFC3339)})
 		}
 	}
 	return table(w, "Running Agents", header, rows)
+}
+
+// workloadCountText is a nexlet's running workloads with its max_workloads when the
+// node says it (nexd_max_workloads; absent: no bound, or a node that does not say):
+// "3 (max 10)", "1 (max 1: full)", where a full nexlet gets no bid from its node.
+func workloadCountText(a protocol.NodeAgentSummary) string {
+	count := a.AgentSummary.WorkloadCount
+	switch {
+	case a.MaxWorkloads <= 0:
+		return strconv.Itoa(count)
+	case count >= a.MaxWorkloads:
+		return fmt.Sprintf("%d (max %d: full)", count, a.MaxWorkloads)
+	}
+	return fmt.Sprintf("%d (max %d)", count, a.MaxWorkloads)
 }
 
 // endsUnheardText marks a nexlet whose workload ends its node does not hear (its list

@@ -105,8 +105,10 @@ func TestRenderNodeInfo(t *testing.T) {
 			{AgentID: "A2", AgentHealth: protocol.HealthDegraded, AgentLastHeartbeatTime: now,
 				EndsUnheard:  &protocol.EndsUnheard{Since: now.Add(-90 * time.Second), Rounds: 18, Checks: "listed_twice,answers_extra"},
 				AgentSummary: protocol.AgentSummary{Name: "wasm", Version: "0.1", Type: "wasm", StartTime: now.Add(-time.Hour), State: "running", SupportedLifecycles: "function", WorkloadCount: 0}},
-			{AgentID: "A1", AgentHealth: protocol.HealthHealthy, AgentHealthStoplight: protocol.Stoplight(protocol.HealthHealthy), AgentLastHeartbeatTime: now,
+			{AgentID: "A1", AgentHealth: protocol.HealthHealthy, AgentHealthStoplight: protocol.Stoplight(protocol.HealthHealthy), AgentLastHeartbeatTime: now, MaxWorkloads: 10,
 				AgentSummary: protocol.AgentSummary{Name: "go_exec", Version: "0.3.0", Type: "native", StartTime: now.Add(-time.Hour), State: "running", SupportedLifecycles: "job,service", WorkloadCount: 3}},
+			{AgentID: "A3", AgentHealth: protocol.HealthHealthy, AgentHealthStoplight: protocol.Stoplight(protocol.HealthHealthy), AgentLastHeartbeatTime: now, MaxWorkloads: 1,
+				AgentSummary: protocol.AgentSummary{Name: "one_only", Version: "0.3.0", Type: "native", StartTime: now.Add(-time.Hour), State: "running", SupportedLifecycles: "job,service", WorkloadCount: 1}},
 		}}
 	for _, full := range []bool{false, true} {
 		var b bytes.Buffer
