@@ -513,9 +513,13 @@ func (n *Node) owns(workloadID string) bool {
 func (n *Node) handleUndeploy(r micro.Request) {
 	st := steps.Start(n.log) // nil unless the node logs at debug level
 	workloadID := protocol.Token(r.Subject(), 5)
+	// Every answer names the node, its errors too: a client waiting for the holder's
+	// answer (after its word, or as the listing named it) takes a failure there for
+	// that answer, not for one of the other nodes' (TestStopFailureNamesNode).
+	named := micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}})
 	var req protocol.StopWorkloadRequest
 	if err := protocol.Decode(r.Data(), &req); err != nil {
-		n.fail(r, 400, "bad stop workload request", err)
+		n.fail(r, 400, "bad stop workload request", err, named)
 		return
 	}
 	if _, ok := n.checkNamespace(r, req.Namespace); !ok {
@@ -543,7 +547,7 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	}
 	resp, err := n.stopWorkloadSaying(n.ctx, req.Namespace, workloadID, stopping)
 	if err != nil {
-		n.fail(r, 500, "failed to ask nexlets to stop a workload", err)
+		n.fail(r, 500, "failed to ask nexlets to stop a workload", err, named)
 		return
 	}
 	st.Step("nexlet") // to the nexlet and back: it answers once the workload is gone
@@ -568,7 +572,7 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	}
 	// Named, so a client that knows which node holds the workload waits for its
 	// answer and not only for the first "not found" of the others (nexctl's migrate).
-	if err := r.RespondJSON(resp, micro.WithHeaders(micro.Headers{protocol.HeaderNode: {n.id}})); err != nil {
+	if err := r.RespondJSON(resp, named); err != nil {
 		n.log.Warn("failed to send reply", "subject", r.Subject(), "err", err)
 	}
 	st.Step("reply")

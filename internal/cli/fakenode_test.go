@@ -47,6 +47,9 @@ type fakeNode struct {
 	// which then comes only when wordOnly is false.
 	stopWord nats.Header
 	wordOnly bool
+	// stopFail, when set, answers a stop (after the word) with this error, code 500,
+	// naming the node (HeaderNode), as a nexd node whose stop failed there does.
+	stopFail string
 	// heldDeploy, when set, hears each deploy, which is never answered (a start
 	// still under way).
 	heldDeploy chan<- struct{}
@@ -329,6 +332,15 @@ func (n *fakeNode) start() *fakeNode {
 			if n.wordOnly {
 				return
 			}
+		}
+		if n.stopFail != "" {
+			r := nats.NewMsg(m.Reply)
+			r.Header.Set(protocol.HeaderErrorCode, "500")
+			r.Header.Set(protocol.HeaderError, "failed to ask nexlets to stop a workload")
+			r.Header.Set(protocol.HeaderNode, n.id)
+			r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: n.stopFail})
+			_ = m.RespondMsg(r)
+			return
 		}
 		n.respond(m, protocol.StopWorkloadResponse{ID: id, Stopped: n.stopOK, Message: map[bool]string{true: "stopped", false: "workload not found"}[n.stopOK], WorkloadType: "native"})
 	})

@@ -855,6 +855,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 	}
 	var errs []error
 	heardHolder, anonymous := false, false
+	speaker := "" // the node whose "stopping" word came (HeaderNode)
 	deadline := time.Now().Add(f.first)
 	for {
 		left := time.Until(deadline)
@@ -884,6 +885,9 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 		anonymous = anonymous || from == "" // upstream's, or a nexd's before it named itself
 		if m.Header.Get(protocol.HeaderProgress) != "" && len(m.Data) == 0 && replyError(m) == nil {
 			stopping = true
+			if speaker == "" {
+				speaker = from
+			}
 			if !wait {
 				ret.Message = "stopping"
 				if why := m.Header.Get(protocol.HeaderStopUnrecorded); why != "" {
@@ -898,6 +902,11 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 			deadline = time.Now().Add(f.stall)
 		}
 		if err := replyError(m); err != nil {
+			if from != "" && (fromHolder || from == speaker) {
+				// The holding node's answer is this error: no other is coming from it
+				// (before, nexctl waited on, after a word up to stopWait).
+				return ret, stopping, &stopFailed{node: from, err: err}
+			}
 			errs = append(errs, err)
 			continue
 		}
@@ -926,6 +935,26 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 		ret.Message = fmt.Sprintf("node %s, which held it, did not answer the stop within %s (nor did any other node stop it)", holder, f.first)
 	}
 	return ret, stopping, errors.Join(errs...)
+}
+
+// stopFailed is the error answer of the node holding a workload (the listing named it,
+// or it said it was stopping it) to its stop.
+type stopFailed struct {
+	node string
+	err  error
+}
+
+func (e *stopFailed) Error() string {
+	return fmt.Sprintf("node %s, which holds it, answered the stop with an error: %v", e.node, e.err)
+}
+
+func (e *stopFailed) Unwrap() error { return e.err }
+
+// unknown says whether the stop may have gone on there: a node error (5xx) may come
+// after the stop was handed to its nexlet (a node stopping cancels its handlers).
+func (e *stopFailed) unknown() bool {
+	var ne *nodeError
+	return errors.As(e.err, &ne) && ne.Code >= 500
 }
 
 // cloneRequest fetches a workload's start request.

@@ -1,8 +1,11 @@
 package cli
 
 import (
+	"bytes"
+	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -45,6 +48,51 @@ func TestNoWaitStopRecordedOrNot(t *testing.T) {
 			}
 			if c.code == 1 && !strings.Contains(errOut, "not confirmed recorded") {
 				t.Errorf("the error does not say the stop is not confirmed recorded: %q", errOut)
+			}
+		})
+	}
+}
+
+// TestStopHolderErrorReported: the node holding a workload answers its stop with an
+// error (500: a nexd node that stopped while its nexlet had not answered), naming
+// itself as its stop answers do; another node answers "not found". nexctl reports the
+// holder's error at once, naming the node, with the outcome unknown (exit 3: the stop
+// may have reached the nexlet), never "not found" or "still stopping". Before, after
+// the holder's "stopping" word the error was set aside and nexctl waited out its
+// 5m30s bound (here the run's 30 s context), then said "was not stopped: workload not
+// found", exit 1; the holder named by the listing without a word got its error read as
+// any node's, unnamed, exit 1.
+func TestStopHolderErrorReported(t *testing.T) {
+	t.Parallel()
+	const id = "aDqYSZ2aIvLTDISr3fAsgI"
+	const failure = "internal server error (error_id E1 in the node's log)"
+	def := "default"
+	for _, c := range []struct {
+		name string
+		word bool // the holder says it is stopping it first; else the listing names it
+	}{{"after its word", true}, {"named by the listing", false}} {
+		t.Run(c.name, func(t *testing.T) {
+			s := testnats.Start(t, testnats.Options{NoJetStream: true})
+			nc := testnats.Connect(t, s)
+			holder := newFakeNode(t, nc, "HOLDER", nil)
+			holder.stopFail = failure
+			if c.word {
+				holder.stopWord = nats.Header{protocol.HeaderNode: {"HOLDER"}}
+			} else {
+				holder.drains = true // its WPING answers name it
+				holder.workloads = []protocol.WorkloadSummary{{ID: id, Name: "web", Namespace: &def, WorkloadType: "native",
+					WorkloadLifecycle: "service", WorkloadState: protocol.WorkloadRunning, Tags: map[string]string{}}}
+			}
+			holder.start()
+			newFakeNode(t, nc, "OTHER", nil).start() // answers "not found"
+
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			var out, errb bytes.Buffer
+			code := Main(ctx, natsArgs(s.ClientURL(), "workload", "stop", id), IO{Stdout: &out, Stderr: &errb})
+			want := "node HOLDER, which holds it, answered the stop with an error: " + failure + " (code 500); whether it stopped is unknown"
+			if code != ExitUnknown || !strings.Contains(errb.String(), want) {
+				t.Errorf("exit %d, %q %q; want exit %d with %q", code, out.String(), errb.String(), ExitUnknown, want)
 			}
 		})
 	}

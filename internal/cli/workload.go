@@ -330,7 +330,8 @@ the nexlet from then on does not undo it; exit 1 when the nexlet did not confirm
 within 2s (the stop was sent and may still complete). WORKLOAD is an id, a name or a unique
 id prefix; when no running workload matches, the nodes' memory of the workloads stopped
 within the hour in this namespace is searched the same way. Exit 1 when nothing was
-stopped (not found, or the node could not stop it).`,
+stopped (not found, or the node could not stop it); exit 3 when the node holding it
+answered with an error of its own (5xx): the stop may have gone on there.`,
 		Args:              exactArgs(1, "WORKLOAD"),
 		ValidArgsFunction: a.completeWorkloads(),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -359,6 +360,12 @@ stopped (not found, or the node could not stop it).`,
 			if stopping && noWait && errors.As(err, &unrecorded) {
 				// Sent, and maybe under way, but not known to survive a crash.
 				return exitError{ExitFailed, fmt.Errorf("workload %s: the node is stopping it, but the stop is not confirmed recorded: %s; a restart of nexd or of that nexlet now may leave it running or start it again (check 'nexctl workload list', or stop it again)", id, unrecorded)}
+			}
+			if sf := (*stopFailed)(nil); errors.As(err, &sf) && !r.Stopped {
+				if sf.unknown() {
+					return exitError{ExitUnknown, fmt.Errorf("stop workload %s: %w; whether it stopped is unknown: 'nexctl workload list' shows it if it runs", id, err)}
+				}
+				return fmt.Errorf("stop workload %s: %w", id, err)
 			}
 			if guessed && err == nil && !r.Stopped && !stopping && r.Message == protocol.ErrTextWorkloadNotFound {
 				return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches, and no node holds it)", args[0], f.ns)
