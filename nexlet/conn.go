@@ -71,6 +71,9 @@ func IdentityFromEnv(env func(string) string) (nodeID, agentID string, err error
 	return nodeID, agentID, nil
 }
 
+// flusherTimeout bounds one socket write to the server (see connect).
+const flusherTimeout = 10 * time.Second
+
 // Connect opens a NATS connection from connection data: JWT+seed, nkey+seed or
 // user/password, TLS (file paths or inline PEM) and the private inbox prefix. Empty
 // servers mean nats.DefaultURL. extra options come last.
@@ -84,7 +87,12 @@ func connect(cd protocol.NatsConnectionData, name string, live *liveCreds, extra
 	if cd.ConnName != "" {
 		name = cd.ConnName
 	}
-	opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.Timeout(10 * time.Second)}
+	opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.Timeout(10 * time.Second),
+		// A write to a server that stopped reading holds the connection's lock, and
+		// with it every publish, request and answer of the nexlet, until its deadline:
+		// nats.go's 1 min froze the nexlet that long. A write cut short closes the
+		// socket (a partial protocol op) and reconnects. nexd's own bound (natsconn).
+		nats.FlusherTimeout(flusherTimeout)}
 	tlsOpts, err := tlsOptions(cd)
 	if err != nil {
 		return nil, err
