@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -247,4 +249,85 @@ func retiredUID(t *testing.T, uid uint32) (*users, []ident) {
 		t.Fatal("not retired")
 	}
 	return us, ids
+}
+
+// TestReleaseRemovesNoLeftoversOfNewHolder: a release removes what its uid left behind
+// (files it owns in /tmp and /dev/shm, its System V IPC objects) before it frees the
+// lease. Here the lease changes hands after the release checked it (keepRetired), as in
+// TestReleaseKillsNoLeaseChangedMidRelease, and the new holder has a file in /tmp, one
+// in /dev/shm and a System V shared memory segment, owned by the uid. The removal runs
+// under the lease lock once the lease is seen to be still this nexlet's retirement, as
+// the kills do (8da7225): all three survive, the lease stays the holder's, and the
+// release says why. Before, the removal ran before the lock and the check: all three
+// were removed.
+func TestReleaseRemovesNoLeftoversOfNewHolder(t *testing.T) {
+	const uid = 2000613
+	us, ids := retiredUID(t, uid)
+	holder := t.TempDir()
+	var files []string
+	shm := -1
+	us.releaseChecked = func() {
+		// The uid passes to another holder after the release checked its lease, and
+		// the holder's workload makes files and a segment as the uid.
+		if err := us.hold(uid, holder); err != nil {
+			t.Error(err)
+		}
+		for _, dir := range []string{"/tmp", "/dev/shm"} {
+			f, err := os.CreateTemp(dir, "nexd-test-holder-")
+			if err != nil {
+				t.Error(err)
+				continue
+			}
+			f.Close()
+			files = append(files, f.Name())
+			if err := os.Chown(f.Name(), uid, uid); err != nil {
+				t.Error(err)
+			}
+		}
+		id, err := unix.SysvShmGet(unix.IPC_PRIVATE, 4096, unix.IPC_CREAT|0o600)
+		if err != nil {
+			t.Errorf("shmget: %v", err)
+			return
+		}
+		shm = id
+		var desc unix.SysvShmDesc
+		if _, err := unix.SysvShmCtl(id, unix.IPC_STAT, &desc); err != nil {
+			t.Errorf("shmctl IPC_STAT: %v", err)
+			return
+		}
+		desc.Perm.Uid, desc.Perm.Gid = uid, uid
+		if _, err := unix.SysvShmCtl(id, unix.IPC_SET, &desc); err != nil {
+			t.Errorf("shmctl IPC_SET: %v", err)
+		}
+	}
+	defer func() {
+		for _, f := range files {
+			_ = os.Remove(f)
+		}
+		if shm >= 0 {
+			_, _ = unix.SysvShmCtl(shm, unix.IPC_RMID, nil)
+		}
+	}()
+
+	_, err := us.releaseCounted(ids)
+	b, _ := os.ReadFile(us.leasePath(uid))
+	removed := 0
+	for _, f := range files {
+		if _, serr := os.Lstat(f); serr != nil {
+			removed++
+			t.Errorf("the new holder's %s was removed: %v", f, serr)
+		}
+	}
+	var desc unix.SysvShmDesc
+	if _, serr := unix.SysvShmCtl(shm, unix.IPC_STAT, &desc); shm < 0 || serr != nil {
+		removed++
+		t.Errorf("the new holder's System V segment %d was removed: %v", shm, serr)
+	}
+	t.Logf("uid %d's lease changed hands mid-release: %d of %d of the new holder's leftovers removed; err %v; lease %q", uid, removed, len(files)+1, err, b)
+	if leaseOwner(b) != holder {
+		t.Errorf("lease names %q, want the new holder %s", leaseOwner(b), holder)
+	}
+	if err == nil || !strings.Contains(err.Error(), "stopped being this nexlet's retirement") {
+		t.Errorf("release error %v; want one saying the lease changed hands", err)
+	}
 }

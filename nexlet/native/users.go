@@ -473,19 +473,17 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	// What the uids without survivors left behind goes before their leases.
-	gone := map[uint32]bool{}
-	for uid := range want {
-		if _, ok := survivors[uid]; !ok {
-			gone[uid] = true
-		}
-	}
-	failed := removeLeftovers(u.proc, gone)
 	unlock, err := u.lock()
 	if err != nil {
 		return killed, errors.Join(append(errs, err)...)
 	}
 	defer unlock()
+	// What the uids without survivors left behind goes before their leases, under the
+	// lease lock and only while each lease is still this nexlet's retirement, as the
+	// kills (killRetired): a lease that changed hands during the release is another
+	// holder's, whose files, shared memory and IPC objects are the uid's too
+	// (TestReleaseRemovesNoLeftoversOfNewHolder).
+	gone := map[uint32]bool{}
 	for uid := range want {
 		if pids, ok := survivors[uid]; ok {
 			errs = append(errs, fmt.Errorf("dynamic uid %d: processes %v survive SIGKILL; the uid stays leased", uid, pids))
@@ -494,9 +492,13 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 		if b, err := os.ReadFile(u.leasePath(uid)); err != nil || !u.retiredBySelf(b) {
 			// Its lease changed hands during the release (see killRetired): not ours
 			// to remove, or the uid would be handed out while its holder runs as it.
-			errs = append(errs, fmt.Errorf("dynamic uid %d: not freed: its lease stopped being this nexlet's retirement during the release", uid))
+			errs = append(errs, fmt.Errorf("dynamic uid %d: not freed, its leftovers not removed: its lease stopped being this nexlet's retirement during the release", uid))
 			continue
 		}
+		gone[uid] = true
+	}
+	failed := removeLeftovers(u.proc, gone)
+	for uid := range gone {
 		if err := u.freeLocked(uid, failed[uid]); err != nil {
 			errs = append(errs, err)
 		}
