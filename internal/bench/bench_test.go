@@ -281,6 +281,11 @@ func TestCompareWorkloadsRun(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer h.stopNode(n)
+		// Its leases and systemd's locks are its own: so are its uids (ownUIDRange), or
+		// its releases could kill other nexlets' workloads of the default range.
+		if lo := nodeUIDRangeStart(t, n.Pid()); lo <= 65519 {
+			t.Errorf("the node's workload uids from %d: not a range of its own above the host's default 61184-65519", lo)
+		}
 		place(t, ns.URL())
 		mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", n.Pid()))
 		if err != nil {

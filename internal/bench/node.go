@@ -106,10 +106,15 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 	}
 	cmd := exec.Command(spec.Nexd, args...)
 	var unshare uintptr
+	var uids *os.File // the reservation of its uid range (ownUIDRange), held while it runs
 	if spec.RuntimeTmpfs != "" {
 		// nexd's default runtime dir, <state_dir>/run, made here as the mount point.
 		run := filepath.Join(spec.Dir, "state", "run")
-		if err := os.MkdirAll(run, 0o700); err != nil {
+		err := os.MkdirAll(run, 0o700)
+		if err == nil {
+			args, uids, err = ownUIDRange(args)
+		}
+		if err != nil {
 			conn.Close()
 			logf.Close()
 			return nil, fmt.Errorf("node %s: %w", spec.Name, err)
@@ -133,6 +138,9 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 	if err := cmd.Start(); err != nil {
 		conn.Close()
 		logf.Close()
+		if uids != nil {
+			uids.Close()
+		}
 		return nil, fmt.Errorf("node %s: exec %s: %w", spec.Name, spec.Nexd, err)
 	}
 	logf.Close()
@@ -145,6 +153,9 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 	}()
 	go func() {
 		_ = cmd.Wait()
+		if uids != nil {
+			uids.Close()
+		}
 		conn.Close()
 		<-read
 		close(n.exited)
@@ -397,9 +408,9 @@ const runtimeTmpfsCmd = "runtime-tmpfs"
 // (/run/nex), workload directories and uid leases are; on a host whose /run is on disk
 // (this project's test machines: journal-less ext4) each file a deploy cycle makes and
 // removes there costs more the more were removed just before. The leases and systemd's
-// uid locks are then seen by this nexd's nexlet alone: another nexlet on the host may
-// lease the same uid (its /proc walk still sees running processes), so a run beside
-// other nodes is best given a uid range of its own (--nexd-arg=--workload-uid-range=...).
+// uid locks are then seen by this nexd's nexlet alone: another nexlet on the host could
+// lease the same uid (its /proc walk sees only running processes), so startNode gives
+// such a node a uid range of its own (ownUIDRange) unless its arguments name one.
 func runtimeTmpfs(args []string, stderr io.Writer) int {
 	if len(args) < 3 || args[1] != "--" {
 		fmt.Fprintln(stderr, "nexbench runtime-tmpfs: want RUNDIR -- NEXD ARGS...")

@@ -3,11 +3,14 @@ package native
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
 	"testing"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // TestHostIDsFollowTheirFiles: the ids are read as os/user reads them (comments, '+'
@@ -124,10 +127,7 @@ func BenchmarkHostUses(b *testing.B) {
 // check) is refused when a deploy takes it, and its lease removed.
 func TestPooledUIDThatBecameAHostUserIsNotTaken(t *testing.T) {
 	needRoot(t)
-	const uid = 2000105
-	if newHostIDs().uses(uid) {
-		t.Skip("uid 2000105 is in use on this host")
-	}
+	uid := testkit.UIDs(t, 1)
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +142,7 @@ func TestPooledUIDThatBecameAHostUserIsNotTaken(t *testing.T) {
 	if err != nil || len(ids) != 1 || ids[0].uid != uid {
 		t.Fatalf("leased %v: %v", ids, err)
 	}
-	if err := os.WriteFile(us.hosts.group, []byte("wheel:x:0:\nlate:x:2000105:\n"), 0o644); err != nil {
+	if err := os.WriteFile(us.hosts.group, []byte(fmt.Sprintf("wheel:x:0:\nlate:x:%d:\n", uid)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	p := &uidPool{u: us, owner: owner}

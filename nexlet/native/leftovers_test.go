@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -20,13 +21,9 @@ import (
 // the unit's TemporaryFileSystem= shares between its workloads) before the uid is free.
 func TestAttackLeftoversOfAReusedUID(t *testing.T) {
 	needRoot(t)
-	lo, hi, err := ParseUIDRange("2000300-2000300")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if newHostIDs().uses(lo) {
-		t.Skip("uid 2000300 is in use on this host")
-	}
+	lo := testkit.UIDs(t, 1)
+	hi := lo
+	uid := strconv.FormatUint(uint64(lo), 10)
 	bin := bins.Path(t, "./testdata/leftovers")
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
@@ -43,14 +40,14 @@ func TestAttackLeftoversOfAReusedUID(t *testing.T) {
 	fn.mustStart("planter", startReq(protocol.LifecycleJob, "planter", map[string]any{"uri": script(t, "exec "+bin+" plant "+tag+" "+secret)}, fn.creds()))
 	fn.waitLog("planter", "stdout", "planted")
 	testkit.Eventually(t, "the planter's uid released", func() bool {
-		_, err := os.Stat(filepath.Join(leases, "2000300"))
+		_, err := os.Stat(filepath.Join(leases, uid))
 		return fn.hasStoppedEvent("planter") && os.IsNotExist(err)
 	})
 
 	// The next workload gets the same uid (the range holds one); any tenant's could.
 	fn.mustStart("thief", startReq(protocol.LifecycleJob, "thief", map[string]any{"uri": script(t, "exec "+bin+" steal "+tag)}, fn.creds()))
 	fn.waitLog("thief", "stdout", "done")
-	fn.waitLog("thief", "stdout", "uid 2000300")
+	fn.waitLog("thief", "stdout", "uid "+uid)
 	for _, l := range fn.logLines("thief", "stdout") {
 		if strings.HasPrefix(l, "stolen") {
 			t.Errorf("the next workload of the uid read the last one's leftover: %s", l)
@@ -65,7 +62,7 @@ func TestAttackLeftoversOfAReusedUID(t *testing.T) {
 // was there for the next one to read; now taking over such a lease removes them first.
 func TestAttackLeftoversOfAStaleLease(t *testing.T) {
 	needRoot(t)
-	const uid = 1061700
+	uid := testkit.UIDs(t, 1)
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +77,7 @@ func TestAttackLeftoversOfAStaleLease(t *testing.T) {
 	if err := os.WriteFile(left, []byte("secret"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chown(left, uid, uid); err != nil {
+	if err := os.Chown(left, int(uid), int(uid)); err != nil {
 		t.Fatal(err)
 	}
 	ids, err := us.leaseFreshN(t.TempDir(), 1)

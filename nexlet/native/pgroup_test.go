@@ -144,7 +144,14 @@ func TestStopInBackoffSparesRecycledProcessGroup(t *testing.T) {
 		return
 	}
 	fn := newFakeNode(t)
-	tn := fn.startNexlet(Config{}) // no cgroup subtree: workloads in process groups
+	// No cgroup subtree: workloads in process groups. Its uids, leases and systemd's
+	// locks are its own, not the host's shared ones: from this pid namespace a host
+	// nexlet's pooled or retired lease names an owner that looks gone (/proc/<pid> is
+	// the namespace's), so a lease here takes such a uid as stale wherever no systemd
+	// lock guards it, and its walks see none of the host's processes running as a uid.
+	lo := testkit.UIDs(t, 16)
+	tn := fn.startNexlet(Config{Users: UserPolicy{UIDMin: lo, UIDMax: lo + 15, LeaseDir: t.TempDir(),
+		SystemdUIDDir: filepath.Join(t.TempDir(), "dynamic-uid")}})
 	if tn.iso.mode() != "none" {
 		t.Fatalf("isolation %s, want none", tn.iso.mode())
 	}

@@ -272,10 +272,7 @@ func TestShutdownRunsHeldTidies(t *testing.T) {
 // release's batch; before, never while the tidy waited.
 func TestShortOfUIDsRunsHeldTidies(t *testing.T) {
 	needRoot(t)
-	const uid = 2000104
-	if newHostIDs().uses(uid) {
-		t.Skip("uid 2000104 is in use on this host")
-	}
+	uid := testkit.UIDs(t, 1)
 	fn := newFakeNode(t)
 	tn := fn.startNexletHooked(Config{Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: t.TempDir(), Pool: 1}},
 		func(n *Nexlet) { n.quiet = newQuietGate(time.Hour, time.Hour, 64) })

@@ -165,7 +165,8 @@ func TestPoolsWaitForRegistration(t *testing.T) {
 	// systemd lock, so no other nexlet of the host (e2e's nodes, in the same make test)
 	// sees its uids as leased; in the shared 61184-65519 another could lease the uid of
 	// its workload, which its stop's release (a kill by uid) would then SIGKILL.
-	const lo, hi = 2000700, 2000700 + 4*DefaultUIDPool
+	lo := testkit.UIDs(t, 4*DefaultUIDPool+1)
+	hi := lo + 4*DefaultUIDPool
 	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Users: UserPolicy{LeaseDir: lease, Pool: DefaultUIDPool, UIDMin: lo, UIDMax: hi},
 		Logger: slog.New(slog.DiscardHandler), PoolsAfter: registered})
 	if err != nil {

@@ -83,10 +83,10 @@ func probeSystemdLock(t *testing.T, path string) string {
 // probe gets EAGAIN), unlinks and drops it on release (the probe gets it again), and
 // a uid whose lock another process holds is not leased.
 func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
-	const uid = 2000400
+	uid := testkit.UIDs(t, 1)
 	sd := sdTestDir(t, uid)
 	leases := t.TempDir()
-	lockPath := filepath.Join(sd, strconv.Itoa(uid))
+	lockPath := filepath.Join(sd, strconv.Itoa(int(uid)))
 	fn := newFakeNode(t)
 	first := fn.startNexlet(Config{Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases, SystemdUIDDir: sd}})
 	run := startReq(protocol.LifecycleService, "w", map[string]any{"uri": script(t, "echo up; exec sleep 1000")}, fn.creds())
@@ -115,7 +115,7 @@ func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
 	// range is taken by the running workload anyway: a second workload must not get it).
 	fn.stop("w", testNS)
 	testkit.Eventually(t, "the uid released", func() bool {
-		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(uid)))
+		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(int(uid))))
 		return os.IsNotExist(err)
 	})
 	if err := lstatReleased(t, leases, lockPath); !os.IsNotExist(err) {
@@ -140,10 +140,10 @@ func TestAttackSystemdDynamicUserGetsAWorkloadsUID(t *testing.T) {
 // such end, an empty lock file in systemd's directory until reboot. Now a release also
 // removes a lock file nobody holds, and leaves one another process holds (systemd's).
 func TestSystemdUIDLockFileGoesWithAnUnwatchedEnd(t *testing.T) {
-	const uid = 2000401
+	uid := testkit.UIDs(t, 1)
 	sd := sdTestDir(t, uid)
 	leases := t.TempDir()
-	lockPath := filepath.Join(sd, strconv.Itoa(uid))
+	lockPath := filepath.Join(sd, strconv.Itoa(int(uid)))
 	pol := UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases, SystemdUIDDir: sd}
 	fn := newFakeNode(t)
 	runtime := t.TempDir()
@@ -176,7 +176,7 @@ func TestSystemdUIDLockFileGoesWithAnUnwatchedEnd(t *testing.T) {
 	fn.replayWith(Config{RuntimeDir: runtime, Users: pol}, "w", req)
 	fn.endedOnce("w")
 	testkit.Eventually(t, "the uid released", func() bool {
-		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(uid)))
+		_, err := os.Stat(filepath.Join(leases, strconv.Itoa(int(uid))))
 		return os.IsNotExist(err)
 	})
 	if err := lstatReleased(t, leases, lockPath); !os.IsNotExist(err) {
@@ -225,7 +225,7 @@ func holdSystemdLock(t *testing.T, path string) {
 // (systemd never removes it; a host's clean-up or a test may) is made again at the next
 // lease, as systemd's pick_uid makes it; before, every lease failed with ENOENT.
 func TestSystemdUIDLockDirMadeAgain(t *testing.T) {
-	const uid = 2000410
+	uid := testkit.UIDs(t, 1)
 	sd := sdTestDir(t, uid)
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid, SystemdUIDDir: sd}, t.TempDir())
 	if err != nil {
@@ -245,7 +245,7 @@ func TestSystemdUIDLockDirMadeAgain(t *testing.T) {
 	if !us.retire(ids[0].uid, owner) {
 		t.Fatalf("uid %d not retired", ids[0].uid)
 	}
-	if _, err := os.Stat(filepath.Join(sd, strconv.Itoa(uid))); err != nil {
+	if _, err := os.Stat(filepath.Join(sd, strconv.Itoa(int(uid)))); err != nil {
 		t.Errorf("lock file: %v", err)
 	}
 	if err := us.release(ids[0]); err != nil {

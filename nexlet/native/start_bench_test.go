@@ -50,7 +50,13 @@ func benchNexletLog(b testing.TB, pool int, spec string, log *slog.Logger) *Nexl
 	if err := os.Mkdir(lease, 0o700); err != nil {
 		b.Fatal(err)
 	}
-	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Cgroup: spec, Users: UserPolicy{LeaseDir: lease, Pool: pool}, Logger: log})
+	// Its leases are its own (and it takes no systemd locks), so its uids are too: in
+	// the default range shared with the host's nexlets (e2e nodes beside this package)
+	// it could lease a uid another nexlet had just leased, and its releases SIGKILLed
+	// that nexlet's workload (seen with e2e TestLiveRestore's).
+	lo := testkit.UIDs(b, 1024)
+	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Cgroup: spec,
+		Users: UserPolicy{LeaseDir: lease, Pool: pool, UIDMin: lo, UIDMax: lo + 1023}, Logger: log})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -312,6 +318,11 @@ func TestUIDPool(t *testing.T) {
 	}
 	n := benchNexlet(t, 2)
 	lease := n.users.pol.LeaseDir
+	// A lease directory of its own and no systemd locks: its uids must be its own too,
+	// or its releases kill the workloads of the host's nexlets that share the range.
+	if p := n.users.pol; p.UIDMin <= DefaultUIDMax && p.UIDMax >= DefaultUIDMin {
+		t.Errorf("the bench nexlet leases in %s with uids %d-%d, within the host's shared %d-%d", p.LeaseDir, p.UIDMin, p.UIDMax, DefaultUIDMin, DefaultUIDMax)
+	}
 	mine := "/proc/" + strconv.Itoa(os.Getpid())
 	pooled := func() []string {
 		var out []string

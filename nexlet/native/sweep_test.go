@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/procid"
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // TestSweepStaleKeepsWhatIsHeld: the sweep of a nexlet's start (sweepStale) removes
@@ -23,7 +24,7 @@ import (
 // another process holds, a lock file with systemd's user name in it and one outside
 // its range.
 func TestSweepStaleKeepsWhatIsHeld(t *testing.T) {
-	const lo = 2000500
+	lo := testkit.UIDs(t, 10)
 	sd := sdTestDir(t, lo)
 	leases := t.TempDir()
 	us, err := newUsers(UserPolicy{LeaseDir: leases, UIDMin: lo, UIDMax: lo + 9, SystemdUIDDir: sd}, t.TempDir())
@@ -103,7 +104,7 @@ func TestSweepStaleKeepsWhatIsHeld(t *testing.T) {
 // every runtime directory no nexlet came back to left its directory there: 38,678 after
 // a day of test runs here.
 func TestWorkloadsDirsOfGoneNexletsSwept(t *testing.T) {
-	const uid = 2000530
+	uid := testkit.UIDs(t, 2)
 	needRoot(t)
 	base := filepath.Join(t.TempDir(), "nex-workloads")
 	dir := func(name string) string { return filepath.Join(base, name) }
@@ -251,7 +252,7 @@ func TestWorkloadsDirsOfGoneNexletsSwept(t *testing.T) {
 // lease to release, and the sweep skipped locks the nexlet holds, so systemd could never
 // give that uid out again. The sweep now gives it back, unless a process runs as it.
 func TestSweepStaleGivesBackHandedOverLockWithoutLease(t *testing.T) {
-	const lo = 2000530
+	lo := testkit.UIDs(t, 2)
 	sd := sdTestDir(t, lo)
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1, SystemdUIDDir: sd}, t.TempDir())
 	if err != nil {

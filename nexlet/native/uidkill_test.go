@@ -28,12 +28,8 @@ import (
 // another uid, and nothing is killed.
 func TestReplayKillsNoOtherWorkloadsUID(t *testing.T) {
 	needRoot(t)
-	const lo, hi = 2000600, 2000601
-	for uid := uint32(lo); uid <= hi; uid++ {
-		if newHostIDs().uses(uid) {
-			t.Skipf("uid %d is in use on this host", uid)
-		}
-	}
+	lo := testkit.UIDs(t, 2)
+	hi := lo + 1
 	leases := t.TempDir()
 	pol := UserPolicy{UIDMin: lo, UIDMax: hi, LeaseDir: leases}
 	fn := newFakeNode(t)
@@ -98,7 +94,7 @@ func TestReplayKillsNoOtherWorkloadsUID(t *testing.T) {
 // says why it did nothing. Before, the pending release SIGKILLed it and removed its
 // lease.
 func TestPendingReleaseKillsNoNewHolder(t *testing.T) {
-	const uid = 2000610
+	uid := testkit.UIDs(t, 1)
 	us, ids := retiredUID(t, uid)
 	// The uid passes to another workload before the release runs.
 	holder := t.TempDir()
@@ -142,7 +138,7 @@ func TestPendingReleaseKillsNoNewHolder(t *testing.T) {
 // the release says why. Before, the release SIGKILLed it (1 killed) and removed its
 // lease, so the uid could be handed out again while the holder ran as it.
 func TestReleaseKillsNoLeaseChangedMidRelease(t *testing.T) {
-	const uid = 2000611
+	uid := testkit.UIDs(t, 1)
 	us, ids := retiredUID(t, uid)
 	holder := t.TempDir()
 	cmd := exec.Command("/bin/sleep", "600")
@@ -200,7 +196,7 @@ func TestReleaseKillsNoLeaseChangedMidRelease(t *testing.T) {
 // counted every signal (about 10 here; "killed=31 uids=1" in a CI log was one such
 // count, not 31 processes).
 func TestReleaseCountsEachKillOnce(t *testing.T) {
-	const uid = 2000612
+	uid := testkit.UIDs(t, 1)
 	us, ids := retiredUID(t, uid)
 	cmd := exec.Command("/bin/true")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}

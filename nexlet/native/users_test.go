@@ -167,35 +167,31 @@ func leakedLeases(ents []os.DirEntry, wdir string) bool {
 
 func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 	needRoot(t)
-	lo, hi, err := ParseUIDRange("2000100-2000100")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if newHostIDs().uses(lo) {
-		t.Skip("uid 2000100 is in use on this host")
-	}
+	lo := testkit.UIDs(t, 1)
+	hi := lo
+	uid := strconv.FormatUint(uint64(lo), 10)
 	fn := newFakeNode(t)
 	leases := t.TempDir()
 	fn.startNexlet(Config{Users: UserPolicy{UIDMin: lo, UIDMax: hi, LeaseDir: leases}})
 	uri := script(t, `exec sleep 1000`)
 	fn.mustStart("one", startReq(protocol.LifecycleService, "one", map[string]any{"uri": uri}, fn.creds()))
-	if s, _ := fn.summary("one"); s.Metadata["uid"] != "2000100" {
-		t.Errorf("uid = %q, want 2000100", s.Metadata["uid"])
+	if s, _ := fn.summary("one"); s.Metadata["uid"] != uid {
+		t.Errorf("uid = %q, want %s", s.Metadata["uid"], uid)
 	}
 	// Never reused while the workload lives.
 	r := fn.start("two", startReq(protocol.LifecycleService, "two", map[string]any{"uri": uri}, fn.creds()))
-	if !strings.Contains(r.errText, "no free dynamic uid in 2000100-2000100") {
+	if !strings.Contains(r.errText, "no free dynamic uid in "+uid+"-"+uid) {
 		t.Errorf("second workload: %s %q", r.code, r.errText)
 	}
 	fn.stop("one", testNS)
 	// Released after the stop's reply (batched); leased to the nexlet until then.
-	testkit.Eventually(t, "uid 2000100 released", func() bool {
-		_, err := os.Stat(filepath.Join(leases, "2000100"))
+	testkit.Eventually(t, "uid "+uid+" released", func() bool {
+		_, err := os.Stat(filepath.Join(leases, uid))
 		return os.IsNotExist(err)
 	})
 	fn.mustStart("three", startReq(protocol.LifecycleService, "three", map[string]any{"uri": uri}, fn.creds()))
-	if s, _ := fn.summary("three"); s.Metadata["uid"] != "2000100" {
-		t.Errorf("uid after release = %q, want 2000100 again", s.Metadata["uid"])
+	if s, _ := fn.summary("three"); s.Metadata["uid"] != uid {
+		t.Errorf("uid after release = %q, want %s again", s.Metadata["uid"], uid)
 	}
 	for _, bad := range []string{"", "5", "10-5", "0-10", "a-b"} {
 		if _, _, err := ParseUIDRange(bad); err == nil {
@@ -206,10 +202,11 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 
 // twoLeasedOneRunning leases two fresh uids of [lo, hi], retires them (as a stop's
 // tidy does) and starts a sleep running as the first.
-// The tests here lease from ranges above the default dynamic range (61184-65519): a
-// nexlet of another test run at the same time (make test runs the e2e nexds beside
-// this package) starts workloads as uids anywhere in that range, and a process running
-// as one of a test's uids makes it unleasable ("leased 2 uids, want 4").
+// The tests here lease from uids of their own (testkit.UIDs), outside the default
+// dynamic range (61184-65519): a nexlet of another test run at the same time (make test
+// runs the e2e nexds beside this package) starts workloads as uids anywhere in that
+// range, and a process running as one of a test's uids makes it unleasable ("leased 2
+// uids, want 4"), or is killed by the test's release.
 func twoLeasedOneRunning(t *testing.T, lo, hi uint32) (*users, []ident, *exec.Cmd) {
 	t.Helper()
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: hi}, t.TempDir())
@@ -239,7 +236,8 @@ func twoLeasedOneRunning(t *testing.T, lo, hi uint32) (*users, []ident, *exec.Cm
 // before its lease goes, and frees the others too.
 func TestReleaseAllKillsSurvivors(t *testing.T) {
 	needRoot(t)
-	us, ids, cmd := twoLeasedOneRunning(t, 1061400, 1061499)
+	lo := testkit.UIDs(t, 10)
+	us, ids, cmd := twoLeasedOneRunning(t, lo, lo+9)
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
 	if err := us.releaseAll(ids); err != nil {
@@ -265,7 +263,8 @@ func TestReleaseAllKillsSurvivors(t *testing.T) {
 // while the process ran on.
 func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
 	needRoot(t)
-	us, ids, cmd := twoLeasedOneRunning(t, 1061500, 1061599)
+	lo := testkit.UIDs(t, 10)
+	us, ids, cmd := twoLeasedOneRunning(t, lo, lo+9)
 	waited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(waited) }() // reaped as soon as it is killed
 	defer func() { _ = cmd.Process.Kill(); <-waited }()
@@ -306,12 +305,9 @@ func TestUIDKeptWhenProcessesCannotBeListed(t *testing.T) {
 // takes the stale one; the running one never.
 func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 	needRoot(t)
-	const lo, hi = 1061600, 1061605
-	for uid := uint32(lo); uid <= hi; uid++ {
-		if newHostIDs().uses(uid) {
-			t.Skipf("uid %d is in use on this host", uid)
-		}
-	}
+	const n = 6
+	lo := testkit.UIDs(t, n)
+	hi := lo + n - 1
 	us, ids, cmd := twoLeasedOneRunning(t, lo, hi)
 	waited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(waited) }()
@@ -332,7 +328,7 @@ func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 	}
 
 	walks := us.walks.Load()
-	got, err := us.leaseFreshN(t.TempDir(), hi-lo+1)
+	got, err := us.leaseFreshN(t.TempDir(), n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -344,12 +340,12 @@ func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 			t.Errorf("uid %d leased from a walk not made for it (running: %d, stale: %d)", id.uid, running, stale)
 		}
 	}
-	if len(got) != hi-lo+1-2 {
-		t.Errorf("leased %d uids, want the %d with no lease and no process", len(got), hi-lo+1-2)
+	if len(got) != n-2 {
+		t.Errorf("leased %d uids, want the %d with no lease and no process", len(got), n-2)
 	}
 
 	us.lastWalk = us.lastWalk.Add(-walkReuse - time.Millisecond) // too old to take
-	got, err = us.leaseFreshN(t.TempDir(), hi-lo+1)
+	got, err = us.leaseFreshN(t.TempDir(), n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +367,8 @@ func TestLeaseTakesARecentReleaseWalk(t *testing.T) {
 // share the walk; before and after the flush, a release walks once for all pending.
 func TestFlushedReleaseDoesNotWaitForItsBatch(t *testing.T) {
 	needRoot(t)
-	us, ids, cmd := twoLeasedOneRunning(t, 1061610, 1061619)
+	lo := testkit.UIDs(t, 10)
+	us, ids, cmd := twoLeasedOneRunning(t, lo, lo+9)
 	waited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(waited) }()
 	var wg sync.WaitGroup
@@ -397,15 +394,12 @@ func TestFlushedReleaseDoesNotWaitForItsBatch(t *testing.T) {
 // slow walk of /proc or a survivor would.
 func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 	needRoot(t)
-	const uid = 2000102
-	if newHostIDs().uses(uid) {
-		t.Skip("uid 2000102 is in use on this host")
-	}
+	uid := testkit.UIDs(t, 1)
 	leases := t.TempDir()
 	fn := newFakeNode(t)
 	tn := fn.startNexlet(Config{Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: leases}})
 	fn.mustStart("one", startReq(protocol.LifecycleService, "one", map[string]any{"uri": script(t, `exec sleep 1000`)}, fn.creds()))
-	if s, _ := fn.summary("one"); s.Metadata["uid"] != strconv.Itoa(uid) {
+	if s, _ := fn.summary("one"); s.Metadata["uid"] != strconv.Itoa(int(uid)) {
 		t.Fatalf("uid = %q, want %d", s.Metadata["uid"], uid)
 	}
 	zombie := exec.Command("/bin/true")
@@ -434,10 +428,7 @@ func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 // another workload meanwhile.
 func TestFreshLeaseHeldWhileItsDirectoryIsMade(t *testing.T) {
 	needRoot(t)
-	const uid = 2000103
-	if newHostIDs().uses(uid) {
-		t.Skip("uid 2000103 is in use on this host")
-	}
+	uid := testkit.UIDs(t, 1)
 	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -511,10 +502,7 @@ func TestWalkProcsFindsEveryUID(t *testing.T) {
 	if _, err := os.Stat("/usr/bin/python3"); err != nil {
 		t.Skip("needs /usr/bin/python3 to set a real uid alone")
 	}
-	const uid = 2000104
-	if newHostIDs().uses(uid) {
-		t.Skip("uid 2000104 is in use on this host")
-	}
+	uid := testkit.UIDs(t, 1)
 	mixed := realUIDAlone(t, uid)
 	if p, err := uidProcs("/proc", uid); err != nil || !slices.Contains(p, mixed.Process.Pid) {
 		t.Errorf("uid %d: walk found %v (%v), not process %d, whose real uid it is", uid, p, err, mixed.Process.Pid)
@@ -575,7 +563,8 @@ func TestPidfdUIDsMatchStatus(t *testing.T) {
 	if _, err := os.Stat("/usr/bin/python3"); err != nil {
 		t.Skip("needs /usr/bin/python3 to set a real uid alone")
 	}
-	mixed := realUIDAlone(t, 2000105)
+	uid := testkit.UIDs(t, 1)
+	mixed := realUIDAlone(t, uid)
 	for _, pid := range []int{os.Getpid(), mixed.Process.Pid} {
 		if ok, err := pidfdUIDs(pid, &uids); !ok {
 			t.Fatalf("pid %d: %v", pid, err)
@@ -584,8 +573,8 @@ func TestPidfdUIDsMatchStatus(t *testing.T) {
 			t.Errorf("pid %d: pidfd says uids %v, status %v", pid, uids, want)
 		}
 	}
-	if uids[0] != 2000105 || uids[1] != 0 {
-		t.Errorf("the mixed process's uids %v, want real 2000105 and effective 0", uids)
+	if uids[0] != uid || uids[1] != 0 {
+		t.Errorf("the mixed process's uids %v, want real %d and effective 0", uids, uid)
 	}
 
 	zombie := exec.Command("/bin/true")
