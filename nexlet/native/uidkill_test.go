@@ -257,7 +257,7 @@ func retiredUID(t *testing.T, uid uint32) (*users, []ident) {
 // release says why. Before, the removal ran before the lock and the check: all three
 // were removed.
 func TestReleaseRemovesNoLeftoversOfNewHolder(t *testing.T) {
-	const uid = 2000613
+	uid := testkit.UIDs(t, 1)
 	us, ids := retiredUID(t, uid)
 	holder := t.TempDir()
 	var files []string
@@ -276,7 +276,7 @@ func TestReleaseRemovesNoLeftoversOfNewHolder(t *testing.T) {
 			}
 			f.Close()
 			files = append(files, f.Name())
-			if err := os.Chown(f.Name(), uid, uid); err != nil {
+			if err := os.Chown(f.Name(), int(uid), int(uid)); err != nil {
 				t.Error(err)
 			}
 		}
