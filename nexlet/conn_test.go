@@ -1,9 +1,6 @@
 package nexlet
 
 import (
-	"net"
-	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,15 +20,10 @@ import (
 func TestBlockedWriteRecovers(t *testing.T) {
 	t.Parallel()
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := strings.TrimPrefix(srv.ClientURL(), "nats://")
-	p := testkit.StartLagProxy(t, ln, func() (net.Conn, error) { return net.Dial("tcp", addr) }, testkit.Lag{})
+	p, proxied := testkit.ProxyNATS(t, srv.ClientURL())
 	// The black-holed link first (Connect keeps the order); the server itself is where
 	// the connection recovers.
-	nc, err := Connect(protocol.NatsConnectionData{NatsServers: []string{"nats://" + ln.Addr().String(), srv.ClientURL()}}, "nexlet-blocked-write")
+	nc, err := Connect(protocol.NatsConnectionData{NatsServers: []string{proxied, srv.ClientURL()}}, "nexlet-blocked-write")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,31 +36,16 @@ func TestBlockedWriteRecovers(t *testing.T) {
 	}
 
 	p.Blackhole()
-	var lastDone atomic.Int64
-	filled := make(chan struct{})
-	go func() {
-		defer close(filled)
-		junk := make([]byte, 64<<10)
-		for range 1 << 10 { // 64 MiB at most
-			lastDone.Store(time.Now().UnixNano())
-			if nc.Publish("junk", junk) != nil {
-				return
-			}
-		}
-	}()
+	blockedAt, filled, blocked := testkit.BlockWrite(nc)
 	defer func() {
 		if t.Failed() {
 			nc.Close() // ends the filler's blocked publish
 		}
 		<-filled
 	}()
-	if !testkit.WaitFor(30*time.Second, func() bool {
-		last := lastDone.Load()
-		return last != 0 && time.Since(time.Unix(0, last)) > 300*time.Millisecond
-	}) {
+	if !blocked {
 		t.Fatal("no write blocked")
 	}
-	blockedAt := time.Unix(0, lastDone.Load())
 	// The write's deadline and a reconnect; well short of nats.go's 1 min.
 	bound := flusherTimeout + 15*time.Second
 	recovered := testkit.WaitFor(bound, func() bool {

@@ -499,42 +499,22 @@ func TestInfoProbesRTTOncePerWindow(t *testing.T) {
 func TestBlockedWriteRecovers(t *testing.T) {
 	t.Parallel()
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := strings.TrimPrefix(srv.ClientURL(), "nats://")
-	p := testkit.StartLagProxy(t, ln, func() (net.Conn, error) { return net.Dial("tcp", addr) }, testkit.Lag{})
+	p, proxied := testkit.ProxyNATS(t, srv.ClientURL())
 	// The black-holed link first; the server itself is where the connection recovers.
-	c := connect(t, Options{Servers: []string{"nats://" + ln.Addr().String(), srv.ClientURL()}, Timeout: time.Second})
+	c := connect(t, Options{Servers: []string{proxied, srv.ClientURL()}, Timeout: time.Second})
 	roundTrip(t, c.NC)
 
 	p.Blackhole()
-	var lastDone atomic.Int64
-	filled := make(chan struct{})
-	go func() {
-		defer close(filled)
-		junk := make([]byte, 64<<10)
-		for range 1 << 10 { // 64 MiB at most
-			lastDone.Store(time.Now().UnixNano())
-			if c.NC.Publish("junk", junk) != nil {
-				return
-			}
-		}
-	}()
+	blockedAt, filled, blocked := testkit.BlockWrite(c.NC)
 	defer func() {
 		if t.Failed() {
 			c.NC.Close() // ends the filler's blocked publish
 		}
 		<-filled
 	}()
-	if !testkit.WaitFor(30*time.Second, func() bool {
-		last := lastDone.Load()
-		return last != 0 && time.Since(time.Unix(0, last)) > 300*time.Millisecond
-	}) {
+	if !blocked {
 		t.Fatal("no write blocked")
 	}
-	blockedAt := time.Unix(0, lastDone.Load())
 	// The bound: the write's deadline, then at worst three ping intervals for a link
 	// found stale (a write that sent nothing closes nothing), and a reconnect.
 	bound := flusherTimeout + 3*pingInterval + 10*time.Second

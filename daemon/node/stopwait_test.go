@@ -2,9 +2,7 @@ package node
 
 import (
 	"context"
-	"net"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -128,14 +126,9 @@ func (s *kvHookStore) Put(ctx context.Context, typ, id string, req protocol.Star
 // deadline after it began, and ends within it plus StopWait.
 func TestStopWithNodeWriteBlocked(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := strings.TrimPrefix(srv.ClientURL(), "nats://")
-	p := testkit.StartLagProxy(t, ln, func() (net.Conn, error) { return net.Dial("tcp", addr) }, testkit.Lag{})
+	p, proxied := testkit.ProxyNATS(t, srv.ClientURL())
 	const writeWait = 3 * time.Second
-	nc, err := nats.Connect("nats://"+ln.Addr().String(), nats.FlusherTimeout(writeWait))
+	nc, err := nats.Connect(proxied, nats.FlusherTimeout(writeWait))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,27 +147,13 @@ func TestStopWithNodeWriteBlocked(t *testing.T) {
 
 	// At the record: the link black-holed, then the node's connection given more to
 	// send than the kernel's buffers hold (a chatty workload's log relay would).
-	var lastDone, blockedAt atomic.Int64
-	filler := make(chan struct{})
+	var blockedAt time.Time
+	var filler <-chan struct{} // set before entered is closed
 	entered := make(chan struct{})
 	hs.onPut = func() {
 		defer close(entered)
 		p.Blackhole()
-		go func() {
-			defer close(filler)
-			junk := make([]byte, 64<<10)
-			for range 1 << 10 { // 64 MiB at most
-				lastDone.Store(time.Now().UnixNano())
-				if nc.Publish("junk", junk) != nil {
-					return
-				}
-			}
-		}()
-		testkit.WaitFor(30*time.Second, func() bool {
-			last := lastDone.Load()
-			return last != 0 && time.Since(time.Unix(0, last)) > 300*time.Millisecond
-		})
-		blockedAt.Store(lastDone.Load())
+		blockedAt, filler, _ = testkit.BlockWrite(nc)
 	}
 	bids := f.auction("ns", protocol.AuctionRequest{AgentType: "native"}, 1)
 	if len(bids) != 1 {
@@ -205,7 +184,7 @@ func TestStopWithNodeWriteBlocked(t *testing.T) {
 	}
 	took := time.Since(start)
 	<-filler
-	t.Logf("Stop returned %s after it began, %s after the write blocked: %v", took.Round(10*time.Millisecond), time.Since(time.Unix(0, blockedAt.Load())).Round(10*time.Millisecond), stopErr)
+	t.Logf("Stop returned %s after it began, %s after the write blocked: %v", took.Round(10*time.Millisecond), time.Since(blockedAt).Round(10*time.Millisecond), stopErr)
 	// The weak point this test measures: if Stop now bounds this case by StopWait,
 	// the README's stop row and this test's comment say otherwise: update them.
 	if took < n.o.StopWait+500*time.Millisecond {

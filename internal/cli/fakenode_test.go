@@ -113,9 +113,18 @@ func (n *fakeNode) respond(m *nats.Msg, v any) {
 }
 
 func (n *fakeNode) respondError(m *nats.Msg, code, text string) {
+	n.respondErrorWith(m, code, text, text, nil)
+}
+
+// respondErrorWith is respondError with desc in the micro error header, text in the
+// body, and the headers of h.
+func (n *fakeNode) respondErrorWith(m *nats.Msg, code, desc, text string, h nats.Header) {
 	r := nats.NewMsg(m.Reply)
+	for k, v := range h {
+		r.Header[k] = v
+	}
 	r.Header.Set(protocol.HeaderErrorCode, code)
-	r.Header.Set(protocol.HeaderError, text)
+	r.Header.Set(protocol.HeaderError, desc)
 	r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: text})
 	_ = m.RespondMsg(r)
 }
@@ -252,14 +261,11 @@ func (n *fakeNode) start() *fakeNode {
 			return
 		}
 		if n.failDeploy != "" {
-			r := nats.NewMsg(m.Reply)
-			r.Header.Set(protocol.HeaderErrorCode, "500")
-			r.Header.Set(protocol.HeaderError, n.failDeploy)
+			h := nats.Header{}
 			if !n.unknownOutcome {
-				r.Header.Set(protocol.HeaderDeployOutcome, protocol.DeployNotStarted)
+				h.Set(protocol.HeaderDeployOutcome, protocol.DeployNotStarted)
 			}
-			r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: n.failDeploy})
-			_ = m.RespondMsg(r)
+			n.respondErrorWith(m, "500", n.failDeploy, n.failDeploy, h)
 			return
 		}
 		if m.Header.Get(protocol.HeaderProgress) != "" {
@@ -283,14 +289,11 @@ func (n *fakeNode) start() *fakeNode {
 		n.mu.Lock()
 		defer n.mu.Unlock()
 		if n.listError != "" {
-			r := nats.NewMsg(m.Reply)
-			r.Header.Set(protocol.HeaderErrorCode, "413")
-			r.Header.Set(protocol.HeaderError, n.listError)
-			if !n.listErrorUnnamed {
-				r.Header.Set(protocol.HeaderNode, n.id)
+			h := nats.Header{protocol.HeaderNode: {n.id}}
+			if n.listErrorUnnamed {
+				h = nil
 			}
-			r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: n.listError})
-			_ = m.RespondMsg(r)
+			n.respondErrorWith(m, "413", n.listError, n.listError, h)
 			return
 		}
 		for _, w := range n.workloads {
@@ -334,12 +337,7 @@ func (n *fakeNode) start() *fakeNode {
 			}
 		}
 		if n.stopFail != "" {
-			r := nats.NewMsg(m.Reply)
-			r.Header.Set(protocol.HeaderErrorCode, "500")
-			r.Header.Set(protocol.HeaderError, "failed to ask nexlets to stop a workload")
-			r.Header.Set(protocol.HeaderNode, n.id)
-			r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: n.stopFail})
-			_ = m.RespondMsg(r)
+			n.respondErrorWith(m, "500", "failed to ask nexlets to stop a workload", n.stopFail, nats.Header{protocol.HeaderNode: {n.id}})
 			return
 		}
 		n.respond(m, protocol.StopWorkloadResponse{ID: id, Stopped: n.stopOK, Message: map[bool]string{true: "stopped", false: "workload not found"}[n.stopOK], WorkloadType: "native"})

@@ -3,6 +3,7 @@ package testkit
 import (
 	"math/rand/v2"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -48,6 +49,19 @@ func StartLagProxy(t testing.TB, ln net.Listener, dial func() (net.Conn, error),
 	go p.accept()
 	t.Cleanup(p.Close)
 	return p
+}
+
+// ProxyNATS is a LagProxy without lag on a free loopback port in front of the NATS
+// server at serverURL (nats://host:port), and the URL to reach the server through it.
+func ProxyNATS(t testing.TB, serverURL string) (*LagProxy, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := strings.TrimPrefix(serverURL, "nats://")
+	p := StartLagProxy(t, ln, func() (net.Conn, error) { return net.Dial("tcp", addr) }, Lag{})
+	return p, "nats://" + ln.Addr().String()
 }
 
 // Blackhole makes the link a server that stopped answering without closing anything
