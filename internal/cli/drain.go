@@ -230,7 +230,10 @@ func bar(start, left int, done bool, width int) string {
 // workloadSummariesByNode lists every workload by the node that answered (nexd nodes
 // name themselves in a header; others are grouped under ""). With resourcesOf a nexd
 // node of that id adds its workloads' cgroup figures. partial holds, by node, the
-// answers that lack some nexlets' workloads.
+// answers that lack some nexlets' workloads, and those that lack all of them: a node's
+// error answer (a list over max_payload, 413), or one that cannot be read. Before, such
+// a node counted as listing none: a migration moved none of its services and said
+// nothing, a drain's confirmation and top took it as empty.
 func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string) (byNode map[string][]protocol.WorkloadSummary, partial map[string]*partialList, err error) {
 	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
 	msgs, err := f.scatterGather(ctx, protocol.WPingSubject(protocol.SystemNamespace), data, f.wpingOpts(resourcesOf))
@@ -240,13 +243,18 @@ func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string)
 	out := map[string][]protocol.WorkloadSummary{}
 	partial = map[string]*partialList{}
 	for _, m := range msgs {
-		var ws []protocol.WorkloadSummary
-		if replyError(m) != nil || json.Unmarshal(m.Data, &ws) != nil {
+		node := m.Header.Get(protocol.HeaderNode)
+		if err := replyError(m); err != nil {
+			partial[node] = &partialList{node: node, failed: err}
 			continue
 		}
-		node := ""
-		if m.Header != nil {
-			node = m.Header.Get(protocol.HeaderNode)
+		if len(m.Data) == 0 {
+			continue // a node's acknowledgement (HeaderProgress), its list to come
+		}
+		var ws []protocol.WorkloadSummary
+		if err := json.Unmarshal(m.Data, &ws); err != nil {
+			partial[node] = &partialList{node: node, failed: fmt.Errorf("unreadable workload list: %w", err)}
+			continue
 		}
 		out[node] = append(out[node], ws...)
 		if p := partialOf(m); p != nil {

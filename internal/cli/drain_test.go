@@ -221,3 +221,29 @@ func TestDrainBarsEscapeNetworkText(t *testing.T) {
 		}
 	}
 }
+
+// TestLameduckMigrateNodeListFailed: the node to drain answers the list with an error
+// (a nexd node whose list is over the server's max_payload: 413, naming itself), so its
+// services cannot be known. `node lameduck --migrate` says so, naming the node and its
+// error, and exits 1: they stop with the drain. Before, the error answer counted as a
+// node listing nothing: nothing was migrated, nothing said, exit 0.
+func TestLameduckMigrateNodeListFailed(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	const tooBig = "this node's list of 3000 workloads is 1200001 bytes, over the 1047552 one NATS message may carry (max_payload); list them on the node: nexctl workloads"
+	n := newFakeNode(t, nc, "NBIG", nil)
+	n.listError = tooBig
+	n.start()
+	out, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "node", "lameduck", "NBIG", "--delay", "1m", "--migrate")...)
+	want := "nexctl: migrate: node NBIG did not list its workloads: " + tooBig + " (code 413); their services are not migrated and stop with the drain"
+	if code != ExitFailed || !strings.Contains(errOut, want) || !strings.Contains(errOut, "1 service(s) could not be migrated") {
+		t.Errorf("exit %d, want 1 with %q\nstdout: %s\nstderr: %s", code, want, out, errOut)
+	}
+	// top --node shares the listing: the snapshot is marked PARTIAL with the node's
+	// error (before: an empty snapshot, exit 0).
+	out, errOut, code = runCLI(t, nil, natsArgs(s.ClientURL(), "top", "--node", "NBIG")...)
+	if code != ExitFailed || !strings.Contains(out, "PARTIAL: node NBIG did not list its workloads: "+tooBig) {
+		t.Errorf("top --node: exit %d, want 1 and PARTIAL naming the node's error\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+}

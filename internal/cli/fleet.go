@@ -649,9 +649,15 @@ func (f *fleet) closedLink(what string, sent time.Time) error {
 type partialList struct {
 	node string // the node's id (HeaderNode)
 	protocol.PartialList
+	// failed is the node's error answer to the list (listFailed): none of its
+	// workloads are in it.
+	failed error
 }
 
 func (e *partialList) Error() string {
+	if e.failed != nil {
+		return (&listFailed{node: e.node, err: e.failed}).Error()
+	}
 	return fmt.Sprintf("node %s (%s) listed only part of its workloads; missing those of %s",
 		orDash(e.NodeName), orDash(e.node), e.which())
 }
@@ -659,6 +665,9 @@ func (e *partialList) Error() string {
 // which names the nexlets the list lacks, never "": outside the system namespace the
 // node says how many, not which.
 func (e *partialList) which() string {
+	if e.failed != nil {
+		return fmt.Sprintf("every nexlet's: the node answered the list with an error: %v", e.failed)
+	}
 	if what := protocol.MissingText(e.Missing); what != "" {
 		return what
 	}

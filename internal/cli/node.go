@@ -346,7 +346,7 @@ of --delay, which should leave time for the migration.`,
 				return exitError{ExitFailed, errors.New(strings.Join(why, "; "))}
 			}
 			if migrateFailed > 0 {
-				return exitError{ExitFailed, fmt.Errorf("%d service(s) could not be migrated (a nexlet whose services its node could not list counts as one)", migrateFailed)}
+				return exitError{ExitFailed, fmt.Errorf("%d service(s) could not be migrated (a nexlet whose services its node could not list, or a node that answered the list with an error, counts as one)", migrateFailed)}
 			}
 			return nil
 		},
@@ -364,7 +364,8 @@ of --delay, which should leave time for the migration.`,
 // migrateServices re-places every service of the draining nodes (which no longer bid)
 // and stops each old copy once its new one runs, printing each step. It returns how
 // many services could not be migrated, counting each nexlet of a draining node whose
-// workloads the node could not list (partial) as one: its services stop with the drain.
+// workloads the node could not list (partial), and a node that answered the list with
+// an error, as one: its services stop with the drain.
 func (a *app) migrateServices(ctx context.Context, f *fleet, nodes []*drainNode) int {
 	byNode, partial, err := f.workloadSummariesByNode(ctx, "")
 	if err != nil {
