@@ -49,6 +49,28 @@ type fleet struct {
 	// cut hears that a gather was cut short by nexctl's connection closing (scatterGather);
 	// nil: the gather's error is returned instead.
 	cut func(error)
+	// unlisted are the nodes that answered the last workload listing with an error
+	// (listFailed): a lookup that found nothing says they may hold it.
+	unlistedMu sync.Mutex
+	unlisted   []error
+}
+
+// notFound is a lookup's "not found" for ref in the caller's namespace, why being what
+// was looked at; it names the nodes whose list failed in the last listing, which may
+// hold it.
+func (f *fleet) notFound(ref, why string) error {
+	f.unlistedMu.Lock()
+	unlisted := slices.Clone(f.unlisted)
+	f.unlistedMu.Unlock()
+	msg := fmt.Sprintf("workload %s not found in namespace %s", ref, f.ns)
+	if why != "" {
+		msg += " (" + why + ")"
+	}
+	if len(unlisted) > 0 {
+		msg += fmt.Sprintf("; but it may be on a node that did not list its workloads: %v", errors.Join(unlisted...))
+		msg = strings.ReplaceAll(msg, "\n", "; ")
+	}
+	return errors.New(msg)
 }
 
 // jsGrant is what reading or changing the nodes' KV state needs, for refusals.
@@ -755,9 +777,16 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 	}
 	holders = map[string]string{}
 	seen := map[string]bool{}
+	var unlisted []error
+	defer func() {
+		f.unlistedMu.Lock()
+		f.unlisted = unlisted
+		f.unlistedMu.Unlock()
+	}()
 	for _, m := range msgs {
 		if err := replyError(m); err != nil {
-			bad = append(bad, &listFailed{node: m.Header.Get(protocol.HeaderNode), err: err})
+			lf := &listFailed{node: m.Header.Get(protocol.HeaderNode), err: err}
+			bad, unlisted = append(bad, lf), append(unlisted, lf)
 			continue
 		}
 		if p := partialOf(m); p != nil {
@@ -777,7 +806,8 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		}
 		var ws []protocol.WorkloadSummary
 		if err := json.Unmarshal(m.Data, &ws); err != nil {
-			bad = append(bad, &listFailed{node: m.Header.Get(protocol.HeaderNode), err: fmt.Errorf("unreadable workload list: %w", err)})
+			lf := &listFailed{node: m.Header.Get(protocol.HeaderNode), err: fmt.Errorf("unreadable workload list: %w", err)}
+			bad, unlisted = append(bad, lf), append(unlisted, lf)
 			continue
 		}
 		out = append(out, ws...)
@@ -814,7 +844,7 @@ func (f *fleet) workloadNamespace(ctx context.Context, id string) (protocol.Work
 	}
 	switch len(found) {
 	case 0:
-		return protocol.WorkloadSummary{}, fmt.Errorf("workload %s not found in namespace %s", id, f.ns)
+		return protocol.WorkloadSummary{}, f.notFound(id, "")
 	case 1:
 		return found[0], nil
 	}

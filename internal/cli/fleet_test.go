@@ -455,6 +455,16 @@ func TestWorkloadListNodeErrorIsNotEmpty(t *testing.T) {
 		t.Errorf("--json list: exit %d, want 1, [] and a JSON error naming BIG\nstdout: %q\nstderr: %s", code, out, errOut)
 	}
 
+	// A lookup that finds nothing says the failing node may hold it (before: plain
+	// "not found").
+	for _, args := range [][]string{{"workload", "stop", "big-one"}, {"workload", "info", "big-one"}} {
+		_, errOut, code = runCLI(t, nil, natsArgs(url, args...)...)
+		if code != ExitFailed || !strings.Contains(errOut, "workload big-one not found in namespace system") ||
+			!strings.Contains(errOut, "; but it may be on a node that did not list its workloads: node BIG did not list its workloads: "+tooBig) {
+			t.Errorf("%v: exit %d, want 1, not found naming BIG\nstderr: %s", args, code, errOut)
+		}
+	}
+
 	// A node that does not name itself (an upstream node) is said to be one.
 	anon := newFakeNode(t, nc, "ANON", nil)
 	anon.listError, anon.listErrorUnnamed = "internal error", true

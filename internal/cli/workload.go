@@ -350,7 +350,7 @@ answered with an error of its own (5xx): the stop may have gone on there.`,
 			// stopping workload must get, never "not found" (TestStopIDTheListMissed).
 			guessed := !found && f.ns == protocol.SystemNamespace
 			if guessed && !workloadIDPattern.MatchString(args[0]) {
-				return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", args[0], f.ns)
+				return f.notFound(args[0], "no id, name or id prefix matches")
 			}
 			r, stopping, err := f.stopWorkload(cmd.Context(), ns, id, !noWait, holder)
 			if errors.Is(err, errLinkClosed) {
@@ -368,6 +368,7 @@ answered with an error of its own (5xx): the stop may have gone on there.`,
 				return fmt.Errorf("stop workload %s: %w", id, err)
 			}
 			if guessed && err == nil && !r.Stopped && !stopping && r.Message == protocol.ErrTextWorkloadNotFound {
+				// Every node was asked to stop it, those whose list failed too.
 				return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches, and no node holds it)", args[0], f.ns)
 			}
 			if err != nil && !r.Stopped && !stopping {
@@ -671,7 +672,7 @@ or with -f until interrupted.`,
 			}
 			if !found && f.ns == protocol.SystemNamespace {
 				if !history {
-					return fmt.Errorf("workload %s not found in namespace %s (no id, name or id prefix matches)", args[0], f.ns)
+					return f.notFound(args[0], "no id, name or id prefix matches")
 				}
 				ns = "*" // a finished workload: its history may still be kept
 			}
