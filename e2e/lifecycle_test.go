@@ -259,8 +259,10 @@ func (n *node) natsArgs() []string {
 	return []string{"--nats.servers", n.natsURL}
 }
 
-// waitNative waits, once per node, until the native nexlet is healthy: ready means
-// registered, and healthy (which a bid needs) follows with its first heartbeat.
+// waitNative waits, once per node, until the native nexlet is healthy (which a bid
+// needs). READY follows its first heartbeat (e2e TestBidRightAfterReady), so after
+// waitReady this returns at once unless the nexlet restarted since or the READY was
+// one that names nexlets not serving.
 func (n *node) waitNative(t testing.TB) {
 	t.Helper()
 	if n.nativeSeen {

@@ -347,7 +347,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		r.feeding.Go(func() { r.feedLoop(fctx) })
 	}
 	r.setFeedMode(mode)
-	r.heartbeat()
+	r.firstHeartbeat()
 	go r.heartbeatLoop(hbCtx)
 	if live != nil {
 		r.renewing.Go(func() { r.renewLoop(hbCtx, live) })
@@ -745,7 +745,7 @@ func (r *Runner) registeredAgain(agentID string, resp *protocol.RegisterAgentRes
 	r.log.Info("nexlet registered again with a new node process", "node_id", r.nodeID, "agent_id", agentID,
 		"attempts", attempt, "replayed", len(resp.ExistingState), "via", via)
 	replay := r.takeReplay(resp.ExistingState) // before the heartbeat, as in Run
-	r.heartbeat()
+	r.firstHeartbeat()
 	r.replay(resp.ExistingState, replay, mark)
 	r.resendEnded()
 }
@@ -971,6 +971,22 @@ func (r *Runner) heartbeat() {
 		r.publishHeartbeat(b)
 	}
 }
+
+// firstHeartbeat sends the heartbeat of a registration, which tells the node that
+// the nexlet serves (its health is unknown, and it gets no bid, until then; nexd's READY
+// waits for it), and writes it out at once: FlushTimeout writes the connection's buffer
+// in place before it waits for the server's PONG. Left to nats.go's flusher goroutine,
+// it sat in the buffer behind the nexlet's start-up work: the node had it 21-111 ms
+// after the registration's reply in 4 of 5 starts at load 12, 3-5 ms flushed here.
+func (r *Runner) firstHeartbeat() {
+	r.heartbeat()
+	if err := r.NC().FlushTimeout(firstBeatFlush); err != nil {
+		r.log.Debug("nexlet heartbeat: flush", "err", err) // written or buffered; the loop goes on
+	}
+}
+
+// firstBeatFlush bounds the wait for the server's PONG after the first heartbeat.
+const firstBeatFlush = time.Second
 
 // takeHeartbeat asks the agent for its heartbeat and encodes it (nil: logged).
 func (r *Runner) takeHeartbeat() (*protocol.AgentHeartbeat, []byte) {

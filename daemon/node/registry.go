@@ -335,12 +335,33 @@ func (n *Node) agentStopped(r *registration, reason string) {
 // WaitForAgents waits until nexlets with every one of names (a registered name or an
 // agent id) are registered, or ctx ends; it returns those still missing.
 func (n *Node) WaitForAgents(ctx context.Context, names []string) []string {
+	return n.waitAgents(ctx, names, func(*registration) bool { return true })
+}
+
+// WaitServing waits until nexlets with every one of names (a registered name or an
+// agent id) are registered and have sent their first heartbeat, or ctx ends; it returns
+// those that have not. A registration is answered before its nexlet serves: it
+// connects with the credentials of the reply, subscribes its endpoints, then sends that
+// heartbeat, and only then has a health (unknown before: no bid). The daemon holds
+// READY for it (after WaitForAgents, with the names that registered), so that a client
+// auctioning once at READY, as upstream's does, gets a bid.
+func (n *Node) WaitServing(ctx context.Context, names []string) []string {
+	return n.waitAgents(ctx, names, func(r *registration) bool { return !r.lastBeat.IsZero() })
+}
+
+// waitAgents waits until each of names (a registered name or an agent id) has a
+// registration that is done, or ctx ends; it returns those that have none.
+func (n *Node) waitAgents(ctx context.Context, names []string, done func(*registration) bool) []string {
 	for {
 		n.mu.Lock()
 		have := map[string]bool{}
 		for _, r := range n.agents {
-			have[r.req.Name] = true
-			have[r.id] = true
+			if done(r) {
+				have[r.id] = true
+				if r.req.Name != "" {
+					have[r.req.Name] = true
+				}
+			}
 		}
 		var missing []string
 		for _, name := range names {

@@ -71,7 +71,7 @@ func (h *Harness) ready(ctx context.Context) ([]Result, error) {
 		r.add("starts", float64(s.N), "")
 		r.ms("exec to READY=1 p50", s.P50).atMost(v.limit, v.target)
 		r.ms("exec to READY=1 max", s.Max)
-		r.notef("READY=1 is sent after NATS is up and the native nexlet registered; fresh state dir per start")
+		r.notef("READY=1 is sent after NATS is up and the native nexlet registered and sent its first heartbeat (it bids); fresh state dir per start")
 		out = append(out, r)
 	}
 	return out, nil
@@ -96,7 +96,7 @@ func (h *Harness) readySideBySide(ctx context.Context, url string, runs int) (Re
 	if u.P50 > 0 {
 		r.add("nexd / upstream (p50)", float64(x.P50)/float64(u.P50), "×")
 	}
-	r.notef("upstream: its %q log line; nexd: READY=1 with the native nexlet registered; a fresh state dir per start", upstreamReadyLog)
+	r.notef("upstream: its %q log line (after its agents' Run: registered, first heartbeat published); nexd: READY=1 with the native nexlet registered and its first heartbeat in; a fresh state dir per start", upstreamReadyLog)
 	return r, nil
 }
 

@@ -294,8 +294,9 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 		answered++
 		for _, s := range info.NodeAgentSummaries {
 			lcs := s.AgentSummary.SupportedLifecycles
-			// Unknown: registered, its first heartbeat not in yet (a node just READY);
-			// it bids once that comes.
+			// Unknown: registered, its first heartbeat not in yet (a nexlet that just
+			// restarted, or a remote one: READY waits only for the local nexlets' first
+			// heartbeat at start-up); it bids once that comes.
 			if s.AgentSummary.Type != typ || (s.AgentHealth != protocol.HealthHealthy && s.AgentHealth != protocol.HealthUnknown) ||
 				(lcs != "" && !slices.Contains(strings.Split(lcs, ","), string(lifecycle))) {
 				continue

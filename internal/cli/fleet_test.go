@@ -926,7 +926,7 @@ func TestGatherConnectionClosedReported(t *testing.T) {
 
 // TestWorkloadRunAsksAgainWhenNothingKnown: no bid yet from a node whose nexlets
 // nexctl cannot learn of (its INFO refused, as a tenant's is) or whose nexlet has not
-// sent its first heartbeat (health unknown, a node just READY): nexctl asks again
+// sent its first heartbeat (health unknown, a nexlet just restarted): nexctl asks again
 // until the bid comes, where it gave up after three auctions before (CI saw a
 // tenant's first deploy fail so, e2e TestAttackControlCharactersInNames).
 func TestWorkloadRunAsksAgainWhenNothingKnown(t *testing.T) {

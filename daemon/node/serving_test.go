@@ -1,0 +1,126 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestWaitServingHoldsForFirstHeartbeat: the daemon sends READY once WaitServing
+// returns for its local nexlets, so WaitServing must not return before a registered
+// nexlet's first heartbeat (until then its health is unknown and the node does not bid),
+// and once it has returned, one auction gets the bid with no wait. A registration is no
+// heartbeat: a nexlet that registers and then sends nothing stays unknown, degrades
+// and goes offline on the usual timeouts, and never bids.
+func TestWaitServingHoldsForFirstHeartbeat(t *testing.T) {
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		// Long enough that the first part ends before the silent registration degrades.
+		o.DegradedAfter = 2 * time.Second
+		o.OfflineAfter = 3 * time.Second
+		o.RemoveOfflineAfter = -1
+	})
+	n := f.nodes[0]
+	health := func(id string) string {
+		for _, ai := range n.Agents() {
+			if ai.ID == id {
+				return ai.Health
+			}
+		}
+		return "removed"
+	}
+	// want: how many bids to wait for (none: 300 ms of quiet).
+	bids := func(id string, want int) int {
+		return len(f.auction("tenant", protocol.AuctionRequest{AuctionID: id, AgentType: "native"}, want))
+	}
+
+	// registerSilent registers a nexlet that sends nothing more: no heartbeat, no
+	// endpoints (the fake only sends its REGISTER).
+	registerSilent := func(id, name, typ string) *fakeAgent {
+		n.ExpectAgent(id, name)
+		a := newFakeAgent(t, f.srv, n.ID(), id, name, typ)
+		if m := a.send(protocol.RegisterSubject(n.ID(), id), mustJSON(t, a.req)); m.Header.Get(protocol.HeaderErrorCode) != "" {
+			t.Fatalf("register %s: %s", id, m.Data)
+		}
+		return a
+	}
+
+	a := registerSilent("agent0", "go_exec", "native")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if missing := n.WaitForAgents(ctx, []string{"agent0"}); len(missing) != 0 {
+		t.Fatalf("not registered: %v", missing)
+	}
+	short, cancelShort := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancelShort()
+	if silent := n.WaitServing(short, []string{"agent0", "go_exec"}); !slices.Equal(silent, []string{"agent0", "go_exec"}) {
+		t.Fatalf("WaitServing before any heartbeat = %v, want both (by id and by name)", silent)
+	}
+	if h := health("agent0"); h != protocol.HealthUnknown {
+		t.Fatalf("health before the first heartbeat: %s, want %s", h, protocol.HealthUnknown)
+	}
+	if got := bids("before", 0); got != 0 {
+		t.Fatalf("%d bids before the first heartbeat, want 0", got)
+	}
+
+	// The first heartbeat ends the wait; an auction right after gets the bid.
+	served := make(chan []string, 1)
+	go func() { served <- n.WaitServing(ctx, []string{"agent0", "go_exec"}) }()
+	b, _ := json.Marshal(protocol.AgentHeartbeat{Data: "{}", Summary: protocol.AgentSummary{
+		Name: "go_exec", Type: "native", State: "running", Version: "1.0.0", StartTime: time.Now().UTC()}})
+	if err := a.nc.Publish(protocol.AgentHeartbeatSubject(n.ID(), "agent0"), b); err != nil {
+		t.Fatal(err)
+	}
+	if silent := <-served; len(silent) != 0 {
+		t.Fatalf("WaitServing after the first heartbeat = %v, want none", silent)
+	}
+	if got := bids("after", 1); got != 1 {
+		t.Fatalf("%d bids right after WaitServing returned, want 1", got)
+	}
+
+	// A nexlet that registers and hangs: no health from the registration, the usual
+	// timeouts, no bid at any point; WaitServing gives up on it at its bound.
+	registerSilent("agent1", "hung", "hung")
+	short2, cancelShort2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancelShort2()
+	if silent := n.WaitServing(short2, []string{"agent0", "agent1"}); !slices.Equal(silent, []string{"agent1"}) {
+		t.Fatalf("WaitServing with a hung nexlet = %v, want [agent1]", silent)
+	}
+	seen := map[string]bool{}
+	testkit.Eventually(t, "the hung nexlet offline", func() bool {
+		st := health("agent1")
+		seen[st] = true
+		if got := len(f.auction("tenant", protocol.AuctionRequest{AuctionID: "hung", AgentType: "hung"}, 0)); got != 0 {
+			t.Fatalf("the hung nexlet bid (%s)", st)
+		}
+		return st == protocol.HealthOffline
+	})
+	if seen[protocol.HealthHealthy] || !seen[protocol.HealthDegraded] {
+		t.Fatalf("the hung nexlet's health went through %v, want unknown, degraded, offline", seen)
+	}
+}
+
+// TestWaitServingWaitsForRegistration: a name not registered (its nexlet's process
+// ended and a new one has not registered yet) is waited for until it registers and
+// sends its first heartbeat.
+func TestWaitServingWaitsForRegistration(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	short, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if silent := n.WaitServing(short, []string{"agent0"}); !slices.Equal(silent, []string{"agent0"}) {
+		t.Fatalf("WaitServing with nothing registered = %v, want [agent0]", silent)
+	}
+	ctx, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel2()
+	served := make(chan []string, 1)
+	go func() { served <- n.WaitServing(ctx, []string{"agent0"}) }()
+	f.healthyAgent(n, "agent0", "go_exec", "native", nil) // registers, serves, heartbeats
+	if silent := <-served; len(silent) != 0 {
+		t.Fatalf("WaitServing = %v, want none", silent)
+	}
+}
