@@ -70,7 +70,8 @@ func gone(id procid.ID) bool {
 // init (internal/earlynexlet/atinit) and hands it its start later. With an external NATS server, READY=1
 // still comes once that nexlet registered, a workload deploys and runs, and the nexlet
 // that runs is the pre-started process (its exec environment names the hand-off
-// descriptor) whose credentials never showed in /proc/<pid>/environ. A restart of the
+// descriptor) whose credentials never showed in /proc/<pid>/environ, and every thread
+// of it (those made before its hand-off too) is in its group. A restart of the
 // nexlet forks a new one as before (its credentials in its exec environment), which
 // runs workloads too.
 func TestPrestartedNexletRegistersAndRuns(t *testing.T) {
@@ -106,9 +107,23 @@ func TestPrestartedNexletRegistersAndRuns(t *testing.T) {
 	if strings.Contains(string(env), "NEX_AGENT_") {
 		t.Errorf("credentials in the pre-started nexlet's /proc environ: %q", env)
 	}
+	inGroup := ":memory:" + strings.TrimPrefix(n.cgroup, "/sys/fs/cgroup/memory") + "/nexlets/native\n"
 	cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-	if !strings.Contains(string(cg), ":memory:"+strings.TrimPrefix(n.cgroup, "/sys/fs/cgroup/memory")+"/nexlets/native\n") {
+	if !strings.Contains(string(cg), inGroup) {
 		t.Errorf("the pre-started nexlet is not in its group below %s:\n%s", n.cgroup, cg)
+	}
+	// Every thread, also those its runtime and Ahead made before its hand-off, is in
+	// its group (the move is a cgroup.procs write), but for its fork pool's, which wait
+	// in groups of their own.
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil || len(tasks) < 2 {
+		t.Fatalf("threads of the nexlet: %d (%v)", len(tasks), err)
+	}
+	for _, task := range tasks {
+		cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/cgroup", pid, task.Name()))
+		if !strings.Contains(string(cg), inGroup) && !strings.Contains(string(cg), "/.forkpool-") {
+			t.Errorf("the pre-started nexlet's thread %s is outside its group below %s:\n%s", task.Name(), n.cgroup, cg)
+		}
 	}
 	w := n.runWorkload(t, "--name", "first", "--", "/bin/sleep", "600")
 	testkit.EventuallyWithin(t, 60*time.Second, "the workload runs", func() bool { return len(n.groupProcs(w.ID)) > 0 })
