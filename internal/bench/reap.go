@@ -206,21 +206,10 @@ func ownedDir(path string) bool {
 // killIf sends SIGKILL to pid if it is (still) what member says, through a pidfd: the
 // pid was listed a moment ago (cgroup.procs, /proc), and the process it named may have
 // ended and its pid gone to another process since. member is asked once the pidfd
-// pins the listed process (its start time checked), so a reused pid is never killed.
+// pins the listed process (procid.SignalIf), so a reused pid is never killed.
 func killIf(pid int, member func(pid int) bool) bool {
-	id, err := procid.Of(pid)
-	if err != nil {
-		return false
-	}
-	f, err := procid.OpenPidfd(id)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	if !member(pid) {
-		return false
-	}
-	return procid.SignalPidfd(f, unix.SIGKILL) == nil
+	sent, _ := procid.SignalIf(pid, unix.SIGKILL, member)
+	return sent
 }
 
 // inRun says whether pid is in one of run runID's cgroups (in any v1 hierarchy).

@@ -139,6 +139,10 @@ type Manager struct {
 	// id> on v1), nobody else's to keep: RemoveOwnRoot may remove it.
 	ownRoot bool
 
+	// killListed, when set (tests), is called by Group.Kill with the processes a
+	// listing found, before it kills them.
+	killListed func(pids []int)
+
 	mu       sync.Mutex
 	enforced []string
 	reason   string

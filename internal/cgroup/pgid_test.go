@@ -3,7 +3,9 @@ package cgroup
 import (
 	"fmt"
 	"os/exec"
+	"slices"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -82,5 +84,48 @@ func TestKillReachesLeftoversOfReapedLeader(t *testing.T) {
 	}
 	if pids, _ := g.Procs(); len(pids) != 0 {
 		t.Fatalf("procs after the kill: %v", pids)
+	}
+}
+
+// TestKillSparesRecycledPid: Kill lists the group's processes (cgroup.procs) and
+// then kills them. Here the listed process ends between the listing and the kill and
+// a stranger outside the group is given its number (a forced reuse: the test runs in a
+// pid namespace of its own and sets ns_last_pid). The kill opens a pidfd for each
+// listed pid and only then checks it is still in the group: the stranger runs on.
+// Before, Kill SIGKILLed the listed number: the stranger was killed.
+func TestKillSparesRecycledPid(t *testing.T) {
+	if !testkit.InPidNamespace(t) {
+		return
+	}
+	m := v1Root(t)
+	g, err := m.Create("w", Limits{})
+	must(t, err)
+	run := exec.Command("/bin/sleep", "3600")
+	must(t, g.Start(run))
+	n := run.Process.Pid
+	var stranger *exec.Cmd
+	m.killListed = func(pids []int) {
+		if stranger != nil || !slices.Contains(pids, n) {
+			return
+		}
+		// Between the listing and the kill: the listed process ends, and the number
+		// goes to a process outside the group.
+		_ = run.Process.Kill()
+		_ = run.Wait()
+		stranger = exec.Command("/bin/sleep", "3600")
+		testkit.StartAtPid(t, n, stranger)
+	}
+	must(t, g.Kill())
+	if stranger == nil {
+		t.Fatal("Kill's listing did not find the group's process")
+	}
+	hit := testkit.WaitFor(time.Second, func() bool { return !alive(n) })
+	t.Logf("Kill whose listed pid %d went to a process outside the group before the kill: stranger killed %v", n, hit)
+	if hit {
+		t.Fatalf("Kill killed pid %d, a stranger outside the group given the listed process's number", n)
+	}
+	must(t, g.Remove())
+	if !alive(n) {
+		t.Fatal("Remove killed the stranger")
 	}
 }

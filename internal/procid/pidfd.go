@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -73,18 +74,120 @@ func SignalPidfd(f *os.File, sig unix.Signal) error {
 // Signal sends sig to id's process through a pidfd opened and then checked to be still
 // that process (its start time), never by the bare pid: a process that ended, whose
 // pid went to another process since, is not signalled (an error wrapping unix.ESRCH).
-// Raw descriptors: nothing to wait for on it, so it is not put in the netpoller.
 func Signal(id ID, sig unix.Signal) error {
-	fd, err := unix.PidfdOpen(id.PID, 0)
+	sent, err := SignalIf(id.PID, sig, func(int) bool { return id.Alive() })
 	if err != nil {
-		return fmt.Errorf("pidfd_open %d: %w", id.PID, err)
-	}
-	defer unix.Close(fd)
-	if !id.Alive() {
-		return fmt.Errorf("process %s: %w", id, unix.ESRCH)
-	}
-	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
 		return fmt.Errorf("signal %s: %w", id, err)
 	}
+	if !sent {
+		return fmt.Errorf("process %s: %w", id, unix.ESRCH)
+	}
 	return nil
+}
+
+// SignalIf sends sig to the process pid names if check says it is one to signal: Pin
+// for one pid.
+func SignalIf(pid int, sig unix.Signal, check func(pid int) bool) (sent bool, err error) {
+	p := Pin([]int{pid})
+	defer p.Close()
+	got, err := p.Signal(sig, check)
+	if len(got) == 0 && err == nil && !p.pinned(pid) {
+		err = fmt.Errorf("process %d: %w", pid, unix.ESRCH)
+	}
+	return len(got) == 1, err
+}
+
+// Pinned holds processes a listing (/proc, cgroup.procs) named by pid a moment ago,
+// each pinned by a pidfd, for Signal. The process a listed pid named may have ended
+// since and its number gone to a stranger: a kill by the number then hits the
+// stranger. So the caller pins the listed pids first, and only then checks (in
+// Signal's keep) that each is still what it listed (its uid, its cgroup: a read of
+// /proc/<pid>/..., a listing taken again), and the signal goes through the pidfd. A
+// pinned process holds its number until it is reaped, so a signal that lands means the
+// check read that process; one reaped meanwhile (the check may then have read a
+// stranger with its number) is not signalled, nor is anybody else.
+//
+// Where pidfd_open is not to be had (a kernel before 5.3: ENOSYS; a seccomp filter's
+// EPERM or ENOSYS), Pin reads each process's start time instead, and Signal sends by
+// the number, right after keep, only while a second read finds the same start time:
+// the window left is between that read and the kill, two system calls, not a listing
+// and a check. A Pinned holds a descriptor a process: pin a bounded number at once.
+type Pinned struct {
+	pids   []int
+	fds    []int    // pidfds, -1 for a process pinned by start time
+	starts []uint64 // start times, for those without a pidfd
+}
+
+// Pin pins the processes pids name now (those that are gone are left out).
+func Pin(pids []int) *Pinned {
+	return pin(pids, true)
+}
+
+// pin is Pin; pidfds false pins by start time alone (tests).
+func pin(pids []int, pidfds bool) *Pinned {
+	p := &Pinned{}
+	for _, pid := range pids {
+		fd := -1
+		if pidfds {
+			var err error
+			fd, err = unix.PidfdOpen(pid, 0)
+			switch {
+			case err == unix.ENOSYS || err == unix.EPERM:
+				pidfds, fd = false, -1 // not here: start times for the rest
+			case err != nil:
+				continue // gone
+			}
+		}
+		var start uint64
+		if fd < 0 {
+			st, err := ReadStat(pid)
+			if err != nil {
+				continue // gone
+			}
+			start = st.Start
+		}
+		p.pids = append(p.pids, pid)
+		p.fds = append(p.fds, fd)
+		p.starts = append(p.starts, start)
+	}
+	return p
+}
+
+func (p *Pinned) pinned(pid int) bool { return slices.Contains(p.pids, pid) }
+
+// Signal sends sig to each pinned process keep, asked now, says to, and returns the
+// pids signalled. A process that ended meanwhile is not signalled, without an error;
+// err joins the other failures.
+func (p *Pinned) Signal(sig unix.Signal, keep func(pid int) bool) (sent []int, err error) {
+	var errs []error
+	for i, pid := range p.pids {
+		if !keep(pid) {
+			continue
+		}
+		var err error
+		if fd := p.fds[i]; fd >= 0 {
+			err = unix.PidfdSendSignal(fd, sig, nil, 0)
+		} else if st, serr := ReadStat(pid); serr != nil || st.Start != p.starts[i] {
+			err = unix.ESRCH // the number names another process, or none
+		} else {
+			err = unix.Kill(pid, sig)
+		}
+		switch {
+		case err == nil:
+			sent = append(sent, pid)
+		case err != unix.ESRCH:
+			errs = append(errs, fmt.Errorf("signal %d: %w", pid, err))
+		}
+	}
+	return sent, errors.Join(errs...)
+}
+
+// Close closes the pidfds.
+func (p *Pinned) Close() {
+	for _, fd := range p.fds {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
+	p.pids, p.fds, p.starts = nil, nil, nil
 }

@@ -45,3 +45,49 @@ func TestSignalSparesReusedPid(t *testing.T) {
 	}
 	_ = syscall.Kill(stranger.Process.Pid, syscall.SIGKILL)
 }
+
+// TestPinSparesRecycledPid: a listed pid is pinned (Pin), and its process ends, its
+// number going to a stranger, after the caller's check said to signal it (keep) and
+// before the signal: the stranger runs on, with a pidfd (the signal reaches the pinned
+// process, reaped: ESRCH) and without (the start time read at the pin differs from the
+// stranger's). A pinned process that still runs is signalled both ways.
+func TestPinSparesRecycledPid(t *testing.T) {
+	if !testkit.InPidNamespace(t) {
+		return
+	}
+	for _, pidfds := range []bool{true, false} {
+		listed := exec.Command("/bin/sleep", "3600")
+		if err := listed.Start(); err != nil {
+			t.Fatal(err)
+		}
+		n := listed.Process.Pid
+		p := pin([]int{n}, pidfds)
+		stranger := exec.Command("/bin/sleep", "3600")
+		sent, err := p.Signal(unix.SIGKILL, func(pid int) bool {
+			// The check saw the listed process; it ends, and its number is reused.
+			_ = listed.Process.Kill()
+			_ = listed.Wait()
+			testkit.StartAtPid(t, pid, stranger)
+			return true
+		})
+		p.Close()
+		if len(sent) != 0 || err != nil {
+			t.Errorf("pidfds %v: Signal sent to %v (%v); want none", pidfds, sent, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+		var ws unix.WaitStatus
+		if pid, err := unix.Wait4(n, &ws, unix.WNOHANG, nil); pid != 0 || err != nil {
+			t.Fatalf("pidfds %v: the stranger with the listed process's pid %d ended: %v %v", pidfds, n, ws, err)
+		}
+		// The stranger, pinned itself, is signalled.
+		p = pin([]int{n}, pidfds)
+		sent, err = p.Signal(unix.SIGKILL, func(int) bool { return true })
+		p.Close()
+		if len(sent) != 1 || err != nil {
+			t.Fatalf("pidfds %v: Signal to a running pinned process sent to %v (%v)", pidfds, sent, err)
+		}
+		if err := stranger.Wait(); err == nil {
+			t.Fatalf("pidfds %v: the pinned process was not killed", pidfds)
+		}
+	}
+}

@@ -189,40 +189,6 @@ func TestReleaseKillsNoLeaseChangedMidRelease(t *testing.T) {
 	}
 }
 
-// TestReleaseCountsEachKillOnce: a process the release killed stays listed under its
-// uid until its parent reaps it (a zombie keeps its uid in /proc); the release walks
-// again every 20 ms until none is left and signals it again each time. Here one zombie of
-// the uid is reaped 300 ms into the release: the release says it killed 1. Before, it
-// counted every signal (about 10 here; "killed=31 uids=1" in a CI log was one such
-// count, not 31 processes).
-func TestReleaseCountsEachKillOnce(t *testing.T) {
-	uid := testkit.UIDs(t, 1)
-	us, ids := retiredUID(t, uid)
-	cmd := exec.Command("/bin/true")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	testkit.Eventually(t, "the process is a zombie of the uid", func() bool {
-		return strings.Contains(statusField(t, cmd.Process.Pid, "State"), "Z")
-	})
-	reaped := make(chan struct{})
-	go func() {
-		time.Sleep(300 * time.Millisecond)
-		_ = cmd.Wait()
-		close(reaped)
-	}()
-	killed, err := us.releaseCounted(ids)
-	<-reaped
-	t.Logf("release of uid %d with a zombie reaped 300 ms in: killed %d, err %v", uid, killed, err)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if killed != 1 {
-		t.Errorf("killed %d, want 1: one process, signalled in each round until reaped", killed)
-	}
-}
-
 // retiredUID makes a users of uid alone (skipped without root or when the host uses
 // uid), leases it to a stopped workload's directory and retires it there: what a stop's
 // release then frees.
@@ -325,5 +291,107 @@ func TestReleaseRemovesNoLeftoversOfNewHolder(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), "stopped being this nexlet's retirement") {
 		t.Errorf("release error %v; want one saying the lease changed hands", err)
+	}
+}
+
+// TestReleaseKillsNoRecycledPid: a release walks /proc for its uid's processes, then
+// kills what the walk listed. Here the listed process ends between the walk and the
+// kill and a stranger, running as another uid, is given its number (a forced reuse:
+// the test runs in a pid namespace of its own and sets ns_last_pid). The kill opens a
+// pidfd for each listed pid and only then reads the process's uids again: the stranger
+// runs on, and the release frees the uid (nothing of it is left). Before, the release
+// SIGKILLed the listed number: the stranger was killed.
+func TestReleaseKillsNoRecycledPid(t *testing.T) {
+	if !testkit.InPidNamespace(t) {
+		return
+	}
+	lo := testkit.UIDs(t, 2)
+	uid, other := lo, lo+1
+	us, ids := retiredUID(t, uid)
+	listed := exec.Command("/bin/sleep", "600")
+	listed.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	if err := listed.Start(); err != nil {
+		t.Fatal(err)
+	}
+	n := listed.Process.Pid
+	var stranger *exec.Cmd
+	us.releaseWalked = func() {
+		if stranger != nil {
+			return
+		}
+		// Between the walk and the kill: the listed process ends, and the number goes
+		// to a process of another uid.
+		_ = listed.Process.Kill()
+		_ = listed.Wait()
+		stranger = exec.Command("/bin/sleep", "600")
+		stranger.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: other, Gid: other}}
+		testkit.StartAtPid(t, n, stranger)
+	}
+	killed, err := us.releaseCounted(ids)
+	if stranger == nil {
+		t.Fatal("the release's walk did not list the process of its uid")
+	}
+	// A SIGKILL takes a moment to land: wait (bounded) for it.
+	hit := testkit.WaitFor(time.Second, func() bool { return !alive(n) })
+	b, _ := os.ReadFile(us.leasePath(uid))
+	t.Logf("release of uid %d whose listed pid %d went to a process of uid %d before the kill: killed %d, stranger killed %v, err %v, lease %q",
+		uid, n, other, killed, hit, err, b)
+	if hit {
+		t.Fatalf("the release killed pid %d, a stranger (uid %d) given the listed process's number", n, other)
+	}
+	if err != nil {
+		t.Errorf("release: %v", err)
+	}
+	if len(b) != 0 {
+		t.Errorf("uid %d still leased (%q): nothing of it runs", uid, b)
+	}
+}
+
+// TestReleaseNotHeldByZombies: a zombie can run no code, so a release counts a process
+// of its uid in state Z as gone. Here the uid has a running process and a zombie, and
+// their parent (the test) reaps neither until the release returned: the release kills
+// the running one (killed 1, each process counted once), does not wait for either to
+// be reaped, and frees the uid. Before, it signalled both every 20 ms until its 10 s
+// deadline and kept the uid leased ("processes ... survive SIGKILL"), and counted the
+// zombie as killed too (killed 2). (It replaces TestReleaseCountsEachKillOnce of
+// ae2b391, whose zombie, reaped 300 ms into the release, is now not killed at all.)
+func TestReleaseNotHeldByZombies(t *testing.T) {
+	uid := testkit.UIDs(t, 1)
+	us, ids := retiredUID(t, uid)
+	var cmds []*exec.Cmd
+	for _, path := range []string{"/bin/sleep", "/bin/true"} {
+		cmd := exec.Command(path, "600")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, cmd)
+	}
+	defer func() {
+		for _, c := range cmds {
+			_ = c.Process.Kill()
+			_ = c.Wait()
+		}
+	}()
+	zombie := cmds[1].Process.Pid
+	testkit.Eventually(t, "the process is a zombie of the uid", func() bool {
+		return strings.Contains(statusField(t, zombie, "State"), "Z")
+	})
+	killed, err := us.releaseCounted(ids)
+	b, _ := os.ReadFile(us.leasePath(uid))
+	t.Logf("release of uid %d with a running process and a zombie, neither reaped until it returned: killed %d, err %v, lease %q", uid, killed, err, b)
+	if err != nil {
+		t.Fatalf("release: %v", err)
+	}
+	if killed != 1 {
+		t.Errorf("killed %d, want 1: the running process", killed)
+	}
+	if len(b) != 0 {
+		t.Errorf("uid %d still leased (%q)", uid, b)
+	}
+	for _, c := range cmds {
+		if alive(c.Process.Pid) {
+			t.Errorf("pid %d of the uid still runs after its release", c.Process.Pid)
+		}
 	}
 }

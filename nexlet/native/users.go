@@ -25,6 +25,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // Default dynamic uid range: systemd's DynamicUser= range, so that both allocators
@@ -119,6 +121,9 @@ type users struct {
 	// releaseChecked, when set (tests), is called by a release once keepRetired
 	// checked its uids' leases, before it walks /proc and kills.
 	releaseChecked func()
+	// releaseWalked, when set (tests), is called by a release after a walk of /proc
+	// that listed processes of its uids, before it kills them.
+	releaseWalked func()
 }
 
 // walkReuse is how old a walk of /proc a lease may take its busy uids from instead of
@@ -434,14 +439,15 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 		u.releaseChecked()
 	}
 	deadline := time.Now().Add(10 * time.Second)
+	// survivors: the processes of the uids that still ran (not zombies) when the
+	// last round's kill looked at them again.
 	var survivors map[uint32][]int
-	// sent: the processes SIGKILLed so far, each counted once. A killed process stays
-	// listed until its parent reaps it (a zombie keeps its uid in /proc), which the
-	// kernel's init may do only a second later, and every round of the walk signals it
-	// again: counted per signal, one zombie made "killed=31" in the log.
+	// sent: the processes SIGKILLed so far, each counted once. A process SIGKILLed in
+	// one round may still be listed in the next (its exit under way), and a round
+	// signals it again.
 	sent := map[int]bool{}
 	for {
-		survivors = map[uint32][]int{}
+		listed := map[uint32][]int{}
 		busy := map[uint32]bool{} // every uid, for the leases that follow (leaseFreshN)
 		at := time.Now()
 		u.walks.Add(1)
@@ -451,7 +457,7 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 			}
 			for _, v := range uids {
 				if want[v] {
-					survivors[v] = append(survivors[v], pid)
+					listed[v] = append(listed[v], pid)
 					break
 				}
 			}
@@ -460,16 +466,24 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 			return killed, errors.Join(append(errs, fmt.Errorf("%d dynamic uids stay leased: %w", len(want), err))...)
 		}
 		u.noteWalk(busy, at)
-		if len(survivors) == 0 || time.Now().After(deadline) {
+		if len(listed) == 0 {
+			survivors = nil
 			break
 		}
-		n, err := u.killRetired(want, survivors, sent)
+		if u.releaseWalked != nil {
+			u.releaseWalked()
+		}
+		live, n, err := u.killRetired(want, listed, sent)
 		killed += n
 		if err != nil {
 			errs = append(errs, err)
 		}
 		if len(want) == 0 {
 			return killed, errors.Join(errs...)
+		}
+		survivors = live
+		if len(live) == 0 || time.Now().After(deadline) {
+			break
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -506,37 +520,105 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 	return killed, errors.Join(errs...)
 }
 
-// killRetired SIGKILLs survivors (a walk's processes of the uids of want) under the
-// lease lock, each uid's only while its lease is still this nexlet's retirement of it:
+// killRetired SIGKILLs listed (a walk's processes of the uids of want) under the lease
+// lock, each uid's only while its lease is still this nexlet's retirement of it:
 // keepRetired checked that before the walk, but a lease that changed hands since (the
 // nexlet's own adoption of a workload of that uid rewrote it, a nexlet that cannot see
 // this one's /proc entry took it as stale, a test's clean-up removed it) is another
 // holder's, whose processes run as the uid too. Under the lock no lease changes, so a
 // lease still retired means every process of the uid is the retired workload's. A uid
-// whose lease changed leaves want with an error, nothing of it killed. killed counts
-// the processes not in sent (signalled by an earlier round), which it adds.
-func (u *users) killRetired(want map[uint32]bool, survivors map[uint32][]int, sent map[int]bool) (killed int, err error) {
+// whose lease changed leaves want with an error, nothing of it killed.
+//
+// Each listed pid is killed through a pidfd opened first and only once its process is
+// seen, after the open, still running as the uid (procid.Pin): a listed process
+// that ended since the walk may have left its number to a stranger, another uid's
+// process, which the kill by the number hit (TestReleaseKillsNoRecycledPid). A zombie
+// of the uid is not killed and counts as gone: it can run no code, and it is not the
+// release's to reap (its parent's, or init's), so waiting for it kept the release, and
+// the uid's lease, until the 10 s deadline (TestReleaseNotHeldByZombies).
+//
+// live are the processes that still ran as their uid when looked at (each now sent
+// SIGKILL); killed counts those not in sent (signalled by an earlier round), which it
+// adds.
+func (u *users) killRetired(want map[uint32]bool, listed map[uint32][]int, sent map[int]bool) (live map[uint32][]int, killed int, err error) {
 	unlock, err := u.lock()
 	if err != nil {
 		clear(want)
-		return 0, fmt.Errorf("dynamic uids stay leased, nothing killed: %w", err)
+		return nil, 0, fmt.Errorf("dynamic uids stay leased, nothing killed: %w", err)
 	}
 	defer unlock()
+	live = map[uint32][]int{}
 	var errs []error
-	for uid, pids := range survivors {
+	for uid, pids := range listed {
 		if b, err := os.ReadFile(u.leasePath(uid)); err != nil || !u.retiredBySelf(b) {
 			delete(want, uid)
 			errs = append(errs, fmt.Errorf("dynamic uid %d: not released, its processes %v not killed: its lease stopped being this nexlet's retirement during the release", uid, pids))
 			continue
 		}
-		for _, p := range pids {
-			if syscall.Kill(p, syscall.SIGKILL) == nil && !sent[p] {
-				sent[p] = true
-				killed++
+		for chunk := range slices.Chunk(pids, pinAtOnce) {
+			pin := procid.Pin(chunk)
+			// A process the signal fails for stays live: listed again next round,
+			// and named as a survivor at the deadline.
+			sentNow, _ := pin.Signal(syscall.SIGKILL, func(pid int) bool {
+				runs, err := runsAs(u.proc, pid, uid)
+				if err != nil {
+					// Not known: not killed, and the uid not freed while it may run.
+					live[uid] = append(live[uid], pid)
+					return false
+				}
+				if !runs {
+					return false // gone, a zombie, or a stranger's process with the number now
+				}
+				live[uid] = append(live[uid], pid)
+				return true
+			})
+			pin.Close()
+			for _, p := range sentNow {
+				if !sent[p] {
+					sent[p] = true
+					killed++
+				}
 			}
 		}
 	}
-	return killed, errors.Join(errs...)
+	return live, killed, errors.Join(errs...)
+}
+
+// pinAtOnce bounds the pidfds a kill holds at once (a uid's processes are pinned in
+// chunks of this many).
+const pinAtOnce = 256
+
+// runsAs reports whether pid (in proc) is a process that runs, not a zombie, with uid
+// among its real, effective, saved and fs uids: one read of its status, whose State
+// and Uid lines come in its first few hundred bytes. An error says it could not tell
+// (a process that is gone is not one).
+func runsAs(proc string, pid int, uid uint32) (bool, error) {
+	var buf [4 << 10]byte
+	path := proc + "/" + strconv.Itoa(pid) + "/status"
+	b, err := procid.ReadInto(path, buf[:])
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	i := bytes.Index(b, []byte("\nState:"))
+	if i < 0 {
+		return false, fmt.Errorf("%s: no State line", path)
+	}
+	st := bytes.TrimLeft(b[i+len("\nState:"):], " \t")
+	if len(st) == 0 {
+		return false, fmt.Errorf("%s: empty State line", path)
+	}
+	if st[0] == 'Z' || st[0] == 'X' {
+		return false, nil
+	}
+	var uids [4]uint32
+	n := parseStatusUIDs(b, &uids)
+	if n == 0 {
+		return false, fmt.Errorf("%s: no Uid line", path)
+	}
+	return slices.Contains(uids[:n], uid), nil
 }
 
 // keepRetired removes from want the uids whose lease is not this nexlet's retired one
