@@ -24,6 +24,22 @@ import (
 // owner. It returns the uids whose leftovers could not all be removed (they must stay
 // leased), each with its error.
 func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
+	failed, trees := moveLeftovers(proc, want)
+	for uid, err := range trees.remove(nil) {
+		failed[uid] = errors.Join(failed[uid], err)
+	}
+	return failed
+}
+
+// moveLeftovers is removeLeftovers with the directories among the leftovers moved out
+// of every uid's reach instead, into a directory of root's (mode 0700) beside them, to
+// be removed by trees.remove: a release runs it under the host-wide lease lock, which
+// every deploy's claim of a uid waits for, and a tree a workload left in /tmp takes as
+// long to remove as it has entries (100,000 files: 1.9 s here); a rename takes one step
+// whatever the size. Once moved, the next holder of the uid cannot reach them, so the
+// uid may be freed before they are gone (TestReleaseRemovesTreesAfterTheLock).
+func moveLeftovers(proc string, want map[uint32]bool) (map[uint32]error, *leftoverTrees) {
+	trees := &leftoverTrees{}
 	failed := map[uint32]error{}
 	fail := func(uid uint32, err error) { failed[uid] = errors.Join(failed[uid], err) }
 	for _, t := range [...]struct{ table, id string }{{"shm", "shmid"}, {"msg", "msqid"}, {"sem", "semid"}} {
@@ -60,6 +76,9 @@ func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
 				continue
 			}
 			p := filepath.Join(dir, name)
+			if st.Mode&unix.S_IFMT == unix.S_IFDIR && trees.move(dir, name, st.Uid) {
+				continue
+			}
 			// RemoveAll opens nothing through a symlink, so a planted link takes
 			// nothing else with it.
 			if err := os.RemoveAll(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -67,6 +86,59 @@ func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
 			}
 		}
 		d.Close()
+	}
+	return failed, trees
+}
+
+// leftoverTrees are leftover directories moved aside by moveLeftovers, each into a
+// directory of root's made beside it (mode 0700: no other uid can reach into it).
+type leftoverTrees struct {
+	aside map[string]string // a shared directory (/tmp) -> its directory of root's
+	trees []leftoverTree
+}
+
+type leftoverTree struct {
+	path string
+	uid  uint32
+}
+
+// move renames dir/name into dir's directory of root's (made at the first); false when
+// it could not (that directory not made, a mount point, another file system): the
+// caller removes it in place.
+func (t *leftoverTrees) move(dir, name string, uid uint32) bool {
+	aside, ok := t.aside[dir]
+	if !ok {
+		var err error
+		if aside, err = os.MkdirTemp(dir, ".nexd-leftovers-"); err != nil {
+			return false
+		}
+		if t.aside == nil {
+			t.aside = map[string]string{}
+		}
+		t.aside[dir] = aside
+	}
+	to := filepath.Join(aside, name)
+	if err := os.Rename(filepath.Join(dir, name), to); err != nil {
+		return false
+	}
+	t.trees = append(t.trees, leftoverTree{path: to, uid: uid})
+	return true
+}
+
+// remove removes the moved trees and the directories that held them, calling before
+// (tests), when set, with each tree first; it returns the errors by uid.
+func (t *leftoverTrees) remove(before func(path string)) map[uint32]error {
+	failed := map[uint32]error{}
+	for _, tr := range t.trees {
+		if before != nil {
+			before(tr.path)
+		}
+		if err := os.RemoveAll(tr.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			failed[tr.uid] = errors.Join(failed[tr.uid], fmt.Errorf("dynamic uid %d: leftover %s: %w", tr.uid, tr.path, err))
+		}
+	}
+	for _, aside := range t.aside {
+		_ = os.Remove(aside) // empty unless a tree above failed
 	}
 	return failed
 }

@@ -395,3 +395,72 @@ func TestReleaseNotHeldByZombies(t *testing.T) {
 		}
 	}
 }
+
+// TestReleaseRemovesTreesAfterTheLock: a release removes the directories its uid left
+// in /tmp after the lease lock, not under it. Every deploy's claim of a uid takes that
+// lock (host-wide: every nexlet on the shared lease directory), and a directory tree
+// takes as long to remove as it has entries (100,000 files: 1.9 s here), so a workload
+// that left a big tree in /tmp held every tenant's deploys on the host that long at its
+// stop (since 1a38eab, which moved the removal under the lock). Under the lock the tree
+// is now moved out of the uid's reach (into a directory of root's, 0700) and removed
+// after it: at its removal the lock is free, the tree is no longer at its path, and
+// afterwards it is gone and the uid freed.
+func TestReleaseRemovesTreesAfterTheLock(t *testing.T) {
+	uid := testkit.UIDs(t, 1)
+	us, ids := retiredUID(t, uid)
+	tree, err := os.MkdirTemp("/tmp", "nexd-test-leftover-tree-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(tree)
+	for i := range 3 {
+		p := filepath.Join(tree, strconv.Itoa(i))
+		if err := os.WriteFile(p, []byte("left"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(p, int(uid), int(uid)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(tree, int(uid), int(uid)); err != nil {
+		t.Fatal(err)
+	}
+	lockFile, err := os.OpenFile(filepath.Join(us.pol.LeaseDir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lockFile.Close()
+	removals, held, aside := 0, 0, ""
+	us.removingTree = func(path string) {
+		removals++
+		aside = filepath.Dir(path)
+		if err := unix.Flock(int(lockFile.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			held++
+			t.Errorf("the lease lock is held while %s is removed: %v", path, err)
+		} else {
+			_ = unix.Flock(int(lockFile.Fd()), unix.LOCK_UN)
+		}
+		if _, err := os.Lstat(tree); err == nil {
+			t.Errorf("%s is still at its path while it is removed: the uid's next holder may reach it", tree)
+		}
+		if st, err := os.Stat(filepath.Dir(path)); err != nil || st.Mode().Perm() != 0o700 || st.Sys().(*syscall.Stat_t).Uid != 0 {
+			t.Errorf("moved into %s, not a directory of root's with mode 0700: %v %v", filepath.Dir(path), st.Mode(), err)
+		}
+	}
+	if err := us.releaseAll(ids); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d tree(s) removed, %d with the lease lock held", removals, held)
+	if removals != 1 {
+		t.Errorf("%d trees removed, want 1 (the uid's directory in /tmp)", removals)
+	}
+	if _, err := os.Lstat(tree); err == nil {
+		t.Errorf("%s survived the release", tree)
+	}
+	if _, err := os.Stat(us.leasePath(uid)); !os.IsNotExist(err) {
+		t.Errorf("uid %d still leased after the release: %v", uid, err)
+	}
+	if _, err := os.Lstat(aside); aside == "" || err == nil {
+		t.Errorf("the directory the tree was moved into (%q) is left behind", aside)
+	}
+}

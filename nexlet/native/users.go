@@ -124,6 +124,9 @@ type users struct {
 	// releaseWalked, when set (tests), is called by a release after a walk of /proc
 	// that listed processes of its uids, before it kills them.
 	releaseWalked func()
+	// removingTree, when set (tests), is called by a release with each leftover
+	// directory it moved aside, just before removing it.
+	removingTree func(path string)
 }
 
 // walkReuse is how old a walk of /proc a lease may take its busy uids from instead of
@@ -491,12 +494,29 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 	if err != nil {
 		return killed, errors.Join(append(errs, err)...)
 	}
-	defer unlock()
 	// What the uids without survivors left behind goes before their leases, under the
 	// lease lock and only while each lease is still this nexlet's retirement, as the
 	// kills (killRetired): a lease that changed hands during the release is another
 	// holder's, whose files, shared memory and IPC objects are the uid's too
-	// (TestReleaseRemovesNoLeftoversOfNewHolder).
+	// (TestReleaseRemovesNoLeftoversOfNewHolder). The directories among them are moved
+	// out of the uid's reach there and removed after the lock, which every deploy's
+	// claim of a uid waits for: a workload's tree of files in /tmp held it as long as
+	// it took to remove (TestReleaseRemovesTreesAfterTheLock).
+	trees, ferrs := u.freeRetiredLocked(want, survivors)
+	unlock()
+	errs = append(errs, ferrs...)
+	for uid, err := range trees.remove(u.removingTree) {
+		// Out of every uid's reach already: the uid is free all the same.
+		errs = append(errs, fmt.Errorf("dynamic uid %d: freed, but what it left behind, moved aside, was not all removed: %w", uid, err))
+	}
+	return killed, errors.Join(errs...)
+}
+
+// freeRetiredLocked, under the lease lock, frees the uids of want without survivors
+// whose lease is still this nexlet's retirement, after their leftovers; it returns the
+// directories among those, moved aside for removal after the lock.
+func (u *users) freeRetiredLocked(want map[uint32]bool, survivors map[uint32][]int) (*leftoverTrees, []error) {
+	var errs []error
 	gone := map[uint32]bool{}
 	for uid := range want {
 		if pids, ok := survivors[uid]; ok {
@@ -511,13 +531,13 @@ func (u *users) releaseCounted(ids []ident) (killed int, err error) {
 		}
 		gone[uid] = true
 	}
-	failed := removeLeftovers(u.proc, gone)
+	failed, trees := moveLeftovers(u.proc, gone)
 	for uid := range gone {
 		if err := u.freeLocked(uid, failed[uid]); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	return killed, errors.Join(errs...)
+	return trees, errs
 }
 
 // killRetired SIGKILLs listed (a walk's processes of the uids of want) under the lease
