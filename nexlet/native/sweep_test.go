@@ -301,3 +301,69 @@ func TestSweepStaleGivesBackHandedOverLockWithoutLease(t *testing.T) {
 		t.Errorf("uid %d: a process runs as it, and its lock was given back", lo+1)
 	}
 }
+
+// TestEndedWorkloadSweepSparesNewHolder: the sweep of a gone nexlet's workload
+// directories removes an ended workload's uid leftovers only while the uid's lease
+// still names that directory (or there is none). Here the uid was freed (a release
+// whose nexlet died before it removed the directory) and leased again to another
+// holder, which runs no process at the sweep's walk (a service in restart backoff, a
+// pooled uid) and owns a file in /tmp: the file survives, the lease stays the
+// holder's, and the ended workload's directory goes. Before, the removal ran before any
+// look at the lease: the holder's file was removed. The same directory with its own
+// lease: the file goes and the uid is freed.
+func TestEndedWorkloadSweepSparesNewHolder(t *testing.T) {
+	needRoot(t)
+	uid := testkit.UIDs(t, 1)
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := ident{uid: uid, gid: uid, name: "dynamic", dynamic: true}
+	for _, ownLease := range []bool{false, true} {
+		dir := t.TempDir()
+		wd := filepath.Join(dir, "w0")
+		if err := makeWorkloadDirs(wd, id); err != nil {
+			t.Fatal(err)
+		}
+		owner := t.TempDir() // the new holder's workload directory
+		if ownLease {
+			owner = wd
+		}
+		if err := writeLease(us.leasePath(uid), owner); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.CreateTemp("/tmp", "nexd-test-holder-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		defer os.Remove(f.Name())
+		if err := os.Chown(f.Name(), int(uid), int(uid)); err != nil {
+			t.Fatal(err)
+		}
+
+		us.removeEndedWorkloads(dir)
+		_, ferr := os.Lstat(f.Name())
+		b, _ := os.ReadFile(us.leasePath(uid))
+		_, werr := os.Lstat(wd)
+		t.Logf("lease of %s: file there %v, lease %q, directory there %v", map[bool]string{false: "another holder", true: "the directory"}[ownLease], ferr == nil, b, werr == nil)
+		if werr == nil {
+			t.Errorf("the ended workload's directory %s stays", wd)
+		}
+		if !ownLease {
+			if ferr != nil {
+				t.Errorf("the new holder's %s was removed: %v", f.Name(), ferr)
+			}
+			if leaseOwner(b) != owner {
+				t.Errorf("lease names %q, want the new holder %s", leaseOwner(b), owner)
+			}
+			continue
+		}
+		if ferr == nil {
+			t.Errorf("the ended workload's %s stays", f.Name())
+		}
+		if len(b) != 0 {
+			t.Errorf("uid %d still leased (%q)", uid, b)
+		}
+	}
+}

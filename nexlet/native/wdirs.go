@@ -186,15 +186,38 @@ func (u *users) removeEndedWorkloads(dir string) {
 		if !id.dynamic || id.uid == 0 || busy[id.uid] {
 			continue
 		}
-		if removeLeftovers(u.proc, map[uint32]bool{id.uid: true})[id.uid] != nil {
+		if !u.freeEnded(id.uid, wd) {
 			continue
-		}
-		if unlock, err := u.lock(); err == nil {
-			if b, err := os.ReadFile(u.leasePath(id.uid)); err == nil && leaseOwner(b) == wd {
-				_ = u.freeLocked(id.uid, nil)
-			}
-			unlock()
 		}
 		_ = os.RemoveAll(wd)
 	}
+}
+
+// freeEnded removes what uid left behind and frees its lease if that names wd, an
+// ended workload's directory, or there is none; false when that removal failed (the
+// directory and the lease stay). Under the lease lock, as a release does: a lease that
+// names another holder (the uid freed by a release whose nexlet died before it removed
+// the directory, and leased again since) is that holder's, and so are the uid's files
+// and IPC objects, while it runs no process too (a service in restart backoff, a pooled
+// uid). Before, they were removed ahead of the lock and of any look at the lease
+// (TestEndedWorkloadSweepSparesNewHolder). Directories are moved aside there and
+// removed after the lock (see moveLeftovers).
+func (u *users) freeEnded(uid uint32, wd string) bool {
+	unlock, err := u.lock()
+	if err != nil {
+		return false
+	}
+	b, err := os.ReadFile(u.leasePath(uid))
+	ours := err == nil && leaseOwner(b) == wd
+	if !ours && !errors.Is(err, fs.ErrNotExist) {
+		unlock()
+		return true // another holder's uid: the directory alone goes
+	}
+	failed, trees := moveLeftovers(u.proc, map[uint32]bool{uid: true})
+	if ours && failed[uid] == nil {
+		_ = u.freeLocked(uid, nil)
+	}
+	unlock()
+	left := trees.remove(nil)
+	return failed[uid] == nil && left[uid] == nil
 }
