@@ -264,8 +264,10 @@ Nex nodes.
 Output is a table for people; --json prints JSON for scripts. Errors go to stderr.
 Exit codes: 0 success, 1 failure (also a partial result: a list, top or drain that may
 lack some nexlets' workloads, or a list a node answered with an error), 2 usage error, 3 outcome unknown (a deploy whose node
-went silent mid-request: the workload may be running there; a list or lookup cut short
-by nexctl's own NATS connection closing: what came is printed, the rest is unknown).`,
+went silent mid-request: the workload may be running there; a stop the node holding the
+workload answered with an error of its own (5xx): the stop may have gone on there; a list
+or lookup cut short by nexctl's own NATS connection closing: what came is printed, the
+rest is unknown).`,
 		Version:       version,
 		SilenceErrors: true,
 		SilenceUsage:  true,
