@@ -464,3 +464,55 @@ func TestReleaseRemovesTreesAfterTheLock(t *testing.T) {
 		t.Errorf("the directory the tree was moved into (%q) is left behind", aside)
 	}
 }
+
+// TestReleaseKillsThreadsOfExitedMainThread: a release counts a zombie of its uid as
+// gone (e05af83), but a process whose main thread ended alone (exit(2), not
+// exit_group(2)) shows State Z in /proc/<pid>/status while its other threads run on
+// as the uid. Such a process is killed (a signal to its pid ends every thread) and
+// waited for like any other. Before, the release took it for a zombie: it freed the
+// uid with the process's thread still running as it, for the uid's next holder,
+// another tenant's workload maybe, to meet.
+func TestReleaseKillsThreadsOfExitedMainThread(t *testing.T) {
+	bin := bins.Path(t, "./testdata/leaderexit")
+	uid := testkit.UIDs(t, 1)
+	us, ids := retiredUID(t, uid)
+	cmd := exec.Command(bin)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	defer func() {
+		_ = cmd.Process.Kill()
+		<-waited
+	}()
+	buf := make([]byte, 16)
+	if n, err := out.Read(buf); err != nil || !strings.HasPrefix(string(buf[:n]), "ready") {
+		close(waited)
+		t.Fatalf("helper: %q %v", buf[:n], err)
+	}
+	pid := cmd.Process.Pid
+	testkit.Eventually(t, "the main thread ended, another runs", func() bool {
+		return strings.HasPrefix(statusField(t, pid, "State"), "Z") && statusField(t, pid, "Threads") != "1"
+	})
+	// Its parent (this test) reaps it only after the release: a zombie's reap is its
+	// parent's, as for a workload's.
+	killed, err := us.releaseCounted(ids)
+	b, _ := os.ReadFile(us.leasePath(uid))
+	threads := statusField(t, pid, "Threads")
+	t.Logf("release of uid %d with a process whose main thread exited alone: killed %d, err %v, lease %q, its threads now %q", uid, killed, err, b, threads)
+	go func() { _ = cmd.Wait(); close(waited) }()
+	if threads != "1" && threads != "" {
+		t.Errorf("the process's other threads (Threads: %s) still run as uid %d after its release", threads, uid)
+	}
+	if killed != 1 {
+		t.Errorf("killed %d, want 1", killed)
+	}
+	if err == nil && len(b) != 0 {
+		t.Errorf("uid %d still leased (%q) after a release without error", uid, b)
+	}
+}

@@ -608,7 +608,8 @@ func (u *users) killRetired(want map[uint32]bool, listed map[uint32][]int, sent 
 // chunks of this many).
 const pinAtOnce = 256
 
-// runsAs reports whether pid (in proc) is a process that runs, not a zombie, with uid
+// runsAs reports whether pid (in proc) is a process that runs (not a zombie; but one
+// whose main thread alone ended runs its other threads: threadsRun), with uid
 // among its real, effective, saved and fs uids: one read of its status, whose State
 // and Uid lines come in its first few hundred bytes. An error says it could not tell
 // (a process that is gone is not one).
@@ -630,7 +631,7 @@ func runsAs(proc string, pid int, uid uint32) (bool, error) {
 	if len(st) == 0 {
 		return false, fmt.Errorf("%s: empty State line", path)
 	}
-	if st[0] == 'Z' || st[0] == 'X' {
+	if (st[0] == 'Z' || st[0] == 'X') && !threadsRun(b) {
 		return false, nil
 	}
 	var uids [4]uint32
@@ -639,6 +640,23 @@ func runsAs(proc string, pid int, uid uint32) (bool, error) {
 		return false, fmt.Errorf("%s: no Uid line", path)
 	}
 	return slices.Contains(uids[:n], uid), nil
+}
+
+// threadsRun says whether a zombie's status (b) counts threads besides its own: its
+// main thread ended alone (exit(2), not exit_group(2)) and the others run on, as its
+// uid, until a signal to the process (its pid) ends them all. A zombie whose threads
+// have all ended counts itself alone (Threads: 1). Without the line, it may run.
+func threadsRun(b []byte) bool {
+	i := bytes.Index(b, []byte("\nThreads:"))
+	if i < 0 {
+		return true
+	}
+	v := bytes.TrimLeft(b[i+len("\nThreads:"):], " \t")
+	if j := bytes.IndexByte(v, '\n'); j >= 0 {
+		v = v[:j]
+	}
+	n, err := strconv.Atoi(string(v))
+	return err != nil || n > 1
 }
 
 // keepRetired removes from want the uids whose lease is not this nexlet's retired one
