@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -182,7 +183,7 @@ func testNames() []string {
 // registered later: call it right after making runtimeDir, before the node that uses it
 // starts), what native nexlets of runtimeDir left in the host's shared directories: the
 // workloads directory it names (<runtimeDir>/workloads-dir, one of /run/nex-workloads)
-// when no nexlet holds it any more, the uid leases naming what is in it or a nexlet that
+// when no nexlet holds it any more (waiting out another nexlet's sweep of it), the uid leases naming what is in it or a nexlet that
 // made directories ahead in it and is gone, and those uids' systemd lock files that are
 // empty and unlocked. A node killed at the end of a test (or left running with
 // live_restore and killed with its cgroup) leaves them; the next nexlet of the host
@@ -195,14 +196,41 @@ func CleanNexletDirs(t testing.TB, runtimeDir string) {
 // RemoveNexletDirs removes now what CleanNexletDirs removes at a test's end, for a
 // clean-up of its own that stops the nexlets of runtimeDir first.
 func RemoveNexletDirs(runtimeDir string) {
+	hostNexletDirs().remove(runtimeDir, sweepWait)
+}
+
+// sweepWait bounds the wait for another nexlet's sweep of a workloads directory (its
+// exclusive lock, held across its walk of /proc, which takes long on a loaded host).
+const sweepWait = 10 * time.Second
+
+// nexletDirs are the directories native nexlets share: the host's (hostNexletDirs), or
+// a test's own.
+type nexletDirs struct {
+	workloads   string // where workloads directories are (/run/nex-workloads)
+	leases      string // uid leases, with their .lock (/run/nex-dynamic-uid)
+	systemdUIDs string // systemd's uid lock files (/run/systemd/dynamic-uid)
+}
+
+func hostNexletDirs() nexletDirs {
+	return nexletDirs{workloads: hostWorkloadsBase, leases: hostLeaseDir, systemdUIDs: hostSystemdUIDDir}
+}
+
+// remove is RemoveNexletDirs in d, waiting up to wait for another nexlet's sweep.
+func (d nexletDirs) remove(runtimeDir string, wait time.Duration) {
 	b, err := os.ReadFile(filepath.Join(runtimeDir, "workloads-dir"))
 	if err != nil {
 		return
 	}
 	wdir := strings.TrimSpace(string(b))
-	if filepath.Dir(wdir) != hostWorkloadsBase || !unlocked(wdir) {
+	if filepath.Dir(wdir) != d.workloads {
 		return
 	}
+	hold := lockUnheld(wdir, wait)
+	if hold == nil {
+		return
+	}
+	// Held exclusively to the end, as a sweeping nexlet holds it: none sweeps it meanwhile.
+	defer hold.Close()
 	// The owners its leases may name: what is in it, and the nexlets that made
 	// directories ahead in it (.ready-<pid>-<start>-<uid>), all gone with the test.
 	owners := []string{wdir + "/"}
@@ -215,25 +243,62 @@ func RemoveNexletDirs(runtimeDir string) {
 			}
 		}
 	}
-	removeLeases(owners)
+	d.removeLeases(owners)
 	_ = os.RemoveAll(wdir)
 	_ = os.Remove(wdir + runtimeDirRecord)
 }
 
-// removeLeases removes the host's uid leases naming one of owners (a path ending in
-// "/": anything below it), with their uids' systemd lock files that are empty and
-// unlocked.
-func removeLeases(owners []string) {
+// lockUnheld opens the workloads directory dir and takes its exclusive lock, which it
+// returns held; nil when a nexlet holds the directory (its shared lock: a live one) or
+// it is not there. Every nexlet's sweep of the host's workloads directories takes each
+// one's exclusive lock for a while: a directory locked so is waited for, up to wait.
+// (Given up at once, such a sweep beside the clean-up left the directory and its uid
+// leases: the sweep keeps a directory whose runtime directory is still there, as the
+// test's is until its temp dirs go after this.)
+func lockUnheld(dir string, wait time.Duration) *os.File {
+	f, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil
+	}
+	fd := int(f.Fd())
+	deadline := time.Now().Add(wait)
+	for {
+		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if err != nil && unix.Flock(fd, unix.LOCK_SH|unix.LOCK_NB) == nil {
+			// No exclusive holder: shared ones (a nexlet of it), or none left since.
+			if err = unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			var a, b unix.Stat_t
+			if unix.Fstat(fd, &a) == nil && unix.Lstat(dir, &b) == nil && a.Nlink > 0 && a.Ino == b.Ino && a.Dev == b.Dev {
+				return f
+			}
+			break // removed (a sweep) or replaced meanwhile
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	f.Close()
+	return nil
+}
+
+// removeLeases removes d's uid leases naming one of owners (a path ending in "/":
+// anything below it), with their uids' systemd lock files that are empty and unlocked.
+func (d nexletDirs) removeLeases(owners []string) {
 	// Under the lease lock, as the nexlets change leases: a stale lease read here may
 	// be a nexlet's again by the time it is removed otherwise.
-	lf, err := os.OpenFile(filepath.Join(hostLeaseDir, ".lock"), os.O_RDWR, 0)
+	lf, err := os.OpenFile(filepath.Join(d.leases, ".lock"), os.O_RDWR, 0)
 	if err != nil || unix.Flock(int(lf.Fd()), unix.LOCK_EX) != nil {
 		return
 	}
 	defer lf.Close()
-	leases, _ := os.ReadDir(hostLeaseDir)
+	leases, _ := os.ReadDir(d.leases)
 	for _, e := range leases {
-		p := filepath.Join(hostLeaseDir, e.Name())
+		p := filepath.Join(d.leases, e.Name())
 		b, err := os.ReadFile(p)
 		if err != nil {
 			continue
@@ -246,7 +311,7 @@ func removeLeases(owners []string) {
 			continue
 		}
 		_ = os.Remove(p)
-		lock := filepath.Join(hostSystemdUIDDir, e.Name())
+		lock := filepath.Join(d.systemdUIDs, e.Name())
 		if fi, err := os.Stat(lock); err == nil && fi.Size() == 0 && unlocked(lock) {
 			_ = os.Remove(lock)
 		}
