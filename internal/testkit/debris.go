@@ -232,13 +232,18 @@ func (d nexletDirs) remove(runtimeDir string, wait time.Duration) {
 	// Held exclusively to the end, as a sweeping nexlet holds it: none sweeps it meanwhile.
 	defer hold.Close()
 	// The owners its leases may name: what is in it, and the nexlets that made
-	// directories ahead in it (.ready-<pid>-<start>-<uid>), all gone with the test.
+	// directories ahead in it (.ready-<pid>-<start>-<uid>), whose pooled leases name
+	// /proc/<pid>. Such a nexlet holds the directory no more (its lock is ours): it is
+	// gone, or on its way out (killed, its descriptors closed, /proc/<pid> still there,
+	// its leases left when only a gone pid counted). A process of that pid started at
+	// another time is a stranger, whose own leases would name it too.
 	owners := []string{wdir + "/"}
 	ents, _ := os.ReadDir(wdir)
 	for _, e := range ents {
 		if rest, ok := strings.CutPrefix(e.Name(), ".ready-"); ok {
-			pid, _, _ := strings.Cut(rest, "-")
-			if _, err := os.Lstat("/proc/" + pid); err != nil {
+			pid, rest, _ := strings.Cut(rest, "-")
+			start, _, _ := strings.Cut(rest, "-")
+			if now, running := procStart(pid); !running || now == start {
 				owners = append(owners, "/proc/"+pid)
 			}
 		}
@@ -246,6 +251,24 @@ func (d nexletDirs) remove(runtimeDir string, wait time.Duration) {
 	d.removeLeases(owners)
 	_ = os.RemoveAll(wdir)
 	_ = os.Remove(wdir + runtimeDirRecord)
+}
+
+// procStart is the start time (/proc/<pid>/stat's 22nd field) of process pid; false
+// when no process has that pid.
+func procStart(pid string) (string, bool) {
+	b, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return "", false
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return "", true
+	}
+	f := strings.Fields(string(b[i+1:])) // from the 3rd field, the state, on
+	if len(f) < 20 {
+		return "", true
+	}
+	return f[19], true
 }
 
 // lockUnheld opens the workloads directory dir and takes its exclusive lock, which it

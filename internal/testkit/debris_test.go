@@ -3,6 +3,7 @@ package testkit
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -17,13 +18,20 @@ import (
 // systemd lock file. It returns the directories, the runtime directory and the paths
 // that must go.
 func nexletDirsFixture(t *testing.T) (d nexletDirs, runtimeDir string, made []string) {
+	d, runtimeDir, made, _ = nexletDirsFixtureUID(t)
+	return d, runtimeDir, made
+}
+
+// nexletDirsFixtureUID is nexletDirsFixture that also returns the workload's uid, the
+// first of two reserved (UIDs).
+func nexletDirsFixtureUID(t *testing.T) (d nexletDirs, runtimeDir string, made []string, uid uint32) {
 	t.Helper()
 	base := t.TempDir()
 	d = nexletDirs{workloads: filepath.Join(base, "nex-workloads"), leases: filepath.Join(base, "nex-dynamic-uid"),
 		systemdUIDs: filepath.Join(base, "dynamic-uid")}
 	runtimeDir = t.TempDir()
 	wdir := filepath.Join(d.workloads, "0123456789abcdef")
-	uid := fmt.Sprint(UIDs(t, 1))
+	uid = UIDs(t, 2)
 	for _, dir := range []string{d.leases, d.systemdUIDs, filepath.Join(wdir, "w1")} {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
@@ -32,9 +40,10 @@ func nexletDirsFixture(t *testing.T) (d nexletDirs, runtimeDir string, made []st
 	WriteFile(t, filepath.Join(runtimeDir, "workloads-dir"), wdir+"\n")
 	WriteFile(t, wdir+runtimeDirRecord, runtimeDir+"\n")
 	WriteFile(t, filepath.Join(d.leases, ".lock"), "")
-	WriteFile(t, filepath.Join(d.leases, uid), filepath.Join(wdir, "w1")+"\n")
-	WriteFile(t, filepath.Join(d.systemdUIDs, uid), "")
-	return d, runtimeDir, []string{wdir, wdir + runtimeDirRecord, filepath.Join(d.leases, uid), filepath.Join(d.systemdUIDs, uid)}
+	WriteFile(t, filepath.Join(d.leases, fmt.Sprint(uid)), filepath.Join(wdir, "w1")+"\n")
+	WriteFile(t, filepath.Join(d.systemdUIDs, fmt.Sprint(uid)), "")
+	return d, runtimeDir, []string{wdir, wdir + runtimeDirRecord, filepath.Join(d.leases, fmt.Sprint(uid)),
+		filepath.Join(d.systemdUIDs, fmt.Sprint(uid))}, uid
 }
 
 // left counts the paths still there.
@@ -95,6 +104,46 @@ func TestRemoveNexletDirsWaitsOutASweep(t *testing.T) {
 			t.Errorf("%d of %d entries of a live nexlet's workloads directory left, want all", n, len(made))
 		}
 	})
+	// A nexlet's uid leased ahead (its lease names /proc/<pid>, its directory made ahead
+	// .ready-<pid>-<start>-<uid>) goes when that nexlet, killed, has let go of the
+	// directory but is still in /proc (it was left so: e2e TestLiveRestoreAdoptsWithout-
+	// Prestart's 7 pooled leases after each run); one whose pid is a stranger's now
+	// (another start time) stays. A live process plays each.
+	for _, c := range []struct {
+		name     string
+		stranger bool
+	}{{"dying nexlet", false}, {"pid reused", true}} {
+		t.Run(c.name, func(t *testing.T) {
+			d, runtimeDir, made, uid := nexletDirsFixtureUID(t)
+			proc := exec.Command("sleep", "60")
+			if err := proc.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer proc.Wait()
+			defer proc.Process.Kill()
+			pid := fmt.Sprint(proc.Process.Pid)
+			start, ok := procStart(pid)
+			if !ok || start == "" {
+				t.Fatalf("no start time of %s", pid)
+			}
+			if c.stranger {
+				start += "1"
+			}
+			ahead := uid + 1
+			ready := filepath.Join(made[0], fmt.Sprintf(".ready-%s-%s-%d", pid, start, ahead))
+			if err := os.Mkdir(ready, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			lease := WriteFile(t, filepath.Join(d.leases, fmt.Sprint(ahead)), "/proc/"+pid+"\n")
+			d.remove(runtimeDir, sweepWait)
+			if n := left(made); n != 0 {
+				t.Errorf("%d of %d entries left", n, len(made))
+			}
+			if n := left([]string{lease}); n != map[bool]int{false: 0, true: 1}[c.stranger] {
+				t.Errorf("%d leases naming /proc/%s left (its start time %s in the directory made ahead)", n, pid, start)
+			}
+		})
+	}
 	t.Run("unheld", func(t *testing.T) {
 		d, runtimeDir, made := nexletDirsFixture(t)
 		d.remove(runtimeDir, sweepWait)
