@@ -872,3 +872,55 @@ func TestRunnerListInParts(t *testing.T) {
 		t.Errorf("asked without %s: answer %v %.80s, want an error naming max_payload", protocol.HeaderListParts, m.Header, m.Data)
 	}
 }
+
+// TestEndpointsBeforeFirstHeartbeat: a node asks a nexlet the moment it has the
+// nexlet's first heartbeat (its lists, its bids: node.awaitServing, WaitServing), so
+// the heartbeat must reach it only once the server has the endpoints' subscriptions.
+// Run no longer waits for a flush of them before the heartbeat: the heartbeat goes out
+// behind them on the same connection, which the server reads in order. Every start,
+// asked on the first heartbeat's arrival, answers (no "no responders").
+func TestEndpointsBeforeFirstHeartbeat(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	regs := make(chan protocol.RegisterAgentRequest, 1)
+	fakeNode(t, nc, srv.ClientURL(), &protocol.RegisterAgentResponse{Success: true, NodeID: node}, regs)
+	const starts = 20
+	for i := range starts {
+		answered := make(chan error, 1)
+		sub, err := nc.Subscribe(protocol.AgentHeartbeatSubject(node, agent), func(*nats.Msg) {
+			for _, subj := range []string{protocol.PingAgentSubject(node, agent), protocol.QueryWorkloadsAgentSubject(node, agent)} {
+				if _, err := nc.Request(subj, []byte(`{"namespace":"system"}`), 10*time.Second); err != nil {
+					answered <- fmt.Errorf("%s: %w", subj, err)
+					return
+				}
+			}
+			answered <- nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub.AutoUnsubscribe(1)
+		if err := nc.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		r, err := NewRunner(context.Background(), node, newMemAgent())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+			t.Fatal(err)
+		}
+		<-regs
+		select {
+		case err := <-answered:
+			if err != nil {
+				t.Errorf("start %d: asked on its first heartbeat: %v", i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("start %d: no first heartbeat", i)
+		}
+		if err := r.Shutdown(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
