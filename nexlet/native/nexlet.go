@@ -117,6 +117,7 @@ type Nexlet struct {
 	ending   sync.WaitGroup // workload ends under way (track); Detach waits for them
 	releases *releaser      // batches those releases
 	starts   startGate      // starts in flight, which that later work lets go first
+	oom      oomGate        // the nexlet's oom_score_adj raised while it forks a workload
 	quiet    *quietGate     // holds a stop's tidy until starts and stops pause (quiet.go)
 	// beforeTidy, when set (tests: a slow removal), runs before a stopped workload's
 	// leftovers are removed.
@@ -131,8 +132,10 @@ type Nexlet struct {
 	// before anything else knows its exit; beforeLaunch (tests: a nexlet killed there)
 	// in a start, once the workload's directory and user are made, before its launch;
 	// afterRestartDue (tests: a nexlet killed there) once an end's due restart is
-	// recorded, before the ended run's leftovers are killed.
-	beforeRelaunch, beforeEnd, beforeDetachedRecord, afterReap, beforeLaunch, afterRestartDue func(id string)
+	// recorded, before the ended run's leftovers are killed; afterFork (tests: a nexlet
+	// descheduled there, as under load) in a launch once the fork returned (the
+	// workload's program runs), before anything else.
+	beforeRelaunch, beforeEnd, beforeDetachedRecord, afterReap, beforeLaunch, afterRestartDue, afterFork func(id string)
 	// afterBegin, when set (tests: a detach at that moment), runs once a deploy began
 	// its workload's process p, before its supervisor starts.
 	afterBegin func(id string, p *proc)
@@ -229,6 +232,7 @@ func New(cfg Config) (*Nexlet, error) {
 	}
 	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, cfg.PoolsAfter, n.log)
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
+	n.oom.open(n.log) // before any fork: the descriptor is the nexlet's
 	n.resumeStops()
 	return n, nil
 }
@@ -249,6 +253,7 @@ func (n *Nexlet) Close() {
 	n.watch.stop()
 	n.iso.close()
 	n.spawn.close()
+	n.oom.close()
 	n.users.stopPool()
 	n.users.sd.stopKeeping()
 	n.users.sd.closeAll()

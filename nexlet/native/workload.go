@@ -523,11 +523,14 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	if !w.sb.empty() {
 		oomBefore = w.sb.oomKills()
 	}
+	// Born with its oom_score_adj (oomGate): what it forks at once inherits it too.
+	oomV, oomAfter := n.oom.enter(n.log)
 	if w.sb.setupThread() {
 		err = w.sb.start(cmd) // one hop to a locked thread fewer
 	} else {
 		err = n.spawn.run(func() error { return w.sb.start(cmd) })
 	}
+	n.oom.leave(n.log)
 	outW.Close()
 	errW.Close()
 	w.steps.Step("fork") // to the child's execve (vfork), on the fork pool's thread in v1
@@ -539,8 +542,13 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	} else {
 		n.testHold(testhold.LaunchForked, w.id)
 	}
-	// Before anything slower: what the workload forks inherits its oom_score_adj.
-	resetOOMScore(cmd.Process.Pid)
+	if n.afterFork != nil {
+		n.afterFork(w.id)
+	}
+	if oomAfter {
+		// The nexlet could not raise its own for the fork: as good as it gets now.
+		_ = os.WriteFile("/proc/"+strconv.Itoa(cmd.Process.Pid)+"/oom_score_adj", []byte(strconv.Itoa(oomV)), 0)
+	}
 	if err := w.sb.placed(cmd.Process.Pid); err != nil {
 		_ = w.sb.kill()
 		_ = cmd.Wait()
@@ -1570,26 +1578,6 @@ func (n *Nexlet) waitTidied() {
 	for _, ch := range chs {
 		<-ch
 	}
-}
-
-// resetOOMScore keeps a workload's oom_score_adj above its nexlet's, so that under
-// memory pressure the kernel kills a workload before the nexlet watching all of them:
-// the default 0 when nexd lowered the nexlet's, else 100 above the nexlet's (raising
-// needs no privilege, lowering needs CAP_SYS_RESOURCE).
-func resetOOMScore(pid int) {
-	b, err := os.ReadFile("/proc/self/oom_score_adj")
-	if err != nil {
-		return
-	}
-	own, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return
-	}
-	v := 0
-	if own >= 0 {
-		v = min(own+100, 1000)
-	}
-	_ = os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte(strconv.Itoa(v)), 0)
 }
 
 // testHold holds the calling goroutine for ever at point when an e2e fault test asked
