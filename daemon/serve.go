@@ -70,20 +70,27 @@ func (s *server) serve(startCtx context.Context) error {
 		// one that cannot is replaced (below) rather than waited for.
 		wait = min(wait, adoptedRegisterWait)
 	}
-	wctx, wcancel := context.WithTimeout(startCtx, wait)
+	// The registration and the first heartbeat share one deadline (a hand-over starts a
+	// new one), so the two waits together stay within startup_timeout; each renews
+	// systemd's start timeout while it waits (startStep).
+	deadline := time.Now().Add(wait)
+	done := s.startStep("starting: nexlets")
+	wctx, wcancel := context.WithDeadline(startCtx, deadline)
 	missing := s.nexlets.NamesOf(s.node.WaitForAgents(wctx, s.nexlets.AgentIDs()))
 	wcancel()
 	if len(missing) > 0 {
 		if replaced := s.nexlets.HandOverUnregistered(missing); len(replaced) > 0 {
-			wctx, wcancel := context.WithTimeout(startCtx, cfg.Node.StartupTimeout)
+			deadline = time.Now().Add(cfg.Node.StartupTimeout)
+			wctx, wcancel := context.WithDeadline(startCtx, deadline)
 			missing = s.nexlets.NamesOf(s.node.WaitForAgents(wctx, s.nexlets.AgentIDs()))
 			wcancel()
 		}
 	}
+	done()
 	if err := startCtx.Err(); err != nil {
 		return err
 	}
-	silent := s.waitServing(startCtx, missing, cfg.Node.StartupTimeout)
+	silent := s.waitServing(startCtx, missing, deadline)
 	if err := startCtx.Err(); err != nil {
 		return err
 	}
@@ -140,7 +147,13 @@ func (s *server) serve(startCtx context.Context) error {
 // registration (more under load). Before, READY followed the registration, and a client
 // that auctioned once at READY (upstream's does) got no bid (e2e TestBidRightAfterReady:
 // 3 of 4 rounds at load 0.6, 12 of 12 at load 25-30).
-func (s *server) waitServing(ctx context.Context, missing []string, bound time.Duration) []string {
+//
+// It waits until deadline, the registration wait's own: the two together stay within
+// startup_timeout (since b505a29 each had a bound of its own, and with the hand-over
+// start-up could wait three times startup_timeout before READY, unannounced to
+// systemd). STATUS names the nexlets waited for, and systemd's start timeout is
+// renewed meanwhile (startStep).
+func (s *server) waitServing(ctx context.Context, missing []string, deadline time.Time) []string {
 	var ids []string
 	for _, id := range s.nexlets.AgentIDs() {
 		if !slices.ContainsFunc(s.nexlets.NamesOf([]string{id}), func(n string) bool { return slices.Contains(missing, n) }) {
@@ -150,9 +163,35 @@ func (s *server) waitServing(ctx context.Context, missing []string, bound time.D
 	if len(ids) == 0 {
 		return nil
 	}
-	wctx, cancel := context.WithTimeout(ctx, bound)
+	done := s.startStep("starting: waiting for the first heartbeat of nexlets " + strings.Join(s.nexlets.NamesOf(ids), ", "))
+	defer done()
+	wctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	return s.nexlets.NamesOf(s.node.WaitServing(wctx, ids))
+}
+
+// startStep sends STATUS=status and renews systemd's start timeout (EXTEND_TIMEOUT_USEC,
+// 3×startTick, every startTick) until the returned func is called: a start-up wait
+// bounded by startup_timeout, which may be set past the unit's TimeoutStartSec. The
+// caller bounds the wait; the func waits for the goroutine.
+func (s *server) startStep(status string) (done func()) {
+	s.notify.Status(status)
+	s.notify.ExtendTimeout(3 * startTick)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(startTick)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				s.notify.ExtendTimeout(3 * startTick)
+			}
+		}
+	})
+	return func() { close(stop); wg.Wait() }
 }
 
 // adoptedRegisterWait bounds the wait for nexlets left running by the previous nexd to

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
@@ -55,4 +56,57 @@ func TestBidRightAfterReady(t *testing.T) {
 		}
 		nc.Close()
 	}
+}
+
+// TestReadyWithoutFirstHeartbeat: a local nexlet that registers and never sends a
+// heartbeat (testhold.HeartbeatNever) holds READY no longer than startup_timeout from
+// the start of the nexlets' wait, its registration and the heartbeat wait sharing that
+// one bound; meanwhile STATUS says READY waits for its first heartbeat and systemd's
+// start timeout is renewed (EXTEND_TIMEOUT_USEC), and READY's STATUS names it as not
+// serving yet. Before, the heartbeat wait (b505a29) had a bound of its own after the
+// registration's, sent no EXTEND_TIMEOUT_USEC, and STATUS said "starting: nexlets".
+func TestReadyWithoutFirstHeartbeat(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	const bound = 3 * time.Second
+	s := testnats.Start(t, testnats.Options{})
+	ns := newNotifySocket(t)
+	startNode(t, nodeOpts{external: s.ClientURL(), notify: ns,
+		env:   []string{testhold.Env + "=" + testhold.HeartbeatNever},
+		extra: []string{"--startup-timeout", bound.String()}})
+	ready := ns.waitFor(t, "READY=1", 90*time.Second)
+	if !strings.Contains(ready, "not serving yet: native") {
+		t.Errorf("READY's STATUS does not name the silent nexlet as not serving yet: %q", ready)
+	}
+	msgs, at := ns.timed()
+	var began, waiting time.Time
+	extended := 0
+	for i, m := range msgs {
+		switch {
+		case began.IsZero() && strings.Contains(m, "STATUS=starting: nexlets"):
+			began = at[i]
+		case waiting.IsZero() && strings.Contains(m, "STATUS=starting: waiting for the first heartbeat of nexlets native"):
+			waiting = at[i]
+		case !waiting.IsZero() && strings.HasPrefix(m, "EXTEND_TIMEOUT_USEC="):
+			extended++
+		case strings.Contains(m, "READY=1"):
+			if began.IsZero() || waiting.IsZero() {
+				t.Fatalf("before READY no STATUS of the nexlets' wait (%v) or of the heartbeat wait (%v): %q", began, waiting, msgs)
+			}
+			took := at[i].Sub(began)
+			t.Logf("READY %v after the nexlets' wait began (bound %v), %d EXTEND_TIMEOUT_USEC in the heartbeat wait", took.Round(time.Millisecond), bound, extended)
+			// The nexlets' start and the last steps after the wait (replay, status) take
+			// milliseconds; a second of slack for the machine's load.
+			if took > bound+time.Second {
+				t.Errorf("READY %v after the nexlets' wait began, past startup_timeout %v", took, bound)
+			}
+			if extended == 0 {
+				t.Errorf("no EXTEND_TIMEOUT_USEC while waiting for the first heartbeat: %q", msgs)
+			}
+			return
+		}
+	}
+	t.Fatalf("no READY=1 in %q", msgs)
 }

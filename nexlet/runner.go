@@ -981,6 +981,9 @@ func (r *Runner) heartbeatLoop(ctx context.Context) {
 }
 
 func (r *Runner) heartbeat() {
+	if testhold.Holds(r.hold, testhold.HeartbeatNever) {
+		return
+	}
 	if hb, b := r.takeHeartbeat(); hb != nil {
 		r.publishHeartbeat(b)
 	}

@@ -330,7 +330,7 @@ func keySpecs() []*keySpec {
 			help:  "longest a nexlet may take to start a workload while it reports progress (an artifact download); a start past it is stopped and refused",
 			field: func(c *Config) any { return &c.Node.DeployTimeout }},
 		{key: "startup_timeout", kind: kDuration, scope: scopeNode, group: gDaemon, def: 15 * time.Second,
-			help:  "start-up bound: longest wait for local nexlets to register, then to send their first heartbeat (from which they bid), before READY, and for NATS or JetStream before a degraded READY (nexd keeps waiting)",
+			help:  "start-up bound: longest wait for local nexlets to register and send their first heartbeat (from which they bid), one bound for both (a hand-over of an unregistered nexlet starts it again), before READY, and for NATS or JetStream before a degraded READY (nexd keeps waiting); systemd's start timeout is extended while nexd waits",
 			field: func(c *Config) any { return &c.Node.StartupTimeout }},
 		{key: "metrics_listen", kind: kString, scope: scopeNode, group: gDaemon, defText: "off",
 			help:  "host:port to serve Prometheus metrics on",

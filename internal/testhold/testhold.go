@@ -51,6 +51,10 @@ const (
 	// the node before a heartbeat that does not count it arrives, as a heartbeat and a
 	// start's answer may pass each other on a loaded node. A delay, not a hold for ever.
 	HeartbeatLate = "heartbeat-late"
+	// HeartbeatNever: a nexlet runner registers and serves but sends no heartbeat at
+	// all: a nexlet whose health stays unknown, which nexd's READY does not wait for
+	// past startup_timeout.
+	HeartbeatNever = "heartbeat-never"
 )
 
 // StopLate: nexd, given a stop of a workload it owns, waits StopLateBy before it
