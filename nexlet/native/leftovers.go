@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // removeLeftovers removes what the dynamic uids in want still own once none of their
@@ -56,7 +58,7 @@ func moveLeftovers(proc string, want map[uint32]bool) (map[uint32]error, *leftov
 			}
 		}
 	}
-	for _, dir := range [...]string{"/dev/shm", "/dev/mqueue", "/tmp", "/var/tmp"} {
+	for _, dir := range leftoverDirs() {
 		// Names only, each stat'ed relative to the open directory: a release batch reads
 		// every entry of a host's /tmp (177 here), and an os.DirEntry, a joined path and
 		// an os.FileInfo for each were most of what it allocated.
@@ -109,7 +111,7 @@ func (t *leftoverTrees) move(dir, name string, uid uint32) bool {
 	aside, ok := t.aside[dir]
 	if !ok {
 		var err error
-		if aside, err = os.MkdirTemp(dir, ".nexd-leftovers-"); err != nil {
+		if aside, err = os.MkdirTemp(dir, asidePrefix()); err != nil {
 			return false
 		}
 		if t.aside == nil {
@@ -123,6 +125,72 @@ func (t *leftoverTrees) move(dir, name string, uid uint32) bool {
 	}
 	t.trees = append(t.trees, leftoverTree{path: to, uid: uid})
 	return true
+}
+
+// leftoverDirs are the shared directories a workload's leftovers are looked for in.
+func leftoverDirs() []string { return []string{"/dev/shm", "/dev/mqueue", "/tmp", "/var/tmp"} }
+
+// asideName begins the name of every directory of root's that leftover trees are moved
+// into; asidePrefix adds the nexlet's pid and start time, so that a later nexlet can
+// tell a directory a live nexlet is still removing from one a killed nexlet left
+// (sweepAside).
+const asideName = ".nexd-leftovers-"
+
+func asidePrefix() string {
+	id, err := procid.Of(os.Getpid())
+	if err != nil {
+		return asideName // sweepAside leaves such a name alone
+	}
+	return asideName + id.String() + "-"
+}
+
+// sweepAside removes the directories of root's that a release moved leftover trees into
+// (leftoverTrees) and whose nexlet, named in it by pid and start time, is gone: a
+// nexlet killed between its release's rename (under the lease lock) and its removal
+// after it left them for good (454827a). A directory whose nexlet runs (its removal may
+// be under way), one named otherwise (older nexlets' names carry no pid), and anything
+// not a directory of root's of mode 0700 (a symlink is not followed) is left alone. It
+// returns how many it removed, and the errors of those it could not.
+func sweepAside(dirs []string) (int, error) {
+	removed := 0
+	var errs []error
+	for _, dir := range dirs {
+		d, err := os.Open(dir)
+		if err != nil {
+			continue
+		}
+		names, _ := d.Readdirnames(-1)
+		dfd := int(d.Fd())
+		for _, name := range names {
+			rest, ok := strings.CutPrefix(name, asideName)
+			if !ok {
+				continue
+			}
+			var st unix.Stat_t
+			if unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW) != nil ||
+				st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Uid != 0 || st.Mode&0o7777 != 0o700 {
+				continue
+			}
+			f := strings.SplitN(rest, "-", 3)
+			if len(f) != 3 {
+				continue
+			}
+			pid, perr := strconv.Atoi(f[0])
+			start, serr := strconv.ParseUint(f[1], 10, 64)
+			if perr != nil || serr != nil || pid <= 0 || (procid.ID{PID: pid, Start: start}).Alive() {
+				continue
+			}
+			// In a sticky /tmp no other uid can replace root's entry; RemoveAll follows
+			// no symlink within it.
+			if err := os.RemoveAll(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("leftovers of a gone nexlet: %w", err))
+				continue
+			}
+			removed++
+		}
+		d.Close()
+	}
+	return removed, errors.Join(errs...)
 }
 
 // remove removes the moved trees and the directories that held them, calling before

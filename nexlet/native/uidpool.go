@@ -117,6 +117,12 @@ func (p *uidPool) run(begin <-chan struct{}) {
 	} else if leases+locks > 0 {
 		p.log.Info("removed what nexlets that are gone left of their dynamic uids", "leases", leases, "lock_files", locks)
 	}
+	// Leftover trees a killed nexlet's release had moved aside and not removed yet.
+	if n, err := sweepAside(leftoverDirs()); err != nil {
+		p.log.Warn("leftovers of nexlets that are gone not all removed", "removed", n, "err", err)
+	} else if n > 0 {
+		p.log.Info("removed leftovers of nexlets that are gone", "dirs", n)
+	}
 	if p.shared && p.wdir != "" {
 		if n := sweepWorkloadDirs(filepath.Dir(p.wdir), p.wdir, p.u); n > 0 {
 			p.log.Info("removed workloads directories that nexlets that are gone left", "base", filepath.Dir(p.wdir), "dirs", n)

@@ -1,0 +1,98 @@
+package native
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nexd-project/nexd/internal/procid"
+	"github.com/nexd-project/nexd/internal/testkit"
+)
+
+// TestSweepAsideRemovesKilledNexletsLeftovers: a release moves a uid's leftover tree
+// in /tmp aside into a directory of root's (moveLeftovers, under the lease lock) and
+// removes it after the lock; a nexlet killed in between left that directory for good
+// (454827a: nothing else ever removed a .nexd-leftovers-* directory). The directory
+// now names its nexlet (pid and start time), and a nexlet's start removes those whose
+// nexlet is gone (sweepAside): one made as if by a killed nexlet is removed, the live
+// nexlet's (this test's own, its removal still to come) is not touched, nor is a
+// directory of that name that is not root's 0700, nor a symlink of that name.
+func TestSweepAsideRemovesKilledNexletsLeftovers(t *testing.T) {
+	uid := testkit.UIDs(t, 1)
+	tree, err := os.MkdirTemp("/tmp", "nexd-test-aside-tree-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(tree)
+	testkit.WriteFile(t, filepath.Join(tree, "left"), "left")
+	for _, p := range []string{filepath.Join(tree, "left"), tree} {
+		if err := os.Chown(p, int(uid), int(uid)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	failed, trees := moveLeftovers("/proc", map[uint32]bool{uid: true})
+	if failed[uid] != nil {
+		t.Fatal(failed[uid])
+	}
+	aside := trees.aside["/tmp"]
+	if aside == "" {
+		t.Fatalf("the tree was not moved aside: %+v", trees)
+	}
+	defer os.RemoveAll(aside)
+	if !strings.HasPrefix(filepath.Base(aside), asidePrefix()) {
+		t.Fatalf("aside directory %s does not name this nexlet (%s)", aside, asidePrefix())
+	}
+
+	// This nexlet runs: its aside directory stays for its own removal.
+	if _, err := sweepAside([]string{"/tmp"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(aside, filepath.Base(tree), "left")); err != nil {
+		t.Fatalf("a live nexlet's aside directory was touched: %v", err)
+	}
+
+	// As if its nexlet had been killed before its removal: named by a process gone.
+	sleep := exec.Command("sleep", "60")
+	if err := sleep.Start(); err != nil {
+		t.Fatal(err)
+	}
+	dead, err := procid.Of(sleep.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sleep.Process.Kill()
+	sleep.Wait()
+	killed := filepath.Join("/tmp", asideName+dead.String()+"-test")
+	if err := os.Rename(aside, killed); err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(killed)
+	// Not root's 0700, or not a directory: left alone though named by a gone nexlet.
+	open := filepath.Join("/tmp", asideName+dead.String()+"-open")
+	if err := os.Mkdir(open, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(open)
+	target := t.TempDir()
+	testkit.WriteFile(t, filepath.Join(target, "kept"), "kept")
+	link := filepath.Join("/tmp", asideName+dead.String()+"-link")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(link)
+
+	n, err := sweepAside([]string{"/tmp"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(killed); !os.IsNotExist(err) {
+		t.Errorf("the killed nexlet's aside directory %s is still there (err %v); %d removed", killed, err, n)
+	}
+	for _, p := range []string{open, link, filepath.Join(target, "kept")} {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("%s was not left alone: %v", p, err)
+		}
+	}
+}
