@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,12 +19,21 @@ import (
 // and once it has returned, one auction gets the bid with no wait. A registration is no
 // heartbeat: a nexlet that registers and then sends nothing stays unknown, degrades
 // and goes offline on the usual timeouts, and never bids.
+//
+// The silence is the test's, not the machine's: the timeouts are far longer than the
+// test runs, so no health changes on its own while the test looks (with 2 s and 3 s, a
+// loaded machine could degrade the registration before its first look, or let the 1 s
+// degraded window pass between two looks), and the hung nexlet's silence is made by
+// dating its last word back (silentFor). The node's own health sweep reports each
+// change (its events), unknown, degraded, offline, none skipped.
 func TestWaitServingHoldsForFirstHeartbeat(t *testing.T) {
+	const degradedAfter, offlineAfter = 10 * time.Minute, 20 * time.Minute
+	events := &healthEvents{}
 	f := newFixture(t, 1, func(_ int, o *Options) {
-		// Long enough that the first part ends before the silent registration degrades.
-		o.DegradedAfter = 2 * time.Second
-		o.OfflineAfter = 3 * time.Second
+		o.DegradedAfter = degradedAfter
+		o.OfflineAfter = offlineAfter
 		o.RemoveOfflineAfter = -1
+		o.Emitter = events
 	})
 	n := f.nodes[0]
 	health := func(id string) string {
@@ -36,6 +47,20 @@ func TestWaitServingHoldsForFirstHeartbeat(t *testing.T) {
 	// want: how many bids to wait for (none: 300 ms of quiet).
 	bids := func(id string, want int) int {
 		return len(f.auction("tenant", protocol.AuctionRequest{AuctionID: id, AgentType: "native"}, want))
+	}
+	// silentFor makes nexlet id's last word (its registration: it sent nothing else)
+	// d ago, as if it had been silent that long.
+	silentFor := func(id string, d time.Duration) {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		r := n.agents[id]
+		if r == nil {
+			t.Fatalf("%s not registered", id)
+		}
+		if !r.lastBeat.IsZero() {
+			t.Fatalf("%s sent a heartbeat", id)
+		}
+		r.lastSeen = time.Now().Add(-d)
 	}
 
 	// registerSilent registers a nexlet that sends nothing more: no heartbeat, no
@@ -90,18 +115,74 @@ func TestWaitServingHoldsForFirstHeartbeat(t *testing.T) {
 	if silent := n.WaitServing(short2, []string{"agent0", "agent1"}); !slices.Equal(silent, []string{"agent1"}) {
 		t.Fatalf("WaitServing with a hung nexlet = %v, want [agent1]", silent)
 	}
-	seen := map[string]bool{}
-	testkit.Eventually(t, "the hung nexlet offline", func() bool {
-		st := health("agent1")
-		seen[st] = true
-		if got := len(f.auction("tenant", protocol.AuctionRequest{AuctionID: "hung", AgentType: "hung"}, 0)); got != 0 {
+	hungBids := func(st string) {
+		t.Helper()
+		if got := len(f.auction("tenant", protocol.AuctionRequest{AuctionID: "hung-" + st, AgentType: "hung"}, 0)); got != 0 {
 			t.Fatalf("the hung nexlet bid (%s)", st)
 		}
-		return st == protocol.HealthOffline
-	})
-	if seen[protocol.HealthHealthy] || !seen[protocol.HealthDegraded] {
-		t.Fatalf("the hung nexlet's health went through %v, want unknown, degraded, offline", seen)
 	}
+	for _, step := range []struct {
+		silence time.Duration // how long it has been silent
+		want    string
+	}{
+		{0, protocol.HealthUnknown},
+		{(degradedAfter + offlineAfter) / 2, protocol.HealthDegraded},
+		{offlineAfter + time.Minute, protocol.HealthOffline},
+	} {
+		if step.silence > 0 {
+			silentFor("agent1", step.silence)
+			// The node's sweep (every HealthTick) reports the change.
+			testkit.Eventually(t, "the sweep's report of the hung nexlet "+step.want, func() bool {
+				return events.last("agent1") == step.want
+			})
+		}
+		if h := health("agent1"); h != step.want {
+			t.Fatalf("the hung nexlet silent for %v: %s, want %s", step.silence, h, step.want)
+		}
+		hungBids(step.want)
+	}
+	want := []string{protocol.HealthUnknown + ">" + protocol.HealthDegraded, protocol.HealthDegraded + ">" + protocol.HealthOffline}
+	if got := events.of("agent1"); !slices.Equal(got, want) {
+		t.Fatalf("the hung nexlet's health changes %v, want %v", got, want)
+	}
+	if got := events.of("agent0"); !slices.Equal(got, []string{protocol.HealthUnknown + ">" + protocol.HealthHealthy}) {
+		t.Fatalf("the served nexlet's health changes %v, want only unknown>healthy", got)
+	}
+}
+
+// healthEvents records the nexlets' health changes a node emits, by agent id.
+type healthEvents struct {
+	mu      sync.Mutex
+	changes map[string][]string // "from>to"
+}
+
+func (e *healthEvents) Emit(_, typ string, event any) {
+	ev, ok := event.(protocol.AgentHealthChangedEvent)
+	if typ != protocol.EventAgentHealthChanged || !ok {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.changes == nil {
+		e.changes = map[string][]string{}
+	}
+	e.changes[ev.ID] = append(e.changes[ev.ID], ev.From+">"+ev.To)
+}
+
+func (e *healthEvents) of(id string) []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return slices.Clone(e.changes[id])
+}
+
+// last is the health id changed to last ("" before any change).
+func (e *healthEvents) last(id string) string {
+	c := e.of(id)
+	if len(c) == 0 {
+		return ""
+	}
+	_, to, _ := strings.Cut(c[len(c)-1], ">")
+	return to
 }
 
 // TestWaitServingWaitsForRegistration: a name not registered (its nexlet's process
