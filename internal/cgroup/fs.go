@@ -233,31 +233,15 @@ func (m *Manager) enableControllers(dir string, want []string) (enabled []string
 	return enabled, errors.Join(errs...)
 }
 
-// procStat returns the state and process group of pid from /proc/<pid>/stat.
-func procStat(pid int) (state byte, pgrp int, err error) {
-	b, err := os.ReadFile("/proc/" + itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 3 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	pgrp, err = strconv.Atoi(f[2])
-	return f[0][0], pgrp, err
-}
-
-// alive reports whether pid exists and is not a zombie.
+// alive reports whether pid exists and runs: not a zombie, or one only by its main
+// thread, whose other threads run on in the group (procid.Stat.Runs); cgroup.procs
+// lists such a process, and Kill must reach it (TestKillReachesThreadsOfExitedLeader).
 func alive(pid int) bool {
 	if err := unix.Kill(pid, 0); errors.Is(err, unix.ESRCH) {
 		return false
 	}
-	st, _, err := procStat(pid)
-	return err == nil && st != 'Z' && st != 'X'
+	st, err := procid.ReadStat(pid)
+	return err == nil && st.Runs()
 }
 
 // pgrpMembers lists the live processes whose process group is one of pgids.
@@ -275,8 +259,8 @@ func pgrpMembers(pgids []int) []int {
 		if err != nil {
 			continue
 		}
-		st, pg, err := procStat(pid)
-		if err == nil && st != 'Z' && st != 'X' && slices.Contains(pgids, pg) {
+		st, err := procid.ReadStat(pid)
+		if err == nil && st.Runs() && slices.Contains(pgids, st.PGRP) {
 			out = append(out, pid)
 		}
 	}

@@ -55,7 +55,7 @@ func (g *Pgrp) Gone() bool {
 	return g.gone
 }
 
-// Members lists the group's live processes (not zombies), one walk of /proc, and
+// Members lists the group's live processes (not zombies: Stat.Runs), one walk of /proc, and
 // remembers them as anchors, so that the group is still recognised once its leader is
 // reaped. None once the group ended. An error (/proc unreadable) changes nothing.
 func (g *Pgrp) Members() ([]int, error) {
@@ -92,7 +92,7 @@ func (g *Pgrp) Members() ([]int, error) {
 		id := ID{PID: pid, Start: st.Start}
 		in = append(in, id)
 		ours = ours || slices.Contains(g.known, id)
-		if st.State != 'Z' && st.State != 'X' {
+		if st.Runs() {
 			live = append(live, pid)
 		}
 		return true
@@ -128,7 +128,7 @@ func (g *Pgrp) Alive() bool {
 // LeaderRuns reports whether the leader still runs (not a zombie) in its group.
 func (g *Pgrp) LeaderRuns() bool {
 	st, err := ReadStat(g.pgid)
-	return err == nil && st.Start == g.start && st.PGRP == g.pgid && st.State != 'Z' && st.State != 'X'
+	return err == nil && st.Start == g.start && st.PGRP == g.pgid && st.Runs()
 }
 
 // Kill sends SIGKILL to the group as one (kill(-pgid): what a member forks meanwhile

@@ -50,10 +50,26 @@ func (id ID) Format() string {
 
 // Stat is what /proc/<pid>/stat says about a process.
 type Stat struct {
-	State byte // R, S, D, Z, ...
-	PPID  int
-	PGRP  int // its process group
-	Start uint64
+	State   byte // R, S, D, Z, ...
+	PPID    int
+	PGRP    int // its process group
+	Threads int // its threads, a zombie main thread among them
+	Start   uint64
+}
+
+// Runs reports whether the process still runs code: not a zombie, or a zombie only by
+// its main thread, which ended alone (exit(2), not exit_group(2)) while its other
+// threads run on (Threads counts them with it). Such a process says State Z, but it is
+// no process that ended: a signal to its pid (SIGTERM, SIGKILL) reaches every thread,
+// and only once they all ended is it waited for (TestAliveCountsThreadsOfExitedLeader).
+func (st Stat) Runs() bool {
+	switch st.State {
+	case 'X':
+		return false
+	case 'Z':
+		return st.Threads > 1
+	}
+	return true
 }
 
 // ReadStat parses /proc/<pid>/stat after the last ')' (comm may hold anything).
@@ -107,7 +123,8 @@ func ReadInto(path string, buf []byte) ([]byte, error) {
 }
 
 // parseStat reads the fields of a /proc/<pid>/stat after the last ')': state (field
-// 3), ppid (4), process group (5) and start time (22), without allocating.
+// 3), ppid (4), process group (5), threads (20) and start time (22), without
+// allocating.
 func parseStat(b []byte) (Stat, error) {
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
@@ -132,7 +149,7 @@ func parseStat(b []byte) (Stat, error) {
 		switch field {
 		case 3:
 			st.State = v[0]
-		case 4, 5, 22:
+		case 4, 5, 20, 22:
 			n, ok := atou(v)
 			if !ok {
 				return Stat{}, fmt.Errorf("field %d: %q is not a number", field, v)
@@ -142,6 +159,8 @@ func parseStat(b []byte) (Stat, error) {
 				st.PPID = int(n)
 			case 5:
 				st.PGRP = int(n)
+			case 20:
+				st.Threads = int(n)
 			default:
 				st.Start = n
 			}
@@ -177,11 +196,12 @@ func Of(pid int) (ID, error) {
 	return ID{PID: pid, Start: st.Start}, nil
 }
 
-// Alive reports whether the process id names still runs (not a zombie): the pid exists
-// and has the same start time, so a reused pid is never taken for it.
+// Alive reports whether the process id names still runs (not a zombie, or one only by
+// its main thread: Stat.Runs): the pid exists and has the same start time, so a reused
+// pid is never taken for it.
 func (id ID) Alive() bool {
 	st, err := ReadStat(id.PID)
-	return err == nil && st.Start == id.Start && st.State != 'Z' && st.State != 'X'
+	return err == nil && st.Start == id.Start && st.Runs()
 }
 
 // Exit is how a process ended, as its reaper saw it.

@@ -137,10 +137,11 @@ func (b *scopeSandbox) placed(pid int) error {
 	return nil
 }
 
-// running: pid has not exited (a zombie has: it waits only to be reaped).
+// running: pid has not exited (a zombie has: it waits only to be reaped; but not one
+// whose main thread alone ended, its other threads running: procid.Stat.Runs).
 func running(pid int) bool {
 	st, err := procid.ReadStat(pid)
-	return err == nil && st.State != 'Z' && st.State != 'X'
+	return err == nil && st.Runs()
 }
 
 // readopt sets the workload's limits again on its scope when a nexlet adopts it.

@@ -516,3 +516,49 @@ func TestReleaseKillsThreadsOfExitedMainThread(t *testing.T) {
 		t.Errorf("uid %d still leased (%q) after a release without error", uid, b)
 	}
 }
+
+// TestStopKillsThreadsOfExitedMainThread: a workload's main process whose main thread
+// ended alone (exit(2), not exit_group(2)) says State Z while its other threads run on
+// as the workload, in its cgroup. Its stop took it for a process that had ended: no
+// SIGTERM (procid.Signal refused a zombie), and the kill after the grace listed no
+// process in its v1 group and sent nothing, so the stop waited 30 s for an exit that
+// did not come and answered with the workload still running (one that ignores SIGTERM,
+// as here); only the release of its dynamic uid killed it later, and under a named
+// user nothing would have. Now the stop kills it after its grace, and its threads are
+// gone by the answer.
+func TestStopKillsThreadsOfExitedMainThread(t *testing.T) {
+	needRoot(t)
+	spec := cgroupSpec(t)
+	bin := bins.Path(t, "./testdata/leaderexit")
+	uid := testkit.UIDs(t, 1)
+	fn := newFakeNode(t)
+	fn.startNexlet(Config{Cgroup: spec, Users: UserPolicy{UIDMin: uid, UIDMax: uid, LeaseDir: t.TempDir()}})
+	run := map[string]any{"uri": script(t, "exec "+bin+" deaf"), "stop_grace": "300ms"}
+	fn.mustStart("leaderexit", startReq(protocol.LifecycleService, "leaderexit", run, fn.creds()))
+	fn.waitLog("leaderexit", "stdout", "ready")
+	var pid int
+	testkit.Eventually(t, "the workload's main thread ended alone", func() bool {
+		pid = 0
+		for p := range oomScores(uid) { // its processes, by command line (pid)
+			if i := strings.LastIndexByte(p, '('); i >= 0 {
+				pid, _ = strconv.Atoi(strings.TrimSuffix(p[i+1:], ")"))
+			}
+		}
+		n, _ := strconv.Atoi(testkit.StatusField(pid, "Threads"))
+		return pid > 0 && strings.HasPrefix(testkit.StatusField(pid, "State"), "Z") && n > 1
+	})
+	began := time.Now()
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "leaderexit"), protocol.StopWorkloadRequest{Namespace: testNS}, 45*time.Second)
+	took := time.Since(began)
+	threads := testkit.StatusField(pid, "Threads")
+	t.Logf("stop of a workload whose main thread exited alone (pid %d): %v %s in %v; its threads at the answer %q", pid, err, r.data, took.Round(time.Millisecond), threads)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if threads != "" {
+		t.Errorf("the workload's threads (Threads: %s) still run as uid %d at its stop's answer", threads, uid)
+	}
+	if took > 10*time.Second {
+		t.Errorf("the stop took %v (grace 300ms)", took.Round(time.Millisecond))
+	}
+}

@@ -1050,7 +1050,7 @@ func (n *Nexlet) findByUID(uid uint32, lo, hi uint64) (run procid.ID, zombie, fo
 				continue
 			}
 			if id := (procid.ID{PID: pid, Start: st.Start}); better(id) {
-				run, zombie, found = id, st.State == 'Z' || st.State == 'X', true
+				run, zombie, found = id, !st.Runs(), true // Runs: a main thread ended alone is no end
 			}
 		}
 	}
