@@ -35,13 +35,20 @@ func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
 
 // moveLeftovers is removeLeftovers with the directories among the leftovers moved out
 // of every uid's reach instead, into a directory of root's (mode 0700) beside them, to
-// be removed by trees.remove: a release runs it under the host-wide lease lock, which
-// every deploy's claim of a uid waits for, and a tree a workload left in /tmp takes as
+// be removed by trees.remove: a release, a stale lease's reuse (leaseFrom) and the sweep
+// of stale leases (sweepStale) run it under the host-wide lease lock, which every
+// deploy's claim of a uid waits for, and a tree a workload left in /tmp takes as
 // long to remove as it has entries (100,000 files: 1.9 s here); a rename takes one step
 // whatever the size. Once moved, the next holder of the uid cannot reach them, so the
 // uid may be freed before they are gone (TestReleaseRemovesTreesAfterTheLock).
 func moveLeftovers(proc string, want map[uint32]bool) (map[uint32]error, *leftoverTrees) {
 	trees := &leftoverTrees{}
+	return trees.take(proc, want), trees
+}
+
+// take is moveLeftovers into t: the trees are added to those t holds, into the same
+// directories of root's.
+func (t *leftoverTrees) take(proc string, want map[uint32]bool) map[uint32]error {
 	failed := map[uint32]error{}
 	fail := func(uid uint32, err error) { failed[uid] = errors.Join(failed[uid], err) }
 	for _, t := range [...]struct{ table, id string }{{"shm", "shmid"}, {"msg", "msqid"}, {"sem", "semid"}} {
@@ -78,7 +85,7 @@ func moveLeftovers(proc string, want map[uint32]bool) (map[uint32]error, *leftov
 				continue
 			}
 			p := filepath.Join(dir, name)
-			if st.Mode&unix.S_IFMT == unix.S_IFDIR && trees.move(dir, name, st.Uid) {
+			if st.Mode&unix.S_IFMT == unix.S_IFDIR && t.move(dir, name, st.Uid) {
 				continue
 			}
 			// RemoveAll opens nothing through a symlink, so a planted link takes
@@ -89,7 +96,7 @@ func moveLeftovers(proc string, want map[uint32]bool) (map[uint32]error, *leftov
 		}
 		d.Close()
 	}
-	return failed, trees
+	return failed
 }
 
 // leftoverTrees are leftover directories moved aside by moveLeftovers, each into a

@@ -192,6 +192,7 @@ func New(cfg Config) (*Nexlet, error) {
 		n.log.Warn(us.sdWarn)
 	}
 	us.sd.keepAt(cfg.UIDLockSocket, n.log)
+	us.log = n.log
 	us.short = func() { n.quiet.hurry() } // a start short of pooled uids: the tidies go now
 	n.releases = &releaser{u: us, log: n.log, wg: &n.bg, gate: &n.starts, hurry: make(chan struct{}), batch: releaseBatch}
 	if n.cfg.PollInterval <= 0 {

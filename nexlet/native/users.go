@@ -124,9 +124,12 @@ type users struct {
 	// releaseWalked, when set (tests), is called by a release after a walk of /proc
 	// that listed processes of its uids, before it kills them.
 	releaseWalked func()
-	// removingTree, when set (tests), is called by a release with each leftover
-	// directory it moved aside, just before removing it.
+	// removingTree, when set (tests), is called with each leftover directory moved
+	// aside (by a release, a stale lease's reuse, the sweep), just before its removal.
 	removingTree func(path string)
+
+	// log takes what goes wrong off the callers' path (removeAside); nil: nowhere.
+	log *slog.Logger
 }
 
 // walkReuse is how old a walk of /proc a lease may take its busy uids from instead of
@@ -334,10 +337,22 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 	if err != nil {
 		return nil, err
 	}
-	defer unlock()
+	out, trees, err := u.leaseFromLocked(busy, fresh, owner, n)
+	unlock()
+	// A stale lease's leftover trees, moved out of its uid's reach under the lock, go
+	// after it, as a release's do: removed under it, a tree of a tenant's workload in
+	// /tmp held every deploy on the host for as long as it took
+	// (TestStaleLeaseRemovesTreesAfterTheLock).
+	u.removeAside(trees)
+	return out, err
+}
+
+// leaseFromLocked is leaseFrom under the lease lock; trees are the leftover directories
+// of the stale leases' uids it took, moved aside, for removal after the lock.
+func (u *users) leaseFromLocked(busy map[uint32]bool, fresh bool, owner string, n int) (out []ident, trees *leftoverTrees, err error) {
+	trees = &leftoverTrees{}
 	span := u.pol.UIDMax - u.pol.UIDMin + 1
 	start := rand.Uint32N(span) // not predictable, and few collisions between nodes
-	var out []ident
 	var sdErr error
 	for i := uint32(0); i < span && len(out) < n; i++ {
 		uid := u.pol.UIDMin + (start+i)%span
@@ -356,28 +371,44 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 			}
 			continue
 		}
-		if stale && removeLeftovers(u.proc, map[uint32]bool{uid: true})[uid] != nil {
-			// A stale lease (its holder gone unreleased): its uid's leftovers go before
-			// anyone else runs as it, or the uid is not taken.
-			u.sd.drop(uid)
-			continue
+		if stale {
+			// A stale lease (its holder gone unreleased): its uid's leftovers go out
+			// of the uid's reach (the directories into root's 0700 directory, to be
+			// removed after the lock) before anyone else runs as it, or the uid is
+			// not taken.
+			if trees.take(u.proc, map[uint32]bool{uid: true})[uid] != nil {
+				u.sd.drop(uid)
+				continue
+			}
 		}
 		if err := writeLease(u.leasePath(uid), owner); err != nil {
 			u.sd.drop(uid)
 			if len(out) > 0 {
-				return out, nil
+				return out, trees, nil
 			}
-			return nil, fmt.Errorf("dynamic uid %d: lease: %w", uid, err)
+			return nil, trees, fmt.Errorf("dynamic uid %d: lease: %w", uid, err)
 		}
 		out = append(out, ident{uid: uid, gid: uid, groups: []uint32{}, name: "dynamic", dynamic: true})
 	}
 	if len(out) == 0 && sdErr != nil {
-		return nil, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range): %w", u.pol.UIDMin, u.pol.UIDMax, sdErr)
+		return nil, trees, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range): %w", u.pol.UIDMin, u.pol.UIDMax, sdErr)
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range)", u.pol.UIDMin, u.pol.UIDMax)
+		return nil, trees, fmt.Errorf("no free dynamic uid in %d-%d (workload_uid_range)", u.pol.UIDMin, u.pol.UIDMax)
 	}
-	return out, nil
+	return out, trees, nil
+}
+
+// removeAside removes leftover trees moved aside under the lease lock, once it is
+// released; their uids may be leased already (the trees are out of their reach), so
+// what fails is logged, not returned: nexlets that come later remove what this one's
+// removal left once it is gone (sweepAside).
+func (u *users) removeAside(trees *leftoverTrees) {
+	for uid, err := range trees.remove(u.removingTree) {
+		if u.log != nil {
+			u.log.Warn("leftovers of a dynamic uid, moved out of its reach, not all removed", "uid", uid, "err", err)
+		}
+	}
 }
 
 // hold re-leases uid for owner (a workload adopted after a nexlet restart) and holds
@@ -727,14 +758,15 @@ func (u *users) freeLocked(uid uint32, left error) error {
 // sweepStale removes what nexlets that are gone left in the lease directory, with
 // one walk of /proc: leases whose owner is gone (a pooled uid's /proc/<pid> of a nexlet
 // killed, a workload directory that no longer exists) while no process runs as their
-// uid, after their uid's leftovers (removeLeftovers, as a stale lease's reuse removes
-// them), each with systemd's lock file of its uid when nobody holds that lock; and
-// systemd's lock files of this range that no lease names, that nobody holds and that are
-// empty (systemd writes its dynamic user's name into its own; nexd's stay empty). A
-// lease whose owner is there (a live nexlet's pool or retired uid, a workload's
-// directory, running or not) stays, as does a lock someone holds. Before, such leases
-// were reclaimed only when a later lease happened to pick their uid, and their lock
-// files stayed as long (TestKilledNexletsLeaveNoLeases).
+// uid, after their uid's leftovers (moved out of the uid's reach under the lease lock
+// and removed after it, as a stale lease's reuse does), each with systemd's lock file
+// of its uid when nobody holds that lock; and systemd's lock files of this range that
+// no lease names, that nobody holds and that are empty (systemd writes its dynamic
+// user's name into its own; nexd's stay empty). A lease whose owner is there (a live
+// nexlet's pool or retired uid, a workload's directory, running or not) stays, as does
+// a lock someone holds. Before, such leases were reclaimed only when a later lease
+// happened to pick their uid, and their lock files stayed as long
+// (TestKilledNexletsLeaveNoLeases).
 func (u *users) sweepStale() (leases, locks int, err error) {
 	u.sd.waitSynced() // nexd's copies of dead nexlets' locks are this nexlet's first
 	busy, err := u.walk()
@@ -745,10 +777,27 @@ func (u *users) sweepStale() (leases, locks int, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	defer unlock()
+	leases, locks, trees, err := u.sweepStaleLocked(busy)
+	unlock()
+	// The trees go after the lock, as a release's do: removed under it (before), a
+	// tenant's tree of files in /tmp held every deploy on the host, at a nexlet's start,
+	// for as long as its removal took (TestSweepStaleRemovesTreesAfterTheLock). Their
+	// uids are free already, and the trees out of their reach.
+	var errs []error
+	for uid, rerr := range trees.remove(u.removingTree) {
+		errs = append(errs, fmt.Errorf("dynamic uid %d: freed, but what it left behind, moved aside, was not all removed: %w", uid, rerr))
+	}
+	return leases, locks, errors.Join(append([]error{err}, errs...)...)
+}
+
+// sweepStaleLocked is sweepStale's work under the lease lock, with busy its walk's
+// uids; trees are the stale uids' leftover directories, moved aside for removal after
+// the lock.
+func (u *users) sweepStaleLocked(busy map[uint32]bool) (leases, locks int, trees *leftoverTrees, err error) {
+	trees = &leftoverTrees{}
 	ents, err := os.ReadDir(u.pol.LeaseDir)
 	if err != nil {
-		return 0, 0, fmt.Errorf("stale leases: %w", err)
+		return 0, 0, trees, fmt.Errorf("stale leases: %w", err)
 	}
 	leased := map[uint32]bool{}
 	stale := map[uint32]bool{}
@@ -766,7 +815,7 @@ func (u *users) sweepStale() (leases, locks int, err error) {
 			stale[uid] = true
 		}
 	}
-	failed := removeLeftovers(u.proc, stale)
+	failed := trees.take(u.proc, stale)
 	var errs []error
 	for uid := range stale {
 		if err := u.freeLocked(uid, failed[uid]); err != nil {
@@ -792,7 +841,7 @@ func (u *users) sweepStale() (leases, locks int, err error) {
 			}
 		}
 	}
-	return leases, locks, errors.Join(errs...)
+	return leases, locks, trees, errors.Join(errs...)
 }
 
 // releaser batches the releases of stopped workloads' uids off the stops' path: one
