@@ -29,7 +29,7 @@ func TestCgroupDriverRefused(t *testing.T) {
 		DriverSystemd: "systemd is not the init system here",
 		"runc":        `want cgroupfs or systemd`,
 	} {
-		_, err := New(Config{RuntimeDir: t.TempDir(), CgroupDriver: driver, Users: UserPolicy{LeaseDir: t.TempDir()},
+		_, err := New(Config{RuntimeDir: t.TempDir(), CgroupDriver: driver, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: ownWorkloadsBase(t),
 			Logger: slog.New(slog.DiscardHandler)})
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("driver %q: %v, want an error with %q", driver, err, want)
@@ -72,7 +72,7 @@ func TestCgroupfsFindsWorkloadInScope(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	n, err := New(Config{RuntimeDir: t.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: t.TempDir()}, Logger: slog.New(slog.DiscardHandler)})
+	n, err := New(Config{RuntimeDir: t.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: ownWorkloadsBase(t), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

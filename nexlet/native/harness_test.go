@@ -48,6 +48,10 @@ type fakeNode struct {
 	lastReg  protocol.RegisterAgentRequest // the latest registration received
 	// connData, when set, gives the nexlet's credentials (a server with auth).
 	connData func() protocol.NatsConnectionData
+	// own are the nexlets' own lease directory, uid range and workloads base
+	// (ownDirs), made at the first nexlet's start; "" until then.
+	own              UserPolicy
+	ownWorkloadsBase string
 }
 
 func newFakeNode(t *testing.T) *fakeNode {
@@ -126,6 +130,7 @@ func (fn *fakeNode) startNexletHooked(cfg Config, hook func(*Nexlet)) *testNexle
 	if cfg.RuntimeDir == "" {
 		cfg.RuntimeDir = t.TempDir()
 	}
+	fn.ownDirs(&cfg)
 	testkit.CleanNexletDirs(t, cfg.RuntimeDir) // after the nexlet's shutdown (below)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -134,6 +139,9 @@ func (fn *fakeNode) startNexletHooked(cfg Config, hook func(*Nexlet)) *testNexle
 	n, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if d := n.WorkloadsDir(); filepath.Dir(d) != cfg.workloadsBase && filepath.Dir(d) != cfg.RuntimeDir {
+		t.Fatalf("the nexlet's workloads directory %s is neither in the test's base %s nor in its runtime directory", d, cfg.workloadsBase)
 	}
 	r, err := nexlet.NewRunner(context.Background(), testNode, n, nexlet.WithLogger(cfg.Logger))
 	if err != nil {
@@ -161,6 +169,40 @@ func (fn *fakeNode) startNexletHooked(cfg Config, hook func(*Nexlet)) *testNexle
 		n.Close()
 	})
 	return tn
+}
+
+// ownDirs gives cfg the test's own uid lease directory, dynamic uid range
+// (testkit.UIDs) and base for its workloads directories where the test sets none, the
+// same for every nexlet of fn (a restarted nexlet finds its predecessor's). The host's
+// (/run/nex-dynamic-uid, 61184-65519, /run/nex-workloads) are every nexlet's of the
+// host: another test binary's nexlets and e2e nodes sweep stale leases and unheld
+// workloads directories there, and a release kills every process of the uid it
+// releases, a uid of the default range that a nexlet on another lease directory may
+// have leased too.
+func (fn *fakeNode) ownDirs(cfg *Config) {
+	t := fn.t
+	t.Helper()
+	if fn.ownWorkloadsBase == "" {
+		lo := testkit.UIDs(t, 1024)
+		fn.own = UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1023}
+		fn.ownWorkloadsBase = ownWorkloadsBase(t)
+	}
+	if cfg.Users.LeaseDir == "" {
+		cfg.Users.LeaseDir = fn.own.LeaseDir
+	}
+	if cfg.Users.UIDMin == 0 && cfg.Users.UIDMax == 0 {
+		cfg.Users.UIDMin, cfg.Users.UIDMax = fn.own.UIDMin, fn.own.UIDMax
+	}
+	if cfg.workloadsBase == "" {
+		cfg.workloadsBase = fn.ownWorkloadsBase
+	}
+}
+
+// ownWorkloadsBase is a base of the test's own for a nexlet's workloads directories
+// (Config.workloadsBase), where the host's /run/nex-workloads would be used: under a
+// directory every user can search, so that the workloads reach their own.
+func ownWorkloadsBase(t testing.TB) string {
+	return filepath.Join(testkit.PublicDir(t), "nex-workloads")
 }
 
 // crash lets go of the workloads without stopping them, as a crashed nexlet would.

@@ -92,6 +92,11 @@ type Config struct {
 	// once the nexlet registered, which the node's start waits for. Deploys before
 	// then make their own.
 	PoolsAfter <-chan struct{}
+
+	// workloadsBase replaces /run/nex-workloads (see RuntimeDir) for a test, so that
+	// no other nexlet of the host (another test binary's, an e2e node's) sweeps the
+	// test's workloads directories or meets them in its own sweep.
+	workloadsBase string
 }
 
 // Nexlet implements nexlet.Agent.
@@ -176,7 +181,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
-	wdir, whold, err := workloadsDir(cfg.RuntimeDir, us.root)
+	wdir, whold, err := workloadsDir(cfg.RuntimeDir, cfg.workloadsBase, us.root)
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}

@@ -398,7 +398,7 @@ func TestUIDPool(t *testing.T) {
 // default memory and pids limits written, and their removal.
 func BenchmarkCgroupSandbox(b *testing.B) {
 	spec := cgroupSpec(b)
-	n, err := New(Config{RuntimeDir: b.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: b.TempDir()}, Logger: slog.New(slog.DiscardHandler)})
+	n, err := New(Config{RuntimeDir: b.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: b.TempDir()}, workloadsBase: ownWorkloadsBase(b), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -1492,8 +1492,9 @@ func permitsStat(id ident, st *unix.Stat_t, want uint32) bool {
 // workload must be able to reach its own directory: chdir happens after setuid). Then
 // a directory under /run (or the temp dir) keyed by runtimeDir, so that a restarted
 // nexlet finds its workloads again; hold is that directory open with its shared lock
-// (holdWorkloadsDir), nil for one under runtimeDir.
-func workloadsDir(runtimeDir string, switching bool) (dir string, hold *os.File, err error) {
+// (holdWorkloadsDir), nil for one under runtimeDir. base, when set, is used instead of
+// /run/nex-workloads (a test's own).
+func workloadsDir(runtimeDir, base string, switching bool) (dir string, hold *os.File, err error) {
 	dir = filepath.Join(runtimeDir, "workloads")
 	mode := os.FileMode(0o700)
 	if switching {
@@ -1505,9 +1506,11 @@ func workloadsDir(runtimeDir string, switching bool) (dir string, hold *os.File,
 		}
 		return dir, nil, os.Chmod(dir, mode)
 	}
-	base := "/run/nex-workloads"
-	if err := os.MkdirAll(base, 0o711); err != nil {
-		base = filepath.Join(os.TempDir(), "nex-workloads")
+	if base == "" {
+		base = "/run/nex-workloads"
+		if err := os.MkdirAll(base, 0o711); err != nil {
+			base = filepath.Join(os.TempDir(), "nex-workloads")
+		}
 	}
 	sum := sha256.Sum256([]byte(filepath.Clean(runtimeDir)))
 	dir = filepath.Join(base, hex.EncodeToString(sum[:8]))

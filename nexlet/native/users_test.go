@@ -60,8 +60,14 @@ func TestWorkloadsRunUnderDynamicUIDsWithoutPrivileges(t *testing.T) {
 	s2, _ := fn.summary("dyn2")
 	uid1, _ := strconv.Atoi(s1.Metadata["uid"])
 	uid2, _ := strconv.Atoi(s2.Metadata["uid"])
-	if uid1 < DefaultUIDMin || uid1 > DefaultUIDMax || uid2 < DefaultUIDMin || uid2 > DefaultUIDMax || uid1 == uid2 {
-		t.Fatalf("uids %d and %d: want two distinct uids in %d-%d", uid1, uid2, DefaultUIDMin, DefaultUIDMax)
+	// The test's own range (testkit.UIDs, ownDirs); a policy that names none gets the
+	// default one.
+	lo, hi := int(tn.users.pol.UIDMin), int(tn.users.pol.UIDMax)
+	if uid1 < lo || uid1 > hi || uid2 < lo || uid2 > hi || uid1 == uid2 {
+		t.Fatalf("uids %d and %d: want two distinct uids in %d-%d", uid1, uid2, lo, hi)
+	}
+	if us, err := newUsers(UserPolicy{LeaseDir: t.TempDir()}, ""); err != nil || us.pol.UIDMin != DefaultUIDMin || us.pol.UIDMax != DefaultUIDMax {
+		t.Errorf("a policy with no range: %v, want %d-%d", err, DefaultUIDMin, DefaultUIDMax)
 	}
 	home := filepath.Join(tn.WorkloadsDir(), "dyn1", homeDirName)
 	fn.waitLog("dyn1", "stdout", "me="+strconv.Itoa(uid1)+":"+strconv.Itoa(uid1)+":"+strconv.Itoa(uid1)+" pwd="+home)
@@ -85,7 +91,7 @@ func TestWorkloadsRunUnderDynamicUIDsWithoutPrivileges(t *testing.T) {
 		}
 	}
 	// The uid is leased while the workload lives and released after.
-	lease := filepath.Join(DefaultLeaseDir, strconv.Itoa(uid1))
+	lease := filepath.Join(tn.users.pol.LeaseDir, strconv.Itoa(uid1))
 	if _, err := os.Stat(lease); err != nil {
 		t.Errorf("no lease for a live workload: %v", err)
 	}
@@ -150,14 +156,16 @@ func TestArtifactTheUserCannotRunIsRefused(t *testing.T) {
 			t.Errorf("%s: workload dir left: %v", id, err)
 		}
 	}
-	if ents, _ := os.ReadDir(DefaultLeaseDir); leakedLeases(ents, tn.WorkloadsDir()) {
+	if leakedLeases(tn.users.pol.LeaseDir, tn.WorkloadsDir()) {
 		t.Errorf("a refused start left a uid lease")
 	}
 }
 
-func leakedLeases(ents []os.DirEntry, wdir string) bool {
+// leakedLeases says whether a lease in dir names something in wdir.
+func leakedLeases(dir, wdir string) bool {
+	ents, _ := os.ReadDir(dir)
 	for _, e := range ents {
-		b, _ := os.ReadFile(filepath.Join(DefaultLeaseDir, e.Name()))
+		b, _ := os.ReadFile(filepath.Join(dir, e.Name()))
 		if strings.HasPrefix(string(b), wdir) {
 			return true
 		}
