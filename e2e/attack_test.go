@@ -1165,6 +1165,15 @@ func TestAttackLocalUserReadsSecretSetArgv(t *testing.T) {
 		}()
 		out, _ := mallory.Command("/bin/sh", "-c", `end=$(($(date +%s) + 3)); while [ "$(date +%s)" -lt "$end" ]; do
 grep -l -a -e '`+pattern+`' /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null && exit 0; done; exit 1`).Output()
+		// Under load nexctl may not have reached the socket within the 3 s scan: wait for
+		// it to connect or exit (bounded) before reading what it did.
+		for end := time.Now().Add(30 * time.Second); connected.Load() == 0 && time.Now().Before(end); {
+			select {
+			case code = <-exited:
+				return strings.TrimSpace(string(out)), code, errOut.String()
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
 		select {
 		case code = <-exited:
 		default:
