@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet"
@@ -398,15 +399,12 @@ func (fn *fakeNode) waitLog(id, stream, want string) {
 	})
 }
 
-// alive reports whether pid exists and is not a zombie.
+// alive reports whether pid exists and runs (procid.Stat.Runs: not a zombie, or one
+// whose other threads run on after its main thread's exit), so that a test's "killed"
+// is not a process whose threads still run.
 func alive(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+	st, err := procid.ReadStat(pid)
+	return err == nil && st.Runs()
 }
 
 // procsOf lists the live processes of workload id started through this fake node: the
