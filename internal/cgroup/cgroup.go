@@ -143,6 +143,10 @@ type Manager struct {
 	// listing found, before it kills them.
 	killListed func(pids []int)
 
+	// byNumber: that process groups outside the cgroups are killed by number
+	// (procid.Pgrp.ByNumber: a kernel before 6.9) is logged once, not at each kill.
+	byNumber sync.Once
+
 	mu       sync.Mutex
 	enforced []string
 	reason   string

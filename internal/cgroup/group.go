@@ -521,6 +521,12 @@ func (g *Group) Kill() error {
 			if _, err := pg.Kill(); err != nil {
 				return fmt.Errorf("cgroup %s: %w", g.Path(), err)
 			}
+			if why := pg.ByNumber(); why != nil {
+				g.m.byNumber.Do(func() {
+					g.m.log.Warn("process groups outside cgroups are killed by their number: one that ends right before the kill may have its number reused by another's group, which is hit",
+						"pgid", pg.PGID(), "err", why)
+				})
+			}
 			pids = append(pids, ps...)
 		}
 		if len(pids) == 0 {

@@ -2,10 +2,14 @@ package cgroup
 
 import (
 	"fmt"
+	"log/slog"
 	"os/exec"
+	"runtime"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -127,5 +131,66 @@ func TestKillSparesRecycledPid(t *testing.T) {
 	must(t, g.Remove())
 	if !alive(n) {
 		t.Fatal("Remove killed the stranger")
+	}
+}
+
+// TestPgrpKillByNumberLoggedOnce: where the kernel refuses PIDFD_SIGNAL_PROCESS_GROUP
+// (before Linux 6.9: EINVAL, played by a seccomp filter on the killing thread), the
+// process groups outside cgroups are still killed, by their number, and the manager
+// says so once, not at each group's kill.
+func TestPgrpKillByNumberLoggedOnce(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skip("the filter is written for amd64")
+	}
+	var logged testkit.Buffer
+	m := Disabled("no cgroups in this test", slog.New(slog.NewTextHandler(&logged, nil)))
+	var runs []*exec.Cmd
+	var groups []*Group
+	for _, id := range []string{"w", "x"} {
+		g, err := m.Create(id, Limits{})
+		must(t, err)
+		run := exec.Command("/bin/sleep", "3600")
+		must(t, g.Start(run))
+		t.Cleanup(func() { _ = run.Process.Kill(); _ = run.Wait() })
+		runs, groups = append(runs, run), append(groups, g)
+	}
+	errs := make(chan error, len(groups)+1)
+	go func() {
+		defer close(errs)
+		runtime.LockOSThread() // never unlocked: the filtered thread ends with the goroutine
+		// pidfd_send_signal with a flag: EINVAL, as before 6.9.
+		prog := []unix.SockFilter{
+			{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 4}, // arch
+			{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.AUDIT_ARCH_X86_64, Jt: 0, Jf: 5},
+			{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 0}, // nr
+			{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.SYS_PIDFD_SEND_SIGNAL, Jt: 0, Jf: 3},
+			{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 16 + 3*8}, // flags
+			{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jt: 1, Jf: 0},
+			{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ERRNO | uint32(unix.EINVAL)},
+			{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW},
+		}
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			errs <- err
+			return
+		}
+		fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+		if err := unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&fprog)), 0, 0); err != nil {
+			errs <- err
+			return
+		}
+		for _, g := range groups {
+			errs <- g.Kill()
+		}
+	}()
+	for err := range errs {
+		must(t, err)
+	}
+	for _, run := range runs {
+		if alive(run.Process.Pid) {
+			t.Errorf("pid %d survived its group's kill by number", run.Process.Pid)
+		}
+	}
+	if n := strings.Count(logged.String(), "killed by their number"); n != 1 {
+		t.Errorf("%d warnings that process groups are killed by their number, want 1:\n%s", n, logged.String())
 	}
 }

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
+	"strconv"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -19,29 +21,127 @@ import (
 // the bare number (kill(-pgid), or of every process whose group matches it) then kills
 // the stranger.
 //
-// So a Pgrp reaches the group only while it can show the group is still the one its
-// leader made: an anchor holds the number, the leader (or its zombie) with its recorded
-// start time, or a process a listing found in the group (Members), still in it with its
-// own start time. A process with the number as its pid and another start time, a group
-// found empty, or one no anchor is in any more, ends it for good: it lists and kills
-// nothing from then on. What a member forks stays in the group and is known from the
-// next listing on; members never listed before the last anchor ended cannot be told
-// from a stranger's, which is why the owner lists them (Members) while its exited
-// leader waits to be reaped.
+// So a Pgrp holds a pidfd of its leader, opened while the leader is known to be the
+// one (NewPgrp; NewChildPgrp: once the caller's child exited, before its reap, its
+// unreaped pid holding the number till then), and signals the group through it (pidfd_send_signal with
+// PIDFD_SIGNAL_PROCESS_GROUP, Linux 6.9): the kernel resolves the group the leader's
+// pid names, the same object for as long as the pidfd is held, not the number, so a
+// group that ended is never confused with the stranger's that got its number (ESRCH),
+// and members are reached after the leader was reaped (the group lives on in them)
+// and as a zombie. A listing (Members) walks /proc for processes in a group of that
+// number and then asks the kernel through the pidfd whether the group still exists: if
+// it does, the number was the group's all along, and so is every process listed.
+//
+// Without the pidfd (pidfd_open refused: a kernel before 5.3, a seccomp filter) or the
+// flag (a kernel before 6.9: EINVAL), ByNumber says why, and the group is reached by
+// its number while it can be shown to be still the one its leader made: an anchor
+// holds the number, the leader (or its zombie) with its recorded start time, or a
+// process a listing found in the group (Members), still in it with its own start time.
+// The kill reads an anchor right before kill(-pgid): a group that ends and whose
+// number is handed out in between is still hit. What a member forks stays in the
+// group and is known from the next listing on; members never listed before the last
+// anchor ended cannot be told from a stranger's, which is why the owner lists them
+// (Members) while its exited leader waits to be reaped.
+//
+// Either way a process with the number as its pid and another start time, a group
+// found empty, or (by number) one no anchor is in any more, ends it for good: it lists
+// and kills nothing from then on, and its pidfd is closed.
 type Pgrp struct {
 	pgid  int
 	start uint64 // the leader's start time
 
 	mu    sync.Mutex
+	fd    *os.File // the leader's pidfd; nil: by number (byNum says why)
+	byNum error
+	child bool // NewChildPgrp's, its pidfd not opened yet: the leader is unreaped
 	known []ID // the members the last listing found (at first, the leader)
 	gone  bool
+
+	// beforeSend, when set (tests), runs between Kill's check and its signal.
+	beforeSend func()
 }
 
 // NewPgrp tracks the process group whose leader is leader (its pid is the group's
-// number). Call it while leader cannot have been reused: for a child, before it is
-// reaped.
+// number), and opens the leader's pidfd. Call it while leader cannot have been reused:
+// for a child, before it is reaped. A leader whose pid names another process by now
+// (another start time) makes a group that has ended. Close it once it is not needed.
 func NewPgrp(leader ID) *Pgrp {
-	return &Pgrp{pgid: leader.PID, start: leader.Start, known: []ID{leader}}
+	return newPgrp(leader, true)
+}
+
+// NewChildPgrp is NewPgrp for a group whose leader is the caller's child, which the
+// caller reaps only after a call of Members made once it exited (as its zombie waits):
+// until then the unreaped leader holds the group's number, which names nothing else, and
+// the group is reached by it; the leader's pidfd is opened at that Members, so a group
+// whose leader runs costs no descriptor (the native nexlet's budget: 3 a workload).
+func NewChildPgrp(leader ID) *Pgrp {
+	return &Pgrp{pgid: leader.PID, start: leader.Start, known: []ID{leader}, child: true}
+}
+
+// newPgrp is NewPgrp; pidfd false reaches the group by number alone (tests).
+func newPgrp(leader ID, pidfd bool) *Pgrp {
+	g := &Pgrp{pgid: leader.PID, start: leader.Start, known: []ID{leader}}
+	if !pidfd {
+		g.byNum = errors.New("pidfd not used")
+		return g
+	}
+	g.open()
+	return g
+}
+
+// open opens the leader's pidfd. Called with mu held, or before g is shared.
+func (g *Pgrp) open() {
+	g.child = false
+	fd, err := unix.PidfdOpen(g.pgid, 0)
+	if errors.Is(err, unix.ESRCH) {
+		g.end() // the leader was reaped: nothing names its group any more
+		return
+	}
+	if err != nil {
+		g.byNum = fmt.Errorf("pidfd_open %d: %w", g.pgid, err)
+		return
+	}
+	g.fd = os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(g.pgid))
+	// The pidfd pins what the pid named at the open: it is the leader if it still
+	// has the leader's start time (a zombie's too).
+	if st, err := ReadStat(g.pgid); err != nil || st.Start != g.start {
+		g.end()
+	}
+}
+
+// GroupSignals says whether this kernel signals a process group through a pidfd
+// (pidfd_open, Linux 5.3, and pidfd_send_signal's PIDFD_SIGNAL_PROCESS_GROUP, 6.9): nil
+// if so, else why not, and each Pgrp goes by number (ByNumber). A probe: signal 0
+// through a pidfd of the caller, which sends nothing.
+func GroupSignals() error {
+	fd, err := unix.PidfdOpen(os.Getpid(), 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_open: %w", err)
+	}
+	defer unix.Close(fd)
+	// ESRCH: the caller leads no group, the flag was understood.
+	err = unix.PidfdSendSignal(fd, 0, nil, unix.PIDFD_SIGNAL_PROCESS_GROUP)
+	if err != nil && err != unix.ESRCH {
+		return fmt.Errorf("pidfd_send_signal with PIDFD_SIGNAL_PROCESS_GROUP (Linux 6.9) refused: %w", err)
+	}
+	return nil
+}
+
+// ByNumber says why the group is reached by its number (kill(-pgid) after an anchor's
+// check) rather than through its leader's pidfd, or nil while it is not: the owner logs
+// it (a host whose kernel lacks PIDFD_SIGNAL_PROCESS_GROUP, Linux 6.9, or pidfds).
+func (g *Pgrp) ByNumber() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.byNum
+}
+
+// Close ends the group's tracking: nothing is listed or killed from then on, and its
+// pidfd is closed.
+func (g *Pgrp) Close() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.end()
 }
 
 // PGID is the group's number.
@@ -55,16 +155,23 @@ func (g *Pgrp) Gone() bool {
 	return g.gone
 }
 
-// Members lists the group's live processes (not zombies: Stat.Runs), one walk of /proc, and
-// remembers them as anchors, so that the group is still recognised once its leader is
-// reaped. None once the group ended. An error (/proc unreadable) changes nothing.
+// Members lists the group's live processes (not zombies: Stat.Runs), one walk of
+// /proc, and remembers them as anchors (for a group reached by number), so that the
+// group is still recognised once its leader is reaped. None once the group ended. An
+// error (/proc unreadable) changes nothing.
 func (g *Pgrp) Members() ([]int, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.gone {
 		return nil, nil
 	}
-	ours := false
+	if g.child {
+		g.open() // the caller's child, not reaped before this call
+		if g.gone {
+			return nil, nil
+		}
+	}
+	ours, reused := false, false
 	var in []ID
 	var live []int
 	err := eachPid(func(pid int) bool {
@@ -81,7 +188,7 @@ func (g *Pgrp) Members() ([]int, error) {
 			if st.Start != g.start {
 				// The number was free since: the group ended, and any group by
 				// that number now is another's.
-				ours, in = false, nil
+				reused, in = true, nil
 				return false
 			}
 			ours = true
@@ -100,8 +207,16 @@ func (g *Pgrp) Members() ([]int, error) {
 	if err != nil {
 		return nil, fmt.Errorf("process group %d: %w", g.pgid, err)
 	}
-	if !ours || len(live) == 0 {
-		// Empty (its number may be handed out from now on), or no anchor in it.
+	if !reused {
+		// Asked after the walk: a group that still exists held its number all
+		// through it, so whatever the walk found in a group by that number is its
+		// own. One that ended never comes back.
+		if handled, err := g.signal(0); handled {
+			ours = !errors.Is(err, unix.ESRCH)
+		}
+	}
+	if reused || !ours || len(live) == 0 {
+		// Empty (its number may be handed out from now on), or not this group.
 		g.end()
 		return nil, nil
 	}
@@ -109,12 +224,22 @@ func (g *Pgrp) Members() ([]int, error) {
 	return live, nil
 }
 
-// Alive reports whether the group is still this one and holds a process, without a
-// walk of /proc: an anchor still holds the number, and the group is not empty. A
-// group that is not, ends for good.
+// Alive reports whether the group is still this one and holds a process (a zombie
+// too), without a walk of /proc: through the leader's pidfd, or by number while an
+// anchor still holds it. A group that is not, ends for good.
 func (g *Pgrp) Alive() bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if g.gone {
+		return false
+	}
+	if handled, err := g.signal(0); handled {
+		if errors.Is(err, unix.ESRCH) {
+			g.end()
+			return false
+		}
+		return true
+	}
 	if !g.anchored() {
 		return false
 	}
@@ -131,24 +256,75 @@ func (g *Pgrp) LeaderRuns() bool {
 	return err == nil && st.Start == g.start && st.PGRP == g.pgid && st.Runs()
 }
 
-// Kill sends SIGKILL to the group as one (kill(-pgid): what a member forks meanwhile
-// goes too), once an anchor, read right before the kill, shows the number is still
-// held by this group and cannot name another. It reports whether it did; a group that
-// ended, or is not this one any more, is left alone.
+// Kill sends SIGKILL to the group as one (what a member forks meanwhile goes too):
+// through the leader's pidfd, which names the group and never a stranger's that got its
+// number; by number (kill(-pgid)) only once an anchor, read right before the kill,
+// shows the number is still held by this group. It reports whether it did; a group
+// that ended, or is not this one any more, is left alone.
 func (g *Pgrp) Kill() (bool, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if g.gone {
+		return false, nil
+	}
+	hook := g.beforeSend
+	if g.fd != nil {
+		if hook != nil {
+			hook()
+			hook = nil
+		}
+		if handled, err := g.signal(unix.SIGKILL); handled {
+			return g.sent(err)
+		}
+		// The kernel does not know the flag: by number from now on.
+	}
 	if !g.anchored() {
 		return false, nil
 	}
-	if err := unix.Kill(-g.pgid, unix.SIGKILL); err != nil {
-		if errors.Is(err, unix.ESRCH) {
-			g.end()
-			return false, nil
-		}
-		return false, fmt.Errorf("kill process group %d: %w", g.pgid, err)
+	if hook != nil {
+		hook()
 	}
-	return true, nil
+	return g.sent(unix.Kill(-g.pgid, unix.SIGKILL))
+}
+
+// sent is Kill's answer to the signal's error.
+func (g *Pgrp) sent(err error) (bool, error) {
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.ESRCH):
+		g.end()
+		return false, nil
+	}
+	return false, fmt.Errorf("kill process group %d: %w", g.pgid, err)
+}
+
+// signal sends sig to the group through the leader's pidfd. handled is false where
+// there is none, or the kernel refuses PIDFD_SIGNAL_PROCESS_GROUP (before Linux 6.9:
+// EINVAL; ENOSYS, or a seccomp filter's EPERM, which kill(2) would return too where it
+// is a lack of permission): the pidfd is closed and the caller goes by number. Called
+// with mu held.
+func (g *Pgrp) signal(sig unix.Signal) (handled bool, err error) {
+	if g.fd == nil {
+		return false, nil
+	}
+	rc, err := g.fd.SyscallConn()
+	if err != nil {
+		return true, err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.PidfdSendSignal(int(fd), sig, nil, unix.PIDFD_SIGNAL_PROCESS_GROUP)
+	}); err != nil {
+		return true, err
+	}
+	if serr == unix.EINVAL || serr == unix.ENOSYS || serr == unix.EPERM {
+		g.byNum = fmt.Errorf("pidfd_send_signal with PIDFD_SIGNAL_PROCESS_GROUP (Linux 6.9) refused: %w", serr)
+		g.fd.Close()
+		g.fd = nil
+		return false, nil
+	}
+	return true, serr
 }
 
 // anchored reports whether the leader (its zombie too) or a known member still holds
@@ -174,7 +350,13 @@ func (g *Pgrp) anchored() bool {
 	return false
 }
 
-func (g *Pgrp) end() { g.gone, g.known = true, nil }
+func (g *Pgrp) end() {
+	g.gone, g.known = true, nil
+	if g.fd != nil {
+		g.fd.Close()
+		g.fd = nil
+	}
+}
 
 // eachPid calls fn with the pid of every process of the host (one getdents walk of
 // /proc: os.ReadDir's entries and sort are not needed), until fn returns false.

@@ -83,9 +83,11 @@ func (iso noIsolation) sandbox(id string, _ Limits) (sandbox, error) {
 }
 
 // pgroup is a workload's process group, known by its leader (the current run's main
-// process), never by the bare number: that is free for reuse once the group is empty,
-// and a stop, tidy or restart killed whatever group had it then (another workload's,
-// any process of the host's).
+// process) and, once that exited, signalled through its pidfd (procid.Pgrp), never by
+// the bare number: that is free for reuse once the group is empty, and a stop, tidy or
+// restart killed whatever group had it then (another workload's, any process of the
+// host's). While the leader is the nexlet's unreaped child its number names its group
+// alone.
 type pgroup struct {
 	mu sync.Mutex
 	pg *procid.Pgrp // nil: no run known
@@ -109,8 +111,14 @@ func (g *pgroup) start(cmd *exec.Cmd) error {
 		return fmt.Errorf("process group of pid %d: %w", cmd.Process.Pid, err)
 	}
 	g.mu.Lock()
-	g.pg = procid.NewPgrp(id)
+	old := g.pg
+	// Reaped only after exiting (the nexlet's reap of its child): its pidfd is opened
+	// then, not a descriptor more for each running workload.
+	g.pg = procid.NewChildPgrp(id)
 	g.mu.Unlock()
+	if old != nil {
+		old.Close() // an earlier run's, no longer reached (its pidfd)
+	}
 	return nil
 }
 
@@ -136,6 +144,13 @@ func (g *pgroup) kill() error {
 		return err
 	}
 	return nil
+}
+
+// close lets go of the group (its leader's pidfd): nothing of it is killed from then on.
+func (g *pgroup) close() {
+	if pg := g.group(); pg != nil {
+		pg.Close()
+	}
 }
 
 // exiting lists the group's members (one walk of /proc) while the exited leader's

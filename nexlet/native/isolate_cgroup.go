@@ -8,8 +8,17 @@ import (
 	"path/filepath"
 
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/sdscope"
 )
+
+// warnGroupsByNumber logs that workloads' process groups are killed by their number,
+// where the kernel cannot signal a group through its leader's pidfd (procid.Pgrp).
+func (n *Nexlet) warnGroupsByNumber() {
+	if err := procid.GroupSignals(); err != nil {
+		n.log.Warn("workloads' process groups are killed by their number: one that ends right before the kill may have its number reused by another's group, which is hit", "err", err)
+	}
+}
 
 // chooseIsolation attaches to the root of the workloads' cgroups (spec from
 // NEX_AGENT_CGROUP; nexd keeps it outside the nexlet's own cgroup, so workloads survive
@@ -37,6 +46,9 @@ func (n *Nexlet) chooseIsolation(spec, driver string) (isolation, error) {
 				hold.SetThreadSetup(setNoNewPrivs) // a v1 start forks on a thread of its own
 			}
 		}
+		if hold == nil {
+			n.warnGroupsByNumber()
+		}
 		return &scopeIsolation{sd: sd, hold: hold, n: n}, nil
 	}
 	if driver != "" && driver != DriverCgroupfs {
@@ -44,15 +56,18 @@ func (n *Nexlet) chooseIsolation(spec, driver string) (isolation, error) {
 	}
 	if spec == "" {
 		n.log.Warn("no cgroup subtree given: workloads run without limits, in their own process groups", "env", EnvCgroup)
+		n.warnGroupsByNumber()
 		return none, nil
 	}
 	m, err := cgroup.Attach(spec, n.log)
 	if err != nil {
 		n.log.Warn("cgroup subtree unusable: workloads run without limits, in their own process groups", "err", err)
+		n.warnGroupsByNumber()
 		return none, nil
 	}
 	if m.Mode() == cgroup.ModeNone {
 		n.log.Warn("cgroups disabled by the node: workloads run without limits", "reason", m.Reason())
+		n.warnGroupsByNumber()
 		return none, nil
 	}
 	// Every thread that forks a workload carries no_new_privs, as the spawner's does.

@@ -92,6 +92,9 @@ func (b *scopeSandbox) start(cmd *exec.Cmd) error {
 	if err := pg.start(cmd); err != nil {
 		return err
 	}
+	if b.pg != nil {
+		b.pg.close() // an earlier run's
+	}
 	b.pg = pg
 	return nil
 }
