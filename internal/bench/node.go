@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // nodeSpec says how to start one nexd.
@@ -43,6 +45,7 @@ type nodeSpec struct {
 type nodeProc struct {
 	spec    nodeSpec
 	cmd     *exec.Cmd
+	group   *procid.Pgrp // its process group, through its pidfd (stop)
 	started time.Time
 	ready   chan struct{}
 	readyAt time.Time
@@ -144,6 +147,12 @@ func startNode(spec nodeSpec) (*nodeProc, error) {
 		return nil, fmt.Errorf("node %s: exec %s: %w", spec.Name, spec.Nexd, err)
 	}
 	logf.Close()
+	// Not reaped before the Wait below: the pid names it.
+	if id, err := procid.Of(cmd.Process.Pid); err == nil {
+		n.group = procid.NewPgrp(id)
+	} else {
+		n.group = procid.NewPgrp(procid.ID{PID: cmd.Process.Pid}) // ends at once: kills nothing
+	}
 	// The notify reader ends when its socket closes, after nexd ended; exited waits
 	// for it too, so that nothing of the node is still running once exited closed.
 	read := make(chan struct{})
@@ -219,6 +228,7 @@ func (n *nodeProc) tail() string {
 
 // stop sends SIGTERM and waits; after timeout it kills the whole process group.
 func (n *nodeProc) stop(timeout time.Duration) error {
+	defer n.group.Close()
 	select {
 	case <-n.exited:
 		return nil
@@ -229,7 +239,9 @@ func (n *nodeProc) stop(timeout time.Duration) error {
 	case <-n.exited:
 		return nil
 	case <-time.After(timeout):
-		_ = syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
+		// Through the leader's pidfd: nexd may have ended and been reaped by now,
+		// its group's number free for another's.
+		_, _ = n.group.Kill()
 		<-n.exited
 		return fmt.Errorf("node %s did not stop within %s of SIGTERM; killed", n.spec.Name, timeout)
 	}

@@ -8,10 +8,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // upstreamReadyLog is the line upstream's node logs once its agents run; it has no
@@ -22,6 +25,8 @@ const upstreamReadyLog = "nex node ready"
 // inside the same process, so its pid alone is the node's footprint.
 type upstreamProc struct {
 	cmd     *exec.Cmd
+	id      procid.ID    // the node's process
+	group   *procid.Pgrp // its process group, through its pidfd (stop)
 	log     string
 	started time.Time
 	readyAt time.Time
@@ -64,6 +69,11 @@ func startUpstream(bin, dir, name, url string) (*upstreamProc, error) {
 		return nil, fmt.Errorf("upstream node %s: exec %s: %w", name, bin, err)
 	}
 	pw.Close()
+	// Not reaped before the Wait below: the pid names it. Without its start time
+	// (gone already), the group ends at once and stop kills nothing by its number.
+	u.id, _ = procid.Of(cmd.Process.Pid)
+	u.id.PID = cmd.Process.Pid
+	u.group = procid.NewPgrp(u.id)
 	u.copied.Add(1)
 	go func() {
 		defer u.copied.Done()
@@ -106,15 +116,32 @@ func (u *upstreamProc) waitReady(ctx context.Context, timeout time.Duration) (ti
 }
 
 // stop sends SIGINT (upstream's shutdown signal), then kills the process group and
-// whatever workloads (its children, in process groups of their own) outlived it.
+// whatever workloads (its children, in process groups of their own) outlived it. Never
+// by the bare numbers, which the ended node's and workloads' were free to go to other
+// processes by then: the group through its leader's pidfd (procid.Pgrp), the children
+// pinned by pidfds while still the node's (procid.Pin).
 func (u *upstreamProc) stop(timeout time.Duration) error {
 	defer u.copied.Wait()
-	kids := childrenOf(u.cmd.Process.Pid)
-	defer func() {
-		_ = syscall.Kill(-u.cmd.Process.Pid, syscall.SIGKILL)
-		for _, k := range kids {
-			_ = syscall.Kill(k, syscall.SIGKILL)
+	listed := childrenOf(u.id.PID)
+	kids := procid.Pin(listed)
+	// Pinned, then checked: still children of the number's process, and that is
+	// still the node (its start time, a zombie's too), which held the number all
+	// along: they are the node's. Once the node is reaped, the number and its
+	// children are another process's.
+	var mine []int
+	for _, k := range listed {
+		if st, err := procid.ReadStat(k); err == nil && st.PPID == u.id.PID {
+			mine = append(mine, k)
 		}
+	}
+	if st, err := procid.ReadStat(u.id.PID); err != nil || st.Start != u.id.Start {
+		mine = nil
+	}
+	defer func() {
+		_, _ = u.group.Kill()
+		u.group.Close()
+		_, _ = kids.Signal(syscall.SIGKILL, func(k int) bool { return slices.Contains(mine, k) })
+		kids.Close()
 	}()
 	select {
 	case <-u.exited:
@@ -126,7 +153,7 @@ func (u *upstreamProc) stop(timeout time.Duration) error {
 	case <-u.exited:
 		return nil
 	case <-time.After(timeout):
-		_ = syscall.Kill(-u.cmd.Process.Pid, syscall.SIGKILL)
+		_, _ = u.group.Kill()
 		<-u.exited
 		return fmt.Errorf("upstream node did not stop within %s of SIGINT; killed", timeout)
 	}
