@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -548,11 +550,18 @@ func TestRefusedDeployWhoseRecordStays(t *testing.T) {
 	}
 }
 
+// TestHealthTransitions: a nexlet's health follows its heartbeats' state, and its
+// silence degrades it, takes it offline and then removes it (AGENTSTOPPED), each change
+// reported once (AGENTHEALTHCHANGED), none skipped. The silence is the test's, not the
+// machine's: the timeouts are far longer than the test runs, and the nexlet's last
+// heartbeat is dated back (silentFor) into each window in turn. Before, with windows of
+// 500 and 600 ms polled by the test, a loaded machine could let one pass unseen.
 func TestHealthTransitions(t *testing.T) {
+	const degradedAfter, offlineAfter, removeAfter = 10 * time.Minute, 20 * time.Minute, 10 * time.Minute
 	f := newFixture(t, 1, func(_ int, o *Options) {
-		o.DegradedAfter = 400 * time.Millisecond
-		o.OfflineAfter = 900 * time.Millisecond
-		o.RemoveOfflineAfter = 600 * time.Millisecond
+		o.DegradedAfter = degradedAfter
+		o.OfflineAfter = offlineAfter
+		o.RemoveOfflineAfter = removeAfter
 		o.Emitter = NATSEmitter{NC: o.NC}
 	})
 	n := f.nodes[0]
@@ -561,7 +570,30 @@ func TestHealthTransitions(t *testing.T) {
 		t.Fatal(err)
 	}
 	started, _ := f.client.SubscribeSync(protocol.EventSubject(n.ID(), protocol.EventAgentStarted))
+	var (
+		mu      sync.Mutex
+		changes []string // "from>to", in the order the node emitted them
+	)
+	if _, err := f.client.Subscribe(protocol.EventSubject(n.ID(), protocol.EventAgentHealthChanged), func(m *nats.Msg) {
+		var ev protocol.AgentHealthChangedEvent
+		var c string
+		if err := json.Unmarshal(m.Data, &ev); err != nil || ev.ID != "agent0" {
+			c = string(m.Data) // not agent0's: fails the comparison below
+		} else {
+			c = ev.From + ">" + ev.To
+		}
+		mu.Lock()
+		changes = append(changes, c)
+		mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
 	_ = f.client.Flush()
+	reported := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(changes)
+	}
 	a := f.healthyAgent(n, "agent0", "go_exec", "native", nil)
 	if _, err := started.NextMsg(10 * time.Second); err != nil {
 		t.Fatalf("no AGENTSTARTED: %v", err)
@@ -588,17 +620,49 @@ func TestHealthTransitions(t *testing.T) {
 	a.mu.Unlock()
 	testkit.Eventually(t, "healthy again", func() bool { return health() == protocol.HealthHealthy })
 
-	// Silence: degraded, offline, removed.
+	// Silence: degraded, offline, removed. The heartbeats sent are all handled (one
+	// subscription, in order) once a last one, marked, is; nothing dates the last word
+	// forward after that.
 	a.stopHeartbeats()
-	seen := map[string]bool{}
-	testkit.Eventually(t, "removal", func() bool {
-		h := health()
-		seen[h] = true
-		return h == "removed"
+	mark := time.Unix(1, 0).UTC()
+	b, _ := json.Marshal(protocol.AgentHeartbeat{Data: "{}", Summary: protocol.AgentSummary{
+		Name: "go_exec", Type: "native", State: "running", Version: a.req.Version, StartTime: mark}})
+	if err := a.nc.Publish(protocol.AgentHeartbeatSubject(n.ID(), "agent0"), b); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the last heartbeat handled", func() bool {
+		for _, ai := range n.Agents() {
+			if ai.ID == "agent0" && ai.Summary.StartTime.Equal(mark) {
+				return true
+			}
+		}
+		return false
 	})
-	for _, h := range []string{protocol.HealthDegraded, protocol.HealthOffline} {
-		if !seen[h] {
-			t.Errorf("never saw %s on the way out (saw %v)", h, seen)
+	silentFor := func(d time.Duration) {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		if r := n.agents["agent0"]; r != nil {
+			r.lastSeen = time.Now().Add(-d)
+			r.lastBeat = r.lastSeen
+		}
+	}
+	for _, step := range []struct {
+		silence time.Duration
+		want    string
+	}{
+		{(degradedAfter + offlineAfter) / 2, protocol.HealthDegraded},
+		{offlineAfter + removeAfter/2, protocol.HealthOffline},
+		{offlineAfter + removeAfter + time.Minute, "removed"},
+	} {
+		silentFor(step.silence)
+		// The node's sweep (every HealthTick) reports the change, or removes it.
+		testkit.Eventually(t, "the sweep's report of "+step.want, func() bool {
+			c := reported()
+			return step.want == "removed" && health() == "removed" ||
+				len(c) > 0 && strings.HasSuffix(c[len(c)-1], ">"+step.want)
+		})
+		if h := health(); h != step.want {
+			t.Fatalf("silent for %v: %s, want %s", step.silence, h, step.want)
 		}
 	}
 	m, err := events.NextMsg(10 * time.Second)
@@ -608,6 +672,15 @@ func TestHealthTransitions(t *testing.T) {
 	var ev protocol.AgentStoppedEvent
 	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.ID != "agent0" || !strings.Contains(ev.Reason, "offline") {
 		t.Errorf("event %q %v", m.Data, err)
+	}
+	const (
+		unknown, healthy, degraded = protocol.HealthUnknown, protocol.HealthHealthy, protocol.HealthDegraded
+		shuttingDown, offline      = protocol.HealthShuttingDown, protocol.HealthOffline
+	)
+	want := []string{unknown + ">" + healthy, healthy + ">" + shuttingDown, shuttingDown + ">" + degraded,
+		degraded + ">" + healthy, healthy + ">" + degraded, degraded + ">" + offline}
+	if got := reported(); !slices.Equal(got, want) {
+		t.Errorf("health changes reported %v, want %v", got, want)
 	}
 	if n.Ping().AgentCount != 0 {
 		t.Errorf("agent_count = %d after removal", n.Ping().AgentCount)
