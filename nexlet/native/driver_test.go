@@ -29,10 +29,16 @@ func TestCgroupDriverRefused(t *testing.T) {
 		DriverSystemd: "systemd is not the init system here",
 		"runc":        `want cgroupfs or systemd`,
 	} {
-		_, err := New(Config{RuntimeDir: t.TempDir(), CgroupDriver: driver, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: ownWorkloadsBase(t),
+		base := ownWorkloadsBase(t)
+		_, err := New(Config{RuntimeDir: t.TempDir(), CgroupDriver: driver, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: base,
 			Logger: slog.New(slog.DiscardHandler)})
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("driver %q: %v, want an error with %q", driver, err, want)
+		}
+		// Nothing of the refused nexlet stays in the workloads base (its directory,
+		// empty, and the record beside it).
+		if ents, _ := os.ReadDir(base); len(ents) != 0 {
+			t.Errorf("driver %q: the refused nexlet left %d entries in %s (%s...)", driver, len(ents), base, ents[0].Name())
 		}
 	}
 }

@@ -185,6 +185,15 @@ func New(cfg Config) (*Nexlet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
+	// A New that fails lets go of its workloads directory as Close does (removed when
+	// empty and nobody else holds it), or an empty one stayed in /run/nex-workloads
+	// until another nexlet's sweep (TestCgroupDriverRefused).
+	built := false
+	defer func() {
+		if !built && whold != nil {
+			removeWorkloadsDir(whold, wdir)
+		}
+	}()
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
 		keptTidying: map[string]bool{},
 		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
@@ -240,6 +249,7 @@ func New(cfg Config) (*Nexlet, error) {
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
 	n.oom.open(n.log) // before any fork: the descriptor is the nexlet's
 	n.resumeStops()
+	built = true
 	return n, nil
 }
 
