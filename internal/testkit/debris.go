@@ -2,6 +2,7 @@ package testkit
 
 import (
 	"bufio"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -160,10 +161,25 @@ func dirSummary(dir string) string {
 	return strings.Join(names, ", ")
 }
 
-// testNames lists this test binary's tests (-test.list), for hostDebris to tie the temp
-// dirs t.TempDir made to them; nil when it cannot.
+// testNames lists this test binary's tests that the run's -test.run selects
+// (-test.list with its top-level part), for hostDebris to tie the temp dirs t.TempDir
+// made to them; nil when it cannot. Only those: another run of the same package beside
+// this one (another checkout's, make test's beside a developer's) names its temp dirs
+// alike, and a child that runs one test of the binary (a probe, a pid namespace's copy)
+// took what the other run left meanwhile of a test it did not run for its own, and
+// failed (nexlet/native TestAttackSystemdDynamicUserGetsAWorkloadsUID's probe, which
+// runs TestSystemdUIDProbe only, for another run's TestCgroupDriverRefused's).
 func testNames() []string {
-	cmd := exec.Command(os.Args[0], "-test.list", ".")
+	run := "."
+	if f := flag.Lookup("test.run"); f != nil && f.Value.String() != "" {
+		run = topLevelPattern(f.Value.String())
+	}
+	return testNamesMatching(run)
+}
+
+// testNamesMatching lists this test binary's tests that match the regexp run.
+func testNamesMatching(run string) []string {
+	cmd := exec.Command(os.Args[0], "-test.list", run)
 	cmd.Env = append(os.Environ(), envListing+"=1")
 	out, err := cmd.Output()
 	if err != nil {
@@ -177,6 +193,28 @@ func testNames() []string {
 		}
 	}
 	return names
+}
+
+// topLevelPattern is the part of a -test.run pattern that top-level test names are
+// matched against: up to its first '/' outside brackets and parentheses, as the
+// testing package splits it.
+func topLevelPattern(run string) string {
+	depth, escaped := 0, false
+	for i, c := range run {
+		switch {
+		case escaped:
+			escaped = false
+		case c == '\\':
+			escaped = true
+		case c == '[' || c == '(':
+			depth++
+		case c == ']' || c == ')':
+			depth = max(depth-1, 0)
+		case c == '/' && depth == 0:
+			return run[:i]
+		}
+	}
+	return run
 }
 
 // CleanNexletDirs removes, at the end of t (registered now, it runs after the cleanups

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -151,4 +152,30 @@ func TestRemoveNexletDirsWaitsOutASweep(t *testing.T) {
 			t.Errorf("%d of %d entries left", n, len(made))
 		}
 	})
+}
+
+// TestDebrisTiedToTheTestsRun: the leftover check (Binaries.Run) ties the temp dirs in
+// the host's directories only to the tests the run's -test.run selects. A run of one
+// test (a probe's copy of the binary) took another run's leftovers of any test of the
+// binary for its own and failed.
+func TestDebrisTiedToTheTestsRun(t *testing.T) {
+	for run, want := range map[string]string{
+		"^TestA$":         "^TestA$",
+		"^TestA$/^sub$":   "^TestA$",
+		"Test[/]A/b":      "Test[/]A",
+		"Test(x|/)A/b":    "Test(x|/)A",
+		`Test\/A/b`:       `Test\/A`,
+		"":                "",
+		"TestA|TestB/sub": "TestA|TestB",
+	} {
+		if got := topLevelPattern(run); got != want {
+			t.Errorf("topLevelPattern(%q) = %q, want %q", run, got, want)
+		}
+	}
+	if got := testNamesMatching("^TestWaitFor$"); !slices.Equal(got, []string{"TestWaitFor"}) {
+		t.Errorf("tests matching ^TestWaitFor$: %v", got)
+	}
+	if all := testNamesMatching("."); len(all) < 5 || !slices.Contains(all, "TestDebrisTiedToTheTestsRun") {
+		t.Errorf("all tests: %v", all)
+	}
 }
