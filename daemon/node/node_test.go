@@ -786,12 +786,12 @@ func TestReRegistrationAndReplay(t *testing.T) {
 	// WaitForAgents and RemoveAgent.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if missing := n.WaitForAgents(ctx, []string{"go_exec"}); len(missing) != 0 {
+	if missing := n.WaitForAgents(ctx, []string{"second"}); len(missing) != 0 {
 		t.Errorf("missing %v", missing)
 	}
 	short, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel2()
-	if missing := n.WaitForAgents(short, []string{"go_exec", "wasm"}); len(missing) != 1 || missing[0] != "wasm" {
+	if missing := n.WaitForAgents(short, []string{"second", "wasm", "go_exec"}); !slices.Equal(missing, []string{"wasm", "go_exec"}) {
 		t.Errorf("missing %v", missing)
 	}
 	if err := n.StopAllWorkloads(ctx); err != nil || b.workloadCount() != 0 {

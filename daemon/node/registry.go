@@ -332,41 +332,41 @@ func (n *Node) agentStopped(r *registration, reason string) {
 	})
 }
 
-// WaitForAgents waits until nexlets with every one of names (a registered name or an
-// agent id) are registered, or ctx ends; it returns those still missing.
-func (n *Node) WaitForAgents(ctx context.Context, names []string) []string {
-	return n.waitAgents(ctx, names, func(*registration) bool { return true })
+// WaitForAgents waits until the local nexlets with agent ids ids (those the daemon
+// announced with ExpectAgent) are registered, or ctx ends; it returns the ids still
+// missing.
+func (n *Node) WaitForAgents(ctx context.Context, ids []string) []string {
+	return n.waitAgents(ctx, ids, func(*registration) bool { return true })
 }
 
-// WaitServing waits until nexlets with every one of names (a registered name or an
-// agent id) are registered and have sent their first heartbeat, or ctx ends; it returns
-// those that have not. A registration is answered before its nexlet serves: it
-// connects with the credentials of the reply, subscribes its endpoints, then sends that
-// heartbeat, and only then has a health (unknown before: no bid). The daemon holds
-// READY for it (after WaitForAgents, with the names that registered), so that a client
-// auctioning once at READY, as upstream's does, gets a bid.
-func (n *Node) WaitServing(ctx context.Context, names []string) []string {
-	return n.waitAgents(ctx, names, func(r *registration) bool { return !r.lastBeat.IsZero() })
+// WaitServing waits until the local nexlets with agent ids ids are registered and have
+// sent their first heartbeat, or ctx ends; it returns the ids of those that have not. A
+// registration is answered before its nexlet serves: it connects with the credentials
+// of the reply, subscribes its endpoints, then sends that heartbeat, and only then has
+// a health (unknown before: no bid). The daemon holds READY for it (after
+// WaitForAgents, with the ids that registered), so that a client auctioning once at
+// READY, as upstream's does, gets a bid.
+func (n *Node) WaitServing(ctx context.Context, ids []string) []string {
+	return n.waitAgents(ctx, ids, func(r *registration) bool { return !r.lastBeat.IsZero() })
 }
 
-// waitAgents waits until each of names (a registered name or an agent id) has a
-// registration that is done, or ctx ends; it returns those that have none.
-func (n *Node) waitAgents(ctx context.Context, names []string, done func(*registration) bool) []string {
+// waitAgents waits until each of ids has a registration that is done, or ctx ends; it
+// returns those that have none. Only the registration under the id itself counts, and
+// only one authorize took for the local nexlet nexd announced under it (its owner,
+// local:<name>: signed with the key of that nexlet's start, or on its channel), never
+// one by a registered name: a registered name is the nexlet's to choose, and a rogue
+// one (a remote nexlet listed under that string, or another local nexlet) registering
+// under a local nexlet's agent id as its name made READY come before that nexlet
+// registered, and left it out of STATUS's "not registered".
+func (n *Node) waitAgents(ctx context.Context, ids []string, done func(*registration) bool) []string {
 	for {
 		n.mu.Lock()
-		have := map[string]bool{}
-		for _, r := range n.agents {
-			if done(r) {
-				have[r.id] = true
-				if r.req.Name != "" {
-					have[r.req.Name] = true
-				}
-			}
-		}
 		var missing []string
-		for _, name := range names {
-			if !have[name] {
-				missing = append(missing, name)
+		for _, id := range ids {
+			r, ok := n.agents[id]
+			name, expected := n.expected[id]
+			if !ok || !expected || r.owner != "local:"+name || !done(r) {
+				missing = append(missing, id)
 			}
 		}
 		ch := n.changed
