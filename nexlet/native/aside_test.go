@@ -46,7 +46,7 @@ func TestSweepAsideRemovesKilledNexletsLeftovers(t *testing.T) {
 	}
 
 	// This nexlet runs: its aside directory stays for its own removal.
-	if _, err := sweepAside([]string{"/tmp"}); err != nil {
+	if _, err := sweepAside([]string{"/tmp"}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(aside, filepath.Base(tree), "left")); err != nil {
@@ -83,7 +83,7 @@ func TestSweepAsideRemovesKilledNexletsLeftovers(t *testing.T) {
 	}
 	defer os.Remove(link)
 
-	n, err := sweepAside([]string{"/tmp"})
+	n, err := sweepAside([]string{"/tmp"}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

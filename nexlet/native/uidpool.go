@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -117,12 +118,21 @@ func (p *uidPool) run(begin <-chan struct{}) {
 	} else if leases+locks > 0 {
 		p.log.Info("removed what nexlets that are gone left of their dynamic uids", "leases", leases, "lock_files", locks)
 	}
-	// Leftover trees a killed nexlet's release had moved aside and not removed yet.
-	if n, err := sweepAside(leftoverDirs()); err != nil {
-		p.log.Warn("leftovers of nexlets that are gone not all removed", "removed", n, "err", err)
-	} else if n > 0 {
-		p.log.Info("removed leftovers of nexlets that are gone", "dirs", n)
-	}
+	// Leftover trees a killed nexlet's release had moved aside and not removed yet:
+	// beside the refills, not before them (a tree of any size may be left), and until
+	// the stop at most (waited for before done closes).
+	var sweep sync.WaitGroup
+	defer sweep.Wait()
+	sweep.Go(func() {
+		switch n, err := sweepAside(leftoverDirs(), p.stop, p.u.sweepingAside); {
+		case errors.Is(err, errSweepStopped):
+			p.log.Info("removal of leftovers of nexlets that are gone stopped; the next start goes on with it", "dirs", n)
+		case err != nil:
+			p.log.Warn("leftovers of nexlets that are gone not all removed", "removed", n, "err", err)
+		case n > 0:
+			p.log.Info("removed leftovers of nexlets that are gone", "dirs", n)
+		}
+	})
 	if p.shared && p.wdir != "" {
 		if n := sweepWorkloadDirs(filepath.Dir(p.wdir), p.wdir, p.u); n > 0 {
 			p.log.Info("removed workloads directories that nexlets that are gone left", "base", filepath.Dir(p.wdir), "dirs", n)

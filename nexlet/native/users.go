@@ -128,6 +128,10 @@ type users struct {
 	// aside (by a release, a stale lease's reuse, the sweep), just before its removal.
 	removingTree func(path string)
 
+	// sweepingAside, when set (tests), is called before each entry the pool's sweep of
+	// leftovers of gone nexlets removes (sweepAside).
+	sweepingAside func()
+
 	// log takes what goes wrong off the callers' path (removeAside); nil: nowhere.
 	log *slog.Logger
 }
