@@ -29,7 +29,33 @@ type quietGate struct {
 
 	quiet, max time.Duration
 	backlog    int
+	clock      gateClock
 }
+
+// gateClock is the gate's time: the real clock (realClock), or a test's, which moves
+// only when the test says (a window's wait checked against the real clock depended on
+// how punctually a loaded machine let the test touch).
+type gateClock interface {
+	Now() time.Time
+	NewTimer(d time.Duration) gateTimer
+}
+
+// gateTimer is a *time.Timer as a gateClock makes it.
+type gateTimer interface {
+	C() <-chan time.Time
+	Reset(d time.Duration) bool
+	Stop() bool
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+
+func (realClock) NewTimer(d time.Duration) gateTimer { return realTimer{time.NewTimer(d)} }
+
+type realTimer struct{ *time.Timer }
+
+func (t realTimer) C() <-chan time.Time { return t.Timer.C }
 
 // The window covers a start's workload's first line (the announcement after the reply
 // is 0.6-0.9 ms p50 in compare) and the time from a stop's reply to the next deploy's
@@ -42,12 +68,17 @@ const (
 )
 
 func newQuietGate(quiet, max time.Duration, backlog int) *quietGate {
-	return &quietGate{quiet: quiet, max: max, backlog: backlog, hurried: make(chan struct{})}
+	return newQuietGateClock(quiet, max, backlog, realClock{})
+}
+
+// newQuietGateClock is newQuietGate on clock.
+func newQuietGateClock(quiet, max time.Duration, backlog int, clock gateClock) *quietGate {
+	return &quietGate{quiet: quiet, max: max, backlog: backlog, hurried: make(chan struct{}), clock: clock}
 }
 
 // touch says a start or a stop arrived or ended: the quiet window begins again.
 func (q *quietGate) touch() {
-	now := time.Now()
+	now := q.clock.Now()
 	q.mu.Lock()
 	if now.After(q.last) {
 		q.last = now
@@ -65,7 +96,7 @@ func (q *quietGate) wait(since time.Time) {
 		q.waiting--
 		q.mu.Unlock()
 	}()
-	var t *time.Timer
+	var t gateTimer
 	defer func() {
 		if t != nil {
 			t.Stop()
@@ -76,19 +107,19 @@ func (q *quietGate) wait(since time.Time) {
 		if end := since.Add(q.max); end.Before(due) {
 			due = end
 		}
-		d := time.Until(due)
+		d := due.Sub(q.clock.Now())
 		if d <= 0 {
 			return
 		}
 		hurried := q.hurried
 		q.mu.Unlock()
 		if t == nil {
-			t = time.NewTimer(d)
+			t = q.clock.NewTimer(d)
 		} else {
 			t.Reset(d)
 		}
 		select {
-		case <-t.C:
+		case <-t.C():
 		case <-hurried:
 			q.mu.Lock()
 			return
@@ -100,7 +131,7 @@ func (q *quietGate) wait(since time.Time) {
 // hurry ends the waits of the tidies queued until now, under way or about to begin: a
 // start needs what they hold.
 func (q *quietGate) hurry() {
-	now := time.Now()
+	now := q.clock.Now()
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if !now.After(q.hurryAt) {

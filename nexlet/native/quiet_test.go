@@ -31,54 +31,34 @@ func waitAsync(t *testing.T, q *quietGate, since time.Time) <-chan struct{} {
 // stopped.
 func TestQuietGate(t *testing.T) {
 	t.Run("quiet window", func(t *testing.T) {
-		// Touches 25 ms apart never leave the gate quiet for 60 ms, unless a loaded
-		// machine delays the test between two of them: then the wait may rightly end,
-		// and the attempt (which proved nothing) is made again. Each touch's time is
-		// bounded by clock readings before and after it, so a wait that ended though no
-		// two touches could have been 60 ms apart ended early.
-		const window = 60 * time.Millisecond
-		for attempt := 1; ; attempt++ {
-			q := newQuietGate(window, time.Hour, 64)
-			last := time.Now() // before the latest touch
+		// On the test's clock, which moves only when the test says: touches 25 ms apart
+		// for 300 ms, then none. With the real clock a loaded machine could delay the
+		// test past the window between two touches (the gate then rightly ended its
+		// wait) in each of its 20 attempts (load ~20); the wait must not end while
+		// touches keep coming, nor 1 ns before the window after the last, and must end
+		// at it.
+		const window, step = 60 * time.Millisecond, 25 * time.Millisecond
+		clk := newTestClock()
+		q := newQuietGateClock(window, time.Hour, 64, clk)
+		q.touch()
+		done := waitAsync(t, q, clk.Now())
+		if clk.settle(t, done) {
+			t.Fatal("the wait ended at once after a touch")
+		}
+		for i := 1; i <= 12; i++ {
+			clk.advance(step)
+			if clk.settle(t, done) {
+				t.Fatalf("the wait ended %v after the first touch, while touches kept coming %v apart", time.Duration(i)*step, step)
+			}
 			q.touch()
-			done := waitAsync(t, q, time.Now())
-			var gap time.Duration // the longest two touches may have been apart
-			ended := false
-			for range 12 { // for 300 ms
-				select {
-				case <-done:
-					ended = true
-				case <-time.After(25 * time.Millisecond):
-				}
-				if ended {
-					break
-				}
-				before := time.Now()
-				q.touch()
-				gap, last = max(gap, time.Since(last)), before
-			}
-			if !ended {
-				select {
-				case <-done:
-				case <-time.After(waitLong):
-					t.Fatal("the wait did not end once quiet")
-				}
-			}
-			quiet := time.Since(last) // at least since the latest touch
-			if ended {
-				gap = max(gap, quiet)
-			}
-			switch {
-			case gap < window && ended:
-				t.Fatalf("the wait ended %v after the last touch, while touches kept coming (at most %v apart)", quiet, gap)
-			case gap < window && quiet < window:
-				t.Fatalf("the wait ended %v after the last touch, before the window", quiet)
-			case gap < window:
-				return
-			case attempt == 20:
-				t.Fatalf("20 attempts: each time the test was delayed past the window between two touches (%v)", gap)
-			}
-			t.Logf("attempt %d: the test was delayed past the window between two touches (%v); again", attempt, gap)
+		}
+		clk.advance(window - time.Nanosecond)
+		if clk.settle(t, done) {
+			t.Fatalf("the wait ended %v after the last touch, before the window", window-time.Nanosecond)
+		}
+		clk.advance(time.Nanosecond)
+		if !clk.settle(t, done) {
+			t.Fatal("the wait did not end once the window after the last touch passed")
 		}
 	})
 	t.Run("cap", func(t *testing.T) {
@@ -144,6 +124,101 @@ func TestQuietGate(t *testing.T) {
 		<-later
 		q.wait(time.Now()) // no more waits
 	})
+}
+
+// testClock is a gateClock that moves only by advance; its timers fire then.
+type testClock struct {
+	mu     sync.Mutex
+	now    time.Time
+	timers []*testTimer
+}
+
+type testTimer struct {
+	clk    *testClock
+	c      chan time.Time
+	when   time.Time
+	active bool
+}
+
+func newTestClock() *testClock { return &testClock{now: time.Unix(1e9, 0)} }
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *testClock) NewTimer(d time.Duration) gateTimer {
+	t := &testTimer{clk: c, c: make(chan time.Time, 1)}
+	c.mu.Lock()
+	c.timers = append(c.timers, t)
+	c.mu.Unlock()
+	t.Reset(d)
+	return t
+}
+
+func (t *testTimer) C() <-chan time.Time { return t.c }
+
+func (t *testTimer) Reset(d time.Duration) bool {
+	t.clk.mu.Lock()
+	defer t.clk.mu.Unlock()
+	was := t.active
+	t.when, t.active = t.clk.now.Add(d), true
+	t.clk.fireLocked()
+	return was
+}
+
+func (t *testTimer) Stop() bool {
+	t.clk.mu.Lock()
+	defer t.clk.mu.Unlock()
+	was := t.active
+	t.active = false
+	return was
+}
+
+// advance moves the clock by d and fires the timers due.
+func (c *testClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+	c.fireLocked()
+}
+
+func (c *testClock) fireLocked() {
+	for _, t := range c.timers {
+		if t.active && !t.when.After(c.now) {
+			t.active = false
+			select {
+			case t.c <- c.now:
+			default:
+			}
+		}
+	}
+}
+
+// settle waits until the gate's wait has done what the clock's time asks of it:
+// ended (true), or waits on a timer not yet due (false). A timer that fired is
+// inactive until the wait has looked at the time again and set it anew, or returned.
+func (c *testClock) settle(t *testing.T, done <-chan struct{}) (ended bool) {
+	t.Helper()
+	for deadline := time.Now().Add(waitLong); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		select {
+		case <-done:
+			return true
+		default:
+		}
+		c.mu.Lock()
+		armed := false
+		for _, t := range c.timers {
+			armed = armed || t.active
+		}
+		c.mu.Unlock()
+		if armed {
+			return false
+		}
+	}
+	t.Fatal("the gate's wait neither ended nor waited on a timer within waitLong")
+	return false
 }
 
 // quietNexlet runs a native nexlet whose stop tidies wait by q.
