@@ -153,6 +153,16 @@ func (g *pgroup) close() {
 	}
 }
 
+// letGo lets go of a sandbox made only to be looked at or to set limits again, not a
+// workload's own: a process group's (an adopted workload's, found from its pid record)
+// holds its leader's pidfd (procid.NewPgrp), which stayed open until a garbage
+// collection, never with GOGC=off (TestReplayOfHeldWorkloadHoldsNoPidfd).
+func letGo(sb sandbox) {
+	if g, ok := sb.(*pgroup); ok {
+		g.close()
+	}
+}
+
 // exiting lists the group's members (one walk of /proc) while the exited leader's
 // zombie still holds its number.
 func (g *pgroup) exiting() {

@@ -368,6 +368,7 @@ func (n *Nexlet) limitAgain(w *workload) {
 	sb, err := n.iso.sandbox(w.id, n.limitsOf(w))
 	if err == nil {
 		err = sb.readopt()
+		letGo(sb) // the workload's own is w.sb
 	}
 	if err != nil {
 		n.log.Warn("held workload: limits not applied again", "workload_id", w.id, "err", err)
@@ -460,6 +461,7 @@ func (n *Nexlet) replayFailed(id string, req *protocol.AgentStartWorkloadRequest
 		if procs, _ := sb.procs(); len(procs) > 0 {
 			reason += fmt.Sprintf(" (its processes %v still run, unmanaged)", procs)
 		}
+		letGo(sb)
 	}
 	code := -1
 	now := time.Now().UTC()
@@ -1031,6 +1033,7 @@ func (n *Nexlet) forgetLeftover(id string) {
 		n.log.Warn("unreplayed workload: sandbox", "workload_id", id, "err", err)
 		return
 	}
+	defer letGo(sb) // left running, or tidied below
 	if procs, _ := sb.procs(); len(procs) > 0 {
 		n.log.Warn("a workload the node did not replay is still running; leaving it alone", "workload_id", id, "pids", procs)
 		return

@@ -171,6 +171,7 @@ func (n *Nexlet) finishResumedStop(m stopMark) {
 		n.log.Warn("resumed stop: sandbox; its record stays for the next nexlet", "workload_id", m.id, "err", err)
 		return
 	}
+	defer letGo(sb) // tidied below, or detached
 	dir := filepath.Join(n.wdir, m.id)
 	prev, _ := readIdent(dir)
 	w := &workload{id: m.id, sb: sb, dir: dir, ident: prev}
