@@ -3,6 +3,7 @@ package e2e
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -38,14 +39,14 @@ func TestWorkloadLeaderExitsLeavingDaemon(t *testing.T) {
 		const want = 3
 		most := 0
 		testkit.EventuallyWithin(t, 60*time.Second, lc+": every run made and ended", func() bool {
-			most = max(most, len(markerPIDs(c.marker)))
+			most = max(most, daemonsAtOnce(c.marker))
 			b, _ := os.ReadFile(daemons)
 			return c.runs() == want && strings.Count(string(b), "daemon\n") == want && len(markerPIDs(c.marker)) == 0
 		})
 		ev := endedOnce(t, stopped, c.id)
-		t.Logf("%s: %d runs, 3 daemons started, at most %d processes at once, ended %s %s", lc, c.runs(), most, ev.Metadata["exit_code"], ev.Metadata["reason"])
-		if most > 2 { // a daemon and, for a moment, its sleep
-			t.Errorf("%s: %d processes of its runs at once, want a daemon at a time", lc, most)
+		t.Logf("%s: %d runs, 3 daemons started, at most %d daemons at once, ended %s %s", lc, c.runs(), most, ev.Metadata["exit_code"], ev.Metadata["reason"])
+		if most > 1 {
+			t.Errorf("%s: %d daemons of its runs at once, want a daemon at a time", lc, most)
 		}
 		time.Sleep(time.Second)
 		if r, left := c.runs(), markerPIDs(c.marker); r != want || len(left) != 0 {
@@ -55,4 +56,27 @@ func TestWorkloadLeaderExitsLeavingDaemon(t *testing.T) {
 			t.Errorf("%s listed as %s after its budget was spent, want error", lc, w.State)
 		}
 	}
+}
+
+// daemonsAtOnce counts the daemons of the test's runs running now: the sessions of the
+// marker's processes that run the daemon's script. A daemon's forks (the moment before its
+// sleep's exec) share its session, and a run's main process and its forks (its $(...)
+// polls) run another script, so neither counts as a second daemon, as a count of the
+// marker's processes did (up to 3 within one run, and the test failed 1 of 4 on
+// 9e3e27d and on the CI of af01856).
+func daemonsAtOnce(marker string) int {
+	sessions := map[string]bool{}
+	for _, pid := range markerPIDs(marker) {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if args := strings.Split(string(b), "\x00"); len(args) < 3 || !strings.HasPrefix(args[2], "echo daemon") {
+			continue
+		}
+		if sid := procStatus(pid, "NSsid"); sid != "" {
+			sessions[sid] = true
+		}
+	}
+	return len(sessions)
 }
