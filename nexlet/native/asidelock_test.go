@@ -195,14 +195,7 @@ func checkAside(t *testing.T, us *users, uid uint32, tree, path string) {
 // old holder's secret neither where it was nor where it went.
 func TestStaleLeaseRemovesTreesAfterTheLock(t *testing.T) {
 	needRoot(t)
-	uid := testkit.UIDs(t, 1)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := writeLease(us.leasePath(uid), filepath.Join(t.TempDir(), "gone")); err != nil {
-		t.Fatal(err)
-	}
+	us, uid := staleLeaseUsers(t)
 	tree, _ := leftoverTreeOf(t, uid, 2000)
 	owner := t.TempDir()
 	h := holdOpens(t, tree, func(path string) {

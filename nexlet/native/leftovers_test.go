@@ -62,14 +62,7 @@ func TestAttackLeftoversOfAReusedUID(t *testing.T) {
 // was there for the next one to read; now taking over such a lease removes them first.
 func TestAttackLeftoversOfAStaleLease(t *testing.T) {
 	needRoot(t)
-	uid := testkit.UIDs(t, 1)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := writeLease(us.leasePath(uid), filepath.Join(t.TempDir(), "gone")); err != nil {
-		t.Fatal(err)
-	}
+	us, uid := staleLeaseUsers(t)
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
 	left := filepath.Join("/tmp", "nexd-stale-"+hex.EncodeToString(b))
@@ -99,4 +92,19 @@ func BenchmarkRemoveLeftovers(b *testing.B) {
 			b.Fatal(failed)
 		}
 	}
+}
+
+// staleLeaseUsers is a pool of one test uid whose lease outlived its holder: it names a
+// workload directory that is gone.
+func staleLeaseUsers(t *testing.T) (*users, uint32) {
+	t.Helper()
+	uid := testkit.UIDs(t, 1)
+	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeLease(us.leasePath(uid), filepath.Join(t.TempDir(), "gone")); err != nil {
+		t.Fatal(err)
+	}
+	return us, uid
 }
