@@ -14,7 +14,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -251,25 +250,6 @@ func TestV1ForkPoolPrivateFilesStress(t *testing.T) {
 	}
 }
 
-// denySyscall installs a seccomp filter on the calling thread (and what it forks) that
-// fails system call nr with errno: a kernel without the call (ENOSYS) or a
-// service manager's or container's filter that forbids it (EPERM).
-func denySyscall(nr uintptr, errno unix.Errno) error {
-	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return err
-	}
-	prog := []unix.SockFilter{
-		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 4}, // arch
-		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.AUDIT_ARCH_X86_64, Jt: 0, Jf: 3},
-		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 0}, // nr
-		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: uint32(nr), Jt: 0, Jf: 1},
-		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ERRNO | uint32(errno)},
-		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW},
-	}
-	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
-	return unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&fprog)), 0, 0)
-}
-
 // TestV1ForkPoolWithoutPidfdGetfd: where pidfd_getfd is missing (kernels before 5.6)
 // or forbidden (a seccomp filter: Docker's default allows it only with
 // CAP_SYS_PTRACE), or close_range is (kernels before 5.9), a thread that forks into a
@@ -295,7 +275,7 @@ func startWithout(t *testing.T, size int, name string, nr uintptr, errno unix.Er
 	m := v1Root(t)
 	var logged testkit.Buffer
 	m.log = slog.New(slog.NewTextHandler(&logged, nil))
-	m.SetThreadSetup(func() error { return denySyscall(nr, errno) })
+	m.SetThreadSetup(func() error { return testkit.DenySyscall(nr, errno) })
 	p := m.NewForkPool(size)
 	defer p.Close()
 	// Three starts; every forking thread asks for a table of its own.

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -158,23 +157,8 @@ func TestPgrpKillByNumberLoggedOnce(t *testing.T) {
 	go func() {
 		defer close(errs)
 		runtime.LockOSThread() // never unlocked: the filtered thread ends with the goroutine
-		// pidfd_send_signal with a flag: EINVAL, as before 6.9.
-		prog := []unix.SockFilter{
-			{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 4}, // arch
-			{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.AUDIT_ARCH_X86_64, Jt: 0, Jf: 5},
-			{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 0}, // nr
-			{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.SYS_PIDFD_SEND_SIGNAL, Jt: 0, Jf: 3},
-			{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 16 + 3*8}, // flags
-			{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jt: 1, Jf: 0},
-			{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ERRNO | uint32(unix.EINVAL)},
-			{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW},
-		}
-		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-			errs <- err
-			return
-		}
-		fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
-		if err := unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&fprog)), 0, 0); err != nil {
+		// pidfd_send_signal with a flag (args[3]): EINVAL, as before 6.9.
+		if err := testkit.DenySyscall(unix.SYS_PIDFD_SEND_SIGNAL, unix.EINVAL, 3); err != nil {
 			errs <- err
 			return
 		}

@@ -8,7 +8,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -170,27 +169,6 @@ func TestPgrpReachesUnlistedLeftoversOfReapedLeader(t *testing.T) {
 	t.Logf("by number: members %v, kill sent %v, child killed %v", ps, sent, !running(left))
 }
 
-// refuseGroupFlag installs a seccomp filter on the calling thread (and what it forks)
-// that fails pidfd_send_signal with a flag with EINVAL, as a kernel before 6.9 does
-// (flags must be 0 there).
-func refuseGroupFlag() error {
-	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return err
-	}
-	prog := []unix.SockFilter{
-		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 4}, // arch
-		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.AUDIT_ARCH_X86_64, Jt: 0, Jf: 5},
-		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 0}, // nr
-		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: unix.SYS_PIDFD_SEND_SIGNAL, Jt: 0, Jf: 3},
-		{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 16 + 3*8}, // flags (args[3], low word)
-		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jt: 1, Jf: 0},
-		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ERRNO | uint32(unix.EINVAL)},
-		{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW},
-	}
-	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
-	return unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&fprog)), 0, 0)
-}
-
 // TestPgrpByNumberWhereFlagRefused: where the kernel refuses PIDFD_SIGNAL_PROCESS_GROUP
 // (before Linux 6.9: EINVAL, played by a seccomp filter on the test's thread), the
 // probe says so, and a group falls back to its number at its first signal, ByNumber
@@ -208,7 +186,8 @@ func TestPgrpByNumberWhereFlagRefused(t *testing.T) {
 	go func() {
 		defer close(done)
 		runtime.LockOSThread() // never unlocked: the filtered thread ends with the goroutine
-		if err := refuseGroupFlag(); err != nil {
+		// pidfd_send_signal with a flag (args[3]): EINVAL, as before 6.9.
+		if err := testkit.DenySyscall(unix.SYS_PIDFD_SEND_SIGNAL, unix.EINVAL, 3); err != nil {
 			t.Errorf("seccomp: %v", err)
 			return
 		}
