@@ -16,7 +16,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nuid"
+	"golang.org/x/sys/unix"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -26,7 +28,9 @@ import (
 // the request, start the process, reply, forward its output to the log feed) and
 // nothing else: no identity or signature, no uid, cgroup or limits, no record, no
 // nexlet. Its figures are what no node can beat on this machine with this client,
-// which says how far below a target lies.
+// which says how far below a target lies. Like nexd, it knows each process it started
+// by its pid and start time (procid), so that a stop never signals a number an ended
+// workload left to another process.
 const floorNodeCmd = "floor-node"
 
 // floorBidder is the floor node's bidder id.
@@ -51,7 +55,8 @@ type floorNode struct {
 }
 
 type floorProc struct {
-	pid    int
+	id     procid.ID     // its process, read before its reap
+	group  *procid.Pgrp  // its process group, through the leader's pidfd (end)
 	reaped chan struct{} // nil with hop (the starter reaps)
 	read   chan struct{} // closed when the output reader has ended
 }
@@ -187,9 +192,9 @@ func (f *floorNode) deploy(m *nats.Msg) {
 	}
 	p := &floorProc{read: make(chan struct{})}
 	if f.hop != nil {
-		p.pid, err = f.hop.start(path, rr.Argv, pw)
+		p.id, err = f.hop.start(path, rr.Argv, pw)
 	} else {
-		p.pid, p.reaped, err = f.st.start(path, rr.Argv, pw)
+		p.id, p.reaped, err = f.st.start(path, rr.Argv, pw)
 	}
 	pw.Close()
 	if err != nil {
@@ -197,6 +202,10 @@ func (f *floorNode) deploy(m *nats.Msg) {
 		f.fail(m, err)
 		return
 	}
+	// Known by its leader's identity from now on: a leader reaped (with hop, by the
+	// starter) and its pid given to another process before this open leaves a group
+	// that has ended, which kills nothing.
+	p.group = procid.NewPgrp(p.id)
 	f.mu.Lock()
 	f.ws[id] = p
 	f.mu.Unlock()
@@ -227,21 +236,50 @@ func (f *floorNode) undeploy(m *nats.Msg) {
 	f.respond(m, protocol.StopWorkloadResponse{ID: id, Stopped: true, Message: "stopped", WorkloadType: "native"})
 }
 
-// end terminates the process group and waits for the process and its reader.
-// (With hop the starter reaps it: the end of its output says it is gone.)
+// end stops the workload as nexd does and waits for its process and its reader: a
+// SIGTERM to its process by its identity (procid.Signal), then, once it ended or after
+// 5 s, a SIGKILL to its process group through the leader's pidfd (procid.Pgrp), which
+// ends what it left there. Never by the bare numbers: a workload that ended by itself
+// left its pid and its group's number free, and a kill(-pid) then hit whatever group
+// had it (TestFloorStopSparesRecycledNumber). (With hop the starter reaps it: a pidfd
+// says it exited, see exited.)
 func (p *floorProc) end() {
-	_ = syscall.Kill(-p.pid, syscall.SIGTERM)
+	defer p.group.Close()
 	done := p.reaped
 	if done == nil {
-		done = p.read
+		done = exited(p.id, p.read)
 	}
+	_ = procid.Signal(p.id, unix.SIGTERM)
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
-		_ = syscall.Kill(-p.pid, syscall.SIGKILL)
-		<-done
 	}
+	_, _ = p.group.Kill()
+	<-done
 	<-p.read
+}
+
+// exited is closed once id's process has exited (its zombie too): with hop the
+// starter, not the floor node, is its parent and reaps it, and a pidfd tells the floor
+// node its end, so that what it left in its group (which may hold its output open) is
+// killed then, not after the 5 s. Where no pidfd watches it (none to be had), the end
+// of its output (read) stands in, as before. The watch ends with the process.
+func exited(id procid.ID, read chan struct{}) chan struct{} {
+	ch := make(chan struct{})
+	f, err := procid.OpenPidfd(id)
+	if err != nil {
+		if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) {
+			return read
+		}
+		close(ch) // gone: ended, its zombie too
+		return ch
+	}
+	go func() {
+		defer close(ch)
+		defer f.Close()
+		_ = procid.WaitPidfd(f)
+	}()
+	return ch
 }
 
 // stopAll ends every process: those of the deploys under way too, and no deploy

@@ -20,6 +20,7 @@ import (
 
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/cgroup"
+	"github.com/nexd-project/nexd/internal/procid"
 )
 
 // floorVariantEnv adds parts of nexd's deploy path to the floor, one by one, to find
@@ -104,8 +105,10 @@ func newFloorStarter(v floorVariant, floorPid int) (*floorStarter, error) {
 }
 
 // start starts path with argv, its stdout on out, and reaps it (removing its group)
-// once it ends; done is closed then.
-func (s *floorStarter) start(path string, argv []string, out *os.File) (pid int, done chan struct{}, err error) {
+// once it ends; done is closed then. id is its process's identity, read before the
+// reap: what the floor node knows its process group by (procid.Pgrp), never its number
+// alone.
+func (s *floorStarter) start(path string, argv []string, out *os.File) (id procid.ID, done chan struct{}, err error) {
 	n := s.seq.Add(1)
 	cmd := exec.Command(path, argv...)
 	cmd.Stdout = out
@@ -117,17 +120,27 @@ func (s *floorStarter) start(path string, argv []string, out *os.File) (pid int,
 	var g *cgroup.Group
 	if s.pool != nil {
 		if g, err = s.pool.Create(fmt.Sprintf("w%d", n), cgroup.Limits{}); err != nil {
-			return 0, nil, err
+			return procid.ID{}, nil, err
 		}
 		err = g.Start(cmd)
 	} else {
 		err = cmd.Start()
 	}
+	if err == nil {
+		// Our child, not reaped before the reaper below: its pid and start time
+		// name it. Unnamed, its group could not be told from a stranger's later,
+		// nor stopped: it does not run (as the native nexlet's pgroup.start).
+		if id, err = procid.Of(cmd.Process.Pid); err != nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			err = fmt.Errorf("process group of pid %d: %w", cmd.Process.Pid, err)
+		}
+	}
 	if err != nil {
 		if g != nil {
 			_ = g.Remove()
 		}
-		return 0, nil, err
+		return procid.ID{}, nil, err
 	}
 	done = make(chan struct{})
 	s.wg.Add(1)
@@ -139,7 +152,7 @@ func (s *floorStarter) start(path string, argv []string, out *os.File) (pid int,
 			_ = g.Remove()
 		}
 	}()
-	return cmd.Process.Pid, done, nil
+	return id, done, nil
 }
 
 // close waits for the reapers (the processes are ended by then) and removes the groups.
@@ -164,8 +177,9 @@ type floorHopReq struct {
 }
 
 type floorHopResp struct {
-	PID int    `json:"pid"`
-	Err string `json:"err,omitempty"`
+	PID   int    `json:"pid"`
+	Start uint64 `json:"start"` // its start time, read before the starter's reap
+	Err   string `json:"err,omitempty"`
 }
 
 func startFloorHop() (*floorHop, error) {
@@ -198,27 +212,28 @@ func startFloorHop() (*floorHop, error) {
 	return &floorHop{conn: c.(*net.UnixConn), cmd: cmd}, nil
 }
 
-// start asks the starter to start path with out as its stdout.
-func (h *floorHop) start(path string, argv []string, out *os.File) (int, error) {
+// start asks the starter to start path with out as its stdout; it returns the
+// process's identity, which the starter read before it could reap it.
+func (h *floorHop) start(path string, argv []string, out *os.File) (procid.ID, error) {
 	b, _ := json.Marshal(floorHopReq{Path: path, Argv: argv})
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if _, _, err := h.conn.WriteMsgUnix(b, unix.UnixRights(int(out.Fd())), nil); err != nil {
-		return 0, fmt.Errorf("hop: %w", err)
+		return procid.ID{}, fmt.Errorf("hop: %w", err)
 	}
 	buf := make([]byte, 4096)
 	k, err := h.conn.Read(buf)
 	if err != nil {
-		return 0, fmt.Errorf("hop: %w", err)
+		return procid.ID{}, fmt.Errorf("hop: %w", err)
 	}
 	var r floorHopResp
 	if err := json.Unmarshal(buf[:k], &r); err != nil {
-		return 0, fmt.Errorf("hop: %w", err)
+		return procid.ID{}, fmt.Errorf("hop: %w", err)
 	}
 	if r.Err != "" {
-		return 0, errors.New(r.Err)
+		return procid.ID{}, errors.New(r.Err)
 	}
-	return r.PID, nil
+	return procid.ID{PID: r.PID, Start: r.Start}, nil
 }
 
 // close ends the starter: it reaps what it started first (the floor node ended them).
@@ -279,11 +294,11 @@ func runFloorStarter(args []string, stderr io.Writer) int {
 			if err := json.Unmarshal(buf[:k], &req); err != nil {
 				return floorHopResp{Err: err.Error()}
 			}
-			pid, _, err := s.start(req.Path, req.Argv, out)
+			id, _, err := s.start(req.Path, req.Argv, out)
 			if err != nil {
 				return floorHopResp{Err: err.Error()}
 			}
-			return floorHopResp{PID: pid}
+			return floorHopResp{PID: id.PID, Start: id.Start}
 		}()
 		b, _ := json.Marshal(resp)
 		if _, err := conn.Write(b); err != nil {

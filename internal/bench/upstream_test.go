@@ -31,6 +31,22 @@ func runs(pid int) bool {
 	return err == nil && st.State != 'Z' && st.State != 'X'
 }
 
+// killedOf counts the processes of pids that have exited (a zombie has), waiting a
+// second at most for all of them: a SIGKILL takes a moment to land.
+func killedOf(pids ...int) int {
+	n := 0
+	testkit.WaitFor(time.Second, func() bool {
+		n = 0
+		for _, p := range pids {
+			if !runs(p) {
+				n++
+			}
+		}
+		return n == len(pids)
+	})
+	return n
+}
+
 // TestUpstreamStopSparesRecycledNumbers: the upstream node ended by itself and was
 // reaped before its stop; its pid, and with it its process group's number, went to a
 // stranger's group leader with a child. stop killed by the numbers: kill(-pid) took
@@ -51,17 +67,7 @@ func TestUpstreamStopSparesRecycledNumbers(t *testing.T) {
 	if err := u.stop(time.Second); err != nil {
 		t.Fatal(err)
 	}
-	killed := 0
-	testkit.WaitFor(time.Second, func() bool {
-		killed = 0
-		for _, p := range []int{n, child} {
-			if !runs(p) {
-				killed++
-			}
-		}
-		return killed == 2
-	})
-	if killed != 0 {
+	if killed := killedOf(n, child); killed != 0 {
 		t.Fatalf("the stop of the ended upstream node killed %d of 2 processes of a stranger's group given its pid %d", killed, n)
 	}
 }
