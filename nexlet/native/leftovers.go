@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -22,7 +23,8 @@ import (
 // (by owner or creator), and the entries they own in the shared directories where a
 // workload leaves files that outlive it: POSIX shared memory and message queues (what
 // systemd's RemoveIPC= cleans for a DynamicUser=), /tmp and /var/tmp (the unit's
-// TemporaryFileSystem= gives them to all of its workloads together), so that the next
+// TemporaryFileSystem= gives them to all of its workloads together) and /run/lock
+// (leftoverDirs), so that the next
 // workload given one of these uids, another tenant's maybe, cannot read them as their
 // owner. It returns the uids whose leftovers could not all be removed (they must stay
 // leased), each with its error.
@@ -135,8 +137,20 @@ func (t *leftoverTrees) move(dir, name string, uid uint32) bool {
 	return true
 }
 
-// leftoverDirs are the shared directories a workload's leftovers are looked for in.
-func leftoverDirs() []string { return []string{"/dev/shm", "/dev/mqueue", "/tmp", "/var/tmp"} }
+// leftoverDirs are the shared directories a workload's leftovers are looked for in,
+// each once by its real path: /run/lock is every user's (1777) on Debian and Ubuntu,
+// and stays writable under nexd.service as /run does, with /var/lock a link to it
+// (before, what a workload left there was read by the next holder of its uid:
+// TestAttackLeftoversOfAReusedUID). Absent ones are left out.
+func leftoverDirs() []string {
+	dirs := make([]string, 0, 6)
+	for _, d := range [...]string{"/dev/shm", "/dev/mqueue", "/tmp", "/var/tmp", "/run/lock", "/var/lock"} {
+		if r, err := filepath.EvalSymlinks(d); err == nil && !slices.Contains(dirs, r) {
+			dirs = append(dirs, r)
+		}
+	}
+	return dirs
+}
 
 // asideName begins the name of every directory of root's that leftover trees are moved
 // into; asidePrefix adds the nexlet's pid and start time, so that a later nexlet can

@@ -29,7 +29,7 @@ func TestAttackLeftoversOfAReusedUID(t *testing.T) {
 	_, _ = rand.Read(b)
 	tag, secret := hex.EncodeToString(b[:4]), "secret-"+hex.EncodeToString(b[4:])
 	t.Cleanup(func() {
-		for _, d := range []string{"/dev/shm", "/tmp", "/var/tmp"} {
+		for _, d := range []string{"/dev/shm", "/tmp", "/var/tmp", "/run/lock"} {
 			_ = os.Remove(filepath.Join(d, "nexd-left-"+tag))
 		}
 	})

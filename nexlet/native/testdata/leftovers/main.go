@@ -1,7 +1,8 @@
 // Command leftovers is a test workload that plays two tenants sharing a reused dynamic
 // uid. "plant <tag> <secret>" leaves the secret where a process's end does not remove
 // it: a System V shared memory segment and message queue, a POSIX shared memory file
-// (/dev/shm) and files in /tmp and /var/tmp. "steal <tag>" prints "uid <its uid>", reads whatever of those its
+// (/dev/shm) and files in /tmp, /var/tmp and /run/lock (every user's on Debian and
+// Ubuntu, 1777, and /run stays writable under nexd.service). "steal <tag>" prints "uid <its uid>", reads whatever of those its
 // uid can still reach and prints each as "stolen <where> <secret>", then "done".
 package main
 
@@ -22,7 +23,7 @@ func main() {
 		os.Exit(2)
 	}
 	tag := os.Args[2]
-	files := []string{"/dev/shm/nexd-left-" + tag, "/tmp/nexd-left-" + tag, "/var/tmp/nexd-left-" + tag}
+	files := []string{"/dev/shm/nexd-left-" + tag, "/tmp/nexd-left-" + tag, "/var/tmp/nexd-left-" + tag, "/run/lock/nexd-left-" + tag}
 	switch os.Args[1] {
 	case "plant":
 		secret := os.Args[3]
@@ -43,7 +44,7 @@ func main() {
 		}
 		for _, f := range files {
 			if err := os.WriteFile(f, []byte(secret), 0o600); err != nil {
-				fmt.Println("cannot plant", f, err) // /var/tmp may be absent or read-only
+				fmt.Println("cannot plant", f, err) // /var/tmp or /run/lock may be absent or read-only
 			}
 		}
 		fmt.Println("planted")
