@@ -255,7 +255,7 @@ func startZeroConfig(ctx context.Context, o Options, log *slog.Logger) (*Server,
 		if tempStore != "" {
 			os.RemoveAll(tempStore)
 		}
-		return nil, "", "", fmt.Errorf("%w (no NATS is configured, so nexd starts its own server; if one already runs here, point nexd at it with --nats.servers)", err)
+		return nil, "", "", portTakenError(err, port)
 	}
 	srv.tempStore = tempStore
 	srv.trust = trust
