@@ -24,6 +24,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/earlynexlet"
 	"github.com/nexd-project/nexd/internal/names"
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
@@ -177,6 +178,12 @@ func New(cfg Config) (*Nexlet, error) {
 	if cfg.RuntimeDir == "" || !filepath.IsAbs(cfg.RuntimeDir) {
 		return nil, fmt.Errorf("native nexlet: runtime dir %q must be an absolute path", cfg.RuntimeDir)
 	}
+	// Before any workload forks: what the nexlet's process inherited without
+	// close-on-exec reached every workload a fork outside the v1 fork pool's own
+	// tables started (TestAttackWorkloadGetsNoInheritedDescriptor). nexd marks its own
+	// so before it starts a nexlet; a nexlet started otherwise (by hand, by another
+	// supervisor, in a test binary) did not.
+	inheritErr := earlynexlet.CloseInheritedOnExec()
 	us, err := newUsers(cfg.Users, filepath.Join(filepath.Dir(filepath.Clean(cfg.RuntimeDir)), "dynamic-uid"))
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
@@ -201,6 +208,9 @@ func New(cfg Config) (*Nexlet, error) {
 		quiet: newQuietGate(quietWindow, quietMax, quietBacklog)}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
+	}
+	if inheritErr != nil {
+		n.log.Warn("descriptors the nexlet inherited may reach its workloads", "err", inheritErr)
 	}
 	if us.sdWarn != "" {
 		n.log.Warn(us.sdWarn)
