@@ -196,6 +196,9 @@ func (b *scopeSandbox) exiting() {
 }
 
 func (b *scopeSandbox) remove() error {
+	if b.pg != nil {
+		defer b.pg.close() // its leader's pidfd, whatever the kill did (pgroup.remove)
+	}
 	if err := b.kill(); err != nil {
 		return err
 	}

@@ -148,6 +148,9 @@ type Nexlet struct {
 	// now is the wall clock the workloads' credential renewals wait by (time.Now; tests
 	// step it as a host resumed from a pause sees it).
 	now func() time.Time
+	// killWait bounds a kill's wait for a workload's processes to be gone, and a stop's
+	// for its main process after that kill (killWaitDefault; tests shorten it).
+	killWait time.Duration
 
 	mu        sync.Mutex
 	workloads map[string]*workload
@@ -204,7 +207,7 @@ func New(cfg Config) (*Nexlet, error) {
 	n := &Nexlet{cfg: cfg, log: cfg.Logger, started: time.Now().UTC(), workloads: map[string]*workload{}, tidying: map[string]chan struct{}{},
 		keptTidying: map[string]bool{},
 		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
-		abandon:     make(chan struct{}), users: us, wdir: wdir, whold: whold, now: time.Now,
+		abandon:     make(chan struct{}), users: us, wdir: wdir, whold: whold, now: time.Now, killWait: killWaitDefault,
 		quiet: newQuietGate(quietWindow, quietMax, quietBacklog)}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)

@@ -1,13 +1,16 @@
 package native
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -61,5 +64,115 @@ func TestReplayOfHeldWorkloadHoldsNoPidfd(t *testing.T) {
 	}
 	if after := pidfdsOf(pid); after != before {
 		t.Errorf("%d replays of a held running workload: the nexlet holds %d pidfds of its process, %d before", replays, after, before)
+	}
+}
+
+// pidfds counts this process's pidfds, of any process (one whose process was reaped
+// names none: fdinfo's Pid is -1).
+func pidfds() int {
+	ents, _ := os.ReadDir("/proc/self/fd")
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && l == "anon_inode:[pidfd]" {
+			n++
+		}
+	}
+	return n
+}
+
+// freezeV1 freezes pid in a cgroup v1 freezer group of the test's own: a frozen
+// process takes no signal, SIGKILL included, until it is thawed (it waits in D state,
+// as one in an uninterruptible sleep on a hung mount does). It returns thaw, which
+// also runs when t ends and removes the group.
+func freezeV1(t *testing.T, pid int) (thaw func()) {
+	t.Helper()
+	root := "/sys/fs/cgroup/freezer"
+	if _, err := os.Stat(filepath.Join(root, "freezer.state")); err != nil {
+		if _, err := os.Stat(filepath.Join(root, "cgroup.procs")); err != nil {
+			t.Skip("no cgroup v1 freezer hierarchy at " + root)
+		}
+	}
+	dir := filepath.Join(root, fmt.Sprintf("nexd-test-%d-%d", os.Getpid(), pid))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Skipf("freezer group: %v", err)
+	}
+	state := filepath.Join(dir, "freezer.state")
+	thaw = func() {
+		_ = os.WriteFile(state, []byte("THAWED"), 0)
+		testkit.WaitFor(5*time.Second, func() bool { return os.Remove(dir) == nil || os.IsNotExist(os.Remove(dir)) })
+	}
+	t.Cleanup(thaw)
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(state, []byte("FROZEN"), 0); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the freezer group frozen", func() bool {
+		b, err := os.ReadFile(state)
+		return err == nil && strings.TrimSpace(string(b)) == "FROZEN"
+	})
+	return thaw
+}
+
+// TestStopPastKillDeadlineHoldsNoPidfd: a workload's main process exits at its stop's
+// SIGTERM, but a process it left in its group outlives the group's SIGKILL (frozen:
+// in D state until thawed, as on a hung mount). The stop and its tidy each wait the
+// kill's deadline (30 s, 1 s here: Nexlet.killWait) and go on; the group's Pgrp had
+// opened its leader's pidfd at the leader's exit (its members noted before the reap),
+// and nothing closed it once the group was not seen to end: the pidfd stayed open
+// until a garbage collection, never with go_gc_percent < 0 (GOGC=off). Now the
+// sandbox's removal lets go of it.
+func TestStopPastKillDeadlineHoldsNoPidfd(t *testing.T) {
+	n := benchNexlet(t, 0)
+	if n.iso.mode() != "none" {
+		t.Skipf("isolation %s: the process group's sandbox is the none mode's", n.iso.mode())
+	}
+	n.killWait = time.Second
+	// No collection meanwhile: a dropped *os.File's finalizer would close it.
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	before := pidfds()
+	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "sleep 600 & exec sleep 600"}}
+	startServices(t, n, "frozen", 1, run)
+	id := "frozen0"
+	var leader, member int
+	testkit.Eventually(t, "the workload runs with a member in its group", func() bool {
+		n.mu.Lock()
+		if w := n.workloads[id]; w != nil && w.pid > 0 && w.state == protocol.WorkloadRunning {
+			leader = w.pid
+		}
+		n.mu.Unlock()
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == leader || leader == 0 {
+				continue
+			}
+			if st, err := procid.ReadStat(pid); err == nil && st.PGRP == leader {
+				member = pid
+			}
+		}
+		return member > 0
+	})
+	thaw := freezeV1(t, member)
+	start := time.Now()
+	how, err := n.StopWorkloadReport(id, &protocol.StopWorkloadRequest{Namespace: testNS})
+	t.Logf("stop: %q, %v, after %v", how, err, time.Since(start))
+	testkit.Eventually(t, "the stop's tidy done", func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		_, tidying := n.tidying[id]
+		return n.workloads[id] == nil && !tidying
+	})
+	if st, err := procid.ReadStat(member); err != nil || st.State != 'D' {
+		t.Fatalf("the frozen member %d: %v, state %c; want it alive in D state past the kills", member, err, st.State)
+	}
+	// Thawed, it dies of its pending SIGKILL: the group ends, and nothing of the
+	// nexlet's should still name it.
+	thaw()
+	testkit.Eventually(t, "the thawed member killed", func() bool { _, err := procid.ReadStat(member); return err != nil })
+	var after int
+	if !testkit.WaitFor(15*time.Second, func() bool { after = pidfds(); return after <= before }) {
+		t.Errorf("a stop whose group outlived its SIGKILL deadline: the nexlet holds %d pidfds after its tidy, %d before the workload", after, before)
 	}
 }

@@ -1374,7 +1374,7 @@ func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.
 	w.emptied = n.killAndWait(w)
 	select {
 	case <-p.exited:
-	case <-time.After(30 * time.Second):
+	case <-time.After(n.killWait):
 		n.log.Error("workload process did not exit after SIGKILL", "workload_id", w.id, "pid", p.pid)
 		return
 	}
@@ -1382,10 +1382,15 @@ func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.
 	st.Step("kill")
 }
 
-// killAndWait SIGKILLs the sandbox and waits until it is empty; empty says it was
-// seen empty (not: its processes could not be listed, or survived).
+// killWaitDefault is how long a kill waits for a workload's processes to be gone
+// (Nexlet.killWait): a process in an uninterruptible sleep (a hung NFS or FUSE mount)
+// or a frozen cgroup outlives its SIGKILL, and the stop goes on without it.
+const killWaitDefault = 30 * time.Second
+
+// killAndWait SIGKILLs the sandbox and waits until it is empty, n.killWait at most;
+// empty says it was seen empty (not: its processes could not be listed, or survived).
 func (n *Nexlet) killAndWait(w *workload) (empty bool) {
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(n.killWait)
 	for {
 		procs, err := w.sb.procs()
 		if err != nil || len(procs) == 0 {
