@@ -3,6 +3,7 @@ package native
 import (
 	"encoding/binary"
 	"errors"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -187,38 +189,62 @@ func checkAside(t *testing.T, us *users, uid uint32, tree, path string) {
 // taken over with the leftovers of its uid removed first (TestAttackLeftoversOfAStaleLease);
 // that removal was done under the host-wide lease lock, which every deploy's claim of a
 // uid waits for, and a tree a workload left in /tmp takes as long to remove as it has
-// entries: a tenant's workload could hold every deploy on the host that long. Now the
-// tree is moved out of the uid's reach under the lock (into root's 0700 directory)
-// before the uid is leased, and removed after the lock. The removal's open of the tree
-// is held (fanotify) while the test looks: before, the lock was held and the lease not
-// given yet; now the lock is free, the lease is its new owner's, and the uid reads the
-// old holder's secret neither where it was nor where it went.
+// entries: a tenant's workload could hold every deploy on the host that long. Then the
+// tree was moved out of the uid's reach under the lock (into root's 0700 directory)
+// before the uid was leased, and removed after the lock, but still by the lease call:
+// the deploy that took the uid waited for it. Now the nexlet's own goroutine removes it
+// (handAside). The removal's open of the tree is held (fanotify) while the test looks:
+// the lock is free, the lease is its new owner's, the lease call has answered, and the
+// uid reads the old holder's secret neither where it was nor where it went; once let
+// go, the tree and the directory it went into are removed. Before, the lease call was
+// still in that open (the test waits 30 s for its answer and fails).
 func TestStaleLeaseRemovesTreesAfterTheLock(t *testing.T) {
 	needRoot(t)
 	us, uid := staleLeaseUsers(t)
+	t.Cleanup(us.stopPool) // after the hold's own clean-up, which lets the removal go on
 	tree, _ := leftoverTreeOf(t, uid, 2000)
 	owner := t.TempDir()
+	answered := make(chan struct{})
+	var ids []ident
+	var err error
 	h := holdOpens(t, tree, func(path string) {
 		checkAside(t, us, uid, tree, path)
+		select {
+		case <-answered:
+		case <-time.After(waitLong):
+			t.Errorf("the lease of uid %d did not answer within %s while the removal of its last holder's tree was held: the deploy waits for the removal", uid, waitLong)
+		}
 		if b, err := os.ReadFile(us.leasePath(uid)); err != nil || leaseOwner(b) != owner {
 			t.Errorf("lease of uid %d at the tree's removal: %q %v, want %s's: the uid is leased after the removal", uid, b, err, owner)
 		}
 	})
-	ids, err := us.leaseFreshN(owner, 1)
-	h.stop()
-	held := h.paths()
-	t.Logf("stale lease of uid %d taken over: %v %v; the removal opened the tree at %q", uid, ids, err, held)
+	go func() {
+		defer close(answered)
+		ids, err = us.leaseFreshN(owner, 1)
+	}()
+	<-answered
 	if err != nil || len(ids) != 1 || ids[0].uid != uid {
 		t.Fatalf("leased %v: %v, want uid %d (its stale lease taken over)", ids, err, uid)
 	}
+	removed := testkit.WaitFor(waitLong, func() bool {
+		held := h.paths()
+		if len(held) == 0 {
+			return false
+		}
+		_, err := os.Lstat(filepath.Dir(held[0]))
+		return errors.Is(err, fs.ErrNotExist)
+	})
+	h.stop()
+	held := h.paths()
+	t.Logf("stale lease of uid %d taken over: %v; the removal opened the tree at %q", uid, ids, held)
 	if len(held) == 0 {
 		t.Fatal("the tree was never opened for its removal")
 	}
+	if !removed {
+		t.Errorf("the aside directory %s is left behind %s after the lease", filepath.Dir(held[0]), waitLong)
+	}
 	if _, err := os.Lstat(tree); err == nil {
 		t.Errorf("%s survived", tree)
-	}
-	if _, err := os.Lstat(filepath.Dir(held[0])); err == nil {
-		t.Errorf("the aside directory %s is left behind", filepath.Dir(held[0]))
 	}
 }
 

@@ -38,8 +38,9 @@ func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
 
 // moveLeftovers is removeLeftovers with the directories among the leftovers moved out
 // of every uid's reach instead, into a directory of root's (mode 0700) beside them, to
-// be removed by trees.remove: a release, a stale lease's reuse (leaseFrom) and the sweep
-// of stale leases (sweepStale) run it under the host-wide lease lock, which every
+// be removed by trees.remove (or by the nexlet's goroutine: handAside): a release, a
+// stale lease's reuse (leaseFrom) and the sweep of stale leases (sweepStale) run it
+// under the host-wide lease lock, which every
 // deploy's claim of a uid waits for, and a tree a workload left in /tmp takes as
 // long to remove as it has entries (100,000 files: 1.9 s here); a rename takes one step
 // whatever the size. Once moved, the next holder of the uid cannot reach them, so the
@@ -279,6 +280,45 @@ func removeTreeAt(dfd int, name string, stop <-chan struct{}, each func()) error
 			return fmt.Errorf("read %s: %w", name, err)
 		}
 	}
+}
+
+// removeUntil is remove entry by entry (removeTreeAt: following no symlink), ending at
+// stop, between two entries, with errSweepStopped: what is left stays in its directory
+// of root's, whose name is this nexlet's, for the next nexlet's start (sweepAside).
+func (t *leftoverTrees) removeUntil(stop <-chan struct{}, before func(path string)) (map[uint32]error, error) {
+	failed := map[uint32]error{}
+	fail := func(uid uint32, err error) { failed[uid] = errors.Join(failed[uid], err) }
+	dirs := map[string]int{} // a directory of root's -> its descriptor
+	defer func() {
+		for _, fd := range dirs {
+			unix.Close(fd)
+		}
+	}()
+	for _, tr := range t.trees {
+		if before != nil {
+			before(tr.path)
+		}
+		aside := filepath.Dir(tr.path)
+		fd, ok := dirs[aside]
+		if !ok {
+			var err error
+			if fd, err = unix.Open(aside, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0); err != nil {
+				fail(tr.uid, fmt.Errorf("dynamic uid %d: leftover %s: %w", tr.uid, tr.path, err))
+				continue
+			}
+			dirs[aside] = fd
+		}
+		switch err := removeTreeAt(fd, filepath.Base(tr.path), stop, nil); {
+		case errors.Is(err, errSweepStopped):
+			return failed, err
+		case err != nil:
+			fail(tr.uid, fmt.Errorf("dynamic uid %d: leftover %s: %w", tr.uid, tr.path, err))
+		}
+	}
+	for _, aside := range t.aside {
+		_ = os.Remove(aside) // empty unless a tree above failed
+	}
+	return failed, nil
 }
 
 // remove removes the moved trees and the directories that held them, calling before

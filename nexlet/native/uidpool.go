@@ -294,8 +294,10 @@ func (p *uidPool) drain() {
 	}
 }
 
-// stopPool ends the filler and frees the pooled leases; safe without a pool.
+// stopPool ends the filler and frees the pooled leases, and ends the removal of the
+// trees stale leases' reuses moved aside (stopAside); safe without a pool.
 func (u *users) stopPool() {
+	defer u.stopAside()
 	if u.pool == nil {
 		return
 	}
