@@ -251,11 +251,15 @@ func TestStaleLeaseRemovesTreesAfterTheLock(t *testing.T) {
 // TestSweepStaleRemovesTreesAfterTheLock: a nexlet's start frees the stale leases
 // nexlets that are gone left (sweepStale), with their uids' leftovers; those it removed
 // under the lease lock, as a stale lease's reuse did (above). Now the trees are moved
-// aside under it and removed after. While the removal's open of the tree is held, the
-// test's second nexlet (another users on the same lease directory) leases the freed uid;
-// as that uid, the old holder's secret is read neither where it was nor where it went.
-// Before, the lock was held there (the test takes it without waiting, or would wait
-// for ever) and the uid was still leased.
+// aside under it and removed after, by the nexlet's own goroutine (handAside): removed
+// by the sweep itself, after the lock, they held the pool's first refill (the sweep
+// runs before it) and the nexlet's stop as long as they took. While the removal's open
+// of the tree is held, the sweep has returned, and the test's second nexlet (another
+// users on the same lease directory) leases the freed uid; as that uid, the old
+// holder's secret is read neither where it was nor where it went. Before the trees
+// were moved aside, the lock was held there (the test takes it without waiting, or
+// would wait for ever) and the uid was still leased; before their removal was handed
+// off, the sweep had not returned (the test waits 30 s for it and fails).
 func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 	needRoot(t)
 	uid := testkit.UIDs(t, 1)
@@ -264,6 +268,7 @@ func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(us.stopPool) // after the hold's own clean-up, which lets the removal go on
 	other, err := newUsers(UserPolicy{LeaseDir: leases, UIDMin: uid, UIDMax: uid}, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -277,9 +282,16 @@ func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 	}
 	tree, _ := leftoverTreeOf(t, uid, 2000)
 	var leasedMeanwhile []ident
+	swept := make(chan struct{})
+	var nl int
 	h := holdOpens(t, tree, func(path string) {
 		free := lockFree(t, us)
 		checkAside(t, us, uid, tree, path)
+		select {
+		case <-swept:
+		case <-time.After(waitLong):
+			t.Errorf("the sweep of stale leases did not return within %s while the removal of a freed uid's tree was held: the pool's first refill waits for the removal", waitLong)
+		}
 		if !free {
 			return // leasing would wait for the removal that waits for this
 		}
@@ -293,7 +305,19 @@ func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 			t.Errorf("the uid's new holder read what its last holder left: %q", got)
 		}
 	})
-	nl, _, err := us.sweepStale()
+	go func() {
+		defer close(swept)
+		nl, _, err = us.sweepStale()
+	}()
+	<-swept
+	removed := testkit.WaitFor(waitLong, func() bool {
+		held := h.paths()
+		if len(held) == 0 {
+			return false
+		}
+		_, err := os.Lstat(filepath.Dir(held[0]))
+		return errors.Is(err, fs.ErrNotExist)
+	})
 	h.stop()
 	held := h.paths()
 	t.Logf("sweep freed %d stale leases (err %v); the removal opened the tree at %q; leased meanwhile: %v", nl, err, held, leasedMeanwhile)
@@ -312,7 +336,7 @@ func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 	if _, err := os.Lstat(tree); err == nil {
 		t.Errorf("%s survived", tree)
 	}
-	if _, err := os.Lstat(filepath.Dir(held[0])); err == nil {
-		t.Errorf("the aside directory %s is left behind", filepath.Dir(held[0]))
+	if !removed {
+		t.Errorf("the aside directory %s is left behind %s after the sweep", filepath.Dir(held[0]), waitLong)
 	}
 }

@@ -295,8 +295,10 @@ func (p *uidPool) drain() {
 }
 
 // stopPool ends the filler and frees the pooled leases, and ends the removal of the
-// trees stale leases' reuses moved aside (stopAside); safe without a pool.
+// leftover trees stale leases' reuses and sweeps moved aside (stopAside), both at
+// once; safe without a pool.
 func (u *users) stopPool() {
+	u.haltAside()
 	defer u.stopAside()
 	if u.pool == nil {
 		return

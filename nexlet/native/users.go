@@ -132,8 +132,8 @@ type users struct {
 	// leftovers of gone nexlets removes (sweepAside).
 	sweepingAside func()
 
-	// aside removes the trees a stale lease's reuse moved aside, off the deploy's path
-	// (handAside); stopPool stops it.
+	// aside removes the trees a stale lease's reuse or the sweep of stale leases moved
+	// aside, off their callers' path (handAside); stopPool stops it.
 	aside asideRemoval
 
 	// log takes what goes wrong off the callers' path (handAside); nil: nowhere.
@@ -410,7 +410,7 @@ func (u *users) leaseFromLocked(busy map[uint32]bool, fresh bool, owner string, 
 }
 
 // asideRemoval is the goroutine that removes the leftover trees stale leases' reuses
-// moved aside (handAside): one at a time, begun when trees come, ended when none are
+// and the sweep of stale leases moved aside (handAside): one at a time, begun when trees come, ended when none are
 // left or at stop (stopAside, which waits for it).
 type asideRemoval struct {
 	mu      sync.Mutex
@@ -423,7 +423,8 @@ type asideRemoval struct {
 
 // handAside has trees, moved aside under the lease lock and out of their uids' reach
 // (root's 0700 directories), removed by the nexlet's own goroutine, so that the caller
-// (a deploy that took a stale lease's uid) need not wait for them. Once the removal is
+// (a deploy that took a stale lease's uid, the pool's sweep of stale leases before its
+// first refill) need not wait for them. Once the removal is
 // stopped (the nexlet closes) they stay where they are, under this nexlet's name: the
 // next nexlet's start removes them (sweepAside), as it does what a stop cut short.
 func (u *users) handAside(trees *leftoverTrees) {
@@ -467,7 +468,7 @@ func (u *users) removeAsideLoop() {
 			}
 			if err != nil { // stopped: the rest of batch stays aside too
 				if u.log != nil {
-					u.log.Info("removal of a stale lease's leftovers, moved out of its uid's reach, stopped; the next start goes on with it", "err", err)
+					u.log.Info("removal of stale leases' leftovers, moved out of their uids' reach, stopped; the next start goes on with it", "err", err)
 				}
 				a.mu.Lock()
 				a.pending, a.running = nil, false
@@ -481,14 +482,19 @@ func (u *users) removeAsideLoop() {
 // stopAside ends handAside's removal between two entries and waits for it; trees
 // handed later stay aside for the next start.
 func (u *users) stopAside() {
+	u.haltAside()
+	u.aside.wg.Wait()
+}
+
+// haltAside is stopAside without the wait.
+func (u *users) haltAside() {
 	a := &u.aside
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	if !a.stopped && a.stop != nil {
 		close(a.stop)
 	}
 	a.stopped = true
-	a.mu.Unlock()
-	a.wg.Wait()
 }
 
 // hold re-leases uid for owner (a workload adopted after a nexlet restart) and holds
@@ -839,7 +845,8 @@ func (u *users) freeLocked(uid uint32, left error) error {
 // one walk of /proc: leases whose owner is gone (a pooled uid's /proc/<pid> of a nexlet
 // killed, a workload directory that no longer exists) while no process runs as their
 // uid, after their uid's leftovers (moved out of the uid's reach under the lease lock
-// and removed after it, as a stale lease's reuse does), each with systemd's lock file
+// and removed after it by the nexlet's goroutine, as a stale lease's reuse has them),
+// each with systemd's lock file
 // of its uid when nobody holds that lock; and systemd's lock files of this range that
 // no lease names, that nobody holds and that are empty (systemd writes its dynamic
 // user's name into its own; nexd's stay empty). A lease whose owner is there (a live
@@ -859,15 +866,14 @@ func (u *users) sweepStale() (leases, locks int, err error) {
 	}
 	leases, locks, trees, err := u.sweepStaleLocked(busy)
 	unlock()
-	// The trees go after the lock, as a release's do: removed under it (before), a
-	// tenant's tree of files in /tmp held every deploy on the host, at a nexlet's start,
-	// for as long as its removal took (TestSweepStaleRemovesTreesAfterTheLock). Their
-	// uids are free already, and the trees out of their reach.
-	var errs []error
-	for uid, rerr := range trees.remove(u.removingTree) {
-		errs = append(errs, fmt.Errorf("dynamic uid %d: freed, but what it left behind, moved aside, was not all removed: %w", uid, rerr))
-	}
-	return leases, locks, errors.Join(append([]error{err}, errs...)...)
+	// The trees go after the lock: removed under it, a tenant's tree of files in /tmp
+	// held every deploy on the host, at a nexlet's start, for as long as its removal
+	// took (TestSweepStaleRemovesTreesAfterTheLock). Their uids are free already, and the
+	// trees out of their reach; removed here, they held the pool's first refill, and the
+	// nexlet's stop, as long. The nexlet's own goroutine removes them, as a stale lease's
+	// reuse has it do (handAside).
+	u.handAside(trees)
+	return leases, locks, err
 }
 
 // sweepStaleLocked is sweepStale's work under the lease lock, with busy its walk's
