@@ -40,10 +40,9 @@ func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
 // of every uid's reach instead, into a directory of root's (mode 0700) beside them, to
 // be removed by trees.remove (or by the nexlet's goroutine: handAside): a release, a
 // stale lease's reuse (leaseFrom) and the sweep of stale leases (sweepStale) run it
-// under the host-wide lease lock, which every
-// deploy's claim of a uid waits for, and a tree a workload left in /tmp takes as
-// long to remove as it has entries (100,000 files: 1.9 s here); a rename takes one step
-// whatever the size. Once moved, the next holder of the uid cannot reach them, so the
+// under the host-wide lease lock, which every deploy's claim of a uid waits for, and a
+// tree a workload left in /tmp takes as long to remove as it has entries (100,000
+// files: 1.9 s here); a rename takes one step whatever the size. Once moved, the next holder of the uid cannot reach them, so the
 // uid may be freed before they are gone (TestReleaseRemovesTreesAfterTheLock).
 func moveLeftovers(proc string, want map[uint32]bool) (map[uint32]error, *leftoverTrees) {
 	trees := &leftoverTrees{}

@@ -351,8 +351,8 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 	// after it: removed under it, a tree of a tenant's workload in /tmp held every
 	// deploy on the host for as long as it took (TestStaleLeaseRemovesTreesAfterTheLock),
 	// and removed here, after it, the one deploy that took the uid still waited for it
-	// (1.9 s for 100,000 files). The nexlet's own goroutine removes them
-	// (TestStaleLeaseAnswersBeforeItsRemoval).
+	// (1.9 s for 100,000 files). The nexlet's own goroutine removes them (the same test,
+	// TestStaleLeaseRemovalStopsWithThePool).
 	u.handAside(trees)
 	return out, err
 }
@@ -410,8 +410,8 @@ func (u *users) leaseFromLocked(busy map[uint32]bool, fresh bool, owner string, 
 }
 
 // asideRemoval is the goroutine that removes the leftover trees stale leases' reuses
-// and the sweep of stale leases moved aside (handAside): one at a time, begun when trees come, ended when none are
-// left or at stop (stopAside, which waits for it).
+// and the sweep of stale leases moved aside (handAside): one at a time, begun when
+// trees come, ended when none are left or at stop (stopAside, which waits for it).
 type asideRemoval struct {
 	mu      sync.Mutex
 	pending []*leftoverTrees
@@ -424,9 +424,9 @@ type asideRemoval struct {
 // handAside has trees, moved aside under the lease lock and out of their uids' reach
 // (root's 0700 directories), removed by the nexlet's own goroutine, so that the caller
 // (a deploy that took a stale lease's uid, the pool's sweep of stale leases before its
-// first refill) need not wait for them. Once the removal is
-// stopped (the nexlet closes) they stay where they are, under this nexlet's name: the
-// next nexlet's start removes them (sweepAside), as it does what a stop cut short.
+// first refill) need not wait for them. Once the removal is stopped (the nexlet
+// closes) they stay where they are, under this nexlet's name: the next nexlet's start
+// removes them (sweepAside), as it does what a stop cut short.
 func (u *users) handAside(trees *leftoverTrees) {
 	if len(trees.trees) == 0 && len(trees.aside) == 0 {
 		return
@@ -846,8 +846,7 @@ func (u *users) freeLocked(uid uint32, left error) error {
 // killed, a workload directory that no longer exists) while no process runs as their
 // uid, after their uid's leftovers (moved out of the uid's reach under the lease lock
 // and removed after it by the nexlet's goroutine, as a stale lease's reuse has them),
-// each with systemd's lock file
-// of its uid when nobody holds that lock; and systemd's lock files of this range that
+// each with systemd's lock file of its uid when nobody holds that lock; and systemd's lock files of this range that
 // no lease names, that nobody holds and that are empty (systemd writes its dynamic
 // user's name into its own; nexd's stay empty). A lease whose owner is there (a live
 // nexlet's pool or retired uid, a workload's directory, running or not) stays, as does
