@@ -1123,10 +1123,13 @@ func (n *Node) stopEach(ctx context.Context, targets map[string]string, done map
 // may have waited for that nexlet, and its new rows stopped; a list still partial then
 // is one of the drain's errors, since workloads this node does not own may run on. A
 // stopped workload whose removal from node state failed is one too, and is named in
-// the result's RemovalFailures.
+// the result's RemovalFailures. Deploys the node took before its lame duck began and
+// still in flight are waited for first (each within its own bounds), so what they
+// start is among the workloads stopped.
 func (n *Node) DrainWorkloads(ctx context.Context) (DrainResult, error) {
 	var res DrainResult
 	var resMu sync.Mutex // the stops' callbacks run concurrently
+	n.waitDeploysInFlight(ctx)
 	targets := map[string]drainTarget{}
 	n.mu.Lock()
 	for id, o := range n.owned {
@@ -1206,6 +1209,37 @@ func (n *Node) DrainWorkloads(ctx context.Context) (DrainResult, error) {
 		n.tellDrain(protocol.DrainFailed, err.Error())
 	}
 	return res, err
+}
+
+// waitDeploysInFlight returns once no deploy is in flight (or ctx ended). In lame duck
+// mode the node reserves no new deploy, so those in flight only end: each once its
+// nexlet answered or the node gave up on it (StartTimeout, DeployTimeout), committed
+// (owned, so drained) or rolled back. Before, a drain listed and stopped what was owned
+// or listed at that moment: a nexlet that holds a workload only once it answered its
+// start (an SDK nexlet pulling an image) started it after the drain, where it ran on
+// and stayed in node state, to be started again by the next nexd
+// (TestDrainWaitsForDeploysInFlight).
+func (n *Node) waitDeploysInFlight(ctx context.Context) {
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	said := false
+	for {
+		n.mu.Lock()
+		left := len(n.starting)
+		n.mu.Unlock()
+		if left == 0 {
+			return
+		}
+		if !said {
+			said = true
+			n.log.Info("lame duck drain: waiting for the deploys in flight to be answered", "deploys", left)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // DrainResult is what DrainWorkloads did.
