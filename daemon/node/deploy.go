@@ -133,8 +133,14 @@ func (n *Node) handleDeploy(r micro.Request) {
 
 	st.Step("record")
 	if err := n.ctx.Err(); err != nil {
-		// Stopping (the record took that long): the start is not sent.
-		n.leftAtStop(r, res, req, "before it sent the start to the nexlet", err)
+		// Stopping (the record took that long): the start is not sent, so nothing runs
+		// and the record goes. Before, the record was kept and the client told the next
+		// start here would adopt or start the workload: a job its nexd SDK nexlet never
+		// got is not held, and was dropped as one that ran (reconcile), never run
+		// (TestStopDuringDeployRecordLeavesNoRecord).
+		refuse(503, "node stopping", &publicError{
+			public: fmt.Sprintf("node %s is stopping: the workload was not started; run it on another node", n.id),
+			err:    fmt.Errorf("workload %s: the node stopped before it sent the start to nexlet %s: %w", workloadID, a.id, err)})
 		return
 	}
 	call, err := n.startOnNexlet(a, workloadID, body)
@@ -291,14 +297,17 @@ type inFlight struct {
 	ended bool
 }
 
-// record writes the intent to node state, with the nexlet instance that runs it.
+// record writes the intent to node state, with the nexlet instance that runs it. A
+// write that failed but may have landed (its answer lost: a timeout, the node's stop, a
+// lost link) counts as recorded, so the rollback removes it: before, such a deploy was
+// refused as not started (its client then tried another node) with the record left in
+// node state, and the next replay here started a second copy
+// (TestStopDuringDeployRecordLeavesNoRecord).
 func (res *reservation) record(ctx context.Context, req protocol.StartWorkloadRequest) error {
 	req.Owner = res.agent.owner
-	if err := res.n.o.Store.Put(ctx, res.typ, res.id, req); err != nil {
-		return err
-	}
-	res.recorded = true
-	return nil
+	err := res.n.o.Store.Put(ctx, res.typ, res.id, req)
+	res.recorded = err == nil || !state.NotWritten(err)
+	return err
 }
 
 // commit keeps the workload: it is owned from now on. It reports whether the nexlet
@@ -360,18 +369,29 @@ func (res *reservation) rollback() error {
 	if !res.recorded {
 		return nil
 	}
+	// Not cut short by the node's stop: a deploy refused as the node stops removes its
+	// record too (bounded; a tombstone stands in for a removal the store refuses).
+	ctx, cancel := context.WithTimeout(withNamespace(context.WithoutCancel(n.ctx), res.ns), rollbackWait)
+	defer cancel()
 	var err error
 	for try := range 3 {
 		if try > 0 {
 			time.Sleep(time.Duration(try) * 100 * time.Millisecond)
 		}
-		if err = n.o.Store.Delete(withNamespace(n.ctx, res.ns), res.typ, res.id); err == nil {
+		if err = n.o.Store.Delete(ctx, res.typ, res.id); err == nil || errors.Is(err, ErrRemovalPending) {
+			// A tombstone keeps it out of every replay, and its removal is retried.
 			return nil
+		}
+		if ctx.Err() != nil {
+			break
 		}
 	}
 	n.log.Warn("failed to remove the record of a workload that did not start", "workload_id", res.id, "err", err)
 	return fmt.Errorf("remove the record of workload %s: %w", res.id, err)
 }
+
+// rollbackWait bounds a rollback's removal of the recorded intent.
+const rollbackWait = 5 * time.Second
 
 // startCall is one start request to a nexlet, answered on its own inbox (or call on the
 // local channel) so the node can hear progress reports and a late answer.

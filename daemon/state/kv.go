@@ -368,11 +368,11 @@ func SplitKey(key string) (workloadType, workloadID string, ok bool) {
 func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
 	key, err := Key(workloadType, workloadID)
 	if err != nil {
-		return fmt.Errorf("state: %w", err)
+		return notSentError{fmt.Errorf("state: %w", err)}
 	}
 	value, err := json.Marshal(req)
 	if err != nil {
-		return fmt.Errorf("state: encode start request of workload %s: %w", workloadID, err)
+		return notSentError{fmt.Errorf("state: encode start request of workload %s: %w", workloadID, err)}
 	}
 	if s.maxValue > 0 && len(value) > s.maxValue {
 		return &ValueTooLargeError{Size: len(value), Limit: s.maxValue, Bucket: s.bucket}
@@ -384,6 +384,23 @@ func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req proto
 		return fmt.Errorf("state: store workload %s in bucket %s: %w", workloadID, s.bucket, err)
 	}
 	return nil
+}
+
+// notSentError is a Put's error found before anything was sent to the server.
+type notSentError struct{ error }
+
+func (e notSentError) Unwrap() error { return e.error }
+
+// NotWritten reports whether a Put that failed with err certainly stored nothing:
+// refused before it was sent (too large, a bad key), answered by JetStream with an
+// error, or sent where no stream listens. Any other failure (a timeout, a cancelled
+// context, a connection lost with the request out) may have stored the value: the
+// server can take a write whose answer never reaches the writer.
+func NotWritten(err error) bool {
+	var notSent notSentError
+	var api *jetstream.APIError
+	return errors.Is(err, ErrValueTooLarge) || errors.As(err, &notSent) || errors.As(err, &api) ||
+		errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
 }
 
 // Delete removes a workload; deleting one that is not stored is not an error.

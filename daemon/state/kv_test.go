@@ -568,3 +568,35 @@ func TestWriteOutcomesInOrderBegun(t *testing.T) {
 		t.Fatalf("a write begun after the failure took, and the failure is kept: %v", err)
 	}
 }
+
+// TestNotWritten: NotWritten tells a Put that certainly stored nothing (refused before
+// the send, answered by JetStream with an error, no stream listening) from one whose
+// answer was lost (an expired deadline: the server may have taken it), on a real
+// server. A deploy refused after the latter removes the record (node's rollback).
+func TestNotWritten(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	kv := open(t, nc, "NOTWRITTEN", "")
+	base, _ := json.Marshal(request("w", "ns", "native", ""))
+	over := request("w", "ns", "native", strings.Repeat("x", MaxValueSize-len(base)+1))
+	if err := kv.Put(ctx, "native", "OVER", over); err == nil || !NotWritten(err) {
+		t.Errorf("oversize put: %v, NotWritten false", err)
+	}
+	if err := kv.Put(ctx, "na.tive", "A", request("w", "ns", "native", "{}")); err == nil || !NotWritten(err) {
+		t.Errorf("bad key put: %v, NotWritten false", err)
+	}
+	expired, cancel := context.WithDeadline(ctx, time.Now().Add(-time.Second))
+	defer cancel()
+	if err := kv.Put(expired, "native", "LATE", request("w", "ns", "native", "{}")); err == nil || NotWritten(err) {
+		t.Errorf("put with an expired deadline: %v, NotWritten true: its answer is lost, not the write refused", err)
+	}
+	if err := s.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	cx, cancel2 := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel2()
+	if err := kv.Put(cx, "native", "NOJS", request("w", "ns", "native", "{}")); err == nil || !NotWritten(err) {
+		t.Errorf("put with JetStream disabled: %v, NotWritten false", err)
+	}
+}
