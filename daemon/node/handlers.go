@@ -331,6 +331,15 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 	n.mu.Lock()
 	o, owned := n.owned[workloadID]
 	n.mu.Unlock()
+	if owned && o.ns != "" && namespace != o.ns && namespace != protocol.SystemNamespace {
+		// Another namespace's workload, as the node placed it: not found, and no
+		// nexlet is asked. A nexlet may take a stop of a workload it does not hold in
+		// the request's namespace for a no-op and answer it stopped (a version of
+		// upstream's native nexlet does, through its SDK), and the node then dropped the
+		// running workload from its state for the other tenant
+		// (TestAttackTenantStopsAnothersWorkloadOnLaxNexlet).
+		return protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}, nil
+	}
 	if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok && !owned {
 		return e.Answer(workloadID), nil
 	}
@@ -717,8 +726,13 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 		defer n.mu.Unlock()
 		for _, w := range list {
 			// Defence in depth: never show another namespace's workload to a
-			// non-system caller, even if a nexlet would.
-			if req.Namespace != protocol.SystemNamespace && w.Namespace != nil && *w.Namespace != req.Namespace {
+			// non-system caller, even if a nexlet would. The namespace the node
+			// placed the workload in counts, not the row's, which is optional in
+			// upstream's summary: a row without one passed, and a nexlet that lists
+			// whatever it holds showed every tenant the others' workloads
+			// (TestAttackTenantListsAnothersWorkloadOnLaxNexlet). A row of unknown
+			// namespace (not placed by this node, none in the row) is system's only.
+			if req.Namespace != protocol.SystemNamespace && n.rowNamespaceLocked(w) != req.Namespace {
 				continue
 			}
 			if !n.speaksForLocked(w.ID, from) {
@@ -730,6 +744,18 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 		return true
 	})
 	return out, ans.missing(asked, n.o.FanoutTimeout), err
+}
+
+// rowNamespaceLocked is the namespace a listed workload counts in: the one the node
+// placed it in (deployed or replayed), else the row's, else "" (unknown). n.mu is held.
+func (n *Node) rowNamespaceLocked(w protocol.WorkloadSummary) string {
+	if o, ok := n.owned[w.ID]; ok && o.ns != "" {
+		return o.ns
+	}
+	if w.Namespace != nil {
+		return *w.Namespace
+	}
+	return ""
 }
 
 // speaksForLocked reports whether a reply from `from` (nil: one on the shared subject)

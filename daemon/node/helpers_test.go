@@ -241,6 +241,16 @@ type fakeAgent struct {
 	// failStop: STOPWORKLOAD is answered not stopped, with this message (a nexlet that
 	// could not stop the workload); the workload runs on.
 	failStop string
+	// stopsUnknownAsDone: a stop of a workload it does not hold in the request's
+	// namespace is answered stopped, the workload left running: a version of upstream's
+	// native nexlet takes such a stop for a no-op (nil), which upstream's SDK answers
+	// as stopped.
+	stopsUnknownAsDone bool
+	stopsAsked         int // STOPWORKLOAD requests received
+	// listsAll: QUERYWORKLOADS is answered with every workload it holds, whatever the
+	// request's namespace, and without their namespace (optional in upstream's
+	// WorkloadSummary): a nexlet that leaves the namespace to its node.
+	listsAll bool
 	// listErr: QUERYWORKLOADS is answered with this error (code 100), as upstream's SDK
 	// answers a failed QueryWorkloads.
 	listErr string
@@ -448,8 +458,15 @@ func (a *fakeAgent) serve() {
 		var req protocol.StopWorkloadRequest
 		_ = protocol.Decode(m.Data, &req)
 		a.mu.Lock()
+		a.stopsAsked++
 		w, ok := a.workloads[wid]
 		ok = ok && (w.Namespace == req.Namespace)
+		if !ok && a.stopsUnknownAsDone {
+			a.mu.Unlock()
+			_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}},
+				Data: js(protocol.StopWorkloadResponse{ID: wid, Stopped: true, WorkloadType: a.req.RegisterType})})
+			return
+		}
 		failStop := a.failStop
 		if ok && failStop == "" {
 			delete(a.workloads, wid)
@@ -516,14 +533,17 @@ func (a *fakeAgent) serve() {
 		out := []protocol.WorkloadSummary{}
 		a.mu.Lock()
 		for id, w := range a.workloads {
-			if req.Namespace != protocol.SystemNamespace && w.Namespace != req.Namespace {
+			if req.Namespace != protocol.SystemNamespace && w.Namespace != req.Namespace && !a.listsAll {
 				continue
 			}
 			if len(req.Filter) > 0 && !slices.Contains(req.Filter, id) && !slices.Contains(req.Filter, w.Name) {
 				continue
 			}
-			ns := w.Namespace
-			out = append(out, protocol.WorkloadSummary{ID: id, Name: w.Name, Namespace: &ns, Runtime: "--",
+			ns := &w.Namespace
+			if a.listsAll {
+				ns = nil
+			}
+			out = append(out, protocol.WorkloadSummary{ID: id, Name: w.Name, Namespace: ns, Runtime: "--",
 				StartTime: time.Now().UTC().Format(time.RFC3339), Tags: w.Tags, WorkloadLifecycle: string(w.WorkloadLifecycle),
 				WorkloadState: protocol.WorkloadRunning, WorkloadType: w.WorkloadType})
 		}

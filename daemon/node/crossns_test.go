@@ -1,0 +1,124 @@
+package node
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestAttackTenantStopsAnothersWorkloadOnLaxNexlet: tenant B, as the user an operator
+// gives it, sends UNDEPLOY in its own namespace for tenant A's workload, which runs on
+// a nexlet on upstream's SDK that answers a stop of a workload it does not hold in the
+// request's namespace as done (a version of upstream's native nexlet returns nil for
+// it, which the SDK answers stopped). The node knows the workload is A's, yet asked
+// the nexlet in B's name and took its answer: it told B "stopping" (naming the node
+// that holds A's workload), removed A's running workload from node state (not
+// started again after a restart) and remembered it stopped, so A's own stop answered
+// "already stopped" while it ran on. Now a stop from another namespace of a workload
+// the node placed is "workload not found" at once: the nexlet is not asked, nothing
+// is said first, and A's workload stays in state until A stops it.
+func TestAttackTenantStopsAnothersWorkloadOnLaxNexlet(t *testing.T) {
+	rf := newRogueFixture(t)
+	lax := rf.minted("LAXUPSTREAM0", "up", "native", func(a *fakeAgent) {
+		a.req.AnswersDirect = false // upstream's SDK: asked on the shared subjects
+		a.stopsUnknownAsDone = true
+	})
+	aWid := deployAs(t, rf.client, "tenant-a", "a-service")
+	b := rf.tenant("tenant-b")
+
+	inbox := b.nc.NewInbox()
+	replies, err := b.nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := &nats.Msg{Subject: protocol.UndeploySubject("tenant-b", aWid), Reply: inbox,
+		Data:   mustJSON(t, protocol.StopWorkloadRequest{Namespace: "tenant-b"}),
+		Header: nats.Header{protocol.HeaderProgress: {"1"}}}
+	if err := b.nc.PublishMsg(stop); err != nil {
+		t.Fatal(err)
+	}
+	var answer *nats.Msg
+	for answer == nil {
+		m, err := replies.NextMsg(10 * time.Second)
+		if err != nil {
+			t.Fatalf("tenant-b's stop of tenant-a's workload: no answer: %v", err)
+		}
+		if len(m.Data) == 0 {
+			t.Errorf("tenant-b was told the node %s is stopping tenant-a's workload (headers %v)", m.Header.Get(protocol.HeaderNode), m.Header)
+			continue
+		}
+		answer = m
+	}
+	var resp protocol.StopWorkloadResponse
+	if err := protocol.Decode(answer.Data, &resp); err != nil || resp.Stopped || resp.Message != protocol.ErrTextWorkloadNotFound {
+		t.Errorf("tenant-b's stop of tenant-a's workload answered %q (%v), want %q", answer.Data, err, protocol.ErrTextWorkloadNotFound)
+	}
+	lax.mu.Lock()
+	asked := lax.stopsAsked
+	lax.mu.Unlock()
+	if asked != 0 {
+		t.Errorf("the nexlet was asked %d times to stop tenant-a's workload in tenant-b's name", asked)
+	}
+	if !rf.stored("native", aWid) {
+		t.Errorf("tenant-a's running workload left node state on tenant-b's stop: a restart would not start it again")
+	}
+
+	// A's own stop still stops it: not "already stopped" from a memory B wrote.
+	m := request(t, rf.client, protocol.UndeploySubject("tenant-a", aWid), protocol.StopWorkloadRequest{Namespace: "tenant-a"})
+	var own protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &own); err != nil || !own.Stopped || own.AlreadyStoppedAt != "" {
+		t.Errorf("tenant-a's own stop answered %q (%v), want stopped now", m.Data, err)
+	}
+	lax.mu.Lock()
+	_, runs := lax.workloads[aWid]
+	lax.mu.Unlock()
+	if runs {
+		t.Errorf("tenant-a's workload still runs on the nexlet after tenant-a's own stop")
+	}
+}
+
+// TestAttackTenantListsAnothersWorkloadOnLaxNexlet: tenant B, as its own user, lists its
+// namespace on a node whose nexlet lists every workload it holds, whatever namespace
+// it is asked for, without their namespace (upstream's WorkloadSummary makes it
+// optional). The node's check of the rows ("never show another namespace's workload to
+// a non-system caller, even if a nexlet would") let a row without a namespace through:
+// B read tenant A's workload (its id, name and tags). Now a row of a workload the node
+// placed counts in the namespace the node placed it in, whatever the row says, and a
+// row of a workload of unknown namespace reaches the system namespace only.
+func TestAttackTenantListsAnothersWorkloadOnLaxNexlet(t *testing.T) {
+	rf := newRogueFixture(t)
+	lax := rf.minted("LAXLISTER0", "up", "native", func(a *fakeAgent) { a.listsAll = true })
+	aWid := deployAs(t, rf.client, "tenant-a", "a-secret-name")
+	b := rf.tenant("tenant-b")
+	bWid := deployAs(t, b.nc, "tenant-b", "b-own")
+
+	ids, _ := listOn(t, b.nc, "tenant-b")
+	if slices.Contains(ids, aWid) {
+		t.Errorf("tenant-b's list shows tenant-a's workload %s: %v", aWid, ids)
+	}
+	if !slices.Contains(ids, bWid) {
+		t.Errorf("tenant-b's list lacks its own workload %s: %v", bWid, ids)
+	}
+	if ids, _ := listOn(t, rf.client, "tenant-a"); !slices.Equal(ids, []string{aWid}) {
+		t.Errorf("tenant-a's list %v, want only its own %s", ids, aWid)
+	}
+	if ids, _ := listOn(t, rf.client, protocol.SystemNamespace); !slices.Contains(ids, aWid) || !slices.Contains(ids, bWid) {
+		t.Errorf("the system namespace's list %v, want both %s and %s", ids, aWid, bWid)
+	}
+
+	// A workload the node did not place (held before, say), listed without its
+	// namespace: its namespace is unknown, so no tenant sees it.
+	lax.mu.Lock()
+	lax.workloads["UNPLACED0"] = startReq("tenant-a", "unplaced", `{"cmd":"x"}`)
+	lax.mu.Unlock()
+	if ids, _ := listOn(t, b.nc, "tenant-b"); slices.Contains(ids, "UNPLACED0") {
+		t.Errorf("tenant-b's list shows a workload of unknown namespace: %v", ids)
+	}
+	if ids, _ := listOn(t, rf.client, protocol.SystemNamespace); !slices.Contains(ids, "UNPLACED0") {
+		t.Errorf("the system namespace's list %v lacks the workload of unknown namespace", ids)
+	}
+}
