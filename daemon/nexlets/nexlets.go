@@ -795,6 +795,9 @@ func (m *Manager) Cgroups() *cgroup.Manager { return m.cg }
 // WorkloadStats reads a workload's cgroup: workloads/<id> beside the nexlets, or its
 // scope with cgroup_driver systemd.
 func (m *Manager) WorkloadStats(id string) (cgroup.Stats, bool) {
+	if !protocol.IsToken(id) { // joined into a path below: never "..", never a slash
+		return cgroup.Stats{}, false
+	}
 	if m.o.Config.Node.CgroupDriver == native.DriverSystemd {
 		dir := sdscope.CgroupDir(id)
 		if _, err := os.Stat(dir); err != nil {

@@ -1,7 +1,9 @@
 package node
 
 import (
+	"encoding/json"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -120,5 +122,58 @@ func TestAttackTenantListsAnothersWorkloadOnLaxNexlet(t *testing.T) {
 	}
 	if ids, _ := listOn(t, rf.client, protocol.SystemNamespace); !slices.Contains(ids, "UNPLACED0") {
 		t.Errorf("the system namespace's list %v lacks the workload of unknown namespace", ids)
+	}
+}
+
+// TestAttackListedIDReachesResourceReader: a rogue nexlet lists, besides its own
+// workload, a row of its making whose id is a path ("..", "../../system.slice"), and
+// its tenant asks its namespace's WPING with Nex-Resources. The node handed every row's
+// id to its resource reader, which joins it under the workloads' cgroup directory
+// (nexd, as root: "workloads/" + id): the tenant read the figures of the cgroup the
+// path names (the whole workloads group, a host service). Now only a workload the node
+// placed has its figures read.
+func TestAttackListedIDReachesResourceReader(t *testing.T) {
+	var mu sync.Mutex
+	var read []string
+	rf := newRogueFixture(t, func(o *Options) {
+		o.WorkloadResources = func(id string) (protocol.WorkloadResources, bool) {
+			mu.Lock()
+			read = append(read, id)
+			mu.Unlock()
+			return protocol.WorkloadResources{MemoryBytes: 4242}, true
+		}
+	})
+	ns := "tenant-b"
+	rf.minted("ROGUEROWS0", "rogue", "native", func(a *fakeAgent) {
+		a.extraRows = []protocol.WorkloadSummary{
+			{ID: "..", Name: "x", Namespace: &ns, Runtime: "--", WorkloadState: protocol.WorkloadRunning, WorkloadType: "native"},
+			{ID: "../../system.slice", Name: "y", Namespace: &ns, Runtime: "--", WorkloadState: protocol.WorkloadRunning, WorkloadType: "native"},
+		}
+	})
+	b := rf.tenant(ns)
+	own := deployAs(t, b.nc, ns, "b-own")
+
+	m, err := b.nc.RequestMsg(&nats.Msg{Subject: protocol.WPingSubject(ns),
+		Data:   mustJSON(t, protocol.AgentListWorkloadsRequest{Namespace: ns, Filter: []string{}}),
+		Header: nats.Header{protocol.HeaderResources: {"*"}}}, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ws []protocol.WorkloadSummary
+	if err := json.Unmarshal(m.Data, &ws); err != nil {
+		t.Fatalf("list: %q: %v", m.Data, err)
+	}
+	for _, w := range ws {
+		switch {
+		case w.ID == own && w.Resources == nil:
+			t.Errorf("tenant-b's own workload came without its figures")
+		case w.ID != own && w.Resources != nil:
+			t.Errorf("a row of the rogue's making, id %q, came with figures %+v", w.ID, *w.Resources)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(read, []string{own}) {
+		t.Errorf("the resource reader was asked for %q, want only the placed workload %s", read, own)
 	}
 }

@@ -968,7 +968,14 @@ func (n *Node) handleWPing(r micro.Request) {
 		}
 	}
 	if want := r.Headers().Get(protocol.HeaderResources); (want == n.id || want == "*") && n.o.WorkloadResources != nil {
+		// Only a workload the node placed: a row's id is the nexlet's word, and the
+		// reader joins it under the workloads' cgroup directory, so a rogue nexlet's
+		// row ".." read the figures of nexd's whole tree for its tenant
+		// (TestAttackListedIDReachesResourceReader).
 		for i := range list {
+			if !n.owns(list[i].ID) {
+				continue
+			}
 			if res, ok := n.o.WorkloadResources(list[i].ID); ok {
 				list[i].Resources = &res
 			}

@@ -251,6 +251,8 @@ type fakeAgent struct {
 	// request's namespace, and without their namespace (optional in upstream's
 	// WorkloadSummary): a nexlet that leaves the namespace to its node.
 	listsAll bool
+	// extraRows are listed besides its workloads, in every answer to QUERYWORKLOADS.
+	extraRows []protocol.WorkloadSummary
 	// listErr: QUERYWORKLOADS is answered with this error (code 100), as upstream's SDK
 	// answers a failed QueryWorkloads.
 	listErr string
@@ -547,6 +549,7 @@ func (a *fakeAgent) serve() {
 				StartTime: time.Now().UTC().Format(time.RFC3339), Tags: w.Tags, WorkloadLifecycle: string(w.WorkloadLifecycle),
 				WorkloadState: protocol.WorkloadRunning, WorkloadType: w.WorkloadType})
 		}
+		out = append(out, a.extraRows...)
 		a.mu.Unlock()
 		// Named, as nexd's nexlets name their list answers.
 		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(out)})
