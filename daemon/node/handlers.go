@@ -381,6 +381,20 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 	if owned {
 		wait = n.o.StopTimeout
 	}
+	if owned && !keep && (namespace == o.ns || namespace == protocol.SystemNamespace) {
+		// Its nexlet may be between two lives (crashed and being restarted, a remote one
+		// reconnecting): the node keeps the workload, and the successor's registration
+		// gets it back and runs it on. The stop waits for it, within its bound. Before,
+		// it asked the nexlets registered then, was answered "not found", and the
+		// workload ran on (TestStopWhileOwnerRestarts).
+		began := time.Now()
+		if bound := min(wait, ownerReturnWait); !n.awaitOwner(ctx, o.owner, bound) {
+			ret.Message = fmt.Sprintf("not stopped: nexlet %s, which runs it, is not registered (restarting?) and did not come back within %s; the node keeps the workload, and that nexlet gets it back when it registers again",
+				o.owner, bound)
+			return ret, ctx.Err()
+		}
+		wait = max(wait-time.Since(began), n.o.FanoutTimeout)
+	}
 	answered := 0
 	failure := "" // a nexlet that holds the workload could not stop it
 	asked, err := n.askNexletsAcked(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
@@ -780,6 +794,40 @@ func (n *Node) speaksForLocked(wid string, from *registration) bool {
 		}
 	}
 	return false
+}
+
+// ownerReturnWait bounds how long a stop waits for the nexlet that runs its workload to
+// be registered again: the supervisor's longest restart backoff (30 s) and a start.
+const ownerReturnWait = time.Minute
+
+// awaitOwner waits, up to bound, until the nexlet instance owner is registered and
+// serving (its first heartbeat, or servingAfter since its registration, as
+// awaitServing), and reports whether it is.
+func (n *Node) awaitOwner(ctx context.Context, owner string, bound time.Duration) bool {
+	timer := time.NewTimer(bound)
+	defer timer.Stop()
+	for {
+		n.mu.Lock()
+		serving := false
+		for _, r := range n.agents {
+			if r.owner == owner && (!r.lastBeat.IsZero() || time.Since(r.registeredAt) >= servingAfter) {
+				serving = true
+				break
+			}
+		}
+		ch := n.changed
+		n.mu.Unlock()
+		if serving {
+			return true
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return false
+		case <-timer.C:
+			return false
+		}
+	}
 }
 
 // servingAfter bounds how long after its registration a nexlet that has not sent a
