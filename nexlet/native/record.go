@@ -2,6 +2,7 @@ package native
 
 import (
 	"maps"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -199,7 +200,7 @@ func (n *Nexlet) readRestartDue(id string) (restartDue, bool) {
 	}
 	restarts, err1 := strconv.Atoi(f[0])
 	code, err2 := strconv.Atoi(f[1])
-	if err1 != nil || err2 != nil {
+	if err1 != nil || err2 != nil || restarts < 0 {
 		return restartDue{}, false
 	}
 	d := restartDue{restarts: restarts, last: procid.Exit{Code: code}}
@@ -218,7 +219,7 @@ func (n *Nexlet) readRestartDue(id string) (restartDue, bool) {
 				}
 				e, err1 := strconv.ParseInt(end, 10, 64)
 				b, err2 := strconv.ParseInt(backoff, 10, 64)
-				if err1 == nil && err2 == nil {
+				if err1 == nil && err2 == nil && validMillis(b) {
 					d.end, d.backoff = time.UnixMilli(e), time.Duration(b)*time.Millisecond
 				}
 			}
@@ -226,6 +227,10 @@ func (n *Nexlet) readRestartDue(id string) (restartDue, bool) {
 	}
 	return d, true
 }
+
+// validMillis says whether a record's duration in milliseconds is one a nexlet writes:
+// not negative, and within a time.Duration (a larger one would wrap around negative).
+func validMillis(ms int64) bool { return ms >= 0 && ms <= math.MaxInt64/int64(time.Millisecond) }
 
 // writeRestarts records the restart number of a launch about to be made.
 func (n *Nexlet) writeRestarts(id string, restarts int) {
@@ -296,7 +301,7 @@ func (n *Nexlet) readLaunch(id string) (launchRecord, bool) {
 		uid, err3 = strconv.ParseUint(u, 10, 32)
 		l.hasUID = true
 	}
-	if err1 != nil || err2 != nil || err3 != nil || !ok1 || !ok2 || !ok3 {
+	if err1 != nil || err2 != nil || err3 != nil || !ok1 || !ok2 || !ok3 || l.restarts < 0 {
 		return launchRecord{}, false
 	}
 	l.run, l.uid = run, uint32(uid)

@@ -74,7 +74,7 @@ func (n *Nexlet) readStopMark(id string) (stopMark, bool) {
 	if len(f) >= 2 {
 		ms, err1 := strconv.ParseInt(f[0], 10, 64)
 		g, err2 := strconv.ParseInt(f[1], 10, 64)
-		if err1 == nil && err2 == nil {
+		if err1 == nil && err2 == nil && validMillis(g) {
 			m.at, m.grace = time.UnixMilli(ms), time.Duration(g)*time.Millisecond
 		}
 	}
