@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,8 +59,43 @@ func parseNexfile(name string, data []byte) (nexfile, error) {
 		if _, ok := nf.StartRequest.(map[string]any); !ok {
 			return nf, fmt.Errorf("the Nexfile %s: start_request must be an object, got %T", name, nf.StartRequest)
 		}
+		if err := jsonValue("start_request", nf.StartRequest); err != nil {
+			return nf, fmt.Errorf("the Nexfile %s: %w", name, err)
+		}
 	}
 	return nf, nil
+}
+
+// jsonValue checks that v, decoded from YAML, has a JSON form: the start request goes
+// to the node as JSON, and YAML also has keys that are not strings (`1: x`) and
+// numbers JSON has not (.nan, .inf), which json.Marshal refused later with no word of
+// where they were. path names v in the error.
+func jsonValue(path string, v any) error {
+	switch v := v.(type) {
+	case map[string]any:
+		for k, e := range v {
+			if err := jsonValue(path+"."+k, e); err != nil {
+				return err
+			}
+		}
+	case []any:
+		for i, e := range v {
+			if err := jsonValue(fmt.Sprintf("%s[%d]", path, i), e); err != nil {
+				return err
+			}
+		}
+	case map[any]any:
+		for k := range v {
+			if _, ok := k.(string); !ok {
+				return fmt.Errorf("%s: key %v is not a string (quote it)", path, k)
+			}
+		}
+	case float64:
+		if math.IsNaN(v) || math.IsInf(v, 0) {
+			return fmt.Errorf("%s: %v is not a JSON number", path, v)
+		}
+	}
+	return nil
 }
 
 // runSpec is everything needed to start a workload except the bidder-specific parts.

@@ -24,6 +24,10 @@ func TestParseNexfile(t *testing.T) {
 		{"bad start request", `{"name":"web","start_request":"run it"}`, "", "", "must be an object"},
 		{"empty", "  \n", "", "", "empty"},
 		{"broken json", `{"name":`, "", "", "JSON"},
+		// YAML that JSON cannot carry is refused where it is, not at the send with no
+		// word of where (FuzzParseNexfile: "json: unsupported type: map[interface {}]interface {}").
+		{"yaml key not a string", "start_request:\n  uri: file:///bin/true\n  limits:\n    1: 2\n", "", "", "start_request.limits: key 1 is not a string"},
+		{"yaml nan", "start_request:\n  argv: [a, .nan]\n", "", "", "start_request.argv[1]: NaN is not a JSON number"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
