@@ -1206,3 +1206,39 @@ func TestConfigErrorsHideCredentials(t *testing.T) {
 		t.Errorf("a seed as a remote nexlet's public_key: %v, want refused without the seed", err)
 	}
 }
+
+// FuzzFlagsAndEnv feeds arbitrary command lines and NEX_* environments: Load must never
+// panic, must report problems only as Errors each naming where (its source: a flag,
+// an env variable, the command line) or what (its key), and whatever it resolves must
+// render.
+func FuzzFlagsAndEnv(f *testing.F) {
+	f.Add("--nats.servers\nnats://127.0.0.1:4222\n--tags\na=1;b=2\n--agents.uri\n/bin/a\n--agents.argv\nx\n--agents.limits\nmemory_max=1G,cpu_max=0.5", "NEX_NODE_NAME=n1\nNEX_TAGS=a=1")
+	f.Add("--check\n--insecure-argv\n--nats.servers\nnats://admin:s3cret@127.0.0.1:4222", "NEX_LOGGER_LEVEL=debug")
+	f.Add("--agents.env\nK=V\n--auction_ttl\n-5s\n--nope\n-x\n--", "NEX_AUCTION_TTL=soon\nNEX_NATIVE_LIMITS={\nSTATE_DIRECTORY=rel:/abs")
+	f.Add("--agents.limits\nmemory_max=lots\n--tags\n;;=\n--logger.level", "NEX_AGENTS=[{\"uri\":1}]")
+	f.Fuzz(func(t *testing.T, args, env string) {
+		o := hermetic(strings.Split(args, "\n")...)
+		if env != "" {
+			o.Env = strings.Split(env, "\n")
+		}
+		l, err := Load(o)
+		if l == nil || l.Config == nil {
+			t.Fatal("no Loaded")
+		}
+		if err != nil {
+			var errs Errors
+			if !errors.As(err, &errs) || len(errs) == 0 {
+				t.Fatalf("error is not a non-empty Errors: %v", err)
+			}
+			for _, fe := range errs {
+				if fe.Source == "" && fe.Key == "" {
+					t.Fatalf("args %q env %q: error %q names neither where nor what", args, env, fe.Msg)
+				}
+			}
+		}
+		_ = l.Render()
+		if _, err := l.RenderJSON(); err != nil {
+			t.Fatalf("RenderJSON: %v", err)
+		}
+	})
+}
