@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
 	"github.com/synadia-io/orbit.go/natscontext"
@@ -391,11 +392,36 @@ func (c *Conn) commonOptions(o Options) []nats.Option {
 
 // authOptions builds auth and TLS options from the --nats.* flags. Priority as
 // upstream: creds file, then jwt+seed, then nkey+seed, then user+password.
+// checkCredsFile reads a creds file as the NATS client will at each connect: a user
+// JWT and its user seed. Without the check, a file with no JWT (empty, or the seed
+// alone) reached the server as an anonymous login and came back as "nats:
+// Authorization Violation", with no word of the file. Its contents are never quoted.
+func checkCredsFile(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	defer clear(b)
+	tok, err := nkeys.ParseDecoratedJWT(b)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if _, err := jwt.DecodeUserClaims(tok); err != nil {
+		return fmt.Errorf("%s: no user JWT (-----BEGIN NATS USER JWT-----): %w", path, err)
+	}
+	kp, err := nkeys.ParseDecoratedUserNKey(b)
+	if err != nil {
+		return fmt.Errorf("%s: no user seed (-----BEGIN USER NKEY SEED-----): %w", path, err)
+	}
+	kp.Wipe()
+	return nil
+}
+
 func authOptions(o Options) ([]nats.Option, error) {
 	var opts []nats.Option
 	switch {
 	case o.CredsFile != "":
-		if _, err := os.Stat(o.CredsFile); err != nil {
+		if err := checkCredsFile(o.CredsFile); err != nil {
 			return nil, fmt.Errorf("natsconn: --nats.creds-file: %w", err)
 		}
 		opts = append(opts, nats.UserCredentials(o.CredsFile))
