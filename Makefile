@@ -71,6 +71,7 @@ FUZZ_TARGETS = \
 	internal/procid:FuzzParse \
 	internal/procid:FuzzParseStat \
 	internal/procid:FuzzReadExit \
+	nexlet:FuzzRunnerHandlers \
 	nexlet/localchan:FuzzClientStream \
 	nexlet/localchan:FuzzDecodeFeeds \
 	nexlet/localchan:FuzzReadFrame \

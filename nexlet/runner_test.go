@@ -104,7 +104,7 @@ func (a *memAgent) Ping() (*protocol.AgentSummary, error) {
 }
 
 // node answers REGISTER like a node would, handing out the given existing state.
-func fakeNode(t *testing.T, nc *nats.Conn, url string, resp *protocol.RegisterAgentResponse, got chan<- protocol.RegisterAgentRequest) {
+func fakeNode(t testing.TB, nc *nats.Conn, url string, resp *protocol.RegisterAgentResponse, got chan<- protocol.RegisterAgentRequest) {
 	t.Helper()
 	_, err := nc.Subscribe(protocol.RegisterSubject(node, agent), func(m *nats.Msg) {
 		var req protocol.RegisterAgentRequest
