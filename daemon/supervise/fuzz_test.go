@@ -22,6 +22,8 @@ func FuzzParseLine(f *testing.F) {
 		`[ERROR] bad`,
 		`warn: careful`,
 		`plain text`,
+		`{"level":"INFO","msg":"x","level":"DEBUG"}`,
+		`{"level":"INFO","msg":"a","msg":5}`,
 	} {
 		f.Add([]byte(s))
 	}

@@ -109,6 +109,11 @@ func parseLine(line []byte, def slog.Level) (slog.Level, string, []any) {
 						level = lv
 					}
 				}
+				// A second "level" (a rogue nexlet's) is the decoder's; the first is
+				// what slogLevel dropped the line by, and so is its level here too.
+				if lv, ok := slogLevel(line); ok {
+					level = lv
+				}
 				var keys []string
 				for k := range obj {
 					if k != "msg" && k != "level" && k != "time" {
@@ -123,6 +128,13 @@ func parseLine(line []byte, def slog.Level) (slog.Level, string, []any) {
 				return level, msg, attrs
 			}
 		}
+	}
+	// A record in slog's layout that does not decode (cut at maxLine, mostly: a long
+	// workload output line) keeps the level it names, whole as its message: slogLevel
+	// decided its drop by that level, and the stream's default instead logged a cut
+	// INFO record of the native nexlet as WARN (FuzzParseLine).
+	if level, ok := slogLevel(line); ok {
+		return level, string(line), nil
 	}
 	if level, msg, attrs, ok := parseLogfmt(string(line), def); ok {
 		return level, msg, attrs
