@@ -479,9 +479,115 @@ func (g *Group) cgroupProcs() ([]int, error) {
 				return nil, fmt.Errorf("list processes of cgroup %s: %w", d, err)
 			}
 			out = append(out, pids...)
+			if g.m.mode == ModeV2 { // v1's cgroup.procs lists a process wherever a thread of it is
+				out = append(out, strandedOwners(filepath.Join(d, "cgroup.threads"), pids)...)
+			}
 		}
 	}
 	return out, nil
+}
+
+// threadsFile lists a cgroup's running threads: v2's cgroup.threads, v1's tasks. An
+// ended thread is in neither.
+func (m *Manager) threadsFile() string {
+	if m.mode == ModeV2 {
+		return "cgroup.threads"
+	}
+	return "tasks"
+}
+
+// Threads lists the threads running in the group's cgroups (and below). A process
+// whose main thread ended here is still listed in cgroup.procs while its other threads
+// run, wherever they run; it has no thread here when they run elsewhere.
+func (g *Group) Threads() ([]int, error) {
+	var out []int
+	for _, h := range g.hiers {
+		dirs, err := subtreeDirs(h.Root)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			return nil, fmt.Errorf("list cgroup %s: %w", h.Root, err)
+		}
+		for _, d := range dirs {
+			tids, err := readPids(filepath.Join(d, g.m.threadsFile()))
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("list threads of cgroup %s: %w", d, err)
+			}
+			out = append(out, tids...)
+		}
+	}
+	return out, nil
+}
+
+// strandedOwners lists the processes with a running thread in the v2 cgroup whose
+// cgroup.threads is threads that its cgroup.procs (listed) leaves out. v2 lists a process
+// in cgroup.procs where its main thread is; one whose main thread ended alone (exit(2))
+// stays listed where it ended, and a move of the process (cgroup.procs written with its
+// pid) then moves only its other threads: the systemd driver's placement of a workload
+// from its holding group into its scope, when the main thread ended first. Such a
+// process is listed by neither cgroup's cgroup.procs where it runs, and cgroup.kill
+// passes over it too. Each thread that no listed process owns is looked up (its Tgid):
+// a cgroup of single-threaded processes costs the one read of cgroup.threads, one with
+// threads also a read of each listed process's task directory.
+func strandedOwners(threads string, listed []int) []int {
+	tids, err := readPids(threads)
+	if err != nil {
+		return nil
+	}
+	known := make(map[int]bool, len(listed))
+	for _, p := range listed {
+		known[p] = true
+	}
+	var rest []int
+	for _, t := range tids {
+		if !known[t] {
+			rest = append(rest, t)
+		}
+	}
+	if len(rest) == 0 {
+		return nil
+	}
+	markTasks := func(pid int) {
+		ents, _ := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+		for _, e := range ents {
+			if tid, err := strconv.Atoi(e.Name()); err == nil {
+				known[tid] = true
+			}
+		}
+	}
+	for _, p := range listed {
+		markTasks(p)
+	}
+	var out []int
+	for _, t := range rest {
+		if known[t] {
+			continue
+		}
+		tg := tgidOf(t)
+		if tg <= 0 || known[tg] {
+			continue
+		}
+		known[tg] = true
+		out = append(out, tg)
+		markTasks(tg)
+	}
+	return out
+}
+
+// tgidOf is the process (thread group) of thread tid, 0 when it ended.
+func tgidOf(tid int) int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/status")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
 }
 
 // Kill kills every process in the group and its descendants and waits until none is

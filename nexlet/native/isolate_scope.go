@@ -129,6 +129,12 @@ func (b *scopeSandbox) placed(pid int) error {
 		if err != nil || len(ps) == 0 {
 			break
 		}
+		// A process whose main thread ended before the move stays listed here by
+		// that thread alone; its other threads moved. Nothing is left to move then,
+		// and the holding group, with no thread in it, can go.
+		if ts, err := hg.Threads(); err == nil && len(ts) == 0 {
+			break
+		}
 		if err := b.iso.sd.Attach(ctx, b.id, ps); err != nil {
 			b.iso.n.log.Debug("moving forked processes into the scope", "workload_id", b.id, "pids", ps, "err", err)
 			time.Sleep(5 * time.Millisecond)
@@ -177,6 +183,13 @@ func (b *scopeSandbox) kill() error {
 	if err := b.iso.sd.Kill(context.Background(), b.id, syscall.SIGKILL); err != nil {
 		// systemd unreachable: the kernel's own group kill still works on cgroup v2.
 		errs = append(errs, err, b.scope.Kill())
+	} else if ps, err := b.scope.Procs(); err == nil && len(ps) > 0 {
+		// What systemd's kill leaves: systemd signals what the scope's cgroup.procs
+		// lists, and a process whose main thread ended in the holding group before
+		// systemd moved it is not listed there while its other threads run in the
+		// scope (cgroup.Group.Procs finds it by its threads). Those just SIGKILLed
+		// are listed too until they die, and killed again.
+		errs = append(errs, b.scope.Kill())
 	}
 	if hg, ok := b.holdGroup(); ok {
 		errs = append(errs, hg.Kill())

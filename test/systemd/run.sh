@@ -11,7 +11,8 @@
 # tarball and the work tree; NEXD_TESTBED_SUITES (default "nspawn qemu") selects suites;
 # NEXD_TESTBED_TIMEOUT (default 1800) is each guest's limit in seconds;
 # NEXD_TESTBED_NATS_SERVER is a nats-server binary for the nspawn suite's NATS outage
-# checks (they fail without it).
+# checks (they fail without it); NEXD_TESTBED_LEADEREXIT is test/systemd/leaderexit.c built
+# (static) for the qemu suite's leader-exit checks (they fail without it).
 # Needs root. Exit status: 0 when every check passed.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -46,6 +47,9 @@ cp -r "$HERE/guest" "$W/share/guest"
 cp "$DEB" "$W/share/pkgs/nexd.deb" && cp "$DEB_UP" "$W/share/pkgs/nexd-upgrade.deb" || die "copying the packages into $W/share failed"
 if [ -n "${NEXD_TESTBED_NATS_SERVER:-}" ]; then
 	install -m 0755 "$NEXD_TESTBED_NATS_SERVER" "$W/share/pkgs/nats-server" || die "nats-server $NEXD_TESTBED_NATS_SERVER"
+fi
+if [ -n "${NEXD_TESTBED_LEADEREXIT:-}" ]; then
+	install -m 0755 "$NEXD_TESTBED_LEADEREXIT" "$W/share/pkgs/leaderexit" || die "leaderexit $NEXD_TESTBED_LEADEREXIT"
 fi
 
 QEMU_PID=

@@ -188,6 +188,81 @@ check "nexlet crash: $U keeps MemoryMax=50M" test "$(systemctl show -P MemoryMax
 HOG=$(run_workload --json --name sdhog --start-request '{"limits":{"memory_max":"50M"},"restart":{"policy":"never"}}' -- /bin/sh -c 'head -c 300M /dev/zero | tail' | json_field id)
 check "systemd driver: the OOM kill in nex-$HOG.scope is reported" \
 	wait_until 180 sh -c "nexctl --json workload info $HOG | grep -q 'OOM killer'"
+# --- a workload whose main thread exits alone (exit(2), not exit_group(2)): State Z in
+# /proc while its other threads run on, in its scope. It is running, not ended; a stop
+# (it ignores SIGTERM) kills its threads after the grace and answers; nothing is left
+# in its scope. Twice: the main thread exiting at once, before systemd takes the
+# process from its holding group into the scope (there it stays, listed in the
+# holding group's cgroup.procs by it alone; the move takes the other threads, and
+# the scope's cgroup.procs is empty), and 3 s after the start, in the scope. The
+# placement, the listing and the kill look at the process through procid.Stat.Runs
+# (0d684fa) and cgroup.Group.Procs, which finds a process by its threads too.
+# task_state PID: State of /proc/PID/status; threads PID: its Threads.
+task_state() { sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null; }
+threads() { sed -n 's/^Threads:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null; }
+leader_exited() { [ "$(task_state "$1")" = Z ] && [ "${2:-$(threads "$1")}" -gt 1 ] 2>/dev/null; }
+# threads_in PID CGROUP: every thread of PID but its ended main thread is in CGROUP
+# (as /proc/PID/task/TID/cgroup says), and there is one at least.
+threads_in() {
+	local t n=0
+	for t in /proc/"$1"/task/*; do
+		[ "${t##*/}" = "$1" ] && continue
+		n=$((n + 1))
+		grep -qx "0::$2" "$t/cgroup" 2>/dev/null || { echo "thread ${t##*/}: $(cat "$t/cgroup" 2>&1)"; return 1; }
+	done
+	[ "$n" -gt 0 ]
+}
+# nexlet_lists_running OLD ID: the recorded native nexlet is not OLD, nexd lists it
+# running, and it lists workload ID running.
+nexlet_lists_running() {
+	local p
+	p=$(nexlet_pid) && [ "$p" != "$1" ] && nexctl --json status | tr -d ' \n' | grep -q "\"pid\":$p,\"state\":\"running\"" && listed_running "$2"
+}
+listed_running() { nexctl --json workloads | tr -d ' \n' | grep -q "\"id\":\"$1\"[^}]*\"state\":\"running\""; }
+# leader_case NAME DELAY: the checks above for leaderexit DELAY (seconds; empty: at once).
+leader_case() {
+	local name=$1 lid lpid u sc t0 out nl
+	lid=$(run_workload --json --name "$name" --start-request '{"stop_grace":"2s","restart":{"policy":"never"}}' -- /usr/local/bin/leaderexit $2 | json_field id)
+	info "workload $name id=$lid (leaderexit $2)"
+	u=nex-$lid.scope
+	sc=/nex.slice/nex-workloads.slice/$u
+	check "$name: scope $u active" wait_until 60 systemctl --quiet is-active "$u"
+	wait_until 30 pgrep -x leaderexit >/dev/null
+	lpid=$(pgrep -x leaderexit | head -1)
+	check "$name: its main thread ($lpid) ended alone: State Z, other threads running" wait_until 60 leader_exited "$lpid"
+	info "$name: main thread's cgroup $(cat /proc/"$lpid"/cgroup 2>&1); Threads $(threads "$lpid"); $sc cgroup.procs=[$(tr '\n' ' ' </sys/fs/cgroup"$sc"/cgroup.procs 2>&1)] cgroup.threads=[$(tr '\n' ' ' </sys/fs/cgroup"$sc"/cgroup.threads 2>&1)]"
+	check "$name: its running threads are in $u" threads_in "$lpid" "$sc"
+	sleep 3 # the nexlet's look at its workloads comes round meanwhile
+	check "$name: still listed running 3 s after its main thread ended, not ended" listed_running "$lid"
+	check "$name: $u still active" systemctl --quiet is-active "$u"
+	check "$name: the holding group workloads/<id> is gone" not test -d "$CG/workloads/$lid"
+	# A new nexlet (the old one killed) adopts it from its scope and polls it every
+	# 250 ms until its scope lists nothing.
+	nl=$(nexlet_pid)
+	kill -9 "$nl"
+	check "$name: kill -9 of the native nexlet: a new one runs and lists it running" wait_until 120 nexlet_lists_running "$nl" "$lid"
+	sleep 3
+	check "$name: still listed running 3 s after the new nexlet adopted it, its threads running" \
+		sh -c "nexctl --json workloads | tr -d ' \n' | grep -q '\"id\":\"$lid\"[^}]*\"state\":\"running\"' && [ \"\$(sed -n 's/^Threads:[[:space:]]*//p' /proc/$lpid/status)\" -gt 1 ]"
+	t0=$(date +%s)
+	out=$(timeout 120 nexctl workload stop "$lid" 2>&1)
+	check "$name: nexctl workload stop answers" test $? = 0
+	info "$name: stop answered in $(($(date +%s) - t0)) s: $(printf '%s' "$out" | tr '\n' '|')"
+	check "$name: its threads are gone once the stop answered" wait_until 10 not test -e "/proc/$lpid"
+	check "$name: no leaderexit process left" not pgrep -x leaderexit
+	check "$name: the stop removes $u" wait_until 60 sh -c "! systemctl --quiet is-active $u && [ -z \"\$(systemctl list-units --all --plain --no-legend $u)\" ]"
+	check "$name: no cgroup left of it (scope, holding group)" wait_until 30 sh -c "! test -d /sys/fs/cgroup$sc && ! test -d $CG/workloads/$lid"
+	check "$name: the journal says it was killed after its stop grace" \
+		wait_until 30 sh -c "journalctl -u nexd -o json --no-pager | grep '\"NEX_WORKLOAD_ID\":\"$lid\"' | grep 'workload stopped' | grep -q 'killed after a stop grace'"
+	info "$name: $(journalctl -u nexd -o json --no-pager | grep "\"NEX_WORKLOAD_ID\":\"$lid\"" | grep 'workload stopped' | tail -1 | head -c 600)"
+}
+if install -m 0755 /mnt/pkgs/leaderexit /usr/local/bin/leaderexit; then
+	leader_case sdlead ""
+	leader_case sdlead3 3
+else
+	fail "leaderexit not in /mnt/pkgs (NEXD_TESTBED_LEADEREXIT unset): the leader-exit checks did not run"
+fi
+
 check "nexctl workload stop $ID" nexctl workload stop "$ID"
 check "stop removes $U" wait_until 60 sh -c "! systemctl --quiet is-active $U && [ -z \"\$(systemctl list-units --all --plain --no-legend $U)\" ]"
 # kill -0 also finds a zombie that its parent has not reaped yet: poll.
