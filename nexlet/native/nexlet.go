@@ -521,6 +521,13 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 			"workload_id", id, "namespace", req.Request.Namespace, "argv_index", i)
 	}
 	want, err := n.users.resolve(pl.req.User)
+	if ae := (*adminUserError)(nil); errors.As(err, &ae) && existing {
+		// Deployed before such users were refused: a replay keeps what runs (refused,
+		// the workload would be left unmanaged), and says so.
+		n.log.Warn("replayed workload runs as a user in the node's admin group, which new starts may not without allow_root_workloads; redeploy it as another user",
+			"workload_id", id, "namespace", req.Request.Namespace, "user", ae.user, "group", ae.group)
+		err = nil
+	}
 	if err != nil {
 		return nil, err
 	}

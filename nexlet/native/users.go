@@ -45,8 +45,11 @@ type UserPolicy struct {
 	UIDMin, UIDMax uint32
 	// Allowed are the named users a start request may ask for (`user`).
 	Allowed []string
-	// AllowRoot lets a start request ask for root.
+	// AllowRoot lets a start request ask for root, and for a named user in AdminGroup.
 	AllowRoot bool
+	// AdminGroup is the group whose members are the node's admins (DefaultAdminGroup
+	// when empty): a named user in it runs only with AllowRoot.
+	AdminGroup string
 	// LeaseDir is where dynamic uids are leased (default DefaultLeaseDir).
 	LeaseDir string
 	// Pool is how many dynamic uids are leased ahead, off the deploy path (0: none).
@@ -261,7 +264,39 @@ func (u *users) resolve(name string) (ident, error) {
 			}
 		}
 	}
+	if !u.pol.AllowRoot {
+		if group, gid, ok := u.adminGroup(); ok && (id.gid == gid || slices.Contains(id.groups, gid)) {
+			return id, &adminUserError{user: name, group: group}
+		}
+	}
 	return id, nil
+}
+
+// adminUserError refuses a named user in the node's admin group (resolve returns the
+// user's ident with it: a replay of a workload deployed so before keeps it).
+type adminUserError struct{ user, group string }
+
+func (e *adminUserError) Error() string {
+	return fmt.Sprintf("run_request: user %q is in group %s, the node's admins (the control socket hands them the node's NATS admin credential, and the configuration file is theirs to read): a workload as that user could act in every namespace, so it runs only where root workloads may (allow_root_workloads)", e.user, e.group)
+}
+
+// DefaultAdminGroup is the group whose members are the node's admins: control's
+// DefaultGroup (daemon's tests check they agree), which owns the packaged configuration
+// file (0640 root:nex).
+const DefaultAdminGroup = "nex"
+
+// adminGroup looks the policy's admin group up; ok is false when the host has none.
+func (u *users) adminGroup() (name string, gid uint32, ok bool) {
+	name = u.pol.AdminGroup
+	if name == "" {
+		name = DefaultAdminGroup
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return name, 0, false
+	}
+	v, err := strconv.ParseUint(g.Gid, 10, 32)
+	return name, uint32(v), err == nil
 }
 
 // acquire leases a fresh dynamic uid for owner (the workload's directory) when id is
