@@ -24,7 +24,7 @@ import (
 // workload leaves files that outlive it: POSIX shared memory and message queues (what
 // systemd's RemoveIPC= cleans for a DynamicUser=), /tmp and /var/tmp (the unit's
 // TemporaryFileSystem= gives them to all of its workloads together) and /run/lock
-// (leftoverDirs), so that the next
+// (leftoverDirs), and its kernel keyrings (clearKeyrings), so that the next
 // workload given one of these uids, another tenant's maybe, cannot read them as their
 // owner. It returns the uids whose leftovers could not all be removed (they must stay
 // leased), each with its error.
@@ -66,6 +66,11 @@ func (t *leftoverTrees) take(proc string, want map[uint32]bool) map[uint32]error
 			if err := sysvRemove(t.table, id); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.EIDRM) {
 				fail(uid, fmt.Errorf("dynamic uid %d: System V %s %d: %w", uid, t.table, id, err))
 			}
+		}
+	}
+	for _, uid := range keyUsers(proc, want) {
+		if err := clearKeyrings(uid); err != nil {
+			fail(uid, fmt.Errorf("dynamic uid %d: %w", uid, err))
 		}
 	}
 	for _, dir := range leftoverDirs() {

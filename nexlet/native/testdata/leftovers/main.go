@@ -1,8 +1,9 @@
 // Command leftovers is a test workload that plays two tenants sharing a reused dynamic
 // uid. "plant <tag> <secret>" leaves the secret where a process's end does not remove
 // it: a System V shared memory segment and message queue, a POSIX shared memory file
-// (/dev/shm) and files in /tmp, /var/tmp and /run/lock (every user's on Debian and
-// Ubuntu, 1777, and /run stays writable under nexd.service). "steal <tag>" prints "uid <its uid>", reads whatever of those its
+// (/dev/shm), files in /tmp, /var/tmp and /run/lock (every user's on Debian and
+// Ubuntu, 1777, and /run stays writable under nexd.service) and keys in its user and
+// persistent keyrings. "steal <tag>" prints "uid <its uid>", reads whatever of those its
 // uid can still reach and prints each as "stolen <where> <secret>", then "done".
 package main
 
@@ -42,6 +43,15 @@ func main() {
 		if _, _, errno := unix.Syscall6(unix.SYS_MSGSND, q, uintptr(unsafe.Pointer(&msg[0])), uintptr(len(secret)), unix.IPC_NOWAIT, 0, 0); errno != 0 {
 			must(errno)
 		}
+		// The uid's user and persistent keyrings (keyctl(2)), which outlive its processes.
+		if _, err := unix.AddKey("user", "nexd-left-"+tag, []byte(secret), unix.KEY_SPEC_USER_KEYRING); err != nil {
+			fmt.Println("cannot plant a key", err)
+		}
+		if id, err := unix.KeyctlInt(unix.KEYCTL_GET_PERSISTENT, -1, unix.KEY_SPEC_PROCESS_KEYRING, 0, 0); err == nil {
+			if _, err := unix.AddKey("user", "nexd-left-p-"+tag, []byte(secret), id); err != nil {
+				fmt.Println("cannot plant a persistent key", err)
+			}
+		}
 		for _, f := range files {
 			if err := os.WriteFile(f, []byte(secret), 0o600); err != nil {
 				fmt.Println("cannot plant", f, err) // /var/tmp or /run/lock may be absent or read-only
@@ -67,6 +77,20 @@ func main() {
 		for _, f := range files {
 			if b, err := os.ReadFile(f); err == nil {
 				fmt.Printf("stolen %s %s\n", f, b)
+			}
+		}
+		rings := []int{unix.KEY_SPEC_USER_KEYRING}
+		if id, err := unix.KeyctlInt(unix.KEYCTL_GET_PERSISTENT, -1, unix.KEY_SPEC_PROCESS_KEYRING, 0, 0); err == nil {
+			rings = append(rings, id)
+		}
+		for _, ring := range rings {
+			for _, desc := range []string{"nexd-left-" + tag, "nexd-left-p-" + tag} {
+				if id, err := unix.KeyctlSearch(ring, "user", desc, 0); err == nil {
+					buf := make([]byte, 4096)
+					if n, err := unix.KeyctlBuffer(unix.KEYCTL_READ, id, buf, 0); err == nil {
+						fmt.Printf("stolen keyring %s %s\n", desc, buf[:min(n, len(buf))])
+					}
+				}
 			}
 		}
 		fmt.Println("done")
