@@ -64,8 +64,11 @@ func mergeRunSpec(in runInputs) (runSpec, error) {
 	}
 	if fl.Changed["start-request"] {
 		var m map[string]any
-		if err := json.Unmarshal([]byte(fl.StartJSON), &m); err != nil || m == nil {
+		if err := json.Unmarshal([]byte(fl.StartJSON), &m); err != nil {
 			return runSpec{}, usagef("--start-request must be a JSON object: %v", err)
+		}
+		if m == nil { // JSON null decodes without an error, which said "<nil>"
+			return runSpec{}, usagef("--start-request must be a JSON object, got null")
 		}
 		spec.Start = m
 	}

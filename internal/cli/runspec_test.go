@@ -53,6 +53,9 @@ func TestMergeRunSpec(t *testing.T) {
 		{name: "--start-request not an object", in: runInputs{Flags: defaults(func(f *runFlags) {
 			f.Name, f.StartJSON, f.Changed = "x", `[1]`, map[string]bool{"start-request": true, "name": true}
 		})}, err: "must be a JSON object"},
+		{name: "--start-request null", in: runInputs{Flags: defaults(func(f *runFlags) {
+			f.Name, f.StartJSON, f.Changed = "x", `null`, map[string]bool{"start-request": true, "name": true}
+		})}, err: "must be a JSON object, got null"},
 		{name: "command names the workload", in: runInputs{Command: []string{"/usr/bin/python3", "-m", "http.server"}, CommandStart: cmdStart, Flags: defaults(nil)},
 			want: runSpec{Name: "python3", Type: "native", Lifecycle: "service", Tags: map[string]string{}, Start: cmdStart}},
 		{name: "command with --name", in: runInputs{Command: []string{"/usr/bin/python3"}, CommandStart: cmdStart, Flags: defaults(func(f *runFlags) {
