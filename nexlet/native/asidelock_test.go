@@ -264,15 +264,10 @@ func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 	needRoot(t)
 	uid := testkit.UIDs(t, 1)
 	leases := t.TempDir()
-	us, err := newUsers(UserPolicy{LeaseDir: leases, UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: leases, UIDMin: uid, UIDMax: uid})
 	t.Cleanup(us.stopPool) // after the hold's own clean-up, which lets the removal go on
-	other, err := newUsers(UserPolicy{LeaseDir: leases, UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	other := testUsers(t, UserPolicy{LeaseDir: leases, UIDMin: uid, UIDMax: uid})
+	other.asideRoots = us.asideRoots // the same host's
 	gone := exec.Command("true")
 	if err := gone.Run(); err != nil {
 		t.Fatal(err)
@@ -305,6 +300,7 @@ func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 			t.Errorf("the uid's new holder read what its last holder left: %q", got)
 		}
 	})
+	var err error
 	go func() {
 		defer close(swept)
 		nl, _, err = us.sweepStale()

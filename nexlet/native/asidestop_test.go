@@ -40,7 +40,12 @@ func TestSweepAsideStopsWithThePool(t *testing.T) {
 	}
 	_ = sleep.Process.Kill()
 	_ = sleep.Wait()
-	killed := filepath.Join("/tmp", asideName+dead.String()+"-test")
+	// In the test's own directory in /tmp (ownAsideRoots), which both its nexlets
+	// sweep: in /tmp itself, any other nexlet's start on the host (another test
+	// binary's, an e2e node's) removed it while the test filled it ("open
+	// .../tree/d2/96: no such file or directory"; 47 of 60 runs beside e2e nodes).
+	roots := ownAsideRoots(t)
+	killed := filepath.Join(roots["/tmp"], asideName+dead.String()+"-test")
 	if err := os.Mkdir(killed, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -77,10 +82,8 @@ func TestSweepAsideStopsWithThePool(t *testing.T) {
 	close(begun)
 	newPool := func() *users {
 		t.Helper()
-		us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1}, t.TempDir())
-		if err != nil {
-			t.Fatal(err)
-		}
+		us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1})
+		us.asideRoots = roots
 		return us
 	}
 

@@ -30,7 +30,7 @@ func TestCgroupDriverRefused(t *testing.T) {
 		"runc":        `want cgroupfs or systemd`,
 	} {
 		base := ownWorkloadsBase(t)
-		_, err := New(Config{RuntimeDir: t.TempDir(), CgroupDriver: driver, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: base,
+		_, err := New(Config{RuntimeDir: t.TempDir(), CgroupDriver: driver, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: base, asideRoots: ownAsideRoots(t),
 			Logger: slog.New(slog.DiscardHandler)})
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("driver %q: %v, want an error with %q", driver, err, want)
@@ -78,7 +78,7 @@ func TestCgroupfsFindsWorkloadInScope(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	n, err := New(Config{RuntimeDir: t.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: ownWorkloadsBase(t), Logger: slog.New(slog.DiscardHandler)})
+	n, err := New(Config{RuntimeDir: t.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: t.TempDir()}, workloadsBase: ownWorkloadsBase(t), asideRoots: ownAsideRoots(t), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -53,6 +54,7 @@ type fakeNode struct {
 	// (ownDirs), made at the first nexlet's start; "" until then.
 	own              UserPolicy
 	ownWorkloadsBase string
+	ownAside         asideRoots
 }
 
 func newFakeNode(t *testing.T) *fakeNode {
@@ -144,6 +146,9 @@ func (fn *fakeNode) startNexletHooked(cfg Config, hook func(*Nexlet)) *testNexle
 	if d := n.WorkloadsDir(); filepath.Dir(d) != cfg.workloadsBase && filepath.Dir(d) != cfg.RuntimeDir {
 		t.Fatalf("the nexlet's workloads directory %s is neither in the test's base %s nor in its runtime directory", d, cfg.workloadsBase)
 	}
+	if n.users.asideRoots == nil {
+		t.Fatal("the nexlet moves leftover trees aside into the host's shared directories and sweeps them: give it the test's own (ownAsideRoots)")
+	}
 	r, err := nexlet.NewRunner(context.Background(), testNode, n, nexlet.WithLogger(cfg.Logger))
 	if err != nil {
 		t.Fatal(err)
@@ -173,13 +178,14 @@ func (fn *fakeNode) startNexletHooked(cfg Config, hook func(*Nexlet)) *testNexle
 }
 
 // ownDirs gives cfg the test's own uid lease directory, dynamic uid range
-// (testkit.UIDs) and base for its workloads directories where the test sets none, the
-// same for every nexlet of fn (a restarted nexlet finds its predecessor's). The host's
-// (/run/nex-dynamic-uid, 61184-65519, /run/nex-workloads) are every nexlet's of the
-// host: another test binary's nexlets and e2e nodes sweep stale leases and unheld
-// workloads directories there, and a release kills every process of the uid it
-// releases, a uid of the default range that a nexlet on another lease directory may
-// have leased too.
+// (testkit.UIDs), base for its workloads directories and aside roots (ownAsideRoots)
+// where the test sets none, the same for every nexlet of fn (a restarted nexlet finds
+// its predecessor's). The host's (/run/nex-dynamic-uid, 61184-65519,
+// /run/nex-workloads, /tmp and the other shared directories) are every nexlet's of the
+// host: another test binary's nexlets and e2e nodes sweep stale leases, unheld
+// workloads directories and gone nexlets' leftover trees there, and a release kills
+// every process of the uid it releases, a uid of the default range that a nexlet on
+// another lease directory may have leased too.
 func (fn *fakeNode) ownDirs(cfg *Config) {
 	t := fn.t
 	t.Helper()
@@ -187,6 +193,7 @@ func (fn *fakeNode) ownDirs(cfg *Config) {
 		lo := testkit.UIDs(t, 1024)
 		fn.own = UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1023}
 		fn.ownWorkloadsBase = ownWorkloadsBase(t)
+		fn.ownAside = ownAsideRoots(t)
 	}
 	if cfg.Users.LeaseDir == "" {
 		cfg.Users.LeaseDir = fn.own.LeaseDir
@@ -197,6 +204,9 @@ func (fn *fakeNode) ownDirs(cfg *Config) {
 	if cfg.workloadsBase == "" {
 		cfg.workloadsBase = fn.ownWorkloadsBase
 	}
+	if cfg.asideRoots == nil {
+		cfg.asideRoots = fn.ownAside
+	}
 }
 
 // ownWorkloadsBase is a base of the test's own for a nexlet's workloads directories
@@ -204,6 +214,48 @@ func (fn *fakeNode) ownDirs(cfg *Config) {
 // directory every user can search, so that the workloads reach their own.
 func ownWorkloadsBase(t testing.TB) string {
 	return filepath.Join(testkit.PublicDir(t), "nex-workloads")
+}
+
+// ownAsideRoots are a test's own directories to move its nexlet's leftover trees aside
+// into and to sweep for gone nexlets' (users.asideRoots), in place of the host's shared
+// directories, where every other nexlet of the host (another test binary's, an e2e
+// node's) sweeps at its start: one in each shared directory that can hold one (not
+// /dev/mqueue), on its file system (a move stays a rename), with its mode (1777 in
+// /tmp: a workload's uid reaches into it as into /tmp, so what keeps the uid out of a
+// moved tree is its directory of root's, as on a host). Removed at the test's end.
+func ownAsideRoots(t testing.TB) asideRoots {
+	t.Helper()
+	roots := asideRoots{}
+	for _, d := range leftoverDirs() {
+		st, err := os.Stat(d)
+		if err != nil {
+			continue
+		}
+		r, err := os.MkdirTemp(d, "nexd-test-aside-")
+		if err != nil {
+			continue
+		}
+		t.Cleanup(func() { _ = os.RemoveAll(r) })
+		if err := os.Chmod(r, st.Mode()&(fs.ModePerm|fs.ModeSticky)); err != nil {
+			t.Fatal(err)
+		}
+		roots[d] = r
+	}
+	if roots["/tmp"] == "" {
+		t.Fatalf("no directory of the test's own made in /tmp: %v", roots)
+	}
+	return roots
+}
+
+// testUsers is newUsers for a test: with the test's own aside roots (ownAsideRoots).
+func testUsers(t testing.TB, pol UserPolicy) *users {
+	t.Helper()
+	us, err := newUsers(pol, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	us.asideRoots = ownAsideRoots(t)
+	return us
 }
 
 // crash lets go of the workloads without stopping them, as a crashed nexlet would.

@@ -128,10 +128,7 @@ func BenchmarkHostUses(b *testing.B) {
 func TestPooledUIDThatBecameAHostUserIsNotTaken(t *testing.T) {
 	needRoot(t)
 	uid := testkit.UIDs(t, 1)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid})
 	dir := t.TempDir()
 	us.hosts = &hostIDs{passwd: filepath.Join(dir, "passwd"), group: filepath.Join(dir, "group")}
 	if err := os.WriteFile(us.hosts.group, []byte("wheel:x:0:\n"), 0o644); err != nil {

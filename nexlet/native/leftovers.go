@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -29,7 +30,7 @@ import (
 // owner. It returns the uids whose leftovers could not all be removed (they must stay
 // leased), each with its error.
 func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
-	failed, trees := moveLeftovers(proc, want)
+	failed, trees := moveLeftovers(proc, nil, want)
 	for uid, err := range trees.remove(nil) {
 		failed[uid] = errors.Join(failed[uid], err)
 	}
@@ -37,15 +38,15 @@ func removeLeftovers(proc string, want map[uint32]bool) map[uint32]error {
 }
 
 // moveLeftovers is removeLeftovers with the directories among the leftovers moved out
-// of every uid's reach instead, into a directory of root's (mode 0700) beside them, to
-// be removed by trees.remove (or by the nexlet's goroutine: handAside): a release, a
-// stale lease's reuse (leaseFrom) and the sweep of stale leases (sweepStale) run it
+// of every uid's reach instead, into a directory of root's (mode 0700) beside them (in
+// roots.of their shared directory), to be removed by trees.remove (or by the nexlet's
+// goroutine: handAside): a release, a stale lease's reuse (leaseFrom) and the sweep of stale leases (sweepStale) run it
 // under the host-wide lease lock, which every deploy's claim of a uid waits for, and a
 // tree a workload left in /tmp takes as long to remove as it has entries (100,000
 // files: 1.9 s here); a rename takes one step whatever the size. Once moved, the next holder of the uid cannot reach them, so the
 // uid may be freed before they are gone (TestReleaseRemovesTreesAfterTheLock).
-func moveLeftovers(proc string, want map[uint32]bool) (map[uint32]error, *leftoverTrees) {
-	trees := &leftoverTrees{}
+func moveLeftovers(proc string, roots asideRoots, want map[uint32]bool) (map[uint32]error, *leftoverTrees) {
+	trees := &leftoverTrees{roots: roots}
 	return trees.take(proc, want), trees
 }
 
@@ -108,8 +109,10 @@ func (t *leftoverTrees) take(proc string, want map[uint32]bool) map[uint32]error
 }
 
 // leftoverTrees are leftover directories moved aside by moveLeftovers, each into a
-// directory of root's made beside it (mode 0700: no other uid can reach into it).
+// directory of root's made beside it (mode 0700: no other uid can reach into it), in
+// roots.of its shared directory.
 type leftoverTrees struct {
+	roots asideRoots
 	aside map[string]string // a shared directory (/tmp) -> its directory of root's
 	trees []leftoverTree
 }
@@ -120,13 +123,17 @@ type leftoverTree struct {
 }
 
 // move renames dir/name into dir's directory of root's (made at the first); false when
-// it could not (that directory not made, a mount point, another file system): the
-// caller removes it in place.
+// it could not (that directory not made, a mount point, another file system, a test's
+// roots without dir): the caller removes it in place.
 func (t *leftoverTrees) move(dir, name string, uid uint32) bool {
 	aside, ok := t.aside[dir]
 	if !ok {
+		root := t.roots.of(dir)
+		if root == "" {
+			return false
+		}
 		var err error
-		if aside, err = os.MkdirTemp(dir, asidePrefix()); err != nil {
+		if aside, err = os.MkdirTemp(root, asidePrefix()); err != nil {
 			return false
 		}
 		if t.aside == nil {
@@ -155,6 +162,34 @@ func leftoverDirs() []string {
 		}
 	}
 	return dirs
+}
+
+// asideRoots maps a shared directory (leftoverDirs) to where the directories of root's
+// that its leftover trees are moved into are made (leftoverTrees.move), which is where
+// a nexlet's start sweeps those of gone nexlets (sweepAside). nil, every nexlet's but a
+// test's: the shared directory itself, where every native nexlet of the host looks. A
+// test's nexlet has a directory of its own in each instead (ownAsideRoots), on the same
+// file system (the move stays one rename): a test that made a gone nexlet's directory
+// there had it removed by the start of any other nexlet of the host (another test
+// binary's, an e2e node's) while it filled or counted it
+// (TestSweepAsideStopsWithThePool), and a test's nexlet took such directories of other
+// tests.
+type asideRoots map[string]string
+
+// of is where dir's trees go aside; "" (not moved) for a dir a test's roots leave out.
+func (r asideRoots) of(dir string) string {
+	if r == nil {
+		return dir
+	}
+	return r[dir]
+}
+
+// dirs are the directories a nexlet's start sweeps (sweepAside).
+func (r asideRoots) dirs() []string {
+	if r == nil {
+		return leftoverDirs()
+	}
+	return slices.Sorted(maps.Values(r))
 }
 
 // asideName begins the name of every directory of root's that leftover trees are moved

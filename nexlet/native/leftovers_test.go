@@ -99,10 +99,7 @@ func BenchmarkRemoveLeftovers(b *testing.B) {
 func staleLeaseUsers(t *testing.T) (*users, uint32) {
 	t.Helper()
 	uid := testkit.UIDs(t, 1)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid})
 	if err := writeLease(us.leasePath(uid), filepath.Join(t.TempDir(), "gone")); err != nil {
 		t.Fatal(err)
 	}

@@ -98,6 +98,9 @@ type Config struct {
 	// no other nexlet of the host (another test binary's, an e2e node's) sweeps the
 	// test's workloads directories or meets them in its own sweep.
 	workloadsBase string
+	// asideRoots are a test's own directories for leftover trees moved aside
+	// (ownAsideRoots), in place of the host's shared directories, for the same reason.
+	asideRoots asideRoots
 }
 
 // Nexlet implements nexlet.Agent.
@@ -191,6 +194,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)
 	}
+	us.asideRoots = cfg.asideRoots
 	wdir, whold, err := workloadsDir(cfg.RuntimeDir, cfg.workloadsBase, us.root)
 	if err != nil {
 		return nil, fmt.Errorf("native nexlet: %w", err)

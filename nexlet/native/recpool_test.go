@@ -168,7 +168,7 @@ func TestPoolsWaitForRegistration(t *testing.T) {
 	lo := testkit.UIDs(t, 4*DefaultUIDPool+1)
 	hi := lo + 4*DefaultUIDPool
 	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Users: UserPolicy{LeaseDir: lease, Pool: DefaultUIDPool, UIDMin: lo, UIDMax: hi},
-		Logger: slog.New(slog.DiscardHandler), PoolsAfter: registered, workloadsBase: ownWorkloadsBase(t)})
+		Logger: slog.New(slog.DiscardHandler), PoolsAfter: registered, workloadsBase: ownWorkloadsBase(t), asideRoots: ownAsideRoots(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

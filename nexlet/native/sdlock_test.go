@@ -227,10 +227,7 @@ func holdSystemdLock(t *testing.T, path string) {
 func TestSystemdUIDLockDirMadeAgain(t *testing.T) {
 	uid := testkit.UIDs(t, 1)
 	sd := sdTestDir(t, uid)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid, SystemdUIDDir: sd}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid, SystemdUIDDir: sd})
 	if us.sd == nil {
 		t.Fatalf("no systemd locks: %s", us.sdWarn)
 	}

@@ -26,6 +26,7 @@ const envStaleLeaseNexlet = "NEXD_TEST_STALE_LEASE_NEXLET"
 type staleLeaseNexlet struct {
 	Leases, Owner string
 	UID           uint32
+	Aside         asideRoots // the test's (the next nexlet's): where it moves trees aside
 }
 
 // TestStaleLeaseNexletProcess is that nexlet, in a process of its own: what a stop cut
@@ -47,6 +48,7 @@ func TestStaleLeaseNexletProcess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	us.asideRoots = c.Aside
 	us.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ids, err := us.leaseFreshN(c.Owner, 1)
 	if err != nil || len(ids) != 1 {
@@ -85,7 +87,7 @@ func TestStaleLeaseRemovalStopsWithThePool(t *testing.T) {
 	next, uid := staleLeaseUsers(t)
 	tree, secret := leftoverTreeOf(t, uid, 2000)
 	owner := t.TempDir()
-	conf, _ := json.Marshal(staleLeaseNexlet{Leases: next.pol.LeaseDir, Owner: owner, UID: uid})
+	conf, _ := json.Marshal(staleLeaseNexlet{Leases: next.pol.LeaseDir, Owner: owner, UID: uid, Aside: next.asideRoots})
 	cmd := exec.Command(os.Args[0], "-test.run=^TestStaleLeaseNexletProcess$", "-test.count=1")
 	cmd.Env = append(os.Environ(), envStaleLeaseNexlet+"="+string(conf))
 	var stderr bytes.Buffer
@@ -161,7 +163,8 @@ func TestStaleLeaseRemovalStopsWithThePool(t *testing.T) {
 		return n
 	}
 	// Counted while the first nexlet still runs (it waits for the end of its stdin):
-	// another nexlet's start (another test binary's) takes a gone nexlet's directory.
+	// a nexlet's start takes a gone nexlet's directory (in the test's own aside roots,
+	// only this test's nexlets look).
 	// The directory itself, the tree, "many" and its files, "secret".
 	left, all := 0, 1+1+1+2000+1
 	var rest []byte

@@ -56,7 +56,7 @@ func benchNexletLog(b testing.TB, pool int, spec string, log *slog.Logger) *Nexl
 	// that nexlet's workload (seen with e2e TestLiveRestore's).
 	lo := testkit.UIDs(b, 1024)
 	n, err := New(Config{RuntimeDir: filepath.Join(dir, "run"), Cgroup: spec,
-		Users: UserPolicy{LeaseDir: lease, Pool: pool, UIDMin: lo, UIDMax: lo + 1023}, Logger: log})
+		Users: UserPolicy{LeaseDir: lease, Pool: pool, UIDMin: lo, UIDMax: lo + 1023}, asideRoots: ownAsideRoots(b), Logger: log})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -414,7 +414,7 @@ func TestUIDPool(t *testing.T) {
 // default memory and pids limits written, and their removal.
 func BenchmarkCgroupSandbox(b *testing.B) {
 	spec := cgroupSpec(b)
-	n, err := New(Config{RuntimeDir: b.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: b.TempDir()}, workloadsBase: ownWorkloadsBase(b), Logger: slog.New(slog.DiscardHandler)})
+	n, err := New(Config{RuntimeDir: b.TempDir(), Cgroup: spec, Users: UserPolicy{LeaseDir: b.TempDir()}, workloadsBase: ownWorkloadsBase(b), asideRoots: ownAsideRoots(b), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -27,10 +27,7 @@ func TestSweepStaleKeepsWhatIsHeld(t *testing.T) {
 	lo := testkit.UIDs(t, 10)
 	sd := sdTestDir(t, lo)
 	leases := t.TempDir()
-	us, err := newUsers(UserPolicy{LeaseDir: leases, UIDMin: lo, UIDMax: lo + 9, SystemdUIDDir: sd}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: leases, UIDMin: lo, UIDMax: lo + 9, SystemdUIDDir: sd})
 	if us.sd == nil {
 		t.Fatalf("no systemd locks: %s", us.sdWarn)
 	}
@@ -151,10 +148,7 @@ func TestWorkloadsDirsOfGoneNexletsSwept(t *testing.T) {
 	mk(dir("empty"))
 	mk(dir("own"))
 	record(dir("orphan"), rt) // a record beside no directory
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid + 1}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid + 1})
 	// Two directories of a runtime directory that is gone: one workload ended, one runs.
 	for i, name := range []string{"gone1", "gone2"} {
 		wd := filepath.Join(dir(name), "w"+strconv.Itoa(i))
@@ -254,10 +248,7 @@ func TestWorkloadsDirsOfGoneNexletsSwept(t *testing.T) {
 func TestSweepStaleGivesBackHandedOverLockWithoutLease(t *testing.T) {
 	lo := testkit.UIDs(t, 2)
 	sd := sdTestDir(t, lo)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1, SystemdUIDDir: sd}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: lo + 1, SystemdUIDDir: sd})
 	if us.sd == nil {
 		t.Fatalf("no systemd locks: %s", us.sdWarn)
 	}
@@ -314,10 +305,7 @@ func TestSweepStaleGivesBackHandedOverLockWithoutLease(t *testing.T) {
 func TestEndedWorkloadSweepSparesNewHolder(t *testing.T) {
 	needRoot(t)
 	uid := testkit.UIDs(t, 1)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid})
 	id := ident{uid: uid, gid: uid, name: "dynamic", dynamic: true}
 	for _, ownLease := range []bool{false, true} {
 		dir := t.TempDir()

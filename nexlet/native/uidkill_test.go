@@ -198,10 +198,7 @@ func retiredUID(t *testing.T, uid uint32) (*users, []ident) {
 	if newHostIDs().uses(uid) {
 		t.Skipf("uid %d is in use on this host", uid)
 	}
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid})
 	stopped := t.TempDir()
 	ids, err := us.leaseFreshN(stopped, 1)
 	if err != nil {

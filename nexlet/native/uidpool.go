@@ -124,7 +124,7 @@ func (p *uidPool) run(begin <-chan struct{}) {
 	var sweep sync.WaitGroup
 	defer sweep.Wait()
 	sweep.Go(func() {
-		switch n, err := sweepAside(leftoverDirs(), p.stop, p.u.sweepingAside); {
+		switch n, err := sweepAside(p.u.asideRoots.dirs(), p.stop, p.u.sweepingAside); {
 		case errors.Is(err, errSweepStopped):
 			p.log.Info("removal of leftovers of nexlets that are gone stopped; the next start goes on with it", "dirs", n)
 		case err != nil:

@@ -138,6 +138,9 @@ type users struct {
 	// aside removes the trees a stale lease's reuse or the sweep of stale leases moved
 	// aside, off their callers' path (handAside); stopPool stops it.
 	aside asideRemoval
+	// asideRoots: where leftover trees go aside and the start's sweep looks for gone
+	// nexlets' (nil: the host's shared directories; a test's own: ownAsideRoots).
+	asideRoots asideRoots
 
 	// log takes what goes wrong off the callers' path (handAside); nil: nowhere.
 	log *slog.Logger
@@ -395,7 +398,7 @@ func (u *users) leaseFrom(busy map[uint32]bool, fresh bool, owner string, n int)
 // leaseFromLocked is leaseFrom under the lease lock; trees are the leftover directories
 // of the stale leases' uids it took, moved aside, for removal after the lock.
 func (u *users) leaseFromLocked(busy map[uint32]bool, fresh bool, owner string, n int) (out []ident, trees *leftoverTrees, err error) {
-	trees = &leftoverTrees{}
+	trees = &leftoverTrees{roots: u.asideRoots}
 	span := u.pol.UIDMax - u.pol.UIDMin + 1
 	start := rand.Uint32N(span) // not predictable, and few collisions between nodes
 	var sdErr error
@@ -683,7 +686,7 @@ func (u *users) freeRetiredLocked(want map[uint32]bool, survivors map[uint32][]i
 		}
 		gone[uid] = true
 	}
-	failed, trees := moveLeftovers(u.proc, gone)
+	failed, trees := moveLeftovers(u.proc, u.asideRoots, gone)
 	for uid := range gone {
 		if err := u.freeLocked(uid, failed[uid]); err != nil {
 			errs = append(errs, err)
@@ -914,7 +917,7 @@ func (u *users) sweepStale() (leases, locks int, err error) {
 // uids; trees are the stale uids' leftover directories, moved aside for removal after
 // the lock.
 func (u *users) sweepStaleLocked(busy map[uint32]bool) (leases, locks int, trees *leftoverTrees, err error) {
-	trees = &leftoverTrees{}
+	trees = &leftoverTrees{roots: u.asideRoots}
 	ents, err := os.ReadDir(u.pol.LeaseDir)
 	if err != nil {
 		return 0, 0, trees, fmt.Errorf("stale leases: %w", err)

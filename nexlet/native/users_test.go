@@ -217,10 +217,7 @@ func TestUIDRangeIsHonouredAndExhaustionIsAnError(t *testing.T) {
 // uids, want 4"), or is killed by the test's release.
 func twoLeasedOneRunning(t *testing.T, lo, hi uint32) (*users, []ident, *exec.Cmd) {
 	t.Helper()
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: hi}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: lo, UIDMax: hi})
 	owner := t.TempDir()
 	ids, err := us.leaseFreshN(owner, 2)
 	if err != nil || len(ids) != 2 {
@@ -437,10 +434,7 @@ func TestStoppedWorkloadsUIDStaysLeasedUntilReleased(t *testing.T) {
 func TestFreshLeaseHeldWhileItsDirectoryIsMade(t *testing.T) {
 	needRoot(t)
 	uid := testkit.UIDs(t, 1)
-	us, err := newUsers(UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	us := testUsers(t, UserPolicy{LeaseDir: t.TempDir(), UIDMin: uid, UIDMax: uid})
 	dir := filepath.Join(t.TempDir(), "one")
 	id, made, err := us.acquire(ident{dynamic: true, name: "dynamic"}, dir)
 	if err != nil || made || id.uid != uid {

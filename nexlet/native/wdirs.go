@@ -213,7 +213,7 @@ func (u *users) freeEnded(uid uint32, wd string) bool {
 		unlock()
 		return true // another holder's uid: the directory alone goes
 	}
-	failed, trees := moveLeftovers(u.proc, map[uint32]bool{uid: true})
+	failed, trees := moveLeftovers(u.proc, u.asideRoots, map[uint32]bool{uid: true})
 	if ours && failed[uid] == nil {
 		_ = u.freeLocked(uid, nil)
 	}
