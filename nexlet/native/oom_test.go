@@ -116,7 +116,14 @@ exec sleep 1000`
 	if s.Metadata["uid"] != strconv.FormatUint(uint64(uid), 10) {
 		t.Fatalf("workload runs as uid %q, not the dynamic uid %d", s.Metadata["uid"], uid)
 	}
+	// "up" comes before the two that lowered their own value exec their sleeps: read
+	// once both have, or a shell still running the script is taken for one that lowered
+	// a value the nexlet gave (the shell at the nexlet's value, not yet "sleep 1000").
 	scores := oomScores(uid)
+	for deadline := time.Now().Add(10 * time.Second); !execed(scores, "sleep 1000", "sleep 1004") && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		scores = oomScores(uid)
+	}
 	t.Logf("nexlet %d (CAP_SYS_RESOURCE %v), workload given %d: %v", own, capable, want, scores)
 	if len(scores) != 5 {
 		t.Errorf("found %d processes of the workload, want 5", len(scores))
@@ -139,6 +146,23 @@ exec sleep 1000`
 	if got := ownOOMScore(t); got != own {
 		t.Errorf("the nexlet's oom_score_adj is %d after the start, not its %d", got, own)
 	}
+}
+
+// execed says whether each of cmds is the command line of one of scores' processes.
+func execed(scores map[string]int, cmds ...string) bool {
+	for _, c := range cmds {
+		found := false
+		for cmd := range scores {
+			if strings.HasPrefix(cmd, c+" ") || strings.HasPrefix(cmd, c+"(") {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }
 
 func ownOOMScore(t *testing.T) int {
