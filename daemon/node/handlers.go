@@ -321,13 +321,16 @@ func validateRunRequest(schema *jsonschema.Schema, runRequest string) error {
 // again): then its nexlets are asked, and the memory answers only when none holds it
 // (TestRepeatStopOfAWorkloadRunningAgain).
 func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (protocol.StopWorkloadResponse, error) {
-	return n.stopWorkloadSaying(ctx, namespace, workloadID, nil)
+	return n.stopWorkloadSaying(ctx, namespace, workloadID, nil, true)
 }
 
 // stopWorkloadSaying is stopWorkload that, for a workload this node owns, calls
 // stopping (at most once, before it returns, unless the answer came first) with the
 // headers of the node's "stopping" word to a client that does not wait: see stopAck.
-func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID string, stopping func(nats.Header)) (protocol.StopWorkloadResponse, error) {
+//
+// mayWait false: the caller runs on a subscription's own goroutine (the node's request
+// goroutines all taken), which must not wait for a nexlet that is not registered.
+func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID string, stopping func(nats.Header), mayWait bool) (protocol.StopWorkloadResponse, error) {
 	n.mu.Lock()
 	o, owned := n.owned[workloadID]
 	n.mu.Unlock()
@@ -388,7 +391,38 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 		// it asked the nexlets registered then, was answered "not found", and the
 		// workload ran on (TestStopWhileOwnerRestarts).
 		began := time.Now()
-		if bound := min(wait, ownerReturnWait); !n.awaitOwner(ctx, o.owner, bound) {
+		bound := min(wait, ownerReturnWait)
+		absent := !n.ownerServing(o.owner)
+		if absent && !mayWait {
+			// Run on the UNDEPLOY subscription's own goroutine: waiting here held every
+			// stop on the node behind this one (TestStopsWaitingForAnAbsentOwnerDoNotHoldTheNode).
+			ret.Message = fmt.Sprintf("not stopped: nexlet %s, which runs it, is not registered (restarting?), and the node has no request goroutine free to wait for it; the node keeps the workload; stop it again",
+				o.owner)
+			return ret, nil
+		}
+		if absent && namespace != protocol.SystemNamespace {
+			// One of a tenant's stops of it waits at a time: each held one of the
+			// node's 64 request goroutines for the bound, and a tenant sending them in
+			// a loop held them all, and then the subscription's own, so every other
+			// stop waited behind them (a minute each,
+			// TestStopsWaitingForAnAbsentOwnerDoNotHoldTheNode). System's stops (the
+			// operator's, the drain's) wait each.
+			n.mu.Lock()
+			already := n.ownerWaits[workloadID]
+			n.ownerWaits[workloadID] = true
+			n.mu.Unlock()
+			if already {
+				ret.Message = fmt.Sprintf("not stopped yet: nexlet %s, which runs it, is not registered (restarting?), and an earlier stop of it waits up to %s for it to come back and stops it there; the node keeps the workload meanwhile",
+					o.owner, bound)
+				return ret, nil
+			}
+			defer func() {
+				n.mu.Lock()
+				delete(n.ownerWaits, workloadID)
+				n.mu.Unlock()
+			}()
+		}
+		if !n.awaitOwner(ctx, o.owner, bound) {
 			ret.Message = fmt.Sprintf("not stopped: nexlet %s, which runs it, is not registered (restarting?) and did not come back within %s; the node keeps the workload, and that nexlet gets it back when it registers again",
 				o.owner, bound)
 			return ret, ctx.Err()
@@ -568,7 +602,8 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		case <-n.ctx.Done():
 		}
 	}
-	resp, err := n.stopWorkloadSaying(n.ctx, req.Namespace, workloadID, stopping)
+	_, detached := r.(*detachedRequest) // on a request goroutine of the node's (async)
+	resp, err := n.stopWorkloadSaying(n.ctx, req.Namespace, workloadID, stopping, detached)
 	if err != nil {
 		n.fail(r, 500, "failed to ask nexlets to stop a workload", err, named)
 		return
@@ -808,13 +843,7 @@ func (n *Node) awaitOwner(ctx context.Context, owner string, bound time.Duration
 	defer timer.Stop()
 	for {
 		n.mu.Lock()
-		serving := false
-		for _, r := range n.agents {
-			if r.owner == owner && (!r.lastBeat.IsZero() || time.Since(r.registeredAt) >= servingAfter) {
-				serving = true
-				break
-			}
-		}
+		serving := n.ownerServingLocked(owner)
 		ch := n.changed
 		n.mu.Unlock()
 		if serving {
@@ -828,6 +857,24 @@ func (n *Node) awaitOwner(ctx context.Context, owner string, bound time.Duration
 			return false
 		}
 	}
+}
+
+// ownerServing reports whether the nexlet instance owner is registered and serving.
+func (n *Node) ownerServing(owner string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.ownerServingLocked(owner)
+}
+
+// ownerServingLocked is ownerServing with n.mu held: registered, and its first
+// heartbeat came or servingAfter passed since its registration (as awaitServing).
+func (n *Node) ownerServingLocked(owner string) bool {
+	for _, r := range n.agents {
+		if r.owner == owner && (!r.lastBeat.IsZero() || time.Since(r.registeredAt) >= servingAfter) {
+			return true
+		}
+	}
+	return false
 }
 
 // servingAfter bounds how long after its registration a nexlet that has not sent a

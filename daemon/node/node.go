@@ -339,6 +339,9 @@ type Node struct {
 	// stopsInFlight (under mu) counts the stops under way by workload id: a list round
 	// leaves those workloads to their stop.
 	stopsInFlight map[string]int
+	// ownerWaits (under mu): the workloads a tenant's stop is waiting for the nexlet
+	// of (awaitOwner); the tenant's other stops of one are answered at once meanwhile.
+	ownerWaits map[string]bool
 }
 
 // WorkloadChanges is a counter that moves whenever the node's workload listing may
@@ -469,6 +472,7 @@ func New(o Options) (*Node, error) {
 		feedsWarned:    map[string]bool{},
 		endsKick:       make(chan struct{}, 1),
 		stopsInFlight:  map[string]int{},
+		ownerWaits:     map[string]bool{},
 	}
 	n.lastDrain = n.readDrainOutcome()
 	return n, nil
