@@ -1,9 +1,12 @@
 package node
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -175,5 +178,178 @@ func TestAttackListedIDReachesResourceReader(t *testing.T) {
 	defer mu.Unlock()
 	if !slices.Equal(read, []string{own}) {
 		t.Errorf("the resource reader was asked for %q, want only the placed workload %s", read, own)
+	}
+}
+
+// restartNode plays nexd restarting on the same node state: rf's node stops (its
+// nexlets' processes run on, still connected, not told), and a new node with the same
+// identity, state store and minter starts in its place, with no nexlet registered.
+func (rf *rogueFixture) restartNode(tweaks ...func(*Options)) *Node {
+	rf.t.Helper()
+	old := rf.nodes[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := old.Stop(ctx); err != nil {
+		rf.t.Fatal(err)
+	}
+	o := old.o
+	o.NC = rf.op.Connect(rf.t, "node-0-again")
+	for _, tw := range tweaks {
+		tw(&o)
+	}
+	n, err := New(o)
+	if err != nil {
+		rf.t.Fatal(err)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		rf.t.Fatal(err)
+	}
+	n.SetState(protocol.NodeRunning)
+	rf.t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = n.Stop(ctx)
+	})
+	rf.nodes[0] = n
+	return n
+}
+
+// TestAttackTenantStopsAnothersWorkloadRightAfterRestart: the window
+// TestAttackTenantStopsAnothersWorkloadOnLaxNexlet left. Right after nexd restarts,
+// the node learnt which namespace a workload it placed belongs to only when the
+// workload's nexlet registered again and got it to replay, though node state (read
+// at its start) said it all along. Tenant B, as its own user, stops tenant A's
+// service in tenant-b in that window: another upstream-style nexlet has registered
+// again, so the stop goes out on the shared subject, where A's lax nexlet (still
+// connected, not registered yet) takes it for a no-op and answers stopped. The node
+// took that answer for the workload it did not know: it removed A's record from node
+// state, so A's nexlet, registering next, was not handed it to replay, and A's
+// service ran nowhere. Now the node knows the namespaces of what node state holds
+// from its start: B's stop is "workload not found", asking no nexlet.
+func TestAttackTenantStopsAnothersWorkloadRightAfterRestart(t *testing.T) {
+	rf := newRogueFixture(t)
+	lax := rf.minted("LAXUPSTREAM0", "up", "native", func(a *fakeAgent) {
+		a.req.AnswersDirect = false // upstream's SDK: asked on the shared subjects
+		a.stopsUnknownAsDone = true
+	})
+	other := rf.upstreamNexlet("UPOTHER0", "other", "other")
+	aWid := deployAs(t, rf.client, "tenant-a", "a-service")
+	b := rf.tenant("tenant-b")
+
+	n := rf.restartNode()
+	// The other nexlet's process restarts too and registers first; A's lax nexlet
+	// still runs on its old connection and has not registered yet.
+	other.kill()
+	again := rf.expected(other.id, other.req.Name, other.req.RegisterType)
+	again.req.AnswersDirect = false
+	again.mustRegister()
+	waitHealthy(t, n, other.id)
+	// Busy (replaying, say): it does not answer the stop, so the lax nexlet's answer
+	// is the one the node takes. Without this the two answers race, and the attack
+	// wins about every other try, which a tenant may repeat at will.
+	again.mute.Store(true)
+
+	lax.mu.Lock()
+	asked := lax.stopsAsked
+	lax.mu.Unlock()
+	m := request(t, b.nc, protocol.UndeploySubject("tenant-b", aWid), protocol.StopWorkloadRequest{Namespace: "tenant-b"})
+	var resp protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &resp); err != nil || resp.Stopped || resp.Message != protocol.ErrTextWorkloadNotFound {
+		t.Errorf("tenant-b's stop of tenant-a's workload right after the restart answered %q (%v), want %q", m.Data, err, protocol.ErrTextWorkloadNotFound)
+	}
+	lax.mu.Lock()
+	asked = lax.stopsAsked - asked
+	lax.mu.Unlock()
+	if asked != 0 {
+		t.Errorf("tenant-a's nexlet was asked %d times to stop tenant-a's workload in tenant-b's name", asked)
+	}
+	if !rf.stored("native", aWid) {
+		t.Errorf("tenant-a's running workload left node state on tenant-b's stop")
+	}
+
+	// A's nexlet restarts and registers: it gets A's service back to replay.
+	laxAgain := rf.restarted(lax)
+	if !slices.Contains(n.Replayed(), aWid) {
+		t.Errorf("tenant-a's workload was not replayed when its nexlet registered again (replayed: %v)", n.Replayed())
+	}
+	laxAgain.mu.Lock()
+	_, runs := laxAgain.workloads[aWid]
+	laxAgain.mu.Unlock()
+	if !runs {
+		t.Errorf("tenant-a's service is not started again on its restarted nexlet")
+	}
+
+	// A's own stop stops it.
+	m = request(t, rf.client, protocol.UndeploySubject("tenant-a", aWid), protocol.StopWorkloadRequest{Namespace: "tenant-a"})
+	var own protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &own); err != nil || !own.Stopped || own.AlreadyStoppedAt != "" {
+		t.Errorf("tenant-a's own stop answered %q (%v), want stopped now", m.Data, err)
+	}
+}
+
+// unreadableStore is a MemStore whose All fails while down (node state out of reach).
+type unreadableStore struct {
+	*MemStore
+	down atomic.Bool
+}
+
+func (s *unreadableStore) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error) {
+	if s.down.Load() {
+		return nil, errors.New("state: read bucket NEXNODE: nats: timeout")
+	}
+	return s.MemStore.All(ctx)
+}
+
+// TestAttackTenantStopRightAfterRestartWithStateUnread: as
+// TestAttackTenantStopsAnothersWorkloadRightAfterRestart, with node state out of reach
+// at nexd's start and at B's stop, so the node cannot tell whose the workload is. It
+// neither asks the nexlets nor removes anything: B's stop is refused (503, naming the
+// node), and once node state can be read, it is "workload not found" as before; the
+// record stays and A's workload is replayed to its nexlet.
+func TestAttackTenantStopRightAfterRestartWithStateUnread(t *testing.T) {
+	rf := newRogueFixture(t)
+	lax := rf.minted("LAXUPSTREAM0", "up", "native", func(a *fakeAgent) {
+		a.req.AnswersDirect = false
+		a.stopsUnknownAsDone = true
+	})
+	other := rf.upstreamNexlet("UPOTHER0", "other", "other")
+	aWid := deployAs(t, rf.client, "tenant-a", "a-service")
+	b := rf.tenant("tenant-b")
+
+	st := &unreadableStore{MemStore: rf.stores[0]}
+	st.down.Store(true)
+	n := rf.restartNode(func(o *Options) { o.Store = st })
+	other.kill()
+	again := rf.expected(other.id, other.req.Name, other.req.RegisterType)
+	again.req.AnswersDirect = false
+	again.mustRegister()
+	waitHealthy(t, n, other.id)
+	again.mute.Store(true) // as in TestAttackTenantStopsAnothersWorkloadRightAfterRestart
+
+	stop := func() *nats.Msg {
+		return request(t, b.nc, protocol.UndeploySubject("tenant-b", aWid), protocol.StopWorkloadRequest{Namespace: "tenant-b"})
+	}
+	m := stop()
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "503" || m.Header.Get(protocol.HeaderNode) != n.ID() {
+		t.Errorf("tenant-b's stop with node state unread answered %q (code %q, node %q), want a 503 naming the node", m.Data, code, m.Header.Get(protocol.HeaderNode))
+	}
+	st.down.Store(false)
+	m = stop()
+	var resp protocol.StopWorkloadResponse
+	if err := protocol.Decode(m.Data, &resp); err != nil || resp.Stopped || resp.Message != protocol.ErrTextWorkloadNotFound {
+		t.Errorf("tenant-b's stop once node state is read answered %q (%v), want %q", m.Data, err, protocol.ErrTextWorkloadNotFound)
+	}
+	lax.mu.Lock()
+	asked := lax.stopsAsked
+	lax.mu.Unlock()
+	if asked != 0 {
+		t.Errorf("tenant-a's nexlet was asked %d times to stop tenant-a's workload in tenant-b's name", asked)
+	}
+	if !rf.stored("native", aWid) {
+		t.Errorf("tenant-a's running workload left node state on tenant-b's stop")
+	}
+	rf.restarted(lax)
+	if !slices.Contains(n.Replayed(), aWid) {
+		t.Errorf("tenant-a's workload was not replayed when its nexlet registered again (replayed: %v)", n.Replayed())
 	}
 }

@@ -333,14 +333,30 @@ func (n *Node) stopWorkload(ctx context.Context, namespace, workloadID string) (
 func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID string, stopping func(nats.Header), mayWait bool) (protocol.StopWorkloadResponse, error) {
 	n.mu.Lock()
 	o, owned := n.owned[workloadID]
+	st, starting := n.starting[workloadID]
 	n.mu.Unlock()
-	if owned && o.ns != "" && namespace != o.ns && namespace != protocol.SystemNamespace {
+	placedNS := o.ns
+	if !owned && starting {
+		placedNS = st.ns // its deploy is in flight
+	}
+	if !owned && !starting && namespace != protocol.SystemNamespace {
+		// Not placed in this run yet (its nexlet has not registered again since nexd
+		// started), but node state may hold it: its namespace is known from there.
+		ns, err := n.recordedNamespace(ctx, workloadID)
+		if err != nil {
+			return protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}, err
+		}
+		placedNS = ns
+	}
+	if placedNS != "" && namespace != placedNS && namespace != protocol.SystemNamespace {
 		// Another namespace's workload, as the node placed it: not found, and no
 		// nexlet is asked. A nexlet may take a stop of a workload it does not hold in
 		// the request's namespace for a no-op and answer it stopped (a version of
 		// upstream's native nexlet does, through its SDK), and the node then dropped the
 		// running workload from its state for the other tenant
-		// (TestAttackTenantStopsAnothersWorkloadOnLaxNexlet).
+		// (TestAttackTenantStopsAnothersWorkloadOnLaxNexlet; right after a restart,
+		// before its nexlet registered again, from node state:
+		// TestAttackTenantStopsAnothersWorkloadRightAfterRestart).
 		return protocol.StopWorkloadResponse{ID: workloadID, Message: protocol.ErrTextWorkloadNotFound}, nil
 	}
 	if e, ok := n.stopped.Get(workloadID, namespace, time.Now()); ok && !owned {
@@ -479,6 +495,9 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 		// nor the memory. Its namespace: the one it was deployed in, else the
 		// caller's (a nexlet checks it), else unknown (then only system sees it).
 		ns := o.ns
+		if ns == "" {
+			ns = n.recordedLookup(workloadID)
+		}
 		if ns == "" && namespace != protocol.SystemNamespace {
 			ns = namespace
 		}
@@ -604,6 +623,11 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	}
 	_, detached := r.(*detachedRequest) // on a request goroutine of the node's (async)
 	resp, err := n.stopWorkloadSaying(n.ctx, req.Namespace, workloadID, stopping, detached)
+	if errors.Is(err, errStateUnread) {
+		// Whose workload it is cannot be told yet: nothing is asked or removed.
+		n.fail(r, 503, "cannot stop a workload yet: its namespace is unknown until node state is read", err, named)
+		return
+	}
 	if err != nil {
 		n.fail(r, 500, "failed to ask nexlets to stop a workload", err, named)
 		return
@@ -800,6 +824,9 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 func (n *Node) rowNamespaceLocked(w protocol.WorkloadSummary) string {
 	if o, ok := n.owned[w.ID]; ok && o.ns != "" {
 		return o.ns
+	}
+	if ns := n.recordedLookup(w.ID); ns != "" {
+		return ns // node state's, before its nexlet registered again
 	}
 	if w.Namespace != nil {
 		return *w.Namespace
@@ -1413,6 +1440,9 @@ func (n *Node) unstore(workloadID, workloadType string) error {
 	if workloadType == "" {
 		return nil
 	}
+	if !ok {
+		o.ns = n.recordedLookup(workloadID) // a tombstone keeps its namespace
+	}
 	err := n.o.Store.Delete(withNamespace(n.ctx, o.ns), workloadType, workloadID)
 	if errors.Is(err, ErrRemovalPending) {
 		n.log.Warn("failed to remove an ended workload from node state; a tombstone stands in for it", "workload_id", workloadID, "err", err)
@@ -1431,6 +1461,7 @@ func (n *Node) forgetStored(workloadID string) {
 	}
 	delete(n.owned, workloadID)
 	n.mu.Unlock()
+	n.forgetRecorded(workloadID)
 	if n.o.Observer != nil {
 		n.o.Observer.WorkloadEnded(workloadID)
 	}

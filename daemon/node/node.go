@@ -282,6 +282,9 @@ type Node struct {
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
 	owned map[string]ownership // workload id -> type and owning nexlet, for what this node stored
+	// recorded: the namespaces node state gave its workloads, read at the start (before
+	// owned learns them from the nexlets' registrations).
+	recorded recordedNS
 	// stopped remembers the workloads whose stop a nexlet confirmed lately (bounded), so
 	// a repeated stop is answered "already stopped at T", not "not found".
 	stopped *stopmemo.Memo
@@ -459,6 +462,7 @@ func New(o Options) (*Node, error) {
 		bids:           newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
 		auctions:       newAuctionQueue(),
 		owned:          map[string]ownership{},
+		recorded:       recordedNS{ns: map[string]string{}},
 		stopped:        stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
 		keys:           map[string]string{},
 		locals:         map[string]localChannel{},
@@ -584,6 +588,15 @@ func (n *Node) Start(ctx context.Context) error {
 	// The node's work outlives the caller's start context; Stop cancels it.
 	n.ctx, n.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	n.mu.Unlock()
+
+	// Node state's namespaces before any stop is served: a stop from another
+	// namespace of a workload whose nexlet has not registered again is then refused
+	// as for one it placed. A read that fails now is tried again at such a stop.
+	rctx, rcancel := context.WithTimeout(n.ctx, n.o.FanoutTimeout)
+	if err := n.loadRecorded(rctx); err != nil {
+		n.log.Warn("failed to read node state at start; tried again at the first stop that needs it", "err", err)
+	}
+	rcancel()
 
 	version := n.o.Version
 	if !regexp.MustCompile(semver).MatchString(version) {

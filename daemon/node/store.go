@@ -26,6 +26,10 @@ type Store interface {
 	// ByType returns the workloads of exactly this type (not a prefix match),
 	// keyed by workload id.
 	ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error)
+	// All returns every stored workload, keyed by <type>_<id> (state.Key): the node
+	// reads it at its start to know whose each workload is before any nexlet
+	// registers again (Node.loadRecorded).
+	All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error)
 }
 
 // NoStore keeps nothing (--state "").
@@ -41,6 +45,11 @@ func (NoStore) Delete(context.Context, string, string) error { return nil }
 
 // ByType implements Store.
 func (NoStore) ByType(context.Context, string) (map[string]protocol.StartWorkloadRequest, error) {
+	return map[string]protocol.StartWorkloadRequest{}, nil
+}
+
+// All implements Store.
+func (NoStore) All(context.Context) (map[string]protocol.StartWorkloadRequest, error) {
 	return map[string]protocol.StartWorkloadRequest{}, nil
 }
 
@@ -105,6 +114,19 @@ func (s *MemStore) ByType(_ context.Context, workloadType string) (map[string]pr
 	out := maps.Clone(s.byType[workloadType])
 	if out == nil {
 		out = map[string]protocol.StartWorkloadRequest{}
+	}
+	return out, nil
+}
+
+// All implements Store.
+func (s *MemStore) All(context.Context) (map[string]protocol.StartWorkloadRequest, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]protocol.StartWorkloadRequest{}
+	for typ, m := range s.byType {
+		for id, req := range m {
+			out[typ+"_"+id] = req
+		}
 	}
 	return out, nil
 }

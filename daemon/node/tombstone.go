@@ -192,6 +192,12 @@ func (t *Tombstones) ByType(ctx context.Context, workloadType string) (map[strin
 	return out, nil
 }
 
+// All implements Store: every stored workload, the tombstoned ones too (the node
+// reads it for the namespaces of what it holds, not to replay).
+func (t *Tombstones) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error) {
+	return t.inner.All(ctx)
+}
+
 // Pending returns the keys (<type>_<id>) of the tombstoned workloads.
 func (t *Tombstones) Pending() []string {
 	t.mu.Lock()
