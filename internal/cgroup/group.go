@@ -462,27 +462,42 @@ func (g *Group) clean(pids []int) []int {
 	return slices.DeleteFunc(pids, func(p int) bool { return p == self || !alive(p) })
 }
 
-// cgroupProcs lists the processes in the group's cgroups (and below), unsorted.
-func (g *Group) cgroupProcs() ([]int, error) {
-	var out []int
+// eachDir calls fn with each of the group's cgroup directories (and those below),
+// hierarchy by hierarchy; a hierarchy whose group is gone is passed over.
+func (g *Group) eachDir(fn func(dir string) error) error {
 	for _, h := range g.hiers {
 		dirs, err := subtreeDirs(h.Root)
 		if err != nil {
 			if errors.Is(err, os.ErrNotExist) {
 				continue
 			}
-			return nil, fmt.Errorf("list cgroup %s: %w", h.Root, err)
+			return fmt.Errorf("list cgroup %s: %w", h.Root, err)
 		}
 		for _, d := range dirs {
-			pids, err := readPids(filepath.Join(d, "cgroup.procs"))
-			if err != nil && !errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("list processes of cgroup %s: %w", d, err)
-			}
-			out = append(out, pids...)
-			if g.m.mode == ModeV2 { // v1's cgroup.procs lists a process wherever a thread of it is
-				out = append(out, strandedOwners(filepath.Join(d, "cgroup.threads"), pids)...)
+			if err := fn(d); err != nil {
+				return err
 			}
 		}
+	}
+	return nil
+}
+
+// cgroupProcs lists the processes in the group's cgroups (and below), unsorted.
+func (g *Group) cgroupProcs() ([]int, error) {
+	var out []int
+	err := g.eachDir(func(d string) error {
+		pids, err := readPids(filepath.Join(d, "cgroup.procs"))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("list processes of cgroup %s: %w", d, err)
+		}
+		out = append(out, pids...)
+		if g.m.mode == ModeV2 { // v1's cgroup.procs lists a process wherever a thread of it is
+			out = append(out, strandedOwners(filepath.Join(d, "cgroup.threads"), pids)...)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }
@@ -501,21 +516,16 @@ func (m *Manager) threadsFile() string {
 // run, wherever they run; it has no thread here when they run elsewhere.
 func (g *Group) Threads() ([]int, error) {
 	var out []int
-	for _, h := range g.hiers {
-		dirs, err := subtreeDirs(h.Root)
-		if err != nil {
-			if errors.Is(err, os.ErrNotExist) {
-				continue
-			}
-			return nil, fmt.Errorf("list cgroup %s: %w", h.Root, err)
+	err := g.eachDir(func(d string) error {
+		tids, err := readPids(filepath.Join(d, g.m.threadsFile()))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("list threads of cgroup %s: %w", d, err)
 		}
-		for _, d := range dirs {
-			tids, err := readPids(filepath.Join(d, g.m.threadsFile()))
-			if err != nil && !errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("list threads of cgroup %s: %w", d, err)
-			}
-			out = append(out, tids...)
-		}
+		out = append(out, tids...)
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }
