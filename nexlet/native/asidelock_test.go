@@ -90,6 +90,19 @@ func (h *openHold) stop() {
 	h.wg.Wait()
 }
 
+// waitHeldDirGone waits (waitLong at most) for the directory of the first open held to
+// be gone: the removal went on once the hold let it.
+func (h *openHold) waitHeldDirGone() bool {
+	return testkit.WaitFor(waitLong, func() bool {
+		held := h.paths()
+		if len(held) == 0 {
+			return false
+		}
+		_, err := os.Lstat(filepath.Dir(held[0]))
+		return errors.Is(err, fs.ErrNotExist)
+	})
+}
+
 func (h *openHold) paths() []string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -226,14 +239,7 @@ func TestStaleLeaseRemovesTreesAfterTheLock(t *testing.T) {
 	if err != nil || len(ids) != 1 || ids[0].uid != uid {
 		t.Fatalf("leased %v: %v, want uid %d (its stale lease taken over)", ids, err, uid)
 	}
-	removed := testkit.WaitFor(waitLong, func() bool {
-		held := h.paths()
-		if len(held) == 0 {
-			return false
-		}
-		_, err := os.Lstat(filepath.Dir(held[0]))
-		return errors.Is(err, fs.ErrNotExist)
-	})
+	removed := h.waitHeldDirGone()
 	h.stop()
 	held := h.paths()
 	t.Logf("stale lease of uid %d taken over: %v; the removal opened the tree at %q", uid, ids, held)
@@ -306,14 +312,7 @@ func TestSweepStaleRemovesTreesAfterTheLock(t *testing.T) {
 		nl, _, err = us.sweepStale()
 	}()
 	<-swept
-	removed := testkit.WaitFor(waitLong, func() bool {
-		held := h.paths()
-		if len(held) == 0 {
-			return false
-		}
-		_, err := os.Lstat(filepath.Dir(held[0]))
-		return errors.Is(err, fs.ErrNotExist)
-	})
+	removed := h.waitHeldDirGone()
 	h.stop()
 	held := h.paths()
 	t.Logf("sweep freed %d stale leases (err %v); the removal opened the tree at %q; leased meanwhile: %v", nl, err, held, leasedMeanwhile)

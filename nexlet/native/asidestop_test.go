@@ -62,16 +62,7 @@ func TestSweepAsideStopsWithThePool(t *testing.T) {
 			}
 		}
 	}
-	entries := func() int {
-		n := 0
-		_ = filepath.WalkDir(killed, func(_ string, _ fs.DirEntry, err error) error {
-			if err == nil {
-				n++
-			}
-			return nil
-		})
-		return n
-	}
+	entries := func() int { return countEntries(killed) }
 	all := entries()
 	if want := 1 + 1 + dirs + dirs*files; all != want {
 		t.Fatalf("made %d entries, want %d", all, want)
@@ -121,4 +112,16 @@ func TestSweepAsideStopsWithThePool(t *testing.T) {
 	if !gone {
 		t.Fatalf("the next start did not remove the rest of the killed nexlet's tree: %d entries left", entries())
 	}
+}
+
+// countEntries counts the entries of the tree at root, root included (0 once it is gone).
+func countEntries(root string) int {
+	n := 0
+	_ = filepath.WalkDir(root, func(_ string, _ fs.DirEntry, err error) error {
+		if err == nil {
+			n++
+		}
+		return nil
+	})
+	return n
 }

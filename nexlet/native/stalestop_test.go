@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -152,16 +151,7 @@ func TestStaleLeaseRemovalStopsWithThePool(t *testing.T) {
 		stoppedLine = nextLine("the stop's return")
 	}
 	h.stop()
-	entries := func() int {
-		n := 0
-		_ = filepath.WalkDir(aside, func(_ string, _ fs.DirEntry, err error) error {
-			if err == nil {
-				n++
-			}
-			return nil
-		})
-		return n
-	}
+	entries := func() int { return countEntries(aside) }
 	// Counted while the first nexlet still runs (it waits for the end of its stdin):
 	// a nexlet's start takes a gone nexlet's directory (in the test's own aside roots,
 	// only this test's nexlets look).
