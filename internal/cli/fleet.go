@@ -184,14 +184,36 @@ func (f *fleet) gather(ctx context.Context, subject string, data []byte, o gathe
 // shows it; the close is told to f.cut, which ends the command "outcome unknown"
 // (exit 3) once it printed that: what did not arrive is unknown, not absent, and a
 // list that ended quietly read as "nothing more found".
+//
+// Anyone who sees the request (a rogue node, anyone on an open bus) may answer it, so
+// a gather is bounded in time (gatherBound) and in what it holds (gatherMaxBytes):
+// before, answers sent again within each stall kept nexctl listening for good, and a
+// flood of them piled up in its memory. A gather that stopped at a bound returns what
+// came and ends the command "outcome unknown" (exit 3) the same way.
 func (f *fleet) scatterGather(ctx context.Context, subject string, data []byte, o scatter.Options) ([]*nats.Msg, error) {
+	o.Bound, o.MaxBytes = f.gatherBound(), gatherMaxBytes
 	sent := time.Now()
 	msgs, err := scatter.Gather(ctx, f.nc, subject, data, o)
-	if errors.Is(err, scatter.ErrClosed) && f.cut != nil {
+	switch {
+	case errors.Is(err, scatter.ErrClosed) && f.cut != nil:
 		f.cut(fmt.Errorf("%w: %d answer(s) came and are shown, others may not have", f.closedLink("the answers to "+subject, sent), len(msgs)))
+		return msgs, nil
+	case errors.Is(err, scatter.ErrBounded) && f.cut != nil:
+		f.cut(fmt.Errorf("unknown: %w; nexctl stopped listening (a node, or someone answering in nodes' names, does not stop answering): the %d answer(s) taken are used, others may not have come",
+			err, len(msgs)))
 		return msgs, nil
 	}
 	return msgs, err
+}
+
+// gatherMaxBytes bounds what one gather holds (scatter.ReplyCost): 128 nodes' lists at
+// the default max_payload (1 MiB).
+const gatherMaxBytes = 128 << 20
+
+// gatherBound bounds how long one gather listens: its first-reply wait, a nexd node's
+// promised list (listWait) and room for a slow fleet's answers, at least ten stalls.
+func (f *fleet) gatherBound() time.Duration {
+	return f.first + listWait + max(10*time.Second, 10*f.stall)
 }
 
 func (f *fleet) gatherOpts(max int) gatherOpts {

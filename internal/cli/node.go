@@ -81,12 +81,21 @@ func (a *app) note(format string, args ...any) {
 	}
 }
 
-// warnAll prints replies that could not be used, so a bad node does not pass unseen.
+// warnAll prints replies that could not be used, so a bad node does not pass unseen;
+// the first maxWarned of them, then how many more (a flood of bad answers would
+// otherwise be a flood of lines).
 func (a *app) warnAll(errs []error) {
-	for _, err := range errs {
+	for i, err := range errs {
+		if i == maxWarned {
+			a.warnf("ignoring %d more replies that could not be used", len(errs)-i)
+			return
+		}
 		a.warnf("ignoring a reply: %v", err)
 	}
 }
+
+// maxWarned is how many unusable replies warnAll names one by one.
+const maxWarned = 20
 
 func (a *app) nodeCommand() *cobra.Command {
 	cmd := &cobra.Command{

@@ -28,6 +28,33 @@ type Options struct {
 	// responder that said it works on an answer is not cut off by faster ones.
 	Promise  func(m *nats.Msg) (key string, ack bool)
 	Promised time.Duration
+	// Bound ends the gather this long after the request, whatever still arrives, and
+	// MaxBytes once the replies it took (acknowledgements too) cost this many bytes
+	// (ReplyCost); either returns what came with an error wrapping ErrBounded. Without
+	// them (0) a responder that answers again within each Stall, or promises without
+	// end, keeps the gather open for good and its replies pile up in memory: anyone
+	// who sees the request may answer it.
+	Bound    time.Duration
+	MaxBytes int
+}
+
+// ErrBounded is Gather's error once it stopped listening at Options.Bound or
+// Options.MaxBytes while replies still came.
+var ErrBounded = errors.New("answers kept coming past the gather's bound")
+
+// replyOverhead is what a reply costs beyond its subject, reply, headers and data: the
+// message and its header map as nats.go holds them, so a flood of empty replies counts too.
+const replyOverhead = 512
+
+// ReplyCost is what Options.MaxBytes counts for m.
+func ReplyCost(m *nats.Msg) int {
+	n := replyOverhead + len(m.Subject) + len(m.Reply) + len(m.Data)
+	for k, vs := range m.Header {
+		for _, v := range vs {
+			n += len(k) + len(v) + 4
+		}
+	}
+	return n
 }
 
 // Gather publishes data on subject with a fresh reply inbox and returns the replies
@@ -36,11 +63,17 @@ type Options struct {
 // at once when the server says nobody listens. A request the server refuses (the user
 // may not publish on subject or receive on its inbox) is an error naming it, not an
 // empty answer. A connection that closes under the gather ends it at once with what
-// came and an error wrapping ErrClosed.
+// came and an error wrapping ErrClosed; Options.Bound and MaxBytes with ErrBounded.
 func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o Options) ([]*nats.Msg, error) {
 	before := nc.LastError()
 	inbox := nc.NewInbox()
-	r, err := Subscribe(nc, inbox)
+	pending := -1
+	if o.MaxBytes > 0 {
+		// What waits unread is bounded too (nats.go counts data bytes), for a reader
+		// that falls behind a flood.
+		pending = o.MaxBytes
+	}
+	r, err := subscribe(nc, inbox, pending)
 	if err != nil {
 		return nil, fmt.Errorf("subscribe for replies to %s: %w", subject, err)
 	}
@@ -55,12 +88,21 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 	promised := map[string]time.Time{} // responder -> until when its answer is awaited
 	timer := time.NewTimer(o.First)
 	defer timer.Stop()
+	var bound <-chan time.Time
+	if o.Bound > 0 {
+		bt := time.NewTimer(o.Bound)
+		defer bt.Stop()
+		bound = bt.C
+	}
+	held := 0
 	for {
 		var m *nats.Msg
 		select {
 		case m = <-r.next:
 		case <-timer.C:
 			return out, nil // quiet long enough: done
+		case <-bound:
+			return out, fmt.Errorf("gather %s: %w: still coming %s after the request, %d answer(s) taken", subject, ErrBounded, o.Bound, len(out))
 		case <-r.ended:
 			// The connection closed: nothing more comes, but what did not come is
 			// unknown, not absent (a list that ended here read as "nothing more").
@@ -70,6 +112,9 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 		}
 		if NoResponders(m) {
 			return out, nil
+		}
+		if held += ReplyCost(m); o.MaxBytes > 0 && held > o.MaxBytes {
+			return out, fmt.Errorf("gather %s: %w: past %d MiB of answers, %d answer(s) taken", subject, ErrBounded, o.MaxBytes>>20, len(out))
 		}
 		now := time.Now()
 		deadline := now.Add(o.Stall)

@@ -346,3 +346,45 @@ func TestStreamBoundDropsAndGoesOn(t *testing.T) {
 		t.Fatalf("after the drops: %v, %v", m, err)
 	}
 }
+
+// TestGatherBounded: a responder that answers again within each stall, or floods, is
+// cut off at Options.Bound or MaxBytes with what came and ErrBounded; without them
+// the first kept the gather open as long as it went on.
+func TestGatherBounded(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	r := testnats.Connect(t, s)
+	stop := make(chan struct{})
+	defer close(stop)
+	r.Subscribe("endless", func(m *nats.Msg) {
+		go func() {
+			for i := 0; i < 1000; i++ { // 20 s at most
+				m.Respond([]byte("again"))
+				select {
+				case <-stop:
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}()
+	})
+	r.Subscribe("flood", func(m *nats.Msg) {
+		for i := 0; i < 100; i++ {
+			m.Respond(make([]byte, 100_000))
+		}
+	})
+	r.Flush()
+	start := time.Now()
+	got, err := Gather(context.Background(), nc, "endless", nil, Options{First: time.Second, Stall: time.Second, Bound: 500 * time.Millisecond})
+	if !errors.Is(err, ErrBounded) || len(got) == 0 || time.Since(start) > 5*time.Second {
+		t.Errorf("endless answers: %d in %s, %v; want some and ErrBounded at 500ms", len(got), time.Since(start), err)
+	}
+	got, err = Gather(context.Background(), nc, "flood", nil, Options{First: time.Second, Stall: time.Second, MaxBytes: 1 << 20})
+	held := 0
+	for _, m := range got {
+		held += ReplyCost(m)
+	}
+	if !errors.Is(err, ErrBounded) || held > 1<<20 || len(got) < 5 {
+		t.Errorf("flood: %d answers, %d bytes held, %v; want at most 1 MiB and ErrBounded", len(got), held, err)
+	}
+}

@@ -1,0 +1,168 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// rogueNode connects as a user with what a node needs to answer nexctl (subscribe to
+// $NEX.SVC.>, publish to inboxes), as one compromised host of a fleet would, on an
+// operator-mode server, and answers every PING with answer(m) until stop.
+func rogueNode(t *testing.T, op *testnats.Operator, answer func(m *nats.Msg, stop <-chan struct{})) (stop func()) {
+	t.Helper()
+	tok, seed := op.UserWith(t, "rogue node", nil, jwt.Permissions{
+		Sub: jwt.Permission{Allow: jwt.StringList{"$NEX.SVC.>"}},
+		Pub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
+	})
+	nc := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(tok, seed), nats.Name("rogue node"))
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	if _, err := nc.Subscribe(protocol.PingSubject(), func(m *nats.Msg) {
+		wg.Add(1)
+		go func() { defer wg.Done(); answer(m, done) }()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { close(done); wg.Wait() }) }
+	t.Cleanup(stop)
+	return stop
+}
+
+// nexctlRun is one run of the nexctl binary: its output, exit code, how long it took
+// and its peak resident memory.
+type nexctlRun struct {
+	out, errOut string
+	code        int
+	took        time.Duration
+	maxRSS      int64 // bytes
+	killed      bool  // still running at the wait's end
+}
+
+func runNexctlFor(t *testing.T, wait time.Duration, op *testnats.Operator, args ...string) nexctlRun {
+	t.Helper()
+	bin := buildNexctl(t)
+	tok, seed := op.User(t, "operator", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, append([]string{"-s", op.Server.ClientURL(), "--nats.timeout", "2s", "--nats.jwt", tok, "--nats.seed", seed}, args...)...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	start := time.Now()
+	err := cmd.Run()
+	r := nexctlRun{out: out.String(), errOut: errb.String(), took: time.Since(start), killed: ctx.Err() != nil}
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		r.code = ee.ExitCode()
+	case err != nil:
+		t.Fatalf("run nexctl %v: %v", args, err)
+	}
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		r.maxRSS = ru.Maxrss << 10
+	}
+	return r
+}
+
+// TestAttackRogueNodeKeepsGatherOpen: a rogue node (a user that may answer the nodes'
+// subjects, here on an operator-mode server) answers nexctl's node list again and
+// again, each answer within the gather's stall (--gather-stall 1s, as README's hub
+// example; at the default 25 ms a rogue keeps it open while its answers keep that
+// pace). Before, every answer moved the end of the gather on, so nexctl never ended
+// (killed after a minute here, nothing printed); now a gather has a bound past which it
+// stops listening (17 s here): nexctl prints the honest node and says the answers kept
+// coming (outcome unknown, exit 3).
+func TestAttackRogueNodeKeepsGatherOpen(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	newFakeNode(t, op.Connect(t, "node"), "HONEST", nil).start()
+	stop := rogueNode(t, op, func(m *nats.Msg, stop <-chan struct{}) {
+		b, _ := json.Marshal(protocol.NodePingResponse{NodeID: "ROGUE", Version: "0.0.1", State: protocol.NodeRunning, StartTime: time.Now()})
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; i < 900; i++ { // 90 s at most
+			if err := m.Respond(b); err != nil {
+				t.Logf("rogue node after %d answers: %v", i, err)
+				return
+			}
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	})
+	r := runNexctlFor(t, time.Minute, op, "--gather-stall", "1s", "node", "list")
+	stop()
+	t.Logf("exit %d after %s: %s\n%s", r.code, r.took.Round(time.Millisecond), strings.TrimSpace(r.errOut), r.out)
+	if r.killed {
+		t.Fatalf("nexctl node list still gathering after %s of a rogue node's answers (killed)\n%s\n%s", r.took.Round(time.Second), r.out, r.errOut)
+	}
+	if r.code != ExitUnknown || !strings.Contains(r.errOut, "kept coming") {
+		t.Errorf("exit %d\n%s\nwant exit %d saying the answers kept coming", r.code, r.errOut, ExitUnknown)
+	}
+	if !strings.Contains(r.out, "HONEST") {
+		t.Errorf("the honest node's answer is not shown:\n%s", r.out)
+	}
+}
+
+// TestAttackRogueNodeFloodsGather: a rogue node answers nexctl's node list with as many
+// answers of nearly max_payload (1 MiB) as it can, 1 GiB in all. Before, nexctl held
+// every one it read until the gather ended (peak RSS 432 MiB, exit 0, one warning line
+// per answer; with answers sent without end, without bound); now it stops listening
+// once what it holds passes the gather's byte bound (128 MiB), says so (exit 3) and
+// names 20 unusable answers, then their count (peak RSS 150 MiB).
+func TestAttackRogueNodeFloodsGather(t *testing.T) {
+	t.Parallel()
+	const flood = 1 << 30
+	op := testnats.StartOperator(t, nil)
+	newFakeNode(t, op.Connect(t, "node"), "HONEST", nil).start()
+	big := bytes.Repeat([]byte("x"), 1000_000)
+	stop := rogueNode(t, op, func(m *nats.Msg, stop <-chan struct{}) {
+		for sent := 0; sent < flood; sent += len(big) {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := m.Respond(big); err != nil {
+				t.Logf("rogue node: %v", err)
+				return
+			}
+		}
+	})
+	r := runNexctlFor(t, 2*time.Minute, op, "--gather-stall", "1s", "node", "list")
+	stop()
+	t.Logf("exit %d after %s, peak RSS %d MiB: %.300s", r.code, r.took.Round(time.Millisecond), r.maxRSS>>20, strings.TrimSpace(r.errOut))
+	if r.killed {
+		t.Fatalf("nexctl still running after %s", r.took.Round(time.Second))
+	}
+	if r.maxRSS >= 2*gatherMaxBytes {
+		t.Errorf("nexctl's peak memory %d MiB under a rogue node's %d MiB of answers: it held them", r.maxRSS>>20, flood>>20)
+	}
+	if r.code != ExitUnknown || !strings.Contains(r.errOut, "kept coming") {
+		t.Errorf("exit %d\n%.2000s\nwant exit %d saying the answers kept coming", r.code, r.errOut, ExitUnknown)
+	}
+	if n := strings.Count(r.errOut, "ignoring a reply:"); n > maxWarned || !strings.Contains(r.errOut, "more replies that could not be used") {
+		t.Errorf("%d unusable answers named one by one, want %d and then their count:\n%.2000s", n, maxWarned, r.errOut)
+	}
+}
