@@ -190,6 +190,24 @@ func RegisterSubject(nodeID, agentID string) string {
 	return AgentPrefix(nodeID) + ".REGISTER." + agentID
 }
 
+// ReservedAgentID reports whether id is one of the words that follow a node's agent
+// prefix in subjects of its own (REGISTER.<id>, HEARTBEAT.<id>, the shared fan-outs,
+// FEED.<id>.…, and those a nexlet is asked on under its id, <id>.PING, …): a nexlet
+// under such an id has its subjects (AgentPrefix(node).<id>.…) among the node's own
+// endpoints' and fan-outs' (one "FEED" is asked to start a workload on the feed
+// relay's subject; one "HEARTBEAT" is pinged on another nexlet's heartbeat subject).
+// No id a node hands out is one (randid's are 22 characters); a remote nexlet that
+// chooses its own on an open bus could pick one.
+func ReservedAgentID(id string) bool {
+	switch id {
+	case "REGISTER", "RREGISTER", "HEARTBEAT", "STARTWORKLOAD", "STOPWORKLOAD", "GETWORKLOAD",
+		"QUERYWORKLOADS", "PING", "SETLAMEDUCK", "PINGWORKLOAD", "FEED", "RENEWCREDS",
+		"WORKLOADENDED", "RENEWAGENT":
+		return true
+	}
+	return false
+}
+
 // RemoteRegisterSubject is the nexus-wide remote registration bootstrap.
 func RemoteRegisterSubject(nexus string) string { return AgentPrefix(nexus) + ".RREGISTER" }
 

@@ -107,6 +107,11 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.fail(r, 400, "bad agent id", fmt.Errorf("agent id %q in the subject must be letters, digits, - or _", agentID))
 		return
 	}
+	if protocol.ReservedAgentID(agentID) {
+		// Its subjects would be the node's own (TestRemoteNexletTakesAnothersAgentID).
+		n.fail(r, 400, "bad agent id", fmt.Errorf("agent id %q is a word of node %s's own agent-plane subjects (%s.%s…); register under another", agentID, n.id, protocol.AgentPrefix(n.id), agentID))
+		return
+	}
 	if pair == nil && !n.ownInbox(r, agentID) { // on the channel, the answer goes back on it
 		return
 	}
@@ -140,6 +145,10 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	}
 	if code, err := n.nameFree(agentID, req.Name); err != nil {
 		n.refuseRegistration(r, code, agentID, req, err)
+		return
+	}
+	if err := n.idFree(agentID, owner, key); err != nil {
+		n.refuseRegistration(r, 409, agentID, req, err)
 		return
 	}
 	schema := &startSchema{agentID: agentID, text: req.StartRequestSchema}
@@ -224,6 +233,12 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		// or its other registrations bound names meanwhile.
 		n.mu.Unlock()
 		n.refuseRegistration(r, 403, agentID, req, err)
+		return
+	}
+	if err := n.idFreeLocked(agentID, owner, key, time.Now()); err != nil {
+		// Taken since idFree by another nexlet's registration that ran alongside.
+		n.mu.Unlock()
+		n.refuseRegistration(r, 409, agentID, req, err)
 		return
 	}
 	newlyBound := ""
@@ -424,9 +439,34 @@ func (n *Node) directFeeds(agentID, owner, key string, relayed bool, req protoco
 	return false
 }
 
+// idFree refuses an agent id that a live nexlet of another identity holds (409). A
+// supervised nexlet's id is its start's (authorize checked that start's key, and a
+// restart, with a new key, replaces its predecessor); any other is a remote nexlet's,
+// and only the same remote nexlet, signed with the same listed key, replaces it while
+// it lives: a restart registers again at once. Before, the node checked the key, not
+// the id, so on an open bus (no minted users, where any client may register under any
+// id) one listed remote nexlet registered under another's id and pushed it off
+// (TestRemoteNexletTakesAnothersAgentID). An offline holder's id may be taken.
+func (n *Node) idFree(agentID, owner, key string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.idFreeLocked(agentID, owner, key, time.Now())
+}
+
+func (n *Node) idFreeLocked(agentID, owner, key string, now time.Time) error {
+	if _, supervised := n.expected[agentID]; supervised {
+		return nil
+	}
+	old, ok := n.agents[agentID]
+	if !ok || (old.owner == owner && old.key == key) || n.health(old, now) == protocol.HealthOffline {
+		return nil
+	}
+	return fmt.Errorf("agent id %s is held by live nexlet %q [%s], which registered with another key; it may not be taken until that nexlet is gone", agentID, old.req.Name, old.req.RegisterType)
+}
+
 // nameFree refuses a name bound to another supervised nexlet or, to a supervised one,
-// listed for a remote nexlet (403), or held by another live nexlet (409). A restart of the same nexlet (same agent id) or a successor of an
-// offline one may take it.
+// listed for a remote nexlet (403), or held by another live nexlet (409). A restart of
+// the same nexlet (same agent id) or a successor of an offline one may take it.
 func (n *Node) nameFree(agentID, name string) (int, error) {
 	if name == "" {
 		return 0, nil
