@@ -95,19 +95,25 @@ func (n *Node) revokeAgentBefore(agentID, userPub string, wait time.Duration) {
 // ownedBy reports whether this node deployed or replayed workloadID to nexlet agentID:
 // the same nexlet instance (its stable identity), not merely one of the same type.
 func (n *Node) ownedBy(agentID, workloadID string) (bool, error) {
+	owned, _, err := n.ownedIn(agentID, workloadID)
+	return owned, err
+}
+
+// ownedIn is ownedBy that also says the namespace the node placed the workload in.
+func (n *Node) ownedIn(agentID, workloadID string) (owned bool, ns string, err error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	a := n.agents[agentID]
 	if a == nil {
-		return false, fmt.Errorf("nexlet %s is not registered with node %s", agentID, n.id)
+		return false, "", fmt.Errorf("nexlet %s is not registered with node %s", agentID, n.id)
 	}
 	o, ok := n.owned[workloadID]
-	return ok && o.owner == a.owner, nil
+	return ok && o.owner == a.owner, o.ns, nil
 }
 
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
 // credentials for a workload this node gave that nexlet, minted for the namespace the
-// nexlet names (a signing-key minter refuses a namespace other than the workload's).
+// node placed it in: one the nexlet names otherwise is refused (403).
 func (n *Node) handleRenewCreds(r micro.Request) {
 	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
 	if !protocol.IsToken(agentID) || !protocol.IsToken(workloadID) {
@@ -126,13 +132,21 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 		n.fail(r, 400, "bad renewal request", fmt.Errorf("renew credentials of workload %s: namespace is required", workloadID))
 		return
 	}
-	owned, err := n.ownedBy(agentID, workloadID)
+	owned, ns, err := n.ownedIn(agentID, workloadID)
 	if err != nil {
 		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s: %w", workloadID, err))
 		return
 	}
 	if !owned {
 		n.fail(r, 404, "workload not found", fmt.Errorf("renew credentials: node %s did not give workload %s to nexlet %s", n.id, workloadID, agentID))
+		return
+	}
+	if ns != "" && ns != req.Namespace {
+		// The node's own check, not only the minter's (a signing-key minter's memory of
+		// namespaces; the shared-nkey minter has none): a nexlet asking for another
+		// namespace's user for its workload would hand it that namespace's subjects
+		// (TestRenewalOfAnotherNamespaceRefusedByTheNode).
+		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s: it runs in namespace %q, not %q", workloadID, ns, req.Namespace))
 		return
 	}
 	creds, err := n.o.Minter.RenewWorkload(req.Namespace, workloadID)
