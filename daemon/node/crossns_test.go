@@ -63,7 +63,7 @@ func TestAttackTenantStopsAnothersWorkloadOnLaxNexlet(t *testing.T) {
 		t.Errorf("tenant-b's stop of tenant-a's workload answered %q (%v), want %q", answer.Data, err, protocol.ErrTextWorkloadNotFound)
 	}
 	lax.mu.Lock()
-	asked := lax.stopsAsked
+	asked := lax.stopsAskedOf[aWid]
 	lax.mu.Unlock()
 	if asked != 0 {
 		t.Errorf("the nexlet was asked %d times to stop tenant-a's workload in tenant-b's name", asked)
@@ -250,7 +250,7 @@ func TestAttackTenantStopsAnothersWorkloadRightAfterRestart(t *testing.T) {
 	again.mute.Store(true)
 
 	lax.mu.Lock()
-	asked := lax.stopsAsked
+	asked := lax.stopsAskedOf[aWid]
 	lax.mu.Unlock()
 	m := request(t, b.nc, protocol.UndeploySubject("tenant-b", aWid), protocol.StopWorkloadRequest{Namespace: "tenant-b"})
 	var resp protocol.StopWorkloadResponse
@@ -258,7 +258,7 @@ func TestAttackTenantStopsAnothersWorkloadRightAfterRestart(t *testing.T) {
 		t.Errorf("tenant-b's stop of tenant-a's workload right after the restart answered %q (%v), want %q", m.Data, err, protocol.ErrTextWorkloadNotFound)
 	}
 	lax.mu.Lock()
-	asked = lax.stopsAsked - asked
+	asked = lax.stopsAskedOf[aWid] - asked
 	lax.mu.Unlock()
 	if asked != 0 {
 		t.Errorf("tenant-a's nexlet was asked %d times to stop tenant-a's workload in tenant-b's name", asked)
@@ -340,7 +340,7 @@ func TestAttackTenantStopRightAfterRestartWithStateUnread(t *testing.T) {
 		t.Errorf("tenant-b's stop once node state is read answered %q (%v), want %q", m.Data, err, protocol.ErrTextWorkloadNotFound)
 	}
 	lax.mu.Lock()
-	asked := lax.stopsAsked
+	asked := lax.stopsAskedOf[aWid]
 	lax.mu.Unlock()
 	if asked != 0 {
 		t.Errorf("tenant-a's nexlet was asked %d times to stop tenant-a's workload in tenant-b's name", asked)

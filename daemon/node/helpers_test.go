@@ -246,7 +246,7 @@ type fakeAgent struct {
 	// native nexlet takes such a stop for a no-op (nil), which upstream's SDK answers
 	// as stopped.
 	stopsUnknownAsDone bool
-	stopsAsked         int // STOPWORKLOAD requests received
+	stopsAskedOf       map[string]int // STOPWORKLOAD requests received, by workload id
 	// listsAll: QUERYWORKLOADS is answered with every workload it holds, whatever the
 	// request's namespace, and without their namespace (optional in upstream's
 	// WorkloadSummary): a nexlet that leaves the namespace to its node.
@@ -460,7 +460,10 @@ func (a *fakeAgent) serve() {
 		var req protocol.StopWorkloadRequest
 		_ = protocol.Decode(m.Data, &req)
 		a.mu.Lock()
-		a.stopsAsked++
+		if a.stopsAskedOf == nil {
+			a.stopsAskedOf = map[string]int{}
+		}
+		a.stopsAskedOf[wid]++
 		w, ok := a.workloads[wid]
 		ok = ok && (w.Namespace == req.Namespace)
 		if !ok && a.stopsUnknownAsDone {
