@@ -106,3 +106,40 @@ func TestRemoteNexletTakesAnothersAgentID(t *testing.T) {
 		t.Errorf("agent id remote-a is held by %q once wasm was offline, want remote:evil", h)
 	}
 }
+
+// TestRemoteNexletRestartsUnderANewID: with minted users (operator-mode server) a
+// remote nexlet gets a new agent id from RREGISTER at each start. Restarted (its old
+// process gone, its old registration not yet offline), it registers under the new id,
+// signed with its listed key: before, the node refused it (409, its name taken by the
+// live old registration) until that went offline, 30 s by default, while its
+// workloads waited. Now it is taken at once, replaces the old registration and gets
+// its workload back (a listed name goes with one key only: authorize).
+func TestRemoteNexletRestartsUnderANewID(t *testing.T) {
+	rf, remote := newRemoteFixture(t)
+	n := rf.nodes[0]
+	remote.mustRegister()
+	waitHealthy(t, n, remote.id)
+	wid := rf.deployOne("tenant")
+	remote.kill()
+
+	rc, err := rf.m.MintRegister("remote1", n.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	again := newFakeAgentOn(t, rf.dial(rc), n.ID(), "remote1", "remote", "native")
+	again.reconnect, again.key = rf.dial, remote.key
+	m := again.register()
+	if code := m.Header.Get(protocol.HeaderErrorCode); code != "" {
+		t.Fatalf("the restarted remote nexlet under its new id, signed with its listed key: %s %s", code, m.Data)
+	}
+	t.Cleanup(again.kill)
+	if _, ok := again.resp.ExistingState[wid]; !ok {
+		t.Errorf("the restarted remote nexlet did not get its workload %s back: %v", wid, again.resp.ExistingState)
+	}
+	n.mu.Lock()
+	_, old := n.agents[remote.id]
+	n.mu.Unlock()
+	if old {
+		t.Errorf("the old registration %s is still there", remote.id)
+	}
+}

@@ -143,7 +143,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.refuseRegistration(r, 403, agentID, req, fmt.Errorf("registration on the local channel of nexlet %s is not signed with the key of the start that holds the channel", agentID))
 		return
 	}
-	if code, err := n.nameFree(agentID, req.Name); err != nil {
+	if code, err := n.nameFree(agentID, owner, key, req.Name); err != nil {
 		n.refuseRegistration(r, code, agentID, req, err)
 		return
 	}
@@ -466,8 +466,9 @@ func (n *Node) idFreeLocked(agentID, owner, key string, now time.Time) error {
 
 // nameFree refuses a name bound to another supervised nexlet or, to a supervised one,
 // listed for a remote nexlet (403), or held by another live nexlet (409). A restart of
-// the same nexlet (same agent id) or a successor of an offline one may take it.
-func (n *Node) nameFree(agentID, name string) (int, error) {
+// the same nexlet (same agent id; a remote one signed with its listed key, also under
+// the new id RREGISTER handed it) or a successor of an offline one may take it.
+func (n *Node) nameFree(agentID, owner, key, name string) (int, error) {
 	if name == "" {
 		return 0, nil
 	}
@@ -483,6 +484,12 @@ func (n *Node) nameFree(agentID, name string) (int, error) {
 		return 403, fmt.Errorf("nexlet name %q is listed for a remote nexlet in remote_nexlets; supervised nexlet %q (agent id %s) may not register under it", name, sup, agentID)
 	}
 	for id, old := range n.agents {
+		if key != "" && strings.HasPrefix(owner, "remote:") && old.owner == owner && old.key == key {
+			// The same remote nexlet, restarted: with minted users it registers under
+			// the new id RREGISTER gave it, and was refused until its old registration
+			// went offline (TestRemoteNexletRestartsUnderANewID).
+			continue
+		}
 		if id != agentID && old.req.Name == name && n.health(old, now) != protocol.HealthOffline {
 			return 409, fmt.Errorf("nexlet name %q is taken by live nexlet %s [%s]", name, id, old.req.RegisterType)
 		}

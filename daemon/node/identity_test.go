@@ -53,7 +53,7 @@ func TestBoundNexletIdentity(t *testing.T) {
 	if c := code(thief); c != "403" && c != "409" {
 		t.Fatalf("registration under a live nexlet's name: code %q", c)
 	}
-	if _, err := n.nameFree("thief0", "go_exec"); err == nil {
+	if _, err := n.nameFree("thief0", "remote:wasm", remotePub, "go_exec"); err == nil {
 		t.Fatal("nameFree: a live nexlet's name is free")
 	}
 	// Remote: listed key but another name or type; unlisted key; the right one.
