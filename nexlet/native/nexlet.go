@@ -151,8 +151,9 @@ type Nexlet struct {
 	// now is the wall clock the workloads' credential renewals wait by (time.Now; tests
 	// step it as a host resumed from a pause sees it).
 	now func() time.Time
-	// killWait bounds a kill's wait for a workload's processes to be gone, and a stop's
-	// for its main process after that kill (killWaitDefault; tests shorten it).
+	// killWait bounds the one wait of a run's end for its processes to be gone: its
+	// kill's, a stop's for the main process after that kill and its tidy's kill
+	// together (workload.killBy; killWaitDefault; tests shorten it).
 	killWait time.Duration
 
 	mu        sync.Mutex

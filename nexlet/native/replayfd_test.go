@@ -1,7 +1,9 @@
 package native
 
 import (
+	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -132,29 +134,7 @@ func TestStopPastKillDeadlineHoldsNoPidfd(t *testing.T) {
 	// No collection meanwhile: a dropped *os.File's finalizer would close it.
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
 	before := pidfds()
-	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "sleep 600 & exec sleep 600"}}
-	startServices(t, n, "frozen", 1, run)
-	id := "frozen0"
-	var leader, member int
-	testkit.Eventually(t, "the workload runs with a member in its group", func() bool {
-		n.mu.Lock()
-		if w := n.workloads[id]; w != nil && w.pid > 0 && w.state == protocol.WorkloadRunning {
-			leader = w.pid
-		}
-		n.mu.Unlock()
-		ents, _ := os.ReadDir("/proc")
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil || pid == leader || leader == 0 {
-				continue
-			}
-			if st, err := procid.ReadStat(pid); err == nil && st.PGRP == leader {
-				member = pid
-			}
-		}
-		return member > 0
-	})
-	thaw := freezeV1(t, member)
+	id, member, thaw := frozenMemberWorkload(t, n, "frozen")
 	start := time.Now()
 	how, err := n.StopWorkloadReport(id, &protocol.StopWorkloadRequest{Namespace: testNS})
 	t.Logf("stop: %q, %v, after %v", how, err, time.Since(start))
@@ -174,5 +154,88 @@ func TestStopPastKillDeadlineHoldsNoPidfd(t *testing.T) {
 	var after int
 	if !testkit.WaitFor(15*time.Second, func() bool { after = pidfds(); return after <= before }) {
 		t.Errorf("a stop whose group outlived its SIGKILL deadline: the nexlet holds %d pidfds after its tidy, %d before the workload", after, before)
+	}
+}
+
+// frozenMemberWorkload starts a service whose main process exits at its stop's SIGTERM
+// and leaves a member in its process group, then freezes that member (freezeV1): the
+// group outlives its SIGKILL until thawed. It returns the workload's id, the member and
+// thaw.
+func frozenMemberWorkload(t *testing.T, n *Nexlet, name string) (id string, member int, thaw func()) {
+	t.Helper()
+	run := map[string]any{"uri": "file:///bin/sh", "argv": []string{"-c", "sleep 600 & exec sleep 600"}}
+	startServices(t, n, name, 1, run)
+	id = name + "0"
+	var leader int
+	testkit.Eventually(t, "the workload runs with a member in its group", func() bool {
+		n.mu.Lock()
+		if w := n.workloads[id]; w != nil && w.pid > 0 && w.state == protocol.WorkloadRunning {
+			leader = w.pid
+		}
+		n.mu.Unlock()
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || pid == leader || leader == 0 {
+				continue
+			}
+			if st, err := procid.ReadStat(pid); err == nil && st.PGRP == leader {
+				member = pid
+			}
+		}
+		return member > 0
+	})
+	return id, member, freezeV1(t, member)
+}
+
+// TestStopPastKillDeadlineWaitsOnce: a stopped workload's group outlives its SIGKILL (a
+// frozen member, as TestStopPastKillDeadlineHoldsNoPidfd's). The stop's kill waited
+// its deadline (Nexlet.killWait, 30 s by default), and then the stop's tidy, finding
+// the group not emptied, killed and waited the whole deadline again: a minute in all.
+// Each wait that ends with survivors logs how long it waited ("waited"), by the
+// nexlet's own clock; the stop and its tidy now share one deadline, so what they
+// waited together stays within one killWait (and a little for the last pass).
+func TestStopPastKillDeadlineWaitsOnce(t *testing.T) {
+	var logs testkit.Buffer
+	n := benchNexletLog(t, 0, "", slog.New(slog.NewJSONHandler(&logs, nil)))
+	if n.iso.mode() != "none" {
+		t.Skipf("isolation %s: the process group's sandbox is the none mode's", n.iso.mode())
+	}
+	const killWait = 2 * time.Second
+	n.killWait = killWait
+	id, member, thaw := frozenMemberWorkload(t, n, "waitonce")
+	how, err := n.StopWorkloadReport(id, &protocol.StopWorkloadRequest{Namespace: testNS})
+	t.Logf("stop: %q, %v", how, err)
+	testkit.Eventually(t, "the stop's tidy done", func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		_, tidying := n.tidying[id]
+		return n.workloads[id] == nil && !tidying
+	})
+	if st, err := procid.ReadStat(member); err != nil || st.State != 'D' {
+		t.Fatalf("the frozen member %d: %v, state %c; want it alive in D state past the kills", member, err, st.State)
+	}
+	thaw()
+	var waits []time.Duration
+	for line := range strings.SplitSeq(logs.String(), "\n") {
+		var rec struct {
+			Msg    string        `json:"msg"`
+			ID     string        `json:"workload_id"`
+			Waited time.Duration `json:"waited"`
+		}
+		if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "workload processes survive SIGKILL" && rec.ID == id {
+			waits = append(waits, rec.Waited)
+		}
+	}
+	var total time.Duration
+	for _, w := range waits {
+		total += w
+	}
+	t.Logf("kill waits that ended with survivors: %v, %v in all (killWait %v)", waits, total, killWait)
+	if len(waits) == 0 {
+		t.Fatalf("no kill wait logged its survivors:\n%s", logs.String())
+	}
+	if total > killWait*3/2 {
+		t.Errorf("a stop whose group outlives SIGKILL and its tidy waited %v in all (%v), want one kill wait of %v", total, waits, killWait)
 	}
 }

@@ -51,6 +51,11 @@ type workload struct {
 	// of what it left behind need not list the sandbox's processes again: nothing
 	// joins an emptied group. Set and read by its supervisor and then its tidy.
 	emptied bool
+	// killBy: the deadline of the kill of its current end (killAndWait), zero once
+	// its sandbox was seen empty or a run launched: a stop's kill, the grace's wait
+	// for the main process and the tidy's kill share one wait, not one each
+	// (TestStopPastKillDeadlineWaitsOnce). Owned as emptied.
+	killBy time.Time
 
 	// guarded by Nexlet.mu
 	ident    ident // who it runs as, once begun
@@ -1283,6 +1288,7 @@ func (n *Nexlet) ended(w *workload, p *proc, backoff *time.Duration) *proc {
 		n.finish(w, p, nil, true)
 		return nil
 	}
+	w.killBy = time.Time{} // a new run: its end's kill waits anew
 	n.setState(w, protocol.WorkloadRunning)
 	return np
 }
@@ -1372,9 +1378,13 @@ func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.
 	}
 	n.log.Warn("workload ignored SIGTERM; killing its group", "workload_id", w.id, "grace", grace)
 	w.emptied = n.killAndWait(w)
+	wait := n.killWait // emptied: the main process is gone, its reap is a moment away
+	if !w.emptied {
+		wait = max(0, time.Until(w.killBy)) // what is left of the kill's one wait
+	}
 	select {
 	case <-p.exited:
-	case <-time.After(n.killWait):
+	case <-time.After(wait):
 		n.log.Error("workload process did not exit after SIGKILL", "workload_id", w.id, "pid", p.pid)
 		return
 	}
@@ -1389,18 +1399,28 @@ const killWaitDefault = 30 * time.Second
 
 // killAndWait SIGKILLs the sandbox and waits until it is empty, n.killWait at most;
 // empty says it was seen empty (not: its processes could not be listed, or survived).
+// The wait is one per end of a run (w.killBy): a later call for the same end (the
+// stop's tidy after the stop's own kill) waits only for what is left of it, so a
+// group that outlives SIGKILL (a process in an uninterruptible sleep, a frozen
+// cgroup) holds a stop and its tidy n.killWait in all, not once each.
 func (n *Nexlet) killAndWait(w *workload) (empty bool) {
-	deadline := time.Now().Add(n.killWait)
+	began := time.Now()
+	if w.killBy.IsZero() {
+		w.killBy = began.Add(n.killWait)
+	}
 	for {
 		procs, err := w.sb.procs()
 		if err != nil || len(procs) == 0 {
+			if err == nil {
+				w.killBy = time.Time{} // seen empty: a later end's kill waits anew
+			}
 			return err == nil
 		}
 		if err := w.sb.kill(); err != nil {
 			n.log.Warn("kill workload group", "workload_id", w.id, "err", err)
 		}
-		if time.Now().After(deadline) {
-			n.log.Error("workload processes survive SIGKILL", "workload_id", w.id, "pids", procs)
+		if time.Now().After(w.killBy) {
+			n.log.Error("workload processes survive SIGKILL", "workload_id", w.id, "pids", procs, "waited", time.Since(began))
 			return false
 		}
 		time.Sleep(20 * time.Millisecond)
