@@ -137,7 +137,7 @@ func TestFloorStopSparesRecycledNumber(t *testing.T) {
 		}
 		child := testkit.StrangerGroupAt(t, n)
 		f.undeploy(&nats.Msg{Subject: protocol.UndeploySubject("system", id)})
-		if killed := killedOf(n, child); killed != 0 {
+		if killed := testkit.KilledOf(n, child); killed != 0 {
 			t.Fatalf("the stop of the ended workload killed %d of 2 processes of a stranger's group given its pid %d", killed, n)
 		}
 	})
@@ -166,7 +166,7 @@ func TestFloorStopKillsWhatItLeft(t *testing.T) {
 		f.undeploy(&nats.Msg{Subject: protocol.UndeploySubject("system", id)})
 		t.Logf("stop of a workload and its group's member: %v", time.Since(start))
 		for _, pid := range []int{p.id.PID, member} {
-			testkit.EventuallyWithin(t, 5*time.Second, "process "+strconv.Itoa(pid)+" killed", func() bool { return !runs(pid) })
+			testkit.EventuallyWithin(t, 5*time.Second, "process "+strconv.Itoa(pid)+" killed", func() bool { return !testkit.Running(pid) })
 		}
 	})
 }

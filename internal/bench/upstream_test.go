@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nexd-project/nexd/internal/procid"
 	"github.com/nexd-project/nexd/internal/testkit"
 )
 
@@ -23,28 +22,6 @@ func standInUpstream(t *testing.T, body string) string {
 		t.Fatal(err)
 	}
 	return path
-}
-
-// runs: pid has not exited (a zombie has).
-func runs(pid int) bool {
-	st, err := procid.ReadStat(pid)
-	return err == nil && st.State != 'Z' && st.State != 'X'
-}
-
-// killedOf counts the processes of pids that have exited (a zombie has), waiting a
-// second at most for all of them: a SIGKILL takes a moment to land.
-func killedOf(pids ...int) int {
-	n := 0
-	testkit.WaitFor(time.Second, func() bool {
-		n = 0
-		for _, p := range pids {
-			if !runs(p) {
-				n++
-			}
-		}
-		return n == len(pids)
-	})
-	return n
 }
 
 // TestUpstreamStopSparesRecycledNumbers: the upstream node ended by itself and was
@@ -67,7 +44,7 @@ func TestUpstreamStopSparesRecycledNumbers(t *testing.T) {
 	if err := u.stop(time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if killed := killedOf(n, child); killed != 0 {
+	if killed := testkit.KilledOf(n, child); killed != 0 {
 		t.Fatalf("the stop of the ended upstream node killed %d of 2 processes of a stranger's group given its pid %d", killed, n)
 	}
 }
@@ -105,6 +82,6 @@ while :; do sleep 1; done`)
 		t.Fatal(err)
 	}
 	for i, name := range []string{"member", "workload"} {
-		testkit.EventuallyWithin(t, 5*time.Second, "the node's "+name+" killed", func() bool { return !runs(left[i]) })
+		testkit.EventuallyWithin(t, 5*time.Second, "the node's "+name+" killed", func() bool { return !testkit.Running(left[i]) })
 	}
 }

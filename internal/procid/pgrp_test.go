@@ -7,34 +7,11 @@ import (
 	"runtime"
 	"syscall"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/nexd-project/nexd/internal/testkit"
 )
-
-// running: pid has not exited (a zombie has).
-func running(pid int) bool {
-	st, err := ReadStat(pid)
-	return err == nil && st.State != 'Z' && st.State != 'X'
-}
-
-// killedOf waits (bounded: a SIGKILL takes a moment to land) until every one of pids
-// has exited, and counts those that have.
-func killedOf(pids ...int) int {
-	n := 0
-	testkit.WaitFor(time.Second, func() bool {
-		n = 0
-		for _, p := range pids {
-			if !running(p) {
-				n++
-			}
-		}
-		return n == len(pids)
-	})
-	return n
-}
 
 // groupWithLeftover starts a process group leader that forks a child into its group,
 // says the child's pid and exits (its zombie waits to be reaped by the caller), and
@@ -110,7 +87,7 @@ func TestPgrpKillSparesGroupRecycledBeforeTheSend(t *testing.T) {
 			if child == 0 {
 				t.Fatal("Kill did not get to its signal")
 			}
-			killed := killedOf(n, child)
+			killed := testkit.KilledOf(n, child)
 			t.Logf("%s: Kill whose group %d ended and went to a stranger's group before the signal: sent %v (%v), killed %d of 2 strangers", how, n, sent, err, killed)
 			if how == "by number" {
 				return // the fallback's window, README Known limitations
@@ -137,7 +114,7 @@ func TestPgrpKillReachesZombieLeadersGroup(t *testing.T) {
 		if sent, err := g.Kill(); !sent || err != nil {
 			t.Fatalf("%s: Kill = %v, %v", how, sent, err)
 		}
-		if killedOf(left) != 1 {
+		if testkit.KilledOf(left) != 1 {
 			t.Fatalf("%s: the zombie leader's group kill left its child %d running", how, left)
 		}
 		_ = leader.Wait()
@@ -158,7 +135,7 @@ func TestPgrpReachesUnlistedLeftoversOfReapedLeader(t *testing.T) {
 	if sent, err := g.Kill(); !sent || err != nil {
 		t.Fatalf("Kill = %v, %v", sent, err)
 	}
-	if killedOf(left) != 1 {
+	if testkit.KilledOf(left) != 1 {
 		t.Fatalf("the child %d of the reaped leader survived its group's kill", left)
 	}
 
@@ -166,7 +143,7 @@ func TestPgrpReachesUnlistedLeftoversOfReapedLeader(t *testing.T) {
 	_ = leader.Wait()
 	ps, _ := g.Members()
 	sent, _ := g.Kill()
-	t.Logf("by number: members %v, kill sent %v, child killed %v", ps, sent, !running(left))
+	t.Logf("by number: members %v, kill sent %v, child killed %v", ps, sent, !testkit.Running(left))
 }
 
 // TestPgrpByNumberWhereFlagRefused: where the kernel refuses PIDFD_SIGNAL_PROCESS_GROUP
@@ -205,7 +182,7 @@ func TestPgrpByNumberWhereFlagRefused(t *testing.T) {
 		}
 	}()
 	<-done
-	if killedOf(left) != 1 {
+	if testkit.KilledOf(left) != 1 {
 		t.Errorf("the child %d survived its group's kill by number", left)
 	}
 	if err := GroupSignals(); err != nil {

@@ -37,6 +37,8 @@ type build struct {
 }
 
 // Run runs the tests and then removes the built binaries; it returns m.Run's code.
+// Before the tests it removes the aside directories (AsideDir) of test processes that
+// are gone (killed before their end).
 // Tests that passed fail (code 1) when they left native nexlets' entries in the
 // host's shared directories (hostDebris: a /run/nex-workloads directory of a temp dir
 // of one of its tests, with the uid leases naming what is in it); entries left there
@@ -46,6 +48,12 @@ func (b *Binaries) Run(m *testing.M) int {
 	var before hostEntries
 	if !listing {
 		before = readHostEntries()
+		// Aside directories of test binaries killed before their end (AsideDir).
+		if removed, err := sweepAside(asideParents()); err != nil {
+			fmt.Fprintf(os.Stderr, "testkit: removing aside directories of gone test processes: %v\n", err)
+		} else if len(removed) > 0 && testing.Verbose() {
+			fmt.Fprintf(os.Stderr, "testkit: removed %d aside directories of gone test processes: %s\n", len(removed), strings.Join(removed, " "))
+		}
 	}
 	code := m.Run()
 	b.mu.Lock()

@@ -231,11 +231,10 @@ func ownAsideRoots(t testing.TB) asideRoots {
 		if err != nil {
 			continue
 		}
-		r, err := os.MkdirTemp(d, "nexd-test-aside-")
+		r, err := testkit.AsideDir(t, d) // swept by a later test binary if this one is killed
 		if err != nil {
 			continue
 		}
-		t.Cleanup(func() { _ = os.RemoveAll(r) })
 		if err := os.Chmod(r, st.Mode()&(fs.ModePerm|fs.ModeSticky)); err != nil {
 			t.Fatal(err)
 		}

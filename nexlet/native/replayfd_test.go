@@ -17,20 +17,6 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
-// pidfdsOf counts this process's pidfds that name pid (/proc/self/fdinfo's Pid line).
-func pidfdsOf(pid int) int {
-	ents, _ := os.ReadDir("/proc/self/fdinfo")
-	want := "Pid:\t" + strconv.Itoa(pid) + "\n"
-	n := 0
-	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join("/proc/self/fdinfo", e.Name()))
-		if err == nil && strings.Contains(string(b), want) {
-			n++
-		}
-	}
-	return n
-}
-
 // TestReplayOfHeldWorkloadHoldsNoPidfd: a replay of a workload the nexlet holds and
 // runs (each registration's, after nexd's restart) sets its limits again through a
 // sandbox made for it (limitAgain). Without cgroups that sandbox is a process group
@@ -56,7 +42,7 @@ func TestReplayOfHeldWorkloadHoldsNoPidfd(t *testing.T) {
 	})
 	// No collection meanwhile: a dropped *os.File's finalizer would close it.
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
-	before := pidfdsOf(pid)
+	before := testkit.PidfdsOf(pid)
 	const replays = 10
 	req := startReq(protocol.LifecycleService, id, run, protocol.NatsConnectionData{NatsServers: []string{"nats://127.0.0.1:4222"}})
 	for range replays {
@@ -64,22 +50,9 @@ func TestReplayOfHeldWorkloadHoldsNoPidfd(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if after := pidfdsOf(pid); after != before {
+	if after := testkit.PidfdsOf(pid); after != before {
 		t.Errorf("%d replays of a held running workload: the nexlet holds %d pidfds of its process, %d before", replays, after, before)
 	}
-}
-
-// pidfds counts this process's pidfds, of any process (one whose process was reaped
-// names none: fdinfo's Pid is -1).
-func pidfds() int {
-	ents, _ := os.ReadDir("/proc/self/fd")
-	n := 0
-	for _, e := range ents {
-		if l, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && l == "anon_inode:[pidfd]" {
-			n++
-		}
-	}
-	return n
 }
 
 // freezeV1 freezes pid in a cgroup v1 freezer group of the test's own: a frozen
@@ -133,7 +106,7 @@ func TestStopPastKillDeadlineHoldsNoPidfd(t *testing.T) {
 	n.killWait = time.Second
 	// No collection meanwhile: a dropped *os.File's finalizer would close it.
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
-	before := pidfds()
+	before := testkit.Pidfds()
 	id, member, thaw := frozenMemberWorkload(t, n, "frozen")
 	start := time.Now()
 	how, err := n.StopWorkloadReport(id, &protocol.StopWorkloadRequest{Namespace: testNS})
@@ -152,7 +125,7 @@ func TestStopPastKillDeadlineHoldsNoPidfd(t *testing.T) {
 	thaw()
 	testkit.Eventually(t, "the thawed member killed", func() bool { _, err := procid.ReadStat(member); return err != nil })
 	var after int
-	if !testkit.WaitFor(15*time.Second, func() bool { after = pidfds(); return after <= before }) {
+	if !testkit.WaitFor(15*time.Second, func() bool { after = testkit.Pidfds(); return after <= before }) {
 		t.Errorf("a stop whose group outlived its SIGKILL deadline: the nexlet holds %d pidfds after its tidy, %d before the workload", after, before)
 	}
 }
