@@ -255,6 +255,17 @@ func (g *Group) addPgid(pid int) {
 	g.mu.Unlock()
 }
 
+// letGoPgrps ends the tracking of the process groups (their leaders' pidfds closed).
+func (g *Group) letGoPgrps() {
+	g.mu.Lock()
+	pgs := g.pgrps
+	g.pgrps = nil
+	g.mu.Unlock()
+	for _, pg := range pgs {
+		pg.Close()
+	}
+}
+
 // pgrpList is the process groups tracked, those known to have ended dropped.
 func (g *Group) pgrpList() []*procid.Pgrp {
 	g.mu.Lock()
@@ -776,8 +787,13 @@ func (g *Group) Stats() (Stats, error) {
 }
 
 // Remove kills what is left in the group and removes it and its descendants in every
-// hierarchy. A group that does not exist is not an error.
+// hierarchy. A group that does not exist is not an error. It is the group's end, also
+// when it fails: it lets go of the process groups it tracks (their leaders' pidfds),
+// and a member that outlived the kill (in D state) is reached by none of this group's
+// calls from then on. Before, a failed kill kept them for a retry that no caller
+// makes, open until a garbage collection (TestRemovePastKillDeadlineHoldsNoPidfd).
 func (g *Group) Remove() error {
+	defer g.letGoPgrps()
 	g.releaseForker()
 	if g.removeEmpty() {
 		return nil

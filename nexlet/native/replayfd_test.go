@@ -2,10 +2,8 @@ package native
 
 import (
 	"encoding/json"
-	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -55,41 +53,6 @@ func TestReplayOfHeldWorkloadHoldsNoPidfd(t *testing.T) {
 	}
 }
 
-// freezeV1 freezes pid in a cgroup v1 freezer group of the test's own: a frozen
-// process takes no signal, SIGKILL included, until it is thawed (it waits in D state,
-// as one in an uninterruptible sleep on a hung mount does). It returns thaw, which
-// also runs when t ends and removes the group.
-func freezeV1(t *testing.T, pid int) (thaw func()) {
-	t.Helper()
-	root := "/sys/fs/cgroup/freezer"
-	if _, err := os.Stat(filepath.Join(root, "freezer.state")); err != nil {
-		if _, err := os.Stat(filepath.Join(root, "cgroup.procs")); err != nil {
-			t.Skip("no cgroup v1 freezer hierarchy at " + root)
-		}
-	}
-	dir := filepath.Join(root, fmt.Sprintf("nexd-test-%d-%d", os.Getpid(), pid))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Skipf("freezer group: %v", err)
-	}
-	state := filepath.Join(dir, "freezer.state")
-	thaw = func() {
-		_ = os.WriteFile(state, []byte("THAWED"), 0)
-		testkit.WaitFor(5*time.Second, func() bool { return os.Remove(dir) == nil || os.IsNotExist(os.Remove(dir)) })
-	}
-	t.Cleanup(thaw)
-	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(state, []byte("FROZEN"), 0); err != nil {
-		t.Fatal(err)
-	}
-	testkit.Eventually(t, "the freezer group frozen", func() bool {
-		b, err := os.ReadFile(state)
-		return err == nil && strings.TrimSpace(string(b)) == "FROZEN"
-	})
-	return thaw
-}
-
 // TestStopPastKillDeadlineHoldsNoPidfd: a workload's main process exits at its stop's
 // SIGTERM, but a process it left in its group outlives the group's SIGKILL (frozen:
 // in D state until thawed, as on a hung mount). The stop and its tidy each wait the
@@ -131,7 +94,7 @@ func TestStopPastKillDeadlineHoldsNoPidfd(t *testing.T) {
 }
 
 // frozenMemberWorkload starts a service whose main process exits at its stop's SIGTERM
-// and leaves a member in its process group, then freezes that member (freezeV1): the
+// and leaves a member in its process group, then freezes that member (testkit.FreezeV1): the
 // group outlives its SIGKILL until thawed. It returns the workload's id, the member and
 // thaw.
 func frozenMemberWorkload(t *testing.T, n *Nexlet, name string) (id string, member int, thaw func()) {
@@ -158,7 +121,7 @@ func frozenMemberWorkload(t *testing.T, n *Nexlet, name string) (id string, memb
 		}
 		return member > 0
 	})
-	return id, member, freezeV1(t, member)
+	return id, member, testkit.FreezeV1(t, member)
 }
 
 // TestStopPastKillDeadlineWaitsOnce: a stopped workload's group outlives its SIGKILL (a
