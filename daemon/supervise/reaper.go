@@ -19,7 +19,9 @@ import (
 
 // reaper makes nexd the child subreaper of its subtree: a workload whose nexlet died is
 // reparented to nexd instead of init, so nexd reaps it and keeps its exit status in an
-// exit record (procid.WriteExit) for the nexlet that adopts the workload later.
+// exit record (procid.WriteExit) for the nexlet that adopts the workload later. The
+// record is written into the space its nexlet reserved for it at its launch
+// (procid.ReserveExit): a full runtime directory does not lose it.
 //
 // The supervisor's own children (the nexlets) are waited for by their exec.Cmd; the
 // reaper never reaps them: forks happen under forkMu and the pid is recorded in own
@@ -140,13 +142,18 @@ func (r *reaper) reapOne(pid int) {
 	r.log.Info("reaped an orphaned workload", "pid", pid, "exit_code", ex.Code, "reason", ex.Reason)
 }
 
-// pruneExits removes exit records older than a day: no nexlet came for them.
+// pruneExits removes exit records older than a day: no nexlet came for them. A
+// reserve of an exit record (procid.ReserveExit, made at a workload's launch) goes only
+// once its process no longer runs: a workload may run for longer than a day.
 func pruneExits(dir string) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
+		if id, ok := procid.ReserveOf(e.Name()); ok && id.Alive() {
+			continue
+		}
 		if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > 24*time.Hour {
 			_ = os.Remove(dir + "/" + e.Name())
 		}

@@ -260,7 +260,19 @@ func ExitOf(ws syscall.WaitStatus) Exit {
 }
 
 // WriteExit records the exit of id in dir (atomically: a reader never sees half a record).
+// It writes into id's reserve (ReserveExit) when there is one, in place, and renames it
+// to the record: no new space is needed, so an exit is recorded on a full file system
+// too (nexd's reaper, for a workload whose nexlet died). Without one it writes a new
+// file.
 func WriteExit(dir string, id ID, e Exit) error {
+	text := strconv.Itoa(e.Code) + " " + e.Reason
+	if e.HasUID {
+		text += "\nuid=" + strconv.FormatUint(uint64(e.UID), 10)
+	}
+	err := writeReserved(dir, id, text)
+	if err == nil || !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
@@ -269,11 +281,7 @@ func WriteExit(dir string, id ID, e Exit) error {
 	// other's file away ("no such file or directory").
 	f, err := os.CreateTemp(dir, "."+id.String()+".*")
 	if err != nil {
-		return err
-	}
-	text := strconv.Itoa(e.Code) + " " + e.Reason
-	if e.HasUID {
-		text += "\nuid=" + strconv.FormatUint(uint64(e.UID), 10)
+		return recorded(dir, id, err)
 	}
 	_, err = f.WriteString(text)
 	if cerr := f.Close(); err == nil {
@@ -285,7 +293,124 @@ func WriteExit(dir string, id ID, e Exit) error {
 	if err != nil {
 		_ = os.Remove(f.Name())
 	}
+	return recorded(dir, id, err)
+}
+
+// recorded is err, a failed write of id's exit record, unless another writer of the
+// same end (nexd's reaper, its orphan watch, the nexlet) recorded it already, into the
+// reserve a full file system left this one no room beside: nil then.
+func recorded(dir string, id ID, err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, serr := os.Lstat(filepath.Join(dir, id.String())); serr == nil {
+		return nil
+	}
 	return err
+}
+
+// ExitReserveSize is the size of an exit record's reserve: more than any record
+// WriteExit writes (a code, an ExitOf or OOM reason, a uid).
+const ExitReserveSize = 256
+
+// reservePrefix starts the name of an exit record's reserve in an exits directory.
+const reservePrefix = ".reserve-"
+
+// ReservePath is where id's exit record's reserve is in dir.
+func ReservePath(dir string, id ID) string {
+	return filepath.Join(dir, reservePrefix+id.String())
+}
+
+// MakeReserve makes an exit record's reserve at path: a file of ExitReserveSize bytes,
+// written, so that its space is taken now (a file only truncated to a size has none on
+// tmpfs or ext4) and the record is later written into it in place.
+func MakeReserve(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(bytes.Repeat([]byte{'\n'}, ExitReserveSize))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(path)
+	}
+	return err
+}
+
+// ReserveExit takes the space of id's exit record in dir ahead of its end, so that
+// WriteExit needs none then: the reserve made at from (MakeReserve, ahead of the
+// process's start, on dir's file system) is moved there, or, with from "" or gone, one
+// is made. DropReserve removes it once the end needs no record.
+func ReserveExit(dir string, id ID, from string) error {
+	to := ReservePath(dir, id)
+	if from != "" {
+		err := os.Rename(from, to)
+		if err == nil || !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return MakeReserve(to)
+}
+
+// DropReserve removes id's exit record's reserve from dir, if there is one.
+func DropReserve(dir string, id ID) {
+	_ = os.Remove(ReservePath(dir, id))
+}
+
+// ReserveOf is the process whose exit record's reserve a name of dir's is; false for
+// other names.
+func ReserveOf(name string) (ID, bool) {
+	rest, ok := strings.CutPrefix(name, reservePrefix)
+	if !ok {
+		return ID{}, false
+	}
+	pid, start, ok := strings.Cut(rest, "-")
+	if !ok {
+		return ID{}, false
+	}
+	id, err := Parse(pid + " " + start)
+	return id, err == nil
+}
+
+// writeReserved writes text into id's reserve in dir in place and renames it to the
+// record; os.ErrNotExist when there is no reserve. Another writer of the same end that
+// took the reserve first (it is locked while written, and gone from its name once
+// renamed) has recorded it: nil.
+func writeReserved(dir string, id ID, text string) error {
+	path := ReservePath(dir, id)
+	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		if errors.Is(err, syscall.ELOOP) {
+			return os.ErrNotExist // not a reserve of ours: a new file then
+		}
+		return err
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		return err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if li, err := os.Lstat(path); err != nil || !os.SameFile(fi, li) {
+		// Renamed to the record by another writer of the same end meanwhile: that
+		// record stands (a new file's write would need the space a full file system
+		// does not have).
+		return nil
+	}
+	if !fi.Mode().IsRegular() || fi.Size() < int64(len(text)) {
+		return fmt.Errorf("exit record reserve %s: %d bytes, not a file of at least %d: %w", path, fi.Size(), len(text), os.ErrNotExist)
+	}
+	if _, err := f.WriteAt([]byte(text), 0); err != nil {
+		return err
+	}
+	if err := f.Truncate(int64(len(text))); err != nil { // smaller: frees, takes nothing
+		return err
+	}
+	return os.Rename(path, filepath.Join(dir, id.String()))
 }
 
 // ErrNoExit says no exit record exists (yet) for a process.

@@ -263,7 +263,7 @@ func New(cfg Config) (*Nexlet, error) {
 	if us.root && cfg.Users.Pool > 0 {
 		us.startPool(cfg.Users.Pool, wdir, whold != nil, cfg.PoolsAfter, n.log)
 	}
-	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, cfg.PoolsAfter, n.log)
+	n.records = newRecordPool(filepath.Join(cfg.RuntimeDir, "procs"), DefaultRecordPool, cfg.ExitsDir != "", cfg.PoolsAfter, n.log)
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
 	n.oom.open(n.log) // before any fork: the descriptor is the nexlet's
 	n.resumeStops()

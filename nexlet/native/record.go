@@ -70,7 +70,9 @@ func (n *Nexlet) writePID(id string, p procid.ID) error {
 }
 
 // writeReadyPID records the main process of a first launch whose record directory
-// came from the record pool, into the empty pid.tmp the pool made there: no inode is
+// came from the record pool, into the pid.tmp the pool made there (pidRecordSize
+// bytes, written: the record, padded to that size, takes no new space, so a full
+// runtime directory still has it written): no inode is
 // allocated on the deploy's path (ext4 without a journal scans past every inode
 // deleted in the last seconds for a new one, 0.1 ms and more per file under a
 // deploy loop's churn), and the file is neither truncated nor renamed over another,
@@ -81,11 +83,15 @@ func (n *Nexlet) writeReadyPID(id string, p procid.ID) error {
 	if err != nil {
 		return writeAtomic(path, p.Format())
 	}
-	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Size() != 0 {
+	rec := p.Format()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() || fi.Size() < int64(len(rec)) || fi.Size() > pidRecordSize {
 		f.Close()
-		return writeAtomic(path, p.Format())
+		return writeAtomic(path, rec)
 	}
-	_, err = f.WriteString(p.Format())
+	// Padded with newlines (a record is read as its fields): written in place, in
+	// the space the pool took.
+	_, err = f.WriteAt([]byte(rec+strings.Repeat("\n", int(fi.Size())-len(rec))), 0)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}

@@ -1,6 +1,7 @@
 package native
 
 import (
+	"bytes"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -18,10 +19,21 @@ const DefaultRecordPool = 2
 // recordPoolPrefix names the ready record directories; workload ids have no dot.
 const recordPoolPrefix = ".ready-"
 
+// exitReserveName is a ready record directory's reserve of its first run's exit record
+// (procid.MakeReserve), moved to nexd's exits directory at the launch (reserveExit).
+const exitReserveName = "exit.reserve"
+
+// pidRecordSize is the size pid.tmp is made with in a ready record directory: more
+// than any pid record, which writeReadyPID writes into it in place, padded.
+const pidRecordSize = 64
+
 // recordPool keeps a few record directories ready (<runtime>/procs/.ready-<pid>-<start>-<n>),
-// each with its two output FIFOs made and open and an empty pid.tmp for the pid record
-// (writeReadyPID), so that a deploy renames one to the workload's id instead of making
-// the directory, the FIFOs and a file on its way (per FIFO a mkfifo, two opens and a
+// each with its two output FIFOs made and open, a pid.tmp for the pid record
+// (writeReadyPID) and, with nexd's exits directory, the space of the first run's exit
+// record (exitReserveName), each written already so that their space is taken ahead
+// (a full runtime directory does not keep the launch from recording its pid, nor nexd
+// from recording the exit of a run whose nexlet died), so that a deploy renames one to
+// the workload's id instead of making the directory, the FIFOs and files on its way (per FIFO a mkfifo, two opens and a
 // pipe size change: 0.2-0.3 ms of a deploy). What a workload
 // finds is the same either way: the FIFOs are new, and the rename happens before its
 // fork, so a nexlet that dies after it finds the record where it always was. A nexlet
@@ -30,12 +42,15 @@ const recordPoolPrefix = ".ready-"
 type recordPool struct {
 	dir  string // <runtime>/procs
 	self string // readyPrefix of this process
-	log  *slog.Logger
-	seq  int // the filler's
-	pool chan *readyRecord
-	kick chan struct{}
-	stop chan struct{}
-	done chan struct{}
+	// exits: each ready directory holds an exit record's reserve (nexd's exits
+	// directory is known).
+	exits bool
+	log   *slog.Logger
+	seq   int // the filler's
+	pool  chan *readyRecord
+	kick  chan struct{}
+	stop  chan struct{}
+	done  chan struct{}
 }
 
 // readyRecord is one record directory with both FIFOs open: the nexlet's read ends
@@ -56,14 +71,14 @@ func (r *readyRecord) close() {
 // newRecordPool removes the ready directories of nexlets that are gone and starts the
 // filler; stopRecordPool waits for it. Nil (no pool: deploys make their own) when this
 // process cannot name its own ready directories.
-func newRecordPool(dir string, size int, begin <-chan struct{}, log *slog.Logger) *recordPool {
+func newRecordPool(dir string, size int, exits bool, begin <-chan struct{}, log *slog.Logger) *recordPool {
 	self, err := readyPrefix()
 	if err != nil {
 		log.Warn("no workload record directories made ahead", "err", err)
 		return nil
 	}
 	removeStaleReady(dir)
-	p := &recordPool{dir: dir, self: self, log: log, pool: make(chan *readyRecord, size),
+	p := &recordPool{dir: dir, self: self, exits: exits, log: log, pool: make(chan *readyRecord, size),
 		kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go p.run(begin)
 	return p
@@ -164,14 +179,23 @@ func (p *recordPool) make() (*readyRecord, error) {
 		_ = os.RemoveAll(r.dir)
 		return nil, err
 	}
-	// The pid record's file, empty, for the launch to write into (writeReadyPID).
+	// The pid record's file, its space taken, for the launch to write into
+	// (writeReadyPID).
 	f, err := os.OpenFile(filepath.Join(r.dir, "pid.tmp"), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err == nil {
+		_, err = f.Write(bytes.Repeat([]byte{'\n'}, pidRecordSize))
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err == nil && p.exits {
+		err = procid.MakeReserve(filepath.Join(r.dir, exitReserveName))
+	}
 	if err != nil {
 		r.close()
 		_ = os.RemoveAll(r.dir)
 		return nil, err
 	}
-	f.Close()
 	return r, nil
 }
 

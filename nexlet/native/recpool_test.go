@@ -75,8 +75,8 @@ func TestRecordPool(t *testing.T) {
 	// Once refilled: before, the one being made could be listed before its pid.tmp was
 	// (a -race run failed 1 in 5-10, on main too).
 	for _, d := range readyDirs(t, procs) {
-		if fi, err := os.Lstat(filepath.Join(procs, d, "pid.tmp")); err != nil || !fi.Mode().IsRegular() || fi.Size() != 0 {
-			t.Errorf("ready directory %s pid.tmp: %v, %v: want an empty file", d, fi, err)
+		if fi, err := os.Lstat(filepath.Join(procs, d, "pid.tmp")); err != nil || !fi.Mode().IsRegular() || fi.Size() != pidRecordSize {
+			t.Errorf("ready directory %s pid.tmp: %v, %v: want a file of %d bytes", d, fi, err, pidRecordSize)
 		}
 	}
 	for _, d := range readyDirs(t, procs) {
@@ -128,7 +128,7 @@ func TestRecordPoolLeftovers(t *testing.T) {
 				}
 			}
 			if dirs == "procs" {
-				p := newRecordPool(d, 1, nil, slog.New(slog.DiscardHandler))
+				p := newRecordPool(d, 1, false, nil, slog.New(slog.DiscardHandler))
 				testkit.Eventually(t, "record pool filled", func() bool { return len(p.pool) == 1 })
 				p.stopRecordPool()
 			} else {

@@ -569,12 +569,21 @@ func (n *Nexlet) launch(w *workload) (*proc, error) {
 	if err != nil {
 		n.log.Warn("workload start time unreadable; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
 	} else if err := writePID(w.id, self); err != nil {
+		if restarts == 0 && noSpace(err) {
+			return nil, n.unlaunch(w, cmd, p, fmt.Errorf("workload %s: its pid record cannot be written in %s (%w): the runtime directory is full; not started", w.id, n.recordDir(w.id), err))
+		}
 		n.log.Warn("workload pid not recorded; it cannot be adopted after a nexlet restart", "workload_id", w.id, "err", err)
 	} else {
 		p.rec = self
 	}
-	p.self = self       // zero when unreadable
-	w.steps.Step("pid") // its oom_score_adj, its pid and start time recorded
+	p.self = self // zero when unreadable
+	if err := n.reserveExit(w, p, ready); err != nil {
+		if restarts == 0 && noSpace(err) {
+			return nil, n.unlaunch(w, cmd, p, fmt.Errorf("workload %s: no space for its exit record in %s (%w): the runtime directory is full; not started", w.id, n.cfg.ExitsDir, err))
+		}
+		n.log.Warn("no space reserved for the workload's exit record: should its nexlet die while the runtime directory is full, nexd cannot record its end", "workload_id", w.id, "dir", n.cfg.ExitsDir, "err", err)
+	}
+	w.steps.Step("pid") // its oom_score_adj, its pid and start time recorded, its exit's space
 	n.mu.Lock()
 	// Its current run from now on, before anything can reap it: an end the reaper
 	// leaves to the detach (reaped) is then seen by the detach (recordUnhandledEnds).
@@ -663,11 +672,53 @@ func (n *Nexlet) recordExitAhead(w *workload, p *proc, pidfd int, oom bool) {
 }
 
 // dropExitAhead removes the exit record written ahead of p's reap, once the end's own
-// record is written (or its stop removed the workload's).
+// record is written (or its stop removed the workload's), and the space reserved for it
+// when nothing took it (reserveExit).
 func (n *Nexlet) dropExitAhead(p *proc) {
 	if p.ahead {
 		procid.RemoveExit(n.cfg.ExitsDir, p.rec)
 	}
+	if n.cfg.ExitsDir != "" && p.self.PID != 0 {
+		procid.DropReserve(n.cfg.ExitsDir, p.self)
+	}
+}
+
+// reserveExit takes the space of the exit record of p, a run just launched, in nexd's
+// exits directory (procid.ReserveExit): the reserve a ready record directory holds
+// (ready: its first launch; a rename), else a new one. nexd's reaper, recording the
+// exit of a run whose nexlet died, writes into it and needs no new space: before, a
+// full runtime directory lost that record and the next nexlet reported the job lost
+// (e2e TestFullRuntimeDirKeepsOrphansExitCode). Not without nexd's exits directory or
+// p's identity.
+func (n *Nexlet) reserveExit(w *workload, p *proc, ready bool) error {
+	if n.cfg.ExitsDir == "" || p.self.PID == 0 {
+		return nil
+	}
+	from := ""
+	if ready {
+		from = filepath.Join(n.recordDir(w.id), exitReserveName)
+	}
+	return procid.ReserveExit(n.cfg.ExitsDir, p.self, from)
+}
+
+// noSpace says err is a full file system's (or a full quota's).
+func noSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
+}
+
+// unlaunch undoes a first launch whose records could not be written (a full runtime
+// directory): before, its workload ran without them, and a nexlet that died then left
+// its exit unrecorded (the job reported lost). Its process, just forked and not yet
+// reported, is killed and reaped, its record and its exit record's reserve removed;
+// the deploy fails with err, naming the directory.
+func (n *Nexlet) unlaunch(w *workload, cmd *exec.Cmd, p *proc, err error) error {
+	_ = w.sb.kill()
+	_ = cmd.Wait()
+	if n.cfg.ExitsDir != "" && p.self.PID != 0 {
+		procid.DropReserve(n.cfg.ExitsDir, p.self)
+	}
+	n.removeRecord(w.id) // a first launch's: it records nothing that ran
+	return err
 }
 
 // watchOutput hands a workload's output FIFO (its read end) to the watcher, and
