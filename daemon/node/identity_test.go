@@ -90,11 +90,11 @@ func TestBoundNexletIdentity(t *testing.T) {
 	if _, ok := again.resp.ExistingState["wb"]; !ok || len(again.resp.ExistingState) != 1 {
 		t.Fatalf("replay to the second instance: %v", again.resp.ExistingState)
 	}
-	if ok, _ := n.ownedBy("native0", "wb"); ok {
-		t.Fatal("the first instance owns the second's workload")
+	if _, code, err := n.renewOwned("native0", "wb", "tenant"); code != 404 {
+		t.Fatalf("the first instance renews the second's workload: %d %v", code, err)
 	}
-	if ok, _ := n.ownedBy("second0", "wb"); !ok {
-		t.Fatal("the second instance does not own its workload")
+	if _, code, err := n.renewOwned("second0", "wb", "tenant"); err != nil {
+		t.Fatalf("the second instance does not renew its workload: %d %v", code, err)
 	}
 }
 

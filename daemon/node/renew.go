@@ -92,28 +92,40 @@ func (n *Node) revokeAgentBefore(agentID, userPub string, wait time.Duration) {
 	})
 }
 
-// ownedBy reports whether this node deployed or replayed workloadID to nexlet agentID:
-// the same nexlet instance (its stable identity), not merely one of the same type.
-func (n *Node) ownedBy(agentID, workloadID string) (bool, error) {
-	owned, _, err := n.ownedIn(agentID, workloadID)
-	return owned, err
-}
-
-// ownedIn is ownedBy that also says the namespace the node placed the workload in.
-func (n *Node) ownedIn(agentID, workloadID string) (owned bool, ns string, err error) {
+// renewOwned mints fresh credentials of workloadID for nexlet agentID if this node
+// deployed or replayed that workload to that nexlet (the same nexlet instance, its
+// stable identity, not merely one of the same type) in namespace ns. The check and the
+// mint are one step under the node's lock, which the workload's end takes to forget it:
+// an end handled after the mint revokes the user it made (the minter holds it by
+// then), and a renewal after the end finds nothing to renew. Before, an end between
+// the check and the mint revoked the workload's users and made the minter forget it,
+// and the mint then made a user nothing revoked (TestAttackRenewalRacesStop). The
+// namespace is checked against the node's own record, not left to the minter, which
+// may not know it (TestRenewalOfAnotherNamespaceRefusedByTheNode).
+func (n *Node) renewOwned(agentID, workloadID, ns string) (protocol.NatsConnectionData, int, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	a := n.agents[agentID]
 	if a == nil {
-		return false, "", fmt.Errorf("nexlet %s is not registered with node %s", agentID, n.id)
+		return protocol.NatsConnectionData{}, 403, fmt.Errorf("renew credentials of workload %s: nexlet %s is not registered with node %s", workloadID, agentID, n.id)
 	}
 	o, ok := n.owned[workloadID]
-	return ok && o.owner == a.owner, o.ns, nil
+	if !ok || o.owner != a.owner {
+		return protocol.NatsConnectionData{}, 404, fmt.Errorf("renew credentials: node %s did not give workload %s to nexlet %s", n.id, workloadID, agentID)
+	}
+	if o.ns != ns {
+		return protocol.NatsConnectionData{}, 403, fmt.Errorf("renew credentials of workload %s: it runs in namespace %q, not %q", workloadID, o.ns, ns)
+	}
+	creds, err := n.o.Minter.RenewWorkload(ns, workloadID)
+	if err != nil {
+		return creds, 403, fmt.Errorf("renew credentials of workload %s in namespace %s: %w", workloadID, ns, err)
+	}
+	return creds, 0, nil
 }
 
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
-// credentials for a workload this node gave that nexlet, minted for the namespace the
-// node placed it in: one the nexlet names otherwise is refused (403).
+// credentials for a workload this node gave that nexlet, in the workload's namespace,
+// which the nexlet names (renewOwned).
 func (n *Node) handleRenewCreds(r micro.Request) {
 	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
 	if !protocol.IsToken(agentID) || !protocol.IsToken(workloadID) {
@@ -132,26 +144,13 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 		n.fail(r, 400, "bad renewal request", fmt.Errorf("renew credentials of workload %s: namespace is required", workloadID))
 		return
 	}
-	owned, ns, err := n.ownedIn(agentID, workloadID)
+	creds, code, err := n.renewOwned(agentID, workloadID, req.Namespace)
 	if err != nil {
-		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s: %w", workloadID, err))
-		return
-	}
-	if !owned {
-		n.fail(r, 404, "workload not found", fmt.Errorf("renew credentials: node %s did not give workload %s to nexlet %s", n.id, workloadID, agentID))
-		return
-	}
-	if ns != "" && ns != req.Namespace {
-		// The node's own check, not only the minter's (a signing-key minter's memory of
-		// namespaces; the shared-nkey minter has none): a nexlet asking for another
-		// namespace's user for its workload would hand it that namespace's subjects
-		// (TestRenewalOfAnotherNamespaceRefusedByTheNode).
-		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s: it runs in namespace %q, not %q", workloadID, ns, req.Namespace))
-		return
-	}
-	creds, err := n.o.Minter.RenewWorkload(req.Namespace, workloadID)
-	if err != nil {
-		n.fail(r, 403, "renewal refused", fmt.Errorf("renew credentials of workload %s in namespace %s: %w", workloadID, req.Namespace, err))
+		what := "renewal refused"
+		if code == 404 {
+			what = "workload not found"
+		}
+		n.fail(r, code, what, err)
 		return
 	}
 	n.log.Debug("workload credentials renewed", "workload_id", workloadID, "namespace", req.Namespace, "agent_id", agentID)
