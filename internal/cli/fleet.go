@@ -29,7 +29,10 @@ type fleet struct {
 	// stall ends a scatter-gather this long after the last reply.
 	stall time.Duration
 	// deployTimeout bounds one ADEPLOY; nodes wait up to a minute for their nexlet.
-	deployTimeout time.Duration
+	// A node's progress reports start it again, up to deployMax after the request.
+	deployTimeout, deployMax time.Duration
+	// stopWait bounds the wait for a stop's answer after the holder's word.
+	stopWait time.Duration
 	// aliveEvery is the keep-alive interval a deploy asks the node for (HeaderAlive);
 	// after silence without one the node counts as gone mid-request.
 	aliveEvery, silence time.Duration
@@ -637,7 +640,7 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 		case err != nil && watch && time.Now().Before(deadline):
 			return r, f.silentNode(sent, heard)
 		case err != nil:
-			return r, fmt.Errorf("%w after %s", errDeployTimeout, f.deployTimeout)
+			return r, fmt.Errorf("%w after %s", errDeployTimeout, time.Since(sent).Round(time.Second))
 		case m.Header.Get(protocol.HeaderAlive) != "" && len(m.Data) == 0 && replyError(m) == nil:
 			heard = time.Now()
 			continue
@@ -647,7 +650,12 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 			if f.progress != nil {
 				f.progress.show(progressOf(m.Header))
 			}
-			deadline = time.Now().Add(f.deployTimeout) // the node is still at it
+			// The node is still at it; but not for ever: anyone who sees the request (a
+			// rogue node, or the bidder itself) could report progress without end.
+			deadline = time.Now().Add(f.deployTimeout)
+			if f.deployMax > 0 {
+				deadline = earliest(deadline, sent.Add(f.deployMax))
+			}
 			continue
 		}
 		break
@@ -918,9 +926,18 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 	var errs []error
 	heardHolder, anonymous := false, false
 	speaker := "" // the node whose "stopping" word came (HeaderNode)
+	wordHeard := false
 	deadline := time.Now().Add(f.first)
+	// However the replies come, the wait ends by then: a word within f.first, its
+	// answer within stopWait. Before, each word (and, before one, each reply) moved
+	// the end on, so anyone who sees the request kept nexctl waiting for good.
+	answerWait := f.stopWait
+	if answerWait <= 0 {
+		answerWait = stopWait
+	}
+	bound := sent.Add(f.first + answerWait)
 	for {
-		left := time.Until(deadline)
+		left := time.Until(earliest(deadline, bound))
 		if left <= 0 {
 			break
 		}
@@ -957,7 +974,10 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 				}
 				return ret, true, nil
 			}
-			deadline = time.Now().Add(stopWait)
+			if !wordHeard { // the first word only: a stop is answered within wait of it
+				wordHeard = true
+				deadline = time.Now().Add(answerWait)
+			}
 			continue
 		}
 		if !stopping && (holder == "" || fromHolder) {
@@ -991,7 +1011,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 		}
 	}
 	if stopping && ret.Message == protocol.ErrTextWorkloadNotFound {
-		ret.Message = fmt.Sprintf("still stopping: the node did not answer within %s", stopWait)
+		ret.Message = fmt.Sprintf("still stopping: the node did not answer within %s", answerWait)
 	}
 	if !stopping && holder != "" && !heardHolder && !anonymous && ret.Message == protocol.ErrTextWorkloadNotFound {
 		ret.Message = fmt.Sprintf("node %s, which held it, did not answer the stop within %s (nor did any other node stop it)", holder, f.first)
@@ -1078,3 +1098,10 @@ func (f *fleet) inboxPrefix() string {
 }
 
 func nextID() string { return nuid.Next() }
+
+func earliest(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}

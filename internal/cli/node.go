@@ -23,6 +23,10 @@ import (
 // node's own answer (started, or stopped again) normally comes first.
 const deployWait = 5*time.Minute + 30*time.Second
 
+// deployMaxWait bounds a deploy whose node keeps reporting progress (an artifact's
+// download): each report starts deployWait again, up to this long after the request.
+const deployMaxWait = time.Hour
+
 // A deploy asks the node to say it is alive every deployAliveEvery; deploySilence
 // without a word means the node went away mid-request (outcome unknown, exit 3).
 const (
@@ -48,7 +52,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	if err != nil {
 		return nil, nil, r.explainDenied(err)
 	}
-	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
+	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, deployMax: deployMaxWait, stopWait: stopWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
 		progress: a.newDeployProgress(), violation: c.NextViolation, cut: a.noteCut}
 	if len(r.TrustedNodes) > 0 {
 		f.trusted, f.allowUnsigned = map[string]bool{}, a.allowUnsigned

@@ -166,3 +166,66 @@ func TestAttackRogueNodeFloodsGather(t *testing.T) {
 		t.Errorf("%d unusable answers named one by one, want %d and then their count:\n%.2000s", n, maxWarned, r.errOut)
 	}
 }
+
+// TestAttackRogueNodeKeepsDeployAndStopWaiting: a rogue node (a node's grants on an
+// operator-mode server) that sees a deploy or a stop sends its reply inbox a progress
+// report, or the "stopping" word, every 100 ms. Before, each report started the
+// deploy's wait again and each word the stop's, so neither ever ended (here both ran
+// into the test's 10 s context, with the bounds shrunk to 300 ms and 1 s); now a
+// deploy's reports extend it up to deployMax after the request (1 h in nexctl) and a
+// stop waits stopWait from the first word only.
+func TestAttackRogueNodeKeepsDeployAndStopWaiting(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	tok, seed := op.UserWith(t, "rogue node", nil, jwt.Permissions{
+		Sub: jwt.Permission{Allow: jwt.StringList{"$NEX.SVC.>"}},
+		Pub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
+	})
+	rogue := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(tok, seed))
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(func() { close(done); wg.Wait() })
+	keepTalking := func(h nats.Header) nats.MsgHandler {
+		return func(m *nats.Msg) {
+			wg.Go(func() {
+				for i := 0; i < 200; i++ { // 20 s at most
+					_ = rogue.PublishMsg(&nats.Msg{Subject: m.Reply, Header: h})
+					select {
+					case <-done:
+						return
+					case <-time.After(100 * time.Millisecond):
+					}
+				}
+			})
+		}
+	}
+	if _, err := rogue.Subscribe(protocol.DeploySubject("default", "*"), keepTalking(nats.Header{protocol.HeaderProgress: {"downloading"}})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rogue.Subscribe(protocol.UndeploySubject("default", "*"), keepTalking(nats.Header{protocol.HeaderProgress: {"stopping"}, protocol.HeaderNode: {"NROGUE"}})); err != nil {
+		t.Fatal(err)
+	}
+	if err := rogue.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	f := &fleet{nc: op.Connect(t, "nexctl"), ns: "default", first: time.Second, stall: 25 * time.Millisecond,
+		deployTimeout: 300 * time.Millisecond, deployMax: time.Second, stopWait: time.Second}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := f.deploy(ctx, "bidder", protocol.StartWorkloadRequest{Name: "w", Namespace: "default"}, false)
+	t.Logf("deploy: %v after %s", err, time.Since(start).Round(time.Millisecond))
+	if !errors.Is(err, errDeployTimeout) {
+		t.Errorf("deploy under a rogue node's endless progress: %v after %s; want %v at its bound", err, time.Since(start).Round(time.Millisecond), errDeployTimeout)
+	}
+
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer scancel()
+	start = time.Now()
+	resp, stopping, err := f.stopWorkload(sctx, "default", "W1", true, "")
+	t.Logf("stop: %+v stopping=%v %v after %s", resp, stopping, err, time.Since(start).Round(time.Millisecond))
+	if err != nil || !strings.Contains(resp.Message, "did not answer within") {
+		t.Errorf("stop under a rogue node's endless words: %+v %v after %s; want 'did not answer within' at its bound", resp, err, time.Since(start).Round(time.Millisecond))
+	}
+}
