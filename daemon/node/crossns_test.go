@@ -353,3 +353,36 @@ func TestAttackTenantStopRightAfterRestartWithStateUnread(t *testing.T) {
 		t.Errorf("tenant-a's workload was not replayed when its nexlet registered again (replayed: %v)", n.Replayed())
 	}
 }
+
+// TestAttackTenantClonesAnothersWorkloadOnLaxNexlet: tenant B, as its own user, asks in
+// its own namespace for the clone of tenant A's workload, which runs on a nexlet that
+// keeps its workloads by id and answers GETWORKLOAD in the request's namespace. The
+// node asked that nexlet in B's name and checked only the namespace of its answer:
+// B got A's start request (its name and run request), to deploy as its own. Now a
+// clone from another namespace of a workload the node placed is silence, as for an
+// absent one, and the nexlet is not asked; A's own clone still answers.
+func TestAttackTenantClonesAnothersWorkloadOnLaxNexlet(t *testing.T) {
+	rf := newRogueFixture(t)
+	lax := rf.minted("LAXCLONER0", "up", "native", func(a *fakeAgent) { a.clonesAnyNamespace = true })
+	aWid := deployAs(t, rf.client, "tenant-a", "a-secret-name")
+	b := rf.tenant("tenant-b")
+
+	m, err := b.nc.Request(protocol.CloneSubject("tenant-b", aWid), mustJSON(t, protocol.CloneWorkloadRequest{Namespace: "tenant-b"}), 2*time.Second)
+	switch {
+	case err == nil:
+		t.Errorf("tenant-b's clone of tenant-a's workload answered %s", m.Data)
+	case !errors.Is(err, nats.ErrTimeout):
+		t.Errorf("tenant-b's clone of tenant-a's workload: %v, want silence (a timeout)", err)
+	}
+	lax.mu.Lock()
+	asked := lax.clonesAskedOf[aWid]
+	lax.mu.Unlock()
+	if asked != 0 {
+		t.Errorf("the nexlet was asked %d times for tenant-a's workload in tenant-b's name", asked)
+	}
+	m = request(t, rf.client, protocol.CloneSubject("tenant-a", aWid), protocol.CloneWorkloadRequest{Namespace: "tenant-a"})
+	var swr protocol.StartWorkloadRequest
+	if err := protocol.Decode(m.Data, &swr); err != nil || swr.Name != "a-secret-name" {
+		t.Errorf("tenant-a's own clone answered %q (%v)", m.Data, err)
+	}
+}

@@ -760,10 +760,20 @@ func (n *Node) handleClone(r micro.Request) {
 		n.fail(r, 500, "failed to encode clone request", err)
 		return
 	}
-	if !n.owns(workloadID) {
+	n.mu.Lock()
+	o, owned := n.owned[workloadID]
+	n.mu.Unlock()
+	if !owned {
 		// Only the nexlet this node gave the workload speaks for it: a clone's answer
 		// is a start request the client may deploy as its own. Upstream relayed any
 		// nexlet's, so a rogue one could answer for any workload on any node.
+		return
+	}
+	if ns != protocol.SystemNamespace && o.ns != "" && o.ns != ns {
+		// Another namespace's workload, as the node placed it: silence, as if absent,
+		// and its nexlet is not asked. A nexlet that fills in the namespace from the
+		// request answered it as the caller's, and the node passed another tenant's
+		// start request on (TestAttackTenantClonesAnothersWorkloadOnLaxNexlet).
 		return
 	}
 	var found []byte

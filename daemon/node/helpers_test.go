@@ -247,6 +247,11 @@ type fakeAgent struct {
 	// as stopped.
 	stopsUnknownAsDone bool
 	stopsAskedOf       map[string]int // STOPWORKLOAD requests received, by workload id
+	// clonesAnyNamespace: GETWORKLOAD is answered with the workload's start request
+	// in the request's namespace: a nexlet that keeps its workloads by id and leaves
+	// the namespace to its node.
+	clonesAnyNamespace bool
+	clonesAskedOf      map[string]int // GETWORKLOAD requests received, by workload id
 	// listsAll: QUERYWORKLOADS is answered with every workload it holds, whatever the
 	// request's namespace, and without their namespace (optional in upstream's
 	// WorkloadSummary): a nexlet that leaves the namespace to its node.
@@ -504,8 +509,18 @@ func (a *fakeAgent) serve() {
 		if a.mute.Load() {
 			return
 		}
+		wid := protocol.LastToken(m.Subject)
 		a.mu.Lock()
-		w, ok := a.workloads[protocol.LastToken(m.Subject)]
+		if a.clonesAskedOf == nil {
+			a.clonesAskedOf = map[string]int{}
+		}
+		a.clonesAskedOf[wid]++
+		w, ok := a.workloads[wid]
+		if a.clonesAnyNamespace {
+			var req protocol.CloneWorkloadRequest
+			_ = protocol.Decode(m.Data, &req)
+			w.Namespace = req.Namespace
+		}
 		a.mu.Unlock()
 		if ok { // like upstream: any namespace, silent when absent
 			_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(w)})
