@@ -829,7 +829,13 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 		// --wait would report the node not drained.
 		return out, nil, nil
 	}
-	waited := n.awaitServing(ctx, n.o.FanoutTimeout/2)
+	var waited time.Duration
+	if req.Namespace != protocol.SystemNamespace {
+		// Rows count in the namespace node state gave their workloads: the start's
+		// read of it, if still under way, is waited for (rowNamespaceLocked).
+		waited = n.awaitRecorded(ctx, n.o.FanoutTimeout/2)
+	}
+	waited += n.awaitServing(ctx, n.o.FanoutTimeout/2-waited)
 	ans := answers{failed: map[string]string{}, heard: map[string]bool{}}
 	asked, err := n.askNexletsAcked(ctx, protocol.QueryWorkloadsSubject(n.id), func(id string) string {
 		return protocol.QueryWorkloadsAgentSubject(n.id, id)
@@ -1491,7 +1497,8 @@ func (n *Node) unstore(workloadID, workloadType string) error {
 		return nil
 	}
 	if !ok {
-		o.ns = n.recordedLookup(workloadID) // a tombstone keeps its namespace
+		n.awaitRecorded(n.ctx, n.o.FanoutTimeout) // the start's read, if under way
+		o.ns = n.recordedLookup(workloadID)       // a tombstone keeps its namespace
 	}
 	err := n.o.Store.Delete(withNamespace(n.ctx, o.ns), workloadType, workloadID)
 	if errors.Is(err, ErrRemovalPending) {

@@ -589,14 +589,19 @@ func (n *Node) Start(ctx context.Context) error {
 	n.ctx, n.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	n.mu.Unlock()
 
-	// Node state's namespaces before any stop is served: a stop from another
-	// namespace of a workload whose nexlet has not registered again is then refused
-	// as for one it placed. A read that fails now is tried again at such a stop.
-	rctx, rcancel := context.WithTimeout(n.ctx, n.o.FanoutTimeout)
-	if err := n.loadRecorded(rctx); err != nil {
-		n.log.Warn("failed to read node state at start; tried again at the first stop that needs it", "err", err)
-	}
-	rcancel()
+	// Node state's namespaces, read beside serving (below, once everything is built;
+	// with thousands of records the read is tens of ms off nexd's way to READY): a
+	// stop from another namespace of a workload whose nexlet has not registered again
+	// waits for the read's outcome (bounded) and is then refused as for one it placed;
+	// announced before anything is served, so that no stop, list or removal misses
+	// it. A read that fails is tried again at such a stop.
+	recordedRead := n.beginRecordedRead()
+	started := false
+	defer func() {
+		if !started && recordedRead != nil {
+			_ = n.readRecordedEnded(recordedRead, nil, errors.New("node did not start"))
+		}
+	}()
 
 	version := n.o.Version
 	if !regexp.MustCompile(semver).MatchString(version) {
@@ -683,12 +688,24 @@ func (n *Node) Start(ctx context.Context) error {
 		n.log.Warn("remote registration enabled: nexlets elsewhere may register with this node", "nexus", n.o.Nexus)
 	}
 
+	started = true
 	n.loops.Add(3 + auctionWorkers)
 	go n.heartbeatLoop()
 	go n.healthLoop()
 	go n.endsLoop()
 	for range auctionWorkers {
 		go n.auctionWorker()
+	}
+	if recordedRead != nil {
+		n.loops.Add(1)
+		go func() {
+			defer n.loops.Done()
+			ctx, cancel := context.WithTimeout(n.ctx, n.o.FanoutTimeout)
+			defer cancel()
+			if err := n.readRecorded(ctx, recordedRead); err != nil && n.ctx.Err() == nil {
+				n.log.Warn("failed to read node state at start; tried again at the first stop that needs it", "err", err)
+			}
+		}()
 	}
 
 	n.o.Emitter.Emit(n.id, protocol.EventNodeStarted, protocol.NodeStartedEvent{

@@ -40,11 +40,16 @@ type Options struct {
 	ReadyStarts int
 	// NexdB and EnvB make ready time a second nexd (NexdB, else Nexd) with EnvB added
 	// to its environment, its starts alternating with Nexd's one by one (A/B).
-	NexdB    string
-	EnvB     []string
-	Idle     time.Duration // idle CPU sampling window
-	Keep     bool          // keep the temp dir (logs) after the run
-	Upstream string        // upstream's nex binary (compare)
+	NexdB string
+	EnvB  []string
+	// ReadyStateKV makes ready's nexd starts keep node state in KV under one node id,
+	// whose bucket holds StateRecords workload records of a type no nexlet runs
+	// (readyState); without it they keep it in memory, a fresh node id each start.
+	ReadyStateKV bool
+	StateRecords int
+	Idle         time.Duration // idle CPU sampling window
+	Keep         bool          // keep the temp dir (logs) after the run
+	Upstream     string        // upstream's nex binary (compare)
 	// CompareWorkloads are the running-workload counts compare samples memory at.
 	CompareWorkloads []int
 	// NexdArgs are added to every nexd the tool starts (e.g. a wider

@@ -74,6 +74,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.Upstream, "upstream-nex", "", "upstream's nex binary (compare; with ready, upstream's starts alternate with nexd's)")
 	fs.IntVar(&o.ReadyStarts, "ready-starts", 0, "starts per side of ready and of compare's exec to ready (default 5, quick 3)")
 	fs.StringVar(&o.NexdB, "ab-nexd", "", "with ready: a second nexd binary whose starts alternate with --nexd's, one by one (A/B)")
+	stateRecords := -1
+	fs.IntVar(&stateRecords, "state-records", -1, "with ready --ab-nexd or --ab-env: both sides keep node state in KV (--state kv) under one node id whose bucket holds this many workload records of a type no nexlet runs (0: an empty bucket; default: state in memory, a fresh node id each start)")
 	fs.StringArrayVar(&o.EnvB, "ab-env", nil, "with ready: K=V in the environment of the B starts only (repeat; B is --nexd unless --ab-nexd)")
 	fs.IntSliceVar(&o.CompareWorkloads, "compare-workloads", nil, "running-workload counts compare samples memory at (default 100)")
 	fs.StringArrayVar(&o.NexdArgs, "nexd-arg", nil, "an argument added to every nexd started (repeat; e.g. --nexd-arg=--workload-uid-range=100000-199999)")
@@ -93,6 +95,9 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if fs.NArg() == 0 {
 		fs.Usage()
 		return 2
+	}
+	if stateRecords >= 0 {
+		o.ReadyStateKV, o.StateRecords = true, stateRecords
 	}
 	for _, kv := range o.EnvB {
 		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {

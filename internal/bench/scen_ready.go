@@ -25,9 +25,15 @@ func (h *Harness) ready(ctx context.Context) ([]Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	var stateEnv []string // --state-records: node state in KV, one node id
+	if h.o.ReadyStateKV {
+		if stateEnv, err = readyState(ctx, ns.URL(), h.o.StateRecords); err != nil {
+			return nil, err
+		}
+	}
 	var out []Result
 	if h.o.NexdB != "" || len(h.o.EnvB) > 0 {
-		r, err := h.readyAB(ctx, ns.URL(), runs)
+		r, err := h.readyAB(ctx, ns.URL(), runs, stateEnv)
 		out = append(out, r)
 		if err != nil || h.o.Upstream == "" {
 			return out, err // an A/B run times only A and B
@@ -194,7 +200,7 @@ func (h *Harness) control(ctx context.Context) ([]Result, error) {
 // readyAB alternates starts of two nexd (NexdB, or Nexd with EnvB) against one external
 // server, one by one (A first in even rounds), so that load hits both alike, and
 // reports both p50s and the median of the per-round ratios B/A.
-func (h *Harness) readyAB(ctx context.Context, url string, runs int) (Result, error) {
+func (h *Harness) readyAB(ctx context.Context, url string, runs int, stateEnv []string) (Result, error) {
 	b := cmp.Or(h.o.NexdB, h.o.Nexd)
 	r := Result{Scenario: "ready", Variant: "A/B, external NATS, alternating"}
 	var as, bs []time.Duration
@@ -202,9 +208,9 @@ func (h *Harness) readyAB(ctx context.Context, url string, runs int) (Result, er
 	for i := range runs {
 		var a, bd time.Duration
 		for _, aTurn := range alternate(i) {
-			spec := nodeSpec{Name: fmt.Sprintf("ab%d", i), Servers: []string{url}}
+			spec := nodeSpec{Name: fmt.Sprintf("ab%d", i), Servers: []string{url}, Env: stateEnv}
 			if !aTurn {
-				spec.Nexd, spec.Env = b, h.o.EnvB
+				spec.Nexd, spec.Env = b, append(slices.Clone(stateEnv), h.o.EnvB...)
 			}
 			n, d, err := h.readyNode(ctx, spec)
 			if err != nil {
@@ -232,5 +238,8 @@ func (h *Harness) readyAB(ctx context.Context, url string, runs int) (Result, er
 	r.add("B / A (p50)", float64(sb.P50)/float64(sa.P50), "×")
 	r.add("B / A (median of the rounds' ratios)", ratios[len(ratios)/2], "×")
 	r.notef("A: %s; B: %s %s", h.o.Nexd, b, strings.Join(h.o.EnvB, " "))
+	if h.o.ReadyStateKV {
+		r.notef("node state in KV, one node id, %d records of a type no nexlet runs in its bucket", h.o.StateRecords)
+	}
 	return r, nil
 }
