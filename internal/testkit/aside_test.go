@@ -103,3 +103,26 @@ func countAside(parent string) int {
 	}
 	return n
 }
+
+// TestRunSweepsBeforeFlagsParsed: Binaries.Run sweeps before m.Run parses the test
+// flags. A first version said what it removed only under testing.Verbose, which
+// panics before the flags are parsed ("Verbose called before Parse"): every test
+// binary started while a gone process's aside directory was left exited 2. A test
+// binary (this one, running no test) started with one planted in /tmp exits 0.
+func TestRunSweepsBeforeFlagsParsed(t *testing.T) {
+	if os.Getenv(envAsideHelper) != "" {
+		t.Skip("in the helper")
+	}
+	stale := filepath.Join("/tmp", asidePrefix+"999999999-1-planted")
+	if err := os.Mkdir(stale, 0o700); err != nil && !os.IsExist(err) {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(stale)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), envAsideHelper+"=") // set empty: the helper test skips
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("a test binary started beside a gone process's aside directory: %v\n%s", err, out)
+	}
+	t.Logf("%s", out)
+}

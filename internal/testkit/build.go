@@ -51,7 +51,7 @@ func (b *Binaries) Run(m *testing.M) int {
 		// Aside directories of test binaries killed before their end (AsideDir).
 		if removed, err := sweepAside(asideParents()); err != nil {
 			fmt.Fprintf(os.Stderr, "testkit: removing aside directories of gone test processes: %v\n", err)
-		} else if len(removed) > 0 && testing.Verbose() {
+		} else if len(removed) > 0 { // rare: said always (the flags are not parsed yet)
 			fmt.Fprintf(os.Stderr, "testkit: removed %d aside directories of gone test processes: %s\n", len(removed), strings.Join(removed, " "))
 		}
 	}
