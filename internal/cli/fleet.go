@@ -175,11 +175,21 @@ type gatherOpts struct {
 	stall time.Duration // then end this long after the latest reply
 	max   int           // and stop once this many arrived (0: no limit)
 	head  nats.Header   // sent with the request
+	// some: the caller needs some answers, not all (an auction, the count of nodes a
+	// deploy expects bids from): a gather stopped at its bound returns what came with
+	// an error wrapping scatter.ErrBounded for the caller to weigh, instead of ending
+	// the command "outcome unknown" (a deploy that then succeeded was known).
+	some bool
 }
 
 // gather is scatter.Gather with nexctl's options.
 func (f *fleet) gather(ctx context.Context, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
-	return f.scatterGather(ctx, subject, data, scatter.Options{First: o.first, Stall: o.stall, Max: o.max, Header: o.head})
+	so := scatter.Options{First: o.first, Stall: o.stall, Max: o.max, Header: o.head}
+	if o.some {
+		so.Bound, so.MaxBytes = f.gatherBound(), gatherMaxBytes
+		return scatter.Gather(ctx, f.nc, subject, data, so)
+	}
+	return f.scatterGather(ctx, subject, data, so)
 }
 
 // scatterGather is scatter.Gather on nexctl's connection. A gather cut short by that
@@ -522,7 +532,18 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 	if err != nil {
 		return nil, nil, "", nil, err
 	}
+	o.some = true
 	msgs, err := f.gather(ctx, protocol.AuctionSubject(ns), data, o)
+	if errors.Is(err, scatter.ErrBounded) {
+		// The bids that came are as good as any: the placement goes on, said once.
+		bad = append(bad, fmt.Errorf("%w; nexctl stopped listening and chooses among the bids in them", err))
+		defer func() { // named first, ahead of the unusable bids it may come with
+			if len(bad) > 1 {
+				bad = append(bad[len(bad)-1:], bad[:len(bad)-1]...)
+			}
+		}()
+		err = nil
+	}
 	if err != nil {
 		return nil, nil, "", nil, err
 	}

@@ -125,6 +125,55 @@ func TestAttackRogueNodeKeepsGatherOpen(t *testing.T) {
 	}
 }
 
+// TestAttackRogueNodeKeepsDeployGathersOpen: the same rogue node answers a deploy's
+// ping and its auction without end. The deploy places the workload on the honest node
+// with the bids that came, warns that it stopped listening, and exits 0: the placement
+// is known (nexctl gathers the ping and the bids for some answers, not all).
+func TestAttackRogueNodeKeepsDeployGathersOpen(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	honest := newFakeNode(t, op.Connect(t, "node"), "HONEST", nil).start()
+	endless := func(m *nats.Msg, stop <-chan struct{}) {
+		for i := 0; i < 900; i++ { // 90 s at most
+			if m.Respond([]byte("{}")) != nil {
+				return
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+	stop := rogueNode(t, op, endless)
+	// The auction too (default namespace).
+	tok, seed := op.UserWith(t, "rogue bidder", nil, jwt.Permissions{
+		Sub: jwt.Permission{Allow: jwt.StringList{"$NEX.SVC.>"}},
+		Pub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
+	})
+	rb := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(tok, seed))
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	if _, err := rb.Subscribe(protocol.AuctionSubject("default"), func(m *nats.Msg) { wg.Go(func() { endless(m, done) }) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := rb.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	r := runNexctlFor(t, time.Minute, op, "--gather-stall", "1s", "--namespace", "default", "--allow-unsigned-bids",
+		"workload", "run", "--name", "web", "--", "/bin/true")
+	close(done)
+	wg.Wait()
+	stop()
+	t.Logf("exit %d after %s:\n%s\n%s", r.code, r.took.Round(time.Millisecond), r.out, r.errOut)
+	if r.killed || r.code != ExitOK || len(honest.deployed()) != 1 {
+		t.Fatalf("deploy under a rogue node's endless answers: exit %d (killed %v), %d deploys on the honest node\n%s%s", r.code, r.killed, len(honest.deployed()), r.out, r.errOut)
+	}
+	if !strings.Contains(r.errOut, "kept coming") {
+		t.Errorf("no word that the bids kept coming:\n%s", r.errOut)
+	}
+}
+
 // TestAttackRogueNodeFloodsGather: a rogue node answers nexctl's node list with as many
 // answers of nearly max_payload (1 MiB) as it can, 1 GiB in all. Before, nexctl held
 // every one it read until the gather ended (peak RSS 432 MiB, exit 0, one warning line

@@ -68,7 +68,9 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		// all are in; nodes in other accounts or without ping permission just mean we
 		// wait for the stall.
 		var err error
-		if nodes, _, err = f.pingNodes(ctx, nil, f.gatherOpts(0)); err == nil {
+		o := f.gatherOpts(0)
+		o.some = true // a count to end the auction early by: without it, it ends on its stall
+		if nodes, _, err = f.pingNodes(ctx, nil, o); err == nil {
 			expectBids = len(nodes)
 		}
 	}
