@@ -65,6 +65,7 @@ FUZZ_TARGETS = \
 	daemon/node:FuzzHandlers \
 	daemon/node:FuzzListParts \
 	daemon/node:FuzzRegistrationAndRenewal \
+	daemon/state:FuzzStateRecord \
 	daemon/supervise:FuzzParseLine \
 	internal/cli:FuzzParseNexfile \
 	internal/names:FuzzValidMatchesTheRegexps \

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/micro"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/nexlet/localchan"
 	"github.com/nexd-project/nexd/protocol"
@@ -169,6 +170,15 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	stored, err := n.o.Store.ByType(n.ctx, req.RegisterType)
 	if err != nil {
 		n.log.Warn("failed to read node state for a registering nexlet", "agent_id", agentID, "type", req.RegisterType, "err", err)
+	}
+	for wid, swr := range stored {
+		// The store checked it (state.DecodeRecord); checked again here so that no
+		// Store hands a nexlet an id that is not a plain token or a record without a
+		// namespace.
+		if err := state.CheckRecord(req.RegisterType+"_"+wid, swr); err != nil {
+			n.log.Warn("not replaying a workload record of node state", "agent_id", agentID, "workload_id", wid, "err", err)
+			delete(stored, wid)
+		}
 	}
 	n.mu.Lock()
 	takeOver := map[string]protocol.StartWorkloadRequest{}

@@ -102,7 +102,7 @@ func (n *Node) readRecordedEnded(ch chan struct{}, all map[string]protocol.Start
 		return r.err
 	}
 	for key, req := range all {
-		if _, id, ok := state.SplitKey(key); ok && req.Namespace != "" && !gone[id] {
+		if _, id, ok := state.SplitKey(key); ok && state.CheckRecord(key, req) == nil && !gone[id] {
 			r.ns[id] = req.Namespace
 		}
 	}

@@ -440,8 +440,10 @@ func (s *KV) ByType(ctx context.Context, workloadType string) (map[string]protoc
 	return out, nil
 }
 
-// All returns every stored start request by key. A value that does not decode is logged
-// and skipped rather than hiding every other workload.
+// All returns every stored start request by key. A record that DecodeRecord refuses is
+// logged (its key, the field and why) and skipped rather than hiding every other
+// workload or reaching a nexlet; it stays in the bucket for the operator to mend or
+// remove (nats kv).
 func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error) {
 	w, err := s.kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
@@ -460,14 +462,38 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 			if e == nil { // initial values done
 				return out, nil
 			}
-			var req protocol.StartWorkloadRequest
-			if err := json.Unmarshal(e.Value(), &req); err != nil {
-				s.log.Error("skipping unreadable workload state", "bucket", s.bucket, "key", e.Key(), "err", err)
+			if e.Key() == probeKey {
+				continue // only ever purged; a value there is no workload's
+			}
+			req, err := DecodeRecord(e.Key(), e.Value(), s.recordLimit())
+			if err != nil {
+				s.logBadRecord(err)
 				continue
 			}
 			out[e.Key()] = req
 		}
 	}
+}
+
+// recordLimit is the largest record All accepts: the bucket's own value limit, else
+// the largest message a deploy may be.
+func (s *KV) recordLimit() int {
+	if s.maxValue > 0 {
+		return s.maxValue
+	}
+	return protocol.MaxMessageBytes
+}
+
+// logBadRecord reports a record All skips.
+func (s *KV) logBadRecord(err error) {
+	var re *RecordError
+	if errors.As(err, &re) {
+		re.Bucket = s.bucket
+		s.log.Warn("skipping a workload record of node state that cannot be replayed; mend or remove it",
+			"bucket", s.bucket, "key", re.Key, "field", re.Field, "err", err)
+		return
+	}
+	s.log.Warn("skipping a workload record of node state that cannot be replayed", "bucket", s.bucket, "err", err)
 }
 
 // ListNodeBuckets returns the node ids that have a state bucket in the domain. Only
