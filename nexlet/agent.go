@@ -99,6 +99,16 @@ type WorkloadHolder interface {
 	HeldWorkloads() []string
 }
 
+// MemoryKeeper is optionally implemented by a WorkloadHolder whose memory of the starts
+// it took outlives its process (records on disk): StartsMemory names that memory
+// (RegisterAgentRequest.Memory), the same for as long as every start it took since is
+// held, remembered as stopped or removed by the node, a new name once such records
+// were lost or dropped. With it the node starts a stored job whose start it never saw
+// confirmed and that this memory does not hold: its nexd died before it sent the start.
+type MemoryKeeper interface {
+	StartsMemory() string
+}
+
 // StopRememberer is optionally implemented by an Agent that remembers the workloads
 // it stopped at the node's request (RegisterAgentRequest.Stopped): the node removes a
 // stored one instead of starting it again when the node that asked for the stop died

@@ -584,6 +584,11 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 			ids = []string{} // holds nothing: every stored job ran before
 		}
 		reg.Workloads = &ids
+		if m, ok := r.agent.(MemoryKeeper); ok {
+			// Named after the list is taken: a memory dropped in between (a shutdown's
+			// stops) is no longer named, so no list it made whole is vouched for.
+			reg.Memory = m.StartsMemory()
+		}
 	}
 	var mark uint64
 	if g, ok := r.agent.(ReplayGuard); ok {

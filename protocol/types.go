@@ -288,6 +288,16 @@ type StartWorkloadRequest struct {
 	// the node's record keeps it across restarts. The node sets it when it records a
 	// deploy, ignores any value a client sends, and never passes it to a nexlet.
 	Owner string `json:"nexd_owner,omitempty"`
+
+	// Memory (nexd, node state only) is the memory of starts (RegisterAgentRequest.Memory)
+	// of the nexlet the start was sent to, when the deploy recorded it. Set and kept
+	// like Owner.
+	Memory string `json:"nexd_memory,omitempty"`
+
+	// Started (nexd, node state only) is set once the nexlet answered the start (a job's
+	// record only, written after the client's reply): a stored job its nexlet does not
+	// hold then ran, whatever the nexlet remembers. Set and kept like Owner.
+	Started bool `json:"nexd_started,omitempty"`
 }
 
 // StartWorkloadResponse names the started workload.
@@ -464,6 +474,17 @@ type RegisterAgentRequest struct {
 	// removed, not started again; a stored service it does not hold is started again.
 	// Absent (upstream nexlets), every stored workload is replayed.
 	Workloads *[]string `json:"nexd_workloads,omitempty"`
+
+	// Memory (nexd extension) names the nexlet's memory of the starts it took, sent
+	// with Workloads: the same as long as every start this nexlet instance took since is
+	// held, remembered as stopped (Stopped) or was removed by the node; a new one once
+	// such records were lost (its runtime directory gone: a reboot) or dropped (a
+	// shutdown's stops). The node records it with each deploy, so a stored job whose
+	// start was never confirmed (Started), not held and recorded under the nexlet's
+	// current memory never reached it: the node started it, or was killed, before the
+	// send, and it is started now. Empty: no such promise (every stored job not held is
+	// taken for one that ran).
+	Memory string `json:"nexd_memory,omitempty"`
 
 	// Stopped (nexd extension) lists the workloads this nexlet instance stopped at a
 	// node's request lately (its memory of stops, an hour). A stored one is removed

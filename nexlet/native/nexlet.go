@@ -168,7 +168,10 @@ type Nexlet struct {
 	recentStops *stopmemo.Memo
 	// stopSeq numbers the stops recentStops takes (Entry.Seq): a replay answering a
 	// registration made before one of them does not start its workload (StartReplayed).
-	stopSeq   uint64
+	stopSeq uint64
+	// memory names this nexlet's memory of the starts it took (memory.go): "" once a
+	// stop at a shutdown dropped a record of one.
+	memory    string
 	lameduck  bool
 	lameTimer *time.Timer
 }
@@ -267,6 +270,7 @@ func New(cfg Config) (*Nexlet, error) {
 	n.log.Info("workload users", "run_as", n.users.Describe(), "workloads_dir", n.wdir)
 	n.oom.open(n.log) // before any fork: the descriptor is the nexlet's
 	n.resumeStops()
+	n.memory = n.loadMemory()
 	built = true
 	return n, nil
 }

@@ -1537,6 +1537,11 @@ func (n *Nexlet) finish(w *workload, p *proc, r *stopRequest, exhausted bool) {
 	if requested {
 		st = r.steps
 	}
+	if requested && !r.record {
+		// A stop at nexd's or the nexlet's shutdown removes the workload's record but
+		// is remembered nowhere: the memory no longer holds every start it took.
+		n.dropMemory()
+	}
 	n.stopRenewal(w)
 	code, reason := p.code, p.reason
 	exited := true

@@ -1,0 +1,65 @@
+package native
+
+import (
+	"slices"
+	"testing"
+
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestStartsMemoryOutlivesNexletUntilAKeptStop: the nexlet's memory of starts keeps its
+// name across a crash of the nexlet (the records stay in its runtime directory, and the
+// next nexlet holds the workloads it started), and a stop the node asked for keeps it (the
+// stop is remembered); a stop at nexd's shutdown (nexd_keep), which removes the
+// workload's record and remembers nothing, drops it at once, and the next nexlet names a
+// new one. A new runtime directory (a reboot) has a new one. The node starts a stored job
+// never confirmed and not held only under the name it was recorded with (daemon/node
+// TestReconcileByStartMemory).
+func TestStartsMemoryOutlivesNexletUntilAKeptStop(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	m1 := first.StartsMemory()
+	if m1 == "" {
+		t.Fatal("the nexlet names no memory of its starts")
+	}
+	for _, id := range []string{"asked", "kept"} {
+		fn.mustStart(id, startReq(protocol.LifecycleService, id, map[string]any{"uri": script(t, `echo up; while :; do sleep 0.05; done`)}, fn.creds()))
+		fn.waitLog(id, "stdout", "up")
+	}
+	if resp := fn.stop("asked", testNS); !resp.Stopped {
+		t.Fatalf("stop: %+v", resp)
+	}
+	first.waitTidied()
+	if got := first.StartsMemory(); got != m1 {
+		t.Fatalf("a stop the node asked for changed the memory: %q, was %q", got, m1)
+	}
+	first.crash()
+
+	second := fn.startNexlet(Config{RuntimeDir: runtime})
+	if got := second.StartsMemory(); got != m1 {
+		t.Fatalf("the next nexlet on the same records names memory %q, want %q", got, m1)
+	}
+	if held := second.HeldWorkloads(); !slices.Contains(held, "kept") {
+		t.Fatalf("the next nexlet holds %v", held)
+	}
+	fn.mustStart("kept2", startReq(protocol.LifecycleService, "kept2", map[string]any{"uri": script(t, `echo up; while :; do sleep 0.05; done`)}, fn.creds()))
+	fn.waitLog("kept2", "stdout", "up")
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "kept2"), protocol.StopWorkloadRequest{Namespace: testNS, Keep: true}, waitLong)
+	if err != nil || r.code != "" {
+		t.Fatalf("stop at shutdown: %v %s %s", err, r.code, r.errText)
+	}
+	second.waitTidied()
+	if got := second.StartsMemory(); got != "" {
+		t.Errorf("after a stop at shutdown removed a record, the nexlet still names memory %q", got)
+	}
+	second.crash()
+
+	third := fn.startNexlet(Config{RuntimeDir: runtime})
+	if got := third.StartsMemory(); got == "" || got == m1 {
+		t.Errorf("the nexlet after a stop at shutdown names memory %q (was %q): want a new one", got, m1)
+	}
+	if other := fn.startNexlet(Config{}).StartsMemory(); other == "" || other == m1 || other == third.StartsMemory() {
+		t.Errorf("a new runtime directory's memory %q: want a new one", other)
+	}
+}
