@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -208,7 +209,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	n.reconcile(agentID, owner, req, stored)
 	maps.Copy(stored, takeOver)
 	for wid, swr := range stored {
-		swr.Owner = "" // node state only
+		swr.Owner, swr.Memory, swr.Started = "", "", false // node state only
 		wc, err := n.o.Minter.MintWorkload(swr.Namespace, wid)
 		if err != nil {
 			n.log.Warn("not replaying workload: minting its credentials failed", "workload_id", wid, "namespace", swr.Namespace, "err", err)
@@ -327,7 +328,10 @@ func (n *Node) handOverStarts(takeOver map[string]protocol.StartWorkloadRequest,
 // reconcile compares the registering nexlet's stored workloads with those it says it
 // holds (RegisterAgentRequest.Workloads; nothing to do when it does not say): a job it
 // does not hold ran before (its end was never acknowledged, or its nexlet lost the
-// record), so it leaves node state and stored instead of being started a second time.
+// record), so it leaves node state and stored instead of being started a second time;
+// unless its start was never confirmed (Started) and it was recorded under the
+// nexlet's current memory of starts (Memory), which would hold it had the start come:
+// then it never reached the nexlet and stays in stored, to be started.
 // A service it does not hold stays in stored and is started again, unless the nexlet
 // says it stopped it at a request (RegisterAgentRequest.Stopped): the node that asked
 // died before it removed it from state (a drain or a stop cut short by a kill), and
@@ -344,8 +348,19 @@ func (n *Node) reconcile(agentID, owner string, req protocol.RegisterAgentReques
 	for _, id := range req.Stopped {
 		stopped[id] = true
 	}
+	var mark map[string]protocol.StartWorkloadRequest
 	for wid, swr := range stored {
 		if held[wid] {
+			if swr.WorkloadLifecycle == protocol.LifecycleJob && !swr.Started && swr.Memory != "" {
+				// Its nexd died before it marked the start: marked now, so that the
+				// record says it ran once the nexlet forgets it (a finished job, an
+				// hour on), whatever memory the nexlet has then.
+				swr.Started = true
+				if mark == nil {
+					mark = map[string]protocol.StartWorkloadRequest{}
+				}
+				mark[wid] = swr
+			}
 			continue
 		}
 		if stopped[wid] {
@@ -358,10 +373,38 @@ func (n *Node) reconcile(agentID, owner string, req protocol.RegisterAgentReques
 		if swr.WorkloadLifecycle != protocol.LifecycleJob {
 			continue
 		}
+		if !swr.Started && swr.Memory != "" && swr.Memory == req.Memory {
+			// Recorded under the memory the nexlet still has, which holds every start
+			// it took since, and never answered: its start never reached the nexlet
+			// (nexd died between the record and the send). Before, it was removed
+			// as one that ran: never run (e2e TestDeployKilledBeforeSendRunsOnce).
+			n.log.Info("job recorded but never started: its start did not reach its nexlet; starting it",
+				"workload_id", wid, "agent_id", agentID, "owner", owner)
+			continue
+		}
 		delete(stored, wid)
-		n.log.Info("job not held by its nexlet when it registered: it ran before; removed from node state, not started again",
-			"workload_id", wid, "agent_id", agentID, "owner", owner)
+		if !swr.Started && swr.Memory != "" {
+			// Its start was never seen answered, and the nexlet's memory of starts is
+			// not the one it was sent under (a reboot, a shutdown's stops): it may
+			// have run, and a job runs at most once.
+			n.log.Warn("job not held by its nexlet, its start never confirmed, and the nexlet's memory of starts is newer (a reboot or a stop at shutdown since): it may never have run; removed from node state, not started (a job runs at most once)",
+				"workload_id", wid, "agent_id", agentID, "owner", owner)
+		} else {
+			n.log.Info("job not held by its nexlet when it registered: it ran before; removed from node state, not started again",
+				"workload_id", wid, "agent_id", agentID, "owner", owner)
+		}
 		n.forget(wid, req.RegisterType)
+	}
+	if len(mark) > 0 {
+		n.own("start marks of nexlet "+agentID, func() {
+			for wid, swr := range mark {
+				ctx, cancel := context.WithTimeout(withNamespace(n.ctx, swr.Namespace), rollbackWait)
+				if err := n.o.Store.MarkStarted(ctx, req.RegisterType, wid, swr); err != nil {
+					n.log.Debug("a held job's record not marked started", "workload_id", wid, "err", err)
+				}
+				cancel()
+			}
+		})
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/internal/steps"
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -42,7 +43,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.refuse(r, 400, "bad start workload request", err)
 		return
 	}
-	req.Owner = "" // the node's to set, in its own record only
+	req.Owner, req.Memory, req.Started = "", "", false // the node's to set, in its own record only
 	if ns := protocol.NamespaceOf(r.Subject()); ns != req.Namespace && ns != protocol.SystemNamespace {
 		n.refuse(r, 403, "namespace mismatch", fmt.Errorf("namespace mismatch: subject namespace %q, request namespace %q", ns, req.Namespace))
 		return
@@ -132,6 +133,10 @@ func (n *Node) handleDeploy(r micro.Request) {
 	}
 
 	st.Step("record")
+	if testhold.Holds(n.o.TestHold, testhold.DeployRecorded) {
+		n.log.Warn("test hold: a deploy recorded, its start not sent yet", "workload_id", workloadID, "hold", testhold.DeployRecorded)
+		<-n.ctx.Done()
+	}
 	if err := n.ctx.Err(); err != nil {
 		// Stopping (the record took that long): the start is not sent, so nothing runs
 		// and the record goes. Before, the record was kept and the client told the next
@@ -195,13 +200,21 @@ func (n *Node) handleDeploy(r micro.Request) {
 		n.relay(r, reply)
 		return
 	}
-	if res.commit(true) {
+	if testhold.Holds(n.o.TestHold, testhold.DeployAnswered) {
+		n.log.Warn("test hold: a deploy's start answered by its nexlet, not committed yet", "workload_id", workloadID, "hold", testhold.DeployAnswered)
+		<-n.ctx.Done()
+	}
+	endedEarly := res.commit(true)
+	if endedEarly {
 		// The workload (a quick job) ended before it was committed: drop it again.
 		n.forget(workloadID, req.WorkloadType)
 	}
 	deployed = true
 	n.relay(r, reply)
 	st.Step("reply")
+	if !endedEarly {
+		n.markStarted(res, req)
+	}
 	// After the reply: a log write (a journal socket under systemd) is no part of it.
 	n.log.Info("workload deployed", "workload_id", workloadID, "name", req.Name, "namespace", req.Namespace,
 		"type", req.WorkloadType, "agent_id", a.id)
@@ -304,10 +317,38 @@ type inFlight struct {
 // node state, and the next replay here started a second copy
 // (TestStopDuringDeployRecordLeavesNoRecord).
 func (res *reservation) record(ctx context.Context, req protocol.StartWorkloadRequest) error {
-	req.Owner = res.agent.owner
+	req.Owner, req.Memory = res.agent.owner, res.agent.req.Memory
 	err := res.n.o.Store.Put(ctx, res.typ, res.id, req)
 	res.recorded = err == nil || !state.NotWritten(err)
 	return err
+}
+
+// markStarted marks a job's record as started once its nexlet answered, after the
+// client's reply and off its path: a stored job its nexlet does not hold then ran
+// (reconcile), also once the nexlet forgot it (a finished job kept an hour) while its
+// record stayed (a removal that failed). Only a job sent to a nexlet that names its
+// memory of starts needs it (for the others reconcile takes every stored job not held
+// for one that ran, and starts every service). A nexd killed before the mark lands
+// leaves the job to that memory, which holds it (TestDeployKilledAfterAnswerRunsOnce).
+func (n *Node) markStarted(res *reservation, req protocol.StartWorkloadRequest) {
+	if req.WorkloadLifecycle != protocol.LifecycleJob || res.agent.req.Memory == "" || !res.recorded {
+		return
+	}
+	n.markLater(res, req)
+}
+
+// markLater writes markStarted's mark on a goroutine of the node's. Apart, so that
+// the closure's copy of req is made only for a mark (a service's deploy allocates
+// nothing for it).
+func (n *Node) markLater(res *reservation, req protocol.StartWorkloadRequest) {
+	req.Owner, req.Memory, req.Started = res.agent.owner, res.agent.req.Memory, true
+	n.own("start mark of workload "+res.id, func() {
+		ctx, cancel := context.WithTimeout(withNamespace(n.ctx, res.ns), rollbackWait)
+		defer cancel()
+		if err := n.o.Store.MarkStarted(ctx, res.typ, res.id, req); err != nil {
+			n.log.Debug("a job's record not marked started; its nexlet's memory of starts still tells", "workload_id", res.id, "err", err)
+		}
+	})
 }
 
 // commit keeps the workload: it is owned from now on. It reports whether the nexlet

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -198,5 +199,82 @@ func TestRogueNexletBindsNamesWithoutEnd(t *testing.T) {
 	t.Logf("%d of 40 names taken, %d refused, %d kept for the next run", taken, refused, len(kept))
 	if taken != MaxBoundNames || refused != 40-MaxBoundNames || len(kept) != MaxBoundNames {
 		t.Errorf("%d names taken, %d refused, %d kept; want %d, %d, %d", taken, refused, len(kept), MaxBoundNames, 40-MaxBoundNames, MaxBoundNames)
+	}
+}
+
+// TestReconcileByStartMemory: a nexlet that names its memory of starts (nexd_memory)
+// gets back a stored job it does not hold only when the job's start was never confirmed
+// (nexd_started) and the job was recorded under that same memory: its start never
+// reached it (its nexd died between the record and the send). A confirmed job, one
+// recorded under an older memory (a reboot since) and one recorded before memories
+// (an older nexd's) are taken for jobs that ran, as before: removed, not replayed. A
+// held job's record gets its start mark. A deploy records the nexlet's memory and,
+// once answered, marks a job started, whatever the client sent; neither reaches a
+// nexlet. Before, the unconfirmed job of the nexlet's own memory was removed, never
+// run.
+func TestReconcileByStartMemory(t *testing.T) {
+	f := newFixture(t, 1, nil)
+	n := f.nodes[0]
+	st := f.stores[0]
+	put := func(id, memory string, started bool) {
+		req := startReq("tenant", id, `{}`)
+		req.WorkloadLifecycle, req.Owner, req.Memory, req.Started = protocol.LifecycleJob, "local:native", memory, started
+		if err := st.Put(t.Context(), "native", id, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("neversent", "m1", false)
+	put("confirmed", "m1", true)
+	put("oldermemory", "m0", false)
+	put("beforememories", "", false)
+	put("heldunmarked", "m1", false)
+	held := []string{"heldunmarked"}
+	a := f.healthyAgent(n, "native0", "native", "native", func(a *fakeAgent) { a.req.Workloads, a.req.Memory = &held, "m1" })
+	got := slices.Sorted(maps.Keys(a.resp.ExistingState))
+	if !slices.Equal(got, []string{"heldunmarked", "neversent"}) {
+		t.Fatalf("replayed %v, want heldunmarked and neversent", got)
+	}
+	for id, w := range a.resp.ExistingState {
+		if w.Request.Memory != "" || w.Request.Started {
+			t.Errorf("replay of %s carries the node's record of memory %q, started %v", id, w.Request.Memory, w.Request.Started)
+		}
+	}
+	left, _ := st.ByType(t.Context(), "native")
+	for _, id := range []string{"confirmed", "oldermemory", "beforememories"} {
+		if _, ok := left[id]; ok {
+			t.Errorf("job %s, not held, is still in node state", id)
+		}
+	}
+	if _, ok := left["neversent"]; !ok {
+		t.Error("the job that never reached its nexlet left node state")
+	}
+	testkit.Eventually(t, "the held job's record marked started", func() bool {
+		left, _ := st.ByType(t.Context(), "native")
+		return left["heldunmarked"].Started
+	})
+
+	// A deploy records the nexlet's memory, a client's values are ignored, and the
+	// answered job is marked started; the nexlet gets neither.
+	bids := f.auction("tenant", protocol.AuctionRequest{AgentType: "native"}, 1)
+	req := startReq("tenant", "j", `{"cmd":"x"}`)
+	req.WorkloadLifecycle, req.Memory, req.Started = protocol.LifecycleJob, "forged", true
+	m := request(t, f.client, protocol.DeploySubject("tenant", bids[0].BidderID), req)
+	var started protocol.StartWorkloadResponse
+	if err := protocol.Decode(m.Data, &started); err != nil || started.ID == "" {
+		t.Fatalf("deploy reply %q %v", m.Data, err)
+	}
+	testkit.Eventually(t, "the deployed job's record marked started", func() bool {
+		left, _ := st.ByType(t.Context(), "native")
+		return left[started.ID].Started
+	})
+	left, _ = st.ByType(t.Context(), "native")
+	if mem := left[started.ID].Memory; mem != "m1" {
+		t.Errorf("deployed job recorded under memory %q, want the nexlet's m1", mem)
+	}
+	a.mu.Lock()
+	sent := a.workloads[started.ID]
+	a.mu.Unlock()
+	if sent.Memory != "" || sent.Started {
+		t.Errorf("the nexlet got memory %q, started %v in its start request", sent.Memory, sent.Started)
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/daemon/mint"
+	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -131,7 +133,10 @@ func BenchmarkDeployParallel(b *testing.B) {
 
 // placeBodies are the requests every placement sends alike, encoded once, outside the
 // timed loop.
-type placeBodies struct{ auction, stop []byte }
+type placeBodies struct {
+	auction, stop []byte
+	job           bool // deploy jobs, not services
+}
 
 func newPlaceBodies() placeBodies {
 	auction, _ := json.Marshal(protocol.AuctionRequest{AgentType: "native", AuctionID: "a", Tags: map[string]string{}})
@@ -149,7 +154,11 @@ func (p placeBodies) placeAndStop(nc *nats.Conn, name string) error {
 	if err := json.Unmarshal(m.Data, &bid); err != nil {
 		return err
 	}
-	req, _ := json.Marshal(startReq("system", name, `{"cmd":"run"}`))
+	sr := startReq("system", name, `{"cmd":"run"}`)
+	if p.job {
+		sr.WorkloadLifecycle = protocol.LifecycleJob
+	}
+	req, _ := json.Marshal(sr)
 	m, err = nc.Request(protocol.DeploySubject("system", bid.BidderID), req, 10*time.Second)
 	if err != nil {
 		return err
@@ -285,6 +294,45 @@ func BenchmarkAuctionNotBid(b *testing.B) {
 				if _, _, ok := c.n.bidLocked(nil, c.ns, c.req, time.Now()); ok {
 					b.Fatal("bid")
 				}
+			}
+		})
+	}
+}
+
+// BenchmarkDeployJobKV is BenchmarkDeploy with jobs, on a real JetStream bucket (the
+// node's state store in production): "marked", to a nexlet that names its memory of
+// starts, so that every answered job's record is marked started after the reply (a read
+// and a conditional write of the record, off the reply's path); "unmarked", to one that
+// names none, as before the mark. The difference is what the mark costs a client.
+func BenchmarkDeployJobKV(b *testing.B) {
+	for _, memory := range []string{"", "m1"} {
+		name := "unmarked"
+		if memory != "" {
+			name = "marked"
+		}
+		b.Run(name, func(b *testing.B) {
+			srv := testnats.Start(b, testnats.Options{})
+			f := newFixtureOn(b, srv, 1, func(_ int, o *Options) {
+				o.AuctionTTL = 10 * time.Second
+				kv, err := state.OpenKV(b.Context(), testnats.Connect(b, srv), "BENCH", "", nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				o.Store = kv
+			})
+			f.healthyAgent(f.nodes[0], "agent0", "bench", "native", func(a *fakeAgent) {
+				a.hbEvery = time.Second
+				a.req.Memory = memory
+			})
+			bodies := newPlaceBodies()
+			bodies.job = true
+			i := 0
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := bodies.placeAndStop(f.client, fmt.Sprintf("w%d", i)); err != nil {
+					b.Fatal(err)
+				}
+				i++
 			}
 		})
 	}

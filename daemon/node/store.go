@@ -26,6 +26,11 @@ type Store interface {
 	// ByType returns the workloads of exactly this type (not a prefix match),
 	// keyed by workload id.
 	ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error)
+	// MarkStarted stores req (the record as the deploy wrote it, with Started set) over
+	// the workload's record only if that record is still there unchanged: a mark never
+	// brings back a workload removed meanwhile (a quick job's end, a stop). Gone, it is
+	// not an error.
+	MarkStarted(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error
 	// All returns every stored workload, keyed by <type>_<id> (state.Key): the node
 	// reads it at its start to know whose each workload is before any nexlet
 	// registers again (Node.loadRecorded).
@@ -42,6 +47,11 @@ func (NoStore) Put(context.Context, string, string, protocol.StartWorkloadReques
 
 // Delete implements Store.
 func (NoStore) Delete(context.Context, string, string) error { return nil }
+
+// MarkStarted implements Store.
+func (NoStore) MarkStarted(context.Context, string, string, protocol.StartWorkloadRequest) error {
+	return nil
+}
 
 // ByType implements Store.
 func (NoStore) ByType(context.Context, string) (map[string]protocol.StartWorkloadRequest, error) {
@@ -104,6 +114,16 @@ func (s *MemStore) Delete(_ context.Context, workloadType, workloadID string) er
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.byType[workloadType], workloadID)
+	return nil
+}
+
+// MarkStarted implements Store.
+func (s *MemStore) MarkStarted(_ context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.byType[workloadType][workloadID]; ok {
+		s.byType[workloadType][workloadID] = req
+	}
 	return nil
 }
 

@@ -169,6 +169,12 @@ func (t *Tombstones) Delete(ctx context.Context, workloadType, workloadID string
 	return fmt.Errorf("%w: %w", ErrRemovalPending, err)
 }
 
+// MarkStarted implements Store. A tombstoned workload's record may be marked too: the
+// removal that is retried takes it all the same.
+func (t *Tombstones) MarkStarted(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
+	return t.inner.MarkStarted(ctx, workloadType, workloadID, req)
+}
+
 // ByType implements Store: tombstoned workloads are left out, those tombstoned when
 // the read began too: the retry may remove one from the store and drop its tombstone
 // after the read got it (TestTombstoneReadWhileRetried). Only a deploy Puts, with an

@@ -386,6 +386,36 @@ func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req proto
 	return nil
 }
 
+// MarkStarted stores req over a workload's record only if the record is still there
+// as read (Update on its revision): a record removed meanwhile (a job that ended, a
+// stop) stays removed. One that is gone is not an error. Not counted as a write the
+// bids watch (WriteFailing): it is off every request's path, and a conflict is no
+// failure of the store.
+func (s *KV) MarkStarted(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
+	key, err := Key(workloadType, workloadID)
+	if err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	value, err := json.Marshal(req)
+	if err != nil {
+		return fmt.Errorf("state: encode start request of workload %s: %w", workloadID, err)
+	}
+	e, err := s.kv.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("state: look up workload %s in bucket %s: %w", workloadID, s.bucket, err)
+	}
+	if _, err := s.kv.Update(ctx, key, value, e.Revision()); err != nil {
+		var api *jetstream.APIError
+		if errors.As(err, &api) && api.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+			return nil // removed (or written) since the read
+		}
+		return fmt.Errorf("state: mark workload %s started in bucket %s: %w", workloadID, s.bucket, err)
+	}
+	return nil
+}
+
 // notSentError is a Put's error found before anything was sent to the server.
 type notSentError struct{ error }
 

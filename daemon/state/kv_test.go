@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -598,5 +599,80 @@ func TestNotWritten(t *testing.T) {
 	defer cancel2()
 	if err := kv.Put(cx, "native", "NOJS", request("w", "ns", "native", "{}")); err == nil || !NotWritten(err) {
 		t.Errorf("put with JetStream disabled: %v, NotWritten false", err)
+	}
+}
+
+// TestMarkStartedNeverBringsBackARemovedRecord: a job's start mark is written off the
+// deploy's path while its end may remove the record: a mark of a record still there
+// sets nexd_started, of one removed before stores nothing, and a mark racing a removal
+// (300 rounds, each a removal and a mark at once on a real JetStream bucket) never
+// brings the record back. A plain Put there would (the mark read the record before the
+// removal and wrote after it).
+func TestMarkStartedNeverBringsBackARemovedRecord(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	kv := open(t, nc, "NODE1", "")
+	req := request("job", "ns1", "native", `{}`)
+	req.WorkloadLifecycle, req.Owner, req.Memory = protocol.LifecycleJob, "local:native", "m1"
+	marked := req
+	marked.Started = true
+
+	if err := kv.Put(ctx, "native", "kept", req); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.MarkStarted(ctx, "native", "kept", marked); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Put(ctx, "native", "gone", req); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Delete(ctx, "native", "gone"); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.MarkStarted(ctx, "native", "gone", marked); err != nil {
+		t.Fatalf("mark of a removed record: %v", err)
+	}
+	got, err := kv.ByType(ctx, "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got["kept"].Started || got["kept"].Memory != "m1" || got["kept"].Owner != "local:native" {
+		t.Errorf("marked record: %+v", got["kept"])
+	}
+	if _, ok := got["gone"]; ok {
+		t.Error("a mark brought a removed record back")
+	}
+
+	back := 0
+	for i := range 300 {
+		id := fmt.Sprintf("race%d", i)
+		if err := kv.Put(ctx, "native", id, req); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			if err := kv.Delete(ctx, "native", id); err != nil {
+				t.Error(err)
+			}
+		})
+		wg.Go(func() {
+			if err := kv.MarkStarted(ctx, "native", id, marked); err != nil {
+				t.Error(err)
+			}
+		})
+		wg.Wait()
+	}
+	got, err = kv.ByType(ctx, "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id := range got {
+		if strings.HasPrefix(id, "race") {
+			back++
+		}
+	}
+	if back != 0 {
+		t.Errorf("%d of 300 records removed while their mark was written came back", back)
 	}
 }

@@ -20,6 +20,12 @@ const (
 	// StopReplied: nexd, once it answered a stop, before it forgets the workload (its
 	// state record, its ownership).
 	StopReplied = "stop-replied"
+	// DeployRecorded: nexd, once a deploy's record is written to node state, before it
+	// sends the start to the nexlet.
+	DeployRecorded = "deploy-recorded"
+	// DeployAnswered: nexd, once the nexlet answered a deploy's start, before the
+	// node keeps the workload and replies (and marks a job's record started).
+	DeployAnswered = "deploy-answered"
 	// StopTidy: the native nexlet, once it answered a stop, before it removes what the
 	// workload left behind (its record above all).
 	StopTidy = "stop-tidy"

@@ -1,0 +1,177 @@
+package e2e
+
+import (
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nexd-project/nexd/internal/testhold"
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+)
+
+// TestDeployKilledBeforeSendRunsOnce: nexd is killed (-9) while a job's deploy is held
+// (NEXD_TEST_HOLD=deploy-recorded) between its record in node state (a real JetStream
+// bucket on a real nats-server) and the start's send to the native nexlet: the record is
+// there, no nexlet ever got the start, the client got no answer. The next nexd on the same
+// state must run the job exactly once: with the nexlet outliving nexd (an OOM kill of
+// nexd alone), and with both killed. Before, the nexlet (nexd's SDK) did not hold the
+// job, and reconcile took a stored job its nexlet does not hold for one that ran: it
+// was removed and never run (0 runs).
+func TestDeployKilledBeforeSendRunsOnce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	for _, both := range []bool{false, true} {
+		name := "nexd"
+		if both {
+			name = "nexd+nexlet"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			deployKilledInWindow(t, testhold.DeployRecorded, both)
+		})
+	}
+}
+
+// TestDeployKilledAfterAnswerRunsOnce: the other side of the window: nexd is killed (-9)
+// once the native nexlet answered a job's start (held there by
+// NEXD_TEST_HOLD=deploy-answered), before the node kept the workload, replied and
+// marked the record started; the job ran and ended meanwhile. The next nexd on the same
+// state must not run it again: the nexlet holds the job it ran (its memory of starts),
+// and the record gets its start mark then. Exactly one run, with the nexlet outliving
+// nexd and with both killed.
+func TestDeployKilledAfterAnswerRunsOnce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	for _, both := range []bool{false, true} {
+		name := "nexd"
+		if both {
+			name = "nexd+nexlet"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			deployKilledInWindow(t, testhold.DeployAnswered, both)
+		})
+	}
+}
+
+// deployKilledInWindow deploys a job that appends a line to a file and exits, kills
+// nexd (and, with both, its native nexlet) once the deploy is held at hold, starts the
+// next nexd on the same state and counts the job's runs: exactly one.
+func deployKilledInWindow(t *testing.T, hold string, both bool) {
+	s := testnats.Start(t, testnats.Options{})
+	dir := t.TempDir()
+	opts := nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv"}}
+	held := opts
+	held.env = []string{testhold.Env + "=" + hold}
+	n := startNode(t, held)
+	st := n.waitReady(t)
+	n.waitNative(t)
+	c := newCrashLoop(t, "deploykill")
+	args := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
+	args = append(args, "workload", "run", "--name", "deploykill", "--lifecycle", "job",
+		"--start-request", `{"restart": {"policy": "never"}}`, "--",
+		"/bin/sh", "-c", `echo run >> "$1"`, c.marker, c.runsFile)
+	bin, home := nexctlBin(t), t.TempDir()
+	type answer struct {
+		out, errOut string
+		code        int
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		var a answer
+		a.out, a.errOut, a.code, _ = runIn(home, nil, bin, args...)
+		answered <- a
+	}()
+	testkit.EventuallyWithin(t, 60*time.Second, "the deploy held at "+hold, func() bool {
+		return strings.Contains(n.out.String(), "hold="+hold)
+	})
+	nc := testnats.Connect(t, s)
+	id := heldWorkloadID(t, n.out.String(), hold)
+	if !kvHas(t, nc, st.NodeID, "native", id) {
+		t.Fatalf("the held deploy's workload %s is not in node state", id)
+	}
+	if hold == testhold.DeployAnswered {
+		testkit.EventuallyWithin(t, 30*time.Second, "the job ran", func() bool { return c.runs() == 1 })
+	} else if got := c.runs(); got != 0 {
+		t.Fatalf("the job ran %d times before its start was sent", got)
+	}
+	if both {
+		killNexdAndNexlet(t, n)
+	} else {
+		n.signal(t, syscall.SIGKILL)
+		n.wait(t, 30*time.Second)
+	}
+	select {
+	case a := <-answered:
+		t.Logf("the deploy's client after the kill: exit %d: %s%s", a.code, a.out, a.errOut)
+	case <-time.After(90 * time.Second):
+		t.Fatal("the deploy's client never returned")
+	}
+
+	opts.cgroup = n.cgroup
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	n2.waitNative(t)
+	testkit.EventuallyWithin(t, 30*time.Second, "the job ran", func() bool { return c.runs() >= 1 })
+	time.Sleep(3 * time.Second) // a second run would have started by now
+	if got := c.runs(); got != 1 {
+		t.Fatalf("the job ran %d times, want exactly once\nnexd:\n%s", got, n2.out.String())
+	}
+	t.Logf("job %s: 1 run", id)
+	if hold == testhold.DeployAnswered {
+		// Held by its nexlet, its record is marked started now: once the nexlet forgets
+		// the finished job, the record still says it ran.
+		testkit.EventuallyWithin(t, 30*time.Second, "the record marked started or removed", func() bool {
+			return kvStarted(t, nc, st.NodeID, "native", id)
+		})
+	}
+}
+
+// heldWorkloadID is the workload id in nexd's log line of the hold.
+func heldWorkloadID(t *testing.T, out, hold string) string {
+	t.Helper()
+	for line := range strings.SplitSeq(out, "\n") {
+		if !strings.Contains(line, "hold="+hold) {
+			continue
+		}
+		for f := range strings.FieldsSeq(line) {
+			if v, ok := strings.CutPrefix(f, "workload_id="); ok {
+				return v
+			}
+		}
+	}
+	t.Fatalf("no workload id in the hold's log line:\n%s", out)
+	return ""
+}
+
+// kvStarted says whether the workload's record in node state is marked started
+// (nexd_started), or gone.
+func kvStarted(t *testing.T, nc *nats.Conn, nodeID, typ, id string) bool {
+	t.Helper()
+	v, ok := kvValue(t, nc, nodeID, typ, id)
+	return !ok || strings.Contains(string(v), `"nexd_started":true`)
+}
+
+// kvValue is the workload's record in node state, if any.
+func kvValue(t *testing.T, nc *nats.Conn, nodeID, typ, id string) ([]byte, bool) {
+	t.Helper()
+	js, _ := jetstream.New(nc)
+	kv, err := js.KeyValue(t.Context(), "nex-"+nodeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(t.Context(), typ+"_"+id)
+	if err != nil {
+		return nil, false
+	}
+	return e.Value(), true
+}
