@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -174,4 +175,87 @@ func kvValue(t *testing.T, nc *nats.Conn, nodeID, typ, id string) ([]byte, bool)
 		return nil, false
 	}
 	return e.Value(), true
+}
+
+// TestDeployRecordAnswerLostOnTheWire: a deploy's record reaches the real nats-server's
+// JetStream bucket, and the connection nexd wrote it on is cut right after (a proxy
+// between nexd and the server forwards the write, then closes both ends): the write's
+// answer is lost on the wire, nexd connects again. The deploy must be answered "not
+// started" only with its record gone: 0 records left, and after a kill -9 of nexd the
+// next nexd on the same state replays nothing: 0 runs. Before 0f7f872 a write whose
+// answer was lost counted as nothing written: answered not started with the record
+// left, and the next nexd started the service (daemon/node
+// TestDeployRecordAnswerLostLeavesNoRecord plays the same at the store's seam).
+func TestDeployRecordAnswerLostOnTheWire(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	p := startDropProxy(t, s.ClientURL(), func(string) bool { return false })
+	var armed, cut atomic.Bool
+	p.cut = func(subj string) bool {
+		// The record's write: $KV.nex-<node>.native_<id> (not the node's probe writes).
+		return strings.HasPrefix(subj, "$KV.nex-") && strings.Contains(subj, ".native_") && armed.Load() && cut.CompareAndSwap(false, true)
+	}
+	dir := t.TempDir()
+	opts := nodeOpts{external: p.URL(), stateDir: dir, extra: []string{"--state", "kv"}}
+	n := startNode(t, opts)
+	st := n.waitReady(t)
+	n.waitNative(t)
+	nc := testnats.Connect(t, s)
+	js, _ := jetstream.New(nc)
+	stream, err := js.Stream(t.Context(), "KV_nex-"+st.NodeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := stream.Info(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCrashLoop(t, "recordlost")
+	armed.Store(true)
+	out, errOut, code := n.ctl(t, "workload", "run", "--name", "recordlost", "--",
+		"/bin/sh", "-c", `echo run >> "$1"; while :; do sleep 1; done`, c.marker, c.runsFile)
+	t.Logf("the deploy: exit %d: %s%s", code, out, errOut)
+	if !cut.Load() {
+		t.Fatal("the record's write was never cut")
+	}
+	if code == 0 || !strings.Contains(out+errOut, "not started") {
+		t.Fatalf("the deploy whose record's answer was lost: exit %d, want not started: %s%s", code, out, errOut)
+	}
+	after, err := stream.Info(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the bucket's stream took %d writes during the deploy (the record and its removal)", after.State.LastSeq-before.State.LastSeq)
+	if after.State.LastSeq-before.State.LastSeq < 2 {
+		t.Errorf("the bucket took %d writes: want the record, then its removal", after.State.LastSeq-before.State.LastSeq)
+	}
+	js2, _ := jetstream.New(nc)
+	kv, err := js2.KeyValue(t.Context(), "nex-"+st.NodeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, _ := kv.ListKeys(t.Context())
+	records := 0
+	for k := range keys.Keys() {
+		if strings.HasPrefix(k, "native_") {
+			records++
+		}
+	}
+	if records != 0 {
+		t.Errorf("%d records left in node state after a deploy answered not started", records)
+	}
+	n.signal(t, syscall.SIGKILL)
+	n.wait(t, 30*time.Second)
+	opts.cgroup = n.cgroup
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	n2.waitNative(t)
+	time.Sleep(3 * time.Second) // a replay would have started it by now
+	t.Logf("records left %d, runs %d", records, c.runs())
+	if got := c.runs(); got != 0 {
+		t.Fatalf("the deploy answered not started ran %d times", got)
+	}
 }

@@ -18,7 +18,11 @@ type dropProxy struct {
 	target  string
 	drop    func(subject string) bool
 	dropped atomic.Int64
-	wg      sync.WaitGroup
+	// cut, when set, ends a client's connection (both ways) right after the message
+	// it says to cut went to the server: the server takes it, and its answer is lost
+	// with the connection (the client connects again).
+	cut func(subject string) bool
+	wg  sync.WaitGroup
 }
 
 func startDropProxy(t *testing.T, target string, drop func(subject string) bool) *dropProxy {
@@ -89,6 +93,9 @@ func (p *dropProxy) filter(dst io.Writer, src io.Reader) {
 		}
 		if _, err := dst.Write(payload); err != nil {
 			return
+		}
+		if p.cut != nil && p.cut(f[1]) {
+			return // the caller closes both ends
 		}
 	}
 }
