@@ -1137,6 +1137,14 @@ func writeLease(path, owner string) error {
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
+	if err != nil {
+		// A new lease whose write failed (a full directory) names nobody, and a lease
+		// naming nobody is never stale: its uid was lost for good
+		// (TestDeployOnFullLeaseDir). Under the lease lock: nobody else wrote it.
+		if fi, serr := os.Lstat(path); serr == nil && fi.Mode().IsRegular() && fi.Size() == 0 {
+			_ = os.Remove(path)
+		}
+	}
 	return err
 }
 
