@@ -186,8 +186,8 @@ func TestRecordedForgottenDuringRead(t *testing.T) {
 	}
 	n.forgetRecorded("GONE")
 	all := map[string]protocol.StartWorkloadRequest{
-		"native_GONE": {Namespace: "tenant-a"},
-		"native_KEPT": {Namespace: "tenant-a"},
+		"native_GONE": startReq("tenant-a", "gone", ""),
+		"native_KEPT": startReq("tenant-a", "kept", ""),
 	}
 	if err := n.readRecordedEnded(ch, all, nil); err != nil {
 		t.Fatal(err)
