@@ -59,7 +59,12 @@ type nexctlRun struct {
 
 func runNexctlFor(t *testing.T, wait time.Duration, op *testnats.Operator, args ...string) nexctlRun {
 	t.Helper()
-	bin := buildNexctl(t)
+	return runNexctlBin(t, buildNexctl(t), wait, op, args...)
+}
+
+// runNexctlBin is runNexctlFor with the nexctl binary bin.
+func runNexctlBin(t *testing.T, bin string, wait time.Duration, op *testnats.Operator, args ...string) nexctlRun {
+	t.Helper()
 	tok, seed := op.User(t, "operator", nil)
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
@@ -199,7 +204,8 @@ func TestAttackRogueNodeFloodsGather(t *testing.T) {
 			}
 		}
 	})
-	r := runNexctlFor(t, 2*time.Minute, op, "--gather-stall", "1s", "node", "list")
+	// nexctl as shipped: a -race build's shadow memory would more than double its peak.
+	r := runNexctlBin(t, bins.PathNoRace(t, "github.com/nexd-project/nexd/cmd/nexctl"), 2*time.Minute, op, "--gather-stall", "1s", "node", "list")
 	stop()
 	t.Logf("exit %d after %s, peak RSS %d MiB: %.300s", r.code, r.took.Round(time.Millisecond), r.maxRSS>>20, strings.TrimSpace(r.errOut))
 	if r.killed {

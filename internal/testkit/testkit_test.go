@@ -65,7 +65,7 @@ func TestBinariesBuiltOnce(t *testing.T) {
 	paths := make([]string, 4)
 	for i := range paths {
 		wg.Go(func() {
-			p, err := bins.path(dir)
+			p, err := bins.path(dir, Race)
 			if err != nil {
 				t.Error(err)
 			}
