@@ -59,8 +59,11 @@ lint:
 FUZZTIME ?= 20s
 FUZZ_TARGETS = \
 	control:FuzzRequests \
+	daemon:FuzzReadHandover \
 	daemon/config:FuzzFlagsAndEnv \
 	daemon/config:FuzzLoad \
+	daemon/natsembed:FuzzTrustFile \
+	daemon/node:FuzzDrainOutcome \
 	daemon/node:FuzzEventWorkloadID \
 	daemon/node:FuzzHandlers \
 	daemon/node:FuzzListParts \

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/supervise"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // envHandover names the descriptor of the memfd in which a re-executing nexd hands its
@@ -31,6 +31,9 @@ const handoverVersion = 2
 // handoverMax bounds what is read from the memfd (about 30 bytes of JSON per workload
 // user; 100,000 workloads with a few users each fit).
 const handoverMax = 64 << 20
+
+// maxPID is the kernel's highest pid_max (PID_MAX_LIMIT on 64-bit).
+const maxPID = 1 << 22
 
 // handover is the state in the memfd.
 type handover struct {
@@ -101,10 +104,23 @@ func readHandover(r io.Reader) (*handover, error) {
 	case h.PID != os.Getpid():
 		return nil, fmt.Errorf("the re-exec handover was made by pid %d, not this process (%d)", h.PID, os.Getpid())
 	}
-	for _, r := range h.Nexlets {
-		if r.Name == "" || r.PID <= 1 {
-			return nil, errors.New("the re-exec handover names a nexlet without a name or pid")
+	seen := make(map[string]bool, len(h.Nexlets))
+	for i, r := range h.Nexlets {
+		// As the adoption uses them: by name, one record a name (a second one's
+		// nexlet would be neither adopted nor ended), the agent id in subjects.
+		switch {
+		case r.Name == "" || r.PID <= 1:
+			return nil, fmt.Errorf("the re-exec handover: nexlets[%d]: no name or pid", i)
+		case !protocol.IsToken(r.Name):
+			return nil, fmt.Errorf("the re-exec handover: nexlets[%d]: name %q is not one a nexlet has (letters, digits, - and _)", i, r.Name)
+		case seen[r.Name]:
+			return nil, fmt.Errorf("the re-exec handover: nexlets[%d]: nexlet %s is named twice", i, r.Name)
+		case r.PID > maxPID:
+			return nil, fmt.Errorf("the re-exec handover: nexlets[%d] (%s): pid %d is above any pid (%d)", i, r.Name, r.PID, maxPID)
+		case r.Meta["agent_id"] != "" && !protocol.IsToken(r.Meta["agent_id"]):
+			return nil, fmt.Errorf("the re-exec handover: nexlets[%d] (%s): agent id %q is not one subject token", i, r.Name, r.Meta["agent_id"])
 		}
+		seen[r.Name] = true
 	}
 	if err := h.Users.Check(); err != nil {
 		return nil, fmt.Errorf("the re-exec handover: users: %w", err)

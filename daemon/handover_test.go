@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"log/slog"
 	"os"
 	"reflect"
@@ -14,6 +15,7 @@ import (
 	"github.com/nexd-project/nexd/daemon/mint"
 
 	"github.com/nexd-project/nexd/daemon/supervise"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestHandoverRoundTrip: what writeHandover puts in the memfd, takeHandover reads back
@@ -80,4 +82,48 @@ func TestHandoverCorruptFallsBack(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzReadHandover: whatever the memfd holds ("$PID" stands for this process's pid, so
+// the fuzzer reaches past the pid check), readHandover refuses it with an error that
+// says it is the handover, or returns nexlet records the adoption can use as they are:
+// each a nexlet name (one subject token, as nexd names them) given once, a pid a process can have, an
+// agent id that is one subject token, and users a minter could have made.
+func FuzzReadHandover(f *testing.F) {
+	user, _ := nkeys.CreateUser()
+	upub, _ := user.PublicKey()
+	f.Add([]byte(`{"version":2,"pid":$PID,"nexlets":[{"name":"native","pid":1234,"start_time":99,"meta":{"agent_id":"A","node_id":"N"}}],"users":{"workloads":{"W1":["` + upub + `"]},"namespaces":{"W1":"tenant"}}}`))
+	f.Add([]byte(`{"version":2,"pid":$PID,"nexlets":[{"name":"native","pid":5},{"name":"native","pid":6}]}`))
+	f.Add([]byte(`{"version":2,"pid":$PID,"nexlets":[{"name":"../x","pid":5,"meta":{"agent_id":"a.>"}}]}`))
+	f.Add([]byte(`{"version":2,"pid":$PID,"nexlets":[{"name":"native","pid":9999999999}]}`))
+	f.Add([]byte(`{"version":2,"pid":$PID,"nexlets":null,"users":{"workloads":null,"namespaces":{"W":""}}}`))
+	f.Add([]byte(`{"version":2,"pid":$PID}` + "\n{}"))
+	f.Add([]byte("\x00\x01"))
+	pid := []byte(strconv.Itoa(os.Getpid()))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		b = bytes.ReplaceAll(b, []byte("$PID"), pid)
+		h, err := readHandover(bytes.NewReader(b))
+		if err != nil {
+			if h != nil || !strings.Contains(err.Error(), "handover") {
+				t.Fatalf("error %v with %+v", err, h)
+			}
+			return
+		}
+		seen := map[string]bool{}
+		for _, r := range h.Nexlets {
+			if !protocol.IsToken(r.Name) || seen[r.Name] {
+				t.Fatalf("nexlet name %q accepted (twice: %v)", r.Name, seen[r.Name])
+			}
+			seen[r.Name] = true
+			if r.PID <= 1 || r.PID > maxPID {
+				t.Fatalf("nexlet %s: pid %d accepted", r.Name, r.PID)
+			}
+			if id := r.Meta["agent_id"]; id != "" && !protocol.IsToken(id) {
+				t.Fatalf("nexlet %s: agent id %q accepted", r.Name, id)
+			}
+		}
+		if err := h.Users.Check(); err != nil {
+			t.Fatalf("users accepted: %v", err)
+		}
+	})
 }

@@ -63,8 +63,8 @@ func loadOrCreateTrust(dir string) (*Trust, error) {
 		if err := checkPrivateFile(path); err != nil {
 			return nil, err
 		}
-		if err := json.Unmarshal(b, &keys); err != nil {
-			return nil, fmt.Errorf("natsembed: %s: %w", path, err)
+		if keys, err = parseTrust(path, b); err != nil {
+			return nil, err
 		}
 	case dir == "" || errors.Is(err, fs.ErrNotExist):
 		for _, k := range []struct {
@@ -89,6 +89,7 @@ func loadOrCreateTrust(dir string) (*Trust, error) {
 		return nil, fmt.Errorf("natsembed: %w", err)
 	}
 	t := &Trust{dir: dir, resolver: &server.MemAccResolver{}}
+	// parseTrust checked each seed; a fresh set is sound by construction.
 	for _, k := range []struct {
 		seed string
 		dst  *nkeys.KeyPair
@@ -105,6 +106,50 @@ func loadOrCreateTrust(dir string) (*Trust, error) {
 		}
 	}
 	return t, nil
+}
+
+// maxTrustFile bounds what is read as the trust file: four seeds in JSON are about
+// 400 bytes.
+const maxTrustFile = 64 << 10
+
+// parseTrust reads the keys of the trust file at path: a JSON object with the four
+// seeds, each present, decodable, of its kind (an operator seed for operator_seed,
+// account seeds for the others) and none the same as another. Every error names the
+// file and, where one is at fault, the key. Before, a missing or empty key failed as
+// "bad seed" without saying which, and a seed of the wrong kind (a user seed as the
+// operator's, the account seed again as its signing key) was taken and failed later,
+// at the server's configuration or a user's signing, with no word of the file
+// (FuzzTrustFile).
+func parseTrust(path string, b []byte) (trustKeys, error) {
+	var keys trustKeys
+	if len(b) > maxTrustFile {
+		return keys, fmt.Errorf("natsembed: %s: %d bytes, more than the %d a trust file can be", path, len(b), maxTrustFile)
+	}
+	if err := json.Unmarshal(b, &keys); err != nil {
+		return keys, fmt.Errorf("natsembed: %s: %w", path, err)
+	}
+	seen := map[string]string{}
+	for _, k := range []struct {
+		name, seed string
+		kind       nkeys.PrefixByte
+	}{{"operator_seed", keys.Operator, nkeys.PrefixByteOperator}, {"system_account_seed", keys.System, nkeys.PrefixByteAccount},
+		{"nex_account_seed", keys.Account, nkeys.PrefixByteAccount}, {"nex_signing_seed", keys.Signing, nkeys.PrefixByteAccount}} {
+		if k.seed == "" {
+			return keys, fmt.Errorf("natsembed: %s: %q is missing or empty", path, k.name)
+		}
+		kind, _, err := nkeys.DecodeSeed([]byte(k.seed))
+		if err != nil {
+			return keys, fmt.Errorf("natsembed: %s: %q: bad seed: %w", path, k.name, err)
+		}
+		if kind != k.kind {
+			return keys, fmt.Errorf("natsembed: %s: %q is a seed of kind %s, want %s", path, k.name, kind, k.kind)
+		}
+		if other, ok := seen[k.seed]; ok {
+			return keys, fmt.Errorf("natsembed: %s: %q is the same seed as %q: each key must be its own", path, k.name, other)
+		}
+		seen[k.seed] = k.name
+	}
+	return keys, nil
 }
 
 // configure puts the server in operator mode with a memory resolver holding both

@@ -4,9 +4,12 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -234,19 +237,54 @@ func (n *Node) readDrainOutcome() *protocol.LastDrain {
 	if n.o.DrainOutcomeFile == "" {
 		return nil
 	}
-	b, err := os.ReadFile(n.o.DrainOutcomeFile)
+	f, err := os.Open(n.o.DrainOutcomeFile)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	var d protocol.LastDrain
+	var d *protocol.LastDrain
 	if err == nil {
-		err = json.Unmarshal(b, &d)
+		d, err = parseDrainOutcome(io.LimitReader(f, maxDrainOutcomeFile+1))
+		f.Close()
 	}
-	if err != nil || d.State == "" {
+	if err != nil {
 		n.log.Warn("the last lame duck drain's outcome is unreadable; ignored", "file", n.o.DrainOutcomeFile, "err", err)
 		return nil
 	}
-	return &d
+	return d
+}
+
+// maxDrainOutcomeFile bounds what is read of the drain outcome file: a state, a time
+// and a reason the read cuts to protocol.MaxDrainReason.
+const maxDrainOutcomeFile = 64 << 10
+
+// parseDrainOutcome reads a kept drain outcome as INFO and STATUS show it: one of the
+// two ends of a drain (drained, failed), the time it ended, and a reason of at most
+// protocol.MaxDrainReason bytes (a longer one is cut, as a told outcome's is). Before,
+// any JSON with a state was taken: a state such as "draining" or one with control
+// characters reached INFO and STATUS, a file without a time showed a drain ended in
+// the year 1, and a file of any size was read whole (FuzzDrainOutcome).
+func parseDrainOutcome(r io.Reader) (*protocol.LastDrain, error) {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxDrainOutcomeFile {
+		return nil, fmt.Errorf("more than %d bytes", maxDrainOutcomeFile)
+	}
+	var d protocol.LastDrain
+	if err := json.Unmarshal(b, &d); err != nil {
+		return nil, err
+	}
+	switch {
+	case d.State != protocol.DrainDrained && d.State != protocol.DrainFailed:
+		return nil, fmt.Errorf("state %+q is neither %s nor %s", d.State, protocol.DrainDrained, protocol.DrainFailed)
+	case d.At.IsZero():
+		return nil, errors.New(`no time ("at")`)
+	}
+	if len(d.Reason) > protocol.MaxDrainReason {
+		d.Reason = strings.ToValidUTF8(d.Reason[:protocol.MaxDrainReason], "") + "…"
+	}
+	return &d, nil
 }
 
 // keepDrainOutcome writes d to the outcome file (a new file renamed over the old one,

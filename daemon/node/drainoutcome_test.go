@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -212,4 +213,39 @@ func TestLastDrainKeptUntilNextLameduck(t *testing.T) {
 	if d := f4.nodes[0].Info().LastDrain; d == nil || d.State != protocol.DrainDrained {
 		t.Errorf("after a plain stop: %+v, want the drained outcome kept", d)
 	}
+}
+
+// FuzzDrainOutcome: whatever the drain outcome file holds, parseDrainOutcome refuses
+// it or returns an outcome INFO and STATUS may show: drained or failed, with a time, a
+// reason of at most protocol.MaxDrainReason bytes (and the cut's "…"), that reads back
+// the same once written again.
+func FuzzDrainOutcome(f *testing.F) {
+	f.Add([]byte(`{"state":"failed","reason":"cannot stop: device busy","at":"2026-12-05T04:00:00Z"}`))
+	f.Add([]byte(`{"state":"drained","at":"2026-12-05T04:00:00Z"}`))
+	f.Add([]byte(`{"state":"draining","at":"2026-12-05T04:00:00Z"}`))
+	f.Add([]byte(`{"state":"failed\u001b[2J","at":"2026-12-05T04:00:00Z"}`))
+	f.Add([]byte(`{"state":"failed"}`))
+	f.Add([]byte(`{"state":"failed","reason":"` + strings.Repeat("é", 3000) + `","at":"2026-12-05T04:00:00Z"}`))
+	f.Add([]byte(`{"state":"drained","at":"2026-12-05T04:00:00Z"}` + strings.Repeat(" ", maxDrainOutcomeFile)))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		d, err := parseDrainOutcome(bytes.NewReader(b))
+		if err != nil {
+			if d != nil {
+				t.Fatalf("error %v with %+v", err, d)
+			}
+			return
+		}
+		if len(b) > maxDrainOutcomeFile {
+			t.Fatalf("%d bytes read whole", len(b))
+		}
+		if d.State != protocol.DrainDrained && d.State != protocol.DrainFailed || d.At.IsZero() ||
+			len(d.Reason) > protocol.MaxDrainReason+len("…") {
+			t.Fatalf("accepted %+q", *d)
+		}
+		again, _ := json.Marshal(d)
+		d2, err := parseDrainOutcome(bytes.NewReader(again))
+		if err != nil || d2.State != d.State || !d2.At.Equal(d.At) || len(d2.Reason) > len(d.Reason) {
+			t.Fatalf("written again %s: %+v, %v", again, d2, err)
+		}
+	})
 }
