@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/nexd-project/nexd/daemon/config"
 	"github.com/nexd-project/nexd/daemon/natsembed"
@@ -112,12 +113,20 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, early Ea
 	}
 	if loaded.Check {
 		fmt.Fprint(stdout, loaded.Render())
-		lines, problem := checkStateReplicas(ctx, loaded.Config)
+		lines, problems := checkCredsFiles(loaded.Config, time.Now())
+		more, problem := checkStateReplicas(ctx, loaded.Config)
+		lines = append(lines, more...)
+		if problem != nil {
+			problems = append(problems, problem)
+		}
 		for _, l := range lines {
 			fmt.Fprintln(stdout, l)
 		}
-		if problem != nil {
-			fmt.Fprintf(stderr, "nexd: configuration is invalid (%s):\n  %v\n", countErrors(1), problem)
+		if len(problems) > 0 {
+			fmt.Fprintf(stderr, "nexd: configuration is invalid (%s):\n", countErrors(len(problems)))
+			for _, p := range problems {
+				fmt.Fprintf(stderr, "  %v\n", p)
+			}
 			return ExitUsage
 		}
 		fmt.Fprintln(stdout, "configuration is valid")

@@ -417,6 +417,58 @@ func checkCredsFile(path string) error {
 	return nil
 }
 
+// CredsInfo is what CheckCredsFile read from a creds file.
+type CredsInfo struct {
+	User    string    // the JWT's subject (the user's public key)
+	Name    string    // the JWT's name
+	Expires time.Time // zero: never
+}
+
+// CheckCredsFile reads a creds file as nexd --check does: what the client needs at
+// each connect (checkCredsFile: a user JWT and a user seed, each decodable) and what
+// the server will refuse it for: a seed that is not the JWT's user, a JWT not valid
+// yet or expired at now. Errors name the file and what is wrong; its contents are
+// never quoted (the JWT's subject is a public key). The connect itself checks only
+// what cannot change while nexd waits: a creds file renewed in place (a rotation
+// tool) may be expired when nexd starts and current when it connects.
+func CheckCredsFile(path string, now time.Time) (CredsInfo, error) {
+	if err := checkCredsFile(path); err != nil {
+		return CredsInfo{}, err
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return CredsInfo{}, err
+	}
+	defer clear(b)
+	tok, _ := nkeys.ParseDecoratedJWT(b)
+	claims, err := jwt.DecodeUserClaims(tok)
+	if err != nil {
+		return CredsInfo{}, fmt.Errorf("%s: no user JWT: %w", path, err)
+	}
+	kp, err := nkeys.ParseDecoratedUserNKey(b)
+	if err != nil {
+		return CredsInfo{}, fmt.Errorf("%s: no user seed: %w", path, err)
+	}
+	pub, err := kp.PublicKey()
+	kp.Wipe()
+	if err != nil {
+		return CredsInfo{}, fmt.Errorf("%s: user seed: %w", path, err)
+	}
+	info := CredsInfo{User: claims.Subject, Name: claims.Name}
+	if claims.Expires > 0 {
+		info.Expires = time.Unix(claims.Expires, 0).UTC()
+	}
+	switch {
+	case pub != claims.Subject:
+		return info, fmt.Errorf("%s: the user seed is of user %s, the JWT is of user %s: the server will refuse the login", path, pub, claims.Subject)
+	case claims.NotBefore > 0 && now.Before(time.Unix(claims.NotBefore, 0)):
+		return info, fmt.Errorf("%s: the user JWT is valid only from %s", path, time.Unix(claims.NotBefore, 0).UTC().Format(time.RFC3339))
+	case !info.Expires.IsZero() && !now.Before(info.Expires):
+		return info, fmt.Errorf("%s: the user JWT expired at %s", path, info.Expires.Format(time.RFC3339))
+	}
+	return info, nil
+}
+
 func authOptions(o Options) ([]nats.Option, error) {
 	var opts []nats.Option
 	switch {
