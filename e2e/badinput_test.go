@@ -98,9 +98,10 @@ func TestBadInputLeavesWorkloadsRunning(t *testing.T) {
 		t.Errorf("non-HTTP bytes on the control socket answered %q, want a 400", reply[:k])
 	}
 
-	// NATS deploys: each answered with an error naming the field, the node's (400) or,
-	// for a run_request the nexlet refuses, the nexlet's relayed (its code, the
-	// deploy outcome "not started"); nothing starts.
+	// NATS deploys: each answered 400 with an error naming the field, the node's or,
+	// for a run_request the native nexlet refuses, the nexlet's relayed (the deploy
+	// outcome "not started"); nothing starts. Before, the nexlet's refusals came with
+	// its generic code 100.
 	for _, c := range []struct{ body, want string }{
 		{`{`, "StartWorkloadRequest"},
 		{`{"name":"w","namespace":"tenant","description":"","workload_type":"native","workload_lifecycle":"service","run_request":7,"tags":{}}`, `"run_request"`},
@@ -113,8 +114,7 @@ func TestBadInputLeavesWorkloadsRunning(t *testing.T) {
 	} {
 		m := ask(protocol.DeploySubject("tenant", bid()), c.body)
 		code, text := m.Header.Get("Nats-Service-Error-Code"), m.Header.Get("Nats-Service-Error")
-		nexlets := m.Header.Get(protocol.HeaderDeployOutcome) == protocol.DeployNotStarted
-		if code == "" || !strings.Contains(text, c.want) || (code != "400" && !nexlets) {
+		if code != "400" || !strings.Contains(text, c.want) || m.Header.Get(protocol.HeaderDeployOutcome) != protocol.DeployNotStarted {
 			t.Errorf("deploy %s: %s %q (%s), want an error naming %q", c.body, code, text, m.Data, c.want)
 		}
 	}

@@ -104,7 +104,7 @@ func FuzzRunnerHandlers(f *testing.F) {
 			if replies > 1 {
 				t.Fatalf("%s: %d replies to %q", h.subject, replies, data)
 			}
-			if code != "" && (code != ErrorCode || text == "") {
+			if code != "" && (code != ErrorCode && code != BadRequestCode || text == "") {
 				t.Fatalf("%s: error reply %q %q to %q", h.subject, code, text, data)
 			}
 		}

@@ -33,6 +33,28 @@ import (
 // ErrorCode is the micro error code every agent endpoint uses, as upstream's SDK does.
 const ErrorCode = "100"
 
+// BadRequestCode is the code of an answer to a request refused for its content
+// (BadRequest): the code a node answers a deploy it refuses for its content with, so a
+// client hears one code for a bad request whether the node or its nexlet found the
+// fault. Upstream's nodes relay a nexlet's answer as it is and upstream's clients take
+// any code as an error (models.NexError), 400 from a node's own checks already.
+const BadRequestCode = "400"
+
+// badRequest marks an error as the request's fault (BadRequest).
+type badRequest struct{ error }
+
+func (e badRequest) Unwrap() error { return e.error }
+
+// BadRequest marks err as a refusal of the request for its content (a field of the
+// start request the nexlet cannot run as given): the runner answers it with
+// BadRequestCode instead of ErrorCode, with err's text, which names the field.
+func BadRequest(err error) error {
+	if err == nil {
+		return nil
+	}
+	return badRequest{err}
+}
+
 // Default timings.
 const (
 	DefaultHeartbeatInterval = 10 * time.Second
@@ -1365,7 +1387,11 @@ func (r *Runner) respondError(req micro.Request, err error, body any, opts ...mi
 	if body != nil {
 		data, _ = json.Marshal(body)
 	}
-	if rerr := req.Error(ErrorCode, err.Error(), data, opts...); rerr != nil {
+	code := ErrorCode
+	if errors.As(err, new(badRequest)) {
+		code = BadRequestCode
+	}
+	if rerr := req.Error(code, err.Error(), data, opts...); rerr != nil {
 		r.log.Warn("nexlet reply failed", "subject", req.Subject(), "err", rerr)
 	}
 }
@@ -1392,7 +1418,7 @@ func (r *Runner) handleStart(req micro.Request) {
 	st.Step("wait") // arrival to this goroutine
 	var in protocol.AgentStartWorkloadRequest
 	if err := protocol.Decode(req.Data(), &in); err != nil {
-		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id})
+		r.respondError(req, BadRequest(err), protocol.StartWorkloadResponse{ID: id})
 		return
 	}
 	rep := r.reportProgress(req)

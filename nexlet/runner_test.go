@@ -183,7 +183,11 @@ func TestRunnerAgentPlane(t *testing.T) {
 	for _, subj := range []string{protocol.StartWorkloadSubject(node, agent, "W3"), protocol.StopWorkloadSubject(node, "W1"),
 		protocol.QueryWorkloadsSubject(node), protocol.SetLameduckAgentsSubject(node)} {
 		for _, bad := range []string{"", "{", `{"namespace":5,"filter":"x","delay":3}`, "[]"} {
-			if m := req(subj, bad); m.Header.Get(protocol.HeaderErrorCode) != ErrorCode {
+			want := ErrorCode
+			if subj == protocol.StartWorkloadSubject(node, agent, "W3") {
+				want = BadRequestCode // a start request that does not decode
+			}
+			if m := req(subj, bad); m.Header.Get(protocol.HeaderErrorCode) != want {
 				t.Errorf("%s with %q: no error reply (%s)", subj, bad, m.Data)
 			}
 		}

@@ -29,6 +29,7 @@ import (
 	"github.com/nexd-project/nexd/internal/steps"
 	"github.com/nexd-project/nexd/internal/stopmemo"
 	"github.com/nexd-project/nexd/internal/testhold"
+	"github.com/nexd-project/nexd/nexlet"
 	"github.com/nexd-project/nexd/nexlet/secrets"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -511,18 +512,18 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	defer n.starts.leave()
 	resp := &protocol.StartWorkloadResponse{ID: id, Name: req.Request.Name}
 	if !validID(id) {
-		return nil, fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id)
+		return nil, nexlet.BadRequest(fmt.Errorf("workload id %q: want 1-128 letters, digits, '-' or '_'", id))
 	}
 	if req.Request.Namespace == "" {
-		return nil, errors.New("namespace is required")
+		return nil, nexlet.BadRequest(errors.New("namespace is required"))
 	}
 	pl, err := parseStartRequest(req.Request.RunRequest, req.Request.WorkloadLifecycle)
 	if err != nil {
-		return nil, err
+		return nil, nexlet.BadRequest(err) // "run_request: <field>: …"
 	}
 	if i := argvSecret(pl.req.Argv); i >= 0 {
 		if !existing {
-			return nil, fmt.Errorf("run_request: argv[%d] is a %s reference: a process's arguments are readable by every local user (/proc/<pid>/cmdline), so secrets are not resolved there; pass it in the environment instead (environment {\"NAME\": \"%s<key>\"}, readable by the workload's own uid only)", i, secrets.Scheme, secrets.Scheme)
+			return nil, nexlet.BadRequest(fmt.Errorf("run_request: argv[%d] is a %s reference: a process's arguments are readable by every local user (/proc/<pid>/cmdline), so secrets are not resolved there; pass it in the environment instead (environment {\"NAME\": \"%s<key>\"}, readable by the workload's own uid only)", i, secrets.Scheme, secrets.Scheme))
 		}
 		// Deployed by a nexlet that still resolved it: a replay keeps what runs
 		// (refused, the workload would be left unmanaged), and says so.
