@@ -63,3 +63,38 @@ func TestStartsMemoryOutlivesNexletUntilAKeptStop(t *testing.T) {
 		t.Errorf("a new runtime directory's memory %q: want a new one", other)
 	}
 }
+
+// TestKeptStopOfAFinishedJobDropsTheMemory: a stop at nexd's shutdown (nexd_keep) of a
+// job that had already ended removes its record and remembers no stop, as one of a
+// running workload does, so it drops the memory of starts too. Before, the memory kept
+// its name: the node's record of that job, never marked started (its mark cut by the
+// shutdown), was taken at the next registration for a start that never reached the
+// nexlet (not held, recorded under the memory it still names), and the job ran twice.
+func TestKeptStopOfAFinishedJobDropsTheMemory(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	first := fn.startNexlet(Config{RuntimeDir: runtime})
+	m1 := first.StartsMemory()
+	if m1 == "" {
+		t.Fatal("the nexlet names no memory of its starts")
+	}
+	fn.mustStart("quick", startReq(protocol.LifecycleJob, "quick", map[string]any{"uri": script(t, `echo ran`)}, fn.creds()))
+	fn.stoppedEvent("quick")
+	if held := first.HeldWorkloads(); !slices.Contains(held, "quick") {
+		t.Fatalf("the ended job is not held (kept for its retention): %v", held)
+	}
+	r, err := fn.request(protocol.StopWorkloadSubject(testNode, "quick"), protocol.StopWorkloadRequest{Namespace: testNS, Keep: true}, waitLong)
+	if err != nil || r.code != "" {
+		t.Fatalf("stop at shutdown: %v %s %s", err, r.code, r.errText)
+	}
+	if held := first.HeldWorkloads(); slices.Contains(held, "quick") {
+		t.Fatalf("the kept stop of the ended job left it held: %v", held)
+	}
+	if got := first.StartsMemory(); got != "" {
+		t.Errorf("after a stop at shutdown removed an ended job's record, the nexlet still names memory %q", got)
+	}
+	first.crash()
+	if got := fn.startNexlet(Config{RuntimeDir: runtime}).StartsMemory(); got == "" || got == m1 {
+		t.Errorf("the next nexlet names memory %q (was %q): want a new one", got, m1)
+	}
+}

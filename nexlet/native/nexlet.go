@@ -771,6 +771,13 @@ func (n *Nexlet) StopWorkloadRecorded(id string, req *protocol.StopWorkloadReque
 			forgot = n.rememberStopLocked(id, stopmemo.Entry{Namespace: w.ns, Type: w.req.Request.WorkloadType, How: "had already ended", At: time.Now()})
 		}
 		n.mu.Unlock()
+		if req.Keep {
+			// Its record goes and no stop is remembered: the memory of starts no
+			// longer holds every start it took, as after finish's kept stop. Before,
+			// it kept its name, and the node started the job again when its record
+			// was never marked started (TestKeptStopOfAFinishedJobDropsTheMemory).
+			n.dropMemory()
+		}
 		n.removeRecord(id)
 		n.forgetStops(forgot)
 		return "had already ended", nil
