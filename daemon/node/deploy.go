@@ -343,13 +343,39 @@ func (n *Node) markStarted(res *reservation, req protocol.StartWorkloadRequest) 
 func (n *Node) markLater(res *reservation, req protocol.StartWorkloadRequest) {
 	req.Owner, req.Memory, req.Started = res.agent.owner, res.agent.req.Memory, true
 	n.own("start mark of workload "+res.id, func() {
-		ctx, cancel := context.WithTimeout(withNamespace(n.ctx, res.ns), rollbackWait)
-		defer cancel()
-		if err := n.o.Store.MarkStarted(ctx, res.typ, res.id, req); err != nil {
-			n.log.Debug("a job's record not marked started; its nexlet's memory of starts still tells", "workload_id", res.id, "err", err)
+		// Retried: an unmarked record outlives this run's failure, and once the nexlet
+		// forgot the finished job (an hour, 256 later ends) while nexd was down, the next
+		// nexd would take it for a start that never arrived and run it again. A retry is
+		// safe: MarkStarted reads the record again and writes only over what it read.
+		delay := markRetryFirst
+		for attempt := 1; ; attempt++ {
+			ctx, cancel := context.WithTimeout(withNamespace(n.ctx, res.ns), rollbackWait)
+			err := n.o.Store.MarkStarted(ctx, res.typ, res.id, req)
+			cancel()
+			if err == nil {
+				return
+			}
+			if attempt == markAttempts || n.ctx.Err() != nil {
+				n.log.Warn("a job's record not marked started; until its nexlet forgets the job (an hour after its end, or 256 ends later) its memory of starts still tells, after that the next nexd would run it again", "workload_id", res.id, "attempts", attempt, "err", err)
+				return
+			}
+			n.log.Debug("a job's record not marked started; retrying", "workload_id", res.id, "attempt", attempt, "err", err)
+			select {
+			case <-n.ctx.Done():
+			case <-time.After(delay):
+			}
+			delay = min(2*delay, markRetryMax)
 		}
 	})
 }
+
+// A start mark's retries: the first after markRetryFirst, doubling up to markRetryMax,
+// markAttempts in all (about 4 minutes), and none past the node's stop.
+const (
+	markRetryFirst = 250 * time.Millisecond
+	markRetryMax   = 30 * time.Second
+	markAttempts   = 12
+)
 
 // commit keeps the workload: it is owned from now on. It reports whether the nexlet
 // already said the workload ended while it was starting. answered: the nexlet answered
