@@ -168,6 +168,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		return
 	}
 	existing := map[string]protocol.AgentStartWorkloadRequest{}
+	rr := n.beginRead()
 	stored, err := n.o.Store.ByType(n.ctx, req.RegisterType)
 	if err != nil {
 		n.log.Warn("failed to read node state for a registering nexlet", "agent_id", agentID, "type", req.RegisterType, "err", err)
@@ -182,6 +183,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		}
 	}
 	n.mu.Lock()
+	delete(n.regReads, rr)
 	takeOver := map[string]protocol.StartWorkloadRequest{}
 	for wid := range n.starting {
 		// Recorded before its start: the deploy in flight starts it, not the replay;
@@ -191,6 +193,15 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		if c := n.handableStarts[wid]; c != nil && stored[wid].Owner == owner && c.agent.owner == owner && c.nexletGoneLocked() {
 			takeOver[wid] = stored[wid]
 		}
+		delete(stored, wid)
+	}
+	for wid := range rr.ids {
+		// In flight when the read began, or sent since: no longer starting, it was
+		// answered, refused or given up on before this lock, and its deploy decided
+		// (kept, marked, removed or stopped), not the replay. Before, such a job was
+		// read unmarked, under the nexlet's current memory and absent from a list made
+		// before its start came, and was replayed as one never sent: a second start
+		// (TestReregisterDuringDeployNotReplayed).
 		delete(stored, wid)
 	}
 	for wid, swr := range stored {
@@ -304,6 +315,26 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	n.log.Info("nexlet registered", "agent_id", agentID, "name", req.Name, "type", req.RegisterType,
 		"version", req.Version, "replayed", len(existing))
 	n.o.Emitter.Emit(n.id, protocol.EventAgentStarted, protocol.AgentStartedEvent{ID: agentID, Name: req.Name, RegisterType: req.RegisterType, Timestamp: now.UTC()})
+}
+
+// regRead is one registration's read of node state: the deploys in flight when it
+// began (n.starting then) and those reserved since, until the registration takes the
+// lock after the read. Its record may have been read before such a deploy committed
+// and the nexlet's list made before the start reached it, so neither says whether the
+// nexlet has the job.
+type regRead struct{ ids map[string]struct{} }
+
+// beginRead registers a read of node state for a registration; register drops it
+// from n.regReads under the lock it takes after the read.
+func (n *Node) beginRead() *regRead {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	rr := &regRead{ids: make(map[string]struct{}, len(n.starting))}
+	for wid := range n.starting {
+		rr.ids[wid] = struct{}{}
+	}
+	n.regReads[rr] = struct{}{}
+	return rr
 }
 
 // handOverStarts ends the deploys in flight that a registration took over as replays

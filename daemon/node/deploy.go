@@ -298,6 +298,9 @@ func (n *Node) reserve(b bid, req protocol.StartWorkloadRequest, workloadID stri
 	}
 	a.startsInFlight++ // capacity held while the nexlet starts it
 	n.starting[workloadID] = inFlight{owner: a.owner, ns: req.Namespace}
+	for rr := range n.regReads {
+		rr.ids[workloadID] = struct{}{}
+	}
 	n.changes.Add(1)
 	return &reservation{n: n, agent: a, id: workloadID, typ: req.WorkloadType, ns: req.Namespace, name: req.Name}, 0, nil
 }

@@ -273,6 +273,9 @@ type fakeAgent struct {
 	// heldUntilAnswer: with startDelay, the workload is listed only from the answer on
 	// (a nexlet that holds a workload once it started it, not while it starts).
 	heldUntilAnswer bool
+	// answerGate, when set, holds the answer to STARTWORKLOAD until it is closed (the
+	// workload runs from the start).
+	answerGate chan struct{}
 	// stopDelay holds the answer to a stop this long after the workload left the
 	// fake's list (a nexlet that drops a workload, then waits out its grace).
 	stopDelay time.Duration
@@ -422,8 +425,15 @@ func (a *fakeAgent) serve() {
 			return
 		}
 		a.mu.Lock()
-		delay, progress := a.startDelay, a.progress
+		delay, progress, gate := a.startDelay, a.progress, a.answerGate
 		a.mu.Unlock()
+		if gate != nil {
+			go func() {
+				<-gate
+				_ = m.Respond(js(protocol.StartWorkloadResponse{ID: wid, Name: req.Request.Name}))
+			}()
+			return
+		}
 		if delay > 0 {
 			// Off the subscription's goroutine, so a stop can come in meanwhile.
 			go func() {

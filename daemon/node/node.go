@@ -304,13 +304,16 @@ type Node struct {
 	// or over NATS), which a successor of a nexlet that ended before it answered takes
 	// over (handOverStarts).
 	handableStarts map[string]*startCall
-	keep           bool // StopAllWorkloads ran: keep state for the next start
-	ctx            context.Context
-	cancel         context.CancelFunc
-	loops          sync.WaitGroup    // heartbeat and health loops
-	inflight       sync.WaitGroup    // handlers running on their own goroutine (own)
-	running        map[uint64]string // (under mu) what each of them is, for Stop's log
-	runSeq         uint64
+	// regReads are the registrations reading node state, each collecting the deploys
+	// in flight from its read on (register).
+	regReads map[*regRead]struct{}
+	keep     bool // StopAllWorkloads ran: keep state for the next start
+	ctx      context.Context
+	cancel   context.CancelFunc
+	loops    sync.WaitGroup    // heartbeat and health loops
+	inflight sync.WaitGroup    // handlers running on their own goroutine (own)
+	running  map[uint64]string // (under mu) what each of them is, for Stop's log
+	runSeq   uint64
 	// halted (under mu): Stop is waiting for inflight or has; own starts nothing more.
 	halted   bool
 	slots    chan struct{}       // bounds those goroutines
@@ -469,6 +472,7 @@ func New(o Options) (*Node, error) {
 		starting:       map[string]inFlight{},
 		feeds:          feedGrace{byID: map[string]feedOwner{}, stops: map[string]time.Time{}},
 		handableStarts: map[string]*startCall{},
+		regReads:       map[*regRead]struct{}{},
 		changed:        make(chan struct{}),
 		slots:          make(chan struct{}, 64),
 		probes:         make(chan chan struct{}),
