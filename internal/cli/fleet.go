@@ -223,6 +223,12 @@ func (f *fleet) scatterGather(ctx context.Context, subject string, data []byte, 
 // the default max_payload (1 MiB).
 const gatherMaxBytes = 128 << 20
 
+// MemoryLimit is nexctl's soft memory limit (runtime/debug.SetMemoryLimit; GOMEMLIMIT
+// overrides it): a gather holds at most gatherMaxBytes, and the collector then keeps
+// the heap near that rather than letting it grow to twice what is live, as it did under
+// a flood of answers on a loaded machine. Far above what any command needs otherwise.
+const MemoryLimit = gatherMaxBytes + 64<<20
+
 // gatherBound bounds how long one gather listens: its first-reply wait, a nexd node's
 // promised list (listWait) and room for a slow fleet's answers, at least ten stalls.
 func (f *fleet) gatherBound() time.Duration {
