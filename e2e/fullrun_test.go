@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -66,15 +65,7 @@ func TestFullRuntimeDirKeepsOrphansExitCode(t *testing.T) {
 	if err := os.WriteFile(release, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var ev protocol.WorkloadStoppedEvent
-	testkit.EventuallyWithin(t, 90*time.Second, "the job's WORKLOADSTOPPED", func() bool {
-		m, err := stopped.NextMsg(time.Second)
-		if err != nil {
-			return false
-		}
-		json.Unmarshal(m.Data, &ev)
-		return ev.ID == job
-	})
+	ev := awaitStopped(t, stopped, job, 90*time.Second)
 	t.Logf("the job that ended while its nexlet was dead and the runtime directory full: %+v", ev.Metadata)
 	if ev.Metadata["exit_code"] != "5" {
 		t.Errorf("the job was reported with %+v, want exit code 5\n%s", ev, n.out.String())

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -69,15 +71,7 @@ func TestAdoptedNexletCrashKeepsExitCodes(t *testing.T) {
 	if err := os.WriteFile(release, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var ev protocol.WorkloadStoppedEvent
-	testkit.EventuallyWithin(t, 60*time.Second, "the job's WORKLOADSTOPPED", func() bool {
-		m, err := stopped.NextMsg(time.Second)
-		if err != nil {
-			return false
-		}
-		json.Unmarshal(m.Data, &ev)
-		return ev.ID == job
-	})
+	ev := awaitStopped(t, stopped, job, 60*time.Second)
 	if ev.Metadata["exit_code"] != "5" {
 		t.Errorf("the job that ended while its adopted nexlet was dead was reported with %+v, want exit code 5", ev)
 	}
@@ -237,15 +231,7 @@ func TestUpgradeHandsOverAdoptedNexlet(t *testing.T) {
 	if err := os.WriteFile(release, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var ev protocol.WorkloadStoppedEvent
-	testkit.EventuallyWithin(t, 60*time.Second, "the job's WORKLOADSTOPPED", func() bool {
-		m, err := stopped.NextMsg(time.Second)
-		if err != nil {
-			return false
-		}
-		json.Unmarshal(m.Data, &ev)
-		return ev.ID == job
-	})
+	ev := awaitStopped(t, stopped, job, 60*time.Second)
 	if ev.Metadata["exit_code"] != "6" {
 		t.Errorf("the job was reported with %+v, want exit code 6", ev)
 	}
@@ -286,6 +272,23 @@ func TestEmbeddedJobEndsWhileDown(t *testing.T) {
 // runSvcAndJob runs a service (found by its marker argument) and a job that exits with
 // code once the file release exists, and waits until both run. It returns the service's
 // id, marker and pids, then the job's id and release file.
+// awaitStopped returns the WORKLOADSTOPPED event of workload id on sub (a subscription
+// to the events feed), skipping others', waiting up to within.
+func awaitStopped(t *testing.T, sub *nats.Subscription, id string, within time.Duration) protocol.WorkloadStoppedEvent {
+	t.Helper()
+	var ev protocol.WorkloadStoppedEvent
+	testkit.EventuallyWithin(t, within, "the WORKLOADSTOPPED of "+id, func() bool {
+		m, err := sub.NextMsg(time.Second)
+		if err != nil {
+			return false
+		}
+		ev = protocol.WorkloadStoppedEvent{}
+		json.Unmarshal(m.Data, &ev)
+		return ev.ID == id
+	})
+	return ev
+}
+
 func runSvcAndJob(t *testing.T, n *node, kind string, code int) (svc, marker string, before []int, job, release string) {
 	t.Helper()
 	marker = fmt.Sprintf("nexd-e2e-%s-%d", kind, time.Now().UnixNano())
