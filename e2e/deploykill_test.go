@@ -28,16 +28,7 @@ func TestDeployKilledBeforeSendRunsOnce(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
-	for _, both := range []bool{false, true} {
-		name := "nexd"
-		if both {
-			name = "nexd+nexlet"
-		}
-		t.Run(name, func(t *testing.T) {
-			t.Parallel()
-			deployKilledInWindow(t, testhold.DeployRecorded, both)
-		})
-	}
+	deployKilledInWindows(t, testhold.DeployRecorded)
 }
 
 // TestDeployKilledAfterAnswerRunsOnce: the other side of the window: nexd is killed (-9)
@@ -52,6 +43,12 @@ func TestDeployKilledAfterAnswerRunsOnce(t *testing.T) {
 		t.Skip("e2e")
 	}
 	t.Parallel()
+	deployKilledInWindows(t, testhold.DeployAnswered)
+}
+
+// deployKilledInWindows runs deployKilledInWindow at hold with nexd alone killed and
+// with its nexlet too.
+func deployKilledInWindows(t *testing.T, hold string) {
 	for _, both := range []bool{false, true} {
 		name := "nexd"
 		if both {
@@ -59,7 +56,7 @@ func TestDeployKilledAfterAnswerRunsOnce(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			deployKilledInWindow(t, testhold.DeployAnswered, both)
+			deployKilledInWindow(t, hold, both)
 		})
 	}
 }
