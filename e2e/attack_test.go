@@ -160,7 +160,11 @@ func TestAttackWorkloadReachesNoSecret(t *testing.T) {
 		attacks = append(attacks,
 			[2]string{"cgroup-raise-own-memory-limit", own + `if [ -f $d/memory.max ]; then echo max > $d/memory.max; else echo -1 > $d/memory.limit_in_bytes; fi`},
 			[2]string{"cgroup-move-to-parent", own + `echo $$ > $(dirname $d)/cgroup.procs`},
-			[2]string{"cgroup-make-child", own + `mkdir $d/escape && rmdir $d/escape`})
+			[2]string{"cgroup-make-child", own + `mkdir $d/escape && rmdir $d/escape`},
+			// Every workload's cgroup is named for its id: listing the directory that
+			// holds them gave every other tenant's workload ids on the node (and led to
+			// their usage files); it may be passed through, not read.
+			[2]string{"cgroup-list-other-workloads", own + `ls $(dirname $d) | grep -qx ` + filepath.Base(g)})
 	} else {
 		t.Logf("the victim workload runs in no cgroup of its own here (%s): cgroup attacks left out", victimPID)
 	}

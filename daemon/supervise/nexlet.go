@@ -156,6 +156,15 @@ func unrecoverable(err error) bool {
 		errors.Is(err, syscall.ENOEXEC) || errors.Is(err, exec.ErrNotFound)
 }
 
+// unlisted makes the workloads' group, whose subgroups are named for workload ids, one
+// that others may pass through but not list (Group.Unlist).
+func unlisted(g *cgroup.Group, err error) error {
+	if g == nil {
+		return err
+	}
+	return errors.Join(err, g.Unlist())
+}
+
 // groups makes the nexlet's cgroup and the root for its workloads' groups: with
 // Options.Workloads, <root>/<name> for the process and the shared workloads root;
 // otherwise <root>/<name> with the limits, <root>/<name>/nexlet for the process and
@@ -173,12 +182,12 @@ func (n *nexlet) groups() (top, proc *cgroup.Group, wl *cgroup.Manager) {
 		var perr error
 		if w := n.s.opts.Workloads; w != nil {
 			proc, wl = top, w
-			_, perr = w.Create("", n.s.opts.WorkloadsLimits)
+			perr = unlisted(w.Create("", n.s.opts.WorkloadsLimits))
 		} else {
 			sub := cg.Sub(n.spec.Name)
 			proc, perr = sub.Create("nexlet", cgroup.Limits{})
 			if perr == nil {
-				_, perr = sub.Create("workloads", cgroup.Limits{})
+				perr = unlisted(sub.Create("workloads", cgroup.Limits{}))
 			}
 			wl = sub.Sub("workloads")
 		}

@@ -62,6 +62,26 @@ func (m *Manager) group(rel string) *Group {
 	return g
 }
 
+// UnlistedMode is the mode of a group whose subgroups are named for what they hold (a
+// workload's id): others may pass through it to a group whose name they know (a
+// workload reads its own limits, as Go's runtime and the JVM do) but not list it.
+const UnlistedMode = 0o711
+
+// Unlist gives g's directory in every hierarchy UnlistedMode, whatever the umask made
+// it: the kernel makes cgroups with the mode mkdir asks for less the umask, so under
+// umask 022 (nexd started by hand) every workload and local user listed
+// workloads/ and read each tenant's workload ids there, and under the package's 0027
+// a workload could not reach its own limits.
+func (g *Group) Unlist() error {
+	var errs []error
+	for _, h := range g.hiers {
+		if err := os.Chmod(h.Root, UnlistedMode); err != nil {
+			errs = append(errs, fmt.Errorf("cgroup %s: %w", h.Root, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Path is the group's directory (the memory hierarchy's in v1 mode), "" in none mode.
 func (g *Group) Path() string {
 	for _, h := range g.hiers {
