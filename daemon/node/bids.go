@@ -173,6 +173,8 @@ type queuedAuction struct {
 	m    *nats.Msg
 	st   *steps.Timer // from its arrival (debug logging only)
 	cost int          // auctionCost, as charged to the queue
+	// at, atLost: the queue's served and servedLost when it was queued.
+	at, atLost uint64
 }
 
 // auctionCost is what a queued auction holds: nats.go copies subject, reply and the
@@ -252,6 +254,13 @@ type auctionQueue struct {
 	// tooLarge counts those of the drops refused for their size (auctionMaxBytes): no
 	// honest client sends them, so they are not the node failing to keep up.
 	tooLarge uint64
+	// served counts the auctions popped, servedLost those of them whose namespace had
+	// lost one: an auction's wait is counted in the turns taken between its push and
+	// its pop, in all and by such namespaces, counts no machine's pace changes.
+	served, servedLost uint64
+	// popped, when set (tests), is called under the lock with each auction popped: its
+	// namespace and its wait in turns, in all and behind namespaces that had lost one.
+	popped func(ns string, turns, lostTurns uint64)
 }
 
 func newAuctionQueue() *auctionQueue {
@@ -337,6 +346,7 @@ func (q *auctionQueue) push(ns string, a queuedAuction) bool {
 		clear(cur.list[k:])
 		cur.list, cur.head = cur.list[:k], 0
 	}
+	a.at, a.atLost = q.served, q.servedLost
 	cur.list = append(cur.list, a)
 	cur.units += auctionUnits(a.cost)
 	q.linkLocked(cur)
@@ -431,6 +441,13 @@ func (q *auctionQueue) pop() (queuedAuction, bool) {
 		a := q.takeLocked(v)
 		if !v.gone {
 			q.ring[i] = append(q.ring[i], v) // its next turn comes after the others
+		}
+		if q.popped != nil {
+			q.popped(v.ns, q.served-a.at, q.servedLost-a.atLost)
+		}
+		q.served++
+		if v.lost {
+			q.servedLost++
 		}
 		return a, true
 	}
