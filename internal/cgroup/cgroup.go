@@ -122,6 +122,9 @@ type Manager struct {
 	log   *slog.Logger
 	hiers []hier
 	ops   fsOps
+	// rel is the manager's place below the root it was made with (Sub's joins): in none
+	// mode, with no directory, what names its groups in errors.
+	rel string
 
 	// threadSetup runs on every OS thread that forks into a v1 group (SetThreadSetup).
 	threadSetup func() error
@@ -266,7 +269,8 @@ func Attach(specText string, log *slog.Logger) (*Manager, error) {
 func (m *Manager) Sub(rel string) *Manager {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s := &Manager{mode: m.mode, log: m.log, ops: m.ops, enforced: slices.Clone(m.enforced), reason: m.reason, threadSetup: m.threadSetup}
+	s := &Manager{mode: m.mode, log: m.log, ops: m.ops, enforced: slices.Clone(m.enforced), reason: m.reason, threadSetup: m.threadSetup,
+		rel: joinRel("/", filepath.Join(m.rel, rel))}
 	for _, h := range m.hiers {
 		h.Root = joinRel(h.Root, rel)
 		s.hiers = append(s.hiers, h)

@@ -27,6 +27,7 @@ const killTimeout = 10 * time.Second
 type Group struct {
 	m     *Manager
 	hiers []hier // Root is the group's directory in each hierarchy
+	rel   string // below the manager's first root (what names it where it has no directory)
 
 	mu sync.Mutex
 	// pgrps: process groups of processes that run outside the cgroup (none mode, or
@@ -54,7 +55,7 @@ func (g *Group) Empty() bool {
 }
 
 func (m *Manager) group(rel string) *Group {
-	g := &Group{m: m}
+	g := &Group{m: m, rel: joinRel("/", filepath.Join(m.rel, rel))}
 	for _, h := range m.hiers {
 		h.Root = joinRel(h.Root, rel)
 		g.hiers = append(g.hiers, h)
@@ -93,6 +94,16 @@ func (g *Group) Path() string {
 		return g.hiers[0].Root
 	}
 	return ""
+}
+
+// String names the group in errors: its directory (Path), or in none mode, where it
+// has none (and Path is ""), its name below the manager's root and the mode's word for
+// where its processes are.
+func (g *Group) String() string {
+	if p := g.Path(); p != "" {
+		return p
+	}
+	return g.rel + " (none mode: no cgroup, its processes' own process groups)"
 }
 
 func (m *Manager) createV2(g *Group, l Limits) (fatal bool, err error) {
@@ -242,7 +253,7 @@ func (g *Group) Start(cmd *exec.Cmd) error {
 // process, which keeps running meanwhile.
 func (g *Group) Place(pid int) error {
 	if g.m.mode == ModeNone || len(g.hiers) == 0 {
-		return fmt.Errorf("cgroup %s: no cgroups to place pid %d in", g.Path(), pid)
+		return fmt.Errorf("cgroup %s: no cgroups to place pid %d in", g, pid)
 	}
 	g.mu.Lock()
 	g.pooled = false
@@ -267,7 +278,7 @@ func (g *Group) addPgid(pid int) {
 	if err != nil {
 		// Without its start time the group could not be told from a stranger's
 		// by the same number later: it is not reached by Kill.
-		g.m.log.Warn("process outside its cgroup not tracked", "pid", pid, "cgroup", g.Path(), "err", err)
+		g.m.log.Warn("process outside its cgroup not tracked", "pid", pid, "cgroup", g.String(), "err", err)
 		return
 	}
 	g.mu.Lock()
@@ -660,13 +671,13 @@ func (g *Group) Kill() error {
 		for _, pg := range g.pgrpList() {
 			ps, err := pg.Members()
 			if err != nil {
-				return fmt.Errorf("cgroup %s: %w", g.Path(), err)
+				return fmt.Errorf("cgroup %s: %w", g, err)
 			}
 			if len(ps) == 0 {
 				continue // ended, or no longer this group
 			}
 			if _, err := pg.Kill(); err != nil {
-				return fmt.Errorf("cgroup %s: %w", g.Path(), err)
+				return fmt.Errorf("cgroup %s: %w", g, err)
 			}
 			if why := pg.ByNumber(); why != nil {
 				g.m.byNumber.Do(func() {
@@ -680,7 +691,7 @@ func (g *Group) Kill() error {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("cgroup %s: processes %v survive SIGKILL", g.Path(), pids)
+			return fmt.Errorf("cgroup %s: processes %v survive SIGKILL", g, pids)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

@@ -50,6 +50,10 @@ func TestRemovePastKillDeadlineHoldsNoPidfd(t *testing.T) {
 		t.Fatal("Remove of a group whose member survives SIGKILL succeeded")
 	} else {
 		t.Logf("Remove: %v", err)
+		// Before, none mode's error named no group: "cgroup : processes [...] survive SIGKILL".
+		if !strings.HasPrefix(err.Error(), "cgroup /w (none mode") {
+			t.Errorf("Remove's error %q does not name the group", err)
+		}
 	}
 	// The leader died of the kill; its reap lets go of exec.Cmd's own pidfd.
 	_ = run.Wait()

@@ -340,6 +340,19 @@ func TestNoneMode(t *testing.T) {
 	}
 }
 
+// TestNoneModeErrorsNameTheGroup: in none mode a group has no directory (Path is ""),
+// and its errors read "cgroup : ..." (a kill's surviving processes, a Place). Now they
+// name the group below the manager's root, and say it has no cgroup.
+func TestNoneModeErrorsNameTheGroup(t *testing.T) {
+	g, err := Disabled("no cgroups in this test", testLogger(t)).Sub("nexlets/native").Create("w1", Limits{})
+	must(t, err)
+	err = g.Place(os.Getpid())
+	want := "cgroup /nexlets/native/w1 (none mode: no cgroup, its processes' own process groups): no cgroups to place pid"
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("Place in none mode: %v, want an error starting %q", err, want)
+	}
+}
+
 func TestParse(t *testing.T) {
 	mi := `24 1 0:22 / /sys rw - sysfs sysfs rw
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
