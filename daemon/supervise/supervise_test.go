@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,7 +101,7 @@ func v1Nexlets(t *testing.T, need bool) (*cgroup.Manager, string) {
 			return cgroup.Disabled("test without cgroups", nil), ""
 		}
 	}
-	name := fmt.Sprintf("nexd-test-%d", rand.Int64())
+	name := testkit.OwnedName(t, "nexd-test-")
 	root := "/sys/fs/cgroup/memory/" + name
 	m, err := cgroup.Detect(root, nil)
 	if err != nil {
@@ -130,7 +129,7 @@ func v2Nexlets(t *testing.T) *cgroup.Manager {
 	if err := syscall.Statfs(unified, &fs); err != nil || fs.Type != 0x63677270 || syscall.Access(unified, 2) != nil {
 		t.Skipf("no writable cgroup2 mount at %s", unified)
 	}
-	root := filepath.Join(unified, fmt.Sprintf("nexd-test-%d", rand.Int64()))
+	root := filepath.Join(unified, testkit.OwnedName(t, "nexd-test-"))
 	m, err := cgroup.Detect(root, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -2,8 +2,6 @@ package cgroup
 
 import (
 	"bufio"
-	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -69,7 +67,7 @@ func TestProcsFindsThreadsMovedAfterLeaderExit(t *testing.T) {
 	if err := unix.Statfs(unified, &fs); err != nil || fs.Type != unix.CGROUP2_SUPER_MAGIC || !writable(filepath.Join(unified, "cgroup.procs")) {
 		t.Skipf("no writable cgroup2 mount at %s on this machine", unified)
 	}
-	root := filepath.Join(unified, fmt.Sprintf("nexd-test-%d", rand.Int64()))
+	root := filepath.Join(unified, testkit.OwnedName(t, "nexd-test-"))
 	m, err := Detect(root, testLogger(t))
 	must(t, err)
 	t.Cleanup(func() { _ = m.group("").Remove() })

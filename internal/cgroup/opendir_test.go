@@ -1,8 +1,6 @@
 package cgroup
 
 import (
-	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // TestOpenDirReal: a group opened on a cgroup directory someone else made (as systemd
@@ -23,7 +23,7 @@ func TestOpenDirReal(t *testing.T) {
 	if err := unix.Statfs(root, &st); err != nil || st.Type != unix.CGROUP2_SUPER_MAGIC || unix.Access(root, unix.W_OK) != nil {
 		t.Skip("no writable cgroup2 mount at " + root)
 	}
-	dir := filepath.Join(root, fmt.Sprintf("nexd-test-opendir-%d", rand.Int64()))
+	dir := filepath.Join(root, testkit.OwnedName(t, "nexd-test-opendir-"))
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Skip(err)
 	}

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // readDirSubtree is subtreeDirs as it was, with os.ReadDir: the reference.
@@ -104,7 +106,7 @@ func TestSubtreeDirsRealCgroup(t *testing.T) {
 		if unix.Statfs(base, &st) != nil || (st.Type != unix.CGROUP_SUPER_MAGIC && st.Type != unix.CGROUP2_SUPER_MAGIC) || unix.Access(base, unix.W_OK) != nil {
 			continue
 		}
-		root := filepath.Join(base, fmt.Sprintf("nexd-test-subtree-%d", rand.Int64()))
+		root := filepath.Join(base, testkit.OwnedName(t, "nexd-test-subtree-"))
 		made := []string{root}
 		for _, d := range []string{"a", "a/b", "a/b/c", "d"} {
 			made = append(made, filepath.Join(root, d))

@@ -29,7 +29,7 @@ func v1Root(t testing.TB) *Manager {
 			t.Skipf("no writable cgroup v1 %s hierarchy here", c)
 		}
 	}
-	root := fmt.Sprintf("/sys/fs/cgroup/memory/nexd-test-%d", rand.Int64())
+	root := "/sys/fs/cgroup/memory/" + testkit.OwnedName(t, "nexd-test-")
 	m, err := Detect(root, testLogger(t))
 	if err != nil {
 		t.Fatal(err)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -471,7 +472,7 @@ func TestV2RealKernel(t *testing.T) {
 	if !writable(filepath.Join(unified, "cgroup.procs")) {
 		t.Skipf("%s is not writable (not root?)", unified)
 	}
-	root := filepath.Join(unified, fmt.Sprintf("nexd-test-%d", rand.Int64()))
+	root := filepath.Join(unified, testkit.OwnedName(t, "nexd-test-"))
 	m, err := Detect(root, testLogger(t))
 	must(t, err)
 	t.Cleanup(func() { _ = m.group("").Remove() })

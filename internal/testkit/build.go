@@ -54,6 +54,13 @@ func (b *Binaries) Run(m *testing.M) int {
 		} else if len(removed) > 0 { // rare: said always (the flags are not parsed yet)
 			fmt.Fprintf(os.Stderr, "testkit: removed %d aside directories of gone test processes: %s\n", len(removed), strings.Join(removed, " "))
 		}
+		// Temp directories and cgroups of test binaries killed before their end
+		// (OwnedTempDir, OwnedName).
+		if removed, err := sweepOwned(os.TempDir(), cgroupRoots()); err != nil {
+			fmt.Fprintf(os.Stderr, "testkit: removing leftovers of gone test processes: %v\n", err)
+		} else if len(removed) > 0 {
+			fmt.Fprintf(os.Stderr, "testkit: removed %d leftovers of gone test processes: %s\n", len(removed), strings.Join(removed, " "))
+		}
 	}
 	code := m.Run()
 	b.mu.Lock()
@@ -107,7 +114,7 @@ func (b *Binaries) PathNoRace(t testing.TB, pkg string) string {
 func (b *Binaries) path(pkg string, race bool) (string, error) {
 	b.mu.Lock()
 	if b.dir == "" && b.err == nil {
-		b.dir, b.err = os.MkdirTemp("", "nexd-test-bin-")
+		b.dir, b.err = ownedTempDir("nexd-test-bin-")
 		if b.err == nil {
 			b.err = os.Chmod(b.dir, 0o755)
 		}

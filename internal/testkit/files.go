@@ -40,11 +40,7 @@ func writeFile(t testing.TB, path, data string, mode os.FileMode) string {
 // process as another user puts that process's binary and sockets here.
 func PublicDir(t testing.TB) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "nexd-test-public-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := OwnedTempDir(t, "nexd-test-public-")
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -22,7 +22,9 @@ func FreezeV1(t testing.TB, pid int) (thaw func()) {
 			t.Skip("no cgroup v1 freezer hierarchy at " + root)
 		}
 	}
-	dir := filepath.Join(root, fmt.Sprintf("nexd-test-%d-%d", os.Getpid(), pid))
+	// Named for this process: a test binary killed while the group holds pid frozen
+	// leaves both, and the next test binary's sweep thaws, kills and removes them.
+	dir := filepath.Join(root, OwnedName(t, fmt.Sprintf("nexd-test-freeze-%d-", pid)))
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Skipf("freezer group: %v", err)
 	}

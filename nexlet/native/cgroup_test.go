@@ -23,7 +23,7 @@ func cgroupSpec(t testing.TB) string {
 			t.Skipf("no writable cgroup v1 %s hierarchy here", c)
 		}
 	}
-	m, err := cgroup.Detect(fmt.Sprintf("/sys/fs/cgroup/memory/nexd-test-native-%d", rand.Int64()), nil)
+	m, err := cgroup.Detect("/sys/fs/cgroup/memory/"+testkit.OwnedName(t, "nexd-test-native-"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

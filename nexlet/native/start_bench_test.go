@@ -38,11 +38,8 @@ func benchNexletIn(b testing.TB, pool int, spec string) *Nexlet {
 // benchNexletLog is benchNexletIn logging to log.
 func benchNexletLog(b testing.TB, pool int, spec string, log *slog.Logger) *Nexlet {
 	b.Helper()
-	dir, err := os.MkdirTemp("", "nexlet-bench-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
+	// Named for this process: a killed test binary's is removed by the next one.
+	dir := testkit.OwnedTempDir(b, "nexlet-bench-")
 	if err := os.Chmod(dir, 0o755); err != nil {
 		b.Fatal(err)
 	}
