@@ -201,6 +201,9 @@ func (d *daemon) run(ctx context.Context) error {
 
 	reason := s.serveUntilStop(ctx, term, hup, usr2)
 	d.log.Info("stopping", "reason", reason)
+	if reason == reasonLameduckDone && d.ctlListener != nil {
+		d.stopSocketUnits(ctx)
+	}
 	// Later SIGTERMs must not cut the drain short.
 	drained := make(chan struct{})
 	var wg sync.WaitGroup
@@ -258,6 +261,23 @@ func (d *daemon) run(ctx context.Context) error {
 		return reexec(keep, hfd, kept)
 	}
 	return nil
+}
+
+// stopSocketUnits stops the socket units that start nexd (nexd.socket) once a lame duck
+// has drained the node, which must then stay down: the control socket, left listening,
+// started nexd again for any local user's `nexctl status` (0666 with
+// control_allow_others: status), and for `nexctl lameduck --wait`'s next poll. nexd
+// keeps its own descriptor of the socket, so calls already made are still answered.
+func (d *daemon) stopSocketUnits(ctx context.Context) {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	units, err := sysd.StopOwnSocketUnits(sctx)
+	switch {
+	case err != nil:
+		d.log.Warn("lame duck: the control socket's unit could not be stopped; a connection to the socket starts nexd again (systemctl stop nexd.socket)", "err", err)
+	case len(units) > 0:
+		d.log.Info("lame duck: socket units stopped, so that no connection starts the drained node again; systemctl start nexd starts them too", "units", strings.Join(units, ","))
+	}
 }
 
 // start builds the node and serves it. SIGTERM, SIGINT or the end of ctx meanwhile

@@ -501,11 +501,14 @@ func (s *server) onLameduck(delay time.Duration) {
 			if res, err := s.node.DrainWorkloads(s.ctx); err != nil {
 				s.log.Warn("lame duck drain", "workloads", res.Workloads, "removal_failures", len(res.RemovalFailures), "err", err)
 			}
-			s.requestShutdown("lame duck drain done")
+			s.requestShutdown(reasonLameduckDone)
 		case <-s.ctx.Done():
 		}
 	})
 }
+
+// reasonLameduckDone is the stop reason of a lame duck whose drain has ended.
+const reasonLameduckDone = "lame duck drain done"
 
 // stopMode says what a stop does with the workloads.
 type stopMode int

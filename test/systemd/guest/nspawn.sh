@@ -208,8 +208,12 @@ info "j7: $(journalctl -u nexd -o json --no-pager | grep "$JOB" | grep 'workload
 check "job j7 ran exactly once" test "$(grep -c ran /dev/shm/nex-jobruns)" = 1
 
 # --- lameduck: workloads stop after the delay, then the service exits ---
-check "systemctl start nexd" systemctl start nexd
+# The packaged control_allow_others (status) again, for bob's call after the lame duck
+# (a restart-only key; nexd runs since the socket started it).
+set_config 's/"control_allow_others": "none"/"control_allow_others": "status"/'
+check "systemctl restart nexd (control_allow_others=status)" systemctl restart nexd
 check "active (running)" wait_until 90 running
+check "socket mode 0666 with control_allow_others=status" test "$(stat -c %a /run/nex/nexd.sock)" = 666
 check "workload x restored at start" wait_until 60 running_once x sleep
 # 10 s: "right after" must come well inside the delay also on a loaded host.
 T0=$(date +%s)
@@ -222,11 +226,21 @@ check "lameduck: no workload process left" not pgrep -x sleep
 check "lameduck: the native nexlet stopped too, its record removed" \
 	nexlet_gone "$NEXLET"
 info "after lameduck: Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus) took $((T1 - T0))s"
+# bob (a local user outside nex) connects to the control socket of the drained node:
+# nexd.socket, still listening, started nexd again for him (his status call answered
+# by a new node that bids and takes workloads). A lame duck now stops nexd.socket too.
+runuser -u bob -- nexctl status >/dev/null 2>&1
+info "after bob's nexctl status: nexd $(prop ActiveState), nexd.socket $(systemctl show -P ActiveState nexd.socket)"
+check "lameduck: bob's nexctl status does not start the drained node again" \
+	test "$(prop ActiveState)" = inactive
+check "lameduck: nexd.socket stopped with the drained node" not systemctl --quiet is-active nexd.socket
+set_config 's/"control_allow_others": "status"/"control_allow_others": "none"/'
 
 # --- upgrade: nexd re-executes the new binary in place; config edits, state and the
 # workload's process are kept ---
 check "systemctl start nexd (before upgrade)" systemctl start nexd
 check "active (running) before upgrade" wait_until 90 running
+check "systemctl start nexd started nexd.socket again (Requires=)" systemctl --quiet is-active nexd.socket
 check "nexctl workload run --name y -- /bin/sleep 600" run_workload --name y -- /bin/sleep 600
 check "workload y runs" wait_until 30 running_once y sleep
 YPID=$(pgrep -x sleep | head -1)
