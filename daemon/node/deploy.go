@@ -165,6 +165,7 @@ func (n *Node) handleDeploy(r micro.Request) {
 			if b := h.Get(protocol.HeaderProgressBytes); b != "" {
 				m.Header.Set(protocol.HeaderProgressBytes, b)
 			}
+			n.signReply(r, m)
 			if err := n.o.NC.PublishMsg(m); err != nil {
 				n.log.Debug("deploy progress report failed", "workload_id", workloadID, "err", err)
 			}
@@ -238,6 +239,7 @@ func (n *Node) keepAlive(r micro.Request) (stop func()) {
 	every = min(max(every, minAliveInterval), maxAliveInterval)
 	say := func() {
 		m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderAlive: {"1"}}}
+		n.signReply(r, m)
 		if err := n.o.NC.PublishMsg(m); err != nil {
 			n.log.Debug("deploy keep-alive failed", "subject", r.Subject(), "err", err)
 		}

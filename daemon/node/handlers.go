@@ -29,6 +29,9 @@ type endpoint struct {
 	name, subject, queue string // queue "" = the node id
 	handle               func(micro.Request)
 	async                bool // may wait on nexlets: runs on its own goroutine
+	// signs: a control endpoint, whose replies to a request with a nonce are signed
+	// (signing); not the agent plane's, whose callers are nexlets.
+	signs bool
 }
 
 // endpoints lists the nexnode service, names and subjects as upstream registers them,
@@ -38,17 +41,17 @@ type endpoint struct {
 func (n *Node) endpoints() []endpoint {
 	all := protocol.ControlPrefix("*")
 	eps := []endpoint{
-		{name: "PingPlacementTags", subject: protocol.PTagsSubject(), handle: n.handlePTags},
-		{name: "PingNexus", subject: protocol.PingSubject(), handle: n.handlePing},
-		{name: "PingNode", subject: protocol.PingNodeSubject(n.id), handle: n.handlePing},
-		{name: "GetNodeInfo", subject: protocol.InfoSubject(n.id), handle: n.handleInfo},
-		{name: "SetLameduck", subject: protocol.LameduckSubject(n.id), handle: n.handleLameduck},
-		{name: "GetAgentIdByName", subject: protocol.AgentIDSubject(n.id), handle: n.handleAgentID},
+		{name: "PingPlacementTags", subject: protocol.PTagsSubject(), handle: n.handlePTags, signs: true},
+		{name: "PingNexus", subject: protocol.PingSubject(), handle: n.handlePing, signs: true},
+		{name: "PingNode", subject: protocol.PingNodeSubject(n.id), handle: n.handlePing, signs: true},
+		{name: "GetNodeInfo", subject: protocol.InfoSubject(n.id), handle: n.handleInfo, signs: true},
+		{name: "SetLameduck", subject: protocol.LameduckSubject(n.id), handle: n.handleLameduck, signs: true},
+		{name: "GetAgentIdByName", subject: protocol.AgentIDSubject(n.id), handle: n.handleAgentID, signs: true},
 		{name: "RegisterAgent", subject: protocol.RegisterSubject(n.id, "*"), handle: n.handleRegister},
-		{name: "StopWorkload", subject: all + ".UNDEPLOY.*", handle: n.handleUndeploy, async: true},
-		{name: "AuctionDeployWorkload", subject: all + ".ADEPLOY.*", handle: n.handleDeploy, async: true},
-		{name: "CloneWorkload", subject: all + ".CLONE.*", handle: n.handleClone, async: true},
-		{name: "NamespacePingRequest", subject: all + ".WPING", handle: n.handleWPing, async: true},
+		{name: "StopWorkload", subject: all + ".UNDEPLOY.*", handle: n.handleUndeploy, async: true, signs: true},
+		{name: "AuctionDeployWorkload", subject: all + ".ADEPLOY.*", handle: n.handleDeploy, async: true, signs: true},
+		{name: "CloneWorkload", subject: all + ".CLONE.*", handle: n.handleClone, async: true, signs: true},
+		{name: "NamespacePingRequest", subject: all + ".WPING", handle: n.handleWPing, async: true, signs: true},
 		n.renewEndpoint(),
 		n.renewAgentEndpoint(),
 		{name: "WorkloadEnded", subject: protocol.WorkloadEndedSubject(n.id, "*", "*"), handle: n.handleWorkloadEnded},
@@ -634,6 +637,7 @@ func (n *Node) handleUndeploy(r micro.Request) {
 			for k, v := range h {
 				m.Header[k] = v
 			}
+			n.signReply(r, m)
 			if err := n.o.NC.PublishMsg(m); err != nil {
 				n.log.Warn("failed to say a workload is stopping", "workload_id", workloadID, "err", err)
 			}
@@ -647,7 +651,7 @@ func (n *Node) handleUndeploy(r micro.Request) {
 		case <-n.ctx.Done():
 		}
 	}
-	_, detached := r.(*detachedRequest) // on a request goroutine of the node's (async)
+	_, detached := unwrapRequest(r).(*detachedRequest) // on a request goroutine of the node's (async)
 	target := workloadID
 	if n.placedInAnother(n.ctx, req.Namespace, workloadID) {
 		// Another namespace's workload: not found, as for an id the node does not
@@ -1110,6 +1114,7 @@ func (n *Node) handleWPing(r micro.Request) {
 		// fan-out), so a gather across nodes waits for it and does not end with the
 		// faster nodes' answers.
 		m := &nats.Msg{Subject: r.Reply(), Header: nats.Header{protocol.HeaderProgress: {"listing"}, protocol.HeaderNode: {n.id}}}
+		n.signReply(r, m)
 		if err := n.o.NC.PublishMsg(m); err != nil {
 			n.log.Warn("failed to acknowledge a workload list request", "err", err)
 		}

@@ -628,6 +628,9 @@ func (n *Node) Start(ctx context.Context) error {
 			qg = e.queue
 		}
 		h := e.handle
+		if e.signs {
+			h = n.signing(h)
+		}
 		if e.async {
 			h = n.async(h)
 		}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/randid"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/nexlet/native"
 	"github.com/nexd-project/nexd/protocol"
@@ -113,6 +114,24 @@ func BenchmarkDeploy(b *testing.B) {
 	}
 }
 
+// BenchmarkDeploySigned is BenchmarkDeploy as nexctl asks: its ADEPLOY and UNDEPLOY
+// carry a nonce, the node signs its answers (protocol.SignAnswer) and the client checks
+// them (protocol.VerifyAnswer). The difference to BenchmarkDeploy is what signed
+// answers cost a deploy.
+func BenchmarkDeploySigned(b *testing.B) {
+	_, nc := benchNode(b)
+	bodies := newPlaceBodies()
+	bodies.signed = true
+	i := 0
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := bodies.placeAndStop(nc, fmt.Sprintf("w%d", i)); err != nil {
+			b.Fatal(err)
+		}
+		i++
+	}
+}
+
 // BenchmarkDeployParallel is BenchmarkDeploy from several clients at once: auctions
 // and deploys meet on the node's lock.
 func BenchmarkDeployParallel(b *testing.B) {
@@ -136,6 +155,9 @@ func BenchmarkDeployParallel(b *testing.B) {
 type placeBodies struct {
 	auction, stop []byte
 	job           bool // deploy jobs, not services
+	// signed sends the deploy and the stop a nonce, as nexctl does, and checks the
+	// answers' signatures.
+	signed bool
 }
 
 func newPlaceBodies() placeBodies {
@@ -159,7 +181,7 @@ func (p placeBodies) placeAndStop(nc *nats.Conn, name string) error {
 		sr.WorkloadLifecycle = protocol.LifecycleJob
 	}
 	req, _ := json.Marshal(sr)
-	m, err = nc.Request(protocol.DeploySubject("system", bid.BidderID), req, 10*time.Second)
+	m, err = p.request(nc, protocol.DeploySubject("system", bid.BidderID), req)
 	if err != nil {
 		return err
 	}
@@ -167,7 +189,7 @@ func (p placeBodies) placeAndStop(nc *nats.Conn, name string) error {
 	if err := json.Unmarshal(m.Data, &started); err != nil || started.ID == "" {
 		return fmt.Errorf("deploy reply %q: %v", m.Data, err)
 	}
-	m, err = nc.Request(protocol.UndeploySubject("system", started.ID), p.stop, 10*time.Second)
+	m, err = p.request(nc, protocol.UndeploySubject("system", started.ID), p.stop)
 	if err != nil {
 		return err
 	}
@@ -176,6 +198,22 @@ func (p placeBodies) placeAndStop(nc *nats.Conn, name string) error {
 		return fmt.Errorf("undeploy reply %q: %v", m.Data, err)
 	}
 	return nil
+}
+
+// request is one request; signed, with a nonce, its answer's signature checked.
+func (p placeBodies) request(nc *nats.Conn, subject string, body []byte) (*nats.Msg, error) {
+	if !p.signed {
+		return nc.Request(subject, body, 10*time.Second)
+	}
+	nonce := randid.New()
+	m, err := nc.RequestMsg(&nats.Msg{Subject: subject, Data: body, Header: nats.Header{protocol.HeaderNonce: {nonce}}}, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := protocol.VerifyAnswer(nonce, subject, m.Header, m.Data); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
 // BenchmarkList is one WPING in the system namespace answered by a node whose nexlets
