@@ -754,7 +754,13 @@ func TestFakeBidderUnknownNode(t *testing.T) {
 		},
 		protocol.DeploySubject("tenant", "fake-self-signed"): func(m *nats.Msg) {
 			deploys.Add(1)
-			_ = m.Respond([]byte(`{"id":"stolen","name":"stolen"}`))
+			// Signed with its own key, as a node it plays: nexctl takes a signed bid's
+			// deploy answer only signed by that bid's node.
+			r := &nats.Msg{Subject: m.Reply, Data: []byte(`{"id":"stolen","name":"stolen"}`), Header: nats.Header{}}
+			if err := protocol.SignAnswer(fakeKey, fakeID, m.Header.Get(protocol.HeaderNonce), m.Subject, r.Header, r.Data); err != nil {
+				t.Error(err)
+			}
+			_ = nc.PublishMsg(r)
 		},
 	}
 	for subj, h := range subs {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -15,9 +16,17 @@ import (
 
 // aliveNode answers ADEPLOY.<bidder> as a nexd node does when the client asks for
 // keep-alives: alive replies every interval for alive's duration, then the answer
-// after answerAfter (0: never, a node that went away).
-func aliveNode(t *testing.T, nc *nats.Conn, bidder string, alive, answerAfter time.Duration) {
+// after answerAfter (0: never, a node that went away); each signed with kp over the
+// client's nonce. It returns kp's node id.
+func aliveNode(t *testing.T, nc *nats.Conn, kp nkeys.KeyPair, bidder string, alive, answerAfter time.Duration) string {
 	t.Helper()
+	id, _ := kp.PublicKey()
+	sign := func(m, r *nats.Msg) *nats.Msg {
+		if err := protocol.SignAnswer(kp, id, m.Header.Get(protocol.HeaderNonce), m.Subject, r.Header, r.Data); err != nil {
+			t.Error(err)
+		}
+		return r
+	}
 	sub, err := nc.Subscribe(protocol.DeploySubject("default", bidder), func(m *nats.Msg) {
 		every, err := time.ParseDuration(m.Header.Get(protocol.HeaderAlive))
 		if err != nil {
@@ -29,9 +38,11 @@ func aliveNode(t *testing.T, nc *nats.Conn, bidder string, alive, answerAfter ti
 			for time.Since(start) < alive {
 				r := nats.NewMsg(m.Reply)
 				r.Header.Set(protocol.HeaderAlive, "1")
-				_ = nc.PublishMsg(r)
+				_ = nc.PublishMsg(sign(m, r))
 				if answerAfter > 0 && time.Since(start) >= answerAfter {
-					_ = m.Respond([]byte(`{"id":"W1","name":"w"}`))
+					r := nats.NewMsg(m.Reply)
+					r.Data = []byte(`{"id":"W1","name":"w"}`)
+					_ = nc.PublishMsg(sign(m, r))
 					return
 				}
 				time.Sleep(every)
@@ -42,6 +53,7 @@ func aliveNode(t *testing.T, nc *nats.Conn, bidder string, alive, answerAfter ti
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sub.Unsubscribe() })
+	return id
 }
 
 // TestDeployNodeSilentMidRequest: a node that acknowledged a deploy and then went
@@ -55,9 +67,11 @@ func TestDeployNodeSilentMidRequest(t *testing.T) {
 	req := protocol.StartWorkloadRequest{Name: "w", Namespace: "default"}
 	ctx := context.Background()
 
-	aliveNode(t, nc, "gone", 200*time.Millisecond, 0)
+	kp, _ := nkeys.CreateServer()
+	nexd, _ := kp.PublicKey()
+	aliveNode(t, nc, kp, "gone", 200*time.Millisecond, 0)
 	start := time.Now()
-	_, err := f.deploy(ctx, "gone", req, true)
+	_, err := f.deploy(ctx, "gone", req, nexd)
 	took := time.Since(start)
 	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "acknowledged the request, then said nothing") {
 		t.Fatalf("node gone mid-request: %v, want %v", err, errOutcomeUnknown)
@@ -66,8 +80,8 @@ func TestDeployNodeSilentMidRequest(t *testing.T) {
 		t.Errorf("node gone mid-request reported after %v, want about 600ms (not the %v deploy timeout)", took, f.deployTimeout)
 	}
 
-	aliveNode(t, nc, "slow", 5*time.Second, time.Second)
-	if r, err := f.deploy(ctx, "slow", req, true); err != nil || r.ID != "W1" {
+	aliveNode(t, nc, kp, "slow", 5*time.Second, time.Second)
+	if r, err := f.deploy(ctx, "slow", req, nexd); err != nil || r.ID != "W1" {
 		t.Fatalf("slow node saying it is alive: %+v %v", r, err)
 	}
 
@@ -76,15 +90,23 @@ func TestDeployNodeSilentMidRequest(t *testing.T) {
 	// be tried. Before (a sync subscription, whose read turned that status into an
 	// error) it was reported at once as a node that "never acknowledged the request in
 	// 400ms", an unknown outcome.
-	_, err = f.deploy(ctx, "nobody-nexd", req, true)
-	if !errors.Is(err, errNotStarted) || !strings.Contains(err.Error(), "bid nobody-nexd expired") {
+	_, err = f.deploy(ctx, "nobody", req, "")
+	if !errors.Is(err, errNotStarted) || !strings.Contains(err.Error(), "bid nobody expired") {
 		t.Fatalf("bidder gone: %v, want %v", err, errNotStarted)
+	}
+	// For a signed bid's deploy the status is not taken: anyone who sees the request
+	// can write it (and with anyone listening, the server does not). Its node is
+	// waited for as one that never acknowledged: the outcome is unknown, nothing is
+	// tried elsewhere (every node is gone then, the signed bid's with them).
+	_, err = f.deploy(ctx, "nobody-nexd", req, nexd)
+	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "never acknowledged") {
+		t.Fatalf("signed bidder gone: %v, want %v", err, errOutcomeUnknown)
 	}
 	// A signed bidder (nexd) that takes the request and never acknowledges: silent from
 	// the start.
 	silent, _ := nc.Subscribe(protocol.DeploySubject("default", "silent-nexd"), func(*nats.Msg) {})
 	defer silent.Unsubscribe()
-	_, err = f.deploy(ctx, "silent-nexd", req, true)
+	_, err = f.deploy(ctx, "silent-nexd", req, nexd)
 	if !errors.Is(err, errOutcomeUnknown) || !strings.Contains(err.Error(), "never acknowledged") {
 		t.Fatalf("silent nexd: %v", err)
 	}
@@ -92,7 +114,7 @@ func TestDeployNodeSilentMidRequest(t *testing.T) {
 	sub, _ := nc.Subscribe(protocol.DeploySubject("default", "upstream"), func(*nats.Msg) {})
 	defer sub.Unsubscribe()
 	start = time.Now()
-	_, err = f.deploy(ctx, "upstream", req, false)
+	_, err = f.deploy(ctx, "upstream", req, "")
 	if !errors.Is(err, errDeployTimeout) || time.Since(start) < f.deployTimeout {
 		t.Fatalf("upstream node: %v after %v, want %v after %v", err, time.Since(start), errDeployTimeout, f.deployTimeout)
 	}

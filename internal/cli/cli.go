@@ -267,7 +267,16 @@ lack some nexlets' workloads, or a list a node answered with an error), 2 usage 
 went silent mid-request: the workload may be running there; a stop the node holding the
 workload answered with an error of its own (5xx): the stop may have gone on there; a list
 or lookup cut short by nexctl's own NATS connection closing: what came is printed, the
-rest is unknown).`,
+rest is unknown).
+
+Fleet requests carry a fresh random nonce (header Nex-Nonce); a nexd node signs each
+reply with its node key over the nonce, the subject, the headers and the body. nexctl
+refuses a reply whose signature does not verify, an unsigned reply in the name of a node
+that signed in this run, and, for a deploy to a signed bid or the stop or clone of a
+workload a signing node listed, every reply but that node's signed ones: whoever else
+sees a request cannot answer it in a nexd node's name. Unsigned replies (upstream nodes,
+older nexd nodes) are used as before; rows from them are noted on stderr as not verified,
+and with --trusted-node they are refused unless --allow-unsigned-bids.`,
 		Version:       version,
 		SilenceErrors: true,
 		SilenceUsage:  true,
@@ -284,8 +293,8 @@ rest is unknown).`,
 	pf.DurationVar(&a.stall, "gather-stall", defaultStop, "scatter-gather ends this long after the last reply")
 	pf.StringVar(&a.configFile, "config", "", "config file read after nexd's (/etc/nex/config.json, ~/.config/nex/config.json, ./config.json)")
 	pf.BoolVar(&a.check, "check", false, "print the resolved settings and where each came from, then exit")
-	pf.StringArray("trusted-node", nil, "a node id whose signed bids are accepted (repeatable; trusted_nodes in the config); a bid signed by any other node, or not signed (unless --allow-unsigned-bids), is refused before anything is sent")
-	pf.BoolVar(&a.allowUnsigned, "allow-unsigned-bids", false, "seal environments to bids not signed by their node (upstream nodes; anyone on the bus could pose as one)")
+	pf.StringArray("trusted-node", nil, "a node id whose signed bids and answers are accepted (repeatable; trusted_nodes in the config); a bid or answer signed by any other node, or not signed (unless --allow-unsigned-bids), is refused before anything is sent")
+	pf.BoolVar(&a.allowUnsigned, "allow-unsigned-bids", false, "seal environments to bids not signed by their node, and with --trusted-node take unsigned bids and answers (upstream nodes; anyone on the bus could pose as one)")
 	a.nats.register(pf)
 	a.pflags = pf
 	root.RunE = groupRun

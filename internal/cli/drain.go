@@ -236,14 +236,25 @@ func bar(start, left int, done bool, width int) string {
 // nothing, a drain's confirmation and top took it as empty.
 func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string) (byNode map[string][]protocol.WorkloadSummary, partial map[string]*partialList, err error) {
 	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
-	msgs, err := f.scatterGather(ctx, protocol.WPingSubject(protocol.SystemNamespace), data, f.wpingOpts(resourcesOf))
+	subject := protocol.WPingSubject(protocol.SystemNamespace)
+	opts, nonce := f.wpingOpts(subject, resourcesOf)
+	msgs, err := f.scatterGather(ctx, subject, data, opts)
 	if err != nil {
 		return nil, nil, err
 	}
 	out := map[string][]protocol.WorkloadSummary{}
 	partial = map[string]*partialList{}
-	for _, m := range msgs {
-		node := m.Header.Get(protocol.HeaderNode)
+	from, checks := f.checkAnswers(msgs, subject, nonce)
+	refused := 0
+	for i, m := range msgs {
+		if checks[i] != nil {
+			// Not the node's word (answers.go): a drain is not confirmed by it.
+			if refused++; refused == 1 && f.warn != nil {
+				f.warn("ignoring a reply: %v", checks[i])
+			}
+			continue
+		}
+		node := from[i].node
 		if err := replyError(m); err != nil {
 			partial[node] = &partialList{node: node, failed: err}
 			continue

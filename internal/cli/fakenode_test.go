@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"strings"
 	"sync"
@@ -16,9 +17,12 @@ import (
 // fakeNode plays a Nex node with raw NATS subscriptions, answering as upstream's
 // node does (silence for "not mine"), so the fleet commands are tested on the wire.
 type fakeNode struct {
-	t    *testing.T
-	nc   *nats.Conn
-	id   string
+	t  *testing.T
+	nc *nats.Conn
+	id string
+	// key, when set (newSigningFakeNode; id is its public key), signs its bids and
+	// every reply to a request that carries a nonce, as a nexd node does.
+	key  nkeys.KeyPair
 	tags map[string]string
 	xkey nkeys.KeyPair // the nexlet's curve key, used in bids
 	bid  bool          // whether it bids at all (a healthy native nexlet)
@@ -53,6 +57,9 @@ type fakeNode struct {
 	// heldDeploy, when set, hears each deploy, which is never answered (a start
 	// still under way).
 	heldDeploy chan<- struct{}
+	// answerDelay holds its deploy, stop and clone answers this long (a loaded node,
+	// or a slow start: anyone else's answer comes first).
+	answerDelay time.Duration
 	// progress are reports sent before a deploy's answer when the client asks.
 	progress []protocol.Progress
 	// drains makes it act as a nexd node on LAMEDUCK: after the delay its workloads
@@ -94,6 +101,34 @@ func newFakeNode(t *testing.T, nc *nats.Conn, id string, tags map[string]string)
 	return &fakeNode{t: t, nc: nc, id: id, tags: all, xkey: xk, bid: true, schema: nativeSchema, stored: map[string]protocol.StartWorkloadRequest{}}
 }
 
+// newSigningFakeNode is a fake node that signs as a nexd node does: its id is its
+// server key's public key.
+func newSigningFakeNode(t *testing.T, nc *nats.Conn, tags map[string]string) *fakeNode {
+	kp, err := nkeys.CreateServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := kp.PublicKey()
+	n := newFakeNode(t, nc, id, tags)
+	n.key = kp
+	return n
+}
+
+// reply sends out to req's reply subject, signed when the node signs and req carries a
+// nonce (protocol.SignAnswer, as daemon/node does).
+func (n *fakeNode) reply(req, out *nats.Msg) {
+	out.Subject = req.Reply
+	if nonce := req.Header.Get(protocol.HeaderNonce); n.key != nil && nonce != "" {
+		if out.Header == nil {
+			out.Header = nats.Header{}
+		}
+		if err := protocol.SignAnswer(n.key, n.id, nonce, req.Subject, out.Header, out.Data); err != nil {
+			n.t.Errorf("fake node: %v", err)
+		}
+	}
+	_ = n.nc.PublishMsg(out)
+}
+
 func (n *fakeNode) matches(filter map[string]string) bool {
 	for k, v := range filter {
 		if n.tags[k] != v {
@@ -109,7 +144,7 @@ func (n *fakeNode) respond(m *nats.Msg, v any) {
 		n.t.Errorf("fake node: %v", err)
 		return
 	}
-	_ = m.Respond(b)
+	n.reply(m, &nats.Msg{Data: b})
 }
 
 func (n *fakeNode) respondError(m *nats.Msg, code, text string) {
@@ -126,7 +161,7 @@ func (n *fakeNode) respondErrorWith(m *nats.Msg, code, desc, text string, h nats
 	r.Header.Set(protocol.HeaderErrorCode, code)
 	r.Header.Set(protocol.HeaderError, desc)
 	r.Data, _ = json.Marshal(protocol.ErrorBody{ErrorID: "E1", Error: text})
-	_ = m.RespondMsg(r)
+	n.reply(m, r)
 }
 
 func (n *fakeNode) sub(subject string, h nats.MsgHandler) {
@@ -244,8 +279,13 @@ func (n *fakeNode) start() *fakeNode {
 		if drop {
 			return
 		}
-		n.respond(m, protocol.AuctionResponse{BidderID: "bid-" + n.id, StartRequestSchema: n.schema,
-			SupportedLifecycles: []protocol.Lifecycle{"service", "job"}, XKey: xpub, NodeID: n.id, NodeName: n.tags[protocol.TagNode], WorkloadCount: n.load})
+		bid := protocol.AuctionResponse{BidderID: "bid-" + n.id, StartRequestSchema: n.schema,
+			SupportedLifecycles: []protocol.Lifecycle{"service", "job"}, XKey: xpub, NodeID: n.id, NodeName: n.tags[protocol.TagNode], WorkloadCount: n.load}
+		if n.key != nil {
+			sig, _ := n.key.Sign(protocol.BidPayload(protocol.NamespaceOf(m.Subject), req.AuctionID, bid))
+			bid.Sig = base64.StdEncoding.EncodeToString(sig)
+		}
+		n.respond(m, bid)
 	})
 	n.sub("$NEX.SVC.*.control.ADEPLOY.bid-"+n.id, func(m *nats.Msg) {
 		var req protocol.StartWorkloadRequest
@@ -260,6 +300,7 @@ func (n *fakeNode) start() *fakeNode {
 			n.heldDeploy <- struct{}{}
 			return
 		}
+		time.Sleep(n.answerDelay)
 		if n.failDeploy != "" {
 			h := nats.Header{}
 			if !n.unknownOutcome {
@@ -274,7 +315,7 @@ func (n *fakeNode) start() *fakeNode {
 				if p.HasBytes() {
 					h.Set(protocol.HeaderProgressBytes, protocol.FormatProgressBytes(p.Done, p.Total))
 				}
-				_ = n.nc.PublishMsg(&nats.Msg{Subject: m.Reply, Header: h})
+				n.reply(m, &nats.Msg{Header: h})
 			}
 		}
 		n.respond(m, protocol.StartWorkloadResponse{ID: "W-" + n.id, Name: req.Name})
@@ -316,7 +357,7 @@ func (n *fakeNode) start() *fakeNode {
 				}
 			}
 			r.Data, _ = json.Marshal(out)
-			_ = m.RespondMsg(r)
+			n.reply(m, r)
 			return
 		}
 		n.respond(m, out)
@@ -326,12 +367,13 @@ func (n *fakeNode) start() *fakeNode {
 		n.stops = append(n.stops, m.Subject)
 		n.mu.Unlock()
 		id := protocol.LastToken(m.Subject)
+		time.Sleep(n.answerDelay)
 		if n.stopWord != nil && m.Header.Get(protocol.HeaderProgress) != "" {
 			h := nats.Header{protocol.HeaderProgress: {"stopping"}}
 			for k, v := range n.stopWord {
 				h[k] = v
 			}
-			_ = m.RespondMsg(&nats.Msg{Header: h})
+			n.reply(m, &nats.Msg{Header: h})
 			if n.wordOnly {
 				return
 			}
@@ -352,6 +394,7 @@ func (n *fakeNode) start() *fakeNode {
 		if !ok {
 			return
 		}
+		time.Sleep(n.answerDelay)
 		n.respond(m, req)
 	})
 	if err := n.nc.Flush(); err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -46,6 +47,12 @@ type fleet struct {
 	// allowUnsigned (--allow-unsigned-bids, for upstream nodes).
 	trusted       map[string]bool
 	allowUnsigned bool
+	// signers are the node ids that signed a bid or an answer nexctl verified in
+	// this run: an unsigned answer in one's name is refused (answers.go).
+	signersMu sync.Mutex
+	signers   map[string]bool
+	// warn tells the user of replies refused on the way (nil: not told).
+	warn func(format string, args ...any)
 	// violation is closed at the server's next permissions violation on nc
 	// (natsconn.Conn.NextViolation; nil: not watched).
 	violation func() <-chan struct{}
@@ -269,17 +276,34 @@ func (f *fleet) request(ctx context.Context, subject string, v any, timeout time
 
 // pingNodes lists the nodes whose tags match every filter entry.
 func (f *fleet) pingNodes(ctx context.Context, filter map[string]string, o gatherOpts) ([]protocol.NodePingResponse, []error, error) {
+	out, _, bad, err := f.pingNodesSigned(ctx, filter, o)
+	return out, bad, err
+}
+
+// pingNodesSigned is pingNodes that says which rows came unsigned (nil: none). A row
+// signed by a node other than the one it describes, or unsigned in the name of a node
+// that signed in this run, is refused (in bad), so nobody but a nexd node adds or
+// changes its row; unsigned rows are upstream nodes' (or anyone's posing as one).
+func (f *fleet) pingNodesSigned(ctx context.Context, filter map[string]string, o gatherOpts) ([]protocol.NodePingResponse, *unsignedRows, []error, error) {
 	data, err := json.Marshal(protocol.NodePingRequest{Filter: filter})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
+	nonce := newNonce()
+	o.head = nats.Header{protocol.HeaderNonce: {nonce}}
 	msgs, err := f.gather(ctx, protocol.PingSubject(), data, o)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
+	from, checks := f.checkAnswers(msgs, protocol.PingSubject(), nonce)
 	var out []protocol.NodePingResponse
 	var bad []error
-	for _, m := range msgs {
+	var unsigned *unsignedRows
+	for i, m := range msgs {
+		if checks[i] != nil {
+			bad = append(bad, checks[i])
+			continue
+		}
 		if err := replyError(m); err != nil {
 			bad = append(bad, err)
 			continue
@@ -289,9 +313,25 @@ func (f *fleet) pingNodes(ctx context.Context, filter map[string]string, o gathe
 			bad = append(bad, err)
 			continue
 		}
+		switch {
+		case from[i].signed && r.NodeID != from[i].node:
+			bad = append(bad, fmt.Errorf("answer refused: a row for node %s signed by node %s", r.NodeID, from[i].node))
+			continue
+		case !from[i].signed:
+			// The row's own node id, too: a row unsigned in a signer's name is forged.
+			if err := f.checkUnsigned(r.NodeID); err != nil {
+				bad = append(bad, err)
+				continue
+			}
+			if unsigned == nil {
+				unsigned = &unsignedRows{what: "node list row(s)"}
+			}
+			unsigned.rows++
+			unsigned.nodes = append(unsigned.nodes, r.NodeID)
+		}
 		out = append(out, r)
 	}
-	return out, bad, nil
+	return out, unsigned, bad, nil
 }
 
 // nodeInfo asks one node for its info.
@@ -570,6 +610,7 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 			continue
 		case err == nil:
 			signed[b.BidderID] = true
+			f.noteSigner(b.NodeID)
 		case errors.Is(err, protocol.ErrUnsignedBid) && f.trusted != nil && !f.allowUnsigned:
 			// Anyone can claim a listed node id in a bid it does not sign.
 			bad = append(bad, fmt.Errorf("bid refused from %s: it is not signed, so its node id cannot be checked against trusted_nodes (--allow-unsigned-bids accepts such bids)", bidLabel(b)))
@@ -602,10 +643,17 @@ var errLinkClosed = errors.New("unknown: nexctl's NATS connection closed")
 
 // deploy sends the start request to the node holding bidderID. A node that says it is
 // alive (nexd does when asked: HeaderAlive) and then goes silent for f.silence is
-// reported as errOutcomeUnknown; expectAlive (a signed bid: a nexd) makes silence from
-// the start count too. Other nodes get until f.deployTimeout.
-func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartWorkloadRequest, expectAlive bool) (protocol.StartWorkloadResponse, error) {
-	var r protocol.StartWorkloadResponse
+// reported as errOutcomeUnknown; signer (the node id of a signed bid: a nexd) makes
+// silence from the start count too. Other nodes get until f.deployTimeout.
+//
+// With signer, only that node's signed replies count (answers.go): anyone else who
+// sees the request could answer it first, and before, a forged "not started" made
+// nexctl try the next bid while the bid's node started the workload too (two copies),
+// and a forged answer reported a workload that did not exist. Others' replies, a server's
+// "no responders" among them (a rogue can write that status too, and with any node
+// listening it cannot be the server's), are ignored and counted in a warning.
+func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartWorkloadRequest, signer string) (r protocol.StartWorkloadResponse, err error) {
+	expectAlive := signer != ""
 	if req.Tags == nil {
 		req.Tags = map[string]string{}
 	}
@@ -625,7 +673,15 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	defer sub.Close()
 	// HeaderProgress asks a node that can to report how the start goes (an artifact
 	// download) with body-less replies before its answer; others ignore it.
-	msg := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderProgress: {"1"}}}
+	nonce := newNonce()
+	msg := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderProgress: {"1"}, protocol.HeaderNonce: {nonce}}}
+	var forged int
+	var forgedErr error
+	defer func() {
+		if forged > 0 && f.warn != nil {
+			f.warn("ignored %d repl(ies) to the deploy not signed by node %s, which took the bid: %v", forged, signer, forgedErr)
+		}
+	}()
 	if f.aliveEvery > 0 && f.silence > 0 {
 		msg.Header.Set(protocol.HeaderAlive, f.aliveEvery.String())
 	}
@@ -668,6 +724,20 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 			return r, f.silentNode(sent, heard)
 		case err != nil:
 			return r, fmt.Errorf("%w after %s", errDeployTimeout, time.Since(sent).Round(time.Second))
+		}
+		if signer != "" {
+			a, verr := f.verifyAnswer(m, subject, nonce)
+			if verr == nil && a.node != signer {
+				verr = fmt.Errorf("signed by node %s", a.node)
+			}
+			if verr != nil {
+				if forged++; forgedErr == nil {
+					forgedErr = verr
+				}
+				continue
+			}
+		}
+		switch {
 		case m.Header.Get(protocol.HeaderAlive) != "" && len(m.Data) == 0 && replyError(m) == nil:
 			heard = time.Now()
 			continue
@@ -781,15 +851,24 @@ const listWait = 5 * time.Second
 // with Nex-Partial) is not cut off by faster nodes' answers. Upstream nodes do not
 // acknowledge and are gathered as before. resourcesOf asks that node for cgroup
 // figures (HeaderResources).
-func (f *fleet) wpingOpts(resourcesOf string) scatter.Options {
-	head := nats.Header{protocol.HeaderProgress: {"1"}}
+//
+// The request carries a fresh nonce (HeaderNonce; the returned one, for the subject
+// subject) and an acknowledgement counts only when signed by the node it names, or
+// unsigned from a node that may answer unsigned (checkUnsigned).
+func (f *fleet) wpingOpts(subject, resourcesOf string) (scatter.Options, string) {
+	nonce := newNonce()
+	head := nats.Header{protocol.HeaderProgress: {"1"}, protocol.HeaderNonce: {nonce}}
 	if resourcesOf != "" {
 		head.Set(protocol.HeaderResources, resourcesOf)
 	}
 	return scatter.Options{First: f.first, Stall: f.stall, Header: head, Promised: listWait,
 		Promise: func(m *nats.Msg) (string, bool) {
-			return m.Header.Get(protocol.HeaderNode), len(m.Data) == 0 && m.Header.Get(protocol.HeaderProgress) != "" && replyError(m) == nil
-		}}
+			if len(m.Data) > 0 || m.Header.Get(protocol.HeaderProgress) == "" || replyError(m) != nil {
+				return "", false
+			}
+			a, err := f.checkAnswer(m, subject, nonce)
+			return a.node, err == nil
+		}}, nonce
 }
 
 // partialOf is a WPING reply's HeaderPartial (nil when the reply is whole).
@@ -825,11 +904,12 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
-	opts := f.wpingOpts("")
+	subject := protocol.WPingSubject(ns)
+	opts, nonce := f.wpingOpts(subject, "")
 	if stoppedRef != "" {
 		opts.Header.Set(protocol.HeaderStoppedRef, stoppedRef)
 	}
-	msgs, err := f.scatterGather(ctx, protocol.WPingSubject(ns), data, opts)
+	msgs, err := f.scatterGather(ctx, subject, data, opts)
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
@@ -841,7 +921,18 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		f.unlisted = unlisted
 		f.unlistedMu.Unlock()
 	}()
-	for _, m := range msgs {
+	from, checks := f.checkAnswers(msgs, subject, nonce)
+	var unsigned *unsignedRows
+	defer func() {
+		if unsigned != nil {
+			bad = append(bad, unsigned)
+		}
+	}()
+	for i, m := range msgs {
+		if checks[i] != nil {
+			bad = append(bad, checks[i])
+			continue
+		}
 		if err := replyError(m); err != nil {
 			lf := &listFailed{node: m.Header.Get(protocol.HeaderNode), err: err}
 			bad, unlisted = append(bad, lf), append(unlisted, lf)
@@ -869,7 +960,14 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 			continue
 		}
 		out = append(out, ws...)
-		if node := m.Header.Get(protocol.HeaderNode); node != "" {
+		if !from[i].signed && len(ws) > 0 {
+			if unsigned == nil {
+				unsigned = &unsignedRows{what: "workload row(s)"}
+			}
+			unsigned.rows += len(ws)
+			unsigned.nodes = append(unsigned.nodes, from[i].node)
+		}
+		if node := from[i].node; node != "" {
 			for _, w := range ws {
 				holders[w.ID] = node
 			}
@@ -941,8 +1039,22 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 		return ret, false, fmt.Errorf("subscribe for stop replies: %w", err)
 	}
 	defer sub.Close()
+	nonce := newNonce()
 	m := &nats.Msg{Subject: protocol.UndeploySubject(ns, id), Reply: inbox, Data: data,
-		Header: nats.Header{protocol.HeaderProgress: {"1"}}}
+		Header: nats.Header{protocol.HeaderProgress: {"1"}, protocol.HeaderNonce: {nonce}}}
+	subject := m.Subject
+	// A holder that signs (a nexd node whose listing or bid verified) is heard only in
+	// replies it signed: anyone else who sees the request could say "stopped", or the
+	// "stopping" word, in its name (answers.go). Others' replies are checked as in a
+	// gather: an unsigned one in a signer's name is refused.
+	strict := f.isSigner(holder)
+	var forged int
+	var forgedErr error
+	defer func() {
+		if forged > 0 && f.warn != nil {
+			f.warn("ignored %d repl(ies) to the stop of %s: %v", forged, id, forgedErr)
+		}
+	}()
 	sent := time.Now()
 	if err := f.nc.PublishMsg(m); err != nil {
 		return ret, false, fmt.Errorf("publish stop request: %w", err)
@@ -982,10 +1094,24 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 			}
 			break
 		}
+		a, cerr := f.checkAnswer(m, subject, nonce)
+		if cerr == nil && strict && (!a.signed || a.node != holder) {
+			if a.signed {
+				cerr = fmt.Errorf("signed by node %s, not by node %s, which holds it", a.node, holder)
+			} else {
+				cerr = fmt.Errorf("unsigned, while node %s, which holds it, signs its answers", holder)
+			}
+		}
+		if cerr != nil {
+			if forged++; forgedErr == nil {
+				forgedErr = cerr
+			}
+			continue
+		}
 		if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
 			break // nobody listens
 		}
-		from := m.Header.Get(protocol.HeaderNode)
+		from := a.node
 		fromHolder := holder != "" && from == holder
 		heardHolder = heardHolder || fromHolder
 		anonymous = anonymous || from == "" // upstream's, or a nexd's before it named itself
@@ -1091,12 +1217,30 @@ func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkload
 	if err != nil {
 		return out, "", err
 	}
-	msgs, err := f.gather(ctx, protocol.CloneSubject(f.ns, id), data, gatherOpts{first: f.first, stall: f.stall, max: 1})
+	// The node that holds it, from a listing (a nexd node acknowledges a list at once
+	// and is waited for): when it signs, only its signed answer is taken, however late
+	// it comes after anyone else's (answers.go).
+	if _, _, holders, _, lerr := f.listWorkloadsAndStops(ctx, f.ns, []string{id}, ""); lerr == nil && f.isSigner(holders[id]) {
+		return f.cloneFrom(ctx, id, data, holders[id])
+	}
+	// Every answer, not the first: the one signed by a node is taken over unsigned ones
+	// (anyone who sees the request may answer it, first, with a start request of its
+	// making, which nexctl would then deploy: answers.go).
+	subject := protocol.CloneSubject(f.ns, id)
+	nonce := newNonce()
+	msgs, err := f.gather(ctx, subject, data, gatherOpts{first: f.first, stall: f.stall, head: nats.Header{protocol.HeaderNonce: {nonce}}})
 	if err != nil {
 		return out, "", err
 	}
+	from, checks := f.checkAnswers(msgs, subject, nonce)
 	var errs []error
-	for _, m := range msgs {
+	var found []int // usable answers: signed ones first
+	signers := map[string]bool{}
+	for i, m := range msgs {
+		if checks[i] != nil {
+			errs = append(errs, checks[i])
+			continue
+		}
 		if err := replyError(m); err != nil {
 			errs = append(errs, err)
 			continue
@@ -1104,16 +1248,98 @@ func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkload
 		if len(m.Data) == 0 || string(m.Data) == "null" {
 			continue
 		}
-		if err := json.Unmarshal(m.Data, &out); err != nil {
+		if from[i].signed {
+			signers[from[i].node] = true
+			found = append([]int{i}, found...)
+		} else {
+			found = append(found, i)
+		}
+	}
+	if len(signers) > 1 {
+		// One workload id, one node: a node id someone made up signs the other answer.
+		return out, "", fmt.Errorf("workload %s: %d nodes signed an answer to its clone (%s): one poses as its holder; list your nodes in trusted_nodes",
+			id, len(signers), strings.Join(slices.Sorted(maps.Keys(signers)), ", "))
+	}
+	for _, i := range found {
+		if from[i].signed != (len(signers) > 0) {
+			continue // unsigned beside a signed answer: not the holder's
+		}
+		if err := json.Unmarshal(msgs[i].Data, &out); err != nil {
 			errs = append(errs, fmt.Errorf("clone reply: %w", err))
 			continue
 		}
-		return out, m.Header.Get(protocol.HeaderNode), nil
+		for j := range checks {
+			if checks[j] != nil && f.warn != nil {
+				f.warn("ignoring a reply to the clone of %s: %v", id, checks[j])
+			}
+		}
+		return out, from[i].node, nil
 	}
 	if len(errs) > 0 {
 		return out, "", fmt.Errorf("workload %s: %w", id, errors.Join(errs...))
 	}
 	return out, "", fmt.Errorf("workload %s not found in namespace %s", id, f.ns)
+}
+
+// cloneFrom asks for the start request of workload id (the CLONE request data) and
+// takes only the signed answer of holder, a node that signs: any other reply is
+// ignored, with a warning. It waits f.first for that answer.
+func (f *fleet) cloneFrom(ctx context.Context, id string, data []byte, holder string) (out protocol.StartWorkloadRequest, node string, err error) {
+	subject := protocol.CloneSubject(f.ns, id)
+	before := f.nc.LastError()
+	inbox := f.nc.NewInbox()
+	sub, err := scatter.Subscribe(f.nc, inbox)
+	if err != nil {
+		return out, "", fmt.Errorf("subscribe for the clone reply: %w", err)
+	}
+	defer sub.Close()
+	nonce := newNonce()
+	if err := f.nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderNonce: {nonce}}}); err != nil {
+		return out, "", fmt.Errorf("publish %s: %w", subject, err)
+	}
+	if err := scatter.FlushRefused(ctx, f.nc, before, f.first, subject, inbox); err != nil {
+		return out, "", err
+	}
+	var forged int
+	var forgedErr error
+	defer func() {
+		if forged > 0 && f.warn != nil {
+			f.warn("ignored %d repl(ies) to the clone of %s: %v", forged, id, forgedErr)
+		}
+	}()
+	rctx, cancel := context.WithTimeout(ctx, f.first)
+	defer cancel()
+	for {
+		m, err := sub.Next(rctx)
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return out, "", ctx.Err()
+		case err != nil:
+			return out, "", fmt.Errorf("workload %s: node %s, which holds it, did not answer its clone within %s", id, holder, f.first)
+		}
+		a, verr := f.verifyAnswer(m, subject, nonce)
+		if verr == nil && a.node != holder {
+			verr = fmt.Errorf("signed by node %s, not by node %s, which holds it", a.node, holder)
+		} else if errors.Is(verr, protocol.ErrUnsignedAnswer) {
+			verr = fmt.Errorf("unsigned, while node %s, which holds it, signs its answers", holder)
+		}
+		if verr != nil {
+			if forged++; forgedErr == nil {
+				forgedErr = verr
+			}
+			continue
+		}
+		if err := replyError(m); err != nil {
+			return out, "", fmt.Errorf("workload %s: %w", id, err)
+		}
+		if len(m.Data) == 0 || string(m.Data) == "null" {
+			continue
+		}
+		if err := json.Unmarshal(m.Data, &out); err != nil {
+			return out, "", fmt.Errorf("workload %s: clone reply: %w", id, err)
+		}
+		return out, holder, nil
+	}
 }
 
 // inboxPrefix is the prefix of every reply inbox of the connection, with its dot.

@@ -53,7 +53,7 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 		return nil, nil, r.explainDenied(err)
 	}
 	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, deployMax: deployMaxWait, stopWait: stopWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
-		progress: a.newDeployProgress(), violation: c.NextViolation, cut: a.noteCut}
+		progress: a.newDeployProgress(), violation: c.NextViolation, cut: a.noteCut, warn: a.warnf}
 	if len(r.TrustedNodes) > 0 {
 		f.trusted, f.allowUnsigned = map[string]bool{}, a.allowUnsigned
 		for _, id := range r.TrustedNodes {
@@ -89,11 +89,17 @@ func (a *app) note(format string, args ...any) {
 // the first maxWarned of them, then how many more (a flood of bad answers would
 // otherwise be a flood of lines).
 func (a *app) warnAll(errs []error) {
-	for i, err := range errs {
+	i := 0
+	for j, err := range errs {
+		if u := (*unsignedRows)(nil); errors.As(err, &u) {
+			a.warnf("%v", u) // rows taken, not ignored
+			continue
+		}
 		if i == maxWarned {
-			a.warnf("ignoring %d more replies that could not be used", len(errs)-i)
+			a.warnf("ignoring %d more replies that could not be used", len(errs)-j)
 			return
 		}
+		i++
 		a.warnf("ignoring a reply: %v", err)
 	}
 }
@@ -128,9 +134,12 @@ func (a *app) nodeListCmd() *cobra.Command {
 				return err
 			}
 			defer done()
-			nodes, bad, err := f.pingNodes(cmd.Context(), filter.m, f.gatherOpts(0))
+			nodes, unsigned, bad, err := f.pingNodesSigned(cmd.Context(), filter.m, f.gatherOpts(0))
 			if err != nil {
 				return err
+			}
+			if unsigned != nil {
+				bad = append(bad, unsigned)
 			}
 			a.warnAll(bad)
 			if a.json {

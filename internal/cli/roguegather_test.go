@@ -292,7 +292,7 @@ func TestAttackRogueNodeKeepsDeployAndStopWaiting(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
-	_, err := f.deploy(ctx, "bidder", protocol.StartWorkloadRequest{Name: "w", Namespace: "default"}, false)
+	_, err := f.deploy(ctx, "bidder", protocol.StartWorkloadRequest{Name: "w", Namespace: "default"}, "")
 	t.Logf("deploy: %v after %s", err, time.Since(start).Round(time.Millisecond))
 	if !errors.Is(err, errDeployTimeout) {
 		t.Errorf("deploy under a rogue node's endless progress: %v after %s; want %v at its bound", err, time.Since(start).Round(time.Millisecond), errDeployTimeout)

@@ -70,8 +70,11 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 		var err error
 		o := f.gatherOpts(0)
 		o.some = true // a count to end the auction early by: without it, it ends on its stall
-		if nodes, _, err = f.pingNodes(ctx, nil, o); err == nil {
-			expectBids = len(nodes)
+		var bad []error
+		if nodes, bad, err = f.pingNodes(ctx, nil, o); err == nil {
+			// Answers refused (a forged row: answers.go) count too: whoever sent them
+			// likely bids as well, and the auction must not end before the nodes' bids.
+			expectBids = len(nodes) + len(bad)
 		}
 	}
 	opts := gatherOpts{first: f.first, stall: max(auctionStall, f.stall), max: expectBids}
@@ -179,7 +182,11 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 				Tags: spec.Tags, WorkloadLifecycle: spec.Lifecycle, WorkloadType: spec.Type,
 			}
 			var resp protocol.StartWorkloadResponse
-			resp, err = f.deploy(ctx, bid.BidderID, req, signed[bid.BidderID])
+			signer := ""
+			if signed[bid.BidderID] {
+				signer = bid.NodeID
+			}
+			resp, err = f.deploy(ctx, bid.BidderID, req, signer)
 			if err == nil {
 				return placement{ID: resp.ID, Name: resp.Name, Node: bid.NodeID}, nil
 			}
