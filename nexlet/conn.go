@@ -83,11 +83,14 @@ func Connect(cd protocol.NatsConnectionData, name string, extra ...nats.Option) 
 
 // connect is Connect; with live set, a JWT user is read from live at every (re)connect,
 // so renewed credentials take over the connection when it reconnects.
+// connectTimeout bounds a connect's dial (and a socketDialer's).
+const connectTimeout = 10 * time.Second
+
 func connect(cd protocol.NatsConnectionData, name string, live *liveCreds, extra ...nats.Option) (*nats.Conn, error) {
 	if cd.ConnName != "" {
 		name = cd.ConnName
 	}
-	opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.Timeout(10 * time.Second),
+	opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.Timeout(connectTimeout),
 		// A write to a server that stopped reading holds the connection's lock, and
 		// with it every publish, request and answer of the nexlet, until its deadline:
 		// nats.go's 1 min froze the nexlet that long. A write cut short closes the

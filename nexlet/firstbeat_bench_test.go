@@ -18,7 +18,21 @@ import (
 // connection with the reply's credentials, its endpoints' subscriptions and the
 // heartbeat, the tail of nexd's READY. One op is one Run; the span's p50 and p90 are
 // reported.
+//
+// socket-ahead connects on a socket to the server opened before the registration
+// (SocketAhead, as the native nexlet registering on its local channel does); dialled
+// dials then.
 func BenchmarkRegisteredToFirstHeartbeat(b *testing.B) {
+	for _, ahead := range []bool{false, true} {
+		name := "dialled"
+		if ahead {
+			name = "socket-ahead"
+		}
+		b.Run(name, func(b *testing.B) { benchFirstHeartbeat(b, ahead) })
+	}
+}
+
+func benchFirstHeartbeat(b *testing.B, ahead bool) {
 	srv := testnats.Start(b, testnats.Options{NoJetStream: true})
 	nc := testnats.Connect(b, srv)
 	replied := make(chan time.Time, 1)
@@ -40,7 +54,16 @@ func BenchmarkRegisteredToFirstHeartbeat(b *testing.B) {
 	}
 	var spans []float64
 	for b.Loop() {
-		r, err := NewRunner(context.Background(), node, newMemAgent())
+		var opts []Option
+		var sock *Socket
+		if ahead {
+			sock = SocketAhead([]string{srv.ClientURL()})
+			if socketPort(sock) == 0 { // dialled while the nexlet builds itself
+				b.Fatal("no socket dialled ahead")
+			}
+			opts = append(opts, WithConnectSocket(sock))
+		}
+		r, err := NewRunner(context.Background(), node, newMemAgent(), opts...)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -54,6 +77,10 @@ func BenchmarkRegisteredToFirstHeartbeat(b *testing.B) {
 		case <-time.After(10 * time.Second):
 			b.Fatal("no first heartbeat")
 		}
+		if ahead && !sock.Used() {
+			b.Fatal("the socket opened ahead was not taken")
+		}
+		sock.Close()
 		if err := r.Shutdown(); err != nil {
 			b.Fatal(err)
 		}

@@ -78,8 +78,9 @@ type Runner struct {
 	regWait time.Duration
 	regKey  nkeys.KeyPair // signs REGISTER (nil: unsigned, as upstream's SDK)
 	sdWait  time.Duration
-	patient bool  // WithPatientStart
-	dial    *Dial // WithRegistrationDial
+	patient bool    // WithPatientStart
+	dial    *Dial   // WithRegistrationDial
+	sock    *Socket // WithConnectSocket
 	// local is the channel to the node that spawned this nexlet (WithLocalChannel),
 	// or to the node that adopted it (its socket, sockPath); localDone is closed when
 	// its reader returned. A channel to an adopting node replaces a closed one
@@ -169,6 +170,11 @@ func WithPatientStart() Option { return func(r *Runner) { r.patient = true } }
 
 // WithRegistrationDial makes Run register on the connection d dialled ahead.
 func WithRegistrationDial(d *Dial) Option { return func(r *Runner) { r.dial = d } }
+
+// WithConnectSocket makes the connection with the credentials the registration
+// returns on s, the socket to the first NATS server opened ahead (SocketAhead), when
+// it fits. The caller closes s.
+func WithConnectSocket(s *Socket) Option { return func(r *Runner) { r.sock = s } }
 
 // Dial is a registration connection dialled in the background (DialAhead).
 type Dial struct {
@@ -332,7 +338,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	if err != nil {
 		return fmt.Errorf("nexlet register: %w", err)
 	}
-	nc, err := connectPatiently(r.ctx, resp.ConnectionData, "nexlet-"+reg.Name, live, r.patient, r.log)
+	nc, err := r.connectNode(resp.ConnectionData, "nexlet-"+reg.Name, live)
 	if err != nil {
 		return fmt.Errorf("nexlet connect with the node's credentials: %w", err)
 	}
@@ -402,10 +408,10 @@ const (
 // an outage nexd waits out too, or a nexd that re-executes (or restarts with
 // live_restore) just after the registration and stops its embedded server until the
 // new image runs it. Any other error (credentials refused) ends it.
-func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, name string, live *liveCreds, patient bool, log *slog.Logger) (*nats.Conn, error) {
+func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, name string, live *liveCreds, patient bool, log *slog.Logger, extra ...nats.Option) (*nats.Conn, error) {
 	wait := 50 * time.Millisecond
 	for attempt := 1; ; attempt++ {
-		nc, err := connect(creds, name, live)
+		nc, err := connect(creds, name, live, extra...)
 		if err == nil || !patient || !errors.Is(err, nats.ErrNoServers) {
 			return nc, err
 		}
@@ -419,6 +425,23 @@ func connectPatiently(ctx context.Context, creds protocol.NatsConnectionData, na
 		}
 		wait = min(wait*2, patientRetryMax)
 	}
+}
+
+// connectNode connects with the credentials the registration returned: on the socket
+// opened ahead (WithConnectSocket) when it is to the server nats.go dials first and
+// still fresh, else dialled now. A connect that took the socket and failed is made
+// once more, dialled now: the server may have closed the socket meanwhile (its
+// auth_timeout), which nats.go would report as the connect's error.
+func (r *Runner) connectNode(cd protocol.NatsConnectionData, name string, live *liveCreds) (*nats.Conn, error) {
+	if r.sock != nil {
+		nc, err := connectPatiently(r.ctx, cd, name, live, r.patient, r.log,
+			nats.SetCustomDialer(socketDialer{s: r.sock, timeout: connectTimeout}))
+		if err == nil || !r.sock.Used() {
+			return nc, err
+		}
+		r.log.Debug("connecting on the socket opened ahead failed; dialling anew", "err", err)
+	}
+	return connectPatiently(r.ctx, cd, name, live, r.patient, r.log)
 }
 
 // registerPatiently is register; with a patient start it is retried while nothing

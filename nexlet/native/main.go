@@ -111,9 +111,16 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 	// while building the nexlet (its key, users, cgroups): Run registers on it.
 	localReg := local != nil && localchan.ServesRegistration(env)
 	var dial *nexlet.Dial
+	var sock *nexlet.Socket
 	if !localReg {
 		dial = nexlet.DialAhead(ctx, creds, "nexlet-"+Name+"-register", log)
 		defer dial.Close()
+	} else {
+		// Its own connection, with the credentials the registration returns, is made
+		// after the registration, on the way to nexd's READY: the socket to the first
+		// server is opened now, while the nexlet builds itself and registers.
+		sock = nexlet.SocketAhead(creds.NatsServers)
+		defer sock.Close()
 	}
 	// What is made ahead for deploys waits for the registration: nexd's start waits
 	// for it, on a machine whose cores this start may share with nexd's.
@@ -217,14 +224,16 @@ func Main(ctx context.Context, env func(string) string, log *slog.Logger, level 
 		}
 	}
 	if localReg {
-		opts = append(opts, nexlet.WithLocalRegistration())
+		opts = append(opts, nexlet.WithLocalRegistration(), nexlet.WithConnectSocket(sock))
 	}
 	r, err := nexlet.NewRunner(ctx, nodeID, n, opts...)
 	if err != nil {
 		return err
 	}
 	n.SetFeed(r)
-	if err := r.Run(agentID, creds); err != nil {
+	err = r.Run(agentID, creds)
+	sock.Close() // unless the connect took it: not to be held open while the nexlet runs
+	if err != nil {
 		return err
 	}
 	close(registered)
