@@ -146,11 +146,14 @@ func TestUpstreamNexletEndsOnlyFromWholeLists(t *testing.T) {
 	if !rf.stored("native", job) {
 		t.Fatal("a partial list round removed the job")
 	}
-	// Failed: the nexlet itself answers with an error.
-	other.noList.Store(false)
+	// Failed: the nexlet itself answers with an error. Its error is set before the
+	// other nexlet answers again: the other way round, a round between the two was
+	// whole and without the job, and removed it (-cpu 1: "a failed list round removed
+	// the job").
 	up.mu.Lock()
 	up.listErr = "state unavailable"
 	up.mu.Unlock()
+	other.noList.Store(false)
 	rf.rounds(3)
 	if !rf.stored("native", job) {
 		t.Fatal("a failed list round removed the job")
