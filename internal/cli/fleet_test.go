@@ -816,7 +816,10 @@ func TestLogsFollowBurst(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := nc.Flush(); err != nil {
+	// The server's PONG comes once it took in the whole burst: Flush's own 10 s ran
+	// out with -race -cpu 1 beside other test binaries ("nats: timeout"); a minute
+	// bounds a hang, not the machine's pace.
+	if err := nc.FlushTimeout(time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(time.Second) // the burst reaches nexctl while its output is held
