@@ -22,7 +22,14 @@ type dropProxy struct {
 	// it says to cut went to the server: the server takes it, and its answer is lost
 	// with the connection (the client connects again).
 	cut func(subject string) bool
-	wg  sync.WaitGroup
+	// hold, when set, holds a client's message whose subject it says to hold (and
+	// everything after it on that connection) until releaseHeld: a server slow to
+	// answer that one connection. held counts the messages held so far.
+	hold     func(subject string) bool
+	held     atomic.Int64
+	release  chan struct{}
+	released sync.Once
+	wg       sync.WaitGroup
 }
 
 func startDropProxy(t *testing.T, target string, drop func(subject string) bool) *dropProxy {
@@ -31,12 +38,15 @@ func startDropProxy(t *testing.T, target string, drop func(subject string) bool)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &dropProxy{ln: ln, target: strings.TrimPrefix(target, "nats://"), drop: drop}
+	p := &dropProxy{ln: ln, target: strings.TrimPrefix(target, "nats://"), drop: drop, release: make(chan struct{})}
 	p.wg.Add(1)
 	go p.accept()
-	t.Cleanup(func() { ln.Close(); p.wg.Wait() })
+	t.Cleanup(func() { p.releaseHeld(); ln.Close(); p.wg.Wait() })
 	return p
 }
+
+// releaseHeld lets every message held by hold go on, and those after them.
+func (p *dropProxy) releaseHeld() { p.released.Do(func() { close(p.release) }) }
 
 func (p *dropProxy) URL() string { return "nats://" + p.ln.Addr().String() }
 
@@ -87,6 +97,10 @@ func (p *dropProxy) filter(dst io.Writer, src io.Reader) {
 		if p.drop(f[1]) {
 			p.dropped.Add(1)
 			continue
+		}
+		if p.hold != nil && p.hold(f[1]) {
+			p.held.Add(1)
+			<-p.release
 		}
 		if _, err := io.WriteString(dst, line); err != nil {
 			return

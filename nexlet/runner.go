@@ -132,6 +132,18 @@ type Runner struct {
 	// through its StartWorkload: a list lists them as starting (handleQuery), a stop
 	// waits for them (handleStop).
 	replaying map[string]replayingWorkload
+	// arriving holds the starts taken (read from the local channel, or handed to their
+	// handler by NATS) whose handling is not through yet: waiting for a slot
+	// (maxInFlight), or in the agent's start. A registration lists them as held, and a
+	// replay of one waits for it (arrive).
+	arriving map[string]*arrival
+}
+
+// arrival is a workload id whose start (n of them, a node's repeat counting apart) is
+// taken and not through; done is closed once the last is.
+type arrival struct {
+	n    int
+	done chan struct{}
 }
 
 // replayingWorkload is a stored workload whose replay is not through yet.
@@ -493,7 +505,7 @@ func (r *Runner) serveUnflushed(nc *nats.Conn, agentID string, reg *protocol.Reg
 		name, subject string
 		h             micro.HandlerFunc
 	}{
-		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", r.async(nc, busy, r.handleStart)},
+		{"StartWorkload", protocol.AgentPrefix(r.nodeID) + "." + agentID + ".STARTWORKLOAD.*", r.asyncStart(nc, busy)},
 		// The shared subjects, where upstream's node asks. A nexd node that asked this
 		// nexlet on its own subjects says so (HeaderAskedDirect): then the shared
 		// request is not for it. Answers are named (HeaderAgentID), so a nexd node
@@ -624,7 +636,22 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 	// registration without this is taken for an older nexlet's.
 	reg.FeedRelay = true
 	if h, ok := r.agent.(WorkloadHolder); ok {
+		// The starts taken and not through are held too: each is the agent's once its
+		// start is through, so taken before the agent's list, every start that arrived
+		// is in one of them. Before, a start waiting for a slot was in neither: the node
+		// took it for one that never reached the nexlet and replayed it, and the start
+		// ran the job a second time once it had its slot (e2e
+		// TestReplayOfQueuedStartRunsOnce).
+		arriving := r.arrivingIDs()
 		ids := h.HeldWorkloads()
+		for _, id := range arriving {
+			if !slices.Contains(ids, id) {
+				ids = append(ids, id)
+			}
+		}
+		if len(arriving) > 0 {
+			slices.Sort(ids)
+		}
 		if ids == nil {
 			ids = []string{} // holds nothing: every stored job ran before
 		}
@@ -726,18 +753,17 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest, min
 			wg.Add(1)
 			go func() {
 				defer func() { <-sem; wg.Done() }()
+				if !r.afterArrival(id) {
+					r.finishReplay(id, mine)
+					return
+				}
 				var err error
 				if guard != nil {
 					_, err = guard.StartReplayed(id, &req, mark)
 				} else {
 					_, err = r.agent.StartWorkload(id, &req, true)
 				}
-				r.mu.Lock()
-				if r.replaying[id].done == mine[id].done { // not a later replay's
-					delete(r.replaying, id)
-				}
-				r.mu.Unlock()
-				close(mine[id].done)
+				r.finishReplay(id, mine)
 				if err != nil {
 					r.log.Error("replay of workload failed", "workload_id", id, "err", err)
 				}
@@ -750,6 +776,71 @@ func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest, min
 	})
 	if !started {
 		r.dropReplay(mine) // shutting down: a stop waiting for one goes ahead
+	}
+}
+
+// finishReplay ends the replay of id (taken by takeReplay as mine[id]).
+func (r *Runner) finishReplay(id string, mine map[string]replayingWorkload) {
+	r.mu.Lock()
+	if r.replaying[id].done == mine[id].done { // not a later replay's
+		delete(r.replaying, id)
+	}
+	r.mu.Unlock()
+	close(mine[id].done)
+}
+
+// arrive counts a start of id as taken, until the returned leave (called once).
+func (r *Runner) arrive(id string) (leave func()) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.arriving == nil {
+		r.arriving = map[string]*arrival{}
+	}
+	a := r.arriving[id]
+	if a == nil {
+		a = &arrival{done: make(chan struct{})}
+		r.arriving[id] = a
+	}
+	a.n++
+	return func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if a.n--; a.n == 0 {
+			delete(r.arriving, id)
+			close(a.done)
+		}
+	}
+}
+
+// arrivingIDs are the ids of the starts taken and not through.
+func (r *Runner) arrivingIDs() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Collect(maps.Keys(r.arriving))
+}
+
+// afterArrival waits, for a replay of id, until the starts of id taken before it are
+// through, and says whether to go on (false: the runner shuts down). Such a start
+// reached this nexlet before the registration the replay answers (which listed it as
+// held) and waits for a slot or is in its checks; the agent sees it first, and the
+// replay of a workload it holds starts nothing: one run. Before, the replay started
+// the job, and the start, once through its wait, ran it again.
+func (r *Runner) afterArrival(id string) bool {
+	r.mu.Lock()
+	a, ctx := r.arriving[id], r.runCtx
+	r.mu.Unlock()
+	if a == nil {
+		return true
+	}
+	if ctx == nil {
+		ctx = r.ctx
+	}
+	r.log.Info("replay of a workload whose start is still in flight here waits for that start", "workload_id", id)
+	select {
+	case <-a.done:
+		return true
+	case <-ctx.Done():
+		return false
 	}
 }
 
@@ -1310,13 +1401,28 @@ func (r *Runner) resendEnded() {
 // The goroutines belong to the runner (Shutdown waits for them), and at most
 // maxInFlight run at once.
 func (r *Runner) async(nc *nats.Conn, busy *atomic.Int64, h micro.HandlerFunc) micro.HandlerFunc {
+	return r.asyncFrom(nc, busy, h, false)
+}
+
+// asyncStart is async for starts: each start's id counts as arriving (arrive) from the
+// moment NATS hands it over, before it waits for a slot, until it is through.
+func (r *Runner) asyncStart(nc *nats.Conn, busy *atomic.Int64) micro.HandlerFunc {
+	return r.asyncFrom(nc, busy, r.handleStart, true)
+}
+
+func (r *Runner) asyncFrom(nc *nats.Conn, busy *atomic.Int64, h micro.HandlerFunc, start bool) micro.HandlerFunc {
 	return func(req micro.Request) {
 		d := &detached{nc: nc, subject: req.Subject(), reply: req.Reply(),
 			data: append([]byte(nil), req.Data()...), hdr: req.Headers(), at: time.Now()}
+		leave := func() {}
+		if start {
+			leave = r.arrive(protocol.LastToken(d.subject))
+		}
 		busy.Add(1) // until answered: the reply must go out on nc, which took the request
 		r.inFlight <- struct{}{}
-		if !r.goFn(func() { defer func() { <-r.inFlight; busy.Add(-1) }(); h(d) }) {
+		if !r.goFn(func() { defer func() { <-r.inFlight; busy.Add(-1) }(); defer leave(); h(d) }) {
 			<-r.inFlight
+			leave()
 			r.respondError(d, errors.New("nexlet is shutting down"), nil)
 			busy.Add(-1)
 		}
@@ -1338,11 +1444,14 @@ func (r *Runner) serveLocal(local *localchan.Server, done chan struct{}, agentID
 		}
 		// The reader never waits for a free slot: a node's write waits at most
 		// localchan.WriteWait, so requests queue in goroutines, not in the socket.
+		leave := r.arrive(protocol.LastToken(lr.Subject)) // held from here (arriving)
 		if !r.goFn(func() {
+			defer leave()
 			r.inFlight <- struct{}{}
 			defer func() { <-r.inFlight }()
 			r.handleStart(d)
 		}) {
+			leave()
 			r.respondError(d, errors.New("nexlet is shutting down"), nil)
 		}
 	})
