@@ -97,11 +97,17 @@ func TestReplayOfQueuedStartRunsOnce(t *testing.T) {
 	}
 	testkit.EventuallyWithin(t, 120*time.Second, "every slot's download held", func() bool { return p.held.Load() == slow })
 	t.Logf("%d downloads held", slow)
-	before := nativeRecords(t, nc, st.NodeID)
+	var before []string
+	testkit.EventuallyWithin(t, 60*time.Second, "the held jobs' records", func() bool {
+		var ok bool
+		before, ok = nativeRecords(nc, st.NodeID)
+		return ok && len(before) == slow
+	})
 	deploy("queued", `{"uri":"file:///bin/sh","argv":["-c","echo \"$2\" >> \"$1\"","`+c.marker+`","`+c.runsFile+`","queued"],"restart":{"policy":"never"}}`)
 	var queued string
 	testkit.EventuallyWithin(t, 60*time.Second, "the queued job's record", func() bool {
-		for _, id := range nativeRecords(t, nc, st.NodeID) {
+		ids, _ := nativeRecords(nc, st.NodeID)
+		for _, id := range ids {
 			if !slices.Contains(before, id) {
 				queued = id
 				return true
@@ -121,9 +127,10 @@ func TestReplayOfQueuedStartRunsOnce(t *testing.T) {
 	if got := c.runs(); got != 0 {
 		t.Fatalf("%d runs while every slot's download was held", got)
 	}
-	if v, ok := kvValue(t, nc, st.NodeID, "native", queued); !ok || strings.Contains(string(v), `"nexd_started":true`) {
-		t.Fatalf("the queued job's record before the next nexd: present %v, %s; want it there unmarked", ok, v)
-	}
+	testkit.EventuallyWithin(t, 60*time.Second, "the queued job's record there, unmarked, before the next nexd", func() bool {
+		v, ok := kvValue(t, nc, st.NodeID, "native", queued) // not ok: not there, or the bucket did not answer
+		return ok && !strings.Contains(string(v), `"nexd_started":true`)
+	})
 
 	opts.cgroup = n.cgroup
 	n2 := startNode(t, opts)
@@ -133,7 +140,8 @@ func TestReplayOfQueuedStartRunsOnce(t *testing.T) {
 	t.Log("the next nexd is ready; the object store answers again")
 	p.releaseHeld()
 	testkit.EventuallyWithin(t, 120*time.Second, "every job ran and left node state", func() bool {
-		return len(nativeRecords(t, nc, st.NodeID)) == 0 && strings.Count(runLines(c), "\n") >= slow+1
+		ids, ok := nativeRecords(nc, st.NodeID)
+		return ok && len(ids) == 0 && strings.Count(runLines(c), "\n") >= slow+1
 	})
 	testkit.EventuallyWithin(t, 30*time.Second, "no process of the jobs left", func() bool { return len(markerPIDs(c.marker)) == 0 })
 	runs := map[string]int{}
@@ -155,28 +163,32 @@ func TestReplayOfQueuedStartRunsOnce(t *testing.T) {
 	t.Logf("queued job %s: 1 run; %d held jobs: 1 run each from %d downloads", queued, slow, p.held.Load())
 }
 
-// nativeRecords are the ids of the native workloads in node state.
-func nativeRecords(t *testing.T, nc *nats.Conn, nodeID string) []string {
-	t.Helper()
-	js, _ := jetstream.New(nc)
-	kv, err := js.KeyValue(t.Context(), "nex-"+nodeID)
+// nativeRecords are the ids of the native workloads in node state; ok is false when
+// the bucket did not answer (a loaded server: the caller asks again).
+func nativeRecords(nc *nats.Conn, nodeID string) (ids []string, ok bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	js, err := jetstream.New(nc)
 	if err != nil {
-		t.Fatal(err)
+		return nil, false
 	}
-	keys, err := kv.ListKeys(t.Context())
+	kv, err := js.KeyValue(ctx, "nex-"+nodeID)
+	if err != nil {
+		return nil, false
+	}
+	keys, err := kv.ListKeys(ctx)
 	if errors.Is(err, jetstream.ErrNoKeysFound) {
-		return nil
+		return nil, true
 	}
 	if err != nil {
-		t.Fatal(err)
+		return nil, false
 	}
-	var ids []string
 	for k := range keys.Keys() {
 		if id, ok := strings.CutPrefix(k, "native_"); ok {
 			ids = append(ids, id)
 		}
 	}
-	return ids
+	return ids, ctx.Err() == nil
 }
 
 // runLines is what the jobs wrote to c's runs file: one line per run.
