@@ -13,6 +13,7 @@ import (
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestDeployKilledBeforeSendRunsOnce: nexd is killed (-9) while a job's deploy is held
@@ -255,4 +256,88 @@ func TestDeployRecordAnswerLostOnTheWire(t *testing.T) {
 	if got := c.runs(); got != 0 {
 		t.Fatalf("the deploy answered not started ran %d times", got)
 	}
+}
+
+// TestForgottenJobNotRunAgain: nexd is killed (-9) once the native nexlet answered a
+// job's start (NEXD_TEST_HOLD=deploy-answered: before the node kept it and marked its
+// record started); the job ran and ended meanwhile, its end acknowledged by that nexd
+// while the deploy was still under way (so the deploy, not the report, was to remove
+// its record). The nexlet outlives nexd and forgets the finished job (finished-short:
+// a second, not its hour) before the next nexd comes. The next nexd finds the record
+// unmarked, under the nexlet's memory of starts: the job must not run again. Before,
+// the nexlet's prune removed the job's record with it from the table, the job was held
+// nowhere, and the next nexd took it for a start that never reached the nexlet: 2 runs.
+func TestForgottenJobNotRunAgain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{})
+	dir := t.TempDir()
+	opts := nodeOpts{external: s.ClientURL(), stateDir: dir, extra: []string{"--state", "kv"}}
+	held := opts
+	held.env = []string{testhold.Env + "=" + testhold.DeployAnswered + "," + testhold.FinishedShort}
+	n := startNode(t, held)
+	st := n.waitReady(t)
+	n.waitNative(t)
+	nc := testnats.Connect(t, s)
+	beats, err := nc.SubscribeSync(protocol.AgentHeartbeatSubject(st.NodeID, "*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCrashLoop(t, "forgotten")
+	args := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
+	args = append(args, "workload", "run", "--name", "forgotten", "--lifecycle", "job",
+		"--start-request", `{"restart": {"policy": "never"}}`, "--",
+		"/bin/sh", "-c", `echo run >> "$1"`, c.marker, c.runsFile)
+	bin, home := nexctlBin(t), t.TempDir()
+	answered := make(chan int, 1)
+	go func() {
+		_, _, code, _ := runIn(home, nil, bin, args...)
+		answered <- code
+	}()
+	testkit.EventuallyWithin(t, 60*time.Second, "the deploy held after the nexlet's answer", func() bool {
+		return strings.Contains(n.out.String(), "hold="+testhold.DeployAnswered)
+	})
+	id := heldWorkloadID(t, n.out.String(), testhold.DeployAnswered)
+	testkit.EventuallyWithin(t, 30*time.Second, "the job ran", func() bool { return c.runs() == 1 })
+	testkit.EventuallyWithin(t, 30*time.Second, "the nexlet saw the job end", func() bool {
+		return strings.Contains(n.out.String(), "workload stopped") && strings.Contains(n.out.String(), id)
+	})
+	n.signal(t, syscall.SIGKILL) // its native nexlet outlives it
+	n.wait(t, 30*time.Second)
+	select {
+	case code := <-answered:
+		t.Logf("the deploy's client after the kill: exit %d", code)
+	case <-time.After(90 * time.Second):
+		t.Fatal("the deploy's client never returned")
+	}
+	if v, ok := kvValue(t, nc, st.NodeID, "native", id); !ok || strings.Contains(string(v), `"nexd_started":true`) {
+		t.Fatalf("the job's record after the kill: present %v, %s; want it there unmarked", ok, v)
+	}
+	// The nexlet prunes at each heartbeat: the second one from a moment past the
+	// retention was taken after it.
+	past := time.Now().Add(testhold.FinishedShortBy)
+	for seen := 0; seen < 2; {
+		if _, err := beats.NextMsg(60 * time.Second); err != nil {
+			t.Fatalf("the nexlet's heartbeats: %v", err)
+		}
+		if time.Now().After(past) {
+			seen++
+		}
+	}
+
+	opts.cgroup = n.cgroup
+	n2 := startNode(t, opts)
+	n2.waitReady(t)
+	n2.waitNative(t)
+	testkit.EventuallyWithin(t, 60*time.Second, "the job's record out of node state", func() bool {
+		_, stored := kvValue(t, nc, st.NodeID, "native", id)
+		return !stored
+	})
+	testkit.EventuallyWithin(t, 30*time.Second, "no process of the job", func() bool { return len(markerPIDs(c.marker)) == 0 })
+	if got := c.runs(); got != 1 {
+		t.Fatalf("job %s ran %d times, want once\nnexd:\n%s", id, got, n2.out.String())
+	}
+	t.Logf("job %s: 1 run", id)
 }

@@ -109,6 +109,18 @@ type MemoryKeeper interface {
 	StartsMemory() string
 }
 
+// EndConfirmer is optionally implemented by a MemoryKeeper that forgets ended
+// workloads after a while: the runner calls EndConfirmed once a node acknowledged a
+// workload's end with it out of node state (WorkloadEndedAck.Removed, or its removal
+// pending behind a tombstone, which keeps it from every replay). Only such an end may
+// be forgotten: a record the node keeps of any other (its deploy's node killed before
+// it marked the start, or before it removed a job that ended during its deploy) may
+// be unmarked, and a job its nexlet does not hold, recorded under the memory it still
+// has, is taken for one whose start never reached it, and started.
+type EndConfirmer interface {
+	EndConfirmed(workloadID string)
+}
+
 // StopRememberer is optionally implemented by an Agent that remembers the workloads
 // it stopped at the node's request (RegisterAgentRequest.Stopped): the node removes a
 // stored one instead of starting it again when the node that asked for the stop died

@@ -1347,6 +1347,11 @@ func (r *Runner) reportEnded(workloadID string, body []byte) {
 					return
 				}
 				acked = true
+				var ack protocol.WorkloadEndedAck
+				if ec, ok := r.agent.(EndConfirmer); ok && protocol.Decode(msg.Data, &ack) == nil &&
+					(ack.Removed || ack.StateRemoval == protocol.StateRemovalPending) {
+					ec.EndConfirmed(workloadID)
+				}
 				return
 			}
 			if ctx.Err() != nil {

@@ -71,6 +71,14 @@ const (
 	StopLateBy = 300 * time.Millisecond
 )
 
+// FinishedShort: the native nexlet forgets a finished workload FinishedShortBy after
+// its end, not its FinishedRetention of an hour: the next nexd comes after the nexlet
+// forgot a job. Not a hold.
+const (
+	FinishedShort   = "finished-short"
+	FinishedShortBy = time.Second
+)
+
 // ReplayAfterTidyMax bounds ReplayAfterTidy's wait.
 const ReplayAfterTidyMax = time.Minute
 

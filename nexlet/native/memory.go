@@ -52,6 +52,11 @@ func (n *Nexlet) loadMemory() string {
 func (n *Nexlet) dropMemory() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	n.dropMemoryLocked()
+}
+
+// dropMemoryLocked is dropMemory with n.mu held.
+func (n *Nexlet) dropMemoryLocked() {
 	if n.memory == "" {
 		return
 	}

@@ -1,9 +1,13 @@
 package native
 
 import (
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 
+	"github.com/nexd-project/nexd/internal/testhold"
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -97,4 +101,53 @@ func TestKeptStopOfAFinishedJobDropsTheMemory(t *testing.T) {
 	if got := fn.startNexlet(Config{RuntimeDir: runtime}).StartsMemory(); got == "" || got == m1 {
 		t.Errorf("the next nexlet names memory %q (was %q): want a new one", got, m1)
 	}
+}
+
+// TestForgottenJobHeldUntilItsEndIsConfirmed: a finished job leaves the nexlet's table
+// after its retention (finished-short: a second, not the hour), but its record, and so
+// the job in HeldWorkloads, stays until a node confirmed its end out of node state
+// (EndConfirmed, from the end report's answer): a node that kept its record unmarked
+// would otherwise take the job for a start that never reached the nexlet and start it
+// again (e2e TestForgottenJobNotRunAgain). A confirmed one goes whole. The memory's name
+// stays. A next nexlet on the same records whose registration the node answers without
+// the job (the node has no record of it) removes the record.
+func TestForgottenJobHeldUntilItsEndIsConfirmed(t *testing.T) {
+	fn := newFakeNode(t)
+	runtime := t.TempDir()
+	nx := fn.startNexlet(Config{RuntimeDir: runtime, TestHold: testhold.FinishedShort})
+	m := nx.StartsMemory()
+	ids := []string{"unconfirmed", "confirmed"}
+	for _, id := range ids {
+		fn.mustStart(id, startReq(protocol.LifecycleJob, id, map[string]any{"uri": script(t, `echo ran`)}, fn.creds()))
+	}
+	testkit.Eventually(t, "both jobs finished", func() bool {
+		nx.mu.Lock()
+		defer nx.mu.Unlock()
+		for _, id := range ids {
+			if w := nx.workloads[id]; w == nil || !w.finished {
+				return false
+			}
+		}
+		return true
+	})
+	nx.EndConfirmed("confirmed")
+	testkit.Eventually(t, "both jobs out of the table", func() bool {
+		_, _ = nx.Heartbeat() // prunes
+		nx.mu.Lock()
+		defer nx.mu.Unlock()
+		return nx.workloads["unconfirmed"] == nil && nx.workloads["confirmed"] == nil
+	})
+	if held := nx.HeldWorkloads(); !slices.Contains(held, "unconfirmed") || slices.Contains(held, "confirmed") {
+		t.Fatalf("held after the prune: %v; want the unconfirmed job only", held)
+	}
+	if got := nx.StartsMemory(); got != m {
+		t.Fatalf("the prune changed the memory of starts: %q, was %q", got, m)
+	}
+	nx.crash()
+
+	fn.startNexlet(Config{RuntimeDir: runtime}) // the node replays nothing
+	testkit.Eventually(t, "the record the node did not replay removed", func() bool {
+		_, err := os.Stat(filepath.Join(runtime, "procs", "unconfirmed"))
+		return os.IsNotExist(err)
+	})
 }

@@ -175,6 +175,9 @@ type Nexlet struct {
 	memory    string
 	lameduck  bool
 	lameTimer *time.Timer
+	// endsKept: finished workloads taken out of the table whose records stay, their
+	// end not confirmed out of node state (forgetFinishedLocked), by when they ended.
+	endsKept map[string]time.Time
 }
 
 // validID says whether id can name a workload's directories: 1-128 letters, digits,

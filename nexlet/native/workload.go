@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -67,10 +68,13 @@ type workload struct {
 	exitCode *int
 	reason   string
 	finished bool // ended on its own; kept for QueryWorkloads until stopped or pruned
-	ended    time.Time
-	cur      *proc                       // its current run's process, set before anything can reap it (Detach)
-	env      []string                    // replaced when credentials are renewed
-	creds    protocol.NatsConnectionData // the newest credentials
+	// endConfirmed: a node acknowledged its end with it out of node state
+	// (EndConfirmed): pruned, its record may go too.
+	endConfirmed bool
+	ended        time.Time
+	cur          *proc                       // its current run's process, set before anything can reap it (Detach)
+	env          []string                    // replaced when credentials are renewed
+	creds        protocol.NatsConnectionData // the newest credentials
 	// renewTimer renews creds; renewStopped is set once the workload ended.
 	renewTimer   *wallclock.Timer
 	renewStopped bool
@@ -93,24 +97,91 @@ const (
 // pruneLocked forgets finished workloads past their retention, oldest first.
 func (n *Nexlet) pruneLocked() {
 	var fin []*workload
-	for id, w := range n.workloads {
+	retention := FinishedRetention
+	if testhold.Holds(n.cfg.TestHold, testhold.FinishedShort) {
+		retention = testhold.FinishedShortBy
+	}
+	for _, w := range n.workloads {
 		if !w.finished {
 			continue
 		}
-		if time.Since(w.ended) > FinishedRetention {
-			delete(n.workloads, id)
-			n.removeRecord(id)
+		if time.Since(w.ended) > retention {
+			n.forgetFinishedLocked(w)
 			continue
 		}
 		fin = append(fin, w)
 	}
-	if len(fin) <= MaxFinished {
+	if len(fin) > MaxFinished {
+		slices.SortFunc(fin, func(a, b *workload) int { return a.ended.Compare(b.ended) })
+		for _, w := range fin[:len(fin)-MaxFinished] {
+			n.forgetFinishedLocked(w)
+		}
+	}
+	n.boundEndsKeptLocked()
+}
+
+// forgetFinishedLocked takes a finished workload out of the table. Its record (its
+// end's tombstone) goes too once a node confirmed its end out of node state; else it
+// stays, so the workload is still held (HeldWorkloads): a node that still has it
+// replays it, and the replay reports its end again (endedMeanwhile), which removes
+// it there; a node that does not have it does not replay it, and ReplayDone removes
+// the record. Before, the record went too, and a job whose record the node kept
+// unmarked (its nexd killed between this nexlet's answer and the start's mark, and a
+// next nexd only after the prune) was taken for one whose start never reached the
+// nexlet, and ran again (e2e TestForgottenJobNotRunAgain).
+func (n *Nexlet) forgetFinishedLocked(w *workload) {
+	delete(n.workloads, w.id)
+	if w.endConfirmed {
+		n.removeRecord(w.id)
 		return
 	}
-	slices.SortFunc(fin, func(a, b *workload) int { return a.ended.Compare(b.ended) })
-	for _, w := range fin[:len(fin)-MaxFinished] {
-		delete(n.workloads, w.id)
-		n.removeRecord(w.id)
+	if n.endsKept == nil {
+		n.endsKept = map[string]time.Time{}
+	}
+	n.endsKept[w.id] = w.ended
+}
+
+// maxEndsKept bounds the records of forgotten finished workloads whose end no node
+// confirmed (forgetFinishedLocked); past it the oldest go and the memory of starts is
+// dropped (it no longer holds every start it took). Each is a small directory in the
+// runtime directory; they gather only while no node confirms ends (nexd away), and
+// from jobs that end before their deploy kept them, which the next registration
+// clears.
+const maxEndsKept = 4 * MaxFinished
+
+// boundEndsKeptLocked keeps endsKept (and the records it names) within maxEndsKept.
+func (n *Nexlet) boundEndsKeptLocked() {
+	if len(n.endsKept) <= maxEndsKept {
+		return
+	}
+	for id := range n.endsKept {
+		// Gone (a registration that did not replay it removed it) or held again (a
+		// replay brought it back): no longer kept here.
+		if _, held := n.workloads[id]; held {
+			delete(n.endsKept, id)
+		} else if _, err := os.Stat(n.recordDir(id)); err != nil {
+			delete(n.endsKept, id)
+		}
+	}
+	if len(n.endsKept) <= maxEndsKept {
+		return
+	}
+	ids := slices.SortedFunc(maps.Keys(n.endsKept), func(a, b string) int { return n.endsKept[a].Compare(n.endsKept[b]) })
+	n.dropMemoryLocked() // before a record goes
+	for _, id := range ids[:len(ids)-maxEndsKept] {
+		delete(n.endsKept, id)
+		n.removeRecord(id)
+	}
+	n.log.Warn("too many ended workloads whose end no node confirmed: the oldest records dropped, and with them the memory of starts (a job whose start nexd never saw answered is not started again)",
+		"kept", maxEndsKept)
+}
+
+// EndConfirmed implements nexlet.EndConfirmer.
+func (n *Nexlet) EndConfirmed(id string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if w := n.workloads[id]; w != nil {
+		w.endConfirmed = true
 	}
 }
 
