@@ -238,6 +238,7 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	n.mu.Lock()
 	for wid, w := range existing {
 		n.owned[wid] = ownership{typ: w.Request.WorkloadType, owner: owner, ns: w.Request.Namespace, name: w.Request.Name}
+		delete(n.renewed, wid) // the replay's user is the newest
 		n.replayed[wid] = struct{}{}
 	}
 	n.mu.Unlock()

@@ -397,6 +397,7 @@ func (res *reservation) commit(answered bool) (endedEarly bool) {
 	res.agent.kept = append(res.agent.kept, time.Now()) // until a heartbeat counts it
 	endedEarly = n.starting[res.id].ended
 	n.owned[res.id] = ownership{typ: res.typ, owner: res.agent.owner, ns: res.ns, name: res.name, ended: endedEarly && answered}
+	delete(n.renewed, res.id) // the deploy's user is the newest
 	if answered && upstreamSDK(res.agent) {
 		// Its answer to the start, on its own subject, says it runs it: a list that no
 		// longer has it then says it ended (listends.go). A start given up on is

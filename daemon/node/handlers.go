@@ -1522,6 +1522,7 @@ func (n *Node) forgetStored(workloadID string) {
 		n.feeds.ended(workloadID, o.owner, o.ns, time.Now())
 	}
 	delete(n.owned, workloadID)
+	delete(n.renewed, workloadID)
 	n.mu.Unlock()
 	n.forgetRecorded(workloadID)
 	if n.o.Observer != nil {

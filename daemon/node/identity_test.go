@@ -91,10 +91,10 @@ func TestBoundNexletIdentity(t *testing.T) {
 	if _, ok := again.resp.ExistingState["wb"]; !ok || len(again.resp.ExistingState) != 1 {
 		t.Fatalf("replay to the second instance: %v", again.resp.ExistingState)
 	}
-	if _, code, err := n.renewOwned("native0", "wb", "tenant"); code != 404 {
+	if _, _, code, err := n.renewOwned("native0", "wb", "tenant"); code != 404 {
 		t.Fatalf("the first instance renews the second's workload: %d %v", code, err)
 	}
-	if _, code, err := n.renewOwned("second0", "wb", "tenant"); err != nil {
+	if _, _, code, err := n.renewOwned("second0", "wb", "tenant"); err != nil {
 		t.Fatalf("the second instance does not renew its workload: %d %v", code, err)
 	}
 }

@@ -282,6 +282,9 @@ type Node struct {
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events
 	owned map[string]ownership // workload id -> type and owning nexlet, for what this node stored
+	// renewed holds, per workload, the newest credentials a renewal minted for it and
+	// until when a renewal gets them again instead of a new user (renew.go).
+	renewed map[string]renewedCreds
 	// recorded: the namespaces node state gave its workloads, read at the start (before
 	// owned learns them from the nexlets' registrations).
 	recorded recordedNS
@@ -334,6 +337,8 @@ type Node struct {
 	// rate-limits the warning about them.
 	replyless    atomic.Uint64
 	replylessLog rateLog
+	// renewals bounds each nexlet's workload renewals (renew.go), apart from n.mu.
+	renewals renewLimits
 	// regChanges is changes as the last registration left it (HoldsNothing).
 	regChanges uint64
 	// listRound (under mu) numbers the rounds listing nexlets for ended workloads;
@@ -465,6 +470,7 @@ func New(o Options) (*Node, error) {
 		bids:           newBidBook(o.MaxBidsPerNamespace, o.MaxBids),
 		auctions:       newAuctionQueue(),
 		owned:          map[string]ownership{},
+		renewed:        map[string]renewedCreds{},
 		recorded:       recordedNS{ns: map[string]string{}},
 		stopped:        stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
 		keys:           map[string]string{},

@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/nats-io/nkeys"
 
@@ -92,7 +95,32 @@ func (n *Node) revokeAgentBefore(agentID, userPub string, wait time.Duration) {
 	})
 }
 
-// renewOwned mints fresh credentials of workloadID for nexlet agentID if this node
+// renewedCreds are the newest credentials a renewal minted for a workload, for the
+// nexlet instance owner in namespace ns, and until when a renewal gets them again.
+type renewedCreds struct {
+	owner, ns string
+	cd        protocol.NatsConnectionData
+	until     time.Time
+}
+
+// reuseUntil is until when a renewal gets cd again rather than a new user: half its
+// lifetime, by its JWT's times (the nexlet renews at 80 % of that lifetime by the same
+// times, so it always gets a new one). Zero for credentials that do not expire, which
+// a renewal has no reason to replace and which the minters without JWTs hand out
+// without minting.
+func reuseUntil(cd protocol.NatsConnectionData) time.Time {
+	if cd.NatsUserJWT == "" {
+		return time.Time{}
+	}
+	uc, err := jwt.DecodeUserClaims(cd.NatsUserJWT)
+	if err != nil || uc.Expires <= uc.IssuedAt {
+		return time.Time{}
+	}
+	iat := time.Unix(uc.IssuedAt, 0)
+	return iat.Add(time.Unix(uc.Expires, 0).Sub(iat) / 2)
+}
+
+// renewOwned gives fresh credentials of workloadID to nexlet agentID if this node
 // deployed or replayed that workload to that nexlet (the same nexlet instance, its
 // stable identity, not merely one of the same type) in namespace ns. The check and the
 // mint are one step under the node's lock, which the workload's end takes to forget it:
@@ -102,26 +130,103 @@ func (n *Node) revokeAgentBefore(agentID, userPub string, wait time.Duration) {
 // and the mint then made a user nothing revoked (TestAttackRenewalRacesStop). The
 // namespace is checked against the node's own record, not left to the minter, which
 // may not know it (TestRenewalOfAnotherNamespaceRefusedByTheNode).
-func (n *Node) renewOwned(agentID, workloadID, ns string) (protocol.NatsConnectionData, int, error) {
+//
+// A renewal while the newest credentials a renewal minted for the workload are in the
+// first half of their lifetime gets those again (minted false): no new user, and no
+// revocation of the old ones. A nexlet renews at 80 % of the lifetime, so an honest
+// one always gets new credentials, and one that asks again because it lost the answer
+// gets the answer it lost. Before, each renewal minted a user under the node's lock and
+// scheduled the revocation of the older ones, each a rewrite of the account JWT, and a
+// rogue nexlet renewing its own workload as fast as it could had the node mint 67,000-115,000
+// users in a minute and queue their revocations ahead of the revocation of every
+// stopped workload's users (TestAttackRenewalFloodCostsTheNodeBounded). Now a renewal
+// mints at most twice per lifetime per workload. The credentials kept are those the
+// nexlet was handed already; the node forgets them with the workload.
+func (n *Node) renewOwned(agentID, workloadID, ns string) (creds protocol.NatsConnectionData, minted bool, code int, err error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	a := n.agents[agentID]
 	if a == nil {
-		return protocol.NatsConnectionData{}, 403, fmt.Errorf("renew credentials of workload %s: nexlet %s is not registered with node %s", workloadID, agentID, n.id)
+		return creds, false, 403, fmt.Errorf("renew credentials of workload %s: nexlet %s is not registered with node %s", workloadID, agentID, n.id)
 	}
 	o, ok := n.owned[workloadID]
 	if !ok || o.owner != a.owner {
-		return protocol.NatsConnectionData{}, 404, fmt.Errorf("renew credentials: node %s did not give workload %s to nexlet %s", n.id, workloadID, agentID)
+		return creds, false, 404, fmt.Errorf("renew credentials: node %s did not give workload %s to nexlet %s", n.id, workloadID, agentID)
 	}
 	if o.ns != ns {
-		return protocol.NatsConnectionData{}, 403, fmt.Errorf("renew credentials of workload %s: it runs in namespace %q, not %q", workloadID, o.ns, ns)
+		return creds, false, 403, fmt.Errorf("renew credentials of workload %s: it runs in namespace %q, not %q", workloadID, o.ns, ns)
 	}
-	creds, err := n.o.Minter.RenewWorkload(ns, workloadID)
+	if c, ok := n.renewed[workloadID]; ok && c.owner == o.owner && c.ns == ns && time.Now().Before(c.until) {
+		return c.cd, false, 0, nil
+	}
+	creds, err = n.o.Minter.RenewWorkload(ns, workloadID)
 	if err != nil {
-		return creds, 403, fmt.Errorf("renew credentials of workload %s in namespace %s: %w", workloadID, ns, err)
+		return creds, false, 403, fmt.Errorf("renew credentials of workload %s in namespace %s: %w", workloadID, ns, err)
 	}
-	return creds, 0, nil
+	if until := reuseUntil(creds); !until.IsZero() {
+		n.renewed[workloadID] = renewedCreds{owner: o.owner, ns: ns, cd: creds, until: until}
+	} else {
+		delete(n.renewed, workloadID)
+	}
+	return creds, true, 0, nil
 }
+
+// A nexlet's workload renewals are served at RenewRate a second, with bursts of
+// RenewBurst; the rest are dropped unanswered before any other work, as an auction
+// flood's are: an honest nexlet renews each workload once in 80 % of its lifetime
+// (bursts of RenewBurst cover the workloads a deploy burst or a replay minted together;
+// one whose renewal is dropped asks again within 30 s and has the last fifth of the
+// lifetime to do so). Before, every request was answered, and a nexlet flooding
+// renewals had the node answer it as fast as the node could
+// (TestAttackRenewalFloodCostsTheNodeBounded).
+const (
+	RenewRate  = 100
+	RenewBurst = 1000
+)
+
+// renewLimitsMax bounds the buckets kept: beyond it they start again full. Only an
+// open bus lets a client renew under ids of its choosing.
+const renewLimitsMax = 4096
+
+// renewWarnEvery bounds how often dropped renewals are warned of.
+const renewWarnEvery = time.Minute
+
+// renewLimits is a token bucket per nexlet for its workload renewals.
+type renewLimits struct {
+	mu      sync.Mutex
+	buckets map[string]*renewBucket
+	dropped atomic.Uint64
+	log     rateLog
+}
+
+type renewBucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// allow takes a token of agentID's bucket.
+func (l *renewLimits) allow(agentID string, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.buckets[agentID]
+	if b == nil {
+		if l.buckets == nil || len(l.buckets) >= renewLimitsMax {
+			l.buckets = map[string]*renewBucket{}
+		}
+		b = &renewBucket{tokens: RenewBurst, last: now}
+		l.buckets[agentID] = b
+	}
+	b.tokens = min(RenewBurst, b.tokens+now.Sub(b.last).Seconds()*RenewRate)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// RenewalsDropped counts the workload renewals dropped past a nexlet's rate.
+func (n *Node) RenewalsDropped() uint64 { return n.renewals.dropped.Load() }
 
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
 // credentials for a workload this node gave that nexlet, in the workload's namespace,
@@ -130,6 +235,15 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 	agentID, workloadID := protocol.Token(r.Subject(), 5), protocol.Token(r.Subject(), 6)
 	if !protocol.IsToken(agentID) || !protocol.IsToken(workloadID) {
 		n.fail(r, 400, "bad renewal subject", fmt.Errorf("renew credentials: subject %q: want RENEWCREDS.<agent id>.<workload id>", r.Subject()))
+		return
+	}
+	if now := time.Now(); !n.renewals.allow(agentID, now) {
+		total := n.renewals.dropped.Add(1)
+		if ok, held := n.renewals.log.allow(now, renewWarnEvery); ok {
+			n.log.Warn("workload renewals dropped unanswered: more than the nexlet's rate",
+				"agent_id", agentID, "rate", RenewRate, "burst", RenewBurst, "dropped", held+1, "dropped_total", total,
+				"next_warning_in", renewWarnEvery.String())
+		}
 		return
 	}
 	if !n.ownInbox(r, agentID) {
@@ -144,13 +258,18 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 		n.fail(r, 400, "bad renewal request", fmt.Errorf("renew credentials of workload %s: namespace is required", workloadID))
 		return
 	}
-	creds, code, err := n.renewOwned(agentID, workloadID, req.Namespace)
+	creds, minted, code, err := n.renewOwned(agentID, workloadID, req.Namespace)
 	if err != nil {
 		what := "renewal refused"
 		if code == 404 {
 			what = "workload not found"
 		}
 		n.fail(r, code, what, err)
+		return
+	}
+	if !minted {
+		n.log.Debug("workload credentials renewed early: the newest given again", "workload_id", workloadID, "namespace", req.Namespace, "agent_id", agentID)
+		n.respondJSON(r, creds)
 		return
 	}
 	n.log.Debug("workload credentials renewed", "workload_id", workloadID, "namespace", req.Namespace, "agent_id", agentID)

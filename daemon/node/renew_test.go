@@ -305,3 +305,82 @@ func TestReplayedRenewalRefused(t *testing.T) {
 		t.Fatalf("the nexlet's current user %s was revoked after the replay", current)
 	}
 }
+
+// TestEarlyRenewalGetsTheNewestAgain: a renewal in the first half of the newest
+// renewed user's lifetime (a nexlet that lost the answer and asks again, or one that
+// asks too soon) gets that user again, and nothing is revoked for it; once past half
+// the lifetime a renewal mints a new user and the older ones are revoked. A renewal
+// after the workload was deployed again (a replay or a deploy under the same id mints
+// the newest user) is not answered from before.
+func TestEarlyRenewalGetsTheNewestAgain(t *testing.T) {
+	sig, _ := nkeys.CreateAccount()
+	seed, _ := sig.Seed()
+	acc, _ := nkeys.CreateAccount()
+	accPub, _ := acc.PublicKey()
+	rec := &testkit.Revocations{}
+	const ttl = 4 * time.Second
+	m, err := mint.NewSigningKeyMinter(string(seed), accPub, mint.Options{WorkloadTTL: ttl, Revoker: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFixture(t, 1, func(_ int, o *Options) { o.Minter = sharedInbox{m}; o.RevokeGrace = 10 * time.Millisecond })
+	n := f.nodes[0]
+	f.healthyAgent(n, "agent0", "go_exec", "native", nil)
+	wid := f.deployOne("tenant")
+	ns := protocol.RenewCredsRequest{Namespace: "tenant"}
+	user := func(cd protocol.NatsConnectionData) string {
+		t.Helper()
+		uc, err := jwt.DecodeUserClaims(cd.NatsUserJWT)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return uc.Subject
+	}
+
+	first, code := f.renew(n, "agent0", wid, ns)
+	if code != "" {
+		t.Fatalf("renewal refused: %s", code)
+	}
+	deployed := m.WorkloadUsers(wid)[0]
+	testkit.Eventually(t, "the deploy's user revoked after the first renewal", func() bool { return rec.Has(deployed) })
+	again, code := f.renew(n, "agent0", wid, ns)
+	if code != "" || again.NatsUserJWT != first.NatsUserJWT || again.NatsUserSeed != first.NatsUserSeed {
+		t.Fatalf("a renewal right after the first got %s (code %q), want the first's user %s again", user(again), code, user(first))
+	}
+	time.Sleep(50 * time.Millisecond) // a revocation the early renewal scheduled would come after the grace
+	if rec.Has(user(first)) {
+		t.Fatal("the early renewal revoked the user it handed out")
+	}
+	if at := reuseUntil(first); time.Until(at) > ttl/2 {
+		t.Fatalf("the first renewed user is handed out again until %v from now; want at most half of its %v", time.Until(at), ttl)
+	}
+	var later protocol.NatsConnectionData
+	testkit.Eventually(t, "a new user once past half the lifetime", func() bool {
+		later, code = f.renew(n, "agent0", wid, ns)
+		return code == "" && later.NatsUserJWT != first.NatsUserJWT
+	})
+	testkit.Eventually(t, "the first renewed user revoked after the later one", func() bool { return rec.Has(user(first)) })
+	if rec.Has(user(later)) {
+		t.Fatal("the newest user was revoked")
+	}
+
+	// Deployed again under the same id (as a replay does): the deploy's user is the
+	// newest, and the next renewal mints rather than handing back the older one.
+	n.mu.Lock()
+	o := n.owned[wid]
+	n.mu.Unlock()
+	res := &reservation{n: n, id: wid, typ: o.typ, ns: o.ns, name: o.name}
+	n.mu.Lock()
+	for _, a := range n.agents {
+		if a.owner == o.owner {
+			res.agent = a
+			a.startsInFlight++
+		}
+	}
+	n.mu.Unlock()
+	res.commit(true)
+	after, code := f.renew(n, "agent0", wid, ns)
+	if code != "" || after.NatsUserJWT == later.NatsUserJWT {
+		t.Fatalf("a renewal after the workload's deploy again got the user renewed before it (code %q)", code)
+	}
+}
