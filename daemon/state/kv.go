@@ -492,10 +492,10 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 			if e == nil { // initial values done
 				return out, nil
 			}
-			if e.Key() == probeKey {
+			if IsProbeKey(e.Key()) {
 				continue // only ever purged; a value there is no workload's
 			}
-			req, err := DecodeRecord(e.Key(), e.Value(), s.recordLimit())
+			req, err := CheckReadBack(s.bucket, e.Key(), e.Value(), s.maxValue)
 			if err != nil {
 				s.logBadRecord(err)
 				continue
@@ -505,20 +505,28 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 	}
 }
 
-// recordLimit is the largest record All accepts: the bucket's own value limit, else
-// the largest message a deploy may be.
-func (s *KV) recordLimit() int {
-	if s.maxValue > 0 {
-		return s.maxValue
+// IsProbeKey says whether key is the bucket's write probe (ProbeWrite), which is no
+// workload's record: a read of the bucket passes over it.
+func IsProbeKey(key string) bool { return key == probeKey }
+
+// CheckReadBack checks a record read back from state bucket bucket, whose value limit
+// is maxValue (<= 0: unknown, then the largest message a deploy may be), as the node
+// checks each before it replays it (DecodeRecord); a *RecordError names the bucket, the
+// key and the field. The node's reads (All) and nexctl node state's both use it, so
+// what nexctl shows as bad is what the node skips.
+func CheckReadBack(bucket, key string, value []byte, maxValue int) (protocol.StartWorkloadRequest, error) {
+	req, err := DecodeRecord(key, value, maxValue)
+	var re *RecordError
+	if errors.As(err, &re) {
+		re.Bucket = bucket
 	}
-	return protocol.MaxMessageBytes
+	return req, err
 }
 
 // logBadRecord reports a record All skips.
 func (s *KV) logBadRecord(err error) {
 	var re *RecordError
 	if errors.As(err, &re) {
-		re.Bucket = s.bucket
 		s.log.Warn("skipping a workload record of node state that cannot be replayed; mend or remove it",
 			"bucket", s.bucket, "key", re.Key, "field", re.Field, "err", err)
 		return

@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nexd-project/nexd/control"
+	"github.com/nexd-project/nexd/daemon/state"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -428,7 +429,9 @@ func (a *app) nodeStateCmd() *cobra.Command {
 		Use:   "state [NODE]",
 		Short: "List the workload entries in a node's KV state bucket nex-<node id>",
 		Long: `List the entries of a node's KV state bucket (nex-<node id>). NODE is a node id, name
-or unique id prefix; without it the local node's id is read from the control socket.`,
+or unique id prefix; without it the local node's id is read from the control socket.
+Each record is checked as the node checks one before it replays it: a record the node
+skips is shown "BAD, not replayed" with the field at fault (--json: "refused").`,
 		Args:              rangeArgs(0, 1, "NODE"),
 		ValidArgsFunction: a.completeNodes(),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -460,6 +463,15 @@ or unique id prefix; without it the local node's id is read from the control soc
 			if lerr == nil && local.NodeID == id {
 				markTombstoned(entries, local.Tombstones)
 			}
+			bad := 0
+			for _, e := range entries {
+				if e.Refused != nil {
+					bad++
+				}
+			}
+			if bad > 0 {
+				fmt.Fprintf(a.io.Stderr, "nexctl: %d of %d records in nex-%s cannot be replayed: the node skips them (and warns at each read); mend or remove them (nats kv)\n", bad, len(entries), id)
+			}
 			if a.json {
 				return a.printJSON(entries)
 			}
@@ -474,9 +486,16 @@ or unique id prefix; without it the local node's id is read from the control soc
 				if e.TombstonedSince != nil {
 					removal = "STOPPED, removal pending for " + friendlyDuration(now.Sub(*e.TombstonedSince)) + " (tombstone)"
 				}
-				rows = append(rows, []string{e.Key, fmt.Sprint(e.Revision), e.Created.Format(time.RFC3339), humanBytes(uint64(e.Size)), removal})
+				record := "ok"
+				if r := e.Refused; r != nil {
+					record = "BAD, not replayed: " + r.Error
+					if r.Field != "" {
+						record = fmt.Sprintf("BAD, not replayed: field %q: %s", r.Field, r.Error)
+					}
+				}
+				rows = append(rows, []string{e.Key, fmt.Sprint(e.Revision), e.Created.Format(time.RFC3339), humanBytes(uint64(e.Size)), removal, record})
 			}
-			return table(a.out(), "State of node "+id, []string{"Key", "Revision", "Created", "Size", "Removal"}, rows)
+			return table(a.out(), "State of node "+id, []string{"Key", "Revision", "Created", "Size", "Removal", "Record"}, rows)
 		},
 	}
 	var dryRun bool
@@ -548,6 +567,30 @@ type stateEntry struct {
 	// at this time; a tombstone on its node keeps it out of replays until a retried
 	// removal succeeds (known for the local node only).
 	TombstonedSince *time.Time `json:"tombstoned_since,omitempty"`
+	// Refused: the record fails the checks the node applies before it replays one
+	// (state.CheckReadBack), so the node skips it; nil for a record it replays.
+	Refused *recordFault `json:"refused,omitempty"`
+}
+
+// recordFault is why the node refuses a record: the field of its value ("" for the
+// key or the value as a whole) and what is wrong.
+type recordFault struct {
+	Field string `json:"field,omitempty"`
+	Error string `json:"error"`
+}
+
+// checkRecord is the node's check of a record read back (state.CheckReadBack), as a
+// fault to show: nil for a record the node replays.
+func checkRecord(bucket, key string, value []byte, maxValue int) *recordFault {
+	_, err := state.CheckReadBack(bucket, key, value, maxValue)
+	if err == nil {
+		return nil
+	}
+	var re *state.RecordError
+	if errors.As(err, &re) {
+		return &recordFault{Field: re.Field, Error: re.Err.Error()}
+	}
+	return &recordFault{Error: err.Error()}
 }
 
 // markTombstoned marks the entries (keys <type>_<id>) that a tombstone stands in for.
@@ -588,12 +631,23 @@ func readStateEntries(ctx context.Context, js jetstream.JetStream, bucket, nodeI
 	if err != nil {
 		return nil, fmt.Errorf("open state bucket %s: %w", bucket, err)
 	}
+	// The bucket's value limit, as the node reads it (state.OpenKV): a record past it
+	// is refused.
+	maxValue := -1
+	if st, err := kv.Status(ctx); err != nil {
+		return nil, fmt.Errorf("status of %s: %w", bucket, err)
+	} else if bs, ok := st.(*jetstream.KeyValueBucketStatus); ok && bs.Config().MaxValueSize > 0 {
+		maxValue = int(bs.Config().MaxValueSize)
+	}
 	keys, err := kv.ListKeys(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("list %s: %w", bucket, err)
 	}
 	entries := []stateEntry{}
 	for k := range keys.Keys() {
+		if state.IsProbeKey(k) {
+			continue
+		}
 		e, err := kv.Get(ctx, k)
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			continue // deleted meanwhile
@@ -601,7 +655,8 @@ func readStateEntries(ctx context.Context, js jetstream.JetStream, bucket, nodeI
 		if err != nil {
 			return nil, fmt.Errorf("read %s/%s: %w", bucket, k, err)
 		}
-		entries = append(entries, stateEntry{Key: k, Revision: e.Revision(), Created: e.Created(), Size: len(e.Value())})
+		entries = append(entries, stateEntry{Key: k, Revision: e.Revision(), Created: e.Created(), Size: len(e.Value()),
+			Refused: checkRecord(bucket, k, e.Value(), maxValue)})
 	}
 	sort.Slice(entries, func(i, j int) bool { return entries[i].Key < entries[j].Key })
 	return entries, nil
