@@ -137,9 +137,11 @@ func ConnectInProcess(ctx context.Context, o Options, srv InProcessServer, clien
 	c.clientURLs = slices.Clone(clientURLs)
 	auth, err := authOptions(o)
 	if err == nil {
+		c.noteCreds(o)
 		opts := append(auth, c.commonOptions(o)...)
 		opts = append(opts, nats.InProcessServer(srv))
 		c.NC, err = c.dialRetrying(ctx, "the in-process server", func() (*nats.Conn, error) { return nats.Connect("", opts...) })
+		err = credsRefused(o, err)
 	}
 	if err != nil {
 		c.shutdownServer()
@@ -181,13 +183,14 @@ func (c *Conn) connectExternal(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
+	c.noteCreds(o)
 	servers, _ := ExternalClientURLs(o)
 	c.clientURLs = servers
 	opts := append(auth, c.commonOptions(o)...)
 	url := strings.Join(servers, ",")
 	nc, err := c.dialRetrying(ctx, redactList(url), func() (*nats.Conn, error) { return nats.Connect(url, opts...) })
 	if err != nil {
-		return err
+		return credsRefused(o, err)
 	}
 	c.NC = nc
 	c.log.Info("connected to NATS", "server", natsurl.Redact(nc.ConnectedUrl()), "servers", natsurl.RedactAll(servers))
@@ -428,9 +431,8 @@ type CredsInfo struct {
 // each connect (checkCredsFile: a user JWT and a user seed, each decodable) and what
 // the server will refuse it for: a seed that is not the JWT's user, a JWT not valid
 // yet or expired at now. Errors name the file and what is wrong; its contents are
-// never quoted (the JWT's subject is a public key). The connect itself checks only
-// what cannot change while nexd waits: a creds file renewed in place (a rotation
-// tool) may be expired when nexd starts and current when it connects.
+// never quoted (the JWT's subject is a public key). The start's connect runs it too,
+// and takes a JWT not valid now (notValidNow) as a warning: see noteCreds.
 func CheckCredsFile(path string, now time.Time) (CredsInfo, error) {
 	if err := checkCredsFile(path); err != nil {
 		return CredsInfo{}, err
@@ -462,18 +464,62 @@ func CheckCredsFile(path string, now time.Time) (CredsInfo, error) {
 	case pub != claims.Subject:
 		return info, fmt.Errorf("%s: the user seed is of user %s, the JWT is of user %s: the server will refuse the login", path, pub, claims.Subject)
 	case claims.NotBefore > 0 && now.Before(time.Unix(claims.NotBefore, 0)):
-		return info, fmt.Errorf("%s: the user JWT is valid only from %s", path, time.Unix(claims.NotBefore, 0).UTC().Format(time.RFC3339))
+		return info, notValidNow{fmt.Errorf("%s: the user JWT is valid only from %s", path, time.Unix(claims.NotBefore, 0).UTC().Format(time.RFC3339))}
 	case !info.Expires.IsZero() && !now.Before(info.Expires):
-		return info, fmt.Errorf("%s: the user JWT expired at %s", path, info.Expires.Format(time.RFC3339))
+		return info, notValidNow{fmt.Errorf("%s: the user JWT expired at %s", path, info.Expires.Format(time.RFC3339))}
 	}
 	return info, nil
+}
+
+// notValidNow is CheckCredsFile's error for a JWT that is not valid at the time asked
+// (expired, or valid only later): a file renewed in place may be valid by the time
+// the server answers.
+type notValidNow struct{ error }
+
+func (e notValidNow) Unwrap() error { return e.error }
+
+// The start's reading of a creds file (nats.creds_file), decided with renewal in place
+// in mind: nats.go reads the file again at every connect attempt, and nexd retries the
+// connect for as long as no server answers, so a rotation tool that renews an expired
+// file while the server is still coming up (a boot) has nexd connect with the new one.
+// What no wait mends fails the start at once, naming the file and the fault (its seed
+// not the JWT's user's, or no JWT or seed: CheckCredsFile). A JWT not valid now (expired
+// or not yet valid) is a warning naming the file and when, and the connect goes on; if
+// the server then refuses the login, the error names the file and what is wrong with
+// it then. Before, the start checked only that a JWT and a seed were there, and a file
+// with another user's seed or an expired JWT failed as the server's bare
+// "Authorization Violation" or "authentication expired" (TestStartNamesBadCredsFile).
+
+// noteCreds warns of a creds file whose JWT is not valid now; the connect goes on.
+func (c *Conn) noteCreds(o Options) {
+	if o.CredsFile == "" {
+		return
+	}
+	if _, err := CheckCredsFile(o.CredsFile, time.Now()); err != nil {
+		c.log.Warn("the NATS creds file's JWT is not valid now; connecting with the file as it is at each attempt, so a renewal in place is taken",
+			"file", o.CredsFile, "err", err)
+	}
+}
+
+// credsRefused names the creds file and what is wrong with it now in err, a connect
+// the server refused for its credentials; err unchanged otherwise.
+func credsRefused(o Options, err error) error {
+	if o.CredsFile == "" || !(errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) ||
+		errors.Is(err, nats.ErrAuthRevoked)) {
+		return err
+	}
+	if _, ferr := CheckCredsFile(o.CredsFile, time.Now()); ferr != nil {
+		return fmt.Errorf("%w: --nats.creds-file %v", err, ferr)
+	}
+	return fmt.Errorf("%w (with --nats.creds-file %s)", err, o.CredsFile)
 }
 
 func authOptions(o Options) ([]nats.Option, error) {
 	var opts []nats.Option
 	switch {
 	case o.CredsFile != "":
-		if err := checkCredsFile(o.CredsFile); err != nil {
+		// A JWT not valid now is noteCreds' warning, not an error: see there.
+		if _, err := CheckCredsFile(o.CredsFile, time.Now()); err != nil && !errors.As(err, new(notValidNow)) {
 			return nil, fmt.Errorf("natsconn: --nats.creds-file: %w", err)
 		}
 		opts = append(opts, nats.UserCredentials(o.CredsFile))
