@@ -37,6 +37,7 @@ func Start(t testing.TB, o Options) *server.Server {
 		JetStream:       !o.NoJetStream,
 		StoreDir:        t.TempDir(),
 		JetStreamDomain: o.Domain,
+		AuthTimeout:     authTimeout.Seconds(),
 	}
 	if o.Configure != nil {
 		o.Configure(opts)
@@ -62,6 +63,13 @@ func Start(t testing.TB, o Options) *server.Server {
 // load 16, daemon/node TestAttackNexletForgesIntoNodeWatcher's new client did not have
 // the server's answer to its CONNECT within it.
 const connectTimeout = 30 * time.Second
+
+// authTimeout is how long the server waits for a new client's CONNECT before it closes
+// the connection; the server's own default, 2 s, is the server-side twin of
+// connectTimeout: at load 43, daemon/node TestAttackNexletForgesIntoNodeWatcher's client
+// wrote its CONNECT into a connection the server had already closed ("write: broken
+// pipe").
+const authTimeout = 30 * time.Second
 
 // Connect opens a client connection to s, closed when the test ends.
 func Connect(t testing.TB, s *server.Server, opts ...nats.Option) *nats.Conn {
