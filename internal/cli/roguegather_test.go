@@ -197,9 +197,11 @@ func TestAttackRogueNodeKeepsDeployGathersOpen(t *testing.T) {
 // What nexctl holds is read from the collector's own trace (GODEBUG=gctrace=1: the
 // heap still reachable at each collection), not from its peak RSS alone: under a flood
 // on a loaded machine the collector's CPU limiter lets garbage pile past the soft
-// memory limit (peak RSS 342 MiB in a CI run whose live heap stayed within the bound),
-// which says how fast garbage went, not what was held. The RSS bound left is half the
-// flood: nexctl did not keep it.
+// memory limit (peak RSS 342 MiB in stop 41's CI; 321 MiB in a fresh-clone CI at load
+// 45 whose traced live heap stayed at 56 MiB), which says how fast garbage went, not
+// what was held. The RSS bound left is half the flood: nexctl did not keep it. The
+// stall is 5 s: in that run, at 1 s, the starved rogue's own sends paused past it and
+// the gather ended quietly (exit 0) before the bound was reached.
 func TestAttackRogueNodeFloodsGather(t *testing.T) {
 	t.Parallel()
 	const flood = 1 << 30
@@ -221,7 +223,7 @@ func TestAttackRogueNodeFloodsGather(t *testing.T) {
 	})
 	// nexctl as shipped: a -race build's shadow memory would more than double its peak.
 	r := runNexctlEnv(t, bins.PathNoRace(t, "github.com/nexd-project/nexd/cmd/nexctl"), 2*time.Minute, op,
-		[]string{"GODEBUG=gctrace=1"}, "--gather-stall", "1s", "node", "list")
+		[]string{"GODEBUG=gctrace=1"}, "--gather-stall", "5s", "node", "list")
 	stop()
 	live, gcs := maxLiveHeap(r.errOut)
 	t.Logf("exit %d after %s, peak RSS %d MiB, live heap at most %d MiB in %d collections: %.300s",
@@ -309,8 +311,9 @@ func TestAttackRogueNodeKeepsDeployAndStopWaiting(t *testing.T) {
 }
 
 // gcLine matches a collection of GODEBUG=gctrace=1: heap at start -> at end -> live
-// (marked) MB.
-var gcLine = regexp.MustCompile(`(?m)^gc \d+ @.* (\d+)->(\d+)->(\d+) MB`)
+// (marked) MB. Not anchored: the runtime writes a trace line in pieces, and nexctl's
+// warnings can land between them.
+var gcLine = regexp.MustCompile(`(\d+)->(\d+)->(\d+) MB`)
 
 // maxLiveHeap is the largest live heap (bytes) in trace's collections, and how many
 // there were.

@@ -161,7 +161,7 @@ func TestGatherBurstLosesNoReply(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := resp.Flush(); err != nil {
+		if err := resp.FlushTimeout(burstFlush); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -218,7 +218,7 @@ func TestRepliesBurstLosesNoReply(t *testing.T) {
 				return
 			}
 		}
-		if err := resp.Flush(); err != nil {
+		if err := resp.FlushTimeout(burstFlush); err != nil {
 			t.Error(err)
 		}
 	}); err != nil {
@@ -388,3 +388,9 @@ func TestGatherBounded(t *testing.T) {
 		t.Errorf("flood: %d answers, %d bytes held, %v; want at most 1 MiB and ErrBounded", len(got), held, err)
 	}
 }
+
+// burstFlush bounds these tests' flushes (of 200 subscriptions, of a burst of 70,000
+// replies): nats.go's 10 s was too
+// short for a -race responder on a loaded 2-core host (TestRepliesBurstLosesNoReply,
+// "nats: timeout", in a fresh-clone CI at load 45).
+const burstFlush = time.Minute
