@@ -196,10 +196,15 @@ type msg struct {
 	data    []byte
 }
 
-// WriteWait bounds one write: a peer that stops reading (stuck, stopped) must not hold
-// up its other end's callers; the channel is closed instead, and the node goes over
-// NATS (its deploys in flight time out as they would there).
+// WriteWait bounds a write's wait for its peer to take more of it: a peer that stops
+// reading (stuck, stopped) must not hold up its other end's callers; the channel is
+// closed instead, and the node goes over NATS (its deploys in flight time out as they
+// would there). It bounds each writeChunk, not a whole frame: a peer that reads a
+// large frame slowly (a nexlet starved on a loaded host) is not stuck.
 const WriteWait = 2 * time.Second
+
+// writeChunk is how much of a frame one write deadline covers.
+const writeChunk = 64 << 10
 
 // conn frames messages on a socket; writes are whole frames under wmu. A write that
 // fails (its deadline, a closed peer) closes the socket: a frame may be half sent.
@@ -245,12 +250,16 @@ func (c *conn) write(m msg) error {
 	b = append(b, m.data...)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if err := c.c.SetWriteDeadline(time.Now().Add(c.writeWait)); err != nil {
-		return err
-	}
-	if _, err := c.c.Write(b); err != nil {
-		c.c.Close()
-		return err
+	for len(b) > 0 {
+		k := min(len(b), writeChunk)
+		if err := c.c.SetWriteDeadline(time.Now().Add(c.writeWait)); err != nil {
+			return err
+		}
+		if _, err := c.c.Write(b[:k]); err != nil {
+			c.c.Close()
+			return err
+		}
+		b = b[k:]
 	}
 	return nil
 }

@@ -737,3 +737,45 @@ func TestCallerGoneOnceTheNexletGaveUp(t *testing.T) {
 		t.Fatal("a call whose nexlet waits is taken for stale")
 	}
 }
+
+// TestSlowReaderIsNotStuck: a peer that keeps taking a large frame, if slowly (a
+// nexlet starved on a loaded host), is not taken for a stuck one: the write deadline
+// bounds each wait for the peer to take more, not the whole frame. Before, a 3 MiB
+// frame read 64 KiB every 100 ms (about 5 s in all) failed at the 2 s deadline of the
+// whole write, and the channel closed.
+func TestSlowReaderIsNotStuck(t *testing.T) {
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	big := bytes.Repeat([]byte("x"), 3<<20)
+	read := make(chan int64, 1)
+	go func() {
+		defer nexletEnd.Close()
+		var n int64
+		buf := make([]byte, 64<<10)
+		for n < int64(len(big)) {
+			k, err := nexletEnd.Read(buf)
+			n += int64(k)
+			if err != nil {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		read <- n
+	}()
+	if _, err := c.Request("echo", nil, big, make(chan *nats.Msg, 1)); err != nil {
+		t.Fatalf("a 3 MiB frame to a slow reader: %v", err)
+	}
+	if n := <-read; n < int64(len(big)) {
+		t.Fatalf("the reader got %d bytes of at least %d", n, len(big))
+	}
+	if c.closedNow() {
+		t.Fatal("the channel closed")
+	}
+}
