@@ -302,16 +302,19 @@ func TestLiveRestore(t *testing.T) {
 	ctl := func(n *node, args ...string) string {
 		return n.mustCtl(t, append([]string{"--nats.creds-file", creds}, args...)...)
 	}
+	// A connection's wait, not the claim: 100 nexctl processes and two nexd on a
+	// loaded CI host took longer than nexctl's default 5 s to connect.
+	const connectWait = "30s"
 	const services = 100
 	marker := fmt.Sprintf("nexd-e2e-live-%d", time.Now().UnixNano())
 	var ids []string
 	for _, r := range n.runWorkloads(t, services, func(i int) []string {
-		return []string{"--nats.creds-file", creds, "--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker}
+		return []string{"--nats.creds-file", creds, "--nats.timeout", connectWait, "--bids", "1", "--name", fmt.Sprintf("s%d", i), "--", "/bin/sh", "-c", "sleep 600; :", marker}
 	}) {
 		ids = append(ids, r.ID)
 	}
 	var sealed runResult
-	json.Unmarshal([]byte(ctl(n, "--json", "workload", "run", "--bids", "1", "--name", "sealed", "--env", "SECRET=s3cr3t",
+	json.Unmarshal([]byte(ctl(n, "--json", "--nats.timeout", connectWait, "workload", "run", "--bids", "1", "--name", "sealed", "--env", "SECRET=s3cr3t",
 		"--", "/bin/sh", "-c", `echo "secret=$SECRET"; exec sleep 600`, marker)), &sealed)
 	if sealed.ID == "" {
 		t.Fatal("sealed workload not started")
@@ -355,7 +358,7 @@ func TestLiveRestore(t *testing.T) {
 	startJob := func(n *node, name string, code int) (id, release string) {
 		release = filepath.Join(testkit.PublicDir(t), name)
 		var job runResult
-		json.Unmarshal([]byte(ctl(n, "--json", "workload", "run", "--bids", "1", "--name", name, "--lifecycle", "job", "--",
+		json.Unmarshal([]byte(ctl(n, "--json", "--nats.timeout", connectWait, "workload", "run", "--bids", "1", "--name", name, "--lifecycle", "job", "--",
 			"/bin/sh", "-c", `echo "$2" >> "$0"; while [ ! -e "$1" ]; do sleep 0.1; done; exit `+strconv.Itoa(code),
 			ranFile, release, name)), &job)
 		if job.ID == "" {
@@ -489,7 +492,7 @@ func TestLiveRestore(t *testing.T) {
 	// subreaper, reaps it).
 	release := filepath.Join(testkit.PublicDir(t), "go")
 	var job runResult
-	json.Unmarshal([]byte(ctl(n3, "--json", "workload", "run", "--bids", "1", "--name", "job", "--lifecycle", "job", "--",
+	json.Unmarshal([]byte(ctl(n3, "--json", "--nats.timeout", connectWait, "workload", "run", "--bids", "1", "--name", "job", "--lifecycle", "job", "--",
 		"/bin/sh", "-c", `while [ ! -e "$0" ]; do sleep 0.1; done; exit 3`, release)), &job)
 	testkit.EventuallyWithin(t, 30*time.Second, "the job runs", func() bool { return len(n3.groupProcs(job.ID)) > 0 })
 	ctl(n3, "node", "reexec")
