@@ -64,7 +64,9 @@ type fakeNode struct {
 	progress []protocol.Progress
 	// drains makes it act as a nexd node on LAMEDUCK: after the delay its workloads
 	// stop (WORKLOADSTOPPED events, the first kills of them "killed after" their grace)
-	// and its load drops to 0; its WPING replies name it (HeaderNode).
+	// and its load drops to 0; its WPING replies name it (HeaderNode). It drains only
+	// once it also answered an INFO after the LAMEDUCK, so a watcher slowed by a loaded
+	// host still sees the workloads it had before they stop.
 	drains bool
 	kills  int
 	// partial, when set, goes on its WPING replies (Nex-Partial) while drains: a
@@ -87,6 +89,9 @@ type fakeNode struct {
 	// partialDrained counts the WPING replies it sent with Nex-Partial once its load
 	// was 0 (after a drain).
 	partialDrained int
+	// A LAMEDUCK's drain (drainPending) waits for its delay's end (delayOver) and an
+	// INFO answered after it (infoAnswered); whichever comes last drains.
+	drainPending, delayOver, infoAnswered bool
 }
 
 func newFakeNode(t *testing.T, nc *nats.Conn, id string, tags map[string]string) *fakeNode {
@@ -187,6 +192,32 @@ func (n *fakeNode) setPartial(p *protocol.PartialList) {
 	n.partial = p
 }
 
+// info answers INFO; true when it is the answer a pending drain waited for after its
+// delay.
+func (n *fakeNode) info(m *nats.Msg) (drainNow bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.infoRefused {
+		n.respondError(m, "403", "permissions violation")
+		return false
+	}
+	health := protocol.HealthHealthy
+	if !n.bid {
+		health = protocol.HealthOffline
+	}
+	if n.infoHealth != "" {
+		health = n.infoHealth
+	}
+	n.respond(m, protocol.NodeInfoResponse{NodeID: n.id, Tags: n.tags, Uptime: "1h0m0s", Version: "0.0.1", XKey: "XNODE",
+		NodeAgentSummaries: []protocol.NodeAgentSummary{{AgentID: "A1", AgentHealth: health,
+			AgentSummary: protocol.AgentSummary{Name: "go_exec", Type: "native", Version: "0.0.1", WorkloadCount: n.load}}}})
+	if n.drainPending && !n.infoAnswered {
+		n.infoAnswered = true
+		return n.delayOver
+	}
+	return false
+}
+
 // drain stops every workload as a lame duck nexd does at the end of its delay.
 func (n *fakeNode) drain() {
 	n.mu.Lock()
@@ -223,22 +254,9 @@ func (n *fakeNode) start() *fakeNode {
 	n.sub(protocol.PingNodeSubject(n.id), ping)
 	n.sub(protocol.PTagsSubject(), func(m *nats.Msg) { n.respond(m, n.tags) })
 	n.sub(protocol.InfoSubject(n.id), func(m *nats.Msg) {
-		n.mu.Lock()
-		defer n.mu.Unlock()
-		if n.infoRefused {
-			n.respondError(m, "403", "permissions violation")
-			return
+		if n.info(m) {
+			n.drain()
 		}
-		health := protocol.HealthHealthy
-		if !n.bid {
-			health = protocol.HealthOffline
-		}
-		if n.infoHealth != "" {
-			health = n.infoHealth
-		}
-		n.respond(m, protocol.NodeInfoResponse{NodeID: n.id, Tags: n.tags, Uptime: "1h0m0s", Version: "0.0.1", XKey: "XNODE",
-			NodeAgentSummaries: []protocol.NodeAgentSummary{{AgentID: "A1", AgentHealth: health,
-				AgentSummary: protocol.AgentSummary{Name: "go_exec", Type: "native", Version: "0.0.1", WorkloadCount: n.load}}}})
 	})
 	n.sub(protocol.LameduckSubject(n.id), func(m *nats.Msg) {
 		var req protocol.LameduckRequest
@@ -251,11 +269,23 @@ func (n *fakeNode) start() *fakeNode {
 		}
 		n.mu.Lock()
 		n.lameducks = append(n.lameducks, req)
+		start := n.drains && !n.drainPending
+		n.drainPending = n.drainPending || n.drains
 		n.mu.Unlock()
 		n.respond(m, protocol.LameduckResponse{Success: true, Message: "node entering lameduck mode"})
-		if n.drains {
+		if start {
 			delay, _ := req.ParseDelay()
-			time.AfterFunc(delay, n.drain)
+			time.AfterFunc(delay, func() {
+				// The watcher's first INFO (the workloads not yet stopped) may come
+				// later than the delay on a loaded host: the drain waits for it.
+				n.mu.Lock()
+				n.delayOver = true
+				now := n.infoAnswered
+				n.mu.Unlock()
+				if now {
+					n.drain()
+				}
+			})
 		}
 	})
 	n.sub("$NEX.SVC.*.control.AUCTION", func(m *nats.Msg) {
