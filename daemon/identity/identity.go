@@ -14,6 +14,8 @@ import (
 	"syscall"
 
 	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/privfile"
 )
 
 // Source says where a key came from.
@@ -170,7 +172,8 @@ func fromSeed(seed string, want nkeys.PrefixByte) (nkeys.KeyPair, error) {
 const seedTempPattern = ".seed-*"
 
 // writeSecret writes the seed atomically with mode 0600, so a crash never leaves a
-// half-written identity.
+// half-written identity, and syncs file and directory, so a crash after it never loses
+// the identity the node went on to use.
 func writeSecret(path string, data []byte) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
@@ -192,6 +195,9 @@ func writeSecret(path string, data []byte) error {
 	}
 	if err == nil {
 		err = os.Rename(tmp.Name(), path)
+	}
+	if err == nil {
+		err = privfile.SyncDir(filepath.Dir(path))
 	}
 	if err != nil {
 		return fmt.Errorf("persist %s: %w", path, err)

@@ -2,11 +2,14 @@ package identity
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/nats-io/nkeys"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 func TestPersistedAcrossStarts(t *testing.T) {
@@ -165,5 +168,32 @@ func TestStaleSeedTempsRemoved(t *testing.T) {
 	left, _ := filepath.Glob(filepath.Join(dir, ".seed-*"))
 	if len(left) > 0 {
 		t.Fatalf("seed temp files left: %v", left)
+	}
+}
+
+// TestPersistedSeedsSurviveACrash: once Persisted said the generated seeds are
+// durable, a crash must not lose them (the node has already used its id), so each
+// seed's rename is followed by a sync of the state directory (seen with strace).
+// Before, only the files were synced: after a power loss a journal could come back
+// without the directory entries, and the next start would make another identity.
+func TestPersistedSeedsSurviveACrash(t *testing.T) {
+	if dir := os.Getenv("IDENTITY_BEGIN"); dir != "" { // the child under strace
+		id, err := Begin("", "", dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := id.Persisted(); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestPersistedSeedsSurviveACrash$")
+	cmd.Env = append(os.Environ(), "IDENTITY_BEGIN="+dir)
+	trace := testkit.Syscalls(t, cmd, "fsync,rename,renameat,renameat2")
+	for _, f := range []string{NodeSeedFile, XKeySeedFile} {
+		if path := filepath.Join(dir, f); !testkit.SyncedAfterRename(trace, path) {
+			t.Errorf("no sync of %s after the rename onto %s:\n%s", dir, path, strings.Join(trace, "\n"))
+		}
 	}
 }

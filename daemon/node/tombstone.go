@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nexd-project/nexd/daemon/state"
+	"github.com/nexd-project/nexd/internal/privfile"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -307,7 +308,7 @@ func (t *Tombstones) write(key, ns string) error {
 		err = os.Rename(tmp, filepath.Join(t.dir, key))
 	}
 	if err == nil {
-		err = syncDir(t.dir)
+		err = privfile.SyncDir(t.dir)
 	}
 	if err != nil {
 		_ = os.Remove(tmp)
@@ -327,14 +328,6 @@ func (t *Tombstones) drop(key string) {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		t.log.Warn("failed to drop a node state tombstone", "key", key, "err", err)
 	}
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	return errors.Join(d.Sync(), d.Close())
 }
 
 func (t *Tombstones) wake() {

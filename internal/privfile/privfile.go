@@ -2,9 +2,11 @@
 // random name in the target's directory, then renamed over the target, so the secret is
 // never written into a file someone else prepared (a stale or planted "<path>.tmp" with a
 // looser mode, or a symlink) and readers see either the old or the new file whole.
+// The file and then its directory are synced, so the new file is there after a crash.
 package privfile
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -30,6 +32,22 @@ func Write(path string, data []byte) error {
 	if err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := SyncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// SyncDir syncs dir itself: a file synced and renamed into it is durable only once the
+// directory entry is (a crash before that can leave the old file or none).
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync directory: %w", err)
+	}
+	if err := errors.Join(d.Sync(), d.Close()); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
 	}
 	return nil
 }

@@ -2,8 +2,12 @@ package privfile
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/nexd-project/nexd/internal/testkit"
 )
 
 // A planted world-readable "<path>.tmp" (the name the old code wrote through) and a
@@ -47,5 +51,25 @@ func TestWriteIgnoresPlantedTempFiles(t *testing.T) {
 			names = append(names, e.Name())
 		}
 		t.Fatalf("files left: %v", names)
+	}
+}
+
+// TestWriteSyncsItsDirectory: a crash after Write returned must not lose the file, so
+// the rename is followed by a sync of the directory (seen with strace: the secret
+// files written here are nexd's trust file with the embedded server's operator seeds,
+// the native nexlet's xkey seed, drain outcomes). Before, only the file was synced.
+func TestWriteSyncsItsDirectory(t *testing.T) {
+	if p := os.Getenv("PRIVFILE_WRITE"); p != "" { // the child under strace
+		if err := Write(p, []byte("SECRET")); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	path := filepath.Join(t.TempDir(), "key.seed")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestWriteSyncsItsDirectory$")
+	cmd.Env = append(os.Environ(), "PRIVFILE_WRITE="+path)
+	trace := testkit.Syscalls(t, cmd, "fsync,rename,renameat,renameat2")
+	if !testkit.SyncedAfterRename(trace, path) {
+		t.Fatalf("no sync of %s after the rename onto %s:\n%s", filepath.Dir(path), path, strings.Join(trace, "\n"))
 	}
 }

@@ -1,0 +1,49 @@
+package testkit
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// Syscalls runs cmd under strace (-f, fds shown with their paths) tracing only calls
+// (strace's -e trace= list) and returns the trace's lines; cmd's own failure fails t.
+// It is how a test sees what cannot be seen from outside without a crash, such as
+// whether a directory was synced after a rename. .ci/run installs strace.
+func Syscalls(t testing.TB, cmd *exec.Cmd, calls string) []string {
+	t.Helper()
+	strace, err := exec.LookPath("strace")
+	if err != nil {
+		t.Fatalf("strace is needed to see %s (.ci/run installs it): %v", calls, err)
+	}
+	out := filepath.Join(t.TempDir(), "strace")
+	cmd.Args = append([]string{strace, "-f", "-y", "-qq", "-e", "signal=none", "-e", "trace=" + calls, "-o", out, cmd.Path}, cmd.Args[1:]...)
+	cmd.Path = strace
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v under strace: %v\n%s", cmd.Args[10:], err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Split(strings.TrimSpace(string(b)), "\n")
+}
+
+// SyncedAfterRename says whether trace (Syscalls with rename and fsync calls) renames a
+// file onto path and then syncs path's directory.
+func SyncedAfterRename(trace []string, path string) bool {
+	sync := regexp.MustCompile(`fsync\(\d+<` + regexp.QuoteMeta(filepath.Dir(path)) + `>\)\s*= 0`)
+	renamed := false
+	for _, l := range trace {
+		switch {
+		case strings.Contains(l, "rename") && strings.Contains(l, `"`+path+`"`) && strings.HasSuffix(strings.TrimSpace(l), "= 0"):
+			renamed = true
+		case renamed && sync.MatchString(l):
+			return true
+		}
+	}
+	return false
+}
