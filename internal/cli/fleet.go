@@ -895,7 +895,8 @@ func (f *fleet) listWorkloads(ctx context.Context, ns string, filter []string) (
 // listWorkloadsAndStops is listWorkloads that, with stoppedRef, also asks nexd nodes
 // for the workloads they stopped lately that stoppedRef names (HeaderStoppedRef), in
 // the caller's namespace; each id once. holders names the node that listed each
-// workload (HeaderNode; nodes that do not name themselves are left out).
+// workload (HeaderNode; nodes that do not name themselves are left out, and so are
+// workloads two nodes list).
 func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []string, stoppedRef string) (out []protocol.WorkloadSummary, stopped []protocol.RecentStop, holders map[string]string, bad []error, err error) {
 	if filter == nil {
 		filter = []string{}
@@ -914,6 +915,7 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		return nil, nil, nil, nil, err
 	}
 	holders = map[string]string{}
+	contested := map[string]bool{}
 	seen := map[string]bool{}
 	var unlisted []error
 	defer func() {
@@ -969,9 +971,18 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		}
 		if node := from[i].node; node != "" {
 			for _, w := range ws {
+				if h, ok := holders[w.ID]; ok && h != node {
+					contested[w.ID] = true
+				}
 				holders[w.ID] = node
 			}
 		}
+	}
+	// One workload id, one node: when two nodes list it, one (a node id anyone can make
+	// up and sign as) poses as its holder, so none is known. Before, the last one named
+	// was taken, and a clone took only its signed answer (TestAttackRogueSignerClaimsHolder).
+	for id := range contested {
+		delete(holders, id)
 	}
 	return out, stopped, holders, bad, nil
 }

