@@ -33,15 +33,29 @@ func Syscalls(t testing.TB, cmd *exec.Cmd, calls string) []string {
 }
 
 // SyncedAfterRename says whether trace (Syscalls with rename and fsync calls) renames a
-// file onto path and then syncs path's directory.
+// file onto path and then syncs path's directory. A call another thread interrupted is
+// split by strace into "<unfinished ...>" and "<... name resumed>" lines; it is joined
+// and counted where it ended.
 func SyncedAfterRename(trace []string, path string) bool {
 	sync := regexp.MustCompile(`fsync\(\d+<` + regexp.QuoteMeta(filepath.Dir(path)) + `>\)\s*= 0`)
+	started := map[string]string{} // thread -> its unfinished call's start
 	renamed := false
 	for _, l := range trace {
+		tid, call, _ := strings.Cut(strings.TrimSpace(l), " ")
+		if start, ok := strings.CutSuffix(call, " <unfinished ...>"); ok {
+			started[tid] = start
+			continue
+		}
+		if strings.HasPrefix(call, "<... ") {
+			if _, end, ok := strings.Cut(call, " resumed>"); ok {
+				call = started[tid] + end
+				delete(started, tid)
+			}
+		}
 		switch {
-		case strings.Contains(l, "rename") && strings.Contains(l, `"`+path+`"`) && strings.HasSuffix(strings.TrimSpace(l), "= 0"):
+		case strings.Contains(call, "rename") && strings.Contains(call, `"`+path+`"`) && strings.HasSuffix(call, "= 0"):
 			renamed = true
-		case renamed && sync.MatchString(l):
+		case renamed && sync.MatchString(call):
 			return true
 		}
 	}
