@@ -48,6 +48,12 @@ func (b *Binaries) Run(m *testing.M) int {
 	var before hostEntries
 	if !listing {
 		before = readHostEntries()
+	}
+	// A copy of the binary in a pid namespace of its own (InPidNamespace) sees its own
+	// /proc, where every owner on the host is gone: its sweeps removed live binaries'
+	// directories (a CI's e2e binary lost its nexd and nexctl builds mid-run) and would
+	// kill their cgroups' processes. Only a binary on the host's /proc sweeps.
+	if !listing && os.Getenv(envPidns) == "" {
 		// Aside directories of test binaries killed before their end (AsideDir).
 		if removed, err := sweepAside(asideParents()); err != nil {
 			fmt.Fprintf(os.Stderr, "testkit: removing aside directories of gone test processes: %v\n", err)

@@ -172,3 +172,23 @@ func procLive(pid int, start string) bool {
 	now, ok := procStart(strconv.Itoa(pid))
 	return ok && now == start
 }
+
+// TestPidNamespaceCopySweepsNothing: a copy of the test binary in a pid namespace of
+// its own (InPidNamespace) runs TestMain's Binaries.Run, but its /proc shows none of
+// the host's processes, so every owner looked gone to its sweep: it removed this live
+// binary's owned directory (in a CI run, the e2e binary's nexd and nexctl builds). It
+// sweeps nothing now.
+func TestPidNamespaceCopySweepsNothing(t *testing.T) {
+	if os.Getenv(envPidns) != "" {
+		if !InPidNamespace(t) {
+			t.Fatal("not in the copy")
+		}
+		return // the copy: its TestMain ran the sweep before this
+	}
+	dir := OwnedTempDir(t, "nexd-test-public-")
+	if !InPidNamespace(t) {
+		if _, err := os.Stat(dir); err != nil {
+			t.Fatalf("the pid namespace copy's sweep removed the live owner's %s: %v", dir, err)
+		}
+	}
+}
