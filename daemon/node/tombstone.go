@@ -297,6 +297,14 @@ func (t *Tombstones) has(key string) bool {
 func (t *Tombstones) write(key, ns string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if ns == "" {
+		// A second removal of the same workload (its end reported after its stop)
+		// may not know the namespace; the first one's stays.
+		if b, err := os.ReadFile(filepath.Join(t.dir, key)); err == nil {
+			_, old, _ := strings.Cut(string(b), "\n")
+			ns = strings.TrimSpace(old)
+		}
+	}
 	tmp := filepath.Join(t.dir, "."+key)
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {

@@ -397,3 +397,34 @@ func TestTombstoneWriteLeftoverRemoved(t *testing.T) {
 		return err == nil && len(ents) == 0
 	})
 }
+
+// TestTombstoneKeepsNamespaceOnSecondRemoval: a workload stopped while the store is
+// down gets a tombstone naming its namespace; its end, reported after the stop, removes
+// it again without knowing the namespace (the node no longer holds it). That second
+// write left the tombstone without one (TestTombstonesListed failed so in a CI run,
+// "Namespace:" empty for the second workload); the first one's namespace stays now.
+func TestTombstoneKeepsNamespaceOnSecondRemoval(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{})
+	kv, err := state.OpenKV(t.Context(), testnats.Connect(t, srv, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond)), "KEEPNS", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, err := NewTombstones(kv, t.TempDir(), testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Close)
+	if err := srv.DisableJetStream(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Delete(withNamespace(t.Context(), "other"), "native", "W1"); !errors.Is(err, ErrRemovalPending) {
+		t.Fatalf("first removal: %v, want %v", err, ErrRemovalPending)
+	}
+	if err := ts.Delete(t.Context(), "native", "W1"); !errors.Is(err, ErrRemovalPending) {
+		t.Fatalf("second removal: %v, want %v", err, ErrRemovalPending)
+	}
+	l := ts.List()
+	if len(l) != 1 || l[0].Namespace != "other" {
+		t.Fatalf("tombstones %+v, want W1's in namespace other", l)
+	}
+}
