@@ -190,12 +190,11 @@ func TestDeployRecordAnswerLostOnTheWire(t *testing.T) {
 	}
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
-	p := startDropProxy(t, s.ClientURL(), func(string) bool { return false })
 	var armed, cut atomic.Bool
-	p.cut = func(subj string) bool {
+	p := startDropProxy(t, s.ClientURL(), proxyRules{cut: func(subj string) bool {
 		// The record's write: $KV.nex-<node>.native_<id> (not the node's probe writes).
 		return strings.HasPrefix(subj, "$KV.nex-") && strings.Contains(subj, ".native_") && armed.Load() && cut.CompareAndSwap(false, true)
-	}
+	}})
 	dir := t.TempDir()
 	opts := nodeOpts{external: p.URL(), stateDir: dir, extra: []string{"--state", "kv"}}
 	n := startNode(t, opts)

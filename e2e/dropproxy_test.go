@@ -11,34 +11,43 @@ import (
 	"testing"
 )
 
-// dropProxy is a TCP proxy in front of a NATS server that drops the client messages
-// (PUB/HPUB) whose subject drop says to drop: a lossy network for chosen messages.
-type dropProxy struct {
-	ln      net.Listener
-	target  string
-	drop    func(subject string) bool
-	dropped atomic.Int64
+// proxyRules say what a dropProxy does to a client's messages (PUB/HPUB), by subject.
+// They are fixed when the proxy starts: its connections' goroutines read them, and the
+// race detector sees no order between a later assignment and a connection made by
+// another process.
+type proxyRules struct {
+	// drop, when set, leaves out the messages it says to drop: a lossy network.
+	drop func(subject string) bool
 	// cut, when set, ends a client's connection (both ways) right after the message
 	// it says to cut went to the server: the server takes it, and its answer is lost
 	// with the connection (the client connects again).
 	cut func(subject string) bool
 	// hold, when set, holds a client's message whose subject it says to hold (and
 	// everything after it on that connection) until releaseHeld: a server slow to
-	// answer that one connection. held counts the messages held so far.
-	hold     func(subject string) bool
+	// answer that one connection.
+	hold func(subject string) bool
+}
+
+// dropProxy is a TCP proxy in front of a NATS server that applies its rules to the
+// client's messages. dropped and held count the messages dropped and held so far.
+type dropProxy struct {
+	ln       net.Listener
+	target   string
+	rules    proxyRules
+	dropped  atomic.Int64
 	held     atomic.Int64
 	release  chan struct{}
 	released sync.Once
 	wg       sync.WaitGroup
 }
 
-func startDropProxy(t *testing.T, target string, drop func(subject string) bool) *dropProxy {
+func startDropProxy(t *testing.T, target string, rules proxyRules) *dropProxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &dropProxy{ln: ln, target: strings.TrimPrefix(target, "nats://"), drop: drop, release: make(chan struct{})}
+	p := &dropProxy{ln: ln, target: strings.TrimPrefix(target, "nats://"), rules: rules, release: make(chan struct{})}
 	p.wg.Add(1)
 	go p.accept()
 	t.Cleanup(func() { p.releaseHeld(); ln.Close(); p.wg.Wait() })
@@ -94,11 +103,11 @@ func (p *dropProxy) filter(dst io.Writer, src io.Reader) {
 		if _, err := io.ReadFull(r, payload); err != nil {
 			return
 		}
-		if p.drop(f[1]) {
+		if p.rules.drop != nil && p.rules.drop(f[1]) {
 			p.dropped.Add(1)
 			continue
 		}
-		if p.hold != nil && p.hold(f[1]) {
+		if p.rules.hold != nil && p.rules.hold(f[1]) {
 			p.held.Add(1)
 			<-p.release
 		}
@@ -108,7 +117,7 @@ func (p *dropProxy) filter(dst io.Writer, src io.Reader) {
 		if _, err := dst.Write(payload); err != nil {
 			return
 		}
-		if p.cut != nil && p.cut(f[1]) {
+		if p.rules.cut != nil && p.rules.cut(f[1]) {
 			return // the caller closes both ends
 		}
 	}

@@ -32,13 +32,13 @@ func TestUnackedEndNotRerun(t *testing.T) {
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	var ended atomic.Int64
-	p := startDropProxy(t, s.ClientURL(), func(subj string) bool {
+	p := startDropProxy(t, s.ClientURL(), proxyRules{drop: func(subj string) bool {
 		if strings.Contains(subj, ".WORKLOADENDED.") {
 			ended.Add(1)
 			return true
 		}
 		return strings.HasSuffix(subj, ".events."+protocol.EventWorkloadStopped)
-	})
+	}})
 	dir := t.TempDir()
 	runs := filepath.Join(testkit.PublicDir(t), "runs")
 	testkit.WriteFile(t, runs, "")

@@ -51,12 +51,11 @@ func TestReplayOfQueuedStartRunsOnce(t *testing.T) {
 	if _, err := obs.PutBytes(t.Context(), "job_v1", []byte("#!/bin/sh\necho \"$3\" >> \"$2\"\n")); err != nil {
 		t.Fatal(err)
 	}
-	p := startDropProxy(t, s.ClientURL(), func(string) bool { return false })
 	// Every fetch of the bucket opens its own connection and first asks for the bucket's
 	// stream: each is held there, one count per download begun.
-	p.hold = func(subj string) bool {
+	p := startDropProxy(t, s.ClientURL(), proxyRules{hold: func(subj string) bool {
 		return strings.HasPrefix(subj, "$JS.API.") && strings.HasSuffix(subj, "OBJ_slowart")
-	}
+	}})
 
 	dir := t.TempDir()
 	// READY waits for replayed workloads to run, bounded by startup_timeout: the held

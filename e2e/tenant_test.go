@@ -376,7 +376,7 @@ func TestLostStopEvent(t *testing.T) {
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	var ended atomic.Int64
-	p := startDropProxy(t, s.ClientURL(), func(subj string) bool {
+	p := startDropProxy(t, s.ClientURL(), proxyRules{drop: func(subj string) bool {
 		switch {
 		case strings.HasSuffix(subj, ".events."+protocol.EventWorkloadStopped):
 			return true
@@ -384,7 +384,7 @@ func TestLostStopEvent(t *testing.T) {
 			return ended.Add(1) <= 2
 		}
 		return false
-	})
+	}})
 	n := startNode(t, nodeOpts{external: p.URL(), extra: []string{"--state", "kv"}})
 	st := n.waitReady(t)
 	nc := testnats.Connect(t, s)
