@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -54,14 +53,16 @@ type nodeOpts struct {
 }
 
 // cgroupRoot gives each test its own v1 subtree (when this host has writable v1
-// memory cgroups), so tests never clean up each other's nexlets.
+// memory cgroups), so tests never clean up each other's nexlets. It is named for this
+// process (testkit.OwnedName), so a killed e2e binary's subtrees are removed by the
+// next test binary's sweep.
 func cgroupRoot(t testing.TB) string {
 	t.Helper()
 	base := "/sys/fs/cgroup/memory"
 	if !cgroupV1Writable() {
 		return ""
 	}
-	root := filepath.Join(base, fmt.Sprintf("nexd-e2e-%d-%d", os.Getpid(), time.Now().UnixNano()%1e9))
+	root := filepath.Join(base, testkit.OwnedName(t, "nexd-test-e2e-"))
 	t.Cleanup(func() {
 		// A test that killed nexd without a successor leaves its workloads running
 		// (they outlive nexd by design): kill whatever is left before removing the tree.

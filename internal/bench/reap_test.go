@@ -149,15 +149,15 @@ func (w testWriter) Write(p []byte) (int, error) {
 // TestRunNames: only nexbench's own run names are taken for runs.
 func TestRunNames(t *testing.T) {
 	for name, want := range map[string]int{
-		"nexbench-123-ab12cd":      123,
-		"nexbench-123-AB12CD":      0,
-		"nexbench-123-ab12c":       0,
-		"nexbench-floor-123":       0,
-		"nexbench-0123-ab12cd":     0,
-		"nexbench--ab12cd":         0,
-		"nexd":                     0,
-		"nexbench-123-ab12cd-x":    0,
-		"nexd-e2e-27109-826104243": 0,
+		"nexbench-123-ab12cd":                123,
+		"nexbench-123-AB12CD":                0,
+		"nexbench-123-ab12c":                 0,
+		"nexbench-floor-123":                 0,
+		"nexbench-0123-ab12cd":               0,
+		"nexbench--ab12cd":                   0,
+		"nexd":                               0,
+		"nexbench-123-ab12cd-x":              0,
+		"nexd-test-e2e-27109-8261-826104243": 0,
 	} {
 		pid, ok := isRunName(name)
 		if ok != (want != 0) || pid != want {
