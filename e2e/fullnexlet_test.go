@@ -2,30 +2,45 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/nexlet/native"
+	"github.com/nexd-project/nexd/protocol"
 )
 
 // TestFullNexletStaleHeartbeat: a real native nexlet at max_workloads 1 whose
 // heartbeat, taken with nothing running, reaches the node only after a deploy to it was
-// kept (NEXD_TEST_HOLD=heartbeat-late: each periodic heartbeat is published 4 s after
-// it was taken, as a heartbeat and a start's answer may pass each other on a loaded
-// node). The node must not take that heartbeat's count for the truth: it bids on no
-// further auction for that type (counted as not bid for max_workloads) and starts
-// nothing more on the nexlet. Before 269f0de and 9be889b such a heartbeat reset the
-// count, the node bid again, and the deploy it won reached the nexlet, which refused it
-// only because it checks its own max. The node-level tests (daemon/node
-// TestHeartbeatKeepsStartInFlight, TestStaleHeartbeatAfterStart) drive the same race
-// with the node package's test nexlet.
+// kept, as a heartbeat and a start's answer may pass each other on a loaded node
+// (NEXD_TEST_HOLD=heartbeat-late: the nexlet takes a heartbeat before its agent has
+// the start and publishes it once the test, having the node's answer to the deploy,
+// releases it). The node must not take that heartbeat's count for the truth: it still
+// counts the deploy, bids on no further auction for that type (counted as not bid for
+// max_workloads) and starts nothing more on the nexlet. Before 269f0de and 9be889b such
+// a heartbeat reset the count, the node bid again, and the deploy it won reached the
+// nexlet, which refused it only because it checks its own max. The node-level tests
+// (daemon/node TestHeartbeatKeepsStartInFlight, TestStaleHeartbeatAfterStart) drive
+// the same race with the node package's test nexlet.
+//
+// The node keeps a deploy counted against such a heartbeat only when it has the
+// heartbeat within 5 s of the keep (staleBeatLag); a later one it takes for the truth
+// (the workload may have ended). Each round is judged by what it shows: the nexlet's
+// time of its answer (no later than the keep) against the node's time of the
+// heartbeat, from the same answer that gives its count. A round whose release came too
+// late (a loaded machine) proves nothing: its workload is stopped and another tried.
+// The count in that answer is the one the node's bids are decided by; the second deploy
+// shows it end to end, before the nexlet's next heartbeat (10 s later, counting 1) where
+// the machine allows (logged). Before, the heartbeat was held a fixed 4 s and the deploy
+// had to be kept within them (6-13 s a deploy at load 45).
 func TestFullNexletStaleHeartbeat(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
@@ -38,57 +53,84 @@ func TestFullNexletStaleHeartbeat(t *testing.T) {
 	if err := os.Symlink(nexdBin(t), bin); err != nil {
 		t.Fatal(err)
 	}
-	n := startNode(t, nodeOpts{env: []string{testhold.Env + "=" + testhold.HeartbeatLate},
+	release := t.TempDir()
+	n := startNode(t, nodeOpts{env: []string{testhold.Env + "=" + testhold.HeartbeatLate + "," + testhold.ReleaseIn(release)},
 		extra: []string{"--disable-native-start", "--agents.uri", "file://" + bin,
 			"--agents.argv", "nexlet", "--agents.argv", "native", "--agents.env", native.EnvMaxWorkloads + "=1"}})
-	n.waitReady(t)
+	id := n.waitReady(t).NodeID
 	n.waitNative(t)
 
-	taken := regexp.MustCompile(`test hold: heartbeat taken, published late.*\bworkload_count=(\d+)`)
-	published := func() int { return strings.Count(n.out.String(), "test hold: late heartbeat published") }
-	// Each round waits for a heartbeat taken with nothing running, then deploys within
-	// its hold. A deploy that outlasts the hold (a loaded machine) proves nothing: its
-	// workload is stopped and the next heartbeat tried.
-	var first string
-	for round := 1; first == ""; round++ {
-		if round > 4 {
-			t.Fatalf("in %d rounds no deploy was kept within a heartbeat's %s hold\n%s", round-1, testhold.HeartbeatLateBy, n.out.String())
+	// Their keys in any order: nexd's relay of the nexlet's lines sorts them.
+	taken := regexp.MustCompile(`test hold: heartbeat taken before a start, held.*\bworkload_count=(\d+)`)
+	published := regexp.MustCompile(`test hold: held heartbeat published.*`)
+	field := func(line, key string) string {
+		m := regexp.MustCompile(`\b` + key + `=(\S+)`).FindStringSubmatch(line)
+		if m == nil {
+			t.Fatalf("no %s in %q", key, line)
 		}
-		before := len(taken.FindAllString(n.out.String(), -1))
-		var count string
-		testkit.EventuallyWithin(t, 30*time.Second, "a heartbeat taken", func() bool {
-			all := taken.FindAllStringSubmatch(n.out.String(), -1)
-			if len(all) <= before {
+		return m[1]
+	}
+	notBid := regexp.MustCompile(`nexd_auctions_not_bid_total\{reason="max_workloads"\} (\d+)`)
+	counted := func() int {
+		m := notBid.FindStringSubmatch(n.mustCtl(t, "metrics"))
+		if m == nil {
+			return 0
+		}
+		c, _ := strconv.Atoi(m[1])
+		return c
+	}
+	before := counted() // here: nothing between the held heartbeat and the second deploy
+	var first string
+	var held time.Time // the node's time of the held heartbeat
+	for round := 1; first == ""; round++ {
+		if round > staleRounds {
+			t.Fatalf("in %d rounds the node never had the held heartbeat within %v of the deploy's answer\n%s", round-1, nodeStaleBeatLag, n.out.String())
+		}
+		if err := os.Remove(filepath.Join(release, testhold.HeartbeatLate)); err != nil && !os.IsNotExist(err) {
+			t.Fatal(err) // a release the last round's hold did not take
+		}
+		takes, pubs := len(taken.FindAllString(n.out.String(), -1)), len(published.FindAllString(n.out.String(), -1))
+		r := deployReleasing(t, n, release, fmt.Sprintf("first%d", round))
+		var pub string
+		testkit.EventuallyWithin(t, 60*time.Second, "the held heartbeat's log line", func() bool {
+			all := published.FindAllString(n.out.String(), -1)
+			if len(all) <= pubs {
 				return false
 			}
-			count = all[len(all)-1][1]
+			pub = all[pubs]
 			return true
 		})
-		if count != "0" {
-			t.Fatalf("a heartbeat taken with %s workloads running, want 0", count)
+		tk := taken.FindAllStringSubmatch(n.out.String(), -1)
+		if len(tk) <= takes || tk[takes][1] != "0" || field(pub, "workload_count") != "0" {
+			t.Fatalf("round %d: the held heartbeat was not one taken with 0 workloads running: %q, %q", round, tk, pub)
 		}
-		pub := published()
-		beat := n.native(t).LastHeartbeat
-		deployed := time.Now()
-		r := n.runWorkload(t, "--name", "first", "--", "/bin/sleep", "600")
-		if published() > pub {
-			t.Logf("round %d: the deploy (%s) outlasted the heartbeat's hold; again", round, time.Since(deployed).Round(time.Millisecond))
+		answered, err := time.Parse(time.RFC3339Nano, field(pub, "answered"))
+		if err != nil {
+			t.Fatalf("round %d: the held heartbeat's answer time: %v", round, err)
+		}
+		released := field(pub, "released")
+		testkit.EventuallyWithin(t, 30*time.Second, "the node had the held heartbeat", func() bool {
+			b := n.native(t).LastHeartbeat
+			return b != nil && b.After(answered)
+		})
+		// The heartbeat's time and the count from one answer: a later heartbeat (a
+		// whole 10 s interval after the held one) shows as a lag past the allowance.
+		s := n.nativeSummary(t, id)
+		lag := s.AgentLastHeartbeatTime.Sub(answered)
+		if released != "true" || lag >= nodeStaleBeatLag {
+			t.Logf("round %d: the node had the held heartbeat %v after the deploy's answer (released by the test: %s), past its %v allowance: again",
+				round, lag.Round(time.Millisecond), released, nodeStaleBeatLag)
 			n.mustCtl(t, "workload", "stop", r.ID)
+			testkit.EventuallyWithin(t, 60*time.Second, "the node counts nothing on the nexlet", func() bool {
+				return n.nativeSummary(t, id).AgentSummary.WorkloadCount == 0
+			})
 			continue
 		}
-		first = r.ID
-		// The stale heartbeat (0 workloads) handled by the node: its time moves on.
-		testkit.EventuallyWithin(t, 30*time.Second, "the late heartbeat handled", func() bool {
-			now := n.native(t).LastHeartbeat
-			return now != nil && (beat == nil || now.After(*beat))
-		})
-		// The nexlet's log line comes through nexd's relay and may follow the heartbeat
-		// itself (CI at load 40: 0 counted when the node had handled it); the next
-		// heartbeat is taken no sooner than the hold after.
-		testkit.EventuallyWithin(t, testhold.HeartbeatLateBy, "the late heartbeat's log line", func() bool { return published() > pub })
-		if published() != pub+1 {
-			t.Fatalf("%d heartbeats published since the deploy, want the one taken before it", published()-pub)
+		t.Logf("round %d: the node had the held heartbeat (0 workloads) %v after the deploy's answer", round, lag.Round(time.Millisecond))
+		if c := s.AgentSummary.WorkloadCount; c != 1 {
+			t.Errorf("after a heartbeat taken before the start it had kept at most %v before, the node counts %d workloads on the nexlet, want 1", lag.Round(time.Millisecond), c)
 		}
+		first, held = r.ID, s.AgentLastHeartbeatTime
 	}
 
 	// Full: an auction gets no bid, and nothing more is started on the nexlet.
@@ -100,12 +142,13 @@ func TestFullNexletStaleHeartbeat(t *testing.T) {
 	if strings.Contains(n.out.String(), "already runs its maximum") {
 		t.Errorf("the node sent the full nexlet a start (it refused it itself):\n%s", n.out.String())
 	}
-	notBid := regexp.MustCompile(`nexd_auctions_not_bid_total\{reason="max_workloads"\} (\d+)`)
-	m := notBid.FindStringSubmatch(n.mustCtl(t, "metrics"))
-	if m == nil {
-		t.Error("no auction counted as not bid for max_workloads")
-	} else if c, _ := strconv.Atoi(m[1]); c < 1 {
-		t.Errorf("%d auctions counted as not bid for max_workloads, want 1", c)
+	if c := counted(); c <= before {
+		t.Errorf("%d auctions counted as not bid for max_workloads after the second deploy, %d before: want more", c, before)
+	}
+	if s := n.nativeSummary(t, id); s.AgentLastHeartbeatTime.Equal(held) {
+		t.Log("the second deploy's auction came before the nexlet's next heartbeat")
+	} else {
+		t.Log("the nexlet's next heartbeat (counting 1) came before the second deploy was over")
 	}
 	running := 0
 	for _, w := range n.workloads(t) {
@@ -119,6 +162,65 @@ func TestFullNexletStaleHeartbeat(t *testing.T) {
 	if running > 1 {
 		t.Errorf("%d workloads running on a nexlet whose max is 1", running)
 	}
+}
+
+// deployReleasing deploys a workload named name and releases the heartbeat-late hold
+// in dir once the node logged the deploy, which it does after its answer, so after it
+// kept it: nexctl's own exit (a second of it under -race, the race runtime's wait at
+// exit) is no part of the heartbeat's delay. It releases no later than nexctl's end.
+func deployReleasing(t *testing.T, n *node, dir, name string) runResult {
+	t.Helper()
+	deployed := regexp.MustCompile(`msg="workload deployed"[^\n]*\bname=` + regexp.QuoteMeta(name) + `\b`)
+	var once sync.Once
+	var err error
+	release := func() { once.Do(func() { err = testhold.Release(dir, testhold.HeartbeatLate) }) }
+	stop := make(chan struct{})
+	var watch sync.WaitGroup
+	watch.Go(func() {
+		for !deployed.MatchString(n.out.String()) {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+		release()
+	})
+	defer watch.Wait()
+	defer close(stop)
+	r := n.runWorkload(t, "--name", name, "--", "/bin/sleep", "600")
+	release()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// nodeStaleBeatLag is daemon/node's staleBeatLag: how long after a deploy was kept the
+// node takes a heartbeat that does not count it for one taken before the start.
+const nodeStaleBeatLag = 5 * time.Second
+
+// staleRounds bounds TestFullNexletStaleHeartbeat's rounds.
+const staleRounds = 5
+
+// nativeSummary is the node's summary of its native nexlet, from its INFO answer: its
+// last heartbeat's time and the workloads it counts on it, taken together.
+func (n *node) nativeSummary(t *testing.T, nodeID string) protocol.NodeAgentSummary {
+	t.Helper()
+	agent := n.native(t).AgentID
+	var info struct {
+		Summaries []protocol.NodeAgentSummary `json:"node_agent_summaries"`
+	}
+	if err := json.Unmarshal([]byte(n.mustCtl(t, "node", "info", nodeID, "--json")), &info); err != nil {
+		t.Fatalf("node info: %v", err)
+	}
+	for _, s := range info.Summaries {
+		if s.AgentID == agent {
+			return s
+		}
+	}
+	t.Fatalf("node info has no nexlet %s: %+v", agent, info.Summaries)
+	return protocol.NodeAgentSummary{}
 }
 
 // TestFullNexletNoBidSaysMaxWorkloads: a deploy that gets no bid because the node's

@@ -100,6 +100,9 @@ type Runner struct {
 	feedStop context.CancelFunc
 	feeding  sync.WaitGroup
 	hold     string // WithTestHold
+	// held (testhold.HeartbeatLate only; nil otherwise) hands the heartbeat loop a
+	// start whose heartbeat it is to take before the agent has the start.
+	held chan *heldBeat
 
 	// work owns the goroutines handling requests and replaying state: Shutdown stops
 	// taking new ones and waits (bounded) for them.
@@ -281,6 +284,9 @@ func NewRunner(ctx context.Context, nodeID string, a Agent, opts ...Option) (*Ru
 	}
 	if r.hbEvery <= 0 {
 		r.hbEvery = DefaultHeartbeatInterval
+	}
+	if testhold.Holds(r.hold, testhold.HeartbeatLate) {
+		r.held = make(chan *heldBeat)
 	}
 	return r, nil
 }
@@ -1112,11 +1118,10 @@ func (r *Runner) heartbeatLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if testhold.Holds(r.hold, testhold.HeartbeatLate) {
-				r.lateHeartbeat(ctx)
-				continue
-			}
 			r.heartbeat()
+		case h := <-r.held: // nil but under testhold.HeartbeatLate
+			r.heldHeartbeat(ctx, h)
+			t.Reset(r.hbEvery) // the next a whole interval after the held one
 		}
 	}
 }
@@ -1169,24 +1174,70 @@ func (r *Runner) publishHeartbeat(b []byte) {
 	}
 }
 
-// lateHeartbeat is a periodic heartbeat under testhold.HeartbeatLate: taken, then
-// published HeartbeatLateBy later and flushed, each step logged for the test.
-func (r *Runner) lateHeartbeat(ctx context.Context) {
+// heldBeat is a start's heartbeat under testhold.HeartbeatLate: the heartbeat loop
+// closes taken once it took it; the start sends answered when its answer leaves.
+type heldBeat struct {
+	taken    chan struct{}
+	answered chan time.Time // buffered: the start does not wait for the loop
+}
+
+// holdHeartbeat, under testhold.HeartbeatLate (nil otherwise), has the heartbeat loop
+// take a heartbeat before the agent has the start, and returns once it did.
+func (r *Runner) holdHeartbeat() *heldBeat {
+	if r.held == nil {
+		return nil
+	}
+	r.mu.Lock()
+	ctx := r.runCtx // the heartbeat loop's
+	r.mu.Unlock()
+	if ctx == nil {
+		ctx = r.ctx
+	}
+	h := &heldBeat{taken: make(chan struct{}), answered: make(chan time.Time, 1)}
+	select {
+	case r.held <- h:
+	case <-ctx.Done():
+		return nil
+	}
+	select {
+	case <-h.taken:
+	case <-ctx.Done():
+	}
+	return h
+}
+
+// answer tells the heartbeat loop when the start's answer left (nil h: no hold).
+func (h *heldBeat) answer(at time.Time) {
+	if h != nil {
+		h.answered <- at
+	}
+}
+
+// heldHeartbeat is testhold.HeartbeatLate's heartbeat: taken before the start's agent
+// has it, published once the start is answered and the test released it (at most
+// testhold.HeartbeatHeldMax after the answer), flushed, each step logged for the test.
+// answered (the answer's time) is no later than the node kept the start: the test
+// tells from it and the node's time of the heartbeat how long after the keep the node
+// had it.
+func (r *Runner) heldHeartbeat(ctx context.Context, h *heldBeat) {
 	hb, b := r.takeHeartbeat()
+	close(h.taken)
 	if hb == nil {
 		return
 	}
-	r.log.Warn("test hold: heartbeat taken, published late", "hold", testhold.HeartbeatLate,
-		"workload_count", hb.Summary.WorkloadCount, "delay", testhold.HeartbeatLateBy)
+	r.log.Warn("test hold: heartbeat taken before a start, held", "hold", testhold.HeartbeatLate,
+		"workload_count", hb.Summary.WorkloadCount)
+	var at time.Time
 	select {
 	case <-ctx.Done():
 		return
-	case <-time.After(testhold.HeartbeatLateBy):
+	case at = <-h.answered:
 	}
+	released := testhold.Released(ctx, r.hold, testhold.HeartbeatLate, testhold.HeartbeatHeldMax)
 	r.publishHeartbeat(b)
 	err := r.NC().FlushTimeout(5 * time.Second)
-	r.log.Warn("test hold: late heartbeat published", "hold", testhold.HeartbeatLate,
-		"workload_count", hb.Summary.WorkloadCount, "err", err)
+	r.log.Warn("test hold: held heartbeat published", "hold", testhold.HeartbeatLate,
+		"workload_count", hb.Summary.WorkloadCount, "answered", at.UTC().Format(time.RFC3339Nano), "released", released, "err", err)
 }
 
 // Logger returns a writer that publishes each write as one message on the workload's
@@ -1560,6 +1611,7 @@ func (r *Runner) handleStart(req micro.Request) {
 	}
 	rep := r.reportProgress(req)
 	st.Step("decode")
+	held := r.holdHeartbeat() // testhold.HeartbeatLate only
 	var (
 		out *protocol.StartWorkloadResponse
 		err error
@@ -1571,11 +1623,17 @@ func (r *Runner) handleStart(req micro.Request) {
 	}
 	rep.stop()
 	st.Step("start")
+	var answered time.Time
+	if held != nil {
+		answered = time.Now() // before the answer leaves: no later than the node keeps it
+	}
 	if err != nil {
 		r.respondError(req, err, protocol.StartWorkloadResponse{ID: id, Name: in.Request.Name})
+		held.answer(answered)
 		return
 	}
 	r.respondJSON(req, out)
+	held.answer(answered)
 	st.Step("reply")
 	if sr, ok := r.agent.(StartReplier); ok {
 		sr.StartReplied(id)

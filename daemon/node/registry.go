@@ -471,7 +471,8 @@ func (n *Node) sweep(now time.Time) {
 }
 
 // staleBeatLag bounds how long after a deploy was kept a heartbeat may come that the
-// nexlet took before it had the start.
+// nexlet took before it had the start (e2e TestFullNexletStaleHeartbeat judges its
+// rounds by it: nodeStaleBeatLag).
 const staleBeatLag = 5 * time.Second
 
 // keptAfterBeat is what of kept (the deploys kept since the last heartbeat, when) a

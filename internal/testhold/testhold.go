@@ -8,6 +8,9 @@
 package testhold
 
 import (
+	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 )
@@ -52,10 +55,13 @@ const (
 	// replay of a workload it was stopping when it registered that late. A delay, not
 	// a hold for ever.
 	ReplayAfterTidy = "replay-after-tidy"
-	// HeartbeatLate: a nexlet runner, at each periodic heartbeat, publishes it
-	// HeartbeatLateBy after it took it: a start the nexlet gets meanwhile is kept by
-	// the node before a heartbeat that does not count it arrives, as a heartbeat and a
-	// start's answer may pass each other on a loaded node. A delay, not a hold for ever.
+	// HeartbeatLate: a nexlet runner, given a start, takes a heartbeat before its agent
+	// has the start and publishes it only once the start is answered and the test
+	// released it (Released; at most HeartbeatHeldMax after the answer): the node keeps
+	// the start before a heartbeat that does not count it arrives, as a heartbeat and a
+	// start's answer may pass each other on a loaded node. Its periodic heartbeats wait
+	// meanwhile (a nexlet publishes its heartbeats in the order it took them), and the
+	// next comes a whole interval after. Bounded, not a hold for ever.
 	HeartbeatLate = "heartbeat-late"
 	// HeartbeatNever: a nexlet runner registers and serves but sends no heartbeat at
 	// all: a nexlet whose health stays unknown, which nexd's READY does not wait for
@@ -90,13 +96,62 @@ const (
 	StopBoundShortBy = 3 * time.Second
 )
 
-// HeartbeatLateBy is HeartbeatLate's delay: time for a deploy to be kept in it, and
-// under the node's 5 s allowance for such a heartbeat (node.staleBeatLag).
-const HeartbeatLateBy = 4 * time.Second
+// HeartbeatHeldMax bounds HeartbeatLate's wait for the test's release after the
+// start's answer: a test that never releases it leaves the nexlet's heartbeats stopped
+// no longer, well before the node's 30 s of silence that takes a nexlet offline.
+const HeartbeatHeldMax = 10 * time.Second
 
 // ReplayLateBy is ReplayLate's delay: under the half of the node's 2 s list fan-out
 // that a list waits for a nexlet registered and not serving yet.
 const ReplayLateBy = 300 * time.Millisecond
+
+// releasePrefix, in Env's list, names the directory a hold waiting for its test's
+// release (Released) looks in.
+const releasePrefix = "release="
+
+// ReleaseIn is the item of Env's list that names dir as the directory of releases.
+func ReleaseIn(dir string) string { return releasePrefix + dir }
+
+// Release releases a hold at point waiting in dir (ReleaseIn): the test's word, once
+// it saw what the hold was kept for. A hold takes each release once.
+func Release(dir, point string) error {
+	return os.WriteFile(filepath.Join(dir, point), nil, 0o600)
+}
+
+// releasePoll is how often Released looks for its release.
+const releasePoll = 10 * time.Millisecond
+
+// Released waits until the test released point (Release, in the directory list names),
+// taking the release, for at most bound. It reports false when it was not released:
+// bound passed, ctx ended, or list names no directory (it then does not wait).
+func Released(ctx context.Context, list, point string, bound time.Duration) bool {
+	var dir string
+	for p := range strings.SplitSeq(list, ",") {
+		if d, ok := strings.CutPrefix(strings.TrimSpace(p), releasePrefix); ok {
+			dir = d
+		}
+	}
+	if dir == "" {
+		return false
+	}
+	file := filepath.Join(dir, point)
+	end := time.NewTimer(bound)
+	defer end.Stop()
+	poll := time.NewTicker(releasePoll)
+	defer poll.Stop()
+	for {
+		if os.Remove(file) == nil {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-end.C:
+			return false
+		case <-poll.C:
+		}
+	}
+}
 
 // Holds says whether list (Env's value) names point.
 func Holds(list, point string) bool {
