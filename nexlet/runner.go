@@ -327,7 +327,14 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 		}
 		if r.localReg {
 			var failed error
-			if resp, mark, failed, err = r.registerLocal(agentID, reg); err != nil {
+			wait := patientRetryMin
+			for {
+				resp, mark, failed, err = r.registerLocal(agentID, reg)
+				if !r.againAfterRefusal(err, &wait) {
+					break
+				}
+			}
+			if err != nil {
 				return err
 			}
 			if failed != nil {
@@ -468,6 +475,9 @@ func (r *Runner) registerPatiently(nc *nats.Conn, agentID string, reg *protocol.
 	wait := patientRetryMin
 	for {
 		resp, mark, err := r.register(nc, agentID, reg)
+		if r.againAfterRefusal(err, &wait) {
+			continue
+		}
 		if err == nil || !r.patient || !errors.Is(err, nats.ErrNoResponders) {
 			return resp, mark, err
 		}
@@ -478,6 +488,33 @@ func (r *Runner) registerPatiently(nc *nats.Conn, agentID string, reg *protocol.
 		}
 		wait = min(wait*2, patientRetryMax)
 	}
+}
+
+// errStateUnreadable is a node's refusal of a registration while it cannot read its
+// state store (protocol.ErrTextStateUnreadable).
+var errStateUnreadable = errors.New(protocol.ErrTextStateUnreadable)
+
+// againAfterRefusal says whether a patient start registers again after err, the node's
+// refusal while it cannot read its state store, having waited *wait (doubled, to
+// patientRetryMax): registered with nothing replayed, the nexlet would have taken the
+// workloads it holds records of for ones the node no longer has. False for any other
+// outcome, for a runner that is not patient, and once the runner ends.
+func (r *Runner) againAfterRefusal(err error, wait *time.Duration) bool {
+	if !r.patient || !errors.Is(err, errStateUnreadable) {
+		return false
+	}
+	level := slog.LevelDebug
+	if *wait == patientRetryMin {
+		level = slog.LevelWarn // once per outage
+	}
+	r.log.Log(context.Background(), level, "the node cannot read its state for this nexlet's registration yet; registering again", "err", err)
+	select {
+	case <-r.ctx.Done():
+		return false
+	case <-time.After(*wait):
+	}
+	*wait = min(*wait*2, patientRetryMax)
+	return true
 }
 
 // serve adds the nexlet's micro service and endpoints on nc (its first connection, or
@@ -693,6 +730,9 @@ func (r *Runner) registration(agentID string, reg *protocol.RegisterAgentRequest
 // registered reads the node's reply to a registration sent on subj.
 func registered(subj string, msg *nats.Msg) (*protocol.RegisterAgentResponse, error) {
 	if code := msg.Header.Get(protocol.HeaderErrorCode); code != "" {
+		if code == "503" && msg.Header.Get(protocol.HeaderError) == protocol.ErrTextStateUnreadable {
+			return nil, fmt.Errorf("nexlet register on %s refused: %w: %s", subj, errStateUnreadable, bytes.TrimSpace(msg.Data))
+		}
 		return nil, fmt.Errorf("nexlet register on %s refused: %s %s: %s", subj, code, msg.Header.Get(protocol.HeaderError), bytes.TrimSpace(msg.Data))
 	}
 	var resp protocol.RegisterAgentResponse

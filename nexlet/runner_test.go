@@ -9,6 +9,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -927,4 +928,59 @@ func TestEndpointsBeforeFirstHeartbeat(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// TestPatientStartRegistersAgainWhileStateUnreadable: a node that cannot read its state
+// refuses the registration (503, protocol.ErrTextStateUnreadable); a patient start
+// registers again until it is accepted, and replays what that acceptance hands it. A
+// start that is not patient ends with the refusal. Before, the refusal ended a patient
+// start too (nexd's native nexlet then exited).
+func TestPatientStartRegistersAgainWhileStateUnreadable(t *testing.T) {
+	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, srv)
+	var asked atomic.Int32
+	refusals := int32(2)
+	_, err := nc.Subscribe(protocol.RegisterSubject(node, agent), func(m *nats.Msg) {
+		if asked.Add(1) <= refusals {
+			r := nats.NewMsg(m.Reply)
+			r.Header.Set(protocol.HeaderErrorCode, "503")
+			r.Header.Set(protocol.HeaderError, protocol.ErrTextStateUnreadable)
+			r.Data = []byte(`{"error":"the node's state store (JetStream) cannot be read"}`)
+			_ = m.RespondMsg(r)
+			return
+		}
+		b, _ := json.Marshal(protocol.RegisterAgentResponse{Success: true, NodeID: node,
+			ConnectionData: protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}},
+			ExistingState: map[string]protocol.AgentStartWorkloadRequest{
+				"STORED": {Request: protocol.StartWorkloadRequest{Name: "stored", Namespace: "ns", WorkloadType: "mem"}}}})
+		_ = m.Respond(b)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	creds := protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}
+
+	impatient, _ := NewRunner(t.Context(), node, newMemAgent())
+	if err := impatient.Run(agent, creds); err == nil || !strings.Contains(err.Error(), protocol.ErrTextStateUnreadable) {
+		t.Fatalf("Run refused for unreadable node state, not patient = %v, want the refusal", err)
+	}
+
+	asked.Store(0)
+	a := newMemAgent()
+	r, _ := NewRunner(t.Context(), node, a, WithPatientStart())
+	if err := r.Run(agent, creds); err != nil {
+		t.Fatalf("patient Run = %v", err)
+	}
+	defer func() { _ = r.Shutdown() }()
+	if got := asked.Load(); got != refusals+1 {
+		t.Errorf("%d registrations sent, want %d (refused %d times, then accepted)", got, refusals+1, refusals)
+	}
+	testkit.Eventually(t, "the accepted registration's workload replayed", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.replayed["STORED"]
+	})
 }

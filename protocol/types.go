@@ -53,6 +53,10 @@ const (
 const (
 	ErrTextWorkloadNotFound  = "workload not found"
 	ErrTextNamespaceNotFound = "namespace not found"
+	// ErrTextStateUnreadable is the description (Nats-Service-Error) of a nexd node's
+	// 503 refusal of a nexlet's registration while it cannot read its state store:
+	// the nexlet is to register again.
+	ErrTextStateUnreadable = "node state unreadable; register again"
 )
 
 // NatsConnectionData is how a nexlet or workload reaches NATS. Every key is always sent.

@@ -162,17 +162,31 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	}
 	relayed := feedRelayed(owner, key, req)
 	direct := n.directFeeds(agentID, owner, key, relayed, req)
+	rr := n.beginRead()
+	stored, err := n.o.Store.ByType(n.ctx, req.RegisterType)
+	if err != nil {
+		// Registered with nothing replayed, the nexlet would take every workload it
+		// holds records of for one the node no longer has: a live one left running
+		// unlisted and unmanaged, an ended one's records removed, its restart by
+		// policy or its end's report lost (e2e TestNexletRestartWhileStateUnreadable).
+		// Refused (before any credentials are minted for it), it registers again:
+		// nexd's SDK retries this refusal.
+		n.endRead(rr)
+		id := randid.New()
+		n.log.Warn("failed to read node state for a registering nexlet; registration refused until it can be read", "agent_id", agentID, "type", req.RegisterType, "err", err, "error_id", id)
+		body, _ := json.Marshal(protocol.ErrorBody{ErrorID: id, Error: "the node's state store (JetStream) cannot be read for the nexlet's stored workloads; register again"})
+		if rerr := r.Error("503", protocol.ErrTextStateUnreadable, body); rerr != nil {
+			n.log.Warn("failed to send error reply", "err", rerr)
+		}
+		return
+	}
 	creds, err := n.o.Minter.MintAgent(agentID, n.id, direct)
 	if err != nil {
+		n.endRead(rr)
 		n.fail(r, 500, "failed to mint nexlet credentials", fmt.Errorf("mint agent %s: %w", agentID, err))
 		return
 	}
 	existing := map[string]protocol.AgentStartWorkloadRequest{}
-	rr := n.beginRead()
-	stored, err := n.o.Store.ByType(n.ctx, req.RegisterType)
-	if err != nil {
-		n.log.Warn("failed to read node state for a registering nexlet", "agent_id", agentID, "type", req.RegisterType, "err", err)
-	}
 	for wid, swr := range stored {
 		// The store checked it (state.DecodeRecord); checked again here so that no
 		// Store hands a nexlet an id that is not a plain token or a record without a
@@ -336,6 +350,14 @@ func (n *Node) beginRead() *regRead {
 	}
 	n.regReads[rr] = struct{}{}
 	return rr
+}
+
+// endRead drops rr, a registration's read of node state, from n.regReads: the
+// registration was refused.
+func (n *Node) endRead(rr *regRead) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.regReads, rr)
 }
 
 // handOverStarts ends the deploys in flight that a registration took over as replays
