@@ -64,7 +64,9 @@ func TestInheritedListener(t *testing.T) {
 	}
 	c := NewClient(path)
 	defer c.Close()
-	if _, err := c.Status(context.Background()); err != nil {
+	sctx, scancel := context.WithTimeout(context.Background(), callWait)
+	defer scancel()
+	if _, err := c.Status(sctx); err != nil {
 		t.Fatalf("status through the inherited socket: %v", err)
 	}
 	c.Close()
@@ -140,7 +142,9 @@ func TestNoRequestLostAcrossHandovers(t *testing.T) {
 				var err error
 				if i%2 == 0 {
 					c := NewClient(path)
-					_, err = c.Reload(context.Background())
+					rctx, rcancel := context.WithTimeout(context.Background(), callWait)
+					_, err = c.Reload(rctx)
+					rcancel()
 					c.Close()
 				} else {
 					err = plainGet(path, "/v1/status")
@@ -177,6 +181,11 @@ func TestNoRequestLostAcrossHandovers(t *testing.T) {
 	t.Logf("%d calls across %d handovers", calls, handovers)
 }
 
+// callWait bounds one call of these tests: a socket nobody serves any more (no
+// server took systemd's socket over) queues a connection unanswered, which must fail
+// the call, not hang the test until the test binary's timeout.
+const callWait = time.Minute
+
 // plainGet GETs path over the socket with a plain HTTP client, which never asks again.
 func plainGet(sock, path string) error {
 	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -184,7 +193,7 @@ func plainGet(sock, path string) error {
 		return d.DialContext(ctx, "unix", sock)
 	}}
 	defer tr.CloseIdleConnections()
-	resp, err := (&http.Client{Transport: tr}).Get("http://nexd" + path)
+	resp, err := (&http.Client{Transport: tr, Timeout: callWait}).Get("http://nexd" + path)
 	if err != nil {
 		return err
 	}

@@ -186,7 +186,8 @@ func TestRoundTrip(t *testing.T) {
 	b := newTestBackend()
 	b.follow = make(chan LogLine)
 	_, c := startServer(t, b, ServerOptions{})
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), callWait)
+	defer cancel()
 
 	st, err := c.Status(ctx)
 	if err != nil || st.NodeID != "NNODE" || st.Uptime.Std() != 90*time.Second || st.Workloads["running"] != 2 {

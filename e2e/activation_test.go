@@ -109,8 +109,10 @@ func TestSocketActivation(t *testing.T) {
 	}
 
 	// Restart: between the two nexds the socket stays and connections queue.
-	p1.cmd.Process.Signal(syscall.SIGTERM)
-	<-p1.done
+	p1.signal(t, syscall.SIGTERM)
+	if code := p1.wait(t, 60*time.Second); code != 0 {
+		t.Fatalf("the first nexd exited %d on SIGTERM", code)
+	}
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("nexd removed systemd's socket on exit: %v", err)
 	}
@@ -220,15 +222,10 @@ func activatedRestarts(t *testing.T, restarts int, extra []string, plain bool, e
 	if cg := cgroupRoot(t); cg != "" {
 		args = append(args, "--cgroup-root", cg)
 	}
-	running := func() bool {
-		c := control.NewClient(path)
-		defer c.Close()
-		st, err := c.Status(context.Background())
-		return err == nil && st.State == "running"
-	}
+	running := func(st control.Status) bool { return st.State == "running" }
 
 	p := startActivated(t, sock, args)
-	testkit.EventuallyWithin(t, 90*time.Second, "first nexd running", running)
+	waitStatus(t, p, path, 90*time.Second, "the first nexd running on systemd's socket", running)
 
 	var (
 		mu       sync.Mutex
@@ -284,7 +281,7 @@ func activatedRestarts(t *testing.T, restarts int, extra []string, plain bool, e
 		time.Sleep(300 * time.Millisecond) // calls answered by a running nexd too
 		end(p)
 		p = startActivated(t, sock, args)
-		testkit.EventuallyWithin(t, 90*time.Second, fmt.Sprintf("nexd %d running", i+2), running)
+		waitStatus(t, p, path, 90*time.Second, fmt.Sprintf("nexd %d running on systemd's socket", i+2), running)
 	}
 	close(stop)
 	wg.Wait()

@@ -62,7 +62,7 @@ func TestAttackAdoptedNexletSocket(t *testing.T) {
 	native := n.native(t)
 	c := control.NewClient(n.socket)
 	defer c.Close()
-	st, err := c.Status(t.Context())
+	st, err := statusWithin(t.Context(), c)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"errors"
 	"os"
 	"os/exec"
@@ -14,7 +13,6 @@ import (
 
 	"github.com/nats-io/nkeys"
 
-	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
@@ -100,13 +98,7 @@ func TestAbandonedStartRemovesOwnCgroupRoot(t *testing.T) {
 		testkit.EventuallyWithin(t, 30*time.Second, "the native nexlet started early", func() bool {
 			return nexletPID(n.cmd.Process.Pid) != 0
 		})
-		c := control.NewClient(n.socket)
-		defer c.Close()
-		st, err := c.Status(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
-		id = st.NodeID
+		id = mustStatus(t, n.socket, "nexd waiting for NATS").NodeID
 		if len(roots()) < len(hiers) {
 			t.Fatalf("the node's cgroup root nexd/%s is not in every hierarchy: %v", id, roots())
 		}

@@ -213,39 +213,85 @@ func (n *node) restart(t *testing.T, opts nodeOpts) *node {
 // few milliseconds on a loaded machine.
 func (n *node) waitReady(t testing.TB) control.Status {
 	t.Helper()
-	c := control.NewClient(n.socket)
-	defer c.Close()
-	var st control.Status
-	var last string
-	exited := false
-	ok := testkit.WaitFor(90*time.Second, func() bool {
-		select {
-		case <-n.done:
-			exited = true
-			return true
-		default:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		cur, err := c.Status(ctx)
-		if err != nil {
-			last = err.Error()
-			return false
-		}
-		st, last = cur, string(cur.State)
-		return cur.State == "running"
+	st := waitStatus(t, n.proc, n.socket, 90*time.Second, "nexd ready (state running)", func(st control.Status) bool {
+		return st.State == "running"
 	})
-	switch {
-	case exited:
-		t.Fatalf("nexd exited before it was ready: %v\n%s", n.err, n.out.String())
-	case !ok:
-		t.Fatalf("nexd not ready in time; last: %s\n%s", last, n.out.String())
-	}
 	if n.embedded {
 		if !st.NATS.Embedded || st.NATS.Server == "" {
 			t.Fatalf("embedded NATS not in status: %+v", st.NATS)
 		}
 		n.natsURL = st.NATS.Server
+	}
+	return st
+}
+
+// statusCallWait bounds one status call of a test. A control socket that nobody
+// answers (systemd's, queueing connections while no nexd runs) must fail the call,
+// not hang the test until the test binary's timeout, as a CI run once did.
+const statusCallWait = 10 * time.Second
+
+// statusOf asks the control socket at path for the node's status once, within
+// statusCallWait.
+func statusOf(path string) (control.Status, error) {
+	c := control.NewClient(path)
+	defer c.Close()
+	return statusWithin(context.Background(), c)
+}
+
+// statusWithin is c's status call, within statusCallWait and ctx.
+func statusWithin(ctx context.Context, c *control.Client) (control.Status, error) {
+	ctx, cancel := context.WithTimeout(ctx, statusCallWait)
+	defer cancel()
+	return c.Status(ctx)
+}
+
+// mustStatus is statusOf, failing t naming why it asked.
+func mustStatus(t testing.TB, path, why string) control.Status {
+	t.Helper()
+	st, err := statusOf(path)
+	if err != nil {
+		t.Fatalf("status (%s) on %s: %v", why, path, err)
+	}
+	return st
+}
+
+// waitStatus asks the control socket at path for the node's status, in-process, until
+// cond holds of it, for at most bound (each call within statusCallWait), and returns
+// that status. It fails t naming what it waited for and the last answer or error; at
+// once, with nexd's output, when p (if not nil) exits first.
+func waitStatus(t testing.TB, p *proc, path string, bound time.Duration, what string, cond func(control.Status) bool) control.Status {
+	t.Helper()
+	c := control.NewClient(path)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), bound) // no call outlasts the bound
+	defer cancel()
+	var st control.Status
+	last := "no answer"
+	exited := false
+	ok := testkit.WaitFor(bound, func() bool {
+		if p != nil {
+			select {
+			case <-p.done:
+				exited = true
+				return true
+			default:
+			}
+		}
+		cur, err := statusWithin(ctx, c)
+		if err != nil {
+			last = err.Error()
+			return false
+		}
+		st, last = cur, "state "+string(cur.State)
+		return cond(cur)
+	})
+	switch {
+	case exited:
+		t.Fatalf("nexd exited while waiting for %s: %v\n%s", what, p.err, p.out.String())
+	case !ok && p != nil:
+		t.Fatalf("timed out after %v waiting for %s on %s; last: %s\n%s", bound, what, path, last, p.out.String())
+	case !ok:
+		t.Fatalf("timed out after %v waiting for %s on %s; last: %s", bound, what, path, last)
 	}
 	return st
 }
@@ -269,15 +315,7 @@ func (n *node) waitNative(t testing.TB) {
 	if n.nativeSeen {
 		return
 	}
-	c := control.NewClient(n.socket)
-	defer c.Close()
-	testkit.Eventually(t, "native nexlet healthy", func() bool {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		st, err := c.Status(ctx)
-		if err != nil {
-			return false
-		}
+	waitStatus(t, n.proc, n.socket, testkit.DefaultWait, "native nexlet healthy", func(st control.Status) bool {
 		for _, x := range st.Nexlets {
 			if x.Name == "native" && x.Health == protocol.HealthHealthy {
 				return true

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -28,14 +27,7 @@ func (n *node) native(t *testing.T) control.Nexlet {
 // nexlet returns the named nexlet's entry in the node's status.
 func (n *node) nexlet(t *testing.T, name string) control.Nexlet {
 	t.Helper()
-	c := control.NewClient(n.socket)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	st, err := c.Status(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := mustStatus(t, n.socket, "the "+name+" nexlet's entry")
 	for _, x := range st.Nexlets {
 		if x.Name == name {
 			return x

@@ -230,14 +230,8 @@ func TestLocalEndpoints(t *testing.T) {
 	n := startNode(t, nodeOpts{external: s.ClientURL()})
 	st := n.waitReady(t)
 	// Ready means registered; healthy follows with the nexlet's first heartbeat.
-	c := control.NewClient(n.socket)
-	defer c.Close()
-	testkit.Eventually(t, "native nexlet healthy", func() bool {
-		cur, err := c.Status(t.Context())
-		if err == nil {
-			st = cur
-		}
-		return err == nil && len(st.Nexlets) == 1 && st.Nexlets[0].Health == protocol.HealthHealthy
+	st = waitStatus(t, n.proc, n.socket, testkit.DefaultWait, "native nexlet healthy", func(st control.Status) bool {
+		return len(st.Nexlets) == 1 && st.Nexlets[0].Health == protocol.HealthHealthy
 	})
 	if st.Cgroup.Mode == "" {
 		t.Fatalf("status %+v", st)
