@@ -2,14 +2,11 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -46,31 +43,12 @@ func TestBadStateRecordsReportedGoodReplayed(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	js, err := jetstream.New(testnats.Connect(t, s))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, "nex-"+st.NodeID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := testnats.StateBucket(t, testnats.Connect(t, s), st.NodeID)
 	e, err := kv.Get(ctx, "native_"+good[0].ID)
 	if err != nil {
 		t.Fatalf("the first service's record: %v", err)
 	}
-	edit := func(field, raw string) []byte {
-		var m map[string]json.RawMessage
-		if err := json.Unmarshal(e.Value(), &m); err != nil {
-			t.Fatal(err)
-		}
-		if raw == "" {
-			delete(m, field)
-		} else {
-			m[field] = json.RawMessage(raw)
-		}
-		b, _ := json.Marshal(m)
-		return b
-	}
+	edit := func(field, raw string) []byte { return testkit.EditJSON(t, e.Value(), field, raw) }
 	bad := []struct {
 		key   string
 		value []byte

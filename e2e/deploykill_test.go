@@ -163,11 +163,7 @@ func kvStarted(t *testing.T, nc *nats.Conn, nodeID, typ, id string) bool {
 // kvValue is the workload's record in node state, if any.
 func kvValue(t *testing.T, nc *nats.Conn, nodeID, typ, id string) ([]byte, bool) {
 	t.Helper()
-	js, _ := jetstream.New(nc)
-	kv, err := js.KeyValue(t.Context(), "nex-"+nodeID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := testnats.StateBucket(t, nc, nodeID)
 	e, err := kv.Get(t.Context(), typ+"_"+id)
 	if err != nil {
 		return nil, false
@@ -229,11 +225,7 @@ func TestDeployRecordAnswerLostOnTheWire(t *testing.T) {
 	if after.State.LastSeq-before.State.LastSeq < 2 {
 		t.Errorf("the bucket took %d writes: want the record, then its removal", after.State.LastSeq-before.State.LastSeq)
 	}
-	js2, _ := jetstream.New(nc)
-	kv, err := js2.KeyValue(t.Context(), "nex-"+st.NodeID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := testnats.StateBucket(t, nc, st.NodeID)
 	keys, _ := kv.ListKeys(t.Context())
 	records := 0
 	for k := range keys.Keys() {

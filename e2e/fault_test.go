@@ -380,11 +380,7 @@ func TestLameduckDrainLeavesKVEmpty(t *testing.T) {
 		}
 	}
 	nc := testnats.Connect(t, s)
-	js, _ := jetstream.New(nc)
-	kv, err := js.KeyValue(t.Context(), "nex-"+st.NodeID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := testnats.StateBucket(t, nc, st.NodeID)
 	keys := func() []string {
 		ks, err := kv.Keys(t.Context())
 		if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {

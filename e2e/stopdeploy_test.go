@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
@@ -51,11 +49,7 @@ func TestStopWithDeployInFlight(t *testing.T) {
 		out  string
 		code int
 	}
-	js, _ := jetstream.New(testnats.Connect(t, s))
-	kv, err := js.KeyValue(t.Context(), "nex-"+st.NodeID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := testnats.StateBucket(t, testnats.Connect(t, s), st.NodeID)
 	// The deploy must reach the node while the frozen nexlet still counts as healthy
 	// (up to DegradedAfter, 15 s, after its last heartbeat); on a loaded host nexctl
 	// can take longer, and the node then refuses the deploy: not in flight, not the

@@ -16,7 +16,6 @@ import (
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/control"
@@ -321,12 +320,8 @@ func TestNexletHijack(t *testing.T) {
 // kvHas reports whether node state (KV bucket nex-<node>) holds workload id.
 func kvHas(t *testing.T, nc *nats.Conn, nodeID, typ, id string) bool {
 	t.Helper()
-	js, _ := jetstream.New(nc)
-	kv, err := js.KeyValue(t.Context(), "nex-"+nodeID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = kv.Get(t.Context(), typ+"_"+id)
+	kv := testnats.StateBucket(t, nc, nodeID)
+	_, err := kv.Get(t.Context(), typ+"_"+id)
 	return err == nil
 }
 

@@ -17,7 +17,6 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testkit"
@@ -146,11 +145,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 	}
 
 	// The sealed environment never appears in clear text in KV or in the clone request.
-	js, _ := jetstream.New(nc)
-	kv, err := js.KeyValue(t.Context(), "nex-"+st.NodeID)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := testnats.StateBucket(t, nc, st.NodeID)
 	entry, err := kv.Get(t.Context(), "native_"+r.ID)
 	if err != nil {
 		t.Fatal("workload not in KV:", err)

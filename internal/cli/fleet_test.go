@@ -567,24 +567,9 @@ func TestNodeStateAndPrune(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nodeID := func() string {
-		kp, err := nkeys.CreateServer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		pub, _ := kp.PublicKey()
-		return pub
-	}
-	alive, gone := nodeID(), nodeID()
-	for _, id := range []string{alive, gone} {
-		kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-" + id})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kv.Put(ctx, "native_W1", []byte(`{"request":{}}`)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w1 := testnats.Record{Key: "native_W1", Value: []byte(`{"request":{}}`)}
+	alive, _ := testnats.NewStateBucket(t, nc, w1)
+	gone, _ := testnats.NewStateBucket(t, nc, w1)
 	if _, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-not-a-node"}); err != nil {
 		t.Fatal(err)
 	}

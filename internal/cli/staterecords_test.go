@@ -1,14 +1,11 @@
 package cli
 
 import (
-	"context"
 	"encoding/json"
 	"strings"
 	"testing"
 
-	"github.com/nats-io/nats.go/jetstream"
-	"github.com/nats-io/nkeys"
-
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -25,39 +22,13 @@ func TestNodeStateShowsBadRecords(t *testing.T) {
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	url := s.ClientURL()
-	ctx := context.Background()
-	js, err := jetstream.New(testnats.Connect(t, s))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kp, err := nkeys.CreateServer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := kp.PublicKey()
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-" + id})
-	if err != nil {
-		t.Fatal(err)
-	}
 	good := protocol.StartWorkloadRequest{Description: "d", Name: "good", Namespace: "tenant", RunRequest: `{"cmd":"x"}`,
 		Tags: map[string]string{}, WorkloadLifecycle: protocol.LifecycleService, WorkloadType: "native"}
 	goodJSON, err := json.Marshal(good)
 	if err != nil {
 		t.Fatal(err)
 	}
-	edit := func(field, raw string) []byte {
-		var m map[string]json.RawMessage
-		if err := json.Unmarshal(goodJSON, &m); err != nil {
-			t.Fatal(err)
-		}
-		if raw == "" {
-			delete(m, field)
-		} else {
-			m[field] = json.RawMessage(raw)
-		}
-		b, _ := json.Marshal(m)
-		return b
-	}
+	edit := func(field, raw string) []byte { return testkit.EditJSON(t, goodJSON, field, raw) }
 	records := []struct {
 		key   string
 		value []byte
@@ -75,11 +46,11 @@ func TestNodeStateShowsBadRecords(t *testing.T) {
 		{key: "native_BADLONGNAME", value: edit("name", `"`+strings.Repeat("n", 2000)+`"`), field: "name", bad: true},
 		{key: "native_BADCONTROL", value: edit("name", `"a\u001b[2Jb"`), field: "name", bad: true},
 	}
+	var seed []testnats.Record
 	for _, r := range records {
-		if _, err := kv.Put(ctx, r.key, r.value); err != nil {
-			t.Fatalf("put %s: %v", r.key, err)
-		}
+		seed = append(seed, testnats.Record{Key: r.key, Value: r.value})
 	}
+	id, _ := testnats.NewStateBucket(t, testnats.Connect(t, s), seed...)
 	newFakeNode(t, testnats.Connect(t, s), id, nil).start()
 	const badCount = 7
 

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"context"
 	"encoding/json"
 	"path/filepath"
 	"strings"
@@ -9,8 +8,6 @@ import (
 	"time"
 
 	"github.com/nats-io/jwt/v2"
-	"github.com/nats-io/nats.go/jetstream"
-	"github.com/nats-io/nkeys"
 
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -28,24 +25,7 @@ import (
 func TestTenantNodeStateRefused(t *testing.T) {
 	t.Parallel()
 	op := testnats.StartOperator(t, nil)
-	kp, err := nkeys.CreateServer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	nodeID, _ := kp.PublicKey()
-	js, err := jetstream.New(op.Connect(t, "nexd"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-" + nodeID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := kv.Put(ctx, "native.W1", []byte(`{}`)); err != nil {
-		t.Fatal(err)
-	}
+	nodeID, _ := testnats.NewStateBucket(t, op.Connect(t, "nexd"), testnats.Record{Key: "native.W1", Value: []byte(`{}`)})
 	dir := t.TempDir()
 	p, err := mint.TenantPermissions("shop")
 	if err != nil {

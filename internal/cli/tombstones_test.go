@@ -8,9 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-	"github.com/nats-io/nkeys"
-
 	"github.com/nexd-project/nexd/control"
 	"github.com/nexd-project/nexd/internal/testnats"
 )
@@ -33,24 +30,9 @@ func TestTombstonesShown(t *testing.T) {
 	s := testnats.Start(t, testnats.Options{})
 	url := s.ClientURL()
 	ctx := context.Background()
-	js, err := jetstream.New(testnats.Connect(t, s))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kp, err := nkeys.CreateServer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := kp.PublicKey()
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "nex-" + id})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range []string{"native_WSTOPPED", "native_WRUNNING"} {
-		if _, err := kv.Put(ctx, k, []byte(`{"request":{}}`)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	id, _ := testnats.NewStateBucket(t, testnats.Connect(t, s),
+		testnats.Record{Key: "native_WSTOPPED", Value: []byte(`{"request":{}}`)},
+		testnats.Record{Key: "native_WRUNNING", Value: []byte(`{"request":{}}`)})
 	newFakeNode(t, testnats.Connect(t, s), id, nil).start()
 	since := time.Now().Add(-3 * time.Minute).UTC().Truncate(time.Second)
 	b := tombstoneBackend{localBackend: &localBackend{secrets: map[string]string{}}, st: control.Status{NodeID: id, Name: "here",
