@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -60,7 +61,7 @@ func socketPort(s *Socket) int {
 // waitClients waits until srv counts n client connections.
 func waitClients(t testing.TB, srv *server.Server, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(testkit.DefaultWait)
 	for srv.NumClients() != n {
 		if time.Now().After(deadline) {
 			t.Fatalf("server has %d client connections, want %d: %v", srv.NumClients(), n, clientPorts(t, srv))
@@ -69,27 +70,51 @@ func waitClients(t testing.TB, srv *server.Server, n int) {
 	}
 }
 
-// TestConnectSocketTaken: the connection with the registration's credentials is the
-// socket opened ahead (the server sees the nexlet's named connection on its port) and
-// no other connection is left open.
-func TestConnectSocketTaken(t *testing.T) {
+// socketAheadSetup starts a server whose node answers registrations, and a socket
+// dialled ahead to it that counts as fresh for a minute; it returns the server, the
+// socket (closed at the test's end) and the socket's local port.
+func socketAheadSetup(t *testing.T) (*server.Server, *Socket, int) {
+	t.Helper()
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
-	nc := testnats.Connect(t, srv)
-	answerRegistrations(t, srv, nc)
+	answerRegistrations(t, srv, testnats.Connect(t, srv))
 	sock := SocketAhead([]string{srv.ClientURL()})
-	defer sock.Close()
+	t.Cleanup(sock.Close)
 	port := socketPort(sock)
 	if port == 0 {
 		t.Fatal("no socket dialled ahead")
 	}
+	// Dialled just now, for a minute: the nexlet's registration round trip before its
+	// connect took longer than socketFresh on a loaded host (TestConnectSocketTaken
+	// failed so at load 40). The age bound is TestConnectSocketStale's to test.
+	sock.mu.Lock()
+	sock.at = time.Now().Add(time.Minute)
+	sock.mu.Unlock()
+	return srv, sock, port
+}
+
+// runWithSocket starts a nexlet on srv given sock to connect with, shut down at the
+// test's end; err is Run's.
+func runWithSocket(t *testing.T, srv *server.Server, sock *Socket) (*Runner, error) {
+	t.Helper()
 	r, err := NewRunner(context.Background(), node, newMemAgent(), WithConnectSocket(sock))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { _ = r.Shutdown() })
+	return r, nil
+}
+
+// TestConnectSocketTaken: the connection with the registration's credentials is the
+// socket opened ahead (the server sees the nexlet's named connection on its port) and
+// no other connection is left open.
+func TestConnectSocketTaken(t *testing.T) {
+	srv, sock, port := socketAheadSetup(t)
+	if _, err := runWithSocket(t, srv, sock); err != nil {
 		t.Fatal(err)
 	}
-	defer r.Shutdown()
 	if !sock.Used() {
 		t.Fatal("the connect did not take the socket opened ahead")
 	}
@@ -103,25 +128,13 @@ func TestConnectSocketTaken(t *testing.T) {
 // TestConnectSocketStale: a socket older than socketFresh is not taken (the server may
 // have closed it at its auth_timeout) but closed, and the nexlet connects anew.
 func TestConnectSocketStale(t *testing.T) {
-	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
-	nc := testnats.Connect(t, srv)
-	answerRegistrations(t, srv, nc)
-	sock := SocketAhead([]string{srv.ClientURL()})
-	defer sock.Close()
-	if socketPort(sock) == 0 {
-		t.Fatal("no socket dialled ahead")
-	}
+	srv, sock, _ := socketAheadSetup(t)
 	sock.mu.Lock()
-	sock.at = sock.at.Add(-2 * socketFresh)
+	sock.at = time.Now().Add(-2 * socketFresh)
 	sock.mu.Unlock()
-	r, err := NewRunner(context.Background(), node, newMemAgent(), WithConnectSocket(sock))
-	if err != nil {
+	if _, err := runWithSocket(t, srv, sock); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
-		t.Fatal(err)
-	}
-	defer r.Shutdown()
 	if sock.Used() {
 		t.Fatal("a stale socket was taken")
 	}
@@ -132,15 +145,7 @@ func TestConnectSocketStale(t *testing.T) {
 // connect (as at its auth_timeout): the connect on it fails, and the nexlet connects
 // once more, dialled anew, instead of failing its start.
 func TestConnectSocketClosedByServer(t *testing.T) {
-	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
-	nc := testnats.Connect(t, srv)
-	answerRegistrations(t, srv, nc)
-	sock := SocketAhead([]string{srv.ClientURL()})
-	defer sock.Close()
-	port := socketPort(sock)
-	if port == 0 {
-		t.Fatal("no socket dialled ahead")
-	}
+	srv, sock, port := socketAheadSetup(t)
 	waitClients(t, srv, 2) // the test's and the socket's, once the server took it
 	cz, err := srv.Connz(&server.ConnzOptions{})
 	if err != nil {
@@ -159,14 +164,10 @@ func TestConnectSocketClosedByServer(t *testing.T) {
 		t.Fatalf("the server does not list the socket's connection (port %d): %v", port, clientPorts(t, srv))
 	}
 	waitClients(t, srv, 1)
-	r, err := NewRunner(context.Background(), node, newMemAgent(), WithConnectSocket(sock))
+	r, err := runWithSocket(t, srv, sock)
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.Run(agent, protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}); err != nil {
 		t.Fatalf("Run after the server closed the socket opened ahead: %v", err)
 	}
-	defer r.Shutdown()
 	if !sock.Used() {
 		t.Fatal("the connect did not try the socket opened ahead: nothing tested")
 	}
