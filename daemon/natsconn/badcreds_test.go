@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nats-io/jwt/v2"
-
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
@@ -15,13 +13,9 @@ import (
 // a seed without its JWT) is refused with an error naming the flag and the file, not
 // only the NATS library's words.
 func TestBadCredsFileNamed(t *testing.T) {
-	configure, ujwt, useed := operatorSetup(t)
-	s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: configure})
-	good, err := jwt.FormatUserConfig(ujwt, []byte(useed))
-	if err != nil {
-		t.Fatal(err)
-	}
-	text := string(good)
+	op, s := operatorServer(t)
+	ujwt, useed := op.User(t, "U", nil)
+	text := string(testnats.Creds(t, ujwt, useed))
 	seedAt := strings.Index(text, "-----BEGIN USER NKEY SEED-----")
 	dir := t.TempDir()
 	for name, body := range map[string]string{

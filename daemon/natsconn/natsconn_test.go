@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
@@ -189,55 +188,18 @@ func TestAuthOptionErrors(t *testing.T) {
 	}
 }
 
-// operatorSetup builds an operator, an account and a user, as nsc would.
-func operatorSetup(t *testing.T) (configure func(*server.Options), userJWT, seed string) {
+// operatorServer starts a server (no JetStream) trusting a new operator, as nsc would
+// set one up.
+func operatorServer(t *testing.T) (*testnats.Operator, *server.Server) {
 	t.Helper()
-	okp, _ := nkeys.CreateOperator()
-	opub, _ := okp.PublicKey()
-	oc := jwt.NewOperatorClaims(opub)
-	oc.Name = "O"
-	if _, err := oc.Encode(okp); err != nil {
-		t.Fatal(err)
-	}
-	akp, _ := nkeys.CreateAccount()
-	apub, _ := akp.PublicKey()
-	ac := jwt.NewAccountClaims(apub)
-	ac.Name = "A"
-	ac.Limits.JetStreamLimits.DiskStorage = -1
-	ac.Limits.JetStreamLimits.MemoryStorage = -1
-	ajwt, err := ac.Encode(okp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ukp, upub, useed := userSeed(t)
-	_ = ukp
-	uc := jwt.NewUserClaims(upub)
-	uc.Name = "U"
-	ujwt, err := uc.Encode(akp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return func(o *server.Options) {
-		r := &server.MemAccResolver{}
-		if err := r.Store(apub, ajwt); err != nil {
-			t.Fatal(err)
-		}
-		o.TrustedOperators = []*jwt.OperatorClaims{oc}
-		o.AccountResolver = r
-	}, ujwt, useed
+	op := testnats.NewOperator(t, nil)
+	return op, testnats.Start(t, testnats.Options{NoJetStream: true, Configure: op.Configure})
 }
 
 func TestOperatorMode(t *testing.T) {
-	configure, ujwt, useed := operatorSetup(t)
-	s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: configure})
-	creds, err := jwt.FormatUserConfig(ujwt, []byte(useed))
-	if err != nil {
-		t.Fatal(err)
-	}
-	credsFile := filepath.Join(t.TempDir(), "user.creds")
-	if err := os.WriteFile(credsFile, creds, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	op, s := operatorServer(t)
+	ujwt, useed := op.User(t, "U", nil)
+	credsFile := op.CredsFile(t, "user")
 	for name, o := range map[string]Options{
 		"creds file": {Servers: []string{s.ClientURL()}, CredsFile: credsFile},
 		"jwt+seed":   {Servers: []string{s.ClientURL()}, JWT: ujwt, Seed: useed},

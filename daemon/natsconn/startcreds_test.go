@@ -17,57 +17,24 @@ import (
 	"github.com/nexd-project/nexd/internal/testnats"
 )
 
-// operatorAccount builds an operator and an account, as nsc would, and returns the
-// server's configuration and a maker of creds files for users of that account.
-func operatorAccount(t *testing.T) (configure func(*server.Options), creds func(seedOf nkeys.KeyPair, edit func(*jwt.UserClaims)) []byte) {
+// operatorCreds starts a server (no JetStream) trusting a new operator, as nsc would
+// set one up, and returns it with a maker of creds files for users of its account:
+// edit changes the user's claims before they are signed, and with seedOf the file
+// holds seedOf's seed instead of the user's.
+func operatorCreds(t *testing.T) (*testnats.Operator, *server.Server, func(seedOf nkeys.KeyPair, edit func(*jwt.UserClaims)) []byte) {
 	t.Helper()
-	okp, _ := nkeys.CreateOperator()
-	opub, _ := okp.PublicKey()
-	oc := jwt.NewOperatorClaims(opub)
-	oc.Name = "O"
-	if _, err := oc.Encode(okp); err != nil {
-		t.Fatal(err)
-	}
-	akp, _ := nkeys.CreateAccount()
-	apub, _ := akp.PublicKey()
-	ac := jwt.NewAccountClaims(apub)
-	ac.Name = "A"
-	ajwt, err := ac.Encode(okp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	configure = func(o *server.Options) {
-		r := &server.MemAccResolver{}
-		if err := r.Store(apub, ajwt); err != nil {
-			t.Fatal(err)
-		}
-		o.TrustedOperators = []*jwt.OperatorClaims{oc}
-		o.AccountResolver = r
-	}
-	creds = func(seedOf nkeys.KeyPair, edit func(*jwt.UserClaims)) []byte {
+	op, s := operatorServer(t)
+	creds := func(seedOf nkeys.KeyPair, edit func(*jwt.UserClaims)) []byte {
 		t.Helper()
-		ukp, upub, _ := userSeed(t)
-		uc := jwt.NewUserClaims(upub)
-		uc.Name = "U"
-		if edit != nil {
-			edit(uc)
-		}
-		ujwt, err := uc.Encode(akp)
-		if err != nil {
-			t.Fatal(err)
-		}
-		seed, _ := ukp.Seed()
-		b, err := jwt.FormatUserConfig(ujwt, seed)
-		if err != nil {
-			t.Fatal(err)
-		}
+		ujwt, seed := op.UserEdit(t, "U", nil, edit)
+		b := testnats.Creds(t, ujwt, seed)
 		if seedOf != nil { // FormatUserConfig refuses another user's seed: swapped after
 			otherSeed, _ := seedOf.Seed()
-			b = []byte(strings.Replace(string(b), string(seed), string(otherSeed), 1))
+			b = []byte(strings.Replace(string(b), seed, string(otherSeed), 1))
 		}
 		return b
 	}
-	return configure, creds
+	return op, s, creds
 }
 
 // TestStartNamesBadCredsFile: nexd's connect at start with a creds file (real
@@ -84,8 +51,7 @@ func operatorAccount(t *testing.T) (configure func(*server.Options), creds func(
 // coming up (its rotation tool and the server both starting at boot) connects, as it
 // did before the check.
 func TestStartNamesBadCredsFile(t *testing.T) {
-	configure, creds := operatorAccount(t)
-	s := testnats.Start(t, testnats.Options{NoJetStream: true, Configure: configure})
+	op, s, creds := operatorCreds(t)
 	other, _, _ := userSeed(t)
 	dir := t.TempDir()
 	for _, tc := range []struct {
@@ -147,7 +113,7 @@ func TestStartNamesBadCredsFile(t *testing.T) {
 		if err := os.Rename(tmp, path); err != nil {
 			t.Fatal(err)
 		}
-		testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { configure(o); o.Port = port }})
+		testnats.Start(t, testnats.Options{NoJetStream: true, Configure: func(o *server.Options) { op.Configure(o); o.Port = port }})
 		r := <-done
 		if r.err != nil {
 			t.Fatalf("the file renewed in place before the server answered: %v", r.err)

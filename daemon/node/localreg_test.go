@@ -519,18 +519,8 @@ func (m *holdFirstAgentMint) RevokeAgentBefore(ctx context.Context, agentID, use
 // registration's own: the nexlet's user stays valid, its registration user is revoked.
 // A real operator-mode server checks both.
 func TestDroppedLocalRegistrationKeepsTheLiveUser(t *testing.T) {
-	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
-	if err != nil {
-		t.Fatal(err)
-	}
-	op := testnats.StartOperator(t, res)
-	sysJWT, sysSeed := op.User(t, "sys", op.SystemKP)
-	sys := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(sysJWT, sysSeed))
-	sm, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mint.Options{Servers: []string{op.Server.ClientURL()},
-		Revoker: mint.NewSystemAccountRevoker(sys, op.OperatorKP, op.Account, 48*time.Hour)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	op, rev := revokingOperator(t, 48*time.Hour)
+	sm := newSigningMinter(t, op, mint.Options{Revoker: rev})
 	m := &holdFirstAgentMint{SigningKeyMinter: sm, entered: make(chan struct{}), release: make(chan struct{}), minted: make(chan struct{}),
 		revoking: make(chan struct{}, 4)}
 	kp, _ := nkeys.CreateServer()

@@ -8,12 +8,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/testkit"
-	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -78,14 +76,8 @@ func (o *endRevoker) revokedAt(id string) (time.Time, bool) {
 // rogue's workload, 5,170-7,188 answers in 42-62 s, every round served, in three -race
 // runs at load 36-52.
 func TestAttackRenewalFloodCostsTheNodeBounded(t *testing.T) {
-	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
-	if err != nil {
-		t.Fatal(err)
-	}
-	op := testnats.StartOperator(t, res)
-	sysJWT, sysSeed := op.User(t, "sys", op.SystemKP)
-	sys := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(sysJWT, sysSeed))
-	mo := mint.Options{Revoker: mint.NewSystemAccountRevoker(sys, op.OperatorKP, op.Account, 2*time.Hour)}
+	op, rev := revokingOperator(t, 2*time.Hour)
+	mo := mint.Options{Revoker: rev}
 	var cm *countingMinter
 	obs := &endRevoker{revoked: map[string]time.Time{}}
 	t.Cleanup(obs.wg.Wait)

@@ -7,12 +7,10 @@ import (
 	"time"
 
 	"github.com/nats-io/jwt/v2"
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/daemon/mint"
 	"github.com/nexd-project/nexd/internal/testkit"
-	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -78,18 +76,8 @@ func (o *revokingObserver) WorkloadEnded(id string) {
 // namespace check refuses it now). Now the check and the mint are one step under the
 // node's lock, so an end handled after it revokes what it minted.
 func TestAttackRenewalRacesStop(t *testing.T) {
-	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
-	if err != nil {
-		t.Fatal(err)
-	}
-	op := testnats.StartOperator(t, res)
-	sysJWT, sysSeed := op.User(t, "sys", op.SystemKP)
-	sys := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(sysJWT, sysSeed))
-	sm, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mint.Options{Servers: []string{op.Server.ClientURL()},
-		Revoker: mint.NewSystemAccountRevoker(sys, op.OperatorKP, op.Account, 48*time.Hour)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	op, rev := revokingOperator(t, 48*time.Hour)
+	sm := newSigningMinter(t, op, mint.Options{Revoker: rev})
 	m := &renewAfterRevoke{SigningKeyMinter: sm, revoked: map[string]chan struct{}{}}
 	obs := &revokingObserver{m: m}
 	t.Cleanup(obs.wg.Wait)

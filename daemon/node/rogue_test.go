@@ -48,15 +48,33 @@ func newRogueFixtureMinting(t *testing.T, mo mint.Options, tweaks ...func(*Optio
 	return &rogueFixture{fixture: f, op: op, m: m}
 }
 
-// startMintingNode starts a running node on op's server with a signing-key minter made
-// with mo (its Servers set to the server), stopped at the test's end.
-func startMintingNode(t *testing.T, op *testnats.Operator, mo mint.Options, name string, tweaks ...func(*Options)) (*Node, *MemStore, *mint.SigningKeyMinter) {
+// revokingOperator starts an operator-mode server whose accounts a directory resolver
+// holds (as the embedded server's) and makes a revoker that revokes users of its
+// application account through its system account, as nexd's does, keeping each
+// revocation for retain.
+func revokingOperator(t *testing.T, retain time.Duration) (*testnats.Operator, *mint.AccountRevoker) {
+	t.Helper()
+	op := testnats.StartOperatorDir(t)
+	return op, mint.NewSystemAccountRevoker(op.ConnectSystem(t, "sys"), op.OperatorKP, op.Account, retain)
+}
+
+// newSigningMinter is a signing-key minter of op's application account made with mo
+// (its Servers set to op's server).
+func newSigningMinter(t *testing.T, op *testnats.Operator, mo mint.Options) *mint.SigningKeyMinter {
 	t.Helper()
 	mo.Servers = []string{op.Server.ClientURL()}
 	m, err := mint.NewSigningKeyMinter(op.SigningSeed, op.Account, mo)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return m
+}
+
+// startMintingNode starts a running node on op's server with a signing-key minter made
+// with mo (its Servers set to the server), stopped at the test's end.
+func startMintingNode(t *testing.T, op *testnats.Operator, mo mint.Options, name string, tweaks ...func(*Options)) (*Node, *MemStore, *mint.SigningKeyMinter) {
+	t.Helper()
+	m := newSigningMinter(t, op, mo)
 	kp, _ := nkeys.CreateServer()
 	xk, _ := nkeys.CreateCurveKeys()
 	st := NewMemStore()

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
@@ -14,7 +15,7 @@ import (
 // Operator is a nats-server in operator (JWT) mode: one application account with a
 // signing key and JetStream, and a system account, both in Resolver.
 type Operator struct {
-	Server      *server.Server
+	Server      *server.Server // nil from NewOperator
 	OperatorKP  nkeys.KeyPair
 	AccountKP   nkeys.KeyPair
 	SystemKP    nkeys.KeyPair
@@ -22,11 +23,23 @@ type Operator struct {
 	System      string // the system account's public key
 	SigningSeed string // the application account's signing key seed (SA…)
 	Resolver    server.AccountResolver
+	claims      *jwt.OperatorClaims
 }
 
 // StartOperator runs an operator-mode server for the duration of t; res nil means a
 // memory resolver.
 func StartOperator(t testing.TB, res server.AccountResolver) *Operator {
+	t.Helper()
+	o := NewOperator(t, res)
+	o.Server = Start(t, Options{Configure: o.Configure})
+	return o
+}
+
+// NewOperator makes the operator and its accounts, as nsc would, storing the accounts
+// in res (a memory resolver when nil), and starts no server: the test starts its own
+// (without JetStream, say, or at a port fixed beforehand) with Options.Configure set
+// to o.Configure.
+func NewOperator(t testing.TB, res server.AccountResolver) *Operator {
 	t.Helper()
 	if res == nil {
 		res = &server.MemAccResolver{}
@@ -64,13 +77,35 @@ func StartOperator(t testing.TB, res server.AccountResolver) *Operator {
 			t.Fatal(err)
 		}
 	}
-	s := Start(t, Options{Configure: func(o *server.Options) {
-		o.TrustedOperators = []*jwt.OperatorClaims{oc}
-		o.AccountResolver = res
-		o.SystemAccount = sysPub
-	}})
-	return &Operator{Server: s, OperatorKP: opKP, AccountKP: accKP, SystemKP: sysKP, Account: accPub,
-		System: sysPub, SigningSeed: string(sigSeed), Resolver: res}
+	return &Operator{OperatorKP: opKP, AccountKP: accKP, SystemKP: sysKP, Account: accPub,
+		System: sysPub, SigningSeed: string(sigSeed), Resolver: res, claims: oc}
+}
+
+// Configure sets a server's options to trust the operator and resolve its accounts.
+func (o *Operator) Configure(so *server.Options) {
+	so.TrustedOperators = []*jwt.OperatorClaims{o.claims}
+	so.AccountResolver = o.Resolver
+	so.SystemAccount = o.System
+}
+
+// StartOperatorDir is StartOperator with a directory resolver, as nexd's embedded
+// server has: account JWTs pushed through the system account (revocations) are stored
+// and take effect.
+func StartOperatorDir(t testing.TB) *Operator {
+	t.Helper()
+	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return StartOperator(t, res)
+}
+
+// ConnectSystem connects as a new user of the system account (the one that pushes
+// account JWTs).
+func (o *Operator) ConnectSystem(t testing.TB, name string) *nats.Conn {
+	t.Helper()
+	tok, seed := o.User(t, name, o.SystemKP)
+	return Connect(t, o.Server, nats.UserJWTAndSeed(tok, seed), nats.Name(name))
 }
 
 // User issues an unrestricted user of the account of accKP (the application account
@@ -85,13 +120,23 @@ func (o *Operator) User(t testing.TB, name string, accKP nkeys.KeyPair) (string,
 // JWT and seed.
 func (o *Operator) UserWith(t testing.TB, name string, accKP nkeys.KeyPair, p jwt.Permissions) (string, string) {
 	t.Helper()
+	return o.UserEdit(t, name, accKP, func(uc *jwt.UserClaims) { uc.Permissions = p })
+}
+
+// UserEdit issues a user of the account of accKP (the application account when nil)
+// whose claims edit changed (expiry, permissions) before they were signed, and
+// returns its JWT and seed.
+func (o *Operator) UserEdit(t testing.TB, name string, accKP nkeys.KeyPair, edit func(*jwt.UserClaims)) (string, string) {
+	t.Helper()
 	if accKP == nil {
 		accKP = o.AccountKP
 	}
 	ukp, upub := newKey(t, nkeys.CreateUser)
 	uc := jwt.NewUserClaims(upub)
 	uc.Name = name
-	uc.Permissions = p
+	if edit != nil {
+		edit(uc)
+	}
 	tok, err := uc.Encode(accKP)
 	if err != nil {
 		t.Fatal(err)
@@ -114,15 +159,21 @@ func (o *Operator) Connect(t testing.TB, name string) *nats.Conn {
 func (o *Operator) CredsFile(t testing.TB, name string) string {
 	t.Helper()
 	tok, seed := o.User(t, name, nil)
-	creds, err := jwt.FormatUserConfig(tok, []byte(seed))
-	if err != nil {
-		t.Fatal(err)
-	}
 	path := filepath.Join(t.TempDir(), name+".creds")
-	if err := os.WriteFile(path, creds, 0o600); err != nil {
+	if err := os.WriteFile(path, Creds(t, tok, seed), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return path
+}
+
+// Creds is the creds file, as nsc writes it, of the user of userJWT and seed.
+func Creds(t testing.TB, userJWT, seed string) []byte {
+	t.Helper()
+	creds, err := jwt.FormatUserConfig(userJWT, []byte(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return creds
 }
 
 func newKey(t testing.TB, create func() (nkeys.KeyPair, error)) (nkeys.KeyPair, string) {
