@@ -393,6 +393,54 @@ func TestLostStopEvent(t *testing.T) {
 	t.Logf("dropped %d messages, %d WORKLOADENDED reports seen", p.dropped.Load(), ended.Load())
 }
 
+// fakeNode is a client on the bus posing as a node, with a server key and an xkey of
+// its own: it bids in namespace tenant's auctions and answers pings as the test has it.
+type fakeNode struct {
+	key  nkeys.KeyPair
+	id   string // the key's public key: a node id of its own
+	xpub string
+}
+
+func newFakeNode(t *testing.T) *fakeNode {
+	t.Helper()
+	key, err := nkeys.CreateServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	x, err := nkeys.CreateCurveKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakeNode{key: key}
+	f.id, _ = key.PublicKey()
+	f.xpub, _ = x.PublicKey()
+	return f
+}
+
+// bid is the fake's answer to the auction m in namespace tenant: a bid of bidder
+// claiming node nodeID, sealed to the fake's xkey, signed with the fake's key when
+// sign (a bid claiming another node's id is then forged).
+func (f *fakeNode) bid(m *nats.Msg, bidder, nodeID string, sign bool) []byte {
+	var req protocol.AuctionRequest
+	_ = json.Unmarshal(m.Data, &req)
+	schema := `{"type":"object","properties":{"uri":{"type":"string"},"argv":{"type":"array"},"encrypted_environment":{"type":"object"}}}`
+	b := protocol.AuctionResponse{BidderID: bidder, StartRequestSchema: schema, XKey: f.xpub,
+		SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob}, NodeID: nodeID, NodeName: "fake"}
+	if sign {
+		sig, _ := f.key.Sign(protocol.BidPayload("tenant", req.AuctionID, b))
+		b.Sig = base64.StdEncoding.EncodeToString(sig)
+	}
+	out, _ := json.Marshal(b)
+	return out
+}
+
+// pong is the fake's answer to a ping, as node nodeID with the fake's xkey.
+func (f *fakeNode) pong(nodeID string) []byte {
+	out, _ := json.Marshal(protocol.NodePingResponse{NodeID: nodeID, State: protocol.NodeRunning, Tags: map[string]string{},
+		Version: "0.0.1", XKey: f.xpub, StartTime: time.Now()})
+	return out
+}
+
 // TestFakeBidder: two clients on the bus pose as nodes in an auction and bid lower
 // than the real node: one without a signature, one claiming the real node's id with a
 // signature by another key. nexctl deploys the sealed environment to the real node;
@@ -408,36 +456,19 @@ func TestFakeBidder(t *testing.T) {
 	nc := testnats.Connect(t, s)
 	n.runWorkload(t, "--name", "load", "--namespace", "tenant", "--", "/bin/sleep", "300") // the real node's bid says 1
 
-	fakeKey, _ := nkeys.CreateServer()
-	fakeID, _ := fakeKey.PublicKey()
-	fakeX, _ := nkeys.CreateCurveKeys()
-	fakeXPub, _ := fakeX.PublicKey()
-	schema := `{"type":"object","properties":{"uri":{"type":"string"},"argv":{"type":"array"},"encrypted_environment":{"type":"object"}}}`
+	fake := newFakeNode(t)
 	var deploys atomic.Int64
-	for _, fake := range []struct{ bidder, nodeID string }{{"fake-unsigned", fakeID}, {"fake-forged", st.NodeID}} {
+	for _, as := range []struct{ bidder, nodeID string }{{"fake-unsigned", fake.id}, {"fake-forged", st.NodeID}} {
 		if _, err := nc.Subscribe(protocol.AuctionSubject("tenant"), func(m *nats.Msg) {
-			var req protocol.AuctionRequest
-			_ = json.Unmarshal(m.Data, &req)
-			b := protocol.AuctionResponse{BidderID: fake.bidder, StartRequestSchema: schema, XKey: fakeXPub,
-				SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob}, NodeID: fake.nodeID, NodeName: "fake"}
-			if fake.bidder == "fake-forged" {
-				sig, _ := fakeKey.Sign(protocol.BidPayload("tenant", req.AuctionID, b))
-				b.Sig = base64.StdEncoding.EncodeToString(sig)
-			}
-			out, _ := json.Marshal(b)
-			_ = m.Respond(out)
+			_ = m.Respond(fake.bid(m, as.bidder, as.nodeID, as.bidder == "fake-forged"))
 		}); err != nil {
 			t.Fatal(err)
 		}
 		// Fakes answer pings too, so nexctl waits for their bids.
-		if _, err := nc.Subscribe(protocol.PingSubject(), func(m *nats.Msg) {
-			out, _ := json.Marshal(protocol.NodePingResponse{NodeID: fake.nodeID, State: protocol.NodeRunning, Tags: map[string]string{},
-				Version: "0.0.1", XKey: fakeXPub, StartTime: time.Now()})
-			_ = m.Respond(out)
-		}); err != nil {
+		if _, err := nc.Subscribe(protocol.PingSubject(), func(m *nats.Msg) { _ = m.Respond(fake.pong(as.nodeID)) }); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := nc.Subscribe(protocol.DeploySubject("tenant", fake.bidder), func(m *nats.Msg) {
+		if _, err := nc.Subscribe(protocol.DeploySubject("tenant", as.bidder), func(m *nats.Msg) {
 			deploys.Add(1)
 			_ = m.Respond([]byte(`{"id":"stolen","name":"stolen"}`))
 		}); err != nil {
@@ -725,34 +756,17 @@ func TestFakeBidderUnknownNode(t *testing.T) {
 	nc := testnats.Connect(t, s)
 	n.runWorkload(t, "--name", "load", "--namespace", "tenant", "--", "/bin/sleep", "300") // the real node's bid says 1
 
-	fakeKey, _ := nkeys.CreateServer()
-	fakeID, _ := fakeKey.PublicKey()
-	fakeX, _ := nkeys.CreateCurveKeys()
-	fakeXPub, _ := fakeX.PublicKey()
-	schema := `{"type":"object","properties":{"uri":{"type":"string"},"argv":{"type":"array"},"encrypted_environment":{"type":"object"}}}`
+	fake := newFakeNode(t)
 	var deploys atomic.Int64
 	subs := map[string]nats.MsgHandler{
-		protocol.AuctionSubject("tenant"): func(m *nats.Msg) {
-			var req protocol.AuctionRequest
-			_ = json.Unmarshal(m.Data, &req)
-			b := protocol.AuctionResponse{BidderID: "fake-self-signed", StartRequestSchema: schema, XKey: fakeXPub,
-				SupportedLifecycles: []protocol.Lifecycle{protocol.LifecycleService, protocol.LifecycleJob}, NodeID: fakeID, NodeName: "fake"}
-			sig, _ := fakeKey.Sign(protocol.BidPayload("tenant", req.AuctionID, b))
-			b.Sig = base64.StdEncoding.EncodeToString(sig)
-			out, _ := json.Marshal(b)
-			_ = m.Respond(out)
-		},
-		protocol.PingSubject(): func(m *nats.Msg) {
-			out, _ := json.Marshal(protocol.NodePingResponse{NodeID: fakeID, State: protocol.NodeRunning, Tags: map[string]string{},
-				Version: "0.0.1", XKey: fakeXPub, StartTime: time.Now()})
-			_ = m.Respond(out)
-		},
+		protocol.AuctionSubject("tenant"): func(m *nats.Msg) { _ = m.Respond(fake.bid(m, "fake-self-signed", fake.id, true)) },
+		protocol.PingSubject():            func(m *nats.Msg) { _ = m.Respond(fake.pong(fake.id)) },
 		protocol.DeploySubject("tenant", "fake-self-signed"): func(m *nats.Msg) {
 			deploys.Add(1)
 			// Signed with its own key, as a node it plays: nexctl takes a signed bid's
 			// deploy answer only signed by that bid's node.
 			r := &nats.Msg{Subject: m.Reply, Data: []byte(`{"id":"stolen","name":"stolen"}`), Header: nats.Header{}}
-			if err := protocol.SignAnswer(fakeKey, fakeID, m.Header.Get(protocol.HeaderNonce), m.Subject, r.Header, r.Data); err != nil {
+			if err := protocol.SignAnswer(fake.key, fake.id, m.Header.Get(protocol.HeaderNonce), m.Subject, r.Header, r.Data); err != nil {
 				t.Error(err)
 			}
 			_ = nc.PublishMsg(r)

@@ -243,16 +243,7 @@ func TestNexletExitClosesTheChannel(t *testing.T) {
 // TestNotServingUntilAnnounced: a nexlet that holds its end but never announces (one
 // that does not serve the channel) leaves the node on NATS.
 func TestNotServingUntilAnnounced(t *testing.T) {
-	nodeEnd, nexletEnd, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nexletEnd.Close()
-	c, err := NewClient(nodeEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, _ := clientOnly(t)
 	time.Sleep(50 * time.Millisecond)
 	if c.Serving() {
 		t.Fatal("serving without an announcement")
@@ -349,16 +340,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 // not hold the node's requests up: once the socket is full, a write waits at most its
 // bound, fails, and closes the channel (the node then goes over NATS).
 func TestStuckNexletClosesTheChannel(t *testing.T) {
-	nodeEnd, nexletEnd, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nexletEnd.Close()
-	c, err := NewClient(nodeEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, _ := clientOnly(t)
 	c.c.writeWait = 100 * time.Millisecond
 	big := make([]byte, 1<<20)
 	start := time.Now()
@@ -469,6 +451,23 @@ func TestCallFromAChildProcess(t *testing.T) {
 	if string(got[len(got)-1].Data) != "ok:hi" {
 		t.Fatalf("the child got %q, want %q", got[len(got)-1].Data, "ok:hi")
 	}
+}
+
+// clientOnly is the node's client on a new pair whose nexlet end no server serves:
+// the test's to read from, leave unread or close. Both close at the test's end.
+func clientOnly(t *testing.T) (*Client, *os.File) {
+	t.Helper()
+	nodeEnd, nexletEnd, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nexletEnd.Close() })
+	c, err := NewClient(nodeEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, nexletEnd
 }
 
 // pairInProcess is a connected Client and Server in this process.
@@ -744,15 +743,7 @@ func TestCallerGoneOnceTheNexletGaveUp(t *testing.T) {
 // frame read 64 KiB every 100 ms (about 5 s in all) failed at the 2 s deadline of the
 // whole write, and the channel closed.
 func TestSlowReaderIsNotStuck(t *testing.T) {
-	nodeEnd, nexletEnd, err := Pair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := NewClient(nodeEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, nexletEnd := clientOnly(t)
 	big := bytes.Repeat([]byte("x"), 3<<20)
 	read := make(chan int64, 1)
 	go func() {
