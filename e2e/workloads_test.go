@@ -42,7 +42,10 @@ func (n *node) runWorkload(t testing.TB, args ...string) runResult {
 }
 
 // runWorkloads starts count workloads through nexctl, four at a time as several
-// users would; args(i) gives the `workload run` arguments of the i-th.
+// users would; args(i) gives the `workload run` arguments of the i-th. A deploy the
+// node refused because its state store did not answer in time (JetStream starved at
+// CI's load 50-70: "the node's state store is unavailable") started nothing and is
+// sent again, up to storeRetries times.
 func (n *node) runWorkloads(t *testing.T, count int, args func(i int) []string) []runResult {
 	t.Helper()
 	n.waitNative(t)
@@ -58,6 +61,10 @@ func (n *node) runWorkloads(t *testing.T, count int, args func(i int) []string) 
 			full := append([]string{"--control-socket", n.socket}, n.natsArgs()...)
 			full = append(full, append([]string{"--json", "workload", "run"}, args(i)...)...)
 			out, errOut, code, err := runIn(dir, nil, bin, full...)
+			for try := 1; err == nil && code == 1 && strings.Contains(errOut, "state store is unavailable") && try < storeRetries; try++ {
+				time.Sleep(2 * time.Second)
+				out, errOut, code, err = runIn(dir, nil, bin, full...)
+			}
 			switch {
 			case err != nil:
 				errs[i] = err
@@ -76,6 +83,9 @@ func (n *node) runWorkloads(t *testing.T, count int, args func(i int) []string) 
 	}
 	return res
 }
+
+// storeRetries bounds runWorkloads' sends of one deploy refused for its store.
+const storeRetries = 5
 
 // workloads is `nexctl --json workloads`: the node's whole list. A partial list (exit 1,
 // "the list is partial": a nexlet missed the node's 2 s fan-out, as one replaying 100
