@@ -60,6 +60,9 @@ func TestBidRightAfterReady(t *testing.T) {
 	}
 }
 
+// readySlack is what TestReadyWithoutFirstHeartbeat allows READY past startup_timeout.
+const readySlack = 5 * time.Second
+
 // TestReadyWithoutFirstHeartbeat: a local nexlet that registers and never sends a
 // heartbeat (testhold.HeartbeatNever) holds READY no longer than startup_timeout from
 // the start of the nexlets' wait, its registration and the heartbeat wait sharing that
@@ -100,8 +103,12 @@ func TestReadyWithoutFirstHeartbeat(t *testing.T) {
 			took := at[i].Sub(began)
 			t.Logf("READY %v after the nexlets' wait began (bound %v), %d EXTEND_TIMEOUT_USEC in the heartbeat wait", took.Round(time.Millisecond), bound, extended)
 			// The nexlets' start and the last steps after the wait (replay, status) take
-			// milliseconds; a second of slack for the machine's load.
-			if took > bound+time.Second {
+			// milliseconds, and READY comes at the bound (3.001 s here unloaded). The
+			// slack is for a loaded machine (CI's 2 cores at load 40, -race): this checks
+			// that READY does not wait past the shared deadline by a wait of its own
+			// (adopting's 15 s, or no bound); the STATUS and EXTEND_TIMEOUT_USEC checks
+			// tell the separate heartbeat bound of before apart.
+			if took > bound+readySlack {
 				t.Errorf("READY %v after the nexlets' wait began, past startup_timeout %v", took, bound)
 			}
 			if extended == 0 {

@@ -45,7 +45,10 @@ func TestStopPastItsBoundExits(t *testing.T) {
 	if code != 1 {
 		t.Errorf("nexd exited %d, want 1 (its stop past its bound)", code)
 	}
-	if took < testhold.StopBoundShortBy || took > testhold.StopBoundShortBy+5*time.Second {
+	// At the bound, 3.02 s here unloaded; the slack is for a loaded machine (the
+	// goroutines' stacks logged, -race). Exit 0 after the NATS drain's own 10 s bound,
+	// as before, fails on the exit code and the log line.
+	if took < testhold.StopBoundShortBy || took > testhold.StopBoundShortBy+20*time.Second {
 		t.Errorf("nexd exited %v after SIGTERM, want at its stop's bound, %v", took, testhold.StopBoundShortBy)
 	}
 	if m == nil {
