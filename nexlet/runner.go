@@ -494,13 +494,15 @@ func (r *Runner) registerPatiently(nc *nats.Conn, agentID string, reg *protocol.
 // state store (protocol.ErrTextStateUnreadable).
 var errStateUnreadable = errors.New(protocol.ErrTextStateUnreadable)
 
-// againAfterRefusal says whether a patient start registers again after err, the node's
+// againAfterRefusal says whether the runner registers again after err, the node's
 // refusal while it cannot read its state store, having waited *wait (doubled, to
 // patientRetryMax): registered with nothing replayed, the nexlet would have taken the
-// workloads it holds records of for ones the node no longer has. False for any other
-// outcome, for a runner that is not patient, and once the runner ends.
+// workloads it holds records of for ones the node no longer has. Any runner does, a
+// patient one or not: the node answered, and a nexlet that ended on the refusal would be
+// restarted by its supervisor only up to its restart limit, during an outage of any
+// length. False for any other outcome, and once the runner ends.
 func (r *Runner) againAfterRefusal(err error, wait *time.Duration) bool {
-	if !r.patient || !errors.Is(err, errStateUnreadable) {
+	if !errors.Is(err, errStateUnreadable) {
 		return false
 	}
 	level := slog.LevelDebug

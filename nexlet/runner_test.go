@@ -930,12 +930,13 @@ func TestEndpointsBeforeFirstHeartbeat(t *testing.T) {
 	}
 }
 
-// TestPatientStartRegistersAgainWhileStateUnreadable: a node that cannot read its state
-// refuses the registration (503, protocol.ErrTextStateUnreadable); a patient start
-// registers again until it is accepted, and replays what that acceptance hands it. A
-// start that is not patient ends with the refusal. Before, the refusal ended a patient
-// start too (nexd's native nexlet then exited).
-func TestPatientStartRegistersAgainWhileStateUnreadable(t *testing.T) {
+// TestStartRegistersAgainWhileStateUnreadable: a node that cannot read its state
+// refuses the registration (503, protocol.ErrTextStateUnreadable); the start registers
+// again until it is accepted, and replays what that acceptance hands it, a patient start
+// as one that is not (a configured nexlet that ended on the refusal would be restarted
+// only up to its supervisor's restart limit). Before, the refusal ended the start (nexd's
+// native nexlet then exited).
+func TestStartRegistersAgainWhileStateUnreadable(t *testing.T) {
 	srv := testnats.Start(t, testnats.Options{NoJetStream: true})
 	nc := testnats.Connect(t, srv)
 	var asked atomic.Int32
@@ -962,25 +963,25 @@ func TestPatientStartRegistersAgainWhileStateUnreadable(t *testing.T) {
 		t.Fatal(err)
 	}
 	creds := protocol.NatsConnectionData{NatsServers: []string{srv.ClientURL()}}
-
-	impatient, _ := NewRunner(t.Context(), node, newMemAgent())
-	if err := impatient.Run(agent, creds); err == nil || !strings.Contains(err.Error(), protocol.ErrTextStateUnreadable) {
-		t.Fatalf("Run refused for unreadable node state, not patient = %v, want the refusal", err)
+	for _, patient := range []bool{false, true} {
+		asked.Store(0)
+		a := newMemAgent()
+		var opts []Option
+		if patient {
+			opts = append(opts, WithPatientStart())
+		}
+		r, _ := NewRunner(t.Context(), node, a, opts...)
+		if err := r.Run(agent, creds); err != nil {
+			t.Fatalf("Run (patient %v) = %v", patient, err)
+		}
+		if got := asked.Load(); got != refusals+1 {
+			t.Errorf("patient %v: %d registrations sent, want %d (refused %d times, then accepted)", patient, got, refusals+1, refusals)
+		}
+		testkit.Eventually(t, "the accepted registration's workload replayed", func() bool {
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			return a.replayed["STORED"]
+		})
+		_ = r.Shutdown()
 	}
-
-	asked.Store(0)
-	a := newMemAgent()
-	r, _ := NewRunner(t.Context(), node, a, WithPatientStart())
-	if err := r.Run(agent, creds); err != nil {
-		t.Fatalf("patient Run = %v", err)
-	}
-	defer func() { _ = r.Shutdown() }()
-	if got := asked.Load(); got != refusals+1 {
-		t.Errorf("%d registrations sent, want %d (refused %d times, then accepted)", got, refusals+1, refusals)
-	}
-	testkit.Eventually(t, "the accepted registration's workload replayed", func() bool {
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		return a.replayed["STORED"]
-	})
 }
