@@ -1,12 +1,17 @@
 package cli
 
 import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/randid"
+	"github.com/nexd-project/nexd/internal/scatter"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -100,11 +105,23 @@ func (f *fleet) checkAnswer(m *nats.Msg, subject, nonce string) (answer, error) 
 
 // checkAnswers is checkAnswer for the replies of one gather, the signed ones first: an
 // unsigned reply in the name of a node whose signed reply came after it is refused too.
-// errs[i] is nil for a reply that may be taken.
+// Each signed answer is taken once: a copy of one (anyone who reads the inbox can send
+// it again, and it verifies: same nonce, same bytes) is refused, so it adds no second
+// row (a node listed twice, a workload migrated twice). errs[i] is nil for a reply
+// that may be taken.
 func (f *fleet) checkAnswers(msgs []*nats.Msg, subject, nonce string) (from []answer, errs []error) {
 	from, errs = make([]answer, len(msgs)), make([]error, len(msgs))
+	taken := map[string]bool{}
 	for i, m := range msgs {
 		from[i], errs[i] = f.verifyAnswer(m, subject, nonce)
+		if errs[i] != nil {
+			continue
+		}
+		if key := answerKey(from[i], m); taken[key] {
+			errs[i] = fmt.Errorf("answer refused: a copy of node %s's signed answer to this request, which was taken already (sent again by someone who read it)", from[i].node)
+		} else {
+			taken[key] = true
+		}
 	}
 	for i := range msgs {
 		if errors.Is(errs[i], protocol.ErrUnsignedAnswer) {
@@ -112,6 +129,160 @@ func (f *fleet) checkAnswers(msgs []*nats.Msg, subject, nonce string) (from []an
 		}
 	}
 	return from, errs
+}
+
+// answerKey is what a verified signed answer m from a is taken once by: its node and
+// its signature's bytes. An ed25519 signature is one for one payload (Go's check takes
+// only the canonical encoding), and a reply changed but for what the payload reads the
+// same (blanks before a header's value) keeps it.
+func answerKey(a answer, m *nats.Msg) string {
+	sig, _ := base64.StdEncoding.DecodeString(m.Header.Get(protocol.HeaderSig)) // it verified
+	return a.node + "\n" + string(sig)
+}
+
+// checkNodeAnswer is checkAnswer for a reply to a request on node id's own subject
+// (INFO, LAMEDUCK): the answer is id's, so one signed by another node is refused, and
+// an unsigned one is taken as a claim of id's (and refused for one that names another).
+func (f *fleet) checkNodeAnswer(m *nats.Msg, subject, nonce, id string) (answer, error) {
+	a, err := f.verifyAnswer(m, subject, nonce)
+	switch {
+	case errors.Is(err, protocol.ErrUnsignedAnswer) && a.node != "" && a.node != id:
+		return a, fmt.Errorf("answer refused: unsigned, in the name of node %s, not of node %s, which was asked", a.node, id)
+	case errors.Is(err, protocol.ErrUnsignedAnswer):
+		return a, f.checkUnsigned(id)
+	case err == nil && a.node != id:
+		return a, fmt.Errorf("answer refused: signed by node %s, not by node %s, which was asked", a.node, id)
+	}
+	return a, err
+}
+
+// refusals counts the replies to one request that were refused, for one warning that
+// names the first one's reason.
+type refusals struct {
+	n     int
+	first error
+}
+
+func (r *refusals) add(err error) {
+	if r.n++; r.first == nil {
+		r.first = err
+	}
+}
+
+// warn tells f's user how many replies to what (the request) were ignored, if any.
+func (r *refusals) warn(f *fleet, what string) {
+	if r.n > 0 && f.warn != nil {
+		f.warn("ignored %d repl(ies) to %s: %v", r.n, what, r.first)
+	}
+}
+
+// askNode sends v on subject, node id's own (INFO, LAMEDUCK), with a fresh nonce and
+// head's headers, to inbox ("" for a new one; a caller that reads it too subscribes
+// first), and takes id's answer as a gather takes a row: one signed by id at once; an
+// unsigned one (an upstream node's, an older nexd's, or anyone's posing as one) when
+// checkUnsigned allows it for id and nothing id signed came within f.stall after it,
+// noted once as not verified (noteUnsigned); every other reply is refused and warned
+// of. So whoever else sees the request (a rogue node, anyone on an open bus) does not
+// answer in a nexd node's name. ok is false when nobody listens: the server's "no
+// responders", which carries no signature and anyone can write; where an unsigned
+// reply in id's name is refused it counts only once nothing id signed came within
+// f.first (a node gone away looks so; a node that answers is not made absent). A node
+// error answer is returned with its error, as request does.
+func (f *fleet) askNode(ctx context.Context, id, subject string, v any, head nats.Header, inbox, what string) (m *nats.Msg, ok bool, err error) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return nil, true, err
+	}
+	if inbox == "" {
+		inbox = f.nc.NewInbox()
+	}
+	before := f.nc.LastError()
+	sub, err := scatter.Subscribe(f.nc, inbox)
+	if err != nil {
+		return nil, true, fmt.Errorf("subscribe for the reply on %s: %w", subject, err)
+	}
+	defer sub.Close()
+	nonce := newNonce()
+	h := nats.Header{protocol.HeaderNonce: {nonce}}
+	for k, vs := range head {
+		h[k] = vs
+	}
+	sent := time.Now()
+	if err := f.nc.PublishMsg(&nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: h}); err != nil {
+		return nil, true, fmt.Errorf("publish %s: %w", subject, err)
+	}
+	if err := scatter.FlushRefused(ctx, f.nc, before, f.first, subject, inbox); err != nil {
+		return nil, true, err
+	}
+	var refused refusals
+	defer refused.warn(f, what)
+	var held *nats.Msg // an unsigned reply, taken unless id's signed one comes
+	heldUntil := time.Time{}
+	nobody := false // a "no responders" came, refused: the node's absence, or forged
+	deadline := sent.Add(f.first)
+	for {
+		until := deadline
+		if held != nil {
+			until = earliest(until, heldUntil)
+		}
+		rctx, cancel := context.WithDeadline(ctx, until)
+		r, err := sub.Next(rctx)
+		cancel()
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return nil, true, ctx.Err()
+		case errors.Is(err, scatter.ErrClosed):
+			return nil, true, f.closedLink("the answer on "+subject, sent)
+		case err != nil && held != nil:
+			if scatter.NoResponders(held) {
+				return nil, false, nil
+			}
+			f.noteUnsigned(what, id)
+			return held, true, replyError(held)
+		case err != nil && nobody:
+			return nil, false, nil
+		case err != nil:
+			return nil, true, fmt.Errorf("no reply on %s within %s: %w", subject, f.first, nats.ErrTimeout)
+		}
+		a, cerr := f.checkNodeAnswer(r, subject, nonce, id)
+		switch {
+		case cerr != nil && scatter.NoResponders(r):
+			nobody = true // told only if the node answers after all
+		case cerr != nil:
+			refused.add(cerr)
+		case a.signed:
+			// What came before it was not the server's nor id's: id answers, and signs.
+			forgedNobody := fmt.Errorf("answer refused: a \"no responders\" status, while node %s answered (someone posing as the server)", id)
+			if nobody {
+				refused.add(forgedNobody)
+			}
+			switch {
+			case held != nil && scatter.NoResponders(held):
+				refused.add(forgedNobody)
+			case held != nil:
+				refused.add(fmt.Errorf("answer refused: unsigned, in the name of node %s, which signs its answers (someone posing as it)", id))
+			}
+			return r, true, replyError(r)
+		case held != nil:
+			refused.add(fmt.Errorf("answer refused: unsigned, in the name of node %s, after another such answer was taken", id))
+		default:
+			held, heldUntil = r, time.Now().Add(f.stall)
+		}
+	}
+}
+
+// noteUnsigned says once per run that node id's answer to what came unsigned.
+func (f *fleet) noteUnsigned(what, id string) {
+	f.signersMu.Lock()
+	if f.noted == nil {
+		f.noted = map[string]bool{}
+	}
+	seen := f.noted[id]
+	f.noted[id] = true
+	f.signersMu.Unlock()
+	if !seen && f.warn != nil {
+		f.warn("%v", (*unsignedRows)(nil).add("answer(s) to "+what, id, 1))
+	}
 }
 
 // unsignedRows notes rows taken from replies no node signed (upstream nodes, nexd
@@ -125,6 +296,17 @@ type unsignedRows struct {
 func (u *unsignedRows) Error() string {
 	return fmt.Sprintf("note: %d %s came in answers no node signed (upstream nodes and older nexd nodes do not sign; anyone on the bus can pose as one), so they are not verified%s; list your nodes in trusted_nodes to refuse such answers",
 		u.rows, u.what, claimed(u.nodes))
+}
+
+// add notes rows more, from an unsigned answer claiming node ("" for none): u, or a
+// new note of what when u is nil.
+func (u *unsignedRows) add(what, node string, rows int) *unsignedRows {
+	if u == nil {
+		u = &unsignedRows{what: what}
+	}
+	u.rows += rows
+	u.nodes = append(u.nodes, node)
+	return u
 }
 
 func claimed(nodes []string) string {

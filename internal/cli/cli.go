@@ -272,11 +272,12 @@ rest is unknown).
 Fleet requests carry a fresh random nonce (header Nex-Nonce); a nexd node signs each
 reply with its node key over the nonce, the subject, the headers and the body. nexctl
 refuses a reply whose signature does not verify, an unsigned reply in the name of a node
-that signed in this run, and, for a deploy to a signed bid or the stop or clone of a
+that signed in this run, a second copy of a signed reply (taken once per request), and,
+for a node's info or lame duck, a deploy to a signed bid or the stop or clone of a
 workload a signing node listed, every reply but that node's signed ones: whoever else
 sees a request cannot answer it in a nexd node's name. Unsigned replies (upstream nodes,
-older nexd nodes) are used as before; rows from them are noted on stderr as not verified,
-and with --trusted-node they are refused unless --allow-unsigned-bids.`,
+older nexd nodes) are used as before; rows and answers from them are noted on stderr as
+not verified, and with --trusted-node they are refused unless --allow-unsigned-bids.`,
 		Version:       version,
 		SilenceErrors: true,
 		SilenceUsage:  true,

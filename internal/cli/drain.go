@@ -245,13 +245,12 @@ func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string)
 	out := map[string][]protocol.WorkloadSummary{}
 	partial = map[string]*partialList{}
 	from, checks := f.checkAnswers(msgs, subject, nonce)
-	refused := 0
+	var refused refusals
+	defer refused.warn(f, "the list of every node's workloads")
 	for i, m := range msgs {
 		if checks[i] != nil {
 			// Not the node's word (answers.go): a drain is not confirmed by it.
-			if refused++; refused == 1 && f.warn != nil {
-				f.warn("ignoring a reply: %v", checks[i])
-			}
+			refused.add(checks[i])
 			continue
 		}
 		node := from[i].node
@@ -320,10 +319,13 @@ func (a *app) watchDrain(ctx context.Context, f *fleet, nodes []*drainNode, owne
 		all := true
 		var confirm []*drainNode
 		for _, n := range nodes {
-			if n.Done {
+			if n.Done || n.Gone {
+				// A node gone stays so (waiting for its drain's outcome, if it promised
+				// one): asking it again would only wait out --nats.timeout where a
+				// "no responders" is not taken at once (askNode).
 				continue
 			}
-			m, ok, err := f.request(ctx, protocol.InfoSubject(n.ID), protocol.NodeInfoRequest{}, f.first)
+			m, ok, err := f.askInfo(ctx, n.ID)
 			switch {
 			case !ok:
 				n.Gone, n.Left = true, 0

@@ -60,6 +60,9 @@ type fakeNode struct {
 	// answerDelay holds its deploy, stop and clone answers this long (a loaded node,
 	// or a slow start: anyone else's answer comes first).
 	answerDelay time.Duration
+	// controlDelay holds its INFO, PTAGS and LAMEDUCK answers this long (a loaded node:
+	// anyone else's answer comes first).
+	controlDelay time.Duration
 	// progress are reports sent before a deploy's answer when the client asks.
 	progress []protocol.Progress
 	// drains makes it act as a nexd node on LAMEDUCK: after the delay its workloads
@@ -252,8 +255,12 @@ func (n *fakeNode) start() *fakeNode {
 	}
 	n.sub(protocol.PingSubject(), ping)
 	n.sub(protocol.PingNodeSubject(n.id), ping)
-	n.sub(protocol.PTagsSubject(), func(m *nats.Msg) { n.respond(m, n.tags) })
+	n.sub(protocol.PTagsSubject(), func(m *nats.Msg) {
+		time.Sleep(n.controlDelay)
+		n.respond(m, n.tags)
+	})
 	n.sub(protocol.InfoSubject(n.id), func(m *nats.Msg) {
+		time.Sleep(n.controlDelay)
 		if n.info(m) {
 			n.drain()
 		}
@@ -267,6 +274,7 @@ func (n *fakeNode) start() *fakeNode {
 		if !n.matches(req.Tag) {
 			return
 		}
+		time.Sleep(n.controlDelay)
 		n.mu.Lock()
 		n.lameducks = append(n.lameducks, req)
 		start := n.drains && !n.drainPending

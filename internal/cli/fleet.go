@@ -51,6 +51,9 @@ type fleet struct {
 	// this run: an unsigned answer in one's name is refused (answers.go).
 	signersMu sync.Mutex
 	signers   map[string]bool
+	// noted are the nodes whose unsigned answer to a request on their own subject
+	// (askNode) was noted as not verified in this run.
+	noted map[string]bool
 	// warn tells the user of replies refused on the way (nil: not told).
 	warn func(format string, args ...any)
 	// violation is closed at the server's next permissions violation on nc
@@ -323,21 +326,17 @@ func (f *fleet) pingNodesSigned(ctx context.Context, filter map[string]string, o
 				bad = append(bad, err)
 				continue
 			}
-			if unsigned == nil {
-				unsigned = &unsignedRows{what: "node list row(s)"}
-			}
-			unsigned.rows++
-			unsigned.nodes = append(unsigned.nodes, r.NodeID)
+			unsigned = unsigned.add("node list row(s)", r.NodeID, 1)
 		}
 		out = append(out, r)
 	}
 	return out, unsigned, bad, nil
 }
 
-// nodeInfo asks one node for its info.
+// nodeInfo asks one node for its info; only its own answer is taken (askNode).
 func (f *fleet) nodeInfo(ctx context.Context, id string) (protocol.NodeInfoResponse, error) {
 	var r protocol.NodeInfoResponse
-	m, ok, err := f.request(ctx, protocol.InfoSubject(id), protocol.NodeInfoRequest{}, f.first)
+	m, ok, err := f.askInfo(ctx, id)
 	if !ok {
 		return r, fmt.Errorf("node %s not found: no node answers on %s", id, protocol.InfoSubject(id))
 	}
@@ -348,6 +347,11 @@ func (f *fleet) nodeInfo(ctx context.Context, id string) (protocol.NodeInfoRespo
 		return r, fmt.Errorf("node %s info: %w", id, err)
 	}
 	return r, nil
+}
+
+// askInfo is askNode for node id's INFO.
+func (f *fleet) askInfo(ctx context.Context, id string) (*nats.Msg, bool, error) {
+	return f.askNode(ctx, id, protocol.InfoSubject(id), protocol.NodeInfoRequest{}, nil, "", "node "+id+"'s info")
 }
 
 // healthyHolder returns the id of one of nodes (ping answers; at most three asked)
@@ -398,10 +402,17 @@ func (f *fleet) healthyHolder(ctx context.Context, nodes []protocol.NodePingResp
 
 // lameduck commands one node into lame duck mode.
 func (f *fleet) lameduck(ctx context.Context, id string, delay time.Duration, tag map[string]string) (protocol.LameduckResponse, error) {
+	return f.lameduckOn(ctx, id, delay, tag, "", nil)
+}
+
+// lameduckOn is lameduck with the reply on inbox ("" for a new one) and head's headers
+// too; only the node's own answer is taken (askNode).
+func (f *fleet) lameduckOn(ctx context.Context, id string, delay time.Duration, tag map[string]string, inbox string, head nats.Header) (protocol.LameduckResponse, error) {
 	var r protocol.LameduckResponse
-	m, ok, err := f.request(ctx, protocol.LameduckSubject(id), protocol.LameduckRequest{Delay: delay.String(), Tag: tag}, f.first)
+	subject := protocol.LameduckSubject(id)
+	m, ok, err := f.askNode(ctx, id, subject, protocol.LameduckRequest{Delay: delay.String(), Tag: tag}, head, inbox, "the lame duck of node "+id)
 	if !ok {
-		return r, fmt.Errorf("node %s not found: no node answers on %s", id, protocol.LameduckSubject(id))
+		return r, fmt.Errorf("node %s not found: no node answers on %s", id, subject)
 	}
 	if errors.Is(err, nats.ErrTimeout) && len(tag) > 0 {
 		return r, fmt.Errorf("node %s did not answer; its tags may not match --tag %s", id, strings.Join(sortedTags(tag), ","))
@@ -420,7 +431,6 @@ func (f *fleet) lameduck(ctx context.Context, id string, delay time.Duration, ta
 type drainTell struct {
 	nodeID, nonce string
 	sub           *nats.Subscription
-	first         chan *nats.Msg // the first reply: the LAMEDUCK answer
 
 	mu            sync.Mutex
 	told          bool   // the node promised (or gave) its outcome
@@ -429,13 +439,10 @@ type drainTell struct {
 	forgedErr     error  // the first refusal's reason
 }
 
-// take reads one reply on the drain inbox: the node's answer, its later outcome, or a
-// claim by someone else, refused.
+// take reads one reply on the drain inbox for a drain claim: the node's promise in its
+// answer, its later outcome, or a claim by someone else, refused. The answer itself
+// is lameduckOn's to check.
 func (t *drainTell) take(m *nats.Msg) {
-	select {
-	case t.first <- m:
-	default:
-	}
 	var r protocol.LameduckResponse
 	if replyError(m) != nil || len(m.Data) == 0 || json.Unmarshal(m.Data, &r) != nil || r.Drain == nil {
 		return
@@ -495,73 +502,53 @@ func (t *drainTell) close() {
 // its own (HeaderDrainWait): a nexd node answers with its signed promise and later
 // sends the outcome there; others answer as to lameduck. The caller closes tell.
 func (f *fleet) lameduckTold(ctx context.Context, id string, delay time.Duration, tag map[string]string) (r protocol.LameduckResponse, tell *drainTell, err error) {
-	subject := protocol.LameduckSubject(id)
-	data, err := json.Marshal(protocol.LameduckRequest{Delay: delay.String(), Tag: tag})
-	if err != nil {
-		return r, nil, err
-	}
-	tell = &drainTell{nodeID: id, nonce: nextID(), first: make(chan *nats.Msg, 1)}
-	before := f.nc.LastError()
+	tell = &drainTell{nodeID: id, nonce: nextID()}
 	inbox := f.nc.NewInbox()
 	if tell.sub, err = f.nc.Subscribe(inbox, tell.take); err != nil {
 		return r, nil, fmt.Errorf("subscribe for the lameduck reply: %w", err)
 	}
-	m := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderDrainWait: {tell.nonce}, protocol.HeaderDrainAck: {"1"}}}
-	if err := f.nc.PublishMsg(m); err != nil {
-		tell.close()
-		return r, nil, fmt.Errorf("lameduck node %s: %w", id, err)
-	}
-	if err := scatter.FlushRefused(ctx, f.nc, before, f.first, subject, inbox); err != nil {
+	r, err = f.lameduckOn(ctx, id, delay, tag, inbox, nats.Header{protocol.HeaderDrainWait: {tell.nonce}, protocol.HeaderDrainAck: {"1"}})
+	if err != nil {
 		tell.close()
 		return r, nil, err
-	}
-	rctx, cancel := context.WithTimeout(ctx, f.first)
-	defer cancel()
-	var reply *nats.Msg
-	select {
-	case reply = <-tell.first:
-	case <-rctx.Done():
-		tell.close()
-		switch {
-		case ctx.Err() != nil:
-			return r, nil, ctx.Err()
-		case len(tag) > 0:
-			return r, nil, fmt.Errorf("node %s did not answer; its tags may not match --tag %s", id, strings.Join(sortedTags(tag), ","))
-		}
-		return r, nil, fmt.Errorf("lameduck node %s: no reply on %s within %s: %w", id, subject, f.first, nats.ErrTimeout)
-	}
-	if len(reply.Data) == 0 && reply.Header.Get("Status") == "503" {
-		tell.close()
-		return r, nil, fmt.Errorf("node %s not found: no node answers on %s", id, subject)
-	}
-	if err := replyError(reply); err != nil {
-		tell.close()
-		return r, nil, fmt.Errorf("lameduck node %s: %w", id, err)
-	}
-	if err := protocol.Decode(reply.Data, &r); err != nil {
-		tell.close()
-		return r, nil, fmt.Errorf("lameduck node %s: %w", id, err)
 	}
 	return r, tell, nil
 }
 
-// placementTags returns every answering node's tags.
-func (f *fleet) placementTags(ctx context.Context) ([]map[string]string, error) {
-	msgs, err := f.gather(ctx, protocol.PTagsSubject(), []byte("{}"), f.gatherOpts(0))
+// placementTags returns every answering node's tags. A nexd node signs its answer to
+// the request's nonce: a reply is taken as a ping row is (checkAnswers), and bad holds
+// the refused ones and a note of unsigned ones.
+func (f *fleet) placementTags(ctx context.Context) (out []map[string]string, bad []error, err error) {
+	nonce := newNonce()
+	o := f.gatherOpts(0)
+	o.head = nats.Header{protocol.HeaderNonce: {nonce}}
+	msgs, err := f.gather(ctx, protocol.PTagsSubject(), []byte("{}"), o)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	var out []map[string]string
-	for _, m := range msgs {
+	from, checks := f.checkAnswers(msgs, protocol.PTagsSubject(), nonce)
+	var unsigned *unsignedRows
+	for i, m := range msgs {
+		if checks[i] != nil {
+			bad = append(bad, checks[i])
+			continue
+		}
 		if replyError(m) != nil {
 			continue
 		}
 		var tags map[string]string
-		if json.Unmarshal(m.Data, &tags) == nil {
-			out = append(out, tags)
+		if json.Unmarshal(m.Data, &tags) != nil {
+			continue
 		}
+		if !from[i].signed {
+			unsigned = unsigned.add("node tag answer(s)", from[i].node, 1)
+		}
+		out = append(out, tags)
 	}
-	return out, nil
+	if unsigned != nil {
+		bad = append(bad, unsigned)
+	}
+	return out, bad, nil
 }
 
 // auction collects bids for a workload type in ns.
@@ -675,13 +662,8 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	// download) with body-less replies before its answer; others ignore it.
 	nonce := newNonce()
 	msg := &nats.Msg{Subject: subject, Reply: inbox, Data: data, Header: nats.Header{protocol.HeaderProgress: {"1"}, protocol.HeaderNonce: {nonce}}}
-	var forged int
-	var forgedErr error
-	defer func() {
-		if forged > 0 && f.warn != nil {
-			f.warn("ignored %d repl(ies) to the deploy not signed by node %s, which took the bid: %v", forged, signer, forgedErr)
-		}
-	}()
+	var forged refusals
+	defer forged.warn(f, "the deploy not signed by node "+signer+", which took the bid")
 	if f.aliveEvery > 0 && f.silence > 0 {
 		msg.Header.Set(protocol.HeaderAlive, f.aliveEvery.String())
 	}
@@ -731,9 +713,7 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 				verr = fmt.Errorf("signed by node %s", a.node)
 			}
 			if verr != nil {
-				if forged++; forgedErr == nil {
-					forgedErr = verr
-				}
+				forged.add(verr)
 				continue
 			}
 		}
@@ -963,11 +943,7 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		}
 		out = append(out, ws...)
 		if !from[i].signed && len(ws) > 0 {
-			if unsigned == nil {
-				unsigned = &unsignedRows{what: "workload row(s)"}
-			}
-			unsigned.rows += len(ws)
-			unsigned.nodes = append(unsigned.nodes, from[i].node)
+			unsigned = unsigned.add("workload row(s)", from[i].node, len(ws))
 		}
 		if node := from[i].node; node != "" {
 			for _, w := range ws {
@@ -1059,13 +1035,8 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 	// "stopping" word, in its name (answers.go). Others' replies are checked as in a
 	// gather: an unsigned one in a signer's name is refused.
 	strict := f.isSigner(holder)
-	var forged int
-	var forgedErr error
-	defer func() {
-		if forged > 0 && f.warn != nil {
-			f.warn("ignored %d repl(ies) to the stop of %s: %v", forged, id, forgedErr)
-		}
-	}()
+	var forged refusals
+	defer forged.warn(f, "the stop of "+id)
 	sent := time.Now()
 	if err := f.nc.PublishMsg(m); err != nil {
 		return ret, false, fmt.Errorf("publish stop request: %w", err)
@@ -1114,9 +1085,7 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 			}
 		}
 		if cerr != nil {
-			if forged++; forgedErr == nil {
-				forgedErr = cerr
-			}
+			forged.add(cerr)
 			continue
 		}
 		if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
@@ -1311,13 +1280,8 @@ func (f *fleet) cloneFrom(ctx context.Context, id string, data []byte, holder st
 	if err := scatter.FlushRefused(ctx, f.nc, before, f.first, subject, inbox); err != nil {
 		return out, "", err
 	}
-	var forged int
-	var forgedErr error
-	defer func() {
-		if forged > 0 && f.warn != nil {
-			f.warn("ignored %d repl(ies) to the clone of %s: %v", forged, id, forgedErr)
-		}
-	}()
+	var forged refusals
+	defer forged.warn(f, "the clone of "+id)
 	rctx, cancel := context.WithTimeout(ctx, f.first)
 	defer cancel()
 	for {
@@ -1335,9 +1299,7 @@ func (f *fleet) cloneFrom(ctx context.Context, id string, data []byte, holder st
 			verr = fmt.Errorf("unsigned, while node %s, which holds it, signs its answers", holder)
 		}
 		if verr != nil {
-			if forged++; forgedErr == nil {
-				forgedErr = verr
-			}
+			forged.add(verr)
 			continue
 		}
 		if err := replyError(m); err != nil {

@@ -269,9 +269,9 @@ func TestAttackRogueCloneAnswer(t *testing.T) {
 }
 
 // TestUnsignedUpstreamNodeStillServed: a node that signs nothing (upstream's, or nexd
-// before signed answers) is served as before, its rows noted as not verified; with
-// --trusted-node naming it, its unsigned answers are refused unless
-// --allow-unsigned-bids.
+// before signed answers) is served as before, its rows (and its info and lame duck
+// answers) noted as not verified; with --trusted-node naming it, its unsigned answers
+// are refused unless --allow-unsigned-bids.
 func TestUnsignedUpstreamNodeStillServed(t *testing.T) {
 	t.Parallel()
 	op := testnats.StartOperator(t, nil)
@@ -314,6 +314,24 @@ func TestUnsignedUpstreamNodeStillServed(t *testing.T) {
 	out, errOut, code = runCLI(t, nil, opArgs(t, op, "--trusted-node", id, "--allow-unsigned-bids", "node", "list")...)
 	if code != 0 || !strings.Contains(out, id) {
 		t.Errorf("node list --trusted-node --allow-unsigned-bids: exit %d\n%s%s", code, out, errOut)
+	}
+
+	// Its INFO and LAMEDUCK answers (unsigned, on its own subjects) likewise.
+	out, errOut, code = runCLI(t, nil, opArgs(t, op, "node", "info", id)...)
+	if code != 0 || !strings.Contains(out, "0.0.1") || !strings.Contains(errOut, "not verified") {
+		t.Errorf("node info: exit %d, want its info noted as not verified\n%s%s", code, out, errOut)
+	}
+	out, errOut, code = runCLI(t, nil, opArgs(t, op, "--trusted-node", id, "node", "info", id)...)
+	if code == 0 || strings.Contains(out, "0.0.1") || !strings.Contains(errOut, "cannot be checked against trusted_nodes") {
+		t.Errorf("node info --trusted-node: exit %d, want its unsigned answer refused\n%s%s", code, out, errOut)
+	}
+	out, errOut, code = runCLI(t, nil, opArgs(t, op, "--trusted-node", id, "--allow-unsigned-bids", "node", "info", id)...)
+	if code != 0 || !strings.Contains(out, "0.0.1") {
+		t.Errorf("node info --trusted-node --allow-unsigned-bids: exit %d\n%s%s", code, out, errOut)
+	}
+	out, errOut, code = runCLI(t, nil, opArgs(t, op, "node", "lameduck", id, "--delay", "1m")...)
+	if code != 0 || !strings.Contains(out, "successfully commanded") || !strings.Contains(errOut, "not verified") {
+		t.Errorf("node lameduck: exit %d, want it commanded, its answer noted as not verified\n%s%s", code, out, errOut)
 	}
 }
 

@@ -140,7 +140,8 @@ func (a *app) place(ctx context.Context, f *fleet, ns string, spec runSpec, expe
 			spec.Type, ns, strings.Join(full, "; "))
 	}
 	if len(bids) == 0 {
-		tags, err := f.placementTags(ctx)
+		tags, bad, err := f.placementTags(ctx)
+		a.warnAll(bad)
 		if err != nil {
 			return placement{}, fmt.Errorf("no bids for a %s workload, and asking nodes for their tags failed: %w", spec.Type, err)
 		}
