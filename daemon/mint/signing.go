@@ -22,14 +22,19 @@ import (
 // SigningKeyMinter signs a fresh, scoped, expiring user for every registration, nexlet
 // and workload with an account signing key.
 type SigningKeyMinter struct {
-	signer     nkeys.KeyPair
-	signerPub  string
-	account    string
-	opts       Options
-	mu         sync.Mutex
-	workloads  map[string][]string // workload id -> user public keys minted for it
-	agents     map[string][]string // agent id -> registration and nexlet users, oldest first
-	namespaces map[string]string   // workload id -> namespace, for renewal checks
+	signer    nkeys.KeyPair
+	signerPub string
+	account   string
+	opts      Options
+	mu        sync.Mutex
+	workloads map[string][]string // workload id -> user public keys minted for it
+	agents    map[string][]string // agent id -> registration and nexlet users, oldest first
+	// regOnly are the agent ids in agents holding registration users only, and
+	// pending the same ids in the order they came (an id may have left regOnly since):
+	// bounded by MaxPendingRegistrations.
+	regOnly    map[string]bool
+	pending    []string
+	namespaces map[string]string // workload id -> namespace, for renewal checks
 	// longestNamespace is longestWorkloadNamespace, found at its first use.
 	longestNamespace func() int
 }
@@ -62,6 +67,7 @@ func NewSigningKeyMinter(signingSeed, rootAccount string, opts Options) (*Signin
 		opts:       opts.withDefaults(),
 		workloads:  map[string][]string{},
 		agents:     map[string][]string{},
+		regOnly:    map[string]bool{},
 		namespaces: map[string]string{},
 	}
 	m.longestNamespace = sync.OnceValue(m.longestWorkloadNamespace)
@@ -103,7 +109,7 @@ func (m *SigningKeyMinter) MintRegister(agentID, nodeID string) (protocol.NatsCo
 	if err != nil {
 		return cd, fmt.Errorf("mint registration credentials for nexlet %s: %w", agentID, err)
 	}
-	m.rememberAgent(agentID, pub)
+	m.rememberAgent(agentID, pub, true)
 	return cd, nil
 }
 
@@ -118,7 +124,7 @@ func (m *SigningKeyMinter) MintAgent(agentID, nodeID string, direct bool) (proto
 	if err != nil {
 		return cd, fmt.Errorf("mint credentials for nexlet %s: %w", agentID, err)
 	}
-	m.rememberAgent(agentID, pub)
+	m.rememberAgent(agentID, pub, false)
 	return cd, nil
 }
 
@@ -146,22 +152,57 @@ func (m *SigningKeyMinter) RenewAgent(agentID, nodeID, userPub string, direct bo
 	if err != nil {
 		return cd, fmt.Errorf("renew credentials for nexlet %s: %w", agentID, err)
 	}
-	m.rememberAgent(agentID, userPub)
+	m.rememberAgent(agentID, userPub, false)
 	return cd, nil
 }
+
+// MaxPendingRegistrations bounds the agent ids the minter remembers that hold
+// registration users only (MintRegister, and no nexlet user since): a nexlet
+// registers within seconds of getting one, and RREGISTER hands one to whoever may
+// ask it. Beyond it the oldest are forgotten; their users expire within RegisterTTL.
+const MaxPendingRegistrations = 1024
 
 // rememberAgentLimit bounds the users remembered per agent id (a nexlet that never
 // registers is restarted with fresh registration users).
 const rememberAgentLimit = 64
 
-func (m *SigningKeyMinter) rememberAgent(agentID, pub string) {
+// rememberAgent keeps pub, a registration user's (registration) or a nexlet user's,
+// among agentID's users. Agent ids holding registration users only are bounded
+// (MaxPendingRegistrations), the oldest forgotten: RREGISTER mints for whoever asks,
+// and before, every id it handed out was remembered for good
+// (TestAttackRemoteRegisterFloodBounded).
+func (m *SigningKeyMinter) rememberAgent(agentID, pub string, registration bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	_, known := m.agents[agentID]
 	users := append(m.agents[agentID], pub)
 	if len(users) > rememberAgentLimit {
 		users = users[len(users)-rememberAgentLimit:]
 	}
 	m.agents[agentID] = users
+	switch {
+	case !registration:
+		delete(m.regOnly, agentID)
+	case !known:
+		m.regOnly[agentID] = true
+		m.pending = append(m.pending, agentID)
+		for len(m.pending) > MaxPendingRegistrations {
+			old := m.pending[0]
+			m.pending = m.pending[1:]
+			if m.regOnly[old] {
+				delete(m.regOnly, old)
+				delete(m.agents, old)
+			}
+		}
+	}
+}
+
+// AgentsRemembered is the number of agent ids whose users the minter remembers, to
+// revoke them once superseded.
+func (m *SigningKeyMinter) AgentsRemembered() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.agents)
 }
 
 // RevokeAgentBefore revokes the users minted for agentID before userPub (a renewed
