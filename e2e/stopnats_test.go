@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -68,8 +69,11 @@ func startNATSGoneCase(t *testing.T, o nodeOpts) *natsGoneCase {
 	t.Helper()
 	s := testnats.Start(t, testnats.Options{})
 	c := &natsGoneCase{addr: strings.TrimPrefix(s.ClientURL(), "nats://"), before: map[string][]int{}}
+	// Outside the ephemeral range (testkit.StablePort): the proxy is put back on this
+	// address later, and a port 0 one was taken meanwhile by another test's outgoing
+	// connection at load 50 ("bind: address already in use").
 	var err error
-	if c.ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+	if c.ln, err = net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", testkit.StablePort(t))); err != nil {
 		t.Fatal(err)
 	}
 	c.p = testkit.StartLagProxy(t, c.ln, func() (net.Conn, error) { return net.Dial("tcp", c.addr) }, testkit.Lag{})
