@@ -326,11 +326,13 @@ func TestAttackLargeHeadersRefused(t *testing.T) {
 func TestAttackWorkloadsLockOutLocalUsers(t *testing.T) {
 	testkit.RequireUsers(t)
 	t.Parallel()
-	const lo = 1_900_000_000 // far from useradd's and systemd's ranges
-	rng := [2]uint32{lo, lo + 999}
+	// Fresh uids for each run (a run's holders may still be on their way out while
+	// the next run of the same process starts).
+	lo := testkit.UIDs(t, 3)
+	rng := [2]uint32{lo, lo + 2}
 	s, bin := publicServer(t, ServerOptions{MaxConns: 4, MaxConnsPerUser: 2, WorkloadUIDs: rng})
 	workload := func(i uint32) *testkit.User {
-		uid := lo + uint32(os.Getpid()%900) + i
+		uid := lo + i
 		return &testkit.User{Name: fmt.Sprintf("dynamic uid %d", uid), UID: uid, GID: uid}
 	}
 	holders(t, bin, s.Path(), "hold", 2, workload(0), workload(1))
