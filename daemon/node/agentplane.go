@@ -256,7 +256,8 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.replayed[wid] = struct{}{}
 	}
 	n.mu.Unlock()
-	reg := &registration{id: agentID, owner: owner, key: key, direct: direct, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown, replays: len(existing)}
+	_, life := userLifetime(creds)
+	reg := &registration{id: agentID, owner: owner, key: key, direct: direct, life: life, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown, replays: len(existing)}
 	var replaced []*registration
 	n.mu.Lock()
 	if lr, ok := r.(*localRequest); ok && lr.c.CallerGone() {

@@ -339,6 +339,8 @@ type Node struct {
 	replylessLog rateLog
 	// renewals bounds each nexlet's workload renewals (renew.go), apart from n.mu.
 	renewals renewLimits
+	// agentRenewals bounds each nexlet's renewals of its own user (renew.go).
+	agentRenewals renewLimits
 	// regChanges is changes as the last registration left it (HoldsNothing).
 	regChanges uint64
 	// listRound (under mu) numbers the rounds listing nexlets for ended workloads;

@@ -17,9 +17,10 @@ import (
 // registration is one registered nexlet.
 type registration struct {
 	id           string
-	owner        string // stable identity: "local:<supervised name>" or "remote:<name>"
-	key          string // public key its registration was signed with ("" unsigned); signs its renewals
-	direct       bool   // its user may publish on every $NEX.FEED (directFeeds); renewals keep that
+	owner        string        // stable identity: "local:<supervised name>" or "remote:<name>"
+	key          string        // public key its registration was signed with ("" unsigned); signs its renewals
+	direct       bool          // its user may publish on every $NEX.FEED (directFeeds); renewals keep that
+	life         time.Duration // lifetime of the user its registration got (0: none expires); bounds its renewals
 	req          protocol.RegisterAgentRequest
 	schema       *startSchema
 	bid          []byte // bidStatic of its bids, made at its first (under the node's lock)

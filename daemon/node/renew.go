@@ -65,6 +65,16 @@ func (n *Node) handleRenewAgent(r micro.Request) {
 		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials of %s: %w", agentID, err))
 		return
 	}
+	if now := time.Now(); !req.Switched && a.life > 0 &&
+		!n.agentRenewals.allow(agentID, now, agentRenewsPerLife/a.life.Seconds(), agentRenewBurst) {
+		total := n.agentRenewals.dropped.Add(1)
+		if ok, held := n.agentRenewals.log.allow(now, renewWarnEvery); ok {
+			n.log.Warn("nexlet renewals of its own user dropped unanswered: more than it needs",
+				"agent_id", agentID, "name", a.req.Name, "burst", agentRenewBurst, "per_lifetime", agentRenewsPerLife, "lifetime", a.life.String(),
+				"dropped", held+1, "dropped_total", total, "next_warning_in", renewWarnEvery.String())
+		}
+		return
+	}
 	if req.Switched {
 		// The nexlet connects with its new user now: its older users go at once.
 		n.log.Debug("renewed nexlet switched to its new user", "agent_id", agentID, "name", a.req.Name)
@@ -109,15 +119,25 @@ type renewedCreds struct {
 // a renewal has no reason to replace and which the minters without JWTs hand out
 // without minting.
 func reuseUntil(cd protocol.NatsConnectionData) time.Time {
-	if cd.NatsUserJWT == "" {
+	iat, life := userLifetime(cd)
+	if life == 0 {
 		return time.Time{}
+	}
+	return iat.Add(life / 2)
+}
+
+// userLifetime is when cd's user JWT was issued and how long it lives; a zero
+// lifetime for credentials without a JWT or one that does not expire.
+func userLifetime(cd protocol.NatsConnectionData) (time.Time, time.Duration) {
+	if cd.NatsUserJWT == "" {
+		return time.Time{}, 0
 	}
 	uc, err := jwt.DecodeUserClaims(cd.NatsUserJWT)
 	if err != nil || uc.Expires <= uc.IssuedAt {
-		return time.Time{}
+		return time.Time{}, 0
 	}
 	iat := time.Unix(uc.IssuedAt, 0)
-	return iat.Add(time.Unix(uc.Expires, 0).Sub(iat) / 2)
+	return iat, time.Unix(uc.Expires, 0).Sub(iat)
 }
 
 // renewOwned gives fresh credentials of workloadID to nexlet agentID if this node
@@ -204,8 +224,9 @@ type renewBucket struct {
 	last   time.Time
 }
 
-// allow takes a token of agentID's bucket.
-func (l *renewLimits) allow(agentID string, now time.Time) bool {
+// allow takes a token of agentID's bucket, which holds burst tokens and gains rate a
+// second.
+func (l *renewLimits) allow(agentID string, now time.Time, rate, burst float64) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b := l.buckets[agentID]
@@ -213,10 +234,10 @@ func (l *renewLimits) allow(agentID string, now time.Time) bool {
 		if l.buckets == nil || len(l.buckets) >= renewLimitsMax {
 			l.buckets = map[string]*renewBucket{}
 		}
-		b = &renewBucket{tokens: RenewBurst, last: now}
+		b = &renewBucket{tokens: burst, last: now}
 		l.buckets[agentID] = b
 	}
-	b.tokens = min(RenewBurst, b.tokens+now.Sub(b.last).Seconds()*RenewRate)
+	b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*rate)
 	b.last = now
 	if b.tokens < 1 {
 		return false
@@ -228,6 +249,25 @@ func (l *renewLimits) allow(agentID string, now time.Time) bool {
 // RenewalsDropped counts the workload renewals dropped past a nexlet's rate.
 func (n *Node) RenewalsDropped() uint64 { return n.renewals.dropped.Load() }
 
+// A nexlet's renewals of its own user (RENEWAGENT, its switch reports aside) are
+// served agentRenewBurst at once and agentRenewsPerLife over the lifetime of the user
+// its registration got; the rest are dropped unanswered once the signature checked
+// (so that only the nexlet's own key spends its tokens). An honest nexlet renews once at 80 % of that lifetime (half of it when that
+// leaves less than 10 s) and asks again on a failure, with a backoff from 1 s to 30 s.
+// Before, every renewal was served: each minted a nexlet user and, once superseded,
+// revoked the older ones, each a rewrite of the account JWT whose revocations are
+// kept for the longest TTL and an hour, so a rogue nexlet's flood grew the JWT that
+// every revocation of every tenant's stopped workload rewrites
+// (TestAttackNexletRenewalFloodBounded).
+const (
+	agentRenewBurst    = 10
+	agentRenewsPerLife = 8
+)
+
+// AgentRenewalsDropped counts the nexlets' renewals of their own user dropped past
+// their rate.
+func (n *Node) AgentRenewalsDropped() uint64 { return n.agentRenewals.dropped.Load() }
+
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
 // credentials for a workload this node gave that nexlet, in the workload's namespace,
 // which the nexlet names (renewOwned).
@@ -237,7 +277,7 @@ func (n *Node) handleRenewCreds(r micro.Request) {
 		n.fail(r, 400, "bad renewal subject", fmt.Errorf("renew credentials: subject %q: want RENEWCREDS.<agent id>.<workload id>", r.Subject()))
 		return
 	}
-	if now := time.Now(); !n.renewals.allow(agentID, now) {
+	if now := time.Now(); !n.renewals.allow(agentID, now, RenewRate, RenewBurst) {
 		total := n.renewals.dropped.Add(1)
 		if ok, held := n.renewals.log.allow(now, renewWarnEvery); ok {
 			n.log.Warn("workload renewals dropped unanswered: more than the nexlet's rate",
