@@ -753,10 +753,7 @@ func (r *Runner) takeReplay(state map[string]protocol.AgentStartWorkloadRequest)
 	if len(state) == 0 {
 		return nil
 	}
-	if testhold.Holds(r.hold, testhold.ReplayLate) {
-		r.log.Warn("test hold: the replay set is taken late", "hold", testhold.ReplayLate, "delay", testhold.ReplayLateBy)
-		time.Sleep(testhold.ReplayLateBy)
-	}
+	r.holdReplay(testhold.ReplayLate, "the replay set is taken late", testhold.ReplayLateBy)
 	r.log.Info("replaying existing workloads", "count", len(state))
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -769,6 +766,24 @@ func (r *Runner) takeReplay(state map[string]protocol.AgentStartWorkloadRequest)
 		r.replaying[id], mine[id] = rw, rw
 	}
 	return mine
+}
+
+// holdReplay is the replay's test holds (point: testhold.ReplayLate or ReplayHeld; a
+// no-op unless the hold list names it): with a release directory in the list, it waits
+// for the test's release (at most testhold.ReplayHeldMax), else delay. Each step is
+// logged for the test, which lists while the nexlet is held there.
+func (r *Runner) holdReplay(point, what string, delay time.Duration) {
+	if !testhold.Holds(r.hold, point) {
+		return
+	}
+	if !testhold.ReleaseNamed(r.hold) {
+		r.log.Warn("test hold: "+what, "hold", point, "delay", delay)
+		time.Sleep(delay)
+		return
+	}
+	r.log.Warn("test hold: "+what+" until released", "hold", point)
+	released := testhold.Released(r.ctx, r.hold, point, testhold.ReplayHeldMax)
+	r.log.Warn("test hold: the replay goes on", "hold", point, "released", released)
 }
 
 // dropReplay lets go of a replay set taken for a start that failed before its replay.
@@ -790,6 +805,9 @@ func (r *Runner) dropReplay(mine map[string]replayingWorkload) {
 func (r *Runner) replay(state map[string]protocol.AgentStartWorkloadRequest, mine map[string]replayingWorkload, mark uint64) {
 	guard, _ := r.agent.(ReplayGuard)
 	started := r.goFn(func() {
+		if len(state) > 0 {
+			r.holdReplay(testhold.ReplayHeld, "the replay is held", 0)
+		}
 		// A few at a time: recovery of many workloads should not be serial, nor
 		// start them all at once.
 		ids := make([]string, 0, len(state))

@@ -980,25 +980,33 @@ func (n *Node) awaitServing(ctx context.Context, bound time.Duration) time.Durat
 	start := time.Now()
 	timer := time.NewTimer(bound)
 	defer timer.Stop()
+	// Logged (debug) when it waits and when its bound passes: e2e
+	// TestListDuringReplayIsWhole counts by them that its list met a nexlet not serving.
+	logged := false
 	for {
 		n.mu.Lock()
-		pending := false
+		pending := ""
 		for _, r := range n.agents {
 			if r.lastBeat.IsZero() && time.Since(r.registeredAt) < servingAfter {
-				pending = true
+				pending = r.id
 				break
 			}
 		}
 		ch := n.changed
 		n.mu.Unlock()
-		if !pending {
+		if pending == "" {
 			return time.Since(start)
+		}
+		if !logged {
+			n.log.Debug("a list waits for a nexlet registered and not serving yet", "agent_id", pending, "bound", bound)
+			logged = true
 		}
 		select {
 		case <-ch:
 			continue
 		case <-ctx.Done():
 		case <-timer.C:
+			n.log.Debug("a list waited its bound for a nexlet not serving yet, asks without it", "agent_id", pending, "bound", bound)
 		}
 		return time.Since(start)
 	}

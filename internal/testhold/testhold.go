@@ -45,10 +45,15 @@ const (
 	// reap and reaped it, before the end's own record.
 	ExitReaped = "exit-reaped"
 	// ReplayLate: a nexlet runner (nexlet.WithTestHold), once the node accepted its
-	// registration with stored workloads, waits ReplayLateBy before it takes them to
-	// replay: a list asked meanwhile shows whether the nexlet answers before it knows
-	// what it replays. A delay, not a hold for ever.
+	// registration with stored workloads, waits before it takes them to replay: a list
+	// asked meanwhile shows whether the nexlet answers before it knows what it replays.
+	// With a release directory in the list (ReleaseIn), until the test released it (at
+	// most ReplayHeldMax); without, ReplayLateBy. Bounded, not a hold for ever.
 	ReplayLate = "replay-late"
+	// ReplayHeld: a nexlet runner, once it took its replay set and serves, waits for the
+	// test's release (at most ReplayHeldMax) before it replays any of it: a list asked
+	// meanwhile is asked during the replay, every stored workload not replayed yet.
+	ReplayHeld = "replay-held"
 	// ReplayAfterTidy: the native nexlet, given a replay of a workload whose stop it
 	// recorded and has not finished, takes the replay only once that stop ended and
 	// its tidy is over (at most ReplayAfterTidyMax): a loaded nexlet that reaches the
@@ -101,6 +106,10 @@ const (
 // no longer, well before the node's 30 s of silence that takes a nexlet offline.
 const HeartbeatHeldMax = 10 * time.Second
 
+// ReplayHeldMax bounds ReplayLate's and ReplayHeld's wait for the test's release: a
+// test that never releases them has the replay go on no later.
+const ReplayHeldMax = 10 * time.Second
+
 // ReplayLateBy is ReplayLate's delay: under the half of the node's 2 s list fan-out
 // that a list waits for a nexlet registered and not serving yet.
 const ReplayLateBy = 300 * time.Millisecond
@@ -121,16 +130,26 @@ func Release(dir, point string) error {
 // releasePoll is how often Released looks for its release.
 const releasePoll = 10 * time.Millisecond
 
-// Released waits until the test released point (Release, in the directory list names),
-// taking the release, for at most bound. It reports false when it was not released:
-// bound passed, ctx ended, or list names no directory (it then does not wait).
-func Released(ctx context.Context, list, point string, bound time.Duration) bool {
+// ReleaseNamed says whether list (Env's value) names a directory of releases
+// (ReleaseIn): a hold there may wait for its test's release (Released).
+func ReleaseNamed(list string) bool { return releaseDir(list) != "" }
+
+// releaseDir is the directory of releases list names, "" if none.
+func releaseDir(list string) string {
 	var dir string
 	for p := range strings.SplitSeq(list, ",") {
 		if d, ok := strings.CutPrefix(strings.TrimSpace(p), releasePrefix); ok {
 			dir = d
 		}
 	}
+	return dir
+}
+
+// Released waits until the test released point (Release, in the directory list names),
+// taking the release, for at most bound. It reports false when it was not released:
+// bound passed, ctx ended, or list names no directory (it then does not wait).
+func Released(ctx context.Context, list, point string, bound time.Duration) bool {
+	dir := releaseDir(list)
 	if dir == "" {
 		return false
 	}
