@@ -44,7 +44,7 @@ func TestBadStateRecordsReportedGoodReplayed(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	kv := testnats.StateBucket(t, testnats.Connect(t, s), st.NodeID)
-	e, err := kv.Get(ctx, "native_"+good[0].ID)
+	e, err := kv.Get(ctx, "native."+good[0].ID)
 	if err != nil {
 		t.Fatalf("the first service's record: %v", err)
 	}
@@ -54,12 +54,12 @@ func TestBadStateRecordsReportedGoodReplayed(t *testing.T) {
 		value []byte
 		field string
 	}{
-		{"native_BADNOSPACE", edit("namespace", ""), "namespace"},
-		{"native_BADJSON", []byte(`{"name":"cut`), ""},
-		{"native_BADNAMETYPE", edit("name", "42"), "name"},
-		{"native_sub/dir", e.Value(), ""},
-		{"native_BADOTHERTYPE", edit("workload_type", `"oci"`), "workload_type"},
-		{"native_BADLONGNAME", edit("name", `"`+strings.Repeat("n", 2000)+`"`), "name"},
+		{"native.BADNOSPACE", edit("namespace", ""), "namespace"},
+		{"native.BADJSON", []byte(`{"name":"cut`), ""},
+		{"native.BADNAMETYPE", edit("name", "42"), "name"},
+		{"native.sub/dir", e.Value(), ""},
+		{"native.BADOTHERTYPE", edit("workload_type", `"oci"`), "workload_type"},
+		{"native.BADLONGNAME", edit("name", `"`+strings.Repeat("n", 2000)+`"`), "name"},
 	}
 	for _, b := range bad {
 		if _, err := kv.Put(ctx, b.key, b.value); err != nil {

@@ -164,7 +164,7 @@ func kvStarted(t *testing.T, nc *nats.Conn, nodeID, typ, id string) bool {
 func kvValue(t *testing.T, nc *nats.Conn, nodeID, typ, id string) ([]byte, bool) {
 	t.Helper()
 	kv := testnats.StateBucket(t, nc, nodeID)
-	e, err := kv.Get(t.Context(), typ+"_"+id)
+	e, err := kv.Get(t.Context(), typ+"."+id)
 	if err != nil {
 		return nil, false
 	}
@@ -188,8 +188,8 @@ func TestDeployRecordAnswerLostOnTheWire(t *testing.T) {
 	s := testnats.Start(t, testnats.Options{})
 	var armed, cut atomic.Bool
 	p := startDropProxy(t, s.ClientURL(), proxyRules{cut: func(subj string) bool {
-		// The record's write: $KV.nex-<node>.native_<id> (not the node's probe writes).
-		return strings.HasPrefix(subj, "$KV.nex-") && strings.Contains(subj, ".native_") && armed.Load() && cut.CompareAndSwap(false, true)
+		// The record's write: $KV.nex-<node>.native.<id> (not the node's probe writes).
+		return strings.HasPrefix(subj, "$KV.nex-") && strings.Contains(subj, ".native.") && armed.Load() && cut.CompareAndSwap(false, true)
 	}})
 	dir := t.TempDir()
 	opts := nodeOpts{external: p.URL(), stateDir: dir, extra: []string{"--state", "kv"}}
@@ -229,7 +229,7 @@ func TestDeployRecordAnswerLostOnTheWire(t *testing.T) {
 	keys, _ := kv.ListKeys(t.Context())
 	records := 0
 	for k := range keys.Keys() {
-		if strings.HasPrefix(k, "native_") {
+		if strings.HasPrefix(k, "native.") {
 			records++
 		}
 	}

@@ -183,7 +183,7 @@ func nativeRecords(nc *nats.Conn, nodeID string) (ids []string, ok bool) {
 		return nil, false
 	}
 	for k := range keys.Keys() {
-		if id, ok := strings.CutPrefix(k, "native_"); ok {
+		if id, ok := strings.CutPrefix(k, "native."); ok {
 			ids = append(ids, id)
 		}
 	}

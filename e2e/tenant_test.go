@@ -321,7 +321,7 @@ func TestNexletHijack(t *testing.T) {
 func kvHas(t *testing.T, nc *nats.Conn, nodeID, typ, id string) bool {
 	t.Helper()
 	kv := testnats.StateBucket(t, nc, nodeID)
-	_, err := kv.Get(t.Context(), typ+"_"+id)
+	_, err := kv.Get(t.Context(), typ+"."+id)
 	return err == nil
 }
 

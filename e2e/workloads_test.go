@@ -156,7 +156,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 
 	// The sealed environment never appears in clear text in KV or in the clone request.
 	kv := testnats.StateBucket(t, nc, st.NodeID)
-	entry, err := kv.Get(t.Context(), "native_"+r.ID)
+	entry, err := kv.Get(t.Context(), "native."+r.ID)
 	if err != nil {
 		t.Fatal("workload not in KV:", err)
 	}
@@ -199,7 +199,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 		t.Fatalf("stopping a stopped workload: exit %d, want 0 and 'already stopped at':\n%s%s", code, out, errOut)
 	}
 	testkit.EventuallyWithin(t, 30*time.Second, "no workloads", func() bool { return len(n.workloads(t)) == 0 })
-	if _, err := kv.Get(t.Context(), "native_"+r.ID); err == nil {
+	if _, err := kv.Get(t.Context(), "native."+r.ID); err == nil {
 		t.Fatal("stopped workload still in KV")
 	}
 
@@ -220,7 +220,7 @@ func TestWorkloadLifecycle(t *testing.T) {
 		t.Fatalf("job stopped event %+v, want exit code 7", ev)
 	}
 	testkit.EventuallyWithin(t, 30*time.Second, "finished job removed from KV", func() bool {
-		_, err := kv.Get(t.Context(), "native_"+job.ID)
+		_, err := kv.Get(t.Context(), "native."+job.ID)
 		return err != nil
 	})
 }

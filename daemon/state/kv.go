@@ -56,8 +56,8 @@ func BucketName(nodeID string) string { return BucketPrefix + nodeID }
 // (KV bucket name rules).
 var validWorkloadID = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[A-Za-z0-9-]+$`) }) // no "_": it splits the key
 
-// KV is a node's workload state: key <workload type>_<workload id>, value the JSON of the
-// client's start request. The request carries no credentials (they are minted afresh on
+// KV is a node's workload state: key <workload type>.<workload id> (StoredKey), value the
+// JSON of the client's start request. The request carries no credentials (they are minted afresh on
 // replay) and its environment only in the sealed form the client sent.
 type KV struct {
 	kv       jetstream.KeyValue
@@ -140,9 +140,10 @@ func (s *KV) WriteFailure() (since time.Time, err error) {
 	return time.Time{}, nil
 }
 
-// probeKey is written by ProbeWrite: the "." keeps it apart from every workload's key
-// (Key), and it is only ever purged, so no read of the bucket returns it.
-const probeKey = "nexd.write-probe"
+// probeKey is written by ProbeWrite: three tokens keep it apart from every workload's
+// key (StoredKey: two; an older nexd's: one), and it is only ever purged, so no read of
+// the bucket returns it. An older nexd's probe, "nexd.write-probe", was only purged too.
+const probeKey = "nexd.write-probe.0"
 
 // ProbeWrite writes to the bucket (a purge marker of probeKey, one small message that
 // replaces the last probe's) and records the outcome as a write's.
@@ -274,7 +275,44 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 			log.Warn("could not compact delete markers of the state bucket", "bucket", bucket, "err", err)
 		}
 	}
-	return &KV{kv: kv, bucket: bucket, maxValue: maxValue, replicas: got, log: log, failing: make(chan struct{}, 1)}, nil
+	s := &KV{kv: kv, bucket: bucket, maxValue: maxValue, replicas: got, log: log, failing: make(chan struct{}, 1)}
+	if create {
+		// Only the node moves records: nexctl reads both layouts and writes nothing.
+		if err := s.moveOldKeys(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// moveOldKeys moves the records an older nexd (or upstream) wrote under Key's
+// <type>_<id>, one subject token, to StoredKey's <type>.<id>, where ByType finds them.
+// The old keys are read alone (the filter "*": one token), so a bucket with none left
+// costs one empty read. Each is created under its new key, which a move cut short
+// before its purge may have left there already (kept: it may have been marked since),
+// and then purged; a move that fails is taken up again by the next OpenKV. A key that
+// is not one a nexd makes stays where it is, skipped by every read as before.
+func (s *KV) moveOldKeys(ctx context.Context) error {
+	old, err := s.watch(ctx, "*", func(e jetstream.KeyValueEntry) bool {
+		_, _, ok := splitOldKey(e.Key())
+		return ok && checkKey(e.Key()) == nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, e := range old {
+		typ, id, _ := splitOldKey(e.Key())
+		if _, err := s.kv.Create(ctx, typ+"."+id, e.Value()); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+			return fmt.Errorf("state: move record %s of bucket %s to %s.%s: %w", e.Key(), s.bucket, typ, id, err)
+		}
+		if err := s.kv.Purge(ctx, e.Key()); err != nil {
+			return fmt.Errorf("state: remove record %s of bucket %s, moved to %s.%s: %w", e.Key(), s.bucket, typ, id, err)
+		}
+	}
+	if len(old) > 0 {
+		s.log.Info("moved the workload records of an older nexd to the key layout <type>.<id>", "bucket", s.bucket, "records", len(old))
+	}
+	return nil
 }
 
 // Replicas is the bucket's replica count when it was opened (0: unknown).
@@ -342,8 +380,9 @@ func (s *KV) streamHealth(ctx context.Context) Health {
 // MaxValueSize is the largest value the bucket accepts (-1: no limit).
 func (s *KV) MaxValueSize() int { return s.maxValue }
 
-// Key is the KV key of a workload. Workload ids may not contain "_" so that the type is
-// everything before the last one.
+// Key names a workload's record outside the bucket (All's map, the node's tombstones):
+// <type>_<id>, the key an older nexd stored it under. Workload ids may not contain "_"
+// so that the type is everything before the last one.
 func Key(workloadType, workloadID string) (string, error) {
 	if !protocol.IsToken(workloadType) {
 		return "", fmt.Errorf("workload type %q cannot be part of a state key (letters, digits, - and _ only)", workloadType)
@@ -354,10 +393,30 @@ func Key(workloadType, workloadID string) (string, error) {
 	return workloadType + "_" + workloadID, nil
 }
 
-// SplitKey is the inverse of Key.
+// StoredKey is a workload's key in the bucket: <type>.<id>, two subject tokens (a key is
+// the subject $KV.<bucket>.<key>), so that ByType asks JetStream for its type's keys
+// alone (the filter <type>.*) rather than reading the whole bucket for them, as it had
+// to for Key's <type>_<id>, one token no filter narrows.
+func StoredKey(workloadType, workloadID string) (string, error) {
+	if _, err := Key(workloadType, workloadID); err != nil {
+		return "", err
+	}
+	return workloadType + "." + workloadID, nil
+}
+
+// SplitKey is the inverse of StoredKey and of Key (an older nexd's stored key): neither
+// a type nor an id has a ".".
 func SplitKey(key string) (workloadType, workloadID string, ok bool) {
+	if typ, id, ok := strings.Cut(key, "."); ok {
+		return typ, id, typ != "" && id != ""
+	}
+	return splitOldKey(key)
+}
+
+// splitOldKey is the inverse of Key.
+func splitOldKey(key string) (workloadType, workloadID string, ok bool) {
 	i := strings.LastIndexByte(key, '_')
-	if i <= 0 || i == len(key)-1 {
+	if i <= 0 || i == len(key)-1 || strings.Contains(key, ".") {
 		return "", "", false
 	}
 	return key[:i], key[i+1:], true
@@ -366,7 +425,7 @@ func SplitKey(key string) (workloadType, workloadID string, ok bool) {
 // Put stores a workload's start request. A request larger than the bucket allows is
 // refused before anything is written, so the deploy can fail with that reason.
 func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
-	key, err := Key(workloadType, workloadID)
+	key, err := StoredKey(workloadType, workloadID)
 	if err != nil {
 		return notSentError{fmt.Errorf("state: %w", err)}
 	}
@@ -392,7 +451,7 @@ func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req proto
 // bids watch (WriteFailing): it is off every request's path, and a conflict is no
 // failure of the store.
 func (s *KV) MarkStarted(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
-	key, err := Key(workloadType, workloadID)
+	key, err := StoredKey(workloadType, workloadID)
 	if err != nil {
 		return fmt.Errorf("state: %w", err)
 	}
@@ -435,7 +494,7 @@ func NotWritten(err error) bool {
 
 // Delete removes a workload; deleting one that is not stored is not an error.
 func (s *KV) Delete(ctx context.Context, workloadType, workloadID string) error {
-	key, err := Key(workloadType, workloadID)
+	key, err := StoredKey(workloadType, workloadID)
 	if err != nil {
 		return fmt.Errorf("state: %w", err)
 	}
@@ -455,32 +514,55 @@ func (s *KV) Delete(ctx context.Context, workloadType, workloadID string) error 
 }
 
 // ByType returns the stored start requests of one workload type, by workload id. The
-// type must match exactly ("native" does not return "nativeX" workloads).
+// type must match exactly ("native" does not return "nativeX" workloads). Only the
+// type's keys are read (StoredKey).
 func (s *KV) ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error) {
-	all, err := s.All(ctx)
-	if err != nil {
-		return nil, err
-	}
 	out := map[string]protocol.StartWorkloadRequest{}
-	for key, req := range all {
-		if typ, id, ok := SplitKey(key); ok && typ == workloadType {
-			out[id] = req
-		}
+	if !protocol.IsToken(workloadType) {
+		return out, nil // no key has it; and a "*" or ">" would widen the filter
 	}
-	return out, nil
+	err := s.read(ctx, workloadType+".*", func(_, id string, req protocol.StartWorkloadRequest) { out[id] = req })
+	return out, err
 }
 
-// All returns every stored start request by key. A record that DecodeRecord refuses is
-// logged (its key, the field and why) and skipped rather than hiding every other
-// workload or reaching a nexlet; it stays in the bucket for the operator to mend or
-// remove (nats kv).
+// All returns every stored start request, keyed by Key (<type>_<id>). A record that
+// DecodeRecord refuses is logged (its key, the field and why) and skipped rather than
+// hiding every other workload or reaching a nexlet; it stays in the bucket for the
+// operator to mend or remove (nats kv).
 func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error) {
-	w, err := s.kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	out := map[string]protocol.StartWorkloadRequest{}
+	err := s.read(ctx, ">", func(typ, id string, req protocol.StartWorkloadRequest) { out[typ+"_"+id] = req })
+	return out, err
+}
+
+// read passes each record whose key matches filter and that DecodeRecord takes to
+// found, by its type and id; it logs and skips the others.
+func (s *KV) read(ctx context.Context, filter string, found func(typ, id string, req protocol.StartWorkloadRequest)) error {
+	_, err := s.watch(ctx, filter, func(e jetstream.KeyValueEntry) bool {
+		if IsProbeKey(e.Key()) {
+			return false // only ever purged; a value there is no workload's
+		}
+		req, err := CheckReadBack(s.bucket, e.Key(), e.Value(), s.maxValue)
+		if err != nil {
+			s.logBadRecord(err)
+			return false
+		}
+		typ, id, _ := SplitKey(e.Key())
+		found(typ, id, req)
+		return false
+	})
+	return err
+}
+
+// watch returns the entries whose keys match filter (deleted ones left out) for which
+// keep says true.
+func (s *KV) watch(ctx context.Context, filter string, keep func(jetstream.KeyValueEntry) bool) ([]jetstream.KeyValueEntry, error) {
+	w, err := s.kv.Watch(ctx, filter, jetstream.IgnoreDeletes())
 	if err != nil {
 		return nil, fmt.Errorf("state: read bucket %s: %w", s.bucket, err)
 	}
 	defer func() { _ = w.Stop() }()
-	out := map[string]protocol.StartWorkloadRequest{}
+	var out []jetstream.KeyValueEntry
 	for {
 		select {
 		case <-ctx.Done():
@@ -492,15 +574,9 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 			if e == nil { // initial values done
 				return out, nil
 			}
-			if IsProbeKey(e.Key()) {
-				continue // only ever purged; a value there is no workload's
+			if keep(e) {
+				out = append(out, e)
 			}
-			req, err := CheckReadBack(s.bucket, e.Key(), e.Value(), s.maxValue)
-			if err != nil {
-				s.logBadRecord(err)
-				continue
-			}
-			out[e.Key()] = req
 		}
 	}
 }

@@ -78,7 +78,7 @@ func TestPutGetDelete(t *testing.T) {
 	}
 
 	// The stored value is exactly the request: no credentials, nothing added.
-	raw, err := kv.kv.Get(ctx, "native_"+firstKey(want))
+	raw, err := kv.kv.Get(ctx, "native."+firstKey(want))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +192,7 @@ func TestRefusesOversizeAndBadKeys(t *testing.T) {
 	if !errors.As(err, &tooLarge) || tooLarge.Limit != MaxValueSize {
 		t.Fatalf("oversize put: %#v", err)
 	}
-	if _, err := kv.kv.Get(ctx, "native_OVER"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+	if _, err := kv.kv.Get(ctx, "native.OVER"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("oversize request was written: %v", err)
 	}
 
@@ -236,7 +236,7 @@ func TestUnreadableValueIsSkipped(t *testing.T) {
 	if err := kv.Put(ctx, "native", "GOOD", request("w", "ns", "native", "{}")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kv.kv.Put(ctx, "native_BAD", []byte("not json")); err != nil {
+	if _, err := kv.kv.Put(ctx, "native.BAD", []byte("not json")); err != nil {
 		t.Fatal(err)
 	}
 	got, err := kv.ByType(ctx, "native")
@@ -276,7 +276,7 @@ func TestJetStreamDomain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := raw.Get(ctx, "native_A1"); err != nil {
+	if _, err := raw.Get(ctx, "native.A1"); err != nil {
 		t.Fatal(err)
 	}
 	ids, err := ListNodeBuckets(ctx, nc, "hub")

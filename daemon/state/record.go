@@ -42,8 +42,8 @@ func (e *RecordError) Error() string {
 
 func (e *RecordError) Unwrap() error { return e.Err }
 
-// DecodeRecord checks and decodes one record of node state, key <type>_<id> (Key) and
-// value the JSON of a start request, as a deploy's request is checked when it comes
+// DecodeRecord checks and decodes one record of node state, key <type>.<id> (StoredKey;
+// an older nexd's <type>_<id>, Key) and value the JSON of a start request, as a deploy's request is checked when it comes
 // over NATS (protocol.Decode: the keys upstream requires, the fields' JSON types, the
 // lifecycle; then the namespace and the name, with the looser bounds of CheckRecord)
 // and, beyond it, that the key is one Key
@@ -77,11 +77,11 @@ func DecodeRecord(key string, value []byte, maxBytes int) (protocol.StartWorkloa
 	return req, nil
 }
 
-// CheckRecord is DecodeRecord's check of a decoded record: the key is one Key makes,
-// its type the request's, the namespace one subject token and the name data (no
-// control characters), each of at most MaxRecordNameLen bytes. The
-// node runs it again on whatever its Store returns before it hands a record to a
-// nexlet, so no Store can pass it an unchecked one.
+// CheckRecord is DecodeRecord's check of a decoded record: the key is one StoredKey or
+// Key makes, its type the request's, the namespace one subject token and the name data
+// (no control characters), each of at most MaxRecordNameLen bytes. The node runs it
+// again on whatever its Store returns before it hands a record to a nexlet, so no Store
+// can pass it an unchecked one.
 func CheckRecord(key string, req protocol.StartWorkloadRequest) error {
 	if err := checkKey(key); err != nil {
 		return err
@@ -114,13 +114,13 @@ func CheckRecord(key string, req protocol.StartWorkloadRequest) error {
 	return nil
 }
 
-// checkKey checks that key is one Key makes.
+// checkKey checks that key is one StoredKey or Key makes.
 func checkKey(key string) error {
 	bad := func(err error) error { return &RecordError{Key: key, Err: err} }
 	typ, id, ok := SplitKey(key)
 	switch {
 	case !ok:
-		return bad(errors.New("the key is not <workload type>_<workload id>"))
+		return bad(errors.New("the key is not <workload type>.<workload id> (nor an older nexd's <workload type>_<workload id>)"))
 	case !protocol.IsToken(typ):
 		return bad(fmt.Errorf("the key's workload type %q is not a plain token (letters, digits, - and _)", typ))
 	case len(id) > MaxWorkloadIDLen:

@@ -63,8 +63,10 @@ func badRecords(t testing.TB) []struct{ key, value, field, says string } {
 		{"native_x=y", good, "", "not a plain token"},
 		{"native_cgroup/cgroup.procs", good, "", "not a plain token"},
 		{"native_" + strings.Repeat("A", 65), good, "", "more than 64"},
-		{"native", good, "", "<workload type>_<workload id>"},
+		{"native", good, "", "<workload type>.<workload id>"},
 		{"na/tive_ID", good, "", "workload type"},
+		{"native.x.y", good, "", "not a plain token"},
+		{"native.x_y", good, "", "not a plain token"},
 		{"native_HUGE", set("description", `"`+strings.Repeat("d", 70_000)+`"`), "", "exceeds"},
 	}
 }
@@ -94,8 +96,9 @@ func TestDecodeRecordNamesKeyAndField(t *testing.T) {
 
 // TestBadRecordsAmongGoodAreSkipped: a real bucket holding bad records among good ones
 // (written as a hand edit or a cut write would leave them) gives back every good
-// record and reports each bad one by key and field. Before, a record without a
-// namespace or with an id like "x/../../system.slice" came back as good.
+// record and reports each bad one by key and field: a replay's read (ByType) those
+// under its type's keys, All those an older nexd's keys name too. Before, a record
+// without a namespace or with an id like "x/../../system.slice" came back as good.
 func TestBadRecordsAmongGoodAreSkipped(t *testing.T) {
 	s := testnats.Start(t, testnats.Options{})
 	nc := testnats.Connect(t, s)
@@ -111,11 +114,23 @@ func TestBadRecordsAmongGoodAreSkipped(t *testing.T) {
 		}
 	}
 	bad := badRecords(t)
+	var stored []struct{ key, value, field, says string }
+	for _, c := range bad {
+		if typ, id, ok := strings.Cut(c.key, "_"); ok && typ == "native" && !strings.Contains(id, ".") {
+			c.key = "native." + id // the same record in this nexd's layout
+			stored = append(stored, c)
+		}
+	}
 	for _, c := range bad {
 		if _, err := kv.kv.Put(ctx, c.key, []byte(c.value)); err != nil {
 			// The bucket's own key rules refuse some keys; no record, nothing to skip.
 			t.Logf("bucket refused key %s: %v", c.key, err)
 			continue
+		}
+	}
+	for _, c := range stored {
+		if _, err := kv.kv.Put(ctx, c.key, []byte(c.value)); err != nil {
+			t.Logf("bucket refused key %s: %v", c.key, err)
 		}
 	}
 	got, err := kv.ByType(ctx, "native")
@@ -125,6 +140,22 @@ func TestBadRecordsAmongGoodAreSkipped(t *testing.T) {
 	if len(got) != 3 || got["GOOD1"].Name != "w-GOOD1" || got["GOOD2"].Name != "w-GOOD2" || got["GOOD3"].Name != "w-GOOD3" {
 		t.Fatalf("got %d records: %v", len(got), got)
 	}
+	checkReported(t, kv, &logs, stored)
+	all, err := kv.All(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != 3 || all["native_GOOD1"].Name != "w-GOOD1" {
+		t.Fatalf("All: %d records: %v", len(all), all)
+	}
+	checkReported(t, kv, &logs, bad)
+}
+
+// checkReported checks that each of the records bad that the bucket holds is in the log
+// by its key and field.
+func checkReported(t *testing.T, kv *KV, logs *testkit.Buffer, bad []struct{ key, value, field, says string }) {
+	t.Helper()
+	ctx := testCtx(t)
 	for _, c := range bad {
 		if _, err := kv.kv.Get(ctx, c.key); err != nil {
 			continue // never stored
@@ -163,8 +194,10 @@ func FuzzStateRecord(f *testing.F) {
 			return
 		}
 		typ, id, ok := SplitKey(key)
-		if k, err := Key(typ, id); !ok || err != nil || k != key {
-			t.Fatalf("key %q accepted but Key(%q, %q) = %q, %v", key, typ, id, k, err)
+		k, err := Key(typ, id)
+		stored, _ := StoredKey(typ, id)
+		if !ok || err != nil || k != key && stored != key {
+			t.Fatalf("key %q accepted but Key(%q, %q) = %q, %v and StoredKey %q", key, typ, id, k, err, stored)
 		}
 		if len(id) > MaxWorkloadIDLen || len(value) > MaxValueSize {
 			t.Fatalf("accepted id of %d or value of %d bytes", len(id), len(value))

@@ -42,8 +42,8 @@ type Options struct {
 	// to its environment, its starts alternating with Nexd's one by one (A/B).
 	NexdB string
 	EnvB  []string
-	// ReadyStateKV makes ready's nexd starts keep node state in KV under one node id,
-	// whose bucket holds StateRecords workload records of a type no nexlet runs
+	// ReadyStateKV makes ready's A/B nexd starts keep node state in KV under one node id
+	// a side, whose bucket holds StateRecords workload records of a type no nexlet runs
 	// (readyState); without it they keep it in memory, a fresh node id each start.
 	ReadyStateKV bool
 	StateRecords int

@@ -75,7 +75,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.ReadyStarts, "ready-starts", 0, "starts per side of ready and of compare's exec to ready (default 5, quick 3)")
 	fs.StringVar(&o.NexdB, "ab-nexd", "", "with ready: a second nexd binary whose starts alternate with --nexd's, one by one (A/B)")
 	stateRecords := -1
-	fs.IntVar(&stateRecords, "state-records", -1, "with ready --ab-nexd or --ab-env: both sides keep node state in KV (--state kv) under one node id whose bucket holds this many workload records of a type no nexlet runs (0: an empty bucket; default: state in memory, a fresh node id each start)")
+	fs.IntVar(&stateRecords, "state-records", -1, "with ready --ab-nexd or --ab-env: each side keeps node state in KV (--state kv) under a node id of its own whose bucket holds this many workload records of a type no nexlet runs, stored as <type>_<id> (older nexd's layout; a start of each side, not timed, comes first) (0: an empty bucket; default: state in memory, a fresh node id each start)")
 	fs.StringArrayVar(&o.EnvB, "ab-env", nil, "with ready: K=V in the environment of the B starts only (repeat; B is --nexd unless --ab-nexd)")
 	fs.IntSliceVar(&o.CompareWorkloads, "compare-workloads", nil, "running-workload counts compare samples memory at (default 100)")
 	fs.StringArrayVar(&o.NexdArgs, "nexd-arg", nil, "an argument added to every nexd started (repeat; e.g. --nexd-arg=--workload-uid-range=100000-199999)")

@@ -25,14 +25,16 @@ func (h *Harness) ready(ctx context.Context) ([]Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	var stateEnv []string // --state-records: node state in KV, one node id
-	if h.o.ReadyStateKV {
-		if stateEnv, err = readyState(ctx, ns.URL(), h.o.StateRecords); err != nil {
-			return nil, err
-		}
-	}
 	var out []Result
 	if h.o.NexdB != "" || len(h.o.EnvB) > 0 {
+		var stateEnv [2][]string // --state-records: node state in KV, one node id a side
+		for i := range stateEnv {
+			if h.o.ReadyStateKV {
+				if stateEnv[i], err = readyState(ctx, ns.URL(), h.o.StateRecords); err != nil {
+					return nil, err
+				}
+			}
+		}
 		r, err := h.readyAB(ctx, ns.URL(), runs, stateEnv)
 		out = append(out, r)
 		if err != nil || h.o.Upstream == "" {
@@ -200,17 +202,21 @@ func (h *Harness) control(ctx context.Context) ([]Result, error) {
 // readyAB alternates starts of two nexd (NexdB, or Nexd with EnvB) against one external
 // server, one by one (A first in even rounds), so that load hits both alike, and
 // reports both p50s and the median of the per-round ratios B/A.
-func (h *Harness) readyAB(ctx context.Context, url string, runs int, stateEnv []string) (Result, error) {
+func (h *Harness) readyAB(ctx context.Context, url string, runs int, stateEnv [2][]string) (Result, error) {
 	b := cmp.Or(h.o.NexdB, h.o.Nexd)
 	r := Result{Scenario: "ready", Variant: "A/B, external NATS, alternating"}
 	var as, bs []time.Duration
 	var ratios []float64
-	for i := range runs {
+	first := 0
+	if h.o.ReadyStateKV {
+		first = -1 // a start of each side, not timed, on its bucket first (readyState)
+	}
+	for i := first; i < runs; i++ {
 		var a, bd time.Duration
-		for _, aTurn := range alternate(i) {
-			spec := nodeSpec{Name: fmt.Sprintf("ab%d", i), Servers: []string{url}, Env: stateEnv}
+		for _, aTurn := range alternate(max(i, 0)) {
+			spec := nodeSpec{Name: fmt.Sprintf("ab%d", i), Servers: []string{url}, Env: stateEnv[0]}
 			if !aTurn {
-				spec.Nexd, spec.Env = b, append(slices.Clone(stateEnv), h.o.EnvB...)
+				spec.Nexd, spec.Env = b, append(slices.Clone(stateEnv[1]), h.o.EnvB...)
 			}
 			n, d, err := h.readyNode(ctx, spec)
 			if err != nil {
@@ -227,6 +233,9 @@ func (h *Harness) readyAB(ctx context.Context, url string, runs int, stateEnv []
 				bd = d
 			}
 		}
+		if i < 0 {
+			continue
+		}
 		as, bs = append(as, a), append(bs, bd)
 		ratios = append(ratios, float64(bd)/float64(a))
 	}
@@ -239,7 +248,7 @@ func (h *Harness) readyAB(ctx context.Context, url string, runs int, stateEnv []
 	r.add("B / A (median of the rounds' ratios)", ratios[len(ratios)/2], "×")
 	r.notef("A: %s; B: %s %s", h.o.Nexd, b, strings.Join(h.o.EnvB, " "))
 	if h.o.ReadyStateKV {
-		r.notef("node state in KV, one node id, %d records of a type no nexlet runs in its bucket", h.o.StateRecords)
+		r.notef("node state in KV, one node id a side, %d records of a type no nexlet runs in its bucket (stored as <type>_<id>; a start of each side first, not timed)", h.o.StateRecords)
 	}
 	return r, nil
 }

@@ -593,14 +593,17 @@ func checkRecord(bucket, key string, value []byte, maxValue int) *recordFault {
 	return &recordFault{Error: err.Error()}
 }
 
-// markTombstoned marks the entries (keys <type>_<id>) that a tombstone stands in for.
+// markTombstoned marks the entries (keys <type>.<id>, or an older nexd's <type>_<id>)
+// that a tombstone stands in for.
 func markTombstoned(entries []stateEntry, ts []control.Tombstone) {
-	since := make(map[string]time.Time, len(ts))
+	type workload struct{ typ, id string }
+	since := make(map[workload]time.Time, len(ts))
 	for _, t := range ts {
-		since[t.Type+"_"+t.ID] = t.Since
+		since[workload{t.Type, t.ID}] = t.Since
 	}
 	for i := range entries {
-		if at, ok := since[entries[i].Key]; ok {
+		typ, id, ok := state.SplitKey(entries[i].Key)
+		if at, found := since[workload{typ, id}]; ok && found {
 			entries[i].TombstonedSince = &at
 		}
 	}

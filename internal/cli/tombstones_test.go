@@ -24,14 +24,16 @@ func (b tombstoneBackend) Status(context.Context) (control.Status, error) { retu
 // stopped workload's record, its removal pending behind a tombstone: nexctl status
 // counts and lists the tombstone (id, namespace, type, age), and nexctl node state
 // marks that entry, in the table and as tombstoned_since in --json, and no other.
-// Before, neither showed them (node state listed the entry as any other).
+// Before, neither showed them (node state listed the entry as any other). The entry's
+// key is <type>.<id>, as nexd stores it now (before the layout's change nexctl matched
+// <type>_<id> only, and marked none).
 func TestTombstonesShown(t *testing.T) {
 	t.Parallel()
 	s := testnats.Start(t, testnats.Options{})
 	url := s.ClientURL()
 	ctx := context.Background()
 	id, _ := testnats.NewStateBucket(t, testnats.Connect(t, s),
-		testnats.Record{Key: "native_WSTOPPED", Value: []byte(`{"request":{}}`)},
+		testnats.Record{Key: "native.WSTOPPED", Value: []byte(`{"request":{}}`)},
 		testnats.Record{Key: "native_WRUNNING", Value: []byte(`{"request":{}}`)})
 	newFakeNode(t, testnats.Connect(t, s), id, nil).start()
 	since := time.Now().Add(-3 * time.Minute).UTC().Truncate(time.Second)
@@ -58,8 +60,8 @@ func TestTombstonesShown(t *testing.T) {
 	for _, args := range [][]string{{"node", "state"}, {"node", "state", id}} {
 		out, errOut, code = runCLI(t, nil, natsArgs(url, append(sockArg, args...)...)...)
 		if code != 0 || !strings.Contains(out, "STOPPED, removal pending for 3m") || strings.Count(out, "(tombstone)") != 1 ||
-			!strings.Contains(lineWith(out, "native_WSTOPPED"), "(tombstone)") {
-			t.Fatalf("%v: exit %d, want native_WSTOPPED alone marked:\n%s%s", args, code, out, errOut)
+			!strings.Contains(lineWith(out, "native.WSTOPPED"), "(tombstone)") {
+			t.Fatalf("%v: exit %d, want native.WSTOPPED alone marked:\n%s%s", args, code, out, errOut)
 		}
 	}
 	out, errOut, code = runCLI(t, nil, natsArgs(url, append(sockArg, "--json", "node", "state")...)...)
@@ -68,7 +70,7 @@ func TestTombstonesShown(t *testing.T) {
 		t.Fatalf("node state --json: exit %d:\n%s%s", code, out, errOut)
 	}
 	for _, e := range entries {
-		if marked := e.TombstonedSince != nil && e.TombstonedSince.Equal(since); marked != (e.Key == "native_WSTOPPED") {
+		if marked := e.TombstonedSince != nil && e.TombstonedSince.Equal(since); marked != (e.Key == "native.WSTOPPED") {
 			t.Errorf("--json entry %s: tombstoned_since %v", e.Key, e.TombstonedSince)
 		}
 	}

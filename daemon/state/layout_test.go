@@ -1,0 +1,191 @@
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+
+	"github.com/nexd-project/nexd/internal/testkit"
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// TestByTypeReadsOnlyItsType: a registering nexlet's replay (ByType) gets every record
+// of its type and no other, and JetStream hands the node only those: with 2,000
+// records of another type in the bucket, the read of 5 takes a few dozen messages on
+// the connection. Before, records were stored as <type>_<id>, one subject token, and
+// ByType read the whole bucket for them: 2,005 messages and more.
+func TestByTypeReadsOnlyItsType(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	ctx := testCtx(t)
+	kv := open(t, testnats.Connect(t, s), "NODE1", "")
+	want := map[string][]string{}
+	for typ, n := range map[string]int{"absent": 2000, "native": 5, "native_x": 3, "nativeX": 2, "nat": 1} {
+		for range n {
+			id := nuid.Next()
+			if err := kv.Put(ctx, typ, id, request("w-"+id, "ns", typ, "{}")); err != nil {
+				t.Fatal(err)
+			}
+			want[typ] = append(want[typ], id)
+		}
+	}
+	nc := testnats.Connect(t, s) // counted alone
+	reader, err := OpenExistingKV(ctx, nc, "NODE1", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range []string{"native", "native_x", "nativeX", "nat", "wasm", "*", ">", "native.*"} {
+		before := nc.Stats().InMsgs
+		got, err := reader.ByType(ctx, typ)
+		if err != nil {
+			t.Fatalf("ByType(%q): %v", typ, err)
+		}
+		msgs := nc.Stats().InMsgs - before
+		t.Logf("ByType(%q): %d records, %d messages", typ, len(got), msgs)
+		ids := slices.Sorted(maps.Keys(got))
+		slices.Sort(want[typ])
+		if !slices.Equal(ids, want[typ]) {
+			t.Errorf("ByType(%q) = %v, want %v", typ, ids, want[typ])
+		}
+		for id, req := range got {
+			if req.WorkloadType != typ || req.Name != "w-"+id {
+				t.Errorf("ByType(%q): record %s is %+v", typ, id, req)
+			}
+		}
+		if msgs > 50 {
+			t.Errorf("ByType(%q) of %d records took %d messages from JetStream: it read more than its type's", typ, len(got), msgs)
+		}
+	}
+}
+
+// putOld stores a record as an older nexd did: under <type>_<id>, straight into the bucket.
+func putOld(t *testing.T, kv *KV, key string, req protocol.StartWorkloadRequest) {
+	t.Helper()
+	b, err := json.Marshal(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.kv.Put(testCtx(t), key, b); err != nil {
+		t.Fatalf("put %s: %v", key, err)
+	}
+}
+
+// TestOlderNexdsRecordsMovedAndReplayed: the records an older nexd wrote (<type>_<id>)
+// are moved to <type>.<id> when nexd opens its bucket, and are replayed by type with
+// their values as written; a move cut short (both keys there, the new one marked since)
+// keeps the new record; keys no nexd makes stay where they are; another open moves
+// nothing. The moved records are removed by Delete like any other.
+func TestOlderNexdsRecordsMovedAndReplayed(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	first := open(t, nc, "NODE1", "")
+	oldRec := func(name, typ, owner string) protocol.StartWorkloadRequest {
+		r := request(name, "tenant-a", typ, `{"uri":"file:///bin/sleep"}`)
+		r.Owner = owner
+		return r
+	}
+	putOld(t, first, "native_OLD1", oldRec("one", "native", "local:native"))
+	putOld(t, first, "native_OLD2", oldRec("two", "native", ""))
+	putOld(t, first, "native_x_OLD3", oldRec("three", "native_x", ""))
+	putOld(t, first, "absent_OLD4", oldRec("four", "absent", ""))
+	putOld(t, first, "native_HALF", oldRec("half-old", "native", ""))
+	marked := oldRec("half-new", "native", "")
+	marked.Started = true
+	putOld(t, first, "native.HALF", marked) // the move's create took, its purge did not
+	for _, key := range []string{"garbage", "native_x=y"} {
+		putOld(t, first, key, oldRec("bad", "native", ""))
+	}
+	if err := first.Put(ctx, "native", "NEW1", oldRec("new", "native", "")); err != nil {
+		t.Fatal(err)
+	}
+
+	var logs testkit.Buffer
+	kv, err := OpenKV(ctx, nc, "NODE1", "", slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := func(m map[string]protocol.StartWorkloadRequest) map[string]string {
+		out := map[string]string{}
+		for k, r := range m {
+			out[k] = r.Name
+		}
+		return out
+	}
+	got, err := kv.ByType(ctx, "native")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := map[string]string{"OLD1": "one", "OLD2": "two", "HALF": "half-new", "NEW1": "new"}; !maps.Equal(names(got), want) {
+		t.Fatalf("native's replay after the move: %v, want %v", names(got), want)
+	}
+	if got["OLD1"].Owner != "local:native" || got["OLD1"].RunRequest != `{"uri":"file:///bin/sleep"}` || !got["HALF"].Started {
+		t.Errorf("moved records changed: %+v, %+v", got["OLD1"], got["HALF"])
+	}
+	if x, err := kv.ByType(ctx, "native_x"); err != nil || !maps.Equal(names(x), map[string]string{"OLD3": "three"}) {
+		t.Errorf("native_x's replay: %v, %v", names(x), err)
+	}
+	all, err := kv.All(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"absent_OLD4", "native_HALF", "native_NEW1", "native_OLD1", "native_OLD2", "native_x_OLD3"}; !slices.Equal(slices.Sorted(maps.Keys(all)), want) {
+		t.Errorf("All: %v, want %v", slices.Sorted(maps.Keys(all)), want)
+	}
+	for _, key := range []string{"native_OLD1", "native_OLD2", "native_x_OLD3", "absent_OLD4", "native_HALF"} {
+		if _, err := kv.kv.Get(ctx, key); !errors.Is(err, jetstream.ErrKeyNotFound) {
+			t.Errorf("old key %s still there after the move: %v", key, err)
+		}
+	}
+	for _, key := range []string{"garbage", "native_x=y"} {
+		if _, err := kv.kv.Get(ctx, key); err != nil {
+			t.Errorf("key %s, which no nexd makes, was not left in place: %v", key, err)
+		}
+	}
+	if n := strings.Count(logs.String(), "moved the workload records of an older nexd"); n != 1 || !strings.Contains(logs.String(), "records=5") {
+		t.Errorf("the move logged %d times, want once with records=5:\n%s", n, logs.String())
+	}
+
+	var logs2 testkit.Buffer
+	again, err := OpenKV(ctx, nc, "NODE1", "", slog.New(slog.NewTextHandler(&logs2, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logs2.String(), "moved") {
+		t.Errorf("a second open moved records again:\n%s", logs2.String())
+	}
+	if err := again.Delete(ctx, "native", "OLD1"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := again.ByType(ctx, "native"); err != nil || len(got) != 3 || got["OLD1"].Name != "" {
+		t.Errorf("after the moved OLD1's removal: %v, %v", names(got), err)
+	}
+}
+
+// TestProbeIsNoWorkload: the write probe's key is no workload's, even of a type "nexd"
+// whose id is "write-probe" (an older nexd's probe key, were it stored as <type>.<id>).
+func TestProbeIsNoWorkload(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	ctx := testCtx(t)
+	kv := open(t, testnats.Connect(t, s), "NODE1", "")
+	if err := kv.Put(ctx, "nexd", "write-probe", request("w", "ns", "nexd", "{}")); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.ProbeWrite(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, err := kv.ByType(ctx, "nexd")
+	if err != nil || len(got) != 1 || got["write-probe"].Name != "w" {
+		t.Fatalf("the workload nexd.write-probe beside the probe: %v, %v", got, err)
+	}
+	if _, err := kv.kv.Get(ctx, "nexd.write-probe"); err != nil {
+		t.Fatalf("the probe's purge touched the workload: %v", err)
+	}
+}
