@@ -61,7 +61,11 @@ var validWorkloadID = sync.OnceValue(func() *regexp.Regexp { return regexp.MustC
 // replay) and its environment only in the sealed form the client sent.
 type KV struct {
 	kv       jetstream.KeyValue
+	js       jetstream.JetStream
 	bucket   string
+	// markerAge is how old a delete marker must be before All purges it (0: none
+	// purged, a read-only KV's).
+	markerAge time.Duration
 	maxValue int
 	replicas int
 	log      *slog.Logger
@@ -269,14 +273,9 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 	if create {
 		log.Info("workload state bucket", "bucket", bucket, "replicas", got, "wanted", replicas, "why", why)
 	}
-	// Delete markers of removed workloads would pile up forever with History 1.
+	s := &KV{kv: kv, js: js, bucket: bucket, maxValue: maxValue, replicas: got, log: log, failing: make(chan struct{}, 1)}
 	if create {
-		if err := kv.PurgeDeletes(ctx); err != nil {
-			log.Warn("could not compact delete markers of the state bucket", "bucket", bucket, "err", err)
-		}
-	}
-	s := &KV{kv: kv, bucket: bucket, maxValue: maxValue, replicas: got, log: log, failing: make(chan struct{}, 1)}
-	if create {
+		s.markerAge = deleteMarkerAge
 		// Only the node moves records: nexctl reads both layouts and writes nothing.
 		if err := s.moveOldKeys(ctx); err != nil {
 			return nil, err
@@ -293,7 +292,7 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 // and then purged; a move that fails is taken up again by the next OpenKV. A key that
 // is not one a nexd makes stays where it is, skipped by every read as before.
 func (s *KV) moveOldKeys(ctx context.Context) error {
-	old, err := s.watch(ctx, "*", func(e jetstream.KeyValueEntry) bool {
+	old, err := s.watch(ctx, "*", false, func(e jetstream.KeyValueEntry) bool {
 		_, _, ok := splitOldKey(e.Key())
 		return ok && checkKey(e.Key()) == nil
 	})
@@ -521,7 +520,7 @@ func (s *KV) ByType(ctx context.Context, workloadType string) (map[string]protoc
 	if !protocol.IsToken(workloadType) {
 		return out, nil // no key has it; and a "*" or ">" would widen the filter
 	}
-	err := s.read(ctx, workloadType+".*", func(_, id string, req protocol.StartWorkloadRequest) { out[id] = req })
+	err := s.read(ctx, workloadType+".*", func(_, id string, req protocol.StartWorkloadRequest) { out[id] = req }, nil)
 	return out, err
 }
 
@@ -529,16 +528,61 @@ func (s *KV) ByType(ctx context.Context, workloadType string) (map[string]protoc
 // DecodeRecord refuses is logged (its key, the field and why) and skipped rather than
 // hiding every other workload or reaching a nexlet; it stays in the bucket for the
 // operator to mend or remove (nats kv).
+//
+// The node's KV (OpenKV) also purges the delete markers the read passes that are older
+// than deleteMarkerAge: with History 1 every removed workload leaves one, for good
+// otherwise. The node reads All once at its start, beside serving; before, OpenKV
+// purged them (jetstream's PurgeDeletes), reading the whole bucket on the way to READY.
 func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error) {
 	out := map[string]protocol.StartWorkloadRequest{}
-	err := s.read(ctx, ">", func(typ, id string, req protocol.StartWorkloadRequest) { out[typ+"_"+id] = req })
+	var old []jetstream.KeyValueEntry
+	var marker func(jetstream.KeyValueEntry)
+	if s.markerAge > 0 {
+		marker = func(e jetstream.KeyValueEntry) {
+			if time.Since(e.Created()) > s.markerAge {
+				old = append(old, e)
+			}
+		}
+	}
+	err := s.read(ctx, ">", func(typ, id string, req protocol.StartWorkloadRequest) { out[typ+"_"+id] = req }, marker)
+	if err == nil {
+		s.purgeMarkers(ctx, old)
+	}
 	return out, err
 }
 
+// deleteMarkerAge is how old a delete marker must be before the node's All purges it:
+// PurgeDeletes' default, which keeps younger ones for watchers yet to see them.
+const deleteMarkerAge = 30 * time.Minute
+
+// purgeMarkers purges the delete markers of the bucket's stream up to each one's own
+// revision, so a record written under its key since the read stays.
+func (s *KV) purgeMarkers(ctx context.Context, markers []jetstream.KeyValueEntry) {
+	if len(markers) == 0 {
+		return
+	}
+	stream, err := s.js.Stream(ctx, "KV_"+s.bucket)
+	for i, m := range markers {
+		if err == nil {
+			err = stream.Purge(ctx, jetstream.WithPurgeSubject("$KV."+s.bucket+"."+m.Key()), jetstream.WithPurgeSequence(m.Revision()+1))
+		}
+		if err != nil {
+			s.log.Warn("could not compact delete markers of the state bucket", "bucket", s.bucket, "purged", i, "of", len(markers), "err", err)
+			return
+		}
+	}
+	s.log.Debug("compacted delete markers of the state bucket", "bucket", s.bucket, "purged", len(markers))
+}
+
 // read passes each record whose key matches filter and that DecodeRecord takes to
-// found, by its type and id; it logs and skips the others.
-func (s *KV) read(ctx context.Context, filter string, found func(typ, id string, req protocol.StartWorkloadRequest)) error {
-	_, err := s.watch(ctx, filter, func(e jetstream.KeyValueEntry) bool {
+// found, by its type and id; it logs and skips the others. marker, when not nil, is
+// given the delete markers, which are otherwise not read.
+func (s *KV) read(ctx context.Context, filter string, found func(typ, id string, req protocol.StartWorkloadRequest), marker func(jetstream.KeyValueEntry)) error {
+	_, err := s.watch(ctx, filter, marker != nil, func(e jetstream.KeyValueEntry) bool {
+		if e.Operation() != jetstream.KeyValuePut {
+			marker(e)
+			return false
+		}
 		if IsProbeKey(e.Key()) {
 			return false // only ever purged; a value there is no workload's
 		}
@@ -554,10 +598,14 @@ func (s *KV) read(ctx context.Context, filter string, found func(typ, id string,
 	return err
 }
 
-// watch returns the entries whose keys match filter (deleted ones left out) for which
-// keep says true.
-func (s *KV) watch(ctx context.Context, filter string, keep func(jetstream.KeyValueEntry) bool) ([]jetstream.KeyValueEntry, error) {
-	w, err := s.kv.Watch(ctx, filter, jetstream.IgnoreDeletes())
+// watch returns the entries whose keys match filter for which keep says true; delete
+// markers are read only with deletes.
+func (s *KV) watch(ctx context.Context, filter string, deletes bool, keep func(jetstream.KeyValueEntry) bool) ([]jetstream.KeyValueEntry, error) {
+	var opts []jetstream.WatchOpt
+	if !deletes {
+		opts = append(opts, jetstream.IgnoreDeletes())
+	}
+	w, err := s.kv.Watch(ctx, filter, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("state: read bucket %s: %w", s.bucket, err)
 	}

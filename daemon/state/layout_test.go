@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
@@ -187,5 +188,101 @@ func TestProbeIsNoWorkload(t *testing.T) {
 	}
 	if _, err := kv.kv.Get(ctx, "nexd.write-probe"); err != nil {
 		t.Fatalf("the probe's purge touched the workload: %v", err)
+	}
+}
+
+// TestOpenReadsNoRecords: nexd's opening of its bucket (on its way to READY) takes no
+// record from it: with 2,000 records in the bucket, a few dozen messages on the
+// connection. Before, it compacted the bucket's delete markers there
+// (jetstream's PurgeDeletes), which reads every record: 2,000 messages and more.
+func TestOpenReadsNoRecords(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	ctx := testCtx(t)
+	kv := open(t, testnats.Connect(t, s), "NODE1", "")
+	req := request("w", "ns", "native", "{}")
+	for range 2000 {
+		if err := kv.Put(ctx, "native", nuid.Next(), req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nc := testnats.Connect(t, s)
+	before := nc.Stats().InMsgs
+	if _, err := OpenKV(ctx, nc, "NODE1", "", nil); err != nil {
+		t.Fatal(err)
+	}
+	if msgs := nc.Stats().InMsgs - before; msgs > 50 {
+		t.Errorf("opening a bucket of 2,000 records took %d messages from JetStream: it read them", msgs)
+	}
+}
+
+// streamMsgs is how many messages the bucket's stream holds: records and delete markers.
+func streamMsgs(t *testing.T, kv *KV) uint64 {
+	t.Helper()
+	st, err := kv.js.Stream(testCtx(t), "KV_"+kv.bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Msgs
+}
+
+// TestAllCompactsOldDeleteMarkers: the node's read of its whole bucket (All, at its
+// start) purges the delete markers older than deleteMarkerAge that removed workloads
+// left, and no record: not the younger markers, not one written under a marker's key
+// after the read, and a read-only KV's (nexctl's) read purges nothing.
+func TestAllCompactsOldDeleteMarkers(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	ctx := testCtx(t)
+	nc := testnats.Connect(t, s)
+	kv := open(t, nc, "NODE1", "")
+	for _, id := range []string{"A", "B", "C"} {
+		if err := kv.Put(ctx, "native", id, request("w-"+id, "ns", "native", "{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"A", "B"} {
+		if err := kv.Delete(ctx, "native", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ro, err := OpenExistingKV(ctx, nc, "NODE1", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*KV{kv, ro} {
+		all, err := r.All(ctx)
+		if err != nil || len(all) != 1 || all["native_C"].Name != "w-C" {
+			t.Fatalf("All: %v, %v", all, err)
+		}
+	}
+	if n := streamMsgs(t, kv); n != 3 {
+		t.Fatalf("%d messages after reads that must purge nothing (markers younger than %s; read-only), want 3", n, deleteMarkerAge)
+	}
+
+	kv.markerAge = time.Nanosecond
+	if all, err := kv.All(ctx); err != nil || len(all) != 1 {
+		t.Fatalf("All: %v, %v", all, err)
+	}
+	if n := streamMsgs(t, kv); n != 1 {
+		t.Fatalf("%d messages after the node's read, want 1: C's record, the markers purged", n)
+	}
+
+	// A workload recorded again under a marker's key between the read and the purge.
+	if err := kv.Delete(ctx, "native", "C"); err != nil {
+		t.Fatal(err)
+	}
+	var markers []jetstream.KeyValueEntry
+	if err := kv.read(ctx, ">", func(string, string, protocol.StartWorkloadRequest) {}, func(e jetstream.KeyValueEntry) { markers = append(markers, e) }); err != nil || len(markers) != 1 {
+		t.Fatalf("markers read: %d, %v", len(markers), err)
+	}
+	if err := kv.Put(ctx, "native", "C", request("w-C2", "ns", "native", "{}")); err != nil {
+		t.Fatal(err)
+	}
+	kv.purgeMarkers(ctx, markers)
+	if got, err := kv.ByType(ctx, "native"); err != nil || got["C"].Name != "w-C2" {
+		t.Fatalf("the record written after the read: %v, %v", got, err)
 	}
 }
