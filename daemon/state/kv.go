@@ -60,15 +60,15 @@ var validWorkloadID = sync.OnceValue(func() *regexp.Regexp { return regexp.MustC
 // JSON of the client's start request. The request carries no credentials (they are minted afresh on
 // replay) and its environment only in the sealed form the client sent.
 type KV struct {
-	kv       jetstream.KeyValue
-	js       jetstream.JetStream
-	bucket   string
+	kv     jetstream.KeyValue
+	js     jetstream.JetStream
+	bucket string
 	// markerAge is how old a delete marker must be before All purges it (0: none
 	// purged, a read-only KV's).
 	markerAge time.Duration
-	maxValue int
-	replicas int
-	log      *slog.Logger
+	maxValue  int
+	replicas  int
+	log       *slog.Logger
 	// failed is the last write's failure, nil once a write succeeded after it: a
 	// store that is full or failing answers JetStream's health (stream info) while it
 	// refuses every write, so only a write tells.
