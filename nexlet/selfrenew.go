@@ -198,11 +198,19 @@ func (r *Runner) renewSelf(ctx context.Context, live *liveCreds) error {
 			r.log.Warn("stopping the endpoints on the old connection", "err", err)
 		}
 	}
-	r.retire(ctx, oldNC, oldBusy, oldExp)
-	if err := r.askRenewal(ctx, nc2, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, nil); err != nil {
-		// The node revokes the old users after a bound anyway.
-		r.log.Warn("could not tell the node the nexlet switched to its renewed user", "agent_id", agentID, "err", err)
-	}
+	// The old connection's retirement (up to the old user's expiry) and the switch
+	// report (up to selfRenewWait) run beside the loop, which schedules the next
+	// renewal from the new user at once: waited for here, they ate into its margin,
+	// and a starved nexlet with a 20 s user renewed after its expiry and was cut off.
+	// A late report is harmless: the node revokes only users older than the key it
+	// names. renewLoop, which calls this, holds r.renewing, so the count is above 0.
+	r.renewing.Go(func() {
+		r.retire(ctx, oldNC, oldBusy, oldExp)
+		if err := r.askRenewal(ctx, nc2, agentID, protocol.RenewAgentCredsRequest{PublicKey: pub, Switched: true}, nil); err != nil {
+			// The node revokes the old users after a bound anyway.
+			r.log.Warn("could not tell the node the nexlet switched to its renewed user", "agent_id", agentID, "err", err)
+		}
+	})
 	return nil
 }
 
