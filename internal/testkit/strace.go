@@ -41,7 +41,9 @@ func SyncedAfterRename(trace []string, path string) bool {
 	started := map[string]string{} // thread -> its unfinished call's start
 	renamed := false
 	for _, l := range trace {
+		// strace pads the thread id to five columns: "4245  fsync(...".
 		tid, call, _ := strings.Cut(strings.TrimSpace(l), " ")
+		call = strings.TrimSpace(call)
 		if start, ok := strings.CutSuffix(call, " <unfinished ...>"); ok {
 			started[tid] = start
 			continue

@@ -1,6 +1,7 @@
 package testkit
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -19,6 +20,15 @@ func TestSyncedAfterRenameJoinsSplitCalls(t *testing.T) {
 26079 <... fsync resumed>)              = 0`, "\n")
 	if !SyncedAfterRename(split, path) {
 		t.Fatal("the split directory sync after the rename was not seen")
+	}
+	// Thread ids under five digits are padded (seen in CI: "4245  fsync(...").
+	var padded []string
+	for _, l := range split {
+		tid, call, _ := strings.Cut(l, " ")
+		padded = append(padded, fmt.Sprintf("%-5s %s", tid[1:], call))
+	}
+	if !SyncedAfterRename(padded, path) {
+		t.Fatalf("the split directory sync after the rename was not seen with padded thread ids:\n%s", strings.Join(padded, "\n"))
 	}
 	early := strings.Split(`26079 fsync(8</d> <unfinished ...>
 26079 <... fsync resumed>)              = 0
