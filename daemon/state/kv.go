@@ -84,6 +84,10 @@ type KV struct {
 	writes  atomic.Uint64
 	notedMu sync.Mutex
 	noted   uint64
+	// oldLeft: records an older nexd wrote under Key's <type>_<id> may remain, their
+	// move at the open cut short by a write the bucket refused (a full store): ByType,
+	// Delete and MarkStarted then look under those keys too.
+	oldLeft atomic.Bool
 }
 
 // writeFailure is why writes to the bucket fail, since the first of them.
@@ -289,8 +293,15 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 // The old keys are read alone (the filter "*": one token), so a bucket with none left
 // costs one empty read. Each is created under its new key, which a move cut short
 // before its purge may have left there already (kept: it may have been marked since),
-// and then purged; a move that fails is taken up again by the next OpenKV. A key that
-// is not one a nexd makes stays where it is, skipped by every read as before.
+// and then purged. A key that is not one a nexd makes stays where it is, skipped by
+// every read as before.
+//
+// A read that fails fails the open (JetStream is not there yet: nexd waits and opens
+// again). A write that fails does not: a full store refuses the create under the new
+// key (it takes a record's room until the old one is purged), and nexd starts on a full
+// store, its records read and its stops tombstoned (README). Then the move stops there,
+// the records left under their old keys are read and removed there (oldLeft), and the
+// next OpenKV takes the move up again.
 func (s *KV) moveOldKeys(ctx context.Context) error {
 	old, err := s.watch(ctx, "*", false, func(e jetstream.KeyValueEntry) bool {
 		_, _, ok := splitOldKey(e.Key())
@@ -299,19 +310,47 @@ func (s *KV) moveOldKeys(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, e := range old {
+	for i, e := range old {
 		typ, id, _ := splitOldKey(e.Key())
-		if _, err := s.kv.Create(ctx, typ+"."+id, e.Value()); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-			return fmt.Errorf("state: move record %s of bucket %s to %s.%s: %w", e.Key(), s.bucket, typ, id, err)
-		}
-		if err := s.kv.Purge(ctx, e.Key()); err != nil {
-			return fmt.Errorf("state: remove record %s of bucket %s, moved to %s.%s: %w", e.Key(), s.bucket, typ, id, err)
+		err := s.moveOldKey(ctx, e, typ+"."+id)
+		if err != nil && ctx.Err() != nil {
+			return err // the open was given up (nexd stopping): no store's fault
+		} else if err != nil {
+			s.oldLeft.Store(true)
+			s.log.Warn("could not move the workload records of an older nexd to the key layout <type>.<id>; "+
+				"those left are read and removed under their old keys, and moved at nexd's next start",
+				"bucket", s.bucket, "moved", i, "left", len(old)-i, "err", err)
+			return nil
 		}
 	}
 	if len(old) > 0 {
 		s.log.Info("moved the workload records of an older nexd to the key layout <type>.<id>", "bucket", s.bucket, "records", len(old))
 	}
 	return nil
+}
+
+// moveOldKey moves record e to key (moveOldKeys).
+func (s *KV) moveOldKey(ctx context.Context, e jetstream.KeyValueEntry, key string) error {
+	if _, err := s.kv.Create(ctx, key, e.Value()); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return fmt.Errorf("state: move record %s of bucket %s to %s: %w", e.Key(), s.bucket, key, err)
+	}
+	if err := s.kv.Purge(ctx, e.Key()); err != nil {
+		return fmt.Errorf("state: remove record %s of bucket %s, moved to %s: %w", e.Key(), s.bucket, key, err)
+	}
+	return nil
+}
+
+// keysOf is where a workload's record may be: StoredKey's key, and while records of an
+// older nexd are left unmoved (oldLeft) Key's after it.
+func (s *KV) keysOf(workloadType, workloadID string) ([]string, error) {
+	key, err := StoredKey(workloadType, workloadID)
+	if err != nil {
+		return nil, err
+	}
+	if s.oldLeft.Load() {
+		return []string{key, workloadType + "_" + workloadID}, nil
+	}
+	return []string{key}, nil
 }
 
 // Replicas is the bucket's replica count when it was opened (0: unknown).
@@ -450,7 +489,7 @@ func (s *KV) Put(ctx context.Context, workloadType, workloadID string, req proto
 // bids watch (WriteFailing): it is off every request's path, and a conflict is no
 // failure of the store.
 func (s *KV) MarkStarted(ctx context.Context, workloadType, workloadID string, req protocol.StartWorkloadRequest) error {
-	key, err := StoredKey(workloadType, workloadID)
+	keys, err := s.keysOf(workloadType, workloadID)
 	if err != nil {
 		return fmt.Errorf("state: %w", err)
 	}
@@ -458,13 +497,18 @@ func (s *KV) MarkStarted(ctx context.Context, workloadType, workloadID string, r
 	if err != nil {
 		return fmt.Errorf("state: encode start request of workload %s: %w", workloadID, err)
 	}
-	e, err := s.kv.Get(ctx, key)
+	var e jetstream.KeyValueEntry
+	for _, key := range keys {
+		if e, err = s.kv.Get(ctx, key); !errors.Is(err, jetstream.ErrKeyNotFound) {
+			break
+		}
+	}
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return nil
 	} else if err != nil {
 		return fmt.Errorf("state: look up workload %s in bucket %s: %w", workloadID, s.bucket, err)
 	}
-	if _, err := s.kv.Update(ctx, key, value, e.Revision()); err != nil {
+	if _, err := s.kv.Update(ctx, e.Key(), value, e.Revision()); err != nil {
 		var api *jetstream.APIError
 		if errors.As(err, &api) && api.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
 			return nil // removed (or written) since the read
@@ -493,34 +537,48 @@ func NotWritten(err error) bool {
 
 // Delete removes a workload; deleting one that is not stored is not an error.
 func (s *KV) Delete(ctx context.Context, workloadType, workloadID string) error {
-	key, err := StoredKey(workloadType, workloadID)
+	keys, err := s.keysOf(workloadType, workloadID)
 	if err != nil {
 		return fmt.Errorf("state: %w", err)
 	}
-	// Skip the marker for keys never stored (or already gone).
-	if _, err := s.kv.Get(ctx, key); errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil
-	} else if err != nil {
-		return fmt.Errorf("state: look up workload %s in bucket %s: %w", workloadID, s.bucket, err)
-	}
-	n := s.beginWrite()
-	err = s.kv.Purge(ctx, key)
-	s.noteWrite(n, err)
-	if err != nil {
-		return fmt.Errorf("state: remove workload %s from bucket %s: %w", workloadID, s.bucket, err)
+	for _, key := range keys {
+		// Skip the marker for keys never stored (or already gone).
+		if _, err := s.kv.Get(ctx, key); errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		} else if err != nil {
+			return fmt.Errorf("state: look up workload %s in bucket %s: %w", workloadID, s.bucket, err)
+		}
+		n := s.beginWrite()
+		err = s.kv.Purge(ctx, key)
+		s.noteWrite(n, err)
+		if err != nil {
+			return fmt.Errorf("state: remove workload %s from bucket %s: %w", workloadID, s.bucket, err)
+		}
 	}
 	return nil
 }
 
 // ByType returns the stored start requests of one workload type, by workload id. The
 // type must match exactly ("native" does not return "nativeX" workloads). Only the
-// type's keys are read (StoredKey).
+// type's keys are read (StoredKey); while records of an older nexd are left unmoved
+// (oldLeft), the one-token keys too, the type's taken from them, a record under both
+// keys (a move cut short after its create) read from its new one.
 func (s *KV) ByType(ctx context.Context, workloadType string) (map[string]protocol.StartWorkloadRequest, error) {
 	out := map[string]protocol.StartWorkloadRequest{}
 	if !protocol.IsToken(workloadType) {
 		return out, nil // no key has it; and a "*" or ">" would widen the filter
 	}
-	err := s.read(ctx, workloadType+".*", func(_, id string, req protocol.StartWorkloadRequest) { out[id] = req }, nil)
+	found := func(_, id string, req protocol.StartWorkloadRequest) { out[id] = req }
+	if s.oldLeft.Load() {
+		ofType := func(key string) bool {
+			typ, _, ok := splitOldKey(key)
+			return ok && typ == workloadType
+		}
+		if err := s.read(ctx, "*", ofType, found, nil); err != nil {
+			return out, err
+		}
+	}
+	err := s.read(ctx, workloadType+".*", nil, found, nil)
 	return out, err
 }
 
@@ -544,7 +602,7 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 			}
 		}
 	}
-	err := s.read(ctx, ">", func(typ, id string, req protocol.StartWorkloadRequest) { out[typ+"_"+id] = req }, marker)
+	err := s.read(ctx, ">", nil, func(typ, id string, req protocol.StartWorkloadRequest) { out[typ+"_"+id] = req }, marker)
 	if err == nil {
 		s.purgeMarkers(ctx, old)
 	}
@@ -574,17 +632,17 @@ func (s *KV) purgeMarkers(ctx context.Context, markers []jetstream.KeyValueEntry
 	s.log.Debug("compacted delete markers of the state bucket", "bucket", s.bucket, "purged", len(markers))
 }
 
-// read passes each record whose key matches filter and that DecodeRecord takes to
-// found, by its type and id; it logs and skips the others. marker, when not nil, is
-// given the delete markers, which are otherwise not read.
-func (s *KV) read(ctx context.Context, filter string, found func(typ, id string, req protocol.StartWorkloadRequest), marker func(jetstream.KeyValueEntry)) error {
+// read passes each record whose key matches filter (and only, when not nil) and that
+// DecodeRecord takes to found, by its type and id; it logs and skips the others. marker,
+// when not nil, is given the delete markers, which are otherwise not read.
+func (s *KV) read(ctx context.Context, filter string, only func(key string) bool, found func(typ, id string, req protocol.StartWorkloadRequest), marker func(jetstream.KeyValueEntry)) error {
 	_, err := s.watch(ctx, filter, marker != nil, func(e jetstream.KeyValueEntry) bool {
 		if e.Operation() != jetstream.KeyValuePut {
 			marker(e)
 			return false
 		}
-		if IsProbeKey(e.Key()) {
-			return false // only ever purged; a value there is no workload's
+		if IsProbeKey(e.Key()) || (only != nil && !only(e.Key())) {
+			return false // the probe: only ever purged; a value there is no workload's
 		}
 		req, err := CheckReadBack(s.bucket, e.Key(), e.Value(), s.maxValue)
 		if err != nil {

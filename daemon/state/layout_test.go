@@ -3,6 +3,7 @@ package state
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
@@ -275,7 +276,7 @@ func TestAllCompactsOldDeleteMarkers(t *testing.T) {
 		t.Fatal(err)
 	}
 	var markers []jetstream.KeyValueEntry
-	if err := kv.read(ctx, ">", func(string, string, protocol.StartWorkloadRequest) {}, func(e jetstream.KeyValueEntry) { markers = append(markers, e) }); err != nil || len(markers) != 1 {
+	if err := kv.read(ctx, ">", nil, func(string, string, protocol.StartWorkloadRequest) {}, func(e jetstream.KeyValueEntry) { markers = append(markers, e) }); err != nil || len(markers) != 1 {
 		t.Fatalf("markers read: %d, %v", len(markers), err)
 	}
 	if err := kv.Put(ctx, "native", "C", request("w-C2", "ns", "native", "{}")); err != nil {
@@ -284,5 +285,98 @@ func TestAllCompactsOldDeleteMarkers(t *testing.T) {
 	kv.purgeMarkers(ctx, markers)
 	if got, err := kv.ByType(ctx, "native"); err != nil || got["C"].Name != "w-C2" {
 		t.Fatalf("the record written after the read: %v, %v", got, err)
+	}
+}
+
+// TestMoveOnAFullBucket: an upgraded nexd opens a bucket of an older nexd's records
+// that is full (at its byte limit, so the move's create under the new key is refused)
+// and still starts: OpenKV takes the bucket, the records left under their old keys are
+// replayed (ByType, All), a stop removes one and a job's mark changes one there, and
+// once the bucket has room the next open moves the rest, the removed one not back.
+// Before, OpenKV failed on the refused create: nexd could not start on a full store it
+// starts on when no record is left to move (README: an external store full).
+func TestMoveOnAFullBucket(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	nc := testnats.Connect(t, s)
+	ctx := testCtx(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As an older nexd (or upstream) made it, with a small byte limit.
+	cfg := jetstream.KeyValueConfig{Bucket: BucketName("NODE1"), History: 1, MaxValueSize: MaxValueSize, MaxBytes: 4096}
+	raw, err := js.CreateKeyValue(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := func(i int) protocol.StartWorkloadRequest {
+		return request(fmt.Sprintf("w%d", i), "ns", "native", `{"uri":"file:///bin/sleep","pad":"`+strings.Repeat("x", 300)+`"}`)
+	}
+	n := 0
+	for ; n < 100; n++ { // fill it
+		b, err := json.Marshal(rec(n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := raw.Put(ctx, fmt.Sprintf("native_OLD%d", n), b); err != nil {
+			t.Logf("bucket full after %d records: %v", n, err)
+			break
+		}
+	}
+	if n < 3 || n == 100 {
+		t.Fatalf("%d records filled the bucket, want 3 to 99", n)
+	}
+
+	var logs testkit.Buffer
+	kv, err := OpenKV(ctx, nc, "NODE1", "", slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatalf("nexd could not open its full bucket of an older nexd's records: %v", err)
+	}
+	if !strings.Contains(logs.String(), "could not move") {
+		t.Errorf("the move cut short by the full bucket was not logged:\n%s", logs.String())
+	}
+	got, err := kv.ByType(ctx, "native")
+	if err != nil || len(got) != n {
+		t.Fatalf("native's replay from the full bucket: %d records, %v; want %d", len(got), err, n)
+	}
+	for i := range n {
+		if got[fmt.Sprintf("OLD%d", i)].Name != fmt.Sprintf("w%d", i) {
+			t.Errorf("record OLD%d read back as %+v", i, got[fmt.Sprintf("OLD%d", i)])
+		}
+	}
+	if all, err := kv.All(ctx); err != nil || len(all) != n {
+		t.Fatalf("All of the full bucket: %d records, %v; want %d", len(all), err, n)
+	}
+
+	cfg.MaxBytes = 1 << 20 // room again
+	if _, err := js.UpdateKeyValue(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Delete(ctx, "native", "OLD0"); err != nil {
+		t.Fatal(err)
+	}
+	marked := rec(1)
+	marked.Started = true
+	if err := kv.MarkStarted(ctx, "native", "OLD1", marked); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := kv.ByType(ctx, "native"); err != nil || len(got) != n-1 || got["OLD0"].Name != "" || !got["OLD1"].Started {
+		t.Fatalf("after the stop of OLD0 and the mark of OLD1: %d records (OLD0 %q, OLD1 started %v), %v",
+			len(got), got["OLD0"].Name, got["OLD1"].Started, err)
+	}
+
+	again, err := OpenKV(ctx, nc, "NODE1", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = again.ByType(ctx, "native")
+	if err != nil || len(got) != n-1 || got["OLD0"].Name != "" || !got["OLD1"].Started {
+		t.Fatalf("after the move with room: %d records (OLD0 %q, OLD1 started %v), %v; want %d",
+			len(got), got["OLD0"].Name, got["OLD1"].Started, err, n-1)
+	}
+	for i := range n {
+		if _, err := again.kv.Get(ctx, fmt.Sprintf("native_OLD%d", i)); !errors.Is(err, jetstream.ErrKeyNotFound) {
+			t.Errorf("old key native_OLD%d still there after the move with room: %v", i, err)
+		}
 	}
 }
