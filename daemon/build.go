@@ -265,6 +265,10 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 			return nil, err
 		}
 		s.bridgeWatchdog()
+		// Before the NATS connection closes (closers run last pushed first): the
+		// compaction of delete markers the node's start read found may still run.
+		kv := s.kv
+		d.closers.push("state bucket compaction", func(context.Context) error { kv.Close(); return nil })
 		store = s.kv
 		s.jetstream.writes = s.kv
 		if s.stateDir != "" {

@@ -66,9 +66,16 @@ type KV struct {
 	// markerAge is how old a delete marker must be before All purges it (0: none
 	// purged, a read-only KV's).
 	markerAge time.Duration
-	maxValue  int
-	replicas  int
-	log       *slog.Logger
+	// compacting runs the purges of the markers All read (compact), under life, which
+	// Close ends before it waits for them; closed (under compactMu) starts no more.
+	compacting sync.WaitGroup
+	compactMu  sync.Mutex
+	closed     bool
+	life       context.Context
+	endLife    context.CancelFunc
+	maxValue   int
+	replicas   int
+	log        *slog.Logger
 	// failed is the last write's failure, nil once a write succeeded after it: a
 	// store that is full or failing answers JetStream's health (stream info) while it
 	// refuses every write, so only a write tells.
@@ -278,6 +285,7 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 		log.Info("workload state bucket", "bucket", bucket, "replicas", got, "wanted", replicas, "why", why)
 	}
 	s := &KV{kv: kv, js: js, bucket: bucket, maxValue: maxValue, replicas: got, log: log, failing: make(chan struct{}, 1)}
+	s.life, s.endLife = context.WithCancel(context.Background())
 	if create {
 		s.markerAge = deleteMarkerAge
 		// Only the node moves records: nexctl reads both layouts and writes nothing.
@@ -591,6 +599,8 @@ func (s *KV) ByType(ctx context.Context, workloadType string) (map[string]protoc
 // than deleteMarkerAge: with History 1 every removed workload leaves one, for good
 // otherwise. The node reads All once at its start, beside serving; before, OpenKV
 // purged them (jetstream's PurgeDeletes), reading the whole bucket on the way to READY.
+// The purges run after All returned (compact): the node's stops and lists wait for
+// that read, and thousands of markers take seconds to purge.
 func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest, error) {
 	out := map[string]protocol.StartWorkloadRequest{}
 	var old []jetstream.KeyValueEntry
@@ -603,10 +613,31 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 		}
 	}
 	err := s.read(ctx, ">", nil, func(typ, id string, req protocol.StartWorkloadRequest) { out[typ+"_"+id] = req }, marker)
-	if err == nil {
-		s.purgeMarkers(ctx, old)
+	if err == nil && len(old) > 0 {
+		s.compact(old)
 	}
 	return out, err
+}
+
+// compact purges markers on a goroutine of the KV's (purgeMarkers), which Close ends
+// and waits for; none once Close began.
+func (s *KV) compact(markers []jetstream.KeyValueEntry) {
+	s.compactMu.Lock()
+	defer s.compactMu.Unlock()
+	if s.closed {
+		return
+	}
+	s.compacting.Go(func() { s.purgeMarkers(s.life, markers) })
+}
+
+// Close ends the compaction of delete markers under way (All's) and waits for it. The
+// bucket is not touched after it; the connection is the caller's.
+func (s *KV) Close() {
+	s.compactMu.Lock()
+	s.closed = true
+	s.compactMu.Unlock()
+	s.endLife()
+	s.compacting.Wait()
 }
 
 // deleteMarkerAge is how old a delete marker must be before the node's All purges it:
@@ -625,7 +656,11 @@ func (s *KV) purgeMarkers(ctx context.Context, markers []jetstream.KeyValueEntry
 			err = stream.Purge(ctx, jetstream.WithPurgeSubject("$KV."+s.bucket+"."+m.Key()), jetstream.WithPurgeSequence(m.Revision()+1))
 		}
 		if err != nil {
-			s.log.Warn("could not compact delete markers of the state bucket", "bucket", s.bucket, "purged", i, "of", len(markers), "err", err)
+			level := slog.LevelWarn
+			if ctx.Err() != nil {
+				level = slog.LevelDebug // Close: nexd stopping
+			}
+			s.log.Log(context.Background(), level, "could not compact delete markers of the state bucket", "bucket", s.bucket, "purged", i, "of", len(markers), "err", err)
 			return
 		}
 	}

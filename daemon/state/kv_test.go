@@ -42,6 +42,7 @@ func open(t *testing.T, nc *nats.Conn, node, domain string) *KV {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(kv.Close)
 	return kv
 }
 

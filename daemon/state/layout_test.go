@@ -1,6 +1,7 @@
 package state
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 
@@ -267,6 +270,7 @@ func TestAllCompactsOldDeleteMarkers(t *testing.T) {
 	if all, err := kv.All(ctx); err != nil || len(all) != 1 {
 		t.Fatalf("All: %v, %v", all, err)
 	}
+	kv.compacting.Wait() // the purges go on after All returned
 	if n := streamMsgs(t, kv); n != 1 {
 		t.Fatalf("%d messages after the node's read, want 1: C's record, the markers purged", n)
 	}
@@ -378,5 +382,80 @@ func TestMoveOnAFullBucket(t *testing.T) {
 		if _, err := again.kv.Get(ctx, fmt.Sprintf("native_OLD%d", i)); !errors.Is(err, jetstream.ErrKeyNotFound) {
 			t.Errorf("old key native_OLD%d still there after the move with room: %v", i, err)
 		}
+	}
+}
+
+// TestAllDoesNotWaitForCompaction: the node's start read (All) returns its records
+// without waiting for the compaction of the delete markers it passed, which goes on
+// beside it until Close: the node's stops and lists wait for that read (the node's
+// recorded read), and a compaction of thousands of markers takes seconds (5,000 took
+// 1.8 s in process, R1). Here the node's user may not purge the bucket's stream, so
+// each purge waits out its request's deadline. Before, All returned only once the
+// compaction ended: not within 30 s with a read deadline of 10 minutes.
+func TestAllDoesNotWaitForCompaction(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{Configure: func(o *server.Options) {
+		o.Users = []*server.User{
+			{Username: "admin", Password: "a"},
+			{Username: "node", Password: "n", Permissions: &server.Permissions{Publish: &server.SubjectPermission{
+				Allow: []string{">"}, Deny: []string{"$JS.API.STREAM.PURGE.>"}}}},
+		}
+	}})
+	ctx := testCtx(t)
+	connect := func(user, pass string) *nats.Conn {
+		nc, err := nats.Connect(s.ClientURL(), nats.UserInfo(user, pass))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		return nc
+	}
+	admin := open(t, connect("admin", "a"), "NODE1", "")
+	for _, id := range []string{"A", "B", "C"} {
+		if err := admin.Put(ctx, "native", id, request("w-"+id, "ns", "native", "{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"A", "B"} {
+		if err := admin.Delete(ctx, "native", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var logs testkit.Buffer
+	kv, err := OpenKV(ctx, connect("node", "n"), "NODE1", "", slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv.markerAge = time.Nanosecond
+	type result struct {
+		all map[string]protocol.StartWorkloadRequest
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+		defer cancel()
+		all, err := kv.All(rctx)
+		done <- result{all, err}
+	}()
+	select {
+	case r := <-done:
+		if r.err != nil || len(r.all) != 1 || r.all["native_C"].Name != "w-C" {
+			t.Fatalf("All: %v, %v", r.all, r.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("All did not return within 30 s: it waits for the compaction of the delete markers it read")
+	}
+	closed := make(chan struct{})
+	go func() { kv.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not end the compaction within 30 s")
+	}
+	if n := streamMsgs(t, admin); n != 3 {
+		t.Errorf("%d messages in the bucket's stream, want 3: C's record and the two markers the node may not purge", n)
+	}
+	if !strings.Contains(logs.String(), "compact") {
+		t.Errorf("the compaction's end is not logged:\n%s", logs.String())
 	}
 }
