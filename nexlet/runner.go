@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -117,7 +116,7 @@ type Runner struct {
 
 	mu      sync.Mutex
 	nc      *nats.Conn
-	svc     micro.Service
+	svc     *endpoints
 	agentID string
 	regType string
 	// relay: the node passes on this nexlet's feeds (NexdFeedRelay), whose user may
@@ -375,7 +374,7 @@ func (r *Runner) Run(agentID string, creds protocol.NatsConnectionData) error {
 	busy := new(atomic.Int64)
 	// Not flushed here: the first heartbeat's flush, below, writes the subscriptions
 	// and the heartbeat behind them together (serveUnflushed).
-	svc, err := r.serveUnflushed(nc, agentID, reg, busy)
+	svc, err := r.serveUnflushed(nc, agentID, busy)
 	if err != nil {
 		r.dropReplay(replay)
 		nc.Close()
@@ -519,11 +518,11 @@ func (r *Runner) againAfterRefusal(err error, wait *time.Duration) bool {
 	return true
 }
 
-// serve adds the nexlet's micro service and endpoints on nc (its first connection, or
-// the one of a renewed user) and makes sure the server has them. busy counts the
-// requests taken on nc and not yet answered, so that nc is closed only after them.
-func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest, busy *atomic.Int64) (micro.Service, error) {
-	svc, err := r.serveUnflushed(nc, agentID, reg, busy)
+// serve adds the nexlet's endpoints on nc (its first connection, or the one of a
+// renewed user) and makes sure the server has them. busy counts the requests taken on
+// nc and not yet answered, so that nc is closed only after them.
+func (r *Runner) serve(nc *nats.Conn, agentID string, busy *atomic.Int64) (*endpoints, error) {
+	svc, err := r.serveUnflushed(nc, agentID, busy)
 	if err != nil {
 		return nil, err
 	}
@@ -540,12 +539,7 @@ func (r *Runner) serve(nc *nats.Conn, agentID string, reg *protocol.RegisterAgen
 // connection, which the server reads in order, so a node that has that heartbeat
 // knows the server had the endpoints' subscriptions first (and asks the nexlet, bids
 // for it, only then); one round trip fewer on the way to the node's READY.
-func (r *Runner) serveUnflushed(nc *nats.Conn, agentID string, reg *protocol.RegisterAgentRequest, busy *atomic.Int64) (micro.Service, error) {
-	svc, err := micro.AddService(nc, micro.Config{Name: serviceName(reg.Name), Version: serviceVersion(reg.Version),
-		Description: reg.Description})
-	if err != nil {
-		return nil, fmt.Errorf("nexlet micro service %q: %w", reg.Name, err)
-	}
+func (r *Runner) serveUnflushed(nc *nats.Conn, agentID string, busy *atomic.Int64) (*endpoints, error) {
 	eps := []struct {
 		name, subject string
 		h             micro.HandlerFunc
@@ -568,13 +562,36 @@ func (r *Runner) serveUnflushed(nc *nats.Conn, agentID string, reg *protocol.Reg
 		{"PingAllAgents", protocol.PingAllAgentsSubject(r.nodeID), counted(busy, r.handlePing)},
 		{"SetLameduck", protocol.SetLameduckAgentsSubject(r.nodeID), r.async(nc, busy, r.handleLameduck)},
 	}
+	svc := &endpoints{}
 	for _, ep := range eps {
-		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject), micro.WithEndpointQueueGroup(agentID)); err != nil {
+		h := ep.h
+		sub, err := nc.QueueSubscribe(ep.subject, agentID, func(m *nats.Msg) {
+			h(&detached{nc: nc, subject: m.Subject, reply: m.Reply, data: m.Data, hdr: micro.Headers(m.Header), at: time.Now()})
+		})
+		if err != nil {
 			_ = svc.Stop()
 			return nil, fmt.Errorf("nexlet endpoint %s on %s: %w", ep.name, ep.subject, err)
 		}
+		svc.subs = append(svc.subs, sub)
 	}
 	return svc, nil
+}
+
+// endpoints are a nexlet's request handlers on one connection: queue subscriptions
+// (the queue group is the agent id, as upstream's), answered as micro requests are,
+// but no micro service: that subscribes to $SRV discovery as well, which no node asks
+// and a nexlet's user may not read (it answered `nats micro` as the node's service).
+type endpoints struct{ subs []*nats.Subscription }
+
+// Stop drains the subscriptions: what they hold is still handled.
+func (e *endpoints) Stop() error {
+	var errs error
+	for _, s := range e.subs {
+		if err := s.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			errs = errors.Join(errs, fmt.Errorf("draining %s: %w", s.Subject, err))
+		}
+	}
+	return errs
 }
 
 // notAskedDirect leaves a request on a shared subject unanswered when the node asked
@@ -1146,7 +1163,7 @@ func (r *Runner) Shutdown() error {
 	r.mu.Unlock()
 	var errs error
 	if err := svc.Stop(); err != nil {
-		errs = errors.Join(errs, fmt.Errorf("stop micro service: %w", err))
+		errs = errors.Join(errs, fmt.Errorf("stop endpoints: %w", err))
 	}
 	r.workMu.Lock()
 	r.closing = true
@@ -2032,29 +2049,4 @@ func (r *Runner) registerType() string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.regType
-}
-
-// Compiled on first use, not at init: every package's init runs in nexd and in the
-// native nexlet alike, used or not.
-var (
-	serviceNameRE    = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`[^A-Za-z0-9_-]`) })
-	serviceVersionRE = sync.OnceValue(func() *regexp.Regexp {
-		return regexp.MustCompile(`^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$`)
-	})
-)
-
-// serviceName makes a micro-compatible service name from the agent's name.
-func serviceName(n string) string {
-	if n = serviceNameRE().ReplaceAllString(n, "_"); n == "" {
-		return "nexlet"
-	}
-	return n
-}
-
-// serviceVersion keeps a semver version and replaces anything else, which micro rejects.
-func serviceVersion(v string) string {
-	if serviceVersionRE().MatchString(v) {
-		return v
-	}
-	return "0.0.0"
 }

@@ -178,7 +178,7 @@ func (r *Runner) renewSelf(ctx context.Context, live *liveCreds) error {
 		return fmt.Errorf("connect with the renewed credentials: %w", err)
 	}
 	busy2 := new(atomic.Int64)
-	svc2, err := r.serve(nc2, agentID, reg, busy2)
+	svc2, err := r.serve(nc2, agentID, busy2)
 	if err != nil {
 		nc2.Close()
 		return fmt.Errorf("serve on the renewed connection: %w", err)

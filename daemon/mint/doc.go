@@ -10,7 +10,8 @@
 //	                          STOPWORKLOAD.*, GETWORKLOAD.* where a nexd node asks it alone)
 //	                          $NEX.SVC.N.agent.{STOPWORKLOAD.*,GETWORKLOAD.*,QUERYWORKLOADS,PING,SETLAMEDUCK}
 //	                          $NEX.SVC.<nexus>.agent.PINGWORKLOAD.* (when Nexus is set)
-//	                          $NEX.FEED.A.events, $SRV.>, _INBOX_A.>
+//	                          $NEX.FEED.A.events, _INBOX_A.> (no $SRV: no micro
+//	                          discovery answered as the node)
 //	                      pub $NEX.SVC.N.agent.HEARTBEAT.A, $NEX.SVC.N.agent.REGISTER.A,
 //	                          $NEX.SVC.N.agent.{RENEWCREDS.A.*,RENEWAGENT.A,WORKLOADENDED.A.*},
 //	                          $NEX.SVC.N.agent.FEED.A.> (its feeds, which the node passes

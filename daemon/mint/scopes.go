@@ -31,7 +31,10 @@ func registerPermissions(agentID, nodeID string) jwt.Permissions {
 // which cannot relay, or nexd's older than the relay, and only where the operator set
 // allow_nexlet_direct_feeds): also every namespace's feeds on $NEX.FEED, as its
 // workloads may be in any (upstream keyed them by agent id, which its SDK never
-// uses). It gets no JetStream: artifacts are fetched with workload creds.
+// uses). It gets no JetStream: artifacts are fetched with workload creds. Nor $SRV:
+// no node asks a nexlet there, and with it a nexlet answered `nats micro` discovery
+// as the node's service (upstream's SDK's micro service asks for it: the server
+// refuses those subscriptions, and the service's endpoints serve on).
 func agentPermissions(agentID, nodeID, nexus string, direct bool) jwt.Permissions {
 	var p jwt.Permissions
 	pre := protocol.AgentPrefix(nodeID)
@@ -43,7 +46,6 @@ func agentPermissions(agentID, nodeID, nexus string, direct bool) jwt.Permission
 		pre+".PING",
 		pre+".SETLAMEDUCK",
 		protocol.AgentEventsSubject(agentID),
-		"$SRV.>",
 		privateInbox(agentID),
 	)
 	if nexus != "" {

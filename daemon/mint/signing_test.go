@@ -131,7 +131,6 @@ func TestAgentScope(t *testing.T) {
 		canRespond(t, admin, a, protocol.PingAllAgentsSubject(node))
 		canRespond(t, admin, a, protocol.SetLameduckAgentsSubject(node))
 		canRespond(t, admin, a, protocol.PingWorkloadSubject("nexus1", "w1"))
-		canRespond(t, admin, a, "$SRV.PING")
 		canSubscribe(t, admin, a, protocol.AgentEventsSubject(agent), protocol.AgentEventsSubject(agent))
 	})
 	t.Run("nothing else", func(t *testing.T) {
@@ -140,6 +139,9 @@ func TestAgentScope(t *testing.T) {
 		cannotSubscribe(t, a, protocol.AgentPrefix(other)+".>")
 		cannotSubscribe(t, a, "$NEX.FEED.ns1.logs.>")
 		cannotSubscribe(t, a, "ns1.>")
+		cannotSubscribe(t, a, "$SRV.>")
+		cannotSubscribe(t, a, "$SRV.PING")
+		cannotSubscribe(t, a, "$SRV.INFO.nexnode")
 		cannotPublish(t, a, protocol.RegisterSubject(other, agent))
 		cannotPublish(t, a, protocol.RegisterSubject(node, "otheragent"))
 		cannotPublish(t, a, protocol.AgentHeartbeatSubject(node, "otheragent"))
