@@ -37,8 +37,10 @@ type fakeNode struct {
 	// in INFO (unknown: registered, its first heartbeat not yet in).
 	infoRefused bool
 	infoHealth  string
-	load        int    // nexd_workload_count in its bids
-	failDeploy  string // when set, ADEPLOY answers with this micro error
+	load        int // nexd_workload_count in its bids
+	// bidAfter, when set, holds each bid until it is closed (10 s at most).
+	bidAfter   <-chan struct{}
+	failDeploy string // when set, ADEPLOY answers with this micro error
 	// unknownOutcome leaves HeaderDeployOutcome off failDeploy's error (a node that
 	// cannot say the workload did not start).
 	unknownOutcome bool
@@ -316,6 +318,12 @@ func (n *fakeNode) start() *fakeNode {
 		n.mu.Unlock()
 		if drop {
 			return
+		}
+		if n.bidAfter != nil {
+			select {
+			case <-n.bidAfter:
+			case <-time.After(10 * time.Second):
+			}
 		}
 		bid := protocol.AuctionResponse{BidderID: "bid-" + n.id, StartRequestSchema: n.schema,
 			SupportedLifecycles: []protocol.Lifecycle{"service", "job"}, XKey: xpub, NodeID: n.id, NodeName: n.tags[protocol.TagNode], WorkloadCount: n.load}

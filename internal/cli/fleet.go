@@ -190,11 +190,13 @@ type gatherOpts struct {
 	// an error wrapping scatter.ErrBounded for the caller to weigh, instead of ending
 	// the command "outcome unknown" (a deploy that then succeeded was known).
 	some bool
+	// take, when set, refuses a reply as a copy of one taken (scatter.Options.Take).
+	take func(m *nats.Msg) bool
 }
 
 // gather is scatter.Gather with nexctl's options.
 func (f *fleet) gather(ctx context.Context, subject string, data []byte, o gatherOpts) ([]*nats.Msg, error) {
-	so := scatter.Options{First: o.first, Stall: o.stall, Max: o.max, Header: o.head}
+	so := scatter.Options{First: o.first, Stall: o.stall, Max: o.max, Header: o.head, Take: o.take}
 	if o.some {
 		so.Bound, so.MaxBytes = f.gatherBound(), gatherMaxBytes
 		return scatter.Gather(ctx, f.nc, subject, data, so)
@@ -551,11 +553,11 @@ func (f *fleet) placementTags(ctx context.Context) (out []map[string]string, bad
 	return out, bad, nil
 }
 
-// auction collects bids for a workload type in ns.
 // auction collects the bids for a workload of typ in ns. signed holds the bidder ids of
 // bids signed by the node they name; a bid with a signature that does not verify is
 // dropped (someone posing as a node) and reported in bad. id is the auction's id (the
-// signatures cover it).
+// signatures cover it). Each bidder is taken once (bidOnce): copies are refused and
+// counted in bad.
 func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]string, o gatherOpts) (bids []protocol.AuctionResponse, signed map[string]bool, id string, bad []error, err error) {
 	if tags == nil {
 		tags = map[string]string{}
@@ -566,7 +568,12 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 		return nil, nil, "", nil, err
 	}
 	o.some = true
+	once := &bidOnce{ns: ns, auctionID: req.AuctionID, bidders: map[string]bool{}, nodes: map[string]bool{}}
+	o.take = once.take
 	msgs, err := f.gather(ctx, protocol.AuctionSubject(ns), data, o)
+	if once.copies > 0 {
+		bad = append(bad, fmt.Errorf("%d bid(s) refused: copies of bids this auction took already (sent again by someone who read them; each node bids once)", once.copies))
+	}
 	if errors.Is(err, scatter.ErrBounded) {
 		// The bids that came are as good as any: the placement goes on, said once.
 		bad = append(bad, fmt.Errorf("%w; nexctl stopped listening and chooses among the bids in them", err))
@@ -609,6 +616,39 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 		bids = append(bids, b)
 	}
 	return bids, signed, req.AuctionID, bad, nil
+}
+
+// bidOnce takes each bidder once in one auction. A bid's signature is in its body and
+// covers the auction, so anyone who reads the client's inbox can send a node's bid
+// again and the copy verifies: before, it counted as one more node's (the auction,
+// expecting as many bids as nodes answered the ping, ended before a node's bid came and
+// the workload went elsewhere), and a copy was the "next bid" a refused deploy fell back
+// to (the same node asked twice). Taken once: a bidder id (random for each bid, so known
+// to nobody before its bid is out: nexd's and upstream's), and the node id of a bid its
+// node signed; the first comes from the node, a copy only after it.
+type bidOnce struct {
+	ns, auctionID  string
+	bidders, nodes map[string]bool
+	copies         int
+}
+
+// take says whether m is taken: false for a copy. A reply that is no bid, or whose
+// signature does not verify, is taken here and refused by auction with its reason.
+func (o *bidOnce) take(m *nats.Msg) bool {
+	var b protocol.AuctionResponse
+	if replyError(m) != nil || protocol.Decode(m.Data, &b) != nil {
+		return true
+	}
+	signed := protocol.VerifyBid(o.ns, o.auctionID, b) == nil
+	if o.bidders[b.BidderID] || (signed && o.nodes[b.NodeID]) {
+		o.copies++
+		return false
+	}
+	o.bidders[b.BidderID] = true
+	if signed {
+		o.nodes[b.NodeID] = true
+	}
+	return true
 }
 
 // errDeployTimeout marks a deploy whose outcome is unknown: the workload may be starting,

@@ -37,6 +37,11 @@ type Options struct {
 	// who sees the request may answer it.
 	Bound    time.Duration
 	MaxBytes int
+	// Take, when set, says whether a reply is taken. One it refuses (a copy of a reply
+	// taken already) is not returned, does not count toward Max and does not move the
+	// stall's end: before, a copy counted as one more responder, and a gather that
+	// expected n ended before the last of them answered.
+	Take func(m *nats.Msg) bool
 }
 
 // ErrBounded is Gather's error once it stopped listening at Options.Bound or
@@ -119,6 +124,9 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 		}
 		if held += ReplyCost(m); o.MaxBytes > 0 && held > budget {
 			return out, fmt.Errorf("gather %s: %w: past %d MiB of answers, %d answer(s) taken", subject, ErrBounded, o.MaxBytes>>20, len(out))
+		}
+		if o.Take != nil && !o.Take(m) {
+			continue
 		}
 		now := time.Now()
 		deadline := now.Add(o.Stall)

@@ -1,0 +1,98 @@
+package cli
+
+import (
+	"encoding/json"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/nats-io/jwt/v2"
+	"github.com/nats-io/nats.go"
+
+	"github.com/nexd-project/nexd/internal/testnats"
+	"github.com/nexd-project/nexd/protocol"
+)
+
+// replayBids connects a bus reader (subscribe and publish on _INBOX.>, as anyone on an
+// open bus may) that sends each bid of node id it reads once more, as it is, to the
+// inbox it went to: a copy that verifies (a bid's signature is in its body, over the
+// auction). sent is closed after the first copy reached the server.
+func replayBids(t *testing.T, op *testnats.Operator, id string) (copies *atomic.Int64, sent <-chan struct{}) {
+	t.Helper()
+	tok, seed := op.UserWith(t, "bus reader", nil, jwt.Permissions{
+		Sub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
+		Pub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
+	})
+	nc := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(tok, seed), nats.Name("bus reader"), nats.NoEcho())
+	copies = new(atomic.Int64)
+	done := make(chan struct{})
+	var once sync.Once
+	if _, err := nc.Subscribe("_INBOX.>", func(m *nats.Msg) {
+		var b protocol.AuctionResponse
+		if json.Unmarshal(m.Data, &b) != nil || b.BidderID == "" || b.NodeID != id {
+			return
+		}
+		if nc.PublishMsg(&nats.Msg{Subject: m.Subject, Header: m.Header, Data: m.Data}) == nil && nc.Flush() == nil {
+			copies.Add(1)
+			once.Do(func() { close(done) })
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return copies, done
+}
+
+// TestAttackReplayedBidCrowdsOutNode: busy node A (5 workloads) and idle node B sign
+// their bids; a bus reader sends A's bid again within the auction, and B's bid comes
+// after that copy. Before, the copy counted as the second of the two bids the ping
+// promised: the auction ended without B's and the workload went to the busy A. Now
+// one auction takes each bidder once: the copy is refused, the auction waits for B,
+// and the idle B gets the workload.
+func TestAttackReplayedBidCrowdsOutNode(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	a := newSigningFakeNode(t, op.Connect(t, "node a"), nil)
+	a.load = 5
+	a.start()
+	copies, sent := replayBids(t, op, a.id)
+	b := newSigningFakeNode(t, op.Connect(t, "node b"), nil)
+	b.bidAfter = sent
+	b.start()
+
+	out, errOut, code := runCLI(t, nil, opArgs(t, op, "--gather-stall", "5s", "--namespace", "default", "workload", "run", "--name", "web", "--", "/bin/true")...)
+	t.Logf("workload run: exit %d\n%s%s", code, out, errOut)
+	if copies.Load() == 0 {
+		t.Fatal("the bus reader replayed no bid: the test tests nothing")
+	}
+	if na, nb := len(a.deployed()), len(b.deployed()); code != 0 || na != 0 || nb != 1 {
+		t.Errorf("exit %d, busy node a started %d, idle node b %d: want the one start on b (a's replayed bid crowded b's out)", code, na, nb)
+	}
+}
+
+// TestAttackReplayedBidDeploysTwice: of two nodes, A alone bids and refuses the deploy
+// (not started); a bus reader sends A's bid again within the auction. Before, the copy
+// was the "next bid" nexctl fell back to: A was sent the deploy twice and nexctl said
+// "trying the next bid" of the same node. Now A is asked once.
+func TestAttackReplayedBidDeploysTwice(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	a := newSigningFakeNode(t, op.Connect(t, "node a"), nil)
+	a.failDeploy = "disk full"
+	a.start()
+	b := newSigningFakeNode(t, op.Connect(t, "node b"), nil)
+	b.bid = false // answers the ping: two bids are awaited
+	b.start()
+	copies, _ := replayBids(t, op, a.id)
+
+	out, errOut, code := runCLI(t, nil, opArgs(t, op, "--namespace", "default", "workload", "run", "--name", "web", "--", "/bin/true")...)
+	t.Logf("workload run: exit %d\n%s%s", code, out, errOut)
+	if copies.Load() == 0 {
+		t.Fatal("the bus reader replayed no bid: the test tests nothing")
+	}
+	if n := len(a.deployed()); code == 0 || n != 1 {
+		t.Errorf("exit %d, node a was sent the deploy %d times: want once, and the run failed", code, n)
+	}
+}
