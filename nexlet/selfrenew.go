@@ -217,23 +217,37 @@ func (r *Runner) renewSelf(ctx context.Context, live *liveCreds) error {
 // retire closes a connection the nexlet moved away from once the requests it took are
 // answered: busy must stay at zero for a moment (the drained subscriptions hand over
 // what they still held), at most switchIdleWait and never past the old user's expiry
-// (the server cuts it then anyway).
+// (the server cuts it then anyway). When the runner ends (ctx) it waits for those
+// requests alone, at most the shutdown wait more: Shutdown waits for them, and their
+// replies must leave on this connection. Before, it closed the connection at once, and
+// a start taken there and answered after it lost its reply.
 func (r *Runner) retire(ctx context.Context, nc *nats.Conn, busy *atomic.Int64, oldExp time.Time) {
 	deadline := time.Now().Add(switchIdleWait)
 	if !oldExp.IsZero() && oldExp.Before(deadline) {
 		deadline = oldExp
 	}
+	idle := func() bool { return busy == nil || busy.Load() == 0 }
+	ending, ended := ctx.Done(), false
 	quiet := 0
 	for quiet < 3 && time.Now().Before(deadline) {
 		select {
-		case <-ctx.Done():
-			quiet = 3
+		case <-ending:
+			ending, ended = nil, true // once
+			if d := time.Now().Add(r.sdWait); d.Before(deadline) {
+				deadline = d
+			}
+			if idle() {
+				quiet = 3
+			}
 			continue
 		case <-time.After(100 * time.Millisecond):
 		}
-		if busy == nil || busy.Load() == 0 {
+		switch {
+		case idle() && ended:
+			quiet = 3 // no request comes any more: the endpoints stopped
+		case idle():
 			quiet++
-		} else {
+		default:
 			quiet = 0
 		}
 	}
