@@ -82,6 +82,16 @@ const (
 	StopLateBy = 300 * time.Millisecond
 )
 
+// StopGraceHeld: the native nexlet, at the end of a stop's grace with the workload
+// still running, waits for the test's release (Released, at most StopGraceHeldMax;
+// without a release directory it does not wait) before it kills it, and a replay of a
+// workload whose stop is under way says so in its log: a test releases the stop once
+// the next nexd's replay met it, however long that nexd took to start.
+const (
+	StopGraceHeld    = "stop-grace-held"
+	StopGraceHeldMax = 30 * time.Second
+)
+
 // FinishedShort: the native nexlet forgets a finished workload FinishedShortBy after
 // its end, not its FinishedRetention of an hour: the next nexd comes after the nexlet
 // forgot a job. Not a hold.

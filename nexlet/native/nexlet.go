@@ -550,6 +550,7 @@ func (n *Nexlet) startWorkload(id string, req *protocol.AgentStartWorkloadReques
 	}
 	st.Step("parse") // the run_request, its user, the environment
 	n.mu.Lock()
+	n.replayMeetsStopLocked(id, existing)
 	kept := false
 	if old := n.workloads[id]; existing && old != nil && old.keptStop && !old.finished {
 		// A stop at the previous nexd's shutdown is under way (that nexd died in its

@@ -1498,6 +1498,7 @@ func (n *Nexlet) terminate(w *workload, p *proc, grace time.Duration, st *steps.
 		return
 	case <-t.C:
 	}
+	n.holdStopGrace(w.id)
 	n.log.Warn("workload ignored SIGTERM; killing its group", "workload_id", w.id, "grace", grace)
 	w.emptied = n.killAndWait(w)
 	wait := n.killWait // emptied: the main process is gone, its reap is a moment away
@@ -1729,6 +1730,28 @@ func (n *Nexlet) waitTidied() {
 	n.mu.Unlock()
 	for _, ch := range chs {
 		<-ch
+	}
+}
+
+// holdStopGrace is testhold.StopGraceHeld (Config.TestHold): the kill at the end of
+// a stop's grace waits for the test's release. Never in production.
+func (n *Nexlet) holdStopGrace(id string) {
+	if !testhold.Holds(n.cfg.TestHold, testhold.StopGraceHeld) {
+		return
+	}
+	n.log.Warn("test hold: the stop's grace is over, its kill held until released", "hold", testhold.StopGraceHeld, "workload_id", id)
+	released := testhold.Released(context.Background(), n.cfg.TestHold, testhold.StopGraceHeld, testhold.StopGraceHeldMax)
+	n.log.Warn("test hold: the stop goes on", "hold", testhold.StopGraceHeld, "workload_id", id, "released", released)
+}
+
+// replayMeetsStopLocked is testhold.StopGraceHeld's word, for the test to release
+// the held stop on: a replay of id found its stop under way. n.mu is held.
+func (n *Nexlet) replayMeetsStopLocked(id string, existing bool) {
+	if !existing || !testhold.Holds(n.cfg.TestHold, testhold.StopGraceHeld) {
+		return
+	}
+	if w := n.workloads[id]; w != nil && w.state == protocol.WorkloadStopping && !w.finished {
+		n.log.Warn("test hold: a replay met the workload's stop under way", "hold", testhold.StopGraceHeld, "workload_id", id)
 	}
 }
 
