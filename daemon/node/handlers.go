@@ -646,10 +646,9 @@ func (n *Node) handleUndeploy(r micro.Request) {
 	st.Step("check") // decode, namespace
 	if testhold.Holds(n.o.TestHold, testhold.StopLate) && n.owns(workloadID) {
 		// A loaded node: its word comes after the other nodes' "not found".
-		select {
-		case <-time.After(testhold.StopLateBy):
-		case <-n.ctx.Done():
-		}
+		n.log.Warn("test hold: a stop of an owned workload waits until released", "workload_id", workloadID, "hold", testhold.StopLate)
+		released := testhold.Released(n.ctx, n.o.TestHold, testhold.StopLate, testhold.StopLateMax)
+		n.log.Warn("test hold: the stop of an owned workload goes on", "workload_id", workloadID, "hold", testhold.StopLate, "released", released)
 	}
 	_, detached := unwrapRequest(r).(*detachedRequest) // on a request goroutine of the node's (async)
 	target := workloadID

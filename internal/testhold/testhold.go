@@ -74,12 +74,14 @@ const (
 	HeartbeatNever = "heartbeat-never"
 )
 
-// StopLate: nexd, given a stop of a workload it owns, waits StopLateBy before it
-// stops it, so the "not found" of every other node comes well before its word (a
-// loaded node; its nexlet's record of the stop that late). A delay, not a hold.
+// StopLate: nexd, given a stop of a workload it owns, waits for the test's release
+// (Released, at most StopLateMax; without a release directory it does not wait) before
+// it stops it, so the "not found" of every other node comes before its word (a loaded
+// node; its nexlet's record of the stop that late): the test releases it once it saw
+// another node's "not found".
 const (
-	StopLate   = "stop-late"
-	StopLateBy = 300 * time.Millisecond
+	StopLate    = "stop-late"
+	StopLateMax = 10 * time.Second
 )
 
 // StopGraceHeld: the native nexlet, at the end of a stop's grace with the workload
