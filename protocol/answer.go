@@ -23,6 +23,12 @@ import (
 const (
 	HeaderNonce = "Nex-Nonce"
 	HeaderSig   = "Nex-Sig"
+	// HeaderSeq numbers a nexd node's signed replies (unique in the node's run), under
+	// the signature: a body-less keep-alive or progress report is alike each time, and
+	// its number is what tells the node's next one from a copy of the last (anyone who
+	// reads the inbox can send one again, and it verifies). Older nexd nodes do not
+	// send it.
+	HeaderSeq = "Nex-Seq"
 )
 
 // MaxNonce bounds HeaderNonce's value.

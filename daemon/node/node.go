@@ -270,14 +270,16 @@ type Node struct {
 	current map[string]string
 	// bindings counts, per supervised nexlet, the names its registrations bound in
 	// this run (at most MaxBoundNames).
-	bindings   map[string]int
-	procInfo   map[string]procInfo         // by agent id, from the supervisor
-	bids       *bidBook                    // bidder id -> bid, bounded
-	auctions   *auctionQueue               // auctions waiting for a worker
-	bidBufs    sync.Pool                   // *[]byte: a bid's encoding, reused once published
-	noBids     [noBidReasons]atomic.Uint64 // auctions not bid on, by reason (NotBid)
-	auctionSub *nats.Subscription          // the AUCTION subscription, from Start on
-	changed    chan struct{}               // closed and replaced whenever agents change
+	bindings map[string]int
+	procInfo map[string]procInfo         // by agent id, from the supervisor
+	bids     *bidBook                    // bidder id -> bid, bounded
+	auctions *auctionQueue               // auctions waiting for a worker
+	bidBufs  sync.Pool                   // *[]byte: a bid's encoding, reused once published
+	noBids   [noBidReasons]atomic.Uint64 // auctions not bid on, by reason (NotBid)
+	// replySeq numbers the signed replies (protocol.HeaderSeq, signReply).
+	replySeq   atomic.Uint64
+	auctionSub *nats.Subscription // the AUCTION subscription, from Start on
+	changed    chan struct{}      // closed and replaced whenever agents change
 
 	svc   micro.Service
 	subs  []*nats.Subscription // nexlet heartbeats, workload-ended events

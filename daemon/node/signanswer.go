@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"strconv"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
@@ -44,6 +45,9 @@ func (n *Node) signReply(r micro.Request, m *nats.Msg) {
 	if m.Header == nil {
 		m.Header = nats.Header{}
 	}
+	// Numbered under the signature: a keep-alive or progress report is alike each
+	// time, and nexctl takes each number once, so a copy of one is not the node heard.
+	m.Header.Set(protocol.HeaderSeq, strconv.FormatUint(n.replySeq.Add(1), 10))
 	if err := protocol.SignAnswer(n.o.NodeKey, n.id, nonce, r.Subject(), m.Header, m.Data); err != nil {
 		n.log.Warn("reply not signed", "subject", r.Subject(), "err", err)
 	}

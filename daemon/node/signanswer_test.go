@@ -43,7 +43,8 @@ func collectWith(t testing.TB, nc *nats.Conn, subject string, body []byte, h nat
 
 // TestNodeSignsAnswers: every reply a node sends a client that sent a nonce (ping,
 // deploy keep-alive, answer and refusal, list acknowledgement and answer, clone, the
-// stop's word and answers) carries its node id and its signature over the nonce, the
+// stop's word and answers) carries its node id, a number of its own (HeaderSeq: a
+// keep-alive's copy is told from the next) and its signature over the nonce, the
 // subject, the headers and the body, which protocol.VerifyAnswer (nexctl's check)
 // takes; a reply to a request without a nonce (upstream's client) is as before,
 // unsigned.
@@ -54,12 +55,18 @@ func TestNodeSignsAnswers(t *testing.T) {
 	}
 	ids := map[string]bool{f.nodes[0].ID(): true, f.nodes[1].ID(): true}
 	nonce := "n0nce-1"
+	seqs := map[string]string{} // HeaderSeq -> the reply's node: each signed reply its own
 	check := func(what, subject string, msgs []*nats.Msg, want int, from string) {
 		t.Helper()
 		if len(msgs) < want {
 			t.Fatalf("%s: %d replies, want %d", what, len(msgs), want)
 		}
 		for _, m := range msgs {
+			key := m.Header.Get(protocol.HeaderNode) + " " + m.Header.Get(protocol.HeaderSeq)
+			if m.Header.Get(protocol.HeaderSeq) == "" || seqs[key] != "" {
+				t.Errorf("%s: reply %v: want a %s of its own (taken by %q)", what, m.Header, protocol.HeaderSeq, seqs[key])
+			}
+			seqs[key] = what
 			node, err := protocol.VerifyAnswer(nonce, subject, m.Header, m.Data)
 			if err != nil || !ids[node] || (from != "" && node != from) {
 				t.Errorf("%s: reply %v %q: node %q, %v", what, m.Header, m.Data, node, err)

@@ -273,7 +273,8 @@ Fleet requests carry a fresh random nonce (header Nex-Nonce); a nexd node signs 
 reply with its node key over the nonce, the subject, the headers and the body. nexctl
 refuses a reply whose signature does not verify, an unsigned reply in the name of a node
 that signed in this run, a second copy of a signed reply (taken once per request) or of
-a bid (each bidder and each signing node once per auction), and,
+a bid (each bidder and each signing node once per auction) or of a deploy's numbered
+keep-alive or progress report, and,
 for a node's info or lame duck, a deploy to a signed bid or the stop or clone of a
 workload a signing node listed, every reply but that node's signed ones: whoever else
 sees a request cannot answer it in a nexd node's name. Unsigned replies (upstream nodes,

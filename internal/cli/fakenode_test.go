@@ -59,6 +59,10 @@ type fakeNode struct {
 	// heldDeploy, when set, hears each deploy, which is never answered (a start
 	// still under way).
 	heldDeploy chan<- struct{}
+	// goneAfterAlive sends a deploy that asks for keep-alives (HeaderAlive) one,
+	// numbered as a nexd node numbers its signed replies (HeaderSeq), and nothing
+	// more: a node gone mid-request.
+	goneAfterAlive bool
 	// answerDelay holds its deploy, stop and clone answers this long (a loaded node,
 	// or a slow start: anyone else's answer comes first).
 	answerDelay time.Duration
@@ -344,6 +348,12 @@ func (n *fakeNode) start() *fakeNode {
 		n.mu.Unlock()
 		if n.heldDeploy != nil {
 			n.heldDeploy <- struct{}{}
+			return
+		}
+		if n.goneAfterAlive {
+			if m.Header.Get(protocol.HeaderAlive) != "" {
+				n.reply(m, &nats.Msg{Header: nats.Header{protocol.HeaderAlive: {"1"}, protocol.HeaderSeq: {"1"}}})
+			}
 			return
 		}
 		time.Sleep(n.answerDelay)

@@ -720,6 +720,13 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 	}
 	var m *nats.Msg
 	var heard time.Time // the node's last keep-alive
+	// The numbers (HeaderSeq) of the signer's keep-alives and progress reports taken:
+	// each is alike each time, and a copy (anyone who reads the inbox can send one
+	// again, and it verifies) counted as the node heard from, up to the deploy's own
+	// bounds. A nexd node numbers them; an older one does not, and is taken as before.
+	seqs := map[string]bool{}
+	var copied refusals
+	defer copied.warn(f, "the deploy that were copies of node "+signer+"'s keep-alives or progress reports (sent again by someone who read them)")
 	for {
 		until := deadline
 		watch := f.silence > 0 && (expectAlive || !heard.IsZero())
@@ -755,6 +762,13 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 			if verr != nil {
 				forged.add(verr)
 				continue
+			}
+			if seq := m.Header.Get(protocol.HeaderSeq); seq != "" && len(m.Data) == 0 {
+				if seqs[seq] {
+					copied.add(fmt.Errorf("reply %s %s taken already", protocol.HeaderSeq, seq))
+					continue
+				}
+				seqs[seq] = true
 			}
 		}
 		switch {

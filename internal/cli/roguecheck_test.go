@@ -157,17 +157,24 @@ func TestAttackRoguePlacementTags(t *testing.T) {
 	}
 }
 
+// busReader connects a user that may subscribe and publish on _INBOX.>, as anyone on an
+// open bus may (its own messages not echoed to it).
+func busReader(t *testing.T, op *testnats.Operator) *nats.Conn {
+	t.Helper()
+	tok, seed := op.UserWith(t, "bus reader", nil, jwt.Permissions{
+		Sub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
+		Pub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
+	})
+	return testnats.Connect(t, op.Server, nats.UserJWTAndSeed(tok, seed), nats.Name("bus reader"), nats.NoEcho())
+}
+
 // replaySignedAnswers connects a bus reader (subscribe and publish on _INBOX.>, as
 // anyone on an open bus may) that sends each signed answer it reads (Nex-Sig) once
 // more, as it is, to the inbox it went to: a copy of a node's genuine answer for the
 // same nonce. It returns the count of copies sent.
 func replaySignedAnswers(t *testing.T, op *testnats.Operator) *atomic.Int64 {
 	t.Helper()
-	tok, seed := op.UserWith(t, "bus reader", nil, jwt.Permissions{
-		Sub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
-		Pub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
-	})
-	nc := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(tok, seed), nats.Name("bus reader"), nats.NoEcho())
+	nc := busReader(t, op)
 	var sent atomic.Int64
 	if _, err := nc.Subscribe("_INBOX.>", func(m *nats.Msg) {
 		if m.Header.Get(protocol.HeaderSig) == "" {

@@ -1,12 +1,14 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
-	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats.go"
 
 	"github.com/nexd-project/nexd/internal/testnats"
@@ -19,11 +21,7 @@ import (
 // auction). sent is closed after the first copy reached the server.
 func replayBids(t *testing.T, op *testnats.Operator, id string) (copies *atomic.Int64, sent <-chan struct{}) {
 	t.Helper()
-	tok, seed := op.UserWith(t, "bus reader", nil, jwt.Permissions{
-		Sub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
-		Pub: jwt.Permission{Allow: jwt.StringList{"_INBOX.>"}},
-	})
-	nc := testnats.Connect(t, op.Server, nats.UserJWTAndSeed(tok, seed), nats.Name("bus reader"), nats.NoEcho())
+	nc := busReader(t, op)
 	copies = new(atomic.Int64)
 	done := make(chan struct{})
 	var once sync.Once
@@ -94,5 +92,61 @@ func TestAttackReplayedBidDeploysTwice(t *testing.T) {
 	}
 	if n := len(a.deployed()); code == 0 || n != 1 {
 		t.Errorf("exit %d, node a was sent the deploy %d times: want once, and the run failed", code, n)
+	}
+}
+
+// TestAttackReplayedKeepAliveHoldsDeploy: a signing node takes a deploy, sends one
+// keep-alive and is gone; a bus reader sends that keep-alive again to nexctl's inbox
+// every 100 ms (it verifies: the same nonce, the same bytes). Before, each copy counted
+// as the node heard from, so the deploy waited to its own bound (here 20 s) and ended
+// "deploy timed out" instead of "outcome unknown" after the node's silence (2 s). Now
+// a nexd node numbers its signed replies (HeaderSeq, under the signature), each number
+// is taken once, and the copies are refused.
+func TestAttackReplayedKeepAliveHoldsDeploy(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	a := newSigningFakeNode(t, op.Connect(t, "node a"), nil)
+	a.goneAfterAlive = true
+	a.start()
+	reader := busReader(t, op)
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(func() { close(done); wg.Wait() })
+	var copies atomic.Int64
+	if _, err := reader.Subscribe("_INBOX.>", func(m *nats.Msg) {
+		if m.Header.Get(protocol.HeaderAlive) == "" || m.Header.Get(protocol.HeaderSig) == "" {
+			return
+		}
+		c := &nats.Msg{Subject: m.Subject, Header: m.Header, Data: m.Data}
+		wg.Go(func() {
+			for range 300 { // 30 s at most
+				if reader.PublishMsg(c) == nil {
+					copies.Add(1)
+				}
+				select {
+				case <-done:
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+		})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := reader.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	f := &fleet{nc: op.Connect(t, "nexctl"), ns: "default", first: 3 * time.Second, stall: 25 * time.Millisecond,
+		deployTimeout: 20 * time.Second, deployMax: 20 * time.Second, aliveEvery: 100 * time.Millisecond, silence: 2 * time.Second}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	start := time.Now()
+	_, err := f.deploy(ctx, "bid-"+a.id, protocol.StartWorkloadRequest{Name: "w", Namespace: "default", WorkloadType: "native", WorkloadLifecycle: protocol.LifecycleService, RunRequest: `{"uri":"file:///bin/true"}`}, a.id)
+	t.Logf("deploy: %v after %s, %d copies sent", err, time.Since(start).Round(time.Millisecond), copies.Load())
+	if copies.Load() == 0 {
+		t.Fatal("the bus reader replayed no keep-alive: the test tests nothing")
+	}
+	if !errors.Is(err, errOutcomeUnknown) {
+		t.Errorf("deploy to a node gone after one keep-alive, its keep-alive replayed: %v; want %v at the node's silence", err, errOutcomeUnknown)
 	}
 }
