@@ -66,16 +66,21 @@ type KV struct {
 	// markerAge is how old a delete marker must be before All purges it (0: none
 	// purged, a read-only KV's).
 	markerAge time.Duration
-	// compacting runs the purges of the markers All read (compact), under life, which
-	// Close ends before it waits for them; closed (under compactMu) starts no more.
-	compacting sync.WaitGroup
-	compactMu  sync.Mutex
-	closed     bool
-	life       context.Context
-	endLife    context.CancelFunc
-	maxValue   int
-	replicas   int
-	log        *slog.Logger
+	// purging runs the purges of the markers All read (compact), compacting from the
+	// first All on the compaction every compactEvery (compactPeriodically), both under
+	// life, which Close ends before it waits for them; closed (under compactMu) starts
+	// no more.
+	purging      sync.WaitGroup
+	compacting   sync.WaitGroup
+	compactMu    sync.Mutex
+	closed       bool
+	periodic     bool
+	compactEvery time.Duration
+	life         context.Context
+	endLife      context.CancelFunc
+	maxValue     int
+	replicas     int
+	log          *slog.Logger
 	// failed is the last write's failure, nil once a write succeeded after it: a
 	// store that is full or failing answers JetStream's health (stream info) while it
 	// refuses every write, so only a write tells.
@@ -287,7 +292,7 @@ func openKV(ctx context.Context, nc *nats.Conn, nodeID, jsDomain string, create 
 	s := &KV{kv: kv, js: js, bucket: bucket, maxValue: maxValue, replicas: got, log: log, failing: make(chan struct{}, 1)}
 	s.life, s.endLife = context.WithCancel(context.Background())
 	if create {
-		s.markerAge = deleteMarkerAge
+		s.markerAge, s.compactEvery = deleteMarkerAge, compactEvery
 		// Only the node moves records: nexctl reads both layouts and writes nothing.
 		if err := s.moveOldKeys(ctx); err != nil {
 			return nil, err
@@ -613,21 +618,57 @@ func (s *KV) All(ctx context.Context) (map[string]protocol.StartWorkloadRequest,
 		}
 	}
 	err := s.read(ctx, ">", nil, func(typ, id string, req protocol.StartWorkloadRequest) { out[typ+"_"+id] = req }, marker)
-	if err == nil && len(old) > 0 {
+	if err == nil && s.markerAge > 0 {
 		s.compact(old)
 	}
 	return out, err
 }
 
-// compact purges markers on a goroutine of the KV's (purgeMarkers), which Close ends
-// and waits for; none once Close began.
+// compact purges markers on a goroutine of the KV's (purgeMarkers), and the first time
+// starts the compaction every compactEvery; Close ends both and waits for them. None
+// once Close began.
 func (s *KV) compact(markers []jetstream.KeyValueEntry) {
 	s.compactMu.Lock()
 	defer s.compactMu.Unlock()
 	if s.closed {
 		return
 	}
-	s.compacting.Go(func() { s.purgeMarkers(s.life, markers) })
+	if len(markers) > 0 {
+		s.purging.Go(func() { s.purgeMarkers(s.life, markers) })
+	}
+	if !s.periodic && s.compactEvery > 0 {
+		s.periodic = true
+		s.compacting.Go(s.compactPeriodically)
+	}
+}
+
+// compactEvery is how often a running node compacts its bucket's delete markers: every
+// removal leaves one (128 bytes, counted against the bucket's byte limit), and a node
+// with jobs coming and going would fill its bucket with them between its starts.
+const compactEvery = time.Hour
+
+// compactPeriodically purges, every compactEvery, the delete markers older than
+// markerAge, found by a read of the keys' metadata alone (no values), until Close.
+func (s *KV) compactPeriodically() {
+	t := time.NewTicker(s.compactEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.life.Done():
+			return
+		case <-t.C:
+		}
+		old, err := s.watch(s.life, ">", true, func(e jetstream.KeyValueEntry) bool {
+			return e.Operation() != jetstream.KeyValuePut && time.Since(e.Created()) > s.markerAge
+		}, jetstream.MetaOnly())
+		if err != nil {
+			if s.life.Err() == nil {
+				s.log.Warn("could not read the state bucket's delete markers to compact them; tried again later", "bucket", s.bucket, "err", err)
+			}
+			continue
+		}
+		s.purgeMarkers(s.life, old)
+	}
 }
 
 // Close ends the compaction of delete markers under way (All's) and waits for it. The
@@ -637,6 +678,7 @@ func (s *KV) Close() {
 	s.closed = true
 	s.compactMu.Unlock()
 	s.endLife()
+	s.purging.Wait()
 	s.compacting.Wait()
 }
 
@@ -693,8 +735,7 @@ func (s *KV) read(ctx context.Context, filter string, only func(key string) bool
 
 // watch returns the entries whose keys match filter for which keep says true; delete
 // markers are read only with deletes.
-func (s *KV) watch(ctx context.Context, filter string, deletes bool, keep func(jetstream.KeyValueEntry) bool) ([]jetstream.KeyValueEntry, error) {
-	var opts []jetstream.WatchOpt
+func (s *KV) watch(ctx context.Context, filter string, deletes bool, keep func(jetstream.KeyValueEntry) bool, opts ...jetstream.WatchOpt) ([]jetstream.KeyValueEntry, error) {
 	if !deletes {
 		opts = append(opts, jetstream.IgnoreDeletes())
 	}

@@ -270,7 +270,7 @@ func TestAllCompactsOldDeleteMarkers(t *testing.T) {
 	if all, err := kv.All(ctx); err != nil || len(all) != 1 {
 		t.Fatalf("All: %v, %v", all, err)
 	}
-	kv.compacting.Wait() // the purges go on after All returned
+	kv.purging.Wait() // the purges go on after All returned
 	if n := streamMsgs(t, kv); n != 1 {
 		t.Fatalf("%d messages after the node's read, want 1: C's record, the markers purged", n)
 	}
@@ -457,5 +457,38 @@ func TestAllDoesNotWaitForCompaction(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "compact") {
 		t.Errorf("the compaction's end is not logged:\n%s", logs.String())
+	}
+}
+
+// TestDeleteMarkersCompactedWhileRunning: the delete markers that removed workloads
+// leave (one each, 128 bytes, counted against the bucket's byte limit) are compacted
+// while the node runs, not only by the read at its start: a node that ran for days
+// with jobs coming and going filled its bucket with them (100 MB: some 780,000
+// removals, nine days at a job a second), and then refused every deploy. Here, after
+// the start's read, three workloads recorded and removed: before, their three markers
+// stayed until the next start.
+func TestDeleteMarkersCompactedWhileRunning(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{})
+	ctx := testCtx(t)
+	kv := open(t, testnats.Connect(t, s), "NODE1", "")
+	kv.markerAge, kv.compactEvery = time.Nanosecond, 100*time.Millisecond
+	if _, err := kv.All(ctx); err != nil { // the node's start read
+		t.Fatal(err)
+	}
+	for _, id := range []string{"A", "B", "C", "D"} {
+		if err := kv.Put(ctx, "native", id, request("w-"+id, "ns", "native", "{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"A", "B", "C"} {
+		if err := kv.Delete(ctx, "native", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !testkit.WaitFor(30*time.Second, func() bool { return streamMsgs(t, kv) == 1 }) {
+		t.Fatalf("%d messages in the bucket's stream 30 s after three removals, want 1: D's record, the markers compacted", streamMsgs(t, kv))
+	}
+	if got, err := kv.ByType(ctx, "native"); err != nil || len(got) != 1 || got["D"].Name != "w-D" {
+		t.Fatalf("after the compaction: %v, %v", got, err)
 	}
 }
