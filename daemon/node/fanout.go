@@ -92,7 +92,7 @@ type asked struct {
 // as silence), fn returns false, timeout passes or ctx ends.
 func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
 	timeout time.Duration, fn func(m *nats.Msg, from *registration) bool) (asked, error) {
-	return n.askNexletsAcked(ctx, shared, direct, data, nil, timeout, nil, fn)
+	return n.askNexletsAcked(ctx, shared, direct, data, nil, "", timeout, nil, fn)
 }
 
 // askNexletsAcked is askNexlets that also hands each body-less reply carrying
@@ -101,8 +101,10 @@ func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentI
 // for that nexlet's answer. Only such a reply is attributable: one on the shared
 // subject is dropped. hdr goes with the requests to the nexlets asked directly; when it
 // says the node takes an answer in parts (HeaderListParts), a nexlet's parts are joined
-// into the one answer fn gets (listParts).
-func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(agentID string) string, data []byte, hdr nats.Header,
+// into the one answer fn gets (listParts), and the answers of the nexlets asked
+// directly are charged to the node's list budget as they come, for the list of
+// namespace listNS, until the fan-out ends.
+func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(agentID string) string, data []byte, hdr nats.Header, listNS string,
 	timeout time.Duration, ack func(from *registration), fn func(m *nats.Msg, from *registration) bool) (asked, error) {
 	a := asked{direct: map[string]*registration{}, pool: map[string]*registration{}}
 	n.mu.Lock()
@@ -135,10 +137,25 @@ func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(a
 		seen := make(map[string]bool, len(a.direct))
 		var parts *listParts // nil: an answer is its token's first reply
 		if hdr.Get(protocol.HeaderListParts) != "" {
-			parts = &listParts{byToken: map[string]*partialList{}}
+			from := make(map[string]string, len(tokens))
+			for id, tok := range tokens {
+				from[tok] = id
+			}
+			parts = newListParts(n.lists, listNS, from)
+			// After the unsubscription (deferred below, so run before this): a
+			// callback still running then is refused by add, and nothing it takes
+			// stays charged.
+			defer func() {
+				seenMu.Lock()
+				parts.release()
+				seenMu.Unlock()
+			}()
 		}
 		sub, err := n.o.NC.Subscribe(inbox+".*", func(m *nats.Msg) {
 			tok := protocol.LastToken(m.Subject)
+			if parts != nil {
+				n.lists.replies.Add(1)
+			}
 			if isStopRecorded(m) {
 				if r := byToken[tok]; r != nil && ack != nil {
 					ack(r)

@@ -452,7 +452,7 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 	failure := "" // a nexlet that holds the workload could not stop it
 	asked, err := n.askNexletsAcked(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
 		return protocol.StopWorkloadAgentSubject(n.id, id, workloadID)
-	}, body, nil, wait, ack, func(m *nats.Msg, from *registration) bool {
+	}, body, nil, "", wait, ack, func(m *nats.Msg, from *registration) bool {
 		answered++
 		var resp protocol.StopWorkloadResponse
 		decodeErr := protocol.Decode(m.Data, &resp)
@@ -842,7 +842,7 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 	ans := answers{failed: map[string]string{}, heard: map[string]bool{}}
 	asked, err := n.askNexletsAcked(ctx, protocol.QueryWorkloadsSubject(n.id), func(id string) string {
 		return protocol.QueryWorkloadsAgentSubject(n.id, id)
-	}, body, nats.Header{protocol.HeaderListParts: {"1"}}, n.o.FanoutTimeout-waited, nil, func(m *nats.Msg, from *registration) bool {
+	}, body, nats.Header{protocol.HeaderListParts: {"1"}}, req.Namespace, n.o.FanoutTimeout-waited, nil, func(m *nats.Msg, from *registration) bool {
 		var list []protocol.WorkloadSummary
 		failure := ""
 		if isErrorReply(m) {

@@ -3,8 +3,12 @@ package node
 import (
 	"bytes"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -12,14 +16,156 @@ import (
 )
 
 // maxListBytes bounds what the node holds of one nexlet's answer in parts: about
-// 150,000 workloads' rows, far more than a node runs, and a rogue nexlet's parts cost
-// the node no more than this a fan-out.
+// 150,000 workloads' rows, far more than a node runs.
 const maxListBytes = 64 << 20
 
+// defaultListMemory is Options.ListMemory's default: four nexlets' whole shares.
+const defaultListMemory = 4 * maxListBytes
+
+// listBudget bounds what the node holds of its nexlets' answers to QUERYWORKLOADS
+// across all its fan-outs at once (each WPING, control socket list, drain and status
+// count is one): the bound per answer alone let N lists at once hold N times it, and
+// a rogue nexlet answering each with 64 MiB of parts grew the node by 64 MiB a list
+// (TestAttackRogueNexletListMemory). A nexlet's answers together may hold a quarter of
+// the whole (its share, which also bounds one answer), and those to one tenant
+// namespace's lists half of that, so that neither a rogue nexlet nor one tenant's
+// flood of lists takes what the other nexlets' and namespaces' answers need.
+type listBudget struct {
+	total, share, nsShare int64
+	log                   *slog.Logger
+	warned                rateLog
+
+	mu        sync.Mutex
+	held      int64
+	byNexlet  map[string]int64
+	byNS      map[nexletNS]int64
+	refused   atomic.Uint64 // answers refused for want of budget
+	replies   atomic.Uint64 // replies the list fan-outs took in, whatever became of them
+	maxHeldAt atomic.Int64  // the most held at once since the start
+}
+
+type nexletNS struct{ nexlet, ns string }
+
+func newListBudget(total int64, log *slog.Logger) *listBudget {
+	share := min(total/4, maxListBytes)
+	return &listBudget{total: total, share: share, nsShare: share / 2, log: log,
+		byNexlet: map[string]int64{}, byNS: map[nexletNS]int64{}}
+}
+
+// take charges size bytes of nexlet's answer to a list of namespace ns, or says why
+// it cannot.
+func (b *listBudget) take(nexlet, ns string, size int64) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	k := nexletNS{nexlet, ns}
+	var err error
+	switch {
+	case b.byNexlet[nexlet]+size > b.share:
+		err = fmt.Errorf("this nexlet's answers to the lists under way would hold more than %d bytes of the node's memory at once, its share", b.share)
+	case ns != protocol.SystemNamespace && b.byNS[k]+size > b.nsShare:
+		err = fmt.Errorf("this nexlet's answers to the lists of namespace %s under way would hold more than %d bytes of the node's memory at once, half its share", ns, b.nsShare)
+	case b.held+size > b.total:
+		err = fmt.Errorf("the answers to the lists under way would hold more than %d bytes of the node's memory at once, its bound for lists", b.total)
+	}
+	if err != nil {
+		return err
+	}
+	b.held += size
+	b.byNexlet[nexlet] += size
+	b.byNS[k] += size
+	if b.held > b.maxHeldAt.Load() {
+		b.maxHeldAt.Store(b.held)
+	}
+	return nil
+}
+
+// give returns what take charged.
+func (b *listBudget) give(nexlet, ns string, size int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	k := nexletNS{nexlet, ns}
+	b.held -= size
+	if b.byNexlet[nexlet] -= size; b.byNexlet[nexlet] <= 0 {
+		delete(b.byNexlet, nexlet)
+	}
+	if b.byNS[k] -= size; b.byNS[k] <= 0 {
+		delete(b.byNS, k)
+	}
+}
+
+// refuse counts and logs (at most once a minute) an answer refused for want of budget.
+func (b *listBudget) refuse(nexlet, ns string, err error) {
+	total := b.refused.Add(1)
+	if ok, held := b.warned.allow(time.Now(), time.Minute); ok && b.log != nil {
+		b.log.Warn("a nexlet's list answer refused: the node's memory for lists under way is taken; the list says it lacks that nexlet",
+			"agent_id", nexlet, "namespace", ns, "err", err, "refused", held+1, "refused_total", total)
+	}
+}
+
+// heldBy is what nexlet's answers hold now.
+func (b *listBudget) heldBy(nexlet string) int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.byNexlet[nexlet]
+}
+
 // listParts joins the answers in parts (HeaderListPart) to a QUERYWORKLOADS fan-out,
-// by reply token. Its caller serialises add.
+// by reply token, and charges each nexlet's answer, part by part, to the node's
+// budget (nil: none), which gets it back when the answer fails or at release. Its
+// caller serialises add and release.
 type listParts struct {
 	byToken map[string]*partialList
+	budget  *listBudget
+	ns      string            // the list's namespace
+	from    map[string]string // reply token -> the agent id it was given to
+	charged map[string]int64  // reply token -> bytes taken from budget
+	closed  bool              // released: the fan-out is over
+}
+
+// newListParts joins the answers of a list of namespace ns, charged to budget; from
+// names the nexlet each reply token went to.
+func newListParts(budget *listBudget, ns string, from map[string]string) *listParts {
+	return &listParts{byToken: map[string]*partialList{}, budget: budget, ns: ns, from: from, charged: map[string]int64{}}
+}
+
+// release gives back what the fan-out's answers hold: they are handed on or dropped.
+// An add after it is refused (a callback still running as the fan-out ended).
+func (l *listParts) release() {
+	l.closed = true
+	for tok := range l.charged {
+		l.giveBack(tok)
+	}
+}
+
+func (l *listParts) giveBack(tok string) {
+	if n := l.charged[tok]; n > 0 && l.budget != nil {
+		l.budget.give(l.from[tok], l.ns, n)
+	}
+	delete(l.charged, tok)
+}
+
+// charge takes m's bytes for tok's answer from the budget.
+func (l *listParts) charge(tok string, m *nats.Msg) error {
+	if l.budget == nil {
+		return nil
+	}
+	size := int64(len(m.Data))
+	if err := l.budget.take(l.from[tok], l.ns, size); err != nil {
+		l.budget.refuse(l.from[tok], l.ns, err)
+		return err
+	}
+	if l.charged == nil {
+		l.charged = map[string]int64{}
+	}
+	l.charged[tok] += size
+	return nil
+}
+
+// fail ends tok's answer as an error: its parts are dropped and their budget given back.
+func (l *listParts) fail(tok string, m *nats.Msg, what string) (*nats.Msg, bool) {
+	delete(l.byToken, tok)
+	l.giveBack(tok)
+	return listFailure(m, what), true
 }
 
 // partialList is an answer in parts so far: next is the number of the part due, of
@@ -33,29 +179,38 @@ type partialList struct {
 // it is not in parts, the parts' rows in one JSON array once the last came, or an
 // error reply naming what was wrong with them. ok is false while parts are due.
 func (l *listParts) add(tok string, m *nats.Msg) (answer *nats.Msg, ok bool) {
+	if l.closed {
+		return l.fail(tok, m, "the list was over")
+	}
 	p := l.byToken[tok]
 	h := m.Header.Get(protocol.HeaderListPart)
 	if h == "" {
 		if p != nil {
-			return listFailure(m, fmt.Sprintf("an answer in parts broken off after part %d of %d", p.next-1, p.of)), true
+			return l.fail(tok, m, fmt.Sprintf("an answer in parts broken off after part %d of %d", p.next-1, p.of))
+		}
+		if err := l.charge(tok, m); err != nil {
+			return l.fail(tok, m, err.Error())
 		}
 		return m, true
 	}
 	i, n, err := parsePart(h)
 	switch {
 	case err != nil:
-		return listFailure(m, err.Error()), true
+		return l.fail(tok, m, err.Error())
 	case p == nil && i != 1:
-		return listFailure(m, fmt.Sprintf("an answer in parts begun with part %q", h)), true
+		return l.fail(tok, m, fmt.Sprintf("an answer in parts begun with part %q", h))
 	case p == nil:
 		p = &partialList{next: 1, of: n}
 		l.byToken[tok] = p
 	case i != p.next || n != p.of:
-		return listFailure(m, fmt.Sprintf("part %q of an answer in parts where %d/%d was due", h, p.next, p.of)), true
+		return l.fail(tok, m, fmt.Sprintf("part %q of an answer in parts where %d/%d was due", h, p.next, p.of))
 	}
 	p.size += len(m.Data)
 	if p.size > maxListBytes {
-		return listFailure(m, fmt.Sprintf("an answer in parts of more than %d bytes", maxListBytes)), true
+		return l.fail(tok, m, fmt.Sprintf("an answer in parts of more than %d bytes", maxListBytes))
+	}
+	if err := l.charge(tok, m); err != nil {
+		return l.fail(tok, m, err.Error())
 	}
 	p.parts = append(p.parts, m.Data)
 	p.next++
@@ -65,7 +220,7 @@ func (l *listParts) add(tok string, m *nats.Msg) (answer *nats.Msg, ok bool) {
 	delete(l.byToken, tok)
 	joined, err := joinArrays(p.parts)
 	if err != nil {
-		return listFailure(m, err.Error()), true
+		return l.fail(tok, m, err.Error())
 	}
 	return &nats.Msg{Subject: m.Subject, Header: m.Header, Data: joined}, true
 }

@@ -111,6 +111,9 @@ type Options struct {
 	RemoveOfflineAfter time.Duration // offline this long: registration removed (default 60s; <0 never)
 	FanoutTimeout      time.Duration // bound on STOPWORKLOAD/QUERYWORKLOADS/SETLAMEDUCK fan-outs (default 2s)
 	CloneTimeout       time.Duration // bound on the GETWORKLOAD fan-out (default 3s)
+	// ListMemory bounds the bytes of nexlets' answers to QUERYWORKLOADS the node holds
+	// across all its lists at once (default 256 MiB; listBudget).
+	ListMemory int64
 	// StopWait bounds how long Stop waits, once it cancelled them, for the handlers
 	// still running (default 10s): one stuck past its context must not hold the stop.
 	StopWait time.Duration
@@ -217,6 +220,9 @@ func (o *Options) defaults() {
 	def(&o.ProgressInterval, 5*time.Second)
 	def(&o.StopTimeout, 5*time.Minute)
 	def(&o.StopRecordTimeout, 2*time.Second)
+	if o.ListMemory <= 0 {
+		o.ListMemory = defaultListMemory
+	}
 	o.StartTimeout = min(o.StartTimeout, o.DeployTimeout)
 	if o.Name == "" {
 		o.Name = "nexnode"
@@ -322,6 +328,7 @@ type Node struct {
 	// halted (under mu): Stop is waiting for inflight or has; own starts nothing more.
 	halted   bool
 	slots    chan struct{}       // bounds those goroutines
+	lists    *listBudget         // the nexlets' list answers held at once
 	probes   chan chan struct{}  // liveness probes, answered by the health loop
 	replayed map[string]struct{} // workload ids handed to nexlets to replay
 	// feedsWarned: the nexlet instances (owners) already warned that their direct
@@ -485,6 +492,7 @@ func New(o Options) (*Node, error) {
 		regReads:       map[*regRead]struct{}{},
 		changed:        make(chan struct{}),
 		slots:          make(chan struct{}, 64),
+		lists:          newListBudget(o.ListMemory, o.Logger.With("node_id", id)),
 		probes:         make(chan chan struct{}),
 		replayed:       map[string]struct{}{},
 		feedsWarned:    map[string]bool{},
