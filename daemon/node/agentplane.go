@@ -145,6 +145,9 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.refuseRegistration(r, 403, agentID, req, fmt.Errorf("registration on the local channel of nexlet %s is not signed with the key of the start that holds the channel", agentID))
 		return
 	}
+	if n.reregistrationDropped(agentID, owner) {
+		return
+	}
 	if code, err := n.nameFree(agentID, owner, key, req.Name); err != nil {
 		n.refuseRegistration(r, code, agentID, req, err)
 		return
@@ -503,6 +506,22 @@ func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterA
 		return "", "", fmt.Errorf("remote nexlet %q sent no %s header: it must sign its registration with the key listed in remote_nexlets", req.Name, protocol.HeaderRegistrationKey)
 	}
 	return "", "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
+}
+
+// reregistrationDropped charges a registration of a nexlet already registered with
+// this node process, as the same instance, to the bucket of its renewals of its own
+// user (agentRenewBurst, agentRenewsPerLife): each mints a nexlet user and a user for
+// every workload the node hands back, kept until that workload ends and then revoked.
+// It says whether the registration is dropped unanswered. A nexlet registers once
+// a process of the node's (again after an answer it lost); before, a rogue nexlet
+// registering as fast as it could had every one served
+// (TestAttackNexletReregistrationFloodBounded).
+func (n *Node) reregistrationDropped(agentID, owner string) bool {
+	n.mu.Lock()
+	old := n.agents[agentID]
+	n.mu.Unlock()
+	return old != nil && old.owner == owner &&
+		!n.agentCallAllowed(old, "nexlet registrations dropped unanswered: it registered again more than it needs")
 }
 
 // feedRelayed reports whether a nexlet's feeds go through the node's relay (its user

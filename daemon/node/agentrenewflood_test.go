@@ -28,6 +28,34 @@ func (m *agentRenewalCounter) RenewAgent(agentID, nodeID, userPub string, direct
 	return m.SigningKeyMinter.RenewAgent(agentID, nodeID, userPub, direct)
 }
 
+// floodSigned publishes count messages on subject from a's connection, with bodies
+// body(i), each signed with a's key at a time of its own (now, a nanosecond apart),
+// their replies to an inbox of a's, and returns the count of replies, which grows as
+// they come.
+func floodSigned(t *testing.T, a *fakeAgent, subject string, count int, body func(i int) []byte) *atomic.Int64 {
+	t.Helper()
+	answered := &atomic.Int64{}
+	inbox := a.nc.NewRespInbox()
+	sub, err := a.nc.Subscribe(inbox, func(*nats.Msg) { answered.Add(1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	for i := range count {
+		msg := nats.NewMsg(subject)
+		msg.Reply = inbox
+		msg.Data = body(i)
+		signAt(t, msg, a.key, time.Now().Add(time.Duration(i)))
+		if err := a.nc.PublishMsg(msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return answered
+}
+
 // TestAttackNexletRenewalFloodBounded: a rogue nexlet that signs (its start's key)
 // renews its own user again and again, each time for a fresh key, signed, from the
 // user its node minted for it on an operator-mode server. Each renewal the node takes
@@ -52,29 +80,13 @@ func TestAttackNexletRenewalFloodBounded(t *testing.T) {
 	victim := rf.minted("agent0", "native-nexlet", "native", signed)
 	rogue := rf.minted("rogue0", "rogue", "rogue", signed)
 
-	var answered atomic.Int64
-	inbox := rogue.nc.NewRespInbox()
-	sub, err := rogue.nc.Subscribe(inbox, func(*nats.Msg) { answered.Add(1) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
 	const asks = 300
 	start := time.Now()
-	for i := range asks {
+	answered := floodSigned(t, rogue, protocol.RenewAgentCredsSubject(n.ID(), rogue.id), asks, func(int) []byte {
 		kp, _ := nkeys.CreateUser()
 		pub, _ := kp.PublicKey()
-		msg := nats.NewMsg(protocol.RenewAgentCredsSubject(n.ID(), rogue.id))
-		msg.Reply = inbox
-		msg.Data = mustJSON(t, protocol.RenewAgentCredsRequest{PublicKey: pub})
-		signAt(t, msg, rogue.key, time.Now().Add(time.Duration(i)))
-		if err := rogue.nc.PublishMsg(msg); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := rogue.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
+		return mustJSON(t, protocol.RenewAgentCredsRequest{PublicKey: pub})
+	})
 	// Every ask handled: answered, or dropped and counted.
 	if !testkit.WaitFor(2*time.Minute, func() bool { return answered.Load()+int64(n.AgentRenewalsDropped()) >= asks }) {
 		t.Fatalf("of %d renewals, %d answered and %d dropped within 2 minutes", asks, answered.Load(), n.AgentRenewalsDropped())

@@ -159,35 +159,64 @@ func TestReconcileOnRegistration(t *testing.T) {
 	}
 }
 
-// TestRogueNexletBindsNamesWithoutEnd: a rogue supervised nexlet, with its minted user,
-// registers under ever new names. Each name it registers under is reserved for it,
-// and kept for the next run (OnNameBound: <state_dir>/nexlets/<name>.names); the
-// first MaxBoundNames are taken, every later new name is refused (403, saying so), a
-// name it bound already is still taken, and the names kept are MaxBoundNames. Before,
-// all 40 were taken and kept: the file (rewritten whole at each) and the node's map
-// grew without end.
+// TestRogueNexletBindsNamesWithoutEnd: a rogue supervised nexlet, signed with its
+// start's key, registers with its minted user under ever new names. Each name it
+// registers under is reserved for it and kept for the next run (OnNameBound:
+// <state_dir>/nexlets/<name>.names). It binds them both ways the node serves one
+// nexlet's registrations without end over time: registering again while registered,
+// as many times as the bound of those lets through at once (its first and
+// agentRenewBurst more; that bound slows it to 8 more over each lifetime of its user,
+// it does not end it), and by restarting, which the bound never charges (a new start
+// signs with a new key; its first registration is not one again), one new name each
+// start. Of 40 new names the first MaxBoundNames are taken, every later one refused
+// (403, saying so), none dropped by the bound (MaxBoundNames refused them, not the
+// rate), a name it bound already is still taken, and the names kept are
+// MaxBoundNames. Before, all 40 were taken and kept: the file (rewritten whole at
+// each) and the node's map grew without end.
 func TestRogueNexletBindsNamesWithoutEnd(t *testing.T) {
 	var kept []string
 	var mu sync.Mutex
 	rf := newRogueFixture(t, func(o *Options) {
 		o.OnNameBound = func(_, name string) { mu.Lock(); kept = append(kept, name); mu.Unlock() }
 	})
-	rogue := rf.expected("rogue0", "rogue", "rogue")
-	taken, refused := 0, 0
-	for i := range 40 {
-		rogue.mu.Lock() // its heartbeats read it
-		rogue.req.Name = fmt.Sprintf("name-%d", i)
-		rogue.mu.Unlock()
-		m := rogue.register()
+	n := rf.nodes[0]
+	start := func() *fakeAgent {
+		a := rf.expected("rogue0", "rogue", "rogue")
+		signedStart(n, true)(a)
+		return a
+	}
+	const names = 40
+	tried, taken, refused := 0, 0, 0
+	register := func(a *fakeAgent, name string) {
+		t.Helper()
+		a.mu.Lock() // its heartbeats read it
+		a.req.Name = name
+		a.mu.Unlock()
+		m := a.register()
 		switch code := m.Header.Get(protocol.HeaderErrorCode); {
 		case code == "":
 			taken++
 		case code == "403" && strings.Contains(m.Header.Get(protocol.HeaderError)+string(m.Data), "the most it may"):
 			refused++
 		default:
-			t.Fatalf("registration %d answered %s %s %s", i, code, m.Header.Get(protocol.HeaderError), m.Data)
+			t.Fatalf("registration under %s answered %s %s %s", name, code, m.Header.Get(protocol.HeaderError), m.Data)
 		}
 	}
+	restart := func(a *fakeAgent) *fakeAgent {
+		a.kill()
+		n.RemoveAgent(a.id, "exited") // as its supervisor does when it sees the exit
+		return start()
+	}
+	rogue := start()
+	for range 1 + agentRenewBurst {
+		register(rogue, fmt.Sprintf("name-%d", tried))
+		tried++
+	}
+	for ; tried < names; tried++ {
+		rogue = restart(rogue)
+		register(rogue, fmt.Sprintf("name-%d", tried))
+	}
+	rogue = restart(rogue)
 	rogue.mu.Lock()
 	rogue.req.Name = "name-3"
 	rogue.mu.Unlock()
@@ -196,9 +225,11 @@ func TestRogueNexletBindsNamesWithoutEnd(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	t.Logf("%d of 40 names taken, %d refused, %d kept for the next run", taken, refused, len(kept))
-	if taken != MaxBoundNames || refused != 40-MaxBoundNames || len(kept) != MaxBoundNames {
-		t.Errorf("%d names taken, %d refused, %d kept; want %d, %d, %d", taken, refused, len(kept), MaxBoundNames, 40-MaxBoundNames, MaxBoundNames)
+	dropped := n.AgentRenewalsDropped()
+	t.Logf("%d new names tried (%d registering again, %d after restarts): %d taken, %d refused, %d dropped by the bound of registrations again, %d kept for the next run",
+		names, agentRenewBurst, names-1-agentRenewBurst, taken, refused, dropped, len(kept))
+	if taken != MaxBoundNames || refused != names-MaxBoundNames || len(kept) != MaxBoundNames || dropped != 0 {
+		t.Errorf("%d names taken, %d refused, %d kept, %d dropped; want %d, %d, %d, 0", taken, refused, len(kept), dropped, MaxBoundNames, names-MaxBoundNames, MaxBoundNames)
 	}
 }
 

@@ -65,14 +65,7 @@ func (n *Node) handleRenewAgent(r micro.Request) {
 		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials of %s: %w", agentID, err))
 		return
 	}
-	if now := time.Now(); !req.Switched && a.life > 0 &&
-		!n.agentRenewals.allow(agentID, now, agentRenewsPerLife/a.life.Seconds(), agentRenewBurst) {
-		total := n.agentRenewals.dropped.Add(1)
-		if ok, held := n.agentRenewals.log.allow(now, renewWarnEvery); ok {
-			n.log.Warn("nexlet renewals of its own user dropped unanswered: more than it needs",
-				"agent_id", agentID, "name", a.req.Name, "burst", agentRenewBurst, "per_lifetime", agentRenewsPerLife, "lifetime", a.life.String(),
-				"dropped", held+1, "dropped_total", total, "next_warning_in", renewWarnEvery.String())
-		}
+	if !req.Switched && !n.agentCallAllowed(a, "nexlet renewals of its own user dropped unanswered: more than it needs") {
 		return
 	}
 	if req.Switched {
@@ -264,8 +257,24 @@ const (
 	agentRenewsPerLife = 8
 )
 
-// AgentRenewalsDropped counts the nexlets' renewals of their own user dropped past
-// their rate.
+// agentCallAllowed takes a token of a's bucket of renewals of its own user (and
+// registrations again), or counts the call dropped and warns of it (what) at most once
+// a minute. A nexlet whose user does not expire is not bounded: it renews nothing.
+func (n *Node) agentCallAllowed(a *registration, what string) bool {
+	now := time.Now()
+	if a.life <= 0 || n.agentRenewals.allow(a.id, now, agentRenewsPerLife/a.life.Seconds(), agentRenewBurst) {
+		return true
+	}
+	total := n.agentRenewals.dropped.Add(1)
+	if ok, held := n.agentRenewals.log.allow(now, renewWarnEvery); ok {
+		n.log.Warn(what, "agent_id", a.id, "name", a.req.Name, "burst", agentRenewBurst, "per_lifetime", agentRenewsPerLife,
+			"lifetime", a.life.String(), "dropped", held+1, "dropped_total", total, "next_warning_in", renewWarnEvery.String())
+	}
+	return false
+}
+
+// AgentRenewalsDropped counts the nexlets' renewals of their own user, and their
+// registrations again (reregistrationDropped), dropped past their rate.
 func (n *Node) AgentRenewalsDropped() uint64 { return n.agentRenewals.dropped.Load() }
 
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
