@@ -145,7 +145,8 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.refuseRegistration(r, 403, agentID, req, fmt.Errorf("registration on the local channel of nexlet %s is not signed with the key of the start that holds the channel", agentID))
 		return
 	}
-	if n.reregistrationDropped(agentID, owner) {
+	charged, dropped := n.chargeReregistration(agentID, owner, key)
+	if dropped {
 		return
 	}
 	if code, err := n.nameFree(agentID, owner, key, req.Name); err != nil {
@@ -173,8 +174,13 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		// unlisted and unmanaged, an ended one's records removed, its restart by
 		// policy or its end's report lost (e2e TestNexletRestartWhileStateUnreadable).
 		// Refused (before any credentials are minted for it), it registers again:
-		// nexd's SDK retries this refusal.
+		// nexd's SDK retries this refusal. Its token goes back: the retries of an
+		// outage of any length would use up its bucket, and its registration once the
+		// state reads again be dropped (TestHonestReregistrationsNotDropped).
 		n.endRead(rr)
+		if charged {
+			n.agentRenewals.refund(agentID, agentRenewBurst)
+		}
 		id := randid.New()
 		n.log.Warn("failed to read node state for a registering nexlet; registration refused until it can be read", "agent_id", agentID, "type", req.RegisterType, "err", err, "error_id", id)
 		body, _ := json.Marshal(protocol.ErrorBody{ErrorID: id, Error: "the node's state store (JetStream) cannot be read for the nexlet's stored workloads; register again"})
@@ -508,20 +514,25 @@ func (n *Node) authorize(r micro.Request, agentID string, req protocol.RegisterA
 	return "", "", fmt.Errorf("remote nexlet %q: key %s is not listed in remote_nexlets", req.Name, pub)
 }
 
-// reregistrationDropped charges a registration of a nexlet already registered with
-// this node process, as the same instance, to the bucket of its renewals of its own
-// user (agentRenewBurst, agentRenewsPerLife): each mints a nexlet user and a user for
-// every workload the node hands back, kept until that workload ends and then revoked.
-// It says whether the registration is dropped unanswered. A nexlet registers once
-// a process of the node's (again after an answer it lost); before, a rogue nexlet
-// registering as fast as it could had every one served
+// chargeReregistration charges a registration of a nexlet already registered with
+// this node process, as the same instance (the same owner and key: a new start is
+// signed with a new key), to the bucket of its renewals of its own user
+// (agentRenewBurst, agentRenewsPerLife): each mints a nexlet user and a user for every
+// workload the node hands back, kept until that workload ends and then revoked. It
+// says whether a token was taken and whether the registration is dropped unanswered.
+// A nexlet registers once a process of the node's (again after an answer it lost, or
+// a refusal while the node cannot read its state, whose token is given back); before,
+// a rogue nexlet registering as fast as it could had every one served
 // (TestAttackNexletReregistrationFloodBounded).
-func (n *Node) reregistrationDropped(agentID, owner string) bool {
+func (n *Node) chargeReregistration(agentID, owner, key string) (charged, dropped bool) {
 	n.mu.Lock()
 	old := n.agents[agentID]
 	n.mu.Unlock()
-	return old != nil && old.owner == owner &&
-		!n.agentCallAllowed(old, "nexlet registrations dropped unanswered: it registered again more than it needs")
+	if old == nil || old.owner != owner || old.key != key || old.life <= 0 {
+		return false, false
+	}
+	ok := n.agentCallAllowed(old, "nexlet registrations dropped unanswered: it registered again more than it needs")
+	return ok, !ok
 }
 
 // feedRelayed reports whether a nexlet's feeds go through the node's relay (its user

@@ -239,6 +239,16 @@ func (l *renewLimits) allow(agentID string, now time.Time, rate, burst float64) 
 	return true
 }
 
+// refund gives back a token allow took of agentID's bucket (up to burst): the call
+// was refused for the node's own reason, not served.
+func (l *renewLimits) refund(agentID string, burst float64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if b := l.buckets[agentID]; b != nil {
+		b.tokens = min(burst, b.tokens+1)
+	}
+}
+
 // RenewalsDropped counts the workload renewals dropped past a nexlet's rate.
 func (n *Node) RenewalsDropped() uint64 { return n.renewals.dropped.Load() }
 
@@ -274,7 +284,7 @@ func (n *Node) agentCallAllowed(a *registration, what string) bool {
 }
 
 // AgentRenewalsDropped counts the nexlets' renewals of their own user, and their
-// registrations again (reregistrationDropped), dropped past their rate.
+// registrations again (chargeReregistration), dropped past their rate.
 func (n *Node) AgentRenewalsDropped() uint64 { return n.agentRenewals.dropped.Load() }
 
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
