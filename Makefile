@@ -68,6 +68,7 @@ FUZZ_TARGETS = \
 	daemon/node:FuzzHandlers \
 	daemon/node:FuzzListParts \
 	daemon/node:FuzzRegistrationAndRenewal \
+	daemon/state:FuzzStateKeys \
 	daemon/state:FuzzStateRecord \
 	daemon/supervise:FuzzParseLine \
 	internal/cli:FuzzParseNexfile \

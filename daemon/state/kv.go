@@ -441,6 +441,11 @@ func Key(workloadType, workloadID string) (string, error) {
 	if !validWorkloadID().MatchString(workloadID) {
 		return "", fmt.Errorf("workload id %q cannot be part of a state key (letters, digits and - only)", workloadID)
 	}
+	if len(workloadID) > MaxWorkloadIDLen {
+		// The read's check (DecodeRecord) refuses it: a record put under it would be
+		// skipped at the next replay.
+		return "", fmt.Errorf("workload id of %d characters cannot be part of a state key (at most %d)", len(workloadID), MaxWorkloadIDLen)
+	}
 	return workloadType + "_" + workloadID, nil
 }
 

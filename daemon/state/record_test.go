@@ -180,6 +180,7 @@ func checkReported(t *testing.T, kv *KV, logs *testkit.Buffer, bad []struct{ key
 // (protocol.Decode of its encoding; a namespace and a name within CheckRecord's bounds) under a key Key makes.
 func FuzzStateRecord(f *testing.F) {
 	f.Add("native_GOOD1", goodRecord(f))
+	f.Add("native.GOOD1", goodRecord(f))
 	for _, c := range badRecords(f) {
 		f.Add(c.key, []byte(c.value))
 	}
