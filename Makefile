@@ -72,6 +72,7 @@ FUZZ_TARGETS = \
 	daemon/state:FuzzStateRecord \
 	daemon/supervise:FuzzParseLine \
 	internal/cli:FuzzParseNexfile \
+	internal/cli:FuzzSignedAnswers \
 	internal/names:FuzzValidMatchesTheRegexps \
 	internal/procid:FuzzParse \
 	internal/procid:FuzzParseStat \

@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"net/textproto"
 	"slices"
 	"strings"
 
@@ -54,8 +55,8 @@ func CheckNonce(s string) error {
 
 // AnswerPayload is what a node signs in an answer: a version line, its id, the
 // client's nonce, the request's subject, each header but HeaderSig as "key:value"
-// lines (keys sorted, values in order without leading blanks, as nats.go reads them;
-// neither holds a newline and keys no ':'), an empty line and the body.
+// lines (keys sorted, values in order as they arrive: appendWireValue; keys hold no ':' nor
+// a newline, or nats.go does not send them), an empty line and the body.
 func AnswerPayload(nodeID, nonce, subject string, header map[string][]string, data []byte) []byte {
 	keys := make([]string, 0, len(header))
 	size := len("nexd-answer/1\n") + len(nodeID) + len(nonce) + len(subject) + 4 + len(data)
@@ -81,12 +82,28 @@ func AnswerPayload(nodeID, nonce, subject string, header map[string][]string, da
 		for _, v := range header[k] {
 			b = append(b, k...)
 			b = append(b, ':')
-			b = append(b, strings.TrimLeft(v, " \t")...) // as nats.go reads it
+			b = appendWireValue(b, v)
 			b = append(b, '\n')
 		}
 	}
 	b = append(b, '\n')
 	return append(b, data...)
+}
+
+// appendWireValue appends header value v to b as the other end reads it: nats.go sends
+// it with the blanks and line ends around it trimmed and each line end within it made a
+// blank, and reads it without leading blanks. Before, only leading blanks were
+// trimmed, so a node's answer with a value that ended in a blank or held a line end
+// was refused as forged (internal/cli FuzzSignedAnswers); for every other value the
+// payload is as before, so older nodes' and clients' signatures still verify.
+func appendWireValue(b []byte, v string) []byte {
+	for _, c := range []byte(textproto.TrimString(v)) {
+		if c == '\r' || c == '\n' {
+			c = ' '
+		}
+		b = append(b, c)
+	}
+	return b
 }
 
 // SignAnswer sets header's HeaderNode to nodeID and its HeaderSig to kp's signature
