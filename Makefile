@@ -67,6 +67,7 @@ FUZZ_TARGETS = \
 	daemon/node:FuzzEventWorkloadID \
 	daemon/node:FuzzHandlers \
 	daemon/node:FuzzListParts \
+	daemon/node:FuzzListPartsJoin \
 	daemon/node:FuzzRegistrationAndRenewal \
 	daemon/state:FuzzStateKeys \
 	daemon/state:FuzzStateRecord \

@@ -2,6 +2,7 @@ package node
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -237,7 +238,10 @@ func parsePart(h string) (i, n int, err error) {
 }
 
 // joinArrays joins JSON arrays into one with their elements in order; each element is
-// decoded later, with the whole answer.
+// decoded later, with the whole answer. Each part is checked to be JSON: before, only
+// its brackets were, so the parts `["a]` and `[b"]` made `["a,b"]`, a row neither
+// part had, and a part cut short failed only the whole answer's decode, which did
+// not say which part it was (FuzzListPartsJoin).
 func joinArrays(parts [][]byte) ([]byte, error) {
 	size := 2
 	for _, p := range parts {
@@ -247,7 +251,7 @@ func joinArrays(parts [][]byte) ([]byte, error) {
 	out = append(out, '[')
 	for i, p := range parts {
 		p = bytes.TrimSpace(p)
-		if len(p) < 2 || p[0] != '[' || p[len(p)-1] != ']' {
+		if len(p) < 2 || p[0] != '[' || p[len(p)-1] != ']' || !json.Valid(p) {
 			return nil, fmt.Errorf("part %d of %d of an answer in parts is not a JSON array", i+1, len(parts))
 		}
 		inner := bytes.TrimSpace(p[1 : len(p)-1])

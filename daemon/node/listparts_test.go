@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -114,4 +115,61 @@ func FuzzListParts(f *testing.F) {
 			return
 		}
 	})
+}
+
+// FuzzListPartsJoin: one to three parts numbered in order make the answer of the rows of
+// the parts, in order, when each is a JSON array; otherwise an error reply that names the
+// first part that is not. Before, a part was only checked to begin with '[' and end with
+// ']', so the parts `["a]` and `[b"]` were joined to `["a,b"]`, one row neither part had.
+func FuzzListPartsJoin(f *testing.F) {
+	f.Add(`[{"id":"a"}]`, ` [ ] `, `[1,"x"]`, uint8(2))
+	f.Add(`["a]`, `[b"]`, ``, uint8(1))
+	f.Add(`[1]`, `{}`, ``, uint8(1))
+	f.Add(`[`, `]`, `[]`, uint8(2))
+	f.Fuzz(func(t *testing.T, a, b, c string, n uint8) {
+		parts := []string{a, b, c}[:n%3+1]
+		l := &listParts{byToken: map[string]*partialList{}}
+		var got *nats.Msg
+		for i, p := range parts {
+			m, ok := l.add("tok", partMsg(fmt.Sprintf("%d/%d", i+1, len(parts)), p))
+			if ok != (i == len(parts)-1) {
+				t.Fatalf("part %d of %d: done %t (%v)", i+1, len(parts), ok, m)
+			}
+			got = m
+		}
+		var want []json.RawMessage
+		bad := 0
+		for i, p := range parts {
+			var rows []json.RawMessage
+			if err := json.Unmarshal([]byte(p), &rows); err != nil || rows == nil {
+				bad = i + 1
+				break
+			}
+			want = append(want, rows...)
+		}
+		if bad > 0 {
+			what := fmt.Sprintf("part %d of %d of an answer in parts is not a JSON array", bad, len(parts))
+			if !isErrorReply(got) || !strings.Contains(got.Header.Get(protocol.HeaderError), what) {
+				t.Fatalf("parts %q: answer %v %q, want an error naming part %d", parts, got.Header, got.Data, bad)
+			}
+			return
+		}
+		var rows []json.RawMessage
+		if isErrorReply(got) || json.Unmarshal(got.Data, &rows) != nil || len(rows) != len(want) {
+			t.Fatalf("parts %q: answer %v %q, want the %d rows %q", parts, got.Header, got.Data, len(want), want)
+		}
+		for i := range rows {
+			if !bytes.Equal(compact(t, rows[i]), compact(t, want[i])) {
+				t.Fatalf("parts %q: row %d is %s, want %s", parts, i, rows[i], want[i])
+			}
+		}
+	})
+}
+
+func compact(t *testing.T, b []byte) []byte {
+	var out bytes.Buffer
+	if err := json.Compact(&out, b); err != nil {
+		t.Fatal(err)
+	}
+	return out.Bytes()
 }
