@@ -14,8 +14,8 @@ import (
 // keep running). The lines the workload printed while nexd was down reach the
 // subscriber once the new nexd adopted the nexlet, in order: none lost (the node
 // acknowledges a batch on the local channel only once the NATS server has it; the
-// nexlet keeps the rest and sends it again), and at most the one batch the killed nexd
-// published but had not acknowledged comes twice. Before, the nexlet published them on
+// nexlet keeps the rest and sends it again), and only lines the killed nexd had
+// published but not acknowledged come twice. Before, the nexlet published them on
 // the node's relay subject, to which no nexd subscribed: the down window's ~100 lines
 // were lost.
 func TestFeedLinesSurviveNexdKill(t *testing.T) { feedLinesAcrossKill(t, false) }
@@ -63,6 +63,7 @@ func feedLinesAcrossKill(t *testing.T, adoptFirst bool) {
 	seen := map[int]int{}
 	lost, dup, outOfOrder := 0, 0, 0
 	high := 0
+	var dupAfterKill []int
 	for _, k := range got {
 		seen[k]++
 		if k < lastBefore {
@@ -70,6 +71,9 @@ func feedLinesAcrossKill(t *testing.T, adoptFirst bool) {
 		}
 		if seen[k] > 1 {
 			dup++
+			if k > killedAt {
+				dupAfterKill = append(dupAfterKill, k)
+			}
 			continue
 		}
 		if k < high {
@@ -98,10 +102,13 @@ func feedLinesAcrossKill(t *testing.T, adoptFirst bool) {
 	if outOfOrder > 0 {
 		t.Errorf("%d lines out of order", outOfOrder)
 	}
-	// At most the batches the killed nexd had published and not acknowledged: the
-	// kill comes just after the subscriber got a line, usually before nexd's flush and
-	// acknowledgement of it, so that line comes twice.
-	if dup > 10 {
-		t.Errorf("%d lines duplicated, want at most the one unacknowledged batch", dup)
+	// Only what the killed nexd had published and not acknowledged comes twice: lines
+	// the workload printed before the kill. How many depends on how many batches (up
+	// to localchan.MaxFeedBatches) the nexlet had sent ahead of the acknowledgements,
+	// which grows with the host's load (25 lines once in CI at load 50), so the bound
+	// is which lines, not how many; a line printed after the kill comes from the next
+	// nexd only, and twice would be its fault.
+	if len(dupAfterKill) > 0 {
+		t.Errorf("%d lines printed after the kill duplicated (first %d; the kill at %d)", len(dupAfterKill), dupAfterKill[0], killedAt)
 	}
 }
