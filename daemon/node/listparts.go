@@ -243,6 +243,7 @@ func parsePart(h string) (i, n int, err error) {
 // part had, and a part cut short failed only the whole answer's decode, which did
 // not say which part it was (FuzzListPartsJoin).
 func joinArrays(parts [][]byte) ([]byte, error) {
+	const jsonBlanks = " \t\r\n"
 	size := 2
 	for _, p := range parts {
 		size += len(p)
@@ -250,11 +251,13 @@ func joinArrays(parts [][]byte) ([]byte, error) {
 	out := make([]byte, 0, size)
 	out = append(out, '[')
 	for i, p := range parts {
-		p = bytes.TrimSpace(p)
+		// JSON's own blanks only: bytes.TrimSpace also strips \v, \f and Unicode
+		// spaces, which took "\v[0]" for an array and blamed the next part.
+		p = bytes.Trim(p, jsonBlanks)
 		if len(p) < 2 || p[0] != '[' || p[len(p)-1] != ']' || !json.Valid(p) {
 			return nil, fmt.Errorf("part %d of %d of an answer in parts is not a JSON array", i+1, len(parts))
 		}
-		inner := bytes.TrimSpace(p[1 : len(p)-1])
+		inner := bytes.Trim(p[1:len(p)-1], jsonBlanks)
 		if len(inner) == 0 {
 			continue
 		}
