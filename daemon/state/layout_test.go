@@ -242,16 +242,7 @@ func TestAllCompactsOldDeleteMarkers(t *testing.T) {
 	ctx := testCtx(t)
 	nc := testnats.Connect(t, s)
 	kv := open(t, nc, "NODE1", "")
-	for _, id := range []string{"A", "B", "C"} {
-		if err := kv.Put(ctx, "native", id, request("w-"+id, "ns", "native", "{}")); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, id := range []string{"A", "B"} {
-		if err := kv.Delete(ctx, "native", id); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putThenRemove(t, ctx, kv, []string{"A", "B", "C"}, []string{"A", "B"})
 	ro, err := OpenExistingKV(ctx, nc, "NODE1", "", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -410,16 +401,7 @@ func TestAllDoesNotWaitForCompaction(t *testing.T) {
 		return nc
 	}
 	admin := open(t, connect("admin", "a"), "NODE1", "")
-	for _, id := range []string{"A", "B", "C"} {
-		if err := admin.Put(ctx, "native", id, request("w-"+id, "ns", "native", "{}")); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, id := range []string{"A", "B"} {
-		if err := admin.Delete(ctx, "native", id); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putThenRemove(t, ctx, admin, []string{"A", "B", "C"}, []string{"A", "B"})
 	var logs testkit.Buffer
 	kv, err := OpenKV(ctx, connect("node", "n"), "NODE1", "", slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	if err != nil {
@@ -475,20 +457,27 @@ func TestDeleteMarkersCompactedWhileRunning(t *testing.T) {
 	if _, err := kv.All(ctx); err != nil { // the node's start read
 		t.Fatal(err)
 	}
-	for _, id := range []string{"A", "B", "C", "D"} {
-		if err := kv.Put(ctx, "native", id, request("w-"+id, "ns", "native", "{}")); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, id := range []string{"A", "B", "C"} {
-		if err := kv.Delete(ctx, "native", id); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putThenRemove(t, ctx, kv, []string{"A", "B", "C", "D"}, []string{"A", "B", "C"})
 	if !testkit.WaitFor(30*time.Second, func() bool { return streamMsgs(t, kv) == 1 }) {
 		t.Fatalf("%d messages in the bucket's stream 30 s after three removals, want 1: D's record, the markers compacted", streamMsgs(t, kv))
 	}
 	if got, err := kv.ByType(ctx, "native"); err != nil || len(got) != 1 || got["D"].Name != "w-D" {
 		t.Fatalf("after the compaction: %v, %v", got, err)
+	}
+}
+
+// putThenRemove stores native workloads w-<id> for put, then removes those of removed,
+// each leaving a delete marker.
+func putThenRemove(t *testing.T, ctx context.Context, kv *KV, put, removed []string) {
+	t.Helper()
+	for _, id := range put {
+		if err := kv.Put(ctx, "native", id, request("w-"+id, "ns", "native", "{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range removed {
+		if err := kv.Delete(ctx, "native", id); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
