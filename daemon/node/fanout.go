@@ -153,9 +153,6 @@ func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(a
 		}
 		sub, err := n.o.NC.Subscribe(inbox+".*", func(m *nats.Msg) {
 			tok := protocol.LastToken(m.Subject)
-			if parts != nil {
-				n.lists.replies.Add(1)
-			}
 			if isStopRecorded(m) {
 				if r := byToken[tok]; r != nil && ack != nil {
 					ack(r)

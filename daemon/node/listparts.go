@@ -41,7 +41,6 @@ type listBudget struct {
 	byNexlet  map[string]int64
 	byNS      map[nexletNS]int64
 	refused   atomic.Uint64 // answers refused for want of budget
-	replies   atomic.Uint64 // replies the list fan-outs took in, whatever became of them
 	maxHeldAt atomic.Int64  // the most held at once since the start
 }
 
