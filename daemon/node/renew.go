@@ -255,8 +255,9 @@ func (n *Node) RenewalsDropped() uint64 { return n.renewals.dropped.Load() }
 // A nexlet's renewals of its own user (RENEWAGENT, its switch reports aside) are
 // served agentRenewBurst at once and agentRenewsPerLife over the lifetime of the user
 // its registration got; the rest are dropped unanswered once the signature checked
-// (so that only the nexlet's own key spends its tokens). An honest nexlet renews once at 80 % of that lifetime (half of it when that
-// leaves less than 10 s) and asks again on a failure, with a backoff from 1 s to 30 s.
+// (so that only the nexlet's own key spends its tokens). An honest nexlet renews once
+// at 80 % of that lifetime (half of it when that leaves less than 10 s) and asks again
+// on a failure, with a backoff from 1 s to 30 s.
 // Before, every renewal was served: each minted a nexlet user and, once superseded,
 // revoked the older ones, each a rewrite of the account JWT whose revocations are
 // kept for the longest TTL and an hour, so a rogue nexlet's flood grew the JWT that
