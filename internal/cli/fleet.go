@@ -568,7 +568,7 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 		return nil, nil, "", nil, err
 	}
 	o.some = true
-	once := &bidOnce{ns: ns, auctionID: req.AuctionID, bidders: map[string]bool{}, nodes: map[string]bool{}}
+	once := &bidOnce{ns: ns, auctionID: req.AuctionID, bidders: map[string]bool{}, nodes: map[string]bool{}, checked: map[*nats.Msg]checkedBid{}}
 	o.take = once.take
 	msgs, err := f.gather(ctx, protocol.AuctionSubject(ns), data, o)
 	if once.copies > 0 {
@@ -593,12 +593,16 @@ func (f *fleet) auction(ctx context.Context, ns, typ string, tags map[string]str
 			bad = append(bad, err)
 			continue
 		}
-		var b protocol.AuctionResponse
-		if err := protocol.Decode(m.Data, &b); err != nil {
-			bad = append(bad, err)
-			continue
+		c, ok := once.checked[m] // decoded and verified as it came (bidOnce)
+		if !ok {
+			if err := protocol.Decode(m.Data, &c.bid); err != nil {
+				bad = append(bad, err)
+				continue
+			}
+			c.err = protocol.VerifyBid(ns, req.AuctionID, c.bid)
 		}
-		switch err := protocol.VerifyBid(ns, req.AuctionID, b); {
+		b := c.bid
+		switch err := c.err; {
 		case err == nil && f.trusted != nil && !f.trusted[b.NodeID]:
 			bad = append(bad, fmt.Errorf("bid refused from %s: node %s is not in trusted_nodes", bidLabel(b), b.NodeID))
 			continue
@@ -630,6 +634,14 @@ type bidOnce struct {
 	ns, auctionID  string
 	bidders, nodes map[string]bool
 	copies         int
+	// checked holds each bid taken, decoded, with its signature's check (VerifyBid),
+	// so that auction neither decodes nor verifies it again.
+	checked map[*nats.Msg]checkedBid
+}
+
+type checkedBid struct {
+	bid protocol.AuctionResponse
+	err error
 }
 
 // take says whether m is taken: false for a copy. A reply that is no bid, or whose
@@ -639,7 +651,8 @@ func (o *bidOnce) take(m *nats.Msg) bool {
 	if replyError(m) != nil || protocol.Decode(m.Data, &b) != nil {
 		return true
 	}
-	signed := protocol.VerifyBid(o.ns, o.auctionID, b) == nil
+	verr := protocol.VerifyBid(o.ns, o.auctionID, b)
+	signed := verr == nil
 	if o.bidders[b.BidderID] || (signed && o.nodes[b.NodeID]) {
 		o.copies++
 		return false
@@ -648,6 +661,7 @@ func (o *bidOnce) take(m *nats.Msg) bool {
 	if signed {
 		o.nodes[b.NodeID] = true
 	}
+	o.checked[m] = checkedBid{bid: b, err: verr}
 	return true
 }
 
