@@ -242,7 +242,7 @@ func (f *fleet) askNode(ctx context.Context, id, subject string, v any, head nat
 		case err != nil && nobody:
 			return nil, false, nil
 		case err != nil:
-			return nil, true, fmt.Errorf("no reply on %s within %s: %w", subject, f.first, nats.ErrTimeout)
+			return nil, true, fmt.Errorf("no reply on %s within %s%s: %w", subject, f.first, droppedNote(sub), nats.ErrTimeout)
 		}
 		a, cerr := f.checkNodeAnswer(r, subject, nonce, id)
 		switch {

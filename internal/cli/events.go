@@ -182,7 +182,7 @@ func (a *app) readStream(ctx context.Context, stream *scatter.Replies, what stri
 			return n, nil // the wait is over, or interrupted
 		}
 		if d := stream.Dropped(); d > lost {
-			a.warnf("%d %s dropped: their output fell %d MiB behind", d-lost, what, scatter.StreamPendingBytes>>20)
+			a.warnf("%d %s dropped: their output fell %d MiB or %d of them behind", d-lost, what, scatter.StreamPendingBytes>>20, scatter.StreamPendingMsgs)
 			lost = d
 		}
 		n++

@@ -764,9 +764,9 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 			return r, fmt.Errorf("%w: the workload may have started there, so no other node is tried; "+
 				"'nexctl workload list' shows it once nexctl can connect again", f.closedLink("the node's answer", sent))
 		case err != nil && watch && time.Now().Before(deadline):
-			return r, f.silentNode(sent, heard)
+			return r, fmt.Errorf("%w%s", f.silentNode(sent, heard), droppedNote(sub))
 		case err != nil:
-			return r, fmt.Errorf("%w after %s", errDeployTimeout, time.Since(sent).Round(time.Second))
+			return r, fmt.Errorf("%w after %s%s", errDeployTimeout, time.Since(sent).Round(time.Second), droppedNote(sub))
 		}
 		if signer != "" {
 			a, verr := f.verifyAnswer(m, subject, nonce)
@@ -815,6 +815,18 @@ func (f *fleet) deploy(ctx context.Context, bidderID string, req protocol.StartW
 		return r, err
 	}
 	return r, nil
+}
+
+// droppedNote is what an error of a wait on sub adds when replies to it were dropped
+// unread (scatter.Subscribe's bound): the answer waited for may be among them, and
+// whoever sees a request may flood its inbox.
+func droppedNote(sub *scatter.Replies) string {
+	n := sub.Dropped()
+	if n == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; %d repl(ies) to it were dropped unread, past %d MiB waiting (someone floods the reply inbox?): the answer may have been among them",
+		n, scatter.ReplyPendingBytes>>20)
 }
 
 // silentNode is the error for a node that stopped answering a deploy (or never
@@ -1212,10 +1224,10 @@ func (f *fleet) stopWorkload(ctx context.Context, ns, id string, wait bool, hold
 		}
 	}
 	if stopping && ret.Message == protocol.ErrTextWorkloadNotFound {
-		ret.Message = fmt.Sprintf("still stopping: the node did not answer within %s", answerWait)
+		ret.Message = fmt.Sprintf("still stopping: the node did not answer within %s%s", answerWait, droppedNote(sub))
 	}
 	if !stopping && holder != "" && !heardHolder && !anonymous && ret.Message == protocol.ErrTextWorkloadNotFound {
-		ret.Message = fmt.Sprintf("node %s, which held it, did not answer the stop within %s (nor did any other node stop it)", holder, f.first)
+		ret.Message = fmt.Sprintf("node %s, which held it, did not answer the stop within %s (nor did any other node stop it)%s", holder, f.first, droppedNote(sub))
 	}
 	return ret, stopping, errors.Join(errs...)
 }
@@ -1358,7 +1370,7 @@ func (f *fleet) cloneFrom(ctx context.Context, id string, data []byte, holder st
 		case err != nil && ctx.Err() != nil:
 			return out, "", ctx.Err()
 		case err != nil:
-			return out, "", fmt.Errorf("workload %s: node %s, which holds it, did not answer its clone within %s", id, holder, f.first)
+			return out, "", fmt.Errorf("workload %s: node %s, which holds it, did not answer its clone within %s%s", id, holder, f.first, droppedNote(sub))
 		}
 		a, verr := f.verifyAnswer(m, subject, nonce)
 		if verr == nil && a.node != holder {

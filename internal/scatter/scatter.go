@@ -156,11 +156,10 @@ func Gather(ctx context.Context, nc *nats.Conn, subject string, data []byte, o O
 }
 
 // Replies is a subscription for the replies to one request, read with Next. They wait
-// in the subscription's own list, which grows with them and is unbounded (pending
-// limits off: a large fleet's burst is never dropped for a slow reader); its handler
-// hands them over one at a time. A sync subscription (nc.SubscribeSync) instead
-// allocates a channel of 64Ki slots (512 KB) on every call, and drops replies past
-// them, its first overflow (ErrSlowConsumer) read as the end.
+// in the subscription's own list, which grows with them up to its bound (ReplyPendingBytes
+// for Subscribe), and its handler hands them over one at a time. A sync subscription
+// (nc.SubscribeSync) instead allocates a channel of 64Ki slots (512 KB) on every call,
+// and drops replies past them, its first overflow (ErrSlowConsumer) read as the end.
 type Replies struct {
 	sub     *nats.Subscription
 	next    chan *nats.Msg
@@ -172,14 +171,34 @@ type Replies struct {
 // ErrClosed is Next's error once the subscription ended (the connection closed).
 var ErrClosed = errors.New("reply subscription closed")
 
-// Subscribe subscribes to subject (a reply inbox) for Next; Close ends it.
+// Subscribe subscribes to subject (a reply inbox) for Next; Close ends it. What waits
+// unread is bounded (ReplyPendingBytes, and a count of replies): past it replies are
+// dropped (Dropped counts them). Before, the list was unbounded: a reply inbox is seen
+// by whoever sees the request, and a flood of answers that cost the reader more to
+// check than the sender to send (a signature over 1 MB) piled up in it (187 MiB after
+// 15 s of one rogue's flood on a deploy, growing for as long as the deploy waited).
 func Subscribe(nc *nats.Conn, subject string) (*Replies, error) {
-	return subscribe(nc, subject, -1)
+	return subscribe(nc, subject, ReplyPendingBytes)
 }
 
-// StreamPendingBytes bounds what a Stream holds unread: past it the newest messages are
-// dropped (Dropped counts them) and the stream goes on.
+// ReplyPendingBytes bounds what a Subscribe holds unread: as large as the largest
+// max_payload a NATS server allows, so one reply that waits alone is never dropped.
+const ReplyPendingBytes = 64 << 20
+
+// heldReplyCost is what a message waiting unread costs beyond what nats.go counts of
+// it (data and headers): its Msg and subject, about 100 bytes for an empty one. The
+// count of messages waiting is bounded by a pending byte bound over this, so a flood
+// of empty messages, which nats.go counts as 0 bytes, is bounded too: before, 3
+// million empty log lines sent to a stalled logs -f all waited (live heap 297 MiB).
+const heldReplyCost = 256
+
+// StreamPendingBytes bounds what a Stream holds unread (with a count of messages, see
+// heldReplyCost): past it the newest messages are dropped (Dropped counts them) and the
+// stream goes on.
 const StreamPendingBytes = 64 << 20
+
+// StreamPendingMsgs is the count of messages a Stream holds unread at most.
+const StreamPendingMsgs = StreamPendingBytes / heldReplyCost
 
 // Stream subscribes to subject, a feed read for as long as the caller likes (nexctl's
 // logs -f and events), for Next; Close ends it. As with Subscribe, what waits goes in
@@ -214,7 +233,11 @@ func subscribe(nc *nats.Conn, subject string, pendingBytes int) (*Replies, error
 	// without calling it.
 	sub.SetClosedHandler(func(string) { close(r.ended) })
 	r.waitEnd = sub.IsValid()
-	_ = sub.SetPendingLimits(-1, pendingBytes)
+	msgs := -1
+	if pendingBytes > 0 {
+		msgs = max(pendingBytes/heldReplyCost, 1)
+	}
+	_ = sub.SetPendingLimits(msgs, pendingBytes)
 	r.sub = sub
 	return r, nil
 }

@@ -324,16 +324,7 @@ func TestStreamBoundDropsAndGoesOn(t *testing.T) {
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	read := 0
-	for {
-		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
-		_, err := r.Next(ctx)
-		cancel()
-		if err != nil {
-			break
-		}
-		read++
-	}
+	read := readAll(t, r)
 	t.Logf("1000 messages of 1 KiB while the reader stalled: %d read, %d dropped", read, r.Dropped())
 	if read == 0 || read+r.Dropped() != 1000 || read > 101 {
 		t.Errorf("%d read, %d dropped of 1000 past a 100 KiB bound", read, r.Dropped())
@@ -394,3 +385,82 @@ func TestGatherBounded(t *testing.T) {
 // short for a -race responder on a loaded 2-core host (TestRepliesBurstLosesNoReply,
 // "nats: timeout", in a fresh-clone CI at load 45).
 const burstFlush = time.Minute
+
+// TestRepliesBoundedUnderFlood: a reply inbox is seen by whoever sees the request, and
+// its reader may fall behind a flood of answers that cost it more to check than they
+// cost to send (a signature over 1 MB each). Here the reader stalls while 100 answers
+// of 1 MB and then 400,000 empty ones come. Before, Subscribe's list had no bound and
+// held them all (100 MB, then 300,000 messages); now it holds at most
+// ReplyPendingBytes, and a count of messages (an empty one counts 0 bytes in nats.go),
+// drops the rest, counted, and the answer sent after the flood is still read.
+func TestRepliesBoundedUnderFlood(t *testing.T) {
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	pub := testnats.Connect(t, s)
+	inbox := nc.NewInbox()
+	r, err := Subscribe(nc, inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	big := make([]byte, 1000_000)
+	const bigs, empties = 100, 300_000
+	for range bigs {
+		if err := pub.Publish(inbox, big); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range empties {
+		if err := pub.Publish(inbox, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := pub.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// The server queues nc's PONG behind pub's messages: all are delivered or dropped
+	// once nc's flush returns. One of them waits in the handler, not in the list.
+	if err := nc.FlushTimeout(time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	msgs, bytes, err := r.sub.MaxPending()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d answers of 1 MB and %d empty ones to a stalled reader: at most %d messages, %d MiB waited; %d dropped",
+		bigs, empties, msgs, bytes>>20, r.Dropped())
+	// nats.go counts the message it then drops in its maximum: one over the bound.
+	if bytes > ReplyPendingBytes+len(big) || msgs > ReplyPendingBytes/heldReplyCost+1 {
+		t.Errorf("%d messages, %d MiB waited unread; want at most %d and %d MiB", msgs, bytes>>20, ReplyPendingBytes/heldReplyCost, ReplyPendingBytes>>20)
+	}
+	if r.Dropped() == 0 {
+		t.Error("nothing dropped past the bound")
+	}
+	// The reader catches up and reads what comes after the flood.
+	readAll(t, r)
+	if err := pub.Publish(inbox, []byte("answer")); err != nil {
+		t.Fatal(err)
+	}
+	m, err := r.Next(t.Context())
+	if err != nil || string(m.Data) != "answer" {
+		t.Fatalf("after the flood: %v, %v", m, err)
+	}
+}
+
+// readAll reads r until nothing comes for a second, and returns how many it read.
+func readAll(t *testing.T, r *Replies) int {
+	t.Helper()
+	read := 0
+	for {
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		_, err := r.Next(ctx)
+		cancel()
+		if err != nil {
+			return read
+		}
+		read++
+	}
+}
