@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
@@ -197,7 +199,18 @@ func (a *app) printEvent(w io.Writer, m *nats.Msg, now time.Time) error {
 	from := protocol.Token(m.Subject, 2)
 	if a.json {
 		raw := json.RawMessage(m.Data)
-		if !json.Valid(raw) {
+		if !utf8.Valid(raw) {
+			// json.Valid takes bytes that are not UTF-8, and they went out as they
+			// came (a lone 0x9b is CSI to a terminal in an 8-bit locale): decoded and
+			// encoded again, they are U+FFFD.
+			var v any
+			d := json.NewDecoder(bytes.NewReader(raw))
+			d.UseNumber()
+			if d.Decode(&v) == nil && !d.More() {
+				raw, _ = json.Marshal(v)
+			}
+		}
+		if !json.Valid(raw) || !utf8.Valid(raw) {
 			b, _ := json.Marshal(string(m.Data))
 			raw = b
 		}

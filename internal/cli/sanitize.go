@@ -4,19 +4,23 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"unicode/utf8"
 )
 
 // sanitizer is how nexctl writes everything it prints: names, log lines and error
 // messages come from the network (a workload named "\x1b[31m..." must not drive the
 // operator's terminal), so control characters other than newline and tab are shown
-// escaped (\x1b, \u009b) instead of being written.
+// escaped (\x1b, \u007f, \u009b) instead of being written. DEL and the C1 controls are
+// written as JSON escapes, which say the same inside a --json string (json.Marshal
+// writes both raw, and C0 controls escaped): before, DEL became \x7f, which is no JSON,
+// and `logs --json` printed lines a JSON reader refused.
 type sanitizer struct{ w io.Writer }
 
 func (s sanitizer) Write(p []byte) (int, error) {
 	clean := true
-	for i := 0; i < len(p); i++ {
-		if isControl(p, i) {
-			clean = false
+	for _, b := range p {
+		if b < 0x20 && b != '\n' && b != '\t' || b >= 0x7f {
+			clean = false // a control, or UTF-8 to look at rune by rune
 			break
 		}
 	}
@@ -24,36 +28,26 @@ func (s sanitizer) Write(p []byte) (int, error) {
 		return s.w.Write(p)
 	}
 	out := make([]byte, 0, len(p)+16)
-	for i := 0; i < len(p); i++ {
+	for i := 0; i < len(p); {
+		r, n := utf8.DecodeRune(p[i:])
 		switch {
-		case p[i] == 0xc2 && i+1 < len(p) && p[i+1] >= 0x80 && p[i+1] <= 0x9f:
-			out = fmt.Appendf(out, `\u%04x`, p[i+1])
-			i++
-		case isControl(p, i):
+		case r == utf8.RuneError && n == 1 && p[i] >= 0x80 && p[i] <= 0x9f:
+			// A byte of no UTF-8 sequence that a terminal in an 8-bit locale obeys as
+			// a C1 control (0x9b is CSI, ESC [): before, it went through as it came.
 			out = fmt.Appendf(out, `\x%02x`, p[i])
+		case r < 0x20 && r != '\n' && r != '\t':
+			out = fmt.Appendf(out, `\x%02x`, r)
+		case r >= 0x7f && r <= 0x9f:
+			out = fmt.Appendf(out, `\u%04x`, r)
 		default:
-			out = append(out, p[i])
+			out = append(out, p[i:i+n]...)
 		}
+		i += n
 	}
 	if _, err := s.w.Write(out); err != nil {
 		return 0, err
 	}
 	return len(p), nil
-}
-
-// isControl: a C0 control byte other than \n and \t, DEL, or the UTF-8 form of a C1
-// control (U+0080-U+009F, which some terminals obey like ESC sequences).
-func isControl(p []byte, i int) bool {
-	b := p[i]
-	switch {
-	case b == '\n' || b == '\t':
-		return false
-	case b < 0x20 || b == 0x7f:
-		return true
-	case b == 0xc2 && i+1 < len(p) && p[i+1] >= 0x80 && p[i+1] <= 0x9f:
-		return true
-	}
-	return false
 }
 
 // terminal is the writer under w's sanitizer: for the control sequences nexctl itself
