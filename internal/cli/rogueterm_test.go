@@ -26,7 +26,9 @@ func followFeed(t *testing.T, url string, publish func([]byte) error, args ...st
 	var out, errb testkit.Buffer
 	ctx, cancel := context.WithCancel(t.Context())
 	exited := make(chan int, 1)
-	go func() { exited <- Main(ctx, natsArgs(url, args...), IO{Stdout: &out, Stderr: &errb, Env: func(string) string { return "" }}) }()
+	go func() {
+		exited <- Main(ctx, natsArgs(url, args...), IO{Stdout: &out, Stderr: &errb, Env: func(string) string { return "" }})
+	}()
 	defer func() { cancel(); <-exited }()
 	seen := func(marker string) bool {
 		return testkit.WaitFor(30*time.Second, func() bool {
