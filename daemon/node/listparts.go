@@ -28,28 +28,37 @@ const defaultListMemory = 4 * maxListBytes
 // count is one): the bound per answer alone let N lists at once hold N times it, and
 // a rogue nexlet answering each with 64 MiB of parts grew the node by 64 MiB a list
 // (TestAttackRogueNexletListMemory). A nexlet's answers together may hold a quarter of
-// the whole (its share, which also bounds one answer), and those to one tenant
-// namespace's lists half of that, so that neither a rogue nexlet nor one tenant's
-// flood of lists takes what the other nexlets' and namespaces' answers need.
+// the whole (its share, which also bounds one answer), so that a rogue nexlet does not
+// take what the other nexlets' answers need. The answers to tenant namespaces' lists
+// together may hold half of a nexlet's share and half of the whole, one namespace's a
+// quarter of the share: the other half of each is kept for the system namespace's
+// lists (the drain's, a shutdown's stop-all, the replay's, the control socket's), which
+// however many tenants flood their lists still get each nexlet's answer
+// (TestAttackTenantFloodsStarveSystemList), and one tenant's flood does not take what
+// the other tenants' lists need.
 type listBudget struct {
-	total, share, nsShare int64
-	log                   *slog.Logger
-	warned                rateLog
+	total, share        int64
+	tenants, tenantsAll int64 // tenant namespaces' answers together: of one nexlet, of all
+	nsShare             int64 // one tenant namespace's answers of one nexlet
+	log                 *slog.Logger
+	warned              rateLog
 
-	mu        sync.Mutex
-	held      int64
-	byNexlet  map[string]int64
-	byNS      map[nexletNS]int64
-	refused   atomic.Uint64 // answers refused for want of budget
-	maxHeldAt atomic.Int64  // the most held at once since the start
+	mu         sync.Mutex
+	held       int64
+	heldTenant int64 // of held, answers to tenant namespaces' lists
+	byNexlet   map[string]int64
+	byTenants  map[string]int64 // by nexlet, its answers to tenant namespaces' lists
+	byNS       map[nexletNS]int64
+	refused    atomic.Uint64 // answers refused for want of budget
+	maxHeldAt  atomic.Int64  // the most held at once since the start
 }
 
 type nexletNS struct{ nexlet, ns string }
 
 func newListBudget(total int64, log *slog.Logger) *listBudget {
 	share := min(total/4, maxListBytes)
-	return &listBudget{total: total, share: share, nsShare: share / 2, log: log,
-		byNexlet: map[string]int64{}, byNS: map[nexletNS]int64{}}
+	return &listBudget{total: total, share: share, tenants: share / 2, tenantsAll: total / 2, nsShare: share / 4, log: log,
+		byNexlet: map[string]int64{}, byTenants: map[string]int64{}, byNS: map[nexletNS]int64{}}
 }
 
 // take charges size bytes of nexlet's answer to a list of namespace ns, or says why
@@ -58,12 +67,17 @@ func (b *listBudget) take(nexlet, ns string, size int64) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	k := nexletNS{nexlet, ns}
+	tenant := ns != protocol.SystemNamespace
 	var err error
 	switch {
 	case b.byNexlet[nexlet]+size > b.share:
 		err = fmt.Errorf("this nexlet's answers to the lists under way would hold more than %d bytes of the node's memory at once, its share", b.share)
-	case ns != protocol.SystemNamespace && b.byNS[k]+size > b.nsShare:
-		err = fmt.Errorf("this nexlet's answers to the lists of namespace %s under way would hold more than %d bytes of the node's memory at once, half its share", ns, b.nsShare)
+	case tenant && b.byNS[k]+size > b.nsShare:
+		err = fmt.Errorf("this nexlet's answers to the lists of namespace %s under way would hold more than %d bytes of the node's memory at once, a quarter of its share", ns, b.nsShare)
+	case tenant && b.byTenants[nexlet]+size > b.tenants:
+		err = fmt.Errorf("this nexlet's answers to the tenant namespaces' lists under way would hold more than %d bytes of the node's memory at once, half its share (the rest is the system namespace's)", b.tenants)
+	case tenant && b.heldTenant+size > b.tenantsAll:
+		err = fmt.Errorf("the answers to the tenant namespaces' lists under way would hold more than %d bytes of the node's memory at once, half its bound for lists (the rest is the system namespace's)", b.tenantsAll)
 	case b.held+size > b.total:
 		err = fmt.Errorf("the answers to the lists under way would hold more than %d bytes of the node's memory at once, its bound for lists", b.total)
 	}
@@ -73,6 +87,10 @@ func (b *listBudget) take(nexlet, ns string, size int64) error {
 	b.held += size
 	b.byNexlet[nexlet] += size
 	b.byNS[k] += size
+	if tenant {
+		b.heldTenant += size
+		b.byTenants[nexlet] += size
+	}
 	if b.held > b.maxHeldAt.Load() {
 		b.maxHeldAt.Store(b.held)
 	}
@@ -90,6 +108,12 @@ func (b *listBudget) give(nexlet, ns string, size int64) {
 	}
 	if b.byNS[k] -= size; b.byNS[k] <= 0 {
 		delete(b.byNS, k)
+	}
+	if ns != protocol.SystemNamespace {
+		b.heldTenant -= size
+		if b.byTenants[nexlet] -= size; b.byTenants[nexlet] <= 0 {
+			delete(b.byTenants, nexlet)
+		}
 	}
 }
 
