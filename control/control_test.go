@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -21,6 +22,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
 
@@ -36,6 +38,11 @@ type testBackend struct {
 	follow   chan LogLine
 	reg      *prometheus.Registry
 	partial  *PartialList // Workloads answers partial when set
+	// listGate, when set, holds each Workloads call until it is closed; lists counts
+	// the calls under way and the most at once.
+	listGate chan struct{}
+	lists    struct{ now, most, calls int }
+	rows     int // Workloads answers this many rows when set
 }
 
 func newTestBackend() *testBackend {
@@ -87,7 +94,26 @@ func (b *testBackend) RestartNexlet(ctx context.Context, name string) error {
 
 func (b *testBackend) Workloads(ctx context.Context) ([]Workload, error) {
 	b.mu.Lock()
+	b.lists.now++
+	b.lists.calls++
+	b.lists.most = max(b.lists.most, b.lists.now)
+	b.mu.Unlock()
+	if b.listGate != nil {
+		select {
+		case <-b.listGate:
+		case <-ctx.Done():
+		}
+	}
+	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.lists.now--
+	if b.rows > 0 {
+		ws := make([]Workload, b.rows)
+		for i := range ws {
+			ws[i] = Workload{ID: fmt.Sprintf("W%07d", i), Name: "web", Namespace: "tenant", State: "running"}
+		}
+		return ws, nil
+	}
 	if b.partial != nil {
 		return []Workload{{ID: "W1", Name: "web"}}, b.partial
 	}
@@ -520,5 +546,82 @@ func TestWorkloadsPartial(t *testing.T) {
 	}
 	if want := "the node listed only part of its workloads; missing those of nexlet echo-a (AECHO): no answer within 2s"; err.Error() != want {
 		t.Errorf("error %q, want %q", err, want)
+	}
+}
+
+// TestAdminListsWaitTheirTurn: each workload list asks every nexlet for its whole list
+// and holds the rows until written, and admins may hold up to MaxConns connections:
+// that many lists at once were answered at once, the node's memory growing with them.
+// Now MaxLists are answered at once and the others wait their turn: with three times
+// as many asked at once, the backend is asked MaxLists times until they end, and every
+// list is answered.
+func TestAdminListsWaitTheirTurn(t *testing.T) {
+	var log testkit.Buffer
+	b := newTestBackend()
+	b.listGate = make(chan struct{})
+	_, c := startServer(t, b, ServerOptions{Logger: slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	const asked = 3 * MaxLists
+	errs := make(chan error, asked)
+	for range asked {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			_, err := c.Workloads(ctx)
+			errs <- err
+		}()
+	}
+	calls := func() int {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.lists.calls
+	}
+	waiting := func() int { return strings.Count(log.String(), "a workload list waits its turn") }
+	// Every list asked either with the backend or waiting for its turn (or, before,
+	// more with the backend than the bound).
+	testkit.Eventually(t, "every list with the backend or waiting its turn", func() bool {
+		return calls() > MaxLists || calls() == MaxLists && waiting() == asked-MaxLists
+	})
+	if n := calls(); n != MaxLists {
+		t.Errorf("%d lists asked of the backend at once, want %d (MaxLists)", n, MaxLists)
+	}
+	close(b.listGate)
+	for range asked {
+		if err := <-errs; err != nil {
+			t.Errorf("a list: %v", err)
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.lists.calls != asked || b.lists.most > MaxLists {
+		t.Errorf("the backend was asked %d lists, at most %d at once; want %d, at most %d", b.lists.calls, b.lists.most, asked, MaxLists)
+	}
+}
+
+// TestAdminListNeverReadKeepsNoTurn: an admin's writes have no deadline, so a client
+// that asked for a list and never reads the answer would hold its turn for good and, with
+// MaxLists of them, every admin's list would wait. Each write of a list's answer is
+// bounded by the request bound instead (a client that reads, however slowly, is served):
+// the next list is answered.
+func TestAdminListNeverReadKeepsNoTurn(t *testing.T) {
+	b := newTestBackend()
+	b.rows = 20000 // an answer of about 2 MB, more than the socket's buffers take
+	s, c := startServer(t, b, ServerOptions{MaxLists: 1, ReadTimeout: 2 * time.Second})
+	conn, err := net.Dial("unix", s.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("GET /v1/workloads HTTP/1.1\r\nHost: nexd\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the unread list asked of the backend", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.lists.calls == 1
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if ws, err := c.Workloads(ctx); err != nil || len(ws) != b.rows {
+		t.Fatalf("a list while another's answer is never read: %d rows, %v; want %d", len(ws), err, b.rows)
 	}
 }

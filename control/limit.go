@@ -23,6 +23,11 @@ const (
 	// MaxHeaderBytes bounds a request's headers (nexctl sends a few hundred bytes;
 	// net/http allows 4 KiB more).
 	MaxHeaderBytes = 16 << 10
+	// MaxLists bounds the workload lists (GET /v1/workloads, admins only) the socket
+	// answers at once; the others wait their turn. Each asks every nexlet for its whole
+	// list and holds the rows until they are written: up to MaxConns admin connections
+	// held that many lists at once.
+	MaxLists = 4
 )
 
 // limitListener admits connections within the limits and tags each with its peer.

@@ -48,6 +48,8 @@ func runHelper(op, socket string) int {
 		_, err = c.Reload(ctx)
 	case "secrets":
 		_, err = c.ListSecrets(ctx, "default")
+	case "workloads":
+		_, err = c.Workloads(ctx)
 	case "hold", "pin":
 		return holdConns(op, socket)
 	case "bigheader":
@@ -153,12 +155,12 @@ func TestPeerCredentials(t *testing.T) {
 		want   map[string]string
 	}{
 		{"others may read status", AllowStatus, nil,
-			map[string]string{"status": "ok", "reload": "status 403", "secrets": "status 403"}},
+			map[string]string{"status": "ok", "reload": "status 403", "secrets": "status 403", "workloads": "status 403"}},
 		{"others may do nothing", AllowNone, nil,
 			// With mode 0660 the kernel already refuses the connect.
 			map[string]string{"status": "permission denied"}},
 		{"supplementary group member may do everything", AllowNone, []uint32{tgid},
-			map[string]string{"status": "ok", "reload": "ok", "secrets": "ok"}},
+			map[string]string{"status": "ok", "reload": "ok", "secrets": "ok", "workloads": "ok"}},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

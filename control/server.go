@@ -51,6 +51,8 @@ type ServerOptions struct {
 	// MaxConns bounds the open connections of each class together: admins, workloads
 	// (WorkloadUIDs), other local users (default MaxConns); tests shrink it.
 	MaxConns int
+	// MaxLists bounds the workload lists answered at once (default MaxLists).
+	MaxLists int
 	// WorkloadUIDs is the dynamic uid range workloads run as (workload_uid_range,
 	// MIN and MAX), zero when none: their connections share a bound of their own, so
 	// a tenant's many workloads cannot keep other local users out.
@@ -73,6 +75,7 @@ type Server struct {
 
 	maxConns, maxPerUser int
 	readTimeout          time.Duration
+	lists                chan struct{} // a turn for each workload list answered now (MaxLists)
 
 	baseCtx    context.Context
 	baseCancel context.CancelFunc
@@ -159,6 +162,11 @@ func Listen(path string, opts ServerOptions) (*Server, error) {
 		readTimeout = opts.ReadTimeout
 	}
 	s.readTimeout = readTimeout
+	maxLists := MaxLists
+	if opts.MaxLists > 0 {
+		maxLists = opts.MaxLists
+	}
+	s.lists = make(chan struct{}, maxLists)
 	s.routes()
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 	s.follows, s.endFollows = context.WithCancel(context.Background())
@@ -361,6 +369,45 @@ func (s *Server) isAdmin(p Peer) bool {
 	return p.UID == 0 || int(p.UID) == os.Geteuid() || (s.hasGroup && p.inGroup(s.groupGID))
 }
 
+// deadlineWriter bounds each write of an answer to a client that must not hold it
+// unread (a non-admin's connection does so for all its writes): a client that reads
+// slowly is served, one that stops reading for the bound is cut off.
+type deadlineWriter struct {
+	http.ResponseWriter
+	rc    *http.ResponseController
+	bound time.Duration
+}
+
+func newDeadlineWriter(w http.ResponseWriter, bound time.Duration) *deadlineWriter {
+	return &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), bound: bound}
+}
+
+// deadlineChunk: net/http writes through a 4 KiB buffer, so the deadline set before a
+// chunk bounds that chunk's writes to the connection.
+const deadlineChunk = 64 << 10
+
+func (d *deadlineWriter) Write(b []byte) (int, error) {
+	n := 0
+	for len(b) > 0 {
+		_ = d.rc.SetWriteDeadline(time.Now().Add(d.bound))
+		k, err := d.ResponseWriter.Write(b[:min(len(b), deadlineChunk)])
+		n += k
+		if err != nil {
+			return n, err
+		}
+		b = b[k:]
+	}
+	return n, nil
+}
+
+// done writes out what is buffered, within the bound, and lifts the deadline for the
+// connection's next request.
+func (d *deadlineWriter) done() {
+	_ = d.rc.SetWriteDeadline(time.Now().Add(d.bound))
+	_ = d.rc.Flush()
+	_ = d.rc.SetWriteDeadline(time.Time{})
+}
+
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
@@ -509,7 +556,26 @@ func (s *Server) handleRestartNexlet(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleWorkloads(w http.ResponseWriter, r *http.Request) {
+	// A list asks every nexlet and holds its rows until written: the lists answered at
+	// once are bounded, the others wait their turn (TestAdminListsWaitTheirTurn).
+	select {
+	case s.lists <- struct{}{}:
+	default:
+		s.log.Debug("control: a workload list waits its turn", "lists_at_once", cap(s.lists))
+		select {
+		case s.lists <- struct{}{}:
+		case <-r.Context().Done():
+			writeError(w, http.StatusServiceUnavailable, "the workload list waited for its turn until the request ended")
+			return
+		}
+	}
+	defer func() { <-s.lists }()
 	ws, err := s.opts.Backend.Workloads(r.Context())
+	// An admin's writes have no deadline (a log follow waits on its reader); a client
+	// that stops reading this answer must not keep the turn.
+	dw := newDeadlineWriter(w, s.readTimeout)
+	defer dw.done()
+	w = dw
 	var partial *PartialList
 	if errors.As(err, &partial) {
 		b, _ := json.Marshal(partial)
