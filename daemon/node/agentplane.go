@@ -88,9 +88,6 @@ func (n *Node) CompileSchemas() {
 	}
 }
 
-// handleRegister serves $NEX.SVC.<node>.agent.REGISTER.<agentId>.
-func (n *Node) handleRegister(r micro.Request) { n.register(r, nil) }
-
 // register handles a registration that came over NATS (pair nil) or on the local
 // channel pair of a native nexlet's start. One on the channel is trusted no more than
 // one over NATS: the same checks, and it must be signed with the key of the start that
@@ -275,11 +272,12 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.dropAbandoned(agentID, lr)
 		return
 	}
-	if err := errors.Join(n.boundLocked(agentID, req.Name), n.bindsLocked(agentID, req.Name)); err != nil {
+	if code, err := n.nameFreeLocked(agentID, owner, key, req.Name, time.Now()); err != nil {
 		// Bound since nameFree by a registration of its holder that ran alongside,
-		// or its other registrations bound names meanwhile.
+		// or its other registrations bound names meanwhile, or taken by another
+		// nexlet's registration that ran alongside.
 		n.mu.Unlock()
-		n.refuseRegistration(r, 403, agentID, req, err)
+		n.refuseRegistration(r, code, agentID, req, err)
 		return
 	}
 	if err := n.idFreeLocked(agentID, owner, key, time.Now()); err != nil {
@@ -607,12 +605,15 @@ func (n *Node) idFreeLocked(agentID, owner, key string, now time.Time) error {
 // the same nexlet (same agent id; a remote one signed with its listed key, also under
 // the new id RREGISTER handed it) or a successor of an offline one may take it.
 func (n *Node) nameFree(agentID, owner, key, name string) (int, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.nameFreeLocked(agentID, owner, key, name, time.Now())
+}
+
+func (n *Node) nameFreeLocked(agentID, owner, key, name string, now time.Time) (int, error) {
 	if name == "" {
 		return 0, nil
 	}
-	now := time.Now()
-	n.mu.Lock()
-	defer n.mu.Unlock()
 	if err := errors.Join(n.boundLocked(agentID, name), n.bindsLocked(agentID, name)); err != nil {
 		return 403, err
 	}

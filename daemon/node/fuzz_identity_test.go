@@ -77,7 +77,7 @@ func FuzzRegistrationAndRenewal(f *testing.F) {
 			hdr[protocol.HeaderRegistrationSig] = []string{base64.StdEncoding.EncodeToString(sig)}
 		}
 		r := &hdrReq{recReq: recReq{t: t, subject: subj, data: data}, hdr: hdr}
-		n.handleRegister(r)
+		n.register(r, nil) // handleRegister's work, without its goroutine: r is answered here
 		if r.replies > 1 {
 			t.Fatalf("register: %d replies", r.replies)
 		}

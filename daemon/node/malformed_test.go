@@ -187,7 +187,8 @@ func FuzzHandlers(f *testing.F) {
 		{protocol.UndeploySubject("tenant", "W1"), n.handleUndeploy},
 		{protocol.CloneSubject("tenant", "W1"), n.handleClone},
 		{protocol.WPingSubject("tenant"), n.handleWPing},
-		{protocol.RegisterSubject(n.ID(), "fuzzagent"), n.handleRegister},
+		// handleRegister's work, without its goroutine: r is answered here.
+		{protocol.RegisterSubject(n.ID(), "fuzzagent"), func(r micro.Request) { n.register(r, nil) }},
 		{protocol.RemoteRegisterSubject("testnexus"), n.handleRemoteRegister},
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -315,6 +315,11 @@ type Node struct {
 	// or over NATS), which a successor of a nexlet that ended before it answered takes
 	// over (handOverStarts).
 	handableStarts map[string]*startCall
+	// regOrder orders the registrations of one nexlet and of one type over NATS
+	// (regorder.go); regTaken and regServing bound those taken and those served at once.
+	regOrder   regOrder
+	regTaken   chan struct{}
+	regServing chan struct{}
 	// regReads are the registrations reading node state, each collecting the deploys
 	// in flight from its read on (register).
 	regReads map[*regRead]struct{}
@@ -490,6 +495,8 @@ func New(o Options) (*Node, error) {
 		feeds:          feedGrace{byID: map[string]feedOwner{}, stops: map[string]time.Time{}},
 		handableStarts: map[string]*startCall{},
 		regReads:       map[*regRead]struct{}{},
+		regTaken:       make(chan struct{}, regTaken),
+		regServing:     make(chan struct{}, regServing),
 		changed:        make(chan struct{}),
 		slots:          make(chan struct{}, 64),
 		lists:          newListBudget(o.ListMemory, o.Logger.With("node_id", id)),
