@@ -56,6 +56,10 @@ type drainNode struct {
 	// on its way for a moment.
 	goneAt time.Time
 	tell   *drainTell
+	// killed are the workloads whose kill was counted: a stop event is not signed,
+	// and anyone who reads the feeds and publishes on them can send one again (each
+	// copy counted before: 4 killed on a node of 2 workloads).
+	killed map[string]bool
 }
 
 // drained is the outcome --wait reports: the node's own word when it gave one, else
@@ -302,7 +306,11 @@ func (a *app) watchDrain(ctx context.Context, f *fleet, nodes []*drainNode, owne
 		mu.Lock()
 		defer mu.Unlock()
 		for _, n := range nodes {
-			if owners[ev.ID] == n.ID {
+			if owners[ev.ID] == n.ID && !n.killed[ev.ID] {
+				if n.killed == nil {
+					n.killed = map[string]bool{}
+				}
+				n.killed[ev.ID] = true
 				n.Killed++
 			}
 		}

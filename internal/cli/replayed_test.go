@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -148,5 +149,55 @@ func TestAttackReplayedKeepAliveHoldsDeploy(t *testing.T) {
 	}
 	if !errors.Is(err, errOutcomeUnknown) {
 		t.Errorf("deploy to a node gone after one keep-alive, its keep-alive replayed: %v; want %v at the node's silence", err, errOutcomeUnknown)
+	}
+}
+
+// TestAttackReplayedKillEventsInflateDrain: a node drains two workloads, one killed at
+// the end of its stop grace; anyone who may read the feeds and publish on them (a
+// rogue node, anyone on an open bus) sends each WORKLOADSTOPPED event again, three
+// times. Before, `lameduck --wait` counted every copy of the kill: 4 workloads killed
+// on a node that held 2 (--json "killed": 4, "4 workload(s) ignored SIGTERM"); now each
+// workload's kill counts once.
+func TestAttackReplayedKillEventsInflateDrain(t *testing.T) {
+	t.Parallel()
+	s := testnats.Start(t, testnats.Options{NoJetStream: true})
+	nc := testnats.Connect(t, s)
+	def := "default"
+	n := newFakeNode(t, nc, "NKILLS", map[string]string{"zone": "k"})
+	n.drains, n.load, n.kills = true, 2, 1
+	n.workloads = []protocol.WorkloadSummary{{ID: "WK1", Name: "a", Namespace: &def, WorkloadType: "native"},
+		{ID: "WK2", Name: "b", Namespace: &def, WorkloadType: "native"}}
+	n.start()
+	rogue := testnats.Connect(t, s)
+	var copies atomic.Int64
+	if _, err := rogue.Subscribe(protocol.EventSubject("*", protocol.EventWorkloadStopped), func(m *nats.Msg) {
+		if m.Header.Get("Rogue-Copy") != "" {
+			return // its own
+		}
+		for range 3 {
+			if rogue.PublishMsg(&nats.Msg{Subject: m.Subject, Data: m.Data, Header: nats.Header{"Rogue-Copy": {"1"}}}) == nil {
+				copies.Add(1)
+			}
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rogue.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code := runCLI(t, nil, natsArgs(s.ClientURL(), "--json", "node", "lameduck", "--tag", "zone=k", "--delay", "300ms", "--wait")...)
+	t.Logf("exit %d, %d copies sent\n%s\n%s", code, copies.Load(), out, errOut)
+	if copies.Load() == 0 {
+		t.Fatal("the rogue sent no copy: the test tests nothing")
+	}
+	var res []struct {
+		Drained bool `json:"drained"`
+		Killed  int  `json:"killed"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res) != 1 {
+		t.Fatalf("json %v: %s", err, out)
+	}
+	if code != ExitFailed || !res[0].Drained || res[0].Killed != 1 || !strings.Contains(errOut, "1 workload(s) ignored SIGTERM") {
+		t.Errorf("exit %d, %+v; want exit %d, drained, 1 killed (of the node's 2 workloads, 1 killed)", code, res[0], ExitFailed)
 	}
 }
