@@ -371,6 +371,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 			return out, err
 		},
 	})
+	s.metrics.WatchNexletBounds(s.node)
 	return s, nil
 }
 

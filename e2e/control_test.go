@@ -40,6 +40,8 @@ func TestMetricsAndConcurrentStatus(t *testing.T) {
 		t.Fatalf("metrics do not parse: %v", err)
 	}
 	for _, name := range []string{"nexd_nats_reconnects_total", "nexd_auction_seconds", "nexd_deploy_seconds",
+		"nexd_nexlet_workload_renewals_dropped_total", "nexd_nexlet_user_renewals_dropped_total",
+		"nexd_nexlet_reregistrations_dropped_total", "nexd_nexlet_list_answers_refused_total",
 		"go_goroutines", "process_resident_memory_bytes"} {
 		if _, ok := families[name]; !ok {
 			t.Errorf("metric %s missing", name)

@@ -35,6 +35,7 @@ func TestContribUsesExportedMetrics(t *testing.T) {
 		Tombstones:       func() int { return 0 },
 		ReplylessDropped: func() uint64 { return 0 },
 	})
+	m.WatchNexletBounds(bounds{})
 	// Labelled series exist once something happened.
 	m.Reload(true)
 	m.NexletExit("native", true)

@@ -79,6 +79,31 @@ type Live struct {
 	ReplylessDropped func() uint64
 }
 
+// NexletBounds are the node's counts of nexlets' calls it dropped or refused by its
+// bounds on what one nexlet may cost it (*node.Node).
+type NexletBounds interface {
+	RenewalsDropped() uint64
+	AgentRenewalsDropped() uint64
+	ReregistrationsDropped() uint64
+	ListAnswersRefused() uint64
+}
+
+// WatchNexletBounds registers the counters of b. Call it once, with the node built.
+func (m *Metrics) WatchNexletBounds(b NexletBounds) {
+	r := m.reg
+	for _, c := range []struct {
+		name, help string
+		count      func() uint64
+	}{
+		{"nexd_nexlet_workload_renewals_dropped_total", "Renewals of workloads' NATS credentials dropped unanswered because a nexlet asked more than 100 a second (bursts of 1,000): a nexlet renews each workload once in 80 % of its credentials' lifetime, so any count is a nexlet gone wrong or rogue (an honest one whose renewal is dropped asks again within 30 s).", b.RenewalsDropped},
+		{"nexd_nexlet_user_renewals_dropped_total", "Nexlets' renewals of their own NATS user dropped unanswered past their bound (10 at once, 8 over the user's lifetime): each served one mints a user and revokes the older ones, a rewrite of the account JWT, so any count is a nexlet gone wrong or rogue.", b.AgentRenewalsDropped},
+		{"nexd_nexlet_reregistrations_dropped_total", "Registrations of a nexlet already registered with this node process dropped unanswered past the bound they share with its renewals of its own user: each served one mints a user for the nexlet and each workload handed back, so any count is a nexlet gone wrong or rogue.", b.ReregistrationsDropped},
+		{"nexd_nexlet_list_answers_refused_total", "Nexlets' answers to workload lists refused because the node's memory for the answers of all lists under way was taken (256 MiB; a nexlet's answers at most a quarter of it, its share; those to tenants' lists half of the share, the rest kept for the node's own lists): each such list came back partial, lacking that nexlet. A rogue nexlet answering lists with huge answers, or a flood of lists while a nexlet runs tens of thousands of workloads.", b.ListAnswersRefused},
+	} {
+		r.gaugeFunc(c.name, c.help, "counter", "", func() float64 { return float64(c.count()) })
+	}
+}
+
 // NexletHealth is one nexlet as the health metrics see it.
 type NexletHealth struct {
 	Name, State, Health string

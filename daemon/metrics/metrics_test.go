@@ -26,6 +26,14 @@ func (failingStore) Put(context.Context, string, string, protocol.StartWorkloadR
 	return errors.New("disk full")
 }
 
+// bounds are a node's counts of nexlets' calls dropped (NexletBounds), in its methods' order.
+type bounds [4]uint64
+
+func (b bounds) RenewalsDropped() uint64        { return b[0] }
+func (b bounds) AgentRenewalsDropped() uint64   { return b[1] }
+func (b bounds) ReregistrationsDropped() uint64 { return b[2] }
+func (b bounds) ListAnswersRefused() uint64     { return b[3] }
+
 // TestServedOverTCP feeds every kind of metric, scrapes the real listener on a free
 // port, and checks that Close ends Serve.
 func TestServedOverTCP(t *testing.T) {
@@ -48,6 +56,7 @@ func TestServedOverTCP(t *testing.T) {
 		Tombstones:       func() int { return 2 },
 		ReplylessDropped: func() uint64 { return 1200 },
 	})
+	m.WatchNexletBounds(bounds{31, 29, 90, 15})
 	m.Reload(true)
 	m.Reload(false)
 	m.NexletExit("native", true)
@@ -101,6 +110,10 @@ func TestServedOverTCP(t *testing.T) {
 		`nexd_nexlet_list_checks_failed_total{check="answers_extra"} 5`,
 		`nexd_state_tombstones 2`,
 		`nexd_requests_replyless_dropped_total 1200`,
+		`nexd_nexlet_workload_renewals_dropped_total 31`,
+		`nexd_nexlet_user_renewals_dropped_total 29`,
+		`nexd_nexlet_reregistrations_dropped_total 90`,
+		`nexd_nexlet_list_answers_refused_total 15`,
 		`nexd_nexlet_ends_unheard{nexlet="native"} 0`,
 		`nexd_nexlet_ends_unheard{nexlet="upstream"} 1`,
 	} {

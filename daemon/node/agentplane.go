@@ -529,7 +529,8 @@ func (n *Node) chargeReregistration(agentID, owner, key string) (charged, droppe
 	if old == nil || old.owner != owner || old.key != key || old.life <= 0 {
 		return false, false
 	}
-	ok := n.agentCallAllowed(old, "nexlet registrations dropped unanswered: it registered again more than it needs")
+	ok := n.agentCallAllowed(old, "nexlet registrations dropped unanswered: it registered again more than it needs",
+		&n.reregsDropped)
 	return ok, !ok
 }
 

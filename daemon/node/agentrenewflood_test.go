@@ -56,19 +56,21 @@ func floodSigned(t *testing.T, a *fakeAgent, subject string, count int, body fun
 	return answered
 }
 
-// TestAttackNexletRenewalFloodBounded: a rogue nexlet that signs (its start's key)
-// renews its own user again and again, each time for a fresh key, signed, from the
-// user its node minted for it on an operator-mode server. Each renewal the node takes
-// mints a nexlet user and, once the nexlet says it switched or AgentSwitchWait passed,
-// revokes the older ones: a rewrite of the account JWT each, whose revocations are
-// kept for the longest TTL and an hour, so the flood grows the JWT every revocation of
-// every tenant's stopped workload rewrites, until it no longer fits a NATS message.
-// Before, every renewal was served: 300 asks, 300 users minted. Now a nexlet's
-// renewals of its own user are served at most agentRenewBurst at once and
-// agentRenewsPerLife over the lifetime of the user the node minted it (its renewal at
-// 80 % of that lifetime, or half, with retries, needs far fewer); the rest are
-// dropped unanswered, and an honest nexlet's renewal is still served.
-func TestAttackNexletRenewalFloodBounded(t *testing.T) {
+// AttackNexletRenewalFlood is TestAttackNexletRenewalFloodBounded (in
+// dropmetrics_test.go, which then scrapes the metric of its drops), returning its node:
+// a rogue nexlet that signs (its start's key) renews its own user again and again, each
+// time for a fresh key, signed, from the user its node minted for it on an
+// operator-mode server. Each renewal the node takes mints a nexlet user and, once the
+// nexlet says it switched or AgentSwitchWait passed, revokes the older ones: a rewrite
+// of the account JWT each, whose revocations are kept for the longest TTL and an hour,
+// so the flood grows the JWT every revocation of every tenant's stopped workload
+// rewrites, until it no longer fits a NATS message. Before, every renewal was served:
+// 300 asks, 300 users minted. Now a nexlet's renewals of its own user are served at
+// most agentRenewBurst at once and agentRenewsPerLife over the lifetime of the user the
+// node minted it (its renewal at 80 % of that lifetime, or half, with retries, needs
+// far fewer); the rest are dropped unanswered, and an honest nexlet's renewal is still
+// served.
+func AttackNexletRenewalFlood(t *testing.T) *Node {
 	var cm *agentRenewalCounter
 	rf := newRogueFixtureMinting(t, mint.Options{AgentTTL: time.Hour}, func(o *Options) {
 		cm = &agentRenewalCounter{SigningKeyMinter: o.Minter.(*mint.SigningKeyMinter), rogue: "rogue0"}
@@ -98,4 +100,5 @@ func TestAttackNexletRenewalFloodBounded(t *testing.T) {
 	}
 	// The honest nexlet renews its own user.
 	rf.renewed(victim).Close()
+	return n
 }

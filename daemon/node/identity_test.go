@@ -225,7 +225,7 @@ func TestRogueNexletBindsNamesWithoutEnd(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	dropped := n.AgentRenewalsDropped()
+	dropped := n.ReregistrationsDropped()
 	t.Logf("%d new names tried (%d registering again, %d after restarts): %d taken, %d refused, %d dropped by the bound of registrations again, %d kept for the next run",
 		names, agentRenewBurst, names-1-agentRenewBurst, taken, refused, dropped, len(kept))
 	if taken != MaxBoundNames || refused != names-MaxBoundNames || len(kept) != MaxBoundNames || dropped != 0 {

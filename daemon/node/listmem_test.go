@@ -142,18 +142,19 @@ func peakRSS(reset bool) int64 {
 	return 0
 }
 
-// TestAttackRogueNexletListMemory: a rogue nexlet (its minted user, answering on its own
-// reply subjects) answers each of 16 lists one tenant asks at once, and one of another
-// tenant, with 6 MiB of parts and holds back the last. The node's heap is measured once
-// the node took in every part sent (counted), while every list is under way. Before,
-// the bound was 64 MiB per answer and each list held the rogue's 6 MiB: the heap grew
-// by about 100 MiB (16 + 1 lists), N times one answer. Now the node's memory for lists
-// (128 MiB here: a nexlet's share 32 MiB, one tenant namespace's quarter of it 8 MiB)
-// holds one tenant answer of the rogue and one of the other tenant, and refuses the
-// others as they come: the lists they belong to are marked partial, never whole. The
-// honest nexlet's answers are all taken: every list, the other tenant's too, has its
-// workload.
-func TestAttackRogueNexletListMemory(t *testing.T) {
+// AttackRogueNexletListMemory is TestAttackRogueNexletListMemory (in
+// dropmetrics_test.go, which then scrapes the metric of its drops), returning its node:
+// a rogue nexlet (its minted user, answering on its own reply subjects) answers each of
+// 16 lists one tenant asks at once, and one of another tenant, with 6 MiB of parts and
+// holds back the last. The node's heap is measured once the node took in every part
+// sent (counted), while every list is under way. Before, the bound was 64 MiB per
+// answer and each list held the rogue's 6 MiB: the heap grew by about 100 MiB (16 + 1
+// lists), N times one answer. Now the node's memory for lists (128 MiB here: a nexlet's
+// share 32 MiB, one tenant namespace's quarter of it 8 MiB) holds one tenant answer of
+// the rogue and one of the other tenant, and refuses the others as they come: the lists
+// they belong to are marked partial, never whole. The honest nexlet's answers are all
+// taken: every list, the other tenant's too, has its workload.
+func AttackRogueNexletListMemory(t *testing.T) *Node {
 	const (
 		lists    = 16
 		partSize = 512 << 10
@@ -238,6 +239,7 @@ func TestAttackRogueNexletListMemory(t *testing.T) {
 	if whole > 2 || uint64(lists+1-whole) != refused {
 		t.Errorf("%d lists whole, %d answers refused: want at most one a namespace whole, the others partial", whole, refused)
 	}
+	return n
 }
 
 // budgetEmpty fails t unless b holds nothing: every list gave back what it held.

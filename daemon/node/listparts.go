@@ -126,6 +126,10 @@ func (b *listBudget) refuse(nexlet, ns string, err error) {
 	}
 }
 
+// ListAnswersRefused counts the nexlets' list answers the node refused because its
+// memory for the answers of the lists under way (Options.ListMemory) was taken.
+func (n *Node) ListAnswersRefused() uint64 { return n.lists.refused.Load() }
+
 // heldBy is what nexlet's answers hold now.
 func (b *listBudget) heldBy(nexlet string) int64 {
 	b.mu.Lock()

@@ -353,8 +353,10 @@ type Node struct {
 	replylessLog rateLog
 	// renewals bounds each nexlet's workload renewals (renew.go), apart from n.mu.
 	renewals renewLimits
-	// agentRenewals bounds each nexlet's renewals of its own user (renew.go).
+	// agentRenewals bounds each nexlet's renewals of its own user (renew.go), and its
+	// registrations again, which reregsDropped counts apart when dropped.
 	agentRenewals renewLimits
+	reregsDropped atomic.Uint64
 	// regChanges is changes as the last registration left it (HoldsNothing).
 	regChanges uint64
 	// listRound (under mu) numbers the rounds listing nexlets for ended workloads;

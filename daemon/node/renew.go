@@ -65,7 +65,8 @@ func (n *Node) handleRenewAgent(r micro.Request) {
 		n.fail(r, 403, "renewal refused", fmt.Errorf("renew nexlet credentials of %s: %w", agentID, err))
 		return
 	}
-	if !req.Switched && !n.agentCallAllowed(a, "nexlet renewals of its own user dropped unanswered: more than it needs") {
+	if !req.Switched && !n.agentCallAllowed(a, "nexlet renewals of its own user dropped unanswered: more than it needs",
+		&n.agentRenewals.dropped) {
 		return
 	}
 	if req.Switched {
@@ -269,14 +270,15 @@ const (
 )
 
 // agentCallAllowed takes a token of a's bucket of renewals of its own user (and
-// registrations again), or counts the call dropped and warns of it (what) at most once
-// a minute. A nexlet whose user does not expire is not bounded: it renews nothing.
-func (n *Node) agentCallAllowed(a *registration, what string) bool {
+// registrations again), or counts the call dropped in dropped (its kind's count) and
+// warns of it (what) at most once a minute. A nexlet whose user does not expire is not
+// bounded: it renews nothing.
+func (n *Node) agentCallAllowed(a *registration, what string, dropped *atomic.Uint64) bool {
 	now := time.Now()
 	if a.life <= 0 || n.agentRenewals.allow(a.id, now, agentRenewsPerLife/a.life.Seconds(), agentRenewBurst) {
 		return true
 	}
-	total := n.agentRenewals.dropped.Add(1)
+	total := dropped.Add(1)
 	if ok, held := n.agentRenewals.log.allow(now, renewWarnEvery); ok {
 		n.log.Warn(what, "agent_id", a.id, "name", a.req.Name, "burst", agentRenewBurst, "per_lifetime", agentRenewsPerLife,
 			"lifetime", a.life.String(), "dropped", held+1, "dropped_total", total, "next_warning_in", renewWarnEvery.String())
@@ -284,9 +286,13 @@ func (n *Node) agentCallAllowed(a *registration, what string) bool {
 	return false
 }
 
-// AgentRenewalsDropped counts the nexlets' renewals of their own user, and their
-// registrations again (chargeReregistration), dropped past their rate.
+// AgentRenewalsDropped counts the nexlets' renewals of their own user dropped past
+// their bound.
 func (n *Node) AgentRenewalsDropped() uint64 { return n.agentRenewals.dropped.Load() }
+
+// ReregistrationsDropped counts the nexlets' registrations again (chargeReregistration)
+// dropped past the bound they share with their renewals of their own user.
+func (n *Node) ReregistrationsDropped() uint64 { return n.reregsDropped.Load() }
 
 // handleRenewCreds serves $NEX.SVC.<node>.agent.RENEWCREDS.<agentId>.<workloadId>: fresh
 // credentials for a workload this node gave that nexlet, in the workload's namespace,

@@ -56,14 +56,16 @@ func (o *endRevoker) revokedAt(id string) (time.Time, bool) {
 	return at, ok
 }
 
-// TestAttackRenewalFloodCostsTheNodeBounded: a rogue nexlet, as the user its node
-// minted for it on an operator-mode server whose account the node revokes in (as in
-// the embedded server's), renews its own workload's credentials as fast as it can
-// publish, while an honest tenant deploys to an honest nexlet, the honest nexlet renews
-// each workload once and the tenant stops it. Counted: the users the node minted by
-// renewal, the flood's answers, and the honest deploys, renewals and stops' revocations
-// that did not come within wide bounds (a revocation 30 s after the stop, 10 s missed once at load 36-43; the honest
-// nexlet's renewal within three asks of its own RenewTimeout, 10 s).
+// AttackRenewalFlood is TestAttackRenewalFloodCostsTheNodeBounded (in
+// dropmetrics_test.go, which then scrapes the metric of its drops), returning its node:
+// a rogue nexlet, as the user its node minted for it on an operator-mode server whose
+// account the node revokes in (as in the embedded server's), renews its own workload's
+// credentials as fast as it can publish, while an honest tenant deploys to an honest
+// nexlet, the honest nexlet renews each workload once and the tenant stops it. Counted:
+// the users the node minted by renewal, the flood's answers, and the honest deploys,
+// renewals and stops' revocations that did not come within wide bounds (a revocation
+// 30 s after the stop, 10 s missed once at load 36-43; the honest nexlet's renewal within
+// three asks of its own RenewTimeout, 10 s).
 //
 // Before, every renewal minted a user under the node's lock and queued the revocation
 // of the older ones, one account JWT rewrite each: the node minted 100,181 users in
@@ -75,7 +77,7 @@ func (o *endRevoker) revokedAt(id string) (time.Time, bool) {
 // RenewRate (bursts of RenewBurst) are dropped unanswered: 1 user minted for the
 // rogue's workload, 5,170-7,188 answers in 42-62 s, every round served, in three -race
 // runs at load 36-52.
-func TestAttackRenewalFloodCostsTheNodeBounded(t *testing.T) {
+func AttackRenewalFlood(t *testing.T) *Node {
 	op, rev := revokingOperator(t, 2*time.Hour)
 	mo := mint.Options{Revoker: rev}
 	var cm *countingMinter
@@ -222,4 +224,5 @@ func TestAttackRenewalFloodCostsTheNodeBounded(t *testing.T) {
 		t.Errorf("honest work under the flood: %d of %d rounds asked in two minutes; %d not deployed, %d not renewed in three asks, %d not stopped, %d not revoked 30 s after their stop, %d users still connect",
 			asked, rounds, notDeployed, notRenewed, notStopped, lateRevoked, stillConnect)
 	}
+	return n
 }

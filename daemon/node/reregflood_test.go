@@ -18,18 +18,19 @@ import (
 	"github.com/nexd-project/nexd/protocol"
 )
 
-// TestAttackNexletReregistrationFloodBounded: a rogue nexlet that signs registers
-// again and again under its own agent id, signed with its start's key, from the user
-// its node minted for it on an operator-mode server, while the node has given it
-// workloads. Each registration the node takes mints a nexlet user, revokes the older
-// ones, and hands back every workload of the nexlet with a fresh user minted for it,
-// which the minter keeps until the workload ends and then revokes, one rewrite of the
-// account JWT each. Before, every registration was served: 100 registrations, 100
-// more users for each of its 3 workloads (303 in all), each to be revoked at its end.
-// Now a registration of a nexlet already registered in this node process counts
-// against the same bound as its renewals of its own user (10 at once, 8 over its
-// user's lifetime); the rest are dropped unanswered.
-func TestAttackNexletReregistrationFloodBounded(t *testing.T) {
+// AttackNexletReregistrationFlood is TestAttackNexletReregistrationFloodBounded (in
+// dropmetrics_test.go, which then scrapes the metric of its drops), returning its node:
+// a rogue nexlet that signs registers again and again under its own agent id, signed
+// with its start's key, from the user its node minted for it on an operator-mode
+// server, while the node has given it workloads. Each registration the node takes mints
+// a nexlet user, revokes the older ones, and hands back every workload of the nexlet
+// with a fresh user minted for it, which the minter keeps until the workload ends and
+// then revokes, one rewrite of the account JWT each. Before, every registration was
+// served: 100 registrations, 100 more users for each of its 3 workloads (303 in all),
+// each to be revoked at its end. Now a registration of a nexlet already registered in
+// this node process counts against the same bound as its renewals of its own user
+// (10 at once, 8 over its user's lifetime); the rest are dropped unanswered.
+func AttackNexletReregistrationFlood(t *testing.T) *Node {
 	rf := newRogueFixtureMinting(t, mint.Options{AgentTTL: time.Hour})
 	n := rf.nodes[0]
 	signed := signedStart(n, true)
@@ -48,16 +49,17 @@ func TestAttackNexletReregistrationFloodBounded(t *testing.T) {
 	const registrations = 100
 	body := mustJSON(t, rogue.req)
 	answered := floodSigned(t, rogue, protocol.RegisterSubject(n.ID(), rogue.id), registrations, func(int) []byte { return body })
-	if !testkit.WaitFor(2*time.Minute, func() bool { return answered.Load()+int64(n.AgentRenewalsDropped()) >= registrations }) {
-		t.Fatalf("of %d registrations, %d answered and %d dropped within 2 minutes", registrations, answered.Load(), n.AgentRenewalsDropped())
+	if !testkit.WaitFor(2*time.Minute, func() bool { return answered.Load()+int64(n.ReregistrationsDropped()) >= registrations }) {
+		t.Fatalf("of %d registrations, %d answered and %d dropped within 2 minutes", registrations, answered.Load(), n.ReregistrationsDropped())
 	}
 	grew := users() - before
-	t.Logf("%d registrations of the rogue: %d answered, %d dropped; %d more users kept for its %d workloads", registrations, answered.Load(), n.AgentRenewalsDropped(), grew, len(wids))
+	t.Logf("%d registrations of the rogue: %d answered, %d dropped; %d more users kept for its %d workloads", registrations, answered.Load(), n.ReregistrationsDropped(), grew, len(wids))
 	if most := len(wids) * agentRenewBurst; grew > most {
 		t.Errorf("the rogue's %d registrations left %d more users of its %d workloads to revoke; want at most %d", registrations, grew, len(wids), most)
 	}
 	// The honest nexlet still renews its own user.
 	rf.renewed(victim).Close()
+	return n
 }
 
 // readDeadlineStore is the node's state bucket whose reads by type (a registration's)
@@ -119,9 +121,9 @@ func TestHonestReregistrationsNotDropped(t *testing.T) {
 		msg := nats.NewMsg(protocol.RegisterSubject(n.ID(), a.id))
 		msg.Data = mustJSON(t, a.req)
 		signAt(t, msg, a.key, time.Now())
-		from := n.AgentRenewalsDropped()
+		from := n.ReregistrationsDropped()
 		r, err := a.nc.RequestMsg(msg, 10*time.Second)
-		if errors.Is(err, nats.ErrTimeout) && n.AgentRenewalsDropped() > from {
+		if errors.Is(err, nats.ErrTimeout) && n.ReregistrationsDropped() > from {
 			return "", nil, true
 		}
 		if err != nil {
@@ -186,10 +188,10 @@ func TestHonestReregistrationsNotDropped(t *testing.T) {
 	// Its bucket used up, as a flood would: then nexd restarts.
 	const flood = agentRenewBurst + 1
 	answered := floodSigned(t, a, protocol.RegisterSubject(nd.ID(), a.id), flood, func(int) []byte { return mustJSON(t, a.req) })
-	if !testkit.WaitFor(2*time.Minute, func() bool { return answered.Load()+int64(nd.AgentRenewalsDropped()) >= flood }) {
-		t.Fatalf("of %d registrations, %d answered and %d dropped within 2 minutes", flood, answered.Load(), nd.AgentRenewalsDropped())
+	if !testkit.WaitFor(2*time.Minute, func() bool { return answered.Load()+int64(nd.ReregistrationsDropped()) >= flood }) {
+		t.Fatalf("of %d registrations, %d answered and %d dropped within 2 minutes", flood, answered.Load(), nd.ReregistrationsDropped())
 	}
-	used := nd.AgentRenewalsDropped()
+	used := nd.ReregistrationsDropped()
 	if used == 0 {
 		t.Fatalf("%d registrations again in a row all served: the bound dropped none", flood)
 	}
