@@ -111,6 +111,7 @@ func TestPublicViewAllowList(t *testing.T) {
 		"nats.jetstream.checked", "nats.jetstream.current", "nats.jetstream.replicas", "nats.jetstream.since", "nats.jetstream.state",
 		"nats.leaf.connected", "nats.leaf.remotes",
 		"nats.reconnects", "nats.rtt", "nats.server",
+		"nexlet_drops.list_answers_refused", "nexlet_drops.reregistrations", "nexlet_drops.user_renewals", "nexlet_drops.workload_renewals",
 		"nexlets[].health", "nexlets[].name", "nexlets[].restarts", "nexlets[].state", "nexlets[].type",
 		"nexus", "node_id", "public", "start_time", "state", "tombstone_count", "uptime", "version",
 		"workloads.*", "workloads_as_of",

@@ -150,6 +150,9 @@ type Status struct {
 	// AuctionsNotBid counts the auctions the node did not bid on since it started, by
 	// reason (nexd_auctions_not_bid_total).
 	AuctionsNotBid map[string]uint64 `json:"auctions_not_bid,omitempty"`
+	// NexletDrops counts the nexlets' calls the node dropped or refused since it
+	// started, past its bounds of what one nexlet may cost it.
+	NexletDrops *NexletDrops `json:"nexlet_drops,omitempty"`
 	// Tombstones are the stopped workloads whose removal from node state failed and is
 	// retried: a tombstone on local disk keeps each out of every replay meanwhile.
 	Tombstones []Tombstone `json:"tombstones,omitempty"`
@@ -167,6 +170,24 @@ type Status struct {
 	Public bool `json:"public,omitempty"`
 }
 
+// NexletDrops are the nexlets' calls the node dropped unanswered or refused past its
+// bounds, each kind counted in a metric of the same name. Any count is a nexlet gone
+// wrong or rogue, or (list answers) a flood of lists.
+type NexletDrops struct {
+	// WorkloadRenewals: renewals of workloads' credentials past the nexlet's rate
+	// (nexd_nexlet_workload_renewals_dropped_total).
+	WorkloadRenewals uint64 `json:"workload_renewals"`
+	// UserRenewals: renewals of the nexlet's own user past its bound
+	// (nexd_nexlet_user_renewals_dropped_total).
+	UserRenewals uint64 `json:"user_renewals"`
+	// Reregistrations: registrations of a nexlet already registered, past the same
+	// bound (nexd_nexlet_reregistrations_dropped_total).
+	Reregistrations uint64 `json:"reregistrations"`
+	// ListAnswersRefused: answers to lists refused, the node's memory for them taken
+	// (nexd_nexlet_list_answers_refused_total).
+	ListAnswersRefused uint64 `json:"list_answers_refused"`
+}
+
 // PublicView is what a local user outside group nex may see of st: counts and the
 // node's health, never a workload's or a tenant's name, id or namespace, nor the
 // node's paths, pids or error texts. It copies an allow-list, so a field added to
@@ -176,7 +197,7 @@ func (st Status) PublicView() Status {
 		NodeID: st.NodeID, Name: st.Name, Nexus: st.Nexus, Version: st.Version, Commit: st.Commit,
 		StartTime: st.StartTime, Uptime: st.Uptime, State: st.State, Detail: st.Detail,
 		LameduckUntil: st.LameduckUntil, WorkloadsAsOf: st.WorkloadsAsOf,
-		Workloads: st.Workloads, AuctionsNotBid: st.AuctionsNotBid,
+		Workloads: st.Workloads, AuctionsNotBid: st.AuctionsNotBid, NexletDrops: st.NexletDrops,
 		TombstoneCount: max(st.TombstoneCount, len(st.Tombstones)),
 		Public:         true,
 	}

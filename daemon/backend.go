@@ -64,6 +64,9 @@ func (b backend) Status(ctx context.Context) (control.Status, error) {
 		st.WorkloadsAsOf = &t
 	}
 	st.AuctionsNotBid = b.s.node.NotBid()
+	n := b.s.node
+	st.NexletDrops = &control.NexletDrops{WorkloadRenewals: n.RenewalsDropped(), UserRenewals: n.AgentRenewalsDropped(),
+		Reregistrations: n.ReregistrationsDropped(), ListAnswersRefused: n.ListAnswersRefused()}
 	st.Tombstones = b.s.tombstoneList()
 	st.TombstoneCount = len(st.Tombstones)
 	st.LocalState = b.s.disk.status()

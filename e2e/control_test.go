@@ -70,8 +70,8 @@ func TestMetricsAndConcurrentStatus(t *testing.T) {
 					errs <- err
 					return
 				}
-				if st.NodeID == "" {
-					errs <- fmt.Errorf("empty status")
+				if st.NodeID == "" || st.NexletDrops == nil {
+					errs <- fmt.Errorf("empty status, or without the nexlets' calls dropped: %+v", st)
 					return
 				}
 			}

@@ -258,6 +258,26 @@ func notBidText(byReason map[string]uint64) string {
 	return fmt.Sprintf("%d auction(s) since start: %s", total, strings.Join(parts, ", "))
 }
 
+// nexletDropsText words the nexlets' calls a node dropped or refused past its bounds
+// (a row only when there are some: any is a nexlet gone wrong or rogue).
+func nexletDropsText(d control.NexletDrops) string {
+	var parts []string
+	for _, c := range []struct {
+		n    uint64
+		what string
+	}{
+		{d.WorkloadRenewals, "workload renewal(s) past a nexlet's rate"},
+		{d.UserRenewals, "renewal(s) of a nexlet's own user past its bound"},
+		{d.Reregistrations, "registration(s) again past a nexlet's bound"},
+		{d.ListAnswersRefused, "list answer(s) refused (the memory for lists taken)"},
+	} {
+		if c.n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", c.n, c.what))
+		}
+	}
+	return strings.Join(parts, ", ") + " since start"
+}
+
 // lastDrainText words a node's last lame duck drain, kept until its next lame duck.
 func lastDrainText(d *protocol.LastDrain, now time.Time) string {
 	when := fmt.Sprintf("%s (%s ago)", d.At.Format(time.RFC3339), friendlyDuration(now.Sub(d.At)))
@@ -469,6 +489,9 @@ func renderStatus(w io.Writer, st control.Status, now time.Time) error {
 	}...)
 	if st.AuctionsNotBid != nil {
 		rows = append(rows, [2]string{"Not bid on", notBidText(st.AuctionsNotBid)})
+	}
+	if d := st.NexletDrops; d != nil && *d != (control.NexletDrops{}) {
+		rows = append(rows, [2]string{"Nexlet calls dropped", nexletDropsText(*d)})
 	}
 	if len(st.Tombstones) > 0 {
 		rows = append(rows, [2]string{"Tombstones", tombstonesText(st.Tombstones, len(st.Tombstones), now)})

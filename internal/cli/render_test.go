@@ -142,6 +142,7 @@ func TestRenderLocal(t *testing.T) {
 		Cgroup:         control.CgroupStatus{Mode: "v1", Enforced: []string{"memory", "pids"}, Reason: "cgroup v2 not delegated"},
 		Workloads:      map[string]int{"running": 2, "error": 1},
 		AuctionsNotBid: map[string]uint64{"tags": 40, "draining": 2, "no_nexlet": 0},
+		NexletDrops:    &control.NexletDrops{WorkloadRenewals: 3120, Reregistrations: 90},
 		Tombstones: []control.Tombstone{{ID: "W2", Type: "native", Namespace: "default", Since: now.Add(-3 * time.Minute)},
 			{ID: "W0", Type: "native", Since: now.Add(-time.Hour)}},
 	}
