@@ -1000,8 +1000,10 @@ const (
 
 // reregisterOnSocket registers again on the adopting node's socket (WithLocalSocket),
 // which then carries this nexlet's starts and feeds as the pair did. done false: it
-// did not (no socket named or reachable, a channel still open, a refusal there), and
-// the registration goes over NATS; err: the runner ended.
+// did not (no socket named or reachable, a channel still open, the socket failing, a
+// refusal there), and the registration goes over NATS; err: the runner ended. A
+// refusal while the node cannot read its state is no such refusal: the node would
+// refuse it over NATS alike, and it is asked again on the socket until served.
 func (r *Runner) reregisterOnSocket(ctx context.Context, agentID string) (done bool, err error) {
 	if r.sockPath == "" {
 		return false, nil
@@ -1050,23 +1052,38 @@ func (r *Runner) reregisterOnSocket(ctx context.Context, agentID string) (done b
 	if err := s.Announce(); err != nil {
 		return fail("announcing on the adopting node's socket failed", err)
 	}
-	reg, err := r.agent.Register()
-	if err != nil {
-		_ = s.Close()
-		return true, fmt.Errorf("nexlet register again: %w", err)
-	}
-	req, mark, err := r.registration(agentID, reg)
-	if err != nil {
-		_ = s.Close()
-		return true, err
-	}
-	msg, err := s.Call(sctx, req.Subject, req.Header, req.Data)
-	if err != nil {
-		return fail("registering on the adopting node's socket failed", err)
-	}
-	resp, err := registered(req.Subject+" (node socket)", msg)
-	if err != nil {
-		return fail("the adopting node refused the registration on its socket", err)
+	var resp *protocol.RegisterAgentResponse
+	var mark uint64
+	wait, attempts := patientRetryMin, 0
+	for {
+		attempts++
+		reg, err := r.agent.Register()
+		if err != nil {
+			_ = s.Close()
+			return true, fmt.Errorf("nexlet register again: %w", err)
+		}
+		var req *nats.Msg
+		req, mark, err = r.registration(agentID, reg)
+		if err != nil {
+			_ = s.Close()
+			return true, err
+		}
+		cctx, ccancel := context.WithTimeout(ctx, socketRegisterWait)
+		msg, err := s.Call(cctx, req.Subject, req.Header, req.Data)
+		ccancel()
+		if err != nil {
+			return fail("registering on the adopting node's socket failed", err)
+		}
+		if resp, err = registered(req.Subject+" (node socket)", msg); err == nil {
+			break
+		}
+		// Refused while the node cannot read its state: asked again on the socket,
+		// as Run does on its channel. Before, the nexlet went over NATS, which the node
+		// refuses alike, and took its starts and feeds there for the rest of its run
+		// (TestAdoptedNexletRegistersAgainOnSocketAfterRefusal).
+		if !r.againAfterRefusal(err, &wait) {
+			return fail("the adopting node refused the registration on its socket", err)
+		}
 	}
 	mode := feedNATS
 	if r.localFeeds {
@@ -1092,7 +1109,7 @@ func (r *Runner) reregisterOnSocket(ctx context.Context, agentID string) (done b
 	if prev != nil {
 		_ = prev.Close()
 	}
-	r.registeredAgain(agentID, resp, mark, mode, 1, "socket")
+	r.registeredAgain(agentID, resp, mark, mode, attempts, "socket")
 	return true, nil
 }
 
