@@ -92,20 +92,28 @@ type asked struct {
 // as silence), fn returns false, timeout passes or ctx ends.
 func (n *Node) askNexlets(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
 	timeout time.Duration, fn func(m *nats.Msg, from *registration) bool) (asked, error) {
-	return n.askNexletsAcked(ctx, shared, direct, data, nil, "", timeout, nil, fn)
+	return n.askNexletsWith(ctx, shared, direct, data, timeout, askOpts{}, fn)
 }
 
-// askNexletsAcked is askNexlets that also hands each body-less reply carrying
-// HeaderStopRecorded from a nexlet asked directly to ack (on the subscription's
-// goroutine), with the nexlet whose reply subject it came on, and does not take it
-// for that nexlet's answer. Only such a reply is attributable: one on the shared
-// subject is dropped. hdr goes with the requests to the nexlets asked directly; when it
-// says the node takes an answer in parts (HeaderListParts), a nexlet's parts are joined
-// into the one answer fn gets (listParts), and the answers of the nexlets asked
-// directly are charged to the node's list budget as they come, for the list of
-// namespace listNS, until the fan-out ends.
-func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(agentID string) string, data []byte, hdr nats.Header, listNS string,
-	timeout time.Duration, ack func(from *registration), fn func(m *nats.Msg, from *registration) bool) (asked, error) {
+// askOpts are what a fan-out may add to askNexlets; the zero value adds nothing.
+type askOpts struct {
+	// ack, when set, gets each body-less reply carrying HeaderStopRecorded from a
+	// nexlet asked directly (on the subscription's goroutine), with the nexlet whose
+	// reply subject it came on; such a reply is not taken for that nexlet's answer.
+	// Only such a reply is attributable: one on the shared subject is dropped.
+	ack func(from *registration)
+	// listParts: the request is a list of namespace listNS, which the node takes in
+	// parts (HeaderListParts goes with the requests to the nexlets asked directly). A
+	// nexlet's parts are joined into the one answer fn gets (listParts), and the
+	// answers of the nexlets asked directly are charged to the node's list budget as
+	// they come, until the fan-out ends.
+	listParts bool
+	listNS    string
+}
+
+// askNexletsWith is askNexlets with what o adds: stop-recorded acks, a list's parts.
+func (n *Node) askNexletsWith(ctx context.Context, shared string, direct func(agentID string) string, data []byte,
+	timeout time.Duration, o askOpts, fn func(m *nats.Msg, from *registration) bool) (asked, error) {
 	a := asked{direct: map[string]*registration{}, pool: map[string]*registration{}}
 	n.mu.Lock()
 	for id, r := range n.agents {
@@ -136,12 +144,14 @@ func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(a
 		var seenMu sync.Mutex
 		seen := make(map[string]bool, len(a.direct))
 		var parts *listParts // nil: an answer is its token's first reply
-		if hdr.Get(protocol.HeaderListParts) != "" {
+		var hdr nats.Header
+		if o.listParts {
+			hdr = nats.Header{protocol.HeaderListParts: {"1"}}
 			from := make(map[string]string, len(tokens))
 			for id, tok := range tokens {
 				from[tok] = id
 			}
-			parts = newListParts(n.lists, listNS, from)
+			parts = newListParts(n.lists, o.listNS, from)
 			// After the unsubscription (deferred below, so run before this): a
 			// callback still running then is refused by add, and nothing it takes
 			// stays charged.
@@ -154,8 +164,8 @@ func (n *Node) askNexletsAcked(ctx context.Context, shared string, direct func(a
 		sub, err := n.o.NC.Subscribe(inbox+".*", func(m *nats.Msg) {
 			tok := protocol.LastToken(m.Subject)
 			if isStopRecorded(m) {
-				if r := byToken[tok]; r != nil && ack != nil {
-					ack(r)
+				if r := byToken[tok]; r != nil && o.ack != nil {
+					o.ack(r)
 				}
 				return
 			}

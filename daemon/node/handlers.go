@@ -450,9 +450,9 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 	}
 	answered := 0
 	failure := "" // a nexlet that holds the workload could not stop it
-	asked, err := n.askNexletsAcked(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
+	asked, err := n.askNexletsWith(ctx, protocol.StopWorkloadSubject(n.id, workloadID), func(id string) string {
 		return protocol.StopWorkloadAgentSubject(n.id, id, workloadID)
-	}, body, nil, "", wait, ack, func(m *nats.Msg, from *registration) bool {
+	}, body, wait, askOpts{ack: ack}, func(m *nats.Msg, from *registration) bool {
 		answered++
 		var resp protocol.StopWorkloadResponse
 		decodeErr := protocol.Decode(m.Data, &resp)
@@ -519,7 +519,7 @@ func (n *Node) stopWorkloadSaying(ctx context.Context, namespace, workloadID str
 // kill of nexd or of the nexlet after the word neither leaves the workload running nor
 // starts it again (e2e TestNoWaitStopSurvivesKillRightAfterAnswer; before, the word
 // went out before the stop was even forwarded). ack takes a nexlet's word that it
-// recorded it (askNexletsAcked): only the owner's counts, known by its own reply
+// recorded it (askNexletsWith): only the owner's counts, known by its own reply
 // subject, so no other nexlet can say it for it. The owner's silence is bounded
 // (StopRecordTimeout): then the word says, naming the nexlet, that the stop is not
 // confirmed recorded (HeaderStopUnrecorded), as it does at once when no nexlet of the
@@ -840,9 +840,9 @@ func (n *Node) queryWorkloads(ctx context.Context, req protocol.AgentListWorkloa
 	}
 	waited += n.awaitServing(ctx, n.o.FanoutTimeout/2-waited)
 	ans := answers{failed: map[string]string{}, heard: map[string]bool{}}
-	asked, err := n.askNexletsAcked(ctx, protocol.QueryWorkloadsSubject(n.id), func(id string) string {
+	asked, err := n.askNexletsWith(ctx, protocol.QueryWorkloadsSubject(n.id), func(id string) string {
 		return protocol.QueryWorkloadsAgentSubject(n.id, id)
-	}, body, nats.Header{protocol.HeaderListParts: {"1"}}, req.Namespace, n.o.FanoutTimeout-waited, nil, func(m *nats.Msg, from *registration) bool {
+	}, body, n.o.FanoutTimeout-waited, askOpts{listParts: true, listNS: req.Namespace}, func(m *nats.Msg, from *registration) bool {
 		var list []protocol.WorkloadSummary
 		failure := ""
 		if isErrorReply(m) {
