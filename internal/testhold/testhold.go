@@ -85,10 +85,11 @@ const (
 )
 
 // StopGraceHeld: the native nexlet, at the end of a stop's grace with the workload
-// still running, waits for the test's release (Released, at most StopGraceHeldMax;
-// without a release directory it does not wait) before it kills it, and a replay of a
-// workload whose stop is under way says so in its log: a test releases the stop once
-// the next nexd's replay met it, however long that nexd took to start.
+// still running, waits for the test's release (Released, at most StopGraceHeldMax, no
+// longer once the nexlet's shutdown began; without a release directory it does not
+// wait) before it kills it, and a replay of a workload whose stop is under way says so
+// in its log: a test releases the stop once the next nexd's replay met it, however
+// long that nexd took to start.
 const (
 	StopGraceHeld    = "stop-grace-held"
 	StopGraceHeldMax = 30 * time.Second

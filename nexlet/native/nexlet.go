@@ -129,6 +129,10 @@ type Nexlet struct {
 	starts   startGate      // starts in flight, which that later work lets go first
 	oom      oomGate        // the nexlet's oom_score_adj raised while it forks a workload
 	quiet    *quietGate     // holds a stop's tidy until starts and stops pause (quiet.go)
+	// life ends when Shutdown begins. A stop has no context of its own (the Agent's
+	// StopWorkload takes none): what only waits in a stop (a test hold) waits on this.
+	life    context.Context
+	endLife context.CancelFunc
 	// beforeTidy, when set (tests: a slow removal), runs before a stopped workload's
 	// leftovers are removed.
 	beforeTidy func(id string)
@@ -221,6 +225,7 @@ func New(cfg Config) (*Nexlet, error) {
 		recentStops: stopmemo.New(stopmemo.DefaultMax, stopmemo.DefaultAge),
 		abandon:     make(chan struct{}), users: us, wdir: wdir, whold: whold, now: time.Now, killWait: killWaitDefault,
 		quiet: newQuietGate(quietWindow, quietMax, quietBacklog)}
+	n.life, n.endLife = context.WithCancel(context.Background())
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}
@@ -289,6 +294,7 @@ func (n *Nexlet) RunsAs() string { return n.users.Describe() }
 // Close ends the nexlet's process-starting thread; call it after Shutdown. Workloads
 // running without a cgroup die with it.
 func (n *Nexlet) Close() {
+	n.endLife()
 	n.quiet.stopDeferring() // a pending tidy goes now, not at the end of its quiet wait
 	n.releases.flush()      // a pending uid release goes now, not after its batch's wait
 	n.bg.Wait()
@@ -1006,6 +1012,7 @@ func (n *Nexlet) stopAll(record bool) {
 
 // Shutdown stops every workload with its grace (the node is shutting down).
 func (n *Nexlet) Shutdown(ctx context.Context) error {
+	n.endLife()
 	n.mu.Lock()
 	n.lameduck = true
 	if n.lameTimer != nil {

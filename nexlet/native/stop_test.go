@@ -1,8 +1,10 @@
 package native
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nexd-project/nexd/internal/testhold"
 	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -325,4 +328,50 @@ func TestResumedStopAfterClockStepBack(t *testing.T) {
 	testkit.EventuallyWithin(t, 30*time.Second, "the resumed stop kills the SIGTERM ignorer within its grace", func() bool {
 		return !alive(pid)
 	})
+}
+
+// TestStopGraceHoldEndsAtShutdown: the test-only stop-grace-held hold (the kill at the
+// end of a stop's grace held until the test's release) ends when the nexlet's shutdown
+// begins, so a nexlet shutting down does not sit in it. Before, the hold waited on
+// context.Background() for its 30 s bound, and the shutdown's stop of the held workload
+// with it: the shutdown below ran into its 20 s bound.
+func TestStopGraceHoldEndsAtShutdown(t *testing.T) {
+	fn := newFakeNode(t)
+	var logs testkit.Buffer
+	tn := fn.startNexlet(Config{TestHold: testhold.StopGraceHeld + "," + testhold.ReleaseIn(t.TempDir()),
+		Logger: slog.New(slog.NewTextHandler(io.MultiWriter(&logs, testWriter{t}), &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	req := startReq(protocol.LifecycleService, "deaf", map[string]any{"uri": script(t, `trap '' TERM; echo up; while :; do sleep 0.05; done`),
+		"stop_grace": "100ms"}, fn.creds())
+	fn.mustStart("deaf", req)
+	fn.waitLog("deaf", "stdout", "up")
+	stopped := make(chan error, 1)
+	go func() {
+		r, err := fn.request(protocol.StopWorkloadSubject(testNode, "deaf"), protocol.StopWorkloadRequest{Namespace: testNS}, waitLong)
+		if err == nil && r.code != "" {
+			err = fmt.Errorf("%s %s", r.code, r.errText)
+		}
+		stopped <- err
+	}()
+	testkit.EventuallyWithin(t, waitLong, "the stop's kill held at the end of its grace", func() bool {
+		return logs.Contains("its kill held until released")
+	})
+	// Well below the hold's bound, and far above a shutdown's own work here.
+	bound := testhold.StopGraceHeldMax * 2 / 3
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
+	defer cancel()
+	began := time.Now()
+	if err := tn.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown with a stop held at its grace's end: %v after %s", err, time.Since(began).Round(time.Millisecond))
+	}
+	took := time.Since(began)
+	if err := <-stopped; err != nil {
+		t.Fatalf("the held stop: %v", err)
+	}
+	if !logs.Contains("released=false") {
+		t.Errorf("the hold did not say it ended unreleased:\n%s", logs.String())
+	}
+	if procs := fn.procsOf("deaf"); len(procs) > 0 {
+		t.Errorf("the workload runs on after the shutdown: %v", procs)
+	}
+	t.Logf("shutdown with the stop held: %s", took.Round(time.Millisecond))
 }

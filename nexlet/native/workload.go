@@ -1734,13 +1734,14 @@ func (n *Nexlet) waitTidied() {
 }
 
 // holdStopGrace is testhold.StopGraceHeld (Config.TestHold): the kill at the end of
-// a stop's grace waits for the test's release. Never in production.
+// a stop's grace waits for the test's release, or for the nexlet's shutdown (n.life),
+// whose own stops would otherwise sit in it. Never in production.
 func (n *Nexlet) holdStopGrace(id string) {
 	if !testhold.Holds(n.cfg.TestHold, testhold.StopGraceHeld) {
 		return
 	}
 	n.log.Warn("test hold: the stop's grace is over, its kill held until released", "hold", testhold.StopGraceHeld, "workload_id", id)
-	released := testhold.Released(context.Background(), n.cfg.TestHold, testhold.StopGraceHeld, testhold.StopGraceHeldMax)
+	released := testhold.Released(n.life, n.cfg.TestHold, testhold.StopGraceHeld, testhold.StopGraceHeldMax)
 	n.log.Warn("test hold: the stop goes on", "hold", testhold.StopGraceHeld, "workload_id", id, "released", released)
 }
 
