@@ -922,12 +922,18 @@ func (f *fleet) wpingOpts(subject, resourcesOf string) (scatter.Options, string)
 		head.Set(protocol.HeaderResources, resourcesOf)
 	}
 	return scatter.Options{First: f.first, Stall: f.stall, Header: head, Promised: listWait,
+		// A node's acknowledgement promises its answer; its answer (or error) ends the
+		// promise, so the gather ends once every node that promised answered. Only what
+		// checks counts, for either: no one else makes or ends a node's promise. Before,
+		// an answer ended none (its key was ""): every list on nexd nodes waited out
+		// listWait, 5 s, after their acknowledgements (e2e TestStopAnsweredByALateHolder:
+		// each `workload stop` and `lameduck --migrate` spent 5 s in its listing).
 		Promise: func(m *nats.Msg) (string, bool) {
-			if len(m.Data) > 0 || m.Header.Get(protocol.HeaderProgress) == "" || replyError(m) != nil {
+			a, err := f.checkAnswer(m, subject, nonce)
+			if err != nil {
 				return "", false
 			}
-			a, err := f.checkAnswer(m, subject, nonce)
-			return a.node, err == nil
+			return a.node, len(m.Data) == 0 && m.Header.Get(protocol.HeaderProgress) != "" && replyError(m) == nil
 		}}, nonce
 }
 

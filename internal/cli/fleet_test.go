@@ -947,3 +947,42 @@ func TestWorkloadRunAsksAgainWhenNothingKnown(t *testing.T) {
 		})
 	}
 }
+
+// TestWPingAnswerEndsItsPromise: a nexd node acknowledges a WPING at once (a promise of
+// its answer, which nexctl waits up to listWait for); its signed answer, or its signed
+// error, ends the promise, so a list ends once every node that promised answered. An
+// answer that does not check (unsigned, in the name of that node) ends nothing. Before,
+// no answer ended its promise (its key was ""), and every list on nexd nodes waited
+// out listWait, 5 s, after the acknowledgements.
+func TestWPingAnswerEndsItsPromise(t *testing.T) {
+	kp, err := nkeys.CreateServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := kp.PublicKey()
+	f := &fleet{first: time.Second, stall: time.Millisecond}
+	subject := protocol.WPingSubject(protocol.SystemNamespace)
+	o, nonce := f.wpingOpts(subject, "")
+	signed := func(h nats.Header, data []byte) *nats.Msg {
+		if err := protocol.SignAnswer(kp, id, nonce, subject, h, data); err != nil {
+			t.Fatal(err)
+		}
+		return &nats.Msg{Header: h, Data: data}
+	}
+	cases := []struct {
+		name    string
+		m       *nats.Msg
+		key     string
+		promise bool
+	}{
+		{"its acknowledgement", signed(nats.Header{protocol.HeaderProgress: {"1"}}, nil), id, true},
+		{"its answer", signed(nats.Header{}, []byte("[]")), id, false},
+		{"its error", signed(nats.Header{protocol.HeaderErrorCode: {"413"}, protocol.HeaderError: {"too large"}}, nil), id, false},
+		{"an unsigned answer in its name", &nats.Msg{Header: nats.Header{protocol.HeaderNode: {id}}, Data: []byte("[]")}, "", false},
+	}
+	for _, c := range cases {
+		if key, promise := o.Promise(c.m); key != c.key || promise != c.promise {
+			t.Errorf("%s: key %q, promise %v; want %q, %v", c.name, key, promise, c.key, c.promise)
+		}
+	}
+}
