@@ -72,6 +72,8 @@ type app struct {
 	stall      time.Duration
 	configFile string
 	check      bool
+	// verbose: say on stderr what nexctl waits for and why, as answers come (debugf).
+	verbose bool
 	// allowUnsigned lets an environment be sealed to a bid that is not signed by the
 	// node it names (upstream nodes do not sign).
 	allowUnsigned bool
@@ -296,6 +298,7 @@ not verified, and with --trusted-node they are refused unless --allow-unsigned-b
 	pf.DurationVar(&a.stall, "gather-stall", defaultStop, "scatter-gather ends this long after the last reply")
 	pf.StringVar(&a.configFile, "config", "", "config file read after nexd's (/etc/nex/config.json, ~/.config/nex/config.json, ./config.json)")
 	pf.BoolVar(&a.check, "check", false, "print the resolved settings and where each came from, then exit")
+	pf.BoolVar(&a.verbose, "verbose", false, "say on stderr, as nodes answer, what a workload stop waits for and why (other nodes' answers while it waits for the node that holds the workload, that node's word)")
 	pf.StringArray("trusted-node", nil, "a node id whose signed bids and answers are accepted (repeatable; trusted_nodes in the config); a bid or answer signed by any other node, or not signed (unless --allow-unsigned-bids), is refused before anything is sent")
 	pf.BoolVar(&a.allowUnsigned, "allow-unsigned-bids", false, "seal environments to bids not signed by their node, and with --trusted-node take unsigned bids and answers (upstream nodes; anyone on the bus could pose as one)")
 	a.nats.register(pf)

@@ -63,6 +63,9 @@ type fakeNode struct {
 	// numbered as a nexd node numbers its signed replies (HeaderSeq), and nothing
 	// more: a node gone mid-request.
 	goneAfterAlive bool
+	// stopGate, when set, holds its stop's answer until closed (a holder loaded enough
+	// to answer after the other nodes; the test closes it on an event of its own).
+	stopGate <-chan struct{}
 	// answerDelay holds its deploy, stop and clone answers this long (a loaded node,
 	// or a slow start: anyone else's answer comes first).
 	answerDelay time.Duration
@@ -424,6 +427,9 @@ func (n *fakeNode) start() *fakeNode {
 		n.mu.Unlock()
 		id := protocol.LastToken(m.Subject)
 		time.Sleep(n.answerDelay)
+		if n.stopGate != nil {
+			<-n.stopGate
+		}
 		if n.stopWord != nil && m.Header.Get(protocol.HeaderProgress) != "" {
 			h := nats.Header{protocol.HeaderProgress: {"stopping"}}
 			for k, v := range n.stopWord {

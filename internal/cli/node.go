@@ -55,6 +55,9 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 	}
 	f := &fleet{nc: c.NC, ns: a.namespace, first: r.NATS.Timeout, stall: a.stall, deployTimeout: deployWait, deployMax: deployMaxWait, stopWait: stopWait, aliveEvery: deployAliveEvery, silence: deploySilence, jsDomain: c.JSDomain(),
 		progress: a.newDeployProgress(), violation: c.NextViolation, cut: a.noteCut, warn: a.warnf}
+	if a.verbose {
+		f.debug = a.debugf
+	}
 	if len(r.TrustedNodes) > 0 {
 		f.trusted, f.allowUnsigned = map[string]bool{}, a.allowUnsigned
 		for _, id := range r.TrustedNodes {
@@ -69,14 +72,21 @@ func (a *app) connectFleet(ctx context.Context) (*fleet, func(), error) {
 }
 
 // warnf prints a warning on stderr: a line for people, {"warning": "..."} under --json.
-func (a *app) warnf(format string, args ...any) {
+func (a *app) warnf(format string, args ...any) { a.stderrLine("warning", format, args...) }
+
+// debugf prints, under --verbose, what nexctl is doing and why on stderr: a line
+// "nexctl: debug: ...", or {"debug": "..."} under --json.
+func (a *app) debugf(format string, args ...any) { a.stderrLine("debug", format, args...) }
+
+// stderrLine prints "nexctl: kind: message" on stderr, {"kind": "message"} under --json.
+func (a *app) stderrLine(kind, format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	if a.json {
-		b, _ := json.Marshal(map[string]string{"warning": msg})
+		b, _ := json.Marshal(map[string]string{kind: msg})
 		fmt.Fprintln(a.io.Stderr, string(b))
 		return
 	}
-	fmt.Fprintf(a.io.Stderr, "nexctl: warning: %s\n", msg)
+	fmt.Fprintf(a.io.Stderr, "nexctl: %s: %s\n", kind, msg)
 }
 
 // note prints a line for people on stderr, not under --json (whose result says it).

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/nexd-project/nexd/internal/testkit"
 	"github.com/nexd-project/nexd/internal/testnats"
 	"github.com/nexd-project/nexd/protocol"
 )
@@ -95,5 +96,57 @@ func TestStopHolderErrorReported(t *testing.T) {
 				t.Errorf("exit %d, %q %q; want exit %d with %q", code, out.String(), errb.String(), ExitUnknown, want)
 			}
 		})
+	}
+}
+
+// TestStopTakesOtherNodesNotFound: the node holding W1 signs (its listing was signed)
+// and answers the stop only after another signing node answered "not found" and
+// nexctl said (--verbose) that it took that answer and still waits for the holder.
+// The other node's signed "not found" is its own answer: it ends nothing, and nothing
+// is warned of. Before, it was refused as a forgery, `ignored 1 repl(ies) to the stop
+// of W1: signed by node B, not by node A, which holds it`, on every stop on more than
+// one node (nexctl said no such line, and the test ended with the holder held).
+func TestStopTakesOtherNodesNotFound(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	def := "default"
+	gate := make(chan struct{})
+	holder := newSigningFakeNode(t, op.Connect(t, "node"), nil)
+	holder.drains = true // its WPING replies name it: the holder
+	holder.stopOK = true
+	holder.stopGate = gate
+	holder.workloads = []protocol.WorkloadSummary{{ID: "W1", Name: "web", Namespace: &def, StartTime: "2026-11-27T11:00:00Z",
+		WorkloadType: "native", WorkloadLifecycle: "service", WorkloadState: protocol.WorkloadRunning, Tags: map[string]string{}}}
+	holder.start()
+	other := newSigningFakeNode(t, op.Connect(t, "node"), nil)
+	other.drains = true
+	other.start()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var out, errOut testkit.Buffer
+	done := make(chan int, 1)
+	// --nats.timeout: the wait for the holder, far past the test's release.
+	go func() {
+		done <- Main(ctx, opArgs(t, op, "--nats.timeout", "30s", "--verbose", "workload", "stop", "W1"), IO{Stdout: &out, Stderr: &errOut, Env: func(string) string { return "" }})
+	}()
+	waits := "nexctl: debug: stop of W1: node " + other.id + " answered (workload not found); still waiting up to "
+	poll := time.NewTicker(10 * time.Millisecond)
+	defer poll.Stop()
+	for !errOut.Contains(waits) {
+		select {
+		case code := <-done:
+			close(gate)
+			t.Fatalf("nexctl ended (exit %d) before it said it took the other node's \"not found\" and waits on\n%s%s", code, out.String(), errOut.String())
+		case <-poll.C:
+		}
+	}
+	close(gate)
+	code := <-done
+	t.Logf("workload stop: exit %d\n%s%s", code, out.String(), errOut.String())
+	if code != 0 || !strings.Contains(out.String(), "Workload W1 successfully stopped") {
+		t.Errorf("exit %d, want 0: the holder stopped it", code)
+	}
+	if strings.Contains(errOut.String(), "ignored") || strings.Contains(errOut.String(), "warning") {
+		t.Errorf("the other node's own answer was warned of:\n%s", errOut.String())
 	}
 }
