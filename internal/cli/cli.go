@@ -186,6 +186,7 @@ func Main(ctx context.Context, args []string, stdio IO) int {
 	case errors.Is(err, context.Canceled):
 		kind, msg = "interrupted", "interrupted"
 	}
+	msg = clipMessage(msg, maxError)
 	if asJSON {
 		writeJSONError(stdio.Stderr, code, kind, msg, err)
 		return code

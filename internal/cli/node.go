@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
@@ -80,13 +81,35 @@ func (a *app) debugf(format string, args ...any) { a.stderrLine("debug", format,
 
 // stderrLine prints "nexctl: kind: message" on stderr, {"kind": "message"} under --json.
 func (a *app) stderrLine(kind, format string, args ...any) {
-	msg := fmt.Sprintf(format, args...)
+	msg := clipMessage(fmt.Sprintf(format, args...), maxWarning)
 	if a.json {
 		b, _ := json.Marshal(map[string]string{kind: msg})
 		fmt.Fprintln(a.io.Stderr, string(b))
 		return
 	}
 	fmt.Fprintf(a.io.Stderr, "nexctl: %s: %s\n", kind, msg)
+}
+
+// maxWarning and maxError bound a warning (or debug line) and the error nexctl ends
+// with: their text quotes what nodes said (an error answer, the node id a reply
+// claims), which anyone who answers may make a megabyte long. Before, the 20 unusable
+// answers a list names put 6 MB on the operator's terminal.
+const (
+	maxWarning = 4 << 10
+	maxError   = 16 << 10
+)
+
+// clipMessage is s cut to at most max bytes (at a rune's start), saying how many were
+// left off.
+func clipMessage(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	cut := max
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d bytes left off)", s[:cut], len(s)-cut)
 }
 
 // note prints a line for people on stderr, not under --json (whose result says it).

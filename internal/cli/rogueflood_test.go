@@ -141,3 +141,52 @@ func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
+
+// TestAttackRogueNodeFloodsWarnings: a rogue node answers `node list` beside an honest
+// node with 25 error answers of 300 KB each (a node's error text is its own to write),
+// and `node info` of an upstream node with one. nexctl names 20 unusable answers, each
+// quoting what it said: 6 MB on the operator's terminal before, the honest row scrolled
+// far away, and the error it ended `node info` with was 300 KB; now each warning line
+// (4 KiB), and the error nexctl ends with (16 KiB), is cut, saying how much was left off.
+func TestAttackRogueNodeFloodsWarnings(t *testing.T) {
+	t.Parallel()
+	op := testnats.StartOperator(t, nil)
+	honest := newFakeNode(t, op.Connect(t, "node"), "HONEST", nil)
+	honest.controlDelay = time.Second // its INFO answer comes after the rogue's
+	honest.start()
+	long := strings.Repeat("x", 300_000)
+	errorAnswer := func() *nats.Msg {
+		return &nats.Msg{Data: []byte(`{"error":"` + long + `"}`),
+			Header: nats.Header{protocol.HeaderErrorCode: {"500"}, protocol.HeaderError: {"rogue"}}}
+	}
+	rogueAnswersAll(t, op, protocol.PingSubject(), func(m *nats.Msg) []*nats.Msg {
+		var out []*nats.Msg
+		for range 25 {
+			out = append(out, errorAnswer())
+		}
+		return out
+	})
+	// And the error nexctl ends with: the honest node does not sign, so the rogue's
+	// unsigned answer in its name, the first, is taken (Known limitations).
+	rogueAnswers(t, op, protocol.InfoSubject("HONEST"), func(*nats.Msg) *nats.Msg { return errorAnswer() })
+	for _, args := range [][]string{{"node", "info", "HONEST"}, {"--json", "node", "info", "HONEST"}} {
+		_, errOut, code := runCLI(t, nil, opArgs(t, op, args...)...)
+		t.Logf("%v: exit %d, %d bytes of stderr: %.300s", args, code, len(errOut), errOut)
+		if code == ExitOK || len(errOut) > 32<<10 || !strings.Contains(errOut, "bytes left off") {
+			t.Errorf("%v: exit %d, %d KiB on stderr; want the rogue's error answer cut, saying so:\n%.2000s", args, code, len(errOut)>>10, errOut)
+		}
+	}
+	for _, args := range [][]string{{"node", "list"}, {"--json", "node", "list"}} {
+		out, errOut, code := runCLI(t, nil, opArgs(t, op, args...)...)
+		t.Logf("%v: exit %d, %d bytes of stderr: %.300s", args, code, len(errOut), errOut)
+		if !strings.Contains(out, "HONEST") {
+			t.Errorf("%v: the honest node is not listed:\n%.2000s", args, out)
+		}
+		if len(errOut) > 128<<10 {
+			t.Errorf("%v: %d KiB of warnings for 25 answers: each quotes the rogue's text whole", args, len(errOut)>>10)
+		}
+		if !strings.Contains(errOut, "bytes left off") {
+			t.Errorf("%v: no warning says it was cut:\n%.2000s", args, errOut)
+		}
+	}
+}
