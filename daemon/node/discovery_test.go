@@ -146,6 +146,12 @@ func TestUpstreamSDKNexletServesWithoutDiscovery(t *testing.T) {
 		micro.WithEndpointSubject(subject), micro.WithEndpointQueueGroup(id)); err != nil {
 		t.Fatal(err)
 	}
+	// The endpoint's SUB is only buffered until nc's flusher writes it; the refusals
+	// below are of the nine SUBs before it, which say nothing of it. Without this the
+	// request below found no responder (0.13 s into the test, under -race at load 16).
+	if err := nc.Flush(); err != nil {
+		t.Fatalf("the nexlet's endpoint subscription reaching the server: %v", err)
+	}
 	var refused []string
 	for _, verb := range []string{"PING", "INFO", "STATS"} {
 		refused = append(refused, "$SRV."+verb, "$SRV."+verb+".up", "$SRV."+verb+".up."+svc.Info().ID)

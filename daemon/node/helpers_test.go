@@ -279,13 +279,18 @@ type fakeAgent struct {
 	// stopDelay holds the answer to a stop this long after the workload left the
 	// fake's list (a nexlet that drops a workload, then waits out its grace).
 	stopDelay time.Duration
-	// firstListDelay holds the reply to the first QUERYWORKLOADS this long (a nexlet
-	// busy replaying as the node lists).
-	firstListDelay time.Duration
-	lists          int
-	stopHB         chan struct{}
-	hbDone         chan struct{}
-	resp           protocol.RegisterAgentResponse
+	// holdFirstList holds the answer to the first QUERYWORKLOADS until the second one
+	// comes (a nexlet busy replaying as the node lists: its answer lands after the
+	// node's round ended, whatever the host's pace), or until the test ends.
+	holdFirstList bool
+	secondList    chan struct{} // closed by the second QUERYWORKLOADS
+	testEnded     chan struct{} // closed at the test's end, releasing a held answer
+	held          sync.WaitGroup
+	holdOnce      sync.Once
+	lists         int
+	stopHB        chan struct{}
+	hbDone        chan struct{}
+	resp          protocol.RegisterAgentResponse
 }
 
 func newFakeAgent(t testing.TB, srv *server.Server, nodeID, id, name, typ string) *fakeAgent {
@@ -305,9 +310,11 @@ func newFakeAgentOn(t testing.TB, nc *nats.Conn, nodeID, id, name, typ string) *
 			Version:             "1.0.0",
 			AnswersDirect:       true,
 		},
-		workloads: map[string]protocol.StartWorkloadRequest{},
-		creds:     map[string]protocol.NatsConnectionData{},
-		hbState:   "running",
+		workloads:  map[string]protocol.StartWorkloadRequest{},
+		creds:      map[string]protocol.NatsConnectionData{},
+		hbState:    "running",
+		secondList: make(chan struct{}),
+		testEnded:  make(chan struct{}),
 	}
 }
 
@@ -554,33 +561,22 @@ func (a *fakeAgent) serve() {
 		}
 		a.mu.Lock()
 		a.lists++
-		delay := a.firstListDelay
-		if a.lists > 1 {
-			delay = 0
+		hold := a.holdFirstList && a.lists == 1
+		if a.holdFirstList && a.lists == 2 {
+			close(a.secondList)
 		}
 		a.mu.Unlock()
-		time.Sleep(delay)
-		out := []protocol.WorkloadSummary{}
-		a.mu.Lock()
-		for id, w := range a.workloads {
-			if req.Namespace != protocol.SystemNamespace && w.Namespace != req.Namespace && !a.listsAll {
-				continue
-			}
-			if len(req.Filter) > 0 && !slices.Contains(req.Filter, id) && !slices.Contains(req.Filter, w.Name) {
-				continue
-			}
-			ns := &w.Namespace
-			if a.listsAll {
-				ns = nil
-			}
-			out = append(out, protocol.WorkloadSummary{ID: id, Name: w.Name, Namespace: ns, Runtime: "--",
-				StartTime: time.Now().UTC().Format(time.RFC3339), Tags: w.Tags, WorkloadLifecycle: string(w.WorkloadLifecycle),
-				WorkloadState: protocol.WorkloadRunning, WorkloadType: w.WorkloadType})
+		if hold {
+			a.held.Go(func() {
+				select {
+				case <-a.secondList:
+				case <-a.testEnded:
+				}
+				a.answerList(m, req)
+			})
+			return
 		}
-		out = append(out, a.extraRows...)
-		a.mu.Unlock()
-		// Named, as nexd's nexlets name their list answers.
-		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(out)})
+		a.answerList(m, req)
 	})
 	// PingAgent on its own subject, as both SDKs serve it: its summary, with how many
 	// workloads it holds.
@@ -600,12 +596,45 @@ func (a *fakeAgent) serve() {
 		a.mu.Unlock()
 		_ = m.RespondMsg(&nats.Msg{Header: nats.Header{"agentId": {a.id}}, Data: js(protocol.LameduckResponse{Success: true})})
 	})
+	if a.holdFirstList {
+		a.holdOnce.Do(func() { // once, though registered again
+			a.t.Cleanup(func() {
+				close(a.testEnded)
+				a.held.Wait()
+			})
+		})
+	}
 	// The node asks on its own connection: the server must have the subscriptions
 	// before anyone can find this agent.
 	if err := a.nc.Flush(); err != nil {
 		a.t.Fatal(err)
 	}
 	a.startHeartbeats()
+}
+
+// answerList answers m, a QUERYWORKLOADS asked as req, with the workloads it holds.
+func (a *fakeAgent) answerList(m *nats.Msg, req protocol.AgentListWorkloadsRequest) {
+	out := []protocol.WorkloadSummary{}
+	a.mu.Lock()
+	for id, w := range a.workloads {
+		if req.Namespace != protocol.SystemNamespace && w.Namespace != req.Namespace && !a.listsAll {
+			continue
+		}
+		if len(req.Filter) > 0 && !slices.Contains(req.Filter, id) && !slices.Contains(req.Filter, w.Name) {
+			continue
+		}
+		ns := &w.Namespace
+		if a.listsAll {
+			ns = nil
+		}
+		out = append(out, protocol.WorkloadSummary{ID: id, Name: w.Name, Namespace: ns, Runtime: "--",
+			StartTime: time.Now().UTC().Format(time.RFC3339), Tags: w.Tags, WorkloadLifecycle: string(w.WorkloadLifecycle),
+			WorkloadState: protocol.WorkloadRunning, WorkloadType: w.WorkloadType})
+	}
+	out = append(out, a.extraRows...)
+	a.mu.Unlock()
+	// Named, as nexd's nexlets name their list answers.
+	_ = m.RespondMsg(&nats.Msg{Header: nats.Header{protocol.HeaderAgentID: {a.id}}, Data: js(out)})
 }
 
 func (a *fakeAgent) startHeartbeats() {

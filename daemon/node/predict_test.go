@@ -86,9 +86,14 @@ func TestAttackWorkloadForgesStartAnswer(t *testing.T) {
 			}
 		})
 	}
-	m := request(t, rf.client, protocol.DeploySubject("tenant-b", bids[0].BidderID), startReq("tenant-b", "victim", `{"cmd":"x"}`))
+	// The nexlet answers 4 s in; the node itself waits a minute (StartTimeout).
+	m, err := rf.client.Request(protocol.DeploySubject("tenant-b", bids[0].BidderID),
+		mustJSON(t, startReq("tenant-b", "victim", `{"cmd":"x"}`)), time.Minute)
 	close(stop)
 	wg.Wait()
+	if err != nil {
+		t.Fatalf("tenant-b's deploy on the nexlet that starts in 4 s: %v", err)
+	}
 	var started protocol.StartWorkloadResponse
 	if strings.Contains(string(m.Data), "forged") || m.Header.Get("Nats-Service-Error") != "" || protocol.Decode(m.Data, &started) != nil || started.ID == "" {
 		t.Errorf("tenant-b's deploy was answered %q (%v), want its nexlet's start", m.Data, m.Header)
