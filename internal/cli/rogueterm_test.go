@@ -15,8 +15,9 @@ import (
 
 // hostileLine is output a workload (or a rogue node publishing its feed) writes to
 // reach the operator's terminal through nexctl: DEL, a lone C1 byte (CSI, 0x9b, which a
-// terminal in an 8-bit locale obeys as ESC [), the same as UTF-8 (U+009B), and ESC.
-const hostileLine = "a\x7fb\x9b2Jc\u009b2Jd\x1b[2Je"
+// terminal in an 8-bit locale obeys as ESC [), the same as UTF-8 (U+009B), ESC, and a
+// right-to-left override (U+202E: a terminal that does bidi shows "exe.jpg" after it).
+const hostileLine = "a\x7fb\x9b2Jc\u009b2Jd\x1b[2Je\u202egpj.exe"
 
 // followFeed runs nexctl args (a -f follow of a feed) in-process on s and publishes
 // marker on subject until nexctl printed it (its subscription is in place), then
@@ -58,15 +59,16 @@ func followFeed(t *testing.T, url string, publish func([]byte) error, args ...st
 }
 
 // rawTerminalControl is the first byte of s a terminal may obey as a control: C0 but
-// newline and tab, DEL, a C1 control in UTF-8, or a byte 0x80-0x9f that is no part of
-// a UTF-8 sequence (a C1 control to a terminal in an 8-bit locale). -1 for none.
+// newline and tab, DEL, a C1 control in UTF-8, a byte 0x80-0x9f that is no part of a
+// UTF-8 sequence (a C1 control to a terminal in an 8-bit locale), or a bidi control.
+// -1 for none.
 func rawTerminalControl(s string) int {
 	for i := 0; i < len(s); {
 		r, n := utf8.DecodeRuneInString(s[i:])
 		switch {
 		case r == utf8.RuneError && n == 1 && s[i] >= 0x80 && s[i] <= 0x9f:
 			return i
-		case r < 0x20 && r != '\n' && r != '\t', r >= 0x7f && r <= 0x9f:
+		case r < 0x20 && r != '\n' && r != '\t', r >= 0x7f && r <= 0x9f, isBidiControl(r):
 			return i
 		}
 		i += n
@@ -133,7 +135,7 @@ func TestAttackHostileOutputReachesTerminal(t *testing.T) {
 				t.Errorf("%s printed a line that is not JSON (%v): %q", name, err, line)
 				continue
 			}
-			if strings.Contains(fmtJSON(v), "a\u007fb\ufffd2Jc\u009b2Jd\x1b[2Je") {
+			if strings.Contains(fmtJSON(v), "a\u007fb\ufffd2Jc\u009b2Jd\x1b[2Je\u202egpj.exe") {
 				found = true
 			}
 		}

@@ -9,11 +9,12 @@ import (
 
 // sanitizer is how nexctl writes everything it prints: names, log lines and error
 // messages come from the network (a workload named "\x1b[31m..." must not drive the
-// operator's terminal), so control characters other than newline and tab are shown
-// escaped (\x1b, \u007f, \u009b) instead of being written. DEL and the C1 controls are
-// written as JSON escapes, which say the same inside a --json string (json.Marshal
-// writes both raw, and C0 controls escaped): before, DEL became \x7f, which is no JSON,
-// and `logs --json` printed lines a JSON reader refused.
+// operator's terminal), so control characters other than newline and tab, and the
+// bidi controls, are shown escaped (\x1b, \u007f, \u009b, \u202e) instead of being
+// written. DEL, the C1 and the bidi controls are written as JSON escapes, which say
+// the same inside a --json string (json.Marshal writes them raw, and C0 controls
+// escaped): before, DEL became \x7f, which is no JSON, and `logs --json` printed lines
+// a JSON reader refused.
 type sanitizer struct{ w io.Writer }
 
 func (s sanitizer) Write(p []byte) (int, error) {
@@ -37,7 +38,7 @@ func (s sanitizer) Write(p []byte) (int, error) {
 			out = fmt.Appendf(out, `\x%02x`, p[i])
 		case r < 0x20 && r != '\n' && r != '\t':
 			out = fmt.Appendf(out, `\x%02x`, r)
-		case r >= 0x7f && r <= 0x9f:
+		case r >= 0x7f && r <= 0x9f, isBidiControl(r):
 			out = fmt.Appendf(out, `\u%04x`, r)
 		default:
 			out = append(out, p[i:i+n]...)
@@ -65,4 +66,17 @@ func escapeControls(s string) string {
 	var b strings.Builder
 	_, _ = sanitizer{&b}.Write([]byte(s))
 	return b.String()
+}
+
+// isBidiControl reports the Unicode bidi controls (marks, embeddings, overrides and
+// isolates): a terminal that does bidi reorders what follows them, so a name or a
+// line could show text other than what it holds ("Trojan Source").
+func isBidiControl(r rune) bool {
+	switch {
+	case r == 0x061c, r == 0x200e, r == 0x200f:
+		return true
+	case r >= 0x202a && r <= 0x202e, r >= 0x2066 && r <= 0x2069:
+		return true
+	}
+	return false
 }
