@@ -381,29 +381,33 @@ func (m *SigningKeyMinter) RenewWorkload(namespace, workloadID string) (protocol
 
 // RevokeSuperseded revokes every user of a workload but the newest: after a renewal the
 // old credentials stop working (the workload reconnects with the renewed creds file).
-// Without a Revoker they expire within the TTL instead.
+// Without a Revoker they expire within the TTL instead. Each user stays on the
+// workload's list until its revocation is done, so that the workload's end while it is
+// under way revokes it too (RevokeWorkload). Before, they left the list first: an end
+// then revoked the newest user only and was done while an older one still connected,
+// and that one was never revoked if its revocation failed
+// (TestStoppedWhileSupersededRevokedIsRevoked).
 func (m *SigningKeyMinter) RevokeSuperseded(ctx context.Context, workloadID string) error {
 	if m.opts.Revoker == nil {
 		return ErrRevocationUnsupported
 	}
 	m.mu.Lock()
-	users := m.workloads[workloadID]
 	var old []string
-	if len(users) > 1 {
-		old = append(old, users[:len(users)-1]...)
-		m.workloads[workloadID] = users[len(users)-1:]
+	if users := m.workloads[workloadID]; len(users) > 1 {
+		old = slices.Clone(users[:len(users)-1])
 	}
 	m.mu.Unlock()
 	var errs []error
 	for _, u := range old {
 		if err := m.Revoke(ctx, u); err != nil {
-			errs = append(errs, err)
-			m.mu.Lock() // keep it for a later attempt (or RevokeWorkload)
-			if cur, ok := m.workloads[workloadID]; ok {
-				m.workloads[workloadID] = append([]string{u}, cur...)
-			}
-			m.mu.Unlock()
+			errs = append(errs, err) // it stays for a later attempt (or RevokeWorkload)
+			continue
 		}
+		m.mu.Lock()
+		if cur, ok := m.workloads[workloadID]; ok {
+			m.workloads[workloadID] = slices.DeleteFunc(cur, func(p string) bool { return p == u })
+		}
+		m.mu.Unlock()
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("revoke superseded users of workload %s: %w", workloadID, errors.Join(errs...))
@@ -432,8 +436,9 @@ func (m *SigningKeyMinter) Revoke(ctx context.Context, userPub string) error {
 	return nil
 }
 
-// RevokeWorkload revokes every user minted for a stopped workload and forgets it. Without
-// a Revoker it only forgets and returns ErrRevocationUnsupported.
+// RevokeWorkload revokes every user minted for a stopped workload and forgets it, those
+// whose revocation by RevokeSuperseded is under way included. Without a Revoker it only
+// forgets and returns ErrRevocationUnsupported.
 func (m *SigningKeyMinter) RevokeWorkload(ctx context.Context, workloadID string) error {
 	m.mu.Lock()
 	users, ok := m.workloads[workloadID]

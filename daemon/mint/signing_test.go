@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/nats-io/jwt/v2"
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
@@ -467,13 +466,8 @@ func TestWorkloadInboxPrefix(t *testing.T) {
 // Revocation through the system account against a full (directory) resolver, as a
 // production operator setup would do it.
 func TestSystemAccountRevoker(t *testing.T) {
-	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := startOperatorWith(t, res)
-	sys := e.userOf(t, e.sysKP)
-	m := newSigning(t, e, Options{Revoker: NewSystemAccountRevoker(sys, e.opKP, e.accPub, 48*time.Hour)})
+	e, res, rev := startRevokingOperator(t)
+	m := newSigning(t, e, Options{Revoker: rev})
 	wid := nuid.Next()
 	cd, err := m.MintWorkload("ns1", wid)
 	if err != nil {
@@ -508,7 +502,7 @@ func TestSystemAccountRevoker(t *testing.T) {
 
 	// A revoker for an account the resolver does not know fails clearly.
 	_, unknown := mustKP(t, nkeys.CreateAccount)
-	bad := NewSystemAccountRevoker(sys, e.opKP, unknown, 0)
+	bad := NewSystemAccountRevoker(e.userOf(t, e.sysKP), e.opKP, unknown, 0)
 	_, upub := mustKP(t, nkeys.CreateUser)
 	if err := bad.RevokeUser(ctx, upub, time.Now()); err == nil {
 		t.Fatal("revoked in an unknown account")
@@ -566,13 +560,8 @@ func TestAgentProgressRepliesGetThrough(t *testing.T) {
 // nexlet registered again its registration users and its previous start's user are,
 // and a user minted after the registration's (a dropped registration's) is not.
 func TestSupersededUsersRevoked(t *testing.T) {
-	res, err := server.NewDirAccResolver(t.TempDir(), 0, time.Hour, server.NoDelete)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := startOperatorWith(t, res)
-	sys := e.userOf(t, e.sysKP)
-	m := newSigning(t, e, Options{Revoker: NewSystemAccountRevoker(sys, e.opKP, e.accPub, 48*time.Hour)})
+	e, _, rev := startRevokingOperator(t)
+	m := newSigning(t, e, Options{Revoker: rev})
 	ctx, cancel := context.WithTimeout(context.Background(), waitLong)
 	defer cancel()
 	refused := func(what string, cd protocol.NatsConnectionData) {

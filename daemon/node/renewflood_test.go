@@ -33,6 +33,7 @@ type endRevoker struct {
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	revoked map[string]time.Time
+	errs    []error
 }
 
 func (o *endRevoker) Auction(time.Duration)      {}
@@ -42,8 +43,11 @@ func (o *endRevoker) WorkloadEnded(id string) {
 	o.wg.Go(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		_ = o.m.RevokeWorkload(ctx, id)
+		err := o.m.RevokeWorkload(ctx, id)
 		o.mu.Lock()
+		if err != nil {
+			o.errs = append(o.errs, err)
+		}
 		o.revoked[id] = time.Now()
 		o.mu.Unlock()
 	})
@@ -77,6 +81,12 @@ func (o *endRevoker) revokedAt(id string) (time.Time, bool) {
 // RenewRate (bursts of RenewBurst) are dropped unanswered: 1 user minted for the
 // rogue's workload, 5,170-7,188 answers in 42-62 s, every round served, in three -race
 // runs at load 36-52.
+//
+// Now and then under load a round's deploy user still connected after the stop's
+// revocation returned: the stop came while the renewal's revocation of that user was
+// under way, and the minter had taken it off the workload's list first (daemon/mint
+// TestStoppedWhileSupersededRevokedIsRevoked). A user that connects is named (the
+// deploy's or the renewal's) and a revocation's error is reported.
 func AttackRenewalFlood(t *testing.T) *Node {
 	op, rev := revokingOperator(t, 2*time.Hour)
 	mo := mint.Options{Revoker: rev}
@@ -193,9 +203,14 @@ func AttackRenewalFlood(t *testing.T) *Node {
 		if !testkit.WaitFor(30*time.Second, func() bool { _, ok := obs.revokedAt(wid); return ok }) {
 			lateRevoked++
 		}
-		for _, cd := range users {
+		for i, cd := range users {
 			if connects(cd) {
 				stillConnect++
+				which := "its deploy's user"
+				if i > 0 {
+					which = "its renewal's user"
+				}
+				t.Logf("round %d: workload %s stopped and revoked, yet %s connects", asked, wid, which)
 			}
 		}
 	}
@@ -220,6 +235,11 @@ func AttackRenewalFlood(t *testing.T) *Node {
 	if since, most := time.Since(floodStart), int64(RenewBurst+RenewRate*(time.Since(floodStart).Seconds()+1)); got > most {
 		t.Errorf("the node answered %d of the rogue's renewals in %v; at most %d", got, since.Round(time.Millisecond), most)
 	}
+	obs.mu.Lock()
+	for _, err := range obs.errs {
+		t.Errorf("a stopped workload's revocation: %v", err)
+	}
+	obs.mu.Unlock()
 	if notDeployed+notRenewed+notStopped+lateRevoked+stillConnect > 0 {
 		t.Errorf("honest work under the flood: %d of %d rounds asked in two minutes; %d not deployed, %d not renewed in three asks, %d not stopped, %d not revoked 30 s after their stop, %d users still connect",
 			asked, rounds, notDeployed, notRenewed, notStopped, lateRevoked, stillConnect)
