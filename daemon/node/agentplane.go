@@ -255,13 +255,6 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 	}
 
 	now := time.Now()
-	n.mu.Lock()
-	for wid, w := range existing {
-		n.owned[wid] = ownership{typ: w.Request.WorkloadType, owner: owner, ns: w.Request.Namespace, name: w.Request.Name}
-		delete(n.renewed, wid) // the replay's user is the newest
-		n.replayed[wid] = struct{}{}
-	}
-	n.mu.Unlock()
 	_, life := userLifetime(creds)
 	reg := &registration{id: agentID, owner: owner, key: key, direct: direct, life: life, req: req, schema: schema, registeredAt: now, lastSeen: now, reported: protocol.HealthUnknown, replays: len(existing)}
 	var replaced []*registration
@@ -285,6 +278,14 @@ func (n *Node) register(r micro.Request, pair *localChannel) {
 		n.mu.Unlock()
 		n.refuseRegistration(r, 409, agentID, req, err)
 		return
+	}
+	// Claimed only by a registration that commits: one refused above (its name or id
+	// taken by another's registration that ran alongside) hands back nothing, and a
+	// record without an owner stays the type's (TestRefusedRegistrationClaimsNoRecord).
+	for wid, w := range existing {
+		n.owned[wid] = ownership{typ: w.Request.WorkloadType, owner: owner, ns: w.Request.Namespace, name: w.Request.Name}
+		delete(n.renewed, wid) // the replay's user is the newest
+		n.replayed[wid] = struct{}{}
 	}
 	newlyBound := ""
 	if sup, ok := n.expected[agentID]; ok && req.Name != "" {

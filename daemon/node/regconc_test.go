@@ -133,3 +133,79 @@ func TestRegistrationsServedAtOnceWhileStateUnreadable(t *testing.T) {
 		t.Errorf("registered while node state is unreadable: %+v", got)
 	}
 }
+
+// holdStore is the node's state (MemStore) whose first read by type typ waits, after
+// saying so on entered, until release: a registration of that type held in its read
+// while others run alongside.
+type holdStore struct {
+	*MemStore
+	typ     string
+	once    sync.Once
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *holdStore) ByType(ctx context.Context, typ string) (map[string]protocol.StartWorkloadRequest, error) {
+	if typ == s.typ {
+		first := false
+		s.once.Do(func() { first = true })
+		if first {
+			close(s.entered)
+			select {
+			case <-s.release:
+			case <-ctx.Done():
+			}
+		}
+	}
+	return s.MemStore.ByType(ctx, typ)
+}
+
+// TestRefusedRegistrationClaimsNoRecord: a registration refused where it commits
+// (its name taken meanwhile by a nexlet of another type registering alongside) hands
+// back nothing and claims nothing: the record without an owner (an older nexd's) that
+// its read found still goes to the next nexlet of its type. Before, the refused one
+// had already marked the record its own before the final check, so the next nexlet
+// of the type was not handed it: the workload was never started again.
+func TestRefusedRegistrationClaimsNoRecord(t *testing.T) {
+	var hs *holdStore
+	f := newFixture(t, 1, func(_ int, o *Options) {
+		hs = &holdStore{MemStore: o.Store.(*MemStore), typ: "typea", entered: make(chan struct{}), release: make(chan struct{})}
+		o.Store = hs
+	})
+	n := f.nodes[0]
+	rec := startReq("tenant", "w1", `{}`)
+	rec.WorkloadType = "typea" // no Owner: an older nexd's record
+	if err := f.stores[0].Put(t.Context(), "typea", "w1", rec); err != nil {
+		t.Fatal(err)
+	}
+	n.ExpectAgent("agentp", "pa")
+	n.ExpectAgent("agentq", "qa")
+	n.ExpectAgent("agentr", "ra")
+	p := newFakeAgent(t, f.srv, n.ID(), "agentp", "dup", "typea")
+	q := newFakeAgent(t, f.srv, n.ID(), "agentq", "dup", "typeb")
+
+	answered := make(chan *nats.Msg, 1)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		msg := nats.NewMsg(protocol.RegisterSubject(n.ID(), p.id))
+		msg.Data = mustJSON(t, p.req)
+		m, err := p.nc.RequestMsg(msg, time.Minute)
+		if err != nil {
+			m = &nats.Msg{Header: nats.Header{protocol.HeaderError: {err.Error()}}}
+		}
+		answered <- m
+	})
+	defer wg.Wait()
+	<-hs.entered // p's registration reads the state of typea
+	q.mustRegister()
+	close(hs.release)
+	m := <-answered
+	if code := m.Header.Get(protocol.HeaderErrorCode); code == "" {
+		t.Fatalf("registration of agentp under the name agentq took meanwhile was not refused: %s", m.Data)
+	}
+	r := newFakeAgent(t, f.srv, n.ID(), "agentr", "ra", "typea")
+	r.mustRegister()
+	if _, ok := r.resp.ExistingState["w1"]; !ok {
+		t.Errorf("the record without an owner was not handed to the next nexlet of its type (replayed %d): the refused registration claimed it", len(r.resp.ExistingState))
+	}
+}
