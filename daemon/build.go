@@ -62,9 +62,12 @@ type server struct {
 	secrets    *secretStore
 	ctl        *switchBackend // what the control socket serves
 	revokes    goroutines     // credential revocations, awaited before NATS closes
-	kv         *state.KV      // the state bucket (state "kv"), else nil
-	jetstream  jsWatch        // what JetStream last said about kv
-	disk       *diskWatch     // whether the state and runtime directories can be written
+	// revokeRetries ends with the wait for revokes: their retries stop then.
+	revokeRetries     context.Context
+	stopRevokeRetries context.CancelFunc
+	kv                *state.KV  // the state bucket (state "kv"), else nil
+	jetstream         jsWatch    // what JetStream last said about kv
+	disk              *diskWatch // whether the state and runtime directories can be written
 	// tombstones stand in for kv's removals that failed (with a state_dir), else nil.
 	tombstones *node.Tombstones
 
@@ -94,6 +97,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	cfg := d.cfg()
 	s := &server{daemon: d, stateDir: cfg.Node.StateDir, watchdogTaken: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(ctx)
+	s.revokeRetries, s.stopRevokeRetries = context.WithCancel(s.ctx)
 	// Unwound next to last: whatever else was started has ended or been closed by then.
 	d.closers.push("goroutines", func(context.Context) error {
 		s.cancel()
@@ -242,6 +246,7 @@ func (d *daemon) build(ctx, startCtx context.Context, hooks buildHooks) (*server
 	}
 	// Revocations need NATS: they end before it closes.
 	d.closers.push("revocations", func(context.Context) error {
+		s.stopRevokeRetries() // an attempt under way still ends within revokeTimeout
 		if !s.revokes.wait(revokeTimeout + 5*time.Second) {
 			return fmt.Errorf("some did not end within %s", revokeTimeout+5*time.Second)
 		}
