@@ -103,17 +103,33 @@ func (f *fleet) checkAnswer(m *nats.Msg, subject, nonce string) (answer, error) 
 	return a, err
 }
 
+// checked holds verifyAnswer's result for the replies a gather checked as they came
+// (a list's promises, wpingOpts), so that checkAnswers does not verify them again:
+// each check hashes the reply's whole payload. Written by the gather's goroutine only,
+// read after it; it holds no more replies than the gather returns (a promise's
+// acknowledgements aside, which it does not keep).
+type checked map[*nats.Msg]verified
+
+type verified struct {
+	a   answer
+	err error
+}
+
 // checkAnswers is checkAnswer for the replies of one gather, the signed ones first: an
 // unsigned reply in the name of a node whose signed reply came after it is refused too.
 // Each signed answer is taken once: a copy of one (anyone who reads the inbox can send
 // it again, and it verifies: same nonce, same bytes) is refused, so it adds no second
 // row (a node listed twice, a workload migrated twice). errs[i] is nil for a reply
-// that may be taken.
-func (f *fleet) checkAnswers(msgs []*nats.Msg, subject, nonce string) (from []answer, errs []error) {
+// that may be taken. done, when not nil, holds the replies verified already.
+func (f *fleet) checkAnswers(msgs []*nats.Msg, subject, nonce string, done checked) (from []answer, errs []error) {
 	from, errs = make([]answer, len(msgs)), make([]error, len(msgs))
 	taken := map[string]bool{}
 	for i, m := range msgs {
-		from[i], errs[i] = f.verifyAnswer(m, subject, nonce)
+		if v, ok := done[m]; ok {
+			from[i], errs[i] = v.a, v.err
+		} else {
+			from[i], errs[i] = f.verifyAnswer(m, subject, nonce)
+		}
 		if errs[i] != nil {
 			continue
 		}

@@ -112,7 +112,7 @@ func FuzzSignedAnswers(f *testing.F) {
 		variant := send(t, v)
 
 		fl := &fleet{}
-		from, errs := fl.checkAnswers([]*nats.Msg{got, variant}, subject, nonce)
+		from, errs := fl.checkAnswers([]*nats.Msg{got, variant}, subject, nonce, nil)
 		if errs[0] != nil || from[0] != (answer{node: node, signed: true}) {
 			t.Fatalf("node's signed answer (header %q, body %q) not taken: %+v, %v", got.Header, got.Data, from[0], errs[0])
 		}

@@ -241,14 +241,14 @@ func bar(start, left int, done bool, width int) string {
 func (f *fleet) workloadSummariesByNode(ctx context.Context, resourcesOf string) (byNode map[string][]protocol.WorkloadSummary, partial map[string]*partialList, err error) {
 	data, _ := json.Marshal(protocol.AgentListWorkloadsRequest{Namespace: protocol.SystemNamespace, Filter: []string{}})
 	subject := protocol.WPingSubject(protocol.SystemNamespace)
-	opts, nonce := f.wpingOpts(subject, resourcesOf)
+	opts, nonce, done := f.wpingOpts(subject, resourcesOf)
 	msgs, err := f.scatterGather(ctx, subject, data, opts)
 	if err != nil {
 		return nil, nil, err
 	}
 	out := map[string][]protocol.WorkloadSummary{}
 	partial = map[string]*partialList{}
-	from, checks := f.checkAnswers(msgs, subject, nonce)
+	from, checks := f.checkAnswers(msgs, subject, nonce, done)
 	var refused refusals
 	defer refused.warn(f, "the list of every node's workloads")
 	for i, m := range msgs {

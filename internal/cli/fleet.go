@@ -302,7 +302,7 @@ func (f *fleet) pingNodesSigned(ctx context.Context, filter map[string]string, o
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	from, checks := f.checkAnswers(msgs, protocol.PingSubject(), nonce)
+	from, checks := f.checkAnswers(msgs, protocol.PingSubject(), nonce, nil)
 	var out []protocol.NodePingResponse
 	var bad []error
 	var unsigned *unsignedRows
@@ -530,7 +530,7 @@ func (f *fleet) placementTags(ctx context.Context) (out []map[string]string, bad
 	if err != nil {
 		return nil, nil, err
 	}
-	from, checks := f.checkAnswers(msgs, protocol.PTagsSubject(), nonce)
+	from, checks := f.checkAnswers(msgs, protocol.PTagsSubject(), nonce, nil)
 	var unsigned *unsignedRows
 	for i, m := range msgs {
 		if checks[i] != nil {
@@ -916,13 +916,15 @@ const listWait = 5 * time.Second
 //
 // The request carries a fresh nonce (HeaderNonce; the returned one, for the subject
 // subject) and an acknowledgement counts only when signed by the node it names, or
-// unsigned from a node that may answer unsigned (checkUnsigned).
-func (f *fleet) wpingOpts(subject, resourcesOf string) (scatter.Options, string) {
+// unsigned from a node that may answer unsigned (checkUnsigned). The answers the
+// promises verified are returned for checkAnswers.
+func (f *fleet) wpingOpts(subject, resourcesOf string) (scatter.Options, string, checked) {
 	nonce := newNonce()
 	head := nats.Header{protocol.HeaderProgress: {"1"}, protocol.HeaderNonce: {nonce}}
 	if resourcesOf != "" {
 		head.Set(protocol.HeaderResources, resourcesOf)
 	}
+	done := checked{}
 	return scatter.Options{First: f.first, Stall: f.stall, Header: head, Promised: listWait,
 		// A node's acknowledgement promises its answer; its answer (or error) ends the
 		// promise, so the gather ends once every node that promised answered. Only what
@@ -931,12 +933,19 @@ func (f *fleet) wpingOpts(subject, resourcesOf string) (scatter.Options, string)
 		// listWait, 5 s, after their acknowledgements (e2e TestStopAnsweredByALateHolder:
 		// each `workload stop` and `lameduck --migrate` spent 5 s in its listing).
 		Promise: func(m *nats.Msg) (string, bool) {
-			a, err := f.checkAnswer(m, subject, nonce)
+			a, err := f.verifyAnswer(m, subject, nonce)
+			ack := len(m.Data) == 0 && m.Header.Get(protocol.HeaderProgress) != "" && replyError(m) == nil
+			if !ack { // an answer: the gather returns it, and checkAnswers takes this check
+				done[m] = verified{a, err}
+			}
+			if errors.Is(err, protocol.ErrUnsignedAnswer) {
+				err = f.checkUnsigned(a.node)
+			}
 			if err != nil {
 				return "", false
 			}
-			return a.node, len(m.Data) == 0 && m.Header.Get(protocol.HeaderProgress) != "" && replyError(m) == nil
-		}}, nonce
+			return a.node, ack
+		}}, nonce, done
 }
 
 // partialOf is a WPING reply's HeaderPartial (nil when the reply is whole).
@@ -974,7 +983,7 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		return nil, nil, nil, nil, err
 	}
 	subject := protocol.WPingSubject(ns)
-	opts, nonce := f.wpingOpts(subject, "")
+	opts, nonce, done := f.wpingOpts(subject, "")
 	if stoppedRef != "" {
 		opts.Header.Set(protocol.HeaderStoppedRef, stoppedRef)
 	}
@@ -991,7 +1000,7 @@ func (f *fleet) listWorkloadsAndStops(ctx context.Context, ns string, filter []s
 		f.unlisted = unlisted
 		f.unlistedMu.Unlock()
 	}()
-	from, checks := f.checkAnswers(msgs, subject, nonce)
+	from, checks := f.checkAnswers(msgs, subject, nonce, done)
 	var unsigned *unsignedRows
 	defer func() {
 		if unsigned != nil {
@@ -1351,7 +1360,7 @@ func (f *fleet) clone(ctx context.Context, id string, req protocol.CloneWorkload
 	if err != nil {
 		return out, "", err
 	}
-	from, checks := f.checkAnswers(msgs, subject, nonce)
+	from, checks := f.checkAnswers(msgs, subject, nonce, nil)
 	var errs []error
 	var found []int // usable answers: signed ones first
 	signers := map[string]bool{}

@@ -962,7 +962,7 @@ func TestWPingAnswerEndsItsPromise(t *testing.T) {
 	id, _ := kp.PublicKey()
 	f := &fleet{first: time.Second, stall: time.Millisecond}
 	subject := protocol.WPingSubject(protocol.SystemNamespace)
-	o, nonce := f.wpingOpts(subject, "")
+	o, nonce, done := f.wpingOpts(subject, "")
 	signed := func(h nats.Header, data []byte) *nats.Msg {
 		if err := protocol.SignAnswer(kp, id, nonce, subject, h, data); err != nil {
 			t.Fatal(err)
@@ -984,5 +984,27 @@ func TestWPingAnswerEndsItsPromise(t *testing.T) {
 		if key, promise := o.Promise(c.m); key != c.key || promise != c.promise {
 			t.Errorf("%s: key %q, promise %v; want %q, %v", c.name, key, promise, c.key, c.promise)
 		}
+	}
+	// The answers' checks are kept for checkAnswers, which takes them as its own
+	// (each check hashes the whole answer; before, every answer was verified twice);
+	// the acknowledgement, which the gather does not return, is not kept.
+	if _, ok := done[cases[0].m]; ok {
+		t.Error("the acknowledgement's check is kept, though the gather does not return it")
+	}
+	answers := []*nats.Msg{cases[1].m, cases[2].m, cases[3].m}
+	for _, m := range answers {
+		if _, ok := done[m]; !ok {
+			t.Errorf("the check of answer %q (header %v) is not kept", m.Data, m.Header)
+		}
+	}
+	from, errs := f.checkAnswers(answers, subject, nonce, done)
+	wantFrom, wantErrs := f.checkAnswers(answers, subject, nonce, nil)
+	for i := range answers {
+		if from[i] != wantFrom[i] || fmt.Sprint(errs[i]) != fmt.Sprint(wantErrs[i]) {
+			t.Errorf("answer %d: with the promises' checks %+v, %v; verified again %+v, %v", i, from[i], errs[i], wantFrom[i], wantErrs[i])
+		}
+	}
+	if errs[0] != nil || errs[1] != nil || errs[2] == nil {
+		t.Errorf("the node's answer and error taken, the unsigned one in its name refused: got %v", errs)
 	}
 }
